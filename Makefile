@@ -1,0 +1,57 @@
+# Two commands set up a fresh machine: `make up` (embedded mode) and `make test`.
+# Each creates .venv when missing and installs what it needs first.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: up test lint protos verifier bench-peers tools clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# PyTorch first, pinned: this takes the local CPU build; an unpinned torch pulls
+# gigabytes of CUDA wheels.
+$(VENV)/.torch: | $(PY)
+	$(PY) -m pip install --quiet torch==2.13.0
+	touch $@
+
+$(VENV)/.runtime: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e '.[embed]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e '.[embed,dev]'
+	touch $@ $(VENV)/.runtime
+
+# Tools the tests call that are not Python packages: redis-server (tests start their own)
+# and promtool (alert rules). Installed from Debian's packages when missing.
+tools:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
+	@command -v kubectl >/dev/null || echo "kubectl not found: manifest tests use the kustomize fallback"
+
+up: $(VENV)/.runtime
+	$(BIN)/synapse up $(ARGS)
+
+test: $(VENV)/.dev tools
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy agent controlplane protos simulator
+	$(BIN)/lint-imports
+
+protos: $(VENV)/.dev
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/synapse/v1/*.proto
+
+verifier: $(VENV)/.dev
+	$(BIN)/synapsectl cache calibrate --pairs ../shared/data/qqp_pairs_dev.jsonl.gz \
+	  --target-precision 0.90 --seed 7 --out controlplane/core/verifier_default.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,121 @@
+"""Agent settings: one pydantic root of small per-concern sections.
+
+Parsed once in ``main()`` (see :mod:`protos.common.settings` for the file and
+``SYNAPSE_*`` rules) and passed down; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+from pydantic import Field
+
+from protos.common.settings import LoggingSettings, Secret, Section
+
+
+class ControlPlaneLink(Section):
+    addresses: list[str] = Field(default_factory=lambda: ["127.0.0.1:50051"],
+                                 description="host:port of each control-plane replica")
+    dns_name: str | None = Field(None, description="headless Service host:port; every A record is dialled")
+    report_interval_s: float = Field(2.0, gt=0, description="report period (and on every change)")
+    reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay")
+    reconnect_max_s: float = Field(15.0, gt=0, description="reconnect delay cap")
+    keepalive_s: float = Field(20.0, gt=0, description="gRPC keepalive ping period")
+    tls_ca_file: str | None = Field(None, description="CA bundle to verify the control plane")
+    token: Secret | None = Field(None, description="token sent to the control plane")
+
+
+class GrpcSettings(Section):
+    host: str = Field("0.0.0.0", description="Node gRPC service address")
+    port: int = Field(50052, ge=0, le=65535, description="Node gRPC port (0 = pick)")
+    advertise_address: str | None = Field(
+        None, description="host:port the control plane dials for Node.Embed (default: node IP)")
+
+
+class MetricsSettings(Section):
+    host: str = Field("0.0.0.0", description="/metrics address")
+    port: int = Field(9102, ge=0, le=65535, description="/metrics port (0 = pick)")
+
+
+class FakeGpu(Section):
+    name: str = Field("Simulated GPU 80GB", description="reported device name")
+    memory_total_gb: float = Field(80.0, gt=0, description="device memory")
+
+
+class TelemetrySettings(Section):
+    source: Literal["nvml", "fake"] = Field("nvml", description="GPU source; fake only on request")
+    fake_gpus: list[FakeGpu] = Field(default_factory=lambda: [FakeGpu()],
+                                     description="GPUs the fake source reports")
+    interval_s: float = Field(2.0, gt=0, description="sampling period")
+
+
+class BackendSettings(Section):
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9._-]*$", description="unique on this node")
+    engine: Literal["vllm", "tei", "simulator", "external"] = Field(..., description="engine kind")
+    model: str = Field(..., min_length=1, description="model id / path")
+    served_model_names: list[str] = Field(default_factory=list, description="names clients use")
+    port: int | None = Field(None, ge=1, le=65535, description="engine port (default: allocated)")
+    url: str | None = Field(None, description="external: base URL to probe")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: fraction of VRAM")
+    max_model_len: int | None = Field(None, ge=16, description="vllm: --max-model-len")
+    extra_args: list[str] = Field(default_factory=list, description="appended to the command")
+    gpu_indices: list[int] = Field(default_factory=list, description="CUDA_VISIBLE_DEVICES")
+    memory_required_gb: float | None = Field(None, gt=0, description="declared VRAM need")
+    task: Literal["generate", "embed"] = Field("generate", description="what the engine serves")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment")
+
+    @pydantic.model_validator(mode="after")
+    def _external_needs_url(self) -> BackendSettings:
+        if self.engine == "external" and not self.url:
+            raise ValueError("url is required when engine is external")
+        return self
+
+
+class SupervisorSettings(Section):
+    log_dir: str = Field("./.synapse/agent-logs", description="engine stdout/stderr files")
+    log_max_bytes: int = Field(10 * 1024 * 1024, ge=4096, description="size cap of each log file")
+    log_tail_lines: int = Field(50, ge=0, description="last lines kept in memory")
+    startup_deadline_s: float = Field(600.0, gt=0, description="time allowed to become ready")
+    probe_interval_s: float = Field(2.0, gt=0, description="liveness probe period")
+    probe_timeout_s: float = Field(2.0, gt=0, description="liveness probe timeout")
+    unhealthy_after: int = Field(3, ge=1, description="failed probes before unhealthy")
+    backoff_initial_s: float = Field(1.0, gt=0, description="first restart delay")
+    backoff_max_s: float = Field(60.0, gt=0, description="restart delay cap")
+    crashloop_restarts: int = Field(5, ge=1, description="restarts in the window → crashloop")
+    crashloop_window_s: float = Field(600.0, gt=0, description="crash-loop window")
+    drain_grace_s: float = Field(120.0, ge=0, description="wait for in-flight work on SIGTERM")
+    stop_grace_s: float = Field(15.0, ge=0, description="SIGTERM → SIGKILL delay for engines")
+    scrape_interval_s: float = Field(1.0, gt=0, description="engine /metrics scrape period")
+    simulator_command: list[str] = Field(default_factory=lambda: ["synapse", "simulator"],
+                                         description="how to start the engine simulator")
+
+
+class EmbedderSettings(Section):
+    kind: Literal["none", "minilm", "tei"] = Field("none", description="embedding engine")
+    model: str = Field("sentence-transformers/all-MiniLM-L6-v2", description="model name served")
+    tei_url: str | None = Field(None, description="TEI base URL (kind tei)")
+    cache_max_entries: int = Field(100_000, ge=1, description="embedding cache bound (entries)")
+    cache_max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="embedding cache bound (bytes)")
+    max_batch: int = Field(64, ge=1, description="micro-batch size")
+    batch_wait_ms: float = Field(2.0, ge=0, description="micro-batch gathering window")
+
+
+class AgentSettings(Section):
+    node_name: str = Field("", description="node name (default: hostname)")
+    control_plane: ControlPlaneLink = Field(default_factory=ControlPlaneLink)
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    supervisor: SupervisorSettings = Field(default_factory=SupervisorSettings)
+    backends: list[BackendSettings] = Field(default_factory=list, description="engines to run")
+    embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @pydantic.model_validator(mode="after")
+    def _unique_backends(self) -> AgentSettings:
+        names = [b.name for b in self.backends]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"backends: duplicate name {sorted(dup)[0]!r}")
+        return self

@@ -1,0 +1,158 @@
+"""Control-plane settings: one pydantic root of small per-concern sections.
+
+Parsed once in ``main()`` (see :mod:`protos.common.settings` for the file and
+``SYNAPSE_*`` rules) and passed down; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+from pydantic import Field
+
+from protos.common.settings import LoggingSettings, Secret, Section
+
+
+class HttpSettings(Section):
+    host: str = Field("0.0.0.0", description="address the OpenAI-compatible API listens on")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 = pick a free port)")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024,
+                                description="largest request body accepted (413 above)")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest header line")
+    upstream_connect_timeout_s: float = Field(2.0, gt=0, description="connect timeout to a backend")
+    upstream_first_byte_timeout_s: float = Field(
+        120.0, gt=0, description="time allowed for a backend's first response byte (504 after)")
+    upstream_idle_timeout_s: float = Field(
+        120.0, gt=0, description="longest gap between streamed chunks before the stream is cut")
+    tls_cert_file: str | None = Field(None, description="PEM certificate; enables HTTPS with key")
+    tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file")
+
+
+class GrpcSettings(Section):
+    host: str = Field("0.0.0.0", description="address the gRPC server (agents, Admin) listens on")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free port)")
+    tls_cert_file: str | None = Field(None, description="PEM certificate; enables TLS with key")
+    tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file")
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest gRPC message")
+
+
+class TenantSettings(Section):
+    name: str = Field(..., min_length=1, description="tenant id (cache scope, rate limits)")
+    key_sha256: list[str] = Field(default_factory=list,
+                                  description="sha256 hex digests of this tenant's API keys")
+    keys: list[Secret] = Field(default_factory=list,
+                               description="API keys as secrets ({env: X} / {file: P} / literal)")
+    allowed_models: list[str] = Field(default_factory=list,
+                                      description="canonical models or aliases; empty = all")
+    requests_per_second: float | None = Field(None, gt=0, description="rate limit; none = unlimited")
+    burst: int | None = Field(None, ge=1, description="bucket size (default: 2 x rate)")
+    max_concurrent: int | None = Field(None, ge=1, description="concurrent requests limit")
+
+
+class AuthSettings(Section):
+    enabled: bool = Field(True, description="require a Bearer key on /v1 and admin routes")
+    admin_key: Secret | None = Field(None, description="key for admin HTTP routes and Admin gRPC")
+    tenants: list[TenantSettings] = Field(default_factory=list, description="API tenants")
+    key_file: str | None = Field(
+        None, description="YAML/JSON file with a list of tenants (same fields), merged in")
+
+
+class ModelSettings(Section):
+    name: str = Field(..., min_length=1, description="canonical model name")
+    aliases: list[str] = Field(default_factory=list, description="other names clients may use")
+    fallbacks: list[str] = Field(default_factory=list,
+                                 description="models to use, in order, when none of this one can serve")
+    cache_target_precision: float | None = Field(
+        None, gt=0, lt=1, description="verifier operating point for this model (default: cache's)")
+    memory_required_gb: float | None = Field(None, gt=0,
+                                             description="VRAM an engine of it needs (placement)")
+
+
+class UpstreamSettings(Section):
+    name: str = Field(..., min_length=1, description="backend name in headers and metrics")
+    url: str = Field(..., pattern=r"^https?://", description="OpenAI-compatible base URL (…/v1 not included)")
+    models: list[str] = Field(..., min_length=1, description="models it serves")
+    api_key: Secret | None = Field(None, description="Bearer key sent to the upstream")
+    health_path: str = Field("/health", description="probed for health (200 = healthy)")
+    task: Literal["generate", "embed"] = Field("generate", description="what it serves")
+
+
+class RouterSettings(Section):
+    policy: Literal["predicted_ttft", "round_robin", "least_loaded"] = Field(
+        "predicted_ttft", description="routing policy")
+    max_attempts: int = Field(3, ge=1, le=10, description="backends tried before the first byte")
+    block_size: int = Field(16, ge=1, description="tokens per prefix block (match the engines)")
+    prefill_seconds_per_token: float = Field(
+        0.00012, gt=0, description="prefill cost used when a backend reports none")
+    decode_seconds_per_step: float = Field(0.02, gt=0, description="decode step cost estimate")
+    prefix_index_max_blocks: int = Field(200_000, ge=1000,
+                                         description="blocks remembered per backend at most")
+    session_affinity: bool = Field(True, description="x-session-id / user break ties")
+
+
+class RegistrySettings(Section):
+    node_down_after_s: float = Field(15.0, gt=0, description="a node silent this long is down")
+    upstream_probe_interval_s: float = Field(5.0, gt=0, description="static upstream health probe")
+    ready_requires_backend: bool = Field(True,
+                                         description="/ready is 503 until a routable backend exists")
+
+
+class RedisSettings(Section):
+    url: Secret | None = Field(None, description="redis:// URL; none = in-process state")
+    timeout_s: float = Field(0.05, gt=0, description="per-call budget")
+
+
+class CacheSettings(Section):
+    enabled: bool = Field(True, description="response cache on/off")
+    ttl_s: float = Field(3600.0, gt=0, description="absolute lifetime of an entry")
+    temperature_ceiling: float = Field(0.7, ge=0, description="above this, no caching")
+    l1_max_entries: int = Field(100_000, ge=1, description="in-process L1 bound (entries)")
+    l1_max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="in-process L1 bound (bytes)")
+    l1_budget_ms: float = Field(20.0, gt=0, description="time budget of an L1 call")
+    semantic_enabled: bool = Field(True, description="L2 semantic cache on/off")
+    semantic_budget_ms: float = Field(100.0, gt=0, description="time budget of embed + L2 search")
+    milvus_uri: Secret | None = Field(None,
+                                      description="Milvus URI or Milvus Lite file; none = data_dir/l2.db")
+    milvus_token: Secret | None = Field(None, description="Milvus token")
+    collection: str = Field("synapse_cache", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                            description="Milvus collection the control plane owns")
+    top_k: int = Field(5, ge=1, le=50, description="candidates the verifier scores")
+    embed_model: str = Field("sentence-transformers/all-MiniLM-L6-v2",
+                             description="model asked of Node.Embed")
+    verifier_path: str | None = Field(None, description="verifier JSON; none = the shipped one")
+    target_precision: float = Field(0.90, gt=0, lt=1, description="default operating point")
+
+
+class AdminSettings(Section):
+    enabled: bool = Field(True, description="serve the Admin gRPC service")
+
+
+class ControlPlaneSettings(Section):
+    replica_id: str = Field("", description="replica name in logs/headers (default: hostname)")
+    data_dir: str = Field("./.synapse", description="where embedded state (Milvus Lite) lives")
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    models: list[ModelSettings] = Field(default_factory=list, description="canonical models, aliases")
+    upstreams: list[UpstreamSettings] = Field(default_factory=list, description="static backends")
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @pydantic.model_validator(mode="after")
+    def _unique_names(self) -> ControlPlaneSettings:
+        seen: dict[str, str] = {}
+        for i, model in enumerate(self.models):
+            for name in [model.name, *model.aliases]:
+                if name in seen:
+                    raise ValueError(f"models[{i}]: name {name!r} is already used by {seen[name]}")
+                seen[name] = model.name
+        tenants = [t.name for t in self.auth.tenants]
+        dup = {t for t in tenants if tenants.count(t) > 1}
+        if dup:
+            raise ValueError(f"auth.tenants: duplicate tenant {sorted(dup)[0]!r}")
+        return self

@@ -1,0 +1,49 @@
+"""Engine-simulator settings: profile (latency model), faults, TEI mode.
+
+The default profile is loosely calibrated to Llama-3.1-8B-Instruct in BF16 on one H100
+80GB under vLLM V1; the figures and their sources are in ``simulator/profiles.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from protos.common.settings import LoggingSettings, Section
+
+
+class ProfileSettings(Section):
+    prefill_s_per_token: float = Field(0.00012, ge=0, description="prefill seconds per uncached token")
+    decode_base_s: float = Field(0.012, ge=0, description="decode step seconds at batch 1")
+    decode_per_seq_s: float = Field(0.00015, ge=0, description="added step seconds per running sequence")
+    max_num_seqs: int = Field(256, ge=1, description="concurrent sequences (vLLM max_num_seqs)")
+    num_gpu_blocks: int = Field(28_000, ge=1, description="KV cache capacity in blocks")
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    max_model_len: int = Field(131_072, ge=16, description="longest prompt + output")
+    default_max_tokens: int = Field(256, ge=1, description="output length when max_tokens is unset")
+
+
+class FaultSettings(Section):
+    error_rate: float = Field(0.0, ge=0, le=1, description="fraction of requests answered 500")
+    crash_after: int | None = Field(None, ge=1, description="exit non-zero after N requests")
+    hang: bool = Field(False, description="accept requests and never answer")
+    stall_after_chunks: int | None = Field(
+        None, ge=0, description="streams stop after N chunks, then the connection drops")
+    slow_start_s: float = Field(0.0, ge=0, description="/health answers 503 for this long")
+
+
+class SimulatorSettings(Section):
+    engine: Literal["vllm", "tei"] = Field("vllm", description="what to imitate")
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int = Field(8000, ge=0, le=65535, description="listen port (0 = pick)")
+    model: str = Field("meta-llama/Meta-Llama-3.1-8B-Instruct", description="model id")
+    served_model_names: list[str] = Field(default_factory=list, description="names served")
+    time_scale: float = Field(1.0, ge=0, description="multiplies every modelled delay; 0 = instant")
+    seed: int = Field(0, description="seed for deterministic output")
+    profile: ProfileSettings = Field(default_factory=ProfileSettings)
+    faults: FaultSettings = Field(default_factory=FaultSettings)
+    embedder: Literal["hash", "minilm"] = Field("hash", description="TEI mode vectors")
+    embed_dim: int = Field(384, ge=1, description="TEI mode hashed-vector dimension")
+    max_client_batch_size: int = Field(32, ge=1, description="TEI mode batch limit (422 above)")
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)

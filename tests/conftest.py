@@ -1,0 +1,48 @@
+"""Fixtures shared by every test: real redis-server, Milvus Lite in tmp_path, processes."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+
+from tests import harness
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture
+def redis_server(tmp_path: pathlib.Path) -> Iterator[harness.RedisServer]:
+    """A private redis-server on a free port; ``.url``, ``.kill()``, ``.start()``."""
+    server = harness.RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def milvus_lite_path(tmp_path: pathlib.Path) -> str:
+    """Path of a Milvus Lite database file in tmp_path (created on first use)."""
+    return str(tmp_path / "milvus-lite.db")
+
+
+@pytest.fixture
+def processes(tmp_path: pathlib.Path) -> Iterator[harness.ProcessPool]:
+    """Start console scripts as subprocesses; every one is stopped at teardown."""
+    pool = harness.ProcessPool(tmp_path)
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture
+def reference_dir() -> pathlib.Path:
+    path = SHARED / "reference"
+    if not path.is_dir():
+        raise AssertionError(f"{path} is missing: the tests expect the shared/ folder beside "
+                             "the repository")
+    return path

@@ -1,0 +1,182 @@
+"""Test harness: real processes on free ports, with readiness waits and clean teardown.
+
+Used through the fixtures in ``conftest.py``; importable from tests that need the
+classes directly (``from tests import harness``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+
+VENV_BIN = pathlib.Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return bool(200 <= resp.status < 300)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
+               interval: float = 0.05, proc: ManagedProcess | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.popen.poll() is not None:
+            raise AssertionError(f"{proc.name} exited with {proc.popen.returncode} while waiting "
+                                 f"for {what}; its output:\n{proc.output_tail()}")
+        time.sleep(interval)
+    tail = f"; output of {proc.name}:\n{proc.output_tail()}" if proc else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
+
+
+def console_script(name: str) -> str:
+    """Path of one of our console scripts in the running venv."""
+    path = VENV_BIN / name
+    if not path.exists():
+        found = shutil.which(name)
+        if not found:
+            raise AssertionError(f"console script {name!r} not found: run `make test` "
+                                 "(it installs the package into .venv)")
+        return found
+    return str(path)
+
+
+class ManagedProcess:
+    """A subprocess in its own process group, output captured to a file."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: pathlib.Path,
+                 env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # closed in stop()
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.popen = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, env=full_env, cwd=cwd,
+                                      start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def output_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.output().splitlines()[-lines:])
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.popen.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM the process group, SIGKILL after ``timeout``."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=5)
+        self._log.close()
+        return self.popen.returncode
+
+
+class ProcessPool:
+    """Starts processes for one test and stops all of them at teardown."""
+
+    def __init__(self, workdir: pathlib.Path) -> None:
+        self.workdir = workdir
+        self.procs: list[ManagedProcess] = []
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None,
+              ready_url: str | None = None, ready: Callable[[], bool] | None = None,
+              timeout: float = 60.0, cwd: str | None = None) -> ManagedProcess:
+        """Start ``argv`` (first item may be a console-script name) and wait until ready."""
+        argv = list(argv)
+        if os.path.sep not in argv[0]:
+            argv[0] = console_script(argv[0]) if (VENV_BIN / argv[0]).exists() else argv[0]
+        proc = ManagedProcess(name, argv, self.workdir / f"{name}.log", env=env, cwd=cwd)
+        self.procs.append(proc)
+        if ready_url:
+            wait_until(lambda: http_ok(ready_url), timeout, f"{name} at {ready_url}", proc=proc)
+        if ready:
+            wait_until(ready, timeout, f"{name} to be ready", proc=proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+class RedisServer:
+    """A private redis-server on a free port (never the shared one on 6379)."""
+
+    def __init__(self, workdir: pathlib.Path) -> None:
+        binary = shutil.which("redis-server")
+        if not binary:
+            raise AssertionError("redis-server is not on PATH: install it with "
+                                 "`apt-get install redis-server` (make test does this)")
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: ManagedProcess | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir)]
+        self.proc = ManagedProcess(f"redis-{self.port}", argv,
+                                   self.workdir / f"redis-{self.port}.log")
+        wait_until(self.ping, 10, f"redis-server on port {self.port}", proc=self.proc)
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc:
+            self.proc.signal(signal.SIGKILL)
+            self.proc.wait(timeout=5)
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
