@@ -1,0 +1,73 @@
+"""Every metric the control plane exports, defined here and nowhere else.
+
+``Metrics(registry)`` registers them on a registry of the caller's choosing (tests and
+the manifest checks build their own). Dashboards and alert rules use these names only; a
+test collects them from a fresh registry and fails on any other name.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 120.0)
+FAST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.requests = Counter(
+            "synapse_requests_total", "Requests answered, by model, HTTP status and tenant.",
+            ["model", "status", "tenant"], registry=r)
+        self.request_duration = Histogram(
+            "synapse_request_duration_seconds", "Time from request to last byte.",
+            ["model", "cache"], buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_byte = Histogram(
+            "synapse_time_to_first_byte_seconds", "Time from request to first response byte.",
+            ["model", "cache"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_retries = Counter(
+            "synapse_upstream_retries_total", "Attempts moved to the next backend before the "
+            "first byte.", ["model", "reason"], registry=r)
+        self.route_decisions = Counter(
+            "synapse_route_decisions_total", "Backends chosen, by backend and reason.",
+            ["backend", "reason"], registry=r)
+        self.fallbacks = Counter(
+            "synapse_fallbacks_total", "Requests served by a fallback model.",
+            ["model", "fallback"], registry=r)
+        self.backends = Gauge(
+            "synapse_backends", "Known backends by state.", ["state"], registry=r)
+        self.backend_inflight = Gauge(
+            "synapse_backend_inflight_requests", "Requests in flight per backend (ledger).",
+            ["backend"], registry=r)
+        self.nodes = Gauge("synapse_nodes", "Known nodes by status.", ["status"], registry=r)
+        self.node_report_age = Gauge(
+            "synapse_node_report_age_seconds", "Seconds since the node's last report.",
+            ["node"], registry=r)
+        self.rate_limited = Counter(
+            "synapse_rate_limited_total", "Requests refused with 429.", ["tenant", "limit"],
+            registry=r)
+        self.cache_hits = Counter(
+            "synapse_cache_hits_total", "Responses served from the cache.", ["layer"],
+            registry=r)
+        self.cache_misses = Counter(
+            "synapse_cache_misses_total", "Cacheable requests that missed both layers.",
+            registry=r)
+        self.cache_bypass = Counter(
+            "synapse_cache_bypass_total", "Requests not looked up, by reason.", ["reason"],
+            registry=r)
+        self.cache_errors = Counter(
+            "synapse_cache_errors_total", "Cache calls that failed or ran out of time "
+            "(served from a backend instead).", ["layer"], registry=r)
+        self.cache_stores = Counter(
+            "synapse_cache_stores_total", "Entries written.", ["layer"], registry=r)
+        self.embedding_duration = Histogram(
+            "synapse_embedding_duration_seconds", "Node.Embed round trip for a cache lookup.",
+            buckets=FAST_BUCKETS, registry=r)
+        self.cache_lookup_duration = Histogram(
+            "synapse_cache_lookup_duration_seconds", "Cache lookup time by layer.",
+            ["layer"], buckets=FAST_BUCKETS, registry=r)
+        self.agent_streams = Gauge(
+            "synapse_agent_streams", "Agent report streams connected to this replica.",
+            registry=r)

@@ -1,0 +1,91 @@
+"""The deterministic tokenizer, chat template and prefix-block hashing shared by the
+engine simulator (its prefix cache) and the control plane (its prefix index and token
+estimates), so both count and hash a prompt the same way.
+
+Tokenizer: text is cut into runs of letters/digits and single other characters; a run
+of N characters is ceil(N / 4) tokens (so roughly four characters per token, like BPE on
+English prose). Each token id is a stable 31-bit hash of its characters, so equal text
+gives equal ids across processes (Python's ``hash`` is salted; blake2b is not).
+
+Chat template: a Llama-3-like rendering, ``<|role|>\ncontent<|end|>\n`` per message and
+``<|assistant|>\n`` to prompt the reply. Any chat template works for routing so long as
+every process renders the same prompt the same way.
+
+Blocks: the token list is cut into ``block_size`` blocks; block i's hash chains over the
+hash of block i-1, as vLLM's prefix cache does, so a block hash identifies the whole
+prefix up to and including it. Only full blocks are hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+_PIECES = re.compile(r"[A-Za-z0-9]+|\S|\s+")
+CHARS_PER_TOKEN = 4
+
+
+def _token_id(piece: str) -> int:
+    digest = hashlib.blake2b(piece.encode("utf-8", "surrogatepass"), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def tokenize(text: str) -> list[int]:
+    """Deterministic token ids for ``text`` (about one per four characters)."""
+    ids: list[int] = []
+    for match in _PIECES.finditer(text):
+        piece = match.group()
+        if piece.isspace():
+            # Whitespace joins the next token, as in BPE vocabularies; long runs count.
+            ids.extend(_token_id(" ") for _ in range(len(piece) // 8))
+            continue
+        for start in range(0, len(piece), CHARS_PER_TOKEN):
+            ids.append(_token_id(piece[start:start + CHARS_PER_TOKEN]))
+    return ids
+
+
+def count_tokens(text: str) -> int:
+    return len(tokenize(text))
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping) and part.get("type") == "text":
+                parts.append(str(part.get("text", "")))
+            elif isinstance(part, str):
+                parts.append(part)
+        return "".join(parts)
+    return str(content)
+
+
+def render_chat(messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    """Render chat messages into one prompt string (the shared chat template)."""
+    out = []
+    for message in messages:
+        role = str(message.get("role", "user"))
+        out.append(f"<|{role}|>\n{_content_text(message.get('content'))}<|end|>\n")
+    if add_generation_prompt:
+        out.append("<|assistant|>\n")
+    return "".join(out)
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int = 16, seed: int = 0) -> list[int]:
+    """Chained 64-bit hashes of every full block of ``token_ids``."""
+    hashes: list[int] = []
+    parent = seed
+    full = len(token_ids) - len(token_ids) % block_size
+    for start in range(0, full, block_size):
+        block = token_ids[start:start + block_size]
+        h = hashlib.blake2b(struct.pack(f"<Q{len(block)}I", parent, *block), digest_size=8)
+        parent = int.from_bytes(h.digest(), "little")
+        hashes.append(parent)
+    return hashes
