@@ -1,25 +1,226 @@
-"""``synapsectl``: the admin CLI (commands land with issue 8)."""
+"""``synapsectl``: operate a Synapse fleet through the Admin gRPC service.
+
+kubectl habits: ``get nodes|models|backends``, ``describe node NAME``,
+``cordon|uncordon|drain NAME``, ``deploy``/``undeploy``, ``cache invalidate|calibrate``,
+``stats``, ``explain``. Aligned tables by default, ``-o json|yaml`` for machines.
+
+Connection: ``--server`` or ``$SYNAPSE_ADMIN_ADDR`` (default ``127.0.0.1:50051``); the admin
+token from ``--token-file``, ``$SYNAPSE_ADMIN_TOKEN_FILE`` or ``$SYNAPSE_ADMIN_TOKEN`` (this
+client reads those variables itself: it is a CLI, not a configured process). Exit codes:
+0 done, 1 the server said no (one line with the gRPC status and message), 2 usage.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import yaml
+
+from controlplane import ctl_render
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+ENGINES = ("vllm", "tei", "simulator", "external")
+
+
+class UsageError(Exception):
+    """Bad command line: exit 2."""
+
+
+def _connection(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, str | None]:
+    server = args.server or environ.get("SYNAPSE_ADMIN_ADDR") or DEFAULT_SERVER
+    token_file = args.token_file or environ.get("SYNAPSE_ADMIN_TOKEN_FILE")
+    if token_file:
+        try:
+            return server, pathlib.Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read token file {token_file}: {exc.strerror}") from None
+    return server, environ.get("SYNAPSE_ADMIN_TOKEN") or None
+
+
+def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    # The same options are accepted before and after the command (kubectl habit); on
+    # subcommands they default to SUPPRESS so they never overwrite a value given earlier.
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--server", default=default(None),
+                        help=f"Admin address host:port (default: $SYNAPSE_ADMIN_ADDR or "
+                             f"{DEFAULT_SERVER})")
+    parser.add_argument("--token-file", metavar="PATH", default=default(None),
+                        help="file holding the admin token")
+    parser.add_argument("--tls", action="store_true", default=default(False),
+                        help="connect with TLS")
+    parser.add_argument("--ca-file", metavar="PATH", default=default(None),
+                        help="CA bundle for --tls")
+    parser.add_argument("--timeout", type=float, default=default(30.0), help="seconds per call")
+    parser.add_argument("-o", "--output", choices=("table", "json", "yaml"),
+                        default=default("table"), help="output format")
+
+
+class _Subparsers:
+    """Adds every subcommand with the global options attached."""
+
+    def __init__(self, action: Any, parent: argparse.ArgumentParser) -> None:
+        self.action, self.parent = action, parent
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, parents=[self.parent], **kwargs)  # type: ignore[no-any-return]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="synapsectl", description="Operate a Synapse fleet through the Admin gRPC API.")
-    parser.add_argument("--server", help="Admin address host:port (default: $SYNAPSE_ADMIN_ADDR "
-                                         "or 127.0.0.1:50051)")
-    parser.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("get", help="list nodes, models or backends")
+        prog="synapsectl", description="Operate a Synapse fleet through the Admin gRPC API.",
+        epilog="Environment: SYNAPSE_ADMIN_ADDR, SYNAPSE_ADMIN_TOKEN, SYNAPSE_ADMIN_TOKEN_FILE.")
+    _add_global_options(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, suppress=True)
+    sub = _Subparsers(parser.add_subparsers(dest="command", metavar="COMMAND"), common)
+    _add_get(sub)
+    _add_node_commands(sub)
+    _add_model_commands(sub)
+    _add_cache(sub)
+    sub.add_parser("stats", help="request, cache and latency figures")
+    explain = sub.add_parser("explain", help="how a request would be routed")
+    explain.add_argument("--model", required=True)
+    explain.add_argument("--prompt", required=True, help="one user message")
+    explain.add_argument("--session", default="", help="x-session-id for affinity")
+    explain.add_argument("--max-tokens", type=int, default=0)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not args.command:
-        build_parser().print_help()
-        return 2
-    print("synapsectl: not built yet (issue 8)")
-    return 1
+def _add_get(sub: Any) -> None:
+    get = sub.add_parser("get", help="list nodes, models or backends")
+    get.add_argument("kind", choices=("nodes", "node", "models", "model", "backends", "backend"))
+    describe = sub.add_parser("describe", help="show one node in detail")
+    describe.add_argument("kind", choices=("node",))
+    describe.add_argument("name")
+
+
+def _add_node_commands(sub: Any) -> None:
+    cordon = sub.add_parser("cordon", help="stop routing new requests to a node (durable)")
+    cordon.add_argument("name")
+    cordon.add_argument("--reason", default="")
+    uncordon = sub.add_parser("uncordon", help="route to a node again (also ends a drain)")
+    uncordon.add_argument("name")
+    drain = sub.add_parser("drain", help="stop routing to a node and drain its engines")
+    drain.add_argument("name")
+    drain.add_argument("--wait", action="store_true", help="wait until in-flight reaches 0")
+    drain.add_argument("--timeout-seconds", type=float, default=0.0)
+    drain.add_argument("--grace-seconds", type=float, default=0.0)
+
+
+def _add_model_commands(sub: Any) -> None:
+    deploy = sub.add_parser("deploy", help="start an engine for a model on nodes")
+    deploy.add_argument("model")
+    deploy.add_argument("--node", action="append", default=[], help="node (repeatable); "
+                        "none = placement by free VRAM")
+    deploy.add_argument("--engine", choices=ENGINES, default="vllm")
+    deploy.add_argument("--replicas", type=int, default=0)
+    deploy.add_argument("--memory-gb", type=float, default=0.0, help="declared VRAM need")
+    deploy.add_argument("--served-model-name", action="append", default=[])
+    deploy.add_argument("--max-model-len", type=int, default=0)
+    deploy.add_argument("--gpu-memory-utilization", type=float, default=0.0)
+    deploy.add_argument("--task", choices=("generate", "embed"), default="generate")
+    deploy.add_argument("--extra-arg", action="append", default=[],
+                        help="argument passed to the engine (repeatable)")
+    undeploy = sub.add_parser("undeploy", help="stop a model's control-plane-managed engines")
+    undeploy.add_argument("model")
+    undeploy.add_argument("--node", action="append", default=[])
+
+
+def _add_cache(sub: Any) -> None:
+    cache = sub.add_parser("cache", help="response cache: invalidate, calibrate")
+    cache_sub = _Subparsers(cache.add_subparsers(dest="cache_command", metavar="CACHE_COMMAND"),
+                            sub.parent)
+    inval = cache_sub.add_parser("invalidate", help="drop cache entries (both layers)")
+    target = inval.add_mutually_exclusive_group(required=True)
+    target.add_argument("--tenant")
+    target.add_argument("--model")
+    target.add_argument("--all", action="store_true")
+    calibrate = cache_sub.add_parser(
+        "calibrate", help="fit the semantic-cache verifier and its operating point")
+    try:
+        calibrate_mod = importlib.import_module("controlplane.calibrate")
+    except ImportError:  # the verifier fitting module is optional until it lands
+        calibrate.set_defaults(calibrate_missing=True)
+    else:
+        calibrate_mod.add_arguments(calibrate)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    parser = build_parser()
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if not args.command or (args.command == "cache" and not args.cache_command):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.command == "cache" and args.cache_command == "calibrate":
+        if getattr(args, "calibrate_missing", False):
+            print("synapsectl: error: cache calibrate is not available in this build",
+                  file=sys.stderr)
+            return EXIT_REFUSED
+        return int(importlib.import_module("controlplane.calibrate").run(args))
+    try:
+        server, token = _connection(args, os.environ if environ is None else environ)
+        from controlplane import ctl_client
+        with ctl_client.AdminClient(server, token, tls=args.tls, ca_file=args.ca_file,
+                                    timeout=args.timeout) as client:
+            result = _dispatch(client, args)
+    except UsageError as exc:
+        print(f"synapsectl: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # gRPC errors, rendered in one line
+        from controlplane import ctl_client
+        message = ctl_client.describe_error(exc)
+        if message is None:
+            raise
+        print(f"synapsectl: error: {message}", file=sys.stderr)
+        return EXIT_REFUSED
+    _print(result, args.output)
+    return EXIT_OK
+
+
+def _print(result: ctl_render.Rendered, output: str) -> None:
+    if output == "json":
+        print(json.dumps(result.data, indent=2, sort_keys=False))
+    elif output == "yaml":
+        print(yaml.safe_dump(result.data, sort_keys=False).rstrip())
+    else:
+        print(result.table)
+
+
+def _dispatch(client: Any, args: argparse.Namespace) -> ctl_render.Rendered:
+    handlers: dict[str, Callable[[Any, argparse.Namespace], ctl_render.Rendered]] = {
+        "get": _get, "describe": lambda c, a: ctl_render.node_detail(c.get_node(a.name)),
+        "cordon": lambda c, a: ctl_render.node_detail(c.cordon(a.name, a.reason)),
+        "uncordon": lambda c, a: ctl_render.node_detail(c.uncordon(a.name)),
+        "drain": lambda c, a: ctl_render.drain(c.drain(a.name, a.wait, a.timeout_seconds,
+                                                       a.grace_seconds)),
+        "deploy": lambda c, a: ctl_render.placements(c.deploy(a), "deployed"),
+        "undeploy": lambda c, a: ctl_render.placements(c.undeploy(a.model, a.node), "removed"),
+        "cache": lambda c, a: ctl_render.invalidated(c.invalidate(a.tenant, a.model, a.all)),
+        "stats": lambda c, a: ctl_render.stats(c.stats()),
+        "explain": lambda c, a: ctl_render.explain(
+            c.explain(a.model, a.prompt, a.session, a.max_tokens)),
+    }
+    return handlers[args.command](client, args)
+
+
+def _get(client: Any, args: argparse.Namespace) -> ctl_render.Rendered:
+    kind = args.kind.rstrip("s")
+    if kind == "node":
+        return ctl_render.nodes(client.list_nodes())
+    if kind == "model":
+        return ctl_render.models(client.list_models())
+    return ctl_render.backends(client.list_models())

@@ -1,0 +1,173 @@
+"""Turning Admin responses into aligned tables (default) and plain data (-o json|yaml)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from protos.synapse.v1 import admin_pb2, common_pb2
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    table: str
+    data: Any
+
+
+def _data(message: Message) -> dict[str, Any]:
+    data: dict[str, Any] = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return data
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in cells)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if value is None or value == "":
+        return "-"
+    return str(value)
+
+
+def _enum(enum: Any, value: int, prefix: str) -> str:
+    return str(enum.Name(value)).removeprefix(prefix).lower()
+
+
+def _node_status(value: int) -> str:
+    return _enum(admin_pb2.NodeStatus, value, "NODE_STATUS_")
+
+
+def _phase(value: int) -> str:
+    return _enum(common_pb2.BackendPhase, value, "BACKEND_PHASE_")
+
+
+def _age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f}m" if seconds < 3600 else f"{seconds / 3600:.1f}h"
+
+
+def nodes(resp: admin_pb2.ListNodesResponse) -> Rendered:
+    rows = [[n.name, _node_status(n.status), n.gpu_count, f"{n.backends_ready}/{n.backends_total}",
+             n.in_flight, "ok" if n.telemetry.ok else f"error: {n.telemetry.error}"[:40],
+             _age(n.last_report_age_seconds), n.agent_version] for n in resp.nodes]
+    headers = ["NAME", "STATUS", "GPUS", "BACKENDS", "IN-FLIGHT", "TELEMETRY", "LAST-REPORT",
+               "VERSION"]
+    return Rendered(table(headers, rows), [_data(n) for n in resp.nodes])
+
+
+def _gib(value: int) -> str:
+    return f"{value / 1024**3:.1f}Gi"
+
+
+def node_detail(detail: admin_pb2.NodeDetail) -> Rendered:
+    s = detail.summary
+    lines = [f"Name:         {s.name}", f"Status:       {_node_status(s.status)}",
+             f"Address:      {s.address or '-'}", f"Agent:        {s.agent_version or '-'}",
+             f"Last report:  {_age(s.last_report_age_seconds)} ago",
+             f"In flight:    {s.in_flight}",
+             f"Telemetry:    {s.telemetry.source or '-'} "
+             f"{'ok' if s.telemetry.ok else 'error: ' + s.telemetry.error}", "", "GPUs:"]
+    gpu_rows = [[g.index, g.name, _gib(g.memory_used_bytes) if g.HasField("memory_used_bytes") else None,
+                 _gib(g.memory_total_bytes) if g.HasField("memory_total_bytes") else None,
+                 g.utilization_percent if g.HasField("utilization_percent") else None,
+                 g.temperature_celsius if g.HasField("temperature_celsius") else None,
+                 g.power_watts if g.HasField("power_watts") else None] for g in detail.gpus]
+    lines.append(_indent(table(["INDEX", "NAME", "MEM-USED", "MEM-TOTAL", "UTIL%", "TEMP-C",
+                                "POWER-W"], gpu_rows)))
+    lines += ["", "Backends:"]
+    rows = [[b.name, ",".join(b.models), _phase(b.phase), b.num_requests_waiting,
+             b.num_requests_running, f"{b.kv_cache_usage * 100:.0f}%", b.restarts, b.url]
+            for b in detail.backends]
+    lines.append(_indent(table(["NAME", "MODELS", "STATE", "WAITING", "RUNNING", "KV", "RESTARTS",
+                                "URL"], rows)))
+    for b in detail.backends:
+        if b.last_log_lines:
+            lines += ["", f"Last log lines of {b.name}:"]
+            lines += [f"  {line}" for line in b.last_log_lines[-10:]]
+    return Rendered("\n".join(lines), _data(detail))
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines())
+
+
+def drain(resp: admin_pb2.DrainNodeResponse) -> Rendered:
+    head = node_detail(resp.node).table.splitlines()[:2]
+    state = "drained" if resp.drained else f"draining ({resp.in_flight} in flight)"
+    return Rendered("\n".join([*head, f"Drain:        {state}"]), _data(resp))
+
+
+def models(resp: admin_pb2.ListModelsResponse) -> Rendered:
+    rows = [[m.name, m.state, ",".join(m.aliases),
+             f"{sum(1 for b in m.backends if b.routable)}/{len(m.backends)}",
+             ",".join(m.fallbacks)] for m in resp.models]
+    return Rendered(table(["MODEL", "STATE", "ALIASES", "ROUTABLE", "FALLBACKS"], rows),
+                    [_data(m) for m in resp.models])
+
+
+def backends(resp: admin_pb2.ListModelsResponse) -> Rendered:
+    rows, data = [], []
+    for m in resp.models:
+        for b in m.backends:
+            rows.append([b.node or "-", b.backend, m.name, _phase(b.phase), b.routable,
+                         b.num_requests_waiting, b.num_requests_running,
+                         f"{b.kv_cache_usage * 100:.0f}%", b.source, b.url])
+            data.append({"model": m.name, **_data(b)})
+    headers = ["NODE", "BACKEND", "MODEL", "STATE", "ROUTABLE", "WAITING", "RUNNING", "KV",
+               "SOURCE", "URL"]
+    return Rendered(table(headers, rows), data)
+
+
+def placements(resp: Any, verb: str) -> Rendered:
+    items = resp.placements if verb == "deployed" else resp.removed
+    rows = [[p.node, p.backend, p.reason] for p in items]
+    text = table(["NODE", "BACKEND", "REASON"], rows) if rows else f"nothing {verb}"
+    return Rendered(text, _data(resp))
+
+
+def invalidated(resp: admin_pb2.InvalidateCacheResponse) -> Rendered:
+    text = (f"removed {resp.exact_entries_removed} exact and "
+            f"{resp.semantic_entries_removed} semantic entries")
+    return Rendered(text, _data(resp))
+
+
+def stats(resp: admin_pb2.Stats) -> Rendered:
+    lines = [f"Replica:          {resp.replica or '-'}", f"Uptime:           {_age(resp.uptime_seconds)}",
+             f"Requests:         {resp.requests_total}",
+             f"Cache hit rate:   {resp.cache_hit_rate * 100:.1f}% "
+             f"(exact {resp.cache_hits_exact}, semantic {resp.cache_hits_semantic}, "
+             f"misses {resp.cache_misses}, errors {resp.cache_errors})",
+             f"Nodes ready:      {resp.nodes_ready}", f"Backends ready:   {resp.backends_ready}"]
+    for title, per in (("Per model:", resp.per_model), ("Per backend:", resp.per_backend)):
+        if per:
+            rows = [[k, v.requests, v.errors, v.p50_ms, v.p95_ms, v.p99_ms]
+                    for k, v in sorted(per.items())]
+            lines += ["", title, _indent(table(["NAME", "REQUESTS", "ERRORS", "P50-MS", "P95-MS",
+                                                "P99-MS"], rows))]
+    return Rendered("\n".join(lines), _data(resp))
+
+
+def explain(resp: admin_pb2.ExplainRouteResponse) -> Rendered:
+    rows = [[b.rank or "-", b.node, b.backend, "yes" if b.eligible else "no",
+             b.filter_reason, f"{b.predicted_ttft_seconds * 1000:.1f}" if b.eligible else None,
+             f"{b.queue_wait_seconds * 1000:.1f}" if b.eligible else None,
+             f"{b.prefill_seconds * 1000:.1f}" if b.eligible else None,
+             f"{b.cached_tokens}/{b.prompt_tokens}"] for b in
+            sorted(resp.backends, key=lambda b: (b.rank == 0, b.rank))]
+    head = (f"model {resp.model}  policy {resp.policy}  prompt tokens {resp.prompt_tokens}\n"
+            f"chosen: {resp.chosen_backend or 'none'}"
+            + (f"  ({resp.reason})" if resp.reason else ""))
+    body = table(["RANK", "NODE", "BACKEND", "ELIGIBLE", "FILTERED-BECAUSE", "TTFT-MS",
+                  "QUEUE-MS", "PREFILL-MS", "CACHED/PROMPT"], rows)
+    return Rendered(f"{head}\n\n{body}", _data(resp))

@@ -1,0 +1,139 @@
+"""synapsectl against a real gRPC server playing the Admin service: tables, -o json/yaml,
+the token in metadata, exit codes 0 / 1 / 2 and one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+import yaml
+
+from controlplane import ctl
+from protos.synapse.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+
+TOKEN = "admin-token-for-ctl-tests"
+
+
+class AdminForTests(admin_pb2_grpc.AdminServicer):
+    def __init__(self) -> None:
+        self.seen_tokens: list[str] = []
+
+    def _auth(self, context: grpc.ServicerContext) -> None:
+        token = dict(context.invocation_metadata()).get("authorization", "")
+        self.seen_tokens.append(token)
+        if token != f"Bearer {TOKEN}":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin token required")
+
+    def ListNodes(self, request, context):
+        self._auth(context)
+        return admin_pb2.ListNodesResponse(nodes=[admin_pb2.NodeSummary(
+            name="gpu-a", status=admin_pb2.NODE_STATUS_READY, gpu_count=1, backends_ready=1,
+            backends_total=1, last_report_age_seconds=1.5, agent_version="0.1.0",
+            telemetry=common_pb2.TelemetryStatus(source="fake", ok=True))])
+
+    def GetNode(self, request, context):
+        self._auth(context)
+        if request.name != "gpu-a":
+            context.abort(grpc.StatusCode.NOT_FOUND, f"node {request.name!r} not found")
+        return admin_pb2.NodeDetail(
+            summary=admin_pb2.NodeSummary(name="gpu-a", status=admin_pb2.NODE_STATUS_READY),
+            gpus=[common_pb2.GpuSample(index=0, name="Simulated H100", memory_total_bytes=80 << 30,
+                                       memory_used_bytes=20 << 30)],
+            backends=[common_pb2.BackendState(name="sim", models=["m"], url="http://x",
+                                              phase=common_pb2.BACKEND_PHASE_READY,
+                                              last_log_lines=["ready"])])
+
+    def ExplainRoute(self, request, context):
+        self._auth(context)
+        return admin_pb2.ExplainRouteResponse(
+            model=request.model, policy="predicted_ttft", chosen_backend="sim-1", prompt_tokens=9,
+            backends=[admin_pb2.BackendVerdict(node="gpu-a", backend="sim-1", eligible=True,
+                                               predicted_ttft_seconds=0.01, rank=1),
+                      admin_pb2.BackendVerdict(node="gpu-b", backend="sim-2", eligible=False,
+                                               filter_reason="node cordoned")])
+
+
+@pytest.fixture
+def admin_server() -> Iterator[tuple[str, AdminForTests]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = AdminForTests()
+    admin_pb2_grpc.add_AdminServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(None)
+
+
+def run(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = ctl.main(argv, environ=env or {})
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_get_nodes_table_with_token_from_env(admin_server: tuple[str, AdminForTests]) -> None:
+    addr, servicer = admin_server
+    code, out, _ = run(["get", "nodes"], {"SYNAPSE_ADMIN_ADDR": addr, "SYNAPSE_ADMIN_TOKEN": TOKEN})
+    assert code == 0
+    header, row = out.splitlines()[:2]
+    assert header.split()[:3] == ["NAME", "STATUS", "GPUS"]
+    assert row.split()[:3] == ["gpu-a", "ready", "1"]
+    assert servicer.seen_tokens == [f"Bearer {TOKEN}"]
+
+
+def test_output_json_and_yaml(admin_server: tuple[str, AdminForTests], tmp_path) -> None:
+    addr, _ = admin_server
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    code, out, _ = run(["get", "nodes", "-o", "json", "--server", addr, "--token-file",
+                        str(token_file)])
+    assert code == 0 and json.loads(out)[0]["name"] == "gpu-a"
+    code, out, _ = run(["-o", "yaml", "--server", addr, "--token-file", str(token_file),
+                        "describe", "node", "gpu-a"])
+    assert code == 0 and yaml.safe_load(out)["summary"]["name"] == "gpu-a"
+
+
+def test_describe_node_shows_gpus_backends_and_logs(admin_server) -> None:
+    addr, _ = admin_server
+    code, out, _ = run(["describe", "node", "gpu-a", "--server", addr],
+                       {"SYNAPSE_ADMIN_TOKEN": TOKEN})
+    assert code == 0
+    assert "Simulated H100" in out and "ready" in out and "Last log lines of sim" in out
+
+
+def test_server_refusal_is_exit_1_with_one_line(admin_server) -> None:
+    addr, _ = admin_server
+    code, out, err = run(["describe", "node", "nope", "--server", addr],
+                         {"SYNAPSE_ADMIN_TOKEN": TOKEN})
+    assert code == 1 and out == ""
+    assert err.strip() == "synapsectl: error: NOT_FOUND: node 'nope' not found"
+
+
+def test_missing_token_is_refused(admin_server) -> None:
+    addr, _ = admin_server
+    code, _, err = run(["get", "nodes", "--server", addr])
+    assert code == 1 and "UNAUTHENTICATED" in err
+
+
+def test_explain_lists_candidates_and_filtered_backends(admin_server) -> None:
+    addr, _ = admin_server
+    code, out, _ = run(["explain", "--model", "m", "--prompt", "hi", "--server", addr],
+                       {"SYNAPSE_ADMIN_TOKEN": TOKEN})
+    assert code == 0
+    assert "chosen: sim-1" in out and "node cordoned" in out
+
+
+def test_usage_errors_exit_2() -> None:
+    assert run([])[0] == 2
+    assert run(["get", "pods"])[0] == 2
+    assert run(["cache", "invalidate"])[0] == 2
+
+
+def test_unreachable_server_is_one_line() -> None:
+    code, _, err = run(["get", "nodes", "--server", "127.0.0.1:1", "--timeout", "2"])
+    assert code == 1 and err.count("\n") == 1 and "cannot reach the Admin service" in err
