@@ -1,20 +1,278 @@
-"""``synapse up``: embedded mode (not built yet, issue 8)."""
+"""``synapse up``: Synapse on one machine, in one command (embedded mode).
+
+Starts the control plane and one node agent as child processes that talk real gRPC over
+loopback — the same code paths as production. The agent runs a fake GPU source (chosen
+explicitly), supervises the engine simulator as the generation backend (or none, with
+``--upstream URL``, when a real OpenAI-compatible server stands behind Synapse) and
+serves embeddings from the in-process all-MiniLM-L6-v2 model; the control plane keeps L1
+in process and L2 in a Milvus Lite file under ``--data-dir``.
+
+Keys: a dev API key and an admin key are generated once and kept in
+``<data-dir>/secrets/`` (mode 0600); the configs refer to those files, so no key is
+written into a config file or a log. ``--api-key`` uses a key of your choice instead.
+
+Ctrl-C or SIGTERM stops the agent first (it drains and stops its engines), then the
+control plane; every child runs in its own process group and is killed if it lingers.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import pathlib
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import IO, Any
+
+import yaml
 
 from protos.common import cli
 
+DEFAULT_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+START_TIMEOUT_S = 240.0
 
-def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Run Synapse on this machine in one command: control plane, "
-        "one agent, the engine simulator, the in-process embedder and cache.")
+        "one agent (real gRPC over loopback), the engine simulator as the generation backend "
+        "(or --upstream), the in-process embedder, in-process L1 and a Milvus Lite L2.")
     cli.add_common_args(parser)
-    parser.add_argument("--data-dir", default="./.synapse", help="state directory")
+    parser.add_argument("--data-dir", default="./.synapse", help="state, configs, keys, logs")
+    parser.add_argument("--host", default="127.0.0.1", help="address the HTTP API listens on")
+    parser.add_argument("--http-port", type=int, default=8080, help="HTTP port (0 = any free)")
+    parser.add_argument("--grpc-port", type=int, default=50051,
+                        help="control-plane gRPC port (0 = any free)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model the simulator serves")
+    parser.add_argument("--alias", action="append", default=None,
+                        help="alias of the model (default: llama)")
     parser.add_argument("--upstream", metavar="URL",
-                        help="a real OpenAI-compatible server to use instead of the simulator")
-    parser.parse_args(argv)
-    print("synapse up: embedded mode is not built yet (issue 8)")
-    return 1
+                        help="a real OpenAI-compatible server to put behind Synapse instead of "
+                             "the simulator (e.g. http://127.0.0.1:11434 for Ollama)")
+    parser.add_argument("--time-scale", type=float, default=0.05,
+                        help="simulator clock: 1 = real GPU timings, 0 = instant")
+    parser.add_argument("--api-key", help="use this API key instead of a generated one")
+    parser.add_argument("--no-cache", action="store_true", help="turn the response cache off")
+    return parser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port(requested: int, name: str, host: str = "127.0.0.1") -> int:
+    if requested == 0:
+        return _free_port()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, requested))
+        except OSError:
+            cli.fail(f"synapse up: port {requested} ({name}) is in use: stop what holds it or "
+                     f"pass --{name}-port 0 for a free one", code=1)
+    return requested
+
+
+def _secret_file(directory: pathlib.Path, name: str, value: str | None) -> pathlib.Path:
+    path = directory / name
+    if value is not None or not path.exists():
+        path.write_text((value or f"sk-synapse-{secrets.token_urlsafe(24)}") + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def _write_configs(args: argparse.Namespace, data: pathlib.Path, ports: dict[str, int]) -> dict[str, Any]:
+    secret_dir = data / "secrets"
+    secret_dir.mkdir(parents=True, exist_ok=True)
+    secret_dir.chmod(0o700)
+    api_key_file = _secret_file(secret_dir, "dev-api-key", args.api_key)
+    admin_key_file = _secret_file(secret_dir, "admin-key", None)
+    aliases = args.alias if args.alias is not None else ["llama"]
+    cp: dict[str, Any] = {
+        "replica_id": "embedded", "data_dir": str(data),
+        "http": {"host": args.host, "port": ports["http"]},
+        "grpc": {"host": "127.0.0.1", "port": ports["grpc"]},
+        "auth": {"admin_key": {"file": str(admin_key_file)},
+                 "tenants": [{"name": "dev", "keys": [{"file": str(api_key_file)}]}]},
+        "models": [{"name": args.model, "aliases": aliases}],
+        "cache": {"enabled": not args.no_cache, "milvus_uri": str(data / "l2.db"),
+                  "embed_model": EMBED_MODEL},
+    }
+    backends: list[dict[str, Any]] = []
+    if args.upstream:
+        cp["upstreams"] = [{"name": "upstream", "url": args.upstream, "models": [args.model]}]
+    else:
+        backends.append({
+            "name": "simulator", "engine": "simulator", "model": args.model,
+            "served_model_names": [args.model], "port": ports["simulator"],
+            "memory_required_gb": 18, "extra_args": ["--time-scale", str(args.time_scale)]})
+    agent = {
+        "node_name": "local",
+        "control_plane": {"addresses": [f"127.0.0.1:{ports['grpc']}"], "report_interval_s": 1},
+        "grpc": {"host": "127.0.0.1", "port": ports["node"],
+                 "advertise_address": f"127.0.0.1:{ports['node']}"},
+        "metrics": {"host": "127.0.0.1", "port": ports["metrics"]},
+        "telemetry": {"source": "fake", "fake_gpus": [{"name": "Simulated GPU 80GB",
+                                                       "memory_total_gb": 80}]},
+        "backends": backends,
+        "embedder": {"kind": "minilm", "model": EMBED_MODEL},
+        "supervisor": {"log_dir": str(data / "logs" / "engines"), "drain_grace_s": 5,
+                       "stop_grace_s": 5},
+    }
+    for name, doc in (("controlplane.yaml", cp), ("agent.yaml", agent)):
+        (data / name).write_text(yaml.safe_dump(doc, sort_keys=False))
+    return {"api_key": api_key_file.read_text().strip(), "admin_key_file": admin_key_file}
+
+
+class Child:
+    """One child process in its own process group, output appended to a log file."""
+
+    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log: IO[bytes] = open(log_path, "ab")  # closed in stop()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env.pop("SYNAPSE_CONFIG_PATH", None)
+        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 15) -> str:
+        text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        return "\n".join(f"    {line}" for line in text.splitlines()[-lines:])
+
+    def stop(self, grace_s: float) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=grace_s)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=5)
+        self._log.close()
+
+
+def _http_status(url: str, token: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+class Stopping(Exception):
+    """Ctrl-C or SIGTERM arrived."""
+
+
+def _wait_for(what: str, ready: Callable[[], bool], children: list[Child], timeout: float) -> None:
+    print(f"  … {what}", flush=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            print(f"  ✓ {what}", flush=True)
+            return
+        for child in children:
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited with status {child.popen.returncode} "
+                                   f"while waiting for {what}; its last lines "
+                                   f"({child.log_path}):\n{child.tail()}")
+        time.sleep(0.2)
+    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}; see the logs in "
+                       f"{children[0].log_path.parent}")
+
+
+def _banner(base: str, api_key: str, model: str, admin_key_file: pathlib.Path,
+            grpc_addr: str) -> str:
+    return f"""
+Synapse is ready (embedded mode).
+
+  Endpoint:  {base}/v1
+  API key:   {api_key}
+  Model:     {model}
+
+  curl {base}/v1/chat/completions \\
+    -H "Authorization: Bearer {api_key}" -H "Content-Type: application/json" \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+
+  python -c 'from openai import OpenAI
+c = OpenAI(base_url="{base}/v1", api_key="{api_key}")
+print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)'
+
+  SYNAPSE_ADMIN_ADDR={grpc_addr} SYNAPSE_ADMIN_TOKEN_FILE={admin_key_file} synapsectl get nodes
+
+Press Ctrl-C to stop.
+""".rstrip()
+
+
+def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
+    args = build_parser(prog).parse_args(argv)
+    data = pathlib.Path(args.data_dir).resolve()
+    (data / "logs").mkdir(parents=True, exist_ok=True)
+    ports = {"http": _port(args.http_port, "http", args.host), "grpc": _port(args.grpc_port, "grpc"),
+             "node": _free_port(), "metrics": _free_port(), "simulator": _free_port()}
+    written = _write_configs(args, data, ports)
+    bin_dir = pathlib.Path(sys.executable).parent
+    synapse = str(bin_dir / "synapse") if (bin_dir / "synapse").exists() else "synapse"
+    extra: list[str] = []
+    if args.log_format:
+        extra += ["--log-format", args.log_format]
+    if args.log_level:
+        extra += ["--log-level", args.log_level]
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise Stopping()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    children: list[Child] = []
+    base = f"http://{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{ports['http']}"
+    print(f"Starting Synapse (embedded mode) in {data}", flush=True)
+    try:
+        children.append(Child("control plane", [synapse, "controlplane", "--config",
+                                                str(data / "controlplane.yaml"), *extra],
+                              data / "logs" / "controlplane.log"))
+        _wait_for(f"control plane on {base}", lambda: _http_status(f"{base}/health") == 200,
+                  children, 60)
+        children.append(Child("agent", [synapse, "agent", "--config", str(data / "agent.yaml"),
+                                        *extra], data / "logs" / "agent.log"))
+        what = "upstream" if args.upstream else "agent, simulator and embedder"
+        _wait_for(f"{what} ready", lambda: _http_status(f"{base}/ready") == 200, children,
+                  START_TIMEOUT_S)
+        print(_banner(base, written["api_key"], args.model, written["admin_key_file"],
+                      f"127.0.0.1:{ports['grpc']}"), flush=True)
+        while all(c.alive() for c in children):
+            time.sleep(0.5)
+        dead = next(c for c in children if not c.alive())
+        print(f"\n{dead.name} exited with status {dead.popen.returncode}; last lines:\n"
+              f"{dead.tail()}", file=sys.stderr)
+        return 1
+    except Stopping:
+        print("\nStopping…", flush=True)
+        return 0
+    except RuntimeError as exc:
+        print(f"synapse up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for child in reversed(children):  # the agent first: it drains its engines
+            child.stop(grace_s=20)
+        print("Stopped.", flush=True)
