@@ -22,6 +22,9 @@ class ControlPlaneLink(Section):
     reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay")
     reconnect_max_s: float = Field(15.0, gt=0, description="reconnect delay cap")
     keepalive_s: float = Field(20.0, gt=0, description="gRPC keepalive ping period")
+    keepalive_timeout_s: float = Field(10.0, gt=0, description="keepalive ack deadline")
+    dns_refresh_s: float = Field(30.0, gt=0, description="re-resolve dns_name this often")
+    connect_timeout_s: float = Field(5.0, gt=0, description="deadline to open a channel")
     tls_ca_file: str | None = Field(None, description="CA bundle to verify the control plane")
     token: Secret | None = Field(None, description="token sent to the control plane")
 
@@ -89,6 +92,17 @@ class SupervisorSettings(Section):
     scrape_interval_s: float = Field(1.0, gt=0, description="engine /metrics scrape period")
     simulator_command: list[str] = Field(default_factory=lambda: ["synapse", "simulator"],
                                          description="how to start the engine simulator")
+    vllm_command: list[str] = Field(default_factory=lambda: ["vllm", "serve"],
+                                    description="how to start vLLM (model and flags follow)")
+    tei_command: list[str] = Field(default_factory=lambda: ["text-embeddings-router"],
+                                   description="how to start TEI")
+    engine_host: str = Field("127.0.0.1", description="address engines listen on "
+                             "(0.0.0.0 when the control plane runs on another host)")
+    advertise_host: str | None = Field(
+        None, description="host in backend URLs sent to the control plane "
+        "(default: engine_host, or the node IP when engine_host is a wildcard)")
+    unhealthy_restart_s: float = Field(60.0, gt=0, description="restart an engine that "
+                                       "stayed unhealthy this long")
 
 
 class EmbedderSettings(Section):
@@ -99,6 +113,10 @@ class EmbedderSettings(Section):
     cache_max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="embedding cache bound (bytes)")
     max_batch: int = Field(64, ge=1, description="micro-batch size")
     batch_wait_ms: float = Field(2.0, ge=0, description="micro-batch gathering window")
+    max_texts: int = Field(2048, ge=1, description="texts per Embed call (more: INVALID_ARGUMENT)")
+    max_text_chars: int = Field(32_768, ge=1, description="characters per text "
+                                "(longer: INVALID_ARGUMENT)")
+    request_timeout_s: float = Field(30.0, gt=0, description="TEI HTTP call timeout")
 
 
 class AgentSettings(Section):

@@ -1,0 +1,81 @@
+"""Restart policy: capped, jittered exponential backoff plus crash-loop detection.
+
+Pure logic with an injected clock and random source, so tests drive it without sleeping.
+
+* Delay for the n-th consecutive failure: ``initial * 2**n`` capped at ``cap``, then
+  multiplied by a jitter factor in [0.8, 1.2] (and capped again) so a node full of
+  engines that died together does not restart them in lock-step.
+* The consecutive-failure count resets once an engine has stayed ready for ``cap``
+  seconds: a process that crashes once a day restarts after ~1 s, not after 60 s.
+* Crash loop: when ``threshold`` restarts already happened inside ``window`` seconds, the
+  next exit turns into ``crashloop`` instead of another restart. Nothing restarts it
+  until :meth:`RestartPolicy.reset` (a command or config change).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import random
+from collections.abc import Callable
+
+Clock = Callable[[], float]
+JITTER = 0.2
+
+
+class Backoff:
+    def __init__(self, initial: float, cap: float, rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.cap = max(cap, initial)
+        self._rng = rng or random.Random()
+
+    def base(self, attempt: int) -> float:
+        # Bound the exponent so huge attempt counts never overflow a float.
+        return float(min(self.cap, self.initial * 2 ** min(attempt, 64)))
+
+    def delay(self, attempt: int) -> float:
+        factor = self._rng.uniform(1 - JITTER, 1 + JITTER)
+        return min(self.cap, self.base(attempt) * factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    restart: bool
+    delay_s: float
+    reason: str
+
+
+class RestartPolicy:
+    """Decides, at each engine exit, between a delayed restart and ``crashloop``."""
+
+    def __init__(self, clock: Clock, backoff: Backoff, threshold: int, window_s: float) -> None:
+        self._clock = clock
+        self._backoff = backoff
+        self.threshold = threshold
+        self.window_s = window_s
+        self._restarts: collections.deque[float] = collections.deque()
+        self._attempt = 0
+        self._ready_since: float | None = None
+
+    def on_ready(self) -> None:
+        self._ready_since = self._clock()
+
+    def on_exit(self) -> Decision:
+        now = self._clock()
+        if self._ready_since is not None and now - self._ready_since >= self._backoff.cap:
+            self._attempt = 0  # it ran fine for a while: start the ladder again
+        self._ready_since = None
+        while self._restarts and now - self._restarts[0] > self.window_s:
+            self._restarts.popleft()
+        if len(self._restarts) >= self.threshold:
+            return Decision(False, 0.0, f"{len(self._restarts)} restarts within "
+                                        f"{self.window_s:g}s")
+        delay = self._backoff.delay(self._attempt)
+        self._attempt += 1
+        self._restarts.append(now)
+        return Decision(True, delay, f"restart in {delay:.1f}s")
+
+    def reset(self) -> None:
+        self._restarts.clear()
+        self._attempt = 0
+        self._ready_since = None

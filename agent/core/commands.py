@@ -1,0 +1,56 @@
+"""Engine spec → command line. One function per engine kind, no I/O.
+
+* ``vllm``: ``vllm serve MODEL --host H --port P --served-model-name N…
+  --gpu-memory-utilization U [--max-model-len L] EXTRA…``. The memory fraction is always
+  passed explicitly: several engines may share a GPU and vLLM's default (0.9) would let
+  the first one take nearly all of it.
+* ``tei``: ``text-embeddings-router --model-id MODEL --hostname H --port P EXTRA…``.
+* ``simulator``: ``<simulator_command> --engine vllm|tei --host H --port P --model MODEL
+  --served-model-name N… EXTRA…`` (``tei`` when the spec's task is ``embed``).
+* ``external``: no process; the supervisor only probes its URL.
+
+Environment: the spec's ``env`` plus ``CUDA_VISIBLE_DEVICES`` from ``gpu_indices``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from agent.core import types
+
+
+def _names(spec: types.EngineSpec) -> list[str]:
+    args: list[str] = []
+    for name in spec.served_model_names:
+        args += ["--served-model-name", name]
+    return args
+
+
+def build(spec: types.EngineSpec, host: str, port: int, *,
+          simulator_command: Sequence[str] = ("synapse", "simulator"),
+          vllm_command: Sequence[str] = ("vllm", "serve"),
+          tei_command: Sequence[str] = ("text-embeddings-router",)) -> list[str] | None:
+    """The argv to run ``spec``, or ``None`` for an external (probe-only) backend."""
+    if spec.engine == "external":
+        return None
+    if spec.engine == "vllm":
+        argv = [*vllm_command, spec.model, "--host", host, "--port", str(port), *_names(spec),
+                "--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
+        if spec.max_model_len:
+            argv += ["--max-model-len", str(spec.max_model_len)]
+        return argv + list(spec.extra_args)
+    if spec.engine == "tei":
+        return [*tei_command, "--model-id", spec.model, "--hostname", host, "--port",
+                str(port), *spec.extra_args]
+    if spec.engine == "simulator":
+        kind = "tei" if spec.task == "embed" else "vllm"
+        return [*simulator_command, "--engine", kind, "--host", host, "--port", str(port),
+                "--model", spec.model, *_names(spec), *spec.extra_args]
+    raise ValueError(f"unknown engine kind {spec.engine!r}")
+
+
+def environment(spec: types.EngineSpec) -> dict[str, str]:
+    env = dict(spec.env)
+    if spec.gpu_indices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_indices)
+    return env
