@@ -1,0 +1,107 @@
+"""Protos at the edge: value objects ↔ ``synapse.v1`` messages, in one place."""
+
+from __future__ import annotations
+
+from agent.core import lru, types
+from protos.synapse.v1 import common_pb2
+
+PHASES = {
+    types.Phase.STARTING: common_pb2.BACKEND_PHASE_STARTING,
+    types.Phase.READY: common_pb2.BACKEND_PHASE_READY,
+    types.Phase.UNHEALTHY: common_pb2.BACKEND_PHASE_UNHEALTHY,
+    types.Phase.DRAINING: common_pb2.BACKEND_PHASE_DRAINING,
+    types.Phase.STOPPED: common_pb2.BACKEND_PHASE_STOPPED,
+    types.Phase.CRASHLOOP: common_pb2.BACKEND_PHASE_CRASHLOOP,
+    types.Phase.FAILED: common_pb2.BACKEND_PHASE_FAILED,
+}
+ENGINES = {
+    "vllm": common_pb2.ENGINE_KIND_VLLM,
+    "tei": common_pb2.ENGINE_KIND_TEI,
+    "simulator": common_pb2.ENGINE_KIND_SIMULATOR,
+    "external": common_pb2.ENGINE_KIND_EXTERNAL,
+}
+ENGINE_NAMES = {v: k for k, v in ENGINES.items()}
+TASKS = {"generate": common_pb2.BACKEND_TASK_GENERATE, "embed": common_pb2.BACKEND_TASK_EMBED}
+
+
+class SpecError(ValueError):
+    """A BackendSpec from the control plane that cannot be run."""
+
+
+def gpu(sample: types.GpuSample) -> common_pb2.GpuSample:
+    msg = common_pb2.GpuSample(index=sample.index, uuid=sample.uuid, name=sample.name)
+    for field in ("memory_total_bytes", "memory_used_bytes", "memory_free_bytes",
+                  "utilization_percent", "memory_utilization_percent",
+                  "temperature_celsius", "power_watts", "power_limit_watts"):
+        value = getattr(sample, field)
+        if value is not None:  # unset = NVML could not read it
+            setattr(msg, field, value)
+    for proc in sample.processes:
+        msg.processes.add(pid=proc.pid, used_memory_bytes=proc.used_memory_bytes,
+                          backend_name=proc.backend_name)
+    return msg
+
+
+def telemetry(status: types.TelemetryStatus) -> common_pb2.TelemetryStatus:
+    return common_pb2.TelemetryStatus(source=status.source, ok=status.ok, error=status.error)
+
+
+def backend(status: types.BackendStatus) -> common_pb2.BackendState:
+    return common_pb2.BackendState(
+        name=status.name, url=status.url, models=list(status.models),
+        engine=ENGINES.get(status.engine, common_pb2.ENGINE_KIND_UNSPECIFIED),
+        task=TASKS.get(status.task, common_pb2.BACKEND_TASK_UNSPECIFIED),
+        phase=PHASES[status.phase], phase_reason=status.phase_reason,
+        num_requests_waiting=status.waiting, num_requests_running=status.running,
+        kv_cache_usage=status.kv_usage, kv_capacity_tokens=status.kv_capacity_tokens,
+        kv_block_size=status.kv_block_size, prefix_cache_hit_rate=status.prefix_hit_rate,
+        restarts=status.restarts, last_restart_unix_ms=status.last_restart_unix_ms,
+        started_unix_ms=status.started_unix_ms, pid=status.pid,
+        last_log_lines=list(status.last_log_lines),
+        memory_reserved_bytes=status.memory_reserved_bytes, metrics_ok=status.metrics_ok)
+
+
+def cache_stats(stats: lru.CacheStats | None) -> common_pb2.EmbeddingCacheStats:
+    if stats is None:
+        return common_pb2.EmbeddingCacheStats()
+    return common_pb2.EmbeddingCacheStats(
+        entries=stats.entries, bytes=stats.bytes, max_entries=stats.max_entries,
+        max_bytes=stats.max_bytes, hits=stats.hits, misses=stats.misses,
+        evictions=stats.evictions)
+
+
+def spec_from_proto(msg: common_pb2.BackendSpec) -> types.EngineSpec:
+    """Validate a control-plane spec the way the config validates its own backends."""
+    import re
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", msg.name):
+        raise SpecError(f"backend name {msg.name!r} is invalid")
+    engine = ENGINE_NAMES.get(msg.engine)
+    if engine is None:
+        raise SpecError(f"{msg.name}: engine kind is unspecified")
+    if not msg.model:
+        raise SpecError(f"{msg.name}: model is empty")
+    if engine == "external" and not msg.url:
+        raise SpecError(f"{msg.name}: url is required for an external backend")
+    if msg.port > 65535 or not 0 <= msg.gpu_memory_utilization <= 1:
+        raise SpecError(f"{msg.name}: port or gpu_memory_utilization out of range")
+    return types.EngineSpec(
+        name=msg.name, engine=engine, model=msg.model,
+        served_model_names=tuple(msg.served_model_names), port=msg.port or None,
+        url=msg.url or None, gpu_memory_utilization=msg.gpu_memory_utilization or 0.9,
+        max_model_len=msg.max_model_len or None, extra_args=tuple(msg.extra_args),
+        gpu_indices=tuple(msg.gpu_indices), memory_required_bytes=msg.memory_required_bytes,
+        task="embed" if msg.task == common_pb2.BACKEND_TASK_EMBED else "generate")
+
+
+def spec_from_config(cfg: object) -> types.EngineSpec:
+    from agent.config import BackendSettings
+
+    assert isinstance(cfg, BackendSettings)
+    return types.EngineSpec(
+        name=cfg.name, engine=cfg.engine, model=cfg.model,
+        served_model_names=tuple(cfg.served_model_names), port=cfg.port, url=cfg.url,
+        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
+        extra_args=tuple(cfg.extra_args), gpu_indices=tuple(cfg.gpu_indices),
+        memory_required_bytes=int((cfg.memory_required_gb or 0) * 1024**3), task=cfg.task,
+        env=tuple(sorted(cfg.env.items())))

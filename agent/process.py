@@ -1,0 +1,146 @@
+"""Engine processes: spawning, captured output, termination of the whole process group.
+
+Decisions:
+
+* Each engine runs in its own session (``start_new_session=True``), so it is its own
+  process-group leader and ``killpg`` reaches the workers vLLM forks as well.
+* ``PR_SET_PDEATHSIG(SIGKILL)`` is set in the child between fork and exec (ctypes
+  ``prctl``): if the agent is SIGKILLed or OOM-killed, the kernel kills the engine too, so
+  no orphan keeps a GPU. The signal fires when the *thread* that forked dies, so engines
+  are always spawned from the event-loop thread, never from ``asyncio.to_thread``.
+* stdout and stderr are merged into one pipe, pumped into a size-capped log file (one
+  rotated ``.1`` file kept) and a ring of the last lines for reports. Writes are small
+  appends to a local file, treated like logging's handlers as non-blocking.
+* Stop = SIGTERM to the group, SIGKILL to the group after the grace period, and a final
+  SIGKILL to the group after the leader exits, for children that outlived it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+READ_CHUNK = 65536
+MAX_TAIL_LINE = 2000  # characters kept per line in memory
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()  # loaded before any fork: preexec_fn must not import or allocate much
+
+
+def _child_setup() -> None:
+    """Runs in the child after fork: die with the agent."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class LogSink:
+    """Size-capped log file plus the last lines in memory."""
+
+    def __init__(self, path: pathlib.Path, max_bytes: int, tail_lines: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.tail: collections.deque[str] = collections.deque(maxlen=max(tail_lines, 1))
+        self._partial = b""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "ab")
+
+    def write(self, chunk: bytes) -> None:
+        if self._file.tell() + len(chunk) > self.max_bytes:
+            self._rotate()
+        self._file.write(chunk)
+        self._file.flush()
+        data = self._partial + chunk
+        *lines, self._partial = data.split(b"\n")
+        self._partial = self._partial[-MAX_TAIL_LINE:]
+        for line in lines:
+            self.tail.append(line[:MAX_TAIL_LINE].decode("utf-8", "replace").rstrip("\r"))
+
+    def note(self, text: str) -> None:
+        """A line written by the agent itself (start, exit), marked as such."""
+        self.write(f"[synapse-agent] {text}\n".encode())
+
+    def _rotate(self) -> None:
+        self._file.close()
+        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        self._file = open(self.path, "ab")
+
+    def lines(self) -> list[str]:
+        return list(self.tail)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class EngineProcess:
+    """One running engine process and the task pumping its output."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, sink: LogSink) -> None:
+        self.proc = proc
+        self.sink = sink
+        self._pump = asyncio.create_task(self._pump_output())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @classmethod
+    async def spawn(cls, argv: list[str], env: dict[str, str], sink: LogSink
+                    ) -> EngineProcess:
+        """Start ``argv``; raises OSError when it cannot be executed at all."""
+        sink.note("starting: " + " ".join(argv))
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env={**os.environ, **env},
+            start_new_session=True, preexec_fn=_child_setup)
+        return cls(proc, sink)
+
+    async def _pump_output(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := await self.proc.stdout.read(READ_CHUNK):
+            self.sink.write(chunk)
+
+    async def wait(self) -> int:
+        """Wait for the leader to exit, reap its group, log the exit (call once)."""
+        code = await self.proc.wait()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._pump), 2.0)
+        self._kill_group(signal.SIGKILL)  # children that outlived the leader
+        self.sink.note(f"exited with code {code}")
+        return code
+
+    def _kill_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        self._kill_group(signal.SIGKILL)
+
+    async def terminate(self, grace_s: float) -> None:
+        """SIGTERM the group, SIGKILL after ``grace_s``; whoever awaits ``wait()`` sees it."""
+        if self.proc.returncode is None:
+            self._kill_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace_s)
+            except TimeoutError:
+                log.warning("engine pid %d ignored SIGTERM for %.0fs; killing it",
+                            self.proc.pid, grace_s)
+                self._kill_group(signal.SIGKILL)
