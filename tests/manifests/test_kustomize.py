@@ -1,0 +1,90 @@
+"""Every overlay renders and every object in it validates offline, strictly.
+
+Built-in kinds: kubernetes-validate --strict (unknown fields fail) for the oldest and the
+newest Kubernetes we target; Prometheus Operator kinds: the minimal CRD schemas. The
+misspelling tests prove that the check bites: they break a copy of the manifests and
+expect the pipeline (render → validate) to name the bad field.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+
+import pytest
+
+from tests.manifests import render, validate
+
+CLUSTER_SCOPED = {"Namespace", "PriorityClass", "ClusterRole", "ClusterRoleBinding",
+                  "RuntimeClass"}
+
+
+@pytest.mark.parametrize("overlay", render.OVERLAYS)
+def test_overlay_renders_and_every_object_validates_strictly(overlay: str) -> None:
+    objects = render.render(overlay)
+    assert len(objects) >= 4, f"{overlay} rendered only {len(objects)} objects"
+    problems = [line for obj in objects for line in validate.errors(obj)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("overlay", render.OVERLAYS)
+def test_every_namespaced_object_lands_in_the_synapse_namespace(overlay: str) -> None:
+    for obj in render.render(overlay):
+        if obj["kind"] in CLUSTER_SCOPED:
+            continue
+        assert obj["metadata"].get("namespace") == "synapse", \
+            f"{overlay}: {obj['kind']}/{obj['metadata']['name']} is not in namespace synapse"
+
+
+def _broken_copy(tmp_path: pathlib.Path, file: str, old: str, new: str) -> pathlib.Path:
+    root = tmp_path / "manifests"
+    shutil.copytree(render.MANIFESTS, root)
+    path = root / file
+    text = path.read_text()
+    assert old in text, f"{file} no longer contains {old!r}: update this test"
+    path.write_text(text.replace(old, new, 1))
+    return root
+
+
+def test_a_misspelled_field_in_a_manifest_fails_validation(tmp_path: pathlib.Path) -> None:
+    root = _broken_copy(tmp_path, "base/controlplane-deployment.yaml",
+                        "readinessProbe:", "readinesProbe:")
+    objects = render.render_dir(root / "overlays" / "production")
+    problems = [line for obj in objects for line in validate.errors(obj)]
+    assert any("readinesProbe" in line and "Deployment/synapse-controlplane" in line
+               for line in problems), problems
+
+
+def test_a_misspelled_field_in_a_custom_resource_fails_validation(
+        tmp_path: pathlib.Path) -> None:
+    root = _broken_copy(tmp_path, "monitoring/podmonitor.yaml",
+                        "podMetricsEndpoints:", "podMetricEndpoints:")
+    objects = render.render_dir(root / "overlays" / "monitoring")
+    problems = [line for obj in objects for line in validate.errors(obj)]
+    assert any("podMetricEndpoints" in line and "PodMonitor/synapse-agent" in line
+               for line in problems), problems
+
+
+def test_a_wrong_type_fails_validation(tmp_path: pathlib.Path) -> None:
+    root = _broken_copy(tmp_path, "base/controlplane-pdb.yaml",
+                        "minAvailable: 1", "minAvailable: [1]")
+    objects = render.render_dir(root / "overlays" / "bundled")
+    problems = [line for obj in objects for line in validate.errors(obj)]
+    assert any("PodDisruptionBudget/synapse-controlplane" in line for line in problems), \
+        problems
+
+
+@pytest.mark.parametrize("overlay", render.OVERLAYS)
+def test_no_secret_value_is_written_into_the_manifests(overlay: str) -> None:
+    objects = render.render(overlay)
+    secrets = [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"]
+    assert not secrets, f"{overlay} ships Secret objects {secrets}: reference them instead"
+    for workload in render.workloads(objects):
+        for c in render.pod_spec(workload)["containers"]:
+            for env in c.get("env", []):
+                sensitive = any(w in env["name"].upper()
+                                for w in ("KEY", "TOKEN", "PASSWORD", "SECRET"))
+                if sensitive:
+                    ref = env.get("valueFrom", {}).get("secretKeyRef")
+                    assert ref, (f"{overlay}: {workload['metadata']['name']}/{c['name']} "
+                                 f"sets {env['name']} without a secretKeyRef")
