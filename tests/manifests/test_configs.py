@@ -1,0 +1,219 @@
+"""The ConfigMaps of every overlay parse with the processes' own config models.
+
+Each Synapse container is checked as it would start: its ConfigMap's `config.yaml` (found
+through the volume mounted at the directory of SYNAPSE_CONFIG_PATH), plus its environment
+(`SYNAPSE_*` overrides applied by the loader; `{env: X}` secrets must be set by the pod
+spec; `$(VAR)` references resolved), plus `{file: P}` secrets, which must lie under a
+mounted Secret volume (a temporary file stands in for the Secret's content). Then the
+settings must agree with the pod spec: ports, the headless Service the agents dial, and
+a termination grace period that covers the agent's drain.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from typing import Any
+
+import pydantic
+import pytest
+import yaml
+
+from agent import config as agent_config
+from controlplane import config as cp_config
+from protos import commands
+from protos.common import settings
+from tests.manifests import render
+
+MODELS: dict[str, type[pydantic.BaseModel]] = {
+    "controlplane": cp_config.ControlPlaneSettings,
+    "agent": agent_config.AgentSettings,
+}
+FIELD_REFS = {"spec.nodeName": "gpu-node-1", "status.podIP": "10.1.2.3",
+              "metadata.name": "synapse-pod-0", "metadata.namespace": "synapse"}
+
+
+def _synapse_containers(objects: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    found = []
+    for workload in render.workloads(objects):
+        for c in render.pod_spec(workload)["containers"]:
+            if c.get("args") and c["args"][0] in MODELS:
+                found.append((workload, c))
+    return found
+
+
+def _environ(c: dict[str, Any]) -> dict[str, str]:
+    """The container's environment as the kubelet would build it."""
+    env: dict[str, str] = {}
+    for item in c.get("env", []):
+        if "value" in item:
+            value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)),
+                           str(item["value"]))
+            assert "$(" not in value, f"{item['name']} refers to a variable not set before it"
+        else:
+            source = item["valueFrom"]
+            if "fieldRef" in source:
+                value = FIELD_REFS[source["fieldRef"]["fieldPath"]]
+            else:
+                ref = source["secretKeyRef"]
+                value = f"from-secret-{ref['name']}-{ref['key']}"
+        env[item["name"]] = value
+    return env
+
+
+def _volume(workload: dict[str, Any], c: dict[str, Any], directory: str) -> dict[str, Any]:
+    mounts = [m for m in c.get("volumeMounts", []) if m["mountPath"].rstrip("/") == directory]
+    assert mounts, f"{c['name']}: nothing is mounted at {directory}"
+    volumes = {v["name"]: v for v in render.pod_spec(workload)["volumes"]}
+    volume: dict[str, Any] = volumes[mounts[0]["name"]]
+    return volume
+
+
+def _config_data(objects: list[dict[str, Any]], workload: dict[str, Any], c: dict[str, Any],
+                 environ: dict[str, str]) -> dict[str, Any]:
+    path = pathlib.PurePosixPath(environ["SYNAPSE_CONFIG_PATH"])
+    volume = _volume(workload, c, str(path.parent))
+    cm = render.find(objects, "ConfigMap", volume["configMap"]["name"])
+    data: dict[str, Any] = yaml.safe_load(cm["data"][path.name])
+    return data
+
+
+def _secret_mount_dirs(workload: dict[str, Any], c: dict[str, Any]) -> list[str]:
+    volumes = {v["name"]: v for v in render.pod_spec(workload).get("volumes", [])}
+    return [m["mountPath"] for m in c.get("volumeMounts", [])
+            if "secret" in volumes[m["name"]]]
+
+
+def _replace_file_secrets(value: Any, dirs: list[str], tmp: pathlib.Path) -> Any:
+    """Swap each {file: P} for a temp file after checking P is inside a Secret mount."""
+    if isinstance(value, dict):
+        if set(value) == {"file"}:
+            path = str(value["file"])
+            assert any(path.startswith(d.rstrip("/") + "/") for d in dirs), \
+                f"secret file {path} is not under a mounted Secret ({dirs})"
+            stand_in = tmp / f"secret-{abs(hash(path))}"
+            stand_in.write_text("stand-in secret\n")
+            return {"file": str(stand_in)}
+        return {k: _replace_file_secrets(v, dirs, tmp) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_file_secrets(v, dirs, tmp) for v in value]
+    return value
+
+
+def _load(overlay: str, process: str, tmp_path: pathlib.Path,
+          monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    objects = render.render(overlay)
+    hits = [(w, c) for w, c in _synapse_containers(objects) if c["args"][0] == process]
+    assert len(hits) == 1, f"{overlay}: expected one {process} container, found {len(hits)}"
+    workload, c = hits[0]
+    environ = _environ(c)
+    data = _config_data(objects, workload, c, environ)
+    data = _replace_file_secrets(data, _secret_mount_dirs(workload, c), tmp_path)
+    model = MODELS[process]
+    # {env: X} secrets are resolved from the process environment: exactly the pod's
+    for name in [k for k in os.environ if k.startswith("SYNAPSE_")]:
+        monkeypatch.delenv(name)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    data = settings.apply_env_overrides(model, data, environ)
+    loaded = settings.validate(model, data, source=f"{overlay} {process} ConfigMap")
+    return loaded, workload, c
+
+
+def test_every_synapse_container_runs_a_real_command() -> None:
+    for overlay in render.DEPLOY_OVERLAYS:
+        for workload in render.workloads(render.render(overlay)):
+            for c in render.pod_spec(workload)["containers"]:
+                if c["image"].split("/")[-1].startswith("synapse-"):
+                    assert c["args"][0] in commands.COMMANDS, \
+                        f"{overlay}: {c['name']} runs unknown `synapse {c['args'][0]}`"
+
+
+@pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
+def test_control_plane_config_validates_and_matches_the_pod(
+        overlay: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, workload, c = _load(overlay, "controlplane", tmp_path, monkeypatch)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert cfg.http.port == ports["http"]
+    assert cfg.grpc.port == ports["grpc"]
+    assert cfg.logging.format == "json"
+    if cfg.auth.key_file:
+        dirs = [d.rstrip("/") + "/" for d in _secret_mount_dirs(workload, c)]
+        assert any(cfg.auth.key_file.startswith(d) for d in dirs), cfg.auth.key_file
+    assert cfg.auth.admin_key is not None, f"{overlay}: no admin key configured"
+    data_mounts = [m["mountPath"] for m in c["volumeMounts"]]
+    assert cfg.data_dir in data_mounts, f"data_dir {cfg.data_dir} is not a writable mount"
+
+
+@pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
+def test_agent_config_validates_and_matches_the_pod(
+        overlay: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, workload, c = _load(overlay, "agent", tmp_path, monkeypatch)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert cfg.grpc.port == ports["grpc"]
+    assert cfg.metrics.port == ports["metrics"]
+    assert cfg.node_name == FIELD_REFS["spec.nodeName"]
+    assert cfg.grpc.advertise_address == f"{FIELD_REFS['status.podIP']}:{cfg.grpc.port}"
+    # the agent dials every replica through the headless Service
+    objects = render.render(overlay)
+    headless = render.find(objects, "Service", "synapse-controlplane-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    host, port = cfg.control_plane.dns_name.rsplit(":", 1)
+    meta = headless["metadata"]
+    assert host == f"{meta['name']}.{meta['namespace']}.svc.cluster.local"
+    assert int(port) in [p["port"] for p in headless["spec"]["ports"]]
+    assert not cfg.control_plane.addresses
+    # SIGTERM → drain → engines stopped, all before the kubelet's SIGKILL
+    grace = render.pod_spec(workload)["terminationGracePeriodSeconds"]
+    needed = cfg.supervisor.drain_grace_s + cfg.supervisor.stop_grace_s
+    assert grace > needed, f"{overlay}: grace {grace}s does not cover drain+stop {needed}s"
+    writable = [m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")]
+    assert cfg.supervisor.log_dir in writable, "engine log dir must be a writable mount"
+
+
+def test_gpu_overlays_run_real_gpus_and_dev_runs_none(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dev, _, _ = _load("embedded-dev", "agent", tmp_path, monkeypatch)
+    assert dev.telemetry.source == "fake"
+    assert {b.engine for b in dev.backends} == {"simulator"}
+    for overlay in ("bundled", "production"):
+        cfg, _, _ = _load(overlay, "agent", tmp_path, monkeypatch)
+        assert cfg.telemetry.source == "nvml"
+        assert "vllm" in {b.engine for b in cfg.backends}
+
+
+def test_a_misspelled_config_field_is_caught(tmp_path: pathlib.Path) -> None:
+    data = yaml.safe_load((render.MANIFESTS / "base" / "agent.yaml").read_text())
+    data["supervisor"]["drain_grace"] = 120
+    with pytest.raises(settings.ConfigError, match=r"supervisor\.drain_grace: unknown setting"):
+        settings.validate(agent_config.AgentSettings, data)
+
+
+SECRET_FIELDS = ("admin_key", "milvus_token", "token", "api_key")
+
+
+def _literal_secrets(value: Any, where: str = "") -> list[str]:
+    """Paths of secret fields that hold a literal instead of {env:}/{file:}."""
+    found: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            if key in SECRET_FIELDS and item is not None and not isinstance(item, dict):
+                found.append(path)
+            elif key == "keys" and isinstance(item, list):
+                found += [f"{path}[{i}]" for i, k in enumerate(item) if not isinstance(k, dict)]
+            else:
+                found += _literal_secrets(item, path)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found += _literal_secrets(item, f"{where}[{i}]")
+    return found
+
+
+@pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
+def test_secrets_in_configs_are_references_not_literals(overlay: str) -> None:
+    for cm in (o for o in render.render(overlay) if o["kind"] == "ConfigMap"):
+        for key, text in cm.get("data", {}).items():
+            literals = _literal_secrets(yaml.safe_load(text))
+            assert not literals, f"{overlay} {cm['metadata']['name']}/{key}: {literals}"
