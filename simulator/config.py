@@ -1,7 +1,12 @@
 """Engine-simulator settings: profile (latency model), faults, TEI mode.
 
 The default profile is loosely calibrated to Llama-3.1-8B-Instruct in BF16 on one H100
-80GB under vLLM V1; the figures and their sources are in ``simulator/profiles.py``.
+80GB under vLLM V1; the figures and their sources are in ``simulator/profiles.py`` (its
+``realistic`` profile holds the same numbers as the defaults below, and a test keeps the
+two in step).
+
+Precedence: defaults < YAML file < ``SYNAPSE_*`` environment < ``--profile`` < single
+flags (``--max-num-seqs`` …), applied by ``simulator.main``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ class ProfileSettings(Section):
     decode_base_s: float = Field(0.012, ge=0, description="decode step seconds at batch 1")
     decode_per_seq_s: float = Field(0.00015, ge=0, description="added step seconds per running sequence")
     max_num_seqs: int = Field(256, ge=1, description="concurrent sequences (vLLM max_num_seqs)")
+    max_num_batched_tokens: int = Field(
+        8192, ge=1, description="tokens scheduled per engine step; longer prompts prefill in "
+                                "chunks (vLLM V1 chunked prefill)")
     num_gpu_blocks: int = Field(28_000, ge=1, description="KV cache capacity in blocks")
     block_size: int = Field(16, ge=1, description="tokens per KV block")
     max_model_len: int = Field(131_072, ge=16, description="longest prompt + output")
@@ -30,6 +38,8 @@ class FaultSettings(Section):
     hang: bool = Field(False, description="accept requests and never answer")
     stall_after_chunks: int | None = Field(
         None, ge=0, description="streams stop after N chunks, then the connection drops")
+    stall_s: float = Field(2.0, ge=0, description="how long a stalled response stays silent "
+                                                  "before the connection drops (wall seconds)")
     slow_start_s: float = Field(0.0, ge=0, description="/health answers 503 for this long")
 
 
@@ -46,4 +56,6 @@ class SimulatorSettings(Section):
     embedder: Literal["hash", "minilm"] = Field("hash", description="TEI mode vectors")
     embed_dim: int = Field(384, ge=1, description="TEI mode hashed-vector dimension")
     max_client_batch_size: int = Field(32, ge=1, description="TEI mode batch limit (422 above)")
+    max_input_length: int = Field(512, ge=1, description="TEI mode longest input in tokens "
+                                                         "(413 above unless truncate is set)")
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

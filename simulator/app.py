@@ -1,0 +1,214 @@
+"""The app factory: one aiohttp application for either engine mode, plus fault wiring.
+
+* ``build(settings, clock)`` returns the application; the engine loop and the MiniLM
+  model are started and stopped through ``cleanup_ctx``; nothing happens at import.
+* One middleware renders every error: OpenAI envelope, or TEI's shape on ``/embed``.
+  Unknown routes are 404 and wrong methods 405 in the same envelope.
+* Inference routes are wrapped by :meth:`Service.inference`, which applies the
+  arrival-time faults (hang, slow start, error rate) and counts answered requests for
+  ``crash_after`` — the process exits with ``faults.CRASH_EXIT_CODE`` right after the
+  N-th answer has been written.
+* ``/health`` (200 empty body, like vLLM and TEI), ``GET``/``POST /sim/faults``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from simulator import embedders, errors, faults, protocol, tei_api, vllm_api
+from simulator import engine as sim_engine
+from simulator import metrics as sim_metrics
+from simulator import scheduler as sched
+from simulator.config import SimulatorSettings
+
+log = logging.getLogger("simulator")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+TEI_NATIVE_PATHS = frozenset({"/embed"})
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/embed",
+                             "/v1/embeddings"})
+CRASH_DELAY_S = 0.05  # lets the kernel take the last answer before the process dies
+
+
+class Clock:
+    """Real clocks; tests of the pure parts inject their own callables instead."""
+
+    monotonic = staticmethod(time.monotonic)
+    wall = staticmethod(time.time)
+
+
+def effective_max_model_len(settings: SimulatorSettings) -> int:
+    """vLLM refuses to start when one sequence cannot fit in the KV cache; the simulator
+    clamps instead (tests use tiny caches) and says so at start-up."""
+    p = settings.profile
+    return min(p.max_model_len, p.num_gpu_blocks * p.block_size)
+
+
+class Service:
+    """Health, faults and the wrapper every inference route goes through."""
+
+    def __init__(self, settings: SimulatorSettings, clock: type[Clock] | Clock) -> None:
+        self.settings = settings
+        self.faults = faults.Faults(settings.faults, settings.seed, clock.monotonic)
+        self.tei_metrics: sim_metrics.TeiMetrics | None = None
+        self.ready = settings.engine == "vllm"  # TEI mode: once the embedder is loaded
+
+    def inference(self, handler: Handler) -> Handler:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            if self.faults.settings.hang:
+                await _forever()
+            self.faults.check_request()
+            response = await handler(request)
+            if self.faults.count_served():
+                await _finish(request, response)
+                log.warning("crashing now: fault injection crash_after=%s reached",
+                            self.faults.settings.crash_after)
+                asyncio.get_running_loop().call_later(CRASH_DELAY_S, os._exit,
+                                                      faults.CRASH_EXIT_CODE)
+            return response
+        return wrapped
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.faults.settings.hang:
+            await _forever()
+        if self.faults.starting_for() > 0 or not self.ready:
+            raise errors.Unavailable("the engine is starting")
+        return web.Response(status=200)
+
+    async def get_faults(self, request: web.Request) -> web.Response:
+        return _json(self.faults.view())
+
+    async def post_faults(self, request: web.Request) -> web.Response:
+        body = protocol.parse_body(await request.read())
+        self.faults.update(body)
+        log.info("faults set at run time: %s", body)
+        return _json(self.faults.view())
+
+    @web.middleware
+    async def errors_middleware(self, request: web.Request,
+                                handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except errors.SimError as exc:
+            return self._error(request, exc)
+        except vllm_api.StreamDropped:
+            raise asyncio.CancelledError from None  # the connection is gone: answer nothing
+        except web.HTTPException as exc:
+            if exc.status == 404:
+                return self._error(request, errors.NotFound(f"Not Found: {request.path}"))
+            if exc.status == 405:
+                return self._error(request, errors.MethodNotAllowed(
+                    f"Method {request.method} not allowed on {request.path}"))
+            raise
+
+    def _error(self, request: web.Request, exc: errors.SimError) -> web.Response:
+        if self.tei_metrics is not None and request.path in INFERENCE_PATHS:
+            self.tei_metrics.failure(exc.tei_type.lower())
+        if request.path in TEI_NATIVE_PATHS:
+            return _json(exc.tei_body(), status=exc.status)
+        return _json(exc.envelope(), status=exc.status)
+
+
+async def _forever() -> None:
+    # The hang fault: never answer; the wait ends only when the client leaves (the
+    # handler is cancelled) or the server shuts down.
+    await asyncio.get_running_loop().create_future()
+
+
+async def _finish(request: web.Request, response: web.StreamResponse) -> None:
+    if not response.prepared:
+        await response.prepare(request)
+    await response.write_eof()
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status,
+                        content_type="application/json")
+
+
+def build(settings: SimulatorSettings, clock: type[Clock] | Clock = Clock) -> web.Application:
+    service = Service(settings, clock)
+    app = web.Application(middlewares=[service.errors_middleware],
+                          client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/health", service.health)
+    app.router.add_get("/sim/faults", service.get_faults)
+    app.router.add_post("/sim/faults", service.post_faults)
+    if settings.engine == "vllm":
+        _add_vllm(app, settings, service, clock)
+    else:
+        _add_tei(app, settings, service, clock)
+    return app
+
+
+def _add_routes(app: web.Application, service: Service, routes: list[web.RouteDef]) -> None:
+    for route in routes:
+        handler = route.handler
+        if route.path in INFERENCE_PATHS:
+            handler = service.inference(handler)
+        app.router.add_route(route.method, route.path, handler)
+
+
+def _add_vllm(app: web.Application, settings: SimulatorSettings, service: Service,
+              clock: type[Clock] | Clock) -> None:
+    max_model_len = effective_max_model_len(settings)
+    profile = settings.profile.model_copy(update={"max_model_len": max_model_len})
+    scheduler = sched.Scheduler(profile, clock.monotonic)
+    served = settings.served_model_names or [settings.model]
+    metrics = sim_metrics.VllmMetrics(scheduler, served[0], profile, max_model_len)
+    engine = sim_engine.Engine(scheduler, metrics, settings.time_scale, clock.monotonic)
+    api = vllm_api.VllmApi(settings, engine, metrics, service.faults, clock.wall,
+                           max_model_len)
+    _add_routes(app, service, api.routes())
+
+    async def run_engine(_app: web.Application) -> AsyncIterator[None]:
+        await engine.start()
+        yield
+        await engine.stop()
+
+    app.cleanup_ctx.append(run_engine)
+
+
+def _add_tei(app: web.Application, settings: SimulatorSettings, service: Service,
+             clock: type[Clock] | Clock) -> None:
+    metrics = sim_metrics.TeiMetrics()
+    service.tei_metrics = metrics
+    holder = _EmbedderHolder(settings)
+    api = tei_api.TeiApi(settings, holder, metrics, clock.monotonic)
+    _add_routes(app, service, api.routes())
+
+    async def load_embedder(_app: web.Application) -> AsyncIterator[None]:
+        await holder.load()
+        service.ready = True
+        yield
+
+    app.cleanup_ctx.append(load_embedder)
+
+
+class _EmbedderHolder:
+    """The configured embedder, loaded at start-up (MiniLM takes seconds)."""
+
+    def __init__(self, settings: SimulatorSettings) -> None:
+        self.settings = settings
+        self._inner: embedders.Embedder = embedders.HashEmbedder(settings.embed_dim)
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    @property
+    def dim(self) -> int:
+        return self._inner.dim
+
+    async def load(self) -> None:
+        if self.settings.embedder == "minilm":
+            self._inner = await embedders.MiniLmEmbedder.load()
+
+    async def embed(self, texts: list[str], normalize: bool) -> Any:
+        return await self._inner.embed(texts, normalize)

@@ -1,0 +1,125 @@
+"""The async engine loop: runs ``Scheduler`` steps in (scaled) real time.
+
+One background task repeats: plan a step, let its modelled duration x ``time_scale``
+elapse, apply it, wake the handlers whose sequences progressed. It sleeps on an event
+while there is no work.
+
+Time keeping: step ends are scheduled against a running deadline (previous end +
+scaled duration) rather than with independent sleeps, so timer granularity (about 1 ms
+in the event loop) does not accumulate into drift at small time scales. After an idle
+period the deadline restarts from now.
+
+``time_scale == 0`` never sleeps: each step yields to the event loop once
+(``asyncio.sleep(0)``) so that new requests join the running batch between steps.
+
+Handlers wait through :class:`Handle`: non-streaming ones only for the end, streaming
+ones for each step in which their sequence gained a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from simulator import metrics as sim_metrics
+from simulator import scheduler as sched
+
+log = logging.getLogger("simulator.engine")
+
+
+class Handle:
+    """A handler's view of one request's sequences: await progress or completion."""
+
+    __slots__ = ("_waiter", "seqs", "stream")
+
+    def __init__(self, seqs: list[sched.Seq], stream: bool) -> None:
+        self.seqs = seqs
+        self.stream = stream
+        self._waiter: asyncio.Future[None] | None = None
+        for seq in seqs:
+            seq.on_progress = self._progress
+
+    def _progress(self, seq: sched.Seq) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if self.stream or self.done:
+            waiter.set_result(None)
+
+    @property
+    def done(self) -> bool:
+        return all(seq.state is sched.State.FINISHED for seq in self.seqs)
+
+    async def wait(self) -> None:
+        """Until a sequence progresses (streaming) or all have finished."""
+        if self.done:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+
+class Engine:
+    def __init__(self, scheduler: sched.Scheduler, metrics: sim_metrics.VllmMetrics,
+                 time_scale: float, clock: Callable[[], float]) -> None:
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.time_scale = time_scale
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        scheduler.on_finish = metrics.observe_finished
+
+    def submit(self, seqs: list[sched.Seq], stream: bool) -> Handle:
+        handle = Handle(seqs, stream)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self._wake.set()
+        return handle
+
+    def abort(self, handle: Handle) -> None:
+        """Drop every unfinished sequence of a request (client gone, fault)."""
+        for seq in handle.seqs:
+            self.scheduler.abort(seq)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="simulator-engine")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        deadline = self.clock()
+        while True:
+            if not self.scheduler.has_work:
+                self._wake.clear()
+                await self._wake.wait()
+                deadline = self.clock()
+            plan = self.scheduler.schedule()
+            if self.time_scale > 0 and plan.duration > 0:
+                deadline = max(deadline, self.clock() - 0.05) + plan.duration * self.time_scale
+                delay = deadline - self.clock()
+                await asyncio.sleep(delay if delay > 0 else 0)
+            else:
+                await asyncio.sleep(0)
+            self._complete(plan)
+
+    def _complete(self, plan: sched.StepPlan) -> None:
+        now = self.clock()
+        ttft, itl = self.metrics.ttft, self.metrics.itl
+        before = [(seq, seq.last_token) for seq, _ in plan.scheduled]
+        self.scheduler.complete(plan)
+        for seq, last in before:
+            if seq.last_token is None or seq.last_token == last:
+                continue
+            if last is None:
+                ttft.observe(now - seq.arrival)
+            else:
+                itl.observe(now - last)

@@ -1,0 +1,179 @@
+"""Parsing and checking OpenAI chat / completions request bodies, vLLM style.
+
+Hand-written checks instead of a pydantic model of the whole body: this is the hot path
+of a process that must answer thousands of requests a second on one core, and only a
+few fields change what the simulator does. Invalid values are answered 400
+``BadRequestError`` with the offending field in ``param`` (vLLM answers request
+validation errors 400, not FastAPI's 422); unknown fields are ignored, as vLLM does.
+
+Fields that matter: ``model``, ``messages`` / ``prompt``, ``n``, ``max_tokens``
+(or ``max_completion_tokens``), ``stop``, ``seed``, ``stream``, ``stream_options``,
+``ignore_eos`` (vLLM extension). Sampling fields (``temperature``, ``top_p``, penalties)
+are type-checked and otherwise have no effect: the output is a function of prompt and
+seed only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from protos.common import tokens
+from simulator import errors
+
+MAX_N = 128
+
+
+@dataclasses.dataclass
+class GenRequest:
+    chat: bool
+    model: str | None
+    prompts: list[str]  # chat: the messages through the chat template; else each prompt
+    n: int
+    max_tokens: int | None
+    stop: list[str]
+    seed: int | None
+    stream: bool
+    include_usage: bool
+    ignore_eos: bool
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise errors.BadRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise errors.BadRequest("The request body must be a JSON object.")
+    return body
+
+
+def _int(body: Mapping[str, Any], name: str, minimum: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise errors.BadRequest(f"{name} must be an integer, got {value!r}.", param=name)
+    if value < minimum:
+        raise errors.BadRequest(f"{name} must be at least {minimum}, got {value}.", param=name)
+    return value
+
+
+def _number(body: Mapping[str, Any], name: str) -> None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise errors.BadRequest(f"{name} must be a number, got {value!r}.", param=name)
+
+
+def _bool(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise errors.BadRequest(f"{name} must be a boolean, got {value!r}.", param=name)
+    return value
+
+
+def _stop(body: Mapping[str, Any]) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    raise errors.BadRequest("stop must be a string or a list of strings.", param="stop")
+
+
+def _model(body: Mapping[str, Any]) -> str | None:
+    value = body.get("model")
+    if value is not None and not isinstance(value, str):
+        raise errors.BadRequest("model must be a string.", param="model")
+    return value or None
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise errors.BadRequest("messages must be a non-empty list of messages.",
+                                param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise errors.BadRequest(f"messages[{i}] must be an object with a string 'role'.",
+                                    param="messages")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise errors.BadRequest(f"messages[{i}].content must be a string or a list of "
+                                    "content parts.", param="messages")
+    return messages
+
+
+def _prompts(body: Mapping[str, Any]) -> list[str]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return prompt
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [_ids_text(prompt)]
+        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p)
+               for p in prompt):
+            return [_ids_text(p) for p in prompt]
+    raise errors.BadRequest("prompt must be a string, a list of strings, or token ids.",
+                            param="prompt")
+
+
+def _ids_text(ids: list[int]) -> str:
+    # Token-id prompts have no text; a stable stand-in keeps output and caching
+    # deterministic. Its token count is not the id count (a documented approximation).
+    return " ".join(str(i) for i in ids)
+
+
+def parse(body: Mapping[str, Any], chat: bool) -> GenRequest:
+    """Check a chat (``chat=True``) or completions body; raises ``errors.BadRequest``."""
+    prompts = [tokens.render_chat(_messages(body))] if chat else _prompts(body)
+    max_tokens = _int(body, "max_completion_tokens", 1) if chat else None
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", 1)
+    n = _int(body, "n", 1) or 1
+    if n > MAX_N:
+        raise errors.BadRequest(f"n must be at most {MAX_N}, got {n}.", param="n")
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        _number(body, name)
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if not stream:
+            raise errors.BadRequest("Stream options can only be defined when `stream=True`.",
+                                    param="stream_options")
+        if not isinstance(options, dict):
+            raise errors.BadRequest("stream_options must be an object.", param="stream_options")
+    include_usage = bool(options and options.get("include_usage"))
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise errors.BadRequest(f"seed must be an integer, got {seed!r}.", param="seed")
+    return GenRequest(chat=chat, model=_model(body), prompts=prompts, n=n,
+                      max_tokens=max_tokens, stop=_stop(body), seed=seed, stream=stream,
+                      include_usage=include_usage, ignore_eos=_bool(body, "ignore_eos"))
+
+
+def context_error(max_model_len: int, prompt_tokens: int, max_tokens: int | None,
+                  chat: bool) -> errors.BadRequest | None:
+    """vLLM's context-length errors, or None when the request fits."""
+    where = "messages" if chat else "prompt"
+    if prompt_tokens >= max_model_len:
+        return errors.BadRequest(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"request has {prompt_tokens} input tokens. Please reduce the length of the "
+            f"input {where}.", param="input_tokens")
+    if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
+        return errors.BadRequest(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+            f"{where}, {max_tokens} in the completion). Please reduce the length of the "
+            f"{where} or completion.", param="max_tokens")
+    return None
