@@ -1,0 +1,1 @@
+"""Benchmarks: not run as tests; each prints a table and, last, one JSON line."""
