@@ -1,11 +1,33 @@
-"""``synapse controlplane``: the OpenAI-compatible API, router, cache and Admin gRPC."""
+"""``synapse controlplane``: the OpenAI-compatible API, router, cache and gRPC server.
+
+One process, one uvloop event loop: the aiohttp API and the ``grpc.aio`` server (agent
+streams; the Admin service joins as one more registration) share the registry. Access
+logs are off (a log line per request costs more than routing it); metrics and
+``/api/v1/stats`` carry the per-request picture instead. SIGTERM stops accepting, lets
+in-flight requests finish for a few seconds, then closes the resources.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Callable
+
+from aiohttp import web
 
 from controlplane import config
+from controlplane.api import app as app_mod
+from controlplane.api import grpc_server
+from controlplane.api import services as services_mod
+from controlplane.core import cache_port
 from protos.common import cli
+
+log = logging.getLogger("synapse.controlplane")
+SHUTDOWN_GRACE_S = 5.0
 
 
 def build_parser(prog: str = "synapse controlplane") -> argparse.ArgumentParser:
@@ -18,9 +40,80 @@ def build_parser(prog: str = "synapse controlplane") -> argparse.ArgumentParser:
     return parser
 
 
+def build_response_cache(settings: config.ControlPlaneSettings,
+                         services: services_mod.Services) -> cache_port.ResponseCache:
+    """>>> THE RESPONSE CACHE IS CONSTRUCTED HERE (cache engineer's spot). <<<
+
+    ``services.registry.ready_embed_nodes()`` lists the agents serving ``Node.Embed``
+    (name, address, embed_models); ``services.metrics`` holds the cache metrics.
+    Returns :class:`NullCache` until the real cache is wired in.
+    """
+    return cache_port.NullCache()
+
+
+def grpc_registrations(services: services_mod.Services) -> list[grpc_server.Registration]:
+    """The gRPC services of this process (the Admin service is appended here)."""
+    return [grpc_server.control_plane(services)]
+
+
+def _ssl_context(http: config.HttpSettings) -> ssl.SSLContext | None:
+    if not (http.tls_cert_file and http.tls_key_file):
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(http.tls_cert_file, http.tls_key_file)
+    return ctx
+
+
+async def serve(settings: config.ControlPlaneSettings,
+                services: services_mod.Services) -> None:
+    app = app_mod.create_app(settings, services=services)
+    h = settings.http
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                           max_line_size=h.max_header_bytes, max_field_size=h.max_header_bytes,
+                           shutdown_timeout=SHUTDOWN_GRACE_S)
+    await runner.setup()
+    site = web.TCPSite(runner, h.host, h.port, ssl_context=_ssl_context(h), backlog=2048)
+    await site.start()
+    g = settings.grpc
+    server, grpc_port = await grpc_server.start(
+        g.host, g.port, grpc_registrations(services), max_message_bytes=g.max_message_bytes,
+        tls_cert_file=g.tls_cert_file, tls_key_file=g.tls_key_file)
+    http_port = runner.addresses[0][1] if runner.addresses else h.port
+    log.info("control plane %s listening: http %s:%s, grpc %s:%s (policy %s)",
+             services.replica, h.host, http_port, g.host, grpc_port,
+             settings.router.policy)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await server.stop(SHUTDOWN_GRACE_S)
+        await runner.cleanup()
+
+
 def main(argv: list[str] | None = None, prog: str = "synapse controlplane") -> int:
     args = build_parser(prog).parse_args(argv)
-    cli.bootstrap(config.ControlPlaneSettings, args,
-                  {"http.port": args.http_port, "grpc.port": args.grpc_port})
-    print("synapse controlplane: the serving path is not built yet (issue 6)")
-    return 1
+    settings = cli.bootstrap(config.ControlPlaneSettings, args,
+                             {"http.port": args.http_port, "grpc.port": args.grpc_port})
+    try:
+        services = services_mod.build(settings)
+    except ValueError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return cli.EXIT_CONFIG
+    services.cache = build_response_cache(settings, services)
+    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+    try:
+        import uvloop
+        factory = uvloop.new_event_loop
+    except ImportError:  # Windows: the default loop
+        pass
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(serve(settings, services))
+    except OSError as exc:
+        print(f"synapse controlplane: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0

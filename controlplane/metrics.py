@@ -68,6 +68,9 @@ class Metrics:
         self.cache_lookup_duration = Histogram(
             "synapse_cache_lookup_duration_seconds", "Cache lookup time by layer.",
             ["layer"], buckets=FAST_BUCKETS, registry=r)
+        self.redis_errors = Counter(
+            "synapse_redis_errors_total", "Redis calls of the serving path that failed or ran "
+            "out of time (rate limits fell back to this replica's own).", ["op"], registry=r)
         self.agent_streams = Gauge(
             "synapse_agent_streams", "Agent report streams connected to this replica.",
             registry=r)

@@ -1,0 +1,267 @@
+"""The aiohttp application: routes, the one error middleware, resources.
+
+``create_app`` builds everything from the settings (or takes prepared ``Services``, which
+``main`` shares with the gRPC server). Resources that live as long as the app — the
+upstream ``ClientSession``, the Redis client, the upstream health probe task, the
+response cache — are opened and closed in ``cleanup_ctx``, in that order and reverse.
+
+The middleware is the single exit of every request: it turns :mod:`controlplane.errors`
+(and aiohttp's own 404/405/413) into the OpenAI error envelope, adds ``x-request-id`` and
+``x-synapse-*`` headers, and records metrics and stats once per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from controlplane import config, errors
+from controlplane.adapters import node_embed, prober, redis_limits
+from controlplane.api import context, embeddings, openapi, serving
+from controlplane.api import services as services_mod
+from controlplane.core import cache_port, ratelimit, types
+
+log = logging.getLogger("synapse.controlplane.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_PROBE_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("probe_task", asyncio.Task)
+
+
+def json_response(data: object, status: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def error_response(exc: errors.SynapseError, ctx: context.RequestContext) -> web.Response:
+    return json_response(exc.envelope(), exc.http_status, {**ctx.headers(), **exc.headers()})
+
+
+def _from_http(exc: web.HTTPException, request: web.Request) -> errors.SynapseError:
+    if exc.status == 404:
+        return errors.NotFound(f"no route {request.method} {request.path}; "
+                               "GET /openapi.json describes the API", code="unknown_route")
+    if exc.status == 405:
+        err = errors.BadRequest(f"method {request.method} is not allowed on {request.path}",
+                                code="method_not_allowed")
+        err.http_status = 405
+        return err
+    if exc.status == 413:
+        return errors.PayloadTooLarge("the request body is over the limit "
+                                      "(http.max_body_bytes)")
+    err = errors.BadRequest(exc.reason or "bad request", code=f"http_{exc.status}")
+    err.http_status = exc.status
+    return err
+
+
+def _request_id(request: web.Request) -> str:
+    rid = request.headers.get("x-request-id")
+    if rid and len(rid) <= 128 and rid.isprintable():
+        return rid
+    return uuid.uuid4().hex
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    svc = request.app[context.SERVICES]
+    ctx = context.RequestContext(_request_id(request), svc.clock())
+    request[context.CONTEXT] = ctx
+    status = 500
+    try:
+        try:
+            resp = await handler(request)
+        except errors.SynapseError as exc:
+            if ctx.headers_sent:
+                raise
+            resp = error_response(exc, ctx)
+        except web.HTTPException as exc:
+            resp = error_response(_from_http(exc, request), ctx)
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = 499  # the client went away (nginx's convention)
+            raise
+        except Exception:
+            if ctx.headers_sent:
+                raise
+            log.exception("unexpected error", extra={"request_id": ctx.request_id})
+            resp = error_response(errors.internal(), ctx)
+        status = resp.status
+        if not resp.prepared:
+            resp.headers.update(ctx.headers())
+        return resp
+    finally:
+        if request.path.startswith("/v1/"):
+            _record(svc, ctx, status)
+
+
+def _record(svc: services_mod.Services, ctx: context.RequestContext, status: int) -> None:
+    now = svc.clock()
+    model = ctx.model or "unknown"
+    m = svc.metrics
+    m.requests.labels(model, str(status), ctx.tenant or "unknown").inc()
+    m.request_duration.labels(model, ctx.cache).observe(now - ctx.started)
+    if ctx.first_byte is not None:
+        m.time_to_first_byte.labels(model, ctx.cache).observe(ctx.first_byte - ctx.started)
+    error = status >= 400 or ctx.broken
+    svc.stats.record(ctx.model, ctx.backend or None, now - ctx.started, error, ctx.cache)
+
+
+# -- small routes ---------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+def routable_count(svc: services_mod.Services) -> int:
+    return sum(1 for _, why in svc.registry.all_backends() if not why)
+
+
+async def ready(request: web.Request) -> web.Response:
+    svc = request.app[context.SERVICES]
+    n = routable_count(svc)
+    if n == 0 and svc.settings.registry.ready_requires_backend:
+        return json_response({"status": "not ready", "reason": "no routable backend",
+                              "backends_ready": 0}, status=503)
+    return json_response({"status": "ready", "backends_ready": n})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    svc = request.app[context.SERVICES]
+    tenant = svc.tenants.authenticate(request.headers.get("Authorization"))
+    context.get(request).tenant = tenant.name
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "synapse",
+             **({"root": canonical} if canonical else {})}
+            for name, canonical in svc.catalog.listing(svc.registry.served_models())
+            if tenant.allows(canonical or name)]
+    return json_response({"object": "list", "data": data})
+
+
+_STATES = ("ready", "starting", "unhealthy", "draining", "cordoned", "down", "stopped",
+           "crashloop", "failed", "unspecified")
+
+
+def refresh_gauges(svc: services_mod.Services) -> None:
+    m = svc.metrics
+    counts = dict.fromkeys(_STATES, 0)
+    for _, why in svc.registry.all_backends():
+        state = "ready" if not why else why.split()[-1]
+        state = {"probe": "unhealthy", "failed": "failed"}.get(state, state)
+        counts[state if state in counts else "unhealthy"] += 1
+    for state, count in counts.items():
+        m.backends.labels(state).set(count)
+    nodes = svc.registry.nodes()
+    for status in ("ready", "cordoned", "draining", "down"):
+        m.nodes.labels(status).set(sum(1 for node in nodes if node.status == status))
+    m.node_report_age.clear()
+    for n in nodes:
+        m.node_report_age.labels(n.info.name).set(n.last_report_age_s)
+    m.backend_inflight.clear()
+    for key, load in svc.ledger.snapshot().items():
+        m.backend_inflight.labels(key).set(load.in_flight)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    svc = request.app[context.SERVICES]
+    refresh_gauges(svc)
+    body = generate_latest(svc.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def stats_snapshot(svc: services_mod.Services) -> dict[str, object]:
+    snap = svc.stats.snapshot()
+    snap["nodes_ready"] = sum(1 for n in svc.registry.nodes() if n.status == "ready")
+    snap["backends_ready"] = routable_count(svc)
+    return snap
+
+
+async def stats(request: web.Request) -> web.Response:
+    svc = request.app[context.SERVICES]
+    svc.tenants.authenticate_admin(request.headers.get("Authorization"))
+    return json_response(stats_snapshot(svc))
+
+
+async def openapi_spec(request: web.Request) -> web.Response:
+    return json_response(openapi.spec(request.app[context.SERVICES].settings))
+
+
+# -- resources --------------------------------------------------------------------------
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    svc = app[context.SERVICES]
+    await svc.upstream.start()
+    svc.extra[embeddings.NODE_EMBED] = node_embed.NodeEmbedClient()
+    yield
+    await svc.extra[embeddings.NODE_EMBED].close()
+    await svc.upstream.close()
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    svc = app[context.SERVICES]
+    url = svc.settings.redis.url
+    if url is None:
+        yield
+        return
+    client = redis_limits.connect(url.get_secret_value())
+    h = svc.settings.http
+    lease = h.upstream_first_byte_timeout_s + h.upstream_idle_timeout_s + 60.0
+    store = redis_limits.RedisLimitStore(client, svc.settings.redis.timeout_s, lease)
+
+    def on_error(exc: Exception) -> None:
+        svc.metrics.redis_errors.labels("rate_limit").inc()
+        log.debug("redis rate limit call failed: %s", exc)
+
+    svc.limiter = ratelimit.RateLimiter(svc.local_limits, store, on_error)
+    yield
+    await client.aclose()
+
+
+async def _probe_ctx(app: web.Application) -> AsyncIterator[None]:
+    svc = app[context.SERVICES]
+    targets = [(b.key, b.url + u.health_path,
+                {"Authorization": f"Bearer {b.api_key}"} if b.api_key else {})
+               for b, u in zip(svc.registry.static_backends(), svc.settings.upstreams,
+                               strict=True)]
+    if targets:
+        app[_PROBE_TASK] = asyncio.get_running_loop().create_task(prober.probe_loop(
+            svc.upstream, targets, svc.settings.registry.upstream_probe_interval_s,
+            svc.registry.set_static_health))
+    yield
+    if _PROBE_TASK in app:
+        app[_PROBE_TASK].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await app[_PROBE_TASK]
+
+
+async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[context.SERVICES].cache.close()
+
+
+def create_app(settings: config.ControlPlaneSettings, *,
+               services: services_mod.Services | None = None,
+               response_cache: cache_port.ResponseCache | None = None,
+               clock: types.Clock = types.monotonic) -> web.Application:
+    """The HTTP application. ``response_cache`` None means :class:`NullCache`."""
+    svc = services or services_mod.build(settings, clock=clock, response_cache=response_cache)
+    app = web.Application(middlewares=[middleware],
+                          client_max_size=settings.http.max_body_bytes)
+    app[context.SERVICES] = svc
+    app.cleanup_ctx.extend([_upstream_ctx, _redis_ctx, _probe_ctx, _cache_ctx])
+    app.router.add_post("/v1/chat/completions", serving.chat_completions)
+    app.router.add_post("/v1/completions", serving.completions)
+    app.router.add_post("/v1/embeddings", embeddings.embeddings)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/stats", stats)
+    app.router.add_get("/openapi.json", openapi_spec)
+    return app

@@ -1,0 +1,49 @@
+"""Per-request state shared by the middleware and the handlers.
+
+The middleware creates a :class:`RequestContext` (request id, start time), the handler
+fills in what it learns (tenant, model, cache status, backend, route), and the middleware
+turns it into response headers, metrics and stats in one place when the request ends —
+whether it ended in a response, an error or a client abort.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from aiohttp import web
+
+from controlplane.api import services as services_mod
+
+SERVICES: web.AppKey[services_mod.Services] = web.AppKey("services", services_mod.Services)
+CONTEXT = "synapse.context"
+
+
+@dataclasses.dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    started: float
+    tenant: str = ""
+    model: str = ""
+    cache: str = "bypass"
+    backend: str = ""
+    route: str = ""
+    fallback: str = ""
+    first_byte: float | None = None
+    headers_sent: bool = False
+    broken: bool = False            # a stream ended with an error event
+
+    def headers(self) -> dict[str, str]:
+        """The x-synapse headers every response carries (as known so far)."""
+        h = {"x-request-id": self.request_id, "x-synapse-cache": self.cache}
+        if self.backend:
+            h["x-synapse-backend"] = self.backend
+        if self.route:
+            h["x-synapse-route"] = self.route
+        if self.fallback:
+            h["x-synapse-fallback"] = self.fallback
+        return h
+
+
+def get(request: web.Request) -> RequestContext:
+    ctx: RequestContext = request[CONTEXT]
+    return ctx

@@ -1,0 +1,95 @@
+"""``POST /v1/embeddings``.
+
+Routed like generation to HTTP backends of task ``embed`` serving the model (TEI, a
+vLLM embedding model, a static upstream), proxied with the same retries. When none
+exists but an agent's in-process embedder serves the model (``embed_models`` in its
+Register), the texts go to that agent's ``Node.Embed`` and the answer is built here in
+the OpenAI shape (``encoding_format: base64`` returns the float32 bytes, as OpenAI does).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from controlplane import errors
+from controlplane.adapters import node_embed
+from controlplane.api import context, proxy, serving
+from controlplane.core import router as router_mod
+from controlplane.core import validation
+from protos.common import tokens as tok
+
+NODE_EMBED = "node_embed"
+EMBED_TIMEOUT_S = 30.0
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    svc = request.app[context.SERVICES]
+    ctx = context.get(request)
+    tenant, parsed, raw, permit = await serving.admit(request, validation.embeddings)
+    try:
+        canonical = serving.resolve_model(request, tenant, parsed.model)
+        texts = _texts(parsed.body["input"])
+        prompt = router_mod.Prompt.from_text(" ".join(texts), 0, parsed.user, exact=False)
+        route = svc.router.route(canonical, prompt, "embed")
+        if route is not None:
+            body = serving.body_for(raw, parsed, canonical)
+            return await proxy.forward(request, route, prompt, body, serving.PATHS["embeddings"],
+                                       False, None)
+        nodes = [n for n in svc.registry.ready_embed_nodes() if canonical in n.embed_models]
+        if not nodes:
+            raise errors.Unavailable(f"no backend serves embeddings for {canonical!r} now")
+        return await _via_agent(request, canonical, texts, parsed.body, [n.address for n in nodes])
+    finally:
+        ctx.cache = "bypass"
+        serving.release_later(request, permit)
+
+
+def _texts(data: Any) -> list[str]:
+    if isinstance(data, str):
+        return [data]
+    if data and isinstance(data[0], int):
+        return [" ".join(map(str, data))]
+    return [str(x) for x in data]
+
+
+async def _via_agent(request: web.Request, model: str, texts: list[str],
+                     body: dict[str, Any], addresses: list[str]) -> web.Response:
+    svc = request.app[context.SERVICES]
+    ctx = context.get(request)
+    client: node_embed.NodeEmbedClient = svc.extra[NODE_EMBED]
+    last = ""
+    for address in addresses[:svc.settings.router.max_attempts]:
+        try:
+            vectors, _ = await client.embed(address, model, texts, EMBED_TIMEOUT_S)
+        except node_embed.EmbedError as exc:
+            last = str(exc)
+            continue
+        ctx.backend, ctx.route = f"node-embed/{address}", "agent-embedder"
+        ctx.first_byte = svc.clock()
+        return web.json_response(_openai_body(model, texts, vectors, body),
+                                 headers=ctx.headers(), dumps=_dumps)
+    raise errors.UpstreamError(f"every agent embedder failed; last error: {last}")
+
+
+def _openai_body(model: str, texts: list[str], vectors: Any, body: dict[str, Any],
+                 ) -> dict[str, Any]:
+    b64 = body.get("encoding_format") == "base64"
+    dims = body.get("dimensions")
+    data = []
+    for i, vec in enumerate(vectors):
+        if isinstance(dims, int) and 0 < dims < len(vec):
+            vec = vec[:dims]
+        emb: Any = (base64.b64encode(vec.astype("<f4").tobytes()).decode() if b64
+                    else vec.tolist())
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    n = sum(tok.count_tokens(t) for t in texts)
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()

@@ -1,0 +1,204 @@
+"""The control plane's gRPC server: ``ControlPlane.Connect``, health, reflection.
+
+One ``grpc.aio`` server on the same event loop as the HTTP API. Services are added as
+*registrations* — a function that adds a servicer to the server and returns its full
+service name — so the Admin service is one more entry in the list passed to
+:func:`start` (health status and reflection then cover it too).
+
+``Connect``: the first message must be ``Register`` (else ``INVALID_ARGUMENT``); then a
+reader task feeds reports and command acks into the registry and queues an ``Ack`` per
+report, a pump task moves the node's command outbox onto the stream, and the stream's
+end (or error) marks the node disconnected. Protos are converted to core value objects
+here and nowhere deeper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import cast
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controlplane import errors
+from controlplane.api import services as services_mod
+from controlplane.core import types
+from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
+
+log = logging.getLogger("synapse.controlplane.grpc")
+
+Registration = Callable[[grpc.aio.Server], str]
+
+
+def status_code(exc: errors.SynapseError) -> grpc.StatusCode:
+    """The gRPC status for one of our errors (the same hierarchy as HTTP)."""
+    return grpc.StatusCode[exc.grpc_code]
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: errors.SynapseError) -> None:
+    await context.abort(status_code(exc), exc.message)
+
+
+# -- proto → core -----------------------------------------------------------------------
+
+
+def _phase(value: int) -> types.Phase:
+    name = common_pb2.BackendPhase.Name(value).removeprefix("BACKEND_PHASE_").lower()
+    return cast(types.Phase, name)  # the enum names are exactly the Phase literals
+
+
+def _base_url(url: str) -> str:
+    url = url.rstrip("/")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+def backend_state(node: str, b: common_pb2.BackendState) -> types.BackendState:
+    return types.BackendState(
+        key=f"{node}/{b.name}", node=node, name=b.name, url=_base_url(b.url),
+        models=tuple(b.models),
+        task="embed" if b.task == common_pb2.BACKEND_TASK_EMBED else "generate",
+        phase=_phase(b.phase), source="agent", waiting=b.num_requests_waiting,
+        running=b.num_requests_running, kv_usage=b.kv_cache_usage,
+        kv_capacity_tokens=b.kv_capacity_tokens, block_size=b.kv_block_size,
+        prefix_hit_rate=b.prefix_cache_hit_rate, restarts=b.restarts,
+        metrics_ok=b.metrics_ok)
+
+
+def node_info(r: controlplane_pb2.Register) -> types.NodeInfo:
+    return types.NodeInfo(name=r.node_name, address=r.node_address,
+                          agent_version=r.agent_version, embed_models=tuple(r.embed_models),
+                          labels=dict(r.labels), gpu_count=len(r.gpus))
+
+
+def command_message(cid: str, cmd: types.Command) -> controlplane_pb2.ControlMessage:
+    msg = controlplane_pb2.ControlMessage(command_id=cid)
+    if cmd.kind == "drain":
+        msg.drain.grace_seconds = cmd.grace_seconds
+    elif cmd.kind == "undrain":
+        msg.undrain.SetInParent()
+    elif cmd.kind == "desired_backends":
+        msg.desired_backends.SetInParent()
+        for spec in cmd.backends:
+            json_format.ParseDict(dict(spec), msg.desired_backends.backends.add())
+    else:
+        msg.evict_embeddings.model = cmd.model
+    return msg
+
+
+# -- ControlPlane.Connect ---------------------------------------------------------------
+
+
+class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
+    def __init__(self, svc: services_mod.Services) -> None:
+        self._svc = svc
+
+    async def Connect(self, request_iterator: AsyncIterator[controlplane_pb2.AgentMessage],
+                      context: grpc.aio.ServicerContext,
+                      ) -> AsyncIterator[controlplane_pb2.ControlMessage]:
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("body") != "register" or not first.register.node_name:
+            await abort(context, errors.BadRequest(
+                "the first message on Connect must be Register with a node_name"))
+            return
+        name = first.register.node_name
+        reg = self._svc.registry
+        stream_id = reg.register(node_info(first.register))
+        log.info("node %s connected (agent %s)", name, first.register.agent_version,
+                 extra={"node": name})
+        out: asyncio.Queue[controlplane_pb2.ControlMessage | None] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._read(name, request_iterator, out)),
+                 asyncio.create_task(self._pump(name, out))]
+        self._svc.metrics.agent_streams.inc()
+        try:
+            while (msg := await out.get()) is not None:
+                yield msg
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            reg.disconnect(name, stream_id)
+            self._svc.metrics.agent_streams.dec()
+            log.info("node %s disconnected", name, extra={"node": name})
+
+    async def _read(self, name: str, messages: AsyncIterator[controlplane_pb2.AgentMessage],
+                    out: asyncio.Queue[controlplane_pb2.ControlMessage | None]) -> None:
+        reg = self._svc.registry
+        try:
+            async for msg in messages:
+                kind = msg.WhichOneof("body")
+                if kind == "report":
+                    rep = msg.report
+                    reg.report(name, [backend_state(name, b) for b in rep.backends],
+                               draining=rep.draining, details=rep)
+                    out.put_nowait(controlplane_pb2.ControlMessage(ack=controlplane_pb2.Ack(
+                        sequence=rep.sequence, replica=self._svc.replica)))
+                elif kind == "command_ack":
+                    reg.ack(msg.command_ack.command_id, msg.command_ack.ok,
+                            msg.command_ack.error)
+                elif kind == "register" and msg.register.node_name == name:
+                    reg.register(node_info(msg.register))
+        except grpc.aio.AioRpcError as exc:
+            log.info("stream of node %s ended: %s", name, exc.code().name)
+        except Exception:
+            log.exception("stream of node %s failed", name)
+        finally:
+            out.put_nowait(None)
+
+    async def _pump(self, name: str,
+                    out: asyncio.Queue[controlplane_pb2.ControlMessage | None]) -> None:
+        outbox = self._svc.registry.outbox(name)
+        while True:
+            cid, cmd = await outbox.get()
+            out.put_nowait(command_message(cid, cmd))
+
+
+def control_plane(svc: services_mod.Services) -> Registration:
+    def register(server: grpc.aio.Server) -> str:
+        controlplane_pb2_grpc.add_ControlPlaneServicer_to_server(  # type: ignore[no-untyped-call]
+            ControlPlaneServicer(svc), server)
+        return str(controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name)
+    return register
+
+
+# -- the server -------------------------------------------------------------------------
+
+
+def _credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
+    with open(key_file, "rb") as k, open(cert_file, "rb") as c:
+        return grpc.ssl_server_credentials([(k.read(), c.read())])
+
+
+async def start(host: str, port: int, registrations: Sequence[Registration], *,
+                max_message_bytes: int = 8 * 1024 * 1024, tls_cert_file: str | None = None,
+                tls_key_file: str | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start a server with the given services plus health and reflection; (server, port)."""
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.keepalive_time_ms", 30_000),
+               ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+               ("grpc.keepalive_permit_without_calls", 1)]
+    server = grpc.aio.server(options=options)
+    names = [register(server) for register in registrations]
+    checker = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    address = f"{host}:{port}"
+    if tls_cert_file and tls_key_file:
+        bound = server.add_secure_port(address, _credentials(tls_cert_file, tls_key_file))
+    else:
+        bound = server.add_insecure_port(address)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    await server.start()
+    for name in [*names, ""]:
+        await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound

@@ -1,0 +1,116 @@
+"""Everything a request handler or servicer needs, built once from the settings.
+
+:func:`build` is the one place the core objects are wired together (no singletons, no
+import-time work); the HTTP app and the gRPC server share one :class:`Services`, so the
+registry the agents feed is the one the router reads. Resources that need the event loop
+(the upstream session, Redis, the probe task) are started by the app's ``cleanup_ctx``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import socket
+from typing import Any
+
+import yaml
+from prometheus_client import CollectorRegistry
+
+from controlplane import config, metrics
+from controlplane.adapters import upstream
+from controlplane.core import cache_port, catalog, ledger, prefix_index, ratelimit, registry, types
+from controlplane.core import router as router_mod
+from controlplane.core import stats as stats_mod
+from controlplane.core import tenants as tenants_mod
+
+log = logging.getLogger("synapse.controlplane")
+
+
+@dataclasses.dataclass
+class Services:
+    settings: config.ControlPlaneSettings
+    clock: types.Clock
+    replica: str
+    registry: registry.Registry
+    ledger: ledger.Ledger
+    router: router_mod.Router
+    catalog: catalog.Catalog
+    tenants: tenants_mod.TenantTable
+    limiter: ratelimit.RateLimiter
+    local_limits: ratelimit.LocalStore
+    metrics: metrics.Metrics
+    stats: stats_mod.Stats
+    cache: cache_port.ResponseCache
+    upstream: upstream.UpstreamClient
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _tenant_settings(auth: config.AuthSettings) -> list[config.TenantSettings]:
+    tenants = list(auth.tenants)
+    if auth.key_file:
+        path = pathlib.Path(auth.key_file)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"auth.key_file: cannot read {path}: {exc}") from None
+        if isinstance(data, dict):
+            data = data.get("tenants", [])
+        if not isinstance(data, list):
+            raise ValueError(f"auth.key_file: {path} must hold a list of tenants")
+        for i, item in enumerate(data):
+            try:
+                tenants.append(config.TenantSettings.model_validate(item))
+            except Exception as exc:
+                raise ValueError(f"auth.key_file: {path}: tenant {i}: {exc}") from None
+    return tenants
+
+
+def build_tenants(auth: config.AuthSettings, cat: catalog.Catalog) -> tenants_mod.TenantTable:
+    entries = []
+    for t in _tenant_settings(auth):
+        hashes = [*t.key_sha256, *(tenants_mod.sha256_hex(k.get_secret_value())
+                                   for k in t.keys)]
+        tenant = tenants_mod.Tenant(
+            t.name, tenants_mod.resolve_allowed(t.allowed_models, cat.canonical),
+            t.requests_per_second, t.burst, t.max_concurrent)
+        entries.append((tenant, hashes))
+    admin = tenants_mod.sha256_hex(auth.admin_key.get_secret_value()) if auth.admin_key else None
+    return tenants_mod.TenantTable(entries, admin, enabled=auth.enabled)
+
+
+def static_backends(settings: config.ControlPlaneSettings,
+                    cat: catalog.Catalog) -> list[types.BackendState]:
+    return [types.BackendState(
+        key=f"static/{u.name}", node="static", name=u.name, url=u.url.rstrip("/"),
+        models=tuple(cat.canonical(m) for m in u.models), task=u.task, source="static",
+        api_key=u.api_key.get_secret_value() if u.api_key else None)
+        for u in settings.upstreams]
+
+
+def build(settings: config.ControlPlaneSettings, *, clock: types.Clock = types.monotonic,
+          metrics_registry: CollectorRegistry | None = None,
+          response_cache: cache_port.ResponseCache | None = None) -> Services:
+    """Wire the core objects; raises ValueError with a field name on a bad key file."""
+    replica = settings.replica_id or socket.gethostname()
+    cat = catalog.Catalog(catalog.ModelEntry(m.name, tuple(m.aliases), tuple(m.fallbacks))
+                          for m in settings.models)
+    reg = registry.Registry(clock, settings.registry.node_down_after_s)
+    reg.set_static(static_backends(settings, cat))
+    led = ledger.Ledger()
+    r = settings.router
+    params = router_mod.Params(r.policy, r.block_size, r.prefill_seconds_per_token,
+                               r.decode_seconds_per_step, r.session_affinity)
+    rtr = router_mod.Router(params, reg, led, prefix_index.PrefixIndex(r.prefix_index_max_blocks))
+    m = metrics.Metrics(metrics_registry or CollectorRegistry())
+    local = ratelimit.LocalStore(clock)
+    h = settings.http
+    return Services(
+        settings=settings, clock=clock, replica=replica, registry=reg, ledger=led, router=rtr,
+        catalog=cat, tenants=build_tenants(settings.auth, cat),
+        limiter=ratelimit.RateLimiter(local), local_limits=local, metrics=m,
+        stats=stats_mod.Stats(clock, replica),
+        cache=response_cache if response_cache is not None else cache_port.NullCache(),
+        upstream=upstream.UpstreamClient(h.upstream_connect_timeout_s,
+                                         h.upstream_first_byte_timeout_s,
+                                         h.upstream_idle_timeout_s))

@@ -1,0 +1,178 @@
+"""The serving path: ``POST /v1/chat/completions`` and ``/v1/completions``.
+
+Order per request: authenticate → read and validate the body (parsed once) → rate
+limit → resolve the model (alias → canonical, tenant allow-list) → response cache lookup
+→ route (with fallback models) → proxy with retries → (complete answers) cache store.
+
+Performance decisions, since this sits in front of every token:
+
+* The client's body bytes are forwarded as they are unless the model name must change
+  (alias or fallback); then the parsed body is re-serialised with orjson once. Unknown
+  fields therefore reach the backend untouched either way.
+* Streams are passed through chunk by chunk as they arrive, ``await resp.write`` giving
+  back-pressure; the SSE parser only runs when the answer may be cached.
+* Retries move to the next candidate on a connect error, a 5xx or the first-byte
+  timeout, and only before any byte went to the client. After that, a broken stream is
+  ended with an SSE error event and is never cached.
+* No logging per request at info level; metrics are recorded once, by the middleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from controlplane import errors
+from controlplane.api import context, proxy
+from controlplane.core import cache_port, ratelimit, sse, tenants, validation
+from controlplane.core import router as router_mod
+from controlplane.core import types as core_types
+
+log = logging.getLogger("synapse.controlplane.serving")
+
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
+         "embeddings": "/v1/embeddings"}
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The raw body, or 413 when it is over ``http.max_body_bytes``."""
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.PayloadTooLarge(
+            f"the request body is {request.content_length} bytes; the limit is {limit} "
+            "(http.max_body_bytes)")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise errors.PayloadTooLarge(
+            f"the request body is over the limit of {limit} bytes (http.max_body_bytes)"
+        ) from None
+
+
+async def admit(request: web.Request, parse: Any,
+                ) -> tuple[tenants.Tenant, validation.Parsed, bytes, ratelimit.Permit]:
+    """Authenticate, parse and validate, rate-limit: the common front of every /v1 POST."""
+    svc = request.app[context.SERVICES]
+    ctx = context.get(request)
+    tenant = svc.tenants.authenticate(request.headers.get("Authorization"))
+    ctx.tenant = tenant.name
+    raw = await read_body(request, svc.settings.http.max_body_bytes)
+    parsed: validation.Parsed = parse(validation.parse_json(raw))
+    try:
+        permit = await svc.limiter.acquire(tenant, ctx.request_id)
+    except errors.RateLimited as exc:
+        svc.metrics.rate_limited.labels(tenant.name, exc.limit).inc()
+        raise
+    return tenant, parsed, raw, permit
+
+
+def resolve_model(request: web.Request, tenant: tenants.Tenant, name: str) -> str:
+    """The canonical model for ``name``; 404 when unknown, 403 when not allowed."""
+    svc = request.app[context.SERVICES]
+    canonical = svc.catalog.canonical(name)
+    if not svc.catalog.is_configured(name) and canonical not in svc.registry.served_models():
+        raise errors.NotFound(
+            f"the model {name!r} does not exist; GET /v1/models lists the models you can use",
+            param="model")
+    if not tenant.allows(canonical):
+        raise errors.Forbidden(f"tenant {tenant.name!r} may not use the model {name!r}",
+                               param="model")
+    context.get(request).model = canonical
+    return canonical
+
+
+def release_later(request: web.Request, permit: ratelimit.Permit) -> None:
+    """Release a rate-limit slot without awaiting (safe inside a cancelled handler)."""
+    if permit.store is None:
+        return
+    svc = request.app[context.SERVICES]
+    task = asyncio.get_running_loop().create_task(svc.limiter.release(permit))
+    proxy.keep(task)
+
+
+def prompt_of(parsed: validation.Parsed, session: str, exact: bool) -> router_mod.Prompt:
+    if parsed.endpoint == "chat":
+        return router_mod.Prompt.from_messages(parsed.body["messages"], parsed.max_tokens,
+                                               session, exact)
+    return router_mod.Prompt.from_text(parsed.prompt_text, parsed.max_tokens, session, exact)
+
+
+def choose(request: web.Request, canonical: str, prompt: router_mod.Prompt,
+           task: core_types.Task = "generate") -> core_types.RouteDecision:
+    """Route ``canonical``, else its fallbacks in order; 503 when none can serve."""
+    svc = request.app[context.SERVICES]
+    ctx = context.get(request)
+    for model in (canonical, *svc.catalog.fallbacks(canonical)):
+        decision = svc.router.route(model, prompt, task)
+        if decision is not None:
+            if model != canonical:
+                ctx.fallback = model
+                svc.metrics.fallbacks.labels(canonical, model).inc()
+            return decision
+    tried = ", ".join((canonical, *svc.catalog.fallbacks(canonical)))
+    raise errors.Unavailable(f"no backend can serve the model {canonical!r} right now "
+                             f"(tried: {tried}); try again shortly")
+
+
+def body_for(raw: bytes, parsed: validation.Parsed, model: str) -> bytes:
+    """The bytes to send upstream: the client's own unless the model name changes."""
+    if parsed.body.get("model") == model:
+        return raw
+    return orjson.dumps({**parsed.body, "model": model})
+
+
+async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.StreamResponse:
+    svc = request.app[context.SERVICES]
+    ctx = context.get(request)
+    parse = validation.chat if endpoint == "chat" else validation.completions
+    tenant, parsed, raw, permit = await admit(request, parse)
+    try:
+        canonical = resolve_model(request, tenant, parsed.model)
+        decision = await svc.cache.lookup(cache_port.CacheRequest(
+            tenant.name, canonical, "chat" if endpoint == "chat" else "completions",
+            parsed.body, request.headers.get("Cache-Control", ""), ctx.request_id))
+        ctx.cache = decision.status
+        if decision.hit is not None:
+            return await answer_from_cache(request, decision.hit, parsed)
+        session = request.headers.get("x-session-id") or parsed.user
+        prompt = prompt_of(parsed, session, svc.router.exact_prompts)
+        route = choose(request, canonical, prompt)
+        body = body_for(raw, parsed, route.model)
+        store = decision.may_store and not ctx.fallback
+        return await proxy.forward(request, route, prompt, body, PATHS[endpoint],
+                                   parsed.stream, decision if store else None)
+    finally:
+        release_later(request, permit)
+
+
+async def answer_from_cache(request: web.Request, hit: cache_port.CacheHit,
+                            parsed: validation.Parsed) -> web.StreamResponse:
+    ctx = context.get(request)
+    headers = ctx.headers()
+    if hit.similarity is not None:
+        headers["x-synapse-cache-similarity"] = f"{hit.similarity:.4f}"
+    if hit.score is not None:
+        headers["x-synapse-cache-score"] = f"{hit.score:.4f}"
+    ctx.headers_sent = True
+    if not parsed.stream:
+        return web.Response(body=orjson.dumps(dict(hit.response)), headers=headers,
+                            content_type="application/json")
+    resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    ctx.first_byte = request.app[context.SERVICES].clock()
+    for chunk in sse.replay(hit.response, include_usage=True):
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await generate(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await generate(request, "completions")

@@ -1,0 +1,154 @@
+"""Per-tenant rate limits: a token bucket (requests/s with a burst) and a concurrency cap.
+
+Where the state lives is a :class:`LimitStore`: :class:`LocalStore` in this process, or
+the Redis store in ``controlplane.adapters.redis_limits`` (one Lua script per check, so
+the limit holds across replicas). :class:`RateLimiter` uses the Redis store when given
+and falls back to the local one when Redis fails or is slow: a limiter outage must not
+turn into an outage of the API, and the local bucket still bounds each replica.
+
+A request takes one token and one concurrency slot; the slot is released when the
+response is finished (or aborted). ``Retry-After`` is when the next token appears, or a
+second for a concurrency refusal (the slot frees when some request ends).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Protocol
+
+from controlplane import errors
+from controlplane.core import tenants, types
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    rate: float | None
+    burst: int
+    max_concurrent: int | None
+
+    @classmethod
+    def of(cls, tenant: tenants.Tenant) -> Limits:
+        rate = tenant.requests_per_second
+        burst = tenant.burst or (max(1, int(rate * 2)) if rate else 1)
+        return cls(rate, burst, tenant.max_concurrent)
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rate is None and self.max_concurrent is None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    retry_after_s: float = 0.0
+    limit: str = ""                  # "rate" | "concurrency"
+
+
+class LimitStore(Protocol):
+    """Shared limit state; ``acquire`` returns (allowed, retry after seconds, limit)."""
+
+    async def acquire(self, tenant: str, rate: float, burst: int, max_concurrent: int,
+                      request_id: str) -> tuple[bool, float, str]: ...
+
+    async def release(self, tenant: str, request_id: str) -> None: ...
+
+
+@dataclasses.dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    stamp: float
+    active: int = 0
+
+
+class LocalStore:
+    """Limits held in this process (no Redis configured, or Redis failing)."""
+
+    def __init__(self, clock: types.Clock) -> None:
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+
+    def check(self, tenant: str, limits: Limits) -> Verdict:
+        now = self._clock()
+        b = self._buckets.get(tenant)
+        if b is None:
+            b = self._buckets[tenant] = _Bucket(float(limits.burst), now)
+        if limits.rate:
+            b.tokens = min(float(limits.burst), b.tokens + (now - b.stamp) * limits.rate)
+        b.stamp = now
+        if limits.max_concurrent is not None and b.active >= limits.max_concurrent:
+            return Verdict(False, 1.0, "concurrency")
+        if limits.rate:
+            if b.tokens < 1.0:
+                return Verdict(False, (1.0 - b.tokens) / limits.rate, "rate")
+            b.tokens -= 1.0
+        b.active += 1
+        return Verdict(True)
+
+    async def acquire(self, tenant: str, rate: float, burst: int, max_concurrent: int,
+                      request_id: str) -> tuple[bool, float, str]:
+        v = self.check(tenant, Limits(rate or None, burst, max_concurrent or None))
+        return v.allowed, v.retry_after_s, v.limit
+
+    def release_now(self, tenant: str) -> None:
+        b = self._buckets.get(tenant)
+        if b is not None and b.active > 0:
+            b.active -= 1
+
+    async def release(self, tenant: str, request_id: str) -> None:
+        self.release_now(tenant)
+
+
+@dataclasses.dataclass(slots=True)
+class Permit:
+    tenant: str
+    request_id: str
+    store: LimitStore | None        # None: nothing to release
+
+
+class RateLimiter:
+    def __init__(self, local: LocalStore, shared: LimitStore | None = None,
+                 on_store_error: Callable[[Exception], None] | None = None) -> None:
+        self._local = local
+        self._shared = shared
+        self._on_error = on_store_error
+
+    async def acquire(self, tenant: tenants.Tenant, request_id: str) -> Permit:
+        """A permit, or :class:`errors.RateLimited` naming the limit hit."""
+        limits = Limits.of(tenant)
+        if limits.unlimited:
+            return Permit(tenant.name, request_id, None)
+        store: LimitStore = self._local
+        verdict: Verdict | None = None
+        if self._shared is not None:
+            try:
+                allowed, retry, which = await self._shared.acquire(
+                    tenant.name, limits.rate or 0.0, limits.burst, limits.max_concurrent or 0,
+                    request_id)
+                verdict = Verdict(allowed, retry, which)
+                store = self._shared
+            except Exception as exc:  # fall back to the local bucket; counted by the caller
+                if self._on_error:
+                    self._on_error(exc)
+        if verdict is None:
+            verdict = self._local.check(tenant.name, limits)
+        if not verdict.allowed:
+            what = ("requests per second" if verdict.limit == "rate"
+                    else "concurrent requests")
+            raise errors.RateLimited(
+                f"tenant {tenant.name!r} is over its limit of {what}; retry after "
+                f"{verdict.retry_after_s:.2f}s", retry_after_s=verdict.retry_after_s,
+                limit=verdict.limit)
+        return Permit(tenant.name, request_id, store)
+
+    async def release(self, permit: Permit) -> None:
+        if permit.store is None:
+            return
+        if permit.store is self._local:
+            self._local.release_now(permit.tenant)
+            return
+        try:
+            await permit.store.release(permit.tenant, permit.request_id)
+        except Exception as exc:  # the slot's lease expires in Redis on its own
+            if self._on_error:
+                self._on_error(exc)

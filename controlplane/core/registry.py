@@ -1,0 +1,209 @@
+"""The registry: nodes and backends from agent streams, plus static upstreams.
+
+Decisions:
+
+* A node is ``down`` once ``down_after_s`` passes without a report, or at once when its
+  stream closes (no report can arrive on a closed stream; a reconnecting agent registers
+  again within its backoff). Down is computed from the injected clock when asked, so no
+  timer task is needed and tests move time by hand.
+* Only READY backends of a node that is up, not cordoned and not draining are routable;
+  static upstreams are routable while their last health probe passed.
+* Each node has an outbox of commands. ``send_command`` queues one and waits for the
+  agent's ``CommandAck``; the Connect servicer drains the outbox onto the stream. A
+  stream that closes fails the waiting commands, so an Admin call never hangs on a
+  vanished agent.
+* ``version`` changes whenever the routable set may have changed, for cheap caching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import uuid
+from collections.abc import Iterable
+
+from controlplane.core import types
+
+_ids = itertools.count(1)
+_PREFIX = uuid.uuid4().hex[:8]
+
+
+@dataclasses.dataclass
+class _Node:
+    info: types.NodeInfo
+    last_seen: float
+    connected: bool = True
+    cordoned: bool = False
+    commanded_drain: bool = False
+    agent_draining: bool = False
+    backends: tuple[types.BackendState, ...] = ()
+    report: object = None
+    stream_id: int = 0
+    outbox: asyncio.Queue[tuple[str, types.Command]] = dataclasses.field(
+        default_factory=asyncio.Queue)
+
+
+class Registry:
+    def __init__(self, clock: types.Clock, down_after_s: float) -> None:
+        self._clock = clock
+        self._down_after_s = down_after_s
+        self._nodes: dict[str, _Node] = {}
+        self._static: dict[str, types.BackendState] = {}
+        self._static_healthy: dict[str, bool] = {}
+        self._pending: dict[str, tuple[str, asyncio.Future[types.CommandResult]]] = {}
+        self.version = 0
+
+    # -- agents -------------------------------------------------------------------------
+
+    def register(self, info: types.NodeInfo) -> int:
+        """Record (or refresh) a node; returns the stream id the caller must pass back."""
+        stream_id = next(_ids)
+        node = self._nodes.get(info.name)
+        if node is None:
+            self._nodes[info.name] = _Node(info=info, last_seen=self._clock(),
+                                           stream_id=stream_id)
+        else:
+            # A re-registering agent keeps operator intent (cordon/drain) and its outbox.
+            node.info, node.last_seen, node.connected = info, self._clock(), True
+            node.stream_id = stream_id
+        self.version += 1
+        return stream_id
+
+    def report(self, node_name: str, backends: Iterable[types.BackendState],
+               draining: bool = False, details: object = None) -> None:
+        node = self._nodes.get(node_name)
+        if node is None:
+            raise KeyError(node_name)
+        node.backends = tuple(backends)
+        node.agent_draining = draining
+        node.last_seen = self._clock()
+        node.connected = True
+        node.report = details
+        self.version += 1
+
+    def disconnect(self, node_name: str, stream_id: int) -> None:
+        """The node's stream closed; a newer stream of the same node is left alone."""
+        node = self._nodes.get(node_name)
+        if node is None or node.stream_id != stream_id:
+            return
+        node.connected = False
+        self.version += 1
+        for cid, (name, fut) in list(self._pending.items()):
+            if name == node_name and not fut.done():
+                fut.set_result(types.CommandResult(False, "node disconnected"))
+                del self._pending[cid]
+
+    def forget(self, node_name: str) -> bool:
+        self.version += 1
+        return self._nodes.pop(node_name, None) is not None
+
+    # -- operator intent ----------------------------------------------------------------
+
+    def cordon(self, node_name: str, cordoned: bool = True) -> None:
+        self._require(node_name).cordoned = cordoned
+        self.version += 1
+
+    def set_drain(self, node_name: str, draining: bool) -> None:
+        self._require(node_name).commanded_drain = draining
+        self.version += 1
+
+    def _require(self, node_name: str) -> _Node:
+        node = self._nodes.get(node_name)
+        if node is None:
+            raise KeyError(node_name)
+        return node
+
+    # -- commands -----------------------------------------------------------------------
+
+    def outbox(self, node_name: str) -> asyncio.Queue[tuple[str, types.Command]]:
+        return self._require(node_name).outbox
+
+    async def send_command(self, node_name: str, command: types.Command,
+                           timeout_s: float = 10.0) -> types.CommandResult:
+        """Queue ``command`` for the node and wait for its ack (or a failure)."""
+        node = self._require(node_name)
+        if not node.connected:
+            return types.CommandResult(False, "node is not connected")
+        cid = f"{_PREFIX}-{next(_ids)}"
+        fut: asyncio.Future[types.CommandResult] = asyncio.get_running_loop().create_future()
+        self._pending[cid] = (node_name, fut)
+        node.outbox.put_nowait((cid, command))
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except TimeoutError:
+            return types.CommandResult(False, f"no ack within {timeout_s:g}s")
+        finally:
+            self._pending.pop(cid, None)
+
+    def ack(self, command_id: str, ok: bool, error: str = "") -> None:
+        entry = self._pending.pop(command_id, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(types.CommandResult(ok, error))
+
+    # -- static upstreams ---------------------------------------------------------------
+
+    def set_static(self, backends: Iterable[types.BackendState]) -> None:
+        self._static = {b.key: b for b in backends}
+        # Unknown until the first probe; optimistic so a fresh replica can serve at once.
+        self._static_healthy = {k: self._static_healthy.get(k, True) for k in self._static}
+        self.version += 1
+
+    def set_static_health(self, key: str, healthy: bool) -> None:
+        if key in self._static and self._static_healthy.get(key) != healthy:
+            self._static_healthy[key] = healthy
+            self.version += 1
+
+    # -- views --------------------------------------------------------------------------
+
+    def node_status(self, node: _Node) -> types.NodeStatus:
+        if not node.connected or self._clock() - node.last_seen > self._down_after_s:
+            return "down"
+        if node.commanded_drain or node.agent_draining:
+            return "draining"
+        if node.cordoned:
+            return "cordoned"
+        return "ready"
+
+    def nodes(self) -> list[types.NodeView]:
+        now = self._clock()
+        return [types.NodeView(
+            info=n.info, status=self.node_status(n), cordoned=n.cordoned,
+            draining=n.commanded_drain or n.agent_draining, connected=n.connected,
+            last_report_age_s=max(0.0, now - n.last_seen), backends=n.backends,
+            report=n.report) for n in self._nodes.values()]
+
+    def node(self, name: str) -> types.NodeView | None:
+        return next((v for v in self.nodes() if v.info.name == name), None)
+
+    def all_backends(self) -> list[tuple[types.BackendState, str]]:
+        """Every known backend with why it is not routable ("" when it is)."""
+        out: list[tuple[types.BackendState, str]] = []
+        for node in self._nodes.values():
+            status = self.node_status(node)
+            for b in node.backends:
+                why = f"node {status}" if status != "ready" else (
+                    "" if b.phase == "ready" else f"backend {b.phase}")
+                out.append((b, why))
+        for key, b in self._static.items():
+            out.append((b, "" if self._static_healthy.get(key, True) else "health probe failed"))
+        return out
+
+    def routable(self, model: str, task: types.Task | None = None) -> list[types.BackendState]:
+        return [b for b, why in self.all_backends()
+                if not why and model in b.models and (task is None or b.task == task)]
+
+    def backends_for(self, model: str) -> list[tuple[types.BackendState, str]]:
+        return [(b, why) for b, why in self.all_backends() if model in b.models]
+
+    def served_models(self) -> set[str]:
+        return {m for b, _ in self.all_backends() for m in b.models}
+
+    def ready_embed_nodes(self) -> list[types.EmbedNode]:
+        """Up nodes whose agent serves ``Node.Embed`` (for the semantic cache)."""
+        return [types.EmbedNode(n.info.name, n.info.address, n.info.embed_models)
+                for n in self._nodes.values()
+                if n.info.address and n.info.embed_models and self.node_status(n) != "down"]
+
+    def static_backends(self) -> list[types.BackendState]:
+        return list(self._static.values())

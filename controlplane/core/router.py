@@ -1,0 +1,214 @@
+"""The router: filter → score by predicted time to first token → ordered candidates.
+
+Filter (every replica applies the same rules): the backend serves the canonical model and
+the task, it is routable in the registry (ready, node up, not cordoned or draining), and
+the request's KV tokens (prompt + max_tokens) fit its KV capacity. A backend whose
+*free* KV is too small right now is only used when no backend has room (the engine then
+queues the request rather than Synapse refusing it).
+
+Score — :func:`predict`, the one function both routing and ``explain`` use — is the
+predicted TTFT in seconds, not a sum of hand-tuned weights:
+
+* queue wait = prefill time of the tokens already waiting on that backend (this
+  replica's ledger, plus requests the engine reports waiting that this replica did not
+  send, at the mean prompt size) + one decode step when the engine is busy decoding,
+  scaled up as its KV cache fills (a nearly full cache preempts and queues);
+* prefill = (prompt tokens - tokens of the prompt's prefix cached there) * seconds per
+  token; cached tokens come from the prefix index of chained block hashes.
+
+Ties (within ``TIE_S`` or ``TIE_FRACTION``) go to the backend that served the request's
+session before (``x-session-id`` or the OpenAI ``user`` field). Other policies, for
+comparison: ``round_robin`` and ``least_loaded`` (fewest in-flight requests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from controlplane.core import ledger as ledger_mod
+from controlplane.core import prefix_index, registry, types
+from protos.common import tokens as tok
+
+TIE_S = 0.002
+TIE_FRACTION = 0.05
+SESSION_MEMORY = 50_000
+DEFAULT_PROMPT_TOKENS = 256
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Params:
+    policy: str = "predicted_ttft"
+    block_size: int = 16
+    prefill_s_per_token: float = 0.00012
+    decode_s_per_step: float = 0.02
+    session_affinity: bool = True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prompt:
+    """A request's prompt: its token ids (or just a count, for the cheap policies)."""
+
+    token_ids: tuple[int, ...]
+    tokens: int
+    max_tokens: int = 0
+    session: str = ""
+
+    @classmethod
+    def from_text(cls, text: str, max_tokens: int = 0, session: str = "",
+                  exact: bool = True) -> Prompt:
+        if not exact:  # round-robin / least-loaded need a size, not hashes
+            return cls((), max(1, len(text) // tok.CHARS_PER_TOKEN), max_tokens, session)
+        ids = tuple(tok.tokenize(text))
+        return cls(ids, len(ids), max_tokens, session)
+
+    @classmethod
+    def from_messages(cls, messages: Sequence[dict[str, object]], max_tokens: int = 0,
+                      session: str = "", exact: bool = True) -> Prompt:
+        return cls.from_text(tok.render_chat(messages), max_tokens, session, exact)
+
+
+def predict(backend: types.BackendState, load: ledger_mod.Load, prompt_tokens: int,
+            cached_tokens: int, params: Params) -> tuple[float, float]:
+    """(queue wait, prefill) in seconds for a request on ``backend``: the one score."""
+    p = params.prefill_s_per_token
+    foreign = max(0, backend.waiting - load.prefilling)
+    mean_prompt = load.mean_prompt_tokens or DEFAULT_PROMPT_TOKENS
+    queue = (load.prefill_tokens + foreign * mean_prompt) * p
+    if max(load.decoding, backend.running) > 0:
+        queue += params.decode_s_per_step
+    if backend.kv_usage > 0.9:
+        queue *= 1.0 + 10.0 * (backend.kv_usage - 0.9)
+    prefill = max(0, prompt_tokens - cached_tokens) * p
+    return queue, prefill
+
+
+class Router:
+    def __init__(self, params: Params, reg: registry.Registry, ledger: ledger_mod.Ledger,
+                 index: prefix_index.PrefixIndex) -> None:
+        self.params = params
+        self._registry = reg
+        self._ledger = ledger
+        self._index = index
+        self._rr = itertools.count()
+        self._sessions: OrderedDict[str, str] = OrderedDict()
+
+    @property
+    def exact_prompts(self) -> bool:
+        """Whether this policy needs token ids (hashing costs CPU; others skip it)."""
+        return self.params.policy == "predicted_ttft"
+
+    def block_size(self, backend: types.BackendState) -> int:
+        return backend.block_size or self.params.block_size
+
+    # -- filter and score ---------------------------------------------------------------
+
+    def _filter(self, b: types.BackendState, need: int) -> str:
+        if b.kv_capacity_tokens and need > b.kv_capacity_tokens:
+            return f"needs {need} KV tokens, capacity {b.kv_capacity_tokens}"
+        free = b.free_kv_tokens
+        if free is not None and need > free:
+            return f"kv-full: needs {need} KV tokens, {free} free"
+        return ""
+
+    def _verdict(self, b: types.BackendState, why: str, prompt: Prompt,
+                 hashes: dict[int, list[int]]) -> types.Verdict:
+        need = prompt.tokens + prompt.max_tokens
+        reason = why or self._filter(b, need)
+        cached = 0
+        if prompt.token_ids:
+            bs = self.block_size(b)
+            if bs not in hashes:
+                hashes[bs] = tok.block_hashes(prompt.token_ids, bs)
+            cached = min(prompt.tokens, self._index.match(b.key, hashes[bs]) * bs)
+        queue, prefill = predict(b, self._ledger.load(b.key), prompt.tokens, cached,
+                                 self.params)
+        affinity = bool(prompt.session) and self._sessions.get(prompt.session) == b.key
+        return types.Verdict(b, not reason, reason, queue + prefill, queue, prefill,
+                             prompt.tokens, cached, affinity)
+
+    def verdicts(self, model: str, prompt: Prompt, task: types.Task = "generate",
+                 ) -> tuple[list[types.Verdict], dict[int, list[int]]]:
+        hashes: dict[int, list[int]] = {}
+        out = [self._verdict(b, why, prompt, hashes)
+               for b, why in self._registry.backends_for(model) if b.task == task]
+        return out, hashes
+
+    # -- ordering -----------------------------------------------------------------------
+
+    def _order(self, eligible: list[types.Verdict]) -> tuple[list[types.Verdict], str]:
+        policy = self.params.policy
+        if policy == "round_robin":
+            eligible.sort(key=lambda v: v.backend.key)
+            start = next(self._rr) % len(eligible)
+            return eligible[start:] + eligible[:start], "round-robin"
+        if policy == "least_loaded":
+            eligible.sort(key=lambda v: (self._ledger.load(v.backend.key).in_flight
+                                         + v.backend.waiting, v.backend.key))
+            return eligible, "least-loaded"
+        eligible.sort(key=lambda v: (v.predicted_ttft_s, v.backend.key))
+        best = eligible[0]
+        reason = "least-ttft"
+        tie = max(TIE_S, best.predicted_ttft_s * TIE_FRACTION)
+        if self.params.session_affinity:
+            for i, v in enumerate(eligible):
+                if v.session_affinity and v.predicted_ttft_s - best.predicted_ttft_s <= tie:
+                    eligible.insert(0, eligible.pop(i))
+                    return eligible, "session"
+        if eligible[0].cached_tokens and eligible[0].prompt_tokens:
+            pct = 100 * eligible[0].cached_tokens // eligible[0].prompt_tokens
+            reason = f"prefix-hit {pct}%"
+        return eligible, reason
+
+    def route(self, model: str, prompt: Prompt, task: types.Task = "generate",
+              ) -> types.RouteDecision | None:
+        """Ordered candidates for ``model``, or None when no backend passes the filter."""
+        verdicts, hashes = self.verdicts(model, prompt, task)
+        eligible = [v for v in verdicts if v.eligible]
+        reason_suffix = ""
+        if not eligible:
+            # Everyone is merely short of free KV: let the engines queue it.
+            eligible = [dataclasses.replace(v, eligible=True) for v in verdicts
+                        if v.filter_reason.startswith("kv-full")]
+            reason_suffix = ", kv-overcommit"
+            if not eligible:
+                return None
+        ordered, reason = self._order(eligible)
+        ranked = tuple(dataclasses.replace(v, rank=i + 1) for i, v in enumerate(ordered))
+        info = types.PromptInfo(prompt.tokens, {k: tuple(v) for k, v in hashes.items()},
+                                prompt.max_tokens, prompt.session)
+        return types.RouteDecision(model, ranked, reason + reason_suffix,
+                                   self.params.policy, info)
+
+    def explain(self, model: str, prompt: Prompt, task: types.Task = "generate",
+                ) -> tuple[list[types.Verdict], str]:
+        """Every backend of the model with its verdict; the chosen one has rank 1."""
+        decision = self.route(model, prompt, task)
+        verdicts, _ = self.verdicts(model, prompt, task)
+        if decision is None:
+            return verdicts, "no backend passes the filter"
+        ranks = {v.backend.key: v for v in decision.candidates}
+        return [ranks.get(v.backend.key, v) for v in verdicts], decision.reason
+
+    # -- bookkeeping at dispatch --------------------------------------------------------
+
+    def dispatched(self, decision: types.RouteDecision, verdict: types.Verdict,
+                   prompt: Prompt) -> ledger_mod.Ticket:
+        """Record a dispatch: ledger, prefix index, session affinity."""
+        b = verdict.backend
+        if prompt.token_ids:
+            bs = self.block_size(b)
+            cap = b.kv_capacity_tokens // bs if b.kv_capacity_tokens else 0
+            hashes = decision.prompt.hashes_by_block_size.get(bs)
+            if hashes is None:
+                hashes = tuple(tok.block_hashes(prompt.token_ids, bs))
+            self._index.insert(b.key, hashes, cap, b.restarts)
+        if prompt.session and self.params.session_affinity:
+            self._sessions[prompt.session] = b.key
+            self._sessions.move_to_end(prompt.session)
+            if len(self._sessions) > SESSION_MEMORY:
+                self._sessions.popitem(last=False)
+        uncached = max(0, verdict.prompt_tokens - verdict.cached_tokens)
+        return self._ledger.dispatch(b.key, uncached, verdict.prompt_tokens)

@@ -1,0 +1,104 @@
+"""Tenants and API keys.
+
+Keys are never kept in clear: configured keys (``Secret``) are hashed at start-up and a
+request's Bearer key is hashed once and looked up in a dict, so the lookup costs one
+sha256 and does not leak timing about which prefix matched. The admin key is compared
+the same way. Allowed models are stored as canonical names (aliases resolved here once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+from collections.abc import Callable, Iterable
+
+from controlplane import errors
+
+ANONYMOUS = "anonymous"
+ADMIN = "admin"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    allowed_models: frozenset[str] = frozenset()   # canonical; empty = every model
+    requests_per_second: float | None = None
+    burst: int | None = None
+    max_concurrent: int | None = None
+
+    def allows(self, canonical_model: str) -> bool:
+        return not self.allowed_models or canonical_model in self.allowed_models
+
+
+def sha256_hex(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class TenantTable:
+    def __init__(self, tenants: Iterable[tuple[Tenant, Iterable[str]]],
+                 admin_key_sha256: str | None, enabled: bool = True) -> None:
+        """``tenants``: each tenant with the sha256 hex digests of its keys."""
+        self.enabled = enabled
+        self._by_hash: dict[str, Tenant] = {}
+        self._tenants: dict[str, Tenant] = {}
+        for tenant, hashes in tenants:
+            self._tenants[tenant.name] = tenant
+            for h in hashes:
+                h = h.strip().lower()
+                if h in self._by_hash and self._by_hash[h].name != tenant.name:
+                    raise ValueError(f"an API key of tenant {tenant.name!r} is also a key "
+                                     f"of tenant {self._by_hash[h].name!r}")
+                self._by_hash[h] = tenant
+        self._admin_hash = admin_key_sha256
+        self._anonymous = Tenant(ANONYMOUS)
+        self._admin = Tenant(ADMIN)
+
+    @staticmethod
+    def bearer(header: str | None) -> str | None:
+        if not header:
+            return None
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            return None
+        return value.strip()
+
+    def authenticate(self, authorization: str | None) -> Tenant:
+        """The tenant for an ``Authorization`` header, or :class:`errors.Unauthorized`."""
+        if not self.enabled:
+            return self._anonymous
+        key = self.bearer(authorization)
+        if key is None:
+            raise errors.Unauthorized(
+                "missing API key: send it as 'Authorization: Bearer <key>'",
+                code="missing_api_key")
+        digest = sha256_hex(key)
+        tenant = self._by_hash.get(digest)
+        if tenant is not None:
+            return tenant
+        if self._admin_hash and hmac.compare_digest(digest, self._admin_hash):
+            return self._admin
+        raise errors.Unauthorized("invalid API key")
+
+    def authenticate_admin(self, authorization: str | None) -> None:
+        if not self.enabled:
+            return
+        key = self.bearer(authorization)
+        if key is None:
+            raise errors.Unauthorized("missing admin key: send it as 'Authorization: Bearer "
+                                      "<admin key>'", code="missing_api_key")
+        if not self._admin_hash:
+            raise errors.Forbidden("no admin key is configured (auth.admin_key)",
+                                   code="admin_disabled")
+        if not hmac.compare_digest(sha256_hex(key), self._admin_hash):
+            if sha256_hex(key) in self._by_hash:
+                raise errors.Forbidden("this route needs the admin key, not a tenant key",
+                                       code="admin_required")
+            raise errors.Unauthorized("invalid admin key")
+
+    def tenants(self) -> list[Tenant]:
+        return list(self._tenants.values())
+
+
+def resolve_allowed(names: Iterable[str], canonical: Callable[[str], str]) -> frozenset[str]:
+    return frozenset(canonical(n) for n in names)

@@ -1,0 +1,151 @@
+"""Validation of OpenAI request bodies: just what routing and safety need.
+
+The body is parsed once; this checks the fields Synapse itself reads (model, messages /
+prompt / input, stream, max_tokens, n, temperature, user) and names the bad one in
+``param``. Every other field is left to the backend and passed through untouched, so a
+client using a newer OpenAI field is not refused here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import orjson
+
+from controlplane import errors
+
+Endpoint = Literal["chat", "completions", "embeddings"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Parsed:
+    endpoint: Endpoint
+    body: dict[str, Any]
+    model: str
+    stream: bool = False
+    max_tokens: int = 0
+    user: str = ""
+    prompt_text: str = ""           # rendered later for chat (messages kept in body)
+    include_usage: bool = False
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise errors.BadRequest("the request body is empty; send a JSON object",
+                                code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise errors.BadRequest(f"the request body is not valid JSON: {exc}",
+                                code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise errors.BadRequest("the request body must be a JSON object",
+                                code="invalid_json")
+    return body
+
+
+def _bad(param: str, message: str) -> errors.BadRequest:
+    return errors.BadRequest(f"{param}: {message}", param=param, code="invalid_value")
+
+
+def _opt_int(body: Mapping[str, Any], name: str, low: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(name, f"must be an integer, got {type(value).__name__}")
+    if value < low:
+        raise _bad(name, f"must be at least {low}, got {value}")
+    return value
+
+
+def _common(body: Mapping[str, Any]) -> tuple[str, bool, str]:
+    model = body.get("model")
+    if model is None:
+        raise errors.BadRequest("model: is required (GET /v1/models lists the models)",
+                                param="model", code="missing_field")
+    if not isinstance(model, str) or not model:
+        raise _bad("model", "must be a non-empty string")
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise _bad("stream", f"must be a boolean, got {type(stream).__name__}")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _bad("user", "must be a string")
+    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _bad(name, "must be a number")
+        if not low <= value <= high:
+            raise _bad(name, f"must be between {low:g} and {high:g}, got {value}")
+    _opt_int(body, "n", 1)
+    return model, bool(stream), user or ""
+
+
+def _include_usage(body: Mapping[str, Any]) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise _bad("stream_options", "must be an object")
+    return bool(opts.get("include_usage"))
+
+
+def chat(body: dict[str, Any]) -> Parsed:
+    model, stream, user = _common(body)
+    messages = body.get("messages")
+    if messages is None:
+        raise errors.BadRequest("messages: is required", param="messages",
+                                code="missing_field")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "must be a non-empty array of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}]", "must be an object")
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise _bad(f"messages[{i}].role", "is required and must be a string")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise _bad(f"messages[{i}].content", "must be a string or an array of parts")
+    max_tokens = _opt_int(body, "max_completion_tokens", 1) or _opt_int(body, "max_tokens", 1)
+    return Parsed("chat", body, model, stream, max_tokens, user,
+                  include_usage=_include_usage(body))
+
+
+def completions(body: dict[str, Any]) -> Parsed:
+    model, stream, user = _common(body)
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise errors.BadRequest("prompt: is required", param="prompt", code="missing_field")
+    if isinstance(prompt, str):
+        text = prompt
+    elif isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        text = "".join(prompt)
+    elif isinstance(prompt, list) and all(isinstance(p, int) and not isinstance(p, bool)
+                                          for p in prompt):
+        text = " ".join(map(str, prompt))
+    else:
+        raise _bad("prompt", "must be a string, an array of strings or an array of tokens")
+    return Parsed("completions", body, model, stream, _opt_int(body, "max_tokens", 1), user,
+                  prompt_text=text, include_usage=_include_usage(body))
+
+
+def embeddings(body: dict[str, Any]) -> Parsed:
+    model, _, user = _common(body)
+    data = body.get("input")
+    if data is None:
+        raise errors.BadRequest("input: is required", param="input", code="missing_field")
+    ok = isinstance(data, str) or (
+        isinstance(data, list) and data and (all(isinstance(x, str) for x in data)
+                                             or all(isinstance(x, int) for x in data)))
+    if not ok:
+        raise _bad("input", "must be a string or a non-empty array of strings or tokens")
+    fmt = body.get("encoding_format")
+    if fmt is not None and fmt not in ("float", "base64"):
+        raise _bad("encoding_format", "must be 'float' or 'base64'")
+    return Parsed("embeddings", body, model, False, 0, user)
