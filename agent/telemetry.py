@@ -22,6 +22,7 @@ Decisions:
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import random
 import threading
@@ -50,10 +51,10 @@ class NvmlSource:
     name = "nvml"
 
     def __init__(self, on_error: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        import pynvml  # nvidia-ml-py; imported here so the fake source never needs it
-
-        self._nvml: Any = pynvml
+                 clock: Callable[[], float] = time.monotonic, library: Any = None) -> None:
+        if library is None:
+            library = importlib.import_module("pynvml")  # nvidia-ml-py; NVML source only
+        self._nvml: Any = library  # a stand-in library in tests (this machine has no GPU)
         self._on_error = on_error
         self._clock = clock
         self._lock = threading.Lock()

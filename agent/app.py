@@ -1,0 +1,299 @@
+"""The agent process: builds every part from the settings and runs them until SIGTERM.
+
+Start order: Node gRPC server and ``/metrics`` (ports known, logged), first GPU sample,
+supervisor (config backends), embedder load in the background (the model takes seconds;
+Embed answers UNAVAILABLE until then), reporter.
+
+Shutdown (SIGTERM/SIGINT): report ``draining`` at once; wait until every live generation
+engine scrapes running+waiting = 0 or ``drain_grace_s`` passes; stop the engines (SIGTERM,
+SIGKILL after ``stop_grace_s``); send a last report (``stopped``); close the streams,
+the gRPC server and ``/metrics``; exit 0. A second signal skips the drain wait.
+
+Commands from the control plane are serialised by one lock: two replicas sending the
+same DesiredBackends must not interleave their start/stop steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from importlib import metadata
+
+import psutil
+from prometheus_client import CollectorRegistry
+
+from agent import convert, embedding, http_metrics, node_service, reporter, supervisor, telemetry
+from agent import metrics as agent_metrics
+from agent.config import AgentSettings
+from agent.core import lru, types
+from protos.synapse.v1 import controlplane_pb2
+
+log = logging.getLogger(__name__)
+
+
+def agent_version() -> str:
+    try:
+        return metadata.version("synapse-fabric")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def node_ip() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")
+
+
+class Agent:
+    def __init__(self, cfg: AgentSettings, registry: CollectorRegistry | None = None) -> None:
+        self.cfg = cfg
+        self.node = cfg.node_name or socket.gethostname()
+        self.metrics = agent_metrics.Metrics(registry or CollectorRegistry())
+        self.source = telemetry.build(
+            cfg.telemetry, on_error=self.metrics.nvml_errors.labels(self.node).inc)
+        sup = cfg.supervisor
+        engine_host = sup.advertise_host or (node_ip() if _wildcard(sup.engine_host)
+                                             else sup.engine_host)
+        self.supervisor = supervisor.Supervisor(
+            sup, supervisor.Hooks(self.metrics, self.node, self._changed), engine_host)
+        self.embeddings = self._build_embeddings()
+        self.node_server = node_service.NodeServer(self.embeddings, cfg.grpc.host, cfg.grpc.port)
+        self.metrics_server = http_metrics.MetricsServer(
+            self.metrics.registry, self.refresh_metrics, cfg.metrics.host, cfg.metrics.port)
+        self.reporter = reporter.Reporter(cfg.control_plane, self.register_message,
+                                          self.report_message, self.on_command,
+                                          self.metrics, self.node)
+        self.gpus: list[types.GpuSample] = []
+        self._sequence = 0
+        self._command_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._known_backends: set[str] = set()
+
+    def _build_embeddings(self) -> embedding.EmbeddingService | None:
+        embedder = embedding.build_embedder(self.cfg.embedder)
+        if embedder is None:
+            return None
+        e = self.cfg.embedder
+        hits = self.metrics.embed_cache_hits.labels(self.node)
+        misses = self.metrics.embed_cache_misses.labels(self.node)
+
+        def count(h: int, m: int) -> None:
+            hits.inc(h)
+            misses.inc(m)
+
+        return embedding.EmbeddingService(
+            e, embedder, lru.EmbeddingLru(e.cache_max_entries, e.cache_max_bytes), count)
+
+    def _changed(self) -> None:
+        self.reporter.notify()
+
+    @property
+    def advertised_address(self) -> str:
+        if self.cfg.grpc.advertise_address:
+            return self.cfg.grpc.advertise_address
+        host = node_ip() if _wildcard(self.cfg.grpc.host) else self.cfg.grpc.host
+        return f"{host}:{self.node_server.port}"
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.node_server.start(embedder_ready=False)
+        log.info("agent node gRPC listening on %s:%d", self.cfg.grpc.host, self.node_server.port)
+        await self.metrics_server.start()
+        log.info("agent metrics listening on http://%s:%d", self.cfg.metrics.host,
+                 self.metrics_server.port)
+        status = self.source.status()
+        if not status.ok:
+            log.error("GPU telemetry (%s) is not working: %s", status.source, status.error)
+        await self._sample_gpus()
+        await self.supervisor.start([convert.spec_from_config(b) for b in self.cfg.backends])
+        if self.embeddings is not None:
+            self._tasks.append(asyncio.create_task(self._start_embedder()))
+        self._tasks.append(asyncio.create_task(self._telemetry_loop()))
+        await self.reporter.start()
+        log.info("agent %s started: %d backends, control plane %s", self.node,
+                 len(self.cfg.backends), self.reporter.targets or self.cfg.control_plane.dns_name)
+
+    async def _start_embedder(self) -> None:
+        assert self.embeddings is not None
+        await self.embeddings.embedder.start()
+        await self.node_server.set_embedder_ready(bool(self.embeddings.embedder.embedder_id))
+
+    async def shutdown(self, skip_drain: asyncio.Event | None = None) -> None:
+        log.info("draining: waiting up to %.0fs for in-flight requests",
+                 self.cfg.supervisor.drain_grace_s)
+        self.supervisor.set_draining(True)
+        idle = asyncio.create_task(self.supervisor.wait_idle(self.cfg.supervisor.drain_grace_s))
+        waiters: set[asyncio.Future[object]] = {idle}  # type: ignore[arg-type]
+        if skip_drain is not None:
+            waiters.add(asyncio.ensure_future(skip_drain.wait()))
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        log.info("drain %s; stopping engines", "complete" if idle.done() and not
+                 idle.cancelled() and idle.result() else "cut short")
+        await self.supervisor.stop_all()
+        await self.reporter.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.node_server.stop(1.0)
+        await self.metrics_server.stop()
+        if self.embeddings is not None:
+            await self.embeddings.embedder.close()
+        await asyncio.to_thread(self.source.close)
+        log.info("agent stopped")
+
+    # -- telemetry ---------------------------------------------------------------------
+    async def _telemetry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.telemetry.interval_s)
+            await self._sample_gpus()
+
+    async def _sample_gpus(self) -> None:
+        owners = {r.pid: name for name, r in self.supervisor.runners.items() if r.pid}
+        try:
+            self.gpus = await asyncio.to_thread(_sample_with_owners, self.source, owners)
+        except Exception:  # a broken source must not take the agent down
+            log.exception("GPU sampling failed")
+            self.gpus = []
+
+    # -- messages ----------------------------------------------------------------------
+    def register_message(self) -> controlplane_pb2.Register:
+        return controlplane_pb2.Register(
+            node_name=self.node, agent_version=agent_version(),
+            gpus=[convert.gpu(g) for g in self.gpus], node_address=self.advertised_address,
+            telemetry=convert.telemetry(self.source.status()),
+            embed_models=[self.embeddings.model] if self.embeddings else [])
+
+    def report_message(self) -> controlplane_pb2.Report:
+        self._sequence += 1
+        stats = self.embeddings.cache.stats() if self.embeddings else None
+        return controlplane_pb2.Report(
+            sequence=self._sequence, timestamp_unix_ms=int(time.time() * 1000),
+            gpus=[convert.gpu(g) for g in self.gpus],
+            backends=[convert.backend(s) for s in self.supervisor.statuses()],
+            embedding_cache=convert.cache_stats(stats),
+            telemetry=convert.telemetry(self.source.status()),
+            draining=self.supervisor.draining)
+
+    async def on_command(self, msg: controlplane_pb2.ControlMessage) -> tuple[bool, str]:
+        async with self._command_lock:
+            kind = msg.WhichOneof("body")
+            if kind == "drain":
+                self.supervisor.set_draining(True)
+            elif kind == "undrain":
+                self.supervisor.set_draining(False)
+            elif kind == "desired_backends":
+                return await self._desired(msg.desired_backends)
+            elif kind == "evict_embeddings":
+                if self.embeddings is None:
+                    return False, "no embedder on this agent"
+                count = self.embeddings.evict(msg.evict_embeddings.model or None)
+                log.info("evicted %d cached embeddings", count)
+            else:
+                return False, f"unknown command {kind!r}"
+            return True, ""
+
+    async def _desired(self, msg: controlplane_pb2.DesiredBackends) -> tuple[bool, str]:
+        specs, errors = [], []
+        for spec in msg.backends:
+            try:
+                specs.append(convert.spec_from_proto(spec))
+            except convert.SpecError as exc:
+                errors.append(str(exc))
+        errors += await self.supervisor.apply_desired(specs)
+        return not errors, "; ".join(errors)
+
+    # -- /metrics ----------------------------------------------------------------------
+    def refresh_metrics(self) -> None:
+        m, node = self.metrics, self.node
+        status = self.source.status()
+        m.telemetry_ok.labels(node, status.source).set(1 if status.ok else 0)
+        for g in self.gpus:
+            labels = (node, str(g.index), g.uuid)
+            for gauge, value in ((m.gpu_utilization, g.utilization_percent),
+                                 (m.gpu_memory_used, g.memory_used_bytes),
+                                 (m.gpu_memory_total, g.memory_total_bytes),
+                                 (m.gpu_temperature, g.temperature_celsius),
+                                 (m.gpu_power, g.power_watts)):
+                if value is not None:
+                    gauge.labels(*labels).set(value)
+        self._refresh_backends()
+        if self.embeddings is not None:
+            stats = self.embeddings.cache.stats()
+            m.embed_cache_entries.labels(node).set(stats.entries)
+            m.embed_cache_bytes.labels(node).set(stats.bytes)
+
+    def _refresh_backends(self) -> None:
+        m, node = self.metrics, self.node
+        current = {s.name: s for s in self.supervisor.statuses()}
+        for gone in self._known_backends - set(current):
+            for phase in types.Phase:
+                with contextlib.suppress(KeyError):
+                    m.backend_state.remove(node, gone, phase.value)
+        self._known_backends = set(current)
+        for s in current.values():
+            for phase in types.Phase:
+                m.backend_state.labels(node, s.name, phase.value).set(
+                    1 if s.phase == phase else 0)
+            if s.task == "generate" and s.metrics_ok:
+                labels = (node, s.name, s.models[0])
+                m.engine_waiting.labels(*labels).set(s.waiting)
+                m.engine_running.labels(*labels).set(s.running)
+                m.engine_kv_usage.labels(*labels).set(s.kv_usage)
+                m.engine_prefix_hit_rate.labels(*labels).set(s.prefix_hit_rate)
+
+
+def _sample_with_owners(source: telemetry.GpuSource,
+                        owners: dict[int, str]) -> list[types.GpuSample]:
+    """Sample the GPUs and name the backend owning each GPU process (blocking)."""
+    samples = source.sample()
+    if not owners or not any(s.processes for s in samples):
+        return samples
+    pid_owner = dict(owners)
+    for pid, name in owners.items():
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(pid).children(recursive=True):
+                pid_owner[child.pid] = name  # vLLM's engine-core and worker processes
+    return [_owned(s, pid_owner) for s in samples]
+
+
+def _owned(sample: types.GpuSample, owners: dict[int, str]) -> types.GpuSample:
+    import dataclasses
+
+    procs = tuple(dataclasses.replace(p, backend_name=owners.get(p.pid, ""))
+                  for p in sample.processes)
+    return dataclasses.replace(sample, processes=procs)
+
+
+async def run(cfg: AgentSettings) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            hurry.set()  # second signal: skip the drain wait
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    agent = Agent(cfg)
+    try:
+        await agent.start()
+    except OSError as exc:
+        log.error("agent cannot start: %s", exc)
+        await agent.supervisor.stop_all()
+        return 1
+    await stop.wait()
+    await agent.shutdown(skip_drain=hurry)
+    return 0

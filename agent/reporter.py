@@ -1,0 +1,248 @@
+"""The report stream: one ``ControlPlane.Connect`` bidi stream per control-plane replica.
+
+Decisions:
+
+* Targets are ``control_plane.addresses`` plus every A record of ``control_plane.dns_name``
+  (a headless Service), re-resolved every ``dns_refresh_s``: each replica keeps its own
+  full view of the node, and a replica that appears later is dialled without a restart. A
+  failed lookup keeps the previous set rather than hanging up on every replica.
+* Per target: dial (``channel_ready`` with a deadline), ``Register`` first, then a
+  ``Report`` every ``report_interval_s`` and at once when :meth:`Reporter.notify` is
+  called (every state change); bursts of changes coalesce into one report.
+* Reconnect with capped, jittered exponential backoff (:class:`agent.core.backoff.Backoff`),
+  reset once a session got as far as registering. Every new session registers again, so
+  a restarted control plane rebuilds its view from the agents.
+* Keepalive pings every ``keepalive_s`` (also without calls) so a dead peer behind a
+  NAT or a vanished pod is detected on a long-lived, mostly idle stream.
+* Commands are executed in their own task (a DesiredBackends change may take the stop
+  grace period) and each gets a ``CommandAck``; writes on a call are serialised by a
+  lock because grpc.aio allows one outstanding write.
+* On shutdown every stream sends one last report (backends ``stopped``), half-closes,
+  and the channel closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from agent import metrics as agent_metrics
+from agent.config import ControlPlaneLink
+from agent.core import backoff
+from protos.synapse.v1 import controlplane_pb2, controlplane_pb2_grpc
+
+log = logging.getLogger(__name__)
+COALESCE_S = 0.05
+FINAL_REPORT_TIMEOUT_S = 3.0
+
+CommandHandler = Callable[[controlplane_pb2.ControlMessage], Awaitable[tuple[bool, str]]]
+
+
+class Reporter:
+    def __init__(self, cfg: ControlPlaneLink, register: Callable[[], controlplane_pb2.Register],
+                 report: Callable[[], controlplane_pb2.Report], on_command: CommandHandler,
+                 metrics: agent_metrics.Metrics, node: str) -> None:
+        self.cfg = cfg
+        self._register = register
+        self._report = report
+        self._on_command = on_command
+        self._metrics = metrics
+        self._node = node
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._events: set[asyncio.Event] = set()
+        self._stopping = False
+        self._stop_event = asyncio.Event()
+        self._dns_task: asyncio.Task[None] | None = None
+        self._credentials: grpc.ChannelCredentials | None = None
+        self._command_tasks: set[asyncio.Task[None]] = set()
+        self._live: set[str] = set()  # targets with a registered stream
+
+    # -- public ------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.cfg.tls_ca_file:
+            ca = await asyncio.to_thread(_read_bytes, self.cfg.tls_ca_file)
+            self._credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+        self._reconcile(set(self.cfg.addresses))
+        if self.cfg.dns_name:
+            self._dns_task = asyncio.create_task(self._dns_loop(), name="reporter-dns")
+
+    def notify(self) -> None:
+        """Something changed: every stream sends a report now."""
+        for event in self._events:
+            event.set()
+
+    @property
+    def targets(self) -> list[str]:
+        return sorted(self._tasks)
+
+    async def stop(self) -> None:
+        """Send a last report on every stream, then close them all."""
+        self._stopping = True
+        self._stop_event.set()
+        self.notify()
+        if self._dns_task is not None:
+            self._dns_task.cancel()
+        for address, task in self._tasks.items():
+            if address not in self._live:
+                task.cancel()  # dialling or backing off: nothing to say goodbye on
+        tasks = list(self._tasks.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=FINAL_REPORT_TIMEOUT_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in list(self._command_tasks):
+            task.cancel()
+
+    # -- targets -----------------------------------------------------------------------
+    def _reconcile(self, wanted: set[str]) -> None:
+        for address in wanted - set(self._tasks):
+            self._tasks[address] = asyncio.create_task(self._dial_forever(address),
+                                                       name=f"reporter-{address}")
+        for address in set(self._tasks) - wanted:
+            log.info("control plane %s is gone from DNS; closing its stream", address)
+            self._tasks.pop(address).cancel()
+
+    async def _dns_loop(self) -> None:
+        assert self.cfg.dns_name
+        host, _, port = self.cfg.dns_name.rpartition(":")
+        if not host:
+            host, port = self.cfg.dns_name, "50051"
+        while True:
+            try:
+                infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+                    host, int(port), family=socket.AF_INET, type=socket.SOCK_STREAM), 10)
+                resolved = {f"{info[4][0]}:{port}" for info in infos}
+                self._reconcile(set(self.cfg.addresses) | resolved)
+            except (OSError, TimeoutError, ValueError) as exc:
+                log.warning("cannot resolve %s (keeping %d streams): %s", self.cfg.dns_name,
+                            len(self._tasks), exc)
+            await asyncio.sleep(self.cfg.dns_refresh_s)
+
+    # -- one target --------------------------------------------------------------------
+    async def _dial_forever(self, address: str) -> None:
+        delays = backoff.Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+        attempt, logged = 0, False
+        gauge = self._metrics.control_plane_connected.labels(self._node, address)
+        while not self._stopping:
+            registered = False
+            try:
+                registered = await self._session(address, gauge)
+                if registered and not self._stopping:
+                    log.warning("control plane %s closed the stream", address)
+            except grpc.aio.AioRpcError as exc:
+                if not logged:
+                    log.warning("control plane %s: %s %s", address, exc.code().name,
+                                exc.details())
+                logged = True
+            except (TimeoutError, OSError) as exc:
+                if not logged:
+                    log.warning("control plane %s unreachable: %s", address,
+                                str(exc) or f"not connected within {self.cfg.connect_timeout_s:g}s")
+                logged = True
+            finally:
+                gauge.set(0)
+            if registered:
+                attempt, logged = 0, False
+            if self._stopping:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), delays.delay(attempt))
+            attempt += 1
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        options = [
+            ("grpc.keepalive_time_ms", int(self.cfg.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.cfg.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # our own loop does the backoff; keep grpc's internal one short
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+        if self._credentials is not None:
+            return grpc.aio.secure_channel(address, self._credentials, options=options)
+        return grpc.aio.insecure_channel(address, options=options)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.cfg.token is None:
+            return ()
+        return (("authorization", "Bearer " + self.cfg.token.get_secret_value()),)
+
+    async def _session(self, address: str, gauge: Any) -> bool:
+        """One stream's life; True once Register went out."""
+        async with self._channel(address) as channel:
+            await asyncio.wait_for(channel.channel_ready(), self.cfg.connect_timeout_s)
+            stub = controlplane_pb2_grpc.ControlPlaneStub(channel)  # type: ignore[no-untyped-call]
+            call = stub.Connect(metadata=self._metadata())
+            lock = asyncio.Lock()
+            await _write(call, lock, controlplane_pb2.AgentMessage(register=self._register()))
+            gauge.set(1)
+            log.info("registered with control plane %s", address)
+            event = asyncio.Event()
+            self._events.add(event)
+            self._live.add(address)
+            writer = asyncio.create_task(self._report_loop(call, lock, event))
+            try:
+                await self._read_loop(call, lock, writer)
+            finally:
+                self._live.discard(address)
+                self._events.discard(event)
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await writer
+            return True
+
+    async def _read_loop(self, call: grpc.aio.StreamStreamCall, lock: asyncio.Lock,
+                         writer: asyncio.Task[None]) -> None:
+        while True:
+            msg = await call.read()
+            if msg is grpc.aio.EOF:
+                return
+            if msg.HasField("ack"):
+                continue
+            task = asyncio.create_task(self._execute(call, lock, msg))
+            self._command_tasks.add(task)
+            task.add_done_callback(self._command_tasks.discard)
+
+    async def _report_loop(self, call: grpc.aio.StreamStreamCall, lock: asyncio.Lock,
+                           event: asyncio.Event) -> None:
+        while True:
+            event.clear()
+            await _write(call, lock, controlplane_pb2.AgentMessage(report=self._report()))
+            if self._stopping:
+                await call.done_writing()
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), self.cfg.report_interval_s)
+                await asyncio.sleep(COALESCE_S)
+
+    async def _execute(self, call: grpc.aio.StreamStreamCall, lock: asyncio.Lock,
+                       msg: controlplane_pb2.ControlMessage) -> None:
+        kind = msg.WhichOneof("body") or "empty"
+        try:
+            ok, error = await self._on_command(msg)
+        except Exception as exc:
+            log.exception("command %s (%s) failed", msg.command_id, kind)
+            ok, error = False, f"{type(exc).__name__}: {exc}"
+        log.info("command %s (%s): %s", msg.command_id, kind, "ok" if ok else error)
+        ack = controlplane_pb2.CommandAck(command_id=msg.command_id, ok=ok, error=error)
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await _write(call, lock, controlplane_pb2.AgentMessage(command_ack=ack))
+
+
+async def _write(call: grpc.aio.StreamStreamCall, lock: asyncio.Lock,
+                 msg: controlplane_pb2.AgentMessage) -> None:
+    async with lock:
+        await call.write(msg)
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()

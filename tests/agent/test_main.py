@@ -1,0 +1,197 @@
+"""``synapse agent`` as a real subprocess supervising a real engine process.
+
+The stand-in control plane (a real gRPC server) sees what the agent reports; the tests
+act on real processes (SIGKILL, SIGTERM) and check what an operator would see: reports,
+``/metrics`` and the process table.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import psutil
+import yaml
+
+from protos.synapse.v1 import common_pb2, controlplane_pb2
+from tests import harness
+from tests.agent.conftest import agent_config
+
+READY = common_pb2.BACKEND_PHASE_READY
+SIM = {"name": "sim", "engine": "simulator", "model": "test-model",
+       "served_model_names": ["test-model"], "extra_args": ["--time-scale", "0.01"]}
+
+
+def _backend(cp, name="sim"):
+    return cp.recorder.last_backend(name)
+
+
+def _wait_ready(cp, proc, name="sim", timeout=60):
+    harness.wait_until(lambda: (b := _backend(cp, name)) is not None and b.phase == READY,
+                       timeout, f"backend {name} ready", proc=proc)
+    return _backend(cp, name)
+
+
+def _metric(text: str, prefix: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_sigkilled_engine_is_restarted_and_nvml_failure_is_reported(
+        tmp_path, control_plane, start_agent):
+    agent = start_agent(agent_config(tmp_path, control_plane, backends=[SIM]))
+    first = _wait_ready(control_plane, agent.proc)
+    assert first.restarts == 0 and first.pid > 0 and first.url.startswith("http://127.0.0.1:")
+
+    os.kill(first.pid, signal.SIGKILL)
+    harness.wait_until(lambda: _backend(control_plane).restarts == 1
+                       and _backend(control_plane).phase == READY, 60,
+                       "the engine to be restarted", proc=agent.proc)
+    again = _backend(control_plane)
+    assert again.pid != first.pid and again.url == first.url  # same port after restart
+    reasons = [b.phase_reason for r in control_plane.recorder.reports() for b in r.backends]
+    assert any("exited with code -9" in r and "restart in" in r for r in reasons)
+    text = agent.metrics_text()
+    assert _metric(text, 'synapse_agent_backend_restarts_total{backend="sim"') == 1.0
+
+    # NVML on this GPU-less machine: an error state everywhere, never fake GPUs.
+    register = control_plane.recorder.registers()[0]
+    assert register.telemetry.source == "nvml" and not register.telemetry.ok
+    assert "nvml" in register.telemetry.error.lower() and not register.gpus
+    report = control_plane.recorder.reports()[-1]
+    assert not report.telemetry.ok and not report.gpus
+    assert _metric(text, 'synapse_agent_telemetry_ok{node="test-node",source="nvml"}') == 0.0
+    assert "synapse_agent_gpu_utilization_percent{" not in text
+
+
+def test_engine_that_exits_at_once_ends_in_crashloop(tmp_path, control_plane, start_agent):
+    crashing = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    cfg = agent_config(tmp_path, control_plane, backends=[SIM], supervisor={
+        "simulator_command": crashing, "backoff_initial_s": 0.05, "crashloop_restarts": 3,
+        "crashloop_window_s": 60})
+    agent = start_agent(cfg)
+    crashloop = common_pb2.BACKEND_PHASE_CRASHLOOP
+    harness.wait_until(lambda: (b := _backend(control_plane)) is not None
+                       and b.phase == crashloop, 30, "crashloop", proc=agent.proc)
+    backend = _backend(control_plane)
+    assert backend.restarts == 3 and "3 restarts within 60s" in backend.phase_reason
+    assert any("exited with code 3" in line for line in backend.last_log_lines)
+    seq = control_plane.recorder.reports()[-1].sequence
+    harness.wait_until(lambda: control_plane.recorder.reports()[-1].sequence >= seq + 3, 10,
+                       "more reports")
+    assert _backend(control_plane).restarts == 3  # no more restarts in crashloop
+    text = agent.metrics_text()
+    assert _metric(text, 'synapse_agent_backend_state{backend="sim",node="test-node",'
+                         'state="crashloop"}') == 1.0
+
+
+def test_sigterm_drains_then_stops_every_engine(tmp_path, control_plane, start_agent):
+    agent = start_agent(agent_config(tmp_path, control_plane, backends=[SIM]))
+    backend = _wait_ready(control_plane, agent.proc)
+    descendants = psutil.Process(agent.proc.pid).children(recursive=True)
+    assert backend.pid in {p.pid for p in descendants}
+
+    agent.proc.signal(signal.SIGTERM)
+    assert agent.proc.wait(timeout=30) == 0
+    assert not [p.pid for p in descendants if _alive(p.pid)], "engine processes survived"
+    reports = control_plane.recorder.reports()
+    assert any(r.draining and r.backends[0].phase == common_pb2.BACKEND_PHASE_DRAINING
+               for r in reports)
+    assert reports[-1].backends[0].phase == common_pb2.BACKEND_PHASE_STOPPED
+    assert "drain complete" in agent.proc.output()
+
+
+def test_sigkilled_agent_takes_its_engines_along(tmp_path, control_plane, start_agent):
+    agent = start_agent(agent_config(tmp_path, control_plane, backends=[SIM]))
+    backend = _wait_ready(control_plane, agent.proc)
+    os.kill(agent.proc.pid, signal.SIGKILL)  # no chance to clean up: PDEATHSIG must act
+    agent.proc.wait(timeout=10)
+    harness.wait_until(lambda: not _alive(backend.pid), 10, "the orphaned engine to die")
+
+
+def test_reconnects_and_registers_again_after_control_plane_restart(
+        tmp_path, control_plane, start_agent):
+    agent = start_agent(agent_config(tmp_path, control_plane))
+    recorder = control_plane.recorder
+    harness.wait_until(lambda: len(recorder.reports()) >= 2, 20, "reports", proc=agent.proc)
+    register = recorder.registers()[0]
+    assert register.node_name == "test-node" and register.agent_version
+    assert register.node_address == agent.grpc_address
+    sequences = [r.sequence for r in recorder.reports()]
+    assert sequences == sorted(sequences)
+
+    control_plane.stop()
+    harness.wait_until(lambda: _metric(agent.metrics_text(),
+                                       "synapse_agent_control_plane_connected{") == 0.0,
+                       20, "the agent to notice the lost stream", proc=agent.proc)
+    control_plane.start()  # same port
+    harness.wait_until(lambda: len(recorder.registers()) == 2, 20, "a second Register",
+                       proc=agent.proc)
+    harness.wait_until(lambda: len(recorder.streams[-1]) >= 3, 20, "reports on the new stream")
+    assert recorder.streams[-1][0].HasField("register")
+
+
+def test_commands_drain_desired_backends_and_ack(tmp_path, control_plane, start_agent):
+    agent = start_agent(agent_config(tmp_path, control_plane, backends=[SIM]))
+    _wait_ready(control_plane, agent.proc)
+    recorder = control_plane.recorder
+
+    def command(cid: str, **body) -> controlplane_pb2.CommandAck:
+        recorder.send(controlplane_pb2.ControlMessage(command_id=cid, **body))
+        harness.wait_until(lambda: any(a.command_id == cid for a in recorder.acks()), 30,
+                           f"ack of {cid}", proc=agent.proc)
+        return next(a for a in recorder.acks() if a.command_id == cid)
+
+    assert command("c1", drain=controlplane_pb2.Drain(grace_seconds=5)).ok
+    harness.wait_until(lambda: recorder.reports()[-1].draining, 10, "a draining report")
+    assert command("c2", undrain=controlplane_pb2.Undrain()).ok
+    harness.wait_until(lambda: not recorder.reports()[-1].draining, 10, "undrained")
+
+    managed = common_pb2.BackendSpec(name="managed", engine=common_pb2.ENGINE_KIND_SIMULATOR,
+                                     model="other-model", extra_args=["--time-scale", "0.01"])
+    clash = common_pb2.BackendSpec(name="sim", engine=common_pb2.ENGINE_KIND_SIMULATOR,
+                                   model="x")
+    ack = command("c3", desired_backends=controlplane_pb2.DesiredBackends(
+        backends=[managed, clash]))
+    assert not ack.ok and "sim: defined in the agent's own config" in ack.error
+    _wait_ready(control_plane, agent.proc, name="managed")
+
+    assert command("c4", desired_backends=controlplane_pb2.DesiredBackends()).ok
+    harness.wait_until(lambda: {b.name for b in recorder.reports()[-1].backends} == {"sim"},
+                       30, "the managed backend to go", proc=agent.proc)
+    assert _backend(control_plane).phase == READY  # the config-defined one is untouched
+    ack = command("c5", evict_embeddings=controlplane_pb2.EvictEmbeddings())
+    assert not ack.ok and "no embedder" in ack.error
+
+
+def test_invalid_config_exits_2_naming_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"supervisor": {"backoff_initial_s": -1}}))
+    result = subprocess.run([harness.console_script("synapse"), "agent", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "supervisor.backoff_initial_s" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_engine_binary_is_failed_not_crashlooping(tmp_path, control_plane, start_agent):
+    vllm = {"name": "gpu", "engine": "vllm", "model": "m"}
+    cfg = agent_config(tmp_path, control_plane, backends=[vllm], supervisor={
+        "vllm_command": [str(pathlib.Path(tmp_path) / "no-such-vllm"), "serve"]})
+    agent = start_agent(cfg)
+    harness.wait_until(lambda: (b := _backend(control_plane, "gpu")) is not None
+                       and b.phase == common_pb2.BACKEND_PHASE_FAILED, 20, "failed",
+                       proc=agent.proc)
+    assert "no-such-vllm" in _backend(control_plane, "gpu").phase_reason
