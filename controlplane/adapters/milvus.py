@@ -1,0 +1,287 @@
+"""L2, the semantic layer: a Milvus collection that the control plane creates and owns.
+
+Milvus Lite (a file path) in embedded mode, a Milvus URI in production; one code path.
+
+Design decisions:
+
+- Schema: ``id`` (auto), ``scope`` (the scope hash, a partition key so production Milvus
+  prunes to one scope), ``tenant``, ``model`` (for invalidation), ``vector``
+  (normalised float32, inner product = cosine), ``ref`` (the exact key whose L1 entry holds
+  the response), ``text`` (the semantic text, which the verifier's lexical guards need)
+  and ``created_at`` (wall-clock seconds; searches ignore rows older than the TTL, so L2
+  expiry is as absolute as L1's). The collection is created lazily with the dimension of
+  the first vector; an existing collection with another dimension is an error, not a
+  silent mismatch.
+- Every search is filtered to one scope hash: a semantic hit can never cross tenants,
+  models, conversations or parameter sets, whatever the vectors say.
+- Fast searches while writing: Milvus Lite searches rows of an unflushed (growing)
+  segment slowly (measured here: ~380 ms at 10k rows, ~15 ms once flushed). Writes are
+  therefore followed by a debounced background ``flush`` (at most one per
+  ``flush_interval_s``), which keeps the growing segment small. Rows written since the
+  last completed flush are also kept in a small in-memory buffer that is searched with
+  numpy beside Milvus, so this replica reads its own writes at once even where Milvus
+  is eventually consistent; results are merged by ``ref``.
+- pymilvus is blocking: every call runs in ``asyncio.to_thread`` with a pymilvus
+  ``timeout``. A failed connection is retried at most every ``reconnect_s`` so a missing
+  Milvus costs one fast error per call, not a connect attempt each time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+Clock = Callable[[], float]
+TEXT_MAX = 8192
+PENDING_MAX = 5000
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    ref: str
+    text: str
+    vector: np.ndarray
+    similarity: float
+    created_at: float
+
+
+@dataclasses.dataclass
+class _Pending:
+    scope: str
+    tenant: str
+    model: str
+    vector: np.ndarray
+    ref: str
+    text: str
+    created_at: float
+
+
+class L2Unavailable(RuntimeError):
+    """Milvus could not be reached recently; retried after a pause."""
+
+
+def _literal(text: str) -> str:
+    """A Milvus expression string literal (JSON escaping is accepted by its parser)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+class MilvusL2:
+    def __init__(self, uri: str, collection: str, token: str | None = None,
+                 clock: Clock = time.time, call_timeout_s: float = 5.0,
+                 flush_interval_s: float = 1.0, reconnect_s: float = 5.0) -> None:
+        self._uri = uri
+        self._token = token
+        self._collection = collection
+        self._clock = clock
+        self._timeout = call_timeout_s
+        self._flush_interval = flush_interval_s
+        self._reconnect_s = reconnect_s
+        self._client: Any = None
+        self._dim: int | None = None
+        self._failed_at: float | None = None
+        self._lock = threading.Lock()          # connect / create are not re-entrant
+        self._pending: list[_Pending] = []
+        self._flush_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- public API --------------------------------------------------------------------
+    async def search(self, scope: str, vector: np.ndarray, top_k: int,
+                     min_created_at: float) -> list[Candidate]:
+        recent = self._search_pending(scope, vector, top_k, min_created_at)
+        found = await asyncio.to_thread(self._search_sync, scope, vector, top_k, min_created_at)
+        merged = {c.ref: c for c in found}
+        for cand in recent:
+            merged.setdefault(cand.ref, cand)
+        return sorted(merged.values(), key=lambda c: -c.similarity)[:top_k]
+
+    async def insert(self, *, scope: str, tenant: str, model: str, vector: np.ndarray,
+                     ref: str, text: str) -> None:
+        row = _Pending(scope, tenant, model, np.asarray(vector, dtype=np.float32), ref,
+                       text[:TEXT_MAX], self._clock())
+        await asyncio.to_thread(self._insert_sync, row)
+        self._pending.append(row)
+        if len(self._pending) > PENDING_MAX:
+            # Flushes keep failing: the oldest rows are in Milvus anyway, only slower to find.
+            del self._pending[: len(self._pending) - PENDING_MAX]
+        self._schedule_flush()
+
+    async def invalidate(self, tenant: str | None, model: str | None) -> int:
+        self._pending = [p for p in self._pending
+                         if not ((tenant is None or p.tenant == tenant)
+                                 and (model is None or p.model == model))]
+        return await asyncio.to_thread(self._delete_sync, tenant, model)
+
+    async def flush(self) -> None:
+        """Flush now (tests and benchmarks; the serving path relies on the debounce)."""
+        pending = list(self._pending)
+        await asyncio.to_thread(self._flush_sync)
+        self._forget(pending)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._flush_task
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._client.close)
+            self._client = None
+
+    # -- connection / schema -----------------------------------------------------------
+    def _connect(self, dim: int | None) -> Any:
+        with self._lock:
+            if self._client is None:
+                now = time.monotonic()
+                if self._failed_at is not None and now - self._failed_at < self._reconnect_s:
+                    raise L2Unavailable(f"Milvus at {self._safe_uri()} failed recently")
+                try:
+                    from pymilvus import MilvusClient
+                    kwargs: dict[str, Any] = {"uri": self._uri, "timeout": self._timeout}
+                    if self._token:
+                        kwargs["token"] = self._token
+                    self._client = MilvusClient(**kwargs)
+                except Exception as exc:
+                    self._failed_at = now
+                    raise L2Unavailable(f"cannot open Milvus at {self._safe_uri()}: "
+                                        f"{type(exc).__name__}") from exc
+                self._failed_at = None
+            if self._dim is None:
+                self._dim = self._existing_dim()
+            if self._dim is None and dim is not None:
+                self._create(dim)
+                self._dim = dim
+            return self._client
+
+    def _safe_uri(self) -> str:
+        # A Milvus URI may carry credentials (user:pass@host): show scheme and host only.
+        uri = self._uri
+        if "@" in uri:
+            scheme, _, rest = uri.partition("://")
+            return f"{scheme}://***@{rest.rsplit('@', 1)[-1]}"
+        return uri
+
+    def _existing_dim(self) -> int | None:
+        client = self._client
+        if not client.has_collection(self._collection, timeout=self._timeout):
+            return None
+        desc = client.describe_collection(self._collection, timeout=self._timeout)
+        for field in desc.get("fields", []):
+            if field.get("name") == "vector":
+                return int(field["params"]["dim"])
+        raise RuntimeError(f"collection {self._collection!r} has no vector field")
+
+    def _create(self, dim: int) -> None:
+        from pymilvus import DataType, MilvusClient
+        schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("scope", DataType.VARCHAR, max_length=64, is_partition_key=True)
+        schema.add_field("tenant", DataType.VARCHAR, max_length=1024)
+        schema.add_field("model", DataType.VARCHAR, max_length=1024)
+        schema.add_field("ref", DataType.VARCHAR, max_length=128)
+        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX * 4)
+        schema.add_field("created_at", DataType.DOUBLE)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        index = self._client.prepare_index_params()
+        # FLAT = exact inner-product search: scopes are small, and exactness keeps the
+        # verifier's candidates deterministic. Production Milvus may swap in HNSW here.
+        index.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
+        self._client.create_collection(self._collection, schema=schema, index_params=index,
+                                       timeout=self._timeout)
+
+    def _check_dim(self, vector: np.ndarray) -> None:
+        if self._dim is not None and vector.shape[-1] != self._dim:
+            raise ValueError(f"vector dimension {vector.shape[-1]} does not match collection "
+                             f"{self._collection!r} ({self._dim}); use another collection "
+                             "for another embedder")
+
+    # -- blocking calls (run in threads) -----------------------------------------------
+    def _search_sync(self, scope: str, vector: np.ndarray, top_k: int,
+                     min_created_at: float) -> list[Candidate]:
+        client = self._connect(None)
+        if self._dim is None:
+            return []           # nothing was ever stored
+        self._check_dim(vector)
+        res = client.search(
+            self._collection, data=[vector.astype(np.float32).tolist()], limit=top_k,
+            filter=f"scope == {_literal(scope)} and created_at >= {float(min_created_at)!r}",
+            output_fields=["ref", "text", "vector", "created_at"], timeout=self._timeout)
+        out: list[Candidate] = []
+        for hit in res[0] if res else []:
+            ent = hit["entity"]
+            out.append(Candidate(ref=ent["ref"], text=ent["text"],
+                                 vector=np.asarray(ent["vector"], dtype=np.float32),
+                                 similarity=float(hit["distance"]),
+                                 created_at=float(ent["created_at"])))
+        return out
+
+    def _insert_sync(self, row: _Pending) -> None:
+        client = self._connect(int(row.vector.shape[-1]))
+        self._check_dim(row.vector)
+        client.insert(self._collection, [{
+            "scope": row.scope, "tenant": row.tenant[:1024], "model": row.model[:1024],
+            "ref": row.ref, "text": row.text, "created_at": row.created_at,
+            "vector": row.vector.tolist()}], timeout=self._timeout)
+
+    def _delete_sync(self, tenant: str | None, model: str | None) -> int:
+        client = self._connect(None)
+        if self._dim is None:
+            return 0
+        clauses = []
+        if tenant is not None:
+            clauses.append(f"tenant == {_literal(tenant)}")
+        if model is not None:
+            clauses.append(f"model == {_literal(model)}")
+        expr = " and ".join(clauses) if clauses else "id >= 0"
+        counted = client.query(self._collection, filter=expr, output_fields=["count(*)"],
+                               timeout=self._timeout)
+        count = int(counted[0]["count(*)"]) if counted else 0
+        if count:
+            client.delete(self._collection, filter=expr, timeout=self._timeout)
+        return count
+
+    def _flush_sync(self) -> None:
+        if self._client is None or self._dim is None:
+            return
+        self._client.flush(self._collection, timeout=max(self._timeout, 30.0))
+
+    # -- recent-write buffer -----------------------------------------------------------
+    def _search_pending(self, scope: str, vector: np.ndarray, top_k: int,
+                        min_created_at: float) -> list[Candidate]:
+        rows = [p for p in self._pending if p.scope == scope and p.created_at >= min_created_at]
+        if not rows:
+            return []
+        sims = np.stack([p.vector for p in rows]) @ vector.astype(np.float32)
+        order = np.argsort(-sims)[:top_k]
+        return [Candidate(ref=rows[i].ref, text=rows[i].text, vector=rows[i].vector,
+                          similarity=float(sims[i]), created_at=rows[i].created_at)
+                for i in order]
+
+    def _schedule_flush(self) -> None:
+        if self._closed or (self._flush_task is not None and not self._flush_task.done()):
+            return
+        self._flush_task = asyncio.get_running_loop().create_task(self._debounced_flush())
+
+    async def _debounced_flush(self) -> None:
+        await asyncio.sleep(self._flush_interval)
+        pending = list(self._pending)
+        try:
+            await asyncio.to_thread(self._flush_sync)
+        except Exception:
+            # A failed flush leaves rows searchable (growing segment + buffer); the next
+            # write schedules another attempt.
+            return
+        self._forget(pending)
+
+    def _forget(self, flushed: list[_Pending]) -> None:
+        # Rows written while the flush ran stay in the buffer until the next one.
+        done = {id(p) for p in flushed}
+        self._pending = [p for p in self._pending if id(p) not in done]

@@ -1,0 +1,218 @@
+"""The cache rules: scope, semantic text, exact key, cacheability and bypass.
+
+This is the one home of the rules in DESIGN.md "Cache rules"; L1, L2, the response cache
+and the invalidation path all call it, so two layers can never disagree on what "the same
+request" means.
+
+Design decisions:
+
+- **Scope** = tenant, canonical model, embedder id and a *context hash*. The context hash
+  is conservative on purpose: it covers the whole request body except the last user
+  message and a short list of fields that provably do not change the answer (``model`` —
+  replaced by the canonical model —, ``stream`` and ``stream_options``, which only change
+  the framing, and ``user``, an end-user tag for abuse monitoring). Everything else —
+  system prompts, earlier turns, tools / functions / tool_choice, response_format, every
+  sampling parameter, and any field we do not know — is context. An unknown field
+  therefore splits the scope rather than risking a wrong answer.
+- Numbers are canonicalised (``0`` and ``0.0`` are the same temperature), so a client that
+  serialises floats differently still hits; strings, lists and objects are compared
+  exactly.
+- **Semantic text** = the text of the last user message (text parts joined). When the last
+  message is not a user text message (a tool result, an image part, an assistant prefill),
+  there is no semantic text: the whole message list is context and only the exact layer
+  applies.
+- **Exact key** = SHA-256 over the scope hash and the semantic text (or, without one, the
+  canonical last message).
+- **Temperature**: a request that sets none gets the backend's default, which for OpenAI
+  and vLLM is 1.0; ``default_temperature`` says what we assume, so a ceiling of 0.7 does
+  not cache requests that never asked for determinism.
+- **Cache-Control**: ``no-cache`` skips the lookup but still stores; ``no-store`` still
+  looks up but never stores; both together make the request a plain bypass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from controlplane.core import cache_port
+
+# Fields that never change the generated content (see the module docstring).
+NON_SEMANTIC_FIELDS = frozenset({"model", "stream", "stream_options", "user"})
+
+BYPASS_N = "n>1"
+BYPASS_TEMPERATURE = "temperature"
+BYPASS_NO_CACHE = "no-cache"
+BYPASS_NO_STORE = "no-store"
+BYPASS_INVALID = "invalid"
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheScope:
+    """What must match exactly for two requests to share an entry."""
+
+    tenant: str
+    model: str
+    embedder: str
+    context_hash: str
+
+    @property
+    def hash(self) -> str:
+        return _sha256(_canonical([self.tenant, self.model, self.embedder, self.context_hash]))
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheKeys:
+    scope: CacheScope
+    scope_hash: str
+    semantic_text: str | None   # None: only the exact layer applies
+    exact_key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Whether a request may be looked up and whether its response may be stored."""
+
+    lookup: bool
+    store: bool
+    reason: str = ""            # bypass reason ("" when looked up)
+
+
+def derive(request: cache_port.CacheRequest, embedder: str) -> CacheKeys:
+    """Scope, semantic text and exact key of a request (pure, never raises on odd input)."""
+    context, semantic = _split(request.endpoint, request.body)
+    scope = CacheScope(tenant=request.tenant, model=request.model, embedder=embedder,
+                       context_hash=_sha256(_canonical([request.endpoint, context])))
+    scope_hash = scope.hash
+    tail = semantic if semantic is not None else _canonical(_last_message(request.body))
+    exact = _sha256(_canonical([scope_hash, semantic is not None, tail]))
+    return CacheKeys(scope=scope, scope_hash=scope_hash, semantic_text=semantic, exact_key=exact)
+
+
+def policy(request: cache_port.CacheRequest, temperature_ceiling: float,
+           default_temperature: float = 1.0) -> Policy:
+    """Cacheability and bypass of a request, per DESIGN.md "Cache rules"."""
+    body = request.body
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if not _is_number(n):
+        return Policy(lookup=False, store=False, reason=BYPASS_INVALID)
+    if n > 1:
+        return Policy(lookup=False, store=False, reason=BYPASS_N)
+    temperature = body.get("temperature")
+    if temperature is None:
+        temperature = default_temperature
+    if not _is_number(temperature):
+        return Policy(lookup=False, store=False, reason=BYPASS_INVALID)
+    if temperature > temperature_ceiling:
+        return Policy(lookup=False, store=False, reason=BYPASS_TEMPERATURE)
+    directives = cache_control_directives(request.cache_control)
+    no_cache, no_store = "no-cache" in directives, "no-store" in directives
+    if no_cache and no_store:
+        return Policy(lookup=False, store=False, reason=BYPASS_NO_STORE)
+    if no_cache:
+        return Policy(lookup=False, store=True, reason=BYPASS_NO_CACHE)
+    if no_store:
+        return Policy(lookup=True, store=False, reason=BYPASS_NO_STORE)
+    return Policy(lookup=True, store=True)
+
+
+def cache_control_directives(header: str) -> frozenset[str]:
+    """Lower-cased directive names of a Cache-Control header (arguments dropped)."""
+    names = (part.split("=", 1)[0].strip().lower() for part in header.split(","))
+    return frozenset(name for name in names if name)
+
+
+def is_storable(response: Mapping[str, Any]) -> bool:
+    """A complete, successful response: every choice finished with ``stop`` or ``length``."""
+    choices = response.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    if "error" in response:
+        return False
+    return all(isinstance(c, Mapping) and c.get("finish_reason") in ("stop", "length")
+               for c in choices)
+
+
+def _split(endpoint: str, body: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """(context, semantic text): context is the body without the semantic text."""
+    context = {k: v for k, v in body.items() if k not in NON_SEMANTIC_FIELDS}
+    if endpoint == "completions":
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            context.pop("prompt")
+            return context, prompt
+        return context, None
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return context, None
+    text = _user_text(messages[-1])
+    if text is None:
+        return context, None
+    last = dict(messages[-1])
+    last.pop("content")
+    # The last message minus its text (role, name, ...) stays in the context.
+    context["messages"] = [*messages[:-1], last]
+    return context, text
+
+
+def _user_text(message: Any) -> str | None:
+    if not isinstance(message, Mapping) or message.get("role") != "user":
+        return None
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        return None
+    texts: list[str] = []
+    for part in content:
+        if not isinstance(part, Mapping) or part.get("type") != "text":
+            return None     # images / audio: no semantic text, exact layer only
+        text = part.get("text")
+        if not isinstance(text, str):
+            return None
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _last_message(body: Mapping[str, Any]) -> Any:
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages:
+        return messages[-1]
+    return body.get("prompt")
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _normalise(value: Any) -> Any:
+    """Canonical form: integral floats become ints, containers recurse."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _normalise(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_normalise(v) for v in value]
+    return repr(value)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(_normalise(value), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
