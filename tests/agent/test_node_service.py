@@ -1,0 +1,107 @@
+"""``Node.Embed`` over real gRPC with the real all-MiniLM-L6-v2, plus health and reflection."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from agent import embedding, node_service
+from agent.config import EmbedderSettings
+from agent.core import lru
+from protos.synapse.v1 import node_pb2, node_pb2_grpc
+
+TEXTS = ["How do I reset my password?", "The cat sat on the mat.",
+         "Kubernetes schedules pods onto nodes.", "été, naïve café — unicode text"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return embedding.load_minilm()
+
+
+@pytest.fixture
+async def node(minilm) -> AsyncIterator[tuple[node_pb2_grpc.NodeStub, node_service.NodeServer]]:
+    cfg = EmbedderSettings(kind="minilm", max_texts=8, max_text_chars=1000)
+    embedder = embedding.MiniLmEmbedder(cfg, model=minilm)
+    service = embedding.EmbeddingService(cfg, embedder, lru.EmbeddingLru(1000, 10**7))
+    server = node_service.NodeServer(service, "127.0.0.1", 0)
+    await server.start(embedder_ready=True)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    yield node_pb2_grpc.NodeStub(channel), server
+    await channel.close()
+    await server.stop(0)
+    await embedder.close()
+
+
+def _matrix(resp: node_pb2.EmbedResponse) -> np.ndarray:
+    return np.frombuffer(resp.vectors, dtype="<f4").reshape(-1, resp.dim)
+
+
+async def test_embed_matches_sentence_transformers_and_repeats_are_cached(node, minilm):
+    stub, _ = node
+    first = await stub.Embed(node_pb2.EmbedRequest(texts=TEXTS), timeout=60)
+    expected = minilm.encode(TEXTS, convert_to_numpy=True)
+    assert first.dim == 384 and first.model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert first.embedder_id.startswith("minilm-l6-v2@")
+    np.testing.assert_allclose(_matrix(first), expected, atol=1e-5)
+    assert list(first.cached) == [False] * len(TEXTS)
+
+    again = await stub.Embed(node_pb2.EmbedRequest(texts=[TEXTS[1], "a new text"]), timeout=60)
+    assert list(again.cached) == [True, False]
+    np.testing.assert_array_equal(_matrix(again)[0], _matrix(first)[1])
+    np.testing.assert_allclose(_matrix(again)[1], minilm.encode(["a new text"])[0], atol=1e-5)
+
+
+async def test_embed_errors_have_proper_status_codes(node):
+    stub, _ = node
+    cases = [
+        (node_pb2.EmbedRequest(texts=[]), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (node_pb2.EmbedRequest(texts=["ok", ""]), grpc.StatusCode.INVALID_ARGUMENT, "texts[1]"),
+        (node_pb2.EmbedRequest(texts=["x" * 1001]), grpc.StatusCode.INVALID_ARGUMENT, "1000"),
+        (node_pb2.EmbedRequest(texts=["a"] * 9), grpc.StatusCode.INVALID_ARGUMENT, "at most 8"),
+        (node_pb2.EmbedRequest(model="bge-m3", texts=["a"]), grpc.StatusCode.NOT_FOUND,
+         "bge-m3"),
+    ]
+    for request, code, words in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Embed(request, timeout=10)
+        assert info.value.code() == code and words in info.value.details()
+
+
+async def test_embed_without_a_loaded_model_is_unavailable():
+    cfg = EmbedderSettings(kind="minilm")
+    embedder = embedding.MiniLmEmbedder(cfg)  # start() never ran: nothing loaded
+    service = embedding.EmbeddingService(cfg, embedder, lru.EmbeddingLru(10, 10**6))
+    server = node_service.NodeServer(service, "127.0.0.1", 0)
+    await server.start(embedder_ready=False)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await node_pb2_grpc.NodeStub(channel).Embed(node_pb2.EmbedRequest(texts=["a"]),
+                                                        timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        health = health_pb2_grpc.HealthStub(channel)
+        check = await health.Check(health_pb2.HealthCheckRequest(
+            service=node_service.NODE_SERVICE), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    await server.stop(0)
+
+
+async def test_health_and_reflection(node):
+    _, server = node
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "synapse.v1.Node"):
+            check = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo(timeout=5)
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        reply = await call.read()
+        await call.done_writing()
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"synapse.v1.Node", "grpc.health.v1.Health"} <= names
