@@ -1,0 +1,68 @@
+"""Starting real simulator processes for the simulator tests."""
+
+from __future__ import annotations
+
+import pathlib
+import socket
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests import harness
+
+MODEL = "sim-model"
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class Sim:
+    """A running ``synapse simulator`` and its base URL."""
+
+    def __init__(self, proc: harness.ManagedProcess, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+
+def start(pool: harness.ProcessPool, *args: str, name: str = "sim",
+          wait_health: bool = True, timeout: float = 60) -> Sim:
+    port = harness.free_port()
+    argv = ["synapse", "simulator", "--port", str(port), "--served-model-name", MODEL,
+            "--model", "meta-llama/Meta-Llama-3.1-8B-Instruct", *args]
+    if wait_health:
+        proc = pool.start(name, argv, ready_url=f"http://127.0.0.1:{port}/health",
+                          timeout=timeout)
+    else:
+        proc = pool.start(name, argv, ready=lambda: port_open(port), timeout=timeout)
+    return Sim(proc, port)
+
+
+def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Parse a Prometheus exposition with prometheus_client's own parser."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return out
+
+
+def value(parsed: dict[str, list[tuple[dict[str, str], float]]], name: str,
+          **labels: str) -> float:
+    for sample_labels, v in parsed.get(name, []):
+        if all(sample_labels.get(k) == want for k, want in labels.items()):
+            return v
+    raise AssertionError(f"{name} {labels} not in the exposition")
+
+
+@pytest.fixture(scope="module")
+def module_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.ProcessPool]:
+    pool = harness.ProcessPool(pathlib.Path(tmp_path_factory.mktemp("sim")))
+    yield pool
+    pool.stop_all()
