@@ -15,7 +15,6 @@ from aiohttp import web
 from controlplane.api import services as services_mod
 
 SERVICES: web.AppKey[services_mod.Services] = web.AppKey("services", services_mod.Services)
-CONTEXT = "synapse.context"
 
 
 @dataclasses.dataclass(slots=True)
@@ -42,6 +41,9 @@ class RequestContext:
         if self.fallback:
             h["x-synapse-fallback"] = self.fallback
         return h
+
+
+CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("synapse_context", RequestContext)
 
 
 def get(request: web.Request) -> RequestContext:

@@ -148,7 +148,12 @@ class Router:
             eligible.sort(key=lambda v: (self._ledger.load(v.backend.key).in_flight
                                          + v.backend.waiting, v.backend.key))
             return eligible, "least-loaded"
-        eligible.sort(key=lambda v: (v.predicted_ttft_s, v.backend.key))
+        # Exact ties (idle backends, no cached prefix) rotate instead of piling on one.
+        eligible.sort(key=lambda v: v.backend.key)
+        start = next(self._rr) % len(eligible)
+        eligible = eligible[start:] + eligible[:start]
+        eligible.sort(key=lambda v: (v.predicted_ttft_s,
+                                     self._ledger.load(v.backend.key).in_flight))
         best = eligible[0]
         reason = "least-ttft"
         tie = max(TIE_S, best.predicted_ttft_s * TIE_FRACTION)

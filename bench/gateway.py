@@ -1,0 +1,269 @@
+"""Benchmark: what the control plane costs in front of a backend.
+
+One process tree: ``synapse simulator --time-scale 0`` (answers at once, so every
+millisecond measured is HTTP and proxy work) and ``synapse controlplane`` with the
+simulator as a static upstream (cache off, one tenant key). The same load then goes
+direct to the simulator and through the control plane, side by side:
+
+* saturated, non-streaming: 32 concurrent clients for ``--seconds`` → requests/s;
+* saturated, streaming: the same with ``stream: true`` (whole SSE stream read);
+* fixed rate (``--rate``, default 300 req/s, open loop) → latency p50/p99; "added" is
+  through-Synapse minus direct at the same percentile.
+
+Peers, when ``make bench-peers`` installed them under ``.bench-venvs/``: LiteLLM's proxy
+(2 workers) and the PyPI ``vllm-router`` (round robin) in front of the same simulator;
+their throughput ratios go under ``peers``.
+
+The load generator is one uvloop process with aiohttp (keep-alive); on a 2-core machine
+it competes with the servers for CPU, so absolute numbers understate a real deployment;
+the ratios are what to compare. Run: ``python -m bench.gateway [--seconds 8]``.
+Last line: ``{"bench": "gateway", "direct_rps": …, "synapse_rps": …, "throughput_ratio":
+…, "added_p50_ms": …, "added_p99_ms": …, "stream_throughput_ratio": …, "peers": {…}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import aiohttp
+
+MODEL = "bench-model"
+KEY = "bench-key-0123456789"
+REPO = pathlib.Path(__file__).resolve().parent.parent
+VENVS = REPO / ".bench-venvs"
+BIN = pathlib.Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args} exited with {proc.returncode}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status < 500:
+                    return
+        time.sleep(0.2)
+    raise SystemExit(f"timed out waiting for {url}")
+
+
+class Tree:
+    """Child processes of this benchmark, stopped together at the end."""
+
+    def __init__(self, workdir: pathlib.Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], ready: str,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the child
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        self.procs.append(proc)
+        wait_http(ready, proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 15)
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+
+
+def body(i: int, stream: bool) -> bytes:
+    return json.dumps({"model": MODEL, "max_tokens": 16, "stream": stream, "messages": [
+        {"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": f"Summarise the benefits of caching, item {i}."}]}).encode()
+
+
+async def one(session: aiohttp.ClientSession, url: str, i: int, stream: bool,
+              headers: dict[str, str]) -> bool:
+    async with session.post(url, data=body(i, stream), headers=headers) as resp:
+        await resp.read()
+        return resp.status == 200
+
+
+async def saturate(url: str, headers: dict[str, str], seconds: float, clients: int,
+                   stream: bool) -> tuple[float, int]:
+    """Closed loop: ``clients`` workers back to back; (requests/s, errors)."""
+    done = errors = 0
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=30)) as session:
+        await asyncio.gather(*(one(session, url, i, stream, headers) for i in range(clients)))
+        stop = time.monotonic() + seconds
+        start = time.monotonic()
+
+        async def worker(k: int) -> None:
+            nonlocal done, errors
+            i = k
+            while time.monotonic() < stop:
+                i += clients
+                try:
+                    ok = await one(session, url, i, stream, headers)
+                except (aiohttp.ClientError, TimeoutError):
+                    ok = False
+                done += 1
+                errors += not ok
+
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+        return done / (time.monotonic() - start), errors
+
+
+async def fixed_rate(url: str, headers: dict[str, str], seconds: float,
+                     rate: float) -> tuple[float, float, int]:
+    """Open loop at ``rate`` req/s; (p50 ms, p99 ms, errors)."""
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=30)) as session:
+        await asyncio.gather(*(one(session, url, i, False, headers) for i in range(32)))
+
+        async def timed(i: int) -> None:
+            nonlocal errors
+            t0 = time.perf_counter()
+            try:
+                ok = await one(session, url, i, False, headers)
+            except (aiohttp.ClientError, TimeoutError):
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+
+        tasks = []
+        start = time.perf_counter()
+        n = int(seconds * rate)
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(timed(i)))
+        await asyncio.gather(*tasks)
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
+
+    return (pct(0.5), pct(0.99), errors) if latencies else (float("nan"), float("nan"), errors)
+
+
+def controlplane_config(workdir: pathlib.Path, sim_url: str, http: int, grpc: int) -> str:
+    path = workdir / "controlplane.yaml"
+    path.write_text(json.dumps({
+        "http": {"host": "127.0.0.1", "port": http},
+        "grpc": {"host": "127.0.0.1", "port": grpc},
+        "auth": {"tenants": [{"name": "bench", "keys": [KEY]}]},
+        "upstreams": [{"name": "sim", "url": sim_url, "models": [MODEL]}],
+        "cache": {"enabled": False},
+        "logging": {"level": "warning"},
+    }))
+    return str(path)
+
+
+def peers(tree: Tree, sim_url: str, workdir: pathlib.Path) -> Iterator[tuple[str, str]]:
+    """(name, chat URL) of every peer gateway installed by ``make bench-peers``."""
+    litellm = VENVS / "litellm" / "bin" / "litellm"
+    if litellm.exists():
+        port = free_port()
+        cfg = workdir / "litellm.yaml"
+        cfg.write_text(json.dumps({"model_list": [{"model_name": MODEL, "litellm_params": {
+            "model": f"openai/{MODEL}", "api_base": f"{sim_url}/v1", "api_key": "none"}}]}))
+        tree.start("litellm", [str(litellm), "--config", str(cfg), "--port", str(port),
+                               "--num_workers", "2"], f"http://127.0.0.1:{port}/health/liveliness")
+        yield "litellm", f"http://127.0.0.1:{port}/v1/chat/completions"
+    router = VENVS / "vllm-router" / "bin" / "vllm-router"
+    if router.exists():
+        port = free_port()
+        tree.start("vllm-router", [str(router), "--worker-urls", sim_url, "--port", str(port),
+                                   "--policy", "round_robin"], f"http://127.0.0.1:{port}/health")
+        yield "vllm_router", f"http://127.0.0.1:{port}/v1/chat/completions"
+
+
+async def measure(name: str, url: str, headers: dict[str, str],
+                  args: argparse.Namespace) -> dict[str, float]:
+    rps, err = await saturate(url, headers, args.seconds, args.clients, False)
+    srps, serr = await saturate(url, headers, args.seconds, args.clients, True)
+    p50, p99, ferr = await fixed_rate(url, headers, args.seconds, args.rate)
+    row = {"rps": rps, "stream_rps": srps, "p50_ms": p50, "p99_ms": p99,
+           "errors": err + serr + ferr}
+    print(f"{name:<14} {rps:>9.0f} {srps:>11.0f} {p50:>9.2f} {p99:>9.2f} {row['errors']:>7}",
+          flush=True)
+    return row
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    tree = Tree(workdir)
+    try:
+        sp, hp, gp = free_port(), free_port(), free_port()
+        sim = f"http://127.0.0.1:{sp}"
+        tree.start("simulator", [str(BIN / "synapse"), "simulator", "--port", str(sp),
+                                 "--time-scale", "0", "--served-model-name", MODEL,
+                                 "--log-level", "warning"], f"{sim}/health")
+        cfg = controlplane_config(workdir, sim, hp, gp)
+        tree.start("controlplane", [str(BIN / "synapse"), "controlplane", "--config", cfg],
+                   f"http://127.0.0.1:{hp}/ready")
+        print(f"{'target':<14} {'req/s':>9} {'stream r/s':>11} {'p50 ms':>9} {'p99 ms':>9} "
+              f"{'errors':>7}   (latency at {args.rate:g} req/s)", flush=True)
+        direct = await measure("direct", f"{sim}/v1/chat/completions", {}, args)
+        auth = {"Authorization": f"Bearer {KEY}"}
+        syn = await measure("synapse", f"http://127.0.0.1:{hp}/v1/chat/completions", auth,
+                            args)
+        peer_rows = {}
+        for name, url in peers(tree, sim, workdir):
+            row = await measure(name, url, {"Authorization": "Bearer none"}, args)
+            peer_rows[name] = {"rps": round(row["rps"], 1),
+                               "throughput_ratio": round(row["rps"] / direct["rps"], 3),
+                               "p50_ms": round(row["p50_ms"], 2),
+                               "vs_synapse_rps": round(row["rps"] / syn["rps"], 3)}
+    finally:
+        tree.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"bench": "gateway", "direct_rps": round(direct["rps"], 1),
+            "synapse_rps": round(syn["rps"], 1),
+            "throughput_ratio": round(syn["rps"] / direct["rps"], 3),
+            "added_p50_ms": round(syn["p50_ms"] - direct["p50_ms"], 3),
+            "added_p99_ms": round(syn["p99_ms"] - direct["p99_ms"], 3),
+            "stream_throughput_ratio": round(syn["stream_rps"] / direct["stream_rps"], 3),
+            "rate_rps": args.rate, "peers": peer_rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0, help="per phase")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=300.0, help="fixed-rate phase, req/s")
+    args = parser.parse_args()
+    try:
+        import uvloop
+        result = uvloop.run(run(args))
+    except ImportError:
+        result = asyncio.run(run(args))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The serving path through the official openai client: answers, headers, every error."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import openai
+import pytest
+
+from tests.controlplane import cp_testing as t
+
+
+async def test_chat_and_completions_pass_through_with_headers() -> None:
+    async with t.backends(("one", "ok")) as (b,):
+        async with t.running(t.settings(upstreams=[t.upstream("one", b.url)])) as cp:
+            client = cp.client()
+            raw = await client.chat.completions.with_raw_response.create(
+                model="llama", messages=[{"role": "user", "content": "hi"}],
+                extra_body={"my_new_field": {"x": 1}})
+            reply = raw.parse()
+            assert reply.choices[0].message.content == "hello from one"
+            assert raw.headers["x-synapse-cache"] == "bypass"
+            assert raw.headers["x-synapse-backend"] == "static/one"
+            assert raw.headers["x-synapse-route"]
+            assert len(raw.headers["x-request-id"]) >= 8
+            sent = json.loads(b.bodies[-1])
+            # The alias became the canonical model; the unknown field arrived untouched.
+            assert sent["model"] == t.MODEL and sent["my_new_field"] == {"x": 1}
+            # The client's key never reaches the backend.
+            assert t.KEY_A not in json.dumps(b.headers[-1])
+
+            done = await client.completions.create(model=t.MODEL, prompt="Once upon")
+            assert done.choices[0].text == "hello from one"
+            await client.close()
+
+
+async def test_canonical_name_forwards_the_exact_bytes() -> None:
+    async with t.backends(("one", "ok")) as (b,):
+        async with t.running(t.settings(upstreams=[t.upstream("one", b.url)])) as cp:
+            raw = (b'{"model": "%s",  "messages": [{"role": "user", "content": "hi"}],'
+                   b' "zz_unknown": [1, 2]}' % t.MODEL.encode())
+            async with aiohttp.ClientSession() as s:
+                async with s.post(f"{cp.url}/v1/chat/completions", data=raw,
+                                  headers={"Authorization": f"Bearer {t.KEY_A}"}) as resp:
+                    assert resp.status == 200
+                    assert resp.headers["x-request-id"]
+            assert b.bodies[-1] == raw
+
+
+async def test_streaming_passes_chunks_and_usage_through() -> None:
+    async with t.backends(("one", "ok")) as (b,):
+        async with t.running(t.settings(upstreams=[t.upstream("one", b.url)])) as cp:
+            client = cp.client()
+            stream = await client.chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "hi"}], stream=True,
+                stream_options={"include_usage": True})
+            text, usage = "", None
+            async for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                usage = chunk.usage or usage
+            assert text == "hello from one"
+            assert usage is not None and usage.total_tokens == 8
+            await client.close()
+
+
+async def test_every_error_status_is_an_openai_error() -> None:
+    s = t.settings(upstreams=[t.upstream("one", "http://127.0.0.1:9")],
+                   models=[{"name": t.MODEL, "aliases": ["llama"]},
+                           {"name": "private-model"}],
+                   auth={"tenants": [{"name": "a", "keys": [t.KEY_A],
+                                      "allowed_models": ["llama"]}]})
+    async with t.running(s) as cp:
+        client = cp.client()
+        msgs = [{"role": "user", "content": "hi"}]
+        with pytest.raises(openai.AuthenticationError) as e401:
+            await cp.client("sk-wrong").chat.completions.create(model="llama", messages=msgs)
+        assert e401.value.status_code == 401 and e401.value.code == "invalid_api_key"
+        with pytest.raises(openai.BadRequestError) as e400:
+            await client.chat.completions.create(model="llama",
+                                                 messages=[{"content": "no role"}])
+        assert e400.value.param == "messages[0].role"
+        with pytest.raises(openai.BadRequestError) as e400b:
+            await client.chat.completions.create(model="llama", messages=msgs,
+                                                 temperature=7)
+        assert e400b.value.param == "temperature"
+        with pytest.raises(openai.NotFoundError) as e404:
+            await client.chat.completions.create(model="no-such-model", messages=msgs)
+        assert "GET /v1/models" in e404.value.message
+        with pytest.raises(openai.PermissionDeniedError) as e403:
+            await client.chat.completions.create(model="private-model", messages=msgs)
+        assert e403.value.status_code == 403
+        with pytest.raises(openai.APIStatusError) as e413:
+            await client.chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "x" * 100_000}])
+        assert e413.value.status_code == 413
+        assert e413.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+        await client.close()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{cp.url}/v1/chat/completions", data=b"{not json",
+                                 headers={"Authorization": f"Bearer {t.KEY_A}"}) as resp:
+                assert resp.status == 400
+                err = (await resp.json())["error"]
+                assert err["code"] == "invalid_json" and err["type"] == "invalid_request_error"
+
+
+async def test_upstream_failures_map_to_502_503_504() -> None:
+    s = t.settings(models=[{"name": t.MODEL, "aliases": ["llama"]},
+                           {"name": "nobody-serves-me"}])
+    async with t.backends(("bad", "500"), ("slow", "hang")) as (bad, slow):
+        s502 = t.settings(upstreams=[t.upstream("bad", bad.url)])
+        async with t.running(s502) as cp:
+            client = cp.client()
+            with pytest.raises(openai.APIStatusError) as e502:
+                await client.chat.completions.create(
+                    model="llama", messages=[{"role": "user", "content": "hi"}])
+            assert e502.value.status_code == 502 and "status 500" in e502.value.message
+            await client.close()
+        s504 = t.settings(upstreams=[t.upstream("slow", slow.url)],
+                          http={"upstream_first_byte_timeout_s": 0.3})
+        async with t.running(s504) as cp:
+            client = cp.client()
+            with pytest.raises(openai.APIStatusError) as e504:
+                await client.chat.completions.create(
+                    model="llama", messages=[{"role": "user", "content": "hi"}])
+            assert e504.value.status_code == 504
+            await client.close()
+    async with t.running(s) as cp:
+        client = cp.client()
+        with pytest.raises(openai.APIStatusError) as e503:
+            await client.chat.completions.create(
+                model="nobody-serves-me", messages=[{"role": "user", "content": "hi"}])
+        assert e503.value.status_code == 503 and e503.value.code == "no_backend"
+        await client.close()
+
+
+async def test_rate_limited_tenant_gets_429_while_another_is_served() -> None:
+    async with t.backends(("one", "ok")) as (b,):
+        s = t.settings(upstreams=[t.upstream("one", b.url)], auth={"tenants": [
+            {"name": "a", "keys": [t.KEY_A], "requests_per_second": 0.01, "burst": 2},
+            {"name": "b", "keys": [t.KEY_B]}]})
+        async with t.running(s) as cp:
+            a, other = cp.client(t.KEY_A), cp.client(t.KEY_B)
+            msgs = [{"role": "user", "content": "hi"}]
+            for _ in range(2):
+                await a.chat.completions.create(model="llama", messages=msgs)
+            with pytest.raises(openai.RateLimitError) as e429:
+                await a.chat.completions.create(model="llama", messages=msgs)
+            assert int(e429.value.response.headers["Retry-After"]) >= 1
+            assert e429.value.code == "rate_limit_exceeded"
+            for _ in range(5):
+                await other.chat.completions.create(model="llama", messages=msgs)
+            await a.close()
+            await other.close()
+
+
+async def test_fallback_model_is_used_and_said_in_a_header() -> None:
+    async with t.backends(("big", "ok")) as (b,):
+        s = t.settings(models=[{"name": t.MODEL, "aliases": ["llama"], "fallbacks": ["big"]},
+                               {"name": "big-model", "aliases": ["big"]}],
+                       upstreams=[t.upstream("big", b.url, ["big-model"])])
+        async with t.running(s) as cp:
+            client = cp.client()
+            raw = await client.chat.completions.with_raw_response.create(
+                model="llama", messages=[{"role": "user", "content": "hi"}])
+            assert raw.headers["x-synapse-fallback"] == "big-model"
+            assert json.loads(b.bodies[-1])["model"] == "big-model"
+            await client.close()
+
+
+async def test_embeddings_through_an_embedding_backend() -> None:
+    async with t.backends(("emb", "ok")) as (b,):
+        s = t.settings(models=[{"name": "embedder"}],
+                       upstreams=[t.upstream("emb", b.url, ["embedder"], task="embed")])
+        async with t.running(s) as cp:
+            client = cp.client()
+            out = await client.embeddings.create(model="embedder", input=["a", "b"],
+                                                 encoding_format="float")
+            assert [d.embedding for d in out.data] == [[0.1, 0.2, 0.3]] * 2
+            await client.close()
