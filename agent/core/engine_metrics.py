@@ -105,15 +105,18 @@ def prefix_hit_rate(previous: types.EngineSnapshot | None,
                     current: types.EngineSnapshot) -> float | None:
     """Hits / queries between two scrapes; ``None`` when there is nothing to say.
 
-    No new queries, a counter reset (engine restart) or missing counters give ``None``
-    (the caller keeps its last rate); V0's ratio gauge is the fallback without counters.
+    Without a previous scrape, or after a counter reset (the engine restarted), the
+    counters themselves are the delta since the engine started from zero. No new
+    queries give ``None`` (the caller keeps its last rate); V0's ratio gauge is the
+    fallback when the counters are missing.
     """
     if current.prefix_queries is None or current.prefix_hits is None:
         return current.prefix_hit_rate_gauge
-    if previous is None or previous.prefix_queries is None or previous.prefix_hits is None:
-        return None
-    queries = current.prefix_queries - previous.prefix_queries
-    hits = current.prefix_hits - previous.prefix_hits
+    queries, hits = current.prefix_queries, current.prefix_hits
+    if previous is not None and previous.prefix_queries is not None \
+            and previous.prefix_hits is not None and previous.prefix_queries <= queries:
+        queries -= previous.prefix_queries
+        hits -= previous.prefix_hits
     if queries <= 0 or hits < 0:
         return None
     return min(1.0, max(0.0, hits / queries))

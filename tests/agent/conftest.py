@@ -20,7 +20,7 @@ STAND_IN = [sys.executable, str(HERE / "stand_in_engine.py")]
 
 def engine_command() -> list[str]:
     """The real engine simulator (``synapse simulator``)."""
-    return STAND_IN  # TODO switch to the simulator when it lands
+    return [harness.console_script("synapse"), "simulator"]
 
 
 @pytest.fixture

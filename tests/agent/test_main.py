@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 
+import openai
 import psutil
 import yaml
 
@@ -54,6 +55,19 @@ def test_sigkilled_engine_is_restarted_and_nvml_failure_is_reported(
     agent = start_agent(agent_config(tmp_path, control_plane, backends=[SIM]))
     first = _wait_ready(control_plane, agent.proc)
     assert first.restarts == 0 and first.pid > 0 and first.url.startswith("http://127.0.0.1:")
+
+    # Engine metrics scraped from the simulator: KV capacity and prefix-cache hit rate.
+    client = openai.OpenAI(base_url=first.url + "/v1", api_key="unused", timeout=30)
+    prompt = "Summarise the history of the printing press in a few sentences, please. " * 3
+    for _ in range(2):
+        client.chat.completions.create(model="test-model", max_tokens=4,
+                                       messages=[{"role": "user", "content": prompt}])
+    harness.wait_until(lambda: _backend(control_plane).prefix_cache_hit_rate > 0, 20,
+                       "a prefix-cache hit rate in the reports", proc=agent.proc)
+    scraped = _backend(control_plane)
+    assert scraped.metrics_ok and scraped.kv_block_size > 0
+    assert scraped.kv_capacity_tokens > 0 and scraped.kv_capacity_tokens % scraped.kv_block_size == 0
+    assert 0 < scraped.prefix_cache_hit_rate <= 1
 
     os.kill(first.pid, signal.SIGKILL)
     harness.wait_until(lambda: _backend(control_plane).restarts == 1
