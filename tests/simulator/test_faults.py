@@ -1,0 +1,115 @@
+"""Each fault knob, by flag and at run time through /sim/faults, on a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import aiohttp
+import openai
+import pytest
+
+from simulator import faults
+from tests import harness
+from tests.simulator.conftest import MODEL, Sim, start
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "fault?"}], "max_tokens": 4}
+
+
+def request(url: str, body: dict | None = None, timeout: float = 10) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else {}
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        return exc.code, json.loads(raw) if raw else {}
+
+
+def test_error_rate_answers_500_with_an_envelope(processes: harness.ProcessPool) -> None:
+    sim = start(processes, "--time-scale", "0", "--error-rate", "1")
+    client = openai.OpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.chat.completions.create(**CHAT)
+    assert "fault injection" in str(err.value)
+    status, body = request(sim.url + "/sim/faults", {"error_rate": 0})
+    assert status == 200 and body["error_rate"] == 0
+    assert client.chat.completions.create(**CHAT).choices[0].message.content
+
+
+def test_crash_after_n_requests_exits_non_zero(processes: harness.ProcessPool) -> None:
+    sim = start(processes, "--time-scale", "0", "--crash-after", "2")
+    for _ in range(2):
+        status, body = request(sim.url + "/v1/chat/completions", CHAT)
+        assert status == 200 and body["choices"]
+    assert sim.proc.wait(timeout=20) == faults.CRASH_EXIT_CODE
+    assert "crash_after=2" in sim.proc.output()
+
+
+def test_slow_start_makes_health_503_for_a_while(processes: harness.ProcessPool) -> None:
+    sim = start(processes, "--time-scale", "0", "--slow-start", "1.5", wait_health=False)
+    status, body = request(sim.url + "/health")
+    assert status == 503 and body["error"]["code"] == 503
+    status, _ = request(sim.url + "/v1/chat/completions", CHAT)
+    assert status == 503
+    harness.wait_until(lambda: harness.http_ok(sim.url + "/health"), 20, "health after start")
+    assert request(sim.url + "/v1/chat/completions", CHAT)[0] == 200
+
+
+@pytest.fixture
+def sim(processes: harness.ProcessPool) -> Sim:
+    return start(processes, "--time-scale", "0", "--stall-s", "0.3")
+
+
+async def test_hang_accepts_and_never_answers_until_lifted(sim: Sim) -> None:
+    status, _ = request(sim.url + "/sim/faults", {"hang": True})
+    assert status == 200
+    timeout = aiohttp.ClientTimeout(total=1.0)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        with pytest.raises(asyncio.TimeoutError):
+            async with session.post(sim.url + "/v1/chat/completions", json=CHAT) as resp:
+                await resp.read()
+        with pytest.raises(asyncio.TimeoutError):
+            async with session.get(sim.url + "/health") as resp:
+                await resp.read()
+        async with session.get(sim.url + "/sim/faults") as resp:
+            assert (await resp.json())["hang"] is True
+        async with session.post(sim.url + "/sim/faults", json={"hang": False}) as resp:
+            assert resp.status == 200
+        async with session.post(sim.url + "/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 200
+
+
+async def test_stall_mid_stream_then_drop(sim: Sim) -> None:
+    request(sim.url + "/sim/faults", {"stall_after_chunks": 2})
+    body = {**CHAT, "max_tokens": 50, "stream": True}
+    events: list[bytes] = []
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with session.post(sim.url + "/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200
+                async for line in resp.content:
+                    if line.strip():
+                        events.append(line)
+        assert len(events) == 2 and b"[DONE]" not in b"".join(events)
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            async with session.post(sim.url + "/v1/chat/completions", json=CHAT) as resp:
+                await resp.read()
+        async with session.post(sim.url + "/sim/faults",
+                                json={"stall_after_chunks": None}) as resp:
+            assert (await resp.json())["stall_after_chunks"] is None
+        async with session.post(sim.url + "/v1/chat/completions", json=body) as resp:
+            assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+
+
+def test_bad_fault_values_are_400_naming_the_field(sim: Sim) -> None:
+    status, body = request(sim.url + "/sim/faults", {"error_rate": 3})
+    assert status == 400 and body["error"]["param"] == "error_rate"
+    status, body = request(sim.url + "/sim/faults", {"explode": True})
+    assert status == 400 and "explode" in body["error"]["message"]
+    status, body = request(sim.url + "/sim/faults")
+    assert status == 200 and body["error_rate"] == 0
