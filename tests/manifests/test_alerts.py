@@ -4,10 +4,12 @@ test_metric_names."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
 
+from agent.core import types as agent_types
 from tests.manifests import render, tools
 
 MONITORING = render.MANIFESTS / "monitoring"
@@ -84,3 +86,11 @@ def test_prometheus_rule_matches_the_rule_file() -> None:
     assert shipped["spec"]["groups"] == rule_file["groups"], (
         "manifests/monitoring/prometheusrule.yaml differs from alerts.yaml: regenerate it "
         "with the command in its header")
+
+
+def test_backend_down_matches_states_the_agent_reports() -> None:
+    rule = next(r for r in _rules() if r.get("alert") == "SynapseBackendDown")
+    states = re.search(r'state=~"([^"]+)"', rule["expr"])
+    assert states, rule["expr"]
+    phases = {p.value for p in agent_types.Phase}
+    assert set(states.group(1).split("|")) <= phases, f"agent phases are {sorted(phases)}"

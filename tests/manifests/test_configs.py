@@ -155,6 +155,10 @@ def test_agent_config_validates_and_matches_the_pod(
     assert cfg.metrics.port == ports["metrics"]
     assert cfg.node_name == FIELD_REFS["spec.nodeName"]
     assert cfg.grpc.advertise_address == f"{FIELD_REFS['status.podIP']}:{cfg.grpc.port}"
+    # the control plane proxies to the engines: they must listen on, and be advertised
+    # with, the pod's address
+    assert cfg.supervisor.engine_host == "0.0.0.0"
+    assert cfg.supervisor.advertise_host == FIELD_REFS["status.podIP"]
     # the agent dials every replica through the headless Service
     objects = render.render(overlay)
     headless = render.find(objects, "Service", "synapse-controlplane-headless")

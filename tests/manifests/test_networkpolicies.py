@@ -56,7 +56,8 @@ def _peer_matches(peer: dict[str, Any], policy_ns: str, other: Pod | None) -> bo
 
 def _port_matches(rule: dict[str, Any], port: int, protocol: str) -> bool:
     ports = rule.get("ports")
-    return not ports or any(p.get("port") == port and p.get("protocol", "TCP") == protocol
+    return not ports or any(p.get("protocol", "TCP") == protocol
+                            and p.get("port") <= port <= p.get("endPort", p.get("port"))
                             for p in ports)
 
 
@@ -98,6 +99,7 @@ NEEDED = [
     ("agent -> control plane report stream", AGENT, CP, 50051, "TCP"),
     ("synapsectl pod -> Admin gRPC", ADMIN, CP, 50051, "TCP"),
     ("control plane -> agent Node.Embed", CP, AGENT, 50052, "TCP"),
+    ("control plane -> engine in the agent pod", CP, AGENT, 8000, "TCP"),
     ("prometheus -> agent /metrics", PROMETHEUS, AGENT, 9102, "TCP"),
     ("control plane -> external Redis", CP, EXTERNAL, 6379, "TCP"),
     ("control plane -> external Milvus", CP, EXTERNAL, 19530, "TCP"),
@@ -109,6 +111,7 @@ FORBIDDEN = [
     ("client -> Admin/agent gRPC port", CLIENT, CP, 50051, "TCP"),
     ("client -> agent Node.Embed", CLIENT, AGENT, 50052, "TCP"),
     ("client -> agent metrics", CLIENT, AGENT, 9102, "TCP"),
+    ("client -> engine, bypassing the control plane", CLIENT, AGENT, 8000, "TCP"),
     ("agent -> another agent", AGENT, AGENT, 50052, "TCP"),
     ("agent -> control plane API", AGENT, CP, 8080, "TCP"),
     ("agent -> the internet", AGENT, EXTERNAL, 443, "TCP"),
@@ -144,3 +147,13 @@ def test_every_configured_upstream_is_reachable(policies: list[dict[str, Any]]) 
         target = Pod(parts[1], (("app", "upstream"),))
         port = url.port or (443 if url.scheme == "https" else 80)
         assert may_connect(policies, CP, target, port), f"upstream {upstream['name']} blocked"
+
+
+def test_the_control_plane_reaches_every_configured_engine(
+        policies: list[dict[str, Any]]) -> None:
+    cm = render.find(render.render("production"), "ConfigMap", "synapse-agent-config")
+    backends = yaml.safe_load(cm["data"]["config.yaml"])["backends"]
+    for backend in backends:
+        port = backend.get("port")
+        assert port, f"backend {backend['name']}: set a port (policies open 8000-8999 only)"
+        assert may_connect(policies, CP, AGENT, port), f"engine {backend['name']} blocked"
