@@ -17,9 +17,10 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
+import numpy as np
 import orjson
 from aiohttp import web
 
@@ -210,5 +211,5 @@ class _EmbedderHolder:
         if self.settings.embedder == "minilm":
             self._inner = await embedders.MiniLmEmbedder.load()
 
-    async def embed(self, texts: list[str], normalize: bool) -> Any:
+    async def embed(self, texts: Sequence[str], normalize: bool) -> np.ndarray:
         return await self._inner.embed(texts, normalize)

@@ -25,8 +25,11 @@ from protos.common import tokens
 
 
 class Embedder(Protocol):
-    name: str
-    dim: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
 
     async def embed(self, texts: Sequence[str], normalize: bool) -> np.ndarray: ...
 

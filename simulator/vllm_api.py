@@ -75,7 +75,7 @@ class VllmApi:
     # -- small endpoints ----------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        data = [{"id": name, "object": "model", "created": self.started,
+        data: list[dict[str, Any]] = [{"id": name, "object": "model", "created": self.started,
                  "owned_by": FINGERPRINT, "root": self.settings.model, "parent": None,
                  "max_model_len": self.max_model_len, "permission": []}
                 for name in self.served]

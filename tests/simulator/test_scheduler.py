@@ -93,11 +93,11 @@ def test_a_shared_prefix_is_prefilled_once() -> None:
     clock = FakeClock()
     s = sched.Scheduler(profile(), clock)
     shared = list(range(400))  # 100 blocks of 4
-    first = make_seq(shared + [1, 2, 3], output_len=2, name="a")
+    first = make_seq([*shared, 1, 2, 3], output_len=2, name="a")
     s.add(first)
     cold = run_step(s, clock)
     run_until_idle(s, clock)
-    second = make_seq(shared + [7, 8, 9, 10, 11], output_len=2, name="b")
+    second = make_seq([*shared, 7, 8, 9, 10, 11], output_len=2, name="b")
     s.add(second)
     warm = run_step(s, clock)
     assert second.num_cached_tokens == 400
