@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from typing import Any
 
 import dockerfile
@@ -205,3 +206,35 @@ def test_embed_extra_only_in_the_agent_image() -> None:
     for name in IMAGES:
         for c in stages(parse(name))[-1]:
             assert c.cmd != "RUN" or "pip" not in c.value[0], f"{name}: pip in the runtime stage"
+
+
+def test_the_build_context_builds_a_complete_wheel(tmp_path: pathlib.Path) -> None:
+    # what `pip install .` in the build stage sees: the COPY sources minus .dockerignore
+    context = tmp_path / "context"
+    for src in copy_sources(parse("Dockerfile.agent")):
+        path = REPO / src
+        for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+            rel = f.relative_to(REPO).as_posix()
+            if not dockerignored(rel):
+                (context / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, context / rel)
+    out = tmp_path / "wheel"
+    # no build isolation: the venv's setuptools builds it offline
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                           "--no-build-isolation", "-w", str(out), str(context)],
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wheel = next(out.glob("*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for package in ("agent", "controlplane", "protos", "simulator"):
+        assert f"{package}/__init__.py" in names, f"{package} missing from the image's wheel"
+    # every data file the repo ships inside the packages reaches the image
+    for pattern in ("*.json", "*.proto", "*.yaml", "*.npz", "py.typed"):
+        for package in ("agent", "controlplane", "protos", "simulator"):
+            for f in (REPO / package).rglob(pattern):
+                rel = f.relative_to(REPO).as_posix()
+                assert rel in names, f"{rel} is not in the wheel the image installs"
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    for script in PYPROJECT["project"]["scripts"]:
+        assert f"{script} = " in text
