@@ -46,9 +46,42 @@ def build_response_cache(settings: config.ControlPlaneSettings,
 
     ``services.registry.ready_embed_nodes()`` lists the agents serving ``Node.Embed``
     (name, address, embed_models); ``services.metrics`` holds the cache metrics.
-    Returns :class:`NullCache` until the real cache is wired in.
+    Built here: L1 in-process unless ``redis.url``; L2 Milvus Lite at ``<data_dir>/l2.db``
+    unless ``cache.milvus_uri``; embeddings through a ready agent's ``Node.Embed``.
     """
-    return cache_port.NullCache()
+    c = settings.cache
+    if not c.enabled:
+        return cache_port.NullCache()
+    import os
+
+    from controlplane.adapters import embedder, l1, milvus
+    from controlplane.core import response_cache, verifier
+
+    store: l1.L1Store = (
+        l1.RedisL1(settings.redis.url.get_secret_value(), timeout_s=max(c.l1_budget_ms / 1000, 0.05))
+        if settings.redis.url else l1.MemoryL1(c.l1_max_entries, c.l1_max_bytes))
+    uri = c.milvus_uri.get_secret_value() if c.milvus_uri else os.path.join(settings.data_dir, "l2.db")
+    l2 = milvus.MilvusL2(uri, c.collection, c.milvus_token.get_secret_value() if c.milvus_token else None)
+    nodes = services.registry.ready_embed_nodes
+    embed = embedder.NodeEmbedder(
+        lambda: [n.address for n in nodes() if c.embed_model in n.embed_models],
+        c.embed_model, timeout_s=c.semantic_budget_ms / 1000)
+    options = response_cache.Options(
+        ttl_s=c.ttl_s, temperature_ceiling=c.temperature_ceiling,
+        default_temperature=c.default_temperature, l1_budget_s=c.l1_budget_ms / 1000,
+        semantic_budget_s=c.semantic_budget_ms / 1000, top_k=c.top_k,
+        embed_model=c.embed_model, semantic_enabled=c.semantic_enabled,
+        target_precision=c.target_precision,
+        model_target_precision={m.name: m.cache_target_precision for m in settings.models
+                                if m.cache_target_precision is not None})
+    try:
+        judge = verifier.load(c.verifier_path)
+    except verifier.VerifierError as exc:
+        print(f"config error: cache.verifier_path: {exc}", file=sys.stderr)
+        raise SystemExit(cli.EXIT_CONFIG) from None
+    return response_cache.TieredCache(
+        options=options, l1=store, metrics=services.metrics, l2=l2, embedder=embed,
+        verifier_model=judge)
 
 
 def grpc_registrations(services: services_mod.Services) -> list[grpc_server.Registration]:

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -144,6 +145,8 @@ class MilvusL2:
                 if self._failed_at is not None and now - self._failed_at < self._reconnect_s:
                     raise L2Unavailable(f"Milvus at {self._safe_uri()} failed recently")
                 try:
+                    if "://" not in self._uri:       # Milvus Lite file: its folder must exist
+                        os.makedirs(os.path.dirname(os.path.abspath(self._uri)), exist_ok=True)
                     from pymilvus import MilvusClient
                     kwargs: dict[str, Any] = {"uri": self._uri, "timeout": self._timeout}
                     if self._token:

@@ -1,0 +1,126 @@
+"""The cache rules: what shares an entry, what is the semantic text, what bypasses."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane.core import cache_port, cache_rules
+
+EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+BASE = {"model": "llama", "temperature": 0,
+        "messages": [{"role": "system", "content": "You are terse."},
+                     {"role": "user", "content": "What is the capital of France?"}]}
+
+
+def req(body=None, tenant="acme", model="llama-3-8b", endpoint="chat", cache_control=""):
+    return cache_port.CacheRequest(tenant, model, endpoint, body if body is not None else BASE,
+                                   cache_control)
+
+
+def keys(**kw):
+    return cache_rules.derive(req(**kw), EMBEDDER)
+
+
+def test_semantic_text_is_the_last_user_message_and_the_rest_is_context():
+    k = keys()
+    assert k.semantic_text == "What is the capital of France?"
+    other = keys(body={**BASE, "messages": [BASE["messages"][0],
+                                            {"role": "user", "content": "Capital of France?"}]})
+    assert other.scope_hash == k.scope_hash          # same context, different question
+    assert other.exact_key != k.exact_key
+
+
+def test_a_repeat_has_the_same_key_and_framing_fields_do_not_split_it():
+    a = keys()
+    b = keys(body={**BASE, "model": "alias-of-llama", "stream": True,
+                   "stream_options": {"include_usage": True}, "user": "u-1"})
+    assert (a.scope_hash, a.exact_key) == (b.scope_hash, b.exact_key)
+
+
+def test_numbers_are_canonical():
+    assert keys(body={**BASE, "temperature": 0.0}).exact_key == keys().exact_key
+
+
+@pytest.mark.parametrize("change", [
+    {"tenant": "globex"},
+    {"model": "mistral-7b"},
+    {"endpoint": "completions"},
+])
+def test_tenant_model_and_endpoint_are_scope(change):
+    assert keys(**change).scope_hash != keys().scope_hash
+
+
+@pytest.mark.parametrize("field,value", [
+    ("top_p", 0.5), ("max_tokens", 10), ("max_completion_tokens", 10), ("stop", ["\n"]),
+    ("seed", 3), ("presence_penalty", 0.5), ("frequency_penalty", 0.5),
+    ("logit_bias", {"50256": -100}), ("logprobs", True), ("top_logprobs", 2),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
+    ("functions", [{"name": "f"}]), ("response_format", {"type": "json_object"}),
+    ("some_future_field", "x"),
+])
+def test_every_other_field_is_context(field, value):
+    assert keys(body={**BASE, field: value}).scope_hash != keys().scope_hash
+
+
+def test_system_prompt_and_earlier_turns_are_context():
+    other_system = {**BASE, "messages": [{"role": "system", "content": "You are verbose."},
+                                         BASE["messages"][1]]}
+    earlier = {**BASE, "messages": [BASE["messages"][0],
+                                    {"role": "user", "content": "Hi"},
+                                    {"role": "assistant", "content": "Hello"},
+                                    BASE["messages"][1]]}
+    assert keys(body=other_system).scope_hash != keys().scope_hash
+    assert keys(body=earlier).scope_hash != keys().scope_hash
+
+
+def test_last_message_not_user_text_means_exact_layer_only():
+    tool = {**BASE, "messages": [*BASE["messages"],
+                                 {"role": "tool", "content": "42", "tool_call_id": "c1"}]}
+    image = {**BASE, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this"},
+        {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]}
+    for body in (tool, image):
+        k = keys(body=body)
+        assert k.semantic_text is None and len(k.exact_key) == 64
+    parts = {**BASE, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                               {"type": "text", "text": "b"}]}]}
+    assert keys(body=parts).semantic_text == "a\nb"
+
+
+def test_completions_prompt_is_the_semantic_text():
+    k = keys(endpoint="completions", body={"prompt": "Once upon", "max_tokens": 5})
+    assert k.semantic_text == "Once upon"
+
+
+@pytest.mark.parametrize("body,header,expected", [
+    ({**BASE, "n": 2}, "", (False, False, "n>1")),
+    ({**BASE, "temperature": 0.9}, "", (False, False, "temperature")),
+    ({k: v for k, v in BASE.items() if k != "temperature"}, "", (False, False, "temperature")),
+    ({**BASE, "temperature": "hot"}, "", (False, False, "invalid")),
+    (BASE, "no-cache", (False, True, "no-cache")),
+    (BASE, "No-Store", (True, False, "no-store")),
+    (BASE, "no-cache, no-store", (False, False, "no-store")),
+    (BASE, "max-age=0", (True, True, "")),
+    ({**BASE, "stream": True}, "", (True, True, "")),
+])
+def test_policy(body, header, expected):
+    p = cache_rules.policy(req(body=body, cache_control=header), temperature_ceiling=0.7)
+    assert (p.lookup, p.store, p.reason) == expected
+
+
+def test_default_temperature_is_configurable():
+    body = {k: v for k, v in BASE.items() if k != "temperature"}
+    p = cache_rules.policy(req(body=body), temperature_ceiling=0.7, default_temperature=0.0)
+    assert p.lookup and p.store
+
+
+@pytest.mark.parametrize("response,ok", [
+    ({"choices": [{"finish_reason": "stop"}]}, True),
+    ({"choices": [{"finish_reason": "length"}, {"finish_reason": "stop"}]}, True),
+    ({"choices": [{"finish_reason": "tool_calls"}]}, False),
+    ({"choices": [{"finish_reason": None}]}, False),
+    ({"choices": []}, False),
+    ({"error": {"message": "x"}, "choices": [{"finish_reason": "stop"}]}, False),
+])
+def test_only_complete_responses_are_storable(response, ok):
+    assert cache_rules.is_storable(response) is ok

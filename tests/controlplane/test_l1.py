@@ -1,0 +1,100 @@
+"""L1 exact layer: the in-process LRU and real Redis behave alike (TTL, bounds, invalidation)."""
+
+from __future__ import annotations
+
+import pytest
+import redis.exceptions
+
+from controlplane.adapters import l1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request, tmp_path):
+    if request.param == "memory":
+        s = l1.MemoryL1(max_entries=100, max_bytes=10**6)
+        yield s
+    else:
+        redis_server = request.getfixturevalue("redis_server")
+        s = l1.RedisL1(redis_server.url, timeout_s=1.0)
+        yield s
+    await s.close()
+
+
+async def test_get_set_and_keys_are_per_tenant_and_model(store):
+    assert await store.get("acme", "m1", "k") is None
+    assert await store.set("acme", "m1", "k", b"answer", ttl_s=60)
+    assert await store.get("acme", "m1", "k") == b"answer"
+    assert await store.get("globex", "m1", "k") is None
+    assert await store.get("acme", "m2", "k") is None
+
+
+async def test_invalidate_by_tenant_model_or_everything(store):
+    for tenant in ("acme", "globex"):
+        for model in ("m1", "m2"):
+            await store.set(tenant, model, "k", b"v", ttl_s=60)
+    assert await store.invalidate("acme", None) == 2
+    assert await store.get("acme", "m1", "k") is None
+    assert await store.invalidate(None, "m2") == 1
+    assert await store.get("globex", "m1", "k") == b"v"
+    assert await store.invalidate(None, None) == 1
+    assert await store.get("globex", "m1", "k") is None
+
+
+async def test_oversized_values_are_refused():
+    small = l1.MemoryL1(max_entries=10, max_bytes=4096)
+    assert not await small.set("t", "m", "k", b"x" * 5000, ttl_s=60)
+    assert await small.get("t", "m", "k") is None
+
+
+async def test_memory_ttl_is_absolute_a_hit_does_not_extend_it():
+    clock = Clock()
+    s = l1.MemoryL1(max_entries=10, max_bytes=10**6, clock=clock)
+    await s.set("t", "m", "k", b"v", ttl_s=10)
+    clock.now += 9
+    assert await s.get("t", "m", "k") == b"v"
+    clock.now += 2          # 11 s after the write, 2 s after the last hit
+    assert await s.get("t", "m", "k") is None
+    assert len(s) == 0
+
+
+async def test_memory_lru_bounds_entries_and_bytes():
+    s = l1.MemoryL1(max_entries=3, max_bytes=10**6)
+    for k in "abc":
+        await s.set("t", "m", k, b"v", ttl_s=60)
+    await s.get("t", "m", "a")                  # a is now the most recent
+    await s.set("t", "m", "d", b"v", ttl_s=60)
+    assert await s.get("t", "m", "b") is None
+    assert [await s.get("t", "m", k) for k in "acd"] == [b"v"] * 3
+
+    by_bytes = l1.MemoryL1(max_entries=100, max_bytes=2048)
+    for k in "abc":
+        await by_bytes.set("t", "m", k, b"x" * 1000, ttl_s=60)
+    assert by_bytes.bytes_used <= 2048 and await by_bytes.get("t", "m", "a") is None
+
+
+async def test_redis_ttl_is_set_at_write(redis_server):
+    s = l1.RedisL1(redis_server.url, timeout_s=1.0)
+    await s.set("t", "m", "k", b"v", ttl_s=30)
+    ttl_ms = await s._client.pttl(l1.storage_key("t", "m", "k"))
+    assert 0 < ttl_ms <= 30_000
+    await s.get("t", "m", "k")
+    assert await s._client.pttl(l1.storage_key("t", "m", "k")) <= ttl_ms
+    await s.close()
+
+
+async def test_redis_down_raises_quickly_instead_of_hanging(redis_server):
+    s = l1.RedisL1(redis_server.url, timeout_s=0.2)
+    await s.set("t", "m", "k", b"v", ttl_s=30)
+    redis_server.kill()
+    # The response cache turns this into a counted miss.
+    with pytest.raises((redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        await s.get("t", "m", "k")
+    await s.close()

@@ -1,0 +1,146 @@
+"""The tiered response cache with real parts: MiniLM over Node.Embed, Milvus Lite, L1."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from controlplane.adapters import l1
+from tests.controlplane import test_cache_support as support
+from tests.controlplane.test_cache_support import answer, build_cache, chat, counter, remember
+
+node_address = support.node_address       # fixture: a real Node.Embed server
+
+PASSWORD = "How do I reset my password?"
+PARAPHRASE = "How can I reset my password?"
+
+
+@pytest.fixture
+async def cache(node_address, milvus_lite_path):
+    c, m = await build_cache(node_address, milvus_lite_path)
+    yield c, m
+    await c.close()
+
+
+async def test_repeat_is_exact_paraphrase_is_semantic_and_near_miss_is_not(cache):
+    c, m = cache
+    await remember(c, chat(PASSWORD), "Use the reset link.")
+    exact = await c.lookup(chat(PASSWORD))
+    assert exact.status == "hit-exact"
+    assert exact.hit.response["choices"][0]["message"]["content"] == "Use the reset link."
+
+    semantic = await c.lookup(chat(PARAPHRASE))
+    assert semantic.status == "hit-semantic"
+    assert semantic.hit.similarity > 0.9 and semantic.hit.score >= c.verifier.threshold
+    assert semantic.hit.response["choices"][0]["message"]["content"] == "Use the reset link."
+
+    await remember(c, chat("How can I lose 5 kg in a month?"), "Eat less.")
+    assert (await c.lookup(chat("How can I lose 15 kg in a month?"))).status == "miss"
+    assert counter(m, "synapse_cache_hits_total", layer="exact") == 1
+    assert counter(m, "synapse_cache_hits_total", layer="semantic") == 1
+    assert counter(m, "synapse_cache_stores_total", layer="semantic") == 2
+
+
+async def test_semantic_hits_survive_a_flush(cache):
+    c, _ = cache
+    await remember(c, chat(PASSWORD), "Use the reset link.")
+    await c.l2.flush()      # rows now come from Milvus itself, not the recent buffer
+    assert not c.l2._pending
+    assert (await c.lookup(chat(PARAPHRASE))).status == "hit-semantic"
+
+
+async def test_cache_control_and_bypass_rules(cache):
+    c, m = cache
+    no_cache = await c.lookup(chat(PASSWORD, cache_control="no-cache"))
+    assert no_cache.status == "bypass" and no_cache.may_store
+    c.store(no_cache, answer("stored anyway"))
+    await c.drain()
+    assert (await c.lookup(chat(PASSWORD))).status == "hit-exact"
+    assert (await c.lookup(chat(PARAPHRASE))).status == "hit-semantic"   # embedded at store
+
+    no_store = await c.lookup(chat("What is the capital of France?", cache_control="no-store"))
+    assert no_store.status == "miss" and not no_store.may_store
+    c.store(no_store, answer("Paris"))
+    await c.drain()
+    assert (await c.lookup(chat("What is the capital of France?"))).status == "miss"
+
+    for req in (chat(PASSWORD, n=2), chat(PASSWORD, temperature=1.2)):
+        decision = await c.lookup(req)
+        assert decision.status == "bypass" and not decision.may_store
+    assert counter(m, "synapse_cache_bypass_total", reason="n>1") == 1
+    assert counter(m, "synapse_cache_bypass_total", reason="temperature") == 1
+
+
+async def test_incomplete_responses_are_never_stored(cache):
+    c, _ = cache
+    for finish in ("tool_calls", None):
+        decision = await c.lookup(chat(PASSWORD))
+        bad = answer("partial")
+        bad["choices"][0]["finish_reason"] = finish
+        c.store(decision, bad)
+        await c.drain()
+    c.store(await c.lookup(chat(PASSWORD)), {"error": {"message": "boom"}})
+    await c.drain()
+    assert (await c.lookup(chat(PASSWORD))).status == "miss"
+
+
+async def test_invalidate_by_tenant_clears_both_layers(cache):
+    c, _ = cache
+    await remember(c, chat(PASSWORD, tenant="acme"), "acme answer")
+    await remember(c, chat(PASSWORD, tenant="globex"), "globex answer")
+    assert await c.invalidate(tenant="acme") == (1, 1)
+    assert (await c.lookup(chat(PASSWORD, tenant="acme"))).status == "miss"
+    assert (await c.lookup(chat(PARAPHRASE, tenant="acme"))).status == "miss"
+    assert (await c.lookup(chat(PARAPHRASE, tenant="globex"))).status == "hit-semantic"
+    assert await c.invalidate(everything=True) == (1, 1)
+    with pytest.raises(ValueError):
+        await c.invalidate()
+
+
+async def test_l2_entries_expire_with_the_ttl(node_address, milvus_lite_path):
+    now = [1_000_000.0]
+    c, _ = await build_cache(node_address, milvus_lite_path, ttl_s=60)
+    c._wall = lambda: now[0]
+    c.l2._clock = lambda: now[0]
+    await remember(c, chat(PASSWORD), "old")
+    await c.l1.invalidate(None, None)        # only L2 could still answer
+    await remember(c, chat("unrelated question about tea"), "tea")
+    now[0] += 61
+    assert (await c.lookup(chat(PARAPHRASE))).status == "miss"
+    await c.close()
+
+
+async def test_embedder_down_is_a_counted_miss(milvus_lite_path):
+    c, m = await build_cache("127.0.0.1:1", milvus_lite_path, semantic_budget_s=0.5)
+    decision = await c.lookup(chat(PASSWORD))
+    assert decision.status == "miss"
+    assert counter(m, "synapse_cache_errors_total", layer="embedder") == 1
+    c.store(decision, answer("served by a backend"))
+    await c.drain()
+    assert (await c.lookup(chat(PASSWORD))).status == "hit-exact"   # L1 still works
+    await c.close()
+
+
+async def test_redis_killed_is_a_counted_miss(node_address, milvus_lite_path, redis_server):
+    store = l1.RedisL1(redis_server.url, timeout_s=0.2)
+    c, m = await build_cache(node_address, milvus_lite_path, store=store, l1_budget_s=0.3)
+    await remember(c, chat(PASSWORD), "cached")
+    assert (await c.lookup(chat(PASSWORD))).status == "hit-exact"
+    redis_server.kill()
+    assert (await c.lookup(chat(PASSWORD))).status == "miss"
+    assert counter(m, "synapse_cache_errors_total", layer="exact") >= 1
+    await c.close()
+
+
+async def test_milvus_unavailable_is_a_counted_miss(node_address, tmp_path: pathlib.Path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where Milvus needs a folder")
+    c, m = await build_cache(node_address, str(blocker / "l2.db"))
+    decision = await c.lookup(chat(PASSWORD))
+    assert decision.status == "miss"
+    assert counter(m, "synapse_cache_errors_total", layer="semantic") == 1
+    c.store(decision, answer("cached in L1 only"))
+    await c.drain()
+    assert (await c.lookup(chat(PASSWORD))).status == "hit-exact"
+    await c.close()
