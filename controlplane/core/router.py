@@ -96,6 +96,10 @@ class Router:
         self._sessions: OrderedDict[str, str] = OrderedDict()
 
     @property
+    def ledger(self) -> ledger_mod.Ledger:
+        return self._ledger
+
+    @property
     def exact_prompts(self) -> bool:
         """Whether this policy needs token ids (hashing costs CPU; others skip it)."""
         return self.params.policy == "predicted_ttft"

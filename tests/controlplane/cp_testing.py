@@ -42,6 +42,7 @@ class FakeBackend:
         self.headers: list[Mapping[str, str]] = []
         self.cancelled = 0
         self.healthy = True
+        self.health_hits = 0
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -63,6 +64,7 @@ class FakeBackend:
             await self.runner.cleanup()
 
     async def health(self, request: web.Request) -> web.Response:
+        self.health_hits += 1
         return web.json_response({}, status=200 if self.healthy else 500)
 
     async def embeddings(self, request: web.Request) -> web.Response:

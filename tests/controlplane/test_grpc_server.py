@@ -1,0 +1,120 @@
+"""``ControlPlane.Connect`` over a real gRPC server, with the test playing the agent."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from controlplane.core import types
+from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
+from tests.controlplane import cp_testing as t
+
+
+def register(name: str = "gpu-1") -> controlplane_pb2.AgentMessage:
+    return controlplane_pb2.AgentMessage(register=controlplane_pb2.Register(
+        node_name=name, agent_version="test", node_address="127.0.0.1:1",
+        embed_models=["minilm"]))
+
+
+def report(seq: int, url: str, phase: int = common_pb2.BACKEND_PHASE_READY,
+           ) -> controlplane_pb2.AgentMessage:
+    return controlplane_pb2.AgentMessage(report=controlplane_pb2.Report(
+        sequence=seq, backends=[common_pb2.BackendState(
+            name="sim", url=url + "/v1/", models=[t.MODEL], phase=phase,
+            task=common_pb2.BACKEND_TASK_GENERATE, kv_capacity_tokens=100_000,
+            kv_block_size=16, num_requests_waiting=2)]))
+
+
+class Agent:
+    """The agent's side of a Connect stream: a queue of messages to send."""
+
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.outgoing: asyncio.Queue[controlplane_pb2.AgentMessage | None] = asyncio.Queue()
+        stub = controlplane_pb2_grpc.ControlPlaneStub(self.channel)
+        self.call = stub.Connect(self._messages())
+
+    async def _messages(self):  # type: ignore[no-untyped-def]
+        while (msg := await self.outgoing.get()) is not None:
+            yield msg
+
+    async def send(self, msg: controlplane_pb2.AgentMessage) -> None:
+        await self.outgoing.put(msg)
+
+    async def receive(self) -> controlplane_pb2.ControlMessage:
+        return await asyncio.wait_for(self.call.read(), 10)
+
+    async def close(self) -> None:
+        await self.outgoing.put(None)
+        await self.channel.close()
+
+
+async def test_agent_stream_feeds_the_registry_and_routing() -> None:
+    async with t.backends(("sim", "ok")) as (b,):
+        async with t.running(t.settings(), with_grpc=True) as cp:
+            agent = Agent(cp.grpc_port)
+            await agent.send(register())
+            await agent.send(report(1, b.url))
+            ack = await agent.receive()
+            assert ack.ack.sequence == 1 and ack.ack.replica == "test"
+            node = cp.services.registry.node("gpu-1")
+            assert node is not None and node.status == "ready"
+            (backend,) = node.backends
+            assert backend.key == "gpu-1/sim" and backend.url == b.url
+            assert backend.waiting == 2 and backend.block_size == 16
+            assert cp.services.registry.ready_embed_nodes() == [
+                types.EmbedNode("gpu-1", "127.0.0.1:1", ("minilm",))]
+            client = cp.client()
+            raw = await client.chat.completions.with_raw_response.create(
+                model="llama", messages=[{"role": "user", "content": "hi"}])
+            assert raw.headers["x-synapse-backend"] == "gpu-1/sim"
+
+            # A command to the agent is sent on the stream and its ack comes back.
+            pending = asyncio.create_task(cp.services.registry.send_command(
+                "gpu-1", types.Command("drain", grace_seconds=3)))
+            cmd = await agent.receive()
+            assert cmd.WhichOneof("body") == "drain" and cmd.drain.grace_seconds == 3
+            await agent.send(controlplane_pb2.AgentMessage(
+                command_ack=controlplane_pb2.CommandAck(command_id=cmd.command_id, ok=True)))
+            assert (await pending).ok
+
+            # The stream ends: the node is down and leaves the routing set.
+            await agent.close()
+            for _ in range(100):
+                node = cp.services.registry.node("gpu-1")
+                if node is not None and node.status == "down":
+                    break
+                await asyncio.sleep(0.05)
+            assert node is not None and node.status == "down"
+            with pytest.raises(Exception, match="503|no backend"):
+                await client.chat.completions.create(
+                    model="llama", messages=[{"role": "user", "content": "hi"}])
+            await client.close()
+
+
+async def test_first_message_must_be_register_and_health_reflection_work() -> None:
+    async with t.running(t.settings(), with_grpc=True) as cp:
+        agent = Agent(cp.grpc_port)
+        await agent.send(report(1, "http://x"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await agent.receive()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await agent.close()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cp.grpc_port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            reply = await health.Check(health_pb2.HealthCheckRequest(
+                service="synapse.v1.ControlPlane"), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+
+            async def ask():  # type: ignore[no-untyped-def]
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+            async for resp in refl.ServerReflectionInfo(ask()):
+                names = {s.name for s in resp.list_services_response.service}
+                assert "synapse.v1.ControlPlane" in names
+                break

@@ -1,0 +1,69 @@
+"""Rate limits: local token bucket, and Redis-backed limits shared by two replicas."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane import errors
+from controlplane.adapters import redis_limits
+from controlplane.core import ratelimit, tenants
+from tests import harness
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_local_bucket_refills_with_time_and_caps_concurrency() -> None:
+    clock = Clock()
+    limiter = ratelimit.RateLimiter(ratelimit.LocalStore(clock))
+    t = tenants.Tenant("t", requests_per_second=2, burst=2, max_concurrent=10)
+    permits = [await limiter.acquire(t, "r1"), await limiter.acquire(t, "r2")]
+    with pytest.raises(errors.RateLimited) as err:
+        await limiter.acquire(t, "r3")
+    assert err.value.limit == "rate" and err.value.retry_after_s == pytest.approx(0.5)
+    clock.now = 0.5
+    permits.append(await limiter.acquire(t, "r4"))
+    conc = tenants.Tenant("c", max_concurrent=1)
+    p = await limiter.acquire(conc, "c1")
+    with pytest.raises(errors.RateLimited) as err:
+        await limiter.acquire(conc, "c2")
+    assert err.value.limit == "concurrency" and err.value.headers()["Retry-After"] == "1"
+    await limiter.release(p)
+    await limiter.acquire(conc, "c3")
+    for permit in permits:
+        await limiter.release(permit)
+    free = await limiter.acquire(tenants.Tenant("free"), "f")
+    assert free.store is None
+
+
+async def test_redis_limits_hold_across_replicas_and_fall_back_when_redis_dies(
+        redis_server: harness.RedisServer) -> None:
+    errors_seen: list[Exception] = []
+    clients = [redis_limits.connect(redis_server.url) for _ in range(2)]
+    replicas = [ratelimit.RateLimiter(
+        ratelimit.LocalStore(Clock()), redis_limits.RedisLimitStore(c, 1.0, lease_s=60),
+        errors_seen.append) for c in clients]
+    t = tenants.Tenant("shared", requests_per_second=0.01, burst=3)
+    for i in range(3):  # the burst is spent across both replicas together
+        await replicas[i % 2].acquire(t, f"r{i}")
+    for replica in replicas:
+        with pytest.raises(errors.RateLimited):
+            await replica.acquire(t, "again")
+    conc = tenants.Tenant("conc", max_concurrent=1)
+    held = await replicas[0].acquire(conc, "c1")
+    with pytest.raises(errors.RateLimited):
+        await replicas[1].acquire(conc, "c2")
+    await replicas[0].release(held)
+    await replicas[1].acquire(conc, "c3")
+    assert not errors_seen
+    redis_server.kill()
+    # Redis gone: each replica falls back to its own bucket instead of failing requests.
+    await replicas[0].acquire(tenants.Tenant("x", requests_per_second=5), "r")
+    assert errors_seen
+    for c in clients:
+        await c.aclose()

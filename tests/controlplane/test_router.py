@@ -1,0 +1,140 @@
+"""The router: filter, predicted-TTFT order, prefix affinity vs load, policies, explain."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from controlplane.core import ledger, prefix_index, registry, router, types
+
+MODEL = "m"
+LONG = "shared context about the quarterly report. " * 200   # ~2,000 tokens
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def backend(name: str, **kw: object) -> types.BackendState:
+    base = dict(key=f"n1/{name}", node="n1", name=name, url=f"http://{name}", models=(MODEL,),
+                kv_capacity_tokens=100_000, block_size=16)
+    return types.BackendState(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def make(policy: str = "predicted_ttft",
+         *backends: types.BackendState) -> tuple[router.Router, registry.Registry]:
+    reg = registry.Registry(Clock(), 15.0)
+    reg.register(types.NodeInfo("n1"))
+    reg.report("n1", backends or [backend("a"), backend("b"), backend("c")])
+    r = router.Router(router.Params(policy=policy), reg, ledger.Ledger(),
+                      prefix_index.PrefixIndex(200_000))
+    return r, reg
+
+
+def ask(text: str, session: str = "") -> router.Prompt:
+    return router.Prompt.from_messages([{"role": "system", "content": LONG},
+                                        {"role": "user", "content": text}], 64, session)
+
+
+def test_a_shared_prefix_goes_back_to_the_backend_that_holds_it() -> None:
+    r, _ = make()
+    first = r.route(MODEL, ask("question one"))
+    assert first is not None
+    r.ledger.finish(r.dispatched(first, first.candidates[0], ask("question one")))
+    again = r.route(MODEL, ask("another question"))
+    assert again is not None
+    chosen = again.candidates[0]
+    assert chosen.backend.key == first.candidates[0].backend.key
+    assert chosen.cached_tokens > 1500 and again.reason.startswith("prefix-hit")
+    assert chosen.prefill_s < again.candidates[1].prefill_s
+
+
+def test_a_saturated_holder_loses_to_an_idle_backend() -> None:
+    r, _ = make()
+    first = r.route(MODEL, ask("q"))
+    assert first is not None
+    holder = first.candidates[0]
+    r.dispatched(first, holder, ask("q"))
+    for _ in range(40):  # 40 long unique prompts queued on the holder, none finished
+        r.ledger.dispatch(holder.backend.key, 2000, 2000)
+    again = r.route(MODEL, ask("q2"))
+    assert again is not None
+    assert again.candidates[0].backend.key != holder.backend.key
+    held = next(v for v in again.candidates if v.backend.key == holder.backend.key)
+    assert held.cached_tokens > 0 and held.queue_wait_s > again.candidates[0].predicted_ttft_s
+
+
+def test_filter_drops_unready_and_kv_too_small_backends() -> None:
+    r, reg = make("predicted_ttft", backend("ok"), backend("starting", phase="starting"),
+                  backend("tiny", kv_capacity_tokens=500))
+    verdicts, _ = r.verdicts(MODEL, ask("x"))
+    why = {v.backend.name: v.filter_reason for v in verdicts}
+    assert why["ok"] == ""
+    assert why["starting"] == "backend starting"
+    assert "capacity 500" in why["tiny"]
+    decision = r.route(MODEL, ask("x"))
+    assert decision is not None and [v.backend.name for v in decision.candidates] == ["ok"]
+    reg.cordon("n1")
+    assert r.route(MODEL, ask("x")) is None
+
+
+def test_all_kv_full_still_routes_so_the_engine_can_queue() -> None:
+    r, _ = make("predicted_ttft", backend("a", kv_usage=0.999), backend("b", kv_usage=0.999))
+    decision = r.route(MODEL, ask("x"))
+    assert decision is not None and "kv-overcommit" in decision.reason
+
+
+def test_session_breaks_ties_toward_its_backend() -> None:
+    r, _ = make()
+    short = router.Prompt.from_text("hello", 8, "sess-1")
+    first = r.route(MODEL, short)
+    assert first is not None
+    pick = first.candidates[-1]  # not the natural first choice
+    r.ledger.finish(r.dispatched(first, pick, short))
+    for _ in range(3):
+        again = r.route(MODEL, short)
+        assert again is not None
+        assert again.candidates[0].backend.key == pick.backend.key
+        assert again.reason == "session"
+
+
+def test_round_robin_and_least_loaded_policies() -> None:
+    rr, _ = make("round_robin")
+    p = router.Prompt.from_text("x", exact=False)
+    seen = []
+    for _ in range(6):
+        d = rr.route(MODEL, p)
+        assert d is not None
+        seen.append(d.candidates[0].backend.name)
+    assert seen == ["a", "b", "c", "a", "b", "c"]
+    ll, _ = make("least_loaded")
+    ll.ledger.dispatch("n1/a", 10, 10)
+    ll.ledger.dispatch("n1/b", 10, 10)
+    d = ll.route(MODEL, p)
+    assert d is not None and d.candidates[0].backend.name == "c"
+
+
+def test_explain_uses_the_same_score_as_routing() -> None:
+    r, _ = make("predicted_ttft", backend("a"), backend("down", phase="failed"))
+    verdicts, reason = r.explain(MODEL, ask("why"))
+    by = {v.backend.name: v for v in verdicts}
+    assert by["a"].rank == 1 and by["a"].eligible and reason
+    assert by["down"].rank == 0 and by["down"].filter_reason == "backend failed"
+    decision = r.route(MODEL, ask("why"))
+    assert decision is not None
+    assert dataclasses.replace(decision.candidates[0], rank=1).predicted_ttft_s == \
+        by["a"].predicted_ttft_s
+    assert by["a"].predicted_ttft_s == by["a"].queue_wait_s + by["a"].prefill_s
+
+
+def test_prefix_index_forgets_beyond_the_backend_capacity() -> None:
+    index = prefix_index.PrefixIndex(10_000)
+    index.insert("b", list(range(100)), capacity_blocks=50)
+    assert index.size("b") == 50
+    assert index.match("b", list(range(100))) == 0  # the oldest (leading) blocks went first
+    assert index.match("b", list(range(50, 100))) == 50
+    index.insert("b", [1, 2], capacity_blocks=50, restarts=1)  # restarted: cache lost
+    assert index.size("b") == 2
