@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 
 from simulator import metrics as sim_metrics
@@ -63,6 +64,16 @@ class Handle:
             self._waiter = None
 
 
+def _engine_died(task: asyncio.Task[None]) -> None:
+    # A dead engine loop would leave every request waiting forever; vLLM's API server
+    # exits when its engine dies, and so does the simulator (a supervisor restarts it).
+    if task.cancelled():
+        return
+    exc = task.exception()
+    log.critical("engine loop failed, exiting", exc_info=exc)
+    os._exit(1)
+
+
 class Engine:
     def __init__(self, scheduler: sched.Scheduler, metrics: sim_metrics.VllmMetrics,
                  time_scale: float, clock: Callable[[], float]) -> None:
@@ -88,6 +99,7 @@ class Engine:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="simulator-engine")
+        self._task.add_done_callback(_engine_died)
 
     async def stop(self) -> None:
         if self._task is not None:

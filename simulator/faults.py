@@ -33,6 +33,7 @@ from simulator import errors
 from simulator.config import FaultSettings
 
 CRASH_EXIT_CODE = 3
+READ_ONLY = frozenset({"served", "slow_start_remaining_s"})
 
 
 class Faults:
@@ -48,6 +49,8 @@ class Faults:
         """Merge ``changes`` (validated as :class:`FaultSettings`); raises BadRequest."""
         if not isinstance(changes, Mapping):
             raise errors.BadRequest("the body must be a JSON object of fault settings")
+        # What GET returns can be posted back: its read-only fields are ignored.
+        changes = {k: v for k, v in changes.items() if k not in READ_ONLY}
         merged = {**self.settings.model_dump(), **changes}
         try:
             new = FaultSettings.model_validate(merged)

@@ -15,6 +15,7 @@ GPU-embedder cost so queueing shows up at large time scales; 0 answers at once.
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Callable
 from typing import Any
 
@@ -123,8 +124,14 @@ class TeiApi:
         texts = self._inputs(body.get("input"), "input")
         self._count(texts)
         lengths = self._lengths(texts, truncate=False)
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise errors.BadRequest("encoding_format must be 'float' or 'base64'",
+                                    param="encoding_format")
         vectors = await self._run(texts, lengths, normalize=True)
-        data = [{"object": "embedding", "embedding": vectors[i], "index": i}
+        data = [{"object": "embedding", "index": i,
+                 "embedding": vectors[i] if encoding == "float" else base64.b64encode(
+                     vectors[i].astype("<f4").tobytes()).decode()}
                 for i in range(len(texts))]
         usage = {"prompt_tokens": sum(lengths), "total_tokens": sum(lengths)}
         payload = {"object": "list", "data": data, "model": model, "usage": usage}

@@ -113,3 +113,5 @@ def test_bad_fault_values_are_400_naming_the_field(sim: Sim) -> None:
     assert status == 400 and "explode" in body["error"]["message"]
     status, body = request(sim.url + "/sim/faults")
     assert status == 200 and body["error_rate"] == 0
+    status, again = request(sim.url + "/sim/faults", body)  # GET's answer posts back as is
+    assert status == 200 and again["error_rate"] == 0

@@ -67,6 +67,8 @@ def test_openai_embeddings_endpoint(tei: Sim) -> None:
                                         encoding_format="float")
         assert [d.index for d in resp.data] == [0, 1] and len(resp.data[0].embedding) == 384
         assert resp.usage.prompt_tokens > 0
+        default = client.embeddings.create(model=MODEL, input=["alpha", "beta"])  # base64
+        assert np.allclose(default.data[1].embedding, resp.data[1].embedding, atol=1e-6)
         with pytest.raises(openai.NotFoundError):
             client.embeddings.create(model="other", input="x", encoding_format="float")
 
