@@ -23,6 +23,7 @@ def _env(c: dict[str, Any]) -> dict[str, Any]:
 
 
 def _hardened(workload: dict[str, Any], c: dict[str, Any]) -> None:
+    """Non-root, read-only root filesystem, no capabilities, and writable HOME and /tmp."""
     pod = render.pod_spec(workload)
     name = workload["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True, name
@@ -34,6 +35,12 @@ def _hardened(workload: dict[str, Any], c: dict[str, Any]) -> None:
     assert pod["automountServiceAccountToken"] is False, name
     assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"], name
     assert c["resources"]["limits"]["memory"], name
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = {m["mountPath"] for m in c["volumeMounts"]
+                if "emptyDir" in volumes[m["name"]] and not m.get("readOnly")}
+    assert "/tmp" in writable, f"{name}: /tmp must be writable with a read-only root"
+    home = _env(c).get("HOME")
+    assert home is None or home in writable, f"{name}: HOME {home} is not writable"
 
 
 @pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
@@ -98,6 +105,7 @@ def test_agent_daemonset_on_gpu_nodes(overlay: str) -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     weights = [m for m in c["volumeMounts"] if "hostPath" in volumes[m["name"]]]
     assert weights and weights[0]["mountPath"] == "/models"
+    assert weights[0]["readOnly"] is True, "engines only read weights"
     _hardened(ds, c)
 
 
