@@ -1,0 +1,37 @@
+"""The monitoring overlay scrapes what the deploy overlays actually run: the
+ServiceMonitor selects the control-plane Service and names its metrics port, the
+PodMonitor selects the agent pods and names theirs, and both processes serve /metrics
+on those ports according to their configs."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.manifests import render
+
+
+@pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
+def test_service_monitor_scrapes_every_control_plane_replica(overlay: str) -> None:
+    monitor = render.find(render.render("monitoring"), "ServiceMonitor")
+    objects = render.render(overlay)
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    services = [s for s in objects if s["kind"] == "Service"
+                and selector.items() <= s["metadata"].get("labels", {}).items()]
+    # exactly one: selecting the headless Service too would scrape every replica twice
+    assert [s["metadata"]["name"] for s in services] == ["synapse-controlplane"], overlay
+    ports = {p["name"] for p in services[0]["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["path"] == "/metrics"
+        assert endpoint["port"] in ports
+
+
+@pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
+def test_pod_monitor_scrapes_every_agent(overlay: str) -> None:
+    monitor = render.find(render.render("monitoring"), "PodMonitor")
+    ds = render.find(render.render(overlay), "DaemonSet", "synapse-agent")
+    labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ports = {p["name"]: p["containerPort"] for p in render.container(ds, "agent")["ports"]}
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        assert endpoint["port"] in ports
+        assert endpoint["path"] == "/metrics"
