@@ -234,3 +234,23 @@ async def test_a_third_request_waits_when_max_num_seqs_is_2(
             await asyncio.sleep(0.05)
         assert value(m, "vllm:num_requests_running") == 0
         assert value(m, "vllm:request_success_total", finished_reason="abort") == 3
+
+
+async def test_kv_exhaustion_preempts_and_every_request_still_completes(
+        processes: harness.ProcessPool) -> None:
+    small = start(processes, "--time-scale", "0", "--num-gpu-blocks", "8", "--block-size",
+                  "4", name="sim-kv")
+    body = {"model": MODEL, "max_tokens": 14, "ignore_eos": True}
+    async with aiohttp.ClientSession() as session:
+        async def one(i: int) -> dict:
+            async with session.post(small.url + "/v1/completions",
+                                    json={**body, "prompt": f"prompt number {i}"}) as resp:
+                assert resp.status == 200
+                return await resp.json()
+
+        answers = await asyncio.gather(*(one(i) for i in range(3)))
+        async with session.get(small.url + "/metrics") as resp:
+            m = samples(await resp.text())
+    assert all(a["usage"]["completion_tokens"] == 14 for a in answers)
+    assert value(m, "vllm:num_preemptions_total") >= 1
+    assert value(m, "vllm:kv_cache_usage_perc") == 0
