@@ -1,0 +1,65 @@
+"""Restart policy: capped jittered backoff and crash-loop detection, on an injected clock."""
+
+from __future__ import annotations
+
+import random
+
+from agent.core import backoff
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_delays_double_from_one_second_to_a_sixty_second_cap_with_jitter():
+    b = backoff.Backoff(1.0, 60.0, random.Random(7))
+    assert [b.base(n) for n in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    delays = [b.delay(n) for n in range(8) for _ in range(50)]
+    assert all(0.8 * b.base(n) <= d <= min(60, 1.2 * b.base(n))
+               for n, d in zip([n for n in range(8) for _ in range(50)], delays, strict=True))
+    assert len({round(d, 6) for d in delays[:50]}) > 10  # actually jittered
+    assert b.delay(10_000) <= 60  # no overflow on absurd attempt counts
+
+
+def _policy(clock: Clock, threshold: int = 5, window: float = 600.0) -> backoff.RestartPolicy:
+    return backoff.RestartPolicy(clock, backoff.Backoff(1.0, 60.0, random.Random(1)),
+                                 threshold, window)
+
+
+def test_five_restarts_in_ten_minutes_then_crashloop_until_reset():
+    clock = Clock()
+    policy = _policy(clock)
+    decisions = []
+    for _ in range(6):
+        decisions.append(policy.on_exit())
+        clock.now += 30
+    assert [d.restart for d in decisions] == [True] * 5 + [False]
+    for n, d in enumerate(decisions[:5]):  # 1, 2, 4, 8, 16 s, each ±20 %
+        assert 0.8 * 2**n <= d.delay_s <= 1.2 * 2**n
+    assert "5 restarts within 600s" in decisions[5].reason
+    assert not policy.on_exit().restart  # still crash-looping
+    policy.reset()
+    assert policy.on_exit().restart
+
+
+def test_restarts_spread_wider_than_the_window_never_crashloop():
+    clock = Clock()
+    policy = _policy(clock, threshold=3, window=100)
+    for _ in range(10):
+        assert policy.on_exit().restart
+        clock.now += 51  # at most two restarts in any 100 s window
+
+
+def test_backoff_ladder_restarts_after_a_long_healthy_run():
+    clock = Clock()
+    policy = _policy(clock, threshold=100)
+    for _ in range(6):
+        policy.on_exit()
+    assert policy.on_exit().delay_s >= 48  # deep in the ladder: near the cap
+    policy.on_ready()
+    clock.now += 61  # ready for longer than the cap
+    assert policy.on_exit().delay_s <= 1.2

@@ -1,0 +1,32 @@
+"""Engine spec → command line for each engine kind."""
+
+from __future__ import annotations
+
+from agent.core import commands, types
+
+
+def test_vllm_sets_memory_fraction_explicitly_and_passes_extra_args():
+    spec = types.EngineSpec(name="l", engine="vllm", model="meta/llama", port=8000,
+                            served_model_names=("llama", "default"),
+                            gpu_memory_utilization=0.45, max_model_len=8192,
+                            extra_args=("--enable-prefix-caching",), gpu_indices=(0, 1))
+    argv = commands.build(spec, "0.0.0.0", 8000)
+    assert argv == ["vllm", "serve", "meta/llama", "--host", "0.0.0.0", "--port", "8000",
+                    "--served-model-name", "llama", "--served-model-name", "default",
+                    "--gpu-memory-utilization", "0.45", "--max-model-len", "8192",
+                    "--enable-prefix-caching"]
+    assert commands.environment(spec) == {"CUDA_VISIBLE_DEVICES": "0,1"}
+
+
+def test_tei_and_simulator_and_external():
+    tei = types.EngineSpec(name="e", engine="tei", model="BAAI/bge-m3", task="embed")
+    assert commands.build(tei, "127.0.0.1", 8081) == [
+        "text-embeddings-router", "--model-id", "BAAI/bge-m3", "--hostname", "127.0.0.1",
+        "--port", "8081"]
+    sim = types.EngineSpec(name="s", engine="simulator", model="m", task="embed",
+                           served_model_names=("emb",), extra_args=("--time-scale", "0.01"))
+    assert commands.build(sim, "127.0.0.1", 9000, simulator_command=["synapse", "simulator"]) == [
+        "synapse", "simulator", "--engine", "tei", "--host", "127.0.0.1", "--port", "9000",
+        "--model", "m", "--served-model-name", "emb", "--time-scale", "0.01"]
+    ext = types.EngineSpec(name="x", engine="external", model="m", url="http://h:1")
+    assert commands.build(ext, "127.0.0.1", 1) is None
