@@ -64,25 +64,23 @@ class Handle:
             self._waiter = None
 
 
-def _engine_died(task: asyncio.Task[None]) -> None:
+def exit_process() -> None:
     # A dead engine loop would leave every request waiting forever; vLLM's API server
     # exits when its engine dies, and so does the simulator (a supervisor restarts it).
-    if task.cancelled():
-        return
-    exc = task.exception()
-    log.critical("engine loop failed, exiting", exc_info=exc)
     os._exit(1)
 
 
 class Engine:
     def __init__(self, scheduler: sched.Scheduler, metrics: sim_metrics.VllmMetrics,
-                 time_scale: float, clock: Callable[[], float]) -> None:
+                 time_scale: float, clock: Callable[[], float],
+                 on_fatal: Callable[[], None] = exit_process) -> None:
         self.scheduler = scheduler
         self.metrics = metrics
         self.time_scale = time_scale
         self.clock = clock
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._on_fatal = on_fatal
         scheduler.on_finish = metrics.observe_finished
 
     def submit(self, seqs: list[sched.Seq], stream: bool) -> Handle:
@@ -99,7 +97,13 @@ class Engine:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="simulator-engine")
-        self._task.add_done_callback(_engine_died)
+        self._task.add_done_callback(self._died)
+
+    def _died(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        log.critical("engine loop failed, exiting", exc_info=task.exception())
+        self._on_fatal()
 
     async def stop(self) -> None:
         if self._task is not None:
