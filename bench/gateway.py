@@ -75,7 +75,7 @@ class Tree:
 
     def start(self, name: str, argv: list[str], ready: str,
               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the child
+        log = open(self.workdir / f"{name}.log", "wb")  # lives as long as the child
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
         self.procs.append(proc)

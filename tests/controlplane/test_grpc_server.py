@@ -90,7 +90,7 @@ async def test_agent_stream_feeds_the_registry_and_routing() -> None:
                     break
                 await asyncio.sleep(0.05)
             assert node is not None and node.status == "down"
-            with pytest.raises(Exception, match="503|no backend"):
+            with pytest.raises(Exception, match=r"503|no backend"):
                 await client.chat.completions.create(
                     model="llama", messages=[{"role": "user", "content": "hi"}])
             await client.close()

@@ -46,7 +46,7 @@ async def test_a_stream_broken_mid_way_ends_with_an_error_event() -> None:
             stream = await client.chat.completions.create(model="llama", messages=MSGS,
                                                           stream=True)
             got = []
-            with pytest.raises(openai.APIError, match="broke off|before"):
+            with pytest.raises(openai.APIError, match=r"broke off|before"):
                 async for chunk in stream:
                     got.append(chunk)
             assert got, "the chunks before the break reached the client"

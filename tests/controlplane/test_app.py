@@ -1,0 +1,82 @@
+"""The small routes: models, health, readiness, metrics, stats, OpenAPI, unknown routes."""
+
+from __future__ import annotations
+
+import aiohttp
+import openai
+import pytest
+
+from tests.controlplane import cp_testing as t
+
+
+async def get(url: str, key: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, headers=headers) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read()
+
+
+async def test_models_list_canonical_names_and_aliases_for_the_tenant() -> None:
+    s = t.settings(models=[{"name": t.MODEL, "aliases": ["llama"]}, {"name": "secret"}],
+                   auth={"tenants": [{"name": "a", "keys": [t.KEY_A],
+                                      "allowed_models": ["llama"]},
+                                     {"name": "b", "keys": [t.KEY_B]}]},
+                   upstreams=[t.upstream("x", "http://127.0.0.1:9", ["served-only"])])
+    async with t.running(s) as cp:
+        a = cp.client(t.KEY_A)
+        assert sorted(m.id for m in (await a.models.list()).data) == ["llama", t.MODEL]
+        b = cp.client(t.KEY_B)
+        assert sorted(m.id for m in (await b.models.list()).data) == \
+            sorted(["llama", t.MODEL, "secret", "served-only"])
+        with pytest.raises(openai.AuthenticationError):
+            await cp.client("nope").models.list()
+        await a.close()
+        await b.close()
+
+
+async def test_health_ready_metrics_stats_and_openapi() -> None:
+    async with t.backends(("one", "ok")) as (b,):
+        async with t.running(t.settings()) as cp:
+            status, _, _ = await get(f"{cp.url}/health")
+            assert status == 200
+            status, _, body = await get(f"{cp.url}/ready")
+            assert status == 503 and b"no routable backend" in body
+        async with t.running(t.settings(upstreams=[t.upstream("one", b.url)])) as cp:
+            assert (await get(f"{cp.url}/ready"))[0] == 200
+            client = cp.client()
+            await client.chat.completions.create(model="llama",
+                                                 messages=[{"role": "user", "content": "x"}])
+            with pytest.raises(openai.NotFoundError):
+                await client.chat.completions.create(model="nope",
+                                                     messages=[{"role": "user", "content": "x"}])
+            await client.close()
+            _, headers, body = await get(f"{cp.url}/metrics")
+            text = body.decode()
+            for name in ("synapse_requests_total", "synapse_request_duration_seconds",
+                         "synapse_time_to_first_byte_seconds", "synapse_upstream_retries_total",
+                         "synapse_route_decisions_total", "synapse_backends"):
+                assert name in text
+            assert f'synapse_requests_total{{model="{t.MODEL}",status="200",tenant="a"}} 1.0' \
+                in text
+            assert 'model="unknown",status="404"' in text  # unknown names are not labels
+            assert 'synapse_backends{state="ready"} 1.0' in text
+
+            assert (await get(f"{cp.url}/api/v1/stats"))[0] == 401
+            assert (await get(f"{cp.url}/api/v1/stats", t.KEY_A))[0] == 403
+            status, _, body = await get(f"{cp.url}/api/v1/stats", t.ADMIN)
+            import json
+            stats = json.loads(body)
+            assert status == 200 and stats["requests_total"] == 2
+            assert stats["cache_hit_rate"] == 0.0
+            assert stats["per_model"][t.MODEL]["requests"] == 1
+            assert stats["per_backend"]["static/one"]["p50_ms"] > 0
+
+            status, _, body = await get(f"{cp.url}/openapi.json")
+            spec = json.loads(body)
+            assert status == 200 and spec["openapi"].startswith("3.")
+            assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
+                    "/health", "/ready", "/metrics", "/api/v1/stats"} <= set(spec["paths"])
+
+            status, headers, body = await get(f"{cp.url}/v2/nothing")
+            assert status == 404 and json.loads(body)["error"]["code"] == "unknown_route"
+            assert headers["x-request-id"]
