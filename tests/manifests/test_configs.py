@@ -13,104 +13,27 @@ from __future__ import annotations
 
 import os
 import pathlib
-import re
 from typing import Any
 
-import pydantic
 import pytest
 import yaml
 
 from agent import config as agent_config
-from controlplane import config as cp_config
 from protos import commands
 from protos.common import settings
-from tests.manifests import render
-
-MODELS: dict[str, type[pydantic.BaseModel]] = {
-    "controlplane": cp_config.ControlPlaneSettings,
-    "agent": agent_config.AgentSettings,
-}
-FIELD_REFS = {"spec.nodeName": "gpu-node-1", "status.podIP": "10.1.2.3",
-              "metadata.name": "synapse-pod-0", "metadata.namespace": "synapse"}
-
-
-def _synapse_containers(objects: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    found = []
-    for workload in render.workloads(objects):
-        for c in render.pod_spec(workload)["containers"]:
-            if c.get("args") and c["args"][0] in MODELS:
-                found.append((workload, c))
-    return found
-
-
-def _environ(c: dict[str, Any]) -> dict[str, str]:
-    """The container's environment as the kubelet would build it."""
-    env: dict[str, str] = {}
-    for item in c.get("env", []):
-        if "value" in item:
-            value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)),
-                           str(item["value"]))
-            assert "$(" not in value, f"{item['name']} refers to a variable not set before it"
-        else:
-            source = item["valueFrom"]
-            if "fieldRef" in source:
-                value = FIELD_REFS[source["fieldRef"]["fieldPath"]]
-            else:
-                ref = source["secretKeyRef"]
-                value = f"from-secret-{ref['name']}-{ref['key']}"
-        env[item["name"]] = value
-    return env
-
-
-def _volume(workload: dict[str, Any], c: dict[str, Any], directory: str) -> dict[str, Any]:
-    mounts = [m for m in c.get("volumeMounts", []) if m["mountPath"].rstrip("/") == directory]
-    assert mounts, f"{c['name']}: nothing is mounted at {directory}"
-    volumes = {v["name"]: v for v in render.pod_spec(workload)["volumes"]}
-    volume: dict[str, Any] = volumes[mounts[0]["name"]]
-    return volume
-
-
-def _config_data(objects: list[dict[str, Any]], workload: dict[str, Any], c: dict[str, Any],
-                 environ: dict[str, str]) -> dict[str, Any]:
-    path = pathlib.PurePosixPath(environ["SYNAPSE_CONFIG_PATH"])
-    volume = _volume(workload, c, str(path.parent))
-    cm = render.find(objects, "ConfigMap", volume["configMap"]["name"])
-    data: dict[str, Any] = yaml.safe_load(cm["data"][path.name])
-    return data
-
-
-def _secret_mount_dirs(workload: dict[str, Any], c: dict[str, Any]) -> list[str]:
-    volumes = {v["name"]: v for v in render.pod_spec(workload).get("volumes", [])}
-    return [m["mountPath"] for m in c.get("volumeMounts", [])
-            if "secret" in volumes[m["name"]]]
-
-
-def _replace_file_secrets(value: Any, dirs: list[str], tmp: pathlib.Path) -> Any:
-    """Swap each {file: P} for a temp file after checking P is inside a Secret mount."""
-    if isinstance(value, dict):
-        if set(value) == {"file"}:
-            path = str(value["file"])
-            assert any(path.startswith(d.rstrip("/") + "/") for d in dirs), \
-                f"secret file {path} is not under a mounted Secret ({dirs})"
-            stand_in = tmp / f"secret-{abs(hash(path))}"
-            stand_in.write_text("stand-in secret\n")
-            return {"file": str(stand_in)}
-        return {k: _replace_file_secrets(v, dirs, tmp) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_replace_file_secrets(v, dirs, tmp) for v in value]
-    return value
+from tests.manifests import pods, render
 
 
 def _load(overlay: str, process: str, tmp_path: pathlib.Path,
           monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     objects = render.render(overlay)
-    hits = [(w, c) for w, c in _synapse_containers(objects) if c["args"][0] == process]
+    hits = [(w, c) for w, c in pods.synapse_containers(objects) if c["args"][0] == process]
     assert len(hits) == 1, f"{overlay}: expected one {process} container, found {len(hits)}"
     workload, c = hits[0]
-    environ = _environ(c)
-    data = _config_data(objects, workload, c, environ)
-    data = _replace_file_secrets(data, _secret_mount_dirs(workload, c), tmp_path)
-    model = MODELS[process]
+    environ = pods.container_environ(c)
+    data = pods.config_data(objects, workload, c, environ)
+    data = pods.replace_file_secrets(data, pods.secret_mount_dirs(workload, c), tmp_path)
+    model = pods.MODELS[process]
     # {env: X} secrets are resolved from the process environment: exactly the pod's
     for name in [k for k in os.environ if k.startswith("SYNAPSE_")]:
         monkeypatch.delenv(name)
@@ -139,7 +62,7 @@ def test_control_plane_config_validates_and_matches_the_pod(
     assert cfg.grpc.port == ports["grpc"]
     assert cfg.logging.format == "json"
     if cfg.auth.key_file:
-        dirs = [d.rstrip("/") + "/" for d in _secret_mount_dirs(workload, c)]
+        dirs = [d.rstrip("/") + "/" for d in pods.secret_mount_dirs(workload, c)]
         assert any(cfg.auth.key_file.startswith(d) for d in dirs), cfg.auth.key_file
     assert cfg.auth.admin_key is not None, f"{overlay}: no admin key configured"
     data_mounts = [m["mountPath"] for m in c["volumeMounts"]]
@@ -153,12 +76,12 @@ def test_agent_config_validates_and_matches_the_pod(
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert cfg.grpc.port == ports["grpc"]
     assert cfg.metrics.port == ports["metrics"]
-    assert cfg.node_name == FIELD_REFS["spec.nodeName"]
-    assert cfg.grpc.advertise_address == f"{FIELD_REFS['status.podIP']}:{cfg.grpc.port}"
+    assert cfg.node_name == pods.FIELD_REFS["spec.nodeName"]
+    assert cfg.grpc.advertise_address == f"{pods.FIELD_REFS['status.podIP']}:{cfg.grpc.port}"
     # the control plane proxies to the engines: they must listen on, and be advertised
     # with, the pod's address
     assert cfg.supervisor.engine_host == "0.0.0.0"
-    assert cfg.supervisor.advertise_host == FIELD_REFS["status.podIP"]
+    assert cfg.supervisor.advertise_host == pods.FIELD_REFS["status.podIP"]
     # the agent dials every replica through the headless Service
     objects = render.render(overlay)
     headless = render.find(objects, "Service", "synapse-controlplane-headless")
