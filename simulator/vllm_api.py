@@ -129,7 +129,9 @@ class VllmApi:
     async def _generate(self, request: web.Request,
                         gen: protocol.GenRequest) -> web.StreamResponse:
         model = self._model_name(gen)
-        request_id = ("chatcmpl-" if gen.chat else "cmpl-") + uuid.uuid4().hex
+        # vLLM takes the base of its ids from an X-Request-Id header when there is one.
+        base = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        request_id = ("chatcmpl-" if gen.chat else "cmpl-") + base
         choices, prompt_tokens = self._choices(gen, request_id)
         handle = self.engine.submit([c.seq for c in choices], gen.stream)
         try:

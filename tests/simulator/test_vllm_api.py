@@ -62,6 +62,9 @@ def test_chat_completion_with_usage_labelled_simulated(client: openai.OpenAI) ->
     assert resp.usage.prompt_tokens == tokens.count_tokens(tokens.render_chat(messages))
     assert resp.usage.completion_tokens == 12 and choice.finish_reason == "length"
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + 12
+    tagged = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
+                                            extra_headers={"X-Request-Id": "req-42"})
+    assert tagged.id == "chatcmpl-req-42"  # as vLLM does
 
 
 def test_same_prompt_and_seed_answer_the_same(client: openai.OpenAI) -> None:
