@@ -51,7 +51,7 @@ def test_crash_after_n_requests_exits_non_zero(processes: harness.ProcessPool) -
 
 
 def test_slow_start_makes_health_503_for_a_while(processes: harness.ProcessPool) -> None:
-    sim = start(processes, "--time-scale", "0", "--slow-start", "1.5", wait_health=False)
+    sim = start(processes, "--time-scale", "0", "--slow-start", "3", wait_health=False)
     status, body = request(sim.url + "/health")
     assert status == 503 and body["error"]["code"] == 503
     status, _ = request(sim.url + "/v1/chat/completions", CHAT)
