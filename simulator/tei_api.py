@@ -4,8 +4,9 @@ Shapes follow text-embeddings-inference: ``POST /embed`` takes ``{"inputs": str 
 "normalize": bool = true, "truncate": bool = false}`` and answers ``[[float, …], …]``;
 its errors are TEI's ``{"error": …, "error_type": …}`` with TEI's messages (422
 ``batch size N > maximum allowed batch size M``, 413 for an input over
-``max_input_length`` tokens unless ``truncate``). ``POST /v1/embeddings`` is the OpenAI
-shape with OpenAI error envelopes. ``GET /info`` mirrors TEI's ``/info``
+``max_input_length`` tokens unless ``truncate``). ``POST /v1/embeddings`` is the
+OpenAI shape with OpenAI error envelopes; like TEI, it serves its one model whatever
+``model`` says. ``GET /info`` mirrors TEI's ``/info``
 (``shared/reference/tei_info_sample.json``) and labels itself simulated.
 
 Latency model: each call waits ``(2 ms + 20 µs x tokens) x time_scale`` — a small
@@ -118,9 +119,8 @@ class TeiApi:
 
     async def openai_embed(self, request: web.Request) -> web.Response:
         body = protocol.parse_body(await request.read())
-        model = body.get("model") or self.served[0]
-        if model not in self.served:
-            raise errors.NotFound(f"The model `{model}` does not exist.", param="model")
+        # TEI serves one model and does not check this field; neither does the simulator.
+        model = body.get("model") if isinstance(body.get("model"), str) else self.served[0]
         texts = self._inputs(body.get("input"), "input")
         self._count(texts)
         lengths = self._lengths(texts, truncate=False)
