@@ -38,7 +38,10 @@ WORDS = (
     "run walk read make take give find keep hold move turn grow show tell ask "
     "help call sing play rest stay wait look feel know"
 ).split()
+# Pieces are shared string objects: a long output is a list of references, not copies.
+_SPACED = tuple(" " + w for w in WORDS)
 _CAPITALS = tuple(w.capitalize() for w in WORDS)
+_SPACED_CAPITALS = tuple(" " + w for w in _CAPITALS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +70,15 @@ def _words(rng: random.Random, n: int) -> list[str]:
     pieces: list[str] = []
     until_stop = rng.randint(5, 14)
     for i in picks:
-        if not pieces or pieces[-1] == ".":
-            pieces.append(_CAPITALS[i] if not pieces else " " + _CAPITALS[i])
+        if not pieces:
+            pieces.append(_CAPITALS[i])
+        elif pieces[-1] == ".":
+            pieces.append(_SPACED_CAPITALS[i])
         elif until_stop == 0:
             pieces.append(".")
             until_stop = rng.randint(5, 14)
         else:
-            pieces.append(" " + WORDS[i])
+            pieces.append(_SPACED[i])
             until_stop -= 1
     return pieces
 
