@@ -94,6 +94,8 @@ class Counters:
     prefix_queries: int = 0
     prefix_hits: int = 0
     preemptions: int = 0
+    prefill_computed: int = 0  # prompt (and recomputed) tokens actually prefilled
+    steps: int = 0
     finished: dict[str, int] = dataclasses.field(
         default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
 
@@ -143,7 +145,9 @@ class Scheduler:
             # As in vLLM: a step that had to preempt admits nobody new.
             prefill = self._schedule_waiting(scheduled, budget, prefill)
         duration = 0.0
+        self.counters.prefill_computed += prefill
         if scheduled:
+            self.counters.steps += 1
             duration = (prefill * self.profile.prefill_s_per_token + self.profile.decode_base_s
                         + self.profile.decode_per_seq_s * len(scheduled))
         return StepPlan(scheduled, prefill, duration)
@@ -223,6 +227,17 @@ class Scheduler:
         self.counters.prefix_queries += seq.length
         self.counters.prefix_hits += computed
         return n
+
+    def state(self) -> dict[str, object]:
+        """A snapshot for ``GET /sim/state`` (debugging and tests)."""
+        c = self.counters
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "num_gpu_blocks": self.pool.num_blocks, "free_blocks": self.pool.num_free,
+                "cached_blocks": self.pool.num_cached, "kv_cache_usage": self.pool.usage,
+                "prompt_tokens": c.prompt_tokens, "generation_tokens": c.generation_tokens,
+                "prefill_computed_tokens": c.prefill_computed,
+                "prefix_cache_queries": c.prefix_queries, "prefix_cache_hits": c.prefix_hits,
+                "preemptions": c.preemptions, "steps": c.steps, "finished": dict(c.finished)}
 
     def _blocks_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.profile.block_size)

@@ -73,6 +73,7 @@ class VllmApi:
             web.get("/v1/models", self.models),
             web.get("/version", self.version),
             web.get("/metrics", self.metrics_text),
+            web.get("/sim/state", self.state),
         ]
 
     # -- small endpoints ----------------------------------------------------------------
@@ -83,6 +84,9 @@ class VllmApi:
                  "max_model_len": self.max_model_len, "permission": []}
                 for name in self.served]
         return _json({"object": "list", "data": data})
+
+    async def state(self, request: web.Request) -> web.Response:
+        return _json(self.engine.scheduler.state())
 
     async def version(self, request: web.Request) -> web.Response:
         return _json({"version": VLLM_VERSION, "simulator": FINGERPRINT, "simulated": True})

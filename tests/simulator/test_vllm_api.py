@@ -192,9 +192,11 @@ def test_a_shared_long_prefix_is_served_from_the_prefix_cache(sim: Sim,
                                                                client: openai.OpenAI) -> None:
     system = {"role": "system", "content": " ".join(f"rule{i} applies" for i in range(400))}
     before = value(metrics(sim), "vllm:prefix_cache_hits_total")
+    computed_before = json.loads(get(sim.url + "/sim/state")[1])["prefill_computed_tokens"]
     first = client.chat.completions.create(
         model=MODEL, messages=[system, {"role": "user", "content": "first question"}],
         max_tokens=2)
+    computed_first = json.loads(get(sim.url + "/sim/state")[1])["prefill_computed_tokens"]
     second = client.chat.completions.create(
         model=MODEL, messages=[system, {"role": "user", "content": "another question"}],
         max_tokens=2)
@@ -205,6 +207,11 @@ def test_a_shared_long_prefix_is_served_from_the_prefix_cache(sim: Sim,
     cached = second.usage.prompt_tokens_details.cached_tokens or 0
     assert cached > 0.9 * first.usage.prompt_tokens
     assert value(metrics(sim), "vllm:prefix_cache_hits_total") - before == cached
+    # The second request prefilled only what was not cached: that is what shortens its TTFT
+    # (the modelled step time is proportional to prefilled tokens; see test_scheduler).
+    computed_second = json.loads(get(sim.url + "/sim/state")[1])["prefill_computed_tokens"]
+    assert computed_first - computed_before == first.usage.prompt_tokens
+    assert computed_second - computed_first == second.usage.prompt_tokens - cached
 
 
 async def test_a_third_request_waits_when_max_num_seqs_is_2(
