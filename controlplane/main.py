@@ -20,8 +20,8 @@ from collections.abc import Callable
 from aiohttp import web
 
 from controlplane import config
+from controlplane.api import admin_grpc, grpc_server
 from controlplane.api import app as app_mod
-from controlplane.api import grpc_server
 from controlplane.api import services as services_mod
 from controlplane.core import cache_port
 from protos.common import cli
@@ -61,7 +61,8 @@ def build_response_cache(settings: config.ControlPlaneSettings,
         l1.RedisL1(settings.redis.url.get_secret_value(), timeout_s=max(c.l1_budget_ms / 1000, 0.05))
         if settings.redis.url else l1.MemoryL1(c.l1_max_entries, c.l1_max_bytes))
     uri = c.milvus_uri.get_secret_value() if c.milvus_uri else os.path.join(settings.data_dir, "l2.db")
-    l2 = milvus.MilvusL2(uri, c.collection, c.milvus_token.get_secret_value() if c.milvus_token else None)
+    token = c.milvus_token.get_secret_value() if c.milvus_token else None
+    l2 = milvus.MilvusL2(uri, c.collection, token)
     nodes = services.registry.ready_embed_nodes
     embed = embedder.NodeEmbedder(
         lambda: [n.address for n in nodes() if c.embed_model in n.embed_models],
@@ -85,8 +86,11 @@ def build_response_cache(settings: config.ControlPlaneSettings,
 
 
 def grpc_registrations(services: services_mod.Services) -> list[grpc_server.Registration]:
-    """The gRPC services of this process (the Admin service is appended here)."""
-    return [grpc_server.control_plane(services)]
+    """The gRPC services of this process: agents' Connect and, when enabled, Admin."""
+    registrations = [grpc_server.control_plane(services)]
+    if services.settings.admin.enabled:
+        registrations.append(admin_grpc.admin(services))
+    return registrations
 
 
 def _ssl_context(http: config.HttpSettings) -> ssl.SSLContext | None:

@@ -120,6 +120,14 @@ class MilvusL2:
                                  and (model is None or p.model == model))]
         return await asyncio.to_thread(self._delete_sync, tenant, model)
 
+    def warm_up(self) -> None:
+        """Open Milvus (Lite starts a server: about a second) in a background thread, so
+        the first lookups do not spend their budget on it; failures surface later."""
+        def connect() -> None:
+            with contextlib.suppress(Exception):
+                self._connect(None)
+        threading.Thread(target=connect, name="milvus-warm-up", daemon=True).start()
+
     async def flush(self) -> None:
         """Flush now (tests and benchmarks; the serving path relies on the debounce)."""
         pending = list(self._pending)

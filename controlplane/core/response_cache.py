@@ -25,6 +25,7 @@ Design decisions:
   choice) are written; the embedding computed at lookup is reused, so a miss is embedded
   once. Tasks are tracked and awaited (bounded) on :meth:`close`.
 - **Expiry** is absolute: L1 TTL at write; L2 searches skip rows older than the TTL.
+- L2 is opened in the background at the first cacheable request (see ``_lookup``).
 - Semantic references point into L1: an L1 entry evicted by its size bound turns the
   semantic candidate into a miss (counted as such), never into a wrong answer.
 """
@@ -84,6 +85,8 @@ class SemanticIndex(Protocol):
                      ref: str, text: str) -> None: ...
 
     async def invalidate(self, tenant: str | None, model: str | None) -> int: ...
+
+    def warm_up(self) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -173,6 +176,7 @@ class TieredCache:
         self._errors = _ErrorLog(options.log_interval_s, monotonic)
         self._tasks: set[asyncio.Task[None]] = set()
         self._thresholds: dict[str, float] = {}
+        self._warmed = False
 
     @property
     def semantic(self) -> bool:
@@ -196,6 +200,13 @@ class TieredCache:
             self.metrics.cache_bypass.labels(reason=rule.reason).inc()
             return cache_port.CacheDecision(status="bypass", may_store=rule.store,
                                             reason=rule.reason, token=state)
+        if not self._warmed and self.semantic:
+            # Opening L2 (Milvus Lite starts a server) happens in the background at the
+            # first cacheable request, not at start-up: processes that never cache never
+            # pay for it, and no request waits for it beyond its budget.
+            self._warmed = True
+            assert self.l2 is not None
+            self.l2.warm_up()
         hit = await self._lookup_exact(state)
         if hit is not None:
             return cache_port.CacheDecision(status="hit-exact", hit=hit, reason="exact")
