@@ -45,12 +45,14 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from controlplane import errors
 from controlplane import metrics as metrics_mod
 from controlplane.core import cache_port, cache_rules, verifier
 
 log = logging.getLogger("synapse.cache")
 
 Vector = npt.NDArray[np.float32]
+INVALIDATE_TIMEOUT_S = 30.0
 
 
 class L1Store(Protocol):
@@ -346,12 +348,28 @@ class TieredCache:
     # -- admin / lifecycle ---------------------------------------------------------------
     async def invalidate(self, *, tenant: str | None = None, model: str | None = None,
                          everything: bool = False) -> tuple[int, int]:
-        """Remove entries of both layers; raises if a layer cannot be reached (admin call)."""
+        """Remove entries of both layers (admin call): raises ``errors.Unavailable``, naming
+        the layer, when one could not be reached."""
         if not everything and tenant is None and model is None:
             raise ValueError("invalidate needs a tenant, a model or everything=True")
-        exact = await self.l1.invalidate(tenant, model)
-        semantic = await self.l2.invalidate(tenant, model) if self.l2 is not None else 0
-        return exact, semantic
+        counts: list[int] = []
+        failed: list[str] = []
+        layers: list[tuple[str, L1Store | SemanticIndex | None]] = [
+            ("exact", self.l1), ("semantic", self.l2)]
+        for name, layer in layers:
+            try:
+                async with asyncio.timeout(INVALIDATE_TIMEOUT_S):
+                    counts.append(await layer.invalidate(tenant, model) if layer else 0)
+            except Exception as exc:
+                # Both layers are attempted; the admin is told which one did not finish.
+                counts.append(0)
+                failed.append(f"{name} layer: {type(exc).__name__}: {exc}")
+                self._count_error(name, "invalidate", exc)
+        if failed:
+            raise errors.Unavailable(
+                f"cache invalidation incomplete ({'; '.join(failed)}); removed {counts[0]} "
+                f"exact and {counts[1]} semantic entries", code="cache_unavailable")
+        return counts[0], counts[1]
 
     async def close(self) -> None:
         await self.drain(timeout_s=5.0)

@@ -6,6 +6,7 @@ import pathlib
 
 import pytest
 
+from controlplane import errors
 from controlplane.adapters import l1
 from tests.controlplane import test_cache_support as support
 from tests.controlplane.test_cache_support import answer, build_cache, chat, counter, remember
@@ -143,4 +144,8 @@ async def test_milvus_unavailable_is_a_counted_miss(node_address, tmp_path: path
     c.store(decision, answer("cached in L1 only"))
     await c.drain()
     assert (await c.lookup(chat(PASSWORD))).status == "hit-exact"
+    with pytest.raises(errors.Unavailable, match="semantic layer") as info:
+        await c.invalidate(everything=True)     # the admin hears which layer failed
+    assert "removed 1 exact" in str(info.value)
+    assert (await c.lookup(chat(PASSWORD))).status == "miss"
     await c.close()
