@@ -13,6 +13,7 @@ core, which raises these, never imports it).
     ├── Unauthorized (401, authentication_error)       missing / unknown API key
     ├── Forbidden (403, permission_error)              model not allowed for the tenant
     ├── NotFound (404, invalid_request_error)          unknown model or route
+    ├── Conflict (409, invalid_request_error)          operation not possible in this state
     ├── PayloadTooLarge (413, invalid_request_error)   body over ``http.max_body_bytes``
     ├── RateLimited (429, rate_limit_error)            carries ``retry_after_s``
     ├── UpstreamError (502, upstream_error)            every candidate failed
@@ -73,6 +74,14 @@ class NotFound(SynapseError):
     error_type = "invalid_request_error"
     grpc_code = "NOT_FOUND"
     default_code = "model_not_found"
+
+
+class Conflict(SynapseError):
+    """The request is valid but the fleet's state refuses it (e.g. no node fits)."""
+
+    http_status = 409
+    error_type = "invalid_request_error"
+    grpc_code = "FAILED_PRECONDITION"
 
 
 class PayloadTooLarge(SynapseError):

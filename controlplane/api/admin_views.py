@@ -1,0 +1,157 @@
+"""Core objects → Admin response messages (protos stop at this edge)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from controlplane.core import catalog, intent, ledger, placement, registry, types
+from protos.synapse.v1 import admin_pb2, common_pb2, controlplane_pb2
+
+NODE_STATUS = {"ready": admin_pb2.NODE_STATUS_READY, "cordoned": admin_pb2.NODE_STATUS_CORDONED,
+               "draining": admin_pb2.NODE_STATUS_DRAINING, "down": admin_pb2.NODE_STATUS_DOWN}
+TASKS = {"generate": common_pb2.BACKEND_TASK_GENERATE, "embed": common_pb2.BACKEND_TASK_EMBED}
+ENGINE_KIND = {"vllm": common_pb2.ENGINE_KIND_VLLM, "tei": common_pb2.ENGINE_KIND_TEI,
+               "simulator": common_pb2.ENGINE_KIND_SIMULATOR}
+
+
+def _report(view: types.NodeView) -> controlplane_pb2.Report | None:
+    return view.report if isinstance(view.report, controlplane_pb2.Report) else None
+
+
+def _phase(phase: str) -> int:
+    return int(common_pb2.BackendPhase.Value(f"BACKEND_PHASE_{phase.upper()}"))
+
+
+def node_in_flight(view: types.NodeView, led: ledger.Ledger) -> int:
+    """This replica's in-flight requests on the node plus what its engines still hold."""
+    ours = sum(led.load(b.key).in_flight for b in view.backends)
+    engines = sum(b.running + b.waiting for b in view.backends)
+    return max(ours, engines)
+
+
+def node_summary(view: types.NodeView, led: ledger.Ledger) -> admin_pb2.NodeSummary:
+    rep = _report(view)
+    summary = admin_pb2.NodeSummary(
+        name=view.info.name, status=NODE_STATUS[view.status], cordoned=view.cordoned,
+        draining=view.draining, gpu_count=len(rep.gpus) if rep else view.info.gpu_count,
+        backends_ready=sum(1 for b in view.backends if b.phase == "ready"),
+        backends_total=len(view.backends), last_report_age_seconds=view.last_report_age_s,
+        agent_version=view.info.agent_version, address=view.info.address,
+        in_flight=node_in_flight(view, led))
+    if rep is not None:
+        summary.telemetry.CopyFrom(rep.telemetry)
+    return summary
+
+
+def node_detail(view: types.NodeView, led: ledger.Ledger) -> admin_pb2.NodeDetail:
+    detail = admin_pb2.NodeDetail(summary=node_summary(view, led), labels=dict(view.info.labels))
+    rep = _report(view)
+    if rep is not None:
+        detail.gpus.extend(rep.gpus)
+        detail.backends.extend(rep.backends)
+        detail.embedding_cache.CopyFrom(rep.embedding_cache)
+    else:
+        for b in view.backends:
+            detail.backends.add(name=b.name, url=b.url, models=b.models, phase=_phase(b.phase),
+                                num_requests_waiting=b.waiting, num_requests_running=b.running,
+                                kv_cache_usage=b.kv_usage, restarts=b.restarts)
+    return detail
+
+
+def capacity(view: types.NodeView, desired: Mapping[str, Mapping[str, Any]]
+             ) -> placement.NodeCapacity:
+    rep = _report(view)
+    gpus = rep.gpus if rep else []
+    free = tuple(int(g.memory_free_bytes) for g in gpus if g.HasField("memory_free_bytes"))
+    reported = {b.name: b for b in rep.backends} if rep else {}
+    # Engines that have not allocated their memory yet: starting ones, and desired ones the
+    # agent has not reported at all.
+    pending = sum(int(b.memory_reserved_bytes) for b in reported.values()
+                  if b.phase == common_pb2.BACKEND_PHASE_STARTING)
+    pending += sum(int(s.get("memoryRequiredBytes", 0)) for n, s in desired.items()
+                   if n not in reported)
+    ok = bool(rep and rep.telemetry.ok)
+    return placement.NodeCapacity(view.info.name, view.status, ok, free, pending)
+
+
+def backend_spec(request: admin_pb2.DeployModelRequest, model: str, engine: str,
+                 name: str) -> dict[str, Any]:
+    """BackendSpec fields as plain data (JSON names), as the intent store keeps them."""
+    spec: dict[str, Any] = {
+        "name": name, "engine": common_pb2.EngineKind.Name(ENGINE_KIND[engine]), "model": model,
+        "servedModelNames": list(request.served_model_names) or [model],
+        "task": common_pb2.BackendTask.Name(
+            request.task or (common_pb2.BACKEND_TASK_EMBED if engine == "tei"
+                             else common_pb2.BACKEND_TASK_GENERATE)),
+    }
+    if request.gpu_memory_utilization:
+        spec["gpuMemoryUtilization"] = request.gpu_memory_utilization
+    if request.max_model_len:
+        spec["maxModelLen"] = request.max_model_len
+    if request.extra_args:
+        spec["extraArgs"] = list(request.extra_args)
+    if request.memory_required_bytes:
+        spec["memoryRequiredBytes"] = str(request.memory_required_bytes)
+    return spec
+
+
+def models(cat: catalog.Catalog, reg: registry.Registry,
+           fleet: intent.FleetIntent) -> admin_pb2.ListModelsResponse:
+    deploying = {s.get("model") for i in fleet.intents.values() for s in i.desired.values()}
+    names = [e.name for e in cat.configured()]
+    names += sorted(m for m in reg.served_models() | {str(d) for d in deploying if d}
+                    if m not in names)
+    out = admin_pb2.ListModelsResponse()
+    for name in names:
+        info = out.models.add(name=name, aliases=cat.aliases(name), fallbacks=cat.fallbacks(name))
+        tasks = set()
+        for b, why in reg.backends_for(name):
+            tasks.add(b.task)
+            info.backends.add(node="" if b.source == "static" else b.node, backend=b.name,
+                              url=b.url, phase=_phase(b.phase), num_requests_waiting=b.waiting,
+                              num_requests_running=b.running, kv_cache_usage=b.kv_usage,
+                              routable=not why, source=b.source)
+        if any(b.routable for b in info.backends):
+            info.state = "ready"
+        elif name in deploying or any(b.phase == common_pb2.BACKEND_PHASE_STARTING
+                                      for b in info.backends):
+            info.state = "deploying"
+        else:
+            info.state = "unavailable"
+        if len(tasks) == 1:
+            info.task = TASKS[tasks.pop()]
+    return out
+
+
+def stats(snapshot: Mapping[str, Any], reg: registry.Registry) -> admin_pb2.Stats:
+    nodes = reg.nodes()
+    msg = admin_pb2.Stats(
+        requests_total=snapshot["requests_total"], cache_hit_rate=snapshot["cache_hit_rate"],
+        cache_hits_exact=snapshot["cache_hits_exact"],
+        cache_hits_semantic=snapshot["cache_hits_semantic"],
+        cache_misses=snapshot["cache_misses"], cache_errors=snapshot["cache_errors"],
+        nodes_ready=sum(1 for n in nodes if n.status == "ready"),
+        backends_ready=sum(1 for _, why in reg.all_backends() if not why),
+        uptime_seconds=snapshot["uptime_seconds"], replica=snapshot["replica"])
+    for field in ("per_model", "per_backend"):
+        for key, summary in snapshot[field].items():
+            getattr(msg, field)[key].CopyFrom(admin_pb2.LatencySummary(**summary))
+    return msg
+
+
+def explanation(model: str, policy: str, prompt_tokens: int,
+                verdicts: Sequence[types.Verdict], reason: str) -> admin_pb2.ExplainRouteResponse:
+    out = admin_pb2.ExplainRouteResponse(model=model, policy=policy, prompt_tokens=prompt_tokens,
+                                         reason=reason)
+    for v in sorted(verdicts, key=lambda v: (v.rank == 0, v.rank, v.backend.key)):
+        b = v.backend
+        out.backends.add(node="" if b.source == "static" else b.node, backend=b.name, url=b.url,
+                         eligible=v.eligible, filter_reason=v.filter_reason,
+                         predicted_ttft_seconds=v.predicted_ttft_s,
+                         queue_wait_seconds=v.queue_wait_s, prefill_seconds=v.prefill_s,
+                         prompt_tokens=v.prompt_tokens, cached_tokens=v.cached_tokens,
+                         rank=v.rank, session_affinity=v.session_affinity)
+        if v.rank == 1:
+            out.chosen_backend = b.key
+    return out

@@ -1,0 +1,339 @@
+"""The Admin gRPC service on a real gRPC server, with test agents speaking the wire
+contract (Register, Report, CommandAck) on real Connect streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from controlplane import config
+from controlplane.api import admin_grpc, grpc_server
+from controlplane.api import services as services_mod
+from protos.synapse.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    controlplane_pb2,
+    controlplane_pb2_grpc,
+)
+from tests import harness
+
+ADMIN_KEY = "admin-key-for-admin-tests"
+TENANT_KEY = "tenant-key-for-admin-tests"
+MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+GIB = 1024**3
+
+
+def settings(redis_url: str | None = None) -> config.ControlPlaneSettings:
+    data: dict[str, Any] = {
+        "replica_id": "test", "grpc": {"host": "127.0.0.1", "port": 0},
+        "auth": {"admin_key": ADMIN_KEY, "tenants": [{"name": "t", "keys": [TENANT_KEY]}]},
+        "models": [{"name": MODEL, "aliases": ["llama"]}],
+        "cache": {"enabled": False},
+    }
+    if redis_url:
+        data["redis"] = {"url": redis_url}
+    return config.ControlPlaneSettings.model_validate(data)
+
+
+class Replica:
+    """One control-plane replica's gRPC side: Connect + Admin on a free port."""
+
+    def __init__(self, s: config.ControlPlaneSettings) -> None:
+        self.services = services_mod.build(s)
+        self.server: grpc.aio.Server | None = None
+        self.address = ""
+
+    async def start(self) -> Replica:
+        self.server, port = await grpc_server.start(
+            "127.0.0.1", 0, [grpc_server.control_plane(self.services),
+                             admin_grpc.admin(self.services)])
+        self.address = f"127.0.0.1:{port}"
+        return self
+
+    @property
+    def admin(self) -> admin_grpc.AdminServicer:
+        return self.services.extra["admin"]
+
+    async def stop(self) -> None:
+        task = self.admin._task
+        if task:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.server:
+            await self.server.stop(None)
+
+
+class AgentStandIn:
+    """Speaks the agent side of ControlPlane.Connect; records and acknowledges commands."""
+
+    def __init__(self, name: str, free_gb: float = 60.0, backends: int = 1) -> None:
+        self.name = name
+        self.free_gb = free_gb
+        self.backend_count = backends
+        self.commands: list[controlplane_pb2.ControlMessage] = []
+        self.outgoing: asyncio.Queue[controlplane_pb2.AgentMessage | None] = asyncio.Queue()
+        self.channel: grpc.aio.Channel | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def report(self, running: int = 0) -> controlplane_pb2.AgentMessage:
+        gpu = common_pb2.GpuSample(index=0, uuid=f"GPU-{self.name}", name="Simulated GPU 80GB",
+                                   memory_total_bytes=80 * GIB,
+                                   memory_used_bytes=int((80 - self.free_gb) * GIB),
+                                   memory_free_bytes=int(self.free_gb * GIB))
+        backends = [common_pb2.BackendState(
+            name=f"sim-{i}", url=f"http://127.0.0.1:{9000 + i}", models=[MODEL],
+            engine=common_pb2.ENGINE_KIND_SIMULATOR, task=common_pb2.BACKEND_TASK_GENERATE,
+            phase=common_pb2.BACKEND_PHASE_READY, num_requests_running=running,
+            kv_capacity_tokens=448_000, kv_block_size=16, last_log_lines=["engine ready"])
+            for i in range(self.backend_count)]
+        return controlplane_pb2.AgentMessage(report=controlplane_pb2.Report(
+            sequence=1, gpus=[gpu], backends=backends,
+            telemetry=common_pb2.TelemetryStatus(source="fake", ok=True)))
+
+    async def connect(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        stub = controlplane_pb2_grpc.ControlPlaneStub(self.channel)
+        register = controlplane_pb2.AgentMessage(register=controlplane_pb2.Register(
+            node_name=self.name, agent_version="test", node_address="127.0.0.1:1"))
+        self.outgoing.put_nowait(register)
+        self.outgoing.put_nowait(self.report())
+
+        async def messages() -> AsyncIterator[controlplane_pb2.AgentMessage]:
+            while (msg := await self.outgoing.get()) is not None:
+                yield msg
+
+        call = stub.Connect(messages())
+
+        async def read() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+                async for msg in call:
+                    if msg.command_id:
+                        self.commands.append(msg)
+                        self.outgoing.put_nowait(controlplane_pb2.AgentMessage(
+                            command_ack=controlplane_pb2.CommandAck(command_id=msg.command_id,
+                                                                    ok=True)))
+        self.task = asyncio.create_task(read())
+
+    def kinds(self) -> list[str]:
+        return [str(m.WhichOneof("body")) for m in self.commands]
+
+    async def close(self) -> None:
+        self.outgoing.put_nowait(None)
+        if self.task:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        if self.channel:
+            await self.channel.close()
+
+
+async def eventually(predicate: Any, what: str, limit_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while asyncio.get_running_loop().time() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Admin:
+    def __init__(self, address: str, key: str | None = ADMIN_KEY) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = admin_pb2_grpc.AdminStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {key}"),) if key else ()
+
+    async def __call__(self, method: str, request: Any) -> Any:
+        return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=20)
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[tuple[Replica, list[AgentStandIn], Admin]]:
+    replica = await Replica(settings()).start()
+    agents = [AgentStandIn("gpu-a", free_gb=30), AgentStandIn("gpu-b", free_gb=70)]
+    for agent in agents:
+        await agent.connect(replica.address)
+    await eventually(lambda: len(replica.services.registry.routable(MODEL)) == 2, "two nodes")
+    admin = Admin(replica.address)
+    yield replica, agents, admin
+    await admin.channel.close()
+    for agent in agents:
+        await agent.close()
+    await replica.stop()
+
+
+async def test_every_call_needs_the_admin_key(fleet) -> None:
+    replica, _, _ = fleet
+    for key, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                      (TENANT_KEY, grpc.StatusCode.PERMISSION_DENIED),
+                      ("wrong", grpc.StatusCode.UNAUTHENTICATED)):
+        client = Admin(replica.address, key)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client("ListNodes", admin_pb2.ListNodesRequest())
+        assert err.value.code() == code
+        await client.channel.close()
+
+
+async def test_list_and_get_nodes_show_telemetry_backends_and_logs(fleet) -> None:
+    _, _, admin = fleet
+    nodes = await admin("ListNodes", admin_pb2.ListNodesRequest())
+    assert [n.name for n in nodes.nodes] == ["gpu-a", "gpu-b"]
+    assert all(n.status == admin_pb2.NODE_STATUS_READY and n.telemetry.ok for n in nodes.nodes)
+    detail = await admin("GetNode", admin_pb2.GetNodeRequest(name="gpu-b"))
+    assert detail.gpus[0].memory_free_bytes == 70 * GIB
+    assert detail.backends[0].last_log_lines == ["engine ready"]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin("GetNode", admin_pb2.GetNodeRequest(name="nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
+
+
+async def test_cordon_stops_routing_and_uncordon_restores_it(fleet) -> None:
+    replica, _, admin = fleet
+    reg = replica.services.registry
+    detail = await admin("CordonNode", admin_pb2.CordonNodeRequest(name="gpu-a", reason="maint"))
+    assert detail.summary.status == admin_pb2.NODE_STATUS_CORDONED
+    assert [b.node for b in reg.routable(MODEL)] == ["gpu-b"]
+    await admin("UncordonNode", admin_pb2.UncordonNodeRequest(name="gpu-a"))
+    assert len(reg.routable(MODEL)) == 2
+
+
+async def test_drain_sends_the_command_and_waits_for_in_flight(fleet) -> None:
+    replica, agents, admin = fleet
+    resp = await admin("DrainNode", admin_pb2.DrainNodeRequest(name="gpu-a", wait=True,
+                                                               timeout_seconds=5,
+                                                               grace_seconds=3))
+    assert resp.drained and resp.in_flight == 0
+    assert resp.node.summary.status == admin_pb2.NODE_STATUS_DRAINING
+    assert agents[0].kinds() == ["drain"] and agents[0].commands[0].drain.grace_seconds == 3
+    assert [b.node for b in replica.services.registry.routable(MODEL)] == ["gpu-b"]
+    await admin("UncordonNode", admin_pb2.UncordonNodeRequest(name="gpu-a"))
+    assert agents[0].kinds() == ["drain", "undrain"]
+    assert len(replica.services.registry.routable(MODEL)) == 2
+
+
+async def test_drain_wait_reports_engines_still_busy(fleet) -> None:
+    replica, agents, admin = fleet
+    agents[0].outgoing.put_nowait(agents[0].report(running=3))
+    await eventually(lambda: replica.services.registry.node("gpu-a").backends[0].running == 3,
+                     "busy report")
+    resp = await admin("DrainNode", admin_pb2.DrainNodeRequest(name="gpu-a", wait=True,
+                                                               timeout_seconds=0.5))
+    assert not resp.drained and resp.in_flight == 3
+
+
+async def test_deploy_to_named_node_sends_desired_backends_and_undeploy_removes(fleet) -> None:
+    _, agents, admin = fleet
+    resp = await admin("DeployModel", admin_pb2.DeployModelRequest(
+        model="tiny-sim", engine=common_pb2.ENGINE_KIND_SIMULATOR, nodes=["gpu-a"],
+        extra_args=["--time-scale", "0"]))
+    assert [(p.node, p.backend, p.reason) for p in resp.placements] == [
+        ("gpu-a", "tiny-sim-simulator", "deployed")]
+    desired = agents[0].commands[-1].desired_backends.backends
+    assert [(b.name, b.model, b.engine, list(b.extra_args)) for b in desired] == [
+        ("tiny-sim-simulator", "tiny-sim", common_pb2.ENGINE_KIND_SIMULATOR,
+         ["--time-scale", "0"])]
+    models = await admin("ListModels", admin_pb2.ListModelsRequest())
+    assert {m.name: m.state for m in models.models}["tiny-sim"] == "deploying"
+    removed = await admin("UndeployModel", admin_pb2.UndeployModelRequest(model="tiny-sim"))
+    assert [p.backend for p in removed.removed] == ["tiny-sim-simulator"]
+    assert list(agents[0].commands[-1].desired_backends.backends) == []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin("UndeployModel", admin_pb2.UndeployModelRequest(model="tiny-sim"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_placement_picks_most_headroom_and_refuses_when_nothing_fits(fleet) -> None:
+    _, agents, admin = fleet
+    resp = await admin("DeployModel", admin_pb2.DeployModelRequest(
+        model="m-40g", engine=common_pb2.ENGINE_KIND_VLLM, memory_required_bytes=40 * GIB))
+    assert [p.node for p in resp.placements] == ["gpu-b"]   # 70 GiB free beats 30
+    assert agents[1].kinds() == ["desired_backends"] and agents[0].kinds() == []
+    # gpu-b now has 40 GiB pending for an engine it has not reported: 30 left.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin("DeployModel", admin_pb2.DeployModelRequest(
+            model="m-35g", engine=common_pb2.ENGINE_KIND_VLLM, memory_required_bytes=35 * GIB))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no node fits" in err.value.details() and "gpu-a: 30.0 GiB" in err.value.details()
+
+
+async def test_bad_requests_name_the_field(fleet) -> None:
+    _, _, admin = fleet
+    cases = [
+        ("DeployModel", admin_pb2.DeployModelRequest(model="x"), "engine"),
+        ("DeployModel", admin_pb2.DeployModelRequest(engine=common_pb2.ENGINE_KIND_VLLM), "model"),
+        ("DeployModel", admin_pb2.DeployModelRequest(model="x", engine=common_pb2.ENGINE_KIND_VLLM),
+         "memory_required_bytes"),
+        ("CordonNode", admin_pb2.CordonNodeRequest(name="n" * 300), "longer than"),
+        ("InvalidateCache", admin_pb2.InvalidateCacheRequest(), "tenant, model or all"),
+        ("ExplainRoute", admin_pb2.ExplainRouteRequest(model=MODEL), "prompt"),
+        ("ExplainRoute", admin_pb2.ExplainRouteRequest(model=MODEL, messages_json="{"), "JSON"),
+    ]
+    for method, request, text in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin(method, request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+        assert text in err.value.details(), (method, err.value.details())
+
+
+async def test_explain_lists_every_backend_with_its_verdict(fleet) -> None:
+    _, _, admin = fleet
+    await admin("CordonNode", admin_pb2.CordonNodeRequest(name="gpu-a"))
+    resp = await admin("ExplainRoute", admin_pb2.ExplainRouteRequest(
+        model="llama", prompt="What is the capital of France?"))
+    assert resp.model == MODEL and resp.policy == "predicted_ttft"
+    by_node = {b.node: b for b in resp.backends}
+    assert not by_node["gpu-a"].eligible and "cordoned" in by_node["gpu-a"].filter_reason
+    assert by_node["gpu-b"].eligible and by_node["gpu-b"].rank == 1
+    assert by_node["gpu-b"].predicted_ttft_seconds > 0 and by_node["gpu-b"].prompt_tokens > 0
+    assert resp.chosen_backend == "gpu-b/sim-0"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin("ExplainRoute", admin_pb2.ExplainRouteRequest(model="nope", prompt="x"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_stats_count_nodes_and_backends(fleet) -> None:
+    _, _, admin = fleet
+    stats = await admin("GetStats", admin_pb2.GetStatsRequest())
+    assert stats.nodes_ready == 2 and stats.backends_ready == 2 and stats.replica == "test"
+
+
+async def test_cordon_is_durable_across_replicas_with_redis(redis_server: harness.RedisServer) -> None:
+    first = await Replica(settings(redis_server.url)).start()
+    second = await Replica(settings(redis_server.url)).start()
+    agents = [AgentStandIn("gpu-a"), AgentStandIn("gpu-a")]
+    try:
+        await agents[0].connect(first.address)
+        await agents[1].connect(second.address)
+        for r in (first, second):
+            await eventually(lambda r=r: len(r.services.registry.routable(MODEL)) == 1, "node")
+        admin = Admin(first.address)
+        await admin("CordonNode", admin_pb2.CordonNodeRequest(name="gpu-a"))
+        await admin.channel.close()
+        # The other replica applies it on its next sync; a new replica at its first one.
+        await eventually(lambda: second.services.registry.routable(MODEL) == [], "cordon on 2nd")
+        third = await Replica(settings(redis_server.url)).start()
+        try:
+            await third.admin.sync_once()
+            assert third.admin.fleet.get("gpu-a").cordoned
+        finally:
+            await third.stop()
+        deploy = Admin(second.address)
+        await deploy("DeployModel", admin_pb2.DeployModelRequest(
+            model="tiny", engine=common_pb2.ENGINE_KIND_SIMULATOR, nodes=["gpu-a"]))
+        await deploy.channel.close()
+        # The agent connected to the first replica hears of the deploy made on the second.
+        await eventually(lambda: "desired_backends" in agents[0].kinds(), "desired via sync")
+        spec = agents[0].commands[-1].desired_backends.backends[0]
+        assert json.loads(json.dumps(spec.model)) == "tiny"
+    finally:
+        for agent in agents:
+            await agent.close()
+        await first.stop()
+        await second.stop()
