@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import pathlib
 import secrets
@@ -167,8 +168,13 @@ class Child:
         self._log.close()
 
 
-def _http_status(url: str, token: str | None = None) -> int:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+def _http_status(url: str, token: str | None = None, body: dict[str, Any] | None = None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=2) as resp:
             return int(resp.status)
@@ -256,6 +262,11 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
         what = "upstream" if args.upstream else "agent, simulator and embedder"
         _wait_for(f"{what} ready", lambda: _http_status(f"{base}/ready") == 200, children,
                   START_TIMEOUT_S)
+        # The agent loads the embedding model in the background; the semantic cache and
+        # /v1/embeddings need it, so "ready" waits for one real embedding.
+        probe = {"model": EMBED_MODEL, "input": ["synapse up readiness probe"]}
+        _wait_for("embedder loaded", lambda: _http_status(
+            f"{base}/v1/embeddings", written["api_key"], probe) == 200, children, START_TIMEOUT_S)
         print(_banner(base, written["api_key"], args.model, written["admin_key_file"],
                       f"127.0.0.1:{ports['grpc']}"), flush=True)
         while all(c.alive() for c in children):

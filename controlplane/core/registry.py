@@ -197,7 +197,10 @@ class Registry:
         return [(b, why) for b, why in self.all_backends() if model in b.models]
 
     def served_models(self) -> set[str]:
-        return {m for b, _ in self.all_backends() for m in b.models}
+        """Models some backend serves, plus those an up agent embeds in process."""
+        models = {m for b, _ in self.all_backends() for m in b.models}
+        models.update(m for n in self.ready_embed_nodes() for m in n.embed_models)
+        return models
 
     def ready_embed_nodes(self) -> list[types.EmbedNode]:
         """Up nodes whose agent serves ``Node.Embed`` (for the semantic cache)."""
