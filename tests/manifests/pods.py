@@ -6,15 +6,19 @@ process with the config).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import pathlib
 import re
 from typing import Any
 
 import pydantic
+import pytest
 import yaml
 
 from agent import config as agent_config
 from controlplane import config as cp_config
+from protos.common import settings
 from tests.manifests import render
 
 MODELS: dict[str, type[pydantic.BaseModel]] = {
@@ -34,7 +38,8 @@ def synapse_containers(objects: list[dict[str, Any]]) -> list[tuple[dict[str, An
     return found
 
 
-def container_environ(c: dict[str, Any]) -> dict[str, str]:
+def container_environ(c: dict[str, Any],
+                      field_refs: dict[str, str] | None = None) -> dict[str, str]:
     """The container's environment as the kubelet would build it."""
     env: dict[str, str] = {}
     for item in c.get("env", []):
@@ -45,7 +50,7 @@ def container_environ(c: dict[str, Any]) -> dict[str, str]:
         else:
             source = item["valueFrom"]
             if "fieldRef" in source:
-                value = FIELD_REFS[source["fieldRef"]["fieldPath"]]
+                value = (field_refs or FIELD_REFS)[source["fieldRef"]["fieldPath"]]
             else:
                 ref = source["secretKeyRef"]
                 value = f"from-secret-{ref['name']}-{ref['key']}"
@@ -61,9 +66,29 @@ def mounted_volume(workload: dict[str, Any], c: dict[str, Any], directory: str) 
     return volume
 
 
+def config_path(c: dict[str, Any], environ: dict[str, str]) -> str:
+    """The file the process reads: --config, else $SYNAPSE_CONFIG_PATH, else the default."""
+    args = list(c.get("args", []))
+    for i, arg in enumerate(args):
+        if arg == "--config":
+            return str(args[i + 1])
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    explicit, _ = settings.resolve_config_path(None, environ)
+    return explicit
+
+
+def with_config(args: list[str], path: str) -> list[str]:
+    """The container's args with its --config pointed at ``path``."""
+    out = list(args)
+    assert "--config" in out, f"{args} pass no --config"
+    out[out.index("--config") + 1] = path
+    return out
+
+
 def config_data(objects: list[dict[str, Any]], workload: dict[str, Any], c: dict[str, Any],
                  environ: dict[str, str]) -> dict[str, Any]:
-    path = pathlib.PurePosixPath(environ["SYNAPSE_CONFIG_PATH"])
+    path = pathlib.PurePosixPath(config_path(c, environ))
     volume = mounted_volume(workload, c, str(path.parent))
     cm = render.find(objects, "ConfigMap", volume["configMap"]["name"])
     data: dict[str, Any] = yaml.safe_load(cm["data"][path.name])
@@ -84,9 +109,46 @@ def replace_file_secrets(value: Any, dirs: list[str], tmp: pathlib.Path) -> Any:
             assert any(path.startswith(d.rstrip("/") + "/") for d in dirs), \
                 f"secret file {path} is not under a mounted Secret ({dirs})"
             stand_in = tmp / f"secret-{abs(hash(path))}"
-            stand_in.write_text("stand-in secret\n")
+            stand_in.write_text(f"stand-in-{pathlib.PurePosixPath(path).name}\n")
             return {"file": str(stand_in)}
         return {k: replace_file_secrets(v, dirs, tmp) for k, v in value.items()}
     if isinstance(value, list):
         return [replace_file_secrets(v, dirs, tmp) for v in value]
     return value
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One Synapse container of an overlay as the kubelet would start it."""
+
+    workload: dict[str, Any]
+    container: dict[str, Any]
+    environ: dict[str, str]  # the pod's env; secretKeyRef values are placeholders
+    data: dict[str, Any]  # its config.yaml, {file: P} secrets swapped for temp files
+
+
+def prepare(overlay: str, process: str, tmp_path: pathlib.Path,
+            field_refs: dict[str, str] | None = None) -> Prepared:
+    objects = render.render(overlay)
+    hits = [(w, c) for w, c in synapse_containers(objects) if c["args"][0] == process]
+    assert len(hits) == 1, f"{overlay}: expected one {process} container, found {len(hits)}"
+    workload, c = hits[0]
+    environ = container_environ(c, field_refs)
+    data = config_data(objects, workload, c, environ)
+    data = replace_file_secrets(data, secret_mount_dirs(workload, c), tmp_path)
+    return Prepared(workload, c, environ, data)
+
+
+def load_settings(overlay: str, process: str, tmp_path: pathlib.Path,
+                  monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The settings the process would load, with its workload and container."""
+    pod = prepare(overlay, process, tmp_path)
+    model = MODELS[process]
+    # {env: X} secrets are resolved from the process environment: exactly the pod's
+    for name in [k for k in os.environ if k.startswith("SYNAPSE_")]:
+        monkeypatch.delenv(name)
+    for name, value in pod.environ.items():
+        monkeypatch.setenv(name, value)
+    data = settings.apply_env_overrides(model, pod.data, pod.environ)
+    loaded = settings.validate(model, data, source=f"{overlay} {process} ConfigMap")
+    return loaded, pod.workload, pod.container

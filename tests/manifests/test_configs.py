@@ -1,7 +1,7 @@
 """The ConfigMaps of every overlay parse with the processes' own config models.
 
 Each Synapse container is checked as it would start: its ConfigMap's `config.yaml` (found
-through the volume mounted at the directory of SYNAPSE_CONFIG_PATH), plus its environment
+through the volume mounted at the directory of --config / SYNAPSE_CONFIG_PATH), plus its environment
 (`SYNAPSE_*` overrides applied by the loader; `{env: X}` secrets must be set by the pod
 spec; `$(VAR)` references resolved), plus `{file: P}` secrets, which must lie under a
 mounted Secret volume (a temporary file stands in for the Secret's content). Then the
@@ -11,7 +11,6 @@ a termination grace period that covers the agent's drain.
 
 from __future__ import annotations
 
-import os
 import pathlib
 from typing import Any
 
@@ -22,26 +21,6 @@ from agent import config as agent_config
 from protos import commands
 from protos.common import settings
 from tests.manifests import pods, render
-
-
-def _load(overlay: str, process: str, tmp_path: pathlib.Path,
-          monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    objects = render.render(overlay)
-    hits = [(w, c) for w, c in pods.synapse_containers(objects) if c["args"][0] == process]
-    assert len(hits) == 1, f"{overlay}: expected one {process} container, found {len(hits)}"
-    workload, c = hits[0]
-    environ = pods.container_environ(c)
-    data = pods.config_data(objects, workload, c, environ)
-    data = pods.replace_file_secrets(data, pods.secret_mount_dirs(workload, c), tmp_path)
-    model = pods.MODELS[process]
-    # {env: X} secrets are resolved from the process environment: exactly the pod's
-    for name in [k for k in os.environ if k.startswith("SYNAPSE_")]:
-        monkeypatch.delenv(name)
-    for name, value in environ.items():
-        monkeypatch.setenv(name, value)
-    data = settings.apply_env_overrides(model, data, environ)
-    loaded = settings.validate(model, data, source=f"{overlay} {process} ConfigMap")
-    return loaded, workload, c
 
 
 def test_every_synapse_container_runs_a_real_command() -> None:
@@ -56,7 +35,7 @@ def test_every_synapse_container_runs_a_real_command() -> None:
 @pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
 def test_control_plane_config_validates_and_matches_the_pod(
         overlay: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg, workload, c = _load(overlay, "controlplane", tmp_path, monkeypatch)
+    cfg, workload, c = pods.load_settings(overlay, "controlplane", tmp_path, monkeypatch)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert cfg.http.port == ports["http"]
     assert cfg.grpc.port == ports["grpc"]
@@ -72,7 +51,7 @@ def test_control_plane_config_validates_and_matches_the_pod(
 @pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
 def test_agent_config_validates_and_matches_the_pod(
         overlay: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg, workload, c = _load(overlay, "agent", tmp_path, monkeypatch)
+    cfg, workload, c = pods.load_settings(overlay, "agent", tmp_path, monkeypatch)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert cfg.grpc.port == ports["grpc"]
     assert cfg.metrics.port == ports["metrics"]
@@ -101,11 +80,11 @@ def test_agent_config_validates_and_matches_the_pod(
 
 def test_gpu_overlays_run_real_gpus_and_dev_runs_none(
         tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    dev, _, _ = _load("embedded-dev", "agent", tmp_path, monkeypatch)
+    dev, _, _ = pods.load_settings("embedded-dev", "agent", tmp_path, monkeypatch)
     assert dev.telemetry.source == "fake"
     assert {b.engine for b in dev.backends} == {"simulator"}
     for overlay in ("bundled", "production"):
-        cfg, _, _ = _load(overlay, "agent", tmp_path, monkeypatch)
+        cfg, _, _ = pods.load_settings(overlay, "agent", tmp_path, monkeypatch)
         assert cfg.telemetry.source == "nvml"
         assert "vllm" in {b.engine for b in cfg.backends}
 
@@ -144,3 +123,17 @@ def test_secrets_in_configs_are_references_not_literals(overlay: str) -> None:
         for key, text in cm.get("data", {}).items():
             literals = _literal_secrets(yaml.safe_load(text))
             assert not literals, f"{overlay} {cm['metadata']['name']}/{key}: {literals}"
+
+
+@pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
+def test_engines_started_by_the_agent_cannot_pick_up_its_config(overlay: str) -> None:
+    # the supervisor's children (`synapse simulator`, vLLM) inherit the agent's environment
+    # and would read SYNAPSE_CONFIG_PATH, or the default path, as their own config
+    _, c = next((w, c) for w, c in pods.synapse_containers(render.render(overlay))
+                if c["args"][0] == "agent")
+    env = pods.container_environ(c)
+    assert "SYNAPSE_CONFIG_PATH" not in env
+    path = pods.config_path(c, env)
+    assert path != settings.DEFAULT_CONFIG_PATH
+    default_dir = str(pathlib.PurePosixPath(settings.DEFAULT_CONFIG_PATH).parent)
+    assert default_dir not in [m["mountPath"].rstrip("/") for m in c["volumeMounts"]]

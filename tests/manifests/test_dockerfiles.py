@@ -238,3 +238,10 @@ def test_the_build_context_builds_a_complete_wheel(tmp_path: pathlib.Path) -> No
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     for script in PYPROJECT["project"]["scripts"]:
         assert f"{script} = " in text
+
+
+def test_agent_image_does_not_hand_its_config_to_engines() -> None:
+    # engines the agent starts inherit its environment (see Dockerfile.agent)
+    final = stages(parse("Dockerfile.agent"))[-1]
+    env_keys = [v for c in final if c.cmd == "ENV" for v in c.value[::2]]
+    assert "SYNAPSE_CONFIG_PATH" not in env_keys

@@ -1,0 +1,129 @@
+"""The real control plane starts with each overlay's ConfigMap and pod environment.
+
+Validation with the model (test_configs) proves the YAML parses; this proves the process
+accepts it: `synapse controlplane` runs with the overlay's config.yaml, the pod's env
+(Secret values as placeholders, {file:} secrets as temp files), the overlay's Redis
+replaced by a private redis-server and its Milvus by a Milvus Lite file. Only what cannot
+exist here is overridden: listen addresses (loopback, free ports), data_dir, and static
+upstreams (they name cluster DNS names). The tenant key from the Secret must then open
+the API, and a wrong key must not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import urllib.error
+import urllib.request
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from tests import harness
+from tests.manifests import pods, render
+
+
+def _get(url: str, key: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _start_control_plane(overlay: str, tmp_path: pathlib.Path,
+                         processes: harness.ProcessPool, request: pytest.FixtureRequest,
+                         monkeypatch: pytest.MonkeyPatch) -> tuple[str, int, Any]:
+    """Run the overlay's control plane; returns its base URL, gRPC port and settings."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    pod = pods.prepare(overlay, "controlplane", tmp_path)
+    cfg, _, _ = pods.load_settings(overlay, "controlplane", tmp_path, monkeypatch)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(pod.data))
+    http, grpc = harness.free_port(), harness.free_port()
+    env = {**pod.environ, "SYNAPSE_CONFIG_PATH": str(config),
+           "SYNAPSE_DATA_DIR": str(tmp_path / "data"), "SYNAPSE_UPSTREAMS": "[]",
+           "SYNAPSE_HTTP__HOST": "127.0.0.1", "SYNAPSE_HTTP__PORT": str(http),
+           "SYNAPSE_GRPC__HOST": "127.0.0.1", "SYNAPSE_GRPC__PORT": str(grpc)}
+    if cfg.redis.url is not None:
+        redis = request.getfixturevalue("redis_server")
+        assert "SYNAPSE_REDIS_URL" in env, "redis.url should come from SYNAPSE_REDIS_URL"
+        env["SYNAPSE_REDIS_URL"] = redis.url
+    if "SYNAPSE_MILVUS_URI" in env:
+        env["SYNAPSE_MILVUS_URI"] = str(tmp_path / "l2.db")
+    else:
+        env["SYNAPSE_CACHE__MILVUS_URI"] = str(tmp_path / "l2.db")
+    (tmp_path / "data").mkdir()
+    base = f"http://127.0.0.1:{http}"
+    processes.start(f"controlplane-{overlay}", ["synapse", *pod.container["args"]], env=env,
+                    ready_url=f"{base}/health", timeout=90, cwd=str(tmp_path))
+    # load_settings put the pod's env into this process for {env:} secrets; processes
+    # started later inherit this environment, and must see only their own pod's
+    for name in [k for k in os.environ if k.startswith("SYNAPSE_")]:
+        monkeypatch.delenv(name)
+    return base, grpc, cfg
+
+
+@pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
+def test_control_plane_starts_with_the_overlay_config(
+        overlay: str, tmp_path: pathlib.Path, processes: harness.ProcessPool,
+        request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, _, cfg = _start_control_plane(overlay, tmp_path, processes, request, monkeypatch)
+    # no agent here, so not ready, and saying why
+    status, body = _get(f"{base}/ready")
+    assert status == 503, body
+    status, body = _get(f"{base}/metrics")
+    assert status == 200 and b"synapse_requests_total" in body
+    # the tenant key the pod gets from its Secret opens the API; another key does not
+    key = cfg.auth.tenants[0].keys[0].get_secret_value()
+    status, body = _get(f"{base}/v1/models", key)
+    assert status == 200, body
+    assert json.loads(body)["object"] == "list"
+    status, _ = _get(f"{base}/v1/models", key + "-wrong")
+    assert status == 401
+
+
+def test_embedded_dev_pair_serves_a_chat_completion(
+        tmp_path: pathlib.Path, processes: harness.ProcessPool,
+        request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded-dev overlay end to end: its control plane and its agent (fake GPU, the
+    engine simulator, the MiniLM embedder), each with its own ConfigMap, on loopback."""
+    base, cp_grpc, cfg = _start_control_plane("embedded-dev", tmp_path / "cp", processes,
+                                              request, monkeypatch)
+    agent_dir = tmp_path / "agent"
+    agent_dir.mkdir()
+    # the pod IP is loopback here; ports that are fixed in a pod are free ports here
+    refs = {**pods.FIELD_REFS, "status.podIP": "127.0.0.1"}
+    pod = pods.prepare("embedded-dev", "agent", agent_dir, refs)
+    for backend in pod.data["backends"]:
+        backend["port"] = harness.free_port()
+    config = agent_dir / "config.yaml"
+    config.write_text(yaml.safe_dump(pod.data))
+    grpc, metrics = harness.free_port(), harness.free_port()
+    env = {**pod.environ, "PATH": f"{harness.VENV_BIN}:{os.environ.get('PATH', '')}",
+           # the headless Service's name, resolved here to the one replica
+           "SYNAPSE_CONTROL_PLANE__DNS_NAME": f"127.0.0.1:{cp_grpc}",
+           "SYNAPSE_GRPC__HOST": "127.0.0.1", "SYNAPSE_GRPC__PORT": str(grpc),
+           "SYNAPSE_GRPC__ADVERTISE_ADDRESS": f"127.0.0.1:{grpc}",
+           "SYNAPSE_METRICS__HOST": "127.0.0.1", "SYNAPSE_METRICS__PORT": str(metrics),
+           "SYNAPSE_SUPERVISOR__LOG_DIR": str(agent_dir / "logs")}
+    args = pods.with_config(pod.container["args"], str(config))
+    agent = processes.start("agent-embedded-dev", ["synapse", *args],
+                            env=env, ready_url=f"http://127.0.0.1:{metrics}/metrics",
+                            timeout=120, cwd=str(agent_dir))
+    harness.wait_until(lambda: _get(f"{base}/ready")[0] == 200, 120,
+                       "the control plane to see the agent's simulator backend", proc=agent)
+
+    key = cfg.auth.tenants[0].keys[0].get_secret_value()
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60)
+    raw = client.chat.completions.with_raw_response.create(
+        model="llama", max_tokens=8,
+        messages=[{"role": "user", "content": "Say hello to the cluster."}])
+    completion = raw.parse()
+    assert completion.choices[0].message.content
+    assert completion.model == "meta-llama/Meta-Llama-3.1-8B-Instruct"
+    assert raw.headers["x-synapse-backend"]
