@@ -214,9 +214,10 @@ Synapse is ready (embedded mode).
   API key:   {api_key}
   Model:     {model}
 
-  curl {base}/v1/chat/completions \\
+  curl -i {base}/v1/chat/completions \\
     -H "Authorization: Bearer {api_key}" -H "Content-Type: application/json" \\
-    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+    -d '{{"model": "{model}", "temperature": 0, "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+  (run it twice: the second answer carries x-synapse-cache: hit-exact)
 
   python -c 'from openai import OpenAI
 c = OpenAI(base_url="{base}/v1", api_key="{api_key}")
