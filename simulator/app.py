@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -35,6 +36,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 TEI_NATIVE_PATHS = frozenset({"/embed"})
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/embed",
                              "/v1/embeddings"})
+ENGINE: web.AppKey[sim_engine.Engine] = web.AppKey("engine", sim_engine.Engine)
 CRASH_DELAY_S = 0.05  # lets the kernel take the last answer before the process dies
 
 
@@ -134,6 +136,18 @@ def _json(payload: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
+async def drain(app: web.Application, grace_s: float) -> int:
+    """Shutdown: let generation finish for up to ``grace_s``, then abort what is left
+    (those clients see their connection close, never a truncated answer posing as
+    complete). Returns the number of aborted sequences."""
+    engine = app.get(ENGINE)
+    if engine is None:
+        return 0  # TEI mode: requests are short, aiohttp's own grace period suffices
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(engine.wait_idle(), grace_s)
+    return engine.abort_all()
+
+
 def build(settings: SimulatorSettings, clock: type[Clock] | Clock = Clock) -> web.Application:
     service = Service(settings, clock)
     app = web.Application(middlewares=[service.errors_middleware],
@@ -174,6 +188,7 @@ def _add_vllm(app: web.Application, settings: SimulatorSettings, service: Servic
         await engine.stop()
 
     app.cleanup_ctx.append(run_engine)
+    app[ENGINE] = engine
 
 
 def _add_tei(app: web.Application, settings: SimulatorSettings, service: Service,

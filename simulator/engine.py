@@ -53,6 +53,10 @@ class Handle:
     def done(self) -> bool:
         return all(seq.state is sched.State.FINISHED for seq in self.seqs)
 
+    @property
+    def aborted(self) -> bool:
+        return any(seq.finish_reason == "abort" for seq in self.seqs)
+
     async def wait(self) -> None:
         """Until a sequence progresses (streaming) or all have finished."""
         if self.done:
@@ -79,6 +83,7 @@ class Engine:
         self.time_scale = time_scale
         self.clock = clock
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_fatal = on_fatal
         scheduler.on_finish = metrics.observe_finished
@@ -87,6 +92,7 @@ class Engine:
         handle = Handle(seqs, stream)
         for seq in seqs:
             self.scheduler.add(seq)
+        self._idle.clear()
         self._wake.set()
         return handle
 
@@ -94,6 +100,22 @@ class Engine:
         """Drop every unfinished sequence of a request (client gone, fault)."""
         for seq in handle.seqs:
             self.scheduler.abort(seq)
+
+    def abort_all(self) -> int:
+        """Abort every running and waiting sequence (shutdown); returns how many."""
+        seqs = [*self.scheduler.running, *self.scheduler.waiting]
+        for seq in seqs:
+            self.scheduler.abort(seq)
+        return len(seqs)
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.has_work
+
+    async def wait_idle(self) -> None:
+        """Until no sequence is running or waiting."""
+        while self.busy:
+            await self._idle.wait()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="simulator-engine")
@@ -115,6 +137,7 @@ class Engine:
         deadline = self.clock()
         while True:
             if not self.scheduler.has_work:
+                self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
                 deadline = self.clock()

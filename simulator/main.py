@@ -3,8 +3,10 @@
 Start-up: flags → ``cli.bootstrap`` overrides (flags beat ``--profile``, which beats the
 config file and ``SYNAPSE_*``), build the app, listen, then print
 ``simulator listening on http://HOST:PORT`` (the real port when ``--port 0``) so a
-supervisor can find it. SIGTERM or SIGINT → graceful shutdown (in-flight requests get
-:data:`SHUTDOWN_GRACE_S`), exit 0. uvloop when available.
+supervisor can find it. SIGTERM or SIGINT → graceful shutdown, exit 0: stop accepting connections, give
+in-flight generation :data:`SHUTDOWN_GRACE_S` to finish, abort the rest (their
+connections close without an answer, never with a truncated one posing as complete),
+close. uvloop when available.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from simulator import app as sim_app
 from simulator import config, profiles
 
 log = logging.getLogger("simulator")
-SHUTDOWN_GRACE_S = 5.0
+SHUTDOWN_GRACE_S = 3.0
+CLOSE_TIMEOUT_S = 1.0  # aiohttp's own wait for handlers once the engine is drained
 
 FAULTS_HELP = """\
 Faults can also be changed while running: POST /sim/faults with a JSON object using the
@@ -118,7 +121,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, object]:
 async def serve(settings: config.SimulatorSettings) -> int:
     app = sim_app.build(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S)
+                           handler_cancellation=True, shutdown_timeout=CLOSE_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=2048)
     try:
@@ -136,6 +139,11 @@ async def serve(settings: config.SimulatorSettings) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
+    for running_site in list(runner.sites):
+        await running_site.stop()  # no new connections while draining
+    aborted = await sim_app.drain(app, SHUTDOWN_GRACE_S)
+    if aborted:
+        log.warning("aborted %d unfinished sequences at shutdown", aborted)
     await runner.cleanup()
     return 0
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from aiohttp import web
@@ -156,6 +156,8 @@ class VllmApi:
                                           prompt_tokens, handle)
             while not handle.done:
                 await handle.wait()
+            if handle.aborted:
+                drop(request)  # shut down mid-request: no answer rather than a false one
         finally:
             self.engine.abort(handle)  # no-op for finished sequences
         body = self._full_body(gen, model, request_id, choices, prompt_tokens)
@@ -208,6 +210,8 @@ class VllmApi:
                     await writer.token(c.index, c.out.pieces[emitted[k]])
                     emitted[k] += 1
                 if c.seq.state is sched.State.FINISHED:
+                    if c.seq.finish_reason == "abort":
+                        drop(request)
                     await writer.chunk(c.index, {} if gen.chat else "", c.out.finish_reason,
                                        c.out.stop_reason)
                     closed[k] = True
@@ -220,13 +224,18 @@ class StreamDropped(Exception):
     """The stall fault dropped the connection; the handler must not answer further."""
 
 
-async def drop_after_stall(request: web.Request, stall_s: float) -> None:
-    """The stall fault: stay silent, then drop the connection without an answer."""
-    await asyncio.sleep(stall_s)
+def drop(request: web.Request) -> NoReturn:
+    """Close the connection without (the rest of) an answer."""
     transport = request.transport
     if transport is not None:
         transport.abort()
     raise StreamDropped
+
+
+async def drop_after_stall(request: web.Request, stall_s: float) -> None:
+    """The stall fault: stay silent, then drop the connection without an answer."""
+    await asyncio.sleep(stall_s)
+    drop(request)
 
 
 class SseWriter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import re
@@ -9,8 +10,10 @@ import signal
 import subprocess
 import urllib.request
 
+import aiohttp
+
 from tests import harness
-from tests.simulator.conftest import samples
+from tests.simulator.conftest import MODEL, samples, start
 
 AGENT_FLAGS = ("--config", "--engine", "--host", "--port", "--model", "--served-model-name",
                "--time-scale", "--seed", "--profile", "--max-num-seqs", "--num-gpu-blocks",
@@ -68,3 +71,23 @@ def test_port_0_announces_the_port_and_sigterm_exits_0(processes: harness.Proces
     assert info["num_gpu_blocks"] == "123" and info["block_size"] == "32"
     proc.signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
+
+
+async def test_sigterm_mid_stream_closes_it_without_done_and_exits_0(
+        processes: harness.ProcessPool) -> None:
+    sim = start(processes, "--time-scale", "1", name="sim-term")
+    body = {"model": MODEL, "prompt": "long", "max_tokens": 5000, "ignore_eos": True,
+            "stream": True}
+    received = b""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(sim.url + "/v1/completions", json=body) as resp:
+            received += await resp.content.readline()
+            sim.proc.signal(signal.SIGTERM)
+            try:
+                async for line in resp.content:
+                    received += line
+            except aiohttp.ClientPayloadError:
+                pass  # the connection was closed under the stream: expected
+    assert received.startswith(b"data: ") and b"[DONE]" not in received
+    assert await asyncio.to_thread(sim.proc.wait, 30) == 0
+    assert "aborted 1 unfinished sequences at shutdown" in sim.proc.output()
