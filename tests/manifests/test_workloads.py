@@ -64,6 +64,8 @@ def test_control_plane_has_a_pdb_and_an_hpa(overlay: str) -> None:
     pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= pod_labels.items()
     assert pdb["spec"]["minAvailable"] == 1
+    # replicas are unready while no backend is routable; drains must not hang on that
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     hpa = render.find(objects, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                              "name": deploy["metadata"]["name"]}
