@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -245,3 +246,19 @@ def test_agent_image_does_not_hand_its_config_to_engines() -> None:
     final = stages(parse("Dockerfile.agent"))[-1]
     env_keys = [v for c in final if c.cmd == "ENV" for v in c.value[::2]]
     assert "SYNAPSE_CONFIG_PATH" not in env_keys
+
+
+@pytest.mark.parametrize(("name", "extras"), [("Dockerfile.cp", []), ("Dockerfile.agent", ["embed"])])
+def test_the_requirements_step_installs_exactly_the_runtime_dependencies(
+        name: str, extras: list[str], tmp_path: pathlib.Path) -> None:
+    # run the build stage's inline `python -c` against the real pyproject.toml
+    step = next(c.value[0] for c in parse(name) if c.cmd == "RUN" and "tomllib" in c.value[0])
+    argv = shlex.split(step.split(">", 1)[0])
+    assert argv[:2] == ["python", "-c"], argv
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    proc = subprocess.run([sys.executable, "-c", argv[2]], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30, check=True)
+    wanted = list(PYPROJECT["project"]["dependencies"])
+    for extra in extras:
+        wanted += PYPROJECT["project"]["optional-dependencies"][extra]
+    assert proc.stdout.splitlines() == wanted
