@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protos.common import tokens
 from simulator import scheduler as sched
@@ -192,3 +194,50 @@ def test_progress_callbacks_fire_per_token_and_at_the_end() -> None:
     s.add(seq)
     run_until_idle(s, clock)
     assert seen == [(1, "running"), (2, "running"), (3, "finished")]
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 40), st.integers(1, 12),
+                          st.sampled_from(["add", "step", "abort"])), max_size=60),
+       st.integers(4, 24), st.integers(1, 4))
+@settings(max_examples=150, deadline=None)
+def test_blocks_are_conserved_and_every_request_finishes(
+        ops: list[tuple[int, int, int, str]], num_blocks: int, max_seqs: int) -> None:
+    clock = FakeClock()
+    s = sched.Scheduler(profile(num_gpu_blocks=num_blocks, max_num_seqs=max_seqs,
+                                max_num_batched_tokens=16), clock)
+    capacity = num_blocks * 4
+    seqs: list[sched.Seq] = []
+    for family, prompt_len, output_len, op in ops:
+        if op == "add":
+            # Families share prefixes, so prefix hits and shared blocks happen.
+            prompt = [family * 1000 + i for i in range(min(prompt_len, capacity - output_len))]
+            if prompt:
+                seqs.append(make_seq(prompt, output_len, name=f"r{len(seqs)}"))
+                s.add(seqs[-1])
+        elif op == "step":
+            run_step(s, clock)
+        elif seqs:
+            s.abort(seqs[prompt_len % len(seqs)])
+        _check_blocks(s)
+    run_until_idle(s, clock)
+    _check_blocks(s)
+    assert s.pool.num_free == num_blocks
+    for seq in seqs:
+        assert seq.state is sched.State.FINISHED
+        assert seq.finish_reason == "abort" or seq.num_generated == seq.output_len
+
+
+def _check_blocks(s: sched.Scheduler) -> None:
+    held: dict[int, int] = {}
+    anonymous = 0
+    for seq in s.running:
+        for ref in seq.blocks:
+            if ref is None:
+                anonymous += 1
+            else:
+                held[ref] = held.get(ref, 0) + 1
+    assert anonymous + len(held) == s.pool.num_blocks - s.pool.num_free
+    for h, n in held.items():
+        assert s.pool._refs[h] == n
+    assert all(not seq.blocks for seq in s.waiting)
+    assert len(s.running) <= s.profile.max_num_seqs
