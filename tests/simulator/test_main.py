@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pathlib
 import re
@@ -57,7 +58,8 @@ def test_port_0_announces_the_port_and_sigterm_exits_0(processes: harness.Proces
     profile.write_text("block_size: 32\nmax_num_seqs: 7\n")
     proc = processes.start("sim-port0", ["synapse", "simulator", "--config", str(config),
                                          "--port", "0", "--profile", str(profile),
-                                         "--num-gpu-blocks", "123"])
+                                         "--num-gpu-blocks", "123", "--served-model-name",
+                                         "a", "--served-model-name", "b", "c"])
     pattern = re.compile(r"simulator listening on (http://127\.0\.0\.1:\d+)")
     harness.wait_until(lambda: bool(pattern.search(proc.output())), 30, "the listening line",
                        proc=proc)
@@ -69,6 +71,8 @@ def test_port_0_announces_the_port_and_sigterm_exits_0(processes: harness.Proces
         info = samples(resp.read().decode())["vllm:cache_config_info"][0][0]
     # file < --profile < single flags
     assert info["num_gpu_blocks"] == "123" and info["block_size"] == "32"
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as resp:
+        assert [m["id"] for m in json.load(resp)["data"]] == ["a", "b", "c"]
     proc.signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
 
