@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
+import yaml
 
 from tests.manifests import render, validate
 
@@ -88,3 +91,26 @@ def test_no_secret_value_is_written_into_the_manifests(overlay: str) -> None:
                     ref = env.get("valueFrom", {}).get("secretKeyRef")
                     assert ref, (f"{overlay}: {workload['metadata']['name']}/{c['name']} "
                                  f"sets {env['name']} without a secretKeyRef")
+
+
+def _cli(path: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    cli = pathlib.Path(sys.executable).parent / "kubernetes-validate"
+    assert cli.exists(), "kubernetes-validate is a dev dependency: run `make test`"
+    return subprocess.run([str(cli), "--strict", "--quiet", "-k", validate.OLDEST_SUPPORTED,
+                           str(path)], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_kubernetes_validate_cli_agrees(tmp_path: pathlib.Path) -> None:
+    # the command line the issue names, on a rendered overlay (built-in kinds only) and on
+    # the same overlay with a misspelled field
+    good = tmp_path / "production.yaml"
+    good.write_text(yaml.safe_dump_all(render.render("production")))
+    proc = _cli(good)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    root = _broken_copy(tmp_path, "base/agent-daemonset.yaml", "      hostPID: true",
+                        "      hostPid: true")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text(yaml.safe_dump_all(render.render_dir(root / "overlays" / "production")))
+    proc = _cli(bad)
+    assert proc.returncode != 0
+    assert "hostPid" in proc.stdout + proc.stderr
