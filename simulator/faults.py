@@ -12,7 +12,7 @@ Knobs (same names as the flags and the ``faults`` config section):
 * ``stall_after_chunks`` N: a stream sends N SSE events, goes silent for ``stall_s``
   wall seconds, then the connection is dropped without ``[DONE]``; a non-streaming
   request goes silent for ``stall_s`` and is dropped without an answer.
-* ``slow_start_s`` T: for T wall seconds (from start, or from the POST that set it)
+* ``slow_start_s`` (or ``slow_start``, the flag's spelling) T: for T wall seconds (from start, or from the POST that set it)
   ``/health`` answers 503 and inference requests 503, like an engine still loading.
 
 Fault delays are wall-clock seconds, not scaled by ``--time-scale``: they exist to
@@ -34,6 +34,7 @@ from simulator.config import FaultSettings
 
 CRASH_EXIT_CODE = 3
 READ_ONLY = frozenset({"served", "slow_start_remaining_s"})
+ALIASES = {"slow_start": "slow_start_s"}  # the flag's spelling works in the JSON too
 
 
 class Faults:
@@ -50,7 +51,7 @@ class Faults:
         if not isinstance(changes, Mapping):
             raise errors.BadRequest("the body must be a JSON object of fault settings")
         # What GET returns can be posted back: its read-only fields are ignored.
-        changes = {k: v for k, v in changes.items() if k not in READ_ONLY}
+        changes = {ALIASES.get(k, k): v for k, v in changes.items() if k not in READ_ONLY}
         merged = {**self.settings.model_dump(), **changes}
         try:
             new = FaultSettings.model_validate(merged)

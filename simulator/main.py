@@ -31,7 +31,7 @@ CLOSE_TIMEOUT_S = 1.0  # aiohttp's own wait for handlers once the engine is drai
 
 FAULTS_HELP = """\
 Faults can also be changed while running: POST /sim/faults with a JSON object using the
-same names (error_rate, crash_after, hang, stall_after_chunks, stall_s, slow_start_s),
+same names (error_rate, crash_after, hang, stall_after_chunks, stall_s, slow_start),
 e.g. curl -d '{"error_rate": 0.5}' http://HOST:PORT/sim/faults ; GET /sim/faults shows
 the current ones. Fault delays are wall seconds, not scaled by --time-scale."""
 

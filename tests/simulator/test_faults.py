@@ -58,6 +58,9 @@ def test_slow_start_makes_health_503_for_a_while(processes: harness.ProcessPool)
     assert status == 503
     harness.wait_until(lambda: harness.http_ok(sim.url + "/health"), 20, "health after start")
     assert request(sim.url + "/v1/chat/completions", CHAT)[0] == 200
+    status, body = request(sim.url + "/sim/faults", {"slow_start": 30})  # set at run time
+    assert status == 200 and body["slow_start_s"] == 30
+    assert request(sim.url + "/health")[0] == 503
 
 
 @pytest.fixture
