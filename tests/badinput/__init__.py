@@ -1,0 +1,1 @@
+"""badinput suite (issue 10)."""

@@ -1,0 +1,1 @@
+"""chaos suite (issue 10)."""

@@ -1,0 +1,247 @@
+"""Fleet helpers shared by the reliability and security suites and by ``bench/chaos.py``.
+
+A *fleet* is made of real processes started through :class:`tests.harness.ProcessPool`:
+``synapse controlplane`` replicas, ``synapse agent`` nodes supervising ``synapse
+simulator`` engines, TEI-mode simulators, redis-server. This module writes their config
+files (one place, so every suite agrees on ports, keys and the time scale), starts them
+and offers the few probes the suites need (admin stats, raw HTTP, secret scanning).
+
+Design decisions:
+
+* Keys are long random-looking literals per fleet; :func:`scan_for_secrets` greps every
+  log file the pool produced (and any error bodies a test collected) for them, so a
+  leak anywhere in a suite fails that suite.
+* Raw HTTP goes through :mod:`http.client` / sockets, not the openai client, where a test
+  must send bytes no client library would (invalid UTF-8, header injection).
+* Engines run with a small ``--time-scale`` so that tests spend seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import pathlib
+import shutil
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import yaml
+
+from tests import harness
+
+MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+EMBED = "BAAI/bge-small-en-v1.5"
+TENANT_KEY = "sk-rel-team-7f3a9c1e5b2d4f60"
+OTHER_KEY = "sk-rel-other-2c8e4a6b0d1f3e57"
+ADMIN_KEY = "sk-rel-admin-9e1b7d3c5a2f4e68"
+UPSTREAM_KEY = "sk-rel-upstream-4d6f8a0c2e1b3d59"
+REDIS_PASSWORD = "rel-redis-pw-6a8c0e2f4b1d3e57"
+SECRETS = (TENANT_KEY, OTHER_KEY, ADMIN_KEY, UPSTREAM_KEY, REDIS_PASSWORD)
+
+
+def write_yaml(path: pathlib.Path, data: dict[str, Any]) -> pathlib.Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def controlplane_config(name: str, http_port: int, grpc_port: int, data_dir: pathlib.Path,
+                        **sections: Any) -> dict[str, Any]:
+    """A control-plane config on loopback with two tenants and the admin key."""
+    cfg: dict[str, Any] = {
+        "replica_id": name, "data_dir": str(data_dir),
+        "http": {"host": "127.0.0.1", "port": http_port, "max_body_bytes": 1024 * 1024,
+                 "upstream_first_byte_timeout_s": 5.0, "upstream_idle_timeout_s": 5.0},
+        "grpc": {"host": "127.0.0.1", "port": grpc_port},
+        "auth": {"admin_key": ADMIN_KEY, "tenants": [
+            {"name": "team", "keys": [TENANT_KEY]},
+            {"name": "other", "keys": [OTHER_KEY]}]},
+        "models": [{"name": MODEL, "aliases": ["llama"]}],
+        "registry": {"node_down_after_s": 3, "upstream_probe_interval_s": 0.5},
+        "cache": {"semantic_enabled": False},
+        "logging": {"level": "info"},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def simulator_argv(port: int, model: str = MODEL, *extra: str,
+                   time_scale: float = 0.01) -> list[str]:
+    return ["synapse", "simulator", "--host", "127.0.0.1", "--port", str(port), "--model",
+            model, "--time-scale", str(time_scale), *extra]
+
+
+def tei_argv(port: int, model: str = EMBED) -> list[str]:
+    return ["synapse", "simulator", "--engine", "tei", "--host", "127.0.0.1", "--port",
+            str(port), "--model", model]
+
+
+def agent_config(node: str, cp_grpc: Sequence[str], engines: dict[str, int], log_dir: pathlib.Path,
+                 *, time_scale: float = 0.01, tei_url: str | None = None,
+                 embed_model: str = EMBED, node_port: int = 0) -> dict[str, Any]:
+    """An agent on loopback supervising one simulator per entry of ``engines`` (name→port)."""
+    sim = str(harness.VENV_BIN / "synapse")
+    backends = [{"name": n, "engine": "simulator", "model": MODEL, "served_model_names": [MODEL],
+                 "port": port, "extra_args": ["--time-scale", str(time_scale)]}
+                for n, port in engines.items()]
+    cfg: dict[str, Any] = {
+        "node_name": node,
+        "control_plane": {"addresses": list(cp_grpc), "report_interval_s": 0.5,
+                          "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+        "grpc": {"host": "127.0.0.1", "port": node_port or harness.free_port()},
+        "metrics": {"host": "127.0.0.1", "port": 0},
+        "telemetry": {"source": "fake", "interval_s": 1},
+        "supervisor": {"log_dir": str(log_dir), "scrape_interval_s": 0.5,
+                       "probe_interval_s": 0.5, "probe_timeout_s": 1.0,
+                       "unhealthy_after": 2, "backoff_initial_s": 0.2, "backoff_max_s": 1.0,
+                       "stop_grace_s": 2.0, "drain_grace_s": 2.0,
+                       "simulator_command": [sim, "simulator"]},
+        "backends": backends,
+    }
+    port = cfg["grpc"]["port"]
+    cfg["grpc"]["advertise_address"] = f"127.0.0.1:{port}"
+    if tei_url:
+        cfg["embedder"] = {"kind": "tei", "tei_url": tei_url, "model": embed_model,
+                           "request_timeout_s": 2.0}
+    return cfg
+
+
+# -- probes -------------------------------------------------------------------------------
+
+
+def get_json(url: str, key: str | None = ADMIN_KEY, timeout: float = 5.0) -> Any:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def stats(base_url: str) -> dict[str, Any]:
+    return dict(get_json(f"{base_url}/api/v1/stats"))
+
+
+def backends_ready(base_url: str) -> int:
+    try:
+        return int(stats(base_url)["backends_ready"])
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return -1
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def is_envelope(self) -> bool:
+        """True when the body is the OpenAI error envelope."""
+        try:
+            data = self.json()
+        except ValueError:
+            return False
+        err = data.get("error") if isinstance(data, dict) else None
+        return (isinstance(err, dict) and isinstance(err.get("message"), str)
+                and isinstance(err.get("type"), str) and "param" in err and "code" in err)
+
+
+def request(base_url: str, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None, key: str | None = TENANT_KEY,
+            timeout: float = 30.0) -> Reply:
+    """One raw HTTP request (bytes as given); the response whatever its status."""
+    host, port = base_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    if key:
+        hdrs["Authorization"] = f"Bearer {key}"
+    try:
+        conn.request(method, path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+def raw_exchange(base_url: str, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``data`` on a fresh socket and read what comes back until the server closes
+    or goes quiet (for requests no HTTP library will build)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    out = b""
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+                if b"\r\n\r\n" in out and _complete(out):
+                    break
+        except TimeoutError:
+            pass
+    return out
+
+
+def _complete(data: bytes) -> bool:
+    head, _, body = data.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":", 1)[1])
+    return False
+
+
+def chat_body(content: str = "Hello there", **extra: Any) -> bytes:
+    return json.dumps({"model": "llama", "max_tokens": 4,
+                       "messages": [{"role": "user", "content": content}], **extra}).encode()
+
+
+def still_serving(base_url: str) -> None:
+    """Assert the gateway still answers a plain chat completion after an abuse."""
+    reply = request(base_url, "POST", "/v1/chat/completions", chat_body("still there?"))
+    assert reply.status == 200, (reply.status, reply.body[:300])
+    assert reply.json()["choices"][0]["message"]["content"]
+
+
+# -- secrets ------------------------------------------------------------------------------
+
+
+def scan_for_secrets(paths: Iterable[pathlib.Path], texts: Iterable[str | bytes] = (),
+                     secrets: Sequence[str] = SECRETS) -> list[str]:
+    """Where any secret appears: ``file:line`` for log files, ``body #i`` for texts."""
+    found: list[str] = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        for n, line in enumerate(path.read_text("utf-8", errors="replace").splitlines(), 1):
+            found.extend(f"{path.name}:{n}: {s[:10]}…" for s in secrets if s in line)
+    for i, text in enumerate(texts):
+        s_text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        found.extend(f"body #{i}: {s[:10]}…" for s in secrets if s in s_text)
+    return found
+
+
+def log_files(root: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in root.rglob("*.log") if p.is_file())
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+def self_signed_cert(folder: pathlib.Path, host: str = "127.0.0.1") -> tuple[str, str]:
+    """A self-signed certificate for ``host`` (as IP SAN and CN) made with the openssl CLI."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise AssertionError("the openssl CLI is needed for the TLS tests: "
+                             "apt-get install openssl")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={host}",
+                    "-addext", f"subjectAltName=IP:{host},DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
