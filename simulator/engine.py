@@ -40,7 +40,11 @@ class Handle:
         self.stream = stream
         self._waiter: asyncio.Future[None] | None = None
         for seq in seqs:
-            seq.on_progress = self._progress
+            # Non-streaming handlers only care about the end: no per-token wake-up calls.
+            if stream:
+                seq.on_progress = self._progress
+            else:
+                seq.on_done = self._progress
 
     def _progress(self, seq: sched.Seq) -> None:
         waiter = self._waiter

@@ -65,7 +65,8 @@ class Seq:
     first_token: float | None = None
     last_token: float | None = None
     finished: float | None = None
-    on_progress: Callable[[Seq], None] | None = None  # called after each step it gained in
+    on_progress: Callable[[Seq], None] | None = None  # after each token, and at the end
+    on_done: Callable[[Seq], None] | None = None  # at the end only (instead of on_progress)
 
     @property
     def length(self) -> int:
@@ -285,5 +286,6 @@ class Scheduler:
         self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
         if self.on_finish is not None:
             self.on_finish(seq)
-        if seq.on_progress is not None:
-            seq.on_progress(seq)
+        done = seq.on_done or seq.on_progress
+        if done is not None:
+            done(seq)
