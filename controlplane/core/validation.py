@@ -17,6 +17,9 @@ import orjson
 from controlplane import errors
 
 Endpoint = Literal["chat", "completions", "embeddings"]
+# OpenAI's message roles. An unknown role is refused here, as OpenAI does, rather than
+# rendered by a backend's chat template into a prompt the client did not mean.
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -109,6 +112,9 @@ def chat(body: dict[str, Any]) -> Parsed:
         role = m.get("role")
         if not isinstance(role, str) or not role:
             raise _bad(f"messages[{i}].role", "is required and must be a string")
+        if role not in ROLES:
+            raise _bad(f"messages[{i}].role",
+                       f"must be one of {', '.join(sorted(ROLES))}; got {role[:40]!r}")
         content = m.get("content")
         if content is not None and not isinstance(content, str | list):
             raise _bad(f"messages[{i}].content", "must be a string or an array of parts")
