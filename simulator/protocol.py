@@ -32,6 +32,7 @@ class GenRequest:
     chat: bool
     model: str | None
     prompts: list[str]  # chat: the messages through the chat template; else each prompt
+    messages: list[dict[str, Any]] | None  # chat only
     n: int
     max_tokens: int | None
     stop: list[str]
@@ -135,7 +136,8 @@ def _ids_text(ids: list[int]) -> str:
 
 def parse(body: Mapping[str, Any], chat: bool) -> GenRequest:
     """Check a chat (``chat=True``) or completions body; raises ``errors.BadRequest``."""
-    prompts = [tokens.render_chat(_messages(body))] if chat else _prompts(body)
+    messages = _messages(body) if chat else None
+    prompts = [tokens.render_chat(messages)] if messages is not None else _prompts(body)
     max_tokens = _int(body, "max_completion_tokens", 1) if chat else None
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", 1)
@@ -156,7 +158,7 @@ def parse(body: Mapping[str, Any], chat: bool) -> GenRequest:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise errors.BadRequest(f"seed must be an integer, got {seed!r}.", param="seed")
-    return GenRequest(chat=chat, model=_model(body), prompts=prompts, n=n,
+    return GenRequest(chat=chat, model=_model(body), prompts=prompts, messages=messages, n=n,
                       max_tokens=max_tokens, stop=_stop(body), seed=seed, stream=stream,
                       include_usage=include_usage, ignore_eos=_bool(body, "ignore_eos"))
 

@@ -171,6 +171,8 @@ class Scheduler:
 
     def _grow(self, seq: Seq, n: int) -> bool:
         """Give ``seq`` blocks for ``n`` more tokens, preempting others when out of blocks."""
+        if seq.num_computed + n <= len(seq.blocks) * self.profile.block_size:
+            return True  # the common decode step: room left in its last block
         need = self._blocks_for(seq.num_computed + n) - len(seq.blocks)
         while need > self.pool.num_free:
             victim = self.running[-1]
@@ -250,7 +252,8 @@ class Scheduler:
             if seq.state is not State.RUNNING:
                 continue  # aborted or preempted while the step ran
             seq.num_computed += n
-            self._register_blocks(seq)
+            if seq.num_registered < len(seq.block_hashes):
+                self._register_blocks(seq)
             if seq.num_computed < seq.length:
                 continue  # still prefilling (chunked)
             self._sample(seq, now)

@@ -27,8 +27,8 @@ import orjson
 from aiohttp import web
 
 from protos.common import tokens
+from simulator import chat_tokens, errors, faults, protocol, textgen
 from simulator import engine as sim_engine
-from simulator import errors, faults, protocol, textgen
 from simulator import metrics as sim_metrics
 from simulator import scheduler as sched
 from simulator.config import SimulatorSettings
@@ -65,6 +65,7 @@ class VllmApi:
         self.served = settings.served_model_names or [settings.model]
         self.block_size = settings.profile.block_size
         self.started = int(wall())
+        self.chat_tokens = chat_tokens.ChatTokenizer()
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -118,7 +119,10 @@ class VllmApi:
         prompt_tokens = 0
         seed = self.settings.seed if gen.seed is None else gen.seed
         for p, prompt in enumerate(gen.prompts):
-            ids = tokens.tokenize(prompt)
+            if gen.messages is not None:
+                ids = self.chat_tokens.chat(gen.messages)
+            else:
+                ids = tokens.tokenize(prompt)
             error = protocol.context_error(self.max_model_len, len(ids), gen.max_tokens, gen.chat)
             if error is not None:
                 raise error
