@@ -1,0 +1,65 @@
+"""Malformed config files stop every command with exit code 2 and one line that names
+the file and the field — no traceback, and no configured secret in the message.
+
+The real console scripts are run (``synapse controlplane|agent|simulator --config F``):
+what an operator sees is what is tested.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+
+import pytest
+
+from tests import fleet, harness
+
+S = fleet.ADMIN_KEY
+CASES = [
+    # (command, file content, text the one line must contain)
+    ("controlplane", "http:\n  port: abc\n", "http.port"),
+    ("controlplane", "http: [1, 2\n", "expected"),
+    ("controlplane", "- a\n- b\n", "mapping"),
+    ("controlplane", "htpp:\n  port: 1\n", "htpp"),
+    ("controlplane", "http:\n  prot: 1\n", "http.prot"),
+    ("controlplane", "http:\n  port: 70000\n", "http.port"),
+    ("controlplane", "auth:\n  admin_key: {file: /nonexistent/key}\n", "auth.admin_key"),
+    ("controlplane", f"auth:\n  admin_key: {{literal: {S}}}\n", "auth.admin_key"),
+    ("controlplane", f"auth:\n  admin_key: [{S}]\n", "auth.admin_key"),
+    ("controlplane", f"auth:\n  tenants:\n  - name: a\n    keys: [{S}]\n"
+                     "    requests_per_second: fast\n", "requests_per_second"),
+    ("controlplane", f"auth:\n  tenants:\n  - {{name: a, keys: [{S}]}}\n  - {{name: a}}\n",
+     "duplicate tenant"),
+    ("controlplane", "upstreams:\n- {name: x, url: 'ftp://h', models: [m]}\n", "upstreams.0.url"),
+    ("controlplane", "\x00\x01binary\xff", ""),
+    ("agent", "backends:\n- {name: 'Bad Name', engine: simulator, model: m}\n", "backends.0.name"),
+    ("agent", "control_plane:\n  report_interval_s: -1\n", "control_plane.report_interval_s"),
+    ("agent", f"control_plane:\n  token: [{S}]\n", "control_plane.token"),
+    ("simulator", "faults:\n  error_rate: 2\n", "faults.error_rate"),
+    ("simulator", "{{{{", ""),
+]
+
+
+@pytest.mark.parametrize(("command", "content", "names"), CASES,
+                         ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(CASES)])
+def test_malformed_config_exits_2_with_one_line(tmp_path: pathlib.Path, command: str,
+                                                content: str, names: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content.encode("utf-8", "surrogateescape")
+                     if "\xff" not in content else content.encode("latin-1"))
+    done = subprocess.run([harness.console_script("synapse"), command, "--config", str(path)],
+                          capture_output=True, text=True, timeout=60, errors="replace")
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("config error:") and str(path) in lines[0], lines[0]
+    assert names in lines[0], lines[0]
+    assert "Traceback" not in done.stderr + done.stdout
+    assert S not in done.stderr + done.stdout
+
+
+def test_missing_config_file_is_named(tmp_path: pathlib.Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    done = subprocess.run([harness.console_script("synapse"), "controlplane", "--config",
+                           str(missing)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and str(missing) in done.stderr, done.stderr
