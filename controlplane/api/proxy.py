@@ -94,7 +94,10 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
             ctx.route = route.reason if attempt == 0 else f"{route.reason}, retry {attempt}"
             svc.metrics.route_decisions.labels(backend.key, _reason_label(route.reason)).inc()
             if stream and up.status == 200 and _is_sse(up):
-                return await _stream(request, up, ticket, store)
+                # Chat streams open with a role-only event that engines may send before
+                # the prefill is done; the first token is the event after it.
+                first_token_event = 2 if path.endswith("chat/completions") else 1
+                return await _stream(request, up, ticket, store, first_token_event)
             return await _whole(request, up, ticket, store)
         finally:
             up.close()
@@ -182,7 +185,8 @@ def _maybe_store(cache: cache_port.ResponseCache, decision: cache_port.CacheDeci
 
 
 async def _stream(request: web.Request, up: aiohttp.ClientResponse, ticket: Any,
-                  store: cache_port.CacheDecision | None) -> web.StreamResponse:
+                  store: cache_port.CacheDecision | None,
+                  first_token_event: int) -> web.StreamResponse:
     svc = request.app[context.SERVICES]
     ctx = context.get(request)
     headers = _response_headers(up, ctx)
@@ -192,6 +196,7 @@ async def _stream(request: web.Request, up: aiohttp.ClientResponse, ticket: Any,
     assembler = sse.StreamAssembler() if store is not None else None
     tail = b""
     first = True
+    events = 0
     chunks = up.content.iter_any()
     while True:
         try:
@@ -206,10 +211,14 @@ async def _stream(request: web.Request, up: aiohttp.ClientResponse, ticket: Any,
                                  f"the backend's stream broke off: {_describe(exc)}")
         if first:
             first = False
-            svc.ledger.first_byte(ticket)
             ctx.first_byte = svc.clock()
             ctx.headers_sent = True
             await resp.prepare(request)
+        if events < first_token_event:
+            # The ledger moves the request from prefill to decode at its first token.
+            events += chunk.count(b"data:")
+            if events >= first_token_event:
+                svc.ledger.first_byte(ticket)
         # A client that went away raises here and ends the handler (and the upstream).
         await resp.write(chunk)
         tail = (tail + chunk)[-16:]

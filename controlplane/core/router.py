@@ -16,8 +16,12 @@ predicted TTFT in seconds, not a sum of hand-tuned weights:
 * prefill = (prompt tokens - tokens of the prompt's prefix cached there) * seconds per
   token; cached tokens come from the prefix index of chained block hashes.
 
-Ties (within ``TIE_S`` or ``TIE_FRACTION``) go to the backend that served the request's
-session before (``x-session-id`` or the OpenAI ``user`` field). Other policies, for
+Ordering is by that prediction, with one correction: the backend holding the longest
+cached prefix keeps the request unless another is predicted faster by more than the
+prefill the move would add (that work also delays whoever queues behind it), so a
+busy-but-not-saturated holder is not abandoned for a small gain that costs the fleet a
+second copy of the prefix. Ties (within ``TIE_S`` or ``TIE_FRACTION``) go to the backend
+that served the request's session before (``x-session-id`` or the OpenAI ``user`` field). Other policies, for
 comparison: ``round_robin`` and ``least_loaded`` (fewest in-flight requests).
 """
 
@@ -74,7 +78,9 @@ def predict(backend: types.BackendState, load: ledger_mod.Load, prompt_tokens: i
             cached_tokens: int, params: Params) -> tuple[float, float]:
     """(queue wait, prefill) in seconds for a request on ``backend``: the one score."""
     p = params.prefill_s_per_token
-    foreign = max(0, backend.waiting - load.prefilling)
+    # Requests the engine reports waiting beyond everything this replica has in flight
+    # there: other replicas' traffic (reports lag, so compare with all of ours).
+    foreign = max(0, backend.waiting - load.in_flight)
     mean_prompt = load.mean_prompt_tokens or DEFAULT_PROMPT_TOKENS
     queue = (load.prefill_tokens + foreign * mean_prompt) * p
     if max(load.decoding, backend.running) > 0:
@@ -166,10 +172,30 @@ class Router:
                 if v.session_affinity and v.predicted_ttft_s - best.predicted_ttft_s <= tie:
                     eligible.insert(0, eligible.pop(i))
                     return eligible, "session"
+        self._keep_holder(eligible)
         if eligible[0].cached_tokens and eligible[0].prompt_tokens:
             pct = 100 * eligible[0].cached_tokens // eligible[0].prompt_tokens
             reason = f"prefix-hit {pct}%"
         return eligible, reason
+
+    def _keep_holder(self, ordered: list[types.Verdict]) -> None:
+        """Move the backend holding most of the prompt first unless leaving it pays twice.
+
+        Moving a request away from the backend that caches its prefix wins it the queue
+        difference but costs the prefill of that prefix again elsewhere, and that extra
+        work delays every request queued behind it there too. So the holder keeps the
+        request unless its predicted TTFT is worse by more than that extra prefill — both
+        figures are parts of the one TTFT prediction.
+        """
+        best = ordered[0]
+        holder = max(ordered, key=lambda v: (v.cached_tokens, -v.predicted_ttft_s))
+        if holder is best or holder.cached_tokens <= best.cached_tokens:
+            return
+        extra_prefill = (holder.cached_tokens - best.cached_tokens) * \
+            self.params.prefill_s_per_token
+        if holder.predicted_ttft_s - best.predicted_ttft_s < extra_prefill:
+            ordered.remove(holder)
+            ordered.insert(0, holder)
 
     def route(self, model: str, prompt: Prompt, task: types.Task = "generate",
               ) -> types.RouteDecision | None:
