@@ -3,7 +3,8 @@
 Tokenizing is the largest per-request cost of the simulator (a blake2b digest per
 token), and chat traffic repeats itself: the same system prompt and the same earlier
 turns arrive again and again. So a chat prompt is tokenized message by message, each
-message's rendering cached (LRU, bounded by the total tokens held).
+message's rendering cached (LRU, bounded by the total tokens held) except the last
+message's, which is usually the new question.
 
 This relies on two properties of ``protos.common.tokens``, both checked by
 ``tests/simulator/test_chat_tokens.py`` so a change of template or tokenizer cannot
@@ -28,7 +29,7 @@ from typing import Any
 
 from protos.common import tokens
 
-DEFAULT_MAX_TOKENS_HELD = 500_000  # about 20 MB of cached ids at most
+DEFAULT_MAX_TOKENS_HELD = 200_000  # about 8 MB of cached ids at most
 
 
 class ChatTokenizer:
@@ -44,12 +45,15 @@ class ChatTokenizer:
     def chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """``tokens.tokenize(tokens.render_chat(messages))``, faster on repeats."""
         ids: list[int] = []
-        for message in messages:
-            ids.extend(self._chunk(tokens.render_chat([message], add_generation_prompt=False)))
+        last = len(messages) - 1
+        for i, message in enumerate(messages):
+            chunk = tokens.render_chat([message], add_generation_prompt=False)
+            # The last message is usually new (the question being asked): not worth keeping.
+            ids.extend(self._chunk(chunk, keep=i < last))
         ids.extend(self._suffix)
         return ids
 
-    def _chunk(self, chunk: str) -> list[int]:
+    def _chunk(self, chunk: str, keep: bool = True) -> list[int]:
         with self._lock:
             cached = self._cache.get(chunk)
             if cached is not None:
@@ -58,7 +62,7 @@ class ChatTokenizer:
                 return cached
             self.misses += 1
         ids = tokens.tokenize(chunk)  # outside the lock: the slow part
-        if len(ids) <= self.max_tokens_held:
+        if keep and len(ids) <= self.max_tokens_held:
             with self._lock:
                 self._store(chunk, ids)
         return ids

@@ -33,3 +33,4 @@ def test_repeated_messages_hit_the_cache_and_the_budget_holds() -> None:
         tokenizer.chat([system, {"role": "user", "content": f"question {i}"}])
     assert tokenizer.hits >= 19
     assert tokenizer._held <= 100
+    assert len(tokenizer._cache) == 1  # the system prompt; the questions are not kept
