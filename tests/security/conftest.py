@@ -30,19 +30,21 @@ class SecureFleet:
     tmp: pathlib.Path
     redis_port: int
     bodies: list[bytes]
+    redis: harness.ManagedProcess | None = None
 
 
-def start_redis(pool: harness.ProcessPool, tmp: pathlib.Path) -> int:
+def start_redis(pool: harness.ProcessPool, tmp: pathlib.Path,
+                port: int = 0) -> tuple[int, harness.ManagedProcess]:
     binary = shutil.which("redis-server")
     if not binary:
         raise AssertionError("redis-server is not on PATH: apt-get install redis-server "
                              "(make test does this)")
-    port = harness.free_port()
-    pool.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+    port = port or harness.free_port()
+    proc = pool.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                          "--appendonly", "no", "--dir", str(tmp),
                          "--requirepass", fleet.REDIS_PASSWORD],
                ready=lambda: _redis_up(port), timeout=15)
-    return port
+    return port, proc
 
 
 def _redis_up(port: int) -> bool:
@@ -65,7 +67,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
     urls = [f"http://127.0.0.1:{p}" for p in http]
     gw = SecureFleet(urls, [f"127.0.0.1:{p}" for p in grpc], tmp, 0, [])
     try:
-        gw.redis_port = start_redis(pool, tmp)
+        gw.redis_port, gw.redis = start_redis(pool, tmp)
         redis_url = f"redis://:{fleet.REDIS_PASSWORD}@127.0.0.1:{gw.redis_port}/0"
         for i in range(2):
             cfg = fleet.controlplane_config(
