@@ -9,13 +9,13 @@ in turn, with fresh random texts per run so no run inherits another's prefix cac
 Workloads (open loop, Poisson arrivals, streaming requests with ``ignore_eos``):
 
 * A: 40 groups sharing a 2,000-token context, 5 users each, one short question each;
-* B: multi-turn chats of 8 rounds over a shared 500-token system prompt (each round is
-  sent when the previous answer is complete and carries the whole history);
+* B: 80 multi-turn chats of 8 rounds over a shared 500-token system prompt (each round
+  is sent when the previous answer is complete and carries the whole history);
 * C: unique prompts of 200-2,000 tokens.
 
 The rates are set so that round robin is overloaded (its p90 TTFT above 1 s). TTFT is
 the time to the first content token; times are reported in simulated seconds (measured
-/ time scale). Throughput is output tokens / (last answer − first request); the prefix
+/ time scale). Throughput is output tokens / (last answer - first request); the prefix
 hit ratio is the engines' cached prompt tokens / prompt tokens, from each answer's usage.
 
 Run: ``python -m bench.routing [--time-scale 1]``. Last line: ``{"bench": "routing",
@@ -41,7 +41,6 @@ import aiohttp
 import yaml
 
 from bench.gateway import Tree, free_port
-from protos.common import tokens
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 KEY = "bench-routing-key-0123"
@@ -138,7 +137,7 @@ async def workload_b(session: aiohttp.ClientSession, url: str, rng: random.Rando
         return out
 
     tasks = []
-    for k in range(64):
+    for k in range(80):
         tasks.append(asyncio.create_task(chat(k)))
         await poisson(rng, rate, scale)
     return [r for rs in await asyncio.gather(*tasks) for r in rs]
@@ -213,6 +212,13 @@ def start_fleet(tree: Tree, workdir: pathlib.Path, scale: float) -> dict[str, st
     raise SystemExit("the four simulators did not become ready behind every control plane")
 
 
+def route_decisions(url: str) -> str:
+    """The control plane's synapse_route_decisions_total lines (why it chose what)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        return "\n".join("    " + line for line in resp.read().decode().splitlines()
+                         if line.startswith("synapse_route_decisions_total"))
+
+
 def _backends_ready(url: str) -> int:
     req = urllib.request.Request(f"{url}/api/v1/stats",
                                  headers={"Authorization": f"Bearer {ADMIN}"})
@@ -244,10 +250,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                                        args.time_scale, rate * args.load)
                 row = table[name][policy] = summarise(results, args.time_scale)
                 if args.show_routes:
-                    with urllib.request.urlopen(f"{urls[policy]}/metrics", timeout=5) as resp:
-                        for line in resp.read().decode().splitlines():
-                            if line.startswith("synapse_route_decisions_total"):
-                                print("   ", line)
+                    print(await asyncio.to_thread(route_decisions, urls[policy]))
                 print(f"{name:<9}{policy:<16}{row['p50']:>8.2f}{row['p90']:>8.2f}"
                       f"{row['p99']:>8.2f}{row['tokens_per_s']:>11.0f}"
                       f"{row['prefix_hit_ratio']:>11.2f}{row['busiest_share']:>9.2f}", flush=True)
