@@ -18,6 +18,7 @@ prefix up to and including it. Only full blocks are hashed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import struct
@@ -28,6 +29,7 @@ _PIECES = re.compile(r"[A-Za-z0-9]+|\S|\s+")
 CHARS_PER_TOKEN = 4
 
 
+@functools.lru_cache(maxsize=1 << 16)  # text repeats: most pieces are common words
 def _token_id(piece: str) -> int:
     digest = hashlib.blake2b(piece.encode("utf-8", "surrogatepass"), digest_size=4).digest()
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
