@@ -198,17 +198,17 @@ class TieredCache:
         rule = cache_rules.policy(request, opts.temperature_ceiling, opts.default_temperature)
         keys = cache_rules.derive(request, opts.embed_model)
         state = _State(request.tenant, request.model, keys)
-        if not rule.lookup:
-            self.metrics.cache_bypass.labels(reason=rule.reason).inc()
-            return cache_port.CacheDecision(status="bypass", may_store=rule.store,
-                                            reason=rule.reason, token=state)
-        if not self._warmed and self.semantic:
+        if not self._warmed and self.semantic and (rule.lookup or rule.store):
             # Opening L2 (Milvus Lite starts a server) happens in the background at the
             # first cacheable request, not at start-up: processes that never cache never
             # pay for it, and no request waits for it beyond its budget.
             self._warmed = True
             assert self.l2 is not None
             self.l2.warm_up()
+        if not rule.lookup:
+            self.metrics.cache_bypass.labels(reason=rule.reason).inc()
+            return cache_port.CacheDecision(status="bypass", may_store=rule.store,
+                                            reason=rule.reason, token=state)
         hit = await self._lookup_exact(state)
         if hit is not None:
             return cache_port.CacheDecision(status="hit-exact", hit=hit, reason="exact")

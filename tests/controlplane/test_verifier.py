@@ -33,7 +33,7 @@ def test_shipped_file_is_plain_json_fitted_for_the_cache_embedder(shipped):
 
 @pytest.mark.parametrize("query,cached,accepted", [
     ("How do I reset my password?", "How can I reset my password?", True),
-    ("What is the capital of France?", "What's the capital city of France?", True),
+    ("How do I become a better writer?", "How can I become a better writer?", True),
     ("How can I lose 5 kg in a month?", "How can I lose 15 kg in a month?", False),
     ("Why is Python good for beginners?", "Why is Python not good for beginners?", False),
     ("What is the capital of France?", "What is the capital of Germany?", False),

@@ -1,0 +1,268 @@
+"""Benchmark: what the response cache costs and saves, through the HTTP API.
+
+One run, one process tree: ``synapse simulator --time-scale 0`` (answers at once, so
+the time measured is the control plane's), one ``synapse agent`` serving MiniLM over
+``Node.Embed``, and two control planes with the simulator as a static upstream:
+``cache`` (embedded-mode cache: in-process L1, Milvus Lite file, default budgets) and
+``nocache`` (``cache.enabled: false``). The same requests go to both, one at a time:
+
+* **exact hit**: a question asked before, byte for byte;
+* **semantic hit**: a paraphrase (QQP duplicate of a stored question) that the verifier
+  accepts, with ``--entries`` (10,000) entries in the same scope; only responses marked
+  ``hit-semantic`` are counted;
+* **miss**: a question never asked: the cache's added cost is L1 + embed + L2 search +
+  verify (the write happens after the response). ``added`` = cache p50 (p99) minus
+  no-cache p50 (p99).
+
+The scope is filled through the API itself (``Cache-Control: no-cache`` requests: they
+skip the lookup and are stored), so the entries are exactly what production writes.
+Texts come from ``--pairs`` (the QQP dev pairs). Run: ``python -m bench.cache_latency
+[--entries 10000] [--queries 300]``. Last line: ``{"bench": "cache_latency",
+"exact_hit_p50_ms": …, "exact_hit_p99_ms": …, "semantic_hit_p50_ms": …,
+"semantic_hit_p99_ms": …, "miss_added_p50_ms": …, "miss_added_p99_ms": …, …}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import aiohttp
+import grpc
+import numpy as np
+import yaml
+
+from controlplane import calibrate
+from protos.synapse.v1 import node_pb2, node_pb2_grpc
+
+MODEL = "bench-model"
+KEY = "sk-bench-cache-0123456789"
+BIN = pathlib.Path(sys.executable).parent
+SYSTEM = "You are a helpful assistant. Answer in one sentence."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait(predicate, what: str, procs: list[subprocess.Popen[bytes]], timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if predicate():
+                return
+        for p in procs:
+            if p.poll() is not None:
+                raise SystemExit(f"{p.args} exited with {p.returncode} waiting for {what}")
+        time.sleep(0.2)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return bool(resp.status == 200)
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    found = re.search(rf"^{re.escape(name + labels)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def settled(url: str) -> float:
+    """Writes finished so far, stored or failed (a failed write is counted, not retried)."""
+    return sum(metric(url, name, labels) for name, labels in (
+        ("synapse_cache_stores_total", '{layer="semantic"}'),
+        ("synapse_cache_errors_total", '{layer="semantic"}'),
+        ("synapse_cache_errors_total", '{layer="embedder"}')))
+
+
+def embeds(address: str) -> bool:
+    with grpc.insecure_channel(address) as ch:
+        node_pb2_grpc.NodeStub(ch).Embed(node_pb2.EmbedRequest(texts=["ping"]), timeout=5)
+    return True
+
+
+@contextlib.contextmanager
+def fleet(tmp: pathlib.Path, entries: int) -> Iterator[dict[str, str]]:
+    sim, node = free_port(), free_port()
+    http = {"cache": free_port(), "nocache": free_port()}
+    grpc_ports = {"cache": free_port(), "nocache": free_port()}
+    for name in http:
+        cfg = {"replica_id": name, "data_dir": str(tmp / name),
+               "http": {"host": "127.0.0.1", "port": http[name]},
+               "grpc": {"host": "127.0.0.1", "port": grpc_ports[name]},
+               "auth": {"tenants": [{"name": "bench", "keys": [KEY]}]},
+               "models": [{"name": MODEL}],
+               "upstreams": [{"name": "sim", "url": f"http://127.0.0.1:{sim}",
+                              "models": [MODEL]}],
+               "cache": {"enabled": name == "cache",
+                         "l1_max_entries": max(100_000, 2 * entries)},
+               "logging": {"level": "error"}}
+        (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    agent = {"node_name": "bench-node",
+             "control_plane": {"addresses": [f"127.0.0.1:{p}" for p in grpc_ports.values()],
+                               "report_interval_s": 1},
+             "grpc": {"host": "127.0.0.1", "port": node,
+                      "advertise_address": f"127.0.0.1:{node}"},
+             "metrics": {"host": "127.0.0.1", "port": 0},
+             "telemetry": {"source": "fake"}, "embedder": {"kind": "minilm"},
+             "logging": {"level": "error"}, "supervisor": {"log_dir": str(tmp / "engines")}}
+    (tmp / "agent.yaml").write_text(yaml.safe_dump(agent))
+    log = open(tmp / "processes.log", "ab")
+    cmds = [[str(BIN / "synapse"), "simulator", "--port", str(sim), "--model", MODEL,
+             "--time-scale", "0"]]
+    cmds += [[str(BIN / "synapse"), "controlplane", "--config", str(tmp / f"{n}.yaml")]
+             for n in http]
+    cmds.append([str(BIN / "synapse"), "agent", "--config", str(tmp / "agent.yaml")])
+    procs = [subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT) for c in cmds]
+    urls = {n: f"http://127.0.0.1:{p}" for n, p in http.items()}
+    try:
+        wait(lambda: http_ok(f"http://127.0.0.1:{sim}/health"), "the simulator", procs)
+        for url in urls.values():
+            wait(lambda u=url: http_ok(f"{u}/health"), url, procs)
+        wait(lambda: metric(urls["cache"], "synapse_agent_streams") >= 1, "agent", procs)
+        wait(lambda: embeds(f"127.0.0.1:{node}"), "the agent's embedder", procs)
+        yield urls
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
+            if p.poll() is None:
+                p.kill()
+        log.close()
+
+
+def body(question: str) -> dict:
+    return {"model": MODEL, "temperature": 0, "max_tokens": 8,
+            "messages": [{"role": "system", "content": SYSTEM},
+                         {"role": "user", "content": question}]}
+
+
+async def ask(session: aiohttp.ClientSession, url: str, question: str,
+              headers: dict[str, str] | None = None) -> tuple[float, str]:
+    start = time.perf_counter()
+    async with session.post(f"{url}/v1/chat/completions", json=body(question),
+                            headers={"Authorization": f"Bearer {KEY}", **(headers or {})}) as r:
+        await r.read()
+        if r.status != 200:
+            raise SystemExit(f"HTTP {r.status} from {url}")
+        return (time.perf_counter() - start) * 1000, r.headers.get("x-synapse-cache", "")
+
+
+async def fill(session: aiohttp.ClientSession, url: str, texts: list[str]) -> None:
+    queue = list(texts)
+
+    async def worker() -> None:
+        while queue:
+            await ask(session, url, queue.pop(), {"Cache-Control": "no-cache"})
+    await asyncio.gather(*(worker() for _ in range(16)))
+
+
+def pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 2) if values else float("nan")
+
+
+async def measure(urls: dict[str, str], stored: list[str], paraphrases: list[str],
+                  fresh: list[str], n: int) -> dict[str, dict[str, list[float]]]:
+    out: dict[str, dict[str, list[float]]] = {k: {"cache": [], "nocache": []}
+                                              for k in ("exact", "semantic", "miss")}
+    async with aiohttp.ClientSession() as session:
+        t0 = time.monotonic()
+        await fill(session, urls["cache"], stored)
+        print(f"filled the scope with {len(stored)} entries through the API in "
+              f"{time.monotonic() - t0:.0f}s", file=sys.stderr)
+        wait(lambda: settled(urls["cache"]) >= len(stored), "the stores", [], 600)
+        entries = metric(urls["cache"], "synapse_cache_stores_total", '{layer="semantic"}')
+        print(f"{entries:.0f} entries in L2", file=sys.stderr)
+        await asyncio.sleep(3)      # the background flush after the last writes
+        for text in stored[:50]:    # warm-up: connections, code paths
+            await ask(session, urls["cache"], text)
+            await ask(session, urls["nocache"], text)
+        for text in stored[50:50 + n]:
+            ms, status = await ask(session, urls["cache"], text)
+            if status == "hit-exact":
+                out["exact"]["cache"].append(ms)
+            out["exact"]["nocache"].append((await ask(session, urls["nocache"], text))[0])
+        for text in paraphrases:
+            ms, status = await ask(session, urls["cache"], text)
+            if status == "hit-semantic":
+                out["semantic"]["cache"].append(ms)
+                out["semantic"]["nocache"].append((await ask(session, urls["nocache"], text))[0])
+        for text in fresh[:n]:
+            ms, status = await ask(session, urls["cache"], text)
+            if status == "miss":
+                out["miss"]["cache"].append(ms)
+            out["miss"]["nocache"].append((await ask(session, urls["nocache"], text))[0])
+    return out
+
+
+def texts_from(pairs_file: str, entries: int, queries: int
+               ) -> tuple[list[str], list[str], list[str]]:
+    pairs = calibrate.read_pairs(pairs_file)
+    stored: dict[str, None] = {}
+    paraphrases: list[str] = []
+    for a, b, label in zip(pairs.text_a, pairs.text_b, pairs.label, strict=True):
+        if len(stored) >= entries:
+            break
+        if a not in stored and b not in stored:
+            stored[a] = None
+            if label == 1 and len(paraphrases) < 4 * queries:
+                paraphrases.append(b)
+    used = set(stored) | set(paraphrases)
+    fresh = [t for t in dict.fromkeys(pairs.text_b[::-1]) if t not in used][:queries]
+    return list(stored), paraphrases, fresh
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cache_latency",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", default=str(pathlib.Path(__file__).resolve().parents[2]
+                                               / "shared" / "data" / "qqp_pairs_dev.jsonl.gz"))
+    parser.add_argument("--entries", type=int, default=10_000, help="entries in the scope")
+    parser.add_argument("--queries", type=int, default=300, help="requests per scenario")
+    args = parser.parse_args(argv)
+    stored, paraphrases, fresh = texts_from(args.pairs, args.entries, args.queries)
+    with tempfile.TemporaryDirectory() as tmp, fleet(pathlib.Path(tmp), args.entries) as urls:
+        out = asyncio.run(measure(urls, stored, paraphrases, fresh, args.queries))
+    print(f"cache latency through the HTTP API, {len(stored)} entries in scope (ms)")
+    print(f"{'scenario':<16}{'n':>6}{'cache p50':>11}{'cache p99':>11}{'off p50':>10}"
+          f"{'off p99':>10}")
+    for name, m in out.items():
+        print(f"{name:<16}{len(m['cache']):>6}{pct(m['cache'], 50):>11}{pct(m['cache'], 99):>11}"
+              f"{pct(m['nocache'], 50):>10}{pct(m['nocache'], 99):>10}")
+    miss, off = out["miss"]["cache"], out["miss"]["nocache"]
+    result = {"bench": "cache_latency", "entries": len(stored),
+              "exact_hit_p50_ms": pct(out["exact"]["cache"], 50),
+              "exact_hit_p99_ms": pct(out["exact"]["cache"], 99),
+              "semantic_hit_p50_ms": pct(out["semantic"]["cache"], 50),
+              "semantic_hit_p99_ms": pct(out["semantic"]["cache"], 99),
+              "miss_added_p50_ms": round(pct(miss, 50) - pct(off, 50), 2),
+              "miss_added_p99_ms": round(pct(miss, 99) - pct(off, 99), 2),
+              "cache_off_p50_ms": pct(off, 50), "cache_off_p99_ms": pct(off, 99),
+              "semantic_hits": len(out["semantic"]["cache"]),
+              "semantic_queries": len(paraphrases)}
+    print(f"added by the cache to a miss: p50 {result['miss_added_p50_ms']} ms, "
+          f"p99 {result['miss_added_p99_ms']} ms")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
