@@ -28,6 +28,7 @@ comparison: ``round_robin`` and ``least_loaded`` (fewest in-flight requests).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -71,7 +72,24 @@ class Prompt:
     @classmethod
     def from_messages(cls, messages: Sequence[dict[str, object]], max_tokens: int = 0,
                       session: str = "", exact: bool = True) -> Prompt:
-        return cls.from_text(tok.render_chat(messages), max_tokens, session, exact)
+        if not exact:
+            return cls.from_text(tok.render_chat(messages), max_tokens, session, False)
+        # Each rendered message starts with "<" after a "\n", so tokenizing message by
+        # message gives exactly the tokens of the whole rendering; repeated system prompts
+        # and conversation history then come from the memo instead of being re-hashed.
+        ids: list[int] = []
+        for m in messages:
+            ids.extend(_message_tokens(tok.render_chat([m], add_generation_prompt=False)))
+        ids.extend(_message_tokens(GENERATION_PROMPT))
+        return cls(tuple(ids), len(ids), max_tokens, session)
+
+
+GENERATION_PROMPT = tok.render_chat([], add_generation_prompt=True)
+
+
+@functools.lru_cache(maxsize=512)
+def _message_tokens(rendered: str) -> tuple[int, ...]:
+    return tuple(tok.tokenize(rendered))
 
 
 def predict(backend: types.BackendState, load: ledger_mod.Load, prompt_tokens: int,

@@ -138,3 +138,17 @@ def test_prefix_index_forgets_beyond_the_backend_capacity() -> None:
     assert index.match("b", list(range(50, 100))) == 50
     index.insert("b", [1, 2], capacity_blocks=50, restarts=1)  # restarted: cache lost
     assert index.size("b") == 2
+
+
+def test_memoised_message_tokens_equal_tokenizing_the_whole_rendering() -> None:
+    import random
+
+    from protos.common import tokens as tok
+    rng = random.Random(3)
+    alphabet = ["a", "bc", " ", "\n", "\t", "<", "|", ">", "é", "12", "  \n  ", "end"]
+    for _ in range(200):
+        messages = [{"role": rng.choice(["system", "user", "assistant"]),
+                     "content": "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))}
+                    for _ in range(rng.randint(1, 4))]
+        prompt = router.Prompt.from_messages(messages)
+        assert list(prompt.token_ids) == tok.tokenize(tok.render_chat(messages))
