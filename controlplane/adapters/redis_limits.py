@@ -76,7 +76,18 @@ class RedisLimitStore:
             await self._client.zrem(self._keys(tenant)[1], request_id)
 
 
+MAX_CONNECTIONS = 64
+
+
 def connect(url: str) -> aioredis.Redis:
-    """A client for ``url``; connections are made lazily, on first use."""
-    return aioredis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0,
-                                   health_check_interval=30)
+    """A client for ``url``; connections are made lazily, on first use.
+
+    A *blocking* pool: redis-py's default pool raises "Too many connections" at once when
+    more than 100 calls are in flight, so a burst of clients made the limiter fall back to
+    per-replica buckets exactly when the shared limit mattered. Here a call waits for a
+    free connection; the caller's ``asyncio.timeout`` still bounds the wait.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=None, socket_connect_timeout=1.0,
+        socket_timeout=1.0, health_check_interval=30)
+    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
