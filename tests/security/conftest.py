@@ -19,7 +19,7 @@ import pytest
 from tests import fleet, harness
 
 LIMITED_KEY = "sk-rel-limited-5b7d9f1a3c2e4d68"
-RATE, BURST = 10.0, 20
+RATE, BURST = 20.0, 100
 SECRETS = (*fleet.SECRETS, LIMITED_KEY)
 
 
