@@ -1,6 +1,6 @@
 """A tenant's rate limit holds across two control-plane replicas sharing Redis, under a
 burst from 200 concurrent clients: the requests admitted in a window stay within 10% of
-``burst + rate × window`` (the token bucket's promise), the rest get 429 envelopes with
+``burst + rate * window`` (the token bucket's promise), the rest get 429 envelopes with
 ``Retry-After``, and no Redis call failed (which would fall back to per-replica limits).
 """
 
