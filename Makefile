@@ -58,3 +58,18 @@ verifier: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Peer gateways that bench/gateway.py measures beside Synapse when present: LiteLLM's
+# proxy and the PyPI vllm-router (Rust), each in its own venv under .bench-venvs/ so
+# neither touches .venv. Never a dependency of `make test`.
+BENCH_VENVS := .bench-venvs
+bench-peers:
+	@test -x $(BENCH_VENVS)/litellm/bin/litellm || ( \
+	  $(PYTHON) -m venv $(BENCH_VENVS)/litellm && \
+	  $(BENCH_VENVS)/litellm/bin/pip install --quiet --upgrade pip && \
+	  $(BENCH_VENVS)/litellm/bin/pip install --quiet 'litellm[proxy]' )
+	@test -x $(BENCH_VENVS)/vllm-router/bin/vllm-router || ( \
+	  $(PYTHON) -m venv $(BENCH_VENVS)/vllm-router && \
+	  $(BENCH_VENVS)/vllm-router/bin/pip install --quiet --upgrade pip && \
+	  $(BENCH_VENVS)/vllm-router/bin/pip install --quiet vllm-router )
+	@echo "peers installed under $(BENCH_VENVS)/; run: $(PY) -m bench.gateway"
