@@ -147,13 +147,21 @@ _STATES = ("ready", "starting", "unhealthy", "draining", "cordoned", "down", "st
            "crashloop", "failed", "unspecified")
 
 
+def _state_label(why: str) -> str:
+    """The ``synapse_backends`` state of a backend from the registry's reason."""
+    if not why:
+        return "ready"
+    kind, _, state = why.partition(" ")
+    if kind in ("node", "backend") and state in _STATES:
+        return state
+    return "unhealthy"  # a static upstream whose probe failed
+
+
 def refresh_gauges(svc: services_mod.Services) -> None:
     m = svc.metrics
     counts = dict.fromkeys(_STATES, 0)
     for _, why in svc.registry.all_backends():
-        state = "ready" if not why else why.split()[-1]
-        state = {"probe": "unhealthy", "failed": "failed"}.get(state, state)
-        counts[state if state in counts else "unhealthy"] += 1
+        counts[_state_label(why)] += 1
     for state, count in counts.items():
         m.backends.labels(state).set(count)
     nodes = svc.registry.nodes()
