@@ -26,6 +26,7 @@ from tests import harness
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 EMBED = "BAAI/bge-small-en-v1.5"
+NODE_EMBED = "sentence-transformers/all-MiniLM-L6-v2"  # served by the agent's Node.Embed
 KEY, LIMITED, ADMIN = "sk-fleet-0123456789", "sk-limited-0123456789", "sk-admin-0123456789"
 GEN = ["sim-a", "sim-b", "sim-c"]
 LONG_CONTEXT = ("Synapse routes each request to the engine that already holds the longest "
@@ -80,6 +81,8 @@ def _configs(tmp: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, str, dict[s
              "supervisor": {"log_dir": str(tmp / "engines"), "scrape_interval_s": 0.5,
                             "probe_interval_s": 0.5, "backoff_initial_s": 0.2,
                             "simulator_command": [sim, "simulator"]},
+             "embedder": {"kind": "tei", "model": NODE_EMBED,
+                          "tei_url": f"http://127.0.0.1:{ports['emb']}"},
              "backends": backends}
     (tmp / "cp.yaml").write_text(yaml.safe_dump(cp))
     (tmp / "agent.yaml").write_text(yaml.safe_dump(agent))
@@ -135,6 +138,12 @@ def test_openai_async_client_and_embeddings(fleet: Fleet) -> None:
         assert chunks[-1].usage is not None
         emb = await client.embeddings.create(model=EMBED, input=["one text", "another"])
         assert len(emb.data) == 2 and len(emb.data[0].embedding) > 10
+        # A model no HTTP engine serves but the agent's embedder does: through Node.Embed.
+        raw = await client.embeddings.with_raw_response.create(model=NODE_EMBED,
+                                                                 input=["via the agent"])
+        assert raw.headers["x-synapse-backend"].startswith("node-embed/")
+        vec = raw.parse().data[0].embedding
+        assert len(vec) == len(emb.data[0].embedding)
         await client.close()
 
     asyncio.run(run())
