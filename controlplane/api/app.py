@@ -83,6 +83,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             resp = error_response(exc, ctx)
         except web.HTTPException as exc:
             resp = error_response(_from_http(exc, request), ctx)
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                resp.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         except (asyncio.CancelledError, ConnectionResetError):
             status = 499  # the client went away (nginx's convention)
             raise

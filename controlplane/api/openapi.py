@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from controlplane import config
+from controlplane.core import validation
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 _JSON = "application/json"
@@ -34,7 +35,7 @@ _ERRORS = {
 }
 
 _MESSAGE = {"type": "object", "required": ["role"], "additionalProperties": True,
-            "properties": {"role": {"type": "string", "minLength": 1},
+            "properties": {"role": {"enum": sorted(validation.ROLES)},
                            "content": {"anyOf": [{"type": "string"}, {"type": "array"},
                                                  {"type": "null"}]}}}
 
@@ -127,6 +128,20 @@ def _get(summary: str, schema: str, codes: dict[str, Any],
     return {"get": op}
 
 
+def _with_examples(settings: config.ControlPlaneSettings) -> dict[str, Any]:
+    """The schemas, with this deployment's configured model names as examples."""
+    names = [n for m in settings.models for n in (m.name, *m.aliases)]
+    if not names:
+        return SCHEMAS
+    out = dict(SCHEMAS)
+    for key in ("ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest"):
+        schema = dict(out[key])
+        schema["properties"] = {**schema["properties"],
+                                "model": {"type": "string", "minLength": 1, "examples": names}}
+        out[key] = schema
+    return out
+
+
 def spec(settings: config.ControlPlaneSettings) -> dict[str, Any]:
     auth = {k: _ERRORS[k] for k in ("401",)}
     admin = {"401": _ERRORS["401"], "403": _err("not the admin key")}
@@ -156,6 +171,6 @@ def spec(settings: config.ControlPlaneSettings) -> dict[str, Any]:
                 "description": "OpenAPI 3.1", "content": {_JSON: {"schema": {
                     "type": "object"}}}}}}},
         },
-        "components": {"schemas": SCHEMAS, "securitySchemes": {
+        "components": {"schemas": _with_examples(settings), "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer"}}},
     }

@@ -57,6 +57,8 @@ def _opt_int(body: Mapping[str, Any], name: str, low: int) -> int:
     value = body.get(name)
     if value is None:
         return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON does not tell 3 from 3.0; JSON Schema calls both integers
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(name, f"must be an integer, got {type(value).__name__}")
     if value < low:

@@ -80,3 +80,12 @@ async def test_health_ready_metrics_stats_and_openapi() -> None:
             status, headers, body = await get(f"{cp.url}/v2/nothing")
             assert status == 404 and json.loads(body)["error"]["code"] == "unknown_route"
             assert headers["x-request-id"]
+
+
+async def test_wrong_method_is_405_with_allow_and_the_envelope() -> None:
+    async with t.running(t.settings()) as cp:
+        async with aiohttp.ClientSession() as s:
+            async with s.delete(f"{cp.url}/v1/models") as resp:
+                assert resp.status == 405
+                assert "GET" in resp.headers["Allow"]
+                assert (await resp.json())["error"]["code"] == "method_not_allowed"
