@@ -30,6 +30,7 @@ import contextlib
 import json
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entries", type=int, default=10_000, help="entries in the scope")
     parser.add_argument("--queries", type=int, default=300, help="requests per scenario")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the process tree is always stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     stored, paraphrases, fresh = texts_from(args.pairs, args.entries, args.queries)
     with tempfile.TemporaryDirectory() as tmp, fleet(pathlib.Path(tmp), args.entries) as urls:
         out = asyncio.run(measure(urls, stored, paraphrases, fresh, args.queries))

@@ -73,9 +73,11 @@ def run_pairs(pairs: calibrate.Pairs, va: np.ndarray, vb: np.ndarray,
 
 
 async def _fill(store: milvus.MilvusL2, texts: list[str], vectors: np.ndarray) -> None:
-    for text, vector in zip(texts, vectors, strict=True):
-        await store.insert(scope="bench", tenant="bench", model="bench", vector=vector,
-                           ref=text[:120], text=text)
+    rows = [milvus.Row(scope="bench", tenant="bench", model="bench", vector=vector,
+                       ref=text[:120], text=text)
+            for text, vector in zip(texts, vectors, strict=True)]
+    for start in range(0, len(rows), 500):
+        await store.insert(rows[start:start + 500])
     await store.flush()
 
 

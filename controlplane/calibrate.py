@@ -217,9 +217,13 @@ def features(pairs: Pairs, va: np.ndarray, vb: np.ndarray) -> np.ndarray:
 
 def fit(pairs: Pairs, va: np.ndarray, vb: np.ndarray, target_precision: float, seed: int,
         components: int = 16, log: Any = print) -> tuple[verifier.Verifier, dict[str, Any]]:
-    from sklearn.decomposition import PCA
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.linear_model import LogisticRegression
+    try:
+        from sklearn.decomposition import PCA
+        from sklearn.ensemble import HistGradientBoostingClassifier
+        from sklearn.linear_model import LogisticRegression
+    except ImportError as exc:
+        raise PairsError("fitting needs scikit-learn (pip install -e '.[dev]'); the control "
+                         f"plane itself does not ({exc})") from exc
 
     parts = split(pairs, seed)
     tr, val, te = parts["train"], parts["validation"], parts["test"]

@@ -35,7 +35,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,18 @@ class Candidate:
     vector: np.ndarray
     similarity: float
     created_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One entry to write: the vector of a semantic text and the L1 key of its response."""
+
+    scope: str
+    tenant: str
+    model: str
+    vector: np.ndarray
+    ref: str
+    text: str
 
 
 @dataclasses.dataclass
@@ -103,12 +115,15 @@ class MilvusL2:
             merged.setdefault(cand.ref, cand)
         return sorted(merged.values(), key=lambda c: -c.similarity)[:top_k]
 
-    async def insert(self, *, scope: str, tenant: str, model: str, vector: np.ndarray,
-                     ref: str, text: str) -> None:
-        row = _Pending(scope, tenant, model, np.asarray(vector, dtype=np.float32), ref,
-                       text[:TEXT_MAX], self._clock())
-        await asyncio.to_thread(self._insert_sync, row)
-        self._pending.append(row)
+    async def insert(self, rows: Sequence[Row]) -> None:
+        """Write rows in one Milvus call (the response cache batches its writes)."""
+        if not rows:
+            return
+        now = self._clock()
+        pending = [_Pending(r.scope, r.tenant, r.model, np.asarray(r.vector, dtype=np.float32),
+                            r.ref, r.text[:TEXT_MAX], now) for r in rows]
+        await asyncio.to_thread(self._insert_sync, pending)
+        self._pending.extend(pending)
         if len(self._pending) > PENDING_MAX:
             # Flushes keep failing: the oldest rows are in Milvus anyway, only slower to find.
             del self._pending[: len(self._pending) - PENDING_MAX]
@@ -234,13 +249,14 @@ class MilvusL2:
                                  created_at=float(ent["created_at"])))
         return out
 
-    def _insert_sync(self, row: _Pending) -> None:
-        client = self._connect(int(row.vector.shape[-1]))
-        self._check_dim(row.vector)
+    def _insert_sync(self, rows: list[_Pending]) -> None:
+        client = self._connect(int(rows[0].vector.shape[-1]))
+        for row in rows:
+            self._check_dim(row.vector)
         client.insert(self._collection, [{
             "scope": row.scope, "tenant": row.tenant[:1024], "model": row.model[:1024],
             "ref": row.ref, "text": row.text, "created_at": row.created_at,
-            "vector": row.vector.tolist()}], timeout=self._timeout)
+            "vector": row.vector.tolist()} for row in rows], timeout=self._timeout)
 
     def _delete_sync(self, tenant: str | None, model: str | None) -> int:
         client = self._connect(None)

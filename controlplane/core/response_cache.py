@@ -19,11 +19,15 @@ Design decisions:
   from the request's is never served, whatever a vector index returns.
 - **L2 scope includes the embedder's own id** (model + revision, from ``Node.Embed``),
   so vectors of two embedder revisions are never compared.
-- **Writes off the hot path.** :meth:`TieredCache.store` schedules a task and returns;
-  the task writes L1 (the response) then L2 (vector + reference), each in its own,
-  more generous budget. Only complete responses (``finish_reason`` stop/length on every
-  choice) are written; the embedding computed at lookup is reused, so a miss is embedded
-  once. Tasks are tracked and awaited (bounded) on :meth:`close`.
+- **Writes off the hot path, batched.** :meth:`TieredCache.store` puts the entry on a
+  bounded queue and returns. One writer task takes up to ``WRITE_BATCH`` entries at a
+  time: L1 for each (the response), then one ``Node.Embed`` call for the entries never
+  embedded (``no-cache`` requests) and one L2 insert for the batch, all within
+  ``store_budget_s``. A burst therefore costs a few large calls, not thousands of small
+  ones racing each other; a queue overflow drops the write (counted as
+  ``cache_errors{layer="writer"}``). Only complete responses (``finish_reason``
+  stop/length on every choice) are written; the embedding computed at lookup is reused,
+  so a miss is embedded once. :meth:`close` drains the queue (bounded).
 - **Expiry** is absolute: L1 TTL at write; L2 searches skip rows older than the TTL.
 - L2 is opened in the background at the first cacheable request (see ``_lookup``).
 - Semantic references point into L1: an L1 entry evicted by its size bound turns the
@@ -47,12 +51,14 @@ import numpy.typing as npt
 
 from controlplane import errors
 from controlplane import metrics as metrics_mod
+from controlplane.adapters import milvus
 from controlplane.core import cache_port, cache_rules, verifier
 
 log = logging.getLogger("synapse.cache")
 
 Vector = npt.NDArray[np.float32]
 INVALIDATE_TIMEOUT_S = 30.0
+WRITE_BATCH = 64        # entries per writer round: one Node.Embed call, one L2 insert
 
 
 class L1Store(Protocol):
@@ -83,8 +89,7 @@ class SemanticIndex(Protocol):
     async def search(self, scope: str, vector: Vector, top_k: int,
                      min_created_at: float) -> Sequence[Candidate]: ...
 
-    async def insert(self, *, scope: str, tenant: str, model: str, vector: Vector,
-                     ref: str, text: str) -> None: ...
+    async def insert(self, rows: Sequence[milvus.Row]) -> None: ...
 
     async def invalidate(self, tenant: str | None, model: str | None) -> int: ...
 
@@ -114,7 +119,8 @@ class Options:
     default_temperature: float = 1.0
     l1_budget_s: float = 0.020
     semantic_budget_s: float = 0.100
-    store_budget_s: float = 5.0           # off the hot path: generous, still bounded
+    store_budget_s: float = 5.0           # per write batch, off the hot path
+    store_queue_max: int = 10_000         # writes waiting; beyond it they are dropped
     top_k: int = 5
     embed_model: str = "sentence-transformers/all-MiniLM-L6-v2"
     semantic_enabled: bool = True
@@ -176,7 +182,9 @@ class TieredCache:
         self._wall = wall_clock
         self._mono = monotonic
         self._errors = _ErrorLog(options.log_interval_s, monotonic)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: asyncio.Queue[tuple[_State, dict[str, Any]]] = asyncio.Queue(
+            options.store_queue_max)
+        self._writer: asyncio.Task[None] | None = None
         self._thresholds: dict[str, float] = {}
         self._warmed = False
 
@@ -306,44 +314,83 @@ class TieredCache:
             if (not decision.may_store or not isinstance(state, _State)
                     or not cache_rules.is_storable(response)):
                 return
-            task = asyncio.get_running_loop().create_task(self._store(state, dict(response)))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+            self._queue.put_nowait((state, dict(response)))
+        except asyncio.QueueFull as exc:
+            # A burst beyond the writer's pace: drop the write, never slow the response.
+            self._count_error("writer", "store (queue full)", exc)
         except Exception as exc:    # the port promises never to raise
-            self._count_error("exact", "store", exc)
+            self._count_error("writer", "store", exc)
 
-    async def _store(self, state: _State, response: dict[str, Any]) -> None:
-        budget = self.options.store_budget_s
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < WRITE_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._write(batch)
+            except Exception as exc:    # never let the writer die
+                self._count_error("writer", "store", exc)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _write(self, batch: list[tuple[_State, dict[str, Any]]]) -> None:
+        """L1 for every entry, then one embed call and one L2 insert for the batch."""
+        deadline = self._mono() + self.options.store_budget_s
+        written = await asyncio.gather(*(self._write_exact(s, r, deadline) for s, r in batch))
+        states = [s for (s, _), ok in zip(batch, written, strict=True)
+                  if ok and s.keys.semantic_text is not None]
+        if not self.semantic or not states:
+            return
+        assert self.l2 is not None
+        with contextlib.suppress(_Failed):
+            states = await self._embed_missing(states, deadline)
+            rows = [milvus.Row(scope=l2_scope(s.keys.scope_hash, s.embedder_id),
+                               tenant=s.tenant, model=s.model, vector=s.vector,
+                               ref=s.keys.exact_key, text=s.keys.semantic_text or "")
+                    for s in states if s.vector is not None]
+            await self._within(self.l2.insert(rows), deadline - self._mono(), "semantic",
+                               "store")
+            self.metrics.cache_stores.labels(layer="semantic").inc(len(rows))
+
+    async def _write_exact(self, state: _State, response: dict[str, Any],
+                           deadline: float) -> bool:
         value = json.dumps({"scope": state.keys.scope_hash, "response": response},
                            separators=(",", ":"), ensure_ascii=False).encode()
         try:
             stored = await self._within(
                 self.l1.set(state.tenant, state.model, state.keys.exact_key, value,
-                            self.options.ttl_s), budget, "exact", "store")
+                            self.options.ttl_s), deadline - self._mono(), "exact", "store")
         except _Failed:
-            return
-        if not stored:
-            return                      # too large for L1: no L2 row may point at it
-        self.metrics.cache_stores.labels(layer="exact").inc()
-        if self.semantic and state.keys.semantic_text is not None:
-            with contextlib.suppress(_Failed):
-                await self._store_semantic(state, self._mono() + budget)
+            return False
+        if stored:      # False: too large for L1, so no L2 row may point at it
+            self.metrics.cache_stores.labels(layer="exact").inc()
+        return bool(stored)
 
-    async def _store_semantic(self, state: _State, deadline: float) -> None:
-        assert self.l2 is not None
-        if state.vector is None:        # no-cache requests were never embedded
-            state = await self._embed_state(state, deadline)
-        assert state.vector is not None and state.keys.semantic_text is not None
-        await self._within(self.l2.insert(
-            scope=l2_scope(state.keys.scope_hash, state.embedder_id), tenant=state.tenant,
-            model=state.model, vector=state.vector, ref=state.keys.exact_key,
-            text=state.keys.semantic_text), deadline - self._mono(), "semantic", "store")
-        self.metrics.cache_stores.labels(layer="semantic").inc()
+    async def _embed_missing(self, states: list[_State], deadline: float) -> list[_State]:
+        """Vectors for entries that were never embedded (no-cache requests), in one call."""
+        todo = [i for i, s in enumerate(states) if s.vector is None]
+        if not todo:
+            return states
+        assert self.embedder is not None
+        texts = [states[i].keys.semantic_text or "" for i in todo]
+        budget = deadline - self._mono()
+        result = await self._within(self.embedder.embed(texts, timeout_s=budget), budget,
+                                    "embedder", "store")
+        vectors = np.asarray(result.vectors, dtype=np.float32)
+        out = list(states)
+        for row, i in enumerate(todo):
+            out[i] = dataclasses.replace(states[i], vector=vectors[row],
+                                         embedder_id=result.embedder_id)
+        return out
 
     async def drain(self, timeout_s: float = 10.0) -> None:
-        """Wait for scheduled writes (tests, benchmarks and shutdown)."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        """Wait until queued writes are done (tests, benchmarks and shutdown)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._queue.join()
 
     # -- admin / lifecycle ---------------------------------------------------------------
     async def invalidate(self, *, tenant: str | None = None, model: str | None = None,
@@ -373,8 +420,10 @@ class TieredCache:
 
     async def close(self) -> None:
         await self.drain(timeout_s=5.0)
-        for task in list(self._tasks):
-            task.cancel()
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
         for part in (self.embedder, self.l2, self.l1):
             if part is not None:
                 with contextlib.suppress(Exception):

@@ -21,8 +21,8 @@ async def l2(milvus_lite_path):
 
 
 async def put(store, scope, seed, tenant="acme", model="m"):
-    await store.insert(scope=scope, tenant=tenant, model=model, vector=unit(seed),
-                       ref=f"ref-{scope}-{seed}", text=f"text {seed}")
+    await store.insert([milvus.Row(scope=scope, tenant=tenant, model=model, vector=unit(seed),
+                                   ref=f"ref-{scope}-{seed}", text=f"text {seed}")])
 
 
 async def test_search_stays_in_its_scope_before_and_after_flush(l2):
@@ -85,7 +85,7 @@ async def test_unusable_location_fails_fast_and_names_no_secret(tmp_path):
     blocker.write_text("x")
     store = milvus.MilvusL2(str(blocker / "l2.db"), "c", reconnect_s=60)
     with pytest.raises(milvus.L2Unavailable):
-        await store.insert(scope="s", tenant="t", model="m", vector=unit(1), ref="r", text="t")
+        await store.insert([milvus.Row("s", "t", "m", unit(1), "r", "t")])
     with pytest.raises(milvus.L2Unavailable, match="failed recently"):
         await store.search("s", unit(1), 5, 0.0)     # no reconnect storm
     secret = milvus.MilvusL2("http://user:hunter2@milvus:19530", "c")

@@ -149,3 +149,17 @@ async def test_milvus_unavailable_is_a_counted_miss(node_address, tmp_path: path
     assert "removed 1 exact" in str(info.value)
     assert (await c.lookup(chat(PASSWORD))).status == "miss"
     await c.close()
+
+
+async def test_a_write_burst_beyond_the_queue_is_dropped_not_waited_for(node_address,
+                                                                      milvus_lite_path):
+    c, m = await build_cache(node_address, milvus_lite_path, store_queue_max=2)
+    decisions = [await c.lookup(chat(f"question number {i}")) for i in range(4)]
+    for d in decisions:         # no await in between: the writer has not run yet
+        c.store(d, answer("x"))
+    assert counter(m, "synapse_cache_errors_total", layer="writer") == 2
+    await c.drain()
+    hits = [(await c.lookup(chat(f"question number {i}"))).status for i in range(4)]
+    assert hits == ["hit-exact", "hit-exact", "miss", "miss"]
+    assert counter(m, "synapse_cache_stores_total", layer="semantic") == 2   # one batch
+    await c.close()
