@@ -208,6 +208,20 @@ def still_serving(base_url: str) -> None:
     assert reply.json()["choices"][0]["message"]["content"]
 
 
+def node_embeds(address: str) -> bool:
+    """True once an agent's ``Node.Embed`` answers (its model loads after start-up)."""
+    import grpc
+
+    from protos.synapse.v1 import node_pb2, node_pb2_grpc
+    with grpc.insecure_channel(address) as channel:
+        try:
+            node_pb2_grpc.NodeStub(channel).Embed(node_pb2.EmbedRequest(texts=["ping"]),
+                                                  timeout=5)
+        except grpc.RpcError:
+            return False
+    return True
+
+
 # -- secrets ------------------------------------------------------------------------------
 
 

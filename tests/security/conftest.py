@@ -1,6 +1,7 @@
 """The security fleet: two control-plane replicas sharing a password-protected Redis
 (L1 cache and rate limits), each with its own Milvus Lite file, and one agent that runs
-two simulators and embeds through a TEI-mode simulator, streaming to both replicas.
+two simulators and embeds with the in-process MiniLM (so semantic hits happen), streaming
+to both replicas.
 
 Everything logs at ``debug`` — the most talkative level an operator can pick — and at
 teardown every log file of the fleet, plus every error body the tests collected, is
@@ -63,7 +64,6 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
     pool = harness.ProcessPool(tmp)
     http = [harness.free_port(), harness.free_port()]
     grpc = [harness.free_port(), harness.free_port()]
-    tei = harness.free_port()
     urls = [f"http://127.0.0.1:{p}" for p in http]
     gw = SecureFleet(urls, [f"127.0.0.1:{p}" for p in grpc], tmp, 0, [])
     try:
@@ -73,8 +73,8 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
             cfg = fleet.controlplane_config(
                 f"sec-{i}", http[i], grpc[i], tmp / f"data-{i}",
                 redis={"url": redis_url, "timeout_s": 1.0},
-                cache={"semantic_enabled": True, "semantic_budget_ms": 3000,
-                       "l1_budget_ms": 1000, "embed_model": fleet.EMBED},
+                cache={"semantic_enabled": True, "semantic_budget_ms": 5000,
+                       "l1_budget_ms": 1000},
                 logging={"level": "debug"})
             cfg["auth"]["tenants"].append({"name": "limited", "keys": [LIMITED_KEY],
                                            "requests_per_second": RATE, "burst": BURST})
@@ -82,17 +82,18 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
             pool.start(f"controlplane-{i}", ["synapse", "controlplane", "--config", str(path),
                                              "--log-level", "debug"],
                        ready_url=f"{urls[i]}/health", timeout=60)
-        pool.start("tei", fleet.tei_argv(tei), ready_url=f"http://127.0.0.1:{tei}/health")
         agent_cfg = fleet.agent_config("sec-node", gw.grpcs, {"gen-a": harness.free_port(),
                                                               "gen-b": harness.free_port()},
-                                       tmp / "engines", time_scale=0,
-                                       tei_url=f"http://127.0.0.1:{tei}")
+                                       tmp / "engines", time_scale=0)
+        agent_cfg["embedder"] = {"kind": "minilm"}
         path = fleet.write_yaml(tmp / "agent.yaml", agent_cfg)
         agent = pool.start("agent", ["synapse", "agent", "--config", str(path),
                                      "--log-level", "debug"])
         for url in urls:
             harness.wait_until(lambda u=url: fleet.backends_ready(u) >= 2, 90,
                                f"both engines ready behind {url}", proc=agent, interval=0.3)
+        harness.wait_until(lambda: fleet.node_embeds(agent_cfg["grpc"]["advertise_address"]),
+                           120, "the agent's MiniLM to load", proc=agent, interval=0.3)
         yield gw
     finally:
         pool.stop_all()
