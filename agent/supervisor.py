@@ -118,10 +118,13 @@ class Runner:
         self._wake.set()
         if self._engine is not None:
             await self._engine.terminate(self.cfg.stop_grace_s)
-        for task in self._tasks[:1]:
+        # A process runner's loop ends by itself once its engine exited; an external
+        # runner only probes, so its loop is cancelled like the scrape loop.
+        keep = 0 if self.spec.engine == "external" else 1
+        for task in self._tasks[:keep]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for task in self._tasks[1:]:
+        for task in self._tasks[keep:]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -186,6 +189,8 @@ class Runner:
                 await self._sleep_or_wake(None)  # until reset() or stop()
                 continue
             assert self._engine is not None
+            if self._stopping:  # stop() arrived while the process was being spawned
+                await self._engine.terminate(self.cfg.stop_grace_s)
             probe = asyncio.create_task(self._probe_process(self._engine))
             code = await self._engine.wait()
             probe.cancel()

@@ -2,18 +2,20 @@
 
 Accepts the simulator's command line (``--engine --host --port --model
 --served-model-name --time-scale …``, unknown flags ignored), answers ``/health`` and a
-vLLM V1 ``/metrics``. ``--exit-code N`` exits at once (crash loop tests).
+vLLM V1 ``/metrics``. ``--exit-code N`` exits at once; ``--busy-file PATH`` reports one
+running request while PATH exists (drain tests).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from aiohttp import web
 
 METRICS = """# TYPE vllm:num_requests_running gauge
-vllm:num_requests_running{{engine="0",model_name="{model}"}} 0.0
+vllm:num_requests_running{{engine="0",model_name="{model}"}} {running}
 # TYPE vllm:num_requests_waiting gauge
 vllm:num_requests_waiting{{engine="0",model_name="{model}"}} 0.0
 # TYPE vllm:kv_cache_usage_perc gauge
@@ -23,19 +25,33 @@ vllm:cache_config_info{{block_size="16",num_gpu_blocks="1000"}} 1.0
 """
 
 
+def _busy(path: str | None) -> bool:
+    return bool(path) and os.path.exists(path)  # a local stat: fine on the loop
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", default="m")
     parser.add_argument("--exit-code", type=int, default=None)
+    parser.add_argument("--busy-file", default=None)
     args, _ = parser.parse_known_args()
     if args.exit_code is not None:
         print("stand-in engine: exiting at once", flush=True)
         return args.exit_code
     app = web.Application()
-    app.router.add_get("/health", lambda r: web.Response(text=""))
-    app.router.add_get("/metrics", lambda r: web.Response(text=METRICS.format(model=args.model)))
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    app.router.add_get("/health", health)
+
+    async def metrics(request: web.Request) -> web.Response:
+        busy = _busy(args.busy_file)
+        return web.Response(text=METRICS.format(model=args.model, running=float(busy)))
+
+    app.router.add_get("/metrics", metrics)
     print(f"stand-in engine on {args.host}:{args.port}", flush=True)
     web.run_app(app, host=args.host, port=args.port, print=None)
     return 0

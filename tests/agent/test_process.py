@@ -1,0 +1,64 @@
+"""Engine processes: captured, size-capped output and whole-group termination."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import psutil
+
+from agent import process
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_log_sink_rotates_at_the_cap_and_keeps_the_last_lines(tmp_path):
+    sink = process.LogSink(tmp_path / "e.log", max_bytes=4096, tail_lines=3)
+    for i in range(400):
+        sink.write(f"line {i:04d} ".encode() + b"x" * 20 + b"\n")
+    sink.write(b"partial")
+    sink.close()
+    assert (tmp_path / "e.log.1").exists()
+    assert (tmp_path / "e.log").stat().st_size <= 4096
+    assert sink.lines() == [f"line {i:04d} " + "x" * 20 for i in (397, 398, 399)]
+
+
+async def test_terminate_reaches_the_whole_group_and_kills_a_stubborn_engine(tmp_path):
+    sink = process.LogSink(tmp_path / "e.log", 1 << 20, 10)
+    script = ("import signal, subprocess, sys, time\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "print('CHILD_PID', child.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    engine = await process.EngineProcess.spawn([sys.executable, "-c", script], {}, sink)
+    for _ in range(200):
+        if any(line.startswith("CHILD_PID ") for line in sink.lines()):
+            break
+        await asyncio.sleep(0.05)
+    child = int(next(line for line in sink.lines() if line.startswith("CHILD_PID ")).split()[1])
+    waiter = asyncio.create_task(engine.wait())
+    await engine.terminate(grace_s=0.5)  # SIGTERM ignored → SIGKILL after the grace
+    assert await waiter == -9
+    for _ in range(100):
+        if not _alive(child):
+            break
+        await asyncio.sleep(0.05)
+    assert not _alive(child) and not _alive(engine.pid)
+    assert sink.lines()[-1] == "[synapse-agent] exited with code -9"
+    sink.close()
+
+
+async def test_an_unrunnable_command_raises_oserror(tmp_path):
+    sink = process.LogSink(tmp_path / "e.log", 1 << 20, 10)
+    try:
+        await process.EngineProcess.spawn([str(tmp_path / "missing")], {}, sink)
+    except OSError as exc:
+        assert "missing" in str(exc)
+    else:
+        raise AssertionError("spawning a missing binary did not fail")
+    sink.close()
