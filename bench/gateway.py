@@ -42,6 +42,7 @@ import aiohttp
 
 MODEL = "bench-model"
 KEY = "bench-key-0123456789"
+PEER_KEY = "sk-bench-peer-0123456789abcdef"  # LiteLLM refuses to start without one
 REPO = pathlib.Path(__file__).resolve().parent.parent
 VENVS = REPO / ".bench-venvs"
 BIN = pathlib.Path(sys.executable).parent
@@ -99,7 +100,8 @@ def body(i: int, stream: bool) -> bytes:
 
 async def one(session: aiohttp.ClientSession, url: str, i: int, stream: bool,
               headers: dict[str, str]) -> bool:
-    async with session.post(url, data=body(i, stream), headers=headers) as resp:
+    async with session.post(url, data=body(i, stream),
+                            headers={**headers, "Content-Type": "application/json"}) as resp:
         await resp.read()
         return resp.status == 200
 
@@ -189,28 +191,37 @@ def peers(tree: Tree, sim_url: str, workdir: pathlib.Path) -> Iterator[tuple[str
     if litellm.exists():
         port = free_port()
         cfg = workdir / "litellm.yaml"
-        cfg.write_text(json.dumps({"model_list": [{"model_name": MODEL, "litellm_params": {
-            "model": f"openai/{MODEL}", "api_base": f"{sim_url}/v1", "api_key": "none"}}]}))
+        cfg.write_text(json.dumps({
+            "model_list": [{"model_name": MODEL, "litellm_params": {
+                "model": f"openai/{MODEL}", "api_base": f"{sim_url}/v1", "api_key": "none"}}],
+            "general_settings": {"master_key": PEER_KEY}}))
+        # Offline: the bundled model cost map, no telemetry.
         tree.start("litellm", [str(litellm), "--config", str(cfg), "--port", str(port),
-                               "--num_workers", "2"], f"http://127.0.0.1:{port}/health/liveliness")
+                               "--num_workers", "2"], f"http://127.0.0.1:{port}/health/liveliness",
+                   env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"})
         yield "litellm", f"http://127.0.0.1:{port}/v1/chat/completions"
     router = VENVS / "vllm-router" / "bin" / "vllm-router"
     if router.exists():
         port = free_port()
         tree.start("vllm-router", [str(router), "--worker-urls", sim_url, "--port", str(port),
-                                   "--policy", "round_robin"], f"http://127.0.0.1:{port}/health")
+                                   "--policy", "round_robin",
+                                   "--prometheus-port", str(free_port())],
+                   f"http://127.0.0.1:{port}/health")
         yield "vllm_router", f"http://127.0.0.1:{port}/v1/chat/completions"
 
 
 async def measure(name: str, url: str, headers: dict[str, str],
-                  args: argparse.Namespace) -> dict[str, float]:
+                  args: argparse.Namespace, peer: bool = False) -> dict[str, float]:
     rps, err = await saturate(url, headers, args.seconds, args.clients, False)
     srps, serr = await saturate(url, headers, args.seconds, args.clients, True)
-    p50, p99, ferr = await fixed_rate(url, headers, args.seconds, args.rate)
+    # A peer slower than the fixed rate would only measure its own queue: half its
+    # saturated throughput then (the rate used is printed).
+    rate = min(args.rate, max(1.0, rps / 2)) if peer else args.rate
+    p50, p99, ferr = await fixed_rate(url, headers, args.seconds, rate)
     row = {"rps": rps, "stream_rps": srps, "p50_ms": p50, "p99_ms": p99,
-           "errors": err + serr + ferr}
-    print(f"{name:<14} {rps:>9.0f} {srps:>11.0f} {p50:>9.2f} {p99:>9.2f} {row['errors']:>7}",
-          flush=True)
+           "errors": err + serr + ferr, "rate": rate}
+    print(f"{name:<14} {rps:>9.0f} {srps:>11.0f} {p50:>9.2f} {p99:>9.2f} {row['errors']:>7}"
+          + (f"   (at {rate:.0f} req/s)" if rate != args.rate else ""), flush=True)
     return row
 
 
@@ -234,11 +245,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                             args)
         peer_rows = {}
         for name, url in peers(tree, sim, workdir):
-            row = await measure(name, url, {"Authorization": "Bearer none"}, args)
+            row = await measure(name, url, {"Authorization": f"Bearer {PEER_KEY}"}, args,
+                                peer=True)
             peer_rows[name] = {"rps": round(row["rps"], 1),
                                "throughput_ratio": round(row["rps"] / direct["rps"], 3),
-                               "p50_ms": round(row["p50_ms"], 2),
-                               "vs_synapse_rps": round(row["rps"] / syn["rps"], 3)}
+                               "stream_throughput_ratio":
+                                   round(row["stream_rps"] / direct["stream_rps"], 3),
+                               "added_p50_ms": round(row["p50_ms"] - direct["p50_ms"], 3),
+                               "latency_rate_rps": round(row["rate"], 1),
+                               "synapse_rps_over_peer": round(syn["rps"] / row["rps"], 3),
+                               "errors": row["errors"]}
     finally:
         tree.stop()
         shutil.rmtree(workdir, ignore_errors=True)
