@@ -287,12 +287,17 @@ async def run(cfg: AgentSettings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    agent = Agent(cfg)
     try:
-        await agent.start()
+        agent = Agent(cfg)
     except OSError as exc:
         log.error("agent cannot start: %s", exc)
+        return 1
+    try:
+        await agent.start()
+    except OSError as exc:  # e.g. the /metrics port is taken
+        log.error("agent cannot start: %s", exc)
         await agent.supervisor.stop_all()
+        await agent.node_server.stop(0)
         return 1
     await stop.wait()
     await agent.shutdown(skip_drain=hurry)

@@ -78,9 +78,13 @@ class NodeServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (NODE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:  # grpc's way of saying EADDRINUSE / EACCES
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind the Node gRPC server to {host}:{port}")
+            raise OSError(f"cannot bind the Node gRPC server to {host}:{port} "
+                          "(address in use or not available)")
 
     async def start(self, embedder_ready: bool) -> None:
         await self.server.start()

@@ -15,6 +15,7 @@ import sys
 
 import openai
 import psutil
+import pytest
 import yaml
 
 from protos.synapse.v1 import common_pb2, controlplane_pb2
@@ -209,3 +210,60 @@ def test_unknown_engine_binary_is_failed_not_crashlooping(tmp_path, control_plan
                        and b.phase == common_pb2.BACKEND_PHASE_FAILED, 20, "failed",
                        proc=agent.proc)
     assert "no-such-vllm" in _backend(control_plane, "gpu").phase_reason
+
+
+def test_agent_serves_node_embed_from_its_cache_and_reports_fake_gpus(
+        tmp_path, control_plane, start_agent):
+    import grpc
+    import numpy as np
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from protos.synapse.v1 import node_pb2, node_pb2_grpc
+
+    cfg = agent_config(tmp_path, control_plane, embedder={"kind": "minilm"},
+                       telemetry={"source": "fake", "interval_s": 0.2,
+                                  "fake_gpus": [{"name": "Sim 24GB", "memory_total_gb": 24}]})
+    agent = start_agent(cfg)
+    harness.wait_until(lambda: control_plane.recorder.registers(), 20, "Register",
+                       proc=agent.proc)
+    register = control_plane.recorder.registers()[0]
+    assert register.telemetry.source == "fake" and register.telemetry.ok
+    assert [g.name for g in register.gpus] == ["Sim 24GB"]
+    assert list(register.embed_models) == ["sentence-transformers/all-MiniLM-L6-v2"]
+
+    with grpc.insecure_channel(agent.grpc_address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        harness.wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(
+            service="synapse.v1.Node"), timeout=5).status == serving, 120,
+            "the embedder to load", proc=agent.proc)
+        stub = node_pb2_grpc.NodeStub(channel)
+        first = stub.Embed(node_pb2.EmbedRequest(texts=["hello world"]), timeout=30)
+        again = stub.Embed(node_pb2.EmbedRequest(texts=["hello world"]), timeout=30)
+    assert list(first.cached) == [False] and list(again.cached) == [True]
+    assert first.vectors == again.vectors and first.dim == 384
+    assert np.linalg.norm(np.frombuffer(first.vectors, "<f4")) == pytest.approx(1, abs=1e-4)
+
+    harness.wait_until(lambda: control_plane.recorder.reports()[-1].embedding_cache.hits == 1,
+                       10, "cache stats in a report")
+    text = agent.metrics_text()
+    assert _metric(text, 'synapse_agent_embedding_cache_hits_total{node="test-node"}') == 1.0
+    assert _metric(text, 'synapse_agent_embedding_cache_entries{node="test-node"}') == 1.0
+    assert _metric(text, 'synapse_agent_telemetry_ok{node="test-node",source="fake"}') == 1.0
+    assert _metric(text, 'synapse_agent_gpu_memory_total_bytes{gpu="0"') == 24 * 2**30
+
+
+def test_a_taken_port_is_a_clear_start_up_error(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "agent.yaml"
+        path.write_text(yaml.safe_dump(agent_config(tmp_path, None)))
+        result = subprocess.run([harness.console_script("synapse"), "agent", "--config",
+                                 str(path), "--grpc-port", str(port)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot bind the Node gRPC server to 127.0.0.1:{port}" in result.stderr
