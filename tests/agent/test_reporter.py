@@ -1,0 +1,114 @@
+"""The report stream in process against a real gRPC control-plane server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from agent import metrics, reporter
+from agent.config import ControlPlaneLink
+from protos.synapse.v1 import controlplane_pb2
+from tests.agent.control_plane import ControlPlaneServer
+
+
+async def _until(predicate: Callable[[], bool], within: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Node:
+    """The agent side the reporter needs: messages and a command handler."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+        self.commands: list[str] = []
+        self.state = "a"
+
+    def register(self) -> controlplane_pb2.Register:
+        return controlplane_pb2.Register(node_name="n1", agent_version="t")
+
+    def report(self) -> controlplane_pb2.Report:
+        self.sequence += 1
+        return controlplane_pb2.Report(sequence=self.sequence,
+                                       draining=self.state == "draining")
+
+    async def command(self, msg: controlplane_pb2.ControlMessage) -> tuple[bool, str]:
+        self.commands.append(msg.WhichOneof("body"))
+        if msg.HasField("evict_embeddings"):
+            raise RuntimeError("boom")
+        return True, ""
+
+
+def _reporter(node: Node, **cfg) -> reporter.Reporter:
+    link = ControlPlaneLink(**{"addresses": [], "report_interval_s": 30,
+                               "reconnect_min_s": 0.05, "reconnect_max_s": 0.2,
+                               "connect_timeout_s": 1, **cfg})
+    return reporter.Reporter(link, node.register, node.report, node.command,
+                             metrics.Metrics(CollectorRegistry()), "n1")
+
+
+class TokenCheck(grpc.ServerInterceptor):
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def intercept_service(self, continuation, details):
+        self.seen.append(dict(details.invocation_metadata).get("authorization", ""))
+        return continuation(details)
+
+
+async def test_dns_name_is_dialled_reports_on_change_and_commands_are_acked():
+    server = ControlPlaneServer()
+    server.start()
+    node = Node()
+    rep = _reporter(node, dns_name=f"localhost:{server.port}", token="s3cret-token")
+    await rep.start()
+    rec = server.recorder
+    await _until(lambda: rec.registers() and rec.reports(), 10, "register + first report")
+    assert rep.targets == [f"127.0.0.1:{server.port}"]
+    assert rec.streams[0][0].HasField("register")
+
+    count = len(rec.reports())
+    node.state = "draining"
+    rep.notify()  # a state change: reported at once, not after the 30 s interval
+    await _until(lambda: len(rec.reports()) > count and rec.reports()[-1].draining, 5,
+                 "an immediate report")
+
+    rec.send(controlplane_pb2.ControlMessage(command_id="c1", undrain=controlplane_pb2.Undrain()))
+    rec.send(controlplane_pb2.ControlMessage(
+        command_id="c2", evict_embeddings=controlplane_pb2.EvictEmbeddings()))
+    await _until(lambda: len(rec.acks()) == 2, 5, "two acks")
+    acks = {a.command_id: a for a in rec.acks()}
+    assert acks["c1"].ok and not acks["c2"].ok and "boom" in acks["c2"].error
+
+    before = len(rec.reports())
+    await rep.stop()
+    assert len(rec.reports()) == before + 1  # a last report on the way out
+    server.stop()
+
+
+async def test_the_token_travels_as_bearer_metadata():
+    from concurrent import futures
+
+    from protos.synapse.v1 import controlplane_pb2_grpc
+    from tests.agent.control_plane import Recorder
+
+    check = TokenCheck()
+    server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=[check])
+    recorder = Recorder()
+    controlplane_pb2_grpc.add_ControlPlaneServicer_to_server(recorder, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    rep = _reporter(Node(), addresses=[f"127.0.0.1:{port}"], token="s3cret-token")
+    await rep.start()
+    await _until(lambda: recorder.registers(), 10, "register")
+    await rep.stop()
+    server.stop(0)
+    assert check.seen and check.seen[0] == "Bearer s3cret-token"
+    assert "s3cret" not in repr(rep.cfg)
