@@ -28,6 +28,7 @@ from protos.common import cli
 
 log = logging.getLogger("synapse.controlplane")
 SHUTDOWN_GRACE_S = 5.0
+GRPC_STOP_GRACE_S = 1.0   # after HTTP is done: only agent streams and Admin calls remain
 
 
 def build_parser(prog: str = "synapse controlplane") -> argparse.ArgumentParser:
@@ -127,8 +128,11 @@ async def serve(settings: config.ControlPlaneSettings,
         await stop.wait()
         log.info("stopping")
     finally:
-        await server.stop(SHUTDOWN_GRACE_S)
+        # HTTP first: stop accepting and let in-flight requests finish while the agents'
+        # streams — and so the routing table — are still up. Stopping gRPC first ended
+        # every agent stream at once and answered 503 "no backend" for the whole grace.
         await runner.cleanup()
+        await server.stop(GRPC_STOP_GRACE_S)
 
 
 def main(argv: list[str] | None = None, prog: str = "synapse controlplane") -> int:
