@@ -92,6 +92,19 @@ def settled(url: str) -> float:
         ("synapse_cache_errors_total", '{layer="embedder"}')))
 
 
+def breakdown(url: str) -> dict[str, float]:
+    """Mean time of each cache stage, from the control plane's own histograms."""
+    out = {}
+    for key, name, labels in (
+            ("embed", "synapse_embedding_duration_seconds", ""),
+            ("l1_lookup", "synapse_cache_lookup_duration_seconds", '{layer="exact"}'),
+            ("semantic_lookup", "synapse_cache_lookup_duration_seconds", '{layer="semantic"}')):
+        total = metric(url, f"{name}_sum", labels)
+        count = metric(url, f"{name}_count", labels)
+        out[key] = round(1000 * total / count, 2) if count else float("nan")
+    return out
+
+
 def embeds(address: str) -> bool:
     with grpc.insecure_channel(address) as ch:
         node_pb2_grpc.NodeStub(ch).Embed(node_pb2.EmbedRequest(texts=["ping"]), timeout=5)
@@ -244,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     stored, paraphrases, fresh = texts_from(args.pairs, args.entries, args.queries)
     with tempfile.TemporaryDirectory() as tmp, fleet(pathlib.Path(tmp), args.entries) as urls:
         out = asyncio.run(measure(urls, stored, paraphrases, fresh, args.queries))
+        parts = breakdown(urls["cache"])
     print(f"cache latency through the HTTP API, {len(stored)} entries in scope (ms)")
     print(f"{'scenario':<16}{'n':>6}{'cache p50':>11}{'cache p99':>11}{'off p50':>10}"
           f"{'off p99':>10}")
@@ -263,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
               "semantic_queries": len(paraphrases)}
     print(f"added by the cache to a miss: p50 {result['miss_added_p50_ms']} ms, "
           f"p99 {result['miss_added_p99_ms']} ms")
+    print("inside the control plane (means over the run, ms): " +
+          ", ".join(f"{k} {v}" for k, v in parts.items()))
+    with contextlib.suppress(OSError):
+        print(f"load average during the run: {open('/proc/loadavg').read().split()[:3]}")
+    result["breakdown_mean_ms"] = parts
     print(json.dumps(result))
     return 0
 
