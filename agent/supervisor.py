@@ -273,6 +273,8 @@ class Runner:
                 text = await r.text()
             snap = engine_metrics.parse(text)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            if self._stopping:
+                return  # the engine is going away on purpose
             if self.metrics_ok:
                 log.warning("backend %s: /metrics scrape failed: %s", self.spec.name, exc)
             self.metrics_ok = False
