@@ -400,8 +400,10 @@ async def fault_restart_controlplane(fl: ChaosFleet, duration: float,
     await asyncio.to_thread(fl.start_cp, 1)
     up = time.monotonic()
     deadline = up + 60
+    info["reregistered"] = False
     while time.monotonic() < deadline:
         if await asyncio.to_thread(fleet.backends_ready, fl.urls[1]) == 4:
+            info["reregistered"] = True
             break
         await asyncio.sleep(0.05)
     info["reregister_s"] = round(time.monotonic() - up, 2)
