@@ -11,6 +11,8 @@ Decisions:
 * stdout and stderr are merged into one pipe, pumped into a size-capped log file (one
   rotated ``.1`` file kept) and a ring of the last lines for reports. Writes are small
   appends to a local file, treated like logging's handlers as non-blocking.
+* Engines get the agent's environment without ``SYNAPSE_*`` (the agent's own settings and
+  secrets), plus the spec's variables.
 * Stop = SIGTERM to the group, SIGKILL to the group after the grace period, and a final
   SIGKILL to the group after the leader exits, for children that outlived it.
 """
@@ -50,6 +52,16 @@ def _child_setup() -> None:
     """Runs in the child after fork: die with the agent."""
     if _LIBC is not None:
         _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def engine_environment() -> dict[str, str]:
+    """The agent's environment minus its own ``SYNAPSE_*`` settings.
+
+    Engines must not inherit them: ``SYNAPSE_CONFIG_PATH`` would point the simulator at
+    the agent's config file, and secrets such as the control-plane token have no
+    business in an engine's environment (or its crash dumps).
+    """
+    return {k: v for k, v in os.environ.items() if not k.startswith("SYNAPSE_")}
 
 
 class LogSink:
@@ -109,7 +121,7 @@ class EngineProcess:
         sink.note("starting: " + " ".join(argv))
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, env={**os.environ, **env},
+            stderr=subprocess.STDOUT, env={**engine_environment(), **env},
             start_new_session=True, preexec_fn=_child_setup)
         return cls(proc, sink)
 

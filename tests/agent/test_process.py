@@ -62,3 +62,14 @@ async def test_an_unrunnable_command_raises_oserror(tmp_path):
     else:
         raise AssertionError("spawning a missing binary did not fail")
     sink.close()
+
+
+async def test_engines_do_not_inherit_the_agents_settings_or_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNAPSE_CONFIG_PATH", "/etc/synapse/agent.yaml")
+    monkeypatch.setenv("SYNAPSE_CONTROL_PLANE__TOKEN", "s3cret")
+    sink = process.LogSink(tmp_path / "e.log", 1 << 20, 10)
+    script = "import os; print(sorted(k for k in os.environ if 'SYNAPSE' in k or k == 'X'))"
+    engine = await process.EngineProcess.spawn([sys.executable, "-c", script], {"X": "1"}, sink)
+    assert await engine.wait() == 0
+    assert "['X']" in sink.lines()
+    sink.close()
