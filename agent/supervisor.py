@@ -203,6 +203,7 @@ class Runner:
 
     async def _after_exit(self, why: str) -> None:
         decision = self._policy.on_exit()
+        self.sink.note(f"{why}; {decision.reason if decision.restart else 'crashloop'}")
         if not decision.restart:
             self._set(Phase.CRASHLOOP, f"{why}; {decision.reason}")
             await self._sleep_or_wake(None)

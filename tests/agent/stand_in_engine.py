@@ -3,7 +3,8 @@
 Accepts the simulator's command line (``--engine --host --port --model
 --served-model-name --time-scale …``, unknown flags ignored), answers ``/health`` and a
 vLLM V1 ``/metrics``. ``--exit-code N`` exits at once; ``--busy-file PATH`` reports one
-running request while PATH exists (drain tests).
+running request while PATH exists (drain tests); ``--sick-file PATH`` makes ``/health``
+answer 503 while PATH exists (liveness tests).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> int:
     parser.add_argument("--model", default="m")
     parser.add_argument("--exit-code", type=int, default=None)
     parser.add_argument("--busy-file", default=None)
+    parser.add_argument("--sick-file", default=None)
     args, _ = parser.parse_known_args()
     if args.exit_code is not None:
         print("stand-in engine: exiting at once", flush=True)
@@ -43,7 +45,7 @@ def main() -> int:
     app = web.Application()
 
     async def health(request: web.Request) -> web.Response:
-        return web.Response(text="")
+        return web.Response(status=503 if _busy(args.sick_file) else 200)
 
     app.router.add_get("/health", health)
 

@@ -127,3 +127,20 @@ async def test_naming_a_crashlooping_backend_again_retries_it(make):
     assert await sup.apply_desired([]) == []
     assert "flaky" not in sup.runners and r.phase == Phase.STOPPED
     await sup.stop_all()
+
+
+async def test_an_engine_unhealthy_for_too_long_is_restarted(make, tmp_path):
+    sick = tmp_path / "sick"
+    sup = make(unhealthy_restart_s=0.3)
+    spec = types.EngineSpec(name="gen", engine="simulator", model="m",
+                            extra_args=("--sick-file", str(sick)))
+    await sup.start([spec])
+    r = sup.runners["gen"]
+    await _until(lambda: r.phase == Phase.READY, 20, "ready")
+    sick.write_text("1")
+    await _until(lambda: r.phase == Phase.UNHEALTHY, 10, "unhealthy")
+    await _until(lambda: r.restarts == 1, 10, "a restart")
+    sick.unlink()
+    await _until(lambda: r.phase == Phase.READY, 20, "ready after the restart")
+    assert any(line.startswith("[synapse-agent] unhealthy for 0.3s; restart in")
+               for line in r.sink.lines())
