@@ -151,6 +151,8 @@ class Runner:
             self._hooks.on_change()
 
     async def _sleep_or_wake(self, seconds: float | None) -> None:
+        if self._stopping:
+            return  # stop() may have set the event before this sleep began
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
@@ -263,7 +265,8 @@ class Runner:
     async def _scrape_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.scrape_interval_s)
-            if self.phase in (Phase.READY, Phase.UNHEALTHY):
+            alive = self.pid != 0 or self.spec.engine == "external"
+            if alive and self.phase in (Phase.READY, Phase.UNHEALTHY):
                 await self.scrape()
 
     async def scrape(self) -> None:
