@@ -10,7 +10,8 @@ Decisions:
   ``Report`` every ``report_interval_s`` and at once when :meth:`Reporter.notify` is
   called (every state change); bursts of changes coalesce into one report.
 * Reconnect with capped, jittered exponential backoff (:class:`agent.core.backoff.Backoff`),
-  reset once a session got as far as registering. Every new session registers again, so
+  reset once a registered stream lasted ``reconnect_max_s``: a control plane that hangs
+  up right after every Register is not hammered. Every new session registers again, so
   a restarted control plane rebuilds its view from the agents.
 * Keepalive pings every ``keepalive_s`` (also without calls) so a dead peer behind a
   NAT or a vanished pod is detected on a long-lived, mostly idle stream.
@@ -129,9 +130,11 @@ class Reporter:
     async def _dial_forever(self, address: str) -> None:
         delays = backoff.Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
         attempt, logged = 0, False
+        loop = asyncio.get_running_loop()
         gauge = self._metrics.control_plane_connected.labels(self._node, address)
         while not self._stopping:
             registered = False
+            began = loop.time()
             try:
                 registered = await self._session(address, gauge)
                 if registered and not self._stopping:
@@ -148,8 +151,10 @@ class Reporter:
                 logged = True
             finally:
                 gauge.set(0)
-            if registered:
-                attempt, logged = 0, False
+            if registered and loop.time() - began >= self.cfg.reconnect_max_s:
+                attempt, logged = 0, False  # a stream that lasted: start the ladder again
+            elif registered:
+                logged = False  # cut right after Register: keep backing off, but say so
             if self._stopping:
                 return
             with contextlib.suppress(TimeoutError):
