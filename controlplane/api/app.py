@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
@@ -61,17 +60,17 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> errors.SynapseEr
     return err
 
 
-def _request_id(request: web.Request) -> str:
+def _request_id(request: web.Request, svc: services_mod.Services) -> str:
     rid = request.headers.get("x-request-id")
     if rid and len(rid) <= 128 and rid.isprintable():
         return rid
-    return uuid.uuid4().hex
+    return svc.new_request_id()
 
 
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     svc = request.app[context.SERVICES]
-    ctx = context.RequestContext(_request_id(request), svc.clock())
+    ctx = context.RequestContext(_request_id(request, svc), svc.clock())
     request[context.CONTEXT] = ctx
     status = 500
     try:
@@ -106,10 +105,10 @@ def _record(svc: services_mod.Services, ctx: context.RequestContext, status: int
     now = svc.clock()
     model = ctx.model or "unknown"
     m = svc.metrics
-    m.requests.labels(model, str(status), ctx.tenant or "unknown").inc()
-    m.request_duration.labels(model, ctx.cache).observe(now - ctx.started)
+    svc.child(m.requests, model, str(status), ctx.tenant or "unknown").inc()
+    svc.child(m.request_duration, model, ctx.cache).observe(now - ctx.started)
     if ctx.first_byte is not None:
-        m.time_to_first_byte.labels(model, ctx.cache).observe(ctx.first_byte - ctx.started)
+        svc.child(m.time_to_first_byte, model, ctx.cache).observe(ctx.first_byte - ctx.started)
     error = status >= 400 or ctx.broken
     svc.stats.record(ctx.model, ctx.backend or None, now - ctx.started, error, ctx.cache)
 

@@ -92,7 +92,8 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
                 continue
             ctx.backend = backend.key
             ctx.route = route.reason if attempt == 0 else f"{route.reason}, retry {attempt}"
-            svc.metrics.route_decisions.labels(backend.key, _reason_label(route.reason)).inc()
+            svc.child(svc.metrics.route_decisions, backend.key,
+                      _reason_label(route.reason)).inc()
             if stream and up.status == 200 and _is_sse(up):
                 # Chat streams open with a role-only event that engines may send before
                 # the prefill is done; the first token is the event after it.

@@ -9,9 +9,12 @@ registry the agents feed is the one the router reads. Resources that need the ev
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import pathlib
 import socket
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -44,6 +47,25 @@ class Services:
     cache: cache_port.ResponseCache
     upstream: upstream.UpstreamClient
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Metric children by (metric name, *labels), so the hot path skips labels() lookups.
+    label_cache: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict)
+
+    request_ids: Iterator[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
+    request_id_prefix: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:16])
+
+    def new_request_id(self) -> str:
+        """Unique across replicas and restarts (random prefix), cheaper than a uuid4."""
+        return f"{self.request_id_prefix}{next(self.request_ids):08x}"
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, memoised: the lookup costs more than the update."""
+        key = (metric._name, *labels)
+        child = self.label_cache.get(key)
+        if child is None:
+            if len(self.label_cache) > 50_000:  # label sets are bounded; guards a leak
+                self.label_cache.clear()
+            child = self.label_cache[key] = metric.labels(*labels)
+        return child
 
 
 def _tenant_settings(auth: config.AuthSettings) -> list[config.TenantSettings]:

@@ -229,7 +229,9 @@ class Router:
             if not eligible:
                 return None
         ordered, reason = self._order(eligible)
-        ranked = tuple(dataclasses.replace(v, rank=i + 1) for i, v in enumerate(ordered))
+        # Candidates are in rank order; the rank field itself is filled in by explain()
+        # only (copying every verdict per request costs more than routing it).
+        ranked = tuple(ordered)
         info = types.PromptInfo(prompt.tokens, {k: tuple(v) for k, v in hashes.items()},
                                 prompt.max_tokens, prompt.session)
         return types.RouteDecision(model, ranked, reason + reason_suffix,
@@ -242,7 +244,8 @@ class Router:
         verdicts, _ = self.verdicts(model, prompt, task)
         if decision is None:
             return verdicts, "no backend passes the filter"
-        ranks = {v.backend.key: v for v in decision.candidates}
+        ranks = {v.backend.key: dataclasses.replace(v, rank=i + 1)
+                 for i, v in enumerate(decision.candidates)}
         return [ranks.get(v.backend.key, v) for v in verdicts], decision.reason
 
     # -- bookkeeping at dispatch --------------------------------------------------------
