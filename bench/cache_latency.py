@@ -4,7 +4,8 @@ One run, one process tree: ``synapse simulator --time-scale 0`` (answers at once
 the time measured is the control plane's), one ``synapse agent`` serving MiniLM over
 ``Node.Embed``, and two control planes with the simulator as a static upstream:
 ``cache`` (embedded-mode cache: in-process L1, Milvus Lite file, default budgets) and
-``nocache`` (``cache.enabled: false``). The same requests go to both, one at a time:
+``nocache`` (``cache.enabled: false``). The agent runs torch with one thread
+(``OMP_NUM_THREADS=1``, see ``fleet``). The same requests go to both, one at a time:
 
 * **exact hit**: a question asked before, byte for byte;
 * **semantic hit**: a paraphrase (QQP duplicate of a stored question) that the verifier
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import pathlib
 import re
 import signal
@@ -84,12 +86,23 @@ def metric(url: str, name: str, labels: str = "") -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def settled(url: str) -> float:
-    """Writes finished so far, stored or failed (a failed write is counted, not retried)."""
-    return sum(metric(url, name, labels) for name, labels in (
-        ("synapse_cache_stores_total", '{layer="semantic"}'),
-        ("synapse_cache_errors_total", '{layer="semantic"}'),
-        ("synapse_cache_errors_total", '{layer="embedder"}')))
+async def settle(url: str, quiet_s: float = 6.0, limit_s: float = 900.0) -> None:
+    """Wait until the writer is done: L2 stores and write errors stop changing."""
+    def progress() -> tuple[float, ...]:
+        return tuple(metric(url, name, labels) for name, labels in (
+            ("synapse_cache_stores_total", '{layer="semantic"}'),
+            ("synapse_cache_errors_total", '{layer="semantic"}'),
+            ("synapse_cache_errors_total", '{layer="embedder"}')))
+    deadline = time.monotonic() + limit_s
+    last, since = progress(), time.monotonic()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        now = progress()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif last[0] > 0 and time.monotonic() - since >= quiet_s:
+            return
+    raise SystemExit("the cache writer did not settle")
 
 
 def breakdown(url: str) -> dict[str, float]:
@@ -143,7 +156,11 @@ def fleet(tmp: pathlib.Path, entries: int) -> Iterator[dict[str, str]]:
     cmds += [[str(BIN / "synapse"), "controlplane", "--config", str(tmp / f"{n}.yaml")]
              for n in http]
     cmds.append([str(BIN / "synapse"), "agent", "--config", str(tmp / "agent.yaml")])
-    procs = [subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT) for c in cmds]
+    # One torch thread for the agent's MiniLM: a single short text gains nothing from two,
+    # and on a busy 2-core machine two threads spin against each other (measured here:
+    # 9 ms with one thread, 120 ms with two under load).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT, env=env) for c in cmds]
     urls = {n: f"http://127.0.0.1:{p}" for n, p in http.items()}
     try:
         wait(lambda: http_ok(f"http://127.0.0.1:{sim}/health"), "the simulator", procs)
@@ -202,7 +219,7 @@ async def measure(urls: dict[str, str], stored: list[str], paraphrases: list[str
         await fill(session, urls["cache"], stored)
         print(f"filled the scope with {len(stored)} entries through the API in "
               f"{time.monotonic() - t0:.0f}s", file=sys.stderr)
-        wait(lambda: settled(urls["cache"]) >= len(stored), "the stores", [], 600)
+        await settle(urls["cache"])
         entries = metric(urls["cache"], "synapse_cache_stores_total", '{layer="semantic"}')
         print(f"{entries:.0f} entries in L2", file=sys.stderr)
         await asyncio.sleep(3)      # the background flush after the last writes

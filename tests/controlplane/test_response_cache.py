@@ -163,3 +163,15 @@ async def test_a_write_burst_beyond_the_queue_is_dropped_not_waited_for(node_add
     assert hits == ["hit-exact", "hit-exact", "miss", "miss"]
     assert counter(m, "synapse_cache_stores_total", layer="semantic") == 2   # one batch
     await c.close()
+
+
+async def test_a_model_with_a_stricter_target_precision_gets_fewer_semantic_hits(
+        node_address, milvus_lite_path):
+    c, _ = await build_cache(node_address, milvus_lite_path,
+                             model_target_precision={"strict": 0.95})
+    for model in ("llama", "strict"):
+        await remember(c, chat(PASSWORD, model=model), f"answer for {model}")
+    assert (await c.lookup(chat(PARAPHRASE, model="llama"))).status == "hit-semantic"
+    assert (await c.lookup(chat(PARAPHRASE, model="strict"))).status == "miss"
+    assert (await c.lookup(chat(PASSWORD, model="strict"))).status == "hit-exact"
+    await c.close()
