@@ -267,3 +267,42 @@ def test_a_taken_port_is_a_clear_start_up_error(tmp_path):
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"cannot bind the Node gRPC server to 127.0.0.1:{port}" in result.stderr
+
+
+def test_node_embed_through_a_supervised_tei_engine(tmp_path, control_plane, start_agent):
+    import json
+    import urllib.request
+
+    import grpc
+    import numpy as np
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from protos.synapse.v1 import node_pb2, node_pb2_grpc
+
+    port = harness.free_port()
+    tei = {"name": "embed", "engine": "simulator", "model": "BAAI/bge-small-en",
+           "task": "embed", "port": port}
+    cfg = agent_config(tmp_path, control_plane, backends=[tei],
+                       telemetry={"interval_s": 0.2},
+                       embedder={"kind": "tei", "tei_url": f"http://127.0.0.1:{port}",
+                                 "model": "BAAI/bge-small-en"})
+    agent = start_agent(cfg)
+    backend = _wait_ready(control_plane, agent.proc, name="embed")
+    assert backend.task == common_pb2.BACKEND_TASK_EMBED
+    texts = [f"sentence number {i}" for i in range(40)]  # more than TEI's client batch (32)
+    with grpc.insecure_channel(agent.grpc_address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        harness.wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(
+            service="synapse.v1.Node"), timeout=5).status == serving, 30,
+            "the TEI embedder", proc=agent.proc)
+        reply = node_pb2_grpc.NodeStub(channel).Embed(
+            node_pb2.EmbedRequest(model="BAAI/bge-small-en", texts=texts), timeout=30)
+    assert reply.embedder_id.startswith("BAAI/bge-small-en@") and not any(reply.cached)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/embed", headers={"Content-Type": "application/json"},
+        data=json.dumps({"inputs": texts[:32], "normalize": False}).encode())
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        direct = np.array(json.loads(resp.read()), dtype=np.float32)
+    got = np.frombuffer(reply.vectors, "<f4").reshape(40, reply.dim)
+    np.testing.assert_allclose(got[:32], direct, rtol=1e-6)
