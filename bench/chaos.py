@@ -17,11 +17,12 @@ the fleet is whole again before the next one.
 
 Figures per fault: requests sent, succeeded, failed, failed while a healthy backend
 existed (every failure except streams broken after their first byte — those end with an
-SSE error event and count as ``failed_visible``), and for the control-plane restart the
-time until the restarted replica routes to all four backends again (``reregister_s``,
-from its ``/health`` answering). After the run, ``wrongly_cached`` re-asks the prompts:
-a prompt whose every attempt failed must not be an exact cache hit, and a hit must equal
-the answer the client originally got.
+SSE error event and count as ``failed_visible``), latency p50/p99 of the successful
+non-streaming requests (what a fault costs when it costs no errors), and for the
+control-plane restart the time until the restarted replica routes to all four backends
+again (``reregister_s``, from its ``/health`` answering). After the run,
+``wrongly_cached`` re-asks the prompts: a prompt whose every attempt failed must not be an
+exact cache hit, and a hit must equal the answer the client originally got.
 
 Run: ``python -m bench.chaos [--duration 8] [--workers 8] [--faults a,b]``. Not run by
 tests (``tests/chaos`` runs a short version of the same machinery). Last line:
@@ -154,7 +155,8 @@ def _cp_config(fl_tmp: pathlib.Path, i: int, http: int, grpc: int, redis_url: st
 
 
 @contextlib.contextmanager
-def chaos_fleet(tmp: pathlib.Path, time_scale: float = 0.005) -> Iterator[ChaosFleet]:
+def chaos_fleet(tmp: pathlib.Path, time_scale: float = 0.005,
+                agent_embedder: dict[str, Any] | None = None) -> Iterator[ChaosFleet]:
     """Start the whole fleet; stop every process on exit."""
     pool = harness.ProcessPool(tmp)
     redis = harness.RedisServer(tmp)
@@ -175,6 +177,7 @@ def chaos_fleet(tmp: pathlib.Path, time_scale: float = 0.005) -> Iterator[ChaosF
                                      tmp / f"engines-{node}", time_scale=time_scale,
                                      tei_url=f"http://127.0.0.1:{fl.tei_port}")
             cfg["control_plane"].update(reconnect_min_s=0.2, reconnect_max_s=2.0)
+            cfg["embedder"].update(agent_embedder or {})
             fl.agent_configs[node] = fleet.write_yaml(tmp / f"{node}.yaml", cfg)
             fl.start_agent(node)
         harness.wait_until(fl.ready_everywhere, 120, "four engines behind both replicas",
@@ -200,6 +203,7 @@ class Outcome:
     cache: str = ""
     text: str = ""
     error: str = ""
+    seconds: float = 0.0
 
 
 class Load:
@@ -218,7 +222,7 @@ class Load:
         self._stop = asyncio.Event()
         self._n = 0
 
-    def _prompt(self) -> str:
+    def next_prompt(self) -> str:
         done = [o.prompt for o in self.outcomes[-400:] if o.ok and not o.stream]
         if done and self.rng.random() < 0.2:
             return self.rng.choice(done)
@@ -256,10 +260,11 @@ class Load:
 
     async def _worker(self, session: aiohttp.ClientSession) -> None:
         while not self._stop.is_set():
-            prompt, stream = self._prompt(), self.rng.random() < 0.3
-            healthy = self.fl.healthy_backends()
+            prompt, stream = self.next_prompt(), self.rng.random() < 0.3
+            healthy, started = self.fl.healthy_backends(), time.monotonic()
             out = await self.one(session, prompt, stream)
             out.healthy = min(healthy, self.fl.healthy_backends())
+            out.seconds = time.monotonic() - started
             self.outcomes.append(out)
 
     async def one(self, session: aiohttp.ClientSession, prompt: str, stream: bool,
@@ -482,9 +487,17 @@ async def wrongly_cached(load: Load, session: aiohttp.ClientSession,
     return wrong
 
 
-def _figures(rows: list[Outcome]) -> dict[str, int]:
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+
+def _figures(rows: list[Outcome]) -> dict[str, Any]:
     failed = [o for o in rows if not o.ok]
-    return {"sent": len(rows), "succeeded": len(rows) - len(failed), "failed": len(failed),
+    ok_seconds = [o.seconds for o in rows if o.ok and not o.stream]
+    return {"p50_ms": _pct(ok_seconds, 0.5), "p99_ms": _pct(ok_seconds, 0.99),"sent": len(rows), "succeeded": len(rows) - len(failed), "failed": len(failed),
             "failed_with_healthy_backend": sum(1 for o in failed
                                                if not o.visible and o.healthy > 0),
             "failed_visible": sum(1 for o in failed if o.visible),
@@ -512,11 +525,12 @@ def summarize(load: Load, infos: dict[str, dict[str, Any]], faults: list[str],
 
 def print_table(result: dict[str, Any]) -> None:
     cols = ["sent", "succeeded", "failed", "failed_with_healthy_backend", "failed_visible",
-            "cache_hits"]
-    print(f"{'fault':<22}" + "".join(f"{c[:18]:>20}" for c in cols) + "  notes")
+            "cache_hits", "p50_ms", "p99_ms"]
+    heads = ["sent", "ok", "failed", "failed_w_healthy", "visible", "hits", "p50 ms", "p99 ms"]
+    print(f"{'fault':<22}" + "".join(f"{h:>12}" for h in heads) + "  notes")
     for name, fig in result["faults"].items():
         notes = {k: v for k, v in fig.items() if k not in cols and k != "streams"}
-        print(f"{name:<22}" + "".join(f"{fig[c]:>20}" for c in cols) + f"  {notes or ''}")
+        print(f"{name:<22}" + "".join(f"{fig[c]:>12}" for c in cols) + f"  {notes or ''}")
     print(f"requests {result['requests']}, failed with a healthy backend "
           f"{result['failed_with_healthy_backend']}, wrongly cached {result['wrongly_cached']},"
           f" re-registration {result['reregister_s']} s, balancer retries "
