@@ -66,7 +66,8 @@ class Agent:
         self.supervisor = supervisor.Supervisor(
             sup, supervisor.Hooks(self.metrics, self.node, self._changed), engine_host)
         self.embeddings = self._build_embeddings()
-        self.node_server = node_service.NodeServer(self.embeddings, cfg.grpc.host, cfg.grpc.port)
+        self.node_server = node_service.NodeServer(self.embeddings, cfg.grpc.host, cfg.grpc.port,
+                                                   self._observe_embed)
         self.metrics_server = http_metrics.MetricsServer(
             self.metrics.registry, self.refresh_metrics, cfg.metrics.host, cfg.metrics.port)
         self.reporter = reporter.Reporter(cfg.control_plane, self.register_message,
@@ -92,6 +93,10 @@ class Agent:
 
         return embedding.EmbeddingService(
             e, embedder, lru.EmbeddingLru(e.cache_max_entries, e.cache_max_bytes), count)
+
+    def _observe_embed(self, code: str, seconds: float) -> None:
+        self.metrics.embed_requests.labels(self.node, code).inc()
+        self.metrics.embed_latency.labels(self.node).observe(seconds)
 
     def _changed(self) -> None:
         self.reporter.notify()
@@ -190,6 +195,12 @@ class Agent:
             draining=self.supervisor.draining)
 
     async def on_command(self, msg: controlplane_pb2.ControlMessage) -> tuple[bool, str]:
+        ok, error = await self._command(msg)
+        self.metrics.commands.labels(self.node, msg.WhichOneof("body") or "none",
+                                     "true" if ok else "false").inc()
+        return ok, error
+
+    async def _command(self, msg: controlplane_pb2.ControlMessage) -> tuple[bool, str]:
         async with self._command_lock:
             kind = msg.WhichOneof("body")
             if kind == "drain":

@@ -6,7 +6,7 @@ and alert rules use these names only; a test collects them from a fresh registry
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 GPU_LABELS = ["node", "gpu", "uuid"]
 BACKEND_LABELS = ["node", "backend", "model"]
@@ -69,3 +69,13 @@ class Metrics:
         self.control_plane_connected = Gauge(
             "synapse_agent_control_plane_connected", "1 while the report stream to that "
             "control-plane address is up.", ["node", "address"], registry=r)
+        self.embed_requests = Counter(
+            "synapse_agent_embed_requests_total", "Node.Embed calls by gRPC status code.",
+            ["node", "code"], registry=r)
+        self.embed_latency = Histogram(
+            "synapse_agent_embed_duration_seconds", "Node.Embed latency (server side).",
+            ["node"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                               0.5, 1.0, 2.5, 5.0), registry=r)
+        self.commands = Counter(
+            "synapse_agent_commands_total", "Control-plane commands executed, by kind and "
+            "outcome.", ["node", "kind", "ok"], registry=r)

@@ -13,6 +13,8 @@ configured and loaded; the overall service ("") is SERVING while the process run
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,11 +41,25 @@ def status_for(exc: embedding.EmbedError) -> grpc.StatusCode:
 
 
 class NodeServicer(node_pb2_grpc.NodeServicer):
-    def __init__(self, service: embedding.EmbeddingService | None) -> None:
+    def __init__(self, service: embedding.EmbeddingService | None,
+                 observe: Callable[[str, float], None]) -> None:
         self._service = service
+        self._observe = observe
 
     async def Embed(self, request: node_pb2.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> node_pb2.EmbedResponse:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await self._embed(request, context)
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self._observe(code.name, time.perf_counter() - start)
+
+    async def _embed(self, request: node_pb2.EmbedRequest,
+                     context: grpc.aio.ServicerContext) -> node_pb2.EmbedResponse:
         if self._service is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "no embedder is configured on this agent (embedder.kind: none)")
@@ -64,8 +80,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 class NodeServer:
     """Owns the grpc.aio server; ``port`` is the bound port (also when 0 was asked)."""
 
-    def __init__(self, service: embedding.EmbeddingService | None, host: str,
-                 port: int) -> None:
+    def __init__(self, service: embedding.EmbeddingService | None, host: str, port: int,
+                 observe: Callable[[str, float], None] = lambda code, seconds: None) -> None:
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -73,7 +89,7 @@ class NodeServer:
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
         ])
         node_pb2_grpc.add_NodeServicer_to_server(  # type: ignore[no-untyped-call]
-            NodeServicer(service), self.server)
+            NodeServicer(service, observe), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -189,6 +189,11 @@ def test_commands_drain_desired_backends_and_ack(tmp_path, control_plane, start_
     assert _backend(control_plane).phase == READY  # the config-defined one is untouched
     ack = command("c5", evict_embeddings=controlplane_pb2.EvictEmbeddings())
     assert not ack.ok and "no embedder" in ack.error
+    text = agent.metrics_text()
+    assert _metric(text, 'synapse_agent_commands_total{kind="desired_backends",'
+                         'node="test-node",ok="false"}') == 1.0
+    assert _metric(text, 'synapse_agent_commands_total{kind="drain",node="test-node",'
+                         'ok="true"}') == 1.0
 
 
 def test_invalid_config_exits_2_naming_the_field(tmp_path):
@@ -248,6 +253,7 @@ def test_agent_serves_node_embed_from_its_cache_and_reports_fake_gpus(
                        10, "cache stats in a report")
     text = agent.metrics_text()
     assert _metric(text, 'synapse_agent_embedding_cache_hits_total{node="test-node"}') == 1.0
+    assert _metric(text, 'synapse_agent_embed_requests_total{code="OK",node="test-node"}') == 2.0
     assert _metric(text, 'synapse_agent_embedding_cache_entries{node="test-node"}') == 1.0
     assert _metric(text, 'synapse_agent_telemetry_ok{node="test-node",source="fake"}') == 1.0
     assert _metric(text, 'synapse_agent_gpu_memory_total_bytes{gpu="0"') == 24 * 2**30

@@ -29,7 +29,9 @@ async def node(minilm) -> AsyncIterator[tuple[node_pb2_grpc.NodeStub, node_servi
     cfg = EmbedderSettings(kind="minilm", max_texts=8, max_text_chars=1000)
     embedder = embedding.MiniLmEmbedder(cfg, model=minilm)
     service = embedding.EmbeddingService(cfg, embedder, lru.EmbeddingLru(1000, 10**7))
-    server = node_service.NodeServer(service, "127.0.0.1", 0)
+    server = node_service.NodeServer(service, "127.0.0.1", 0,
+                                     lambda code, seconds: server.observed.append(code))
+    server.observed = []
     await server.start(embedder_ready=True)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     yield node_pb2_grpc.NodeStub(channel), server
@@ -71,6 +73,8 @@ async def test_embed_errors_have_proper_status_codes(node):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Embed(request, timeout=10)
         assert info.value.code() == code and words in info.value.details()
+    _, server = node
+    assert server.observed == [c.name for _, c, _ in cases]  # counted by status code
 
 
 async def test_embed_without_a_loaded_model_is_unavailable():
