@@ -22,6 +22,7 @@ import signal
 import socket
 import time
 from importlib import metadata
+from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry
@@ -141,14 +142,14 @@ class Agent:
                  self.cfg.supervisor.drain_grace_s)
         self.supervisor.set_draining(True)
         idle = asyncio.create_task(self.supervisor.wait_idle(self.cfg.supervisor.drain_grace_s))
-        waiters: set[asyncio.Future[object]] = {idle}  # type: ignore[arg-type]
+        waiters: list[asyncio.Task[Any]] = [idle]
         if skip_drain is not None:
-            waiters.add(asyncio.ensure_future(skip_drain.wait()))
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for w in waiters:
-            w.cancel()
-        log.info("drain %s; stopping engines", "complete" if idle.done() and not
-                 idle.cancelled() and idle.result() else "cut short")
+            waiters.append(asyncio.create_task(skip_drain.wait()))
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        drained = idle in done and idle.result()
+        for waiter in waiters:
+            waiter.cancel()
+        log.info("drain %s; stopping engines", "complete" if drained else "cut short")
         await self.supervisor.stop_all()
         await self.reporter.stop()
         for task in self._tasks:
