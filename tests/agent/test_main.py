@@ -128,6 +128,28 @@ def test_sigterm_drains_then_stops_every_engine(tmp_path, control_plane, start_a
     assert "drain complete" in agent.proc.output()
 
 
+def test_drain_lets_an_in_flight_request_finish(tmp_path, control_plane, start_agent):
+    import concurrent.futures
+
+    slow = {**SIM, "extra_args": ["--time-scale", "1"]}  # ~13 ms per token
+    agent = start_agent(agent_config(tmp_path, control_plane, backends=[slow]))
+    backend = _wait_ready(control_plane, agent.proc)
+    client = openai.OpenAI(base_url=backend.url + "/v1", api_key="unused", timeout=60)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(client.chat.completions.create, model="test-model",
+                            max_tokens=150, messages=[{"role": "user", "content": "hi"}])
+        harness.wait_until(lambda: _backend(control_plane).num_requests_running == 1, 20,
+                           "the request to be running", proc=agent.proc)
+        agent.proc.signal(signal.SIGTERM)
+        assert reply.result(timeout=60).choices[0].finish_reason == "length"
+    assert agent.proc.wait(timeout=30) == 0
+    assert "drain complete" in agent.proc.output()
+    # It reported the engine draining with the request still running, and kept it up.
+    assert any(r.draining and r.backends[0].num_requests_running == 1
+               and r.backends[0].phase == common_pb2.BACKEND_PHASE_DRAINING
+               for r in control_plane.recorder.reports())
+
+
 def test_sigkilled_agent_takes_its_engines_along(tmp_path, control_plane, start_agent):
     agent = start_agent(agent_config(tmp_path, control_plane, backends=[SIM]))
     backend = _wait_ready(control_plane, agent.proc)
