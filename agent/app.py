@@ -59,13 +59,15 @@ class Agent:
         self.cfg = cfg
         self.node = cfg.node_name or socket.gethostname()
         self.metrics = agent_metrics.Metrics(registry or CollectorRegistry())
+        # nvmlInit runs here, once, before anything is served (it fails fast without a
+        # driver); every later NVML call runs in a worker thread.
         self.source = telemetry.build(
             cfg.telemetry, on_error=self.metrics.nvml_errors.labels(self.node).inc)
         sup = cfg.supervisor
-        engine_host = sup.advertise_host or (node_ip() if _wildcard(sup.engine_host)
-                                             else sup.engine_host)
+        advertise = sup.advertise_host or (node_ip() if _wildcard(sup.engine_host)
+                                           else sup.engine_host)
         self.supervisor = supervisor.Supervisor(
-            sup, supervisor.Hooks(self.metrics, self.node, self._changed), engine_host)
+            sup, supervisor.Hooks(self.metrics, self.node, self._changed), advertise)
         self.embeddings = self._build_embeddings()
         self.node_server = node_service.NodeServer(self.embeddings, cfg.grpc.host, cfg.grpc.port,
                                                    self._observe_embed)
