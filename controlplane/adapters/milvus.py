@@ -20,7 +20,10 @@ Design decisions:
   ``flush_interval_s``), which keeps the growing segment small. Rows written since the
   last completed flush are also kept in a small in-memory buffer that is searched with
   numpy beside Milvus, so this replica reads its own writes at once even where Milvus
-  is eventually consistent; results are merged by ``ref``.
+  is eventually consistent; results are merged by ``ref``. That is why searches use
+  ``Bounded`` consistency rather than ``Strong`` (which waits for the newest timestamp
+  on every search). A row deleted by invalidation may linger in search results for a
+  moment; its response is gone from L1 by then, so it can never be served.
 - pymilvus is blocking: every call runs in ``asyncio.to_thread`` with a pymilvus
   ``timeout``. A failed connection is retried at most every ``reconnect_s`` so a missing
   Milvus costs one fast error per call, not a connect attempt each time.
@@ -43,6 +46,9 @@ import numpy as np
 Clock = Callable[[], float]
 TEXT_MAX = 8192
 PENDING_MAX = 5000
+# "Strong" makes every search wait for the newest timestamp (up to ~200 ms on a Milvus
+# server); the recent-write buffer already gives this replica read-your-writes.
+CONSISTENCY = "Bounded"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +227,7 @@ class MilvusL2:
         # verifier's candidates deterministic. Production Milvus may swap in HNSW here.
         index.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
         self._client.create_collection(self._collection, schema=schema, index_params=index,
-                                       timeout=self._timeout)
+                                       consistency_level=CONSISTENCY, timeout=self._timeout)
 
     def _check_dim(self, vector: np.ndarray) -> None:
         if self._dim is not None and vector.shape[-1] != self._dim:
@@ -239,7 +245,8 @@ class MilvusL2:
         res = client.search(
             self._collection, data=[vector.astype(np.float32).tolist()], limit=top_k,
             filter=f"scope == {_literal(scope)} and created_at >= {float(min_created_at)!r}",
-            output_fields=["ref", "text", "vector", "created_at"], timeout=self._timeout)
+            output_fields=["ref", "text", "vector", "created_at"],
+            consistency_level=CONSISTENCY, timeout=self._timeout)
         out: list[Candidate] = []
         for hit in res[0] if res else []:
             ent = hit["entity"]
