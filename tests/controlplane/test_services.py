@@ -1,0 +1,40 @@
+"""Building the services from settings: tenants from inline hashes, secrets and a key file."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from controlplane import errors
+from controlplane.api import services
+from controlplane.core import tenants
+from tests.controlplane import cp_testing as t
+
+
+def test_tenants_come_from_hashes_secrets_and_the_key_file(tmp_path: pathlib.Path) -> None:
+    key_file = tmp_path / "tenants.yaml"
+    key_file.write_text("- name: filed\n  keys: [sk-from-file-123]\n  allowed_models: [llama]\n")
+    s = t.settings(auth={"admin_key": t.ADMIN, "key_file": str(key_file), "tenants": [
+        {"name": "hashed", "key_sha256": [tenants.sha256_hex("sk-hashed-123")]},
+        {"name": "secret", "keys": ["sk-secret-123"]}]})
+    table = services.build(s).tenants
+    assert table.authenticate("Bearer sk-hashed-123").name == "hashed"
+    assert table.authenticate("Bearer sk-secret-123").name == "secret"
+    filed = table.authenticate("bearer sk-from-file-123")
+    assert filed.name == "filed" and filed.allowed_models == frozenset({t.MODEL})
+    with pytest.raises(errors.Unauthorized):
+        table.authenticate("Bearer sk-nobody")
+    with pytest.raises(errors.Forbidden):
+        table.authenticate_admin("Bearer sk-secret-123")
+    table.authenticate_admin(f"Bearer {t.ADMIN}")
+    assert "sk-secret-123" not in repr(s)
+
+
+def test_a_bad_key_file_names_the_setting(tmp_path: pathlib.Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- name: x\n  keys: 7\n")
+    with pytest.raises(ValueError, match=r"auth\.key_file"):
+        services.build(t.settings(auth={"key_file": str(bad)}))
+    with pytest.raises(ValueError, match=r"auth\.key_file"):
+        services.build(t.settings(auth={"key_file": str(tmp_path / "missing.yaml")}))
