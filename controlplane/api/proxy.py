@@ -199,9 +199,15 @@ async def _stream(request: web.Request, up: aiohttp.ClientResponse, ticket: Any,
     first = True
     events = 0
     chunks = up.content.iter_any()
+    http = svc.settings.http
+    # The session's read timeout is max(first byte, idle); only a shorter idle limit
+    # needs its own timer per chunk.
+    idle = (http.upstream_idle_timeout_s
+            if http.upstream_idle_timeout_s < http.upstream_first_byte_timeout_s else None)
     while True:
         try:
-            chunk = await chunks.__anext__()
+            async with asyncio.timeout(idle):
+                chunk = await chunks.__anext__()
         except StopAsyncIteration:
             break
         except upstream_mod.FAILURES as exc:

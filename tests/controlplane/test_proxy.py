@@ -136,3 +136,17 @@ async def test_cache_hits_are_answered_and_complete_misses_stored() -> None:
                     pass
             assert len(cache.stored) == 2, "a truncated stream is never stored"
             await client.close()
+
+
+async def test_a_stream_silent_longer_than_the_idle_timeout_is_cut() -> None:
+    async with t.backends(("slow", "slow")) as (b,):
+        s = t.settings(upstreams=[t.upstream("slow", b.url)],
+                       http={"upstream_idle_timeout_s": 0.1, "upstream_first_byte_timeout_s": 5})
+        async with t.running(s) as cp:
+            client = cp.client()
+            stream = await client.chat.completions.create(model="llama", messages=MSGS,
+                                                          stream=True)
+            with pytest.raises(openai.APIError, match="broke off"):
+                async for _ in stream:
+                    pass
+            await client.close()
