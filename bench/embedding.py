@@ -1,6 +1,6 @@
 """Benchmark: ``Node.Embed`` over gRPC (a real ``synapse agent`` process) vs the raw model.
 
-Run: ``python -m bench.embedding [--calls N]``. Prints a table, then as the last line one
+Run: ``python -m bench.embedding [--calls N] [--rounds R]``. Prints a table, then as the last line one
 JSON object: ``{"bench": "embedding", "batched_speedup": …, "cached_p50_ms": …,
 "uncached_p50_ms": …}``.
 
@@ -12,13 +12,15 @@ JSON object: ``{"bench": "embedding", "batched_speedup": …, "cached_p50_ms": �
 
 ``batched_speedup`` = throughput of 32 concurrent uncached callers / throughput of one
 caller. The agent and this client share the machine's cores, as a control plane and an
-agent on one node would; the raw model runs while the agent is idle.
+agent on one node would; the raw model runs in this process while the agent is idle, in
+the same rounds as the gRPC runs (see :func:`measure`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import grpc
 import yaml
@@ -53,12 +56,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def row(name: str, n: int, elapsed: float, lat: list[float]) -> dict[str, float | str]:
-    return {"name": name, "texts_per_s": n / elapsed, "p50_ms": pct(lat, 0.5) * 1000,
-            "p99_ms": pct(lat, 0.99) * 1000}
-
-
-def raw_model(n: int) -> list[dict[str, float | str]]:
+def load_model() -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from agent import embedding
 
@@ -66,22 +64,37 @@ def raw_model(n: int) -> list[dict[str, float | str]]:
     for i in range(10):  # first calls of each shape are slow (kernel selection)
         model.encode([f"warm up {i}"], show_progress_bar=False)
     model.encode(texts("warm up", 32), batch_size=32, show_progress_bar=False)
-    rows = []
-    items, lat = texts("raw one", n), []
+    return model
+
+
+def raw_runs(model: Any, n: int, tag: str) -> dict[str, tuple[float, list[float]]]:
+    """One round of the raw model in this process (the agent is idle meanwhile).
+
+    ``encode`` runs on one worker thread, as in the agent: on a busy machine torch called
+    from the main thread was measured an order of magnitude slower, which would flatter
+    the agent.
+    """
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+        return worker.submit(_raw_runs, model, n, tag).result()
+
+
+def _raw_runs(model: Any, n: int, tag: str) -> dict[str, tuple[float, list[float]]]:
+    out = {}
+    items, lat = texts(f"raw one {tag}", n), []
     start = time.perf_counter()
     for t in items:
         t0 = time.perf_counter()
         model.encode([t], show_progress_bar=False)
         lat.append(time.perf_counter() - t0)
-    rows.append(row("raw model, 1 text/call", n, time.perf_counter() - start, lat))
-    items, lat = texts("raw batch", n), []
+    out["raw model, 1 text/call"] = (n / (time.perf_counter() - start), lat)
+    items, lat = texts(f"raw batch {tag}", n), []
     start = time.perf_counter()
     for i in range(0, n, 32):
         t0 = time.perf_counter()
         model.encode(items[i:i + 32], batch_size=32, show_progress_bar=False)
         lat.append(time.perf_counter() - t0)
-    rows.append(row("raw model, 32 texts/call", n, time.perf_counter() - start, lat))
-    return rows
+    out["raw model, 32 texts/call"] = (n / (time.perf_counter() - start), lat)
+    return out
 
 
 async def callers(stub: node_pb2_grpc.NodeStub, items: list[str], concurrency: int
@@ -104,25 +117,37 @@ async def callers(stub: node_pb2_grpc.NodeStub, items: list[str], concurrency: i
     return time.perf_counter() - start, lat, cached
 
 
-async def over_grpc(address: str, n: int, rounds: int) -> list[dict[str, float | str]]:
-    """Baseline and subject alternate, ``rounds`` times: a noisy neighbour on the shared
-    machine then hurts both sides alike. Throughput is the median over rounds,
+async def grpc_runs(stub: node_pb2_grpc.NodeStub, n: int, tag: str
+                    ) -> dict[str, tuple[float, list[float]]]:
+    """One round of Node.Embed: uncached then cached, 1 and 32 callers."""
+    out = {}
+    one, many = texts(f"uncached one {tag}", n), texts(f"uncached many {tag}", n * 2)
+    for name, items, conc in (("Node.Embed uncached, 1 caller", one, 1),
+                              ("Node.Embed uncached, 32 callers", many, 32),
+                              ("Node.Embed cached, 1 caller", one * 2, 1),
+                              ("Node.Embed cached, 32 callers", many * 2, 32)):
+        elapsed, lat, cached = await callers(stub, items, conc)
+        expected = 0 if "uncached" in name else len(items)
+        assert cached == expected, f"{name}: {cached} cache hits, expected {expected}"
+        out[name] = (len(items) / elapsed, lat)
+    return out
+
+
+async def measure(model: Any, address: str, n: int, rounds: int
+                  ) -> list[dict[str, float | str]]:
+    """Raw model and Node.Embed alternate, ``rounds`` times, so a noisy neighbour on the
+    shared machine hurts every row alike. Throughput is the median over rounds;
     percentiles come from every call."""
     runs: dict[str, tuple[list[float], list[float]]] = {}
     async with grpc.aio.insecure_channel(address) as channel:
         stub = node_pb2_grpc.NodeStub(channel)
         await stub.Embed(node_pb2.EmbedRequest(texts=["warm up"]), timeout=120)
         for r in range(rounds):
-            one, many = texts(f"uncached one r{r}", n), texts(f"uncached many r{r}", n * 2)
-            for name, items, conc in (("Node.Embed uncached, 1 caller", one, 1),
-                                      ("Node.Embed uncached, 32 callers", many, 32),
-                                      ("Node.Embed cached, 1 caller", one * 2, 1),
-                                      ("Node.Embed cached, 32 callers", many * 2, 32)):
-                elapsed, lat, cached = await callers(stub, items, conc)
-                expected = 0 if "uncached" in name else len(items)
-                assert cached == expected, f"{name}: {cached} cache hits, expected {expected}"
+            results = raw_runs(model, n // 2, f"r{r}")
+            results.update(await grpc_runs(stub, n, f"r{r}"))
+            for name, (rate, lat) in results.items():
                 rates, lats = runs.setdefault(name, ([], []))
-                rates.append(len(items) / elapsed)
+                rates.append(rate)
                 lats.extend(lat)
     return [{"name": name, "texts_per_s": statistics.median(rates),
              "p50_ms": pct(lats, 0.5) * 1000, "p99_ms": pct(lats, 0.99) * 1000}
@@ -156,13 +181,13 @@ def start_agent(workdir: pathlib.Path) -> tuple[subprocess.Popen[bytes], str, pa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=128, help="texts per run (default 128)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     args = parser.parse_args()
-    rows = raw_model(args.calls)
+    model = load_model()
     with tempfile.TemporaryDirectory() as tmp:
         proc, address, _ = start_agent(pathlib.Path(tmp))
         try:
-            rows += asyncio.run(over_grpc(address, args.calls, args.rounds))
+            rows = asyncio.run(measure(model, address, args.calls, args.rounds))
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
