@@ -6,7 +6,8 @@
   the first one take nearly all of it.
 * ``tei``: ``text-embeddings-router --model-id MODEL --hostname H --port P EXTRA…``.
 * ``simulator``: ``<simulator_command> --engine vllm|tei --host H --port P --model MODEL
-  --served-model-name N… EXTRA…`` (``tei`` when the spec's task is ``embed``).
+  --served-model-name N… [--max-model-len L] EXTRA…`` (``tei`` when the spec's task is
+  ``embed``).
 * ``external``: no process; the supervisor only probes its URL.
 
 Environment: the spec's ``env`` plus ``CUDA_VISIBLE_DEVICES`` from ``gpu_indices``.
@@ -44,8 +45,11 @@ def build(spec: types.EngineSpec, host: str, port: int, *,
                 str(port), *spec.extra_args]
     if spec.engine == "simulator":
         kind = "tei" if spec.task == "embed" else "vllm"
-        return [*simulator_command, "--engine", kind, "--host", host, "--port", str(port),
-                "--model", spec.model, *_names(spec), *spec.extra_args]
+        argv = [*simulator_command, "--engine", kind, "--host", host, "--port", str(port),
+                "--model", spec.model, *_names(spec)]
+        if spec.max_model_len and kind == "vllm":
+            argv += ["--max-model-len", str(spec.max_model_len)]
+        return argv + list(spec.extra_args)
     raise ValueError(f"unknown engine kind {spec.engine!r}")
 
 

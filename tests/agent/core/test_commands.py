@@ -30,3 +30,9 @@ def test_tei_and_simulator_and_external():
         "--model", "m", "--served-model-name", "emb", "--time-scale", "0.01"]
     ext = types.EngineSpec(name="x", engine="external", model="m", url="http://h:1")
     assert commands.build(ext, "127.0.0.1", 1) is None
+
+
+def test_simulator_gets_the_context_length_like_vllm():
+    sim = types.EngineSpec(name="s", engine="simulator", model="m", max_model_len=4096)
+    argv = commands.build(sim, "127.0.0.1", 9000)
+    assert argv[-2:] == ["--max-model-len", "4096"] and argv[:2] == ["synapse", "simulator"]
