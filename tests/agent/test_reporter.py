@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import pathlib
+import shutil
+import subprocess
 from collections.abc import Callable
 
 import grpc
+import pytest
 from prometheus_client import CollectorRegistry
 
 from agent import metrics, reporter
@@ -112,3 +116,34 @@ async def test_the_token_travels_as_bearer_metadata():
     server.stop(0)
     assert check.seen and check.seen[0] == "Bearer s3cret-token"
     assert "s3cret" not in repr(rep.cfg)
+
+
+@pytest.fixture
+def self_signed(tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl is needed for this test: apt-get install openssl"
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return key, cert
+
+
+async def test_tls_to_the_control_plane_with_a_configured_ca(self_signed):
+    from concurrent import futures
+
+    from protos.synapse.v1 import controlplane_pb2_grpc
+    from tests.agent.control_plane import Recorder
+
+    key, cert = self_signed
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    recorder = Recorder()
+    controlplane_pb2_grpc.add_ControlPlaneServicer_to_server(recorder, server)
+    creds = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    rep = _reporter(Node(), addresses=[f"127.0.0.1:{port}"], tls_ca_file=str(cert))
+    await rep.start()
+    await _until(lambda: recorder.registers(), 10, "a Register over TLS")
+    await rep.stop()
+    server.stop(0)
