@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from agent.core import lru
 
 VEC = bytes(384 * 4)
@@ -43,3 +46,18 @@ def test_replacing_a_key_keeps_the_byte_count_right():
     cache.put("m", "a", bytes(100))
     cache.put("m", "a", bytes(40))
     assert cache.stats().bytes == 40 + 1 + lru.ENTRY_OVERHEAD and len(cache) == 1
+
+
+@given(st.lists(st.tuples(st.sampled_from(["m1", "m2"]), st.text(max_size=8),
+                          st.integers(min_value=0, max_value=600)), max_size=200),
+       st.integers(min_value=1, max_value=20), st.integers(min_value=300, max_value=5000))
+def test_bounds_hold_after_any_sequence_of_puts(ops, max_entries, max_bytes):
+    cache = lru.EmbeddingLru(max_entries, max_bytes)
+    for model, text, size in ops:
+        cache.put(model, text, bytes(size))
+        stats = cache.stats()
+        assert stats.entries <= max_entries and stats.bytes <= max_bytes
+    if ops:
+        model, text, size = ops[-1]
+        if size + len(model) + lru.ENTRY_OVERHEAD <= max_bytes:
+            assert cache.get(model, text) == bytes(size)  # the newest entry always survives
