@@ -73,3 +73,14 @@ async def test_engines_do_not_inherit_the_agents_settings_or_secrets(tmp_path, m
     assert await engine.wait() == 0
     assert "['X']" in sink.lines()
     sink.close()
+
+
+async def test_engines_are_set_to_die_with_the_agent(tmp_path):
+    sink = process.LogSink(tmp_path / "e.log", 1 << 20, 10)
+    script = ("import ctypes, os; libc = ctypes.CDLL('libc.so.6'); v = ctypes.c_int();"
+              "libc.prctl(2, ctypes.byref(v), 0, 0, 0);"  # PR_GET_PDEATHSIG
+              "print('PDEATHSIG', v.value, 'SESSION_LEADER', os.getsid(0) == os.getpid())")
+    engine = await process.EngineProcess.spawn([sys.executable, "-c", script], {}, sink)
+    assert await engine.wait() == 0
+    assert "PDEATHSIG 9 SESSION_LEADER True" in sink.lines()
+    sink.close()
