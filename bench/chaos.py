@@ -527,10 +527,10 @@ def print_table(result: dict[str, Any]) -> None:
     cols = ["sent", "succeeded", "failed", "failed_with_healthy_backend", "failed_visible",
             "cache_hits", "p50_ms", "p99_ms"]
     heads = ["sent", "ok", "failed", "failed_w_healthy", "visible", "hits", "p50 ms", "p99 ms"]
-    print(f"{'fault':<22}" + "".join(f"{h:>12}" for h in heads) + "  notes")
+    print(f"{'fault':<22}" + "".join(f"{h:>17}" for h in heads) + "  notes")
     for name, fig in result["faults"].items():
         notes = {k: v for k, v in fig.items() if k not in cols and k != "streams"}
-        print(f"{name:<22}" + "".join(f"{fig[c]:>12}" for c in cols) + f"  {notes or ''}")
+        print(f"{name:<22}" + "".join(f"{fig[c]:>17}" for c in cols) + f"  {notes or ''}")
     print(f"requests {result['requests']}, failed with a healthy backend "
           f"{result['failed_with_healthy_backend']}, wrongly cached {result['wrongly_cached']},"
           f" re-registration {result['reregister_s']} s, balancer retries "
