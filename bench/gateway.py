@@ -10,6 +10,10 @@ direct to the simulator and through the control plane, side by side:
 * fixed rate (``--rate``, default 300 req/s, open loop) → latency p50/p99; "added" is
   through-Synapse minus direct at the same percentile.
 
+Direct and Synapse alternate in ``--rounds`` rounds (throughput: the median round;
+latency: percentiles over all rounds), so load from anything else on the machine hits
+both alike.
+
 Peers, when ``make bench-peers`` installed them under ``.bench-venvs/``: LiteLLM's proxy
 (2 workers) and the PyPI ``vllm-router`` (round robin) in front of the same simulator;
 their throughput ratios go under ``peers``.
@@ -31,6 +35,7 @@ import os
 import pathlib
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -134,8 +139,8 @@ async def saturate(url: str, headers: dict[str, str], seconds: float, clients: i
 
 
 async def fixed_rate(url: str, headers: dict[str, str], seconds: float,
-                     rate: float) -> tuple[float, float, int]:
-    """Open loop at ``rate`` req/s; (p50 ms, p99 ms, errors)."""
+                     rate: float) -> tuple[list[float], int]:
+    """Open loop at ``rate`` req/s; (latencies in seconds, errors)."""
     latencies: list[float] = []
     errors = 0
     connector = aiohttp.TCPConnector(limit=256)
@@ -164,12 +169,14 @@ async def fixed_rate(url: str, headers: dict[str, str], seconds: float,
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(timed(i)))
         await asyncio.gather(*tasks)
-    latencies.sort()
+    return latencies, errors
 
-    def pct(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
 
-    return (pct(0.5), pct(0.99), errors) if latencies else (float("nan"), float("nan"), errors)
+def pct_ms(latencies: list[float], q: float) -> float:
+    if not latencies:
+        return float("nan")
+    ordered = sorted(latencies)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
 def controlplane_config(workdir: pathlib.Path, sim_url: str, http: int, grpc: int) -> str:
@@ -210,19 +217,39 @@ def peers(tree: Tree, sim_url: str, workdir: pathlib.Path) -> Iterator[tuple[str
         yield "vllm_router", f"http://127.0.0.1:{port}/v1/chat/completions"
 
 
-async def measure(name: str, url: str, headers: dict[str, str],
-                  args: argparse.Namespace, peer: bool = False) -> dict[str, float]:
-    rps, err = await saturate(url, headers, args.seconds, args.clients, False)
-    srps, serr = await saturate(url, headers, args.seconds, args.clients, True)
-    # A peer slower than the fixed rate would only measure its own queue: half its
-    # saturated throughput then (the rate used is printed).
-    rate = min(args.rate, max(1.0, rps / 2)) if peer else args.rate
-    p50, p99, ferr = await fixed_rate(url, headers, args.seconds, rate)
-    row = {"rps": rps, "stream_rps": srps, "p50_ms": p50, "p99_ms": p99,
-           "errors": err + serr + ferr, "rate": rate}
-    print(f"{name:<14} {rps:>9.0f} {srps:>11.0f} {p50:>9.2f} {p99:>9.2f} {row['errors']:>7}"
-          + (f"   (at {rate:.0f} req/s)" if rate != args.rate else ""), flush=True)
-    return row
+async def measure(targets: list[tuple[str, str, dict[str, str]]], args: argparse.Namespace,
+                  rate: float | None = None) -> dict[str, dict[str, float]]:
+    """Measure ``targets`` in interleaved rounds, so that CPU taken by anything else on the
+    machine during the run weighs on each of them alike; throughput is the median round,
+    latency percentiles are over every round's requests."""
+    rounds, part = args.rounds, args.seconds / args.rounds
+    rps: dict[str, list[float]] = {n: [] for n, _, _ in targets}
+    srps: dict[str, list[float]] = {n: [] for n, _, _ in targets}
+    lat: dict[str, list[float]] = {n: [] for n, _, _ in targets}
+    errors = dict.fromkeys(rps, 0)
+    for _ in range(rounds):
+        for name, url, headers in targets:
+            r, e1 = await saturate(url, headers, part, args.clients, False)
+            sr, e2 = await saturate(url, headers, part, args.clients, True)
+            # A peer slower than the fixed rate would only measure its own queue: it gets
+            # half its saturated throughput instead (printed).
+            at = rate if rate is not None else min(args.rate, max(1.0, r / 2))
+            ls, e3 = await fixed_rate(url, headers, part, at)
+            rps[name].append(r)
+            srps[name].append(sr)
+            lat[name].extend(ls)
+            errors[name] += e1 + e2 + e3
+    rows = {}
+    for name, _, _ in targets:
+        at = rate if rate is not None else min(args.rate, max(1.0, statistics.median(rps[name]) / 2))
+        row = rows[name] = {
+            "rps": statistics.median(rps[name]), "stream_rps": statistics.median(srps[name]),
+            "p50_ms": pct_ms(lat[name], 0.5), "p99_ms": pct_ms(lat[name], 0.99),
+            "errors": errors[name], "rate": at}
+        print(f"{name:<14} {row['rps']:>9.0f} {row['stream_rps']:>11.0f} {row['p50_ms']:>9.2f} "
+              f"{row['p99_ms']:>9.2f} {row['errors']:>7}"
+              + (f"   (at {at:.0f} req/s)" if at != args.rate else ""), flush=True)
+    return rows
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -239,14 +266,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                    f"http://127.0.0.1:{hp}/ready")
         print(f"{'target':<14} {'req/s':>9} {'stream r/s':>11} {'p50 ms':>9} {'p99 ms':>9} "
               f"{'errors':>7}   (latency at {args.rate:g} req/s)", flush=True)
-        direct = await measure("direct", f"{sim}/v1/chat/completions", {}, args)
         auth = {"Authorization": f"Bearer {KEY}"}
-        syn = await measure("synapse", f"http://127.0.0.1:{hp}/v1/chat/completions", auth,
-                            args)
+        both = await measure([("direct", f"{sim}/v1/chat/completions", {}),
+                              ("synapse", f"http://127.0.0.1:{hp}/v1/chat/completions", auth)],
+                             args, rate=args.rate)
+        direct, syn = both["direct"], both["synapse"]
         peer_rows = {}
         for name, url in peers(tree, sim, workdir):
-            row = await measure(name, url, {"Authorization": f"Bearer {PEER_KEY}"}, args,
-                                peer=True)
+            row = (await measure([(name, url, {"Authorization": f"Bearer {PEER_KEY}"})],
+                                 args))[name]
             peer_rows[name] = {"rps": round(row["rps"], 1),
                                "throughput_ratio": round(row["rps"] / direct["rps"], 3),
                                "stream_throughput_ratio":
@@ -272,6 +300,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per phase")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rate", type=float, default=300.0, help="fixed-rate phase, req/s")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="direct and Synapse alternate this many times")
     args = parser.parse_args()
     try:
         import uvloop

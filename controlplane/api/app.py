@@ -93,7 +93,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             log.exception("unexpected error", extra={"request_id": ctx.request_id})
             resp = error_response(errors.internal(), ctx)
         status = resp.status
-        if not resp.prepared:
+        if not resp.prepared and "x-request-id" not in resp.headers:
             resp.headers.update(ctx.headers())
         return resp
     finally:

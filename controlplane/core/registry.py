@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from controlplane.core import types
 
 _ids = itertools.count(1)
+VIEW_TTL_S = 0.1
 _PREFIX = uuid.uuid4().hex[:8]
 
 
@@ -53,6 +54,7 @@ class Registry:
         self._static_healthy: dict[str, bool] = {}
         self._pending: dict[str, tuple[str, asyncio.Future[types.CommandResult]]] = {}
         self.version = 0
+        self._view: tuple[int, float, list[tuple[types.BackendState, str]]] | None = None
 
     # -- agents -------------------------------------------------------------------------
 
@@ -177,7 +179,20 @@ class Registry:
         return next((v for v in self.nodes() if v.info.name == name), None)
 
     def all_backends(self) -> list[tuple[types.BackendState, str]]:
-        """Every known backend with why it is not routable ("" when it is)."""
+        """Every known backend with why it is not routable ("" when it is).
+
+        Asked on every request, so the answer is kept until the registry changes or
+        ``VIEW_TTL_S`` passes (silence turns a node down with the clock, not an event).
+        """
+        now = self._clock()
+        cached = self._view
+        if cached is not None and cached[0] == self.version and now - cached[1] < VIEW_TTL_S:
+            return cached[2]
+        out = self._compute_backends()
+        self._view = (self.version, now, out)
+        return out
+
+    def _compute_backends(self) -> list[tuple[types.BackendState, str]]:
         out: list[tuple[types.BackendState, str]] = []
         for node in self._nodes.values():
             status = self.node_status(node)
