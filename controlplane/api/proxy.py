@@ -32,8 +32,10 @@ from controlplane.core import types as core_types
 log = logging.getLogger("synapse.controlplane.proxy")
 
 _background: set[asyncio.Task[Any]] = set()
+# Not passed back: hop-by-hop headers and those aiohttp sets itself. Content-Encoding is
+# kept: bodies are forwarded undecoded (auto_decompress is off).
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive",
-                          "content-encoding", "server", "date"})
+                          "server", "date"})
 
 
 def keep(task: asyncio.Task[Any]) -> None:
