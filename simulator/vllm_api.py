@@ -123,6 +123,10 @@ class VllmApi:
                 ids = self.chat_tokens.chat(gen.messages)
             else:
                 ids = tokens.tokenize(prompt)
+            if not ids:
+                # As vLLM: a sequence with no tokens cannot be scheduled (it crashed the
+                # engine loop, taking the process down for every client).
+                raise errors.BadRequest("The prompt cannot be empty.", param="prompt")
             error = protocol.context_error(self.max_model_len, len(ids), gen.max_tokens, gen.chat)
             if error is not None:
                 raise error
