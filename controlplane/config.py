@@ -56,6 +56,9 @@ class AuthSettings(Section):
     tenants: list[TenantSettings] = Field(default_factory=list, description="API tenants")
     key_file: str | None = Field(
         None, description="YAML/JSON file with a list of tenants (same fields), merged in")
+    agent_token: Secret | None = Field(
+        None, description="token agents must send on ControlPlane.Connect (the agent's "
+        "control_plane.token); none = any client reaching the gRPC port may register")
 
 
 class ModelSettings(Section):
