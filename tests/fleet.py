@@ -41,7 +41,8 @@ OTHER_KEY = "sk-rel-other-2c8e4a6b0d1f3e57"
 ADMIN_KEY = "sk-rel-admin-9e1b7d3c5a2f4e68"
 UPSTREAM_KEY = "sk-rel-upstream-4d6f8a0c2e1b3d59"
 REDIS_PASSWORD = "rel-redis-pw-6a8c0e2f4b1d3e57"
-SECRETS = (TENANT_KEY, OTHER_KEY, ADMIN_KEY, UPSTREAM_KEY, REDIS_PASSWORD)
+AGENT_TOKEN = "rel-agent-token-8c2e4a6f0b1d3957"
+SECRETS = (TENANT_KEY, OTHER_KEY, ADMIN_KEY, UPSTREAM_KEY, REDIS_PASSWORD, AGENT_TOKEN)
 
 
 def write_yaml(path: pathlib.Path, data: dict[str, Any]) -> pathlib.Path:
