@@ -41,9 +41,12 @@ class UpstreamClient:
         connector = aiohttp.TCPConnector(limit=2048, limit_per_host=0, ttl_dns_cache=300,
                                          keepalive_timeout=60.0)
         # auto_decompress off: bodies pass through byte for byte with their encoding.
+        # No cookie jar: backends are not browsers' sites, and filtering a jar costs
+        # time on every request.
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"), raise_for_status=False)
+            skip_auto_headers=("User-Agent", "Accept-Encoding"), raise_for_status=False,
+            cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
         if self._session is not None:
