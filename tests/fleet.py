@@ -58,7 +58,7 @@ def controlplane_config(name: str, http_port: int, grpc_port: int, data_dir: pat
         "http": {"host": "127.0.0.1", "port": http_port, "max_body_bytes": 1024 * 1024,
                  "upstream_first_byte_timeout_s": 5.0, "upstream_idle_timeout_s": 5.0},
         "grpc": {"host": "127.0.0.1", "port": grpc_port},
-        "auth": {"admin_key": ADMIN_KEY, "tenants": [
+        "auth": {"admin_key": ADMIN_KEY, "agent_token": AGENT_TOKEN, "tenants": [
             {"name": "team", "keys": [TENANT_KEY]},
             {"name": "other", "keys": [OTHER_KEY]}]},
         "models": [{"name": MODEL, "aliases": ["llama"]}],
@@ -96,7 +96,8 @@ def agent_config(node: str, cp_grpc: Sequence[str], engines: dict[str, int], log
     cfg: dict[str, Any] = {
         "node_name": node,
         "control_plane": {"addresses": list(cp_grpc), "report_interval_s": 0.5,
-                          "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+                          "reconnect_min_s": 0.1, "reconnect_max_s": 0.5,
+                          "token": AGENT_TOKEN},
         "grpc": {"host": "127.0.0.1", "port": node_port or harness.free_port()},
         "metrics": {"host": "127.0.0.1", "port": 0},
         "telemetry": {"source": "fake", "interval_s": 1},

@@ -25,10 +25,9 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     http, grpc_port = harness.free_port(), harness.free_port()
     cfg = fleet.controlplane_config("guarded", http, grpc_port, tmp / "data",
                                     cache={"enabled": False}, logging={"level": "debug"})
-    cfg["auth"]["agent_token"] = fleet.AGENT_TOKEN
     agent = fleet.agent_config("trusted", [f"127.0.0.1:{grpc_port}"],
                                {"gen": harness.free_port()}, tmp / "engines", time_scale=0)
-    agent["control_plane"]["token"] = fleet.AGENT_TOKEN
+    assert cfg["auth"]["agent_token"] == agent["control_plane"]["token"] == fleet.AGENT_TOKEN
     pool = harness.ProcessPool(tmp)
     url = f"http://127.0.0.1:{http}"
     try:
