@@ -39,15 +39,24 @@ _MESSAGE = {"type": "object", "required": ["role"], "additionalProperties": True
                            "content": {"anyOf": [{"type": "string"}, {"type": "array"},
                                                  {"type": "null"}]}}}
 
+_TOKENS = {"type": "array", "minItems": 1,
+           "items": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}}
+_STRINGS = {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}}
+# stream_options only with stream: true (as OpenAI and vLLM require).
+_STREAM_OPTIONS_RULE = {"if": {"required": ["stream_options"],
+                               "properties": {"stream_options": {"type": "object"}}},
+                        "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}
+
+# Optional fields may be null, as in OpenAI's own API (null = not given).
 _COMMON = {
     "model": {"type": "string", "minLength": 1},
-    "stream": {"type": "boolean"},
-    "user": {"type": "string"},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-    "n": {"type": "integer", "minimum": 1},
-    "max_tokens": {"type": "integer", "minimum": 1},
-    "stream_options": {"type": "object"},
+    "stream": {"type": ["boolean", "null"]},
+    "user": {"type": ["string", "null"]},
+    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+    "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "n": {"type": ["integer", "null"], "minimum": 1},
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+    "stream_options": {"type": ["object", "null"]},
 }
 
 SCHEMAS: dict[str, Any] = {
@@ -60,21 +69,20 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["model", "messages"], "additionalProperties": True,
         "properties": {**_COMMON, "messages": {"type": "array", "minItems": 1,
                                                "items": _MESSAGE},
-                       "max_completion_tokens": {"type": "integer", "minimum": 1}}},
+                       "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1}},
+        **_STREAM_OPTIONS_RULE},
     "CompletionRequest": {
         "type": "object", "required": ["model", "prompt"], "additionalProperties": True,
-        "properties": {**_COMMON, "prompt": {"anyOf": [
-            {"type": "string"}, {"type": "array", "items": {"type": "string"}},
-            {"type": "array", "items": {"type": "integer"}}]}}},
+        "properties": {**_COMMON, "prompt": {"anyOf": [{"type": "string", "minLength": 1},
+                                                       _STRINGS, _TOKENS]}},
+        **_STREAM_OPTIONS_RULE},
     "EmbeddingRequest": {
         "type": "object", "required": ["model", "input"], "additionalProperties": True,
         "properties": {"model": {"type": "string", "minLength": 1},
-                       "user": {"type": "string"},
-                       "encoding_format": {"enum": ["float", "base64"]},
-                       "input": {"anyOf": [
-                           {"type": "string"},
-                           {"type": "array", "minItems": 1, "items": {"type": "string"}},
-                           {"type": "array", "minItems": 1, "items": {"type": "integer"}}]}}},
+                       "user": {"type": ["string", "null"]},
+                       "encoding_format": {"enum": ["float", "base64", None]},
+                       "input": {"anyOf": [{"type": "string", "minLength": 1}, _STRINGS,
+                                           _TOKENS]}}},
     "Completion": {"type": "object", "additionalProperties": True,
                    "properties": {"id": {"type": "string"}, "object": {"type": "string"},
                                   "choices": {"type": "array"}, "usage": {"type": "object"}}},
@@ -106,7 +114,8 @@ _SYNAPSE_HEADERS = {
 def _post(summary: str, request: str, response: str, stream: bool) -> dict[str, Any]:
     content: dict[str, Any] = {_JSON: {"schema": {"$ref": f"#/components/schemas/{response}"}}}
     if stream:
-        content["text/event-stream"] = {"schema": {"type": "string"}}
+        # Server-sent events: "data: <chunk JSON>" lines, then "data: [DONE]".
+        content["text/event-stream"] = {"schema": {}}
     keys = {k: v for k, v in _ERRORS.items()}
     return {"post": {
         "summary": summary, "security": [{"bearer": []}],

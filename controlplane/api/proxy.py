@@ -161,15 +161,23 @@ async def _whole(request: web.Request, up: aiohttp.ClientResponse, ticket: Any,
 
 
 def _as_openai_error(status: int, data: bytes) -> bytes:
-    """A backend's 4xx body, turned into the OpenAI envelope when it is not one already."""
+    """A backend's 4xx body in the OpenAI envelope (vLLM's has an integer ``code``; others
+    send no envelope at all), keeping its message, type and param."""
     try:
         parsed = orjson.loads(data)
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-            return data
-        message = parsed.get("message") or parsed.get("detail") or str(parsed)
-    except (orjson.JSONDecodeError, AttributeError):
-        message = data.decode("utf-8", "replace")[:500]
-    err = errors.BadRequest(f"backend refused the request: {message}",
+    except orjson.JSONDecodeError:
+        parsed = data.decode("utf-8", "replace")[:500]
+    inner = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(inner, dict):
+        code = inner.get("code")
+        return orjson.dumps({"error": {
+            "message": str(inner.get("message") or "the backend refused the request"),
+            "type": str(inner.get("type") or "invalid_request_error"),
+            "param": inner.get("param") if isinstance(inner.get("param"), str) else None,
+            "code": code if isinstance(code, str) or code is None else f"upstream_{code}"}})
+    if isinstance(parsed, dict):
+        parsed = parsed.get("message") or parsed.get("detail") or str(parsed)
+    err = errors.BadRequest(f"backend refused the request: {parsed}",
                             code=f"upstream_{status}")
     return orjson.dumps(err.envelope())
 

@@ -91,13 +91,36 @@ def _common(body: Mapping[str, Any]) -> tuple[str, bool, str]:
     return model, bool(stream), user or ""
 
 
+MAX_TOKEN_ID = 2**32 - 1
+
+
 def _include_usage(body: Mapping[str, Any]) -> bool:
     opts = body.get("stream_options")
     if opts is None:
         return False
     if not isinstance(opts, dict):
         raise _bad("stream_options", "must be an object")
+    if body.get("stream") is not True:
+        raise _bad("stream_options", "is only allowed when stream is true")
     return bool(opts.get("include_usage"))
+
+
+def _token_ids(value: Any) -> bool:
+    """A non-empty array of token ids (non-negative 32-bit integers)."""
+    return (isinstance(value, list) and bool(value)
+            and all(_integral(x) and 0 <= x <= MAX_TOKEN_ID for x in value))
+
+
+def _integral(x: Any) -> bool:
+    # JSON does not tell 3 from 3.0 (JSON Schema calls both integers); neither do we.
+    return (isinstance(x, int) and not isinstance(x, bool)) or (
+        isinstance(x, float) and x.is_integer())
+
+
+def _strings(value: Any) -> bool:
+    """A non-empty array of non-empty strings."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(x, str) and x for x in value)
 
 
 def chat(body: dict[str, Any]) -> Parsed:
@@ -120,7 +143,8 @@ def chat(body: dict[str, Any]) -> Parsed:
         content = m.get("content")
         if content is not None and not isinstance(content, str | list):
             raise _bad(f"messages[{i}].content", "must be a string or an array of parts")
-    max_tokens = _opt_int(body, "max_completion_tokens", 1) or _opt_int(body, "max_tokens", 1)
+    legacy = _opt_int(body, "max_tokens", 1)
+    max_tokens = _opt_int(body, "max_completion_tokens", 1) or legacy
     return Parsed("chat", body, model, stream, max_tokens, user,
                   include_usage=_include_usage(body))
 
@@ -130,15 +154,15 @@ def completions(body: dict[str, Any]) -> Parsed:
     prompt = body.get("prompt")
     if prompt is None:
         raise errors.BadRequest("prompt: is required", param="prompt", code="missing_field")
-    if isinstance(prompt, str):
+    if isinstance(prompt, str) and prompt:
         text = prompt
-    elif isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+    elif _strings(prompt):
         text = "".join(prompt)
-    elif isinstance(prompt, list) and all(isinstance(p, int) and not isinstance(p, bool)
-                                          for p in prompt):
-        text = " ".join(map(str, prompt))
+    elif _token_ids(prompt):
+        text = " ".join(str(int(p)) for p in prompt)
     else:
-        raise _bad("prompt", "must be a string, an array of strings or an array of tokens")
+        raise _bad("prompt", "must be a non-empty string, a non-empty array of non-empty "
+                             "strings or a non-empty array of token ids")
     return Parsed("completions", body, model, stream, _opt_int(body, "max_tokens", 1), user,
                   prompt_text=text, include_usage=_include_usage(body))
 
@@ -148,11 +172,9 @@ def embeddings(body: dict[str, Any]) -> Parsed:
     data = body.get("input")
     if data is None:
         raise errors.BadRequest("input: is required", param="input", code="missing_field")
-    ok = isinstance(data, str) or (
-        isinstance(data, list) and data and (all(isinstance(x, str) for x in data)
-                                             or all(isinstance(x, int) for x in data)))
-    if not ok:
-        raise _bad("input", "must be a string or a non-empty array of strings or tokens")
+    if not ((isinstance(data, str) and data) or _strings(data) or _token_ids(data)):
+        raise _bad("input", "must be a non-empty string, a non-empty array of non-empty "
+                            "strings or a non-empty array of token ids")
     fmt = body.get("encoding_format")
     if fmt is not None and fmt not in ("float", "base64"):
         raise _bad("encoding_format", "must be 'float' or 'base64'")
