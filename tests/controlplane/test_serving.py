@@ -179,3 +179,21 @@ async def test_embeddings_through_an_embedding_backend() -> None:
                                                  encoding_format="float")
             assert [d.embedding for d in out.data] == [[0.1, 0.2, 0.3]] * 2
             await client.close()
+
+
+async def test_contract_rules_and_backend_refusals_are_openai_errors() -> None:
+    async with t.backends(("picky", "400")) as (b,):
+        async with t.running(t.settings(upstreams=[t.upstream("picky", b.url)])) as cp:
+            client = cp.client()
+            msgs = [{"role": "user", "content": "hi"}]
+            with pytest.raises(openai.BadRequestError) as err:
+                await client.chat.completions.create(model="llama", messages=msgs,
+                                                     stream_options={"include_usage": True})
+            assert err.value.param == "stream_options"
+            with pytest.raises(openai.BadRequestError) as err:
+                await client.completions.create(model="llama", prompt="")
+            assert err.value.param == "prompt"
+            with pytest.raises(openai.BadRequestError) as err:
+                await client.chat.completions.create(model="llama", messages=msgs)
+            assert "bad thing" in err.value.message and err.value.code == "upstream_400"
+            await client.close()
