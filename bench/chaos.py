@@ -22,7 +22,9 @@ non-streaming requests (what a fault costs when it costs no errors), and for the
 control-plane restart the time until the restarted replica routes to all four backends
 again (``reregister_s``, from its ``/health`` answering). After the run,
 ``wrongly_cached`` re-asks the prompts: a prompt whose every attempt failed must not be an
-exact cache hit, and a hit must equal the answer the client originally got.
+exact cache hit, and a hit must equal the answer the client originally got. Per fault, the deltas of the replicas' own
+``synapse_upstream_retries_total``, ``synapse_cache_errors_total`` and
+``synapse_redis_errors_total`` show what the gateway absorbed.
 
 Run: ``python -m bench.chaos [--duration 8] [--workers 8] [--faults a,b]``. Not run by
 tests (``tests/chaos`` runs a short version of the same machinery). Last line:
@@ -132,6 +134,27 @@ def _port_open(port: int) -> bool:
 
 def _sim_ok(url: str) -> bool:
     return harness.http_ok(f"{url}/health", timeout=1.0)
+
+
+COUNTERS = ("synapse_upstream_retries_total", "synapse_cache_errors_total",
+            "synapse_redis_errors_total")
+
+
+def counters(urls: list[str]) -> dict[str, float]:
+    """Sums over both replicas of the counters an operator would watch during a fault
+    (a replica that does not answer adds nothing)."""
+    out = dict.fromkeys(COUNTERS, 0.0)
+    for url in urls:
+        try:
+            with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in out:
+                out[name] += float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def set_faults(url: str, **faults: Any) -> None:
@@ -442,11 +465,17 @@ async def run_chaos(fl: ChaosFleet, faults: list[str], duration: float, workers:
         try:
             await asyncio.sleep(min(2.0, duration))       # steady state, fault "none"
             for name in faults:
+                before = await asyncio.to_thread(counters, fl.urls)
                 load.fault = name
                 infos[name] = {}
                 await FAULT_FUNCS[name](fl, duration, infos[name])
                 load.fault = f"{name}:recovery"
                 await _settle(fl, infos[name], settle_timeout)
+                after = await asyncio.to_thread(counters, fl.urls)
+                for key in COUNTERS:
+                    short = key.removeprefix("synapse_").removesuffix("_total")
+                    # A restarted replica starts from zero: never report negatives.
+                    infos[name][short] = max(0, round(after[key] - before[key]))
         finally:
             load.stop()
             await runner
