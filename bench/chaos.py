@@ -20,7 +20,8 @@ existed (every failure except streams broken after their first byte — those en
 SSE error event and count as ``failed_visible``), latency p50/p99 of the successful
 non-streaming requests (what a fault costs when it costs no errors), and for the
 control-plane restart the time until the restarted replica routes to all four backends
-again (``reregister_s``, from its ``/health`` answering). After the run,
+again (``reregister_s``, from its ``/health`` answering; ``start_s`` is spawn to
+``/health``). After the run,
 ``wrongly_cached`` re-asks the prompts: a prompt whose every attempt failed must not be an
 exact cache hit, and a hit must equal the answer the client originally got. Per fault, the deltas of the replicas' own
 ``synapse_upstream_retries_total``, ``synapse_cache_errors_total`` and
@@ -425,8 +426,10 @@ async def fault_restart_controlplane(fl: ChaosFleet, duration: float,
     """SIGTERM replica 1, start it again, time until it routes to all four backends."""
     await asyncio.to_thread(fl.cps[1].stop)
     await _sleep(min(1.0, duration / 4))
+    spawned = time.monotonic()
     await asyncio.to_thread(fl.start_cp, 1)
     up = time.monotonic()
+    info["start_s"] = round(up - spawned, 2)      # process spawn to /health answering
     deadline = up + 60
     info["reregistered"] = False
     while time.monotonic() < deadline:
