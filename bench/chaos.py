@@ -21,9 +21,9 @@ SSE error event and count as ``failed_visible``), latency p50/p99 of the success
 non-streaming requests (what a fault costs when it costs no errors), and for the
 control-plane restart the time until the restarted replica routes to all four backends
 again (``reregister_s``, from its ``/health`` answering; ``start_s`` is spawn to
-``/health``). After the run,
-``wrongly_cached`` re-asks the prompts: a prompt whose every attempt failed must not be an
-exact cache hit, and a hit must equal the answer the client originally got. Per fault, the deltas of the replicas' own
+``/health``). After the run, ``wrongly_cached`` re-asks the prompts: a prompt whose
+every attempt failed must not be an exact cache hit, and a hit must equal the answer the
+client originally got. Per fault, the deltas of the replicas' own
 ``synapse_upstream_retries_total``, ``synapse_cache_errors_total`` and
 ``synapse_redis_errors_total`` show what the gateway absorbed.
 
