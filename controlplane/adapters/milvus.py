@@ -49,6 +49,8 @@ PENDING_MAX = 5000
 # "Strong" makes every search wait for the newest timestamp (up to ~200 ms on a Milvus
 # server); the recent-write buffer already gives this replica read-your-writes.
 CONSISTENCY = "Bounded"
+POSITIVE_TTL_S = 30.0
+KNOWN_MAX = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +110,7 @@ class MilvusL2:
         self._failed_at: float | None = None
         self._lock = threading.Lock()          # connect / create are not re-entrant
         self._pending: list[_Pending] = []
+        self._known: dict[str, float] = {}      # scope -> until when "has rows" holds
         self._flush_task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -135,7 +138,27 @@ class MilvusL2:
             del self._pending[: len(self._pending) - PENDING_MAX]
         self._schedule_flush()
 
+    async def has_entries(self, scope: str, min_created_at: float) -> bool:
+        """Whether the scope holds a live row (a scalar query: no vectors involved).
+
+        A yes is remembered for ``POSITIVE_TTL_S`` (scopes rarely empty out; a stale yes
+        only costs one search); a no is never remembered, since another replica may
+        write the scope at any moment."""
+        now = time.monotonic()
+        if self._known.get(scope, 0.0) > now:
+            return True
+        if any(p.scope == scope and p.created_at >= min_created_at for p in self._pending):
+            found = True
+        else:
+            found = await asyncio.to_thread(self._exists_sync, scope, min_created_at)
+        if found:
+            self._known[scope] = now + POSITIVE_TTL_S
+            if len(self._known) > KNOWN_MAX:
+                self._known.clear()
+        return found
+
     async def invalidate(self, tenant: str | None, model: str | None) -> int:
+        self._known.clear()
         self._pending = [p for p in self._pending
                          if not ((tenant is None or p.tenant == tenant)
                                  and (model is None or p.model == model))]
@@ -264,6 +287,16 @@ class MilvusL2:
             "scope": row.scope, "tenant": row.tenant[:1024], "model": row.model[:1024],
             "ref": row.ref, "text": row.text, "created_at": row.created_at,
             "vector": row.vector.tolist()} for row in rows], timeout=self._timeout)
+
+    def _exists_sync(self, scope: str, min_created_at: float) -> bool:
+        client = self._connect(None)
+        if self._dim is None:
+            return False
+        rows = client.query(
+            self._collection, limit=1, output_fields=["id"],
+            filter=f"scope == {_literal(scope)} and created_at >= {float(min_created_at)!r}",
+            consistency_level=CONSISTENCY, timeout=self._timeout)
+        return bool(rows)
 
     def _delete_sync(self, tenant: str | None, model: str | None) -> int:
         client = self._connect(None)

@@ -29,6 +29,10 @@ Design decisions:
   stop/length on every choice) are written; the embedding computed at lookup is reused,
   so a miss is embedded once. :meth:`close` drains the queue (bounded).
 - **Expiry** is absolute: L1 TTL at write; L2 searches skip rows older than the TTL.
+- **Empty scopes skip the embedding.** Each conversation and parameter set is its own
+  scope, so most lookups would embed only to search an empty scope. A cheap scalar probe
+  (``has_entries``; positives remembered briefly) answers first; on "empty" the lookup
+  is a miss at once and the writer embeds the text later, in its batch.
 - L2 is opened in the background at the first cacheable request (see ``_lookup``).
 - Semantic references point into L1: an L1 entry evicted by its size bound turns the
   semantic candidate into a miss (counted as such), never into a wrong answer.
@@ -92,6 +96,8 @@ class SemanticIndex(Protocol):
     async def insert(self, rows: Sequence[milvus.Row]) -> None: ...
 
     async def invalidate(self, tenant: str | None, model: str | None) -> int: ...
+
+    async def has_entries(self, scope: str, min_created_at: float) -> bool: ...
 
     def warm_up(self) -> None: ...
 
@@ -187,6 +193,7 @@ class TieredCache:
         self._writer: asyncio.Task[None] | None = None
         self._thresholds: dict[str, float] = {}
         self._warmed = False
+        self._embedder_id: str | None = None     # the last one Node.Embed reported
 
     @property
     def semantic(self) -> bool:
@@ -251,6 +258,8 @@ class TieredCache:
         start = self._mono()
         deadline = start + self.options.semantic_budget_s
         try:
+            if not await self._scope_may_have_entries(state, deadline):
+                return None, state      # the writer embeds it, off the hot path
             state = await self._embed_state(state, deadline)
             hit = await self._within(self._search_verify(state, deadline),
                                      deadline - self._mono(), "semantic", "lookup")
@@ -263,6 +272,20 @@ class TieredCache:
             self.metrics.cache_hits.labels(layer="semantic").inc()
         return hit, state
 
+    async def _scope_may_have_entries(self, state: _State, deadline: float) -> bool:
+        """False when L2 surely holds nothing for this scope, so embedding can wait.
+
+        Every multi-turn conversation and parameter set is a scope of its own, so most
+        scopes are empty; a scalar probe costs a fraction of an embedding. Needs the
+        embedder id (part of the L2 scope), known after the first embedding.
+        """
+        if self._embedder_id is None:
+            return True
+        assert self.l2 is not None
+        probe = self.l2.has_entries(l2_scope(state.keys.scope_hash, self._embedder_id),
+                                    self._wall() - self.options.ttl_s)
+        return bool(await self._within(probe, deadline - self._mono(), "semantic", "lookup"))
+
     async def _embed_state(self, state: _State, deadline: float) -> _State:
         assert self.embedder is not None and state.keys.semantic_text is not None
         budget = deadline - self._mono()
@@ -272,6 +295,7 @@ class TieredCache:
             budget, "embedder", "embedding")
         self.metrics.embedding_duration.observe(self._mono() - start)
         vector = np.asarray(result.vectors, dtype=np.float32)[0]
+        self._embedder_id = result.embedder_id
         return dataclasses.replace(state, vector=vector, embedder_id=result.embedder_id)
 
     async def _search_verify(self, state: _State, deadline: float
@@ -380,6 +404,7 @@ class TieredCache:
         result = await self._within(self.embedder.embed(texts, timeout_s=budget), budget,
                                     "embedder", "store")
         vectors = np.asarray(result.vectors, dtype=np.float32)
+        self._embedder_id = result.embedder_id
         out = list(states)
         for row, i in enumerate(todo):
             out[i] = dataclasses.replace(states[i], vector=vectors[row],

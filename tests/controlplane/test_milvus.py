@@ -90,3 +90,13 @@ async def test_unusable_location_fails_fast_and_names_no_secret(tmp_path):
         await store.search("s", unit(1), 5, 0.0)     # no reconnect storm
     secret = milvus.MilvusL2("http://user:hunter2@milvus:19530", "c")
     assert "hunter2" not in secret._safe_uri()
+
+
+async def test_has_entries_is_per_scope_and_forgets_on_invalidate(l2):
+    assert not await l2.has_entries("s1", 0.0)       # no collection yet
+    await put(l2, "s1", 1)
+    assert await l2.has_entries("s1", 0.0)           # from the recent-write buffer
+    await l2.flush()
+    assert await l2.has_entries("s1", 0.0) and not await l2.has_entries("s2", 0.0)
+    assert await l2.invalidate(None, None) == 1
+    assert not await l2.has_entries("s1", 0.0)

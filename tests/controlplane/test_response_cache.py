@@ -175,3 +175,18 @@ async def test_a_model_with_a_stricter_target_precision_gets_fewer_semantic_hits
     assert (await c.lookup(chat(PARAPHRASE, model="strict"))).status == "miss"
     assert (await c.lookup(chat(PASSWORD, model="strict"))).status == "hit-exact"
     await c.close()
+
+
+async def test_a_lookup_in_an_empty_scope_does_not_wait_for_an_embedding(cache):
+    c, m = cache
+    await remember(c, chat(PASSWORD), "first")       # learns the embedder id
+    embedded = counter(m, "synapse_embedding_duration_seconds_count")
+    other_scope = chat(PASSWORD, system="A conversation never seen before.")
+    decision = await c.lookup(other_scope)
+    assert decision.status == "miss"
+    assert counter(m, "synapse_embedding_duration_seconds_count") == embedded
+    c.store(decision, answer("second"))              # the writer embeds it instead
+    await c.drain()
+    para = await c.lookup(chat(PARAPHRASE, system="A conversation never seen before."))
+    assert para.status == "hit-semantic" and para.hit.response["choices"][0]["message"][
+        "content"] == "second"

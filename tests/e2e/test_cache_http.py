@@ -163,6 +163,10 @@ def test_repeat_is_exact_and_paraphrase_is_semantic(stack: Stack) -> None:
     headers, again = until_cached(client, QUESTION)
     assert again.choices[0].message.content == first.choices[0].message.content
     assert "x-synapse-backend" not in headers
+    # L1 is written before L2 (and the first L2 write creates the collection): ask the
+    # paraphrase once the semantic entry exists, or it would miss and be stored itself.
+    harness.wait_until(lambda: stack.metric("synapse_cache_stores_total", layer="semantic") >= 1,
+                       20, "the semantic entry to be written", interval=0.1)
     headers, para = until_cached(client, PARAPHRASE, "hit-semantic")
     assert para.choices[0].message.content == first.choices[0].message.content
     assert float(headers["x-synapse-cache-similarity"]) > 0.9
