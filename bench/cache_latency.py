@@ -11,9 +11,11 @@ the time measured is the control plane's), one ``synapse agent`` serving MiniLM 
 * **semantic hit**: a paraphrase (QQP duplicate of a stored question) that the verifier
   accepts, with ``--entries`` (10,000) entries in the same scope; only responses marked
   ``hit-semantic`` are counted;
-* **miss**: a question never asked: the cache's added cost is L1 + embed + L2 search +
-  verify (the write happens after the response). ``added`` = cache p50 (p99) minus
-  no-cache p50 (p99).
+* **miss**: a question never asked, in the full scope: the cache's added cost is L1 +
+  embed + L2 search + verify (the write happens after the response). ``added`` = cache
+  p50 (p99) minus no-cache p50 (p99);
+* **miss_new_scope**: the same in a new conversation (a scope with no entries): L1 + a
+  scalar L2 probe, no embedding (``miss_new_scope_added_p50_ms``).
 
 The scope is filled through the API itself (``Cache-Control: no-cache`` requests: they
 skip the lookup and are stored), so the entries are exactly what production writes.
@@ -180,16 +182,16 @@ def fleet(tmp: pathlib.Path, entries: int) -> Iterator[dict[str, str]]:
         log.close()
 
 
-def body(question: str) -> dict:
+def body(question: str, system: str = SYSTEM) -> dict:
     return {"model": MODEL, "temperature": 0, "max_tokens": 8,
-            "messages": [{"role": "system", "content": SYSTEM},
+            "messages": [{"role": "system", "content": system},
                          {"role": "user", "content": question}]}
 
 
 async def ask(session: aiohttp.ClientSession, url: str, question: str,
-              headers: dict[str, str] | None = None) -> tuple[float, str]:
+              headers: dict[str, str] | None = None, system: str = SYSTEM) -> tuple[float, str]:
     start = time.perf_counter()
-    async with session.post(f"{url}/v1/chat/completions", json=body(question),
+    async with session.post(f"{url}/v1/chat/completions", json=body(question, system),
                             headers={"Authorization": f"Bearer {KEY}", **(headers or {})}) as r:
         await r.read()
         if r.status != 200:
@@ -213,7 +215,8 @@ def pct(values: list[float], q: float) -> float:
 async def measure(urls: dict[str, str], stored: list[str], paraphrases: list[str],
                   fresh: list[str], n: int) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {k: {"cache": [], "nocache": []}
-                                              for k in ("exact", "semantic", "miss")}
+                                              for k in ("exact", "semantic", "miss",
+                                                        "miss_new_scope")}
     async with aiohttp.ClientSession() as session:
         t0 = time.monotonic()
         await fill(session, urls["cache"], stored)
@@ -241,6 +244,13 @@ async def measure(urls: dict[str, str], stored: list[str], paraphrases: list[str
             if status == "miss":
                 out["miss"]["cache"].append(ms)
             out["miss"]["nocache"].append((await ask(session, urls["nocache"], text))[0])
+        for i, text in enumerate(fresh[:n]):    # a new conversation: its scope is empty
+            system = f"{SYSTEM} Conversation {i}."
+            ms, status = await ask(session, urls["cache"], text, system=system)
+            if status == "miss":
+                out["miss_new_scope"]["cache"].append(ms)
+            out["miss_new_scope"]["nocache"].append(
+                (await ask(session, urls["nocache"], text, system=system))[0])
     return out
 
 
@@ -290,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
               "miss_added_p50_ms": round(pct(miss, 50) - pct(off, 50), 2),
               "miss_added_p99_ms": round(pct(miss, 99) - pct(off, 99), 2),
               "cache_off_p50_ms": pct(off, 50), "cache_off_p99_ms": pct(off, 99),
+              "miss_new_scope_added_p50_ms": round(
+                  pct(out["miss_new_scope"]["cache"], 50)
+                  - pct(out["miss_new_scope"]["nocache"], 50), 2),
               "semantic_hits": len(out["semantic"]["cache"]),
               "semantic_queries": len(paraphrases)}
     print(f"added by the cache to a miss: p50 {result['miss_added_p50_ms']} ms, "
