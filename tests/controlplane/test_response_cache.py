@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import pathlib
 
 import pytest
 
 from controlplane import errors
 from controlplane.adapters import l1
+from controlplane.core import response_cache
 from tests.controlplane import test_cache_support as support
 from tests.controlplane.test_cache_support import answer, build_cache, chat, counter, remember
 
@@ -190,3 +192,17 @@ async def test_a_lookup_in_an_empty_scope_does_not_wait_for_an_embedding(cache):
     para = await c.lookup(chat(PARAPHRASE, system="A conversation never seen before."))
     assert para.status == "hit-semantic" and para.hit.response["choices"][0]["message"][
         "content"] == "second"
+
+
+def test_failures_are_logged_once_per_interval_with_a_count_of_the_rest(caplog):
+    now = [0.0]
+    errors_log = response_cache._ErrorLog(60.0, lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="synapse.cache"):
+        for _ in range(3):
+            errors_log.report("exact", "lookup", ConnectionError("redis down"))
+        now[0] = 61.0
+        errors_log.report("exact", "lookup", TimeoutError())
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "ConnectionError: redis down" in lines[0]
+    assert "timed out" in lines[1] and "2 more" in lines[1]
