@@ -60,7 +60,8 @@ def build_response_cache(settings: config.ControlPlaneSettings,
     from controlplane.core import response_cache, verifier
 
     store: l1.L1Store = (
-        l1.RedisL1(settings.redis.url.get_secret_value(), timeout_s=max(c.l1_budget_ms / 1000, 0.05))
+        l1.RedisL1(settings.redis.url.get_secret_value(),
+                   timeout_s=max(settings.redis.timeout_s, c.l1_budget_ms / 1000))
         if settings.redis.url else l1.MemoryL1(c.l1_max_entries, c.l1_max_bytes))
     uri = c.milvus_uri.get_secret_value() if c.milvus_uri else os.path.join(settings.data_dir, "l2.db")
     token = c.milvus_token.get_secret_value() if c.milvus_token else None
