@@ -156,6 +156,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             result = await self.svc.registry.send_command(request.name, types.Command("undrain"))
             if not result.ok:
                 log.warning("undrain of %s not acknowledged: %s", request.name, result.error)
+            # The agent reports its engines ready again on its next report; show that.
+            for _ in range(30):
+                current = self.svc.registry.node(request.name)
+                if current is None or current.status != "draining":
+                    break
+                await asyncio.sleep(0.1)
         return await self._detail_or_intent(request.name)
 
     async def _update(self, name: str, **changes: Any) -> None:

@@ -112,6 +112,12 @@ def models(cat: catalog.Catalog, reg: registry.Registry,
                               url=b.url, phase=_phase(b.phase), num_requests_waiting=b.waiting,
                               num_requests_running=b.running, kv_cache_usage=b.kv_usage,
                               routable=not why, source=b.source)
+        for node in reg.ready_embed_nodes():
+            if name in node.embed_models:  # served by the agent's in-process embedder
+                tasks.add("embed")
+                info.backends.add(node=node.name, backend="node-embed", url=node.address,
+                                  phase=common_pb2.BACKEND_PHASE_READY, routable=True,
+                                  source="agent-embedder")
         if any(b.routable for b in info.backends):
             info.state = "ready"
         elif name in deploying or any(b.phase == common_pb2.BACKEND_PHASE_STARTING
