@@ -150,3 +150,25 @@ def test_ctrl_c_leaves_no_process_behind(tmp_path: pathlib.Path) -> None:
         assert "Stopped." in proc.output()
     finally:
         proc.stop()
+
+
+def test_upstream_mode_puts_a_real_openai_server_behind_synapse(
+        tmp_path: pathlib.Path, processes: harness.ProcessPool) -> None:
+    port = harness.free_port()
+    processes.start("upstream", ["synapse", "simulator", "--port", str(port), "--model", MODEL,
+                                 "--time-scale", "0"],
+                    ready_url=f"http://127.0.0.1:{port}/health", timeout=60)
+    proc = harness.ManagedProcess(
+        "synapse-up-upstream", [harness.console_script("synapse"), "up", "--data-dir",
+                                str(tmp_path / "data"), "--http-port", "0", "--grpc-port", "0",
+                                "--upstream", f"http://127.0.0.1:{port}"], tmp_path / "up.log")
+    try:
+        harness.wait_until(lambda: "Synapse is ready" in proc.output(), 240, "ready",
+                           interval=0.5, proc=proc)
+        up = Embedded(proc, tmp_path / "data")
+        reply = up.client.chat.completions.with_raw_response.create(
+            model="llama", messages=[{"role": "user", "content": "Who serves this?"}])
+        assert reply.headers["x-synapse-backend"] == "static/upstream"
+        assert reply.parse().choices[0].message.content
+    finally:
+        proc.stop(timeout=30)
