@@ -25,7 +25,8 @@ again (``reregister_s``, from its ``/health`` answering; ``start_s`` is spawn to
 every attempt failed must not be an exact cache hit, and a hit must equal the answer the
 client originally got. Per fault, the deltas of the replicas' own
 ``synapse_upstream_retries_total``, ``synapse_cache_errors_total`` and
-``synapse_redis_errors_total`` show what the gateway absorbed.
+``synapse_redis_errors_total`` show what the gateway absorbed, and
+``semantic_lookup_ms`` the mean time of a semantic lookup (embed + L2 search) there.
 
 Run: ``python -m bench.chaos [--duration 8] [--workers 8] [--faults a,b]``. Not run by
 tests (``tests/chaos`` runs a short version of the same machinery). Last line:
@@ -139,12 +140,14 @@ def _sim_ok(url: str) -> bool:
 
 COUNTERS = ("synapse_upstream_retries_total", "synapse_cache_errors_total",
             "synapse_redis_errors_total")
+SEMANTIC = {"synapse_cache_lookup_duration_seconds_sum": "semantic_s",
+            "synapse_cache_lookup_duration_seconds_count": "semantic_n"}
 
 
 def counters(urls: list[str]) -> dict[str, float]:
     """Sums over both replicas of the counters an operator would watch during a fault
     (a replica that does not answer adds nothing)."""
-    out = dict.fromkeys(COUNTERS, 0.0)
+    out = dict.fromkeys([*COUNTERS, *SEMANTIC.values()], 0.0)
     for url in urls:
         try:
             with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
@@ -155,6 +158,8 @@ def counters(urls: list[str]) -> dict[str, float]:
             name = line.split("{", 1)[0].split(" ", 1)[0]
             if name in out:
                 out[name] += float(line.rsplit(" ", 1)[1])
+            elif name in SEMANTIC and 'layer="semantic"' in line:
+                out[SEMANTIC[name]] += float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -479,6 +484,10 @@ async def run_chaos(fl: ChaosFleet, faults: list[str], duration: float, workers:
                     short = key.removeprefix("synapse_").removesuffix("_total")
                     # A restarted replica starts from zero: never report negatives.
                     infos[name][short] = max(0, round(after[key] - before[key]))
+                lookups = after["semantic_n"] - before["semantic_n"]
+                if lookups > 0:
+                    infos[name]["semantic_lookup_ms"] = round(
+                        1000 * (after["semantic_s"] - before["semantic_s"]) / lookups, 1)
         finally:
             load.stop()
             await runner
@@ -546,6 +555,9 @@ def summarize(load: Load, infos: dict[str, dict[str, Any]], faults: list[str],
         errors = sorted({o.error for o in rows if not o.ok and not o.visible})
         if errors:
             per[name]["errors"] = errors[:3]
+        cut = sorted({o.error for o in rows if o.visible})
+        if cut:
+            per[name]["stream_cuts"] = cut[:3]
     total = _figures(load.outcomes)
     rereg = infos.get("restart_controlplane", {}).get("reregister_s")
     return {"bench": "chaos", "requests": total["sent"],
