@@ -17,6 +17,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +50,7 @@ class NodeEmbedder:
         self._clock = clock
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._bad_until: dict[str, float] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._next = 0
 
     async def embed(self, texts: Sequence[str], timeout_s: float | None = None) -> Embeddings:
@@ -77,8 +79,11 @@ class NodeEmbedder:
     def _candidates(self) -> list[str]:
         addresses = [a for a in self._addresses() if a]
         for gone in set(self._channels) - set(addresses):
-            # Closed lazily: the event loop owns the coroutine; drop our reference now.
-            self._channels.pop(gone)
+            # An agent that left: close its channel in the background (a close waits for
+            # in-flight calls, which must not hold up this one).
+            task = asyncio.get_running_loop().create_task(self._channels.pop(gone).close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         if not addresses:
             return []
         now = self._clock()

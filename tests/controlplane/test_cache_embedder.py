@@ -53,3 +53,14 @@ def test_pack_unpack_round_trip_and_size_check():
     np.testing.assert_allclose(out, v / np.linalg.norm(v, axis=1, keepdims=True), rtol=1e-6)
     with pytest.raises(ValueError, match="bytes"):
         embedder.unpack(b"\x00" * 10, 3, 2)
+
+
+async def test_an_agent_that_leaves_is_no_longer_asked(node_address):
+    addresses = [node_address]
+    client = embedder.NodeEmbedder(lambda: addresses, support.MODEL, timeout_s=10)
+    await client.embed(["hello"])
+    addresses.clear()
+    with pytest.raises(embedder.EmbedUnavailable, match="no ready agent"):
+        await client.embed(["hello"])
+    assert client._channels == {}
+    await client.close()
