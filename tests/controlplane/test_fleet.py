@@ -61,7 +61,10 @@ class Fleet:
 def _configs(tmp: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, str, dict[str, int]]:
     http, grpc = harness.free_port(), harness.free_port()
     ports = {name: harness.free_port() for name in [*GEN, "emb"]}
-    cp = {"replica_id": "fleet", "http": {"host": "127.0.0.1", "port": http},
+    # The response cache has its own end-to-end tests; here every answer must come from
+    # an engine so that routing is what is observed.
+    cp = {"replica_id": "fleet", "data_dir": str(tmp / "cp-data"), "cache": {"enabled": False},
+          "http": {"host": "127.0.0.1", "port": http},
           "grpc": {"host": "127.0.0.1", "port": grpc},
           "auth": {"admin_key": ADMIN, "tenants": [
               {"name": "team", "keys": [KEY]},
