@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 export HF_HUB_OFFLINE := 1
+# Our console scripts (synapse, synapsectl) for anything the tests start by name.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: up test lint protos verifier bench-peers tools clean

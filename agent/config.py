@@ -6,12 +6,20 @@ Parsed once in ``main()`` (see :mod:`protos.common.settings` for the file and
 
 from __future__ import annotations
 
+import pathlib
+import sys
 from typing import Literal
 
 import pydantic
 from pydantic import Field
 
 from protos.common.settings import LoggingSettings, Secret, Section
+
+
+def _synapse_script() -> str:
+    """Our own ``synapse`` script beside this interpreter (a venv need not be on PATH)."""
+    beside = pathlib.Path(sys.executable).parent / "synapse"
+    return str(beside) if beside.exists() else "synapse"
 
 
 class ControlPlaneLink(Section):
@@ -90,7 +98,7 @@ class SupervisorSettings(Section):
     drain_grace_s: float = Field(120.0, ge=0, description="wait for in-flight work on SIGTERM")
     stop_grace_s: float = Field(15.0, ge=0, description="SIGTERM → SIGKILL delay for engines")
     scrape_interval_s: float = Field(1.0, gt=0, description="engine /metrics scrape period")
-    simulator_command: list[str] = Field(default_factory=lambda: ["synapse", "simulator"],
+    simulator_command: list[str] = Field(default_factory=lambda: [_synapse_script(), "simulator"],
                                          description="how to start the engine simulator")
     vllm_command: list[str] = Field(default_factory=lambda: ["vllm", "serve"],
                                     description="how to start vLLM (model and flags follow)")
