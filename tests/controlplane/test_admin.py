@@ -65,10 +65,12 @@ class Replica:
         task = self.admin._task
         if task:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(task, 10)
         if self.server:
-            await self.server.stop(None)
+            # Bounded: a teardown must never be what hangs a run.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.stop(None), 10)
 
 
 class AgentStandIn:
@@ -129,10 +131,11 @@ class AgentStandIn:
         self.outgoing.put_nowait(None)
         if self.task:
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self.task, 10)
         if self.channel:
-            await self.channel.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.channel.close(), 10)
 
 
 async def eventually(predicate: Any, what: str, limit_s: float = 10.0) -> None:
@@ -163,7 +166,8 @@ async def fleet() -> AsyncIterator[tuple[Replica, list[AgentStandIn], Admin]]:
     await eventually(lambda: len(replica.services.registry.routable(MODEL)) == 2, "two nodes")
     admin = Admin(replica.address)
     yield replica, agents, admin
-    await admin.channel.close()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(admin.channel.close(), 10)
     for agent in agents:
         await agent.close()
     await replica.stop()
