@@ -87,10 +87,13 @@ class FleetIntent:
         return changed
 
     def apply(self) -> None:
+        # Only real changes touch the registry: each one bumps its routing-set version.
         for view in self._registry.nodes():
             intent = self.get(view.info.name)
-            self._registry.cordon(view.info.name, intent.cordoned)
-            self._registry.set_drain(view.info.name, intent.draining)
+            if view.cordoned != intent.cordoned:
+                self._registry.cordon(view.info.name, intent.cordoned)
+            if view.draining != intent.draining:
+                self._registry.set_drain(view.info.name, intent.draining)
 
     async def sync(self) -> set[str]:
         changed = await self.refresh()
