@@ -92,6 +92,7 @@ def test_gpu_overlays_run_real_gpus_and_dev_runs_none(
 def test_a_misspelled_config_field_is_caught(tmp_path: pathlib.Path) -> None:
     data = yaml.safe_load((render.MANIFESTS / "base" / "agent.yaml").read_text())
     data["supervisor"]["drain_grace"] = 120
+    data["control_plane"].pop("token", None)  # a mounted secret file, absent here
     with pytest.raises(settings.ConfigError, match=r"supervisor\.drain_grace: unknown setting"):
         settings.validate(agent_config.AgentSettings, data)
 
