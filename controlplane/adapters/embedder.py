@@ -6,8 +6,8 @@ Design decisions:
   embedder model), asked on every call, so nodes that join or leave are picked up
   without a restart. Calls go round-robin over them; an address that fails is skipped
   for ``cooldown_s``, and a call tries the next address only while its deadline allows.
-- One ``grpc.aio`` channel per address, reused (channels are costly to build, cheap to
-  keep), closed on :meth:`close` or when the address disappears from the list.
+- The calls themselves go through :class:`node_embed.NodeEmbedClient` (one reused
+  channel per address, closed on :meth:`close` or when the address leaves the list).
 - Vectors arrive as packed little-endian float32 bytes (``dim`` per text) and leave as a
   ``(n, dim)`` numpy array, normalised again here so inner product is cosine even if an
   engine ignored ``normalize``.
@@ -17,15 +17,13 @@ Design decisions:
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
-import grpc
 import numpy as np
 
-from protos.synapse.v1 import node_pb2, node_pb2_grpc
+from controlplane.adapters import node_embed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +46,8 @@ class NodeEmbedder:
         self._timeout = timeout_s
         self._cooldown = cooldown_s
         self._clock = clock
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._client = node_embed.NodeEmbedClient()
         self._bad_until: dict[str, float] = {}
-        self._closing: set[asyncio.Task[None]] = set()
         self._next = 0
 
     async def embed(self, texts: Sequence[str], timeout_s: float | None = None) -> Embeddings:
@@ -65,25 +62,19 @@ class NodeEmbedder:
                 break
             try:
                 return await self._call(address, texts, remaining)
-            except (grpc.aio.AioRpcError, ValueError) as exc:
+            except node_embed.EmbedError as exc:
                 self._bad_until[address] = self._clock() + self._cooldown
                 last = exc
-        detail = _describe(last) if last else "deadline exceeded"
+        detail = str(last) if last else "deadline exceeded"
         raise EmbedUnavailable(f"Node.Embed failed: {detail}")
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        await self._client.close()
 
     def _candidates(self) -> list[str]:
         addresses = [a for a in self._addresses() if a]
-        for gone in set(self._channels) - set(addresses):
-            # An agent that left: close its channel in the background (a close waits for
-            # in-flight calls, which must not hold up this one).
-            task = asyncio.get_running_loop().create_task(self._channels.pop(gone).close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        for gone in self._client.addresses() - set(addresses):
+            self._client.forget(gone)
         if not addresses:
             return []
         now = self._clock()
@@ -94,34 +85,23 @@ class NodeEmbedder:
         return good or rotated
 
     async def _call(self, address: str, texts: Sequence[str], budget_s: float) -> Embeddings:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address)
-            self._channels[address] = channel
-        stub = node_pb2_grpc.NodeStub(channel)  # type: ignore[no-untyped-call]
-        reply = await stub.Embed(
-            node_pb2.EmbedRequest(model=self._model, texts=list(texts), normalize=True),
-            timeout=budget_s)
-        return Embeddings(vectors=unpack(reply.vectors, reply.dim, len(texts)),
-                          embedder_id=reply.embedder_id or reply.model or self._model,
-                          address=address)
+        vectors, embedder_id = await self._client.embed(address, self._model, texts, budget_s)
+        return Embeddings(vectors=normalise(vectors), embedder_id=embedder_id, address=address)
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, so inner product is cosine."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.asarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
 def unpack(data: bytes, dim: int, count: int) -> np.ndarray:
     """Packed little-endian float32 rows → normalised ``(count, dim)`` array."""
-    if dim <= 0 or len(data) != 4 * dim * count:
-        raise ValueError(f"Node.Embed returned {len(data)} bytes for {count} texts of dim {dim}")
-    vectors = np.frombuffer(data, dtype="<f4").reshape(count, dim).astype(np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.asarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
+    return normalise(node_embed.unpack_rows(data, dim, count))
 
 
 def pack(vectors: np.ndarray) -> bytes:
     """The inverse of :func:`unpack` (for servers and tests)."""
     return np.ascontiguousarray(vectors, dtype="<f4").tobytes()
 
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc)

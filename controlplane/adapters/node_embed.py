@@ -1,12 +1,14 @@
 """Client of the agents' ``Node.Embed`` service (gRPC), one channel per agent address.
 
 Used by ``/v1/embeddings`` when no HTTP embedding backend serves the model but an agent's
-in-process embedder does, and available to the response cache. Channels are created on
-first use and kept; every call has a deadline.
+in-process embedder does, and by the response cache's :mod:`embedder` (which adds agent
+choice and failover on top). Channels are created on first use and kept until
+:meth:`NodeEmbedClient.forget` or :meth:`NodeEmbedClient.close`; every call has a deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import grpc
@@ -19,9 +21,17 @@ class EmbedError(Exception):
     """The agent could not embed (unreachable, deadline, or an error status)."""
 
 
+def unpack_rows(data: bytes, dim: int, count: int) -> np.ndarray:
+    """Packed little-endian float32 rows → a ``(count, dim)`` array; ValueError if short."""
+    if dim <= 0 or len(data) != 4 * dim * count:
+        raise ValueError(f"Node.Embed returned {len(data)} bytes for {count} texts of dim {dim}")
+    return np.frombuffer(data, dtype="<f4").reshape(count, dim)
+
+
 class NodeEmbedClient:
     def __init__(self) -> None:
         self._stubs: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeStub]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _stub(self, address: str) -> node_pb2_grpc.NodeStub:
         entry = self._stubs.get(address)
@@ -40,11 +50,23 @@ class NodeEmbedClient:
         except grpc.aio.AioRpcError as exc:
             raise EmbedError(f"Node.Embed at {address}: {exc.code().name}: "
                              f"{exc.details()}") from None
-        vectors = np.frombuffer(reply.vectors, dtype="<f4")
-        if reply.dim == 0 or vectors.size != reply.dim * len(texts):
-            raise EmbedError(f"Node.Embed at {address} returned {vectors.size} values for "
-                             f"{len(texts)} texts of dimension {reply.dim}")
-        return vectors.reshape(len(texts), reply.dim), reply.embedder_id
+        try:
+            vectors = unpack_rows(reply.vectors, reply.dim, len(texts))
+        except ValueError as exc:
+            raise EmbedError(f"Node.Embed at {address}: {exc}") from None
+        return vectors, reply.embedder_id or reply.model or model
+
+    def forget(self, address: str) -> None:
+        """Close the channel of an agent that left, in the background (a close waits for
+        in-flight calls, which must not hold up the caller)."""
+        entry = self._stubs.pop(address, None)
+        if entry is not None:
+            task = asyncio.get_running_loop().create_task(entry[0].close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def addresses(self) -> set[str]:
+        return set(self._stubs)
 
     async def close(self) -> None:
         for channel, _ in self._stubs.values():
