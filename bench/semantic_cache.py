@@ -93,19 +93,9 @@ async def _fill(store: milvus.MilvusL2, texts: list[str], vectors: np.ndarray) -
 def duplicate_groups(pairs: calibrate.Pairs) -> dict[str, str]:
     """Text → representative of its group under the labelled-duplicate relation, closed
     transitively (a = b and b = c, both labelled 1, make a = c)."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-    for a, b, label in zip(pairs.text_a, pairs.text_b, pairs.label, strict=True):
-        if label == 1:
-            ra, rb = find(a), find(b)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
+    find = calibrate.connected(
+        (a, b) for a, b, label in zip(pairs.text_a, pairs.text_b, pairs.label, strict=True)
+        if label == 1)
     return {t: find(t) for t in set(pairs.text_a) | set(pairs.text_b)}
 
 

@@ -33,7 +33,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -100,8 +100,8 @@ def _parse_line(file: pathlib.Path, lineno: int, line: str) -> tuple[str, str, i
 
 
 # -- question-disjoint split -----------------------------------------------------------
-def split(pairs: Pairs, seed: int) -> dict[str, np.ndarray]:
-    """Indices per split; no text occurs in two splits."""
+def connected(edges: Iterable[tuple[str, str]]) -> Callable[[str], str]:
+    """Union-find over text pairs: ``find(text)`` is the smallest text of its group."""
     parent: dict[str, str] = {}
 
     def find(x: str) -> str:
@@ -111,10 +111,16 @@ def split(pairs: Pairs, seed: int) -> dict[str, np.ndarray]:
             x = parent[x]
         return x
 
-    for ta, tb in zip(pairs.text_a, pairs.text_b, strict=True):
-        ra, rb = find(ta), find(tb)
+    for a, b in edges:
+        ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
+    return find
+
+
+def split(pairs: Pairs, seed: int) -> dict[str, np.ndarray]:
+    """Indices per split; no text occurs in two splits."""
+    find = connected(zip(pairs.text_a, pairs.text_b, strict=True))
     buckets: dict[str, list[int]] = {name: [] for name, _ in SPLITS}
     for i, ta in enumerate(pairs.text_a):
         digest = hashlib.sha256(f"{seed}\x00{find(ta)}".encode()).digest()
