@@ -66,11 +66,7 @@ def controlplane_config(name: str, http_port: int, grpc_port: int, data_dir: pat
         "cache": {"semantic_enabled": False},
         "logging": {"level": "info"},
     }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key] = {**cfg[key], **value}
-        else:
-            cfg[key] = value
+    harness.with_sections(cfg, sections)
     return cfg
 
 

@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from typing import Any
 
 VENV_BIN = pathlib.Path(sys.executable).parent
 
@@ -48,6 +49,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
         time.sleep(interval)
     tail = f"; output of {proc.name}:\n{proc.output_tail()}" if proc else ""
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
+
+
+def with_sections(base: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
+    """``base`` config with ``sections`` merged in: a mapping updates the section of the
+    same name key by key, anything else replaces it."""
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base
 
 
 def console_script(name: str) -> str:

@@ -45,11 +45,7 @@ def agent_config(tmp_path: pathlib.Path, cp: ControlPlaneServer | None, **sectio
                        "backoff_max_s": 1.0, "stop_grace_s": 5, "drain_grace_s": 10,
                        "simulator_command": engine_command()},
     }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key] = {**cfg[key], **value}
-        else:
-            cfg[key] = value
+    harness.with_sections(cfg, sections)
     return cfg
 
 

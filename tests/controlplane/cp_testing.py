@@ -21,6 +21,7 @@ from controlplane.api import app as app_mod
 from controlplane.api import grpc_server
 from controlplane.api import services as services_mod
 from controlplane.core import cache_port
+from tests import harness
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 KEY_A = "sk-tenant-a-0123456789"
@@ -164,11 +165,7 @@ def settings(**overrides: Any) -> config.ControlPlaneSettings:
         "registry": {"upstream_probe_interval_s": 0.2},
         "logging": {"level": "warning"},
     }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
+    harness.with_sections(base, overrides)
     return config.ControlPlaneSettings.model_validate(base)
 
 

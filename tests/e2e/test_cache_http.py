@@ -17,13 +17,11 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
-import grpc
 import openai
 import pytest
 import yaml
 
-from protos.synapse.v1 import node_pb2, node_pb2_grpc
-from tests import harness
+from tests import fleet, harness
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 KEY, ADMIN = "sk-cache-e2e-0123456789", "sk-admin-e2e-0123456789"
@@ -118,23 +116,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             harness.wait_until(lambda n=name: s.metric("synapse_agent_streams", n) >= 1, 90,
                                f"the agent streaming to control plane {name}", proc=agent,
                                interval=0.2)
-        harness.wait_until(lambda: _embeds(urls["node"]), 90, "the agent's MiniLM to load",
+        harness.wait_until(lambda: fleet.node_embeds(urls["node"]), 90, "the agent's MiniLM to load",
                            proc=agent, interval=0.3)
         yield s
     finally:
         pool.stop_all()
         redis.stop()
-
-
-def _embeds(address: str) -> bool:
-    """True once the agent's Node.Embed answers (the model loads after start-up)."""
-    with grpc.insecure_channel(address) as channel:
-        try:
-            node_pb2_grpc.NodeStub(channel).Embed(node_pb2.EmbedRequest(texts=["ping"]),
-                                                  timeout=5)
-        except grpc.RpcError:
-            return False
-    return True
 
 
 def ask(client: openai.OpenAI, question: str, **kw):
