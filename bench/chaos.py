@@ -54,6 +54,7 @@ from typing import Any
 import aiohttp
 import psutil
 
+from bench import common
 from tests import fleet, harness
 
 FAULTS = ["sigkill_engine", "hang_engine", "error_rate_20", "stall_stream", "kill_redis",
@@ -529,10 +530,7 @@ async def wrongly_cached(load: Load, session: aiohttp.ClientSession,
 
 
 def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+    return round(1000 * common.nearest_rank(values, q), 1) if values else 0.0
 
 
 def _figures(rows: list[Outcome]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 import yaml
 
+from bench import common
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
 
 WORDS = ("cache", "router", "kernel", "tensor", "gateway", "latency", "replica", "token",
@@ -51,9 +52,7 @@ def texts(prefix: str, n: int) -> list[str]:
     return out
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+pct = common.nearest_rank
 
 
 def load_model() -> Any:

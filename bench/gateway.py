@@ -45,6 +45,8 @@ from collections.abc import Iterator
 
 import aiohttp
 
+from bench import common
+
 MODEL = "bench-model"
 KEY = "bench-key-0123456789"
 PEER_KEY = "sk-bench-peer-0123456789abcdef"  # LiteLLM refuses to start without one
@@ -173,10 +175,7 @@ async def fixed_rate(url: str, headers: dict[str, str], seconds: float,
 
 
 def pct_ms(latencies: list[float], q: float) -> float:
-    if not latencies:
-        return float("nan")
-    ordered = sorted(latencies)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+    return common.nearest_rank(latencies, q) * 1000
 
 
 def controlplane_config(workdir: pathlib.Path, sim_url: str, http: int, grpc: int) -> str:
@@ -303,11 +302,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="direct and Synapse alternate this many times")
     args = parser.parse_args()
-    try:
-        import uvloop
-        result = uvloop.run(run(args))
-    except ImportError:
-        result = asyncio.run(run(args))
+    result = common.run(run(args))
     print(json.dumps(result))
 
 

@@ -40,6 +40,7 @@ import urllib.request
 import aiohttp
 import yaml
 
+from bench import common
 from bench.gateway import Tree, free_port
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
@@ -160,7 +161,7 @@ def summarise(results: list[Result], scale: float) -> dict[str, float]:
     ttfts = sorted(r.ttft for r in results)
 
     def pct(q: float) -> float:
-        return ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))]
+        return common.nearest_rank(ttfts, q)
 
     span = (max(r.end for r in results) - min(r.start for r in results)) / scale
     prompt = sum(r.prompt_tokens for r in results)
@@ -287,11 +288,7 @@ def main() -> None:
     parser.add_argument("--show-routes", action="store_true",
                         help="print each control plane's route decisions after a run")
     args = parser.parse_args()
-    try:
-        import uvloop
-        result = uvloop.run(run(args))
-    except ImportError:
-        result = asyncio.run(run(args))
+    result = common.run(run(args))
     print(json.dumps(result))
 
 
