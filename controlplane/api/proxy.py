@@ -18,7 +18,6 @@ import asyncio
 import logging
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -33,7 +32,7 @@ log = logging.getLogger("synapse.controlplane.proxy")
 
 _background: set[asyncio.Task[Any]] = set()
 # Not passed back: hop-by-hop headers and those aiohttp sets itself. Content-Encoding is
-# kept: bodies are forwarded undecoded (auto_decompress is off).
+# kept: bodies are forwarded undecoded.
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive",
                           "server", "date"})
 
@@ -113,15 +112,15 @@ def _describe(exc: BaseException) -> str:
     return text[:200]
 
 
-def _is_sse(up: aiohttp.ClientResponse) -> bool:
+def _is_sse(up: upstream_mod.UpstreamResponse) -> bool:
     return up.content_type == "text/event-stream"
 
 
-async def _server_error(up: aiohttp.ClientResponse,
+async def _server_error(up: upstream_mod.UpstreamResponse,
                         backend: core_types.BackendState) -> errors.SynapseError:
     try:
         async with asyncio.timeout(1.0):
-            detail = (await up.content.read(300)).decode("utf-8", "replace")
+            detail = (await up.read_some(300)).decode("utf-8", "replace")
     except upstream_mod.FAILURES:
         detail = ""
     return errors.UpstreamError(
@@ -129,16 +128,16 @@ async def _server_error(up: aiohttp.ClientResponse,
         + (f": {detail}" if detail else ""))
 
 
-def _response_headers(up: aiohttp.ClientResponse, ctx: context.RequestContext,
+def _response_headers(up: upstream_mod.UpstreamResponse, ctx: context.RequestContext,
                       ) -> dict[str, str]:
-    headers = {k: v for k, v in up.headers.items()
+    headers = {k: v for k, v in up.headers
                if k.lower() not in _HOP_HEADERS and not k.lower().startswith("x-synapse")
                and k.lower() != "x-request-id"}
     headers.update(ctx.headers())
     return headers
 
 
-async def _whole(request: web.Request, up: aiohttp.ClientResponse, ticket: Any,
+async def _whole(request: web.Request, up: upstream_mod.UpstreamResponse, ticket: Any,
                  store: cache_port.CacheDecision | None) -> web.Response:
     svc = request.app[context.SERVICES]
     ctx = context.get(request)
@@ -195,7 +194,7 @@ def _maybe_store(cache: cache_port.ResponseCache, decision: cache_port.CacheDeci
         cache.store(decision, response)
 
 
-async def _stream(request: web.Request, up: aiohttp.ClientResponse, ticket: Any,
+async def _stream(request: web.Request, up: upstream_mod.UpstreamResponse, ticket: Any,
                   store: cache_port.CacheDecision | None,
                   first_token_event: int) -> web.StreamResponse:
     svc = request.app[context.SERVICES]
@@ -208,24 +207,18 @@ async def _stream(request: web.Request, up: aiohttp.ClientResponse, ticket: Any,
     tail = b""
     first = True
     events = 0
-    chunks = up.content.iter_any()
-    http = svc.settings.http
-    # The session's read timeout is max(first byte, idle); only a shorter idle limit
-    # needs its own timer per chunk.
-    idle = (http.upstream_idle_timeout_s
-            if http.upstream_idle_timeout_s < http.upstream_first_byte_timeout_s else None)
+    idle = svc.settings.http.upstream_idle_timeout_s
     while True:
         try:
-            async with asyncio.timeout(idle):
-                chunk = await chunks.__anext__()
-        except StopAsyncIteration:
-            break
+            chunk = await up.next_chunk(idle)
         except upstream_mod.FAILURES as exc:
             if first:
                 raise errors.UpstreamError(f"backend {ctx.backend} broke off before its "
                                            f"first chunk: {_describe(exc)}") from None
             return await _broken(request, resp,
                                  f"the backend's stream broke off: {_describe(exc)}")
+        if chunk is None:
+            break
         if first:
             first = False
             ctx.first_byte = svc.clock()

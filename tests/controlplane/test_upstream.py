@@ -1,0 +1,376 @@
+"""The upstream HTTP/1.1 client against a raw TCP server that answers as each test needs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import uvloop
+
+from controlplane.adapters import upstream
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def on_both_loops(case: Callable[[], Awaitable[None]]) -> Callable[[str], None]:
+    """Run a test on asyncio's loop and on uvloop (the control plane's, whose transports
+    are not asyncio classes)."""
+    def test(loop: str) -> None:
+        runner = uvloop.run if loop == "uvloop" else asyncio.run
+        runner(asyncio.wait_for(case(), 30))
+
+    test.__name__ = case.__name__
+    test.__doc__ = case.__doc__
+    return pytest.mark.parametrize("loop", ["asyncio", "uvloop"])(test)
+
+
+class RawServer:
+    """Counts connections; ``handler(reader, writer, n)`` serves the n-th connection."""
+
+    def __init__(self) -> None:
+        self.handler: Handler | None = None
+        self.connections = 0
+        self.closed_by_peer = 0
+        self.requests: list[bytes] = []
+        self.open_now = 0
+        self.open_max = 0
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open_now += 1
+        self.open_max = max(self.open_max, self.open_now)
+        assert self.handler is not None
+        try:
+            await self.handler(reader, writer, self.connections)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open_now -= 1
+            writer.close()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        body = await reader.readexactly(length) if length else b""
+        self.requests.append(head + body)
+        return head + body
+
+    async def wait_closed_by_peer(self, reader: asyncio.StreamReader) -> None:
+        if await reader.read(1) == b"":
+            self.closed_by_peer += 1
+
+
+@contextlib.asynccontextmanager
+async def serving(handler_factory: Callable[[RawServer], Handler]) -> AsyncIterator[RawServer]:
+    srv = RawServer()
+    srv.handler = handler_factory(srv)
+    srv.server = await asyncio.start_server(srv._serve, "127.0.0.1", 0)
+    port = srv.server.sockets[0].getsockname()[1]
+    srv.url = f"http://127.0.0.1:{port}"
+    try:
+        yield srv
+    finally:
+        srv.server.close()
+
+
+@contextlib.asynccontextmanager
+async def client(**kw: float) -> AsyncIterator[upstream.UpstreamClient]:
+    c = upstream.UpstreamClient(kw.pop("connect", 2.0), kw.pop("first_byte", 5.0),
+                                kw.pop("idle", 5.0), **kw)  # type: ignore[arg-type]
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+def keep_alive(answer: bytes = OK) -> Callable[[RawServer], Handler]:
+    def factory(srv: RawServer) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          n: int) -> None:
+            while True:
+                await srv.read_request(reader)
+                writer.write(answer)
+                await writer.drain()
+        return handler
+    return factory
+
+
+@on_both_loops
+async def test_connections_are_kept_alive_and_reused() -> None:
+    async with serving(keep_alive()) as srv, client() as c:
+        for i in range(5):
+            resp = await c.post(srv.url + "/v1/chat", b'{"i": %d}' % i,
+                                {"Content-Type": "application/json", "x-request-id": "r"})
+            assert (resp.status, resp.content_type, await resp.read()) == (
+                200, "application/json", b"{}")
+            resp.close()
+        assert srv.connections == 1
+        first = srv.requests[0]
+        assert first.startswith(b"POST /v1/chat HTTP/1.1\r\n")
+        assert b"\r\nHost: 127.0.0.1:" in first and b"\r\nContent-Length: 8\r\n" in first
+        assert b"\r\nx-request-id: r\r\n" in first and first.endswith(b'{"i": 0}')
+
+
+@on_both_loops
+async def test_chunked_bodies_are_unframed_and_arrive_as_they_come() -> None:
+    def factory(srv: RawServer) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          n: int) -> None:
+            await srv.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8"
+                         b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for part in (b"data: 1\n\n", b"data: [DONE]\n\n"):
+                writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            await srv.read_request(reader)      # the connection is reused
+            writer.write(OK)
+            await writer.drain()
+            await asyncio.sleep(1)
+        return handler
+
+    async with serving(factory) as srv, client() as c:
+        resp = await c.post(srv.url + "/v1/chat", b"{}", {})
+        assert resp.content_type == "text/event-stream"
+        chunks = []
+        while (chunk := await resp.next_chunk()) is not None:
+            chunks.append(chunk)
+        assert chunks == [b"data: 1\n\n", b"data: [DONE]\n\n"]
+        resp.close()
+        again = await c.post(srv.url + "/v1/chat", b"{}", {})
+        assert await again.read() == b"{}"
+        again.close()
+        assert srv.connections == 1
+
+
+@on_both_loops
+async def test_a_body_ended_by_the_connection_is_read_whole_and_not_reused() -> None:
+    def factory(srv: RawServer) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          n: int) -> None:
+            await srv.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+            await writer.drain()
+        return handler
+
+    async with serving(factory) as srv, client() as c:
+        for _ in range(2):
+            resp = await c.post(srv.url + "/x", b"", {})
+            assert await resp.read() == b"all of it"
+            resp.close()
+        assert srv.connections == 2
+        assert c.open_connections == 0
+
+
+@on_both_loops
+async def test_a_stale_idle_connection_is_retried_once_on_a_new_one() -> None:
+    def factory(srv: RawServer) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          n: int) -> None:
+            await srv.read_request(reader)
+            writer.write(OK)
+            await writer.drain()
+            if n == 1:
+                # Keep-alive time-out racing the next request: read it, close unanswered.
+                await srv.read_request(reader)
+                return
+            await asyncio.sleep(1)
+        return handler
+
+    async with serving(factory) as srv, client() as c:
+        first = await c.post(srv.url + "/x", b"1", {})
+        await first.read()
+        first.close()
+        second = await c.post(srv.url + "/x", b"2", {})
+        assert await second.read() == b"{}"
+        second.close()
+        assert srv.connections == 2
+        assert [r[-1:] for r in srv.requests] == [b"1", b"2", b"2"]
+
+
+@on_both_loops
+async def test_a_new_connection_closed_before_answering_is_an_error_not_a_retry() -> None:
+    def factory(srv: RawServer) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          n: int) -> None:
+            await srv.read_request(reader)
+        return handler
+
+    async with serving(factory) as srv, client() as c:
+        with pytest.raises(upstream.FAILURES, match="before answering"):
+            await c.post(srv.url + "/x", b"{}", {})
+        assert srv.connections == 1
+        assert c.open_connections == 0
+
+
+@on_both_loops
+async def test_an_answer_cut_in_the_middle_fails_the_read() -> None:
+    def factory(srv: RawServer) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          n: int) -> None:
+            await srv.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+            await writer.drain()
+        return handler
+
+    async with serving(factory) as srv, client() as c:
+        resp = await c.post(srv.url + "/x", b"{}", {})
+        with pytest.raises(upstream.FAILURES, match="middle of its answer"):
+            await resp.read()
+        resp.close()
+        assert c.open_connections == 0
+
+
+@on_both_loops
+async def test_time_limits_connect_first_byte_and_read() -> None:
+    def factory(srv: RawServer) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          n: int) -> None:
+            request = await srv.read_request(reader)
+            if request.endswith(b"head"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+                await writer.drain()
+            await srv.wait_closed_by_peer(reader)
+        return handler
+
+    async with serving(factory) as srv, client(first_byte=0.3, idle=0.3) as c:
+        with pytest.raises(upstream.FirstByteTimeout, match=r"within 0\.3s"):
+            await c.post(srv.url + "/x", b"silent", {})
+        resp = await c.post(srv.url + "/x", b"head", {})
+        with pytest.raises(TimeoutError):
+            await resp.read()
+        resp.close()
+        with pytest.raises(TimeoutError):
+            resp2 = await c.post(srv.url + "/x", b"head", {})
+            try:
+                await resp2.next_chunk(0.05)
+                await resp2.next_chunk(0.05)
+            finally:
+                resp2.close()
+        await asyncio.sleep(0.1)
+        assert srv.closed_by_peer == 3, "each abandoned request closed its connection"
+    refused = upstream.UpstreamClient(0.5, 1.0, 1.0)
+    await refused.start()
+    with pytest.raises(upstream.UpstreamConnectError, match=r"cannot connect to 127\.0\.0\.1:1"):
+        await refused.post("http://127.0.0.1:1/x", b"", {})
+    await refused.close()
+
+
+@on_both_loops
+async def test_closing_before_the_end_closes_the_connection() -> None:
+    def factory(srv: RawServer) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          n: int) -> None:
+            await srv.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+            await writer.drain()
+            await srv.wait_closed_by_peer(reader)
+        return handler
+
+    async with serving(factory) as srv, client() as c:
+        resp = await c.post(srv.url + "/x", b"{}", {})
+        assert await resp.next_chunk() == b"abc"
+        resp.close()
+        await asyncio.sleep(0.1)
+        assert srv.closed_by_peer == 1
+        assert c.open_connections == 0
+
+
+@on_both_loops
+async def test_reading_pauses_while_the_caller_does_not_take_the_body() -> None:
+    size = 8 * 1024 * 1024
+    sent = 0
+
+    def factory(srv: RawServer) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          n: int) -> None:
+            nonlocal sent
+            await srv.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            block = b"x" * 65536
+            for _ in range(size // len(block)):
+                writer.write(block)
+                await writer.drain()
+                sent += len(block)
+        return handler
+
+    async with serving(factory) as srv, client() as c:
+        resp = await c.post(srv.url + "/x", b"{}", {})
+        await asyncio.sleep(0.5)
+        assert sent < size, "the server could not send it all: reading was paused"
+        got = 0
+        while (chunk := await resp.next_chunk()) is not None:
+            got += len(chunk)
+            assert len(chunk) <= upstream.HIGH_WATER + 4 * 65536
+        assert got == size
+        resp.close()
+
+
+@on_both_loops
+async def test_the_connection_limit_makes_requests_wait() -> None:
+    def factory(srv: RawServer) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          n: int) -> None:
+            while True:
+                await srv.read_request(reader)
+                await asyncio.sleep(0.1)
+                writer.write(OK)
+                await writer.drain()
+        return handler
+
+    async def one(c: upstream.UpstreamClient, url: str) -> bytes:
+        resp = await c.post(url + "/x", b"{}", {})
+        try:
+            return await resp.read()
+        finally:
+            resp.close()
+
+    async with serving(factory) as srv, client(limit=2) as c:
+        results = await asyncio.gather(*(one(c, srv.url) for _ in range(6)))
+        assert results == [b"{}"] * 6
+        assert srv.open_max == 2 and srv.connections == 2
+
+
+@on_both_loops
+async def test_informational_answers_are_skipped_and_bad_http_is_an_error() -> None:
+    def factory(srv: RawServer) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          n: int) -> None:
+            request = await srv.read_request(reader)
+            if request.endswith(b"bad"):
+                writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK)
+            await writer.drain()
+            await asyncio.sleep(0.5)
+        return handler
+
+    async with serving(factory) as srv, client() as c:
+        resp = await c.post(srv.url + "/x", b"fine", {})
+        assert resp.status == 200 and await resp.read() == b"{}"
+        assert [k for k, _ in resp.headers] == ["Content-Type", "Content-Length"]
+        resp.close()
+        with pytest.raises(upstream.UpstreamProtocolError, match="invalid HTTP"):
+            await c.post(srv.url + "/x", b"bad", {})
+
+
+@on_both_loops
+async def test_headers_with_line_breaks_are_refused_before_sending() -> None:
+    async with serving(keep_alive()) as srv, client() as c:
+        with pytest.raises(ValueError, match="'x-evil' holds a CR, LF or NUL"):
+            await c.post(srv.url + "/x", b"{}", {"x-evil": "a\r\nInjected: yes"})
+        status, body = await c.get(srv.url + "/health", 1.0, {"Authorization": "Bearer k"})
+        assert (status, body) == (200, b"{}")
+        assert srv.requests[0].startswith(b"GET /health HTTP/1.1\r\n")
+        assert b"Content-Length" not in srv.requests[0]
