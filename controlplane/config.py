@@ -123,6 +123,11 @@ class CacheSettings(Section):
     milvus_token: Secret | None = Field(None, description="Milvus token")
     collection: str = Field("synapse_cache", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                             description="Milvus collection the control plane owns")
+    l2_mirror_max_rows: int = Field(
+        100_000, ge=0, description="rows of searched L2 scopes kept in memory and searched "
+        "with numpy instead of a Milvus call (0 = always ask Milvus)")
+    l2_mirror_refresh_s: float = Field(
+        5.0, gt=0, description="how often a mirrored scope picks up other replicas' writes")
     top_k: int = Field(5, ge=1, le=50, description="candidates the verifier scores")
     embed_model: str = Field("sentence-transformers/all-MiniLM-L6-v2",
                              description="model asked of Node.Embed")

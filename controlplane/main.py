@@ -65,7 +65,8 @@ def build_response_cache(settings: config.ControlPlaneSettings,
         if settings.redis.url else l1.MemoryL1(c.l1_max_entries, c.l1_max_bytes))
     uri = c.milvus_uri.get_secret_value() if c.milvus_uri else os.path.join(settings.data_dir, "l2.db")
     token = c.milvus_token.get_secret_value() if c.milvus_token else None
-    l2 = milvus.MilvusL2(uri, c.collection, token)
+    l2 = milvus.MilvusL2(uri, c.collection, token, mirror_max_rows=c.l2_mirror_max_rows,
+                         mirror_refresh_s=c.l2_mirror_refresh_s)
     nodes = services.registry.ready_embed_nodes
     embed = embedder.NodeEmbedder(
         lambda: [n.address for n in nodes() if c.embed_model in n.embed_models],

@@ -43,6 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from controlplane.adapters import scope_mirror
+from controlplane.adapters.scope_mirror import Candidate
+
 Clock = Callable[[], float]
 TEXT_MAX = 8192
 PENDING_MAX = 5000
@@ -51,15 +54,6 @@ PENDING_MAX = 5000
 CONSISTENCY = "Bounded"
 POSITIVE_TTL_S = 30.0
 KNOWN_MAX = 100_000
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    ref: str
-    text: str
-    vector: np.ndarray
-    similarity: float
-    created_at: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +91,9 @@ def _literal(text: str) -> str:
 class MilvusL2:
     def __init__(self, uri: str, collection: str, token: str | None = None,
                  clock: Clock = time.time, call_timeout_s: float = 5.0,
-                 flush_interval_s: float = 1.0, reconnect_s: float = 5.0) -> None:
+                 flush_interval_s: float = 1.0, reconnect_s: float = 5.0,
+                 mirror_max_rows: int = 100_000, mirror_refresh_s: float = 5.0,
+                 mirror_reload_s: float = 300.0) -> None:
         self._uri = uri
         self._token = token
         self._collection = collection
@@ -113,10 +109,26 @@ class MilvusL2:
         self._known: dict[str, float] = {}      # scope -> until when "has rows" holds
         self._flush_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._mirror = scope_mirror.ScopeMirror(mirror_max_rows, mirror_refresh_s,
+                                                mirror_reload_s, time.monotonic)
+        self._mirror_tasks: dict[str, asyncio.Task[None]] = {}
+        self._unmirrorable: dict[str, float] = {}   # scope -> monotonic time to try again
+        self._generation = 0                        # bumped by invalidate
 
     # -- public API --------------------------------------------------------------------
     async def search(self, scope: str, vector: np.ndarray, top_k: int,
                      min_created_at: float) -> list[Candidate]:
+        if self._mirror.enabled:
+            mirrored = self._mirror.get(scope)
+            if mirrored is not None:
+                self._check_dim(vector)
+                due = self._mirror.due(mirrored)
+                if due is not None:
+                    self._sync_scope(scope, due)
+                if len(mirrored) <= scope_mirror.INLINE_MAX_ROWS:
+                    return mirrored.search(vector, top_k, min_created_at)
+                return await asyncio.to_thread(mirrored.search, vector, top_k, min_created_at)
+            self._sync_scope(scope, "reload")
         recent = self._search_pending(scope, vector, top_k, min_created_at)
         found = await asyncio.to_thread(self._search_sync, scope, vector, top_k, min_created_at)
         merged = {c.ref: c for c in found}
@@ -132,6 +144,8 @@ class MilvusL2:
         pending = [_Pending(r.scope, r.tenant, r.model, np.asarray(r.vector, dtype=np.float32),
                             r.ref, r.text[:TEXT_MAX], now) for r in rows]
         await asyncio.to_thread(self._insert_sync, pending)
+        for p in pending:
+            self._mirror.add(p.scope, [_mirror_row(p)])
         self._pending.extend(pending)
         if len(self._pending) > PENDING_MAX:
             # Flushes keep failing: the oldest rows are in Milvus anyway, only slower to find.
@@ -147,6 +161,9 @@ class MilvusL2:
         now = time.monotonic()
         if self._known.get(scope, 0.0) > now:
             return True
+        mirrored = self._mirror.get(scope)
+        if mirrored is not None and mirrored.has_live(min_created_at):
+            return True
         if any(p.scope == scope and p.created_at >= min_created_at for p in self._pending):
             found = True
         else:
@@ -159,6 +176,8 @@ class MilvusL2:
 
     async def invalidate(self, tenant: str | None, model: str | None) -> int:
         self._known.clear()
+        self._mirror.clear()
+        self._generation += 1       # loads that started before must not put rows back
         self._pending = [p for p in self._pending
                          if not ((tenant is None or p.tenant == tenant)
                                  and (model is None or p.model == model))]
@@ -180,6 +199,10 @@ class MilvusL2:
 
     async def close(self) -> None:
         self._closed = True
+        for task in list(self._mirror_tasks.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self._flush_task is not None:
             self._flush_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -320,6 +343,60 @@ class MilvusL2:
             return
         self._client.flush(self._collection, timeout=max(self._timeout, 30.0))
 
+    # -- scope mirror (see scope_mirror) ------------------------------------------------
+    def _sync_scope(self, scope: str, what: str) -> None:
+        """Start loading (``reload``) or refreshing a scope's mirror in the background."""
+        if self._closed or scope in self._mirror_tasks:
+            return
+        if what == "reload" and self._unmirrorable.get(scope, 0.0) > time.monotonic():
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._load_scope(scope) if what == "reload" else self._refresh_scope(scope))
+        self._mirror_tasks[scope] = task
+        task.add_done_callback(lambda _: self._mirror_tasks.pop(scope, None))
+
+    async def _load_scope(self, scope: str) -> None:
+        generation = self._generation
+        try:
+            rows = await asyncio.to_thread(self._query_scope_sync, scope, None)
+        except Exception:
+            # Milvus is failing: searches go to it (and fail open) until it is back.
+            self._unmirrorable[scope] = time.monotonic() + self._reconnect_s
+            return
+        if rows is None or generation != self._generation or self._dim is None:
+            return
+        if not self._mirror.put(scope, rows, self._dim):
+            self._unmirrorable[scope] = time.monotonic() + self._mirror.reload_s
+            return
+        self._unmirrorable.pop(scope, None)
+        # Own writes that the (bounded-consistency) query may not have seen yet.
+        self._mirror.add(scope, [_mirror_row(p) for p in self._pending if p.scope == scope])
+
+    async def _refresh_scope(self, scope: str) -> None:
+        mirrored = self._mirror.get(scope)
+        if mirrored is None:
+            return
+        since = mirrored.newest - scope_mirror.REFRESH_OVERLAP_S
+        generation = self._generation
+        with contextlib.suppress(Exception):
+            rows = await asyncio.to_thread(self._query_scope_sync, scope, since)
+            if rows is not None and generation == self._generation:
+                self._mirror.add(scope, rows)
+
+    def _query_scope_sync(self, scope: str, since: float | None
+                          ) -> list[scope_mirror.MirrorRow] | None:
+        client = self._connect(None)
+        if self._dim is None:
+            return None
+        expr = f"scope == {_literal(scope)}"
+        if since is not None:
+            expr += f" and created_at >= {float(since)!r}"
+        found = client.query(self._collection, filter=expr,
+                             output_fields=["ref", "text", "vector", "created_at"],
+                             limit=scope_mirror.SCOPE_MAX_ROWS + 1,
+                             consistency_level=CONSISTENCY, timeout=max(self._timeout, 30.0))
+        return scope_mirror.rows_from_query(found)
+
     # -- recent-write buffer -----------------------------------------------------------
     def _search_pending(self, scope: str, vector: np.ndarray, top_k: int,
                         min_created_at: float) -> list[Candidate]:
@@ -352,3 +429,7 @@ class MilvusL2:
         # Rows written while the flush ran stay in the buffer until the next one.
         done = {id(p) for p in flushed}
         self._pending = [p for p in self._pending if id(p) not in done]
+
+
+def _mirror_row(p: _Pending) -> scope_mirror.MirrorRow:
+    return scope_mirror.MirrorRow(p.ref, p.text, p.vector, p.created_at)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
-from controlplane.adapters import milvus
+from controlplane.adapters import milvus, scope_mirror
 
 
 def unit(seed: int, dim: int = 8) -> np.ndarray:
@@ -100,3 +102,99 @@ async def test_has_entries_is_per_scope_and_forgets_on_invalidate(l2):
     assert await l2.has_entries("s1", 0.0) and not await l2.has_entries("s2", 0.0)
     assert await l2.invalidate(None, None) == 1
     assert not await l2.has_entries("s1", 0.0)
+
+
+async def _mirrored(store: milvus.MilvusL2, scope: str) -> None:
+    """Search until the scope's background load made it a mirrored scope."""
+    for _ in range(200):
+        await store.search(scope, unit(0), 1, 0.0)
+        if store._mirror.get(scope) is not None and not store._mirror_tasks:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"scope {scope} was never mirrored")
+
+
+async def test_a_searched_scope_is_mirrored_and_answers_as_milvus_does(milvus_lite_path):
+    store = milvus.MilvusL2(milvus_lite_path, "mirror", flush_interval_s=0.05)
+    for seed in range(40):
+        await put(store, "s1", seed)
+    await put(store, "s2", 7)
+    await store.flush()
+    queries = [unit(1000 + i) for i in range(5)] + [unit(3)]
+    from_milvus = [await store.search("s1", q, 5, 0.0) for q in queries]
+    await _mirrored(store, "s1")
+    assert store._mirror.get("s2") is None, "only searched scopes are mirrored"
+    from_mirror = [await store.search("s1", q, 5, 0.0) for q in queries]
+    for a, b in zip(from_milvus, from_mirror, strict=True):
+        assert [c.ref for c in a] == [c.ref for c in b]
+        np.testing.assert_allclose([c.similarity for c in a], [c.similarity for c in b],
+                                   atol=1e-5)
+        assert [c.text for c in a] == [c.text for c in b]
+    await put(store, "s1", 99)                        # an own write is found at once
+    assert (await store.search("s1", unit(99), 1, 0.0))[0].ref == "ref-s1-99"
+    newest = (await store.search("s1", unit(99), 1, 0.0))[0].created_at
+    assert await store.search("s1", unit(99), 5, min_created_at=newest + 1) == []
+    assert await store.has_entries("s1", 0.0)
+    assert await store.invalidate(None, None) == 42
+    assert store._mirror.get("s1") is None
+    assert await store.search("s1", unit(99), 5, 0.0) == []
+    await store.close()
+
+
+async def test_writes_of_another_replica_reach_a_mirrored_scope(milvus_lite_path):
+    reader = milvus.MilvusL2(milvus_lite_path, "shared", mirror_refresh_s=0.1)
+    writer = milvus.MilvusL2(milvus_lite_path, "shared", mirror_max_rows=0)
+    await put(writer, "s", 1)
+    await writer.flush()
+    await _mirrored(reader, "s")
+    await put(writer, "s", 2)
+    await writer.flush()
+    for _ in range(100):
+        found = await reader.search("s", unit(2), 1, 0.0)
+        if found and found[0].ref == "ref-s-2":
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the other replica's row never reached the mirror")
+    await reader.close()
+    await writer.close()
+
+
+async def test_a_scope_over_the_mirror_bound_keeps_searching_milvus(milvus_lite_path):
+    store = milvus.MilvusL2(milvus_lite_path, "big", mirror_max_rows=5)
+    for seed in range(8):
+        await put(store, "s", seed)
+    await store.flush()
+    for _ in range(40):
+        found = await store.search("s", unit(6), 3, 0.0)
+        assert found[0].ref == "ref-s-6"
+        if "s" in store._unmirrorable:
+            break
+        await asyncio.sleep(0.05)
+    assert store._mirror.get("s") is None and "s" in store._unmirrorable
+    await store.close()
+
+
+def test_the_mirror_search_is_an_exact_top_k_and_evicts_least_recent_scopes() -> None:
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((500, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = [scope_mirror.MirrorRow(f"r{i}", f"t{i}", vectors[i], float(i)) for i in range(500)]
+    mirror = scope_mirror.ScopeMirror(max_rows=800, refresh_s=5, reload_s=300,
+                                      clock=lambda: 0.0)
+    assert mirror.put("a", rows[:300], 16) and mirror.put("b", rows[300:], 16)
+    mirror.add("a", rows[:10])                         # refs already there: no duplicates
+    assert mirror.rows == 500
+    query = vectors[42] + 0.1 * vectors[7]
+    query /= np.linalg.norm(query)
+    entry = mirror.get("a")
+    assert entry is not None
+    found = entry.search(query, 5, min_created_at=0.0)
+    expected = np.argsort(-(vectors[:300] @ query))[:5]
+    assert [c.ref for c in found] == [f"r{i}" for i in expected]
+    assert [c.ref for c in entry.search(query, 5, min_created_at=250.0)] == [
+        f"r{i}" for i in (250 + np.argsort(-(vectors[250:300] @ query))[:5])]
+    mirror.get("b")                                    # "a" is now the least recent
+    assert mirror.put("c", rows[:400], 16) is True     # over the bound: "a" leaves
+    assert mirror.get("a") is None and mirror.get("b") is not None and mirror.rows == 600
+    assert not mirror.put("huge", [*rows, *rows[:1]] * 3, 16), "over the bound: not kept"
