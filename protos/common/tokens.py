@@ -25,28 +25,25 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-_PIECES = re.compile(r"[A-Za-z0-9]+|\S|\s+")
 CHARS_PER_TOKEN = 4
+# One match per token: up to four letters/digits of a run (runs are cut from their
+# start), one other character, or eight whitespace characters. Whitespace joins the next
+# token, as in BPE vocabularies; only long runs count (one token per eight; the rest of
+# a run matches nothing and is skipped).
+_TOKENS = re.compile(rf"[A-Za-z0-9]{{1,{CHARS_PER_TOKEN}}}|\s{{8}}|\S")
 
 
 @functools.lru_cache(maxsize=1 << 16)  # text repeats: most pieces are common words
 def _token_id(piece: str) -> int:
+    if piece.isspace():
+        piece = " "
     digest = hashlib.blake2b(piece.encode("utf-8", "surrogatepass"), digest_size=4).digest()
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 def tokenize(text: str) -> list[int]:
     """Deterministic token ids for ``text`` (about one per four characters)."""
-    ids: list[int] = []
-    for match in _PIECES.finditer(text):
-        piece = match.group()
-        if piece.isspace():
-            # Whitespace joins the next token, as in BPE vocabularies; long runs count.
-            ids.extend(_token_id(" ") for _ in range(len(piece) // 8))
-            continue
-        for start in range(0, len(piece), CHARS_PER_TOKEN):
-            ids.append(_token_id(piece[start:start + CHARS_PER_TOKEN]))
-    return ids
+    return [_token_id(piece) for piece in _TOKENS.findall(text)]
 
 
 def count_tokens(text: str) -> int:

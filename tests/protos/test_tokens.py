@@ -33,3 +33,14 @@ def test_shared_prefix_shares_block_hashes_then_diverges() -> None:
 def test_only_full_blocks_are_hashed() -> None:
     assert tokens.block_hashes(list(range(40)), 16) == tokens.block_hashes(list(range(32)), 16)
     assert len(tokens.block_hashes(list(range(15)), 16)) == 0
+
+
+def test_token_ids_are_pinned() -> None:
+    """Ids are part of the contract between simulator prefix caches and the router's
+    prefix index (and of anything they persisted): a change to the rules must be seen."""
+    text = "Hi  there,\t\t\t\t\t\t\t\tworld 12345!\n" + " " * 17 + "naïve 中文"
+    assert tokens.tokenize(text) == [
+        1018698255, 580191784, 459286685, 792503551, 579531077, 202129205, 1005264863,
+        972798565, 999093963, 1584705408, 579531077, 579531077, 1399536239, 1943869409,
+        96855703, 1388825851, 294209082]
+    assert tokens.tokenize("") == [] and tokens.tokenize(" " * 7) == []
