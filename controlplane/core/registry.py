@@ -55,6 +55,7 @@ class Registry:
         self._pending: dict[str, tuple[str, asyncio.Future[types.CommandResult]]] = {}
         self.version = 0
         self._view: tuple[int, float, list[tuple[types.BackendState, str]]] | None = None
+        self._served: tuple[int, float, frozenset[str]] | None = None
 
     # -- agents -------------------------------------------------------------------------
 
@@ -211,11 +212,17 @@ class Registry:
     def backends_for(self, model: str) -> list[tuple[types.BackendState, str]]:
         return [(b, why) for b, why in self.all_backends() if model in b.models]
 
-    def served_models(self) -> set[str]:
-        """Models some backend serves, plus those an up agent embeds in process."""
+    def served_models(self) -> frozenset[str]:
+        """Models some backend serves, plus those an up agent embeds in process (asked on
+        every request that names a model; kept like :meth:`all_backends`)."""
+        now = self._clock()
+        cached = self._served
+        if cached is not None and cached[0] == self.version and now - cached[1] < VIEW_TTL_S:
+            return cached[2]
         models = {m for b, _ in self.all_backends() for m in b.models}
         models.update(m for n in self.ready_embed_nodes() for m in n.embed_models)
-        return models
+        self._served = (self.version, now, frozenset(models))
+        return self._served[2]
 
     def ready_embed_nodes(self) -> list[types.EmbedNode]:
         """Up nodes whose agent serves ``Node.Embed`` (for the semantic cache)."""
