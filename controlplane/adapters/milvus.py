@@ -24,6 +24,12 @@ Design decisions:
   ``Bounded`` consistency rather than ``Strong`` (which waits for the newest timestamp
   on every search). A row deleted by invalidation may linger in search results for a
   moment; its response is gone from L1 by then, so it can never be served.
+- Searched scopes are mirrored in memory and searched with numpy (``scope_mirror``):
+  a Milvus call costs tens of milliseconds, the numpy search of a scope about one.
+- Empty scopes: most lookups ask whether a scope has rows at all (``has_entries``). The
+  sole writer of a Milvus Lite file (a Lite file belongs to one process) reads every
+  scope's newest row once in the background and then answers from memory; with a Milvus
+  server, other replicas write too, so only a "yes" is remembered.
 - pymilvus is blocking: every call runs in ``asyncio.to_thread`` with a pymilvus
   ``timeout``. A failed connection is retried at most every ``reconnect_s`` so a missing
   Milvus costs one fast error per call, not a connect attempt each time.
@@ -54,6 +60,7 @@ PENDING_MAX = 5000
 CONSISTENCY = "Bounded"
 POSITIVE_TTL_S = 30.0
 KNOWN_MAX = 100_000
+SCAN_BATCH = 5_000      # rows per call when a sole writer reads every scope at start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +121,12 @@ class MilvusL2:
         self._mirror_tasks: dict[str, asyncio.Task[None]] = {}
         self._unmirrorable: dict[str, float] = {}   # scope -> monotonic time to try again
         self._generation = 0                        # bumped by invalidate
+        # A Milvus Lite file belongs to this one process, so this replica sees every write:
+        # once loaded, a map of each scope's newest row answers has_entries exactly.
+        self._sole_writer = "://" not in uri
+        self._scope_newest: dict[str, float] | None = None
+        self._scopes_loading = False
+        self._scan_writes: list[tuple[str, float]] = []   # inserts while the scan runs
 
     # -- public API --------------------------------------------------------------------
     async def search(self, scope: str, vector: np.ndarray, top_k: int,
@@ -146,24 +159,60 @@ class MilvusL2:
         await asyncio.to_thread(self._insert_sync, pending)
         for p in pending:
             self._mirror.add(p.scope, [_mirror_row(p)])
+            if self._scope_newest is not None:
+                self._scope_newest[p.scope] = max(self._scope_newest.get(p.scope, -1.0),
+                                                  p.created_at)
+            elif self._scopes_loading:
+                self._scan_writes.append((p.scope, p.created_at))
         self._pending.extend(pending)
         if len(self._pending) > PENDING_MAX:
             # Flushes keep failing: the oldest rows are in Milvus anyway, only slower to find.
             del self._pending[: len(self._pending) - PENDING_MAX]
         self._schedule_flush()
 
+    def _load_scopes_soon(self) -> None:
+        """Sole writer: read every scope's newest row once, in the background."""
+        if not self._sole_writer or self._scopes_loading or self._closed:
+            return
+        if self._scope_newest is not None:
+            return
+        self._scopes_loading = True
+        self._scan_writes = []
+        generation = self._generation
+
+        async def load() -> None:
+            try:
+                newest = await asyncio.to_thread(self._scan_scopes_sync)
+            except Exception:
+                return      # the probe keeps answering; the next call tries again
+            finally:
+                self._scopes_loading = False
+            if newest is not None and generation == self._generation:
+                for scope, created in self._scan_writes:    # written while the scan ran
+                    newest[scope] = max(newest.get(scope, -1.0), created)
+                self._scope_newest = newest
+
+        task = asyncio.get_running_loop().create_task(load())
+        self._mirror_tasks["\0scopes"] = task
+        task.add_done_callback(lambda _: self._mirror_tasks.pop("\0scopes", None))
+
     async def has_entries(self, scope: str, min_created_at: float) -> bool:
         """Whether the scope holds a live row (a scalar query: no vectors involved).
 
         A yes is remembered for ``POSITIVE_TTL_S`` (scopes rarely empty out; a stale yes
         only costs one search); a no is never remembered, since another replica may
-        write the scope at any moment."""
+        write the scope at any moment — except by the sole writer of a Milvus Lite file,
+        which reads every scope's newest row once and then sees every write itself."""
+        newest = self._scope_newest
+        if newest is not None:
+            return newest.get(scope, -1.0) >= min_created_at
         now = time.monotonic()
         if self._known.get(scope, 0.0) > now:
             return True
         mirrored = self._mirror.get(scope)
         if mirrored is not None and mirrored.has_live(min_created_at):
             return True
+        self._load_scopes_soon()
         if any(p.scope == scope and p.created_at >= min_created_at for p in self._pending):
             found = True
         else:
@@ -178,10 +227,13 @@ class MilvusL2:
         self._known.clear()
         self._mirror.clear()
         self._generation += 1       # loads that started before must not put rows back
+        self._scope_newest = None   # other tenants' scopes remain: read them again
         self._pending = [p for p in self._pending
                          if not ((tenant is None or p.tenant == tenant)
                                  and (model is None or p.model == model))]
-        return await asyncio.to_thread(self._delete_sync, tenant, model)
+        deleted = await asyncio.to_thread(self._delete_sync, tenant, model)
+        self._load_scopes_soon()
+        return deleted
 
     def warm_up(self) -> None:
         """Open Milvus (Lite starts a server: about a second) in a background thread, so
@@ -382,6 +434,25 @@ class MilvusL2:
             rows = await asyncio.to_thread(self._query_scope_sync, scope, since)
             if rows is not None and generation == self._generation:
                 self._mirror.add(scope, rows)
+
+    def _scan_scopes_sync(self) -> dict[str, float] | None:
+        """Every scope and the creation time of its newest row (a full scan, batched)."""
+        client = self._connect(None)
+        if self._dim is None:
+            return {}       # no collection yet: no scope has rows
+        newest: dict[str, float] = {}
+        rows = client.query_iterator(self._collection, batch_size=SCAN_BATCH, filter="id >= 0",
+                                     output_fields=["scope", "created_at"],
+                                     timeout=max(self._timeout, 30.0))
+        try:
+            while batch := rows.next():
+                for row in batch:
+                    scope, created = row["scope"], float(row["created_at"])
+                    if created > newest.get(scope, -1.0):
+                        newest[scope] = created
+        finally:
+            rows.close()
+        return newest
 
     def _query_scope_sync(self, scope: str, since: float | None
                           ) -> list[scope_mirror.MirrorRow] | None:

@@ -198,3 +198,33 @@ def test_the_mirror_search_is_an_exact_top_k_and_evicts_least_recent_scopes() ->
     assert mirror.put("c", rows[:400], 16) is True     # over the bound: "a" leaves
     assert mirror.get("a") is None and mirror.get("b") is not None and mirror.rows == 600
     assert not mirror.put("huge", [*rows, *rows[:1]] * 3, 16), "over the bound: not kept"
+
+
+async def test_the_sole_writer_of_a_lite_file_knows_every_scope_without_asking(
+        milvus_lite_path):
+    first = milvus.MilvusL2(milvus_lite_path, "scopes")
+    await put(first, "a", 1)
+    await put(first, "b", 2, tenant="other")
+    await first.flush()
+    await first.close()
+    store = milvus.MilvusL2(milvus_lite_path, "scopes")
+    assert await store.has_entries("a", 0.0)            # the probe, while the scan starts
+    for _ in range(100):
+        if store._scope_newest is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert store._scope_newest is not None and set(store._scope_newest) == {"a", "b"}
+    assert await store.has_entries("b", 0.0) and not await store.has_entries("c", 0.0)
+    newest = store._scope_newest["a"]
+    assert not await store.has_entries("a", newest + 1)   # only expired rows: empty
+    await put(store, "c", 3)
+    assert await store.has_entries("c", 0.0)
+    assert await store.invalidate("acme", None) == 2      # scopes "a" and "c"
+    for _ in range(100):
+        if store._scope_newest is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert store._scope_newest is not None and set(store._scope_newest) == {"b"}
+    assert not await store.has_entries("a", 0.0) and await store.has_entries("b", 0.0)
+    await store.close()
+    assert not milvus.MilvusL2("http://milvus:19530", "c")._sole_writer
