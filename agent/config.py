@@ -120,7 +120,9 @@ class EmbedderSettings(Section):
     cache_max_entries: int = Field(100_000, ge=1, description="embedding cache bound (entries)")
     cache_max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="embedding cache bound (bytes)")
     max_batch: int = Field(64, ge=1, description="micro-batch size")
-    batch_wait_ms: float = Field(2.0, ge=0, description="micro-batch gathering window")
+    batch_wait_ms: float = Field(0.0, ge=0, description="extra micro-batch gathering window, "
+                                 "only after a batch that served several callers (0: a batch "
+                                 "runs as soon as the model is free)")
     max_texts: int = Field(2048, ge=1, description="texts per Embed call (more: INVALID_ARGUMENT)")
     max_text_chars: int = Field(32_768, ge=1, description="characters per text "
                                 "(longer: INVALID_ARGUMENT)")

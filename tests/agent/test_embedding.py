@@ -1,4 +1,5 @@
-"""The embedding service: micro-batching, the cache in front of it, and the TEI client.
+"""The embedding service: micro-batching, the cache in front of it, the in-process
+all-MiniLM-L6-v2 path and the TEI client.
 
 TEI is a real HTTP server in the test (aiohttp on a free port) answering ``/info`` and
 ``/embed`` like text-embeddings-inference, with deterministic vectors.
@@ -54,6 +55,71 @@ async def test_a_failed_batch_fails_each_caller_and_the_next_batch_still_runs():
         await batcher.submit(["a"])
     assert (await batcher.submit(["b"])).shape == (1, 2)
     await batcher.close()
+
+
+async def test_a_lone_caller_at_an_idle_model_does_not_wait_for_companions():
+    batches: list[list[str]] = []
+
+    async def run(texts: list[str]) -> np.ndarray:
+        batches.append(texts)
+        await asyncio.sleep(0.02)
+        return np.zeros((len(texts), 1), dtype=np.float32)
+
+    batcher = embedding.MicroBatcher(run, max_batch=16, wait_s=60)  # a window never used
+    for text in ("a", "b", "c"):  # one caller, one call at a time
+        await asyncio.wait_for(batcher.submit([text]), timeout=5)
+    # "d" finds the model idle and runs alone; "e" and "f" arrive meanwhile and go next
+    first = asyncio.create_task(batcher.submit(["d"]))
+    await asyncio.sleep(0.005)
+    rest = [asyncio.create_task(batcher.submit([t])) for t in ("e", "f")]
+    await asyncio.wait_for(asyncio.gather(first, *rest), timeout=5)
+    await batcher.close()
+    assert batches == [["a"], ["b"], ["c"], ["d"], ["e", "f"]]
+
+
+async def test_after_a_shared_batch_the_window_lets_returning_callers_fill_the_next():
+    batches: list[int] = []
+
+    async def run(texts: list[str]) -> np.ndarray:
+        batches.append(len(texts))
+        await asyncio.sleep(0.02)
+        return np.zeros((len(texts), 1), dtype=np.float32)
+
+    async def caller(batcher: embedding.MicroBatcher, i: int) -> None:
+        for _ in range(3):  # each caller sends again after its own network round trip
+            await batcher.submit([str(i)])
+            await asyncio.sleep(0.005 * (i + 1))
+
+    for wait_s in (5.0, 0.0):  # the window ends early once max_batch texts are there
+        batches.clear()
+        batcher = embedding.MicroBatcher(run, max_batch=8, wait_s=wait_s)
+        await asyncio.wait_for(asyncio.gather(*(caller(batcher, i) for i in range(8))), 10)
+        await batcher.close()
+        if wait_s:
+            assert batches == [8, 8, 8]
+        else:  # the first caller back finds the model idle and runs alone, and so on
+            assert batches[0] == 8 and len(batches) > 3 and max(batches[1:]) < 8
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return embedding.load_minilm()
+
+
+async def test_minilm_vectors_equal_sentence_transformers_for_mixed_length_batches(minilm):
+    texts = ["hi", "How do I reset my password?", "été, naïve café — unicode text",
+             " ".join(["kubernetes schedules pods onto nodes"] * 80),  # truncated at 256
+             "The cat sat on the mat. " * 6]
+    embedder = embedding.MiniLmEmbedder(EmbedderSettings(kind="minilm", max_batch=2), minilm)
+    one_call = await embedder.embed(texts)  # chunks of 2, longest first, put back in order
+    calls = await asyncio.gather(*(embedder.embed([t]) for t in texts))  # one padded batch
+    await embedder.close()
+    expected = minilm.encode(texts, convert_to_numpy=True)
+    assert one_call.dtype == np.float32 and one_call.shape == (5, 384)
+    np.testing.assert_allclose(one_call, expected, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(calls), expected, atol=1e-6)
+    for text, row in zip(texts, one_call, strict=True):
+        np.testing.assert_allclose(row, minilm.encode([text])[0], atol=1e-6)
 
 
 class TeiStandIn:
