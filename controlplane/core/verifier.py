@@ -86,15 +86,20 @@ class Forest:
     baseline: float
 
     def margin(self, x: F64) -> F64:
-        n, trees = x.shape[0], self.feature.shape[0]
-        node = np.zeros((n, trees), dtype=np.int64)
-        cols = np.arange(trees)[None, :]
-        rows = np.arange(n)[:, None]
+        # Flat indices (tree * nodes + node) into the raveled arrays: one-dimensional
+        # ``take`` is several times faster than two-dimensional fancy indexing.
+        n, (trees, nodes) = x.shape[0], self.feature.shape
+        roots = np.arange(trees, dtype=np.int64) * nodes
+        at = np.tile(roots, (n, 1))
+        row_start = (np.arange(n, dtype=np.int64) * x.shape[1])[:, None]
+        xs = np.ascontiguousarray(x, dtype=np.float64).ravel()
+        feature, threshold = self.feature.ravel(), self.threshold.ravel()
+        left, right = self.left.ravel(), self.right.ravel()
         for _ in range(self.depth):
-            feat = self.feature[cols, node]
-            go_left = x[rows, feat] <= self.threshold[cols, node]
-            node = np.where(go_left, self.left[cols, node], self.right[cols, node])
-        return np.asarray(self.baseline + self.value[cols, node].sum(axis=1), dtype=np.float64)
+            go_left = xs.take(row_start + feature.take(at)) <= threshold.take(at)
+            at = roots + np.where(go_left, left.take(at), right.take(at))
+        return np.asarray(self.baseline + self.value.ravel().take(at).sum(axis=1),
+                          dtype=np.float64)
 
 
 class Verifier:
