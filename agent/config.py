@@ -127,6 +127,14 @@ class EmbedderSettings(Section):
     max_text_chars: int = Field(32_768, ge=1, description="characters per text "
                                 "(longer: INVALID_ARGUMENT)")
     request_timeout_s: float = Field(30.0, gt=0, description="TEI HTTP call timeout")
+    runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="kind minilm: auto runs the transformer in onnxruntime when it is "
+        "installed and its vectors match torch's to 1e-5 at start (else torch, with one log "
+        "line); torch forces torch; onnx requires onnxruntime (else the embedder is "
+        "unavailable, with the reason)")
+    onnx_cache_dir: str = Field("~/.cache/synapse/onnx", description="kind minilm: where the "
+                                "transformer's ONNX export is kept (one file per weights and "
+                                "torch version; unwritable: exported per start)")
 
 
 class AgentSettings(Section):
