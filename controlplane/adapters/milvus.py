@@ -227,13 +227,11 @@ class MilvusL2:
         self._known.clear()
         self._mirror.clear()
         self._generation += 1       # loads that started before must not put rows back
-        self._scope_newest = None   # other tenants' scopes remain: read them again
+        self._scope_newest = None   # other scopes remain: the next probe reads them again
         self._pending = [p for p in self._pending
                          if not ((tenant is None or p.tenant == tenant)
                                  and (model is None or p.model == model))]
-        deleted = await asyncio.to_thread(self._delete_sync, tenant, model)
-        self._load_scopes_soon()
-        return deleted
+        return await asyncio.to_thread(self._delete_sync, tenant, model)
 
     def warm_up(self) -> None:
         """Open Milvus (Lite starts a server: about a second) in a background thread, so
@@ -383,8 +381,9 @@ class MilvusL2:
         if model is not None:
             clauses.append(f"model == {_literal(model)}")
         expr = " and ".join(clauses) if clauses else "id >= 0"
+        # Strong: the count (and so the delete) must see rows written a moment ago.
         counted = client.query(self._collection, filter=expr, output_fields=["count(*)"],
-                               timeout=self._timeout)
+                               consistency_level="Strong", timeout=self._timeout)
         count = int(counted[0]["count(*)"]) if counted else 0
         if count:
             client.delete(self._collection, filter=expr, timeout=self._timeout)

@@ -220,6 +220,8 @@ async def test_the_sole_writer_of_a_lite_file_knows_every_scope_without_asking(
     await put(store, "c", 3)
     assert await store.has_entries("c", 0.0)
     assert await store.invalidate("acme", None) == 2      # scopes "a" and "c"
+    assert store._scope_newest is None                     # read again at the next probe
+    assert await store.has_entries("b", 0.0)
     for _ in range(100):
         if store._scope_newest is not None:
             break
