@@ -207,27 +207,42 @@ def load_minilm() -> Any:
     return SentenceTransformer(minilm_path(), device="cpu", local_files_only=True)
 
 
+def tokenizer_of(model: Any) -> Callable[[list[str]], Any]:
+    """The SentenceTransformer's own tokenizing step (``preprocess``; older releases:
+    ``tokenize``), so every runtime pads and truncates exactly as the model does."""
+    tokenize: Callable[[list[str]], Any] = (getattr(model, "preprocess", None)
+                                            or model.tokenize)
+    return tokenize
+
+
+def in_length_order(texts: list[str], batch_size: int,
+                    embed_chunk: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """``embed_chunk`` over chunks of ``batch_size``, longest texts first as ``encode``
+    does (so each chunk pads little); the vectors come back in the callers' order."""
+    order = np.argsort([-len(t) for t in texts])
+    chunks = [embed_chunk([texts[i] for i in order[start:start + batch_size]])
+              for start in range(0, len(texts), batch_size)]
+    by_length = np.concatenate(chunks).astype(np.float32, copy=False)
+    vectors = np.empty_like(by_length)
+    vectors[order] = by_length
+    return vectors
+
+
 def encode(model: Any, texts: list[str], batch_size: int) -> np.ndarray:
     """``model.encode(texts, batch_size=…)``'s vectors without its per-call machinery (blocking).
 
-    Longest texts first, in chunks of ``batch_size``, as ``encode`` does, so each chunk pads
-    little; every module of the model runs (Transformer → Pooling → Normalize here).
+    Same chunks as ``encode`` (:func:`in_length_order`); every module of the model runs
+    (Transformer → Pooling → Normalize here).
     """
     import torch
 
     if model.training:  # it loads in training mode: dropout would change the vectors
         model.eval()
-    tokenize = getattr(model, "preprocess", None) or model.tokenize  # older releases: tokenize
-    order = np.argsort([-len(t) for t in texts])
-    chunks = []
+    tokenize = tokenizer_of(model)
     with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            features = tokenize([texts[i] for i in order[start:start + batch_size]])
-            chunks.append(model(features)["sentence_embedding"].numpy())
-    by_length = np.concatenate(chunks).astype(np.float32, copy=False)
-    vectors = np.empty_like(by_length)
-    vectors[order] = by_length
-    return vectors
+        return in_length_order(
+            texts, batch_size,
+            lambda chunk: model(tokenize(chunk))["sentence_embedding"].numpy())
 
 
 class MiniLmEmbedder:

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from agent import embedding
+
 log = logging.getLogger(__name__)
 
 OPSET = 17
@@ -85,7 +87,7 @@ def export(model: Any, path: pathlib.Path) -> None:
     transformer = model[0]
     bert = getattr(transformer, "auto_model", None) or transformer.model
     model.eval()
-    features = _tokenize(model)(["a sample", "a longer sample text for the export"])
+    features = embedding.tokenizer_of(model)(["a sample", "a longer sample text for the export"])
     args = tuple(features[name] for name in INPUTS)
     axes = {name: {0: "batch", 1: "sequence"} for name in (*INPUTS, "last_hidden_state")}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -125,35 +127,25 @@ class _ByName:
         return ByName().eval()
 
 
-def _tokenize(model: Any) -> Callable[[list[str]], Any]:
-    tokenize: Callable[[list[str]], Any] = (getattr(model, "preprocess", None)
-                                            or model.tokenize)  # older releases: tokenize
-    return tokenize
-
-
 class OnnxMiniLm:
     """The model's tokenizer, its transformer in onnxruntime, mean pooling and L2 norm."""
 
     def __init__(self, model: Any, session: Any) -> None:
-        self._tokenize = _tokenize(model)
+        self._tokenize = embedding.tokenizer_of(model)
         self._session = session
         self._inputs = [i.name for i in session.get_inputs()]
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         """The model's vectors for ``texts`` (blocking; onnxruntime releases the GIL)."""
-        order = np.argsort([-len(t) for t in texts])
-        chunks = []
-        for start in range(0, len(texts), batch_size):
-            features = self._tokenize([texts[i] for i in order[start:start + batch_size]])
-            mask = features["attention_mask"].numpy()
-            feeds = {name: (features[name].numpy() if name in features
-                            else np.zeros_like(mask)) for name in self._inputs}
-            hidden = self._session.run(["last_hidden_state"], feeds)[0]
-            chunks.append(pool(hidden, mask))
-        by_length = np.concatenate(chunks)
-        vectors = np.empty_like(by_length)
-        vectors[order] = by_length
-        return vectors
+        return embedding.in_length_order(texts, batch_size, self._embed_chunk)
+
+    def _embed_chunk(self, texts: list[str]) -> np.ndarray:
+        features = self._tokenize(texts)
+        mask = features["attention_mask"].numpy()
+        feeds = {name: (features[name].numpy() if name in features
+                        else np.zeros_like(mask)) for name in self._inputs}
+        hidden = self._session.run(["last_hidden_state"], feeds)[0]
+        return pool(hidden, mask)
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

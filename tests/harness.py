@@ -6,6 +6,7 @@ classes directly (``from tests import harness``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pathlib
@@ -49,6 +50,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
         time.sleep(interval)
     tail = f"; output of {proc.name}:\n{proc.output_tail()}" if proc else ""
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
+
+
+async def until(predicate: Callable[[], bool], within: float, what: str) -> None:
+    """:func:`wait_until` for async tests: polls without blocking the event loop."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def with_sections(base: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:

@@ -125,7 +125,7 @@ class MilvusL2:
         # once loaded, a map of each scope's newest row answers has_entries exactly.
         self._sole_writer = "://" not in uri
         self._scope_newest: dict[str, float] | None = None
-        self._scopes_loading = False
+        self._scan_task: asyncio.Task[None] | None = None
         self._scan_writes: list[tuple[str, float]] = []   # inserts while the scan runs
 
     # -- public API --------------------------------------------------------------------
@@ -162,7 +162,7 @@ class MilvusL2:
             if self._scope_newest is not None:
                 self._scope_newest[p.scope] = max(self._scope_newest.get(p.scope, -1.0),
                                                   p.created_at)
-            elif self._scopes_loading:
+            elif self._scanning:
                 self._scan_writes.append((p.scope, p.created_at))
         self._pending.extend(pending)
         if len(self._pending) > PENDING_MAX:
@@ -170,31 +170,28 @@ class MilvusL2:
             del self._pending[: len(self._pending) - PENDING_MAX]
         self._schedule_flush()
 
+    @property
+    def _scanning(self) -> bool:
+        return self._scan_task is not None and not self._scan_task.done()
+
     def _load_scopes_soon(self) -> None:
         """Sole writer: read every scope's newest row once, in the background."""
-        if not self._sole_writer or self._scopes_loading or self._closed:
+        if (not self._sole_writer or self._scanning or self._closed
+                or self._scope_newest is not None):
             return
-        if self._scope_newest is not None:
-            return
-        self._scopes_loading = True
         self._scan_writes = []
-        generation = self._generation
+        self._scan_task = asyncio.get_running_loop().create_task(
+            self._load_scopes(self._generation))
 
-        async def load() -> None:
-            try:
-                newest = await asyncio.to_thread(self._scan_scopes_sync)
-            except Exception:
-                return      # the probe keeps answering; the next call tries again
-            finally:
-                self._scopes_loading = False
-            if newest is not None and generation == self._generation:
-                for scope, created in self._scan_writes:    # written while the scan ran
-                    newest[scope] = max(newest.get(scope, -1.0), created)
-                self._scope_newest = newest
-
-        task = asyncio.get_running_loop().create_task(load())
-        self._mirror_tasks["\0scopes"] = task
-        task.add_done_callback(lambda _: self._mirror_tasks.pop("\0scopes", None))
+    async def _load_scopes(self, generation: int) -> None:
+        try:
+            newest = await asyncio.to_thread(self._scan_scopes_sync)
+        except Exception:
+            return      # the probe keeps answering; the next call tries again
+        if newest is not None and generation == self._generation:
+            for scope, created in self._scan_writes:    # written while the scan ran
+                newest[scope] = max(newest.get(scope, -1.0), created)
+            self._scope_newest = newest
 
     async def has_entries(self, scope: str, min_created_at: float) -> bool:
         """Whether the scope holds a live row (a scalar query: no vectors involved).
@@ -249,7 +246,7 @@ class MilvusL2:
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self._mirror_tasks.values()):
+        for task in [*self._mirror_tasks.values(), *filter(None, [self._scan_task])]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -470,14 +467,12 @@ class MilvusL2:
     # -- recent-write buffer -----------------------------------------------------------
     def _search_pending(self, scope: str, vector: np.ndarray, top_k: int,
                         min_created_at: float) -> list[Candidate]:
-        rows = [p for p in self._pending if p.scope == scope and p.created_at >= min_created_at]
+        rows = [_mirror_row(p) for p in self._pending if p.scope == scope]
         if not rows:
             return []
-        sims = np.stack([p.vector for p in rows]) @ vector.astype(np.float32)
-        order = np.argsort(-sims)[:top_k]
-        return [Candidate(ref=rows[i].ref, text=rows[i].text, vector=rows[i].vector,
-                          similarity=float(sims[i]), created_at=rows[i].created_at)
-                for i in order]
+        recent = scope_mirror.ScopeRows(len(vector), 0.0)   # the mirror's own exact top-k
+        recent.add(rows)
+        return recent.search(vector, top_k, min_created_at)
 
     def _schedule_flush(self) -> None:
         if self._closed or (self._flush_task is not None and not self._flush_task.done()):

@@ -243,7 +243,6 @@ def test_agent_serves_node_embed_from_its_cache_and_reports_fake_gpus(
         tmp_path, control_plane, start_agent):
     import grpc
     import numpy as np
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from protos.synapse.v1 import node_pb2, node_pb2_grpc
 
@@ -259,11 +258,7 @@ def test_agent_serves_node_embed_from_its_cache_and_reports_fake_gpus(
     assert list(register.embed_models) == ["sentence-transformers/all-MiniLM-L6-v2"]
 
     with grpc.insecure_channel(agent.grpc_address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        serving = health_pb2.HealthCheckResponse.SERVING
-        harness.wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(
-            service="synapse.v1.Node"), timeout=5).status == serving, 120,
-            "the embedder to load", proc=agent.proc)
+        _wait_node_serving(channel, 120, "the embedder to load", agent.proc)
         stub = node_pb2_grpc.NodeStub(channel)
         first = stub.Embed(node_pb2.EmbedRequest(texts=["hello world"]), timeout=30)
         again = stub.Embed(node_pb2.EmbedRequest(texts=["hello world"]), timeout=30)
@@ -303,7 +298,6 @@ def test_node_embed_through_a_supervised_tei_engine(tmp_path, control_plane, sta
 
     import grpc
     import numpy as np
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from protos.synapse.v1 import node_pb2, node_pb2_grpc
 
@@ -319,11 +313,7 @@ def test_node_embed_through_a_supervised_tei_engine(tmp_path, control_plane, sta
     assert backend.task == common_pb2.BACKEND_TASK_EMBED
     texts = [f"sentence number {i}" for i in range(40)]  # more than TEI's client batch (32)
     with grpc.insecure_channel(agent.grpc_address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        serving = health_pb2.HealthCheckResponse.SERVING
-        harness.wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(
-            service="synapse.v1.Node"), timeout=5).status == serving, 30,
-            "the TEI embedder", proc=agent.proc)
+        _wait_node_serving(channel, 30, "the TEI embedder", agent.proc)
         reply = node_pb2_grpc.NodeStub(channel).Embed(
             node_pb2.EmbedRequest(model="BAAI/bge-small-en", texts=texts), timeout=30)
     assert reply.embedder_id.startswith("BAAI/bge-small-en@") and not any(reply.cached)
@@ -334,3 +324,14 @@ def test_node_embed_through_a_supervised_tei_engine(tmp_path, control_plane, sta
         direct = np.array(json.loads(resp.read()), dtype=np.float32)
     got = np.frombuffer(reply.vectors, "<f4").reshape(40, reply.dim)
     np.testing.assert_allclose(got[:32], direct, rtol=1e-6)
+
+
+def _wait_node_serving(channel, within: float, what: str, proc) -> None:
+    """Until the agent's gRPC health says ``synapse.v1.Node`` is SERVING (its embedder
+    loaded)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    harness.wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(
+        service="synapse.v1.Node"), timeout=5).status == serving, within, what, proc=proc)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import pathlib
 import shutil
 import subprocess
-from collections.abc import Callable
 
 import grpc
 import pytest
@@ -15,16 +13,8 @@ from prometheus_client import CollectorRegistry
 from agent import metrics, reporter
 from agent.config import ControlPlaneLink
 from protos.synapse.v1 import controlplane_pb2
+from tests import harness
 from tests.agent.control_plane import ControlPlaneServer
-
-
-async def _until(predicate: Callable[[], bool], within: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Node:
@@ -74,20 +64,20 @@ async def test_dns_name_is_dialled_reports_on_change_and_commands_are_acked():
     rep = _reporter(node, dns_name=f"localhost:{server.port}", token="s3cret-token")
     await rep.start()
     rec = server.recorder
-    await _until(lambda: rec.registers() and rec.reports(), 10, "register + first report")
+    await harness.until(lambda: rec.registers() and rec.reports(), 10, "register + first report")
     assert rep.targets == [f"127.0.0.1:{server.port}"]
     assert rec.streams[0][0].HasField("register")
 
     count = len(rec.reports())
     node.state = "draining"
     rep.notify()  # a state change: reported at once, not after the 30 s interval
-    await _until(lambda: len(rec.reports()) > count and rec.reports()[-1].draining, 5,
+    await harness.until(lambda: len(rec.reports()) > count and rec.reports()[-1].draining, 5,
                  "an immediate report")
 
     rec.send(controlplane_pb2.ControlMessage(command_id="c1", undrain=controlplane_pb2.Undrain()))
     rec.send(controlplane_pb2.ControlMessage(
         command_id="c2", evict_embeddings=controlplane_pb2.EvictEmbeddings()))
-    await _until(lambda: len(rec.acks()) == 2, 5, "two acks")
+    await harness.until(lambda: len(rec.acks()) == 2, 5, "two acks")
     acks = {a.command_id: a for a in rec.acks()}
     assert acks["c1"].ok and not acks["c2"].ok and "boom" in acks["c2"].error
 
@@ -111,7 +101,7 @@ async def test_the_token_travels_as_bearer_metadata():
     server.start()
     rep = _reporter(Node(), addresses=[f"127.0.0.1:{port}"], token="s3cret-token")
     await rep.start()
-    await _until(lambda: recorder.registers(), 10, "register")
+    await harness.until(lambda: recorder.registers(), 10, "register")
     await rep.stop()
     server.stop(0)
     assert check.seen and check.seen[0] == "Bearer s3cret-token"
@@ -144,6 +134,6 @@ async def test_tls_to_the_control_plane_with_a_configured_ca(self_signed):
     server.start()
     rep = _reporter(Node(), addresses=[f"127.0.0.1:{port}"], tls_ca_file=str(cert))
     await rep.start()
-    await _until(lambda: recorder.registers(), 10, "a Register over TLS")
+    await harness.until(lambda: recorder.registers(), 10, "a Register over TLS")
     await rep.stop()
     server.stop(0)

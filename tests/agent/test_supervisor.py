@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import AsyncIterator, Callable
 
@@ -42,15 +41,6 @@ async def make(tmp_path) -> AsyncIterator[Callable[..., supervisor.Supervisor]]:
         await sup.stop_all()
 
 
-async def _until(predicate: Callable[[], bool], within: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def test_external_backend_is_probed_ready_unhealthy_ready(make):
     healthy = {"ok": True}
 
@@ -68,12 +58,12 @@ async def test_external_backend_is_probed_ready_unhealthy_ready(make):
                             url=f"http://127.0.0.1:{port}/")
     await sup.start([spec])
     r = sup.runners["remote"]
-    await _until(lambda: r.phase == Phase.READY, 10, "ready")
+    await harness.until(lambda: r.phase == Phase.READY, 10, "ready")
     assert r.url == f"http://127.0.0.1:{port}" and r.pid == 0
     healthy["ok"] = False
-    await _until(lambda: r.phase == Phase.UNHEALTHY, 10, "unhealthy")
+    await harness.until(lambda: r.phase == Phase.UNHEALTHY, 10, "unhealthy")
     healthy["ok"] = True
-    await _until(lambda: r.phase == Phase.READY, 10, "ready again")
+    await harness.until(lambda: r.phase == Phase.READY, 10, "ready again")
     await sup.stop_all()
     await runner.cleanup()
     assert r.phase == Phase.STOPPED
@@ -84,10 +74,10 @@ async def test_engine_not_ready_by_the_deadline_is_killed_and_restarted(make):
     sup = make(simulator_command=never_healthy, startup_deadline_s=0.3)
     await sup.start([types.EngineSpec(name="slow", engine="simulator", model="m")])
     r = sup.runners["slow"]
-    await _until(lambda: r.restarts >= 1, 10, "a restart")
+    await harness.until(lambda: r.restarts >= 1, 10, "a restart")
     reasons = " ".join(r.sink.lines())
     assert "exited with code -9" in reasons
-    await _until(lambda: "not ready within 0.3s" in r.reason or r.phase == Phase.STARTING, 5,
+    await harness.until(lambda: "not ready within 0.3s" in r.reason or r.phase == Phase.STARTING, 5,
                  "the reason")
     await sup.stop_all()
 
@@ -100,7 +90,7 @@ async def test_drain_waits_for_in_flight_requests(make, tmp_path):
                             extra_args=("--busy-file", str(busy)))
     await sup.start([spec])
     r = sup.runners["gen"]
-    await _until(lambda: r.metrics_ok, 20, "a scrape")
+    await harness.until(lambda: r.metrics_ok, 20, "a scrape")
     sup.set_draining(True)
     assert r.status(sup.draining).phase == Phase.DRAINING
     assert not await sup.wait_idle(0.5)  # one request still running
@@ -120,10 +110,10 @@ async def test_naming_a_crashlooping_backend_again_retries_it(make):
     spec = types.EngineSpec(name="flaky", engine="simulator", model="m")
     assert await sup.apply_desired([spec]) == []
     r = sup.runners["flaky"]
-    await _until(lambda: r.phase == Phase.CRASHLOOP, 10, "crashloop")
+    await harness.until(lambda: r.phase == Phase.CRASHLOOP, 10, "crashloop")
     restarts = r.restarts
     assert await sup.apply_desired([spec]) == []
-    await _until(lambda: r.restarts > restarts, 10, "a retry")
+    await harness.until(lambda: r.restarts > restarts, 10, "a retry")
     assert await sup.apply_desired([]) == []
     assert "flaky" not in sup.runners and r.phase == Phase.STOPPED
     await sup.stop_all()
@@ -136,11 +126,11 @@ async def test_an_engine_unhealthy_for_too_long_is_restarted(make, tmp_path):
                             extra_args=("--sick-file", str(sick)))
     await sup.start([spec])
     r = sup.runners["gen"]
-    await _until(lambda: r.phase == Phase.READY, 20, "ready")
+    await harness.until(lambda: r.phase == Phase.READY, 20, "ready")
     sick.write_text("1")
-    await _until(lambda: r.phase == Phase.UNHEALTHY, 10, "unhealthy")
-    await _until(lambda: r.restarts == 1, 10, "a restart")
+    await harness.until(lambda: r.phase == Phase.UNHEALTHY, 10, "unhealthy")
+    await harness.until(lambda: r.restarts == 1, 10, "a restart")
     sick.unlink()
-    await _until(lambda: r.phase == Phase.READY, 20, "ready after the restart")
+    await harness.until(lambda: r.phase == Phase.READY, 20, "ready after the restart")
     assert any(line.startswith("[synapse-agent] unhealthy for 0.3s; restart in")
                for line in r.sink.lines())
