@@ -20,6 +20,8 @@ COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
     && /opt/synapse/bin/pip install --no-cache-dir -r /tmp/requirements.txt
 COPY protos ./protos
+COPY synapse_common ./synapse_common
+COPY synapse_cli ./synapse_cli
 COPY controlplane ./controlplane
 COPY agent ./agent
 COPY simulator ./simulator

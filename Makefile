@@ -48,7 +48,7 @@ test: $(VENV)/.dev tools
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
-	$(BIN)/mypy agent controlplane protos simulator
+	$(BIN)/mypy agent controlplane protos simulator synapse_cli synapse_common
 	$(BIN)/lint-imports
 
 protos: $(VENV)/.dev

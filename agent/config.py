@@ -1,6 +1,6 @@
 """Agent settings: one pydantic root of small per-concern sections.
 
-Parsed once in ``main()`` (see :mod:`protos.common.settings` for the file and
+Parsed once in ``main()`` (see :mod:`synapse_common.settings` for the file and
 ``SYNAPSE_*`` rules) and passed down; nothing else reads the environment.
 """
 
@@ -13,7 +13,7 @@ from typing import Literal
 import pydantic
 from pydantic import Field
 
-from protos.common.settings import LoggingSettings, Secret, Section
+from synapse_common.settings import LoggingSettings, Secret, Section
 
 
 def _synapse_script() -> str:

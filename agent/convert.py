@@ -3,25 +3,8 @@
 from __future__ import annotations
 
 from agent.core import lru, types
+from protos import enums
 from protos.synapse.v1 import common_pb2
-
-PHASES = {
-    types.Phase.STARTING: common_pb2.BACKEND_PHASE_STARTING,
-    types.Phase.READY: common_pb2.BACKEND_PHASE_READY,
-    types.Phase.UNHEALTHY: common_pb2.BACKEND_PHASE_UNHEALTHY,
-    types.Phase.DRAINING: common_pb2.BACKEND_PHASE_DRAINING,
-    types.Phase.STOPPED: common_pb2.BACKEND_PHASE_STOPPED,
-    types.Phase.CRASHLOOP: common_pb2.BACKEND_PHASE_CRASHLOOP,
-    types.Phase.FAILED: common_pb2.BACKEND_PHASE_FAILED,
-}
-ENGINES = {
-    "vllm": common_pb2.ENGINE_KIND_VLLM,
-    "tei": common_pb2.ENGINE_KIND_TEI,
-    "simulator": common_pb2.ENGINE_KIND_SIMULATOR,
-    "external": common_pb2.ENGINE_KIND_EXTERNAL,
-}
-ENGINE_NAMES = {v: k for k, v in ENGINES.items()}
-TASKS = {"generate": common_pb2.BACKEND_TASK_GENERATE, "embed": common_pb2.BACKEND_TASK_EMBED}
 
 
 class SpecError(ValueError):
@@ -49,9 +32,9 @@ def telemetry(status: types.TelemetryStatus) -> common_pb2.TelemetryStatus:
 def backend(status: types.BackendStatus) -> common_pb2.BackendState:
     return common_pb2.BackendState(
         name=status.name, url=status.url, models=list(status.models),
-        engine=ENGINES.get(status.engine, common_pb2.ENGINE_KIND_UNSPECIFIED),
-        task=TASKS.get(status.task, common_pb2.BACKEND_TASK_UNSPECIFIED),
-        phase=PHASES[status.phase], phase_reason=status.phase_reason,
+        engine=enums.ENGINE_KIND.value(status.engine),
+        task=enums.BACKEND_TASK.value(status.task),
+        phase=enums.BACKEND_PHASE.value(status.phase), phase_reason=status.phase_reason,
         num_requests_waiting=status.waiting, num_requests_running=status.running,
         kv_cache_usage=status.kv_usage, kv_capacity_tokens=status.kv_capacity_tokens,
         kv_block_size=status.kv_block_size, prefix_cache_hit_rate=status.prefix_hit_rate,
@@ -76,8 +59,8 @@ def spec_from_proto(msg: common_pb2.BackendSpec) -> types.EngineSpec:
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", msg.name):
         raise SpecError(f"backend name {msg.name!r} is invalid")
-    engine = ENGINE_NAMES.get(msg.engine)
-    if engine is None:
+    engine = enums.ENGINE_KIND.name(msg.engine)
+    if engine == "unspecified":
         raise SpecError(f"{msg.name}: engine kind is unspecified")
     if not msg.model:
         raise SpecError(f"{msg.name}: model is empty")

@@ -7,7 +7,7 @@ import asyncio
 import os
 
 from agent import config
-from protos.common import cli
+from synapse_common import cli
 
 
 def build_parser(prog: str = "synapse agent") -> argparse.ArgumentParser:

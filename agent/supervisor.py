@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import pathlib
-import socket
 import time
 from collections.abc import Callable
 
@@ -36,16 +35,12 @@ from agent import process
 from agent.config import SupervisorSettings
 from agent.core import backoff, commands, engine_metrics, types
 from agent.core.types import Phase
+from synapse_common import clock as clocks
+from synapse_common import ports
 
 log = logging.getLogger(__name__)
 LIVE = (Phase.STARTING, Phase.READY, Phase.UNHEALTHY)
 STARTUP_POLL_S = 0.25
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host if host not in ("0.0.0.0", "") else "127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def now_ms() -> int:
@@ -71,14 +66,14 @@ class Hooks:
 class Runner:
     def __init__(self, spec: types.EngineSpec, cfg: SupervisorSettings,
                  session: aiohttp.ClientSession, hooks: Hooks, advertise_host: str,
-                 managed: bool = False, clock: backoff.Clock = time.monotonic) -> None:
+                 managed: bool = False, clock: clocks.Clock = time.monotonic) -> None:
         self.spec = spec
         self.cfg = cfg
         self.managed = managed
         self._session = session
         self._hooks = hooks
         self._clock = clock
-        self.port = spec.port or (0 if spec.engine == "external" else free_port(cfg.engine_host))
+        self.port = spec.port or (0 if spec.engine == "external" else ports.free_port(cfg.engine_host))
         if spec.engine == "external":
             self.probe_url = self.url = (spec.url or "").rstrip("/")
         else:
@@ -321,7 +316,7 @@ class Supervisor:
     """All runners of the node: config-defined ones and control-plane-managed ones."""
 
     def __init__(self, cfg: SupervisorSettings, hooks: Hooks, advertise_host: str,
-                 clock: backoff.Clock = time.monotonic) -> None:
+                 clock: clocks.Clock = time.monotonic) -> None:
         self.cfg = cfg
         self._hooks = hooks
         self._advertise_host = advertise_host

@@ -35,7 +35,6 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,17 +49,13 @@ import yaml
 
 from controlplane import calibrate
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
+from synapse_common.ports import free_port
 
 MODEL = "bench-model"
 KEY = "sk-bench-cache-0123456789"
 BIN = pathlib.Path(sys.executable).parent
 SYSTEM = "You are a helpful assistant. Answer in one sentence."
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait(predicate, what: str, procs: list[subprocess.Popen[bytes]], timeout: float = 120):

@@ -34,7 +34,6 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from collections.abc import Iterator
 import aiohttp
 
 from bench import common
+from synapse_common.ports import free_port
 
 MODEL = "bench-model"
 KEY = "bench-key-0123456789"
@@ -54,11 +54,6 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 VENVS = REPO / ".bench-venvs"
 BIN = pathlib.Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:

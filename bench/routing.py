@@ -41,7 +41,8 @@ import aiohttp
 import yaml
 
 from bench import common
-from bench.gateway import Tree, free_port
+from bench.gateway import Tree
+from synapse_common.ports import free_port
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 KEY = "bench-routing-key-0123"

@@ -1,6 +1,6 @@
 """Control-plane settings: one pydantic root of small per-concern sections.
 
-Parsed once in ``main()`` (see :mod:`protos.common.settings` for the file and
+Parsed once in ``main()`` (see :mod:`synapse_common.settings` for the file and
 ``SYNAPSE_*`` rules) and passed down; nothing else reads the environment.
 """
 
@@ -11,7 +11,7 @@ from typing import Literal
 import pydantic
 from pydantic import Field
 
-from protos.common.settings import LoggingSettings, Secret, Section
+from synapse_common.settings import LoggingSettings, Secret, Section
 
 
 class HttpSettings(Section):

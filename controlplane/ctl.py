@@ -24,10 +24,11 @@ from typing import Any
 import yaml
 
 from controlplane import ctl_render
+from protos import enums
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
-ENGINES = ("vllm", "tei", "simulator", "external")
+ENGINES = enums.ENGINE_KIND.names()
 
 
 class UsageError(Exception):

@@ -8,13 +8,8 @@ from types import TracebackType
 
 import grpc
 
-from protos.synapse.v1 import admin_pb2, admin_pb2_grpc, common_pb2
-
-ENGINE_KINDS = {
-    "vllm": common_pb2.ENGINE_KIND_VLLM, "tei": common_pb2.ENGINE_KIND_TEI,
-    "simulator": common_pb2.ENGINE_KIND_SIMULATOR, "external": common_pb2.ENGINE_KIND_EXTERNAL,
-}
-TASKS = {"generate": common_pb2.BACKEND_TASK_GENERATE, "embed": common_pb2.BACKEND_TASK_EMBED}
+from protos import enums
+from protos.synapse.v1 import admin_pb2, admin_pb2_grpc
 
 
 def describe_error(exc: BaseException) -> str | None:
@@ -77,11 +72,11 @@ class AdminClient:
 
     def deploy(self, args: argparse.Namespace) -> admin_pb2.DeployModelResponse:
         request = admin_pb2.DeployModelRequest(
-            model=args.model, engine=ENGINE_KINDS[args.engine], nodes=args.node,
+            model=args.model, engine=enums.ENGINE_KIND.value(args.engine), nodes=args.node,
             replicas=args.replicas, memory_required_bytes=int(args.memory_gb * 1024**3),
             served_model_names=args.served_model_name, max_model_len=args.max_model_len,
             gpu_memory_utilization=args.gpu_memory_utilization, extra_args=args.extra_arg,
-            task=TASKS[args.task])
+            task=enums.BACKEND_TASK.value(args.task))
         return self._call("DeployModel", request)  # type: ignore[return-value]
 
     def undeploy(self, model: str, nodes: list[str]) -> admin_pb2.UndeployModelResponse:

@@ -9,7 +9,8 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from protos.synapse.v1 import admin_pb2, common_pb2
+from protos import enums
+from protos.synapse.v1 import admin_pb2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,16 +40,8 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def _enum(enum: Any, value: int, prefix: str) -> str:
-    return str(enum.Name(value)).removeprefix(prefix).lower()
-
-
-def _node_status(value: int) -> str:
-    return _enum(admin_pb2.NodeStatus, value, "NODE_STATUS_")
-
-
-def _phase(value: int) -> str:
-    return _enum(common_pb2.BackendPhase, value, "BACKEND_PHASE_")
+_node_status = enums.NODE_STATUS.name
+_phase = enums.BACKEND_PHASE.name
 
 
 def _age(seconds: float) -> str:

@@ -35,7 +35,8 @@ from typing import IO, Any
 
 import yaml
 
-from protos.common import cli
+from synapse_common import cli
+from synapse_common.ports import free_port
 
 DEFAULT_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -66,15 +67,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _port(requested: int, name: str, host: str = "127.0.0.1") -> int:
     if requested == 0:
-        return _free_port()
+        return free_port()
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -234,7 +230,7 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
     data = pathlib.Path(args.data_dir).resolve()
     (data / "logs").mkdir(parents=True, exist_ok=True)
     ports = {"http": _port(args.http_port, "http", args.host), "grpc": _port(args.grpc_port, "grpc"),
-             "node": _free_port(), "metrics": _free_port(), "simulator": _free_port()}
+             "node": free_port(), "metrics": free_port(), "simulator": free_port()}
     written = _write_configs(args, data, ports)
     bin_dir = pathlib.Path(sys.executable).parent
     synapse = str(bin_dir / "synapse") if (bin_dir / "synapse").exists() else "synapse"

@@ -25,7 +25,7 @@ from controlplane.api import admin_grpc, grpc_server
 from controlplane.api import app as app_mod
 from controlplane.api import services as services_mod
 from controlplane.core import cache_port
-from protos.common import cli
+from synapse_common import cli
 
 log = logging.getLogger("synapse.controlplane")
 SHUTDOWN_GRACE_S = 5.0

@@ -6,7 +6,7 @@ turns arrive again and again. So a chat prompt is tokenized message by message, 
 message's rendering cached (LRU, bounded by the total tokens held) except the last
 message's, which is usually the new question.
 
-This relies on two properties of ``protos.common.tokens``, both checked by
+This relies on two properties of ``synapse_common.tokens``, both checked by
 ``tests/simulator/test_chat_tokens.py`` so a change of template or tokenizer cannot
 silently break it:
 
@@ -15,7 +15,7 @@ silently break it:
 * ``tokenize`` splits at those boundaries: every rendered message ends with a newline
   after ``>`` and the next starts with ``<``, so no token spans two messages.
 
-The template and the tokenizer themselves stay in ``protos.common.tokens``; this module
+The template and the tokenizer themselves stay in ``synapse_common.tokens``; this module
 only decides what to cache. A lock guards the cache: very large requests are prepared
 in a worker thread while the event loop serves the others.
 """
@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from protos.common import tokens
+from synapse_common import tokens
 
 DEFAULT_MAX_TOKENS_HELD = 200_000  # about 8 MB of cached ids at most
 

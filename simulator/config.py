@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from protos.common.settings import LoggingSettings, Section
+from synapse_common.settings import LoggingSettings, Section
 
 
 class ProfileSettings(Section):

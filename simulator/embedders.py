@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from protos.common import tokens
+from synapse_common import tokens
 
 
 class Embedder(Protocol):

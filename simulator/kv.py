@@ -6,7 +6,7 @@ observe:
 * Capacity is ``num_blocks`` blocks of ``block_size`` tokens. A block is *in use* while
   a running sequence holds it (reference count > 0), and *free* otherwise.
 * A full prompt block, once computed, is registered under its chained hash
-  (``protos.common.tokens.block_hashes``, the same function the control plane's prefix
+  (``synapse_common.tokens.block_hashes``, the same function the control plane's prefix
   index uses). When its last holder finishes, it stays registered as a free but *cached*
   block; a later request whose prompt starts with the same blocks takes them back instead
   of recomputing them (a prefix-cache hit).

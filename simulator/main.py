@@ -21,9 +21,9 @@ from typing import Any
 
 from aiohttp import web
 
-from protos.common import cli
 from simulator import app as sim_app
 from simulator import config, profiles
+from synapse_common import cli
 
 log = logging.getLogger("simulator")
 SHUTDOWN_GRACE_S = 3.0

@@ -21,8 +21,8 @@ from typing import Any
 
 import orjson
 
-from protos.common import tokens
 from simulator import errors
+from synapse_common import tokens
 
 MAX_N = 128
 

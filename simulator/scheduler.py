@@ -35,8 +35,7 @@ from collections.abc import Callable, Sequence
 
 from simulator import kv
 from simulator.config import ProfileSettings
-
-Clock = Callable[[], float]
+from synapse_common.clock import Clock
 
 
 class State(enum.Enum):

@@ -23,10 +23,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from protos.common import tokens
 from simulator import embedders, errors, protocol
 from simulator import metrics as sim_metrics
 from simulator.config import SimulatorSettings
+from synapse_common import tokens
 
 TEI_VERSION = "1.8.0"
 BASE_S = 0.002

@@ -4,7 +4,7 @@ The same prompt, seed and choice index always give the same text, in any process
 (the PRNG is seeded from a blake2b digest, never from Python's salted ``hash``).
 
 Each output token is one short English word (at most four letters, so the shared
-tokenizer in ``protos.common.tokens`` counts it as exactly one token) or a full stop;
+tokenizer in ``synapse_common.tokens`` counts it as exactly one token) or a full stop;
 sentences of 5 to 14 words start with a capital. ``tokens.count_tokens(text)`` therefore
 equals the number of tokens reported in ``usage`` (unless a stop string cut a word).
 

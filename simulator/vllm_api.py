@@ -26,12 +26,12 @@ from typing import Any, NoReturn
 import orjson
 from aiohttp import web
 
-from protos.common import tokens
 from simulator import chat_tokens, errors, faults, protocol, textgen
 from simulator import engine as sim_engine
 from simulator import metrics as sim_metrics
 from simulator import scheduler as sched
 from simulator.config import SimulatorSettings
+from synapse_common import tokens
 
 FINGERPRINT = "synapse-simulator"
 VLLM_VERSION = "0.10.2"

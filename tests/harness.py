@@ -21,13 +21,10 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from synapse_common.ports import free_port
+
 VENV_BIN = pathlib.Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:

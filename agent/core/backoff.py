@@ -17,9 +17,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import random
-from collections.abc import Callable
 
-Clock = Callable[[], float]
+from synapse_common.clock import Clock
+
 JITTER = 0.2
 
 

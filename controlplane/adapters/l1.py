@@ -24,12 +24,12 @@ import collections
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable
 from typing import Protocol
 
 import redis.asyncio as aioredis
 
-Clock = Callable[[], float]
+from synapse_common.clock import Clock
+
 KEY_PREFIX = "synapse:cache:v1:"
 
 

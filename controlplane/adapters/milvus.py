@@ -44,15 +44,15 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from controlplane.adapters import scope_mirror
 from controlplane.adapters.scope_mirror import Candidate
+from synapse_common.clock import Clock
 
-Clock = Callable[[], float]
 TEXT_MAX = 8192
 PENDING_MAX = 5000
 # "Strong" makes every search wait for the newest timestamp (up to ~200 ms on a Milvus

@@ -6,21 +6,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from controlplane.core import catalog, intent, ledger, placement, registry, types
+from protos import enums
 from protos.synapse.v1 import admin_pb2, common_pb2, controlplane_pb2
-
-NODE_STATUS = {"ready": admin_pb2.NODE_STATUS_READY, "cordoned": admin_pb2.NODE_STATUS_CORDONED,
-               "draining": admin_pb2.NODE_STATUS_DRAINING, "down": admin_pb2.NODE_STATUS_DOWN}
-TASKS = {"generate": common_pb2.BACKEND_TASK_GENERATE, "embed": common_pb2.BACKEND_TASK_EMBED}
-ENGINE_KIND = {"vllm": common_pb2.ENGINE_KIND_VLLM, "tei": common_pb2.ENGINE_KIND_TEI,
-               "simulator": common_pb2.ENGINE_KIND_SIMULATOR}
 
 
 def _report(view: types.NodeView) -> controlplane_pb2.Report | None:
     return view.report if isinstance(view.report, controlplane_pb2.Report) else None
-
-
-def _phase(phase: str) -> int:
-    return int(common_pb2.BackendPhase.Value(f"BACKEND_PHASE_{phase.upper()}"))
 
 
 def node_in_flight(view: types.NodeView, led: ledger.Ledger) -> int:
@@ -33,7 +24,7 @@ def node_in_flight(view: types.NodeView, led: ledger.Ledger) -> int:
 def node_summary(view: types.NodeView, led: ledger.Ledger) -> admin_pb2.NodeSummary:
     rep = _report(view)
     summary = admin_pb2.NodeSummary(
-        name=view.info.name, status=NODE_STATUS[view.status], cordoned=view.cordoned,
+        name=view.info.name, status=enums.NODE_STATUS.value(view.status), cordoned=view.cordoned,
         draining=view.draining, gpu_count=len(rep.gpus) if rep else view.info.gpu_count,
         backends_ready=sum(1 for b in view.backends if b.phase == "ready"),
         backends_total=len(view.backends), last_report_age_seconds=view.last_report_age_s,
@@ -53,7 +44,8 @@ def node_detail(view: types.NodeView, led: ledger.Ledger) -> admin_pb2.NodeDetai
         detail.embedding_cache.CopyFrom(rep.embedding_cache)
     else:
         for b in view.backends:
-            detail.backends.add(name=b.name, url=b.url, models=b.models, phase=_phase(b.phase),
+            detail.backends.add(name=b.name, url=b.url, models=b.models,
+                                phase=enums.BACKEND_PHASE.value(b.phase),
                                 num_requests_waiting=b.waiting, num_requests_running=b.running,
                                 kv_cache_usage=b.kv_usage, restarts=b.restarts)
     return detail
@@ -79,7 +71,7 @@ def backend_spec(request: admin_pb2.DeployModelRequest, model: str, engine: str,
                  name: str) -> dict[str, Any]:
     """BackendSpec fields as plain data (JSON names), as the intent store keeps them."""
     spec: dict[str, Any] = {
-        "name": name, "engine": common_pb2.EngineKind.Name(ENGINE_KIND[engine]), "model": model,
+        "name": name, "engine": common_pb2.EngineKind.Name(enums.ENGINE_KIND.value(engine)), "model": model,
         "servedModelNames": list(request.served_model_names) or [model],
         "task": common_pb2.BackendTask.Name(
             request.task or (common_pb2.BACKEND_TASK_EMBED if engine == "tei"
@@ -109,7 +101,8 @@ def models(cat: catalog.Catalog, reg: registry.Registry,
         for b, why in reg.backends_for(name):
             tasks.add(b.task)
             info.backends.add(node="" if b.source == "static" else b.node, backend=b.name,
-                              url=b.url, phase=_phase(b.phase), num_requests_waiting=b.waiting,
+                              url=b.url, phase=enums.BACKEND_PHASE.value(b.phase),
+                              num_requests_waiting=b.waiting,
                               num_requests_running=b.running, kv_cache_usage=b.kv_usage,
                               routable=not why, source=b.source)
         for node in reg.ready_embed_nodes():
@@ -126,7 +119,7 @@ def models(cat: catalog.Catalog, reg: registry.Registry,
         else:
             info.state = "unavailable"
         if len(tasks) == 1:
-            info.task = TASKS[tasks.pop()]
+            info.task = enums.BACKEND_TASK.value(tasks.pop())
     return out
 
 

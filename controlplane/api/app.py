@@ -25,7 +25,8 @@ from controlplane import config, errors
 from controlplane.adapters import node_embed, prober, redis_limits
 from controlplane.api import context, embeddings, openapi, serving
 from controlplane.api import services as services_mod
-from controlplane.core import cache_port, ratelimit, types
+from controlplane.core import cache_port, ratelimit
+from synapse_common import clock as clocks
 
 log = logging.getLogger("synapse.controlplane.api")
 
@@ -257,7 +258,7 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: config.ControlPlaneSettings, *,
                services: services_mod.Services | None = None,
                response_cache: cache_port.ResponseCache | None = None,
-               clock: types.Clock = types.monotonic) -> web.Application:
+               clock: clocks.Clock = clocks.monotonic) -> web.Application:
     """The HTTP application. ``response_cache`` None means :class:`NullCache`."""
     svc = services or services_mod.build(settings, clock=clock, response_cache=response_cache)
     app = web.Application(middlewares=[middleware],

@@ -20,7 +20,7 @@ from controlplane.adapters import node_embed
 from controlplane.api import context, proxy, serving
 from controlplane.core import router as router_mod
 from controlplane.core import validation
-from protos.common import tokens as tok
+from synapse_common import tokens as tok
 
 NODE_EMBED = "node_embed"
 EMBED_TIMEOUT_S = 30.0

@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from controlplane import errors
 from controlplane.api import services as services_mod
 from controlplane.core import types
+from protos import enums
 from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
 
 log = logging.getLogger("synapse.controlplane.grpc")
@@ -52,8 +53,7 @@ async def abort(context: grpc.aio.ServicerContext, exc: errors.SynapseError) -> 
 
 
 def _phase(value: int) -> types.Phase:
-    name = common_pb2.BackendPhase.Name(value).removeprefix("BACKEND_PHASE_").lower()
-    return cast(types.Phase, name)  # the enum names are exactly the Phase literals
+    return cast(types.Phase, enums.BACKEND_PHASE.name(value))  # the enum names are exactly the Phase literals
 
 
 def _base_url(url: str) -> str:

@@ -26,6 +26,7 @@ from controlplane.core import cache_port, catalog, ledger, prefix_index, ratelim
 from controlplane.core import router as router_mod
 from controlplane.core import stats as stats_mod
 from controlplane.core import tenants as tenants_mod
+from synapse_common import clock as clocks
 
 log = logging.getLogger("synapse.controlplane")
 
@@ -33,7 +34,7 @@ log = logging.getLogger("synapse.controlplane")
 @dataclasses.dataclass
 class Services:
     settings: config.ControlPlaneSettings
-    clock: types.Clock
+    clock: clocks.Clock
     replica: str
     registry: registry.Registry
     ledger: ledger.Ledger
@@ -110,7 +111,7 @@ def static_backends(settings: config.ControlPlaneSettings,
         for u in settings.upstreams]
 
 
-def build(settings: config.ControlPlaneSettings, *, clock: types.Clock = types.monotonic,
+def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks.monotonic,
           metrics_registry: CollectorRegistry | None = None,
           response_cache: cache_port.ResponseCache | None = None) -> Services:
     """Wire the core objects; raises ValueError with a field name on a bad key file."""

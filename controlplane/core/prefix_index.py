@@ -1,7 +1,7 @@
 """The prefix index: which prompt blocks each backend probably holds in its KV cache.
 
 Written at dispatch with the chained block hashes of the rendered prompt (the same
-``protos.common.tokens`` functions the engines' prefix caches use), read by the router to
+``synapse_common.tokens`` functions the engines' prefix caches use), read by the router to
 count the prompt tokens a backend would not have to prefill. Because the hashes chain, a
 prompt's cached prefix is the run of leading blocks found, stopping at the first miss.
 

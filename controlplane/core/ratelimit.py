@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from controlplane import errors
-from controlplane.core import tenants, types
+from controlplane.core import tenants
+from synapse_common import clock as clocks
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -64,7 +65,7 @@ class _Bucket:
 class LocalStore:
     """Limits held in this process (no Redis configured, or Redis failing)."""
 
-    def __init__(self, clock: types.Clock) -> None:
+    def __init__(self, clock: clocks.Clock) -> None:
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
 

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterable
 
 from controlplane.core import types
+from synapse_common import clock as clocks
 
 _ids = itertools.count(1)
 VIEW_TTL_S = 0.1
@@ -46,7 +47,7 @@ class _Node:
 
 
 class Registry:
-    def __init__(self, clock: types.Clock, down_after_s: float) -> None:
+    def __init__(self, clock: clocks.Clock, down_after_s: float) -> None:
         self._clock = clock
         self._down_after_s = down_after_s
         self._nodes: dict[str, _Node] = {}

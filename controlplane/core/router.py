@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 from controlplane.core import ledger as ledger_mod
 from controlplane.core import prefix_index, registry, types
-from protos.common import tokens as tok
+from synapse_common import tokens as tok
 
 TIE_S = 0.002
 TIE_FRACTION = 0.05

@@ -12,7 +12,7 @@ import dataclasses
 from collections import deque
 from typing import Any
 
-from controlplane.core import types
+from synapse_common import clock as clocks
 
 WINDOW = 2048
 
@@ -43,7 +43,7 @@ class Series:
 
 
 class Stats:
-    def __init__(self, clock: types.Clock, replica: str) -> None:
+    def __init__(self, clock: clocks.Clock, replica: str) -> None:
         self._clock = clock
         self._started = clock()
         self.replica = replica

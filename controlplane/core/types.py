@@ -9,9 +9,8 @@ which is also what the ``x-synapse-backend`` header and the metrics show.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 Task = Literal["generate", "embed"]
 Source = Literal["agent", "static"]
@@ -19,16 +18,6 @@ Source = Literal["agent", "static"]
 Phase = Literal["unspecified", "starting", "ready", "unhealthy", "draining", "stopped",
                 "crashloop", "failed"]
 NodeStatus = Literal["ready", "cordoned", "draining", "down"]
-
-
-class Clock(Protocol):
-    """Monotonic seconds; injected so tests can move time by hand."""
-
-    def __call__(self) -> float: ...
-
-
-def monotonic() -> float:
-    return time.monotonic()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

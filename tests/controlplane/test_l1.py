@@ -6,14 +6,7 @@ import pytest
 import redis.exceptions
 
 from controlplane.adapters import l1
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import ManualClock
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -55,7 +48,7 @@ async def test_oversized_values_are_refused():
 
 
 async def test_memory_ttl_is_absolute_a_hit_does_not_extend_it():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     s = l1.MemoryL1(max_entries=10, max_bytes=10**6, clock=clock)
     await s.set("t", "m", "k", b"v", ttl_s=10)
     clock.now += 9

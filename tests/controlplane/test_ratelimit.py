@@ -8,18 +8,11 @@ from controlplane import errors
 from controlplane.adapters import redis_limits
 from controlplane.core import ratelimit, tenants
 from tests import harness
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import ManualClock
 
 
 async def test_local_bucket_refills_with_time_and_caps_concurrency() -> None:
-    clock = Clock()
+    clock = ManualClock()
     limiter = ratelimit.RateLimiter(ratelimit.LocalStore(clock))
     t = tenants.Tenant("t", requests_per_second=2, burst=2, max_concurrent=10)
     permits = [await limiter.acquire(t, "r1"), await limiter.acquire(t, "r2")]
@@ -46,7 +39,7 @@ async def test_redis_limits_hold_across_replicas_and_fall_back_when_redis_dies(
     errors_seen: list[Exception] = []
     clients = [redis_limits.connect(redis_server.url) for _ in range(2)]
     replicas = [ratelimit.RateLimiter(
-        ratelimit.LocalStore(Clock()), redis_limits.RedisLimitStore(c, 1.0, lease_s=60),
+        ratelimit.LocalStore(ManualClock()), redis_limits.RedisLimitStore(c, 1.0, lease_s=60),
         errors_seen.append) for c in clients]
     t = tenants.Tenant("shared", requests_per_second=0.01, burst=3)
     for i in range(3):  # the burst is spent across both replicas together

@@ -5,17 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 from controlplane.core import ledger, prefix_index, registry, router, types
+from tests.clock import ManualClock
 
 MODEL = "m"
 LONG = "shared context about the quarterly report. " * 200   # ~2,000 tokens
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def backend(name: str, **kw: object) -> types.BackendState:
@@ -26,7 +19,7 @@ def backend(name: str, **kw: object) -> types.BackendState:
 
 def make(policy: str = "predicted_ttft",
          *backends: types.BackendState) -> tuple[router.Router, registry.Registry]:
-    reg = registry.Registry(Clock(), 15.0)
+    reg = registry.Registry(ManualClock(), 15.0)
     reg.register(types.NodeInfo("n1"))
     reg.report("n1", backends or [backend("a"), backend("b"), backend("c")])
     r = router.Router(router.Params(policy=policy), reg, ledger.Ledger(),
@@ -143,7 +136,7 @@ def test_prefix_index_forgets_beyond_the_backend_capacity() -> None:
 def test_memoised_message_tokens_equal_tokenizing_the_whole_rendering() -> None:
     import random
 
-    from protos.common import tokens as tok
+    from synapse_common import tokens as tok
     rng = random.Random(3)
     alphabet = ["a", "bc", " ", "\n", "\t", "<", "|", ">", "é", "12", "  \n  ", "end"]
     for _ in range(200):

@@ -18,7 +18,7 @@ import yaml
 
 from agent import config as agent_config
 from controlplane import config as cp_config
-from protos.common import settings
+from synapse_common import settings
 from tests.manifests import render
 
 MODELS: dict[str, type[pydantic.BaseModel]] = {

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from agent import config as agent_config
-from protos import commands
-from protos.common import settings
+from synapse_cli import commands
+from synapse_common import settings
 from tests.manifests import pods, render
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import dockerfile
 import pytest
 
-from protos import commands
+from synapse_cli import commands
 from tests.manifests import render
 
 REPO = render.REPO
@@ -32,6 +32,8 @@ INSTRUCTIONS = {"ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FRO
                 "STOPSIGNAL", "USER", "VOLUME", "WORKDIR"}
 BASE = re.compile(r"^python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?$")
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+# the import packages the distribution ships (its setuptools include patterns)
+PACKAGES = tuple(p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"])
 
 
 def parse(name: str) -> list[Any]:
@@ -227,11 +229,11 @@ def test_the_build_context_builds_a_complete_wheel(tmp_path: pathlib.Path) -> No
     assert proc.returncode == 0, proc.stderr[-2000:]
     wheel = next(out.glob("*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for package in ("agent", "controlplane", "protos", "simulator"):
+    for package in PACKAGES:
         assert f"{package}/__init__.py" in names, f"{package} missing from the image's wheel"
     # every data file the repo ships inside the packages reaches the image
     for pattern in ("*.json", "*.proto", "*.yaml", "*.npz", "py.typed"):
-        for package in ("agent", "controlplane", "protos", "simulator"):
+        for package in PACKAGES:
             for f in (REPO / package).rglob(pattern):
                 rel = f.relative_to(REPO).as_posix()
                 assert rel in names, f"{rel} is not in the wheel the image installs"

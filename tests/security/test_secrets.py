@@ -11,8 +11,8 @@ import signal
 import grpc
 
 from controlplane import config
-from protos.common import settings as settings_mod
 from protos.synapse.v1 import admin_pb2, admin_pb2_grpc
+from synapse_common import settings as settings_mod
 from tests import fleet, harness
 from tests.security.conftest import SECRETS, SecureFleet
 

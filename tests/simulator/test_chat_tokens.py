@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protos.common import tokens
 from simulator import chat_tokens
+from synapse_common import tokens
 
 TEXT = st.text(st.sampled_from("ab Z9.,!<>|\n\t  é"), max_size=40)
 MESSAGE = st.fixed_dictionaries({

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from protos.common import tokens
 from simulator import engine, metrics, scheduler
 from simulator.config import ProfileSettings
+from synapse_common import tokens
 
 
 def fatal() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from protos.common import tokens
 from simulator import errors, protocol
+from synapse_common import tokens
 
 
 def test_chat_body_renders_the_shared_chat_template() -> None:

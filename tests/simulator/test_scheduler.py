@@ -6,17 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protos.common import tokens
 from simulator import scheduler as sched
 from simulator.config import ProfileSettings
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from synapse_common import tokens
+from tests.clock import ManualClock
 
 
 def profile(**changes: object) -> ProfileSettings:
@@ -32,14 +25,14 @@ def make_seq(prompt_ids: list[int], output_len: int, block_size: int = 4,
                      output_len)
 
 
-def run_step(s: sched.Scheduler, clock: FakeClock) -> sched.StepPlan:
+def run_step(s: sched.Scheduler, clock: ManualClock) -> sched.StepPlan:
     plan = s.schedule()
     clock.now += plan.duration
     s.complete(plan)
     return plan
 
 
-def run_until_idle(s: sched.Scheduler, clock: FakeClock, limit: int = 10_000) -> int:
+def run_until_idle(s: sched.Scheduler, clock: ManualClock, limit: int = 10_000) -> int:
     steps = 0
     while s.has_work:
         run_step(s, clock)
@@ -49,7 +42,7 @@ def run_until_idle(s: sched.Scheduler, clock: FakeClock, limit: int = 10_000) ->
 
 
 def test_a_request_prefills_then_decodes_one_token_per_step() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     s = sched.Scheduler(profile(), clock)
     seq = make_seq(list(range(10)), output_len=3)
     s.add(seq)
@@ -66,7 +59,7 @@ def test_a_request_prefills_then_decodes_one_token_per_step() -> None:
 
 
 def test_decode_step_grows_with_the_running_batch() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     s = sched.Scheduler(profile(), clock)
     for i in range(3):
         s.add(make_seq([i] * 4, output_len=5, name=f"r{i}"))
@@ -75,7 +68,7 @@ def test_decode_step_grows_with_the_running_batch() -> None:
 
 
 def test_max_num_seqs_keeps_the_third_request_waiting_in_fifo_order() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     s = sched.Scheduler(profile(max_num_seqs=2), clock)
     seqs = [make_seq([i] * 8, output_len=4 + i, name=f"r{i}") for i in range(3)]
     for seq in seqs:
@@ -92,7 +85,7 @@ def test_max_num_seqs_keeps_the_third_request_waiting_in_fifo_order() -> None:
 
 
 def test_a_shared_prefix_is_prefilled_once() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     s = sched.Scheduler(profile(), clock)
     shared = list(range(400))  # 100 blocks of 4
     first = make_seq([*shared, 1, 2, 3], output_len=2, name="a")
@@ -110,7 +103,7 @@ def test_a_shared_prefix_is_prefilled_once() -> None:
 
 
 def test_an_identical_prompt_still_recomputes_its_last_block() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     s = sched.Scheduler(profile(), clock)
     prompt = list(range(16))  # exactly 4 full blocks
     s.add(make_seq(prompt, output_len=1))
@@ -122,7 +115,7 @@ def test_an_identical_prompt_still_recomputes_its_last_block() -> None:
 
 
 def test_cached_blocks_are_evicted_lru_when_space_runs_out() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     s = sched.Scheduler(profile(num_gpu_blocks=10), clock)
     s.add(make_seq(list(range(32)), output_len=1, name="old"))  # 8 blocks, then cached
     run_until_idle(s, clock)
@@ -132,7 +125,7 @@ def test_cached_blocks_are_evicted_lru_when_space_runs_out() -> None:
 
 
 def test_long_prompts_prefill_in_chunks_within_the_token_budget() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     s = sched.Scheduler(profile(max_num_batched_tokens=8), clock)
     seq = make_seq(list(range(20)), output_len=1)
     s.add(seq)
@@ -142,7 +135,7 @@ def test_long_prompts_prefill_in_chunks_within_the_token_budget() -> None:
 
 
 def test_admission_waits_for_free_blocks() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     s = sched.Scheduler(profile(num_gpu_blocks=4), clock)
     big = make_seq(list(range(12)), output_len=3, name="big")  # 3 blocks, then a 4th
     small = make_seq(list(range(100, 108)), output_len=1, name="small")  # 2 blocks
@@ -156,7 +149,7 @@ def test_admission_waits_for_free_blocks() -> None:
 
 
 def test_decode_out_of_blocks_preempts_the_newest_and_recomputes_it() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     s = sched.Scheduler(profile(num_gpu_blocks=6), clock)
     a = make_seq(list(range(8)), output_len=12, name="a")
     b = make_seq(list(range(50, 58)), output_len=12, name="b")
@@ -171,7 +164,7 @@ def test_decode_out_of_blocks_preempts_the_newest_and_recomputes_it() -> None:
 
 
 def test_abort_frees_blocks_and_counts_abort() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     s = sched.Scheduler(profile(max_num_seqs=1), clock)
     running = make_seq(list(range(40)), output_len=50, name="running")
     waiting = make_seq(list(range(40)), output_len=50, name="waiting")
@@ -186,7 +179,7 @@ def test_abort_frees_blocks_and_counts_abort() -> None:
 
 
 def test_progress_callbacks_fire_per_token_and_at_the_end() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     s = sched.Scheduler(profile(), clock)
     seen: list[tuple[int, str]] = []
     seq = make_seq(list(range(6)), output_len=3)
@@ -202,7 +195,7 @@ def test_progress_callbacks_fire_per_token_and_at_the_end() -> None:
 @settings(max_examples=150, deadline=None)
 def test_blocks_are_conserved_and_every_request_finishes(
         ops: list[tuple[int, int, int, str]], num_blocks: int, max_seqs: int) -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     s = sched.Scheduler(profile(num_gpu_blocks=num_blocks, max_num_seqs=max_seqs,
                                 max_num_batched_tokens=16), clock)
     capacity = num_blocks * 4

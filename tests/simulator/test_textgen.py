@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from protos.common import tokens
 from simulator import textgen
+from synapse_common import tokens
 
 
 def test_same_prompt_and_seed_give_the_same_text_and_others_differ() -> None:

@@ -11,7 +11,7 @@ import aiohttp
 import openai
 import pytest
 
-from protos.common import tokens
+from synapse_common import tokens
 from tests import harness
 from tests.simulator.conftest import MODEL, Sim, samples, start, value
 

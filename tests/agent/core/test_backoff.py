@@ -5,14 +5,7 @@ from __future__ import annotations
 import random
 
 from agent.core import backoff
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import ManualClock
 
 
 def test_delays_double_from_one_second_to_a_sixty_second_cap_with_jitter():
@@ -25,13 +18,13 @@ def test_delays_double_from_one_second_to_a_sixty_second_cap_with_jitter():
     assert b.delay(10_000) <= 60  # no overflow on absurd attempt counts
 
 
-def _policy(clock: Clock, threshold: int = 5, window: float = 600.0) -> backoff.RestartPolicy:
+def _policy(clock: ManualClock, threshold: int = 5, window: float = 600.0) -> backoff.RestartPolicy:
     return backoff.RestartPolicy(clock, backoff.Backoff(1.0, 60.0, random.Random(1)),
                                  threshold, window)
 
 
 def test_five_restarts_in_ten_minutes_then_crashloop_until_reset():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     policy = _policy(clock)
     decisions = []
     for _ in range(6):
@@ -47,7 +40,7 @@ def test_five_restarts_in_ten_minutes_then_crashloop_until_reset():
 
 
 def test_restarts_spread_wider_than_the_window_never_crashloop():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     policy = _policy(clock, threshold=3, window=100)
     for _ in range(10):
         assert policy.on_exit().restart
@@ -55,7 +48,7 @@ def test_restarts_spread_wider_than_the_window_never_crashloop():
 
 
 def test_backoff_ladder_restarts_after_a_long_healthy_run():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     policy = _policy(clock, threshold=100)
     for _ in range(6):
         policy.on_exit()

@@ -9,8 +9,8 @@ import pytest
 
 from agent import config as agent_config
 from controlplane import config as cp_config
-from protos.common import settings
 from simulator import config as sim_config
+from synapse_common import settings
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
@@ -125,7 +125,7 @@ def test_logging_redacts_loaded_secrets(tmp_path: pathlib.Path,
                                         caplog: pytest.LogCaptureFixture) -> None:
     import io
 
-    from protos.common import logs
+    from synapse_common import logs
 
     path = write(tmp_path, "auth:\n  admin_key: sk-very-secret-admin\n")
     loaded = settings.load(cp_config.ControlPlaneSettings, path, environ={})

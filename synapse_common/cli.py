@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import pydantic
 
-from protos.common import logs, settings
+from synapse_common import logs, settings
 
 EXIT_CONFIG = 2
 ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)

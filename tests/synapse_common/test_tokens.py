@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protos.common import tokens
+from synapse_common import tokens
 
 
 def test_roughly_four_characters_per_token() -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from protos.common import logs
+from synapse_common import logs
 
 
 @pytest.fixture

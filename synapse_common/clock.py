@@ -1,0 +1,58 @@
+"""Time, in one place: the clock logic reads and the one sleep every loop goes through.
+
+Logic never calls ``time.monotonic()`` or ``asyncio.sleep`` directly: it receives a
+:class:`Clock` (a callable returning seconds) and waits with :func:`sleep`, so tests drive
+time by hand (a fake clock) or let the event loop's own clock jump over waits (looptime)
+instead of waiting in real time. This follows kopf's ``_cogs/aiokits/aiotime.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    """Seconds from some fixed point; injected so tests can move time by hand."""
+
+    def __call__(self) -> float: ...
+
+
+def monotonic() -> float:
+    return time.monotonic()
+
+
+def wall() -> float:
+    """Seconds since the epoch, for timestamps that leave the process."""
+    return time.time()
+
+
+def loop_time() -> float:
+    """The running event loop's clock: the one an async component should read when its
+    waits go through :func:`sleep`, so that both move together under a fake loop time."""
+    return asyncio.get_running_loop().time()
+
+
+async def sleep(seconds: float | None, wakeup: asyncio.Event | None = None) -> float | None:
+    """Wait ``seconds`` (``None`` = until woken), or less if ``wakeup`` is set first.
+
+    Returns the seconds left unslept when woken early, else ``None``. A negative or zero
+    delay still yields to the loop once, so a polling loop never starves its neighbours.
+    """
+    if wakeup is None:
+        if seconds is None:
+            raise ValueError("sleep(None) without a wakeup event would never return")
+        await asyncio.sleep(max(0.0, seconds))
+        return None
+    if wakeup.is_set():
+        return seconds if seconds is not None else 0.0
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        await asyncio.wait_for(wakeup.wait(), timeout=None if seconds is None else max(0.0, seconds))
+    except TimeoutError:
+        return None
+    if seconds is None:
+        return 0.0
+    return max(0.0, seconds - (loop.time() - start))
