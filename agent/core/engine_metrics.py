@@ -11,7 +11,9 @@ Names, newest first (vLLM ``v1/metrics/loggers.py``; V0 ``engine/metrics.py``):
   (early V1; deprecated in 0.10, which exports both). Each name is resolved on its own, so
   an exposition that mixes new and old names (vLLM 0.10.0) still yields both counters;
 * V0's ``vllm:gpu_prefix_cache_hit_rate`` gauge is used only when no counters exist;
-* KV capacity: ``vllm:cache_config_info`` labels ``num_gpu_blocks`` * ``block_size``.
+* KV capacity: ``vllm:cache_config_info`` labels ``num_gpu_blocks`` * ``block_size``
+  (also on vLLM's CPU backend, whose block is 128 tokens, not 16: always read, never
+  assumed; ``num_cpu_blocks`` is swap space on a GPU, never capacity).
 
 Data-parallel engines expose one series per ``engine`` label: counts and counters are
 summed, usage is averaged. ``*_created`` series are ignored. The parser is

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import sys
 from collections.abc import AsyncIterator, Callable
 
@@ -134,3 +135,32 @@ async def test_an_engine_unhealthy_for_too_long_is_restarted(make, tmp_path):
     await harness.until(lambda: r.phase == Phase.READY, 20, "ready after the restart")
     assert any(line.startswith("[synapse-agent] unhealthy for 0.3s; restart in")
                for line in r.sink.lines())
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = pathlib.Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+async def test_a_vllm_backend_without_gpu_gets_the_cpu_environment_under_its_own(make):
+    sup = make(vllm_command=STAND_IN, vllm_device="cpu", vllm_cpu_kvcache_gib=0.5)
+    spec = types.EngineSpec(name="v", engine="vllm", model="/models/smol",
+                            served_model_names=("smol",),
+                            env=(("VLLM_CPU_OMP_THREADS_BIND", "1"),))
+    await sup.start([spec])
+    r = sup.runners["v"]
+    await harness.until(lambda: r.phase == Phase.READY, 15, "the engine to be ready")
+    environ = _environ(r.pid)
+    assert environ["VLLM_TARGET_DEVICE"] == "cpu" and environ["VLLM_CPU_KVCACHE_SPACE"] == "0.5"
+    assert environ["HF_HUB_OFFLINE"] == "1"
+    assert environ["VLLM_CPU_OMP_THREADS_BIND"] == "1"  # the backend's own env wins
+    assert any("--model /models/smol" in line for line in r.sink.lines())
+
+
+async def test_a_vllm_backend_on_a_gpu_node_gets_no_cpu_variables(make):
+    sup = make(vllm_command=STAND_IN, vllm_device="cuda")
+    await sup.start([types.EngineSpec(name="g", engine="vllm", model="m", gpu_indices=(1,))])
+    r = sup.runners["g"]
+    await harness.until(lambda: r.phase == Phase.READY, 15, "the engine to be ready")
+    environ = _environ(r.pid)
+    assert "VLLM_TARGET_DEVICE" not in environ and environ["CUDA_VISIBLE_DEVICES"] == "1"

@@ -11,7 +11,8 @@ def test_vllm_sets_memory_fraction_explicitly_and_passes_extra_args():
                             gpu_memory_utilization=0.45, max_model_len=8192,
                             extra_args=("--enable-prefix-caching",), gpu_indices=(0, 1))
     argv = commands.build(spec, "0.0.0.0", 8000)
-    assert argv == ["vllm", "serve", "meta/llama", "--host", "0.0.0.0", "--port", "8000",
+    assert argv == ["vllm", "serve", "--model", "meta/llama", "--host", "0.0.0.0",
+                    "--port", "8000",
                     "--served-model-name", "llama", "--served-model-name", "default",
                     "--gpu-memory-utilization", "0.45", "--max-model-len", "8192",
                     "--enable-prefix-caching"]

