@@ -70,6 +70,10 @@ class ModelSettings(Section):
         None, gt=0, lt=1, description="verifier operating point for this model (default: cache's)")
     memory_required_gb: float | None = Field(None, gt=0,
                                              description="VRAM an engine of it needs (placement)")
+    tokenizer: str | None = Field(
+        None, min_length=1, description="the model's tokenizer for prefix routing: its HF "
+        "directory (tokenizer.json, tokenizer_config.json, chat template) or tokenizer.json; "
+        "none = the shared approximation")
 
 
 class UpstreamSettings(Section):
@@ -92,6 +96,8 @@ class RouterSettings(Section):
     prefix_index_max_blocks: int = Field(200_000, ge=1000,
                                          description="blocks remembered per backend at most")
     session_affinity: bool = Field(True, description="x-session-id / user break ties")
+    learn_costs: bool = Field(True, description="learn each backend's prefill, decode and "
+                              "first-token costs from its answers (else the constants above)")
 
 
 class RegistrySettings(Section):

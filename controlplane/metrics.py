@@ -74,3 +74,31 @@ class Metrics:
         self.agent_streams = Gauge(
             "synapse_agent_streams", "Agent report streams connected to this replica.",
             registry=r)
+
+        # -- the router's own accuracy and learned costs (controlplane/api/route_accuracy.py)
+        self.route_ttft_error = Histogram(
+            "synapse_route_prediction_error_ttft_seconds", "Observed minus predicted time to "
+            "first token of streamed answers, absolute.", ["backend"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r)
+        self.route_ttft_bias = Gauge(
+            "synapse_route_prediction_error_ttft_bias_seconds", "Mean of observed minus "
+            "predicted TTFT over recent answers (positive: the router is optimistic).",
+            ["backend"], registry=r)
+        self.route_cached_error = Histogram(
+            "synapse_route_prediction_error_cached_tokens", "Predicted minus engine-reported "
+            "cached prompt tokens, absolute.", ["backend"],
+            buckets=(0, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r)
+        self.route_cached_tokens = Counter(
+            "synapse_route_cached_tokens_total", "Cached prompt tokens of answers that "
+            "reported them: as the router predicted and as the engine reported.",
+            ["backend", "source"], registry=r)
+        self.route_prefill_cost = Gauge(
+            "synapse_route_learned_prefill_seconds_per_token", "Prefill seconds per uncached "
+            "token the router uses for the backend.", ["backend"], registry=r)
+        self.route_decode_cost = Gauge(
+            "synapse_route_learned_decode_seconds_per_step", "Decode step seconds the router "
+            "uses for the backend.", ["backend"], registry=r)
+        self.route_overhead = Gauge(
+            "synapse_route_learned_overhead_seconds", "Fixed time to a first token the "
+            "router uses for the backend.", ["backend"], registry=r)

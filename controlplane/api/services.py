@@ -22,10 +22,12 @@ from prometheus_client import CollectorRegistry
 
 from controlplane import config, metrics
 from controlplane.adapters import upstream
+from controlplane.api import route_accuracy
 from controlplane.core import cache_port, catalog, ledger, prefix_index, ratelimit, registry, types
 from controlplane.core import router as router_mod
 from controlplane.core import stats as stats_mod
 from controlplane.core import tenants as tenants_mod
+from controlplane.core import tokenization as tokenization_mod
 from synapse_common import clock as clocks
 
 log = logging.getLogger("synapse.controlplane")
@@ -120,12 +122,14 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
                           for m in settings.models)
     reg = registry.Registry(clock, settings.registry.node_down_after_s)
     reg.set_static(static_backends(settings, cat))
-    led = ledger.Ledger()
+    led = ledger.Ledger(clock)
     r = settings.router
     params = router_mod.Params(r.policy, r.block_size, r.prefill_seconds_per_token,
-                               r.decode_seconds_per_step, r.session_affinity)
-    rtr = router_mod.Router(params, reg, led, prefix_index.PrefixIndex(r.prefix_index_max_blocks))
+                               r.decode_seconds_per_step, r.session_affinity, r.learn_costs)
+    rtr = router_mod.Router(params, reg, led, prefix_index.PrefixIndex(r.prefix_index_max_blocks),
+                            tokenization_mod.from_settings(settings.models, cat.canonical))
     m = metrics.Metrics(metrics_registry or CollectorRegistry())
+    rtr.add_observer(route_accuracy.recorder(m))
     local = ratelimit.LocalStore(clock)
     h = settings.http
     return Services(

@@ -6,12 +6,17 @@ it as the freshest load signal it has: the agents' scraped queue metrics lag by 
 interval, the ledger is exact for this replica's own traffic.
 
 A :class:`Ticket` moves dispatch → first byte → finish; each step is idempotent, so a
-handler can call ``finish`` in ``finally`` whatever happened before.
+handler can call ``finish`` in ``finally`` whatever happened before. Each step is stamped
+with the ledger's clock: the router learns its costs from those times
+(:meth:`controlplane.core.router.Router.observe`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+
+from synapse_common import clock as clocks
 
 
 @dataclasses.dataclass(slots=True)
@@ -36,11 +41,18 @@ class Ticket:
     backend: str
     prefill_tokens: int
     stage: int = 0              # 0 prefilling, 1 decoding, 2 finished
+    dispatched_at: float = 0.0
+    first_byte_at: float | None = None
+    finished_at: float | None = None
+    prediction: Any = None      # the router's Verdict and queue detail (router.Dispatched)
+    streamed: bool = False      # first_byte was a streamed token (a true TTFT)
+    usage: Any = None           # the engine's usage, when the proxy found it
 
 
 class Ledger:
-    def __init__(self) -> None:
+    def __init__(self, clock: clocks.Clock = clocks.monotonic) -> None:
         self._load: dict[str, Load] = {}
+        self._clock = clock
 
     def load(self, backend: str) -> Load:
         load = self._load.get(backend)
@@ -54,11 +66,12 @@ class Ledger:
         load.prefilling += 1
         load.dispatched += 1
         load.prompt_tokens_total += prompt_tokens
-        return Ticket(backend, uncached_tokens)
+        return Ticket(backend, uncached_tokens, dispatched_at=self._clock())
 
     def first_byte(self, ticket: Ticket) -> None:
         if ticket.stage != 0:
             return
+        ticket.first_byte_at = self._clock()
         load = self.load(ticket.backend)
         load.prefill_tokens -= ticket.prefill_tokens
         load.prefilling -= 1
@@ -68,8 +81,13 @@ class Ledger:
     def finish(self, ticket: Ticket) -> None:
         if ticket.stage == 2:
             return
-        self.first_byte(ticket)
-        self.load(ticket.backend).decoding -= 1
+        if ticket.stage == 0:  # never answered: no first byte to stamp
+            load = self.load(ticket.backend)
+            load.prefill_tokens -= ticket.prefill_tokens
+            load.prefilling -= 1
+        else:
+            self.load(ticket.backend).decoding -= 1
+        ticket.finished_at = self._clock()
         ticket.stage = 2
 
     def snapshot(self) -> dict[str, Load]:

@@ -12,35 +12,48 @@ predicted TTFT in seconds, not a sum of hand-tuned weights:
 * queue wait = prefill time of the tokens already waiting on that backend (this
   replica's ledger, plus requests the engine reports waiting that this replica did not
   send, at the mean prompt size) + one decode step when the engine is busy decoding,
-  scaled up as its KV cache fills (a nearly full cache preempts and queues);
+  scaled up as its KV cache fills (a nearly full cache preempts and queues), + the
+  backend's fixed time to a first token;
 * prefill = (prompt tokens - tokens of the prompt's prefix cached there) * seconds per
-  token; cached tokens come from the prefix index of chained block hashes.
+  token; cached tokens come from the prefix index of chained block hashes over the
+  prompt's token ids (the model's own tokenizer when configured, else the approximation:
+  :mod:`tokenization`), in the backend's block size.
+
+The seconds per prefill token, per decode step and the fixed time are each backend's own,
+learned from its answers (:mod:`costs`: :meth:`Router.observe`, called by the proxy when
+a request settles, which also reports predicted against observed TTFT and cached tokens
+to the observers, i.e. the metrics); until a backend has answered enough, the configured
+constants.
 
 Ordering is by that prediction, with one correction: the backend holding the longest
 cached prefix keeps the request unless another is predicted faster by more than the
 prefill the move would add (that work also delays whoever queues behind it), so a
 busy-but-not-saturated holder is not abandoned for a small gain that costs the fleet a
 second copy of the prefix. Ties (within ``TIE_S`` or ``TIE_FRACTION``) go to the backend
-that served the request's session before (``x-session-id`` or the OpenAI ``user`` field). Other policies, for
-comparison: ``round_robin`` and ``least_loaded`` (fewest in-flight requests).
+that served the request's session before (``x-session-id`` or the OpenAI ``user`` field). Other
+policies, for comparison: ``round_robin`` and ``least_loaded`` (fewest in-flight requests).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable
 
+from controlplane.core import costs as costs_mod
 from controlplane.core import ledger as ledger_mod
-from controlplane.core import prefix_index, registry, types
+from controlplane.core import prefix_index, registry, tokenization, types
+from controlplane.core import usage as usage_mod
 from synapse_common import tokens as tok
 
 TIE_S = 0.002
 TIE_FRACTION = 0.05
 SESSION_MEMORY = 50_000
 DEFAULT_PROMPT_TOKENS = 256
+
+Prompt = tokenization.Prompt
+Observer = Callable[[types.RouteObservation], None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,72 +63,47 @@ class Params:
     prefill_s_per_token: float = 0.00012
     decode_s_per_step: float = 0.02
     session_affinity: bool = True
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Prompt:
-    """A request's prompt: its token ids (or just a count, for the cheap policies)."""
-
-    token_ids: tuple[int, ...]
-    tokens: int
-    max_tokens: int = 0
-    session: str = ""
-
-    @classmethod
-    def from_text(cls, text: str, max_tokens: int = 0, session: str = "",
-                  exact: bool = True) -> Prompt:
-        if not exact:  # round-robin / least-loaded need a size, not hashes
-            return cls((), max(1, len(text) // tok.CHARS_PER_TOKEN), max_tokens, session)
-        ids = tuple(tok.tokenize(text))
-        return cls(ids, len(ids), max_tokens, session)
-
-    @classmethod
-    def from_messages(cls, messages: Sequence[dict[str, object]], max_tokens: int = 0,
-                      session: str = "", exact: bool = True) -> Prompt:
-        if not exact:
-            return cls.from_text(tok.render_chat(messages), max_tokens, session, False)
-        # Each rendered message starts with "<" after a "\n", so tokenizing message by
-        # message gives exactly the tokens of the whole rendering; repeated system prompts
-        # and conversation history then come from the memo instead of being re-hashed.
-        ids: list[int] = []
-        for m in messages:
-            ids.extend(_message_tokens(tok.render_chat([m], add_generation_prompt=False)))
-        ids.extend(_message_tokens(GENERATION_PROMPT))
-        return cls(tuple(ids), len(ids), max_tokens, session)
-
-
-GENERATION_PROMPT = tok.render_chat([], add_generation_prompt=True)
-
-
-@functools.lru_cache(maxsize=512)
-def _message_tokens(rendered: str) -> tuple[int, ...]:
-    return tuple(tok.tokenize(rendered))
+    learn_costs: bool = True
 
 
 def predict(backend: types.BackendState, load: ledger_mod.Load, prompt_tokens: int,
-            cached_tokens: int, params: Params) -> tuple[float, float]:
-    """(queue wait, prefill) in seconds for a request on ``backend``: the one score."""
-    p = params.prefill_s_per_token
+            cached_tokens: int, costs: costs_mod.Costs,
+            ) -> tuple[float, float, float, float]:
+    """(queue wait, prefill, queued tokens, decode wait) for a request on ``backend``: the
+    one score (TTFT = queue wait + prefill; the last two are the queue wait's parts)."""
+    p = costs.prefill_s_per_token
     # Requests the engine reports waiting beyond everything this replica has in flight
     # there: other replicas' traffic (reports lag, so compare with all of ours).
     foreign = max(0, backend.waiting - load.in_flight)
     mean_prompt = load.mean_prompt_tokens or DEFAULT_PROMPT_TOKENS
-    queue = (load.prefill_tokens + foreign * mean_prompt) * p
-    if max(load.decoding, backend.running) > 0:
-        queue += params.decode_s_per_step
-    if backend.kv_usage > 0.9:
-        queue *= 1.0 + 10.0 * (backend.kv_usage - 0.9)
+    queued = load.prefill_tokens + foreign * mean_prompt
+    decode = costs.decode_s_per_step if max(load.decoding, backend.running) > 0 else 0.0
+    if backend.kv_usage > 0.9:  # a nearly full cache preempts and queues
+        scale = 1.0 + 10.0 * (backend.kv_usage - 0.9)
+        queued, decode = queued * scale, decode * scale
     prefill = max(0, prompt_tokens - cached_tokens) * p
-    return queue, prefill
+    return costs.overhead_s + queued * p + decode, prefill, queued, decode
+
+
+def cached_tokens(matched_blocks: int, prompt_tokens: int, block_size: int) -> int:
+    """Tokens an engine takes from its prefix cache: whole blocks, and never the prompt's
+    last token (vLLM computes at least one token to sample from; so does the simulator)."""
+    return min(matched_blocks, max(0, prompt_tokens - 1) // block_size) * block_size
 
 
 class Router:
     def __init__(self, params: Params, reg: registry.Registry, ledger: ledger_mod.Ledger,
-                 index: prefix_index.PrefixIndex) -> None:
+                 index: prefix_index.PrefixIndex,
+                 tokenizers: tokenization.Tokenizers | None = None,
+                 costs: costs_mod.CostModel | None = None) -> None:
         self.params = params
         self._registry = reg
         self._ledger = ledger
         self._index = index
+        self._tokenizers = tokenizers or tokenization.Tokenizers()
+        self.costs = costs or costs_mod.CostModel(params.prefill_s_per_token,
+                                                  params.decode_s_per_step, params.learn_costs)
+        self._observers: list[Observer] = []
         self._rr = itertools.count()
         self._sessions: OrderedDict[str, str] = OrderedDict()
 
@@ -142,25 +130,28 @@ class Router:
         return ""
 
     def _verdict(self, b: types.BackendState, why: str, prompt: Prompt,
-                 hashes: dict[int, list[int]]) -> types.Verdict:
-        need = prompt.tokens + prompt.max_tokens
-        reason = why or self._filter(b, need)
+                 ids: tuple[int, ...], hashes: dict[int, list[int]]) -> types.Verdict:
+        n = prompt.tokens
+        reason = why or self._filter(b, n + prompt.max_tokens)
+        bs = self.block_size(b)
         cached = 0
-        if prompt.token_ids:
-            bs = self.block_size(b)
+        if ids:
             if bs not in hashes:
-                hashes[bs] = tok.block_hashes(prompt.token_ids, bs)
-            cached = min(prompt.tokens, self._index.match(b.key, hashes[bs]) * bs)
-        queue, prefill = predict(b, self._ledger.load(b.key), prompt.tokens, cached,
-                                 self.params)
+                hashes[bs] = tok.block_hashes(ids, bs)
+            cached = cached_tokens(self._index.match(b.key, hashes[bs]), n, bs)
+        c = self.costs.costs(b.key)
+        queue, prefill, queued, decode = predict(b, self._ledger.load(b.key), n, cached, c)
         affinity = bool(prompt.session) and self._sessions.get(prompt.session) == b.key
-        return types.Verdict(b, not reason, reason, queue + prefill, queue, prefill,
-                             prompt.tokens, cached, affinity)
+        return types.Verdict(b, not reason, reason, queue + prefill, queue, prefill, n, cached,
+                             affinity, 0, prompt.tokenizer, bs, queued, decode,
+                             c.prefill_s_per_token, c.decode_s_per_step, c.overhead_s,
+                             c.samples)
 
     def verdicts(self, model: str, prompt: Prompt, task: types.Task = "generate",
                  ) -> tuple[list[types.Verdict], dict[int, list[int]]]:
         hashes: dict[int, list[int]] = {}
-        out = [self._verdict(b, why, prompt, hashes)
+        ids = prompt.ids(self._tokenizers.for_model(model))
+        out = [self._verdict(b, why, prompt, ids, hashes)
                for b, why in self._registry.backends_for(model) if b.task == task]
         return out, hashes
 
@@ -209,8 +200,7 @@ class Router:
         holder = max(ordered, key=lambda v: (v.cached_tokens, -v.predicted_ttft_s))
         if holder is best or holder.cached_tokens <= best.cached_tokens:
             return
-        extra_prefill = (holder.cached_tokens - best.cached_tokens) * \
-            self.params.prefill_s_per_token
+        extra_prefill = (holder.cached_tokens - best.cached_tokens) * best.prefill_s_per_token
         if holder.predicted_ttft_s - best.predicted_ttft_s < extra_prefill:
             ordered.remove(holder)
             ordered.insert(0, holder)
@@ -233,7 +223,7 @@ class Router:
         # only (copying every verdict per request costs more than routing it).
         ranked = tuple(ordered)
         info = types.PromptInfo(prompt.tokens, {k: tuple(v) for k, v in hashes.items()},
-                                prompt.max_tokens, prompt.session)
+                                prompt.max_tokens, prompt.session, prompt.tokenizer)
         return types.RouteDecision(model, ranked, reason + reason_suffix,
                                    self.params.policy, info)
 
@@ -248,18 +238,20 @@ class Router:
                  for i, v in enumerate(decision.candidates)}
         return [ranks.get(v.backend.key, v) for v in verdicts], decision.reason
 
-    # -- bookkeeping at dispatch --------------------------------------------------------
+    # -- bookkeeping at dispatch and settlement ---------------------------------------
 
     def dispatched(self, decision: types.RouteDecision, verdict: types.Verdict,
                    prompt: Prompt) -> ledger_mod.Ticket:
-        """Record a dispatch: ledger, prefix index, session affinity."""
+        """Record a dispatch: ledger, prefix index, session affinity. The ticket carries
+        the verdict, so :meth:`observe` can compare it with what happens."""
         b = verdict.backend
-        if prompt.token_ids:
+        if prompt.exact:
             bs = self.block_size(b)
             cap = b.kv_capacity_tokens // bs if b.kv_capacity_tokens else 0
             hashes = decision.prompt.hashes_by_block_size.get(bs)
             if hashes is None:
-                hashes = tuple(tok.block_hashes(prompt.token_ids, bs))
+                ids = prompt.ids(self._tokenizers.for_model(decision.model))
+                hashes = tuple(tok.block_hashes(ids, bs))
             self._index.insert(b.key, hashes, cap, b.restarts)
         if prompt.session and self.params.session_affinity:
             self._sessions[prompt.session] = b.key
@@ -267,4 +259,46 @@ class Router:
             if len(self._sessions) > SESSION_MEMORY:
                 self._sessions.popitem(last=False)
         uncached = max(0, verdict.prompt_tokens - verdict.cached_tokens)
-        return self._ledger.dispatch(b.key, uncached, verdict.prompt_tokens)
+        ticket = self._ledger.dispatch(b.key, uncached, verdict.prompt_tokens)
+        ticket.prediction = verdict
+        return ticket
+
+    def add_observer(self, observer: Observer) -> None:
+        """Call ``observer`` with every :class:`types.RouteObservation` (metrics)."""
+        self._observers.append(observer)
+
+    def observe(self, ticket: ledger_mod.Ticket) -> types.RouteObservation | None:
+        """Learn from a settled request and report it to the observers.
+
+        Called once the ledger has finished ``ticket`` (the proxy's settle point), with
+        ``ticket.streamed`` set when its first byte was a streamed token and
+        ``ticket.usage`` the engine's :class:`usage.Usage` when the proxy found one.
+        Requests that never got an answer teach nothing and return None.
+        """
+        v = ticket.prediction
+        if not isinstance(v, types.Verdict) or ticket.first_byte_at is None:
+            return None
+        u = ticket.usage if isinstance(ticket.usage, usage_mod.Usage) else None
+        reported_cached = u.cached_tokens if u is not None else None
+        # Uncached tokens in the router's own units (its tokenizer's count), so a learned
+        # cost multiplies the counts it is used with.
+        if u is not None and u.prompt_tokens and reported_cached is not None:
+            uncached = v.prompt_tokens * (1.0 - reported_cached / u.prompt_tokens)
+        else:
+            uncached = float(v.prompt_tokens - v.cached_tokens)
+        ttft = ticket.first_byte_at - ticket.dispatched_at if ticket.streamed else None
+        key = v.backend.key
+        if ttft is not None:
+            finished = ticket.finished_at if ticket.finished_at is not None else \
+                ticket.first_byte_at
+            self.costs.observe(key, costs_mod.Sample(
+                ttft, v.queued_tokens, uncached, v.decode_wait_s,
+                finished - ticket.first_byte_at, u.completion_tokens if u else 0))
+        c = self.costs.costs(key)
+        obs = types.RouteObservation(
+            key, v.tokenizer, v.predicted_ttft_s, ttft, v.cached_tokens, reported_cached,
+            v.prompt_tokens, u.prompt_tokens if u is not None else None,
+            c.prefill_s_per_token, c.decode_s_per_step, c.overhead_s)
+        for observer in self._observers:
+            observer(obs)
+        return obs

@@ -57,6 +57,7 @@ class NodeInfo:
     embed_models: tuple[str, ...] = ()
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     gpu_count: int = 0
+    engine_ports: tuple[int, int] | None = None   # the agent's engine port range (first, last)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -104,6 +105,7 @@ class PromptInfo:
     hashes_by_block_size: Mapping[int, tuple[int, ...]]
     max_tokens: int = 0
     session: str = ""
+    tokenizer: str = "approximate"   # what the ids were counted with (tokenization.py)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,6 +122,37 @@ class Verdict:
     cached_tokens: int
     session_affinity: bool = False
     rank: int = 0
+    # What the prediction was made with (explain shows it; the cost model learns from it).
+    tokenizer: str = "approximate"
+    block_size: int = 0
+    queued_tokens: float = 0.0      # prefill tokens predicted ahead of this request
+    decode_wait_s: float = 0.0      # the decode-step part of queue_wait_s
+    prefill_s_per_token: float = 0.0
+    decode_s_per_step: float = 0.0
+    overhead_s: float = 0.0         # part of queue_wait_s: learned fixed time to a first token
+    cost_samples: int = 0           # prefill samples behind prefill_s_per_token (0 = constant)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RouteObservation:
+    """A routed request once it settled: what the router predicted beside what happened.
+
+    ``observed_ttft_s`` is ``None`` unless the answer was streamed (a whole answer's first
+    byte comes after its last token); the reported token counts are ``None`` when the
+    engine sent no usage (or no ``prompt_tokens_details``).
+    """
+
+    backend: str
+    tokenizer: str
+    predicted_ttft_s: float
+    observed_ttft_s: float | None
+    predicted_cached_tokens: int
+    reported_cached_tokens: int | None
+    predicted_prompt_tokens: int
+    reported_prompt_tokens: int | None
+    prefill_s_per_token: float      # the backend's costs after learning from this request
+    decode_s_per_step: float
+    overhead_s: float
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -1,0 +1,263 @@
+"""A served model's own tokenizer and chat template, rendered the way vLLM renders them.
+
+Loaded from a model directory (``tokenizer.json`` beside ``tokenizer_config.json`` and
+``chat_template.jinja``, as ``save_pretrained`` writes them) or from a ``tokenizer.json``
+path whose directory holds the rest. The ``tokenizers`` library (Rust) encodes; jinja2
+renders the template.
+
+What vLLM does for a chat request, and what is reproduced here (vLLM 0.32,
+``vllm/renderers/hf.py`` and ``chat_utils.py``; transformers' ``apply_chat_template``):
+
+* message content: a string as is; a list of parts becomes its text parts joined with
+  ``"\\n"`` for templates that render ``message['content']`` as a string, or stays a list
+  of ``{"type": "text", "text": …}`` parts for templates that loop over the content
+  ("openai" format, detected from the template's syntax tree); ``None`` is ``""``;
+* the template is rendered in jinja2's ``ImmutableSandboxedEnvironment`` with
+  ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols`` extension, a ``tojson``
+  filter that does not escape HTML, ``raise_exception`` and ``strftime_now``, with
+  ``messages``, ``add_generation_prompt`` (vLLM's default: true) and the tokenizer's
+  special tokens (``bos_token``, ``eos_token``…) as variables;
+* the rendering is encoded without added special tokens (the template has placed them);
+  a completion prompt is encoded with them (vLLM's ``add_special_tokens`` default).
+
+Not reproduced: a request's ``tools``, ``chat_template_kwargs``, ``continue_final_message``
+or its own ``chat_template`` (such a prompt's hashes miss where the rendering differs).
+
+Cost: encoding is ~1-2 µs per token. Chat prompts repeat (a shared context, the earlier
+turns), and the tokenizer cuts its input at added tokens (``<|im_start|>``…) before
+anything else, so the rendering is cut there too and each piece's ids are memoised. At
+load, the pieces' ids are checked against one encoding of the whole rendering of a sample
+conversation; a tokenizer for which they differ is used without the memo.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import pathlib
+import re
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.sandbox
+import tokenizers
+
+MEMO_MAX_TOKENS = 400_000   # ids held by the memo at most (about 15 MB)
+MEMO_MIN_CHARS = 64          # shorter pieces are cheaper to encode than to look up
+SAMPLE = ({"role": "system", "content": "You are terse. Answer in one word."},
+          {"role": "user", "content": "What is the capital of France?"},
+          {"role": "assistant", "content": " Paris.\n"},
+          {"role": "user", "content": "And of  Italy?  "})
+
+
+class TokenizerError(ValueError):
+    """The tokenizer or its chat template cannot be loaded; the message names the path."""
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: Any = None, sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _raise(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+def compile_template(source: str) -> jinja2.Template:
+    """The template in the environment transformers (and so vLLM) renders it in."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+def _is_content(node: jinja2.nodes.Node) -> bool:
+    if isinstance(node, jinja2.nodes.Getattr):
+        return node.attr == "content"
+    if isinstance(node, jinja2.nodes.Getitem):
+        return isinstance(node.arg, jinja2.nodes.Const) and node.arg.value == "content"
+    return isinstance(node, jinja2.nodes.Name) and node.name == "content"
+
+
+def content_format(source: str) -> str:
+    """``"openai"`` when the template loops over a message's content parts, else
+    ``"string"`` (vLLM's detection, simplified: a ``for`` over ``….content``)."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
+    tree = env.parse(source)
+    for loop in tree.find_all(jinja2.nodes.For):
+        if _is_content(loop.iter):
+            return "openai"
+    return "string"
+
+
+def _text_parts(content: Any) -> list[str]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [content]
+    parts = []
+    for part in content if isinstance(content, Sequence) else [content]:
+        if isinstance(part, Mapping) and part.get("type") == "text":
+            parts.append(str(part.get("text", "")))
+        elif isinstance(part, str):
+            parts.append(part)
+    return parts
+
+
+def _special_value(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return None
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise TokenizerError(f"cannot read {path}: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _template_source(folder: pathlib.Path, config: Mapping[str, Any]) -> str | None:
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    chat_json = _read_json(folder / "chat_template.json").get("chat_template")
+    source = chat_json if chat_json is not None else config.get("chat_template")
+    if isinstance(source, list):  # named templates: vLLM uses "default" without tools
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, Mapping)}
+        source = named.get("default")
+    return source if isinstance(source, str) else None
+
+
+class HFTokenizer:
+    """One model's tokenizer and chat template (thread-safe for reading; the memo is a
+    plain dict used from the event loop)."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, template_source: str | None,
+                 special_tokens: Mapping[str, str], name: str) -> None:
+        self.name = name
+        self._tok = tokenizer
+        self._template = compile_template(template_source) if template_source else None
+        self._openai_content = (content_format(template_source) == "openai"
+                                if template_source else False)
+        self._special_tokens = dict(special_tokens)
+        added = tokenizer.get_added_tokens_decoder()
+        self._added = {t.content: i for i, t in added.items()}
+        pattern = "|".join(re.escape(c) for c in sorted(self._added, key=len, reverse=True))
+        self._splitter = re.compile(f"({pattern})") if pattern else None
+        if any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
+            self._splitter = None  # such tokens take neighbouring text: no cut there
+        self._memo: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._memo_tokens = 0
+        self._prefix, self._suffix = self._added_specials()
+        if self._splitter is not None and self._template is not None:
+            sample = self.render(SAMPLE)
+            if self._split_encode(sample) != self._encode(sample):
+                self._splitter = None
+
+    @property
+    def has_template(self) -> bool:
+        return self._template is not None
+
+    def _encode(self, text: str) -> tuple[int, ...]:
+        return tuple(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def _added_specials(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """What the post-processor adds around a single sequence (BOS, EOS…)."""
+        bare = self._tok.encode("x", add_special_tokens=False).ids
+        full = self._tok.encode("x", add_special_tokens=True).ids
+        for i in range(len(full) - len(bare) + 1):
+            if full[i:i + len(bare)] == bare:
+                return tuple(full[:i]), tuple(full[i + len(bare):])
+        return (), ()
+
+    def _piece(self, piece: str) -> tuple[int, ...]:
+        if len(piece) < MEMO_MIN_CHARS:
+            return self._encode(piece)
+        ids = self._memo.get(piece)
+        if ids is not None:
+            self._memo.move_to_end(piece)
+            return ids
+        ids = self._memo[piece] = self._encode(piece)
+        self._memo_tokens += len(ids)
+        while self._memo_tokens > MEMO_MAX_TOKENS and len(self._memo) > 1:
+            self._memo_tokens -= len(self._memo.popitem(last=False)[1])
+        return ids
+
+    def _split_encode(self, text: str) -> tuple[int, ...]:
+        assert self._splitter is not None
+        out: list[int] = []
+        for i, piece in enumerate(self._splitter.split(text)):
+            if i % 2:
+                out.append(self._added[piece])
+            elif piece:
+                out.extend(self._piece(piece))
+        return tuple(out)
+
+    def encode_rendered(self, text: str) -> tuple[int, ...]:
+        """Ids of an already rendered chat prompt (no special tokens added)."""
+        if self._splitter is None:
+            return self._piece(text)
+        return self._split_encode(text)
+
+    def encode_prompt(self, text: str) -> tuple[int, ...]:
+        """Ids of a completion prompt (special tokens added, as vLLM does by default)."""
+        return self._prefix + self.encode_rendered(text) + self._suffix
+
+    def render(self, messages: Sequence[Mapping[str, Any]],
+               add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise TokenizerError(f"{self.name} has no chat template")
+        chat = []
+        for m in messages:
+            parts = _text_parts(m.get("content"))
+            content: Any = ([{"type": "text", "text": p} for p in parts]
+                            if self._openai_content else "\n".join(parts))
+            chat.append({**m, "content": content})
+        return self._template.render(messages=chat, add_generation_prompt=add_generation_prompt,
+                                     tools=None, documents=None, **self._special_tokens)
+
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int, ...]:
+        return self.encode_rendered(self.render(messages))
+
+
+def _tokenizer_file(path: pathlib.Path) -> pathlib.Path:
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+@functools.lru_cache(maxsize=16)
+def load(path: str) -> HFTokenizer:
+    """The tokenizer at ``path`` (a model directory or its ``tokenizer.json``)."""
+    file = _tokenizer_file(pathlib.Path(path).expanduser())
+    if not file.is_file():
+        raise TokenizerError(f"no tokenizer.json at {path}")
+    try:
+        tok = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as exc:  # the Rust side raises plain Exception
+        raise TokenizerError(f"cannot load {file}: {exc}") from None
+    folder = file.parent
+    config = _read_json(folder / "tokenizer_config.json")
+    specials = {k: v for k, raw in config.items()
+                if k.endswith("_token") and (v := _special_value(raw)) is not None}
+    try:
+        source = _template_source(folder, config)
+        return HFTokenizer(tok, source, specials, str(folder))
+    except jinja2.TemplateError as exc:
+        raise TokenizerError(f"the chat template in {folder} does not compile: {exc}") from None

@@ -1,0 +1,190 @@
+"""How the router turns a prompt into token ids: the served model's own tokenizer when the
+control plane has it (``models[].tokenizer`` in its config), else the shared
+approximation of ``synapse_common.tokens``.
+
+The ids feed the prefix index (chained block hashes, in each engine's block size), so
+they must be the ids the engine itself hashes: the model's tokenizer and chat template,
+rendered as vLLM renders them (:mod:`controlplane.adapters.hf_tokenizer`). The
+approximation is right only for engines that use it too (the simulator); for a real
+engine its block hashes line up only by accident, so the router then sees fewer cached
+tokens than the engine holds. ``explain`` and the route-accuracy metrics say which one a
+prediction used.
+
+:class:`Prompt` is tokenized lazily, once per tokenizer, when a model is routed: a request
+that falls back to another model with another tokenizer is tokenized again for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from controlplane.adapters import hf_tokenizer
+from synapse_common import tokens as tok
+
+log = logging.getLogger("synapse.controlplane.tokenization")
+
+APPROXIMATE = "approximate"
+
+
+class PromptTokenizer(Protocol):
+    name: str
+
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int, ...]: ...
+
+    def text_ids(self, text: str) -> tuple[int, ...]: ...
+
+
+@functools.lru_cache(maxsize=512)
+def _message_tokens(rendered: str) -> tuple[int, ...]:
+    return tuple(tok.tokenize(rendered))
+
+
+class Approximate:
+    """``synapse_common.tokens``: the simulator's tokenizer and chat template."""
+
+    name = APPROXIMATE
+
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int, ...]:
+        # Each rendered message starts with "<" after a "\n", so tokenizing message by
+        # message gives exactly the tokens of the whole rendering; repeated system prompts
+        # and conversation history then come from the memo instead of being re-hashed.
+        ids: list[int] = []
+        for m in messages:
+            ids.extend(_message_tokens(tok.render_chat([m], add_generation_prompt=False)))
+        ids.extend(_message_tokens(GENERATION_PROMPT))
+        return tuple(ids)
+
+    def text_ids(self, text: str) -> tuple[int, ...]:
+        return tuple(tok.tokenize(text))
+
+
+GENERATION_PROMPT = tok.render_chat([], add_generation_prompt=True)
+APPROXIMATION = Approximate()
+
+
+class ModelTokenizer:
+    """A model's own tokenizer; chat prompts need its chat template (without one they are
+    counted with the approximation, and say so)."""
+
+    def __init__(self, hf: hf_tokenizer.HFTokenizer) -> None:
+        self.name = f"model tokenizer {hf.name}"
+        self._hf = hf
+
+    @property
+    def has_template(self) -> bool:
+        return self._hf.has_template
+
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int, ...]:
+        return self._hf.chat_ids(messages)
+
+    def text_ids(self, text: str) -> tuple[int, ...]:
+        return self._hf.encode_prompt(text)
+
+
+class Tokenizers:
+    """Canonical model → its tokenizer; the approximation for every other model."""
+
+    def __init__(self, paths: Mapping[str, str] | None = None) -> None:
+        self._by_model: dict[str, ModelTokenizer] = {}
+        for model, path in (paths or {}).items():
+            self._by_model[model] = ModelTokenizer(hf_tokenizer.load(path))
+            log.info("model %s: prefix hashing with its own tokenizer (%s)", model, path)
+
+    def for_model(self, model: str) -> ModelTokenizer | Approximate:
+        return self._by_model.get(model, APPROXIMATION)
+
+
+class Prompt:
+    """A request's prompt, tokenized on demand once per tokenizer.
+
+    ``token_ids`` / ``tokens`` / ``tokenizer`` describe the tokenization used last (the
+    routed model's); before any routing they are the approximation's. A prompt that is
+    not ``exact`` (policies that need only a size) is never tokenized: ``tokens`` is its
+    length in characters / 4 and ``token_ids`` is empty.
+    """
+
+    __slots__ = (
+        "_ids",
+        "_last",
+        "_last_name",
+        "_size",
+        "exact",
+        "max_tokens",
+        "messages",
+        "session",
+        "text",
+    )
+
+    def __init__(self, messages: Sequence[Mapping[str, Any]] | None, text: str | None,
+                 max_tokens: int = 0, session: str = "", exact: bool = True) -> None:
+        self.messages = messages
+        self.text = text
+        self.max_tokens = max_tokens
+        self.session = session
+        self.exact = exact
+        self._ids: dict[str, tuple[int, ...]] = {}
+        self._last: tuple[int, ...] | None = None
+        self._last_name = APPROXIMATE
+        self._size = 0
+
+    @classmethod
+    def from_text(cls, text: str, max_tokens: int = 0, session: str = "",
+                  exact: bool = True) -> Prompt:
+        return cls(None, text, max_tokens, session, exact)
+
+    @classmethod
+    def from_messages(cls, messages: Sequence[Mapping[str, Any]], max_tokens: int = 0,
+                      session: str = "", exact: bool = True) -> Prompt:
+        return cls(messages, None, max_tokens, session, exact)
+
+    def ids(self, tokenizer: PromptTokenizer) -> tuple[int, ...]:
+        """Token ids under ``tokenizer`` (memoised); ``()`` for a size-only prompt."""
+        if not self.exact:
+            return ()
+        if self.messages is not None and not getattr(tokenizer, "has_template", True):
+            tokenizer = APPROXIMATION
+        name = tokenizer.name
+        ids = self._ids.get(name)
+        if ids is None:
+            ids = self._ids[name] = (tokenizer.chat_ids(self.messages)
+                                     if self.messages is not None
+                                     else tokenizer.text_ids(self.text or ""))
+        self._last, self._last_name = ids, name
+        return ids
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        if self._last is None:
+            return self.ids(APPROXIMATION)
+        return self._last
+
+    @property
+    def tokenizer(self) -> str:
+        return self._last_name
+
+    @property
+    def tokens(self) -> int:
+        if self.exact:
+            return len(self.token_ids)
+        if not self._size:
+            text = (tok.render_chat(self.messages) if self.messages is not None
+                    else self.text or "")
+            self._size = max(1, len(text) // tok.CHARS_PER_TOKEN)
+        return self._size
+
+
+def from_settings(models: Sequence[Any], canonical: Callable[[str], str]) -> Tokenizers:
+    """The configured ``models[].tokenizer`` paths, loaded now; a ValueError naming the
+    field when one cannot be loaded."""
+    paths = {}
+    for i, m in enumerate(models):
+        if m.tokenizer:
+            try:
+                hf_tokenizer.load(m.tokenizer)
+            except hf_tokenizer.TokenizerError as exc:
+                raise ValueError(f"models[{i}].tokenizer: {exc}") from None
+            paths[canonical(m.name)] = m.tokenizer
+    return Tokenizers(paths)
