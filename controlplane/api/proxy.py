@@ -27,6 +27,7 @@ from controlplane.api import context
 from controlplane.core import cache_port, sse
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
+from controlplane.core import usage as usage_mod
 
 log = logging.getLogger("synapse.controlplane.proxy")
 
@@ -104,6 +105,7 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
         finally:
             up.close()
             svc.ledger.finish(ticket)
+            svc.router.observe(ticket)  # the router learns from the settled attempt
     raise last
 
 
@@ -148,6 +150,8 @@ async def _whole(request: web.Request, up: upstream_mod.UpstreamResponse, ticket
                                    f"{_describe(exc)}") from None
     svc.ledger.first_byte(ticket)
     ctx.first_byte = svc.clock()
+    if up.status == 200:
+        ticket.usage = usage_mod.from_tail(data)
     if up.status >= 400:
         data = _as_openai_error(up.status, data)
     elif store is not None:
@@ -228,10 +232,11 @@ async def _stream(request: web.Request, up: upstream_mod.UpstreamResponse, ticke
             # The ledger moves the request from prefill to decode at its first token.
             events += chunk.count(b"data:")
             if events >= first_token_event:
+                ticket.streamed = True
                 svc.ledger.first_byte(ticket)
         # A client that went away raises here and ends the handler (and the upstream).
         await resp.write(chunk)
-        tail = (tail + chunk)[-16:]
+        tail = (tail + chunk)[-usage_mod.TAIL_BYTES:]
         if parser is not None and assembler is not None:
             for data in parser.feed(chunk):
                 assembler.add_data(data)
@@ -239,6 +244,7 @@ async def _stream(request: web.Request, up: upstream_mod.UpstreamResponse, ticke
         raise errors.UpstreamError(f"backend {ctx.backend} sent an empty stream")
     if b"[DONE]" not in tail:
         return await _broken(request, resp, "the backend's stream ended before [DONE]")
+    ticket.usage = usage_mod.from_tail(tail)
     if assembler is not None and store is not None and assembler.complete:
         svc.cache.store(store, assembler.response())
     await resp.write_eof()
