@@ -37,7 +37,6 @@ policies, for comparison: ``round_robin`` and ``least_loaded`` (fewest in-flight
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -104,7 +103,7 @@ class Router:
         self.costs = costs or costs_mod.CostModel(params.prefill_s_per_token,
                                                   params.decode_s_per_step, params.learn_costs)
         self._observers: list[Observer] = []
-        self._rr = itertools.count()
+        self._turn = 0   # rotates exact ties: advanced by route(), only read by explain()
         self._sessions: OrderedDict[str, str] = OrderedDict()
 
     @property
@@ -161,7 +160,7 @@ class Router:
         policy = self.params.policy
         if policy == "round_robin":
             eligible.sort(key=lambda v: v.backend.key)
-            start = next(self._rr) % len(eligible)
+            start = self._turn % len(eligible)
             return eligible[start:] + eligible[:start], "round-robin"
         if policy == "least_loaded":
             eligible.sort(key=lambda v: (self._ledger.load(v.backend.key).in_flight
@@ -169,7 +168,7 @@ class Router:
             return eligible, "least-loaded"
         # Exact ties (idle backends, no cached prefix) rotate instead of piling on one.
         eligible.sort(key=lambda v: v.backend.key)
-        start = next(self._rr) % len(eligible)
+        start = self._turn % len(eligible)
         eligible = eligible[start:] + eligible[:start]
         eligible.sort(key=lambda v: (v.predicted_ttft_s,
                                      self._ledger.load(v.backend.key).in_flight))
@@ -208,6 +207,14 @@ class Router:
     def route(self, model: str, prompt: Prompt, task: types.Task = "generate",
               ) -> types.RouteDecision | None:
         """Ordered candidates for ``model``, or None when no backend passes the filter."""
+        decision = self._decide(model, prompt, task)
+        if decision is not None:
+            self._turn += 1
+        return decision
+
+    def _decide(self, model: str, prompt: Prompt, task: types.Task,
+                ) -> types.RouteDecision | None:
+        """What :meth:`route` answers, without moving any state (explain shares it)."""
         verdicts, hashes = self.verdicts(model, prompt, task)
         eligible = [v for v in verdicts if v.eligible]
         reason_suffix = ""
@@ -229,8 +236,10 @@ class Router:
 
     def explain(self, model: str, prompt: Prompt, task: types.Task = "generate",
                 ) -> tuple[list[types.Verdict], str]:
-        """Every backend of the model with its verdict; the chosen one has rank 1."""
-        decision = self.route(model, prompt, task)
+        """Every backend of the model with its verdict; the chosen one has rank 1 — the one
+        the next request would get: explaining moves nothing (ledger, prefix index,
+        sessions, the rotation of ties)."""
+        decision = self._decide(model, prompt, task)
         verdicts, _ = self.verdicts(model, prompt, task)
         if decision is None:
             return verdicts, "no backend passes the filter"
