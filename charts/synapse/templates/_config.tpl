@@ -1,0 +1,51 @@
+{{/*
+The processes' config files. The user's section (controlPlane.config, agent.config) is
+merged under what the chart owns: ports, Secret paths and store URLs must agree with the
+pod specs rendered here, so the chart's values win for those keys.
+*/}}
+{{- define "synapse.controlPlane.config" -}}
+{{- $authDir := include "synapse.authDir" . -}}
+{{- $own := dict
+  "data_dir" "/var/lib/synapse"
+  "http" (dict "port" (int .Values.controlPlane.ports.http))
+  "grpc" (dict "port" (int .Values.controlPlane.ports.grpc))
+  "auth" (dict "admin_key" (dict "file" (printf "%s/admin-key" $authDir))
+               "agent_token" (dict "file" (printf "%s/agent-token" $authDir)))
+  "logging" (dict "format" "json") -}}
+{{- if ne .Values.dependencies.redis.mode "none" -}}
+{{- $_ := set $own "redis" (dict "url" (dict "env" "SYNAPSE_REDIS_URL")) -}}
+{{- end -}}
+{{- $milvus := .Values.dependencies.milvus -}}
+{{- if eq $milvus.mode "lite" -}}
+{{- $_ := set $own "cache" (dict "milvus_uri" (include "synapse.milvus.liteFile" .)) -}}
+{{- else -}}
+{{- $cache := dict "milvus_uri" (dict "env" "SYNAPSE_MILVUS_URI") -}}
+{{- if include "synapse.milvus.tokenFromSecret" . -}}
+{{- $_ := set $cache "milvus_token" (dict "env" "SYNAPSE_MILVUS_TOKEN") -}}
+{{- end -}}
+{{- $_ := set $own "cache" $cache -}}
+{{- end -}}
+{{- if .Values.upstreams -}}
+{{- $_ := set $own "upstreams" .Values.upstreams -}}
+{{- end -}}
+{{- toYaml (mustMergeOverwrite (deepCopy .Values.controlPlane.config) $own) -}}
+{{- end -}}
+
+{{- define "synapse.agent.config" -}}
+{{- $dns := printf "%s.%s.svc.%s:%d" (include "synapse.controlPlane.headless" .)
+  .Release.Namespace .Values.clusterDomain (int .Values.controlPlane.ports.grpc) -}}
+{{- $own := dict
+  "control_plane" (dict "dns_name" $dns
+                        "token" (dict "file" (printf "%s/agent-token" (include "synapse.agentTokenDir" .))))
+  "grpc" (dict "port" (int .Values.agent.ports.grpc))
+  "metrics" (dict "port" (int .Values.agent.ports.metrics))
+  "supervisor" (dict "engine_host" "0.0.0.0" "log_dir" "/var/log/synapse")
+  "logging" (dict "format" "json") -}}
+{{- toYaml (mustMergeOverwrite (deepCopy .Values.agent.config) $own) -}}
+{{- end -}}
+
+{{/* "true" when the Milvus token comes from dependencies.milvus.external.existingSecret */}}
+{{- define "synapse.milvus.tokenFromSecret" -}}
+{{- $ext := .Values.dependencies.milvus.external -}}
+{{- if and (eq .Values.dependencies.milvus.mode "external") $ext.existingSecret $ext.tokenKey -}}true{{- end -}}
+{{- end -}}

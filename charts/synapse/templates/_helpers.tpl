@@ -1,0 +1,68 @@
+{{/*
+Names. Every object is named `<fullname>-<component>` like the kustomize overlays
+(release `synapse` renders exactly their names), and `app.kubernetes.io/name` carries that
+name, so selectors stay unique per release without an extra label.
+*/}}
+{{- define "synapse.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "synapse.controlPlane.name" -}}{{ include "synapse.fullname" . }}-controlplane{{- end -}}
+{{- define "synapse.controlPlane.headless" -}}{{ include "synapse.fullname" . }}-controlplane-headless{{- end -}}
+{{- define "synapse.agent.name" -}}{{ include "synapse.fullname" . }}-agent{{- end -}}
+{{- define "synapse.redis.name" -}}{{ include "synapse.fullname" . }}-redis{{- end -}}
+{{- define "synapse.milvus.name" -}}{{ include "synapse.fullname" . }}-milvus{{- end -}}
+
+{{/* The Secret with admin-key, api-key and agent-token: referenced or created. */}}
+{{- define "synapse.authSecret" -}}
+{{- .Values.secrets.existingSecret | default (printf "%s-auth" (include "synapse.fullname" .)) -}}
+{{- end -}}
+
+{{/* Where the control plane finds the auth Secret's keys, and the agent its token. */}}
+{{- define "synapse.authDir" -}}/var/run/secrets/synapse{{- end -}}
+{{- define "synapse.agentTokenDir" -}}/var/run/secrets/synapse-agent{{- end -}}
+
+{{- define "synapse.image" -}}
+{{- printf "%s:%s" .image.repository (.image.tag | default .root.Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* Labels of every object: (dict "root" $ "name" <app name> "component" <component>) */}}
+{{- define "synapse.labels" -}}
+{{ include "synapse.selectorLabels" . }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/part-of: synapse
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
+{{- end -}}
+
+{{/* Labels of objects that belong to no single component (ConfigMaps, policies). */}}
+{{- define "synapse.commonLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: synapse
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "synapse.selectorLabels" -}}
+app.kubernetes.io/name: {{ .name }}
+{{- end -}}
+
+{{/* Pod template labels: the selector plus the component, as in the overlays. */}}
+{{- define "synapse.podLabels" -}}
+{{ include "synapse.selectorLabels" . }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+{{- end -}}
+
+{{- define "synapse.redis.url" -}}redis://{{ include "synapse.redis.name" . }}:6379/0{{- end -}}
+{{- define "synapse.milvus.uri" -}}http://{{ include "synapse.milvus.name" . }}:19530{{- end -}}
+{{- define "synapse.milvus.liteFile" -}}/var/lib/synapse/l2.db{{- end -}}

@@ -1,0 +1,239 @@
+"""charts/synapse: lint, strict validation of what every values file renders, the
+processes' configs, the schema and the chart's own checks rejecting wrong values.
+
+The equivalence with the kustomize overlays is test_helm_equivalence; this covers what
+the overlays do not have: the pilot values, other release names, the Ingress, bundled
+stores behind NetworkPolicies, upstream egress rules derived from the URLs.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import pathlib
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from agent import config as agent_config
+from synapse_common import settings
+from tests.charts import helm
+from tests.manifests import pods, render, test_networkpolicies, validate
+from tests.manifests.test_networkpolicies import AGENT, CLIENT, CP, EXTERNAL, Pod, may_connect
+
+ALL_VALUES = (None, *helm.VALUES_FILES)
+
+
+def _ids(values: str | None) -> str:
+    return values or "defaults"
+
+
+def test_the_values_files_are_the_documented_three() -> None:
+    assert helm.VALUES_FILES == ("production", "self-hosted-bundled", "self-hosted-pilot")
+
+
+@pytest.mark.parametrize("values", ALL_VALUES, ids=_ids)
+def test_helm_lint_strict(values: str | None) -> None:
+    args = ["-f", str(helm.VALUES_DIR / f"{values}.yaml")] if values else []
+    proc = helm.run("lint", "--strict", str(helm.CHART), *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("values", ALL_VALUES, ids=_ids)
+def test_every_object_validates_strictly(values: str | None) -> None:
+    objects = helm.render_chart(values)
+    assert len(objects) >= 8
+    problems = [line for obj in objects for line in validate.errors(obj)]
+    assert not problems, "\n".join(problems)
+    for obj in objects:
+        assert obj["metadata"]["namespace"] == helm.NAMESPACE, obj["metadata"]["name"]
+
+
+def test_ingress_renders_and_validates() -> None:
+    objects = helm.render_chart(
+        "production", "ingress.enabled=true", "ingress.className=nginx",
+        "ingress.tls[0].secretName=synapse-tls", "ingress.tls[0].hosts[0]=synapse.example.com")
+    ingress = render.find(objects, "Ingress")
+    assert not validate.errors(ingress), validate.errors(ingress)
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    service = next(o for o in objects
+                   if o["kind"] == "Service" and o["metadata"]["name"] == backend["name"])
+    assert backend["port"]["name"] in [p["name"] for p in service["spec"]["ports"]]
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+
+
+def _settings(objects: list[dict[str, Any]], process: str, tmp_path: pathlib.Path,
+              monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The settings the process would load from the chart's ConfigMap and pod env."""
+    hits = [(w, c) for w, c in pods.synapse_containers(objects) if c["args"][0] == process]
+    assert len(hits) == 1, f"expected one {process} container, found {len(hits)}"
+    workload, c = hits[0]
+    environ = pods.container_environ(c)
+    data = pods.config_data(objects, workload, c, environ)
+    data = pods.replace_file_secrets(data, pods.secret_mount_dirs(workload, c), tmp_path)
+    for name in [k for k in os.environ if k.startswith("SYNAPSE_")]:
+        monkeypatch.delenv(name)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    model = pods.MODELS[process]
+    data = settings.apply_env_overrides(model, data, environ)
+    return settings.validate(model, data, source=f"chart {process} ConfigMap"), workload, c
+
+
+@pytest.mark.parametrize("values", ALL_VALUES, ids=_ids)
+@pytest.mark.parametrize("release", ["synapse", "edge"])
+def test_configs_validate_and_match_the_pods(values: str | None, release: str,
+                                             tmp_path: pathlib.Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    objects = helm.render_chart(values, release=release)
+    cp, deploy, cp_container = _settings(objects, "controlplane", tmp_path, monkeypatch)
+    ports = {p["name"]: p["containerPort"] for p in cp_container["ports"]}
+    assert (cp.http.port, cp.grpc.port) == (ports["http"], ports["grpc"])
+    agent, ds, agent_container = _settings(objects, "agent", tmp_path, monkeypatch)
+    ports = {p["name"]: p["containerPort"] for p in agent_container["ports"]}
+    assert (agent.grpc.port, agent.metrics.port) == (ports["grpc"], ports["metrics"])
+    # the agents dial the headless Service of this release's control plane
+    headless = render.find(objects, "Service", f"{deploy['metadata']['name']}-headless")
+    assert headless["spec"]["selector"].items() <= \
+        deploy["spec"]["template"]["metadata"]["labels"].items()
+    assert agent.control_plane.dns_name == (
+        f"{headless['metadata']['name']}.{helm.NAMESPACE}.svc.cluster.local:{cp.grpc.port}")
+    grace = render.pod_spec(ds)["terminationGracePeriodSeconds"]
+    assert grace > agent.supervisor.drain_grace_s + agent.supervisor.stop_grace_s
+    # the agent token the control plane demands is the one the agents present
+    cp_secret = pods.mounted_volume(deploy, cp_container, "/var/run/secrets/synapse")
+    agent_secret = pods.mounted_volume(ds, agent_container, "/var/run/secrets/synapse-agent")
+    assert cp_secret["secret"]["secretName"] == agent_secret["secret"]["secretName"]
+    assert agent_secret["secret"]["items"] == [{"key": "agent-token", "path": "agent-token"}]
+    assert cp.auth.agent_token is not None and agent.control_plane.token is not None
+    if release != "synapse":
+        names = [o["metadata"]["name"] for o in objects]
+        assert all(n == f"{release}-synapse" or n.startswith(f"{release}-synapse-")
+                   for n in names), names
+
+
+def test_the_pilot_needs_no_stores_and_runs_one_replica(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    objects = helm.render_chart("self-hosted-pilot")
+    cp, deploy, _ = _settings(objects, "controlplane", tmp_path, monkeypatch)
+    assert cp.redis.url is None
+    assert cp.cache.milvus_uri.get_secret_value().startswith(cp.data_dir + "/")
+    assert deploy["spec"]["replicas"] == 1
+    kinds = {o["kind"] for o in objects}
+    assert not kinds & {"StatefulSet", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    agent, _, _ = _settings(objects, "agent", tmp_path, monkeypatch)
+    assert agent.telemetry.source == "nvml"
+
+
+@pytest.mark.parametrize("values", ["self-hosted-pilot", "self-hosted-bundled"])
+def test_a_created_secret_holds_the_three_keys(values: str) -> None:
+    secret = render.find(helm.render_chart(values), "Secret", "synapse-auth")
+    assert set(secret["data"]) == {"admin-key", "api-key", "agent-token"}
+    for value in secret["data"].values():
+        assert len(base64.b64decode(value)) >= 32
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+@pytest.mark.parametrize("values", ALL_VALUES, ids=_ids)
+def test_secret_values_are_only_ever_referenced(values: str | None) -> None:
+    for workload in render.workloads(helm.render_chart(values)):
+        for c in render.pod_spec(workload)["containers"]:
+            for env in c.get("env", []):
+                if any(w in env["name"].upper() for w in ("KEY", "TOKEN", "PASSWORD", "SECRET")):
+                    assert env.get("valueFrom", {}).get("secretKeyRef"), env["name"]
+
+
+SCHEMA_ERRORS = [
+    (("controlPlane.replicaCount=two",), r"/controlPlane/replicaCount': got string, want integer"),
+    (("controlPlane.replicas=3",), r"/controlPlane': additional properties 'replicas'"),
+    (("dependencies.redis.mode=memcached",), r"/dependencies/redis/mode': value must be one of"),
+    (("dependencies.redis.external.url=http://redis:6379",), r"/dependencies/redis/external/url'"),
+    (("monitoring.serviceMonitor.interval=15 seconds",), r"/monitoring/serviceMonitor/interval'"),
+    (("ingress.hosts[0].host=a", "ingress.hosts[0].paths[0].path=/",
+      "ingress.hosts[0].paths[0].pathType=prefix"), r"/ingress/hosts/0/paths/0/pathType'"),
+    (("agent.ports.metrics=70000",), r"/agent/ports/metrics'"),
+    (("upstreams[0].name=x", "upstreams[0].url=ollama:11434", "upstreams[0].models[0]=m"),
+     r"/upstreams/0/url'"),
+]
+
+
+@pytest.mark.parametrize(("sets", "message"), SCHEMA_ERRORS, ids=[s[0][0] for s in SCHEMA_ERRORS])
+def test_the_schema_rejects_a_wrong_value(sets: tuple[str, ...], message: str) -> None:
+    error = helm.rejected(None, *sets)
+    assert "don't meet the specifications of the schema" in error
+    assert re.search(message, error), error
+
+
+def test_the_schema_rejects_a_wrong_values_file(tmp_path: pathlib.Path) -> None:
+    data = yaml.safe_load((helm.VALUES_DIR / "production.yaml").read_text())
+    data["autoscaling"]["controlPlane"]["maxReplica"] = 12  # misspelled
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    proc = helm.run("lint", str(helm.CHART), "-f", str(bad))
+    assert proc.returncode != 0
+    assert "additional properties 'maxReplica'" in proc.stdout + proc.stderr
+
+
+CHART_CHECKS = [
+    (("dependencies.redis.mode=none",), "dependencies.redis.mode none"),
+    (("dependencies.milvus.mode=lite",), "dependencies.milvus.mode lite"),
+    (("dependencies.redis.mode=external",), "dependencies.redis.external.url or"),
+    (("dependencies.milvus.mode=external",), "dependencies.milvus.external.endpoint or"),
+    (("controlPlane.replicaCount=1", "autoscaling.controlPlane.enabled=false"),
+     "controlPlane.podDisruptionBudget"),
+    (("controlPlane.replicaCount=9",), "within autoscaling.controlPlane.minReplicas"),
+    (("agent.terminationGracePeriodSeconds=100",), "agent.terminationGracePeriodSeconds (100)"),
+    (("controlPlane.config.upstreams[0].name=x",), "controlPlane.config.upstreams"),
+]
+
+
+@pytest.mark.parametrize(("sets", "message"), CHART_CHECKS, ids=[c[1] for c in CHART_CHECKS])
+def test_the_chart_refuses_values_that_cannot_work(sets: tuple[str, ...], message: str) -> None:
+    assert message in helm.rejected(None, *sets)
+
+
+def test_bundled_stores_behind_network_policies() -> None:
+    objects = helm.render_chart("self-hosted-bundled", "networkPolicy.enabled=true")
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    redis = Pod("synapse", (("app.kubernetes.io/name", "synapse-redis"),))
+    milvus = Pod("synapse", (("app.kubernetes.io/name", "synapse-milvus"),))
+    assert may_connect(policies, CP, redis, 6379)
+    assert may_connect(policies, CP, milvus, 19530)
+    for src, dst, port in ((CLIENT, redis, 6379), (AGENT, redis, 6379), (CLIENT, milvus, 19530),
+                           (CP, EXTERNAL, 6379), (CP, EXTERNAL, 19530)):
+        assert not may_connect(policies, src, dst, port), (src, dst, port)
+
+
+def test_every_upstream_gets_an_egress_rule() -> None:
+    sets = []
+    for i, url in enumerate(("http://vllm.gpu-pool.svc.cluster.local:8001",
+                             "http://tgi.models:8080", "https://api.openai.com/v1",
+                             "http://local-llm")):
+        sets += [f"upstreams[{i}].name=u{i}", f"upstreams[{i}].url={url}",
+                 f"upstreams[{i}].models[0]=m"]
+    policies = [o for o in helm.render_chart("production", *sets)
+                if o["kind"] == "NetworkPolicy"]
+    assert may_connect(policies, CP, Pod("gpu-pool", (("app", "vllm"),)), 8001)
+    assert not may_connect(policies, CP, Pod("gpu-pool", (("app", "vllm"),)), 8002)
+    assert may_connect(policies, CP, Pod("models", (("app", "tgi"),)), 8080)
+    assert not may_connect(policies, CP, Pod("inference", (("app", "tgi"),)), 8080)
+    assert may_connect(policies, CP, EXTERNAL, 443)
+    # a bare name is this namespace: egress opens, its ingress is the upstream's own policy
+    local = Pod("synapse", (("app", "local-llm"),))
+    assert test_networkpolicies._allowed(policies, CP, local, 80, "TCP", "Egress")
+
+
+def test_config_changes_roll_the_pods() -> None:
+    before = helm.render_chart("production")
+    after = helm.render_chart("production", "agent.config.supervisor.drain_grace_s=100")
+    for kind, name in (("DaemonSet", "synapse-agent"), ("Deployment", "synapse-controlplane")):
+        old = render.find(before, kind, name)["spec"]["template"]["metadata"]["annotations"]
+        new = render.find(after, kind, name)["spec"]["template"]["metadata"]["annotations"]
+        assert (old != new) == (kind == "DaemonSet"), kind
+    # and the agent's settings model sees the change
+    cm = render.find(after, "ConfigMap", "synapse-agent-config")
+    data = yaml.safe_load(cm["data"]["config.yaml"])
+    data["control_plane"].pop("token")
+    assert settings.validate(agent_config.AgentSettings, data).supervisor.drain_grace_s == 100
