@@ -2,13 +2,15 @@
 
 Starts the control plane and one node agent as child processes that talk real gRPC over
 loopback — the same code paths as production. The agent runs a fake GPU source (chosen
-explicitly), supervises the engine simulator as the generation backend (or none, with
+explicitly), supervises the generation backend (the engine simulator; with ``--engine
+vllm`` a real vLLM from the engine tier, see :mod:`controlplane.embedded_engine`; none with
 ``--upstream URL``, when a real OpenAI-compatible server stands behind Synapse) and
 serves embeddings from the in-process all-MiniLM-L6-v2 model; the control plane keeps L1
 in process and L2 in a Milvus Lite file under ``--data-dir``.
 
-Keys: a dev API key and an admin key are generated once and kept in
-``<data-dir>/secrets/`` (mode 0600); the configs refer to those files, so no key is
+Keys: a dev API key, an admin key and the agent token (which the agent presents to the
+control plane, and the control plane to the agent's Node service) are generated once and
+kept in ``<data-dir>/secrets/`` (mode 0600); the configs refer to those files, so no key is
 written into a config file or a log. ``--api-key`` uses a key of your choice instead.
 
 Ctrl-C or SIGTERM stops the agent first (it drains and stops its engines), then the
@@ -35,10 +37,11 @@ from typing import IO, Any
 
 import yaml
 
-from synapse_common import cli
+from controlplane import embedded_engine
+from synapse_common import cli, engines
 from synapse_common.ports import free_port
 
-DEFAULT_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+DEFAULT_MODEL = embedded_engine.SIMULATOR_MODEL
 EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 START_TIMEOUT_S = 240.0
 
@@ -54,9 +57,16 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--http-port", type=int, default=8080, help="HTTP port (0 = any free)")
     parser.add_argument("--grpc-port", type=int, default=50051,
                         help="control-plane gRPC port (0 = any free)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model the simulator serves")
+    parser.add_argument("--engine", choices=("simulator", "vllm"), default="simulator",
+                        help="the generation backend: the engine simulator, or a real vLLM "
+                             "serving SmolLM2-135M on the CPU (install it once with "
+                             "`make engines`)")
+    parser.add_argument("--model", default=None,
+                        help=f"model name served (default: {DEFAULT_MODEL} for the simulator, "
+                             f"{engines.MODEL_NAME} for vLLM)")
     parser.add_argument("--alias", action="append", default=None,
-                        help="alias of the model (default: llama)")
+                        help="alias of the model (default: llama for the simulator, smollm2 "
+                             "for vLLM)")
     parser.add_argument("--upstream", metavar="URL",
                         help="a real OpenAI-compatible server to put behind Synapse instead of "
                              "the simulator (e.g. http://127.0.0.1:11434 for Ollama)")
@@ -89,43 +99,39 @@ def _secret_file(directory: pathlib.Path, name: str, value: str | None) -> pathl
     return path
 
 
-def _write_configs(args: argparse.Namespace, data: pathlib.Path, ports: dict[str, int]) -> dict[str, Any]:
+def _write_configs(args: argparse.Namespace, data: pathlib.Path, ports: dict[str, int],
+                   gen: embedded_engine.Generation) -> dict[str, Any]:
     secret_dir = data / "secrets"
     secret_dir.mkdir(parents=True, exist_ok=True)
     secret_dir.chmod(0o700)
     api_key_file = _secret_file(secret_dir, "dev-api-key", args.api_key)
     admin_key_file = _secret_file(secret_dir, "admin-key", None)
-    aliases = args.alias if args.alias is not None else ["llama"]
+    agent_token = {"file": str(_secret_file(secret_dir, "agent-token", None))}
     cp: dict[str, Any] = {
         "replica_id": "embedded", "data_dir": str(data),
         "http": {"host": args.host, "port": ports["http"]},
         "grpc": {"host": "127.0.0.1", "port": ports["grpc"]},
-        "auth": {"admin_key": {"file": str(admin_key_file)},
+        "auth": {"admin_key": {"file": str(admin_key_file)}, "agent_token": agent_token,
                  "tenants": [{"name": "dev", "keys": [{"file": str(api_key_file)}]}]},
-        "models": [{"name": args.model, "aliases": aliases}],
+        "models": [{"name": gen.model, "aliases": gen.aliases}],
         "cache": {"enabled": not args.no_cache, "milvus_uri": str(data / "l2.db"),
                   "embed_model": EMBED_MODEL},
     }
-    backends: list[dict[str, Any]] = []
     if args.upstream:
-        cp["upstreams"] = [{"name": "upstream", "url": args.upstream, "models": [args.model]}]
-    else:
-        backends.append({
-            "name": "simulator", "engine": "simulator", "model": args.model,
-            "served_model_names": [args.model], "port": ports["simulator"],
-            "memory_required_gb": 18, "extra_args": ["--time-scale", str(args.time_scale)]})
+        cp["upstreams"] = [{"name": "upstream", "url": args.upstream, "models": [gen.model]}]
     agent = {
         "node_name": "local",
-        "control_plane": {"addresses": [f"127.0.0.1:{ports['grpc']}"], "report_interval_s": 1},
+        "control_plane": {"addresses": [f"127.0.0.1:{ports['grpc']}"], "report_interval_s": 1,
+                          "token": agent_token},
         "grpc": {"host": "127.0.0.1", "port": ports["node"],
                  "advertise_address": f"127.0.0.1:{ports['node']}"},
         "metrics": {"host": "127.0.0.1", "port": ports["metrics"]},
         "telemetry": {"source": "fake", "fake_gpus": [{"name": "Simulated GPU 80GB",
                                                        "memory_total_gb": 80}]},
-        "backends": backends,
+        "backends": [gen.backend] if gen.backend else [],
         "embedder": {"kind": "minilm", "model": EMBED_MODEL},
         "supervisor": {"log_dir": str(data / "logs" / "engines"), "drain_grace_s": 5,
-                       "stop_grace_s": 5},
+                       "stop_grace_s": 5, **gen.supervisor},
     }
     for name, doc in (("controlplane.yaml", cp), ("agent.yaml", agent)):
         (data / name).write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -230,8 +236,14 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
     data = pathlib.Path(args.data_dir).resolve()
     (data / "logs").mkdir(parents=True, exist_ok=True)
     ports = {"http": _port(args.http_port, "http", args.host), "grpc": _port(args.grpc_port, "grpc"),
-             "node": free_port(), "metrics": free_port(), "simulator": free_port()}
-    written = _write_configs(args, data, ports)
+             "node": free_port(), "metrics": free_port(), "engine": free_port()}
+    if args.upstream and args.engine != "simulator":
+        cli.fail("synapse up: --upstream and --engine exclude each other", code=2)
+    try:
+        gen = embedded_engine.choose(args, ports["engine"])
+    except engines.EngineTierMissing as exc:
+        cli.fail(f"synapse up --engine vllm: {exc}", code=1)
+    written = _write_configs(args, data, ports, gen)
     bin_dir = pathlib.Path(sys.executable).parent
     synapse = str(bin_dir / "synapse") if (bin_dir / "synapse").exists() else "synapse"
     extra: list[str] = []
@@ -256,15 +268,14 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
                   children, 60)
         children.append(Child("agent", [synapse, "agent", "--config", str(data / "agent.yaml"),
                                         *extra], data / "logs" / "agent.log"))
-        what = "upstream" if args.upstream else "agent, simulator and embedder"
-        _wait_for(f"{what} ready", lambda: _http_status(f"{base}/ready") == 200, children,
+        _wait_for(f"{gen.what} ready", lambda: _http_status(f"{base}/ready") == 200, children,
                   START_TIMEOUT_S)
         # The agent loads the embedding model in the background; the semantic cache and
         # /v1/embeddings need it, so "ready" waits for one real embedding.
         probe = {"model": EMBED_MODEL, "input": ["synapse up readiness probe"]}
         _wait_for("embedder loaded", lambda: _http_status(
             f"{base}/v1/embeddings", written["api_key"], probe) == 200, children, START_TIMEOUT_S)
-        print(_banner(base, written["api_key"], args.model, written["admin_key_file"],
+        print(_banner(base, written["api_key"], gen.model, written["admin_key_file"],
                       f"127.0.0.1:{ports['grpc']}"), flush=True)
         while all(c.alive() for c in children):
             time.sleep(0.5)
