@@ -1,0 +1,127 @@
+"""The router meets a real tokenizer: SmolLM2's tokenizer.json and chat template from the
+engine tier (``make engines``), rendered and encoded as vLLM does, hashed in the engine's
+block size; the approximation for models without one; explain says which."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import tokenizers
+
+from controlplane.adapters import hf_tokenizer
+from controlplane.core import ledger, prefix_index, registry, router, tokenization, types
+from synapse_common import engines
+from tests.clock import ManualClock
+
+MODEL = "smollm2-135m-instruct"
+OTHER = "approximated-model"
+# What vLLM 0.32 (transformers' apply_chat_template) makes of the smoke question with
+# SmolLM2-135M-Instruct: its template adds the default system prompt.
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+FRANCE_TEXT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+               "Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?"
+               "<|im_end|>\n<|im_start|>assistant\n")
+FRANCE_IDS = (1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28,
+              7018, 411, 407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282,
+              4649, 47, 2, 198, 1, 520, 9531, 198)
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> str:
+    """SmolLM2's HF directory from the engine tier; fails naming `make engines` without it."""
+    return str(engines.find().require_model())
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: str) -> tokenizers.Tokenizer:
+    return tokenizers.Tokenizer.from_file(f"{model_dir}/tokenizer.json")
+
+
+def test_a_chat_prompt_is_rendered_and_encoded_as_vllm_does(model_dir: str) -> None:
+    hf = hf_tokenizer.load(model_dir)
+    assert hf.render(FRANCE) == FRANCE_TEXT
+    assert hf.chat_ids(FRANCE) == FRANCE_IDS
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital"},
+                                          {"type": "text", "text": "of France?"}]}]
+    assert "the capital\nof France?" in hf.render(parts)  # text parts joined by newlines
+
+
+def test_memoised_pieces_equal_one_encoding_of_the_whole_rendering(
+        model_dir: str, reference: tokenizers.Tokenizer) -> None:
+    hf = hf_tokenizer.load(model_dir)
+    rng = random.Random(5)
+    alphabet = ["a", "bc", " ", "\n", "  ", "é", "12", "<|im_start|>", "<|im_end|>", "end",
+                "The quarterly report ", "🙂", "\t", "<", "|"]
+    for _ in range(200):
+        messages = [{"role": rng.choice(["system", "user", "assistant"]),
+                     "content": "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))}
+                    for _ in range(rng.randint(1, 4))]
+        whole = reference.encode(hf.render(messages), add_special_tokens=False).ids
+        assert hf.chat_ids(messages) == tuple(whole)
+        assert hf.chat_ids(messages) == tuple(whole)  # again, from the memo
+        text = messages[0]["content"]
+        assert hf.encode_prompt(text) == tuple(reference.encode(text).ids)
+
+
+def _router(model_dir: str, block_size: int = 128) -> router.Router:
+    reg = registry.Registry(ManualClock(), 15.0)
+    reg.register(types.NodeInfo("n1"))
+    reg.report("n1", [types.BackendState(
+        key=f"n1/{name}", node="n1", name=name, url=f"http://{name}", models=(MODEL, OTHER),
+        kv_capacity_tokens=45_000, block_size=block_size) for name in ("a", "b")])
+    return router.Router(router.Params(), reg, ledger.Ledger(ManualClock()),
+                         prefix_index.PrefixIndex(200_000),
+                         tokenization.Tokenizers({MODEL: model_dir}))
+
+
+def _ask(context: str, question: str) -> router.Prompt:
+    return router.Prompt.from_messages([{"role": "system", "content": context},
+                                        {"role": "user", "content": question}], 32)
+
+
+def test_the_prefix_index_hashes_real_token_ids_in_the_engines_block_size(
+        model_dir: str, reference: tokenizers.Tokenizer) -> None:
+    r = _router(model_dir)
+    context = " ".join(f"Clause {i}: the tenant pays on day {i % 28 + 1}." for i in range(200))
+    first = _ask(context, "Who pays?")
+    decision = r.route(MODEL, first)
+    assert decision is not None
+    assert decision.prompt.tokenizer.startswith("model tokenizer")
+    assert set(decision.prompt.hashes_by_block_size) == {128}
+    r.ledger.finish(r.dispatched(decision, decision.candidates[0], first))
+    second = _ask(context, "When is rent due?")
+    again = r.route(MODEL, second)
+    assert again is not None and again.candidates[0].backend == decision.candidates[0].backend
+    ids_1, ids_2 = first.token_ids, second.token_ids
+    assert ids_2 == tuple(reference.encode(
+        hf_tokenizer.load(model_dir).render(second.messages or []),
+        add_special_tokens=False).ids)
+    common = next(i for i, (x, y) in enumerate(zip(ids_1, ids_2, strict=False)) if x != y)
+    # Exactly the whole 128-token blocks the two prompts share: what vLLM reports.
+    assert again.candidates[0].cached_tokens == common // 128 * 128 > 0
+    assert again.candidates[0].tokenizer.startswith("model tokenizer")
+
+
+def test_explain_says_which_tokenizer_each_model_used(model_dir: str) -> None:
+    r = _router(model_dir)
+    verdicts, _ = r.explain(MODEL, _ask("context " * 50, "q"))
+    assert {v.tokenizer for v in verdicts} == {f"model tokenizer {model_dir}"}
+    verdicts, _ = r.explain(OTHER, _ask("context " * 50, "q"))
+    assert {v.tokenizer for v in verdicts} == {"approximate"}
+
+
+def test_a_tokenizer_that_cannot_be_loaded_is_a_config_error(tmp_path) -> None:
+    class Model:
+        name, tokenizer = "m", str(tmp_path / "nothing-here")
+
+    with pytest.raises(ValueError, match=r"models\[0\]\.tokenizer: no tokenizer.json"):
+        tokenization.from_settings([Model()], lambda n: n)
+
+
+def test_templates_that_loop_over_content_parts_get_parts() -> None:
+    openai = ("{% for m in messages %}{% for part in m['content'] %}{{ part['text'] }}"
+              "{% endfor %}{% endfor %}")
+    assert hf_tokenizer.content_format(openai) == "openai"
+    assert hf_tokenizer.content_format("{% for m in messages %}{{ m['content'] }}"
+                                       "{% endfor %}") == "string"
