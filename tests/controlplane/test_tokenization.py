@@ -4,6 +4,7 @@ block size; the approximation for models without one; explain says which."""
 
 from __future__ import annotations
 
+import pathlib
 import random
 
 import pytest
@@ -111,7 +112,7 @@ def test_explain_says_which_tokenizer_each_model_used(model_dir: str) -> None:
     assert {v.tokenizer for v in verdicts} == {"approximate"}
 
 
-def test_a_tokenizer_that_cannot_be_loaded_is_a_config_error(tmp_path) -> None:
+def test_a_tokenizer_that_cannot_be_loaded_is_a_config_error(tmp_path: pathlib.Path) -> None:
     class Model:
         name, tokenizer = "m", str(tmp_path / "nothing-here")
 
