@@ -67,19 +67,16 @@ def test_ingress_renders_and_validates() -> None:
 def _settings(objects: list[dict[str, Any]], process: str, tmp_path: pathlib.Path,
               monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """The settings the process would load from the chart's ConfigMap and pod env."""
-    hits = [(w, c) for w, c in pods.synapse_containers(objects) if c["args"][0] == process]
-    assert len(hits) == 1, f"expected one {process} container, found {len(hits)}"
-    workload, c = hits[0]
-    environ = pods.container_environ(c)
-    data = pods.config_data(objects, workload, c, environ)
-    data = pods.replace_file_secrets(data, pods.secret_mount_dirs(workload, c), tmp_path)
+    pod = helm.prepare(objects, process, tmp_path)
+    # {env: X} secrets are resolved from the process environment: exactly the pod's
     for name in [k for k in os.environ if k.startswith("SYNAPSE_")]:
         monkeypatch.delenv(name)
-    for name, value in environ.items():
+    for name, value in pod.environ.items():
         monkeypatch.setenv(name, value)
     model = pods.MODELS[process]
-    data = settings.apply_env_overrides(model, data, environ)
-    return settings.validate(model, data, source=f"chart {process} ConfigMap"), workload, c
+    data = settings.apply_env_overrides(model, pod.data, pod.environ)
+    loaded = settings.validate(model, data, source=f"chart {process} ConfigMap")
+    return loaded, pod.workload, pod.container
 
 
 @pytest.mark.parametrize("values", ALL_VALUES, ids=_ids)
