@@ -114,12 +114,25 @@ def test_same_kinds_and_names(values: str) -> None:
             .get("secrets", {}).get("existingSecret")
 
 
+def differences(chart: Any, overlay: Any, path: str = "") -> list[str]:
+    """Where two normalized objects differ, as `path: chart ... overlay ...` lines."""
+    if isinstance(chart, dict) and isinstance(overlay, dict):
+        return [line for key in sorted(set(chart) | set(overlay), key=str)
+                for line in differences(chart.get(key, "<absent>"),
+                                        overlay.get(key, "<absent>"), f"{path}.{key}")]
+    if isinstance(chart, list) and isinstance(overlay, list) and len(chart) == len(overlay):
+        return [line for i, (a, b) in enumerate(zip(chart, overlay, strict=True))
+                for line in differences(a, b, f"{path}[{i}]")]
+    return [] if chart == overlay else [f"{path or '.'}: chart {chart!r}, overlay {overlay!r}"]
+
+
 @pytest.mark.parametrize("values", sorted(EQUIVALENT))
 def test_same_specs_configs_and_rules(values: str) -> None:
     overlay, chart = _pairs(values)
-    for key in sorted(overlay):
-        assert comparable(chart[key]) == comparable(overlay[key]), \
-            f"{values}: {key[0]}/{key[1]} differs from the overlay's"
+    found = [f"{key[0]}/{key[1]}{line}" for key in sorted(overlay)
+             for line in differences(comparable(chart[key]), comparable(overlay[key]))]
+    assert not found, (f"{values}: the chart differs from the overlays (change both, see "
+                       "charts/synapse/README.md):\n" + "\n".join(found))
 
 
 @pytest.mark.parametrize("values", sorted(EQUIVALENT))
@@ -144,7 +157,9 @@ def test_the_comparison_bites() -> None:
         for step in path[:-1]:
             target = target[step]
         target[path[-1]] = value
-        assert comparable(broken) != comparable(deploy), path
+        assert differences(comparable(broken), comparable(deploy)), path
     policy = copy.deepcopy(chart[("NetworkPolicy", "synapse-agent")])
     policy["spec"]["ingress"][1]["ports"][0]["port"] = 9103
-    assert comparable(policy) != comparable(overlay[("NetworkPolicy", "synapse-agent")])
+    assert differences(comparable(policy),
+                       comparable(overlay[("NetworkPolicy", "synapse-agent")])) == [
+        ".spec.ingress[1].ports[0].port: chart 9103, overlay 9102"]
