@@ -1,0 +1,102 @@
+"""One real stack for the engine-tier tests: a control plane, an agent, and the real vLLM
+(SmolLM2-135M on the CPU, from ``make engines``) that the agent supervises.
+
+One vLLM for the whole session (it takes tens of seconds to start and ~4 GB of memory).
+The response cache is off, so every answer comes from the engine. A missing engine tier
+fails the tests with the message that says ``make engines``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from synapse_common import engines
+from tests import fleet, harness
+
+NODE = "engine-node"
+BACKEND = "vllm"
+START_S = 300.0  # vLLM's start-up on a busy 2-core machine, with margin
+
+
+@dataclasses.dataclass
+class RealStack:
+    base: str  # http://127.0.0.1:PORT
+    admin: str  # control-plane gRPC host:port
+    agent: harness.ManagedProcess
+    model: str
+    workdir: pathlib.Path
+
+    @property
+    def backend_key(self) -> str:
+        return f"{NODE}/{BACKEND}"
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=fleet.TENANT_KEY,
+                             max_retries=0, timeout=120)
+
+    def ctl(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([harness.console_script("synapsectl"), "--server", self.admin,
+                               *argv], env={**os.environ, "SYNAPSE_ADMIN_TOKEN": fleet.ADMIN_KEY},
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    def engine(self) -> dict[str, Any]:
+        """The vLLM backend as ``synapsectl describe node`` shows it (JSON)."""
+        done = self.ctl("-o", "json", "describe", "node", NODE)
+        assert done.returncode == 0, done.stderr
+        node = json.loads(done.stdout)
+        return dict(next(b for b in node["backends"] if b["name"] == BACKEND))
+
+
+def _agent_config(cp_grpc: int, log_dir: pathlib.Path, command: list[str],
+                  model_dir: pathlib.Path, model: str) -> dict[str, Any]:
+    cfg = fleet.agent_config(NODE, [f"127.0.0.1:{cp_grpc}"], {}, log_dir)
+    cfg["supervisor"].update({
+        "vllm_command": command, "vllm_device": "cpu", "vllm_cpu_kvcache_gib": 1,
+        "startup_deadline_s": START_S, "stop_grace_s": 15.0, "drain_grace_s": 10.0,
+        "probe_timeout_s": 5.0, "unhealthy_after": 3})
+    cfg["backends"] = [{
+        "name": BACKEND, "engine": "vllm", "model": str(model_dir),
+        "served_model_names": [model], "max_model_len": 4096,
+        "extra_args": ["--dtype", "bfloat16", "--enforce-eager",
+                       "--enable-prompt-tokens-details"]}]
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def real_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealStack]:
+    tier = engines.find()
+    try:
+        command, model_dir = tier.require_vllm()
+    except engines.EngineTierMissing as exc:
+        pytest.fail(f"these tests run a real vLLM: {exc}", pytrace=False)
+    work = tmp_path_factory.mktemp("engines")
+    pool = harness.ProcessPool(work)
+    http, grpc = harness.free_port(), harness.free_port()
+    cp = fleet.controlplane_config(
+        "cp", http, grpc, work / "cp-data",
+        http={"upstream_first_byte_timeout_s": 120.0, "upstream_idle_timeout_s": 60.0},
+        models=[{"name": tier.model_name, "aliases": ["smollm2"]}],
+        cache={"enabled": False})
+    cp_path = fleet.write_yaml(work / "cp.yaml", cp)
+    agent_path = fleet.write_yaml(work / "agent.yaml", _agent_config(
+        grpc, work / "engine-logs", command, model_dir, tier.model_name))
+    base = f"http://127.0.0.1:{http}"
+    try:
+        pool.start("controlplane", ["synapse", "controlplane", "--config", str(cp_path)],
+                   ready_url=f"{base}/health")
+        agent = pool.start("agent", ["synapse", "agent", "--config", str(agent_path)])
+        harness.wait_until(lambda: fleet.backends_ready(base) == 1, START_S,
+                           "the real vLLM to be ready behind the control plane",
+                           interval=0.5, proc=agent)
+        yield RealStack(base, f"127.0.0.1:{grpc}", agent, tier.model_name, work)
+    finally:
+        pool.stop_all()

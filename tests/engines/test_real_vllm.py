@@ -1,0 +1,117 @@
+"""The official openai client → a real control plane → a real vLLM supervised by a real
+agent (the engine tier's SmolLM2-135M on the CPU).
+
+The tests run in file order on one shared stack; the last one stops the agent. Generated
+text is only checked against this engine's own greedy answer to a well-known question,
+never compared across engines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+import pytest
+
+from tests import harness
+from tests.engines.conftest import RealStack
+
+pytestmark = pytest.mark.timeout(600)
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _long_context() -> str:
+    """~1,500 tokens of text that no other test sends."""
+    facts = [f"Record {i}: warehouse {i % 7} holds {i * 13 % 97} crates of "
+             f"{['copper wire', 'oak planks', 'glass panes', 'steel bolts'][i % 4]}."
+             for i in range(100)]
+    return "You answer questions about this inventory.\n" + "\n".join(facts)
+
+
+def test_chat_answers_from_the_real_model(real_stack: RealStack) -> None:
+    raw = real_stack.client().chat.completions.with_raw_response.create(
+        model="smollm2", messages=CAPITAL, temperature=0, max_tokens=24)
+    reply = raw.parse()
+    assert raw.headers["x-synapse-backend"] == real_stack.backend_key
+    assert (reply.system_fingerprint or "").startswith("vllm-")  # vLLM itself answered
+    assert reply.model == real_stack.model
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.usage is not None and reply.usage.prompt_tokens > 0
+    assert reply.usage.completion_tokens > 0
+
+
+def test_stream_reports_usage_in_its_last_chunk(real_stack: RealStack) -> None:
+    chunks = list(real_stack.client().chat.completions.create(
+        model=real_stack.model, messages=CAPITAL, temperature=0, max_tokens=24, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    usage = chunks[-1].usage
+    assert usage is not None and not chunks[-1].choices
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+
+
+def test_completions(real_stack: RealStack) -> None:
+    reply = real_stack.client().completions.create(
+        model=real_stack.model, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert reply.choices[0].text.strip()
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+def test_the_engines_own_metrics_reach_describe_node(real_stack: RealStack) -> None:
+    def scraped() -> bool:
+        b = real_stack.engine()
+        return bool(b.get("metrics_ok")) and int(b.get("kv_capacity_tokens", 0)) > 0
+    harness.wait_until(scraped, 30, "a scrape of vLLM's /metrics in the node's report",
+                       interval=0.5)
+    backend = real_stack.engine()
+    assert backend["engine"] == "ENGINE_KIND_VLLM"
+    assert backend["kv_block_size"] == 128  # vLLM's CPU backend, read from cache_config_info
+    assert int(backend["kv_capacity_tokens"]) % 128 == 0
+    table = real_stack.ctl("describe", "node", "engine-node")
+    assert table.returncode == 0 and "vllm" in table.stdout and "ready" in table.stdout
+
+
+def test_a_long_shared_prefix_is_cached_by_the_engine_the_header_names(
+        real_stack: RealStack) -> None:
+    client = real_stack.client()
+    context = _long_context()
+    served = []
+    for question in ("Which warehouse holds record 12?", "How many crates in record 40?"):
+        raw = client.chat.completions.with_raw_response.create(
+            model=real_stack.model, temperature=0, max_tokens=8,
+            messages=[{"role": "system", "content": context},
+                      {"role": "user", "content": question}])
+        served.append((raw.headers["x-synapse-backend"], raw.parse().usage))
+    (first_backend, first), (second_backend, second) = served
+    assert first is not None and second is not None and first.prompt_tokens > 1000
+    assert first_backend == second_backend == real_stack.backend_key
+    details = second.prompt_tokens_details
+    assert details is not None and (details.cached_tokens or 0) > 0
+
+
+def test_a_killed_vllm_is_restarted_and_requests_recover(real_stack: RealStack) -> None:
+    before = real_stack.engine()
+    os.kill(int(before["pid"]), signal.SIGKILL)
+
+    def back() -> bool:
+        b = real_stack.engine()
+        return (int(b.get("restarts", 0)) >= 1 and b["phase"] == "BACKEND_PHASE_READY"
+                and int(b.get("pid", 0)) not in (0, int(before["pid"])))
+    harness.wait_until(back, 300, "the agent to restart vLLM", interval=1.0,
+                       proc=real_stack.agent)
+    reply = real_stack.client().chat.completions.create(
+        model=real_stack.model, messages=CAPITAL, temperature=0, max_tokens=24)
+    assert reply.choices[0].message.content
+
+
+def test_sigterm_drains_the_agent_and_stops_vllm(real_stack: RealStack) -> None:
+    pid = int(real_stack.engine()["pid"])
+    group = [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    real_stack.agent.signal(signal.SIGTERM)
+    assert real_stack.agent.wait(timeout=60) == 0
+    gone = [p for p in group if not psutil.pid_exists(p) or
+            psutil.Process(p).status() == psutil.STATUS_ZOMBIE]
+    assert gone == group, real_stack.agent.output_tail()
