@@ -27,6 +27,27 @@ class HttpSettings(Section):
         120.0, gt=0, description="longest gap between streamed chunks before the stream is cut")
     tls_cert_file: str | None = Field(None, description="PEM certificate; enables HTTPS with key")
     tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request head (request line and headers) must arrive "
+        "within this many seconds of its first byte, else the connection is closed")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must arrive within this many seconds of "
+        "its head (408 and the connection closed otherwise)")
+    keepalive_timeout_s: float = Field(
+        75.0, gt=0, description="an idle connection (kept alive, or that never sent a "
+        "byte) is closed after this many seconds")
+    max_json_depth: int = Field(64, ge=4, le=250,
+                                description="deepest nesting of arrays and objects in a "
+                                "request body (400 above)")
+
+
+class MetricsSettings(Section):
+    port: int | None = Field(
+        None, ge=0, le=65535, description="serve /metrics on this port (same host as "
+        "http.host) instead of the API port; none = on the API port")
+    bearer_token_file: str | None = Field(
+        None, description="file holding a token /metrics then requires as 'Authorization: "
+        "Bearer <token>' (a Prometheus ServiceMonitor's bearerTokenSecret)")
 
 
 class GrpcSettings(Section):
@@ -56,6 +77,9 @@ class AuthSettings(Section):
     tenants: list[TenantSettings] = Field(default_factory=list, description="API tenants")
     key_file: str | None = Field(
         None, description="YAML/JSON file with a list of tenants (same fields), merged in")
+    admin_tenant: str | None = Field(
+        None, description="the tenant (by name) the admin key acts as on /v1, with its "
+        "allow-list and limits; none = the admin key is refused on /v1")
     agent_token: Secret | None = Field(
         None, description="token agents must send on ControlPlane.Connect (the agent's "
         "control_plane.token); none = any client reaching the gRPC port may register")
@@ -158,6 +182,7 @@ class ControlPlaneSettings(Section):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @pydantic.model_validator(mode="after")
@@ -172,4 +197,7 @@ class ControlPlaneSettings(Section):
         dup = {t for t in tenants if tenants.count(t) > 1}
         if dup:
             raise ValueError(f"auth.tenants: duplicate tenant {sorted(dup)[0]!r}")
+        admin_as = self.auth.admin_tenant
+        if admin_as is not None and admin_as not in tenants and not self.auth.key_file:
+            raise ValueError(f"auth.admin_tenant: no tenant is named {admin_as!r}")
         return self

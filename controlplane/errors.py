@@ -14,16 +14,31 @@ core, which raises these, never imports it).
     ├── Forbidden (403, permission_error)              model not allowed for the tenant
     ├── NotFound (404, invalid_request_error)          unknown model or route
     ├── Conflict (409, invalid_request_error)          operation not possible in this state
+    ├── RequestTimeout (408, invalid_request_error)    body not received in ``http.body_timeout_s``
     ├── PayloadTooLarge (413, invalid_request_error)   body over ``http.max_body_bytes``
     ├── RateLimited (429, rate_limit_error)            carries ``retry_after_s``
+    ├── BackendRefusal (4xx of the backend)            a backend's own client error, passed on
     ├── UpstreamError (502, upstream_error)            every candidate failed
+    │   ├── UpstreamConnectError                       no connection (refused, unreachable, TLS)
+    │   ├── UpstreamProtocolError                      the answer was not valid HTTP/1.1
+    │   └── UpstreamReadError                          the connection broke or went silent
     ├── Unavailable (503, service_unavailable)         no backend can serve the model
     └── UpstreamTimeout (504, timeout_error)           no first byte in time
+
+Transports raise only the ``Upstream*`` classes (their foreign exceptions are translated
+in one table, :data:`controlplane.adapters.http1.ERRORS`), and their messages never name
+an address: a client sees which backend failed by its key, never where it lives.
+
+This module is the one place that builds the envelope: handlers, the SSE error event and
+the low-level HTTP parse errors all render one of these classes.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
+
+import orjson
 
 
 class SynapseError(Exception):
@@ -47,6 +62,13 @@ class SynapseError(Exception):
     def headers(self) -> dict[str, str]:
         """Extra response headers this error carries (``Retry-After``)."""
         return {}
+
+    def reworded(self, message: str) -> SynapseError:
+        """The same error (class, code, param) with a message that says more."""
+        err = copy.copy(self)
+        err.message = message
+        err.args = (message,)
+        return err
 
 
 class BadRequest(SynapseError):
@@ -84,6 +106,15 @@ class Conflict(SynapseError):
     grpc_code = "FAILED_PRECONDITION"
 
 
+class RequestTimeout(SynapseError):
+    """The client did not send its whole request in time (the connection is closed)."""
+
+    http_status = 408
+    error_type = "invalid_request_error"
+    grpc_code = "DEADLINE_EXCEEDED"
+    default_code = "request_timeout"
+
+
 class PayloadTooLarge(SynapseError):
     http_status = 413
     error_type = "invalid_request_error"
@@ -114,6 +145,52 @@ class UpstreamError(SynapseError):
     default_code = "upstream_failed"
 
 
+class UpstreamConnectError(UpstreamError):
+    """No connection to the backend could be made (tried on the next candidate)."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The backend's answer was not valid HTTP/1.1."""
+
+
+class UpstreamReadError(UpstreamError):
+    """The connection broke, or the backend went silent, in the middle of an exchange."""
+
+
+class BackendRefusal(SynapseError):
+    """A backend's 4xx, passed to the client with the backend's status, in the envelope."""
+
+    error_type = "invalid_request_error"
+    grpc_code = "INVALID_ARGUMENT"
+
+    def __init__(self, status: int, message: str, *, error_type: str | None = None,
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.http_status = status
+        if error_type:
+            self.error_type = error_type
+
+    @classmethod
+    def from_body(cls, status: int, data: bytes) -> BackendRefusal:
+        """The refusal a backend's 4xx body describes. vLLM sends the envelope with an
+        integer ``code``; others send ``{"detail": …}``, ``{"message": …}`` or text."""
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            parsed = data.decode("utf-8", "replace")[:500]
+        inner = parsed.get("error") if isinstance(parsed, dict) else None
+        if isinstance(inner, dict):
+            code, param = inner.get("code"), inner.get("param")
+            return cls(status, str(inner.get("message") or "the backend refused the request"),
+                       error_type=str(inner.get("type") or "invalid_request_error"),
+                       param=param if isinstance(param, str) else None,
+                       code=code if isinstance(code, str) or code is None
+                       else f"upstream_{code}")
+        if isinstance(parsed, dict):
+            parsed = parsed.get("message") or parsed.get("detail") or str(parsed)
+        return cls(status, f"backend refused the request: {parsed}", code=f"upstream_{status}")
+
+
 class Unavailable(SynapseError):
     http_status = 503
     error_type = "service_unavailable"
@@ -131,3 +208,17 @@ class UpstreamTimeout(SynapseError):
 def internal(message: str = "internal error") -> SynapseError:
     """The error shown for an unexpected exception (details stay in the log)."""
     return SynapseError(message)
+
+
+def stream_interrupted(message: str) -> dict[str, Any]:
+    """The envelope of the SSE event that ends a stream broken mid-way."""
+    return UpstreamError(message, code="stream_interrupted").envelope()
+
+
+def with_status(status: int, message: str, *, code: str | None = None) -> SynapseError:
+    """An error for an HTTP status that has no class of its own (405, a parse error's
+    4xx); its type follows the status class."""
+    err: SynapseError = BadRequest(message, code=code) if status < 500 else SynapseError(
+        message, code=code)
+    err.http_status = status
+    return err

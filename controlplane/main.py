@@ -1,8 +1,9 @@
 """``synapse controlplane``: the OpenAI-compatible API, router, cache and gRPC server.
 
 One process, one uvloop event loop: the aiohttp API and the ``grpc.aio`` server (agent
-streams; the Admin service joins as one more registration) share the registry. Access
-logs are off (a log line per request costs more than routing it); metrics and
+streams; the Admin service joins as one more registration) share the registry; with
+``metrics.port`` set, ``/metrics`` listens on a port of its own. The HTTP server closes
+slow clients (:mod:`controlplane.api.server`). Access logs are off (a log line per request costs more than routing it); metrics and
 ``/api/v1/stats`` carry the per-request picture instead. SIGTERM stops accepting, lets
 in-flight requests finish for a few seconds, then closes the resources.
 """
@@ -23,6 +24,7 @@ from aiohttp import web
 from controlplane import config
 from controlplane.api import admin_grpc, grpc_server
 from controlplane.api import app as app_mod
+from controlplane.api import server as server_mod
 from controlplane.api import services as services_mod
 from controlplane.core import cache_port
 from synapse_common import cli
@@ -109,12 +111,12 @@ async def serve(settings: config.ControlPlaneSettings,
                 services: services_mod.Services) -> None:
     app = app_mod.create_app(settings, services=services)
     h = settings.http
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                           max_line_size=h.max_header_bytes, max_field_size=h.max_header_bytes,
-                           shutdown_timeout=SHUTDOWN_GRACE_S)
+    runner = server_mod.Runner(app, h, access_log=None, handler_cancellation=True,
+                               shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, h.host, h.port, ssl_context=_ssl_context(h), backlog=2048)
     await site.start()
+    metrics_runner = await _serve_metrics(settings, services)
     g = settings.grpc
     server, grpc_port = await grpc_server.start(
         g.host, g.port, grpc_registrations(services), max_message_bytes=g.max_message_bytes,
@@ -139,7 +141,24 @@ async def serve(settings: config.ControlPlaneSettings,
         # streams — and so the routing table — are still up. Stopping gRPC first ended
         # every agent stream at once and answered 503 "no backend" for the whole grace.
         await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await server.stop(GRPC_STOP_GRACE_S)
+
+
+async def _serve_metrics(settings: config.ControlPlaneSettings,
+                         services: services_mod.Services) -> web.AppRunner | None:
+    """``/metrics`` on ``metrics.port`` (same host as the API), when set."""
+    port = settings.metrics.port
+    if port is None:
+        return None
+    runner = server_mod.Runner(app_mod.create_metrics_app(services), settings.http,
+                               access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.http.host, port).start()
+    bound = runner.addresses[0][1] if runner.addresses else port
+    log.info("metrics on %s:%s/metrics", settings.http.host, bound)
+    return runner
 
 
 def main(argv: list[str] | None = None, prog: str = "synapse controlplane") -> int:

@@ -71,6 +71,11 @@ class Metrics:
         self.redis_errors = Counter(
             "synapse_redis_errors_total", "Redis calls of the serving path that failed or ran "
             "out of time (rate limits fell back to this replica's own).", ["op"], registry=r)
+        self.fleet_reconcile_failures = Counter(
+            "synapse_fleet_reconcile_failures_total", "Failed steps of the fleet reconcile "
+            "loop: load (operator intent unreadable, the last known is kept), push (an agent "
+            "did not apply its desired engines), reconcile (anything else).", ["stage"],
+            registry=r)
         self.agent_streams = Gauge(
             "synapse_agent_streams", "Agent report streams connected to this replica.",
             registry=r)

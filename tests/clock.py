@@ -1,6 +1,10 @@
-"""A clock tests move by hand: ``clock.now += 5`` and every reader sees five seconds pass."""
+"""A clock tests move by hand: ``clock.now += 5`` and every reader sees five seconds pass;
+and a sleeper that moves it (for code taking ``clock`` and ``sleep`` as
+:mod:`synapse_common.clock` does)."""
 
 from __future__ import annotations
+
+import asyncio
 
 
 class ManualClock:
@@ -9,3 +13,20 @@ class ManualClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class SteppedSleep:
+    """``await sleep(s)`` moves ``clock`` forward by ``s`` and records ``s`` in ``calls``,
+    so timeouts run out without waiting and tests can assert the exact waits. It still
+    yields to the event loop, for ``scale * s`` real seconds (0: one turn), so a loop
+    that sleeps between passes neither spins nor starves the I/O it waits for."""
+
+    def __init__(self, clock: ManualClock, scale: float = 0.0) -> None:
+        self.clock = clock
+        self.scale = scale
+        self.calls: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        self.clock.now += seconds
+        await asyncio.sleep(seconds * self.scale)

@@ -2,7 +2,8 @@
 
 Each upstream's health path is fetched every interval with a short time limit; a 2xx is
 healthy, anything else (status, refused connection, time-out) is not. Results go to a
-callback (the registry), only the transitions are logged.
+callback (the registry), only the transitions are logged. The wait between rounds goes
+through :func:`synapse_common.clock.sleep`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
+from controlplane import errors
 from controlplane.adapters import upstream
+from synapse_common import clock
 
 log = logging.getLogger("synapse.controlplane.prober")
 
@@ -19,10 +22,15 @@ log = logging.getLogger("synapse.controlplane.prober")
 async def probe(client: upstream.UpstreamClient, url: str, timeout_s: float,
                 headers: Mapping[str, str] | None = None) -> bool:
     try:
-        status, _ = await client.get(url, timeout_s, headers)
-    except upstream.FAILURES:
+        async with asyncio.timeout(timeout_s):
+            resp = await client.send("GET", url, b"", headers or {}, timeout_s)
+            try:
+                await resp.read()
+            finally:
+                resp.close()
+    except (errors.UpstreamError, errors.UpstreamTimeout, TimeoutError):
         return False
-    return 200 <= status < 300
+    return 200 <= resp.status < 300
 
 
 async def probe_loop(client: upstream.UpstreamClient,
@@ -41,4 +49,4 @@ async def probe_loop(client: upstream.UpstreamClient,
                         url)
             last[key] = healthy
             report(key, healthy)
-        await asyncio.sleep(interval_s)
+        await clock.sleep(interval_s)

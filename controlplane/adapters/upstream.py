@@ -1,11 +1,12 @@
-"""The HTTP client to backends: a small HTTP/1.1 client with keep-alive pools.
+"""The transport to backends: a small HTTP/1.1 client with keep-alive pools.
 
-Every proxied request crosses this client, so it does only what a proxy to an
-OpenAI-compatible backend needs: send one request (POST with a body, or GET), parse the
-answer with ``httptools`` (llhttp, Node.js's parser), hand the body over as it arrives,
-and keep the connection for the next request. aiohttp's ``ClientSession`` did the same
-job with request/response objects, multidicts, URL objects and timers per request;
-``bench/gateway.py`` measured that as the largest part of Synapse's own cost.
+Implements :class:`controlplane.core.transport.Transport`. Every proxied request crosses
+it, so it does only what a proxy to an OpenAI-compatible backend needs: send one request
+(POST with a body, or GET), hand the answer over as soon as its head arrived and its body
+as it arrives (:mod:`controlplane.adapters.http1` does the wire), and keep the connection
+for the next request. aiohttp's ``ClientSession`` did the same job with request/response
+objects, multidicts, URL objects and timers per request; ``bench/gateway.py`` measured
+that as the largest part of Synapse's own cost.
 
 Rules:
 
@@ -16,17 +17,13 @@ Rules:
 - **A stale connection is retried once.** A reused connection that the backend had
   already closed (its keep-alive timeout raced our request; uvicorn's is 5 s) fails
   before any response byte: the request goes once more over a new connection. Every
-  other failure is the caller's to handle (``proxy`` tries the next backend).
-- **Time limits.** Connecting: ``connect_timeout_s`` (an ``UpstreamConnectError``). The
-  response head: the first-byte limit (``FirstByteTimeout``). Each later wait for body
-  bytes: ``read_timeout_s`` or the caller's own (``TimeoutError``).
-- **Back-pressure.** Reading from the backend pauses while more than ``HIGH_WATER`` bytes
-  of body wait for the caller, and resumes below ``LOW_WATER``.
-- **Release.** :meth:`UpstreamResponse.close` returns the connection to its pool only when
-  the body was received to its end and the backend allows keep-alive; otherwise the
-  connection is closed — which is how a backend learns that the client went away.
-- Bodies pass through byte for byte (no decompression); chunked framing is removed.
-  Header names and values are checked for CR, LF and NUL before anything is sent.
+  other failure is the caller's to handle (:mod:`controlplane.core.dispatch` tries the
+  next backend).
+- **Time limits.** Connecting: ``connect_timeout_s`` (``UpstreamConnectError``). The
+  response head: the first-byte limit (``UpstreamTimeout``). Each later wait for body
+  bytes: ``read_timeout_s`` or the caller's own (``UpstreamReadError``).
+- **Errors** are :mod:`controlplane.errors` classes only, translated from foreign
+  exceptions in one table (:data:`controlplane.adapters.http1.ERRORS`).
 """
 
 from __future__ import annotations
@@ -35,273 +32,13 @@ import asyncio
 import collections
 import contextlib
 import ssl
-import typing
-import urllib.parse
 from collections.abc import Mapping
 
-import httptools
+from controlplane import errors
+from controlplane.adapters import http1
 
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+HIGH_WATER = http1.HIGH_WATER
 _TARGETS_MAX = 4096
-_FORBIDDEN = frozenset("\r\n\0")
-
-Origin = tuple[str, str, int]      # scheme, host, port
-
-
-class UpstreamConnectError(ConnectionError):
-    """No connection to the backend could be made (refused, unreachable, timed out)."""
-
-
-class UpstreamProtocolError(ConnectionError):
-    """The backend's answer was not valid HTTP/1.1."""
-
-
-class FirstByteTimeout(Exception):
-    """The backend sent no response head within the first-byte timeout."""
-
-
-# Everything a backend call can fail with (time-outs included), for one ``except``.
-# ConnectionError (and so both errors above) is an OSError.
-FAILURES: tuple[type[BaseException], ...] = (TimeoutError, OSError)
-
-
-class _Target:
-    __slots__ = ("host", "origin", "path")
-
-    def __init__(self, url: str) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.origin: Origin = (parts.scheme, parts.hostname, port)
-        path = parts.path or "/"
-        self.path = f"{path}?{parts.query}" if parts.query else path
-        self.host = parts.netloc.rpartition("@")[2]
-
-
-class _Connection(asyncio.Protocol):
-    """One TCP (or TLS) connection to a backend and its response parser."""
-
-    def __init__(self, client: UpstreamClient, origin: Origin) -> None:
-        self.client = client
-        self.origin = origin
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.response: UpstreamResponse | None = None
-        self.lost = False
-        self.used = False            # has carried a request before (so it may be stale)
-        self.idle_since = 0.0
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    # -- asyncio.Protocol ----------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no subclass
-
-    def data_received(self, data: bytes) -> None:
-        resp = self.response
-        if resp is None or resp.complete:
-            # Bytes nobody asked for: the connection is no longer trustworthy.
-            self.close()
-            return
-        resp.received = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            resp.fail(UpstreamProtocolError(f"the backend sent invalid HTTP: {exc}"))
-            self.close()
-
-    def eof_received(self) -> bool:
-        return False        # close our side too; connection_lost follows
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        resp = self.response
-        if resp is None:
-            self.client._forget_idle(self)
-        elif not resp.complete:
-            resp.connection_ended(exc)
-
-    # -- httptools callbacks -------------------------------------------------------------
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.response is not None:
-            self.response.raw_headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        if self.response is not None:
-            self.response.head_received(self.parser.get_status_code())
-
-    def on_body(self, body: bytes) -> None:
-        if self.response is not None:
-            self.response.body_received(body)
-
-    def on_message_complete(self) -> None:
-        if self.response is not None:
-            self.response.message_complete(self.parser.should_keep_alive())
-
-
-class UpstreamResponse:
-    """A backend's answer, available once its head arrived; ``close()`` it when done."""
-
-    def __init__(self, client: UpstreamClient, conn: _Connection,
-                 read_timeout_s: float) -> None:
-        self.status = 0
-        self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.received = False        # any byte of the answer arrived
-        self.complete = False
-        self._client = client
-        self._conn = conn
-        self._read_timeout_s = read_timeout_s
-        self._head = False
-        self._keep_alive = False
-        self._body: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._paused = False
-        self._exc: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._released = False
-
-    # -- what the caller reads -----------------------------------------------------------
-    @property
-    def headers(self) -> list[tuple[str, str]]:
-        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers]
-
-    def header(self, name: str) -> str | None:
-        wanted = name.lower().encode("latin-1")
-        for k, v in self.raw_headers:
-            if k.lower() == wanted:
-                return v.decode("latin-1")
-        return None
-
-    @property
-    def content_type(self) -> str:
-        value = self.header("content-type") or ""
-        return value.partition(";")[0].strip().lower()
-
-    async def read(self) -> bytes:
-        """The whole body (waits for its end)."""
-        while not self.complete:
-            if self._exc is not None:
-                raise self._exc
-            await self._wait(self._read_timeout_s)
-        return self._take()
-
-    async def read_some(self, limit: int) -> bytes:
-        """Up to ``limit`` bytes of the body: what arrived first (for error details)."""
-        while not self._body and not self.complete:
-            if self._exc is not None:
-                raise self._exc
-            await self._wait(self._read_timeout_s)
-        return self._take()[:limit]
-
-    async def next_chunk(self, timeout_s: float | None = None) -> bytes | None:
-        """The body bytes that arrived since the last call (waiting for some), or None at
-        the end. ``timeout_s`` bounds the wait (default: the client's read timeout)."""
-        while not self._body:
-            if self.complete:
-                return None
-            if self._exc is not None:
-                raise self._exc
-            await self._wait(timeout_s if timeout_s is not None else self._read_timeout_s)
-        return self._take()
-
-    def close(self) -> None:
-        """Release the connection: back to the pool when the answer was read to its end
-        and keep-alive holds, closed otherwise (the backend sees the request cancelled)."""
-        if self._released:
-            return
-        self._released = True
-        reusable = self.complete and self._keep_alive and self._exc is None
-        self._client._release(self._conn, reusable)
-
-    # -- what the connection reports -----------------------------------------------------
-    def head_received(self, status: int) -> None:
-        if status < 200:        # 1xx (103 Early Hints): informational, the answer follows
-            self.raw_headers = []
-            return
-        self.status = status
-        self._head = True
-        self._wake()
-
-    def body_received(self, data: bytes) -> None:
-        self._body.append(data)
-        self._buffered += len(data)
-        if self._buffered > HIGH_WATER and not self._paused and self._conn.transport:
-            self._paused = True
-            self._conn.transport.pause_reading()
-        self._wake()
-
-    def message_complete(self, keep_alive: bool) -> None:
-        if not self._head:          # the end of a 1xx message
-            return
-        self.complete = True
-        self._keep_alive = keep_alive
-        self._wake()
-
-    def connection_ended(self, exc: Exception | None) -> None:
-        # A body without Content-Length or chunked framing ends with the connection.
-        if self._head and not self._has_framing():
-            self.complete = True
-        else:
-            where = "in the middle of its answer" if self._head else "before answering"
-            detail = f": {exc}" if exc else ""
-            self.fail(ConnectionResetError(f"the backend closed the connection {where}"
-                                           f"{detail}"))
-        self._wake()
-
-    def fail(self, exc: BaseException) -> None:
-        if self._exc is None:
-            self._exc = exc
-        self._wake()
-
-    # -- internals -----------------------------------------------------------------------
-    async def wait_head(self) -> None:
-        while not self._head:
-            if self._exc is not None:
-                raise self._exc
-            await self._wait(None)
-
-    def _has_framing(self) -> bool:
-        for k, v in self.raw_headers:
-            name = k.lower()
-            if name == b"content-length" or (name == b"transfer-encoding"
-                                             and b"chunked" in v.lower()):
-                return True
-        return False
-
-    def _take(self) -> bytes:
-        data = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        self._body.clear()
-        self._buffered = 0
-        if self._paused and self._conn.transport is not None and not self._conn.lost:
-            self._paused = False
-            self._conn.transport.resume_reading()
-        return data
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def _wait(self, timeout_s: float | None) -> None:
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._waiter = waiter
-        timer = loop.call_later(timeout_s, _expire, waiter) if timeout_s else None
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError("the backend sent nothing within the read timeout"))
 
 
 class UpstreamClient:
@@ -313,10 +50,10 @@ class UpstreamClient:
         self._read_timeout_s = max(first_byte_timeout_s, idle_timeout_s)
         self._limit = limit
         self._keepalive_s = keepalive_s
-        self._idle: dict[Origin, list[_Connection]] = {}
+        self._idle: dict[http1.Origin, list[http1.Connection]] = {}
         self._open = 0
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._targets: dict[str, _Target] = {}
+        self._targets: dict[str, http1.Target] = {}
         self._tls: ssl.SSLContext | None = None
         self._started = False
 
@@ -334,44 +71,35 @@ class UpstreamClient:
     def open_connections(self) -> int:
         return self._open
 
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str],
-                   first_byte_timeout_s: float | None = None) -> UpstreamResponse:
-        """POST and return once the response head arrived; the caller must close it."""
-        limit = first_byte_timeout_s or self._first_byte_timeout_s
+    async def send(self, method: str, url: str, body: bytes, headers: Mapping[str, str],
+                   timeout_s: float | None = None) -> http1.UpstreamResponse:
+        """Send and return once the response head arrived; the caller must close it."""
+        limit = timeout_s or self._first_byte_timeout_s
         try:
             async with asyncio.timeout(limit):
-                return await self._request("POST", url, body, headers)
+                return await self._request(method, url, body, headers)
         except TimeoutError:
-            raise FirstByteTimeout(f"no response from {url} within {limit:g}s") from None
-
-    async def get(self, url: str, timeout_s: float,
-                  headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
-        async with asyncio.timeout(timeout_s):
-            resp = await self._request("GET", url, b"", headers or {})
-            try:
-                return resp.status, await resp.read()
-            finally:
-                resp.close()
+            raise errors.UpstreamTimeout(f"no response within {limit:g}s") from None
 
     # -- one request ---------------------------------------------------------------------
     async def _request(self, method: str, url: str, body: bytes,
-                       headers: Mapping[str, str]) -> UpstreamResponse:
+                       headers: Mapping[str, str]) -> http1.UpstreamResponse:
         if not self._started:
             raise RuntimeError("UpstreamClient.start() was not called")
         target = self._target(url)
-        message = _head(method, target, headers, body) + body
+        message = http1.head(method, target, headers, body) + body
         for attempt in (1, 2):
             conn = await self._acquire(target.origin)
             reused = conn.used
             conn.used = True
-            resp = UpstreamResponse(self, conn, self._read_timeout_s)
+            resp = http1.UpstreamResponse(conn, self._read_timeout_s)
             conn.response = resp
             try:
                 assert conn.transport is not None
                 conn.transport.write(message)
                 await resp.wait_head()
                 return resp
-            except ConnectionResetError:
+            except errors.UpstreamReadError:
                 resp.close()
                 if reused and not resp.received and attempt == 1:
                     continue        # the backend had closed this idle connection
@@ -381,16 +109,16 @@ class UpstreamClient:
                 raise
         raise AssertionError("unreachable")
 
-    def _target(self, url: str) -> _Target:
+    def _target(self, url: str) -> http1.Target:
         target = self._targets.get(url)
         if target is None:
             if len(self._targets) >= _TARGETS_MAX:
                 self._targets.clear()
-            target = self._targets[url] = _Target(url)
+            target = self._targets[url] = http1.Target(url)
         return target
 
     # -- the pool ------------------------------------------------------------------------
-    async def _acquire(self, origin: Origin) -> _Connection:
+    async def _acquire(self, origin: http1.Origin) -> http1.Connection:
         loop = asyncio.get_running_loop()
         while True:
             conn = self._pop_idle(origin, loop.time())
@@ -417,7 +145,7 @@ class UpstreamClient:
             self._wake_slot()
             raise
 
-    def _pop_idle(self, origin: Origin, now: float) -> _Connection | None:
+    def _pop_idle(self, origin: http1.Origin, now: float) -> http1.Connection | None:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
@@ -434,7 +162,7 @@ class UpstreamClient:
                 return True
         return False
 
-    async def _connect(self, origin: Origin) -> _Connection:
+    async def _connect(self, origin: http1.Origin) -> http1.Connection:
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
         tls: ssl.SSLContext | None = None
@@ -444,20 +172,16 @@ class UpstreamClient:
             tls = self._tls
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self, origin), host, port, ssl=tls,
-                    server_hostname=host if tls is not None else None)
+                with http1.mapped():
+                    _, conn = await loop.create_connection(
+                        lambda: http1.Connection(self, origin), host, port, ssl=tls,
+                        server_hostname=host if tls is not None else None)
         except TimeoutError:
-            raise UpstreamConnectError(f"connecting to {host}:{port} timed out after "
-                                       f"{self._connect_timeout_s:g}s") from None
-        except OSError as exc:
-            if isinstance(exc, ssl.SSLError):
-                raise
-            raise UpstreamConnectError(f"cannot connect to {host}:{port}: "
-                                       f"{exc.strerror or exc}") from None
+            raise errors.UpstreamConnectError(
+                f"cannot connect: timed out after {self._connect_timeout_s:g}s") from None
         return conn
 
-    def _release(self, conn: _Connection, reusable: bool) -> None:
+    def release(self, conn: http1.Connection, reusable: bool) -> None:
         conn.response = None
         if reusable and not conn.lost and self._started:
             conn.idle_since = asyncio.get_running_loop().time()
@@ -467,11 +191,11 @@ class UpstreamClient:
             self._open -= 1
         self._wake_slot()
 
-    def _discard(self, conn: _Connection) -> None:
+    def _discard(self, conn: http1.Connection) -> None:
         conn.close()
         self._open -= 1
 
-    def _forget_idle(self, conn: _Connection) -> None:
+    def forget_idle(self, conn: http1.Connection) -> None:
         """An idle connection closed by the backend leaves its pool."""
         idle = self._idle.get(conn.origin)
         if idle and conn in idle:
@@ -485,15 +209,3 @@ class UpstreamClient:
             if not waiter.done():
                 waiter.set_result(None)
                 return
-
-
-def _head(method: str, target: _Target, headers: Mapping[str, str], body: bytes) -> bytes:
-    lines = [f"{method} {target.path} HTTP/1.1\r\nHost: {target.host}\r\n"]
-    if method != "GET" or body:
-        lines.append(f"Content-Length: {len(body)}\r\n")
-    for name, value in headers.items():
-        if not _FORBIDDEN.isdisjoint(name) or not _FORBIDDEN.isdisjoint(value):
-            raise ValueError(f"the header {name!r} holds a CR, LF or NUL character")
-        lines.append(f"{name}: {value}\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1")

@@ -255,6 +255,14 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[context.SERVICES].cache.close()
 
 
+async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The fleet service's reconcile loop (operator intent → registry, agents)."""
+    fleet = app[context.SERVICES].fleet
+    fleet.start()
+    yield
+    await fleet.stop()
+
+
 def create_app(settings: config.ControlPlaneSettings, *,
                services: services_mod.Services | None = None,
                response_cache: cache_port.ResponseCache | None = None,
@@ -264,7 +272,7 @@ def create_app(settings: config.ControlPlaneSettings, *,
     app = web.Application(middlewares=[middleware],
                           client_max_size=settings.http.max_body_bytes)
     app[context.SERVICES] = svc
-    app.cleanup_ctx.extend([_upstream_ctx, _redis_ctx, _probe_ctx, _cache_ctx])
+    app.cleanup_ctx.extend([_upstream_ctx, _redis_ctx, _probe_ctx, _cache_ctx, _fleet_ctx])
     app.router.add_post("/v1/chat/completions", serving.chat_completions)
     app.router.add_post("/v1/completions", serving.completions)
     app.router.add_post("/v1/embeddings", embeddings.embeddings)

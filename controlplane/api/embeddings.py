@@ -5,11 +5,15 @@ vLLM embedding model, a static upstream), proxied with the same retries. When no
 exists but an agent's in-process embedder serves the model (``embed_models`` in its
 Register), the texts go to that agent's ``Node.Embed`` and the answer is built here in
 the OpenAI shape (``encoding_format: base64`` returns the float32 bytes, as OpenAI does).
+Input over an agent's limits is the client's error (413 or 400, from
+:mod:`controlplane.adapters.node_embed`), not retried on another agent; agents are named
+by their node in headers and errors, never by their address.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 from typing import Any
 
 import orjson
@@ -19,8 +23,11 @@ from controlplane import errors
 from controlplane.adapters import node_embed
 from controlplane.api import context, proxy, serving
 from controlplane.core import router as router_mod
+from controlplane.core import types as core_types
 from controlplane.core import validation
 from synapse_common import tokens as tok
+
+log = logging.getLogger("synapse.controlplane.embeddings")
 
 NODE_EMBED = "node_embed"
 EMBED_TIMEOUT_S = 30.0
@@ -42,7 +49,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         nodes = [n for n in svc.registry.ready_embed_nodes() if canonical in n.embed_models]
         if not nodes:
             raise errors.Unavailable(f"no backend serves embeddings for {canonical!r} now")
-        return await _via_agent(request, canonical, texts, parsed.body, [n.address for n in nodes])
+        return await _via_agent(request, canonical, texts, parsed.body, nodes)
     finally:
         ctx.cache = "bypass"
         serving.release_later(request, permit)
@@ -57,18 +64,19 @@ def _texts(data: Any) -> list[str]:
 
 
 async def _via_agent(request: web.Request, model: str, texts: list[str],
-                     body: dict[str, Any], addresses: list[str]) -> web.Response:
+                     body: dict[str, Any], nodes: list[core_types.EmbedNode]) -> web.Response:
     svc = request.app[context.SERVICES]
     ctx = context.get(request)
     client: node_embed.NodeEmbedClient = svc.extra[NODE_EMBED]
     last = ""
-    for address in addresses[:svc.settings.router.max_attempts]:
+    for node in nodes[:svc.settings.router.max_attempts]:
         try:
-            vectors, _ = await client.embed(address, model, texts, EMBED_TIMEOUT_S)
+            vectors, _ = await client.embed(node.address, model, texts, EMBED_TIMEOUT_S)
         except node_embed.EmbedError as exc:
+            log.debug("Node.Embed of node %s (%s) failed: %s", node.name, node.address, exc)
             last = str(exc)
             continue
-        ctx.backend, ctx.route = f"node-embed/{address}", "agent-embedder"
+        ctx.backend, ctx.route = f"node-embed/{node.name}", "agent-embedder"
         ctx.first_byte = svc.clock()
         return web.json_response(_openai_body(model, texts, vectors, body),
                                  headers=ctx.headers(), dumps=_dumps)

@@ -74,9 +74,12 @@ def backend_state(node: str, b: common_pb2.BackendState) -> types.BackendState:
 
 
 def node_info(r: controlplane_pb2.Register) -> types.NodeInfo:
+    ports = r.engine_port_range
     return types.NodeInfo(name=r.node_name, address=r.node_address,
                           agent_version=r.agent_version, embed_models=tuple(r.embed_models),
-                          labels=dict(r.labels), gpu_count=len(r.gpus))
+                          labels=dict(r.labels), gpu_count=len(r.gpus),
+                          engine_ports=(ports.first, ports.last)
+                          if r.HasField("engine_port_range") else None)
 
 
 def command_message(cid: str, cmd: types.Command) -> controlplane_pb2.ControlMessage:

@@ -22,8 +22,9 @@ from prometheus_client import CollectorRegistry
 
 from controlplane import config, metrics
 from controlplane.adapters import upstream
-from controlplane.api import route_accuracy
+from controlplane.api import fleet_wiring, route_accuracy
 from controlplane.core import cache_port, catalog, ledger, prefix_index, ratelimit, registry, types
+from controlplane.core import fleet as fleet_mod
 from controlplane.core import router as router_mod
 from controlplane.core import stats as stats_mod
 from controlplane.core import tenants as tenants_mod
@@ -49,6 +50,7 @@ class Services:
     stats: stats_mod.Stats
     cache: cache_port.ResponseCache
     upstream: upstream.UpstreamClient
+    fleet: fleet_mod.FleetService   # operator intent and the reconcile loop (Admin service)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Metric children by (metric name, *labels), so the hot path skips labels() lookups.
     label_cache: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict)
@@ -140,4 +142,5 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
         cache=response_cache if response_cache is not None else cache_port.NullCache(),
         upstream=upstream.UpstreamClient(h.upstream_connect_timeout_s,
                                          h.upstream_first_byte_timeout_s,
-                                         h.upstream_idle_timeout_s))
+                                         h.upstream_idle_timeout_s),
+        fleet=fleet_wiring.build(settings, reg, led, m))

@@ -11,9 +11,11 @@ Performance decisions, since this sits in front of every token:
   fields therefore reach the backend untouched either way.
 * Streams are passed through chunk by chunk as they arrive, ``await resp.write`` giving
   back-pressure; the SSE parser only runs when the answer may be cached.
-* Retries move to the next candidate on a connect error, a 5xx or the first-byte
-  timeout, and only before any byte went to the client. After that, a broken stream is
-  ended with an SSE error event and is never cached.
+* Routing with fallbacks, retries and the ledger are :mod:`controlplane.core.dispatch`'s;
+  relaying the answer is :mod:`controlplane.api.proxy`'s.
+* Client input that Synapse forwards or steers by is checked first: the body's JSON
+  nesting depth (``http.max_json_depth``), ``x-session-id`` (printable ASCII), and the
+  whole body must arrive within ``http.body_timeout_s`` (408 otherwise).
 * No logging per request at info level; metrics are recorded once, by the middleware.
 """
 
@@ -38,18 +40,23 @@ PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
          "embeddings": "/v1/embeddings"}
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The raw body, or 413 when it is over ``http.max_body_bytes``."""
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The raw body; 413 when it is over ``http.max_body_bytes``, 408 when it does not
+    arrive within ``timeout_s`` (``http.body_timeout_s``)."""
     if request.content_length is not None and request.content_length > limit:
         raise errors.PayloadTooLarge(
             f"the request body is {request.content_length} bytes; the limit is {limit} "
             "(http.max_body_bytes)")
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise errors.PayloadTooLarge(
             f"the request body is over the limit of {limit} bytes (http.max_body_bytes)"
         ) from None
+    except TimeoutError:
+        raise errors.RequestTimeout(f"the request body did not arrive within {timeout_s:g}s "
+                                    "(http.body_timeout_s)") from None
 
 
 async def admit(request: web.Request, parse: Any,
@@ -59,8 +66,9 @@ async def admit(request: web.Request, parse: Any,
     ctx = context.get(request)
     tenant = svc.tenants.authenticate(request.headers.get("Authorization"))
     ctx.tenant = tenant.name
-    raw = await read_body(request, svc.settings.http.max_body_bytes)
-    parsed: validation.Parsed = parse(validation.parse_json(raw))
+    h = svc.settings.http
+    raw = await read_body(request, h.max_body_bytes, h.body_timeout_s)
+    parsed: validation.Parsed = parse(validation.parse_json(raw, h.max_json_depth))
     try:
         permit = await svc.limiter.acquire(tenant, ctx.request_id)
     except errors.RateLimited as exc:
@@ -101,20 +109,13 @@ def prompt_of(parsed: validation.Parsed, session: str, exact: bool) -> router_mo
 
 
 def choose(request: web.Request, canonical: str, prompt: router_mod.Prompt,
-           task: core_types.Task = "generate") -> core_types.RouteDecision:
-    """Route ``canonical``, else its fallbacks in order; 503 when none can serve."""
+           parsed: validation.Parsed) -> core_types.RouteDecision:
+    """Route ``canonical``, else its fallbacks in order (``core.dispatch``'s plan)."""
     svc = request.app[context.SERVICES]
-    ctx = context.get(request)
-    for model in (canonical, *svc.catalog.fallbacks(canonical)):
-        decision = svc.router.route(model, prompt, task)
-        if decision is not None:
-            if model != canonical:
-                ctx.fallback = model
-                svc.metrics.fallbacks.labels(canonical, model).inc()
-            return decision
-    tried = ", ".join((canonical, *svc.catalog.fallbacks(canonical)))
-    raise errors.Unavailable(f"no backend can serve the model {canonical!r} right now "
-                             f"(tried: {tried}); try again shortly")
+    plan = svc.dispatcher.plan(canonical, prompt, validation.size_fields(parsed))
+    if plan.fallback:
+        context.get(request).fallback = plan.fallback
+    return plan.route
 
 
 def body_for(raw: bytes, parsed: validation.Parsed, model: str) -> bytes:
@@ -137,9 +138,9 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
         ctx.cache = decision.status
         if decision.hit is not None:
             return await answer_from_cache(request, decision.hit, parsed)
-        session = request.headers.get("x-session-id") or parsed.user
+        session = validation.session_id(request.headers.get("x-session-id")) or parsed.user
         prompt = prompt_of(parsed, session, svc.router.exact_prompts)
-        route = choose(request, canonical, prompt)
+        route = choose(request, canonical, prompt, parsed)
         body = body_for(raw, parsed, route.model)
         store = decision.may_store and not ctx.fallback
         return await proxy.forward(request, route, prompt, body, PATHS[endpoint],

@@ -1,25 +1,32 @@
 """Operator intent that must outlive a replica: cordons, drains and deployed engines.
 
-The intent lives in a :class:`IntentStore` — Redis when ``redis.url`` is configured, so a
+The intent lives in an :class:`IntentStore` — Redis when ``redis.url`` is configured, so a
 restarted or second replica honours it; this process's memory otherwise — and is applied
-to the registry by :meth:`FleetIntent.sync`, which the Admin service runs at start and
+to the registry by :meth:`FleetIntent.sync`, which the fleet service runs at start and
 every second. Nodes that register later (or re-register) get their cordon within one sync,
 and a cordon can be set for a node that is not connected yet.
 
+Every change is a compare-and-set of one node's record: :meth:`FleetIntent.update` reads
+the stored record, applies a pure change to it and writes it only if nobody wrote in
+between (else reads again and re-applies). Two replicas cordoning and deploying onto the
+same node at once therefore both land; a read-modify-write would drop one of them.
+
 ``desired`` is the complete set of control-plane-managed engines per node, keyed by
-backend name, holding BackendSpec fields as plain data; the Admin service sends it to the
-node's agent as ``DesiredBackends`` whenever it changes (and after a sync that found a
-different set, so another replica's deploy reaches agents connected here too).
+backend name, holding BackendSpec fields as plain data (JSON names); the fleet service
+sends it to the node's agent as ``DesiredBackends`` whenever it changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from controlplane import errors
 from controlplane.core import registry as registry_mod
+
+MAX_ATTEMPTS = 64   # compare-and-set rounds before an update gives up (contention)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,10 +42,20 @@ class NodeIntent:
                           sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> NodeIntent:
+    def from_json(cls, text: str | None) -> NodeIntent:
+        if not text:
+            return cls()
         data = json.loads(text)
         return cls(bool(data.get("cordoned")), bool(data.get("draining")),
                    str(data.get("reason", "")), dict(data.get("desired", {})))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Change:
+    """One node's intent before and after an update."""
+
+    before: NodeIntent
+    after: NodeIntent
 
 
 class IntentStore(Protocol):
@@ -46,7 +63,13 @@ class IntentStore(Protocol):
 
     async def load(self) -> dict[str, str]: ...
 
-    async def save(self, node: str, text: str) -> None: ...
+    async def get(self, node: str) -> str | None: ...
+
+    async def compare_and_set(self, node: str, expected: str | None, text: str) -> bool:
+        """Write ``text`` only if the stored value is still ``expected`` (None: absent)."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class MemoryIntentStore:
@@ -56,8 +79,17 @@ class MemoryIntentStore:
     async def load(self) -> dict[str, str]:
         return dict(self._data)
 
-    async def save(self, node: str, text: str) -> None:
+    async def get(self, node: str) -> str | None:
+        return self._data.get(node)
+
+    async def compare_and_set(self, node: str, expected: str | None, text: str) -> bool:
+        if self._data.get(node) != expected:
+            return False
         self._data[node] = text
+        return True
+
+    async def close(self) -> None:
+        pass
 
 
 class FleetIntent:
@@ -69,14 +101,37 @@ class FleetIntent:
     def get(self, node: str) -> NodeIntent:
         return self.intents.get(node, NodeIntent())
 
-    async def update(self, node: str, **changes: Any) -> NodeIntent:
-        """Change one node's intent, persist it and apply it to the registry."""
-        await self.refresh()
-        intent = dataclasses.replace(self.get(node), **changes)
-        await self._store.save(node, intent.to_json())
-        self.intents[node] = intent
-        self.apply()
-        return intent
+    async def update(self, node: str, change: Callable[[NodeIntent], NodeIntent]) -> Change:
+        """Apply ``change`` to the node's stored intent atomically, then to the registry.
+
+        ``change`` must be pure: it runs again on the fresh record when another writer got
+        in first. Errors it raises (a plan that does not fit) propagate unchanged; a store
+        that fails raises ``Unavailable``.
+        """
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                stored = await self._store.get(node)
+                before = NodeIntent.from_json(stored)
+                after = change(before)
+                # Nothing to write (the change was already there): what was read is current.
+                written = after == before or \
+                    await self._store.compare_and_set(node, stored, after.to_json())
+            except errors.SynapseError:
+                raise
+            except Exception as exc:
+                raise errors.Unavailable(f"cannot store the change durably: {exc}",
+                                         code="intent_store_unavailable") from None
+            if written:
+                self.intents[node] = after
+                self.apply()
+                return Change(before, after)
+        raise errors.Unavailable(f"the intent of node {node!r} kept changing under this "
+                                 f"update ({MAX_ATTEMPTS} attempts); try again",
+                                 code="intent_contention")
+
+    async def set_fields(self, node: str, **fields: Any) -> Change:
+        """Set some fields of the node's intent (atomically, like :meth:`update`)."""
+        return await self.update(node, lambda i: dataclasses.replace(i, **fields))
 
     async def refresh(self) -> set[str]:
         """Reload from the store; returns nodes whose desired engines changed."""
@@ -99,3 +154,6 @@ class FleetIntent:
         changed = await self.refresh()
         self.apply()
         return changed
+
+    async def close(self) -> None:
+        await self._store.close()

@@ -4,6 +4,10 @@ Keys are never kept in clear: configured keys (``Secret``) are hashed at start-u
 request's Bearer key is hashed once and looked up in a dict, so the lookup costs one
 sha256 and does not leak timing about which prefix matched. The admin key is compared
 the same way. Allowed models are stored as canonical names (aliases resolved here once).
+
+The admin key is for admin routes. On ``/v1`` it is refused (403) unless
+``auth.admin_tenant`` names a tenant it then acts as, with that tenant's allow-list and
+limits: an operator's key is not a tenant with no limits by accident.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from collections.abc import Callable, Iterable
 from controlplane import errors
 
 ANONYMOUS = "anonymous"
-ADMIN = "admin"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -37,8 +40,10 @@ def sha256_hex(key: str) -> str:
 
 class TenantTable:
     def __init__(self, tenants: Iterable[tuple[Tenant, Iterable[str]]],
-                 admin_key_sha256: str | None, enabled: bool = True) -> None:
-        """``tenants``: each tenant with the sha256 hex digests of its keys."""
+                 admin_key_sha256: str | None, enabled: bool = True,
+                 admin_tenant: str | None = None) -> None:
+        """``tenants``: each tenant with the sha256 hex digests of its keys;
+        ``admin_tenant``: the tenant the admin key acts as on /v1 (none: refused)."""
         self.enabled = enabled
         self._by_hash: dict[str, Tenant] = {}
         self._tenants: dict[str, Tenant] = {}
@@ -52,7 +57,9 @@ class TenantTable:
                 self._by_hash[h] = tenant
         self._admin_hash = admin_key_sha256
         self._anonymous = Tenant(ANONYMOUS)
-        self._admin = Tenant(ADMIN)
+        if admin_tenant is not None and admin_tenant not in self._tenants:
+            raise ValueError(f"auth.admin_tenant: no tenant is named {admin_tenant!r}")
+        self._admin_as = self._tenants[admin_tenant] if admin_tenant is not None else None
 
     @staticmethod
     def bearer(header: str | None) -> str | None:
@@ -77,7 +84,11 @@ class TenantTable:
         if tenant is not None:
             return tenant
         if self._admin_hash and hmac.compare_digest(digest, self._admin_hash):
-            return self._admin
+            if self._admin_as is not None:
+                return self._admin_as
+            raise errors.Forbidden("the admin key is for admin routes, not for /v1: use a "
+                                   "tenant's key (or set auth.admin_tenant)",
+                                   code="admin_key_not_a_tenant")
         raise errors.Unauthorized("invalid API key")
 
     def authenticate_admin(self, authorization: str | None) -> None:

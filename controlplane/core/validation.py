@@ -3,7 +3,12 @@
 The body is parsed once; this checks the fields Synapse itself reads (model, messages /
 prompt / input, stream, max_tokens, n, temperature, user) and names the bad one in
 ``param``. Every other field is left to the backend and passed through untouched, so a
-client using a newer OpenAI field is not refused here.
+client using a newer OpenAI field is not refused here — but no field may nest deeper
+than ``http.max_json_depth`` (the body may be serialised again, and orjson, like most
+JSON libraries, has a recursion limit of its own).
+
+Client headers that Synapse forwards or routes by (``x-request-id``, ``x-session-id``)
+must be printable ASCII: anything else cannot go into an HTTP/1.1 header unchanged.
 """
 
 from __future__ import annotations
@@ -34,7 +39,11 @@ class Parsed:
     include_usage: bool = False
 
 
-def parse_json(raw: bytes) -> dict[str, Any]:
+SESSION_ID_MAX = 256
+REQUEST_ID_MAX = 128
+
+
+def parse_json(raw: bytes, max_depth: int = 64) -> dict[str, Any]:
     if not raw:
         raise errors.BadRequest("the request body is empty; send a JSON object",
                                 code="invalid_json")
@@ -46,7 +55,42 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise errors.BadRequest("the request body must be a JSON object",
                                 code="invalid_json")
+    if not _within_depth(body, max_depth - 1):
+        raise errors.BadRequest(f"the request body nests deeper than {max_depth} levels "
+                                "(http.max_json_depth)", code="invalid_json")
     return body
+
+
+def _within_depth(value: dict[str, Any] | list[Any], levels_left: int) -> bool:
+    """Whether every array or object inside ``value`` is at most ``levels_left`` deeper."""
+    for item in value.values() if type(value) is dict else value:
+        if type(item) is dict or type(item) is list:
+            if levels_left <= 0 or not _within_depth(item, levels_left - 1):
+                return False
+    return True
+
+
+def printable_ascii(value: str, limit: int) -> bool:
+    return 0 < len(value) <= limit and value.isascii() and value.isprintable()
+
+
+def session_id(value: str | None) -> str:
+    """The ``x-session-id`` header, or 400 naming it when it is not printable ASCII."""
+    if value is None:
+        return ""
+    if not printable_ascii(value, SESSION_ID_MAX):
+        raise errors.BadRequest(
+            f"x-session-id: must be 1 to {SESSION_ID_MAX} printable ASCII characters",
+            param="x-session-id", code="invalid_header")
+    return value
+
+
+def size_fields(parsed: Parsed) -> tuple[str, str]:
+    """The names of the prompt and the max-tokens field as the client sent them."""
+    prompt = "messages" if parsed.endpoint == "chat" else "prompt"
+    if parsed.endpoint == "chat" and parsed.body.get("max_completion_tokens") is not None:
+        return prompt, "max_completion_tokens"
+    return prompt, "max_tokens"
 
 
 def _bad(param: str, message: str) -> errors.BadRequest:

@@ -12,6 +12,7 @@ import base64
 import os
 import pathlib
 import re
+import tarfile
 from typing import Any
 
 import pytest
@@ -234,3 +235,22 @@ def test_config_changes_roll_the_pods() -> None:
     data = yaml.safe_load(cm["data"]["config.yaml"])
     data["control_plane"].pop("token")
     assert settings.validate(agent_config.AgentSettings, data).supervisor.drain_grace_s == 100
+
+
+def test_a_packaged_chart_carries_the_linked_files(tmp_path: pathlib.Path) -> None:
+    # files/ links to the dashboard, alert rules and etcd config under manifests/ (one
+    # copy each); `helm package` must store their content, not the links
+    proc = helm.run("package", str(helm.CHART), "--destination", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    package = next(tmp_path.glob("synapse-*.tgz"))
+    with tarfile.open(package) as tar:
+        for link in (helm.CHART / "files").iterdir():
+            assert link.is_symlink(), f"{link.name}: keep the one copy under manifests/"
+            member = tar.getmember(f"synapse/files/{link.name}")
+            assert member.isfile()
+            stored = tar.extractfile(member)
+            assert stored is not None and stored.read() == link.resolve().read_bytes()
+    packaged = helm.template("production", chart=package)
+    assert packaged.returncode == 0, packaged.stderr
+    assert list(yaml.safe_load_all(packaged.stdout)) == \
+        list(yaml.safe_load_all(helm.template("production").stdout))

@@ -13,8 +13,9 @@ import grpc
 import pytest
 
 from controlplane import config
-from controlplane.api import admin_grpc, grpc_server
+from controlplane.api import admin_grpc, fleet_wiring, grpc_server
 from controlplane.api import services as services_mod
+from controlplane.core import fleet as fleet_mod
 from protos.synapse.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -23,6 +24,7 @@ from protos.synapse.v1 import (
     controlplane_pb2_grpc,
 )
 from tests import harness
+from tests.clock import ManualClock, SteppedSleep
 
 ADMIN_KEY = "admin-key-for-admin-tests"
 TENANT_KEY = "tenant-key-for-admin-tests"
@@ -43,10 +45,17 @@ def settings(redis_url: str | None = None) -> config.ControlPlaneSettings:
 
 
 class Replica:
-    """One control-plane replica's gRPC side: Connect + Admin on a free port."""
+    """One control-plane replica's gRPC side: Connect + Admin on a free port, and the fleet
+    service's reconcile loop (the app's cleanup context runs it in a real process). The
+    fleet's time is stepped: its waits (drain timeouts, the pause between reconcile
+    passes) move a manual clock and last a twentieth of that in real time."""
 
     def __init__(self, s: config.ControlPlaneSettings) -> None:
         self.services = services_mod.build(s)
+        self.time = SteppedSleep(ManualClock(), scale=0.05)
+        svc = self.services
+        svc.fleet = fleet_wiring.build(s, svc.registry, svc.ledger, svc.metrics,
+                                       clock=self.time.clock, sleep=self.time)
         self.server: grpc.aio.Server | None = None
         self.address = ""
 
@@ -55,18 +64,16 @@ class Replica:
             "127.0.0.1", 0, [grpc_server.control_plane(self.services),
                              admin_grpc.admin(self.services)])
         self.address = f"127.0.0.1:{port}"
+        self.fleet.start()
         return self
 
     @property
-    def admin(self) -> admin_grpc.AdminServicer:
-        return self.services.extra["admin"]
+    def fleet(self) -> fleet_mod.FleetService:
+        return self.services.fleet
 
     async def stop(self) -> None:
-        task = self.admin._task
-        if task:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(task, 10)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.fleet.stop(), 10)
         if self.server:
             # Bounded: a teardown must never be what hangs a run.
             with contextlib.suppress(TimeoutError):
@@ -324,8 +331,8 @@ async def test_cordon_is_durable_across_replicas_with_redis(redis_server: harnes
         await eventually(lambda: second.services.registry.routable(MODEL) == [], "cordon on 2nd")
         third = await Replica(settings(redis_server.url)).start()
         try:
-            await third.admin.sync_once()
-            assert third.admin.fleet.get("gpu-a").cordoned
+            await third.fleet.reconcile()
+            assert third.fleet.intent.get("gpu-a").cordoned
         finally:
             await third.stop()
         deploy = Admin(second.address)

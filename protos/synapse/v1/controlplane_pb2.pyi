@@ -18,7 +18,7 @@ class AgentMessage(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., report: _Optional[_Union[Report, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("node_name", "agent_version", "gpus", "node_address", "telemetry", "embed_models", "labels")
+    __slots__ = ("node_name", "agent_version", "gpus", "node_address", "telemetry", "embed_models", "labels", "engine_port_range")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class Register(_message.Message):
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     EMBED_MODELS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_PORT_RANGE_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     agent_version: str
     gpus: _containers.RepeatedCompositeFieldContainer[_common_pb2.GpuSample]
@@ -40,7 +41,16 @@ class Register(_message.Message):
     telemetry: _common_pb2.TelemetryStatus
     embed_models: _containers.RepeatedScalarFieldContainer[str]
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, node_name: _Optional[str] = ..., agent_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[_common_pb2.GpuSample, _Mapping]]] = ..., node_address: _Optional[str] = ..., telemetry: _Optional[_Union[_common_pb2.TelemetryStatus, _Mapping]] = ..., embed_models: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    engine_port_range: PortRange
+    def __init__(self, node_name: _Optional[str] = ..., agent_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[_common_pb2.GpuSample, _Mapping]]] = ..., node_address: _Optional[str] = ..., telemetry: _Optional[_Union[_common_pb2.TelemetryStatus, _Mapping]] = ..., embed_models: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., engine_port_range: _Optional[_Union[PortRange, _Mapping]] = ...) -> None: ...
+
+class PortRange(_message.Message):
+    __slots__ = ("first", "last")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    first: int
+    last: int
+    def __init__(self, first: _Optional[int] = ..., last: _Optional[int] = ...) -> None: ...
 
 class Report(_message.Message):
     __slots__ = ("sequence", "timestamp_unix_ms", "gpus", "backends", "embedding_cache", "telemetry", "draining")

@@ -1,0 +1,343 @@
+"""HTTP/1.1 on the wire for the upstream transport: one connection, its parser, its answer.
+
+A :class:`Connection` is an ``asyncio.Protocol`` that parses the backend's answer with
+``httptools`` (llhttp, Node.js's parser) and hands it to the :class:`UpstreamResponse` of
+the request in flight: the head first, then the body as it arrives. The pool, connecting
+and the request loop live in :mod:`controlplane.adapters.upstream`.
+
+Errors: every failure a response reports is a :mod:`controlplane.errors` class. Foreign
+exceptions — socket errors, TLS errors, the parser's — are translated in one table,
+:data:`ERRORS` (httpx's ``map_httpcore_exceptions``); conditions this module detects
+itself (the backend closed the connection, or went silent) are raised as ours directly.
+No message names an address: the numbers of an ``OSError`` become ``os.strerror``'s
+words, and a TLS error its reason.
+
+Rules:
+
+- **Back-pressure.** Reading from the backend pauses while more than ``HIGH_WATER`` bytes
+  of body wait for the caller, and resumes below ``LOW_WATER``.
+- **Release.** :meth:`UpstreamResponse.close` returns the connection to its pool only when
+  the body was received to its end and the backend allows keep-alive; otherwise the
+  connection is closed — which is how a backend learns that the client went away.
+- Bodies pass through byte for byte (no decompression); chunked framing is removed.
+  Header names and values are checked for CR, LF and NUL before anything is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import ssl
+import typing
+import urllib.parse
+from collections.abc import Iterator, Mapping
+
+import httptools
+
+from controlplane import errors
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+_FORBIDDEN = frozenset("\r\n\0")
+
+Origin = tuple[str, str, int]      # scheme, host, port
+
+# Foreign exception → (our class, what it means). The most specific entry wins (an
+# ``ssl.SSLError`` is an ``OSError`` too). Only connecting and parsing raise foreign
+# exceptions: a socket error in the middle of an exchange arrives as ``connection_lost``
+# and is reported as the connection closing (:meth:`UpstreamResponse.connection_ended`).
+ERRORS: dict[type[BaseException], tuple[type[errors.UpstreamError], str]] = {
+    OSError: (errors.UpstreamConnectError, "cannot connect"),
+    ssl.SSLError: (errors.UpstreamConnectError, "cannot connect over TLS"),
+    httptools.HttpParserError: (errors.UpstreamProtocolError, "the backend sent invalid HTTP"),
+}
+
+
+def detail(exc: BaseException) -> str:
+    """What went wrong, in words that name no address."""
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or type(exc).__name__)
+    if isinstance(exc, OSError):
+        # asyncio's own strerror holds the address ("Connect call failed ('10.0.0.7', 80)")
+        return os.strerror(exc.errno) if exc.errno else type(exc).__name__
+    return str(exc)[:200] or type(exc).__name__
+
+
+def translate(exc: BaseException) -> errors.UpstreamError:
+    """Our error for a foreign exception listed in :data:`ERRORS` (TypeError otherwise)."""
+    found: tuple[type[BaseException], tuple[type[errors.UpstreamError], str]] | None = None
+    for foreign, entry in ERRORS.items():
+        if isinstance(exc, foreign) and (found is None or issubclass(foreign, found[0])):
+            found = (foreign, entry)
+    if found is None:
+        raise TypeError(f"no upstream error is mapped for {type(exc).__name__}")
+    cls, meaning = found[1]
+    return cls(f"{meaning}: {detail(exc)}")
+
+
+@contextlib.contextmanager
+def mapped() -> Iterator[None]:
+    """Translate the foreign exceptions of :data:`ERRORS` raised inside the block."""
+    try:
+        yield
+    except tuple(ERRORS) as exc:
+        raise translate(exc) from exc
+
+
+class Target:
+    __slots__ = ("host", "origin", "path")
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.origin: Origin = (parts.scheme, parts.hostname, port)
+        path = parts.path or "/"
+        self.path = f"{path}?{parts.query}" if parts.query else path
+        self.host = parts.netloc.rpartition("@")[2]
+
+
+class Pool(typing.Protocol):
+    """What a connection tells its pool."""
+
+    def release(self, conn: Connection, reusable: bool) -> None: ...
+
+    def forget_idle(self, conn: Connection) -> None: ...
+
+
+class Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection to a backend and its response parser."""
+
+    def __init__(self, pool: Pool, origin: Origin) -> None:
+        self.pool = pool
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: UpstreamResponse | None = None
+        self.lost = False
+        self.used = False            # has carried a request before (so it may be stale)
+        self.idle_since = 0.0
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        resp = self.response
+        if resp is None or resp.complete:
+            # Bytes nobody asked for: the connection is no longer trustworthy.
+            self.close()
+            return
+        resp.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            resp.fail(translate(exc))
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False        # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        resp = self.response
+        if resp is None:
+            self.pool.forget_idle(self)
+        elif not resp.complete:
+            resp.connection_ended(exc)
+
+    # -- httptools callbacks -------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.response is not None:
+            self.response.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.response is not None:
+            self.response.head_received(self.parser.get_status_code())
+
+    def on_body(self, body: bytes) -> None:
+        if self.response is not None:
+            self.response.body_received(body)
+
+    def on_message_complete(self) -> None:
+        if self.response is not None:
+            self.response.message_complete(self.parser.should_keep_alive())
+
+
+class UpstreamResponse:
+    """A backend's answer, available once its head arrived; ``close()`` it when done."""
+
+    def __init__(self, conn: Connection, read_timeout_s: float) -> None:
+        self.status = 0
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.received = False        # any byte of the answer arrived
+        self.complete = False
+        self._conn = conn
+        self._read_timeout_s = read_timeout_s
+        self._head = False
+        self._keep_alive = False
+        self._body: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._paused = False
+        self._exc: errors.UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._released = False
+
+    # -- what the caller reads -----------------------------------------------------------
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers]
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower().encode("latin-1")
+        for k, v in self.raw_headers:
+            if k.lower() == wanted:
+                return v.decode("latin-1")
+        return None
+
+    @property
+    def content_type(self) -> str:
+        value = self.header("content-type") or ""
+        return value.partition(";")[0].strip().lower()
+
+    async def read(self) -> bytes:
+        """The whole body (waits for its end)."""
+        while not self.complete:
+            if self._exc is not None:
+                raise self._exc
+            await self._wait(self._read_timeout_s)
+        return self._take()
+
+    async def read_some(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes of the body: what arrived first (for error details)."""
+        while not self._body and not self.complete:
+            if self._exc is not None:
+                raise self._exc
+            await self._wait(self._read_timeout_s)
+        return self._take()[:limit]
+
+    async def next_chunk(self, timeout_s: float | None = None) -> bytes | None:
+        """The body bytes that arrived since the last call (waiting for some), or None at
+        the end. ``timeout_s`` bounds the wait (default: the client's read timeout)."""
+        while not self._body:
+            if self.complete:
+                return None
+            if self._exc is not None:
+                raise self._exc
+            await self._wait(timeout_s if timeout_s is not None else self._read_timeout_s)
+        return self._take()
+
+    def close(self) -> None:
+        """Release the connection: back to the pool when the answer was read to its end
+        and keep-alive holds, closed otherwise (the backend sees the request cancelled)."""
+        if self._released:
+            return
+        self._released = True
+        reusable = self.complete and self._keep_alive and self._exc is None
+        self._conn.pool.release(self._conn, reusable)
+
+    # -- what the connection reports -----------------------------------------------------
+    def head_received(self, status: int) -> None:
+        if status < 200:        # 1xx (103 Early Hints): informational, the answer follows
+            self.raw_headers = []
+            return
+        self.status = status
+        self._head = True
+        self._wake()
+
+    def body_received(self, data: bytes) -> None:
+        self._body.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER and not self._paused and self._conn.transport:
+            self._paused = True
+            self._conn.transport.pause_reading()
+        self._wake()
+
+    def message_complete(self, keep_alive: bool) -> None:
+        if not self._head:          # the end of a 1xx message
+            return
+        self.complete = True
+        self._keep_alive = keep_alive
+        self._wake()
+
+    def connection_ended(self, exc: Exception | None) -> None:
+        # A body without Content-Length or chunked framing ends with the connection.
+        if self._head and not self._has_framing():
+            self.complete = True
+        else:
+            where = "in the middle of its answer" if self._head else "before answering"
+            why = f": {detail(exc)}" if exc else ""
+            self.fail(errors.UpstreamReadError(
+                f"the backend closed the connection {where}{why}"))
+        self._wake()
+
+    def fail(self, exc: errors.UpstreamError) -> None:
+        if self._exc is None:
+            self._exc = exc
+        self._wake()
+
+    # -- internals -----------------------------------------------------------------------
+    async def wait_head(self) -> None:
+        while not self._head:
+            if self._exc is not None:
+                raise self._exc
+            await self._wait(None)
+
+    def _has_framing(self) -> bool:
+        for k, v in self.raw_headers:
+            name = k.lower()
+            if name == b"content-length" or (name == b"transfer-encoding"
+                                             and b"chunked" in v.lower()):
+                return True
+        return False
+
+    def _take(self) -> bytes:
+        data = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._body.clear()
+        self._buffered = 0
+        if self._paused and self._conn.transport is not None and not self._conn.lost:
+            self._paused = False
+            self._conn.transport.resume_reading()
+        return data
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self, timeout_s: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_later(timeout_s, _expire, waiter) if timeout_s else None
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(errors.UpstreamReadError(
+            "the backend sent nothing within the read timeout"))
+
+
+def head(method: str, target: Target, headers: Mapping[str, str], body: bytes) -> bytes:
+    lines = [f"{method} {target.path} HTTP/1.1\r\nHost: {target.host}\r\n"]
+    if method != "GET" or body:
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    for name, value in headers.items():
+        if not _FORBIDDEN.isdisjoint(name) or not _FORBIDDEN.isdisjoint(value):
+            raise ValueError(f"the header {name!r} holds a CR, LF or NUL character")
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")

@@ -1,0 +1,135 @@
+"""The HTTP server below the app: connection time limits and unparseable requests.
+
+aiohttp's server has no limit on how long a request head may take to arrive, and answers
+a request it cannot parse (a header over ``http.max_header_bytes``, a bad request line)
+with a plain-text 400 that quotes part of the offending line. :class:`Runner` serves an
+app with a connection handler that
+
+* closes a connection whose request head (request line and headers) has not arrived
+  ``http.header_timeout_s`` after its first byte — a client sending one byte every two
+  seconds holds a connection for that long, not forever;
+* closes connections idle for ``http.keepalive_timeout_s`` (aiohttp's keep-alive timer:
+  it also covers a connection that never sends a byte);
+* answers a request it cannot parse with the OpenAI envelope and a fixed message per
+  kind of fault (:data:`PARSE_ERRORS`), never echoing what the client sent, logged at
+  debug level only (a stream of garbage must not fill the logs).
+
+The request body's own limit, ``http.body_timeout_s``, is the handlers'
+(:func:`controlplane.api.serving.read_body`, 408).
+
+aiohttp builds each connection's handler in ``Server.__call__`` and offers no hook for
+another class, so :meth:`Runner._make_server` re-types the server it built as
+:class:`_Server` (which only overrides ``__call__``); ``tests/security`` pins the
+behaviour against a real process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import http_exceptions, web, web_protocol, web_request, web_server
+
+from controlplane import config, errors
+
+log = logging.getLogger("synapse.controlplane.http")
+
+# What a parse fault is, by aiohttp's exception class (the most specific first).
+PARSE_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (http_exceptions.LineTooLong,
+     "a request line or header is longer than the limit (http.max_header_bytes)"),
+    (http_exceptions.InvalidHeader, "a request header is malformed"),
+    (http_exceptions.BadHttpMethod, "the request method is invalid (HTTPS sent to an "
+                                    "HTTP port?)"),
+    (http_exceptions.BadStatusLine, "the request line is malformed"),
+    (http_exceptions.PayloadEncodingError, "the request body's framing is invalid"),
+    (http_exceptions.BadHttpMessage, "the request is not valid HTTP/1.1"),
+)
+
+
+def parse_error(status: int, exc: BaseException | None) -> errors.SynapseError:
+    """The error a client sees for a request aiohttp's parser refused."""
+    if status >= 500:
+        return errors.with_status(status, "internal error")
+    message = next((text for cls, text in PARSE_ERRORS if isinstance(exc, cls)),
+                   "the request could not be read")
+    return errors.with_status(status, message, code="invalid_http")
+
+
+class _Protocol(web_protocol.RequestHandler):
+    def __init__(self, manager: web_server.Server, *, header_timeout_s: float,
+                 **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout_s = header_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._heads_seen = 0
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._request_count != self._heads_seen:     # a request head was parsed
+            self._heads_seen = self._request_count
+            self._cancel_head_timer()
+        elif (self._head_timer is None and data and not self._request_in_progress
+              and not self._messages and self.transport is not None):
+            # Bytes between requests are the start of a head: it has this long to finish.
+            self._head_timer = self._loop.call_later(self._header_timeout_s,
+                                                     self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._request_count == self._heads_seen and not self._request_in_progress:
+            log.debug("closing a connection whose request head took over %gs "
+                      "(http.header_timeout_s)", self._header_timeout_s)
+            self.force_close()
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def handle_error(self, request: web_request.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:
+            log.error("unexpected error below the app", exc_info=exc)
+        else:
+            log.debug("unparseable request: %s", type(exc).__name__ if exc else status)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has started; no error answer is possible")
+        err = parse_error(status, exc)
+        resp = web.Response(status=status, body=orjson.dumps(err.envelope()),
+                            content_type="application/json")
+        resp.force_close()
+        return resp
+
+
+class _Server(web_server.Server):
+    header_timeout_s = 10.0
+
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _Protocol(self, loop=self._loop, header_timeout_s=self.header_timeout_s,
+                         **self._kwargs)
+
+
+class Runner(web.AppRunner):
+    """``web.AppRunner`` whose connections keep :mod:`this module <controlplane.api.server>`'s
+    rules; the limits come from the ``http`` settings."""
+
+    def __init__(self, app: web.Application, http: config.HttpSettings,
+                 **kwargs: Any) -> None:
+        super().__init__(app, keepalive_timeout=http.keepalive_timeout_s,
+                         max_line_size=http.max_header_bytes,
+                         max_field_size=http.max_header_bytes, **kwargs)
+        self._header_timeout_s = http.header_timeout_s
+
+    async def _make_server(self) -> web_server.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server
+        server.header_timeout_s = self._header_timeout_s  # type: ignore[attr-defined]
+        return server

@@ -1,0 +1,224 @@
+"""The dispatch policy behind the transport seam: retries before the first byte, the ledger
+settled once per attempt on every path, the first token of a stream, the plan's 400 for a
+request no backend can hold. A :class:`MockTransport` scripts each backend's answer, so no
+test waits for a timeout: a timeout is an answer like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from controlplane import errors, metrics
+from controlplane.core import catalog, dispatch, ledger, prefix_index, registry, router, types
+from controlplane.core.mock_transport import MockResponse, MockTransport, Request
+from tests.clock import ManualClock
+
+MODEL = "m"
+CHAT = "/v1/chat/completions"
+IDLE_S = 7.0
+
+
+def sse(*events: bytes) -> list[bytes]:
+    return [b"data: " + e + b"\n\n" for e in events]
+
+
+def stack(names: tuple[str, ...], *, capacity: int = 0, attempts: int = 3,
+          fallbacks: tuple[str, ...] = ()) -> tuple[dispatch.Dispatcher, MockTransport, metrics.Metrics]:
+    clock = ManualClock()
+    reg = registry.Registry(clock, 15.0)
+    reg.register(types.NodeInfo("n1"))
+    reg.report("n1", [types.BackendState(
+        key=f"n1/{n}", node="n1", name=n, url=f"http://{n}.internal:8000", models=(MODEL,),
+        kv_capacity_tokens=capacity, api_key="sk-backend" if n == "keyed" else None)
+        for n in names])
+    rtr = router.Router(router.Params(policy="round_robin"), reg, ledger.Ledger(clock),
+                        prefix_index.PrefixIndex(1000))
+    cat = catalog.Catalog([catalog.ModelEntry(MODEL, (), fallbacks)])
+    m = metrics.Metrics(CollectorRegistry())
+    mock = MockTransport(lambda req: MockResponse())
+    d = dispatch.Dispatcher(mock, rtr, cat, reg, m, dispatch.Policy(attempts, 5.0, IDLE_S))
+    return d, mock, m
+
+
+def by_host(answers: dict[str, MockResponse | Exception]) -> Callable[[Request], MockResponse]:
+    """Answers by backend name (the URL's first host label)."""
+    def handler(req: Request) -> MockResponse:
+        answer = answers[req.url.split("//")[1].split(".")[0]]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+    return handler
+
+
+def failing(exc: Exception) -> Callable[[Request], MockResponse]:
+    def handler(req: Request) -> MockResponse:
+        raise exc
+    return handler
+
+
+def route(d: dispatch.Dispatcher, max_tokens: int = 0) -> tuple[types.RouteDecision,
+                                                               router.Prompt]:
+    prompt = router.Prompt.from_text("hello there", max_tokens)
+    return d.plan(MODEL, prompt).route, prompt
+
+
+def in_flight(d: dispatch.Dispatcher) -> dict[str, int]:
+    return {k: v.in_flight for k, v in d.router.ledger.snapshot().items()}
+
+
+def retries(m: metrics.Metrics, reason: str) -> float:
+    return float(m.upstream_retries.labels(MODEL, reason)._value.get())
+
+
+async def test_connect_errors_5xx_and_timeouts_move_to_the_next_backend() -> None:
+    d, mock, m = stack(("a", "b", "c", "d"), attempts=4)
+    bad = MockResponse(500, [b'{"error": "boom"}'])
+    mock.handler = by_host({"a": errors.UpstreamConnectError("cannot connect: Connection refused"),
+                            "b": bad, "c": errors.UpstreamTimeout("no response within 5s"),
+                            "d": MockResponse(200, [b'{"ok": 1}'])})
+    decision, prompt = route(d)
+    async with d.exchange(decision, prompt, CHAT, b"{}", "rid-1") as attempt:
+        assert (attempt.backend.name, attempt.index) == ("d", 3)
+        assert in_flight(d)["n1/d"] == 1
+        assert await attempt.read() == b'{"ok": 1}'
+    assert (retries(m, "connect"), retries(m, "5xx"), retries(m, "timeout")) == (1, 1, 1)
+    assert bad.closed and mock.responses[-1].closed
+    assert set(in_flight(d).values()) == {0}, "every attempt's ticket was settled"
+    assert [r.headers["x-request-id"] for r in mock.requests] == ["rid-1"] * 4
+
+
+async def test_when_every_candidate_fails_the_last_failure_names_the_backend_not_its_address(
+        ) -> None:
+    d, mock, _ = stack(("a", "b"))
+    mock.handler = by_host({"a": errors.UpstreamConnectError("cannot connect: Connection refused"),
+                            "b": MockResponse(503, [b"overloaded, try later"])})
+    decision, prompt = route(d)
+    with pytest.raises(errors.UpstreamError) as info:
+        async with d.exchange(decision, prompt, CHAT, b"{}", "r"):
+            raise AssertionError("no attempt should be handed over")
+    assert info.value.message == "backend n1/b answered with status 503: overloaded, try later"
+    assert info.value.http_status == 502 and "internal" not in info.value.message
+    for failure, message in [
+            (errors.UpstreamTimeout("no response within 5s"), "sent no response within 5s"),
+            (errors.UpstreamConnectError("cannot connect: Connection refused"),
+             "failed: cannot connect: Connection refused")]:
+        mock.handler = failing(failure)
+        decision, prompt = route(d)
+        with pytest.raises(type(failure)) as caught:
+            async with d.exchange(decision, prompt, CHAT, b"{}", "r"):
+                pass
+        assert caught.value.message in (f"backend n1/a {message}", f"backend n1/b {message}")
+        assert "internal" not in caught.value.message
+    assert set(in_flight(d).values()) == {0}
+
+
+async def test_max_attempts_and_a_4xx_is_the_clients() -> None:
+    d, mock, _ = stack(("a", "b", "c"), attempts=2)
+    mock.handler = failing(errors.UpstreamTimeout("no response"))
+    decision, prompt = route(d)
+    with pytest.raises(errors.UpstreamTimeout, match="sent no response"):
+        async with d.exchange(decision, prompt, CHAT, b"{}", "r"):
+            pass
+    assert len(mock.requests) == 2
+    mock.handler = lambda req: MockResponse(400, [b'{"detail": "bad"}'])
+    decision, prompt = route(d)
+    async with d.exchange(decision, prompt, CHAT, b"{}", "r") as attempt:
+        assert attempt.status == 400 and attempt.index == 0
+    assert len(mock.requests) == 3
+
+
+async def test_the_backend_key_travels_as_authorization() -> None:
+    d, mock, _ = stack(("keyed",))
+    decision, prompt = route(d)
+    async with d.exchange(decision, prompt, CHAT, b"{}", "r") as attempt:
+        await attempt.read()
+    assert mock.requests[0].headers["Authorization"] == "Bearer sk-backend"
+
+
+async def test_a_chat_streams_first_byte_is_its_first_token_event() -> None:
+    d, mock, _ = stack(("a",))
+    body = sse(b'{"role": 1}', b'{"tok": 1}', b'{"tok": 2}', b"[DONE]")
+    mock.handler = lambda req: MockResponse(200, body, "text/event-stream")
+    decision, prompt = route(d)
+    async with d.exchange(decision, prompt, CHAT, b"{}", "r") as attempt:
+        load = d.router.ledger.load("n1/a")
+        assert await attempt.next_chunk() == body[0]
+        assert (load.prefilling, load.decoding) == (1, 0), "a role event is not a token"
+        assert await attempt.next_chunk() == body[1]
+        assert (load.prefilling, load.decoding) == (0, 1)
+        while await attempt.next_chunk() is not None:
+            pass
+        assert attempt.ticket is not None and attempt.ticket.streamed
+    assert mock.responses[0].read_timeouts == [IDLE_S] * 5, "every wait has the idle limit"
+    assert load.in_flight == 0
+
+
+@pytest.mark.parametrize(("chunks", "sent", "message"), [
+    ([errors.UpstreamReadError("the backend sent nothing within the read timeout")], False,
+     "backend n1/a broke off before its first chunk: the backend sent nothing"),
+    ([b"data: {}\n\n", errors.UpstreamReadError("the backend closed the connection")], True,
+     "backend n1/a broke off: the backend closed the connection"),
+    ([], False, "backend n1/a sent an empty stream"),
+    ([b"data: {}\n\n"], True, "backend n1/a's stream ended before [DONE]"),
+])
+async def test_a_broken_stream_says_whether_anything_was_sent(
+        chunks: list[bytes | Exception], sent: bool, message: str) -> None:
+    d, mock, _ = stack(("a",))
+    mock.handler = lambda req: MockResponse(200, chunks, "text/event-stream")
+    decision, prompt = route(d)
+    with pytest.raises(errors.UpstreamReadError) as info:
+        async with d.exchange(decision, prompt, CHAT, b"{}", "r") as attempt:
+            while await attempt.next_chunk() is not None:
+                pass
+    assert attempt.streaming is sent
+    assert info.value.message.startswith(message)
+    assert in_flight(d) == {"n1/a": 0} and mock.responses[0].closed
+
+
+async def test_a_cancelled_relay_settles_the_ledger_and_closes_the_answer() -> None:
+    d, mock, _ = stack(("a",))
+    started = asyncio.Event()
+
+    async def relay() -> None:
+        decision, prompt = route(d)
+        async with d.exchange(decision, prompt, CHAT, b"{}", "r"):
+            started.set()
+            await asyncio.Event().wait()        # the client went away meanwhile
+
+    task = asyncio.create_task(relay())
+    await started.wait()
+    assert in_flight(d) == {"n1/a": 1}
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert in_flight(d) == {"n1/a": 0} and mock.responses[0].closed
+
+
+def test_a_request_larger_than_every_backends_context_is_the_clients_error() -> None:
+    d, _, _ = stack(("a", "b"), capacity=4096)
+    prompt = router.Prompt.from_text("hello there", 100_000_000)
+    with pytest.raises(errors.BadRequest) as info:
+        d.plan(MODEL, prompt)
+    assert info.value.param == "max_tokens" and info.value.code == "context_length_exceeded"
+    assert "4096" in info.value.message
+    with pytest.raises(errors.BadRequest) as info:
+        d.plan(MODEL, router.Prompt.from_text("word " * 40_000), ("prompt", "max_tokens"))
+    assert info.value.param == "prompt"
+    unknown, _, _ = stack(("a",), capacity=0)
+    # A backend that does not say its size is sent the request: it is the judge.
+    assert unknown.plan(MODEL, router.Prompt.from_text("hello", 10**8)).route.candidates
+
+
+def test_fallbacks_are_planned_in_order_and_counted() -> None:
+    d, _, m = stack(("a",), fallbacks=("f",))
+    d.registry.report("n1", [types.BackendState(key="n1/fb", node="n1", name="fb",
+                                                url="http://fb", models=("f",))])
+    d.catalog = catalog.Catalog([catalog.ModelEntry(MODEL, (), ("f",)),
+                                 catalog.ModelEntry("f")])
+    plan = d.plan(MODEL, router.Prompt.from_text("hi"))
+    assert (plan.fallback, plan.route.model) == ("f", "f")
+    assert m.fallbacks.labels(MODEL, "f")._value.get() == 1

@@ -1,0 +1,161 @@
+"""The fleet service (core) on a real registry, ledger and intent store, with stepped time:
+drains time out on the injected clock, reconcile failures are logged and counted, deploys
+are planned onto GPUs and ports, and a plan the agent refuses is rolled back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from controlplane import errors
+from controlplane.adapters import intent_store, redis_limits
+from controlplane.api import admin_views
+from controlplane.core import fleet, intent, ledger, placement, registry, types
+from protos.synapse.v1 import common_pb2, controlplane_pb2
+from tests import harness
+from tests.clock import ManualClock, SteppedSleep
+
+GIB = 1024**3
+NODE = "gpu-a"
+Answer = Callable[[types.Command], tuple[bool, str]]
+
+
+def report(free_gb: list[float], running: int = 0) -> controlplane_pb2.Report:
+    gpus = [common_pb2.GpuSample(index=i, memory_total_bytes=80 * GIB,
+                                 memory_used_bytes=int((80 - f) * GIB),
+                                 memory_free_bytes=int(f * GIB)) for i, f in enumerate(free_gb)]
+    backends = [common_pb2.BackendState(name="sim", url="http://127.0.0.1:8999",
+                                        phase=common_pb2.BACKEND_PHASE_READY,
+                                        num_requests_running=running)]
+    return controlplane_pb2.Report(gpus=gpus, backends=backends,
+                                   telemetry=common_pb2.TelemetryStatus(source="fake", ok=True))
+
+
+class Node:
+    """The agent's side of one node on the registry: reports, and acks every command."""
+
+    def __init__(self, reg: registry.Registry, answer: Answer = lambda c: (True, "")) -> None:
+        self.reg = reg
+        self.answer = answer
+        self.commands: list[types.Command] = []
+        reg.register(types.NodeInfo(NODE, engine_ports=(9000, 9003)))
+        self.report([70, 60, 50, 40])
+        self.task = asyncio.create_task(self._ack())
+
+    def report(self, free_gb: list[float], running: int = 0) -> None:
+        details = report(free_gb, running)
+        self.reg.report(NODE, [types.BackendState(key=f"{NODE}/sim", node=NODE, name="sim",
+                                                  url="http://127.0.0.1:8999", models=("m",),
+                                                  running=running)], details=details)
+
+    async def _ack(self) -> None:
+        outbox = self.reg.outbox(NODE)
+        while True:
+            cid, command = await outbox.get()
+            self.commands.append(command)
+            self.reg.ack(cid, *self.answer(command))
+
+
+@contextlib.asynccontextmanager
+async def service(store: intent.IntentStore | None = None, answer: Answer | None = None,
+                  ) -> AsyncIterator[tuple[fleet.FleetService, Node, SteppedSleep, list[str]]]:
+    reg = registry.Registry(ManualClock(), 15.0)
+    node = Node(reg, answer) if answer else Node(reg)
+    time = SteppedSleep(ManualClock())
+    failures: list[str] = []
+    svc = fleet.FleetService(intent.FleetIntent(store or intent.MemoryIntentStore(), reg), reg,
+                             ledger.Ledger(), admin_views.capacity, clock=time.clock,
+                             sleep=time, on_failure=failures.append)
+    try:
+        yield svc, node, time, failures
+    finally:
+        node.task.cancel()
+        await svc.stop()
+
+
+def deploy(model: str, gb: float = 0, tp: int = 1, nodes: tuple[str, ...] = (NODE,),
+           ) -> fleet.DeployRequest:
+    spec = {"name": f"{model}-vllm", "engine": "ENGINE_KIND_VLLM", "model": model}
+    return fleet.DeployRequest(model, spec, nodes, 1, placement.Need(int(gb * GIB), tp))
+
+
+async def test_a_drain_wait_times_out_on_the_injected_clock() -> None:
+    async with service() as (svc, node, time, _):
+        node.report([70, 60, 50, 40], running=3)
+        result = await svc.drain(NODE, grace_s=3, wait=True, timeout_s=0.5)
+        assert (result.drained, result.in_flight) == (False, 3)
+        assert time.calls == [0.2, 0.2, 0.2]   # polled until the 0.5 s deadline passed
+        assert [c.kind for c in node.commands] == ["drain"]
+        assert node.commands[0].grace_seconds == 3
+
+
+async def test_reconcile_failures_are_logged_counted_and_the_last_intent_kept(
+        redis_server: harness.RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    store = intent_store.RedisIntentStore(redis_limits.connect(redis_server.url))
+    async with service(store) as (svc, _, time, failures):
+        await svc.cordon(NODE, "maintenance")
+        await svc.reconcile()
+        assert failures == []
+        redis_server.kill()
+        svc.registry.cordon(NODE, False)    # as a re-registered node would start
+        task = asyncio.create_task(svc.run())
+        await harness.until(lambda: len(time.calls) >= 3, 30, "three reconcile passes")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert failures[:3] == ["load", "load", "load"]
+        assert set(time.calls) == {fleet.RECONCILE_INTERVAL_S}
+        assert svc.registry.node(NODE).cordoned   # the last known intent still applies
+        assert any(r.levelno == logging.WARNING and "cannot load operator intent" in r.message
+                   for r in caplog.records)
+
+
+async def test_a_push_the_agent_refuses_is_counted_and_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async with service(answer=lambda c: (False, "x-vllm: does not fit: GPU 9 does not exist")
+                       ) as (svc, _, _, failures):
+        await svc.intent.update(NODE, lambda i: intent.NodeIntent(
+            desired={"x-vllm": {"name": "x-vllm", "engine": "ENGINE_KIND_VLLM", "model": "x"}}))
+        for _ in range(3):
+            await svc.reconcile()
+        assert failures == ["push", "push", "push"]
+        assert sum("not applied" in r.message for r in caplog.records) == 1
+
+
+async def test_deploys_land_on_different_gpus_and_ports_and_a_third_is_refused() -> None:
+    async with service() as (svc, node, _, _):
+        first = await svc.deploy(deploy("a", 30))
+        second = await svc.deploy(deploy("b", 30))
+        assert [p.reason for p in first + second] == ["deployed", "deployed"]
+        desired = svc.intent.get(NODE).desired
+        assert (desired["a-vllm"]["gpuIndices"], desired["a-vllm"]["port"]) == ([0], 9000)
+        assert (desired["b-vllm"]["gpuIndices"], desired["b-vllm"]["port"]) == ([1], 9001)
+        assert desired["a-vllm"]["gpuMemoryUtilization"] == 0.375
+        sent = node.commands[-1].backends
+        assert {s["name"]: s["gpuIndices"] for s in sent} == {"a-vllm": [0], "b-vllm": [1]}
+        with pytest.raises(errors.Conflict) as refused:
+            await svc.deploy(deploy("c", 100, tp=2))
+        assert "40.0 GiB free on the weakest of its 2 best GPUs, 50.0 GiB needed" in \
+            refused.value.message
+        assert "c-vllm" not in svc.intent.get(NODE).desired
+        again = await svc.deploy(deploy("a", 30))
+        assert again[0].reason == "already deployed"
+        assert svc.intent.get(NODE).desired["a-vllm"]["gpuIndices"] == [0]   # not moved
+
+
+async def test_a_plan_the_agent_refuses_is_rolled_back_with_its_reason() -> None:
+    why = "a-vllm: does not fit: GPU 0 has 1.0 GiB free, 30.0 GiB needed"
+
+    def answer(command: types.Command) -> tuple[bool, str]:
+        return (False, why) if command.backends else (True, "")
+
+    async with service(answer=answer) as (svc, node, _, _):
+        with pytest.raises(errors.Conflict) as refused:
+            await svc.deploy(deploy("a", 30))
+        assert refused.value.message == f"node 'gpu-a' refused the plan for a-vllm: {why}"
+        await svc.intent.refresh()   # the store, not only this replica's view
+        assert svc.intent.get(NODE).desired == {}
