@@ -45,9 +45,10 @@ from typing import Any
 
 import numpy as np
 
-from controlplane import calibrate
-from controlplane.adapters import milvus
+from controlplane import cache_wiring, calibrate
 from controlplane.core import verifier, verifier_features
+from controlplane.core.l2 import index as l2_index
+from controlplane.core.l2 import rows as l2_rows
 
 
 def _f1(p: float, r: float) -> float:
@@ -81,9 +82,9 @@ def run_pairs(pairs: calibrate.Pairs, va: np.ndarray, vb: np.ndarray,
     return ours, base
 
 
-async def _fill(store: milvus.MilvusL2, texts: list[str], vectors: np.ndarray) -> None:
-    rows = [milvus.Row(scope="bench", tenant="bench", model="bench", vector=vector,
-                       ref=text[:120], text=text)
+async def _fill(store: l2_index.L2Index, texts: list[str], vectors: np.ndarray) -> None:
+    rows = [l2_rows.Row(scope="bench", tenant="bench", model="bench", vector=vector,
+                        ref=text[:120], text=text)
             for text, vector in zip(texts, vectors, strict=True)]
     for start in range(0, len(rows), 500):
         await store.insert(rows[start:start + 500])
@@ -115,7 +116,7 @@ async def run_cache(pairs: calibrate.Pairs, va: np.ndarray, vb: np.ndarray,
     entries = dict(zip(pairs.text_a, va, strict=True))       # unique text_a → vector
     t = _Tally()
     with tempfile.TemporaryDirectory() as tmp:
-        store = milvus.MilvusL2(f"{tmp}/bench.db", "bench_cache", flush_interval_s=5.0)
+        store = cache_wiring.milvus_l2(f"{tmp}/bench.db", "bench_cache", flush_interval_s=5.0)
         t0 = time.monotonic()
         await _fill(store, list(entries), np.stack(list(entries.values())))
         print(f"stored {len(entries)} entries in {time.monotonic() - t0:.0f}s", file=sys.stderr)

@@ -146,6 +146,9 @@ class CacheSettings(Section):
     l1_max_entries: int = Field(100_000, ge=1, description="in-process L1 bound (entries)")
     l1_max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="in-process L1 bound (bytes)")
     l1_budget_ms: float = Field(20.0, gt=0, description="time budget of an L1 call")
+    l1_persist: bool = Field(
+        True, description="keep the in-process L1 in data_dir/l1.sqlite (written behind, read "
+        "back at start), so a restart keeps its entries and L2's semantic entries servable")
     semantic_enabled: bool = Field(True, description="L2 semantic cache on/off")
     semantic_budget_ms: float = Field(100.0, gt=0, description="time budget of embed + L2 search")
     milvus_uri: Secret | None = Field(None,
@@ -158,6 +161,9 @@ class CacheSettings(Section):
         "with numpy instead of a Milvus call (0 = always ask Milvus)")
     l2_mirror_refresh_s: float = Field(
         5.0, gt=0, description="how often a mirrored scope picks up other replicas' writes")
+    l2_expiry_interval_s: float = Field(
+        60.0, gt=0, description="how often L2 rows older than ttl_s are deleted from Milvus "
+        "(searches skip them at once)")
     top_k: int = Field(5, ge=1, le=50, description="candidates the verifier scores")
     embed_model: str = Field("sentence-transformers/all-MiniLM-L6-v2",
                              description="model asked of Node.Embed")

@@ -56,19 +56,12 @@ def build_response_cache(settings: config.ControlPlaneSettings,
     c = settings.cache
     if not c.enabled:
         return cache_port.NullCache()
-    import os
-
-    from controlplane.adapters import embedder, l1, milvus
+    from controlplane import cache_wiring
+    from controlplane.adapters import embedder
     from controlplane.core import response_cache, verifier
 
-    store: l1.L1Store = (
-        l1.RedisL1(settings.redis.url.get_secret_value(),
-                   timeout_s=max(settings.redis.timeout_s, c.l1_budget_ms / 1000))
-        if settings.redis.url else l1.MemoryL1(c.l1_max_entries, c.l1_max_bytes))
-    uri = c.milvus_uri.get_secret_value() if c.milvus_uri else os.path.join(settings.data_dir, "l2.db")
-    token = c.milvus_token.get_secret_value() if c.milvus_token else None
-    l2 = milvus.MilvusL2(uri, c.collection, token, mirror_max_rows=c.l2_mirror_max_rows,
-                         mirror_refresh_s=c.l2_mirror_refresh_s)
+    store = cache_wiring.build_l1(settings)
+    l2 = cache_wiring.build_l2(settings)
     nodes = services.registry.ready_embed_nodes
     embed = embedder.NodeEmbedder(
         lambda: [n.address for n in nodes() if c.embed_model in n.embed_models],

@@ -14,23 +14,31 @@ Design decisions:
 - Size bound: the LRU evicts least-recently-used entries past ``max_entries`` or
   ``max_bytes``; Redis is bounded by its own ``maxmemory`` policy, and both refuse single
   values larger than ``max_value_bytes``.
+- Durable in embedded mode: given a journal (``l1_journal``, SQLite in ``data_dir``), the
+  LRU writes every change behind to disk and reads it back once at start, in the
+  background (until then old entries miss), so a restart keeps the responses that L2's
+  semantic rows point to. Expiry times cross the restart as wall-clock seconds.
 - Time budgets are the caller's (``asyncio.wait_for`` in the response cache); the Redis
   client also carries socket time-outs so a dead server cannot leave a call hanging.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import hashlib
-import time
+import logging
 from typing import Protocol
 
 import redis.asyncio as aioredis
 
+from controlplane.adapters import l1_journal
+from synapse_common import clock as clocks
 from synapse_common.clock import Clock
 
 KEY_PREFIX = "synapse:cache:v1:"
+log = logging.getLogger("synapse.cache")
 
 
 class L1Store(Protocol):
@@ -75,14 +83,20 @@ class MemoryL1:
 
     kind = "memory"
 
-    def __init__(self, max_entries: int, max_bytes: int, clock: Clock = time.monotonic,
-                 max_value_bytes: int = 4 * 1024 * 1024) -> None:
+    def __init__(self, max_entries: int, max_bytes: int, clock: Clock = clocks.monotonic,
+                 max_value_bytes: int = 4 * 1024 * 1024,
+                 journal: l1_journal.SqliteJournal | None = None,
+                 wall: Clock = clocks.wall) -> None:
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self._max_value = min(max_value_bytes, max_bytes)
         self._bytes = 0
         self._clock = clock
+        self._wall = wall
+        self._journal = journal
+        self._restore: asyncio.Task[None] | None = None
+        self._invalidated: list[tuple[str | None, str | None]] = []   # while restoring
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -92,6 +106,8 @@ class MemoryL1:
         return self._bytes
 
     async def get(self, tenant: str, model: str, key: str) -> bytes | None:
+        if self._restore is None and self._journal is not None:
+            self._restore_soon()
         skey = storage_key(tenant, model, key)
         entry = self._entries.get(skey)
         if entry is None:
@@ -106,28 +122,74 @@ class MemoryL1:
         if len(value) > self._max_value:
             return False
         skey = storage_key(tenant, model, key)
-        if skey in self._entries:
-            self._drop(skey)
-        self._entries[skey] = _Entry(value, self._clock() + ttl_s, tenant, model)
-        self._bytes += len(value)
-        while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
-            self._drop(next(iter(self._entries)))
+        if self._journal is not None:
+            self._restore_soon()
+            self._journal.put(l1_journal.Saved(skey, tenant, model, value,
+                                               self._wall() + ttl_s))
+        self._put(skey, _Entry(value, self._clock() + ttl_s, tenant, model))
         return True
 
+    def _put(self, skey: str, entry: _Entry) -> None:
+        if skey in self._entries:
+            self._drop(skey, forget=False)
+        self._entries[skey] = entry
+        self._bytes += len(entry.value)
+        while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
+            self._drop(next(iter(self._entries)))
+
     async def invalidate(self, tenant: str | None, model: str | None) -> int:
-        doomed = [k for k, e in self._entries.items()
-                  if (tenant is None or e.tenant == tenant) and (model is None or e.model == model)]
+        doomed = [k for k, e in self._entries.items() if _matches(e, tenant, model)]
         for skey in doomed:
-            self._drop(skey)
+            self._drop(skey, forget=False)
+        if self._journal is not None:
+            self._journal.delete_matching(tenant, model)
+            self._invalidated.append((tenant, model))
         return len(doomed)
 
     async def close(self) -> None:
+        if self._restore is not None:
+            self._restore.cancel()
+            await asyncio.gather(self._restore, return_exceptions=True)
+        if self._journal is not None:
+            await self._journal.close()
         self._entries.clear()
         self._bytes = 0
 
-    def _drop(self, skey: str) -> None:
+    def _drop(self, skey: str, forget: bool = True) -> None:
         entry = self._entries.pop(skey)
         self._bytes -= len(entry.value)
+        if forget and self._journal is not None:
+            self._journal.delete(skey)
+
+    def _restore_soon(self) -> None:
+        if self._restore is None:
+            self._restore = asyncio.get_running_loop().create_task(self._restored())
+
+    async def _restored(self) -> None:
+        """Entries of the journal, older than (and under) those written since the start."""
+        assert self._journal is not None
+        self._invalidated.clear()
+        wall = self._wall()
+        try:
+            saved = await self._journal.load(wall)
+        except Exception as exc:    # serving goes on without the old entries
+            log.warning("cache L1 journal %s could not be read: %s: %s", self._journal.path,
+                        type(exc).__name__, exc)
+            return
+        mono, now = self._clock(), self._entries
+        self._entries = collections.OrderedDict(
+            (s.skey, _Entry(s.value, mono + s.expires_at - wall, s.tenant, s.model))
+            for s in saved if s.skey not in now
+            and not any(_matches(s, t, m) for t, m in self._invalidated))
+        self._bytes += sum(len(e.value) for e in self._entries.values())
+        self._entries.update(now)
+        self._invalidated.clear()
+        while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
+            self._drop(next(iter(self._entries)))
+
+
+def _matches(entry: _Entry | l1_journal.Saved, tenant: str | None, model: str | None) -> bool:
+    return (tenant is None or entry.tenant == tenant) and (model is None or entry.model == model)
 
 
 class RedisL1:

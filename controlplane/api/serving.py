@@ -30,7 +30,7 @@ from aiohttp import web
 
 from controlplane import errors
 from controlplane.api import context, proxy
-from controlplane.core import cache_port, ratelimit, sse, tenants, validation
+from controlplane.core import cache_port, ratelimit, tenants, validation
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
 
@@ -165,7 +165,7 @@ async def answer_from_cache(request: web.Request, hit: cache_port.CacheHit,
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
     ctx.first_byte = request.app[context.SERVICES].clock()
-    for chunk in sse.replay(hit.response, include_usage=True):
+    for chunk in hit.events():      # shaped like a live stream (usage only if asked)
         await resp.write(chunk)
     await resp.write_eof()
     return resp

@@ -12,10 +12,13 @@ rules themselves (scope, key, bypass) live in the cache modules, not here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal, Protocol
 
+from controlplane.core import stream_replay
+
 CacheStatus = Literal["hit-exact", "hit-semantic", "miss", "bypass"]
+HitLayer = Literal["exact", "semantic"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +33,16 @@ class CacheRequest:
 
 @dataclasses.dataclass(frozen=True)
 class CacheHit:
-    layer: Literal["exact", "semantic"]
+    layer: HitLayer
     response: Mapping[str, Any]     # a complete non-streaming response object
     similarity: float | None = None  # semantic hits: cosine similarity of the texts
     score: float | None = None       # semantic hits: the verifier's probability
+    form: Mapping[str, Any] | None = None  # the stored stream's skeletons (stream_fold)
+    include_usage: bool = False      # a streamed answer ends with a usage chunk
+
+    def events(self) -> Iterator[bytes]:
+        """The answer as a stream of SSE events shaped like a live one."""
+        return stream_replay.replay(self.response, self.form, self.include_usage)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -216,3 +216,9 @@ def _canonical(value: Any) -> str:
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def l2_scope(scope_hash: str, embedder_id: str) -> str:
+    """The L2 partition of a scope: the scope hash bound to the embedder that made it, so
+    vectors of two embedders (or revisions) are never compared."""
+    return hashlib.sha256(f"{scope_hash}\x00{embedder_id}".encode()).hexdigest()

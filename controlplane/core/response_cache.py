@@ -6,33 +6,28 @@ Lookup: the rules of ``cache_rules`` decide bypass; the exact key is looked up i
 on an L1 miss the semantic text is embedded through an agent (``Node.Embed``), L2 is
 searched *within the scope* and the verifier picks the best candidate above the
 operating point of the request's model; the candidate's response is read from L1 by its
-reference (the candidate's exact key).
+reference (the candidate's exact key). An entry found either way is served only if it can
+answer the request with every field due (``cache_entry``).
 
 Design decisions:
 
-- **Fail open, in budget.** L1 runs under ``l1_budget_s``; embed + L2 search + verify +
-  fetch run under one ``semantic_budget_s``. A time-out or error becomes a ``miss``,
-  increments ``synapse_cache_errors_total{layer}`` (``exact``, ``semantic`` or
+- **Fail open, in budget** (``cache_budget``). L1 runs under ``l1_budget_s``; embed + L2
+  search + verify + fetch run under one ``semantic_budget_s``. A time-out or error becomes
+  a ``miss``, increments ``synapse_cache_errors_total{layer}`` (``exact``, ``semantic`` or
   ``embedder``) and is logged at most once per ``log_interval_s`` per layer.
 - **Defence in depth on scope.** L2 rows are searched by scope hash, and the response an
   L2 row points to carries its scope hash too: a response whose stored scope differs
   from the request's is never served, whatever a vector index returns.
 - **L2 scope includes the embedder's own id** (model + revision, from ``Node.Embed``),
-  so vectors of two embedder revisions are never compared.
-- **Writes off the hot path, batched.** :meth:`TieredCache.store` puts the entry on a
-  bounded queue and returns. One writer task takes up to ``WRITE_BATCH`` entries at a
-  time: L1 for each (the response), then one ``Node.Embed`` call for the entries never
-  embedded (``no-cache`` requests) and one L2 insert for the batch, all within
-  ``store_budget_s``. A burst therefore costs a few large calls, not thousands of small
-  ones racing each other; a queue overflow drops the write (counted as
-  ``cache_errors{layer="writer"}``). Only complete responses (``finish_reason``
-  stop/length on every choice) are written; the embedding computed at lookup is reused,
-  so a miss is embedded once. :meth:`close` drains the queue (bounded).
-- **Expiry** is absolute: L1 TTL at write; L2 searches skip rows older than the TTL.
+  so vectors of two embedder revisions are never compared (``cache_rules.l2_scope``).
+- **Writes off the hot path, batched** (``cache_writer``). Only complete responses
+  (``finish_reason`` stop/length on every choice) are written.
+- **Expiry** is absolute: L1 TTL at write; L2 searches skip rows older than the TTL, and
+  the L2 index deletes them periodically.
 - **Empty scopes skip the embedding.** Each conversation and parameter set is its own
   scope, so most lookups would embed only to search an empty scope. A cheap scalar probe
-  (``has_entries``; positives remembered briefly) answers first; on "empty" the lookup
-  is a miss at once and the writer embeds the text later, in its batch.
+  (``has_entries``) answers first; on "empty" the lookup is a miss at once and the writer
+  embeds the text later, in its batch.
 - L2 is opened in the background at the first cacheable request (see ``_lookup``).
 - Semantic references point into L1: an L1 entry evicted by its size bound turns the
   semantic candidate into a miss (counted as such), never into a wrong answer.
@@ -43,79 +38,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-import json
-import logging
-import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from controlplane import errors
 from controlplane import metrics as metrics_mod
-from controlplane.adapters import milvus
-from controlplane.core import cache_port, cache_rules, verifier
+from controlplane.core import (
+    cache_budget,
+    cache_entry,
+    cache_parts,
+    cache_port,
+    cache_rules,
+    cache_writer,
+    verifier,
+)
+from synapse_common import clock as clocks
 
-log = logging.getLogger("synapse.cache")
-
-Vector = npt.NDArray[np.float32]
 INVALIDATE_TIMEOUT_S = 30.0
-WRITE_BATCH = 64        # entries per writer round: one Node.Embed call, one L2 insert
-
-
-class L1Store(Protocol):
-    kind: str
-
-    async def get(self, tenant: str, model: str, key: str) -> bytes | None: ...
-
-    async def set(self, tenant: str, model: str, key: str, value: bytes,
-                  ttl_s: float) -> bool: ...
-
-    async def invalidate(self, tenant: str | None, model: str | None) -> int: ...
-
-    async def close(self) -> None: ...
-
-
-class Candidate(Protocol):
-    @property
-    def ref(self) -> str: ...
-    @property
-    def text(self) -> str: ...
-    @property
-    def vector(self) -> Any: ...
-    @property
-    def similarity(self) -> float: ...
-
-
-class SemanticIndex(Protocol):
-    async def search(self, scope: str, vector: Vector, top_k: int,
-                     min_created_at: float) -> Sequence[Candidate]: ...
-
-    async def insert(self, rows: Sequence[milvus.Row]) -> None: ...
-
-    async def invalidate(self, tenant: str | None, model: str | None) -> int: ...
-
-    async def has_entries(self, scope: str, min_created_at: float) -> bool: ...
-
-    def warm_up(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class Embeddings(Protocol):
-    @property
-    def vectors(self) -> Any: ...
-    @property
-    def embedder_id(self) -> str: ...
-
-
-class Embedder(Protocol):
-    async def embed(self, texts: Sequence[str], timeout_s: float | None = None
-                    ) -> Embeddings: ...
-
-    async def close(self) -> None: ...
+State = cache_writer.State
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,50 +77,13 @@ class Options:
     log_interval_s: float = 60.0
 
 
-@dataclasses.dataclass(frozen=True)
-class _State:
-    """What lookup hands to store (``CacheDecision.token``)."""
-
-    tenant: str
-    model: str
-    keys: cache_rules.CacheKeys
-    vector: Vector | None = None
-    embedder_id: str = ""
-
-
-class _Failed(Exception):
-    """A cache layer failed or ran out of time; already counted and logged."""
-
-
-class _ErrorLog:
-    """Log the first failure of a layer per interval; count the ones held back."""
-
-    def __init__(self, interval_s: float, clock: Callable[[], float]) -> None:
-        self._interval = interval_s
-        self._clock = clock
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def report(self, layer: str, what: str, exc: BaseException) -> None:
-        now = self._clock()
-        last = self._last.get(layer)
-        if last is not None and now - last < self._interval:
-            self._held[layer] = self._held.get(layer, 0) + 1
-            return
-        held = self._held.pop(layer, 0)
-        self._last[layer] = now
-        detail = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-        more = f" ({held} more since the last report)" if held else ""
-        log.warning("cache %s failed during %s, serving without it: %s%s",
-                    layer, what, detail, more)
-
-
 class TieredCache:
-    def __init__(self, *, options: Options, l1: L1Store, metrics: metrics_mod.Metrics,
-                 l2: SemanticIndex | None = None, embedder: Embedder | None = None,
+    def __init__(self, *, options: Options, l1: cache_parts.L1Store,
+                 metrics: metrics_mod.Metrics, l2: cache_parts.SemanticIndex | None = None,
+                 embedder: cache_parts.Embedder | None = None,
                  verifier_model: verifier.Verifier | None = None,
-                 wall_clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 wall_clock: clocks.Clock = clocks.wall,
+                 monotonic: clocks.Clock = clocks.monotonic) -> None:
         self.options = options
         self.l1 = l1
         self.l2 = l2
@@ -187,10 +92,12 @@ class TieredCache:
         self.metrics = metrics
         self._wall = wall_clock
         self._mono = monotonic
-        self._errors = _ErrorLog(options.log_interval_s, monotonic)
-        self._queue: asyncio.Queue[tuple[_State, dict[str, Any]]] = asyncio.Queue(
-            options.store_queue_max)
-        self._writer: asyncio.Task[None] | None = None
+        self._budget = cache_budget.Budget(metrics, options.log_interval_s, monotonic)
+        self._writer = cache_writer.Writer(
+            cache_writer.Parts(l1, l2 if self.semantic else None, embedder),
+            budget=self._budget, metrics=metrics, ttl_s=options.ttl_s,
+            budget_s=options.store_budget_s, queue_max=options.store_queue_max,
+            clock=monotonic, learned=self._learned)
         self._thresholds: dict[str, float] = {}
         self._warmed = False
         self._embedder_id: str | None = None     # the last one Node.Embed reported
@@ -200,19 +107,22 @@ class TieredCache:
         return (self.options.semantic_enabled and self.l2 is not None
                 and self.embedder is not None and self.verifier is not None)
 
+    def _learned(self, embedder_id: str) -> None:
+        self._embedder_id = embedder_id
+
     # -- lookup --------------------------------------------------------------------------
     async def lookup(self, request: cache_port.CacheRequest) -> cache_port.CacheDecision:
         try:
             return await self._lookup(request)
         except Exception as exc:    # the port promises never to raise
-            self._count_error("exact", "lookup", exc)
+            self._budget.count("exact", "lookup", exc)
             return cache_port.CacheDecision(status="miss", reason="cache error")
 
     async def _lookup(self, request: cache_port.CacheRequest) -> cache_port.CacheDecision:
         opts = self.options
         rule = cache_rules.policy(request, opts.temperature_ceiling, opts.default_temperature)
         keys = cache_rules.derive(request, opts.embed_model)
-        state = _State(request.tenant, request.model, keys)
+        state = State(request.tenant, request.model, keys)
         if not self._warmed and self.semantic and (rule.lookup or rule.store):
             # Opening L2 (Milvus Lite starts a server) happens in the background at the
             # first cacheable request, not at start-up: processes that never cache never
@@ -224,11 +134,11 @@ class TieredCache:
             self.metrics.cache_bypass.labels(reason=rule.reason).inc()
             return cache_port.CacheDecision(status="bypass", may_store=rule.store,
                                             reason=rule.reason, token=state)
-        hit = await self._lookup_exact(state)
+        hit = await self._lookup_exact(state, request.body)
         if hit is not None:
             return cache_port.CacheDecision(status="hit-exact", hit=hit, reason="exact")
         if self.semantic and keys.semantic_text is not None:
-            found, state = await self._lookup_semantic(state)
+            found, state = await self._lookup_semantic(state, request.body)
             if found is not None:
                 return cache_port.CacheDecision(status="hit-semantic", hit=found,
                                                 reason="semantic")
@@ -236,34 +146,35 @@ class TieredCache:
         return cache_port.CacheDecision(status="miss", may_store=rule.store,
                                         reason=rule.reason or "miss", token=state)
 
-    async def _lookup_exact(self, state: _State) -> cache_port.CacheHit | None:
+    async def _lookup_exact(self, state: State, body: Mapping[str, Any]
+                            ) -> cache_port.CacheHit | None:
         start = self._mono()
         try:
-            raw = await self._within(
+            raw = await self._budget.within(
                 self.l1.get(state.tenant, state.model, state.keys.exact_key),
                 self.options.l1_budget_s, "exact", "lookup")
-        except _Failed:
+        except cache_budget.Failed:
             return None
         finally:
             self.metrics.cache_lookup_duration.labels(layer="exact").observe(
                 self._mono() - start)
-        response = self._decode(raw, state.keys.scope_hash)
-        if response is None:
+        entry = self._decode(raw, state.keys.scope_hash, body)
+        if entry is None:
             return None
         self.metrics.cache_hits.labels(layer="exact").inc()
-        return cache_port.CacheHit(layer="exact", response=response)
+        return self._hit("exact", entry, body)
 
-    async def _lookup_semantic(self, state: _State
-                               ) -> tuple[cache_port.CacheHit | None, _State]:
+    async def _lookup_semantic(self, state: State, body: Mapping[str, Any]
+                               ) -> tuple[cache_port.CacheHit | None, State]:
         start = self._mono()
         deadline = start + self.options.semantic_budget_s
         try:
             if not await self._scope_may_have_entries(state, deadline):
                 return None, state      # the writer embeds it, off the hot path
             state = await self._embed_state(state, deadline)
-            hit = await self._within(self._search_verify(state, deadline),
-                                     deadline - self._mono(), "semantic", "lookup")
-        except _Failed:
+            hit = await self._budget.within(self._search_verify(state, body, deadline),
+                                            deadline - self._mono(), "semantic", "lookup")
+        except cache_budget.Failed:
             return None, state
         finally:
             self.metrics.cache_lookup_duration.labels(layer="semantic").observe(
@@ -272,7 +183,7 @@ class TieredCache:
             self.metrics.cache_hits.labels(layer="semantic").inc()
         return hit, state
 
-    async def _scope_may_have_entries(self, state: _State, deadline: float) -> bool:
+    async def _scope_may_have_entries(self, state: State, deadline: float) -> bool:
         """False when L2 surely holds nothing for this scope, so embedding can wait.
 
         Every multi-turn conversation and parameter set is a scope of its own, so most
@@ -282,15 +193,17 @@ class TieredCache:
         if self._embedder_id is None:
             return True
         assert self.l2 is not None
-        probe = self.l2.has_entries(l2_scope(state.keys.scope_hash, self._embedder_id),
+        probe = self.l2.has_entries(cache_rules.l2_scope(state.keys.scope_hash,
+                                                         self._embedder_id),
                                     self._wall() - self.options.ttl_s)
-        return bool(await self._within(probe, deadline - self._mono(), "semantic", "lookup"))
+        return bool(await self._budget.within(probe, deadline - self._mono(), "semantic",
+                                              "lookup"))
 
-    async def _embed_state(self, state: _State, deadline: float) -> _State:
+    async def _embed_state(self, state: State, deadline: float) -> State:
         assert self.embedder is not None and state.keys.semantic_text is not None
         budget = deadline - self._mono()
         start = self._mono()
-        result = await self._within(
+        result = await self._budget.within(
             self.embedder.embed([state.keys.semantic_text], timeout_s=budget),
             budget, "embedder", "embedding")
         self.metrics.embedding_duration.observe(self._mono() - start)
@@ -298,12 +211,12 @@ class TieredCache:
         self._embedder_id = result.embedder_id
         return dataclasses.replace(state, vector=vector, embedder_id=result.embedder_id)
 
-    async def _search_verify(self, state: _State, deadline: float
+    async def _search_verify(self, state: State, body: Mapping[str, Any], deadline: float
                              ) -> cache_port.CacheHit | None:
         assert self.l2 is not None and self.verifier is not None and state.vector is not None
         text = state.keys.semantic_text or ""
         candidates = list(await self.l2.search(
-            l2_scope(state.keys.scope_hash, state.embedder_id), state.vector,
+            cache_rules.l2_scope(state.keys.scope_hash, state.embedder_id), state.vector,
             self.options.top_k, self._wall() - self.options.ttl_s))
         threshold = self._threshold(state.model)
         while candidates:
@@ -314,11 +227,10 @@ class TieredCache:
                 return None
             chosen = candidates.pop(verdict.index)
             raw = await self.l1.get(state.tenant, state.model, chosen.ref)
-            response = self._decode(raw, state.keys.scope_hash)
-            if response is not None:
-                return cache_port.CacheHit(layer="semantic", response=response,
-                                           similarity=round(verdict.similarity, 4),
-                                           score=round(verdict.score, 4))
+            entry = self._decode(raw, state.keys.scope_hash, body)
+            if entry is not None:
+                return self._hit("semantic", entry, body, round(verdict.similarity, 4),
+                                 round(verdict.score, 4))
         return None
 
     def _threshold(self, model: str) -> float:
@@ -335,87 +247,19 @@ class TieredCache:
     def store(self, decision: cache_port.CacheDecision, response: Mapping[str, Any]) -> None:
         try:
             state = decision.token
-            if (not decision.may_store or not isinstance(state, _State)
+            if (not decision.may_store or not isinstance(state, State)
                     or not cache_rules.is_storable(response)):
                 return
-            if self._writer is None or self._writer.done():
-                self._writer = asyncio.get_running_loop().create_task(self._write_loop())
-            self._queue.put_nowait((state, dict(response)))
+            self._writer.put(state, response)
         except asyncio.QueueFull as exc:
             # A burst beyond the writer's pace: drop the write, never slow the response.
-            self._count_error("writer", "store (queue full)", exc)
+            self._budget.count("writer", "store (queue full)", exc)
         except Exception as exc:    # the port promises never to raise
-            self._count_error("writer", "store", exc)
-
-    async def _write_loop(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < WRITE_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await self._write(batch)
-            except Exception as exc:    # never let the writer die
-                self._count_error("writer", "store", exc)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-
-    async def _write(self, batch: list[tuple[_State, dict[str, Any]]]) -> None:
-        """L1 for every entry, then one embed call and one L2 insert for the batch."""
-        deadline = self._mono() + self.options.store_budget_s
-        written = await asyncio.gather(*(self._write_exact(s, r, deadline) for s, r in batch))
-        states = [s for (s, _), ok in zip(batch, written, strict=True)
-                  if ok and s.keys.semantic_text is not None]
-        if not self.semantic or not states:
-            return
-        assert self.l2 is not None
-        with contextlib.suppress(_Failed):
-            states = await self._embed_missing(states, deadline)
-            rows = [milvus.Row(scope=l2_scope(s.keys.scope_hash, s.embedder_id),
-                               tenant=s.tenant, model=s.model, vector=s.vector,
-                               ref=s.keys.exact_key, text=s.keys.semantic_text or "")
-                    for s in states if s.vector is not None]
-            await self._within(self.l2.insert(rows), deadline - self._mono(), "semantic",
-                               "store")
-            self.metrics.cache_stores.labels(layer="semantic").inc(len(rows))
-
-    async def _write_exact(self, state: _State, response: dict[str, Any],
-                           deadline: float) -> bool:
-        value = json.dumps({"scope": state.keys.scope_hash, "response": response},
-                           separators=(",", ":"), ensure_ascii=False).encode()
-        try:
-            stored = await self._within(
-                self.l1.set(state.tenant, state.model, state.keys.exact_key, value,
-                            self.options.ttl_s), deadline - self._mono(), "exact", "store")
-        except _Failed:
-            return False
-        if stored:      # False: too large for L1, so no L2 row may point at it
-            self.metrics.cache_stores.labels(layer="exact").inc()
-        return bool(stored)
-
-    async def _embed_missing(self, states: list[_State], deadline: float) -> list[_State]:
-        """Vectors for entries that were never embedded (no-cache requests), in one call."""
-        todo = [i for i, s in enumerate(states) if s.vector is None]
-        if not todo:
-            return states
-        assert self.embedder is not None
-        texts = [states[i].keys.semantic_text or "" for i in todo]
-        budget = deadline - self._mono()
-        result = await self._within(self.embedder.embed(texts, timeout_s=budget), budget,
-                                    "embedder", "store")
-        vectors = np.asarray(result.vectors, dtype=np.float32)
-        self._embedder_id = result.embedder_id
-        out = list(states)
-        for row, i in enumerate(todo):
-            out[i] = dataclasses.replace(states[i], vector=vectors[row],
-                                         embedder_id=result.embedder_id)
-        return out
+            self._budget.count("writer", "store", exc)
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Wait until queued writes are done (tests, benchmarks and shutdown)."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._queue.join()
+        await self._writer.drain(timeout_s)
 
     # -- admin / lifecycle ---------------------------------------------------------------
     async def invalidate(self, *, tenant: str | None = None, model: str | None = None,
@@ -426,7 +270,7 @@ class TieredCache:
             raise ValueError("invalidate needs a tenant, a model or everything=True")
         counts: list[int] = []
         failed: list[str] = []
-        layers: list[tuple[str, L1Store | SemanticIndex | None]] = [
+        layers: list[tuple[str, cache_parts.L1Store | cache_parts.SemanticIndex | None]] = [
             ("exact", self.l1), ("semantic", self.l2)]
         for name, layer in layers:
             try:
@@ -436,7 +280,7 @@ class TieredCache:
                 # Both layers are attempted; the admin is told which one did not finish.
                 counts.append(0)
                 failed.append(f"{name} layer: {type(exc).__name__}: {exc}")
-                self._count_error(name, "invalidate", exc)
+                self._budget.count(name, "invalidate", exc)
         if failed:
             raise errors.Unavailable(
                 f"cache invalidation incomplete ({'; '.join(failed)}); removed {counts[0]} "
@@ -444,49 +288,28 @@ class TieredCache:
         return counts[0], counts[1]
 
     async def close(self) -> None:
-        await self.drain(timeout_s=5.0)
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+        await self._writer.close()
         for part in (self.embedder, self.l2, self.l1):
             if part is not None:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):    # closing: nothing left to do
                     await part.close()
 
     # -- helpers -------------------------------------------------------------------------
-    async def _within(self, coro: Coroutine[Any, Any, Any], budget_s: float, layer: str,
-                      what: str) -> Any:
-        try:
-            if budget_s <= 0:
-                coro.close()
-                raise TimeoutError
-            async with asyncio.timeout(budget_s):
-                return await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._count_error(layer, what, exc)
-            raise _Failed from exc
-
-    def _count_error(self, layer: str, what: str, exc: BaseException) -> None:
-        self.metrics.cache_errors.labels(layer=layer).inc()
-        self._errors.report(layer, what, exc)
-
-    def _decode(self, raw: bytes | None, scope_hash: str) -> Mapping[str, Any] | None:
+    def _decode(self, raw: bytes | None, scope_hash: str,
+                body: Mapping[str, Any]) -> cache_entry.Entry | None:
         if raw is None:
             return None
         try:
-            entry = json.loads(raw)
+            entry = cache_entry.decode(raw, scope_hash)
         except ValueError as exc:
-            self._count_error("exact", "decode", exc)
+            self._budget.count("exact", "decode", exc)
             return None
-        if not isinstance(entry, dict) or entry.get("scope") != scope_hash:
-            return None
-        response = entry.get("response")
-        return response if isinstance(response, dict) else None
+        return entry if entry is not None and cache_entry.serves(entry, body) else None
 
-
-def l2_scope(scope_hash: str, embedder_id: str) -> str:
-    """The L2 partition of a scope: the scope hash bound to the embedder that made it."""
-    return hashlib.sha256(f"{scope_hash}\x00{embedder_id}".encode()).hexdigest()
+    @staticmethod
+    def _hit(layer: cache_port.HitLayer, entry: cache_entry.Entry, body: Mapping[str, Any],
+             similarity: float | None = None, score: float | None = None
+             ) -> cache_port.CacheHit:
+        return cache_port.CacheHit(layer=layer, response=entry.response,
+                                   similarity=similarity, score=score, form=entry.form,
+                                   include_usage=cache_entry.include_usage(body))

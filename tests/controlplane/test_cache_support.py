@@ -16,10 +16,12 @@ from prometheus_client import CollectorRegistry
 from agent import embedding, node_service
 from agent.config import EmbedderSettings
 from agent.core import lru
+from controlplane import cache_wiring
 from controlplane import metrics as metrics_mod
 from controlplane.adapters import embedder as embedder_mod
-from controlplane.adapters import l1, milvus
+from controlplane.adapters import l1
 from controlplane.core import cache_port, response_cache, verifier
+from controlplane.core.l2 import timing
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _MINILM = {}
@@ -50,14 +52,18 @@ def counter(m: metrics_mod.Metrics, name: str, **labels: str) -> float:
     return float(value or 0.0)
 
 
-async def build_cache(node_address: str, milvus_path: str, store=None, **options):
-    """A real tiered cache (generous budgets: tests check behaviour, not timing)."""
+async def build_cache(node_address: str, milvus_path: str, store=None, time=None,
+                      **options):
+    """A real tiered cache (generous budgets: tests check behaviour, not timing); ``time``
+    (a ``ManualTime``) drives the wall clock of lookups and of L2 rows."""
     m = metrics_mod.Metrics(CollectorRegistry())
     opts = response_cache.Options(**{"l1_budget_s": 2.0, "semantic_budget_s": 10.0,
                                      "temperature_ceiling": 0.7, **options})
+    clocks = {"wall_clock": time} if time is not None else {}
     cache = response_cache.TieredCache(
-        options=opts, l1=store or l1.MemoryL1(1000, 10**7), metrics=m,
-        l2=milvus.MilvusL2(milvus_path, "synapse_cache", flush_interval_s=0.2),
+        options=opts, l1=store or l1.MemoryL1(1000, 10**7), metrics=m, **clocks,
+        l2=cache_wiring.milvus_l2(milvus_path, "synapse_cache", flush_interval_s=0.2,
+                                  time=timing.Time(wall=time) if time else timing.Time()),
         embedder=embedder_mod.NodeEmbedder(lambda: [node_address], MODEL, timeout_s=10.0),
         verifier_model=verifier.load())
     return cache, m

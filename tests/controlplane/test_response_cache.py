@@ -9,8 +9,9 @@ import pytest
 
 from controlplane import errors
 from controlplane.adapters import l1
-from controlplane.core import response_cache
+from controlplane.core import cache_budget
 from tests.controlplane import test_cache_support as support
+from tests.controlplane.l2.fakes import ManualTime
 from tests.controlplane.test_cache_support import answer, build_cache, chat, counter, remember
 
 node_address = support.node_address       # fixture: a real Node.Embed server
@@ -49,7 +50,7 @@ async def test_semantic_hits_survive_a_flush(cache):
     c, _ = cache
     await remember(c, chat(PASSWORD), "Use the reset link.")
     await c.l2.flush()      # rows now come from Milvus itself, not the recent buffer
-    assert not c.l2._pending
+    assert not c.l2.recent
     assert (await c.lookup(chat(PARAPHRASE))).status == "hit-semantic"
 
 
@@ -102,14 +103,12 @@ async def test_invalidate_by_tenant_clears_both_layers(cache):
 
 
 async def test_l2_entries_expire_with_the_ttl(node_address, milvus_lite_path):
-    now = [1_000_000.0]
-    c, _ = await build_cache(node_address, milvus_lite_path, ttl_s=60)
-    c._wall = lambda: now[0]
-    c.l2._clock = lambda: now[0]
+    now = ManualTime(1_000_000.0)
+    c, _ = await build_cache(node_address, milvus_lite_path, ttl_s=60, time=now)
     await remember(c, chat(PASSWORD), "old")
     await c.l1.invalidate(None, None)        # only L2 could still answer
     await remember(c, chat("unrelated question about tea"), "tea")
-    now[0] += 61
+    now.now += 61
     assert (await c.lookup(chat(PARAPHRASE))).status == "miss"
     await c.close()
 
@@ -196,7 +195,7 @@ async def test_a_lookup_in_an_empty_scope_does_not_wait_for_an_embedding(cache):
 
 def test_failures_are_logged_once_per_interval_with_a_count_of_the_rest(caplog):
     now = [0.0]
-    errors_log = response_cache._ErrorLog(60.0, lambda: now[0])
+    errors_log = cache_budget.ErrorLog(60.0, lambda: now[0])
     with caplog.at_level(logging.WARNING, logger="synapse.cache"):
         for _ in range(3):
             errors_log.report("exact", "lookup", ConnectionError("redis down"))

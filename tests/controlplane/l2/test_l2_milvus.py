@@ -1,30 +1,41 @@
-"""L2 Milvus adapter against Milvus Lite in tmp_path: owned collection, scoped search."""
+"""The L2 index over the Milvus store, against Milvus Lite in tmp_path: owned collection,
+scoped search, the mirror, scope presence, loading a released collection, expiry."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from controlplane.adapters import milvus, scope_mirror
+from controlplane import cache_wiring
+from controlplane.adapters import milvus
+from controlplane.core.l2 import index as l2_index
+from controlplane.core.l2 import mirror as scope_mirror
+from controlplane.core.l2 import rows
+from tests import harness
+from tests.conftest import REPO
+from tests.controlplane.l2.fakes import ManualTime, row, unit
 
 
-def unit(seed: int, dim: int = 8) -> np.ndarray:
-    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
-    return v / np.linalg.norm(v)
+def index(path: str, collection: str, time: ManualTime | None = None,
+          **options) -> l2_index.L2Index:
+    """An index whose intervals move only when the test moves ``time``."""
+    return cache_wiring.milvus_l2(path, collection, time=(time or ManualTime()).time,
+                                  **options)
 
 
 @pytest.fixture
 async def l2(milvus_lite_path):
-    store = milvus.MilvusL2(milvus_lite_path, "test_cache", flush_interval_s=0.05)
+    store = index(milvus_lite_path, "test_cache")
     yield store
     await store.close()
 
 
 async def put(store, scope, seed, tenant="acme", model="m"):
-    await store.insert([milvus.Row(scope=scope, tenant=tenant, model=model, vector=unit(seed),
-                                   ref=f"ref-{scope}-{seed}", text=f"text {seed}")])
+    await store.insert([row(scope, seed, tenant, model)])
 
 
 async def test_search_stays_in_its_scope_before_and_after_flush(l2):
@@ -44,14 +55,15 @@ async def test_search_stays_in_its_scope_before_and_after_flush(l2):
 
 
 async def test_the_collection_is_created_once_with_its_schema_and_reopened(milvus_lite_path):
-    first = milvus.MilvusL2(milvus_lite_path, "owned")
+    first = index(milvus_lite_path, "owned")
     await put(first, "s", 1)
     await first.flush()
     await first.close()
-    again = milvus.MilvusL2(milvus_lite_path, "owned")
+    again = index(milvus_lite_path, "owned")
     found = await again.search("s", unit(1), 3, 0.0)
     assert [c.ref for c in found] == ["ref-s-1"]
-    fields = {f["name"] for f in again._client.describe_collection("owned")["fields"]}
+    client = again.store._client      # type: ignore[attr-defined]
+    fields = {f["name"] for f in client.describe_collection("owned")["fields"]}
     assert {"scope", "tenant", "model", "vector", "ref", "text", "created_at"} <= fields
     with pytest.raises(ValueError, match="dimension"):
         await again.search("s", np.ones(16, np.float32) / 4, 3, 0.0)
@@ -59,10 +71,10 @@ async def test_the_collection_is_created_once_with_its_schema_and_reopened(milvu
 
 
 async def test_rows_older_than_the_cutoff_are_not_returned(milvus_lite_path):
-    now = [5000.0]
-    store = milvus.MilvusL2(milvus_lite_path, "ttl", clock=lambda: now[0])
+    now = ManualTime(5000.0)
+    store = index(milvus_lite_path, "ttl", now)
     await put(store, "s", 1)
-    now[0] = 6000.0
+    now.now = 6000.0
     await put(store, "s", 2)
     await store.flush()
     found = await store.search("s", unit(1), 5, min_created_at=5500.0)
@@ -85,13 +97,14 @@ async def test_invalidate_by_tenant_model_and_all(l2):
 async def test_unusable_location_fails_fast_and_names_no_secret(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    store = milvus.MilvusL2(str(blocker / "l2.db"), "c", reconnect_s=60)
+    store = cache_wiring.milvus_l2(str(blocker / "l2.db"), "c")
+    store.store._reconnect_s = 60     # type: ignore[attr-defined]
     with pytest.raises(milvus.L2Unavailable):
-        await store.insert([milvus.Row("s", "t", "m", unit(1), "r", "t")])
+        await store.insert([rows.Row("s", "t", "m", unit(1), "r", "t")])
     with pytest.raises(milvus.L2Unavailable, match="failed recently"):
         await store.search("s", unit(1), 5, 0.0)     # no reconnect storm
-    secret = milvus.MilvusL2("http://user:hunter2@milvus:19530", "c")
-    assert "hunter2" not in secret._safe_uri()
+    secret = milvus.MilvusStore("http://user:hunter2@milvus:19530", "c")
+    assert "hunter2" not in secret.safe_uri()
 
 
 async def test_has_entries_is_per_scope_and_forgets_on_invalidate(l2):
@@ -104,18 +117,15 @@ async def test_has_entries_is_per_scope_and_forgets_on_invalidate(l2):
     assert not await l2.has_entries("s1", 0.0)
 
 
-async def _mirrored(store: milvus.MilvusL2, scope: str) -> None:
+async def _mirrored(store: l2_index.L2Index, scope: str) -> None:
     """Search until the scope's background load made it a mirrored scope."""
-    for _ in range(200):
-        await store.search(scope, unit(0), 1, 0.0)
-        if store._mirror.get(scope) is not None and not store._mirror_tasks:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"scope {scope} was never mirrored")
+    await store.search(scope, unit(0), 1, 0.0)
+    await harness.until(lambda: store.mirrored.scopes.get(scope) is not None
+                        and store.mirrored.idle, 10, f"scope {scope} to be mirrored")
 
 
 async def test_a_searched_scope_is_mirrored_and_answers_as_milvus_does(milvus_lite_path):
-    store = milvus.MilvusL2(milvus_lite_path, "mirror", flush_interval_s=0.05)
+    store = index(milvus_lite_path, "mirror")
     for seed in range(40):
         await put(store, "s1", seed)
     await put(store, "s2", 7)
@@ -123,7 +133,7 @@ async def test_a_searched_scope_is_mirrored_and_answers_as_milvus_does(milvus_li
     queries = [unit(1000 + i) for i in range(5)] + [unit(3)]
     from_milvus = [await store.search("s1", q, 5, 0.0) for q in queries]
     await _mirrored(store, "s1")
-    assert store._mirror.get("s2") is None, "only searched scopes are mirrored"
+    assert store.mirrored.scopes.get("s2") is None, "only searched scopes are mirrored"
     from_mirror = [await store.search("s1", q, 5, 0.0) for q in queries]
     for a, b in zip(from_milvus, from_mirror, strict=True):
         assert [c.ref for c in a] == [c.ref for c in b]
@@ -136,42 +146,40 @@ async def test_a_searched_scope_is_mirrored_and_answers_as_milvus_does(milvus_li
     assert await store.search("s1", unit(99), 5, min_created_at=newest + 1) == []
     assert await store.has_entries("s1", 0.0)
     assert await store.invalidate(None, None) == 42
-    assert store._mirror.get("s1") is None
+    assert store.mirrored.scopes.get("s1") is None
     assert await store.search("s1", unit(99), 5, 0.0) == []
     await store.close()
 
 
 async def test_writes_of_another_replica_reach_a_mirrored_scope(milvus_lite_path):
-    reader = milvus.MilvusL2(milvus_lite_path, "shared", mirror_refresh_s=0.1)
-    writer = milvus.MilvusL2(milvus_lite_path, "shared", mirror_max_rows=0)
+    now = ManualTime()
+    reader = index(milvus_lite_path, "shared", now, mirror_refresh_s=5.0)
+    writer = index(milvus_lite_path, "shared", mirror_max_rows=0)
     await put(writer, "s", 1)
     await writer.flush()
     await _mirrored(reader, "s")
     await put(writer, "s", 2)
     await writer.flush()
-    for _ in range(100):
-        found = await reader.search("s", unit(2), 1, 0.0)
-        if found and found[0].ref == "ref-s-2":
-            break
-        await asyncio.sleep(0.1)
-    else:
-        raise AssertionError("the other replica's row never reached the mirror")
+    assert (await reader.search("s", unit(2), 1, 0.0))[0].ref == "ref-s-1"   # not yet
+    await now.advance(5.0)            # the refresh period is over: the next search starts one
+    await reader.search("s", unit(2), 1, 0.0)
+    await harness.until(lambda: reader.mirrored.idle, 10, "the refresh")
+    found = await reader.search("s", unit(2), 1, 0.0)
+    assert found and found[0].ref == "ref-s-2", "the other replica's row reached the mirror"
     await reader.close()
     await writer.close()
 
 
 async def test_a_scope_over_the_mirror_bound_keeps_searching_milvus(milvus_lite_path):
-    store = milvus.MilvusL2(milvus_lite_path, "big", mirror_max_rows=5)
+    store = index(milvus_lite_path, "big", mirror_max_rows=5)
     for seed in range(8):
         await put(store, "s", seed)
     await store.flush()
-    for _ in range(40):
-        found = await store.search("s", unit(6), 3, 0.0)
-        assert found[0].ref == "ref-s-6"
-        if "s" in store._unmirrorable:
-            break
-        await asyncio.sleep(0.05)
-    assert store._mirror.get("s") is None and "s" in store._unmirrorable
+    found = await store.search("s", unit(6), 3, 0.0)
+    assert found[0].ref == "ref-s-6"
+    await harness.until(lambda: "s" in store.mirrored.unmirrorable, 10, "the load to give up")
+    assert (await store.search("s", unit(6), 3, 0.0))[0].ref == "ref-s-6"
+    assert store.mirrored.scopes.get("s") is None and "s" in store.mirrored.unmirrorable
     await store.close()
 
 
@@ -179,54 +187,116 @@ def test_the_mirror_search_is_an_exact_top_k_and_evicts_least_recent_scopes() ->
     rng = np.random.default_rng(3)
     vectors = rng.standard_normal((500, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    rows = [scope_mirror.MirrorRow(f"r{i}", f"t{i}", vectors[i], float(i)) for i in range(500)]
+    found = [scope_mirror.MirrorRow(f"r{i}", f"t{i}", vectors[i], float(i))
+             for i in range(500)]
     mirror = scope_mirror.ScopeMirror(max_rows=800, refresh_s=5, reload_s=300,
                                       clock=lambda: 0.0)
-    assert mirror.put("a", rows[:300], 16) and mirror.put("b", rows[300:], 16)
-    mirror.add("a", rows[:10])                         # refs already there: no duplicates
+    assert mirror.put("a", found[:300], 16) and mirror.put("b", found[300:], 16)
+    mirror.add("a", found[:10])                        # refs already there: no duplicates
     assert mirror.rows == 500
     query = vectors[42] + 0.1 * vectors[7]
     query /= np.linalg.norm(query)
     entry = mirror.get("a")
     assert entry is not None
-    found = entry.search(query, 5, min_created_at=0.0)
+    top = entry.search(query, 5, min_created_at=0.0)
     expected = np.argsort(-(vectors[:300] @ query))[:5]
-    assert [c.ref for c in found] == [f"r{i}" for i in expected]
+    assert [c.ref for c in top] == [f"r{i}" for i in expected]
     assert [c.ref for c in entry.search(query, 5, min_created_at=250.0)] == [
         f"r{i}" for i in (250 + np.argsort(-(vectors[250:300] @ query))[:5])]
     mirror.get("b")                                    # "a" is now the least recent
-    assert mirror.put("c", rows[:400], 16) is True     # over the bound: "a" leaves
+    assert mirror.put("c", found[:400], 16) is True    # over the bound: "a" leaves
     assert mirror.get("a") is None and mirror.get("b") is not None and mirror.rows == 600
-    assert not mirror.put("huge", [*rows, *rows[:1]] * 3, 16), "over the bound: not kept"
+    assert not mirror.put("huge", [*found, *found[:1]] * 3, 16), "over the bound: not kept"
 
 
 async def test_the_sole_writer_of_a_lite_file_knows_every_scope_without_asking(
         milvus_lite_path):
-    first = milvus.MilvusL2(milvus_lite_path, "scopes")
+    first = index(milvus_lite_path, "scopes")
     await put(first, "a", 1)
     await put(first, "b", 2, tenant="other")
     await first.flush()
     await first.close()
-    store = milvus.MilvusL2(milvus_lite_path, "scopes")
+    store = index(milvus_lite_path, "scopes")
     assert await store.has_entries("a", 0.0)            # the probe, while the scan starts
-    for _ in range(100):
-        if store._scope_newest is not None:
-            break
-        await asyncio.sleep(0.05)
-    assert store._scope_newest is not None and set(store._scope_newest) == {"a", "b"}
+    await harness.until(lambda: store.presence.newest is not None, 10, "the scope scan")
+    assert store.presence.newest is not None and set(store.presence.newest) == {"a", "b"}
     assert await store.has_entries("b", 0.0) and not await store.has_entries("c", 0.0)
-    newest = store._scope_newest["a"]
+    newest = store.presence.newest["a"]
     assert not await store.has_entries("a", newest + 1)   # only expired rows: empty
     await put(store, "c", 3)
     assert await store.has_entries("c", 0.0)
     assert await store.invalidate("acme", None) == 2      # scopes "a" and "c"
-    assert store._scope_newest is None                     # read again at the next probe
+    assert store.presence.newest is None                   # read again at the next probe
     assert await store.has_entries("b", 0.0)
-    for _ in range(100):
-        if store._scope_newest is not None:
-            break
-        await asyncio.sleep(0.05)
-    assert store._scope_newest is not None and set(store._scope_newest) == {"b"}
+    await harness.until(lambda: store.presence.newest is not None, 10, "the scope scan")
+    assert store.presence.newest is not None and set(store.presence.newest) == {"b"}
     assert not await store.has_entries("a", 0.0) and await store.has_entries("b", 0.0)
     await store.close()
-    assert not milvus.MilvusL2("http://milvus:19530", "c")._sole_writer
+    assert not milvus.MilvusStore("http://milvus:19530", "c").exclusive
+
+
+# -- finding 4 (issue 14): a collection Milvus holds "released" is loaded again ----------
+
+WRITER = """
+import asyncio, sys
+from controlplane import cache_wiring
+from tests.controlplane.l2.fakes import row
+
+async def main():
+    l2 = cache_wiring.milvus_l2(sys.argv[1], "restart")
+    await l2.insert([row("s", 1), row("s", 2)])
+    await l2.flush()
+    await l2.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_new_process_on_an_existing_lite_file_searches_its_rows(milvus_lite_path):
+    """A Milvus Lite file opened by a new process holds its collection "released": the
+    store loads it (before: every search failed with 'call load()', for good)."""
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", WRITER, milvus_lite_path], timeout=120,
+        capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    store = index(milvus_lite_path, "restart", mirror_max_rows=0)
+    assert [c.ref for c in await store.search("s", unit(1), 1, 0.0)] == ["ref-s-1"]
+    assert await store.has_entries("s", 0.0)
+    await store.close()
+
+
+async def test_a_collection_released_while_serving_is_loaded_again(milvus_lite_path):
+    store = index(milvus_lite_path, "released", mirror_max_rows=0)
+    await put(store, "s", 1)
+    await store.flush()
+    client = store.store._client     # type: ignore[attr-defined]
+    client.release_collection("released")   # what a Milvus restart leaves behind
+    assert [c.ref for c in await store.search("s", unit(1), 1, 0.0)] == ["ref-s-1"]
+    client.release_collection("released")
+    assert await store.store.exists("s", 0.0)
+    await store.close()
+
+
+# -- issue 22: rows past the TTL are deleted from Milvus, not only skipped ---------------
+
+async def test_rows_past_the_ttl_are_deleted_from_milvus_by_the_periodic_expiry(
+        milvus_lite_path):
+    now = ManualTime()
+    store = index(milvus_lite_path, "expiry", now, ttl_s=100.0, expiry_interval_s=30.0,
+                  mirror_max_rows=0)
+    await put(store, "s", 1)
+    await now.advance(30.0)                     # the first period: nothing is old enough
+    await harness.until(lambda: now.sleeping == 1, 10, "the first expiry round")
+    assert store.expiry.deleted == 0
+    now.now += 50
+    await put(store, "s", 2)
+    await store.flush()
+    await now.advance(30.0)                     # row 1 is 110 s old, row 2 30 s
+    await harness.until(lambda: store.expiry.deleted == 1, 10, "the expiry to delete row 1")
+    await harness.until(lambda: now.sleeping == 1, 10, "the expiry to wait again")
+    left = await store.store.scope_rows("s", None, 10)
+    assert [r.ref for r in left] == ["ref-s-2"]   # gone from Milvus, not only filtered
+    now.now += 80
+    assert await store.expire() == 1
+    assert await store.store.scope_rows("s", None, 10) == []
+    await store.close()

@@ -1,41 +1,45 @@
-"""An in-memory copy of busy L2 scopes, searched with numpy instead of a Milvus round trip.
+"""An in-memory copy of busy L2 scopes, searched with numpy instead of a store round trip.
 
 Why: every semantic lookup searches one scope, and a Milvus call costs far more than the
-search itself — measured on a 2-core machine at 10,000 rows in scope: Milvus Lite search
-46 to 65 ms (pymilvus call, gRPC to the Lite server, result decoding), a numpy search of
-the same rows about 1 ms. Milvus stays the durable, shared store and the source of
-truth; the mirror is a read cache of it, kept per scope:
+search itself (``bench/cache_latency.py`` shows both). Milvus stays the durable, shared
+store and the source of truth; the mirror is a read cache of it, kept per scope:
 
-- **Filled from Milvus.** The first search of a scope goes to Milvus as before and
-  starts a background load of the scope's live rows (vector, ref, text, created_at).
-  Scopes with more than ``SCOPE_MAX_ROWS`` rows are not mirrored (they keep searching
-  Milvus); the whole mirror holds at most ``max_rows`` rows, least recently searched
-  scopes leaving first.
+- **Filled from the store.** The first search of a scope goes to the store and starts a
+  background load of the scope's live rows (``mirrored``). Scopes with more than
+  ``SCOPE_MAX_ROWS`` rows are not mirrored (they keep searching the store); the whole
+  mirror holds at most ``max_rows`` rows, least recently searched scopes leaving first.
 - **Fresh enough.** Rows this replica writes are added at once. Rows other replicas
   write are picked up by a background refresh at most every ``refresh_s`` while the
   scope is searched (rows newer than the newest seen, minus an overlap for clock skew and
-  Milvus' bounded consistency), and the scope is loaded whole again every ``reload_s``,
-  which also drops rows deleted elsewhere. A row missing from the mirror costs a hit,
-  never correctness.
-- **Never wrong.** Searches honour the TTL (``min_created_at``) like Milvus' filter, and
-  what the mirror returns goes through the same checks as a Milvus result: the verifier,
-  then the L1 entry it points to, which must exist and carry the request's scope hash.
-  Invalidation on this replica clears the mirror; one on another replica deletes the L1
-  entries, so a lingering row here can only turn into a miss.
+  bounded consistency), and the scope is loaded whole again every ``reload_s``, which
+  also drops rows deleted elsewhere. A row missing from the mirror costs a hit, never
+  correctness.
+- **Never wrong.** Searches honour the TTL (``min_created_at``) like the store's filter,
+  and what the mirror returns goes through the same checks as a store result: the
+  verifier, then the L1 entry it points to, which must exist and carry the request's
+  scope hash. Invalidation on this replica clears the mirror; one on another replica
+  deletes the L1 entries, so a lingering row here can only turn into a miss.
+
+This module is the data structure alone (no I/O, no tasks); ``mirrored`` keeps it filled.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
+
+from controlplane.core.l2 import rows as l2_rows
+from synapse_common.clock import Clock
 
 SCOPE_MAX_ROWS = 16_383        # under Milvus' query window (16,384): bigger scopes stay there
 INLINE_MAX_ROWS = 2_048        # up to this a search runs on the event loop (µs)
 REFRESH_OVERLAP_S = 60.0       # a refresh re-reads rows this much older than the newest seen
+
+Due = Literal["reload", "refresh"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +47,6 @@ class MirrorRow:
     ref: str
     text: str
     vector: np.ndarray
-    created_at: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """A row that a search returned, with its similarity to the query."""
-
-    ref: str
-    text: str
-    vector: np.ndarray
-    similarity: float
     created_at: float
 
 
@@ -73,9 +66,9 @@ class ScopeRows:
     def __len__(self) -> int:
         return len(self.refs)
 
-    def add(self, rows: Sequence[MirrorRow]) -> int:
+    def add(self, found: Sequence[l2_rows.Stored]) -> int:
         """Append rows not present yet (by ref); the number added."""
-        fresh = [r for r in rows if r.ref not in self._index]
+        fresh = [r for r in found if r.ref not in self._index]
         if not fresh:
             return 0
         n, need = len(self.refs), len(self.refs) + len(fresh)
@@ -92,7 +85,9 @@ class ScopeRows:
             self.newest = max(self.newest, row.created_at)
         return len(fresh)
 
-    def search(self, vector: np.ndarray, top_k: int, min_created_at: float) -> list[Candidate]:
+    def search(self, vector: np.ndarray, top_k: int,
+               min_created_at: float) -> list[l2_rows.Candidate]:
+        """Exact top-k by inner product among rows created at or after ``min_created_at``."""
         n = len(self.refs)
         if n == 0:
             return []
@@ -101,8 +96,8 @@ class ScopeRows:
         k = min(top_k, n)
         best = np.argpartition(-sims, k - 1)[:k]
         best = best[np.argsort(-sims[best])]
-        return [Candidate(self.refs[i], self.texts[i], self._vectors[i].copy(), float(sims[i]),
-                      float(self._created[i]))
+        return [l2_rows.Candidate(self.refs[i], self.texts[i], self._vectors[i].copy(),
+                               float(sims[i]), float(self._created[i]))
                 for i in best if sims[i] > -np.inf]
 
     def has_live(self, min_created_at: float) -> bool:
@@ -110,11 +105,20 @@ class ScopeRows:
         return bool(n) and bool((self._created[:n] >= min_created_at).any())
 
 
+def exact_top_k(found: Sequence[l2_rows.Stored], vector: np.ndarray, top_k: int,
+                min_created_at: float) -> list[l2_rows.Candidate]:
+    """The mirror's exact top-k over a few rows that are not mirrored (recent writes)."""
+    if not found:
+        return []
+    scope = ScopeRows(len(vector), 0.0)
+    scope.add(found)
+    return scope.search(vector, top_k, min_created_at)
+
+
 class ScopeMirror:
     """Mirrored scopes by scope hash, least recently searched first out."""
 
-    def __init__(self, max_rows: int, refresh_s: float, reload_s: float,
-                 clock: Callable[[], float]) -> None:
+    def __init__(self, max_rows: int, refresh_s: float, reload_s: float, clock: Clock) -> None:
         self.max_rows = max_rows
         self.refresh_s = refresh_s
         self.reload_s = reload_s
@@ -131,40 +135,40 @@ class ScopeMirror:
         return self._rows
 
     def get(self, scope: str) -> ScopeRows | None:
-        rows = self._scopes.get(scope)
-        if rows is not None:
+        found = self._scopes.get(scope)
+        if found is not None:
             self._scopes.move_to_end(scope)
-        return rows
+        return found
 
-    def due(self, rows: ScopeRows) -> str | None:
+    def due(self, scope_rows: ScopeRows) -> Due | None:
         """``"reload"``, ``"refresh"`` or None: what a search of this scope should start."""
         now = self._clock()
-        if now - rows.loaded_at >= self.reload_s:
-            rows.loaded_at = rows.refreshed_at = now    # one attempt per period, even failed
+        if now - scope_rows.loaded_at >= self.reload_s:
+            scope_rows.loaded_at = scope_rows.refreshed_at = now   # one attempt per period
             return "reload"
-        if now - rows.refreshed_at >= self.refresh_s:
-            rows.refreshed_at = now
+        if now - scope_rows.refreshed_at >= self.refresh_s:
+            scope_rows.refreshed_at = now
             return "refresh"
         return None
 
-    def put(self, scope: str, rows: Sequence[MirrorRow], dim: int) -> bool:
+    def put(self, scope: str, found: Sequence[l2_rows.Stored], dim: int) -> bool:
         """Replace a scope with a full load; False when it is too big to mirror."""
         self.drop(scope)
-        if len(rows) > min(SCOPE_MAX_ROWS, self.max_rows):
+        if len(found) > min(SCOPE_MAX_ROWS, self.max_rows):
             return False
         entry = ScopeRows(dim, self._clock())
-        entry.add(rows)
+        entry.add(found)
         self._scopes[scope] = entry
         self._rows += len(entry)
         self._evict()
         return True
 
-    def add(self, scope: str, rows: Sequence[MirrorRow]) -> None:
+    def add(self, scope: str, found: Sequence[l2_rows.Stored]) -> None:
         """Rows written (by this replica, or seen by a refresh) into a mirrored scope."""
         entry = self._scopes.get(scope)
         if entry is None:
             return
-        self._rows += entry.add(rows)
+        self._rows += entry.add(found)
         if len(entry) > SCOPE_MAX_ROWS:
             self.drop(scope)
         self._evict()
@@ -182,9 +186,3 @@ class ScopeMirror:
         while self._rows > self.max_rows and self._scopes:
             _, entry = self._scopes.popitem(last=False)
             self._rows -= len(entry)
-
-
-def rows_from_query(result: Sequence[dict[str, Any]]) -> list[MirrorRow]:
-    """Mirror rows from a Milvus ``query`` with ref, text, vector and created_at."""
-    return [MirrorRow(str(r["ref"]), str(r["text"]), np.asarray(r["vector"], dtype=np.float32),
-                      float(r["created_at"])) for r in result]

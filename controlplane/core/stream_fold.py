@@ -1,0 +1,209 @@
+"""Folding stream chunks into the non-streaming response they add up to, losing nothing.
+
+Per choice: the role; every string field of the deltas concatenated (``content``,
+``reasoning_content`` or ``reasoning``, ``refusal``, and any such field a backend adds),
+a field only ever sent as ``null`` kept as ``null``; tool calls (and the legacy
+``function_call``) merged by index; logprobs merged (the token lists of chat and of
+completions concatenated); the finish reason; any other choice field (``stop_reason``,
+``token_ids``) as last sent. Top level: ``id``, ``created``, ``model`` and every other
+field (``system_fingerprint``, ``service_tier``, …) as first sent; ``usage`` as sent (a
+stream carries it only when ``stream_options.include_usage`` was asked).
+
+The fold also records the stream's *form*: the first chunk of each kind (role, content,
+finish, usage) as a skeleton, its texts, logprobs and usage emptied. ``stream_replay``
+fills these skeletons, so a replayed answer has the shape of the backend's own stream.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+CHOICE_FIELDS = frozenset({"index", "delta", "text", "logprobs", "finish_reason", "message"})
+TOP_FIELDS = frozenset({"object", "choices", "usage"})
+LOGPROBS_PRESENT = "present"    # a skeleton's marker: this chunk kind carried logprobs
+
+
+class Assembled(dict[str, Any]):
+    """A non-streaming response folded from a stream; ``form`` is that stream's skeleton
+    chunks by kind (``role``, ``content``, ``finish``, ``usage``)."""
+
+    def __init__(self, data: Mapping[str, Any], form: Mapping[str, Any]) -> None:
+        super().__init__(data)
+        self.form = dict(form)
+
+
+class _Choice:
+    def __init__(self) -> None:
+        self.role: str | None = None
+        self.texts: dict[str, list[str]] = {}
+        self.nulls: set[str] = set()
+        self.tools: dict[int, dict[str, Any]] = {}
+        self.function_call: dict[str, Any] | None = None
+        self.logprobs: Any = None
+        self.finish_reason: Any = None
+        self.extras: dict[str, Any] = {}
+        self.delta_extras: dict[str, Any] = {}
+
+    def add_delta(self, delta: Mapping[str, Any]) -> None:
+        for key, value in delta.items():
+            if key == "role":
+                self.role = value or self.role
+            elif key == "tool_calls":
+                for call in value or ():
+                    _add_tool_call(self.tools, call)
+            elif key == "function_call" and isinstance(value, Mapping):
+                self.function_call = self.function_call or {"name": "", "arguments": ""}
+                for part in ("name", "arguments"):
+                    self.function_call[part] += value.get(part) or ""
+            elif isinstance(value, str):
+                self.texts.setdefault(key, []).append(value)
+            elif value is None:
+                self.nulls.add(key)
+            else:
+                self.delta_extras[key] = value
+
+    def text(self, key: str) -> str:
+        return "".join(self.texts.get(key, ()))
+
+    def message(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role or "assistant", "content": self.text("content")}
+        for key in self.texts:
+            out[key] = self.text(key)
+        for key in self.nulls - set(out):
+            out[key] = None
+        out.update(self.delta_extras)
+        if self.tools:
+            out["tool_calls"] = [self.tools[k] for k in sorted(self.tools)]
+            if not out["content"]:
+                out["content"] = None
+        if self.function_call is not None:
+            out["function_call"] = self.function_call
+        return out
+
+
+def _add_tool_call(tools: dict[int, dict[str, Any]], call: Mapping[str, Any]) -> None:
+    slot = tools.setdefault(int(call.get("index", 0)), {
+        "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+    if call.get("id"):
+        slot["id"] = call["id"]
+    if call.get("type"):
+        slot["type"] = call["type"]
+    fn = call.get("function") or {}
+    if fn.get("name"):
+        slot["function"]["name"] += fn["name"]
+    if fn.get("arguments"):
+        slot["function"]["arguments"] += fn["arguments"]
+
+
+def merge_logprobs(acc: Any, new: Any) -> Any:
+    """Logprobs of two consecutive pieces: token lists concatenated, other fields kept."""
+    if new is None:
+        return acc
+    if not isinstance(new, Mapping):
+        return copy.deepcopy(new) if acc is None else acc
+    out = dict(acc) if isinstance(acc, Mapping) else {}
+    for key, value in new.items():
+        if isinstance(value, list):
+            before = out.get(key)
+            out[key] = [*(before if isinstance(before, list) else ()), *value]
+        elif out.get(key) is None:
+            out[key] = value
+    return out
+
+
+class Fold:
+    def __init__(self) -> None:
+        self._meta: dict[str, Any] = {}
+        self._choices: dict[int, _Choice] = {}
+        self._texts: dict[int, list[str]] = {}
+        self._usage: Any = None
+        self._chat = True
+        self.form: dict[str, Any] = {}
+
+    def add(self, chunk: Mapping[str, Any]) -> None:
+        for key, value in chunk.items():
+            if key not in TOP_FIELDS and key not in self._meta:
+                self._meta[key] = value
+        if chunk.get("object") == "text_completion":
+            self._chat = False
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        choices = chunk.get("choices") or ()
+        self._record(chunk, choices)
+        for choice in choices:
+            self._add_choice(choice)
+
+    def _add_choice(self, choice: Mapping[str, Any]) -> None:
+        idx = int(choice.get("index", 0))
+        acc = self._choices.setdefault(idx, _Choice())
+        if "text" in choice:
+            self._chat = False
+            self._texts.setdefault(idx, []).append(str(choice.get("text") or ""))
+        acc.add_delta(choice.get("delta") or {})
+        acc.logprobs = merge_logprobs(acc.logprobs, choice.get("logprobs"))
+        if choice.get("finish_reason"):
+            acc.finish_reason = choice["finish_reason"]
+        for key, value in choice.items():
+            if key not in CHOICE_FIELDS:
+                acc.extras[key] = value
+
+    def _record(self, chunk: Mapping[str, Any], choices: Any) -> None:
+        """Keep the first chunk of each kind as a skeleton of the stream's form."""
+        if not choices:
+            kind = "usage" if "usage" in chunk else ""
+        else:
+            first = choices[0]
+            delta = first.get("delta") or {}
+            kind = ("finish" if first.get("finish_reason") else
+                    "role" if delta.get("role") else "content")
+        if kind and kind not in self.form:
+            self.form[kind] = skeleton(chunk)
+
+    def finish_reasons(self) -> list[Any]:
+        return [c.finish_reason for c in self._choices.values()]
+
+    def response(self, default_created: int) -> Assembled:
+        out: dict[str, Any] = {
+            "id": self._meta.get("id", ""),
+            "object": "chat.completion" if self._chat else "text_completion",
+            "created": self._meta.get("created", default_created),
+            "model": self._meta.get("model", ""),
+            "choices": [self._render(i, c) for i, c in sorted(self._choices.items())],
+        }
+        out.update({k: v for k, v in self._meta.items() if k not in out})
+        if self._usage is not None:
+            out["usage"] = self._usage
+        return Assembled(out, self.form)
+
+    def _render(self, idx: int, acc: _Choice) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": idx}
+        if self._chat:
+            out["message"] = acc.message()
+        else:
+            out["text"] = "".join(self._texts.get(idx, ()))
+        out["logprobs"] = acc.logprobs
+        out["finish_reason"] = acc.finish_reason
+        out.update(acc.extras)
+        return out
+
+
+def skeleton(chunk: Mapping[str, Any]) -> dict[str, Any]:
+    """A chunk with its content emptied: texts "", logprobs a marker, usage None."""
+    out = {k: v for k, v in chunk.items() if k != "choices"}
+    if out.get("usage") is not None:
+        out["usage"] = None
+    choices = []
+    for choice in (chunk.get("choices") or ())[:1]:
+        shell = dict(choice)
+        if isinstance(shell.get("delta"), Mapping):
+            shell["delta"] = {k: "" if isinstance(v, str) and k != "role" else v
+                              for k, v in shell["delta"].items() if k != "tool_calls"}
+        if isinstance(shell.get("text"), str):
+            shell["text"] = ""
+        if shell.get("logprobs") is not None:
+            shell["logprobs"] = LOGPROBS_PRESENT
+        choices.append(shell)
+    out["choices"] = choices
+    return out

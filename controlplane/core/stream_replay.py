@@ -1,0 +1,146 @@
+"""A stored response replayed as a stream with the shape of a live one.
+
+Per choice: the role chunk (chat), the content, the finish chunk; then the usage chunk
+(empty ``choices``) *only* when the request asked for it (``stream_options.include_usage``,
+as a live stream does); then ``data: [DONE]``.
+
+The chunks are the stream's own form when the answer was stored from a stream (the
+skeletons ``stream_fold`` recorded: a backend's extra fields such as vLLM's
+``token_ids`` or ``stop_reason`` and where it puts them), else the OpenAI form that vLLM
+and the simulator send: role chunk ``{"role", "content": ""}``, content chunks, a finish
+chunk with an empty delta (and ``stop_reason`` when the answer has one).
+
+The content of a choice goes out in one chunk per field, in the order a backend streams
+them: reasoning (``reasoning_content`` / ``reasoning``) and other text fields, the content,
+the tool calls. Its logprobs travel with the content chunk; when the recorded form puts
+the last token in the finish chunk (vLLM does), the last token and its logprobs go there.
+Folding the replay again gives back the stored response, field for field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import orjson
+
+from controlplane.core import stream_fold
+
+DONE = "[DONE]"
+_SPECIAL = frozenset({"role", "content", "tool_calls", "function_call"})
+
+
+def event(payload: Mapping[str, Any] | str) -> bytes:
+    """One SSE event carrying ``payload`` (a JSON object, or ``[DONE]``)."""
+    body = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
+    return b"data: " + body + b"\n\n"
+
+
+def replay(response: Mapping[str, Any], form: Mapping[str, Any] | None = None,
+           include_usage: bool = True) -> Iterator[bytes]:
+    """A stored non-streaming response as SSE events, ending with ``data: [DONE]``."""
+    chat = response.get("object", "chat.completion") != "text_completion"
+    shape = {**default_form(response, chat), **(form or getattr(response, "form", None) or {})}
+    for choice in response.get("choices") or ():
+        for chunk in _choice_chunks(shape, choice, chat):
+            if not include_usage:
+                chunk.pop("usage", None)
+            yield event(chunk)
+    usage = response.get("usage")
+    if include_usage and usage is not None:
+        template = shape.get("usage") or {**_head(response, chat), "choices": []}
+        yield event({**template, "usage": usage})
+    yield event(DONE)
+
+
+def default_form(response: Mapping[str, Any], chat: bool) -> dict[str, Any]:
+    """Skeletons of the OpenAI stream form (vLLM's and the simulator's)."""
+    head = _head(response, chat)
+    body: dict[str, Any] = ({"delta": {}} if chat else {"text": ""})
+    blank = {"index": 0, **body, "logprobs": None, "finish_reason": None}
+    form = {"content": {**head, "choices": [blank]}, "finish": {**head, "choices": [blank]},
+            "usage": {**head, "choices": []}}
+    if chat:
+        form["role"] = {**head, "choices": [{**blank, "delta": {"role": "assistant",
+                                                                "content": ""}}]}
+    return form
+
+
+def _head(response: Mapping[str, Any], chat: bool) -> dict[str, Any]:
+    return {"id": response.get("id", ""),
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": response.get("created", 0), "model": response.get("model", "")}
+
+
+def _chunk(template: Mapping[str, Any], index: Any, **choice: Any) -> dict[str, Any]:
+    shell = dict((template.get("choices") or [{}])[0])
+    shell.update(index=index, **choice)
+    if shell.get("logprobs") == stream_fold.LOGPROBS_PRESENT:
+        shell["logprobs"] = None
+    return {**template, "choices": [shell]}
+
+
+def _choice_chunks(shape: Mapping[str, Any], choice: Mapping[str, Any],
+                   chat: bool) -> Iterator[dict[str, Any]]:
+    idx = choice.get("index", 0)
+    message = choice.get("message") or {}
+    if chat and "role" in shape:
+        role = _chunk(shape["role"], idx)
+        role["choices"][0]["delta"] = {**role["choices"][0].get("delta", {}),
+                                       "role": message.get("role", "assistant")}
+        yield role
+    pieces = _pieces(message) if chat else [{"text": choice.get("text") or ""}]
+    logprobs, last_piece, last_logprobs = _split_last(shape, choice, pieces, chat)
+    carrier = next((i for i, p in enumerate(pieces) if "content" in p or "text" in p), 0)
+    for i, piece in enumerate(pieces):
+        fields = ({"delta": piece} if chat else piece)
+        yield _chunk(shape["content"], idx, **fields,
+                     logprobs=logprobs if i == carrier else None, finish_reason=None)
+    finish = _chunk(shape["finish"], idx, logprobs=last_logprobs,
+                    finish_reason=choice.get("finish_reason"))
+    shell = finish["choices"][0]
+    if chat:
+        shell["delta"] = {**(shell.get("delta") or {}), **last_piece}
+    else:
+        shell["text"] = last_piece.get("text", "")
+    shell.update({k: v for k, v in choice.items() if k not in stream_fold.CHOICE_FIELDS})
+    yield finish
+
+
+def _pieces(message: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The deltas of one message, in streaming order."""
+    out: list[dict[str, Any]] = [{k: v} for k, v in message.items()
+           if k not in _SPECIAL and isinstance(v, str) and v]
+    if message.get("content"):
+        out.append({"content": message["content"]})
+    if message.get("tool_calls"):
+        out.append({"tool_calls": [{**call, "index": i}
+                                   for i, call in enumerate(message["tool_calls"])]})
+    if message.get("function_call"):
+        out.append({"function_call": message["function_call"]})
+    return out or [{"content": ""}]
+
+
+def _split_last(shape: Mapping[str, Any], choice: Mapping[str, Any],
+                pieces: list[dict[str, Any]], chat: bool
+                ) -> tuple[Any, dict[str, Any], Any]:
+    """(logprobs of the content chunk, text of the finish chunk, its logprobs): the last
+    token moves to the finish chunk only where the recorded form had it there."""
+    logprobs = choice.get("logprobs")
+    finish = (shape["finish"].get("choices") or [{}])[0]
+    key = "content" if chat else "text"
+    if finish.get("logprobs") != stream_fold.LOGPROBS_PRESENT or not isinstance(
+            logprobs, Mapping):
+        return logprobs, {}, None
+    tokens = logprobs.get("content") if chat else logprobs.get("tokens")
+    carrier = next((p for p in pieces if key in p), None)
+    if not tokens or carrier is None:
+        return logprobs, {}, None
+    last = tokens[-1]
+    token = last.get("token", "") if isinstance(last, Mapping) else str(last)
+    if not token or not carrier[key].endswith(token):
+        return logprobs, {}, None
+    carrier[key] = carrier[key][:-len(token)]
+    head = {k: v[:-1] if isinstance(v, list) else v for k, v in logprobs.items()}
+    tail = {k: v[-1:] if isinstance(v, list) else v for k, v in logprobs.items()}
+    return head, {key: token}, tail
