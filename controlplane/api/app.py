@@ -7,7 +7,15 @@ response cache — are opened and closed in ``cleanup_ctx``, in that order and r
 
 The middleware is the single exit of every request: it turns :mod:`controlplane.errors`
 (and aiohttp's own 404/405/413) into the OpenAI error envelope, adds ``x-request-id`` and
-``x-synapse-*`` headers, and records metrics and stats once per request.
+``x-synapse-*`` headers, and records metrics and stats once per request. A client's
+``x-request-id`` is kept when it is printable ASCII of at most 128 characters (it goes
+into the upstream request and the response headers); otherwise the request gets a fresh
+id, logged at debug level. Errors below the handlers (a request aiohttp cannot parse)
+are :mod:`controlplane.api.server`'s.
+
+``/metrics`` is served here unless ``metrics.port`` moves it to an app of its own
+(:func:`create_metrics_app`); either way ``metrics.bearer_token_file`` makes it need that
+token (:mod:`controlplane.api.observability`).
 """
 
 from __future__ import annotations
@@ -19,13 +27,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controlplane import config, errors
 from controlplane.adapters import node_embed, prober, redis_limits
-from controlplane.api import context, embeddings, openapi, serving
+from controlplane.api import context, embeddings, observability, openapi, serving
 from controlplane.api import services as services_mod
-from controlplane.core import cache_port, ratelimit
+from controlplane.core import cache_port, ratelimit, validation
 from synapse_common import clock as clocks
 
 log = logging.getLogger("synapse.controlplane.api")
@@ -44,28 +51,40 @@ def error_response(exc: errors.SynapseError, ctx: context.RequestContext) -> web
     return json_response(exc.envelope(), exc.http_status, {**ctx.headers(), **exc.headers()})
 
 
+async def _close_after(request: web.Request, resp: web.Response) -> web.Response:
+    """Send ``resp`` and close the connection at once: the client is too slow to be
+    waited for (aiohttp would otherwise linger, reading the rest of its body)."""
+    resp.force_close()
+    await resp.prepare(request)
+    await resp.write_eof()
+    request.protocol.force_close()
+    return resp
+
+
 def _from_http(exc: web.HTTPException, request: web.Request) -> errors.SynapseError:
     if exc.status == 404:
         return errors.NotFound(f"no route {request.method} {request.path}; "
                                "GET /openapi.json describes the API", code="unknown_route")
     if exc.status == 405:
-        err = errors.BadRequest(f"method {request.method} is not allowed on {request.path}",
-                                code="method_not_allowed")
-        err.http_status = 405
-        return err
+        return errors.with_status(405, f"method {request.method} is not allowed on "
+                                  f"{request.path}", code="method_not_allowed")
     if exc.status == 413:
         return errors.PayloadTooLarge("the request body is over the limit "
                                       "(http.max_body_bytes)")
-    err = errors.BadRequest(exc.reason or "bad request", code=f"http_{exc.status}")
-    err.http_status = exc.status
-    return err
+    return errors.with_status(exc.status, exc.reason or "bad request",
+                              code=f"http_{exc.status}")
 
 
 def _request_id(request: web.Request, svc: services_mod.Services) -> str:
     rid = request.headers.get("x-request-id")
-    if rid and len(rid) <= 128 and rid.isprintable():
+    if rid is None:
+        return svc.new_request_id()
+    if validation.printable_ascii(rid, validation.REQUEST_ID_MAX):
         return rid
-    return svc.new_request_id()
+    fresh = svc.new_request_id()
+    log.debug("x-request-id replaced by %s: not 1 to %d printable ASCII characters",
+              fresh, validation.REQUEST_ID_MAX)
+    return fresh
 
 
 @web.middleware
@@ -77,6 +96,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     try:
         try:
             resp = await handler(request)
+        except errors.RequestTimeout as exc:
+            resp = await _close_after(request, error_response(exc, ctx))
         except errors.SynapseError as exc:
             if ctx.headers_sent:
                 raise
@@ -143,45 +164,6 @@ async def list_models(request: web.Request) -> web.Response:
             for name, canonical in svc.catalog.listing(svc.registry.served_models())
             if tenant.allows(canonical or name)]
     return json_response({"object": "list", "data": data})
-
-
-_STATES = ("ready", "starting", "unhealthy", "draining", "cordoned", "down", "stopped",
-           "crashloop", "failed", "unspecified")
-
-
-def _state_label(why: str) -> str:
-    """The ``synapse_backends`` state of a backend from the registry's reason."""
-    if not why:
-        return "ready"
-    kind, _, state = why.partition(" ")
-    if kind in ("node", "backend") and state in _STATES:
-        return state
-    return "unhealthy"  # a static upstream whose probe failed
-
-
-def refresh_gauges(svc: services_mod.Services) -> None:
-    m = svc.metrics
-    counts = dict.fromkeys(_STATES, 0)
-    for _, why in svc.registry.all_backends():
-        counts[_state_label(why)] += 1
-    for state, count in counts.items():
-        m.backends.labels(state).set(count)
-    nodes = svc.registry.nodes()
-    for status in ("ready", "cordoned", "draining", "down"):
-        m.nodes.labels(status).set(sum(1 for node in nodes if node.status == status))
-    m.node_report_age.clear()
-    for n in nodes:
-        m.node_report_age.labels(n.info.name).set(n.last_report_age_s)
-    m.backend_inflight.clear()
-    for key, load in svc.ledger.snapshot().items():
-        m.backend_inflight.labels(key).set(load.in_flight)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    svc = request.app[context.SERVICES]
-    refresh_gauges(svc)
-    body = generate_latest(svc.metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def stats_snapshot(svc: services_mod.Services) -> dict[str, object]:
@@ -279,7 +261,16 @@ def create_app(settings: config.ControlPlaneSettings, *,
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)
+    if settings.metrics.port is None:
+        app.router.add_get("/metrics", observability.metrics)
     app.router.add_get("/api/v1/stats", stats)
     app.router.add_get("/openapi.json", openapi_spec)
+    return app
+
+
+def create_metrics_app(svc: services_mod.Services) -> web.Application:
+    """``/metrics`` alone, for ``metrics.port`` (same middleware, so errors are envelopes)."""
+    app = web.Application(middlewares=[middleware])
+    app[context.SERVICES] = svc
+    app.router.add_get("/metrics", observability.metrics)
     return app

@@ -23,7 +23,16 @@ from prometheus_client import CollectorRegistry
 from controlplane import config, metrics
 from controlplane.adapters import upstream
 from controlplane.api import fleet_wiring, route_accuracy
-from controlplane.core import cache_port, catalog, ledger, prefix_index, ratelimit, registry, types
+from controlplane.core import (
+    cache_port,
+    catalog,
+    dispatch,
+    ledger,
+    prefix_index,
+    ratelimit,
+    registry,
+    types,
+)
 from controlplane.core import fleet as fleet_mod
 from controlplane.core import router as router_mod
 from controlplane.core import stats as stats_mod
@@ -50,7 +59,9 @@ class Services:
     stats: stats_mod.Stats
     cache: cache_port.ResponseCache
     upstream: upstream.UpstreamClient
+    dispatcher: dispatch.Dispatcher
     fleet: fleet_mod.FleetService   # operator intent and the reconcile loop (Admin service)
+    metrics_token_sha256: str | None = None     # /metrics needs this bearer token
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Metric children by (metric name, *labels), so the hot path skips labels() lookups.
     label_cache: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict)
@@ -103,7 +114,24 @@ def build_tenants(auth: config.AuthSettings, cat: catalog.Catalog) -> tenants_mo
             t.requests_per_second, t.burst, t.max_concurrent)
         entries.append((tenant, hashes))
     admin = tenants_mod.sha256_hex(auth.admin_key.get_secret_value()) if auth.admin_key else None
-    return tenants_mod.TenantTable(entries, admin, enabled=auth.enabled)
+    return tenants_mod.TenantTable(entries, admin, enabled=auth.enabled,
+                                   admin_tenant=auth.admin_tenant)
+
+
+def metrics_token(settings: config.MetricsSettings) -> str | None:
+    """The sha256 of the token in ``metrics.bearer_token_file`` (ValueError naming the
+    field when it cannot be read or is empty)."""
+    if settings.bearer_token_file is None:
+        return None
+    path = pathlib.Path(settings.bearer_token_file)
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"metrics.bearer_token_file: cannot read {path}: "
+                         f"{exc.strerror or exc}") from None
+    if not token:
+        raise ValueError(f"metrics.bearer_token_file: {path} is empty")
+    return tenants_mod.sha256_hex(token)
 
 
 def static_backends(settings: config.ControlPlaneSettings,
@@ -134,13 +162,16 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
     rtr.add_observer(route_accuracy.recorder(m))
     local = ratelimit.LocalStore(clock)
     h = settings.http
+    client = upstream.UpstreamClient(h.upstream_connect_timeout_s,
+                                     h.upstream_first_byte_timeout_s, h.upstream_idle_timeout_s)
+    policy = dispatch.Policy(r.max_attempts, h.upstream_first_byte_timeout_s,
+                             h.upstream_idle_timeout_s)
     return Services(
         settings=settings, clock=clock, replica=replica, registry=reg, ledger=led, router=rtr,
         catalog=cat, tenants=build_tenants(settings.auth, cat),
         limiter=ratelimit.RateLimiter(local), local_limits=local, metrics=m,
         stats=stats_mod.Stats(clock, replica),
         cache=response_cache if response_cache is not None else cache_port.NullCache(),
-        upstream=upstream.UpstreamClient(h.upstream_connect_timeout_s,
-                                         h.upstream_first_byte_timeout_s,
-                                         h.upstream_idle_timeout_s),
+        upstream=client, dispatcher=dispatch.Dispatcher(client, rtr, cat, reg, m, policy),
+        metrics_token_sha256=metrics_token(settings.metrics),
         fleet=fleet_wiring.build(settings, reg, led, m))
