@@ -181,7 +181,7 @@ CHART_CHECKS = [
     (("dependencies.milvus.mode=external",), "dependencies.milvus.external.endpoint or"),
     (("controlPlane.replicaCount=1", "autoscaling.controlPlane.enabled=false"),
      "controlPlane.podDisruptionBudget"),
-    (("controlPlane.replicaCount=9",), "within autoscaling.controlPlane.minReplicas"),
+    (("autoscaling.controlPlane.minReplicas=7",), "minReplicas is above"),
     (("agent.terminationGracePeriodSeconds=100",), "agent.terminationGracePeriodSeconds (100)"),
     (("controlPlane.config.upstreams[0].name=x",), "controlPlane.config.upstreams"),
 ]

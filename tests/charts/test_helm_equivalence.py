@@ -15,6 +15,9 @@ What may differ, each for a reason:
 - labels: the chart adds Helm's own (instance, managed-by, chart) and its pod templates
   carry annotations (config checksums); the overlays' labels must all be there;
 - a Secret the chart creates when no `secrets.existingSecret` is given (bundled);
+- the control plane's `replicas` under an HPA: the chart leaves the field to the HPA
+  (Helm 4 applies server-side, and a chart that sets it conflicts with the HPA's scale
+  writes on every upgrade); the overlay's replicas must equal the HPA's minReplicas;
 - env lists are compared by name (order only matters for $(VAR) references, which the
   config tests resolve); a missing imagePullPolicy is Kubernetes' default, IfNotPresent.
 """
@@ -93,10 +96,21 @@ def _key(obj: dict[str, Any]) -> tuple[str, str]:
     return obj["kind"], _name(obj["metadata"]["name"])
 
 
+def _replicas_left_to_the_hpa(overlay: dict[tuple[str, str], Any],
+                              chart: dict[tuple[str, str], Any]) -> None:
+    key = ("Deployment", "synapse-controlplane")
+    hpa = chart.get(("HorizontalPodAutoscaler", "synapse-controlplane"))
+    if hpa is None or key not in overlay:
+        return
+    assert "replicas" not in chart[key]["spec"], "under an HPA the chart must not set replicas"
+    assert overlay[key]["spec"].pop("replicas") == hpa["spec"]["minReplicas"]
+
+
 def _pairs(values: str) -> tuple[dict[tuple[str, str], Any], dict[tuple[str, str], Any]]:
     overlay = {_key(o): o for name in EQUIVALENT[values] for o in render.render(name)
                if o["kind"] != "Namespace"}
     chart = {_key(o): o for o in helm.render_chart(values)}
+    _replicas_left_to_the_hpa(overlay, chart)
     return overlay, chart
 
 
