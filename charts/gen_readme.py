@@ -1,7 +1,8 @@
 """Write the values table of a chart's README.md from the comments in its values.yaml.
 
 A key is documented by a comment block right above it whose first line starts with
-`# --` (the helm-docs convention); the block's further `#` lines continue the text. The
+`# --` (the helm-docs convention); the block's further `#` lines continue the text, and
+`# -- (type) text` names the type where the default does not show it. The
 table (key, type, default, description) replaces what lies between the README's
 `<!-- values:start -->` and `<!-- values:end -->` markers; the rest of the README is
 written by hand.
@@ -25,6 +26,7 @@ import yaml
 CHART = pathlib.Path(__file__).resolve().parent / "synapse"
 START, END = "<!-- values:start -->", "<!-- values:end -->"
 KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_.\-/]+):(\s|$)")
+TYPE = re.compile(r"^\((?P<type>[^)]+)\)\s*")
 LONG_DEFAULT = 120
 
 
@@ -98,8 +100,11 @@ def table(values_text: str) -> str:
     rows = ["| Key | Type | Default | Description |", "|---|---|---|---|"]
     for item in documented_keys(values_text):
         value = lookup(values, item.path)
-        text = item.text.replace("|", "\\|")
-        rows.append(f"| `{'.'.join(item.path)}` | {_type(value)} | {_default(value)} | {text} |")
+        declared = TYPE.match(item.text)
+        kind = declared.group("type") if declared else _type(value)
+        text = item.text[declared.end():] if declared else item.text
+        text = text.replace("|", "\\|")
+        rows.append(f"| `{'.'.join(item.path)}` | {kind} | {_default(value)} | {text} |")
     return "\n".join(rows)
 
 

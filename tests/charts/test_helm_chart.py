@@ -22,7 +22,15 @@ from agent import config as agent_config
 from synapse_common import settings
 from tests.charts import helm
 from tests.manifests import pods, render, test_networkpolicies, validate
-from tests.manifests.test_networkpolicies import AGENT, CLIENT, CP, EXTERNAL, Pod, may_connect
+from tests.manifests.test_networkpolicies import (
+    AGENT,
+    CLIENT,
+    CP,
+    EXTERNAL,
+    PROMETHEUS,
+    Pod,
+    may_connect,
+)
 
 ALL_VALUES = (None, *helm.VALUES_FILES)
 
@@ -254,3 +262,22 @@ def test_a_packaged_chart_carries_the_linked_files(tmp_path: pathlib.Path) -> No
     assert packaged.returncode == 0, packaged.stderr
     assert list(yaml.safe_load_all(packaged.stdout)) == \
         list(yaml.safe_load_all(helm.template("production").stdout))
+
+
+def test_metrics_on_a_port_of_their_own(tmp_path: pathlib.Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    objects = helm.render_chart("production", "controlPlane.ports.metrics=9090")
+    problems = [line for obj in objects for line in validate.errors(obj)]
+    assert not problems, "\n".join(problems)
+    cp, _, c = _settings(objects, "controlplane", tmp_path, monkeypatch)
+    assert cp.metrics.port == 9090
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in c["ports"]
+    monitor = render.find(objects, "ServiceMonitor")
+    service = next(o for o in objects if o["kind"] == "Service"
+                   and o["metadata"]["name"] == "synapse-controlplane")
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    assert ports["metrics"]["port"] == 9090 and ports["metrics"]["targetPort"] == "metrics"
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert may_connect(policies, PROMETHEUS, CP, 9090)
+    assert not may_connect(policies, CLIENT, CP, 9090)

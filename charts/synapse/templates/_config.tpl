@@ -12,6 +12,9 @@ pod specs rendered here, so the chart's values win for those keys.
   "auth" (dict "admin_key" (dict "file" (printf "%s/admin-key" $authDir))
                "agent_token" (dict "file" (printf "%s/agent-token" $authDir)))
   "logging" (dict "format" "json") -}}
+{{- with .Values.controlPlane.ports.metrics -}}
+{{- $_ := set $own "metrics" (dict "port" (int .)) -}}
+{{- end -}}
 {{- if ne .Values.dependencies.redis.mode "none" -}}
 {{- $_ := set $own "redis" (dict "url" (dict "env" "SYNAPSE_REDIS_URL")) -}}
 {{- end -}}
