@@ -27,10 +27,11 @@ from typing import Any
 import psutil
 from prometheus_client import CollectorRegistry
 
-from agent import convert, embedding, http_metrics, node_service, reporter, supervisor, telemetry
+from agent import convert, http_metrics, node_service, reporter, supervisor, telemetry
 from agent import metrics as agent_metrics
-from agent.config import AgentSettings
+from agent.config import AgentSettings, EmbedderSettings
 from agent.core import lru, types
+from agent.embedding import minilm, protocol, service, tei
 from protos.synapse.v1 import controlplane_pb2
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,11 @@ class Agent:
         self.supervisor = supervisor.Supervisor(
             sup, supervisor.Hooks(self.metrics, self.node, self._changed), advertise)
         self.embeddings = self._build_embeddings()
-        self.node_server = node_service.NodeServer(self.embeddings, cfg.grpc.host, cfg.grpc.port,
-                                                   self._observe_embed)
+        token = cfg.control_plane.token
+        self.node_server = node_service.NodeServer(
+            self.embeddings, cfg.grpc.host, cfg.grpc.port, self._observe_embed,
+            token=token.get_secret_value() if token else None,
+            allow_unauthenticated=cfg.grpc.allow_unauthenticated)
         self.metrics_server = http_metrics.MetricsServer(
             self.metrics.registry, self.refresh_metrics, cfg.metrics.host, cfg.metrics.port)
         self.reporter = reporter.Reporter(cfg.control_plane, self.register_message,
@@ -82,8 +86,8 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._known_backends: set[str] = set()
 
-    def _build_embeddings(self) -> embedding.EmbeddingService | None:
-        embedder = embedding.build_embedder(self.cfg.embedder)
+    def _build_embeddings(self) -> service.EmbeddingService | None:
+        embedder = build_embedder(self.cfg.embedder)
         if embedder is None:
             return None
         e = self.cfg.embedder
@@ -94,7 +98,7 @@ class Agent:
             hits.inc(h)
             misses.inc(m)
 
-        return embedding.EmbeddingService(
+        return service.EmbeddingService(
             e, embedder, lru.EmbeddingLru(e.cache_max_entries, e.cache_max_bytes), count)
 
     def _observe_embed(self, code: str, seconds: float) -> None:
@@ -115,6 +119,10 @@ class Agent:
     async def start(self) -> None:
         await self.node_server.start(embedder_ready=False)
         log.info("agent node gRPC listening on %s:%d", self.cfg.grpc.host, self.node_server.port)
+        if self.cfg.control_plane.token is None:
+            log.warning("no control_plane.token: the Node gRPC service %s", "serves calls "
+                        "without a credential (grpc.allow_unauthenticated)"
+                        if self.cfg.grpc.allow_unauthenticated else "refuses every call")
         await self.metrics_server.start()
         log.info("agent metrics listening on http://%s:%d", self.cfg.metrics.host,
                  self.metrics_server.port)
@@ -250,6 +258,7 @@ class Agent:
             stats = self.embeddings.cache.stats()
             m.embed_cache_entries.labels(node).set(stats.entries)
             m.embed_cache_bytes.labels(node).set(stats.bytes)
+            m.embed_queue_texts.labels(node).set(self.embeddings.embedder.queued)
 
     def _refresh_backends(self) -> None:
         m, node = self.metrics, self.node
@@ -269,6 +278,15 @@ class Agent:
                 m.engine_running.labels(*labels).set(s.running)
                 m.engine_kv_usage.labels(*labels).set(s.kv_usage)
                 m.engine_prefix_hit_rate.labels(*labels).set(s.prefix_hit_rate)
+
+
+def build_embedder(cfg: EmbedderSettings) -> protocol.Embedder | None:
+    """The embedder ``embedder.kind`` names (None for ``none``)."""
+    if cfg.kind == "minilm":
+        return minilm.MiniLmEmbedder(cfg)
+    if cfg.kind == "tei":
+        return tei.TeiEmbedder(cfg)
+    return None
 
 
 def _sample_with_owners(source: telemetry.GpuSource,

@@ -66,6 +66,10 @@ class Metrics:
         self.embed_cache_bytes = Gauge(
             "synapse_agent_embedding_cache_bytes", "Embedding cache size in bytes.", ["node"],
             registry=r)
+        self.embed_queue_texts = Gauge(
+            "synapse_agent_embed_queue_texts", "Texts waiting for the embedding model "
+            "(bounded by embedder.queue_max_texts; beyond it calls are RESOURCE_EXHAUSTED).",
+            ["node"], registry=r)
         self.control_plane_connected = Gauge(
             "synapse_agent_control_plane_connected", "1 while the report stream to that "
             "control-plane address is up.", ["node", "address"], registry=r)

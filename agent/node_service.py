@@ -1,10 +1,26 @@
 """The agent's gRPC server: ``synapse.v1.Node`` plus ``grpc.health.v1`` and reflection.
 
-Errors map through one table (:data:`STATUS`) from the :mod:`agent.embedding` error tree
-to gRPC codes: INVALID_ARGUMENT for bad input, NOT_FOUND for a model this agent does
-not serve, UNAVAILABLE when the embedder is loading, down or failing (the control
-plane then fails open or tries another agent). Anything unexpected is logged with its
-traceback and returned as INTERNAL with a generic message.
+Authentication: every method of the Node service, present and future, needs the agent
+token (the agent's ``control_plane.token``, which the control plane holds as
+``auth.agent_token``) as ``authorization: Bearer <token>`` metadata. :class:`TokenGuard`,
+an interceptor in front of the whole service, checks it in constant time
+(:mod:`synapse_common.call_metadata`); anything else ends UNAUTHENTICATED before the servicer
+runs. An agent without a token refuses every Node call, unless ``grpc.allow_unauthenticated``
+says otherwise. Health and reflection stay open: kubelet's gRPC probes carry no metadata,
+and neither service returns any data.
+
+Tenant: the control plane names the tenant a call is made for in its metadata, and the
+embedding cache is partitioned by it
+(:mod:`agent.embedding.service`). The name is trusted only on a call that presented the
+token; a call let in by ``allow_unauthenticated`` could claim any tenant, so it bypasses
+the cache.
+
+Errors map through one table (:data:`STATUS`) from the :mod:`agent.embedding.errors` tree
+to gRPC codes: INVALID_ARGUMENT for bad input (flagged ``too-large`` in the trailing
+metadata when a size limit was exceeded, so the control plane can answer 413), NOT_FOUND for a model this agent does not serve, UNAVAILABLE when the
+embedder is loading, down or failing (the control plane then fails open or tries another
+agent), RESOURCE_EXHAUSTED when the queue in front of the model is full. Anything
+unexpected is logged with its traceback and returned as INTERNAL with a generic message.
 
 The health service reports ``synapse.v1.Node`` SERVING only when an embedder is
 configured and loaded; the overall service ("") is SERVING while the process runs.
@@ -14,37 +30,70 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agent import embedding
+from agent.embedding import errors, service
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
+from synapse_common import call_metadata
 
 log = logging.getLogger(__name__)
 NODE_SERVICE = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
 
-STATUS: dict[type[embedding.EmbedError], grpc.StatusCode] = {
-    embedding.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    embedding.UnknownModel: grpc.StatusCode.NOT_FOUND,
-    embedding.EmbedderUnavailable: grpc.StatusCode.UNAVAILABLE,
+STATUS: dict[type[errors.EmbedError], grpc.StatusCode] = {
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UnknownModel: grpc.StatusCode.NOT_FOUND,
+    errors.EmbedderUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
+Observe = Callable[[str, float], None]
 
-def status_for(exc: embedding.EmbedError) -> grpc.StatusCode:
+
+def status_for(exc: errors.EmbedError) -> grpc.StatusCode:
     for kind, code in STATUS.items():
         if isinstance(exc, kind):
             return code
     return grpc.StatusCode.INTERNAL
 
 
+class TokenGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # untyped in the stubs
+    """Lets a Node call through only with the agent token (or when explicitly allowed)."""
+
+    def __init__(self, check: call_metadata.TokenCheck, allow_unauthenticated: bool,
+                 observe: Observe) -> None:
+        self._check = check
+        self._open = allow_unauthenticated and not check.configured
+        self._prefix = f"/{NODE_SERVICE}/"
+        reason = ("missing or invalid agent token" if check.configured else
+                  "this agent has no token (control_plane.token) and refuses Node calls")
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            observe(grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+        self._refusal = grpc.unary_unary_rpc_method_handler(refuse)
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if (not details.method.startswith(self._prefix) or self._open
+                or self._check.accepts(details.invocation_metadata)):
+            return await continuation(details)
+        return self._refusal
+
+
 class NodeServicer(node_pb2_grpc.NodeServicer):
-    def __init__(self, service: embedding.EmbeddingService | None,
-                 observe: Callable[[str, float], None]) -> None:
-        self._service = service
+    def __init__(self, embeddings: service.EmbeddingService | None, observe: Observe,
+                 tenant_trusted: bool) -> None:
+        self._service = embeddings
         self._observe = observe
+        self._tenant_trusted = tenant_trusted
 
     async def Embed(self, request: node_pb2.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> node_pb2.EmbedResponse:
@@ -64,11 +113,14 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "no embedder is configured on this agent (embedder.kind: none)")
         assert self._service is not None
+        tenant = (call_metadata.tenant_from(context.invocation_metadata())
+                  if self._tenant_trusted else None)
         try:
             result = await self._service.embed(request.model, list(request.texts),
-                                               request.normalize)
-        except embedding.EmbedError as exc:
-            await context.abort(status_for(exc), str(exc))
+                                               request.normalize, tenant)
+        except errors.EmbedError as exc:
+            trailer = ((call_metadata.ERROR, call_metadata.TOO_LARGE),) if isinstance(exc, errors.TooLarge) else ()
+            await context.abort(status_for(exc), str(exc), trailer)
         except Exception:
             log.exception("Embed failed")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error while embedding")
@@ -78,18 +130,24 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
 
 class NodeServer:
-    """Owns the grpc.aio server; ``port`` is the bound port (also when 0 was asked)."""
+    """Owns the grpc.aio server; ``port`` is the bound port (also when 0 was asked).
 
-    def __init__(self, service: embedding.EmbeddingService | None, host: str, port: int,
-                 observe: Callable[[str, float], None] = lambda code, seconds: None) -> None:
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
-        ])
+    ``token`` is the agent token every Node call must present; without one, Node calls are
+    refused unless ``allow_unauthenticated``.
+    """
+
+    def __init__(self, embeddings: service.EmbeddingService | None, host: str, port: int,
+                 observe: Observe = lambda code, seconds: None, *, token: str | None = None,
+                 allow_unauthenticated: bool = False) -> None:
+        check = call_metadata.TokenCheck(token)
+        self.server = grpc.aio.server(
+            interceptors=[TokenGuard(check, allow_unauthenticated, observe)],
+            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                     ("grpc.keepalive_permit_without_calls", 1),
+                     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000)])
         node_pb2_grpc.add_NodeServicer_to_server(  # type: ignore[no-untyped-call]
-            NodeServicer(service, observe), self.server)
+            NodeServicer(embeddings, observe, tenant_trusted=check.configured), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -37,6 +37,7 @@ from agent import metrics as agent_metrics
 from agent.config import ControlPlaneLink
 from agent.core import backoff
 from protos.synapse.v1 import controlplane_pb2, controlplane_pb2_grpc
+from synapse_common import call_metadata
 
 log = logging.getLogger(__name__)
 COALESCE_S = 0.05
@@ -176,9 +177,7 @@ class Reporter:
         return grpc.aio.insecure_channel(address, options=options)
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        if self.cfg.token is None:
-            return ()
-        return (("authorization", "Bearer " + self.cfg.token.get_secret_value()),)
+        return call_metadata.metadata(self.cfg.token.get_secret_value() if self.cfg.token else None)
 
     async def _session(self, address: str, gauge: Any) -> bool:
         """One stream's life; True once Register went out."""

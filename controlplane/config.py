@@ -6,6 +6,7 @@ Parsed once in ``main()`` (see :mod:`synapse_common.settings` for the file and
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 
 import pydantic
@@ -81,8 +82,16 @@ class AuthSettings(Section):
         None, description="the tenant (by name) the admin key acts as on /v1, with its "
         "allow-list and limits; none = the admin key is refused on /v1")
     agent_token: Secret | None = Field(
-        None, description="token agents must send on ControlPlane.Connect (the agent's "
-        "control_plane.token); none = any client reaching the gRPC port may register")
+        None, description="token shared with the agents (their control_plane.token): they "
+        "present it on ControlPlane.Connect, the control plane on every Node call")
+    allow_unauthenticated_agents: bool = Field(
+        False, description="without agent_token, let any client reaching the gRPC port "
+        "register as an agent (and receive tenants' prompts). Without agent_token, a "
+        "grpc.host other than loopback does not start unless this is true")
+
+    @property
+    def agent_token_value(self) -> str | None:
+        return self.agent_token.get_secret_value() if self.agent_token else None
 
 
 class ModelSettings(Section):
@@ -207,3 +216,27 @@ class ControlPlaneSettings(Section):
         if admin_as is not None and admin_as not in tenants and not self.auth.key_file:
             raise ValueError(f"auth.admin_tenant: no tenant is named {admin_as!r}")
         return self
+
+
+def open_agent_door(settings: ControlPlaneSettings) -> str | None:
+    """Why these settings must not start, if they leave agent registration open to other
+    machines: no ``auth.agent_token``, no explicit ``auth.allow_unauthenticated_agents``,
+    and a ``grpc.host`` other than loopback. A registered agent receives tenants' prompts.
+    (Checked at start-up, not when loading: the defaults load, they just do not start.)"""
+    auth = settings.auth
+    if auth.agent_token is not None or auth.allow_unauthenticated_agents \
+            or _loopback(settings.grpc.host):
+        return None
+    return (f"auth.agent_token: required when grpc.host is {settings.grpc.host!r} (reachable "
+            "from other machines): without it anything that reaches the gRPC port can "
+            "register as an agent and receive tenants' prompts. Set it (the agents' "
+            "control_plane.token), or auth.allow_unauthenticated_agents: true")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name or a wildcard ("" / "0.0.0.0" parse; names do not)
+        return False

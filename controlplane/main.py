@@ -65,7 +65,8 @@ def build_response_cache(settings: config.ControlPlaneSettings,
     nodes = services.registry.ready_embed_nodes
     embed = embedder.NodeEmbedder(
         lambda: [n.address for n in nodes() if c.embed_model in n.embed_models],
-        c.embed_model, timeout_s=c.semantic_budget_ms / 1000)
+        c.embed_model, timeout_s=c.semantic_budget_ms / 1000,
+        token=settings.auth.agent_token_value)
     options = response_cache.Options(
         ttl_s=c.ttl_s, temperature_ceiling=c.temperature_ceiling,
         default_temperature=c.default_temperature, l1_budget_s=c.l1_budget_ms / 1000,
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None, prog: str = "synapse controlplane") -> i
     args = build_parser(prog).parse_args(argv)
     settings = cli.bootstrap(config.ControlPlaneSettings, args,
                              {"http.port": args.http_port, "grpc.port": args.grpc_port})
+    if (problem := config.open_agent_door(settings)) is not None:
+        cli.fail(f"config error: {problem}")
     try:
         services = services_mod.build(settings)
     except ValueError as exc:

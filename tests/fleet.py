@@ -211,7 +211,8 @@ def node_embeds(address: str) -> bool:
     import grpc
 
     from protos.synapse.v1 import node_pb2, node_pb2_grpc
-    with grpc.insecure_channel(address) as channel:
+    from tests import node_auth
+    with node_auth.channel(address) as channel:
         try:
             node_pb2_grpc.NodeStub(channel).Embed(node_pb2.EmbedRequest(texts=["ping"]),
                                                   timeout=5)

@@ -1,10 +1,12 @@
 """The embedding cache: an LRU bounded both by entry count and by bytes.
 
-Keys are ``(model, sha256(text))``: the text itself is not kept (memory, and prompts
-may be sensitive). Values are packed little-endian float32 vectors, exactly the bytes
-``Node.Embed`` returns, so a hit costs one dict lookup and a copy. Byte accounting
-counts the vector plus a fixed per-entry overhead estimate for the key and the
-OrderedDict node, so ``max_bytes`` tracks real memory use within a few percent.
+Keys are ``(model, sha256(len(scope), scope, text))``: the text itself is not kept
+(memory, and prompts may be sensitive). ``scope`` partitions the cache (the agent passes
+the tenant: one tenant's entries are never another's hits); its length goes first, so no
+other scope and text can hash the same bytes. Values are packed little-endian float32
+vectors, exactly the bytes ``Node.Embed`` returns, so a hit costs one dict lookup and a
+copy. Byte accounting counts the vector plus a fixed per-entry overhead estimate for the
+key and the OrderedDict node, so ``max_bytes`` tracks real memory use closely.
 
 Not thread-safe: it is used from the event loop only.
 """
@@ -29,8 +31,11 @@ class CacheStats:
     evictions: int
 
 
-def text_key(model: str, text: str) -> tuple[str, bytes]:
-    return model, hashlib.sha256(text.encode("utf-8")).digest()
+def text_key(model: str, text: str, scope: str = "") -> tuple[str, bytes]:
+    encoded = scope.encode("utf-8")
+    digest = hashlib.sha256(len(encoded).to_bytes(4, "big") + encoded)
+    digest.update(text.encode("utf-8"))
+    return model, digest.digest()
 
 
 class EmbeddingLru:
@@ -51,8 +56,8 @@ class EmbeddingLru:
     def _cost(key: tuple[str, bytes], value: bytes) -> int:
         return len(value) + len(key[0]) + ENTRY_OVERHEAD
 
-    def get(self, model: str, text: str) -> bytes | None:
-        key = text_key(model, text)
+    def get(self, model: str, text: str, scope: str = "") -> bytes | None:
+        key = text_key(model, text, scope)
         value = self._data.get(key)
         if value is None:
             self.misses += 1
@@ -61,8 +66,8 @@ class EmbeddingLru:
         self.hits += 1
         return value
 
-    def put(self, model: str, text: str, vector: bytes) -> None:
-        key = text_key(model, text)
+    def put(self, model: str, text: str, vector: bytes, scope: str = "") -> None:
+        key = text_key(model, text, scope)
         cost = self._cost(key, vector)
         if cost > self.max_bytes:
             return  # larger than the whole cache: never stored

@@ -7,7 +7,10 @@ Design decisions:
   without a restart. Calls go round-robin over them; an address that fails is skipped
   for ``cooldown_s``, and a call tries the next address only while its deadline allows.
 - The calls themselves go through :class:`node_embed.NodeEmbedClient` (one reused
-  channel per address, closed on :meth:`close` or when the address leaves the list).
+  channel per address, closed on :meth:`close` or when the address leaves the list),
+  which presents the agent ``token`` and names the ``tenant`` each call is made for (the
+  agent keeps one embedding cache per tenant). Input the agents refuse as too large or
+  invalid raises :mod:`controlplane.errors` at once: another agent would refuse it too.
 - Vectors arrive as packed little-endian float32 bytes (``dim`` per text) and leave as a
   ``(n, dim)`` numpy array, normalised again here so inner product is cosine even if an
   engine ignored ``normalize``.
@@ -40,17 +43,19 @@ class EmbedUnavailable(RuntimeError):
 class NodeEmbedder:
     def __init__(self, addresses: Callable[[], Sequence[str]], model: str,
                  timeout_s: float = 0.1, cooldown_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 token: str | None = None) -> None:
         self._addresses = addresses
         self._model = model
         self._timeout = timeout_s
         self._cooldown = cooldown_s
         self._clock = clock
-        self._client = node_embed.NodeEmbedClient()
+        self._client = node_embed.NodeEmbedClient(token)
         self._bad_until: dict[str, float] = {}
         self._next = 0
 
-    async def embed(self, texts: Sequence[str], timeout_s: float | None = None) -> Embeddings:
+    async def embed(self, texts: Sequence[str], timeout_s: float | None = None,
+                    tenant: str = "") -> Embeddings:
         deadline = self._clock() + (timeout_s if timeout_s is not None else self._timeout)
         candidates = self._candidates()
         if not candidates:
@@ -61,7 +66,7 @@ class NodeEmbedder:
             if remaining <= 0:
                 break
             try:
-                return await self._call(address, texts, remaining)
+                return await self._call(address, texts, remaining, tenant)
             except node_embed.EmbedError as exc:
                 self._bad_until[address] = self._clock() + self._cooldown
                 last = exc
@@ -84,8 +89,10 @@ class NodeEmbedder:
         # If all are cooling down, still try them: a stale verdict must not block forever.
         return good or rotated
 
-    async def _call(self, address: str, texts: Sequence[str], budget_s: float) -> Embeddings:
-        vectors, embedder_id = await self._client.embed(address, self._model, texts, budget_s)
+    async def _call(self, address: str, texts: Sequence[str], budget_s: float,
+                    tenant: str) -> Embeddings:
+        vectors, embedder_id = await self._client.embed(address, self._model, texts, budget_s,
+                                                        tenant)
         return Embeddings(vectors=normalise(vectors), embedder_id=embedder_id, address=address)
 
 

@@ -4,6 +4,20 @@ Used by ``/v1/embeddings`` when no HTTP embedding backend serves the model but a
 in-process embedder does, and by the response cache's :mod:`embedder` (which adds agent
 choice and failover on top). Channels are created on first use and kept until
 :meth:`NodeEmbedClient.forget` or :meth:`NodeEmbedClient.close`; every call has a deadline.
+
+Design decisions:
+
+- Every call presents the agent token (``auth.agent_token``, the agents'
+  ``control_plane.token``) and names the tenant it is made for; the agent partitions its
+  embedding cache by that tenant (:mod:`synapse_common.call_metadata`).
+- Failures map through one table (:func:`error_for`): a call over the agent's size
+  limits becomes :class:`errors.PayloadTooLarge` (413), other bad input
+  :class:`errors.BadRequest` (400) — the same on every agent, so not retried elsewhere;
+  anything else is :class:`EmbedError` (the caller may try another agent). No message
+  names an agent's address: it may reach a client. The address stays on
+  :attr:`EmbedError.address` for logs.
+- Only vectors and the embedder id leave this module: the agent's per-text ``cached``
+  flags are dropped here and never reach a response, a header or a log.
 """
 
 from __future__ import annotations
@@ -14,11 +28,18 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 
+from controlplane import errors
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
+from synapse_common import call_metadata
 
 
 class EmbedError(Exception):
-    """The agent could not embed (unreachable, deadline, or an error status)."""
+    """The agent could not embed (unreachable, deadline, refused, or an error status)."""
+
+    def __init__(self, message: str, *, address: str = "", code: str = "") -> None:
+        super().__init__(message)
+        self.address = address
+        self.code = code
 
 
 def unpack_rows(data: bytes, dim: int, count: int) -> np.ndarray:
@@ -28,8 +49,21 @@ def unpack_rows(data: bytes, dim: int, count: int) -> np.ndarray:
     return np.frombuffer(data, dtype="<f4").reshape(count, dim)
 
 
+def error_for(exc: grpc.aio.AioRpcError, address: str) -> Exception:
+    """Our exception for a failed ``Node.Embed`` call (see the module docstring)."""
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        trailer = dict(exc.trailing_metadata() or ())
+        if trailer.get(call_metadata.ERROR) == call_metadata.TOO_LARGE:
+            return errors.PayloadTooLarge(f"input is over the embedder's limits: {details}",
+                                          param="input")
+        return errors.BadRequest(f"input cannot be embedded: {details}", param="input")
+    return EmbedError(f"Node.Embed: {code.name}: {details}", address=address, code=code.name)
+
+
 class NodeEmbedClient:
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
+        self._auth = call_metadata.metadata(token)
         self._stubs: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeStub]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -41,19 +75,20 @@ class NodeEmbedClient:
             entry = self._stubs[address] = (channel, stub)
         return entry[1]
 
-    async def embed(self, address: str, model: str, texts: Sequence[str],
-                    timeout_s: float) -> tuple[np.ndarray, str]:
-        """(vectors as a float32 matrix, embedder id) for ``texts``."""
+    async def embed(self, address: str, model: str, texts: Sequence[str], timeout_s: float,
+                    tenant: str = "") -> tuple[np.ndarray, str]:
+        """(vectors as a float32 matrix, embedder id) for ``texts``, made for ``tenant``."""
         request = node_pb2.EmbedRequest(model=model, texts=list(texts), normalize=True)
+        metadata = (*self._auth, call_metadata.tenant(tenant))
         try:
-            reply = await self._stub(address).Embed(request, timeout=timeout_s)
+            reply = await self._stub(address).Embed(request, timeout=timeout_s,
+                                                    metadata=metadata)
         except grpc.aio.AioRpcError as exc:
-            raise EmbedError(f"Node.Embed at {address}: {exc.code().name}: "
-                             f"{exc.details()}") from None
+            raise error_for(exc, address) from None
         try:
             vectors = unpack_rows(reply.vectors, reply.dim, len(texts))
         except ValueError as exc:
-            raise EmbedError(f"Node.Embed at {address}: {exc}") from None
+            raise EmbedError(f"Node.Embed: {exc}", address=address) from None
         return vectors, reply.embedder_id or reply.model or model
 
     def forget(self, address: str) -> None:

@@ -71,7 +71,7 @@ async def _via_agent(request: web.Request, model: str, texts: list[str],
     last = ""
     for node in nodes[:svc.settings.router.max_attempts]:
         try:
-            vectors, _ = await client.embed(node.address, model, texts, EMBED_TIMEOUT_S)
+            vectors, _ = await client.embed(node.address, model, texts, EMBED_TIMEOUT_S, ctx.tenant)
         except node_embed.EmbedError as exc:
             log.debug("Node.Embed of node %s (%s) failed: %s", node.name, node.address, exc)
             last = str(exc)

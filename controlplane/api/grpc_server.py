@@ -5,9 +5,12 @@ One ``grpc.aio`` server on the same event loop as the HTTP API. Services are add
 service name — so the Admin service is one more entry in the list passed to
 :func:`start` (health status and reflection then cover it too).
 
-``Connect``: when ``auth.agent_token`` is set, the call must carry it as ``authorization:
-Bearer <token>`` metadata (else ``UNAUTHENTICATED``: a registered node is sent every
-tenant's prompts). The first message must be ``Register`` (else ``INVALID_ARGUMENT``);
+``Connect``: a registered node is sent every tenant's prompts, so the call must carry
+``auth.agent_token`` as ``authorization: Bearer <token>`` metadata, checked in constant
+time (:mod:`synapse_common.call_metadata`), else ``UNAUTHENTICATED``. Without a token
+configured every agent is refused, unless ``auth.allow_unauthenticated_agents`` says
+otherwise (the settings refuse that combination on a gRPC address other machines can
+reach). The first message must be ``Register`` (else ``INVALID_ARGUMENT``);
 then a reader task feeds reports and command acks into the registry and queues an
 ``Ack`` per report, a pump task moves the node's command outbox onto the stream, and the
 stream's end (or error) marks the node disconnected. Protos are converted to core value objects
@@ -18,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import cast
@@ -34,6 +35,7 @@ from controlplane.api import services as services_mod
 from controlplane.core import types
 from protos import enums
 from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
+from synapse_common import call_metadata
 
 log = logging.getLogger("synapse.controlplane.grpc")
 
@@ -104,28 +106,27 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
     def __init__(self, svc: services_mod.Services) -> None:
         self._svc = svc
         auth = svc.settings.auth
-        token = auth.agent_token.get_secret_value() if auth.agent_token and auth.enabled \
-            else None
-        # Kept as a digest and compared in constant time, like the API keys.
-        self._token_sha256 = hashlib.sha256(token.encode()).digest() if token else None
+        self._token = call_metadata.TokenCheck(auth.agent_token_value)
+        self._open = auth.allow_unauthenticated_agents and not self._token.configured
+        if self._token.configured:
+            self._refusal = ("missing or invalid agent token (auth.agent_token on the control "
+                             "plane, control_plane.token on the agent)")
+        else:
+            self._refusal = ("this control plane has no auth.agent_token: agents cannot "
+                             "register (or set auth.allow_unauthenticated_agents: true)")
+            if not self._open:
+                log.warning("no auth.agent_token is set: no agent can register")
 
     def _agent_allowed(self, context: grpc.aio.ServicerContext) -> bool:
         """A registered node receives every tenant's prompts: only agents holding
-        ``auth.agent_token`` may register when one is configured."""
-        if self._token_sha256 is None:
-            return True
-        header = dict(context.invocation_metadata() or ()).get("authorization")
-        scheme, _, value = (header if isinstance(header, str) else "").partition(" ")
-        given = hashlib.sha256(value.strip().encode()).digest()
-        return scheme.lower() == "bearer" and hmac.compare_digest(given, self._token_sha256)
+        ``auth.agent_token`` may register (or any, when explicitly allowed)."""
+        return self._open or self._token.accepts(context.invocation_metadata())
 
     async def Connect(self, request_iterator: AsyncIterator[controlplane_pb2.AgentMessage],
                       context: grpc.aio.ServicerContext,
                       ) -> AsyncIterator[controlplane_pb2.ControlMessage]:
         if not self._agent_allowed(context):
-            await abort(context, errors.Unauthorized(
-                "missing or invalid agent token (auth.agent_token on the control plane, "
-                "control_plane.token on the agent)"))
+            await abort(context, errors.Unauthorized(self._refusal))
             return
         try:
             first = await anext(aiter(request_iterator))

@@ -65,7 +65,7 @@ class Embeddings(Protocol):
 
 
 class Embedder(Protocol):
-    async def embed(self, texts: Sequence[str], timeout_s: float | None = None
-                    ) -> Embeddings: ...
+    async def embed(self, texts: Sequence[str], timeout_s: float | None = None,
+                    tenant: str = "") -> Embeddings: ...
 
     async def close(self) -> None: ...

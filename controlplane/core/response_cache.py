@@ -204,7 +204,8 @@ class TieredCache:
         budget = deadline - self._mono()
         start = self._mono()
         result = await self._budget.within(
-            self.embedder.embed([state.keys.semantic_text], timeout_s=budget),
+            self.embedder.embed([state.keys.semantic_text], timeout_s=budget,
+                                tenant=state.tenant),  # the agent's cache is per tenant
             budget, "embedder", "embedding")
         self.metrics.embedding_duration.observe(self._mono() - start)
         vector = np.asarray(result.vectors, dtype=np.float32)[0]

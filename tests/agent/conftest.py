@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests import harness
+from tests import harness, node_auth
 from tests.agent.control_plane import ControlPlaneServer
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -37,7 +37,7 @@ def agent_config(tmp_path: pathlib.Path, cp: ControlPlaneServer | None, **sectio
         "node_name": "test-node",
         "control_plane": {"addresses": [cp.address] if cp else [], "report_interval_s": 0.3,
                           "reconnect_min_s": 0.1, "reconnect_max_s": 0.5,
-                          "connect_timeout_s": 1.0},
+                          "connect_timeout_s": 1.0, "token": node_auth.TOKEN},
         "grpc": {"host": "127.0.0.1", "port": 0},
         "metrics": {"host": "127.0.0.1", "port": 0},
         "supervisor": {"log_dir": str(tmp_path / "engine-logs"), "probe_interval_s": 0.2,

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from protos.synapse.v1 import common_pb2, controlplane_pb2
-from tests import harness
+from tests import harness, node_auth
 from tests.agent.conftest import agent_config
 
 READY = common_pb2.BACKEND_PHASE_READY
@@ -241,7 +241,6 @@ def test_unknown_engine_binary_is_failed_not_crashlooping(tmp_path, control_plan
 
 def test_agent_serves_node_embed_from_its_cache_and_reports_fake_gpus(
         tmp_path, control_plane, start_agent):
-    import grpc
     import numpy as np
 
     from protos.synapse.v1 import node_pb2, node_pb2_grpc
@@ -257,7 +256,7 @@ def test_agent_serves_node_embed_from_its_cache_and_reports_fake_gpus(
     assert [g.name for g in register.gpus] == ["Sim 24GB"]
     assert list(register.embed_models) == ["sentence-transformers/all-MiniLM-L6-v2"]
 
-    with grpc.insecure_channel(agent.grpc_address) as channel:
+    with node_auth.channel(agent.grpc_address) as channel:
         _wait_node_serving(channel, 120, "the embedder to load", agent.proc)
         stub = node_pb2_grpc.NodeStub(channel)
         first = stub.Embed(node_pb2.EmbedRequest(texts=["hello world"]), timeout=30)
@@ -296,7 +295,6 @@ def test_node_embed_through_a_supervised_tei_engine(tmp_path, control_plane, sta
     import json
     import urllib.request
 
-    import grpc
     import numpy as np
 
     from protos.synapse.v1 import node_pb2, node_pb2_grpc
@@ -312,7 +310,7 @@ def test_node_embed_through_a_supervised_tei_engine(tmp_path, control_plane, sta
     backend = _wait_ready(control_plane, agent.proc, name="embed")
     assert backend.task == common_pb2.BACKEND_TASK_EMBED
     texts = [f"sentence number {i}" for i in range(40)]  # more than TEI's client batch (32)
-    with grpc.insecure_channel(agent.grpc_address) as channel:
+    with node_auth.channel(agent.grpc_address) as channel:
         _wait_node_serving(channel, 30, "the TEI embedder", agent.proc)
         reply = node_pb2_grpc.NodeStub(channel).Embed(
             node_pb2.EmbedRequest(model="BAAI/bge-small-en", texts=texts), timeout=30)

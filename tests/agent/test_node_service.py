@@ -10,10 +10,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from agent import embedding, node_service
+from agent import node_service
 from agent.config import EmbedderSettings
 from agent.core import lru
+from agent.embedding import minilm as minilm_mod
+from agent.embedding import model, service
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
+from tests import node_auth
 
 TEXTS = ["How do I reset my password?", "The cat sat on the mat.",
          "Kubernetes schedules pods onto nodes.", "été, naïve café — unicode text"]
@@ -21,19 +24,20 @@ TEXTS = ["How do I reset my password?", "The cat sat on the mat.",
 
 @pytest.fixture(scope="module")
 def minilm():
-    return embedding.load_minilm()
+    return model.load_minilm()
 
 
 @pytest.fixture
 async def node(minilm) -> AsyncIterator[tuple[node_pb2_grpc.NodeStub, node_service.NodeServer]]:
     cfg = EmbedderSettings(kind="minilm", max_texts=8, max_text_chars=1000)
-    embedder = embedding.MiniLmEmbedder(cfg, model=minilm)
-    service = embedding.EmbeddingService(cfg, embedder, lru.EmbeddingLru(1000, 10**7))
-    server = node_service.NodeServer(service, "127.0.0.1", 0,
-                                     lambda code, seconds: server.observed.append(code))
+    embedder = minilm_mod.MiniLmEmbedder(cfg, model=minilm)
+    embeddings = service.EmbeddingService(cfg, embedder, lru.EmbeddingLru(1000, 10**7))
+    server = node_service.NodeServer(embeddings, "127.0.0.1", 0,
+                                     lambda code, seconds: server.observed.append(code),
+                                     token=node_auth.TOKEN)
     server.observed = []
     await server.start(embedder_ready=True)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    channel = node_auth.aio_channel(f"127.0.0.1:{server.port}")
     yield node_pb2_grpc.NodeStub(channel), server
     await channel.close()
     await server.stop(0)
@@ -79,11 +83,11 @@ async def test_embed_errors_have_proper_status_codes(node):
 
 async def test_embed_without_a_loaded_model_is_unavailable():
     cfg = EmbedderSettings(kind="minilm")
-    embedder = embedding.MiniLmEmbedder(cfg)  # start() never ran: nothing loaded
-    service = embedding.EmbeddingService(cfg, embedder, lru.EmbeddingLru(10, 10**6))
-    server = node_service.NodeServer(service, "127.0.0.1", 0)
+    embedder = minilm_mod.MiniLmEmbedder(cfg)  # start() never ran: nothing loaded
+    embeddings = service.EmbeddingService(cfg, embedder, lru.EmbeddingLru(10, 10**6))
+    server = node_service.NodeServer(embeddings, "127.0.0.1", 0, token=node_auth.TOKEN)
     await server.start(embedder_ready=False)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    async with node_auth.aio_channel(f"127.0.0.1:{server.port}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await node_pb2_grpc.NodeStub(channel).Embed(node_pb2.EmbedRequest(texts=["a"]),
                                                         timeout=10)

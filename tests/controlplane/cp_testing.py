@@ -158,7 +158,8 @@ def settings(**overrides: Any) -> config.ControlPlaneSettings:
         "http": {"host": "127.0.0.1", "port": 0, "upstream_first_byte_timeout_s": 2.0,
                  "upstream_idle_timeout_s": 2.0, "max_body_bytes": 64 * 1024},
         "grpc": {"host": "127.0.0.1", "port": 0},
-        "auth": {"admin_key": ADMIN, "tenants": [
+        # tests play the agents (agent tokens: tests/security/test_agent_auth.py)
+        "auth": {"admin_key": ADMIN, "allow_unauthenticated_agents": True, "tenants": [
             {"name": "a", "keys": [KEY_A]},
             {"name": "b", "keys": [KEY_B]}]},
         "models": [{"name": MODEL, "aliases": ["llama"]}],

@@ -35,7 +35,9 @@ GIB = 1024**3
 def settings(redis_url: str | None = None) -> config.ControlPlaneSettings:
     data: dict[str, Any] = {
         "replica_id": "test", "grpc": {"host": "127.0.0.1", "port": 0},
-        "auth": {"admin_key": ADMIN_KEY, "tenants": [{"name": "t", "keys": [TENANT_KEY]}]},
+        # the test plays the agents (agent tokens: tests/security/test_agent_auth.py)
+        "auth": {"admin_key": ADMIN_KEY, "tenants": [{"name": "t", "keys": [TENANT_KEY]}],
+                 "allow_unauthenticated_agents": True},
         "models": [{"name": MODEL, "aliases": ["llama"]}],
         "cache": {"enabled": False},
     }

@@ -12,7 +12,8 @@ node_address = support.node_address       # fixture: a real Node.Embed server
 
 
 async def test_vectors_are_unpacked_normalised_and_labelled(node_address):
-    client = embedder.NodeEmbedder(lambda: [node_address], support.MODEL, timeout_s=10)
+    client = embedder.NodeEmbedder(lambda: [node_address], support.MODEL, timeout_s=10,
+                                   token=support.AGENT_TOKEN)
     result = await client.embed(["How do I reset my password?", "The cat sat on the mat."])
     assert result.vectors.shape == (2, 384) and result.vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, atol=1e-5)
@@ -24,7 +25,7 @@ async def test_vectors_are_unpacked_normalised_and_labelled(node_address):
 
 async def test_a_dead_agent_is_skipped_for_a_live_one(node_address):
     client = embedder.NodeEmbedder(lambda: ["127.0.0.1:1", node_address], support.MODEL,
-                                   timeout_s=10)
+                                   timeout_s=10, token=support.AGENT_TOKEN)
     for _ in range(3):      # whichever comes first in the rotation, the call succeeds
         assert (await client.embed(["hello"])).address == node_address
     await client.close()
@@ -41,7 +42,8 @@ async def test_no_agent_or_only_dead_ones_raise_embed_unavailable():
 
 
 async def test_unknown_model_is_an_error_not_a_wrong_vector(node_address):
-    client = embedder.NodeEmbedder(lambda: [node_address], "some-other-model", timeout_s=10)
+    client = embedder.NodeEmbedder(lambda: [node_address], "some-other-model", timeout_s=10,
+                                   token=support.AGENT_TOKEN)
     with pytest.raises(embedder.EmbedUnavailable, match="not served"):
         await client.embed(["hello"])
     await client.close()
@@ -57,7 +59,8 @@ def test_pack_unpack_round_trip_and_size_check():
 
 async def test_an_agent_that_leaves_is_no_longer_asked(node_address):
     addresses = [node_address]
-    client = embedder.NodeEmbedder(lambda: addresses, support.MODEL, timeout_s=10)
+    client = embedder.NodeEmbedder(lambda: addresses, support.MODEL, timeout_s=10,
+                                   token=support.AGENT_TOKEN)
     await client.embed(["hello"])
     addresses.clear()
     with pytest.raises(embedder.EmbedUnavailable, match="no ready agent"):

@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent import embedding, node_service
+from agent import node_service
 from agent.config import EmbedderSettings
 from agent.core import lru
+from agent.embedding import minilm, model, service
 from controlplane import cache_wiring
 from controlplane import metrics as metrics_mod
 from controlplane.adapters import embedder as embedder_mod
@@ -24,13 +25,14 @@ from controlplane.core import cache_port, response_cache, verifier
 from controlplane.core.l2 import timing
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+AGENT_TOKEN = "cache-test-agent-token"  # the control plane presents it on every Node call
 _MINILM = {}
 
 
 def minilm_model():
     """The MiniLM weights, loaded once per test process (a few seconds)."""
     if "model" not in _MINILM:
-        _MINILM["model"] = embedding.load_minilm()
+        _MINILM["model"] = model.load_minilm()
     return _MINILM["model"]
 
 
@@ -38,9 +40,9 @@ def minilm_model():
 async def node_address() -> AsyncIterator[str]:
     """host:port of a real agent ``Node`` gRPC server embedding with MiniLM."""
     cfg = EmbedderSettings(kind="minilm", max_texts=64, max_text_chars=4000)
-    emb = embedding.MiniLmEmbedder(cfg, model=minilm_model())
-    service = embedding.EmbeddingService(cfg, emb, lru.EmbeddingLru(1000, 10**7))
-    server = node_service.NodeServer(service, "127.0.0.1", 0)
+    emb = minilm.MiniLmEmbedder(cfg, model=minilm_model())
+    embeddings = service.EmbeddingService(cfg, emb, lru.EmbeddingLru(1000, 10**7))
+    server = node_service.NodeServer(embeddings, "127.0.0.1", 0, token=AGENT_TOKEN)
     await server.start(embedder_ready=True)
     yield f"127.0.0.1:{server.port}"
     await server.stop(0)
@@ -64,7 +66,8 @@ async def build_cache(node_address: str, milvus_path: str, store=None, time=None
         options=opts, l1=store or l1.MemoryL1(1000, 10**7), metrics=m, **clocks,
         l2=cache_wiring.milvus_l2(milvus_path, "synapse_cache", flush_interval_s=0.2,
                                   time=timing.Time(wall=time) if time else timing.Time()),
-        embedder=embedder_mod.NodeEmbedder(lambda: [node_address], MODEL, timeout_s=10.0),
+        embedder=embedder_mod.NodeEmbedder(lambda: [node_address], MODEL, timeout_s=10.0,
+                                           token=AGENT_TOKEN),
         verifier_model=verifier.load())
     return cache, m
 

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import yaml
 
-from tests import harness
+from tests import harness, node_auth
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 EMBED = "BAAI/bge-small-en-v1.5"
@@ -66,7 +66,7 @@ def _configs(tmp: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, str, dict[s
     cp = {"replica_id": "fleet", "data_dir": str(tmp / "cp-data"), "cache": {"enabled": False},
           "http": {"host": "127.0.0.1", "port": http},
           "grpc": {"host": "127.0.0.1", "port": grpc},
-          "auth": {"admin_key": ADMIN, "tenants": [
+          "auth": {"admin_key": ADMIN, "agent_token": node_auth.TOKEN, "tenants": [
               {"name": "team", "keys": [KEY]},
               {"name": "limited", "keys": [LIMITED], "requests_per_second": 0.01, "burst": 1}]},
           "models": [{"name": MODEL, "aliases": ["llama"]}],
@@ -78,7 +78,8 @@ def _configs(tmp: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, str, dict[s
                      "served_model_names": [EMBED], "port": ports["emb"]})
     agent = {"node_name": "node-1",
              "control_plane": {"addresses": [f"127.0.0.1:{grpc}"], "report_interval_s": 0.5,
-                               "reconnect_min_s": 0.2, "reconnect_max_s": 1},
+                               "reconnect_min_s": 0.2, "reconnect_max_s": 1,
+                               "token": node_auth.TOKEN},
              "grpc": {"host": "127.0.0.1", "port": 0}, "metrics": {"host": "127.0.0.1", "port": 0},
              "telemetry": {"source": "fake", "interval_s": 1},
              "supervisor": {"log_dir": str(tmp / "engines"), "scrape_interval_s": 0.5,

@@ -21,7 +21,7 @@ import openai
 import pytest
 import yaml
 
-from tests import fleet, harness
+from tests import fleet, harness, node_auth
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 KEY, ADMIN = "sk-cache-e2e-0123456789", "sk-admin-e2e-0123456789"
@@ -64,7 +64,8 @@ def _configs(tmp: pathlib.Path, redis_url: str) -> tuple[dict[str, pathlib.Path]
         cp = {"replica_id": name, "data_dir": str(tmp / name),
               "http": {"host": "127.0.0.1", "port": http[name]},
               "grpc": {"host": "127.0.0.1", "port": grpc[name]},
-              "auth": {"admin_key": ADMIN, "tenants": [{"name": "team", "keys": [KEY]}]},
+              "auth": {"admin_key": ADMIN, "agent_token": node_auth.TOKEN,
+                       "tenants": [{"name": "team", "keys": [KEY]}]},
               "models": [{"name": MODEL, "aliases": ["llama"]}],
               "upstreams": [{"name": "sim", "url": f"http://127.0.0.1:{sim_port}",
                              "models": [MODEL]}],
@@ -82,7 +83,7 @@ def _configs(tmp: pathlib.Path, redis_url: str) -> tuple[dict[str, pathlib.Path]
              "control_plane": {"addresses": [f"127.0.0.1:{grpc['main']}",
                                              f"127.0.0.1:{grpc['broken']}"],
                                "report_interval_s": 0.5, "reconnect_min_s": 0.2,
-                               "reconnect_max_s": 1},
+                               "reconnect_max_s": 1, "token": node_auth.TOKEN},
              "grpc": {"host": "127.0.0.1", "port": node_port,
                       "advertise_address": f"127.0.0.1:{node_port}"},
              "metrics": {"host": "127.0.0.1", "port": 0},

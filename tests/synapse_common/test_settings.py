@@ -109,7 +109,8 @@ def test_duplicate_alias_is_rejected(tmp_path: pathlib.Path) -> None:
 ])
 def test_examples_load(path: str, model: type, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("SYNAPSE_DEV_ADMIN_KEY", "SYNAPSE_DEV_API_KEY", "SYNAPSE_REDIS_URL",
-                 "SYNAPSE_MILVUS_URI", "SYNAPSE_MILVUS_TOKEN"):
+                 "SYNAPSE_MILVUS_URI", "SYNAPSE_MILVUS_TOKEN", "SYNAPSE_DEV_AGENT_TOKEN",
+                 "SYNAPSE_AGENT_TOKEN"):
         monkeypatch.setenv(name, f"value-of-{name.lower()}")
     raw = (EXAMPLES / path).read_text()
     data = settings.read_yaml(str(EXAMPLES / path), required=True)

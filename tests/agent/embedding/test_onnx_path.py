@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent import embedding, onnx_minilm
 from agent.config import EmbedderSettings
+from agent.embedding import errors, model, onnx_path, torch_path
+from agent.embedding import minilm as minilm_mod
 
 TEXTS = ["hi", "How do I reset my password?", "été, naïve café — unicode text",
          " ".join(["kubernetes schedules pods onto nodes"] * 80),  # truncated at 256
@@ -21,26 +22,26 @@ TEXTS = ["hi", "How do I reset my password?", "été, naïve café — unicode t
 
 @pytest.fixture(scope="module")
 def minilm() -> Any:
-    return embedding.load_minilm()
+    return model.load_minilm()
 
 
 @pytest.fixture(scope="module")
 def onnx_dir(minilm: Any, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A cache directory holding the export (made once for the module)."""
     path = tmp_path_factory.mktemp("onnx")
-    onnx_minilm.load(minilm, str(path), lambda t, n: embedding.encode(minilm, t, n))
+    onnx_path.load(minilm, str(path), lambda t, n: torch_path.encode(minilm, t, n))
     return path
 
 
-def _embedder(minilm: Any, cache_dir: pathlib.Path, **cfg: Any) -> embedding.MiniLmEmbedder:
+def _embedder(minilm: Any, cache_dir: pathlib.Path, **cfg: Any) -> minilm_mod.MiniLmEmbedder:
     settings = EmbedderSettings(kind="minilm", onnx_cache_dir=str(cache_dir), **cfg)
-    return embedding.MiniLmEmbedder(settings, minilm)
+    return minilm_mod.MiniLmEmbedder(settings, minilm)
 
 
 async def test_onnx_vectors_equal_sentence_transformers(minilm, onnx_dir, monkeypatch):
     calls: list[pathlib.Path] = []
-    real_export = onnx_minilm.export
-    monkeypatch.setattr(onnx_minilm, "export", lambda m, p: calls.append(p) or real_export(m, p))
+    real_export = onnx_path.export
+    monkeypatch.setattr(onnx_path, "export", lambda m, p: calls.append(p) or real_export(m, p))
     files = list(onnx_dir.iterdir())
     mtimes = [f.stat().st_mtime_ns for f in files]
     embedder = _embedder(minilm, onnx_dir, max_batch=2)
@@ -57,7 +58,7 @@ async def test_onnx_vectors_equal_sentence_transformers(minilm, onnx_dir, monkey
     np.testing.assert_allclose(one_call, expected, atol=1e-5, rtol=0)
     for text, row in zip(TEXTS, singles, strict=True):
         np.testing.assert_allclose(row[0], minilm.encode([text])[0], atol=1e-5, rtol=0)
-    batch = onnx_minilm.OnnxMiniLm(minilm, embedder._onnx._session).encode(TEXTS, 64)
+    batch = onnx_path.OnnxMiniLm(minilm, embedder._onnx._session).encode(TEXTS, 64)
     np.testing.assert_allclose(batch, expected, atol=1e-5, rtol=0)  # one padded batch
 
 
@@ -65,7 +66,7 @@ async def test_runtime_torch_forces_torch(minilm, onnx_dir, monkeypatch):
     def no_onnx(*args: Any) -> None:
         raise AssertionError("runtime torch must not touch ONNX")
 
-    monkeypatch.setattr(onnx_minilm, "load", no_onnx)
+    monkeypatch.setattr(onnx_path, "load", no_onnx)
     embedder = _embedder(minilm, onnx_dir, runtime="torch")
     await embedder.start()
     assert embedder.runtime == "torch"
@@ -77,7 +78,7 @@ async def test_a_failed_export_falls_back_to_torch(minilm, tmp_path, monkeypatch
     def broken(model: Any, path: pathlib.Path) -> None:
         raise RuntimeError("exporter exploded")
 
-    monkeypatch.setattr(onnx_minilm, "export", broken)
+    monkeypatch.setattr(onnx_path, "export", broken)
     embedder = _embedder(minilm, tmp_path / "empty")
     with caplog.at_level(logging.WARNING, logger="agent.embedding"):
         await embedder.start()
@@ -89,8 +90,8 @@ async def test_a_failed_export_falls_back_to_torch(minilm, tmp_path, monkeypatch
 
 async def test_vectors_that_differ_from_torch_fall_back_to_torch(minilm, onnx_dir, monkeypatch,
                                                                   caplog):
-    real_pool = onnx_minilm.pool
-    monkeypatch.setattr(onnx_minilm, "pool", lambda h, m: real_pool(h, m) + 1e-4)
+    real_pool = onnx_path.pool
+    monkeypatch.setattr(onnx_path, "pool", lambda h, m: real_pool(h, m) + 1e-4)
     embedder = _embedder(minilm, onnx_dir)
     with caplog.at_level(logging.WARNING, logger="agent.embedding"):
         await embedder.start()
@@ -105,7 +106,7 @@ async def test_forced_onnx_without_onnxruntime_is_unavailable_with_the_reason(
     embedder = _embedder(minilm, onnx_dir, runtime="onnx")
     await embedder.start()
     assert not embedder.ready and not await embedder.probe()
-    with pytest.raises(embedding.EmbedderUnavailable, match=r"runtime is onnx.*onnxruntime"):
+    with pytest.raises(errors.EmbedderUnavailable, match=r"runtime is onnx.*onnxruntime"):
         await embedder.embed(["hi"])
     await embedder.close()
 
@@ -119,13 +120,13 @@ async def test_forced_onnx_without_onnxruntime_is_unavailable_with_the_reason(
 
 
 def test_only_mean_pooling_then_normalize_is_taken_to_onnx(minilm):
-    onnx_minilm.check_modules(minilm)  # all-MiniLM-L6-v2: Transformer, Pooling(mean), Normalize
+    onnx_path.check_modules(minilm)  # all-MiniLM-L6-v2: Transformer, Pooling(mean), Normalize
 
     class Pooling:
         def get_config_dict(self) -> dict[str, Any]:
             return {"pooling_mode": "cls"}
 
-    with pytest.raises(onnx_minilm.OnnxUnavailable, match="not mean pooling"):
-        onnx_minilm.check_modules([minilm[0], Pooling(), minilm[2]])
-    with pytest.raises(onnx_minilm.OnnxUnavailable, match="modules"):
-        onnx_minilm.check_modules([minilm[0], minilm[1]])  # no Normalize
+    with pytest.raises(onnx_path.OnnxUnavailable, match="not mean pooling"):
+        onnx_path.check_modules([minilm[0], Pooling(), minilm[2]])
+    with pytest.raises(onnx_path.OnnxUnavailable, match="modules"):
+        onnx_path.check_modules([minilm[0], minilm[1]])  # no Normalize

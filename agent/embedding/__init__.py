@@ -1,0 +1,19 @@
+"""Embeddings behind ``Node.Embed``: one module per concept, imported as modules.
+
+==================  ===============================================================
+``errors``          the error tree (mapped to gRPC codes in :mod:`agent.node_service`)
+``protocol``        what the service needs of an embedder
+``batcher``         natural micro-batching, bounded, cancelled callers leave the queue
+``model``           all-MiniLM-L6-v2: loading, its id, the tokenizer, length-ordered chunks
+``torch_path``      the model's vectors in torch
+``onnx_path``       its transformer in onnxruntime, checked against torch at start
+``minilm``          the in-process embedder (either runtime, off the event loop)
+``tei``             the Text Embeddings Inference client
+``service``         per-call limits, the per-tenant cache, the embedder: what Embed calls
+==================  ===============================================================
+
+Each imports only the modules above it in this table (and :mod:`agent.core`,
+:mod:`agent.config`, :mod:`synapse_common`); nothing here imports gRPC. Nothing is
+re-exported here, so importing one module never loads another's dependencies (aiohttp
+for ``tei``, torch only when a model is loaded).
+"""
