@@ -27,7 +27,15 @@ from typing import Any
 import psutil
 from prometheus_client import CollectorRegistry
 
-from agent import convert, http_metrics, node_service, reporter, supervisor, telemetry
+from agent import (
+    convert,
+    http_metrics,
+    node_service,
+    placement,
+    reporter,
+    supervisor,
+    telemetry,
+)
 from agent import metrics as agent_metrics
 from agent.config import AgentSettings, EmbedderSettings
 from agent.core import lru, types
@@ -63,7 +71,8 @@ class Agent:
         # nvmlInit runs here, once, before anything is served (it fails fast without a
         # driver); every later NVML call runs in a worker thread.
         self.source = telemetry.build(
-            cfg.telemetry, on_error=self.metrics.nvml_errors.labels(self.node).inc)
+            cfg.telemetry, on_error=self.metrics.nvml_errors.labels(self.node).inc,
+            holding=lambda: placement.holding(self.supervisor))
         sup = cfg.supervisor
         advertise = sup.advertise_host or (node_ip() if _wildcard(sup.engine_host)
                                            else sup.engine_host)
@@ -192,7 +201,8 @@ class Agent:
             node_name=self.node, agent_version=agent_version(),
             gpus=[convert.gpu(g) for g in self.gpus], node_address=self.advertised_address,
             telemetry=convert.telemetry(self.source.status()),
-            embed_models=[self.embeddings.model] if self.embeddings else [])
+            embed_models=[self.embeddings.model] if self.embeddings else [],
+            engine_port_range=placement.port_range(self.cfg.supervisor))
 
     def report_message(self) -> controlplane_pb2.Report:
         self._sequence += 1
@@ -230,12 +240,7 @@ class Agent:
             return True, ""
 
     async def _desired(self, msg: controlplane_pb2.DesiredBackends) -> tuple[bool, str]:
-        specs, errors = [], []
-        for spec in msg.backends:
-            try:
-                specs.append(convert.spec_from_proto(spec))
-            except convert.SpecError as exc:
-                errors.append(str(exc))
+        specs, errors = placement.accept(msg, self.supervisor, self.gpus)
         errors += await self.supervisor.apply_desired(specs)
         return not errors, "; ".join(errors)
 

@@ -67,6 +67,8 @@ class MetricsSettings(Section):
 class FakeGpu(Section):
     name: str = Field("Simulated GPU 80GB", description="reported device name")
     memory_total_gb: float = Field(80.0, gt=0, description="device memory")
+    memory_used_gb: float | None = Field(None, ge=0, description="memory in use besides the "
+                                         "agent's engines (none: a slow wave, 30-90%)")
 
 
 class TelemetrySettings(Section):
@@ -136,6 +138,19 @@ class SupervisorSettings(Section):
         "(default: engine_host, or the node IP when engine_host is a wildcard)")
     unhealthy_restart_s: float = Field(60.0, gt=0, description="restart an engine that "
                                        "stayed unhealthy this long")
+
+    # -- placement (helper "fleet"): ports the control plane may give deployed engines --
+    engine_port_range: tuple[int, int] | None = Field(
+        None, description="[first, last] ports (inclusive) for engines the control plane "
+        "deploys: it picks one per engine and the agent refuses others (the NetworkPolicy "
+        "must open them); none = any port")
+
+    @pydantic.field_validator("engine_port_range")
+    @classmethod
+    def _port_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 1 <= value[0] <= value[1] <= 65535:
+            raise ValueError("must be [first, last] with 1 <= first <= last <= 65535")
+        return value
 
 
 class EmbedderSettings(Section):

@@ -16,7 +16,10 @@ Decisions:
 * NVML calls are blocking ioctls: the agent runs ``sample()`` in ``asyncio.to_thread``.
 * :class:`FakeSource` (config ``telemetry.source: fake``) gives N GPUs whose utilisation
   follows a slow wave with noise, with memory, temperature and power derived from it,
-  driven by an injected clock so tests are deterministic.
+  driven by an injected clock so tests are deterministic. Memory in use is the wave's
+  (or ``memory_used_gb`` when set) plus what the agent's engines hold on that GPU, as
+  ``holding()`` reports them (GPU indices, fraction of the total): like NVML, a placed
+  engine's memory shows as used once it runs, so placement sees it.
 """
 
 from __future__ import annotations
@@ -27,14 +30,15 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from agent.config import TelemetrySettings
+from agent.config import FakeGpu, TelemetrySettings
 from agent.core import types
 
 RETRY_INIT_S = 30.0
 GIB = 1024**3
+Holding = tuple[tuple[int, ...], float]   # an engine's GPU indices, fraction of each held
 
 
 class GpuSource(Protocol):
@@ -176,11 +180,12 @@ class FakeSource:
     name = "fake"
 
     def __init__(self, cfg: TelemetrySettings, clock: Callable[[], float] = time.monotonic,
-                 seed: int = 0) -> None:
+                 seed: int = 0, holding: Callable[[], Iterable[Holding]] = tuple) -> None:
         self._gpus = cfg.fake_gpus
         self._clock = clock
         self._rng = random.Random(seed)
         self._t0 = clock()
+        self._holding = holding
 
     def status(self) -> types.TelemetryStatus:
         return types.TelemetryStatus("fake", True, "")
@@ -190,14 +195,19 @@ class FakeSource:
 
     def sample(self) -> list[types.GpuSample]:
         t = self._clock() - self._t0
-        return [self._one(i, gpu.name, gpu.memory_total_gb, t)
-                for i, gpu in enumerate(self._gpus)]
+        held: dict[int, float] = {}
+        for indices, fraction in self._holding():
+            for i in indices:
+                held[i] = held.get(i, 0.0) + fraction
+        return [self._one(i, gpu, t, held.get(i, 0.0)) for i, gpu in enumerate(self._gpus)]
 
-    def _one(self, index: int, name: str, total_gb: float, t: float) -> types.GpuSample:
+    def _one(self, index: int, gpu: FakeGpu, t: float, held: float) -> types.GpuSample:
         wave = 0.5 + 0.4 * math.sin(t / 60.0 + index)
         util = min(100.0, max(0.0, 100 * wave + self._rng.uniform(-5, 5)))
-        total = int(total_gb * GIB)
-        used = int(total * (0.3 + 0.6 * wave))
+        name, total = gpu.name, int(gpu.memory_total_gb * GIB)
+        base = total * (0.3 + 0.6 * wave) if gpu.memory_used_gb is None \
+            else gpu.memory_used_gb * GIB
+        used = min(total, int(base + held * total))
         return types.GpuSample(
             index=index, uuid=f"GPU-fake-{index:04d}", name=name,
             memory_total_bytes=total, memory_used_bytes=used, memory_free_bytes=total - used,
@@ -206,7 +216,8 @@ class FakeSource:
             power_watts=round(70 + util * 3.3, 1), power_limit_watts=400.0)
 
 
-def build(cfg: TelemetrySettings, on_error: Callable[[], None]) -> GpuSource:
+def build(cfg: TelemetrySettings, on_error: Callable[[], None],
+          holding: Callable[[], Iterable[Holding]] = tuple) -> GpuSource:
     if cfg.source == "fake":
-        return FakeSource(cfg)
+        return FakeSource(cfg, holding=holding)
     return NvmlSource(on_error=on_error)

@@ -128,7 +128,10 @@ def _add_model_commands(sub: Any) -> None:
     deploy.add_argument("--memory-gb", type=float, default=0.0, help="declared VRAM need")
     deploy.add_argument("--served-model-name", action="append", default=[])
     deploy.add_argument("--max-model-len", type=int, default=0)
-    deploy.add_argument("--gpu-memory-utilization", type=float, default=0.0)
+    deploy.add_argument("--gpu-memory-utilization", type=float, default=0.0,
+                        help="share of each GPU's memory (default: from --memory-gb)")
+    deploy.add_argument("--tensor-parallel-size", type=int, default=0, metavar="N",
+                        help="GPUs per engine (passed to vLLM; placement picks N GPUs)")
     deploy.add_argument("--task", choices=("generate", "embed"), default="generate")
     deploy.add_argument("--extra-arg", action="append", default=[],
                         help="argument passed to the engine (repeatable)")

@@ -75,7 +75,9 @@ class AdminClient:
             model=args.model, engine=enums.ENGINE_KIND.value(args.engine), nodes=args.node,
             replicas=args.replicas, memory_required_bytes=int(args.memory_gb * 1024**3),
             served_model_names=args.served_model_name, max_model_len=args.max_model_len,
-            gpu_memory_utilization=args.gpu_memory_utilization, extra_args=args.extra_arg,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            extra_args=args.extra_arg + (["--tensor-parallel-size", str(tp)]
+                                         if (tp := args.tensor_parallel_size) else []),
             task=enums.BACKEND_TASK.value(args.task))
         return self._call("DeployModel", request)  # type: ignore[return-value]
 
