@@ -56,6 +56,11 @@ class SqliteJournal:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no write-behind scheduled or running."""
+        return not self._ops and (self._task is None or self._task.done())
+
     async def load(self, now: float) -> list[Saved]:
         """The live entries, oldest write first (expired ones are deleted)."""
         return await asyncio.to_thread(self._load_sync, now)

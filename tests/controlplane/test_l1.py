@@ -5,14 +5,18 @@ from __future__ import annotations
 import pytest
 import redis.exceptions
 
-from controlplane.adapters import l1
+from controlplane.adapters import l1, l1_journal
+from tests import harness
 from tests.clock import ManualClock
+from tests.controlplane.l2.fakes import ManualTime
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "journaled", "redis"])
 async def store(request, tmp_path):
-    if request.param == "memory":
-        s = l1.MemoryL1(max_entries=100, max_bytes=10**6)
+    if request.param in ("memory", "journaled"):
+        journal = (l1_journal.SqliteJournal(str(tmp_path / "l1.sqlite"))
+                   if request.param == "journaled" else None)
+        s = l1.MemoryL1(max_entries=100, max_bytes=10**6, journal=journal)
         yield s
     else:
         redis_server = request.getfixturevalue("redis_server")
@@ -91,3 +95,63 @@ async def test_redis_down_raises_quickly_instead_of_hanging(redis_server):
     with pytest.raises((redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
         await s.get("t", "m", "k")
     await s.close()
+
+
+def journaled(path, time: ManualTime, **bounds) -> l1.MemoryL1:
+    """An in-process L1 kept in ``path``; ``time`` is its wall and monotonic clock and
+    drives the journal's write-behind."""
+    limits = {"max_entries": 100, "max_bytes": 10**6, **bounds}
+    return l1.MemoryL1(**limits, clock=time, wall=time,
+                       journal=l1_journal.SqliteJournal(str(path), 1.0, time.sleep))
+
+
+async def restarted(path, time: ManualTime, **bounds) -> l1.MemoryL1:
+    """A new process's L1 on the same journal, once it has read it back."""
+    store = journaled(path, time, **bounds)
+    await store.get("-", "-", "-")          # the first call starts reading the journal
+    await time.settle()
+    assert store._restore is not None
+    await store._restore
+    return store
+
+
+async def test_a_journaled_l1_keeps_its_entries_across_a_restart(tmp_path):
+    path, time = tmp_path / "data" / "l1.sqlite", ManualTime()
+    first = journaled(path, time)
+    await first.set("acme", "m", "kept", b"answer", ttl_s=600)
+    await first.set("acme", "m", "short", b"gone soon", ttl_s=60)
+    await first.set("globex", "m", "dropped", b"invalidated", ttl_s=600)
+    await first.invalidate("globex", None)
+    await first.close()                     # a clean stop writes everything behind
+    time.now += 120
+    again = await restarted(path, time)
+    assert await again.get("acme", "m", "kept") == b"answer"
+    assert await again.get("acme", "m", "short") is None, "expired while stopped"
+    assert await again.get("globex", "m", "dropped") is None, "invalidated before the stop"
+    time.now += 481                         # the TTL stays absolute across the restart
+    assert await again.get("acme", "m", "kept") is None
+    await again.close()
+
+
+async def test_the_journal_is_written_behind_and_read_under_newer_writes(tmp_path):
+    path, time = tmp_path / "l1.sqlite", ManualTime()
+    journal = l1_journal.SqliteJournal(str(path), 1.0, time.sleep)
+    first = l1.MemoryL1(2, 10**6, clock=time, wall=time, journal=journal)
+    for key in ("a", "b", "c"):             # "a" is evicted: its copy goes too
+        await first.set("t", "m", key, key.encode(), ttl_s=600)
+    await time.advance(0.9)
+    assert not journal.idle
+    await time.advance(0.1)                 # the write-behind interval: to disk now
+    await harness.until(lambda: journal.idle, 10, "the write-behind")
+    crashed = await restarted(path, time)   # as after a crash: "first" never closed
+    assert await crashed.get("t", "m", "c") == b"c"
+    assert await crashed.get("t", "m", "a") is None
+    await crashed.close()
+    second = journaled(path, time)
+    await second.set("t", "m", "b", b"newer", ttl_s=600)    # before the journal is read
+    await time.settle()
+    await second._restore
+    assert await second.get("t", "m", "b") == b"newer"
+    assert await second.get("t", "m", "c") == b"c"
+    assert await second.get("t", "m", "a") is None
+    await second.close()
