@@ -151,16 +151,28 @@ def stats(resp: admin_pb2.Stats) -> Rendered:
     return Rendered("\n".join(lines), _data(resp))
 
 
+def _costs(b: admin_pb2.BackendVerdict) -> str | None:
+    """The costs behind the prediction: µs per prefill token, ms per decode step, ms to a
+    first token, and whether they were learned (from how many answers) or configured."""
+    if not b.prefill_seconds_per_token:
+        return None
+    source = f"learned/{b.cost_samples}" if b.cost_samples else "configured"
+    return (f"{b.prefill_seconds_per_token * 1e6:.0f}us/tok "
+            f"{b.decode_seconds_per_step * 1000:.1f}ms/step "
+            f"+{b.overhead_seconds * 1000:.0f}ms ({source})")
+
+
 def explain(resp: admin_pb2.ExplainRouteResponse) -> Rendered:
     rows = [[b.rank or "-", b.node, b.backend, "yes" if b.eligible else "no",
              b.filter_reason, f"{b.predicted_ttft_seconds * 1000:.1f}" if b.eligible else None,
              f"{b.queue_wait_seconds * 1000:.1f}" if b.eligible else None,
              f"{b.prefill_seconds * 1000:.1f}" if b.eligible else None,
-             f"{b.cached_tokens}/{b.prompt_tokens}"] for b in
-            sorted(resp.backends, key=lambda b: (b.rank == 0, b.rank))]
-    head = (f"model {resp.model}  policy {resp.policy}  prompt tokens {resp.prompt_tokens}\n"
+             f"{b.cached_tokens}/{b.prompt_tokens}", b.block_size or None,
+             _costs(b)] for b in sorted(resp.backends, key=lambda b: (b.rank == 0, b.rank))]
+    head = (f"model {resp.model}  policy {resp.policy}  prompt tokens {resp.prompt_tokens}"
+            + (f"  tokenizer {resp.tokenizer}" if resp.tokenizer else "") + "\n"
             f"chosen: {resp.chosen_backend or 'none'}"
             + (f"  ({resp.reason})" if resp.reason else ""))
     body = table(["RANK", "NODE", "BACKEND", "ELIGIBLE", "FILTERED-BECAUSE", "TTFT-MS",
-                  "QUEUE-MS", "PREFILL-MS", "CACHED/PROMPT"], rows)
+                  "QUEUE-MS", "PREFILL-MS", "CACHED/PROMPT", "BLOCK", "COSTS"], rows)
     return Rendered(f"{head}\n\n{body}", _data(resp))

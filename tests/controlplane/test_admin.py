@@ -305,6 +305,9 @@ async def test_explain_lists_every_backend_with_its_verdict(fleet) -> None:
     assert not by_node["gpu-a"].eligible and "cordoned" in by_node["gpu-a"].filter_reason
     assert by_node["gpu-b"].eligible and by_node["gpu-b"].rank == 1
     assert by_node["gpu-b"].predicted_ttft_seconds > 0 and by_node["gpu-b"].prompt_tokens > 0
+    # no models[].tokenizer configured: the approximation, the configured costs
+    assert resp.tokenizer == "approximate" and by_node["gpu-b"].cost_samples == 0
+    assert by_node["gpu-b"].prefill_seconds_per_token > 0 and by_node["gpu-b"].block_size > 0
     assert resp.chosen_backend == "gpu-b/sim-0"
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await admin("ExplainRoute", admin_pb2.ExplainRouteRequest(model="nope", prompt="x"))

@@ -52,8 +52,11 @@ class AdminForTests(admin_pb2_grpc.AdminServicer):
         self._auth(context)
         return admin_pb2.ExplainRouteResponse(
             model=request.model, policy="predicted_ttft", chosen_backend="sim-1", prompt_tokens=9,
+            tokenizer="approximate",
             backends=[admin_pb2.BackendVerdict(node="gpu-a", backend="sim-1", eligible=True,
-                                               predicted_ttft_seconds=0.01, rank=1),
+                                               predicted_ttft_seconds=0.01, rank=1,
+                                               block_size=128, prefill_seconds_per_token=0.0005,
+                                               decode_seconds_per_step=0.03, cost_samples=12),
                       admin_pb2.BackendVerdict(node="gpu-b", backend="sim-2", eligible=False,
                                                filter_reason="node cordoned")])
 
@@ -126,6 +129,7 @@ def test_explain_lists_candidates_and_filtered_backends(admin_server) -> None:
                        {"SYNAPSE_ADMIN_TOKEN": TOKEN})
     assert code == 0
     assert "chosen: sim-1" in out and "node cordoned" in out
+    assert "tokenizer approximate" in out and "500us/tok 30.0ms/step +0ms (learned/12)" in out
 
 
 def test_usage_errors_exit_2() -> None:

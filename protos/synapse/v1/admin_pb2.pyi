@@ -317,7 +317,7 @@ class ExplainRouteRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages_json: _Optional[str] = ..., session_id: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class BackendVerdict(_message.Message):
-    __slots__ = ("node", "backend", "url", "eligible", "filter_reason", "predicted_ttft_seconds", "queue_wait_seconds", "prefill_seconds", "prompt_tokens", "cached_tokens", "rank", "session_affinity")
+    __slots__ = ("node", "backend", "url", "eligible", "filter_reason", "predicted_ttft_seconds", "queue_wait_seconds", "prefill_seconds", "prompt_tokens", "cached_tokens", "rank", "session_affinity", "block_size", "prefill_seconds_per_token", "decode_seconds_per_step", "overhead_seconds", "cost_samples")
     NODE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +330,11 @@ class BackendVerdict(_message.Message):
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SESSION_AFFINITY_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SECONDS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    OVERHEAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     node: str
     backend: str
     url: str
@@ -342,20 +347,27 @@ class BackendVerdict(_message.Message):
     cached_tokens: int
     rank: int
     session_affinity: bool
-    def __init__(self, node: _Optional[str] = ..., backend: _Optional[str] = ..., url: _Optional[str] = ..., eligible: _Optional[bool] = ..., filter_reason: _Optional[str] = ..., predicted_ttft_seconds: _Optional[float] = ..., queue_wait_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., rank: _Optional[int] = ..., session_affinity: _Optional[bool] = ...) -> None: ...
+    block_size: int
+    prefill_seconds_per_token: float
+    decode_seconds_per_step: float
+    overhead_seconds: float
+    cost_samples: int
+    def __init__(self, node: _Optional[str] = ..., backend: _Optional[str] = ..., url: _Optional[str] = ..., eligible: _Optional[bool] = ..., filter_reason: _Optional[str] = ..., predicted_ttft_seconds: _Optional[float] = ..., queue_wait_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., rank: _Optional[int] = ..., session_affinity: _Optional[bool] = ..., block_size: _Optional[int] = ..., prefill_seconds_per_token: _Optional[float] = ..., decode_seconds_per_step: _Optional[float] = ..., overhead_seconds: _Optional[float] = ..., cost_samples: _Optional[int] = ...) -> None: ...
 
 class ExplainRouteResponse(_message.Message):
-    __slots__ = ("model", "policy", "chosen_backend", "backends", "prompt_tokens", "reason")
+    __slots__ = ("model", "policy", "chosen_backend", "backends", "prompt_tokens", "reason", "tokenizer")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_BACKEND_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     model: str
     policy: str
     chosen_backend: str
     backends: _containers.RepeatedCompositeFieldContainer[BackendVerdict]
     prompt_tokens: int
     reason: str
-    def __init__(self, model: _Optional[str] = ..., policy: _Optional[str] = ..., chosen_backend: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[BackendVerdict, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    tokenizer: str
+    def __init__(self, model: _Optional[str] = ..., policy: _Optional[str] = ..., chosen_backend: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[BackendVerdict, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., reason: _Optional[str] = ..., tokenizer: _Optional[str] = ...) -> None: ...
