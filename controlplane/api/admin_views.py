@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from controlplane.core import catalog, intent, ledger, placement, registry, types
+from controlplane.core import catalog, fleet, ledger, placement, registry, types
 from protos import enums
 from protos.synapse.v1 import admin_pb2, common_pb2, controlplane_pb2
 
 
 def _report(view: types.NodeView) -> controlplane_pb2.Report | None:
     return view.report if isinstance(view.report, controlplane_pb2.Report) else None
-
-
-def node_in_flight(view: types.NodeView, led: ledger.Ledger) -> int:
-    """This replica's in-flight requests on the node plus what its engines still hold."""
-    ours = sum(led.load(b.key).in_flight for b in view.backends)
-    engines = sum(b.running + b.waiting for b in view.backends)
-    return max(ours, engines)
 
 
 def node_summary(view: types.NodeView, led: ledger.Ledger) -> admin_pb2.NodeSummary:
@@ -29,7 +23,7 @@ def node_summary(view: types.NodeView, led: ledger.Ledger) -> admin_pb2.NodeSumm
         backends_ready=sum(1 for b in view.backends if b.phase == "ready"),
         backends_total=len(view.backends), last_report_age_seconds=view.last_report_age_s,
         agent_version=view.info.agent_version, address=view.info.address,
-        in_flight=node_in_flight(view, led))
+        in_flight=fleet.node_in_flight(view, led))
     if rep is not None:
         summary.telemetry.CopyFrom(rep.telemetry)
     return summary
@@ -51,20 +45,52 @@ def node_detail(view: types.NodeView, led: ledger.Ledger) -> admin_pb2.NodeDetai
     return detail
 
 
+def _gpu_total(g: common_pb2.GpuSample) -> int:
+    if g.HasField("memory_total_bytes"):
+        return int(g.memory_total_bytes)
+    return int(g.memory_free_bytes) + int(g.memory_used_bytes)
+
+
+def _port(url: str) -> int | None:
+    port = urllib.parse.urlsplit(url).port if url else None
+    return port
+
+
+def _spec_gpus(spec: Mapping[str, Any]) -> list[int]:
+    return [int(i) for i in spec.get("gpuIndices", ())]
+
+
 def capacity(view: types.NodeView, desired: Mapping[str, Mapping[str, Any]]
              ) -> placement.NodeCapacity:
+    """What placement needs of a node: its GPUs' memory from the last report, minus the
+    engines placed there that have not allocated yet, and the ports its engines use."""
     rep = _report(view)
-    gpus = rep.gpus if rep else []
-    free = tuple(int(g.memory_free_bytes) for g in gpus if g.HasField("memory_free_bytes"))
+    gpus = [g for g in (rep.gpus if rep else []) if g.HasField("memory_free_bytes")]
+    totals = {g.index: _gpu_total(g) for g in gpus}
     reported = {b.name: b for b in rep.backends} if rep else {}
-    # Engines that have not allocated their memory yet: starting ones, and desired ones the
-    # agent has not reported at all.
-    pending = sum(int(b.memory_reserved_bytes) for b in reported.values()
-                  if b.phase == common_pb2.BACKEND_PHASE_STARTING)
-    pending += sum(int(s.get("memoryRequiredBytes", 0)) for n, s in desired.items()
-                   if n not in reported)
-    ok = bool(rep and rep.telemetry.ok)
-    return placement.NodeCapacity(view.info.name, view.status, ok, free, pending)
+    pending = dict.fromkeys(totals, 0)
+    node_wide = 0
+    for name, spec in desired.items():   # placed by the control plane: GPUs known
+        b = reported.get(name)
+        if b is not None and b.phase != common_pb2.BACKEND_PHASE_STARTING:
+            continue                     # running: NVML already counts its memory
+        indices = [i for i in _spec_gpus(spec) if i in totals]
+        fraction = float(spec.get("gpuMemoryUtilization", 0.0))
+        declared = int(spec.get("memoryRequiredBytes", 0))
+        if not indices:
+            node_wide += declared
+        for i in indices:
+            pending[i] += int(fraction * totals[i]) if fraction else declared // len(indices)
+    # Engines from the agent's own config that are starting: their GPUs are not known here.
+    node_wide += sum(int(b.memory_reserved_bytes) for n, b in reported.items()
+                     if n not in desired and b.phase == common_pb2.BACKEND_PHASE_STARTING)
+    ports = {int(s["port"]) for s in desired.values() if s.get("port")}
+    ports |= {p for b in reported.values() if (p := _port(b.url)) is not None}
+    return placement.NodeCapacity(
+        view.info.name, view.status, bool(rep and rep.telemetry.ok),
+        tuple(placement.Gpu(g.index, totals[g.index], int(g.memory_free_bytes),
+                            pending[g.index]) for g in gpus),
+        node_wide, view.info.engine_ports, frozenset(ports))
 
 
 def backend_spec(request: admin_pb2.DeployModelRequest, model: str, engine: str,
@@ -89,11 +115,9 @@ def backend_spec(request: admin_pb2.DeployModelRequest, model: str, engine: str,
 
 
 def models(cat: catalog.Catalog, reg: registry.Registry,
-           fleet: intent.FleetIntent) -> admin_pb2.ListModelsResponse:
-    deploying = {s.get("model") for i in fleet.intents.values() for s in i.desired.values()}
+           deploying: set[str]) -> admin_pb2.ListModelsResponse:
     names = [e.name for e in cat.configured()]
-    names += sorted(m for m in reg.served_models() | {str(d) for d in deploying if d}
-                    if m not in names)
+    names += sorted(m for m in reg.served_models() | deploying if m not in names)
     out = admin_pb2.ListModelsResponse()
     for name in names:
         info = out.models.add(name=name, aliases=cat.aliases(name), fallbacks=cat.fallbacks(name))
