@@ -20,6 +20,8 @@ TOPICS = {
     "TTFT": "synapse_time_to_first_byte_seconds_bucket",
     "cache hit rate by layer": "synapse_cache_hits_total",
     "routing decisions": "synapse_route_decisions_total",
+    "routing accuracy": "synapse_route_prediction_error_ttft_seconds_bucket",
+    "learned costs": "synapse_route_learned_prefill_seconds_per_token",
     "retries": "synapse_upstream_retries_total",
     "backend states": "synapse_backends",
     "GPU utilisation": "synapse_agent_gpu_utilization_percent",
