@@ -21,17 +21,21 @@ SSE error event and count as ``failed_visible``), latency p50/p99 of the success
 non-streaming requests (what a fault costs when it costs no errors), and for the
 control-plane restart the time until the restarted replica routes to all four backends
 again (``reregister_s``, from its ``/health`` answering; ``start_s`` is spawn to
-``/health``). After the run, ``wrongly_cached`` re-asks the prompts: a prompt whose
+``/health``). The restart on existing L2 data (``restart_controlplane_l2``: replica 1
+stops, Milvus restarts on the same data so its collection comes back "released", the
+replica starts again) probes a stored question's case-changed copies on each replica
+until they are semantic hits again (``semantic_resumed``, ``semantic_resume_s``). After the run, ``wrongly_cached`` re-asks the prompts: a prompt whose
 every attempt failed must not be an exact cache hit, and a hit must equal the answer the
 client originally got. Per fault, the deltas of the replicas' own
 ``synapse_upstream_retries_total``, ``synapse_cache_errors_total`` and
 ``synapse_redis_errors_total`` show what the gateway absorbed, and
 ``semantic_lookup_ms`` the mean time of a semantic lookup (embed + L2 search) there.
 
-Run: ``python -m bench.chaos [--duration 8] [--workers 8] [--faults a,b]``. Not run by
-tests (``tests/chaos`` runs a short version of the same machinery). Last line:
-``{"bench": "chaos", "requests": …, "failed_with_healthy_backend": …, "wrongly_cached": …,
-"reregister_s": …, "faults": {…}}``.
+Run: ``python -m bench.chaos [--duration 8] [--workers 8] [--faults a,b]`` (or
+``python path/to/bench/chaos.py`` from any directory). Not run by tests (``tests/chaos``
+runs a short version of the same machinery). Last line: ``{"bench": "chaos", "requests":
+…, "failed_with_healthy_backend": …, "wrongly_cached": …, "reregister_s": …,
+"semantic_resumed": …, "faults": {…}}``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import pathlib
 import random
 import signal
@@ -54,11 +59,16 @@ from typing import Any
 import aiohttp
 import psutil
 
-from bench import common
-from tests import fleet, harness
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ and tests/ import
+    sys.path.insert(0, str(REPO))
+
+from bench import chaos_intent, common  # noqa: E402
+from tests import fleet, harness  # noqa: E402
 
 FAULTS = ["sigkill_engine", "hang_engine", "error_rate_20", "stall_stream", "kill_redis",
-          "milvus_down", "kill_embedder", "restart_controlplane", "restart_agent"]
+          "milvus_down", "kill_embedder", "restart_controlplane", "restart_controlplane_l2",
+          "restart_agent", "intent_race"]
 NODES = {"node-a": ["gen-a1", "gen-a2"], "node-b": ["gen-b1", "gen-b2"]}
 
 
@@ -81,6 +91,8 @@ class ChaosFleet:
     tei: harness.ManagedProcess | None = None
     milvus: harness.ManagedProcess | None = None
     faulted: set[str] = dataclasses.field(default_factory=set)
+    load: Load | None = None                        # set while run_chaos runs
+    session: aiohttp.ClientSession | None = None
 
     # processes that come and go
     def start_tei(self) -> None:
@@ -88,11 +100,14 @@ class ChaosFleet:
                                    ready_url=f"http://127.0.0.1:{self.tei_port}/health")
 
     def start_milvus(self) -> None:
+        # The child imports bench.chaos: the repository goes on its path, whatever the
+        # working directory this bench was started from.
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         self.milvus = self.pool.start(
             "milvus", [sys.executable, "-m", "bench.chaos", "--milvus-server",
                        str(self.tmp / "milvus"), str(self.milvus_port)],
-            ready=lambda: _port_open(self.milvus_port), timeout=60, cwd=str(harness.VENV_BIN
-                                                                          .parent.parent))
+            ready=lambda: _port_open(self.milvus_port), timeout=60, cwd=str(REPO),
+            env={"PYTHONPATH": path})
 
     def start_cp(self, i: int) -> harness.ManagedProcess:
         proc = self.pool.start(f"controlplane-{i}", ["synapse", "controlplane", "--config",
@@ -297,6 +312,21 @@ class Load:
             out.seconds = time.monotonic() - started
             self.outcomes.append(out)
 
+    async def ask(self, session: aiohttp.ClientSession, replica: int, prompt: str) -> Outcome:
+        """One non-streaming request to one replica (a probe: not counted in the load)."""
+        out = Outcome("probe", prompt, False, ok=False)
+        body = {"model": "llama", "temperature": 0, "max_tokens": 8, "stream": False,
+                "messages": [{"role": "user", "content": prompt}]}
+        headers = {"Authorization": f"Bearer {fleet.TENANT_KEY}"}
+        try:
+            async with session.post(f"{self.fl.urls[replica]}/v1/chat/completions", json=body,
+                                    headers=headers) as resp:
+                out.status, out.cache = resp.status, resp.headers.get("x-synapse-cache", "")
+                await _read_whole(resp, out)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            out.error = f"{type(exc).__name__}: {exc}"
+        return out
+
     async def one(self, session: aiohttp.ClientSession, prompt: str, stream: bool,
                   fault: str | None = None) -> Outcome:
         out = Outcome(fault or self.fault, prompt, stream, ok=False)
@@ -447,6 +477,53 @@ async def fault_restart_controlplane(fl: ChaosFleet, duration: float,
     await _sleep(duration - (time.monotonic() - up))
 
 
+SEMANTIC_PROBE = "How do I rotate the keys of a chaos fleet without downtime?"
+
+
+def _variants(text: str) -> Iterator[str]:
+    """Case-changed copies of ``text``, each new to the exact layer (every miss stores its
+    own answer) but the same words to the embedder: semantic candidates of ``text``."""
+    for i in range(2, len(text)):
+        yield text[:i].upper() + text[i:]
+        yield text[:i].lower() + text[i:]
+
+
+async def _semantic_hit(load: Load, session: aiohttp.ClientSession, replica: int,
+                        prompts: Iterator[str], answer: str, within_s: float) -> float | None:
+    """Seconds until ``replica`` serves ``answer`` as a semantic hit, None if it never did."""
+    start = time.monotonic()
+    while time.monotonic() - start < within_s:
+        prompt = next(prompts, None)
+        if prompt is None:
+            break
+        out = await load.ask(session, replica, prompt)
+        if out.cache == "hit-semantic" and out.text == answer:
+            return round(time.monotonic() - start, 2)
+        await asyncio.sleep(0.3)
+    return None
+
+
+async def fault_restart_controlplane_l2(fl: ChaosFleet, duration: float,
+                                        info: dict[str, Any]) -> None:
+    """Restart replica 1 on its existing L2 data: it stops, Milvus restarts on the same
+    data (its collection comes back "released", as after any Milvus or Lite restart), the
+    replica starts again. Semantic hits must resume on both replicas."""
+    assert fl.load is not None and fl.session is not None
+    load, session, prompts = fl.load, fl.session, _variants(SEMANTIC_PROBE)
+    first = await load.ask(session, 1, SEMANTIC_PROBE)
+    seen = await _semantic_hit(load, session, 1, prompts, first.text, 30)
+    info["semantic_before"] = seen is not None
+    await asyncio.to_thread(fl.cps[1].stop)
+    assert fl.milvus is not None
+    await asyncio.to_thread(fl.milvus.stop)
+    await asyncio.to_thread(fl.start_milvus)
+    await asyncio.to_thread(fl.start_cp, 1)
+    resumed = [await _semantic_hit(load, session, i, prompts, first.text, 60) for i in (1, 0)]
+    info["semantic_resumed"] = None not in resumed
+    info["semantic_resume_s"] = resumed
+    await _sleep(duration / 4)
+
+
 async def fault_restart_agent(fl: ChaosFleet, duration: float, info: dict[str, Any]) -> None:
     """SIGTERM node-b's agent (it drains and stops its engines), then start it again."""
     fl.faulted.update(NODES["node-b"])
@@ -455,6 +532,11 @@ async def fault_restart_agent(fl: ChaosFleet, duration: float, info: dict[str, A
     await asyncio.to_thread(fl.start_agent, "node-b")
     await _sleep(duration / 2)
     fl.faulted.difference_update(NODES["node-b"])
+
+
+async def fault_intent_race(fl: ChaosFleet, duration: float, info: dict[str, Any]) -> None:
+    """Two replicas edit one node's intent at once (deploys, cordons): nothing lost."""
+    await chaos_intent.race(fl, duration, info)
 
 
 FAULT_FUNCS: dict[str, Callable[[ChaosFleet, float, dict[str, Any]], Any]] = {
@@ -470,6 +552,7 @@ async def run_chaos(fl: ChaosFleet, faults: list[str], duration: float, workers:
     infos: dict[str, dict[str, Any]] = {}
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as session:
+        fl.load, fl.session = load, session
         runner = asyncio.create_task(load.run(session))
         try:
             await asyncio.sleep(min(2.0, duration))       # steady state, fault "none"
@@ -561,6 +644,8 @@ def summarize(load: Load, infos: dict[str, dict[str, Any]], faults: list[str],
     return {"bench": "chaos", "requests": total["sent"],
             "failed_with_healthy_backend": total["failed_with_healthy_backend"],
             "wrongly_cached": len(wrongly), "reregister_s": rereg,
+            "semantic_resumed": infos.get("restart_controlplane_l2", {}).get(
+                "semantic_resumed"),
             "failed_visible": total["failed_visible"], "lb_retries": load.lb_retries,
             "faults": per}
 

@@ -6,7 +6,8 @@ a few faults happen in turn, a few seconds each. The full figures come from
 * no request fails while a healthy backend exists (only streams broken after their
   first byte may fail, and they end with an SSE error event);
 * nothing wrong is cached (no failed prompt is an exact hit; hits equal the original);
-* a restarted control-plane replica gets every backend back (its agents re-register).
+* a restarted control-plane replica gets every backend back (its agents re-register);
+* restarted on its existing L2 data (Milvus restarted under it), semantic hits resume.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from bench import chaos
 from tests import fleet
 
 FAULTS = ["sigkill_engine", "error_rate_20", "stall_stream", "kill_redis",
-          "restart_controlplane"]
+          "restart_controlplane", "restart_controlplane_l2", "intent_race"]
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +58,15 @@ def test_nothing_wrong_was_cached(result: dict[str, Any]) -> None:
 def test_a_restarted_replica_gets_its_backends_back(result: dict[str, Any]) -> None:
     assert result["faults"]["restart_controlplane"]["reregistered"] is True
     assert not result["faults"]["restart_controlplane"].get("not_recovered")
+
+
+def test_semantic_hits_resume_after_a_restart_on_existing_l2_data(
+        result: dict[str, Any]) -> None:
+    figures = result["faults"]["restart_controlplane_l2"]
+    assert figures["semantic_before"] is True, ("no semantic hit even before", figures)
+    assert result["semantic_resumed"] is True, ("no semantic hit after", figures)
+
+
+def test_two_replicas_editing_intent_at_once_lose_nothing(result: dict[str, Any]) -> None:
+    figures = result["faults"]["intent_race"]
+    assert figures["edits"] > 0 and figures["lost"] == 0, figures
