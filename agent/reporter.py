@@ -9,6 +9,9 @@ Decisions:
 * Per target: dial (``channel_ready`` with a deadline), ``Register`` first, then a
   ``Report`` every ``report_interval_s`` and at once when :meth:`Reporter.notify` is
   called (every state change); bursts of changes coalesce into one report.
+* Each new problem with a control plane (refused, unreachable, a different status) is
+  logged once, not at every retry, so a refusal's reason (UNAUTHENTICATED: no or a wrong
+  token) shows even after a transient error.
 * Reconnect with capped, jittered exponential backoff (:class:`agent.core.backoff.Backoff`),
   reset once a registered stream lasted ``reconnect_max_s``: a control plane that hangs
   up right after every Register is not hammered. Every new session registers again, so
@@ -130,7 +133,7 @@ class Reporter:
     # -- one target --------------------------------------------------------------------
     async def _dial_forever(self, address: str) -> None:
         delays = backoff.Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
-        attempt, logged = 0, False
+        attempt, last = 0, ""  # the problem logged last: each new one is logged once
         loop = asyncio.get_running_loop()
         gauge = self._metrics.control_plane_connected.labels(self._node, address)
         while not self._stopping:
@@ -141,21 +144,18 @@ class Reporter:
                 if registered and not self._stopping:
                     log.warning("control plane %s closed the stream", address)
             except grpc.aio.AioRpcError as exc:
-                if not logged:
-                    log.warning("control plane %s: %s %s", address, exc.code().name,
-                                exc.details())
-                logged = True
+                last = _warn_once(last, f"control plane {address}: {exc.code().name} "
+                                        f"{exc.details()}")
             except (TimeoutError, OSError) as exc:
-                if not logged:
-                    log.warning("control plane %s unreachable: %s", address,
-                                str(exc) or f"not connected within {self.cfg.connect_timeout_s:g}s")
-                logged = True
+                last = _warn_once(last, f"control plane {address} unreachable: "
+                                        + (str(exc) or "not connected within "
+                                           f"{self.cfg.connect_timeout_s:g}s"))
             finally:
                 gauge.set(0)
             if registered and loop.time() - began >= self.cfg.reconnect_max_s:
-                attempt, logged = 0, False  # a stream that lasted: start the ladder again
+                attempt, last = 0, ""  # a stream that lasted: start the ladder again
             elif registered:
-                logged = False  # cut right after Register: keep backing off, but say so
+                last = ""  # cut right after Register: keep backing off, but say so
             if self._stopping:
                 return
             with contextlib.suppress(TimeoutError):
@@ -239,6 +239,12 @@ class Reporter:
         ack = controlplane_pb2.CommandAck(command_id=msg.command_id, ok=ok, error=error)
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await _write(call, lock, controlplane_pb2.AgentMessage(command_ack=ack))
+
+
+def _warn_once(last: str, problem: str) -> str:
+    if problem != last:
+        log.warning("%s", problem)
+    return problem
 
 
 async def _write(call: grpc.aio.StreamStreamCall, lock: asyncio.Lock,

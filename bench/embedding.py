@@ -7,17 +7,19 @@ table, then as the last line one JSON object: ``{"bench": "embedding", "batched_
 
 * raw model: all-MiniLM-L6-v2 ``encode`` in this process, one text at a time and in
   batches of 32 (the ceiling micro-batching can approach); the agent runs the same modules
-  without ``encode``'s ~3 ms of per-call machinery, so its 1-caller row can beat this one;
+  without ``encode``'s per-call machinery, so its 1-caller row can beat this one;
 * Node.Embed uncached: every call carries a text never seen before, 1 caller one call
   at a time, and 32 concurrent callers (micro-batching coalesces them);
 * Node.Embed cached: the same texts again, 1 and 32 callers.
 
 ``batched_speedup`` = throughput of 32 concurrent uncached callers / throughput of one
 caller, both on the agent's runtime (``--runtime``; the raw rows are always torch). The
-ONNX runtime speeds up one text (~4x in process) far more than a batch of 32 (~1.4x), so
-its ratio is lower than torch's although both of its throughputs are higher. The agent and this client share the machine's cores, as a control plane and an
-agent on one node would; the raw model runs in this process while the agent is idle, in
-the same rounds as the gRPC runs (see :func:`measure`).
+ONNX runtime speeds up one text far more than a batch of 32, so its ratio is lower than
+torch's although both of its throughputs are higher. The agent and this client share the
+machine's cores, as a control plane and an agent on one node would; the raw model runs in
+this process while the agent is idle, in the same rounds as the gRPC runs (see
+:func:`measure`). Every call presents the agent token and names one tenant, as the
+control plane's calls do.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ import yaml
 from agent import config
 from bench import common
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
+from synapse_common import call_metadata, minilm
+
+TOKEN = "bench-agent-token"
+METADATA = (*call_metadata.metadata(TOKEN), call_metadata.tenant("bench"))
 
 WORDS = ("cache", "router", "kernel", "tensor", "gateway", "latency", "replica", "token",
          "scheduler", "prefix", "memory", "cluster", "request", "model", "driver", "queue")
@@ -61,10 +67,7 @@ pct = common.nearest_rank
 
 
 def load_model() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from agent import embedding
-
-    model = embedding.load_minilm()
+    model = minilm.load()
     for i in range(10):  # first calls of each shape are slow (kernel selection)
         model.encode([f"warm up {i}"], show_progress_bar=False)
     model.encode(texts("warm up", 32), batch_size=32, show_progress_bar=False)
@@ -112,7 +115,8 @@ async def callers(stub: node_pb2_grpc.NodeStub, items: list[str], concurrency: i
         while queue:
             text = queue.pop()
             t0 = time.perf_counter()
-            resp = await stub.Embed(node_pb2.EmbedRequest(texts=[text]), timeout=60)
+            resp = await stub.Embed(node_pb2.EmbedRequest(texts=[text]), timeout=60,
+                                    metadata=METADATA)
             lat.append(time.perf_counter() - t0)
             cached += sum(resp.cached)
 
@@ -145,7 +149,8 @@ async def measure(model: Any, address: str, n: int, rounds: int
     runs: dict[str, tuple[list[float], list[float]]] = {}
     async with grpc.aio.insecure_channel(address) as channel:
         stub = node_pb2_grpc.NodeStub(channel)
-        await stub.Embed(node_pb2.EmbedRequest(texts=["warm up"]), timeout=120)
+        await stub.Embed(node_pb2.EmbedRequest(texts=["warm up"]), timeout=120,
+                         metadata=METADATA)
         for r in range(rounds):
             results = raw_runs(model, n // 2, f"r{r}")
             results.update(await grpc_runs(stub, n, f"r{r}"))
@@ -160,7 +165,7 @@ async def measure(model: Any, address: str, n: int, rounds: int
 
 def start_agent(workdir: pathlib.Path, batch_wait_ms: float, runtime: str
                 ) -> tuple[subprocess.Popen[bytes], str, pathlib.Path]:
-    cfg = {"node_name": "bench", "control_plane": {"addresses": []},
+    cfg = {"node_name": "bench", "control_plane": {"addresses": [], "token": TOKEN},
            "grpc": {"host": "127.0.0.1", "port": 0}, "metrics": {"host": "127.0.0.1", "port": 0},
            "telemetry": {"source": "fake"}, "supervisor": {"log_dir": str(workdir / "logs")},
            "embedder": {"kind": "minilm", "max_batch": 64, "batch_wait_ms": batch_wait_ms,
@@ -171,7 +176,7 @@ def start_agent(workdir: pathlib.Path, batch_wait_ms: float, runtime: str
     synapse = pathlib.Path(sys.executable).parent / "synapse"
     proc = subprocess.Popen([str(synapse), "agent", "--config", str(path)],
                             stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+                            start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         found = re.search(r"agent node gRPC listening on 127\.0\.0\.1:(\d+)", log.read_text())

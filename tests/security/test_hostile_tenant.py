@@ -8,19 +8,35 @@ used where a finding needs an agent.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import http.server
 import json
 import pathlib
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
+import grpc
 import pytest
+import yaml
+from aiohttp import web
 
+from protos.synapse.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    controlplane_pb2,
+    controlplane_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+)
 from synapse_common import ports
-from tests import fleet, harness
+from tests import fleet, harness, node_auth
 from tests.security.conftest import SecureFleet
 
 CHAT = "/v1/chat/completions"
@@ -327,3 +343,405 @@ def test_the_admin_key_is_refused_on_v1(plain: EdgeGateway) -> None:
         assert reply.status == 403 and reply.is_envelope(), reply.body[:200]
         assert reply.json()["error"]["code"] == "admin_key_not_a_tenant"
     assert fleet.request(plain.url, "GET", "/api/v1/stats", key=fleet.ADMIN_KEY).status == 200
+
+
+# ======================================================================================
+# Findings 1, 2, 3, 6 (helper "agent-embed"): Node.Embed without a credential, the shared
+# embedding cache as a membership oracle, agent registration without a token, abandoned
+# embedding work piling up. Real processes: a control plane, an agent embedding through
+# TEI (the engine simulator in TEI mode, or a TEI stand-in the test holds), `synapse up`.
+# ======================================================================================
+
+EMBED_PATH = "/v1/embeddings"
+AGENT_NODE = "embed-node"
+
+
+@dataclasses.dataclass
+class EmbedStack:
+    url: str             # control plane HTTP
+    grpc: str            # control plane gRPC
+    node: str            # the agent's Node service
+    agent_metrics: str   # the agent's /metrics
+    bodies: list[bytes] = dataclasses.field(default_factory=list)
+
+
+def _agent_metric(url: str, name: str) -> float:
+    """A sample of the agent's /metrics (NaN when absent)."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return float("nan")
+
+
+def _embed_agent_config(tmp: pathlib.Path, cp_grpc: list[str], tei_url: str,
+                        **embedder: object) -> tuple[dict[str, object], str]:
+    cfg = fleet.agent_config(AGENT_NODE, cp_grpc, {}, tmp / "engines", tei_url=tei_url)
+    cfg["embedder"] = {**cfg["embedder"], **embedder}  # type: ignore[dict-item]
+    metrics_port = ports.free_port()
+    cfg["metrics"] = {"host": "127.0.0.1", "port": metrics_port}
+    return cfg, f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+@pytest.fixture(scope="module")
+def embed_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbedStack]:
+    """A control plane (tenants team and other, the agent token) and one agent whose
+    embedder is TEI (the engine simulator in TEI mode, which the control plane does not
+    know as a backend, so /v1/embeddings goes through the agent's Node.Embed)."""
+    tmp = tmp_path_factory.mktemp("agent-embed")
+    pool = harness.ProcessPool(tmp)
+    http_port, grpc_port, tei_port = ports.free_port(), ports.free_port(), ports.free_port()
+    cp = fleet.controlplane_config("embed-cp", http_port, grpc_port, tmp / "data",
+                                   logging={"level": "debug"})
+    agent, metrics = _embed_agent_config(tmp, [f"127.0.0.1:{grpc_port}"],
+                                         f"http://127.0.0.1:{tei_port}")
+    url = f"http://127.0.0.1:{http_port}"
+    stack = EmbedStack(url, f"127.0.0.1:{grpc_port}", agent["grpc"]["advertise_address"],  # type: ignore[index]
+                       metrics)
+    try:
+        pool.start("tei", fleet.tei_argv(tei_port), ready_url=f"http://127.0.0.1:{tei_port}/health")
+        pool.start("controlplane", ["synapse", "controlplane", "--config",
+                                    str(fleet.write_yaml(tmp / "cp.yaml", cp))],
+                   ready_url=f"{url}/health", timeout=60)
+        proc = pool.start("agent", ["synapse", "agent", "--config",
+                                    str(fleet.write_yaml(tmp / "agent.yaml", agent))])
+        harness.wait_until(lambda: fleet.node_embeds(stack.node), 60, "the agent's Node.Embed",
+                           proc=proc, interval=0.2)
+        harness.wait_until(lambda: _embeds_over_http(url), 60,
+                           "/v1/embeddings through the agent", proc=proc, interval=0.2)
+        yield stack
+    finally:
+        pool.stop_all()
+    leaks = fleet.scan_for_secrets(fleet.log_files(tmp), stack.bodies)
+    assert not leaks, f"configured secrets found in logs or error bodies: {leaks}"
+
+
+def _embeddings(url: str, texts: list[str], key: str = fleet.TENANT_KEY) -> fleet.Reply:
+    body = json.dumps({"model": fleet.EMBED, "input": texts}).encode()
+    return fleet.request(url, "POST", EMBED_PATH, body, key=key)
+
+
+def _embeds_over_http(url: str) -> bool:
+    try:
+        return _embeddings(url, ["ready?"]).status == 200
+    except OSError:
+        return False
+
+
+def _node_embed(address: str, texts: list[str], metadata: list[tuple[str, str | bytes]],
+                ) -> node_pb2.EmbedResponse:
+    with grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", 64 * 1024 * 1024)]) as channel:
+        return node_pb2_grpc.NodeStub(channel).Embed(
+            node_pb2.EmbedRequest(model=fleet.EMBED, texts=texts), metadata=metadata,
+            timeout=60)
+
+
+# -- finding 1: Node.Embed needs the control plane's credential; per-call limits -----------
+
+
+@pytest.mark.parametrize("metadata", [[], [("authorization", "Bearer wrong-token")],
+                                      [("authorization", fleet.AGENT_TOKEN)],
+                                      [("authorization", f"Bearer {fleet.ADMIN_KEY}")]],
+                         ids=["none", "wrong", "no-scheme", "admin-key"])
+def test_node_embed_without_the_agent_token_is_unauthenticated(
+        embed_stack: EmbedStack, metadata: list[tuple[str, str]]) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        _node_embed(embed_stack.node, ["Is Acme about to be acquired by Initech?"], metadata)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+    assert fleet.AGENT_TOKEN not in (info.value.details() or "")
+
+
+def test_one_huge_call_is_refused_before_it_reaches_the_model(embed_stack: EmbedStack) -> None:
+    # the probe that blocked the embedder for everyone: 256 texts of 32,000 characters
+    with pytest.raises(grpc.RpcError) as info:
+        _node_embed(embed_stack.node, ["x" * 32_000] * 256, node_auth.metadata(tenant="team"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "characters" in (info.value.details() or "")
+    assert fleet.node_embeds(embed_stack.node)  # and the embedder is free for the next call
+
+
+def test_embeddings_over_a_text_limit_are_413_naming_no_address(embed_stack: EmbedStack) -> None:
+    reply = _embeddings(embed_stack.url, ["fine", "y" * 33_000])  # the agent takes 32,768
+    embed_stack.bodies.append(reply.body)
+    assert reply.status == 413 and reply.is_envelope(), reply.body[:300]
+    err = reply.json()["error"]
+    assert err["param"] == "input" and "texts[1]" in err["message"]
+    assert "127.0.0.1" not in reply.body.decode() and embed_stack.node not in reply.body.decode()
+
+
+def test_the_cached_flags_never_leave_the_control_plane(embed_stack: EmbedStack) -> None:
+    text = "a sentence only this test sends, twice"
+    first, again = (_embeddings(embed_stack.url, [text]) for _ in range(2))
+    assert first.status == again.status == 200
+    assert first.json() == again.json()  # nothing in the body tells a repeat from a first
+    volatile = {"x-request-id", "date"}
+    assert {k: v for k, v in first.headers.items() if k not in volatile} == \
+        {k: v for k, v in again.headers.items() if k not in volatile}
+    assert "cached" not in first.body.decode()
+
+
+# -- finding 2: one tenant's embeddings tell another nothing --------------------------------
+
+
+def test_another_tenants_prompt_is_not_a_hit_in_the_agents_cache(embed_stack: EmbedStack,
+                                                                  ) -> None:
+    secret = "Is Acme about to be acquired by Initech? (finding 2)"
+    hits = "synapse_agent_embedding_cache_hits_total"
+    assert _embeddings(embed_stack.url, [secret], fleet.TENANT_KEY).status == 200
+    before = _agent_metric(embed_stack.agent_metrics, hits)
+    assert _embeddings(embed_stack.url, [secret], fleet.OTHER_KEY).status == 200
+    assert _agent_metric(embed_stack.agent_metrics, hits) == before, \
+        "tenant other's request for tenant team's prompt was answered from team's entry"
+    assert _embeddings(embed_stack.url, [secret], fleet.TENANT_KEY).status == 200
+    assert _agent_metric(embed_stack.agent_metrics, hits) == before + 1  # team's own repeat
+
+
+def test_node_embed_partitions_its_cache_by_the_tenant_the_control_plane_names(
+        embed_stack: EmbedStack) -> None:
+    text = "Q3 numbers before the earnings call (finding 2)"
+
+    def cached(tenant: str) -> list[bool]:
+        reply = _node_embed(embed_stack.node, [text], node_auth.metadata(tenant=tenant))
+        return list(reply.cached)
+
+    assert (cached("team"), cached("other"), cached("team"), cached("other")) == \
+        ([False], [False], [True], [True])
+
+
+# -- finding 3: agent registration needs the token ------------------------------------------
+
+
+def _connect(address: str, metadata: list[tuple[str, str]]) -> grpc.RpcError:
+    register = controlplane_pb2.AgentMessage(register=controlplane_pb2.Register(
+        node_name="intruder", agent_version="0", node_address="127.0.0.1:1"))
+    with grpc.insecure_channel(address) as channel:
+        stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in stub.Connect(iter([register]), metadata=metadata, timeout=10):
+                pass
+    return info.value
+
+
+def _nodes(address: str) -> list[str]:
+    with grpc.insecure_channel(address) as channel:
+        reply = admin_pb2_grpc.AdminStub(channel).ListNodes(
+            admin_pb2.ListNodesRequest(), timeout=10,
+            metadata=[("authorization", f"Bearer {fleet.ADMIN_KEY}")])
+    return sorted(n.name for n in reply.nodes)
+
+
+@pytest.fixture(scope="module")
+def agent_doors(tmp_path_factory: pytest.TempPathFactory,
+                ) -> Iterator[tuple[harness.ProcessPool, pathlib.Path]]:
+    tmp = tmp_path_factory.mktemp("agent-doors")
+    pool = harness.ProcessPool(tmp)
+    try:
+        yield pool, tmp
+    finally:
+        pool.stop_all()
+
+
+def _tokenless_pair(pool: harness.ProcessPool, tmp: pathlib.Path, name: str,
+                    **auth: object) -> tuple[str, harness.ManagedProcess]:
+    """A control plane on loopback with no agent token (and ``auth`` extra), and an agent
+    without one dialling it; returns the control plane's gRPC address and the agent."""
+    http_port, grpc_port = ports.free_port(), ports.free_port()
+    cp = fleet.controlplane_config(name, http_port, grpc_port, tmp / f"data-{name}",
+                                   cache={"enabled": False})
+    del cp["auth"]["agent_token"]
+    cp["auth"].update(auth)
+    pool.start(f"cp-{name}", ["synapse", "controlplane", "--config",
+                              str(fleet.write_yaml(tmp / f"{name}.yaml", cp))],
+               ready_url=f"http://127.0.0.1:{http_port}/health", timeout=60)
+    agent = fleet.agent_config(f"{name}-agent", [f"127.0.0.1:{grpc_port}"], {},
+                               tmp / f"engines-{name}")
+    del agent["control_plane"]["token"]
+    proc = pool.start(f"agent-{name}", ["synapse", "agent", "--config",
+                                        str(fleet.write_yaml(tmp / f"{name}-agent.yaml", agent))])
+    return f"127.0.0.1:{grpc_port}", proc
+
+
+def test_without_a_token_no_agent_registers(agent_doors: tuple[harness.ProcessPool,
+                                                               pathlib.Path]) -> None:
+    pool, tmp = agent_doors
+    address, agent = _tokenless_pair(pool, tmp, "closed")
+    # the agent keeps dialling; the control plane says why it refuses, and lists no node
+    harness.wait_until(lambda: "UNAUTHENTICATED" in agent.output(), 30,
+                       "the agent to be refused", proc=agent, interval=0.2)
+    assert "no auth.agent_token" in agent.output()
+    err = _connect(address, [])
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err.details()
+    assert _nodes(address) == []
+
+
+def test_allow_unauthenticated_agents_is_the_explicit_way_to_open_the_door(
+        agent_doors: tuple[harness.ProcessPool, pathlib.Path]) -> None:
+    pool, tmp = agent_doors
+    address, agent = _tokenless_pair(pool, tmp, "open", allow_unauthenticated_agents=True)
+    harness.wait_until(lambda: _nodes(address) == ["open-agent"], 30,
+                       "the tokenless agent to register", proc=agent, interval=0.2)
+
+
+def test_a_control_plane_reachable_from_other_machines_without_a_token_does_not_start(
+        tmp_path: pathlib.Path) -> None:
+    cp = fleet.controlplane_config("wide", ports.free_port(), ports.free_port(), tmp_path,
+                                   grpc={"host": "0.0.0.0", "port": ports.free_port()})
+    del cp["auth"]["agent_token"]
+    run = subprocess.run([harness.console_script("synapse"), "controlplane", "--config",
+                          str(fleet.write_yaml(tmp_path / "cp.yaml", cp))],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert "auth.agent_token" in run.stderr and "0.0.0.0" in run.stderr
+    assert "allow_unauthenticated_agents" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_synapse_up_generates_an_agent_token_and_its_agent_registers_with_it(
+        tmp_path: pathlib.Path) -> None:
+    data = tmp_path / "data"
+    up = harness.ManagedProcess(
+        "synapse-up", [harness.console_script("synapse"), "up", "--data-dir", str(data),
+                       "--http-port", "0", "--grpc-port", "0", "--upstream",
+                       "http://127.0.0.1:9"], tmp_path / "up.log")
+    try:
+        harness.wait_until(lambda: (data / "agent.yaml").exists(), 60, "the configs", proc=up)
+        cp = yaml.safe_load((data / "controlplane.yaml").read_text())
+        admin = (data / "secrets" / "admin-key").read_text().strip()
+        address = f"127.0.0.1:{cp['grpc']['port']}"
+
+        def registered() -> bool:
+            try:
+                with grpc.insecure_channel(address) as channel:
+                    nodes = admin_pb2_grpc.AdminStub(channel).ListNodes(
+                        admin_pb2.ListNodesRequest(), timeout=5,
+                        metadata=[("authorization", f"Bearer {admin}")]).nodes
+                return [n.name for n in nodes] == ["local"]
+            except grpc.RpcError:
+                return False
+
+        harness.wait_until(registered, 120, "the embedded agent to register", proc=up,
+                           interval=0.5)
+    finally:
+        up.stop(timeout=30)
+    token_file = data / "secrets" / "agent-token"
+    token = token_file.read_text().strip()
+    assert len(token) >= 32 and token_file.stat().st_mode & 0o777 == 0o600
+    agent = yaml.safe_load((data / "agent.yaml").read_text())
+    assert cp["auth"]["agent_token"] == agent["control_plane"]["token"] == \
+        {"file": str(token_file)}
+    assert not fleet.scan_for_secrets(fleet.log_files(tmp_path), [], [token])
+
+
+# -- finding 6: abandoned embedding work leaves the queue; the queue is bounded -------------
+
+
+class GatedTei:
+    """A TEI stand-in whose /embed answers only once the test opens the gate; it records
+    every batch it was asked to embed."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = asyncio.Event()
+        self.port = ports.free_port()
+        app = web.Application()
+        app.router.add_get("/info", self._info)
+        app.router.add_get("/health", self._health)
+        app.router.add_post("/embed", self._embed)
+        self.runner = web.AppRunner(app)
+
+    async def _info(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_id": fleet.EMBED, "model_sha": "gated",
+                                  "max_client_batch_size": 64})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def _embed(self, request: web.Request) -> web.Response:
+        texts = (await request.json())["inputs"]
+        self.batches.append(texts)
+        await self.gate.wait()
+        return web.json_response([[float(len(t)), 1.0] for t in texts])
+
+    async def __aenter__(self) -> GatedTei:
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.gate.set()
+        await self.runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def _gated_agent(tmp: pathlib.Path, **embedder: object,
+                       ) -> AsyncIterator[tuple[GatedTei, node_pb2_grpc.NodeStub, str]]:
+    """An agent (no control plane needed) embedding through a gated TEI; yields the TEI,
+    an authenticated Node stub and the agent's /metrics URL."""
+    async with GatedTei() as tei:
+        tei.gate.set()  # open until the agent is up (its readiness probe embeds a text)
+        cfg, metrics = _embed_agent_config(tmp, [], f"http://127.0.0.1:{tei.port}", **embedder)
+        pool = harness.ProcessPool(tmp)
+        try:
+            proc = pool.start("agent", ["synapse", "agent", "--config",
+                                        str(fleet.write_yaml(tmp / "agent.yaml", cfg))])
+            address = cfg["grpc"]["advertise_address"]  # type: ignore[index]
+            await asyncio.to_thread(harness.wait_until, lambda: fleet.node_embeds(address), 60,
+                                    "the agent's Node.Embed", proc=proc)
+            tei.gate.clear()
+            tei.batches.clear()
+            async with node_auth.aio_channel(address, tenant="team") as channel:
+                yield tei, node_pb2_grpc.NodeStub(channel), metrics
+        finally:
+            tei.gate.set()
+            await asyncio.to_thread(pool.stop_all)
+
+
+async def _queued(metrics: str, texts: int) -> None:
+    name = "synapse_agent_embed_queue_texts"
+    await harness.until(lambda: _agent_metric(metrics, name) == texts, 30,
+                        f"{texts} texts queued at the agent")
+
+
+def _embed_call(stub: node_pb2_grpc.NodeStub, texts: list[str],
+                timeout: float = 60) -> Any:
+    return stub.Embed(node_pb2.EmbedRequest(texts=texts), timeout=timeout)
+
+
+async def test_embed_calls_given_up_on_leave_the_queue_and_are_never_computed(
+        tmp_path: pathlib.Path) -> None:
+    async with _gated_agent(tmp_path, request_timeout_s=60) as (tei, stub, metrics):
+        running = _embed_call(stub, ["on the model"])
+        await harness.until(lambda: tei.batches == [["on the model"]], 30, "the first batch")
+        cancelled = _embed_call(stub, ["cancelled by its caller"])
+        expired = _embed_call(stub, ["past the caller's budget"], timeout=4.0)
+        await _queued(metrics, 2)
+        cancelled.cancel()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await expired  # the control plane's budget: the deadline ends the call
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await _queued(metrics, 0)  # both left the queue while the model was still busy
+        kept = _embed_call(stub, ["still wanted"])
+        await _queued(metrics, 1)
+        tei.gate.set()
+        assert len((await running).vectors) and len((await kept).vectors)
+    assert tei.batches == [["on the model"], ["still wanted"]]
+
+
+async def test_a_full_embed_queue_sheds_load_with_resource_exhausted(
+        tmp_path: pathlib.Path) -> None:
+    async with _gated_agent(tmp_path, queue_max_texts=4, request_timeout_s=60) as (
+            tei, stub, metrics):
+        running = _embed_call(stub, ["on the model"])
+        await harness.until(lambda: bool(tei.batches), 30, "the first batch")
+        waiting = [_embed_call(stub, [f"q{i}a", f"q{i}b"]) for i in range(2)]
+        await _queued(metrics, 4)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _embed_call(stub, ["one more"], timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "busy" in (info.value.details() or "")
+        assert _agent_metric(metrics, "synapse_agent_embed_queue_texts") == 4
+        tei.gate.set()
+        for call in (running, *waiting):
+            assert len((await call).vectors)
+    assert sorted(t for batch in tei.batches for t in batch) == \
+        ["on the model", "q0a", "q0b", "q1a", "q1b"]

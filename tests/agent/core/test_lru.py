@@ -61,3 +61,13 @@ def test_bounds_hold_after_any_sequence_of_puts(ops, max_entries, max_bytes):
         model, text, size = ops[-1]
         if size + len(model) + lru.ENTRY_OVERHEAD <= max_bytes:
             assert cache.get(model, text) == bytes(size)  # the newest entry always survives
+
+
+def test_scopes_partition_the_cache():
+    cache = lru.EmbeddingLru(max_entries=10, max_bytes=10**6)
+    cache.put("m", "text", VEC, scope="a")
+    assert cache.get("m", "text", scope="a") == VEC
+    assert cache.get("m", "text", scope="b") is None and cache.get("m", "text") is None
+    # the scope's length is hashed first: no scope/text split collides with another
+    assert lru.text_key("m", "b" + "text", scope="a") != lru.text_key("m", "text", scope="ab")
+    assert lru.text_key("m", "\x00\x00\x00\x01atext") != lru.text_key("m", "text", scope="a")

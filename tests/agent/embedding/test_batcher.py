@@ -85,3 +85,55 @@ async def test_after_a_shared_batch_the_window_lets_returning_callers_fill_the_n
             assert batches == [8, 8, 8]
         else:  # the first caller back finds the model idle and runs alone, and so on
             assert batches[0] == 8 and len(batches) > 3 and max(batches[1:]) < 8
+
+
+class GatedModel:
+    """A "model" that runs one batch at a time and holds each until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def __call__(self, texts: list[str]) -> np.ndarray:
+        self.batches.append(texts)
+        self.started.set()
+        await self.gate.wait()
+        return np.zeros((len(texts), 1), dtype=np.float32)
+
+
+async def test_a_cancelled_caller_leaves_the_queue_and_is_never_computed():
+    model = GatedModel()
+    batcher = batcher_mod.MicroBatcher(model, max_batch=8, wait_s=0.0)
+    first = asyncio.create_task(batcher.submit(["running"]))
+    await model.started.wait()  # "running" is on the model; the next callers queue
+    gone = [asyncio.create_task(batcher.submit([f"abandoned {i}"])) for i in range(3)]
+    kept = asyncio.create_task(batcher.submit(["kept"]))
+    await asyncio.sleep(0)
+    assert batcher.queued == 4
+    for task in gone:
+        task.cancel()
+    await asyncio.gather(*gone, return_exceptions=True)
+    assert batcher.queued == 1  # the three left at once, not when the model got free
+    model.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, kept), 5)
+    await batcher.close()
+    assert model.batches == [["running"], ["kept"]]
+
+
+async def test_a_full_queue_sheds_the_call_at_once_and_keeps_the_rest():
+    model = GatedModel()
+    batcher = batcher_mod.MicroBatcher(model, max_batch=8, wait_s=0.0, max_queued=4)
+    first = asyncio.create_task(batcher.submit(["running"]))
+    await model.started.wait()
+    waiting = [asyncio.create_task(batcher.submit(["a", "b"])) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert batcher.queued == 4
+    with pytest.raises(errors.Overloaded, match="4 texts queued, at most 4"):
+        await batcher.submit(["one too many"])
+    assert batcher.queued == 4  # nothing of the refused call was queued
+    model.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *waiting), 5)
+    # an empty queue takes any call, even one over the bound: one call at the limit runs
+    assert (await asyncio.wait_for(batcher.submit(["x"] * 6), 5)).shape == (6, 1)
+    await batcher.close()
