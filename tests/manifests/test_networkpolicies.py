@@ -157,3 +157,15 @@ def test_the_control_plane_reaches_every_configured_engine(
         port = backend.get("port")
         assert port, f"backend {backend['name']}: set a port (policies open 8000-8999 only)"
         assert may_connect(policies, CP, AGENT, port), f"engine {backend['name']} blocked"
+
+
+def test_the_control_plane_reaches_every_port_it_deploys_engines_on(
+        policies: list[dict[str, Any]]) -> None:
+    cm = render.find(render.render("production"), "ConfigMap", "synapse-agent-config")
+    supervisor = yaml.safe_load(cm["data"]["config.yaml"])["supervisor"]
+    assert supervisor.get("engine_port_range"), \
+        "set supervisor.engine_port_range: DeployModel gives engines ports from it"
+    first, last = supervisor["engine_port_range"]
+    for port in (first, (first + last) // 2, last):
+        assert may_connect(policies, CP, AGENT, port), f"deployed engine port {port} blocked"
+    assert not may_connect(policies, CP, AGENT, last + 1)   # the range is all that is open

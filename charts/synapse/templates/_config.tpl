@@ -42,7 +42,9 @@ pod specs rendered here, so the chart's values win for those keys.
                         "token" (dict "file" (printf "%s/agent-token" (include "synapse.agentTokenDir" .))))
   "grpc" (dict "port" (int .Values.agent.ports.grpc))
   "metrics" (dict "port" (int .Values.agent.ports.metrics))
-  "supervisor" (dict "engine_host" "0.0.0.0" "log_dir" "/var/log/synapse")
+  "supervisor" (dict "engine_host" "0.0.0.0" "log_dir" "/var/log/synapse"
+                     "engine_port_range" (list (int .Values.networkPolicy.enginePorts.start)
+                                               (int .Values.networkPolicy.enginePorts.end)))
   "logging" (dict "format" "json") -}}
 {{- toYaml (mustMergeOverwrite (deepCopy .Values.agent.config) $own) -}}
 {{- end -}}
