@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: up test lint protos verifier bench-peers tools clean engines
+.PHONY: up test lint protos verifier bench-peers tools clean engines engines-llamacpp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ tools: | $(PY)
 # and ~3.8 GB the first time, nothing after. .venv is not touched (engines/install.py).
 engines: | $(PY)
 	$(PY) -m engines.install
+
+# Optional, never a dependency of `make test`: llama.cpp's llama-server built with clang-19.
+engines-llamacpp: | $(PY)
+	$(PY) -m engines.install --llama-server
 
 up: $(VENV)/.runtime
 	$(BIN)/synapse up $(ARGS)

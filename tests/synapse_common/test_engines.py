@@ -48,3 +48,14 @@ def test_venv_library_beside_a_venv_python(tmp_path):
     (tmp_path / "venv" / "lib" / "libiomp5.so").write_bytes(b"")
     assert engines.venv_library(python, "libiomp5.so") == tmp_path / "venv/lib/libiomp5.so"
     assert engines.venv_library("no-such-program-here", "libiomp5.so") is None
+
+
+def test_llama_server_is_optional_and_named_by_its_own_make_target(root):
+    tier = engines.find()
+    assert tier.llama_server is None
+    with pytest.raises(engines.EngineTierMissing, match="make engines-llamacpp"):
+        tier.require_llama_server()
+    _part(root / "llama.cpp", engines.LLAMA_RECIPE)
+    binary, gguf = engines.find().require_llama_server()
+    assert binary == root / "llama.cpp" / "bin" / "llama-server"
+    assert gguf == root / "llama.cpp" / engines.LLAMA_MODEL_FILE
