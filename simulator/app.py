@@ -1,14 +1,17 @@
-"""The app factory: one aiohttp application for either engine mode, plus fault wiring.
+"""The app factory: one aiohttp application for each engine mode, plus fault wiring.
 
 * ``build(settings, clock)`` returns the application; the engine loop and the MiniLM
   model are started and stopped through ``cleanup_ctx``; nothing happens at import.
-* One middleware renders every error: OpenAI envelope, or TEI's shape on ``/embed``.
-  Unknown routes are 404 and wrong methods 405 in the same envelope.
-* Inference routes are wrapped by :meth:`Service.inference`, which applies the
-  arrival-time faults (hang, slow start, error rate) and counts answered requests for
-  ``crash_after`` — the process exits with ``faults.CRASH_EXIT_CODE`` right after the
-  N-th answer has been written.
-* ``/health`` (200 empty body, like vLLM and TEI), ``GET``/``POST /sim/faults``.
+  Which routes exist follows the engine's tasks (``simulator.tasks``).
+* One middleware renders every error: OpenAI envelope, TEI's shape on TEI's ``/embed``
+  and ``/rerank``, vLLM's Anthropic shape on ``/v1/messages``. Unknown routes are 404
+  and wrong methods 405 in the same envelope.
+* Inference routes (every ``POST`` but ``/sim/faults``) are wrapped by
+  :meth:`Service.inference`, which applies the arrival-time faults (hang, slow start,
+  error rate) and counts answered requests for ``crash_after`` — the process exits with
+  ``faults.CRASH_EXIT_CODE`` right after the N-th answer has been written.
+* ``/health`` (200 empty body, like vLLM and TEI), ``GET``/``POST /sim/faults``, and
+  ``GET /openapi.json`` listing the routes (as vLLM's FastAPI serves it).
 """
 
 from __future__ import annotations
@@ -25,17 +28,31 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from simulator import embedders, errors, faults, protocol, tei_api, vllm_api
+from simulator import (
+    answer,
+    embedders,
+    errors,
+    faults,
+    messages_api,
+    protocol,
+    rerank_api,
+    responses_api,
+    speech_api,
+    tei_api,
+    tokenize_api,
+    transcribe_api,
+    vllm_api,
+)
 from simulator import engine as sim_engine
 from simulator import metrics as sim_metrics
 from simulator import scheduler as sched
+from simulator import tasks as sim_tasks
 from simulator.config import SimulatorSettings
 
 log = logging.getLogger("simulator")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-TEI_NATIVE_PATHS = frozenset({"/embed"})
-INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/embed",
-                             "/v1/embeddings"})
+TEI_NATIVE_PATHS = frozenset({"/embed", "/rerank"})  # TEI's own error shape (TEI mode)
+TEI_INFERENCE_PATHS = frozenset({"/embed", "/v1/embeddings", "/rerank"})
 ENGINE: web.AppKey[sim_engine.Engine] = web.AppKey("engine", sim_engine.Engine)
 CRASH_DELAY_S = 0.05  # lets the kernel take the last answer before the process dies
 
@@ -61,7 +78,7 @@ class Service:
         self.settings = settings
         self.faults = faults.Faults(settings.faults, settings.seed, clock.monotonic)
         self.tei_metrics: sim_metrics.TeiMetrics | None = None
-        self.ready = settings.engine == "vllm"  # TEI mode: once the embedder is loaded
+        self.ready = settings.engine != "tei"  # TEI mode: once the embedder is loaded
 
     def inference(self, handler: Handler) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
@@ -112,11 +129,27 @@ class Service:
             raise
 
     def _error(self, request: web.Request, exc: errors.SimError) -> web.Response:
-        if self.tei_metrics is not None and request.path in INFERENCE_PATHS:
-            self.tei_metrics.failure(exc.tei_type.lower())
-        if request.path in TEI_NATIVE_PATHS:
-            return _json(exc.tei_body(), status=exc.status)
+        if self.tei_metrics is not None:
+            if request.path in TEI_INFERENCE_PATHS:
+                self.tei_metrics.failure(exc.tei_type.lower())
+            if request.path in TEI_NATIVE_PATHS:
+                return _json(exc.tei_body(), status=exc.status)
+        if request.path.startswith("/v1/messages"):
+            return _json(exc.anthropic_body(), status=exc.status)
         return _json(exc.envelope(), status=exc.status)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The routes, as the ``paths`` of an OpenAPI document (vLLM's FastAPI serves
+        one; the registry can learn an engine's tasks from its paths either way)."""
+        paths: dict[str, dict[str, Any]] = {}
+        for route in request.app.router.routes():
+            info = route.resource.get_info() if route.resource is not None else {}
+            path = info.get("path") or info.get("formatter")
+            if path and route.method != "HEAD":
+                paths.setdefault(path, {})[route.method.lower()] = {}
+        return _json({"openapi": "3.1.0", "paths": paths, "info": {
+            "title": "synapse-simulator", "version": vllm_api.VLLM_VERSION,
+            "x-tasks": self.settings.tasks}})
 
 
 async def _forever() -> None:
@@ -149,23 +182,28 @@ async def drain(app: web.Application, grace_s: float) -> int:
 
 
 def build(settings: SimulatorSettings, clock: type[Clock] | Clock = Clock) -> web.Application:
+    settings = settings.model_copy(update={
+        "tasks": list(sim_tasks.resolve(settings.engine, settings.tasks))})
     service = Service(settings, clock)
     app = web.Application(middlewares=[service.errors_middleware],
                           client_max_size=64 * 1024 * 1024)
     app.router.add_get("/health", service.health)
     app.router.add_get("/sim/faults", service.get_faults)
     app.router.add_post("/sim/faults", service.post_faults)
+    app.router.add_get("/openapi.json", service.openapi)
     if settings.engine == "vllm":
         _add_vllm(app, settings, service, clock)
-    else:
+    elif settings.engine == "tei":
         _add_tei(app, settings, service, clock)
+    else:
+        _add_speech(app, settings, service, clock)
     return app
 
 
 def _add_routes(app: web.Application, service: Service, routes: list[web.RouteDef]) -> None:
     for route in routes:
         handler = route.handler
-        if route.path in INFERENCE_PATHS:
+        if route.method == "POST":
             handler = service.inference(handler)
         app.router.add_route(route.method, route.path, handler)
 
@@ -181,6 +219,8 @@ def _add_vllm(app: web.Application, settings: SimulatorSettings, service: Servic
     api = vllm_api.VllmApi(settings, engine, metrics, service.faults, clock.wall,
                            max_model_len)
     _add_routes(app, service, api.routes())
+    _add_routes(app, service, _vllm_task_routes(settings, engine, service, clock,
+                                                max_model_len))
 
     async def run_engine(_app: web.Application) -> AsyncIterator[None]:
         await engine.start()
@@ -191,6 +231,39 @@ def _add_vllm(app: web.Application, settings: SimulatorSettings, service: Servic
     app[ENGINE] = engine
 
 
+def _vllm_task_routes(settings: SimulatorSettings, engine: sim_engine.Engine,
+                     service: Service, clock: type[Clock] | Clock,
+                     max_model_len: int) -> list[web.RouteDef]:
+    tasks, served = settings.tasks, settings.served_model_names or [settings.model]
+    answers = answer.Answers(settings, engine, max_model_len)
+    routes: list[web.RouteDef] = []
+    if sim_tasks.RESPONSES in tasks:
+        routes += responses_api.ResponsesApi(answers, served, service.faults, clock.wall,
+                                             settings.responses_store).routes()
+    if sim_tasks.MESSAGES in tasks:
+        routes += messages_api.MessagesApi(answers, served, service.faults).routes()
+    if sim_tasks.TOKENIZE in tasks:
+        routes += tokenize_api.TokenizeApi(served, max_model_len).routes()
+    routes += rerank_api.VllmRerankApi(settings, served, sim_tasks.RERANK in tasks,
+                                       sim_tasks.SCORE in tasks).routes()
+    if sim_tasks.TRANSCRIPTION in tasks:
+        routes += transcribe_api.TranscribeApi(settings, served).routes()
+    return routes
+
+
+def _add_speech(app: web.Application, settings: SimulatorSettings, service: Service,
+                clock: type[Clock] | Clock) -> None:
+    served = settings.served_model_names or [settings.model]
+    api = speech_api.SpeechApi(settings, served, settings.tasks, int(clock.wall()))
+    _add_routes(app, service, api.routes())
+
+    async def version(request: web.Request) -> web.Response:
+        return _json({"version": "simulated", "simulator": vllm_api.FINGERPRINT,
+                      "simulated": True, "tasks": settings.tasks})
+
+    app.router.add_get("/version", version)
+
+
 def _add_tei(app: web.Application, settings: SimulatorSettings, service: Service,
              clock: type[Clock] | Clock) -> None:
     metrics = sim_metrics.TeiMetrics()
@@ -198,6 +271,8 @@ def _add_tei(app: web.Application, settings: SimulatorSettings, service: Service
     holder = _EmbedderHolder(settings)
     api = tei_api.TeiApi(settings, holder, metrics, clock.monotonic)
     _add_routes(app, service, api.routes())
+    if sim_tasks.RERANK in settings.tasks:
+        _add_routes(app, service, rerank_api.TeiRerankApi(settings).routes())
 
     async def load_embedder(_app: web.Application) -> AsyncIterator[None]:
         await holder.load()

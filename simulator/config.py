@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
+from simulator import tasks as sim_tasks
 from synapse_common.settings import LoggingSettings, Section
 
 
@@ -44,7 +45,13 @@ class FaultSettings(Section):
 
 
 class SimulatorSettings(Section):
-    engine: Literal["vllm", "tei"] = Field("vllm", description="what to imitate")
+    engine: Literal["vllm", "tei", "speech"] = Field(
+        "vllm", description="what to imitate: vLLM, TEI, or a text-to-speech server "
+                            "(openedai-speech / Speaches shapes)")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="what the engine serves (simulator.tasks names); empty = the engine's "
+                    "default set. Advertised in /v1/models, /version, /info and /openapi.json")
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(8000, ge=0, le=65535, description="listen port (0 = pick)")
     model: str = Field("meta-llama/Meta-Llama-3.1-8B-Instruct", description="model id")
@@ -58,4 +65,19 @@ class SimulatorSettings(Section):
     max_client_batch_size: int = Field(32, ge=1, description="TEI mode batch limit (422 above)")
     max_input_length: int = Field(512, ge=1, description="TEI mode longest input in tokens "
                                                          "(413 above unless truncate is set)")
+    max_audio_mb: float = Field(25.0, gt=0, description="largest audio upload for "
+                                "transcription (vLLM's VLLM_MAX_AUDIO_CLIP_FILESIZE_MB)")
+    responses_store: bool = Field(
+        False, description="keep answers of /v1/responses in memory so previous_response_id "
+                           "and GET /v1/responses/{id} work (vLLM's "
+                           "VLLM_ENABLE_RESPONSES_API_STORE; off by default, as in vLLM)")
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_fit_the_engine(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        # engine is declared first, so it is validated (or missing, if invalid) already
+        engine = info.data.get("engine")
+        if engine is not None:
+            sim_tasks.resolve(engine, value)
+        return list(dict.fromkeys(value))

@@ -5,6 +5,7 @@
     SimError (500 InternalServerError)
     ├── BadRequest (400 BadRequestError)       invalid JSON, fields, lengths
     ├── NotFound (404 NotFoundError)           unknown model or route
+    │   └── ResponseNotFound (404 invalid_request_error)  unknown Responses id
     ├── MethodNotAllowed (405)                 known route, wrong method
     ├── Unprocessable (422)                    TEI validation (batch too large, empty)
     ├── PayloadTooLarge (413)                  TEI input over max_input_length
@@ -13,8 +14,10 @@
 
 vLLM mode renders every error as vLLM ≥ 0.10 does, the OpenAI envelope
 ``{"error": {"message", "type", "param", "code"}}`` (``code`` is the HTTP status, as in
-vLLM). TEI's native routes (``/embed``) use TEI's ``{"error", "error_type"}`` instead;
-the middleware that picks the shape lives in ``simulator.app``.
+vLLM); on ``/v1/messages`` vLLM's Anthropic shape ``{"type": "error", "error": {"type",
+"message"}}`` (:meth:`SimError.anthropic_body`, vLLM's own type names). TEI's native
+routes (``/embed``, ``/rerank``) use TEI's ``{"error", "error_type"}`` instead; the
+middleware that picks the shape lives in ``simulator.app``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ class SimError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.status}}
 
+    def anthropic_body(self) -> dict[str, Any]:
+        return {"type": "error", "error": {"type": self.type, "message": self.message}}
+
     def tei_body(self) -> dict[str, Any]:
         return {"error": self.message, "error_type": self.tei_type}
 
@@ -49,6 +55,15 @@ class BadRequest(SimError):
 class NotFound(SimError):
     status = 404
     type = "NotFoundError"
+
+
+class ResponseNotFound(NotFound):
+    """vLLM's answer to an unknown ``previous_response_id`` or ``GET /v1/responses/{id}``."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__(f"Response with id '{response_id}' not found.", param="response_id")
 
 
 class MethodNotAllowed(SimError):

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from simulator import app as sim_app
 from simulator import config, profiles
+from simulator import tasks as sim_tasks
 from synapse_common import cli
 
 log = logging.getLogger("simulator")
@@ -48,7 +49,8 @@ OVERRIDES = {
     "stall_after_chunks": "faults.stall_after_chunks", "stall_s": "faults.stall_s",
     "slow_start": "faults.slow_start_s", "embedder": "embedder",
     "max_client_batch_size": "max_client_batch_size", "embed_dim": "embed_dim",
-    "max_input_length": "max_input_length",
+    "max_input_length": "max_input_length", "task": "tasks", "max_audio_mb": "max_audio_mb",
+    "responses_store": "responses_store",
 }
 
 
@@ -59,7 +61,13 @@ def build_parser(prog: str = "synapse simulator") -> argparse.ArgumentParser:
                     "GPUs. Flags override the config file.")
     cli.add_common_args(parser)
     s = parser.add_argument_group("server")
-    s.add_argument("--engine", choices=("vllm", "tei"), help="what to imitate (default vllm)")
+    s.add_argument("--engine", choices=("vllm", "tei", "speech"),
+                   help="what to imitate: vllm (default), tei, or speech (a text-to-speech "
+                        "server)")
+    s.add_argument("--task", action="append", metavar="TASK",
+                   help="what the engine serves; repeatable (default per engine: vllm "
+                        f"{','.join(sim_tasks.DEFAULTS['vllm'])}; tei embed; speech speech). "
+                        "Others: rerank, score, transcription (vllm), rerank (tei)")
     s.add_argument("--host", help="listen address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="listen port, 0 = pick one (default 8000)")
     s.add_argument("--model", help="model id")
@@ -91,6 +99,12 @@ def build_parser(prog: str = "synapse simulator") -> argparse.ArgumentParser:
     f.add_argument("--stall-s", type=float, help="silence before the drop (default 2 s)")
     f.add_argument("--slow-start", type=float, metavar="S",
                    help="/health answers 503 for the first S seconds")
+    a = parser.add_argument_group("Responses and audio")
+    a.add_argument("--responses-store", action="store_true", default=None,
+                   help="keep /v1/responses answers in memory for previous_response_id "
+                        "(vLLM's VLLM_ENABLE_RESPONSES_API_STORE)")
+    a.add_argument("--max-audio-mb", type=float,
+                   help="largest transcription upload in MiB (default 25, as vLLM)")
     t = parser.add_argument_group("TEI mode")
     t.add_argument("--embedder", choices=("hash", "minilm"),
                    help="hashed vectors (simulated, default) or all-MiniLM-L6-v2 in-process")

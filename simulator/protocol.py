@@ -16,12 +16,12 @@ seed only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 
-from simulator import errors
+from simulator import errors, toolcalls
 from synapse_common import tokens
 
 MAX_N = 128
@@ -40,6 +40,9 @@ class GenRequest:
     stream: bool
     include_usage: bool
     ignore_eos: bool
+    tools: list[toolcalls.Tool] = dataclasses.field(default_factory=list)  # chat only
+    tool_choice: str = "none"
+    last_user: str = ""  # chat: the last user message's text (steers tool_choice auto)
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -52,7 +55,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _int(body: Mapping[str, Any], name: str, minimum: int) -> int | None:
+def integer(body: Mapping[str, Any], name: str, minimum: int) -> int | None:
     value = body.get(name)
     if value is None:
         return None
@@ -63,13 +66,13 @@ def _int(body: Mapping[str, Any], name: str, minimum: int) -> int | None:
     return value
 
 
-def _number(body: Mapping[str, Any], name: str) -> None:
+def number(body: Mapping[str, Any], name: str) -> None:
     value = body.get(name)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
         raise errors.BadRequest(f"{name} must be a number, got {value!r}.", param=name)
 
 
-def _bool(body: Mapping[str, Any], name: str) -> bool:
+def boolean(body: Mapping[str, Any], name: str) -> bool:
     value = body.get(name, False)
     if value is None:
         return False
@@ -78,7 +81,7 @@ def _bool(body: Mapping[str, Any], name: str) -> bool:
     return value
 
 
-def _stop(body: Mapping[str, Any]) -> list[str]:
+def stop_list(body: Mapping[str, Any]) -> list[str]:
     value = body.get("stop")
     if value is None:
         return []
@@ -89,11 +92,25 @@ def _stop(body: Mapping[str, Any]) -> list[str]:
     raise errors.BadRequest("stop must be a string or a list of strings.", param="stop")
 
 
-def _model(body: Mapping[str, Any]) -> str | None:
+def model_name(body: Mapping[str, Any]) -> str | None:
     value = body.get("model")
     if value is not None and not isinstance(value, str):
         raise errors.BadRequest("model must be a string.", param="model")
     return value or None
+
+
+def text_of(content: Any) -> str:
+    """Plain text of a content value: a string, or the text of a list of parts in any of
+    the three dialects (``text``, ``input_text``, ``output_text`` parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        return "".join(str(p.get("text", "")) for p in content
+                       if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+    raise errors.BadRequest("content must be a string or a list of content parts.",
+                            param="content")
 
 
 def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -138,15 +155,15 @@ def parse(body: Mapping[str, Any], chat: bool) -> GenRequest:
     """Check a chat (``chat=True``) or completions body; raises ``errors.BadRequest``."""
     messages = _messages(body) if chat else None
     prompts = [tokens.render_chat(messages)] if messages is not None else _prompts(body)
-    max_tokens = _int(body, "max_completion_tokens", 1) if chat else None
+    max_tokens = integer(body, "max_completion_tokens", 1) if chat else None
     if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 1)
-    n = _int(body, "n", 1) or 1
+        max_tokens = integer(body, "max_tokens", 1)
+    n = integer(body, "n", 1) or 1
     if n > MAX_N:
         raise errors.BadRequest(f"n must be at most {MAX_N}, got {n}.", param="n")
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        _number(body, name)
-    stream = _bool(body, "stream")
+        number(body, name)
+    stream = boolean(body, "stream")
     options = body.get("stream_options")
     if options is not None:
         if not stream:
@@ -158,9 +175,14 @@ def parse(body: Mapping[str, Any], chat: bool) -> GenRequest:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise errors.BadRequest(f"seed must be an integer, got {seed!r}.", param="seed")
-    return GenRequest(chat=chat, model=_model(body), prompts=prompts, messages=messages, n=n,
-                      max_tokens=max_tokens, stop=_stop(body), seed=seed, stream=stream,
-                      include_usage=include_usage, ignore_eos=_bool(body, "ignore_eos"))
+    gen = GenRequest(chat=chat, model=model_name(body), prompts=prompts, messages=messages, n=n,
+                     max_tokens=max_tokens, stop=stop_list(body), seed=seed, stream=stream,
+                     include_usage=include_usage, ignore_eos=boolean(body, "ignore_eos"))
+    if messages is not None:
+        gen.tools, gen.tool_choice = toolcalls.chat_tools(body)
+        gen.last_user = next((text_of(m.get("content")) for m in reversed(messages)
+                              if m.get("role") == "user"), "")
+    return gen
 
 
 def context_error(max_model_len: int, prompt_tokens: int, max_tokens: int | None,

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from simulator import embedders, errors, protocol
 from simulator import metrics as sim_metrics
+from simulator import tasks as sim_tasks
 from simulator.config import SimulatorSettings
 from synapse_common import tokens
 
@@ -43,13 +44,17 @@ class TeiApi:
         self.served = settings.served_model_names or [settings.model]
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/embed", self.embed), web.post("/v1/embeddings", self.openai_embed),
+        embed = [web.post("/embed", self.embed), web.post("/v1/embeddings", self.openai_embed)]
+        return [*(embed if sim_tasks.EMBED in self.settings.tasks else []),
                 web.get("/info", self.info), web.get("/metrics", self.metrics_text)]
 
     async def info(self, request: web.Request) -> web.Response:
         s = self.settings
+        # TEI serves one model: an embedder, or (without embed) a reranker
+        model_type = ({"embedding": {"pooling": "mean"}} if sim_tasks.EMBED in s.tasks else
+                      {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}})
         body = {"model_id": s.model, "model_sha": None, "model_dtype": "float32",
-                "model_type": {"embedding": {"pooling": "mean"}},
+                "model_type": model_type, "tasks": s.tasks,
                 "max_concurrent_requests": 512, "max_input_length": s.max_input_length,
                 "max_batch_tokens": 16384, "max_batch_requests": None,
                 "max_client_batch_size": s.max_client_batch_size, "auto_truncate": False,
@@ -108,7 +113,7 @@ class TeiApi:
         self.metrics.request_count["single" if len(texts) == 1 else "batch"] += 1
 
     async def embed(self, request: web.Request) -> web.Response:
-        body = _body(await request.read())
+        body = json_object(await request.read())
         texts = self._inputs(body.get("inputs"), "inputs")
         self._count(texts)
         normalize = body.get("normalize", True) is not False
@@ -139,7 +144,7 @@ class TeiApi:
                             content_type="application/json")
 
 
-def _body(raw: bytes) -> dict[str, Any]:
+def json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -26,15 +26,16 @@ from typing import Any, NoReturn
 import orjson
 from aiohttp import web
 
-from simulator import chat_tokens, errors, faults, protocol, textgen
+from simulator import chat_tokens, errors, faults, protocol, textgen, toolcalls
 from simulator import engine as sim_engine
 from simulator import metrics as sim_metrics
 from simulator import scheduler as sched
+from simulator import tasks as sim_tasks
 from simulator.config import SimulatorSettings
 from synapse_common import tokens
 
 FINGERPRINT = "synapse-simulator"
-VLLM_VERSION = "0.10.2"
+VLLM_VERSION = "0.32.0"  # the shapes imitated are those of the engine tier's vLLM
 JSON = "application/json"
 # Work above these sizes moves to a thread (about 5 ms of CPU either way).
 THREAD_ABOVE_TOKENS = 20_000  # output tokens to pre-generate
@@ -42,14 +43,20 @@ THREAD_ABOVE_CHARS = 64_000  # prompt characters to tokenize
 
 
 class Choice:
-    """One sequence plus the text it will produce."""
+    """One sequence plus the text (or the tool call's arguments) it will produce."""
 
-    __slots__ = ("index", "out", "seq")
+    __slots__ = ("call", "index", "out", "seq")
 
-    def __init__(self, index: int, seq: sched.Seq, out: textgen.Output) -> None:
+    def __init__(self, index: int, seq: sched.Seq, out: textgen.Output,
+                 call: toolcalls.Call | None = None) -> None:
         self.index = index
         self.seq = seq
         self.out = out
+        self.call = call
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.call is not None else self.out.finish_reason
 
 
 class VllmApi:
@@ -68,9 +75,10 @@ class VllmApi:
         self.chat_tokens = chat_tokens.ChatTokenizer()
 
     def routes(self) -> list[web.RouteDef]:
+        generate = [web.post("/v1/chat/completions", self.chat),
+                    web.post("/v1/completions", self.completions)]
         return [
-            web.post("/v1/chat/completions", self.chat),
-            web.post("/v1/completions", self.completions),
+            *(generate if sim_tasks.GENERATE in self.settings.tasks else []),
             web.get("/v1/models", self.models),
             web.get("/version", self.version),
             web.get("/metrics", self.metrics_text),
@@ -82,7 +90,8 @@ class VllmApi:
     async def models(self, request: web.Request) -> web.Response:
         data: list[dict[str, Any]] = [{"id": name, "object": "model", "created": self.started,
                  "owned_by": FINGERPRINT, "root": self.settings.model, "parent": None,
-                 "max_model_len": self.max_model_len, "permission": []}
+                 "max_model_len": self.max_model_len, "permission": [],
+                 "tasks": self.settings.tasks}
                 for name in self.served]
         return _json({"object": "list", "data": data})
 
@@ -90,7 +99,8 @@ class VllmApi:
         return _json(self.engine.scheduler.state())
 
     async def version(self, request: web.Request) -> web.Response:
-        return _json({"version": VLLM_VERSION, "simulator": FINGERPRINT, "simulated": True})
+        return _json({"version": VLLM_VERSION, "simulator": FINGERPRINT, "simulated": True,
+                      "tasks": self.settings.tasks})
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         # Rendering is a few hundred microseconds of pure Python: not worth a thread hop.
@@ -134,11 +144,15 @@ class VllmApi:
             hashes = tokens.block_hashes(ids, self.block_size)
             max_tokens = gen.max_tokens or min(self.settings.profile.default_max_tokens,
                                                self.max_model_len - len(ids))
+            call = toolcalls.choose(gen.tools, gen.tool_choice, gen.last_user, seed)
             for i in range(gen.n):
-                out = textgen.generate(prompt, seed, i, max_tokens, ignore_eos=gen.ignore_eos,
-                                       stop=gen.stop)
+                if call is not None:
+                    out = textgen.Output(toolcalls.pieces(call.arguments), "stop", None)
+                else:
+                    out = textgen.generate(prompt, seed, i, max_tokens,
+                                           ignore_eos=gen.ignore_eos, stop=gen.stop)
                 seq = sched.Seq(request_id, len(ids), hashes, out.num_tokens, out.finish_reason)
-                choices.append(Choice(p * gen.n + i, seq, out))
+                choices.append(Choice(p * gen.n + i, seq, out, call))
         return choices, prompt_tokens
 
     async def _generate(self, request: web.Request,
@@ -183,11 +197,15 @@ class VllmApi:
         out = []
         for c in choices:
             entry: dict[str, Any] = {"index": c.index, "logprobs": None,
-                                     "finish_reason": c.out.finish_reason,
+                                     "finish_reason": c.finish_reason,
                                      "stop_reason": c.out.stop_reason}
             if gen.chat:
-                entry["message"] = {"role": "assistant", "content": c.out.text,
-                                    "tool_calls": [], "reasoning_content": None}
+                calls = [] if c.call is None else [{
+                    "id": c.call.id, "type": "function",
+                    "function": {"name": c.call.name, "arguments": c.call.arguments}}]
+                entry["message"] = {"role": "assistant",
+                                    "content": None if c.call else c.out.text,
+                                    "tool_calls": calls, "reasoning_content": None}
             else:
                 entry["text"] = c.out.text
                 entry["prompt_logprobs"] = None
@@ -215,12 +233,16 @@ class VllmApi:
                     continue
                 upto = c.seq.num_generated
                 while emitted[k] < upto:
-                    await writer.token(c.index, c.out.pieces[emitted[k]])
+                    if c.call is None:
+                        await writer.token(c.index, c.out.pieces[emitted[k]])
+                    else:
+                        await writer.call_piece(c.index, c.call, c.out.pieces[emitted[k]],
+                                                first=emitted[k] == 0)
                     emitted[k] += 1
                 if c.seq.state is sched.State.FINISHED:
                     if c.seq.finish_reason == "abort":
                         drop(request)
-                    await writer.chunk(c.index, {} if gen.chat else "", c.out.finish_reason,
+                    await writer.chunk(c.index, {} if gen.chat else "", c.finish_reason,
                                        c.out.stop_reason)
                     closed[k] = True
         if gen.include_usage:
@@ -286,6 +308,17 @@ class SseWriter:
 
     async def token(self, index: int, piece: str) -> None:
         await self.chunk(index, {"content": piece} if self.chat else piece, None, None)
+
+    async def call_piece(self, index: int, call: toolcalls.Call, piece: str,
+                         first: bool) -> None:
+        """A tool call as vLLM streams it: a chunk with the id and name, then one per
+        piece of the arguments."""
+        if first:
+            await self.chunk(index, {"content": None, "tool_calls": [{
+                "id": call.id, "type": "function", "index": 0,
+                "function": {"name": call.name}}]}, None, None)
+        await self.chunk(index, {"content": None, "tool_calls": [{
+            "index": 0, "function": {"arguments": piece}}]}, None, None)
 
     async def usage(self, usage: dict[str, Any]) -> None:
         await self._event({**self.head, "choices": [], "usage": usage})

@@ -41,6 +41,17 @@ def _token_id(piece: str) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
+def pieces(text: str) -> list[str]:
+    """The text of each token of ``text``, in order (``tokenize`` hashes these)."""
+    found: list[str] = _TOKENS.findall(text)
+    return found
+
+
+def token_id(piece: str) -> int:
+    """The id of one piece (as :func:`pieces` returns it)."""
+    return _token_id(piece)
+
+
 def tokenize(text: str) -> list[int]:
     """Deterministic token ids for ``text`` (about one per four characters)."""
     return [_token_id(piece) for piece in _TOKENS.findall(text)]
