@@ -11,7 +11,11 @@ Workloads (open loop, Poisson arrivals, streaming requests with ``ignore_eos``):
 * A: 40 groups sharing a 2,000-token context, 5 users each, one short question each;
 * B: 80 multi-turn chats of 8 rounds over a shared 500-token system prompt (each round
   is sent when the previous answer is complete and carries the whole history);
-* C: unique prompts of 200-2,000 tokens.
+* C: unique prompts of 200-2,000 tokens;
+* H (heterogeneous fleet): a second tree with two simulators, one twice as slow per token
+  (prefill and decode), and two ``predicted_ttft`` replicas: costs learned from the
+  answers (the default) and today's constant costs (``router.learn_costs: false``);
+  unique prompts as in C.
 
 The rates are set so that round robin is overloaded (its p90 TTFT above 1 s). TTFT is
 the time to the first content token; times are reported in simulated seconds (measured
@@ -20,7 +24,8 @@ hit ratio is the engines' cached prompt tokens / prompt tokens, from each answer
 
 Run: ``python -m bench.routing [--time-scale 1]``. Last line: ``{"bench": "routing",
 "A": {"p90_ttft_ratio_vs_round_robin": …, "throughput_ratio_vs_round_robin": …,
-"prefix_hit_ratio": …}, "B": {…}, "C": {"p90_ttft_ratio_vs_least_loaded": …}}``.
+"prefix_hit_ratio": …}, "B": {…}, "C": {"p90_ttft_ratio_vs_least_loaded": …},
+"H": {"p90_ttft_ratio_learned_vs_constant": …}}``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from typing import Any
 
 import aiohttp
 import yaml
@@ -75,13 +81,13 @@ class Result:
 
 
 async def send(session: aiohttp.ClientSession, url: str, messages: list[dict[str, str]],
-               max_tokens: int, scale: float) -> Result:
-    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "stream": True,
+               max_tokens: int, scale: float, model: str = MODEL) -> Result:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft = None
     parts: list[str] = []
-    usage: dict[str, object] = {}
+    usage: dict[str, Any] = {}
     async with session.post(url, json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"status {resp.status}: {(await resp.text())[:200]}")
@@ -155,7 +161,8 @@ async def workload_c(session: aiohttp.ClientSession, url: str, rng: random.Rando
     return list(await asyncio.gather(*tasks))
 
 
-WORKLOADS = {"A": (workload_a, 32.0), "B": (workload_b, 20.0), "C": (workload_c, 28.0)}
+WORKLOADS = {"A": (workload_a, 32.0), "B": (workload_b, 20.0), "C": (workload_c, 28.0),
+             "H": (workload_c, 8.0)}
 
 
 def summarise(results: list[Result], scale: float) -> dict[str, float]:
@@ -175,25 +182,37 @@ def summarise(results: list[Result], scale: float) -> dict[str, float]:
             "requests": len(results)}
 
 
-def start_fleet(tree: Tree, workdir: pathlib.Path, scale: float) -> dict[str, str]:
-    grpc_ports = {p: free_port() for p in POLICIES}
+SLOW = ["--prefill-s-per-token", "0.00024", "--decode-base-s", "0.024",
+        "--decode-per-seq-s", "0.0003"]   # twice the default profile's per-token costs
+HETEROGENEOUS: dict[str, dict[str, object]] = {
+                 "learned": {"policy": "predicted_ttft"},
+                 "constant": {"policy": "predicted_ttft", "learn_costs": False}}
+
+
+def start_fleet(tree: Tree, workdir: pathlib.Path, scale: float,
+                replicas: dict[str, dict[str, object]],
+                sims: list[list[str]]) -> dict[str, str]:
+    """One control plane per entry of ``replicas`` (its ``router`` section), all fed by one
+    agent supervising one simulator per entry of ``sims`` (its extra arguments)."""
+    grpc_ports = {name: free_port() for name in replicas}
     urls = {}
-    for policy in POLICIES:
+    for name, router in replicas.items():
         http = free_port()
-        cfg = workdir / f"cp-{policy}.yaml"
+        cfg = workdir / f"cp-{name}.yaml"
         cfg.write_text(yaml.safe_dump({
-            "replica_id": policy, "http": {"host": "127.0.0.1", "port": http},
-            "grpc": {"host": "127.0.0.1", "port": grpc_ports[policy]},
-            "auth": {"admin_key": ADMIN, "tenants": [{"name": "bench", "keys": [KEY]}]},
-            "router": {"policy": policy}, "cache": {"enabled": False},
+            "replica_id": name, "http": {"host": "127.0.0.1", "port": http},
+            "grpc": {"host": "127.0.0.1", "port": grpc_ports[name]},
+            "auth": {"admin_key": ADMIN, "tenants": [{"name": "bench", "keys": [KEY]}],
+                     "allow_unauthenticated_agents": True},
+            "router": router, "cache": {"enabled": False},
             "registry": {"node_down_after_s": 10}, "logging": {"level": "warning"}}))
-        tree.start(f"cp-{policy}", [str(BIN / "synapse"), "controlplane", "--config", str(cfg)],
+        tree.start(f"cp-{name}", [str(BIN / "synapse"), "controlplane", "--config", str(cfg)],
                    f"http://127.0.0.1:{http}/health")
-        urls[policy] = f"http://127.0.0.1:{http}"
+        urls[name] = f"http://127.0.0.1:{http}"
     backends = [{"name": f"sim-{i}", "engine": "simulator", "model": MODEL,
                  "served_model_names": [MODEL], "port": free_port(),
-                 "extra_args": ["--time-scale", str(scale), "--log-level", "warning"]}
-                for i in range(4)]
+                 "extra_args": ["--time-scale", str(scale), "--log-level", "warning", *extra]}
+                for i, extra in enumerate(sims)]
     agent = workdir / "agent.yaml"
     agent.write_text(yaml.safe_dump({
         "node_name": "bench", "control_plane": {
@@ -205,13 +224,14 @@ def start_fleet(tree: Tree, workdir: pathlib.Path, scale: float) -> dict[str, st
                        "simulator_command": [str(BIN / "synapse"), "simulator"]},
         "backends": backends}))
     tree.start("agent", [str(BIN / "synapse"), "agent", "--config", str(agent)],
-               f"{urls['predicted_ttft']}/health")
+               f"{next(iter(urls.values()))}/health")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if all(_backends_ready(u) == 4 for u in urls.values()):
+        if all(_backends_ready(u) == len(sims) for u in urls.values()):
             return urls
         time.sleep(0.5)
-    raise SystemExit("the four simulators did not become ready behind every control plane")
+    raise SystemExit(f"the {len(sims)} simulators did not become ready behind every "
+                     "control plane")
 
 
 def route_decisions(url: str) -> str:
@@ -231,34 +251,50 @@ def _backends_ready(url: str) -> int:
         return 0
 
 
+def header() -> None:
+    print(f"{'workload':<9}{'policy':<16}{'p50 s':>8}{'p90 s':>8}{'p99 s':>8}"
+          f"{'out tok/s':>11}{'prefix hit':>11}{'busiest':>9}", flush=True)
+
+
+async def run_workloads(args: argparse.Namespace, urls: dict[str, str], names: str,
+                        table: dict[str, dict[str, dict[str, float]]]) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for name in names:
+        fn, rate = WORKLOADS[name]
+        table[name] = {}
+        for i, policy in enumerate(urls):
+            rng = random.Random(f"{args.seed}-{name}-{i}")
+            async with aiohttp.ClientSession(
+                    headers=headers, timeout=aiohttp.ClientTimeout(total=600),
+                    connector=aiohttp.TCPConnector(limit=0)) as session:
+                results = await fn(session, f"{urls[policy]}/v1/chat/completions", rng,
+                                   args.time_scale, rate * args.load)
+            row = table[name][policy] = summarise(results, args.time_scale)
+            if args.show_routes:
+                print(await asyncio.to_thread(route_decisions, urls[policy]))
+            print(f"{name:<9}{policy:<16}{row['p50']:>8.2f}{row['p90']:>8.2f}"
+                  f"{row['p99']:>8.2f}{row['tokens_per_s']:>11.0f}"
+                  f"{row['prefix_hit_ratio']:>11.2f}{row['busiest_share']:>9.2f}", flush=True)
+
+
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-routing-"))
-    tree = Tree(workdir)
     table: dict[str, dict[str, dict[str, float]]] = {}
-    try:
-        urls = start_fleet(tree, workdir, args.time_scale)
-        headers = {"Authorization": f"Bearer {KEY}"}
-        print(f"{'workload':<9}{'policy':<16}{'p50 s':>8}{'p90 s':>8}{'p99 s':>8}"
-              f"{'out tok/s':>11}{'prefix hit':>11}{'busiest':>9}", flush=True)
-        for name in args.workloads:
-            fn, rate = WORKLOADS[name]
-            table[name] = {}
-            for i, policy in enumerate(POLICIES):
-                rng = random.Random(f"{args.seed}-{name}-{i}")
-                async with aiohttp.ClientSession(
-                        headers=headers, timeout=aiohttp.ClientTimeout(total=600),
-                        connector=aiohttp.TCPConnector(limit=0)) as session:
-                    results = await fn(session, f"{urls[policy]}/v1/chat/completions", rng,
-                                       args.time_scale, rate * args.load)
-                row = table[name][policy] = summarise(results, args.time_scale)
-                if args.show_routes:
-                    print(await asyncio.to_thread(route_decisions, urls[policy]))
-                print(f"{name:<9}{policy:<16}{row['p50']:>8.2f}{row['p90']:>8.2f}"
-                      f"{row['p99']:>8.2f}{row['tokens_per_s']:>11.0f}"
-                      f"{row['prefix_hit_ratio']:>11.2f}{row['busiest_share']:>9.2f}", flush=True)
-    finally:
-        tree.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    header()
+    fleets: list[tuple[str, dict[str, dict[str, object]], list[list[str]]]] = [
+        ("".join(w for w in args.workloads if w != "H"),
+         {p: {"policy": p} for p in POLICIES}, [[] for _ in range(4)]),
+        ("H" if "H" in args.workloads else "", HETEROGENEOUS, [[], SLOW])]
+    for names, replicas, sims in fleets:
+        if not names:
+            continue
+        workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-routing-"))
+        tree = Tree(workdir)
+        try:
+            urls = start_fleet(tree, workdir, args.time_scale, replicas, sims)
+            await run_workloads(args, urls, names, table)
+        finally:
+            tree.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
     return result_json(table)
 
 
@@ -276,6 +312,16 @@ def result_json(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, obje
         p, ll = table["C"]["predicted_ttft"], table["C"]["least_loaded"]
         out["C"] = {"p90_ttft_ratio_vs_least_loaded": round(p["p90"] / ll["p90"], 3),
                     "round_robin_p90_ttft_s": round(table["C"]["round_robin"]["p90"], 3)}
+    if "H" in table:
+        learned, constant = table["H"]["learned"], table["H"]["constant"]
+        out["H"] = {"p90_ttft_ratio_learned_vs_constant":
+                        round(learned["p90"] / constant["p90"], 3),
+                    "p50_ttft_ratio_learned_vs_constant":
+                        round(learned["p50"] / constant["p50"], 3),
+                    "learned_p90_ttft_s": round(learned["p90"], 3),
+                    "constant_p90_ttft_s": round(constant["p90"], 3),
+                    "learned_busiest_share": round(learned["busiest_share"], 3),
+                    "constant_busiest_share": round(constant["busiest_share"], 3)}
     return out
 
 
@@ -284,7 +330,7 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="simulator clock (smaller = faster runs, more CPU noise)")
     parser.add_argument("--load", type=float, default=1.0, help="multiplies every rate")
-    parser.add_argument("--workloads", default="ABC")
+    parser.add_argument("--workloads", default="ABCH")
     parser.add_argument("--seed", default="7")
     parser.add_argument("--show-routes", action="store_true",
                         help="print each control plane's route decisions after a run")
