@@ -49,10 +49,12 @@ import yaml
 
 from controlplane import calibrate
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
+from synapse_common import call_metadata
 from synapse_common.ports import free_port
 
 MODEL = "bench-model"
 KEY = "sk-bench-cache-0123456789"
+AGENT_TOKEN = "bench-cache-agent-token"  # agent and control planes share it
 BIN = pathlib.Path(sys.executable).parent
 SYSTEM = "You are a helpful assistant. Answer in one sentence."
 
@@ -117,7 +119,8 @@ def breakdown(url: str) -> dict[str, float]:
 
 def embeds(address: str) -> bool:
     with grpc.insecure_channel(address) as ch:
-        node_pb2_grpc.NodeStub(ch).Embed(node_pb2.EmbedRequest(texts=["ping"]), timeout=5)
+        node_pb2_grpc.NodeStub(ch).Embed(node_pb2.EmbedRequest(texts=["ping"]), timeout=5,
+                                         metadata=call_metadata.metadata(AGENT_TOKEN))
     return True
 
 
@@ -130,7 +133,8 @@ def fleet(tmp: pathlib.Path, entries: int) -> Iterator[dict[str, str]]:
         cfg = {"replica_id": name, "data_dir": str(tmp / name),
                "http": {"host": "127.0.0.1", "port": http[name]},
                "grpc": {"host": "127.0.0.1", "port": grpc_ports[name]},
-               "auth": {"tenants": [{"name": "bench", "keys": [KEY]}]},
+               "auth": {"agent_token": AGENT_TOKEN,
+                        "tenants": [{"name": "bench", "keys": [KEY]}]},
                "models": [{"name": MODEL}],
                "upstreams": [{"name": "sim", "url": f"http://127.0.0.1:{sim}",
                               "models": [MODEL]}],
@@ -140,7 +144,7 @@ def fleet(tmp: pathlib.Path, entries: int) -> Iterator[dict[str, str]]:
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     agent = {"node_name": "bench-node",
              "control_plane": {"addresses": [f"127.0.0.1:{p}" for p in grpc_ports.values()],
-                               "report_interval_s": 1},
+                               "report_interval_s": 1, "token": AGENT_TOKEN},
              "grpc": {"host": "127.0.0.1", "port": node,
                       "advertise_address": f"127.0.0.1:{node}"},
              "metrics": {"host": "127.0.0.1", "port": 0},
