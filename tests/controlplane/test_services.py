@@ -38,3 +38,25 @@ def test_a_bad_key_file_names_the_setting(tmp_path: pathlib.Path) -> None:
         services.build(t.settings(auth={"key_file": str(bad)}))
     with pytest.raises(ValueError, match=r"auth\.key_file"):
         services.build(t.settings(auth={"key_file": str(tmp_path / "missing.yaml")}))
+
+
+def test_the_admin_key_acts_on_v1_only_as_the_tenant_named_for_it() -> None:
+    table = services.build(t.settings()).tenants
+    with pytest.raises(errors.Forbidden, match="admin routes"):
+        table.authenticate(f"Bearer {t.ADMIN}")
+    s = t.settings(auth={"admin_key": t.ADMIN, "admin_tenant": "ops", "tenants": [
+        {"name": "ops", "keys": ["sk-ops-123"], "allowed_models": ["llama"],
+         "requests_per_second": 2}]})
+    ops = services.build(s).tenants.authenticate(f"Bearer {t.ADMIN}")
+    assert (ops.name, ops.allowed_models, ops.requests_per_second) == \
+        ("ops", frozenset({t.MODEL}), 2)
+    with pytest.raises(ValueError, match=r"auth\.admin_tenant: no tenant is named 'nobody'"):
+        t.settings(auth={"admin_tenant": "nobody"})
+
+
+def test_an_unreadable_metrics_token_names_the_setting(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ValueError, match=r"metrics\.bearer_token_file: cannot read"):
+        services.build(t.settings(metrics={"bearer_token_file": str(tmp_path / "none")}))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match=r"metrics\.bearer_token_file: .* is empty"):
+        services.build(t.settings(metrics={"bearer_token_file": str(tmp_path / "empty")}))
