@@ -160,7 +160,7 @@ def fleet(tmp: pathlib.Path, entries: int) -> Iterator[dict[str, str]]:
     # One torch thread for the agent's MiniLM: a single short text gains nothing from two,
     # and on a busy 2-core machine two threads spin against each other (measured here:
     # 9 ms with one thread, 120 ms with two under load).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the MiniLM loader goes offline itself
     procs = [subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT, env=env) for c in cmds]
     urls = {n: f"http://127.0.0.1:{p}" for n, p in http.items()}
     try:
