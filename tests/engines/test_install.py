@@ -42,11 +42,11 @@ def test_requirements_of_the_wheel_without_extras_and_media_packages(tmp_path):
 
 def test_a_complete_tier_is_left_alone_and_a_killed_installers_leftovers_go(tier_dir, capsys):
     _complete(tier_dir)
-    (tier_dir / ".tmp-abc123" / "model").mkdir(parents=True)
+    (tier_dir / ".tmp-model-abc123" / "model").mkdir(parents=True)
     assert install.main([]) == 0
     out = capsys.readouterr().out
     assert out.count("already installed") == 2 and "engine tier ready" in out
-    assert not (tier_dir / ".tmp-abc123").exists()
+    assert not list(tier_dir.glob(".tmp-*"))
 
 
 def test_a_failed_step_names_itself_and_shows_the_output(tmp_path):
