@@ -165,7 +165,7 @@ async def answer_from_cache(request: web.Request, hit: cache_port.CacheHit,
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
     ctx.first_byte = request.app[context.SERVICES].clock()
-    for chunk in hit.events():      # shaped like a live stream (usage only if asked)
+    for chunk in hit.events(parsed.body):   # shaped like a live stream (usage if asked)
         await resp.write(chunk)
     await resp.write_eof()
     return resp

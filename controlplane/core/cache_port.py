@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal, Protocol
 
-from controlplane.core import stream_replay
+from controlplane.core import cache_entry, stream_replay
 
 CacheStatus = Literal["hit-exact", "hit-semantic", "miss", "bypass"]
 HitLayer = Literal["exact", "semantic"]
@@ -37,12 +37,12 @@ class CacheHit:
     response: Mapping[str, Any]     # a complete non-streaming response object
     similarity: float | None = None  # semantic hits: cosine similarity of the texts
     score: float | None = None       # semantic hits: the verifier's probability
-    form: Mapping[str, Any] | None = None  # the stored stream's skeletons (stream_fold)
-    include_usage: bool = False      # a streamed answer ends with a usage chunk
+    form: Mapping[str, Any] | None = None  # a stream form to replay in (stream_fold)
 
-    def events(self) -> Iterator[bytes]:
-        """The answer as a stream of SSE events shaped like a live one."""
-        return stream_replay.replay(self.response, self.form, self.include_usage)
+    def events(self, body: Mapping[str, Any]) -> Iterator[bytes]:
+        """The answer to the request ``body`` as SSE events shaped like a live stream: a
+        usage chunk only when ``stream_options.include_usage`` asks for one."""
+        return stream_replay.replay(self.response, self.form, cache_entry.include_usage(body))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,7 @@ from controlplane.core import (
 from synapse_common import clock as clocks
 
 INVALIDATE_TIMEOUT_S = 30.0
+FORMS_MAX = 1024        # models whose stream form is remembered
 State = cache_writer.State
 
 
@@ -99,6 +100,7 @@ class TieredCache:
             budget_s=options.store_budget_s, queue_max=options.store_queue_max,
             clock=monotonic, learned=self._learned)
         self._thresholds: dict[str, float] = {}
+        self._forms: dict[str, Mapping[str, Any]] = {}   # model -> a stream form it sent
         self._warmed = False
         self._embedder_id: str | None = None     # the last one Node.Embed reported
 
@@ -134,11 +136,11 @@ class TieredCache:
             self.metrics.cache_bypass.labels(reason=rule.reason).inc()
             return cache_port.CacheDecision(status="bypass", may_store=rule.store,
                                             reason=rule.reason, token=state)
-        hit = await self._lookup_exact(state, request.body)
+        hit = await self._lookup_exact(state, request)
         if hit is not None:
             return cache_port.CacheDecision(status="hit-exact", hit=hit, reason="exact")
         if self.semantic and keys.semantic_text is not None:
-            found, state = await self._lookup_semantic(state, request.body)
+            found, state = await self._lookup_semantic(state, request)
             if found is not None:
                 return cache_port.CacheDecision(status="hit-semantic", hit=found,
                                                 reason="semantic")
@@ -146,7 +148,7 @@ class TieredCache:
         return cache_port.CacheDecision(status="miss", may_store=rule.store,
                                         reason=rule.reason or "miss", token=state)
 
-    async def _lookup_exact(self, state: State, body: Mapping[str, Any]
+    async def _lookup_exact(self, state: State, request: cache_port.CacheRequest
                             ) -> cache_port.CacheHit | None:
         start = self._mono()
         try:
@@ -158,13 +160,13 @@ class TieredCache:
         finally:
             self.metrics.cache_lookup_duration.labels(layer="exact").observe(
                 self._mono() - start)
-        entry = self._decode(raw, state.keys.scope_hash, body)
+        entry = self._decode(raw, state.keys.scope_hash, request.body)
         if entry is None:
             return None
         self.metrics.cache_hits.labels(layer="exact").inc()
-        return self._hit("exact", entry, body)
+        return self._hit("exact", entry, request)
 
-    async def _lookup_semantic(self, state: State, body: Mapping[str, Any]
+    async def _lookup_semantic(self, state: State, request: cache_port.CacheRequest
                                ) -> tuple[cache_port.CacheHit | None, State]:
         start = self._mono()
         deadline = start + self.options.semantic_budget_s
@@ -172,7 +174,7 @@ class TieredCache:
             if not await self._scope_may_have_entries(state, deadline):
                 return None, state      # the writer embeds it, off the hot path
             state = await self._embed_state(state, deadline)
-            hit = await self._budget.within(self._search_verify(state, body, deadline),
+            hit = await self._budget.within(self._search_verify(state, request),
                                             deadline - self._mono(), "semantic", "lookup")
         except cache_budget.Failed:
             return None, state
@@ -212,7 +214,7 @@ class TieredCache:
         self._embedder_id = result.embedder_id
         return dataclasses.replace(state, vector=vector, embedder_id=result.embedder_id)
 
-    async def _search_verify(self, state: State, body: Mapping[str, Any], deadline: float
+    async def _search_verify(self, state: State, request: cache_port.CacheRequest
                              ) -> cache_port.CacheHit | None:
         assert self.l2 is not None and self.verifier is not None and state.vector is not None
         text = state.keys.semantic_text or ""
@@ -228,9 +230,9 @@ class TieredCache:
                 return None
             chosen = candidates.pop(verdict.index)
             raw = await self.l1.get(state.tenant, state.model, chosen.ref)
-            entry = self._decode(raw, state.keys.scope_hash, body)
+            entry = self._decode(raw, state.keys.scope_hash, request.body)
             if entry is not None:
-                return self._hit("semantic", entry, body, round(verdict.similarity, 4),
+                return self._hit("semantic", entry, request, round(verdict.similarity, 4),
                                  round(verdict.score, 4))
         return None
 
@@ -251,6 +253,9 @@ class TieredCache:
             if (not decision.may_store or not isinstance(state, State)
                     or not cache_rules.is_storable(response)):
                 return
+            form = getattr(response, "form", None)      # stored from a stream
+            if form and len(self._forms) < FORMS_MAX:
+                self._forms[state.model] = form
             self._writer.put(state, response)
         except asyncio.QueueFull as exc:
             # A burst beyond the writer's pace: drop the write, never slow the response.
@@ -307,10 +312,10 @@ class TieredCache:
             return None
         return entry if entry is not None and cache_entry.serves(entry, body) else None
 
-    @staticmethod
-    def _hit(layer: cache_port.HitLayer, entry: cache_entry.Entry, body: Mapping[str, Any],
-             similarity: float | None = None, score: float | None = None
-             ) -> cache_port.CacheHit:
+    def _hit(self, layer: cache_port.HitLayer, entry: cache_entry.Entry,
+             request: cache_port.CacheRequest, similarity: float | None = None,
+             score: float | None = None) -> cache_port.CacheHit:
+        """A hit; streamed in its own form, else in the form this model streams in."""
         return cache_port.CacheHit(layer=layer, response=entry.response,
-                                   similarity=similarity, score=score, form=entry.form,
-                                   include_usage=cache_entry.include_usage(body))
+                                   similarity=similarity, score=score,
+                                   form=entry.form or self._forms.get(request.model))

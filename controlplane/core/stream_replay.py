@@ -4,11 +4,13 @@ Per choice: the role chunk (chat), the content, the finish chunk; then the usage
 (empty ``choices``) *only* when the request asked for it (``stream_options.include_usage``,
 as a live stream does); then ``data: [DONE]``.
 
-The chunks are the stream's own form when the answer was stored from a stream (the
+The chunks are in the stream's own form when the answer was stored from a stream (the
 skeletons ``stream_fold`` recorded: a backend's extra fields such as vLLM's
-``token_ids`` or ``stop_reason`` and where it puts them), else the OpenAI form that vLLM
-and the simulator send: role chunk ``{"role", "content": ""}``, content chunks, a finish
-chunk with an empty delta (and ``stop_reason`` when the answer has one).
+``token_ids`` or ``stop_reason`` and where it puts them) or when the cache has seen a
+stream of the same model (the caller passes that form), else in the OpenAI form the
+simulator sends: role chunk ``{"role", "content": ""}``, content chunks, a finish chunk
+with an empty delta (and ``stop_reason`` when the answer has one). The answer's own
+``id``, ``created``, ``model`` and fingerprint fill the skeletons' fields of those names.
 
 The content of a choice goes out in one chunk per field, in the order a backend streams
 them: reasoning (``reasoning_content`` / ``reasoning``) and other text fields, the content,
@@ -28,6 +30,7 @@ from controlplane.core import stream_fold
 
 DONE = "[DONE]"
 _SPECIAL = frozenset({"role", "content", "tool_calls", "function_call"})
+_OWN = ("id", "created", "model", "system_fingerprint")   # the answer's, in any form
 
 
 def event(payload: Mapping[str, Any] | str) -> bytes:
@@ -40,7 +43,10 @@ def replay(response: Mapping[str, Any], form: Mapping[str, Any] | None = None,
            include_usage: bool = True) -> Iterator[bytes]:
     """A stored non-streaming response as SSE events, ending with ``data: [DONE]``."""
     chat = response.get("object", "chat.completion") != "text_completion"
-    shape = {**default_form(response, chat), **(form or getattr(response, "form", None) or {})}
+    recorded = getattr(response, "form", None) or form or {}
+    shape = {**default_form(response, chat), **recorded}
+    own = {k: response[k] for k in _OWN if k in response}
+    shape = {kind: {**t, **{k: v for k, v in own.items() if k in t}} for kind, t in shape.items()}
     for choice in response.get("choices") or ():
         for chunk in _choice_chunks(shape, choice, chat):
             if not include_usage:
@@ -124,23 +130,24 @@ def _pieces(message: Mapping[str, Any]) -> list[dict[str, Any]]:
 def _split_last(shape: Mapping[str, Any], choice: Mapping[str, Any],
                 pieces: list[dict[str, Any]], chat: bool
                 ) -> tuple[Any, dict[str, Any], Any]:
-    """(logprobs of the content chunk, text of the finish chunk, its logprobs): the last
-    token moves to the finish chunk only where the recorded form had it there."""
+    """(logprobs of the content chunk, text of the finish chunk, its logprobs): where the
+    recorded form had logprobs in the finish chunk, the last token's logprobs go there,
+    with its text when the content ends with it (a stop token's is not in the content)."""
     logprobs = choice.get("logprobs")
     finish = (shape["finish"].get("choices") or [{}])[0]
-    key = "content" if chat else "text"
     if finish.get("logprobs") != stream_fold.LOGPROBS_PRESENT or not isinstance(
             logprobs, Mapping):
         return logprobs, {}, None
     tokens = logprobs.get("content") if chat else logprobs.get("tokens")
-    carrier = next((p for p in pieces if key in p), None)
-    if not tokens or carrier is None:
+    if not tokens:
         return logprobs, {}, None
-    last = tokens[-1]
-    token = last.get("token", "") if isinstance(last, Mapping) else str(last)
-    if not token or not carrier[key].endswith(token):
-        return logprobs, {}, None
-    carrier[key] = carrier[key][:-len(token)]
     head = {k: v[:-1] if isinstance(v, list) else v for k, v in logprobs.items()}
     tail = {k: v[-1:] if isinstance(v, list) else v for k, v in logprobs.items()}
+    last = tokens[-1]
+    token = last.get("token", "") if isinstance(last, Mapping) else str(last)
+    key = "content" if chat else "text"
+    carrier = next((p for p in pieces if key in p), None)
+    if not token or carrier is None or not carrier[key].endswith(token):
+        return head, {}, tail
+    carrier[key] = carrier[key][:-len(token)]
     return head, {key: token}, tail

@@ -112,8 +112,9 @@ async def test_cache_hits_are_answered_and_complete_misses_stored() -> None:
             assert raw.headers["x-synapse-cache-similarity"] == "0.9700"
             assert raw.headers["x-synapse-cache-score"] == "0.9300"
             assert not b.bodies, "a hit never reaches a backend"
-            stream = await client.chat.completions.create(model="llama", messages=q,
-                                                          stream=True)
+            stream = await client.chat.completions.create(
+                model="llama", messages=q, stream=True,
+                stream_options={"include_usage": True})   # a usage chunk only if asked
             chunks = [c async for c in stream]
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) \
                 == "from cache"

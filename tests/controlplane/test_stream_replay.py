@@ -121,6 +121,20 @@ def test_a_vllm_stream_replays_in_vllms_own_form() -> None:
     assert folded(as_sse(replayed)) == folded(as_sse(live))
 
 
+def test_a_non_streamed_answer_replays_in_a_form_seen_from_the_same_model() -> None:
+    form = sse.assemble(sse.SSEParser().feed(as_sse(vllm_stream()))).response().form
+    stored = {"id": "chatcmpl-other", "object": "chat.completion", "created": 9, "model": "m",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "Yo!"},
+                           "logprobs": {"content": [token("Yo", -1.0), token("!", -2.0)]},
+                           "finish_reason": "stop", "stop_reason": None, "token_ids": None}],
+              "system_fingerprint": "fp2"}
+    replayed = events(b"".join(stream_replay.replay(stored, form, include_usage=False)))
+    assert shape(replayed) == shape(vllm_stream())
+    assert {c["id"] for c in replayed} == {"chatcmpl-other"}, "the answer's own id"
+    assert replayed[-1]["system_fingerprint"] == "fp2"
+    assert folded(as_sse(replayed))["choices"] == stored["choices"]
+
+
 def entry(usage: bool) -> cache_entry.Entry:
     raw = cache_entry.encode("scope", sse.assemble(sse.SSEParser().feed(
         as_sse(openai_stream(usage)))).response())
