@@ -1,0 +1,327 @@
+"""Benchmark: routing policies in front of two real vLLM engines (SmolLM2-135M, one CPU
+core each), from the engine tier (``make engines``).
+
+One process tree: a ``synapse agent`` supervising two real vLLMs (``engine: vllm``,
+``VLLM_CPU_OMP_THREADS_BIND`` 0 and 1, ``VLLM_CPU_KVCACHE_SPACE=1``: each holds about
+45k tokens of KV; the agent reports their block size and KV capacity from
+``vllm:cache_config_info``), four ``synapse controlplane`` replicas fed by that agent —
+``predicted_ttft`` with the model's own tokenizer (``models[].tokenizer``),
+``predicted_ttft`` with the shared approximation (``predicted_approx``), ``round_robin``,
+``least_loaded`` — and the Rust ``vllm-router`` in ``cache_aware`` mode (``make
+bench-peers``) in front of the same two engines. Each policy runs each workload in turn,
+on fresh random texts (no run inherits another's prefix cache), closed loop with
+``--concurrency`` requests in flight, streamed, ``ignore_eos``.
+
+Workloads, scaled to what two CPU engines serve in a few minutes:
+
+* A (shared long contexts under KV pressure): ``--contexts`` contexts of ``--context-tokens``
+  tokens, more than one engine's KV holds but less than both do, each asked
+  ``--rounds`` questions, round by round (every context once per round: the reuse
+  distance of a context is all the others, so an engine that sees every context evicts
+  each before its next question, LRU; an engine that sees half of them keeps them);
+* C (unique prompts): ``--unique`` prompts of 200-1,500 tokens.
+
+Printed per workload and policy: TTFT p50/p90 (to the first content token), output
+tokens/s over the wall time, the engines' own prefix-cache hit ratio (the delta of
+``vllm:prefix_cache_hits_total / queries_total`` over the run) and, for Synapse's
+predicted policies, the router's predicted ÷ engine-reported cached tokens (the delta of
+``synapse_route_cached_tokens_total``). Last line: ``{"bench": "routing_real", "engine":
+"vllm", "A": {"p90_ttft_ratio_vs_round_robin": …, "p50_ttft_ratio_vs_round_robin": …,
+"p90_ttft_ratio_vs_vllm_router": …, "engine_prefix_hit_ratio": …}, "C":
+{"p90_ttft_ratio_vs_least_loaded": …}, "cached_tokens_agreement": …,
+"cached_tokens_agreement_approximation": …}``.
+
+Run: ``python -m bench.routing_real`` (about 15 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import random
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aiohttp
+import yaml
+
+from bench import common
+from bench.gateway import Tree
+from bench.routing import ADMIN, KEY, WORDS, Result, _backends_ready, send
+from synapse_common import engines
+from synapse_common.ports import free_port
+
+BIN = pathlib.Path(sys.executable).parent
+VLLM_ROUTER = pathlib.Path(".bench-venvs") / "vllm-router" / "bin" / "vllm-router"
+REPLICAS: dict[str, dict[str, Any]] = {
+    "predicted_ttft": {"policy": "predicted_ttft"},
+    "predicted_approx": {"policy": "predicted_ttft"},
+    "round_robin": {"policy": "round_robin"},
+    "least_loaded": {"policy": "least_loaded"},
+}
+START_S = 600.0
+# --enable-scale-out: vllm-router's cache_aware policy asks the engine to render each chat
+# prompt (POST /v1/chat/completions/render), which vLLM refuses (403) without it.
+VLLM_FLAGS = ["--dtype", "bfloat16", "--enforce-eager", "--enable-prefix-caching",
+              "--enable-prompt-tokens-details", "--enable-scale-out"]
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def workload_a(rng: random.Random, contexts: int, rounds: int, tokens: int,
+               ) -> list[list[dict[str, str]]]:
+    texts = [f"Document {c} ({rng.random():.6f}). " + words(rng, tokens) for c in range(contexts)]
+    order = list(range(contexts))
+    out = []
+    for r in range(rounds):
+        rng.shuffle(order)
+        out += [[{"role": "system", "content": texts[c]},
+                 {"role": "user", "content": f"Question {r}: {words(rng, 10)}?"}] for c in order]
+    return out
+
+
+def workload_c(rng: random.Random, n: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": f"{i} {rng.random():.6f} "
+              + words(rng, rng.randint(200, 1500))}] for i in range(n)]
+
+
+async def closed_loop(url: str, model: str, prompts: Sequence[list[dict[str, str]]],
+                      concurrency: int, max_tokens: int,
+                      headers: dict[str, str]) -> tuple[list[Result], float]:
+    queue = list(reversed(prompts))
+    results: list[Result] = []
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while queue:
+            results.append(await send(session, url, queue.pop(), max_tokens, 1.0, model))
+
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=900),
+                                     connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return results, time.perf_counter() - started
+
+
+def scrape(url: str, names: Sequence[str], headers: dict[str, str] | None = None,
+           ) -> dict[str, float]:
+    """Sums of the samples of ``names`` (label sets ``{…}`` kept apart by their text)."""
+    req = urllib.request.Request(f"{url}/metrics", headers=headers or {})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in names:
+            if line.startswith(name) and not line.startswith("#"):
+                key = line.rsplit(" ", 1)[0]
+                key = name + key[len(name):] if "{" in key else name
+                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+ENGINE_COUNTERS = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total")
+ROUTE_COUNTERS = ("synapse_route_cached_tokens_total",)
+
+
+def engine_totals(engine_urls: Sequence[str]) -> tuple[float, float]:
+    hits = queries = 0.0
+    for u in engine_urls:
+        s = scrape(u, ENGINE_COUNTERS)
+        hits += sum(v for k, v in s.items() if k.startswith(ENGINE_COUNTERS[0]))
+        queries += sum(v for k, v in s.items() if k.startswith(ENGINE_COUNTERS[1]))
+    return hits, queries
+
+
+def route_totals(cp_url: str | None) -> tuple[float, float]:
+    """(predicted, reported) cached tokens so far on a control plane."""
+    if cp_url is None:
+        return 0.0, 0.0
+    s = scrape(cp_url, ROUTE_COUNTERS)
+    predicted = sum(v for k, v in s.items() if 'source="predicted"' in k)
+    reported = sum(v for k, v in s.items() if 'source="reported"' in k)
+    return predicted, reported
+
+
+def summarise(results: list[Result], wall: float, engine_delta: tuple[float, float],
+              route_delta: tuple[float, float]) -> dict[str, float]:
+    ttfts = sorted(r.ttft for r in results)
+    hits, queries = engine_delta
+    predicted, reported = route_delta
+    return {"p50": common.nearest_rank(ttfts, 0.5), "p90": common.nearest_rank(ttfts, 0.9),
+            "wall_s": wall, "tokens_per_s": sum(r.output_tokens for r in results) / wall,
+            "engine_hit_ratio": hits / queries if queries else 0.0,
+            "usage_hit_ratio": (sum(r.cached_tokens for r in results)
+                                / max(1, sum(r.prompt_tokens for r in results))),
+            "cached_agreement": predicted / reported if reported else float("nan"),
+            "requests": len(results)}
+
+
+def start(tree: Tree, workdir: pathlib.Path, tier: engines.EngineTier,
+          ) -> tuple[dict[str, str], list[str]]:
+    """The agent with two vLLMs, one control plane per replica and the vllm-router: the
+    URL of each policy, and the engines' URLs."""
+    command, model_dir = tier.require_vllm()
+    grpc = {name: free_port() for name in REPLICAS}
+    urls: dict[str, str] = {}
+    for name, router in REPLICAS.items():
+        http = free_port()
+        model: dict[str, Any] = {"name": tier.model_name}
+        if name == "predicted_ttft":
+            model["tokenizer"] = str(model_dir)
+        cfg = workdir / f"cp-{name}.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "replica_id": name, "http": {"host": "127.0.0.1", "port": http,
+                                         "upstream_first_byte_timeout_s": 300.0,
+                                         "upstream_idle_timeout_s": 120.0},
+            "grpc": {"host": "127.0.0.1", "port": grpc[name]},
+            "auth": {"admin_key": ADMIN, "tenants": [{"name": "bench", "keys": [KEY]}],
+                     "allow_unauthenticated_agents": True},
+            "models": [model], "router": router, "cache": {"enabled": False},
+            "registry": {"node_down_after_s": 30}, "logging": {"level": "warning"}}))
+        tree.start(f"cp-{name}", [str(BIN / "synapse"), "controlplane", "--config", str(cfg)],
+                   f"http://127.0.0.1:{http}/health")
+        urls[name] = f"http://127.0.0.1:{http}"
+    ports = [free_port(), free_port()]
+    agent = workdir / "agent.yaml"
+    agent.write_text(yaml.safe_dump({
+        "node_name": "bench", "control_plane": {
+            "addresses": [f"127.0.0.1:{p}" for p in grpc.values()], "report_interval_s": 0.5},
+        "grpc": {"host": "127.0.0.1", "port": 0}, "metrics": {"host": "127.0.0.1", "port": 0},
+        "telemetry": {"source": "fake"},
+        "supervisor": {"log_dir": str(workdir / "engines"), "scrape_interval_s": 0.5,
+                       "vllm_command": command, "vllm_device": "cpu",
+                       "vllm_cpu_kvcache_gib": 1, "startup_deadline_s": START_S},
+        "backends": [{"name": f"vllm-{core}", "engine": "vllm", "model": str(model_dir),
+                      "served_model_names": [tier.model_name], "port": port,
+                      "max_model_len": 4096, "extra_args": VLLM_FLAGS,
+                      "env": {"VLLM_CPU_OMP_THREADS_BIND": str(core)}}
+                     for core, port in enumerate(ports)]}))
+    proc = tree.start("agent", [str(BIN / "synapse"), "agent", "--config", str(agent)],
+                      f"{urls['round_robin']}/health")
+    deadline = time.monotonic() + START_S
+    while not all(_backends_ready(u) == 2 for u in urls.values()):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"the two vLLMs did not become ready (logs in {workdir})")
+        time.sleep(1.0)
+    engine_urls = [f"http://127.0.0.1:{p}" for p in ports]
+    peer = VLLM_ROUTER.resolve()
+    if not peer.is_file():
+        raise SystemExit(f"{peer} is missing: run `make bench-peers`")
+    port = free_port()
+    tree.start("vllm-router", [str(peer), "--worker-urls", *engine_urls, "--port", str(port),
+                               "--host", "127.0.0.1", "--policy", "cache_aware"],
+               f"http://127.0.0.1:{port}/health")
+    urls["vllm_router_cache_aware"] = f"http://127.0.0.1:{port}"
+    return urls, engine_urls
+
+
+def warm_up(engine_urls: Sequence[str], model: str) -> None:
+    """One request per engine, so no policy pays a first request's one-time costs."""
+    for u in engine_urls:
+        body = json.dumps({"model": model, "max_tokens": 4, "messages": [
+            {"role": "user", "content": "warm up"}]}).encode()
+        req = urllib.request.Request(f"{u}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            resp.read()
+
+
+Workload = Callable[[random.Random], list[list[dict[str, str]]]]
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    tier = engines.find()
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-routing-real-"))
+    tree = Tree(workdir)
+    workloads: dict[str, Workload] = {
+        "A": lambda rng: workload_a(rng, args.contexts, args.rounds, args.context_tokens),
+        "C": lambda rng: workload_c(rng, args.unique)}
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        urls, engine_urls = start(tree, workdir, tier)
+        warm_up(engine_urls, tier.model_name)
+        print(f"{'workload':<9}{'policy':<25}{'p50 s':>7}{'p90 s':>7}{'wall s':>8}"
+              f"{'out tok/s':>10}{'engine hit':>11}{'usage hit':>10}{'pred/rep':>9}",
+              flush=True)
+        for name in args.workloads:
+            table[name] = {}
+            for i, policy in enumerate(args.policies.split(",")):
+                rng = random.Random(f"{args.seed}-{name}-{i}")
+                prompts = workloads[name](rng)
+                cp = urls[policy] if policy in REPLICAS else None
+                engine0, route0 = engine_totals(engine_urls), route_totals(cp)
+                results, wall = await closed_loop(
+                    f"{urls[policy]}/v1/chat/completions", tier.model_name, prompts,
+                    args.concurrency, args.max_tokens, {"Authorization": f"Bearer {KEY}"})
+                engine1, route1 = engine_totals(engine_urls), route_totals(cp)
+                row = table[name][policy] = summarise(
+                    results, wall, (engine1[0] - engine0[0], engine1[1] - engine0[1]),
+                    (route1[0] - route0[0], route1[1] - route0[1]))
+                print(f"{name:<9}{policy:<25}{row['p50']:>7.2f}{row['p90']:>7.2f}"
+                      f"{row['wall_s']:>8.1f}{row['tokens_per_s']:>10.1f}"
+                      f"{row['engine_hit_ratio']:>11.2f}{row['usage_hit_ratio']:>10.2f}"
+                      f"{row['cached_agreement']:>9.2f}", flush=True)
+    finally:
+        tree.stop()
+        if args.keep_logs:
+            print(f"logs: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return result_json(table)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def result_json(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"bench": "routing_real", "engine": "vllm"}
+    a = table.get("A", {})
+    if "predicted_ttft" in a and "round_robin" in a:
+        p, rr = a["predicted_ttft"], a["round_robin"]
+        vr = a.get("vllm_router_cache_aware")
+        out["A"] = {"p90_ttft_ratio_vs_round_robin": _ratio(p["p90"], rr["p90"]),
+                    "p50_ttft_ratio_vs_round_robin": _ratio(p["p50"], rr["p50"]),
+                    "p90_ttft_ratio_vs_vllm_router": _ratio(p["p90"], vr["p90"]) if vr else None,
+                    "p50_ttft_ratio_vs_vllm_router": _ratio(p["p50"], vr["p50"]) if vr else None,
+                    "throughput_ratio_vs_round_robin":
+                        _ratio(p["tokens_per_s"], rr["tokens_per_s"]),
+                    "engine_prefix_hit_ratio": round(p["engine_hit_ratio"], 3)}
+        out["cached_tokens_agreement"] = round(p["cached_agreement"], 3)
+        if "predicted_approx" in a:
+            out["cached_tokens_agreement_approximation"] = \
+                round(a["predicted_approx"]["cached_agreement"], 3)
+    c = table.get("C", {})
+    if "predicted_ttft" in c and "least_loaded" in c:
+        out["C"] = {"p90_ttft_ratio_vs_least_loaded":
+                    _ratio(c["predicted_ttft"]["p90"], c["least_loaded"]["p90"])}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", default="AC")
+    parser.add_argument("--policies", default="predicted_ttft,predicted_approx,round_robin,"
+                        "least_loaded,vllm_router_cache_aware")
+    parser.add_argument("--contexts", type=int, default=28)
+    parser.add_argument("--context-tokens", type=int, default=1900)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--unique", type=int, default=60)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--seed", default="15")
+    parser.add_argument("--keep-logs", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(common.run(run(args))))
+
+
+if __name__ == "__main__":
+    main()
