@@ -48,7 +48,6 @@ import jinja2.sandbox
 import tokenizers
 
 MEMO_MAX_TOKENS = 400_000   # ids held by the memo at most (about 15 MB)
-MEMO_MIN_CHARS = 64          # shorter pieces are cheaper to encode than to look up
 SAMPLE = ({"role": "system", "content": "You are terse. Answer in one word."},
           {"role": "user", "content": "What is the capital of France?"},
           {"role": "assistant", "content": " Paris.\n"},
@@ -189,8 +188,7 @@ class HFTokenizer:
         return (), ()
 
     def _piece(self, piece: str) -> tuple[int, ...]:
-        if len(piece) < MEMO_MIN_CHARS:
-            return self._encode(piece)
+        # Every piece: a call into the tokenizer costs more than a lookup even for "\n".
         ids = self._memo.get(piece)
         if ids is not None:
             self._memo.move_to_end(piece)
