@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import httptools
 import pytest
 import uvloop
 
 from controlplane import errors
-from controlplane.adapters import upstream
+from controlplane.adapters import http1, upstream
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
@@ -380,3 +383,19 @@ async def test_headers_with_line_breaks_are_refused_before_sending() -> None:
         assert (status, body) == (200, b"{}")
         assert srv.requests[0].startswith(b"GET /health HTTP/1.1\r\n")
         assert b"Content-Length" not in srv.requests[0]
+
+
+def test_foreign_errors_are_translated_by_one_table_without_addresses() -> None:
+    # asyncio's own strerror names the address: only the errno's words are kept
+    refused = http1.translate(OSError(errno.ECONNREFUSED,
+                                      "Connect call failed ('10.1.2.3', 8000)"))
+    assert type(refused) is errors.UpstreamConnectError
+    assert refused.message == "cannot connect: Connection refused"
+    tls = ssl.SSLCertVerificationError(1, "certificate verify failed: Hostname mismatch, "
+                                          "certificate is not valid for 'vllm.internal'")
+    tls.reason = "CERTIFICATE_VERIFY_FAILED"
+    assert http1.translate(tls).message == "cannot connect over TLS: CERTIFICATE_VERIFY_FAILED"
+    bad = http1.translate(httptools.HttpParserError("invalid HTTP status code"))
+    assert type(bad) is errors.UpstreamProtocolError and "invalid HTTP" in bad.message
+    with pytest.raises(TypeError, match="no upstream error is mapped for KeyError"):
+        http1.translate(KeyError("x"))
