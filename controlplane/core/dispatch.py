@@ -47,8 +47,8 @@ Failure = errors.UpstreamError | errors.UpstreamTimeout
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Policy:
-    max_attempts: int
-    first_byte_timeout_s: float
+    max_attempts: int               # candidates tried before the first byte
+    first_byte_timeout_s: float     # an answer's head must arrive within this
     idle_timeout_s: float           # longest gap between a stream's chunks
 
 
@@ -232,7 +232,8 @@ class Dispatcher:
                 backend = verdict.backend
                 try:
                     attempt.response = await self.transport.send(
-                        "POST", backend.url + path, body, self.headers(backend, request_id))
+                        "POST", backend.url + path, body, self.headers(backend, request_id),
+                        self.policy.first_byte_timeout_s)
                 except (errors.UpstreamError, errors.UpstreamTimeout) as exc:
                     why, last = _failed(backend, exc)
                     continue

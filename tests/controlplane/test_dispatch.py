@@ -89,6 +89,7 @@ async def test_connect_errors_5xx_and_timeouts_move_to_the_next_backend() -> Non
     assert bad.closed and mock.responses[-1].closed
     assert set(in_flight(d).values()) == {0}, "every attempt's ticket was settled"
     assert [r.headers["x-request-id"] for r in mock.requests] == ["rid-1"] * 4
+    assert {r.timeout_s for r in mock.requests} == {5.0}, "the first-byte limit, each time"
 
 
 async def test_when_every_candidate_fails_the_last_failure_names_the_backend_not_its_address(
