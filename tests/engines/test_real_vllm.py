@@ -15,9 +15,9 @@ import psutil
 import pytest
 
 from tests import harness
-from tests.engines.conftest import RealStack
+from tests.engines.conftest import START_S, RealStack
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -100,7 +100,7 @@ def test_a_killed_vllm_is_restarted_and_requests_recover(real_stack: RealStack) 
         b = real_stack.engine()
         return (int(b.get("restarts", 0)) >= 1 and b["phase"] == "BACKEND_PHASE_READY"
                 and int(b.get("pid", 0)) not in (0, int(before["pid"])))
-    harness.wait_until(back, 300, "the agent to restart vLLM", interval=1.0,
+    harness.wait_until(back, START_S, "the agent to restart vLLM", interval=1.0,
                        proc=real_stack.agent)
     reply = real_stack.client().chat.completions.create(
         model=real_stack.model, messages=CAPITAL, temperature=0, max_tokens=24)
