@@ -153,7 +153,7 @@ async def test_a_plan_the_agent_refuses_is_rolled_back_with_its_reason() -> None
     def answer(command: types.Command) -> tuple[bool, str]:
         return (False, why) if command.backends else (True, "")
 
-    async with service(answer=answer) as (svc, node, _, _):
+    async with service(answer=answer) as (svc, _, _, _):
         with pytest.raises(errors.Conflict) as refused:
             await svc.deploy(deploy("a", 30))
         assert refused.value.message == f"node 'gpu-a' refused the plan for a-vllm: {why}"

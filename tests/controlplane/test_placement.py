@@ -32,16 +32,16 @@ def test_pending_engines_count_against_their_gpu() -> None:
 def test_tensor_parallel_takes_n_gpus_each_holding_a_share() -> None:
     plan = placement.plan(node([20, 50, 45, 60]), placement.Need(80 * GIB, gpus=2))
     assert plan.gpu_indices == (1, 3) and plan.gpu_memory_utilization == 0.5
-    with pytest.raises(placement.NoFit, match="4 GPUs needed .* 3 reported"):
+    with pytest.raises(placement.NoFit, match=r"4 GPUs needed .* 3 reported"):
         placement.plan(node([70, 70, 70]), placement.Need(10 * GIB, gpus=4))
-    with pytest.raises(placement.NoFit, match="45.0 GiB free on the weakest of its 2 best"):
+    with pytest.raises(placement.NoFit, match=r"45\.0 GiB free on the weakest of its 2 best"):
         placement.plan(node([20, 50, 45, 10]), placement.Need(100 * GIB, gpus=2))
 
 
 def test_an_asked_fraction_must_fit_and_is_passed_as_is() -> None:
     assert placement.plan(node([50]), placement.Need(utilization=0.5)).gpu_memory_utilization \
         == 0.5
-    with pytest.raises(placement.NoFit, match="30.0 GiB free on its best GPU"):
+    with pytest.raises(placement.NoFit, match=r"30\.0 GiB free on its best GPU"):
         placement.plan(node([30]), placement.Need(utilization=0.5))
 
 
