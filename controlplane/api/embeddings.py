@@ -68,19 +68,20 @@ async def _via_agent(request: web.Request, model: str, texts: list[str],
     svc = request.app[context.SERVICES]
     ctx = context.get(request)
     client: node_embed.NodeEmbedClient = svc.extra[NODE_EMBED]
-    last = ""
-    for node in nodes[:svc.settings.router.max_attempts]:
+
+    async def embed(node: core_types.EmbedNode) -> tuple[Any, str]:
         try:
-            vectors, _ = await client.embed(node.address, model, texts, EMBED_TIMEOUT_S, ctx.tenant)
+            return await client.embed(node.address, model, texts, EMBED_TIMEOUT_S, ctx.tenant)
         except node_embed.EmbedError as exc:
             log.debug("Node.Embed of node %s (%s) failed: %s", node.name, node.address, exc)
-            last = str(exc)
-            continue
-        ctx.backend, ctx.route = f"node-embed/{node.name}", "agent-embedder"
-        ctx.first_byte = svc.clock()
-        return web.json_response(_openai_body(model, texts, vectors, body),
-                                 headers=ctx.headers(), dumps=_dumps)
-    raise errors.UpstreamError(f"every agent embedder failed; last error: {last}")
+            raise
+
+    node, (vectors, _) = await svc.dispatcher.first_answer(
+        nodes, embed, node_embed.EmbedError, "agent embedder")
+    ctx.backend, ctx.route = f"node-embed/{node.name}", "agent-embedder"
+    ctx.first_byte = svc.clock()
+    return web.json_response(_openai_body(model, texts, vectors, body),
+                             headers=ctx.headers(), dumps=_dumps)
 
 
 def _openai_body(model: str, texts: list[str], vectors: Any, body: dict[str, Any],

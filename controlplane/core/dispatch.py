@@ -30,8 +30,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
+from typing import TypeVar
 
 from controlplane import errors, metrics
 from controlplane.core import catalog, ledger, registry, transport, types
@@ -43,6 +44,8 @@ log = logging.getLogger("synapse.controlplane.dispatch")
 ERROR_DETAIL_BYTES = 300
 ERROR_DETAIL_TIMEOUT_S = 1.0
 Failure = errors.UpstreamError | errors.UpstreamTimeout
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -243,6 +246,20 @@ class Dispatcher:
                 yield attempt
                 return
         raise last
+
+
+    async def first_answer(self, targets: Sequence[T], call: Callable[[T], Awaitable[R]],
+                           retriable: type[Exception], what: str) -> tuple[T, R]:
+        """``call`` on each target in order (at most ``max_attempts``) until one answers;
+        a ``retriable`` failure moves on, anything else is the caller's. For calls that
+        are not HTTP attempts (an agent's ``Node.Embed``): the same retry budget."""
+        last = "none could be tried"
+        for target in targets[:self.policy.max_attempts]:
+            try:
+                return target, await call(target)
+            except retriable as exc:
+                last = str(exc)
+        raise errors.UpstreamError(f"every {what} failed; last error: {last}")
 
 
 def _failed(backend: types.BackendState, exc: Failure) -> tuple[str, errors.SynapseError]:

@@ -223,3 +223,23 @@ def test_fallbacks_are_planned_in_order_and_counted() -> None:
     plan = d.plan(MODEL, router.Prompt.from_text("hi"))
     assert (plan.fallback, plan.route.model) == ("f", "f")
     assert m.fallbacks.labels(MODEL, "f")._value.get() == 1
+
+
+async def test_other_calls_share_the_retry_budget_and_name_no_target() -> None:
+    d, _, _ = stack(("a",), attempts=2)
+    tried: list[str] = []
+
+    async def call(target: str) -> str:
+        tried.append(target)
+        if target != "third":
+            raise LookupError("the embedder is loading")
+        return "vectors"
+
+    with pytest.raises(errors.UpstreamError) as info:
+        await d.first_answer(["first", "second", "third"], call, LookupError, "agent embedder")
+    assert tried == ["first", "second"]
+    assert info.value.message == ("every agent embedder failed; last error: "
+                                  "the embedder is loading")
+    d.policy = dispatch.Policy(3, 5.0, IDLE_S)
+    assert await d.first_answer(["first", "second", "third"], call, LookupError, "x") == \
+        ("third", "vectors")
