@@ -36,6 +36,7 @@ class _Children:
 def recorder(m: metrics_mod.Metrics) -> Callable[[types.RouteObservation], None]:
     children: dict[str, _Children] = {}
     bias: dict[str, float] = {}
+    costs: dict[str, tuple[float, float, float]] = {}
 
     def record(obs: types.RouteObservation) -> None:
         c = children.get(obs.backend)
@@ -51,8 +52,11 @@ def recorder(m: metrics_mod.Metrics) -> Callable[[types.RouteObservation], None]
             c.cached_error.observe(abs(obs.predicted_cached_tokens - obs.reported_cached_tokens))
             c.predicted.inc(obs.predicted_cached_tokens)
             c.reported.inc(obs.reported_cached_tokens)
-        c.prefill.set(obs.prefill_s_per_token)
-        c.decode.set(obs.decode_s_per_step)
-        c.overhead.set(obs.overhead_s)
+        now = (obs.prefill_s_per_token, obs.decode_s_per_step, obs.overhead_s)
+        if costs.get(obs.backend) != now:  # they move only when a median does
+            costs[obs.backend] = now
+            c.prefill.set(now[0])
+            c.decode.set(now[1])
+            c.overhead.set(now[2])
 
     return record

@@ -28,8 +28,8 @@ starts where today's constant-cost router does.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 from collections import deque
+from typing import NamedTuple
 
 WINDOW = 63
 MIN_SAMPLES = 5
@@ -37,8 +37,7 @@ MIN_PREFILL_TOKENS = 128
 MIN_DECODE_STEPS = 4
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Costs:
+class Costs(NamedTuple):
     prefill_s_per_token: float
     decode_s_per_step: float
     overhead_s: float = 0.0
@@ -66,8 +65,8 @@ class RunningMedian:
         self._window.append(sample)
         bisect.insort(self._sorted, sample)
         self.count += 1
-        if len(self._sorted) >= self._min:
-            n = len(self._sorted)
+        n = len(self._sorted)
+        if n >= self._min:
             mid = n // 2
             self.value = (self._sorted[mid] if n % 2
                           else (self._sorted[mid - 1] + self._sorted[mid]) / 2)
@@ -87,18 +86,6 @@ class _Backend:
                            self.prefill.count)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Sample:
-    """One settled request, as the cost model needs it."""
-
-    ttft_s: float              # dispatch → first token
-    queued_tokens: float       # prefill tokens predicted ahead of it (KV-pressure scaled)
-    uncached_tokens: float     # prompt tokens the engine computed, in the router's units
-    decode_wait_s: float       # the decode-step part of the predicted queue wait
-    stream_s: float = 0.0      # first token → last byte (streams only)
-    output_tokens: int = 0
-
-
 class CostModel:
     def __init__(self, prefill_s_per_token: float, decode_s_per_step: float,
                  learn: bool = True) -> None:
@@ -112,22 +99,28 @@ class CostModel:
         entry = self._backends.get(backend)
         return entry.costs if entry is not None else self._default
 
-    def observe(self, backend: str, s: Sample) -> None:
+    def observe(self, backend: str, ttft_s: float, queued_tokens: float,
+                uncached_tokens: float, decode_wait_s: float, stream_s: float = 0.0,
+                output_tokens: int = 0) -> None:
+        """Learn from one settled request: its time to first token, the prefill tokens
+        predicted ahead of it (KV-pressure scaled), the prompt tokens the engine computed
+        (in the router's units), the decode-step part of its predicted queue wait, and
+        for a stream the time from first token to last byte and the tokens it sent."""
         if not self.learn:
             return
         entry = self._backends.get(backend)
         if entry is None:
             entry = self._backends[backend] = _Backend(self._prefill0, self._decode0)
         c = entry.costs
-        work = s.queued_tokens + s.uncached_tokens
-        explained = s.ttft_s - s.decode_wait_s
+        work = queued_tokens + uncached_tokens
+        explained = ttft_s - decode_wait_s
         if work >= MIN_PREFILL_TOKENS:
             entry.prefill.add(max(0.0, explained - c.overhead_s) / work)
         else:
             entry.overhead.add(max(0.0, explained - work * c.prefill_s_per_token))
-        if s.output_tokens >= MIN_DECODE_STEPS and s.stream_s > 0:
-            entry.decode.add(s.stream_s / (s.output_tokens - 1))
-        entry.refresh()
+        if output_tokens >= MIN_DECODE_STEPS and stream_s > 0:
+            entry.decode.add(stream_s / (output_tokens - 1))
+        entry.refresh()  # a tuple: cheaper than checking what moved
 
     def snapshot(self) -> dict[str, Costs]:
         return {k: v.costs for k, v in self._backends.items()}

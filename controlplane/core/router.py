@@ -141,10 +141,9 @@ class Router:
         c = self.costs.costs(b.key)
         queue, prefill, queued, decode = predict(b, self._ledger.load(b.key), n, cached, c)
         affinity = bool(prompt.session) and self._sessions.get(prompt.session) == b.key
+        basis = types.Basis(prompt.tokenizer, bs, queued, decode, *c)
         return types.Verdict(b, not reason, reason, queue + prefill, queue, prefill, n, cached,
-                             affinity, 0, prompt.tokenizer, bs, queued, decode,
-                             c.prefill_s_per_token, c.decode_s_per_step, c.overhead_s,
-                             c.samples)
+                             affinity, 0, basis)
 
     def verdicts(self, model: str, prompt: Prompt, task: types.Task = "generate",
                  ) -> tuple[list[types.Verdict], dict[int, list[int]]]:
@@ -285,7 +284,7 @@ class Router:
         Requests that never got an answer teach nothing and return None.
         """
         v = ticket.prediction
-        if not isinstance(v, types.Verdict) or ticket.first_byte_at is None:
+        if not isinstance(v, types.Verdict) or v.basis is None or ticket.first_byte_at is None:
             return None
         u = ticket.usage if isinstance(ticket.usage, usage_mod.Usage) else None
         reported_cached = u.cached_tokens if u is not None else None
@@ -295,17 +294,18 @@ class Router:
             uncached = v.prompt_tokens * (1.0 - reported_cached / u.prompt_tokens)
         else:
             uncached = float(v.prompt_tokens - v.cached_tokens)
-        ttft = ticket.first_byte_at - ticket.dispatched_at if ticket.streamed else None
         key = v.backend.key
-        if ttft is not None:
-            finished = ticket.finished_at if ticket.finished_at is not None else \
+        ttft = None
+        if ticket.streamed:
+            ttft = ticket.first_byte_at - ticket.dispatched_at
+            last = ticket.finished_at if ticket.finished_at is not None else \
                 ticket.first_byte_at
-            self.costs.observe(key, costs_mod.Sample(
-                ttft, v.queued_tokens, uncached, v.decode_wait_s,
-                finished - ticket.first_byte_at, u.completion_tokens if u else 0))
+            self.costs.observe(key, ttft, v.basis.queued_tokens, uncached,
+                               v.basis.decode_wait_s, last - ticket.first_byte_at,
+                               u.completion_tokens if u is not None else 0)
         c = self.costs.costs(key)
         obs = types.RouteObservation(
-            key, v.tokenizer, v.predicted_ttft_s, ttft, v.cached_tokens, reported_cached,
+            key, v.basis.tokenizer, v.predicted_ttft_s, ttft, v.cached_tokens, reported_cached,
             v.prompt_tokens, u.prompt_tokens if u is not None else None,
             c.prefill_s_per_token, c.decode_s_per_step, c.overhead_s)
         for observer in self._observers:

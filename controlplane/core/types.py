@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 Task = Literal["generate", "embed"]
 Source = Literal["agent", "static"]
@@ -108,6 +108,20 @@ class PromptInfo:
     tokenizer: str = "approximate"   # what the ids were counted with (tokenization.py)
 
 
+class Basis(NamedTuple):
+    """What a verdict's prediction was made with (explain shows it; the cost model learns
+    from it). A tuple: one is built per backend per request."""
+
+    tokenizer: str                  # what the prompt was counted and hashed with
+    block_size: int
+    queued_tokens: float            # prefill tokens predicted ahead of the request
+    decode_wait_s: float            # the decode-step part of queue_wait_s
+    prefill_s_per_token: float
+    decode_s_per_step: float
+    overhead_s: float               # part of queue_wait_s: fixed time to a first token
+    cost_samples: int               # prefill samples behind prefill_s_per_token (0 = constant)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Verdict:
     """One backend's routing verdict: filter result and the predicted TTFT with its parts."""
@@ -122,24 +136,48 @@ class Verdict:
     cached_tokens: int
     session_affinity: bool = False
     rank: int = 0
-    # What the prediction was made with (explain shows it; the cost model learns from it).
-    tokenizer: str = "approximate"
-    block_size: int = 0
-    queued_tokens: float = 0.0      # prefill tokens predicted ahead of this request
-    decode_wait_s: float = 0.0      # the decode-step part of queue_wait_s
-    prefill_s_per_token: float = 0.0
-    decode_s_per_step: float = 0.0
-    overhead_s: float = 0.0         # part of queue_wait_s: learned fixed time to a first token
-    cost_samples: int = 0           # prefill samples behind prefill_s_per_token (0 = constant)
+    basis: Basis | None = None      # what the prediction was made with
+
+    # The basis' parts (0 / "approximate" without one).
+    @property
+    def tokenizer(self) -> str:
+        return self.basis.tokenizer if self.basis else "approximate"
+
+    @property
+    def block_size(self) -> int:
+        return self.basis.block_size if self.basis else 0
+
+    @property
+    def queued_tokens(self) -> float:
+        return self.basis.queued_tokens if self.basis else 0.0
+
+    @property
+    def decode_wait_s(self) -> float:
+        return self.basis.decode_wait_s if self.basis else 0.0
+
+    @property
+    def prefill_s_per_token(self) -> float:
+        return self.basis.prefill_s_per_token if self.basis else 0.0
+
+    @property
+    def decode_s_per_step(self) -> float:
+        return self.basis.decode_s_per_step if self.basis else 0.0
+
+    @property
+    def overhead_s(self) -> float:
+        return self.basis.overhead_s if self.basis else 0.0
+
+    @property
+    def cost_samples(self) -> int:
+        return self.basis.cost_samples if self.basis else 0
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class RouteObservation:
+class RouteObservation(NamedTuple):
     """A routed request once it settled: what the router predicted beside what happened.
 
     ``observed_ttft_s`` is ``None`` unless the answer was streamed (a whole answer's first
     byte comes after its last token); the reported token counts are ``None`` when the
-    engine sent no usage (or no ``prompt_tokens_details``).
+    engine sent no usage (or no ``prompt_tokens_details``). A tuple: one per request.
     """
 
     backend: str

@@ -10,24 +10,17 @@ and the simulator). The router compares them with its predictions.
 
 from __future__ import annotations
 
-import dataclasses
 import re
+from typing import NamedTuple
 
 TAIL_BYTES = 1024
-_NUMBER = {key: re.compile(rb'"' + key.encode() + rb'"\s*:\s*(\d+)')
-           for key in ("prompt_tokens", "completion_tokens", "cached_tokens")}
+_COUNTS = re.compile(rb'"(prompt_tokens|completion_tokens|cached_tokens)"\s*:\s*(\d+)')
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int | None       # None: the engine did not report it
-
-
-def _number(key: str, text: bytes) -> int | None:
-    m = _NUMBER[key].search(text)
-    return int(m.group(1)) if m else None
 
 
 def from_tail(data: bytes) -> Usage | None:
@@ -35,9 +28,10 @@ def from_tail(data: bytes) -> Usage | None:
     at = data.rfind(b'"usage"')
     if at < 0:
         return None
-    text = data[at:]
-    prompt = _number("prompt_tokens", text)
+    counts = dict(_COUNTS.findall(data, at))
+    prompt = counts.get(b"prompt_tokens")
     if prompt is None:
         return None
-    return Usage(prompt, _number("completion_tokens", text) or 0,
-                 _number("cached_tokens", text))
+    cached = counts.get(b"cached_tokens")
+    return Usage(int(prompt), int(counts.get(b"completion_tokens", 0)),
+                 None if cached is None else int(cached))
