@@ -23,6 +23,7 @@ from typing import Any
 CHOICE_FIELDS = frozenset({"index", "delta", "text", "logprobs", "finish_reason", "message"})
 TOP_FIELDS = frozenset({"object", "choices", "usage"})
 LOGPROBS_PRESENT = "present"    # a skeleton's marker: this chunk kind carried logprobs
+FINGERPRINT = "fingerprint"     # form key: "last" when only the last chunk carries it (vLLM)
 
 
 class Assembled(dict[str, Any]):
@@ -121,8 +122,13 @@ class Fold:
         self._usage: Any = None
         self._chat = True
         self.form: dict[str, Any] = {}
+        self._fingerprints: list[bool] = []     # first chunk's, last chunk's
 
     def add(self, chunk: Mapping[str, Any]) -> None:
+        has = "system_fingerprint" in chunk
+        self._fingerprints[1:] = [has]
+        if len(self._fingerprints) == 1:
+            self._fingerprints.insert(0, has)
         for key, value in chunk.items():
             if key not in TOP_FIELDS and key not in self._meta:
                 self._meta[key] = value
@@ -175,7 +181,10 @@ class Fold:
         out.update({k: v for k, v in self._meta.items() if k not in out})
         if self._usage is not None:
             out["usage"] = self._usage
-        return Assembled(out, self.form)
+        form = dict(self.form)
+        if self._fingerprints[:1] == [False] and self._fingerprints[-1:] == [True]:
+            form[FINGERPRINT] = "last"
+        return Assembled(out, form)
 
     def _render(self, idx: int, acc: _Choice) -> dict[str, Any]:
         out: dict[str, Any] = {"index": idx}

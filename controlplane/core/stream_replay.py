@@ -44,19 +44,36 @@ def replay(response: Mapping[str, Any], form: Mapping[str, Any] | None = None,
     """A stored non-streaming response as SSE events, ending with ``data: [DONE]``."""
     chat = response.get("object", "chat.completion") != "text_completion"
     recorded = getattr(response, "form", None) or form or {}
-    shape = {**default_form(response, chat), **recorded}
-    own = {k: response[k] for k in _OWN if k in response}
-    shape = {kind: {**t, **{k: v for k, v in own.items() if k in t}} for kind, t in shape.items()}
-    for choice in response.get("choices") or ():
-        for chunk in _choice_chunks(shape, choice, chat):
-            if not include_usage:
-                chunk.pop("usage", None)
-            yield event(chunk)
+    shape = _templates(response, chat, recorded)
+    chunks = [chunk for choice in response.get("choices") or ()
+              for chunk in _choice_chunks(shape, choice, chat, "finish" in recorded)]
+    for chunk in chunks:
+        if not include_usage:
+            chunk.pop("usage", None)
     usage = response.get("usage")
     if include_usage and usage is not None:
-        template = shape.get("usage") or {**_head(response, chat), "choices": []}
-        yield event({**template, "usage": usage})
+        chunks.append({**shape["usage"], "usage": usage})
+    if recorded.get(stream_fold.FINGERPRINT) == "last" and chunks and \
+            "system_fingerprint" in response:
+        chunks[-1]["system_fingerprint"] = response["system_fingerprint"]
+    for chunk in chunks:
+        yield event(chunk)
     yield event(DONE)
+
+
+def _templates(response: Mapping[str, Any], chat: bool,
+               recorded: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Skeletons by kind, filled with the answer's own id, created, model, fingerprint
+    (which goes only on the last chunk where the recorded form had it there)."""
+    shape = {**default_form(response, chat),
+             **{k: v for k, v in recorded.items() if isinstance(v, Mapping)}}
+    own = {k: response[k] for k in _OWN if k in response}
+    last_only = recorded.get(stream_fold.FINGERPRINT) == "last"
+    return {kind: {**{k: v for k, v in t.items()
+                      if not (last_only and k == "system_fingerprint")},
+                   **{k: v for k, v in own.items() if k in t and not
+                      (last_only and k == "system_fingerprint")}}
+            for kind, t in shape.items()}
 
 
 def default_form(response: Mapping[str, Any], chat: bool) -> dict[str, Any]:
@@ -86,8 +103,8 @@ def _chunk(template: Mapping[str, Any], index: Any, **choice: Any) -> dict[str, 
     return {**template, "choices": [shell]}
 
 
-def _choice_chunks(shape: Mapping[str, Any], choice: Mapping[str, Any],
-                   chat: bool) -> Iterator[dict[str, Any]]:
+def _choice_chunks(shape: Mapping[str, Any], choice: Mapping[str, Any], chat: bool,
+                   recorded: bool) -> Iterator[dict[str, Any]]:
     idx = choice.get("index", 0)
     message = choice.get("message") or {}
     if chat and "role" in shape:
@@ -109,7 +126,9 @@ def _choice_chunks(shape: Mapping[str, Any], choice: Mapping[str, Any],
         shell["delta"] = {**(shell.get("delta") or {}), **last_piece}
     else:
         shell["text"] = last_piece.get("text", "")
-    shell.update({k: v for k, v in choice.items() if k not in stream_fold.CHOICE_FIELDS})
+    # Fields a backend adds to its choices (stop_reason, ...): those its stream form has.
+    shell.update({k: v for k, v in choice.items() if k not in stream_fold.CHOICE_FIELDS
+                  and (k in shell or not recorded)})
     yield finish
 
 
