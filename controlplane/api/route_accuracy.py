@@ -10,7 +10,6 @@ index's agreement with the engine), and the costs the router now uses for the ba
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from controlplane import metrics as metrics_mod
 from controlplane.core import types
@@ -19,44 +18,44 @@ BIAS_WEIGHT = 0.05  # weight of the newest answer in the TTFT bias (about the la
 
 
 class _Children:
-    __slots__ = ("bias", "cached_error", "decode", "overhead", "predicted", "prefill",
-                 "reported", "ttft_error")
+    """One backend's metric children. The bias and the learned costs are gauges read at
+    scrape time from the newest observation (nothing to update per request)."""
 
-    def __init__(self, m: metrics_mod.Metrics, backend: str) -> None:
+    __slots__ = ("cached_error", "predicted", "reported", "ttft_error")
+
+    def __init__(self, m: metrics_mod.Metrics, backend: str,
+                 latest: dict[str, types.RouteObservation], bias: dict[str, float]) -> None:
         self.ttft_error = m.route_ttft_error.labels(backend)
-        self.bias: Any = m.route_ttft_bias.labels(backend)
         self.cached_error = m.route_cached_error.labels(backend)
         self.predicted = m.route_cached_tokens.labels(backend, "predicted")
         self.reported = m.route_cached_tokens.labels(backend, "reported")
-        self.prefill = m.route_prefill_cost.labels(backend)
-        self.decode = m.route_decode_cost.labels(backend)
-        self.overhead = m.route_overhead.labels(backend)
+        m.route_ttft_bias.labels(backend).set_function(lambda: bias.get(backend, 0.0))
+        m.route_prefill_cost.labels(backend).set_function(
+            lambda: latest[backend].prefill_s_per_token)
+        m.route_decode_cost.labels(backend).set_function(
+            lambda: latest[backend].decode_s_per_step)
+        m.route_overhead.labels(backend).set_function(lambda: latest[backend].overhead_s)
 
 
 def recorder(m: metrics_mod.Metrics) -> Callable[[types.RouteObservation], None]:
     children: dict[str, _Children] = {}
+    latest: dict[str, types.RouteObservation] = {}
     bias: dict[str, float] = {}
-    costs: dict[str, tuple[float, float, float]] = {}
 
     def record(obs: types.RouteObservation) -> None:
-        c = children.get(obs.backend)
+        backend = obs.backend
+        latest[backend] = obs
+        c = children.get(backend)
         if c is None:
-            c = children[obs.backend] = _Children(m, obs.backend)
+            c = children[backend] = _Children(m, backend, latest, bias)
         if obs.observed_ttft_s is not None:
             error = obs.observed_ttft_s - obs.predicted_ttft_s
             c.ttft_error.observe(abs(error))
-            last = bias.get(obs.backend)
-            bias[obs.backend] = error if last is None else last + BIAS_WEIGHT * (error - last)
-            c.bias.set(bias[obs.backend])
+            last = bias.get(backend)
+            bias[backend] = error if last is None else last + BIAS_WEIGHT * (error - last)
         if obs.reported_cached_tokens is not None:
             c.cached_error.observe(abs(obs.predicted_cached_tokens - obs.reported_cached_tokens))
             c.predicted.inc(obs.predicted_cached_tokens)
             c.reported.inc(obs.reported_cached_tokens)
-        now = (obs.prefill_s_per_token, obs.decode_s_per_step, obs.overhead_s)
-        if costs.get(obs.backend) != now:  # they move only when a median does
-            costs[obs.backend] = now
-            c.prefill.set(now[0])
-            c.decode.set(now[1])
-            c.overhead.set(now[2])
 
     return record
