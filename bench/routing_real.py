@@ -3,7 +3,7 @@ core each), from the engine tier (``make engines``).
 
 One process tree: a ``synapse agent`` supervising two real vLLMs (``engine: vllm``,
 ``VLLM_CPU_OMP_THREADS_BIND`` 0 and 1, ``VLLM_CPU_KVCACHE_SPACE=1``: each holds about
-45k tokens of KV; the agent reports their block size and KV capacity from
+46,600 tokens of KV, or ``--kv-tokens``; the agent reports their block size and KV capacity from
 ``vllm:cache_config_info``), four ``synapse controlplane`` replicas fed by that agent —
 ``predicted_ttft`` with the model's own tokenizer (``models[].tokenizer``),
 ``predicted_ttft`` with the shared approximation (``predicted_approx``), ``round_robin``,
@@ -14,8 +14,9 @@ on fresh random texts (no run inherits another's prefix cache), closed loop with
 
 Workloads, scaled to what two CPU engines serve in a few minutes:
 
-* A (shared long contexts under KV pressure): ``--contexts`` contexts of ``--context-tokens``
-  tokens, more than one engine's KV holds but less than both do, each asked
+* A (shared long contexts under KV pressure): contexts of ``--context-tokens`` tokens
+  holding together 1.2 times one engine's KV (more than one engine holds, 0.6 of each
+  engine's when split between the two), each asked
   ``--rounds`` questions, round by round (every context once per round: the reuse
   distance of a context is all the others, so an engine that sees every context evicts
   each before its next question, LRU; an engine that sees half of them keeps them);
@@ -164,7 +165,20 @@ def summarise(results: list[Result], wall: float, engine_delta: tuple[float, flo
             "requests": len(results)}
 
 
-def start(tree: Tree, workdir: pathlib.Path, tier: engines.EngineTier,
+KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 2  # K and V, 30 layers, 3 KV heads of 64, bf16
+ONE_GIB_TOKENS = 2**30 // KV_BYTES_PER_TOKEN
+
+
+def kv_settings(kv_tokens: int) -> tuple[list[str], dict[str, str]]:
+    """vLLM flags and environment for a KV cache of ``kv_tokens`` per engine: the agent's
+    1 GiB default (VLLM_CPU_KVCACHE_SPACE takes whole GiB), else an exact byte count."""
+    if kv_tokens == ONE_GIB_TOKENS:
+        return [], {}
+    return (["--kv-cache-memory-bytes", str(kv_tokens * KV_BYTES_PER_TOKEN)],
+            {"VLLM_CPU_KVCACHE_SPACE": ""})
+
+
+def start(tree: Tree, workdir: pathlib.Path, tier: engines.EngineTier, kv_tokens: int,
           ) -> tuple[dict[str, str], list[str]]:
     """The agent with two vLLMs, one control plane per replica and the vllm-router: the
     URL of each policy, and the engines' URLs."""
@@ -190,6 +204,7 @@ def start(tree: Tree, workdir: pathlib.Path, tier: engines.EngineTier,
                    f"http://127.0.0.1:{http}/health")
         urls[name] = f"http://127.0.0.1:{http}"
     ports = [free_port(), free_port()]
+    kv_flags, kv_env = kv_settings(kv_tokens)
     agent = workdir / "agent.yaml"
     agent.write_text(yaml.safe_dump({
         "node_name": "bench", "control_plane": {
@@ -201,8 +216,8 @@ def start(tree: Tree, workdir: pathlib.Path, tier: engines.EngineTier,
                        "vllm_cpu_kvcache_gib": 1, "startup_deadline_s": START_S},
         "backends": [{"name": f"vllm-{core}", "engine": "vllm", "model": str(model_dir),
                       "served_model_names": [tier.model_name], "port": port,
-                      "max_model_len": 4096, "extra_args": VLLM_FLAGS,
-                      "env": {"VLLM_CPU_OMP_THREADS_BIND": str(core)}}
+                      "max_model_len": 4096, "extra_args": [*VLLM_FLAGS, *kv_flags],
+                      "env": {"VLLM_CPU_OMP_THREADS_BIND": str(core), **kv_env}}
                      for core, port in enumerate(ports)]}))
     proc = tree.start("agent", [str(BIN / "synapse"), "agent", "--config", str(agent)],
                       f"{urls['round_robin']}/health")
@@ -241,12 +256,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tier = engines.find()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-routing-real-"))
     tree = Tree(workdir)
+    # Workload A's contexts hold 1.2 times one engine's KV: more than one engine holds,
+    # 0.6 of each engine's when split between the two.
+    contexts = args.contexts or round(1.2 * args.kv_tokens / args.context_tokens)
+    print(f"KV per engine {args.kv_tokens} tokens; A: {contexts} contexts of "
+          f"{args.context_tokens} tokens x {args.rounds} rounds; C: {args.unique} prompts; "
+          f"{args.concurrency} in flight", flush=True)
     workloads: dict[str, Workload] = {
-        "A": lambda rng: workload_a(rng, args.contexts, args.rounds, args.context_tokens),
+        "A": lambda rng: workload_a(rng, contexts, args.rounds, args.context_tokens),
         "C": lambda rng: workload_c(rng, args.unique)}
     table: dict[str, dict[str, dict[str, float]]] = {}
     try:
-        urls, engine_urls = start(tree, workdir, tier)
+        urls, engine_urls = start(tree, workdir, tier, args.kv_tokens)
         warm_up(engine_urls, tier.model_name)
         print(f"{'workload':<9}{'policy':<25}{'p50 s':>7}{'p90 s':>7}{'wall s':>8}"
               f"{'out tok/s':>10}{'engine hit':>11}{'usage hit':>10}{'pred/rep':>9}",
@@ -311,7 +332,10 @@ def main() -> None:
     parser.add_argument("--workloads", default="AC")
     parser.add_argument("--policies", default="predicted_ttft,predicted_approx,round_robin,"
                         "least_loaded,vllm_router_cache_aware")
-    parser.add_argument("--contexts", type=int, default=28)
+    parser.add_argument("--kv-tokens", type=int, default=ONE_GIB_TOKENS,
+                        help="KV cache per engine, tokens (default: 1 GiB)")
+    parser.add_argument("--contexts", type=int, default=0,
+                        help="default: 1.2 x one engine's KV / --context-tokens")
     parser.add_argument("--context-tokens", type=int, default=1900)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--unique", type=int, default=60)
