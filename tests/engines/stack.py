@@ -1,13 +1,15 @@
-"""One real stack for the engine-tier tests: a control plane, an agent, and the real vLLM
-(SmolLM2-135M on the CPU, from ``make engines``) that the agent supervises.
+"""A real stack for tests: a control plane, an agent, and the real vLLM (SmolLM2-135M on
+the CPU, from ``make engines``) that the agent supervises — one home for its configs.
 
-One vLLM for the whole session (it takes tens of seconds to start and ~4 GB of memory).
-The response cache is off, so every answer comes from the engine. A missing engine tier
-fails the tests with the message that says ``make engines``.
+:func:`start` is a context manager any suite can use (``control-plane sections`` merge
+into the fleet's control-plane config); ``tests/engines/conftest.py`` runs one for the
+whole session, since a vLLM takes tens of seconds to start and ~4 GB of memory. A missing
+engine tier fails the test with the message that says ``make engines``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,6 +33,7 @@ START_S = 480.0  # vLLM's start-up on a 2-core machine that other jobs keep busy
 class RealStack:
     base: str  # http://127.0.0.1:PORT
     admin: str  # control-plane gRPC host:port
+    engine_url: str  # vLLM itself, around Synapse
     agent: harness.ManagedProcess
     model: str
     workdir: pathlib.Path
@@ -57,7 +60,7 @@ class RealStack:
 
 
 def _agent_config(cp_grpc: int, log_dir: pathlib.Path, command: list[str],
-                  model_dir: pathlib.Path, model: str) -> dict[str, Any]:
+                  model_dir: pathlib.Path, model: str, port: int) -> dict[str, Any]:
     cfg = fleet.agent_config(NODE, [f"127.0.0.1:{cp_grpc}"], {}, log_dir)
     cfg["supervisor"].update({
         "vllm_command": command, "vllm_device": "cpu", "vllm_cpu_kvcache_gib": 1,
@@ -65,30 +68,29 @@ def _agent_config(cp_grpc: int, log_dir: pathlib.Path, command: list[str],
         "probe_timeout_s": 5.0, "unhealthy_after": 3})
     cfg["backends"] = [{
         "name": BACKEND, "engine": "vllm", "model": str(model_dir),
-        "served_model_names": [model], "max_model_len": 4096,
+        "served_model_names": [model], "port": port, "max_model_len": 4096,
         "extra_args": ["--dtype", "bfloat16", "--enforce-eager",
                        "--enable-prompt-tokens-details"]}]
     return cfg
 
 
-@pytest.fixture(scope="session")
-def real_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealStack]:
+@contextlib.contextmanager
+def start(work: pathlib.Path, **cp_sections: Any) -> Iterator[RealStack]:
+    """Control plane, agent and vLLM in ``work``; stopped on exit."""
     tier = engines.find()
     try:
         command, model_dir = tier.require_vllm()
     except engines.EngineTierMissing as exc:
-        pytest.fail(f"these tests run a real vLLM: {exc}", pytrace=False)
-    work = tmp_path_factory.mktemp("engines")
+        pytest.fail(f"this test runs a real vLLM: {exc}", pytrace=False)
     pool = harness.ProcessPool(work)
-    http, grpc = harness.free_port(), harness.free_port()
-    cp = fleet.controlplane_config(
-        "cp", http, grpc, work / "cp-data",
-        http={"upstream_first_byte_timeout_s": 120.0, "upstream_idle_timeout_s": 60.0},
-        models=[{"name": tier.model_name, "aliases": ["smollm2"]}],
-        cache={"enabled": False})
+    http, grpc, port = harness.free_port(), harness.free_port(), harness.free_port()
+    sections: dict[str, Any] = {
+        "http": {"upstream_first_byte_timeout_s": 120.0, "upstream_idle_timeout_s": 60.0},
+        "models": [{"name": tier.model_name, "aliases": ["smollm2"]}], **cp_sections}
+    cp = fleet.controlplane_config("cp", http, grpc, work / "cp-data", **sections)
     cp_path = fleet.write_yaml(work / "cp.yaml", cp)
     agent_path = fleet.write_yaml(work / "agent.yaml", _agent_config(
-        grpc, work / "engine-logs", command, model_dir, tier.model_name))
+        grpc, work / "engine-logs", command, model_dir, tier.model_name, port))
     base = f"http://127.0.0.1:{http}"
     try:
         pool.start("controlplane", ["synapse", "controlplane", "--config", str(cp_path)],
@@ -97,6 +99,7 @@ def real_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealStack]:
         harness.wait_until(lambda: fleet.backends_ready(base) == 1, START_S,
                            "the real vLLM to be ready behind the control plane",
                            interval=0.5, proc=agent)
-        yield RealStack(base, f"127.0.0.1:{grpc}", agent, tier.model_name, work)
+        yield RealStack(base, f"127.0.0.1:{grpc}", f"http://127.0.0.1:{port}", agent,
+                        tier.model_name, work)
     finally:
         pool.stop_all()

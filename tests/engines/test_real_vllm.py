@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from tests import harness
-from tests.engines.conftest import START_S, RealStack
+from tests.engines.stack import START_S, RealStack
 
 pytestmark = pytest.mark.timeout(900)
 
