@@ -8,6 +8,8 @@ import urllib.error
 import urllib.request
 
 import aiohttp
+import anthropic
+import httpx2
 import openai
 import pytest
 
@@ -118,3 +120,19 @@ def test_bad_fault_values_are_400_naming_the_field(sim: Sim) -> None:
     assert status == 200 and body["error_rate"] == 0
     status, again = request(sim.url + "/sim/faults", body)  # GET's answer posts back as is
     assert status == 200 and again["error_rate"] == 0
+
+
+def test_faults_reach_the_new_routes(processes: harness.ProcessPool) -> None:
+    sim = start(processes, "--time-scale", "0", "--error-rate", "1")
+    client = anthropic.Anthropic(base_url=sim.url, api_key="x", max_retries=0, timeout=10)
+    ask = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(anthropic.InternalServerError) as err:
+        client.messages.create(**ask)  # type: ignore[call-overload]
+    assert err.value.body["type"] == "error"  # type: ignore[index]  # Anthropic shape
+    status, _ = request(sim.url + "/v1/responses", {"model": MODEL, "input": "x"})
+    assert status == 500
+    request(sim.url + "/sim/faults", {"error_rate": 0, "stall_after_chunks": 3,
+                                      "stall_s": 0.2})
+    # three events, silence, then the connection drops (mid-body: the SDK does not wrap it)
+    with pytest.raises(httpx2.RemoteProtocolError), client.messages.stream(**ask) as s:  # type: ignore[arg-type]
+        s.get_final_message()
