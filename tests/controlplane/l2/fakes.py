@@ -140,6 +140,10 @@ class FakeStore:
         return self._remove(lambda r: (tenant is None or r.tenant == tenant)
                             and (model is None or r.model == model))
 
+    async def delete_ref(self, ref) -> int:
+        await self._enter("delete_ref")
+        return self._remove(lambda r: r.ref == ref)
+
     async def delete_older(self, before) -> int:
         await self._enter("delete_older")
         return self._remove(lambda r: r.created_at < before)
