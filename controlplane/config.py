@@ -177,6 +177,16 @@ class CacheSettings(Section):
     embed_model: str = Field("sentence-transformers/all-MiniLM-L6-v2",
                              description="model asked of Node.Embed")
     verifier_path: str | None = Field(None, description="verifier JSON; none = the shipped one")
+    embedder_id: str | None = Field(
+        None, description="the embedder id the agents serve (Node.Embed), which the verifier "
+        "must have been fitted for; none = the shipped tuned embedder's (the agents' default "
+        "embedder.tuning)")
+    feedback_path: str | None = Field(
+        None, description="JSON-lines file where judged semantic hits (POST /v1/cache/"
+        "feedback) are kept for calibrate --from-feedback; none = data_dir/cache_feedback.jsonl")
+    feedback_remember: int = Field(
+        10_000, ge=1, description="request ids answered from the cache remembered per tenant "
+        "for feedback (the oldest are forgotten first)")
     target_precision: float = Field(0.90, gt=0, lt=1, description="default operating point")
 
 

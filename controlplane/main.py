@@ -56,7 +56,7 @@ def build_response_cache(settings: config.ControlPlaneSettings,
     c = settings.cache
     if not c.enabled:
         return cache_port.NullCache()
-    from controlplane import cache_wiring
+    from controlplane import cache_wiring, feedback_wiring
     from controlplane.adapters import embedder
     from controlplane.core import response_cache, verifier
 
@@ -80,9 +80,10 @@ def build_response_cache(settings: config.ControlPlaneSettings,
     except verifier.VerifierError as exc:
         print(f"config error: cache.verifier_path: {exc}", file=sys.stderr)
         raise SystemExit(cli.EXIT_CONFIG) from None
-    return response_cache.TieredCache(
+    tiered = response_cache.TieredCache(
         options=options, l1=store, metrics=services.metrics, l2=l2, embedder=embed,
         verifier_model=judge)
+    return feedback_wiring.with_feedback(tiered, settings, judge, services.metrics)
 
 
 def grpc_registrations(services: services_mod.Services) -> list[grpc_server.Registration]:

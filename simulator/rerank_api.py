@@ -112,13 +112,12 @@ class VllmRerankApi:
         documents = _texts(body.get("documents"), "documents")
         top_n = protocol.integer(body, "top_n", 0) or len(documents)
         scores, used = await self.scorer.score([(query, d) for d in documents])
-        results = sorted(({"index": i, "document": {"text": d, "multi_modal": None},
-                           "relevance_score": s}
-                          for i, (d, s) in enumerate(zip(documents, scores, strict=True))),
-                         key=lambda r: -float(r["relevance_score"]))  # type: ignore[arg-type]
+        ranked = sorted(range(len(documents)), key=lambda i: -scores[i])[:top_n]
+        results = [{"index": i, "document": {"text": documents[i], "multi_modal": None},
+                    "relevance_score": scores[i]} for i in ranked]
         return _json({"id": _request_id(request), "model": model,
                       "usage": {"prompt_tokens": used, "total_tokens": used},
-                      "results": results[:top_n]})
+                      "results": results})
 
     async def score(self, request: web.Request) -> web.Response:
         body = protocol.parse_body(await request.read())

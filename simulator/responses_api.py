@@ -225,9 +225,9 @@ class View:
             "model": self.model, "object": "response",
             "output": [self.item()] if final else [],
             "parallel_tool_calls": b.get("parallel_tool_calls", True) is not False,
-            "temperature": float(b.get("temperature", 1.0) or 0.0),
+            "temperature": _number_or(b.get("temperature"), 1.0),
             "tool_choice": b.get("tool_choice", "auto") if tools else "none", "tools": tools,
-            "top_p": float(b.get("top_p", 1.0) or 0.0), "background": False,
+            "top_p": _number_or(b.get("top_p"), 1.0), "background": False,
             "max_output_tokens": self.ask.max_tokens or self.answer.seq.output_len,
             "max_tool_calls": b.get("max_tool_calls"),
             "previous_response_id": b.get("previous_response_id"), "prompt": None,
@@ -275,6 +275,10 @@ def _item_message(item: Any) -> dict[str, Any] | None:
     if kind == "reasoning":
         return None
     raise errors.BadRequest(f"input items of type {kind!r} are not supported.", param="input")
+
+
+def _number_or(value: Any, default: float) -> float:
+    return default if value is None else float(value)
 
 
 def _json(payload: Any) -> web.Response:

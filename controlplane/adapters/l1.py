@@ -54,6 +54,10 @@ class L1Store(Protocol):
         """Remove entries of a tenant and/or model (both None: everything); count removed."""
         ...
 
+    async def delete(self, tenant: str, model: str, key: str) -> bool:
+        """Remove one entry (a hit judged wrong); whether it was there."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -146,6 +150,15 @@ class MemoryL1:
             self._invalidated.append((tenant, model))
         return len(doomed)
 
+    async def delete(self, tenant: str, model: str, key: str) -> bool:
+        skey = storage_key(tenant, model, key)
+        if skey not in self._entries:
+            if self._journal is not None:   # it may still be in the journal, unrestored
+                self._journal.delete(skey)
+            return False
+        self._drop(skey)
+        return True
+
     async def close(self) -> None:
         if self._restore is not None:
             self._restore.cancel()
@@ -230,6 +243,9 @@ class RedisL1:
         if batch:
             removed += int(await self._client.unlink(*batch))
         return removed
+
+    async def delete(self, tenant: str, model: str, key: str) -> bool:
+        return bool(await self._client.unlink(storage_key(tenant, model, key)))
 
     async def close(self) -> None:
         await self._client.aclose()

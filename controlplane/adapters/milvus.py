@@ -182,6 +182,9 @@ class MilvusStore:
         return await self._call(lambda c: self._delete_sync(
             c, " and ".join(clauses) if clauses else "id >= 0"))
 
+    async def delete_ref(self, ref: str) -> int:
+        return await self._call(lambda c: self._delete_sync(c, f"ref == {_literal(ref)}"))
+
     async def delete_older(self, before: float) -> int:
         return await self._call(lambda c: self._delete_sync(
             c, f"created_at < {float(before)!r}"), SLOW_CALL_S)
@@ -230,6 +233,9 @@ class MilvusStore:
         """Load the collection; concurrent callers share one load."""
         if self._loading is None or self._loading.done():
             self._loading = asyncio.ensure_future(self._run(self._load_sync, SLOW_CALL_S))
+            # Callers that gave up (their budget) leave it running; its outcome is theirs
+            # to see, or nobody's: never an unretrieved-exception warning.
+            self._loading.add_done_callback(lambda f: f.cancelled() or f.exception())
         await asyncio.shield(self._loading)
 
     # -- blocking (run in threads) -------------------------------------------------------

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from controlplane import config, errors
 from controlplane.adapters import node_embed, prober, redis_limits
-from controlplane.api import context, embeddings, observability, openapi, serving
+from controlplane.api import cache_feedback, context, embeddings, observability, openapi, serving
 from controlplane.api import services as services_mod
 from controlplane.core import cache_port, ratelimit, validation
 from synapse_common import clock as clocks
@@ -259,6 +259,7 @@ def create_app(settings: config.ControlPlaneSettings, *,
     app.router.add_post("/v1/chat/completions", serving.chat_completions)
     app.router.add_post("/v1/completions", serving.completions)
     app.router.add_post("/v1/embeddings", embeddings.embeddings)
+    app.router.add_post("/v1/cache/feedback", cache_feedback.feedback)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

@@ -32,12 +32,23 @@ class CacheRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class HitSource:
+    """Which entry answered (what ``cache_feedback`` needs to evict it and learn from it)."""
+
+    ref: str                        # the entry's exact key (L1 key, L2 rows' ref)
+    text: str                       # the entry's semantic text
+    query: str                      # the request's semantic text
+    l2_scope: str = ""              # the L2 partition searched (semantic hits)
+
+
+@dataclasses.dataclass(frozen=True)
 class CacheHit:
     layer: HitLayer
     response: Mapping[str, Any]     # a complete non-streaming response object
     similarity: float | None = None  # semantic hits: cosine similarity of the texts
     score: float | None = None       # semantic hits: the verifier's probability
     form: Mapping[str, Any] | None = None  # a stream form to replay in (stream_fold)
+    source: HitSource | None = None
 
     def events(self, body: Mapping[str, Any]) -> Iterator[bytes]:
         """The answer to the request ``body`` as SSE events shaped like a live stream: a

@@ -164,7 +164,9 @@ class TieredCache:
         if entry is None:
             return None
         self.metrics.cache_hits.labels(layer="exact").inc()
-        return self._hit("exact", entry, request)
+        text = state.keys.semantic_text or ""
+        return self._hit("exact", entry, request,
+                         source=cache_port.HitSource(state.keys.exact_key, text, text))
 
     async def _lookup_semantic(self, state: State, request: cache_port.CacheRequest
                                ) -> tuple[cache_port.CacheHit | None, State]:
@@ -218,9 +220,9 @@ class TieredCache:
                              ) -> cache_port.CacheHit | None:
         assert self.l2 is not None and self.verifier is not None and state.vector is not None
         text = state.keys.semantic_text or ""
-        candidates = list(await self.l2.search(
-            cache_rules.l2_scope(state.keys.scope_hash, state.embedder_id), state.vector,
-            self.options.top_k, self._wall() - self.options.ttl_s))
+        scope = cache_rules.l2_scope(state.keys.scope_hash, state.embedder_id)
+        candidates = list(await self.l2.search(scope, state.vector, self.options.top_k,
+                                               self._wall() - self.options.ttl_s))
         threshold = self._threshold(state.model)
         while candidates:
             verdict = self.verifier.judge(text, state.vector, [c.text for c in candidates],
@@ -233,7 +235,8 @@ class TieredCache:
             entry = self._decode(raw, state.keys.scope_hash, request.body)
             if entry is not None:
                 return self._hit("semantic", entry, request, round(verdict.similarity, 4),
-                                 round(verdict.score, 4))
+                                 round(verdict.score, 4),
+                                 cache_port.HitSource(chosen.ref, chosen.text, text, scope))
         return None
 
     def _threshold(self, model: str) -> float:
@@ -242,7 +245,7 @@ class TieredCache:
             assert self.verifier is not None
             target = self.options.model_target_precision.get(model,
                                                              self.options.target_precision)
-            cached = self.verifier.threshold_for(target)
+            cached = self.verifier.threshold_for(target, model)
             self._thresholds[model] = cached
         return cached
 
@@ -314,8 +317,10 @@ class TieredCache:
 
     def _hit(self, layer: cache_port.HitLayer, entry: cache_entry.Entry,
              request: cache_port.CacheRequest, similarity: float | None = None,
-             score: float | None = None) -> cache_port.CacheHit:
+             score: float | None = None, source: cache_port.HitSource | None = None
+             ) -> cache_port.CacheHit:
         """A hit; streamed in its own form, else in the form this model streams in."""
         return cache_port.CacheHit(layer=layer, response=entry.response,
                                    similarity=similarity, score=score,
-                                   form=entry.form or self._forms.get(request.model))
+                                   form=entry.form or self._forms.get(request.model),
+                                   source=source)

@@ -23,13 +23,22 @@ Design decisions:
   target. The file also carries the validation precision/recall curve, so a model with
   its own ``cache_target_precision`` picks its threshold without a refit
   (:meth:`Verifier.threshold_for`).
-- **File**: plain JSON (never pickle), with the embedder it was fitted for and the
-  held-out metrics; ``controlplane.calibrate`` writes it.
+- **Per-model operating points** (``model_points``): ``synapsectl cache calibrate
+  --from-feedback`` refits the threshold of a model on the pairs its users marked right
+  or wrong plus the validation pairs the file carries (``calibration``: the validation
+  scores and labels above a floor), without touching the trees; :meth:`threshold_for`
+  uses a model's own point when its target matches.
+- **File**: plain JSON (never pickle), with the embedder id it was fitted for
+  (``embedder_id``: the control plane refuses to start with a verifier fitted for another
+  embedder than ``cache.embedder_id``) and the held-out metrics; ``controlplane.calibrate``
+  writes it. ``digest`` (of the file's bytes) names the exact verifier a feedback score
+  came from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 from collections.abc import Sequence
@@ -102,10 +111,23 @@ class Forest:
                           dtype=np.float64)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelPoint:
+    """A model's own operating point, refitted from its users' feedback."""
+
+    target_precision: float
+    threshold: float
+    expected_precision: float       # on the validation + feedback pairs it was fitted on
+    feedback_pairs: int
+
+
 class Verifier:
     def __init__(self, *, diff: Projection, prod: Projection, forest: Forest,
                  platt: tuple[float, float], threshold: float, target_precision: float,
-                 curve: Sequence[tuple[float, float, float]], meta: dict[str, Any]) -> None:
+                 curve: Sequence[tuple[float, float, float]], meta: dict[str, Any],
+                 model_points: dict[str, ModelPoint] | None = None,
+                 calibration: tuple[F64, npt.NDArray[np.int8]] | None = None,
+                 digest: str = "") -> None:
         self.diff = diff
         self.prod = prod
         self.forest = forest
@@ -114,10 +136,19 @@ class Verifier:
         self.target_precision = target_precision
         self.curve = sorted(curve)                 # (threshold, precision, recall)
         self.meta = meta
+        self.model_points = dict(model_points or {})
+        # Validation scores (those at or above CALIBRATION_FLOOR) and their labels.
+        self.calibration = calibration
+        self.digest = digest                       # of the file it was loaded from
 
     @property
     def dim(self) -> int:
         return int(self.diff.mean.shape[0])
+
+    @property
+    def embedder_id(self) -> str:
+        """The embedder this verifier was fitted for ("" in files older than the field)."""
+        return str(self.meta.get("embedder_id", ""))
 
     # -- scoring -------------------------------------------------------------------------
     def model_inputs(self, raw: npt.NDArray[Any]) -> F64:
@@ -151,8 +182,12 @@ class Verifier:
         return Verdict(index=best, similarity=float(raw[best, 2 * self.dim]),
                        score=float(scores[best]), accepted=bool(scores[best] >= cut))
 
-    def threshold_for(self, target_precision: float) -> float:
-        """Lowest validated threshold whose precision reaches ``target_precision``."""
+    def threshold_for(self, target_precision: float, model: str | None = None) -> float:
+        """Lowest validated threshold whose precision reaches ``target_precision``: the
+        model's own point when one was refitted for that target."""
+        point = self.model_points.get(model) if model is not None else None
+        if point is not None and abs(point.target_precision - target_precision) < 1e-9:
+            return point.threshold
         if abs(target_precision - self.target_precision) < 1e-9 or not self.curve:
             return self.threshold
         ok = [t for t, p, _ in self.curve if p >= target_precision]
@@ -173,6 +208,12 @@ class Verifier:
                        "left": f.left.tolist(), "right": f.right.tolist(),
                        "value": _round(f.value, 9)},
             "curve": [[round(t, 6), round(p, 6), round(r, 6)] for t, p, r in self.curve],
+            **({"calibration": {"scores": _round(self.calibration[0], 6),
+                                "labels": self.calibration[1].tolist()}}
+               if self.calibration is not None else {}),
+            **({"model_points": {m: dataclasses.asdict(p)
+                                 for m, p in sorted(self.model_points.items())}}
+               if self.model_points else {}),
         }
 
     def save(self, path: str | pathlib.Path) -> None:
@@ -184,16 +225,27 @@ def load(path: str | pathlib.Path | None = None) -> Verifier:
     """Read a verifier file (default: the shipped one); raises :class:`VerifierError`."""
     file = pathlib.Path(path) if path else DEFAULT_PATH
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        raw = file.read_bytes()
+        data = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise VerifierError(f"cannot read verifier file {file}: {exc}") from exc
     try:
-        return from_json(data)
+        return from_json(data, hashlib.sha256(raw).hexdigest()[:16])
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise VerifierError(f"verifier file {file} is malformed: {exc}") from exc
 
 
-def from_json(data: dict[str, Any]) -> Verifier:
+def check_embedder(model: Verifier, embedder_id: str) -> None:
+    """Refuse a verifier fitted for another embedder than ``embedder_id`` (the one whose
+    vectors it will judge): its features and operating point mean nothing there."""
+    if model.embedder_id != embedder_id:
+        fitted = model.embedder_id or "an unrecorded embedder (a file older than the field)"
+        raise VerifierError(f"the verifier was fitted for embedder {fitted}, not "
+                            f"{embedder_id}; refit it for this embedder (synapsectl cache "
+                            "calibrate / tune-embedder) or use the one fitted with it")
+
+
+def from_json(data: dict[str, Any], digest: str = "") -> Verifier:
     if data.get("format") != FORMAT:
         raise VerifierError(f"not a {FORMAT} file (format {data.get('format')!r})")
     if data.get("feature_version") != verifier_features.FEATURE_VERSION:
@@ -210,13 +262,22 @@ def from_json(data: dict[str, Any]) -> Verifier:
                     value=np.asarray(fj["value"], dtype=np.float64),
                     depth=int(fj["depth"]), baseline=float(fj["baseline"]))
     _check_shapes(proj["diff"], proj["prod"], forest)
-    meta: dict[str, Any] = {k: data[k] for k in ("embedder", "dim", "metrics", "fit")
-                            if k in data}
+    meta: dict[str, Any] = {k: data[k] for k in ("embedder", "embedder_id", "dim", "metrics",
+                                                 "fit", "feedback") if k in data}
     curve = [(float(t), float(p), float(r)) for t, p, r in data.get("curve", [])]
+    cal = data.get("calibration")
+    calibration = None if cal is None else (np.asarray(cal["scores"], dtype=np.float64),
+                                            np.asarray(cal["labels"], dtype=np.int8))
+    if calibration is not None and calibration[0].shape != calibration[1].shape:
+        raise VerifierError("verifier calibration scores and labels differ in length")
+    points = {str(m): ModelPoint(float(p["target_precision"]), float(p["threshold"]),
+                                 float(p["expected_precision"]), int(p["feedback_pairs"]))
+              for m, p in data.get("model_points", {}).items()}
     return Verifier(diff=proj["diff"], prod=proj["prod"], forest=forest,
                     platt=(float(data["platt"][0]), float(data["platt"][1])),
                     threshold=float(data["threshold"]),
-                    target_precision=float(data["target_precision"]), curve=curve, meta=meta)
+                    target_precision=float(data["target_precision"]), curve=curve, meta=meta,
+                    model_points=points, calibration=calibration, digest=digest)
 
 
 def _check_shapes(diff: Projection, prod: Projection, forest: Forest) -> None:

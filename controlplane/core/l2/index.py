@@ -107,6 +107,19 @@ class L2Index:
             return 0
         return await self.store.delete(tenant, model)
 
+    async def delete_entry(self, ref: str, scope: str | None = None) -> int:
+        """Delete one entry's rows (a hit judged wrong) everywhere at once: the recent-write
+        buffer, the mirror of its scope (the whole mirror when the scope is not known; a
+        scope is read again at its next search) and the store."""
+        self.recent.drop_ref(ref)
+        if scope is None:
+            self.mirrored.clear()
+        else:
+            self.mirrored.scopes.drop(scope)
+        if await self.schema.opened() is None:
+            return 0
+        return await self.store.delete_ref(ref)
+
     def warm_up(self) -> None:
         """Open the store in the background (Milvus Lite starts a server: about a second;
         an existing collection is loaded), so the first lookups do not spend their budget

@@ -67,6 +67,10 @@ class RecentWrites:
                       if not ((tenant is None or r.tenant == tenant)
                               and (model is None or r.model == model))]
 
+    def drop_ref(self, ref: str) -> None:
+        """Forget the rows of one entry (evicted after a hit judged wrong)."""
+        self._rows = [r for r in self._rows if r.ref != ref]
+
     async def flush(self) -> None:
         """Flush now; the rows written before it leave the buffer once it completed."""
         written = list(self._rows)

@@ -62,6 +62,10 @@ class Store(Protocol):
         """Delete the rows of a tenant and/or model (both None: all); the count deleted."""
         ...
 
+    async def delete_ref(self, ref: str) -> int:
+        """Delete the rows of one entry (``ref``, its L1 key); the count deleted."""
+        ...
+
     async def delete_older(self, before: float) -> int:
         """Delete rows created before ``before``; the count deleted."""
         ...

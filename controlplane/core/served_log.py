@@ -1,0 +1,80 @@
+"""Which cache entry answered a recent request, per tenant: what feedback acts on.
+
+``POST /v1/cache/feedback`` names a request by its id (``x-request-id``) and says whether
+the cached answer was wrong. To act on it the cache must still know, for that tenant,
+which entry served that request: this log remembers it.
+
+Design decisions:
+
+- **Per tenant.** A tenant's ids are looked up only among its own hits, so one tenant can
+  never act on (or learn about) another's entries, whatever id it sends.
+- **Bounded.** At most ``per_tenant`` ids per tenant (oldest out first) and at most
+  ``tenants`` tenants (the least recently active out first); an id older than
+  ``max_age_s`` is forgotten (the entry it names has expired from the cache by then).
+  Feedback on a forgotten id is refused, never guessed.
+- **One verdict per request.** :meth:`ServedLog.take` removes the id, so a repeated
+  feedback cannot count twice or flip a verdict already acted on.
+- In process: an id is known to the replica that served it. Behind several replicas,
+  feedback that reaches another replica is refused (404) like a forgotten id.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from synapse_common.clock import Clock
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """What answered one request from the cache."""
+
+    tenant: str
+    model: str
+    layer: str            # "exact" or "semantic"
+    query: str            # the request's semantic text (last user message)
+    text: str             # the entry's semantic text (the question it was stored for)
+    ref: str              # the entry's exact key (its L1 key, its L2 rows' ref)
+    l2_scope: str         # the L2 partition searched ("" for exact hits)
+    score: float | None   # the verifier's probability (semantic hits)
+    similarity: float | None
+
+
+class ServedLog:
+    def __init__(self, per_tenant: int, max_age_s: float, clock: Clock,
+                 tenants: int = 10_000) -> None:
+        if per_tenant < 1 or tenants < 1:
+            raise ValueError("per_tenant and tenants must be at least 1")
+        self._per_tenant = per_tenant
+        self._max_age = max_age_s
+        self._clock = clock
+        self._tenants = tenants
+        self._by_tenant: collections.OrderedDict[
+            str, collections.OrderedDict[str, tuple[float, Served]]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return sum(len(ids) for ids in self._by_tenant.values())
+
+    def remember(self, request_id: str, served: Served) -> None:
+        ids = self._by_tenant.get(served.tenant)
+        if ids is None:
+            ids = self._by_tenant[served.tenant] = collections.OrderedDict()
+            while len(self._by_tenant) > self._tenants:
+                self._by_tenant.popitem(last=False)
+        self._by_tenant.move_to_end(served.tenant)
+        ids.pop(request_id, None)
+        ids[request_id] = (self._clock(), served)
+        while len(ids) > self._per_tenant:
+            ids.popitem(last=False)
+
+    def take(self, tenant: str, request_id: str) -> Served | None:
+        """The entry that served ``request_id`` for ``tenant``, forgotten from now on."""
+        ids = self._by_tenant.get(tenant)
+        if ids is None:
+            return None
+        found = ids.pop(request_id, None)
+        if found is None:
+            return None
+        at, served = found
+        return served if self._clock() - at <= self._max_age else None

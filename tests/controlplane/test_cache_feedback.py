@@ -1,0 +1,192 @@
+"""Feedback on cache hits: a wrong hit is evicted from both layers and kept as a pair.
+
+Real parts: the tiered cache with MiniLM over a real ``Node.Embed`` server, Milvus Lite
+in ``tmp_path`` and the in-process L1; over HTTP, the control plane app with the official
+``openai`` client and a real backend stand-in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from controlplane import errors
+from controlplane import metrics as metrics_mod
+from controlplane.adapters import feedback_log, l1
+from controlplane.api import app as routable
+from controlplane.core import cache_feedback, response_cache, served_log
+from synapse_common import clock as clocks
+from tests import harness
+from tests.controlplane import cp_testing as t
+from tests.controlplane import test_cache_support as support
+from tests.controlplane.test_cache_support import build_cache, chat, counter, remember
+
+node_address = support.node_address       # fixture: a real Node.Embed server
+
+PASSWORD = "How do I reset my password?"
+PARAPHRASE = "How can I reset my password?"
+
+
+def looped(cache, metrics, path) -> cache_feedback.FeedbackCache:
+    judge = cache.verifier
+    parts = cache_feedback.Parts(l1=cache.l1, l2=cache.l2,
+                                 sink=feedback_log.JsonlPairs(path),
+                                 verifier_digest=judge.digest if judge else "",
+                                 embedder_id=judge.embedder_id if judge else "")
+    return cache_feedback.FeedbackCache(cache, parts, metrics,
+                                        served_log.ServedLog(100, 3600.0, clocks.monotonic),
+                                        clocks.wall)
+
+
+def asked(question: str, request_id: str, tenant: str = "acme"):
+    return dataclasses.replace(chat(question, tenant=tenant), request_id=request_id)
+
+
+@pytest.fixture
+async def loop(node_address, milvus_lite_path, tmp_path):
+    cache, metrics = await build_cache(node_address, milvus_lite_path)
+    fb = looped(cache, metrics, tmp_path / "feedback.jsonl")
+    yield fb, cache, metrics, tmp_path / "feedback.jsonl"
+    await fb.close()
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+async def test_a_wrong_semantic_hit_is_evicted_from_both_layers_and_recorded(loop):
+    fb, cache, metrics, path = loop
+    await remember(cache, chat(PASSWORD), "Use the reset link.")
+    await cache.l2.flush()          # the row is in Milvus itself, not only in the buffer
+    hit = await fb.lookup(asked(PARAPHRASE, "req-1"))
+    assert hit.status == "hit-semantic"
+
+    outcome = await fb.feedback("acme", "req-1", wrong=True)
+    assert (outcome.layer, outcome.evicted, outcome.recorded) == ("semantic", True, True)
+    # Gone from L1 (the exact question misses too) and from L2 (no row left to find).
+    assert (await fb.lookup(asked(PASSWORD, "req-2"))).status == "miss"
+    assert (await fb.lookup(asked(PARAPHRASE, "req-3"))).status == "miss"
+    vector = (await cache.embedder.embed([PARAPHRASE])).vectors[0]
+    assert await cache.l2.store.search(hit.hit.source.l2_scope, vector, 5, 0.0) == []
+
+    [pair] = lines(path)
+    assert (pair["text_a"], pair["text_b"], pair["label"]) == (PARAPHRASE, PASSWORD, 0)
+    assert (pair["tenant"], pair["model"], pair["request_id"]) == ("acme", "llama", "req-1")
+    assert pair["score"] == hit.hit.score and pair["verifier"] == cache.verifier.digest
+    assert counter(metrics, "synapse_cache_feedback_total", model="llama", layer="semantic",
+                   verdict="wrong") == 1
+    assert counter(metrics, "synapse_cache_live_precision", model="llama",
+                   bound="estimate") == 0.0
+
+
+async def test_a_right_hit_stays_and_counts_toward_live_precision(loop):
+    fb, cache, metrics, path = loop
+    await remember(cache, chat(PASSWORD), "Use the reset link.")
+    for i in range(3):
+        assert (await fb.lookup(asked(PARAPHRASE, f"ok-{i}"))).status == "hit-semantic"
+        outcome = await fb.feedback("acme", f"ok-{i}", wrong=False)
+        assert not outcome.evicted and outcome.recorded
+    assert (await fb.lookup(asked(PARAPHRASE, "after"))).status == "hit-semantic"
+    assert [p["label"] for p in lines(path)] == [1, 1, 1]
+    estimate, lower, upper, n = fb.live_precision("llama")
+    assert (estimate, n) == (1.0, 3) and 0.3 < lower < 1.0 and upper == 1.0
+    assert counter(metrics, "synapse_cache_live_precision", model="llama",
+                   bound="lower") == pytest.approx(lower)
+
+
+async def test_a_wrong_exact_hit_is_evicted_but_no_pair_is_kept(loop):
+    fb, cache, _, path = loop
+    await remember(cache, chat(PASSWORD), "A wrong answer.")
+    assert (await fb.lookup(asked(PASSWORD, "x-1"))).status == "hit-exact"
+    outcome = await fb.feedback("acme", "x-1", wrong=True)
+    assert (outcome.layer, outcome.evicted, outcome.recorded) == ("exact", True, False)
+    assert (await fb.lookup(asked(PASSWORD, "x-2"))).status == "miss"
+    assert (await fb.lookup(asked(PARAPHRASE, "x-3"))).status == "miss"   # L2 row gone too
+    assert not path.exists()
+
+
+async def test_feedback_only_on_the_tenants_own_recent_hits_and_only_once(loop):
+    fb, cache, _, _ = loop
+    await remember(cache, chat(PASSWORD), "Use the reset link.")
+    await fb.lookup(asked(PASSWORD, "mine"))
+    with pytest.raises(errors.NotFound, match="request id 'mine'"):
+        await fb.feedback("intruder", "mine", wrong=True)       # another tenant's id
+    await fb.feedback("acme", "mine", wrong=False)
+    with pytest.raises(errors.NotFound):
+        await fb.feedback("acme", "mine", wrong=True)           # judged already
+    with pytest.raises(errors.NotFound):
+        await fb.feedback("acme", "never-served", wrong=True)
+    assert (await fb.lookup(asked(PASSWORD, "again"))).status == "hit-exact"
+
+
+def test_the_served_log_is_bounded_per_tenant_and_in_age():
+    now = [0.0]
+    log = served_log.ServedLog(per_tenant=2, max_age_s=60.0, clock=lambda: now[0], tenants=2)
+    entry = served_log.Served("a", "m", "exact", "q", "q", "k", "", None, None)
+    for rid in ("1", "2", "3"):
+        log.remember(rid, entry)
+    assert log.take("a", "1") is None and len(log) == 2      # the oldest left first
+    now[0] = 61.0
+    assert log.take("a", "2") is None                        # too old to act on
+    for tenant in ("b", "c"):
+        log.remember("x", dataclasses.replace(entry, tenant=tenant))
+    assert log.take("a", "3") is None                        # tenant a left: only 2 kept
+
+
+def test_wilson_interval():
+    estimate, lower, upper = cache_feedback.wilson(90, 100)
+    assert estimate == 0.9 and lower == pytest.approx(0.8256, abs=1e-3)
+    assert upper == pytest.approx(0.9448, abs=1e-3)
+    assert math.isnan(cache_feedback.wilson(0, 0)[0])
+
+
+async def test_feedback_over_http_evicts_an_exact_hit(tmp_path):
+    metrics = metrics_mod.Metrics(CollectorRegistry())
+    cache = response_cache.TieredCache(options=response_cache.Options(semantic_enabled=False),
+                                       l1=l1.MemoryL1(100, 10**6), metrics=metrics)
+    async with t.backends(("one", "ok")) as (b,):
+        # A slow probe round (2 s time limit): a busy machine must not flap the backend.
+        s = t.settings(upstreams=[t.upstream("one", b.url)],
+                       registry={"upstream_probe_interval_s": 5.0})
+        async with t.running(s, cache=looped(cache, metrics, tmp_path / "f.jsonl")) as cp:
+            await harness.until(lambda: routable.routable_count(cp.services) > 0, 20, "the backend")
+            client = cp.client()
+            ask = dict(model="llama", temperature=0, messages=[{"role": "user", "content": "hi"}])
+            await client.chat.completions.create(**ask)
+            await cache.drain()
+            hit = await client.chat.completions.with_raw_response.create(**ask)
+            assert hit.headers["x-synapse-cache"] == "hit-exact"
+            rid = hit.headers["x-request-id"]
+            async with aiohttp.ClientSession() as s:
+                url = f"{cp.url}/v1/cache/feedback"
+                async with s.post(url, json={"request_id": rid, "wrong": True},
+                                  headers={"Authorization": f"Bearer {t.KEY_B}"}) as r:
+                    assert r.status == 404      # tenant b cannot act on a's answers
+                    assert (await r.json())["error"]["code"] == "unknown_request_id"
+                async with s.post(url, json={"request_id": rid, "wrong": "yes"},
+                                  headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
+                    assert r.status == 400 and (await r.json())["error"]["param"] == "wrong"
+                async with s.post(url, json={"request_id": rid, "wrong": True}) as r:
+                    assert r.status == 401
+                async with s.post(url, json={"request_id": rid, "wrong": True},
+                                  headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
+                    assert r.status == 200
+                    assert await r.json() == {"request_id": rid, "layer": "exact",
+                                              "wrong": True, "evicted": True,
+                                              "recorded": False}
+            again = await client.chat.completions.with_raw_response.create(**ask)
+            assert again.headers["x-synapse-cache"] == "miss"
+            assert counter(metrics, "synapse_cache_feedback_total", model=t.MODEL,
+                           layer="exact", verdict="wrong") == 1
+
+
+async def test_feedback_without_a_cache_is_a_conflict():
+    async with t.running(t.settings()) as cp, aiohttp.ClientSession() as s:
+        async with s.post(f"{cp.url}/v1/cache/feedback", json={"request_id": "r", "wrong": True},
+                          headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
+            assert r.status == 409 and (await r.json())["error"]["code"] == "cache_disabled"
