@@ -59,6 +59,30 @@ class GrpcSettings(Section):
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest gRPC message")
 
 
+# -- fairness (issue 18): token limits, budgets, usage, priority queue, coalescing ------
+
+
+class BudgetSettings(Section):
+    period: Literal["day", "month"] = Field("day", description="the budget resets at the "
+                                            "start of each UTC day or month")
+    tokens: int | None = Field(None, ge=1, description="prompt + completion tokens per period")
+    cost: float | None = Field(None, gt=0, description="spend per period, in the currency of "
+                               "fairness.prices")
+
+    @pydantic.model_validator(mode="after")
+    def _one_unit(self) -> BudgetSettings:
+        if (self.tokens is None) == (self.cost is None):
+            raise ValueError("a budget sets exactly one of tokens or cost")
+        return self
+
+
+class TokenLimitSettings(Section):
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="prompt + completion tokens per minute (completion counted "
+        "from max_tokens at admission, settled from usage); none = unlimited")
+    budget: BudgetSettings | None = Field(None, description="tokens or cost per day / month")
+
+
 class TenantSettings(Section):
     name: str = Field(..., min_length=1, description="tenant id (cache scope, rate limits)")
     key_sha256: list[str] = Field(default_factory=list,
@@ -70,6 +94,22 @@ class TenantSettings(Section):
     requests_per_second: float | None = Field(None, gt=0, description="rate limit; none = unlimited")
     burst: int | None = Field(None, ge=1, description="bucket size (default: 2 x rate)")
     max_concurrent: int | None = Field(None, ge=1, description="concurrent requests limit")
+    # fairness (issue 18)
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="prompt + completion tokens per minute over all models "
+        "(completion counted from max_tokens at admission, settled from usage)")
+    budget: BudgetSettings | None = Field(None, description="tokens or cost per day / month "
+                                          "over all models")
+    models: dict[str, TokenLimitSettings] = Field(
+        default_factory=dict, description="limits for one model (name or alias), on top of "
+        "the tenant's own")
+    priority: str = Field("interactive", min_length=1,
+                          description="priority class (one of fairness.queue.classes)")
+    weight: float = Field(1.0, gt=0, le=1000, description="share of its class when queued "
+                          "(weighted fair queuing by tokens)")
+    priority_header: bool = Field(
+        False, description="let requests choose their class with the fairness.queue.header "
+        "header (any configured class)")
 
 
 class AuthSettings(Section):
@@ -190,6 +230,55 @@ class CacheSettings(Section):
     target_precision: float = Field(0.90, gt=0, lt=1, description="default operating point")
 
 
+class PriceSettings(Section):
+    prompt_per_million: float = Field(0.0, ge=0, description="price of a million prompt tokens")
+    completion_per_million: float = Field(0.0, ge=0,
+                                          description="price of a million completion tokens")
+    cached_prompt_per_million: float | None = Field(
+        None, ge=0, description="price of a million prompt tokens the engine had cached "
+        "(none = the prompt price)")
+
+
+class UsageSettings(Section):
+    enabled: bool = Field(True, description="account usage per tenant x model x day")
+    flush_interval_s: float = Field(1.0, gt=0, description="how often this replica adds its "
+                                    "counts to Redis (reads may lag by this much)")
+    retention_days: int = Field(62, ge=1, le=3660, description="days of usage kept")
+
+
+class QueueSettings(Section):
+    enabled: bool = Field(False, description="hold requests in a fair queue when the chosen "
+                          "backends are saturated, instead of sending them on")
+    max_queue_wait_s: float = Field(
+        0.5, ge=0, description="queue when the best backend's predicted queue wait (the "
+        "router's) is above this many seconds")
+    deadline_s: float = Field(30.0, gt=0, description="longest a request waits in the queue "
+                              "(then 503 with Retry-After)")
+    max_waiting: int = Field(10_000, ge=1, description="requests waiting per model at most "
+                             "(503 above)")
+    max_waiting_per_tenant: int = Field(1000, ge=1, description="requests one tenant may have "
+                                        "waiting per model (429 above)")
+    classes: list[str] = Field(["interactive", "batch"], min_length=1,
+                               description="priority classes, highest first (strict priority)")
+    header: str = Field("x-synapse-priority", min_length=1, description="request header "
+                        "naming a class, honoured for tenants with priority_header")
+    poll_interval_s: float = Field(0.05, gt=0, description="how often a non-empty queue "
+                                   "re-reads the predictions when nothing finished")
+
+
+class FairnessSettings(Section):
+    prices: dict[str, PriceSettings] = Field(
+        default_factory=dict, description="per model (name or alias): prices for cost "
+        "budgets and usage")
+    default_completion_tokens: int = Field(
+        256, ge=1, description="completion tokens charged at admission when a request sets "
+        "no max_tokens (settled from usage)")
+    usage: UsageSettings = Field(default_factory=UsageSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    coalesce: bool = Field(True, description="identical cacheable requests in flight at once "
+                           "wait for the first one and are answered from it")
+
+
 class AdminSettings(Section):
     enabled: bool = Field(True, description="serve the Admin gRPC service")
 
@@ -207,6 +296,7 @@ class ControlPlaneSettings(Section):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    fairness: FairnessSettings = Field(default_factory=FairnessSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
@@ -222,6 +312,11 @@ class ControlPlaneSettings(Section):
         dup = {t for t in tenants if tenants.count(t) > 1}
         if dup:
             raise ValueError(f"auth.tenants: duplicate tenant {sorted(dup)[0]!r}")
+        classes = self.fairness.queue.classes
+        for i, t in enumerate(self.auth.tenants):
+            if t.priority not in classes:
+                raise ValueError(f"auth.tenants[{i}].priority: {t.priority!r} is not one of "
+                                 f"fairness.queue.classes {classes}")
         admin_as = self.auth.admin_tenant
         if admin_as is not None and admin_as not in tenants and not self.auth.key_file:
             raise ValueError(f"auth.admin_tenant: no tenant is named {admin_as!r}")

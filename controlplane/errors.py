@@ -17,12 +17,15 @@ core, which raises these, never imports it).
     ├── RequestTimeout (408, invalid_request_error)    body not received in ``http.body_timeout_s``
     ├── PayloadTooLarge (413, invalid_request_error)   body over ``http.max_body_bytes``
     ├── RateLimited (429, rate_limit_error)            carries ``retry_after_s``
+    │   ├── BudgetExceeded (insufficient_quota)        a tenant's token / cost budget is spent
+    │   └── QueueFull                                  the tenant's share of the fair queue
     ├── BackendRefusal (4xx of the backend)            a backend's own client error, passed on
     ├── UpstreamError (502, upstream_error)            every candidate failed
     │   ├── UpstreamConnectError                       no connection (refused, unreachable, TLS)
     │   ├── UpstreamProtocolError                      the answer was not valid HTTP/1.1
     │   └── UpstreamReadError                          the connection broke or went silent
     ├── Unavailable (503, service_unavailable)         no backend can serve the model
+    │   └── QueueTimeout                               queued past its deadline (Retry-After)
     └── UpstreamTimeout (504, timeout_error)           no first byte in time
 
 Transports raise only the ``Upstream*`` classes (their foreign exceptions are translated
@@ -203,6 +206,37 @@ class UpstreamTimeout(SynapseError):
     error_type = "timeout_error"
     grpc_code = "DEADLINE_EXCEEDED"
     default_code = "upstream_timeout"
+
+
+# -- fairness (issue 18): budgets and the fair queue. Kept together, below the rest. ------
+
+
+class BudgetExceeded(RateLimited):
+    """A tenant's (or tenant x model's) budget for the period is spent; ``Retry-After``
+    is the time to the next period."""
+
+    error_type = "insufficient_quota"
+    default_code = "budget_exceeded"
+
+
+class QueueFull(RateLimited):
+    """The tenant already has as many requests waiting in the fair queue as it may."""
+
+    default_code = "queue_full"
+
+
+class QueueTimeout(Unavailable):
+    """A request waited in the fair queue until its deadline (the fleet stayed saturated);
+    the queue never holds a request longer, and says when to try again."""
+
+    default_code = "queue_timeout"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
 
 
 def internal(message: str = "internal error") -> SynapseError:

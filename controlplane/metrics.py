@@ -115,3 +115,29 @@ class Metrics:
         self.route_overhead = Gauge(
             "synapse_route_learned_overhead_seconds", "Fixed time to a first token the "
             "router uses for the backend.", ["backend"], registry=r)
+
+        # -- fairness (issue 18): tokens per tenant, the fair queue, coalescing -----------
+        # (controlplane/api/fairness.py records them)
+        self.tokens = Counter(
+            "synapse_tokens_total", "Tokens by tenant, model and kind: prompt, completion "
+            "and cached (engines' usage), cache_hit (prompt + completion of answers served "
+            "from the response cache: what it saved).", ["tenant", "model", "kind"],
+            registry=r)
+        self.queue_depth = Gauge(
+            "synapse_queue_depth", "Requests waiting in the fair queue, by priority class "
+            "and tenant.", ["class", "tenant"], registry=r)
+        self.queue_wait = Histogram(
+            "synapse_queue_wait_seconds", "Time requests spent in the fair queue, by class, "
+            "tenant and outcome (dispatched, timeout, cancelled).",
+            ["class", "tenant", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_refused = Counter(
+            "synapse_queue_refused_total", "Requests the fair queue refused at once, by "
+            "class, tenant and reason (queue_full, overloaded).", ["class", "tenant", "reason"],
+            registry=r)
+        self.coalesced = Counter(
+            "synapse_cache_coalesced_total", "Requests that waited for an identical request "
+            "in flight: answered from it (hit) or sent on their own (alone).", ["outcome"],
+            registry=r)
+        self.usage_flush_failures = Counter(
+            "synapse_usage_flush_failures_total", "Usage flushes to the shared store that "
+            "failed (the counts wait for the next flush).", registry=r)

@@ -146,7 +146,8 @@ class TieredCache:
                                                 reason="semantic")
         self.metrics.cache_misses.inc()
         return cache_port.CacheDecision(status="miss", may_store=rule.store,
-                                        reason=rule.reason or "miss", token=state)
+                                        reason=rule.reason or "miss", token=state,
+                                        exact_key=keys.exact_key)
 
     async def _lookup_exact(self, state: State, request: cache_port.CacheRequest
                             ) -> cache_port.CacheHit | None:

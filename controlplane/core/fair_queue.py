@@ -1,0 +1,285 @@
+"""Priority classes and weighted fair queuing in front of saturated backends.
+
+When the backends chosen for a request are saturated (the router predicts a queue wait
+above ``fairness.queue.max_queue_wait_s``), the request waits here instead of in an
+engine's FIFO queue, which knows nothing of tenants. One :class:`FairQueue` per model
+(its backends are one pool; a saturated model never blocks another's requests):
+
+* **Strict priority between classes** (``fairness.queue.classes``, highest first): a
+  waiting request of a higher class always goes before any of a lower one.
+* **Weighted fair queuing by tokens between tenants inside a class**: each request gets
+  a virtual finish tag ``max(class clock, tenant's last tag) + tokens / weight`` and the
+  smallest tag goes first; the class clock advances to the start tag of each request sent
+  on. A tenant that floods only pushes its own tags into the future, so a quiet tenant's
+  request is next in line whatever the flood's depth. Tokens, not requests, so that a
+  tenant of long prompts does not get more of the fleet by sending fewer, larger ones.
+* **Bounded**: ``max_waiting`` per model (503 above) and ``max_waiting_per_tenant`` (429
+  above, so a flood fills its own share and never the quiet tenants').
+* **A deadline per request**: at ``deadline_s`` it leaves with 503 and ``Retry-After``;
+  nothing ever waits without one.
+* **Dispatch as capacity frees** (:class:`Gate`): one pump task per non-empty queue sends
+  the head on whenever ``room(model)`` says the backends have room again — woken by
+  :meth:`Gate.wake` when a request of that model settles, and at ``poll_interval_s``
+  otherwise (the engines' own reports move the prediction too). After releasing a
+  request the pump waits until that request has resumed (and so been dispatched, which
+  updates the router's ledger) before asking ``room`` again, so one freed slot releases
+  one request, not the whole queue.
+
+Pure apart from asyncio: the clock and the sleep are injected (:mod:`synapse_common.clock`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import heapq
+import itertools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from controlplane import errors
+from synapse_common import clock as clocks
+
+Sleep = Callable[[float | None, asyncio.Event | None], Awaitable[float | None]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Options:
+    classes: tuple[str, ...] = ("interactive", "batch")
+    max_waiting: int = 10_000
+    max_waiting_per_tenant: int = 1000
+    deadline_s: float = 30.0
+    poll_interval_s: float = 0.05
+
+
+class Observer(Protocol):
+    def depth(self, model: str, cls: str, tenant: str, waiting: int) -> None: ...
+
+    def waited(self, cls: str, tenant: str, seconds: float, outcome: str) -> None: ...
+
+
+class NullObserver:
+    def depth(self, model: str, cls: str, tenant: str, waiting: int) -> None:
+        return None
+
+    def waited(self, cls: str, tenant: str, seconds: float, outcome: str) -> None:
+        return None
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Waiter:
+    tenant: str
+    cls: str
+    rank: int                   # the class's index: 0 is the highest priority
+    start: float                # virtual start and finish tags (tokens / weight)
+    finish: float
+    seq: int
+    enqueued_at: float
+    deadline: float
+    future: asyncio.Future[None]
+    taken: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    gone: bool = False          # released, expired or cancelled: skipped by pop
+
+
+class FairQueue:
+    """The waiting requests of one model, in dispatch order (no asyncio tasks here)."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self._ranks = {c: i for i, c in enumerate(options.classes)}
+        self._heaps: list[list[tuple[float, int, Waiter]]] = [[] for _ in options.classes]
+        self._clock_of: list[float] = [0.0] * len(options.classes)
+        self._last: list[dict[str, float]] = [{} for _ in options.classes]
+        self._waiting: dict[tuple[str, str], int] = {}     # (class, tenant) -> waiting
+        self._count = 0
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def waiting(self, cls: str, tenant: str) -> int:
+        return self._waiting.get((cls, tenant), 0)
+
+    def rank(self, cls: str) -> int:
+        rank = self._ranks.get(cls)
+        if rank is None:
+            raise errors.BadRequest(f"unknown priority class {cls!r}; the classes are "
+                                    f"{', '.join(self.options.classes)}", code="bad_priority")
+        return rank
+
+    def push(self, tenant: str, cls: str, weight: float, tokens: int, now: float,
+             future: asyncio.Future[None]) -> Waiter:
+        """Queue a request, or refuse it when a bound is reached."""
+        rank = self.rank(cls)
+        o = self.options
+        mine = sum(n for (c, t), n in self._waiting.items() if t == tenant)
+        if mine >= o.max_waiting_per_tenant:
+            raise errors.QueueFull(
+                f"tenant {tenant!r} already has {mine} requests waiting for this model's "
+                f"saturated backends (fairness.queue.max_waiting_per_tenant)",
+                retry_after_s=o.poll_interval_s * 20, limit="queue")
+        if self._count >= o.max_waiting:
+            raise errors.QueueTimeout(
+                f"the backends are saturated and {self._count} requests are already waiting "
+                "(fairness.queue.max_waiting); try again shortly",
+                retry_after_s=o.poll_interval_s * 20)
+        start = max(self._clock_of[rank], self._last[rank].get(tenant, 0.0))
+        finish = start + max(1, tokens) / weight
+        self._last[rank][tenant] = finish
+        w = Waiter(tenant, cls, rank, start, finish, next(self._seq), now,
+                   now + o.deadline_s, future)
+        heapq.heappush(self._heaps[rank], (finish, w.seq, w))
+        self._count += 1
+        self._waiting[(cls, tenant)] = self._waiting.get((cls, tenant), 0) + 1
+        return w
+
+    def peek(self) -> Waiter | None:
+        for heap in self._heaps:
+            while heap and heap[0][2].gone:
+                heapq.heappop(heap)
+            if heap:
+                return heap[0][2]
+        return None
+
+    def pop(self) -> Waiter | None:
+        """The next request to send on: highest class, then smallest finish tag."""
+        w = self.peek()
+        if w is not None:
+            heapq.heappop(self._heaps[w.rank])
+            self._clock_of[w.rank] = max(self._clock_of[w.rank], w.start)
+            self._forget(w)
+        return w
+
+    def remove(self, w: Waiter) -> None:
+        if not w.gone:
+            self._forget(w)
+
+    def expired(self, now: float) -> list[Waiter]:
+        out = [w for heap in self._heaps for _, _, w in heap if not w.gone and w.deadline <= now]
+        for w in out:
+            self._forget(w)
+        return out
+
+    def next_deadline(self) -> float | None:
+        deadlines = [w.deadline for heap in self._heaps for _, _, w in heap if not w.gone]
+        return min(deadlines) if deadlines else None
+
+    def _forget(self, w: Waiter) -> None:
+        w.gone = True
+        self._count -= 1
+        key = (w.cls, w.tenant)
+        self._waiting[key] -= 1
+        if not self._waiting[key]:
+            del self._waiting[key]
+        if not self._count:     # idle: the next busy period starts from fresh tags
+            self._clock_of = [0.0] * len(self._clock_of)
+            self._last = [{} for _ in self._last]
+
+
+class Gate:
+    """The queues of every model and their pumps."""
+
+    def __init__(self, options: Options, room: Callable[[str], bool],
+                 clock: clocks.Clock = clocks.loop_time, sleep: Sleep = clocks.sleep,
+                 observer: Observer | None = None) -> None:
+        self.options = options
+        self._room = room
+        self._clock = clock
+        self._sleep = sleep
+        self._observer = observer or NullObserver()
+        self._queues: dict[str, FairQueue] = {}
+        self._pumps: dict[str, asyncio.Task[None]] = {}
+        self._wakeups: dict[str, asyncio.Event] = {}
+
+    @property
+    def classes(self) -> Sequence[str]:
+        return self.options.classes
+
+    def busy(self, model: str) -> bool:
+        """Whether requests of ``model`` are waiting (a newcomer then queues behind them)."""
+        q = self._queues.get(model)
+        return q is not None and len(q) > 0
+
+    def depth(self, model: str) -> int:
+        q = self._queues.get(model)
+        return len(q) if q is not None else 0
+
+    async def wait(self, model: str, tenant: str, cls: str, weight: float,
+                   tokens: int) -> float:
+        """Wait for the turn of a request of ``model``; the seconds waited. Raises
+        :class:`errors.QueueFull` / :class:`errors.QueueTimeout` (deadline)."""
+        q = self._queues.get(model)
+        if q is None:
+            q = self._queues[model] = FairQueue(self.options)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        w = q.push(tenant, cls, weight, tokens, self._clock(), future)
+        self._observer.depth(model, cls, tenant, q.waiting(cls, tenant))
+        self._ensure_pump(model)
+        try:
+            await future
+        except asyncio.CancelledError:          # the client went away
+            q.remove(w)
+            self._observer.depth(model, cls, tenant, q.waiting(cls, tenant))
+            self._observer.waited(cls, tenant, self._clock() - w.enqueued_at, "cancelled")
+            raise
+        finally:
+            w.taken.set()
+        waited = self._clock() - w.enqueued_at
+        self._observer.waited(cls, tenant, waited, "dispatched")
+        return waited
+
+    def wake(self, model: str) -> None:
+        """Capacity may have freed for ``model`` (a request settled)."""
+        event = self._wakeups.get(model)
+        if event is not None:
+            event.set()
+
+    def _ensure_pump(self, model: str) -> None:
+        task = self._pumps.get(model)
+        if task is None or task.done():
+            self._wakeups[model] = asyncio.Event()
+            self._pumps[model] = asyncio.get_running_loop().create_task(self._pump(model))
+
+    async def _pump(self, model: str) -> None:
+        q = self._queues[model]
+        wakeup = self._wakeups[model]
+        while len(q):
+            self._expire(model, q)
+            head = q.peek()
+            if head is None:
+                break
+            if head.future.done():          # cancelled, its handler not yet resumed
+                q.remove(head)
+                continue
+            if self._room(model):
+                q.pop()
+                self._observer.depth(model, head.cls, head.tenant,
+                                     q.waiting(head.cls, head.tenant))
+                head.future.set_result(None)
+                await head.taken.wait()     # it resumes and dispatches before we look again
+                continue
+            wakeup.clear()
+            deadline = q.next_deadline()
+            delay = self.options.poll_interval_s
+            if deadline is not None:
+                delay = max(0.0, min(delay, deadline - self._clock()))
+            await self._sleep(delay, wakeup)
+
+    def _expire(self, model: str, q: FairQueue) -> None:
+        for w in q.expired(self._clock()):
+            self._observer.depth(model, w.cls, w.tenant, q.waiting(w.cls, w.tenant))
+            self._observer.waited(w.cls, w.tenant, self._clock() - w.enqueued_at, "timeout")
+            if not w.future.done():
+                w.future.set_exception(errors.QueueTimeout(
+                    f"the backends of this model stayed saturated for "
+                    f"{self.options.deadline_s:g}s (fairness.queue.deadline_s); try again "
+                    "shortly", retry_after_s=self.options.deadline_s / 4))
+
+    async def close(self) -> None:
+        for task in self._pumps.values():
+            task.cancel()
+        for task in self._pumps.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._pumps.clear()

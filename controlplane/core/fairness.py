@@ -1,0 +1,185 @@
+"""Tenants sharing a fleet: what the serving path asks at admission, queueing and the end.
+
+One object, :class:`Fairness`, built once from the settings, puts together the parts
+that each hold one rule — :mod:`token_limits` (tokens per minute, budgets),
+:mod:`pricing`, :mod:`usage_book` (accounting), :mod:`fair_queue` (priority classes and
+weighted fair queuing) — and answers the serving path's four questions:
+
+* :meth:`admit` (before routing, after a cache miss): may this request spend its estimate
+  (prompt tokens + ``max_tokens``)? A :class:`token_limits.Charge`, or a 429 naming the
+  limit. Cache hits are not admitted: they cost no engine tokens.
+* :meth:`must_wait` / :meth:`hold` (after routing): are the chosen backends saturated —
+  the best candidate's predicted queue wait (its queued prefill and decode wait, without
+  the fixed time to a first token) above ``fairness.queue.max_queue_wait_s``, or requests
+  of the model already waiting — and if so, wait for a fair turn.
+* :meth:`settle` (when the answer ended): correct the charge to the engine's ``usage``
+  and account it per tenant x model x day; a cache hit is accounted as tokens saved.
+
+A tenant's priority class and weight are its config's (``auth.tenants[].priority``,
+``weight``); a request may name another configured class in the ``fairness.queue.header``
+header only when its tenant has ``priority_header: true`` (otherwise the header is
+ignored, so that a tenant cannot promote itself).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from controlplane import errors
+from controlplane.core import fair_queue, pricing, token_limits, types, usage_book
+from controlplane.core import usage as usage_mod
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TenantPolicy:
+    tenant: token_limits.ScopeRule | None = None
+    models: Mapping[str, token_limits.ScopeRule] = dataclasses.field(default_factory=dict)
+    priority: str = "interactive"
+    weight: float = 1.0
+    priority_header: bool = False
+
+    def rules(self, model: str) -> tuple[token_limits.ScopeRule, ...]:
+        own = self.models.get(model)
+        if self.tenant is None:
+            return (own,) if own is not None else ()
+        return (self.tenant, own) if own is not None else (self.tenant,)
+
+
+DEFAULT_POLICY = TenantPolicy()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Options:
+    default_completion_tokens: int = 256
+    max_queue_wait_s: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a request that was admitted ended."""
+
+    usage: usage_mod.Usage | None   # the engine's, when its answer reported one
+    answered: bool                  # the backend answered (a byte reached the client)
+    failed: bool                    # an error status, or a stream cut mid-way
+
+
+class TokenObserver:
+    """Where accounted tokens go besides the book (metrics); no-op by default."""
+
+    def tokens(self, tenant: str, model: str, kind: str, count: int) -> None:
+        return None
+
+
+def waiting_s(v: types.Verdict) -> float:
+    """The part of a verdict's predicted queue wait that is waiting behind other work."""
+    overhead = v.basis.overhead_s if v.basis is not None else 0.0
+    return max(0.0, v.queue_wait_s - overhead)
+
+
+class Fairness:
+    def __init__(self, policies: Mapping[str, TenantPolicy], limiter: token_limits.TokenLimiter,
+                 prices: pricing.PriceTable, book: usage_book.UsageBook | None,
+                 gate: fair_queue.Gate | None, options: Options,
+                 observer: TokenObserver | None = None) -> None:
+        self.policies = dict(policies)
+        self.limiter = limiter
+        self.prices = prices
+        self.book = book
+        self.gate = gate
+        self.options = options
+        self._observer = observer or TokenObserver()
+
+    def policy(self, tenant: str) -> TenantPolicy:
+        return self.policies.get(tenant, DEFAULT_POLICY)
+
+    # -- admission ------------------------------------------------------------------------
+
+    def completion_estimate(self, max_tokens: int) -> int:
+        return max_tokens if max_tokens > 0 else self.options.default_completion_tokens
+
+    async def admit(self, tenant: str, model: str, prompt_tokens: int,
+                    max_tokens: int) -> token_limits.Charge:
+        completion = self.completion_estimate(max_tokens)
+        rules = self.policy(tenant).rules(model)
+        cost = self.prices.cost(model, prompt_tokens, completion) if rules else 0.0
+        return await self.limiter.admit(tenant, model, rules, prompt_tokens, completion, cost)
+
+    # -- the fair queue -------------------------------------------------------------------
+
+    def priority_of(self, tenant: str, header: str | None) -> tuple[str, float]:
+        """The request's class and its tenant's weight."""
+        p = self.policy(tenant)
+        if header and p.priority_header:
+            cls = header.strip()
+            if self.gate is not None and cls not in self.gate.classes:
+                raise errors.BadRequest(
+                    f"priority class {cls!r} is not configured; the classes are "
+                    f"{', '.join(self.gate.classes)}", param="priority", code="bad_priority")
+            return cls, p.weight
+        return p.priority, p.weight
+
+    def must_wait(self, route: types.RouteDecision) -> bool:
+        if self.gate is None:
+            return False
+        if self.gate.busy(route.model):
+            return True
+        best = route.candidates[0] if route.candidates else None
+        return best is not None and waiting_s(best) > self.options.max_queue_wait_s
+
+    async def hold(self, route: types.RouteDecision, tenant: str, cls: str, weight: float,
+                   tokens: int) -> float:
+        """Wait for a fair turn on ``route.model``'s backends; the seconds waited."""
+        assert self.gate is not None
+        return await self.gate.wait(route.model, tenant, cls, weight, tokens)
+
+    def wake(self, model: str) -> None:
+        if self.gate is not None:
+            self.gate.wake(model)
+
+    # -- the end --------------------------------------------------------------------------
+
+    async def settle(self, charge: token_limits.Charge | None, tenant: str, model: str,
+                     outcome: Outcome) -> None:
+        """Correct the charge and account the request (never raises)."""
+        u = outcome.usage
+        cached = (u.cached_tokens or 0) if u is not None else 0
+        if u is not None:
+            used, cost = u.prompt_tokens + u.completion_tokens, self.prices.cost(
+                model, u.prompt_tokens, u.completion_tokens, cached)
+        elif outcome.answered and charge is not None:      # answered, counts unknown
+            used, cost = charge.prompt_tokens + charge.completion_tokens, charge.cost
+        else:                                               # never answered: refund
+            used, cost = 0, 0.0
+        if charge is not None:
+            await self.limiter.settle(charge, used, cost)
+        counts = usage_book.Counts(requests=1, errors=int(outcome.failed))
+        if u is not None:
+            counts.prompt_tokens, counts.completion_tokens = u.prompt_tokens, u.completion_tokens
+            counts.cached_tokens, counts.cost = cached, cost
+        self._account(tenant, model, counts)
+        self.wake(model)
+
+    def cache_hit(self, tenant: str, model: str, response: Mapping[str, object]) -> None:
+        """Account an answer served from the response cache: the tokens it saved."""
+        usage = response.get("usage")
+        saved = 0
+        if isinstance(usage, Mapping):
+            saved = _int(usage.get("prompt_tokens")) + _int(usage.get("completion_tokens"))
+        self._account(tenant, model, usage_book.Counts(requests=1, cache_hit_tokens=saved))
+
+    def refused(self, tenant: str, model: str) -> None:
+        """Account a request refused after admission began (counted as an error)."""
+        self._account(tenant, model, usage_book.Counts(requests=1, errors=1))
+
+    def _account(self, tenant: str, model: str, counts: usage_book.Counts) -> None:
+        if self.book is not None:
+            self.book.record(tenant, model, counts)
+        for kind, n in (("prompt", counts.prompt_tokens), ("completion", counts.completion_tokens),
+                        ("cached", counts.cached_tokens), ("cache_hit", counts.cache_hit_tokens)):
+            if n:
+                self._observer.tokens(tenant, model, kind, n)
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

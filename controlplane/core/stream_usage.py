@@ -1,0 +1,94 @@
+"""Counting streams whose client did not ask for usage.
+
+A stream carries the engine's token counts only when ``stream_options.include_usage``
+is set. To account for every request, the control plane sets it on the way to the
+engine (:func:`upstream_body`) and removes the usage from what the client receives
+(:class:`UsageStripper`), so the client gets exactly the stream it asked for:
+
+* the usage chunk (``"choices": []`` with a ``usage`` object, just before ``[DONE]``)
+  is dropped;
+* a chunk that carries both choices and a non-null usage (an engine reporting usage on
+  every chunk) keeps its choices, without the usage.
+
+Only events that mention ``"usage"`` are parsed; the others pass as they came (and a
+chunk made only of whole such events passes as the same bytes object). An event split
+over two reads is held until it is complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+USAGE = b'"usage"'
+SEP = b"\n\n"
+
+
+def asks_usage(body: Mapping[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, Mapping) and bool(options.get("include_usage"))
+
+
+def needs_usage(body: Mapping[str, Any]) -> bool:
+    """Whether the engine must be asked for usage the client did not ask for."""
+    return body.get("stream") is True and not asks_usage(body)
+
+
+def upstream_body(body: Mapping[str, Any]) -> bytes:
+    """``body`` with ``stream_options.include_usage`` set, as JSON bytes."""
+    options = body.get("stream_options")
+    merged = {**(options if isinstance(options, Mapping) else {}), "include_usage": True}
+    return orjson.dumps({**body, "stream_options": merged})
+
+
+class UsageStripper:
+    """Removes usage from a stream's bytes, chunk by chunk."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What of ``chunk`` (after anything held) to send to the client now."""
+        data = self._held + chunk if self._held else chunk
+        end = data.rfind(SEP)
+        if end < 0:
+            self._held = data
+            return b""
+        end += len(SEP)
+        complete, self._held = data[:end], data[end:]
+        if USAGE not in complete:
+            return complete
+        kept = [e for e in map(_filtered, complete.split(SEP)[:-1]) if e is not None]
+        return SEP.join(kept) + SEP if kept else b""
+
+    def rest(self) -> bytes:
+        """Whatever is held at the end of the stream (an unterminated last event)."""
+        held, self._held = self._held, b""
+        return held
+
+
+def _payload(event: bytes) -> Any:
+    start = event.find(b"data:")
+    if start < 0:
+        return None
+    try:
+        return orjson.loads(event[start + 5:])
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _filtered(event: bytes) -> bytes | None:
+    """``event`` without its usage; None when it was only the usage chunk."""
+    if USAGE not in event:
+        return event
+    chunk = _payload(event)
+    if not isinstance(chunk, dict) or chunk.get("usage") is None:
+        return event
+    if not chunk.get("choices"):
+        return None
+    chunk.pop("usage")
+    return b"data: " + orjson.dumps(chunk)

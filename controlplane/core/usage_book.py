@@ -1,0 +1,173 @@
+"""Usage accounting per tenant x model x UTC day.
+
+Each answered request adds to its row: ``requests``, ``prompt_tokens``,
+``completion_tokens``, ``cached_tokens`` (prompt tokens the engine took from its prefix
+cache), ``cache_hit_tokens`` (prompt + completion tokens of answers served from the
+response cache: what the cache saved; they are not in the prompt and completion counts,
+which are the engines' work), ``errors`` and ``cost`` (the price table's, of the engines'
+work). The counts come from the engines' ``usage``: a stream whose client did not ask for
+usage is asked for it anyway (the usage chunk is stripped before the client sees it).
+
+Recording is a dict update on the serving path; a background loop adds the pending
+counts to the shared store every ``fairness.usage.flush_interval_s`` (one Redis
+pipeline per flush, whatever the traffic), so the admission path never waits on it.
+Reads merge the store with this replica's not-yet-flushed counts; other replicas' counts
+lag by at most their flush interval. A failed flush keeps its counts for the next one
+(bounded: a store down for long loses the oldest rows, counted, rather than memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple, Protocol
+
+from synapse_common import clock as clocks
+
+KINDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens",
+         "cache_hit_tokens", "errors", "cost")
+PENDING_MAX = 50_000        # rows held while the store is failing
+
+
+class RowKey(NamedTuple):
+    day: str                # YYYY-MM-DD (UTC)
+    tenant: str
+    model: str
+
+
+@dataclasses.dataclass(slots=True)
+class Counts:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cache_hit_tokens: int = 0
+    errors: int = 0
+    cost: float = 0.0
+
+    def add(self, other: Counts) -> None:
+        for kind in KINDS:
+            setattr(self, kind, getattr(self, kind) + getattr(other, kind))
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {kind: getattr(self, kind) for kind in KINDS}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Row:
+    key: RowKey
+    counts: Counts
+
+
+Plain = Mapping[str, int | float]      # a row's counts by kind, as stores hold them
+
+
+class UsageStore(Protocol):
+    async def add(self, rows: Mapping[tuple[str, str, str], Plain]) -> None:
+        """Add ``rows`` ((day, tenant, model) -> counts) to the stored totals."""
+        ...
+
+    async def read(self, days: Sequence[str], tenant: str | None,
+                   ) -> Mapping[tuple[str, str, str], Plain]:
+        """The stored totals of ``days`` (of one tenant, or all)."""
+        ...
+
+
+def counts_of(plain: Plain) -> Counts:
+    c = Counts()
+    for kind in KINDS:
+        value = plain.get(kind, 0)
+        setattr(c, kind, float(value) if kind == "cost" else int(value))
+    return c
+
+
+class MemoryUsageStore:
+    """Usage kept in this process (no Redis configured), pruned to ``retention_days``."""
+
+    def __init__(self, retention_days: int = 62) -> None:
+        self._rows: dict[tuple[str, str, str], Counts] = {}
+        self._retention = retention_days
+
+    async def add(self, rows: Mapping[tuple[str, str, str], Plain]) -> None:
+        for key, counts in rows.items():
+            self._rows.setdefault(key, Counts()).add(counts_of(counts))
+        days = sorted({k[0] for k in self._rows})
+        for old in days[:-self._retention]:
+            for k in [k for k in self._rows if k[0] == old]:
+                del self._rows[k]
+
+    async def read(self, days: Sequence[str], tenant: str | None,
+                   ) -> dict[tuple[str, str, str], Plain]:
+        wanted = set(days)
+        return {k: v.as_dict() for k, v in self._rows.items()
+                if k[0] in wanted and (tenant is None or k[1] == tenant)}
+
+
+def day_of(wall_s: float) -> str:
+    return datetime.datetime.fromtimestamp(wall_s, datetime.UTC).strftime("%Y-%m-%d")
+
+
+def days_since(wall_s: float, since_s: float) -> list[str]:
+    """The UTC days from ``wall_s - since_s`` to ``wall_s``, oldest first."""
+    first = datetime.datetime.fromtimestamp(wall_s - max(0.0, since_s), datetime.UTC).date()
+    last = datetime.datetime.fromtimestamp(wall_s, datetime.UTC).date()
+    out = []
+    while first <= last:
+        out.append(first.isoformat())
+        first += datetime.timedelta(days=1)
+    return out
+
+
+class UsageBook:
+    def __init__(self, store: UsageStore, wall: clocks.Clock = clocks.wall) -> None:
+        self.store = store
+        self._wall = wall
+        self._pending: dict[RowKey, Counts] = {}
+        self.dropped = 0            # rows lost while the store failed
+
+    def record(self, tenant: str, model: str, counts: Counts) -> None:
+        key = RowKey(day_of(self._wall()), tenant, model or "unknown")
+        row = self._pending.get(key)
+        if row is None:
+            if len(self._pending) >= PENDING_MAX:
+                self.dropped += 1
+                return
+            row = self._pending[key] = Counts()
+        row.add(counts)
+
+    async def flush(self) -> None:
+        """Add the pending counts to the store; on failure they wait for the next flush
+        (and the exception is the caller's to count)."""
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, {}
+        try:
+            await self.store.add({k: v.as_dict() for k, v in rows.items()})
+        except BaseException:
+            for key, counts in rows.items():
+                if key in self._pending or len(self._pending) < PENDING_MAX:
+                    self._pending.setdefault(key, Counts()).add(counts)
+                else:
+                    self.dropped += 1
+            raise
+
+    async def query(self, tenant: str | None = None, since_s: float = 86_400.0) -> list[Row]:
+        """Rows of the days overlapping the last ``since_s`` seconds, stored and pending,
+        sorted by day, tenant, model."""
+        days = days_since(self._wall(), since_s)
+        stored = await self.store.read(days, tenant)
+        totals = {RowKey(*k): counts_of(v) for k, v in stored.items()}
+        wanted = set(days)
+        for key, counts in self._pending.items():
+            if key.day in wanted and (tenant is None or key.tenant == tenant):
+                totals.setdefault(key, Counts()).add(counts)
+        return [Row(k, totals[k]) for k in sorted(totals, key=lambda k: (k.day, k.tenant,
+                                                                        k.model))]
+
+
+def totals(rows: Iterable[Row]) -> Counts:
+    out = Counts()
+    for r in rows:
+        out.add(r.counts)
+    return out

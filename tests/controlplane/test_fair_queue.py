@@ -1,0 +1,169 @@
+"""The fair queue: strict priority between classes, weighted fair shares by tokens between
+tenants, bounds, deadlines, and release one freed slot at a time."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from controlplane import errors
+from controlplane.core import fair_queue
+from tests.clock import ManualClock
+
+MODEL = "m"
+
+
+class Fleet:
+    """Backends with ``free`` dispatch slots: a released request takes one."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.released: list[str] = []
+
+    def room(self, model: str) -> bool:
+        return self.free > 0
+
+
+def gate_for(fleet: Fleet, clock: ManualClock | None = None, **options: object,
+             ) -> fair_queue.Gate:
+    opts = fair_queue.Options(**{"poll_interval_s": 0.01, **options})  # type: ignore[arg-type]
+    if clock is None:
+        return fair_queue.Gate(opts, fleet.room)
+
+    async def sleep(seconds: float | None, wakeup: asyncio.Event | None) -> float | None:
+        clock.now += seconds or 0.0
+        await asyncio.sleep(0)
+        return None
+    return fair_queue.Gate(opts, fleet.room, clock=clock, sleep=sleep)
+
+
+async def request(gate: fair_queue.Gate, fleet: Fleet, name: str, tenant: str,
+                  cls: str = "interactive", weight: float = 1.0, tokens: int = 100) -> None:
+    await gate.wait(MODEL, tenant, cls, weight, tokens)
+    fleet.free -= 1                 # dispatched: it holds a slot
+    fleet.released.append(name)
+
+
+async def settle_until(predicate: object, what: str) -> None:
+    for _ in range(2000):
+        if predicate():             # type: ignore[operator]
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def free_one(gate: fair_queue.Gate, fleet: Fleet) -> None:
+    before = len(fleet.released)
+    fleet.free += 1
+    gate.wake(MODEL)
+    await settle_until(lambda: len(fleet.released) > before, "a release")
+
+
+async def test_an_interactive_request_takes_the_next_slot_ahead_of_a_batch_flood() -> None:
+    fleet = Fleet(free=2)
+    gate = gate_for(fleet)
+    tasks = [asyncio.create_task(request(gate, fleet, f"batch-{i}", "noisy", "batch"))
+             for i in range(40)]
+    await settle_until(lambda: len(fleet.released) == 2 and gate.depth(MODEL) == 38,
+                       "the fleet to fill up")
+    quiet = asyncio.create_task(request(gate, fleet, "quiet", "quiet", "interactive"))
+    await settle_until(lambda: gate.depth(MODEL) == 39, "the quiet request to queue")
+    assert fleet.released == ["batch-0", "batch-1"]
+    await free_one(gate, fleet)
+    # One slot freed: it went to the interactive request, not to the 38 batch ones queued
+    # before it; and only one request was released for one slot.
+    assert fleet.released[2:] == ["quiet"]
+    for _ in range(38):
+        await free_one(gate, fleet)
+    assert fleet.released[3:] == [f"batch-{i}" for i in range(2, 40)]
+    await asyncio.gather(*tasks, quiet)
+    await gate.close()
+
+
+async def test_tenants_in_one_class_share_by_tokens_and_weight() -> None:
+    fleet = Fleet(free=0)
+    gate = gate_for(fleet)
+    tasks = [asyncio.create_task(request(gate, fleet, "heavy", "heavy", weight=3.0))
+             for _ in range(60)]
+    tasks += [asyncio.create_task(request(gate, fleet, "light", "light", weight=1.0))
+              for _ in range(60)]
+    tasks += [asyncio.create_task(request(gate, fleet, "big", "big", tokens=400))
+              for _ in range(10)]
+    await settle_until(lambda: gate.depth(MODEL) == 130, "everyone to queue")
+    for _ in range(50):
+        await free_one(gate, fleet)
+    got = {name: fleet.released.count(name) for name in ("heavy", "light", "big")}
+    # weight 3 gets three times the tokens of weight 1; 400-token requests a quarter
+    # as many requests as 100-token ones of the same weight
+    assert got["heavy"] == pytest.approx(3 * got["light"], abs=2)
+    assert got["big"] == pytest.approx(got["light"] / 4, abs=1)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await gate.close()
+
+
+async def test_a_quiet_tenant_goes_next_even_behind_a_deep_flood_of_its_class() -> None:
+    fleet = Fleet(free=0)
+    gate = gate_for(fleet)
+    flood = [asyncio.create_task(request(gate, fleet, "noisy", "noisy")) for _ in range(50)]
+    await settle_until(lambda: gate.depth(MODEL) == 50, "the flood to queue")
+    await free_one(gate, fleet)
+    quiet = asyncio.create_task(request(gate, fleet, "quiet", "quiet"))
+    await settle_until(lambda: gate.depth(MODEL) == 50, "the quiet request to queue")
+    await free_one(gate, fleet)
+    assert fleet.released == ["noisy", "quiet"]
+    for t in flood:
+        t.cancel()
+    await asyncio.gather(*flood, quiet, return_exceptions=True)
+    await gate.close()
+
+
+async def test_bounds_refuse_at_once_with_the_right_status() -> None:
+    fleet = Fleet(free=0)
+    gate = gate_for(fleet, max_waiting=5, max_waiting_per_tenant=3)
+    waiting = [asyncio.create_task(request(gate, fleet, "a", "a")) for _ in range(3)]
+    await settle_until(lambda: gate.depth(MODEL) == 3, "three to queue")
+    with pytest.raises(errors.QueueFull) as full:
+        await gate.wait(MODEL, "a", "interactive", 1.0, 10)
+    assert full.value.http_status == 429 and full.value.envelope()["error"]["code"] == \
+        "queue_full" and "Retry-After" in full.value.headers()
+    waiting += [asyncio.create_task(request(gate, fleet, "b", "b")) for _ in range(2)]
+    await settle_until(lambda: gate.depth(MODEL) == 5, "five to queue")
+    with pytest.raises(errors.QueueTimeout) as over:
+        await gate.wait(MODEL, "c", "interactive", 1.0, 10)
+    assert over.value.http_status == 503
+    with pytest.raises(errors.BadRequest):
+        await gate.wait(MODEL, "c", "bulk", 1.0, 10)
+    for t in waiting:
+        t.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert gate.depth(MODEL) == 0           # cancelled waiters leave the queue
+    await gate.close()
+
+
+async def test_a_request_waits_no_longer_than_its_deadline() -> None:
+    clock = ManualClock()
+    fleet = Fleet(free=0)
+    gate = gate_for(fleet, clock, deadline_s=30.0)
+    with pytest.raises(errors.QueueTimeout) as err:
+        await gate.wait(MODEL, "t", "batch", 1.0, 100)
+    assert 30.0 <= clock.now < 30.5
+    assert err.value.http_status == 503 and err.value.headers()["Retry-After"]
+    assert err.value.envelope()["error"]["code"] == "queue_timeout"
+    await gate.close()
+
+
+async def test_models_queue_apart() -> None:
+    fleet = Fleet(free=0)
+    opts = fair_queue.Options(poll_interval_s=0.01)
+    gate = fair_queue.Gate(opts, lambda model: model == "free-model")
+    blocked = asyncio.create_task(gate.wait("busy-model", "t", "interactive", 1.0, 10))
+    await settle_until(lambda: gate.depth("busy-model") == 1, "the busy model to queue")
+    await gate.wait("free-model", "t", "interactive", 1.0, 10)  # not behind the other
+    assert gate.busy("busy-model") and not gate.busy("free-model")
+    blocked.cancel()
+    await asyncio.gather(blocked, return_exceptions=True)
+    await gate.close()
+    assert fleet.free == 0

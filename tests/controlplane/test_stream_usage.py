@@ -1,0 +1,60 @@
+"""Streams whose client did not ask for usage: the engine is asked, the client never sees it."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+
+from controlplane.core import sse, stream_usage
+
+
+def event(obj: object) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+CONTENT = event({"id": "c", "object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]})
+FINISH = event({"id": "c", "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+USAGE = event({"id": "c", "object": "chat.completion.chunk", "choices": [],
+               "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}})
+DONE = b"data: [DONE]\n\n"
+
+
+def strip_all(pieces: list[bytes]) -> bytes:
+    s = stream_usage.UsageStripper()
+    return b"".join(s.feed(p) for p in pieces) + s.rest()
+
+
+def test_upstream_body_asks_for_usage_and_keeps_other_options() -> None:
+    body = {"model": "m", "stream": True, "stream_options": {"continuous_usage_stats": False}}
+    assert stream_usage.needs_usage(body)
+    sent = orjson.loads(stream_usage.upstream_body(body))
+    assert sent["stream_options"] == {"continuous_usage_stats": False, "include_usage": True}
+    assert not stream_usage.needs_usage(sent)
+    assert not stream_usage.needs_usage({"model": "m"})     # not a stream
+
+
+def test_the_usage_chunk_is_removed_wherever_the_reads_split_it() -> None:
+    whole = CONTENT + FINISH + USAGE + DONE
+    expected = CONTENT + FINISH + DONE
+    assert strip_all([whole]) == expected
+    for cut in range(1, len(whole)):          # every split of the stream into two reads
+        assert strip_all([whole[:cut], whole[cut:]]) == expected
+    events = [e for e in sse.SSEParser().feed(strip_all([whole]))]
+    assert all("usage" not in e for e in events)
+
+
+def test_events_without_usage_pass_as_the_same_bytes() -> None:
+    s = stream_usage.UsageStripper()
+    assert s.feed(CONTENT) is CONTENT
+
+
+def test_usage_on_a_chunk_with_choices_is_dropped_from_that_chunk_only() -> None:
+    both = event({"id": "c", "choices": [{"index": 0, "delta": {"content": "x"}}],
+                  "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    out = strip_all([both, DONE])
+    first = orjson.loads(out.split(b"\n\n")[0][6:])
+    assert first == {"id": "c", "choices": [{"index": 0, "delta": {"content": "x"}}]}
+    assert out.endswith(DONE)
