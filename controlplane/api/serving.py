@@ -48,6 +48,8 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
             f"the request body is {request.content_length} bytes; the limit is {limit} "
             "(http.max_body_bytes)")
     try:
+        if request.content.is_eof():        # it came with the head: no wait to bound
+            return await request.read()
         async with asyncio.timeout(timeout_s):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
