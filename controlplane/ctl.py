@@ -1,6 +1,6 @@
 """``synapsectl``: operate a Synapse fleet through the Admin gRPC service.
 
-kubectl habits: ``get nodes|models|backends``, ``describe node NAME``,
+kubectl habits: ``get nodes|models|backends|usage``, ``describe node NAME``,
 ``cordon|uncordon|drain NAME``, ``deploy``/``undeploy``, ``cache invalidate|calibrate``,
 ``stats``, ``explain``. Aligned tables by default, ``-o json|yaml`` for machines.
 
@@ -98,8 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_get(sub: Any) -> None:
-    get = sub.add_parser("get", help="list nodes, models or backends")
-    get.add_argument("kind", choices=("nodes", "node", "models", "model", "backends", "backend"))
+    get = sub.add_parser("get", help="list nodes, models, backends or usage")
+    get.add_argument("kind", choices=("nodes", "node", "models", "model", "backends", "backend",
+                                      "usage"))
+    get.add_argument("--tenant", default="", help="usage: of this tenant only")
+    get.add_argument("--since", default="24h", type=_duration,
+                     help="usage: the days overlapping this long back (30m, 24h, 7d)")
     describe = sub.add_parser("describe", help="show one node in detail")
     describe.add_argument("kind", choices=("node",))
     describe.add_argument("name")
@@ -221,7 +225,23 @@ def _dispatch(client: Any, args: argparse.Namespace) -> ctl_render.Rendered:
     return handlers[args.command](client, args)
 
 
+def _duration(text: str) -> float:
+    """Seconds in ``30s``, ``30m``, ``24h`` or ``7d`` (a bare number is seconds)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 30m, 24h, 7d)"
+                                         ) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive duration: {text!r}")
+    return seconds
+
+
 def _get(client: Any, args: argparse.Namespace) -> ctl_render.Rendered:
+    if args.kind == "usage":
+        return ctl_render.usage(client.usage(args.tenant, args.since))
     kind = args.kind.rstrip("s")
     if kind == "node":
         return ctl_render.nodes(client.list_nodes())

@@ -103,3 +103,7 @@ class AdminClient:
         request = admin_pb2.ExplainRouteRequest(model=model, prompt=prompt, session_id=session,
                                                 max_tokens=max_tokens)
         return self._call("ExplainRoute", request)  # type: ignore[return-value]
+
+    def usage(self, tenant: str, since_s: float) -> admin_pb2.GetUsageResponse:
+        request = admin_pb2.GetUsageRequest(tenant=tenant, since_seconds=since_s)
+        return self._call("GetUsage", request)  # type: ignore[return-value]

@@ -151,6 +151,24 @@ def stats(resp: admin_pb2.Stats) -> Rendered:
     return Rendered("\n".join(lines), _data(resp))
 
 
+def usage(resp: admin_pb2.GetUsageResponse) -> Rendered:
+    """Usage per day, tenant and model (issue 18), with a total line."""
+    fields = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens",
+              "cache_hit_tokens", "errors")
+    rows: list[list[object]] = [[r.day, r.tenant, r.model, *(getattr(r, f) for f in fields),
+                                 f"{r.cost:.4f}"] for r in resp.rows]
+    if len(resp.rows) > 1:
+        rows.append(["total", "", "", *(sum(getattr(r, f) for r in resp.rows) for f in fields),
+                     f"{sum(r.cost for r in resp.rows):.4f}"])
+    headers = ["DAY", "TENANT", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "CACHED",
+               "CACHE-HIT", "ERRORS", "COST"]
+    text = table(headers, rows) if resp.rows else "no usage recorded in that period"
+    # Plain numbers (protobuf's JSON writes 64-bit integers as strings).
+    data = [{"day": r.day, "tenant": r.tenant, "model": r.model,
+             **{f: getattr(r, f) for f in fields}, "cost": r.cost} for r in resp.rows]
+    return Rendered(text, data)
+
+
 def _costs(b: admin_pb2.BackendVerdict) -> str | None:
     """The costs behind the prediction: µs per prefill token, ms per decode step, ms to a
     first token, and whether they were learned (from how many answers) or configured."""

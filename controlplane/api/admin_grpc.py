@@ -23,7 +23,7 @@ import grpc
 
 from controlplane import errors
 from controlplane.api import admin_views as views
-from controlplane.api import grpc_server
+from controlplane.api import fairness, grpc_server
 from controlplane.api import services as services_mod
 from controlplane.core import fleet, placement
 from controlplane.core import router as router_mod
@@ -230,6 +230,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         verdicts, reason = self.svc.router.explain(canonical, prompt)
         return views.explanation(canonical, self.svc.router.params.policy, prompt.tokens,
                                  verdicts, reason)
+
+    @_admin_call
+    async def GetUsage(self, request: admin_pb2.GetUsageRequest,
+                       context: grpc.aio.ServicerContext) -> admin_pb2.GetUsageResponse:
+        _check_name(request.tenant, "tenant", required=False)
+        return await fairness.usage_response(self.svc, request)
 
 
 def _messages(request: admin_pb2.ExplainRouteRequest) -> list[dict[str, object]]:

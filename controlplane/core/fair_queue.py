@@ -201,6 +201,10 @@ class Gate:
         q = self._queues.get(model)
         return q is not None and len(q) > 0
 
+    def depths(self) -> dict[str, int]:
+        """Requests waiting per model (models with none left out)."""
+        return {m: len(q) for m, q in self._queues.items() if len(q)}
+
     def depth(self, model: str) -> int:
         q = self._queues.get(model)
         return len(q) if q is not None else 0

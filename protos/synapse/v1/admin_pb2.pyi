@@ -302,6 +302,44 @@ class Stats(_message.Message):
     replica: str
     def __init__(self, requests_total: _Optional[int] = ..., cache_hit_rate: _Optional[float] = ..., cache_hits_exact: _Optional[int] = ..., cache_hits_semantic: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_errors: _Optional[int] = ..., per_model: _Optional[_Mapping[str, LatencySummary]] = ..., per_backend: _Optional[_Mapping[str, LatencySummary]] = ..., nodes_ready: _Optional[int] = ..., backends_ready: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., replica: _Optional[str] = ...) -> None: ...
 
+class GetUsageRequest(_message.Message):
+    __slots__ = ("tenant", "since_seconds")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    since_seconds: float
+    def __init__(self, tenant: _Optional[str] = ..., since_seconds: _Optional[float] = ...) -> None: ...
+
+class UsageRow(_message.Message):
+    __slots__ = ("day", "tenant", "model", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_hit_tokens", "errors", "cost")
+    DAY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    day: str
+    tenant: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cache_hit_tokens: int
+    errors: int
+    cost: float
+    def __init__(self, day: _Optional[str] = ..., tenant: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cache_hit_tokens: _Optional[int] = ..., errors: _Optional[int] = ..., cost: _Optional[float] = ...) -> None: ...
+
+class GetUsageResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ...) -> None: ...
+
 class ExplainRouteRequest(_message.Message):
     __slots__ = ("model", "prompt", "messages_json", "session_id", "max_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]

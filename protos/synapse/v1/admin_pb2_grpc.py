@@ -89,6 +89,11 @@ class AdminStub:
                 request_serializer=protos_dot_synapse_dot_v1_dot_admin__pb2.ExplainRouteRequest.SerializeToString,
                 response_deserializer=protos_dot_synapse_dot_v1_dot_admin__pb2.ExplainRouteResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/synapse.v1.Admin/GetUsage',
+                request_serializer=protos_dot_synapse_dot_v1_dot_admin__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=protos_dot_synapse_dot_v1_dot_admin__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -160,6 +165,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +228,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ExplainRoute,
                     request_deserializer=protos_dot_synapse_dot_v1_dot_admin__pb2.ExplainRouteRequest.FromString,
                     response_serializer=protos_dot_synapse_dot_v1_dot_admin__pb2.ExplainRouteResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=protos_dot_synapse_dot_v1_dot_admin__pb2.GetUsageRequest.FromString,
+                    response_serializer=protos_dot_synapse_dot_v1_dot_admin__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +532,33 @@ class Admin:
             '/synapse.v1.Admin/ExplainRoute',
             protos_dot_synapse_dot_v1_dot_admin__pb2.ExplainRouteRequest.SerializeToString,
             protos_dot_synapse_dot_v1_dot_admin__pb2.ExplainRouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/synapse.v1.Admin/GetUsage',
+            protos_dot_synapse_dot_v1_dot_admin__pb2.GetUsageRequest.SerializeToString,
+            protos_dot_synapse_dot_v1_dot_admin__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,166 @@
+"""The serving path's calls into fairness (issue 18), one per point of the request.
+
+``serving.generate`` and ``proxy.forward`` call these at their narrowest points:
+
+1. :func:`cache_hit` — an answer from the response cache: accounted as tokens saved;
+2. :func:`admit` — after a cache miss, before routing: the tenant's (and the tenant x
+   model's) tokens per minute and budget; 429 naming the limit otherwise;
+3. :func:`hold` — after routing: when the chosen backends are saturated, wait for a fair
+   turn in the queue, then route again (the fleet moved meanwhile);
+4. :func:`upstream_body` / :func:`stripper` — a stream whose client did not ask for usage
+   asks the engine for it, and the client's copy loses it again;
+5. :func:`answered` — the exchange with the backend settled (its status and ``usage``);
+6. :func:`finish` — the request ended, however: the charge is corrected to the usage and
+   the request accounted (in a task: this runs in ``finally`` of a handler that may be
+   cancelled), coalesced followers are released, and the model's queue is woken.
+
+The per-request state is a :class:`Flow` on the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from controlplane import errors
+from controlplane.api import context, fairness_wiring
+from controlplane.api import services as services_mod
+from controlplane.core import (
+    cache_port,
+    coalesce,
+    fairness,
+    stream_usage,
+    token_limits,
+    usage_book,
+)
+from controlplane.core import router as router_mod
+from controlplane.core import types as core_types
+from controlplane.core import usage as usage_mod
+from protos.synapse.v1 import admin_pb2
+
+_tasks: set[asyncio.Task[Any]] = set()
+
+
+@dataclasses.dataclass(slots=True)
+class Flow:
+    tenant: str
+    model: str
+    charge: token_limits.Charge | None = None
+    status: int = 0                         # the backend's answer (0: none)
+    usage: usage_mod.Usage | None = None
+    strip: bool = False                     # usage asked on the client's behalf
+
+
+FLOW: web.RequestKey[Flow] = web.RequestKey("synapse_fairness", Flow)
+
+
+def _fair(request: web.Request) -> fairness.Fairness:
+    return fairness_wiring.get(request.app[context.SERVICES])
+
+
+def cache_hit(request: web.Request, tenant: str, model: str,
+              response: Mapping[str, Any]) -> None:
+    _fair(request).cache_hit(tenant, model, response)
+
+
+async def admit(request: web.Request, tenant: str, model: str, prompt: router_mod.Prompt,
+                max_tokens: int) -> None:
+    """Charge the request's estimate, or raise the 429 of the limit it is over."""
+    flow = request[FLOW] = Flow(tenant, model)
+    try:
+        flow.charge = await _fair(request).admit(tenant, model, prompt.tokens, max_tokens)
+    except errors.RateLimited as exc:
+        svc = request.app[context.SERVICES]
+        svc.child(svc.metrics.rate_limited, tenant, exc.limit).inc()
+        raise
+
+
+async def hold(request: web.Request, route: core_types.RouteDecision,
+               reroute: Callable[[], core_types.RouteDecision]) -> core_types.RouteDecision:
+    """``route``, or when its backends are saturated a new route after a fair wait."""
+    fair = _fair(request)
+    if not fair.must_wait(route):
+        return route
+    flow = request[FLOW]
+    svc = request.app[context.SERVICES]
+    cls, weight = fair.priority_of(flow.tenant,
+                                   request.headers.get(svc.settings.fairness.queue.header))
+    charge = flow.charge
+    tokens = (charge.prompt_tokens + charge.completion_tokens if charge is not None
+              else route.prompt.tokens + fair.completion_estimate(route.prompt.max_tokens))
+    try:
+        await fair.hold(route, flow.tenant, cls, weight, tokens)
+    except (errors.QueueFull, errors.QueueTimeout) as exc:
+        reason = "queue_full" if isinstance(exc, errors.QueueFull) else "overloaded"
+        svc.child(svc.metrics.queue_refused, cls, flow.tenant, reason).inc()
+        raise
+    return reroute()
+
+
+def upstream_body(request: web.Request, body: Mapping[str, Any], model: str,
+                  raw: bytes) -> bytes:
+    """``raw``, or — for a stream that did not ask for usage, when usage is accounted —
+    the body asking for it (the client's copy is stripped: :func:`stripper`)."""
+    flow = request.get(FLOW)
+    if flow is None or _fair(request).book is None or not stream_usage.needs_usage(body):
+        return raw
+    flow.strip = True
+    return stream_usage.upstream_body({**body, "model": model})
+
+
+def stripper(request: web.Request) -> stream_usage.UsageStripper | None:
+    flow = request.get(FLOW)
+    return stream_usage.UsageStripper() if flow is not None and flow.strip else None
+
+
+def answered(request: web.Request, status: int, usage: object) -> None:
+    """The exchange settled: the backend's status and the engine's usage (if found)."""
+    flow = request.get(FLOW)
+    if flow is not None:
+        flow.status = status
+        flow.usage = usage if isinstance(usage, usage_mod.Usage) else None
+
+
+def finish(request: web.Request, decision: cache_port.CacheDecision | None,
+           failed: bool) -> None:
+    """The request ended (``failed``: it raised). Never awaits: safe in ``finally`` of a
+    cancelled handler."""
+    svc = request.app[context.SERVICES]
+    if decision is not None:
+        coalesce.done(svc.cache, decision)
+    flow = request.get(FLOW)
+    if flow is None:
+        return
+    ctx = context.get(request)
+    ok = flow.status == 200
+    outcome = fairness.Outcome(flow.usage if ok else None, ok,
+                               failed or ctx.broken or flow.status >= 400)
+    task = asyncio.get_running_loop().create_task(
+        _fair(request).settle(flow.charge, flow.tenant, flow.model, outcome))
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+# -- Admin.GetUsage ----------------------------------------------------------------------
+
+
+async def usage_response(svc: services_mod.Services,
+                         request: admin_pb2.GetUsageRequest) -> admin_pb2.GetUsageResponse:
+    since = request.since_seconds if request.since_seconds > 0 else 86_400.0
+    if since > 3660 * 86_400:
+        raise errors.BadRequest("since_seconds is longer than ten years", param="since_seconds")
+    rows = await fairness_wiring.usage_rows(svc, request.tenant or None, since)
+    return admin_pb2.GetUsageResponse(rows=[_row(r) for r in rows])
+
+
+def _row(r: usage_book.Row) -> admin_pb2.UsageRow:
+    c = r.counts
+    return admin_pb2.UsageRow(
+        day=r.key.day, tenant=r.key.tenant, model=r.key.model, requests=c.requests,
+        prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+        cached_tokens=c.cached_tokens, cache_hit_tokens=c.cache_hit_tokens, errors=c.errors,
+        cost=c.cost)

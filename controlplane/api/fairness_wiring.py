@@ -1,0 +1,242 @@
+"""Fairness (issue 18) built from the settings and attached to the app.
+
+:func:`build` makes the one :class:`controlplane.core.fairness.Fairness` of a process
+(policies from ``auth.tenants`` and ``auth.key_file``, the price table, the usage book,
+the fair queue and its ``room`` rule over the router's predictions); :func:`install`
+attaches it to the services (``svc.extra``), wraps the response cache for coalescing and
+adds the cleanup context that, when ``redis.url`` is set, moves token limits and usage to
+Redis (shared by every replica), runs the usage flush loop and stops the queue's pumps.
+Metrics (``synapse_tokens_total``, the queue's depth and wait, coalescing) are recorded
+through the small observers here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from controlplane import config
+from controlplane.adapters import redis_limits, redis_tokens, redis_usage
+from controlplane.api import context
+from controlplane.api import services as services_mod
+from controlplane.core import (
+    cache_port,
+    coalesce,
+    fair_queue,
+    fairness,
+    pricing,
+    token_limits,
+    usage_book,
+)
+from controlplane.core import router as router_mod
+from synapse_common import clock as clocks
+
+log = logging.getLogger("synapse.controlplane.fairness")
+FAIRNESS = "fairness"
+USAGE_STORE_TIMEOUT_S = 2.0     # flushes and reads are off the serving path
+_FLUSHER: web.AppKey[asyncio.Task[None]] = web.AppKey("usage_flusher", asyncio.Task)
+
+
+def get(svc: services_mod.Services) -> fairness.Fairness:
+    """The process's fairness object (built on first use when :func:`install` was not
+    called, e.g. a gRPC-only test)."""
+    fair = svc.extra.get(FAIRNESS)
+    if fair is None:
+        fair = svc.extra[FAIRNESS] = build(svc)
+    assert isinstance(fair, fairness.Fairness)
+    return fair
+
+
+# -- building ---------------------------------------------------------------------------
+
+
+def build(svc: services_mod.Services) -> fairness.Fairness:
+    """From ``svc.settings``; ValueError naming the field for a bad key-file tenant."""
+    s = svc.settings.fairness
+    tenants = services_mod._tenant_settings(svc.settings.auth)   # the key file's too
+    for i, t in enumerate(tenants):
+        if t.priority not in s.queue.classes:
+            raise ValueError(f"auth tenant {t.name!r} (#{i}): priority {t.priority!r} is not "
+                             f"one of fairness.queue.classes {s.queue.classes}")
+    canonical = svc.catalog.canonical
+    prices = pricing.PriceTable({canonical(m): pricing.Price(
+        p.prompt_per_million, p.completion_per_million, p.cached_prompt_per_million)
+        for m, p in s.prices.items()})
+    book = (usage_book.UsageBook(usage_book.MemoryUsageStore(s.usage.retention_days))
+            if s.usage.enabled else None)
+    q = s.queue
+    gate = None
+    if q.enabled:
+        gate = fair_queue.Gate(
+            fair_queue.Options(tuple(q.classes), q.max_waiting, q.max_waiting_per_tenant,
+                               q.deadline_s, q.poll_interval_s),
+            room(svc.router, q.max_queue_wait_s), observer=QueueMetrics(svc))
+    return fairness.Fairness(
+        policies(tenants, canonical),
+        token_limits.TokenLimiter(token_limits.LocalTokenStore(svc.clock)), prices, book, gate,
+        fairness.Options(s.default_completion_tokens, q.max_queue_wait_s), TokenMetrics(svc))
+
+
+def policies(tenants: Sequence[config.TenantSettings],
+             canonical: Callable[[str], str]) -> dict[str, fairness.TenantPolicy]:
+    out = {}
+    for t in tenants:
+        models = {}
+        for name, limits in t.models.items():
+            rule = _rule(t.name, canonical(name), limits.tokens_per_minute, limits.budget)
+            if rule is not None:
+                models[rule.model] = rule
+        out[t.name] = fairness.TenantPolicy(
+            _rule(t.name, "", t.tokens_per_minute, t.budget), models, t.priority, t.weight,
+            t.priority_header)
+    return out
+
+
+def _rule(tenant: str, model: str, tpm: int | None,
+          budget: config.BudgetSettings | None) -> token_limits.ScopeRule | None:
+    b = None
+    if budget is not None:
+        b = (token_limits.Budget(budget.period, float(budget.tokens), "tokens")
+             if budget.tokens is not None
+             else token_limits.Budget(budget.period, float(budget.cost or 0.0), "cost"))
+    if tpm is None and b is None:
+        return None
+    return token_limits.ScopeRule(tenant, model, tpm, b)
+
+
+def room(router: router_mod.Router, bound_s: float) -> Callable[[str], bool]:
+    """Whether some backend of a model is predicted to wait no more than ``bound_s``
+    (the router's own prediction, without moving any of its state)."""
+    probe = router_mod.Prompt.from_text("", 0, "", exact=False)
+
+    def has_room(model: str) -> bool:
+        verdicts, _ = router.verdicts(model, probe)
+        if not verdicts:
+            return True     # nothing serves it: let dispatch answer 503 at once
+        return any(v.eligible and fairness.waiting_s(v) <= bound_s for v in verdicts)
+    return has_room
+
+
+# -- metrics ----------------------------------------------------------------------------
+
+
+class TokenMetrics(fairness.TokenObserver):
+    def __init__(self, svc: services_mod.Services) -> None:
+        self._svc = svc
+
+    def tokens(self, tenant: str, model: str, kind: str, count: int) -> None:
+        self._svc.child(self._svc.metrics.tokens, tenant, model, kind).inc(count)
+
+
+class QueueMetrics:
+    """Depth per class and tenant (summed over models) and time waited."""
+
+    def __init__(self, svc: services_mod.Services) -> None:
+        self._svc = svc
+        self._depths: dict[tuple[str, str, str], int] = {}
+
+    def depth(self, model: str, cls: str, tenant: str, waiting: int) -> None:
+        self._depths[(model, cls, tenant)] = waiting
+        total = sum(n for (_, c, t), n in self._depths.items() if c == cls and t == tenant)
+        if not waiting:
+            del self._depths[(model, cls, tenant)]
+        self._svc.child(self._svc.metrics.queue_depth, cls, tenant).set(total)
+
+    def waited(self, cls: str, tenant: str, seconds: float, outcome: str) -> None:
+        self._svc.child(self._svc.metrics.queue_wait, cls, tenant, outcome).observe(seconds)
+
+
+# -- the app ----------------------------------------------------------------------------
+
+
+def install(app: web.Application, svc: services_mod.Services) -> None:
+    """Build (at start-up, so a bad setting stops the process), wrap the cache for
+    coalescing, and add the cleanup context."""
+    get(svc)
+    if (svc.settings.fairness.coalesce and not isinstance(svc.cache, cache_port.NullCache)
+            and not isinstance(svc.cache, coalesce.CoalescingCache)):
+        coalesced = svc.metrics.coalesced
+        svc.cache = coalesce.CoalescingCache(
+            svc.cache, on_follow=lambda outcome: coalesced.labels(outcome).inc())
+    app.cleanup_ctx.append(_ctx)
+
+
+async def _ctx(app: web.Application) -> AsyncIterator[None]:
+    svc = app[context.SERVICES]
+    fair = get(svc)
+    client = _use_redis(svc, fair)
+    if fair.book is not None:
+        app[_FLUSHER] = asyncio.get_running_loop().create_task(
+            _flush_loop(svc, fair.book, svc.settings.fairness.usage.flush_interval_s))
+    yield
+    if _FLUSHER in app:
+        app[_FLUSHER].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await app[_FLUSHER]
+        await _flush(svc, fair.book)        # what is pending, once more
+    if fair.gate is not None:
+        await fair.gate.close()
+    if client is not None:
+        await client.aclose()
+
+
+def _use_redis(svc: services_mod.Services, fair: fairness.Fairness) -> Any:
+    url = svc.settings.redis.url
+    if url is None:
+        return None
+    client = redis_limits.connect(url.get_secret_value())
+
+    def on_error(exc: Exception) -> None:
+        svc.metrics.redis_errors.labels("token_limits").inc()
+        log.debug("redis token limit call failed: %s", exc)
+
+    local = token_limits.LocalTokenStore(svc.clock)
+    fair.limiter = token_limits.TokenLimiter(
+        local, redis_tokens.RedisTokenStore(client, svc.settings.redis.timeout_s), on_error)
+    if fair.book is not None:
+        fair.book.store = redis_usage.RedisUsageStore(
+            client, max(USAGE_STORE_TIMEOUT_S, svc.settings.redis.timeout_s),
+            svc.settings.fairness.usage.retention_days)
+    return client
+
+
+async def _flush_loop(svc: services_mod.Services, book: usage_book.UsageBook,
+                      interval_s: float) -> None:
+    while True:
+        await clocks.sleep(interval_s)
+        await _flush(svc, book)
+
+
+async def _flush(svc: services_mod.Services, book: usage_book.UsageBook | None) -> None:
+    if book is None:
+        return
+    try:
+        await book.flush()
+    except Exception as exc:    # kept for the next flush
+        svc.metrics.usage_flush_failures.inc()
+        log.debug("usage flush failed: %s", exc)
+
+
+# -- reading usage (stats, Admin) ---------------------------------------------------------
+
+
+async def usage_rows(svc: services_mod.Services, tenant: str | None,
+                     since_s: float) -> list[usage_book.Row]:
+    fair = get(svc)
+    if fair.book is None:
+        return []
+    return await fair.book.query(tenant, since_s)
+
+
+async def stats(svc: services_mod.Services) -> dict[str, Any]:
+    """The ``fairness`` part of ``/api/v1/stats``: today's usage and the queue."""
+    rows = await usage_rows(svc, None, 0.0)
+    fair = get(svc)
+    usage = {f"{r.key.tenant}/{r.key.model}": r.counts.as_dict() for r in rows}
+    return {"usage_today": usage,
+            "queue_waiting": fair.gate.depths() if fair.gate is not None else {}}
