@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from controlplane import feedback_calibrate
 from controlplane.core import verifier, verifier_features
 from synapse_common import minilm
 
@@ -219,7 +220,8 @@ def features(pairs: Pairs, va: np.ndarray, vb: np.ndarray) -> np.ndarray:
 
 
 def fit(pairs: Pairs, va: np.ndarray, vb: np.ndarray, target_precision: float, seed: int,
-        components: int = 16, log: Any = print) -> tuple[verifier.Verifier, dict[str, Any]]:
+        components: int = 16, log: Any = print, embedder_id: str = ""
+        ) -> tuple[verifier.Verifier, dict[str, Any]]:
     try:
         from sklearn.decomposition import PCA
         from sklearn.ensemble import HistGradientBoostingClassifier
@@ -271,8 +273,17 @@ def fit(pairs: Pairs, va: np.ndarray, vb: np.ndarray, target_precision: float, s
         diff=stub.diff, prod=stub.prod, forest=stub.forest, platt=stub.platt,
         threshold=threshold, target_precision=target_precision,
         curve=_curve_summary(precision_recall_curve(p_val, pairs.label[val])),
-        meta={"embedder": EMBEDDER, "dim": int(dim), "metrics": metrics})
+        meta={"embedder": EMBEDDER, "embedder_id": embedder_id, "dim": int(dim),
+              "metrics": metrics},
+        calibration=calibration_sample(p_val, pairs.label[val]))
     return model, metrics
+
+
+def calibration_sample(scores: np.ndarray, labels: np.ndarray) -> verifier.Calibration:
+    """The validation pairs an operating point can be refitted on (``--from-feedback``)."""
+    keep = scores >= verifier.CALIBRATION_FLOOR
+    return verifier.Calibration(scores[keep].astype(np.float64), labels[keep].astype(np.int8),
+                                int(np.sum(labels[~keep] == 1)))
 
 
 _EMPTY = verifier.Forest(feature=np.zeros((1, 1), np.int64), threshold=np.zeros((1, 1)),
@@ -318,8 +329,8 @@ def _check_export(gb: Any, model: verifier.Verifier, raw: np.ndarray) -> None:
 
 # -- CLI -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pairs", required=True,
-                        help='JSONL(.gz) of {"text_a", "text_b", "label": 0|1}')
+    parser.add_argument("--pairs", help='JSONL(.gz) of {"text_a", "text_b", "label": 0|1} '
+                        "(required unless --from-feedback)")
     parser.add_argument("--target-precision", type=float, default=0.90,
                         help="precision the operating point must reach on validation")
     parser.add_argument("--out", required=True, help="verifier JSON to write")
@@ -328,11 +339,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="principal components kept of |u-v| and of u*v")
     parser.add_argument("--embed-cache", default=None,
                         help="reuse embeddings from / save them to this .npz")
+    feedback_calibrate.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if not 0.0 < args.target_precision < 1.0:
         print("calibrate: --target-precision must be between 0 and 1", file=sys.stderr)
+        return 2
+    if args.from_feedback:
+        return feedback_calibrate.run(args)
+    if not args.pairs:
+        print("calibrate: --pairs FILE (or --from-feedback FILE...) is required",
+              file=sys.stderr)
         return 2
     try:
         pairs = read_pairs(args.pairs)

@@ -26,13 +26,14 @@ Design decisions:
 - **Per-model operating points** (``model_points``): ``synapsectl cache calibrate
   --from-feedback`` refits the threshold of a model on the pairs its users marked right
   or wrong plus the validation pairs the file carries (``calibration``: the validation
-  scores and labels above a floor), without touching the trees; :meth:`threshold_for`
-  uses a model's own point when its target matches.
+  scores from ``CALIBRATION_FLOOR`` up, with their labels), without touching the trees;
+  :meth:`threshold_for` uses a model's own point when its target matches.
 - **File**: plain JSON (never pickle), with the embedder id it was fitted for
   (``embedder_id``: the control plane refuses to start with a verifier fitted for another
   embedder than ``cache.embedder_id``) and the held-out metrics; ``controlplane.calibrate``
-  writes it. ``digest`` (of the file's bytes) names the exact verifier a feedback score
-  came from.
+  writes it. ``digest`` names the scoring function (projections, trees, Platt scaling):
+  a feedback score is comparable with this verifier's scores when the digests match, and
+  refitting operating points does not change it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 DEFAULT_PATH = pathlib.Path(__file__).with_name("verifier_default.json")
 FORMAT = "synapse-verifier/2"
+CALIBRATION_FLOOR = 0.2     # validation scores below this are never an operating point
 
 
 class VerifierError(ValueError):
@@ -112,6 +114,19 @@ class Forest:
 
 
 @dataclasses.dataclass(frozen=True)
+class Calibration:
+    """The validation pairs scoring at least ``CALIBRATION_FLOOR``, kept in the file."""
+
+    scores: F64
+    labels: npt.NDArray[np.int8]
+    positives_below: int        # positives scoring under the floor (for recall)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scores": _round(self.scores, 6), "labels": self.labels.tolist(),
+                "positives_below": self.positives_below}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelPoint:
     """A model's own operating point, refitted from its users' feedback."""
 
@@ -126,7 +141,7 @@ class Verifier:
                  platt: tuple[float, float], threshold: float, target_precision: float,
                  curve: Sequence[tuple[float, float, float]], meta: dict[str, Any],
                  model_points: dict[str, ModelPoint] | None = None,
-                 calibration: tuple[F64, npt.NDArray[np.int8]] | None = None,
+                 calibration: Calibration | None = None,
                  digest: str = "") -> None:
         self.diff = diff
         self.prod = prod
@@ -137,9 +152,14 @@ class Verifier:
         self.curve = sorted(curve)                 # (threshold, precision, recall)
         self.meta = meta
         self.model_points = dict(model_points or {})
-        # Validation scores (those at or above CALIBRATION_FLOOR) and their labels.
         self.calibration = calibration
-        self.digest = digest                       # of the file it was loaded from
+        self._digest = digest
+
+    @property
+    def digest(self) -> str:
+        if not self._digest:
+            self._digest = scoring_digest(self.to_json())
+        return self._digest
 
     @property
     def dim(self) -> int:
@@ -208,8 +228,7 @@ class Verifier:
                        "left": f.left.tolist(), "right": f.right.tolist(),
                        "value": _round(f.value, 9)},
             "curve": [[round(t, 6), round(p, 6), round(r, 6)] for t, p, r in self.curve],
-            **({"calibration": {"scores": _round(self.calibration[0], 6),
-                                "labels": self.calibration[1].tolist()}}
+            **({"calibration": self.calibration.to_json()}
                if self.calibration is not None else {}),
             **({"model_points": {m: dataclasses.asdict(p)
                                  for m, p in sorted(self.model_points.items())}}
@@ -225,12 +244,11 @@ def load(path: str | pathlib.Path | None = None) -> Verifier:
     """Read a verifier file (default: the shipped one); raises :class:`VerifierError`."""
     file = pathlib.Path(path) if path else DEFAULT_PATH
     try:
-        raw = file.read_bytes()
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise VerifierError(f"cannot read verifier file {file}: {exc}") from exc
     try:
-        return from_json(data, hashlib.sha256(raw).hexdigest()[:16])
+        return from_json(data)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise VerifierError(f"verifier file {file} is malformed: {exc}") from exc
 
@@ -245,7 +263,13 @@ def check_embedder(model: Verifier, embedder_id: str) -> None:
                             "calibrate / tune-embedder) or use the one fitted with it")
 
 
-def from_json(data: dict[str, Any], digest: str = "") -> Verifier:
+def scoring_digest(data: dict[str, Any]) -> str:
+    """A short hash of what turns a pair into a score (not of thresholds or metrics)."""
+    parts = {k: data[k] for k in ("feature_version", "projections", "forest", "platt")}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def from_json(data: dict[str, Any]) -> Verifier:
     if data.get("format") != FORMAT:
         raise VerifierError(f"not a {FORMAT} file (format {data.get('format')!r})")
     if data.get("feature_version") != verifier_features.FEATURE_VERSION:
@@ -266,9 +290,10 @@ def from_json(data: dict[str, Any], digest: str = "") -> Verifier:
                                                  "fit", "feedback") if k in data}
     curve = [(float(t), float(p), float(r)) for t, p, r in data.get("curve", [])]
     cal = data.get("calibration")
-    calibration = None if cal is None else (np.asarray(cal["scores"], dtype=np.float64),
-                                            np.asarray(cal["labels"], dtype=np.int8))
-    if calibration is not None and calibration[0].shape != calibration[1].shape:
+    calibration = None if cal is None else Calibration(
+        np.asarray(cal["scores"], dtype=np.float64), np.asarray(cal["labels"], dtype=np.int8),
+        int(cal["positives_below"]))
+    if calibration is not None and calibration.scores.shape != calibration.labels.shape:
         raise VerifierError("verifier calibration scores and labels differ in length")
     points = {str(m): ModelPoint(float(p["target_precision"]), float(p["threshold"]),
                                  float(p["expected_precision"]), int(p["feedback_pairs"]))
@@ -277,7 +302,8 @@ def from_json(data: dict[str, Any], digest: str = "") -> Verifier:
                     platt=(float(data["platt"][0]), float(data["platt"][1])),
                     threshold=float(data["threshold"]),
                     target_precision=float(data["target_precision"]), curve=curve, meta=meta,
-                    model_points=points, calibration=calibration, digest=digest)
+                    model_points=points, calibration=calibration,
+                    digest=scoring_digest(data))
 
 
 def _check_shapes(diff: Projection, prod: Projection, forest: Forest) -> None:
