@@ -31,6 +31,9 @@ TOPICS = {
     "engine queue": "synapse_agent_engine_requests_waiting",
     "KV usage": "synapse_agent_engine_kv_cache_usage_ratio",
     "embedding latency": "synapse_embedding_duration_seconds_bucket",
+    "tokens per tenant": "synapse_tokens_total",
+    "queue depth per class and tenant": "synapse_queue_depth",
+    "queue wait per class and tenant": "synapse_queue_wait_seconds_bucket",
 }
 
 
