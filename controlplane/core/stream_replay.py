@@ -135,7 +135,7 @@ def _choice_chunks(shape: Mapping[str, Any], choice: Mapping[str, Any], chat: bo
 def _pieces(message: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The deltas of one message, in streaming order."""
     out: list[dict[str, Any]] = [{k: v} for k, v in message.items()
-           if k not in _SPECIAL and isinstance(v, str) and v]
+                                 if k not in _SPECIAL and isinstance(v, str) and v]
     if message.get("content"):
         out.append({"content": message["content"]})
     if message.get("tool_calls"):
