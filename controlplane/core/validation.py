@@ -55,7 +55,8 @@ def parse_json(raw: bytes, max_depth: int = 64) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise errors.BadRequest("the request body must be a JSON object",
                                 code="invalid_json")
-    if not _within_depth(body, max_depth - 1):
+    # A body with fewer brackets than the limit cannot nest deeper (the usual case: no walk).
+    if raw.count(b"[") + raw.count(b"{") > max_depth and not _within_depth(body, max_depth - 1):
         raise errors.BadRequest(f"the request body nests deeper than {max_depth} levels "
                                 "(http.max_json_depth)", code="invalid_json")
     return body
@@ -76,7 +77,7 @@ def printable_ascii(value: str, limit: int) -> bool:
 
 def session_id(value: str | None) -> str:
     """The ``x-session-id`` header, or 400 naming it when it is not printable ASCII."""
-    if value is None:
+    if not value:                   # absent or empty: no session
         return ""
     if not printable_ascii(value, SESSION_ID_MAX):
         raise errors.BadRequest(

@@ -1,0 +1,40 @@
+"""The client input rules of the edge that are not one field's: nesting depth, and the
+headers Synapse forwards or routes by."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from controlplane import errors
+from controlplane.core import validation
+
+
+def nested(depth: int) -> bytes:
+    """A body whose deepest array is ``depth`` levels down (the body itself is level 1)."""
+    return b'{"model": "m", "x": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+def test_nesting_up_to_the_limit_passes_and_one_more_level_is_a_400() -> None:
+    assert validation.parse_json(nested(8), max_depth=8)["model"] == "m"
+    with pytest.raises(errors.BadRequest, match=r"deeper than 8 levels \(http\.max_json_depth\)"):
+        validation.parse_json(nested(9), max_depth=8)
+
+
+def test_brackets_inside_strings_are_text_not_nesting() -> None:
+    body = json.dumps({"model": "m", "messages": [{"role": "user",
+                                                   "content": "[[[[{{{{" * 50}]}).encode()
+    assert validation.parse_json(body, max_depth=8)["messages"][0]["role"] == "user"
+
+
+@pytest.mark.parametrize("value", ["日本", "café", "a\tb", "x" * 257])
+def test_session_ids_must_be_printable_ascii(value: str) -> None:
+    with pytest.raises(errors.BadRequest) as info:
+        validation.session_id(value)
+    assert info.value.param == "x-session-id"
+
+
+def test_a_good_session_id_and_none_pass() -> None:
+    assert validation.session_id("user-42:tab-3") == "user-42:tab-3"
+    assert validation.session_id(None) == validation.session_id("") == ""
