@@ -30,7 +30,15 @@ from aiohttp import web
 
 from controlplane import config, errors
 from controlplane.adapters import node_embed, prober, redis_limits
-from controlplane.api import cache_feedback, context, embeddings, observability, openapi, serving
+from controlplane.api import (
+    cache_feedback,
+    context,
+    embeddings,
+    fairness_wiring,
+    observability,
+    openapi,
+    serving,
+)
 from controlplane.api import services as services_mod
 from controlplane.core import cache_port, ratelimit, validation
 from synapse_common import clock as clocks
@@ -176,7 +184,9 @@ def stats_snapshot(svc: services_mod.Services) -> dict[str, object]:
 async def stats(request: web.Request) -> web.Response:
     svc = request.app[context.SERVICES]
     svc.tenants.authenticate_admin(request.headers.get("Authorization"))
-    return json_response(stats_snapshot(svc))
+    snap = stats_snapshot(svc)
+    snap["fairness"] = await fairness_wiring.stats(svc)
+    return json_response(snap)
 
 
 async def openapi_spec(request: web.Request) -> web.Response:
@@ -256,6 +266,7 @@ def create_app(settings: config.ControlPlaneSettings, *,
                           client_max_size=settings.http.max_body_bytes)
     app[context.SERVICES] = svc
     app.cleanup_ctx.extend([_upstream_ctx, _redis_ctx, _probe_ctx, _cache_ctx, _fleet_ctx])
+    fairness_wiring.install(app, svc)   # token limits, usage, fair queue, coalescing
     app.router.add_post("/v1/chat/completions", serving.chat_completions)
     app.router.add_post("/v1/completions", serving.completions)
     app.router.add_post("/v1/embeddings", embeddings.embeddings)

@@ -2,6 +2,7 @@
 
 ``serving.generate`` and ``proxy.forward`` call these at their narrowest points:
 
+0. :func:`lookup` / :func:`store` — the response cache, through the coalescer;
 1. :func:`cache_hit` — an answer from the response cache: accounted as tokens saved;
 2. :func:`admit` — after a cache miss, before routing: the tenant's (and the tenant x
    model's) tokens per minute and budget; 429 naming the limit otherwise;
@@ -12,7 +13,8 @@
 5. :func:`answered` — the exchange with the backend settled (its status and ``usage``);
 6. :func:`finish` — the request ended, however: the charge is corrected to the usage and
    the request accounted (in a task: this runs in ``finally`` of a handler that may be
-   cancelled), coalesced followers are released, and the model's queue is woken.
+   cancelled), coalesced followers are released (a leader that stored nothing), and the
+   model's queue is woken.
 
 The per-request state is a :class:`Flow` on the request.
 """
@@ -31,7 +33,6 @@ from controlplane.api import context, fairness_wiring
 from controlplane.api import services as services_mod
 from controlplane.core import (
     cache_port,
-    coalesce,
     fairness,
     stream_usage,
     token_limits,
@@ -62,6 +63,28 @@ def _fair(request: web.Request) -> fairness.Fairness:
     return fairness_wiring.get(request.app[context.SERVICES])
 
 
+async def lookup(request: web.Request,
+                 cache_request: cache_port.CacheRequest) -> cache_port.CacheDecision:
+    """The response cache's decision; a miss identical to a request in flight waits for
+    it (coalescing) and is answered from it when it can be."""
+    svc = request.app[context.SERVICES]
+    coalescer = _fair(request).coalescer
+    if coalescer is None:
+        return await svc.cache.lookup(cache_request)
+    return await coalescer.lookup(svc.cache, cache_request)
+
+
+def store(request: web.Request, decision: cache_port.CacheDecision,
+          response: Mapping[str, Any]) -> None:
+    """Hand a complete answer to the response cache (and to the requests waiting for it)."""
+    svc = request.app[context.SERVICES]
+    coalescer = _fair(request).coalescer
+    if coalescer is None:
+        svc.cache.store(decision, response)
+    else:
+        coalescer.store(svc.cache, decision, response)
+
+
 def cache_hit(request: web.Request, tenant: str, model: str,
               response: Mapping[str, Any]) -> None:
     _fair(request).cache_hit(tenant, model, response)
@@ -69,14 +92,15 @@ def cache_hit(request: web.Request, tenant: str, model: str,
 
 async def admit(request: web.Request, tenant: str, model: str, prompt: router_mod.Prompt,
                 max_tokens: int) -> None:
-    """Charge the request's estimate, or raise the 429 of the limit it is over."""
-    flow = request[FLOW] = Flow(tenant, model)
+    """Charge the request's estimate, or raise the 429 of the limit it is over (a refused
+    request is not accounted: usage counts the requests admitted)."""
     try:
-        flow.charge = await _fair(request).admit(tenant, model, prompt.tokens, max_tokens)
+        charge = await _fair(request).admit(tenant, model, prompt.tokens, max_tokens)
     except errors.RateLimited as exc:
         svc = request.app[context.SERVICES]
         svc.child(svc.metrics.rate_limited, tenant, exc.limit).inc()
         raise
+    request[FLOW] = Flow(tenant, model, charge)
 
 
 async def hold(request: web.Request, route: core_types.RouteDecision,
@@ -129,9 +153,9 @@ def finish(request: web.Request, decision: cache_port.CacheDecision | None,
            failed: bool) -> None:
     """The request ended (``failed``: it raised). Never awaits: safe in ``finally`` of a
     cancelled handler."""
-    svc = request.app[context.SERVICES]
-    if decision is not None:
-        coalesce.done(svc.cache, decision)
+    coalescer = _fair(request).coalescer
+    if decision is not None and coalescer is not None:
+        coalescer.done(decision)
     flow = request.get(FLOW)
     if flow is None:
         return

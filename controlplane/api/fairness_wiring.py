@@ -3,9 +3,9 @@
 :func:`build` makes the one :class:`controlplane.core.fairness.Fairness` of a process
 (policies from ``auth.tenants`` and ``auth.key_file``, the price table, the usage book,
 the fair queue and its ``room`` rule over the router's predictions); :func:`install`
-attaches it to the services (``svc.extra``), wraps the response cache for coalescing and
-adds the cleanup context that, when ``redis.url`` is set, moves token limits and usage to
+attaches it to the services (``svc.extra``) and adds the cleanup context that, when ``redis.url`` is set, moves token limits and usage to
 Redis (shared by every replica), runs the usage flush loop and stops the queue's pumps.
+The coalescer sits beside the response cache (``fairness.coalesce``).
 Metrics (``synapse_tokens_total``, the queue's depth and wait, coalescing) are recorded
 through the small observers here.
 """
@@ -25,7 +25,6 @@ from controlplane.adapters import redis_limits, redis_tokens, redis_usage
 from controlplane.api import context
 from controlplane.api import services as services_mod
 from controlplane.core import (
-    cache_port,
     coalesce,
     fair_queue,
     fairness,
@@ -76,10 +75,14 @@ def build(svc: services_mod.Services) -> fairness.Fairness:
             fair_queue.Options(tuple(q.classes), q.max_waiting, q.max_waiting_per_tenant,
                                q.deadline_s, q.poll_interval_s),
             room(svc.router, q.max_queue_wait_s), observer=QueueMetrics(svc))
+    coalesced = svc.metrics.coalesced
+    coalescer = (coalesce.Coalescer(on_follow=lambda outcome: coalesced.labels(outcome).inc())
+                 if s.coalesce else None)
     return fairness.Fairness(
         policies(tenants, canonical),
         token_limits.TokenLimiter(token_limits.LocalTokenStore(svc.clock)), prices, book, gate,
-        fairness.Options(s.default_completion_tokens, q.max_queue_wait_s), TokenMetrics(svc))
+        fairness.Options(s.default_completion_tokens, q.max_queue_wait_s), TokenMetrics(svc),
+        coalescer)
 
 
 def policies(tenants: Sequence[config.TenantSettings],
@@ -155,14 +158,9 @@ class QueueMetrics:
 
 
 def install(app: web.Application, svc: services_mod.Services) -> None:
-    """Build (at start-up, so a bad setting stops the process), wrap the cache for
-    coalescing, and add the cleanup context."""
+    """Build (at start-up, so a bad setting stops the process) and add the cleanup
+    context."""
     get(svc)
-    if (svc.settings.fairness.coalesce and not isinstance(svc.cache, cache_port.NullCache)
-            and not isinstance(svc.cache, coalesce.CoalescingCache)):
-        coalesced = svc.metrics.coalesced
-        svc.cache = coalesce.CoalescingCache(
-            svc.cache, on_follow=lambda outcome: coalesced.labels(outcome).inc())
     app.cleanup_ctx.append(_ctx)
 
 
@@ -181,6 +179,8 @@ async def _ctx(app: web.Application) -> AsyncIterator[None]:
         await _flush(svc, fair.book)        # what is pending, once more
     if fair.gate is not None:
         await fair.gate.close()
+    if fair.coalescer is not None:
+        fair.coalescer.close()
     if client is not None:
         await client.aclose()
 

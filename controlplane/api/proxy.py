@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 
 from controlplane import errors
-from controlplane.api import context
+from controlplane.api import context, fairness
 from controlplane.core import cache_port, dispatch, sse
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
@@ -55,9 +55,13 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
                      else f"{route.reason}, retry {attempt.index}")
         svc.child(svc.metrics.route_decisions, ctx.backend, _reason_label(route.reason)).inc()
         up = attempt.answer
-        if stream and up.status == 200 and up.content_type == "text/event-stream":
-            return await _stream(request, attempt, store)
-        return await _whole(request, attempt, store)
+        try:
+            if stream and up.status == 200 and up.content_type == "text/event-stream":
+                return await _stream(request, attempt, store)
+            return await _whole(request, attempt, store)
+        finally:    # the answer's status and usage, for the tenant's tokens and usage
+            fairness.answered(request, attempt.status,
+                              attempt.ticket.usage if attempt.ticket is not None else None)
 
 
 def _response_headers(attempt: dispatch.Attempt, ctx: context.RequestContext,
@@ -79,7 +83,7 @@ async def _whole(request: web.Request, attempt: dispatch.Attempt,
     if status >= 400:
         data = orjson.dumps(errors.BackendRefusal.from_body(status, data).envelope())
     elif store is not None:
-        _maybe_store(svc.cache, store, data)
+        _maybe_store(request, store, data)
     ctx.headers_sent = True
     headers = _response_headers(attempt, ctx)
     if status >= 400:
@@ -87,7 +91,7 @@ async def _whole(request: web.Request, attempt: dispatch.Attempt,
     return web.Response(status=status, body=data, headers=headers)
 
 
-def _maybe_store(cache: cache_port.ResponseCache, decision: cache_port.CacheDecision,
+def _maybe_store(request: web.Request, decision: cache_port.CacheDecision,
                  data: bytes) -> None:
     try:
         response = orjson.loads(data)
@@ -97,7 +101,7 @@ def _maybe_store(cache: cache_port.ResponseCache, decision: cache_port.CacheDeci
         return
     choices = response.get("choices") or []
     if choices and all(c.get("finish_reason") in sse.CACHEABLE_FINISH for c in choices):
-        cache.store(decision, response)
+        fairness.store(request, decision, response)    # the cache, via the coalescer
 
 
 async def _stream(request: web.Request, attempt: dispatch.Attempt,
@@ -108,6 +112,7 @@ async def _stream(request: web.Request, attempt: dispatch.Attempt,
     headers["Cache-Control"] = "no-cache"
     resp = web.StreamResponse(status=200, headers=headers)
     parser = sse.SSEParser() if store is not None else None
+    strip = fairness.stripper(request)     # usage the client did not ask for
     assembler = sse.StreamAssembler() if store is not None else None
     while True:
         try:
@@ -123,12 +128,16 @@ async def _stream(request: web.Request, attempt: dispatch.Attempt,
             ctx.headers_sent = True
             await resp.prepare(request)
         # A client that went away raises here and ends the handler (and the upstream).
-        await resp.write(chunk)
+        out = strip.feed(chunk) if strip is not None else chunk
+        if out:
+            await resp.write(out)
         if parser is not None and assembler is not None:
             for data in parser.feed(chunk):
                 assembler.add_data(data)
     if assembler is not None and store is not None and assembler.complete:
-        svc.cache.store(store, assembler.response())
+        fairness.store(request, store, assembler.response())
+    if strip is not None and (rest := strip.rest()):
+        await resp.write(rest)
     await resp.write_eof()
     return resp
 

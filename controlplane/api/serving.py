@@ -2,7 +2,9 @@
 
 Order per request: authenticate → read and validate the body (parsed once) → rate
 limit → resolve the model (alias → canonical, tenant allow-list) → response cache lookup
-→ route (with fallback models) → proxy with retries → (complete answers) cache store.
+→ token limits and budget (:mod:`controlplane.api.fairness`) → route (with fallback
+models) → the fair queue when the chosen backends are saturated → proxy with retries →
+(complete answers) cache store → settle the tokens and account the usage.
 
 Performance decisions, since this sits in front of every token:
 
@@ -29,7 +31,7 @@ import orjson
 from aiohttp import web
 
 from controlplane import errors
-from controlplane.api import context, proxy
+from controlplane.api import context, fairness, proxy
 from controlplane.core import cache_port, ratelimit, tenants, validation
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
@@ -132,22 +134,33 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
     ctx = context.get(request)
     parse = validation.chat if endpoint == "chat" else validation.completions
     tenant, parsed, raw, permit = await admit(request, parse)
+    decision: cache_port.CacheDecision | None = None
+    failed = True
     try:
         canonical = resolve_model(request, tenant, parsed.model)
-        decision = await svc.cache.lookup(cache_port.CacheRequest(
+        decision = await fairness.lookup(request, cache_port.CacheRequest(
             tenant.name, canonical, "chat" if endpoint == "chat" else "completions",
             parsed.body, request.headers.get("Cache-Control", ""), ctx.request_id))
         ctx.cache = decision.status
         if decision.hit is not None:
-            return await answer_from_cache(request, decision.hit, parsed)
+            fairness.cache_hit(request, tenant.name, canonical, decision.hit.response)
+            resp = await answer_from_cache(request, decision.hit, parsed)
+            failed = False
+            return resp
         session = validation.session_id(request.headers.get("x-session-id")) or parsed.user
         prompt = prompt_of(parsed, session, svc.router.exact_prompts)
-        route = choose(request, canonical, prompt, parsed)
-        body = body_for(raw, parsed, route.model)
+        await fairness.admit(request, tenant.name, canonical, prompt, parsed.max_tokens)
+        route = await fairness.hold(request, choose(request, canonical, prompt, parsed),
+                                    lambda: choose(request, canonical, prompt, parsed))
+        body = fairness.upstream_body(request, parsed.body, route.model,
+                                      body_for(raw, parsed, route.model))
         store = decision.may_store and not ctx.fallback
-        return await proxy.forward(request, route, prompt, body, PATHS[endpoint],
+        resp = await proxy.forward(request, route, prompt, body, PATHS[endpoint],
                                    parsed.stream, decision if store else None)
+        failed = False
+        return resp
     finally:
+        fairness.finish(request, decision, failed)
         release_later(request, permit)
 
 

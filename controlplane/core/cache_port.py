@@ -63,7 +63,7 @@ class CacheDecision:
     may_store: bool = False          # False for bypass reasons that forbid storing
     reason: str = ""                 # why bypass / miss, for logs and metrics
     token: Any = None                # opaque state lookup() hands to store()
-    exact_key: str = ""              # a miss's exact key (identical requests coalesce on it)
+    exact_key: str = ""              # the request's exact key (identical misses coalesce)
 
 
 class ResponseCache(Protocol):

@@ -1,9 +1,9 @@
 """Coalescing: identical cacheable requests in flight at once share one backend call.
 
 Without it, N identical requests that arrive together all miss the cache (nothing is
-stored until the first answer completes) and all go to a backend. :class:`CoalescingCache`
-wraps the response cache (the same :class:`cache_port.ResponseCache` port, so the
-serving path is unchanged): the first request to miss with a given exact key (the
+stored until the first answer completes) and all go to a backend. The serving path looks
+the cache up through :meth:`Coalescer.lookup` and hands complete answers to the cache
+through :meth:`Coalescer.store`: the first request to miss with a given exact key (the
 cache's own key: same tenant, model, context and last message) becomes the *leader* and
 goes to a backend; the others, the *followers*, wait in ``lookup`` until the leader is
 done, then
@@ -15,11 +15,16 @@ done, then
 * or, when the leader failed (an error, a cut stream, an answer that may not be cached)
   or its answer cannot serve them, proceed on their own as the misses they were.
 
-The leader's end is :meth:`CoalescingCache.store` (a complete answer) or
-:meth:`CoalescingCache.done` (always called when its request ends; a no-op after
-``store``). A follower never waits longer than ``max_wait_s``. Keys live in this process:
-followers on other replicas are not coalesced (they meet the stored entry once the
-leader completes).
+The leader's end is :meth:`Coalescer.store` (a complete answer) or :meth:`Coalescer.done`
+(always called when its request ends; a no-op after ``store``). A follower never waits
+longer than ``max_wait_s``. The cache writes its entries off the hot path, so a landed
+answer is kept for ``grace_s`` more, or until the cache answers that key itself: a request
+that arrives between the leader's end and the entry's write is answered from it too,
+instead of leading a second backend call (the answer is the one being written, so an
+invalidation meanwhile loses nothing fresher).
+Keys live in this process: followers on other replicas are not coalesced (they meet the
+stored entry once the leader completes). The coalescer sits beside the cache rather than
+wrapping it, so whatever wraps the cache (feedback) still sees its own type.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from controlplane.core import cache_entry, cache_port
+from synapse_common import clock as clocks
+
+LANDED_MAX = 1024           # landed answers kept for their grace period at most
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -40,35 +48,48 @@ class Flight:
     followers: int = 0
 
 
-class CoalescingCache:
-    def __init__(self, inner: cache_port.ResponseCache, max_wait_s: float = 300.0,
-                 on_follow: Callable[[str], None] | None = None) -> None:
-        self.inner = inner
+class Coalescer:
+    def __init__(self, max_wait_s: float = 300.0,
+                 on_follow: Callable[[str], None] | None = None, grace_s: float = 5.0,
+                 clock: clocks.Clock = clocks.monotonic) -> None:
         self.max_wait_s = max_wait_s
+        self.grace_s = grace_s
+        self._clock = clock
         self._on_follow = on_follow     # called with "hit" or "alone" per follower
         self._flights: dict[str, Flight] = {}
+        self._landed: dict[str, tuple[Mapping[str, Any], float]] = {}  # key -> (answer, until)
 
     def in_flight(self) -> int:
         return len(self._flights)
 
-    async def lookup(self, request: cache_port.CacheRequest) -> cache_port.CacheDecision:
-        decision = await self.inner.lookup(request)
+    async def lookup(self, cache: cache_port.ResponseCache,
+                     request: cache_port.CacheRequest) -> cache_port.CacheDecision:
+        """``cache.lookup``, joined to an identical request in flight when it misses."""
+        decision = await cache.lookup(request)
         key = decision.exact_key
         if decision.status != "miss" or not decision.may_store or not key:
+            if decision.hit is not None:
+                # The cache has the entry now: from here on it, not a landed copy, answers
+                # (so an eviction or invalidation of it holds at once).
+                self._landed.pop(key, None)
             return decision
+        landed = self._landed.get(key)
+        if landed is not None and landed[1] > self._clock():
+            return self._answer(landed[0], decision, request)
         flight = self._flights.get(key)
         if flight is None:
             loop = asyncio.get_running_loop()
             self._flights[key] = Flight(decision, loop.create_future())
             return decision
-        return await self._follow(flight, decision, request)
-
-    async def _follow(self, flight: Flight, decision: cache_port.CacheDecision,
-                      request: cache_port.CacheRequest) -> cache_port.CacheDecision:
         flight.followers += 1
         answer: Mapping[str, Any] | None = None
         with contextlib.suppress(TimeoutError):
             answer = await asyncio.wait_for(asyncio.shield(flight.answer), self.max_wait_s)
+        return self._answer(answer, decision, request)
+
+    def _answer(self, answer: Mapping[str, Any] | None, decision: cache_port.CacheDecision,
+                request: cache_port.CacheRequest) -> cache_port.CacheDecision:
+        """A follower's decision: a hit from the leader's answer when it serves it."""
         form = getattr(answer, "form", None)
         if answer is None or not cache_entry.serves(cache_entry.Entry(answer, form),
                                                     request.body):
@@ -90,32 +111,27 @@ class CoalescingCache:
         del self._flights[decision.exact_key]
         if not flight.answer.done():
             flight.answer.set_result(answer)
+        if answer is not None and self.grace_s > 0:
+            now = self._clock()
+            if len(self._landed) >= LANDED_MAX:
+                self._landed = {k: v for k, v in self._landed.items() if v[1] > now}
+            if len(self._landed) < LANDED_MAX:
+                self._landed[decision.exact_key] = (answer, now + self.grace_s)
 
-    def store(self, decision: cache_port.CacheDecision, response: Mapping[str, Any]) -> None:
-        self.inner.store(decision, response)
+    def store(self, cache: cache_port.ResponseCache, decision: cache_port.CacheDecision,
+              response: Mapping[str, Any]) -> None:
+        """``cache.store`` of a complete answer, which also answers the followers."""
+        cache.store(decision, response)
         self._land(decision, response)
 
     def done(self, decision: cache_port.CacheDecision) -> None:
         """The request of ``decision`` ended (its followers proceed if it stored nothing)."""
         self._land(decision, None)
 
-    async def invalidate(self, *, tenant: str | None = None, model: str | None = None,
-                         everything: bool = False) -> tuple[int, int]:
-        return await self.inner.invalidate(tenant=tenant, model=model, everything=everything)
-
-    async def close(self) -> None:
+    def close(self) -> None:
+        """Release every follower (they proceed on their own)."""
         for flight in self._flights.values():
             if not flight.answer.done():
                 flight.answer.set_result(None)
         self._flights.clear()
-        await self.inner.close()
-
-    def __getattr__(self, name: str) -> Any:
-        # Everything else of the wrapped cache (drain, metrics, feedback hooks) as it is.
-        return getattr(self.inner, name)
-
-
-def done(cache: cache_port.ResponseCache, decision: cache_port.CacheDecision) -> None:
-    """Tell ``cache`` that the request of ``decision`` ended, if it coalesces."""
-    if isinstance(cache, CoalescingCache):
-        cache.done(decision)
+        self._landed.clear()

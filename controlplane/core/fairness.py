@@ -27,7 +27,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from controlplane import errors
-from controlplane.core import fair_queue, pricing, token_limits, types, usage_book
+from controlplane.core import coalesce, fair_queue, pricing, token_limits, types, usage_book
 from controlplane.core import usage as usage_mod
 
 
@@ -81,13 +81,15 @@ class Fairness:
     def __init__(self, policies: Mapping[str, TenantPolicy], limiter: token_limits.TokenLimiter,
                  prices: pricing.PriceTable, book: usage_book.UsageBook | None,
                  gate: fair_queue.Gate | None, options: Options,
-                 observer: TokenObserver | None = None) -> None:
+                 observer: TokenObserver | None = None,
+                 coalescer: coalesce.Coalescer | None = None) -> None:
         self.policies = dict(policies)
         self.limiter = limiter
         self.prices = prices
         self.book = book
         self.gate = gate
         self.options = options
+        self.coalescer = coalescer      # identical cacheable requests in flight share one
         self._observer = observer or TokenObserver()
 
     def policy(self, tenant: str) -> TenantPolicy:

@@ -138,12 +138,13 @@ class TieredCache:
                                             reason=rule.reason, token=state)
         hit = await self._lookup_exact(state, request)
         if hit is not None:
-            return cache_port.CacheDecision(status="hit-exact", hit=hit, reason="exact")
+            return cache_port.CacheDecision(status="hit-exact", hit=hit, reason="exact",
+                                            exact_key=keys.exact_key)
         if self.semantic and keys.semantic_text is not None:
             found, state = await self._lookup_semantic(state, request)
             if found is not None:
                 return cache_port.CacheDecision(status="hit-semantic", hit=found,
-                                                reason="semantic")
+                                                reason="semantic", exact_key=keys.exact_key)
         self.metrics.cache_misses.inc()
         return cache_port.CacheDecision(status="miss", may_store=rule.store,
                                         reason=rule.reason or "miss", token=state,

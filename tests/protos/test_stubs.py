@@ -61,7 +61,7 @@ def test_stubs_import_under_the_documented_path() -> None:
     methods = set(admin_pb2.DESCRIPTOR.services_by_name["Admin"].methods_by_name)
     assert methods == {"ListNodes", "GetNode", "CordonNode", "UncordonNode", "DrainNode",
                        "ListModels", "DeployModel", "UndeployModel", "InvalidateCache",
-                       "GetStats", "ExplainRoute"}
+                       "GetStats", "ExplainRoute", "GetUsage"}
 
 
 def test_vectors_travel_as_packed_float32_bytes() -> None:

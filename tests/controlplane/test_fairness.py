@@ -1,0 +1,256 @@
+"""Tenants sharing a fleet, through real control planes and the official openai client:
+token limits and budgets across two replicas sharing a private Redis, usage equal to the
+answers' usage (streams that did not ask for it included, cache hits as saved), the fair
+queue putting an interactive request ahead of a batch flood, and coalescing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+from prometheus_client import CollectorRegistry
+
+from controlplane import ctl
+from controlplane import metrics as metrics_mod
+from controlplane.adapters import l1
+from controlplane.api import admin_grpc, fairness_wiring, grpc_server
+from controlplane.api import app as app_mod
+from controlplane.core import response_cache, usage_book
+from tests import harness
+from tests.controlplane import cp_testing as t
+
+HI = [{"role": "user", "content": "hi"}]
+USAGE = (5, 3)                      # what the stand-in backend reports (prompt, completion)
+
+
+def settings(**sections: Any) -> Any:
+    # A slow probe round: a busy machine must not flap the one backend.
+    return t.settings(**{"registry": {"upstream_probe_interval_s": 5.0}, **sections})
+
+
+@contextlib.asynccontextmanager
+async def ready(s: Any, **kw: Any) -> AsyncIterator[t.RunningCP]:
+    async with t.running(s, **kw) as cp:
+        await harness.until(lambda: app_mod.routable_count(cp.services) > 0, 20, "a backend")
+        yield cp
+
+
+@contextlib.asynccontextmanager
+async def admin_of(cp: t.RunningCP) -> AsyncIterator[int]:
+    """The replica's Admin gRPC service on a free port."""
+    server, port = await grpc_server.start("127.0.0.1", 0, [admin_grpc.admin(cp.services)])
+    try:
+        yield port
+    finally:
+        await server.stop(0)
+
+
+def book(cp: t.RunningCP) -> usage_book.UsageBook:
+    b = fairness_wiring.get(cp.services).book
+    assert b is not None
+    return b
+
+
+async def accounted(cp: t.RunningCP, tenant: str) -> usage_book.Counts:
+    return usage_book.totals(await book(cp).query(tenant))
+
+
+async def settled(cp: t.RunningCP, tenant: str, requests: int) -> usage_book.Counts:
+    """The tenant's usage once ``requests`` requests are accounted (settlement runs just
+    after the answer's last byte)."""
+    for _ in range(500):
+        counts = await accounted(cp, tenant)
+        if counts.requests >= requests:
+            return counts
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{requests} requests of {tenant} were never accounted")
+
+
+def tiered() -> response_cache.TieredCache:
+    return response_cache.TieredCache(
+        options=response_cache.Options(semantic_enabled=False), l1=l1.MemoryL1(1000, 10**7),
+        metrics=metrics_mod.Metrics(CollectorRegistry()))
+
+
+async def test_token_limit_and_budget_hold_across_two_replicas_sharing_redis(
+        redis_server: harness.RedisServer) -> None:
+    tenants = [{"name": "a", "keys": [t.KEY_A], "tokens_per_minute": 1000},
+               {"name": "b", "keys": [t.KEY_B], "budget": {"tokens": 50, "period": "day"}}]
+    s = settings(auth={"tenants": tenants}, redis={"url": redis_server.url, "timeout_s": 1.0})
+    async with t.backends(("one", "slow")) as (backend,):
+        s = s.model_copy(update={"upstreams": t.settings(
+            upstreams=[t.upstream("one", backend.url)]).upstreams})
+        async with ready(s) as cp1, ready(s) as cp2, admin_of(cp2) as admin_port:
+            a1, a2 = cp1.client(t.KEY_A), cp2.client(t.KEY_A)
+            big = {"model": "llama", "max_tokens": 900, "messages": HI}
+            # An answer in flight on replica 1 holds its estimate (prompt + 900) ...
+            stream = await a1.chat.completions.create(**big, stream=True)
+            await anext(stream)
+            with pytest.raises(openai.RateLimitError) as refused:
+                await a2.chat.completions.create(**big)
+            assert refused.value.code == "rate_limit_exceeded"
+            assert "1000 tokens per minute" in refused.value.message
+            assert int(refused.value.response.headers["Retry-After"]) >= 1
+            async for _ in stream:
+                pass
+            # ... and once it ends, what it really used (its usage) is all it costs.
+            await settled(cp1, "a", 1)
+            await a2.chat.completions.create(**big)
+
+            b1, b2 = cp1.client(t.KEY_B), cp2.client(t.KEY_B)
+            small = {"model": "llama", "max_tokens": 10, "messages": HI}
+            answered = 0
+            with pytest.raises(openai.RateLimitError) as over:
+                for i in range(20):
+                    await (b1 if i % 2 else b2).chat.completions.create(**small)
+                    answered += 1
+                    for cp in (cp1, cp2):
+                        await book(cp).flush()
+                    await settled(cp1, "b", answered)
+            # 8 tokens each: the 7th starts at 48 of 50, the 8th finds the budget spent.
+            assert answered == 7 and over.value.code == "budget_exceeded"
+            assert int(over.value.response.headers["Retry-After"]) >= 1
+            for client in (b1, b2):
+                with pytest.raises(openai.RateLimitError):
+                    await client.chat.completions.create(**small)
+            for cp in (cp1, cp2):
+                await book(cp).flush()
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = await asyncio.to_thread(ctl.main, [
+                    "--server", f"127.0.0.1:{admin_port}", "get", "usage", "--tenant", "b",
+                    "-o", "json"], {"SYNAPSE_ADMIN_TOKEN": t.ADMIN})
+            assert code == 0, err.getvalue()
+            rows = json.loads(out.getvalue())
+            assert [(r["tenant"], r["requests"], r["prompt_tokens"], r["completion_tokens"])
+                    for r in rows] == [("b", 7, 7 * USAGE[0], 7 * USAGE[1])]
+            for c in (a1, a2, b1, b2):
+                await c.close()
+
+
+async def test_usage_equals_the_answers_usage_and_cache_hits_count_as_saved() -> None:
+    cache = tiered()
+    async with t.backends(("one", "ok")) as (backend,):
+        s = settings(upstreams=[t.upstream("one", backend.url)])
+        async with ready(s, cache=cache) as cp:
+            client = cp.client()
+            ask = {"model": "llama", "temperature": 0}
+            plain = await client.chat.completions.create(
+                **ask, messages=[{"role": "user", "content": "one"}])
+            asked = [c async for c in await client.chat.completions.create(
+                **ask, messages=[{"role": "user", "content": "two"}], stream=True,
+                stream_options={"include_usage": True})]
+            silent = [c async for c in await client.chat.completions.create(
+                **ask, messages=[{"role": "user", "content": "three"}], stream=True)]
+            # The engine was asked for usage the client did not want; the client never sees it.
+            assert json.loads(backend.bodies[-1])["stream_options"] == {"include_usage": True}
+            assert all(c.usage is None for c in silent) and silent[-1].choices
+            await cache.drain()
+            hit = await client.chat.completions.with_raw_response.create(
+                **ask, messages=[{"role": "user", "content": "one"}])
+            assert hit.headers["x-synapse-cache"] == "hit-exact"
+            replay = [c async for c in await client.chat.completions.create(
+                **ask, messages=[{"role": "user", "content": "three"}], stream=True,
+                stream_options={"include_usage": True})]
+            seen = [plain.usage, asked[-1].usage, hit.parse().usage, replay[-1].usage]
+            assert all(u is not None for u in seen)
+            counts = await settled(cp, "a", 5)
+            engine = [plain.usage, asked[-1].usage]
+            assert counts.prompt_tokens == sum(u.prompt_tokens for u in engine) + USAGE[0]
+            assert counts.completion_tokens == (sum(u.completion_tokens for u in engine)
+                                                + USAGE[1])
+            assert counts.cache_hit_tokens == sum(u.total_tokens for u in seen[2:])
+            assert counts.requests == 5 and counts.errors == 0
+            m = cp.services.metrics.tokens
+            assert m.labels("a", t.MODEL, "prompt")._value.get() == counts.prompt_tokens
+            assert m.labels("a", t.MODEL, "cache_hit")._value.get() == counts.cache_hit_tokens
+            await client.close()
+
+
+async def test_a_batch_flood_does_not_delay_an_interactive_request_beyond_one_slot() -> None:
+    tenants = [{"name": "noisy", "keys": [t.KEY_A], "priority": "batch"},
+               {"name": "quiet", "keys": [t.KEY_B], "priority": "interactive"}]
+    # Bound 0: a backend with anything in flight has no room, so it serves one at a time.
+    fair = {"queue": {"enabled": True, "max_queue_wait_s": 0.0, "poll_interval_s": 0.02}}
+    async with t.backends(("one", "slow")) as (backend,):
+        s = settings(upstreams=[t.upstream("one", backend.url)], auth={"tenants": tenants},
+                     fairness=fair)
+        async with ready(s) as cp:
+            noisy, quiet = cp.client(t.KEY_A), cp.client(t.KEY_B)
+            gate = fairness_wiring.get(cp.services).gate
+            assert gate is not None
+
+            async def batch(i: int) -> None:
+                with contextlib.suppress(openai.APIError):
+                    async for _ in await noisy.chat.completions.create(
+                            model="llama", stream=True,
+                            messages=[{"role": "user", "content": f"batch {i}"}]):
+                        pass
+
+            flood = [asyncio.create_task(batch(i)) for i in range(6)]
+            await harness.until(lambda: gate.depth(t.MODEL) == 5, 20, "the flood to queue")
+            answer = await quiet.chat.completions.with_raw_response.create(
+                model="llama", messages=[{"role": "user", "content": "interactive"}])
+            assert answer.status_code == 200
+            received = [json.loads(b)["messages"][0]["content"] for b in backend.bodies]
+            # The backend served one batch request, then the interactive one.
+            assert received[:2] == ["batch 0", "interactive"], received
+            for task in flood:
+                task.cancel()
+            await asyncio.gather(*flood, return_exceptions=True)
+            await noisy.close()
+            await quiet.close()
+
+
+async def test_fifty_identical_requests_make_one_backend_call() -> None:
+    cache = tiered()
+    async with t.backends(("one", "slow")) as (backend,):
+        s = settings(upstreams=[t.upstream("one", backend.url)])
+        async with ready(s, cache=cache) as cp:
+            client = cp.client()
+            ask = {"model": "llama", "temperature": 0, "messages": HI}
+
+            async def streamed() -> tuple[str, str]:
+                raw = await client.chat.completions.with_raw_response.create(**ask, stream=True)
+                text = "".join([c.choices[0].delta.content or "" async for c in raw.parse()
+                                if c.choices])
+                return raw.headers["x-synapse-cache"], text
+
+            async def whole() -> tuple[str, str]:
+                raw = await client.chat.completions.with_raw_response.create(**ask)
+                return raw.headers["x-synapse-cache"], raw.parse().choices[0].message.content
+
+            answers = await asyncio.gather(*(streamed() if i % 2 else whole()
+                                             for i in range(50)))
+            assert len(backend.bodies) == 1
+            assert {text for _, text in answers} == {"hello from one"}
+            assert sorted(status for status, _ in answers) == ["hit-exact"] * 49 + ["miss"]
+            counts = await settled(cp, "a", 50)
+            assert counts.prompt_tokens == USAGE[0] and counts.cache_hit_tokens == 49 * 8
+            await client.close()
+
+
+async def test_followers_of_a_failed_request_go_on_their_own() -> None:
+    cache = tiered()
+    async with t.backends(("one", "break")) as (backend,):
+        s = settings(upstreams=[t.upstream("one", backend.url)])
+        async with ready(s, cache=cache) as cp:
+            client = cp.client()
+
+            async def one() -> None:
+                stream = await client.chat.completions.create(
+                    model="llama", temperature=0, messages=HI, stream=True)
+                with contextlib.suppress(openai.APIError):
+                    async for _ in stream:
+                        pass
+
+            await asyncio.gather(*(one() for _ in range(5)))
+            # A cut stream is never an answer to copy: every request went to the backend.
+            assert len(backend.bodies) == 5
+            await client.close()
