@@ -30,13 +30,12 @@ from aiohttp import web
 from protos.synapse.v1 import (
     admin_pb2,
     admin_pb2_grpc,
-    controlplane_pb2,
-    controlplane_pb2_grpc,
     node_pb2,
     node_pb2_grpc,
 )
 from synapse_common import ports
 from tests import fleet, harness, node_auth
+from tests.security import test_agent_auth
 from tests.security.conftest import SecureFleet
 
 CHAT = "/v1/chat/completions"
@@ -512,17 +511,6 @@ def test_node_embed_partitions_its_cache_by_the_tenant_the_control_plane_names(
 # -- finding 3: agent registration needs the token ------------------------------------------
 
 
-def _connect(address: str, metadata: list[tuple[str, str]]) -> grpc.RpcError:
-    register = controlplane_pb2.AgentMessage(register=controlplane_pb2.Register(
-        node_name="intruder", agent_version="0", node_address="127.0.0.1:1"))
-    with grpc.insecure_channel(address) as channel:
-        stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
-        with pytest.raises(grpc.RpcError) as info:
-            for _ in stub.Connect(iter([register]), metadata=metadata, timeout=10):
-                pass
-    return info.value
-
-
 def _nodes(address: str) -> list[str]:
     with grpc.insecure_channel(address) as channel:
         reply = admin_pb2_grpc.AdminStub(channel).ListNodes(
@@ -570,7 +558,7 @@ def test_without_a_token_no_agent_registers(agent_doors: tuple[harness.ProcessPo
     harness.wait_until(lambda: "UNAUTHENTICATED" in agent.output(), 30,
                        "the agent to be refused", proc=agent, interval=0.2)
     assert "no auth.agent_token" in agent.output()
-    err = _connect(address, [])
+    err = test_agent_auth._register(address, ())  # a Connect as the agent would send it
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err.details()
     assert _nodes(address) == []
 
