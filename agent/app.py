@@ -37,6 +37,7 @@ from agent import (
     telemetry,
 )
 from agent import metrics as agent_metrics
+from agent import runner as runners
 from agent.config import AgentSettings, EmbedderSettings
 from agent.core import lru, types
 from agent.embedding import minilm, protocol, service, tei
@@ -77,7 +78,7 @@ class Agent:
         advertise = sup.advertise_host or (node_ip() if _wildcard(sup.engine_host)
                                            else sup.engine_host)
         self.supervisor = supervisor.Supervisor(
-            sup, supervisor.Hooks(self.metrics, self.node, self._changed), advertise)
+            sup, runners.Hooks(self.metrics, self.node, self._changed), advertise)
         self.embeddings = self._build_embeddings()
         token = cfg.control_plane.token
         self.node_server = node_service.NodeServer(

@@ -1,333 +1,38 @@
-"""The engine supervisor: one :class:`Runner` per backend, and the :class:`Supervisor`.
-
-A runner owns one backend's life: spawn → ``starting`` (polling ``/health`` until 200 or
-the start-up deadline) → ``ready`` ⇄ ``unhealthy`` (liveness probes; ``unhealthy_after``
-failures in a row) → exit → restart after the policy's backoff, or ``crashloop``.
-``failed`` means the command cannot be executed at all (no such binary). Both
-``crashloop`` and ``failed`` wait for :meth:`Runner.reset` (a control-plane command that
-names the backend again); a config change restarts the agent. An engine that stays
-unhealthy for ``unhealthy_restart_s``, or is not ready by the deadline, is killed and
-goes through the same restart path. ``external`` backends have no process: they are only
-probed.
+"""The engine supervisor: every :class:`~agent.runner.Runner` of the node, config-defined
+and control-plane-managed (desired backends), plus the node's drain.
 
 ``draining`` is an overlay, not a runner phase: while the node drains, live backends are
 reported as ``draining`` and the runner keeps probing underneath, so undrain returns each
 one to its real state.
-
-Engine ``/metrics`` are scraped by a separate loop per runner (generation backends only)
-and interpreted by :mod:`agent.core.engine_metrics`. Every phase change calls the
-supervisor's ``on_change`` so the reporter sends a report at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import pathlib
 import time
-from collections.abc import Callable
 
 import aiohttp
 
-from agent import engine_env, process
-from agent import metrics as agent_metrics
+from agent import runner as runners
 from agent.config import SupervisorSettings
-from agent.core import backoff, commands, engine_metrics, types
+from agent.core import types
 from agent.core.types import Phase
 from synapse_common import clock as clocks
-from synapse_common import ports
 
 log = logging.getLogger(__name__)
-LIVE = (Phase.STARTING, Phase.READY, Phase.UNHEALTHY)
-STARTUP_POLL_S = 0.25
-
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class Hooks:
-    """What runners report upwards: state changes and counters."""
-
-    def __init__(self, metrics: agent_metrics.Metrics, node: str,
-                 on_change: Callable[[], None]) -> None:
-        self.metrics = metrics
-        self.node = node
-        self.on_change = on_change
-
-    def restarted(self, backend: str) -> None:
-        self.metrics.backend_restarts.labels(self.node, backend).inc()
-
-    def scrape_failed(self, backend: str) -> None:
-        self.metrics.engine_scrape_errors.labels(self.node, backend).inc()
-
-
-class Runner:
-    def __init__(self, spec: types.EngineSpec, cfg: SupervisorSettings,
-                 session: aiohttp.ClientSession, hooks: Hooks, advertise_host: str,
-                 managed: bool = False, clock: clocks.Clock = time.monotonic) -> None:
-        self.spec = spec
-        self.cfg = cfg
-        self.managed = managed
-        self._session = session
-        self._hooks = hooks
-        self._clock = clock
-        self.port = spec.port or (0 if spec.engine == "external" else ports.free_port(cfg.engine_host))
-        if spec.engine == "external":
-            self.probe_url = self.url = (spec.url or "").rstrip("/")
-        else:
-            self.probe_url = f"http://{_dialable(cfg.engine_host)}:{self.port}"
-            self.url = f"http://{advertise_host}:{self.port}"
-        self.phase = Phase.STARTING
-        self.reason = "not started"
-        self.restarts = 0
-        self.last_restart_ms = 0
-        self.started_ms = 0
-        self.pid = 0
-        self.snapshot: types.EngineSnapshot | None = None
-        self.snapshot_at = 0.0
-        self.hit_rate = 0.0
-        self.metrics_ok = False
-        self.sink = process.LogSink(pathlib.Path(cfg.log_dir) / f"{spec.name}.log",
-                                    cfg.log_max_bytes, cfg.log_tail_lines)
-        self._policy = backoff.RestartPolicy(
-            clock, backoff.Backoff(cfg.backoff_initial_s, cfg.backoff_max_s),
-            cfg.crashloop_restarts, cfg.crashloop_window_s)
-        self._engine: process.EngineProcess | None = None
-        self._stopping = False
-        self._wake = asyncio.Event()
-        self._exit_reason = ""
-        self._tasks: list[asyncio.Task[None]] = []
-
-    # -- lifecycle ---------------------------------------------------------------------
-    def start(self) -> None:
-        main = self._run_external() if self.spec.engine == "external" else self._run_process()
-        self._tasks = [asyncio.create_task(main, name=f"runner-{self.spec.name}")]
-        if self.spec.task == "generate":
-            self._tasks.append(asyncio.create_task(self._scrape_loop()))
-
-    async def stop(self) -> None:
-        """Stop for good: SIGTERM, SIGKILL after ``stop_grace_s``; ends in ``stopped``."""
-        self._stopping = True
-        self._wake.set()
-        if self._engine is not None:
-            await self._engine.terminate(self.cfg.stop_grace_s)
-        # A process runner's loop ends by itself once its engine exited; an external
-        # runner only probes, so its loop is cancelled like the scrape loop.
-        keep = 0 if self.spec.engine == "external" else 1
-        for task in self._tasks[:keep]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for task in self._tasks[keep:]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._set(Phase.STOPPED, "stopped")
-        self.sink.close()
-
-    def reset(self) -> None:
-        """Leave ``crashloop``/``failed`` and try again (a command asked for it)."""
-        if self.phase in (Phase.CRASHLOOP, Phase.FAILED):
-            self._policy.reset()
-            self._wake.set()
-
-    def _set(self, phase: Phase, reason: str) -> None:
-        if (phase, reason) == (self.phase, self.reason):
-            return
-        if phase != self.phase:
-            level = logging.WARNING if phase in (Phase.CRASHLOOP, Phase.FAILED,
-                                                 Phase.UNHEALTHY) else logging.INFO
-            log.log(level, "backend %s: %s → %s (%s)", self.spec.name, self.phase.value,
-                    phase.value, reason)
-        changed = phase != self.phase
-        self.phase, self.reason = phase, reason
-        if changed:
-            self._hooks.on_change()
-
-    async def _sleep_or_wake(self, seconds: float | None) -> None:
-        if self._stopping:
-            return  # stop() may have set the event before this sleep began
-        self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
-
-    # -- process backends --------------------------------------------------------------
-    def _argv(self) -> list[str]:
-        argv = commands.build(self.spec, self.cfg.engine_host, self.port,
-                              simulator_command=self.cfg.simulator_command,
-                              vllm_command=self.cfg.vllm_command,
-                              tei_command=self.cfg.tei_command)
-        assert argv is not None
-        return argv
-
-    def _env(self) -> dict[str, str]:
-        """The node's defaults for the engine kind (vLLM's CPU variables), then the spec's."""
-        base = (engine_env.vllm_environment(self.cfg, self.cfg.vllm_command)
-                if self.spec.engine == "vllm" else {})
-        return {**base, **commands.environment(self.spec)}
-
-    async def _spawn(self) -> bool:
-        argv = self._argv()
-        try:
-            self._engine = await process.EngineProcess.spawn(argv, self._env(), self.sink)
-        except OSError as exc:
-            self._set(Phase.FAILED, f"cannot run {argv[0]}: {exc.strerror or exc}")
-            return False
-        self.pid, self.started_ms = self._engine.pid, now_ms()
-        self._exit_reason = ""
-        self._set(Phase.STARTING, "waiting for /health")
-        return True
-
-    async def _run_process(self) -> None:
-        spawned_before = False
-        while not self._stopping:
-            if spawned_before:
-                self.restarts += 1
-                self.last_restart_ms = now_ms()
-                self._hooks.restarted(self.spec.name)
-            spawned_before = True
-            if not await self._spawn():
-                await self._sleep_or_wake(None)  # until reset() or stop()
-                continue
-            assert self._engine is not None
-            if self._stopping:  # stop() arrived while the process was being spawned
-                await self._engine.terminate(self.cfg.stop_grace_s)
-            probe = asyncio.create_task(self._probe_process(self._engine))
-            code = await self._engine.wait()
-            probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
-            self._engine, self.pid, self.snapshot, self.metrics_ok = None, 0, None, False
-            if self._stopping:
-                break
-            await self._after_exit(self._exit_reason or f"exited with code {code}")
-
-    async def _after_exit(self, why: str) -> None:
-        decision = self._policy.on_exit()
-        self.sink.note(f"{why}; {decision.reason if decision.restart else 'crashloop'}")
-        if not decision.restart:
-            self._set(Phase.CRASHLOOP, f"{why}; {decision.reason}")
-            await self._sleep_or_wake(None)
-            return
-        self._set(Phase.UNHEALTHY, f"{why}; {decision.reason}")
-        await self._sleep_or_wake(decision.delay_s)
-
-    async def _probe_process(self, engine: process.EngineProcess) -> None:
-        deadline = self._clock() + self.cfg.startup_deadline_s
-        while not await self._probe():
-            if self._clock() > deadline:
-                self._exit_reason = (f"not ready within {self.cfg.startup_deadline_s:g}s")
-                engine.kill()
-                return
-            await asyncio.sleep(min(STARTUP_POLL_S, self.cfg.probe_interval_s))
-        self._policy.on_ready()
-        self._set(Phase.READY, "health check passed")
-        if await self._liveness() == "restart":
-            engine.kill()
-
-    async def _liveness(self) -> str:
-        failures, unhealthy_since = 0, 0.0
-        while True:
-            await asyncio.sleep(self.cfg.probe_interval_s)
-            if await self._probe():
-                failures = 0
-                self._set(Phase.READY, "health check passed")
-                continue
-            failures += 1
-            if failures < self.cfg.unhealthy_after:
-                continue
-            if self.phase != Phase.UNHEALTHY:
-                unhealthy_since = self._clock()
-                self._set(Phase.UNHEALTHY, f"{failures} health checks failed")
-            elif self._clock() - unhealthy_since >= self.cfg.unhealthy_restart_s:
-                self._exit_reason = (f"unhealthy for {self.cfg.unhealthy_restart_s:g}s")
-                return "restart"
-
-    async def _probe(self) -> bool:
-        timeout = aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)
-        try:
-            async with self._session.get(self.probe_url + "/health", timeout=timeout) as r:
-                return r.status == 200
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return False
-
-    # -- external backends -------------------------------------------------------------
-    async def _run_external(self) -> None:
-        self._set(Phase.STARTING, "probing " + self.url)
-        while not self._stopping:
-            if await self._probe():
-                self._set(Phase.READY, "health check passed")
-                await self._liveness()  # external backends are never restarted
-            await self._sleep_or_wake(self.cfg.probe_interval_s)
-
-    # -- engine metrics ----------------------------------------------------------------
-    async def _scrape_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.scrape_interval_s)
-            alive = self.pid != 0 or self.spec.engine == "external"
-            if alive and self.phase in (Phase.READY, Phase.UNHEALTHY):
-                await self.scrape()
-
-    async def scrape(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)
-        try:
-            async with self._session.get(self.probe_url + "/metrics", timeout=timeout) as r:
-                r.raise_for_status()
-                text = await r.text()
-            snap = engine_metrics.parse(text)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            if self._stopping:
-                return  # the engine is going away on purpose
-            if self.metrics_ok:
-                log.warning("backend %s: /metrics scrape failed: %s", self.spec.name, exc)
-            self.metrics_ok = False
-            self._hooks.scrape_failed(self.spec.name)
-            return
-        rate = engine_metrics.prefix_hit_rate(self.snapshot, snap)
-        if rate is not None:
-            self.hit_rate = rate
-        self.snapshot, self.snapshot_at, self.metrics_ok = snap, self._clock(), True
-
-    # -- reporting ---------------------------------------------------------------------
-    def in_flight(self) -> float | None:
-        """running + waiting from the last scrape; ``None`` when unknown."""
-        if not self.metrics_ok or self.snapshot is None:
-            return None
-        return (self.snapshot.running or 0.0) + (self.snapshot.waiting or 0.0)
-
-    def status(self, draining: bool) -> types.BackendStatus:
-        snap = self.snapshot or types.EngineSnapshot()
-        phase = Phase.DRAINING if draining and self.phase in LIVE else self.phase
-        return types.BackendStatus(
-            name=self.spec.name, url=self.url, models=self.spec.models,
-            engine=self.spec.engine, task=self.spec.task, phase=phase,
-            phase_reason=self.reason, waiting=int(snap.waiting or 0),
-            running=int(snap.running or 0), kv_usage=float(snap.kv_usage or 0.0),
-            kv_capacity_tokens=snap.kv_capacity_tokens or 0,
-            kv_block_size=snap.block_size or 0, prefix_hit_rate=self.hit_rate,
-            restarts=self.restarts, last_restart_unix_ms=self.last_restart_ms,
-            started_unix_ms=self.started_ms, pid=self.pid,
-            last_log_lines=tuple(self.sink.lines()[-10:]),
-            memory_reserved_bytes=self.spec.memory_required_bytes,
-            metrics_ok=self.metrics_ok, managed=self.managed)
-
-
-def _dialable(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
 class Supervisor:
     """All runners of the node: config-defined ones and control-plane-managed ones."""
 
-    def __init__(self, cfg: SupervisorSettings, hooks: Hooks, advertise_host: str,
+    def __init__(self, cfg: SupervisorSettings, hooks: runners.Hooks, advertise_host: str,
                  clock: clocks.Clock = time.monotonic) -> None:
         self.cfg = cfg
         self._hooks = hooks
         self._advertise_host = advertise_host
         self._clock = clock
-        self.runners: dict[str, Runner] = {}
+        self.runners: dict[str, runners.Runner] = {}
         self.config_names: set[str] = set()
         self.draining = False
         self._session: aiohttp.ClientSession | None = None
@@ -340,7 +45,7 @@ class Supervisor:
 
     def _add(self, spec: types.EngineSpec, managed: bool) -> None:
         assert self._session is not None
-        runner = Runner(spec, self.cfg, self._session, self._hooks, self._advertise_host,
+        runner = runners.Runner(spec, self.cfg, self._session, self._hooks, self._advertise_host,
                         managed=managed, clock=self._clock)
         self.runners[spec.name] = runner
         runner.start()
@@ -392,8 +97,8 @@ class Supervisor:
         return False
 
     @staticmethod
-    def _idle(runner: Runner, since: float) -> bool:
-        if runner.phase not in LIVE or runner.spec.task != "generate":
+    def _idle(runner: runners.Runner, since: float) -> bool:
+        if runner.phase not in runners.LIVE or runner.spec.task != "generate":
             return True
         if runner.spec.engine == "external":
             return True  # not ours to drain

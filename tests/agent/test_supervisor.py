@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from agent import metrics, supervisor
+from agent import runner as runners
 from agent.config import SupervisorSettings
 from agent.core import types
 from agent.core.types import Phase
@@ -31,7 +32,7 @@ async def make(tmp_path) -> AsyncIterator[Callable[..., supervisor.Supervisor]]:
     changes: list[int] = []
 
     def build(**kw) -> supervisor.Supervisor:
-        hooks = supervisor.Hooks(metrics.Metrics(CollectorRegistry()), "n",
+        hooks = runners.Hooks(metrics.Metrics(CollectorRegistry()), "n",
                                  lambda: changes.append(1))
         sup = supervisor.Supervisor(_settings(tmp_path, **kw), hooks, "127.0.0.1")
         made.append(sup)
