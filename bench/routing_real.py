@@ -15,7 +15,7 @@ on fresh random texts (no run inherits another's prefix cache), closed loop with
 Workloads, scaled to what two CPU engines serve in a few minutes:
 
 * A (shared long contexts under KV pressure): contexts of ``--context-tokens`` tokens
-  holding together 1.2 times one engine's KV (more than one engine holds, 0.6 of each
+  holding together 1.6 times one engine's KV (more than one engine holds, 0.8 of each
   engine's when split between the two), each asked
   ``--rounds`` questions, round by round (every context once per round: the reuse
   distance of a context is all the others, so an engine that sees every context evicts
@@ -55,7 +55,7 @@ import yaml
 
 from bench import common
 from bench.gateway import Tree
-from bench.routing import ADMIN, KEY, WORDS, Result, _backends_ready, send
+from bench.routing import ADMIN, KEY, Result, _backends_ready, send
 from synapse_common import engines
 from synapse_common.ports import free_port
 
@@ -74,8 +74,34 @@ VLLM_FLAGS = ["--dtype", "bfloat16", "--enforce-eager", "--enable-prefix-caching
               "--enable-prompt-tokens-details", "--enable-scale-out"]
 
 
-def words(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n))
+# Prose-like text: words of every length, numbers, punctuation, sentences (the
+# approximation counts about four characters per token; real BPE differs on such text).
+VOCAB = ("the of and to in is that for on with as by at from this an be are or it not we "
+         "which can your about cache engine router prefix tokens memory latency request "
+         "response stream replica cluster node policy model prompt context budget quarterly "
+         "revenue infrastructure throughput scheduling allocation bandwidth transformer "
+         "attention quantization deployment observability heterogeneous accelerator "
+         "utilization eviction inference gateway kubernetes configuration availability "
+         "reliability capacity forecast contractual obligations tenant invoice").split()
+
+
+TOKENS_PER_WORD = 1.37  # SmolLM2's tokenizer on this prose
+
+
+def words(rng: random.Random, n_tokens: int) -> str:
+    """Prose of about ``n_tokens`` tokens of SmolLM2's tokenizer."""
+    n = round(n_tokens / TOKENS_PER_WORD)
+    out: list[str] = []
+    while len(out) < n:
+        sentence = [rng.choice(VOCAB) for _ in range(rng.randint(6, 16))]
+        if rng.random() < 0.3:
+            sentence.insert(rng.randrange(len(sentence)), str(rng.randint(2, 99_999)))
+        if rng.random() < 0.3:
+            i = rng.randrange(1, len(sentence))
+            sentence[i - 1] += ","
+        out.append(" ".join(sentence).capitalize() + rng.choice((".", ".", ".", ";", "?")))
+        out.extend([""] * (len(sentence) - 1))  # count words, keep sentences whole
+    return " ".join(w for w in out if w)
 
 
 def workload_a(rng: random.Random, contexts: int, rounds: int, tokens: int,
@@ -151,6 +177,31 @@ def route_totals(cp_url: str | None) -> tuple[float, float]:
     return predicted, reported
 
 
+LEARNED = ("synapse_route_learned_prefill_seconds_per_token",
+           "synapse_route_learned_decode_seconds_per_step",
+           "synapse_route_learned_overhead_seconds",
+           "synapse_route_prediction_error_ttft_seconds_sum",
+           "synapse_route_prediction_error_ttft_seconds_count")
+
+
+def learned(cp_url: str, before: dict[str, float]) -> tuple[str, dict[str, float]]:
+    """The costs a control plane uses per backend now, and its mean |TTFT error| since
+    ``before`` (a previous return value's second part)."""
+    now = scrape(cp_url, LEARNED)
+    parts = []
+    for key, value in sorted(now.items()):
+        if key.startswith(LEARNED[0]):
+            backend = key.split('backend="', 1)[1].split('"', 1)[0]
+            decode = now.get(key.replace(LEARNED[0], LEARNED[1]), 0.0)
+            overhead = now.get(key.replace(LEARNED[0], LEARNED[2]), 0.0)
+            parts.append(f"{backend} {value * 1e6:.0f}us/tok {decode * 1e3:.0f}ms/step "
+                         f"+{overhead * 1e3:.0f}ms")
+    total = {k: sum(v for n, v in now.items() if n.startswith(k)) for k in LEARNED[3:]}
+    n = total[LEARNED[4]] - before.get(LEARNED[4], 0.0)
+    error = (total[LEARNED[3]] - before.get(LEARNED[3], 0.0)) / n if n else float("nan")
+    return f"learned: {'; '.join(parts)}; mean |TTFT error| {error:.2f} s", total
+
+
 def summarise(results: list[Result], wall: float, engine_delta: tuple[float, float],
               route_delta: tuple[float, float]) -> dict[str, float]:
     ttfts = sorted(r.ttft for r in results)
@@ -169,13 +220,13 @@ KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 2  # K and V, 30 layers, 3 KV heads of 64
 ONE_GIB_TOKENS = 2**30 // KV_BYTES_PER_TOKEN
 
 
-def kv_settings(kv_tokens: int) -> tuple[list[str], dict[str, str]]:
-    """vLLM flags and environment for a KV cache of ``kv_tokens`` per engine: the agent's
-    1 GiB default (VLLM_CPU_KVCACHE_SPACE takes whole GiB), else an exact byte count."""
-    if kv_tokens == ONE_GIB_TOKENS:
-        return [], {}
-    return (["--kv-cache-memory-bytes", str(kv_tokens * KV_BYTES_PER_TOKEN)],
-            {"VLLM_CPU_KVCACHE_SPACE": ""})
+def kv_flags(kv_tokens: int) -> list[str]:
+    """vLLM flags for a KV cache of ``kv_tokens`` per engine: the agent's 1 GiB
+    (VLLM_CPU_KVCACHE_SPACE, whole GiB only) of which only that many 128-token blocks are
+    used (``--num-gpu-blocks-override``, which ``vllm:cache_config_info`` reports)."""
+    if kv_tokens >= ONE_GIB_TOKENS:
+        return []
+    return ["--num-gpu-blocks-override", str(kv_tokens // 128)]
 
 
 def start(tree: Tree, workdir: pathlib.Path, tier: engines.EngineTier, kv_tokens: int,
@@ -204,7 +255,7 @@ def start(tree: Tree, workdir: pathlib.Path, tier: engines.EngineTier, kv_tokens
                    f"http://127.0.0.1:{http}/health")
         urls[name] = f"http://127.0.0.1:{http}"
     ports = [free_port(), free_port()]
-    kv_flags, kv_env = kv_settings(kv_tokens)
+    extra = [*VLLM_FLAGS, *kv_flags(kv_tokens)]
     agent = workdir / "agent.yaml"
     agent.write_text(yaml.safe_dump({
         "node_name": "bench", "control_plane": {
@@ -216,8 +267,8 @@ def start(tree: Tree, workdir: pathlib.Path, tier: engines.EngineTier, kv_tokens
                        "vllm_cpu_kvcache_gib": 1, "startup_deadline_s": START_S},
         "backends": [{"name": f"vllm-{core}", "engine": "vllm", "model": str(model_dir),
                       "served_model_names": [tier.model_name], "port": port,
-                      "max_model_len": 4096, "extra_args": [*VLLM_FLAGS, *kv_flags],
-                      "env": {"VLLM_CPU_OMP_THREADS_BIND": str(core), **kv_env}}
+                      "max_model_len": 4096, "extra_args": extra,
+                      "env": {"VLLM_CPU_OMP_THREADS_BIND": str(core)}}
                      for core, port in enumerate(ports)]}))
     proc = tree.start("agent", [str(BIN / "synapse"), "agent", "--config", str(agent)],
                       f"{urls['round_robin']}/health")
@@ -256,9 +307,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tier = engines.find()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-routing-real-"))
     tree = Tree(workdir)
-    # Workload A's contexts hold 1.2 times one engine's KV: more than one engine holds,
-    # 0.6 of each engine's when split between the two.
-    contexts = args.contexts or round(1.2 * args.kv_tokens / args.context_tokens)
+    # Workload A's contexts hold 1.6 times one engine's KV: more than one engine holds,
+    # 0.8 of each engine's when split between the two.
+    contexts = args.contexts or round(1.6 * args.kv_tokens / args.context_tokens)
     print(f"KV per engine {args.kv_tokens} tokens; A: {contexts} contexts of "
           f"{args.context_tokens} tokens x {args.rounds} rounds; C: {args.unique} prompts; "
           f"{args.concurrency} in flight", flush=True)
@@ -279,6 +330,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 prompts = workloads[name](rng)
                 cp = urls[policy] if policy in REPLICAS else None
                 engine0, route0 = engine_totals(engine_urls), route_totals(cp)
+                errors0 = learned(cp, {})[1] if cp else {}
                 results, wall = await closed_loop(
                     f"{urls[policy]}/v1/chat/completions", tier.model_name, prompts,
                     args.concurrency, args.max_tokens, {"Authorization": f"Bearer {KEY}"})
@@ -290,6 +342,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"{row['wall_s']:>8.1f}{row['tokens_per_s']:>10.1f}"
                       f"{row['engine_hit_ratio']:>11.2f}{row['usage_hit_ratio']:>10.2f}"
                       f"{row['cached_agreement']:>9.2f}", flush=True)
+                if cp and policy.startswith("predicted"):
+                    print(f"{'':<9}  {learned(cp, errors0)[0]}", flush=True)
     finally:
         tree.stop()
         if args.keep_logs:
@@ -335,9 +389,9 @@ def main() -> None:
     parser.add_argument("--kv-tokens", type=int, default=ONE_GIB_TOKENS,
                         help="KV cache per engine, tokens (default: 1 GiB)")
     parser.add_argument("--contexts", type=int, default=0,
-                        help="default: 1.2 x one engine's KV / --context-tokens")
+                        help="default: 1.6 x one engine's KV / --context-tokens")
     parser.add_argument("--context-tokens", type=int, default=1900)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--unique", type=int, default=60)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=8)
