@@ -97,7 +97,7 @@ class TelemetryStatus(_message.Message):
     def __init__(self, source: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class BackendState(_message.Message):
-    __slots__ = ("name", "url", "models", "engine", "task", "phase", "phase_reason", "num_requests_waiting", "num_requests_running", "kv_cache_usage", "kv_capacity_tokens", "kv_block_size", "prefix_cache_hit_rate", "restarts", "last_restart_unix_ms", "started_unix_ms", "pid", "last_log_lines", "memory_reserved_bytes", "metrics_ok")
+    __slots__ = ("name", "url", "models", "engine", "task", "phase", "phase_reason", "num_requests_waiting", "num_requests_running", "kv_cache_usage", "kv_capacity_tokens", "kv_block_size", "prefix_cache_hit_rate", "restarts", "last_restart_unix_ms", "started_unix_ms", "pid", "last_log_lines", "memory_reserved_bytes", "metrics_ok", "tasks")
     NAME_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class BackendState(_message.Message):
     LAST_LOG_LINES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     METRICS_OK_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
     name: str
     url: str
     models: _containers.RepeatedScalarFieldContainer[str]
@@ -138,7 +139,8 @@ class BackendState(_message.Message):
     last_log_lines: _containers.RepeatedScalarFieldContainer[str]
     memory_reserved_bytes: int
     metrics_ok: bool
-    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., task: _Optional[_Union[BackendTask, str]] = ..., phase: _Optional[_Union[BackendPhase, str]] = ..., phase_reason: _Optional[str] = ..., num_requests_waiting: _Optional[int] = ..., num_requests_running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., restarts: _Optional[int] = ..., last_restart_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., memory_reserved_bytes: _Optional[int] = ..., metrics_ok: _Optional[bool] = ...) -> None: ...
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., task: _Optional[_Union[BackendTask, str]] = ..., phase: _Optional[_Union[BackendPhase, str]] = ..., phase_reason: _Optional[str] = ..., num_requests_waiting: _Optional[int] = ..., num_requests_running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., restarts: _Optional[int] = ..., last_restart_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., memory_reserved_bytes: _Optional[int] = ..., metrics_ok: _Optional[bool] = ..., tasks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EmbeddingCacheStats(_message.Message):
     __slots__ = ("entries", "bytes", "max_entries", "max_bytes", "hits", "misses", "evictions")
@@ -159,7 +161,7 @@ class EmbeddingCacheStats(_message.Message):
     def __init__(self, entries: _Optional[int] = ..., bytes: _Optional[int] = ..., max_entries: _Optional[int] = ..., max_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class BackendSpec(_message.Message):
-    __slots__ = ("name", "engine", "model", "served_model_names", "port", "url", "gpu_memory_utilization", "max_model_len", "extra_args", "gpu_indices", "memory_required_bytes", "task")
+    __slots__ = ("name", "engine", "model", "served_model_names", "port", "url", "gpu_memory_utilization", "max_model_len", "extra_args", "gpu_indices", "memory_required_bytes", "task", "tasks")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +174,7 @@ class BackendSpec(_message.Message):
     GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_REQUIRED_BYTES_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
     name: str
     engine: EngineKind
     model: str
@@ -184,4 +187,5 @@ class BackendSpec(_message.Message):
     gpu_indices: _containers.RepeatedScalarFieldContainer[int]
     memory_required_bytes: int
     task: BackendTask
-    def __init__(self, name: _Optional[str] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., model: _Optional[str] = ..., served_model_names: _Optional[_Iterable[str]] = ..., port: _Optional[int] = ..., url: _Optional[str] = ..., gpu_memory_utilization: _Optional[float] = ..., max_model_len: _Optional[int] = ..., extra_args: _Optional[_Iterable[str]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., memory_required_bytes: _Optional[int] = ..., task: _Optional[_Union[BackendTask, str]] = ...) -> None: ...
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., model: _Optional[str] = ..., served_model_names: _Optional[_Iterable[str]] = ..., port: _Optional[int] = ..., url: _Optional[str] = ..., gpu_memory_utilization: _Optional[float] = ..., max_model_len: _Optional[int] = ..., extra_args: _Optional[_Iterable[str]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., memory_required_bytes: _Optional[int] = ..., task: _Optional[_Union[BackendTask, str]] = ..., tasks: _Optional[_Iterable[str]] = ...) -> None: ...
