@@ -12,6 +12,7 @@ from typing import Literal
 import pydantic
 from pydantic import Field
 
+from synapse_common import tasks as task_names
 from synapse_common.settings import LoggingSettings, Secret, Section
 
 
@@ -40,6 +41,10 @@ class HttpSettings(Section):
     max_json_depth: int = Field(64, ge=4, le=250,
                                 description="deepest nesting of arrays and objects in a "
                                 "request body (400 above)")
+    max_audio_bytes: int = Field(
+        25 * 1024 * 1024, ge=1024, description="largest audio upload (the multipart body of "
+        "/v1/audio/transcriptions and /translations, streamed to the backend, never held in "
+        "memory); 413 above, at once when Content-Length says so")
 
 
 class MetricsSettings(Section):
@@ -156,6 +161,16 @@ class UpstreamSettings(Section):
     api_key: Secret | None = Field(None, description="Bearer key sent to the upstream")
     health_path: str = Field("/health", description="probed for health (200 = healthy)")
     task: Literal["generate", "embed"] = Field("generate", description="what it serves")
+    tasks: list[str] = Field(
+        default_factory=list, description="every API it serves (generate, responses, "
+        "messages, tokenize, rerank, score, transcription, embed, speech; the paths of each "
+        "are in synapse_common.tasks); empty = task alone. A vLLM serves generate, responses, "
+        "messages and tokenize; Synapse translates /v1/messages to chat for one that does not")
+
+    @pydantic.field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str]) -> list[str]:
+        return list(task_names.check(value))
 
 
 class RouterSettings(Section):

@@ -138,7 +138,8 @@ def static_backends(settings: config.ControlPlaneSettings,
                     cat: catalog.Catalog) -> list[types.BackendState]:
     return [types.BackendState(
         key=f"static/{u.name}", node="static", name=u.name, url=u.url.rstrip("/"),
-        models=tuple(cat.canonical(m) for m in u.models), task=u.task, source="static",
+        models=tuple(cat.canonical(m) for m in u.models), task=u.task,
+        tasks=frozenset(u.tasks), source="static",
         api_key=u.api_key.get_secret_value() if u.api_key else None)
         for u in settings.upstreams]
 

@@ -199,7 +199,7 @@ class Dispatcher:
         request (the router's KV capacity rule); backends down right now count too, so a
         request that could be served later still gets 503."""
         sizes = [b.kv_capacity_tokens for m in models for b, _ in self.registry.backends_for(m)
-                 if b.task == task]
+                 if b.serves(task)]
         if not sizes or not all(sizes):
             return
         largest = max(sizes)

@@ -208,7 +208,7 @@ class Registry:
 
     def routable(self, model: str, task: types.Task | None = None) -> list[types.BackendState]:
         return [b for b, why in self.all_backends()
-                if not why and model in b.models and (task is None or b.task == task)]
+                if not why and model in b.models and (task is None or b.serves(task))]
 
     def backends_for(self, model: str) -> list[tuple[types.BackendState, str]]:
         return [(b, why) for b, why in self.all_backends() if model in b.models]

@@ -150,7 +150,7 @@ class Router:
         hashes: dict[int, list[int]] = {}
         ids = prompt.ids(self._tokenizers.for_model(model))
         out = [self._verdict(b, why, prompt, ids, hashes)
-               for b, why in self._registry.backends_for(model) if b.task == task]
+               for b, why in self._registry.backends_for(model) if b.serves(task)]
         return out, hashes
 
     # -- ordering -----------------------------------------------------------------------

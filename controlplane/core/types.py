@@ -12,7 +12,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
-Task = Literal["generate", "embed"]
+# What a backend serves (synapse_common.tasks names; the table of paths per task is there).
+Task = Literal["generate", "embed", "responses", "messages", "tokenize", "rerank", "score",
+               "transcription", "speech"]
 Source = Literal["agent", "static"]
 # The engine lifecycle as the agent reports it (BackendPhase without the prefix).
 Phase = Literal["unspecified", "starting", "ready", "unhealthy", "draining", "stopped",
@@ -39,6 +41,11 @@ class BackendState:
     restarts: int = 0
     metrics_ok: bool = True
     api_key: str | None = dataclasses.field(default=None, repr=False)  # static upstreams
+    tasks: frozenset[str] = frozenset()     # what it serves; empty = ``task`` alone
+
+    def serves(self, task: str) -> bool:
+        """Whether it answers requests of ``task`` (the one rule of task filtering)."""
+        return task in self.tasks if self.tasks else task == self.task
 
     @property
     def free_kv_tokens(self) -> int | None:
