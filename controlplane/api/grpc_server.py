@@ -68,7 +68,7 @@ def backend_state(node: str, b: common_pb2.BackendState) -> types.BackendState:
         key=f"{node}/{b.name}", node=node, name=b.name, url=_base_url(b.url),
         models=tuple(b.models),
         task="embed" if b.task == common_pb2.BACKEND_TASK_EMBED else "generate",
-        tasks=frozenset(b.tasks),
+        tasks=frozenset(b.tasks), engine=enums.ENGINE_KIND.name(b.engine),
         phase=_phase(b.phase), source="agent", waiting=b.num_requests_waiting,
         running=b.num_requests_running, kv_usage=b.kv_cache_usage,
         kv_capacity_tokens=b.kv_capacity_tokens, block_size=b.kv_block_size,

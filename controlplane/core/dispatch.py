@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from controlplane import errors, metrics
-from controlplane.core import catalog, ledger, registry, transport, types
+from controlplane.core import catalog, ledger, registry, stream_shapes, transport, types
 from controlplane.core import router as router_mod
 from controlplane.core import usage as usage_mod
 
@@ -64,7 +64,7 @@ class Plan:
 class Attempt:
     """One try of one backend; ``async with`` settles its ledger ticket on the way out."""
 
-    __slots__ = ("_events", "_first_token_event", "_idle_s", "_ledger", "_prompt",
+    __slots__ = ("_events", "_first_token_event", "_idle_s", "_ledger", "_path", "_prompt",
                  "_route", "_router", "_tail", "_verdict", "backend", "index", "response",
                  "streaming", "ticket")
 
@@ -83,8 +83,9 @@ class Attempt:
         self.ticket: ledger.Ticket | None = None
         self.streaming = False          # a chunk went to the caller
         # Chat streams open with a role-only event that engines may send before the
-        # prefill is done; the first token is the event after it.
-        self._first_token_event = 2 if path.endswith("chat/completions") else 1
+        # prefill is done; the first token is the event after it (stream_shapes: per path).
+        self._path = path
+        self._first_token_event = stream_shapes.first_token_event(path)
         self._events = 0
         self._tail = b""                # the stream's last bytes: [DONE] and the usage
 
@@ -141,7 +142,7 @@ class Attempt:
         self.streaming = True
         if self._events < self._first_token_event:
             # The ledger moves the request from prefill to decode at its first token.
-            self._events += chunk.count(b"data:")
+            self._events += stream_shapes.events_in(chunk, self.answer.content_type)
             if self._events >= self._first_token_event:
                 if self.ticket is not None:
                     self.ticket.streamed = True
@@ -152,9 +153,9 @@ class Attempt:
     def _check_end(self) -> None:
         if not self.streaming:
             raise errors.UpstreamReadError(f"backend {self.backend.key} sent an empty stream")
-        if b"[DONE]" not in self._tail:
+        if not stream_shapes.ended(self._path, self.answer.content_type, self._tail):
             raise errors.UpstreamReadError(f"backend {self.backend.key}'s stream ended "
-                                           "before [DONE]")
+                                           f"before {stream_shapes.end_of(self._path)}")
         if self.ticket is not None:
             self.ticket.usage = usage_mod.from_tail(self._tail)
 

@@ -42,6 +42,7 @@ class BackendState:
     metrics_ok: bool = True
     api_key: str | None = dataclasses.field(default=None, repr=False)  # static upstreams
     tasks: frozenset[str] = frozenset()     # what it serves; empty = ``task`` alone
+    engine: str = ""                # agent backends: vllm, tei, simulator, external
 
     def serves(self, task: str) -> bool:
         """Whether it answers requests of ``task`` (the one rule of task filtering)."""
