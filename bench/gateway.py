@@ -2,7 +2,8 @@
 
 One process tree: ``synapse simulator --time-scale 0`` (answers at once, so every
 millisecond measured is HTTP and proxy work) and ``synapse controlplane`` with the
-simulator as a static upstream (cache off, one tenant key). The same load then goes
+simulator as a static upstream (cache off, one tenant key; ``--limits`` gives it token
+limits and a budget that are never reached, to measure their cost). The same load then goes
 direct to the simulator and through the control plane, side by side:
 
 * saturated, non-streaming: 32 concurrent clients for ``--seconds`` → requests/s;
@@ -173,12 +174,17 @@ def pct_ms(latencies: list[float], q: float) -> float:
     return common.nearest_rank(latencies, q) * 1000
 
 
-def controlplane_config(workdir: pathlib.Path, sim_url: str, http: int, grpc: int) -> str:
+def controlplane_config(workdir: pathlib.Path, sim_url: str, http: int, grpc: int,
+                        limits: bool = False) -> str:
     path = workdir / "controlplane.yaml"
+    tenant: dict[str, object] = {"name": "bench", "keys": [KEY]}
+    if limits:  # token limits and a budget that never refuse: their cost, not their effect
+        tenant.update(tokens_per_minute=10**12, budget={"tokens": 10**15, "period": "day"},
+                      models={MODEL: {"tokens_per_minute": 10**12}})
     path.write_text(json.dumps({
         "http": {"host": "127.0.0.1", "port": http},
         "grpc": {"host": "127.0.0.1", "port": grpc},
-        "auth": {"tenants": [{"name": "bench", "keys": [KEY]}]},
+        "auth": {"tenants": [tenant]},
         "upstreams": [{"name": "sim", "url": sim_url, "models": [MODEL]}],
         "cache": {"enabled": False},
         "logging": {"level": "warning"},
@@ -255,7 +261,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         tree.start("simulator", [str(BIN / "synapse"), "simulator", "--port", str(sp),
                                  "--time-scale", "0", "--served-model-name", MODEL,
                                  "--log-level", "warning"], f"{sim}/health")
-        cfg = controlplane_config(workdir, sim, hp, gp)
+        cfg = controlplane_config(workdir, sim, hp, gp, args.limits)
         tree.start("controlplane", [str(BIN / "synapse"), "controlplane", "--config", cfg],
                    f"http://127.0.0.1:{hp}/ready")
         print(f"{'target':<14} {'req/s':>9} {'stream r/s':>11} {'p50 ms':>9} {'p99 ms':>9} "
@@ -286,7 +292,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "added_p50_ms": round(syn["p50_ms"] - direct["p50_ms"], 3),
             "added_p99_ms": round(syn["p99_ms"] - direct["p99_ms"], 3),
             "stream_throughput_ratio": round(syn["stream_rps"] / direct["stream_rps"], 3),
-            "rate_rps": args.rate, "peers": peer_rows}
+            "rate_rps": args.rate, "limits": args.limits, "peers": peer_rows}
 
 
 def main() -> None:
@@ -296,6 +302,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=300.0, help="fixed-rate phase, req/s")
     parser.add_argument("--rounds", type=int, default=3,
                         help="direct and Synapse alternate this many times")
+    parser.add_argument("--limits", action="store_true",
+                        help="give the tenant token limits and a budget (never reached), as "
+                        "well as the usage accounting that is always on")
     args = parser.parse_args()
     result = common.run(run(args))
     print(json.dumps(result))

@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from prometheus_client import CollectorRegistry
@@ -170,6 +171,11 @@ async def test_usage_equals_the_answers_usage_and_cache_hits_count_as_saved() ->
             m = cp.services.metrics.tokens
             assert m.labels("a", t.MODEL, "prompt")._value.get() == counts.prompt_tokens
             assert m.labels("a", t.MODEL, "cache_hit")._value.get() == counts.cache_hit_tokens
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{cp.url}/api/v1/stats",
+                                    headers={"Authorization": f"Bearer {t.ADMIN}"}) as r:
+                    today = (await r.json())["fairness"]["usage_today"][f"a/{t.MODEL}"]
+            assert today == counts.as_dict()
             await client.close()
 
 
