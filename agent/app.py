@@ -31,6 +31,7 @@ from agent import (
     convert,
     http_metrics,
     node_service,
+    node_tracing,
     placement,
     reporter,
     supervisor,
@@ -42,6 +43,7 @@ from agent.config import AgentSettings, EmbedderSettings
 from agent.core import lru, types
 from agent.embedding import minilm, protocol, service, tei
 from protos.synapse.v1 import controlplane_pb2
+from synapse_common import tracing
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +83,13 @@ class Agent:
             sup, runners.Hooks(self.metrics, self.node, self._changed), advertise)
         self.embeddings = self._build_embeddings()
         token = cfg.control_plane.token
+        # Node.Embed spans (issue 19); TracingUnavailable names tracing.enabled
+        self.tracing = tracing.setup(cfg.tracing, "synapse-agent", self.node)
         self.node_server = node_service.NodeServer(
             self.embeddings, cfg.grpc.host, cfg.grpc.port, self._observe_embed,
             token=token.get_secret_value() if token else None,
-            allow_unauthenticated=cfg.grpc.allow_unauthenticated)
+            allow_unauthenticated=cfg.grpc.allow_unauthenticated,
+            interceptors=[node_tracing.TracingInterceptor(self.tracing)] if self.tracing else [])
         self.metrics_server = http_metrics.MetricsServer(
             self.metrics.registry, self.refresh_metrics, cfg.metrics.host, cfg.metrics.port)
         self.reporter = reporter.Reporter(cfg.control_plane, self.register_message,
@@ -180,6 +185,8 @@ class Agent:
         if self.embeddings is not None:
             await self.embeddings.embedder.close()
         await asyncio.to_thread(self.source.close)
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
         log.info("agent stopped")
 
     # -- telemetry ---------------------------------------------------------------------
@@ -334,6 +341,9 @@ async def run(cfg: AgentSettings) -> int:
     except OSError as exc:
         log.error("agent cannot start: %s", exc)
         return 1
+    except tracing.TracingUnavailable as exc:
+        log.error("config error: %s", exc)
+        return 2
     try:
         await agent.start()
     except OSError as exc:  # e.g. the /metrics port is taken

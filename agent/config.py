@@ -15,6 +15,7 @@ from pydantic import Field
 
 from synapse_common import engines
 from synapse_common.settings import LoggingSettings, Secret, Section
+from synapse_common.tracing import TracingSettings
 
 
 def _vllm_command() -> list[str]:
@@ -192,6 +193,7 @@ class AgentSettings(Section):
     backends: list[BackendSettings] = Field(default_factory=list, description="engines to run")
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @pydantic.model_validator(mode="after")
     def _unique_backends(self) -> AgentSettings:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -138,10 +138,11 @@ class NodeServer:
 
     def __init__(self, embeddings: service.EmbeddingService | None, host: str, port: int,
                  observe: Observe = lambda code, seconds: None, *, token: str | None = None,
-                 allow_unauthenticated: bool = False) -> None:
+                 allow_unauthenticated: bool = False,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
         check = call_metadata.TokenCheck(token)
         self.server = grpc.aio.server(
-            interceptors=[TokenGuard(check, allow_unauthenticated, observe)],
+            interceptors=[TokenGuard(check, allow_unauthenticated, observe), *interceptors],
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                      ("grpc.max_send_message_length", 64 * 1024 * 1024),
                      ("grpc.keepalive_permit_without_calls", 1),

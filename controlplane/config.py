@@ -14,6 +14,7 @@ from pydantic import Field
 
 from synapse_common import tasks as task_names
 from synapse_common.settings import LoggingSettings, Secret, Section
+from synapse_common.tracing import TracingSettings
 
 
 class HttpSettings(Section):
@@ -294,6 +295,24 @@ class FairnessSettings(Section):
                            "wait for the first one and are answered from it")
 
 
+# -- operations (issue 19): access log, fleet-wide stats; tracing is synapse_common's ----
+
+
+class AccessLogSettings(Section):
+    enabled: bool = Field(True, description="one line per API request at info level "
+                          "(logger synapse.access; JSON fields under --log-format json)")
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="share of requests logged "
+                                "(chosen by a hash of the request id)")
+    sample_errors: bool = Field(False, description="sample errors (5xx, a cut stream) like "
+                                "the rest; false = always log them")
+
+
+class StatsSettings(Section):
+    fleet_timeout_s: float = Field(
+        1.0, gt=0, le=30, description="how long /api/v1/stats and synapsectl stats wait "
+        "for the other replicas' figures (through redis.url; without it, this replica's)")
+
+
 class AdminSettings(Section):
     enabled: bool = Field(True, description="serve the Admin gRPC service")
 
@@ -314,6 +333,9 @@ class ControlPlaneSettings(Section):
     fairness: FairnessSettings = Field(default_factory=FairnessSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
+    access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
+    stats: StatsSettings = Field(default_factory=StatsSettings)
 
     @pydantic.model_validator(mode="after")
     def _unique_names(self) -> ControlPlaneSettings:

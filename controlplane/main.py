@@ -3,8 +3,9 @@
 One process, one uvloop event loop: the aiohttp API and the ``grpc.aio`` server (agent
 streams; the Admin service joins as one more registration) share the registry; with
 ``metrics.port`` set, ``/metrics`` listens on a port of its own. The HTTP server closes
-slow clients (:mod:`controlplane.api.server`). Access logs are off (a log line per request costs more than routing it); metrics and
-``/api/v1/stats`` carry the per-request picture instead. SIGTERM stops accepting, lets
+slow clients (:mod:`controlplane.api.server`). aiohttp's own access log is off: Synapse
+writes its own, one structured line per API request (:mod:`controlplane.core.access_log`,
+``access_log`` settings). SIGTERM stops accepting, lets
 in-flight requests finish for a few seconds, then closes the resources.
 """
 
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from controlplane import config
-from controlplane.api import admin_grpc, grpc_server
+from controlplane.api import admin_grpc, grpc_server, ops
 from controlplane.api import app as app_mod
 from controlplane.api import server as server_mod
 from controlplane.api import services as services_mod
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None, prog: str = "synapse controlplane") -> i
         cli.fail(f"config error: {problem}")
     try:
         services = services_mod.build(settings)
+        ops.prepare(services)   # tracing, access log: ValueError naming tracing.enabled
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return cli.EXIT_CONFIG

@@ -30,7 +30,7 @@ import numpy as np
 
 from controlplane import errors
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
-from synapse_common import call_metadata
+from synapse_common import call_metadata, tracing
 
 
 class EmbedError(Exception):
@@ -79,7 +79,7 @@ class NodeEmbedClient:
                     tenant: str = "") -> tuple[np.ndarray, str]:
         """(vectors as a float32 matrix, embedder id) for ``texts``, made for ``tenant``."""
         request = node_pb2.EmbedRequest(model=model, texts=list(texts), normalize=True)
-        metadata = (*self._auth, call_metadata.tenant(tenant))
+        metadata = (*self._auth, call_metadata.tenant(tenant), *tracing.grpc_metadata())
         try:
             reply = await self._stub(address).Embed(request, timeout=timeout_s,
                                                     metadata=metadata)

@@ -37,6 +37,7 @@ from controlplane.api import (
     fairness_wiring,
     observability,
     openapi,
+    ops,
     serving,
 )
 from controlplane.api import services as services_mod
@@ -100,6 +101,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     svc = request.app[context.SERVICES]
     ctx = context.RequestContext(_request_id(request, svc), svc.clock())
     request[context.CONTEXT] = ctx
+    api = request.path.startswith("/v1/")
+    scope = ops.begin(request, svc, ctx) if api else None    # the trace (issue 19)
     status = 500
     try:
         try:
@@ -127,8 +130,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             resp.headers.update(ctx.headers())
         return resp
     finally:
-        if request.path.startswith("/v1/"):
+        if api:
             _record(svc, ctx, status)
+            ops.finish(request, svc, ctx, status, scope)   # trace end, access-log line
 
 
 def _record(svc: services_mod.Services, ctx: context.RequestContext, status: int) -> None:
@@ -267,6 +271,7 @@ def create_app(settings: config.ControlPlaneSettings, *,
     app[context.SERVICES] = svc
     app.cleanup_ctx.extend([_upstream_ctx, _redis_ctx, _probe_ctx, _cache_ctx, _fleet_ctx])
     fairness_wiring.install(app, svc)   # token limits, usage, fair queue, coalescing
+    ops.install(app, svc)               # tracing and the access log (issue 19)
     app.router.add_post("/v1/chat/completions", serving.chat_completions)
     app.router.add_post("/v1/completions", serving.completions)
     app.router.add_post("/v1/embeddings", embeddings.embeddings)

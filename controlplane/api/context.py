@@ -13,6 +13,7 @@ import dataclasses
 from aiohttp import web
 
 from controlplane.api import services as services_mod
+from controlplane.core import usage as usage_mod
 
 SERVICES: web.AppKey[services_mod.Services] = web.AppKey("services", services_mod.Services)
 
@@ -30,6 +31,10 @@ class RequestContext:
     first_byte: float | None = None
     headers_sent: bool = False
     broken: bool = False            # a stream ended with an error event
+    # for the access log and the trace (controlplane.api.ops)
+    model_asked: str = ""           # the model as the client named it
+    retries: int = 0                # attempts before the one that answered
+    usage: usage_mod.Usage | None = None    # the engine's usage of the answer
 
     def headers(self) -> dict[str, str]:
         """The x-synapse headers every response carries (as known so far)."""

@@ -42,6 +42,7 @@ from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
 from controlplane.core import usage as usage_mod
 from protos.synapse.v1 import admin_pb2
+from synapse_common import tracing
 
 _tasks: set[asyncio.Task[Any]] = set()
 
@@ -117,7 +118,8 @@ async def hold(request: web.Request, route: core_types.RouteDecision,
     tokens = (charge.prompt_tokens + charge.completion_tokens if charge is not None
               else route.prompt.tokens + fair.completion_estimate(route.prompt.max_tokens))
     try:
-        await fair.hold(route, flow.tenant, cls, weight, tokens)
+        with tracing.span("queue.wait", {"synapse.queue.class": cls}):
+            await fair.hold(route, flow.tenant, cls, weight, tokens)
     except (errors.QueueFull, errors.QueueTimeout) as exc:
         reason = "queue_full" if isinstance(exc, errors.QueueFull) else "overloaded"
         svc.child(svc.metrics.queue_refused, cls, flow.tenant, reason).inc()

@@ -23,6 +23,7 @@ from controlplane.api import context, fairness
 from controlplane.core import cache_port, dispatch, sse
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
+from synapse_common import tracing
 
 log = logging.getLogger("synapse.controlplane.proxy")
 
@@ -51,6 +52,7 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
     ctx = context.get(request)
     async with svc.dispatcher.exchange(route, prompt, path, body, ctx.request_id) as attempt:
         ctx.backend = attempt.backend.key
+        ctx.retries = attempt.index
         ctx.route = (route.reason if attempt.index == 0
                      else f"{route.reason}, retry {attempt.index}")
         svc.child(svc.metrics.route_decisions, ctx.backend, _reason_label(route.reason)).inc()
@@ -60,8 +62,8 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
                 return await _stream(request, attempt, store)
             return await _whole(request, attempt, store)
         finally:    # the answer's status and usage, for the tenant's tokens and usage
-            fairness.answered(request, attempt.status,
-                              attempt.ticket.usage if attempt.ticket is not None else None)
+            ctx.usage = attempt.ticket.usage if attempt.ticket is not None else None
+            fairness.answered(request, attempt.status, ctx.usage)
 
 
 def _response_headers(attempt: dispatch.Attempt, ctx: context.RequestContext,
@@ -101,7 +103,8 @@ def _maybe_store(request: web.Request, decision: cache_port.CacheDecision,
         return
     choices = response.get("choices") or []
     if choices and all(c.get("finish_reason") in sse.CACHEABLE_FINISH for c in choices):
-        fairness.store(request, decision, response)    # the cache, via the coalescer
+        with tracing.span("cache.write"):
+            fairness.store(request, decision, response)    # the cache, via the coalescer
 
 
 async def _stream(request: web.Request, attempt: dispatch.Attempt,
@@ -135,7 +138,8 @@ async def _stream(request: web.Request, attempt: dispatch.Attempt,
             for data in parser.feed(chunk):
                 assembler.add_data(data)
     if assembler is not None and store is not None and assembler.complete:
-        fairness.store(request, store, assembler.response())
+        with tracing.span("cache.write"):
+            fairness.store(request, store, assembler.response())
     if strip is not None and (rest := strip.rest()):
         await resp.write(rest)
     await resp.write_eof()

@@ -31,10 +31,11 @@ import orjson
 from aiohttp import web
 
 from controlplane import errors
-from controlplane.api import context, fairness, proxy
+from controlplane.api import context, fairness, ops, proxy
 from controlplane.core import cache_port, ratelimit, tenants, validation
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
+from synapse_common import tracing
 
 log = logging.getLogger("synapse.controlplane.serving")
 
@@ -68,7 +69,8 @@ async def admit(request: web.Request, parse: Any,
     """Authenticate, parse and validate, rate-limit: the common front of every /v1 POST."""
     svc = request.app[context.SERVICES]
     ctx = context.get(request)
-    tenant = svc.tenants.authenticate(request.headers.get("Authorization"))
+    with tracing.span("auth"):
+        tenant = svc.tenants.authenticate(request.headers.get("Authorization"))
     ctx.tenant = tenant.name
     h = svc.settings.http
     raw = await read_body(request, h.max_body_bytes, h.body_timeout_s)
@@ -84,6 +86,7 @@ async def admit(request: web.Request, parse: Any,
 def resolve_model(request: web.Request, tenant: tenants.Tenant, name: str) -> str:
     """The canonical model for ``name``; 404 when unknown, 403 when not allowed."""
     svc = request.app[context.SERVICES]
+    context.get(request).model_asked = name
     canonical = svc.catalog.canonical(name)
     if not svc.catalog.is_configured(name) and canonical not in svc.registry.served_models():
         raise errors.NotFound(
@@ -116,7 +119,10 @@ def choose(request: web.Request, canonical: str, prompt: router_mod.Prompt,
            parsed: validation.Parsed) -> core_types.RouteDecision:
     """Route ``canonical``, else its fallbacks in order (``core.dispatch``'s plan)."""
     svc = request.app[context.SERVICES]
-    plan = svc.dispatcher.plan(canonical, prompt, validation.size_fields(parsed))
+    with tracing.span("route") as span:
+        plan = svc.dispatcher.plan(canonical, prompt, validation.size_fields(parsed))
+        if span is not None:
+            ops.routed(span, plan)
     if plan.fallback:
         context.get(request).fallback = plan.fallback
     return plan.route
@@ -138,9 +144,12 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
     failed = True
     try:
         canonical = resolve_model(request, tenant, parsed.model)
-        decision = await fairness.lookup(request, cache_port.CacheRequest(
-            tenant.name, canonical, "chat" if endpoint == "chat" else "completions",
-            parsed.body, request.headers.get("Cache-Control", ""), ctx.request_id))
+        with tracing.span("cache.lookup") as span:
+            decision = await fairness.lookup(request, cache_port.CacheRequest(
+                tenant.name, canonical, "chat" if endpoint == "chat" else "completions",
+                parsed.body, request.headers.get("Cache-Control", ""), ctx.request_id))
+            if span is not None:
+                span.set_attribute("synapse.cache", decision.status)
         ctx.cache = decision.status
         if decision.hit is not None:
             fairness.cache_hit(request, tenant.name, canonical, decision.hit.response)

@@ -38,6 +38,7 @@ from controlplane import errors, metrics
 from controlplane.core import catalog, ledger, registry, stream_shapes, transport, types
 from controlplane.core import router as router_mod
 from controlplane.core import usage as usage_mod
+from synapse_common import tracing
 
 log = logging.getLogger("synapse.controlplane.dispatch")
 
@@ -65,8 +66,8 @@ class Attempt:
     """One try of one backend; ``async with`` settles its ledger ticket on the way out."""
 
     __slots__ = ("_events", "_first_token_event", "_idle_s", "_ledger", "_path", "_prompt",
-                 "_route", "_router", "_tail", "_verdict", "backend", "index", "response",
-                 "streaming", "ticket")
+                 "_route", "_router", "_tail", "_verdict", "backend", "error", "index",
+                 "response", "span", "streaming", "ticket")
 
     def __init__(self, dispatcher: Dispatcher, route: types.RouteDecision,
                  verdict: types.Verdict, prompt: router_mod.Prompt, index: int,
@@ -88,9 +89,13 @@ class Attempt:
         self._first_token_event = stream_shapes.first_token_event(path)
         self._events = 0
         self._tail = b""                # the stream's last bytes: [DONE] and the usage
+        self.span: tracing.Span | None = None   # the attempt's trace span (when recorded)
+        self.error = ""                 # why it failed, for the span
 
     async def __aenter__(self) -> Attempt:
         self.ticket = self._router.dispatched(self._route, self._verdict, self._prompt)
+        self.span = tracing.start("upstream", {"synapse.backend": self.backend.key,
+                                               "synapse.attempt": self.index})
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -100,6 +105,9 @@ class Attempt:
         if self.ticket is not None:
             self._ledger.finish(self.ticket)
             self._router.observe(self.ticket)   # the router learns from the settled attempt
+        if self.span is not None:
+            tracing.finish(self.span, {"http.response.status_code": self.status},
+                           _span_error(self, exc))
 
     @property
     def status(self) -> int:
@@ -162,6 +170,8 @@ class Attempt:
     def _mark_first_byte(self) -> None:
         if self.ticket is not None:
             self._ledger.first_byte(self.ticket)
+        if self.span is not None:
+            tracing.event(self.span, "first_byte")
 
 
 class Dispatcher:
@@ -261,6 +271,15 @@ class Dispatcher:
             except retriable as exc:
                 last = str(exc)
         raise errors.UpstreamError(f"every {what} failed; last error: {last}")
+
+
+def _span_error(attempt: Attempt, exc: BaseException | None) -> str | None:
+    """Why an attempt's span failed (None: it did not)."""
+    if attempt.error:
+        return attempt.error
+    if exc is not None:
+        return "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc) or repr(exc)
+    return None
 
 
 def _failed(backend: types.BackendState, exc: Failure) -> tuple[str, errors.SynapseError]:

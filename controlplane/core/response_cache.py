@@ -55,6 +55,7 @@ from controlplane.core import (
     verifier,
 )
 from synapse_common import clock as clocks
+from synapse_common import tracing
 
 INVALIDATE_TIMEOUT_S = 30.0
 FORMS_MAX = 1024        # models whose stream form is remembered
@@ -154,9 +155,10 @@ class TieredCache:
                             ) -> cache_port.CacheHit | None:
         start = self._mono()
         try:
-            raw = await self._budget.within(
-                self.l1.get(state.tenant, state.model, state.keys.exact_key),
-                self.options.l1_budget_s, "exact", "lookup")
+            with tracing.span("cache.l1"):
+                raw = await self._budget.within(
+                    self.l1.get(state.tenant, state.model, state.keys.exact_key),
+                    self.options.l1_budget_s, "exact", "lookup")
         except cache_budget.Failed:
             return None
         finally:
@@ -175,11 +177,15 @@ class TieredCache:
         start = self._mono()
         deadline = start + self.options.semantic_budget_s
         try:
-            if not await self._scope_may_have_entries(state, deadline):
+            with tracing.span("cache.l2.probe"):
+                present = await self._scope_may_have_entries(state, deadline)
+            if not present:
                 return None, state      # the writer embeds it, off the hot path
-            state = await self._embed_state(state, deadline)
-            hit = await self._budget.within(self._search_verify(state, request),
-                                            deadline - self._mono(), "semantic", "lookup")
+            with tracing.span("cache.embed"):
+                state = await self._embed_state(state, deadline)
+            with tracing.span("cache.l2"):  # search and verify
+                hit = await self._budget.within(self._search_verify(state, request),
+                                                deadline - self._mono(), "semantic", "lookup")
         except cache_budget.Failed:
             return None, state
         finally:

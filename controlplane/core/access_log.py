@@ -1,0 +1,108 @@
+"""The access log: one structured line per API request, on the ``synapse.access`` logger.
+
+A line says who asked for what and what happened: request id, tenant (its name — keys
+never reach this module), the model asked and the model served, the cache result, the
+backend, the status, time to first byte and the whole duration, the engine's prompt /
+completion / cached tokens, retries and the fallback model; with ``--log-format json``
+they are fields of the JSON line, otherwise ``key=value`` after the message.
+
+Design decisions:
+
+* **At info, on by default** (``access_log.enabled``); ``--log-level warning`` silences it
+  like any info line. ``access_log.sample_ratio`` keeps that share of the lines, decided
+  by a hash of the request id, so the choice is the same wherever the id is seen; errors
+  (status 5xx, or a stream cut short) are always kept unless
+  ``access_log.sample_errors`` says otherwise.
+* **Client input is bounded**: the model name asked and the path are cut to
+  :data:`FIELD_MAX` characters; anything a configured secret matches is still replaced by
+  the log redaction filter, as in every line.
+* Tokens are the engine's ``usage`` of the answer (none for an answer from the cache,
+  whose ``cache`` field says so).
+* The line costs a few microseconds (a record, the formatter, one write); bench/gateway.py
+  ``--access-log`` measures it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import zlib
+
+from controlplane.core import usage as usage_mod
+
+LOGGER = "synapse.access"
+FIELD_MAX = 128
+_SCALE = 2**32
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Policy:
+    enabled: bool = True
+    sample_ratio: float = 1.0
+    sample_errors: bool = False          # errors are sampled like the rest
+
+
+@dataclasses.dataclass(slots=True)
+class Line:
+    """One request as the access log sees it (seconds for the times)."""
+
+    request_id: str
+    method: str
+    path: str
+    status: int
+    duration_s: float
+    tenant: str = ""
+    model: str = ""                 # as the client named it
+    served: str = ""                # the model that answered (a fallback, or the canonical)
+    cache: str = ""
+    backend: str = ""
+    ttft_s: float | None = None
+    usage: usage_mod.Usage | None = None
+    retries: int = 0
+    fallback: str = ""
+    broken: bool = False            # a stream that ended with an error event
+    trace_id: str = ""
+
+
+class AccessLog:
+    def __init__(self, policy: Policy, logger: logging.Logger | None = None) -> None:
+        self.policy = policy
+        self._log = logger or logging.getLogger(LOGGER)
+        self._threshold = int(policy.sample_ratio * _SCALE)
+
+    def wanted(self) -> bool:
+        """Whether lines are written at all (enabled, and the logger takes info)."""
+        return self.policy.enabled and self._log.isEnabledFor(logging.INFO)
+
+    def keeps(self, request_id: str, error: bool) -> bool:
+        """The sampling decision for one request."""
+        if error and not self.policy.sample_errors:
+            return True
+        if self._threshold >= _SCALE:
+            return True
+        return zlib.crc32(request_id.encode()) < self._threshold
+
+    def write(self, line: Line) -> None:
+        error = line.status >= 500 or line.broken
+        if not self.wanted() or not self.keeps(line.request_id, error):
+            return
+        path = line.path[:FIELD_MAX]
+        self._log.info("%s %s %d", line.method, path, line.status, extra=fields(line))
+
+
+def fields(line: Line) -> dict[str, object]:
+    """The line's fields (the JSON keys)."""
+    u = line.usage
+    return {
+        "request_id": line.request_id, "tenant": line.tenant,
+        "model": line.model[:FIELD_MAX], "model_served": line.served, "cache": line.cache,
+        "backend": line.backend, "status": line.status,
+        "ttft_ms": None if line.ttft_s is None else round(line.ttft_s * 1000, 3),
+        "duration_ms": round(line.duration_s * 1000, 3),
+        "prompt_tokens": u.prompt_tokens if u else None,
+        "completion_tokens": u.completion_tokens if u else None,
+        "cached_tokens": u.cached_tokens if u else None,
+        "retries": line.retries, "fallback": line.fallback, "broken": line.broken,
+        "method": line.method, "path": line.path[:FIELD_MAX],
+        **({"trace_id": line.trace_id} if line.trace_id else {}),
+    }
