@@ -1,4 +1,6 @@
-"""The OpenAPI 3.1 description of the HTTP API, served at ``GET /openapi.json``.
+"""The OpenAPI 3.1 description of the HTTP API, served at ``GET /openapi.json``
+(the paths of issue 20 — Responses, Messages, audio, rerank, tokenize — are described in
+:mod:`controlplane.api.openapi_surface`).
 
 Written by hand next to the routes it describes (they are few and stable); request
 schemas list the fields Synapse itself checks and allow any others, since unknown fields
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from controlplane import config
+from controlplane.api import openapi_surface
 from controlplane.core import validation
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -179,7 +182,9 @@ def spec(settings: config.ControlPlaneSettings) -> dict[str, Any]:
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {
                 "description": "OpenAPI 3.1", "content": {_JSON: {"schema": {
                     "type": "object"}}}}}}},
+            **openapi_surface.paths(),
         },
-        "components": {"schemas": _with_examples(settings), "securitySchemes": {
-            "bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {"schemas": {**_with_examples(settings), **openapi_surface.SCHEMAS},
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                           **openapi_surface.SECURITY_SCHEMES}},
     }

@@ -1,0 +1,241 @@
+"""``POST /v1/audio/transcriptions`` and ``/v1/audio/translations``: multipart uploads
+streamed to a backend of task ``transcription`` without ever being held whole.
+
+The client's form is read part by part (aiohttp's ``MultipartReader`` over the request
+stream). Small fields before the file are kept (``model`` is needed to authorise and
+route); then, once routed, the form is sent upstream re-encoded (``core.upload.Form``,
+``model`` naming the routed model) with the file streamed chunk by chunk as it arrives
+from the client, the fields that follow it after it. When the file comes before
+``model``, it is spooled to a temporary file on disk (never memory) until the fields
+after it are read.
+
+Sizes (``http.max_audio_bytes``, ``core.upload``): a ``Content-Length`` that cannot fit
+is refused 413 before a byte is read; a chunked upload as soon as its count passes the
+limit, then the connection is closed. Each read from the client must arrive within
+``http.body_timeout_s`` of the previous one (408 otherwise), not the whole upload.
+Retries before the first byte go to another backend only while the body can be produced
+again (nothing of the file sent yet, or spooled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import tempfile
+from collections.abc import AsyncIterator
+from typing import IO, Any
+
+from aiohttp import BodyPartReader, ClientSession, MultipartReader, web
+
+from controlplane import errors
+from controlplane.adapters import upload_client
+from controlplane.api import calls, context, fairness, relay, serving
+from controlplane.core import api_calls, upload
+from controlplane.core import router as router_mod
+from synapse_common import tasks
+
+CLIENT = "upload_client"
+
+
+@dataclasses.dataclass
+class FilePart:
+    name: str
+    filename: str
+    content_type: str
+    part: BodyPartReader | None = None     # streamed from the client
+    spool: IO[bytes] | None = None         # or read back from disk
+
+
+class Source:
+    """The upstream body: fields, the file (from the client or the spool), the fields
+    after it, the end. Implements ``upload_client.BodySource``."""
+
+    def __init__(self, reader: MultipartReader, meter: upload.Meter, idle_s: float) -> None:
+        self.reader = reader
+        self.meter = meter
+        self.idle_s = idle_s
+        self.form = upload.Form()
+        self.fields: list[tuple[str, str]] = []
+        self.after: list[tuple[str, str]] = []
+        self.file: FilePart | None = None
+        self.started = False
+        self.error: errors.SynapseError | None = None
+
+    @property
+    def replayable(self) -> bool:
+        return not self.started or (self.file is not None and self.file.spool is not None)
+
+    def field(self, name: str) -> str | None:
+        return next((v for k, v in (*self.fields, *self.after) if k == name), None)
+
+    def set_field(self, name: str, value: str) -> None:
+        self.fields = [(k, v) for k, v in self.fields if k != name] + [(name, value)]
+        self.after = [(k, v) for k, v in self.after if k != name]
+
+    async def _next(self) -> BodyPartReader | None:
+        part = await self._timed(self.reader.next())
+        if part is not None and not isinstance(part, BodyPartReader):
+            raise errors.BadRequest("nested multipart bodies are not supported",
+                                    code="invalid_upload")
+        return part
+
+    async def _timed(self, awaitable: Any) -> Any:
+        try:
+            async with asyncio.timeout(self.idle_s):
+                return await awaitable
+        except TimeoutError:
+            raise errors.RequestTimeout(f"the upload stalled for {self.idle_s:g}s "
+                                        "(http.body_timeout_s)") from None
+
+    async def _text(self, part: BodyPartReader) -> str:
+        data = bytearray()
+        while chunk := await self._timed(part.read_chunk(upload.CHUNK)):
+            data += chunk
+            if len(data) > upload.FIELD_MAX:
+                raise errors.BadRequest(f"{part.name}: a form field may hold at most "
+                                        f"{upload.FIELD_MAX} bytes", param=part.name,
+                                        code="invalid_upload")
+        return data.decode("utf-8", "replace")
+
+    async def read_head(self) -> None:
+        """The fields before the file; the file itself only when ``model`` is not yet
+        known (then spooled), with the fields after it."""
+        while (part := await self._next()) is not None:
+            if part.filename is None:
+                (self.after if self.file else self.fields).append(
+                    (part.name or "", await self._text(part)))
+                continue
+            self.file = FilePart(part.name or "file", part.filename,
+                                 part.headers.get("Content-Type", "application/octet-stream"),
+                                 part)
+            if self.field("model") is not None:
+                return
+            self.file.spool = await self._spool(part)
+            self.file.part = None
+        if self.file is None:
+            raise errors.BadRequest("file: an audio file part is required", param="file",
+                                    code="missing_field")
+
+    async def _spool(self, part: BodyPartReader) -> IO[bytes]:
+        spool = tempfile.TemporaryFile()     # closed by close(), or below
+        try:
+            while chunk := await self._timed(part.read_chunk(upload.CHUNK)):
+                self.meter.add(len(chunk))
+                spool.write(chunk)       # page cache: no wait worth a thread per chunk
+        except BaseException:
+            spool.close()
+            raise
+        return spool
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self._body():
+                yield piece
+        except errors.SynapseError as exc:
+            self.error = exc
+            raise
+        except (ConnectionError, OSError, ValueError) as exc:
+            self.error = errors.BadRequest(f"the upload broke off: {type(exc).__name__}",
+                                           code="invalid_upload")
+            raise
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        assert self.file is not None
+        for piece in self.form.fields(self.fields):
+            yield piece
+        f = self.file
+        yield self.form.file_head(f.name, f.filename, f.content_type)
+        if f.spool is not None:
+            f.spool.seek(0)
+            while chunk := f.spool.read(upload.CHUNK):
+                yield chunk
+        else:
+            assert f.part is not None
+            self.started = True
+            while chunk := await self._timed(f.part.read_chunk(upload.CHUNK)):
+                self.meter.add(len(chunk))
+                yield chunk
+            while (part := await self._next()) is not None:
+                self.after.append((part.name or "", await self._text(part)))
+        yield self.form.file_end()
+        for piece in self.form.fields(self.after):
+            yield piece
+        yield self.form.end()
+
+    def close(self) -> None:
+        if self.file is not None and self.file.spool is not None:
+            self.file.spool.close()
+
+
+def client(request: web.Request) -> ClientSession:
+    extra = request.app[context.SERVICES].extra
+    session = extra.get(CLIENT)
+    if session is None:
+        session = extra[CLIENT] = upload_client.session()
+    return session
+
+
+async def close_client(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: the upload client session lives as long as the app."""
+    yield
+    session = app[context.SERVICES].extra.pop(CLIENT, None)
+    if session is not None:
+        await session.close()
+
+
+async def transcriptions(request: web.Request) -> web.StreamResponse:
+    return await _upload(request, "/v1/audio/transcriptions")
+
+
+async def translations(request: web.Request) -> web.StreamResponse:
+    return await _upload(request, "/v1/audio/translations")
+
+
+async def _open(request: web.Request) -> Source:
+    svc = request.app[context.SERVICES]
+    h = svc.settings.http
+    upload.check_length(request.content_length, h.max_audio_bytes)
+    if not request.content_type.startswith("multipart/form-data"):
+        raise errors.BadRequest("send the audio as multipart/form-data with a file part",
+                                param="file", code="invalid_upload")
+    source = Source(await request.multipart(), upload.Meter(h.max_audio_bytes),
+                    h.body_timeout_s)
+    await source.read_head()
+    return source
+
+
+async def _upload(request: web.Request, path: str) -> web.StreamResponse:
+    tenant = calls.authenticate(request)
+    source = await _open(request)
+    try:
+        model = source.field("model")
+        if not model:
+            raise errors.BadRequest("model: is required (GET /v1/models lists the models)",
+                                    param="model", code="missing_field")
+        call = api_calls.Call(tasks.TRANSCRIPTION, model)
+        front = calls.Front(tenant, {}, b"", call, await calls.acquire(request, tenant))
+        return await _send(request, front, source, path)
+    finally:
+        source.close()
+
+
+async def _send(request: web.Request, front: calls.Front, source: Source,
+                path: str) -> web.StreamResponse:
+    svc = request.app[context.SERVICES]
+    try:
+        front.canonical = serving.resolve_model(request, front.tenant, front.call.model)
+        prompt = front.prompt = router_mod.Prompt.from_text("", 0, "", exact=False)
+        await fairness.admit(request, front.tenant.name, front.canonical, prompt, 1)
+        route = await calls.route(request, front, tasks.TRANSCRIPTION)
+        source.set_field("model", route.model)
+        dispatcher = copy.copy(svc.dispatcher)     # the same policy, this upload's transport
+        dispatcher.transport = upload_client.UploadTransport(
+            client(request), source, source.form.content_type,
+            svc.settings.http.upstream_idle_timeout_s)
+        resp = await relay.forward(request, route, prompt, b"", path, relay.Shape(),
+                                   dispatcher=dispatcher)
+        front.failed = False
+        return resp
+    finally:
+        calls.finish(request, front)

@@ -1,0 +1,138 @@
+"""The common front and middle of every path beyond chat and completions.
+
+The order is the chat path's (:mod:`controlplane.api.serving`), so each path gets the same
+rules: authenticate → read the body (``http.max_body_bytes``, ``http.body_timeout_s``)
+and parse it once (``http.max_json_depth``) → rate limit → resolve the model (404
+unknown, **403 when the tenant may not use it**) → [the response cache, where the path
+allows it] → token limits and budget → route to backends that serve the path's task
+(with fallback models; 503 when none can) → the fair queue → dispatch with retries
+before the first byte → settle the tokens and account the usage when the request ends.
+
+``x-api-key`` is accepted in place of ``Authorization: Bearer`` where a client family
+sends it (the Anthropic SDKs, on ``/v1/messages``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from controlplane import errors
+from controlplane.api import context, fairness, serving
+from controlplane.core import api_calls, ratelimit, tenants, validation
+from controlplane.core import router as router_mod
+from controlplane.core import types as core_types
+from synapse_common import tasks
+
+GENERATING = frozenset({tasks.GENERATE, tasks.RESPONSES, tasks.MESSAGES})
+Parse = Callable[[dict[str, Any]], api_calls.Call]
+
+
+@dataclasses.dataclass
+class Front:
+    tenant: tenants.Tenant
+    body: dict[str, Any]
+    raw: bytes
+    call: api_calls.Call
+    permit: ratelimit.Permit
+    canonical: str = ""
+    prompt: router_mod.Prompt | None = None
+    failed: bool = True             # cleared when the handler returns an answer
+
+
+def authorization(request: web.Request, x_api_key: bool) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is None and x_api_key and (key := request.headers.get("x-api-key")):
+        return f"Bearer {key}"
+    return header
+
+
+def authenticate(request: web.Request, x_api_key: bool = False) -> tenants.Tenant:
+    svc = request.app[context.SERVICES]
+    tenant = svc.tenants.authenticate(authorization(request, x_api_key))
+    context.get(request).tenant = tenant.name
+    return tenant
+
+
+async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) -> Front:
+    """Authenticate, read and parse the body, rate-limit, resolve the model."""
+    svc = request.app[context.SERVICES]
+    tenant = authenticate(request, x_api_key)
+    h = svc.settings.http
+    raw = await serving.read_body(request, h.max_body_bytes, h.body_timeout_s)
+    body = validation.parse_json(raw, h.max_json_depth)
+    call = parse(body)
+    front = Front(tenant, body, raw, call, await acquire(request, tenant))
+    try:
+        front.canonical = serving.resolve_model(request, tenant, call.model)
+    except BaseException:
+        serving.release_later(request, front.permit)
+        raise
+    return front
+
+
+async def acquire(request: web.Request, tenant: tenants.Tenant) -> ratelimit.Permit:
+    """A slot under the tenant's request rate and concurrency (429 naming the limit)."""
+    svc = request.app[context.SERVICES]
+    try:
+        return await svc.limiter.acquire(tenant, context.get(request).request_id)
+    except errors.RateLimited as exc:
+        svc.child(svc.metrics.rate_limited, tenant.name, exc.limit).inc()
+        raise
+
+
+def prompt_of(request: web.Request, call: api_calls.Call) -> router_mod.Prompt:
+    """The prompt the router and the token limits see (``exact``: tokenized and put in
+    the prefix index — only for paths that generate from it)."""
+    svc = request.app[context.SERVICES]
+    session = validation.session_id(request.headers.get("x-session-id")) or call.user
+    exact = call.exact and svc.router.exact_prompts
+    if call.messages is not None:
+        return router_mod.Prompt.from_messages(call.messages, call.max_tokens, session, exact)
+    return router_mod.Prompt.from_text(call.text, call.max_tokens, session, exact)
+
+
+async def admit_tokens(request: web.Request, front: Front) -> router_mod.Prompt:
+    """The token limits and budget (429 naming the limit); the prompt for routing."""
+    prompt = front.prompt = prompt_of(request, front.call)
+    # Paths that generate nothing are charged their input only (settled from usage).
+    max_tokens = front.call.max_tokens or (0 if front.call.task in GENERATING else 1)
+    await fairness.admit(request, front.tenant.name, front.canonical, prompt, max_tokens)
+    return prompt
+
+
+def plan(request: web.Request, front: Front, task: str) -> core_types.RouteDecision:
+    """Backends of ``task`` for the model, else its fallbacks (503 when none can serve)."""
+    svc = request.app[context.SERVICES]
+    assert front.prompt is not None
+    decided = svc.dispatcher.plan(front.canonical, front.prompt, front.call.fields,
+                                  task)  # type: ignore[arg-type]
+    if decided.fallback:
+        context.get(request).fallback = decided.fallback
+    return decided.route
+
+
+async def route(request: web.Request, front: Front, task: str) -> core_types.RouteDecision:
+    """:func:`plan`, then the fair queue when the chosen backends are saturated."""
+    return await fairness.hold(request, plan(request, front, task),
+                               lambda: plan(request, front, task))
+
+
+def body_for(front: Front, model: str, body: Mapping[str, Any] | None = None) -> bytes:
+    """The bytes to send upstream: the client's own unless the model name changes (or
+    ``body`` replaces the client's, e.g. a translation)."""
+    if body is not None:
+        return orjson.dumps({**body, "model": model})
+    if front.body.get("model") == model:
+        return front.raw
+    return orjson.dumps({**front.body, "model": model})
+
+
+def finish(request: web.Request, front: Front, decision: Any = None) -> None:
+    """The request ended (however): tokens settled, usage accounted, slot released."""
+    fairness.finish(request, decision, front.failed)
+    serving.release_later(request, front.permit)

@@ -1,0 +1,187 @@
+"""``POST /v1/messages``: Anthropic's Messages API behind the same endpoint.
+
+* **Native or translated.** Backends that serve ``/v1/messages`` themselves (task
+  ``messages``: vLLM 0.32 does) get the client's body as it is and their answer is passed
+  back. When none of the model can, the request is translated to chat completions for
+  backends of task ``generate`` (:mod:`controlplane.core.anthropic_request`), and the
+  answer — whole or streamed, tool calls included — back to a Message
+  (``anthropic_response``, ``anthropic_stream``). One request keeps to one mode.
+* **Anthropic's shape for errors**, every one of them on this path — 401, 403, 404, 429,
+  503 and a backend's own refusal — ``{"type": "error", "error": {"type", "message"}}``
+  with the same HTTP status (``anthropic_errors``); a stream that breaks ends with an
+  ``error`` event. Responses carry ``request-id`` (what the SDKs report) beside
+  ``x-request-id``.
+* **Auth**: ``x-api-key`` (what the Anthropic SDKs send) or ``Authorization: Bearer``.
+* **Cache**: as chat, in a scope of its own (:mod:`controlplane.core.anthropic_cache`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from controlplane import errors
+from controlplane.api import calls, context, fairness, relay
+from controlplane.core import (
+    anthropic_cache,
+    anthropic_errors,
+    anthropic_response,
+    anthropic_stream,
+    api_calls,
+    cache_port,
+    cache_rules,
+    sse,
+)
+from synapse_common import tasks
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    ctx = context.get(request)
+    try:
+        return await _messages(request)
+    except errors.SynapseError as exc:
+        if ctx.headers_sent or isinstance(exc, errors.RequestTimeout):
+            raise               # the middleware closes a slow client's connection
+        status, body, extra = anthropic_errors.render(exc, ctx.request_id)
+        return web.Response(status=status, body=body, content_type="application/json",
+                            headers={**ctx.headers(), **extra, **_request_id(ctx)})
+
+
+def _request_id(ctx: context.RequestContext) -> dict[str, str]:
+    return {"request-id": ctx.request_id}
+
+
+async def _messages(request: web.Request) -> web.StreamResponse:
+    ctx = context.get(request)
+    chat: dict[str, Any] = {}
+
+    def parse(body: dict[str, Any]) -> api_calls.Call:
+        call, translated = api_calls.messages(body)
+        chat.update(translated)
+        return call
+
+    front = await calls.begin(request, parse, x_api_key=True)
+    decision: cache_port.CacheDecision | None = None
+    try:
+        decision = await fairness.lookup(request, cache_port.CacheRequest(
+            front.tenant.name, front.canonical, "chat", anthropic_cache.cache_body(chat),
+            request.headers.get("Cache-Control", ""), ctx.request_id))
+        ctx.cache = decision.status
+        if decision.hit is not None:
+            fairness.cache_hit(request, front.tenant.name, front.canonical,
+                               decision.hit.response)
+            resp = await _from_cache(request, decision.hit.response, front.call.stream)
+        else:
+            resp = await _from_backend(request, front, chat,
+                                       decision if decision.may_store else None)
+        front.failed = False
+        return resp
+    finally:
+        calls.finish(request, front, decision)
+
+
+async def _from_backend(request: web.Request, front: calls.Front, chat: dict[str, Any],
+                        store: cache_port.CacheDecision | None) -> web.StreamResponse:
+    await calls.admit_tokens(request, front)
+    assert front.prompt is not None
+    try:
+        route = await calls.route(request, front, tasks.MESSAGES)
+    except errors.Unavailable:
+        route = await calls.route(request, front, tasks.GENERATE)
+        body = calls.body_for(front, route.model, chat)
+        shape: relay.Shape = Translated(request, store, route.model, front.prompt.tokens)
+        return await relay.forward(request, route, front.prompt, body,
+                                   "/v1/chat/completions", shape)
+    return await relay.forward(request, route, front.prompt,
+                               calls.body_for(front, route.model), "/v1/messages",
+                               Native(request, store))
+
+
+async def _from_cache(request: web.Request, answer: Any, stream: bool) -> web.StreamResponse:
+    ctx = context.get(request)
+    message = anthropic_response.from_chat(answer)
+    headers = {**ctx.headers(), **_request_id(ctx)}
+    ctx.headers_sent = True
+    if not stream:
+        return web.Response(body=orjson.dumps(message), headers=headers,
+                            content_type="application/json")
+    resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    ctx.first_byte = request.app[context.SERVICES].clock()
+    await resp.write(anthropic_stream.replay(message))
+    await resp.write_eof()
+    return resp
+
+
+class _Anthropic(relay.Shape):
+    """Anthropic-shaped refusals and stream errors; stores complete answers."""
+
+    def __init__(self, request: web.Request, store: cache_port.CacheDecision | None) -> None:
+        self._request = request
+        self._store = store
+
+    def headers(self) -> dict[str, str]:
+        return _request_id(context.get(self._request))
+
+    def refusal(self, status: int, data: bytes) -> tuple[bytes, str]:
+        refusal = errors.BackendRefusal.from_body(status, data)
+        rid = context.get(self._request).request_id
+        return orjson.dumps(anthropic_errors.body(refusal, rid)), "application/json"
+
+    def broken(self, message: str) -> bytes:
+        return anthropic_errors.sse_event(
+            errors.UpstreamError(message, code="stream_interrupted"),
+            context.get(self._request).request_id)
+
+    def keep(self, chat_answer: dict[str, Any]) -> None:
+        if self._store is not None and cache_rules.is_storable(chat_answer):
+            fairness.store(self._request, self._store, chat_answer)
+
+
+class Native(_Anthropic):
+    """The backend's own Messages answer, passed through (whole answers are stored)."""
+
+    def whole(self, data: bytes) -> bytes:
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return data
+        if isinstance(message, dict) and message.get("type") == "message":
+            self.keep(anthropic_cache.chat_answer(message))
+        return data
+
+
+class Translated(_Anthropic):
+    """A chat completion (whole or streamed) turned into a Message."""
+
+    def __init__(self, request: web.Request, store: cache_port.CacheDecision | None,
+                 model: str, input_tokens: int) -> None:
+        super().__init__(request, store)
+        self._stream = anthropic_stream.StreamTranslator(model, input_tokens)
+        self._parser = sse.SSEParser() if store is not None else None
+        self._assembler = sse.StreamAssembler() if store is not None else None
+
+    def whole(self, data: bytes) -> bytes:
+        answer = orjson.loads(data)
+        self.keep(answer)
+        return orjson.dumps(anthropic_response.from_chat(answer))
+
+    def chunk(self, data: bytes) -> bytes:
+        if self._parser is not None and self._assembler is not None:
+            for event in self._parser.feed(data):
+                self._assembler.add_data(event)
+        return self._stream.feed(data)
+
+    def end(self) -> bytes:
+        if self._assembler is not None and self._assembler.complete:
+            self.keep(dict(self._assembler.response()))
+        return self._stream.end()
+
+    def broken(self, message: str) -> bytes:
+        return self._stream.interrupted(message)
+
+    def content_type(self, backend_type: str) -> str | None:
+        return "text/event-stream"

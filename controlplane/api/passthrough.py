@@ -1,0 +1,152 @@
+"""``POST /v1/responses``, ``/v1/rerank``, ``/v1/score``, ``/tokenize``, ``/detokenize``
+and ``/v1/audio/speech``: the client's JSON passed to a backend that serves the path's
+task, its answer passed back (:mod:`controlplane.api.relay`), through the common front
+(:mod:`controlplane.api.calls`).
+
+* **Responses**: each answer's id is remembered with the backend that made it, and a
+  continuation (``previous_response_id``) goes to that backend only
+  (:mod:`controlplane.core.response_pins`).
+* **Rerank**: a TEI reranker (engine ``tei``) speaks its own ``/rerank``; the
+  ``/v1/rerank`` body is translated for it and its ranking back
+  (:mod:`controlplane.core.rerank_dialects`). One request keeps to one dialect: the
+  candidates are those of the best candidate's dialect.
+* **Speech**: the audio is streamed back as the backend produces it.
+* **Tokenize**: never touches the prefix index (its prompt is not ``exact``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from controlplane.api import calls, context, relay
+from controlplane.core import api_calls, dispatch, rerank_dialects, response_pins
+from controlplane.core import types as core_types
+
+PINS = "response_pins"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _pins(request: web.Request) -> response_pins.Pins:
+    extra = request.app[context.SERVICES].extra
+    pins = extra.get(PINS)
+    if pins is None:
+        pins = extra[PINS] = response_pins.Pins()
+    assert isinstance(pins, response_pins.Pins)
+    return pins
+
+
+Adapted = tuple[core_types.RouteDecision, bytes, str, relay.Shape]
+Adapt = Callable[[web.Request, calls.Front, core_types.RouteDecision], Adapted]
+
+
+async def _serve(request: web.Request, parse: calls.Parse, adapt: Adapt) -> web.StreamResponse:
+    """The common front, then ``adapt`` (the route, the body, the backend path and the
+    shape of the answer), then the relay."""
+    front = await calls.begin(request, parse)
+    try:
+        await calls.admit_tokens(request, front)
+        routed = await calls.route(request, front, front.call.task)
+        route, body, path, shape = adapt(request, front, routed)
+        assert front.prompt is not None
+        resp = await relay.forward(request, route, front.prompt, body, path, shape)
+        front.failed = False
+        return resp
+    finally:
+        calls.finish(request, front)
+
+
+def passthrough(path: str, parse: calls.Parse) -> Handler:
+    """The handler of a path whose body and answer pass through unchanged."""
+    def adapt(request: web.Request, front: calls.Front,
+              route: core_types.RouteDecision) -> Adapted:
+        return route, calls.body_for(front, route.model), path, relay.Shape()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _serve(request, parse, adapt)
+    return handler
+
+
+# -- /v1/responses -----------------------------------------------------------------------
+
+
+class _Remember(relay.Shape):
+    """Notes which backend made the answer (its id is in the body, or a stream's first
+    event)."""
+
+    def __init__(self, pins: response_pins.Pins) -> None:
+        self._pins = pins
+        self._backend = ""
+        self._seen = False
+
+    def start(self, attempt: dispatch.Attempt) -> None:
+        self._backend = attempt.backend.key
+
+    def _note(self, data: bytes) -> None:
+        if not self._seen and (rid := response_pins.answer_id(data)) is not None:
+            self._seen = True
+            self._pins.remember(rid, self._backend)
+
+    def whole(self, data: bytes) -> bytes:
+        self._note(data)
+        return data
+
+    def chunk(self, data: bytes) -> bytes:
+        self._note(data)
+        return data
+
+
+def _responses(request: web.Request, front: calls.Front,
+               route: core_types.RouteDecision) -> Adapted:
+    pins = _pins(request)
+    previous = front.body.get("previous_response_id")
+    if isinstance(previous, str):
+        route = pins.pin(route, previous)
+    return route, calls.body_for(front, route.model), "/v1/responses", _Remember(pins)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, api_calls.responses, _responses)
+
+
+# -- /v1/rerank --------------------------------------------------------------------------
+
+
+class _TeiRanking(relay.Shape):
+    def __init__(self, front: calls.Front, model: str, request_id: str, tokens: int) -> None:
+        self._front, self._model, self._rid, self._tokens = front, model, request_id, tokens
+
+    def whole(self, data: bytes) -> bytes:
+        return orjson.dumps(rerank_dialects.from_tei(orjson.loads(data), self._front.body,
+                                                     self._model, self._rid, self._tokens))
+
+
+def _one_dialect(route: core_types.RouteDecision) -> tuple[core_types.RouteDecision, bool]:
+    """``route`` kept to the best candidate's dialect; whether that is TEI's."""
+    tei = route.candidates[0].backend.engine == "tei"
+    same = tuple(v for v in route.candidates if (v.backend.engine == "tei") == tei)
+    return dataclasses.replace(route, candidates=same), tei
+
+
+def _rerank(request: web.Request, front: calls.Front,
+            route: core_types.RouteDecision) -> Adapted:
+    route, tei = _one_dialect(route)
+    if not tei:
+        return route, calls.body_for(front, route.model), "/v1/rerank", relay.Shape()
+    assert front.prompt is not None
+    shape = _TeiRanking(front, route.model, context.get(request).request_id,
+                        front.prompt.tokens)
+    return route, orjson.dumps(rerank_dialects.to_tei(front.body)), "/rerank", shape
+
+
+async def rerank(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, api_calls.rerank, _rerank)
+
+
+score = passthrough("/v1/score", api_calls.score)
+tokenize = passthrough("/tokenize", api_calls.tokenize)
+detokenize = passthrough("/detokenize", api_calls.detokenize)
+speech = passthrough("/v1/audio/speech", api_calls.speech)

@@ -1,0 +1,242 @@
+"""The JSON request of each path beyond chat and completions, read for what Synapse needs
+(pure): the model, whether it streams, the prompt the router and the token limits see,
+the size fields, and whether the answer may be cached.
+
+Only the fields Synapse reads are checked (400 naming the field); everything else passes
+to the backend untouched, as on the chat path.
+
+=====================  ==========  ==================================  =================
+path                   task        prompt (router, token limits)       response cache
+=====================  ==========  ==================================  =================
+``/v1/responses``      responses   ``instructions`` + ``input`` as      see below
+                                   chat messages; ``max_output_tokens``
+``/v1/messages``       messages    the chat translation's messages;    as chat, in a
+                       (generate)  ``max_tokens``                      scope of its own
+``/v1/rerank``         rerank      query + documents (size only)       no
+``/v1/score``          score       both sides (size only)              no
+``/tokenize``,         tokenize    the text (size only, never the      no
+``/detokenize``                    prefix index)
+``/v1/audio/speech``   speech      the input text (size only)          no
+=====================  ==========  ==================================  =================
+
+Why so little is cached: rerank and score are cheap forward passes whose scores a
+semantic neighbour would not share, and exact repeats are rare; tokenize costs less
+than a cache lookup; audio is large, binary and mostly unique (speech in, or a file
+upload). A Responses call is cacheable only when it is stateless and asks nothing to be
+kept: no ``previous_response_id`` (the answer depends on a stored conversation on one
+engine), no ``background`` (the answer is polled by id later), ``store`` false (a cached
+answer's id was never stored anywhere, so a later ``previous_response_id`` naming it
+could not be honoured), and only function tools (built-in tools — web search, file
+search — act on the world at answer time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from controlplane import errors
+from controlplane.core import anthropic_request
+from synapse_common import tasks
+
+ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Call:
+    task: str
+    model: str
+    stream: bool = False
+    messages: list[dict[str, Any]] | None = None   # the prompt as chat messages, or
+    text: str = ""                                 # as text
+    max_tokens: int = 0
+    user: str = ""
+    exact: bool = False             # tokenized and remembered in the prefix index
+    fields: tuple[str, str] = ("input", "max_tokens")   # prompt and size fields (400s)
+    no_cache: str = "not cacheable"  # why the response cache is bypassed ("" = may cache)
+
+
+def _model(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    if model is None:
+        raise errors.BadRequest("model: is required (GET /v1/models lists the models)",
+                                param="model", code="missing_field")
+    if not isinstance(model, str) or not model:
+        raise errors.BadRequest("model: must be a non-empty string", param="model",
+                                code="invalid_value")
+    return model
+
+
+def _stream(body: Mapping[str, Any]) -> bool:
+    value = body.get("stream", False)
+    if value is not None and not isinstance(value, bool):
+        raise errors.BadRequest("stream: must be a boolean", param="stream",
+                                code="invalid_value")
+    return bool(value)
+
+
+def _count(body: Mapping[str, Any], name: str) -> int:
+    value = body.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise errors.BadRequest(f"{name}: must be an integer of at least 1", param=name,
+                                code="invalid_value")
+    return value
+
+
+def _text(value: Any) -> str:
+    """The text of a content value: a string, or the text of a list of parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(str(p.get("text", "")) for p in value if isinstance(p, Mapping))
+    return ""
+
+
+# -- /v1/responses -----------------------------------------------------------------------
+
+
+def responses(body: Mapping[str, Any]) -> Call:
+    model = _model(body)
+    messages = responses_messages(body)
+    user = body.get("user")
+    return Call(tasks.RESPONSES, model, _stream(body), messages=messages,
+                max_tokens=_count(body, "max_output_tokens"),
+                user=user if isinstance(user, str) else "", exact=True,
+                fields=("input", "max_output_tokens"), no_cache=responses_no_cache(body))
+
+
+def responses_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``instructions`` and ``input`` (a string or a list of items) as chat messages."""
+    out: list[dict[str, Any]] = []
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        out.append({"role": "system", "content": instructions})
+    value = body.get("input")
+    if isinstance(value, str) and value:
+        return [*out, {"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise errors.BadRequest("input: must be a non-empty string or a non-empty list of "
+                                "items", param="input", code="invalid_value")
+    for item in value:
+        if not isinstance(item, Mapping):
+            raise errors.BadRequest("input: each item must be an object", param="input",
+                                    code="invalid_value")
+        out.append(_item(item))
+    return out
+
+
+def _item(item: Mapping[str, Any]) -> dict[str, Any]:
+    kind = item.get("type", "message")
+    if "role" in item:
+        return {"role": ROLES.get(str(item["role"]), "user"),
+                "content": _text(item.get("content"))}
+    if kind == "function_call":
+        return {"role": "assistant", "content": str(item.get("arguments", ""))}
+    if kind == "function_call_output":
+        return {"role": "tool", "content": str(item.get("output", ""))}
+    return {"role": "user", "content": _text(item.get("content"))}
+
+
+def responses_no_cache(body: Mapping[str, Any]) -> str:
+    """Why a Responses call must not be cached ("" when it may be)."""
+    if body.get("previous_response_id") is not None:
+        return "previous_response_id"
+    if body.get("background") is True:
+        return "background"
+    if body.get("store") is not False:
+        return "store"
+    tools = body.get("tools") or []
+    if not isinstance(tools, list) or any(
+            not isinstance(t, Mapping) or t.get("type") != "function" for t in tools):
+        return "built-in tools"
+    return ""
+
+
+# -- /v1/messages ------------------------------------------------------------------------
+
+
+def messages(body: Mapping[str, Any]) -> tuple[Call, dict[str, Any]]:
+    """The call, and the chat completions request it translates to (Anthropic's fields
+    checked by :func:`anthropic_request.to_chat`, 400 naming the field)."""
+    chat = anthropic_request.to_chat(body)
+    call = Call(tasks.MESSAGES, chat["model"], chat.get("stream") is True,
+                messages=chat["messages"], max_tokens=chat["max_tokens"],
+                user=chat.get("user", ""), exact=True, fields=("messages", "max_tokens"),
+                no_cache="")
+    return call, chat
+
+
+# -- rerank, score, tokenize, speech ----------------------------------------------------
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [_text([v]) if isinstance(v, Mapping) else str(v) for v in value]
+    return []
+
+
+def rerank(body: Mapping[str, Any]) -> Call:
+    model = _model(body)
+    query = body.get("query")
+    if not isinstance(query, str) or not query:
+        raise errors.BadRequest("query: a non-empty string is required", param="query",
+                                code="invalid_value")
+    docs = _strings(body.get("documents"))
+    if not docs:
+        raise errors.BadRequest("documents: a non-empty list is required",
+                                param="documents", code="invalid_value")
+    return Call(tasks.RERANK, model, text="\n".join([query, *docs]),
+                fields=("documents", "max_tokens"), no_cache="rerank")
+
+
+SCORE_SIDES = ("text_1", "text_2", "queries", "documents", "items", "data_1", "data_2")
+
+
+def score(body: Mapping[str, Any]) -> Call:
+    model = _model(body)
+    texts = [t for name in SCORE_SIDES for t in _strings(body.get(name))]
+    if not texts:
+        raise errors.BadRequest("text_1 and text_2 (or queries and documents) are required",
+                                param="text_1", code="missing_field")
+    return Call(tasks.SCORE, model, text="\n".join(texts), fields=("text_2", "max_tokens"),
+                no_cache="score")
+
+
+def tokenize(body: Mapping[str, Any]) -> Call:
+    model = _model(body)
+    msgs = body.get("messages")
+    if isinstance(msgs, list) and msgs:
+        text = "\n".join(_text(m.get("content")) for m in msgs if isinstance(m, Mapping))
+    elif isinstance(body.get("prompt"), str):
+        text = body["prompt"]
+    else:
+        raise errors.BadRequest("prompt (a string) or messages (a non-empty list) is "
+                                "required", param="prompt", code="missing_field")
+    return Call(tasks.TOKENIZE, model, text=text, fields=("prompt", "max_tokens"),
+                no_cache="tokenize")
+
+
+def detokenize(body: Mapping[str, Any]) -> Call:
+    model = _model(body)
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                            for t in ids):
+        raise errors.BadRequest("tokens: a list of token ids is required", param="tokens",
+                                code="invalid_value")
+    return Call(tasks.TOKENIZE, model, text=" " * len(ids), fields=("tokens", "max_tokens"),
+                no_cache="tokenize")
+
+
+def speech(body: Mapping[str, Any]) -> Call:
+    model = _model(body)
+    text = body.get("input")
+    if not isinstance(text, str) or not text:
+        raise errors.BadRequest("input: a non-empty string is required", param="input",
+                                code="invalid_value")
+    return Call(tasks.SPEECH, model, text=text, fields=("input", "max_tokens"),
+                no_cache="audio")

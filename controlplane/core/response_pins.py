@@ -1,0 +1,58 @@
+"""Which backend holds a stored Responses answer (pure).
+
+A Responses call that continues a conversation (``previous_response_id``) can only be
+answered by the engine that stored the previous answer (vLLM keeps them in its own
+process memory, and only with its store on). So the control plane remembers, for each
+answer it relayed, the backend that made it, and routes a continuation there and only
+there (retries included): when that backend is gone the engine that is asked answers
+404, which is the truth. An id this replica never saw (another replica relayed it, or
+this one restarted) is routed like any request.
+
+Bounded: the newest :data:`LIMIT` ids per replica, least recently used first out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import OrderedDict
+
+from controlplane.core import types
+
+LIMIT = 100_000
+_ID = re.compile(rb'"id"\s*:\s*"(resp_[A-Za-z0-9_-]{1,128})"')
+
+
+def answer_id(data: bytes) -> str | None:
+    """The first Responses id in ``data`` (a whole answer, or a stream's first event)."""
+    found = _ID.search(data)
+    return found.group(1).decode() if found else None
+
+
+class Pins:
+    def __init__(self, limit: int = LIMIT) -> None:
+        self._limit = limit
+        self._by_id: OrderedDict[str, str] = OrderedDict()
+
+    def remember(self, response_id: str, backend: str) -> None:
+        self._by_id[response_id] = backend
+        self._by_id.move_to_end(response_id)
+        while len(self._by_id) > self._limit:
+            self._by_id.popitem(last=False)
+
+    def backend_of(self, response_id: str) -> str | None:
+        backend = self._by_id.get(response_id)
+        if backend is not None:
+            self._by_id.move_to_end(response_id)
+        return backend
+
+    def pin(self, route: types.RouteDecision, response_id: str) -> types.RouteDecision:
+        """``route`` narrowed to the backend holding ``response_id``, when known and among
+        the candidates; unchanged otherwise."""
+        backend = self.backend_of(response_id)
+        if backend is None:
+            return route
+        held = tuple(v for v in route.candidates if v.backend.key == backend)
+        if not held:
+            return route
+        return dataclasses.replace(route, candidates=held, reason="pinned: previous_response_id")
