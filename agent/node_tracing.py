@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from protos.synapse.v1 import node_pb2
 from synapse_common import tracing
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
@@ -61,13 +62,15 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _embed_attributes(request: Any, reply: Any) -> dict[str, str | int]:
+    """Embed's request and reply in a few numbers (nothing for other calls; never raises:
+    a trace must not fail the call)."""
     attrs: dict[str, str | int] = {}
-    texts = getattr(request, "texts", None)
-    if texts is not None:
-        attrs["synapse.embed.texts"] = len(texts)
-        attrs["synapse.embed.model"] = str(getattr(request, "model", ""))
-    cached = getattr(reply, "cached", None)
-    if cached is not None:
-        attrs["synapse.embed.cached"] = int(sum(cached) if hasattr(cached, "__iter__")
-                                            else cached)
+    try:
+        if isinstance(request, node_pb2.EmbedRequest):
+            attrs["synapse.embed.texts"] = len(request.texts)
+            attrs["synapse.embed.model"] = request.model
+        if isinstance(reply, node_pb2.EmbedResponse):
+            attrs["synapse.embed.cached"] = sum(1 for c in reply.cached if c)
+    except Exception:   # pragma: no cover - defensive
+        return {}
     return attrs
