@@ -12,6 +12,7 @@ from typing import Literal
 import pydantic
 from pydantic import Field
 
+from controlplane.core import upstream_kinds
 from synapse_common import tasks as task_names
 from synapse_common.settings import LoggingSettings, Secret, Section
 from synapse_common.tracing import TracingSettings
@@ -28,6 +29,11 @@ class HttpSettings(Section):
         120.0, gt=0, description="time allowed for a backend's first response byte (504 after)")
     upstream_idle_timeout_s: float = Field(
         120.0, gt=0, description="longest gap between streamed chunks before the stream is cut")
+    upstream_deadline_s: float | None = Field(
+        None, gt=0, description="time allowed for a request's first response byte over all "
+        "its attempts, fallback models included (each attempt still has "
+        "upstream_first_byte_timeout_s at most); none = router.max_attempts x "
+        "upstream_first_byte_timeout_s")
     tls_cert_file: str | None = Field(None, description="PEM certificate; enables HTTPS with key")
     tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file")
     header_timeout_s: float = Field(
@@ -157,10 +163,27 @@ class ModelSettings(Section):
 
 class UpstreamSettings(Section):
     name: str = Field(..., min_length=1, description="backend name in headers and metrics")
-    url: str = Field(..., pattern=r"^https?://", description="OpenAI-compatible base URL (…/v1 not included)")
-    models: list[str] = Field(..., min_length=1, description="models it serves")
-    api_key: Secret | None = Field(None, description="Bearer key sent to the upstream")
-    health_path: str = Field("/health", description="probed for health (200 = healthy)")
+    url: str = Field(..., pattern=r"^https?://", description="OpenAI-compatible base URL, "
+                     "with or without the trailing /v1 (http://h:8000 and http://h:8000/v1 "
+                     "are the same server)")
+    models: list[str] = Field(..., min_length=1, description="models it serves (canonical "
+                              "names or aliases)")
+    kind: upstream_kinds.KindName | None = Field(
+        None, description="the server: vllm, sglang, tgi, llamacpp, ollama, or openai (a "
+        "hosted OpenAI-compatible API with a key). It decides the health probe (Ollama: "
+        "/api/version; openai: GET /v1/models with the key) and the metrics read (none for "
+        "ollama and openai); none = probe health_path, read no metrics")
+    model_names: dict[str, str] = Field(
+        default_factory=dict, description="the upstream's own name for a model it serves "
+        "(model or alias -> its name, e.g. {llama: 'llama3.1:8b'}): requests carry the "
+        "upstream's name, answers the name the client asked for")
+    api_key: Secret | None = Field(None, description="key sent to the upstream as "
+                                   "'Authorization: Bearer <key>' (never logged)")
+    health_path: str = Field("/health", description="probed for health (2xx = healthy) when "
+                             "no kind is set")
+    probe_interval_s: float | None = Field(
+        None, gt=0, description="how often its health is probed; none = "
+        "registry.upstream_probe_interval_s, and for kind openai at most once a minute")
     task: Literal["generate", "embed"] = Field("generate", description="what it serves")
     tasks: list[str] = Field(
         default_factory=list, description="every API it serves (generate, responses, "
@@ -172,6 +195,14 @@ class UpstreamSettings(Section):
     @classmethod
     def _known_tasks(cls, value: list[str]) -> list[str]:
         return list(task_names.check(value))
+
+    @pydantic.model_validator(mode="after")
+    def _mapped_models_are_served(self) -> UpstreamSettings:
+        for name in self.model_names:
+            if name not in self.models:
+                raise ValueError(f"model_names: {name!r} is not one of this upstream's models "
+                                 f"{self.models}")
+        return self
 
 
 class RouterSettings(Section):
@@ -192,8 +223,15 @@ class RouterSettings(Section):
 class RegistrySettings(Section):
     node_down_after_s: float = Field(15.0, gt=0, description="a node silent this long is down")
     upstream_probe_interval_s: float = Field(5.0, gt=0, description="static upstream health probe")
-    ready_requires_backend: bool = Field(True,
-                                         description="/ready is 503 until a routable backend exists")
+    ready_requires_backend: bool = Field(
+        False, description="the old /ready: 503 whenever no backend is routable. Off, /ready "
+        "answers whether this replica can serve (config loaded, registry synced, HTTP up) and "
+        "reports 'no routable backend' in its body and metrics only, so a fleet-wide outage "
+        "still gives clients a 503 envelope instead of a refused connection")
+    sync_grace_s: float = Field(
+        10.0, ge=0, description="the registry counts as synced once the static upstreams were "
+        "probed and an agent reported or this many seconds passed since start (agents "
+        "reconnecting to a new replica)")
 
 
 class RedisSettings(Section):
@@ -354,10 +392,53 @@ class ControlPlaneSettings(Section):
             if t.priority not in classes:
                 raise ValueError(f"auth.tenants[{i}].priority: {t.priority!r} is not one of "
                                  f"fairness.queue.classes {classes}")
+        self._check_upstreams()
+        self._check_fallbacks(seen)
         admin_as = self.auth.admin_tenant
         if admin_as is not None and admin_as not in tenants and not self.auth.key_file:
             raise ValueError(f"auth.admin_tenant: no tenant is named {admin_as!r}")
         return self
+
+
+    def _check_upstreams(self) -> None:
+        names: dict[str, int] = {}
+        for i, u in enumerate(self.upstreams):
+            if u.name in names:
+                raise ValueError(f"upstreams[{i}].name: {u.name!r} is already the name of "
+                                 f"upstreams[{names[u.name]}] (names key headers and metrics)")
+            names[u.name] = i
+
+    def _check_fallbacks(self, canonical: dict[str, str]) -> None:
+        """Fallbacks name known models (configured, or served by a static upstream) and
+        never lead back to where they started."""
+        served = {m for u in self.upstreams for m in u.models}
+        chains: dict[str, list[str]] = {}
+        for i, model in enumerate(self.models):
+            for name in model.fallbacks:
+                if name not in canonical and name not in served:
+                    raise ValueError(
+                        f"models[{i}].fallbacks: {name!r} is no model (not in models, and "
+                        "no upstream serves it); add it to models or fix the name")
+            chains[model.name] = [canonical.get(f, f) for f in model.fallbacks]
+        for i, model in enumerate(self.models):
+            cycle = _cycle(model.name, chains)
+            if cycle:
+                raise ValueError(f"models[{i}].fallbacks: a cycle: {' -> '.join(cycle)}")
+
+
+def _cycle(start: str, chains: dict[str, list[str]]) -> list[str]:
+    """The first path from ``start`` back to itself through fallbacks, or []."""
+    stack: list[tuple[str, list[str]]] = [(start, [start])]
+    seen: set[str] = set()
+    while stack:
+        model, path = stack.pop()
+        for nxt in chains.get(model, []):
+            if nxt == start:
+                return [*path, nxt]
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append((nxt, [*path, nxt]))
+    return []
 
 
 def open_agent_door(settings: ControlPlaneSettings) -> str | None:

@@ -38,6 +38,7 @@ from typing import IO, Any
 import yaml
 
 from controlplane import embedded_engine
+from controlplane.core import upstream_kinds
 from synapse_common import cli, engines
 from synapse_common.ports import free_port
 
@@ -70,6 +71,17 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--upstream", metavar="URL",
                         help="a real OpenAI-compatible server to put behind Synapse instead of "
                              "the simulator (e.g. http://127.0.0.1:11434 for Ollama)")
+    parser.add_argument("--upstream-kind", choices=sorted(upstream_kinds.KINDS),
+                        help="what the --upstream server is: it decides the health probe "
+                             "(ollama: /api/version; openai, a hosted API: GET /v1/models "
+                             "with the key, once a minute) and the metrics read")
+    parser.add_argument("--upstream-key-file", metavar="PATH",
+                        help="file holding the --upstream server's API key (sent as "
+                             "'Authorization: Bearer'; never written into a config or a log)")
+    parser.add_argument("--upstream-model", metavar="NAME",
+                        help="the --upstream server's own name for the model (e.g. "
+                             "llama3.1:8b on Ollama); clients keep using --model and its "
+                             "aliases, and answers carry the name they asked for")
     parser.add_argument("--time-scale", type=float, default=0.05,
                         help="simulator clock: 1 = real GPU timings, 0 = instant")
     parser.add_argument("--api-key", help="use this API key instead of a generated one")
@@ -118,7 +130,7 @@ def _write_configs(args: argparse.Namespace, data: pathlib.Path, ports: dict[str
                   "embed_model": EMBED_MODEL},
     }
     if args.upstream:
-        cp["upstreams"] = [{"name": "upstream", "url": args.upstream, "models": [gen.model]}]
+        cp["upstreams"] = [_upstream(args, gen.model)]
     agent = {
         "node_name": "local",
         "control_plane": {"addresses": [f"127.0.0.1:{ports['grpc']}"], "report_interval_s": 1,
@@ -136,6 +148,41 @@ def _write_configs(args: argparse.Namespace, data: pathlib.Path, ports: dict[str
     for name, doc in (("controlplane.yaml", cp), ("agent.yaml", agent)):
         (data / name).write_text(yaml.safe_dump(doc, sort_keys=False))
     return {"api_key": api_key_file.read_text().strip(), "admin_key_file": admin_key_file}
+
+
+def _upstream(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """The control plane's entry for ``--upstream`` and its ``--upstream-*`` options."""
+    entry: dict[str, Any] = {"name": "upstream", "url": args.upstream, "models": [model]}
+    if args.upstream_kind:
+        entry["kind"] = args.upstream_kind
+    if args.upstream_model:
+        entry["model_names"] = {model: args.upstream_model}
+    if args.upstream_key_file:
+        entry["api_key"] = {"file": str(pathlib.Path(args.upstream_key_file).resolve())}
+    return entry
+
+
+def _check_upstream_args(args: argparse.Namespace) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in ("upstream_kind", "upstream_key_file",
+                                                        "upstream_model") if getattr(args, name)]
+    if given and not args.upstream:
+        cli.fail(f"synapse up: {', '.join(given)} need --upstream URL", code=2)
+    key_file = args.upstream_key_file
+    if key_file and not (os.access(key_file, os.R_OK) and pathlib.Path(key_file).is_file()):
+        cli.fail(f"synapse up: --upstream-key-file {key_file}: not a readable file", code=2)
+
+
+def _backends_ready(base: str) -> int:
+    """Routable backends as the control plane's /ready reports them (0 when unknown)."""
+    try:
+        with urllib.request.urlopen(f"{base}/ready", timeout=2) as resp:
+            return int(json.loads(resp.read()).get("backends_ready", 0))
+    except urllib.error.HTTPError as exc:
+        with contextlib.suppress(ValueError, AttributeError):
+            return int(json.loads(exc.read()).get("backends_ready", 0))
+        return 0
+    except (urllib.error.URLError, OSError, ValueError, AttributeError):
+        return 0
 
 
 class Child:
@@ -239,6 +286,7 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
              "node": free_port(), "metrics": free_port(), "engine": free_port()}
     if args.upstream and args.engine != "simulator":
         cli.fail("synapse up: --upstream and --engine exclude each other", code=2)
+    _check_upstream_args(args)
     try:
         gen = embedded_engine.choose(args, ports["engine"])
     except engines.EngineTierMissing as exc:
@@ -268,7 +316,7 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
                   children, 60)
         children.append(Child("agent", [synapse, "agent", "--config", str(data / "agent.yaml"),
                                         *extra], data / "logs" / "agent.log"))
-        _wait_for(f"{gen.what} ready", lambda: _http_status(f"{base}/ready") == 200, children,
+        _wait_for(f"{gen.what} ready", lambda: _backends_ready(base) > 0, children,
                   START_TIMEOUT_S)
         # The agent loads the embedding model in the background; the semantic cache and
         # /v1/embeddings need it, so "ready" waits for one real embedding.

@@ -19,14 +19,15 @@ class Metrics:
         self.registry = registry
         r = registry
         self.requests = Counter(
-            "synapse_requests_total", "Requests answered, by model, HTTP status and tenant.",
-            ["model", "status", "tenant"], registry=r)
+            "synapse_requests_total", "Requests answered, by model, HTTP status, tenant and "
+            "route (the API path: /v1/chat/completions, /v1/messages, /tokenize ...).",
+            ["model", "status", "tenant", "route"], registry=r)
         self.request_duration = Histogram(
             "synapse_request_duration_seconds", "Time from request to last byte.",
-            ["model", "cache"], buckets=LATENCY_BUCKETS, registry=r)
+            ["model", "cache", "route"], buckets=LATENCY_BUCKETS, registry=r)
         self.time_to_first_byte = Histogram(
             "synapse_time_to_first_byte_seconds", "Time from request to first response byte.",
-            ["model", "cache"], buckets=LATENCY_BUCKETS, registry=r)
+            ["model", "cache", "route"], buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_retries = Counter(
             "synapse_upstream_retries_total", "Attempts moved to the next backend before the "
             "first byte.", ["model", "reason"], registry=r)
@@ -38,6 +39,10 @@ class Metrics:
             ["model", "fallback"], registry=r)
         self.backends = Gauge(
             "synapse_backends", "Known backends by state.", ["state"], registry=r)
+        self.readiness = Gauge(
+            "synapse_ready", "This replica's readiness conditions (1 = met): config_loaded, "
+            "registry_synced, routable_backend (reported; /ready needs only the first two).",
+            ["condition"], registry=r)
         self.backend_inflight = Gauge(
             "synapse_backend_inflight_requests", "Requests in flight per backend (ledger).",
             ["backend"], registry=r)

@@ -1,52 +1,139 @@
-"""Health probing of static upstreams (a real Ollama / vLLM / TGI without an agent).
+"""Health probing of static upstreams (a real Ollama / vLLM / TGI / hosted API, no agent).
 
-Each upstream's health path is fetched every interval with a short time limit; a 2xx is
-healthy, anything else (status, refused connection, time-out) is not. Results go to a
-callback (the registry), only the transitions are logged. The wait between rounds goes
-through :func:`synapse_common.clock.sleep`.
+Each :class:`Target` says what to fetch (its kind's probe path, with the key only when
+that path needs it), which statuses are healthy besides 2xx, and how often: targets are
+probed on their own schedules (a hosted API once a minute, engines every few seconds),
+each with a short time limit; a refused connection or a time-out is unhealthy. A target
+with a ``metrics_url`` has its metrics text fetched after a healthy probe, for the
+caller to read with the kind's names. A healthy target turns unhealthy after
+``fail_after`` failed probes in a row (the first probe decides at once). Results go to
+callbacks (the registry); only the transitions are logged, with the URL (never the headers: they may hold the key).
+``on_round`` is called once, after the first round (every target probed once).
+
+Time is injected (``clock``, ``sleep``: :mod:`synapse_common.clock`), so tests run the
+schedule without waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Protocol
 
 from controlplane import errors
-from controlplane.adapters import upstream
-from synapse_common import clock
+from synapse_common import clock as clocks
 
 log = logging.getLogger("synapse.controlplane.prober")
 
+METRICS_BYTES = 4 * 1024 * 1024
 
-async def probe(client: upstream.UpstreamClient, url: str, timeout_s: float,
-                headers: Mapping[str, str] | None = None) -> bool:
+
+class _Answer(Protocol):
+    @property
+    def status(self) -> int: ...
+
+    async def read(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class Sender(Protocol):
+    """What the prober needs of a transport (:class:`~controlplane.adapters.upstream.UpstreamClient`)."""
+
+    async def send(self, method: str, url: str, body: bytes, headers: Mapping[str, str],
+                   timeout_s: float | None = None) -> _Answer: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Target:
+    key: str                                    # the backend key (static/name)
+    url: str                                    # probed with GET
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    interval_s: float = 5.0
+    timeout_s: float = 2.0
+    ok_statuses: frozenset[int] = frozenset()   # healthy besides 2xx
+    metrics_url: str | None = None
+    fail_after: int = 2             # failed probes in a row that make it unhealthy
+
+
+async def _get(client: Sender, url: str, headers: Mapping[str, str],
+               timeout_s: float) -> tuple[int, bytes] | None:
     try:
         async with asyncio.timeout(timeout_s):
-            resp = await client.send("GET", url, b"", headers or {}, timeout_s)
+            resp = await client.send("GET", url, b"", headers, timeout_s)
             try:
-                await resp.read()
+                return resp.status, await resp.read()
             finally:
                 resp.close()
     except (errors.UpstreamError, errors.UpstreamTimeout, TimeoutError):
+        return None
+
+
+async def probe(client: Sender, target: Target) -> bool:
+    answer = await _get(client, target.url, target.headers, target.timeout_s)
+    if answer is None:
         return False
-    return 200 <= resp.status < 300
+    status = answer[0]
+    return 200 <= status < 300 or status in target.ok_statuses
 
 
-async def probe_loop(client: upstream.UpstreamClient,
-                     targets: Sequence[tuple[str, str, Mapping[str, str]]],
-                     interval_s: float, report: Callable[[str, bool], None]) -> None:
-    """Probe ``(key, url, headers)`` targets forever; ``report(key, healthy)`` each round."""
-    last: dict[str, bool] = {}
-    timeout_s = max(0.2, min(2.0, interval_s / 2))
-    while True:
-        results = await asyncio.gather(*(probe(client, url, timeout_s, headers)
-                                         for _, url, headers in targets))
-        for (key, url, _), healthy in zip(targets, results, strict=True):
-            if last.get(key) != healthy:
-                log.log(logging.INFO if healthy else logging.WARNING,
-                        "upstream %s is %s (%s)", key, "healthy" if healthy else "unhealthy",
-                        url)
-            last[key] = healthy
-            report(key, healthy)
-        await clock.sleep(interval_s)
+async def metrics_text(client: Sender, target: Target) -> str | None:
+    """The target's metrics exposition, or None when it could not be fetched."""
+    if target.metrics_url is None:
+        return None
+    answer = await _get(client, target.metrics_url, target.headers, target.timeout_s)
+    if answer is None or answer[0] != 200 or len(answer[1]) > METRICS_BYTES:
+        return None
+    return answer[1].decode("utf-8", "replace")
+
+
+class Prober:
+    """The schedule: every target when due, transitions logged, results reported."""
+
+    def __init__(self, client: Sender, targets: Sequence[Target],
+                 report: Callable[[str, bool], None], *,
+                 on_metrics: Callable[[str, str | None], None] | None = None,
+                 on_round: Callable[[], None] | None = None,
+                 clock: clocks.Clock = clocks.monotonic,
+                 sleep: Callable[[float], Awaitable[object]] = clocks.sleep) -> None:
+        self._client = client
+        self._targets = list(targets)
+        self._report = report
+        self._on_metrics = on_metrics
+        self._on_round = on_round
+        self._clock = clock
+        self._sleep = sleep
+        self._last: dict[str, bool] = {}
+        self._failures: dict[str, int] = {}
+        self._due = {t.key: 0.0 for t in self._targets}
+
+    async def run(self) -> None:
+        if not self._targets:
+            return
+        first = True
+        while True:
+            now = self._clock()
+            due = [t for t in self._targets if self._due[t.key] <= now]
+            await asyncio.gather(*(self._check(t, now) for t in due))
+            if first and self._on_round is not None:
+                self._on_round()
+            first = False
+            await self._sleep(max(0.0, min(self._due.values()) - self._clock()))
+
+    async def _check(self, target: Target, now: float) -> None:
+        self._due[target.key] = now + target.interval_s
+        ok = await probe(self._client, target)
+        failures = self._failures[target.key] = 0 if ok else self._failures.get(target.key, 0) + 1
+        # The first probe decides; after it, one lost probe (a busy machine, a dropped
+        # packet) does not take a healthy upstream out of routing.
+        healthy = ok or (target.key in self._last and self._last[target.key]
+                         and failures < target.fail_after)
+        if self._last.get(target.key) != healthy:
+            log.log(logging.INFO if healthy else logging.WARNING, "upstream %s is %s (%s)",
+                    target.key, "healthy" if healthy else "unhealthy", target.url)
+        self._last[target.key] = healthy
+        self._report(target.key, healthy)
+        if healthy and self._on_metrics is not None and target.metrics_url is not None:
+            self._on_metrics(target.key, await metrics_text(self._client, target))

@@ -29,7 +29,7 @@ import orjson
 from aiohttp import web
 
 from controlplane import config, errors
-from controlplane.adapters import node_embed, prober, redis_limits
+from controlplane.adapters import node_embed, redis_limits
 from controlplane.api import (
     cache_feedback,
     context,
@@ -38,8 +38,9 @@ from controlplane.api import (
     observability,
     openapi,
     ops,
+    readiness,
     serving,
-    surface,
+    upstream_wiring,
 )
 from controlplane.api import services as services_mod
 from controlplane.core import cache_port, ratelimit, validation
@@ -155,17 +156,12 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-def routable_count(svc: services_mod.Services) -> int:
-    return sum(1 for _, why in svc.registry.all_backends() if not why)
+routable_count = readiness.routable_count
 
 
 async def ready(request: web.Request) -> web.Response:
-    svc = request.app[context.SERVICES]
-    n = routable_count(svc)
-    if n == 0 and svc.settings.registry.ready_requires_backend:
-        return json_response({"status": "not ready", "reason": "no routable backend",
-                              "backends_ready": 0}, status=503)
-    return json_response({"status": "ready", "backends_ready": n})
+    status, body = readiness.check(request.app[context.SERVICES])
+    return json_response(body, status=status)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -233,14 +229,10 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _probe_ctx(app: web.Application) -> AsyncIterator[None]:
     svc = app[context.SERVICES]
-    targets = [(b.key, b.url + u.health_path,
-                {"Authorization": f"Bearer {b.api_key}"} if b.api_key else {})
-               for b, u in zip(svc.registry.static_backends(), svc.settings.upstreams,
-                               strict=True)]
-    if targets:
-        app[_PROBE_TASK] = asyncio.get_running_loop().create_task(prober.probe_loop(
-            svc.upstream, targets, svc.settings.registry.upstream_probe_interval_s,
-            svc.registry.set_static_health))
+    readiness.state(svc)                    # readiness counts from here
+    if svc.settings.upstreams:
+        app[_PROBE_TASK] = asyncio.get_running_loop().create_task(
+            upstream_wiring.build(svc).run())
     yield
     if _PROBE_TASK in app:
         app[_PROBE_TASK].cancel()
@@ -276,7 +268,6 @@ def create_app(settings: config.ControlPlaneSettings, *,
     app.router.add_post("/v1/chat/completions", serving.chat_completions)
     app.router.add_post("/v1/completions", serving.completions)
     app.router.add_post("/v1/embeddings", embeddings.embeddings)
-    surface.install(app)                # responses, messages, audio, rerank, tokenize
     app.router.add_post("/v1/cache/feedback", cache_feedback.feedback)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)

@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 
 from controlplane import errors
 from controlplane.api import services as services_mod
-from controlplane.core import types
+from controlplane.core import types, upstream_kinds
 from protos import enums
 from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
 from synapse_common import call_metadata
@@ -59,8 +59,7 @@ def _phase(value: int) -> types.Phase:
 
 
 def _base_url(url: str) -> str:
-    url = url.rstrip("/")
-    return url[:-3] if url.endswith("/v1") else url
+    return upstream_kinds.base_url(url)
 
 
 def backend_state(node: str, b: common_pb2.BackendState) -> types.BackendState:

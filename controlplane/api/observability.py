@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controlplane import errors
-from controlplane.api import context
+from controlplane.api import context, readiness
 from controlplane.api import services as services_mod
 from controlplane.core import tenants
 
@@ -50,6 +50,7 @@ def refresh_gauges(svc: services_mod.Services) -> None:
     m.backend_inflight.clear()
     for key, load in svc.ledger.snapshot().items():
         m.backend_inflight.labels(key).set(load.in_flight)
+    readiness.refresh_gauge(svc)
 
 
 def _check_token(svc: services_mod.Services, authorization: str | None) -> None:

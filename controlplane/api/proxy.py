@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -47,15 +48,23 @@ def _reason_label(reason: str) -> str:
 
 async def forward(request: web.Request, route: core_types.RouteDecision,
                   prompt: router_mod.Prompt, body: bytes, path: str, stream: bool,
-                  store: cache_port.CacheDecision | None) -> web.StreamResponse:
+                  store: cache_port.CacheDecision | None, *, chain: Sequence[str] = (),
+                  requested: str = "") -> web.StreamResponse:
+    """Relay the first attempt the dispatcher hands over. ``chain`` (the canonical model
+    and the fallbacks the tenant may use) lets it fall back at run time; an answer of a
+    fallback model says so (``x-synapse-fallback: A->B``) and is never cached."""
     svc = request.app[context.SERVICES]
     ctx = context.get(request)
-    async with svc.dispatcher.exchange(route, prompt, path, body, ctx.request_id) as attempt:
+    async with svc.dispatcher.exchange(route, prompt, path, body, ctx.request_id,
+                                       chain=chain, requested=requested) as attempt:
+        origin = chain[0] if chain else route.model
+        if attempt.model != origin:
+            ctx.fallback, store = f"{origin}->{attempt.model}", None
+        reason = attempt.route.reason
         ctx.backend = attempt.backend.key
         ctx.retries = attempt.index
-        ctx.route = (route.reason if attempt.index == 0
-                     else f"{route.reason}, retry {attempt.index}")
-        svc.child(svc.metrics.route_decisions, ctx.backend, _reason_label(route.reason)).inc()
+        ctx.route = reason if attempt.index == 0 else f"{reason}, retry {attempt.index}"
+        svc.child(svc.metrics.route_decisions, ctx.backend, _reason_label(reason)).inc()
         up = attempt.answer
         try:
             if stream and up.status == 200 and up.content_type == "text/event-stream":

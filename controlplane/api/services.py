@@ -32,6 +32,7 @@ from controlplane.core import (
     ratelimit,
     registry,
     types,
+    upstream_kinds,
 )
 from controlplane.core import fleet as fleet_mod
 from controlplane.core import router as router_mod
@@ -137,10 +138,12 @@ def metrics_token(settings: config.MetricsSettings) -> str | None:
 def static_backends(settings: config.ControlPlaneSettings,
                     cat: catalog.Catalog) -> list[types.BackendState]:
     return [types.BackendState(
-        key=f"static/{u.name}", node="static", name=u.name, url=u.url.rstrip("/"),
+        key=f"static/{u.name}", node="static", name=u.name,
+        url=upstream_kinds.base_url(u.url),
         models=tuple(cat.canonical(m) for m in u.models), task=u.task,
         tasks=frozenset(u.tasks), source="static",
-        api_key=u.api_key.get_secret_value() if u.api_key else None)
+        api_key=u.api_key.get_secret_value() if u.api_key else None, engine=u.kind or "",
+        upstream_models=tuple((cat.canonical(m), theirs) for m, theirs in u.model_names.items()))
         for u in settings.upstreams]
 
 
@@ -166,13 +169,14 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
     client = upstream.UpstreamClient(h.upstream_connect_timeout_s,
                                      h.upstream_first_byte_timeout_s, h.upstream_idle_timeout_s)
     policy = dispatch.Policy(r.max_attempts, h.upstream_first_byte_timeout_s,
-                             h.upstream_idle_timeout_s)
+                             h.upstream_idle_timeout_s, h.upstream_deadline_s)
     return Services(
         settings=settings, clock=clock, replica=replica, registry=reg, ledger=led, router=rtr,
         catalog=cat, tenants=build_tenants(settings.auth, cat),
         limiter=ratelimit.RateLimiter(local), local_limits=local, metrics=m,
         stats=stats_mod.Stats(clock, replica),
         cache=response_cache if response_cache is not None else cache_port.NullCache(),
-        upstream=client, dispatcher=dispatch.Dispatcher(client, rtr, cat, reg, m, policy),
+        upstream=client, dispatcher=dispatch.Dispatcher(client, rtr, cat, reg, m, policy,
+                                                        clock=clock),
         metrics_token_sha256=metrics_token(settings.metrics),
         fleet=fleet_wiring.build(settings, reg, led, m))

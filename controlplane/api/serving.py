@@ -116,15 +116,16 @@ def prompt_of(parsed: validation.Parsed, session: str, exact: bool) -> router_mo
 
 
 def choose(request: web.Request, canonical: str, prompt: router_mod.Prompt,
-           parsed: validation.Parsed) -> core_types.RouteDecision:
-    """Route ``canonical``, else its fallbacks in order (``core.dispatch``'s plan)."""
+           parsed: validation.Parsed, tenant: tenants.Tenant | None = None,
+           ) -> core_types.RouteDecision:
+    """Route ``canonical``, else the fallbacks ``tenant`` may use, in order
+    (``core.dispatch``'s plan)."""
     svc = request.app[context.SERVICES]
     with tracing.span("route") as span:
-        plan = svc.dispatcher.plan(canonical, prompt, validation.size_fields(parsed))
+        plan = svc.dispatcher.plan(canonical, prompt, validation.size_fields(parsed),
+                                   allows=tenant.allows if tenant is not None else None)
         if span is not None:
             ops.routed(span, plan)
-    if plan.fallback:
-        context.get(request).fallback = plan.fallback
     return plan.route
 
 
@@ -159,13 +160,14 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
         session = validation.session_id(request.headers.get("x-session-id")) or parsed.user
         prompt = prompt_of(parsed, session, svc.router.exact_prompts)
         await fairness.admit(request, tenant.name, canonical, prompt, parsed.max_tokens)
-        route = await fairness.hold(request, choose(request, canonical, prompt, parsed),
-                                    lambda: choose(request, canonical, prompt, parsed))
+        route = await fairness.hold(request, choose(request, canonical, prompt, parsed, tenant),
+                                    lambda: choose(request, canonical, prompt, parsed, tenant))
         body = fairness.upstream_body(request, parsed.body, route.model,
                                       body_for(raw, parsed, route.model))
-        store = decision.may_store and not ctx.fallback
         resp = await proxy.forward(request, route, prompt, body, PATHS[endpoint],
-                                   parsed.stream, decision if store else None)
+                                   parsed.stream, decision if decision.may_store else None,
+                                   chain=svc.dispatcher.chain(canonical, tenant.allows),
+                                   requested=parsed.model)
         failed = False
         return resp
     finally:

@@ -2,16 +2,30 @@
 
 The one home of the serving path's upstream policy; the API layer only relays bytes.
 
-* **Plan** (:meth:`Dispatcher.plan`): route the canonical model, else each fallback model
-  in order. When none can serve: a request larger than the context of every backend of
-  those models is the client's error (400 naming ``max_tokens``, or the prompt field when
-  the prompt alone is too long); otherwise 503, "try again shortly".
+* **Plan** (:meth:`Dispatcher.plan`): route the canonical model, else each model of its
+  fallback chain (:meth:`Dispatcher.chain`: its fallbacks in order, then theirs; models
+  the tenant may not use are skipped). When none can serve: a request larger than the
+  context of every backend of those models is the client's error (400 naming
+  ``max_tokens``, or the prompt field when the prompt alone is too long); otherwise 503,
+  "try again shortly".
 * **Attempts** (:meth:`Dispatcher.exchange`): the candidates in rank order, at most
-  ``router.max_attempts``. A connect error, an invalid answer, a 5xx or no answer head
-  within the first-byte limit moves on to the next candidate, counted in
-  ``synapse_upstream_retries_total{reason}`` (``connect``, ``5xx``, ``timeout``); a 4xx is
-  the client's and is passed back as it is. Once the caller has taken an attempt nothing
-  is retried: whatever breaks later is the caller's to report (an SSE error event).
+  ``router.max_attempts``. A connect error, an invalid answer, a 5xx, no answer head
+  within the first-byte limit, or an answer that breaks before its first byte reached the
+  caller (a stream before its first chunk, a whole answer before its end) moves on to the
+  next candidate, counted in ``synapse_upstream_retries_total{reason}`` (``connect``,
+  ``5xx``, ``timeout``, ``stream``, ``read``); a 4xx is the client's and is passed back as
+  it is. Once the caller has taken an attempt nothing is retried: whatever breaks later is
+  the caller's to report (an SSE error event).
+* **Runtime fallback**: when every candidate of a model failed, the next model of the
+  chain is routed and tried the same way — all within one **request deadline**
+  (``Policy.deadline_s``: the first byte over all attempts; each attempt also has the
+  first-byte limit). The attempt handed over says which model answered
+  (:attr:`Attempt.model`); a fallback that served is counted in
+  ``synapse_fallbacks_total``.
+* **Model names**: a backend that knows a model by another name (a static upstream's
+  ``model_names``) is sent the body with its name, and its answer is renamed back to the
+  name the client asked for (:mod:`controlplane.core.model_rename`); the bytes of every
+  other backend pass untouched.
 * **The ledger**: each attempt is an async context manager, :class:`Attempt`. Entering
   records the dispatch (ledger, prefix index, session affinity); the first byte is marked
   when the whole answer, or a stream's first token, arrived; leaving closes the answer,
@@ -31,13 +45,21 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from types import TracebackType
 from typing import TypeVar
 
 from controlplane import errors, metrics
-from controlplane.core import catalog, ledger, registry, stream_shapes, transport, types
+from controlplane.core import attempt as attempt_mod
+from controlplane.core import (
+    catalog,
+    model_rename,
+    registry,
+    stream_shapes,
+    transport,
+    types,
+    upstream_kinds,
+)
 from controlplane.core import router as router_mod
-from controlplane.core import usage as usage_mod
+from synapse_common import clock as clocks
 from synapse_common import tracing
 
 log = logging.getLogger("synapse.controlplane.dispatch")
@@ -45,161 +67,105 @@ log = logging.getLogger("synapse.controlplane.dispatch")
 ERROR_DETAIL_BYTES = 300
 ERROR_DETAIL_TIMEOUT_S = 1.0
 Failure = errors.UpstreamError | errors.UpstreamTimeout
+Allows = Callable[[str], bool]
 T = TypeVar("T")
 R = TypeVar("R")
 
 
+Attempt = attempt_mod.Attempt
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Policy:
-    max_attempts: int               # candidates tried before the first byte
+    max_attempts: int               # candidates tried before the first byte, per model
     first_byte_timeout_s: float     # an answer's head must arrive within this
     idle_timeout_s: float           # longest gap between a stream's chunks
+    deadline_s: float | None = None  # the first byte over all attempts and fallback models
+
+    @property
+    def request_deadline_s(self) -> float:
+        return self.deadline_s or self.max_attempts * self.first_byte_timeout_s
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Plan:
     route: types.RouteDecision
     fallback: str = ""              # the fallback model used, if any
+    chain: tuple[str, ...] = ()     # the canonical model and the fallbacks it may use
 
 
-class Attempt:
-    """One try of one backend; ``async with`` settles its ledger ticket on the way out."""
+class _Run:
+    """One request's way through its candidates and fallback models."""
 
-    __slots__ = ("_events", "_first_token_event", "_idle_s", "_ledger", "_path", "_prompt",
-                 "_route", "_router", "_tail", "_verdict", "backend", "error", "index",
-                 "response", "span", "streaming", "ticket")
+    __slots__ = ("bodies", "body", "deadline", "last", "origin", "path", "request_id",
+                 "requested", "why")
 
-    def __init__(self, dispatcher: Dispatcher, route: types.RouteDecision,
-                 verdict: types.Verdict, prompt: router_mod.Prompt, index: int,
-                 path: str) -> None:
-        self._router = dispatcher.router
-        self._ledger = dispatcher.router.ledger
-        self._idle_s = dispatcher.policy.idle_timeout_s
-        self._route = route
-        self._verdict = verdict
-        self._prompt = prompt
-        self.backend = verdict.backend
-        self.index = index              # 0 for the first candidate
-        self.response: transport.Response | None = None
-        self.ticket: ledger.Ticket | None = None
-        self.streaming = False          # a chunk went to the caller
-        # Chat streams open with a role-only event that engines may send before the
-        # prefill is done; the first token is the event after it (stream_shapes: per path).
-        self._path = path
-        self._first_token_event = stream_shapes.first_token_event(path)
-        self._events = 0
-        self._tail = b""                # the stream's last bytes: [DONE] and the usage
-        self.span: tracing.Span | None = None   # the attempt's trace span (when recorded)
-        self.error = ""                 # why it failed, for the span
+    def __init__(self, route: types.RouteDecision, path: str, body: bytes, request_id: str,
+                 origin: str, requested: str, deadline: float) -> None:
+        self.path = path
+        self.body = body
+        self.bodies = {route.model: body}   # the body carries the routed model's name
+        self.request_id = request_id
+        self.origin = origin            # the canonical model the client asked for
+        self.requested = requested      # the name the client used for it
+        self.deadline = deadline
+        self.last: errors.SynapseError = errors.Unavailable("no backend could be tried")
+        self.why = ""                   # why the last attempt failed ("" = none failed yet)
 
-    async def __aenter__(self) -> Attempt:
-        self.ticket = self._router.dispatched(self._route, self._verdict, self._prompt)
-        self.span = tracing.start("upstream", {"synapse.backend": self.backend.key,
-                                               "synapse.attempt": self.index})
-        return self
+    def body_for(self, backend: types.BackendState, model: str) -> bytes:
+        """The body with the name ``backend`` knows ``model`` by."""
+        wire = backend.wire_model(model)
+        found = self.bodies.get(wire)
+        if found is None:
+            found = self.bodies[wire] = model_rename.in_body(self.body, wire)
+        return found
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self.response is not None:
-            self.response.close()
-        if self.ticket is not None:
-            self._ledger.finish(self.ticket)
-            self._router.observe(self.ticket)   # the router learns from the settled attempt
-        if self.span is not None:
-            tracing.finish(self.span, {"http.response.status_code": self.status},
-                           _span_error(self, exc))
-
-    @property
-    def status(self) -> int:
-        return self.response.status if self.response is not None else 0
-
-    @property
-    def answer(self) -> transport.Response:
-        """The backend's answer (its head has arrived)."""
-        if self.response is None:
-            raise RuntimeError("the attempt has no answer yet")
-        return self.response
-
-    async def read(self) -> bytes:
-        """The whole answer; marks the first byte."""
-        try:
-            data = await self.answer.read()
-        except errors.UpstreamError as exc:
-            raise exc.reworded(f"backend {self.backend.key} broke off its answer: "
-                               f"{exc.message}") from exc
-        self._mark_first_byte()
-        if self.ticket is not None and self.answer.status == 200:
-            self.ticket.usage = usage_mod.from_tail(data)
-        return data
-
-    async def next_chunk(self) -> bytes | None:
-        """The next piece of a streamed answer, or None after a complete stream.
-
-        Raises an ``UpstreamError`` when the stream breaks, stays silent longer than the
-        idle limit, is empty, or ends without ``[DONE]``; ``streaming`` then says whether
-        the caller had sent anything yet.
-        """
-        try:
-            chunk = await self.answer.next_chunk(self._idle_s)
-        except errors.UpstreamError as exc:
-            where = "broke off" if self.streaming else "broke off before its first chunk"
-            raise exc.reworded(f"backend {self.backend.key} {where}: {exc.message}") from exc
-        if chunk is None:
-            self._check_end()
+    def rename_for(self, backend: types.BackendState, model: str) -> str | None:
+        """The name answers must carry when ``backend`` knows ``model`` by another."""
+        if backend.wire_model(model) == model:
             return None
-        self.streaming = True
-        if self._events < self._first_token_event:
-            # The ledger moves the request from prefill to decode at its first token.
-            self._events += stream_shapes.events_in(chunk, self.answer.content_type)
-            if self._events >= self._first_token_event:
-                if self.ticket is not None:
-                    self.ticket.streamed = True
-                self._mark_first_byte()
-        self._tail = (self._tail + chunk)[-usage_mod.TAIL_BYTES:]
-        return chunk
-
-    def _check_end(self) -> None:
-        if not self.streaming:
-            raise errors.UpstreamReadError(f"backend {self.backend.key} sent an empty stream")
-        if not stream_shapes.ended(self._path, self.answer.content_type, self._tail):
-            raise errors.UpstreamReadError(f"backend {self.backend.key}'s stream ended "
-                                           f"before {stream_shapes.end_of(self._path)}")
-        if self.ticket is not None:
-            self.ticket.usage = usage_mod.from_tail(self._tail)
-
-    def _mark_first_byte(self) -> None:
-        if self.ticket is not None:
-            self._ledger.first_byte(self.ticket)
-        if self.span is not None:
-            tracing.event(self.span, "first_byte")
+        return self.requested if model == self.origin and self.requested else model
 
 
 class Dispatcher:
     def __init__(self, transport_: transport.Transport, router: router_mod.Router,
                  catalog_: catalog.Catalog, registry_: registry.Registry,
-                 metrics_: metrics.Metrics, policy: Policy) -> None:
+                 metrics_: metrics.Metrics, policy: Policy, *,
+                 clock: clocks.Clock = clocks.monotonic) -> None:
         self.transport = transport_
         self.router = router
         self.catalog = catalog_
         self.registry = registry_
         self.metrics = metrics_
         self.policy = policy
+        self._clock = clock
 
     # -- plan -----------------------------------------------------------------------------
 
+    def chain(self, canonical: str, allows: Allows | None = None) -> tuple[str, ...]:
+        """``canonical``, then its fallback models in the order they are tried: its own
+        fallbacks, then theirs (the config refuses cycles; a model comes once). Models
+        ``allows`` refuses (the tenant's allow-list) are left out."""
+        order: list[str] = []
+        queue = [canonical]
+        while queue:
+            for model in self.catalog.fallbacks(queue.pop(0)):
+                if model != canonical and model not in order:
+                    order.append(model)
+                    queue.append(model)
+        return (canonical, *(m for m in order if allows is None or allows(m)))
+
     def plan(self, canonical: str, prompt: router_mod.Prompt,
              fields: tuple[str, str] = ("messages", "max_tokens"),
-             task: types.Task = "generate") -> Plan:
-        """The route for ``canonical`` or its first fallback that can serve; ``fields``
-        names the prompt and max-tokens fields for a 400 on a request too large."""
-        models = (canonical, *self.catalog.fallbacks(canonical))
+             task: types.Task = "generate", allows: Allows | None = None) -> Plan:
+        """The route for ``canonical`` or the first model of its chain that can serve;
+        ``fields`` names the prompt and max-tokens fields for a 400 on a request too
+        large, ``allows`` the models the tenant may use."""
+        models = self.chain(canonical, allows)
         for model in models:
             decision = self.router.route(model, prompt, task)
             if decision is not None:
-                if model != canonical:
-                    self.metrics.fallbacks.labels(canonical, model).inc()
-                    return Plan(decision, model)
-                return Plan(decision)
+                return Plan(decision, model if model != canonical else "", models)
         self._refuse_oversized(models, prompt, fields, task)
         raise errors.Unavailable(f"no backend can serve the model {canonical!r} right now "
                                  f"(tried: {', '.join(models)}); try again shortly")
@@ -227,37 +193,82 @@ class Dispatcher:
     # -- attempts -------------------------------------------------------------------------
 
     def headers(self, backend: types.BackendState, request_id: str) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "x-request-id": request_id}
-        if backend.api_key:
-            headers["Authorization"] = f"Bearer {backend.api_key}"
-        return headers
+        return {"Content-Type": "application/json", "x-request-id": request_id,
+                **upstream_kinds.auth_headers(backend.api_key)}
 
     @contextlib.asynccontextmanager
     async def exchange(self, route: types.RouteDecision, prompt: router_mod.Prompt,
-                       path: str, body: bytes, request_id: str) -> AsyncIterator[Attempt]:
-        """The first attempt that got an answer below 500, held open for the caller;
-        raises the last failure when every candidate failed."""
-        last: errors.SynapseError = errors.Unavailable("no backend could be tried")
-        why = ""
-        for index, verdict in enumerate(route.candidates[:self.policy.max_attempts]):
-            if index:
-                self.metrics.upstream_retries.labels(route.model, why).inc()
-            async with Attempt(self, route, verdict, prompt, index, path) as attempt:
-                backend = verdict.backend
-                try:
-                    attempt.response = await self.transport.send(
-                        "POST", backend.url + path, body, self.headers(backend, request_id),
-                        self.policy.first_byte_timeout_s)
-                except (errors.UpstreamError, errors.UpstreamTimeout) as exc:
-                    why, last = _failed(backend, exc)
-                    continue
-                if attempt.status >= 500:
-                    why, last = "5xx", await _server_error(attempt)
-                    continue
-                yield attempt
-                return
-        raise last
+                       path: str, body: bytes, request_id: str, *,
+                       chain: Sequence[str] = (), requested: str = "",
+                       task: types.Task = "generate") -> AsyncIterator[Attempt]:
+        """The first attempt whose answer can be handed over (below 500, and not broken
+        before its first byte), held open for the caller; raises the last failure when
+        every candidate of every model failed or the request deadline passed.
 
+        ``body`` carries ``route.model``. ``chain`` (the plan's: the canonical model and
+        its usable fallbacks) lets a route that failed everywhere go on to the next
+        model after ``route.model``; ``requested`` is the name the client used, which
+        answers of a backend that renames the model carry back."""
+        origin = chain[0] if chain else route.model
+        run = _Run(route, path, body, request_id, origin, requested,
+                   self._clock() + self.policy.request_deadline_s)
+        rest = list(chain[chain.index(route.model) + 1:]) if route.model in chain else []
+        decision: types.RouteDecision | None = route
+        while decision is not None:
+            for index, verdict in enumerate(decision.candidates[:self.policy.max_attempts]):
+                if self._expired(run):
+                    break
+                if run.why:
+                    self.metrics.upstream_retries.labels(decision.model, run.why).inc()
+                rename = run.rename_for(verdict.backend, decision.model)
+                async with Attempt(self.router, self.policy.idle_timeout_s, decision,
+                                   verdict, prompt, index, path, rename) as attempt:
+                    failure = await self._try(run, attempt)
+                    if failure is None:
+                        if decision.model != origin:
+                            self.metrics.fallbacks.labels(origin, decision.model).inc()
+                        yield attempt
+                        return
+                    run.why, run.last = failure
+                    attempt.error = run.last.message
+            decision = None if self._expired(run) else self._next_route(rest, prompt, task)
+        raise run.last
+
+    def _expired(self, run: _Run) -> bool:
+        return run.deadline - self._clock() <= 0
+
+    def _next_route(self, rest: list[str], prompt: router_mod.Prompt,
+                    task: types.Task) -> types.RouteDecision | None:
+        """The route of the next model of the chain that has routable backends."""
+        while rest:
+            decision = self.router.route(rest.pop(0), prompt, task)
+            if decision is not None:
+                return decision
+        return None
+
+    async def _try(self, run: _Run, attempt: Attempt,
+                   ) -> tuple[str, errors.SynapseError] | None:
+        """Send one attempt; None when its answer can be handed over, else (reason,
+        failure)."""
+        backend = attempt.backend
+        headers = self.headers(backend, run.request_id)
+        tracing.inject(headers, attempt.span)   # W3C traceparent to the engine
+        timeout = min(self.policy.first_byte_timeout_s, run.deadline - self._clock())
+        try:
+            attempt.response = await self.transport.send(
+                "POST", backend.url + run.path, run.body_for(backend, attempt.model),
+                headers, timeout)
+        except (errors.UpstreamError, errors.UpstreamTimeout) as exc:
+            return _failed(backend, exc)
+        if attempt.status >= 500:
+            return "5xx", await _server_error(attempt)
+        try:
+            await attempt.first_bytes()
+        except errors.UpstreamError as exc:
+            log.debug("backend %s broke off before the first byte: %s", backend.key, exc)
+            stream = attempt.answer.content_type == stream_shapes.EVENT_STREAM
+            return ("stream" if stream else "read"), exc
+        return None
 
     async def first_answer(self, targets: Sequence[T], call: Callable[[T], Awaitable[R]],
                            retriable: type[Exception], what: str) -> tuple[T, R]:
@@ -271,15 +282,6 @@ class Dispatcher:
             except retriable as exc:
                 last = str(exc)
         raise errors.UpstreamError(f"every {what} failed; last error: {last}")
-
-
-def _span_error(attempt: Attempt, exc: BaseException | None) -> str | None:
-    """Why an attempt's span failed (None: it did not)."""
-    if attempt.error:
-        return attempt.error
-    if exc is not None:
-        return "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc) or repr(exc)
-    return None
 
 
 def _failed(backend: types.BackendState, exc: Failure) -> tuple[str, errors.SynapseError]:

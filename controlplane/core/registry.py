@@ -158,6 +158,19 @@ class Registry:
             self._static_healthy[key] = healthy
             self.version += 1
 
+    def set_static_load(self, key: str, load: types.EngineLoad) -> None:
+        """What a static upstream's own metrics say (its kind's /metrics, when it has any)."""
+        b = self._static.get(key)
+        if b is None:
+            return
+        new = dataclasses.replace(
+            b, waiting=load.waiting, running=load.running, kv_usage=load.kv_usage,
+            kv_capacity_tokens=load.kv_capacity_tokens or b.kv_capacity_tokens,
+            block_size=load.block_size or b.block_size, metrics_ok=load.ok)
+        if new != b:
+            self._static[key] = new
+            self.version += 1
+
     # -- views --------------------------------------------------------------------------
 
     def node_status(self, node: _Node) -> types.NodeStatus:

@@ -41,18 +41,38 @@ class BackendState:
     restarts: int = 0
     metrics_ok: bool = True
     api_key: str | None = dataclasses.field(default=None, repr=False)  # static upstreams
+    upstream_models: tuple[tuple[str, str], ...] = ()   # static: (model, its own name)
     tasks: frozenset[str] = frozenset()     # what it serves; empty = ``task`` alone
-    engine: str = ""                # agent backends: vllm, tei, simulator, external
+    engine: str = ""                # agent backends: vllm, tei, simulator, external;
+                                    # static upstreams: their kind (upstream_kinds), or ""
 
     def serves(self, task: str) -> bool:
         """Whether it answers requests of ``task`` (the one rule of task filtering)."""
         return task in self.tasks if self.tasks else task == self.task
+
+    def wire_model(self, model: str) -> str:
+        """The name this backend knows ``model`` by (a static upstream's model_names)."""
+        for ours, theirs in self.upstream_models:
+            if ours == model:
+                return theirs
+        return model
 
     @property
     def free_kv_tokens(self) -> int | None:
         if self.kv_capacity_tokens <= 0:
             return None
         return int(self.kv_capacity_tokens * max(0.0, 1.0 - self.kv_usage))
+
+
+class EngineLoad(NamedTuple):
+    """A static upstream's engine metrics, as scraped (0 where its kind exports none)."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_usage: float = 0.0
+    kv_capacity_tokens: int = 0
+    block_size: int = 0
+    ok: bool = True                 # False: /metrics could not be read or parsed
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import openai
 import pytest
@@ -39,9 +41,13 @@ async def test_health_ready_metrics_stats_and_openapi() -> None:
         async with t.running(t.settings()) as cp:
             status, _, _ = await get(f"{cp.url}/health")
             assert status == 200
-            status, _, body = await get(f"{cp.url}/ready")
-            assert status == 503 and b"no routable backend" in body
+            status, _, body = await get(f"{cp.url}/ready")     # test_readiness: the rest
+            assert status == 503 and b"registry syncing" in body
         async with t.running(t.settings(upstreams=[t.upstream("one", b.url)])) as cp:
+            for _ in range(200):             # ready once the upstream was probed
+                if (await get(f"{cp.url}/ready"))[0] == 200:
+                    break
+                await asyncio.sleep(0.05)
             assert (await get(f"{cp.url}/ready"))[0] == 200
             client = cp.client()
             await client.chat.completions.create(model="llama",
@@ -56,8 +62,8 @@ async def test_health_ready_metrics_stats_and_openapi() -> None:
                          "synapse_time_to_first_byte_seconds", "synapse_upstream_retries_total",
                          "synapse_route_decisions_total", "synapse_backends"):
                 assert name in text
-            assert f'synapse_requests_total{{model="{t.MODEL}",status="200",tenant="a"}} 1.0' \
-                in text
+            assert (f'synapse_requests_total{{model="{t.MODEL}",status="200",tenant="a",'
+                    'route="/v1/chat/completions"} 1.0') in text
             assert 'model="unknown",status="404"' in text  # unknown names are not labels
             assert 'synapse_backends{state="ready"} 1.0' in text
 

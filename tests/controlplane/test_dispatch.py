@@ -7,7 +7,7 @@ test waits for a timeout: a timeout is an answer like any other.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -158,26 +158,67 @@ async def test_a_chat_streams_first_byte_is_its_first_token_event() -> None:
     assert load.in_flight == 0
 
 
-@pytest.mark.parametrize(("chunks", "sent", "message"), [
-    ([errors.UpstreamReadError("the backend sent nothing within the read timeout")], False,
-     "backend n1/a broke off before its first chunk: the backend sent nothing"),
-    ([b"data: {}\n\n", errors.UpstreamReadError("the backend closed the connection")], True,
+@pytest.mark.parametrize(("chunks", "message"), [
+    ([b"data: {}\n\n", errors.UpstreamReadError("the backend closed the connection")],
      "backend n1/a broke off: the backend closed the connection"),
-    ([], False, "backend n1/a sent an empty stream"),
-    ([b"data: {}\n\n"], True, "backend n1/a's stream ended before [DONE]"),
+    ([b"data: {}\n\n"], "backend n1/a's stream ended before [DONE]"),
 ])
-async def test_a_broken_stream_says_whether_anything_was_sent(
-        chunks: list[bytes | Exception], sent: bool, message: str) -> None:
-    d, mock, _ = stack(("a",))
+async def test_after_a_streams_first_chunk_nothing_is_retried(
+        chunks: list[bytes | Exception], message: str) -> None:
+    d, mock, m = stack(("a", "b"))
     mock.handler = lambda req: MockResponse(200, chunks, "text/event-stream")
     decision, prompt = route(d)
     with pytest.raises(errors.UpstreamReadError) as info:
         async with d.exchange(decision, prompt, CHAT, b"{}", "r") as attempt:
             while await attempt.next_chunk() is not None:
                 pass
-    assert attempt.streaming is sent
+    assert attempt.streaming, "the caller had sent the first chunk"
     assert info.value.message.startswith(message)
-    assert in_flight(d) == {"n1/a": 0} and mock.responses[0].closed
+    assert len(mock.requests) == 1 and retries(m, "stream") == 0
+    assert in_flight(d) == {"n1/a": 0, "n1/b": 0} and mock.responses[0].closed
+
+
+@pytest.mark.parametrize(("chunks", "message"), [
+    ([errors.UpstreamReadError("the backend sent nothing within the read timeout")],
+     "backend n1/a broke off before its first chunk: the backend sent nothing"),
+    ([], "backend n1/a sent an empty stream"),
+])
+async def test_a_stream_that_breaks_before_its_first_chunk_is_retried(
+        chunks: list[bytes | Exception], message: str) -> None:
+    d, mock, m = stack(("a", "b"))
+    good = sse(b'{"role": 1}', b'{"tok": 1}', b"[DONE]")
+    mock.handler = by_host({"a": MockResponse(200, list(chunks), "text/event-stream"),
+                            "b": MockResponse(200, good, "text/event-stream")})
+    decision, prompt = route(d)
+    async with d.exchange(decision, prompt, CHAT, b"{}", "r") as attempt:
+        assert attempt.backend.name == "b" and attempt.index == 1
+        got = [chunk async for chunk in _chunks(attempt)]
+    assert got == good and retries(m, "stream") == 1
+    assert set(in_flight(d).values()) == {0} and mock.responses[0].closed
+    # With no other backend, the same failure is the request's (nothing was sent).
+    alone, mock, _ = stack(("a",))
+    mock.handler = lambda req: MockResponse(200, list(chunks), "text/event-stream")
+    decision, prompt = route(alone)
+    with pytest.raises(errors.UpstreamReadError) as info:
+        async with alone.exchange(decision, prompt, CHAT, b"{}", "r"):
+            raise AssertionError("a stream broken before its first chunk is never handed over")
+    assert info.value.message.startswith(message)
+
+
+async def test_a_whole_answer_cut_before_its_end_is_retried() -> None:
+    d, mock, m = stack(("a", "b"))
+    mock.handler = by_host({
+        "a": MockResponse(200, [b'{"cho', errors.UpstreamReadError("connection reset")]),
+        "b": MockResponse(200, [b'{"ok": 1}'])})
+    decision, prompt = route(d)
+    async with d.exchange(decision, prompt, CHAT, b"{}", "r") as attempt:
+        assert attempt.backend.name == "b" and await attempt.read() == b'{"ok": 1}'
+    assert retries(m, "read") == 1
+
+
+async def _chunks(attempt: dispatch.Attempt) -> AsyncIterator[bytes]:
+    while (chunk := await attempt.next_chunk()) is not None:
+        yield chunk
 
 
 async def test_a_cancelled_relay_settles_the_ledger_and_closes_the_answer() -> None:
@@ -214,15 +255,92 @@ def test_a_request_larger_than_every_backends_context_is_the_clients_error() -> 
     assert unknown.plan(MODEL, router.Prompt.from_text("hello", 10**8)).route.candidates
 
 
-def test_fallbacks_are_planned_in_order_and_counted() -> None:
-    d, _, m = stack(("a",), fallbacks=("f",))
-    d.registry.report("n1", [types.BackendState(key="n1/fb", node="n1", name="fb",
-                                                url="http://fb", models=("f",))])
-    d.catalog = catalog.Catalog([catalog.ModelEntry(MODEL, (), ("f",)),
-                                 catalog.ModelEntry("f")])
+def serve(d: dispatch.Dispatcher, backends: dict[str, str],
+          chains: dict[str, tuple[str, ...]], **extra: object) -> None:
+    """Backends by name → model on node n1, and the models' fallbacks."""
+    d.registry.report("n1", [types.BackendState(
+        key=f"n1/{name}", node="n1", name=name, url=f"http://{name}.internal:8000",
+        models=(model,), **extra) for name, model in backends.items()])  # type: ignore[arg-type]
+    d.catalog = catalog.Catalog([catalog.ModelEntry(m, (), f) for m, f in chains.items()])
+
+
+def test_fallbacks_are_planned_in_order_then_theirs_and_only_those_the_tenant_may_use(
+        ) -> None:
+    d, _, _ = stack(("a",))
+    serve(d, {"fb": "f"}, {MODEL: ("g", "f"), "g": ("h",), "f": ("h", MODEL), "h": ()})
+    assert d.chain(MODEL) == (MODEL, "g", "f", "h")
     plan = d.plan(MODEL, router.Prompt.from_text("hi"))
-    assert (plan.fallback, plan.route.model) == ("f", "f")
+    assert (plan.fallback, plan.route.model, plan.chain) == ("f", "f", (MODEL, "g", "f", "h"))
+    # A tenant allowed only MODEL and g: f (the only one that could serve) is skipped.
+    allowed = {MODEL, "g"}.__contains__
+    assert d.chain(MODEL, allowed) == (MODEL, "g")
+    with pytest.raises(errors.Unavailable, match=r"tried: m, g\)"):
+        d.plan(MODEL, router.Prompt.from_text("hi"), allows=allowed)
+
+
+async def test_when_every_backend_of_a_model_failed_the_next_model_serves() -> None:
+    d, mock, m = stack(("a",))
+    serve(d, {"a": MODEL, "b": MODEL, "fb": "f"}, {MODEL: ("f",), "f": ()})
+    mock.handler = by_host({"a": MockResponse(500, [b"boom"]),
+                            "b": errors.UpstreamConnectError("cannot connect"),
+                            "fb": MockResponse(200, [b'{"model": "f"}'])})
+    plan = d.plan(MODEL, router.Prompt.from_text("hi"))
+    assert plan.route.model == MODEL
+    async with d.exchange(plan.route, router.Prompt.from_text("hi"), CHAT,
+                          b'{"model": "m"}', "r", chain=plan.chain) as attempt:
+        assert (attempt.model, attempt.backend.name, attempt.index) == ("f", "fb", 0)
+        assert await attempt.read() == b'{"model": "f"}'
+    assert [r.url.split("//")[1].split(".")[0] for r in mock.requests] == ["a", "b", "fb"]
+    assert mock.requests[-1].body == b'{"model":"f"}', "the body names the fallback model"
     assert m.fallbacks.labels(MODEL, "f")._value.get() == 1
+    assert set(in_flight(d).values()) == {0}
+    # Without the chain (a caller that wants no fallback) the failure is the request's.
+    with pytest.raises(errors.UpstreamError):
+        async with d.exchange(d.plan(MODEL, router.Prompt.from_text("x")).route,
+                              router.Prompt.from_text("x"), CHAT, b"{}", "r"):
+            pass
+
+
+async def test_the_fallback_shares_the_request_deadline() -> None:
+    d, mock, _ = stack(("a",))
+    clock = ManualClock()
+    d = dispatch.Dispatcher(d.transport, d.router, d.catalog, d.registry, d.metrics,
+                            dispatch.Policy(3, 5.0, IDLE_S, deadline_s=8.0), clock=clock)
+    serve(d, {"a": MODEL, "b": MODEL, "fb": "f"}, {MODEL: ("f",), "f": ()})
+
+    def slow(req: Request) -> MockResponse:
+        clock.now += req.timeout_s or 0         # each hangs until its time-out
+        raise errors.UpstreamTimeout(f"no response within {req.timeout_s:g}s")
+
+    mock = MockTransport(slow)
+    d.transport = mock
+    plan = d.plan(MODEL, router.Prompt.from_text("hi"))
+    with pytest.raises(errors.UpstreamTimeout):
+        async with d.exchange(plan.route, router.Prompt.from_text("hi"), CHAT, b"{}", "r",
+                              chain=plan.chain):
+            pass
+    assert [r.timeout_s for r in mock.requests] == [5.0, 3.0], "8 s in all, then no more"
+
+
+async def test_a_backend_that_renames_the_model_gets_its_name_and_answers_with_ours() -> None:
+    d, mock, _ = stack(("a",))
+    serve(d, {"o": MODEL}, {MODEL: ()}, upstream_models=((MODEL, "llama3.1:8b"),))
+    events = [b'data: {"model":"llama3.1:8b","choices":[{"delta":{"role":"assistant"}}]}\n\n'
+              b'data: {"mod', b'el":"llama3.1:8b","choices":[{"delta":{"content":"hi"}}]}\n',
+              b"\ndata: [DONE]\n\n"]
+    mock.handler = lambda req: MockResponse(200, events, "text/event-stream")
+    body = b'{"model": "m", "stream": true, "x-unknown": [1]}'
+    decision, prompt = route(d)
+    async with d.exchange(decision, prompt, CHAT, body, "r", requested="llama") as attempt:
+        got = b"".join([chunk async for chunk in _chunks(attempt)])
+    assert mock.requests[0].body == b'{"model":"llama3.1:8b","stream":true,"x-unknown":[1]}'
+    assert got == (b'data: {"model":"llama","choices":[{"delta":{"role":"assistant"}}]}\n\n'
+                   b'data: {"model":"llama","choices":[{"delta":{"content":"hi"}}]}\n\n'
+                   b"data: [DONE]\n\n")
+    mock.handler = lambda req: MockResponse(200, [b'{"model":"llama3.1:8b","choices":[]}'])
+    decision, prompt = route(d)
+    async with d.exchange(decision, prompt, CHAT, body, "r", requested=MODEL) as attempt:
+        assert await attempt.read() == b'{"model":"m","choices":[]}'
 
 
 async def test_other_calls_share_the_retry_budget_and_name_no_target() -> None:

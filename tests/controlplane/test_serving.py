@@ -164,7 +164,7 @@ async def test_fallback_model_is_used_and_said_in_a_header() -> None:
             client = cp.client()
             raw = await client.chat.completions.with_raw_response.create(
                 model="llama", messages=[{"role": "user", "content": "hi"}])
-            assert raw.headers["x-synapse-fallback"] == "big-model"
+            assert raw.headers["x-synapse-fallback"] == f"{t.MODEL}->big-model"
             assert json.loads(b.bodies[-1])["model"] == "big-model"
             await client.close()
 

@@ -1,0 +1,205 @@
+"""One try of one backend: the ledger ticket, the answer, and its bytes.
+
+An :class:`Attempt` is an async context manager (:mod:`controlplane.core.dispatch` makes
+one per candidate). Entering records the dispatch (ledger, prefix index, session
+affinity); the first byte is marked when the whole answer, or a stream's first token,
+arrived; leaving closes the answer, finishes the ticket and lets the router learn from it
+(:meth:`Router.observe`, with the engine's ``usage`` read from the answer's last bytes) —
+on success, failure, retry, and cancellation alike.
+
+Before the hand-over, :meth:`Attempt.first_bytes` reads what decides whether the answer
+can be sent at all — a stream's first piece, a whole successful JSON answer — so an answer
+that breaks before the caller got a byte is one more failed attempt, not a failed
+request. A backend that knows the model by another name has its answer renamed to the
+name the client asked for (:mod:`controlplane.core.model_rename`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+
+from controlplane import errors
+from controlplane.core import ledger, model_rename, stream_shapes, transport, types
+from controlplane.core import router as router_mod
+from controlplane.core import usage as usage_mod
+from synapse_common import tracing
+
+JSON = "application/json"
+
+
+class Attempt:
+    """One try of one backend; ``async with`` settles its ledger ticket on the way out."""
+
+    __slots__ = ("_data", "_ended", "_events", "_first_token_event", "_idle_s", "_ledger",
+                 "_path", "_peeked", "_prompt", "_received", "_rename", "_renamer",
+                 "_router", "_tail", "_verdict", "backend", "error", "index", "response",
+                 "route", "span", "streaming", "ticket")
+
+    def __init__(self, router: router_mod.Router, idle_timeout_s: float,
+                 route: types.RouteDecision, verdict: types.Verdict,
+                 prompt: router_mod.Prompt, index: int, path: str,
+                 rename: str | None = None) -> None:
+        self._router = router
+        self._ledger = router.ledger
+        self._idle_s = idle_timeout_s
+        self.route = route
+        self._verdict = verdict
+        self._prompt = prompt
+        self.backend = verdict.backend
+        self.index = index              # 0 for the first candidate of its model
+        self.response: transport.Response | None = None
+        self.ticket: ledger.Ticket | None = None
+        self.streaming = False          # a chunk went to the caller
+        # Chat streams open with a role-only event that engines may send before the
+        # prefill is done; the first token is the event after it (stream_shapes: per path).
+        self._path = path
+        self._first_token_event = stream_shapes.first_token_event(path)
+        self._events = 0
+        self._tail = b""                # the stream's last bytes: [DONE] and the usage
+        self._rename = rename           # the model name answers carry (None: as they are)
+        self._renamer = model_rename.StreamRenamer(rename) if rename else None
+        self._data: bytes | None = None     # a whole answer, once read
+        self._peeked: bytes | None = None   # a stream's first piece, read before hand-over
+        self._received = False          # body bytes arrived
+        self._ended = False
+        self.span: tracing.Span | None = None   # the attempt's trace span (when recorded)
+        self.error = ""                 # why it failed, for the span
+
+    async def __aenter__(self) -> Attempt:
+        self.ticket = self._router.dispatched(self.route, self._verdict, self._prompt)
+        self.span = tracing.start("upstream", {"synapse.backend": self.backend.key,
+                                               "synapse.attempt": self.index})
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self.response is not None:
+            self.response.close()
+        if self.ticket is not None:
+            self._ledger.finish(self.ticket)
+            self._router.observe(self.ticket)   # the router learns from the settled attempt
+        if self.span is not None:
+            tracing.finish(self.span, {"http.response.status_code": self.status},
+                           _span_error(self, exc))
+
+    @property
+    def model(self) -> str:
+        """The (canonical) model this attempt asked for: a fallback's, after one."""
+        return self.route.model
+
+    @property
+    def status(self) -> int:
+        return self.response.status if self.response is not None else 0
+
+    @property
+    def answer(self) -> transport.Response:
+        """The backend's answer (its head has arrived)."""
+        if self.response is None:
+            raise RuntimeError("the attempt has no answer yet")
+        return self.response
+
+    async def first_bytes(self) -> None:
+        """Before the hand-over, what decides whether this answer can be sent: a stream's
+        first piece, a whole successful JSON answer. Raises ``UpstreamError`` when the
+        answer breaks first (then another backend may still serve the request)."""
+        if self.status != 200:
+            return
+        content_type = self.answer.content_type
+        if content_type == stream_shapes.EVENT_STREAM:
+            self._peeked = await self._pull()
+        elif content_type == JSON:
+            await self.read()
+
+    async def read(self) -> bytes:
+        """The whole answer (renamed when the backend knows the model by another name);
+        marks the first byte."""
+        if self._data is None:
+            self._data = await self._read_whole()
+        return self._data
+
+    async def _read_whole(self) -> bytes:
+        try:
+            data = (self._peeked or b"") + await self.answer.read()
+        except errors.UpstreamError as exc:
+            raise exc.reworded(f"backend {self.backend.key} broke off its answer: "
+                               f"{exc.message}") from exc
+        self._peeked = None
+        self._mark_first_byte()
+        if self.answer.status == 200:
+            if self.ticket is not None:
+                self.ticket.usage = usage_mod.from_tail(data)
+            if self._rename:
+                data = model_rename.in_body(data, self._rename)
+        return data
+
+    async def next_chunk(self) -> bytes | None:
+        """The next piece of a streamed answer, or None after a complete stream.
+
+        Raises an ``UpstreamError`` when the stream breaks, stays silent longer than the
+        idle limit, is empty, or ends without its end marker; ``streaming`` then says
+        whether the caller had sent anything yet.
+        """
+        chunk, self._peeked = self._peeked, None
+        if chunk is None:
+            chunk = await self._pull()
+        if chunk is not None:
+            self.streaming = True
+        return chunk
+
+    async def _pull(self) -> bytes | None:
+        while not self._ended:
+            try:
+                raw = await self.answer.next_chunk(self._idle_s)
+            except errors.UpstreamError as exc:
+                where = "broke off" if self._received else "broke off before its first chunk"
+                raise exc.reworded(f"backend {self.backend.key} {where}: "
+                                   f"{exc.message}") from exc
+            if raw is None:
+                self._ended = True
+                rest = self._renamer.rest() if self._renamer is not None else b""
+                self._account(rest)
+                self._check_end()
+                return rest or None
+            self._received = True
+            chunk = self._renamer.feed(raw) if self._renamer is not None else raw
+            if chunk:
+                self._account(chunk)
+                return chunk
+        return None
+
+    def _account(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        if self._events < self._first_token_event:
+            # The ledger moves the request from prefill to decode at its first token.
+            self._events += stream_shapes.events_in(chunk, self.answer.content_type)
+            if self._events >= self._first_token_event:
+                if self.ticket is not None:
+                    self.ticket.streamed = True
+                self._mark_first_byte()
+        self._tail = (self._tail + chunk)[-usage_mod.TAIL_BYTES:]
+
+    def _check_end(self) -> None:
+        if not self._received:
+            raise errors.UpstreamReadError(f"backend {self.backend.key} sent an empty stream")
+        if not stream_shapes.ended(self._path, self.answer.content_type, self._tail):
+            raise errors.UpstreamReadError(f"backend {self.backend.key}'s stream ended "
+                                           f"before {stream_shapes.end_of(self._path)}")
+        if self.ticket is not None:
+            self.ticket.usage = usage_mod.from_tail(self._tail)
+
+    def _mark_first_byte(self) -> None:
+        if self.ticket is not None:
+            self._ledger.first_byte(self.ticket)
+        if self.span is not None:
+            tracing.event(self.span, "first_byte")
+
+
+def _span_error(attempt: Attempt, exc: BaseException | None) -> str | None:
+    """Why an attempt's span failed (None: it did not)."""
+    if attempt.error:
+        return attempt.error
+    if exc is not None:
+        return "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc) or repr(exc)
+    return None
