@@ -40,6 +40,7 @@ from controlplane.api import (
     ops,
     readiness,
     serving,
+    surface,
     upstream_wiring,
 )
 from controlplane.api import services as services_mod
@@ -268,6 +269,7 @@ def create_app(settings: config.ControlPlaneSettings, *,
     app.router.add_post("/v1/chat/completions", serving.chat_completions)
     app.router.add_post("/v1/completions", serving.completions)
     app.router.add_post("/v1/embeddings", embeddings.embeddings)
+    surface.install(app)                # responses, messages, audio, rerank, tokenize
     app.router.add_post("/v1/cache/feedback", cache_feedback.feedback)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
