@@ -136,7 +136,12 @@ def invalidated(resp: admin_pb2.InvalidateCacheResponse) -> Rendered:
 
 
 def stats(resp: admin_pb2.Stats) -> Rendered:
-    lines = [f"Replica:          {resp.replica or '-'}", f"Uptime:           {_age(resp.uptime_seconds)}",
+    asked = max(resp.replicas_asked, resp.replicas_answered)
+    fleet = (f"{resp.replicas_answered} of {asked} answered"
+             + (f" ({', '.join(resp.replicas)})" if resp.replicas else "")
+             + (f"; {resp.fleet_error}" if resp.fleet_error else ""))
+    lines = [f"Replicas:         {fleet}", f"Answered by:      {resp.replica or '-'}",
+             f"Uptime:           {_age(resp.uptime_seconds)}",
              f"Requests:         {resp.requests_total}",
              f"Cache hit rate:   {resp.cache_hit_rate * 100:.1f}% "
              f"(exact {resp.cache_hits_exact}, semantic {resp.cache_hits_semantic}, "

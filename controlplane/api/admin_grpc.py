@@ -23,7 +23,7 @@ import grpc
 
 from controlplane import errors
 from controlplane.api import admin_views as views
-from controlplane.api import fairness, grpc_server
+from controlplane.api import fairness, fleet_stats, grpc_server
 from controlplane.api import services as services_mod
 from controlplane.core import fleet, placement
 from controlplane.core import router as router_mod
@@ -212,7 +212,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     @_admin_call
     async def GetStats(self, request: admin_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext) -> admin_pb2.Stats:
-        return views.stats(self.svc.stats.snapshot(), self.svc.registry)
+        return views.stats(await fleet_stats.snapshot(self.svc))   # every replica (issue 19)
 
     @_admin_call
     async def ExplainRoute(self, request: admin_pb2.ExplainRouteRequest,

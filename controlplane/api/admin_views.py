@@ -147,16 +147,18 @@ def models(cat: catalog.Catalog, reg: registry.Registry,
     return out
 
 
-def stats(snapshot: Mapping[str, Any], reg: registry.Registry) -> admin_pb2.Stats:
-    nodes = reg.nodes()
+def stats(snapshot: Mapping[str, Any]) -> admin_pb2.Stats:
+    """``fleet_stats.snapshot``'s figures (the fleet's, or this replica's alone)."""
     msg = admin_pb2.Stats(
         requests_total=snapshot["requests_total"], cache_hit_rate=snapshot["cache_hit_rate"],
         cache_hits_exact=snapshot["cache_hits_exact"],
         cache_hits_semantic=snapshot["cache_hits_semantic"],
         cache_misses=snapshot["cache_misses"], cache_errors=snapshot["cache_errors"],
-        nodes_ready=sum(1 for n in nodes if n.status == "ready"),
-        backends_ready=sum(1 for _, why in reg.all_backends() if not why),
-        uptime_seconds=snapshot["uptime_seconds"], replica=snapshot["replica"])
+        nodes_ready=snapshot["nodes_ready"], backends_ready=snapshot["backends_ready"],
+        uptime_seconds=snapshot["uptime_seconds"], replica=snapshot["replica"],
+        replicas_asked=snapshot["replicas_asked"],
+        replicas_answered=snapshot["replicas_answered"], replicas=snapshot["replicas"],
+        fleet_error=snapshot["fleet_error"])
     for field in ("per_model", "per_backend"):
         for key, summary in snapshot[field].items():
             getattr(msg, field)[key].CopyFrom(admin_pb2.LatencySummary(**summary))

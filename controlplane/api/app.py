@@ -35,6 +35,7 @@ from controlplane.api import (
     context,
     embeddings,
     fairness_wiring,
+    fleet_stats,
     observability,
     openapi,
     ops,
@@ -176,17 +177,10 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": data})
 
 
-def stats_snapshot(svc: services_mod.Services) -> dict[str, object]:
-    snap = svc.stats.snapshot()
-    snap["nodes_ready"] = sum(1 for n in svc.registry.nodes() if n.status == "ready")
-    snap["backends_ready"] = routable_count(svc)
-    return snap
-
-
 async def stats(request: web.Request) -> web.Response:
     svc = request.app[context.SERVICES]
     svc.tenants.authenticate_admin(request.headers.get("Authorization"))
-    snap = stats_snapshot(svc)
+    snap = await fleet_stats.snapshot(svc)      # every replica, through Redis (issue 19)
     snap["fairness"] = await fairness_wiring.stats(svc)
     return json_response(snap)
 
@@ -266,6 +260,7 @@ def create_app(settings: config.ControlPlaneSettings, *,
     app.cleanup_ctx.extend([_upstream_ctx, _redis_ctx, _probe_ctx, _cache_ctx, _fleet_ctx])
     fairness_wiring.install(app, svc)   # token limits, usage, fair queue, coalescing
     ops.install(app, svc)               # tracing and the access log (issue 19)
+    fleet_stats.install(app)            # answering the other replicas' stats questions
     app.router.add_post("/v1/chat/completions", serving.chat_completions)
     app.router.add_post("/v1/completions", serving.completions)
     app.router.add_post("/v1/embeddings", embeddings.embeddings)

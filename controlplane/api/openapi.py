@@ -103,7 +103,11 @@ SCHEMAS: dict[str, Any] = {
               "properties": {"cache_hit_rate": {"type": "number"},
                              "requests_total": {"type": "integer"},
                              "per_model": {"type": "object"},
-                             "per_backend": {"type": "object"}}},
+                             "per_backend": {"type": "object"},
+                             "replicas_asked": {"type": "integer"},
+                             "replicas_answered": {"type": "integer"},
+                             "replicas": {"type": "array", "items": {"type": "string"}},
+                             "fleet_error": {"type": "string"}}},
 }
 
 _SYNAPSE_HEADERS = {

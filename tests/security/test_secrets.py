@@ -14,7 +14,7 @@ from controlplane import config
 from protos.synapse.v1 import admin_pb2, admin_pb2_grpc
 from synapse_common import settings as settings_mod
 from tests import fleet, harness
-from tests.security.conftest import SECRETS, SecureFleet
+from tests.security.conftest import LIMITED_KEY, SECRETS, SecureFleet
 
 AUTH = (("authorization", f"Bearer {fleet.ADMIN_KEY}"),)
 
@@ -66,3 +66,22 @@ def test_redis_down_is_served_and_logged_without_its_password(secure: SecureFlee
                                    if p.name.startswith("controlplane")), 10,
                        "the control planes to log the Redis failure")
     assert not fleet.scan_for_secrets(fleet.log_files(secure.tmp), secure.bodies, SECRETS)
+
+
+def test_the_access_log_names_tenants_and_never_a_key(secure: SecureFleet) -> None:
+    sent = []
+    for i, key in enumerate((fleet.TENANT_KEY, LIMITED_KEY, fleet.OTHER_KEY, "sk-wrong-0")):
+        reply = fleet.request(secure.urls[i % 2], "POST", "/v1/chat/completions",
+                              fleet.chat_body(f"access log {i}"), key=key)
+        secure.bodies.append(reply.body)
+        sent.append((reply.headers["x-request-id"], reply.status))
+    lines = [line for path in fleet.log_files(secure.tmp) if path.name.startswith("controlplane")
+             for line in path.read_text("utf-8", errors="replace").splitlines()
+             if " synapse.access: " in line]
+    for request_id, status in sent:
+        mine = [line for line in lines if f"request_id={request_id}" in line]
+        assert len(mine) == 1, (request_id, lines[-8:])
+        assert f"POST /v1/chat/completions {status}" in mine[0]
+    assert any("tenant=limited" in line for line in lines)
+    assert sent[-1][1] == 401
+    assert not fleet.scan_for_secrets([], lines, [*SECRETS, "sk-wrong-0"])

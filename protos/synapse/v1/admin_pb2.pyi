@@ -261,7 +261,7 @@ class LatencySummary(_message.Message):
     def __init__(self, requests: _Optional[int] = ..., errors: _Optional[int] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("requests_total", "cache_hit_rate", "cache_hits_exact", "cache_hits_semantic", "cache_misses", "cache_errors", "per_model", "per_backend", "nodes_ready", "backends_ready", "uptime_seconds", "replica")
+    __slots__ = ("requests_total", "cache_hit_rate", "cache_hits_exact", "cache_hits_semantic", "cache_misses", "cache_errors", "per_model", "per_backend", "nodes_ready", "backends_ready", "uptime_seconds", "replica", "replicas_asked", "replicas_answered", "replicas", "fleet_error")
     class PerModelEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +288,10 @@ class Stats(_message.Message):
     BACKENDS_READY_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_ASKED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    FLEET_ERROR_FIELD_NUMBER: _ClassVar[int]
     requests_total: int
     cache_hit_rate: float
     cache_hits_exact: int
@@ -300,7 +304,11 @@ class Stats(_message.Message):
     backends_ready: int
     uptime_seconds: float
     replica: str
-    def __init__(self, requests_total: _Optional[int] = ..., cache_hit_rate: _Optional[float] = ..., cache_hits_exact: _Optional[int] = ..., cache_hits_semantic: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_errors: _Optional[int] = ..., per_model: _Optional[_Mapping[str, LatencySummary]] = ..., per_backend: _Optional[_Mapping[str, LatencySummary]] = ..., nodes_ready: _Optional[int] = ..., backends_ready: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., replica: _Optional[str] = ...) -> None: ...
+    replicas_asked: int
+    replicas_answered: int
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    fleet_error: str
+    def __init__(self, requests_total: _Optional[int] = ..., cache_hit_rate: _Optional[float] = ..., cache_hits_exact: _Optional[int] = ..., cache_hits_semantic: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_errors: _Optional[int] = ..., per_model: _Optional[_Mapping[str, LatencySummary]] = ..., per_backend: _Optional[_Mapping[str, LatencySummary]] = ..., nodes_ready: _Optional[int] = ..., backends_ready: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., replica: _Optional[str] = ..., replicas_asked: _Optional[int] = ..., replicas_answered: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., fleet_error: _Optional[str] = ...) -> None: ...
 
 class GetUsageRequest(_message.Message):
     __slots__ = ("tenant", "since_seconds")

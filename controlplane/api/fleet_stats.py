@@ -1,0 +1,102 @@
+"""Fleet-wide ``/api/v1/stats`` and ``Admin.GetStats`` (issue 19).
+
+With ``redis.url`` every replica answers the others' questions on one Redis channel
+(:class:`controlplane.adapters.redis_fanout.Fanout`), and :func:`snapshot` asks the fleet,
+waits up to ``stats.fleet_timeout_s`` and merges what came back with its own figures
+(:mod:`controlplane.core.stats_merge`). The answer says how many replicas were asked and
+how many answered (``replicas_asked``, ``replicas_answered``, ``replicas``); a replica
+that does not answer in time is left out, and Redis being unreachable leaves this
+replica's figures alone, with ``fleet_error`` saying why (never the URL). Without Redis
+the answer is this replica's, as one of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from controlplane.adapters import redis_fanout
+from controlplane.api import context
+from controlplane.api import services as services_mod
+from controlplane.core import stats_merge
+
+log = logging.getLogger("synapse.controlplane.stats")
+CHANNEL = "synapse:stats"
+FANOUT = "ops.stats_fanout"
+_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("stats_fanout_task", asyncio.Task)
+
+
+def install(app: web.Application) -> None:
+    app.cleanup_ctx.append(_fanout_ctx)
+
+
+async def _fanout_ctx(app: web.Application) -> AsyncIterator[None]:
+    svc = app[context.SERVICES]
+    url = svc.settings.redis.url
+    if url is None:
+        yield
+        return
+
+    async def answer() -> bytes:
+        return orjson.dumps(local(svc))
+
+    def on_error(exc: Exception) -> None:
+        svc.metrics.redis_errors.labels("stats").inc()
+        log.debug("fleet stats through redis: %s", type(exc).__name__)
+
+    fanout = redis_fanout.Fanout(url.get_secret_value(), CHANNEL, answer, on_error)
+    svc.extra[FANOUT] = fanout
+    app[_TASK] = asyncio.get_running_loop().create_task(fanout.run())
+    yield
+    svc.extra.pop(FANOUT, None)
+    app[_TASK].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await app[_TASK]
+    await fanout.close()
+
+
+def local(svc: services_mod.Services) -> dict[str, Any]:
+    """This replica's figures, as the other replicas receive them."""
+    nodes = sum(1 for n in svc.registry.nodes() if n.status == "ready")
+    backends = sum(1 for _, why in svc.registry.all_backends() if not why)  # routable
+    return stats_merge.export(svc.stats, nodes, backends)
+
+
+async def snapshot(svc: services_mod.Services) -> dict[str, Any]:
+    """The fleet's figures (``Stats.snapshot`` keys, ``nodes_ready``, ``backends_ready``,
+    ``replica`` — the one answering —, ``replicas_asked``, ``replicas_answered``,
+    ``replicas``, ``fleet_error``)."""
+    parts = [local(svc)]
+    asked, error = 1, ""
+    fanout = svc.extra.get(FANOUT)
+    if isinstance(fanout, redis_fanout.Fanout):
+        try:
+            others, answers = await fanout.ask(svc.settings.stats.fleet_timeout_s)
+        except Exception as exc:
+            svc.metrics.redis_errors.labels("stats").inc()
+            error = f"redis unreachable ({type(exc).__name__}): this replica's figures only"
+        else:
+            asked += others
+            parts.extend(_decoded(answers))
+    merged = stats_merge.merge(parts)
+    merged.update(replica=svc.replica, replicas_asked=asked, replicas_answered=len(parts),
+                  fleet_error=error)
+    return merged
+
+
+def _decoded(answers: list[bytes]) -> list[dict[str, Any]]:
+    out = []
+    for raw in answers:
+        try:
+            part = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(part, dict):
+            out.append(part)
+    return out
