@@ -47,6 +47,7 @@ from controlplane.api import (
 from controlplane.api import services as services_mod
 from controlplane.core import cache_port, ratelimit, validation
 from synapse_common import clock as clocks
+from synapse_common import tasks
 
 log = logging.getLogger("synapse.controlplane.api")
 
@@ -105,7 +106,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     svc = request.app[context.SERVICES]
     ctx = context.RequestContext(_request_id(request, svc), svc.clock())
     request[context.CONTEXT] = ctx
-    api = request.path.startswith("/v1/")
+    api = request.path.startswith("/v1/") or request.path in tasks.ROUTES
     scope = ops.begin(request, svc, ctx) if api else None    # the trace (issue 19)
     status = 500
     try:
@@ -135,18 +136,26 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         return resp
     finally:
         if api:
-            _record(svc, ctx, status)
+            _record(svc, ctx, status, _route(request))
             ops.finish(request, svc, ctx, status, scope)   # trace end, access-log line
 
 
-def _record(svc: services_mod.Services, ctx: context.RequestContext, status: int) -> None:
+def _route(request: web.Request) -> str:
+    """The metrics' ``route`` label: the matched path (bounded: unknown paths are one)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _record(svc: services_mod.Services, ctx: context.RequestContext, status: int,
+            route: str) -> None:
     now = svc.clock()
     model = ctx.model or "unknown"
     m = svc.metrics
-    svc.child(m.requests, model, str(status), ctx.tenant or "unknown").inc()
-    svc.child(m.request_duration, model, ctx.cache).observe(now - ctx.started)
+    svc.child(m.requests, model, str(status), ctx.tenant or "unknown", route).inc()
+    svc.child(m.request_duration, model, ctx.cache, route).observe(now - ctx.started)
     if ctx.first_byte is not None:
-        svc.child(m.time_to_first_byte, model, ctx.cache).observe(ctx.first_byte - ctx.started)
+        svc.child(m.time_to_first_byte, model, ctx.cache, route).observe(
+            ctx.first_byte - ctx.started)
     error = status >= 400 or ctx.broken
     svc.stats.record(ctx.model, ctx.backend or None, now - ctx.started, error, ctx.cache)
 

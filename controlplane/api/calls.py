@@ -22,11 +22,11 @@ import orjson
 from aiohttp import web
 
 from controlplane import errors
-from controlplane.api import context, fairness, serving
+from controlplane.api import context, fairness, ops, serving
 from controlplane.core import api_calls, ratelimit, tenants, validation
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
-from synapse_common import tasks
+from synapse_common import tasks, tracing
 
 GENERATING = frozenset({tasks.GENERATE, tasks.RESPONSES, tasks.MESSAGES})
 Parse = Callable[[dict[str, Any]], api_calls.Call]
@@ -53,7 +53,8 @@ def authorization(request: web.Request, x_api_key: bool) -> str | None:
 
 def authenticate(request: web.Request, x_api_key: bool = False) -> tenants.Tenant:
     svc = request.app[context.SERVICES]
-    tenant = svc.tenants.authenticate(authorization(request, x_api_key))
+    with tracing.span("auth"):
+        tenant = svc.tenants.authenticate(authorization(request, x_api_key))
     context.get(request).tenant = tenant.name
     return tenant
 
@@ -109,8 +110,11 @@ def plan(request: web.Request, front: Front, task: str) -> core_types.RouteDecis
     """Backends of ``task`` for the model, else its fallbacks (503 when none can serve)."""
     svc = request.app[context.SERVICES]
     assert front.prompt is not None
-    decided = svc.dispatcher.plan(front.canonical, front.prompt, front.call.fields,
-                                  task)  # type: ignore[arg-type]
+    with tracing.span("route") as span:
+        decided = svc.dispatcher.plan(front.canonical, front.prompt, front.call.fields,
+                                      task)  # type: ignore[arg-type]
+        if span is not None:
+            ops.routed(span, decided)
     if decided.fallback:
         context.get(request).fallback = decided.fallback
     return decided.route

@@ -34,7 +34,7 @@ from controlplane.core import (
     cache_rules,
     sse,
 )
-from synapse_common import tasks
+from synapse_common import tasks, tracing
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
@@ -65,9 +65,12 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     front = await calls.begin(request, parse, x_api_key=True)
     decision: cache_port.CacheDecision | None = None
     try:
-        decision = await fairness.lookup(request, cache_port.CacheRequest(
-            front.tenant.name, front.canonical, "chat", anthropic_cache.cache_body(chat),
-            request.headers.get("Cache-Control", ""), ctx.request_id))
+        with tracing.span("cache.lookup") as span:
+            decision = await fairness.lookup(request, cache_port.CacheRequest(
+                front.tenant.name, front.canonical, "chat", anthropic_cache.cache_body(chat),
+                request.headers.get("Cache-Control", ""), ctx.request_id))
+            if span is not None:
+                span.set_attribute("synapse.cache", decision.status)
         ctx.cache = decision.status
         if decision.hit is not None:
             fairness.cache_hit(request, front.tenant.name, front.canonical,
@@ -138,7 +141,8 @@ class _Anthropic(relay.Shape):
 
     def keep(self, chat_answer: dict[str, Any]) -> None:
         if self._store is not None and cache_rules.is_storable(chat_answer):
-            fairness.store(self._request, self._store, chat_answer)
+            with tracing.span("cache.write"):
+                fairness.store(self._request, self._store, chat_answer)
 
 
 class Native(_Anthropic):

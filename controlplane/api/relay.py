@@ -92,6 +92,7 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
     d = dispatcher or svc.dispatcher
     async with d.exchange(route, prompt, path, body, ctx.request_id) as attempt:
         ctx.backend = attempt.backend.key
+        ctx.retries = attempt.index
         ctx.route = (route.reason if attempt.index == 0
                      else f"{route.reason}, retry {attempt.index}")
         svc.child(svc.metrics.route_decisions, ctx.backend,
@@ -104,7 +105,8 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
             return await _whole(request, attempt, shape)
         finally:    # the answer's status and usage, for the tenant's tokens and usage
             found = attempt.ticket.usage if attempt.ticket is not None else None
-            fairness.answered(request, attempt.status, shape.usage(found))
+            ctx.usage = shape.usage(found)
+            fairness.answered(request, attempt.status, ctx.usage)
 
 
 async def _whole(request: web.Request, attempt: dispatch.Attempt,

@@ -62,9 +62,10 @@ async def test_health_ready_metrics_stats_and_openapi() -> None:
                          "synapse_time_to_first_byte_seconds", "synapse_upstream_retries_total",
                          "synapse_route_decisions_total", "synapse_backends"):
                 assert name in text
-            assert (f'synapse_requests_total{{model="{t.MODEL}",status="200",tenant="a",'
-                    'route="/v1/chat/completions"} 1.0') in text
-            assert 'model="unknown",status="404"' in text  # unknown names are not labels
+            assert (f'synapse_requests_total{{model="{t.MODEL}",route="/v1/chat/completions",'
+                    'status="200",tenant="a"} 1.0') in text
+            # unknown names are not labels
+            assert 'model="unknown",route="/v1/chat/completions",status="404"' in text
             assert 'synapse_backends{state="ready"} 1.0' in text
 
             assert (await get(f"{cp.url}/api/v1/stats"))[0] == 401
