@@ -15,6 +15,13 @@ Direct and Synapse alternate in ``--rounds`` rounds (throughput: the median roun
 latency: percentiles over all rounds), so load from anything else on the machine hits
 both alike.
 
+Variants of the control plane, each one more process measured in the same interleaved
+rounds and compared with the plain one (under ``variants``): ``--tracing`` traces every
+request (``tracing.sampling_ratio`` 1.0) and exports the spans over OTLP/gRPC to
+``python -m tests.otlp`` (a receiver in a process of its own); ``--access-log`` logs at
+the default ``info`` level in JSON, one access-log line per request (the plain control
+plane logs at ``warning``, so it writes none).
+
 Peers, when ``make bench-peers`` installed them under ``.bench-venvs/``: LiteLLM's proxy
 (2 workers) and the PyPI ``vllm-router`` (round robin) in front of the same simulator;
 their throughput ratios go under ``peers``.
@@ -23,7 +30,7 @@ The load generator is one uvloop process with aiohttp (keep-alive); on a 2-core 
 it competes with the servers for CPU, so absolute numbers understate a real deployment;
 the ratios are what to compare. Run: ``python -m bench.gateway [--seconds 8]``.
 Last line: ``{"bench": "gateway", "direct_rps": …, "synapse_rps": …, "throughput_ratio":
-…, "added_p50_ms": …, "added_p99_ms": …, "stream_throughput_ratio": …, "peers": {…}}``.
+…, "added_p50_ms": …, "added_p99_ms": …, "stream_throughput_ratio": …, "variants": {…}, "peers": {…}}``.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -175,8 +183,9 @@ def pct_ms(latencies: list[float], q: float) -> float:
 
 
 def controlplane_config(workdir: pathlib.Path, sim_url: str, http: int, grpc: int,
-                        limits: bool = False) -> str:
-    path = workdir / "controlplane.yaml"
+                        limits: bool = False, name: str = "controlplane",
+                        **sections: object) -> str:
+    path = workdir / f"{name}.yaml"
     tenant: dict[str, object] = {"name": "bench", "keys": [KEY]}
     if limits:  # token limits and a budget that never refuse: their cost, not their effect
         tenant.update(tokens_per_minute=10**12, budget={"tokens": 10**15, "period": "day"},
@@ -188,8 +197,47 @@ def controlplane_config(workdir: pathlib.Path, sim_url: str, http: int, grpc: in
         "upstreams": [{"name": "sim", "url": sim_url, "models": [MODEL]}],
         "cache": {"enabled": False},
         "logging": {"level": "warning"},
+        **sections,
     }))
     return str(path)
+
+
+def variants(args: argparse.Namespace, sink: str) -> dict[str, dict[str, object]]:
+    """The extra control planes asked for, by target name: their config sections."""
+    out: dict[str, dict[str, object]] = {}
+    if args.tracing:    # every request traced and exported to an OTLP receiver
+        out["traced"] = {"tracing": {"enabled": True, "sampling_ratio": 1.0,
+                                     "endpoint": sink}}
+    if args.access_log:  # the default log level: one JSON access-log line per request
+        out["logged"] = {"logging": {"level": "info", "format": "json"}}
+    return out
+
+
+def start_sink(tree: Tree) -> str:
+    """``python -m tests.otlp`` (an OTLP/gRPC receiver that counts spans) in a process of
+    its own, so receiving spans does not weigh on the load generator."""
+    port = free_port()
+    log = open(tree.workdir / "otlp-sink.log", "wb")  # lives as long as the child
+    proc = subprocess.Popen([sys.executable, "-m", "tests.otlp", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            start_new_session=True)
+    tree.procs.append(proc)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return f"http://127.0.0.1:{port}"
+        time.sleep(0.2)
+    raise SystemExit("the OTLP receiver did not start")
+
+
+def compared(row: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    """A variant's figures beside the plain control plane's, measured in the same rounds."""
+    return {"rps": round(row["rps"], 1), "stream_rps": round(row["stream_rps"], 1),
+            "rps_vs_synapse": round(row["rps"] / base["rps"], 3),
+            "stream_rps_vs_synapse": round(row["stream_rps"] / base["stream_rps"], 3),
+            "added_p50_ms_vs_synapse": round(row["p50_ms"] - base["p50_ms"], 3),
+            "added_p99_ms_vs_synapse": round(row["p99_ms"] - base["p99_ms"], 3),
+            "errors": row["errors"]}
 
 
 def peers(tree: Tree, sim_url: str, workdir: pathlib.Path) -> Iterator[tuple[str, str]]:
@@ -267,10 +315,19 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         print(f"{'target':<14} {'req/s':>9} {'stream r/s':>11} {'p50 ms':>9} {'p99 ms':>9} "
               f"{'errors':>7}   (latency at {args.rate:g} req/s)", flush=True)
         auth = {"Authorization": f"Bearer {KEY}"}
-        both = await measure([("direct", f"{sim}/v1/chat/completions", {}),
-                              ("synapse", f"http://127.0.0.1:{hp}/v1/chat/completions", auth)],
-                             args, rate=args.rate)
+        targets = [("direct", f"{sim}/v1/chat/completions", {}),
+                   ("synapse", f"http://127.0.0.1:{hp}/v1/chat/completions", auth)]
+        wanted = variants(args, start_sink(tree) if args.tracing else "")
+        for name, sections in wanted.items():
+            vh = free_port()
+            vcfg = controlplane_config(workdir, sim, vh, free_port(), args.limits,
+                                       name=name, **sections)
+            tree.start(name, [str(BIN / "synapse"), "controlplane", "--config", vcfg],
+                       f"http://127.0.0.1:{vh}/ready")
+            targets.append((name, f"http://127.0.0.1:{vh}/v1/chat/completions", auth))
+        both = await measure(targets, args, rate=args.rate)
         direct, syn = both["direct"], both["synapse"]
+        variant_rows = {name: compared(both[name], syn) for name in wanted}
         peer_rows = {}
         for name, url in peers(tree, sim, workdir):
             row = (await measure([(name, url, {"Authorization": f"Bearer {PEER_KEY}"})],
@@ -292,7 +349,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "added_p50_ms": round(syn["p50_ms"] - direct["p50_ms"], 3),
             "added_p99_ms": round(syn["p99_ms"] - direct["p99_ms"], 3),
             "stream_throughput_ratio": round(syn["stream_rps"] / direct["stream_rps"], 3),
-            "rate_rps": args.rate, "limits": args.limits, "peers": peer_rows}
+            "rate_rps": args.rate, "limits": args.limits, "variants": variant_rows,
+            "peers": peer_rows}
 
 
 def main() -> None:
@@ -305,6 +363,12 @@ def main() -> None:
     parser.add_argument("--limits", action="store_true",
                         help="give the tenant token limits and a budget (never reached), as "
                         "well as the usage accounting that is always on")
+    parser.add_argument("--tracing", action="store_true",
+                        help="also measure a control plane tracing every request (ratio 1.0) "
+                        "to an OTLP receiver, in the same rounds (target 'traced')")
+    parser.add_argument("--access-log", action="store_true",
+                        help="also measure a control plane at the default log level, writing "
+                        "one JSON access-log line per request (target 'logged')")
     args = parser.parse_args()
     result = common.run(run(args))
     print(json.dumps(result))

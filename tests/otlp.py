@@ -71,10 +71,12 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                      context: grpc.aio.ServicerContext
                      ) -> trace_service_pb2.ExportTraceServiceResponse:
         self.exports += 1
-        for span in spans_of(request):
+        if not self.keep:       # counting only: no decoding (benchmarks)
+            self.count += sum(len(ss.spans) for rs in request.resource_spans
+                              for ss in rs.scope_spans)
+        for span in spans_of(request) if self.keep else ():
             self.count += 1
-            if self.keep:
-                self.spans.append(span)
+            self.spans.append(span)
         return trace_service_pb2.ExportTraceServiceResponse()
 
     async def start(self, port: int = 0) -> str:
