@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: up test lint protos verifier bench-peers tools clean engines engines-llamacpp
+.PHONY: up test test-llamacpp lint protos verifier bench-peers tools clean engines engines-llamacpp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,7 +64,12 @@ up: $(VENV)/.runtime
 	$(BIN)/synapse up $(ARGS)
 
 test: $(VENV)/.dev tools engines
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not llamacpp" $(PYTEST_ARGS)
+
+# Opt-in: the llamacpp upstream kind against a real llama-server, built when missing (root
+# for apt's clang-19, then ~13 CPU-minutes); tests/engines/test_kind_llamacpp.py says why.
+test-llamacpp: $(VENV)/.dev tools engines-llamacpp
+	$(BIN)/pytest -m llamacpp $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

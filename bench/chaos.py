@@ -4,7 +4,9 @@ The fleet (real processes, loopback): two ``synapse controlplane`` replicas shar
 Redis (L1 cache, rate limits, durable intent) and one Milvus Lite server (L2, run as its
 own process so that it can be killed like a Milvus deployment); two ``synapse agent``
 nodes, each supervising two engine simulators (four backends) and embedding through a
-TEI-mode simulator; every agent streams to both replicas.
+TEI-mode simulator; every agent streams to both replicas. The model falls back to a second
+model, served by one more simulator that the replicas know as a static upstream
+(``bench/chaos_fallback.py``; the fault ``primary_down`` fails every engine of the model).
 
 Steady load (``--workers`` closed-loop clients, 70% non-streaming / 30% streaming chat,
 temperature 0 so answers are cacheable, a fifth of them repeats of earlier successful
@@ -63,12 +65,12 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ and tests/ import
     sys.path.insert(0, str(REPO))
 
-from bench import chaos_intent, common  # noqa: E402
+from bench import chaos_fallback, chaos_intent, common  # noqa: E402
 from tests import fleet, harness  # noqa: E402
 
 FAULTS = ["sigkill_engine", "hang_engine", "error_rate_20", "stall_stream", "kill_redis",
           "milvus_down", "kill_embedder", "restart_controlplane", "restart_controlplane_l2",
-          "restart_agent", "intent_race"]
+          "restart_agent", "intent_race", "primary_down"]
 NODES = {"node-a": ["gen-a1", "gen-a2"], "node-b": ["gen-b1", "gen-b2"]}
 
 
@@ -88,6 +90,7 @@ class ChaosFleet:
     engine_ports: dict[str, int]
     tei_port: int
     milvus_port: int
+    fallback_port: int = 0                          # the fallback model's engine
     tei: harness.ManagedProcess | None = None
     milvus: harness.ManagedProcess | None = None
     faulted: set[str] = dataclasses.field(default_factory=set)
@@ -98,6 +101,11 @@ class ChaosFleet:
     def start_tei(self) -> None:
         self.tei = self.pool.start("tei", fleet.tei_argv(self.tei_port),
                                    ready_url=f"http://127.0.0.1:{self.tei_port}/health")
+
+    def start_fallback(self, time_scale: float) -> None:
+        self.fallback_port = harness.free_port()
+        self.pool.start("fallback", chaos_fallback.argv(self.fallback_port, time_scale),
+                        ready_url=f"http://127.0.0.1:{self.fallback_port}/health")
 
     def start_milvus(self) -> None:
         # The child imports bench.chaos: the repository goes on its path, whatever the
@@ -136,11 +144,13 @@ class ChaosFleet:
         return None
 
     def ready_everywhere(self) -> bool:
-        return all(fleet.backends_ready(u) == 4 for u in self.urls) and \
-            all(_sim_ok(self.engine_url(e)) for e in self.engine_ports)
+        # four engines of the model and the fallback model's engine
+        return all(fleet.backends_ready(u) == 5 for u in self.urls) and \
+            all(_sim_ok(self.engine_url(e)) for e in self.engine_ports) and \
+            _sim_ok(f"http://127.0.0.1:{self.fallback_port}")
 
     def healthy_backends(self) -> int:
-        return 4 - len(self.faulted)
+        return 4 - len(self.faulted) + 1            # the fallback model's engine is never faulted
 
 
 def _port_open(port: int) -> bool:
@@ -155,7 +165,7 @@ def _sim_ok(url: str) -> bool:
 
 
 COUNTERS = ("synapse_upstream_retries_total", "synapse_cache_errors_total",
-            "synapse_redis_errors_total")
+            "synapse_redis_errors_total", "synapse_fallbacks_total")
 SEMANTIC = {"synapse_cache_lookup_duration_seconds_sum": "semantic_s",
             "synapse_cache_lookup_duration_seconds_count": "semantic_n"}
 
@@ -187,7 +197,7 @@ def set_faults(url: str, **faults: Any) -> None:
 
 
 def _cp_config(fl_tmp: pathlib.Path, i: int, http: int, grpc: int, redis_url: str,
-               milvus_port: int) -> dict[str, Any]:
+               milvus_port: int, fallback_port: int) -> dict[str, Any]:
     return fleet.controlplane_config(
         f"replica-{i}", http, grpc, fl_tmp / f"data-{i}",
         http={"upstream_first_byte_timeout_s": 2.0, "upstream_idle_timeout_s": 2.0},
@@ -196,7 +206,7 @@ def _cp_config(fl_tmp: pathlib.Path, i: int, http: int, grpc: int, redis_url: st
         cache={"semantic_enabled": True, "embed_model": fleet.EMBED,
                "milvus_uri": f"http://127.0.0.1:{milvus_port}", "l1_budget_ms": 200,
                "semantic_budget_ms": 500},
-        logging={"level": "warning"})
+        logging={"level": "warning"}, **chaos_fallback.sections(fallback_port))
 
 
 @contextlib.contextmanager
@@ -212,8 +222,10 @@ def chaos_fleet(tmp: pathlib.Path, time_scale: float = 0.005,
     try:
         fl.start_milvus()
         fl.start_tei()
+        fl.start_fallback(time_scale)
         for i in range(2):
-            cfg = _cp_config(tmp, i, http[i], grpc[i], redis.url, fl.milvus_port)
+            cfg = _cp_config(tmp, i, http[i], grpc[i], redis.url, fl.milvus_port,
+                             fl.fallback_port)
             fl.cp_configs.append(fleet.write_yaml(tmp / f"cp-{i}.yaml", cfg))
             fl.start_cp(i)
         addresses = [f"127.0.0.1:{p}" for p in grpc]
@@ -225,7 +237,7 @@ def chaos_fleet(tmp: pathlib.Path, time_scale: float = 0.005,
             cfg["embedder"].update(agent_embedder or {})
             fl.agent_configs[node] = fleet.write_yaml(tmp / f"{node}.yaml", cfg)
             fl.start_agent(node)
-        harness.wait_until(fl.ready_everywhere, 120, "four engines behind both replicas",
+        harness.wait_until(fl.ready_everywhere, 120, "five engines behind both replicas",
                            interval=0.3)
         yield fl
     finally:
@@ -469,7 +481,7 @@ async def fault_restart_controlplane(fl: ChaosFleet, duration: float,
     deadline = up + 60
     info["reregistered"] = False
     while time.monotonic() < deadline:
-        if await asyncio.to_thread(fleet.backends_ready, fl.urls[1]) == 4:
+        if await asyncio.to_thread(fleet.backends_ready, fl.urls[1]) == 5:   # 4 + fallback
             info["reregistered"] = True
             break
         await asyncio.sleep(0.05)
@@ -537,6 +549,11 @@ async def fault_restart_agent(fl: ChaosFleet, duration: float, info: dict[str, A
 async def fault_intent_race(fl: ChaosFleet, duration: float, info: dict[str, Any]) -> None:
     """Two replicas edit one node's intent at once (deploys, cordons): nothing lost."""
     await chaos_intent.race(fl, duration, info)
+
+
+async def fault_primary_down(fl: ChaosFleet, duration: float, info: dict[str, Any]) -> None:
+    """Every engine of the primary model answers 500: the fallback model serves."""
+    await chaos_fallback.primary_down(fl, duration, info, set_faults)
 
 
 FAULT_FUNCS: dict[str, Callable[[ChaosFleet, float, dict[str, Any]], Any]] = {

@@ -55,6 +55,7 @@ class Target:
     timeout_s: float = 2.0
     ok_statuses: frozenset[int] = frozenset()   # healthy besides 2xx
     metrics_url: str | None = None
+    metrics_headers: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False)
     fail_after: int = 2             # failed probes in a row that make it unhealthy
 
 
@@ -83,7 +84,7 @@ async def metrics_text(client: Sender, target: Target) -> str | None:
     """The target's metrics exposition, or None when it could not be fetched."""
     if target.metrics_url is None:
         return None
-    answer = await _get(client, target.metrics_url, target.headers, target.timeout_s)
+    answer = await _get(client, target.metrics_url, target.metrics_headers, target.timeout_s)
     if answer is None or answer[0] != 200 or len(answer[1]) > METRICS_BYTES:
         return None
     return answer[1].decode("utf-8", "replace")

@@ -25,12 +25,13 @@ def target(u: config.UpstreamSettings, backend: types.BackendState,
                                          kind.min_probe_interval_s if kind else 0.0)
     path = kind.health_path if kind else u.health_path
     with_key = kind is None or kind.probe_with_key
+    auth = upstream_kinds.auth_headers(backend.api_key)
     return prober.Target(
-        key=backend.key, url=backend.url + path,
-        headers=upstream_kinds.auth_headers(backend.api_key) if with_key else {},
+        key=backend.key, url=backend.url + path, headers=auth if with_key else {},
         interval_s=interval, timeout_s=max(1.0, min(5.0, interval / 2)),
         ok_statuses=kind.healthy_statuses if kind else frozenset(),
-        metrics_url=backend.url + "/metrics" if kind and kind.metrics else None)
+        metrics_url=backend.url + "/metrics" if kind and kind.metrics else None,
+        metrics_headers=auth)      # llama-server --api-key guards /metrics too
 
 
 def targets(svc: services_mod.Services) -> list[prober.Target]:

@@ -15,7 +15,8 @@ A static upstream (``upstreams[]`` in the config) may name its ``kind``; the kin
 * **the key**: every kind takes it as ``Authorization: Bearer <key>`` on its OpenAI paths
   (vLLM, SGLang, TGI and llama-server ``--api-key``; OpenAI-compatible APIs). Ollama
   ignores it, but a proxy in front of an Ollama usually wants exactly that. The probe
-  carries it only where the probed path needs it: engines' health paths are public.
+  carries it only where the probed path needs it (engines' health paths are public); the
+  metrics request always does (llama-server ``--api-key`` guards ``/metrics``).
 
 A kind-less upstream keeps the behaviour it always had: its ``health_path`` (``/health``)
 with the key, no metrics.

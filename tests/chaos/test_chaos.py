@@ -7,7 +7,8 @@ a few faults happen in turn, a few seconds each. The full figures come from
   first byte may fail, and they end with an SSE error event);
 * nothing wrong is cached (no failed prompt is an exact hit; hits equal the original);
 * a restarted control-plane replica gets every backend back (its agents re-register);
-* restarted on its existing L2 data (Milvus restarted under it), semantic hits resume.
+* restarted on its existing L2 data (Milvus restarted under it), semantic hits resume;
+* when every engine of the model fails, its fallback model serves: nothing fails.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from bench import chaos
 from tests import fleet
 
 FAULTS = ["sigkill_engine", "error_rate_20", "stall_stream", "kill_redis",
-          "restart_controlplane", "restart_controlplane_l2", "intent_race"]
+          "restart_controlplane", "restart_controlplane_l2", "intent_race", "primary_down"]
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,10 @@ def test_semantic_hits_resume_after_a_restart_on_existing_l2_data(
 def test_two_replicas_editing_intent_at_once_lose_nothing(result: dict[str, Any]) -> None:
     figures = result["faults"]["intent_race"]
     assert figures["edits"] > 0 and figures["lost"] == 0, figures
+
+
+def test_when_every_engine_of_the_model_fails_the_fallback_model_serves(
+        result: dict[str, Any]) -> None:
+    figures = result["faults"]["primary_down"]
+    assert figures["sent"] > 0 and figures["failed"] == 0, figures
+    assert figures["fallbacks"] > 0, figures

@@ -33,7 +33,8 @@ class FakeBackend:
     """An OpenAI-compatible backend; ``mode`` picks its behaviour for the next requests.
 
     ``ok``: answers; ``500``: fails; ``hang``: never answers; ``break``: a stream that
-    stops after two chunks without ``[DONE]``; ``slow``: a stream with a pause per chunk.
+    stops after two chunks without ``[DONE]``; ``empty``: a stream whose connection closes
+    after the head, before any chunk; ``slow``: a stream with a pause per chunk.
     """
 
     def __init__(self, name: str, mode: str = "ok") -> None:
@@ -104,7 +105,7 @@ class FakeBackend:
         chunks = _chunks(body["model"], text, chat)
         try:
             for i, chunk in enumerate(chunks):
-                if self.mode == "break" and i == 2:
+                if (self.mode == "break" and i == 2) or (self.mode == "empty" and i == 0):
                     request.transport.close()  # type: ignore[union-attr]
                     return resp
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")

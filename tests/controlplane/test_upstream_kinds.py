@@ -1,0 +1,255 @@
+"""Upstreams of every kind (issue 17): the kind decides the probe and the metrics, the
+model name is mapped both ways, a ``/v1`` base URL is the same server, and the key
+reaches the upstream and nowhere else. Ollama is a stand-in that follows Ollama's
+documented API (:mod:`tests.ollama_standin`); the hosted API a small server that wants
+its key; the engine metrics come from the engine simulator and, in ``tests/engines``,
+from the real vLLM and llama-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import pathlib
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from controlplane.adapters import prober as prober_mod
+from controlplane.adapters import upstream as upstream_mod
+from controlplane.api import services as services_mod
+from controlplane.api import upstream_wiring
+from controlplane.core import types, upstream_kinds, upstream_metrics
+from tests import fleet, harness
+from tests.clock import ManualClock, SteppedSleep
+from tests.controlplane import cp_testing as t
+from tests.ollama_standin import OllamaStandIn
+
+KEY = "sk-upstream-proxy-5c1e9a7b3d2f4e60"
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    for _ in range(400):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never: {what}")
+
+
+def routable(cp: t.RunningCP, key: str) -> bool:
+    return any(b.key == key and not why for b, why in cp.services.registry.all_backends())
+
+
+# -- Ollama ------------------------------------------------------------------------------
+
+
+async def test_ollama_is_probed_where_it_answers_and_serves_under_its_own_model_name(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    ollama = OllamaStandIn()
+    await ollama.start()
+    try:
+        s = t.settings(upstreams=[{
+            "name": "ollama", "url": ollama.url + "/v1/", "kind": "ollama",
+            "models": [t.MODEL], "model_names": {t.MODEL: "llama3.1:8b"}, "api_key": KEY}])
+        async with t.running(s) as cp:
+            await until(lambda: bool(ollama.seen("/api/version")), "a probe of /api/version")
+            assert routable(cp, "static/ollama") and not ollama.seen("/health")
+            client = cp.client()
+            reply = await client.chat.completions.create(model="llama", messages=MSGS)
+            assert (reply.model, reply.choices[0].message.content) == \
+                ("llama", "Hello from Ollama")
+            headers, body = ollama.seen("/v1/chat/completions")[-1]
+            assert json.loads(body)["model"] == "llama3.1:8b"
+            assert headers["Authorization"] == f"Bearer {KEY}", "the key reached Ollama"
+            stream = await client.chat.completions.create(
+                model=t.MODEL, messages=MSGS, stream=True,
+                stream_options={"include_usage": True})
+            chunks = [c async for c in stream]
+            assert {c.model for c in chunks} == {t.MODEL}
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) \
+                == "Hello from Ollama"
+            assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 15
+            text = await client.completions.create(model="llama", prompt="Say hi")
+            assert (text.model, text.choices[0].text) == ("llama", "Hello from Ollama")
+            await client.close()
+            leaked = await _exposed(cp.url)
+        assert KEY not in caplog.text and KEY not in leaked, "the key is never logged"
+    finally:
+        await ollama.stop()
+
+
+async def _exposed(url: str) -> str:
+    """What the control plane shows about itself: metrics, stats, readiness."""
+    out = []
+    async with aiohttp.ClientSession() as s:
+        for path in ("/metrics", "/ready", "/api/v1/stats"):
+            async with s.get(url + path, headers={"Authorization": f"Bearer {t.ADMIN}"}) as r:
+                out.append(await r.text())
+    return "\n".join(out)
+
+
+async def test_without_its_kind_an_ollama_fails_the_health_probe() -> None:
+    ollama = OllamaStandIn()
+    await ollama.start()
+    try:
+        s = t.settings(upstreams=[{"name": "ollama", "url": ollama.url, "models": [t.MODEL]}])
+        async with t.running(s) as cp:
+            await until(lambda: bool(ollama.seen("/health")), "a probe of /health")
+            await until(lambda: not routable(cp, "static/ollama"), "unhealthy")
+    finally:
+        await ollama.stop()
+
+
+async def test_a_kindless_upstream_given_with_v1_is_the_same_server() -> None:
+    async with t.backends(("one", "ok")) as (b,):
+        async with t.running(t.settings(upstreams=[t.upstream("one", b.url + "/v1")])) as cp:
+            client = cp.client()
+            reply = await client.chat.completions.create(model="llama", messages=MSGS)
+            assert reply.choices[0].message.content == "hello from one"
+            await until(lambda: b.health_hits > 0, "a probe of /health (not /v1/health)")
+            await client.close()
+
+
+# -- a hosted OpenAI-compatible API ------------------------------------------------------
+
+
+class HostedAPI:
+    """Answers ``GET /v1/models`` with the right key only (401 otherwise), or 429."""
+
+    def __init__(self) -> None:
+        self.probes: list[str | None] = []
+        self.rate_limited = False
+        self.runner: web.AppRunner | None = None
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.probes.append(request.headers.get("Authorization"))
+        if self.rate_limited:
+            return web.json_response({"error": {"message": "slow down"}}, status=429)
+        if request.headers.get("Authorization") != f"Bearer {KEY}":
+            return web.json_response({"error": {"message": "bad key"}}, status=401)
+        return web.json_response({"object": "list", "data": [{"id": "gpt-4o-mini"}]})
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        app = web.Application()
+        app.router.add_get("/v1/models", self.models)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        try:
+            yield f"http://127.0.0.1:{self.runner.addresses[0][1]}/v1"
+        finally:
+            await self.runner.cleanup()
+
+
+async def test_a_hosted_api_is_probed_with_its_key_at_most_once_a_minute() -> None:
+    api = HostedAPI()
+    async with api.running() as url:
+        hosted = {"name": "hosted", "url": url, "kind": "openai", "models": ["gpt-4o-mini"],
+                  "api_key": KEY}
+        engine = {"name": "engine", "url": "http://127.0.0.1:9", "kind": "vllm",
+                  "models": [t.MODEL], "api_key": KEY}
+        svc = services_mod.build(t.settings(upstreams=[hosted, engine],
+                                            registry={"upstream_probe_interval_s": 5}))
+        targets = {x.key: x for x in upstream_wiring.targets(svc)}
+        assert targets["static/hosted"].interval_s == 60.0
+        assert targets["static/engine"].interval_s == 5.0
+        assert targets["static/engine"].headers == {}, "an engine's health path is public"
+        clock = ManualClock()
+        sleep = SteppedSleep(clock)
+        reports: list[tuple[str, bool]] = []
+        client = upstream_mod.UpstreamClient(1.0, 2.0, 2.0)
+        await client.start()
+        run = asyncio.create_task(prober_mod.Prober(
+            client, list(targets.values()), lambda k, ok: reports.append((k, ok)),
+            clock=clock, sleep=sleep).run())
+        await until(lambda: clock.now >= 180, "three virtual minutes")
+        run.cancel()
+        await client.close()
+        assert api.probes[:4] == [f"Bearer {KEY}"] * 4     # at 0, 60, 120 and 180 s
+        assert len(api.probes) <= 5
+        assert ("static/hosted", True) in reports and ("static/engine", False) in reports
+        assert sum(1 for k, _ in reports if k == "static/engine") >= 36   # every 5 s
+
+
+async def test_a_hosted_api_with_a_wrong_key_is_unhealthy_and_429_is_not() -> None:
+    api = HostedAPI()
+    async with api.running() as url:
+        client = upstream_mod.UpstreamClient(1.0, 2.0, 2.0)
+        await client.start()
+        for key, rate_limited, healthy in [("wrong", False, False), (KEY, True, True),
+                                           (KEY, False, True)]:
+            api.rate_limited = rate_limited
+            u = t.settings(upstreams=[{"name": "h", "url": url, "kind": "openai",
+                                       "models": ["m"], "api_key": key}]).upstreams[0]
+            backend = types.BackendState(key="static/h", node="static", name="h",
+                                         url=upstream_kinds.base_url(url), models=("m",),
+                                         api_key=key)
+            target = upstream_wiring.target(u, backend, 5.0)
+            assert await prober_mod.probe(client, target) is healthy, (key, rate_limited)
+        await client.close()
+
+
+# -- engine metrics by kind --------------------------------------------------------------
+
+
+SGLANG = """# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{model_name="m",tp_rank="0"} 3.0
+sglang:num_running_reqs{model_name="m",tp_rank="1"} 2.0
+# TYPE sglang:num_queue_reqs gauge
+sglang:num_queue_reqs{model_name="m"} 7.0
+# TYPE sglang:token_usage gauge
+sglang:token_usage{model_name="m"} 0.28
+"""
+TGI = """# TYPE tgi_queue_size gauge
+tgi_queue_size 4
+# TYPE tgi_batch_current_size gauge
+tgi_batch_current_size 6
+"""
+LLAMACPP = """# HELP llamacpp:requests_processing Number of requests processing
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 1
+# HELP llamacpp:requests_deferred Number of requests deferred
+# TYPE llamacpp:requests_deferred gauge
+llamacpp:requests_deferred 2
+"""
+
+
+def test_each_engine_kind_is_read_with_its_own_names(reference_dir: pathlib.Path) -> None:
+    def load(kind: str, text: str) -> types.EngineLoad:
+        names = upstream_kinds.KINDS[kind].metrics
+        assert names is not None
+        return upstream_metrics.parse(text, names)
+
+    assert load("sglang", SGLANG) == types.EngineLoad(waiting=7, running=5, kv_usage=0.28)
+    assert load("tgi", TGI) == types.EngineLoad(waiting=4, running=6)
+    assert load("llamacpp", LLAMACPP) == types.EngineLoad(waiting=2, running=1)
+    vllm = load("vllm", (reference_dir / "vllm_metrics_sample.txt").read_text())
+    assert vllm.ok and 0 < vllm.kv_usage < 0.01
+    assert load("vllm", "<html>not metrics</html>").ok is False
+    assert upstream_kinds.KINDS["ollama"].metrics is None
+    assert upstream_kinds.KINDS["openai"].metrics is None
+
+
+async def test_a_vllm_kind_upstream_gives_the_router_its_engine_load(
+        processes: harness.ProcessPool) -> None:
+    port = harness.free_port()
+    processes.start("sim", fleet.simulator_argv(port, t.MODEL, time_scale=0),
+                    ready_url=f"http://127.0.0.1:{port}/health")
+    url = f"http://127.0.0.1:{port}"
+    s = t.settings(upstreams=[{"name": "vllm", "url": url, "kind": "vllm", "models": [t.MODEL]},
+                              {"name": "plain", "url": url, "models": [t.MODEL]}])
+    async with t.running(s) as cp:
+        def backend(key: str) -> types.BackendState:
+            return next(b for b in cp.services.registry.static_backends() if b.key == key)
+
+        await until(lambda: backend("static/vllm").kv_capacity_tokens > 0, "a scrape")
+        scraped = backend("static/vllm")
+        assert scraped.block_size == 16 and scraped.metrics_ok
+        assert scraped.kv_capacity_tokens % scraped.block_size == 0
+        assert backend("static/plain").kv_capacity_tokens == 0, "no kind, no metrics"
