@@ -44,7 +44,8 @@ from synapse_common import clock as clocks
 CONSISTENCY = "Bounded"
 TEXT_FIELD_MAX = 8192 * 4       # bytes: TEXT_MAX characters of UTF-8
 SCAN_BATCH = 5_000              # rows per call of a full scan
-SLOW_CALL_S = 30.0              # floor of the time-out of flushes, loads and scans
+SLOW_CALL_S = 30.0              # floor of the time-out of flushes, loads and queries
+SCAN_S = 600.0                  # a full scan: many calls of SLOW_CALL_S each, off the hot path
 GRACE_S = 1.0                   # the asyncio time-out beyond pymilvus' own
 NOT_LOADED_CODE = 101           # Milvus' CollectionNotLoaded
 T = TypeVar("T")
@@ -171,7 +172,7 @@ class MilvusStore:
                       float(r["created_at"])) for r in found]
 
     async def newest_per_scope(self) -> dict[str, float]:
-        return await self._call(self._scan_sync, SLOW_CALL_S)
+        return await self._call(self._scan_sync, SCAN_S)
 
     async def delete(self, tenant: str | None, model: str | None) -> int:
         clauses = []
