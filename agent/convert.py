@@ -5,6 +5,7 @@ from __future__ import annotations
 from agent.core import lru, types
 from protos import enums
 from protos.synapse.v1 import common_pb2
+from synapse_common import tasks as task_names
 
 
 class SpecError(ValueError):
@@ -41,7 +42,8 @@ def backend(status: types.BackendStatus) -> common_pb2.BackendState:
         restarts=status.restarts, last_restart_unix_ms=status.last_restart_unix_ms,
         started_unix_ms=status.started_unix_ms, pid=status.pid,
         last_log_lines=list(status.last_log_lines),
-        memory_reserved_bytes=status.memory_reserved_bytes, metrics_ok=status.metrics_ok)
+        memory_reserved_bytes=status.memory_reserved_bytes, metrics_ok=status.metrics_ok,
+        tasks=list(status.tasks))
 
 
 def cache_stats(stats: lru.CacheStats | None) -> common_pb2.EmbeddingCacheStats:
@@ -74,7 +76,8 @@ def spec_from_proto(msg: common_pb2.BackendSpec) -> types.EngineSpec:
         url=msg.url or None, gpu_memory_utilization=msg.gpu_memory_utilization or 0.9,
         max_model_len=msg.max_model_len or None, extra_args=tuple(msg.extra_args),
         gpu_indices=tuple(msg.gpu_indices), memory_required_bytes=msg.memory_required_bytes,
-        task="embed" if msg.task == common_pb2.BACKEND_TASK_EMBED else "generate")
+        task="embed" if msg.task == common_pb2.BACKEND_TASK_EMBED else "generate",
+        tasks=tuple(t for t in msg.tasks if t in task_names.ALL))
 
 
 def spec_from_config(cfg: object) -> types.EngineSpec:
@@ -87,4 +90,4 @@ def spec_from_config(cfg: object) -> types.EngineSpec:
         gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
         extra_args=tuple(cfg.extra_args), gpu_indices=tuple(cfg.gpu_indices),
         memory_required_bytes=int((cfg.memory_required_gb or 0) * 1024**3), task=cfg.task,
-        env=tuple(sorted(cfg.env.items())))
+        env=tuple(sorted(cfg.env.items())), tasks=tuple(cfg.tasks))

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from agent import engine_env, process
+from agent import engine_env, engine_tasks, process
 from agent import metrics as agent_metrics
 from agent.config import SupervisorSettings
 from agent.core import backoff, commands, engine_metrics, types
@@ -85,6 +85,7 @@ class Runner:
         self.snapshot_at = 0.0
         self.hit_rate = 0.0
         self.metrics_ok = False
+        self.tasks: tuple[str, ...] = spec.tasks or (spec.task,)
         self.sink = process.LogSink(pathlib.Path(cfg.log_dir) / f"{spec.name}.log",
                                     cfg.log_max_bytes, cfg.log_tail_lines)
         self._policy = backoff.RestartPolicy(
@@ -218,6 +219,7 @@ class Runner:
                 return
             await asyncio.sleep(min(STARTUP_POLL_S, self.cfg.probe_interval_s))
         self._policy.on_ready()
+        await self._learn_tasks()
         self._set(Phase.READY, "health check passed")
         if await self._liveness() == "restart":
             engine.kill()
@@ -240,6 +242,11 @@ class Runner:
                 self._exit_reason = (f"unhealthy for {self.cfg.unhealthy_restart_s:g}s")
                 return "restart"
 
+    async def _learn_tasks(self) -> None:
+        """What the engine serves, before it is reported ready (agent.engine_tasks)."""
+        self.tasks = await engine_tasks.learn(self._session, self.spec, self.probe_url,
+                                              self.cfg.probe_timeout_s)
+
     async def _probe(self) -> bool:
         timeout = aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)
         try:
@@ -253,6 +260,7 @@ class Runner:
         self._set(Phase.STARTING, "probing " + self.url)
         while not self._stopping:
             if await self._probe():
+                await self._learn_tasks()
                 self._set(Phase.READY, "health check passed")
                 await self._liveness()  # external backends are never restarted
             await self._sleep_or_wake(self.cfg.probe_interval_s)
@@ -306,7 +314,7 @@ class Runner:
             started_unix_ms=self.started_ms, pid=self.pid,
             last_log_lines=tuple(self.sink.lines()[-10:]),
             memory_reserved_bytes=self.spec.memory_required_bytes,
-            metrics_ok=self.metrics_ok, managed=self.managed)
+            metrics_ok=self.metrics_ok, managed=self.managed, tasks=self.tasks)
 
 
 def _dialable(host: str) -> str:

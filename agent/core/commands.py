@@ -7,8 +7,8 @@
   GPU and vLLM's default (0.9) would let the first one take nearly all of it.
 * ``tei``: ``text-embeddings-router --model-id MODEL --hostname H --port P EXTRA…``.
 * ``simulator``: ``<simulator_command> --engine vllm|tei --host H --port P --model MODEL
-  --served-model-name N… [--max-model-len L] EXTRA…`` (``tei`` when the spec's task is
-  ``embed``).
+  --served-model-name N… [--task T…] [--max-model-len L] EXTRA…`` (``tei`` when the spec's
+  task is ``embed`` or its tasks are TEI's, ``speech`` for ``tasks: [speech]``).
 * ``external``: no process; the supervisor only probes its URL.
 
 Environment: the spec's ``env`` plus ``CUDA_VISIBLE_DEVICES`` from ``gpu_indices``.
@@ -45,13 +45,28 @@ def build(spec: types.EngineSpec, host: str, port: int, *,
         return [*tei_command, "--model-id", spec.model, "--hostname", host, "--port",
                 str(port), *spec.extra_args]
     if spec.engine == "simulator":
-        kind = "tei" if spec.task == "embed" else "vllm"
+        kind = _simulated(spec)
         argv = [*simulator_command, "--engine", kind, "--host", host, "--port", str(port),
                 "--model", spec.model, *_names(spec)]
+        for task in spec.tasks:
+            argv += ["--task", task]
         if spec.max_model_len and kind == "vllm":
             argv += ["--max-model-len", str(spec.max_model_len)]
         return argv + list(spec.extra_args)
     raise ValueError(f"unknown engine kind {spec.engine!r}")
+
+
+def _simulated(spec: types.EngineSpec) -> str:
+    """The engine a simulator imitates: TEI for embeddings (and a TEI reranker), a speech
+    server for speech, else vLLM."""
+    if spec.tasks == ("speech",):
+        return "speech"
+    if spec.task == "embed" or (spec.tasks and set(spec.tasks) <= _TEI_TASKS):
+        return "tei"
+    return "vllm"
+
+
+_TEI_TASKS = frozenset({"embed", "rerank"})
 
 
 def environment(spec: types.EngineSpec) -> dict[str, str]:

@@ -40,6 +40,7 @@ class EngineSpec:
     memory_required_bytes: int = 0
     task: str = "generate"  # generate | embed
     env: tuple[tuple[str, str], ...] = ()
+    tasks: tuple[str, ...] = ()  # every API it serves (synapse_common.tasks); () = learn
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -123,3 +124,4 @@ class BackendStatus:
     memory_reserved_bytes: int = 0
     metrics_ok: bool = False
     managed: bool = False  # True when the control plane asked for it
+    tasks: tuple[str, ...] = ()  # what it serves (agent.engine_tasks)

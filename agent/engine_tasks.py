@@ -1,0 +1,48 @@
+"""What a backend serves: its tasks (``synapse_common.tasks``), reported to the control
+plane so that each API path is routed only to backends that serve it.
+
+In order: the backend's ``tasks`` from the config (or the control plane's spec); else what
+the engine's ``GET /openapi.json`` lists (vLLM serves the document with exactly the
+routes it registered — Responses and Messages for a model that generates, rerank and
+score for a pooling model, transcription for Whisper — and the simulator serves its
+own); else the spec's single ``task`` (TEI, a speech server or an external server that
+serves no such document). Learnt once each time the engine becomes ready.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+
+from agent.core import types
+from synapse_common import tasks
+
+log = logging.getLogger("agent.engine_tasks")
+
+
+async def discover(session: aiohttp.ClientSession, base_url: str,
+                   timeout_s: float) -> tuple[str, ...]:
+    """The tasks the engine's ``/openapi.json`` shows; empty when it serves none."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        async with session.get(base_url + "/openapi.json", timeout=timeout) as resp:
+            if resp.status != 200:
+                return ()
+            document = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return ()
+    paths = document.get("paths") if isinstance(document, dict) else None
+    return tasks.from_paths(paths) if isinstance(paths, dict) else ()
+
+
+async def learn(session: aiohttp.ClientSession, spec: types.EngineSpec, base_url: str,
+                timeout_s: float) -> tuple[str, ...]:
+    """The backend's tasks, by the rule above."""
+    if spec.tasks:
+        return spec.tasks
+    found = await discover(session, base_url, timeout_s)
+    if found:
+        log.info("backend %s serves %s (its /openapi.json)", spec.name, ", ".join(found))
+        return found
+    return (spec.task,)
