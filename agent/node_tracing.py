@@ -24,7 +24,7 @@ from synapse_common import tracing
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
 
 
-class TracingInterceptor(grpc.aio.ServerInterceptor):
+class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, tracer: tracing.Tracing, prefix: str = "/synapse.v1.Node/") -> None:
         self._tracing = tracer
         self._prefix = prefix

@@ -55,7 +55,7 @@ class Fanout:
             finally:
                 self.subscribed = False
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(RETRY_S)
 
     def _on_message(self, message: dict[str, Any]) -> None:
@@ -94,7 +94,8 @@ class Fanout:
                     got = await self._client.blpop([key], timeout=left)
                 if got is None:
                     break
-                answers.append(got[1])
+                value = got[1]
+                answers.append(value if isinstance(value, bytes) else str(value).encode())
         finally:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
