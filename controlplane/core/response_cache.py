@@ -265,7 +265,7 @@ class TieredCache:
                     or not cache_rules.is_storable(response)):
                 return
             form = getattr(response, "form", None)      # stored from a stream
-            if form and len(self._forms) < FORMS_MAX:
+            if form and (state.model in self._forms or len(self._forms) < FORMS_MAX):
                 self._forms[state.model] = form
             self._writer.put(state, response)
         except asyncio.QueueFull as exc:
