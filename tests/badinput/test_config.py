@@ -31,6 +31,13 @@ CASES = [
     ("controlplane", f"auth:\n  tenants:\n  - {{name: a, keys: [{S}]}}\n  - {{name: a}}\n",
      "duplicate tenant"),
     ("controlplane", "upstreams:\n- {name: x, url: 'ftp://h', models: [m]}\n", "upstreams.0.url"),
+    ("controlplane", "upstreams:\n- {name: x, url: 'http://a', models: [m]}\n"
+                     "- {name: x, url: 'http://b', models: [m]}\n", "upstreams[1].name"),
+    ("controlplane", "models:\n- {name: a, fallbacks: [b]}\n- {name: b, fallbacks: [a]}\n",
+     "a cycle: a -> b -> a"),
+    ("controlplane", "models:\n- {name: a, fallbacks: [nowhere]}\n", "models[0].fallbacks"),
+    ("controlplane", "upstreams:\n- {name: x, url: 'http://a', models: [m], kind: ollma}\n",
+     "upstreams.0.kind"),
     ("controlplane", "\x00\x01binary\xff", ""),
     ("agent", "backends:\n- {name: 'Bad Name', engine: simulator, model: m}\n", "backends.0.name"),
     ("agent", "control_plane:\n  report_interval_s: -1\n", "control_plane.report_interval_s"),
