@@ -87,10 +87,13 @@ class TracingUnavailable(ValueError):
 
 @dataclasses.dataclass(slots=True)
 class _Request:
-    """The current request's trace: a tracer when recorded, else headers to forward."""
+    """The current request's trace: a tracer when recorded, else headers to forward.
+    ``done`` once the request ended: a task started during the request and outliving it
+    (a cache writer's loop) inherits this object and must stop adding to the trace."""
 
     tracer: Tracer | None
     forward: dict[str, str]
+    done: bool = False
 
 
 _current: contextvars.ContextVar[_Request | None] = contextvars.ContextVar(
@@ -103,6 +106,7 @@ class Scope:
     to :meth:`end`; ``span`` is None when nothing is recorded."""
 
     span: Span | None
+    _request: _Request
     _token: contextvars.Token[_Request | None]
     _attached: object = None
 
@@ -114,6 +118,7 @@ class Scope:
     def end(self, attributes: Attributes | None = None, error: str | None = None) -> None:
         """Close the root span (with ``attributes``; ``error`` marks it failed) and leave
         the request's context. Call once, in the task that began it."""
+        self._request.done = True
         try:
             if self.span is not None:
                 if attributes:
@@ -149,9 +154,9 @@ class Tracing:
         if not root.is_recording():
             forward: dict[str, str] = {}
             _propagator().inject(forward, context=here)
-            return Scope(None, _current.set(_Request(None, forward)))
+            return _scope(None, _Request(None, forward))
         attached = otel_context.attach(here)
-        return Scope(root, _current.set(_Request(self.tracer, {})), attached)
+        return _scope(root, _Request(self.tracer, {}), attached)
 
     def force_flush(self, timeout_s: float = 10.0) -> bool:
         """Export what is buffered now (blocking: call it in a thread from async code)."""
@@ -200,7 +205,11 @@ def forward(carrier: Mapping[str, str]) -> Scope | None:
     state = carrier.get(TRACESTATE)
     if state and len(state) <= _TRACESTATE_MAX and state.isprintable():
         headers[TRACESTATE] = state
-    return Scope(None, _current.set(_Request(None, headers)))
+    return _scope(None, _Request(None, headers))
+
+
+def _scope(root: Span | None, request: _Request, attached: object = None) -> Scope:
+    return Scope(root, request, _current.set(request), attached)
 
 
 # -- for code on the request's path ------------------------------------------------------
@@ -212,7 +221,7 @@ def span(name: str, attributes: Attributes | None = None
     block (``s`` is None when the request is not recorded). Exceptions raised in the
     block are recorded on it and mark it failed."""
     current = _current.get()
-    if current is None or current.tracer is None:
+    if current is None or current.tracer is None or current.done:
         return _NOOP
     return current.tracer.start_as_current_span(name, attributes=attributes)
 
@@ -221,7 +230,7 @@ def start(name: str, attributes: Attributes | None = None) -> Span | None:
     """A child of the current span that the caller ends (:func:`finish`); None when the
     request is not recorded. It is not made current: pass it to :func:`inject`."""
     current = _current.get()
-    if current is None or current.tracer is None:
+    if current is None or current.tracer is None or current.done:
         return None
     from opentelemetry import trace
     return current.tracer.start_span(name, attributes=attributes,
@@ -249,7 +258,7 @@ def inject(headers: MutableMapping[str, str], span_: Span | None = None) -> None
     """Add the W3C headers for an outgoing call made by ``span_`` (else the current span)
     — or, for a request not recorded, the headers it forwards. Nothing outside a request."""
     current = _current.get()
-    if current is None:
+    if current is None or current.done:
         return
     if current.tracer is None:
         headers.update(current.forward)

@@ -30,7 +30,8 @@ def access_lines() -> Iterator[list[dict[str, Any]]]:
     handler.setFormatter(logs.JsonFormatter())
     handler.addFilter(logs.RedactingFilter([t.KEY_A, t.KEY_B, t.ADMIN]))
     logger = logging.getLogger(access_log.LOGGER)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)       # (setLevel, unlike assigning, clears the cache)
     logger.addHandler(handler)
     lines: list[dict[str, Any]] = []
     try:
