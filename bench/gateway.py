@@ -17,10 +17,14 @@ both alike.
 
 Variants of the control plane, each one more process measured in the same interleaved
 rounds and compared with the plain one (under ``variants``): ``--tracing`` traces every
-request (``tracing.sampling_ratio`` 1.0) and exports the spans over OTLP/gRPC to
+request (``tracing.sampling_ratio`` 1.0, or ``--tracing-ratio``) and exports the spans over OTLP/gRPC to
 ``python -m tests.otlp`` (a receiver in a process of its own); ``--access-log`` logs at
 the default ``info`` level in JSON, one access-log line per request (the plain control
 plane logs at ``warning``, so it writes none).
+
+After the rounds, each control plane's own CPU time per request (user + system, read with
+psutil over ``--cpu-requests`` requests, median of the rounds) is measured for the plain
+one and each variant: the figure that other load on a shared machine moves least.
 
 Peers, when ``make bench-peers`` installed them under ``.bench-venvs/``: LiteLLM's proxy
 (2 workers) and the PyPI ``vllm-router`` (round robin) in front of the same simulator;
@@ -52,6 +56,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import aiohttp
+import psutil
 
 from bench import common
 from synapse_common.ports import free_port
@@ -84,6 +89,7 @@ class Tree:
     def __init__(self, workdir: pathlib.Path) -> None:
         self.workdir = workdir
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.named: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, argv: list[str], ready: str,
               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -91,6 +97,7 @@ class Tree:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
         self.procs.append(proc)
+        self.named[name] = proc
         wait_http(ready, proc)
         return proc
 
@@ -115,6 +122,34 @@ async def one(session: aiohttp.ClientSession, url: str, i: int, stream: bool,
                             headers={**headers, "Content-Type": "application/json"}) as resp:
         await resp.read()
         return resp.status == 200
+
+
+async def cpu_per_request(targets: list[tuple[str, str, dict[str, str], int]], n: int,
+                          rounds: int, clients: int = 16) -> dict[str, float]:
+    """CPU milliseconds each control-plane process spends per request (its user + system
+    time over ``n`` requests, median of ``rounds`` interleaved rounds): unlike throughput,
+    hardly moved by what else runs on the machine."""
+    samples: dict[str, list[float]] = {name: [] for name, _, _, _ in targets}
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=30)) as session:
+        for _ in range(rounds):
+            for name, url, headers, pid in targets:
+                proc = psutil.Process(pid)
+                before = proc.cpu_times()
+                queue = iter(range(n))
+                await asyncio.gather(*(_drain(session, url, headers, queue)
+                                       for _ in range(clients)))
+                after = proc.cpu_times()
+                used = (after.user - before.user) + (after.system - before.system)
+                samples[name].append(used / n * 1000)
+    return {name: round(statistics.median(v), 4) for name, v in samples.items()}
+
+
+async def _drain(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
+                 queue: Iterator[int]) -> None:
+    for i in queue:     # workers share the iterator: n requests in all
+        await one(session, url, i, False, headers)
 
 
 async def saturate(url: str, headers: dict[str, str], seconds: float, clients: int,
@@ -206,7 +241,7 @@ def variants(args: argparse.Namespace, sink: str) -> dict[str, dict[str, object]
     """The extra control planes asked for, by target name: their config sections."""
     out: dict[str, dict[str, object]] = {}
     if args.tracing:    # every request traced and exported to an OTLP receiver
-        out["traced"] = {"tracing": {"enabled": True, "sampling_ratio": 1.0,
+        out["traced"] = {"tracing": {"enabled": True, "sampling_ratio": args.tracing_ratio,
                                      "endpoint": sink}}
     if args.access_log:  # the default log level: one JSON access-log line per request
         out["logged"] = {"logging": {"level": "info", "format": "json"}}
@@ -328,6 +363,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         both = await measure(targets, args, rate=args.rate)
         direct, syn = both["direct"], both["synapse"]
         variant_rows = {name: compared(both[name], syn) for name in wanted}
+        pids = {"synapse": tree.named["controlplane"].pid,
+                **{name: tree.named[name].pid for name in wanted}}
+        cpu = await cpu_per_request([(n, u, h, pids[n]) for n, u, h in targets if n in pids],
+                                    args.cpu_requests, args.rounds)
+        print("CPU ms per request: " + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items()),
+              flush=True)
+        for name, row in variant_rows.items():
+            row["cpu_ms_per_request"] = cpu[name]
+            row["added_cpu_ms_per_request"] = round(cpu[name] - cpu["synapse"], 4)
         peer_rows = {}
         for name, url in peers(tree, sim, workdir):
             row = (await measure([(name, url, {"Authorization": f"Bearer {PEER_KEY}"})],
@@ -349,7 +393,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "added_p50_ms": round(syn["p50_ms"] - direct["p50_ms"], 3),
             "added_p99_ms": round(syn["p99_ms"] - direct["p99_ms"], 3),
             "stream_throughput_ratio": round(syn["stream_rps"] / direct["stream_rps"], 3),
-            "rate_rps": args.rate, "limits": args.limits, "variants": variant_rows,
+            "rate_rps": args.rate, "limits": args.limits, "tracing_ratio": args.tracing_ratio,
+            "synapse_cpu_ms_per_request": cpu["synapse"], "variants": variant_rows,
             "peers": peer_rows}
 
 
@@ -366,6 +411,10 @@ def main() -> None:
     parser.add_argument("--tracing", action="store_true",
                         help="also measure a control plane tracing every request (ratio 1.0) "
                         "to an OTLP receiver, in the same rounds (target 'traced')")
+    parser.add_argument("--tracing-ratio", type=float, default=1.0,
+                        help="tracing.sampling_ratio of the traced control plane")
+    parser.add_argument("--cpu-requests", type=int, default=2000,
+                        help="requests per round of the CPU-per-request phase")
     parser.add_argument("--access-log", action="store_true",
                         help="also measure a control plane at the default log level, writing "
                         "one JSON access-log line per request (target 'logged')")
