@@ -86,6 +86,7 @@ class Runner:
         self.hit_rate = 0.0
         self.metrics_ok = False
         self.tasks: tuple[str, ...] = spec.tasks or (spec.task,)
+        self._tasks_known = bool(spec.tasks)
         self.sink = process.LogSink(pathlib.Path(cfg.log_dir) / f"{spec.name}.log",
                                     cfg.log_max_bytes, cfg.log_tail_lines)
         self._policy = backoff.RestartPolicy(
@@ -231,6 +232,8 @@ class Runner:
             if await self._probe():
                 failures = 0
                 self._set(Phase.READY, "health check passed")
+                if not self._tasks_known:
+                    await self._learn_tasks()
                 continue
             failures += 1
             if failures < self.cfg.unhealthy_after:
@@ -243,9 +246,15 @@ class Runner:
                 return "restart"
 
     async def _learn_tasks(self) -> None:
-        """What the engine serves, before it is reported ready (agent.engine_tasks)."""
-        self.tasks = await engine_tasks.learn(self._session, self.spec, self.probe_url,
-                                              self.cfg.probe_timeout_s)
+        """What the engine serves (agent.engine_tasks): asked before it is reported ready,
+        and at the next probes while the engine could not answer."""
+        found = await engine_tasks.learn(self._session, self.spec, self.probe_url)
+        if found is None:
+            return
+        self._tasks_known = True
+        if found != self.tasks:
+            self.tasks = found
+            self._hooks.on_change()
 
     async def _probe(self) -> bool:
         timeout = aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)

@@ -5,7 +5,9 @@ task, its answer passed back (:mod:`controlplane.api.relay`), through the common
 
 * **Responses**: each answer's id is remembered with the backend that made it, and a
   continuation (``previous_response_id``) goes to that backend only
-  (:mod:`controlplane.core.response_pins`).
+  (:mod:`controlplane.core.response_pins`); stateless calls that ask nothing to be kept
+  are answered from the response cache when they can be
+  (:mod:`controlplane.core.responses_cache`).
 * **Rerank**: a TEI reranker (engine ``tei``) speaks its own ``/rerank``; the
   ``/v1/rerank`` body is translated for it and its ranking back
   (:mod:`controlplane.core.rerank_dialects`). One request keeps to one dialect: the
@@ -16,15 +18,27 @@ task, its answer passed back (:mod:`controlplane.api.relay`), through the common
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from controlplane.api import calls, context, relay
-from controlplane.core import api_calls, dispatch, rerank_dialects, response_pins
+from controlplane.api import calls, context, fairness, relay
+from controlplane.core import (
+    api_calls,
+    cache_port,
+    dispatch,
+    rerank_dialects,
+    response_pins,
+    responses_cache,
+    sse,
+)
 from controlplane.core import types as core_types
+from synapse_common import tracing
 
 PINS = "response_pins"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -73,14 +87,17 @@ def passthrough(path: str, parse: calls.Parse) -> Handler:
 # -- /v1/responses -----------------------------------------------------------------------
 
 
-class _Remember(relay.Shape):
+class _Responses(relay.Shape):
     """Notes which backend made the answer (its id is in the body, or a stream's first
-    event)."""
+    event), and hands a complete text answer to the response cache."""
 
-    def __init__(self, pins: response_pins.Pins) -> None:
-        self._pins = pins
+    def __init__(self, request: web.Request, store: cache_port.CacheDecision | None) -> None:
+        self._request = request
+        self._pins = _pins(request)
+        self._store = store
         self._backend = ""
         self._seen = False
+        self._parser = sse.SSEParser() if store is not None else None
 
     def start(self, attempt: dispatch.Attempt) -> None:
         self._backend = attempt.backend.key
@@ -90,26 +107,84 @@ class _Remember(relay.Shape):
             self._seen = True
             self._pins.remember(rid, self._backend)
 
+    def _keep(self, response: Any) -> None:
+        entry = (responses_cache.entry(response) if isinstance(response, dict) else None)
+        if self._store is not None and entry is not None:
+            with tracing.span("cache.write"):
+                fairness.store(self._request, self._store, entry)
+
     def whole(self, data: bytes) -> bytes:
         self._note(data)
+        if self._store is not None:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                self._keep(orjson.loads(data))
         return data
 
     def chunk(self, data: bytes) -> bytes:
         self._note(data)
+        if self._parser is not None:
+            for event in self._parser.feed(data):
+                if (final := responses_cache.completed(event)) is not None:
+                    self._keep(final)
         return data
 
 
-def _responses(request: web.Request, front: calls.Front,
-               route: core_types.RouteDecision) -> Adapted:
-    pins = _pins(request)
+async def responses(request: web.Request) -> web.StreamResponse:
+    ctx = context.get(request)
+    front = await calls.begin(request, api_calls.responses)
+    decision: cache_port.CacheDecision | None = None
+    try:
+        if (key := responses_cache.cache_body(front.body)) is not None:
+            with tracing.span("cache.lookup") as span:
+                decision = await fairness.lookup(request, cache_port.CacheRequest(
+                    front.tenant.name, front.canonical, "chat", key,
+                    request.headers.get("Cache-Control", ""), ctx.request_id))
+                if span is not None:
+                    span.set_attribute("synapse.cache", decision.status)
+            ctx.cache = decision.status
+        if decision is not None and decision.hit is not None and (
+                hit := responses_cache.answer(decision.hit.response, int(time.time()))):
+            fairness.cache_hit(request, front.tenant.name, front.canonical,
+                               decision.hit.response)
+            resp = await _from_cache(request, hit, front.call.stream)
+        else:
+            resp = await _responses_from_backend(
+                request, front, decision if decision is not None and decision.may_store
+                else None)
+        front.failed = False
+        return resp
+    finally:
+        calls.finish(request, front, decision)
+
+
+async def _responses_from_backend(request: web.Request, front: calls.Front,
+                                  store: cache_port.CacheDecision | None,
+                                  ) -> web.StreamResponse:
+    await calls.admit_tokens(request, front)
+    route = await calls.route(request, front, front.call.task)
     previous = front.body.get("previous_response_id")
     if isinstance(previous, str):
-        route = pins.pin(route, previous)
-    return route, calls.body_for(front, route.model), "/v1/responses", _Remember(pins)
+        route = _pins(request).pin(route, previous)
+    assert front.prompt is not None
+    return await relay.forward(request, route, front.prompt,
+                               calls.body_for(front, route.model), "/v1/responses",
+                               _Responses(request, store))
 
 
-async def responses(request: web.Request) -> web.StreamResponse:
-    return await _serve(request, api_calls.responses, _responses)
+async def _from_cache(request: web.Request, answer: dict[str, Any],
+                      stream: bool) -> web.StreamResponse:
+    ctx = context.get(request)
+    ctx.headers_sent = True
+    if not stream:
+        return web.Response(body=orjson.dumps(answer), headers=ctx.headers(),
+                            content_type="application/json")
+    resp = web.StreamResponse(headers={**ctx.headers(), "Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    ctx.first_byte = request.app[context.SERVICES].clock()
+    await resp.write(responses_cache.replay(answer))
+    await resp.write_eof()
+    return resp
 
 
 # -- /v1/rerank --------------------------------------------------------------------------

@@ -143,6 +143,28 @@ def test_a_continuation_goes_to_the_engine_that_stored_the_answer(surface: Surfa
             previous = nxt.parse().id
 
 
+def test_stateless_responses_are_cached_stateful_ones_never(surface: Surface) -> None:
+    ask: dict[str, Any] = {"model": CHAT, "input": "What is a GPU?", "temperature": 0,
+                           "store": False, "max_output_tokens": 16}
+    with surface.openai() as c:
+        first = c.responses.with_raw_response.create(**ask)
+        second = c.responses.with_raw_response.create(**ask)
+        with c.responses.stream(**ask) as stream:
+            deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+            replayed = stream.get_final_response()
+        kept = c.responses.with_raw_response.create(**{**ask, "store": True})
+        follow = c.responses.with_raw_response.create(
+            **{**ask, "store": True, "previous_response_id": kept.parse().id})
+    assert first.headers["x-synapse-cache"] == "miss"
+    assert second.headers["x-synapse-cache"] == "hit-exact"
+    one, two = first.parse(), second.parse()
+    assert two.output_text == one.output_text == replayed.output_text == "".join(deltas)
+    assert two.id != one.id and replayed.id not in (one.id, two.id)   # new ids per hit
+    # asked to be kept (store), or continuing a stored conversation: never from the cache
+    assert kept.headers["x-synapse-cache"] == follow.headers["x-synapse-cache"] == "bypass"
+    assert follow.headers["x-synapse-backend"] == kept.headers["x-synapse-backend"]
+
+
 # -- Messages ----------------------------------------------------------------------------
 
 

@@ -1,0 +1,132 @@
+"""The response cache for ``/v1/responses`` (pure): stateless calls ride on the chat cache.
+
+* **What may be cached** (``api_calls.responses_no_cache``): no ``previous_response_id``
+  (the answer depends on a conversation one engine stored), no ``background``, ``store``
+  false (a cached answer gets a new id that no engine stored, so a later continuation
+  naming it must not be promised), only function tools. Everything else is a bypass.
+* **Key**: the chat request the call amounts to — ``instructions`` and ``input`` as
+  messages, every other field as it is (so sampling, tools, ``text.format`` … split the
+  scope as they do for chat), plus ``synapse_route`` so a Responses call and a chat
+  request never share an entry.
+* **Entry**: a chat completion the cache can judge (finish ``stop``, or ``length`` for
+  ``incomplete`` at ``max_output_tokens``; usage), carrying the whole Responses object
+  in ``synapse_response``. Only answers made of text messages are stored (a function
+  call or reasoning item is not).
+* **A hit** is that object with new ids (``resp_…`` and ``msg_…``) and ``created_at``,
+  whole or replayed as the Responses event stream (:func:`replay`).
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import orjson
+
+from controlplane.core import api_calls
+
+ROUTE_FIELD = "synapse_route"
+OBJECT_FIELD = "synapse_response"
+_NOT_CONTEXT = ("input", "instructions", "model", "stream")
+
+
+def cache_body(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the cache keys a Responses call on; None when it must not be cached."""
+    if api_calls.responses_no_cache(body):
+        return None
+    rest = {k: v for k, v in body.items() if k not in _NOT_CONTEXT}
+    return {**rest, "model": body.get("model"), "stream": body.get("stream") is True,
+            "messages": api_calls.responses_messages(body), ROUTE_FIELD: "/v1/responses"}
+
+
+def _text_only(response: Mapping[str, Any]) -> str | None:
+    """The answer's text when every output item is a text message, else None."""
+    texts: list[str] = []
+    for item in response.get("output") or ():
+        if not isinstance(item, Mapping) or item.get("type") != "message":
+            return None
+        for part in item.get("content") or ():
+            if not isinstance(part, Mapping) or part.get("type") != "output_text":
+                return None
+            texts.append(str(part.get("text", "")))
+    return "".join(texts)
+
+
+def entry(response: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The chat-shaped entry to store for a finished Responses object (None: not one)."""
+    status = response.get("status")
+    reason = (response.get("incomplete_details") or {}).get("reason")
+    finish = "stop" if status == "completed" else (
+        "length" if status == "incomplete" and reason == "max_output_tokens" else None)
+    text = _text_only(response)
+    usage = response.get("usage")
+    if finish is None or text is None or not isinstance(usage, Mapping):
+        return None
+    prompt, completion = int(usage.get("input_tokens") or 0), int(usage.get("output_tokens")
+                                                                  or 0)
+    return {"id": str(response.get("id", "")), "object": "chat.completion",
+            "model": response.get("model", ""),
+            "choices": [{"index": 0, "finish_reason": finish,
+                         "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion},
+            OBJECT_FIELD: dict(response)}
+
+
+def answer(stored: Mapping[str, Any], created_at: int) -> dict[str, Any] | None:
+    """The Responses object a hit answers with (new ids), or None for a foreign entry."""
+    original = stored.get(OBJECT_FIELD)
+    if not isinstance(original, Mapping):
+        return None
+    out = copy.deepcopy(dict(original))
+    out["id"] = "resp_" + uuid.uuid4().hex
+    out["created_at"] = created_at
+    for item in out.get("output") or ():
+        if isinstance(item, dict):
+            item["id"] = "msg_" + uuid.uuid4().hex
+    return out
+
+
+def _event(kind: str, number: int, payload: Mapping[str, Any]) -> bytes:
+    data = {**payload, "sequence_number": number, "type": kind}
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def replay(response: Mapping[str, Any]) -> bytes:
+    """A whole Responses object as the event stream that would have produced it."""
+    return b"".join(_event(kind, n, payload)
+                    for n, (kind, payload) in enumerate(_events(response)))
+
+
+def _events(response: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    start = {**response, "status": "in_progress", "output": [], "usage": None,
+             "incomplete_details": None}
+    yield "response.created", {"response": start}
+    yield "response.in_progress", {"response": start}
+    for index, item in enumerate(response.get("output") or ()):
+        yield "response.output_item.added", {"output_index": index, "item": {
+            **item, "content": [], "status": "in_progress"}}
+        for c, part in enumerate(item.get("content") or ()):
+            where = {"item_id": item.get("id"), "output_index": index, "content_index": c}
+            text = str(part.get("text", ""))
+            yield "response.content_part.added", {**where, "part": {**part, "text": ""}}
+            yield "response.output_text.delta", {**where, "delta": text, "logprobs": []}
+            yield "response.output_text.done", {**where, "text": text, "logprobs": []}
+            yield "response.content_part.done", {**where, "part": part}
+        yield "response.output_item.done", {"output_index": index, "item": item}
+    yield "response.completed", {"response": response}
+
+
+def completed(event_data: str) -> Mapping[str, Any] | None:
+    """The final Responses object carried by a stream's ``response.completed`` (or
+    ``.incomplete``) event, else None."""
+    if '"response.completed"' not in event_data and '"response.incomplete"' not in event_data:
+        return None
+    try:
+        parsed = orjson.loads(event_data)
+    except orjson.JSONDecodeError:
+        return None
+    response = parsed.get("response") if isinstance(parsed, dict) else None
+    return response if isinstance(response, Mapping) else None
