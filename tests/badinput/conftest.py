@@ -32,7 +32,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     cfg = fleet.controlplane_config(
         "badinput", http, grpc, tmp / "data",
         upstreams=[{"name": "sim", "url": f"http://127.0.0.1:{sim_port}",
-                    "models": [fleet.MODEL], "api_key": fleet.UPSTREAM_KEY},
+                    "models": [fleet.MODEL], "api_key": fleet.UPSTREAM_KEY,
+                    "tasks": ["generate", "responses", "messages", "tokenize"]},
                    {"name": "tei", "url": f"http://127.0.0.1:{tei_port}",
                     "models": [fleet.EMBED], "task": "embed"}],
         logging={"level": "debug"})

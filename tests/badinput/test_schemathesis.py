@@ -24,7 +24,8 @@ from tests.badinput.conftest import Gateway
 OPERATIONS = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
               ("POST", "/v1/embeddings"), ("GET", "/v1/models"), ("GET", "/api/v1/stats"),
               ("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"),
-              ("GET", "/openapi.json")]
+              ("GET", "/openapi.json"), ("POST", "/v1/responses"), ("POST", "/v1/messages"),
+              ("POST", "/tokenize"), ("POST", "/detokenize")]
 # Routes whose answers are not API errors (text, the spec, liveness/readiness status).
 NO_ENVELOPE = {"/metrics", "/openapi.json", "/ready", "/health"}
 MAX_EXAMPLES = 10
@@ -53,8 +54,17 @@ def check(case: schemathesis.Case, gateway: Gateway, positive: bool) -> None:
     if response.status_code >= 400 and case.path not in NO_ENVELOPE:
         gateway.bodies.append(response.content)
         reply = fleet.Reply(response.status_code, dict(response.headers), response.content)
-        assert reply.is_envelope(), where
+        assert (_anthropic_error(reply) if case.path == "/v1/messages"
+                else reply.is_envelope()), where
         assert response.headers.get("x-request-id"), where
+
+
+def _anthropic_error(reply: fleet.Reply) -> bool:
+    """Anthropic's error shape, which /v1/messages answers in."""
+    data = reply.json()
+    err = data.get("error") if isinstance(data, dict) else None
+    return (isinstance(data, dict) and data.get("type") == "error" and isinstance(err, dict)
+            and isinstance(err.get("type"), str) and isinstance(err.get("message"), str))
 
 
 @pytest.mark.parametrize("mode", list(schemathesis.GenerationMode), ids=str)
