@@ -5,7 +5,8 @@ Both a whole answer (JSON) and a stream (the ``include_usage`` chunk just before
 :data:`TAIL_BYTES` of what it passed on and this module reads the counts from there
 without parsing the answer: ``prompt_tokens``, ``completion_tokens`` and
 ``prompt_tokens_details.cached_tokens`` (vLLM with ``--enable-prompt-tokens-details``,
-and the simulator). The router compares them with its predictions.
+and the simulator), or the same counts under the names of the Responses and Anthropic
+Messages APIs. The router compares them with its predictions.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import re
 from typing import NamedTuple
 
 TAIL_BYTES = 1024
-_COUNTS = re.compile(rb'"(prompt_tokens|completion_tokens|cached_tokens)"\s*:\s*(\d+)')
+_COUNTS = re.compile(rb'"(prompt_tokens|completion_tokens|cached_tokens|input_tokens|'
+                     rb'output_tokens|cache_read_input_tokens|cache_creation_input_tokens)"'
+                     rb'\s*:\s*(\d+)')
 
 
 class Usage(NamedTuple):
@@ -31,7 +34,22 @@ def from_tail(data: bytes) -> Usage | None:
     counts = dict(_COUNTS.findall(data, at))
     prompt = counts.get(b"prompt_tokens")
     if prompt is None:
-        return None
+        return _input_output(counts)
     cached = counts.get(b"cached_tokens")
     return Usage(int(prompt), int(counts.get(b"completion_tokens", 0)),
+                 None if cached is None else int(cached))
+
+
+def _input_output(counts: dict[bytes, bytes]) -> Usage | None:
+    """Responses' and Anthropic's names: ``input_tokens`` / ``output_tokens``; Anthropic
+    counts the cached prompt apart (``cache_read_input_tokens``, and the tokens written to
+    its cache, ``cache_creation_input_tokens``), Responses inside ``input_tokens``
+    (``input_tokens_details.cached_tokens``)."""
+    given = counts.get(b"input_tokens")
+    if given is None:
+        return None
+    read = counts.get(b"cache_read_input_tokens")
+    prompt = int(given) + int(read or 0) + int(counts.get(b"cache_creation_input_tokens", 0))
+    cached = counts.get(b"cached_tokens", read)
+    return Usage(prompt, int(counts.get(b"output_tokens", 0)),
                  None if cached is None else int(cached))

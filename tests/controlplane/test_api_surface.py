@@ -203,10 +203,11 @@ def test_messages_streamed(surface: Surface, model: str) -> None:
     assert text and final.content[0].text == text  # type: ignore[union-attr]
 
 
-def test_messages_are_cached_in_a_scope_of_their_own(surface: Surface) -> None:
+@pytest.mark.parametrize("model", [CHAT, OLD], ids=["native", "translated"])
+def test_messages_are_cached_in_a_scope_of_their_own(surface: Surface, model: str) -> None:
     # (anthropic 2.16 takes temperature only as an extra field)
-    ask: dict[str, Any] = {"model": OLD, "max_tokens": 16, "extra_body": {"temperature": 0},
-                           "messages": [{"role": "user", "content": "What is a GPU?"}]}
+    ask: dict[str, Any] = {"model": model, "max_tokens": 16, "extra_body": {"temperature": 0},
+                           "messages": [{"role": "user", "content": f"What is a GPU? {model}"}]}
     with surface.anthropic() as c:
         first = c.messages.with_raw_response.create(**ask)
         second = c.messages.with_raw_response.create(**ask)
@@ -219,8 +220,8 @@ def test_messages_are_cached_in_a_scope_of_their_own(surface: Surface) -> None:
     # the chat request it translates to has its own entry: no answer crosses over
     with surface.openai() as oc:
         chat = oc.chat.completions.with_raw_response.create(
-            model=OLD, max_tokens=16, temperature=0,
-            messages=[{"role": "user", "content": "What is a GPU?"}])
+            model=model, max_tokens=16, temperature=0,
+            messages=[{"role": "user", "content": f"What is a GPU? {model}"}])
     assert chat.headers["x-synapse-cache"] == "miss"
 
 
