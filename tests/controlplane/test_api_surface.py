@@ -394,3 +394,14 @@ def test_openapi_describes_every_path(surface: Surface) -> None:
         assert "post" in spec["paths"][path], path
     upload = spec["paths"]["/v1/audio/transcriptions"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in upload
+
+
+def test_metrics_count_requests_by_route(surface: Surface) -> None:
+    with surface.openai() as c:
+        c.responses.create(model=CHAT, input="count me", max_output_tokens=4)
+    surface.post("/tokenize", {"model": RANKER, "prompt": "count me"})
+    with urllib.request.urlopen(surface.base + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for route in ("/v1/responses", "/tokenize"):
+        assert any(line.startswith("synapse_requests_total{") and f'route="{route}"' in line
+                   and 'status="200"' in line for line in text.splitlines()), route
