@@ -20,7 +20,9 @@ rounds and compared with the plain one (under ``variants``): ``--tracing`` trace
 request (``tracing.sampling_ratio`` 1.0, or ``--tracing-ratio``) and exports the spans over OTLP/gRPC to
 ``python -m tests.otlp`` (a receiver in a process of its own); ``--access-log`` logs at
 the default ``info`` level in JSON, one access-log line per request (the plain control
-plane logs at ``warning``, so it writes none).
+plane logs at ``warning``, so it writes none); ``--baseline-tree DIR`` runs the same
+control plane from another source tree (before/after a change; the simulator and the
+plain control plane come from ``PYTHONPATH``, as usual).
 
 After the rounds, each control plane's own CPU time per request (user + system, read with
 psutil over ``--cpu-requests`` requests, median of the rounds) is measured for the plain
@@ -245,6 +247,8 @@ def variants(args: argparse.Namespace, sink: str) -> dict[str, dict[str, object]
                                      "endpoint": sink}}
     if args.access_log:  # the default log level: one JSON access-log line per request
         out["logged"] = {"logging": {"level": "info", "format": "json"}}
+    if args.baseline_tree:  # the same config, the code of another source tree
+        out["baseline_tree"] = {}
     return out
 
 
@@ -358,7 +362,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             vcfg = controlplane_config(workdir, sim, vh, free_port(), args.limits,
                                        name=name, **sections)
             tree.start(name, [str(BIN / "synapse"), "controlplane", "--config", vcfg],
-                       f"http://127.0.0.1:{vh}/ready")
+                       f"http://127.0.0.1:{vh}/ready",
+                       env={"PYTHONPATH": str(args.baseline_tree)}
+                       if name == "baseline_tree" else None)
             targets.append((name, f"http://127.0.0.1:{vh}/v1/chat/completions", auth))
         both = await measure(targets, args, rate=args.rate)
         direct, syn = both["direct"], both["synapse"]
@@ -413,6 +419,10 @@ def main() -> None:
                         "to an OTLP receiver, in the same rounds (target 'traced')")
     parser.add_argument("--tracing-ratio", type=float, default=1.0,
                         help="tracing.sampling_ratio of the traced control plane")
+    parser.add_argument("--baseline-tree", type=pathlib.Path, metavar="DIR",
+                        help="also measure a control plane running the code in DIR (e.g. "
+                        "`git archive COMMIT | tar -x -C DIR`), same config: before/after "
+                        "a change, in the same rounds (target 'baseline_tree')")
     parser.add_argument("--cpu-requests", type=int, default=2000,
                         help="requests per round of the CPU-per-request phase")
     parser.add_argument("--access-log", action="store_true",
