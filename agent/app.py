@@ -41,7 +41,7 @@ from agent import metrics as agent_metrics
 from agent import runner as runners
 from agent.config import AgentSettings, EmbedderSettings
 from agent.core import lru, types
-from agent.embedding import minilm, protocol, service, tei
+from agent.embedding import protocol, service, tei, tuned
 from protos.synapse.v1 import controlplane_pb2
 from synapse_common import tracing
 
@@ -296,7 +296,7 @@ class Agent:
 def build_embedder(cfg: EmbedderSettings) -> protocol.Embedder | None:
     """The embedder ``embedder.kind`` names (None for ``none``)."""
     if cfg.kind == "minilm":
-        return minilm.MiniLmEmbedder(cfg)
+        return tuned.build(cfg)
     if cfg.kind == "tei":
         return tei.TeiEmbedder(cfg)
     return None

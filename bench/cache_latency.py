@@ -19,8 +19,11 @@ the time measured is the control plane's), one ``synapse agent`` serving MiniLM 
 
 The scope is filled through the API itself (``Cache-Control: no-cache`` requests: they
 skip the lookup and are stored), so the entries are exactly what production writes.
-Texts come from ``--pairs`` (the QQP dev pairs). Run: ``python -m bench.cache_latency
-[--entries 10000] [--queries 300]``. Last line: ``{"bench": "cache_latency",
+Texts come from ``--pairs`` (the QQP dev pairs). The agent's embedder is the tuned one
+(``--tuning``, default the shipped tuning) and the control plane's verifier the one
+fitted for it; ``--tuning none --verifier OLD.json --embedder-id minilm-l6-v2@<version>``
+measures plain all-MiniLM-L6-v2 with its own verifier. Run: ``python -m
+bench.cache_latency [--entries 10000] [--queries 300]``. Last line: ``{"bench": "cache_latency",
 "exact_hit_p50_ms": …, "exact_hit_p99_ms": …, "semantic_hit_p50_ms": …,
 "semantic_hit_p99_ms": …, "miss_added_p50_ms": …, "miss_added_p99_ms": …, …}``.
 """
@@ -125,7 +128,9 @@ def embeds(address: str) -> bool:
 
 
 @contextlib.contextmanager
-def fleet(tmp: pathlib.Path, entries: int) -> Iterator[dict[str, str]]:
+def fleet(tmp: pathlib.Path, entries: int, tuning: str = "shipped",
+          verifier: str | None = None, embedder_id: str | None = None
+          ) -> Iterator[dict[str, str]]:
     sim, node = free_port(), free_port()
     http = {"cache": free_port(), "nocache": free_port()}
     grpc_ports = {"cache": free_port(), "nocache": free_port()}
@@ -139,7 +144,8 @@ def fleet(tmp: pathlib.Path, entries: int) -> Iterator[dict[str, str]]:
                "upstreams": [{"name": "sim", "url": f"http://127.0.0.1:{sim}",
                               "models": [MODEL]}],
                "cache": {"enabled": name == "cache",
-                         "l1_max_entries": max(100_000, 2 * entries)},
+                         "l1_max_entries": max(100_000, 2 * entries),
+                         "verifier_path": verifier, "embedder_id": embedder_id},
                "logging": {"level": "error"}}
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     agent = {"node_name": "bench-node",
@@ -148,7 +154,8 @@ def fleet(tmp: pathlib.Path, entries: int) -> Iterator[dict[str, str]]:
              "grpc": {"host": "127.0.0.1", "port": node,
                       "advertise_address": f"127.0.0.1:{node}"},
              "metrics": {"host": "127.0.0.1", "port": 0},
-             "telemetry": {"source": "fake"}, "embedder": {"kind": "minilm"},
+             "telemetry": {"source": "fake"},
+             "embedder": {"kind": "minilm", "tuning": tuning},
              "logging": {"level": "error"}, "supervisor": {"log_dir": str(tmp / "engines")}}
     (tmp / "agent.yaml").write_text(yaml.safe_dump(agent))
     log = open(tmp / "processes.log", "ab")
@@ -277,11 +284,19 @@ def main(argv: list[str] | None = None) -> int:
                                                / "shared" / "data" / "qqp_pairs_dev.jsonl.gz"))
     parser.add_argument("--entries", type=int, default=10_000, help="entries in the scope")
     parser.add_argument("--queries", type=int, default=300, help="requests per scenario")
+    parser.add_argument("--tuning", default="shipped",
+                        help="the agent's embedder.tuning (none: plain all-MiniLM-L6-v2)")
+    parser.add_argument("--verifier", default=None,
+                        help="cache.verifier_path (default: shipped; must fit --tuning)")
+    parser.add_argument("--embedder-id", default=None,
+                        help="cache.embedder_id (default: the shipped tuned embedder's)")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the process tree is always stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     stored, paraphrases, fresh = texts_from(args.pairs, args.entries, args.queries)
-    with tempfile.TemporaryDirectory() as tmp, fleet(pathlib.Path(tmp), args.entries) as urls:
+    with tempfile.TemporaryDirectory() as tmp, fleet(
+            pathlib.Path(tmp), args.entries, args.tuning, args.verifier,
+            args.embedder_id) as urls:
         out = asyncio.run(measure(urls, stored, paraphrases, fresh, args.queries))
         parts = breakdown(urls["cache"])
     print(f"cache latency through the HTTP API, {len(stored)} entries in scope (ms)")
@@ -291,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<16}{len(m['cache']):>6}{pct(m['cache'], 50):>11}{pct(m['cache'], 99):>11}"
               f"{pct(m['nocache'], 50):>10}{pct(m['nocache'], 99):>10}")
     miss, off = out["miss"]["cache"], out["miss"]["nocache"]
-    result = {"bench": "cache_latency", "entries": len(stored),
+    result = {"bench": "cache_latency", "entries": len(stored), "tuning": args.tuning,
               "exact_hit_p50_ms": pct(out["exact"]["cache"], 50),
               "exact_hit_p99_ms": pct(out["exact"]["cache"], 99),
               "semantic_hit_p50_ms": pct(out["semantic"]["cache"], 50),

@@ -1,34 +1,37 @@
-"""Benchmark: the shipped cache verifier against a bare cosine threshold, on labelled pairs.
+"""Benchmark: the tuned embedder + its verifier against the old embedder + its verifier
+and a bare cosine threshold, on labelled pairs, in one run.
 
-``--mode pairs`` (default) scores every pair ``(text_a, text_b)`` with the shipped
-verifier at its default operating point and reports precision, recall, F1 and hit rate
-(share of pairs accepted). The baseline is a bare cosine threshold — what GPTCache-style
-caches do — tuned *on the same pairs* to the precision the verifier reached (generous to
-the baseline), so the two recalls compare at one precision.
+Vectors are computed by the agent's own embedder (``bench.embed_served``): the tuned one
+(``--tuning``, default the shipped tuning) and plain all-MiniLM-L6-v2 (the old one).
+
+``--mode pairs`` (default) scores every pair ``(text_a, text_b)``: the tuned embedder's
+verifier (``--verifier``, default the shipped one) at its default operating point gives
+precision, recall, F1 and hit rate (share of pairs accepted). Every other method is
+tuned *on the same pairs* to the precision that one reached (generous to them) and its
+recall reported: the old embedder's verifier (``--baseline-verifier``; by default fitted
+here on the old embedder's vectors of the calibration split, seed of the verifier, as the
+shipped verifier was before the tuned embedder), a bare cosine threshold on the old
+embedder (``baseline``: what GPTCache-style caches do) and one on the tuned embedder.
 
 ``--mode cache`` runs the cache-level test: every ``text_a`` is stored as an entry of one
-scope in Milvus Lite (through the cache's own L2 adapter), every ``text_b`` is a query;
-the L2 search returns the top-k of the scope and the verifier picks the best candidate
-above the operating point, exactly as a lookup does. A hit is right only if it returns
-the query's own labelled duplicate. Precision = right hits / hits, recall = right hits /
-queries that have a duplicate, hit rate = hits / queries. The baseline serves the top-1
-candidate when its cosine clears a threshold tuned to the verifier's precision.
+scope through the cache's own L2 index (Milvus Lite), every ``text_b`` is a query; the
+search returns the top-k of the scope and the verifier picks the best candidate above the
+operating point, exactly as a lookup does; once with the tuned embedder and its verifier,
+once with the old pair. A hit is right only if it returns the query's own labelled
+duplicate. Precision = right hits / hits, recall = right hits / queries that have a
+duplicate, hit rate = hits / queries. Baselines as in pairs mode: the old verifier's best
+candidate score, and the top-1 cosine, each thresholded to the tuned run's precision.
+``duplicate_closure`` repeats the tuned figures counting a hit on any labelled duplicate
+of the query (closed transitively over the whole file) as right.
 
-Strictly, a hit on *another* entry is wrong even when the labels say it is a duplicate
-too (QQP's duplicates form groups: a = b and b = c); the JSON's ``duplicate_closure``
-repeats the cache-mode figures counting a hit on any labelled duplicate of the query
-(closed transitively over the whole file) as right — including the query's own text,
-when a ``text_b`` is also some pair's ``text_a`` (in a running cache that is an exact hit).
-
-``--heldout`` keeps only the question-disjoint held-out part of the file, split exactly
-as ``synapsectl cache calibrate`` split it for the shipped verifier (same seed): the
-figures for questions the verifier never saw. Embeddings come from the in-process
-all-MiniLM-L6-v2 (``--embed-cache FILE.npz`` reuses them between runs).
+``--heldout`` keeps only the question-disjoint held-out split of calibration (same seed):
+questions neither embedder tuning nor verifier saw.
 
 Run: ``python -m bench.semantic_cache --pairs ../shared/data/qqp_pairs_dev.jsonl.gz
---heldout [--mode cache]``. The last line is one JSON object:
-``{"bench": "semantic_cache", "mode": …, "precision": …, "recall": …, "f1": …,
-"hit_rate": …, "baseline": {"precision": …, "recall": …}}``.
+--heldout [--mode cache]``. The last line is one JSON object: ``{"bench":
+"semantic_cache", "mode", "precision", "recall", "f1", "hit_rate", "baseline":
+{"precision", "recall", "f1", "hit_rate"}, "old_verifier": {…}, "old_verifier_default":
+{…}, "tuned_cosine": {…}, "embedder_id", "old_embedder_id", …}``.
 """
 
 from __future__ import annotations
@@ -45,19 +48,22 @@ from typing import Any
 
 import numpy as np
 
+from bench import embed_served
 from controlplane import cache_wiring, calibrate
 from controlplane.core import verifier, verifier_features
 from controlplane.core.l2 import index as l2_index
 from controlplane.core.l2 import rows as l2_rows
+
+FIELDS = ("precision", "recall", "f1", "hit_rate")
 
 
 def _f1(p: float, r: float) -> float:
     return round(2 * p * r / (p + r), 4) if p + r else 0.0
 
 
-def _tuned_cosine(scores: np.ndarray, right: np.ndarray, positives: int,
-                  precision: float) -> dict[str, float]:
-    """Best recall of ``accept if cos >= t`` whose precision reaches ``precision``."""
+def at_precision(scores: np.ndarray, right: np.ndarray, positives: int,
+                 precision: float) -> dict[str, float]:
+    """Best recall of ``accept if score >= t`` whose precision reaches ``precision``."""
     order = np.argsort(-scores, kind="stable")
     tp = np.cumsum(right[order])
     k = np.arange(1, len(order) + 1)
@@ -71,15 +77,70 @@ def _tuned_cosine(scores: np.ndarray, right: np.ndarray, positives: int,
             "threshold": round(float(scores[order][i]), 4)}
 
 
-def run_pairs(pairs: calibrate.Pairs, va: np.ndarray, vb: np.ndarray,
-              model: verifier.Verifier) -> tuple[dict[str, float], dict[str, float]]:
-    raw = verifier_features.batch_features(pairs.text_a, pairs.text_b, va, vb)
-    scores = model.probabilities(raw)
-    ours = calibrate.evaluate(scores, pairs.label, model.threshold)
-    cos = np.sum(va * vb, axis=1)
-    base = _tuned_cosine(cos, pairs.label.astype(np.float64), int(pairs.label.sum()),
-                         ours["precision"])
-    return ours, base
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """One embedder with its verifier: the vectors of every pair's two texts."""
+
+    name: str
+    va: np.ndarray
+    vb: np.ndarray
+    model: verifier.Verifier
+
+    def take(self, keep: np.ndarray) -> Side:
+        return Side(self.name, self.va[keep], self.vb[keep], self.model)
+
+
+def run_pairs(pairs: calibrate.Pairs, new: Side, old: Side) -> dict[str, dict[str, float]]:
+    def scores(side: Side) -> np.ndarray:
+        raw = verifier_features.batch_features(pairs.text_a, pairs.text_b, side.va, side.vb)
+        return side.model.probabilities(raw)
+
+    ours_scores, old_scores = scores(new), scores(old)
+    ours = calibrate.evaluate(ours_scores, pairs.label, new.model.threshold)
+    y, positives, p = pairs.label.astype(np.float64), int(pairs.label.sum()), ours["precision"]
+    return {"ours": ours,
+            "old_verifier": at_precision(old_scores, y, positives, p),
+            "old_verifier_default": calibrate.evaluate(old_scores, pairs.label,
+                                                       old.model.threshold),
+            "baseline": at_precision(np.sum(old.va * old.vb, 1), y, positives, p),
+            "tuned_cosine": at_precision(np.sum(new.va * new.vb, 1), y, positives, p)}
+
+
+@dataclasses.dataclass
+class Tally:
+    """Per query: the best candidate's verifier score and whether it is right, the top-1
+    cosine and whether it is right (own duplicate; any labelled duplicate)."""
+
+    score: list[float] = dataclasses.field(default_factory=list)
+    right: list[bool] = dataclasses.field(default_factory=list)
+    right_group: list[bool] = dataclasses.field(default_factory=list)
+    top_cos: list[float] = dataclasses.field(default_factory=list)
+    top_right: list[bool] = dataclasses.field(default_factory=list)
+
+
+async def lookups(pairs: calibrate.Pairs, side: Side, top_k: int,
+                  groups: dict[str, str]) -> Tally:
+    entries = dict(zip(pairs.text_a, side.va, strict=True))       # unique text_a → vector
+    t = Tally()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = cache_wiring.milvus_l2(f"{tmp}/bench.db", "bench_cache", flush_interval_s=5.0)
+        t0 = time.monotonic()
+        await _fill(store, list(entries), np.stack(list(entries.values())))
+        print(f"{side.name}: stored {len(entries)} entries in {time.monotonic() - t0:.0f}s",
+              file=sys.stderr)
+        for ta, tb, vec, label in zip(pairs.text_a, pairs.text_b, side.vb, pairs.label,
+                                      strict=True):
+            found = await store.search("bench", vec, top_k, 0.0)
+            verdict = side.model.judge(tb, vec, [c.text for c in found],
+                                       [np.asarray(c.vector) for c in found], threshold=0.0)
+            chosen = found[verdict.index].text if verdict is not None else None
+            t.score.append(verdict.score if verdict is not None else -1.0)
+            t.right.append(label == 1 and chosen == ta)
+            t.right_group.append(chosen is not None and groups.get(chosen) == groups[tb])
+            t.top_cos.append(found[0].similarity if found else -1.0)
+            t.top_right.append(bool(found) and label == 1 and found[0].text == ta)
+        await store.close()
+    return t
 
 
 async def _fill(store: l2_index.L2Index, texts: list[str], vectors: np.ndarray) -> None:
@@ -100,68 +161,60 @@ def duplicate_groups(pairs: calibrate.Pairs) -> dict[str, str]:
     return {t: find(t) for t in set(pairs.text_a) | set(pairs.text_b)}
 
 
-@dataclasses.dataclass
-class _Tally:
-    hits: list[bool] = dataclasses.field(default_factory=list)
-    right: list[bool] = dataclasses.field(default_factory=list)          # own duplicate
-    right_group: list[bool] = dataclasses.field(default_factory=list)    # any labelled dup
-    top_cos: list[float] = dataclasses.field(default_factory=list)
-    top_right: list[bool] = dataclasses.field(default_factory=list)
-    top_right_group: list[bool] = dataclasses.field(default_factory=list)
+def _served(score: list[float], right: list[bool], threshold: float,
+            positives: int) -> dict[str, float]:
+    hits = np.asarray(score) >= threshold
+    n_right = int(np.sum(hits & np.asarray(right)))
+    p, r = n_right / max(int(hits.sum()), 1), n_right / max(positives, 1)
+    return {"precision": round(p, 4), "recall": round(r, 4), "f1": _f1(p, r),
+            "hit_rate": round(float(hits.mean()), 4), "threshold": round(threshold, 4)}
 
 
-async def run_cache(pairs: calibrate.Pairs, va: np.ndarray, vb: np.ndarray,
-                    model: verifier.Verifier, top_k: int, groups: dict[str, str]
-                    ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
-    entries = dict(zip(pairs.text_a, va, strict=True))       # unique text_a → vector
-    t = _Tally()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = cache_wiring.milvus_l2(f"{tmp}/bench.db", "bench_cache", flush_interval_s=5.0)
-        t0 = time.monotonic()
-        await _fill(store, list(entries), np.stack(list(entries.values())))
-        print(f"stored {len(entries)} entries in {time.monotonic() - t0:.0f}s", file=sys.stderr)
-        for ta, tb, vec, label in zip(pairs.text_a, pairs.text_b, vb, pairs.label, strict=True):
-            found = await store.search("bench", vec, top_k, 0.0)
-            verdict = model.judge(tb, vec, [c.text for c in found],
-                                  [np.asarray(c.vector) for c in found])
-            hit = verdict is not None and verdict.accepted
-            chosen = found[verdict.index].text if hit and verdict is not None else None
-            t.hits.append(hit)
-            t.right.append(hit and label == 1 and chosen == ta)
-            t.right_group.append(hit and groups.get(chosen) == groups[tb])
-            t.top_cos.append(found[0].similarity if found else -1.0)
-            t.top_right.append(bool(found) and label == 1 and found[0].text == ta)
-            t.top_right_group.append(bool(found) and groups.get(found[0].text) == groups[tb])
-        await store.close()
+def run_cache(pairs: calibrate.Pairs, everything: calibrate.Pairs, new: Side, old: Side,
+              top_k: int) -> dict[str, Any]:
+    groups = duplicate_groups(everything)
+    ours_t = asyncio.run(lookups(pairs, new, top_k, groups))
+    old_t = asyncio.run(lookups(pairs, old, top_k, groups))
     positives = int(pairs.label.sum())
-    ours, base = _score(t.hits, t.right, t.top_cos, t.top_right, positives, model.threshold)
-    # Queries with at least one labelled duplicate (or their own text) among the entries.
-    per_group = collections.Counter(groups[e] for e in entries)
+    ours = _served(ours_t.score, ours_t.right, new.model.threshold, positives)
+    p = ours["precision"]
+
+    def at(scores: list[float], right: list[bool], n: int = positives) -> dict[str, float]:
+        return at_precision(np.asarray(scores), np.asarray(right, dtype=np.float64), n, p)
+
+    per_group = collections.Counter(groups[e] for e in set(pairs.text_a))
     has_dup = sum(1 for tb in pairs.text_b if per_group[groups[tb]] > 0)
-    g_ours, g_base = _score(t.hits, t.right_group, t.top_cos, t.top_right_group, has_dup,
-                            model.threshold)
-    return ours, base, {"precision": g_ours["precision"], "recall": g_ours["recall"],
-                        "baseline": {"precision": g_base["precision"],
-                                     "recall": g_base["recall"]}}
+    closure = _served(ours_t.score, ours_t.right_group, new.model.threshold, has_dup)
+    return {"ours": ours, "old_verifier": at(old_t.score, old_t.right),
+            "old_verifier_default": _served(old_t.score, old_t.right, old.model.threshold,
+                                            positives),
+            "baseline": at(old_t.top_cos, old_t.top_right),
+            "tuned_cosine": at(ours_t.top_cos, ours_t.top_right),
+            "duplicate_closure": {"precision": closure["precision"],
+                                  "recall": closure["recall"]}}
 
 
-def _score(hits: list[bool], right: list[bool], top_cos: list[float], top_right: list[bool],
-           positives: int, threshold: float) -> tuple[dict[str, float], dict[str, float]]:
-    n_hits, n_right = int(np.sum(hits)), int(np.sum(right))
-    p, r = n_right / max(n_hits, 1), n_right / max(positives, 1)
-    ours = {"precision": round(p, 4), "recall": round(r, 4), "f1": _f1(p, r),
-            "hit_rate": round(n_hits / max(len(hits), 1), 4), "threshold": round(threshold, 4)}
-    base = _tuned_cosine(np.asarray(top_cos), np.asarray(top_right, dtype=np.float64),
-                         positives, p)
-    return ours, base
-
-
-def _table(mode: str, n: int, ours: dict[str, float], base: dict[str, float]) -> None:
+def _table(mode: str, n: int, out: dict[str, Any]) -> None:
     print(f"semantic cache, mode {mode}, {n} pairs")
-    print(f"{'':<26}{'precision':>10}{'recall':>8}{'f1':>8}{'hit rate':>10}{'threshold':>11}")
-    for name, m in (("verifier (default point)", ours), ("bare cosine, same prec.", base)):
-        print(f"{name:<26}{m['precision']:>10.4f}{m['recall']:>8.4f}{m['f1']:>8.4f}"
+    print(f"{'':<40}{'precision':>10}{'recall':>8}{'f1':>8}{'hit rate':>10}{'threshold':>11}")
+    for key, name in (("ours", "tuned embedder + verifier (default point)"),
+                      ("old_verifier", "old embedder + verifier, same prec."),
+                      ("old_verifier_default", "old embedder + verifier (its own point)"),
+                      ("baseline", "old embedder, bare cosine, same prec."),
+                      ("tuned_cosine", "tuned embedder, bare cosine, same prec.")):
+        m = out[key]
+        print(f"{name:<40}{m['precision']:>10.4f}{m['recall']:>8.4f}{m['f1']:>8.4f}"
               f"{m['hit_rate']:>10.4f}{m['threshold']:>11.4f}")
+
+
+def old_verifier(path: str | None, everything: calibrate.Pairs, va: np.ndarray,
+                 vb: np.ndarray, seed: int, embedder_id: str) -> verifier.Verifier:
+    if path:
+        return verifier.load(path)
+    print("fitting the old embedder's verifier on the calibration split…", file=sys.stderr)
+    model, _ = calibrate.fit(everything, va, vb, 0.90, seed, embedder_id=embedder_id,
+                             log=lambda *_: None)
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,42 +222,44 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", required=True, help="JSONL(.gz) of text_a, text_b, label")
     parser.add_argument("--mode", choices=("pairs", "cache"), default="pairs")
-    parser.add_argument("--verifier", default=None, help="verifier JSON (default: shipped)")
+    parser.add_argument("--tuning", default="shipped", help="embedder.tuning of the new side")
+    parser.add_argument("--verifier", default=None, help="its verifier (default: shipped)")
+    parser.add_argument("--baseline-verifier", default=None,
+                        help="the old embedder's verifier (default: fitted here)")
     parser.add_argument("--heldout", action="store_true",
                         help="only the question-disjoint held-out split of calibration")
     parser.add_argument("--limit", type=int, default=0, help="at most this many pairs")
     parser.add_argument("--top-k", type=int, default=5, help="candidates per lookup (cache)")
-    parser.add_argument("--embed-cache", default=None, help="reuse embeddings (.npz)")
+    parser.add_argument("--embed-cache", default=None, help="old embedder's vectors (.npz)")
+    parser.add_argument("--tuned-cache", default=None, help="tuned embedder's vectors (.npz)")
     args = parser.parse_args(argv)
     model = verifier.load(args.verifier)
-    pairs = everything = calibrate.read_pairs(args.pairs)
-    # Embed the whole file (so one --embed-cache serves every subset), then select.
-    va, vb = calibrate.pair_vectors(pairs, args.embed_cache)
-    keep = np.arange(len(pairs))
-    if args.heldout:
-        seed = int(model.meta.get("fit", {}).get("seed", 7))
-        keep = calibrate.split(pairs, seed)["test"]
+    seed = int(model.meta.get("fit", {}).get("seed", 7))
+    everything = calibrate.read_pairs(args.pairs)
+    texts = sorted(set(everything.text_a) | set(everything.text_b))
+    index = {t: i for i, t in enumerate(texts)}
+    ia = np.asarray([index[t] for t in everything.text_a])
+    ib = np.asarray([index[t] for t in everything.text_b])
+    new_vec, new_id = embed_served.vectors(texts, args.tuning, args.tuned_cache)
+    old_vec, old_id = embed_served.vectors(texts, "none", args.embed_cache)
+    if model.embedder_id and model.embedder_id != new_id:
+        raise SystemExit(f"--verifier was fitted for {model.embedder_id}, not {new_id}")
+    old_model = old_verifier(args.baseline_verifier, everything, old_vec[ia], old_vec[ib],
+                             seed, old_id)
+    new = Side("tuned", new_vec[ia], new_vec[ib], model)
+    old = Side("old", old_vec[ia], old_vec[ib], old_model)
+    keep = calibrate.split(everything, seed)["test"] if args.heldout else np.arange(len(ia))
     if args.limit:
         keep = keep[:args.limit]
-    pairs, va, vb = pairs.take(keep), va[keep], vb[keep]
-    extra: dict[str, Any] = {}
-    if args.mode == "pairs":
-        ours, base = run_pairs(pairs, va, vb, model)
-    else:
-        groups = duplicate_groups(everything)
-        ours, base, closure = asyncio.run(run_cache(pairs, va, vb, model, args.top_k, groups))
-        extra["duplicate_closure"] = closure
-    _table(args.mode, len(pairs), ours, base)
-    if extra:
-        c = extra["duplicate_closure"]
-        print(f"counting a hit on any labelled duplicate (closed transitively) as right: "
-              f"verifier precision {c['precision']:.4f} recall {c['recall']:.4f}; bare cosine "
-              f"at that precision: recall {c['baseline']['recall']:.4f}")
+    pairs, new, old = everything.take(keep), new.take(keep), old.take(keep)
+    out = (run_pairs(pairs, new, old) if args.mode == "pairs"
+           else run_cache(pairs, everything, new, old, args.top_k))
+    _table(args.mode, len(pairs), out)
+    ours = out.pop("ours")
     print(json.dumps({"bench": "semantic_cache", "mode": args.mode,
-                      "precision": ours["precision"], "recall": ours["recall"],
-                      "f1": ours["f1"], "hit_rate": ours["hit_rate"],
-                      "baseline": {"precision": base["precision"], "recall": base["recall"],
-                                   "f1": base["f1"], "hit_rate": base["hit_rate"]}, **extra}))
+                      **{k: ours[k] for k in FIELDS},
+                      **{k: {f: v[f] for f in FIELDS if f in v} for k, v in out.items()},
+                      "embedder_id": new_id, "old_embedder_id": old_id}))
     return 0
 
 

