@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: up test test-llamacpp lint protos verifier bench-peers tools clean engines engines-llamacpp
+.PHONY: up test test-llamacpp lint protos verifier embedder bench-peers tools clean engines engines-llamacpp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -79,9 +79,18 @@ lint: $(VENV)/.dev
 protos: $(VENV)/.dev
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/synapse/v1/*.proto
 
+# The shipped tuned embedder and the verifier fitted for it, from the QQP dev pairs and
+# seed 7 (synapsectl cache tune-embedder: the top MiniLM layers, then the verifier).
+embedder: $(VENV)/.dev
+	nice -n 10 $(BIN)/synapsectl cache tune-embedder --seed 7 \
+	  --pairs ../shared/data/qqp_pairs_dev.jsonl.gz --tuning-out synapse_common/embedder_tuned.npz \
+	  --verifier-out controlplane/core/verifier_default.json
+
+# The verifier alone, for the shipped tuned embedder (same splits and seed).
 verifier: $(VENV)/.dev
-	$(BIN)/synapsectl cache calibrate --pairs ../shared/data/qqp_pairs_dev.jsonl.gz \
-	  --target-precision 0.90 --seed 7 --out controlplane/core/verifier_default.json
+	nice -n 10 $(BIN)/synapsectl cache tune-embedder --seed 7 \
+	  --pairs ../shared/data/qqp_pairs_dev.jsonl.gz --verifier-only synapse_common/embedder_tuned.npz \
+	  --verifier-out controlplane/core/verifier_default.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
