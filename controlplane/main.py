@@ -68,6 +68,11 @@ def build_response_cache(settings: config.ControlPlaneSettings,
         lambda: [n.address for n in nodes() if c.embed_model in n.embed_models],
         c.embed_model, timeout_s=c.semantic_budget_ms / 1000,
         token=settings.auth.agent_token_value)
+    try:
+        judge = verifier.load(c.verifier_path)
+    except verifier.VerifierError as exc:
+        print(f"config error: cache.verifier_path: {exc}", file=sys.stderr)
+        raise SystemExit(cli.EXIT_CONFIG) from None
     options = response_cache.Options(
         ttl_s=c.ttl_s, temperature_ceiling=c.temperature_ceiling,
         default_temperature=c.default_temperature, l1_budget_s=c.l1_budget_ms / 1000,
@@ -75,12 +80,8 @@ def build_response_cache(settings: config.ControlPlaneSettings,
         embed_model=c.embed_model, semantic_enabled=c.semantic_enabled,
         target_precision=c.target_precision,
         model_target_precision={m.name: m.cache_target_precision for m in settings.models
-                                if m.cache_target_precision is not None})
-    try:
-        judge = verifier.load(c.verifier_path)
-    except verifier.VerifierError as exc:
-        print(f"config error: cache.verifier_path: {exc}", file=sys.stderr)
-        raise SystemExit(cli.EXIT_CONFIG) from None
+                                if m.cache_target_precision is not None},
+        embedder_id=judge.embedder_id)
     tiered = response_cache.TieredCache(
         options=options, l1=store, metrics=services.metrics, l2=l2, embedder=embed,
         verifier_model=judge)

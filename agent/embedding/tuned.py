@@ -22,6 +22,7 @@ unavailable with the reason (like a model that fails to load), never silently un
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import logging
 import os
@@ -47,9 +48,10 @@ class _Loaded:
 class TunedEmbedder:
     """:class:`minilm.MiniLmEmbedder` on the tuned model, vectors adapted after pooling."""
 
-    def __init__(self, cfg: EmbedderSettings, path: pathlib.Path) -> None:
+    def __init__(self, cfg: EmbedderSettings, path: pathlib.Path, model: Any = None) -> None:
         self._cfg = cfg
         self._path = path
+        self._model = model     # the untuned SentenceTransformer, when given (tests)
         self._inner: minilm.MiniLmEmbedder | None = None
         self._tuning: embedder_tuning.Tuning | None = None
         self._error = ""
@@ -93,7 +95,7 @@ class TunedEmbedder:
     def _load(self) -> _Loaded:
         tuning = embedder_tuning.load(self._path)
         embedder_tuning.check_base(tuning, model_mod.embedder_id())
-        model = model_mod.load_minilm()
+        model = copy.deepcopy(self._model) if self._model is not None else model_mod.load_minilm()
         embedder_tuning.apply_layers(model, tuning)
         return _Loaded(tuning, model)
 
@@ -108,10 +110,13 @@ class TunedEmbedder:
             await self._inner.close()
 
 
-def build(cfg: EmbedderSettings) -> minilm.MiniLmEmbedder | TunedEmbedder:
-    """The in-process embedder ``embedder.tuning`` names."""
+def build(cfg: EmbedderSettings, model: Any = None) -> minilm.MiniLmEmbedder | TunedEmbedder:
+    """The in-process embedder ``embedder.tuning`` names (``model``: an already loaded
+    untuned all-MiniLM-L6-v2 to start from, as tests share one)."""
     path = embedder_tuning.resolve(cfg.tuning)
-    return minilm.MiniLmEmbedder(cfg) if path is None else TunedEmbedder(cfg, path)
+    if path is None:
+        return minilm.MiniLmEmbedder(cfg, model=model)
+    return TunedEmbedder(cfg, path, model)
 
 
 def _peek_id(path: pathlib.Path) -> str:

@@ -77,6 +77,11 @@ class Options:
     target_precision: float = 0.90
     model_target_precision: Mapping[str, float] = dataclasses.field(default_factory=dict)
     log_interval_s: float = 60.0
+    embedder_id: str = ""       # the verifier's: vectors of another embedder are not judged
+
+
+class EmbedderMismatch(Exception):
+    """Node.Embed answered with another embedder than the verifier was fitted for."""
 
 
 class TieredCache:
@@ -220,6 +225,12 @@ class TieredCache:
                                 tenant=state.tenant),  # the agent's cache is per tenant
             budget, "embedder", "embedding")
         self.metrics.embedding_duration.observe(self._mono() - start)
+        expected = self.options.embedder_id
+        if expected and result.embedder_id != expected:
+            exc = EmbedderMismatch(f"the agents serve embedder {result.embedder_id}, the "
+                                   f"verifier is fitted for {expected} (cache.embedder_id)")
+            self._budget.count("embedder", "embedding", exc)
+            raise cache_budget.Failed from exc
         vector = np.asarray(result.vectors, dtype=np.float32)[0]
         self._embedder_id = result.embedder_id
         return dataclasses.replace(state, vector=vector, embedder_id=result.embedder_id)
