@@ -16,7 +16,9 @@ the observed time to first token, the engine's own count of prompt and cached to
   ``prefill_s_per_token`` sample, ``(ttft - overhead - decode_wait) / tokens``;
 * one with fewer gives an ``overhead_s`` sample, ``ttft - decode_wait - prefill``;
 * a stream of at least ``MIN_DECODE_STEPS`` tokens gives a ``decode_s_per_step`` sample,
-  ``(last byte - first token) / (tokens - 1)``.
+  ``(last byte - first token) / (tokens - 1)``;
+* every one gives a sample of the prediction's own error, ``|observed - predicted TTFT|``
+  (``ttft_error_s``: the router treats smaller differences between backends as noise).
 
 Each estimate is the median of its last ``WINDOW`` samples, robust to outliers (a stalled
 request, a GC pause) up to half the window, and following a real change (an engine
@@ -42,6 +44,7 @@ class Costs(NamedTuple):
     decode_s_per_step: float
     overhead_s: float = 0.0
     samples: int = 0          # prefill samples behind prefill_s_per_token
+    ttft_error_s: float = 0.0  # typical |observed - predicted TTFT| (median)
 
 
 class RunningMedian:
@@ -73,17 +76,18 @@ class RunningMedian:
 
 
 class _Backend:
-    __slots__ = ("costs", "decode", "overhead", "prefill")
+    __slots__ = ("costs", "decode", "error", "overhead", "prefill")
 
     def __init__(self, prefill: float, decode: float) -> None:
         self.prefill = RunningMedian(prefill)
         self.decode = RunningMedian(decode)
         self.overhead = RunningMedian(0.0)
+        self.error = RunningMedian(0.0)
         self.costs = Costs(prefill, decode)
 
     def refresh(self) -> None:
         self.costs = Costs(self.prefill.value, self.decode.value, self.overhead.value,
-                           self.prefill.count)
+                           self.prefill.count, self.error.value)
 
 
 class CostModel:
@@ -101,11 +105,12 @@ class CostModel:
 
     def observe(self, backend: str, ttft_s: float, queued_tokens: float,
                 uncached_tokens: float, decode_wait_s: float, stream_s: float = 0.0,
-                output_tokens: int = 0) -> None:
+                output_tokens: int = 0, error_s: float = 0.0) -> None:
         """Learn from one settled request: its time to first token, the prefill tokens
         predicted ahead of it (KV-pressure scaled), the prompt tokens the engine computed
-        (in the router's units), the decode-step part of its predicted queue wait, and
-        for a stream the time from first token to last byte and the tokens it sent."""
+        (in the router's units), the decode-step part of its predicted queue wait, for a
+        stream the time from first token to last byte and the tokens it sent, and how far
+        the predicted TTFT was from the observed one."""
         if not self.learn:
             return
         entry = self._backends.get(backend)
@@ -120,6 +125,7 @@ class CostModel:
             entry.overhead.add(max(0.0, explained - work * c.prefill_s_per_token))
         if output_tokens >= MIN_DECODE_STEPS and stream_s > 0:
             entry.decode.add(stream_s / (output_tokens - 1))
+        entry.error.add(abs(error_s))
         entry.refresh()  # a tuple: cheaper than checking what moved
 
     def snapshot(self) -> dict[str, Costs]:

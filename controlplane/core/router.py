@@ -171,6 +171,7 @@ class Router:
         eligible = eligible[start:] + eligible[:start]
         eligible.sort(key=lambda v: (v.predicted_ttft_s,
                                      self._ledger.load(v.backend.key).in_flight))
+        self._within_noise(eligible)
         best = eligible[0]
         reason = "least-ttft"
         tie = max(TIE_S, best.predicted_ttft_s * TIE_FRACTION)
@@ -184,6 +185,22 @@ class Router:
             pct = 100 * eligible[0].cached_tokens // eligible[0].prompt_tokens
             reason = f"prefix-hit {pct}%"
         return eligible, reason
+
+    def _within_noise(self, ordered: list[types.Verdict]) -> None:
+        """Among the backends predicted faster than the best by less than the prediction's
+        own typical error there (learned), take the one with the fewest requests in
+        flight: a difference the router cannot predict is no reason to pile up."""
+        best = ordered[0]
+        noise = best.basis.ttft_error_s if best.basis else 0.0
+        if noise <= TIE_S:
+            return
+        load = self._ledger.load
+        pick = min((v for v in ordered if v.predicted_ttft_s - best.predicted_ttft_s <= noise
+                    and v.cached_tokens == best.cached_tokens),
+                   key=lambda v: load(v.backend.key).in_flight)
+        if pick is not best:
+            ordered.remove(pick)
+            ordered.insert(0, pick)
 
     def _keep_holder(self, ordered: list[types.Verdict]) -> None:
         """Move the backend holding most of the prompt first unless leaving it pays twice.
@@ -302,7 +319,8 @@ class Router:
                 ticket.first_byte_at
             self.costs.observe(key, ttft, v.basis.queued_tokens, uncached,
                                v.basis.decode_wait_s, last - ticket.first_byte_at,
-                               u.completion_tokens if u is not None else 0)
+                               u.completion_tokens if u is not None else 0,
+                               ttft - v.predicted_ttft_s)
         c = self.costs.costs(key)
         obs = types.RouteObservation(
             key, v.basis.tokenizer, v.predicted_ttft_s, ttft, v.cached_tokens, reported_cached,

@@ -148,6 +148,7 @@ class Basis(NamedTuple):
     decode_s_per_step: float
     overhead_s: float               # part of queue_wait_s: fixed time to a first token
     cost_samples: int               # prefill samples behind prefill_s_per_token (0 = constant)
+    ttft_error_s: float             # the backend's typical |observed - predicted TTFT|
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -175,3 +175,28 @@ def test_observations_become_accuracy_metrics() -> None:
     assert value("synapse_route_cached_tokens_total", source="predicted") == 1024
     assert value("synapse_route_cached_tokens_total", source="reported") == 1152
     assert value("synapse_route_learned_prefill_seconds_per_token") == 0.0005
+
+
+def _busy_fast_vs_idle_slow(noisy: bool) -> str:
+    """Backend "fast" is faster per token but has two streams in flight; "slow" is idle.
+    Which one gets a unique prompt, when the predictions were (not) noisy so far."""
+    r, clock, _ = fleet("fast", "slow")
+    fast, slow = Engine(0.0005, 0.01), Engine(0.0006, 0.01)
+    for i in range(20):
+        jitter = (3.0 if i % 2 else 0.2) if noisy else 1.0
+        serve(r, clock, fast, 1600, backend=0, slow=jitter)
+        serve(r, clock, slow, 1600, backend=1, slow=jitter)
+    for _ in range(2):
+        warm = router.Prompt.from_text("busy " * 8, 8)
+        decision = r.route(MODEL, warm)
+        assert decision is not None
+        held = next(v for v in decision.candidates if v.backend.name == "fast")
+        r.ledger.first_byte(r.dispatched(decision, held, warm))  # decoding, not finished
+    decision = r.route(MODEL, router.Prompt.from_text("unique " * 1000, 8))
+    assert decision is not None
+    return decision.candidates[0].backend.name
+
+
+def test_differences_within_the_predictions_own_error_go_to_the_less_loaded_backend() -> None:
+    assert _busy_fast_vs_idle_slow(noisy=False) == "fast"
+    assert _busy_fast_vs_idle_slow(noisy=True) == "slow"
