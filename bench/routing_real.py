@@ -150,6 +150,9 @@ def summarise(results: list[Result], wall: float, engine_delta: tuple[float, flo
             "usage_hit_ratio": (sum(r.cached_tokens for r in results)
                                 / max(1, sum(r.prompt_tokens for r in results))),
             "cached_agreement": predicted / reported if reported else float("nan"),
+            "busiest_share": max((sum(1 for r in results if r.backend == b)
+                                  for b in {r.backend for r in results}), default=0)
+                             / max(1, len(results)),
             "requests": len(results)}
 
 
@@ -258,7 +261,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         urls, engine_urls = start(tree, workdir, tier, args.kv_tokens)
         warm_up(engine_urls, tier.model_name)
         print(f"{'workload':<9}{'policy':<25}{'p50 s':>7}{'p90 s':>7}{'wall s':>8}"
-              f"{'out tok/s':>10}{'engine hit':>11}{'usage hit':>10}{'pred/rep':>9}",
+              f"{'out tok/s':>10}{'engine hit':>11}{'usage hit':>10}{'pred/rep':>9}"
+              f"{'busiest':>8}",
               flush=True)
         for name in args.workloads:
             table[name] = {}
@@ -278,7 +282,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"{name:<9}{policy:<25}{row['p50']:>7.2f}{row['p90']:>7.2f}"
                       f"{row['wall_s']:>8.1f}{row['tokens_per_s']:>10.1f}"
                       f"{row['engine_hit_ratio']:>11.2f}{row['usage_hit_ratio']:>10.2f}"
-                      f"{row['cached_agreement']:>9.2f}", flush=True)
+                      f"{row['cached_agreement']:>9.2f}{row['busiest_share']:>8.2f}", flush=True)
                 if cp and policy.startswith("predicted"):
                     print(f"{'':<9}  {learned(cp, errors0)[0]}", flush=True)
     finally:
@@ -329,7 +333,7 @@ def main() -> None:
                         help="default: 1.6 x one engine's KV / --context-tokens")
     parser.add_argument("--context-tokens", type=int, default=1900)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--unique", type=int, default=60)
+    parser.add_argument("--unique", type=int, default=80)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--seed", default="15")
