@@ -304,8 +304,9 @@ class QueueSettings(Section):
     enabled: bool = Field(False, description="hold requests in a fair queue when the chosen "
                           "backends are saturated, instead of sending them on")
     max_queue_wait_s: float = Field(
-        0.5, ge=0, description="queue when the best backend's predicted queue wait (the "
-        "router's) is above this many seconds")
+        0.1, ge=0, description="queue when the best backend's predicted queue wait (the "
+        "prefill the router predicts queued ahead of the request there) is above this many "
+        "seconds")
     deadline_s: float = Field(30.0, gt=0, description="longest a request waits in the queue "
                               "(then 503 with Retry-After)")
     max_waiting: int = Field(10_000, ge=1, description="requests waiting per model at most "

@@ -9,9 +9,9 @@ weighted fair queuing) — and answers the serving path's four questions:
   (prompt tokens + ``max_tokens``)? A :class:`token_limits.Charge`, or a 429 naming the
   limit. Cache hits are not admitted: they cost no engine tokens.
 * :meth:`must_wait` / :meth:`hold` (after routing): are the chosen backends saturated —
-  the best candidate's predicted queue wait (its queued prefill and decode wait, without
-  the fixed time to a first token) above ``fairness.queue.max_queue_wait_s``, or requests
-  of the model already waiting — and if so, wait for a fair turn.
+  the best candidate's predicted queue wait (the prefill the router predicts queued ahead
+  there: :func:`waiting_s`) above ``fairness.queue.max_queue_wait_s``, or requests of the
+  model already waiting — and if so, wait for a fair turn.
 * :meth:`settle` (when the answer ended): correct the charge to the engine's ``usage``
   and account it per tenant x model x day; a cache hit is accounted as tokens saved.
 
@@ -72,9 +72,15 @@ class TokenObserver:
 
 
 def waiting_s(v: types.Verdict) -> float:
-    """The part of a verdict's predicted queue wait that is waiting behind other work."""
-    overhead = v.basis.overhead_s if v.basis is not None else 0.0
-    return max(0.0, v.queue_wait_s - overhead)
+    """The prefill the router predicts queued ahead of a request on a backend, in seconds:
+    the part of its queue wait that grows while the backend is saturated (requests sent
+    there and not yet at their first token). The other parts, a decode step while it is
+    busy and the fixed time to a first token, are there whether it is saturated or not,
+    and the latter is learned from first tokens that, under saturation, include the wait
+    for a seat: comparing them with the bound would hold requests for the wrong reason."""
+    if v.basis is None:
+        return v.queue_wait_s
+    return v.basis.queued_tokens * v.basis.prefill_s_per_token
 
 
 class Fairness:
