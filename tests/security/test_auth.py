@@ -13,6 +13,8 @@ from tests import fleet
 from tests.security.conftest import SecureFleet
 
 OPEN = {"/health", "/ready", "/metrics", "/openapi.json"}
+# Anthropic's clients send their key as x-api-key: /v1/messages takes either scheme.
+X_API_KEY_PATHS = {"/v1/messages"}
 V1 = [("POST", "/v1/chat/completions", fleet.chat_body()),
       ("POST", "/v1/completions", b'{"model": "llama", "prompt": "hi", "max_tokens": 2}'),
       ("POST", "/v1/embeddings", b'{"model": "sentence-transformers/all-MiniLM-L6-v2", "input": "hi"}'),
@@ -36,7 +38,9 @@ def test_the_spec_marks_every_v1_and_admin_route_secured(secure: SecureFleet) ->
         for method, op in ops.items():
             if path in OPEN:
                 continue
-            assert op.get("security") == [{"bearer": []}], (method, path)
+            schemes = ([{"apiKey": []}, {"bearer": []}] if path in X_API_KEY_PATHS
+                       else [{"bearer": []}])
+            assert op.get("security") == schemes, (method, path)
             assert "401" in op["responses"], (method, path)
 
 
@@ -80,7 +84,8 @@ ADMIN_CALLS = [("ListNodes", admin_pb2.ListNodesRequest()),
                ("UndeployModel", admin_pb2.UndeployModelRequest(model=fleet.MODEL)),
                ("InvalidateCache", admin_pb2.InvalidateCacheRequest(all=True)),
                ("GetStats", admin_pb2.GetStatsRequest()),
-               ("ExplainRoute", admin_pb2.ExplainRouteRequest(model="llama", prompt="hi"))]
+               ("ExplainRoute", admin_pb2.ExplainRouteRequest(model="llama", prompt="hi")),
+               ("GetUsage", admin_pb2.GetUsageRequest())]
 
 
 def test_the_call_list_covers_every_admin_method() -> None:
@@ -102,3 +107,16 @@ def test_every_admin_grpc_method_needs_the_admin_key(secure: SecureFleet, method
                 call(request_, metadata=metadata, timeout=10)
             assert info.value.code() == code, (method, info.value.code(), info.value.details())
             assert fleet.TENANT_KEY not in (info.value.details() or "")
+
+
+@pytest.mark.parametrize("key", [None, "", "sk-not-a-key", f"{fleet.TENANT_KEY}x",
+                                 fleet.TENANT_KEY[:-1]], ids=lambda k: repr(k)[:16])
+def test_messages_refuse_a_missing_or_unknown_x_api_key(secure: SecureFleet,
+                                                        key: str | None) -> None:
+    headers = {"x-api-key": key} if key is not None else {}
+    body = b'{"model": "llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}'
+    reply = fleet.request(secure.urls[0], "POST", "/v1/messages", body, headers=headers, key=None)
+    secure.bodies.append(reply.body)
+    assert reply.status == 401, (reply.status, reply.body[:200])
+    error = reply.json()
+    assert error["type"] == "error" and error["error"]["type"] == "authentication_error", error
