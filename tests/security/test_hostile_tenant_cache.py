@@ -183,9 +183,12 @@ def test_cached_streams_have_the_live_shape_and_usage_only_when_asked(
                           "the streamed answer to be replayed")
     assert shape(events(replay)) == shape(live[False]), "no usage chunk that was not asked"
     assert text(events(replay)) == text(events(first))
-    # The stream carried no usage: it cannot answer a request whose answer has usage.
+    # The control plane asks the engine for usage even when the client did not (token
+    # accounting) and keeps it with the stream: the stored stream answers a whole request,
+    # with its usage and the same text.
     whole = chat(fl.base, question)
-    assert whole.headers["x-synapse-cache"] == "miss" and whole.json()["usage"]
+    assert whole.headers["x-synapse-cache"] == "hit-exact" and whole.json()["usage"]
+    assert whole.json()["choices"][0]["message"]["content"] == text(events(first))
     counted = until_status(lambda: chat(fl.base, question, stream=True, usage=True),
                            "hit-exact", "the non-streamed answer to be replayed")
     assert shape(events(counted)) == shape(live[True])
