@@ -1,0 +1,39 @@
+"""Router and registry settings: the routing policy and its cost estimates, node
+liveness, upstream probes and readiness."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from synapse_common.settings import Section
+
+
+class RouterSettings(Section):
+    policy: Literal["predicted_ttft", "round_robin", "least_loaded"] = Field(
+        "predicted_ttft", description="routing policy")
+    max_attempts: int = Field(3, ge=1, le=10, description="backends tried before the first byte")
+    block_size: int = Field(16, ge=1, description="tokens per prefix block (match the engines)")
+    prefill_seconds_per_token: float = Field(
+        0.00012, gt=0, description="prefill cost used when a backend reports none")
+    decode_seconds_per_step: float = Field(0.02, gt=0, description="decode step cost estimate")
+    prefix_index_max_blocks: int = Field(200_000, ge=1000,
+                                         description="blocks remembered per backend at most")
+    session_affinity: bool = Field(True, description="x-session-id / user break ties")
+    learn_costs: bool = Field(True, description="learn each backend's prefill, decode and "
+                              "first-token costs from its answers (else the constants above)")
+
+
+class RegistrySettings(Section):
+    node_down_after_s: float = Field(15.0, gt=0, description="a node silent this long is down")
+    upstream_probe_interval_s: float = Field(5.0, gt=0, description="static upstream health probe")
+    ready_requires_backend: bool = Field(
+        False, description="the old /ready: 503 whenever no backend is routable. Off, /ready "
+        "answers whether this replica can serve (config loaded, registry synced, HTTP up) and "
+        "reports 'no routable backend' in its body and metrics only, so a fleet-wide outage "
+        "still gives clients a 503 envelope instead of a refused connection")
+    sync_grace_s: float = Field(
+        10.0, ge=0, description="the registry counts as synced once the static upstreams were "
+        "probed and an agent reported or this many seconds passed since start (agents "
+        "reconnecting to a new replica)")

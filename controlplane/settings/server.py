@@ -1,0 +1,64 @@
+"""Listener settings: the HTTP API, the gRPC server, /metrics and the Admin service."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from synapse_common.settings import Section
+
+
+class HttpSettings(Section):
+    host: str = Field("0.0.0.0", description="address the OpenAI-compatible API listens on")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 = pick a free port)")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024,
+                                description="largest request body accepted (413 above)")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest header line")
+    upstream_connect_timeout_s: float = Field(2.0, gt=0, description="connect timeout to a backend")
+    upstream_first_byte_timeout_s: float = Field(
+        120.0, gt=0, description="time allowed for a backend's first response byte (504 after)")
+    upstream_idle_timeout_s: float = Field(
+        120.0, gt=0, description="longest gap between streamed chunks before the stream is cut")
+    upstream_deadline_s: float | None = Field(
+        None, gt=0, description="time allowed for a request's first response byte over all "
+        "its attempts, fallback models included (each attempt still has "
+        "upstream_first_byte_timeout_s at most); none = router.max_attempts x "
+        "upstream_first_byte_timeout_s")
+    tls_cert_file: str | None = Field(None, description="PEM certificate; enables HTTPS with key")
+    tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request head (request line and headers) must arrive "
+        "within this many seconds of its first byte, else the connection is closed")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must arrive within this many seconds of "
+        "its head (408 and the connection closed otherwise)")
+    keepalive_timeout_s: float = Field(
+        75.0, gt=0, description="an idle connection (kept alive, or that never sent a "
+        "byte) is closed after this many seconds")
+    max_json_depth: int = Field(64, ge=4, le=250,
+                                description="deepest nesting of arrays and objects in a "
+                                "request body (400 above)")
+    max_audio_bytes: int = Field(
+        25 * 1024 * 1024, ge=1024, description="largest audio upload (the multipart body of "
+        "/v1/audio/transcriptions and /translations, streamed to the backend, never held in "
+        "memory); 413 above, at once when Content-Length says so")
+
+
+class MetricsSettings(Section):
+    port: int | None = Field(
+        None, ge=0, le=65535, description="serve /metrics on this port (same host as "
+        "http.host) instead of the API port; none = on the API port")
+    bearer_token_file: str | None = Field(
+        None, description="file holding a token /metrics then requires as 'Authorization: "
+        "Bearer <token>' (a Prometheus ServiceMonitor's bearerTokenSecret)")
+
+
+class GrpcSettings(Section):
+    host: str = Field("0.0.0.0", description="address the gRPC server (agents, Admin) listens on")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free port)")
+    tls_cert_file: str | None = Field(None, description="PEM certificate; enables TLS with key")
+    tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file")
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest gRPC message")
+
+
+class AdminSettings(Section):
+    enabled: bool = Field(True, description="serve the Admin gRPC service")

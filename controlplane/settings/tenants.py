@@ -1,0 +1,59 @@
+"""Auth settings: tenants, their keys and limits, the admin key and the agents' token."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from controlplane.settings import fairness
+from synapse_common.settings import Secret, Section
+
+
+class TenantSettings(Section):
+    name: str = Field(..., min_length=1, description="tenant id (cache scope, rate limits)")
+    key_sha256: list[str] = Field(default_factory=list,
+                                  description="sha256 hex digests of this tenant's API keys")
+    keys: list[Secret] = Field(default_factory=list,
+                               description="API keys as secrets ({env: X} / {file: P} / literal)")
+    allowed_models: list[str] = Field(default_factory=list,
+                                      description="canonical models or aliases; empty = all")
+    requests_per_second: float | None = Field(None, gt=0, description="rate limit; none = unlimited")
+    burst: int | None = Field(None, ge=1, description="bucket size (default: 2 x rate)")
+    max_concurrent: int | None = Field(None, ge=1, description="concurrent requests limit")
+    # fairness (issue 18)
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="prompt + completion tokens per minute over all models "
+        "(completion counted from max_tokens at admission, settled from usage)")
+    budget: fairness.BudgetSettings | None = Field(None, description="tokens or cost per day / month "
+                                          "over all models")
+    models: dict[str, fairness.TokenLimitSettings] = Field(
+        default_factory=dict, description="limits for one model (name or alias), on top of "
+        "the tenant's own")
+    priority: str = Field("interactive", min_length=1,
+                          description="priority class (one of fairness.queue.classes)")
+    weight: float = Field(1.0, gt=0, le=1000, description="share of its class when queued "
+                          "(weighted fair queuing by tokens)")
+    priority_header: bool = Field(
+        False, description="let requests choose their class with the fairness.queue.header "
+        "header (any configured class)")
+
+
+class AuthSettings(Section):
+    enabled: bool = Field(True, description="require a Bearer key on /v1 and admin routes")
+    admin_key: Secret | None = Field(None, description="key for admin HTTP routes and Admin gRPC")
+    tenants: list[TenantSettings] = Field(default_factory=list, description="API tenants")
+    key_file: str | None = Field(
+        None, description="YAML/JSON file with a list of tenants (same fields), merged in")
+    admin_tenant: str | None = Field(
+        None, description="the tenant (by name) the admin key acts as on /v1, with its "
+        "allow-list and limits; none = the admin key is refused on /v1")
+    agent_token: Secret | None = Field(
+        None, description="token shared with the agents (their control_plane.token): they "
+        "present it on ControlPlane.Connect, the control plane on every Node call")
+    allow_unauthenticated_agents: bool = Field(
+        False, description="without agent_token, let any client reaching the gRPC port "
+        "register as an agent (and receive tenants' prompts). Without agent_token, a "
+        "grpc.host other than loopback does not start unless this is true")
+
+    @property
+    def agent_token_value(self) -> str | None:
+        return self.agent_token.get_secret_value() if self.agent_token else None
