@@ -24,19 +24,23 @@ plane logs at ``warning``, so it writes none); ``--baseline-tree DIR`` runs the 
 control plane from another source tree (before/after a change; the simulator and the
 plain control plane come from ``PYTHONPATH``, as usual).
 
-After the rounds, each control plane's own CPU time per request (user + system, read with
-psutil over ``--cpu-requests`` requests, median of the rounds) is measured for the plain
-one and each variant: the figure that other load on a shared machine moves least.
-
 Peers, when ``make bench-peers`` installed them under ``.bench-venvs/``: LiteLLM's proxy
-(2 workers) and the PyPI ``vllm-router`` (round robin) in front of the same simulator;
-their throughput ratios go under ``peers``.
+(2 workers) and the PyPI ``vllm-router`` (round robin) in front of the same simulator,
+and nginx (2 workers, upstream keep-alive; the floor of what proxying costs) when
+``nginx`` is on PATH; their throughput ratios go under ``peers``.
+
+Last, every gateway's CPU time per proxied request — user + system of its whole process
+tree (LiteLLM's workers, nginx's workers), read with psutil over ``--cpu-requests``
+requests (fewer for a slow peer), median of the rounds, all gateways interleaved in the
+same rounds — goes under ``cpu_us_per_request``: the figure that other load on a shared
+machine moves least.
 
 The load generator is one uvloop process with aiohttp (keep-alive); on a 2-core machine
 it competes with the servers for CPU, so absolute numbers understate a real deployment;
 the ratios are what to compare. Run: ``python -m bench.gateway [--seconds 8]``.
 Last line: ``{"bench": "gateway", "direct_rps": …, "synapse_rps": …, "throughput_ratio":
-…, "added_p50_ms": …, "added_p99_ms": …, "stream_throughput_ratio": …, "variants": {…}, "peers": {…}}``.
+…, "added_p50_ms": …, "added_p99_ms": …, "stream_throughput_ratio": …, "cpu_us_per_request": {"synapse": …, "vllm_router": …,
+…}, "variants": {…}, "peers": {…}}``.
 """
 
 from __future__ import annotations
@@ -126,26 +130,36 @@ async def one(session: aiohttp.ClientSession, url: str, i: int, stream: bool,
         return resp.status == 200
 
 
-async def cpu_per_request(targets: list[tuple[str, str, dict[str, str], int]], n: int,
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of the process ``pid`` and all its descendants (children
+    that exited and were reaped count through their parent's ``children_*`` times)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+async def cpu_per_request(targets: list[tuple[str, str, dict[str, str], int, int]],
                           rounds: int, clients: int = 16) -> dict[str, float]:
-    """CPU milliseconds each control-plane process spends per request (its user + system
-    time over ``n`` requests, median of ``rounds`` interleaved rounds): unlike throughput,
-    hardly moved by what else runs on the machine."""
-    samples: dict[str, list[float]] = {name: [] for name, _, _, _ in targets}
+    """CPU microseconds each gateway's process tree spends per proxied request (user +
+    system time over ``n`` requests, the target's own count, median of ``rounds``
+    interleaved rounds): unlike throughput, hardly moved by what else runs on the
+    machine."""
+    samples: dict[str, list[float]] = {name: [] for name, _, _, _, _ in targets}
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=30)) as session:
         for _ in range(rounds):
-            for name, url, headers, pid in targets:
-                proc = psutil.Process(pid)
-                before = proc.cpu_times()
+            for name, url, headers, pid, n in targets:
+                before = tree_cpu_s(pid)
                 queue = iter(range(n))
                 await asyncio.gather(*(_drain(session, url, headers, queue)
                                        for _ in range(clients)))
-                after = proc.cpu_times()
-                used = (after.user - before.user) + (after.system - before.system)
-                samples[name].append(used / n * 1000)
-    return {name: round(statistics.median(v), 4) for name, v in samples.items()}
+                samples[name].append((tree_cpu_s(pid) - before) / n * 1e6)
+    return {name: round(statistics.median(v), 1) for name, v in samples.items()}
 
 
 async def _drain(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
@@ -279,8 +293,37 @@ def compared(row: dict[str, float], base: dict[str, float]) -> dict[str, float]:
             "errors": row["errors"]}
 
 
-def peers(tree: Tree, sim_url: str, workdir: pathlib.Path) -> Iterator[tuple[str, str]]:
-    """(name, chat URL) of every peer gateway installed by ``make bench-peers``."""
+NGINX_CONF = """daemon off;
+worker_processes 2;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/nginx-body;
+  proxy_temp_path {dir}/nginx-proxy;
+  fastcgi_temp_path {dir}/nginx-fastcgi;
+  uwsgi_temp_path {dir}/nginx-uwsgi;
+  scgi_temp_path {dir}/nginx-scgi;
+  upstream sim {{ server {upstream}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://sim;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def peers(tree: Tree, sim_url: str, workdir: pathlib.Path,
+          ) -> Iterator[tuple[str, str, subprocess.Popen[bytes]]]:
+    """(name, chat URL, process) of every peer gateway installed by ``make bench-peers``,
+    and nginx (a plain reverse proxy with upstream keep-alive, 2 workers: the floor of
+    what a proxy costs) when ``nginx`` is on PATH."""
     litellm = VENVS / "litellm" / "bin" / "litellm"
     if litellm.exists():
         port = free_port()
@@ -290,18 +333,29 @@ def peers(tree: Tree, sim_url: str, workdir: pathlib.Path) -> Iterator[tuple[str
                 "model": f"openai/{MODEL}", "api_base": f"{sim_url}/v1", "api_key": "none"}}],
             "general_settings": {"master_key": PEER_KEY}}))
         # Offline: the bundled model cost map, no telemetry.
-        tree.start("litellm", [str(litellm), "--config", str(cfg), "--port", str(port),
-                               "--num_workers", "2"], f"http://127.0.0.1:{port}/health/liveliness",
-                   env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"})
-        yield "litellm", f"http://127.0.0.1:{port}/v1/chat/completions"
+        proc = tree.start("litellm", [str(litellm), "--config", str(cfg), "--port", str(port),
+                                      "--num_workers", "2"],
+                          f"http://127.0.0.1:{port}/health/liveliness",
+                          env={"LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                               "LITELLM_TELEMETRY": "False"})
+        yield "litellm", f"http://127.0.0.1:{port}/v1/chat/completions", proc
     router = VENVS / "vllm-router" / "bin" / "vllm-router"
     if router.exists():
         port = free_port()
-        tree.start("vllm-router", [str(router), "--worker-urls", sim_url, "--port", str(port),
-                                   "--policy", "round_robin",
-                                   "--prometheus-port", str(free_port())],
-                   f"http://127.0.0.1:{port}/health")
-        yield "vllm_router", f"http://127.0.0.1:{port}/v1/chat/completions"
+        proc = tree.start("vllm-router", [str(router), "--worker-urls", sim_url, "--port",
+                                          str(port), "--policy", "round_robin",
+                                          "--prometheus-port", str(free_port())],
+                          f"http://127.0.0.1:{port}/health")
+        yield "vllm_router", f"http://127.0.0.1:{port}/v1/chat/completions", proc
+    nginx = shutil.which("nginx")
+    if nginx is not None:
+        port = free_port()
+        conf = workdir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=workdir, port=port,
+                                          upstream=sim_url.removeprefix("http://")))
+        proc = tree.start("nginx", [nginx, "-p", str(workdir), "-c", str(conf)],
+                          f"http://127.0.0.1:{port}/health")
+        yield "nginx", f"http://127.0.0.1:{port}/v1/chat/completions", proc
 
 
 async def measure(targets: list[tuple[str, str, dict[str, str]]], args: argparse.Namespace,
@@ -371,17 +425,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         variant_rows = {name: compared(both[name], syn) for name in wanted}
         pids = {"synapse": tree.named["controlplane"].pid,
                 **{name: tree.named[name].pid for name in wanted}}
-        cpu = await cpu_per_request([(n, u, h, pids[n]) for n, u, h in targets if n in pids],
-                                    args.cpu_requests, args.rounds)
-        print("CPU ms per request: " + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items()),
-              flush=True)
-        for name, row in variant_rows.items():
-            row["cpu_ms_per_request"] = cpu[name]
-            row["added_cpu_ms_per_request"] = round(cpu[name] - cpu["synapse"], 4)
+        cpu_targets = [(n, u, h, pids[n], args.cpu_requests) for n, u, h in targets
+                       if n in pids]
         peer_rows = {}
-        for name, url in peers(tree, sim, workdir):
-            row = (await measure([(name, url, {"Authorization": f"Bearer {PEER_KEY}"})],
-                                 args))[name]
+        for name, url, proc in peers(tree, sim, workdir):
+            headers = {"Authorization": f"Bearer {PEER_KEY}"}
+            row = (await measure([(name, url, headers)], args))[name]
             peer_rows[name] = {"rps": round(row["rps"], 1),
                                "throughput_ratio": round(row["rps"] / direct["rps"], 3),
                                "stream_throughput_ratio":
@@ -389,7 +438,23 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                                "added_p50_ms": round(row["p50_ms"] - direct["p50_ms"], 3),
                                "latency_rate_rps": round(row["rate"], 1),
                                "synapse_rps_over_peer": round(syn["rps"] / row["rps"], 3),
+                               "synapse_stream_rps_over_peer":
+                                   round(syn["stream_rps"] / row["stream_rps"], 3),
                                "errors": row["errors"]}
+            # A slow peer gets about two seconds' worth of requests per round.
+            n = max(100, min(args.cpu_requests, int(row["rps"] * 2)))
+            cpu_targets.append((name, url, headers, proc.pid, n))
+        # Every gateway's CPU per request, interleaved in the same rounds.
+        cpu = await cpu_per_request(cpu_targets, args.rounds)
+        print("CPU µs per request (process tree, user + system): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()), flush=True)
+        for name, row in variant_rows.items():
+            row["cpu_us_per_request"] = cpu[name]
+            row["added_cpu_us_per_request"] = round(cpu[name] - cpu["synapse"], 1)
+            row["cpu_ms_per_request"] = round(cpu[name] / 1000, 4)
+            row["added_cpu_ms_per_request"] = round((cpu[name] - cpu["synapse"]) / 1000, 4)
+        for name, row in peer_rows.items():
+            row["cpu_us_per_request"] = cpu[name]
     finally:
         tree.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -400,7 +465,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "added_p99_ms": round(syn["p99_ms"] - direct["p99_ms"], 3),
             "stream_throughput_ratio": round(syn["stream_rps"] / direct["stream_rps"], 3),
             "rate_rps": args.rate, "limits": args.limits, "tracing_ratio": args.tracing_ratio,
-            "synapse_cpu_ms_per_request": cpu["synapse"], "variants": variant_rows,
+            "synapse_cpu_ms_per_request": round(cpu["synapse"] / 1000, 4),
+            "cpu_us_per_request": cpu, "variants": variant_rows,
             "peers": peer_rows}
 
 
