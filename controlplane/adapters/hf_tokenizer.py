@@ -35,10 +35,11 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import logging
 import pathlib
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jinja2
@@ -46,6 +47,10 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 import tokenizers
+
+from controlplane.core import tokenization
+
+log = logging.getLogger("synapse.controlplane.tokenization")
 
 MEMO_MAX_TOKENS = 400_000   # ids held by the memo at most (about 15 MB)
 SAMPLE = ({"role": "system", "content": "You are terse. Answer in one word."},
@@ -259,3 +264,49 @@ def load(path: str) -> HFTokenizer:
         return HFTokenizer(tok, source, specials, str(folder))
     except jinja2.TemplateError as exc:
         raise TokenizerError(f"the chat template in {folder} does not compile: {exc}") from None
+
+
+# -- the router's tokenizers (controlplane.core.tokenization's PromptTokenizer) ---------
+
+
+class ModelTokenizer:
+    """A model's own tokenizer; chat prompts need its chat template (without one they are
+    counted with the approximation, and say so)."""
+
+    def __init__(self, hf: HFTokenizer) -> None:
+        self.name = f"model tokenizer {hf.name}"
+        self._hf = hf
+
+    @property
+    def has_template(self) -> bool:
+        return self._hf.has_template
+
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int, ...]:
+        return self._hf.chat_ids(messages)
+
+    def text_ids(self, text: str) -> tuple[int, ...]:
+        return self._hf.encode_prompt(text)
+
+
+def model_tokenizers(paths: Mapping[str, str]) -> tokenization.Tokenizers:
+    """Canonical model → the tokenizer at its path, loaded now (TokenizerError if not)."""
+    by_model: dict[str, tokenization.PromptTokenizer] = {}
+    for model, path in paths.items():
+        by_model[model] = ModelTokenizer(load(path))
+        log.info("model %s: prefix hashing with its own tokenizer (%s)", model, path)
+    return tokenization.Tokenizers(by_model)
+
+
+def from_settings(models: Sequence[Any],
+                  canonical: Callable[[str], str]) -> tokenization.Tokenizers:
+    """The configured ``models[].tokenizer`` paths, loaded now; a ValueError naming the
+    field when one cannot be loaded."""
+    paths = {}
+    for i, m in enumerate(models):
+        if m.tokenizer:
+            try:
+                load(m.tokenizer)
+            except TokenizerError as exc:
+                raise ValueError(f"models[{i}].tokenizer: {exc}") from None
+            paths[canonical(m.name)] = m.tokenizer
+    return model_tokenizers(paths)

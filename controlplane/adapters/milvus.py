@@ -250,11 +250,11 @@ class MilvusStore:
             try:
                 if self.exclusive:      # a Milvus Lite file: its folder must exist
                     os.makedirs(os.path.dirname(os.path.abspath(self._uri)), exist_ok=True)
-                from pymilvus import MilvusClient
+                import pymilvus  # imported late: slow to import, and only L2 needs it
                 kwargs: dict[str, Any] = {"uri": self._uri, "timeout": self._timeout}
                 if self._token:
                     kwargs["token"] = self._token
-                self._client = MilvusClient(**kwargs)
+                self._client = pymilvus.MilvusClient(**kwargs)
             except Exception as exc:
                 self._failed_at = now
                 raise L2Unavailable(f"cannot open Milvus at {self.safe_uri()}: "
@@ -283,12 +283,13 @@ class MilvusStore:
                                                                      SLOW_CALL_S))
 
     def _create_sync(self, dim: int) -> None:
-        from pymilvus import DataType, MilvusClient
+        import pymilvus
+        DataType = pymilvus.DataType
         client = self._connect()
         with self._lock:
             if client.has_collection(self._collection, timeout=self._timeout):
                 return
-            schema = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+            schema = pymilvus.MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
             schema.add_field("id", DataType.INT64, is_primary=True)
             schema.add_field("scope", DataType.VARCHAR, max_length=64, is_partition_key=True)
             schema.add_field("tenant", DataType.VARCHAR, max_length=1024)

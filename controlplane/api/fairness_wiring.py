@@ -3,11 +3,11 @@
 :func:`build` makes the one :class:`controlplane.core.fairness.Fairness` of a process
 (policies from ``auth.tenants`` and ``auth.key_file``, the price table, the usage book,
 the fair queue and its ``room`` rule over the router's predictions); :func:`install`
-attaches it to the services (``svc.extra``) and adds the cleanup context that, when ``redis.url`` is set, moves token limits and usage to
-Redis (shared by every replica), runs the usage flush loop and stops the queue's pumps.
-The coalescer sits beside the response cache (``fairness.coalesce``).
-Metrics (``synapse_tokens_total``, the queue's depth and wait, coalescing) are recorded
-through the small observers here.
+attaches it to the services (``svc.fairness``) and adds the cleanup context that, when
+``redis.url`` is set, moves token limits and usage to Redis (shared by every replica),
+runs the usage flush loop and stops the queue's pumps. The coalescer sits beside the
+response cache (``fairness.coalesce``). Metrics (``synapse_tokens_total``, the queue's
+depth and wait, coalescing) are recorded through the small observers here.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from controlplane.core import router as router_mod
 from synapse_common import clock as clocks
 
 log = logging.getLogger("synapse.controlplane.fairness")
-FAIRNESS = "fairness"
 USAGE_STORE_TIMEOUT_S = 2.0     # flushes and reads are off the serving path
 _FLUSHER: web.AppKey[asyncio.Task[None]] = web.AppKey("usage_flusher", asyncio.Task)
 
@@ -44,11 +43,9 @@ _FLUSHER: web.AppKey[asyncio.Task[None]] = web.AppKey("usage_flusher", asyncio.T
 def get(svc: services_mod.Services) -> fairness.Fairness:
     """The process's fairness object (built on first use when :func:`install` was not
     called, e.g. a gRPC-only test)."""
-    fair = svc.extra.get(FAIRNESS)
-    if fair is None:
-        fair = svc.extra[FAIRNESS] = build(svc)
-    assert isinstance(fair, fairness.Fairness)
-    return fair
+    if svc.fairness is None:
+        svc.fairness = build(svc)
+    return svc.fairness
 
 
 # -- building ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from controlplane import config, metrics
-from controlplane.adapters import upstream
+from controlplane.adapters import hf_tokenizer, upstream
 from controlplane.api import fleet_wiring, route_accuracy
 from controlplane.core import (
     cache_port,
@@ -34,11 +34,11 @@ from controlplane.core import (
     types,
     upstream_kinds,
 )
+from controlplane.core import fairness as fairness_mod
 from controlplane.core import fleet as fleet_mod
 from controlplane.core import router as router_mod
 from controlplane.core import stats as stats_mod
 from controlplane.core import tenants as tenants_mod
-from controlplane.core import tokenization as tokenization_mod
 from synapse_common import clock as clocks
 
 log = logging.getLogger("synapse.controlplane")
@@ -63,6 +63,8 @@ class Services:
     dispatcher: dispatch.Dispatcher
     fleet: fleet_mod.FleetService   # operator intent and the reconcile loop (Admin service)
     metrics_token_sha256: str | None = None     # /metrics needs this bearer token
+    # token limits, budgets, usage, the fair queue (built by api.fairness_wiring)
+    fairness: fairness_mod.Fairness | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Metric children by (metric name, *labels), so the hot path skips labels() lookups.
     label_cache: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict)
@@ -161,7 +163,7 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
     params = router_mod.Params(r.policy, r.block_size, r.prefill_seconds_per_token,
                                r.decode_seconds_per_step, r.session_affinity, r.learn_costs)
     rtr = router_mod.Router(params, reg, led, prefix_index.PrefixIndex(r.prefix_index_max_blocks),
-                            tokenization_mod.from_settings(settings.models, cat.canonical))
+                            hf_tokenizer.from_settings(settings.models, cat.canonical))
     m = metrics.Metrics(metrics_registry or CollectorRegistry())
     rtr.add_observer(route_accuracy.recorder(m))
     local = ratelimit.LocalStore(clock)

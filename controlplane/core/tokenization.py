@@ -4,7 +4,10 @@ approximation of ``synapse_common.tokens``.
 
 The ids feed the prefix index (chained block hashes, in each engine's block size), so
 they must be the ids the engine itself hashes: the model's tokenizer and chat template,
-rendered as vLLM renders them (:mod:`controlplane.adapters.hf_tokenizer`). The
+rendered as vLLM renders them. Those live in the adapter
+:mod:`controlplane.adapters.hf_tokenizer` (the ``tokenizers`` library and jinja2), which
+loads ``models[].tokenizer`` and hands :class:`Tokenizers` its :class:`PromptTokenizer`
+per model: this module never imports it. The
 approximation is right only for engines that use it too (the simulator); for a real
 engine its block hashes line up only by accident, so the router then sees fewer cached
 tokens than the engine holds. ``explain`` and the route-accuracy metrics say which one a
@@ -17,14 +20,10 @@ that falls back to another model with another tokenizer is tokenized again for i
 from __future__ import annotations
 
 import functools
-import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from controlplane.adapters import hf_tokenizer
 from synapse_common import tokens as tok
-
-log = logging.getLogger("synapse.controlplane.tokenization")
 
 APPROXIMATE = "approximate"
 
@@ -65,35 +64,13 @@ GENERATION_PROMPT = tok.render_chat([], add_generation_prompt=True)
 APPROXIMATION = Approximate()
 
 
-class ModelTokenizer:
-    """A model's own tokenizer; chat prompts need its chat template (without one they are
-    counted with the approximation, and say so)."""
-
-    def __init__(self, hf: hf_tokenizer.HFTokenizer) -> None:
-        self.name = f"model tokenizer {hf.name}"
-        self._hf = hf
-
-    @property
-    def has_template(self) -> bool:
-        return self._hf.has_template
-
-    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int, ...]:
-        return self._hf.chat_ids(messages)
-
-    def text_ids(self, text: str) -> tuple[int, ...]:
-        return self._hf.encode_prompt(text)
-
-
 class Tokenizers:
     """Canonical model → its tokenizer; the approximation for every other model."""
 
-    def __init__(self, paths: Mapping[str, str] | None = None) -> None:
-        self._by_model: dict[str, ModelTokenizer] = {}
-        for model, path in (paths or {}).items():
-            self._by_model[model] = ModelTokenizer(hf_tokenizer.load(path))
-            log.info("model %s: prefix hashing with its own tokenizer (%s)", model, path)
+    def __init__(self, by_model: Mapping[str, PromptTokenizer] | None = None) -> None:
+        self._by_model: dict[str, PromptTokenizer] = dict(by_model or {})
 
-    def for_model(self, model: str) -> ModelTokenizer | Approximate:
+    def for_model(self, model: str) -> PromptTokenizer:
         return self._by_model.get(model, APPROXIMATION)
 
 
@@ -174,17 +151,3 @@ class Prompt:
                     else self.text or "")
             self._size = max(1, len(text) // tok.CHARS_PER_TOKEN)
         return self._size
-
-
-def from_settings(models: Sequence[Any], canonical: Callable[[str], str]) -> Tokenizers:
-    """The configured ``models[].tokenizer`` paths, loaded now; a ValueError naming the
-    field when one cannot be loaded."""
-    paths = {}
-    for i, m in enumerate(models):
-        if m.tokenizer:
-            try:
-                hf_tokenizer.load(m.tokenizer)
-            except hf_tokenizer.TokenizerError as exc:
-                raise ValueError(f"models[{i}].tokenizer: {exc}") from None
-            paths[canonical(m.name)] = m.tokenizer
-    return Tokenizers(paths)

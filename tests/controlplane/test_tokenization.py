@@ -11,7 +11,7 @@ import pytest
 import tokenizers
 
 from controlplane.adapters import hf_tokenizer
-from controlplane.core import ledger, prefix_index, registry, router, tokenization, types
+from controlplane.core import ledger, prefix_index, registry, router, types
 from synapse_common import engines
 from tests.clock import ManualClock
 
@@ -73,7 +73,7 @@ def _router(model_dir: str, block_size: int = 128) -> router.Router:
         kv_capacity_tokens=45_000, block_size=block_size) for name in ("a", "b")])
     return router.Router(router.Params(), reg, ledger.Ledger(ManualClock()),
                          prefix_index.PrefixIndex(200_000),
-                         tokenization.Tokenizers({MODEL: model_dir}))
+                         hf_tokenizer.model_tokenizers({MODEL: model_dir}))
 
 
 def _ask(context: str, question: str) -> router.Prompt:
@@ -117,7 +117,7 @@ def test_a_tokenizer_that_cannot_be_loaded_is_a_config_error(tmp_path: pathlib.P
         name, tokenizer = "m", str(tmp_path / "nothing-here")
 
     with pytest.raises(ValueError, match=r"models\[0\]\.tokenizer: no tokenizer.json"):
-        tokenization.from_settings([Model()], lambda n: n)
+        hf_tokenizer.from_settings([Model()], lambda n: n)
 
 
 def test_templates_that_loop_over_content_parts_get_parts() -> None:
