@@ -43,6 +43,7 @@ from agent.config import AgentSettings, EmbedderSettings
 from agent.core import lru, types
 from agent.embedding import protocol, service, tei, tuned
 from protos.synapse.v1 import controlplane_pb2
+from synapse_common import clock as clocks
 from synapse_common import tracing
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class Agent:
         # Health follows the embedder (TEI may come and go): checked at every telemetry tick.
         while True:
             await self.node_server.set_embedder_ready(await embedder.probe())
-            await asyncio.sleep(self.cfg.telemetry.interval_s)
+            await clocks.sleep(self.cfg.telemetry.interval_s)
 
     async def shutdown(self, skip_drain: asyncio.Event | None = None) -> None:
         log.info("draining: waiting up to %.0fs for in-flight requests",
@@ -192,7 +193,7 @@ class Agent:
     # -- telemetry ---------------------------------------------------------------------
     async def _telemetry_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.cfg.telemetry.interval_s)
+            await clocks.sleep(self.cfg.telemetry.interval_s)
             await self._sample_gpus()
 
     async def _sample_gpus(self) -> None:

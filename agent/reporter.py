@@ -41,6 +41,7 @@ from agent.config import ControlPlaneLink
 from agent.core import backoff
 from protos.synapse.v1 import controlplane_pb2, controlplane_pb2_grpc
 from synapse_common import call_metadata
+from synapse_common import clock as clocks
 
 log = logging.getLogger(__name__)
 COALESCE_S = 0.05
@@ -128,7 +129,7 @@ class Reporter:
             except (OSError, TimeoutError, ValueError) as exc:
                 log.warning("cannot resolve %s (keeping %d streams): %s", self.cfg.dns_name,
                             len(self._tasks), exc)
-            await asyncio.sleep(self.cfg.dns_refresh_s)
+            await clocks.sleep(self.cfg.dns_refresh_s)
 
     # -- one target --------------------------------------------------------------------
     async def _dial_forever(self, address: str) -> None:
@@ -225,7 +226,7 @@ class Reporter:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), self.cfg.report_interval_s)
-                await asyncio.sleep(COALESCE_S)
+                await clocks.sleep(COALESCE_S)
 
     async def _execute(self, call: grpc.aio.StreamStreamCall, lock: asyncio.Lock,
                        msg: controlplane_pb2.ControlMessage) -> None:

@@ -62,13 +62,15 @@ class Hooks:
 class Runner:
     def __init__(self, spec: types.EngineSpec, cfg: SupervisorSettings,
                  session: aiohttp.ClientSession, hooks: Hooks, advertise_host: str,
-                 managed: bool = False, clock: clocks.Clock = time.monotonic) -> None:
+                 managed: bool = False, clock: clocks.Clock = time.monotonic,
+                 sleep: clocks.Sleep = clocks.sleep) -> None:
         self.spec = spec
         self.cfg = cfg
         self.managed = managed
         self._session = session
         self._hooks = hooks
         self._clock = clock
+        self._sleep = sleep
         self.port = spec.port or (0 if spec.engine == "external" else ports.free_port(cfg.engine_host))
         if spec.engine == "external":
             self.probe_url = self.url = (spec.url or "").rstrip("/")
@@ -218,7 +220,7 @@ class Runner:
                 self._exit_reason = (f"not ready within {self.cfg.startup_deadline_s:g}s")
                 engine.kill()
                 return
-            await asyncio.sleep(min(STARTUP_POLL_S, self.cfg.probe_interval_s))
+            await self._sleep(min(STARTUP_POLL_S, self.cfg.probe_interval_s))
         self._policy.on_ready()
         await self._learn_tasks()
         self._set(Phase.READY, "health check passed")
@@ -228,7 +230,7 @@ class Runner:
     async def _liveness(self) -> str:
         failures, unhealthy_since = 0, 0.0
         while True:
-            await asyncio.sleep(self.cfg.probe_interval_s)
+            await self._sleep(self.cfg.probe_interval_s)
             if await self._probe():
                 failures = 0
                 self._set(Phase.READY, "health check passed")
@@ -277,7 +279,7 @@ class Runner:
     # -- engine metrics ----------------------------------------------------------------
     async def _scrape_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.cfg.scrape_interval_s)
+            await self._sleep(self.cfg.scrape_interval_s)
             alive = self.pid != 0 or self.spec.engine == "external"
             if alive and self.phase in (Phase.READY, Phase.UNHEALTHY):
                 await self.scrape()

@@ -27,11 +27,13 @@ class Supervisor:
     """All runners of the node: config-defined ones and control-plane-managed ones."""
 
     def __init__(self, cfg: SupervisorSettings, hooks: runners.Hooks, advertise_host: str,
-                 clock: clocks.Clock = time.monotonic) -> None:
+                 clock: clocks.Clock = time.monotonic,
+                 sleep: clocks.Sleep = clocks.sleep) -> None:
         self.cfg = cfg
         self._hooks = hooks
         self._advertise_host = advertise_host
         self._clock = clock
+        self._sleep = sleep
         self.runners: dict[str, runners.Runner] = {}
         self.config_names: set[str] = set()
         self.draining = False
@@ -46,7 +48,7 @@ class Supervisor:
     def _add(self, spec: types.EngineSpec, managed: bool) -> None:
         assert self._session is not None
         runner = runners.Runner(spec, self.cfg, self._session, self._hooks, self._advertise_host,
-                        managed=managed, clock=self._clock)
+                        managed=managed, clock=self._clock, sleep=self._sleep)
         self.runners[spec.name] = runner
         runner.start()
         self._hooks.on_change()
@@ -93,7 +95,7 @@ class Supervisor:
         while self._clock() < deadline:
             if all(self._idle(r, since) for r in self.runners.values()):
                 return True
-            await asyncio.sleep(min(0.2, self.cfg.scrape_interval_s))
+            await self._sleep(min(0.2, self.cfg.scrape_interval_s))
         return False
 
     @staticmethod

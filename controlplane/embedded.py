@@ -40,6 +40,7 @@ import yaml
 from controlplane import embedded_engine
 from controlplane.core import upstream_kinds
 from synapse_common import cli, engines
+from synapse_common import clock as clocks
 from synapse_common.ports import free_port
 
 DEFAULT_MODEL = embedded_engine.SIMULATOR_MODEL
@@ -249,7 +250,7 @@ def _wait_for(what: str, ready: Callable[[], bool], children: list[Child], timeo
                 raise RuntimeError(f"{child.name} exited with status {child.popen.returncode} "
                                    f"while waiting for {what}; its last lines "
                                    f"({child.log_path}):\n{child.tail()}")
-        time.sleep(0.2)
+        clocks.block(0.2)
     raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}; see the logs in "
                        f"{children[0].log_path.parent}")
 
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
         print(_banner(base, written["api_key"], gen.model, written["admin_key_file"],
                       f"127.0.0.1:{ports['grpc']}"), flush=True)
         while all(c.alive() for c in children):
-            time.sleep(0.5)
+            clocks.block(0.5)
         dead = next(c for c in children if not c.alive())
         print(f"\n{dead.name} exited with status {dead.popen.returncode}; last lines:\n"
               f"{dead.tail()}", file=sys.stderr)

@@ -10,7 +10,7 @@ in the event loop) does not accumulate into drift at small time scales. After an
 period the deadline restarts from now.
 
 ``time_scale == 0`` never sleeps: each step yields to the event loop once
-(``asyncio.sleep(0)``) so that new requests join the running batch between steps.
+(``clock.sleep(0)``) so that new requests join the running batch between steps.
 
 Handlers wait through :class:`Handle`: non-streaming ones only for the end, streaming
 ones for each step in which their sequence gained a token.
@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from simulator import metrics as sim_metrics
 from simulator import scheduler as sched
+from synapse_common import clock as clocks
 
 log = logging.getLogger("simulator.engine")
 
@@ -149,9 +150,9 @@ class Engine:
             if self.time_scale > 0 and plan.duration > 0:
                 deadline = max(deadline, self.clock() - 0.05) + plan.duration * self.time_scale
                 delay = deadline - self.clock()
-                await asyncio.sleep(delay if delay > 0 else 0)
+                await clocks.sleep(delay)
             else:
-                await asyncio.sleep(0)
+                await clocks.sleep(0)
             self._complete(plan)
 
     def _complete(self, plan: sched.StepPlan) -> None:

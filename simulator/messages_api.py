@@ -44,8 +44,7 @@ class MessagesApi:
         model = protocol.model_name(body)
         if model is None:
             raise errors.BadRequest("model: Field required", param="model")
-        if model not in self.served:
-            raise errors.NotFound(f"The model `{model}` does not exist.", param="model")
+        protocol.check_served(model, self.served)
         return model
 
     async def count_tokens(self, request: web.Request) -> web.Response:

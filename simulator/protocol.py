@@ -99,6 +99,18 @@ def model_name(body: Mapping[str, Any]) -> str | None:
     return value or None
 
 
+def check_served(model: str | None, served: Sequence[str]) -> None:
+    """vLLM's 404 for a model this engine does not serve (``None``: none asked, fine)."""
+    if model is not None and model not in served:
+        raise errors.NotFound(f"The model `{model}` does not exist.", param="model")
+
+
+def served_model(model: str | None, served: Sequence[str]) -> str:
+    """The model asked for, or the engine's first when the request names none."""
+    check_served(model, served)
+    return served[0] if model is None else model
+
+
 def text_of(content: Any) -> str:
     """Plain text of a content value: a string, or the text of a list of parts in any of
     the three dialects (``text``, ``input_text``, ``output_text`` parts)."""

@@ -25,7 +25,6 @@ one scores 1. TEI's ``raw_scores`` gives the logit of that instead. Latency as T
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import time
@@ -38,6 +37,7 @@ from aiohttp import web
 
 from simulator import errors, protocol, tei_api
 from simulator.config import SimulatorSettings
+from synapse_common import clock as clocks
 from synapse_common import tokens
 
 _WORDS = re.compile(r"\w+")
@@ -70,7 +70,7 @@ class Scorer:
         used = sum(tokens.count_tokens(q) + tokens.count_tokens(d) for q, d in pairs)
         delay = (tei_api.BASE_S + tei_api.PER_TOKEN_S * used) * self.time_scale
         if delay > 0:
-            await asyncio.sleep(delay)
+            await clocks.sleep(delay)
         return [relevance(q, d) for q, d in pairs], used
 
 
@@ -96,12 +96,7 @@ class VllmRerankApi:
         return out
 
     def _model(self, body: Mapping[str, Any]) -> str:
-        model = protocol.model_name(body)
-        if model is None:
-            return self.served[0]
-        if model not in self.served:
-            raise errors.NotFound(f"The model `{model}` does not exist.", param="model")
-        return model
+        return protocol.served_model(protocol.model_name(body), self.served)
 
     async def rerank(self, request: web.Request) -> web.Response:
         body = protocol.parse_body(await request.read())

@@ -63,12 +63,7 @@ class ResponsesApi:
         return found
 
     def _model(self, body: Mapping[str, Any]) -> str:
-        model = protocol.model_name(body)
-        if model is None:
-            return self.served[0]
-        if model not in self.served:
-            raise errors.NotFound(f"The model `{model}` does not exist.", param="model")
-        return model
+        return protocol.served_model(protocol.model_name(body), self.served)
 
     def _ask(self, body: Mapping[str, Any]) -> tuple[ans.Ask, list[dict[str, Any]]]:
         history: list[dict[str, Any]] = []

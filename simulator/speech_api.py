@@ -15,7 +15,6 @@ Latency: each word's audio is written after ``its seconds x`` :data:`REAL_TIME_F
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +23,7 @@ from aiohttp import web
 
 from simulator import audio, errors, protocol
 from simulator.config import SimulatorSettings
+from synapse_common import clock as clocks
 
 REAL_TIME_FACTOR = 0.05
 MAX_INPUT_CHARS = 4096  # OpenAI's limit
@@ -48,9 +48,7 @@ class SpeechApi:
                             content_type="application/json")
 
     def _check(self, body: Mapping[str, Any]) -> tuple[str, str, str, float]:
-        model = protocol.model_name(body)
-        if model is not None and model not in self.served:
-            raise errors.NotFound(f"The model `{model}` does not exist.", param="model")
+        protocol.check_served(protocol.model_name(body), self.served)
         text = body.get("input")
         if not isinstance(text, str) or not text.strip():
             raise errors.BadRequest("input must be a non-empty string.", param="input")
@@ -84,7 +82,7 @@ class SpeechApi:
         delay = per_word / audio.SAMPLE_RATE * REAL_TIME_FACTOR * self.settings.time_scale
         for word in words:
             if delay > 0:
-                await asyncio.sleep(delay)
+                await clocks.sleep(delay)
             await response.write(audio.tone(word, voice, per_word))
         await response.write_eof()
         return response

@@ -15,7 +15,6 @@ GPU-embedder cost so queueing shows up at large time scales; 0 answers at once.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +26,7 @@ from simulator import embedders, errors, protocol
 from simulator import metrics as sim_metrics
 from simulator import tasks as sim_tasks
 from simulator.config import SimulatorSettings
+from synapse_common import clock as clocks
 from synapse_common import tokens
 
 TEI_VERSION = "1.8.0"
@@ -96,7 +96,7 @@ class TeiApi:
         try:
             delay = (BASE_S + PER_TOKEN_S * sum(lengths)) * self.settings.time_scale
             if delay > 0:
-                await asyncio.sleep(delay)
+                await clocks.sleep(delay)
             self.metrics.batch_current_size = len(texts)
             vectors = await self.embedder.embed(texts, normalize)
         finally:

@@ -63,9 +63,7 @@ class TokenizeApi:
         return [web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize)]
 
     def _check_model(self, body: Mapping[str, Any]) -> None:
-        model = protocol.model_name(body)
-        if model is not None and model not in self.served:
-            raise errors.NotFound(f"The model `{model}` does not exist.", param="model")
+        protocol.check_served(protocol.model_name(body), self.served)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         body = protocol.parse_body(await request.read())

@@ -23,7 +23,6 @@ final chunk with ``finish_reason: "stop"``, a usage chunk with ``stream_include_
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import math
@@ -34,8 +33,9 @@ from typing import Any
 import orjson
 from aiohttp import BodyPartReader, web
 
-from simulator import audio, errors
+from simulator import audio, errors, protocol
 from simulator.config import SimulatorSettings
+from synapse_common import clock as clocks
 from synapse_common import tokens
 
 CHUNK = 64 * 1024
@@ -106,9 +106,7 @@ class TranscribeApi:
                       prefix: str) -> web.StreamResponse:
         upload = await self.read(request)
         f = upload.fields
-        model = f.get("model") or self.served[0]
-        if model not in self.served:
-            raise errors.NotFound(f"The model `{model}` does not exist.", param="model")
+        model = protocol.served_model(f.get("model") or None, self.served)
         fmt = f.get("response_format") or "json"
         if fmt not in FORMATS:
             raise errors.BadRequest(f"response_format {fmt!r} is not produced by the "
@@ -117,7 +115,7 @@ class TranscribeApi:
         seconds = audio.duration_s(upload.head, upload.size)
         delay = seconds * REAL_TIME_FACTOR * self.settings.time_scale
         if delay > 0:
-            await asyncio.sleep(delay)
+            await clocks.sleep(delay)
         text = f"Simulated {task} of {upload.size} bytes, blake2b {upload.digest}."
         rid = prefix + uuid.uuid4().hex
         if f.get("stream", "").lower() == "true":

@@ -32,6 +32,7 @@ from simulator import metrics as sim_metrics
 from simulator import scheduler as sched
 from simulator import tasks as sim_tasks
 from simulator.config import SimulatorSettings
+from synapse_common import clock as clocks
 from synapse_common import tokens
 
 FINGERPRINT = "synapse-simulator"
@@ -118,11 +119,7 @@ class VllmApi:
         return await self._generate(request, gen)
 
     def _model_name(self, gen: protocol.GenRequest) -> str:
-        if gen.model is None:
-            return self.served[0]
-        if gen.model not in self.served:
-            raise errors.NotFound(f"The model `{gen.model}` does not exist.", param="model")
-        return gen.model
+        return protocol.served_model(gen.model, self.served)
 
     def _choices(self, gen: protocol.GenRequest, request_id: str) -> tuple[list[Choice], int]:
         choices: list[Choice] = []
@@ -264,7 +261,7 @@ def drop(request: web.Request) -> NoReturn:
 
 async def drop_after_stall(request: web.Request, stall_s: float) -> None:
     """The stall fault: stay silent, then drop the connection without an answer."""
-    await asyncio.sleep(stall_s)
+    await clocks.sleep(stall_s)
     drop(request)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 
@@ -17,6 +18,11 @@ class Clock(Protocol):
     """Seconds from some fixed point; injected so tests can move time by hand."""
 
     def __call__(self) -> float: ...
+
+
+Sleep = Callable[[float], Awaitable[object]]
+"""What a component that waits receives: :func:`sleep` by default, a hand-driven one in
+tests."""
 
 
 def monotonic() -> float:
@@ -56,3 +62,9 @@ async def sleep(seconds: float | None, wakeup: asyncio.Event | None = None) -> f
     if seconds is None:
         return 0.0
     return max(0.0, seconds - (loop.time() - start))
+
+
+def block(seconds: float) -> None:
+    """The one blocking wait, for code outside any event loop (the ``synapse up``
+    launcher polling its child processes)."""
+    time.sleep(max(0.0, seconds))

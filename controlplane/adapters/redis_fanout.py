@@ -23,6 +23,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from synapse_common import clock as clocks
+
 REPLY_TTL_S = 30
 RETRY_S = 1.0
 ANSWER_TIMEOUT_S = 5.0
@@ -56,7 +58,7 @@ class Fanout:
                 self.subscribed = False
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(RETRY_S)
+            await clocks.sleep(RETRY_S)
 
     def _on_message(self, message: dict[str, Any]) -> None:
         key = message.get("data")

@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from controlplane import errors
@@ -33,7 +33,7 @@ from synapse_common import clock as clocks
 
 log = logging.getLogger("synapse.controlplane.fleet")
 
-Sleeper = Callable[[float], Awaitable[object]]
+Sleeper = clocks.Sleep
 Spec = Mapping[str, Any]   # BackendSpec fields as plain data (JSON names)
 CapacityOf = Callable[[types.NodeView, Mapping[str, Spec]], placement.NodeCapacity]
 

@@ -10,11 +10,10 @@ three and move time without waiting for it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable
 
 from synapse_common import clock
 
-Sleep = Callable[[float], Awaitable[object]]
+Sleep = clock.Sleep
 
 
 @dataclasses.dataclass(frozen=True)
