@@ -24,6 +24,7 @@ import argparse
 import json
 import pathlib
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -33,9 +34,13 @@ import aiohttp
 import psutil
 import yaml
 
-from bench import common
-from bench.gateway import BIN, Tree
-from synapse_common.ports import free_port
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
+    sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+from bench.gateway import BIN, Tree  # noqa: E402
+from synapse_common.ports import free_port  # noqa: E402
 
 KEY = "sk-bench-api-surface-0123456789"
 CHAT, OLD, RANKER, WHISPER, TTS = "chat-model", "old-model", "ranker", "whisper", "tts"

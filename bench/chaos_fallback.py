@@ -15,10 +15,16 @@ answers of the fallback model are never cached as the primary's (``wrongly_cache
 from __future__ import annotations
 
 import asyncio
+import pathlib
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from tests import fleet
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
+    sys.path.insert(0, str(REPO))
+
+from tests import fleet  # noqa: E402
 
 MODEL = "chaos-fallback-model"
 NAME = "fallback"

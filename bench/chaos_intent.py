@@ -24,7 +24,12 @@ import grpc
 import yaml
 
 from protos.synapse.v1 import admin_pb2, admin_pb2_grpc, common_pb2
-from tests import fleet, harness
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
+    sys.path.insert(0, str(REPO))
+
+from tests import fleet, harness  # noqa: E402
 
 NODE = "node-intent"
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(3600)"]

@@ -43,9 +43,14 @@ import grpc
 import yaml
 
 from agent import config
-from bench import common
-from protos.synapse.v1 import node_pb2, node_pb2_grpc
-from synapse_common import call_metadata, minilm
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
+    sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+from protos.synapse.v1 import node_pb2, node_pb2_grpc  # noqa: E402
+from synapse_common import call_metadata, minilm  # noqa: E402
 
 TOKEN = "bench-agent-token"
 METADATA = (*call_metadata.metadata(TOKEN), call_metadata.tenant("bench"))

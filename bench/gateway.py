@@ -64,13 +64,16 @@ from collections.abc import Iterator
 import aiohttp
 import psutil
 
-from bench import common
-from synapse_common.ports import free_port
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
+    sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+from synapse_common.ports import free_port  # noqa: E402
 
 MODEL = "bench-model"
 KEY = "bench-key-0123456789"
 PEER_KEY = "sk-bench-peer-0123456789abcdef"  # LiteLLM refuses to start without one
-REPO = pathlib.Path(__file__).resolve().parent.parent
 VENVS = REPO / ".bench-venvs"
 BIN = pathlib.Path(sys.executable).parent
 

@@ -46,9 +46,13 @@ from typing import Any
 import aiohttp
 import yaml
 
-from bench import common
-from bench.gateway import Tree
-from synapse_common.ports import free_port
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
+    sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+from bench.gateway import Tree  # noqa: E402
+from synapse_common.ports import free_port  # noqa: E402
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 KEY = "bench-routing-key-0123"

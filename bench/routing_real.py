@@ -53,12 +53,16 @@ from typing import Any
 import aiohttp
 import yaml
 
-from bench import common
-from bench.gateway import Tree
-from bench.routing import ADMIN, KEY, Result, _backends_ready, send
-from bench.scrape import engine_totals, learned, route_totals
-from synapse_common import engines
-from synapse_common.ports import free_port
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
+    sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+from bench.gateway import Tree  # noqa: E402
+from bench.routing import ADMIN, KEY, Result, _backends_ready, send  # noqa: E402
+from bench.scrape import engine_totals, learned, route_totals  # noqa: E402
+from synapse_common import engines  # noqa: E402
+from synapse_common.ports import free_port  # noqa: E402
 
 BIN = pathlib.Path(sys.executable).parent
 VLLM_ROUTER = pathlib.Path(".bench-venvs") / "vllm-router" / "bin" / "vllm-router"

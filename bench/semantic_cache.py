@@ -41,6 +41,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+import pathlib
 import sys
 import tempfile
 import time
@@ -48,11 +49,15 @@ from typing import Any
 
 import numpy as np
 
-from bench import embed_served
-from controlplane import cache_wiring, calibrate
-from controlplane.core import verifier, verifier_features
-from controlplane.core.l2 import index as l2_index
-from controlplane.core.l2 import rows as l2_rows
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
+    sys.path.insert(0, str(REPO))
+
+from bench import embed_served  # noqa: E402
+from controlplane import cache_wiring, calibrate  # noqa: E402
+from controlplane.core import verifier, verifier_features  # noqa: E402
+from controlplane.core.l2 import index as l2_index  # noqa: E402
+from controlplane.core.l2 import rows as l2_rows  # noqa: E402
 
 FIELDS = ("precision", "recall", "f1", "hit_rate")
 

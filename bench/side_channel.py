@@ -43,8 +43,12 @@ import aiohttp
 import numpy as np
 import yaml
 
-from bench import common
-from synapse_common.ports import free_port
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
+    sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+from synapse_common.ports import free_port  # noqa: E402
 
 BIN = pathlib.Path(sys.executable).parent
 EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"

@@ -30,6 +30,7 @@ import asyncio
 import json
 import pathlib
 import random
+import sys
 import tempfile
 import time
 from typing import Any
@@ -37,8 +38,12 @@ from typing import Any
 import aiohttp
 import psutil
 
-from bench import chaos
-from tests import fleet
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
+    sys.path.insert(0, str(REPO))
+
+from bench import chaos  # noqa: E402
+from tests import fleet  # noqa: E402
 
 # Data stores: their memory holds the cache entries written during the run (growth in
 # proportion to data, bounded by TTL / maxmemory), so they are reported apart from the
