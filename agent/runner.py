@@ -31,8 +31,8 @@ from agent import metrics as agent_metrics
 from agent.config import SupervisorSettings
 from agent.core import backoff, commands, engine_metrics, types
 from agent.core.types import Phase
+from synapse_common import aiotasks, ports
 from synapse_common import clock as clocks
-from synapse_common import ports
 
 log = logging.getLogger("agent.supervisor")
 LIVE = (Phase.STARTING, Phase.READY, Phase.UNHEALTHY)
@@ -119,10 +119,7 @@ class Runner:
         for task in self._tasks[:keep]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for task in self._tasks[keep:]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await aiotasks.stop(*self._tasks[keep:])
         self._set(Phase.STOPPED, "stopped")
         self.sink.close()
 
@@ -195,9 +192,7 @@ class Runner:
                 await self._engine.terminate(self.cfg.stop_grace_s)
             probe = asyncio.create_task(self._probe_process(self._engine))
             code = await self._engine.wait()
-            probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
+            await aiotasks.stop(probe)
             self._engine, self.pid, self.snapshot, self.metrics_ok = None, 0, None, False
             if self._stopping:
                 break

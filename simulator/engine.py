@@ -19,13 +19,13 @@ ones for each step in which their sequence gained a token.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable
 
 from simulator import metrics as sim_metrics
 from simulator import scheduler as sched
+from synapse_common import aiotasks
 from synapse_common import clock as clocks
 
 log = logging.getLogger("simulator.engine")
@@ -133,10 +133,7 @@ class Engine:
         self._on_fatal()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await aiotasks.stop(self._task)
 
     async def _run(self) -> None:
         deadline = self.clock()

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable
 
 import numpy as np
 
 from agent.embedding import errors
-from synapse_common import clock
+from synapse_common import aiotasks, clock
 
 
 @dataclasses.dataclass(eq=False)  # compared by identity: the queue removes this very one
@@ -76,10 +75,7 @@ class MicroBatcher:
             raise
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+        await aiotasks.stop(self._worker)
 
     def _admit(self, count: int) -> None:
         limit = self.max_queued

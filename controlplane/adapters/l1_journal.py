@@ -18,7 +18,6 @@ again. The journal makes the in-process L1 as durable as the Lite file beside it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -27,6 +26,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from synapse_common import aiotasks
 from synapse_common import clock as clocks
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS l1 (skey TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
@@ -82,10 +82,7 @@ class SqliteJournal:
 
     async def close(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await aiotasks.stop(self._task, quiet=True)
         await self.flush()
         with self._lock:
             if self._db is not None:

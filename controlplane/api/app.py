@@ -21,7 +21,6 @@ token (:mod:`controlplane.api.observability`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -46,8 +45,8 @@ from controlplane.api import (
 )
 from controlplane.api import services as services_mod
 from controlplane.core import cache_port, ratelimit, validation
+from synapse_common import aiotasks, tasks
 from synapse_common import clock as clocks
-from synapse_common import tasks
 
 log = logging.getLogger("synapse.controlplane.api")
 
@@ -238,10 +237,7 @@ async def _probe_ctx(app: web.Application) -> AsyncIterator[None]:
         app[_PROBE_TASK] = asyncio.get_running_loop().create_task(
             upstream_wiring.build(svc).run())
     yield
-    if _PROBE_TASK in app:
-        app[_PROBE_TASK].cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await app[_PROBE_TASK]
+    await aiotasks.stop(app.get(_PROBE_TASK))
 
 
 async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:

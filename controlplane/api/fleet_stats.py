@@ -13,7 +13,6 @@ the answer is this replica's, as one of one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +24,7 @@ from controlplane.adapters import redis_fanout
 from controlplane.api import context
 from controlplane.api import services as services_mod
 from controlplane.core import stats_merge
+from synapse_common import aiotasks
 
 log = logging.getLogger("synapse.controlplane.stats")
 CHANNEL = "synapse:stats"
@@ -55,9 +55,7 @@ async def _fanout_ctx(app: web.Application) -> AsyncIterator[None]:
     app[_TASK] = asyncio.get_running_loop().create_task(fanout.run())
     yield
     svc.extra.pop(FANOUT, None)
-    app[_TASK].cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await app[_TASK]
+    await aiotasks.stop(app[_TASK])
     await fanout.close()
 
 

@@ -20,7 +20,6 @@ here and nowhere deeper.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import cast
@@ -35,7 +34,7 @@ from controlplane.api import services as services_mod
 from controlplane.core import types, upstream_kinds
 from protos import enums
 from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
-from synapse_common import call_metadata
+from synapse_common import aiotasks, call_metadata
 
 log = logging.getLogger("synapse.controlplane.grpc")
 
@@ -149,11 +148,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             while (msg := await out.get()) is not None:
                 yield msg
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await aiotasks.stop(*tasks, quiet=True)
             reg.disconnect(name, stream_id)
             self._svc.metrics.agent_streams.dec()
             log.info("node %s disconnected", name, extra={"node": name})

@@ -23,6 +23,7 @@ import numpy as np
 from controlplane import metrics as metrics_mod
 from controlplane.core import cache_budget, cache_entry, cache_parts, cache_rules
 from controlplane.core.l2 import rows as l2_rows
+from synapse_common import aiotasks
 from synapse_common.clock import Clock
 
 WRITE_BATCH = 64        # entries per writer round: one Node.Embed call, one L2 insert
@@ -137,7 +138,4 @@ class Writer:
 
     async def close(self) -> None:
         await self.drain(timeout_s=5.0)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await aiotasks.stop(self._task)

@@ -17,7 +17,6 @@ tests move it instead of waiting. Placement of engines onto nodes, GPUs and port
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -29,6 +28,7 @@ from controlplane.core import intent as intent_mod
 from controlplane.core import ledger as ledger_mod
 from controlplane.core import placement, types
 from controlplane.core import registry as registry_mod
+from synapse_common import aiotasks
 from synapse_common import clock as clocks
 
 log = logging.getLogger("synapse.controlplane.fleet")
@@ -113,11 +113,8 @@ class FleetService:
         self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await aiotasks.stop(self._task)
+        self._task = None
         await self.intent.close()
 
     async def run(self) -> None:

@@ -10,11 +10,11 @@ logged, at most once per ``interval_s``, and retried at the next period.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 from controlplane.core.l2 import timing
+from synapse_common import aiotasks
 
 log = logging.getLogger("synapse.cache")
 
@@ -56,8 +56,5 @@ class Expiry:
                             type(exc).__name__, exc)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await aiotasks.stop(self._task)
+        self._task = None

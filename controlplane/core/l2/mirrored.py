@@ -18,6 +18,7 @@ import numpy as np
 
 from controlplane.core.l2 import mirror, rows
 from controlplane.core.l2 import store as store_mod
+from synapse_common import aiotasks
 from synapse_common.clock import Clock
 
 
@@ -119,7 +120,4 @@ class MirroredScopes:
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self.tasks.values()):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await aiotasks.stop(*self.tasks.values(), quiet=True)

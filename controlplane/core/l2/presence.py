@@ -18,10 +18,10 @@ Anything not known here is asked of the store by the index.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 
 from controlplane.core.l2 import rows
+from synapse_common import aiotasks
 from synapse_common.clock import Clock
 
 POSITIVE_TTL_S = 30.0
@@ -99,7 +99,4 @@ class ScopePresence:
 
     async def close(self) -> None:
         self._closed = True
-        if self._scan is not None:
-            self._scan.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._scan
+        await aiotasks.stop(self._scan, quiet=True)

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import numpy as np
 
 from controlplane.core.l2 import mirror, rows, timing
+from synapse_common import aiotasks
 
 MAX_ROWS = 5000
 
@@ -86,7 +87,4 @@ class RecentWrites:
 
     async def close(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await aiotasks.stop(self._task, quiet=True)
