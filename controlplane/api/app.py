@@ -203,10 +203,9 @@ async def openapi_spec(request: web.Request) -> web.Response:
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     svc = app[context.SERVICES]
     await svc.upstream.start()
-    svc.extra[embeddings.NODE_EMBED] = node_embed.NodeEmbedClient(
-        svc.settings.auth.agent_token_value)
+    svc.node_embed = node_embed.NodeEmbedClient(svc.settings.auth.agent_token_value)
     yield
-    await svc.extra[embeddings.NODE_EMBED].close()
+    await svc.node_embed.close()
     await svc.upstream.close()
 
 

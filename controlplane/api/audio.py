@@ -35,8 +35,6 @@ from controlplane.core import api_calls, upload
 from controlplane.core import router as router_mod
 from synapse_common import tasks
 
-CLIENT = "upload_client"
-
 
 @dataclasses.dataclass
 class FilePart:
@@ -169,17 +167,17 @@ class Source:
 
 
 def client(request: web.Request) -> ClientSession:
-    extra = request.app[context.SERVICES].extra
-    session = extra.get(CLIENT)
-    if session is None:
-        session = extra[CLIENT] = upload_client.session()
-    return session
+    svc = request.app[context.SERVICES]
+    if svc.upload_session is None:
+        svc.upload_session = upload_client.session()
+    return svc.upload_session
 
 
 async def close_client(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: the upload client session lives as long as the app."""
     yield
-    session = app[context.SERVICES].extra.pop(CLIENT, None)
+    svc = app[context.SERVICES]
+    session, svc.upload_session = svc.upload_session, None
     if session is not None:
         await session.close()
 

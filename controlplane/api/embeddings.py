@@ -29,7 +29,6 @@ from synapse_common import tokens as tok
 
 log = logging.getLogger("synapse.controlplane.embeddings")
 
-NODE_EMBED = "node_embed"
 EMBED_TIMEOUT_S = 30.0
 
 
@@ -67,7 +66,8 @@ async def _via_agent(request: web.Request, model: str, texts: list[str],
                      body: dict[str, Any], nodes: list[core_types.EmbedNode]) -> web.Response:
     svc = request.app[context.SERVICES]
     ctx = context.get(request)
-    client: node_embed.NodeEmbedClient = svc.extra[NODE_EMBED]
+    client = svc.node_embed
+    assert client is not None   # made by the app's upstream cleanup context
 
     async def embed(node: core_types.EmbedNode) -> tuple[Any, str]:
         try:

@@ -28,7 +28,6 @@ from synapse_common import aiotasks
 
 log = logging.getLogger("synapse.controlplane.stats")
 CHANNEL = "synapse:stats"
-FANOUT = "ops.stats_fanout"
 _TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("stats_fanout_task", asyncio.Task)
 
 
@@ -51,10 +50,10 @@ async def _fanout_ctx(app: web.Application) -> AsyncIterator[None]:
         log.debug("fleet stats through redis: %s", type(exc).__name__)
 
     fanout = redis_fanout.Fanout(url.get_secret_value(), CHANNEL, answer, on_error)
-    svc.extra[FANOUT] = fanout
+    svc.stats_fanout = fanout
     app[_TASK] = asyncio.get_running_loop().create_task(fanout.run())
     yield
-    svc.extra.pop(FANOUT, None)
+    svc.stats_fanout = None
     await aiotasks.stop(app[_TASK])
     await fanout.close()
 
@@ -72,8 +71,8 @@ async def snapshot(svc: services_mod.Services) -> dict[str, Any]:
     ``replicas``, ``fleet_error``)."""
     parts = [local(svc)]
     asked, error = 1, ""
-    fanout = svc.extra.get(FANOUT)
-    if isinstance(fanout, redis_fanout.Fanout):
+    fanout = svc.stats_fanout
+    if fanout is not None:
         try:
             others, answers = await fanout.ask(svc.settings.stats.fleet_timeout_s)
         except Exception as exc:

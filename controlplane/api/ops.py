@@ -27,20 +27,18 @@ from controlplane.api import services as services_mod
 from controlplane.core import access_log, dispatch
 from synapse_common import tracing
 
-TRACING = "ops.tracing"
-ACCESS_LOG = "ops.access_log"
 SERVICE = "synapse-controlplane"
 
 
 def prepare(svc: services_mod.Services) -> None:
     """Tracing and the access log from ``svc.settings`` (once; ValueError naming
     ``tracing.enabled`` when the OpenTelemetry packages are missing)."""
-    if ACCESS_LOG in svc.extra:
+    if svc.access_log is not None:
         return
     s = svc.settings
-    svc.extra[TRACING] = tracing.setup(s.tracing, SERVICE, svc.replica)
+    svc.tracing = tracing.setup(s.tracing, SERVICE, svc.replica)
     a = s.access_log
-    svc.extra[ACCESS_LOG] = access_log.AccessLog(
+    svc.access_log = access_log.AccessLog(
         access_log.Policy(a.enabled, a.sample_ratio, a.sample_errors))
 
 
@@ -51,14 +49,13 @@ def install(app: web.Application, svc: services_mod.Services) -> None:
 
 async def _tracing_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
-    t = app[context.SERVICES].extra.get(TRACING)
-    if isinstance(t, tracing.Tracing):
+    t = app[context.SERVICES].tracing
+    if t is not None:
         await asyncio.to_thread(t.shutdown)     # flushes what is buffered
 
 
 def get_tracing(svc: services_mod.Services) -> tracing.Tracing | None:
-    t = svc.extra.get(TRACING)
-    return t if isinstance(t, tracing.Tracing) else None
+    return svc.tracing
 
 
 # -- per request ---------------------------------------------------------------------------
@@ -67,7 +64,7 @@ def get_tracing(svc: services_mod.Services) -> tracing.Tracing | None:
 def begin(request: web.Request, svc: services_mod.Services,
           ctx: context.RequestContext) -> tracing.Scope | None:
     """The request's root span (or, tracing off, the client's ``traceparent`` to forward)."""
-    t = svc.extra.get(TRACING)
+    t = svc.tracing
     if t is None:
         return tracing.forward(request.headers)
     resource = request.match_info.route.resource
@@ -89,7 +86,7 @@ def finish(request: web.Request, svc: services_mod.Services, ctx: context.Reques
         scope.end(_root_attributes(ctx, status) if scope.span is not None else None,
                   error=(f"status {status}" if status >= 500 else "stream cut")
                   if error else None)
-    log = svc.extra.get(ACCESS_LOG)
+    log = svc.access_log
     if log is None or not log.wanted():
         return
     log.write(access_log.Line(

@@ -40,17 +40,14 @@ from controlplane.core import (
 from controlplane.core import types as core_types
 from synapse_common import tracing
 
-PINS = "response_pins"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _pins(request: web.Request) -> response_pins.Pins:
-    extra = request.app[context.SERVICES].extra
-    pins = extra.get(PINS)
-    if pins is None:
-        pins = extra[PINS] = response_pins.Pins()
-    assert isinstance(pins, response_pins.Pins)
-    return pins
+    svc = request.app[context.SERVICES]
+    if svc.response_pins is None:
+        svc.response_pins = response_pins.Pins()
+    return svc.response_pins
 
 
 Adapted = tuple[core_types.RouteDecision, bytes, str, relay.Shape]

@@ -21,8 +21,6 @@ from typing import Any
 
 from controlplane.api import services as services_mod
 
-KEY = "readiness"
-
 
 @dataclasses.dataclass
 class State:
@@ -35,10 +33,9 @@ class State:
 
 def state(svc: services_mod.Services) -> State:
     """This replica's readiness state (created at first use, from the app's start-up)."""
-    found = svc.extra.get(KEY)
-    if not isinstance(found, State):
-        found = svc.extra[KEY] = State(svc.clock(), probed=not svc.settings.upstreams)
-    return found
+    if svc.readiness is None:
+        svc.readiness = State(svc.clock(), probed=not svc.settings.upstreams)
+    return svc.readiness
 
 
 def routable_count(svc: services_mod.Services) -> int:

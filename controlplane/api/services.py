@@ -15,14 +15,17 @@ import pathlib
 import socket
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import yaml
 from prometheus_client import CollectorRegistry
 
 from controlplane import config, metrics
-from controlplane.adapters import hf_tokenizer, upstream
+from controlplane.adapters import hf_tokenizer, redis_fanout, upstream
+from controlplane.adapters import node_embed as node_embed_mod
 from controlplane.api import fleet_wiring, route_accuracy
+from controlplane.core import access_log as access_log_mod
 from controlplane.core import (
     cache_port,
     catalog,
@@ -36,10 +39,15 @@ from controlplane.core import (
 )
 from controlplane.core import fairness as fairness_mod
 from controlplane.core import fleet as fleet_mod
+from controlplane.core import response_pins as pins_mod
 from controlplane.core import router as router_mod
 from controlplane.core import stats as stats_mod
 from controlplane.core import tenants as tenants_mod
 from synapse_common import clock as clocks
+from synapse_common import tracing as tracing_mod
+
+if TYPE_CHECKING:
+    from controlplane.api import readiness as readiness_mod
 
 log = logging.getLogger("synapse.controlplane")
 
@@ -65,7 +73,15 @@ class Services:
     metrics_token_sha256: str | None = None     # /metrics needs this bearer token
     # token limits, budgets, usage, the fair queue (built by api.fairness_wiring)
     fairness: fairness_mod.Fairness | None = None
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Built by the api module that owns each (None until then), typed rather than kept
+    # in a dict of anything.
+    node_embed: node_embed_mod.NodeEmbedClient | None = None   # app: the Node.Embed client
+    tracing: tracing_mod.Tracing | None = None              # ops (None: tracing off)
+    access_log: access_log_mod.AccessLog | None = None      # ops
+    readiness: readiness_mod.State | None = None            # readiness
+    upload_session: aiohttp.ClientSession | None = None     # audio: streamed uploads
+    response_pins: pins_mod.Pins | None = None              # passthrough
+    stats_fanout: redis_fanout.Fanout | None = None         # fleet_stats, with redis.url
     # Metric children by (metric name, *labels), so the hot path skips labels() lookups.
     label_cache: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict)
 

@@ -14,7 +14,7 @@ import aiohttp
 
 from controlplane import ctl
 from controlplane.adapters import redis_fanout
-from controlplane.api import admin_grpc, fleet_stats, grpc_server
+from controlplane.api import admin_grpc, grpc_server
 from controlplane.core import stats as stats_mod
 from controlplane.core import stats_merge
 from tests import harness
@@ -54,7 +54,7 @@ def synapsectl(address: str, *argv: str) -> str:
 
 
 def subscribed(cp: t.RunningCP) -> bool:
-    fanout = cp.services.extra.get(fleet_stats.FANOUT)
+    fanout = cp.services.stats_fanout
     return isinstance(fanout, redis_fanout.Fanout) and fanout.subscribed
 
 
