@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import pathlib
-import time
 from collections.abc import Callable
 
 import aiohttp
@@ -37,10 +36,6 @@ from synapse_common import clock as clocks
 log = logging.getLogger("agent.supervisor")
 LIVE = (Phase.STARTING, Phase.READY, Phase.UNHEALTHY)
 STARTUP_POLL_S = 0.25
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Hooks:
@@ -62,15 +57,13 @@ class Hooks:
 class Runner:
     def __init__(self, spec: types.EngineSpec, cfg: SupervisorSettings,
                  session: aiohttp.ClientSession, hooks: Hooks, advertise_host: str,
-                 managed: bool = False, clock: clocks.Clock = time.monotonic,
-                 sleep: clocks.Sleep = clocks.sleep) -> None:
+                 managed: bool = False, timing: clocks.Time = clocks.Time()) -> None:
         self.spec = spec
         self.cfg = cfg
         self.managed = managed
         self._session = session
         self._hooks = hooks
-        self._clock = clock
-        self._sleep = sleep
+        self._time = timing
         self.port = spec.port or (0 if spec.engine == "external" else ports.free_port(cfg.engine_host))
         if spec.engine == "external":
             self.probe_url = self.url = (spec.url or "").rstrip("/")
@@ -92,7 +85,7 @@ class Runner:
         self.sink = process.LogSink(pathlib.Path(cfg.log_dir) / f"{spec.name}.log",
                                     cfg.log_max_bytes, cfg.log_tail_lines)
         self._policy = backoff.RestartPolicy(
-            clock, backoff.Backoff(cfg.backoff_initial_s, cfg.backoff_max_s),
+            timing.monotonic, backoff.Backoff(cfg.backoff_initial_s, cfg.backoff_max_s),
             cfg.crashloop_restarts, cfg.crashloop_window_s)
         self._engine: process.EngineProcess | None = None
         self._stopping = False
@@ -142,12 +135,14 @@ class Runner:
         if changed:
             self._hooks.on_change()
 
+    def _now_ms(self) -> int:
+        return int(self._time.wall() * 1000)
+
     async def _sleep_or_wake(self, seconds: float | None) -> None:
         if self._stopping:
             return  # stop() may have set the event before this sleep began
         self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        await clocks.sleep(seconds, self._wake)
 
     # -- process backends --------------------------------------------------------------
     def _argv(self) -> list[str]:
@@ -171,7 +166,7 @@ class Runner:
         except OSError as exc:
             self._set(Phase.FAILED, f"cannot run {argv[0]}: {exc.strerror or exc}")
             return False
-        self.pid, self.started_ms = self._engine.pid, now_ms()
+        self.pid, self.started_ms = self._engine.pid, self._now_ms()
         self._exit_reason = ""
         self._set(Phase.STARTING, "waiting for /health")
         return True
@@ -181,7 +176,7 @@ class Runner:
         while not self._stopping:
             if spawned_before:
                 self.restarts += 1
-                self.last_restart_ms = now_ms()
+                self.last_restart_ms = self._now_ms()
                 self._hooks.restarted(self.spec.name)
             spawned_before = True
             if not await self._spawn():
@@ -209,13 +204,13 @@ class Runner:
         await self._sleep_or_wake(decision.delay_s)
 
     async def _probe_process(self, engine: process.EngineProcess) -> None:
-        deadline = self._clock() + self.cfg.startup_deadline_s
+        deadline = self._time.monotonic() + self.cfg.startup_deadline_s
         while not await self._probe():
-            if self._clock() > deadline:
+            if self._time.monotonic() > deadline:
                 self._exit_reason = (f"not ready within {self.cfg.startup_deadline_s:g}s")
                 engine.kill()
                 return
-            await self._sleep(min(STARTUP_POLL_S, self.cfg.probe_interval_s))
+            await self._time.sleep(min(STARTUP_POLL_S, self.cfg.probe_interval_s))
         self._policy.on_ready()
         await self._learn_tasks()
         self._set(Phase.READY, "health check passed")
@@ -225,7 +220,7 @@ class Runner:
     async def _liveness(self) -> str:
         failures, unhealthy_since = 0, 0.0
         while True:
-            await self._sleep(self.cfg.probe_interval_s)
+            await self._time.sleep(self.cfg.probe_interval_s)
             if await self._probe():
                 failures = 0
                 self._set(Phase.READY, "health check passed")
@@ -236,9 +231,9 @@ class Runner:
             if failures < self.cfg.unhealthy_after:
                 continue
             if self.phase != Phase.UNHEALTHY:
-                unhealthy_since = self._clock()
+                unhealthy_since = self._time.monotonic()
                 self._set(Phase.UNHEALTHY, f"{failures} health checks failed")
-            elif self._clock() - unhealthy_since >= self.cfg.unhealthy_restart_s:
+            elif self._time.monotonic() - unhealthy_since >= self.cfg.unhealthy_restart_s:
                 self._exit_reason = (f"unhealthy for {self.cfg.unhealthy_restart_s:g}s")
                 return "restart"
 
@@ -274,7 +269,7 @@ class Runner:
     # -- engine metrics ----------------------------------------------------------------
     async def _scrape_loop(self) -> None:
         while True:
-            await self._sleep(self.cfg.scrape_interval_s)
+            await self._time.sleep(self.cfg.scrape_interval_s)
             alive = self.pid != 0 or self.spec.engine == "external"
             if alive and self.phase in (Phase.READY, Phase.UNHEALTHY):
                 await self.scrape()
@@ -297,7 +292,7 @@ class Runner:
         rate = engine_metrics.prefix_hit_rate(self.snapshot, snap)
         if rate is not None:
             self.hit_rate = rate
-        self.snapshot, self.snapshot_at, self.metrics_ok = snap, self._clock(), True
+        self.snapshot, self.snapshot_at, self.metrics_ok = snap, self._time.monotonic(), True
 
     # -- reporting ---------------------------------------------------------------------
     def in_flight(self) -> float | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import aiohttp
 
@@ -27,13 +26,11 @@ class Supervisor:
     """All runners of the node: config-defined ones and control-plane-managed ones."""
 
     def __init__(self, cfg: SupervisorSettings, hooks: runners.Hooks, advertise_host: str,
-                 clock: clocks.Clock = time.monotonic,
-                 sleep: clocks.Sleep = clocks.sleep) -> None:
+                 timing: clocks.Time = clocks.Time()) -> None:
         self.cfg = cfg
         self._hooks = hooks
         self._advertise_host = advertise_host
-        self._clock = clock
-        self._sleep = sleep
+        self._time = timing
         self.runners: dict[str, runners.Runner] = {}
         self.config_names: set[str] = set()
         self.draining = False
@@ -48,7 +45,7 @@ class Supervisor:
     def _add(self, spec: types.EngineSpec, managed: bool) -> None:
         assert self._session is not None
         runner = runners.Runner(spec, self.cfg, self._session, self._hooks, self._advertise_host,
-                        managed=managed, clock=self._clock, sleep=self._sleep)
+                        managed=managed, timing=self._time)
         self.runners[spec.name] = runner
         runner.start()
         self._hooks.on_change()
@@ -90,12 +87,12 @@ class Supervisor:
         engine whose metrics cannot be read counts as busy: better to wait the grace
         period than to cut requests off.
         """
-        since = self._clock()
+        since = self._time.monotonic()
         deadline = since + grace_s
-        while self._clock() < deadline:
+        while self._time.monotonic() < deadline:
             if all(self._idle(r, since) for r in self.runners.values()):
                 return True
-            await self._sleep(min(0.2, self.cfg.scrape_interval_s))
+            await self._time.sleep(min(0.2, self.cfg.scrape_interval_s))
         return False
 
     @staticmethod

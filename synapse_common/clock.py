@@ -9,6 +9,7 @@ instead of waiting in real time. This follows kopf's ``_cogs/aiokits/aiotime.py`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -68,3 +69,14 @@ def block(seconds: float) -> None:
     """The one blocking wait, for code outside any event loop (the ``synapse up``
     launcher polling its child processes)."""
     time.sleep(max(0.0, seconds))
+
+
+@dataclasses.dataclass(frozen=True)
+class Time:
+    """A component's time, injected as one: ``wall`` for timestamps that leave the process
+    (compared across replicas and restarts), ``monotonic`` for intervals and deadlines,
+    ``sleep`` for every wait. Tests pass one hand-driven object for all three."""
+
+    wall: Clock = dataclasses.field(default=wall)
+    monotonic: Clock = dataclasses.field(default=monotonic)
+    sleep: Sleep = dataclasses.field(default=sleep)

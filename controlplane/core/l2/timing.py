@@ -9,15 +9,7 @@ three and move time without waiting for it.
 
 from __future__ import annotations
 
-import dataclasses
-
 from synapse_common import clock
 
 Sleep = clock.Sleep
-
-
-@dataclasses.dataclass(frozen=True)
-class Time:
-    wall: clock.Clock = clock.wall
-    monotonic: clock.Clock = clock.monotonic
-    sleep: Sleep = clock.sleep
+Time = clock.Time
