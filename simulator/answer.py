@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from simulator import chat_tokens, errors, protocol, textgen, toolcalls, vllm_api
@@ -129,27 +128,4 @@ def new_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-class EventWriter:
-    """SSE with named events (Responses, Messages); the stall fault counts events."""
-
-    def __init__(self, request: web.Request, stall_after: int | None, stall_s: float) -> None:
-        self.request = request
-        self.stall_after = stall_after
-        self.stall_s = stall_s
-        self.events = 0
-        self.response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
-
-    async def open(self) -> None:
-        await self.response.prepare(self.request)
-
-    async def send(self, name: str, payload: Mapping[str, Any]) -> None:
-        if self.stall_after is not None and self.events >= self.stall_after:
-            await vllm_api.drop_after_stall(self.request, self.stall_s)
-        await self.response.write(b"event: " + name.encode() + b"\ndata: "
-                                  + orjson.dumps(payload) + b"\n\n")
-        self.events += 1
-
-    async def close(self) -> web.StreamResponse:
-        await self.response.write_eof()
-        return self.response
+EventWriter = vllm_api.EventWriter   # named events (Responses, Messages)

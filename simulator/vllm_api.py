@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import orjson
@@ -265,17 +265,13 @@ async def drop_after_stall(request: web.Request, stall_s: float) -> None:
     drop(request)
 
 
-class SseWriter:
-    """Writes vLLM-shaped SSE chunks; applies the stall fault by counting events."""
+class EventWriter:
+    """An SSE stream that applies the stall fault by counting events: named events
+    (Responses, Messages) through :meth:`send`; vLLM's bare ``data:`` chunks through
+    :class:`SseWriter`."""
 
-    def __init__(self, request: web.Request, gen: protocol.GenRequest, model: str,
-                 request_id: str, created: int, stall_after: int | None,
-                 stall_s: float) -> None:
+    def __init__(self, request: web.Request, stall_after: int | None, stall_s: float) -> None:
         self.request = request
-        self.chat = gen.chat
-        self.head = {"id": request_id,
-                     "object": "chat.completion.chunk" if gen.chat else "text_completion",
-                     "created": created, "model": model}
         self.stall_after = stall_after
         self.stall_s = stall_s
         self.events = 0
@@ -285,11 +281,35 @@ class SseWriter:
     async def open(self) -> None:
         await self.response.prepare(self.request)
 
-    async def _event(self, payload: dict[str, Any]) -> None:
+    async def write(self, frame: bytes) -> None:
         if self.stall_after is not None and self.events >= self.stall_after:
             await drop_after_stall(self.request, self.stall_s)
-        await self.response.write(b"data: " + orjson.dumps(payload) + b"\n\n")
+        await self.response.write(frame)
         self.events += 1
+
+    async def send(self, name: str, payload: Mapping[str, Any]) -> None:
+        await self.write(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload)
+                         + b"\n\n")
+
+    async def close(self) -> web.StreamResponse:
+        await self.response.write_eof()
+        return self.response
+
+
+class SseWriter(EventWriter):
+    """Writes vLLM-shaped SSE chunks."""
+
+    def __init__(self, request: web.Request, gen: protocol.GenRequest, model: str,
+                 request_id: str, created: int, stall_after: int | None,
+                 stall_s: float) -> None:
+        super().__init__(request, stall_after, stall_s)
+        self.chat = gen.chat
+        self.head = {"id": request_id,
+                     "object": "chat.completion.chunk" if gen.chat else "text_completion",
+                     "created": created, "model": model}
+
+    async def _event(self, payload: dict[str, Any]) -> None:
+        await self.write(b"data: " + orjson.dumps(payload) + b"\n\n")
 
     async def chunk(self, index: int, delta: Any, finish_reason: str | None,
                     stop_reason: str | None) -> None:
@@ -322,8 +342,7 @@ class SseWriter:
 
     async def close(self) -> web.StreamResponse:
         await self.response.write(b"data: [DONE]\n\n")
-        await self.response.write_eof()
-        return self.response
+        return await super().close()
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:
