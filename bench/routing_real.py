@@ -65,7 +65,7 @@ from synapse_common import engines  # noqa: E402
 from synapse_common.ports import free_port  # noqa: E402
 
 BIN = pathlib.Path(sys.executable).parent
-VLLM_ROUTER = pathlib.Path(".bench-venvs") / "vllm-router" / "bin" / "vllm-router"
+VLLM_ROUTER = REPO / ".bench-venvs" / "vllm-router" / "bin" / "vllm-router"
 REPLICAS: dict[str, dict[str, Any]] = {
     "predicted_ttft": {"policy": "predicted_ttft"},
     "predicted_approx": {"policy": "predicted_ttft"},
