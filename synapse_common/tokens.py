@@ -54,7 +54,7 @@ def token_id(piece: str) -> int:
 
 def tokenize(text: str) -> list[int]:
     """Deterministic token ids for ``text`` (about one per four characters)."""
-    return [_token_id(piece) for piece in _TOKENS.findall(text)]
+    return list(map(_token_id, _TOKENS.findall(text)))
 
 
 def count_tokens(text: str) -> int:

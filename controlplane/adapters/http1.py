@@ -284,11 +284,13 @@ class UpstreamResponse:
         self._wake()
 
     # -- internals -----------------------------------------------------------------------
-    async def wait_head(self) -> None:
+    async def wait_head(self, deadline: float | None = None, limit: float = 0.0) -> None:
+        """Until the head arrived; past ``deadline`` (loop time) ``UpstreamTimeout`` naming
+        ``limit`` (the first-byte limit in seconds)."""
         while not self._head:
             if self._exc is not None:
                 raise self._exc
-            await self._wait(None)
+            await self._wait(None, deadline, limit)
 
     def _has_framing(self) -> bool:
         for k, v in self.raw_headers:
@@ -312,11 +314,16 @@ class UpstreamResponse:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait(self, timeout_s: float | None) -> None:
+    async def _wait(self, timeout_s: float | None, deadline: float | None = None,
+                    limit: float = 0.0) -> None:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiter = waiter
-        timer = loop.call_later(timeout_s, _expire, waiter) if timeout_s else None
+        if deadline is not None:
+            timer: asyncio.TimerHandle | None = loop.call_at(deadline, _expire_head,
+                                                             waiter, limit)
+        else:
+            timer = loop.call_later(timeout_s, _expire, waiter) if timeout_s else None
         try:
             await waiter
         finally:
@@ -329,6 +336,11 @@ def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(errors.UpstreamReadError(
             "the backend sent nothing within the read timeout"))
+
+
+def _expire_head(waiter: asyncio.Future[None], limit: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(errors.UpstreamTimeout(f"no response within {limit:g}s"))
 
 
 def head(method: str, target: Target, headers: Mapping[str, str], body: bytes) -> bytes:

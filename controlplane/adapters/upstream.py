@@ -73,23 +73,19 @@ class UpstreamClient:
 
     async def send(self, method: str, url: str, body: bytes, headers: Mapping[str, str],
                    timeout_s: float | None = None) -> http1.UpstreamResponse:
-        """Send and return once the response head arrived; the caller must close it."""
-        limit = timeout_s or self._first_byte_timeout_s
-        try:
-            async with asyncio.timeout(limit):
-                return await self._request(method, url, body, headers)
-        except TimeoutError:
-            raise errors.UpstreamTimeout(f"no response within {limit:g}s") from None
+        """Send and return once the response head arrived; the caller must close it.
 
-    # -- one request ---------------------------------------------------------------------
-    async def _request(self, method: str, url: str, body: bytes,
-                       headers: Mapping[str, str]) -> http1.UpstreamResponse:
+        The first-byte limit bounds the whole of it (a pool slot, connecting, the head) as
+        one deadline handed to each wait, rather than an ``asyncio.timeout`` around it:
+        that costs a cancellation scope per request on the hot path."""
+        limit = timeout_s or self._first_byte_timeout_s
         if not self._started:
             raise RuntimeError("UpstreamClient.start() was not called")
+        deadline = asyncio.get_running_loop().time() + limit
         target = self._target(url)
         message = http1.head(method, target, headers, body) + body
         for attempt in (1, 2):
-            conn = await self._acquire(target.origin)
+            conn = await self._acquire(target.origin, deadline, limit)
             reused = conn.used
             conn.used = True
             resp = http1.UpstreamResponse(conn, self._read_timeout_s)
@@ -97,7 +93,7 @@ class UpstreamClient:
             try:
                 assert conn.transport is not None
                 conn.transport.write(message)
-                await resp.wait_head()
+                await resp.wait_head(deadline, limit)
                 return resp
             except errors.UpstreamReadError:
                 resp.close()
@@ -118,7 +114,8 @@ class UpstreamClient:
         return target
 
     # -- the pool ------------------------------------------------------------------------
-    async def _acquire(self, origin: http1.Origin) -> http1.Connection:
+    async def _acquire(self, origin: http1.Origin, deadline: float,
+                       limit: float) -> http1.Connection:
         loop = asyncio.get_running_loop()
         while True:
             conn = self._pop_idle(origin, loop.time())
@@ -128,18 +125,21 @@ class UpstreamClient:
                 break
             waiter: asyncio.Future[None] = loop.create_future()
             self._slot_waiters.append(waiter)
+            timer = loop.call_at(deadline, _expire, waiter, limit)
             try:
                 await waiter
             except BaseException:
-                if waiter.done() and not waiter.cancelled():
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     self._wake_slot()       # woken and cancelled at once: pass it on
                 else:
                     with contextlib.suppress(ValueError):
                         self._slot_waiters.remove(waiter)
                 raise
+            finally:
+                timer.cancel()
         self._open += 1
         try:
-            return await self._connect(origin)
+            return await self._connect(origin, deadline, limit)
         except BaseException:
             self._open -= 1
             self._wake_slot()
@@ -162,21 +162,27 @@ class UpstreamClient:
                 return True
         return False
 
-    async def _connect(self, origin: http1.Origin) -> http1.Connection:
+    async def _connect(self, origin: http1.Origin, deadline: float,
+                       limit: float) -> http1.Connection:
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
+        left = deadline - loop.time()
+        if left <= 0:
+            raise errors.UpstreamTimeout(f"no response within {limit:g}s")
         tls: ssl.SSLContext | None = None
         if scheme == "https":
             if self._tls is None:
                 self._tls = ssl.create_default_context()
             tls = self._tls
         try:
-            async with asyncio.timeout(self._connect_timeout_s):
+            async with asyncio.timeout(min(self._connect_timeout_s, left)):
                 with http1.mapped():
                     _, conn = await loop.create_connection(
                         lambda: http1.Connection(self, origin), host, port, ssl=tls,
                         server_hostname=host if tls is not None else None)
         except TimeoutError:
+            if left < self._connect_timeout_s:
+                raise errors.UpstreamTimeout(f"no response within {limit:g}s") from None
             raise errors.UpstreamConnectError(
                 f"cannot connect: timed out after {self._connect_timeout_s:g}s") from None
         return conn
@@ -209,3 +215,8 @@ class UpstreamClient:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+
+def _expire(waiter: asyncio.Future[None], limit: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(errors.UpstreamTimeout(f"no response within {limit:g}s"))

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from controlplane import errors
 
 ANONYMOUS = "anonymous"
+KNOWN_MAX = 4096        # remembered Authorization headers (cleared when full)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,6 +61,11 @@ class TenantTable:
         if admin_tenant is not None and admin_tenant not in self._tenants:
             raise ValueError(f"auth.admin_tenant: no tenant is named {admin_tenant!r}")
         self._admin_as = self._tenants[admin_tenant] if admin_tenant is not None else None
+        # Authorization header → tenant, for headers that named a tenant's key: hashing
+        # the key is the larger part of authenticating, and a client sends the same
+        # header on every request. Refused headers are never kept (a flood of bad keys
+        # cannot grow it); the table is immutable, so an entry never goes stale.
+        self._known: dict[str, Tenant] = {}
 
     @staticmethod
     def bearer(header: str | None) -> str | None:
@@ -74,6 +80,8 @@ class TenantTable:
         """The tenant for an ``Authorization`` header, or :class:`errors.Unauthorized`."""
         if not self.enabled:
             return self._anonymous
+        if authorization is not None and (known := self._known.get(authorization)):
+            return known
         key = self.bearer(authorization)
         if key is None:
             raise errors.Unauthorized(
@@ -82,6 +90,9 @@ class TenantTable:
         digest = sha256_hex(key)
         tenant = self._by_hash.get(digest)
         if tenant is not None:
+            if len(self._known) >= KNOWN_MAX:
+                self._known.clear()
+            self._known[authorization] = tenant     # type: ignore[index]
             return tenant
         if self._admin_hash and hmac.compare_digest(digest, self._admin_hash):
             if self._admin_as is not None:

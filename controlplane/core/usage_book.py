@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
@@ -105,7 +106,14 @@ class MemoryUsageStore:
 
 
 def day_of(wall_s: float) -> str:
-    return datetime.datetime.fromtimestamp(wall_s, datetime.UTC).strftime("%Y-%m-%d")
+    """The UTC day of ``wall_s``, ``YYYY-MM-DD`` (memoised by day number: every request
+    asks, and formatting a datetime costs more than the rest of the accounting)."""
+    return _day_name(int(wall_s // 86_400))
+
+
+@functools.lru_cache(maxsize=8)
+def _day_name(day: int) -> str:
+    return datetime.datetime.fromtimestamp(day * 86_400, datetime.UTC).strftime("%Y-%m-%d")
 
 
 def days_since(wall_s: float, since_s: float) -> list[str]:
