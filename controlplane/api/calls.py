@@ -140,3 +140,22 @@ def finish(request: web.Request, front: Front, decision: Any = None) -> None:
     """The request ended (however): tokens settled, usage accounted, slot released."""
     fairness.finish(request, decision, front.failed)
     serving.release_later(request, front.permit)
+
+
+async def from_cache(request: web.Request, answer: Mapping[str, Any], stream: bool,
+                     replay: Callable[[Any], bytes],
+                     headers: Mapping[str, str] | None = None) -> web.StreamResponse:
+    """A cached answer, whole or replayed as its API's event stream (``replay``)."""
+    ctx = context.get(request)
+    headers = {**ctx.headers(), **(headers or {})}
+    ctx.headers_sent = True
+    if not stream:
+        return web.Response(body=orjson.dumps(answer), headers=headers,
+                            content_type="application/json")
+    resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    ctx.first_byte = request.app[context.SERVICES].clock()
+    await resp.write(replay(answer))
+    await resp.write_eof()
+    return resp

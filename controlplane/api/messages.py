@@ -103,20 +103,8 @@ async def _from_backend(request: web.Request, front: calls.Front, chat: dict[str
 
 
 async def _from_cache(request: web.Request, answer: Any, stream: bool) -> web.StreamResponse:
-    ctx = context.get(request)
-    message = anthropic_response.from_chat(answer)
-    headers = {**ctx.headers(), **_request_id(ctx)}
-    ctx.headers_sent = True
-    if not stream:
-        return web.Response(body=orjson.dumps(message), headers=headers,
-                            content_type="application/json")
-    resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    ctx.first_byte = request.app[context.SERVICES].clock()
-    await resp.write(anthropic_stream.replay(message))
-    await resp.write_eof()
-    return resp
+    return await calls.from_cache(request, anthropic_response.from_chat(answer), stream,
+                                  anthropic_stream.replay, _request_id(context.get(request)))
 
 
 class _Anthropic(relay.Shape):

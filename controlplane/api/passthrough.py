@@ -170,18 +170,7 @@ async def _responses_from_backend(request: web.Request, front: calls.Front,
 
 async def _from_cache(request: web.Request, answer: dict[str, Any],
                       stream: bool) -> web.StreamResponse:
-    ctx = context.get(request)
-    ctx.headers_sent = True
-    if not stream:
-        return web.Response(body=orjson.dumps(answer), headers=ctx.headers(),
-                            content_type="application/json")
-    resp = web.StreamResponse(headers={**ctx.headers(), "Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    ctx.first_byte = request.app[context.SERVICES].clock()
-    await resp.write(responses_cache.replay(answer))
-    await resp.write_eof()
-    return resp
+    return await calls.from_cache(request, answer, stream, responses_cache.replay)
 
 
 # -- /v1/rerank --------------------------------------------------------------------------
