@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from agent.config import EmbedderSettings
-from agent.embedding import tuned
+from agent.embedding import minilm, tuned
 
 CHUNK = 256
 
@@ -42,7 +42,7 @@ def vectors(texts: Sequence[str], tuning: str, cache: str | None = None) -> tupl
     return out, embedder.embedder_id
 
 
-async def _embed(embedder: tuned.TunedEmbedder | tuned.minilm.MiniLmEmbedder,
+async def _embed(embedder: tuned.TunedEmbedder | minilm.MiniLmEmbedder,
                  texts: list[str]) -> np.ndarray:
     await embedder.start()
     if not embedder.ready:

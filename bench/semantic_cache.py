@@ -10,7 +10,8 @@ precision, recall, F1 and hit rate (share of pairs accepted). Every other method
 tuned *on the same pairs* to the precision that one reached (generous to them) and its
 recall reported: the old embedder's verifier (``--baseline-verifier``; by default fitted
 here on the old embedder's vectors of the calibration split, seed of the verifier, as the
-shipped verifier was before the tuned embedder), a bare cosine threshold on the old
+shipped verifier was before the tuned embedder; given, only the texts of the pairs
+measured are embedded), a bare cosine threshold on the old
 embedder (``baseline``: what GPTCache-style caches do) and one on the tuned embedder.
 
 ``--mode cache`` runs the cache-level test: every ``text_a`` is stored as an entry of one
@@ -212,14 +213,22 @@ def _table(mode: str, n: int, out: dict[str, Any]) -> None:
               f"{m['hit_rate']:>10.4f}{m['threshold']:>11.4f}")
 
 
-def old_verifier(path: str | None, everything: calibrate.Pairs, va: np.ndarray,
-                 vb: np.ndarray, seed: int, embedder_id: str) -> verifier.Verifier:
-    if path:
-        return verifier.load(path)
+def old_verifier(everything: calibrate.Pairs, va: np.ndarray, vb: np.ndarray, seed: int,
+                 embedder_id: str) -> verifier.Verifier:
     print("fitting the old embedder's verifier on the calibration split…", file=sys.stderr)
     model, _ = calibrate.fit(everything, va, vb, 0.90, seed, embedder_id=embedder_id,
                              log=lambda *_: None)
     return model
+
+
+def pair_vectors(pairs: calibrate.Pairs, tuning: str, cache: str | None
+                 ) -> tuple[np.ndarray, np.ndarray, str]:
+    """The vectors of every pair's two texts as ``embedder.tuning: <tuning>`` serves them."""
+    texts = sorted(set(pairs.text_a) | set(pairs.text_b))
+    index = {t: i for i, t in enumerate(texts)}
+    vectors, embedder_id = embed_served.vectors(texts, tuning, cache)
+    return (vectors[[index[t] for t in pairs.text_a]],
+            vectors[[index[t] for t in pairs.text_b]], embedder_id)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,22 +250,25 @@ def main(argv: list[str] | None = None) -> int:
     model = verifier.load(args.verifier)
     seed = int(model.meta.get("fit", {}).get("seed", 7))
     everything = calibrate.read_pairs(args.pairs)
-    texts = sorted(set(everything.text_a) | set(everything.text_b))
-    index = {t: i for i, t in enumerate(texts)}
-    ia = np.asarray([index[t] for t in everything.text_a])
-    ib = np.asarray([index[t] for t in everything.text_b])
-    new_vec, new_id = embed_served.vectors(texts, args.tuning, args.tuned_cache)
-    old_vec, old_id = embed_served.vectors(texts, "none", args.embed_cache)
-    if model.embedder_id and model.embedder_id != new_id:
-        raise SystemExit(f"--verifier was fitted for {model.embedder_id}, not {new_id}")
-    old_model = old_verifier(args.baseline_verifier, everything, old_vec[ia], old_vec[ib],
-                             seed, old_id)
-    new = Side("tuned", new_vec[ia], new_vec[ib], model)
-    old = Side("old", old_vec[ia], old_vec[ib], old_model)
-    keep = calibrate.split(everything, seed)["test"] if args.heldout else np.arange(len(ia))
+    keep = (calibrate.split(everything, seed)["test"] if args.heldout
+            else np.arange(len(everything)))
     if args.limit:
         keep = keep[:args.limit]
-    pairs, new, old = everything.take(keep), new.take(keep), old.take(keep)
+    pairs = everything.take(keep)
+    # Only the texts measured are embedded, except that fitting the old verifier here
+    # needs the old embedder's vectors of every pair.
+    new_va, new_vb, new_id = pair_vectors(pairs, args.tuning, args.tuned_cache)
+    if args.baseline_verifier:
+        old_va, old_vb, old_id = pair_vectors(pairs, "none", args.embed_cache)
+        old_model = verifier.load(args.baseline_verifier)
+    else:
+        all_va, all_vb, old_id = pair_vectors(everything, "none", args.embed_cache)
+        old_model = old_verifier(everything, all_va, all_vb, seed, old_id)
+        old_va, old_vb = all_va[keep], all_vb[keep]
+    if model.embedder_id and model.embedder_id != new_id:
+        raise SystemExit(f"--verifier was fitted for {model.embedder_id}, not {new_id}")
+    new = Side("tuned", new_va, new_vb, model)
+    old = Side("old", old_va, old_vb, old_model)
     out = (run_pairs(pairs, new, old) if args.mode == "pairs"
            else run_cache(pairs, everything, new, old, args.top_k))
     _table(args.mode, len(pairs), out)
