@@ -29,6 +29,7 @@ from controlplane.core import (
     fair_queue,
     fairness,
     pricing,
+    saturation,
     token_limits,
     usage_book,
 )
@@ -66,20 +67,21 @@ def build(svc: services_mod.Services) -> fairness.Fairness:
     book = (usage_book.UsageBook(usage_book.MemoryUsageStore(s.usage.retention_days))
             if s.usage.enabled else None)
     q = s.queue
-    gate = None
+    gate = saturated = None
     if q.enabled:
+        saturated = saturation.Saturation(svc.router.ledger, q.max_queue_wait_s)
         gate = fair_queue.Gate(
             fair_queue.Options(tuple(q.classes), q.max_waiting, q.max_waiting_per_tenant,
                                q.deadline_s, q.poll_interval_s),
-            room(svc.router, q.max_queue_wait_s), observer=QueueMetrics(svc))
+            room(svc.router, saturated), observer=QueueMetrics(svc))
     coalesced = svc.metrics.coalesced
     coalescer = (coalesce.Coalescer(on_follow=lambda outcome: coalesced.labels(outcome).inc())
                  if s.coalesce else None)
     return fairness.Fairness(
         policies(tenants, canonical),
         token_limits.TokenLimiter(token_limits.LocalTokenStore(svc.clock)), prices, book, gate,
-        fairness.Options(s.default_completion_tokens, q.max_queue_wait_s), TokenMetrics(svc),
-        coalescer)
+        fairness.Options(s.default_completion_tokens), TokenMetrics(svc), coalescer,
+        saturated)
 
 
 def policies(tenants: Sequence[config.TenantSettings],
@@ -109,16 +111,17 @@ def _rule(tenant: str, model: str, tpm: int | None,
     return token_limits.ScopeRule(tenant, model, tpm, b)
 
 
-def room(router: router_mod.Router, bound_s: float) -> Callable[[str], bool]:
-    """Whether some backend of a model is predicted to wait no more than ``bound_s``
-    (the router's own prediction, without moving any of its state)."""
+def room(router: router_mod.Router,
+         saturated: saturation.Saturation) -> Callable[[str], bool]:
+    """Whether some backend of a model is not saturated (the router's own predictions,
+    without moving any of its state)."""
     probe = router_mod.Prompt.from_text("", 0, "", exact=False)
 
     def has_room(model: str) -> bool:
         verdicts, _ = router.verdicts(model, probe)
         if not verdicts:
             return True     # nothing serves it: let dispatch answer 503 at once
-        return any(v.eligible and fairness.waiting_s(v) <= bound_s for v in verdicts)
+        return saturated.room(verdicts)
     return has_room
 
 
@@ -231,9 +234,18 @@ async def usage_rows(svc: services_mod.Services, tenant: str | None,
 
 
 async def stats(svc: services_mod.Services) -> dict[str, Any]:
-    """The ``fairness`` part of ``/api/v1/stats``: today's usage and the queue."""
-    rows = await usage_rows(svc, None, 0.0)
+    """The ``fairness`` part of ``/api/v1/stats``: today's usage and the queue. When the
+    usage store cannot be read (Redis down), the rest of the stats still answer:
+    ``usage_today`` is null and ``usage_error`` says why (never the URL)."""
     fair = get(svc)
-    usage = {f"{r.key.tenant}/{r.key.model}": r.counts.as_dict() for r in rows}
-    return {"usage_today": usage,
-            "queue_waiting": fair.gate.depths() if fair.gate is not None else {}}
+    out: dict[str, Any] = {
+        "queue_waiting": fair.gate.depths() if fair.gate is not None else {}}
+    try:
+        rows = await usage_rows(svc, None, 0.0)
+    except Exception as exc:    # whatever the store raised: the stats are still useful
+        svc.metrics.redis_errors.labels("usage").inc()
+        log.debug("usage read failed: %s", exc)
+        return {"usage_today": None, "usage_error": f"usage store unreachable "
+                f"({type(exc).__name__}): usage left out", **out}
+    return {"usage_today": {f"{r.key.tenant}/{r.key.model}": r.counts.as_dict()
+                            for r in rows}, **out}

@@ -159,6 +159,7 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
             return resp
         session = validation.session_id(request.headers.get("x-session-id")) or parsed.user
         prompt = prompt_of(parsed, session, svc.router.exact_prompts)
+        prompt.streams = parsed.stream
         await fairness.admit(request, tenant.name, canonical, prompt, parsed.max_tokens)
         route = await fairness.hold(request, choose(request, canonical, prompt, parsed, tenant),
                                     lambda: choose(request, canonical, prompt, parsed, tenant))

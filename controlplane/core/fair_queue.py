@@ -1,8 +1,8 @@
 """Priority classes and weighted fair queuing in front of saturated backends.
 
-When the backends chosen for a request are saturated (the router predicts a queue wait
-above ``fairness.queue.max_queue_wait_s``), the request waits here instead of in an
-engine's FIFO queue, which knows nothing of tenants. One :class:`FairQueue` per model
+When the backends chosen for a request are saturated (every seat taken, or too much
+prefill queued: :mod:`saturation`), the request waits here instead of in an engine's FIFO
+queue, which knows nothing of tenants. One :class:`FairQueue` per model
 (its backends are one pool; a saturated model never blocks another's requests):
 
 * **Strict priority between classes** (``fairness.queue.classes``, highest first): a

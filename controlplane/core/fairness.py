@@ -9,9 +9,9 @@ weighted fair queuing) — and answers the serving path's four questions:
   (prompt tokens + ``max_tokens``)? A :class:`token_limits.Charge`, or a 429 naming the
   limit. Cache hits are not admitted: they cost no engine tokens.
 * :meth:`must_wait` / :meth:`hold` (after routing): are the chosen backends saturated —
-  the best candidate's predicted queue wait (the prefill the router predicts queued ahead
-  there: :func:`waiting_s`) above ``fairness.queue.max_queue_wait_s``, or requests of the
-  model already waiting — and if so, wait for a fair turn.
+  the best candidate's seats all taken or the prefill queued ahead there above
+  ``fairness.queue.max_queue_wait_s`` (:mod:`saturation`, the one rule), or requests of
+  the model already waiting — and if so, wait for a fair turn.
 * :meth:`settle` (when the answer ended): correct the charge to the engine's ``usage``
   and account it per tenant x model x day; a cache hit is accounted as tokens saved.
 
@@ -27,7 +27,15 @@ import dataclasses
 from collections.abc import Mapping
 
 from controlplane import errors
-from controlplane.core import coalesce, fair_queue, pricing, token_limits, types, usage_book
+from controlplane.core import (
+    coalesce,
+    fair_queue,
+    pricing,
+    saturation,
+    token_limits,
+    types,
+    usage_book,
+)
 from controlplane.core import usage as usage_mod
 
 
@@ -52,7 +60,6 @@ DEFAULT_POLICY = TenantPolicy()
 @dataclasses.dataclass(frozen=True, slots=True)
 class Options:
     default_completion_tokens: int = 256
-    max_queue_wait_s: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,24 +78,13 @@ class TokenObserver:
         return None
 
 
-def waiting_s(v: types.Verdict) -> float:
-    """The prefill the router predicts queued ahead of a request on a backend, in seconds:
-    the part of its queue wait that grows while the backend is saturated (requests sent
-    there and not yet at their first token). The other parts, a decode step while it is
-    busy and the fixed time to a first token, are there whether it is saturated or not,
-    and the latter is learned from first tokens that, under saturation, include the wait
-    for a seat: comparing them with the bound would hold requests for the wrong reason."""
-    if v.basis is None:
-        return v.queue_wait_s
-    return v.basis.queued_tokens * v.basis.prefill_s_per_token
-
-
 class Fairness:
     def __init__(self, policies: Mapping[str, TenantPolicy], limiter: token_limits.TokenLimiter,
                  prices: pricing.PriceTable, book: usage_book.UsageBook | None,
                  gate: fair_queue.Gate | None, options: Options,
                  observer: TokenObserver | None = None,
-                 coalescer: coalesce.Coalescer | None = None) -> None:
+                 coalescer: coalesce.Coalescer | None = None,
+                 saturated: saturation.Saturation | None = None) -> None:
         self.policies = dict(policies)
         self.limiter = limiter
         self.prices = prices
@@ -96,6 +92,7 @@ class Fairness:
         self.gate = gate
         self.options = options
         self.coalescer = coalescer      # identical cacheable requests in flight share one
+        self.saturation = saturated     # the queue's rule (None: no queue)
         self._observer = observer or TokenObserver()
 
     def policy(self, tenant: str) -> TenantPolicy:
@@ -133,7 +130,8 @@ class Fairness:
         if self.gate.busy(route.model):
             return True
         best = route.candidates[0] if route.candidates else None
-        return best is not None and waiting_s(best) > self.options.max_queue_wait_s
+        return (best is not None and self.saturation is not None
+                and self.saturation.saturated(best))
 
     async def hold(self, route: types.RouteDecision, tenant: str, cls: str, weight: float,
                    tokens: int) -> float:

@@ -92,6 +92,7 @@ class Prompt:
         "max_tokens",
         "messages",
         "session",
+        "streams",
         "text",
     )
 
@@ -102,6 +103,9 @@ class Prompt:
         self.max_tokens = max_tokens
         self.session = session
         self.exact = exact
+        # Whether the answer streams (the ledger sees its first token); a whole answer's
+        # first byte is its last. Set by the serving path from the request's "stream".
+        self.streams = True
         self._ids: dict[str, tuple[int, ...]] = {}
         self._last: tuple[int, ...] | None = None
         self._last_name = APPROXIMATE

@@ -23,6 +23,7 @@ from controlplane.adapters import l1
 from controlplane.api import admin_grpc, fairness_wiring, grpc_server
 from controlplane.api import app as app_mod
 from controlplane.core import response_cache, usage_book
+from synapse_common.ports import free_port
 from tests import harness
 from tests.controlplane import cp_testing as t
 
@@ -176,6 +177,27 @@ async def test_usage_equals_the_answers_usage_and_cache_hits_count_as_saved() ->
                                     headers={"Authorization": f"Bearer {t.ADMIN}"}) as r:
                     today = (await r.json())["fairness"]["usage_today"][f"a/{t.MODEL}"]
             assert today == counts.as_dict()
+            await client.close()
+
+
+async def test_stats_answer_without_usage_when_redis_is_down() -> None:
+    # Nothing listens there: every Redis call of this replica fails.
+    s = settings(redis={"url": f"redis://127.0.0.1:{free_port()}/0", "timeout_s": 0.2})
+    async with t.backends(("one", "ok")) as (backend,):
+        s = s.model_copy(update={"upstreams": t.settings(
+            upstreams=[t.upstream("one", backend.url)]).upstreams})
+        async with ready(s) as cp:
+            client = cp.client()
+            await client.chat.completions.create(model="llama", messages=HI)
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{cp.url}/api/v1/stats",
+                                    headers={"Authorization": f"Bearer {t.ADMIN}"}) as r:
+                    assert r.status == 200, await r.text()
+                    snap = await r.json()
+            assert snap["fairness"]["usage_today"] is None
+            assert "usage store unreachable" in snap["fairness"]["usage_error"]
+            assert snap["fairness"]["queue_waiting"] == {}
+            assert snap["fleet_error"]      # the rest of the stats: this replica's own
             await client.close()
 
 

@@ -1,0 +1,98 @@
+"""Whether a backend is saturated: the one rule the fair queue holds requests by.
+
+A backend is saturated when a request sent there now would wait inside the engine, which
+knows nothing of tenants, instead of in the control plane's fair queue. Two causes, two
+signals, both read from this replica's exact in-flight ledger between the engines' lagging
+reports:
+
+* **Every seat taken.** An engine runs at most so many sequences at once (vLLM's
+  ``max_num_seqs``, or fewer when its KV cache is the limit); past that, requests wait in
+  its FIFO queue for a sequence to finish. The control plane is told no seat count, so it
+  learns one per backend: the largest ``running`` of two engine reports in a row that
+  show requests ``waiting`` with the same ``running`` (the engine held at its limit). One
+  report is not enough: requests that arrived during the current step show as waiting
+  while seats are still free, so a ramp-up would teach a limit far too low. And the limit
+  only grows: once the queue holds the engine at it, every report finds a few requests
+  just sent and a few seats just freed, which would ratchet it down, and a limit too low
+  never corrects itself (the queue never lets the engine show more). An engine restart
+  forgets it. A limit that shrinks later (KV cache pressure) is not learned: requests then
+  queue in the engine again, as without the fair queue. Saturated when the requests this replica
+  has in flight there, plus those the engine reports waiting beyond them (other
+  replicas'), reach it. Until a backend has shown its limit once, this signal is silent.
+  With several replicas each one sees the others only through the engine's reports, so
+  together they may fill a backend's queue by up to a report interval's worth.
+* **Prefill queued ahead.** Long prompts can saturate an engine with seats to spare: the
+  prefill the router predicts queued ahead of a request (:attr:`types.Basis.queued_tokens`,
+  requests sent and not yet at their first token), in seconds, above
+  ``fairness.queue.max_queue_wait_s``. Only answers that stream count here: a whole
+  (non-streamed) answer shows no first token, so the ledger would keep its prompt "queued"
+  until it ends and a flood of batch requests that are long past their prefill would close
+  the backend while most of its seats sit empty. The seat signal bounds those instead.
+
+The fixed time to a first token and the decode step are left out of the comparison: they
+are there whether the backend is saturated or not, and the fixed part is learned from
+first tokens that, under saturation, include the wait for a seat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from controlplane.core import ledger as ledger_mod
+from controlplane.core import types
+
+
+class Saturation:
+    def __init__(self, ledger: ledger_mod.Ledger, bound_s: float) -> None:
+        self._ledger = ledger
+        self.bound_s = bound_s
+        self._seats: dict[str, int] = {}     # backend key -> the engine's learned limit
+        self._reports: dict[str, tuple[int, int, int]] = {}  # its last (running, waiting,
+                                                              # restarts) seen
+
+    def seats(self, key: str) -> int | None:
+        """The sequences the backend ran at once when it last showed requests waiting."""
+        return self._seats.get(key)
+
+    def learn(self, backend: types.BackendState) -> None:
+        """Note the backend's seat limit when its reports show it held at that limit."""
+        key = backend.key
+        report = (backend.running, backend.waiting, backend.restarts)
+        last = self._reports.get(key)
+        if last == report:          # the same report again (or an identical one)
+            return
+        self._reports[key] = report
+        if last is None:
+            return
+        if report[2] != last[2]:
+            self._seats.pop(key, None)
+        elif backend.waiting > 0 and last[1] > 0 and backend.running == last[0] > 0:
+            self._seats[key] = max(backend.running, self._seats.get(key, 0))
+
+    def queued_s(self, v: types.Verdict) -> float:
+        """The prefill predicted queued ahead of a request on ``v``'s backend, in seconds,
+        without the prompts of whole answers in flight (their first token is never seen)."""
+        if v.basis is None:
+            return v.queue_wait_s
+        blind = self._ledger.load(v.backend.key).blind_prefill_tokens
+        return max(0.0, v.basis.queued_tokens - blind) * v.basis.prefill_s_per_token
+
+    def seats_full(self, backend: types.BackendState) -> bool:
+        seats = self._seats.get(backend.key)
+        if seats is None:
+            return False
+        mine = self._ledger.load(backend.key).in_flight
+        # Other replicas' requests: what the engine reports waiting beyond everything we
+        # have in flight there, as the router counts them. Reports lag, so comparing the
+        # whole reported occupancy with ours would keep a seat "taken" by one of our own
+        # requests that has finished since, until the next report.
+        foreign = max(0, backend.waiting - mine)
+        return mine + foreign >= seats
+
+    def saturated(self, v: types.Verdict) -> bool:
+        self.learn(v.backend)
+        return self.seats_full(v.backend) or self.queued_s(v) > self.bound_s
+
+    def room(self, verdicts: Iterable[types.Verdict]) -> bool:
+        """Whether some eligible backend of these verdicts is not saturated."""
+        return any(v.eligible and not self.saturated(v) for v in verdicts)

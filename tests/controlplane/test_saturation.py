@@ -1,0 +1,116 @@
+"""When the fair queue holds requests: a backend whose seats are all taken (the limit
+learned from the engine's own reports) or whose streamed prefill queue is above the
+bound; whole answers in flight, whose first token is never seen, are bounded by seats and
+never mistaken for a prefill queue."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from controlplane.core import ledger, prefix_index, registry, router, saturation, types
+from tests.clock import ManualClock
+
+MODEL = "m"
+BOUND_S = 0.1
+_words = random.Random(18)
+
+
+def fleet() -> tuple[router.Router, registry.Registry, saturation.Saturation]:
+    reg = registry.Registry(ManualClock(), 15.0)  # reports never age
+    reg.register(types.NodeInfo("n1"))
+    r = router.Router(router.Params(prefill_s_per_token=0.0001, learn_costs=False), reg,
+                      ledger.Ledger(ManualClock()), prefix_index.PrefixIndex(10_000))
+    report(reg, running=0, waiting=0)
+    return r, reg, saturation.Saturation(r.ledger, BOUND_S)
+
+
+def report(reg: registry.Registry, running: int, waiting: int, restarts: int = 0) -> None:
+    reg.report("n1", [types.BackendState(
+        key="n1/e", node="n1", name="e", url="http://e", models=(MODEL,), running=running,
+        waiting=waiting, restarts=restarts, kv_capacity_tokens=10**6, block_size=16)])
+
+
+def send(r: router.Router, tokens: int, streams: bool) -> ledger.Ticket:
+    # unique four-digit words (one token each): nothing cached, every token to prefill
+    prompt = router.Prompt.from_text(" ".join(str(_words.randrange(1000, 10_000))
+                                              for _ in range(tokens)), 16)
+    prompt.streams = streams
+    decision = r.route(MODEL, prompt)
+    assert decision is not None
+    return r.dispatched(decision, decision.candidates[0], prompt)
+
+
+def room(r: router.Router, sat: saturation.Saturation) -> bool:
+    verdicts, _ = r.verdicts(MODEL, router.Prompt.from_text("", 0, exact=False))
+    return sat.room(verdicts)
+
+
+def test_whole_answers_in_flight_are_not_a_prefill_queue() -> None:
+    r, _, sat = fleet()
+    for _ in range(50):     # 100k prompt tokens past their prefill, answers not streamed
+        send(r, 2000, streams=False)
+    assert room(r, sat)
+    ticket = send(r, 2000, streams=True)    # 0.2 s of prefill nobody has seen start yet
+    assert not room(r, sat)
+    r.ledger.first_byte(ticket)
+    assert room(r, sat)
+
+
+def test_the_seat_limit_is_learned_from_two_reports_at_the_limit() -> None:
+    r, reg, sat = fleet()
+    tickets = [send(r, 10, streams=False) for _ in range(3)]
+    # One report with requests waiting is a step's arrivals, not the limit.
+    report(reg, running=1, waiting=2)
+    assert room(r, sat) and sat.seats("n1/e") is None
+    report(reg, running=2, waiting=1)       # still ramping up
+    assert room(r, sat) and sat.seats("n1/e") is None
+    report(reg, running=2, waiting=1)       # the same report again teaches nothing
+    assert room(r, sat) and sat.seats("n1/e") is None
+    report(reg, running=3, waiting=1)
+    room(r, sat)
+    report(reg, running=3, waiting=2)       # held at 3 with a queue: the limit
+    assert not room(r, sat) and sat.seats("n1/e") == 3
+    r.ledger.finish(tickets[0])             # a seat frees: room before the next report
+    assert room(r, sat)
+
+
+def test_the_limit_does_not_ratchet_down_and_a_restart_forgets_it() -> None:
+    r, reg, sat = fleet()
+    report(reg, running=8, waiting=1)
+    room(r, sat)
+    report(reg, running=8, waiting=2)
+    assert room(r, sat) and sat.seats("n1/e") == 8
+    # Held at the limit by the queue, reports find a request just sent and a seat just
+    # freed: the limit stays.
+    report(reg, running=7, waiting=1)
+    room(r, sat)
+    report(reg, running=7, waiting=2)
+    room(r, sat)
+    assert sat.seats("n1/e") == 8
+    report(reg, running=7, waiting=2, restarts=1)
+    room(r, sat)
+    assert sat.seats("n1/e") is None
+
+
+def test_other_replicas_requests_waiting_count_against_the_seats() -> None:
+    r, reg, sat = fleet()
+    r.ledger.finish(send(r, 10, streams=False))     # prompts of 10 tokens on average
+    report(reg, running=4, waiting=1)
+    room(r, sat)
+    report(reg, running=4, waiting=2)
+    assert room(r, sat)         # four seats, two requests of others waiting
+    report(reg, running=4, waiting=4)
+    assert not room(r, sat)     # four of others waiting: as many as the seats
+    mine = [send(r, 10, streams=False) for _ in range(3)]
+    report(reg, running=4, waiting=1)
+    assert room(r, sat)         # three of ours in flight, one seat left
+    mine.append(send(r, 10, streams=False))
+    assert not room(r, sat)
+
+
+def test_a_verdict_without_basis_compares_its_whole_queue_wait() -> None:
+    r, _, sat = fleet()
+    verdicts, _ = r.verdicts(MODEL, router.Prompt.from_text("", 0, exact=False))
+    v = dataclasses.replace(verdicts[0], basis=None, queue_wait_s=BOUND_S * 2)
+    assert sat.saturated(v)
