@@ -7,7 +7,8 @@
 2. :func:`admit` — after a cache miss, before routing: the tenant's (and the tenant x
    model's) tokens per minute and budget; 429 naming the limit otherwise;
 3. :func:`hold` — after routing: when the chosen backends are saturated, wait for a fair
-   turn in the queue, then route again (the fleet moved meanwhile);
+   turn in the queue, then route again (the fleet moved meanwhile), a backend with room
+   first;
 4. :func:`upstream_body` / :func:`stripper` — a stream whose client did not ask for usage
    asks the engine for it, and the client's copy loses it again;
 5. :func:`answered` — the exchange with the backend settled (its status and ``usage``);
@@ -124,7 +125,7 @@ async def hold(request: web.Request, route: core_types.RouteDecision,
         reason = "queue_full" if isinstance(exc, errors.QueueFull) else "overloaded"
         svc.child(svc.metrics.queue_refused, cls, flow.tenant, reason).inc()
         raise
-    return reroute()
+    return fair.room_first(reroute())
 
 
 def upstream_body(request: web.Request, body: Mapping[str, Any], model: str,

@@ -133,6 +133,20 @@ class Fairness:
         return (best is not None and self.saturation is not None
                 and self.saturation.saturated(best))
 
+    def room_first(self, route: types.RouteDecision) -> types.RouteDecision:
+        """``route`` with its best candidate that is not saturated first: a request
+        released from the queue takes the seat that freed, not one the router merely
+        ranks higher on a backend that is still full."""
+        if self.saturation is None:
+            return route
+        for i, v in enumerate(route.candidates):
+            if not self.saturation.saturated(v):
+                if i == 0:
+                    return route
+                rest = route.candidates[:i] + route.candidates[i + 1:]
+                return dataclasses.replace(route, candidates=(v, *rest))
+        return route
+
     async def hold(self, route: types.RouteDecision, tenant: str, cls: str, weight: float,
                    tokens: int) -> float:
         """Wait for a fair turn on ``route.model``'s backends; the seconds waited."""

@@ -8,7 +8,17 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from controlplane.core import ledger, prefix_index, registry, router, saturation, types
+from controlplane.core import (
+    fairness,
+    ledger,
+    prefix_index,
+    pricing,
+    registry,
+    router,
+    saturation,
+    token_limits,
+    types,
+)
 from tests.clock import ManualClock
 
 MODEL = "m"
@@ -114,3 +124,38 @@ def test_a_verdict_without_basis_compares_its_whole_queue_wait() -> None:
     verdicts, _ = r.verdicts(MODEL, router.Prompt.from_text("", 0, exact=False))
     v = dataclasses.replace(verdicts[0], basis=None, queue_wait_s=BOUND_S * 2)
     assert sat.saturated(v)
+
+
+def test_a_released_request_goes_to_a_backend_with_a_free_seat() -> None:
+    reg = registry.Registry(ManualClock(), 15.0)
+    reg.register(types.NodeInfo("n1"))
+    r = router.Router(router.Params(prefill_s_per_token=0.0001, learn_costs=False), reg,
+                      ledger.Ledger(ManualClock()), prefix_index.PrefixIndex(10_000))
+
+    def both(running: int, waiting: int) -> None:
+        reg.report("n1", [types.BackendState(
+            key=f"n1/{n}", node="n1", name=n, url=f"http://{n}", models=(MODEL,),
+            running=running, waiting=waiting, kv_capacity_tokens=10**6, block_size=16)
+            for n in ("a", "b")])
+
+    sat = saturation.Saturation(r.ledger, BOUND_S)
+    fair = fairness.Fairness({}, token_limits.TokenLimiter(token_limits.LocalTokenStore(
+        ManualClock())), pricing.PriceTable({}), None, None, fairness.Options(),
+        saturated=sat)
+    for running, waiting in ((2, 1), (2, 2)):   # two seats each, learned
+        both(running, waiting)
+        room(r, sat)
+    both(2, 0)
+    prompt = router.Prompt.from_text("1234 5678", 16)
+    prompt.streams = False
+    route = r.route(MODEL, prompt)
+    assert route is not None
+    full = route.candidates[0].backend.key
+    for _ in range(2):          # fill the router's first choice
+        r.dispatched(route, route.candidates[0], prompt)
+    r.dispatched(route, route.candidates[1], prompt)
+    # The router may still rank the full backend first (tied predictions rotate); the
+    # released request goes where a seat is free.
+    again = fair.room_first(route)
+    assert again.candidates[0].backend.key != full
+    assert fair.room_first(again) is again
