@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -24,3 +26,9 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     except ImportError:
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+def exit_on_sigterm() -> None:
+    """End the bench on SIGTERM as on Ctrl-C, through its ``finally`` blocks: they stop the
+    processes it started, which run in sessions of their own and never see the signal."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))

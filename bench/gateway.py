@@ -96,6 +96,7 @@ class Tree:
     """Child processes of this benchmark, stopped together at the end."""
 
     def __init__(self, workdir: pathlib.Path) -> None:
+        common.exit_on_sigterm()
         self.workdir = workdir
         self.procs: list[subprocess.Popen[bytes]] = []
         self.named: dict[str, subprocess.Popen[bytes]] = {}
