@@ -33,6 +33,7 @@ _background: set[asyncio.Task[Any]] = set()
 # kept: bodies are forwarded undecoded.
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive",
                           "server", "date"})
+_NOT_PASSED = _HOP_HEADERS | {"x-request-id"}      # ours replaces the backend's
 
 
 def keep(task: asyncio.Task[Any]) -> None:
@@ -77,9 +78,11 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
 
 def _response_headers(attempt: dispatch.Attempt, ctx: context.RequestContext,
                       ) -> dict[str, str]:
-    headers = {k: v for k, v in attempt.answer.headers
-               if k.lower() not in _HOP_HEADERS and not k.lower().startswith("x-synapse")
-               and k.lower() != "x-request-id"}
+    headers = {}
+    for k, v in attempt.answer.headers:
+        low = k.lower()
+        if low not in _NOT_PASSED and not low.startswith("x-synapse"):
+            headers[k] = v
     headers.update(ctx.headers())
     return headers
 

@@ -41,10 +41,10 @@ its address; the transport's own detail rides along as the exception's cause, fo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
 from typing import TypeVar
 
 from controlplane import errors, metrics
@@ -196,22 +196,24 @@ class Dispatcher:
         return {"Content-Type": "application/json", "x-request-id": request_id,
                 **upstream_kinds.auth_headers(backend.api_key)}
 
-    @contextlib.asynccontextmanager
-    async def exchange(self, route: types.RouteDecision, prompt: router_mod.Prompt,
-                       path: str, body: bytes, request_id: str, *,
-                       chain: Sequence[str] = (), requested: str = "",
-                       task: types.Task = "generate") -> AsyncIterator[Attempt]:
+    def exchange(self, route: types.RouteDecision, prompt: router_mod.Prompt,
+                 path: str, body: bytes, request_id: str, *,
+                 chain: Sequence[str] = (), requested: str = "",
+                 task: types.Task = "generate") -> Exchange:
         """The first attempt whose answer can be handed over (below 500, and not broken
-        before its first byte), held open for the caller; raises the last failure when
-        every candidate of every model failed or the request deadline passed.
+        before its first byte), held open for the caller (``async with``); raises the last
+        failure when every candidate of every model failed or the request deadline passed.
 
         ``body`` carries ``route.model``. ``chain`` (the plan's: the canonical model and
         its usable fallbacks) lets a route that failed everywhere go on to the next
         model after ``route.model``; ``requested`` is the name the client used, which
         answers of a backend that renames the model carry back."""
-        origin = chain[0] if chain else route.model
-        run = _Run(route, path, body, request_id, origin, requested,
-                   self._clock() + self.policy.request_deadline_s)
+        return Exchange(self, route, prompt, path, body, request_id, chain, requested, task)
+
+    async def _first_attempt(self, route: types.RouteDecision, prompt: router_mod.Prompt,
+                             run: _Run, chain: Sequence[str], task: types.Task) -> Attempt:
+        """:meth:`exchange`'s search: the attempt to hand over, entered (its ticket open)."""
+        origin = run.origin
         rest = list(chain[chain.index(route.model) + 1:]) if route.model in chain else []
         decision: types.RouteDecision | None = route
         while decision is not None:
@@ -221,16 +223,21 @@ class Dispatcher:
                 if run.why:
                     self.metrics.upstream_retries.labels(decision.model, run.why).inc()
                 rename = run.rename_for(verdict.backend, decision.model)
-                async with Attempt(self.router, self.policy.idle_timeout_s, decision,
-                                   verdict, prompt, index, path, rename) as attempt:
+                attempt = Attempt(self.router, self.policy.idle_timeout_s, decision,
+                                  verdict, prompt, index, path=run.path, rename=rename)
+                await attempt.__aenter__()
+                try:
                     failure = await self._try(run, attempt)
-                    if failure is None:
-                        if decision.model != origin:
-                            self.metrics.fallbacks.labels(origin, decision.model).inc()
-                        yield attempt
-                        return
-                    run.why, run.last = failure
-                    attempt.error = run.last.message
+                except BaseException as exc:
+                    await attempt.__aexit__(type(exc), exc, exc.__traceback__)
+                    raise
+                if failure is None:
+                    if decision.model != origin:
+                        self.metrics.fallbacks.labels(origin, decision.model).inc()
+                    return attempt
+                run.why, run.last = failure
+                attempt.error = run.last.message
+                await attempt.__aexit__(None, None, None)
             decision = None if self._expired(run) else self._next_route(rest, prompt, task)
         raise run.last
 
@@ -282,6 +289,34 @@ class Dispatcher:
             except retriable as exc:
                 last = str(exc)
         raise errors.UpstreamError(f"every {what} failed; last error: {last}")
+
+
+class Exchange:
+    """``async with dispatcher.exchange(...) as attempt``: a plain class rather than an
+    ``asynccontextmanager`` — every proxied request enters one, and a generator-based
+    context manager costs an async generator (registered with the loop) per request."""
+
+    __slots__ = ("_args", "_attempt", "_dispatcher")
+
+    def __init__(self, dispatcher: Dispatcher, route: types.RouteDecision,
+                 prompt: router_mod.Prompt, path: str, body: bytes, request_id: str,
+                 chain: Sequence[str], requested: str, task: types.Task) -> None:
+        self._dispatcher = dispatcher
+        self._args = (route, prompt, path, body, request_id, chain, requested, task)
+        self._attempt: Attempt | None = None
+
+    async def __aenter__(self) -> Attempt:
+        route, prompt, path, body, request_id, chain, requested, task = self._args
+        d = self._dispatcher
+        run = _Run(route, path, body, request_id, chain[0] if chain else route.model,
+                   requested, d._clock() + d.policy.request_deadline_s)
+        self._attempt = await d._first_attempt(route, prompt, run, chain, task)
+        return self._attempt
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._attempt is not None:
+            await self._attempt.__aexit__(exc_type, exc, tb)
 
 
 def _failed(backend: types.BackendState, exc: Failure) -> tuple[str, errors.SynapseError]:

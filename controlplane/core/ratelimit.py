@@ -14,6 +14,7 @@ second for a concurrency refusal (the slot frees when some request ends).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -30,6 +31,11 @@ class Limits:
 
     @classmethod
     def of(cls, tenant: tenants.Tenant) -> Limits:
+        """The tenant's limits (memoised per tenant: tenants are frozen and few)."""
+        return _limits_of(tenant)
+
+    @classmethod
+    def compute(cls, tenant: tenants.Tenant) -> Limits:
         rate = tenant.requests_per_second
         burst = tenant.burst or (max(1, int(rate * 2)) if rate else 1)
         return cls(rate, burst, tenant.max_concurrent)
@@ -37,6 +43,11 @@ class Limits:
     @property
     def unlimited(self) -> bool:
         return self.rate is None and self.max_concurrent is None
+
+
+@functools.lru_cache(maxsize=1024)
+def _limits_of(tenant: tenants.Tenant) -> Limits:
+    return Limits.compute(tenant)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -58,10 +58,18 @@ class Stats:
         self.requests_total += 1
         if cache_status in self.cache:
             self.cache[cache_status] += 1
+        # get-then-create rather than setdefault(key, Series()): that built (and threw
+        # away) a Series and its deque on every request.
         if model:
-            self.per_model.setdefault(model, Series()).add(seconds, error)
+            series = self.per_model.get(model)
+            if series is None:
+                series = self.per_model[model] = Series()
+            series.add(seconds, error)
         if backend:
-            self.per_backend.setdefault(backend, Series()).add(seconds, error)
+            series = self.per_backend.get(backend)
+            if series is None:
+                series = self.per_backend[backend] = Series()
+            series.add(seconds, error)
 
     def cache_error(self) -> None:
         self.cache["error"] += 1
