@@ -109,12 +109,14 @@ async def hold(request: web.Request, route: core_types.RouteDecision,
                reroute: Callable[[], core_types.RouteDecision]) -> core_types.RouteDecision:
     """``route``, or when its backends are saturated a new route after a fair wait."""
     fair = _fair(request)
-    if not fair.must_wait(route):
+    if fair.gate is None:
         return route
     flow = request[FLOW]
     svc = request.app[context.SERVICES]
     cls, weight = fair.priority_of(flow.tenant,
                                    request.headers.get(svc.settings.fairness.queue.header))
+    if not fair.must_wait(route, cls):
+        return route
     charge = flow.charge
     tokens = (charge.prompt_tokens + charge.completion_tokens if charge is not None
               else route.prompt.tokens + fair.completion_estimate(route.prompt.max_tokens))
@@ -125,7 +127,7 @@ async def hold(request: web.Request, route: core_types.RouteDecision,
         reason = "queue_full" if isinstance(exc, errors.QueueFull) else "overloaded"
         svc.child(svc.metrics.queue_refused, cls, flow.tenant, reason).inc()
         raise
-    return fair.room_first(reroute())
+    return fair.room_first(reroute(), cls)
 
 
 def upstream_body(request: web.Request, body: Mapping[str, Any], model: str,

@@ -69,11 +69,12 @@ def build(svc: services_mod.Services) -> fairness.Fairness:
     q = s.queue
     gate = saturated = None
     if q.enabled:
-        saturated = saturation.Saturation(svc.router.ledger, q.max_queue_wait_s)
+        saturated = saturation.Saturation(svc.router.ledger, q.max_queue_wait_s,
+                                          q.reserved_seats)
         gate = fair_queue.Gate(
             fair_queue.Options(tuple(q.classes), q.max_waiting, q.max_waiting_per_tenant,
                                q.deadline_s, q.poll_interval_s),
-            room(svc.router, saturated), observer=QueueMetrics(svc))
+            room(svc.router, saturated, q.classes[0]), observer=QueueMetrics(svc))
     coalesced = svc.metrics.coalesced
     coalescer = (coalesce.Coalescer(on_follow=lambda outcome: coalesced.labels(outcome).inc())
                  if s.coalesce else None)
@@ -111,17 +112,17 @@ def _rule(tenant: str, model: str, tpm: int | None,
     return token_limits.ScopeRule(tenant, model, tpm, b)
 
 
-def room(router: router_mod.Router,
-         saturated: saturation.Saturation) -> Callable[[str], bool]:
-    """Whether some backend of a model is not saturated (the router's own predictions,
-    without moving any of its state)."""
+def room(router: router_mod.Router, saturated: saturation.Saturation,
+         top: str) -> Callable[[str, str], bool]:
+    """Whether some backend of a model is not saturated for a request of a class (``top``
+    is the highest; the router's own predictions, without moving any of its state)."""
     probe = router_mod.Prompt.from_text("", 0, "", exact=False)
 
-    def has_room(model: str) -> bool:
+    def has_room(model: str, cls: str) -> bool:
         verdicts, _ = router.verdicts(model, probe)
         if not verdicts:
             return True     # nothing serves it: let dispatch answer 503 at once
-        return saturated.room(verdicts)
+        return saturated.room(verdicts, cls == top)
     return has_room
 
 

@@ -180,7 +180,7 @@ class FairQueue:
 class Gate:
     """The queues of every model and their pumps."""
 
-    def __init__(self, options: Options, room: Callable[[str], bool],
+    def __init__(self, options: Options, room: Callable[[str, str], bool],
                  clock: clocks.Clock = clocks.loop_time, sleep: Sleep = clocks.sleep,
                  observer: Observer | None = None) -> None:
         self.options = options
@@ -256,7 +256,7 @@ class Gate:
             if head.future.done():          # cancelled, its handler not yet resumed
                 q.remove(head)
                 continue
-            if self._room(model):
+            if self._room(model, head.cls):
                 q.pop()
                 self._observer.depth(model, head.cls, head.tenant,
                                      q.waiting(head.cls, head.tenant))

@@ -124,23 +124,29 @@ class Fairness:
             return cls, p.weight
         return p.priority, p.weight
 
-    def must_wait(self, route: types.RouteDecision) -> bool:
+    def must_wait(self, route: types.RouteDecision, cls: str) -> bool:
+        """Whether a request of class ``cls`` routed so waits for a fair turn."""
         if self.gate is None:
             return False
         if self.gate.busy(route.model):
             return True
         best = route.candidates[0] if route.candidates else None
         return (best is not None and self.saturation is not None
-                and self.saturation.saturated(best))
+                and self.saturation.saturated(best, self.top(cls)))
 
-    def room_first(self, route: types.RouteDecision) -> types.RouteDecision:
+    def top(self, cls: str) -> bool:
+        """Whether ``cls`` is the highest class (it may take the reserved seats)."""
+        return self.gate is None or cls == self.gate.classes[0]
+
+    def room_first(self, route: types.RouteDecision, cls: str) -> types.RouteDecision:
         """``route`` with its best candidate that is not saturated first: a request
         released from the queue takes the seat that freed, not one the router merely
         ranks higher on a backend that is still full."""
         if self.saturation is None:
             return route
+        top = self.top(cls)
         for i, v in enumerate(route.candidates):
-            if not self.saturation.saturated(v):
+            if not self.saturation.saturated(v, top):
                 if i == 0:
                     return route
                 rest = route.candidates[:i] + route.candidates[i + 1:]

@@ -29,6 +29,11 @@ reports:
   until it ends and a flood of batch requests that are long past their prefill would close
   the backend while most of its seats sit empty. The seat signal bounds those instead.
 
+The highest priority class may take every seat; the others leave ``reserve`` of them
+(a share of the limit, rounded up, always leaving them one) to it, so that an
+interactive request finds a seat free at once instead of waiting for one of a batch
+flood's to end: a small, bounded cost in throughput when the flood alone saturates.
+
 The fixed time to a first token and the decode step are left out of the comparison: they
 are there whether the backend is saturated or not, and the fixed part is learned from
 first tokens that, under saturation, include the wait for a seat.
@@ -36,6 +41,7 @@ first tokens that, under saturation, include the wait for a seat.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from controlplane.core import ledger as ledger_mod
@@ -43,9 +49,11 @@ from controlplane.core import types
 
 
 class Saturation:
-    def __init__(self, ledger: ledger_mod.Ledger, bound_s: float) -> None:
+    def __init__(self, ledger: ledger_mod.Ledger, bound_s: float,
+                 reserve: float = 0.0) -> None:
         self._ledger = ledger
         self.bound_s = bound_s
+        self.reserve = reserve              # share of the seats kept for the top class
         self._seats: dict[str, int] = {}     # backend key -> the engine's learned limit
         self._reports: dict[str, tuple[int, int, int]] = {}  # its last (running, waiting,
                                                               # restarts) seen
@@ -77,10 +85,12 @@ class Saturation:
         blind = self._ledger.load(v.backend.key).blind_prefill_tokens
         return max(0.0, v.basis.queued_tokens - blind) * v.basis.prefill_s_per_token
 
-    def seats_full(self, backend: types.BackendState) -> bool:
+    def seats_full(self, backend: types.BackendState, top: bool = True) -> bool:
         seats = self._seats.get(backend.key)
         if seats is None:
             return False
+        if not top:
+            seats = max(1, seats - math.ceil(seats * self.reserve))
         mine = self._ledger.load(backend.key).in_flight
         # Other replicas' requests: what the engine reports waiting beyond everything we
         # have in flight there, as the router counts them. Reports lag, so comparing the
@@ -89,10 +99,11 @@ class Saturation:
         foreign = max(0, backend.waiting - mine)
         return mine + foreign >= seats
 
-    def saturated(self, v: types.Verdict) -> bool:
+    def saturated(self, v: types.Verdict, top: bool = True) -> bool:
+        """For a request of the highest class (``top``) or of another."""
         self.learn(v.backend)
-        return self.seats_full(v.backend) or self.queued_s(v) > self.bound_s
+        return self.seats_full(v.backend, top) or self.queued_s(v) > self.bound_s
 
-    def room(self, verdicts: Iterable[types.Verdict]) -> bool:
+    def room(self, verdicts: Iterable[types.Verdict], top: bool = True) -> bool:
         """Whether some eligible backend of these verdicts is not saturated."""
-        return any(v.eligible and not self.saturated(v) for v in verdicts)
+        return any(v.eligible and not self.saturated(v, top) for v in verdicts)

@@ -55,6 +55,10 @@ class QueueSettings(Section):
         0.1, ge=0, description="queue when the best backend's predicted queue wait (the "
         "prefill the router predicts queued ahead of the request there) is above this many "
         "seconds")
+    reserved_seats: float = Field(
+        0.01, ge=0, lt=1, description="share of each backend's seats (its learned "
+        "concurrency limit, rounded up) that only the highest class may take: its requests "
+        "find a seat free at once instead of waiting for one to free behind the others")
     deadline_s: float = Field(30.0, gt=0, description="longest a request waits in the queue "
                               "(then 503 with Retry-After)")
     max_waiting: int = Field(10_000, ge=1, description="requests waiting per model at most "

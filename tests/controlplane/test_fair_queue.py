@@ -21,7 +21,7 @@ class Fleet:
         self.free = free
         self.released: list[str] = []
 
-    def room(self, model: str) -> bool:
+    def room(self, model: str, cls: str) -> bool:
         return self.free > 0
 
 
@@ -158,7 +158,7 @@ async def test_a_request_waits_no_longer_than_its_deadline() -> None:
 async def test_models_queue_apart() -> None:
     fleet = Fleet(free=0)
     opts = fair_queue.Options(poll_interval_s=0.01)
-    gate = fair_queue.Gate(opts, lambda model: model == "free-model")
+    gate = fair_queue.Gate(opts, lambda model, cls: model == "free-model")
     blocked = asyncio.create_task(gate.wait("busy-model", "t", "interactive", 1.0, 10))
     await settle_until(lambda: gate.depth("busy-model") == 1, "the busy model to queue")
     await gate.wait("free-model", "t", "interactive", 1.0, 10)  # not behind the other

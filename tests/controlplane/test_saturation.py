@@ -156,6 +156,22 @@ def test_a_released_request_goes_to_a_backend_with_a_free_seat() -> None:
     r.dispatched(route, route.candidates[1], prompt)
     # The router may still rank the full backend first (tied predictions rotate); the
     # released request goes where a seat is free.
-    again = fair.room_first(route)
+    again = fair.room_first(route, "interactive")
     assert again.candidates[0].backend.key != full
-    assert fair.room_first(again) is again
+    assert fair.room_first(again, "interactive") is again
+
+
+def test_lower_classes_leave_the_reserved_seats_to_the_highest() -> None:
+    r, reg, _ = fleet()
+    sat = saturation.Saturation(r.ledger, BOUND_S, reserve=0.05)
+    for running, waiting in ((40, 1), (40, 2)):     # a limit of 40 seats, 2 reserved
+        report(reg, running, waiting)
+        room(r, sat)
+    report(reg, running=38, waiting=0)
+    for _ in range(38):
+        send(r, 10, streams=False)
+    verdicts, _ = r.verdicts(MODEL, router.Prompt.from_text("", 0, exact=False))
+    assert not sat.room(verdicts, top=False) and sat.room(verdicts, top=True)
+    send(r, 10, streams=False)
+    send(r, 10, streams=False)
+    assert not sat.room(verdicts, top=True)
