@@ -1,0 +1,458 @@
+"""Benchmark: a quiet tenant's time to first token while a noisy tenant floods the fleet.
+
+One process tree: 4 engine simulators (``realistic`` profile: Llama-3.1-8B on an H100,
+time-scaled by ``--time-scale``) as static upstreams of two ``synapse controlplane``
+processes that differ only in ``fairness.queue.enabled`` (off: today's behaviour, every
+request goes on to an engine's FIFO queue; on: requests wait in the control plane's fair
+queue while the best backend is saturated — every seat taken, the limit learned from the
+engine's metrics, read every ``--report-interval`` real seconds as upstreams of kind
+``vllm`` — or its streamed prefill queue above ``--queue-bound``).
+
+Tenants: *quiet* (class ``interactive``) sends its normal load, RAG-like streamed
+requests (``--quiet-prompt`` tokens of unique context, 32 tokens out) as a Poisson
+process at ``--quiet-rate``; *noisy* (class ``batch``) floods with non-streamed batch
+requests (``--noisy-prompt`` tokens in; out uniform from 1 to twice ``--noisy-output``,
+so that answers do not start and end in lockstep cohorts) at ``--flood`` times the
+fleet's capacity, open loop (``--noisy-stream`` streams them instead). The capacity is the profile's steady state with every seat
+(``max_num_seqs``) of every engine busy, printed with the figures.
+
+Phases (each on fresh texts, the engines idle before each):
+
+1. quiet alone (queue off);
+2. flood + quiet, queue off;
+3. flood + quiet, queue on.
+
+Printed: the quiet tenant's TTFT p50/p90 (simulated seconds: measured / time scale) in
+each phase, what became of the noisy requests, and the fleet's throughput over the
+flood phases' measurement window (generation tokens per simulated second from the
+engines' own ``vllm:generation_tokens`` counters, so partly generated answers count),
+with the sequences running and the requests waiting per engine (means of samples taken
+each real second): the machine's other load slows the simulated steps of one phase more
+than another's, and so the tokens per second, but not how full the engines are.
+Figures come from the simulator only (no real engine here).
+
+Run from anywhere: ``python bench/fairness.py [--time-scale 2] [--seconds 30]`` (or
+``python -m bench.fairness`` from the repository). Last line:
+``{"bench": "fairness", "quiet_p90_alone_s": …, "quiet_p90_flood_queue_off_s": …,
+"quiet_p90_flood_queue_on_s": …, "throughput_ratio_on_vs_off": …}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import pathlib
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+import aiohttp
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
+    sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+from bench.gateway import Tree  # noqa: E402
+from bench.routing import text  # noqa: E402
+from simulator import profiles  # noqa: E402
+from synapse_common.ports import free_port  # noqa: E402
+
+MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+QUIET_KEY = "bench-fair-quiet-0123456789"
+NOISY_KEY = "bench-fair-noisy-0123456789"
+ADMIN = "bench-fair-admin-0123456789"
+SIMS = 4
+QUIET_OUTPUT = 32
+BIN = pathlib.Path(sys.executable).parent
+
+
+@dataclasses.dataclass
+class Phase:
+    quiet_ttft: list[float] = dataclasses.field(default_factory=list)   # simulated s
+    quiet_errors: int = 0
+    quiet_sent: int = 0
+    quiet_started: int = 0                                              # first token seen
+    noisy: dict[str, int] = dataclasses.field(default_factory=dict)     # outcome -> count
+    tokens_per_s: float = 0.0
+    running: float = 0.0        # sequences running per engine, mean of the window's samples
+    engine_waiting: float = 0.0     # requests waiting inside an engine, likewise
+    sample: dict[int, str] = dataclasses.field(default_factory=dict)  # an error body each
+    all_sent: bool = False
+    waiting: dict[int, float] = dataclasses.field(default_factory=dict)  # counted, no token
+    censored: list[float] = dataclasses.field(default_factory=list)
+    quiet_done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def progress(self) -> None:
+        """Note a quiet request's first token or error (all in: ``quiet_done``)."""
+        if self.all_sent and self.quiet_started + self.quiet_errors >= self.quiet_sent:
+            self.quiet_done.set()
+
+
+# -- the fleet ------------------------------------------------------------------------------
+
+
+def capacity_rps(args: argparse.Namespace) -> float:
+    """Noisy requests per simulated second the fleet finishes with every seat busy."""
+    p = profiles.REALISTIC
+    seats = args.max_num_seqs
+    admitted = seats / args.noisy_output          # seats freed (and refilled) per step
+    step = (p["decode_base_s"] + p["decode_per_seq_s"] * seats
+            + admitted * args.noisy_prompt * p["prefill_s_per_token"])
+    return float(SIMS * admitted / step)
+
+
+def start(tree: Tree, workdir: pathlib.Path, args: argparse.Namespace,
+          ) -> tuple[list[str], dict[str, str]]:
+    sims = []
+    for i in range(SIMS):
+        port = free_port()
+        tree.start(f"sim-{i}", [str(BIN / "synapse"), "simulator", "--port", str(port),
+                                "--served-model-name", MODEL, "--time-scale",
+                                str(args.time_scale), "--max-num-seqs", str(args.max_num_seqs),
+                                "--seed", str(i), "--log-level", "warning"],
+                   f"http://127.0.0.1:{port}/health")
+        sims.append(f"http://127.0.0.1:{port}")
+    cps = {}
+    for name, queue in (("off", False), ("on", True)):
+        http = free_port()
+        cfg = workdir / f"cp-{name}.yaml"
+        config = controlplane_config(name, http, sims, queue, args)
+        cfg.write_text(yaml.safe_dump(config))
+        if args.why:
+            print(f"    cp-{name}: http {http}, grpc {config['grpc']['port']}", flush=True)
+        tree.start(f"cp-{name}", [str(BIN / "synapse"), "controlplane", "--config", str(cfg)],
+                   f"http://127.0.0.1:{http}/ready")
+        cps[name] = f"http://127.0.0.1:{http}"
+    return sims, cps
+
+
+def controlplane_config(name: str, http: int, sims: list[str], queue: bool,
+                        args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "replica_id": name, "http": {"host": "127.0.0.1", "port": http,
+                                     "upstream_first_byte_timeout_s": 600},
+        "grpc": {"host": "127.0.0.1", "port": free_port()},
+        "auth": {"admin_key": ADMIN, "tenants": [
+            {"name": "quiet", "keys": [QUIET_KEY], "priority": "interactive"},
+            {"name": "noisy", "keys": [NOISY_KEY], "priority": "batch"}]},
+        # The simulators export vLLM's metrics: the queue learns each engine's seat limit
+        # from them (kind vllm), read every second as an agent would report them.
+        "upstreams": [{"name": f"sim-{i}", "url": u, "models": [MODEL], "kind": "vllm",
+                       "probe_interval_s": args.report_interval}
+                      for i, u in enumerate(sims)],
+        "cache": {"enabled": False},
+        # The control plane lives in real time: simulated seconds times the time scale.
+        "fairness": {"queue": {"enabled": queue,
+                               "max_queue_wait_s": args.queue_bound * args.time_scale,
+                               "deadline_s": args.deadline * args.time_scale}},
+        "logging": {"level": "warning"}}
+
+
+def scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=60) as resp:
+        body = resp.read().decode()
+    out: dict[str, float] = {}
+    for name in ("generation_tokens_total", "num_requests_running", "num_requests_waiting"):
+        m = re.search(rf"^vllm:{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", body, re.M)
+        out[name] = float(m.group(1)) if m else 0.0
+    return out
+
+
+async def idle(sims: list[str]) -> None:
+    """Until every engine has nothing running or waiting (a phase's leftovers aborted)."""
+    for _ in range(600):
+        states = [await asyncio.to_thread(scrape, u) for u in sims]
+        if all(s["num_requests_running"] + s["num_requests_waiting"] == 0 for s in states):
+            return
+        await asyncio.sleep(0.5)
+    raise SystemExit("the engines did not go idle between phases")
+
+
+async def generated(sims: list[str]) -> float:
+    states = await asyncio.gather(*(asyncio.to_thread(scrape, u) for u in sims))
+    return sum(s["generation_tokens_total"] for s in states)
+
+
+# -- the tenants ----------------------------------------------------------------------------
+
+
+async def quiet_one(session: aiohttp.ClientSession, url: str, prompt: str, scale: float,
+                    phase: Phase, record: bool) -> None:
+    body = {"model": MODEL, "stream": True, "max_tokens": QUIET_OUTPUT, "ignore_eos": True,
+            "messages": [{"role": "user", "content": prompt}]}
+    t0 = time.perf_counter()
+    me = id(prompt)
+    if record:
+        phase.waiting[me] = t0
+    try:
+        async with session.post(url, json=body,
+                                headers={"Authorization": f"Bearer {QUIET_KEY}"}) as resp:
+            if resp.status != 200:
+                phase.quiet_errors += 1
+                phase.waiting.pop(me, None)
+                phase.progress()
+                return
+            first = True
+            async for line in resp.content:
+                if first and _has_content(line):
+                    first = False
+                    phase.quiet_started += 1
+                    phase.waiting.pop(me, None)
+                    phase.progress()
+                    if record:
+                        phase.quiet_ttft.append((time.perf_counter() - t0) / scale)
+            if first:                           # ended without a token
+                phase.quiet_errors += 1
+                phase.waiting.pop(me, None)
+                phase.progress()
+    except (aiohttp.ClientError, TimeoutError):
+        phase.quiet_errors += 1
+        phase.waiting.pop(me, None)
+        phase.progress()
+
+
+def _has_content(line: bytes) -> bool:
+    """Whether an SSE line carries generated text (not the role-only opening chunk)."""
+    if not line.startswith(b"data: {") or b'"content"' not in line:
+        return False
+    chunk = json.loads(line[6:])
+    return any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or ())
+
+
+async def noisy_one(session: aiohttp.ClientSession, url: str, prompt: str, output: int,
+                    args: argparse.Namespace, phase: Phase) -> None:
+    body = {"model": MODEL, "max_tokens": output, "ignore_eos": True,
+            "stream": args.noisy_stream, "messages": [{"role": "user", "content": prompt}]}
+    try:
+        async with session.post(url, json=body,
+                                headers={"Authorization": f"Bearer {NOISY_KEY}"}) as resp:
+            async for piece in resp.content.iter_any():
+                if resp.status != 200 and resp.status not in phase.sample:
+                    phase.sample[resp.status] = piece.decode(errors="replace")[:300]
+            outcome = "ok" if resp.status == 200 else str(resp.status)
+    except (aiohttp.ClientError, TimeoutError):
+        outcome = "error"
+    except asyncio.CancelledError:
+        outcome = "unfinished"
+        phase.noisy[outcome] = phase.noisy.get(outcome, 0) + 1
+        raise
+    phase.noisy[outcome] = phase.noisy.get(outcome, 0) + 1
+
+
+async def arrivals(rng: random.Random, rate: float, seconds: float, scale: float,
+                   start: float) -> Any:
+    """Poisson arrival times (real seconds from now) for ``seconds`` simulated seconds."""
+    t = 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= seconds:
+            return
+        delay = start + t * scale - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield t
+
+
+def why(cp: str) -> str:
+    """The control plane's view after a phase: answers by tenant and status, what the
+    queue refused, and the costs the router learned (``--why``)."""
+    with urllib.request.urlopen(f"{cp}/metrics", timeout=60) as resp:
+        body = resp.read().decode()
+    keep = ("synapse_requests_total", "synapse_queue_refused_total",
+            "synapse_route_learned_", "synapse_queue_wait_seconds_count",
+            "synapse_queue_wait_seconds_sum")
+    return "\n".join("    " + line for line in body.splitlines()
+                     if line.startswith(keep) and not line.endswith(" 0.0"))
+
+
+async def run_phase(name: str, cp: str, sims: list[str], flood_rps: float,
+                    args: argparse.Namespace) -> Phase:
+    phase = Phase()
+    rng = random.Random(f"{args.seed}-{name}")
+    url = f"{cp}/v1/chat/completions"
+    scale = args.time_scale
+    tasks: list[asyncio.Task[None]] = []
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        start = time.perf_counter()
+        window: list[float] = []
+
+        async def quiet() -> None:
+            async for t in arrivals(rng, args.quiet_rate, args.seconds, scale, start):
+                prompt = f"quiet {name} {t:.6f} " + text(rng, args.quiet_prompt)
+                phase.quiet_sent += 1
+                tasks.append(asyncio.create_task(quiet_one(
+                    session, url, prompt, scale, phase, t >= args.warmup)))
+
+        async def noisy() -> None:
+            if not flood_rps:
+                return
+            async for t in arrivals(rng, flood_rps, args.seconds, scale, start):
+                prompt = f"noisy {name} {t:.6f} " + text(rng, args.noisy_prompt)
+                # Answers of varied lengths (uniform, mean --noisy-output): batch jobs'
+                # answers differ, and equal ones would start and end in lockstep cohorts.
+                output = rng.randint(1, 2 * args.noisy_output - 1)
+                tasks.append(asyncio.create_task(
+                    noisy_one(session, url, prompt, output, args, phase)))
+
+        async def meter() -> None:
+            await asyncio.sleep(args.warmup * scale)
+            window.append(await generated(sims))
+            window.append(time.perf_counter())
+
+        samples: list[dict[str, float]] = []
+
+        async def occupancy() -> None:
+            """The engines' seats in use and queues, sampled each real second of the
+            window: the machine's other load slows every simulated step alike, not these."""
+            await asyncio.sleep(args.warmup * scale)
+            while time.perf_counter() < start + args.seconds * scale:
+                samples.extend(await asyncio.gather(
+                    *(asyncio.to_thread(scrape, u) for u in sims)))
+                await asyncio.sleep(1.0)
+
+        await asyncio.gather(quiet(), noisy(), meter(), occupancy())
+        if samples:
+            phase.running = sum(x["num_requests_running"] for x in samples) / len(samples)
+            phase.engine_waiting = sum(x["num_requests_waiting"] for x in samples) / len(samples)
+        window += [await generated(sims), time.perf_counter()]
+        if args.why:
+            states = await asyncio.gather(*(asyncio.to_thread(scrape, u) for u in sims))
+            print("    engines running/waiting: " + ", ".join(
+                f"{s['num_requests_running']:.0f}/{s['num_requests_waiting']:.0f}"
+                for s in states), flush=True)
+            print(await asyncio.to_thread(why, cp), flush=True)
+            for status, body in phase.sample.items():
+                print(f"    noisy {status}: {body}", flush=True)
+        phase.tokens_per_s = (window[2] - window[0]) / ((window[3] - window[1]) / scale)
+        # Every quiet request gets its first token (its TTFT counts); then the rest stops.
+        phase.all_sent = True
+        phase.progress()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(phase.quiet_done.wait(), args.drain * scale)
+        # Quiet requests still without a token count with the time they have waited so
+        # far: a lower bound of their TTFT (said in the table as "censored").
+        now = time.perf_counter()
+        phase.censored = [(now - t0) / scale for t0 in phase.waiting.values()]
+        phase.quiet_ttft += phase.censored
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await idle(sims)
+    return phase
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    return common.nearest_rank(values, q)
+
+
+def row(name: str, p: Phase) -> None:
+    noisy = ", ".join(f"{k} {v}" for k, v in sorted(p.noisy.items())) or "-"
+    if p.censored:
+        noisy += f"; {len(p.censored)} quiet censored (no token yet, TTFT >= their wait)"
+    print(f"{name:<22}{pct(p.quiet_ttft, 0.5):>9.3f}{pct(p.quiet_ttft, 0.9):>9.3f}"
+          f"{len(p.quiet_ttft):>7}{p.quiet_errors:>7}{p.tokens_per_s:>12.0f}"
+          f"{p.running:>9.0f}{p.engine_waiting:>9.0f}   {noisy}", flush=True)
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-fairness-"))
+    tree = Tree(workdir)
+    cap = capacity_rps(args)
+    flood = args.flood * cap
+    print(f"fleet: {SIMS} simulators x {args.max_num_seqs} seats; noisy capacity "
+          f"{cap:.1f} req/s, flood {flood:.1f} req/s; quiet {args.quiet_rate:g} req/s "
+          f"of {args.quiet_prompt} tokens; time scale {args.time_scale:g}", flush=True)
+    try:
+        sims, cps = start(tree, workdir, args)
+        print(f"{'phase':<22}{'p50 s':>9}{'p90 s':>9}{'quiet':>7}{'errors':>7}"
+              f"{'gen tok/s':>12}{'running':>9}{'waiting':>9}   noisy requests", flush=True)
+        empty = Phase(quiet_ttft=[float("nan")], tokens_per_s=float("nan"))
+        alone = off = on = empty
+        if "alone" in args.phases:
+            alone = await run_phase("alone", cps["off"], sims, 0.0, args)
+            row("quiet alone", alone)
+        if "off" in args.phases:
+            off = await run_phase("off", cps["off"], sims, flood, args)
+            row("flood, queue off", off)
+        if "on" in args.phases:
+            on = await run_phase("on", cps["on"], sims, flood, args)
+            row("flood, queue on", on)
+    finally:
+        tree.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"bench": "fairness",
+            "quiet_p50_alone_s": round(pct(alone.quiet_ttft, 0.5), 4),
+            "quiet_p90_alone_s": round(pct(alone.quiet_ttft, 0.9), 4),
+            "quiet_p50_flood_queue_off_s": round(pct(off.quiet_ttft, 0.5), 4),
+            "quiet_p90_flood_queue_off_s": round(pct(off.quiet_ttft, 0.9), 4),
+            "quiet_p50_flood_queue_on_s": round(pct(on.quiet_ttft, 0.5), 4),
+            "quiet_p90_flood_queue_on_s": round(pct(on.quiet_ttft, 0.9), 4),
+            "quiet_p90_ratio_on_vs_alone": round(pct(on.quiet_ttft, 0.9)
+                                                 / pct(alone.quiet_ttft, 0.9), 3),
+            "throughput_off_tokens_per_s": round(off.tokens_per_s, 1),
+            "throughput_on_tokens_per_s": round(on.tokens_per_s, 1),
+            "throughput_ratio_on_vs_off": round(on.tokens_per_s / off.tokens_per_s, 3),
+            "seats_running_ratio_on_vs_off": round(on.running / off.running, 3)
+            if off.running else float("nan")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--time-scale", type=float, default=2.0,
+                        help="simulator clock (smaller = faster runs, more CPU noise)")
+    parser.add_argument("--seconds", type=float, default=30.0,
+                        help="simulated seconds of arrivals per phase")
+    parser.add_argument("--warmup", type=float, default=10.0,
+                        help="simulated seconds before TTFTs and throughput count")
+    parser.add_argument("--drain", type=float, default=10.0,
+                        help="simulated seconds to wait, after the arrivals, for every quiet "
+                        "request's first token (those still waiting then count with the "
+                        "time waited: a lower bound, shown as censored)")
+    parser.add_argument("--flood", type=float, default=3.0, help="times the fleet's capacity")
+    parser.add_argument("--quiet-rate", type=float, default=2.0, help="quiet requests/s")
+    parser.add_argument("--quiet-prompt", type=int, default=2000, help="quiet prompt tokens")
+    parser.add_argument("--noisy-prompt", type=int, default=100, help="noisy prompt tokens")
+    parser.add_argument("--noisy-output", type=int, default=256,
+                        help="noisy output tokens, on average (uniform from 1 to twice this)")
+    parser.add_argument("--noisy-stream", action=argparse.BooleanOptionalAction,
+                        default=False, help="the noisy tenant streams its answers (batch "
+                        "clients mostly do not)")
+    parser.add_argument("--max-num-seqs", type=int, default=int(
+        profiles.REALISTIC["max_num_seqs"]), help="seats per engine (the profile's: 256)")
+    parser.add_argument("--report-interval", type=float, default=1.0,
+                        help="real seconds between the control plane's reads of each "
+                        "engine's /metrics (upstreams[].probe_interval_s)")
+    parser.add_argument("--queue-bound", type=float, default=0.1,
+                        help="fairness.queue.max_queue_wait_s of the queue-on control plane "
+                        "(simulated seconds)")
+    parser.add_argument("--deadline", type=float, default=30.0,
+                        help="fairness.queue.deadline_s of the queue-on control plane "
+                        "(simulated seconds)")
+    parser.add_argument("--seed", default="18")
+    parser.add_argument("--phases", default="alone,off,on",
+                        help="which phases to run (comma-separated; all by default)")
+    parser.add_argument("--why", action="store_true",
+                        help="print each control plane's answers, refusals and learned costs")
+    args = parser.parse_args()
+    result = common.run(run(args))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
