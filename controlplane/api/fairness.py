@@ -182,7 +182,12 @@ async def usage_response(svc: services_mod.Services,
     since = request.since_seconds if request.since_seconds > 0 else 86_400.0
     if since > 3660 * 86_400:
         raise errors.BadRequest("since_seconds is longer than ten years", param="since_seconds")
-    rows = await fairness_wiring.usage_rows(svc, request.tenant or None, since)
+    try:
+        rows = await fairness_wiring.usage_rows(svc, request.tenant or None, since)
+    except Exception as exc:    # whatever the store raised (Redis down): say so, UNAVAILABLE
+        svc.metrics.redis_errors.labels("usage").inc()
+        raise errors.Unavailable(f"the usage store is unreachable ({type(exc).__name__}); "
+                                 "try again shortly") from None
     return admin_pb2.GetUsageResponse(rows=[_row(r) for r in rows])
 
 

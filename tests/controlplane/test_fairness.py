@@ -198,6 +198,13 @@ async def test_stats_answer_without_usage_when_redis_is_down() -> None:
             assert "usage store unreachable" in snap["fairness"]["usage_error"]
             assert snap["fairness"]["queue_waiting"] == {}
             assert snap["fleet_error"]      # the rest of the stats: this replica's own
+            async with admin_of(cp) as admin_port:
+                out, err = io.StringIO(), io.StringIO()
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    code = await asyncio.to_thread(ctl.main, [
+                        "--server", f"127.0.0.1:{admin_port}", "get", "usage"],
+                        {"SYNAPSE_ADMIN_TOKEN": t.ADMIN})
+            assert code != 0 and "usage store is unreachable" in err.getvalue(), err.getvalue()
             await client.close()
 
 
