@@ -220,6 +220,8 @@ class Gate:
         w = q.push(tenant, cls, weight, tokens, self._clock(), future)
         self._observer.depth(model, cls, tenant, q.waiting(cls, tenant))
         self._ensure_pump(model)
+        if q.peek() is w:       # a new head (e.g. a higher class, with seats kept for it)
+            self.wake(model)    # may go at once: no waiting for the next poll
         try:
             await future
         except asyncio.CancelledError:          # the client went away

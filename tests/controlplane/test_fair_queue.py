@@ -81,6 +81,27 @@ async def test_an_interactive_request_takes_the_next_slot_ahead_of_a_batch_flood
     await gate.close()
 
 
+async def test_a_new_head_with_room_for_its_class_goes_without_waiting_for_a_poll() -> None:
+    class Reserved(Fleet):
+        """No room for batch requests; seats kept for interactive ones."""
+
+        def room(self, model: str, cls: str) -> bool:
+            return cls == "interactive" and self.free > 0
+
+    fleet = Reserved(free=1)
+    gate = gate_for(fleet, poll_interval_s=3600.0)
+    flood = [asyncio.create_task(request(gate, fleet, f"batch-{i}", "noisy", "batch"))
+             for i in range(5)]
+    await settle_until(lambda: gate.depth(MODEL) == 5, "the flood to queue")
+    # The pump sleeps until a request ends or an hour passes; neither happens here.
+    await asyncio.wait_for(request(gate, fleet, "quiet", "quiet"), 10)
+    assert fleet.released == ["quiet"] and gate.depth(MODEL) == 5
+    for task in flood:
+        task.cancel()
+    await asyncio.gather(*flood, return_exceptions=True)
+    await gate.close()
+
+
 async def test_tenants_in_one_class_share_by_tokens_and_weight() -> None:
     fleet = Fleet(free=0)
     gate = gate_for(fleet)
