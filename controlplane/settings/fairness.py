@@ -52,9 +52,9 @@ class QueueSettings(Section):
     enabled: bool = Field(False, description="hold requests in a fair queue when the chosen "
                           "backends are saturated, instead of sending them on")
     max_queue_wait_s: float = Field(
-        0.1, ge=0, description="queue when the best backend's predicted queue wait (the "
-        "prefill the router predicts queued ahead of the request there) is above this many "
-        "seconds")
+        0.1, ge=0, description="queue when the prefill the router predicts queued ahead of "
+        "the request on the best backend (streamed requests sent there and not yet at their "
+        "first token) is above this many seconds, or when its seats are all taken")
     reserved_seats: float = Field(
         0.01, ge=0, lt=1, description="share of each backend's seats (its learned "
         "concurrency limit, rounded up) that only the highest class may take: its requests "
