@@ -27,7 +27,10 @@ plain control plane come from ``PYTHONPATH``, as usual).
 Peers, when ``make bench-peers`` installed them under ``.bench-venvs/``: LiteLLM's proxy
 (2 workers) and the PyPI ``vllm-router`` (round robin) in front of the same simulator,
 and nginx (2 workers, upstream keep-alive; the floor of what proxying costs) when
-``nginx`` is on PATH; their throughput ratios go under ``peers``.
+``nginx`` is on PATH, measured in the same interleaved rounds as Synapse (a peer whose
+saturated throughput is under twice ``--rate`` gets its latency phase at half that
+throughput); their ratios go under ``peers``. A peer that does not start is skipped
+(said on stdout), not the run.
 
 Last, every gateway's CPU time per proxied request — user + system of its whole process
 tree (LiteLLM's workers, nginx's workers), read with psutil over ``--cpu-requests``
@@ -102,14 +105,25 @@ class Tree:
         self.named: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, argv: list[str], ready: str,
-              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+              env: dict[str, str] | None = None,
+              timeout: float = 90.0) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "wb")  # lives as long as the child
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
         self.procs.append(proc)
         self.named[name] = proc
-        wait_http(ready, proc)
+        wait_http(ready, proc, timeout)
         return proc
+
+    def start_peer(self, name: str, argv: list[str], ready: str,
+                   env: dict[str, str] | None = None) -> subprocess.Popen[bytes] | None:
+        """A peer gateway, or None (said on stdout) when it does not come up: one peer
+        failing to start on a loaded machine must not lose the run's other figures."""
+        try:
+            return self.start(name, argv, ready, env, timeout=240.0)
+        except SystemExit as exc:
+            print(f"{name} skipped: {exc}", flush=True)
+            return None
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -337,36 +351,40 @@ def peers(tree: Tree, sim_url: str, workdir: pathlib.Path,
                 "model": f"openai/{MODEL}", "api_base": f"{sim_url}/v1", "api_key": "none"}}],
             "general_settings": {"master_key": PEER_KEY}}))
         # Offline: the bundled model cost map, no telemetry.
-        proc = tree.start("litellm", [str(litellm), "--config", str(cfg), "--port", str(port),
-                                      "--num_workers", "2"],
-                          f"http://127.0.0.1:{port}/health/liveliness",
-                          env={"LITELLM_LOCAL_MODEL_COST_MAP": "True",
-                               "LITELLM_TELEMETRY": "False"})
-        yield "litellm", f"http://127.0.0.1:{port}/v1/chat/completions", proc
+        proc = tree.start_peer("litellm", [str(litellm), "--config", str(cfg), "--port",
+                                           str(port), "--num_workers", "2"],
+                               f"http://127.0.0.1:{port}/health/liveliness",
+                               env={"LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                                    "LITELLM_TELEMETRY": "False"})
+        if proc is not None:
+            yield "litellm", f"http://127.0.0.1:{port}/v1/chat/completions", proc
     router = VENVS / "vllm-router" / "bin" / "vllm-router"
     if router.exists():
         port = free_port()
-        proc = tree.start("vllm-router", [str(router), "--worker-urls", sim_url, "--port",
-                                          str(port), "--policy", "round_robin",
-                                          "--prometheus-port", str(free_port())],
-                          f"http://127.0.0.1:{port}/health")
-        yield "vllm_router", f"http://127.0.0.1:{port}/v1/chat/completions", proc
+        proc = tree.start_peer("vllm-router", [str(router), "--worker-urls", sim_url,
+                                               "--port", str(port), "--policy", "round_robin",
+                                               "--prometheus-port", str(free_port())],
+                               f"http://127.0.0.1:{port}/health")
+        if proc is not None:
+            yield "vllm_router", f"http://127.0.0.1:{port}/v1/chat/completions", proc
     nginx = shutil.which("nginx")
     if nginx is not None:
         port = free_port()
         conf = workdir / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=workdir, port=port,
                                           upstream=sim_url.removeprefix("http://")))
-        proc = tree.start("nginx", [nginx, "-p", str(workdir), "-c", str(conf)],
-                          f"http://127.0.0.1:{port}/health")
-        yield "nginx", f"http://127.0.0.1:{port}/v1/chat/completions", proc
+        proc = tree.start_peer("nginx", [nginx, "-p", str(workdir), "-c", str(conf)],
+                               f"http://127.0.0.1:{port}/health")
+        if proc is not None:
+            yield "nginx", f"http://127.0.0.1:{port}/v1/chat/completions", proc
 
 
 async def measure(targets: list[tuple[str, str, dict[str, str]]], args: argparse.Namespace,
-                  rate: float | None = None) -> dict[str, dict[str, float]]:
+                  adaptive: frozenset[str] = frozenset()) -> dict[str, dict[str, float]]:
     """Measure ``targets`` in interleaved rounds, so that CPU taken by anything else on the
     machine during the run weighs on each of them alike; throughput is the median round,
-    latency percentiles are over every round's requests."""
+    latency percentiles are over every round's requests. Targets in ``adaptive`` (peers)
+    get the fixed-rate phase at ``--rate`` or half their throughput, whichever is less."""
     rounds, part = args.rounds, args.seconds / args.rounds
     rps: dict[str, list[float]] = {n: [] for n, _, _ in targets}
     srps: dict[str, list[float]] = {n: [] for n, _, _ in targets}
@@ -378,7 +396,7 @@ async def measure(targets: list[tuple[str, str, dict[str, str]]], args: argparse
             sr, e2 = await saturate(url, headers, part, args.clients, True)
             # A peer slower than the fixed rate would only measure its own queue: it gets
             # half its saturated throughput instead (printed).
-            at = rate if rate is not None else min(args.rate, max(1.0, r / 2))
+            at = min(args.rate, max(1.0, r / 2)) if name in adaptive else args.rate
             ls, e3 = await fixed_rate(url, headers, part, at)
             rps[name].append(r)
             srps[name].append(sr)
@@ -386,7 +404,8 @@ async def measure(targets: list[tuple[str, str, dict[str, str]]], args: argparse
             errors[name] += e1 + e2 + e3
     rows = {}
     for name, _, _ in targets:
-        at = rate if rate is not None else min(args.rate, max(1.0, statistics.median(rps[name]) / 2))
+        at = (min(args.rate, max(1.0, statistics.median(rps[name]) / 2)) if name in adaptive
+              else args.rate)
         row = rows[name] = {
             "rps": statistics.median(rps[name]), "stream_rps": statistics.median(srps[name]),
             "p50_ms": pct_ms(lat[name], 0.5), "p99_ms": pct_ms(lat[name], 0.99),
@@ -424,7 +443,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                        env={"PYTHONPATH": str(args.baseline_tree)}
                        if name == "baseline_tree" else None)
             targets.append((name, f"http://127.0.0.1:{vh}/v1/chat/completions", auth))
-        both = await measure(targets, args, rate=args.rate)
+        # Peers join the same interleaved rounds: a throughput ratio between gateways
+        # measured minutes apart on a shared machine would measure the machine.
+        peer_headers = {"Authorization": f"Bearer {PEER_KEY}"}
+        peer_procs: dict[str, subprocess.Popen[bytes]] = {}
+        for name, url, proc in peers(tree, sim, workdir):
+            targets.append((name, url, peer_headers))
+            peer_procs[name] = proc
+        both = await measure(targets, args, adaptive=frozenset(peer_procs))
         direct, syn = both["direct"], both["synapse"]
         variant_rows = {name: compared(both[name], syn) for name in wanted}
         pids = {"synapse": tree.named["controlplane"].pid,
@@ -432,9 +458,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         cpu_targets = [(n, u, h, pids[n], args.cpu_requests) for n, u, h in targets
                        if n in pids]
         peer_rows = {}
-        for name, url, proc in peers(tree, sim, workdir):
-            headers = {"Authorization": f"Bearer {PEER_KEY}"}
-            row = (await measure([(name, url, headers)], args))[name]
+        for name, url, headers in targets:
+            if name not in peer_procs:
+                continue
+            row = both[name]
             peer_rows[name] = {"rps": round(row["rps"], 1),
                                "throughput_ratio": round(row["rps"] / direct["rps"], 3),
                                "stream_throughput_ratio":
@@ -447,7 +474,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                                "errors": row["errors"]}
             # A slow peer gets about two seconds' worth of requests per round.
             n = max(100, min(args.cpu_requests, int(row["rps"] * 2)))
-            cpu_targets.append((name, url, headers, proc.pid, n))
+            cpu_targets.append((name, url, headers, peer_procs[name].pid, n))
         # Every gateway's CPU per request, interleaved in the same rounds.
         cpu = await cpu_per_request(cpu_targets, args.rounds)
         print("CPU µs per request (process tree, user + system): "
