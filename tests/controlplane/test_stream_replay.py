@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from controlplane.core import cache_entry, sse, stream_replay
+from tests.stream_shape import shape
 
 HEAD = {"id": "chatcmpl-7", "object": "chat.completion.chunk", "created": 7, "model": "m"}
 
@@ -59,19 +60,6 @@ def as_sse(chunks: list[dict[str, Any]]) -> bytes:
 
 def events(raw: bytes) -> list[dict[str, Any]]:
     return [orjson.loads(e) for e in sse.SSEParser().feed(raw) if e != sse.DONE]
-
-
-def shape(chunks: list[dict[str, Any]]) -> list[Any]:
-    """What a client can tell apart of a stream, runs of like chunks collapsed: the keys of
-    each chunk, of its choices and deltas, and which values are set."""
-    out: list[Any] = []
-    for chunk in chunks:
-        sig = (sorted(k for k in chunk if k != "choices"),
-               [(sorted(c), sorted(c.get("delta") or {}), c.get("finish_reason") is not None,
-                 c.get("logprobs") is not None) for c in chunk.get("choices") or ()])
-        if not out or out[-1] != sig:
-            out.append(sig)
-    return out
 
 
 def folded(raw: bytes) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import pytest
 
 from synapse_common import engines
 from tests import fleet, harness
+from tests.stream_shape import shape
 
 SYSTEM = "Answer briefly."
 
@@ -109,19 +110,6 @@ def events(reply: fleet.Reply) -> list[dict[str, Any]]:
     data = [line[6:] for line in reply.body.decode().splitlines() if line.startswith("data: ")]
     assert data and data[-1] == "[DONE]", data[-3:]
     return [json.loads(d) for d in data[:-1]]
-
-
-def shape(chunks: list[dict[str, Any]]) -> list[Any]:
-    """What a client can tell apart of a stream, runs of like chunks collapsed: the keys of
-    each chunk, of its choices and deltas, and which values are set."""
-    out: list[Any] = []
-    for chunk in chunks:
-        sig = (sorted(k for k in chunk if k != "choices"),
-               [(sorted(c), sorted(c.get("delta") or {}), c.get("finish_reason") is not None,
-                 c.get("logprobs") is not None) for c in chunk.get("choices") or ()])
-        if not out or out[-1] != sig:
-            out.append(sig)
-    return out
 
 
 def text(chunks: list[dict[str, Any]]) -> str:
