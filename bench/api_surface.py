@@ -27,7 +27,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -41,6 +40,7 @@ if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ import
 from bench import common  # noqa: E402
 from bench.gateway import BIN, Tree  # noqa: E402
 from synapse_common.ports import free_port  # noqa: E402
+from tests import uploads  # noqa: E402
 
 KEY = "sk-bench-api-surface-0123456789"
 CHAT, OLD, RANKER, WHISPER, TTS = "chat-model", "old-model", "ranker", "whisper", "tts"
@@ -133,39 +133,20 @@ async def paths(base: str, urls: dict[str, str], pid: int, n: int,
 
 
 async def _upload(url: str, size: int) -> float:
-    boundary = "bench-boundary"
-
-    async def body() -> AsyncIterator[bytes]:
-        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"
-               f"{WHISPER}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-               "filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n").encode()
-        block = b"\1" * MIB
-        for _ in range(size // MIB):
-            yield block
-        yield f"\r\n--{boundary}--\r\n".encode()
-
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}",
-               "Authorization": f"Bearer {KEY}"}
+    headers, body = uploads.audio_form(WHISPER, size, KEY)
     start = time.perf_counter()
     async with aiohttp.ClientSession() as session, session.post(
-            url, data=body(), headers=headers) as resp:
+            url, data=body, headers=headers) as resp:
         text = await resp.text()
         if resp.status != 200:
             raise RuntimeError(f"upload: {resp.status} {text}")
     return time.perf_counter() - start
 
 
-def _hwm_kib(pid: int) -> int:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
-
-
 async def upload(base: str, urls: dict[str, str], pid: int, mib: int) -> dict[str, float]:
-    before = _hwm_kib(pid)
+    before = uploads.proc_kib(pid, "VmHWM")
     through = await _upload(base + "/v1/audio/transcriptions", mib * MIB)
-    grew = _hwm_kib(pid) - before
+    grew = uploads.proc_kib(pid, "VmHWM") - before
     direct = await _upload(urls["whisper"] + "/v1/audio/transcriptions", mib * MIB)
     return {"mib": mib, "synapse_s": round(through, 3), "direct_s": round(direct, 3),
             "cp_peak_rss_growth_mib": round(grew / 1024, 1)}

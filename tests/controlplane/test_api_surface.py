@@ -15,7 +15,7 @@ import json
 import pathlib
 import urllib.request
 import wave
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -23,7 +23,7 @@ import anthropic
 import openai
 import pytest
 
-from tests import fleet, harness
+from tests import fleet, harness, uploads
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -277,47 +277,21 @@ async def test_translation_with_the_file_before_the_model(surface: Surface) -> N
     assert body["text"] == f"Simulated translation of {len(data)} bytes, blake2b {_digest(data)}."
 
 
-def _vm_kib(pid: int, field: str) -> int:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"{field} not in /proc/{pid}/status")
-
-
-async def _chunked(url: str, size: int) -> tuple[int, Any]:
-    """A multipart upload of ``size`` bytes sent chunked (no Content-Length)."""
-    boundary = "surface-boundary"
-
-    async def body() -> AsyncIterator[bytes]:
-        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"
-               f"{WHISPER}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-               "filename=\"big.wav\"\r\nContent-Type: audio/wav\r\n\r\n").encode()
-        block = b"\1" * MIB
-        for _ in range(size // MIB):
-            yield block
-        yield f"\r\n--{boundary}--\r\n".encode()
-
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}",
-               "Authorization": f"Bearer {fleet.TENANT_KEY}"}
-    async with aiohttp.ClientSession() as session, session.post(
-            url, data=body(), headers=headers) as resp:
-        return resp.status, await resp.json()
-
-
 async def test_uploads_stream_through_and_30_mb_gets_413_without_being_held(
         surface: Surface) -> None:
     url = surface.base + "/v1/audio/transcriptions"
     pid = surface.cp.popen.pid
-    before = _vm_kib(pid, "VmHWM")
-    status, body = await _chunked(url, 20 * MIB)
+    before = uploads.proc_kib(pid, "VmHWM")
+    status, body = await uploads.post_audio(url, WHISPER, 20 * MIB, fleet.TENANT_KEY)
     assert status == 200 and f"of {20 * MIB} bytes" in body["text"]
-    status, body = await _chunked(url, 30 * MIB)     # chunked: refused when it passes 25 MB
+    # chunked: refused when it passes 25 MB
+    status, body = await uploads.post_audio(url, WHISPER, 30 * MIB, fleet.TENANT_KEY)
     assert status == 413 and body["error"]["code"] == "upload_too_large"
     with surface.openai() as c, pytest.raises(openai.APIStatusError) as declared:
         c.audio.transcriptions.create(model=WHISPER, file=("big.wav", b"\0" * (30 * MIB)))
     assert declared.value.status_code == 413        # Content-Length: refused before reading
     # the control plane's peak memory grew by far less than the 20 MB it passed on
-    assert _vm_kib(pid, "VmHWM") - before < 10 * 1024
+    assert uploads.proc_kib(pid, "VmHWM") - before < 10 * 1024
 
 
 # -- rerank, score, tokenize -------------------------------------------------------------

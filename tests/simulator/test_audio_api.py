@@ -7,13 +7,13 @@ import hashlib
 import io
 import pathlib
 import wave
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import aiohttp
 import openai
 import pytest
 
-from tests import harness
+from tests import harness, uploads
 from tests.simulator.conftest import MODEL, Sim, start
 
 MIB = 1024 * 1024
@@ -100,42 +100,15 @@ def test_transcription_as_text_and_as_a_stream(wav_file: pathlib.Path, whisper: 
             c.audio.transcriptions.create(model="nope", file=("a.wav", data))
 
 
-def _proc_kib(pid: int, field: str) -> int:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"{field} not in /proc/{pid}/status")
-
-
-async def _chunked_upload(url: str, size: int) -> tuple[int, dict[str, object]]:
-    """A multipart upload of ``size`` bytes sent chunked (no Content-Length), so the
-    server cannot refuse it before reading."""
-    boundary = "synapse-test-boundary"
-
-    async def body() -> AsyncIterator[bytes]:
-        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"
-               f"{MODEL}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-               "filename=\"big.wav\"\r\nContent-Type: audio/wav\r\n\r\n").encode()
-        block = b"\0" * MIB
-        for _ in range(size // MIB):
-            yield block
-        yield f"\r\n--{boundary}--\r\n".encode()
-
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    async with aiohttp.ClientSession() as session, session.post(
-            url, data=body(), headers=headers) as resp:
-        return resp.status, await resp.json()
-
-
 async def test_uploads_are_read_in_chunks_never_held_whole(whisper: Sim) -> None:
     url = whisper.url + "/v1/audio/transcriptions"
-    before = _proc_kib(whisper.proc.pid, "VmHWM")
-    status, body = await _chunked_upload(url, 20 * MIB)
+    before = uploads.proc_kib(whisper.proc.pid, "VmHWM")
+    status, body = await uploads.post_audio(url, MODEL, 20 * MIB)
     assert status == 200 and "of 20971520 bytes" in str(body["text"])
-    status, body = await _chunked_upload(url, 30 * MIB)
+    status, body = await uploads.post_audio(url, MODEL, 30 * MIB)
     assert status == 400 and body["error"]["param"] == "audio_filesize_mb"  # type: ignore[index]
     # peak resident memory grew by far less than the 20 MB that was accepted
-    assert _proc_kib(whisper.proc.pid, "VmHWM") - before < 8 * 1024
+    assert uploads.proc_kib(whisper.proc.pid, "VmHWM") - before < 8 * 1024
 
 
 def test_an_oversized_declared_upload_is_refused_before_reading(whisper: Sim) -> None:
