@@ -3,18 +3,15 @@ the token in metadata, exit codes 0 / 1 / 2 and one-line errors."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
 import pytest
 import yaml
 
-from controlplane import ctl
 from protos.synapse.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+from tests.controlplane import ctl_testing
 
 TOKEN = "admin-token-for-ctl-tests"
 
@@ -63,20 +60,12 @@ class AdminForTests(admin_pb2_grpc.AdminServicer):
 
 @pytest.fixture
 def admin_server() -> Iterator[tuple[str, AdminForTests]]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = AdminForTests()
-    admin_pb2_grpc.add_AdminServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}", servicer
-    server.stop(None)
+    with ctl_testing.serve_admin(servicer) as addr:
+        yield addr, servicer
 
 
-def run(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = ctl.main(argv, environ=env or {})
-    return code, out.getvalue(), err.getvalue()
+run = ctl_testing.run
 
 
 def test_get_nodes_table_with_token_from_env(admin_server: tuple[str, AdminForTests]) -> None:

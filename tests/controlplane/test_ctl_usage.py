@@ -3,18 +3,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from collections.abc import Iterator
-from concurrent import futures
 
-import grpc
 import pytest
 import yaml
 
-from controlplane import ctl
 from protos.synapse.v1 import admin_pb2, admin_pb2_grpc
+from tests.controlplane import ctl_testing
 
 ROWS = [admin_pb2.UsageRow(day="2026-03-14", tenant="search", model="llama", requests=3,
                            prompt_tokens=300, completion_tokens=90, cached_tokens=64,
@@ -36,20 +32,13 @@ class Usage(admin_pb2_grpc.AdminServicer):
 
 @pytest.fixture
 def server() -> Iterator[tuple[str, Usage]]:
-    s = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = Usage()
-    admin_pb2_grpc.add_AdminServicer_to_server(servicer, s)
-    port = s.add_insecure_port("127.0.0.1:0")
-    s.start()
-    yield f"127.0.0.1:{port}", servicer
-    s.stop(None)
+    with ctl_testing.serve_admin(servicer) as addr:
+        yield addr, servicer
 
 
 def run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = ctl.main(argv, environ={"SYNAPSE_ADMIN_TOKEN": "t"})
-    return code, out.getvalue(), err.getvalue()
+    return ctl_testing.run(argv, {"SYNAPSE_ADMIN_TOKEN": "t"})
 
 
 def test_table_with_a_total_and_the_period_asked(server: tuple[str, Usage]) -> None:
