@@ -2,19 +2,19 @@
 
 ``FakeStore`` implements ``controlplane.core.l2.store.Store`` over a list (exact search,
 like Milvus' FLAT index); a call can be held until the test lets it go (``hold``), or made
-to fail (``fail``). ``ManualTime`` is one clock for wall, monotonic and sleep: a sleep
-returns only when the test moves time past its end (``await time.advance(s)``), so
-intervals are driven, never waited for.
+to fail (``fail``); it answers with the real store's ``milvus.Found`` rows. ``ManualTime``
+is one clock for wall, monotonic and sleep: a sleep returns only when the test moves time
+past its end (``await time.advance(s)``), so intervals are driven, never waited for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 
 import numpy as np
 
+from controlplane.adapters import milvus
 from controlplane.core.l2 import rows, timing
 
 
@@ -67,15 +67,6 @@ class ManualTime:
             await asyncio.sleep(0)
 
 
-@dataclasses.dataclass(frozen=True)
-class Found:
-    ref: str
-    text: str
-    vector: np.ndarray
-    created_at: float
-    similarity: float = 0.0
-
-
 class FakeStore:
     def __init__(self, exclusive: bool = False) -> None:
         self.exclusive = exclusive
@@ -113,9 +104,9 @@ class FakeStore:
         return [r for r in self.records
                 if r.scope == scope and (since is None or r.created_at >= since)]
 
-    async def search(self, scope, vector, top_k, min_created_at) -> list[Found]:
+    async def search(self, scope, vector, top_k, min_created_at) -> list[milvus.Found]:
         await self._enter("search")
-        found = [Found(r.ref, r.text, r.vector, r.created_at, float(r.vector @ vector))
+        found = [milvus.Found(r.ref, r.text, r.vector, r.created_at, float(r.vector @ vector))
                  for r in self._live(scope, min_created_at)]
         return sorted(found, key=lambda f: -f.similarity)[:top_k]
 
@@ -123,9 +114,9 @@ class FakeStore:
         await self._enter("exists")
         return bool(self._live(scope, min_created_at))
 
-    async def scope_rows(self, scope, since, limit) -> list[Found]:
+    async def scope_rows(self, scope, since, limit) -> list[milvus.Found]:
         await self._enter("scope_rows")
-        return [Found(r.ref, r.text, r.vector, r.created_at)
+        return [milvus.Found(r.ref, r.text, r.vector, r.created_at)
                 for r in self._live(scope, since)][:limit]
 
     async def newest_per_scope(self) -> dict[str, float]:
