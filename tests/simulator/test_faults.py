@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.error
-import urllib.request
 
 import aiohttp
 import anthropic
@@ -15,21 +12,9 @@ import pytest
 
 from simulator import faults
 from tests import harness
-from tests.simulator.conftest import MODEL, Sim, start
+from tests.simulator.conftest import MODEL, Sim, json_call, start
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "fault?"}], "max_tokens": 4}
-
-
-def request(url: str, body: dict | None = None, timeout: float = 10) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else {}
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        return exc.code, json.loads(raw) if raw else {}
 
 
 def test_error_rate_answers_500_with_an_envelope(processes: harness.ProcessPool) -> None:
@@ -38,7 +23,7 @@ def test_error_rate_answers_500_with_an_envelope(processes: harness.ProcessPool)
     with pytest.raises(openai.InternalServerError) as err:
         client.chat.completions.create(**CHAT)
     assert "fault injection" in str(err.value)
-    status, body = request(sim.url + "/sim/faults", {"error_rate": 0})
+    status, body = json_call(sim.url + "/sim/faults", {"error_rate": 0})
     assert status == 200 and body["error_rate"] == 0
     assert client.chat.completions.create(**CHAT).choices[0].message.content
 
@@ -46,7 +31,7 @@ def test_error_rate_answers_500_with_an_envelope(processes: harness.ProcessPool)
 def test_crash_after_n_requests_exits_non_zero(processes: harness.ProcessPool) -> None:
     sim = start(processes, "--time-scale", "0", "--crash-after", "2")
     for _ in range(2):
-        status, body = request(sim.url + "/v1/chat/completions", CHAT)
+        status, body = json_call(sim.url + "/v1/chat/completions", CHAT)
         assert status == 200 and body["choices"]
     assert sim.proc.wait(timeout=20) == faults.CRASH_EXIT_CODE
     assert "crash_after=2" in sim.proc.output()
@@ -54,15 +39,15 @@ def test_crash_after_n_requests_exits_non_zero(processes: harness.ProcessPool) -
 
 def test_slow_start_makes_health_503_for_a_while(processes: harness.ProcessPool) -> None:
     sim = start(processes, "--time-scale", "0", "--slow-start", "3", wait_health=False)
-    status, body = request(sim.url + "/health")
+    status, body = json_call(sim.url + "/health")
     assert status == 503 and body["error"]["code"] == 503
-    status, _ = request(sim.url + "/v1/chat/completions", CHAT)
+    status, _ = json_call(sim.url + "/v1/chat/completions", CHAT)
     assert status == 503
     harness.wait_until(lambda: harness.http_ok(sim.url + "/health"), 20, "health after start")
-    assert request(sim.url + "/v1/chat/completions", CHAT)[0] == 200
-    status, body = request(sim.url + "/sim/faults", {"slow_start": 30})  # set at run time
+    assert json_call(sim.url + "/v1/chat/completions", CHAT)[0] == 200
+    status, body = json_call(sim.url + "/sim/faults", {"slow_start": 30})  # set at run time
     assert status == 200 and body["slow_start_s"] == 30
-    assert request(sim.url + "/health")[0] == 503
+    assert json_call(sim.url + "/health")[0] == 503
 
 
 @pytest.fixture
@@ -71,7 +56,7 @@ def sim(processes: harness.ProcessPool) -> Sim:
 
 
 async def test_hang_accepts_and_never_answers_until_lifted(sim: Sim) -> None:
-    status, _ = request(sim.url + "/sim/faults", {"hang": True})
+    status, _ = json_call(sim.url + "/sim/faults", {"hang": True})
     assert status == 200
     timeout = aiohttp.ClientTimeout(total=1.0)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -90,7 +75,7 @@ async def test_hang_accepts_and_never_answers_until_lifted(sim: Sim) -> None:
 
 
 async def test_stall_mid_stream_then_drop(sim: Sim) -> None:
-    request(sim.url + "/sim/faults", {"stall_after_chunks": 2})
+    json_call(sim.url + "/sim/faults", {"stall_after_chunks": 2})
     body = {**CHAT, "max_tokens": 50, "stream": True}
     events: list[bytes] = []
     async with aiohttp.ClientSession() as session:
@@ -112,13 +97,13 @@ async def test_stall_mid_stream_then_drop(sim: Sim) -> None:
 
 
 def test_bad_fault_values_are_400_naming_the_field(sim: Sim) -> None:
-    status, body = request(sim.url + "/sim/faults", {"error_rate": 3})
+    status, body = json_call(sim.url + "/sim/faults", {"error_rate": 3})
     assert status == 400 and body["error"]["param"] == "error_rate"
-    status, body = request(sim.url + "/sim/faults", {"explode": True})
+    status, body = json_call(sim.url + "/sim/faults", {"explode": True})
     assert status == 400 and "explode" in body["error"]["message"]
-    status, body = request(sim.url + "/sim/faults")
+    status, body = json_call(sim.url + "/sim/faults")
     assert status == 200 and body["error_rate"] == 0
-    status, again = request(sim.url + "/sim/faults", body)  # GET's answer posts back as is
+    status, again = json_call(sim.url + "/sim/faults", body)  # GET's answer posts back as is
     assert status == 200 and again["error_rate"] == 0
 
 
@@ -129,9 +114,9 @@ def test_faults_reach_the_new_routes(processes: harness.ProcessPool) -> None:
     with pytest.raises(anthropic.InternalServerError) as err:
         client.messages.create(**ask)  # type: ignore[call-overload]
     assert err.value.body["type"] == "error"  # type: ignore[index]  # Anthropic shape
-    status, _ = request(sim.url + "/v1/responses", {"model": MODEL, "input": "x"})
+    status, _ = json_call(sim.url + "/v1/responses", {"model": MODEL, "input": "x"})
     assert status == 500
-    request(sim.url + "/sim/faults", {"error_rate": 0, "stall_after_chunks": 3,
+    json_call(sim.url + "/sim/faults", {"error_rate": 0, "stall_after_chunks": 3,
                                       "stall_s": 0.2})
     # three events, silence, then the connection drops (mid-body: the SDK does not wrap it)
     with pytest.raises(httpx2.RemoteProtocolError), client.messages.stream(**ask) as s:  # type: ignore[arg-type]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from typing import Any
 
 import pytest
 
 from tests import harness
-from tests.simulator.conftest import MODEL, Sim, start
+from tests.simulator.conftest import MODEL, Sim, json_call, start
 
 DOCS = ["Bananas are yellow.", "A GPU is a processor for graphics.", "What is a GPU?"]
 
@@ -27,14 +25,7 @@ def tei(module_pool: harness.ProcessPool) -> Sim:
 
 
 def call(sim: Sim, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(sim.url + path, data=data,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return json_call(sim.url + path, body)
 
 
 @pytest.mark.parametrize("path", ["/rerank", "/v1/rerank", "/v2/rerank"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from typing import Any
 
 import openai
@@ -11,7 +9,7 @@ import pytest
 
 from synapse_common import tokens
 from tests import harness
-from tests.simulator.conftest import MODEL, Sim, start
+from tests.simulator.conftest import MODEL, Sim, json_call, start
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +19,7 @@ def sim(module_pool: harness.ProcessPool) -> Sim:
 
 
 def post(sim: Sim, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(sim.url + path, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return json_call(sim.url + path, body)
 
 
 def test_tokenize_counts_what_usage_reports(sim: Sim) -> None:
