@@ -86,6 +86,14 @@ def _count(body: Mapping[str, Any], name: str) -> int:
     return value
 
 
+def _required_text(body: Mapping[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise errors.BadRequest(f"{name}: a non-empty string is required", param=name,
+                                code="invalid_value")
+    return value
+
+
 def _text(value: Any) -> str:
     """The text of a content value: a string, or the text of a list of parts."""
     if isinstance(value, str):
@@ -182,10 +190,7 @@ def _strings(value: Any) -> list[str]:
 
 def rerank(body: Mapping[str, Any]) -> Call:
     model = _model(body)
-    query = body.get("query")
-    if not isinstance(query, str) or not query:
-        raise errors.BadRequest("query: a non-empty string is required", param="query",
-                                code="invalid_value")
+    query = _required_text(body, "query")
     docs = _strings(body.get("documents"))
     if not docs:
         raise errors.BadRequest("documents: a non-empty list is required",
@@ -234,9 +239,6 @@ def detokenize(body: Mapping[str, Any]) -> Call:
 
 def speech(body: Mapping[str, Any]) -> Call:
     model = _model(body)
-    text = body.get("input")
-    if not isinstance(text, str) or not text:
-        raise errors.BadRequest("input: a non-empty string is required", param="input",
-                                code="invalid_value")
+    text = _required_text(body, "input")
     return Call(tasks.SPEECH, model, text=text, fields=("input", "max_tokens"),
                 no_cache="audio")
