@@ -8,17 +8,21 @@ reports:
 * **Every seat taken.** An engine runs at most so many sequences at once (vLLM's
   ``max_num_seqs``, or fewer when its KV cache is the limit); past that, requests wait in
   its FIFO queue for a sequence to finish. The control plane is told no seat count, so it
-  learns one per backend: the largest ``running`` of two engine reports in a row that
-  show requests ``waiting`` with the same ``running`` (the engine held at its limit). One
-  report is not enough: requests that arrived during the current step show as waiting
-  while seats are still free, so a ramp-up would teach a limit far too low. And the limit
-  only grows: once the queue holds the engine at it, every report finds a few requests
-  just sent and a few seats just freed, which would ratchet it down, and a limit too low
-  never corrects itself (the queue never lets the engine show more). An engine restart
-  forgets it. A limit that shrinks later (KV cache pressure) is not learned: requests then
-  queue in the engine again, as without the fair queue. Saturated when the requests this replica
-  has in flight there, plus those the engine reports waiting beyond them (other
-  replicas'), reach it. Until a backend has shown its limit once, this signal is silent.
+  learns one per backend: the largest ``running`` of an engine report that shows
+  requests ``waiting`` while ``running`` did not grow since the report before (the engine
+  held at its limit; while it ramps up, requests that arrived during the current step
+  show as waiting with seats still free). The limit never shrinks: once the queue holds
+  the engine at it, every report finds a few requests just sent and a few seats just
+  freed, which would ratchet it down. A limit learned too low would never correct itself
+  either (the queue would never let the engine show more), so the queue probes: when a
+  report shows the engine running at the limit the lower classes may fill, with nobody
+  waiting, it lets a few more requests on (1, then twice as many at each such report, at
+  most an eighth of the limit), until a report shows a queue again. At the true limit
+  that costs a request or two waiting inside the engine now and then. An engine restart
+  forgets the limit. A limit that shrinks later (KV cache pressure) is not learned:
+  requests then queue in the engine again, as without the fair queue. Saturated when the
+  requests this replica has in flight there, plus those the engine reports waiting
+  beyond them (other replicas'), reach it. Until a backend has shown its limit once, this signal is silent.
   With several replicas each one sees the others only through the engine's reports, so
   together they may fill a backend's queue by up to a report interval's worth.
 * **Prefill queued ahead.** Long prompts can saturate an engine with seats to spare: the
@@ -55,6 +59,7 @@ class Saturation:
         self.bound_s = bound_s
         self.reserve = reserve              # share of the seats kept for the top class
         self._seats: dict[str, int] = {}     # backend key -> the engine's learned limit
+        self._probe: dict[str, int] = {}     # requests let on beyond it, to look for more
         self._reports: dict[str, tuple[int, int, int]] = {}  # its last (running, waiting,
                                                               # restarts) seen
 
@@ -72,10 +77,24 @@ class Saturation:
         self._reports[key] = report
         if last is None:
             return
+        running, waiting = backend.running, backend.waiting
         if report[2] != last[2]:
             self._seats.pop(key, None)
-        elif backend.waiting > 0 and last[1] > 0 and backend.running == last[0] > 0:
-            self._seats[key] = max(backend.running, self._seats.get(key, 0))
+            self._probe.pop(key, None)
+            return
+        seats = self._seats.get(key)
+        if waiting > 0:
+            self._probe[key] = 0        # a queue: let no more on than the limit
+            if 0 < running <= last[0]:  # and not ramping up: the limit
+                self._seats[key] = max(running, seats or 0)
+        elif seats is not None and not waiting and running >= seats - self.reserved(seats):
+            # Filled as far as the queue lets it, and no queue: maybe more seats.
+            self._seats[key] = max(running, seats)
+            self._probe[key] = min(max(1, 2 * self._probe.get(key, 0)), max(1, seats // 8))
+
+    def reserved(self, seats: int) -> int:
+        """Seats of ``seats`` that only the highest class may take (one left to others)."""
+        return min(seats - 1, math.ceil(seats * self.reserve))
 
     def queued_s(self, v: types.Verdict) -> float:
         """The prefill predicted queued ahead of a request on ``v``'s backend, in seconds,
@@ -89,8 +108,10 @@ class Saturation:
         seats = self._seats.get(backend.key)
         if seats is None:
             return False
+        probe = self._probe.get(backend.key, 0)
         if not top:
-            seats = max(1, seats - math.ceil(seats * self.reserve))
+            seats -= self.reserved(seats)
+        seats += probe
         mine = self._ledger.load(backend.key).in_flight
         # Other replicas' requests: what the engine reports waiting beyond everything we
         # have in flight there, as the router counts them. Reports lag, so comparing the
