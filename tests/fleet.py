@@ -22,7 +22,6 @@ import dataclasses
 import http.client
 import json
 import pathlib
-import shutil
 import socket
 import subprocess
 import urllib.error
@@ -248,10 +247,7 @@ def log_files(root: pathlib.Path) -> list[pathlib.Path]:
 
 def self_signed_cert(folder: pathlib.Path, host: str = "127.0.0.1") -> tuple[str, str]:
     """A self-signed certificate for ``host`` (as IP SAN and CN) made with the openssl CLI."""
-    openssl = shutil.which("openssl")
-    if not openssl:
-        raise AssertionError("the openssl CLI is needed for the TLS tests: "
-                             "apt-get install openssl")
+    openssl = harness.tool("openssl", "the TLS tests need its CLI: apt-get install openssl")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={host}",

@@ -70,6 +70,21 @@ def with_sections(base: dict[str, Any], sections: dict[str, Any]) -> dict[str, A
     return base
 
 
+def tool(name: str, how_to_get: str) -> str:
+    """Path of an external tool on PATH; without it the test fails saying how to get it."""
+    found = shutil.which(name)
+    if not found:
+        raise AssertionError(f"{name} is not on PATH: {how_to_get}")
+    return found
+
+
+def redis_argv(port: int, workdir: pathlib.Path, *extra: str) -> list[str]:
+    """A private, non-persistent redis-server on 127.0.0.1:``port``."""
+    binary = tool("redis-server", "apt-get install redis-server (make test does this)")
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir), *extra]
+
+
 def console_script(name: str) -> str:
     """Path of one of our console scripts in the running venv."""
     path = VENV_BIN / name
@@ -163,11 +178,6 @@ class RedisServer:
     """A private redis-server on a free port (never the shared one on 6379)."""
 
     def __init__(self, workdir: pathlib.Path) -> None:
-        binary = shutil.which("redis-server")
-        if not binary:
-            raise AssertionError("redis-server is not on PATH: install it with "
-                                 "`apt-get install redis-server` (make test does this)")
-        self.binary = binary
         self.workdir = workdir
         self.port = free_port()
         self.proc: ManagedProcess | None = None
@@ -178,8 +188,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir)]
+        argv = redis_argv(self.port, self.workdir)
         self.proc = ManagedProcess(f"redis-{self.port}", argv,
                                    self.workdir / f"redis-{self.port}.log")
         wait_until(self.ping, 10, f"redis-server on port {self.port}", proc=self.proc)

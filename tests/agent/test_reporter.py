@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pathlib
-import shutil
-import subprocess
 
 import grpc
 import pytest
@@ -13,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from agent import metrics, reporter
 from agent.config import ControlPlaneLink
 from protos.synapse.v1 import controlplane_pb2
-from tests import harness
+from tests import fleet, harness
 from tests.agent.control_plane import ControlPlaneServer
 
 
@@ -110,13 +108,8 @@ async def test_the_token_travels_as_bearer_metadata():
 
 @pytest.fixture
 def self_signed(tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
-    openssl = shutil.which("openssl")
-    assert openssl, "openssl is needed for this test: apt-get install openssl"
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return key, cert
+    cert, key = fleet.self_signed_cert(tmp_path)
+    return pathlib.Path(key), pathlib.Path(cert)
 
 
 async def test_tls_to_the_control_plane_with_a_configured_ca(self_signed):

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+
+from tests import harness
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if not path:
-        raise AssertionError("promtool not found: run `make tools` (installs Debian's "
-                             "`prometheus` package) or `apt-get install prometheus`")
-    return path
+    return harness.tool("promtool", "run `make tools` (installs Debian's `prometheus` "
+                        "package) or `apt-get install prometheus`")
 
 
 def run_promtool(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:

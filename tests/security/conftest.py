@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -36,15 +35,10 @@ class SecureFleet:
 
 def start_redis(pool: harness.ProcessPool, tmp: pathlib.Path,
                 port: int = 0) -> tuple[int, harness.ManagedProcess]:
-    binary = shutil.which("redis-server")
-    if not binary:
-        raise AssertionError("redis-server is not on PATH: apt-get install redis-server "
-                             "(make test does this)")
     port = port or harness.free_port()
-    proc = pool.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                         "--appendonly", "no", "--dir", str(tmp),
-                         "--requirepass", fleet.REDIS_PASSWORD],
-               ready=lambda: _redis_up(port), timeout=15)
+    proc = pool.start("redis", harness.redis_argv(port, tmp, "--requirepass",
+                                                  fleet.REDIS_PASSWORD),
+                      ready=lambda: _redis_up(port), timeout=15)
     return port, proc
 
 
