@@ -21,6 +21,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import psutil
+
 from synapse_common.ports import free_port
 
 VENV_BIN = pathlib.Path(sys.executable).parent
@@ -68,6 +70,14 @@ def with_sections(base: dict[str, Any], sections: dict[str, Any]) -> dict[str, A
         else:
             base[key] = value
     return base
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie waiting to be reaped does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def tool(name: str, how_to_get: str) -> str:

@@ -44,13 +44,6 @@ def _metric(text: str, prefix: str) -> float | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def test_sigkilled_engine_is_restarted_and_nvml_failure_is_reported(
         tmp_path, control_plane, start_agent):
     agent = start_agent(agent_config(tmp_path, control_plane, backends=[SIM]))
@@ -120,7 +113,7 @@ def test_sigterm_drains_then_stops_every_engine(tmp_path, control_plane, start_a
 
     agent.proc.signal(signal.SIGTERM)
     assert agent.proc.wait(timeout=30) == 0
-    assert not [p.pid for p in descendants if _alive(p.pid)], "engine processes survived"
+    assert not [p.pid for p in descendants if harness.alive(p.pid)], "engine processes survived"
     reports = control_plane.recorder.reports()
     assert any(r.draining and r.backends[0].phase == common_pb2.BACKEND_PHASE_DRAINING
                for r in reports)
@@ -155,7 +148,7 @@ def test_sigkilled_agent_takes_its_engines_along(tmp_path, control_plane, start_
     backend = _wait_ready(control_plane, agent.proc)
     os.kill(agent.proc.pid, signal.SIGKILL)  # no chance to clean up: PDEATHSIG must act
     agent.proc.wait(timeout=10)
-    harness.wait_until(lambda: not _alive(backend.pid), 10, "the orphaned engine to die")
+    harness.wait_until(lambda: not harness.alive(backend.pid), 10, "the orphaned engine to die")
 
 
 def test_reconnects_and_registers_again_after_control_plane_restart(

@@ -5,16 +5,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-import psutil
-
 from agent import process
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+from tests import harness
 
 
 def test_log_sink_rotates_at_the_cap_and_keeps_the_last_lines(tmp_path):
@@ -45,10 +37,10 @@ async def test_terminate_reaches_the_whole_group_and_kills_a_stubborn_engine(tmp
     await engine.terminate(grace_s=0.5)  # SIGTERM ignored → SIGKILL after the grace
     assert await waiter == -9
     for _ in range(100):
-        if not _alive(child):
+        if not harness.alive(child):
             break
         await asyncio.sleep(0.05)
-    assert not _alive(child) and not _alive(engine.pid)
+    assert not harness.alive(child) and not harness.alive(engine.pid)
     assert sink.lines()[-1] == "[synapse-agent] exited with code -9"
     sink.close()
 
