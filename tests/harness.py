@@ -75,7 +75,7 @@ def with_sections(base: dict[str, Any], sections: dict[str, Any]) -> dict[str, A
 def alive(pid: int) -> bool:
     """Whether process ``pid`` still runs (a zombie waiting to be reaped does not)."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 

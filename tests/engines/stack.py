@@ -74,14 +74,21 @@ def _agent_config(cp_grpc: int, log_dir: pathlib.Path, command: list[str],
     return cfg
 
 
-@contextlib.contextmanager
-def start(work: pathlib.Path, **cp_sections: Any) -> Iterator[RealStack]:
-    """Control plane, agent and vLLM in ``work``; stopped on exit."""
+def require_vllm(why: str) -> tuple[engines.EngineTier, list[str], pathlib.Path]:
+    """The engine tier, vLLM's server command and the model directory; without them the
+    test fails with ``why`` and the message that says ``make engines``."""
     tier = engines.find()
     try:
         command, model_dir = tier.require_vllm()
     except engines.EngineTierMissing as exc:
-        pytest.fail(f"this test runs a real vLLM: {exc}", pytrace=False)
+        pytest.fail(f"{why}: {exc}", pytrace=False)
+    return tier, command, model_dir
+
+
+@contextlib.contextmanager
+def start(work: pathlib.Path, **cp_sections: Any) -> Iterator[RealStack]:
+    """Control plane, agent and vLLM in ``work``; stopped on exit."""
+    tier, command, model_dir = require_vllm("this test runs a real vLLM")
     pool = harness.ProcessPool(work)
     http, grpc, port = harness.free_port(), harness.free_port(), harness.free_port()
     sections: dict[str, Any] = {

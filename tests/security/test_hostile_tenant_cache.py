@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from synapse_common import engines
 from tests import fleet, harness
+from tests.engines import stack
 from tests.stream_shape import shape
 
 SYSTEM = "Answer briefly."
@@ -191,11 +191,7 @@ def test_cached_streams_have_the_live_shape_and_usage_only_when_asked(
 @pytest.fixture(scope="module")
 def vllm_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
     """(control plane URL, vLLM URL, model): vLLM supervised by an agent, cache on."""
-    tier = engines.find()
-    try:
-        command, model_dir = tier.require_vllm()
-    except engines.EngineTierMissing as exc:
-        pytest.fail(f"this test compares with a real vLLM: {exc}", pytrace=False)
+    tier, command, model_dir = stack.require_vllm("this test compares with a real vLLM")
     tmp = tmp_path_factory.mktemp("cache-vllm")
     pool = harness.ProcessPool(tmp)
     http, grpc, port = (harness.free_port() for _ in range(3))
