@@ -37,6 +37,21 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def http(url: str, data: bytes | None = None, key: str | None = None,
+         timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """GET ``url`` (POST ``data`` as JSON when given), ``key`` as bearer token: the status,
+    headers and body, an error status included."""
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return int(resp.status), dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
                interval: float = 0.05, proc: ManagedProcess | None = None) -> None:
     deadline = time.monotonic() + timeout

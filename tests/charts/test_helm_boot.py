@@ -10,8 +10,6 @@ Lite file's path under it.
 from __future__ import annotations
 
 import pathlib
-import urllib.error
-import urllib.request
 
 import yaml
 
@@ -20,12 +18,7 @@ from tests.charts import helm
 
 
 def _status(url: str, key: str | None = None) -> int:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    return harness.http(url, key=key)[0]
 
 
 def test_the_pilot_control_plane_starts_with_the_chart_config(
@@ -44,11 +37,8 @@ def test_the_pilot_control_plane_starts_with_the_chart_config(
     base = f"http://127.0.0.1:{http}"
     processes.start("controlplane-pilot", ["synapse", *pod.container["args"]], env=env,
                     ready_url=f"{base}/health", timeout=90, cwd=str(tmp_path))
-    try:                            # no agent here: no routable backend, and /ready says so
-        with urllib.request.urlopen(f"{base}/ready", timeout=10) as resp:
-            ready = resp.read()
-    except urllib.error.HTTPError as exc:
-        ready = exc.read()
+    # no agent here: no routable backend, and /ready says so
+    ready = harness.http(f"{base}/ready")[2]
     assert b"no routable backend" in ready, ready
     # the tenant key file the pod mounts from the chart's Secret opens the API
     key_file = pod.data["auth"]["tenants"][0]["keys"][0]["file"]

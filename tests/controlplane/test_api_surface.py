@@ -53,14 +53,9 @@ class Surface:
 
     def post(self, path: str, body: dict[str, Any], key: str = fleet.TENANT_KEY,
              ) -> tuple[int, dict[str, str], Any]:
-        req = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {key}",
-                                              "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, dict(resp.headers), json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), json.loads(exc.read())
+        status, headers, raw = harness.http(self.base + path, json.dumps(body).encode(), key,
+                                            timeout=30)
+        return status, headers, json.loads(raw)
 
 
 def _sim(pool: harness.ProcessPool, name: str, model: str, *args: str) -> str:

@@ -15,14 +15,13 @@ This module sorts before test_real_vllm.py, whose last test stops the shared age
 from __future__ import annotations
 
 import json
-import urllib.request
 from typing import Any
 
 import anthropic
 import openai
 import pytest
 
-from tests import fleet
+from tests import fleet, harness
 from tests.engines.stack import RealStack
 
 pytestmark = pytest.mark.timeout(900)
@@ -40,15 +39,8 @@ def _anthropic(base: str) -> anthropic.Anthropic:
 
 def _post(url: str, body: dict[str, Any], key: str | None = fleet.TENANT_KEY,
           ) -> tuple[int, dict[str, str], Any]:
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, dict(resp.headers), json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read())
+    status, headers, raw = harness.http(url, json.dumps(body).encode(), key, timeout=120)
+    return status, headers, json.loads(raw)
 
 
 def test_responses_whole_and_streamed(real_stack: RealStack) -> None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import urllib.error
-import urllib.request
 from typing import Any
 
 import openai
@@ -27,12 +25,8 @@ from tests.manifests import pods, render
 
 
 def _get(url: str, key: str | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+    status, _, body = harness.http(url, key=key)
+    return status, body
 
 
 def _start_control_plane(overlay: str, tmp_path: pathlib.Path,

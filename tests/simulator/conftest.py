@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import pathlib
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,14 +50,8 @@ def json_call(url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any
     """GET ``url`` (POST ``body`` as JSON when given): the status and the JSON answer, also
     for an error status; an empty answer reads as ``{}``."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else {}
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        return exc.code, json.loads(raw) if raw else {}
+    status, _, raw = harness.http(url, data, timeout=timeout)
+    return status, json.loads(raw) if raw else {}
 
 
 def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:

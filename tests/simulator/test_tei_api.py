@@ -22,13 +22,10 @@ def tei(module_pool: harness.ProcessPool) -> Sim:
 
 def call(url: str, body: object | None = None) -> tuple[int, object]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw.startswith((b"{", b"[")) else raw
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    status, _, raw = harness.http(url, data, timeout=60)
+    if status >= 400:
+        return status, json.loads(raw)
+    return status, json.loads(raw) if raw.startswith((b"{", b"[")) else raw
 
 
 def test_embed_single_and_batch_give_normalised_deterministic_vectors(tei: Sim) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from collections.abc import Iterator
 
 import aiohttp
@@ -29,20 +28,13 @@ def client(sim: Sim) -> Iterator[openai.OpenAI]:
 
 
 def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+    status, _, raw = harness.http(url)
+    return status, raw
 
 
 def post(url: str, body: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    status, _, raw = harness.http(url, body)
+    return status, json.loads(raw)
 
 
 def metrics(sim: Sim) -> dict[str, list[tuple[dict[str, str], float]]]:
