@@ -227,7 +227,8 @@ def start(tree: Tree, workdir: pathlib.Path, tier: engines.EngineTier, kv_tokens
         raise SystemExit(f"{peer} is missing: run `make bench-peers`")
     port = free_port()
     tree.start("vllm-router", [str(peer), "--worker-urls", *engine_urls, "--port", str(port),
-                               "--host", "127.0.0.1", "--policy", "cache_aware"],
+                               "--host", "127.0.0.1", "--policy", "cache_aware",
+                               "--prometheus-port", str(free_port())],
                f"http://127.0.0.1:{port}/health")
     urls["vllm_router_cache_aware"] = f"http://127.0.0.1:{port}"
     return urls, engine_urls
