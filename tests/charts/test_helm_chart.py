@@ -54,7 +54,7 @@ def test_helm_lint_strict(values: str | None) -> None:
 def test_every_object_validates_strictly(values: str | None) -> None:
     objects = helm.render_chart(values)
     assert len(objects) >= 8
-    problems = [line for obj in objects for line in validate.errors(obj)]
+    problems = validate.problems(objects)
     assert not problems, "\n".join(problems)
     for obj in objects:
         assert obj["metadata"]["namespace"] == helm.NAMESPACE, obj["metadata"]["name"]
@@ -267,7 +267,7 @@ def test_a_packaged_chart_carries_the_linked_files(tmp_path: pathlib.Path) -> No
 def test_metrics_on_a_port_of_their_own(tmp_path: pathlib.Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     objects = helm.render_chart("production", "controlPlane.ports.metrics=9090")
-    problems = [line for obj in objects for line in validate.errors(obj)]
+    problems = validate.problems(objects)
     assert not problems, "\n".join(problems)
     cp, _, c = _settings(objects, "controlplane", tmp_path, monkeypatch)
     assert cp.metrics.port == 9090

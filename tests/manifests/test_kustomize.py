@@ -12,6 +12,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import yaml
@@ -26,7 +27,7 @@ CLUSTER_SCOPED = {"Namespace", "PriorityClass", "ClusterRole", "ClusterRoleBindi
 def test_overlay_renders_and_every_object_validates_strictly(overlay: str) -> None:
     objects = render.render(overlay)
     assert len(objects) >= 4, f"{overlay} rendered only {len(objects)} objects"
-    problems = [line for obj in objects for line in validate.errors(obj)]
+    problems = validate.problems(objects)
     assert not problems, "\n".join(problems)
 
 
@@ -39,40 +40,40 @@ def test_every_namespaced_object_lands_in_the_synapse_namespace(overlay: str) ->
             f"{overlay}: {obj['kind']}/{obj['metadata']['name']} is not in namespace synapse"
 
 
-def _broken_copy(tmp_path: pathlib.Path, file: str, old: str, new: str) -> pathlib.Path:
+def _broken_render(tmp_path: pathlib.Path, file: str, old: str, new: str,
+                   overlay: str) -> list[dict[str, Any]]:
+    """``overlay`` rendered from a copy of the manifests with ``old`` in ``file`` replaced
+    by ``new``."""
     root = tmp_path / "manifests"
     shutil.copytree(render.MANIFESTS, root)
     path = root / file
     text = path.read_text()
     assert old in text, f"{file} no longer contains {old!r}: update this test"
     path.write_text(text.replace(old, new, 1))
-    return root
+    return render.render_dir(root / "overlays" / overlay)
 
 
 def test_a_misspelled_field_in_a_manifest_fails_validation(tmp_path: pathlib.Path) -> None:
-    root = _broken_copy(tmp_path, "base/controlplane-deployment.yaml",
-                        "readinessProbe:", "readinesProbe:")
-    objects = render.render_dir(root / "overlays" / "production")
-    problems = [line for obj in objects for line in validate.errors(obj)]
+    objects = _broken_render(tmp_path, "base/controlplane-deployment.yaml",
+                             "readinessProbe:", "readinesProbe:", "production")
+    problems = validate.problems(objects)
     assert any("readinesProbe" in line and "Deployment/synapse-controlplane" in line
                for line in problems), problems
 
 
 def test_a_misspelled_field_in_a_custom_resource_fails_validation(
         tmp_path: pathlib.Path) -> None:
-    root = _broken_copy(tmp_path, "monitoring/podmonitor.yaml",
-                        "podMetricsEndpoints:", "podMetricEndpoints:")
-    objects = render.render_dir(root / "overlays" / "monitoring")
-    problems = [line for obj in objects for line in validate.errors(obj)]
+    objects = _broken_render(tmp_path, "monitoring/podmonitor.yaml",
+                             "podMetricsEndpoints:", "podMetricEndpoints:", "monitoring")
+    problems = validate.problems(objects)
     assert any("podMetricEndpoints" in line and "PodMonitor/synapse-agent" in line
                for line in problems), problems
 
 
 def test_a_wrong_type_fails_validation(tmp_path: pathlib.Path) -> None:
-    root = _broken_copy(tmp_path, "base/controlplane-pdb.yaml",
-                        "minAvailable: 1", "minAvailable: [1]")
-    objects = render.render_dir(root / "overlays" / "bundled")
-    problems = [line for obj in objects for line in validate.errors(obj)]
+    objects = _broken_render(tmp_path, "base/controlplane-pdb.yaml",
+                             "minAvailable: 1", "minAvailable: [1]", "bundled")
+    problems = validate.problems(objects)
     assert any("PodDisruptionBudget/synapse-controlplane" in line for line in problems), \
         problems
 
@@ -107,10 +108,10 @@ def test_the_kubernetes_validate_cli_agrees(tmp_path: pathlib.Path) -> None:
     good.write_text(yaml.safe_dump_all(render.render("production")))
     proc = _cli(good)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    root = _broken_copy(tmp_path, "base/agent-daemonset.yaml", "      hostPID: true",
-                        "      hostPid: true")
+    broken = _broken_render(tmp_path, "base/agent-daemonset.yaml", "      hostPID: true",
+                            "      hostPid: true", "production")
     bad = tmp_path / "broken.yaml"
-    bad.write_text(yaml.safe_dump_all(render.render_dir(root / "overlays" / "production")))
+    bad.write_text(yaml.safe_dump_all(broken))
     proc = _cli(bad)
     assert proc.returncode != 0
     assert "hostPid" in proc.stdout + proc.stderr

@@ -45,3 +45,8 @@ def errors(obj: dict[str, Any]) -> list[str]:
             found.append(f"{_describe(obj)}: no schema for {obj.get('apiVersion')} "
                          f"{obj.get('kind')} in Kubernetes {version}")
     return found
+
+
+def problems(objects: list[dict[str, Any]]) -> list[str]:
+    """Every schema violation of every object (empty = all valid)."""
+    return [line for obj in objects for line in errors(obj)]
