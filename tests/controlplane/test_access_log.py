@@ -22,6 +22,16 @@ from tests.controlplane import cp_testing as t
 MSGS = [{"role": "user", "content": "hi"}]
 
 
+async def request_ids(client: openai.AsyncOpenAI, n: int) -> list[str]:
+    """``n`` chat completions for "llama": the request id each answer carried."""
+    ids = []
+    for _ in range(n):
+        raw = await client.chat.completions.with_raw_response.create(
+            model="llama", messages=MSGS)
+        ids.append(raw.headers["x-request-id"])
+    return ids
+
+
 @contextlib.contextmanager
 def access_lines() -> Iterator[list[dict[str, Any]]]:
     """The access-log lines written meanwhile, parsed (JSON format, keys redacted)."""
@@ -49,11 +59,7 @@ async def test_a_line_per_request_with_what_happened() -> None:
         async with t.running(s) as cp:
             client = cp.client()
             with access_lines() as lines:
-                ids = []
-                for _ in range(2):
-                    raw = await client.chat.completions.with_raw_response.create(
-                        model="llama", messages=MSGS)
-                    ids.append(raw.headers["x-request-id"])
+                ids = await request_ids(client, 2)
                 chunks = await client.chat.completions.create(
                     model="llama", messages=MSGS, stream=True,
                     stream_options={"include_usage": True})
@@ -101,11 +107,7 @@ async def test_sampling_keeps_the_hashed_share_and_every_error() -> None:
         async with t.running(s) as cp:
             client = cp.client()
             with access_lines() as lines:
-                ids = []
-                for _ in range(40):
-                    raw = await client.chat.completions.with_raw_response.create(
-                        model="llama", messages=MSGS)
-                    ids.append(raw.headers["x-request-id"])
+                ids = await request_ids(client, 40)
                 for _ in range(3):
                     with pytest.raises(openai.APIStatusError):
                         await client.chat.completions.create(model="broken", messages=MSGS)
