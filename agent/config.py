@@ -14,8 +14,7 @@ import pydantic
 from pydantic import Field
 
 from synapse_common import engines
-from synapse_common import tasks as task_names
-from synapse_common.settings import LoggingSettings, Secret, Section
+from synapse_common.settings import LoggingSettings, Secret, Section, TaskList
 from synapse_common.tracing import TracingSettings
 
 
@@ -94,16 +93,11 @@ class BackendSettings(Section):
     memory_required_gb: float | None = Field(None, gt=0, description="declared VRAM need")
     task: Literal["generate", "embed"] = Field("generate", description="what the engine serves")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment")
-    tasks: list[str] = Field(
+    tasks: TaskList = Field(
         default_factory=list, description="every API it serves (generate, responses, messages, "
         "tokenize, rerank, score, transcription, embed, speech; synapse_common.tasks); empty = "
         "what the engine's /openapi.json lists, else task. E.g. a vLLM reranker: [rerank, "
         "score, tokenize]; a Whisper server: [transcription]; a speech server: [speech]")
-
-    @pydantic.field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, value: list[str]) -> list[str]:
-        return list(task_names.check(value))
 
     @pydantic.model_validator(mode="after")
     def _external_needs_url(self) -> BackendSettings:

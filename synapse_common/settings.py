@@ -30,6 +30,8 @@ from typing import Annotated, Any, TypeVar
 import pydantic
 import yaml
 
+from synapse_common import tasks as task_names
+
 DEFAULT_CONFIG_PATH = "/etc/synapse/config.yaml"
 ENV_PREFIX = "SYNAPSE_"
 # Variables with the prefix that are not field overrides.
@@ -62,6 +64,9 @@ def _resolve_secret(value: Any) -> Any:
 
 Secret = Annotated[pydantic.SecretStr, pydantic.BeforeValidator(_resolve_secret)]
 """A secret setting: a literal, ``{env: NAME}`` or ``{file: PATH}``; never shown."""
+
+TaskList = Annotated[list[str], pydantic.AfterValidator(lambda v: list(task_names.check(v)))]
+"""Task names (:mod:`synapse_common.tasks`), de-duplicated; an unknown one is refused."""
 
 
 def resolve_config_path(explicit: str | None, environ: Mapping[str, str]) -> tuple[str, bool]:

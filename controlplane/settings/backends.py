@@ -9,8 +9,7 @@ import pydantic
 from pydantic import Field
 
 from controlplane.core import upstream_kinds
-from synapse_common import tasks as task_names
-from synapse_common.settings import Secret, Section
+from synapse_common.settings import Secret, Section, TaskList
 
 
 class ModelSettings(Section):
@@ -52,16 +51,11 @@ class UpstreamSettings(Section):
         None, gt=0, description="how often its health is probed; none = "
         "registry.upstream_probe_interval_s, and for kind openai at most once a minute")
     task: Literal["generate", "embed"] = Field("generate", description="what it serves")
-    tasks: list[str] = Field(
+    tasks: TaskList = Field(
         default_factory=list, description="every API it serves (generate, responses, "
         "messages, tokenize, rerank, score, transcription, embed, speech; the paths of each "
         "are in synapse_common.tasks); empty = task alone. A vLLM serves generate, responses, "
         "messages and tokenize; Synapse translates /v1/messages to chat for one that does not")
-
-    @pydantic.field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, value: list[str]) -> list[str]:
-        return list(task_names.check(value))
 
     @pydantic.model_validator(mode="after")
     def _mapped_models_are_served(self) -> UpstreamSettings:
