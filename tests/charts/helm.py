@@ -85,10 +85,4 @@ def prepare(objects: list[dict[str, Any]], process: str,
             tmp_path: pathlib.Path) -> pods.Prepared:
     """A Synapse container of the rendered chart as the kubelet would start it (see
     tests.manifests.pods.prepare, which does the same for an overlay)."""
-    hits = [(w, c) for w, c in pods.synapse_containers(objects) if c["args"][0] == process]
-    assert len(hits) == 1, f"expected one {process} container, found {len(hits)}"
-    workload, c = hits[0]
-    environ = pods.container_environ(c)
-    data = pods.config_data(objects, workload, c, environ)
-    data = pods.replace_file_secrets(data, pods.secret_mount_dirs(workload, c), tmp_path)
-    return pods.Prepared(workload, c, environ, data)
+    return pods.prepare_objects(objects, process, tmp_path, source="chart")

@@ -9,7 +9,6 @@ stores behind NetworkPolicies, upstream egress rules derived from the URLs.
 from __future__ import annotations
 
 import base64
-import os
 import pathlib
 import re
 import tarfile
@@ -76,16 +75,8 @@ def test_ingress_renders_and_validates() -> None:
 def _settings(objects: list[dict[str, Any]], process: str, tmp_path: pathlib.Path,
               monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """The settings the process would load from the chart's ConfigMap and pod env."""
-    pod = helm.prepare(objects, process, tmp_path)
-    # {env: X} secrets are resolved from the process environment: exactly the pod's
-    for name in [k for k in os.environ if k.startswith("SYNAPSE_")]:
-        monkeypatch.delenv(name)
-    for name, value in pod.environ.items():
-        monkeypatch.setenv(name, value)
-    model = pods.MODELS[process]
-    data = settings.apply_env_overrides(model, pod.data, pod.environ)
-    loaded = settings.validate(model, data, source=f"chart {process} ConfigMap")
-    return loaded, pod.workload, pod.container
+    return pods.settings_of(helm.prepare(objects, process, tmp_path), process, "chart",
+                            monkeypatch)
 
 
 @pytest.mark.parametrize("values", ALL_VALUES, ids=_ids)

@@ -129,9 +129,15 @@ class Prepared:
 
 def prepare(overlay: str, process: str, tmp_path: pathlib.Path,
             field_refs: dict[str, str] | None = None) -> Prepared:
-    objects = render.render(overlay)
+    return prepare_objects(render.render(overlay), process, tmp_path, field_refs, overlay)
+
+
+def prepare_objects(objects: list[dict[str, Any]], process: str, tmp_path: pathlib.Path,
+                    field_refs: dict[str, str] | None = None, source: str = "rendered",
+                    ) -> Prepared:
+    """The ``process`` container of rendered ``objects`` (an overlay's or the chart's)."""
     hits = [(w, c) for w, c in synapse_containers(objects) if c["args"][0] == process]
-    assert len(hits) == 1, f"{overlay}: expected one {process} container, found {len(hits)}"
+    assert len(hits) == 1, f"{source}: expected one {process} container, found {len(hits)}"
     workload, c = hits[0]
     environ = container_environ(c, field_refs)
     data = config_data(objects, workload, c, environ)
@@ -142,7 +148,13 @@ def prepare(overlay: str, process: str, tmp_path: pathlib.Path,
 def load_settings(overlay: str, process: str, tmp_path: pathlib.Path,
                   monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """The settings the process would load, with its workload and container."""
-    pod = prepare(overlay, process, tmp_path)
+    return settings_of(prepare(overlay, process, tmp_path), process, overlay, monkeypatch)
+
+
+def settings_of(pod: Prepared, process: str, source: str, monkeypatch: pytest.MonkeyPatch,
+                ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The settings ``pod``'s process would load (``source``: whose ConfigMap it is), with
+    its workload and container; the pod's env becomes this process's."""
     model = MODELS[process]
     # {env: X} secrets are resolved from the process environment: exactly the pod's
     for name in [k for k in os.environ if k.startswith("SYNAPSE_")]:
@@ -150,5 +162,5 @@ def load_settings(overlay: str, process: str, tmp_path: pathlib.Path,
     for name, value in pod.environ.items():
         monkeypatch.setenv(name, value)
     data = settings.apply_env_overrides(model, pod.data, pod.environ)
-    loaded = settings.validate(model, data, source=f"{overlay} {process} ConfigMap")
+    loaded = settings.validate(model, data, source=f"{source} {process} ConfigMap")
     return loaded, pod.workload, pod.container
