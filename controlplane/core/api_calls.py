@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from controlplane import errors
-from controlplane.core import anthropic_request
+from controlplane.core import anthropic_request, validation
 from synapse_common import tasks
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -55,17 +55,6 @@ class Call:
     exact: bool = False             # tokenized and remembered in the prefix index
     fields: tuple[str, str] = ("input", "max_tokens")   # prompt and size fields (400s)
     no_cache: str = "not cacheable"  # why the response cache is bypassed ("" = may cache)
-
-
-def _model(body: Mapping[str, Any]) -> str:
-    model = body.get("model")
-    if model is None:
-        raise errors.BadRequest("model: is required (GET /v1/models lists the models)",
-                                param="model", code="missing_field")
-    if not isinstance(model, str) or not model:
-        raise errors.BadRequest("model: must be a non-empty string", param="model",
-                                code="invalid_value")
-    return model
 
 
 def _stream(body: Mapping[str, Any]) -> bool:
@@ -107,7 +96,7 @@ def _text(value: Any) -> str:
 
 
 def responses(body: Mapping[str, Any]) -> Call:
-    model = _model(body)
+    model = validation.model_name(body)
     messages = responses_messages(body)
     user = body.get("user")
     return Call(tasks.RESPONSES, model, _stream(body), messages=messages,
@@ -189,7 +178,7 @@ def _strings(value: Any) -> list[str]:
 
 
 def rerank(body: Mapping[str, Any]) -> Call:
-    model = _model(body)
+    model = validation.model_name(body)
     query = _required_text(body, "query")
     docs = _strings(body.get("documents"))
     if not docs:
@@ -203,7 +192,7 @@ SCORE_SIDES = ("text_1", "text_2", "queries", "documents", "items", "data_1", "d
 
 
 def score(body: Mapping[str, Any]) -> Call:
-    model = _model(body)
+    model = validation.model_name(body)
     texts = [t for name in SCORE_SIDES for t in _strings(body.get(name))]
     if not texts:
         raise errors.BadRequest("text_1 and text_2 (or queries and documents) are required",
@@ -213,7 +202,7 @@ def score(body: Mapping[str, Any]) -> Call:
 
 
 def tokenize(body: Mapping[str, Any]) -> Call:
-    model = _model(body)
+    model = validation.model_name(body)
     msgs = body.get("messages")
     if isinstance(msgs, list) and msgs:
         text = "\n".join(_text(m.get("content")) for m in msgs if isinstance(m, Mapping))
@@ -227,7 +216,7 @@ def tokenize(body: Mapping[str, Any]) -> Call:
 
 
 def detokenize(body: Mapping[str, Any]) -> Call:
-    model = _model(body)
+    model = validation.model_name(body)
     ids = body.get("tokens")
     if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
                                             for t in ids):
@@ -238,7 +227,7 @@ def detokenize(body: Mapping[str, Any]) -> Call:
 
 
 def speech(body: Mapping[str, Any]) -> Call:
-    model = _model(body)
+    model = validation.model_name(body)
     text = _required_text(body, "input")
     return Call(tasks.SPEECH, model, text=text, fields=("input", "max_tokens"),
                 no_cache="audio")

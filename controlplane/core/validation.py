@@ -111,13 +111,19 @@ def _opt_int(body: Mapping[str, Any], name: str, low: int) -> int:
     return value
 
 
-def _common(body: Mapping[str, Any]) -> tuple[str, bool, str]:
+def model_name(body: Mapping[str, Any]) -> str:
+    """The request's ``model``: a non-empty string, else the 400 that says where to look."""
     model = body.get("model")
     if model is None:
         raise errors.BadRequest("model: is required (GET /v1/models lists the models)",
                                 param="model", code="missing_field")
     if not isinstance(model, str) or not model:
         raise _bad("model", "must be a non-empty string")
+    return model
+
+
+def _common(body: Mapping[str, Any]) -> tuple[str, bool, str]:
+    model = model_name(body)
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise _bad("stream", f"must be a boolean, got {type(stream).__name__}")
