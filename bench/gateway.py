@@ -36,14 +36,16 @@ Last, every gateway's CPU time per proxied request — user + system of its whol
 tree (LiteLLM's workers, nginx's workers), read with psutil over ``--cpu-requests``
 requests (fewer for a slow peer), median of the rounds, all gateways interleaved in the
 same rounds — goes under ``cpu_us_per_request``: the figure that other load on a shared
-machine moves least.
+machine moves least; the same for streamed requests (the whole SSE stream read) under
+``cpu_us_per_stream_request``.
 
 The load generator is one uvloop process with aiohttp (keep-alive); on a 2-core machine
 it competes with the servers for CPU, so absolute numbers understate a real deployment;
 the ratios are what to compare. Run: ``python -m bench.gateway [--seconds 8]``.
 Last line: ``{"bench": "gateway", "direct_rps": …, "synapse_rps": …, "throughput_ratio":
-…, "added_p50_ms": …, "added_p99_ms": …, "stream_throughput_ratio": …, "cpu_us_per_request": {"synapse": …, "vllm_router": …,
-…}, "variants": {…}, "peers": {…}}``.
+…, "added_p50_ms": …, "added_p99_ms": …, "stream_throughput_ratio": …,
+"cpu_us_per_request": {"synapse": …, "vllm_router": …, …}, "cpu_us_per_stream_request":
+{…}, "variants": {…}, "peers": {…}}``.
 """
 
 from __future__ import annotations
@@ -161,7 +163,8 @@ def tree_cpu_s(pid: int) -> float:
 
 
 async def cpu_per_request(targets: list[tuple[str, str, dict[str, str], int, int]],
-                          rounds: int, clients: int = 16) -> dict[str, float]:
+                          rounds: int, clients: int = 16,
+                          stream: bool = False) -> dict[str, float]:
     """CPU microseconds each gateway's process tree spends per proxied request (user +
     system time over ``n`` requests, the target's own count, median of ``rounds``
     interleaved rounds): unlike throughput, hardly moved by what else runs on the
@@ -174,16 +177,16 @@ async def cpu_per_request(targets: list[tuple[str, str, dict[str, str], int, int
             for name, url, headers, pid, n in targets:
                 before = tree_cpu_s(pid)
                 queue = iter(range(n))
-                await asyncio.gather(*(_drain(session, url, headers, queue)
+                await asyncio.gather(*(_drain(session, url, headers, queue, stream)
                                        for _ in range(clients)))
                 samples[name].append((tree_cpu_s(pid) - before) / n * 1e6)
     return {name: round(statistics.median(v), 1) for name, v in samples.items()}
 
 
 async def _drain(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
-                 queue: Iterator[int]) -> None:
+                 queue: Iterator[int], stream: bool) -> None:
     for i in queue:     # workers share the iterator: n requests in all
-        await one(session, url, i, False, headers)
+        await one(session, url, i, stream, headers)
 
 
 async def saturate(url: str, headers: dict[str, str], seconds: float, clients: int,
@@ -479,6 +482,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         cpu = await cpu_per_request(cpu_targets, args.rounds)
         print("CPU µs per request (process tree, user + system): "
               + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()), flush=True)
+        scpu = await cpu_per_request(cpu_targets, args.rounds, stream=True)
+        print("CPU µs per streamed request: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in scpu.items()), flush=True)
         for name, row in variant_rows.items():
             row["cpu_us_per_request"] = cpu[name]
             row["added_cpu_us_per_request"] = round(cpu[name] - cpu["synapse"], 1)
@@ -486,6 +492,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             row["added_cpu_ms_per_request"] = round((cpu[name] - cpu["synapse"]) / 1000, 4)
         for name, row in peer_rows.items():
             row["cpu_us_per_request"] = cpu[name]
+            row["cpu_us_per_stream_request"] = scpu[name]
     finally:
         tree.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -497,7 +504,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "stream_throughput_ratio": round(syn["stream_rps"] / direct["stream_rps"], 3),
             "rate_rps": args.rate, "limits": args.limits, "tracing_ratio": args.tracing_ratio,
             "synapse_cpu_ms_per_request": round(cpu["synapse"] / 1000, 4),
-            "cpu_us_per_request": cpu, "variants": variant_rows,
+            "cpu_us_per_request": cpu, "cpu_us_per_stream_request": scpu,
+            "variants": variant_rows,
             "peers": peer_rows}
 
 
