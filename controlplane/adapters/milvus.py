@@ -30,15 +30,15 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
+from controlplane.core.l2 import rows
 from synapse_common import clock as clocks
 
 CONSISTENCY = "Bounded"
@@ -53,36 +53,6 @@ T = TypeVar("T")
 
 class L2Unavailable(RuntimeError):
     """Milvus could not be reached recently; retried after a pause."""
-
-
-class _Record(Protocol):
-    """What is written of a row (``controlplane.core.l2.rows.Record``)."""
-
-    @property
-    def scope(self) -> str: ...
-    @property
-    def tenant(self) -> str: ...
-    @property
-    def model(self) -> str: ...
-    @property
-    def vector(self) -> np.ndarray: ...
-    @property
-    def ref(self) -> str: ...
-    @property
-    def text(self) -> str: ...
-    @property
-    def created_at(self) -> float: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class Found:
-    """A row read back: by a search (with its similarity) or a query."""
-
-    ref: str
-    text: str
-    vector: np.ndarray
-    created_at: float
-    similarity: float = 0.0
 
 
 def _literal(text: str) -> str:
@@ -136,24 +106,25 @@ class MilvusStore:
     async def create(self, dim: int) -> None:
         await self._run(lambda: self._create_sync(dim), SLOW_CALL_S)
 
-    async def insert(self, records: Sequence[_Record]) -> None:
+    async def insert(self, records: Sequence[rows.Record]) -> None:
         data = [{"scope": r.scope, "tenant": r.tenant[:1024], "model": r.model[:1024],
                  "ref": r.ref, "text": r.text, "created_at": r.created_at,
                  "vector": r.vector.tolist()} for r in records]
         await self._call(lambda c: c.insert(self._collection, data, timeout=self._timeout))
 
     async def search(self, scope: str, vector: np.ndarray, top_k: int,
-                     min_created_at: float) -> list[Found]:
+                     min_created_at: float) -> list[rows.Candidate]:
         query = [np.asarray(vector, dtype=np.float32).tolist()]
         res = await self._call(lambda c: c.search(
             self._collection, data=query, limit=top_k,
             filter=_scope_filter(scope, min_created_at),
             output_fields=["ref", "text", "vector", "created_at"],
             consistency_level=CONSISTENCY, timeout=self._timeout))
-        return [Found(ref=h["entity"]["ref"], text=h["entity"]["text"],
-                      vector=np.asarray(h["entity"]["vector"], dtype=np.float32),
-                      created_at=float(h["entity"]["created_at"]),
-                      similarity=float(h["distance"])) for h in (res[0] if res else [])]
+        return [rows.Candidate(ref=h["entity"]["ref"], text=h["entity"]["text"],
+                               vector=np.asarray(h["entity"]["vector"], dtype=np.float32),
+                               created_at=float(h["entity"]["created_at"]),
+                               similarity=float(h["distance"]))
+                for h in (res[0] if res else [])]
 
     async def exists(self, scope: str, min_created_at: float) -> bool:
         found = await self._call(lambda c: c.query(
@@ -162,14 +133,17 @@ class MilvusStore:
             timeout=self._timeout))
         return bool(found)
 
-    async def scope_rows(self, scope: str, since: float | None, limit: int) -> list[Found]:
+    async def scope_rows(self, scope: str, since: float | None,
+                         limit: int) -> list[rows.Candidate]:
         found = await self._call(lambda c: c.query(
             self._collection, filter=_scope_filter(scope, since),
             output_fields=["ref", "text", "vector", "created_at"], limit=limit,
             consistency_level=CONSISTENCY, timeout=max(self._timeout, SLOW_CALL_S)),
             SLOW_CALL_S)
-        return [Found(str(r["ref"]), str(r["text"]), np.asarray(r["vector"], dtype=np.float32),
-                      float(r["created_at"])) for r in found]
+        return [rows.Candidate(ref=str(r["ref"]), text=str(r["text"]),
+                               vector=np.asarray(r["vector"], dtype=np.float32),
+                               similarity=0.0, created_at=float(r["created_at"]))
+                for r in found]
 
     async def newest_per_scope(self) -> dict[str, float]:
         return await self._call(self._scan_sync, SCAN_S)

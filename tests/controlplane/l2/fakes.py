@@ -1,10 +1,11 @@
 """Test doubles behind the L2 index's seams: an in-memory store and hand-driven time.
 
 ``FakeStore`` implements ``controlplane.core.l2.store.Store`` over a list (exact search,
-like Milvus' FLAT index); a call can be held until the test lets it go (``hold``), or made
-to fail (``fail``); it answers with the real store's ``milvus.Found`` rows. ``ManualTime``
-is one clock for wall, monotonic and sleep: a sleep returns only when the test moves time
-past its end (``await time.advance(s)``), so intervals are driven, never waited for.
+like Milvus' FLAT index) and answers with ``rows.Candidate``, as the Milvus store does; a
+call can be held until the test lets it go (``hold``), or made to fail (``fail``).
+``ManualTime`` is one clock for wall, monotonic and sleep: a sleep returns only when the
+test moves time past its end (``await time.advance(s)``), so intervals are driven, never
+waited for.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import collections
 
 import numpy as np
 
-from controlplane.adapters import milvus
 from controlplane.core.l2 import rows, timing
 
 
@@ -104,9 +104,9 @@ class FakeStore:
         return [r for r in self.records
                 if r.scope == scope and (since is None or r.created_at >= since)]
 
-    async def search(self, scope, vector, top_k, min_created_at) -> list[milvus.Found]:
+    async def search(self, scope, vector, top_k, min_created_at) -> list[rows.Candidate]:
         await self._enter("search")
-        found = [milvus.Found(r.ref, r.text, r.vector, r.created_at, float(r.vector @ vector))
+        found = [rows.Candidate(r.ref, r.text, r.vector, float(r.vector @ vector), r.created_at)
                  for r in self._live(scope, min_created_at)]
         return sorted(found, key=lambda f: -f.similarity)[:top_k]
 
@@ -114,9 +114,9 @@ class FakeStore:
         await self._enter("exists")
         return bool(self._live(scope, min_created_at))
 
-    async def scope_rows(self, scope, since, limit) -> list[milvus.Found]:
+    async def scope_rows(self, scope, since, limit) -> list[rows.Candidate]:
         await self._enter("scope_rows")
-        return [milvus.Found(r.ref, r.text, r.vector, r.created_at)
+        return [rows.Candidate(r.ref, r.text, r.vector, 0.0, r.created_at)
                 for r in self._live(scope, since)][:limit]
 
     async def newest_per_scope(self) -> dict[str, float]:
