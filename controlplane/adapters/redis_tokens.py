@@ -1,8 +1,8 @@
 """Token limits and budgets in Redis, so they hold across control-plane replicas.
 
-The rule is ``controlplane.core.token_limits``'s (adapters do not import the core: the
-asks arrive as any objects with an ``Ask``'s fields); these two Lua scripts are its
-arithmetic run atomically on the server (one call per admission, one per settlement):
+The rule is ``controlplane.core.token_limits``'s (the asks are its ``Ask``s); these two
+Lua scripts are its arithmetic run atomically on the server (one call per admission, one
+per settlement):
 
 * a tokens-per-minute bucket is a hash (level, stamp) refilled from Redis's own clock
   (``TIME``: replicas with skewed clocks agree), expiring once it would be full again;
@@ -16,29 +16,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import redis.asyncio as aioredis
 
-
-class AskLike(Protocol):
-    """One scope of an admission (``controlplane.core.token_limits.Ask``)."""
-
-    @property
-    def bucket(self) -> str: ...
-    @property
-    def tokens_per_minute(self) -> int: ...
-    @property
-    def tokens(self) -> int: ...
-    @property
-    def budget_key(self) -> str: ...
-    @property
-    def budget_limit(self) -> float: ...
-    @property
-    def budget_amount(self) -> float: ...
-    @property
-    def budget_ttl_s(self) -> float: ...
-
+from controlplane.core import token_limits
 
 FIELDS = 5   # ARGV per scope in _ADMIT: tpm, tokens, budget limit, budget amount, ttl
 
@@ -123,7 +105,7 @@ class RedisTokenStore:
         self._admit: Any = client.register_script(_ADMIT)
         self._settle: Any = client.register_script(_SETTLE)
 
-    def _keys(self, asks: Sequence[AskLike]) -> list[str]:
+    def _keys(self, asks: Sequence[token_limits.Ask]) -> list[str]:
         keys = []
         for a in asks:
             # Unused slots still get a key (never touched) so the script indexes by scope.
@@ -132,7 +114,7 @@ class RedisTokenStore:
                         else f"{self._prefix}-")
         return keys
 
-    async def admit(self, asks: Sequence[AskLike]) -> tuple[bool, float, str, int]:
+    async def admit(self, asks: Sequence[token_limits.Ask]) -> tuple[bool, float, str, int]:
         """(allowed, retry after seconds, the limit that refused, which ask refused)."""
         args: list[float | int] = []
         for a in asks:
@@ -146,7 +128,7 @@ class RedisTokenStore:
         which = which.decode() if isinstance(which, bytes) else str(which)
         return False, float(retry_ms) / 1000.0, which, int(index)
 
-    async def settle(self, asks: Sequence[AskLike], tokens_delta: Sequence[int],
+    async def settle(self, asks: Sequence[token_limits.Ask], tokens_delta: Sequence[int],
                      budget_delta: Sequence[float]) -> None:
         args: list[float | int] = []
         for a, dt, db in zip(asks, tokens_delta, budget_delta, strict=True):
