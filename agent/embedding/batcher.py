@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
+from agent.config import EmbedderSettings
 from agent.embedding import errors
 from synapse_common import aiotasks, clock
 
@@ -54,6 +55,13 @@ class MicroBatcher:
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._last_callers = 0  # callers served by the previous batch
+
+    @classmethod
+    def for_settings(cls, run: Callable[[list[str]], Awaitable[np.ndarray]],
+                     cfg: EmbedderSettings) -> MicroBatcher:
+        """The batcher ``embedder`` settings describe (``batch_wait_ms``, ``max_batch``,
+        ``queue_max_texts``)."""
+        return cls(run, cfg.max_batch, cfg.batch_wait_ms / 1000, cfg.queue_max_texts)
 
     @property
     def queued(self) -> int:

@@ -46,8 +46,7 @@ class MiniLmEmbedder:
         self._max_batch = cfg.max_batch
         self._onnx: onnx_path.OnnxMiniLm | None = None
         self.runtime = "torch" if model is not None else ""
-        self.batcher = batcher.MicroBatcher(self._encode, cfg.max_batch,
-                                            cfg.batch_wait_ms / 1000, cfg.queue_max_texts)
+        self.batcher = batcher.MicroBatcher.for_settings(self._encode, cfg)
 
     @property
     def queued(self) -> int:

@@ -38,8 +38,7 @@ class TeiEmbedder:
         self._info: dict[str, Any] | None = None
         self.embedder_id = ""
         self._client_batch = cfg.max_batch
-        self.batcher = batcher.MicroBatcher(self._post_all, cfg.max_batch,
-                                            cfg.batch_wait_ms / 1000, cfg.queue_max_texts)
+        self.batcher = batcher.MicroBatcher.for_settings(self._post_all, cfg)
 
     @property
     def queued(self) -> int:
