@@ -23,7 +23,7 @@ import orjson
 from aiohttp import web
 
 from controlplane import errors
-from controlplane.api import calls, context, fairness, relay
+from controlplane.api import calls, context, fairness, relay, serving
 from controlplane.core import (
     anthropic_cache,
     anthropic_errors,
@@ -54,7 +54,6 @@ def _request_id(ctx: context.RequestContext) -> dict[str, str]:
 
 
 async def _messages(request: web.Request) -> web.StreamResponse:
-    ctx = context.get(request)
     chat: dict[str, Any] = {}
 
     def parse(body: dict[str, Any]) -> api_calls.Call:
@@ -65,13 +64,8 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     front = await calls.begin(request, parse, x_api_key=True)
     decision: cache_port.CacheDecision | None = None
     try:
-        with tracing.span("cache.lookup") as span:
-            decision = await fairness.lookup(request, cache_port.CacheRequest(
-                front.tenant.name, front.canonical, "chat", anthropic_cache.cache_body(chat),
-                request.headers.get("Cache-Control", ""), ctx.request_id))
-            if span is not None:
-                span.set_attribute("synapse.cache", decision.status)
-        ctx.cache = decision.status
+        decision = await serving.lookup_cache(request, front.tenant.name, front.canonical,
+                                              "chat", anthropic_cache.cache_body(chat))
         if decision.hit is not None:
             fairness.cache_hit(request, front.tenant.name, front.canonical,
                                decision.hit.response)

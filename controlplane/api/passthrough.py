@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from controlplane.api import calls, context, fairness, relay
+from controlplane.api import calls, context, fairness, relay, serving
 from controlplane.core import (
     api_calls,
     cache_port,
@@ -127,18 +127,12 @@ class _Responses(relay.Shape):
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
-    ctx = context.get(request)
     front = await calls.begin(request, api_calls.responses)
     decision: cache_port.CacheDecision | None = None
     try:
         if (key := responses_cache.cache_body(front.body)) is not None:
-            with tracing.span("cache.lookup") as span:
-                decision = await fairness.lookup(request, cache_port.CacheRequest(
-                    front.tenant.name, front.canonical, "chat", key,
-                    request.headers.get("Cache-Control", ""), ctx.request_id))
-                if span is not None:
-                    span.set_attribute("synapse.cache", decision.status)
-            ctx.cache = decision.status
+            decision = await serving.lookup_cache(request, front.tenant.name, front.canonical,
+                                                  "chat", key)
         if decision is not None and decision.hit is not None and (
                 hit := responses_cache.answer(decision.hit.response, int(time.time()))):
             fairness.cache_hit(request, front.tenant.name, front.canonical,

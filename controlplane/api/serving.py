@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
@@ -136,22 +136,32 @@ def body_for(raw: bytes, parsed: validation.Parsed, model: str) -> bytes:
     return orjson.dumps({**parsed.body, "model": model})
 
 
+async def lookup_cache(request: web.Request, tenant: str, canonical: str,
+                       kind: Literal["chat", "completions"], body: Any) -> cache_port.CacheDecision:
+    """The response cache's decision for this request, traced as ``cache.lookup``; the
+    status goes to the request's context (access log, headers)."""
+    ctx = context.get(request)
+    with tracing.span("cache.lookup") as span:
+        decision = await fairness.lookup(request, cache_port.CacheRequest(
+            tenant, canonical, kind, body, request.headers.get("Cache-Control", ""),
+            ctx.request_id))
+        if span is not None:
+            span.set_attribute("synapse.cache", decision.status)
+    ctx.cache = decision.status
+    return decision
+
+
 async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.StreamResponse:
     svc = request.app[context.SERVICES]
-    ctx = context.get(request)
     parse = validation.chat if endpoint == "chat" else validation.completions
     tenant, parsed, raw, permit = await admit(request, parse)
     decision: cache_port.CacheDecision | None = None
     failed = True
     try:
         canonical = resolve_model(request, tenant, parsed.model)
-        with tracing.span("cache.lookup") as span:
-            decision = await fairness.lookup(request, cache_port.CacheRequest(
-                tenant.name, canonical, "chat" if endpoint == "chat" else "completions",
-                parsed.body, request.headers.get("Cache-Control", ""), ctx.request_id))
-            if span is not None:
-                span.set_attribute("synapse.cache", decision.status)
-        ctx.cache = decision.status
+        decision = await lookup_cache(request, tenant.name, canonical,
+                                      "chat" if endpoint == "chat" else "completions",
+                                      parsed.body)
         if decision.hit is not None:
             fairness.cache_hit(request, tenant.name, canonical, decision.hit.response)
             resp = await answer_from_cache(request, decision.hit, parsed)
