@@ -16,7 +16,7 @@ seed only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -103,6 +103,14 @@ def check_served(model: str | None, served: Sequence[str]) -> None:
     """vLLM's 404 for a model this engine does not serve (``None``: none asked, fine)."""
     if model is not None and model not in served:
         raise errors.NotFound(f"The model `{model}` does not exist.", param="model")
+
+
+def check_format(fmt: str, formats: Collection[str]) -> None:
+    """The 400 for an audio ``response_format`` the simulator does not produce."""
+    if fmt not in formats:
+        raise errors.BadRequest(f"response_format {fmt!r} is not produced by the "
+                                f"simulator (it makes {', '.join(formats)}).",
+                                param="response_format")
 
 
 def served_model(model: str | None, served: Sequence[str]) -> str:

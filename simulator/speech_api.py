@@ -56,10 +56,7 @@ class SpeechApi:
             raise errors.BadRequest(f"input must be at most {MAX_INPUT_CHARS} characters.",
                                     param="input")
         fmt = body.get("response_format") or "wav"
-        if fmt not in FORMATS:
-            raise errors.BadRequest(f"response_format {fmt!r} is not produced by the "
-                                    f"simulator (it makes {', '.join(FORMATS)}).",
-                                    param="response_format")
+        protocol.check_format(fmt, FORMATS)
         speed = body.get("speed", 1.0)
         if isinstance(speed, bool) or not isinstance(speed, int | float) \
                 or not 0.25 <= speed <= 4.0:

@@ -108,10 +108,7 @@ class TranscribeApi:
         f = upload.fields
         model = protocol.served_model(f.get("model") or None, self.served)
         fmt = f.get("response_format") or "json"
-        if fmt not in FORMATS:
-            raise errors.BadRequest(f"response_format {fmt!r} is not produced by the "
-                                    f"simulator (it makes {', '.join(FORMATS)}).",
-                                    param="response_format")
+        protocol.check_format(fmt, FORMATS)
         seconds = audio.duration_s(upload.head, upload.size)
         delay = seconds * REAL_TIME_FACTOR * self.settings.time_scale
         if delay > 0:
