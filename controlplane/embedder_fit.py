@@ -10,6 +10,8 @@ in ``tune_embedder``'s report, not here):
 - **Loss**: logistic loss on the scaled cosine of each labelled pair (the pair decision
   itself) plus in-batch multiple-negatives ranking on its positives (the other texts of
   the batch as negatives: what the vector search needs). AdamW, one pass by default.
+- **Or an adapter** (``train_adapter``): a square matrix after pooling, trained on the
+  frozen model's vectors with the same loss; alone (``--layers 0``) or above tuned layers.
 - **Shipped as float16**: after training the weights are rounded to float16 in place
   (:func:`rounded_arrays`), so the vectors computed here for the verifier are those of
   the weights the agents load.
@@ -222,11 +224,17 @@ def train(top: Any, states: States, pairs: Labelled, rows: np.ndarray,
 
 def _loss(top: Any, states: States, pairs: Labelled, b: np.ndarray, y: Any, scale: Any,
           bias: Any) -> Any:
+    return pair_loss(lambda ids: encode(top, states, ids), pairs, b, y, scale, bias)
+
+
+def pair_loss(embed: Callable[[np.ndarray], Any], pairs: Labelled, b: np.ndarray, y: Any,
+              scale: Any, bias: Any) -> Any:
+    """The batch ``b``'s loss, ``embed(text ids)`` giving normalised vectors (a tensor)."""
     import torch
     from torch.nn import functional
 
     texts, where = np.unique(np.concatenate([pairs.a[b], pairs.b[b]]), return_inverse=True)
-    vectors = encode(top, states, texts)
+    vectors = embed(texts)
     u, v = vectors[where[:len(b)]], vectors[where[len(b):]]
     loss = functional.binary_cross_entropy_with_logits(scale * (u * v).sum(1) + bias, y)
     pos = y > 0
@@ -236,6 +244,39 @@ def _loss(top: Any, states: States, pairs: Labelled, b: np.ndarray, y: Any, scal
             candidates = torch.cat([own[pos], own[~pos], other[~pos]])
             loss = loss + functional.cross_entropy(20.0 * q[pos] @ candidates.T, target)
     return loss
+
+
+def train_adapter(vectors: np.ndarray, pairs: Labelled, rows: np.ndarray,
+                  options: TrainOptions, step: Callable[[float], None]) -> np.ndarray:
+    """A square matrix ``W`` (from the identity) such that ``normalise(v @ W.T)`` separates
+    the pairs ``rows`` better (same loss as the layers); ``vectors``: the texts' pooled,
+    normalised vectors. Cheap: no transformer runs, so it can take many passes."""
+    import torch
+
+    torch.manual_seed(options.seed)
+    base = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    weight = torch.nn.Parameter(torch.eye(base.shape[1]))
+    scale = torch.nn.Parameter(torch.tensor(20.0))
+    bias = torch.nn.Parameter(torch.tensor(-16.0))
+    opt = torch.optim.AdamW([{"params": [weight], "lr": options.lr},
+                             {"params": [scale, bias], "lr": 1e-2}], weight_decay=0.0)
+    order = torch.Generator().manual_seed(options.seed)
+    labels = torch.from_numpy(pairs.label.astype(np.float32))
+
+    def embed(ids: np.ndarray) -> Any:
+        return torch.nn.functional.normalize(base[torch.from_numpy(ids)] @ weight.T, dim=1)
+
+    for _ in range(options.epochs):
+        shuffled = rows[torch.randperm(len(rows), generator=order).numpy()]
+        for start in range(0, len(shuffled), options.batch):
+            b = shuffled[start:start + options.batch]
+            loss = pair_loss(embed, pairs, b, labels[b], scale, bias)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step(float(loss.detach()))
+    out: np.ndarray = weight.detach().numpy().astype(np.float32)
+    return out
 
 
 def rounded_arrays(top: Any, lower: int) -> dict[str, np.ndarray]:

@@ -107,6 +107,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=96, help="pairs per training step")
     parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--adapter-epochs", type=int, default=0,
+                        help="passes of a linear adapter after pooling (0 = none)")
+    parser.add_argument("--adapter-lr", type=float, default=1e-3)
+    parser.add_argument("--vectors-cache", default=None,
+                        help="with --layers 0: the frozen model's vectors kept here (.npz)")
+    parser.add_argument("--verifier-train", choices=("unseen", "all"), default="unseen",
+                        help="the verifier's trees learn on the train part the embedder never "
+                        "saw (unseen) or on all of train (all: for an adapter, whose few "
+                        "parameters barely overfit)")
     parser.add_argument("--target-precision", type=float, default=0.90)
 
 
@@ -152,28 +161,63 @@ def _tune(pairs: calibrate.Pairs, parts: dict[str, np.ndarray], args: argparse.N
         embedder_tuning.apply_layers(model, old)
     lower = embedder_fit.frozen_layers(model) - (
         _tuned_layers(old) if old is not None else args.layers)
-    bar = progress.Progress(len(texts), "frozen layers")
-    states = embedder_fit.lower_states(model, texts, lower, bar.update)
-    bar.close()
-    top = embedder_fit.top_layers(model, lower)
-    if old is None:
-        labelled = embedder_fit.Labelled(np.asarray([index[t] for t in pairs.text_a]),
-                                         np.asarray([index[t] for t in pairs.text_b]),
-                                         pairs.label)
+    if old is not None:
+        states = _states(model, texts, lower)
+        top = embedder_fit.top_layers(model, lower)
+        return old, old.adapt(embedder_fit.embed_all(top, states)), index
+    labelled = embedder_fit.Labelled(np.asarray([index[t] for t in pairs.text_a]),
+                                     np.asarray([index[t] for t in pairs.text_b]), pairs.label)
+    rows = parts["train (embedder)"]
+    layers: dict[str, np.ndarray] = {}
+    if args.layers:
+        states = _states(model, texts, lower)
+        top = embedder_fit.top_layers(model, lower)
         options = embedder_fit.TrainOptions(args.epochs, args.batch, args.lr, args.seed)
-        rows = parts["train (embedder)"]
         bar = progress.Progress(embedder_fit.steps(len(rows), options), "training")
         embedder_fit.train(top, states, labelled, rows, options,
                            lambda loss: bar.update(1, f"loss {loss:.3f}"))
         bar.close()
         layers = embedder_fit.rounded_arrays(top, lower)
-        meta = {"pairs_file": pathlib.Path(args.pairs).name, "seed": args.seed,
-                "layers": args.layers, "epochs": args.epochs, "batch": args.batch,
-                "lr": args.lr, "trained_on": len(rows)}
-        tuning = embedder_tuning.save(args.tuning_out, base, layers, None, meta)
+        vectors = embedder_fit.embed_all(top, states)
     else:
-        tuning = old
-    return tuning, tuning.adapt(embedder_fit.embed_all(top, states)), index
+        vectors = _frozen_vectors(model, texts, base, args.vectors_cache)
+    adapter = None
+    if args.adapter_epochs:
+        options = embedder_fit.TrainOptions(args.adapter_epochs, args.batch, args.adapter_lr,
+                                            args.seed)
+        bar = progress.Progress(embedder_fit.steps(len(rows), options), "adapter")
+        adapter = embedder_fit.train_adapter(vectors, labelled, rows, options,
+                                             lambda loss: bar.update(1, f"loss {loss:.3f}"))
+        bar.close()
+    meta = {"pairs_file": pathlib.Path(args.pairs).name, "seed": args.seed,
+            "layers": args.layers, "epochs": args.epochs, "batch": args.batch,
+            "lr": args.lr, "adapter_epochs": args.adapter_epochs,
+            "adapter_lr": args.adapter_lr, "trained_on": len(rows)}
+    tuning = embedder_tuning.save(args.tuning_out, base, layers, adapter, meta)
+    return tuning, tuning.adapt(vectors), index
+
+
+def _states(model: Any, texts: list[str], lower: int) -> embedder_fit.States:
+    bar = progress.Progress(len(texts), "frozen layers")
+    states = embedder_fit.lower_states(model, texts, lower, bar.update)
+    bar.close()
+    return states
+
+
+def _frozen_vectors(model: Any, texts: list[str], base: str, cache: str | None) -> np.ndarray:
+    """The untuned model's vectors of ``texts`` (every layer frozen), from ``cache`` when
+    it holds them for the same texts and weights."""
+    key = hashlib.sha256("\x00".join([base, *texts]).encode("utf-8", "surrogatepass")).hexdigest()
+    if cache and pathlib.Path(cache).exists():
+        with np.load(cache, allow_pickle=False) as data:
+            if str(data["key"]) == key:
+                return np.asarray(data["vectors"], dtype=np.float32)
+    lower = embedder_fit.frozen_layers(model)
+    vectors = embedder_fit.embed_all(embedder_fit.top_layers(model, lower),
+                                     _states(model, texts, lower))
+    if cache:
+        np.savez(cache, key=np.asarray(key), vectors=vectors)
+    return vectors
 
 
 def _tuned_layers(tuning: embedder_tuning.Tuning) -> int:
@@ -188,11 +232,13 @@ def _verifier(pairs: calibrate.Pairs, parts: dict[str, np.ndarray], vectors: np.
     t0 = time.monotonic()
     model, metrics = calibrate.fit(pairs, va, vb, args.target_precision, args.seed,
                                    embedder_id=tuning.embedder_id,
-                                   train_index=parts["train (verifier)"])
+                                   train_index=(parts["train (verifier)"]
+                                                if args.verifier_train == "unseen" else None))
     print(f"verifier fitted in {time.monotonic() - t0:.0f}s")
     model.meta["fit"] = {"pairs_file": pathlib.Path(args.pairs).name, "seed": args.seed,
                          "components": 16, "splits": dict(calibrate.SPLITS),
-                         "trees_on": "train part the embedder never saw"}
+                         "trees_on": ("train part the embedder never saw"
+                                      if args.verifier_train == "unseen" else "all of train")}
     return model, metrics
 
 

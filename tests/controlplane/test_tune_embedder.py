@@ -112,3 +112,40 @@ def test_a_real_tuning_gives_an_embedder_and_its_verifier(dev_slice, tmp_path, c
     assert float(np.abs(served - untuned).max()) > 1e-3       # it is another embedder
     again = calibrate.embed_texts(texts, tuning=tuning)
     assert float(np.abs(served - again).max()) < 2e-3
+
+
+@pytest.mark.timeout(1800)
+def test_an_adapter_alone_is_served_as_it_was_fitted(dev_slice, tmp_path, capsys):
+    # --layers 0: every transformer layer frozen, a linear adapter after pooling.
+    cache = tmp_path / "frozen.npz"
+    code, _, err = tune(capsys, tmp_path, dev_slice, "--layers", "0", "--adapter-epochs",
+                        "2", "--vectors-cache", str(cache))
+    assert code == 0, err
+    assert "adapter [" in err and cache.exists()
+    tuning = embedder_tuning.load(tmp_path / "t.npz")
+    assert not tuning.layers and tuning.adapter is not None
+    assert tuning.adapter.shape == (384, 384)
+    assert verifier.load(tmp_path / "v.json").embedder_id == tuning.embedder_id
+    # A second run reuses the frozen vectors (no pass over the texts) and gives the same
+    # weights (the same embedder id: a digest of every array).
+    code, _, err = tune(capsys, tmp_path, dev_slice, "--layers", "0", "--adapter-epochs",
+                        "2", "--vectors-cache", str(cache))
+    assert code == 0 and "frozen layers [" not in err
+    assert embedder_tuning.load(tmp_path / "t.npz").embedder_id == tuning.embedder_id
+
+    pairs = calibrate.read_pairs(dev_slice)
+    texts = [pairs.text_a[0], pairs.text_b[0]]
+    emb = tuned.build(EmbedderSettings(kind="minilm", tuning=str(tmp_path / "t.npz"),
+                                       runtime="torch"))
+
+    async def embed() -> np.ndarray:
+        await emb.start()
+        try:
+            return await emb.embed(texts)
+        finally:
+            await emb.close()
+    served = asyncio.run(embed())
+    assert emb.embedder_id == tuning.embedder_id
+    np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
+    assert float(np.abs(served - calibrate.embed_texts(texts)).max()) > 1e-3
+    assert float(np.abs(served - calibrate.embed_texts(texts, tuning=tuning)).max()) < 2e-3
