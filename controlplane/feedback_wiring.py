@@ -5,9 +5,10 @@ Beside ``cache_wiring`` (above ``core`` and ``adapters``), called from
 
 - :func:`load_verifier` reads ``cache.verifier_path`` (default: the shipped verifier)
   and refuses, at start, a verifier fitted for another embedder than the agents serve:
-  ``cache.embedder_id``, by default the id of the shipped tuned embedder
-  (``synapse_common.embedder_tuning.SHIPPED``, the agents' default ``embedder.tuning``).
-  A verifier's features and operating point mean nothing on another embedder's vectors.
+  ``cache.embedder_id``, by default the untuned all-MiniLM-L6-v2 (the agents' default
+  ``embedder.tuning: none``). A verifier's features and operating point mean nothing on
+  another embedder's vectors. A file that records no embedder (older than the field) was
+  fitted on the untuned model and is taken as it is.
 - :func:`with_feedback` wraps the tiered cache in
   :class:`controlplane.core.cache_feedback.FeedbackCache`, with its judged pairs kept in
   ``cache.feedback_path`` (default ``data_dir/cache_feedback.jsonl``).
@@ -33,14 +34,9 @@ class VerifierConfigError(ValueError):
 
 
 def expected_embedder(c: config.CacheSettings) -> str:
-    """``cache.embedder_id``, else the shipped tuned embedder's id."""
-    if c.embedder_id:
-        return c.embedder_id
-    try:
-        return embedder_tuning.load(embedder_tuning.SHIPPED).embedder_id
-    except embedder_tuning.TuningError as exc:
-        raise VerifierConfigError(f"cache.embedder_id: none set, and the shipped tuned "
-                                  f"embedder cannot be read: {exc}") from None
+    """``cache.embedder_id``, else the embedder agents serve by default: the bundled
+    all-MiniLM-L6-v2, untuned (``embedder.tuning: none``)."""
+    return c.embedder_id or embedder_tuning.base_id()
 
 
 def load_verifier(c: config.CacheSettings) -> verifier.Verifier:
@@ -51,6 +47,8 @@ def load_verifier(c: config.CacheSettings) -> verifier.Verifier:
         raise VerifierConfigError(f"cache.verifier_path: {exc}") from None
     if not c.semantic_enabled:
         return judge        # never used to judge: any embedder will do
+    if not judge.embedder_id:
+        return judge        # a file older than the field: fitted on the untuned MiniLM
     embedder_id = expected_embedder(c)
     try:
         verifier.check_embedder(judge, embedder_id)

@@ -60,7 +60,7 @@ def build_response_cache(settings: config.ControlPlaneSettings,
         return cache_port.NullCache()
     from controlplane import cache_wiring, feedback_wiring
     from controlplane.adapters import embedder
-    from controlplane.core import response_cache, verifier
+    from controlplane.core import response_cache
 
     store = cache_wiring.build_l1(settings)
     l2 = cache_wiring.build_l2(settings)
@@ -70,9 +70,9 @@ def build_response_cache(settings: config.ControlPlaneSettings,
         c.embed_model, timeout_s=c.semantic_budget_ms / 1000,
         token=settings.auth.agent_token_value)
     try:
-        judge = verifier.load(c.verifier_path)
-    except verifier.VerifierError as exc:
-        print(f"config error: cache.verifier_path: {exc}", file=sys.stderr)
+        judge = feedback_wiring.load_verifier(c)
+    except feedback_wiring.VerifierConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(cli.EXIT_CONFIG) from None
     options = response_cache.Options(
         ttl_s=c.ttl_s, temperature_ceiling=c.temperature_ceiling,

@@ -46,8 +46,8 @@ class CacheSettings(Section):
     verifier_path: str | None = Field(None, description="verifier JSON; none = the shipped one")
     embedder_id: str | None = Field(
         None, description="the embedder id the agents serve (Node.Embed), which the verifier "
-        "must have been fitted for; none = the shipped tuned embedder's (the agents' default "
-        "embedder.tuning)")
+        "must have been fitted for; none = the untuned all-MiniLM-L6-v2's (the agents' "
+        "default embedder.tuning: none)")
     feedback_path: str | None = Field(
         None, description="JSON-lines file where judged semantic hits (POST /v1/cache/"
         "feedback) are kept for calibrate --from-feedback; none = data_dir/cache_feedback.jsonl")

@@ -1,0 +1,91 @@
+"""A verifier fitted for another embedder is refused when the control plane starts.
+
+The verifier's features and operating point mean nothing on another embedder's vectors:
+``cache.embedder_id`` (by default the untuned all-MiniLM-L6-v2's id, what agents serve by
+default) must be the id the verifier file names. A file that names none is older than the
+field and was fitted on the untuned model. Checked on the settings and on a real
+``synapse controlplane``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from controlplane import config, feedback_wiring
+from controlplane.core import verifier
+from synapse_common import embedder_tuning
+from tests import harness
+from tests.controlplane import test_cache_support as support
+from tests.controlplane.test_cache_support import build_cache, chat, counter, remember
+
+node_address = support.node_address       # fixture: a real Node.Embed server
+
+PLAIN_ID = embedder_tuning.base_id()
+TUNED_ID = f"{PLAIN_ID}+tuned-0123456789ab"
+
+
+def verifier_for(tmp_path: pathlib.Path, embedder_id: str) -> str:
+    model = verifier.load()
+    model.meta["embedder_id"] = embedder_id
+    path = tmp_path / f"verifier-{len(embedder_id)}.json"
+    model.save(path)
+    return str(path)
+
+
+def cache(**fields: object) -> config.CacheSettings:
+    return config.CacheSettings.model_validate(fields)
+
+
+def test_the_shipped_verifier_is_taken_for_the_default_embedder():
+    assert feedback_wiring.load_verifier(cache()).digest == verifier.load().digest
+
+
+def test_a_verifier_for_another_embedder_is_refused_naming_the_settings(tmp_path):
+    path = verifier_for(tmp_path, TUNED_ID)
+    with pytest.raises(feedback_wiring.VerifierConfigError) as refused:
+        feedback_wiring.load_verifier(cache(verifier_path=path))
+    message = str(refused.value)
+    assert message.startswith("cache.verifier_path: ") and path in message
+    assert PLAIN_ID in message and TUNED_ID in message and "cache.embedder_id" in message
+    # Saying which embedder the agents serve makes the same file acceptable.
+    ok = feedback_wiring.load_verifier(cache(verifier_path=path, embedder_id=TUNED_ID))
+    assert ok.embedder_id == TUNED_ID
+
+
+def test_a_verifier_for_the_plain_embedder_is_refused_for_a_tuned_one(tmp_path):
+    path = verifier_for(tmp_path, PLAIN_ID)
+    assert feedback_wiring.load_verifier(cache(verifier_path=path)).embedder_id == PLAIN_ID
+    with pytest.raises(feedback_wiring.VerifierConfigError, match=re.escape(TUNED_ID)):
+        feedback_wiring.load_verifier(cache(verifier_path=path, embedder_id=TUNED_ID))
+
+
+def test_the_control_plane_does_not_start_with_a_mismatched_verifier(tmp_path):
+    cfg = {"data_dir": str(tmp_path / "data"), "http": {"host": "127.0.0.1", "port": 0},
+           "grpc": {"host": "127.0.0.1", "port": 0},
+           "auth": {"allow_unauthenticated_agents": True},
+           "cache": {"verifier_path": verifier_for(tmp_path, TUNED_ID)}}
+    path = tmp_path / "cp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([harness.console_script("synapse"), "controlplane", "--config",
+                           str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("config error: cache.verifier_path: ") and TUNED_ID in line
+
+
+async def test_vectors_of_another_embedder_are_not_judged(node_address, milvus_lite_path):
+    # The agent serves plain all-MiniLM-L6-v2; the cache expects another embedder's
+    # vectors: every semantic lookup fails open (a miss), counted as an embedder error.
+    c, m = await build_cache(node_address, milvus_lite_path, embedder_id="some-other@1")
+    try:
+        await remember(c, chat("How do I reset my password?"), "Use the reset link.")
+        assert (await c.lookup(chat("How can I reset my password?"))).status == "miss"
+        assert counter(m, "synapse_cache_errors_total", layer="embedder") >= 1
+        assert (await c.lookup(chat("How do I reset my password?"))).status == "hit-exact"
+    finally:
+        await c.close()
