@@ -144,6 +144,7 @@ async def test_two_deploys_get_their_own_gpu_and_port_and_a_third_is_refused(
         await eventually(lambda: _reported_free_gb(replica, 0) == 40.0, "GPU 0 in use")
         await admin("DeployModel", deploy("model-b", 30))
         await eventually(lambda: _ready(replica, "model-b-vllm"), "model-b ready", 60)
+        await eventually(lambda: _reported_free_gb(replica, 1) == 30.0, "GPU 1 in use")
 
         desired = replica.fleet.intent.get(NODE).desired
         plans = {n: (s["gpuIndices"], s["port"]) for n, s in desired.items()}
