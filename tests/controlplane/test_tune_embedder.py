@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import pathlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,19 +100,23 @@ def test_a_real_tuning_gives_an_embedder_and_its_verifier(dev_slice, tmp_path, c
     texts = [pairs.text_a[0], pairs.text_b[0], pairs.text_a[1]]
     emb = tuned.build(EmbedderSettings(kind="minilm", tuning=str(tmp_path / "t.npz"),
                                        onnx_cache_dir=str(tmp_path / "onnx")))
+    served = serve(emb, texts)
+    assert emb.embedder_id == tuning.embedder_id
+    untuned = calibrate.embed_texts(texts)
+    assert float(np.abs(served - untuned).max()) > 1e-3       # it is another embedder
+    again = calibrate.embed_texts(texts, tuning=tuning)
+    assert float(np.abs(served - again).max()) < 2e-3
 
+
+def serve(emb: Any, texts: list[str]) -> np.ndarray:
+    """The vectors a started embedder serves for ``texts`` (then closed)."""
     async def embed() -> np.ndarray:
         await emb.start()
         try:
             return await emb.embed(texts)
         finally:
             await emb.close()
-    served = asyncio.run(embed())
-    assert emb.embedder_id == tuning.embedder_id
-    untuned = calibrate.embed_texts(texts)
-    assert float(np.abs(served - untuned).max()) > 1e-3       # it is another embedder
-    again = calibrate.embed_texts(texts, tuning=tuning)
-    assert float(np.abs(served - again).max()) < 2e-3
+    return asyncio.run(embed())
 
 
 @pytest.mark.timeout(1800)
@@ -137,14 +142,7 @@ def test_an_adapter_alone_is_served_as_it_was_fitted(dev_slice, tmp_path, capsys
     texts = [pairs.text_a[0], pairs.text_b[0]]
     emb = tuned.build(EmbedderSettings(kind="minilm", tuning=str(tmp_path / "t.npz"),
                                        runtime="torch"))
-
-    async def embed() -> np.ndarray:
-        await emb.start()
-        try:
-            return await emb.embed(texts)
-        finally:
-            await emb.close()
-    served = asyncio.run(embed())
+    served = serve(emb, texts)
     assert emb.embedder_id == tuning.embedder_id
     np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
     assert float(np.abs(served - calibrate.embed_texts(texts)).max()) > 1e-3
