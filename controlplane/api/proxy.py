@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -121,7 +121,6 @@ def _maybe_store(request: web.Request, decision: cache_port.CacheDecision,
 
 async def _stream(request: web.Request, attempt: dispatch.Attempt,
                   store: cache_port.CacheDecision | None) -> web.StreamResponse:
-    svc = request.app[context.SERVICES]
     ctx = context.get(request)
     headers = _response_headers(attempt, ctx)
     headers["Cache-Control"] = "no-cache"
@@ -129,26 +128,17 @@ async def _stream(request: web.Request, attempt: dispatch.Attempt,
     parser = sse.SSEParser() if store is not None else None
     strip = fairness.stripper(request)     # usage the client did not ask for
     assembler = sse.StreamAssembler() if store is not None else None
-    while True:
-        try:
-            chunk = await attempt.next_chunk()
-        except errors.UpstreamError as exc:
-            if not attempt.streaming:
-                raise                   # nothing sent yet: an error answer
-            return await _broken(request, resp, exc.message)
-        if chunk is None:
-            break
-        if not resp.prepared:
-            ctx.first_byte = svc.clock()
-            ctx.headers_sent = True
-            await resp.prepare(request)
-        # A client that went away raises here and ends the handler (and the upstream).
+
+    async def write(chunk: bytes) -> None:
         out = strip.feed(chunk) if strip is not None else chunk
         if out:
             await resp.write(out)
         if parser is not None and assembler is not None:
             for data in parser.feed(chunk):
                 assembler.add_data(data)
+
+    if (message := await pump(request, resp, attempt, write)) is not None:
+        return await _broken(request, resp, message)
     if assembler is not None and store is not None and assembler.complete:
         with tracing.span("cache.write"):
             fairness.store(request, store, assembler.response())
@@ -158,15 +148,46 @@ async def _stream(request: web.Request, attempt: dispatch.Attempt,
     return resp
 
 
-async def _broken(request: web.Request, resp: web.StreamResponse,
-                  message: str) -> web.StreamResponse:
+async def pump(request: web.Request, resp: web.StreamResponse, attempt: dispatch.Attempt,
+               write: Callable[[bytes], Awaitable[None]]) -> str | None:
+    """Pass the attempt's chunks to ``write`` as they arrive, the response's headers sent
+    before the first. None once the backend's stream ended properly; the error's message
+    if it broke after the first byte (an error before it raises: nothing sent yet)."""
+    svc = request.app[context.SERVICES]
     ctx = context.get(request)
-    log.warning("stream to the client cut: %s", message,
-                extra={"request_id": ctx.request_id, "backend": ctx.backend})
+    while True:
+        try:
+            chunk = await attempt.next_chunk()
+        except errors.UpstreamError as exc:
+            if not attempt.streaming:
+                raise                   # nothing sent yet: an error answer
+            return exc.message
+        if chunk is None:
+            return None
+        if not resp.prepared:
+            ctx.first_byte = svc.clock()
+            ctx.headers_sent = True
+            await resp.prepare(request)
+        # A client that went away raises here and ends the handler (and the upstream).
+        await write(chunk)
+
+
+async def cut(request: web.Request, resp: web.StreamResponse, message: str,
+              logger: logging.Logger) -> None:
+    """Mark the request's stream broken (logged on ``logger``); send the headers if
+    nothing was sent yet."""
+    ctx = context.get(request)
+    logger.warning("stream to the client cut: %s", message,
+                   extra={"request_id": ctx.request_id, "backend": ctx.backend})
     ctx.broken = True
     if not resp.prepared:
         ctx.headers_sent = True
         await resp.prepare(request)
+
+
+async def _broken(request: web.Request, resp: web.StreamResponse,
+                  message: str) -> web.StreamResponse:
+    await cut(request, resp, message, log)
     await resp.write(sse.event(errors.stream_interrupted(message)))
     await resp.write_eof()
     return resp

@@ -127,7 +127,6 @@ async def _whole(request: web.Request, attempt: dispatch.Attempt,
 
 async def _stream(request: web.Request, attempt: dispatch.Attempt,
                   shape: Shape) -> web.StreamResponse:
-    svc = request.app[context.SERVICES]
     ctx = context.get(request)
     headers = {**proxy._response_headers(attempt, ctx), **shape.headers()}
     backend_type = attempt.answer.content_type
@@ -137,22 +136,13 @@ async def _stream(request: web.Request, attempt: dispatch.Attempt,
     if sse_stream:
         headers["Cache-Control"] = "no-cache"
     resp = web.StreamResponse(status=200, headers=headers)
-    while True:
-        try:
-            chunk = await attempt.next_chunk()
-        except errors.UpstreamError as exc:
-            if not attempt.streaming:
-                raise                   # nothing sent yet: an error answer
-            return await _broken(request, resp, shape, exc.message, sse_stream)
-        if chunk is None:
-            break
-        if not resp.prepared:
-            ctx.first_byte = svc.clock()
-            ctx.headers_sent = True
-            await resp.prepare(request)
-        # A client that went away raises here and ends the handler (and the upstream).
+
+    async def write(chunk: bytes) -> None:
         if out := shape.chunk(chunk):
             await resp.write(out)
+
+    if (message := await proxy.pump(request, resp, attempt, write)) is not None:
+        return await _broken(request, resp, shape, message, sse_stream)
     if tail := shape.end():
         await resp.write(tail)
     await resp.write_eof()
@@ -161,13 +151,7 @@ async def _stream(request: web.Request, attempt: dispatch.Attempt,
 
 async def _broken(request: web.Request, resp: web.StreamResponse, shape: Shape,
                   message: str, sse_stream: bool) -> web.StreamResponse:
-    ctx = context.get(request)
-    log.warning("stream to the client cut: %s", message,
-                extra={"request_id": ctx.request_id, "backend": ctx.backend})
-    ctx.broken = True
-    if not resp.prepared:
-        ctx.headers_sent = True
-        await resp.prepare(request)
+    await proxy.cut(request, resp, message, log)
     if not sse_stream:
         # A binary body has no error event: close the connection instead of ending the
         # body, so the client cannot take a truncated file for a whole one.
