@@ -2,7 +2,7 @@
 
 ==================  ===============================================================
 ``errors``          the error tree (mapped to gRPC codes in :mod:`agent.node_service`)
-``protocol``        what the service needs of an embedder
+``protocol``        what the service needs of an embedder; the start-once base
 ``batcher``         natural micro-batching, bounded, cancelled callers leave the queue
 ``model``           all-MiniLM-L6-v2: loading, its id, the tokenizer, length-ordered chunks
 ``torch_path``      the model's vectors in torch

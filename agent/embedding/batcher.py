@@ -154,3 +154,14 @@ class MicroBatcher:
             if not item.future.done():
                 item.future.set_result(vectors[offset:offset + n])
             offset += n
+
+
+class Batched:
+    """An embedder whose calls wait in its :class:`MicroBatcher`: ``queued`` is the
+    batcher's."""
+
+    batcher: MicroBatcher
+
+    @property
+    def queued(self) -> int:
+        return self.batcher.queued

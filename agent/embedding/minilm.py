@@ -26,21 +26,19 @@ from typing import Any
 import numpy as np
 
 from agent.config import EmbedderSettings
-from agent.embedding import batcher, errors, onnx_path, torch_path
+from agent.embedding import batcher, onnx_path, protocol, torch_path
 from agent.embedding import model as model_mod
 
 log = logging.getLogger(__name__)
 
 
-class MiniLmEmbedder:
+class MiniLmEmbedder(batcher.Batched, protocol.LoadsOnce):
     """``runtime`` is ``"torch"`` or ``"onnx"`` once started."""
 
     def __init__(self, cfg: EmbedderSettings, model: Any = None) -> None:
         # The SentenceTransformer. Given (tests): ready at once on torch; start() may switch.
         self._model = model
         self._ready = model is not None
-        self._started = False
-        self._error = ""
         self.embedder_id = model_mod.embedder_id()  # one for both runtimes: see above
         self._cfg = cfg
         self._max_batch = cfg.max_batch
@@ -49,20 +47,10 @@ class MiniLmEmbedder:
         self.batcher = batcher.MicroBatcher.for_settings(self._encode, cfg)
 
     @property
-    def queued(self) -> int:
-        return self.batcher.queued
-
-    @property
     def ready(self) -> bool:
         return self._ready
 
-    async def probe(self) -> bool:
-        return self.ready
-
-    async def start(self) -> None:
-        if self._started:
-            return
-        self._started = True
+    async def _load_once(self) -> None:
         try:
             if self._model is None:
                 self._model = await asyncio.to_thread(model_mod.load_minilm)
@@ -99,8 +87,7 @@ class MiniLmEmbedder:
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         if not self._ready:
-            raise errors.EmbedderUnavailable(self._error
-                                             or "the embedding model is still loading")
+            raise self.unavailable()
         return await self.batcher.submit(texts)
 
     async def close(self) -> None:

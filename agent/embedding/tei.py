@@ -25,7 +25,7 @@ from agent.embedding import batcher, errors
 log = logging.getLogger(__name__)
 
 
-class TeiEmbedder:
+class TeiEmbedder(batcher.Batched):
     """Text Embeddings Inference over HTTP."""
 
     def __init__(self, cfg: EmbedderSettings) -> None:
@@ -39,10 +39,6 @@ class TeiEmbedder:
         self.embedder_id = ""
         self._client_batch = cfg.max_batch
         self.batcher = batcher.MicroBatcher.for_settings(self._post_all, cfg)
-
-    @property
-    def queued(self) -> int:
-        return self.batcher.queued
 
     @property
     def ready(self) -> bool:

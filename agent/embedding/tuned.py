@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from agent.config import EmbedderSettings
-from agent.embedding import errors, minilm
+from agent.embedding import minilm, protocol
 from agent.embedding import model as model_mod
 from synapse_common import embedder_tuning
 
@@ -45,7 +45,7 @@ class _Loaded:
     model: Any
 
 
-class TunedEmbedder:
+class TunedEmbedder(protocol.LoadsOnce):
     """:class:`minilm.MiniLmEmbedder` on the tuned model, vectors adapted after pooling."""
 
     def __init__(self, cfg: EmbedderSettings, path: pathlib.Path, model: Any = None) -> None:
@@ -54,8 +54,6 @@ class TunedEmbedder:
         self._model = model     # the untuned SentenceTransformer, when given (tests)
         self._inner: minilm.MiniLmEmbedder | None = None
         self._tuning: embedder_tuning.Tuning | None = None
-        self._error = ""
-        self._started = False
         # Known before the weights load: read from the file (small) at construction.
         self.embedder_id = _peek_id(path)
 
@@ -71,13 +69,7 @@ class TunedEmbedder:
     def queued(self) -> int:
         return self._inner.queued if self._inner is not None else 0
 
-    async def probe(self) -> bool:
-        return self.ready
-
-    async def start(self) -> None:
-        if self._started:
-            return
-        self._started = True
+    async def _load_once(self) -> None:
         try:
             loaded = await asyncio.to_thread(self._load)
         except (embedder_tuning.TuningError, OSError, RuntimeError) as exc:
@@ -101,8 +93,7 @@ class TunedEmbedder:
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         if self._inner is None or self._tuning is None:
-            raise errors.EmbedderUnavailable(self._error
-                                             or "the embedding model is still loading")
+            raise self.unavailable()
         return self._tuning.adapt(await self._inner.embed(texts))
 
     async def close(self) -> None:
