@@ -23,16 +23,10 @@ class Row:
 
 
 @dataclasses.dataclass(frozen=True)
-class Record:
+class Record(Row):
     """A row as stored: normalised vector, bounded text and its creation time (wall clock,
     seconds; searches and expiry compare it with the TTL)."""
 
-    scope: str
-    tenant: str
-    model: str
-    vector: np.ndarray
-    ref: str
-    text: str
     created_at: float
 
     @classmethod
