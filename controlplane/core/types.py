@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, Generic, Literal, NamedTuple, TypeVar, overload
 
 # What a backend serves (synapse_common.tasks names; the table of paths per task is there).
 Task = Literal["generate", "embed", "responses", "messages", "tokenize", "rerank", "score",
@@ -20,6 +20,7 @@ Source = Literal["agent", "static"]
 Phase = Literal["unspecified", "starting", "ready", "unhealthy", "draining", "stopped",
                 "crashloop", "failed"]
 NodeStatus = Literal["ready", "cordoned", "draining", "down"]
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -151,6 +152,29 @@ class Basis(NamedTuple):
     ttft_error_s: float             # the backend's typical |observed - predicted TTFT|
 
 
+class _OfBasis(Generic[_T]):
+    """A read-only attribute of a :class:`Verdict`: the same-named part of its basis, or
+    ``default`` without one."""
+
+    def __init__(self, default: _T) -> None:
+        self._default = default
+        self._name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _OfBasis[_T]: ...
+    @overload
+    def __get__(self, obj: Verdict, owner: type) -> _T: ...
+
+    def __get__(self, obj: Verdict | None, owner: type) -> _OfBasis[_T] | _T:
+        if obj is None:
+            return self
+        basis = obj.basis
+        return getattr(basis, self._name) if basis else self._default
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Verdict:
     """One backend's routing verdict: filter result and the predicted TTFT with its parts."""
@@ -168,37 +192,14 @@ class Verdict:
     basis: Basis | None = None      # what the prediction was made with
 
     # The basis' parts (0 / "approximate" without one).
-    @property
-    def tokenizer(self) -> str:
-        return self.basis.tokenizer if self.basis else "approximate"
-
-    @property
-    def block_size(self) -> int:
-        return self.basis.block_size if self.basis else 0
-
-    @property
-    def queued_tokens(self) -> float:
-        return self.basis.queued_tokens if self.basis else 0.0
-
-    @property
-    def decode_wait_s(self) -> float:
-        return self.basis.decode_wait_s if self.basis else 0.0
-
-    @property
-    def prefill_s_per_token(self) -> float:
-        return self.basis.prefill_s_per_token if self.basis else 0.0
-
-    @property
-    def decode_s_per_step(self) -> float:
-        return self.basis.decode_s_per_step if self.basis else 0.0
-
-    @property
-    def overhead_s(self) -> float:
-        return self.basis.overhead_s if self.basis else 0.0
-
-    @property
-    def cost_samples(self) -> int:
-        return self.basis.cost_samples if self.basis else 0
+    tokenizer = _OfBasis("approximate")
+    block_size = _OfBasis(0)
+    queued_tokens = _OfBasis(0.0)
+    decode_wait_s = _OfBasis(0.0)
+    prefill_s_per_token = _OfBasis(0.0)
+    decode_s_per_step = _OfBasis(0.0)
+    overhead_s = _OfBasis(0.0)
+    cost_samples = _OfBasis(0)
 
 
 class RouteObservation(NamedTuple):
