@@ -8,9 +8,7 @@ and the agent's tuned embedder gives the vectors the verifier was fitted on.
 from __future__ import annotations
 
 import asyncio
-import gzip
 import io
-import itertools
 import json
 import pathlib
 from typing import Any
@@ -23,9 +21,7 @@ from agent.embedding import tuned
 from controlplane import calibrate, ctl, progress
 from controlplane.core import verifier
 from synapse_common import embedder_tuning
-from tests.conftest import SHARED
-
-DEV_PAIRS = SHARED / "data" / "qqp_pairs_dev.jsonl.gz"
+from tests import dev_pairs
 
 
 def write_pairs(path: pathlib.Path, rows: list[tuple[str, str, int]]) -> pathlib.Path:
@@ -75,12 +71,7 @@ def test_progress_shows_an_eta():
 
 @pytest.fixture(scope="module")
 def dev_slice(tmp_path_factory) -> pathlib.Path:
-    if not DEV_PAIRS.exists():
-        raise AssertionError(f"{DEV_PAIRS} is missing: the tests expect the shared/ folder")
-    path = tmp_path_factory.mktemp("pairs") / "slice.jsonl.gz"
-    with gzip.open(DEV_PAIRS, "rt") as src, gzip.open(path, "wt") as dst:
-        dst.writelines(itertools.islice(src, 2400))
-    return path
+    return dev_pairs.first(tmp_path_factory, "slice.jsonl.gz", 2400)
 
 
 @pytest.mark.timeout(1800)      # minutes on a busy 2-core machine

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import itertools
 import json
 import pathlib
 import subprocess
@@ -13,20 +11,12 @@ import pytest
 
 from controlplane import calibrate
 from controlplane.core import verifier
-from tests import harness
-from tests.conftest import SHARED
-
-DEV_PAIRS = SHARED / "data" / "qqp_pairs_dev.jsonl.gz"
+from tests import dev_pairs, harness
 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> pathlib.Path:
-    if not DEV_PAIRS.exists():
-        raise AssertionError(f"{DEV_PAIRS} is missing: the tests expect the shared/ folder")
-    path = tmp_path_factory.mktemp("pairs") / "sample.jsonl.gz"
-    with gzip.open(DEV_PAIRS, "rt") as src, gzip.open(path, "wt") as dst:
-        dst.writelines(itertools.islice(src, 400))
-    return path
+    return dev_pairs.first(tmp_path_factory, "sample.jsonl.gz", 400)
 
 
 def run_ctl(*args: str) -> subprocess.CompletedProcess[str]:
