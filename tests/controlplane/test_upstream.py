@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +17,7 @@ import uvloop
 from controlplane import errors
 from controlplane.adapters import http1, upstream
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+Handler = Callable[["Conn"], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
 
@@ -33,7 +34,7 @@ def on_both_loops(case: Callable[[], Awaitable[None]]) -> Callable[[str], None]:
 
 
 class RawServer:
-    """Counts connections; ``handler(reader, writer, n)`` serves the n-th connection."""
+    """Counts connections; ``handler(conn)`` serves each (``conn.n``: the n-th)."""
 
     def __init__(self) -> None:
         self.handler: Handler | None = None
@@ -51,7 +52,7 @@ class RawServer:
         self.open_max = max(self.open_max, self.open_now)
         assert self.handler is not None
         try:
-            await self.handler(reader, writer, self.connections)
+            await self.handler(Conn(self, reader, writer, self.connections))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -73,10 +74,30 @@ class RawServer:
             self.closed_by_peer += 1
 
 
+@dataclasses.dataclass
+class Conn:
+    """The n-th connection to a :class:`RawServer`, as its handler sees it."""
+
+    srv: RawServer
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    n: int
+
+    async def read_request(self) -> bytes:
+        return await self.srv.read_request(self.reader)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def wait_closed_by_peer(self) -> None:
+        await self.srv.wait_closed_by_peer(self.reader)
+
+
 @contextlib.asynccontextmanager
-async def serving(handler_factory: Callable[[RawServer], Handler]) -> AsyncIterator[RawServer]:
+async def serving(handler: Handler) -> AsyncIterator[RawServer]:
     srv = RawServer()
-    srv.handler = handler_factory(srv)
+    srv.handler = handler
     srv.server = await asyncio.start_server(srv._serve, "127.0.0.1", 0)
     port = srv.server.sockets[0].getsockname()[1]
     srv.url = f"http://127.0.0.1:{port}"
@@ -97,16 +118,26 @@ async def client(**kw: float) -> AsyncIterator[upstream.UpstreamClient]:
         await c.close()
 
 
-def keep_alive(answer: bytes = OK) -> Callable[[RawServer], Handler]:
-    def factory(srv: RawServer) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          n: int) -> None:
-            while True:
-                await srv.read_request(reader)
-                writer.write(answer)
-                await writer.drain()
-        return handler
-    return factory
+def keep_alive(answer: bytes = OK, delay_s: float = 0.0) -> Handler:
+    """Answer every request on the connection with ``answer`` (after ``delay_s``)."""
+    async def handler(conn: Conn) -> None:
+        while True:
+            await conn.read_request()
+            if delay_s:
+                await asyncio.sleep(delay_s)
+            await conn.send(answer)
+    return handler
+
+
+def answer_once(answer: bytes, *, then_wait_close: bool = False) -> Handler:
+    """Read one request, send ``answer`` (then wait until the client closes the connection,
+    with ``then_wait_close``)."""
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        await conn.send(answer)
+        if then_wait_close:
+            await conn.wait_closed_by_peer()
+    return handler
 
 
 @on_both_loops
@@ -127,25 +158,19 @@ async def test_connections_are_kept_alive_and_reused() -> None:
 
 @on_both_loops
 async def test_chunked_bodies_are_unframed_and_arrive_as_they_come() -> None:
-    def factory(srv: RawServer) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          n: int) -> None:
-            await srv.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8"
-                         b"\r\nTransfer-Encoding: chunked\r\n\r\n")
-            for part in (b"data: 1\n\n", b"data: [DONE]\n\n"):
-                writer.write(b"%x\r\n%s\r\n" % (len(part), part))
-                await writer.drain()
-                await asyncio.sleep(0.05)
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-            await srv.read_request(reader)      # the connection is reused
-            writer.write(OK)
-            await writer.drain()
-            await asyncio.sleep(1)
-        return handler
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8"
+                          b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for part in (b"data: 1\n\n", b"data: [DONE]\n\n"):
+            await conn.send(b"%x\r\n%s\r\n" % (len(part), part))
+            await asyncio.sleep(0.05)
+        await conn.send(b"0\r\n\r\n")
+        await conn.read_request()       # the connection is reused
+        await conn.send(OK)
+        await asyncio.sleep(1)
 
-    async with serving(factory) as srv, client() as c:
+    async with serving(handler) as srv, client() as c:
         resp = await c.send("POST", srv.url + "/v1/chat", b"{}", {})
         assert resp.content_type == "text/event-stream"
         chunks = []
@@ -161,15 +186,8 @@ async def test_chunked_bodies_are_unframed_and_arrive_as_they_come() -> None:
 
 @on_both_loops
 async def test_a_body_ended_by_the_connection_is_read_whole_and_not_reused() -> None:
-    def factory(srv: RawServer) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          n: int) -> None:
-            await srv.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
-            await writer.drain()
-        return handler
-
-    async with serving(factory) as srv, client() as c:
+    answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it"
+    async with serving(answer_once(answer)) as srv, client() as c:
         for _ in range(2):
             resp = await c.send("POST", srv.url + "/x", b"", {})
             assert await resp.read() == b"all of it"
@@ -180,20 +198,16 @@ async def test_a_body_ended_by_the_connection_is_read_whole_and_not_reused() -> 
 
 @on_both_loops
 async def test_a_stale_idle_connection_is_retried_once_on_a_new_one() -> None:
-    def factory(srv: RawServer) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          n: int) -> None:
-            await srv.read_request(reader)
-            writer.write(OK)
-            await writer.drain()
-            if n == 1:
-                # Keep-alive time-out racing the next request: read it, close unanswered.
-                await srv.read_request(reader)
-                return
-            await asyncio.sleep(1)
-        return handler
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        await conn.send(OK)
+        if conn.n == 1:
+            # Keep-alive time-out racing the next request: read it, close unanswered.
+            await conn.read_request()
+            return
+        await asyncio.sleep(1)
 
-    async with serving(factory) as srv, client() as c:
+    async with serving(handler) as srv, client() as c:
         first = await c.send("POST", srv.url + "/x", b"1", {})
         await first.read()
         first.close()
@@ -206,13 +220,10 @@ async def test_a_stale_idle_connection_is_retried_once_on_a_new_one() -> None:
 
 @on_both_loops
 async def test_a_new_connection_closed_before_answering_is_an_error_not_a_retry() -> None:
-    def factory(srv: RawServer) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          n: int) -> None:
-            await srv.read_request(reader)
-        return handler
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
 
-    async with serving(factory) as srv, client() as c:
+    async with serving(handler) as srv, client() as c:
         with pytest.raises(errors.UpstreamError, match="before answering"):
             await c.send("POST", srv.url + "/x", b"{}", {})
         assert srv.connections == 1
@@ -221,15 +232,8 @@ async def test_a_new_connection_closed_before_answering_is_an_error_not_a_retry(
 
 @on_both_loops
 async def test_an_answer_cut_in_the_middle_fails_the_read() -> None:
-    def factory(srv: RawServer) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          n: int) -> None:
-            await srv.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
-            await writer.drain()
-        return handler
-
-    async with serving(factory) as srv, client() as c:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"
+    async with serving(answer_once(answer)) as srv, client() as c:
         resp = await c.send("POST", srv.url + "/x", b"{}", {})
         with pytest.raises(errors.UpstreamError, match="middle of its answer"):
             await resp.read()
@@ -239,17 +243,12 @@ async def test_an_answer_cut_in_the_middle_fails_the_read() -> None:
 
 @on_both_loops
 async def test_time_limits_connect_first_byte_and_read() -> None:
-    def factory(srv: RawServer) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          n: int) -> None:
-            request = await srv.read_request(reader)
-            if request.endswith(b"head"):
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-                await writer.drain()
-            await srv.wait_closed_by_peer(reader)
-        return handler
+    async def handler(conn: Conn) -> None:
+        if (await conn.read_request()).endswith(b"head"):
+            await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await conn.wait_closed_by_peer()
 
-    async with serving(factory) as srv, client(first_byte=0.3, idle=0.3) as c:
+    async with serving(handler) as srv, client(first_byte=0.3, idle=0.3) as c:
         with pytest.raises(errors.UpstreamTimeout, match=r"within 0\.3s"):
             await c.send("POST", srv.url + "/x", b"silent", {})
         resp = await c.send("POST", srv.url + "/x", b"head", {})
@@ -276,16 +275,8 @@ async def test_time_limits_connect_first_byte_and_read() -> None:
 
 @on_both_loops
 async def test_closing_before_the_end_closes_the_connection() -> None:
-    def factory(srv: RawServer) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          n: int) -> None:
-            await srv.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
-            await writer.drain()
-            await srv.wait_closed_by_peer(reader)
-        return handler
-
-    async with serving(factory) as srv, client() as c:
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    async with serving(answer_once(answer, then_wait_close=True)) as srv, client() as c:
         resp = await c.send("POST", srv.url + "/x", b"{}", {})
         assert await resp.next_chunk() == b"abc"
         resp.close()
@@ -299,20 +290,16 @@ async def test_reading_pauses_while_the_caller_does_not_take_the_body() -> None:
     size = 8 * 1024 * 1024
     sent = 0
 
-    def factory(srv: RawServer) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          n: int) -> None:
-            nonlocal sent
-            await srv.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-            block = b"x" * 65536
-            for _ in range(size // len(block)):
-                writer.write(block)
-                await writer.drain()
-                sent += len(block)
-        return handler
+    async def handler(conn: Conn) -> None:
+        nonlocal sent
+        await conn.read_request()
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        block = b"x" * 65536
+        for _ in range(size // len(block)):
+            await conn.send(block)
+            sent += len(block)
 
-    async with serving(factory) as srv, client() as c:
+    async with serving(handler) as srv, client() as c:
         resp = await c.send("POST", srv.url + "/x", b"{}", {})
         await asyncio.sleep(0.5)
         assert sent < size, "the server could not send it all: reading was paused"
@@ -326,16 +313,6 @@ async def test_reading_pauses_while_the_caller_does_not_take_the_body() -> None:
 
 @on_both_loops
 async def test_the_connection_limit_makes_requests_wait() -> None:
-    def factory(srv: RawServer) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          n: int) -> None:
-            while True:
-                await srv.read_request(reader)
-                await asyncio.sleep(0.1)
-                writer.write(OK)
-                await writer.drain()
-        return handler
-
     async def one(c: upstream.UpstreamClient, url: str) -> bytes:
         resp = await c.send("POST", url + "/x", b"{}", {})
         try:
@@ -343,7 +320,7 @@ async def test_the_connection_limit_makes_requests_wait() -> None:
         finally:
             resp.close()
 
-    async with serving(factory) as srv, client(limit=2) as c:
+    async with serving(keep_alive(OK, delay_s=0.1)) as srv, client(limit=2) as c:
         results = await asyncio.gather(*(one(c, srv.url) for _ in range(6)))
         assert results == [b"{}"] * 6
         assert srv.open_max == 2 and srv.connections == 2
@@ -351,19 +328,14 @@ async def test_the_connection_limit_makes_requests_wait() -> None:
 
 @on_both_loops
 async def test_informational_answers_are_skipped_and_bad_http_is_an_error() -> None:
-    def factory(srv: RawServer) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          n: int) -> None:
-            request = await srv.read_request(reader)
-            if request.endswith(b"bad"):
-                writer.write(b"NOT HTTP AT ALL\r\n\r\n")
-            else:
-                writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK)
-            await writer.drain()
-            await asyncio.sleep(0.5)
-        return handler
+    async def handler(conn: Conn) -> None:
+        if (await conn.read_request()).endswith(b"bad"):
+            await conn.send(b"NOT HTTP AT ALL\r\n\r\n")
+        else:
+            await conn.send(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK)
+        await asyncio.sleep(0.5)
 
-    async with serving(factory) as srv, client() as c:
+    async with serving(handler) as srv, client() as c:
         resp = await c.send("POST", srv.url + "/x", b"fine", {})
         assert resp.status == 200 and await resp.read() == b"{}"
         assert [k for k, _ in resp.headers] == ["Content-Type", "Content-Length"]
