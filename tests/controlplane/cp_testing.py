@@ -176,6 +176,13 @@ def upstream(name: str, url: str, models: list[str] | None = None,
     return {"name": name, "url": url, "models": models or [MODEL], "task": task}
 
 
+def round_robin(*served: FakeBackend, **overrides: Any) -> config.ControlPlaneSettings:
+    """Settings whose upstreams are ``served`` (each named after its backend), taken in
+    turn (router policy ``round_robin``)."""
+    return settings(upstreams=[upstream(b.name, b.url) for b in served],
+                    router={"policy": "round_robin"}, **overrides)
+
+
 @dataclasses.dataclass
 class RunningCP:
     url: str

@@ -54,8 +54,7 @@ def access_lines() -> Iterator[list[dict[str, Any]]]:
 
 async def test_a_line_per_request_with_what_happened() -> None:
     async with t.backends(("bad", "500"), ("good", "ok")) as (bad, good):
-        s = t.settings(upstreams=[t.upstream("bad", bad.url), t.upstream("good", good.url)],
-                       router={"policy": "round_robin"})
+        s = t.round_robin(bad, good)
         async with t.running(s) as cp:
             client = cp.client()
             with access_lines() as lines:

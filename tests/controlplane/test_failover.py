@@ -92,8 +92,7 @@ async def test_when_every_backend_of_the_model_fails_the_fallback_serves(stream:
 
 async def test_a_stream_that_breaks_before_its_first_chunk_is_retried() -> None:
     async with t.backends(("empty", "empty"), ("good", "ok")) as (empty, good):
-        s = t.settings(upstreams=[t.upstream("empty", empty.url), t.upstream("good", good.url)],
-                       router={"policy": "round_robin"})
+        s = t.round_robin(empty, good)
         async with t.running(s) as cp:
             client = cp.client()
             for _ in range(4):                  # round robin: each starts once or more

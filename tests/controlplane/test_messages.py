@@ -19,8 +19,7 @@ def _client(url: str) -> anthropic.AsyncAnthropic:
 
 async def test_a_failing_backend_is_retried_before_the_first_byte() -> None:
     async with t.backends(("bad", "500"), ("good", "ok")) as (bad, good):
-        s = t.settings(upstreams=[t.upstream("bad", bad.url), t.upstream("good", good.url)],
-                       router={"policy": "round_robin"})
+        s = t.round_robin(bad, good)
         async with t.running(s) as cp, _client(cp.url) as c:
             for _ in range(2):      # round robin: one of the two starts on the bad one
                 raw = await c.messages.with_raw_response.create(**ASK)

@@ -136,9 +136,7 @@ async def test_a_chat_request_is_one_trace_from_the_client_through_agent_and_bac
 
 async def test_each_attempt_is_a_span_and_each_backend_gets_its_own_parent() -> None:
     async with receiver() as rx, t.backends(("bad", "500"), ("good", "ok")) as (bad, good):
-        s = t.settings(upstreams=[t.upstream("bad", bad.url), t.upstream("good", good.url)],
-                       router={"policy": "round_robin"},
-                       tracing={"enabled": True, "endpoint": rx.endpoint})
+        s = t.round_robin(bad, good, tracing={"enabled": True, "endpoint": rx.endpoint})
         async with t.running(s) as cp:
             client = cp.client()
             for _ in range(2):      # round robin: one of the two starts with the bad one
