@@ -209,13 +209,10 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await svc.upstream.close()
 
 
-async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    svc = app[context.SERVICES]
-    url = svc.settings.redis.url
-    if url is None:
-        yield
-        return
-    client = redis_limits.connect(url.get_secret_value())
+@context.with_redis
+async def _redis_ctx(app: web.Application, svc: services_mod.Services,
+                     url: str) -> AsyncIterator[None]:
+    client = redis_limits.connect(url)
     h = svc.settings.http
     lease = h.upstream_first_byte_timeout_s + h.upstream_idle_timeout_s + 60.0
     store = redis_limits.RedisLimitStore(client, svc.settings.redis.timeout_s, lease)

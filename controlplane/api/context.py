@@ -9,6 +9,7 @@ whether it ended in a response, an error or a client abort.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -54,3 +55,18 @@ CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("synapse_context", Requ
 def get(request: web.Request) -> RequestContext:
     ctx: RequestContext = request[CONTEXT]
     return ctx
+
+
+def with_redis(ctx: Callable[[web.Application, services_mod.Services, str], AsyncIterator[None]],
+               ) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that runs ``ctx(app, services, url)`` only when ``redis.url`` is
+    set (``url``: its value); without Redis there is nothing to start or stop."""
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        svc = app[SERVICES]
+        url = svc.settings.redis.url
+        if url is None:
+            yield
+            return
+        async for _ in ctx(app, svc, url.get_secret_value()):
+            yield
+    return run

@@ -35,13 +35,9 @@ def install(app: web.Application) -> None:
     app.cleanup_ctx.append(_fanout_ctx)
 
 
-async def _fanout_ctx(app: web.Application) -> AsyncIterator[None]:
-    svc = app[context.SERVICES]
-    url = svc.settings.redis.url
-    if url is None:
-        yield
-        return
-
+@context.with_redis
+async def _fanout_ctx(app: web.Application, svc: services_mod.Services,
+                      url: str) -> AsyncIterator[None]:
     async def answer() -> bytes:
         return orjson.dumps(local(svc))
 
@@ -49,7 +45,7 @@ async def _fanout_ctx(app: web.Application) -> AsyncIterator[None]:
         svc.metrics.redis_errors.labels("stats").inc()
         log.debug("fleet stats through redis: %s", type(exc).__name__)
 
-    fanout = redis_fanout.Fanout(url.get_secret_value(), CHANNEL, answer, on_error)
+    fanout = redis_fanout.Fanout(url, CHANNEL, answer, on_error)
     svc.stats_fanout = fanout
     app[_TASK] = asyncio.get_running_loop().create_task(fanout.run())
     yield
