@@ -137,8 +137,7 @@ class RateLimited(SynapseError):
         self.limit = limit
 
     def headers(self) -> dict[str, str]:
-        # Retry-After is whole seconds; never 0, which clients read as "now".
-        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
+        return retry_after(self.retry_after_s)
 
 
 class UpstreamError(SynapseError):
@@ -236,7 +235,13 @@ class QueueTimeout(Unavailable):
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
+        return retry_after(self.retry_after_s)
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """The ``Retry-After`` header for a wait of ``seconds``: whole seconds, rounded up,
+    never 0 (which clients read as "now")."""
+    return {"Retry-After": str(max(1, int(-(-seconds // 1))))}
 
 
 def internal(message: str = "internal error") -> SynapseError:
