@@ -4,9 +4,10 @@ One process tree: 4 engine simulators (``realistic`` profile: Llama-3.1-8B on an
 time-scaled by ``--time-scale``) as static upstreams of two ``synapse controlplane``
 processes that differ only in ``fairness.queue.enabled`` (off: today's behaviour, every
 request goes on to an engine's FIFO queue; on: requests wait in the control plane's fair
-queue while the best backend is saturated — every seat taken, the limit learned from the
-engine's metrics, read every ``--report-interval`` real seconds as upstreams of kind
-``vllm`` — or its streamed prefill queue above ``--queue-bound``).
+queue while the best backend is saturated — every seat taken, the seat count given as
+``upstreams[].max_num_seqs`` (``--seats learned``: learned from the engine's metrics, read
+every ``--report-interval`` real seconds as upstreams of kind ``vllm``) — or its streamed
+prefill queue above ``--queue-bound``).
 
 Tenants: *quiet* (class ``interactive``) sends its normal load, RAG-like streamed
 requests (``--quiet-prompt`` tokens of unique context, 32 tokens out) as a Poisson
@@ -24,11 +25,17 @@ Phases (each on fresh texts, the engines idle before each):
 
 Printed: the quiet tenant's TTFT p50/p90 (simulated seconds: measured / time scale) in
 each phase, what became of the noisy requests, and the fleet's throughput over the
-flood phases' measurement window (generation tokens per simulated second from the
-engines' own ``vllm:generation_tokens`` counters, so partly generated answers count),
-with the sequences running and the requests waiting per engine (means of samples taken
-each real second): the machine's other load slows the simulated steps of one phase more
-than another's, and so the tokens per second, but not how full the engines are.
+flood phases' measurement window: tokens processed, prompt and generation (the engines'
+own ``vllm:prompt_tokens`` and ``vllm:generation_tokens`` counters, so partly generated
+answers count; generation alone beside it: a quiet request's long prefill is work the
+fleet does, which serving the quiet tenant moves from the queue-off phase's backlog into
+the window) per simulated second of each engine's own clock (``simulator:simulated_seconds``: modelled step
+durations plus idle time), summed over the engines — what the modelled GPUs did, which
+the machine's other load does not change — and, beside it ("wall"), per real second
+divided by the time scale, which it does: on 2 cores the control planes, the client and
+four simulators share the CPU, and a phase whose control plane works harder slows every
+simulated step. Also the sequences running and the requests waiting per engine (means
+of samples taken each real second).
 Figures come from the simulator only (no real engine here).
 
 Run from anywhere: ``python bench/fairness.py [--time-scale 2] [--seconds 30]`` (or
@@ -83,7 +90,10 @@ class Phase:
     quiet_sent: int = 0
     quiet_started: int = 0                                              # first token seen
     noisy: dict[str, int] = dataclasses.field(default_factory=dict)     # outcome -> count
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0          # prompt + generation tokens processed, per
+                                       # simulated second of the engines' own clocks
+    generated_per_s: float = 0.0       # generation tokens alone, likewise
+    wall_tokens_per_s: float = 0.0     # tokens per real second / time scale (host delays)
     running: float = 0.0        # sequences running per engine, mean of the window's samples
     engine_waiting: float = 0.0     # requests waiting inside an engine, likewise
     sample: dict[int, str] = dataclasses.field(default_factory=dict)  # an error body each
@@ -148,7 +158,9 @@ def controlplane_config(name: str, http: int, sims: list[str], queue: bool,
         # The simulators export vLLM's metrics: the queue learns each engine's seat limit
         # from them (kind vllm), read every second as an agent would report them.
         "upstreams": [{"name": f"sim-{i}", "url": u, "models": [MODEL], "kind": "vllm",
-                       "probe_interval_s": args.report_interval}
+                       "probe_interval_s": args.report_interval,
+                       **({"max_num_seqs": args.max_num_seqs} if args.seats == "configured"
+                          else {})}
                       for i, u in enumerate(sims)],
         "cache": {"enabled": False},
         # The control plane lives in real time: simulated seconds times the time scale.
@@ -162,9 +174,11 @@ def scrape(url: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{url}/metrics", timeout=60) as resp:
         body = resp.read().decode()
     out: dict[str, float] = {}
-    for name in ("generation_tokens_total", "num_requests_running", "num_requests_waiting"):
-        m = re.search(rf"^vllm:{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", body, re.M)
-        out[name] = float(m.group(1)) if m else 0.0
+    for name in ("vllm:generation_tokens_total", "vllm:prompt_tokens_total",
+                 "vllm:num_requests_running",
+                 "vllm:num_requests_waiting", "simulator:simulated_seconds_total"):
+        m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", body, re.M)
+        out[name.split(":")[1]] = float(m.group(1)) if m else 0.0
     return out
 
 
@@ -178,9 +192,12 @@ async def idle(sims: list[str]) -> None:
     raise SystemExit("the engines did not go idle between phases")
 
 
-async def generated(sims: list[str]) -> float:
+async def generated(sims: list[str]) -> list[tuple[float, float, float]]:
+    """Per engine: tokens processed so far (prompt + generation), generation tokens, and
+    its own simulated clock."""
     states = await asyncio.gather(*(asyncio.to_thread(scrape, u) for u in sims))
-    return sum(s["generation_tokens_total"] for s in states)
+    return [(s["prompt_tokens_total"] + s["generation_tokens_total"],
+             s["generation_tokens_total"], s["simulated_seconds_total"]) for s in states]
 
 
 # -- the tenants ----------------------------------------------------------------------------
@@ -270,6 +287,7 @@ def why(cp: str) -> str:
         body = resp.read().decode()
     keep = ("synapse_requests_total", "synapse_queue_refused_total",
             "synapse_route_learned_", "synapse_queue_wait_seconds_count",
+            "synapse_queue_backend_seats",
             "synapse_queue_wait_seconds_sum")
     return "\n".join("    " + line for line in body.splitlines()
                      if line.startswith(keep) and not line.endswith(" 0.0"))
@@ -286,7 +304,7 @@ async def run_phase(name: str, cp: str, sims: list[str], flood_rps: float,
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
-        window: list[float] = []
+        window: list[Any] = []
 
         async def quiet() -> None:
             async for t in arrivals(rng, args.quiet_rate, args.seconds, scale, start):
@@ -335,7 +353,12 @@ async def run_phase(name: str, cp: str, sims: list[str], flood_rps: float,
             print(await asyncio.to_thread(why, cp), flush=True)
             for status, body in phase.sample.items():
                 print(f"    noisy {status}: {body}", flush=True)
-        phase.tokens_per_s = (window[2] - window[0]) / ((window[3] - window[1]) / scale)
+        first, last = window[0], window[2]
+        phase.wall_tokens_per_s = (sum(e[0] for e in last) - sum(e[0] for e in first)) / (
+            (window[3] - window[1]) / scale)
+        pairs = [(a, b) for a, b in zip(first, last, strict=True) if b[2] > a[2]]
+        phase.tokens_per_s = sum((b[0] - a[0]) / (b[2] - a[2]) for a, b in pairs)
+        phase.generated_per_s = sum((b[1] - a[1]) / (b[2] - a[2]) for a, b in pairs)
         # Every quiet request gets its first token (its TTFT counts); then the rest stops.
         phase.all_sent = True
         phase.progress()
@@ -365,7 +388,8 @@ def row(name: str, p: Phase) -> None:
     if p.censored:
         noisy += f"; {len(p.censored)} quiet censored (no token yet, TTFT >= their wait)"
     print(f"{name:<22}{pct(p.quiet_ttft, 0.5):>9.3f}{pct(p.quiet_ttft, 0.9):>9.3f}"
-          f"{len(p.quiet_ttft):>7}{p.quiet_errors:>7}{p.tokens_per_s:>12.0f}"
+          f"{len(p.quiet_ttft):>7}{p.quiet_errors:>7}{p.tokens_per_s:>10.0f}"
+          f"{p.generated_per_s:>10.0f}{p.wall_tokens_per_s:>10.0f}"
           f"{p.running:>9.0f}{p.engine_waiting:>9.0f}   {noisy}", flush=True)
 
 
@@ -380,8 +404,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     try:
         sims, cps = start(tree, workdir, args)
         print(f"{'phase':<22}{'p50 s':>9}{'p90 s':>9}{'quiet':>7}{'errors':>7}"
-              f"{'gen tok/s':>12}{'running':>9}{'waiting':>9}   noisy requests", flush=True)
-        empty = Phase(quiet_ttft=[float("nan")], tokens_per_s=float("nan"))
+              f"{'tok/s':>10}{'gen':>10}{'wall':>10}{'running':>9}{'waiting':>9}   noisy requests",
+              flush=True)
+        nan = float("nan")
+        empty = Phase(quiet_ttft=[nan], tokens_per_s=nan, generated_per_s=nan,
+                      wall_tokens_per_s=nan)
         alone = off = on = empty
         if "alone" in args.phases:
             alone = await run_phase("alone", cps["off"], sims, 0.0, args)
@@ -407,6 +434,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "throughput_off_tokens_per_s": round(off.tokens_per_s, 1),
             "throughput_on_tokens_per_s": round(on.tokens_per_s, 1),
             "throughput_ratio_on_vs_off": round(on.tokens_per_s / off.tokens_per_s, 3),
+            "generated_ratio_on_vs_off": round(on.generated_per_s / off.generated_per_s, 3),
+            "throughput_ratio_on_vs_off_wall": round(on.wall_tokens_per_s
+                                                     / off.wall_tokens_per_s, 3),
             "seats_running_ratio_on_vs_off": round(on.running / off.running, 3)
             if off.running else float("nan")}
 
@@ -434,6 +464,9 @@ def main() -> None:
                         "clients mostly do not)")
     parser.add_argument("--max-num-seqs", type=int, default=int(
         profiles.REALISTIC["max_num_seqs"]), help="seats per engine (the profile's: 256)")
+    parser.add_argument("--seats", choices=("configured", "learned"), default="configured",
+                        help="the queue counts each engine's seats from upstreams[]."
+                        "max_num_seqs (configured) or learns them from its metrics")
     parser.add_argument("--report-interval", type=float, default=1.0,
                         help="real seconds between the control plane's reads of each "
                         "engine's /metrics (upstreams[].probe_interval_s)")

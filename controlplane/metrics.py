@@ -135,6 +135,10 @@ class Metrics:
             "synapse_queue_wait_seconds", "Time requests spent in the fair queue, by class, "
             "tenant and outcome (dispatched, timeout, cancelled).",
             ["class", "tenant", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seats = Gauge(
+            "synapse_queue_backend_seats", "The concurrency limit the fair queue learned per "
+            "backend (sequences the engine runs at once; absent until its reports show it).",
+            ["backend"], registry=r)
         self.queue_refused = Counter(
             "synapse_queue_refused_total", "Requests the fair queue refused at once, by "
             "class, tenant and reason (queue_full, overloaded).", ["class", "tenant", "reason"],

@@ -141,9 +141,13 @@ class Engine:
             if not self.scheduler.has_work:
                 self._idle.set()
                 self._wake.clear()
+                idle_from = self.clock()
                 await self._wake.wait()
                 deadline = self.clock()
+                if self.time_scale > 0:
+                    self.metrics.simulated_seconds += (deadline - idle_from) / self.time_scale
             plan = self.scheduler.schedule()
+            self.metrics.simulated_seconds += plan.duration
             if self.time_scale > 0 and plan.duration > 0:
                 deadline = max(deadline, self.clock() - 0.05) + plan.duration * self.time_scale
                 delay = deadline - self.clock()

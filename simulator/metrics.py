@@ -96,6 +96,9 @@ class VllmMetrics(Collector):
         self.labels = {"model_name": model_name, "engine": "0"}
         self.profile = profile
         self.created = time.time()
+        # The engine's own clock: modelled step durations plus idle time (scaled), so a
+        # bench can measure throughput in simulated time whatever the host's load adds.
+        self.simulated_seconds = 0.0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(REQUEST_LATENCY_BUCKETS)
@@ -164,6 +167,13 @@ class VllmMetrics(Collector):
             m = CounterMetricFamily(name, doc, labels=list(self.labels))
             m.add_metric(list(self.labels.values()), float(value), created=self.created)
             yield m
+        clock = CounterMetricFamily(
+            "simulator:simulated_seconds", "Simulated seconds elapsed on the engine's own "
+            "clock (modelled step durations plus idle time), not counting host delays "
+            "(simulator only).", labels=list(self.labels))
+        clock.add_metric(list(self.labels.values()), self.simulated_seconds,
+                         created=self.created)
+        yield clock
         success = CounterMetricFamily(
             "vllm:request_success", "Count of successfully processed requests.",
             labels=[*self.labels, "finished_reason"])

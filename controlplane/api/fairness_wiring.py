@@ -70,7 +70,7 @@ def build(svc: services_mod.Services) -> fairness.Fairness:
     gate = saturated = None
     if q.enabled:
         saturated = saturation.Saturation(svc.router.ledger, q.max_queue_wait_s,
-                                          q.reserved_seats)
+                                          q.reserved_seats, seats_metric(svc))
         gate = fair_queue.Gate(
             fair_queue.Options(tuple(q.classes), q.max_waiting, q.max_waiting_per_tenant,
                                q.deadline_s, q.poll_interval_s),
@@ -135,6 +135,19 @@ class TokenMetrics(fairness.TokenObserver):
 
     def tokens(self, tenant: str, model: str, kind: str, count: int) -> None:
         self._svc.child(self._svc.metrics.tokens, tenant, model, kind).inc(count)
+
+
+def seats_metric(svc: services_mod.Services) -> Callable[[str, int | None], None]:
+    """The learned seat limit per backend as a gauge (removed when a restart forgets it)."""
+    gauge = svc.metrics.queue_seats
+
+    def record(backend: str, seats: int | None) -> None:
+        if seats is None:
+            with contextlib.suppress(KeyError):
+                gauge.remove(backend)
+        else:
+            gauge.labels(backend).set(seats)     # rare: no memoised child to outlive remove
+    return record
 
 
 class QueueMetrics:

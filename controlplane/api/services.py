@@ -161,6 +161,7 @@ def static_backends(settings: config.ControlPlaneSettings,
         models=tuple(cat.canonical(m) for m in u.models), task=u.task,
         tasks=frozenset(u.tasks), source="static",
         api_key=u.api_key.get_secret_value() if u.api_key else None, engine=u.kind or "",
+        max_num_seqs=u.max_num_seqs or 0,
         upstream_models=tuple((cat.canonical(m), theirs) for m, theirs in u.model_names.items()))
         for u in settings.upstreams]
 

@@ -1,12 +1,17 @@
 """The in-flight ledger: what this replica has sent to each backend and not seen finish.
 
 Per backend it holds the prompt tokens still waiting for prefill (dispatched, no first
-byte yet) and the sequences decoding (first byte seen, not finished). A whole
-(non-streamed) answer's first byte is its last, so its prompt stays "waiting for prefill"
-until it ends; those tokens are also counted apart (``blind_prefill_tokens``) for the
-rules that must not mistake them for a prefill queue (:mod:`saturation`). The router reads
+byte yet) and the sequences decoding (first byte seen, not finished). The router reads
 it as the freshest load signal it has: the agents' scraped queue metrics lag by a report
 interval, the ledger is exact for this replica's own traffic.
+
+A whole (non-streamed) answer's first byte is its last, so nothing shows when its prefill
+is done. Its prompt counts as waiting for prefill until the time the router predicted for
+its first token (``expect_s`` at dispatch), then as decoding: counted until the answer
+ends, a flood of long batch answers would look like a prefill queue that never drains,
+to the router's predictions and to the costs it learns from them. Those tokens are also
+counted apart (``blind_prefill_tokens``) for the rules that must not take a guess for a
+prefill queue (:mod:`saturation`).
 
 A :class:`Ticket` moves dispatch → first byte → finish; each step is idempotent, so a
 handler can call ``finish`` in ``finally`` whatever happened before. Each step is stamped
@@ -17,6 +22,8 @@ with the ledger's clock: the router learns its costs from those times
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 from typing import Any
 
 from synapse_common import clock as clocks
@@ -52,21 +59,29 @@ class Ticket:
     streamed: bool = False      # first_byte was a streamed token (a true TTFT)
     usage: Any = None           # the engine's usage, when the proxy found it
     blind: bool = False         # a whole answer: no first token to see before its end
+    prefilled: bool = False     # counted as decoding (first byte seen, or assumed for a
+                                # whole answer past its predicted first token)
 
 
 class Ledger:
     def __init__(self, clock: clocks.Clock = clocks.monotonic) -> None:
         self._load: dict[str, Load] = {}
         self._clock = clock
+        # per backend: whole answers by the time their prefill is assumed done
+        self._blind: dict[str, list[tuple[float, int, Ticket]]] = {}
+        self._seq = itertools.count()
 
     def load(self, backend: str) -> Load:
-        load = self._load.get(backend)
-        if load is None:
-            load = self._load[backend] = Load()
+        load = self._of(backend)
+        due = self._blind.get(backend)
+        if due and due[0][0] <= self._clock():
+            self._expire(due)
         return load
 
     def dispatch(self, backend: str, uncached_tokens: int, prompt_tokens: int,
-                 streams: bool = True) -> Ticket:
+                 streams: bool = True, expect_s: float = 0.0) -> Ticket:
+        """Count a request sent; ``expect_s``: its predicted time to first token (how long
+        a whole answer's prompt counts as waiting for prefill)."""
         load = self.load(backend)
         load.prefill_tokens += uncached_tokens
         if not streams:
@@ -74,33 +89,64 @@ class Ledger:
         load.prefilling += 1
         load.dispatched += 1
         load.prompt_tokens_total += prompt_tokens
-        return Ticket(backend, uncached_tokens, dispatched_at=self._clock(), blind=not streams)
+        now = self._clock()
+        ticket = Ticket(backend, uncached_tokens, dispatched_at=now, blind=not streams)
+        if not streams:
+            heapq.heappush(self._blind.setdefault(backend, []),
+                           (now + max(0.0, expect_s), next(self._seq), ticket))
+        return ticket
 
     def first_byte(self, ticket: Ticket) -> None:
         if ticket.stage != 0:
             return
         ticket.first_byte_at = self._clock()
-        load = self.load(ticket.backend)
-        load.prefill_tokens -= ticket.prefill_tokens
-        if ticket.blind:
-            load.blind_prefill_tokens -= ticket.prefill_tokens
-        load.prefilling -= 1
-        load.decoding += 1
+        self._prefilled(ticket)
         ticket.stage = 1
 
     def finish(self, ticket: Ticket) -> None:
         if ticket.stage == 2:
             return
-        if ticket.stage == 0:  # never answered: no first byte to stamp
-            load = self.load(ticket.backend)
-            load.prefill_tokens -= ticket.prefill_tokens
-            if ticket.blind:
-                load.blind_prefill_tokens -= ticket.prefill_tokens
+        load = self.load(ticket.backend)
+        if ticket.prefilled:
+            load.decoding -= 1
+        else:                   # never answered: no first byte to stamp
+            self._unqueue(load, ticket)
             load.prefilling -= 1
-        else:
-            self.load(ticket.backend).decoding -= 1
         ticket.finished_at = self._clock()
         ticket.stage = 2
+        due = self._blind.get(ticket.backend)
+        if ticket.blind and due and len(due) > 2 * load.in_flight + 64:
+            # answers that ended before their predicted first token: drop them now
+            due[:] = [entry for entry in due if entry[2].stage != 2]
+            heapq.heapify(due)
 
     def snapshot(self) -> dict[str, Load]:
         return {k: dataclasses.replace(v) for k, v in self._load.items()}
+
+    def _prefilled(self, ticket: Ticket) -> None:
+        if ticket.prefilled:
+            return
+        ticket.prefilled = True
+        load = self._of(ticket.backend)
+        self._unqueue(load, ticket)
+        load.prefilling -= 1
+        load.decoding += 1
+
+    def _of(self, backend: str) -> Load:
+        load = self._load.get(backend)
+        if load is None:
+            load = self._load[backend] = Load()
+        return load
+
+    @staticmethod
+    def _unqueue(load: Load, ticket: Ticket) -> None:
+        load.prefill_tokens -= ticket.prefill_tokens
+        if ticket.blind:
+            load.blind_prefill_tokens -= ticket.prefill_tokens
+
+    def _expire(self, due: list[tuple[float, int, Ticket]]) -> None:
+        now = self._clock()
+        while due and due[0][0] <= now:
+            ticket = heapq.heappop(due)[2]
+            if ticket.stage == 0:
+                self._prefilled(ticket)

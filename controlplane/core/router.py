@@ -284,7 +284,8 @@ class Router:
             if len(self._sessions) > SESSION_MEMORY:
                 self._sessions.popitem(last=False)
         uncached = max(0, verdict.prompt_tokens - verdict.cached_tokens)
-        ticket = self._ledger.dispatch(b.key, uncached, verdict.prompt_tokens, prompt.streams)
+        ticket = self._ledger.dispatch(b.key, uncached, verdict.prompt_tokens, prompt.streams,
+                                       verdict.predicted_ttft_s)
         ticket.prediction = verdict
         return ticket
 

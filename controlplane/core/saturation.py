@@ -7,8 +7,8 @@ reports:
 
 * **Every seat taken.** An engine runs at most so many sequences at once (vLLM's
   ``max_num_seqs``, or fewer when its KV cache is the limit); past that, requests wait in
-  its FIFO queue for a sequence to finish. The control plane is told no seat count, so it
-  learns one per backend: the largest ``running`` of an engine report that shows
+  its FIFO queue for a sequence to finish. A static upstream's ``max_num_seqs`` gives the
+  count; otherwise the queue learns one per backend: the largest ``running`` of an engine report that shows
   requests ``waiting`` while ``running`` did not grow since the report before (the engine
   held at its limit; while it ramps up, requests that arrived during the current step
   show as waiting with seats still free). The limit never shrinks: once the queue holds
@@ -17,9 +17,13 @@ reports:
   either (the queue would never let the engine show more), so the queue probes: when a
   report shows the engine running at the limit the lower classes may fill, with nobody
   waiting, it lets a few more requests on (1, then twice as many at each such report, at
-  most an eighth of the limit), until a report shows a queue again. At the true limit
-  that costs a request or two waiting inside the engine now and then. An engine restart
-  forgets the limit. A limit that shrinks later (KV cache pressure) is not learned:
+  most an eighth of the limit), until a report shows a queue again. Probing stops once a
+  report shows requests waiting at exactly the learned limit (held there twice: no more
+  seats to look for), so that the probe does not take the seats kept for the top class.
+  An engine restart forgets the limit. Learning is a fallback: requests that arrive
+  during a step show as waiting with seats free, and under a flood of arrivals nearly
+  every report shows some, so a dip in ``running`` during the first ramp can be taken
+  for the limit and then confirmed; a configured ``max_num_seqs`` has none of that. A limit that shrinks later (KV cache pressure) is not learned:
   requests then queue in the engine again, as without the fair queue. Saturated when the
   requests this replica has in flight there, plus those the engine reports waiting
   beyond them (other replicas'), reach it. Until a backend has shown its limit once, this signal is silent.
@@ -46,7 +50,7 @@ first tokens that, under saturation, include the wait for a seat.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from controlplane.core import ledger as ledger_mod
 from controlplane.core import types
@@ -54,12 +58,15 @@ from controlplane.core import types
 
 class Saturation:
     def __init__(self, ledger: ledger_mod.Ledger, bound_s: float,
-                 reserve: float = 0.0) -> None:
+                 reserve: float = 0.0,
+                 on_seats: Callable[[str, int | None], None] | None = None) -> None:
         self._ledger = ledger
+        self._on_seats = on_seats or (lambda key, seats: None)  # a limit learned or forgot
         self.bound_s = bound_s
         self.reserve = reserve              # share of the seats kept for the top class
         self._seats: dict[str, int] = {}     # backend key -> the engine's learned limit
         self._probe: dict[str, int] = {}     # requests let on beyond it, to look for more
+        self._confirmed: set[str] = set()    # limits seen twice: no more probing
         self._reports: dict[str, tuple[int, int, int]] = {}  # its last (running, waiting,
                                                               # restarts) seen
 
@@ -69,6 +76,8 @@ class Saturation:
 
     def learn(self, backend: types.BackendState) -> None:
         """Note the backend's seat limit when its reports show it held at that limit."""
+        if backend.max_num_seqs:
+            return              # configured: nothing to learn, nothing to probe for
         key = backend.key
         report = (backend.running, backend.waiting, backend.restarts)
         last = self._reports.get(key)
@@ -79,18 +88,28 @@ class Saturation:
             return
         running, waiting = backend.running, backend.waiting
         if report[2] != last[2]:
-            self._seats.pop(key, None)
+            if self._seats.pop(key, None) is not None:
+                self._on_seats(key, None)
             self._probe.pop(key, None)
+            self._confirmed.discard(key)
             return
         seats = self._seats.get(key)
         if waiting > 0:
             self._probe[key] = 0        # a queue: let no more on than the limit
-            if 0 < running <= last[0]:  # and not ramping up: the limit
-                self._seats[key] = max(running, seats or 0)
-        elif seats is not None and not waiting and running >= seats - self.reserved(seats):
+            if running == seats:        # held at the limit again: no more seats to look for
+                self._confirmed.add(key)
+            elif 0 < running <= last[0]:    # and not ramping up: the limit
+                self._set(key, max(running, seats or 0))
+        elif (seats is not None and key not in self._confirmed and not waiting
+              and running >= seats - self.reserved(seats)):
             # Filled as far as the queue lets it, and no queue: maybe more seats.
-            self._seats[key] = max(running, seats)
+            self._set(key, max(running, seats))
             self._probe[key] = min(max(1, 2 * self._probe.get(key, 0)), max(1, seats // 8))
+
+    def _set(self, key: str, seats: int) -> None:
+        if self._seats.get(key) != seats:
+            self._seats[key] = seats
+            self._on_seats(key, seats)
 
     def reserved(self, seats: int) -> int:
         """Seats of ``seats`` that only the highest class may take (one left to others)."""
@@ -105,10 +124,10 @@ class Saturation:
         return max(0.0, v.basis.queued_tokens - blind) * v.basis.prefill_s_per_token
 
     def seats_full(self, backend: types.BackendState, top: bool = True) -> bool:
-        seats = self._seats.get(backend.key)
-        if seats is None:
+        seats = backend.max_num_seqs or self._seats.get(backend.key)
+        if not seats:
             return False
-        probe = self._probe.get(backend.key, 0)
+        probe = 0 if backend.max_num_seqs else self._probe.get(backend.key, 0)
         if not top:
             seats -= self.reserved(seats)
         seats += probe

@@ -51,6 +51,10 @@ class UpstreamSettings(Section):
         None, gt=0, description="how often its health is probed; none = "
         "registry.upstream_probe_interval_s, and for kind openai at most once a minute")
     task: Literal["generate", "embed"] = Field("generate", description="what it serves")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="sequences the engine runs at once (vLLM's --max-num-seqs): "
+        "the fair queue counts this backend's seats from it; none = learn them from its "
+        "metrics (kind vllm or sglang), which a burst of arrivals can mislead")
     tasks: TaskList = Field(
         default_factory=list, description="every API it serves (generate, responses, "
         "messages, tokenize, rerank, score, transcription, embed, speech; the paths of each "

@@ -103,6 +103,18 @@ def test_the_limit_does_not_ratchet_down_and_a_restart_forgets_it() -> None:
     assert sat.seats("n1/e") is None
 
 
+def test_each_learned_or_forgotten_limit_is_reported_once() -> None:
+    r, reg, _ = fleet()
+    seen: list[tuple[str, int | None]] = []
+    sat = saturation.Saturation(r.ledger, BOUND_S,
+                                on_seats=lambda key, seats: seen.append((key, seats)))
+    for running, waiting, restarts in ((0, 0, 0), (8, 1, 0), (8, 2, 0), (7, 2, 0), (8, 3, 0),
+                                       (8, 3, 1)):
+        report(reg, running=running, waiting=waiting, restarts=restarts)
+        room(r, sat)
+    assert seen == [("n1/e", 8), ("n1/e", None)]
+
+
 def test_other_replicas_requests_waiting_count_against_the_seats() -> None:
     r, reg, sat = fleet()
     r.ledger.finish(send(r, 10, streams=False))     # prompts of 10 tokens on average
