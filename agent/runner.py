@@ -315,7 +315,8 @@ class Runner:
             started_unix_ms=self.started_ms, pid=self.pid,
             last_log_lines=tuple(self.sink.lines()[-10:]),
             memory_reserved_bytes=self.spec.memory_required_bytes,
-            metrics_ok=self.metrics_ok, managed=self.managed, tasks=self.tasks)
+            metrics_ok=self.metrics_ok, managed=self.managed, tasks=self.tasks,
+            max_num_seqs=commands.max_num_seqs(self.spec))
 
 
 def _dialable(host: str) -> str:

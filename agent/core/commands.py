@@ -56,6 +56,26 @@ def build(spec: types.EngineSpec, host: str, port: int, *,
     raise ValueError(f"unknown engine kind {spec.engine!r}")
 
 
+def max_num_seqs(spec: types.EngineSpec) -> int:
+    """The sequences the engine runs at once when its extra arguments set them
+    (``--max-num-seqs N`` or ``--max-num-seqs=N``, the last one wins as in argparse);
+    0 when they do not (the engine's own default, which depends on its version and
+    hardware, is not guessed)."""
+    if spec.engine not in ("vllm", "simulator"):
+        return 0
+    found = 0
+    args = list(spec.extra_args)
+    for i, arg in enumerate(args):
+        value = None
+        if arg == "--max-num-seqs" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--max-num-seqs="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            found = int(value) if value.isdigit() else 0
+    return found
+
+
 def _simulated(spec: types.EngineSpec) -> str:
     """The engine a simulator imitates: TEI for embeddings (and a TEI reranker), a speech
     server for speech, else vLLM."""

@@ -125,3 +125,4 @@ class BackendStatus:
     metrics_ok: bool = False
     managed: bool = False  # True when the control plane asked for it
     tasks: tuple[str, ...] = ()  # what it serves (agent.engine_tasks)
+    max_num_seqs: int = 0  # sequences it runs at once, from its command line; 0 = unknown

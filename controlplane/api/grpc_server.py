@@ -71,7 +71,7 @@ def backend_state(node: str, b: common_pb2.BackendState) -> types.BackendState:
         running=b.num_requests_running, kv_usage=b.kv_cache_usage,
         kv_capacity_tokens=b.kv_capacity_tokens, block_size=b.kv_block_size,
         prefix_hit_rate=b.prefix_cache_hit_rate, restarts=b.restarts,
-        metrics_ok=b.metrics_ok)
+        metrics_ok=b.metrics_ok, max_num_seqs=b.max_num_seqs)
 
 
 def node_info(r: controlplane_pb2.Register) -> types.NodeInfo:

@@ -8,7 +8,8 @@ reports:
 * **Every seat taken.** An engine runs at most so many sequences at once (vLLM's
   ``max_num_seqs``, or fewer when its KV cache is the limit); past that, requests wait in
   its FIFO queue for a sequence to finish. A static upstream's ``max_num_seqs`` gives the
-  count; otherwise the queue learns one per backend: the largest ``running`` of an engine report that shows
+  count, and so does an agent's engine whose command line sets ``--max-num-seqs`` (the
+  agent reports it); otherwise the queue learns one per backend: the largest ``running`` of an engine report that shows
   requests ``waiting`` while ``running`` did not grow since the report before (the engine
   held at its limit; while it ramps up, requests that arrived during the current step
   show as waiting with seats still free). The limit never shrinks: once the queue holds

@@ -46,7 +46,8 @@ class BackendState:
     tasks: frozenset[str] = frozenset()     # what it serves; empty = ``task`` alone
     engine: str = ""                # agent backends: vllm, tei, simulator, external;
                                     # static upstreams: their kind (upstream_kinds), or ""
-    max_num_seqs: int = 0           # sequences it runs at once, when configured; 0 = unknown
+    max_num_seqs: int = 0           # sequences it runs at once, when configured (static) or
+                                    # set on its command line (agent); 0 = unknown
 
     def serves(self, task: str) -> bool:
         """Whether it answers requests of ``task`` (the one rule of task filtering)."""

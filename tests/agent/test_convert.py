@@ -38,3 +38,13 @@ def test_gpu_fields_nvml_could_not_read_stay_unset():
                                       processes=(types.GpuProcess(7, 5, "sim"),)))
     assert msg.HasField("memory_total_bytes") and not msg.HasField("power_watts")
     assert msg.processes[0].backend_name == "sim"
+
+
+def test_the_seat_count_reaches_the_control_planes_view_of_the_backend():
+    from controlplane.api import grpc_server
+
+    status = types.BackendStatus(name="b", url="http://127.0.0.1:8000", models=("m",),
+                                 engine="vllm", task="generate", phase="ready",
+                                 max_num_seqs=48)
+    state = grpc_server.backend_state("n1", convert.backend(status))
+    assert (state.key, state.max_num_seqs) == ("n1/b", 48)

@@ -103,6 +103,26 @@ def test_the_limit_does_not_ratchet_down_and_a_restart_forgets_it() -> None:
     assert sat.seats("n1/e") is None
 
 
+def test_a_configured_seat_count_is_used_as_given_and_never_probed_past() -> None:
+    r, reg, sat = fleet()
+    seat_count = 3
+    reg.report("n1", [types.BackendState(
+        key="n1/e", node="n1", name="e", url="http://e", models=(MODEL,), running=0,
+        waiting=0, kv_capacity_tokens=10**6, block_size=16, max_num_seqs=seat_count)])
+    tickets = [send(r, 10, streams=False) for _ in range(seat_count - 1)]
+    assert room(r, sat)
+    tickets.append(send(r, 10, streams=False))
+    assert not room(r, sat)         # full before any report says so
+    for running, waiting in ((3, 0), (3, 0), (3, 0)):   # full, nobody waiting: no probe
+        reg.report("n1", [types.BackendState(
+            key="n1/e", node="n1", name="e", url="http://e", models=(MODEL,),
+            running=running, waiting=waiting, kv_capacity_tokens=10**6, block_size=16,
+            max_num_seqs=seat_count)])
+        assert not room(r, sat)
+    r.ledger.finish(tickets[0])
+    assert room(r, sat)
+
+
 def test_each_learned_or_forgotten_limit_is_reported_once() -> None:
     r, reg, _ = fleet()
     seen: list[tuple[str, int | None]] = []

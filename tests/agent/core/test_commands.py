@@ -37,3 +37,17 @@ def test_simulator_gets_the_context_length_like_vllm():
     sim = types.EngineSpec(name="s", engine="simulator", model="m", max_model_len=4096)
     argv = commands.build(sim, "127.0.0.1", 9000)
     assert argv[-2:] == ["--max-model-len", "4096"] and argv[:2] == ["synapse", "simulator"]
+
+
+def test_the_seat_count_is_read_from_the_command_line_when_it_sets_one():
+    def seats(engine: str, *extra: str) -> int:
+        return commands.max_num_seqs(types.EngineSpec(name="e", engine=engine, model="m",
+                                                      extra_args=extra))
+    assert seats("vllm", "--max-num-seqs", "64") == 64
+    assert seats("vllm", "--max-num-seqs=32", "--enforce-eager") == 32
+    assert seats("vllm", "--max-num-seqs", "8", "--max-num-seqs", "16") == 16  # argparse
+    assert seats("simulator", "--time-scale", "0", "--max-num-seqs", "4") == 4
+    assert seats("vllm") == 0                   # vLLM's own default is not guessed
+    assert seats("vllm", "--max-num-seqs", "many") == 0
+    assert seats("vllm", "--max-num-seqs") == 0
+    assert seats("tei", "--max-num-seqs", "4") == 0
