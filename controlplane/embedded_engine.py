@@ -3,7 +3,8 @@
 on the CPU.
 
 The real engine runs with ``--enforce-eager`` (start-up in tens of seconds instead of
-minutes of torch.compile, for somewhat slower decoding), bf16, a 4,096-token context and
+minutes of torch.compile, for somewhat slower decoding), bf16 where the CPU has native bf16
+and float32 elsewhere (:func:`engines.cpu_dtype`), a 4,096-token context and
 ``--enable-prompt-tokens-details`` (so answers report ``cached_tokens``). The agent adds
 vLLM's CPU environment itself (:mod:`agent.engine_env`); it is told the device is the
 CPU, since the engine tier's vLLM is the CPU build whatever the machine has.
@@ -21,7 +22,7 @@ SIMULATOR_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 SIMULATOR_ALIASES = ("llama",)
 VLLM_ALIASES = ("smollm2",)
 VLLM_MAX_MODEL_LEN = 4096
-VLLM_FLAGS = ("--dtype", "bfloat16", "--enforce-eager", "--enable-prompt-tokens-details")
+VLLM_FLAGS = ("--enforce-eager", "--enable-prompt-tokens-details")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,8 @@ def _vllm(args: argparse.Namespace, port: int) -> Generation:
     model = args.model or tier.model_name
     backend = {"name": "vllm", "engine": "vllm", "model": str(model_dir),
                "served_model_names": [model], "port": port,
-               "max_model_len": VLLM_MAX_MODEL_LEN, "extra_args": list(VLLM_FLAGS)}
+               "max_model_len": VLLM_MAX_MODEL_LEN,
+               "extra_args": ["--dtype", engines.cpu_dtype(), *VLLM_FLAGS]}
     supervisor = {"vllm_command": command, "vllm_device": "cpu"}
     return Generation(model, _aliases(args, VLLM_ALIASES), backend, supervisor,
                       "agent, vLLM (SmolLM2-135M on the CPU) and embedder")

@@ -38,6 +38,26 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # `vllm serve` is bro
 MISSING_HINT = "run `make engines` (it installs the engine tier once, in a few minutes)"
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags under which vLLM's bf16 kernels are native
+
+
+def cpu_dtype(cpuinfo: str | None = None) -> str:
+    """The dtype the CPU build of vLLM runs fastest here: ``bfloat16`` on a CPU with native
+    bf16 (AVX-512 BF16 or AMX), ``float32`` elsewhere, where bf16 is emulated and several
+    times slower (the closing notes of 2026-12-03 hold the measurement). ``cpuinfo``:
+    the text of ``/proc/cpuinfo`` (read when ``None``; unreadable counts as no bf16)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = pathlib.Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return "bfloat16" if flags.intersection(BF16_CPU_FLAGS) else "float32"
+    return "float32"
+
+
 class EngineTierMissing(RuntimeError):
     """A part of the engine tier is not installed; the message says how to install it."""
 

@@ -73,6 +73,8 @@ def test_synapse_up_engine_vllm_configures_the_tiers_server(tier_dir):
     assert gen.backend is not None and gen.backend["engine"] == "vllm"
     assert gen.backend["model"] == str(tier_dir / "models" / engines.MODEL_DIR_NAME)
     assert "--enforce-eager" in gen.backend["extra_args"]
+    dtype = gen.backend["extra_args"][gen.backend["extra_args"].index("--dtype") + 1]
+    assert dtype == engines.cpu_dtype()
     assert gen.supervisor == {"vllm_command": engines.find().vllm_command(),
                               "vllm_device": "cpu"}
     yaml.safe_dump(gen.backend)  # goes into agent.yaml as it is
