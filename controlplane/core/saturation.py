@@ -9,34 +9,36 @@ reports:
   ``max_num_seqs``, or fewer when its KV cache is the limit); past that, requests wait in
   its FIFO queue for a sequence to finish. A static upstream's ``max_num_seqs`` gives the
   count, and so does an agent's engine whose command line sets ``--max-num-seqs`` (the
-  agent reports it); otherwise the queue learns one per backend: the largest ``running`` of an engine report that shows
-  requests ``waiting`` while ``running`` did not grow since the report before (the engine
-  held at its limit; while it ramps up, requests that arrived during the current step
-  show as waiting with seats still free). The limit never shrinks: once the queue holds
-  the engine at it, every report finds a few requests just sent and a few seats just
-  freed, which would ratchet it down. A limit learned too low would never correct itself
-  either (the queue would never let the engine show more), so the queue probes: when a
-  report shows the engine running at the limit the lower classes may fill, with nobody
-  waiting, it lets a few more requests on (1, then twice as many at each such report, at
-  most an eighth of the limit), until a report shows a queue again. Probing stops once a
-  report shows requests waiting at exactly the learned limit (held there twice: no more
-  seats to look for), so that the probe does not take the seats kept for the top class.
-  An engine restart forgets the limit. Learning is a fallback: requests that arrive
-  during a step show as waiting with seats free, and under a flood of arrivals nearly
-  every report shows some, so a dip in ``running`` during the first ramp can be taken
-  for the limit and then confirmed; a configured ``max_num_seqs`` has none of that. A limit that shrinks later (KV cache pressure) is not learned:
-  requests then queue in the engine again, as without the fair queue. Saturated when the
-  requests this replica has in flight there, plus those the engine reports waiting
-  beyond them (other replicas'), reach it. Until a backend has shown its limit once, this signal is silent.
+  agent reports it); otherwise the queue learns one per backend: the largest ``running``
+  of an engine report that shows requests ``waiting`` while ``running`` did not grow since
+  the report before (the engine held at its limit; while it ramps up, requests that
+  arrived during the current step show as waiting with seats still free). The limit never
+  shrinks: once the queue holds the engine at it, every report finds a few requests just
+  sent and a few seats just freed, which would ratchet it down. A limit learned too low
+  would never correct itself either (the queue would never let the engine show more), so
+  the queue probes: when a report shows the engine running at the limit the lower classes
+  may fill, with nobody waiting, it lets a few more requests on (1, then twice as many at
+  each such report, at most an eighth of the limit), until a report shows a queue again.
+  Probing stops once a report shows requests waiting at exactly the learned limit (held
+  there twice: no more seats to look for), so that the probe does not take the seats kept
+  for the top class. An engine restart forgets the limit. Learning is a fallback: requests
+  that arrive during a step show as waiting with seats free, and under a flood of arrivals
+  nearly every report shows some, so a dip in ``running`` during the first ramp can be
+  taken for the limit and then confirmed; a configured ``max_num_seqs`` has none of that.
+  A limit that shrinks later (KV cache pressure) is not learned: requests then queue in
+  the engine again, as without the fair queue. Saturated when the requests this replica
+  has in flight there, plus those the engine reports waiting beyond them (other
+  replicas'), reach it. Until a backend has shown its limit once, this signal is silent.
   With several replicas each one sees the others only through the engine's reports, so
   together they may fill a backend's queue by up to a report interval's worth.
 * **Prefill queued ahead.** Long prompts can saturate an engine with seats to spare: the
   prefill the router predicts queued ahead of a request (:attr:`types.Basis.queued_tokens`,
   requests sent and not yet at their first token), in seconds, above
   ``fairness.queue.max_queue_wait_s``. Only answers that stream count here: a whole
-  (non-streamed) answer shows no first token, so the ledger would keep its prompt "queued"
-  until it ends and a flood of batch requests that are long past their prefill would close
-  the backend while most of its seats sit empty. The seat signal bounds those instead.
+  (non-streamed) answer shows no first token, so the ledger only guesses when its prefill
+  is done (at the first token the router predicted), and a guess that runs long would
+  close the backend to a flood of batch requests while most of its seats sit empty. The
+  seat signal bounds those instead.
 
 The highest priority class may take every seat; the others leave ``reserve`` of them
 (a share of the limit, rounded up, always leaving them one) to it, so that an
