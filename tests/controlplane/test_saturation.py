@@ -231,3 +231,22 @@ def test_a_limit_learned_too_low_grows_by_probing_and_settles_at_the_engines() -
     assert sat.seats("n1/e") == engine
     # Held there: at most a few requests ever wait inside the engine.
     assert max(waiting_seen[-20:]) <= 4, waiting_seen
+
+
+def test_a_limit_seen_twice_is_no_longer_probed_past() -> None:
+    r, reg, sat = fleet()
+    report(reg, running=8, waiting=1)
+    room(r, sat)
+    report(reg, running=8, waiting=2)       # learned: 8
+    room(r, sat)
+    report(reg, running=8, waiting=3)       # held at 8 again with a queue: confirmed
+    room(r, sat)
+    tickets = [send(r, 10, streams=False) for _ in range(8)]
+    for waiting in (0, 0, 0):    # full, nobody waiting: before, each let more on
+        report(reg, running=8, waiting=waiting)
+        report(reg, running=7, waiting=0)
+        report(reg, running=8, waiting=waiting)
+        assert not room(r, sat)
+    assert sat.seats("n1/e") == 8
+    r.ledger.finish(tickets[0])
+    assert room(r, sat)
