@@ -29,8 +29,8 @@ flood phases' measurement window: tokens processed, prompt and generation (the e
 own ``vllm:prompt_tokens`` and ``vllm:generation_tokens`` counters, so partly generated
 answers count; generation alone beside it: a quiet request's long prefill is work the
 fleet does, which serving the quiet tenant moves from the queue-off phase's backlog into
-the window) per simulated second of each engine's own clock (``simulator:simulated_seconds``: modelled step
-durations plus idle time), summed over the engines — what the modelled GPUs did, which
+the window) per simulated second of each engine's own clock
+(``simulator:simulated_seconds``: modelled step durations plus idle time), summed over the engines — what the modelled GPUs did, which
 the machine's other load does not change — and, beside it ("wall"), per real second
 divided by the time scale, which it does: on 2 cores the control planes, the client and
 four simulators share the CPU, and a phase whose control plane works harder slows every
@@ -155,8 +155,9 @@ def controlplane_config(name: str, http: int, sims: list[str], queue: bool,
         "auth": {"admin_key": ADMIN, "tenants": [
             {"name": "quiet", "keys": [QUIET_KEY], "priority": "interactive"},
             {"name": "noisy", "keys": [NOISY_KEY], "priority": "batch"}]},
-        # The simulators export vLLM's metrics: the queue learns each engine's seat limit
-        # from them (kind vllm), read every second as an agent would report them.
+        # Each engine's seats as configured (--seats configured), or learned from the
+        # vLLM metrics the simulators export (kind vllm), read every --report-interval
+        # seconds as an agent would report them.
         "upstreams": [{"name": f"sim-{i}", "url": u, "models": [MODEL], "kind": "vllm",
                        "probe_interval_s": args.report_interval,
                        **({"max_num_seqs": args.max_num_seqs} if args.seats == "configured"
@@ -192,7 +193,7 @@ async def idle(sims: list[str]) -> None:
     raise SystemExit("the engines did not go idle between phases")
 
 
-async def generated(sims: list[str]) -> list[tuple[float, float, float]]:
+async def counters(sims: list[str]) -> list[tuple[float, float, float]]:
     """Per engine: tokens processed so far (prompt + generation), generation tokens, and
     its own simulated clock."""
     states = await asyncio.gather(*(asyncio.to_thread(scrape, u) for u in sims))
@@ -326,7 +327,7 @@ async def run_phase(name: str, cp: str, sims: list[str], flood_rps: float,
 
         async def meter() -> None:
             await asyncio.sleep(args.warmup * scale)
-            window.append(await generated(sims))
+            window.append(await counters(sims))
             window.append(time.perf_counter())
 
         samples: list[dict[str, float]] = []
@@ -344,7 +345,7 @@ async def run_phase(name: str, cp: str, sims: list[str], flood_rps: float,
         if samples:
             phase.running = sum(x["num_requests_running"] for x in samples) / len(samples)
             phase.engine_waiting = sum(x["num_requests_waiting"] for x in samples) / len(samples)
-        window += [await generated(sims), time.perf_counter()]
+        window += [await counters(sims), time.perf_counter()]
         if args.why:
             states = await asyncio.gather(*(asyncio.to_thread(scrape, u) for u in sims))
             print("    engines running/waiting: " + ", ".join(
