@@ -142,6 +142,15 @@ class FairQueue:
                 return heap[0][2]
         return None
 
+    def waiting_at_or_above(self, rank: int) -> bool:
+        """Whether a request of class rank ``rank`` or a higher class (smaller rank) waits."""
+        for heap in self._heaps[:rank + 1]:
+            while heap and heap[0][2].gone:
+                heapq.heappop(heap)
+            if heap:
+                return True
+        return False
+
     def pop(self) -> Waiter | None:
         """The next request to send on: highest class, then smallest finish tag."""
         w = self.peek()
@@ -196,10 +205,15 @@ class Gate:
     def classes(self) -> Sequence[str]:
         return self.options.classes
 
-    def busy(self, model: str) -> bool:
-        """Whether requests of ``model`` are waiting (a newcomer then queues behind them)."""
+    def busy(self, model: str, cls: str | None = None) -> bool:
+        """Whether requests of ``model`` are waiting — of class ``cls`` or a higher one,
+        when given — so that a newcomer of that class queues behind them. Requests of
+        lower classes only would go after it anyway (strict priority): it need not wait
+        for a turn behind them."""
         q = self._queues.get(model)
-        return q is not None and len(q) > 0
+        if q is None or not len(q):
+            return False
+        return cls is None or q.waiting_at_or_above(q.rank(cls))
 
     def depths(self) -> dict[str, int]:
         """Requests waiting per model (models with none left out)."""

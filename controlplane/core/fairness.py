@@ -11,7 +11,8 @@ weighted fair queuing) — and answers the serving path's four questions:
 * :meth:`must_wait` / :meth:`hold` (after routing): are the chosen backends saturated —
   the best candidate's seats all taken or the prefill queued ahead there above
   ``fairness.queue.max_queue_wait_s`` (:mod:`saturation`, the one rule), or requests of
-  the model already waiting — and if so, wait for a fair turn.
+  the model and of the same or a higher class already waiting — and if so, wait for a
+  fair turn.
 * :meth:`settle` (when the answer ended): correct the charge to the engine's ``usage``
   and account it per tenant x model x day; a cache hit is accounted as tokens saved.
 
@@ -128,7 +129,7 @@ class Fairness:
         """Whether a request of class ``cls`` routed so waits for a fair turn."""
         if self.gate is None:
             return False
-        if self.gate.busy(route.model):
+        if self.gate.busy(route.model, cls):     # its class or a higher one waits
             return True
         best = route.candidates[0] if route.candidates else None
         return (best is not None and self.saturation is not None

@@ -188,3 +188,16 @@ async def test_models_queue_apart() -> None:
     await asyncio.gather(blocked, return_exceptions=True)
     await gate.close()
     assert fleet.free == 0
+
+
+async def test_a_higher_class_does_not_queue_behind_lower_classes_only() -> None:
+    opts = fair_queue.Options(poll_interval_s=0.01)
+    gate = fair_queue.Gate(opts, lambda model, cls: cls == "interactive")
+    batch = asyncio.create_task(gate.wait("m", "noisy", "batch", 1.0, 10))
+    await settle_until(lambda: gate.depth("m") == 1, "the batch request to queue")
+    assert gate.busy("m") and gate.busy("m", "batch")
+    assert not gate.busy("m", "interactive")    # strict priority: it would go first anyway
+    batch.cancel()
+    await asyncio.gather(batch, return_exceptions=True)
+    assert not gate.busy("m", "batch")
+    await gate.close()
