@@ -134,8 +134,11 @@ class FairQueue:
         self._waiting[(cls, tenant)] = self._waiting.get((cls, tenant), 0) + 1
         return w
 
-    def peek(self) -> Waiter | None:
-        for heap in self._heaps:
+    def peek(self, rank: int | None = None) -> Waiter | None:
+        """The next request to send on, or with ``rank`` the next of that class or a higher
+        one (smaller rank); released, expired and cancelled ones are dropped on the way."""
+        heaps = self._heaps if rank is None else self._heaps[:rank + 1]
+        for heap in heaps:
             while heap and heap[0][2].gone:
                 heapq.heappop(heap)
             if heap:
@@ -144,12 +147,7 @@ class FairQueue:
 
     def waiting_at_or_above(self, rank: int) -> bool:
         """Whether a request of class rank ``rank`` or a higher class (smaller rank) waits."""
-        for heap in self._heaps[:rank + 1]:
-            while heap and heap[0][2].gone:
-                heapq.heappop(heap)
-            if heap:
-                return True
-        return False
+        return self.peek(rank) is not None
 
     def pop(self) -> Waiter | None:
         """The next request to send on: highest class, then smallest finish tag."""
