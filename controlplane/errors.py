@@ -32,7 +32,11 @@ Transports raise only the ``Upstream*`` classes (their foreign exceptions are tr
 in one table, :data:`controlplane.adapters.http1.ERRORS`), and their messages never name
 an address: a client sees which backend failed by its key, never where it lives.
 
-This module is the one place that builds the envelope: handlers, the SSE error event and
+Each class states its status, type, gRPC code and default ``code`` in its ``class`` line
+(the way :mod:`synapse_common.api_error` gives a hierarchy, whose base renders the
+envelope); the tree above is that table read top-down.
+
+Nothing else in the control plane builds the envelope: handlers, the SSE error event and
 the low-level HTTP parse errors all render one of these classes.
 """
 
@@ -43,24 +47,17 @@ from typing import Any
 
 import orjson
 
+from synapse_common import api_error
 
-class SynapseError(Exception):
-    http_status = 500
-    error_type = "internal_error"
+
+class SynapseError(api_error.ApiError):
     grpc_code = "INTERNAL"
     default_code: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None,
                  code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code if code is not None else self.default_code
-
-    def envelope(self) -> dict[str, Any]:
-        """The OpenAI error object for this error."""
-        return {"error": {"message": self.message, "type": self.error_type,
-                          "param": self.param, "code": self.code}}
+        super().__init__(message, param=param,
+                         code=code if code is not None else self.default_code)
 
     def headers(self) -> dict[str, str]:
         """Extra response headers this error carries (``Retry-After``)."""
@@ -74,63 +71,43 @@ class SynapseError(Exception):
         return err
 
 
-class BadRequest(SynapseError):
-    http_status = 400
-    error_type = "invalid_request_error"
-    grpc_code = "INVALID_ARGUMENT"
+class BadRequest(SynapseError, http_status=400, error_type="invalid_request_error",
+                 grpc_code="INVALID_ARGUMENT"):
+    pass
 
 
-class Unauthorized(SynapseError):
-    http_status = 401
-    error_type = "authentication_error"
-    grpc_code = "UNAUTHENTICATED"
-    default_code = "invalid_api_key"
+class Unauthorized(SynapseError, http_status=401, error_type="authentication_error",
+                   grpc_code="UNAUTHENTICATED", default_code="invalid_api_key"):
+    pass
 
 
-class Forbidden(SynapseError):
-    http_status = 403
-    error_type = "permission_error"
-    grpc_code = "PERMISSION_DENIED"
-    default_code = "model_not_allowed"
+class Forbidden(SynapseError, http_status=403, error_type="permission_error",
+                grpc_code="PERMISSION_DENIED", default_code="model_not_allowed"):
+    pass
 
 
-class NotFound(SynapseError):
-    http_status = 404
-    error_type = "invalid_request_error"
-    grpc_code = "NOT_FOUND"
-    default_code = "model_not_found"
+class NotFound(SynapseError, http_status=404, error_type="invalid_request_error",
+               grpc_code="NOT_FOUND", default_code="model_not_found"):
+    pass
 
 
-class Conflict(SynapseError):
+class Conflict(SynapseError, http_status=409, error_type="invalid_request_error",
+               grpc_code="FAILED_PRECONDITION"):
     """The request is valid but the fleet's state refuses it (e.g. no node fits)."""
 
-    http_status = 409
-    error_type = "invalid_request_error"
-    grpc_code = "FAILED_PRECONDITION"
 
-
-class RequestTimeout(SynapseError):
+class RequestTimeout(SynapseError, http_status=408, error_type="invalid_request_error",
+                     grpc_code="DEADLINE_EXCEEDED", default_code="request_timeout"):
     """The client did not send its whole request in time (the connection is closed)."""
 
-    http_status = 408
-    error_type = "invalid_request_error"
-    grpc_code = "DEADLINE_EXCEEDED"
-    default_code = "request_timeout"
+
+class PayloadTooLarge(SynapseError, http_status=413, error_type="invalid_request_error",
+                      grpc_code="RESOURCE_EXHAUSTED", default_code="request_too_large"):
+    pass
 
 
-class PayloadTooLarge(SynapseError):
-    http_status = 413
-    error_type = "invalid_request_error"
-    grpc_code = "RESOURCE_EXHAUSTED"
-    default_code = "request_too_large"
-
-
-class RateLimited(SynapseError):
-    http_status = 429
-    error_type = "rate_limit_error"
-    grpc_code = "RESOURCE_EXHAUSTED"
-    default_code = "rate_limit_exceeded"
-
+class RateLimited(SynapseError, http_status=429, error_type="rate_limit_error",
+                  grpc_code="RESOURCE_EXHAUSTED", default_code="rate_limit_exceeded"):
     def __init__(self, message: str, *, retry_after_s: float, limit: str) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
@@ -140,11 +117,9 @@ class RateLimited(SynapseError):
         return retry_after(self.retry_after_s)
 
 
-class UpstreamError(SynapseError):
-    http_status = 502
-    error_type = "upstream_error"
-    grpc_code = "UNAVAILABLE"
-    default_code = "upstream_failed"
+class UpstreamError(SynapseError, http_status=502, error_type="upstream_error",
+                    grpc_code="UNAVAILABLE", default_code="upstream_failed"):
+    pass
 
 
 class UpstreamConnectError(UpstreamError):
@@ -159,11 +134,9 @@ class UpstreamReadError(UpstreamError):
     """The connection broke, or the backend went silent, in the middle of an exchange."""
 
 
-class BackendRefusal(SynapseError):
+class BackendRefusal(SynapseError, error_type="invalid_request_error",
+                     grpc_code="INVALID_ARGUMENT"):
     """A backend's 4xx, passed to the client with the backend's status, in the envelope."""
-
-    error_type = "invalid_request_error"
-    grpc_code = "INVALID_ARGUMENT"
 
     def __init__(self, status: int, message: str, *, error_type: str | None = None,
                  param: str | None = None, code: str | None = None) -> None:
@@ -193,42 +166,32 @@ class BackendRefusal(SynapseError):
         return cls(status, f"backend refused the request: {parsed}", code=f"upstream_{status}")
 
 
-class Unavailable(SynapseError):
-    http_status = 503
-    error_type = "service_unavailable"
-    grpc_code = "UNAVAILABLE"
-    default_code = "no_backend"
+class Unavailable(SynapseError, http_status=503, error_type="service_unavailable",
+                  grpc_code="UNAVAILABLE", default_code="no_backend"):
+    pass
 
 
-class UpstreamTimeout(SynapseError):
-    http_status = 504
-    error_type = "timeout_error"
-    grpc_code = "DEADLINE_EXCEEDED"
-    default_code = "upstream_timeout"
+class UpstreamTimeout(SynapseError, http_status=504, error_type="timeout_error",
+                      grpc_code="DEADLINE_EXCEEDED", default_code="upstream_timeout"):
+    pass
 
 
 # -- fairness (issue 18): budgets and the fair queue. Kept together, below the rest. ------
 
 
-class BudgetExceeded(RateLimited):
+class BudgetExceeded(RateLimited, error_type="insufficient_quota",
+                     default_code="budget_exceeded"):
     """A tenant's (or tenant x model's) budget for the period is spent; ``Retry-After``
     is the time to the next period."""
 
-    error_type = "insufficient_quota"
-    default_code = "budget_exceeded"
 
-
-class QueueFull(RateLimited):
+class QueueFull(RateLimited, default_code="queue_full"):
     """The tenant already has as many requests waiting in the fair queue as it may."""
 
-    default_code = "queue_full"
 
-
-class QueueTimeout(Unavailable):
+class QueueTimeout(Unavailable, default_code="queue_timeout"):
     """A request waited in the fair queue until its deadline (the fleet stayed saturated);
     the queue never holds a request longer, and says when to try again."""
-
-    default_code = "queue_timeout"
 
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)

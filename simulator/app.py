@@ -133,10 +133,10 @@ class Service:
             if request.path in TEI_INFERENCE_PATHS:
                 self.tei_metrics.failure(exc.tei_type.lower())
             if request.path in TEI_NATIVE_PATHS:
-                return _json(exc.tei_body(), status=exc.status)
+                return _json(exc.tei_body(), status=exc.http_status)
         if request.path.startswith("/v1/messages"):
-            return _json(exc.anthropic_body(), status=exc.status)
-        return _json(exc.envelope(), status=exc.status)
+            return _json(exc.anthropic_body(), status=exc.http_status)
+        return _json(exc.envelope(), status=exc.http_status)
 
     async def openapi(self, request: web.Request) -> web.Response:
         """The routes, as the ``paths`` of an OpenAPI document (vLLM's FastAPI serves

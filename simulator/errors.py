@@ -17,76 +17,68 @@ vLLM mode renders every error as vLLM ≥ 0.10 does, the OpenAI envelope
 vLLM); on ``/v1/messages`` vLLM's Anthropic shape ``{"type": "error", "error": {"type",
 "message"}}`` (:meth:`SimError.anthropic_body`, vLLM's own type names). TEI's native
 routes (``/embed``, ``/rerank``) use TEI's ``{"error", "error_type"}`` instead; the
-middleware that picks the shape lives in ``simulator.app``.
+middleware that picks the shape lives in ``simulator.app``. The envelope itself, and the
+class lines that carry each class's attributes, come from :mod:`synapse_common.api_error`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from synapse_common import api_error
 
-class SimError(Exception):
-    status = 500
-    type = "InternalServerError"
+
+class SimError(api_error.ApiError, error_type="InternalServerError"):
     tei_type = "Backend"
 
     def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
+        super().__init__(message, param=param, code=self.http_status)
 
-    def envelope(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.status}}
+    @property
+    def status(self) -> int:
+        """The HTTP status, by the name vLLM's errors give it."""
+        return self.http_status
 
     def anthropic_body(self) -> dict[str, Any]:
-        return {"type": "error", "error": {"type": self.type, "message": self.message}}
+        return {"type": "error", "error": {"type": self.error_type, "message": self.message}}
 
     def tei_body(self) -> dict[str, Any]:
         return {"error": self.message, "error_type": self.tei_type}
 
 
-class BadRequest(SimError):
-    status = 400
-    type = "BadRequestError"
-    tei_type = "Validation"
+class BadRequest(SimError, http_status=400, error_type="BadRequestError",
+                 tei_type="Validation"):
+    pass
 
 
-class NotFound(SimError):
-    status = 404
-    type = "NotFoundError"
+class NotFound(SimError, http_status=404, error_type="NotFoundError"):
+    pass
 
 
-class ResponseNotFound(NotFound):
+class ResponseNotFound(NotFound, error_type="invalid_request_error"):
     """vLLM's answer to an unknown ``previous_response_id`` or ``GET /v1/responses/{id}``."""
-
-    type = "invalid_request_error"
 
     def __init__(self, response_id: str) -> None:
         super().__init__(f"Response with id '{response_id}' not found.", param="response_id")
 
 
-class MethodNotAllowed(SimError):
-    status = 405
-    type = "MethodNotAllowed"
+class MethodNotAllowed(SimError, http_status=405, error_type="MethodNotAllowed"):
+    pass
 
 
-class Unprocessable(SimError):
-    status = 422
-    type = "UnprocessableEntityError"
-    tei_type = "Validation"
+class Unprocessable(SimError, http_status=422, error_type="UnprocessableEntityError",
+                    tei_type="Validation"):
+    pass
 
 
-class PayloadTooLarge(SimError):
-    status = 413
-    type = "BadRequestError"
-    tei_type = "Validation"
+class PayloadTooLarge(SimError, http_status=413, error_type="BadRequestError",
+                      tei_type="Validation"):
+    pass
 
 
-class Unavailable(SimError):
-    status = 503
-    type = "ServiceUnavailableError"
-    tei_type = "Unhealthy"
+class Unavailable(SimError, http_status=503, error_type="ServiceUnavailableError",
+                  tei_type="Unhealthy"):
+    pass
 
 
 class InjectedError(SimError):
