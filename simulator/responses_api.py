@@ -32,11 +32,9 @@ from aiohttp import web
 
 from simulator import answer as ans
 from simulator import errors, faults, protocol, toolcalls
+from synapse_common import responses_input
 
 STORE_LIMIT = 1000
-ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
-
-
 class ResponsesApi:
     def __init__(self, answers: ans.Answers, served: list[str], fault_state: faults.Faults,
                  wall: Callable[[], float], store: bool) -> None:
@@ -236,10 +234,7 @@ class View:
 
 def input_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     """``instructions`` and ``input`` (a string or a list of items) as chat messages."""
-    out: list[dict[str, Any]] = []
-    instructions = body.get("instructions")
-    if isinstance(instructions, str) and instructions:
-        out.append({"role": "system", "content": instructions})
+    out = responses_input.instructions(body)
     value = body.get("input")
     if isinstance(value, str):
         return [*out, {"role": "user", "content": value}]
@@ -258,18 +253,18 @@ def _item_message(item: Any) -> dict[str, Any] | None:
         raise errors.BadRequest("each input item must be an object.", param="input")
     kind = item.get("type", "message")
     if kind == "message" or "role" in item:
-        role = ROLES.get(str(item.get("role")))
+        role = responses_input.ROLES.get(str(item.get("role")))
         if role is None:
             raise errors.BadRequest(f"unknown role {item.get('role')!r} in input.",
                                     param="input")
         return {"role": role, "content": protocol.text_of(item.get("content"))}
-    if kind == "function_call":
-        return {"role": "assistant", "content": str(item.get("arguments", ""))}
-    if kind == "function_call_output":
-        return {"role": "tool", "content": str(item.get("output", ""))}
     if kind == "reasoning":
         return None
-    raise errors.BadRequest(f"input items of type {kind!r} are not supported.", param="input")
+    turn = responses_input.function_turn(item)
+    if turn is None:
+        raise errors.BadRequest(f"input items of type {kind!r} are not supported.",
+                                param="input")
+    return turn
 
 
 def _number_or(value: Any, default: float) -> float:

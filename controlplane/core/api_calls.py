@@ -38,9 +38,7 @@ from typing import Any
 
 from controlplane import errors
 from controlplane.core import anthropic_request, validation
-from synapse_common import tasks
-
-ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+from synapse_common import responses_input, tasks
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,10 +105,7 @@ def responses(body: Mapping[str, Any]) -> Call:
 
 def responses_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     """``instructions`` and ``input`` (a string or a list of items) as chat messages."""
-    out: list[dict[str, Any]] = []
-    instructions = body.get("instructions")
-    if isinstance(instructions, str) and instructions:
-        out.append({"role": "system", "content": instructions})
+    out = responses_input.instructions(body)
     value = body.get("input")
     if isinstance(value, str) and value:
         return [*out, {"role": "user", "content": value}]
@@ -126,15 +121,11 @@ def responses_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _item(item: Mapping[str, Any]) -> dict[str, Any]:
-    kind = item.get("type", "message")
     if "role" in item:
-        return {"role": ROLES.get(str(item["role"]), "user"),
+        return {"role": responses_input.ROLES.get(str(item["role"]), "user"),
                 "content": _text(item.get("content"))}
-    if kind == "function_call":
-        return {"role": "assistant", "content": str(item.get("arguments", ""))}
-    if kind == "function_call_output":
-        return {"role": "tool", "content": str(item.get("output", ""))}
-    return {"role": "user", "content": _text(item.get("content"))}
+    turn = responses_input.function_turn(item)
+    return turn if turn is not None else {"role": "user", "content": _text(item.get("content"))}
 
 
 def responses_no_cache(body: Mapping[str, Any]) -> str:
