@@ -45,13 +45,30 @@ class GenRequest:
     last_user: str = ""  # chat: the last user message's text (steers tool_choice auto)
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class BodyRefusal:
+    """How a server refuses a body that is not a JSON object: its error class, and its
+    messages for a body that does not parse (``{}`` takes the parser's reason) and for
+    one that parses to something else."""
+
+    error: type[errors.SimError]
+    unparsed: str
+    not_an_object: str
+
+
+VLLM_BODY = BodyRefusal(errors.BadRequest, "The request body is not valid JSON: {}",
+                        "The request body must be a JSON object.")
+
+
+def parse_body(raw: bytes, refusal: BodyRefusal = VLLM_BODY) -> dict[str, Any]:
+    """The JSON object a request body holds, or the error ``refusal`` names (vLLM's 400
+    unless told otherwise)."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise errors.BadRequest(f"The request body is not valid JSON: {exc}") from None
+        raise refusal.error(refusal.unparsed.format(exc)) from None
     if not isinstance(body, dict):
-        raise errors.BadRequest("The request body must be a JSON object.")
+        raise refusal.error(refusal.not_an_object)
     return body
 
 

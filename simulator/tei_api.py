@@ -144,11 +144,11 @@ class TeiApi:
                             content_type="application/json")
 
 
+TEI_BODY = protocol.BodyRefusal(
+    errors.Unprocessable, "Failed to parse the request body as JSON: {}",
+    "Failed to deserialize the JSON body: expected an object")
+"""TEI answers a body that is not a JSON object 422, with its own messages."""
+
+
 def json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise errors.Unprocessable(f"Failed to parse the request body as JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise errors.Unprocessable("Failed to deserialize the JSON body: expected an object")
-    return body
+    return protocol.parse_body(raw, TEI_BODY)
