@@ -80,6 +80,20 @@ def tiered() -> response_cache.TieredCache:
         metrics=metrics_mod.Metrics(CollectorRegistry()))
 
 
+@contextlib.asynccontextmanager
+async def cached_replica(mode: str) -> AsyncIterator[
+        tuple[t.RunningCP, t.FakeBackend, response_cache.TieredCache, openai.AsyncOpenAI]]:
+    """One replica with an in-process response cache in front of one stand-in backend of
+    ``mode``, and tenant a's client (closed at the end)."""
+    cache = tiered()
+    async with t.backends(("one", mode)) as (backend,):
+        s = settings(upstreams=[t.upstream("one", backend.url)])
+        async with ready(s, cache=cache) as cp:
+            client = cp.client()
+            yield cp, backend, cache, client
+            await client.close()
+
+
 async def test_token_limit_and_budget_hold_across_two_replicas_sharing_redis(
         redis_server: harness.RedisServer) -> None:
     tenants = [{"name": "a", "keys": [t.KEY_A], "tokens_per_minute": 1000},
@@ -137,47 +151,42 @@ async def test_token_limit_and_budget_hold_across_two_replicas_sharing_redis(
 
 
 async def test_usage_equals_the_answers_usage_and_cache_hits_count_as_saved() -> None:
-    cache = tiered()
-    async with t.backends(("one", "ok")) as (backend,):
-        s = settings(upstreams=[t.upstream("one", backend.url)])
-        async with ready(s, cache=cache) as cp:
-            client = cp.client()
-            ask = {"model": "llama", "temperature": 0}
-            plain = await client.chat.completions.create(
-                **ask, messages=[{"role": "user", "content": "one"}])
-            asked = [c async for c in await client.chat.completions.create(
-                **ask, messages=[{"role": "user", "content": "two"}], stream=True,
-                stream_options={"include_usage": True})]
-            silent = [c async for c in await client.chat.completions.create(
-                **ask, messages=[{"role": "user", "content": "three"}], stream=True)]
-            # The engine was asked for usage the client did not want; the client never sees it.
-            assert json.loads(backend.bodies[-1])["stream_options"] == {"include_usage": True}
-            assert all(c.usage is None for c in silent) and silent[-1].choices
-            await cache.drain()
-            hit = await client.chat.completions.with_raw_response.create(
-                **ask, messages=[{"role": "user", "content": "one"}])
-            assert hit.headers["x-synapse-cache"] == "hit-exact"
-            replay = [c async for c in await client.chat.completions.create(
-                **ask, messages=[{"role": "user", "content": "three"}], stream=True,
-                stream_options={"include_usage": True})]
-            seen = [plain.usage, asked[-1].usage, hit.parse().usage, replay[-1].usage]
-            assert all(u is not None for u in seen)
-            counts = await settled(cp, "a", 5)
-            engine = [plain.usage, asked[-1].usage]
-            assert counts.prompt_tokens == sum(u.prompt_tokens for u in engine) + USAGE[0]
-            assert counts.completion_tokens == (sum(u.completion_tokens for u in engine)
-                                                + USAGE[1])
-            assert counts.cache_hit_tokens == sum(u.total_tokens for u in seen[2:])
-            assert counts.requests == 5 and counts.errors == 0
-            m = cp.services.metrics.tokens
-            assert m.labels("a", t.MODEL, "prompt")._value.get() == counts.prompt_tokens
-            assert m.labels("a", t.MODEL, "cache_hit")._value.get() == counts.cache_hit_tokens
-            async with aiohttp.ClientSession() as http:
-                async with http.get(f"{cp.url}/api/v1/stats",
-                                    headers={"Authorization": f"Bearer {t.ADMIN}"}) as r:
-                    today = (await r.json())["fairness"]["usage_today"][f"a/{t.MODEL}"]
-            assert today == counts.as_dict()
-            await client.close()
+    async with cached_replica("ok") as (cp, backend, cache, client):
+        ask = {"model": "llama", "temperature": 0}
+        plain = await client.chat.completions.create(
+            **ask, messages=[{"role": "user", "content": "one"}])
+        asked = [c async for c in await client.chat.completions.create(
+            **ask, messages=[{"role": "user", "content": "two"}], stream=True,
+            stream_options={"include_usage": True})]
+        silent = [c async for c in await client.chat.completions.create(
+            **ask, messages=[{"role": "user", "content": "three"}], stream=True)]
+        # The engine was asked for usage the client did not want; the client never sees it.
+        assert json.loads(backend.bodies[-1])["stream_options"] == {"include_usage": True}
+        assert all(c.usage is None for c in silent) and silent[-1].choices
+        await cache.drain()
+        hit = await client.chat.completions.with_raw_response.create(
+            **ask, messages=[{"role": "user", "content": "one"}])
+        assert hit.headers["x-synapse-cache"] == "hit-exact"
+        replay = [c async for c in await client.chat.completions.create(
+            **ask, messages=[{"role": "user", "content": "three"}], stream=True,
+            stream_options={"include_usage": True})]
+        seen = [plain.usage, asked[-1].usage, hit.parse().usage, replay[-1].usage]
+        assert all(u is not None for u in seen)
+        counts = await settled(cp, "a", 5)
+        engine = [plain.usage, asked[-1].usage]
+        assert counts.prompt_tokens == sum(u.prompt_tokens for u in engine) + USAGE[0]
+        assert counts.completion_tokens == (sum(u.completion_tokens for u in engine)
+                                            + USAGE[1])
+        assert counts.cache_hit_tokens == sum(u.total_tokens for u in seen[2:])
+        assert counts.requests == 5 and counts.errors == 0
+        m = cp.services.metrics.tokens
+        assert m.labels("a", t.MODEL, "prompt")._value.get() == counts.prompt_tokens
+        assert m.labels("a", t.MODEL, "cache_hit")._value.get() == counts.cache_hit_tokens
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{cp.url}/api/v1/stats",
+                                headers={"Authorization": f"Bearer {t.ADMIN}"}) as r:
+                today = (await r.json())["fairness"]["usage_today"][f"a/{t.MODEL}"]
+        assert today == counts.as_dict()
 
 
 async def test_stats_answer_without_usage_when_redis_is_down() -> None:
@@ -244,48 +253,37 @@ async def test_a_batch_flood_does_not_delay_an_interactive_request_beyond_one_sl
 
 
 async def test_fifty_identical_requests_make_one_backend_call() -> None:
-    cache = tiered()
-    async with t.backends(("one", "slow")) as (backend,):
-        s = settings(upstreams=[t.upstream("one", backend.url)])
-        async with ready(s, cache=cache) as cp:
-            client = cp.client()
-            ask = {"model": "llama", "temperature": 0, "messages": HI}
+    async with cached_replica("slow") as (cp, backend, _, client):
+        ask = {"model": "llama", "temperature": 0, "messages": HI}
 
-            async def streamed() -> tuple[str, str]:
-                raw = await client.chat.completions.with_raw_response.create(**ask, stream=True)
-                text = "".join([c.choices[0].delta.content or "" async for c in raw.parse()
-                                if c.choices])
-                return raw.headers["x-synapse-cache"], text
+        async def streamed() -> tuple[str, str]:
+            raw = await client.chat.completions.with_raw_response.create(**ask, stream=True)
+            text = "".join([c.choices[0].delta.content or "" async for c in raw.parse()
+                            if c.choices])
+            return raw.headers["x-synapse-cache"], text
 
-            async def whole() -> tuple[str, str]:
-                raw = await client.chat.completions.with_raw_response.create(**ask)
-                return raw.headers["x-synapse-cache"], raw.parse().choices[0].message.content
+        async def whole() -> tuple[str, str]:
+            raw = await client.chat.completions.with_raw_response.create(**ask)
+            return raw.headers["x-synapse-cache"], raw.parse().choices[0].message.content
 
-            answers = await asyncio.gather(*(streamed() if i % 2 else whole()
-                                             for i in range(50)))
-            assert len(backend.bodies) == 1
-            assert {text for _, text in answers} == {"hello from one"}
-            assert sorted(status for status, _ in answers) == ["hit-exact"] * 49 + ["miss"]
-            counts = await settled(cp, "a", 50)
-            assert counts.prompt_tokens == USAGE[0] and counts.cache_hit_tokens == 49 * 8
-            await client.close()
+        answers = await asyncio.gather(*(streamed() if i % 2 else whole()
+                                         for i in range(50)))
+        assert len(backend.bodies) == 1
+        assert {text for _, text in answers} == {"hello from one"}
+        assert sorted(status for status, _ in answers) == ["hit-exact"] * 49 + ["miss"]
+        counts = await settled(cp, "a", 50)
+        assert counts.prompt_tokens == USAGE[0] and counts.cache_hit_tokens == 49 * 8
 
 
 async def test_followers_of_a_failed_request_go_on_their_own() -> None:
-    cache = tiered()
-    async with t.backends(("one", "break")) as (backend,):
-        s = settings(upstreams=[t.upstream("one", backend.url)])
-        async with ready(s, cache=cache) as cp:
-            client = cp.client()
+    async with cached_replica("break") as (_, backend, _, client):
+        async def one() -> None:
+            stream = await client.chat.completions.create(
+                model="llama", temperature=0, messages=HI, stream=True)
+            with contextlib.suppress(openai.APIError):
+                async for _ in stream:
+                    pass
 
-            async def one() -> None:
-                stream = await client.chat.completions.create(
-                    model="llama", temperature=0, messages=HI, stream=True)
-                with contextlib.suppress(openai.APIError):
-                    async for _ in stream:
-                        pass
-
-            await asyncio.gather(*(one() for _ in range(5)))
-            # A cut stream is never an answer to copy: every request went to the backend.
-            assert len(backend.bodies) == 5
-            await client.close()
+        await asyncio.gather(*(one() for _ in range(5)))
+        # A cut stream is never an answer to copy: every request went to the backend.
+        assert len(backend.bodies) == 5
