@@ -21,12 +21,12 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
 import orjson
-from aiohttp import web
+from aiohttp import typedefs, web
 
 from simulator import (
     answer,
@@ -50,7 +50,6 @@ from simulator import tasks as sim_tasks
 from simulator.config import SimulatorSettings
 
 log = logging.getLogger("simulator")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 TEI_NATIVE_PATHS = frozenset({"/embed", "/rerank"})  # TEI's own error shape (TEI mode)
 TEI_INFERENCE_PATHS = frozenset({"/embed", "/v1/embeddings", "/rerank"})
 ENGINE: web.AppKey[sim_engine.Engine] = web.AppKey("engine", sim_engine.Engine)
@@ -80,7 +79,7 @@ class Service:
         self.tei_metrics: sim_metrics.TeiMetrics | None = None
         self.ready = settings.engine != "tei"  # TEI mode: once the embedder is loaded
 
-    def inference(self, handler: Handler) -> Handler:
+    def inference(self, handler: typedefs.Handler) -> typedefs.Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             if self.faults.settings.hang:
                 await _forever()
@@ -113,7 +112,7 @@ class Service:
 
     @web.middleware
     async def errors_middleware(self, request: web.Request,
-                                handler: Handler) -> web.StreamResponse:
+                                handler: typedefs.Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except errors.SimError as exc:

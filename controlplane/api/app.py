@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import orjson
-from aiohttp import web
+from aiohttp import typedefs, web
 
 from controlplane import config, errors
 from controlplane.adapters import node_embed, redis_limits
@@ -50,7 +50,6 @@ from synapse_common import clock as clocks
 
 log = logging.getLogger("synapse.controlplane.api")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PROBE_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("probe_task", asyncio.Task)
 
 
@@ -101,7 +100,7 @@ def _request_id(request: web.Request, svc: services_mod.Services) -> str:
 
 
 @web.middleware
-async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def middleware(request: web.Request, handler: typedefs.Handler) -> web.StreamResponse:
     svc = request.app[context.SERVICES]
     ctx = context.RequestContext(_request_id(request, svc), svc.clock())
     request[context.CONTEXT] = ctx

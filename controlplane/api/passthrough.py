@@ -21,11 +21,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import typedefs, web
 
 from controlplane.api import calls, context, fairness, relay, serving
 from controlplane.core import (
@@ -39,8 +39,6 @@ from controlplane.core import (
 )
 from controlplane.core import types as core_types
 from synapse_common import tracing
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _pins(request: web.Request) -> response_pins.Pins:
@@ -70,7 +68,7 @@ async def _serve(request: web.Request, parse: calls.Parse, adapt: Adapt) -> web.
         calls.finish(request, front)
 
 
-def passthrough(path: str, parse: calls.Parse) -> Handler:
+def passthrough(path: str, parse: calls.Parse) -> typedefs.Handler:
     """The handler of a path whose body and answer pass through unchanged."""
     def adapt(request: web.Request, front: calls.Front,
               route: core_types.RouteDecision) -> Adapted:
