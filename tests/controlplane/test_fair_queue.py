@@ -53,6 +53,13 @@ async def settle_until(predicate: object, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def cancel(*tasks: asyncio.Task[None]) -> None:
+    """Cancel waiting requests and let each one end (and leave the queue)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def free_one(gate: fair_queue.Gate, fleet: Fleet) -> None:
     before = len(fleet.released)
     fleet.free += 1
@@ -96,9 +103,7 @@ async def test_a_new_head_with_room_for_its_class_goes_without_waiting_for_a_pol
     # The pump sleeps until a request ends or an hour passes; neither happens here.
     await asyncio.wait_for(request(gate, fleet, "quiet", "quiet"), 10)
     assert fleet.released == ["quiet"] and gate.depth(MODEL) == 5
-    for task in flood:
-        task.cancel()
-    await asyncio.gather(*flood, return_exceptions=True)
+    await cancel(*flood)
     await gate.close()
 
 
@@ -119,9 +124,7 @@ async def test_tenants_in_one_class_share_by_tokens_and_weight() -> None:
     # as many requests as 100-token ones of the same weight
     assert got["heavy"] == pytest.approx(3 * got["light"], abs=2)
     assert got["big"] == pytest.approx(got["light"] / 4, abs=1)
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await cancel(*tasks)
     await gate.close()
 
 
@@ -135,9 +138,7 @@ async def test_a_quiet_tenant_goes_next_even_behind_a_deep_flood_of_its_class() 
     await settle_until(lambda: gate.depth(MODEL) == 50, "the quiet request to queue")
     await free_one(gate, fleet)
     assert fleet.released == ["noisy", "quiet"]
-    for t in flood:
-        t.cancel()
-    await asyncio.gather(*flood, quiet, return_exceptions=True)
+    await cancel(*flood, quiet)
     await gate.close()
 
 
@@ -157,9 +158,7 @@ async def test_bounds_refuse_at_once_with_the_right_status() -> None:
     assert over.value.http_status == 503
     with pytest.raises(errors.BadRequest):
         await gate.wait(MODEL, "c", "bulk", 1.0, 10)
-    for t in waiting:
-        t.cancel()
-    await asyncio.gather(*waiting, return_exceptions=True)
+    await cancel(*waiting)
     assert gate.depth(MODEL) == 0           # cancelled waiters leave the queue
     await gate.close()
 
@@ -184,8 +183,7 @@ async def test_models_queue_apart() -> None:
     await settle_until(lambda: gate.depth("busy-model") == 1, "the busy model to queue")
     await gate.wait("free-model", "t", "interactive", 1.0, 10)  # not behind the other
     assert gate.busy("busy-model") and not gate.busy("free-model")
-    blocked.cancel()
-    await asyncio.gather(blocked, return_exceptions=True)
+    await cancel(blocked)
     await gate.close()
     assert fleet.free == 0
 
@@ -197,7 +195,6 @@ async def test_a_higher_class_does_not_queue_behind_lower_classes_only() -> None
     await settle_until(lambda: gate.depth("m") == 1, "the batch request to queue")
     assert gate.busy("m") and gate.busy("m", "batch")
     assert not gate.busy("m", "interactive")    # strict priority: it would go first anyway
-    batch.cancel()
-    await asyncio.gather(batch, return_exceptions=True)
+    await cancel(batch)
     assert not gate.busy("m", "batch")
     await gate.close()
