@@ -15,31 +15,31 @@ from synapse_common import settings
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
 
-def write(tmp_path: pathlib.Path, text: str) -> str:
+def load_cp(tmp_path: pathlib.Path, text: str,
+            environ: dict[str, str] | None = None) -> cp_config.ControlPlaneSettings:
+    """The control plane's settings from a config file of ``text``, with ``environ`` (none
+    by default) as the process environment."""
     path = tmp_path / "config.yaml"
     path.write_text(text)
-    return str(path)
+    return settings.load(cp_config.ControlPlaneSettings, str(path), environ=environ or {})
 
 
 def test_wrong_type_names_the_field(tmp_path: pathlib.Path) -> None:
-    path = write(tmp_path, "http:\n  port: abc\n")
     with pytest.raises(settings.ConfigError) as err:
-        settings.load(cp_config.ControlPlaneSettings, path, environ={})
+        load_cp(tmp_path, "http:\n  port: abc\n")
     message = str(err.value)
     assert "http.port" in message and "integer" in message and "\n" not in message
 
 
 def test_unknown_key_is_an_error(tmp_path: pathlib.Path) -> None:
-    path = write(tmp_path, "cache:\n  tll_s: 5\n")
     with pytest.raises(settings.ConfigError, match=r"cache\.tll_s: unknown setting"):
-        settings.load(cp_config.ControlPlaneSettings, path, environ={})
+        load_cp(tmp_path, "cache:\n  tll_s: 5\n")
 
 
 def test_env_overrides_single_values(tmp_path: pathlib.Path) -> None:
-    path = write(tmp_path, "http:\n  port: 8080\n")
     env = {"SYNAPSE_HTTP__PORT": "9001", "SYNAPSE_CACHE__ENABLED": "false",
            "SYNAPSE_REPLICA_ID": "cp-7", "SYNAPSE_UNRELATED": "x"}
-    loaded = settings.load(cp_config.ControlPlaneSettings, path, environ=env)
+    loaded = load_cp(tmp_path, "http:\n  port: 8080\n", env)
     assert loaded.http.port == 9001
     assert loaded.cache.enabled is False
     assert loaded.replica_id == "cp-7"
@@ -62,9 +62,8 @@ def test_missing_default_file_gives_defaults() -> None:
 
 
 def test_broken_yaml_says_where(tmp_path: pathlib.Path) -> None:
-    path = write(tmp_path, "http:\n  port: [1, 2\n")
     with pytest.raises(settings.ConfigError, match="line"):
-        settings.load(cp_config.ControlPlaneSettings, path, environ={})
+        load_cp(tmp_path, "http:\n  port: [1, 2\n")
 
 
 def test_secrets_from_env_and_file_never_show(tmp_path: pathlib.Path,
@@ -72,14 +71,13 @@ def test_secrets_from_env_and_file_never_show(tmp_path: pathlib.Path,
     key_file = tmp_path / "admin-key"
     key_file.write_text("sk-admin-from-file\n")
     monkeypatch.setenv("TEAM_KEY", "sk-team-from-env")
-    path = write(tmp_path, f"""
+    loaded = load_cp(tmp_path, f"""
 auth:
   admin_key: {{file: {key_file}}}
   tenants:
     - name: team
       keys: [{{env: TEAM_KEY}}]
 """)
-    loaded = settings.load(cp_config.ControlPlaneSettings, path, environ={})
     assert loaded.auth.admin_key is not None
     assert loaded.auth.admin_key.get_secret_value() == "sk-admin-from-file"
     assert loaded.auth.tenants[0].keys[0].get_secret_value() == "sk-team-from-env"
@@ -89,15 +87,13 @@ auth:
 
 
 def test_secret_from_unset_env_names_the_field(tmp_path: pathlib.Path) -> None:
-    path = write(tmp_path, "redis:\n  url: {env: SYNAPSE_TEST_SURELY_UNSET}\n")
     with pytest.raises(settings.ConfigError, match=r"redis\.url.*SYNAPSE_TEST_SURELY_UNSET"):
-        settings.load(cp_config.ControlPlaneSettings, path, environ={})
+        load_cp(tmp_path, "redis:\n  url: {env: SYNAPSE_TEST_SURELY_UNSET}\n")
 
 
 def test_duplicate_alias_is_rejected(tmp_path: pathlib.Path) -> None:
-    path = write(tmp_path, "models:\n  - {name: a, aliases: [x]}\n  - {name: b, aliases: [x]}\n")
     with pytest.raises(settings.ConfigError, match="'x' is already used"):
-        settings.load(cp_config.ControlPlaneSettings, path, environ={})
+        load_cp(tmp_path, "models:\n  - {name: a, aliases: [x]}\n  - {name: b, aliases: [x]}\n")
 
 
 @pytest.mark.parametrize(("path", "model"), [
@@ -128,8 +124,7 @@ def test_logging_redacts_loaded_secrets(tmp_path: pathlib.Path,
 
     from synapse_common import logs
 
-    path = write(tmp_path, "auth:\n  admin_key: sk-very-secret-admin\n")
-    loaded = settings.load(cp_config.ControlPlaneSettings, path, environ={})
+    loaded = load_cp(tmp_path, "auth:\n  admin_key: sk-very-secret-admin\n")
     stream = io.StringIO()
     logs.setup(fmt="json", secrets=settings.secret_values(loaded), stream=stream)
     try:
