@@ -84,6 +84,11 @@ def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
     return hits[0]
 
 
+def ports(container: dict[str, Any]) -> dict[str, int]:
+    """A container's declared ports by name."""
+    return {p["name"]: p["containerPort"] for p in container["ports"]}
+
+
 def label(obj: dict[str, Any], key: str) -> str | None:
     value = obj.get("metadata", {}).get("labels", {}).get(key)
     return None if value is None else str(value)

@@ -23,6 +23,13 @@ from synapse_common import settings
 from tests.manifests import pods, render
 
 
+def listens_as_declared(container: dict[str, Any], **settings_ports: int) -> None:
+    """Each port the settings give is the container's declared port of that name."""
+    ports = render.ports(container)
+    for name, port in settings_ports.items():
+        assert port == ports[name], (name, port, ports)
+
+
 def test_every_synapse_container_runs_a_real_command() -> None:
     for overlay in render.DEPLOY_OVERLAYS:
         for workload in render.workloads(render.render(overlay)):
@@ -36,9 +43,7 @@ def test_every_synapse_container_runs_a_real_command() -> None:
 def test_control_plane_config_validates_and_matches_the_pod(
         overlay: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg, workload, c = pods.load_settings(overlay, "controlplane", tmp_path, monkeypatch)
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert cfg.http.port == ports["http"]
-    assert cfg.grpc.port == ports["grpc"]
+    listens_as_declared(c, http=cfg.http.port, grpc=cfg.grpc.port)
     assert cfg.logging.format == "json"
     if cfg.auth.key_file:
         dirs = [d.rstrip("/") + "/" for d in pods.secret_mount_dirs(workload, c)]
@@ -52,9 +57,7 @@ def test_control_plane_config_validates_and_matches_the_pod(
 def test_agent_config_validates_and_matches_the_pod(
         overlay: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg, workload, c = pods.load_settings(overlay, "agent", tmp_path, monkeypatch)
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert cfg.grpc.port == ports["grpc"]
-    assert cfg.metrics.port == ports["metrics"]
+    listens_as_declared(c, grpc=cfg.grpc.port, metrics=cfg.metrics.port)
     assert cfg.node_name == pods.FIELD_REFS["spec.nodeName"]
     assert cfg.grpc.advertise_address == f"{pods.FIELD_REFS['status.podIP']}:{cfg.grpc.port}"
     # the control plane proxies to the engines: they must listen on, and be advertised

@@ -31,7 +31,7 @@ def test_pod_monitor_scrapes_every_agent(overlay: str) -> None:
     ds = render.find(render.render(overlay), "DaemonSet", "synapse-agent")
     labels = ds["spec"]["template"]["metadata"]["labels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    ports = {p["name"]: p["containerPort"] for p in render.container(ds, "agent")["ports"]}
+    ports = render.ports(render.container(ds, "agent"))
     for endpoint in monitor["spec"]["podMetricsEndpoints"]:
         assert endpoint["port"] in ports
         assert endpoint["path"] == "/metrics"
