@@ -144,6 +144,12 @@ def until_cached(client: openai.OpenAI, question: str, status: str = "hit-exact"
     return result[0], result[1]
 
 
+def stored(client: openai.OpenAI, question: str) -> None:
+    """Ask ``question`` once, then until its answer comes from the cache."""
+    ask(client, question)
+    until_cached(client, question)
+
+
 def test_repeat_is_exact_and_paraphrase_is_semantic(stack: Stack) -> None:
     client = stack.client()
     headers, first = ask(client, QUESTION)
@@ -248,8 +254,7 @@ def test_milvus_unavailable_still_serves_and_counts(stack: Stack) -> None:
 def test_admin_invalidate_empties_both_layers(stack: Stack) -> None:
     client = stack.client()
     q = "What is the boiling point of water?"
-    ask(client, q)
-    until_cached(client, q)
+    stored(client, q)
     done = subprocess.run(
         [harness.console_script("synapsectl"), "--server", stack.admin, "-o", "json", "cache",
          "invalidate", "--tenant", "team"], env={"SYNAPSE_ADMIN_TOKEN": ADMIN},
@@ -264,8 +269,7 @@ def test_admin_invalidate_empties_both_layers(stack: Stack) -> None:
 def test_embedder_down_still_serves_and_counts(stack: Stack) -> None:
     client = stack.client()
     q = "How do I change my email address?"
-    ask(client, q)
-    until_cached(client, q)
+    stored(client, q)
     before = stack.metric("synapse_cache_errors_total", layer="embedder")
     stack.agent.stop()
     headers, reply = ask(client, "How can I change my email address?")
