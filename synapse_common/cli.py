@@ -45,16 +45,7 @@ def bootstrap(model: type[ModelT], args: argparse.Namespace,
     try:
         loaded = settings.load(model, getattr(args, "config", None))
         if overrides:
-            data = loaded.model_dump(mode="python")
-            for path, value in overrides.items():
-                if value is None:
-                    continue
-                cursor = data
-                *parents, last = path.split(".")
-                for p in parents:
-                    cursor = cursor[p]
-                cursor[last] = value
-            loaded = settings.validate(model, data, source="command line")
+            loaded = settings.override(loaded, overrides)
     except settings.ConfigError as exc:
         fail(f"config error: {exc}")
         raise  # unreachable; for type checkers

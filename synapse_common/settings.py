@@ -192,6 +192,23 @@ def load(model: type[ModelT], path: str | None = None,
     return validate(model, data, source=file_path if required else "config")
 
 
+def override(loaded: ModelT, overrides: Mapping[str, object],
+             source: str = "command line") -> ModelT:
+    """``loaded`` with single values replaced, each named by its dotted path (``None``
+    leaves a value as it is): command-line flags, applied after the file and the
+    environment."""
+    data = loaded.model_dump(mode="python")
+    for path, value in overrides.items():
+        if value is None:
+            continue
+        cursor = data
+        *parents, last = path.split(".")
+        for p in parents:
+            cursor = cursor[p]
+        cursor[last] = value
+    return validate(type(loaded), data, source=source)
+
+
 def secret_values(settings: pydantic.BaseModel) -> list[str]:
     """Every non-empty secret in a settings tree, for log redaction."""
     return [s for s in _walk_secrets(settings) if s]
