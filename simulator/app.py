@@ -1,6 +1,6 @@
 """The app factory: one aiohttp application for each engine mode, plus fault wiring.
 
-* ``build(settings, clock)`` returns the application; the engine loop and the MiniLM
+* ``build(settings, timing)`` returns the application; the engine loop and the MiniLM
   model are started and stopped through ``cleanup_ctx``; nothing happens at import.
   Which routes exist follows the engine's tasks (``simulator.tasks``).
 * One middleware renders every error: OpenAI envelope, TEI's shape on TEI's ``/embed``
@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -48,19 +47,13 @@ from simulator import metrics as sim_metrics
 from simulator import scheduler as sched
 from simulator import tasks as sim_tasks
 from simulator.config import SimulatorSettings
+from synapse_common import clock as clocks
 
 log = logging.getLogger("simulator")
 TEI_NATIVE_PATHS = frozenset({"/embed", "/rerank"})  # TEI's own error shape (TEI mode)
 TEI_INFERENCE_PATHS = frozenset({"/embed", "/v1/embeddings", "/rerank"})
 ENGINE: web.AppKey[sim_engine.Engine] = web.AppKey("engine", sim_engine.Engine)
 CRASH_DELAY_S = 0.05  # lets the kernel take the last answer before the process dies
-
-
-class Clock:
-    """Real clocks; tests of the pure parts inject their own callables instead."""
-
-    monotonic = staticmethod(time.monotonic)
-    wall = staticmethod(time.time)
 
 
 def effective_max_model_len(settings: SimulatorSettings) -> int:
@@ -73,9 +66,9 @@ def effective_max_model_len(settings: SimulatorSettings) -> int:
 class Service:
     """Health, faults and the wrapper every inference route goes through."""
 
-    def __init__(self, settings: SimulatorSettings, clock: type[Clock] | Clock) -> None:
+    def __init__(self, settings: SimulatorSettings, timing: clocks.Time) -> None:
         self.settings = settings
-        self.faults = faults.Faults(settings.faults, settings.seed, clock.monotonic)
+        self.faults = faults.Faults(settings.faults, settings.seed, timing)
         self.tei_metrics: sim_metrics.TeiMetrics | None = None
         self.ready = settings.engine != "tei"  # TEI mode: once the embedder is loaded
 
@@ -180,10 +173,10 @@ async def drain(app: web.Application, grace_s: float) -> int:
     return engine.abort_all()
 
 
-def build(settings: SimulatorSettings, clock: type[Clock] | Clock = Clock) -> web.Application:
+def build(settings: SimulatorSettings, timing: clocks.Time = clocks.Time()) -> web.Application:
     settings = settings.model_copy(update={
         "tasks": list(sim_tasks.resolve(settings.engine, settings.tasks))})
-    service = Service(settings, clock)
+    service = Service(settings, timing)
     app = web.Application(middlewares=[service.errors_middleware],
                           client_max_size=64 * 1024 * 1024)
     app.router.add_get("/health", service.health)
@@ -191,11 +184,11 @@ def build(settings: SimulatorSettings, clock: type[Clock] | Clock = Clock) -> we
     app.router.add_post("/sim/faults", service.post_faults)
     app.router.add_get("/openapi.json", service.openapi)
     if settings.engine == "vllm":
-        _add_vllm(app, settings, service, clock)
+        _add_vllm(app, settings, service, timing)
     elif settings.engine == "tei":
-        _add_tei(app, settings, service, clock)
+        _add_tei(app, settings, service, timing)
     else:
-        _add_speech(app, settings, service, clock)
+        _add_speech(app, settings, service, timing)
     return app
 
 
@@ -208,17 +201,17 @@ def _add_routes(app: web.Application, service: Service, routes: list[web.RouteDe
 
 
 def _add_vllm(app: web.Application, settings: SimulatorSettings, service: Service,
-              clock: type[Clock] | Clock) -> None:
+              timing: clocks.Time) -> None:
     max_model_len = effective_max_model_len(settings)
     profile = settings.profile.model_copy(update={"max_model_len": max_model_len})
-    scheduler = sched.Scheduler(profile, clock.monotonic)
+    scheduler = sched.Scheduler(profile, timing.monotonic)
     served = settings.served_model_names or [settings.model]
     metrics = sim_metrics.VllmMetrics(scheduler, served[0], profile, max_model_len)
-    engine = sim_engine.Engine(scheduler, metrics, settings.time_scale, clock.monotonic)
-    api = vllm_api.VllmApi(settings, engine, metrics, service.faults, clock.wall,
+    engine = sim_engine.Engine(scheduler, metrics, settings.time_scale, timing.monotonic)
+    api = vllm_api.VllmApi(settings, engine, metrics, service.faults, timing.wall,
                            max_model_len)
     _add_routes(app, service, api.routes())
-    _add_routes(app, service, _vllm_task_routes(settings, engine, service, clock,
+    _add_routes(app, service, _vllm_task_routes(settings, engine, service, timing,
                                                 max_model_len))
 
     async def run_engine(_app: web.Application) -> AsyncIterator[None]:
@@ -231,13 +224,13 @@ def _add_vllm(app: web.Application, settings: SimulatorSettings, service: Servic
 
 
 def _vllm_task_routes(settings: SimulatorSettings, engine: sim_engine.Engine,
-                     service: Service, clock: type[Clock] | Clock,
+                     service: Service, timing: clocks.Time,
                      max_model_len: int) -> list[web.RouteDef]:
     tasks, served = settings.tasks, settings.served_model_names or [settings.model]
     answers = answer.Answers(settings, engine, max_model_len)
     routes: list[web.RouteDef] = []
     if sim_tasks.RESPONSES in tasks:
-        routes += responses_api.ResponsesApi(answers, served, service.faults, clock.wall,
+        routes += responses_api.ResponsesApi(answers, served, service.faults, timing.wall,
                                              settings.responses_store).routes()
     if sim_tasks.MESSAGES in tasks:
         routes += messages_api.MessagesApi(answers, served, service.faults).routes()
@@ -251,9 +244,9 @@ def _vllm_task_routes(settings: SimulatorSettings, engine: sim_engine.Engine,
 
 
 def _add_speech(app: web.Application, settings: SimulatorSettings, service: Service,
-                clock: type[Clock] | Clock) -> None:
+                timing: clocks.Time) -> None:
     served = settings.served_model_names or [settings.model]
-    api = speech_api.SpeechApi(settings, served, settings.tasks, int(clock.wall()))
+    api = speech_api.SpeechApi(settings, served, settings.tasks, int(timing.wall()))
     _add_routes(app, service, api.routes())
 
     async def version(request: web.Request) -> web.Response:
@@ -264,11 +257,11 @@ def _add_speech(app: web.Application, settings: SimulatorSettings, service: Serv
 
 
 def _add_tei(app: web.Application, settings: SimulatorSettings, service: Service,
-             clock: type[Clock] | Clock) -> None:
+             timing: clocks.Time) -> None:
     metrics = sim_metrics.TeiMetrics()
     service.tei_metrics = metrics
     holder = _EmbedderHolder(settings)
-    api = tei_api.TeiApi(settings, holder, metrics, clock.monotonic)
+    api = tei_api.TeiApi(settings, holder, metrics, timing.monotonic)
     _add_routes(app, service, api.routes())
     if sim_tasks.RERANK in settings.tasks:
         _add_routes(app, service, rerank_api.TeiRerankApi(settings).routes())

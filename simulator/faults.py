@@ -16,7 +16,9 @@ Knobs (same names as the flags and the ``faults`` config section):
   ``/health`` answers 503 and inference requests 503, like an engine still loading.
 
 Fault delays are wall-clock seconds, not scaled by ``--time-scale``: they exist to
-exercise clients' timeouts. ``POST /sim/faults`` takes a JSON object with any of the
+exercise clients' timeouts. They are read and waited through the injected
+:class:`synapse_common.clock.Time` (``monotonic`` for the slow start, ``sleep`` for a
+stall), so tests run them in virtual time. ``POST /sim/faults`` takes a JSON object with any of the
 names above and merges it into the current faults (``null`` clears the optional ones);
 ``GET /sim/faults`` returns them.
 """
@@ -24,13 +26,14 @@ names above and merges it into the current faults (``null`` clears the optional 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import pydantic
 
 from simulator import errors
 from simulator.config import FaultSettings
+from synapse_common import clock as clocks
 
 CRASH_EXIT_CODE = 3
 READ_ONLY = frozenset({"served", "slow_start_remaining_s"})
@@ -38,13 +41,13 @@ ALIASES = {"slow_start": "slow_start_s"}  # the flag's spelling works in the JSO
 
 
 class Faults:
-    def __init__(self, initial: FaultSettings, seed: int, clock: Callable[[], float]) -> None:
-        self.clock = clock
+    def __init__(self, initial: FaultSettings, seed: int, time: clocks.Time) -> None:
+        self.time = time
         self._rng = random.Random(seed)
         self.settings = initial
         self.served = 0
         self._served_base = 0
-        self._healthy_at = clock() + initial.slow_start_s
+        self._healthy_at = time.monotonic() + initial.slow_start_s
 
     def update(self, changes: Mapping[str, Any]) -> FaultSettings:
         """Merge ``changes`` (validated as :class:`FaultSettings`); raises BadRequest."""
@@ -62,7 +65,7 @@ class Faults:
         if "crash_after" in changes:
             self._served_base = self.served
         if "slow_start_s" in changes:
-            self._healthy_at = self.clock() + new.slow_start_s
+            self._healthy_at = self.time.monotonic() + new.slow_start_s
         self.settings = new
         return new
 
@@ -73,7 +76,7 @@ class Faults:
         return out
 
     def starting_for(self) -> float:
-        return max(0.0, self._healthy_at - self.clock())
+        return max(0.0, self._healthy_at - self.time.monotonic())
 
     def check_request(self) -> None:
         """Faults decided at arrival: slow start, error rate."""

@@ -80,8 +80,7 @@ class MessagesApi:
 
     async def _stream(self, request: web.Request, answer: ans.Answer, mid: str,
                       model: str) -> web.StreamResponse:
-        fs = self.faults.settings
-        writer = ans.EventWriter(request, fs.stall_after_chunks, fs.stall_s)
+        writer = ans.EventWriter(request, self.faults)
         await writer.open()
         start: dict[str, Any] = {"id": mid, "type": "message", "role": "assistant", "content": [],
                  "model": model, "stop_reason": None, "stop_sequence": None,

@@ -106,8 +106,7 @@ class ResponsesApi:
             self.store.popitem(last=False)
 
     async def _stream(self, request: web.Request, view: View) -> web.StreamResponse:
-        fs = self.faults.settings
-        writer = ans.EventWriter(request, fs.stall_after_chunks, fs.stall_s)
+        writer = ans.EventWriter(request, self.faults)
         await writer.open()
         seq = Sequencer(writer)
         start = view.response("in_progress", final=False)

@@ -169,7 +169,8 @@ class VllmApi:
         try:
             stall_after = self.faults.settings.stall_after_chunks
             if not gen.stream and stall_after is not None:
-                await drop_after_stall(request, self.faults.settings.stall_s)
+                await drop_after_stall(request, self.faults.settings.stall_s,
+                                       self.faults.time.sleep)
             if gen.stream:
                 return await self._stream(request, gen, model, request_id, choices,
                                           prompt_tokens, handle)
@@ -215,8 +216,7 @@ class VllmApi:
     async def _stream(self, request: web.Request, gen: protocol.GenRequest, model: str,
                       request_id: str, choices: list[Choice], prompt_tokens: int,
                       handle: sim_engine.Handle) -> web.StreamResponse:
-        writer = SseWriter(request, gen, model, request_id, int(self.wall()),
-                           self.faults.settings.stall_after_chunks, self.faults.settings.stall_s)
+        writer = SseWriter(request, gen, model, request_id, int(self.wall()), self.faults)
         await writer.open()
         if gen.chat:
             for c in choices:
@@ -259,9 +259,10 @@ def drop(request: web.Request) -> NoReturn:
     raise StreamDropped
 
 
-async def drop_after_stall(request: web.Request, stall_s: float) -> None:
+async def drop_after_stall(request: web.Request, stall_s: float,
+                           sleep: clocks.Sleep) -> None:
     """The stall fault: stay silent, then drop the connection without an answer."""
-    await clocks.sleep(stall_s)
+    await sleep(stall_s)
     drop(request)
 
 
@@ -270,10 +271,12 @@ class EventWriter:
     (Responses, Messages) through :meth:`send`; vLLM's bare ``data:`` chunks through
     :class:`SseWriter`."""
 
-    def __init__(self, request: web.Request, stall_after: int | None, stall_s: float) -> None:
+    def __init__(self, request: web.Request, faults_: faults.Faults) -> None:
         self.request = request
-        self.stall_after = stall_after
-        self.stall_s = stall_s
+        # the stall fault as it is when the stream begins
+        self.stall_after = faults_.settings.stall_after_chunks
+        self.stall_s = faults_.settings.stall_s
+        self._sleep = faults_.time.sleep
         self.events = 0
         self.response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
@@ -283,7 +286,7 @@ class EventWriter:
 
     async def write(self, frame: bytes) -> None:
         if self.stall_after is not None and self.events >= self.stall_after:
-            await drop_after_stall(self.request, self.stall_s)
+            await drop_after_stall(self.request, self.stall_s, self._sleep)
         await self.response.write(frame)
         self.events += 1
 
@@ -300,9 +303,8 @@ class SseWriter(EventWriter):
     """Writes vLLM-shaped SSE chunks."""
 
     def __init__(self, request: web.Request, gen: protocol.GenRequest, model: str,
-                 request_id: str, created: int, stall_after: int | None,
-                 stall_s: float) -> None:
-        super().__init__(request, stall_after, stall_s)
+                 request_id: str, created: int, faults_: faults.Faults) -> None:
+        super().__init__(request, faults_)
         self.chat = gen.chat
         self.head = {"id": request_id,
                      "object": "chat.completion.chunk" if gen.chat else "text_completion",

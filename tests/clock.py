@@ -1,10 +1,13 @@
 """A clock tests move by hand: ``clock.now += 5`` and every reader sees five seconds pass;
 and a sleeper that moves it (for code taking ``clock`` and ``sleep`` as
-:mod:`synapse_common.clock` does)."""
+:mod:`synapse_common.clock` does), so waits for a deadline, a retry or a stall take no
+wall time and tests assert their exact length."""
 
 from __future__ import annotations
 
 import asyncio
+
+from synapse_common import clock as clocks
 
 
 class ManualClock:
@@ -30,3 +33,12 @@ class SteppedSleep:
         self.calls.append(seconds)
         self.clock.now += seconds
         await asyncio.sleep(seconds * self.scale)
+
+
+def stepped_time(now: float = 0.0) -> tuple[clocks.Time, ManualClock, SteppedSleep]:
+    """A component's whole time on one hand-driven clock (``wall`` and ``monotonic`` read
+    it; every sleep moves it): the :class:`synapse_common.clock.Time` to inject, the
+    clock to move, the sleep whose ``calls`` tell the exact waits."""
+    clock = ManualClock(now)
+    sleep = SteppedSleep(clock)
+    return clocks.Time(wall=clock, monotonic=clock, sleep=sleep), clock, sleep

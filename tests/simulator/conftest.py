@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from simulator import app as sim_app
+from simulator import config
+from simulator import main as sim_main
+from synapse_common import clock as clocks
+from synapse_common import settings
 from tests import harness
 
 MODEL = "sim-model"
@@ -44,6 +51,26 @@ def start(pool: harness.ProcessPool, *args: str, name: str = "sim",
     else:
         proc = pool.start(name, argv, ready=lambda: port_open(port), timeout=timeout)
     return Sim(proc, port)
+
+
+def flags(*argv: str) -> config.SimulatorSettings:
+    """The settings ``synapse simulator`` would run with these flags (no config file)."""
+    args = sim_main.build_parser().parse_args(["--served-model-name", MODEL, *argv])
+    return settings.override(config.SimulatorSettings(), sim_main.overrides_from(args))
+
+
+@contextlib.asynccontextmanager
+async def in_process(s: config.SimulatorSettings, timing: clocks.Time) -> AsyncIterator[str]:
+    """The simulator's app in this process on a free port, on ``timing``'s clocks and
+    sleep (for the timed faults: virtual time); yields its base URL."""
+    runner = web.AppRunner(sim_app.build(s, timing), handler_cancellation=True)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 def json_call(url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:

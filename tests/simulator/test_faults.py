@@ -1,4 +1,6 @@
-"""Each fault knob, by flag and at run time through /sim/faults, on a real process."""
+"""Each fault knob, by flag and at run time through /sim/faults: on a real process, and
+the timed ones (slow start, stall) in process on virtual time, so a test waits for none
+of their seconds and asserts how many there were."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import pytest
 
 from simulator import faults
 from tests import harness
-from tests.simulator.conftest import MODEL, Sim, json_call, start
+from tests.clock import stepped_time
+from tests.simulator.conftest import MODEL, Sim, flags, in_process, json_call, start
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "fault?"}], "max_tokens": 4}
 
@@ -37,17 +40,32 @@ def test_crash_after_n_requests_exits_non_zero(processes: harness.ProcessPool) -
     assert "crash_after=2" in sim.proc.output()
 
 
-def test_slow_start_makes_health_503_for_a_while(processes: harness.ProcessPool) -> None:
-    sim = start(processes, "--time-scale", "0", "--slow-start", "3", wait_health=False)
-    status, body = json_call(sim.url + "/health")
-    assert status == 503 and body["error"]["code"] == 503
-    status, _ = json_call(sim.url + "/v1/chat/completions", CHAT)
-    assert status == 503
-    harness.wait_until(lambda: harness.http_ok(sim.url + "/health"), 20, "health after start")
-    assert json_call(sim.url + "/v1/chat/completions", CHAT)[0] == 200
-    status, body = json_call(sim.url + "/sim/faults", {"slow_start": 30})  # set at run time
-    assert status == 200 and body["slow_start_s"] == 30
-    assert json_call(sim.url + "/health")[0] == 503
+async def call(session: aiohttp.ClientSession, url: str,
+               body: object = None) -> tuple[int, dict[str, object]]:
+    """GET ``url`` (POST ``body`` as JSON when given): the status and the JSON answer."""
+    method = session.get(url) if body is None else session.post(url, json=body)
+    async with method as resp:
+        return resp.status, await resp.json(content_type=None) if await resp.read() else {}
+
+
+async def test_slow_start_makes_health_503_for_a_while() -> None:
+    timing, clock, _ = stepped_time()
+    async with in_process(flags("--time-scale", "0", "--slow-start", "3"), timing) as url, \
+            aiohttp.ClientSession() as session:
+        status, body = await call(session, url + "/health")
+        assert status == 503 and body["error"]["code"] == 503
+        status, _ = await call(session, url + "/v1/chat/completions", CHAT)
+        assert status == 503
+        clock.now += 2.999                  # not a moment before its three seconds
+        assert (await call(session, url + "/health"))[0] == 503
+        clock.now += 0.001
+        assert (await call(session, url + "/health"))[0] == 200
+        assert (await call(session, url + "/v1/chat/completions", CHAT))[0] == 200
+        status, body = await call(session, url + "/sim/faults", {"slow_start": 30})
+        assert status == 200 and body["slow_start_s"] == 30    # set at run time
+        assert (await call(session, url + "/health"))[0] == 503
+        clock.now += 30                     # thirty seconds from the POST that set it
+        assert (await call(session, url + "/health"))[0] == 200
 
 
 @pytest.fixture
@@ -74,26 +92,31 @@ async def test_hang_accepts_and_never_answers_until_lifted(sim: Sim) -> None:
             assert resp.status == 200
 
 
-async def test_stall_mid_stream_then_drop(sim: Sim) -> None:
-    json_call(sim.url + "/sim/faults", {"stall_after_chunks": 2})
-    body = {**CHAT, "max_tokens": 50, "stream": True}
-    events: list[bytes] = []
-    async with aiohttp.ClientSession() as session:
+async def test_stall_mid_stream_then_drop() -> None:
+    timing, clock, sleep = stepped_time()
+    async with in_process(flags("--time-scale", "0", "--stall-s", "0.3"), timing) as url, \
+            aiohttp.ClientSession() as session:
+        await call(session, url + "/sim/faults", {"stall_after_chunks": 2})
+        body = {**CHAT, "max_tokens": 50, "stream": True}
+        events: list[bytes] = []
         with pytest.raises(aiohttp.ClientPayloadError):
-            async with session.post(sim.url + "/v1/chat/completions", json=body) as resp:
+            async with session.post(url + "/v1/chat/completions", json=body) as resp:
                 assert resp.status == 200
                 async for line in resp.content:
                     if line.strip():
                         events.append(line)
         assert len(events) == 2 and b"[DONE]" not in b"".join(events)
+        assert sleep.calls == [0.3]         # silent for stall_s, then dropped
         with pytest.raises(aiohttp.ServerDisconnectedError):
-            async with session.post(sim.url + "/v1/chat/completions", json=CHAT) as resp:
+            async with session.post(url + "/v1/chat/completions", json=CHAT) as resp:
                 await resp.read()
-        async with session.post(sim.url + "/sim/faults",
+        assert sleep.calls == [0.3, 0.3] and clock.now == pytest.approx(0.6)
+        async with session.post(url + "/sim/faults",
                                 json={"stall_after_chunks": None}) as resp:
             assert (await resp.json())["stall_after_chunks"] is None
-        async with session.post(sim.url + "/v1/chat/completions", json=body) as resp:
+        async with session.post(url + "/v1/chat/completions", json=body) as resp:
             assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+        assert sleep.calls == [0.3, 0.3]    # no stall once lifted
 
 
 def test_bad_fault_values_are_400_naming_the_field(sim: Sim) -> None:
