@@ -14,7 +14,7 @@ import pydantic
 from pydantic import Field
 
 from synapse_common import engines
-from synapse_common.settings import LoggingSettings, Secret, Section, TaskList
+from synapse_common.settings import LoggingSettings, Secret, Section, TaskList, tasks_field
 from synapse_common.tracing import TracingSettings
 
 
@@ -93,9 +93,7 @@ class BackendSettings(Section):
     memory_required_gb: float | None = Field(None, gt=0, description="declared VRAM need")
     task: Literal["generate", "embed"] = Field("generate", description="what the engine serves")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment")
-    tasks: TaskList = Field(
-        default_factory=list, description="every API it serves (generate, responses, messages, "
-        "tokenize, rerank, score, transcription, embed, speech; synapse_common.tasks); empty = "
+    tasks: TaskList = tasks_field(
         "what the engine's /openapi.json lists, else task. E.g. a vLLM reranker: [rerank, "
         "score, tokenize]; a Whisper server: [transcription]; a speech server: [speech]")
 

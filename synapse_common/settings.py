@@ -69,6 +69,16 @@ TaskList = Annotated[list[str], pydantic.AfterValidator(lambda v: list(task_name
 """Task names (:mod:`synapse_common.tasks`), de-duplicated; an unknown one is refused."""
 
 
+def tasks_field(empty: str) -> Any:
+    """The ``tasks`` setting of a backend (the agent's) or an upstream (the control
+    plane's): a :data:`TaskList` whose description names every task of
+    :mod:`synapse_common.tasks`, so it never lags behind them; ``empty`` says what no list
+    means for that kind of backend."""
+    return pydantic.Field(default_factory=list, description=(
+        f"every API it serves ({', '.join(task_names.ALL)}; the paths of each are in "
+        f"synapse_common.tasks); empty = {empty}"))
+
+
 def resolve_config_path(explicit: str | None, environ: Mapping[str, str]) -> tuple[str, bool]:
     """The config file to read and whether it was asked for explicitly."""
     if explicit:

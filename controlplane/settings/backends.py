@@ -9,7 +9,7 @@ import pydantic
 from pydantic import Field
 
 from controlplane.core import upstream_kinds
-from synapse_common.settings import Secret, Section, TaskList
+from synapse_common.settings import Secret, Section, TaskList, tasks_field
 
 
 class ModelSettings(Section):
@@ -55,11 +55,9 @@ class UpstreamSettings(Section):
         None, ge=1, description="sequences the engine runs at once (vLLM's --max-num-seqs): "
         "the fair queue counts this backend's seats from it; none = learn them from its "
         "metrics (kind vllm or sglang), which a burst of arrivals can mislead")
-    tasks: TaskList = Field(
-        default_factory=list, description="every API it serves (generate, responses, "
-        "messages, tokenize, rerank, score, transcription, embed, speech; the paths of each "
-        "are in synapse_common.tasks); empty = task alone. A vLLM serves generate, responses, "
-        "messages and tokenize; Synapse translates /v1/messages to chat for one that does not")
+    tasks: TaskList = tasks_field(
+        "task alone. A vLLM serves generate, responses, messages and tokenize; Synapse "
+        "translates /v1/messages to chat for one that does not")
 
     @pydantic.model_validator(mode="after")
     def _mapped_models_are_served(self) -> UpstreamSettings:
