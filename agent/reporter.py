@@ -21,6 +21,8 @@ Decisions:
 * Commands are executed in their own task (a DesiredBackends change may take the stop
   grace period) and each gets a ``CommandAck``; writes on a call are serialised by a
   lock because grpc.aio allows one outstanding write.
+* Every wait (reconnect backoff, report interval, DNS refresh) goes through the injected
+  :class:`synapse_common.clock.Time`, so tests run them in virtual time.
 * On shutdown every stream sends one last report (backends ``stopped``), half-closes,
   and the channel closes.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -53,8 +56,11 @@ CommandHandler = Callable[[controlplane_pb2.ControlMessage], Awaitable[tuple[boo
 class Reporter:
     def __init__(self, cfg: ControlPlaneLink, register: Callable[[], controlplane_pb2.Register],
                  report: Callable[[], controlplane_pb2.Report], on_command: CommandHandler,
-                 metrics: agent_metrics.Metrics, node: str) -> None:
+                 metrics: agent_metrics.Metrics, node: str, *,
+                 timing: clocks.Time = clocks.Time(), rng: random.Random | None = None) -> None:
         self.cfg = cfg
+        self._time = timing
+        self._rng = rng  # the reconnect jitter's source (tests seed it)
         self._register = register
         self._report = report
         self._on_command = on_command
@@ -129,17 +135,16 @@ class Reporter:
             except (OSError, TimeoutError, ValueError) as exc:
                 log.warning("cannot resolve %s (keeping %d streams): %s", self.cfg.dns_name,
                             len(self._tasks), exc)
-            await clocks.sleep(self.cfg.dns_refresh_s)
+            await self._time.sleep(self.cfg.dns_refresh_s)
 
     # -- one target --------------------------------------------------------------------
     async def _dial_forever(self, address: str) -> None:
-        delays = backoff.Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+        delays = backoff.Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)
         attempt, last = 0, ""  # the problem logged last: each new one is logged once
-        loop = asyncio.get_running_loop()
         gauge = self._metrics.control_plane_connected.labels(self._node, address)
         while not self._stopping:
             registered = False
-            began = loop.time()
+            began = self._time.monotonic()
             try:
                 registered = await self._session(address, gauge)
                 if registered and not self._stopping:
@@ -153,14 +158,13 @@ class Reporter:
                                            f"{self.cfg.connect_timeout_s:g}s"))
             finally:
                 gauge.set(0)
-            if registered and loop.time() - began >= self.cfg.reconnect_max_s:
+            if registered and self._time.monotonic() - began >= self.cfg.reconnect_max_s:
                 attempt, last = 0, ""  # a stream that lasted: start the ladder again
             elif registered:
                 last = ""  # cut right after Register: keep backing off, but say so
             if self._stopping:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_event.wait(), delays.delay(attempt))
+            await self._time.sleep(delays.delay(attempt), self._stop_event)
             attempt += 1
 
     def _channel(self, address: str) -> grpc.aio.Channel:
@@ -224,9 +228,8 @@ class Reporter:
             if self._stopping:
                 await call.done_writing()
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), self.cfg.report_interval_s)
-                await clocks.sleep(COALESCE_S)
+            if await self._time.sleep(self.cfg.report_interval_s, event) is not None:
+                await self._time.sleep(COALESCE_S)  # woken by a change: let a burst gather
 
     async def _execute(self, call: grpc.aio.StreamStreamCall, lock: asyncio.Lock,
                        msg: controlplane_pb2.ControlMessage) -> None:

@@ -142,7 +142,7 @@ class Runner:
         if self._stopping:
             return  # stop() may have set the event before this sleep began
         self._wake.clear()
-        await clocks.sleep(seconds, self._wake)
+        await self._time.sleep(seconds, self._wake)
 
     # -- process backends --------------------------------------------------------------
     def _argv(self) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Protocol
 
 
@@ -21,9 +21,13 @@ class Clock(Protocol):
     def __call__(self) -> float: ...
 
 
-Sleep = Callable[[float], Awaitable[object]]
-"""What a component that waits receives: :func:`sleep` by default, a hand-driven one in
-tests."""
+class Sleep(Protocol):
+    """What a component that waits receives: :func:`sleep` by default, a hand-driven one in
+    tests. The one signature of every wait: ``seconds`` (``None`` = until woken), ended
+    early by ``wakeup``; the seconds left unslept when woken, else ``None``."""
+
+    def __call__(self, seconds: float | None,
+                 wakeup: asyncio.Event | None = None) -> Awaitable[float | None]: ...
 
 
 def monotonic() -> float:

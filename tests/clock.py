@@ -6,6 +6,8 @@ wall time and tests assert their exact length."""
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 
 from synapse_common import clock as clocks
 
@@ -33,6 +35,65 @@ class SteppedSleep:
         self.calls.append(seconds)
         self.clock.now += seconds
         await asyncio.sleep(seconds * self.scale)
+
+
+class VirtualTime:
+    """Virtual seconds for components with several loops that wait at once (looptime-style):
+    no time passes until the test calls :meth:`advance`, which moves the clock to each due
+    sleeper's deadline in turn and lets it run before going on. ``time`` is the
+    :class:`synapse_common.clock.Time` to inject; ``due`` the deadlines of the sleepers now
+    waiting, so a test asserts when each would wake without waiting for any of them."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+        self.time = clocks.Time(wall=self, monotonic=self, sleep=self.sleep)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def due(self) -> list[float]:
+        return sorted(d for d, _, f in self._sleepers if not f.done())
+
+    async def sleep(self, seconds: float | None,
+                    wakeup: asyncio.Event | None = None) -> float | None:
+        if wakeup is not None and wakeup.is_set():
+            return seconds if seconds is not None else 0.0
+        deadline = None if seconds is None else self.now + max(0.0, seconds)
+        due: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if deadline is not None:
+            heapq.heappush(self._sleepers, (deadline, next(self._order), due))
+        woken = None if wakeup is None else asyncio.ensure_future(wakeup.wait())
+        try:
+            await (due if woken is None else asyncio.wait({due, woken},
+                                                           return_when=asyncio.FIRST_COMPLETED))
+        finally:
+            if woken is not None:
+                woken.cancel()
+            due.cancel()        # a sleeper woken early leaves no deadline behind
+        if due.cancelled() and woken is not None and woken.done() and not woken.cancelled():
+            return 0.0 if deadline is None else max(0.0, deadline - self.now)
+        return None
+
+    async def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass: each sleeper due by then wakes at its own deadline."""
+        target = self.now + seconds
+        while self._sleepers and self._sleepers[0][0] <= target:
+            deadline, _, due = heapq.heappop(self._sleepers)
+            if due.done():
+                continue
+            self.now = deadline
+            due.set_result(None)
+            await _settle()
+        self.now = target
+        await _settle()
+
+
+async def _settle(turns: int = 20) -> None:
+    """Let the tasks just woken run until they wait again (a few turns of the loop)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
 
 
 def stepped_time(now: float = 0.0) -> tuple[clocks.Time, ManualClock, SteppedSleep]:

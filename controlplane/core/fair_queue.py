@@ -35,13 +35,13 @@ import contextlib
 import dataclasses
 import heapq
 import itertools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from controlplane import errors
 from synapse_common import clock as clocks
 
-Sleep = Callable[[float | None, asyncio.Event | None], Awaitable[float | None]]
+Sleep = clocks.Sleep
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

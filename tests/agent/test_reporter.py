@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
+import random
 
 import grpc
 import pytest
@@ -10,9 +12,11 @@ from prometheus_client import CollectorRegistry
 
 from agent import metrics, reporter
 from agent.config import ControlPlaneLink
+from agent.core import backoff
 from protos.synapse.v1 import controlplane_pb2
 from tests import fleet, harness
 from tests.agent.control_plane import ControlPlaneServer
+from tests.clock import VirtualTime
 
 
 class Node:
@@ -44,6 +48,57 @@ def _reporter(node: Node, **cfg) -> reporter.Reporter:
                                "connect_timeout_s": 1, **cfg})
     return reporter.Reporter(link, node.register, node.report, node.command,
                              metrics.Metrics(CollectorRegistry()), "n1")
+
+
+async def test_reconnects_and_registers_again_after_control_plane_restart():
+    """On virtual time: the reports come every report_interval_s and the reconnect waits
+    exactly its backoff, asserted from the waits themselves, none of them waited out."""
+    server = ControlPlaneServer()
+    server.start()
+    vt, registry, node = VirtualTime(), CollectorRegistry(), Node()
+    link = ControlPlaneLink(addresses=[server.address], report_interval_s=0.3,
+                            reconnect_min_s=0.1, reconnect_max_s=0.5, connect_timeout_s=5)
+    rep = reporter.Reporter(link, node.register, node.report, node.command,
+                            metrics.Metrics(registry), "n1", timing=vt.time,
+                            rng=random.Random(7))
+
+    def connected() -> float | None:
+        return registry.get_sample_value("synapse_agent_control_plane_connected",
+                                         {"node": "n1", "address": server.address})
+
+    await rep.start()
+    recorder = server.recorder
+    await harness.until(lambda: recorder.reports() and vt.due() == [0.3], 10,
+                        "the first report, and the next one due an interval later")
+    await vt.advance(0.3)
+    await harness.until(lambda: len(recorder.reports()) >= 2, 10, "reports")
+    register = recorder.registers()[0]
+    assert register.node_name == "n1" and register.agent_version
+    sequences = [r.sequence for r in recorder.reports()]
+    assert sequences == sorted(sequences)
+
+    server.stop()
+    await harness.until(lambda: connected() == 0.0, 10, "the reporter to notice the lost stream")
+    wait = backoff.Backoff(0.1, 0.5, random.Random(7)).delay(0)   # the first rung, jittered
+    await harness.until(lambda: vt.due() == [pytest.approx(0.3 + wait)], 10,
+                        "the reconnect to wait its backoff from the loss")
+    server.start()  # same port
+    await vt.advance(wait)
+    await harness.until(lambda: len(recorder.registers()) == 2, 10, "a second Register")
+    for _ in range(2):
+        await harness.until(lambda: vt.due() == [pytest.approx(vt.now + 0.3)], 10,
+                            "the next report due")
+        await vt.advance(0.3)
+    await harness.until(lambda: len(recorder.streams[-1]) >= 3, 10, "reports on the new stream")
+    assert recorder.streams[-1][0].HasField("register")
+    assert connected() == 1.0
+
+    stopping = asyncio.create_task(rep.stop())   # one last report, after the coalesce wait
+    await harness.until(lambda: vt.due() == [pytest.approx(vt.now + reporter.COALESCE_S)], 10,
+                        "the last report's coalesce wait")
+    await vt.advance(reporter.COALESCE_S)
+    await stopping
+    server.stop()
 
 
 class TokenCheck(grpc.ServerInterceptor):
