@@ -45,24 +45,25 @@ class Decision:
     reason: str
 
 
+@dataclasses.dataclass(eq=False)
 class RestartPolicy:
     """Decides, at each engine exit, between a delayed restart and ``crashloop``."""
 
-    def __init__(self, clock: Clock, backoff: Backoff, threshold: int, window_s: float) -> None:
-        self._clock = clock
-        self._backoff = backoff
-        self.threshold = threshold
-        self.window_s = window_s
-        self._restarts: collections.deque[float] = collections.deque()
-        self._attempt = 0
-        self._ready_since: float | None = None
+    clock: Clock
+    backoff: Backoff
+    threshold: int
+    window_s: float
+    _restarts: collections.deque[float] = dataclasses.field(
+        default_factory=collections.deque, init=False)
+    _attempt: int = dataclasses.field(default=0, init=False)
+    _ready_since: float | None = dataclasses.field(default=None, init=False)
 
     def on_ready(self) -> None:
-        self._ready_since = self._clock()
+        self._ready_since = self.clock()
 
     def on_exit(self) -> Decision:
-        now = self._clock()
-        if self._ready_since is not None and now - self._ready_since >= self._backoff.cap:
+        now = self.clock()
+        if self._ready_since is not None and now - self._ready_since >= self.backoff.cap:
             self._attempt = 0  # it ran fine for a while: start the ladder again
         self._ready_since = None
         while self._restarts and now - self._restarts[0] > self.window_s:
@@ -70,7 +71,7 @@ class RestartPolicy:
         if len(self._restarts) >= self.threshold:
             return Decision(False, 0.0, f"{len(self._restarts)} restarts within "
                                         f"{self.window_s:g}s")
-        delay = self._backoff.delay(self._attempt)
+        delay = self.backoff.delay(self._attempt)
         self._attempt += 1
         self._restarts.append(now)
         return Decision(True, delay, f"restart in {delay:.1f}s")
