@@ -23,7 +23,6 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from synapse_common import aiotasks
@@ -46,7 +45,7 @@ class Saved:
 
 class SqliteJournal:
     def __init__(self, path: str, flush_interval_s: float = 1.0,
-                 sleep: Callable[[float], Awaitable[object]] = clocks.sleep) -> None:
+                 sleep: clocks.Sleep = clocks.sleep) -> None:
         self.path = path
         self._interval = flush_interval_s
         self._sleep = sleep

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from controlplane import errors
@@ -98,7 +98,7 @@ class Prober:
                  on_metrics: Callable[[str, str | None], None] | None = None,
                  on_round: Callable[[], None] | None = None,
                  clock: clocks.Clock = clocks.monotonic,
-                 sleep: Callable[[float], Awaitable[object]] = clocks.sleep) -> None:
+                 sleep: clocks.Sleep = clocks.sleep) -> None:
         self._client = client
         self._targets = list(targets)
         self._report = report
