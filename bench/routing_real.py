@@ -2,9 +2,10 @@
 core each), from the engine tier (``make engines``).
 
 One process tree: a ``synapse agent`` supervising two real vLLMs (``engine: vllm``,
-``VLLM_CPU_OMP_THREADS_BIND`` 0 and 1, ``VLLM_CPU_KVCACHE_SPACE=1``: each holds about
-46,600 tokens of KV, or ``--kv-tokens``; the agent reports their block size and KV capacity from
-``vllm:cache_config_info``), four ``synapse controlplane`` replicas fed by that agent —
+``VLLM_CPU_OMP_THREADS_BIND`` 0 and 1, ``VLLM_CPU_KVCACHE_SPACE=1``, of which each uses
+``--kv-tokens`` (default 12,288: 96 blocks of 128; 1 GiB would hold about 46,600, and a
+workload scaled to that takes hours on two CPU cores); the agent reports their block size
+and KV capacity from ``vllm:cache_config_info``), four ``synapse controlplane`` replicas fed by that agent —
 ``predicted_ttft`` with the model's own tokenizer (``models[].tokenizer``),
 ``predicted_ttft`` with the shared approximation (``predicted_approx``), ``round_robin``,
 ``least_loaded`` — and the Rust ``vllm-router`` in ``cache_aware`` mode (``make
@@ -24,7 +25,9 @@ Workloads, scaled to what two CPU engines serve in a few minutes:
 
 Printed per workload and policy: TTFT p50/p90 (to the first content token), output
 tokens/s over the wall time, the engines' own prefix-cache hit ratio (the delta of
-``vllm:prefix_cache_hits_total / queries_total`` over the run) and, for Synapse's
+``vllm:prefix_cache_hits_total / queries_total`` over the run), the busiest engine's share
+of the requests (from the engines' ``vllm:request_success_total``, so it holds for the
+vllm-router too, which names no backend) and, for Synapse's
 predicted policies, the router's predicted ÷ engine-reported cached tokens (the delta of
 ``synapse_route_cached_tokens_total``). Last line: ``{"bench": "routing_real", "engine":
 "vllm", "A": {"p90_ttft_ratio_vs_round_robin": …, "p50_ttft_ratio_vs_round_robin": …,
@@ -32,7 +35,8 @@ predicted policies, the router's predicted ÷ engine-reported cached tokens (the
 {"p90_ttft_ratio_vs_least_loaded": …}, "cached_tokens_agreement": …,
 "cached_tokens_agreement_approximation": …}``.
 
-Run: ``python -m bench.routing_real`` (about 15 minutes on 2 cores).
+Run: ``python -m bench.routing_real`` (its run time on this project's machines: README,
+"Benchmarks").
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ import
 from bench import common  # noqa: E402
 from bench.gateway import Tree  # noqa: E402
 from bench.routing import ADMIN, KEY, Result, _backends_ready, send  # noqa: E402
-from bench.scrape import engine_totals, learned, route_totals  # noqa: E402
+from bench.scrape import engine_requests, engine_totals, learned, route_totals  # noqa: E402
 from synapse_common import engines  # noqa: E402
 from synapse_common.ports import free_port  # noqa: E402
 
@@ -144,7 +148,9 @@ async def closed_loop(url: str, model: str, prompts: Sequence[list[dict[str, str
 
 
 def summarise(results: list[Result], wall: float, engine_delta: tuple[float, float],
-              route_delta: tuple[float, float]) -> dict[str, float]:
+              route_delta: tuple[float, float], served: Sequence[float]) -> dict[str, float]:
+    """One policy's row; ``served`` is how many requests each engine finished during it
+    (read from the engines, so it holds for a router that names no backend)."""
     ttfts = sorted(r.ttft for r in results)
     hits, queries = engine_delta
     predicted, reported = route_delta
@@ -154,9 +160,7 @@ def summarise(results: list[Result], wall: float, engine_delta: tuple[float, flo
             "usage_hit_ratio": (sum(r.cached_tokens for r in results)
                                 / max(1, sum(r.prompt_tokens for r in results))),
             "cached_agreement": predicted / reported if reported else float("nan"),
-            "busiest_share": max((sum(1 for r in results if r.backend == b)
-                                  for b in {r.backend for r in results}), default=0)
-                             / max(1, len(results)),
+            "busiest_share": max(served, default=0.0) / max(1.0, sum(served)),
             "requests": len(results)}
 
 
@@ -276,14 +280,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 prompts = workloads[name](rng)
                 cp = urls[policy] if policy in REPLICAS else None
                 engine0, route0 = engine_totals(engine_urls), route_totals(cp)
+                served0 = engine_requests(engine_urls)
                 errors0 = learned(cp, {})[1] if cp else {}
                 results, wall = await closed_loop(
                     f"{urls[policy]}/v1/chat/completions", tier.model_name, prompts,
                     args.concurrency, args.max_tokens, {"Authorization": f"Bearer {KEY}"})
                 engine1, route1 = engine_totals(engine_urls), route_totals(cp)
+                served = [b - a for a, b in zip(served0, engine_requests(engine_urls), strict=True)]
                 row = table[name][policy] = summarise(
                     results, wall, (engine1[0] - engine0[0], engine1[1] - engine0[1]),
-                    (route1[0] - route0[0], route1[1] - route0[1]))
+                    (route1[0] - route0[0], route1[1] - route0[1]), served)
                 print(f"{name:<9}{policy:<25}{row['p50']:>7.2f}{row['p90']:>7.2f}"
                       f"{row['wall_s']:>8.1f}{row['tokens_per_s']:>10.1f}"
                       f"{row['engine_hit_ratio']:>11.2f}{row['usage_hit_ratio']:>10.2f}"
@@ -332,12 +338,14 @@ def main() -> None:
     parser.add_argument("--workloads", default="AC")
     parser.add_argument("--policies", default="predicted_ttft,predicted_approx,round_robin,"
                         "least_loaded,vllm_router_cache_aware")
-    parser.add_argument("--kv-tokens", type=int, default=ONE_GIB_TOKENS,
-                        help="KV cache per engine, tokens (default: 1 GiB)")
+    parser.add_argument("--kv-tokens", type=int, default=12_288,
+                        help=f"KV cache per engine, tokens (1 GiB: {ONE_GIB_TOKENS})")
     parser.add_argument("--contexts", type=int, default=0,
                         help="default: 1.6 x one engine's KV / --context-tokens")
-    parser.add_argument("--context-tokens", type=int, default=1900)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--context-tokens", type=int, default=1200)
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="questions per context (each context's first is cold for "
+                             "any router: ten make the p90 measure routing)")
     parser.add_argument("--unique", type=int, default=80)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=8)

@@ -36,6 +36,12 @@ def engine_totals(engine_urls: Sequence[str]) -> tuple[float, float]:
     return hits, queries
 
 
+def engine_requests(engine_urls: Sequence[str]) -> list[float]:
+    """Requests each engine has finished so far (``vllm:request_success_total``, every
+    finish reason): which engine served what, whoever routed it."""
+    return [sum(scrape(u, ("vllm:request_success_total",)).values()) for u in engine_urls]
+
+
 def route_totals(cp_url: str | None) -> tuple[float, float]:
     """(predicted, reported) cached tokens so far on a control plane."""
     if cp_url is None:
