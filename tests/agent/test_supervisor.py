@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -15,8 +16,10 @@ from agent import runner as runners
 from agent.config import SupervisorSettings
 from agent.core import types
 from agent.core.types import Phase
+from synapse_common import clock as clocks
 from tests import harness
 from tests.agent.conftest import STAND_IN
+from tests.clock import VirtualTime
 
 
 def _settings(tmp_path, **kw) -> SupervisorSettings:
@@ -31,16 +34,38 @@ async def make(tmp_path) -> AsyncIterator[Callable[..., supervisor.Supervisor]]:
     made: list[supervisor.Supervisor] = []
     changes: list[int] = []
 
-    def build(**kw) -> supervisor.Supervisor:
+    def build(timing: clocks.Time = clocks.Time(), on_change: Callable[[], None] | None = None,
+              **kw) -> supervisor.Supervisor:
         hooks = runners.Hooks(metrics.Metrics(CollectorRegistry()), "n",
-                                 lambda: changes.append(1))
-        sup = supervisor.Supervisor(_settings(tmp_path, **kw), hooks, "127.0.0.1")
+                              on_change or (lambda: changes.append(1)))
+        sup = supervisor.Supervisor(_settings(tmp_path, **kw), hooks, "127.0.0.1", timing)
         made.append(sup)
         return sup
 
     yield build
     for sup in made:  # also when a test failed half-way: no engine outlives the test
         await sup.stop_all()
+
+
+async def drive(vt: VirtualTime, until: Callable[[], bool], what: str, *,
+                paced: bool = False, within: float = 30.0, loops: int = 2) -> None:
+    """Run the runner's virtual time to each next wait's end, one at a time, until
+    ``until`` (at most ``within`` virtual seconds); before each step, wait (really) until
+    its ``loops`` loops all wait again, so the engine's real I/O between two steps never
+    lets virtual time run ahead. ``paced``: as fast as real time, no faster, while what
+    is awaited is real (an engine process starting up)."""
+    start = vt.now
+    while True:
+        await harness.until(lambda: until() or len(vt.due()) >= loops, 20,
+                            f"{what}: every loop to wait")
+        if until():
+            return
+        step = vt.due()[0] - vt.now
+        if vt.now + step - start > within:
+            raise AssertionError(f"{what}: not within {within} virtual seconds")
+        if paced:
+            await asyncio.sleep(step)
+        await vt.advance(step)
 
 
 async def test_external_backend_is_probed_ready_unhealthy_ready(make):
@@ -85,19 +110,26 @@ async def test_engine_not_ready_by_the_deadline_is_killed_and_restarted(make):
 
 
 async def test_drain_waits_for_in_flight_requests(make, tmp_path):
-    busy = tmp_path / "busy"
+    # On virtual time: the drain's grace period runs out without being waited for.
+    busy, vt = tmp_path / "busy", VirtualTime()
     busy.write_text("1")
-    sup = make()
+    sup = make(timing=vt.time)
     spec = types.EngineSpec(name="gen", engine="simulator", model="m",
                             extra_args=("--busy-file", str(busy)))
     await sup.start([spec])
     r = sup.runners["gen"]
-    await harness.until(lambda: r.metrics_ok, 20, "a scrape")
+    await drive(vt, lambda: r.metrics_ok, "a scrape", paced=True)
     sup.set_draining(True)
     assert r.status(sup.draining).phase == Phase.DRAINING
-    assert not await sup.wait_idle(0.5)  # one request still running
+    since, waiting = vt.now, asyncio.create_task(sup.wait_idle(0.5))
+    await drive(vt, waiting.done, "the grace period", loops=3)   # the probe, scrape, drain
+    assert not waiting.result()  # one request still running
+    spent = vt.now - since       # a fresh scrape each 0.1 s until the grace period is over
+    assert spent >= 0.5 > spent - 0.1
     busy.unlink()
-    assert await sup.wait_idle(10)
+    waiting = asyncio.create_task(sup.wait_idle(10))
+    await drive(vt, waiting.done, "idle", loops=3)
+    assert waiting.result()
     status = r.status(sup.draining)
     assert status.kv_capacity_tokens == 16000 and status.kv_block_size == 16
     sup.set_draining(False)
@@ -122,18 +154,26 @@ async def test_naming_a_crashlooping_backend_again_retries_it(make):
 
 
 async def test_an_engine_unhealthy_for_too_long_is_restarted(make, tmp_path):
-    sick = tmp_path / "sick"
-    sup = make(unhealthy_restart_s=0.3)
+    # On virtual time: the probes' schedule and the restart's moment are the runner's
+    # own, asserted exactly, and none of their seconds is waited out.
+    sick, vt = tmp_path / "sick", VirtualTime()
+    sup = make(unhealthy_restart_s=0.3, timing=vt.time)
     spec = types.EngineSpec(name="gen", engine="simulator", model="m",
                             extra_args=("--sick-file", str(sick)))
     await sup.start([spec])
     r = sup.runners["gen"]
-    await harness.until(lambda: r.phase == Phase.READY, 20, "ready")
+    await drive(vt, lambda: r.phase == Phase.READY, "ready", paced=True)
     sick.write_text("1")
-    await harness.until(lambda: r.phase == Phase.UNHEALTHY, 10, "unhealthy")
-    await harness.until(lambda: r.restarts == 1, 10, "a restart")
+    sick_at = vt.now
+    await drive(vt, lambda: r.phase == Phase.UNHEALTHY, "unhealthy")
+    unhealthy_at = vt.now       # the second failed probe (unhealthy_after 2, 0.1 s apart)
+    assert sick_at + 0.1 < unhealthy_at <= sick_at + 0.2 + 1e-9
+    await drive(vt, lambda: "unhealthy for" in r.reason, "the restart")
+    gap = vt.now - unhealthy_at  # restarted at the first probe (0.1 s apart) that finds it
+    assert gap >= 0.3 > gap - 0.1   # unhealthy for unhealthy_restart_s, not one probe sooner
+    await drive(vt, lambda: r.restarts == 1, "a restart")
     sick.unlink()
-    await harness.until(lambda: r.phase == Phase.READY, 20, "ready after the restart")
+    await drive(vt, lambda: r.phase == Phase.READY, "ready after the restart", paced=True)
     assert any(line.startswith("[synapse-agent] unhealthy for 0.3s; restart in")
                for line in r.sink.lines())
 
