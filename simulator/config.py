@@ -1,9 +1,8 @@
 """Engine-simulator settings: profile (latency model), faults, TEI mode.
 
 The default profile is loosely calibrated to Llama-3.1-8B-Instruct in BF16 on one H100
-80GB under vLLM V1; the figures and their sources are in ``simulator/profiles.py`` (its
-``realistic`` profile holds the same numbers as the defaults below, and a test keeps the
-two in step).
+80GB under vLLM V1; the figures' sources are in ``simulator/profiles.py``, whose
+``realistic`` profile is the defaults below (written once, here).
 
 Precedence: defaults < YAML file < ``SYNAPSE_*`` environment < ``--profile`` < single
 flags (``--max-num-seqs`` …), applied by ``simulator.main``.

@@ -1,6 +1,6 @@
 """Latency-model profiles: built-in names, or a YAML file of ``ProfileSettings`` fields.
 
-``realistic`` (the default; ``config.ProfileSettings`` defaults hold the same numbers):
+``realistic`` (the default: ``config.ProfileSettings``'s defaults, where the numbers live):
 Llama-3.1-8B-Instruct, BF16, one H100 SXM 80GB, vLLM V1. Loosely calibrated from public
 figures, not measured here:
 
@@ -36,17 +36,8 @@ import yaml
 
 from simulator.config import ProfileSettings
 
-REALISTIC: dict[str, Any] = {
-    "prefill_s_per_token": 0.00012,
-    "decode_base_s": 0.012,
-    "decode_per_seq_s": 0.00015,
-    "max_num_seqs": 256,
-    "max_num_batched_tokens": 8192,
-    "num_gpu_blocks": 28_000,
-    "block_size": 16,
-    "max_model_len": 131_072,
-    "default_max_tokens": 256,
-}
+REALISTIC: dict[str, Any] = ProfileSettings().model_dump()
+"""The figures this module's docstring explains: the config defaults, written once there."""
 
 FAST: dict[str, Any] = {
     **REALISTIC,
