@@ -58,6 +58,8 @@ class VirtualTime:
 
     async def sleep(self, seconds: float | None,
                     wakeup: asyncio.Event | None = None) -> float | None:
+        if wakeup is None and seconds is None:
+            raise ValueError("sleep(None) without a wakeup event would never return")
         if wakeup is not None and wakeup.is_set():
             return seconds if seconds is not None else 0.0
         deadline = None if seconds is None else self.now + max(0.0, seconds)
