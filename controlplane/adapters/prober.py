@@ -90,42 +90,42 @@ async def metrics_text(client: Sender, target: Target) -> str | None:
     return answer[1].decode("utf-8", "replace")
 
 
+@dataclasses.dataclass(eq=False)
 class Prober:
     """The schedule: every target when due, transitions logged, results reported."""
 
-    def __init__(self, client: Sender, targets: Sequence[Target],
-                 report: Callable[[str, bool], None], *,
-                 on_metrics: Callable[[str, str | None], None] | None = None,
-                 on_round: Callable[[], None] | None = None,
-                 clock: clocks.Clock = clocks.monotonic,
-                 sleep: clocks.Sleep = clocks.sleep) -> None:
-        self._client = client
-        self._targets = list(targets)
-        self._report = report
-        self._on_metrics = on_metrics
-        self._on_round = on_round
-        self._clock = clock
-        self._sleep = sleep
-        self._last: dict[str, bool] = {}
-        self._failures: dict[str, int] = {}
-        self._due = {t.key: 0.0 for t in self._targets}
+    client: Sender
+    targets: Sequence[Target]
+    report: Callable[[str, bool], None]
+    _: dataclasses.KW_ONLY
+    on_metrics: Callable[[str, str | None], None] | None = None
+    on_round: Callable[[], None] | None = None
+    clock: clocks.Clock = clocks.monotonic
+    sleep: clocks.Sleep = clocks.sleep
+    _last: dict[str, bool] = dataclasses.field(default_factory=dict, init=False)
+    _failures: dict[str, int] = dataclasses.field(default_factory=dict, init=False)
+    _due: dict[str, float] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.targets = list(self.targets)
+        self._due = {t.key: 0.0 for t in self.targets}
 
     async def run(self) -> None:
-        if not self._targets:
+        if not self.targets:
             return
         first = True
         while True:
-            now = self._clock()
-            due = [t for t in self._targets if self._due[t.key] <= now]
+            now = self.clock()
+            due = [t for t in self.targets if self._due[t.key] <= now]
             await asyncio.gather(*(self._check(t, now) for t in due))
-            if first and self._on_round is not None:
-                self._on_round()
+            if first and self.on_round is not None:
+                self.on_round()
             first = False
-            await self._sleep(max(0.0, min(self._due.values()) - self._clock()))
+            await self.sleep(max(0.0, min(self._due.values()) - self.clock()))
 
     async def _check(self, target: Target, now: float) -> None:
         self._due[target.key] = now + target.interval_s
-        ok = await probe(self._client, target)
+        ok = await probe(self.client, target)
         failures = self._failures[target.key] = 0 if ok else self._failures.get(target.key, 0) + 1
         # The first probe decides; after it, one lost probe (a busy machine, a dropped
         # packet) does not take a healthy upstream out of routing.
@@ -135,6 +135,6 @@ class Prober:
             log.log(logging.INFO if healthy else logging.WARNING, "upstream %s is %s (%s)",
                     target.key, "healthy" if healthy else "unhealthy", target.url)
         self._last[target.key] = healthy
-        self._report(target.key, healthy)
-        if healthy and self._on_metrics is not None and target.metrics_url is not None:
-            self._on_metrics(target.key, await metrics_text(self._client, target))
+        self.report(target.key, healthy)
+        if healthy and self.on_metrics is not None and target.metrics_url is not None:
+            self.on_metrics(target.key, await metrics_text(self.client, target))
