@@ -149,7 +149,10 @@ def _onnx_lower(model: Any, lower: int) -> Callable[[dict[str, np.ndarray]], np.
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return lambda feeds: np.asarray(session.run(["hidden"], feeds)[0])
+    # Below every layer (a full fine-tune) the graph never reads the mask: no such input.
+    names = {i.name for i in session.get_inputs()}
+    return lambda feeds: np.asarray(session.run(
+        ["hidden"], {n: v for n, v in feeds.items() if n in names})[0])
 
 
 def top_layers(model: Any, lower: int) -> Any:

@@ -18,10 +18,11 @@ import pytest
 
 from agent.config import EmbedderSettings
 from agent.embedding import tuned
-from controlplane import calibrate, ctl, progress
+from controlplane import calibrate, ctl, embedder_fit, progress
 from controlplane.core import verifier
 from synapse_common import embedder_tuning
 from tests import dev_pairs
+from tests.controlplane import test_cache_support as support
 
 
 def write_pairs(path: pathlib.Path, rows: list[tuple[str, str, int]]) -> pathlib.Path:
@@ -97,6 +98,24 @@ def test_a_real_tuning_gives_an_embedder_and_its_verifier(dev_slice, tmp_path, c
     assert float(np.abs(served - untuned).max()) > 1e-3       # it is another embedder
     again = calibrate.embed_texts(texts, tuning=tuning)
     assert float(np.abs(served - again).max()) < 2e-3
+
+
+def test_a_full_fine_tune_starts_from_the_embedding_layer():
+    # --layers 6 tunes every transformer layer: what is frozen is the embedding layer
+    # alone, whose exported graph has no attention-mask input.
+    import torch
+
+    model = support.minilm_model()
+    texts = ["How do I learn Python fast?", "Why?"]
+    states = embedder_fit.lower_states(model, texts, 0, lambda n: None)
+    features = model.tokenize(texts)
+    with torch.inference_mode():
+        expected = model[0].auto_model.embeddings(
+            input_ids=features["input_ids"], token_type_ids=features["token_type_ids"]).numpy()
+    for i in range(len(texts)):
+        n = int(features["attention_mask"][i].sum())
+        got = states.flat[states.offsets[i]:states.offsets[i + 1]].astype(np.float32)
+        np.testing.assert_allclose(got, expected[i, :n], atol=1e-2)
 
 
 def serve(emb: Any, texts: list[str]) -> np.ndarray:
