@@ -33,6 +33,7 @@ import numpy as np
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 STATE_BATCH = 64
+ENCODE_CHUNK = 32       # texts padded together in training (see ``encode``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +165,19 @@ def top_layers(model: Any, lower: int) -> Any:
 
 
 def encode(top: Any, states: States, ids: np.ndarray) -> Any:
-    """Mean-pooled, normalised vectors of texts ``ids`` through ``top`` (a tensor)."""
+    """Mean-pooled, normalised vectors of texts ``ids`` through ``top`` (a tensor, rows in
+    the order of ``ids``). The texts go through in chunks of similar length: padded to
+    the whole batch's longest text, one long question made a training step of every
+    layer keep tens of GB of attention activations for its backward pass."""
+    import torch
+
+    order = np.argsort(states.offsets[ids + 1] - states.offsets[ids], kind="stable")
+    chunks = [_encode_padded(top, states, ids[order[start:start + ENCODE_CHUNK]])
+              for start in range(0, len(ids), ENCODE_CHUNK)]
+    return torch.cat(chunks)[torch.from_numpy(np.argsort(order, kind="stable"))]
+
+
+def _encode_padded(top: Any, states: States, ids: np.ndarray) -> Any:
     import torch
 
     hidden, mask = states.batch(ids)
