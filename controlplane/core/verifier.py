@@ -8,8 +8,7 @@ calibrated probability reaches the operating point.
 Design decisions:
 
 - **Features**: cosine, the lexical guards of ``verifier_features`` (numbers, negation,
-  question word, overlap, length, names, and overlap weighted by the rarity of words
-  in the training texts, ``idf``, kept in the file), and projections of ``|u - v|`` and ``u * v``
+  question word, overlap, length, names), and projections of ``|u - v|`` and ``u * v``
   on their first principal components (fitted on the training pairs). Projections, not
   the raw 2 x 384 values: measured on QQP, trees over 16 + 16 projections beat both the
   raw vectors and an MLP/logistic regression over them at the high-precision end, which
@@ -143,7 +142,6 @@ class Verifier:
                  curve: Sequence[tuple[float, float, float]], meta: dict[str, Any],
                  model_points: dict[str, ModelPoint] | None = None,
                  calibration: Calibration | None = None,
-                 idf: verifier_features.Idf = verifier_features.NO_IDF,
                  digest: str = "") -> None:
         self.diff = diff
         self.prod = prod
@@ -155,7 +153,6 @@ class Verifier:
         self.meta = meta
         self.model_points = dict(model_points or {})
         self.calibration = calibration
-        self.idf = idf
         self._digest = digest
 
     @property
@@ -174,11 +171,6 @@ class Verifier:
         return str(self.meta.get("embedder_id", ""))
 
     # -- scoring -------------------------------------------------------------------------
-    def features(self, texts_a: list[str], texts_b: list[str], us: npt.NDArray[Any],
-                 vs: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-        """Raw features of the pairs (``texts_a[i]``, ``texts_b[i]``) with their vectors."""
-        return verifier_features.batch_features(texts_a, texts_b, us, vs, self.idf)
-
     def model_inputs(self, raw: npt.NDArray[Any]) -> F64:
         """Raw pair features (``verifier_features.batch_features``) → the trees' inputs."""
         x = np.asarray(raw, dtype=np.float64)
@@ -201,8 +193,9 @@ class Verifier:
         if not texts:
             return None
         n = len(texts)
-        raw = self.features([query_text] * n, list(texts), np.tile(np.asarray(query_vec), (n, 1)),
-                            np.stack([np.asarray(v) for v in vectors]))
+        raw = verifier_features.batch_features(
+            [query_text] * n, list(texts), np.tile(np.asarray(query_vec), (n, 1)),
+            np.stack([np.asarray(v) for v in vectors]))
         scores = self.probabilities(raw)
         best = int(np.argmax(scores))
         cut = self.threshold if threshold is None else threshold
@@ -227,7 +220,7 @@ class Verifier:
             "format": FORMAT, "feature_version": verifier_features.FEATURE_VERSION,
             **self.meta,
             "target_precision": self.target_precision, "threshold": self.threshold,
-            "platt": list(self.platt), "idf": self.idf.to_json(),
+            "platt": list(self.platt),
             "projections": {name: {"mean": _round(p.mean), "components": _round(p.components)}
                             for name, p in (("diff", self.diff), ("prod", self.prod))},
             "forest": {"baseline": f.baseline, "depth": f.depth,
@@ -272,7 +265,7 @@ def check_embedder(model: Verifier, embedder_id: str) -> None:
 
 def scoring_digest(data: dict[str, Any]) -> str:
     """A short hash of what turns a pair into a score (not of thresholds or metrics)."""
-    parts = {k: data[k] for k in ("feature_version", "projections", "forest", "platt", "idf")}
+    parts = {k: data[k] for k in ("feature_version", "projections", "forest", "platt")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -310,7 +303,6 @@ def from_json(data: dict[str, Any]) -> Verifier:
                     threshold=float(data["threshold"]),
                     target_precision=float(data["target_precision"]), curve=curve, meta=meta,
                     model_points=points, calibration=calibration,
-                    idf=verifier_features.Idf.from_json(data["idf"]),
                     digest=scoring_digest(data))
 
 
