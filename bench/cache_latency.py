@@ -19,10 +19,10 @@ the time measured is the control plane's), one ``synapse agent`` serving MiniLM 
 
 The scope is filled through the API itself (``Cache-Control: no-cache`` requests: they
 skip the lookup and are stored), so the entries are exactly what production writes.
-Texts come from ``--pairs`` (the QQP dev pairs). The agent's embedder is the tuned one
-(``--tuning``, default the shipped tuning) and the control plane's verifier the one
-fitted for it; ``--tuning none --verifier OLD.json --embedder-id minilm-l6-v2@<version>``
-measures plain all-MiniLM-L6-v2 with its own verifier. Run: ``python -m
+Texts come from ``--pairs`` (the QQP dev pairs). The agent's embedder is
+``--tuning`` (default ``none``: plain all-MiniLM-L6-v2, what agents serve by default; no
+tuned embedder is shipped yet) and the control plane's verifier the one fitted for it
+(``--verifier``, ``--embedder-id`` for a tuning of your own). Run: ``python -m
 bench.cache_latency [--entries 10000] [--queries 300]``. Last line: ``{"bench": "cache_latency",
 "exact_hit_p50_ms": …, "exact_hit_p99_ms": …, "semantic_hit_p50_ms": …,
 "semantic_hit_p99_ms": …, "miss_added_p50_ms": …, "miss_added_p99_ms": …, …}``.
@@ -128,7 +128,7 @@ def embeds(address: str) -> bool:
 
 
 @contextlib.contextmanager
-def fleet(tmp: pathlib.Path, entries: int, tuning: str = "shipped",
+def fleet(tmp: pathlib.Path, entries: int, tuning: str = "none",
           verifier: str | None = None, embedder_id: str | None = None
           ) -> Iterator[dict[str, str]]:
     sim, node = free_port(), free_port()
@@ -284,12 +284,12 @@ def main(argv: list[str] | None = None) -> int:
                                                / "shared" / "data" / "qqp_pairs_dev.jsonl.gz"))
     parser.add_argument("--entries", type=int, default=10_000, help="entries in the scope")
     parser.add_argument("--queries", type=int, default=300, help="requests per scenario")
-    parser.add_argument("--tuning", default="shipped",
+    parser.add_argument("--tuning", default="none",
                         help="the agent's embedder.tuning (none: plain all-MiniLM-L6-v2)")
     parser.add_argument("--verifier", default=None,
                         help="cache.verifier_path (default: shipped; must fit --tuning)")
     parser.add_argument("--embedder-id", default=None,
-                        help="cache.embedder_id (default: the shipped tuned embedder's)")
+                        help="cache.embedder_id (default: the untuned MiniLM's)")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the process tree is always stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
