@@ -92,6 +92,9 @@ async def test_reconnects_and_registers_again_after_control_plane_restart():
     await harness.until(lambda: len(recorder.streams[-1]) >= 3, 10, "reports on the new stream")
     assert recorder.streams[-1][0].HasField("register")
     assert connected() == 1.0
+    # stop() while the loop is between reports: stopped mid-write, it has nothing to coalesce
+    await harness.until(lambda: vt.due() == [pytest.approx(vt.now + 0.3)], 10,
+                        "the loop back in its interval wait")
 
     stopping = asyncio.create_task(rep.stop())   # one last report, after the coalesce wait
     await harness.until(lambda: vt.due() == [pytest.approx(vt.now + reporter.COALESCE_S)], 10,
