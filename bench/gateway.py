@@ -282,9 +282,14 @@ def variants(args: argparse.Namespace, sink: str) -> dict[str, dict[str, object]
                                      "endpoint": sink}}
     if args.access_log:  # the default log level: one JSON access-log line per request
         out["logged"] = {"logging": {"level": "info", "format": "json"}}
-    if args.baseline_tree:  # the same config, the code of another source tree
-        out["baseline_tree"] = {}
+    for tree in args.baseline_tree:  # the same config, the code of another source tree
+        out[tree_target(tree)] = {}
     return out
+
+
+def tree_target(tree: pathlib.Path) -> str:
+    """The target name of a control plane running the code in ``tree``."""
+    return f"tree:{tree.name}"
 
 
 def start_sink(tree: Tree) -> str:
@@ -437,14 +442,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         targets = [("direct", f"{sim}/v1/chat/completions", {}),
                    ("synapse", f"http://127.0.0.1:{hp}/v1/chat/completions", auth)]
         wanted = variants(args, start_sink(tree) if args.tracing else "")
+        trees = {tree_target(t): t.resolve() for t in args.baseline_tree}
         for name, sections in wanted.items():
             vh = free_port()
             vcfg = controlplane_config(workdir, sim, vh, free_port(), args.limits,
                                        name=name, **sections)
             tree.start(name, [str(BIN / "synapse"), "controlplane", "--config", vcfg],
                        f"http://127.0.0.1:{vh}/ready",
-                       env={"PYTHONPATH": str(args.baseline_tree)}
-                       if name == "baseline_tree" else None)
+                       env={"PYTHONPATH": str(trees[name])} if name in trees else None)
             targets.append((name, f"http://127.0.0.1:{vh}/v1/chat/completions", auth))
         # Peers join the same interleaved rounds: a throughput ratio between gateways
         # measured minutes apart on a shared machine would measure the machine.
@@ -524,10 +529,13 @@ def main() -> None:
                         "to an OTLP receiver, in the same rounds (target 'traced')")
     parser.add_argument("--tracing-ratio", type=float, default=1.0,
                         help="tracing.sampling_ratio of the traced control plane")
-    parser.add_argument("--baseline-tree", type=pathlib.Path, metavar="DIR",
+    parser.add_argument("--baseline-tree", type=pathlib.Path, metavar="DIR", action="append",
+                        default=[],
                         help="also measure a control plane running the code in DIR (e.g. "
                         "`git archive COMMIT | tar -x -C DIR`), same config: before/after "
-                        "a change, in the same rounds (target 'baseline_tree')")
+                        "a change, in the same rounds (target 'tree:<DIR name>'); repeat it "
+                        "to measure several trees, e.g. to find the commit that changed a "
+                        "figure")
     parser.add_argument("--cpu-requests", type=int, default=2000,
                         help="requests per round of the CPU-per-request phase")
     parser.add_argument("--access-log", action="store_true",

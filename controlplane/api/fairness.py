@@ -168,8 +168,12 @@ def finish(request: web.Request, decision: cache_port.CacheDecision | None,
     ok = flow.status == 200
     outcome = fairness.Outcome(flow.usage if ok else None, ok,
                                failed or ctx.broken or flow.status >= 400)
+    charge = flow.charge
+    if charge is None or not charge.to_correct:    # no limit to correct: no task of its own
+        _fair(request).record(flow.tenant, flow.model, outcome)
+        return
     task = asyncio.get_running_loop().create_task(
-        _fair(request).settle(flow.charge, flow.tenant, flow.model, outcome))
+        _fair(request).settle(charge, flow.tenant, flow.model, outcome))
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
 

@@ -166,26 +166,34 @@ class Fairness:
 
     # -- the end --------------------------------------------------------------------------
 
-    async def settle(self, charge: token_limits.Charge | None, tenant: str, model: str,
+    async def settle(self, charge: token_limits.Charge, tenant: str, model: str,
                      outcome: Outcome) -> None:
-        """Correct the charge and account the request (never raises)."""
+        """Correct the charge, then account the request (never raises)."""
         u = outcome.usage
-        cached = (u.cached_tokens or 0) if u is not None else 0
         if u is not None:
-            used, cost = u.prompt_tokens + u.completion_tokens, self.prices.cost(
-                model, u.prompt_tokens, u.completion_tokens, cached)
-        elif outcome.answered and charge is not None:      # answered, counts unknown
+            used, cost = u.prompt_tokens + u.completion_tokens, self._cost(model, u)
+        elif outcome.answered:                              # answered, counts unknown
             used, cost = charge.prompt_tokens + charge.completion_tokens, charge.cost
         else:                                               # never answered: refund
             used, cost = 0, 0.0
-        if charge is not None:
-            await self.limiter.settle(charge, used, cost)
+        await self.limiter.settle(charge, used, cost)
+        self.record(tenant, model, outcome)
+
+    def record(self, tenant: str, model: str, outcome: Outcome) -> None:
+        """Account a request that ended: the usage book, the token metrics, and a wake-up
+        for the queue. Synchronous, so a request with no charge to correct (no token
+        limit or budget) settles without a task of its own."""
+        u = outcome.usage
         counts = usage_book.Counts(requests=1, errors=int(outcome.failed))
         if u is not None:
             counts.prompt_tokens, counts.completion_tokens = u.prompt_tokens, u.completion_tokens
-            counts.cached_tokens, counts.cost = cached, cost
+            counts.cached_tokens, counts.cost = u.cached_tokens or 0, self._cost(model, u)
         self._account(tenant, model, counts)
         self.wake(model)
+
+    def _cost(self, model: str, u: usage_mod.Usage) -> float:
+        return self.prices.cost(model, u.prompt_tokens, u.completion_tokens,
+                                u.cached_tokens or 0)
 
     def cache_hit(self, tenant: str, model: str, response: Mapping[str, object]) -> None:
         """Account an answer served from the response cache: the tokens it saved."""

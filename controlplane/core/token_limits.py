@@ -33,7 +33,7 @@ import calendar
 import dataclasses
 import datetime
 from collections.abc import Callable, Sequence
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 from controlplane import errors
 from synapse_common import clock as clocks
@@ -103,6 +103,11 @@ class Charge:
     cost: float
     store: TokenStore | None    # None: nothing was charged
     settled: bool = False
+
+    @property
+    def to_correct(self) -> bool:
+        """Whether settling it changes a store (something was charged, not yet settled)."""
+        return self.store is not None and not self.settled
 
 
 class TokenStore(Protocol):
@@ -266,8 +271,9 @@ class TokenLimiter:
     async def settle(self, charge: Charge, tokens_used: int, cost_used: float) -> None:
         """Correct ``charge`` to what was really used (0, 0 for a request that got no
         answer). Idempotent; never raises."""
-        if charge.settled or charge.store is None:
+        if not charge.to_correct:
             return
+        store = cast(TokenStore, charge.store)   # to_correct: a store was charged
         charge.settled = True
         estimate = charge.prompt_tokens + charge.completion_tokens
         if tokens_used == estimate and cost_used == charge.cost:
@@ -276,7 +282,7 @@ class TokenLimiter:
         budget_delta = [cost_used - charge.cost if a.budget_in_cost
                         else float(tokens_used - estimate) for a in charge.asks]
         try:
-            await charge.store.settle(charge.asks, tokens_delta, budget_delta)
+            await store.settle(charge.asks, tokens_delta, budget_delta)
         except Exception as exc:  # the estimate stays charged: conservative
             if self._on_error:
                 self._on_error(exc)
