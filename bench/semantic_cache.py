@@ -25,6 +25,11 @@ candidate score, and the top-1 cosine, each thresholded to the tuned run's preci
 ``duplicate_closure`` repeats the tuned figures counting a hit on any labelled duplicate
 of the query (closed transitively over the whole file) as right.
 
+Both modes also report every method at one precision (``--fixed-precision``, default
+0.90), each thresholded on the measured pairs themselves: an oracle point, the same for
+all, so the rankings are compared apart from how well each operating point, chosen on
+validation, carries over.
+
 ``--heldout`` keeps only the question-disjoint held-out split of calibration (same seed):
 questions neither embedder tuning nor verifier saw.
 
@@ -32,7 +37,8 @@ Run: ``python -m bench.semantic_cache --pairs ../shared/data/qqp_pairs_dev.jsonl
 --heldout [--mode cache]``. The last line is one JSON object: ``{"bench":
 "semantic_cache", "mode", "precision", "recall", "f1", "hit_rate", "baseline":
 {"precision", "recall", "f1", "hit_rate"}, "old_verifier": {…}, "old_verifier_default":
-{…}, "tuned_cosine": {…}, "embedder_id", "old_embedder_id", …}``.
+{…}, "tuned_cosine": {…}, "at_fixed_precision": {"precision", "ours": {…}, "old_verifier":
+{…}, "baseline": {…}, "tuned_cosine": {…}}, "embedder_id", "old_embedder_id", …}``.
 """
 
 from __future__ import annotations
@@ -96,20 +102,34 @@ class Side:
         return Side(self.name, self.va[keep], self.vb[keep], self.model)
 
 
-def run_pairs(pairs: calibrate.Pairs, new: Side, old: Side) -> dict[str, dict[str, float]]:
+def run_pairs(pairs: calibrate.Pairs, new: Side, old: Side, fixed: float
+              ) -> dict[str, Any]:
     def scores(side: Side) -> np.ndarray:
         raw = verifier_features.batch_features(pairs.text_a, pairs.text_b, side.va, side.vb)
         return side.model.probabilities(raw)
 
     ours_scores, old_scores = scores(new), scores(old)
     ours = calibrate.evaluate(ours_scores, pairs.label, new.model.threshold)
-    y, positives, p = pairs.label.astype(np.float64), int(pairs.label.sum()), ours["precision"]
-    return {"ours": ours,
-            "old_verifier": at_precision(old_scores, y, positives, p),
-            "old_verifier_default": calibrate.evaluate(old_scores, pairs.label,
-                                                       old.model.threshold),
-            "baseline": at_precision(np.sum(old.va * old.vb, 1), y, positives, p),
-            "tuned_cosine": at_precision(np.sum(new.va * new.vb, 1), y, positives, p)}
+    y, positives = pairs.label.astype(np.float64), int(pairs.label.sum())
+    methods = {"ours": ours_scores, "old_verifier": old_scores,
+               "baseline": np.sum(old.va * old.vb, 1),
+               "tuned_cosine": np.sum(new.va * new.vb, 1)}
+    out: dict[str, Any] = {k: at_precision(v, y, positives, ours["precision"])
+                           for k, v in methods.items()}
+    out["ours"] = ours
+    out["old_verifier_default"] = calibrate.evaluate(old_scores, pairs.label,
+                                                     old.model.threshold)
+    out["fixed"] = _fixed(methods, y, positives, fixed)
+    return out
+
+
+def _fixed(methods: dict[str, np.ndarray], right: np.ndarray, positives: int,
+           precision: float) -> dict[str, Any]:
+    """Every method at one precision, each thresholded on the measured pairs themselves
+    (an oracle point, the same for all: it compares the rankings, not the operating
+    points chosen on validation)."""
+    return {"precision": precision,
+            **{k: at_precision(v, right, positives, precision) for k, v in methods.items()}}
 
 
 @dataclasses.dataclass
@@ -177,7 +197,7 @@ def _served(score: list[float], right: list[bool], threshold: float,
 
 
 def run_cache(pairs: calibrate.Pairs, everything: calibrate.Pairs, new: Side, old: Side,
-              top_k: int) -> dict[str, Any]:
+              top_k: int, fixed: float) -> dict[str, Any]:
     groups = duplicate_groups(everything)
     ours_t = asyncio.run(lookups(pairs, new, top_k, groups))
     old_t = asyncio.run(lookups(pairs, old, top_k, groups))
@@ -191,7 +211,14 @@ def run_cache(pairs: calibrate.Pairs, everything: calibrate.Pairs, new: Side, ol
     per_group = collections.Counter(groups[e] for e in set(pairs.text_a))
     has_dup = sum(1 for tb in pairs.text_b if per_group[groups[tb]] > 0)
     closure = _served(ours_t.score, ours_t.right_group, new.model.threshold, has_dup)
-    return {"ours": ours, "old_verifier": at(old_t.score, old_t.right),
+    methods = {"ours": ours_t.score, "old_verifier": old_t.score, "baseline": old_t.top_cos,
+               "tuned_cosine": ours_t.top_cos}
+    rights = {"ours": ours_t.right, "old_verifier": old_t.right, "baseline": old_t.top_right,
+              "tuned_cosine": ours_t.top_right}
+    fixed_out = {"precision": fixed, **{
+        k: at_precision(np.asarray(v), np.asarray(rights[k], dtype=np.float64), positives,
+                        fixed) for k, v in methods.items()}}
+    return {"ours": ours, "old_verifier": at(old_t.score, old_t.right), "fixed": fixed_out,
             "old_verifier_default": _served(old_t.score, old_t.right, old.model.threshold,
                                             positives),
             "baseline": at(old_t.top_cos, old_t.top_right),
@@ -209,6 +236,14 @@ def _table(mode: str, n: int, out: dict[str, Any]) -> None:
                       ("baseline", "old embedder, bare cosine, same prec."),
                       ("tuned_cosine", "tuned embedder, bare cosine, same prec.")):
         m = out[key]
+        print(f"{name:<40}{m['precision']:>10.4f}{m['recall']:>8.4f}{m['f1']:>8.4f}"
+              f"{m['hit_rate']:>10.4f}{m['threshold']:>11.4f}")
+    fixed = out["fixed"]
+    print(f"each at precision >= {fixed['precision']} on these pairs (own threshold here)")
+    for key, name in (("ours", "tuned embedder + verifier"), ("old_verifier",
+                      "old embedder + verifier"), ("baseline", "old embedder, bare cosine"),
+                      ("tuned_cosine", "tuned embedder, bare cosine")):
+        m = fixed[key]
         print(f"{name:<40}{m['precision']:>10.4f}{m['recall']:>8.4f}{m['f1']:>8.4f}"
               f"{m['hit_rate']:>10.4f}{m['threshold']:>11.4f}")
 
@@ -244,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the question-disjoint held-out split of calibration")
     parser.add_argument("--limit", type=int, default=0, help="at most this many pairs")
     parser.add_argument("--top-k", type=int, default=5, help="candidates per lookup (cache)")
+    parser.add_argument("--fixed-precision", type=float, default=0.90,
+                        help="also every method at this precision, thresholded on the pairs "
+                        "measured (the same oracle point for all)")
     parser.add_argument("--embed-cache", default=None, help="old embedder's vectors (.npz)")
     parser.add_argument("--tuned-cache", default=None, help="tuned embedder's vectors (.npz)")
     args = parser.parse_args(argv)
@@ -269,13 +307,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--verifier was fitted for {model.embedder_id}, not {new_id}")
     new = Side("tuned", new_va, new_vb, model)
     old = Side("old", old_va, old_vb, old_model)
-    out = (run_pairs(pairs, new, old) if args.mode == "pairs"
-           else run_cache(pairs, everything, new, old, args.top_k))
+    out = (run_pairs(pairs, new, old, args.fixed_precision) if args.mode == "pairs"
+           else run_cache(pairs, everything, new, old, args.top_k, args.fixed_precision))
     _table(args.mode, len(pairs), out)
-    ours = out.pop("ours")
+    ours, fixed = out.pop("ours"), out.pop("fixed")
     print(json.dumps({"bench": "semantic_cache", "mode": args.mode,
                       **{k: ours[k] for k in FIELDS},
                       **{k: {f: v[f] for f in FIELDS if f in v} for k, v in out.items()},
+                      "at_fixed_precision": {k: v if k == "precision" else
+                                             {f: v[f] for f in (*FIELDS, "threshold")}
+                                             for k, v in fixed.items()},
                       "embedder_id": new_id, "old_embedder_id": old_id}))
     return 0
 

@@ -21,6 +21,9 @@ this command's report, not here):
 - **Refusals** before any work, with the reason: too few pairs, too few of either label,
   a label share outside 5-95 %, or a split part without enough of each label (few
   distinct questions, or one group of linked questions holding most pairs).
+- ``--embedder-train all`` lets the embedder learn on all of train (then the verifier's
+  trees can only learn on pairs it saw: ``--verifier-train all``), for a measured
+  comparison with the default split of train.
 - ``--verifier-only TUNING`` refits just the verifier for an existing tuning (``make
   verifier``): same splits, same part B.
 - Progress: a bar with an ETA on stderr for the two long steps (the frozen layers over
@@ -95,6 +98,15 @@ def plan(pairs: calibrate.Pairs, seed: int) -> dict[str, np.ndarray]:
     return parts
 
 
+def embedder_rows(parts: dict[str, np.ndarray], which: str) -> np.ndarray:
+    """The pairs the embedder learns on: its part of train, or all of train (``all``);
+    never validation or test."""
+    rows = parts["train (embedder)"]
+    if which == "all":
+        rows = np.sort(np.concatenate([rows, parts["train (verifier)"]]))
+    return rows
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", required=True,
                         help='JSONL(.gz) of {"text_a", "text_b", "label": 0|1}')
@@ -116,6 +128,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the verifier's trees learn on the train part the embedder never "
                         "saw (unseen) or on all of train (all: for an adapter, whose few "
                         "parameters barely overfit)")
+    parser.add_argument("--embedder-train", choices=("part", "all"), default="part",
+                        help="the embedder learns on its part of train (part: 2/3, the rest "
+                        "left unseen for the verifier) or on all of train (all: use with "
+                        "--verifier-train all)")
     parser.add_argument("--target-precision", type=float, default=0.90)
 
 
@@ -167,7 +183,7 @@ def _tune(pairs: calibrate.Pairs, parts: dict[str, np.ndarray], args: argparse.N
         return old, old.adapt(embedder_fit.embed_all(top, states)), index
     labelled = embedder_fit.Labelled(np.asarray([index[t] for t in pairs.text_a]),
                                      np.asarray([index[t] for t in pairs.text_b]), pairs.label)
-    rows = parts["train (embedder)"]
+    rows = embedder_rows(parts, args.embedder_train)
     layers: dict[str, np.ndarray] = {}
     if args.layers:
         states = _states(model, texts, lower)
@@ -192,7 +208,8 @@ def _tune(pairs: calibrate.Pairs, parts: dict[str, np.ndarray], args: argparse.N
     meta = {"pairs_file": pathlib.Path(args.pairs).name, "seed": args.seed,
             "layers": args.layers, "epochs": args.epochs, "batch": args.batch,
             "lr": args.lr, "adapter_epochs": args.adapter_epochs,
-            "adapter_lr": args.adapter_lr, "trained_on": len(rows)}
+            "adapter_lr": args.adapter_lr, "trained_on": len(rows),
+            "embedder_train": args.embedder_train}
     tuning = embedder_tuning.save(args.tuning_out, base, layers, adapter, meta)
     return tuning, tuning.adapt(vectors), index
 

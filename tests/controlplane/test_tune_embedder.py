@@ -18,7 +18,7 @@ import pytest
 
 from agent.config import EmbedderSettings
 from agent.embedding import tuned
-from controlplane import calibrate, ctl, embedder_fit, progress
+from controlplane import calibrate, ctl, embedder_fit, progress, tune_embedder
 from controlplane.core import verifier
 from synapse_common import embedder_tuning
 from tests import dev_pairs
@@ -58,6 +58,17 @@ def test_pairs_that_all_share_one_question_are_refused(tmp_path, capsys):
     rows = [("the hub question?", f"query {i}?", i % 2) for i in range(3000)]
     code, _, err = tune(capsys, tmp_path, write_pairs(tmp_path / "p.jsonl", rows))
     assert code == 2 and "question-disjoint split leaves" in err
+
+
+def test_the_embedder_never_learns_on_validation_or_test(dev_slice):
+    pairs = calibrate.read_pairs(dev_slice)
+    parts = tune_embedder.plan(pairs, 7)
+    held = np.concatenate([parts["validation"], parts["test"]])
+    part = tune_embedder.embedder_rows(parts, "part")
+    every = tune_embedder.embedder_rows(parts, "all")
+    assert not np.intersect1d(part, parts["train (verifier)"]).size
+    assert set(every) == set(part) | set(parts["train (verifier)"])
+    assert not np.intersect1d(every, held).size
 
 
 def test_progress_shows_an_eta():
