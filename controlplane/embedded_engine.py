@@ -3,8 +3,8 @@
 on the CPU.
 
 The real engine runs with ``--enforce-eager`` (start-up in tens of seconds instead of
-minutes of torch.compile, for somewhat slower decoding), bf16 where the CPU has native bf16
-and float32 elsewhere (:func:`engines.cpu_dtype`), a 4,096-token context and
+minutes of torch.compile, for somewhat slower decoding), the dtype that serves right and
+fastest on this CPU (:func:`engines.cpu_dtype`), a 4,096-token context and
 ``--enable-prompt-tokens-details`` (so answers report ``cached_tokens``). The agent adds
 vLLM's CPU environment itself (:mod:`agent.engine_env`); it is told the device is the
 CPU, since the engine tier's vLLM is the CPU build whatever the machine has.

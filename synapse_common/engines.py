@@ -38,14 +38,19 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # `vllm serve` is bro
 MISSING_HINT = "run `make engines` (it installs the engine tier once, in a few minutes)"
 
 
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags under which vLLM's bf16 kernels are native
+BF16_CPU_FLAG = "avx512_bf16"   # vLLM's CPU bf16 kernels are native under it
+AMX_CPU_FLAG = "amx_bf16"       # ... but with AMX, vLLM 0.32.0's bf16 answers go wrong
 
 
 def cpu_dtype(cpuinfo: str | None = None) -> str:
-    """The dtype the CPU build of vLLM runs fastest here: ``bfloat16`` on a CPU with native
-    bf16 (AVX-512 BF16 or AMX), ``float32`` elsewhere, where bf16 is emulated and several
-    times slower (the closing notes of 2026-12-03 hold the measurement). ``cpuinfo``:
-    the text of ``/proc/cpuinfo`` (read when ``None``; unreadable counts as no bf16)."""
+    """The dtype the CPU build of vLLM serves correctly and fastest here: ``bfloat16`` on a
+    CPU with AVX-512 BF16 and no AMX, ``float32`` elsewhere. Without native bf16 it is
+    emulated and several times slower; on a Xeon with AMX, vLLM's bf16 path answers
+    wrongly (greedy SmolLM2 turns "What is the capital of France?" into unrelated text
+    where float32, and transformers' own bf16 on the same CPU, answer Paris), so AMX
+    takes float32 whatever it costs in speed (README, "Real engines", has the
+    measurements). ``cpuinfo``: the text of ``/proc/cpuinfo`` (read when ``None``;
+    unreadable counts as no bf16)."""
     if cpuinfo is None:
         try:
             cpuinfo = pathlib.Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
@@ -54,7 +59,8 @@ def cpu_dtype(cpuinfo: str | None = None) -> str:
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags = set(line.partition(":")[2].split())
-            return "bfloat16" if flags.intersection(BF16_CPU_FLAGS) else "float32"
+            native = BF16_CPU_FLAG in flags and AMX_CPU_FLAG not in flags
+            return "bfloat16" if native else "float32"
     return "float32"
 
 

@@ -69,7 +69,7 @@ def _agent_config(cp_grpc: int, log_dir: pathlib.Path, command: list[str],
     cfg["backends"] = [{
         "name": BACKEND, "engine": "vllm", "model": str(model_dir),
         "served_model_names": [model], "port": port, "max_model_len": 4096,
-        "extra_args": ["--dtype", "bfloat16", "--enforce-eager",
+        "extra_args": ["--dtype", engines.cpu_dtype(), "--enforce-eager",
                        "--enable-prompt-tokens-details"]}]
     return cfg
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from synapse_common import engines
 from tests import fleet, harness
 from tests.engines import stack
 from tests.stream_shape import shape
@@ -208,7 +209,7 @@ def vllm_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     agent["backends"] = [{"name": "vllm", "engine": "vllm", "model": str(model_dir),
                           "served_model_names": [tier.model_name], "port": port,
                           "max_model_len": 4096,
-                          "extra_args": ["--dtype", "bfloat16", "--enforce-eager"]}]
+                          "extra_args": ["--dtype", engines.cpu_dtype(), "--enforce-eager"]}]
     base = f"http://127.0.0.1:{http}"
     try:
         pool.start("controlplane", ["synapse", "controlplane", "--config",
