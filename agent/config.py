@@ -182,9 +182,11 @@ class EmbedderSettings(Section):
         "line); torch forces torch; onnx requires onnxruntime (else the embedder is "
         "unavailable, with the reason)")
     tuning: str = Field("none", min_length=1, description="kind minilm: the fine-tuning "
-                        "applied (agent.embedding.tuned): shipped (the one make embedder fits "
-                        "on the QQP pairs), a file written by synapsectl cache tune-embedder, "
-                        "or none (plain all-MiniLM-L6-v2); it changes the embedder id")
+                        "applied (agent.embedding.tuned): a file written by synapsectl cache "
+                        "tune-embedder (make embedder writes build/embedder/embedder_tuned.npz),"
+                        " shipped (synapse_common/embedder_tuned.npz, in a release that ships "
+                        "one: none does yet), or none (plain all-MiniLM-L6-v2); it changes the "
+                        "embedder id")
     onnx_cache_dir: str = Field("~/.cache/synapse/onnx", description="kind minilm: where the "
                                 "transformer's ONNX export is kept (one file per weights and "
                                 "torch version; unwritable: exported per start)")

@@ -2,10 +2,12 @@
 and a bare cosine threshold, on labelled pairs, in one run.
 
 Vectors are computed by the agent's own embedder (``bench.embed_served``): the tuned one
-(``--tuning``, default the shipped tuning) and plain all-MiniLM-L6-v2 (the old one).
+(``--tuning``, default what ``make embedder`` writes: ``build/embedder/embedder_tuned.npz``;
+no release ships a tuning yet) and plain all-MiniLM-L6-v2 (the old one).
 
 ``--mode pairs`` (default) scores every pair ``(text_a, text_b)``: the tuned embedder's
-verifier (``--verifier``, default the shipped one) at its default operating point gives
+verifier (``--verifier``, default ``make embedder``'s ``build/embedder/verifier.json``) at
+its default operating point gives
 precision, recall, F1 and hit rate (share of pairs accepted). Every other method is
 tuned *on the same pairs* to the precision that one reached (generous to them) and its
 recall reported: the old embedder's verifier (``--baseline-verifier``; by default fitted
@@ -65,6 +67,8 @@ from controlplane import cache_wiring, calibrate  # noqa: E402
 from controlplane.core import verifier, verifier_features  # noqa: E402
 from controlplane.core.l2 import index as l2_index  # noqa: E402
 from controlplane.core.l2 import rows as l2_rows  # noqa: E402
+
+MADE = REPO / "build" / "embedder"     # where make embedder writes the tuning and verifier
 
 FIELDS = ("precision", "recall", "f1", "hit_rate")
 
@@ -271,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", required=True, help="JSONL(.gz) of text_a, text_b, label")
     parser.add_argument("--mode", choices=("pairs", "cache"), default="pairs")
-    parser.add_argument("--tuning", default="shipped", help="embedder.tuning of the new side")
-    parser.add_argument("--verifier", default=None, help="its verifier (default: shipped)")
+    parser.add_argument("--tuning", default=str(MADE / "embedder_tuned.npz"),
+                        help="embedder.tuning of the new side (default: make embedder's)")
+    parser.add_argument("--verifier", default=str(MADE / "verifier.json"),
+                        help="its verifier (default: make embedder's)")
     parser.add_argument("--baseline-verifier", default=None,
                         help="the old embedder's verifier (default: fitted here)")
     parser.add_argument("--heldout", action="store_true",
@@ -285,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embed-cache", default=None, help="old embedder's vectors (.npz)")
     parser.add_argument("--tuned-cache", default=None, help="tuned embedder's vectors (.npz)")
     args = parser.parse_args(argv)
+    for flag, path in (("--tuning", args.tuning), ("--verifier", args.verifier)):
+        if path not in ("none", "shipped") and not pathlib.Path(path).expanduser().exists():
+            parser.error(f"{flag}: no file {path}; run `make embedder` (or synapsectl cache "
+                         f"tune-embedder) first, or name a file")
     model = verifier.load(args.verifier)
     seed = int(model.meta.get("fit", {}).get("seed", 7))
     everything = calibrate.read_pairs(args.pairs)

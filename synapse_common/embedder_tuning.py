@@ -1,6 +1,6 @@
 """A tuned embedder: all-MiniLM-L6-v2 plus what fine-tuning changed, kept as plain data.
 
-``synapsectl cache tune-embedder`` (and ``make embedder`` for the shipped one) writes a
+``synapsectl cache tune-embedder`` (and ``make embedder``, into ``build/embedder/``) writes a
 tuning file; the agent applies it to the model it loads (``embedder.tuning``), the
 control plane reads only its id (``cache.embedder_id``), and the calibration embeds with
 it. One file, one format, read here only:

@@ -1,8 +1,9 @@
 """The tuned embedder: all-MiniLM-L6-v2 with a fine-tuning applied (``embedder.tuning``).
 
-``shipped`` (the default) is the tuning ``make embedder`` fits on the QQP dev pairs
-(``synapse_common/embedder_tuned.npz``); a path is one ``synapsectl cache tune-embedder``
-wrote; ``none`` is the plain model. The tuning (:mod:`synapse_common.embedder_tuning`)
+``none`` (the default) is the plain model; a path is a file ``synapsectl cache
+tune-embedder`` wrote (``make embedder`` writes ``build/embedder/embedder_tuned.npz``);
+``shipped`` is ``synapse_common/embedder_tuned.npz``, for a release that ships a tuning
+(none does yet: no form measured so far beats the plain model, README). The tuning (:mod:`synapse_common.embedder_tuning`)
 changes the model in two late places and nothing else:
 
 - its transformer parameters (``layers``) are put into the model right after loading,
