@@ -3,8 +3,9 @@
 ``none`` (the default) is the plain model; a path is a file ``synapsectl cache
 tune-embedder`` wrote (``make embedder`` writes ``build/embedder/embedder_tuned.npz``);
 ``shipped`` is ``synapse_common/embedder_tuned.npz``, for a release that ships a tuning
-(none does yet: no form measured so far beats the plain model, README). The tuning (:mod:`synapse_common.embedder_tuning`)
-changes the model in two late places and nothing else:
+(none does yet: no form measured so far beats the plain model, README). The tuning
+(:mod:`synapse_common.embedder_tuning`) changes the model in two late places and nothing
+else:
 
 - its transformer parameters (``layers``) are put into the model right after loading,
   before either runtime sees it: the torch path runs them, and the ONNX path exports and
