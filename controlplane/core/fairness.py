@@ -169,31 +169,32 @@ class Fairness:
     async def settle(self, charge: token_limits.Charge, tenant: str, model: str,
                      outcome: Outcome) -> None:
         """Correct the charge, then account the request (never raises)."""
-        u = outcome.usage
-        if u is not None:
-            used, cost = u.prompt_tokens + u.completion_tokens, self._cost(model, u)
+        counts = self._counts(model, outcome)
+        if outcome.usage is not None:
+            used, cost = counts.prompt_tokens + counts.completion_tokens, counts.cost
         elif outcome.answered:                              # answered, counts unknown
             used, cost = charge.prompt_tokens + charge.completion_tokens, charge.cost
         else:                                               # never answered: refund
             used, cost = 0, 0.0
         await self.limiter.settle(charge, used, cost)
-        self.record(tenant, model, outcome)
+        self._account(tenant, model, counts)
+        self.wake(model)
 
     def record(self, tenant: str, model: str, outcome: Outcome) -> None:
         """Account a request that ended: the usage book, the token metrics, and a wake-up
         for the queue. Synchronous, so a request with no charge to correct (no token
         limit or budget) settles without a task of its own."""
+        self._account(tenant, model, self._counts(model, outcome))
+        self.wake(model)
+
+    def _counts(self, model: str, outcome: Outcome) -> usage_book.Counts:
         u = outcome.usage
         counts = usage_book.Counts(requests=1, errors=int(outcome.failed))
         if u is not None:
             counts.prompt_tokens, counts.completion_tokens = u.prompt_tokens, u.completion_tokens
-            counts.cached_tokens, counts.cost = u.cached_tokens or 0, self._cost(model, u)
-        self._account(tenant, model, counts)
-        self.wake(model)
-
-    def _cost(self, model: str, u: usage_mod.Usage) -> float:
-        return self.prices.cost(model, u.prompt_tokens, u.completion_tokens,
-                                u.cached_tokens or 0)
+            counts.cached_tokens = cached = u.cached_tokens or 0
+            counts.cost = self.prices.cost(model, u.prompt_tokens, u.completion_tokens, cached)
+        return counts
 
     def cache_hit(self, tenant: str, model: str, response: Mapping[str, object]) -> None:
         """Account an answer served from the response cache: the tokens it saved."""
