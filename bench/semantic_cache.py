@@ -123,17 +123,18 @@ def run_pairs(pairs: calibrate.Pairs, new: Side, old: Side, fixed: float
     out["ours"] = ours
     out["old_verifier_default"] = calibrate.evaluate(old_scores, pairs.label,
                                                      old.model.threshold)
-    out["fixed"] = _fixed(methods, y, positives, fixed)
+    out["fixed"] = _fixed(methods, dict.fromkeys(methods, y), positives, fixed)
     return out
 
 
-def _fixed(methods: dict[str, np.ndarray], right: np.ndarray, positives: int,
+def _fixed(methods: dict[str, Any], rights: dict[str, Any], positives: int,
            precision: float) -> dict[str, Any]:
     """Every method at one precision, each thresholded on the measured pairs themselves
     (an oracle point, the same for all: it compares the rankings, not the operating
-    points chosen on validation)."""
-    return {"precision": precision,
-            **{k: at_precision(v, right, positives, precision) for k, v in methods.items()}}
+    points chosen on validation). ``rights``: per method, whether each score is right."""
+    return {"precision": precision, **{
+        k: at_precision(np.asarray(v), np.asarray(rights[k], dtype=np.float64), positives,
+                        precision) for k, v in methods.items()}}
 
 
 @dataclasses.dataclass
@@ -219,10 +220,8 @@ def run_cache(pairs: calibrate.Pairs, everything: calibrate.Pairs, new: Side, ol
                "tuned_cosine": ours_t.top_cos}
     rights = {"ours": ours_t.right, "old_verifier": old_t.right, "baseline": old_t.top_right,
               "tuned_cosine": ours_t.top_right}
-    fixed_out = {"precision": fixed, **{
-        k: at_precision(np.asarray(v), np.asarray(rights[k], dtype=np.float64), positives,
-                        fixed) for k, v in methods.items()}}
-    return {"ours": ours, "old_verifier": at(old_t.score, old_t.right), "fixed": fixed_out,
+    return {"ours": ours, "old_verifier": at(old_t.score, old_t.right),
+            "fixed": _fixed(methods, rights, positives, fixed),
             "old_verifier_default": _served(old_t.score, old_t.right, old.model.threshold,
                                             positives),
             "baseline": at(old_t.top_cos, old_t.top_right),
