@@ -140,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
         print("tune-embedder: --tuning-out FILE is required (or --verifier-only TUNING)",
               file=sys.stderr)
         return 2
+    if args.embedder_train == "all" and args.verifier_train != "all":
+        print("tune-embedder: --embedder-train all leaves no part of train the embedder did "
+              "not see, for --verifier-train unseen; add --verifier-train all", file=sys.stderr)
+        return 2
     try:
         pairs = calibrate.read_pairs(args.pairs)
         parts = plan(pairs, args.seed)

@@ -60,6 +60,12 @@ def test_pairs_that_all_share_one_question_are_refused(tmp_path, capsys):
     assert code == 2 and "question-disjoint split leaves" in err
 
 
+def test_an_embedder_on_all_of_train_needs_the_verifier_on_all_of_train(tmp_path, capsys):
+    code, _, err = tune(capsys, tmp_path, tmp_path / "unread.jsonl", "--embedder-train", "all")
+    assert code == 2 and "add --verifier-train all" in err
+    assert not (tmp_path / "t.npz").exists()
+
+
 def test_the_embedder_never_learns_on_validation_or_test(dev_slice):
     pairs = calibrate.read_pairs(dev_slice)
     parts = tune_embedder.plan(pairs, 7)
