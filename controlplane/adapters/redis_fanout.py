@@ -57,7 +57,7 @@ class Fanout:
             finally:
                 self.subscribed = False
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
             await clocks.sleep(RETRY_S)
 
     def _on_message(self, message: dict[str, Any]) -> None:
