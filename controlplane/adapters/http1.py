@@ -163,8 +163,9 @@ class Connection(asyncio.Protocol):
             self.response.head_received(self.parser.get_status_code())
 
     def on_body(self, body: bytes) -> None:
-        if self.response is not None:
-            self.response.body_received(body)
+        resp = self.response
+        if resp is not None:
+            resp.body_received(body)
 
     def on_message_complete(self) -> None:
         if self.response is not None:
@@ -189,6 +190,7 @@ class UpstreamResponse:
         self._exc: errors.UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
+        self._content_type: str | None = None
 
     # -- what the caller reads -----------------------------------------------------------
     @property
@@ -204,8 +206,15 @@ class UpstreamResponse:
 
     @property
     def content_type(self) -> str:
-        value = self.header("content-type") or ""
-        return value.partition(";")[0].strip().lower()
+        """The media type, lower case, without parameters (read once the head arrived;
+        kept, as the dispatcher and the relay each ask for it)."""
+        found = self._content_type
+        if found is None:
+            value = self.header("content-type") or ""
+            found = value.partition(";")[0].strip().lower()
+            if self._head:
+                self._content_type = found
+        return found
 
     async def read(self) -> bytes:
         """The whole body (waits for its end)."""
@@ -258,7 +267,10 @@ class UpstreamResponse:
         if self._buffered > HIGH_WATER and not self._paused and self._conn.transport:
             self._paused = True
             self._conn.transport.pause_reading()
-        self._wake()
+        # _wake, inlined: this runs for every chunk of every stream.
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def message_complete(self, keep_alive: bool) -> None:
         if not self._head:          # the end of a 1xx message
