@@ -60,9 +60,14 @@ class UsageStripper:
             return b""
         end += len(SEP)
         complete, self._held = data[:end], data[end:]
-        if USAGE not in complete:
+        first = complete.find(USAGE)
+        if first < 0:
             return complete
-        kept = [e for e in map(_filtered, complete.split(SEP)[:-1]) if e is not None]
+        # Events before the first that mentions usage pass as they are, unparsed: the
+        # usage chunk closes a stream, so a whole stream read at once parses one event.
+        events = complete.split(SEP)[:-1]
+        before = complete.count(SEP, 0, first)
+        kept = events[:before] + [e for e in map(_filtered, events[before:]) if e is not None]
         return SEP.join(kept) + SEP if kept else b""
 
     def rest(self) -> bytes:
