@@ -102,7 +102,7 @@ def _request_id(request: web.Request, svc: services_mod.Services) -> str:
 @web.middleware
 async def middleware(request: web.Request, handler: typedefs.Handler) -> web.StreamResponse:
     svc = request.app[context.SERVICES]
-    ctx = context.RequestContext(_request_id(request, svc), svc.clock())
+    ctx = context.RequestContext(svc, _request_id(request, svc), svc.clock())
     request[context.CONTEXT] = ctx
     api = request.path.startswith("/v1/") or request.path in tasks.ROUTES
     scope = ops.begin(request, svc, ctx) if api else None    # the trace (issue 19)

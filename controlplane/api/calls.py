@@ -52,16 +52,16 @@ def authorization(request: web.Request, x_api_key: bool) -> str | None:
 
 
 def authenticate(request: web.Request, x_api_key: bool = False) -> tenants.Tenant:
-    svc = request.app[context.SERVICES]
+    svc, ctx = context.of(request)
     with tracing.span("auth"):
         tenant = svc.tenants.authenticate(authorization(request, x_api_key))
-    context.get(request).tenant = tenant.name
+    ctx.tenant = tenant.name
     return tenant
 
 
 async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) -> Front:
     """Authenticate, read and parse the body, rate-limit, resolve the model."""
-    svc = request.app[context.SERVICES]
+    svc = context.get(request).svc
     tenant = authenticate(request, x_api_key)
     h = svc.settings.http
     raw = await serving.read_body(request, h.max_body_bytes, h.body_timeout_s)
@@ -78,9 +78,9 @@ async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) 
 
 async def acquire(request: web.Request, tenant: tenants.Tenant) -> ratelimit.Permit:
     """A slot under the tenant's request rate and concurrency (429 naming the limit)."""
-    svc = request.app[context.SERVICES]
+    svc, ctx = context.of(request)
     try:
-        return await svc.limiter.acquire(tenant, context.get(request).request_id)
+        return await svc.limiter.acquire(tenant, ctx.request_id)
     except errors.RateLimited as exc:
         svc.child(svc.metrics.rate_limited, tenant.name, exc.limit).inc()
         raise
@@ -89,7 +89,7 @@ async def acquire(request: web.Request, tenant: tenants.Tenant) -> ratelimit.Per
 def prompt_of(request: web.Request, call: api_calls.Call) -> router_mod.Prompt:
     """The prompt the router and the token limits see (``exact``: tokenized and put in
     the prefix index — only for paths that generate from it)."""
-    svc = request.app[context.SERVICES]
+    svc = context.get(request).svc
     session = validation.session_id(request.headers.get("x-session-id")) or call.user
     exact = call.exact and svc.router.exact_prompts
     if call.messages is not None:
@@ -108,7 +108,7 @@ async def admit_tokens(request: web.Request, front: Front) -> router_mod.Prompt:
 
 def plan(request: web.Request, front: Front, task: str) -> core_types.RouteDecision:
     """Backends of ``task`` for the model, else its fallbacks (503 when none can serve)."""
-    svc = request.app[context.SERVICES]
+    svc = context.get(request).svc
     assert front.prompt is not None
     with tracing.span("route") as span:
         decided = svc.dispatcher.plan(front.canonical, front.prompt, front.call.fields,
@@ -155,7 +155,7 @@ async def from_cache(request: web.Request, answer: Mapping[str, Any], stream: bo
     resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    ctx.first_byte = request.app[context.SERVICES].clock()
+    ctx.first_byte = ctx.svc.clock()
     await resp.write(replay(answer))
     await resp.write_eof()
     return resp

@@ -1,9 +1,13 @@
 """Per-request state shared by the middleware and the handlers.
 
-The middleware creates a :class:`RequestContext` (request id, start time), the handler
-fills in what it learns (tenant, model, cache status, backend, route), and the middleware
-turns it into response headers, metrics and stats in one place when the request ends —
-whether it ended in a response, an error or a client abort.
+The middleware creates a :class:`RequestContext` (the app's services, request id, start
+time), the handler fills in what it learns (tenant, model, cache status, backend, route),
+and the middleware turns it into response headers, metrics and stats in one place when
+the request ends — whether it ended in a response, an error or a client abort.
+
+The context carries the services so that the serving path's helpers, each handed the
+request, reach both with one lookup (:func:`of`) instead of going through
+``request.app`` (three attribute lookups in aiohttp) at every step.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ SERVICES: web.AppKey[services_mod.Services] = web.AppKey("services", services_mo
 
 @dataclasses.dataclass(slots=True)
 class RequestContext:
+    svc: services_mod.Services      # the services of the app serving the request
     request_id: str
     started: float
     tenant: str = ""
@@ -55,6 +60,12 @@ CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("synapse_context", Requ
 def get(request: web.Request) -> RequestContext:
     ctx: RequestContext = request[CONTEXT]
     return ctx
+
+
+def of(request: web.Request) -> tuple[services_mod.Services, RequestContext]:
+    """The services and the context of a request the middleware has seen."""
+    ctx: RequestContext = request[CONTEXT]
+    return ctx.svc, ctx
 
 
 def with_redis(ctx: Callable[[web.Application, services_mod.Services, str], AsyncIterator[None]],

@@ -62,15 +62,15 @@ FLOW: web.RequestKey[Flow] = web.RequestKey("synapse_fairness", Flow)
 
 
 def _fair(request: web.Request) -> fairness.Fairness:
-    return fairness_wiring.get(request.app[context.SERVICES])
+    return fairness_wiring.get(context.get(request).svc)
 
 
 async def lookup(request: web.Request,
                  cache_request: cache_port.CacheRequest) -> cache_port.CacheDecision:
     """The response cache's decision; a miss identical to a request in flight waits for
     it (coalescing) and is answered from it when it can be."""
-    svc = request.app[context.SERVICES]
-    coalescer = _fair(request).coalescer
+    svc = context.get(request).svc
+    coalescer = fairness_wiring.get(svc).coalescer
     if coalescer is None:
         return await svc.cache.lookup(cache_request)
     return await coalescer.lookup(svc.cache, cache_request)
@@ -79,8 +79,8 @@ async def lookup(request: web.Request,
 def store(request: web.Request, decision: cache_port.CacheDecision,
           response: Mapping[str, Any]) -> None:
     """Hand a complete answer to the response cache (and to the requests waiting for it)."""
-    svc = request.app[context.SERVICES]
-    coalescer = _fair(request).coalescer
+    svc = context.get(request).svc
+    coalescer = fairness_wiring.get(svc).coalescer
     if coalescer is None:
         svc.cache.store(decision, response)
     else:
@@ -99,7 +99,7 @@ async def admit(request: web.Request, tenant: str, model: str, prompt: router_mo
     try:
         charge = await _fair(request).admit(tenant, model, prompt.tokens, max_tokens)
     except errors.RateLimited as exc:
-        svc = request.app[context.SERVICES]
+        svc = context.get(request).svc
         svc.child(svc.metrics.rate_limited, tenant, exc.limit).inc()
         raise
     request[FLOW] = Flow(tenant, model, charge)
@@ -112,7 +112,7 @@ async def hold(request: web.Request, route: core_types.RouteDecision,
     if fair.gate is None:
         return route
     flow = request[FLOW]
-    svc = request.app[context.SERVICES]
+    svc = context.get(request).svc
     cls, weight = fair.priority_of(flow.tenant,
                                    request.headers.get(svc.settings.fairness.queue.header))
     if not fair.must_wait(route, cls):
@@ -158,7 +158,8 @@ def finish(request: web.Request, decision: cache_port.CacheDecision | None,
            failed: bool) -> None:
     """The request ended (``failed``: it raised). Never awaits: safe in ``finally`` of a
     cancelled handler."""
-    coalescer = _fair(request).coalescer
+    fair = _fair(request)
+    coalescer = fair.coalescer
     if decision is not None and coalescer is not None:
         coalescer.done(decision)
     flow = request.get(FLOW)
@@ -170,10 +171,10 @@ def finish(request: web.Request, decision: cache_port.CacheDecision | None,
                                failed or ctx.broken or flow.status >= 400)
     charge = flow.charge
     if charge is None or not charge.to_correct:    # no limit to correct: no task of its own
-        _fair(request).record(flow.tenant, flow.model, outcome)
+        fair.record(flow.tenant, flow.model, outcome)
         return
     task = asyncio.get_running_loop().create_task(
-        _fair(request).settle(charge, flow.tenant, flow.model, outcome))
+        fair.settle(charge, flow.tenant, flow.model, outcome))
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
 

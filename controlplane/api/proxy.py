@@ -54,8 +54,7 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
     """Relay the first attempt the dispatcher hands over. ``chain`` (the canonical model
     and the fallbacks the tenant may use) lets it fall back at run time; an answer of a
     fallback model says so (``x-synapse-fallback: A->B``) and is never cached."""
-    svc = request.app[context.SERVICES]
-    ctx = context.get(request)
+    svc, ctx = context.of(request)
     async with svc.dispatcher.exchange(route, prompt, path, body, ctx.request_id,
                                        chain=chain, requested=requested) as attempt:
         origin = chain[0] if chain else route.model
@@ -89,8 +88,7 @@ def _response_headers(attempt: dispatch.Attempt, ctx: context.RequestContext,
 
 async def _whole(request: web.Request, attempt: dispatch.Attempt,
                  store: cache_port.CacheDecision | None) -> web.Response:
-    svc = request.app[context.SERVICES]
-    ctx = context.get(request)
+    svc, ctx = context.of(request)
     data = await attempt.read()
     ctx.first_byte = svc.clock()
     status = attempt.status
@@ -153,8 +151,7 @@ async def pump(request: web.Request, resp: web.StreamResponse, attempt: dispatch
     """Pass the attempt's chunks to ``write`` as they arrive, the response's headers sent
     before the first. None once the backend's stream ended properly; the error's message
     if it broke after the first byte (an error before it raises: nothing sent yet)."""
-    svc = request.app[context.SERVICES]
-    ctx = context.get(request)
+    svc, ctx = context.of(request)
     while True:
         try:
             chunk = await attempt.next_chunk()

@@ -87,8 +87,7 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
                   dispatcher: dispatch.Dispatcher | None = None) -> web.StreamResponse:
     """The answer of the first backend of ``route`` that answers (``dispatcher``: the
     services' own unless an upload brings one with its own transport)."""
-    svc = request.app[context.SERVICES]
-    ctx = context.get(request)
+    svc, ctx = context.of(request)
     d = dispatcher or svc.dispatcher
     async with d.exchange(route, prompt, path, body, ctx.request_id) as attempt:
         ctx.backend = attempt.backend.key
@@ -111,8 +110,7 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
 
 async def _whole(request: web.Request, attempt: dispatch.Attempt,
                  shape: Shape) -> web.Response:
-    svc = request.app[context.SERVICES]
-    ctx = context.get(request)
+    svc, ctx = context.of(request)
     data = await attempt.read()
     ctx.first_byte = svc.clock()
     status = attempt.status

@@ -67,8 +67,7 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
 async def admit(request: web.Request, parse: Any,
                 ) -> tuple[tenants.Tenant, validation.Parsed, bytes, ratelimit.Permit]:
     """Authenticate, parse and validate, rate-limit: the common front of every /v1 POST."""
-    svc = request.app[context.SERVICES]
-    ctx = context.get(request)
+    svc, ctx = context.of(request)
     with tracing.span("auth"):
         tenant = svc.tenants.authenticate(request.headers.get("Authorization"))
     ctx.tenant = tenant.name
@@ -85,8 +84,8 @@ async def admit(request: web.Request, parse: Any,
 
 def resolve_model(request: web.Request, tenant: tenants.Tenant, name: str) -> str:
     """The canonical model for ``name``; 404 when unknown, 403 when not allowed."""
-    svc = request.app[context.SERVICES]
-    context.get(request).model_asked = name
+    svc, ctx = context.of(request)
+    ctx.model_asked = name
     canonical = svc.catalog.canonical(name)
     if not svc.catalog.is_configured(name) and canonical not in svc.registry.served_models():
         raise errors.NotFound(
@@ -95,7 +94,7 @@ def resolve_model(request: web.Request, tenant: tenants.Tenant, name: str) -> st
     if not tenant.allows(canonical):
         raise errors.Forbidden(f"tenant {tenant.name!r} may not use the model {name!r}",
                                param="model")
-    context.get(request).model = canonical
+    ctx.model = canonical
     return canonical
 
 
@@ -103,7 +102,7 @@ def release_later(request: web.Request, permit: ratelimit.Permit) -> None:
     """Release a rate-limit slot without awaiting (safe inside a cancelled handler)."""
     if permit.store is None:
         return
-    svc = request.app[context.SERVICES]
+    svc = context.get(request).svc
     task = asyncio.get_running_loop().create_task(svc.limiter.release(permit))
     proxy.keep(task)
 
@@ -120,7 +119,7 @@ def choose(request: web.Request, canonical: str, prompt: router_mod.Prompt,
            ) -> core_types.RouteDecision:
     """Route ``canonical``, else the fallbacks ``tenant`` may use, in order
     (``core.dispatch``'s plan)."""
-    svc = request.app[context.SERVICES]
+    svc = context.get(request).svc
     with tracing.span("route") as span:
         plan = svc.dispatcher.plan(canonical, prompt, validation.size_fields(parsed),
                                    allows=tenant.allows if tenant is not None else None)
@@ -152,7 +151,7 @@ async def lookup_cache(request: web.Request, tenant: str, canonical: str,
 
 
 async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.StreamResponse:
-    svc = request.app[context.SERVICES]
+    svc = context.get(request).svc
     parse = validation.chat if endpoint == "chat" else validation.completions
     tenant, parsed, raw, permit = await admit(request, parse)
     decision: cache_port.CacheDecision | None = None
@@ -201,7 +200,7 @@ async def answer_from_cache(request: web.Request, hit: cache_port.CacheHit,
     resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    ctx.first_byte = request.app[context.SERVICES].clock()
+    ctx.first_byte = ctx.svc.clock()
     for chunk in hit.events(parsed.body):   # shaped like a live stream (usage if asked)
         await resp.write(chunk)
     await resp.write_eof()
