@@ -66,6 +66,7 @@ log = logging.getLogger("synapse.controlplane.dispatch")
 
 ERROR_DETAIL_BYTES = 300
 ERROR_DETAIL_TIMEOUT_S = 1.0
+_CHAINS_MAX = 4096      # fallback chains kept (models are few; guards a leak)
 Failure = errors.UpstreamError | errors.UpstreamTimeout
 Allows = Callable[[str], bool]
 T = TypeVar("T")
@@ -141,6 +142,7 @@ class Dispatcher:
         self.metrics = metrics_
         self.policy = policy
         self._clock = clock
+        self._chains: dict[str, tuple[str, ...]] = {}     # chain() before the allow-list
 
     # -- plan -----------------------------------------------------------------------------
 
@@ -148,6 +150,16 @@ class Dispatcher:
         """``canonical``, then its fallback models in the order they are tried: its own
         fallbacks, then theirs (the config refuses cycles; a model comes once). Models
         ``allows`` refuses (the tenant's allow-list) are left out."""
+        full = self._chains.get(canonical)
+        if full is None:        # the catalog never changes: walked once per model
+            if len(self._chains) >= _CHAINS_MAX:
+                self._chains.clear()
+            full = self._chains[canonical] = self._walk(canonical)
+        if allows is None or len(full) == 1:
+            return full
+        return (canonical, *(m for m in full[1:] if allows(m)))
+
+    def _walk(self, canonical: str) -> tuple[str, ...]:
         order: list[str] = []
         queue = [canonical]
         while queue:
@@ -155,7 +167,7 @@ class Dispatcher:
                 if model != canonical and model not in order:
                     order.append(model)
                     queue.append(model)
-        return (canonical, *(m for m in order if allows is None or allows(m)))
+        return (canonical, *order)
 
     def plan(self, canonical: str, prompt: router_mod.Prompt,
              fields: tuple[str, str] = ("messages", "max_tokens"),
