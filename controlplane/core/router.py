@@ -129,14 +129,14 @@ class Router:
         return ""
 
     def _verdict(self, b: types.BackendState, why: str, prompt: Prompt,
-                 ids: tuple[int, ...], hashes: dict[int, list[int]]) -> types.Verdict:
+                 ids: tuple[int, ...], hashes: dict[int, tuple[int, ...]]) -> types.Verdict:
         n = prompt.tokens
         reason = why or self._filter(b, n + prompt.max_tokens)
         bs = self.block_size(b)
         cached = 0
         if ids:
             if bs not in hashes:
-                hashes[bs] = tok.block_hashes(ids, bs)
+                hashes[bs] = tuple(tok.block_hashes(ids, bs))
             cached = cached_tokens(self._index.match(b.key, hashes[bs]), n, bs)
         c = self.costs.costs(b.key)
         queue, prefill, queued, decode = predict(b, self._ledger.load(b.key), n, cached, c)
@@ -146,8 +146,8 @@ class Router:
                              affinity, 0, basis)
 
     def verdicts(self, model: str, prompt: Prompt, task: types.Task = "generate",
-                 ) -> tuple[list[types.Verdict], dict[int, list[int]]]:
-        hashes: dict[int, list[int]] = {}
+                 ) -> tuple[list[types.Verdict], dict[int, tuple[int, ...]]]:
+        hashes: dict[int, tuple[int, ...]] = {}
         ids = prompt.ids(self._tokenizers.for_model(model))
         out = [self._verdict(b, why, prompt, ids, hashes)
                for b, why in self._registry.backends_for(model) if b.serves(task)]
@@ -165,13 +165,15 @@ class Router:
             eligible.sort(key=lambda v: (self._ledger.load(v.backend.key).in_flight
                                          + v.backend.waiting, v.backend.key))
             return eligible, "least-loaded"
-        # Exact ties (idle backends, no cached prefix) rotate instead of piling on one.
-        eligible.sort(key=lambda v: v.backend.key)
-        start = self._turn % len(eligible)
-        eligible = eligible[start:] + eligible[:start]
-        eligible.sort(key=lambda v: (v.predicted_ttft_s,
-                                     self._ledger.load(v.backend.key).in_flight))
-        self._within_noise(eligible)
+        several = len(eligible) > 1     # one candidate: nothing to order or move
+        if several:
+            # Exact ties (idle backends, no cached prefix) rotate instead of piling on one.
+            eligible.sort(key=lambda v: v.backend.key)
+            start = self._turn % len(eligible)
+            eligible = eligible[start:] + eligible[:start]
+            eligible.sort(key=lambda v: (v.predicted_ttft_s,
+                                         self._ledger.load(v.backend.key).in_flight))
+            self._within_noise(eligible)
         best = eligible[0]
         reason = "least-ttft"
         tie = max(TIE_S, best.predicted_ttft_s * TIE_FRACTION)
@@ -180,7 +182,8 @@ class Router:
                 if v.session_affinity and v.predicted_ttft_s - best.predicted_ttft_s <= tie:
                     eligible.insert(0, eligible.pop(i))
                     return eligible, "session"
-        self._keep_holder(eligible)
+        if several:
+            self._keep_holder(eligible)
         if eligible[0].cached_tokens and eligible[0].prompt_tokens:
             pct = 100 * eligible[0].cached_tokens // eligible[0].prompt_tokens
             reason = f"prefix-hit {pct}%"
@@ -245,8 +248,8 @@ class Router:
         # Candidates are in rank order; the rank field itself is filled in by explain()
         # only (copying every verdict per request costs more than routing it).
         ranked = tuple(ordered)
-        info = types.PromptInfo(prompt.tokens, {k: tuple(v) for k, v in hashes.items()},
-                                prompt.max_tokens, prompt.session, prompt.tokenizer)
+        info = types.PromptInfo(prompt.tokens, hashes, prompt.max_tokens, prompt.session,
+                                prompt.tokenizer)
         return types.RouteDecision(model, ranked, reason + reason_suffix,
                                    self.params.policy, info)
 

@@ -148,8 +148,9 @@ class Prompt:
 
     @property
     def tokens(self) -> int:
-        if self.exact:
-            return len(self.token_ids)
+        if self.exact:      # token_ids, inlined: asked a few times per request
+            last = self._last
+            return len(last if last is not None else self.ids(APPROXIMATION))
         if not self._size:
             text = (tok.render_chat(self.messages) if self.messages is not None
                     else self.text or "")
