@@ -1,7 +1,8 @@
 """One try of one backend: the ledger ticket, the answer, and its bytes.
 
 An :class:`Attempt` is an async context manager (:mod:`controlplane.core.dispatch` makes
-one per candidate). Entering records the dispatch (ledger, prefix index, session
+one per candidate, and calls the same steps synchronously: :meth:`Attempt.open`,
+:meth:`Attempt.settle`). Entering records the dispatch (ledger, prefix index, session
 affinity); the first byte is marked when the whole answer, or a stream's first token,
 arrived; leaving closes the answer, finishes the ticket and lets the router learn from it
 (:meth:`Router.observe`, with the engine's ``usage`` read from the answer's last bytes) —
@@ -67,13 +68,22 @@ class Attempt:
         self.error = ""                 # why it failed, for the span
 
     async def __aenter__(self) -> Attempt:
+        return self.open()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.settle(exc)
+
+    def open(self) -> Attempt:
+        """What entering does, synchronously (the dispatcher calls it directly: a
+        coroutine per step of every request is not free)."""
         self.ticket = self._router.dispatched(self.route, self._verdict, self._prompt)
         self.span = tracing.start("upstream", {"synapse.backend": self.backend.key,
                                                "synapse.attempt": self.index})
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    def settle(self, exc: BaseException | None = None) -> None:
+        """What leaving does, synchronously (``exc``: what ended the block, if anything)."""
         if self.response is not None:
             self.response.close()
         if self.ticket is not None:
@@ -114,23 +124,22 @@ class Attempt:
     async def read(self) -> bytes:
         """The whole answer (renamed when the backend knows the model by another name);
         marks the first byte."""
-        if self._data is None:
-            self._data = await self._read_whole()
-        return self._data
-
-    async def _read_whole(self) -> bytes:
+        if self._data is not None:
+            return self._data
+        answer = self.answer
         try:
-            data = (self._peeked or b"") + await self.answer.read()
+            data = (self._peeked or b"") + await answer.read()
         except errors.UpstreamError as exc:
             raise exc.reworded(f"backend {self.backend.key} broke off its answer: "
                                f"{exc.message}") from exc
         self._peeked = None
         self._mark_first_byte()
-        if self.answer.status == 200:
+        if answer.status == 200:
             if self.ticket is not None:
                 self.ticket.usage = usage_mod.from_tail(data)
             if self._rename:
                 data = model_rename.in_body(data, self._rename)
+        self._data = data
         return data
 
     async def next_chunk(self) -> bytes | None:

@@ -239,11 +239,11 @@ class Dispatcher:
                 rename = run.rename_for(verdict.backend, decision.model)
                 attempt = Attempt(self.router, self.policy.idle_timeout_s, decision,
                                   verdict, prompt, index, path=run.path, rename=rename)
-                await attempt.__aenter__()
+                attempt.open()
                 try:
                     failure = await self._try(run, attempt)
                 except BaseException as exc:
-                    await attempt.__aexit__(type(exc), exc, exc.__traceback__)
+                    attempt.settle(exc)
                     raise
                 if failure is None:
                     if decision.model != origin:
@@ -251,7 +251,7 @@ class Dispatcher:
                     return attempt
                 run.why, run.last = failure
                 attempt.error = failure[1].message
-                await attempt.__aexit__(None, None, None)
+                attempt.settle()
             decision = None if self._expired(run) else self._next_route(rest, prompt, task)
         raise run.last or errors.Unavailable("no backend could be tried")
 
@@ -330,7 +330,7 @@ class Exchange:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._attempt is not None:
-            await self._attempt.__aexit__(exc_type, exc, tb)
+            self._attempt.settle(exc)
 
 
 def _failed(backend: types.BackendState, exc: Failure) -> tuple[str, errors.SynapseError]:
