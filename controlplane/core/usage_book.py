@@ -48,8 +48,15 @@ class Counts:
     cost: float = 0.0
 
     def add(self, other: Counts) -> None:
-        for kind in KINDS:
-            setattr(self, kind, getattr(self, kind) + getattr(other, kind))
+        # Field by field rather than a loop over KINDS with getattr/setattr: every request
+        # that ends adds its counts here (test_usage_book checks it covers every kind).
+        self.requests += other.requests
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.cached_tokens += other.cached_tokens
+        self.cache_hit_tokens += other.cache_hit_tokens
+        self.errors += other.errors
+        self.cost += other.cost
 
     def as_dict(self) -> dict[str, float | int]:
         return {kind: getattr(self, kind) for kind in KINDS}

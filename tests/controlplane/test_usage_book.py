@@ -39,6 +39,14 @@ def counts(**kw: int | float) -> usage_book.Counts:
     return usage_book.Counts(**kw)  # type: ignore[arg-type]
 
 
+def test_a_row_adds_up_every_kind_of_count() -> None:
+    total = counts()
+    one = counts(**{kind: i + 1 for i, kind in enumerate(usage_book.KINDS)})
+    total.add(one)
+    total.add(one)
+    assert total.as_dict() == {kind: 2 * (i + 1) for i, kind in enumerate(usage_book.KINDS)}
+
+
 async def test_rows_per_day_tenant_and_model_with_pending_counts_visible() -> None:
     wall = Wall(DAY1)
     book = usage_book.UsageBook(usage_book.MemoryUsageStore(), wall)
