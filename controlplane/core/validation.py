@@ -134,7 +134,7 @@ def _common(body: Mapping[str, Any]) -> tuple[str, bool, str]:
         value = body.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _bad(name, "must be a number")
         if not low <= value <= high:
             raise _bad(name, f"must be between {low:g} and {high:g}, got {value}")
@@ -192,7 +192,7 @@ def chat(body: dict[str, Any]) -> Parsed:
             raise _bad(f"messages[{i}].role",
                        f"must be one of {', '.join(sorted(ROLES))}; got {role[:40]!r}")
         content = m.get("content")
-        if content is not None and not isinstance(content, str | list):
+        if content is not None and not isinstance(content, (str, list)):
             raise _bad(f"messages[{i}].content", "must be a string or an array of parts")
     legacy = _opt_int(body, "max_tokens", 1)
     max_tokens = _opt_int(body, "max_completion_tokens", 1) or legacy
