@@ -122,8 +122,10 @@ def plan(request: web.Request, front: Front, task: str) -> core_types.RouteDecis
 
 async def route(request: web.Request, front: Front, task: str) -> core_types.RouteDecision:
     """:func:`plan`, then the fair queue when the chosen backends are saturated."""
-    return await fairness.hold(request, plan(request, front, task),
-                               lambda: plan(request, front, task))
+    decided = plan(request, front, task)
+    if not fairness.queues(request):
+        return decided
+    return await fairness.hold(request, decided, lambda: plan(request, front, task))
 
 
 def body_for(front: Front, model: str, body: Mapping[str, Any] | None = None) -> bytes:

@@ -6,9 +6,9 @@
 1. :func:`cache_hit` — an answer from the response cache: accounted as tokens saved;
 2. :func:`admit` — after a cache miss, before routing: the tenant's (and the tenant x
    model's) tokens per minute and budget; 429 naming the limit otherwise;
-3. :func:`hold` — after routing: when the chosen backends are saturated, wait for a fair
-   turn in the queue, then route again (the fleet moved meanwhile), a backend with room
-   first;
+3. :func:`hold` — after routing, when the queue is on (:func:`queues`): when the chosen
+   backends are saturated, wait for a fair turn in the queue, then route again (the fleet
+   moved meanwhile), a backend with room first;
 4. :func:`upstream_body` / :func:`stripper` — a stream whose client did not ask for usage
    asks the engine for it, and the client's copy loses it again;
 5. :func:`answered` — the exchange with the backend settled (its status and ``usage``);
@@ -103,6 +103,12 @@ async def admit(request: web.Request, tenant: str, model: str, prompt: router_mo
         svc.child(svc.metrics.rate_limited, tenant, exc.limit).inc()
         raise
     request[FLOW] = Flow(tenant, model, charge)
+
+
+def queues(request: web.Request) -> bool:
+    """Whether a routed request may wait in the fair queue (``fairness.queue.enabled``);
+    callers skip :func:`hold` (a coroutine and a closure per request) when it is off."""
+    return _fair(request).gate is not None
 
 
 async def hold(request: web.Request, route: core_types.RouteDecision,

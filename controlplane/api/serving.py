@@ -170,8 +170,10 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
         prompt = prompt_of(parsed, session, svc.router.exact_prompts)
         prompt.streams = parsed.stream
         await fairness.admit(request, tenant.name, canonical, prompt, parsed.max_tokens)
-        route = await fairness.hold(request, choose(request, canonical, prompt, parsed, tenant),
-                                    lambda: choose(request, canonical, prompt, parsed, tenant))
+        route = choose(request, canonical, prompt, parsed, tenant)
+        if fairness.queues(request):
+            route = await fairness.hold(
+                request, route, lambda: choose(request, canonical, prompt, parsed, tenant))
         body = fairness.upstream_body(request, parsed.body, route.model,
                                       body_for(raw, parsed, route.model))
         resp = await proxy.forward(request, route, prompt, body, PATHS[endpoint],
