@@ -175,13 +175,15 @@ class Connection(asyncio.Protocol):
 class UpstreamResponse:
     """A backend's answer, available once its head arrived; ``close()`` it when done."""
 
-    def __init__(self, conn: Connection, read_timeout_s: float) -> None:
+    def __init__(self, conn: Connection, read_timeout_s: float,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.received = False        # any byte of the answer arrived
         self.complete = False
         self._conn = conn
         self._read_timeout_s = read_timeout_s
+        self._loop = loop               # the client's: every wait is on it
         self._head = False
         self._keep_alive = False
         self._body: collections.deque[bytes] = collections.deque()
@@ -328,7 +330,7 @@ class UpstreamResponse:
 
     async def _wait(self, timeout_s: float | None, deadline: float | None = None,
                     limit: float = 0.0) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiter = waiter
         if deadline is not None:

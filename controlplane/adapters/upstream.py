@@ -56,8 +56,12 @@ class UpstreamClient:
         self._targets: dict[str, http1.Target] = {}
         self._tls: ssl.SSLContext | None = None
         self._started = False
+        # The loop start() ran in: every wait and deadline is on it. Kept rather than
+        # asked for at each step (asyncio.get_running_loop checks the process id).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._started = True
 
     async def close(self) -> None:
@@ -79,16 +83,17 @@ class UpstreamClient:
         one deadline handed to each wait, rather than an ``asyncio.timeout`` around it:
         that costs a cancellation scope per request on the hot path."""
         limit = timeout_s or self._first_byte_timeout_s
-        if not self._started:
+        loop = self._loop
+        if not self._started or loop is None:
             raise RuntimeError("UpstreamClient.start() was not called")
-        deadline = asyncio.get_running_loop().time() + limit
+        deadline = loop.time() + limit
         target = self._target(url)
         message = http1.head(method, target, headers, body) + body
         for attempt in (1, 2):
-            conn = await self._acquire(target.origin, deadline, limit)
+            conn = await self._acquire(loop, target.origin, deadline, limit)
             reused = conn.used
             conn.used = True
-            resp = http1.UpstreamResponse(conn, self._read_timeout_s)
+            resp = http1.UpstreamResponse(conn, self._read_timeout_s, loop)
             conn.response = resp
             try:
                 assert conn.transport is not None
@@ -114,9 +119,8 @@ class UpstreamClient:
         return target
 
     # -- the pool ------------------------------------------------------------------------
-    async def _acquire(self, origin: http1.Origin, deadline: float,
-                       limit: float) -> http1.Connection:
-        loop = asyncio.get_running_loop()
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, origin: http1.Origin,
+                       deadline: float, limit: float) -> http1.Connection:
         while True:
             conn = self._pop_idle(origin, loop.time())
             if conn is not None:
@@ -139,7 +143,7 @@ class UpstreamClient:
                 timer.cancel()
         self._open += 1
         try:
-            return await self._connect(origin, deadline, limit)
+            return await self._connect(loop, origin, deadline, limit)
         except BaseException:
             self._open -= 1
             self._wake_slot()
@@ -162,10 +166,9 @@ class UpstreamClient:
                 return True
         return False
 
-    async def _connect(self, origin: http1.Origin, deadline: float,
-                       limit: float) -> http1.Connection:
+    async def _connect(self, loop: asyncio.AbstractEventLoop, origin: http1.Origin,
+                       deadline: float, limit: float) -> http1.Connection:
         scheme, host, port = origin
-        loop = asyncio.get_running_loop()
         left = deadline - loop.time()
         if left <= 0:
             raise errors.UpstreamTimeout(f"no response within {limit:g}s")
@@ -189,8 +192,8 @@ class UpstreamClient:
 
     def release(self, conn: http1.Connection, reusable: bool) -> None:
         conn.response = None
-        if reusable and not conn.lost and self._started:
-            conn.idle_since = asyncio.get_running_loop().time()
+        if reusable and not conn.lost and self._started and self._loop is not None:
+            conn.idle_since = self._loop.time()
             self._idle.setdefault(conn.origin, []).append(conn)
         else:
             conn.close()
