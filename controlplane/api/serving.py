@@ -46,10 +46,10 @@ PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
 async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
     """The raw body; 413 when it is over ``http.max_body_bytes``, 408 when it does not
     arrive within ``timeout_s`` (``http.body_timeout_s``)."""
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length     # parsed from the header at each access
+    if length is not None and length > limit:
         raise errors.PayloadTooLarge(
-            f"the request body is {request.content_length} bytes; the limit is {limit} "
-            "(http.max_body_bytes)")
+            f"the request body is {length} bytes; the limit is {limit} (http.max_body_bytes)")
     try:
         if request.content.is_eof():        # it came with the head: no wait to bound
             return await request.read()
