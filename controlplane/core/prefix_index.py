@@ -9,12 +9,50 @@ Each backend's set is an LRU capped at that backend's real KV capacity in blocks
 its reports), never more than ``max_blocks``: an engine evicts least recently used blocks
 too, so the index forgets roughly what the engine forgets. A backend that restarted has
 lost its cache, so its entry is dropped when its restart count changes.
+
+The hashes themselves come from :class:`BlockHasher`, which memoises them block by block:
+hashing is the larger part of routing a long prompt, and prompts repeat their prefixes
+(a tenant's system prompt, a conversation's history) from one request to the next.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+
+from synapse_common import tokens as tok
+
+MEMO_BLOCKS = 16_384    # blocks whose hash BlockHasher keeps (about 14 MB at most)
+
+
+class BlockHasher:
+    """``tokens.block_hashes(ids, block_size)``, memoised per block.
+
+    A block's hash depends only on its parent's hash and its own ids, so a block seen
+    before under the same parent is looked up (a fraction of hashing it) and only new
+    blocks are hashed, as one-block chains seeded with their parent: the result is the
+    same tuple. The memo is cleared when it holds ``max_blocks``.
+    """
+
+    def __init__(self, max_blocks: int = MEMO_BLOCKS) -> None:
+        self._memo: dict[tuple[int, tuple[int, ...]], int] = {}
+        self._max_blocks = max_blocks
+
+    def __call__(self, ids: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+        memo = self._memo
+        out = []
+        parent = 0
+        for start in range(0, len(ids) - len(ids) % block_size, block_size):
+            key = (parent, ids[start:start + block_size])
+            found = memo.get(key)
+            if found is None:
+                found = tok.block_hashes(key[1], block_size, parent)[0]
+                if len(memo) >= self._max_blocks:
+                    memo.clear()
+                memo[key] = found
+            out.append(found)
+            parent = found
+        return tuple(out)
 
 
 class _Backend:

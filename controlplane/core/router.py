@@ -44,7 +44,6 @@ from controlplane.core import costs as costs_mod
 from controlplane.core import ledger as ledger_mod
 from controlplane.core import prefix_index, registry, tokenization, types
 from controlplane.core import usage as usage_mod
-from synapse_common import tokens as tok
 
 TIE_S = 0.002
 TIE_FRACTION = 0.05
@@ -99,6 +98,7 @@ class Router:
         self._registry = reg
         self._ledger = ledger
         self._index = index
+        self._hashes = prefix_index.BlockHasher()   # the prompt's chained block hashes
         self._tokenizers = tokenizers or tokenization.Tokenizers()
         self.costs = costs or costs_mod.CostModel(params.prefill_s_per_token,
                                                   params.decode_s_per_step, params.learn_costs)
@@ -136,7 +136,7 @@ class Router:
         cached = 0
         if ids:
             if bs not in hashes:
-                hashes[bs] = tuple(tok.block_hashes(ids, bs))
+                hashes[bs] = self._hashes(ids, bs)
             cached = cached_tokens(self._index.match(b.key, hashes[bs]), n, bs)
         c = self.costs.costs(b.key)
         queue, prefill, queued, decode = predict(b, self._ledger.load(b.key), n, cached, c)
@@ -279,7 +279,7 @@ class Router:
             hashes = decision.prompt.hashes_by_block_size.get(bs)
             if hashes is None:
                 ids = prompt.ids(self._tokenizers.for_model(decision.model))
-                hashes = tuple(tok.block_hashes(ids, bs))
+                hashes = self._hashes(ids, bs)
             self._index.insert(b.key, hashes, cap, b.restarts)
         if prompt.session and self.params.session_affinity:
             self._sessions[prompt.session] = b.key

@@ -133,6 +133,23 @@ def test_prefix_index_forgets_beyond_the_backend_capacity() -> None:
     assert index.size("b") == 2
 
 
+def test_memoised_block_hashes_are_the_engines_own() -> None:
+    """The router hashes blocks it has seen from its memo: the hashes must stay the ones
+    the engines' prefix caches compute, for prompts that share a prefix or not, in any
+    block size, also once the memo was cleared for room."""
+    import random
+
+    from synapse_common import tokens as tok
+    rng = random.Random(5)
+    hasher = prefix_index.BlockHasher(max_blocks=50)
+    shared = tuple(rng.randrange(2**31) for _ in range(200))
+    for _ in range(500):
+        ids = shared[:rng.randrange(200)] + tuple(rng.randrange(2**31)
+                                                  for _ in range(rng.randrange(60)))
+        size = rng.choice([1, 4, 16, 128])
+        assert hasher(ids, size) == tuple(tok.block_hashes(ids, size))
+
+
 def test_memoised_message_tokens_equal_tokenizing_the_whole_rendering() -> None:
     import random
 
