@@ -64,7 +64,7 @@ if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ import
 
 from bench import embed_served  # noqa: E402
 from controlplane import cache_wiring, calibrate  # noqa: E402
-from controlplane.core import verifier, verifier_features  # noqa: E402
+from controlplane.core import verifier  # noqa: E402
 from controlplane.core.l2 import index as l2_index  # noqa: E402
 from controlplane.core.l2 import rows as l2_rows  # noqa: E402
 
@@ -109,7 +109,7 @@ class Side:
 def run_pairs(pairs: calibrate.Pairs, new: Side, old: Side, fixed: float
               ) -> dict[str, Any]:
     def scores(side: Side) -> np.ndarray:
-        raw = verifier_features.batch_features(pairs.text_a, pairs.text_b, side.va, side.vb)
+        raw = side.model.features(pairs.text_a, pairs.text_b, side.va, side.vb)
         return side.model.probabilities(raw)
 
     ours_scores, old_scores = scores(new), scores(old)

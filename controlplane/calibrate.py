@@ -223,8 +223,15 @@ def _curve_summary(curve: list[tuple[float, float, float]], points: int = 200
 
 
 # -- fitting ---------------------------------------------------------------------------
-def features(pairs: Pairs, va: np.ndarray, vb: np.ndarray) -> np.ndarray:
-    return verifier_features.batch_features(pairs.text_a, pairs.text_b, va, vb)
+def features(pairs: Pairs, va: np.ndarray, vb: np.ndarray,
+             idf: verifier_features.Idf) -> np.ndarray:
+    return verifier_features.batch_features(pairs.text_a, pairs.text_b, va, vb, idf)
+
+
+def train_idf(pairs: Pairs, rows: np.ndarray) -> verifier_features.Idf:
+    """Word rarity over the distinct texts of the pairs ``rows`` (the train split)."""
+    return verifier_features.Idf.fit(sorted({pairs.text_a[i] for i in rows}
+                                            | {pairs.text_b[i] for i in rows}))
 
 
 def fit(pairs: Pairs, va: np.ndarray, vb: np.ndarray, target_precision: float, seed: int,
@@ -247,8 +254,9 @@ def fit(pairs: Pairs, va: np.ndarray, vb: np.ndarray, target_precision: float, s
     if min(len(tr), len(val), len(te)) < 10:
         raise PairsError(f"too few pairs to split ({len(pairs)}); need a few hundred at least")
     t0 = time.monotonic()
-    feats = features(pairs, va, vb).astype(np.float64)
-    swapped = features(Pairs(pairs.text_b, pairs.text_a, pairs.label), vb, va)
+    idf = train_idf(pairs, parts["train"])
+    feats = features(pairs, va, vb, idf).astype(np.float64)
+    swapped = features(Pairs(pairs.text_b, pairs.text_a, pairs.label), vb, va, idf)
     x_train = np.concatenate([feats[tr], swapped[tr].astype(np.float64)])
     y_train = np.concatenate([pairs.label[tr], pairs.label[tr]])
     dim = va.shape[1]
@@ -261,7 +269,7 @@ def fit(pairs: Pairs, va: np.ndarray, vb: np.ndarray, target_precision: float, s
     stub = verifier.Verifier(diff=projections[0], prod=projections[1],
                              forest=forest_export.EMPTY,
                              platt=(1.0, 0.0), threshold=0.5,
-                             target_precision=target_precision, curve=[], meta={})
+                             target_precision=target_precision, curve=[], meta={}, idf=idf)
     gb = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, max_leaf_nodes=31,
                                         early_stopping=False, random_state=seed)
     gb.fit(stub.model_inputs(x_train), y_train)
@@ -288,7 +296,7 @@ def fit(pairs: Pairs, va: np.ndarray, vb: np.ndarray, target_precision: float, s
         curve=_curve_summary(precision_recall_curve(p_val, pairs.label[val])),
         meta={"embedder": EMBEDDER, "embedder_id": embedder_id, "dim": int(dim),
               "metrics": metrics},
-        calibration=calibration_sample(p_val, pairs.label[val]))
+        calibration=calibration_sample(p_val, pairs.label[val]), idf=idf)
     return model, metrics
 
 

@@ -3,12 +3,16 @@
 Beside ``cache_wiring`` (above ``core`` and ``adapters``), called from
 ``main.build_response_cache``:
 
-- :func:`load_verifier` reads ``cache.verifier_path`` (default: the shipped verifier)
-  and refuses, at start, a verifier fitted for another embedder than the agents serve:
-  ``cache.embedder_id``, by default the untuned all-MiniLM-L6-v2 (the agents' default
-  ``embedder.tuning: none``). A verifier's features and operating point mean nothing on
-  another embedder's vectors. A file that records no embedder (older than the field) was
-  fitted on the untuned model and is taken as it is.
+- :func:`load_judges` chooses the verifiers that judge lookups. An operator who sets
+  ``cache.verifier_path`` or ``cache.embedder_id`` pins the cache to one verifier and its
+  embedder: a verifier fitted for another embedder than ``cache.embedder_id`` (by
+  default the untuned all-MiniLM-L6-v2, the agents' default ``embedder.tuning: none``)
+  is refused at start, since its features and operating point mean nothing on another
+  embedder's vectors, and vectors of another embedder are not judged at all. A file that
+  records no embedder (older than the field) was fitted on the untuned model and is
+  taken as it is. Without either setting, the shipped verifier judges the untuned
+  MiniLM's vectors and the older shipped one (``verifier.ANY_EMBEDDER_PATH``) any other
+  embedder's, as it judged every embedder's before the shipped verifier recorded its own.
 - :func:`with_feedback` wraps the tiered cache in
   :class:`controlplane.core.cache_feedback.FeedbackCache`, with its judged pairs kept in
   ``cache.feedback_path`` (default ``data_dir/cache_feedback.jsonl``).
@@ -17,6 +21,7 @@ Beside ``cache_wiring`` (above ``core`` and ``adapters``), called from
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any
 
 from controlplane import config
@@ -39,35 +44,37 @@ def expected_embedder(c: config.CacheSettings) -> str:
     return c.embedder_id or embedder_tuning.base_id()
 
 
-def load_verifier(c: config.CacheSettings) -> verifier.Verifier:
-    """The verifier of ``cache.verifier_path``, checked against the embedder."""
-    try:
-        judge = verifier.load(c.verifier_path)
-    except verifier.VerifierError as exc:
-        raise VerifierConfigError(f"cache.verifier_path: {exc}") from None
+def load_judges(c: config.CacheSettings) -> tuple[verifier.Judges, str]:
+    """The verifiers that judge lookups, and the embedder id the cache is pinned to ("":
+    none, each embedder is judged by its own verifier or the one for any other)."""
+    judge = _load(c.verifier_path, "cache.verifier_path")
     if not c.semantic_enabled:
-        return judge        # never used to judge: any embedder will do
-    if not judge.embedder_id:
-        return judge        # a file older than the field: fitted on the untuned MiniLM
-    embedder_id = expected_embedder(c)
+        return verifier.Judges(judge), ""       # never used to judge: any embedder will do
+    if c.verifier_path is None and c.embedder_id is None:
+        return verifier.Judges(judge, _load(verifier.ANY_EMBEDDER_PATH, "the shipped verifier")), ""
+    if judge.embedder_id:               # no id: a file older than the field, taken as it is
+        try:
+            verifier.check_embedder(judge, expected_embedder(c))
+        except verifier.VerifierError as exc:
+            where = c.verifier_path or "the shipped verifier"
+            source = "cache.embedder_id" if c.embedder_id else "the default of cache.embedder_id"
+            raise VerifierConfigError(f"cache.verifier_path: {where}: {exc} ({source})") from None
+    return verifier.Judges(judge), judge.embedder_id
+
+
+def _load(path: str | pathlib.Path | None, setting: str) -> verifier.Verifier:
     try:
-        verifier.check_embedder(judge, embedder_id)
+        return verifier.load(path)
     except verifier.VerifierError as exc:
-        where = c.verifier_path or "the shipped verifier"
-        source = "cache.embedder_id" if c.embedder_id else "the default of cache.embedder_id"
-        raise VerifierConfigError(f"cache.verifier_path: {where}: {exc} ({source})") from None
-    return judge
+        raise VerifierConfigError(f"{setting}: {exc}") from None
 
 
 def with_feedback(tiered: Any, settings: config.ControlPlaneSettings,
-                  judge: verifier.Verifier, metrics: metrics_mod.Metrics
-                  ) -> cache_feedback.FeedbackCache:
+                  metrics: metrics_mod.Metrics) -> cache_feedback.FeedbackCache:
     """The feedback loop around ``tiered`` (a ``TieredCache``: its L1 and L2 evict)."""
     c = settings.cache
     path = c.feedback_path or os.path.join(settings.data_dir, FEEDBACK_FILE)
-    parts = cache_feedback.Parts(l1=tiered.l1, l2=tiered.l2, sink=feedback_log.JsonlPairs(path),
-                                 verifier_digest=judge.digest,
-                                 embedder_id=judge.embedder_id)
+    parts = cache_feedback.Parts(l1=tiered.l1, l2=tiered.l2, sink=feedback_log.JsonlPairs(path))
     inner: cache_port.ResponseCache = tiered
     return cache_feedback.FeedbackCache(
         inner, parts, metrics, served_log.ServedLog(c.feedback_remember, c.ttl_s,

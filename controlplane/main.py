@@ -70,7 +70,7 @@ def build_response_cache(settings: config.ControlPlaneSettings,
         c.embed_model, timeout_s=c.semantic_budget_ms / 1000,
         token=settings.auth.agent_token_value)
     try:
-        judge = feedback_wiring.load_verifier(c)
+        judges, pinned_embedder = feedback_wiring.load_judges(c)
     except feedback_wiring.VerifierConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(cli.EXIT_CONFIG) from None
@@ -82,11 +82,11 @@ def build_response_cache(settings: config.ControlPlaneSettings,
         target_precision=c.target_precision,
         model_target_precision={m.name: m.cache_target_precision for m in settings.models
                                 if m.cache_target_precision is not None},
-        embedder_id=judge.embedder_id)
+        embedder_id=pinned_embedder)
     tiered = response_cache.TieredCache(
         options=options, l1=store, metrics=services.metrics, l2=l2, embedder=embed,
-        verifier_model=judge)
-    return feedback_wiring.with_feedback(tiered, settings, judge, services.metrics)
+        verifier_model=judges)
+    return feedback_wiring.with_feedback(tiered, settings, services.metrics)
 
 
 def grpc_registrations(services: services_mod.Services) -> list[grpc_server.Registration]:

@@ -110,8 +110,6 @@ class Parts:
     l1: DeletableL1 | None
     l2: DeletableL2 | None
     sink: PairSink | None
-    verifier_digest: str = ""
-    embedder_id: str = ""
 
 
 class FeedbackCache:
@@ -132,7 +130,8 @@ class FeedbackCache:
         if hit is not None and hit.source is not None and request.request_id:
             self.served.remember(request.request_id, served_log.Served(
                 request.tenant, request.model, hit.layer, hit.source.query, hit.source.text,
-                hit.source.ref, hit.source.l2_scope, hit.score, hit.similarity))
+                hit.source.ref, hit.source.l2_scope, hit.score, hit.similarity,
+                hit.source.verifier, hit.source.embedder_id))
         return decision
 
     def store(self, decision: cache_port.CacheDecision, response: Mapping[str, Any]) -> None:
@@ -199,8 +198,8 @@ class FeedbackCache:
         if self.parts.sink is None:
             return ""
         pair = Pair(served.tenant, served.model, served.query, served.text, 0 if wrong else 1,
-                    served.score, served.similarity, self.parts.verifier_digest,
-                    self.parts.embedder_id, request_id, self._wall())
+                    served.score, served.similarity, served.verifier,
+                    served.embedder_id, request_id, self._wall())
         try:
             await self.parts.sink.record(pair)
         except Exception as exc:

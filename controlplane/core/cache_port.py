@@ -39,6 +39,8 @@ class HitSource:
     text: str                       # the entry's semantic text
     query: str                      # the request's semantic text
     l2_scope: str = ""              # the L2 partition searched (semantic hits)
+    verifier: str = ""              # digest of the verifier that accepted it (semantic)
+    embedder_id: str = ""           # the embedder of the vectors it was judged on
 
 
 @dataclasses.dataclass(frozen=True)

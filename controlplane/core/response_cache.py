@@ -88,14 +88,14 @@ class TieredCache:
     def __init__(self, *, options: Options, l1: cache_parts.L1Store,
                  metrics: metrics_mod.Metrics, l2: cache_parts.SemanticIndex | None = None,
                  embedder: cache_parts.Embedder | None = None,
-                 verifier_model: verifier.Verifier | None = None,
+                 verifier_model: verifier.Verifier | verifier.Judges | None = None,
                  wall_clock: clocks.Clock = clocks.wall,
                  monotonic: clocks.Clock = clocks.monotonic) -> None:
         self.options = options
         self.l1 = l1
         self.l2 = l2
         self.embedder = embedder
-        self.verifier = verifier_model
+        self.judges = None if verifier_model is None else verifier.Judges.of(verifier_model)
         self.metrics = metrics
         self._wall = wall_clock
         self._mono = monotonic
@@ -105,7 +105,7 @@ class TieredCache:
             budget=self._budget, metrics=metrics, ttl_s=options.ttl_s,
             budget_s=options.store_budget_s, queue_max=options.store_queue_max,
             clock=monotonic, learned=self._learned)
-        self._thresholds: dict[str, float] = {}
+        self._thresholds: dict[tuple[str, str], float] = {}   # (verifier digest, model)
         self._forms: dict[str, Mapping[str, Any]] = {}   # model -> a stream form it sent
         self._warmed = False
         self._embedder_id: str | None = None     # the last one Node.Embed reported
@@ -113,7 +113,7 @@ class TieredCache:
     @property
     def semantic(self) -> bool:
         return (self.options.semantic_enabled and self.l2 is not None
-                and self.embedder is not None and self.verifier is not None)
+                and self.embedder is not None and self.judges is not None)
 
     def _learned(self, embedder_id: str) -> None:
         self._embedder_id = embedder_id
@@ -237,14 +237,15 @@ class TieredCache:
 
     async def _search_verify(self, state: State, request: cache_port.CacheRequest
                              ) -> cache_port.CacheHit | None:
-        assert self.l2 is not None and self.verifier is not None and state.vector is not None
+        assert self.l2 is not None and self.judges is not None and state.vector is not None
         text = state.keys.semantic_text or ""
         scope = cache_rules.l2_scope(state.keys.scope_hash, state.embedder_id)
         candidates = list(await self.l2.search(scope, state.vector, self.options.top_k,
                                                self._wall() - self.options.ttl_s))
-        threshold = self._threshold(state.model)
+        judge = self.judges.for_embedder(state.embedder_id)
+        threshold = self._threshold(judge, state.model)
         while candidates:
-            verdict = self.verifier.judge(text, state.vector, [c.text for c in candidates],
+            verdict = judge.judge(text, state.vector, [c.text for c in candidates],
                                           [np.asarray(c.vector) for c in candidates],
                                           threshold=threshold)
             if verdict is None or not verdict.accepted:
@@ -255,17 +256,17 @@ class TieredCache:
             if entry is not None:
                 return self._hit("semantic", entry, request, round(verdict.similarity, 4),
                                  round(verdict.score, 4),
-                                 cache_port.HitSource(chosen.ref, chosen.text, text, scope))
+                                 cache_port.HitSource(chosen.ref, chosen.text, text, scope,
+                                                      judge.digest, state.embedder_id))
         return None
 
-    def _threshold(self, model: str) -> float:
-        cached = self._thresholds.get(model)
+    def _threshold(self, judge: verifier.Verifier, model: str) -> float:
+        cached = self._thresholds.get((judge.digest, model))
         if cached is None:
-            assert self.verifier is not None
             target = self.options.model_target_precision.get(model,
                                                              self.options.target_precision)
-            cached = self.verifier.threshold_for(target, model)
-            self._thresholds[model] = cached
+            cached = judge.threshold_for(target, model)
+            self._thresholds[(judge.digest, model)] = cached
         return cached
 
     # -- store ---------------------------------------------------------------------------

@@ -39,6 +39,8 @@ class Served:
     l2_scope: str         # the L2 partition searched ("" for exact hits)
     score: float | None   # the verifier's probability (semantic hits)
     similarity: float | None
+    verifier: str = ""    # digest of the verifier that gave ``score``
+    embedder_id: str = ""
 
 
 class ServedLog:

@@ -8,7 +8,8 @@ calibrated probability reaches the operating point.
 Design decisions:
 
 - **Features**: cosine, the lexical guards of ``verifier_features`` (numbers, negation,
-  question word, overlap, length, names), and projections of ``|u - v|`` and ``u * v``
+  question word, overlap, length, names, and overlap weighted by the rarity of words
+  in the training texts, ``idf``, kept in the file), and projections of ``|u - v|`` and ``u * v``
   on their first principal components (fitted on the training pairs). Projections, not
   the raw 2 x 384 values: measured on QQP, trees over 16 + 16 projections beat both the
   raw vectors and an MLP/logistic regression over them at the high-precision end, which
@@ -28,9 +29,12 @@ Design decisions:
   or wrong plus the validation pairs the file carries (``calibration``: the validation
   scores from ``CALIBRATION_FLOOR`` up, with their labels), without touching the trees;
   :meth:`threshold_for` uses a model's own point when its target matches.
-- **File**: plain JSON (never pickle), with the embedder id it was fitted for
-  (``embedder_id``: the control plane refuses to start with a verifier fitted for another
-  embedder than ``cache.embedder_id``) and the held-out metrics; ``controlplane.calibrate``
+- **File**: plain JSON (never pickle), with its feature version (files of version 1
+  are still read and scored with the columns they were fitted on), the embedder id it
+  was fitted for (``embedder_id``: :class:`Judges` picks the verifier of a lookup's
+  embedder, and a control plane pinned to one with ``cache.verifier_path`` or
+  ``cache.embedder_id`` refuses to start with a verifier fitted for another) and the
+  held-out metrics; ``controlplane.calibrate``
   writes it. ``digest`` names the scoring function (projections, trees, Platt scaling):
   a feedback score is comparable with this verifier's scores when the digests match, and
   refitting operating points does not change it.
@@ -53,6 +57,10 @@ from controlplane.core import verifier_features
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 DEFAULT_PATH = pathlib.Path(__file__).with_name("verifier_default.json")
+# Feature version 1, fitted on untuned MiniLM vectors before files recorded their
+# embedder: what judges, by default, vectors of an embedder no shipped verifier was fitted
+# for (as every embedder's were judged before DEFAULT_PATH recorded its own).
+ANY_EMBEDDER_PATH = pathlib.Path(__file__).with_name("verifier_any_embedder.json")
 FORMAT = "synapse-verifier/2"
 CALIBRATION_FLOOR = 0.2     # validation scores below this are never an operating point
 
@@ -142,6 +150,8 @@ class Verifier:
                  curve: Sequence[tuple[float, float, float]], meta: dict[str, Any],
                  model_points: dict[str, ModelPoint] | None = None,
                  calibration: Calibration | None = None,
+                 idf: verifier_features.Idf = verifier_features.NO_IDF,
+                 feature_version: int = verifier_features.FEATURE_VERSION,
                  digest: str = "") -> None:
         self.diff = diff
         self.prod = prod
@@ -153,6 +163,8 @@ class Verifier:
         self.meta = meta
         self.model_points = dict(model_points or {})
         self.calibration = calibration
+        self.idf = idf
+        self.feature_version = feature_version
         self._digest = digest
 
     @property
@@ -171,6 +183,12 @@ class Verifier:
         return str(self.meta.get("embedder_id", ""))
 
     # -- scoring -------------------------------------------------------------------------
+    def features(self, texts_a: list[str], texts_b: list[str], us: npt.NDArray[Any],
+                 vs: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        """Raw features of the pairs (``texts_a[i]``, ``texts_b[i]``) with their vectors."""
+        return verifier_features.batch_features(texts_a, texts_b, us, vs, self.idf,
+                                                self.feature_version)
+
     def model_inputs(self, raw: npt.NDArray[Any]) -> F64:
         """Raw pair features (``verifier_features.batch_features``) → the trees' inputs."""
         x = np.asarray(raw, dtype=np.float64)
@@ -193,9 +211,8 @@ class Verifier:
         if not texts:
             return None
         n = len(texts)
-        raw = verifier_features.batch_features(
-            [query_text] * n, list(texts), np.tile(np.asarray(query_vec), (n, 1)),
-            np.stack([np.asarray(v) for v in vectors]))
+        raw = self.features([query_text] * n, list(texts), np.tile(np.asarray(query_vec), (n, 1)),
+                            np.stack([np.asarray(v) for v in vectors]))
         scores = self.probabilities(raw)
         best = int(np.argmax(scores))
         cut = self.threshold if threshold is None else threshold
@@ -217,10 +234,11 @@ class Verifier:
     def to_json(self) -> dict[str, Any]:
         f = self.forest
         return {
-            "format": FORMAT, "feature_version": verifier_features.FEATURE_VERSION,
+            "format": FORMAT, "feature_version": self.feature_version,
             **self.meta,
             "target_precision": self.target_precision, "threshold": self.threshold,
             "platt": list(self.platt),
+            **({"idf": self.idf.to_json()} if self.feature_version >= 2 else {}),
             "projections": {name: {"mean": _round(p.mean), "components": _round(p.components)}
                             for name, p in (("diff", self.diff), ("prod", self.prod))},
             "forest": {"baseline": f.baseline, "depth": f.depth,
@@ -238,6 +256,29 @@ class Verifier:
     def save(self, path: str | pathlib.Path) -> None:
         pathlib.Path(path).write_text(json.dumps(self.to_json(), separators=(",", ":")) + "\n",
                                       encoding="utf-8")
+
+
+class Judges:
+    """The verifier that judges a lookup, chosen by the embedder id of its vectors.
+
+    ``fitted`` judges vectors of the embedder it was fitted for, and ``others``, when
+    given, those of any other embedder. Without ``others`` (one verifier the operator
+    chose, or a test's), ``fitted`` judges whatever it is given: the cache refuses vectors
+    of another embedder before they get here (``response_cache.Options.embedder_id``).
+    """
+
+    def __init__(self, fitted: Verifier, others: Verifier | None = None) -> None:
+        self.fitted = fitted
+        self.others = others
+
+    @classmethod
+    def of(cls, model: Verifier | Judges) -> Judges:
+        return model if isinstance(model, Judges) else cls(model)
+
+    def for_embedder(self, embedder_id: str) -> Verifier:
+        if self.others is None or embedder_id == self.fitted.embedder_id:
+            return self.fitted
+        return self.others
 
 
 def load(path: str | pathlib.Path | None = None) -> Verifier:
@@ -265,16 +306,18 @@ def check_embedder(model: Verifier, embedder_id: str) -> None:
 
 def scoring_digest(data: dict[str, Any]) -> str:
     """A short hash of what turns a pair into a score (not of thresholds or metrics)."""
-    parts = {k: data[k] for k in ("feature_version", "projections", "forest", "platt")}
+    parts = {k: data[k] for k in ("feature_version", "projections", "forest", "platt", "idf")
+             if k in data}       # no idf before feature version 2
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def from_json(data: dict[str, Any]) -> Verifier:
     if data.get("format") != FORMAT:
         raise VerifierError(f"not a {FORMAT} file (format {data.get('format')!r})")
-    if data.get("feature_version") != verifier_features.FEATURE_VERSION:
-        raise VerifierError(f"verifier feature version {data.get('feature_version')} is not "
-                            f"{verifier_features.FEATURE_VERSION}: refit it")
+    version = data.get("feature_version")
+    if version not in verifier_features.VERSIONS:
+        raise VerifierError(f"verifier feature version {version!r} is not one of "
+                            f"{verifier_features.VERSIONS}: refit it")
     proj = {name: Projection(mean=np.asarray(p["mean"], dtype=np.float64),
                              components=np.asarray(p["components"], dtype=np.float64))
             for name, p in data["projections"].items()}
@@ -285,7 +328,7 @@ def from_json(data: dict[str, Any]) -> Verifier:
                     right=np.asarray(fj["right"], dtype=np.int64),
                     value=np.asarray(fj["value"], dtype=np.float64),
                     depth=int(fj["depth"]), baseline=float(fj["baseline"]))
-    _check_shapes(proj["diff"], proj["prod"], forest)
+    _check_shapes(proj["diff"], proj["prod"], forest, version)
     meta: dict[str, Any] = {k: data[k] for k in ("embedder", "embedder_id", "dim", "metrics",
                                                  "fit", "feedback") if k in data}
     curve = [(float(t), float(p), float(r)) for t, p, r in data.get("curve", [])]
@@ -303,15 +346,18 @@ def from_json(data: dict[str, Any]) -> Verifier:
                     threshold=float(data["threshold"]),
                     target_precision=float(data["target_precision"]), curve=curve, meta=meta,
                     model_points=points, calibration=calibration,
+                    idf=(verifier_features.Idf.from_json(data["idf"]) if version >= 2
+                         else verifier_features.NO_IDF),
+                    feature_version=version,
                     digest=scoring_digest(data))
 
 
-def _check_shapes(diff: Projection, prod: Projection, forest: Forest) -> None:
+def _check_shapes(diff: Projection, prod: Projection, forest: Forest, version: int) -> None:
     shapes = {forest.feature.shape, forest.threshold.shape, forest.left.shape,
               forest.right.shape, forest.value.shape}
     if len(shapes) != 1 or forest.feature.ndim != 2:
         raise VerifierError("verifier trees have inconsistent shapes")
-    n_inputs = (1 + len(verifier_features.LEXICAL_NAMES) + diff.components.shape[0]
+    n_inputs = (1 + len(verifier_features.lexical_names(version)) + diff.components.shape[0]
                 + prod.components.shape[0])
     if forest.feature.size and (forest.feature.max() >= n_inputs or forest.feature.min() < 0):
         raise VerifierError("verifier trees use features the file does not define")

@@ -21,6 +21,7 @@ from controlplane.adapters import feedback_log, l1
 from controlplane.api import app as routable
 from controlplane.core import cache_feedback, response_cache, served_log
 from synapse_common import clock as clocks
+from synapse_common import embedder_tuning
 from tests import harness
 from tests.controlplane import cp_testing as t
 from tests.controlplane import test_cache_support as support
@@ -33,11 +34,8 @@ PARAPHRASE = "How can I reset my password?"
 
 
 def looped(cache, metrics, path) -> cache_feedback.FeedbackCache:
-    judge = cache.verifier
     parts = cache_feedback.Parts(l1=cache.l1, l2=cache.l2,
-                                 sink=feedback_log.JsonlPairs(path),
-                                 verifier_digest=judge.digest if judge else "",
-                                 embedder_id=judge.embedder_id if judge else "")
+                                 sink=feedback_log.JsonlPairs(path))
     return cache_feedback.FeedbackCache(cache, parts, metrics,
                                         served_log.ServedLog(100, 3600.0, clocks.monotonic),
                                         clocks.wall)
@@ -77,7 +75,8 @@ async def test_a_wrong_semantic_hit_is_evicted_from_both_layers_and_recorded(loo
     [pair] = lines(path)
     assert (pair["text_a"], pair["text_b"], pair["label"]) == (PARAPHRASE, PASSWORD, 0)
     assert (pair["tenant"], pair["model"], pair["request_id"]) == ("acme", "llama", "req-1")
-    assert pair["score"] == hit.hit.score and pair["verifier"] == cache.verifier.digest
+    assert pair["score"] == hit.hit.score and pair["verifier"] == cache.judges.fitted.digest
+    assert pair["embedder_id"] == hit.hit.source.embedder_id == embedder_tuning.base_id()
     assert counter(metrics, "synapse_cache_feedback_total", model="llama", layer="semantic",
                    verdict="wrong") == 1
     assert counter(metrics, "synapse_cache_live_precision", model="llama",

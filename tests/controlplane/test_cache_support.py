@@ -55,9 +55,10 @@ def counter(m: metrics_mod.Metrics, name: str, **labels: str) -> float:
 
 
 async def build_cache(node_address: str, milvus_path: str, store=None, time=None,
-                      **options):
+                      judges=None, **options):
     """A real tiered cache (generous budgets: tests check behaviour, not timing); ``time``
-    (a ``ManualTime``) drives the wall clock of lookups and of L2 rows."""
+    (a ``ManualTime``) drives the wall clock of lookups and of L2 rows; ``judges`` (a
+    ``verifier.Judges``) replaces the shipped verifier."""
     m = metrics_mod.Metrics(CollectorRegistry())
     opts = response_cache.Options(**{"l1_budget_s": 2.0, "semantic_budget_s": 10.0,
                                      "temperature_ceiling": 0.7, **options})
@@ -68,7 +69,7 @@ async def build_cache(node_address: str, milvus_path: str, store=None, time=None
                                   time=timing.Time(wall=time) if time else timing.Time()),
         embedder=embedder_mod.NodeEmbedder(lambda: [node_address], MODEL, timeout_s=10.0,
                                            token=AGENT_TOKEN),
-        verifier_model=verifier.load())
+        verifier_model=judges or verifier.load())
     return cache, m
 
 

@@ -36,7 +36,7 @@ async def test_repeat_is_exact_paraphrase_is_semantic_and_near_miss_is_not(cache
 
     semantic = await c.lookup(chat(PARAPHRASE))
     assert semantic.status == "hit-semantic"
-    assert semantic.hit.similarity > 0.9 and semantic.hit.score >= c.verifier.threshold
+    assert semantic.hit.similarity > 0.9 and semantic.hit.score >= c.judges.fitted.threshold
     assert semantic.hit.response["choices"][0]["message"]["content"] == "Use the reset link."
 
     await remember(c, chat("How can I lose 5 kg in a month?"), "Eat less.")

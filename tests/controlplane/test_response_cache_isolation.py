@@ -108,7 +108,7 @@ async def test_another_embedder_never_sees_the_vectors_of_this_one(node_address,
     # Same L1 and L2 stores; only the configured embedder differs.
     other = response_cache.TieredCache(
         options=dataclasses.replace(first.options, embed_model="other-embedder"), l1=first.l1,
-        l2=first.l2, embedder=first.embedder, verifier_model=first.verifier, metrics=m)
+        l2=first.l2, embedder=first.embedder, verifier_model=first.judges, metrics=m)
     assert (await other.lookup(chat(QUESTION))).hit is None
     assert (await other.lookup(chat(PARAPHRASE))).hit is None
     assert (await first.lookup(chat(PARAPHRASE))).status == "hit-semantic"

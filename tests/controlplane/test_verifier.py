@@ -65,6 +65,36 @@ def test_lexical_guards_see_numbers_negation_and_question_words():
     assert same["equal"] == 1.0 and same["numbers_differ"] == 0.0
 
 
+def test_rarity_guards_weigh_a_rare_missing_word_over_common_ones():
+    common = [f"How {verb} I learn {w} fast?" for verb in ("do", "can")
+              for w in ("cooking", "guitar", "chess", "rowing")]
+    idf = verifier_features.Idf.fit([*common, "Python basics", "Python books", "Java jobs",
+                                     "Java books"])
+    names = verifier_features.LEXICAL_NAMES
+
+    def lex(a, b):
+        return dict(zip(names, verifier_features.lexical(a, b, idf), strict=True))
+
+    other_topic = lex("How do I learn Python fast?", "How do I learn Java fast?")
+    paraphrase = lex("How do I learn Python fast?", "How can I learn Python fast?")
+    # Same plain overlap, but the first pair lacks a rare word and the second a common one.
+    assert other_topic["jaccard"] == paraphrase["jaccard"]
+    assert other_topic["rarest_missing_max"] > paraphrase["rarest_missing_max"]
+    assert other_topic["idf_jaccard"] < paraphrase["idf_jaccard"]
+    assert idf.of("learn") < idf.of("python") < idf.of("never-seen") == idf.unseen
+
+
+def test_the_word_rarity_is_part_of_the_file_and_of_its_digest(shipped, tmp_path):
+    assert shipped.idf.weights and shipped.idf.unseen >= max(shipped.idf.weights.values())
+    data = json.loads(verifier.DEFAULT_PATH.read_text())
+    data["idf"]["unseen"] += 1.0
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps(data))
+    changed = verifier.load(path)
+    assert changed.idf.unseen == shipped.idf.unseen + 1.0
+    assert changed.digest != shipped.digest
+
+
 def test_per_model_target_precision_moves_the_threshold(shipped):
     assert shipped.threshold_for(0.90) == shipped.threshold
     assert shipped.threshold_for(0.95) > shipped.threshold > shipped.threshold_for(0.80)
