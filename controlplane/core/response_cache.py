@@ -77,7 +77,7 @@ class Options:
     target_precision: float = 0.90
     model_target_precision: Mapping[str, float] = dataclasses.field(default_factory=dict)
     log_interval_s: float = 60.0
-    embedder_id: str = ""       # the verifier's: vectors of another embedder are not judged
+    embedder_id: str = ""       # pinned (cache.embedder_id): other embedders are not judged
 
 
 class EmbedderMismatch(Exception):
