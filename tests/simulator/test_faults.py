@@ -141,6 +141,11 @@ def test_faults_reach_the_new_routes(processes: harness.ProcessPool) -> None:
     assert status == 500
     json_call(sim.url + "/sim/faults", {"error_rate": 0, "stall_after_chunks": 3,
                                       "stall_s": 0.2})
-    # three events, silence, then the connection drops (mid-body: the SDK does not wrap it)
-    with pytest.raises(httpx2.RemoteProtocolError), client.messages.stream(**ask) as s:  # type: ignore[arg-type]
+    # three events, silence, then the connection drops mid-body: older SDKs let the
+    # transport's error through, anthropic 2.17 and later wrap it in APIConnectionError
+    with (pytest.raises((httpx2.RemoteProtocolError, anthropic.APIConnectionError)) as dropped,
+          client.messages.stream(**ask) as s):  # type: ignore[arg-type]
         s.get_final_message()
+    error = dropped.value
+    cause = error if isinstance(error, httpx2.RemoteProtocolError) else error.__cause__
+    assert isinstance(cause, httpx2.RemoteProtocolError)
