@@ -41,6 +41,7 @@ class Ask:
     tool_choice: str
     ignore_eos: bool = False
     where: str = "messages"  # names the field in an empty-prompt error
+    cache_salt: str | None = None  # partitions the prefix cache, as vLLM's
 
 
 @dataclasses.dataclass
@@ -106,7 +107,8 @@ class Answers:
             out = textgen.generate(tokens.render_chat(ask.messages), seed, 0, max_tokens,
                                    ignore_eos=ask.ignore_eos, stop=ask.stop)
         seq = sched.Seq(request_id, len(ids), tokens.block_hashes(
-            ids, self.settings.profile.block_size), out.num_tokens, out.finish_reason)
+            ids, self.settings.profile.block_size, tokens.salt_seed(ask.cache_salt)),
+            out.num_tokens, out.finish_reason)
         return Answer(len(ids), out, call, seq)
 
     async def start(self, ask: Ask, request_id: str, stream: bool) -> Answer:

@@ -66,7 +66,8 @@ class MessagesApi:
             raise errors.BadRequest("stop_sequences must be a list of strings.",
                                     param="stop_sequences")
         tools, choice = toolcalls.anthropic_tools(body)
-        ask = ans.Ask(chat_messages(body), max_tokens, stop, None, tools, choice)
+        ask = ans.Ask(chat_messages(body), max_tokens, stop, None, tools, choice,
+                      cache_salt=protocol.cache_salt(body))
         stream = protocol.boolean(body, "stream")
         mid = "chatcmpl-" + ans.new_id()
         answer = await self.answers.start(ask, mid, stream)

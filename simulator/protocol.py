@@ -43,6 +43,7 @@ class GenRequest:
     tools: list[toolcalls.Tool] = dataclasses.field(default_factory=list)  # chat only
     tool_choice: str = "none"
     last_user: str = ""  # chat: the last user message's text (steers tool_choice auto)
+    cache_salt: str | None = None  # partitions the prefix cache, as vLLM's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,19 @@ def boolean(body: Mapping[str, Any], name: str) -> bool:
     if not isinstance(value, bool):
         raise errors.BadRequest(f"{name} must be a boolean, got {value!r}.", param=name)
     return value
+
+
+def cache_salt(body: Mapping[str, Any]) -> str | None:
+    """vLLM's ``cache_salt``: prompts under different salts share no cached block."""
+    salt = body.get("cache_salt")
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not salt or len(salt) > 128 or any(
+            c in salt for c in "@/\\\x00"):
+        raise errors.BadRequest("Parameter 'cache_salt' must be a non-empty string of at most "
+                                "128 characters without '@', '/', '\\' or NUL.",
+                                param="cache_salt")
+    return salt
 
 
 def stop_list(body: Mapping[str, Any]) -> list[str]:
@@ -214,7 +228,8 @@ def parse(body: Mapping[str, Any], chat: bool) -> GenRequest:
         raise errors.BadRequest(f"seed must be an integer, got {seed!r}.", param="seed")
     gen = GenRequest(chat=chat, model=model_name(body), prompts=prompts, messages=messages, n=n,
                      max_tokens=max_tokens, stop=stop_list(body), seed=seed, stream=stream,
-                     include_usage=include_usage, ignore_eos=boolean(body, "ignore_eos"))
+                     include_usage=include_usage, ignore_eos=boolean(body, "ignore_eos"),
+                     cache_salt=cache_salt(body))
     if messages is not None:
         gen.tools, gen.tool_choice = toolcalls.chat_tools(body)
         gen.last_user = next((text_of(m.get("content")) for m in reversed(messages)

@@ -76,7 +76,7 @@ class ResponsesApi:
         ask = ans.Ask(messages, protocol.integer(body, "max_output_tokens", 1),
                       protocol.stop_list(body), seed if isinstance(seed, int) else None,
                       tools, choice, ignore_eos=protocol.boolean(body, "ignore_eos"),
-                      where="input")
+                      where="input", cache_salt=protocol.cache_salt(body))
         return ask, messages
 
     async def create(self, request: web.Request) -> web.StreamResponse:

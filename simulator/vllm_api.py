@@ -138,7 +138,7 @@ class VllmApi:
             if error is not None:
                 raise error
             prompt_tokens += len(ids)
-            hashes = tokens.block_hashes(ids, self.block_size)
+            hashes = tokens.block_hashes(ids, self.block_size, tokens.salt_seed(gen.cache_salt))
             max_tokens = gen.max_tokens or min(self.settings.profile.default_max_tokens,
                                                self.max_model_len - len(ids))
             call = toolcalls.choose(gen.tools, gen.tool_choice, gen.last_user, seed)

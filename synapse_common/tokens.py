@@ -88,6 +88,15 @@ def render_chat(messages: Iterable[Mapping[str, Any]], add_generation_prompt: bo
     return "".join(out)
 
 
+def salt_seed(cache_salt: str | None) -> int:
+    """The seed of a prompt's block-hash chain under a request's ``cache_salt`` (0: none),
+    so that prompts with different salts share no block, as in vLLM's prefix cache."""
+    if not cache_salt:
+        return 0
+    return int.from_bytes(hashlib.blake2b(cache_salt.encode("utf-8", "surrogatepass"),
+                                          digest_size=8).digest(), "little")
+
+
 def block_hashes(token_ids: Sequence[int], block_size: int = 16, seed: int = 0) -> list[int]:
     """Chained 64-bit hashes of every full block of ``token_ids``."""
     hashes: list[int] = []

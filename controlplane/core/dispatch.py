@@ -50,6 +50,7 @@ from typing import TypeVar
 from controlplane import errors, metrics
 from controlplane.core import attempt as attempt_mod
 from controlplane.core import (
+    cache_salt,
     catalog,
     model_rename,
     registry,
@@ -99,13 +100,15 @@ class _Run:
     """One request's way through its candidates and fallback models."""
 
     __slots__ = ("bodies", "body", "deadline", "last", "origin", "path", "request_id",
-                 "requested", "why")
+                 "requested", "salt", "why")
 
     def __init__(self, route: types.RouteDecision, path: str, body: bytes, request_id: str,
-                 origin: str, requested: str, deadline: float) -> None:
+                 origin: str, requested: str, deadline: float, salt: str = "") -> None:
         self.path = path
         self.body = body
-        self.bodies = {route.model: body}   # the body carries the routed model's name
+        # (wire name, salted) -> the bytes sent; the body carries the routed model's name
+        self.bodies = {(route.model, False): body}
+        self.salt = salt                # the tenant's prefix-cache salt ("" = none)
         self.request_id = request_id
         self.origin = origin            # the canonical model the client asked for
         self.requested = requested      # the name the client used for it
@@ -116,11 +119,17 @@ class _Run:
         self.why = ""                   # why the last attempt failed ("" = none failed yet)
 
     def body_for(self, backend: types.BackendState, model: str) -> bytes:
-        """The body with the name ``backend`` knows ``model`` by."""
+        """The body with the name ``backend`` knows ``model`` by, and the tenant's
+        ``cache_salt`` when ``backend`` is an engine that takes it (``core.cache_salt``)."""
         wire = backend.wire_model(model)
-        found = self.bodies.get(wire)
+        salted = bool(self.salt) and backend.engine in cache_salt.ENGINES
+        found = self.bodies.get((wire, salted))
         if found is None:
-            found = self.bodies[wire] = model_rename.in_body(self.body, wire)
+            found = self.bodies.get((wire, False))
+            if found is None:
+                found = self.bodies[(wire, False)] = model_rename.in_body(self.body, wire)
+            if salted:
+                found = self.bodies[(wire, True)] = cache_salt.salted(found, self.salt)
         return found
 
     def rename_for(self, backend: types.BackendState, model: str) -> str | None:
@@ -323,7 +332,7 @@ class Exchange:
         route, prompt, path, body, request_id, chain, requested, task = self._args
         d = self._dispatcher
         run = _Run(route, path, body, request_id, chain[0] if chain else route.model,
-                   requested, d._clock() + d.policy.request_deadline_s)
+                   requested, d._clock() + d.policy.request_deadline_s, prompt.cache_salt)
         self._attempt = await d._first_attempt(route, prompt, run, chain, task)
         return self._attempt
 

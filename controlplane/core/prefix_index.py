@@ -38,10 +38,11 @@ class BlockHasher:
         self._memo: dict[tuple[int, tuple[int, ...]], int] = {}
         self._max_blocks = max_blocks
 
-    def __call__(self, ids: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+    def __call__(self, ids: tuple[int, ...], block_size: int, seed: int = 0) -> tuple[int, ...]:
+        """The chain's hashes from ``seed`` (a salted prompt's: ``core.cache_salt.seed``)."""
         memo = self._memo
         out = []
-        parent = 0
+        parent = seed
         for start in range(0, len(ids) - len(ids) % block_size, block_size):
             key = (parent, ids[start:start + block_size])
             found = memo.get(key)

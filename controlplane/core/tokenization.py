@@ -88,6 +88,7 @@ class Prompt:
         "_last",
         "_last_name",
         "_size",
+        "cache_salt",
         "exact",
         "max_tokens",
         "messages",
@@ -103,6 +104,9 @@ class Prompt:
         self.max_tokens = max_tokens
         self.session = session
         self.exact = exact
+        # The engines' prefix-cache partition (``core.cache_salt``): "" = none (paths that
+        # generate nothing, explain); set by the serving paths from the tenant.
+        self.cache_salt = ""
         # Whether the answer streams (the ledger sees its first token); a whole answer's
         # first byte is its last. Set by the serving path from the request's "stream".
         self.streams = True

@@ -42,9 +42,9 @@ class RealStack:
     def backend_key(self) -> str:
         return f"{NODE}/{BACKEND}"
 
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base + "/v1", api_key=fleet.TENANT_KEY,
-                             max_retries=0, timeout=120)
+    def client(self, key: str = fleet.TENANT_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0,
+                             timeout=120)
 
     def ctl(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([harness.console_script("synapsectl"), "--server", self.admin,

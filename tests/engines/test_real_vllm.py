@@ -14,7 +14,7 @@ import signal
 import psutil
 import pytest
 
-from tests import harness
+from tests import fleet, harness
 from tests.engines.stack import START_S, RealStack
 
 pytestmark = pytest.mark.timeout(900)
@@ -90,6 +90,27 @@ def test_a_long_shared_prefix_is_cached_by_the_engine_the_header_names(
     assert first_backend == second_backend == real_stack.backend_key
     details = second.prompt_tokens_details
     assert details is not None and (details.cached_tokens or 0) > 0
+
+
+def test_another_tenant_finds_nothing_of_a_tenants_prefix_in_the_engines_cache(
+        real_stack: RealStack) -> None:
+    # vLLM's prefix cache is partitioned by the cache_salt Synapse sets per tenant: the
+    # same long prompt from another tenant is prefilled from scratch (its first token
+    # tells it nothing of what the first tenant sent), the first tenant's repeat is not.
+    context = _long_context().replace("inventory", "ledger of the north site")
+
+    def cached(key: str, question: str) -> int:
+        reply = real_stack.client(key).chat.completions.create(
+            model=real_stack.model, temperature=0, max_tokens=4,
+            messages=[{"role": "system", "content": context},
+                      {"role": "user", "content": question}])
+        assert reply.usage is not None and reply.usage.prompt_tokens > 1000
+        details = reply.usage.prompt_tokens_details
+        return (details.cached_tokens or 0) if details is not None else 0
+
+    assert cached(fleet.TENANT_KEY, "Which warehouse holds record 7?") == 0
+    assert cached(fleet.OTHER_KEY, "Which warehouse holds record 7?") == 0
+    assert cached(fleet.TENANT_KEY, "How many crates in record 9?") > 0
 
 
 def test_a_killed_vllm_is_restarted_and_requests_recover(real_stack: RealStack) -> None:

@@ -217,6 +217,25 @@ def test_a_shared_long_prefix_is_served_from_the_prefix_cache(sim: Sim,
     assert computed_second - computed_first == second.usage.prompt_tokens - cached
 
 
+def test_a_cache_salt_partitions_the_prefix_cache_as_vllms(sim: Sim,
+                                                           client: openai.OpenAI) -> None:
+    system = {"role": "system", "content": " ".join(f"salted{i} rule" for i in range(400))}
+
+    def cached(salt: str, question: str) -> int:
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[system, {"role": "user", "content": question}],
+            max_tokens=2, extra_body={"cache_salt": salt})
+        assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+        return reply.usage.prompt_tokens_details.cached_tokens or 0
+
+    assert cached("tenant-a", "first") == 0
+    assert cached("tenant-b", "second") == 0       # the same prefix under another salt
+    assert cached("tenant-a", "third") > 0
+    status, error = post(sim.url + "/v1/chat/completions", json.dumps({
+        "model": MODEL, "messages": [system], "max_tokens": 1, "cache_salt": "a/b"}).encode())
+    assert status == 400 and error["error"]["param"] == "cache_salt"
+
+
 async def test_a_third_request_waits_when_max_num_seqs_is_2(
         processes: harness.ProcessPool) -> None:
     slow = start(processes, "--time-scale", "1", "--max-num-seqs", "2", name="sim-seqs")
