@@ -101,8 +101,8 @@ async def admit_tokens(request: web.Request, front: Front) -> router_mod.Prompt:
     """The token limits and budget (429 naming the limit); the prompt for routing."""
     prompt = front.prompt = prompt_of(request, front.call)
     if front.call.task in GENERATING:       # the engines' prefix cache, per tenant
-        prompt.cache_salt = cache_salt.for_tenant(front.tenant.name,
-                                                  front.body.get("cache_salt"))
+        prompt.partition(cache_salt.for_tenant(front.tenant.name,
+                                               front.body.get("cache_salt")))
     # Paths that generate nothing are charged their input only (settled from usage).
     max_tokens = front.call.max_tokens or (0 if front.call.task in GENERATING else 1)
     await fairness.admit(request, front.tenant.name, front.canonical, prompt, max_tokens)

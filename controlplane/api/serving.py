@@ -169,7 +169,7 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
         session = validation.session_id(request.headers.get("x-session-id")) or parsed.user
         prompt = prompt_of(parsed, session, svc.router.exact_prompts)
         prompt.streams = parsed.stream
-        prompt.cache_salt = cache_salt.for_tenant(tenant.name, parsed.body.get("cache_salt"))
+        prompt.partition(cache_salt.for_tenant(tenant.name, parsed.body.get("cache_salt")))
         await fairness.admit(request, tenant.name, canonical, prompt, parsed.max_tokens)
         route = choose(request, canonical, prompt, parsed, tenant)
         if fairness.queues(request):

@@ -10,8 +10,9 @@ that takes it (:data:`ENGINES`):
 - derived from the tenant (:func:`for_tenant`), so no client can pick another tenant's
   partition, and from the client's own ``cache_salt`` when it sent one (a tenant may
   still partition its own traffic); the client's value never reaches the engine as is;
-- the router hashes a prompt's blocks from the same salt (:func:`seed`), so its prefix
-  index, and with it prefix locality, is per tenant as the engines' caches then are.
+- the router hashes a prompt's blocks from the same salt (:func:`seed`; the prompt keeps
+  it, ``tokenization.Prompt.partition``), so its prefix index, and with it prefix
+  locality, is per tenant as the engines' caches then are.
 
 Backends of other kinds (OpenAI-compatible servers that may refuse an unknown field)
 get the client's body unchanged.

@@ -40,9 +40,9 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
 
-from controlplane.core import cache_salt, prefix_index, registry, tokenization, types
 from controlplane.core import costs as costs_mod
 from controlplane.core import ledger as ledger_mod
+from controlplane.core import prefix_index, registry, tokenization, types
 from controlplane.core import usage as usage_mod
 
 TIE_S = 0.002
@@ -136,7 +136,7 @@ class Router:
         cached = 0
         if ids:
             if bs not in hashes:
-                hashes[bs] = self._hashes(ids, bs, cache_salt.seed(prompt.cache_salt))
+                hashes[bs] = self._hashes(ids, bs, prompt.hash_seed)
             cached = cached_tokens(self._index.match(b.key, hashes[bs]), n, bs)
         c = self.costs.costs(b.key)
         queue, prefill, queued, decode = predict(b, self._ledger.load(b.key), n, cached, c)
@@ -279,7 +279,7 @@ class Router:
             hashes = decision.prompt.hashes_by_block_size.get(bs)
             if hashes is None:
                 ids = prompt.ids(self._tokenizers.for_model(decision.model))
-                hashes = self._hashes(ids, bs, cache_salt.seed(prompt.cache_salt))
+                hashes = self._hashes(ids, bs, prompt.hash_seed)
             self._index.insert(b.key, hashes, cap, b.restarts)
         if prompt.session and self.params.session_affinity:
             self._sessions[prompt.session] = b.key

@@ -90,6 +90,7 @@ class Prompt:
         "_size",
         "cache_salt",
         "exact",
+        "hash_seed",
         "max_tokens",
         "messages",
         "session",
@@ -105,8 +106,10 @@ class Prompt:
         self.session = session
         self.exact = exact
         # The engines' prefix-cache partition (``core.cache_salt``): "" = none (paths that
-        # generate nothing, explain); set by the serving paths from the tenant.
+        # generate nothing, explain), and the seed of the router's block-hash chain under
+        # it; set together by :meth:`partition`.
         self.cache_salt = ""
+        self.hash_seed = 0
         # Whether the answer streams (the ledger sees its first token); a whole answer's
         # first byte is its last. Set by the serving path from the request's "stream".
         self.streams = True
@@ -114,6 +117,11 @@ class Prompt:
         self._last: tuple[int, ...] | None = None
         self._last_name = APPROXIMATE
         self._size = 0
+
+    def partition(self, salt: str) -> None:
+        """Put the prompt in the prefix-cache partition ``salt`` (the tenant's), once."""
+        self.cache_salt = salt
+        self.hash_seed = tok.salt_seed(salt)
 
     @classmethod
     def from_text(cls, text: str, max_tokens: int = 0, session: str = "",
