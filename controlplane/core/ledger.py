@@ -17,6 +17,10 @@ A :class:`Ticket` moves dispatch → first byte → finish; each step is idempot
 handler can call ``finish`` in ``finally`` whatever happened before. Each step is stamped
 with the ledger's clock: the router learns its costs from those times
 (:meth:`controlplane.core.router.Router.observe`).
+
+Worker processes of one pod share their tickets (:mod:`shared_routing`): a ledger with a
+:attr:`Ledger.listener` tells it of every step, so sibling workers count this worker's
+requests as their own. Without one (a single worker) the cost is one ``None`` check a step.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
-from typing import Any
+from typing import Any, Protocol
 
 from synapse_common import clock as clocks
 
@@ -61,6 +65,18 @@ class Ticket:
     blind: bool = False         # a whole answer: no first token to see before its end
     prefilled: bool = False     # counted as decoding (first byte seen, or assumed for a
                                 # whole answer past its predicted first token)
+    seq: int = -1               # its id among sibling workers (set by the listener, if any)
+
+
+class Listener(Protocol):
+    """Told of each step of every ticket (a mesh sharing them with sibling workers)."""
+
+    def dispatched(self, ticket: Ticket, uncached_tokens: int, prompt_tokens: int,
+                   streams: bool, expect_s: float) -> None: ...
+
+    def first_byte(self, ticket: Ticket) -> None: ...
+
+    def finished(self, ticket: Ticket) -> None: ...
 
 
 class Ledger:
@@ -70,6 +86,7 @@ class Ledger:
         # per backend: whole answers by the time their prefill is assumed done
         self._blind: dict[str, list[tuple[float, int, Ticket]]] = {}
         self._seq = itertools.count()
+        self.listener: Listener | None = None
 
     def load(self, backend: str) -> Load:
         load = self._of(backend)
@@ -94,6 +111,8 @@ class Ledger:
         if not streams:
             heapq.heappush(self._blind.setdefault(backend, []),
                            (now + max(0.0, expect_s), next(self._seq), ticket))
+        if self.listener is not None:
+            self.listener.dispatched(ticket, uncached_tokens, prompt_tokens, streams, expect_s)
         return ticket
 
     def first_byte(self, ticket: Ticket) -> None:
@@ -102,6 +121,8 @@ class Ledger:
         ticket.first_byte_at = self._clock()
         self._prefilled(ticket)
         ticket.stage = 1
+        if self.listener is not None:
+            self.listener.first_byte(ticket)
 
     def finish(self, ticket: Ticket) -> None:
         if ticket.stage == 2:
@@ -119,6 +140,8 @@ class Ledger:
             # answers that ended before their predicted first token: drop them now
             due[:] = [entry for entry in due if entry[2].stage != 2]
             heapq.heapify(due)
+        if self.listener is not None:
+            self.listener.finished(ticket)
 
     def snapshot(self) -> dict[str, Load]:
         return {k: dataclasses.replace(v) for k, v in self._load.items()}

@@ -9,6 +9,9 @@ there (retries included): when that backend is gone the engine that is asked ans
 this one restarted) is routed like any request.
 
 Bounded: the newest :data:`LIMIT` ids per replica, least recently used first out.
+
+Worker processes of one pod share their pins (:mod:`shared_routing`): a :attr:`Pins.listener`
+is told of every id remembered, and a sibling's come in through :meth:`Pins.remember`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 
 from controlplane.core import types
 
@@ -33,12 +37,15 @@ class Pins:
     def __init__(self, limit: int = LIMIT) -> None:
         self._limit = limit
         self._by_id: OrderedDict[str, str] = OrderedDict()
+        self.listener: Callable[[str, str], None] | None = None    # (response id, backend)
 
     def remember(self, response_id: str, backend: str) -> None:
         self._by_id[response_id] = backend
         self._by_id.move_to_end(response_id)
         while len(self._by_id) > self._limit:
             self._by_id.popitem(last=False)
+        if self.listener is not None:
+            self.listener(response_id, backend)
 
     def backend_of(self, response_id: str) -> str | None:
         backend = self._by_id.get(response_id)

@@ -32,13 +32,19 @@ busy-but-not-saturated holder is not abandoned for a small gain that costs the f
 second copy of the prefix. Ties (within ``TIE_S`` or ``TIE_FRACTION``) go to the backend
 that served the request's session before (``x-session-id`` or the OpenAI ``user`` field). Other
 policies, for comparison: ``round_robin`` and ``least_loaded`` (fewest in-flight requests).
+
+Worker processes of one pod share what a dispatch records (:mod:`shared_routing`): the
+prefix index and session affinity through :attr:`Router.listener`, the ledger through its
+own; a peer's records come back in through :attr:`Router.index` and
+:meth:`Router.remember_session`. Without a listener the cost is a ``None`` check.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from controlplane.core import costs as costs_mod
 from controlplane.core import ledger as ledger_mod
@@ -52,6 +58,15 @@ DEFAULT_PROMPT_TOKENS = 256
 
 Prompt = tokenization.Prompt
 Observer = Callable[[types.RouteObservation], None]
+
+
+class Listener(Protocol):
+    """Told what each dispatch records beside the ledger (a mesh of sibling workers)."""
+
+    def prefix(self, backend: str, hashes: Sequence[int], capacity_blocks: int,
+               restarts: int) -> None: ...
+
+    def session(self, session: str, backend: str) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -105,10 +120,15 @@ class Router:
         self._observers: list[Observer] = []
         self._turn = 0   # rotates exact ties: advanced by route(), only read by explain()
         self._sessions: OrderedDict[str, str] = OrderedDict()
+        self.listener: Listener | None = None
 
     @property
     def ledger(self) -> ledger_mod.Ledger:
         return self._ledger
+
+    @property
+    def index(self) -> prefix_index.PrefixIndex:
+        return self._index
 
     @property
     def exact_prompts(self) -> bool:
@@ -281,16 +301,25 @@ class Router:
                 ids = prompt.ids(self._tokenizers.for_model(decision.model))
                 hashes = self._hashes(ids, bs, prompt.hash_seed)
             self._index.insert(b.key, hashes, cap, b.restarts)
+            if self.listener is not None:
+                self.listener.prefix(b.key, hashes, cap, b.restarts)
         if prompt.session and self.params.session_affinity:
-            self._sessions[prompt.session] = b.key
-            self._sessions.move_to_end(prompt.session)
-            if len(self._sessions) > SESSION_MEMORY:
-                self._sessions.popitem(last=False)
+            self.remember_session(prompt.session, b.key)
+            if self.listener is not None:
+                self.listener.session(prompt.session, b.key)
         uncached = max(0, verdict.prompt_tokens - verdict.cached_tokens)
         ticket = self._ledger.dispatch(b.key, uncached, verdict.prompt_tokens, prompt.streams,
                                        verdict.predicted_ttft_s)
         ticket.prediction = verdict
         return ticket
+
+    def remember_session(self, session: str, backend: str) -> None:
+        """``session`` last went to ``backend`` (a tie goes there next time)."""
+        sessions = self._sessions
+        sessions[session] = backend
+        sessions.move_to_end(session)
+        if len(sessions) > SESSION_MEMORY:
+            sessions.popitem(last=False)
 
     def add_observer(self, observer: Observer) -> None:
         """Call ``observer`` with every :class:`types.RouteObservation` (metrics)."""

@@ -1,0 +1,273 @@
+"""The router's per-request state shared between the worker processes of one pod (pure).
+
+With ``http.workers`` > 1 every worker routes its own share of the pod's requests, and a
+router that saw only its own dispatches would split the pod's view N ways: each worker's
+ledger would see a backend 1/N as busy as it is, and a prompt's cached prefix, a
+session's backend or a stored Responses answer would be known to one worker only. So each
+worker tells its siblings what it records, and applies what they record, as if it had
+dispatched it itself:
+
+* its ledger's tickets (:class:`ledger.Listener`): a peer's dispatch becomes a *foreign*
+  ticket in this worker's :class:`ledger.Ledger` (``Ledger.dispatch``), moved by the
+  peer's first byte and finish. A whole answer's foreign ticket turns to decoding at the
+  predicted first token by this worker's clock, as an own one would. Foreign tickets never
+  reach ``Router.observe``: costs are learned from a worker's own answers only;
+* the prefix index's inserts and the sessions' backends (:class:`router.Listener`);
+* the Responses pins (:attr:`response_pins.Pins.listener`).
+
+Foreign tickets belong to the connection they came in on (an :class:`Inbound`), not to
+the peer's index: when a connection ends (the peer died, closed, or was dropped as too
+slow) :meth:`Inbound.close` finishes all of them, so nothing leaks in the ledger, and a
+peer that comes back on a new connection cannot have its new tickets finished by the old
+connection's end, whatever order the two reach this worker in. On every new connection a
+worker first sends a *greeting*: who it is and every ticket it has in flight (what a peer
+that just started, or just lost it, does not know). A ticket that is both in a greeting
+and in the events right after it is counted once (a peer's ids are unique per
+connection). Prefix inserts, sessions and pins are not replayed: they are hints, relearned
+from the next dispatches. A replayed whole answer waits its full predicted first token
+again on the peer (a slight overcount of its prefill, bounded by that prediction).
+
+Wire format: a frame is a 4-byte big-endian length and an orjson array of events, one
+frame per flush (the transport flushes once per event-loop turn), each event an array
+whose first item says what it is (``H`` for the constants below). No pickle: a frame is
+data, never code. Prefix hashes travel as JSON integers (64-bit, unsigned).
+
+Hot path: a hook appends a tuple to the outbox (and asks the transport for a flush when
+the outbox was empty); encoding happens at the flush, once for every peer.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from controlplane.core import ledger as ledger_mod
+from controlplane.core import response_pins
+from controlplane.core import router as router_mod
+
+VERSION = 1
+MAX_FRAME = 64 * 1024 * 1024    # bytes; a longer frame means a broken peer
+
+HELLO = "h"         # ("h", version, worker index, incarnation): first event of a connection
+DISPATCH = "d"      # ("d", id, backend, uncached tokens, prompt tokens, streams, expect_s)
+FIRST_BYTE = "f"    # ("f", id)
+FINISH = "x"        # ("x", id)
+PREFIX = "p"        # ("p", backend, [block hashes], capacity blocks, restarts)
+SESSION = "s"       # ("s", session, backend)
+PIN = "r"           # ("r", response id, backend)
+
+Event = tuple[Any, ...]
+
+
+class FrameError(ValueError):
+    """A peer sent something this worker cannot read: its connection should be dropped."""
+
+
+def frame(events: Sequence[Event]) -> bytes:
+    """``events`` as one frame: length, then the orjson array."""
+    payload = orjson.dumps(events)
+    return len(payload).to_bytes(4, "big") + payload
+
+
+class Sharing:
+    """This worker's side of the mesh: the listener of its ledger, router and pins, and
+    the one that applies its peers' events to them.
+
+    :meth:`attach` installs the listeners with ``wake``, called when the outbox goes from
+    empty to not empty (the transport then flushes :meth:`take` soon after);
+    :meth:`detach` removes them. While events from a peer are applied the listeners stay
+    silent, so nothing is echoed back.
+    """
+
+    def __init__(self, router: router_mod.Router, pins: response_pins.Pins, index: int,
+                 incarnation: str) -> None:
+        self.router = router
+        self.ledger = router.ledger
+        self.pins = pins
+        self.index = index
+        self.incarnation = incarnation    # tells this process from a restarted one (logs)
+        self._outbox: list[Event] = []
+        self._wake: Callable[[], None] | None = None
+        self._ids = itertools.count()
+        # own tickets in flight, by id: their dispatch event, for the greeting
+        self._live: dict[int, tuple[Event, ledger_mod.Ticket]] = {}
+        self._applying = False
+
+    # -- installed in the ledger, router and pins --------------------------------------
+
+    def attach(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self.ledger.listener = self
+        self.router.listener = self
+        self.pins.listener = self.pinned
+
+    def detach(self) -> None:
+        self.ledger.listener = None
+        self.router.listener = None
+        self.pins.listener = None
+        self._wake = None
+        self._outbox.clear()
+
+    def _publish(self, event: Event) -> None:
+        if not self._outbox and self._wake is not None:
+            self._wake()
+        self._outbox.append(event)
+
+    def dispatched(self, ticket: ledger_mod.Ticket, uncached_tokens: int, prompt_tokens: int,
+                   streams: bool, expect_s: float) -> None:
+        if self._applying:
+            return
+        ticket.seq = seq = next(self._ids)
+        event = (DISPATCH, seq, ticket.backend, uncached_tokens, prompt_tokens, streams,
+                 expect_s)
+        self._live[seq] = (event, ticket)
+        self._publish(event)
+
+    def first_byte(self, ticket: ledger_mod.Ticket) -> None:
+        if ticket.seq >= 0 and not self._applying:
+            self._publish((FIRST_BYTE, ticket.seq))
+
+    def finished(self, ticket: ledger_mod.Ticket) -> None:
+        if ticket.seq >= 0 and not self._applying:
+            self._live.pop(ticket.seq, None)
+            self._publish((FINISH, ticket.seq))
+
+    def prefix(self, backend: str, hashes: Sequence[int], capacity_blocks: int,
+               restarts: int) -> None:
+        if not self._applying:
+            self._publish((PREFIX, backend, hashes, capacity_blocks, restarts))
+
+    def session(self, session: str, backend: str) -> None:
+        if not self._applying:
+            self._publish((SESSION, session, backend))
+
+    def pinned(self, response_id: str, backend: str) -> None:
+        if not self._applying:
+            self._publish((PIN, response_id, backend))
+
+    # -- what goes out ------------------------------------------------------------------
+
+    def take(self) -> bytes | None:
+        """The events published since the last call, as one frame (None: nothing new)."""
+        if not self._outbox:
+            return None
+        events, self._outbox = self._outbox, []
+        return frame(events)
+
+    def greeting(self) -> bytes:
+        """The first frame of a new connection: who this is and its tickets in flight."""
+        events: list[Event] = [(HELLO, VERSION, self.index, self.incarnation)]
+        for seq, (event, ticket) in self._live.items():
+            events.append(event)
+            if ticket.stage == 1:
+                events.append((FIRST_BYTE, seq))
+        return frame(events)
+
+    # -- what comes in ------------------------------------------------------------------
+
+    def inbound(self) -> Inbound:
+        """The reader of one incoming connection."""
+        return Inbound(self)
+
+    def in_flight(self) -> int:
+        """This worker's own tickets the peers are told of and not yet finished."""
+        return len(self._live)
+
+
+class Inbound:
+    """One peer's connection into this worker: reads its frames, holds its foreign tickets
+    (by the peer's ids), and finishes them all when the connection ends."""
+
+    def __init__(self, sharing: Sharing) -> None:
+        self._sharing = sharing
+        self._buffer = bytearray()
+        self._tickets: dict[int, ledger_mod.Ticket] = {}
+        self.peer: tuple[int, str] | None = None      # (worker index, incarnation)
+        self._closed = False
+
+    def feed(self, data: bytes) -> None:
+        """Apply every whole frame received so far; raises :class:`FrameError` on garbage
+        (the connection should then be dropped, which :meth:`close` accounts for)."""
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        try:
+            while len(buffer) - start >= 4:
+                size = int.from_bytes(buffer[start:start + 4], "big")
+                if size > MAX_FRAME:
+                    raise FrameError(f"a frame of {size} bytes")
+                end = start + 4 + size
+                if len(buffer) < end:
+                    break
+                self.apply(_decode(memoryview(buffer)[start + 4:end]))
+                start = end
+        finally:
+            del buffer[:start]
+
+    def apply(self, events: list[Any]) -> None:
+        """Apply one frame's events (decoded) to this worker's ledger, router and pins."""
+        if self._closed:
+            return
+        sharing = self._sharing
+        sharing._applying = True
+        try:
+            for event in events:
+                self._apply(event)
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise FrameError(f"malformed event: {exc!r}") from None
+        finally:
+            sharing._applying = False
+
+    def _apply(self, event: list[Any]) -> None:
+        kind = event[0]
+        if self.peer is None:
+            if kind != HELLO or event[1] != VERSION:
+                raise FrameError(f"expected a hello of version {VERSION}, got {event[:2]!r}")
+            self.peer = (int(event[2]), str(event[3]))
+            return
+        sharing = self._sharing
+        if kind == DISPATCH:
+            _, seq, backend, uncached, prompt, streams, expect_s = event
+            if seq not in self._tickets:
+                self._tickets[seq] = sharing.ledger.dispatch(backend, uncached, prompt,
+                                                             streams, expect_s)
+        elif kind == FIRST_BYTE:
+            ticket = self._tickets.get(event[1])
+            if ticket is not None:
+                sharing.ledger.first_byte(ticket)
+        elif kind == FINISH:
+            ticket = self._tickets.pop(event[1], None)
+            if ticket is not None:
+                sharing.ledger.finish(ticket)
+        elif kind == PREFIX:
+            _, backend, hashes, capacity_blocks, restarts = event
+            sharing.router.index.insert(backend, hashes, capacity_blocks, restarts)
+        elif kind == SESSION:
+            sharing.router.remember_session(event[1], event[2])
+        elif kind == PIN:
+            sharing.pins.remember(event[1], event[2])
+        # an unknown kind is a newer peer's: skipped, so versions can add events
+
+    def close(self) -> None:
+        """The connection ended: finish every ticket it brought (idempotent)."""
+        self._closed = True
+        tickets, self._tickets = self._tickets, {}
+        for ticket in tickets.values():
+            self._sharing.ledger.finish(ticket)
+
+    def foreign(self) -> int:
+        """Tickets of this connection's peer still counted in this worker's ledger."""
+        return len(self._tickets)
+
+
+def _decode(payload: memoryview) -> list[Any]:
+    try:
+        events = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise FrameError(f"not JSON: {exc}") from None
+    if not isinstance(events, list):
+        raise FrameError("a frame is an array of events")
+    return events
