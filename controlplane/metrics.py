@@ -92,6 +92,12 @@ class Metrics:
         self.agent_streams = Gauge(
             "synapse_agent_streams", "Agent report streams connected to this replica.",
             registry=r)
+        self.workers = Gauge(
+            "synapse_workers", "This pod's serving processes at the last scrape of its "
+            "/metrics (set with http.workers above 1), by state: answered (the primary and "
+            "each worker whose metrics are in the sums), missing (no usable answer in time: "
+            "its counters stand at its last answer, its gauges are absent).", ["state"],
+            registry=r)
 
         # -- the router's own accuracy and learned costs (controlplane/api/route_accuracy.py)
         self.route_ttft_error = Histogram(

@@ -270,7 +270,7 @@ def create_app(settings: config.ControlPlaneSettings, *,
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     if settings.metrics.port is None:
-        app.router.add_get("/metrics", observability.metrics)
+        observability.install(app)
     app.router.add_get("/api/v1/stats", stats)
     app.router.add_get("/openapi.json", openapi_spec)
     return app
@@ -280,5 +280,5 @@ def create_metrics_app(svc: services_mod.Services) -> web.Application:
     """``/metrics`` alone, for ``metrics.port`` (same middleware, so errors are envelopes)."""
     app = web.Application(middlewares=[middleware])
     app[context.SERVICES] = svc
-    app.router.add_get("/metrics", observability.metrics)
+    observability.install(app)
     return app

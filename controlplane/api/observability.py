@@ -6,19 +6,31 @@ its own (and not on the API port), and ``metrics.bearer_token_file`` makes it ne
 ``Authorization: Bearer <token>`` (401 in the OpenAI envelope otherwise; the token is
 compared as a sha256, like API keys). Without either it stays open on the API port, as
 before.
+
+With ``Services.worker_metrics_sockets`` set (a process of a pod with ``http.workers``
+above 1), it answers the pod's metrics: its own merged with those of the pod's other
+processes, each of which serves its own on a private unix socket
+(:func:`serve_worker_metrics`); :mod:`controlplane.api.worker_metrics` holds the merge
+rule. The token guards the pod's answer as it guards a single process's; a socket needs
+none (its file is its owner's only, 0600, in the directory the pod keeps for them).
 """
 
 from __future__ import annotations
 
 import hmac
+import os
+import pathlib
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controlplane import errors
-from controlplane.api import context, readiness
+from controlplane.api import context, readiness, worker_metrics
 from controlplane.api import services as services_mod
 from controlplane.core import tenants
+
+_POD: web.AppKey[worker_metrics.PodMetrics] = web.AppKey("pod_metrics",
+                                                       worker_metrics.PodMetrics)
 
 _STATES = ("ready", "starting", "unhealthy", "draining", "cordoned", "down", "stopped",
            "crashloop", "failed", "unspecified")
@@ -64,9 +76,44 @@ def _check_token(svc: services_mod.Services, authorization: str | None) -> None:
                                   code="invalid_metrics_token")
 
 
+def install(app: web.Application) -> None:
+    """``GET /metrics`` on ``app``: this process's metrics, or the pod's once
+    ``Services.worker_metrics_sockets`` is set (it may be after the app is built)."""
+    app[_POD] = worker_metrics.PodMetrics()
+    app.router.add_get("/metrics", metrics)
+
+
 async def metrics(request: web.Request) -> web.Response:
     svc = request.app[context.SERVICES]
     _check_token(svc, request.headers.get("Authorization"))
     refresh_gauges(svc)
-    body = generate_latest(svc.metrics.registry)
+    if svc.worker_metrics_sockets:
+        body = await request.app[_POD].exposition(svc.metrics, svc.worker_metrics_sockets)
+    else:
+        body = generate_latest(svc.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _own(request: web.Request) -> web.Response:
+    svc = request.app[context.SERVICES]
+    refresh_gauges(svc)
+    return web.Response(body=generate_latest(svc.metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def serve_worker_metrics(svc: services_mod.Services,
+                               path: pathlib.Path) -> web.AppRunner:
+    """Serve this worker's own ``/metrics`` on the unix socket ``path`` (mode 0600) for
+    its primary to merge; the caller cleans the returned runner up."""
+    app = web.Application()
+    app[context.SERVICES] = svc
+    app.router.add_get("/metrics", _own)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.UnixSite(runner, str(path)).start()
+        os.chmod(path, 0o600)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
