@@ -27,8 +27,8 @@ connection). Prefix inserts, sessions and pins are not replayed: they are hints,
 from the next dispatches. A replayed whole answer waits its full predicted first token
 again on the peer (a slight overcount of its prefill, bounded by that prediction).
 
-Wire format: a frame is a 4-byte big-endian length and an orjson array of events, one
-frame per flush (the transport flushes once per event-loop turn), each event an array
+Wire format: a frame is a 4-byte big-endian length and an orjson array of events, a flush
+(once per event-loop turn) sending one frame per :data:`FRAME_EVENTS`, each event an array
 whose first item says what it is (``H`` for the constants below). No pickle: a frame is
 data, never code. Prefix hashes travel as JSON integers (64-bit, unsigned).
 
@@ -49,7 +49,8 @@ from controlplane.core import response_pins
 from controlplane.core import router as router_mod
 
 VERSION = 1
-MAX_FRAME = 64 * 1024 * 1024    # bytes; a longer frame means a broken peer
+MAX_FRAME = 256 * 1024 * 1024   # bytes; a longer frame means a broken peer
+FRAME_EVENTS = 256              # events per frame at most, so a burst stays far below it
 
 HELLO = "h"         # ("h", version, worker index, incarnation): first event of a connection
 DISPATCH = "d"      # ("d", id, backend, uncached tokens, prompt tokens, streams, expect_s)
@@ -155,7 +156,10 @@ class Sharing:
         if not self._outbox:
             return None
         events, self._outbox = self._outbox, []
-        return frame(events)
+        if len(events) <= FRAME_EVENTS:
+            return frame(events)
+        return b"".join(frame(events[i:i + FRAME_EVENTS])
+                        for i in range(0, len(events), FRAME_EVENTS))
 
     def greeting(self) -> bytes:
         """The first frame of a new connection: who this is and its tickets in flight."""
