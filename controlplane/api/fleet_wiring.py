@@ -18,7 +18,7 @@ from synapse_common import clock as clocks
 
 def build(settings: config.ControlPlaneSettings, reg: registry.Registry,
           led: ledger.Ledger, m: metrics.Metrics, *, clock: clocks.Clock = clocks.loop_time,
-          sleep: fleet.Sleeper = clocks.sleep) -> fleet.FleetService:
+          sleep: fleet.Sleeper = clocks.sleep, pushes: bool = True) -> fleet.FleetService:
     url = settings.redis.url
     store: intent.IntentStore = (intent_store.RedisIntentStore(
         redis_limits.connect(url.get_secret_value())) if url else intent.MemoryIntentStore())
@@ -27,5 +27,6 @@ def build(settings: config.ControlPlaneSettings, reg: registry.Registry,
     return fleet.FleetService(
         intent.FleetIntent(store, reg), reg, led, admin_views.capacity, model_memory=memory,
         clock=clock, sleep=sleep,
-        on_failure=lambda stage: m.fleet_reconcile_failures.labels(stage).inc())
+        on_failure=lambda stage: m.fleet_reconcile_failures.labels(stage).inc(),
+        pushes=pushes)
 

@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controlplane import errors
+from controlplane.api import agent_relay
 from controlplane.api import services as services_mod
 from controlplane.core import types, upstream_kinds
 from protos import enums
@@ -102,8 +103,10 @@ def command_message(cid: str, cmd: types.Command) -> controlplane_pb2.ControlMes
 
 
 class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
-    def __init__(self, svc: services_mod.Services) -> None:
+    def __init__(self, svc: services_mod.Services,
+                 relay: agent_relay.AgentRelay | None = None) -> None:
         self._svc = svc
+        self._relay = relay     # the primary of several workers: copy each stream to them
         auth = svc.settings.auth
         self._token = call_metadata.TokenCheck(auth.agent_token_value)
         self._open = auth.allow_unauthenticated_agents and not self._token.configured
@@ -141,7 +144,8 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         log.info("node %s connected (agent %s)", name, first.register.agent_version,
                  extra={"node": name})
         out: asyncio.Queue[controlplane_pb2.ControlMessage | None] = asyncio.Queue()
-        tasks = [asyncio.create_task(self._read(name, request_iterator, out)),
+        copy = self._relay.open(first) if self._relay is not None else None
+        tasks = [asyncio.create_task(self._read(name, request_iterator, out, copy)),
                  asyncio.create_task(self._pump(name, out))]
         self._svc.metrics.agent_streams.inc()
         try:
@@ -149,15 +153,20 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 yield msg
         finally:
             await aiotasks.stop(*tasks, quiet=True)
+            if copy is not None:
+                await copy.close()
             reg.disconnect(name, stream_id)
             self._svc.metrics.agent_streams.dec()
             log.info("node %s disconnected", name, extra={"node": name})
 
     async def _read(self, name: str, messages: AsyncIterator[controlplane_pb2.AgentMessage],
-                    out: asyncio.Queue[controlplane_pb2.ControlMessage | None]) -> None:
+                    out: asyncio.Queue[controlplane_pb2.ControlMessage | None],
+                    copy: agent_relay.RelayedStream | None) -> None:
         reg = self._svc.registry
         try:
             async for msg in messages:
+                if copy is not None:
+                    copy.send(msg)
                 kind = msg.WhichOneof("body")
                 if kind == "report":
                     rep = msg.report
@@ -185,10 +194,11 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             out.put_nowait(command_message(cid, cmd))
 
 
-def control_plane(svc: services_mod.Services) -> Registration:
+def control_plane(svc: services_mod.Services,
+                  relay: agent_relay.AgentRelay | None = None) -> Registration:
     def register(server: grpc.aio.Server) -> str:
         controlplane_pb2_grpc.add_ControlPlaneServicer_to_server(  # type: ignore[no-untyped-call]
-            ControlPlaneServicer(svc), server)
+            ControlPlaneServicer(svc, relay), server)
         return str(controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name)
     return register
 
@@ -201,10 +211,12 @@ def _credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials([(k.read(), c.read())])
 
 
-async def start(host: str, port: int, registrations: Sequence[Registration], *,
+async def start(host: str, port: int | None, registrations: Sequence[Registration], *,
                 max_message_bytes: int = 8 * 1024 * 1024, tls_cert_file: str | None = None,
                 tls_key_file: str | None = None) -> tuple[grpc.aio.Server, int]:
-    """Start a server with the given services plus health and reflection; (server, port)."""
+    """Start a server with the given services plus health and reflection; (server, port).
+
+    ``port`` None: ``host`` is a whole address, such as ``unix:/path`` (port 0 returned)."""
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
                ("grpc.keepalive_time_ms", 30_000),
@@ -214,7 +226,7 @@ async def start(host: str, port: int, registrations: Sequence[Registration], *,
     names = [register(server) for register in registrations]
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    address = f"{host}:{port}"
+    address = host if port is None else f"{host}:{port}"
     if tls_cert_file and tls_key_file:
         bound = server.add_secure_port(address, _credentials(tls_cert_file, tls_key_file))
     else:

@@ -93,8 +93,11 @@ class FleetService:
                  model_memory: Mapping[str, int] | None = None,
                  clock: clocks.Clock = clocks.loop_time, sleep: Sleeper = clocks.sleep,
                  on_failure: Callable[[str], None] = lambda stage: None,
-                 interval_s: float = RECONCILE_INTERVAL_S) -> None:
+                 interval_s: float = RECONCILE_INTERVAL_S, pushes: bool = True) -> None:
         self.intent = intent
+        # False in a pod's serving workers: they apply the intent to their registry, and
+        # only the pod's primary, which holds the agents' streams, sends them commands.
+        self._pushes = pushes
         self.registry = registry
         self._ledger = ledger
         self._capacity_of = capacity_of
@@ -134,6 +137,8 @@ class FleetService:
             log.warning("cannot load operator intent: %s", exc)
             self._on_failure("load")
             self.intent.apply()
+        if not self._pushes:
+            return
         for view in self.registry.nodes():
             if view.connected and view.status != "down":
                 result = await self._push(view, only_if_changed=True)

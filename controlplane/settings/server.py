@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+import pydantic
 from pydantic import Field
 
 from synapse_common.settings import Section
+
+MAX_WORKERS = 64
 
 
 class HttpSettings(Section):
     host: str = Field("0.0.0.0", description="address the OpenAI-compatible API listens on")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 = pick a free port)")
+    workers: int | Literal["auto"] = Field(
+        "auto", description="serving processes sharing the HTTP port (1 to "
+        f"{MAX_WORKERS}); auto = the CPUs this process may use, when what the workers "
+        "must share can be shared (redis.url set; the cache off, or its L1 in Redis and its "
+        "L2 on a Milvus server), else 1")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024,
                                 description="largest request body accepted (413 above)")
     max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest header line")
@@ -41,6 +51,13 @@ class HttpSettings(Section):
         25 * 1024 * 1024, ge=1024, description="largest audio upload (the multipart body of "
         "/v1/audio/transcriptions and /translations, streamed to the backend, never held in "
         "memory); 413 above, at once when Content-Length says so")
+
+    @pydantic.field_validator("workers")
+    @classmethod
+    def _workers_in_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f"must be 'auto' or a count from 1 to {MAX_WORKERS}")
+        return value
 
 
 class MetricsSettings(Section):
