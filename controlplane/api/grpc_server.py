@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controlplane import errors
-from controlplane.api import agent_relay
+from controlplane.adapters import agent_relay
 from controlplane.api import services as services_mod
 from controlplane.core import types, upstream_kinds
 from protos import enums

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from controlplane.api import agent_relay, grpc_server
+from controlplane.adapters import agent_relay
+from controlplane.api import grpc_server
 from controlplane.api import services as services_mod
 from tests import harness
 from tests.controlplane import cp_testing as t
