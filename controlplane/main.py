@@ -2,7 +2,9 @@
 
 One process, one uvloop event loop: the aiohttp API and the ``grpc.aio`` server (agent
 streams; the Admin service joins as one more registration) share the registry; with
-``metrics.port`` set, ``/metrics`` listens on a port of its own. The HTTP server closes
+``metrics.port`` set, ``/metrics`` listens on a port of its own. With ``http.workers``
+above one, this process is the pod's primary and starts the serving workers
+(:mod:`controlplane.workers`: the same command with ``--worker-index``). The HTTP server closes
 slow clients (:mod:`controlplane.api.server`). aiohttp's own access log is off: Synapse
 writes its own, one structured line per API request (:mod:`controlplane.core.access_log`,
 ``access_log`` settings). SIGTERM stops accepting, lets
@@ -15,14 +17,17 @@ import argparse
 import asyncio
 import gc
 import logging
+import pathlib
 import signal
+import socket
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
-from controlplane import config
+from controlplane import config, workers
+from controlplane.adapters import agent_relay
 from controlplane.api import admin_grpc, grpc_server, ops
 from controlplane.api import app as app_mod
 from controlplane.api import server as server_mod
@@ -43,6 +48,11 @@ def build_parser(prog: str = "synapse controlplane") -> argparse.ArgumentParser:
     cli.add_common_args(parser)
     parser.add_argument("--http-port", type=int, help="override http.port")
     parser.add_argument("--grpc-port", type=int, help="override grpc.port")
+    # Set by the pod's primary when it starts a serving worker (controlplane.workers).
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-parent", type=int, help=argparse.SUPPRESS)
     return parser
 
 
@@ -89,9 +99,11 @@ def build_response_cache(settings: config.ControlPlaneSettings,
     return feedback_wiring.with_feedback(tiered, settings, services.metrics)
 
 
-def grpc_registrations(services: services_mod.Services) -> list[grpc_server.Registration]:
+def grpc_registrations(services: services_mod.Services,
+                       relay: agent_relay.AgentRelay | None = None,
+                       ) -> list[grpc_server.Registration]:
     """The gRPC services of this process: agents' Connect and, when enabled, Admin."""
-    registrations = [grpc_server.control_plane(services)]
+    registrations = [grpc_server.control_plane(services, relay)]
     if services.settings.admin.enabled:
         registrations.append(admin_grpc.admin(services))
     return registrations
@@ -105,20 +117,32 @@ def _ssl_context(http: config.HttpSettings) -> ssl.SSLContext | None:
     return ctx
 
 
-async def serve(settings: config.ControlPlaneSettings,
-                services: services_mod.Services) -> None:
+async def serve(settings: config.ControlPlaneSettings, services: services_mod.Services,
+                role: workers.Role = workers.Role(), worker_argv: Sequence[str] = ()) -> None:
     app = app_mod.create_app(settings, services=services)
     h = settings.http
     runner = server_mod.Runner(app, h, access_log=None, handler_cancellation=True,
                                shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
-    site = web.TCPSite(runner, h.host, h.port, ssl_context=_ssl_context(h), backlog=2048)
+    site = web.TCPSite(runner, h.host, h.port, ssl_context=_ssl_context(h), backlog=2048,
+                       reuse_port=True if role.count > 1 else None)
     await site.start()
-    metrics_runner = await _serve_metrics(settings, services)
+    http_port = runner.addresses[0][1] if runner.addresses else h.port
+    metrics_runner = await _serve_metrics(settings, services) if role.primary else None
+    pod = await workers.join(services, role) if role.count > 1 else None
     g = settings.grpc
-    server, grpc_port = await grpc_server.start(
-        g.host, g.port, grpc_registrations(services), max_message_bytes=g.max_message_bytes,
-        tls_cert_file=g.tls_cert_file, tls_key_file=g.tls_key_file)
+    if role.primary:
+        relay = (agent_relay.AgentRelay([str(p) for p in role.others("grpc")],
+                                        settings.auth.agent_token_value)
+                 if role.count > 1 else None)
+        server, grpc_port = await grpc_server.start(
+            g.host, g.port, grpc_registrations(services, relay),
+            max_message_bytes=g.max_message_bytes, tls_cert_file=g.tls_cert_file,
+            tls_key_file=g.tls_key_file)
+    else:   # the agents' streams, as the primary copies them; no Admin, no TCP port
+        server, grpc_port = await grpc_server.start(
+            f"unix:{role.socket('grpc', role.index)}", None,
+            [grpc_server.control_plane(services)], max_message_bytes=g.max_message_bytes)
     # Start-up objects (modules, settings, stubs) never die: keep them out of every future
     # collection, so a full GC pass does not stall requests for milliseconds.
     gc.collect()
@@ -127,25 +151,48 @@ async def serve(settings: config.ControlPlaneSettings,
     # reference counting; at the default threshold (700) the young generation was
     # collected every couple of requests, a few per cent of the CPU per request.
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
-    http_port = runner.addresses[0][1] if runner.addresses else h.port
-    log.info("control plane %s listening: http %s:%s, grpc %s:%s (policy %s)",
-             services.replica, h.host, http_port, g.host, grpc_port,
-             settings.router.policy)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    pool = None
+    watch: asyncio.Task[None] | None = None
+    if role.primary and role.count > 1:
+        pool = workers.Pool(role, worker_argv, http_port)
+        pool.start()
+        watch = asyncio.create_task(_set_when(pool.failed, stop))
+    if role.primary:
+        log.info("control plane %s listening: http %s:%s, grpc %s:%s (policy %s, %d %s)",
+                 services.replica, h.host, http_port, g.host, grpc_port,
+                 settings.router.policy, role.count,
+                 "process" if role.count == 1 else "processes")
+    else:
+        log.info("serving worker %d of %d (%s) listening: http %s:%s", role.index,
+                 role.count, services.replica, h.host, http_port)
     try:
         await stop.wait()
         log.info("stopping")
     finally:
+        if watch is not None:
+            watch.cancel()
+        stopping = asyncio.create_task(pool.stop()) if pool is not None else None
         # HTTP first: stop accepting and let in-flight requests finish while the agents'
         # streams — and so the routing table — are still up. Stopping gRPC first ended
         # every agent stream at once and answered 503 "no backend" for the whole grace.
+        # The primary keeps them up until its workers have stopped too.
         await runner.cleanup()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
+        if stopping is not None:
+            await stopping
+        if pod is not None:
+            await pod.close()
         await server.stop(GRPC_STOP_GRACE_S)
+
+
+async def _set_when(event: asyncio.Event, stop: asyncio.Event) -> None:
+    await event.wait()
+    stop.set()
 
 
 async def _serve_metrics(settings: config.ControlPlaneSettings,
@@ -163,14 +210,30 @@ async def _serve_metrics(settings: config.ControlPlaneSettings,
     return runner
 
 
+def _role(args: argparse.Namespace, settings: config.ControlPlaneSettings) -> workers.Role:
+    """This process's place in its pod (ValueError naming ``http.workers``)."""
+    if args.worker_index is not None:
+        return workers.Role(args.worker_index, args.worker_count or 1,
+                            pathlib.Path(args.worker_dir))
+    n = workers.count(settings)
+    return workers.Role(0, n, workers.private_directory() if n > 1 else None)
+
+
 def main(argv: list[str] | None = None, prog: str = "synapse controlplane") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
+    if args.worker_parent is not None:
+        workers.exit_with_parent(args.worker_parent)
     settings = cli.bootstrap(config.ControlPlaneSettings, args,
                              {"http.port": args.http_port, "grpc.port": args.grpc_port})
     if (problem := config.open_agent_door(settings)) is not None:
         cli.fail(f"config error: {problem}")
     try:
-        services = services_mod.build(settings)
+        role = _role(args, settings)
+        if not role.primary:
+            base = settings.replica_id or socket.gethostname()
+            settings = settings.model_copy(update={"replica_id": role.replica(base)})
+        services = services_mod.build(settings, commands_agents=role.primary)
         ops.prepare(services)   # tracing, access log: ValueError naming tracing.enabled
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -182,10 +245,15 @@ def main(argv: list[str] | None = None, prog: str = "synapse controlplane") -> i
         factory = uvloop.new_event_loop
     except ImportError:  # Windows: the default loop
         pass
+    worker_argv = [*argv, "--worker-count", str(role.count)]
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(serve(settings, services))
+            runner.run(serve(settings, services, role, worker_argv))
     except OSError as exc:
         print(f"synapse controlplane: cannot listen: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":     # how the primary starts a serving worker
+    sys.exit(main())

@@ -170,8 +170,12 @@ def static_backends(settings: config.ControlPlaneSettings,
 
 def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks.monotonic,
           metrics_registry: CollectorRegistry | None = None,
-          response_cache: cache_port.ResponseCache | None = None) -> Services:
-    """Wire the core objects; raises ValueError with a field name on a bad key file."""
+          response_cache: cache_port.ResponseCache | None = None,
+          commands_agents: bool = True) -> Services:
+    """Wire the core objects; raises ValueError with a field name on a bad key file.
+
+    ``commands_agents`` False: a pod's serving worker, which applies operator intent but
+    leaves commanding the agents to the pod's primary (:mod:`controlplane.workers`)."""
     replica = settings.replica_id or socket.gethostname()
     cat = catalog.Catalog(catalog.ModelEntry(m.name, tuple(m.aliases), tuple(m.fallbacks))
                           for m in settings.models)
@@ -200,4 +204,4 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
         upstream=client, dispatcher=dispatch.Dispatcher(client, rtr, cat, reg, m, policy,
                                                         clock=clock),
         metrics_token_sha256=metrics_token(settings.metrics),
-        fleet=fleet_wiring.build(settings, reg, led, m))
+        fleet=fleet_wiring.build(settings, reg, led, m, pushes=commands_agents))

@@ -1,0 +1,219 @@
+"""A pod's serving workers: ``http.workers`` processes sharing the HTTP port.
+
+A Python process serves on one core. With ``http.workers`` = N > 1 the control plane
+runs as N processes on one pod: the **primary** (index 0), which ``synapse
+controlplane`` starts, and N - 1 **serving workers** it starts and supervises. Every
+process binds the HTTP port with ``SO_REUSEPORT`` (the kernel spreads connections
+over them) and serves the whole API. The pod still looks like one control plane:
+
+* **Agents and the Admin API** talk to the primary's gRPC port only. The primary copies
+  every agent stream to each worker (:mod:`controlplane.adapters.agent_relay`), so each
+  worker's registry holds the whole fleet, built by the same servicer code.
+* **What replicas share through Redis** (operator intent, rate limits, token usage, L1)
+  the workers share the same way, which is why more than one worker needs ``redis.url``
+  and, with the semantic cache on, an L2 on a Milvus server (a Milvus Lite file is
+  opened by one process): :func:`why_one` says which is missing.
+* **What replicas do not share** — the router's in-flight ledger, its prefix index,
+  session affinity and Responses pins — the workers of a pod share through the mesh
+  (:mod:`controlplane.api.worker_wiring`), so a prompt's locality and a backend's queue
+  do not split N ways.
+* **/metrics** on any process answers the pod's sum (:mod:`controlplane.api
+  .worker_metrics`); each process serves its own figures on a private unix socket.
+
+The private directory (``<tmp>/synapse-workers-*``, mode 0700, removed at exit) holds
+every unix socket: only processes of the pod's own user can reach them, which is how
+they authenticate each other. A worker exits when its primary is gone; the primary
+restarts a worker that died, and stops them all (SIGTERM, then their grace) when it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Protocol
+
+from aiohttp import web
+
+from controlplane import config
+from controlplane.api import observability, worker_wiring
+from controlplane.api import services as services_mod
+from controlplane.settings.server import MAX_WORKERS
+from synapse_common import cli
+
+log = logging.getLogger("synapse.controlplane.workers")
+
+RESTART_FIRST_S = 0.5
+RESTART_MAX_S = 10.0
+STOP_GRACE_S = 10.0         # a worker's own shutdown grace, plus a margin
+PR_SET_PDEATHSIG = 1
+
+
+def cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:      # not Linux
+        return os.cpu_count() or 1
+
+
+def why_one(settings: config.ControlPlaneSettings) -> str | None:
+    """Why these settings cannot run more than one worker (None: they can)."""
+    if settings.redis.url is None:
+        return ("redis.url is not set: operator intent, rate limits and usage would live "
+                "in each worker's memory")
+    c = settings.cache
+    if c.enabled and c.semantic_enabled and c.milvus_uri is None:
+        return ("the semantic cache's L2 is a Milvus Lite file (cache.milvus_uri is not "
+                "set), which only one process can open")
+    return None
+
+
+def count(settings: config.ControlPlaneSettings, available: int | None = None) -> int:
+    """How many processes to run; ValueError naming ``http.workers`` when the settings
+    ask for more than one and cannot share what the workers must."""
+    wanted = settings.http.workers
+    reason = why_one(settings)
+    if wanted == "auto":
+        n = available if available is not None else cpus()
+        if n > 1 and reason is not None:
+            log.info("http.workers auto: one process (%s)", reason)
+            return 1
+        return max(1, min(n, MAX_WORKERS))
+    if wanted > 1 and reason is not None:
+        raise ValueError(f"http.workers: {wanted} workers cannot share this configuration: "
+                         f"{reason}. Set http.workers: 1, or provide what is missing")
+    return wanted
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Role:
+    """Which process of the pod this is, and where the pod's private sockets live."""
+    index: int = 0
+    count: int = 1
+    directory: pathlib.Path | None = None
+
+    @property
+    def primary(self) -> bool:
+        return self.index == 0
+
+    def socket(self, kind: str, index: int) -> pathlib.Path:
+        assert self.directory is not None
+        return self.directory / f"{kind}-{index}.sock"
+
+    def others(self, kind: str) -> tuple[pathlib.Path, ...]:
+        """The ``kind`` sockets of every other process of the pod."""
+        return tuple(self.socket(kind, i) for i in range(self.count) if i != self.index)
+
+    def replica(self, base: str) -> str:
+        """This process's replica name: the pod's, with ``-w<index>`` for a worker."""
+        return base if self.primary else f"{base}-w{self.index}"
+
+
+def private_directory() -> pathlib.Path:
+    return pathlib.Path(tempfile.mkdtemp(prefix="synapse-workers-"))    # mode 0700
+
+
+class Pool:
+    """The primary's serving workers: started, restarted when they die, stopped."""
+
+    def __init__(self, role: Role, argv: Sequence[str], http_port: int) -> None:
+        self._role = role
+        self._argv = list(argv)
+        self._port = http_port
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.failed = asyncio.Event()   # a worker refused its configuration: stop the pod
+
+    def command(self, index: int) -> list[str]:
+        return [sys.executable, "-m", "controlplane.main", *self._argv,
+                "--http-port", str(self._port), "--worker-index", str(index),
+                "--worker-dir", str(self._role.directory), "--worker-parent", str(os.getpid())]
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._keep(i)) for i in range(1, self._role.count)]
+
+    async def _keep(self, index: int) -> None:
+        delay = RESTART_FIRST_S
+        while not self._stopping:
+            proc = await asyncio.create_subprocess_exec(*self.command(index))
+            self._procs[index] = proc
+            code = await proc.wait()
+            if self._stopping:
+                return
+            if code == cli.EXIT_CONFIG:
+                log.error("serving worker %d refused the configuration: stopping", index)
+                self.failed.set()
+                return
+            log.error("serving worker %d exited with %s; restarting in %.1fs",
+                      index, code, delay)
+            await asyncio.sleep(delay)
+            delay = min(RESTART_MAX_S, delay * 2)
+
+    async def stop(self) -> None:
+        """SIGTERM every worker, wait for their graceful stop, kill what is left."""
+        self._stopping = True
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        for proc in self._procs.values():
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._role.directory is not None:
+            shutil.rmtree(self._role.directory, ignore_errors=True)
+
+
+def exit_with_parent(parent: int) -> None:
+    """A worker's SIGTERM when the primary that started it (``parent``) dies, however it
+    dies (Linux ``PR_SET_PDEATHSIG``), so no worker outlives its pod's primary."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:      # it died before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class PodLink:
+    """This process's links to the rest of its pod, closed when it stops."""
+
+    def __init__(self, metrics_runner: web.AppRunner, mesh: _Closable) -> None:
+        self._metrics_runner = metrics_runner
+        self._mesh = mesh
+
+    async def close(self) -> None:
+        await self._mesh.close()
+        await self._metrics_runner.cleanup()
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+async def join(services: services_mod.Services, role: Role) -> PodLink:
+    """Serve this process's own figures to the others, and join the routing mesh."""
+    runner = await observability.serve_worker_metrics(
+        services, role.socket("metrics", role.index))
+    services.worker_metrics_sockets = role.others("metrics")
+    assert role.directory is not None
+    mesh = worker_wiring.attach_mesh(services, role.directory, role.index, role.count)
+    await mesh.start()
+    return PodLink(runner, mesh)

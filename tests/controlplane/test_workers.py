@@ -1,0 +1,60 @@
+"""How many serving processes a pod runs (``controlplane.workers``), and their names."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pydantic
+import pytest
+
+from controlplane import workers
+from tests.controlplane import cp_testing as t
+
+REDIS = {"url": "redis://127.0.0.1:1/0"}
+SHARED_CACHE = {"enabled": True, "semantic_enabled": True, "milvus_uri": "http://milvus:19530"}
+
+
+def test_auto_runs_one_process_per_cpu_when_the_state_can_be_shared() -> None:
+    s = t.settings(redis=REDIS, cache={"enabled": False})
+    assert workers.count(s, available=4) == 4
+    assert workers.count(t.settings(redis=REDIS, cache=SHARED_CACHE), available=3) == 3
+    assert workers.count(s, available=1) == 1
+    assert workers.count(s, available=1000) == 64
+
+
+@pytest.mark.parametrize(("sections", "why"), [
+    ({}, "redis.url"),
+    ({"redis": REDIS, "cache": {"enabled": True, "semantic_enabled": True}},
+     "cache.milvus_uri"),
+])
+def test_auto_runs_one_process_when_the_state_cannot_be_shared(
+        sections: dict[str, dict[str, object]], why: str) -> None:
+    s = t.settings(**sections)
+    assert workers.count(s, available=8) == 1
+    reason = workers.why_one(s)
+    assert reason is not None and why in reason
+    # Asked for explicitly, it is a configuration error naming the field and the reason.
+    with pytest.raises(ValueError, match=rf"http.workers: 2 workers .*{why}"):
+        workers.count(t.settings(http={"workers": 2}, **sections))
+
+
+def test_an_explicit_count_is_kept() -> None:
+    s = t.settings(redis=REDIS, cache={"semantic_enabled": False}, http={"workers": 3})
+    assert workers.count(s, available=1) == 3
+    assert workers.count(t.settings(http={"workers": 1}), available=8) == 1
+
+
+@pytest.mark.parametrize("bad", [0, 65, "many", -1])
+def test_a_bad_count_names_the_field(bad: object) -> None:
+    with pytest.raises(pydantic.ValidationError, match="workers"):
+        t.settings(http={"workers": bad})
+
+
+def test_roles_name_their_sockets_and_replicas(tmp_path: pathlib.Path) -> None:
+    primary = workers.Role(0, 3, tmp_path)
+    second = workers.Role(2, 3, tmp_path)
+    assert primary.primary and not second.primary
+    assert primary.replica("cp-0") == "cp-0" and second.replica("cp-0") == "cp-0-w2"
+    assert second.others("metrics") == (tmp_path / "metrics-0.sock",
+                                        tmp_path / "metrics-1.sock")
+    assert primary.others("grpc") == (tmp_path / "grpc-1.sock", tmp_path / "grpc-2.sock")
