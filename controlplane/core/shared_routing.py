@@ -111,6 +111,7 @@ class Sharing:
         self.pins.listener = None
         self._wake = None
         self._outbox.clear()
+        self._live.clear()      # their finishes would no longer be heard: not kept
 
     def _publish(self, event: Event) -> None:
         if not self._outbox and self._wake is not None:

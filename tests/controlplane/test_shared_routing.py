@@ -254,7 +254,9 @@ def test_a_connection_must_start_with_a_hello_of_this_version() -> None:
 def test_without_a_mesh_tickets_carry_no_id_and_nothing_is_collected() -> None:
     clock = ManualClock()
     w0 = Worker(0, clock)
+    w0.dispatch("in flight when the mesh closes")
     w0.sharing.detach()
+    assert w0.sharing.in_flight() == 0
     ticket, _ = w0.dispatch("q")
     w0.pins.remember("resp_1", "n1/a")
     assert ticket.seq == -1 and w0.sharing.take() is None
