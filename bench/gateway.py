@@ -22,7 +22,10 @@ request (``tracing.sampling_ratio`` 1.0, or ``--tracing-ratio``) and exports the
 the default ``info`` level in JSON, one access-log line per request (the plain control
 plane logs at ``warning``, so it writes none); ``--baseline-tree DIR`` runs the same
 control plane from another source tree (before/after a change; the simulator and the
-plain control plane come from ``PYTHONPATH``, as usual).
+plain control plane come from ``PYTHONPATH``, as usual); ``--workers N`` (default: the
+CPUs this bench may use, when more than one) runs the same control plane as a pod of N
+serving processes (``http.workers``, with the Redis-server the workers need), target
+``workers:N``.
 
 Peers, when ``make bench-peers`` installed them under ``.bench-venvs/``: LiteLLM's proxy
 (2 workers) and the PyPI ``vllm-router`` (round robin) in front of the same simulator,
@@ -255,7 +258,7 @@ def pct_ms(latencies: list[float], q: float) -> float:
 
 
 def controlplane_config(workdir: pathlib.Path, sim_url: str, http: int, grpc: int,
-                        limits: bool = False, name: str = "controlplane",
+                        limits: bool = False, name: str = "controlplane", workers: int = 1,
                         **sections: object) -> str:
     path = workdir / f"{name}.yaml"
     tenant: dict[str, object] = {"name": "bench", "keys": [KEY]}
@@ -263,7 +266,9 @@ def controlplane_config(workdir: pathlib.Path, sim_url: str, http: int, grpc: in
         tenant.update(tokens_per_minute=10**12, budget={"tokens": 10**15, "period": "day"},
                       models={MODEL: {"tokens_per_minute": 10**12}})
     path.write_text(json.dumps({
-        "http": {"host": "127.0.0.1", "port": http},
+        # http.workers only when asked: a --baseline-tree may predate the setting
+        "http": {"host": "127.0.0.1", "port": http, **({"workers": workers} if workers > 1
+                                                       else {})},
         "grpc": {"host": "127.0.0.1", "port": grpc},
         "auth": {"tenants": [tenant]},
         "upstreams": [{"name": "sim", "url": sim_url, "models": [MODEL]}],
@@ -274,9 +279,13 @@ def controlplane_config(workdir: pathlib.Path, sim_url: str, http: int, grpc: in
     return str(path)
 
 
-def variants(args: argparse.Namespace, sink: str) -> dict[str, dict[str, object]]:
+def variants(args: argparse.Namespace, sink: str, redis: str,
+             ) -> dict[str, dict[str, object]]:
     """The extra control planes asked for, by target name: their config sections."""
     out: dict[str, dict[str, object]] = {}
+    if args.workers > 1:    # a pod of serving processes; Redis is what they share
+        out[workers_target(args.workers)] = {"workers": args.workers,
+                                             "redis": {"url": redis}}
     if args.tracing:    # every request traced and exported to an OTLP receiver
         out["traced"] = {"tracing": {"enabled": True, "sampling_ratio": args.tracing_ratio,
                                      "endpoint": sink}}
@@ -285,6 +294,29 @@ def variants(args: argparse.Namespace, sink: str) -> dict[str, dict[str, object]
     for tree in args.baseline_tree:  # the same config, the code of another source tree
         out[tree_target(tree)] = {}
     return out
+
+
+def workers_target(n: int) -> str:
+    return f"workers:{n}"
+
+
+def start_redis(tree: Tree) -> str:
+    """A private redis-server (no persistence) for the workers variant; its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("--workers needs redis-server on PATH (make test installs it)")
+    port = free_port()
+    log = open(tree.workdir / "redis.log", "wb")  # lives as long as the child
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tree.workdir)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    tree.procs.append(proc)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.2)
+    raise SystemExit("redis-server did not start")
 
 
 def tree_target(tree: pathlib.Path) -> str:
@@ -441,12 +473,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         auth = {"Authorization": f"Bearer {KEY}"}
         targets = [("direct", f"{sim}/v1/chat/completions", {}),
                    ("synapse", f"http://127.0.0.1:{hp}/v1/chat/completions", auth)]
-        wanted = variants(args, start_sink(tree) if args.tracing else "")
+        wanted = variants(args, start_sink(tree) if args.tracing else "",
+                          start_redis(tree) if args.workers > 1 else "")
         trees = {tree_target(t): t.resolve() for t in args.baseline_tree}
         for name, sections in wanted.items():
             vh = free_port()
             vcfg = controlplane_config(workdir, sim, vh, free_port(), args.limits,
-                                       name=name, **sections)
+                                       name=name.replace(":", "-"), **sections)
             tree.start(name, [str(BIN / "synapse"), "controlplane", "--config", vcfg],
                        f"http://127.0.0.1:{vh}/ready",
                        env={"PYTHONPATH": str(trees[name])} if name in trees else None)
@@ -480,6 +513,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                                "synapse_stream_rps_over_peer":
                                    round(syn["stream_rps"] / row["stream_rps"], 3),
                                "errors": row["errors"]}
+            if (pod := both.get(workers_target(args.workers))) is not None:
+                peer_rows[name]["synapse_workers_rps_over_peer"] = round(
+                    pod["rps"] / row["rps"], 3)
+                peer_rows[name]["synapse_workers_stream_rps_over_peer"] = round(
+                    pod["stream_rps"] / row["stream_rps"], 3)
             # A slow peer gets about two seconds' worth of requests per round.
             n = max(100, min(args.cpu_requests, int(row["rps"] * 2)))
             cpu_targets.append((name, url, headers, peer_procs[name].pid, n))
@@ -538,6 +576,9 @@ def main() -> None:
                         "figure")
     parser.add_argument("--cpu-requests", type=int, default=2000,
                         help="requests per round of the CPU-per-request phase")
+    parser.add_argument("--workers", type=int, default=min(8, len(os.sched_getaffinity(0))),
+                        help="also measure the control plane as a pod of this many serving "
+                        "processes (http.workers; target 'workers:N'); 1 = not measured")
     parser.add_argument("--access-log", action="store_true",
                         help="also measure a control plane at the default log level, writing "
                         "one JSON access-log line per request (target 'logged')")

@@ -126,8 +126,8 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
     await runner.setup()
     site = web.TCPSite(runner, h.host, h.port, ssl_context=_ssl_context(h), backlog=2048,
                        reuse_port=True if role.count > 1 else None)
-    await site.start()
-    http_port = runner.addresses[0][1] if runner.addresses else h.port
+    if role.primary:
+        await site.start()
     metrics_runner = await _serve_metrics(settings, services) if role.primary else None
     pod = await workers.join(services, role) if role.count > 1 else None
     g = settings.grpc
@@ -143,6 +143,10 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
         server, grpc_port = await grpc_server.start(
             f"unix:{role.socket('grpc', role.index)}", None,
             [grpc_server.control_plane(services)], max_message_bytes=g.max_message_bytes)
+    if not role.primary:    # the shared port once this worker sees the primary's fleet
+        await workers.wait_for_fleet(services, role, settings.registry.sync_grace_s)
+        await site.start()
+    http_port = runner.addresses[0][1] if runner.addresses else h.port
     # Start-up objects (modules, settings, stubs) never die: keep them out of every future
     # collection, so a full GC pass does not stall requests for milliseconds.
     gc.collect()

@@ -42,6 +42,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Protocol
 
+import aiohttp
 from aiohttp import web
 
 from controlplane import config
@@ -56,6 +57,7 @@ RESTART_FIRST_S = 0.5
 RESTART_MAX_S = 10.0
 STOP_GRACE_S = 10.0         # a worker's own shutdown grace, plus a margin
 PR_SET_PDEATHSIG = 1
+FLEET_POLL_S = 0.05
 
 
 def cpus() -> int:
@@ -195,25 +197,67 @@ def exit_with_parent(parent: int) -> None:
 class PodLink:
     """This process's links to the rest of its pod, closed when it stops."""
 
-    def __init__(self, metrics_runner: web.AppRunner, mesh: _Closable) -> None:
-        self._metrics_runner = metrics_runner
+    def __init__(self, runners: Sequence[web.AppRunner], mesh: _Closable) -> None:
+        self._runners = runners
         self._mesh = mesh
 
     async def close(self) -> None:
         await self._mesh.close()
-        await self._metrics_runner.cleanup()
+        for runner in self._runners:
+            await runner.cleanup()
 
 
 class _Closable(Protocol):
     async def close(self) -> None: ...
 
 
+def reported_nodes(services: services_mod.Services) -> list[str]:
+    """The connected nodes this process has a report from."""
+    return sorted(n.info.name for n in services.registry.nodes()
+                  if n.connected and (n.backends or n.report is not None))
+
+
 async def join(services: services_mod.Services, role: Role) -> PodLink:
-    """Serve this process's own figures to the others, and join the routing mesh."""
-    runner = await observability.serve_worker_metrics(
-        services, role.socket("metrics", role.index))
+    """Serve this process's own figures to the others, and join the routing mesh; the
+    primary also tells its workers which nodes it has (:func:`wait_for_fleet`)."""
+    runners = [await observability.serve_worker_metrics(
+        services, role.socket("metrics", role.index))]
     services.worker_metrics_sockets = role.others("metrics")
+    if role.primary:
+        async def nodes(request: web.Request) -> web.Response:
+            return web.json_response(reported_nodes(services))
+        app = web.Application()
+        app.router.add_get("/nodes", nodes)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.UnixSite(runner, str(role.socket("fleet", 0))).start()
+        runners.append(runner)
     assert role.directory is not None
     mesh = worker_wiring.attach_mesh(services, role.directory, role.index, role.count)
     await mesh.start()
-    return PodLink(runner, mesh)
+    return PodLink(runners, mesh)
+
+
+async def wait_for_fleet(services: services_mod.Services, role: Role, within_s: float,
+                         ) -> bool:
+    """A worker's wait, before it takes connections on the shared port, until its registry
+    (fed by the primary's relay) holds every node the primary has a report from: else
+    the kernel would hand it requests it answers "no backend" for. False when
+    ``within_s`` passed first (it then serves with what it has, said in the log)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    connector = aiohttp.UnixConnector(path=str(role.socket("fleet", 0)))
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=1.0)) as session:
+        while loop.time() < deadline:
+            try:
+                async with session.get("http://primary/nodes") as resp:
+                    wanted = set(await resp.json())
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                wanted = None
+            if wanted is not None and wanted <= set(reported_nodes(services)):
+                return True
+            await asyncio.sleep(FLEET_POLL_S)
+    log.warning("serving worker %d takes requests without the primary's whole fleet view "
+                "after %.0fs", role.index, within_s)
+    return False

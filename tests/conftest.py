@@ -8,13 +8,27 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import harness
+from tests import fleet, harness
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pod_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """With ``SYNAPSE_TEST_WORKERS`` above 1: the redis-server that fleets without one of
+    their own share as pods (a database each: ``tests.fleet.as_pod``)."""
+    if fleet.WORKERS <= 1:
+        yield
+        return
+    server = harness.RedisServer(tmp_path_factory.mktemp("pod-redis"))
+    fleet.POD_REDIS.append(server.url.removesuffix("/0"))
+    yield
+    fleet.POD_REDIS.clear()
+    server.stop()
 
 
 @pytest.fixture

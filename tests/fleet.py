@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import itertools
 import json
+import os
 import pathlib
 import socket
 import subprocess
@@ -49,9 +51,32 @@ def write_yaml(path: pathlib.Path, data: dict[str, Any]) -> pathlib.Path:
     return path
 
 
+# ``SYNAPSE_TEST_WORKERS=N`` (``make test``'s pass over the serving suites): every fleet
+# control plane runs as a pod of N serving processes (``http.workers``) where its state can
+# be shared; one without Redis gets a database of the session's redis-server
+# (``tests/conftest.py``), which sets :data:`POD_REDIS`.
+WORKERS = int(os.environ.get("SYNAPSE_TEST_WORKERS", "1"))
+POD_REDIS: list[str] = []       # the session's redis-server URL (without a database)
+_databases = itertools.count(1)
+
+
+def as_pod(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with ``http.workers`` = :data:`WORKERS` when it can run as a pod."""
+    if WORKERS <= 1 or "workers" in cfg.get("http", {}):
+        return cfg
+    from controlplane import config, workers
+    if not (cfg.get("redis") or {}).get("url") and POD_REDIS:
+        cfg["redis"] = {**cfg.get("redis", {}),
+                        "url": f"{POD_REDIS[0]}/{next(_databases) % 16}"}
+    if workers.why_one(config.ControlPlaneSettings.model_validate(cfg)) is None:
+        cfg.setdefault("http", {})["workers"] = WORKERS
+    return cfg
+
+
 def controlplane_config(name: str, http_port: int, grpc_port: int, data_dir: pathlib.Path,
                         **sections: Any) -> dict[str, Any]:
-    """A control-plane config on loopback with two tenants and the admin key."""
+    """A control-plane config on loopback with two tenants and the admin key (a pod of
+    :data:`WORKERS` processes where it can be)."""
     cfg: dict[str, Any] = {
         "replica_id": name, "data_dir": str(data_dir),
         "http": {"host": "127.0.0.1", "port": http_port, "max_body_bytes": 1024 * 1024,
@@ -66,7 +91,7 @@ def controlplane_config(name: str, http_port: int, grpc_port: int, data_dir: pat
         "logging": {"level": "info"},
     }
     harness.with_sections(cfg, sections)
-    return cfg
+    return as_pod(cfg)
 
 
 def simulator_argv(port: int, model: str = MODEL, *extra: str,
