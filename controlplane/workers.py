@@ -57,15 +57,37 @@ RESTART_FIRST_S = 0.5
 RESTART_MAX_S = 10.0
 STOP_GRACE_S = 10.0         # a worker's own shutdown grace, plus a margin
 PR_SET_PDEATHSIG = 1
+CGROUP = pathlib.Path("/sys/fs/cgroup")
 FLEET_POLL_S = 0.05
 
 
-def cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+def cpus(cgroup: pathlib.Path = CGROUP) -> int:
+    """The CPUs this process may use: its affinity mask, capped by its cgroup's CPU quota
+    (a container limited to 2 CPUs on a 64-core node sees 64 in its mask; Kubernetes
+    limits are quotas). A quota of 1.5 CPUs counts as 1: a second worker would only
+    compete with the first for the same time."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:      # not Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    quota = cpu_quota(cgroup)
+    return max(1, min(n, int(quota))) if quota is not None else n
+
+
+def cpu_quota(cgroup: pathlib.Path = CGROUP) -> float | None:
+    """The cgroup's CPU limit in CPUs (v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``), None when unlimited or unreadable."""
+    try:
+        quota, _, period = (cgroup / "cpu.max").read_text().partition(" ")
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 def why_one(settings: config.ControlPlaneSettings) -> str | None:

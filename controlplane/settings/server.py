@@ -17,7 +17,8 @@ class HttpSettings(Section):
     port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 = pick a free port)")
     workers: int | Literal["auto"] = Field(
         "auto", description="serving processes sharing the HTTP port (1 to "
-        f"{MAX_WORKERS}); auto = the CPUs this process may use, when what the workers "
+        f"{MAX_WORKERS}); auto = the CPUs this process may use (its affinity, capped by its "
+        "container's CPU limit), when what the workers "
         "must share can be shared (redis.url set; the cache off, or its L1 in Redis and its "
         "L2 on a Milvus server), else 1")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024,

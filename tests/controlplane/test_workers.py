@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pydantic
@@ -58,3 +59,23 @@ def test_roles_name_their_sockets_and_replicas(tmp_path: pathlib.Path) -> None:
     assert second.others("metrics") == (tmp_path / "metrics-0.sock",
                                         tmp_path / "metrics-1.sock")
     assert primary.others("grpc") == (tmp_path / "grpc-1.sock", tmp_path / "grpc-2.sock")
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"cpu.max": "200000 100000\n"}, 2.0),
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_a_containers_cpu_limit_caps_auto(tmp_path: pathlib.Path, files: dict[str, str],
+                                          expected: float | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert workers.cpu_quota(tmp_path) == expected
+    n = workers.cpus(tmp_path)
+    assert 1 <= n <= len(os.sched_getaffinity(0))
+    if expected is not None:
+        assert n <= max(1, int(expected))
