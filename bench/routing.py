@@ -22,6 +22,11 @@ the time to the first content token; times are reported in simulated seconds (me
 / time scale). Throughput is output tokens / (last answer - first request); the prefix
 hit ratio is the engines' cached prompt tokens / prompt tokens, from each answer's usage.
 
+``--workers 1,2`` runs the whole bench once per count, each control plane a pod of that
+many serving processes (``http.workers``; with a redis-server, which they need), so a
+router whose locality split across the processes would show here as worse ratios; the
+JSON then gains ``by_workers`` (each count's figures, keyed by the count).
+
 Run: ``python -m bench.routing [--time-scale 1]``. Last line: ``{"bench": "routing",
 "A": {"p90_ttft_ratio_vs_round_robin": …, "throughput_ratio_vs_round_robin": …,
 "prefix_hit_ratio": …}, "B": {…}, "C": {"p90_ttft_ratio_vs_least_loaded": …},
@@ -51,7 +56,7 @@ if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ import
     sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from bench.gateway import Tree  # noqa: E402
+from bench.gateway import Tree, start_redis  # noqa: E402
 from synapse_common.ports import free_port  # noqa: E402
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
@@ -195,16 +200,21 @@ HETEROGENEOUS: dict[str, dict[str, object]] = {
 
 def start_fleet(tree: Tree, workdir: pathlib.Path, scale: float,
                 replicas: dict[str, dict[str, object]],
-                sims: list[list[str]]) -> dict[str, str]:
+                sims: list[list[str]], workers: int = 1) -> dict[str, str]:
     """One control plane per entry of ``replicas`` (its ``router`` section), all fed by one
-    agent supervising one simulator per entry of ``sims`` (its extra arguments)."""
+    agent supervising one simulator per entry of ``sims`` (its extra arguments); with
+    ``workers`` > 1 each is a pod of that many processes, with a Redis database of its own."""
     grpc_ports = {name: free_port() for name in replicas}
+    redis = start_redis(tree).removesuffix("/0") if workers > 1 else ""
     urls = {}
-    for name, router in replicas.items():
+    for i, (name, router) in enumerate(replicas.items()):
         http = free_port()
         cfg = workdir / f"cp-{name}.yaml"
+        pod: dict[str, object] = ({"redis": {"url": f"{redis}/{i}"}} if workers > 1 else {})
         cfg.write_text(yaml.safe_dump({
-            "replica_id": name, "http": {"host": "127.0.0.1", "port": http},
+            **pod, "replica_id": name,
+            "http": {"host": "127.0.0.1", "port": http,
+                     **({"workers": workers} if workers > 1 else {})},
             "grpc": {"host": "127.0.0.1", "port": grpc_ports[name]},
             "auth": {"admin_key": ADMIN, "tenants": [{"name": "bench", "keys": [KEY]}],
                      "allow_unauthenticated_agents": True},
@@ -282,6 +292,21 @@ async def run_workloads(args: argparse.Namespace, urls: dict[str, str], names: s
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
+    counts = [int(n) for n in str(args.workers).split(",")]
+    results = {}
+    for n in counts:
+        if len(counts) > 1:
+            print(f"-- {n} serving process{'es' if n > 1 else ''} per control plane",
+                  flush=True)
+        results[n] = await run_once(args, n)
+    out = results[counts[0]]
+    if len(counts) > 1:
+        out["by_workers"] = {str(n): {k: v for k, v in r.items() if k != "bench"}
+                             for n, r in results.items()}
+    return out
+
+
+async def run_once(args: argparse.Namespace, workers: int) -> dict[str, object]:
     table: dict[str, dict[str, dict[str, float]]] = {}
     header()
     fleets: list[tuple[str, dict[str, dict[str, object]], list[list[str]]]] = [
@@ -294,7 +319,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench-routing-"))
         tree = Tree(workdir)
         try:
-            urls = start_fleet(tree, workdir, args.time_scale, replicas, sims)
+            urls = start_fleet(tree, workdir, args.time_scale, replicas, sims, workers)
             await run_workloads(args, urls, names, table)
         finally:
             tree.stop()
@@ -338,6 +363,9 @@ def main() -> None:
     parser.add_argument("--seed", default="7")
     parser.add_argument("--show-routes", action="store_true",
                         help="print each control plane's route decisions after a run")
+    parser.add_argument("--workers", default="1",
+                        help="serving processes per control plane (http.workers); a comma "
+                        "list (1,2) runs the bench once per count")
     args = parser.parse_args()
     result = common.run(run(args))
     print(json.dumps(result))
