@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--prompt", required=True, help="one user message")
     explain.add_argument("--session", default="", help="x-session-id for affinity")
     explain.add_argument("--max-tokens", type=int, default=0)
+    explain.add_argument("--tenant", default="",
+                         help="route it as this tenant's request: engines' prefix caches "
+                         "are partitioned per tenant, so only then are its cached prefixes "
+                         "counted")
+    explain.add_argument("--cache-salt", default="",
+                         help="the cache_salt the tenant's request would carry")
     return parser
 
 
@@ -226,7 +232,7 @@ def _dispatch(client: Any, args: argparse.Namespace) -> ctl_render.Rendered:
         "cache": lambda c, a: ctl_render.invalidated(c.invalidate(a.tenant, a.model, a.all)),
         "stats": lambda c, a: ctl_render.stats(c.stats()),
         "explain": lambda c, a: ctl_render.explain(
-            c.explain(a.model, a.prompt, a.session, a.max_tokens)),
+            c.explain(a.model, a.prompt, a.session, a.max_tokens, a.tenant, a.cache_salt)),
     }
     return handlers[args.command](client, args)
 

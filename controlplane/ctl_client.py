@@ -98,10 +98,11 @@ class AdminClient:
     def stats(self) -> admin_pb2.Stats:
         return self._call("GetStats", admin_pb2.GetStatsRequest())  # type: ignore[return-value]
 
-    def explain(self, model: str, prompt: str, session: str,
-                max_tokens: int) -> admin_pb2.ExplainRouteResponse:
+    def explain(self, model: str, prompt: str, session: str, max_tokens: int,
+                tenant: str = "", cache_salt: str = "") -> admin_pb2.ExplainRouteResponse:
         request = admin_pb2.ExplainRouteRequest(model=model, prompt=prompt, session_id=session,
-                                                max_tokens=max_tokens)
+                                                max_tokens=max_tokens, tenant=tenant,
+                                                cache_salt=cache_salt)
         return self._call("ExplainRoute", request)  # type: ignore[return-value]
 
     def usage(self, tenant: str, since_s: float) -> admin_pb2.GetUsageResponse:

@@ -25,7 +25,7 @@ from controlplane import errors
 from controlplane.api import admin_views as views
 from controlplane.api import fairness, fleet_stats, grpc_server
 from controlplane.api import services as services_mod
-from controlplane.core import fleet, placement
+from controlplane.core import cache_salt, fleet, placement, tenants
 from controlplane.core import router as router_mod
 from protos.synapse.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
@@ -227,9 +227,23 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         prompt = router_mod.Prompt.from_messages(messages, request.max_tokens,
                                                  _check_name(request.session_id, "session_id",
                                                              required=False))
+        if request.tenant or request.cache_salt:
+            prompt.partition(cache_salt.for_tenant(self._tenant(request.tenant),
+                                                   request.cache_salt))
         verdicts, reason = self.svc.router.explain(canonical, prompt)
         return views.explanation(canonical, self.svc.router.params.policy, prompt.tokens,
                                  verdicts, reason)
+
+    def _tenant(self, name: str) -> str:
+        """A tenant of this control plane, named as in its config (``anonymous`` when
+        authentication is off): its requests' prefix-cache partition is the tenant's."""
+        _check_name(name, "tenant")
+        known = {t.name for t in self.svc.tenants.tenants()}
+        if not self.svc.settings.auth.enabled:
+            known.add(tenants.ANONYMOUS)
+        if name not in known:
+            raise errors.NotFound(f"tenant {name!r} is not configured", param="tenant")
+        return name
 
     @_admin_call
     async def GetUsage(self, request: admin_pb2.GetUsageRequest,

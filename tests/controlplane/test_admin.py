@@ -15,7 +15,9 @@ import pytest
 from controlplane import config
 from controlplane.api import admin_grpc, fleet_wiring, grpc_server
 from controlplane.api import services as services_mod
+from controlplane.core import cache_salt
 from controlplane.core import fleet as fleet_mod
+from controlplane.core import router as router_mod
 from protos.synapse.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -312,6 +314,35 @@ async def test_explain_lists_every_backend_with_its_verdict(fleet) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await admin("ExplainRoute", admin_pb2.ExplainRouteRequest(model="nope", prompt="x"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_explain_as_a_tenant_counts_its_cached_prefix(fleet) -> None:
+    replica, _, admin = fleet
+    text = " ".join(f"clause {i} binds party {i % 5}." for i in range(100))
+    router = replica.services.router
+    prompt = router_mod.Prompt.from_messages([{"role": "user", "content": text}])
+    prompt.partition(cache_salt.for_tenant("t"))    # as tenant t's request is routed
+    decision = router.route(MODEL, prompt)
+    assert decision is not None
+    router.dispatched(decision, decision.candidates[0], prompt)
+
+    async def cached(**request: str) -> int:
+        resp = await admin("ExplainRoute", admin_pb2.ExplainRouteRequest(
+            model="llama", prompt=text, **request))
+        return max(b.cached_tokens for b in resp.backends)
+
+    # Engines' caches are partitioned per tenant: a prompt explained for no tenant is in
+    # no partition any request is in; as tenant t's, its cached prefix counts.
+    assert await cached() == 0
+    assert await cached(tenant="t") > 0
+    assert await cached(tenant="t", cache_salt="another") == 0
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cached(tenant="nobody")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "tenant" in err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cached(cache_salt="lonely")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tenant" in err.value.details()
 
 
 async def test_stats_count_nodes_and_backends(fleet) -> None:

@@ -349,18 +349,22 @@ class GetUsageResponse(_message.Message):
     def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ...) -> None: ...
 
 class ExplainRouteRequest(_message.Message):
-    __slots__ = ("model", "prompt", "messages_json", "session_id", "max_tokens")
+    __slots__ = ("model", "prompt", "messages_json", "session_id", "max_tokens", "tenant", "cache_salt")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_JSON_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     messages_json: str
     session_id: str
     max_tokens: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages_json: _Optional[str] = ..., session_id: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    tenant: str
+    cache_salt: str
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages_json: _Optional[str] = ..., session_id: _Optional[str] = ..., max_tokens: _Optional[int] = ..., tenant: _Optional[str] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class BackendVerdict(_message.Message):
     __slots__ = ("node", "backend", "url", "eligible", "filter_reason", "predicted_ttft_seconds", "queue_wait_seconds", "prefill_seconds", "prompt_tokens", "cached_tokens", "rank", "session_affinity", "block_size", "prefill_seconds_per_token", "decode_seconds_per_step", "overhead_seconds", "cost_samples")
