@@ -63,8 +63,14 @@ engines-llamacpp: | $(PY)
 up: $(VENV)/.runtime
 	$(BIN)/synapse up $(ARGS)
 
+# The suites that run real control-plane processes, run again with every control plane
+# that can share its state as a pod of two serving processes (http.workers: tests.fleet).
+POD_SUITES = tests/e2e tests/badinput tests/security
+
 test: $(VENV)/.dev tools engines
 	$(BIN)/pytest -m "not llamacpp" $(PYTEST_ARGS)
+	@echo "== the serving suites again, control planes as pods of 2 processes (SYNAPSE_TEST_WORKERS=2)"
+	SYNAPSE_TEST_WORKERS=2 $(BIN)/pytest -m "not llamacpp" $(POD_SUITES) $(PYTEST_ARGS)
 
 # Opt-in: the llamacpp upstream kind against a real llama-server, built when missing (root
 # for apt's clang-19, then ~13 CPU-minutes); tests/engines/test_kind_llamacpp.py says why.

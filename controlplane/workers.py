@@ -144,7 +144,15 @@ class Role:
 
 
 def private_directory() -> pathlib.Path:
-    return pathlib.Path(tempfile.mkdtemp(prefix="synapse-workers-"))    # mode 0700
+    """A new directory (mode 0700) for the pod's sockets; ValueError naming the setting
+    when the temporary directory cannot take one (a read-only root without a /tmp)."""
+    try:
+        return pathlib.Path(tempfile.mkdtemp(prefix="synapse-workers-"))
+    except OSError as exc:
+        raise ValueError(f"http.workers: cannot create the workers' socket directory in "
+                         f"{tempfile.gettempdir()} ({exc.strerror or exc}); give the "
+                         "process a writable temporary directory (TMPDIR) or set "
+                         "http.workers: 1") from None
 
 
 class Pool:
