@@ -30,5 +30,14 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 def exit_on_sigterm() -> None:
     """End the bench on SIGTERM as on Ctrl-C, through its ``finally`` blocks: they stop the
-    processes it started, which run in sessions of their own and never see the signal."""
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    processes it started, which run in sessions of their own and never see the signal.
+
+    Only the first SIGTERM (or Ctrl-C) ends it: a second one, as ``timeout`` sends when
+    its own process group was signalled too, would otherwise interrupt those ``finally``
+    blocks half way and leave the rest of the processes running."""
+    def stop(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
