@@ -110,7 +110,7 @@ def count(settings: config.ControlPlaneSettings, available: int | None = None) -
     if wanted == "auto":
         n = available if available is not None else cpus()
         if n > 1 and reason is not None:
-            log.info("http.workers auto: one process (%s)", reason)
+            log.debug("http.workers auto: one process (%s)", reason)
             return 1
         return max(1, min(n, MAX_WORKERS))
     if wanted > 1 and reason is not None:
