@@ -48,6 +48,7 @@ from aiohttp import web
 from controlplane import config
 from controlplane.api import observability, worker_wiring
 from controlplane.api import services as services_mod
+from controlplane.core.l2 import store as l2_store
 from controlplane.settings.server import MAX_WORKERS
 from synapse_common import cli
 
@@ -96,9 +97,10 @@ def why_one(settings: config.ControlPlaneSettings) -> str | None:
         return ("redis.url is not set: operator intent, rate limits and usage would live "
                 "in each worker's memory")
     c = settings.cache
-    if c.enabled and c.semantic_enabled and c.milvus_uri is None:
-        return ("the semantic cache's L2 is a Milvus Lite file (cache.milvus_uri is not "
-                "set), which only one process can open")
+    if c.enabled and c.semantic_enabled and (
+            c.milvus_uri is None or l2_store.is_file(c.milvus_uri.get_secret_value())):
+        return ("the semantic cache's L2 is a Milvus Lite file (cache.milvus_uri names no "
+                "server), which only one process can open")
     return None
 
 

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from controlplane.core.l2 import rows
+from controlplane.core.l2 import rows, store
 from synapse_common import clock as clocks
 
 CONSISTENCY = "Bounded"
@@ -89,7 +89,7 @@ class MilvusStore:
     @property
     def exclusive(self) -> bool:
         """A Milvus Lite file belongs to this one process; a server is shared."""
-        return "://" not in self._uri
+        return store.is_file(self._uri)
 
     def safe_uri(self) -> str:
         """The URI without credentials (``user:pass@host`` shows scheme and host only)."""

@@ -27,6 +27,8 @@ def test_auto_runs_one_process_per_cpu_when_the_state_can_be_shared() -> None:
     ({}, "redis.url"),
     ({"redis": REDIS, "cache": {"enabled": True, "semantic_enabled": True}},
      "cache.milvus_uri"),
+    ({"redis": REDIS, "cache": {"enabled": True, "milvus_uri": "/var/lib/synapse/l2.db"}},
+     "cache.milvus_uri"),
 ])
 def test_auto_runs_one_process_when_the_state_cannot_be_shared(
         sections: dict[str, dict[str, object]], why: str) -> None:

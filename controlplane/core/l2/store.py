@@ -17,6 +17,11 @@ import numpy as np
 from controlplane.core.l2 import rows
 
 
+def is_file(uri: str) -> bool:
+    """Whether a Milvus URI names a Milvus Lite file (one process's alone), not a server."""
+    return "://" not in uri
+
+
 class Hit(rows.Stored, Protocol):
     """A search result: a stored row and its inner product with the query."""
 
