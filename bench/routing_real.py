@@ -5,11 +5,13 @@ One process tree: a ``synapse agent`` supervising two real vLLMs (``engine: vllm
 ``VLLM_CPU_OMP_THREADS_BIND`` 0 and 1, ``VLLM_CPU_KVCACHE_SPACE=1``, of which each uses
 ``--kv-tokens`` (default 12,288: 96 blocks of 128; 1 GiB would hold about 46,600, and a
 workload scaled to that takes hours on two CPU cores); the agent reports their block size
-and KV capacity from ``vllm:cache_config_info``), four ``synapse controlplane`` replicas fed by that agent —
-``predicted_ttft`` with the model's own tokenizer (``models[].tokenizer``),
-``predicted_ttft`` with the shared approximation (``predicted_approx``), ``round_robin``,
-``least_loaded`` — and the Rust ``vllm-router`` in ``cache_aware`` mode (``make
-bench-peers``) in front of the same two engines. Each policy runs each workload in turn,
+and KV capacity from ``vllm:cache_config_info``), four ``synapse controlplane`` replicas
+fed by that agent — ``predicted_ttft`` with the model's own tokenizer
+(``models[].tokenizer``), ``predicted_ttft`` with the shared approximation
+(``predicted_approx``), ``round_robin``, ``least_loaded``; and ``predicted_pod``, the
+first as a pod of two serving processes (``http.workers``), when named in ``--policies``
+— and the Rust ``vllm-router`` in ``cache_aware`` mode (``make bench-peers``) in front
+of the same two engines. Each policy runs each workload in turn,
 on fresh random texts (no run inherits another's prefix cache), closed loop with
 ``--concurrency`` requests in flight, streamed, ``ignore_eos``.
 
@@ -62,7 +64,7 @@ if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ import
     sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from bench.gateway import Tree  # noqa: E402
+from bench.gateway import Tree, start_redis  # noqa: E402
 from bench.routing import ADMIN, KEY, Result, _backends_ready, send  # noqa: E402
 from bench.scrape import engine_requests, engine_totals, learned, route_totals  # noqa: E402
 from synapse_common import engines  # noqa: E402
@@ -75,7 +77,11 @@ REPLICAS: dict[str, dict[str, Any]] = {
     "predicted_approx": {"policy": "predicted_ttft"},
     "round_robin": {"policy": "round_robin"},
     "least_loaded": {"policy": "least_loaded"},
+    # predicted_ttft as a pod of serving processes (http.workers: 2, with a Redis):
+    # only when named in --policies
+    "predicted_pod": {"policy": "predicted_ttft"},
 }
+POD_WORKERS = 2
 START_S = 600.0
 # --enable-scale-out: vllm-router's cache_aware policy asks the engine to render each chat
 # prompt (POST /v1/chat/completions/render), which vLLM refuses (403) without it.
@@ -178,20 +184,24 @@ def kv_flags(kv_tokens: int) -> list[str]:
 
 
 def start(tree: Tree, workdir: pathlib.Path, tier: engines.EngineTier, kv_tokens: int,
-          ) -> tuple[dict[str, str], list[str]]:
-    """The agent with two vLLMs, one control plane per replica and the vllm-router: the
-    URL of each policy, and the engines' URLs."""
+          policies: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """The agent with two vLLMs, one control plane per replica asked for and the
+    vllm-router: the URL of each policy, and the engines' URLs."""
     command, model_dir = tier.require_vllm()
-    grpc = {name: free_port() for name in REPLICAS}
+    replicas = {name: router for name, router in REPLICAS.items()
+                if name in policies or name == "round_robin"}
+    grpc = {name: free_port() for name in replicas}
     urls: dict[str, str] = {}
-    for name, router in REPLICAS.items():
+    for name, router in replicas.items():
         http = free_port()
         model: dict[str, Any] = {"name": tier.model_name}
-        if name == "predicted_ttft":
+        if name in ("predicted_ttft", "predicted_pod"):
             model["tokenizer"] = str(model_dir)
+        pod: dict[str, Any] = {"workers": POD_WORKERS} if name == "predicted_pod" else {}
         cfg = workdir / f"cp-{name}.yaml"
         cfg.write_text(yaml.safe_dump({
-            "replica_id": name, "http": {"host": "127.0.0.1", "port": http,
+            **({"redis": {"url": start_redis(tree)}} if pod else {}),
+            "replica_id": name, "http": {"host": "127.0.0.1", "port": http, **pod,
                                          "upstream_first_byte_timeout_s": 300.0,
                                          "upstream_idle_timeout_s": 120.0},
             "grpc": {"host": "127.0.0.1", "port": grpc[name]},
@@ -267,7 +277,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "C": lambda rng: workload_c(rng, args.unique)}
     table: dict[str, dict[str, dict[str, float]]] = {}
     try:
-        urls, engine_urls = start(tree, workdir, tier, args.kv_tokens)
+        urls, engine_urls = start(tree, workdir, tier, args.kv_tokens,
+                                  args.policies.split(","))
         warm_up(engine_urls, tier.model_name)
         print(f"{'workload':<9}{'policy':<25}{'p50 s':>7}{'p90 s':>7}{'wall s':>8}"
               f"{'out tok/s':>10}{'engine hit':>11}{'usage hit':>10}{'pred/rep':>9}"
@@ -323,6 +334,10 @@ def result_json(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]
                         _ratio(p["tokens_per_s"], rr["tokens_per_s"]),
                     "engine_prefix_hit_ratio": round(p["engine_hit_ratio"], 3)}
         out["cached_tokens_agreement"] = round(p["cached_agreement"], 3)
+        if (pod := a.get("predicted_pod")) is not None:
+            out["A"]["pod_p90_ttft_ratio_vs_one_process"] = _ratio(pod["p90"], p["p90"])
+            out["A"]["pod_p90_ttft_ratio_vs_round_robin"] = _ratio(pod["p90"], rr["p90"])
+            out["A"]["pod_engine_prefix_hit_ratio"] = round(pod["engine_hit_ratio"], 3)
         if "predicted_approx" in a:
             out["cached_tokens_agreement_approximation"] = \
                 round(a["predicted_approx"]["cached_agreement"], 3)
