@@ -1,7 +1,7 @@
 """A worker process's routing state joined to its siblings' (``http.workers`` > 1).
 
-:func:`attach_mesh` wires one worker's router, ledger, prefix index, sessions and
-Responses pins (:class:`services.Services`) to the in-pod mesh
+:func:`attach_mesh` wires one worker's router, ledger, prefix index, sessions,
+Responses pins and the cache's served log (:class:`services.Services`) to the in-pod mesh
 (:mod:`controlplane.adapters.worker_mesh`), so each worker routes with every worker's
 dispatches in view, as a single process would. It only builds: the caller starts the mesh
 when the worker's event loop runs and closes it when the worker stops. With one worker
@@ -16,7 +16,7 @@ import uuid
 
 from controlplane.adapters import worker_mesh
 from controlplane.api import services as services_mod
-from controlplane.core import response_pins, shared_routing
+from controlplane.core import cache_feedback, response_pins, shared_routing
 
 
 def attach_mesh(services: services_mod.Services, directory: pathlib.Path | str, index: int,
@@ -27,6 +27,8 @@ def attach_mesh(services: services_mod.Services, directory: pathlib.Path | str, 
     if services.response_pins is None:      # passthrough would make it on first use
         services.response_pins = response_pins.Pins()
     incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    served = (services.cache.served if isinstance(services.cache, cache_feedback.FeedbackCache)
+              else None)
     sharing = shared_routing.Sharing(services.router, services.response_pins, index,
-                                     incarnation)
+                                     incarnation, served)
     return worker_mesh.Mesh(sharing, directory, index, count)

@@ -15,13 +15,16 @@ Design decisions:
 - **One verdict per request.** :meth:`ServedLog.take` removes the id, so a repeated
   feedback cannot count twice or flip a verdict already acted on.
 - In process: an id is known to the replica that served it. Behind several replicas,
-  feedback that reaches another replica is refused (404) like a forgotten id.
+  feedback that reaches another replica is refused (404) like a forgotten id. The serving
+  workers of one pod share theirs (:attr:`ServedLog.listener`, :mod:`shared_routing`), so
+  feedback may reach any process of the pod that served the hit.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Protocol
 
 from synapse_common.clock import Clock
 
@@ -43,6 +46,14 @@ class Served:
     embedder_id: str = ""
 
 
+class Listener(Protocol):
+    """Told of every id remembered and taken (a mesh sharing them with sibling workers)."""
+
+    def served(self, request_id: str, served: Served) -> None: ...
+
+    def taken(self, tenant: str, request_id: str) -> None: ...
+
+
 class ServedLog:
     def __init__(self, per_tenant: int, max_age_s: float, clock: Clock,
                  tenants: int = 10_000) -> None:
@@ -54,6 +65,7 @@ class ServedLog:
         self._tenants = tenants
         self._by_tenant: collections.OrderedDict[
             str, collections.OrderedDict[str, tuple[float, Served]]] = collections.OrderedDict()
+        self.listener: Listener | None = None
 
     def __len__(self) -> int:
         return sum(len(ids) for ids in self._by_tenant.values())
@@ -69,6 +81,8 @@ class ServedLog:
         ids[request_id] = (self._clock(), served)
         while len(ids) > self._per_tenant:
             ids.popitem(last=False)
+        if self.listener is not None:
+            self.listener.served(request_id, served)
 
     def take(self, tenant: str, request_id: str) -> Served | None:
         """The entry that served ``request_id`` for ``tenant``, forgotten from now on."""
@@ -78,5 +92,7 @@ class ServedLog:
         found = ids.pop(request_id, None)
         if found is None:
             return None
+        if self.listener is not None:
+            self.listener.taken(tenant, request_id)
         at, served = found
         return served if self._clock() - at <= self._max_age else None

@@ -13,7 +13,11 @@ dispatched it itself:
   predicted first token by this worker's clock, as an own one would. Foreign tickets never
   reach ``Router.observe``: costs are learned from a worker's own answers only;
 * the prefix index's inserts and the sessions' backends (:class:`router.Listener`);
-* the Responses pins (:attr:`response_pins.Pins.listener`).
+* the Responses pins (:attr:`response_pins.Pins.listener`);
+* the response cache's served log (:attr:`served_log.ServedLog.listener`), when the
+  cache takes feedback: which entry answered which request id, so ``POST
+  /v1/cache/feedback`` may reach any process of the pod, and an id judged on one is
+  forgotten by all (one verdict per request).
 
 Foreign tickets belong to the connection they came in on (an :class:`Inbound`), not to
 the peer's index: when a connection ends (the peer died, closed, or was dropped as too
@@ -38,6 +42,7 @@ the outbox was empty); encoding happens at the flush, once for every peer.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,7 +50,7 @@ from typing import Any
 import orjson
 
 from controlplane.core import ledger as ledger_mod
-from controlplane.core import response_pins
+from controlplane.core import response_pins, served_log
 from controlplane.core import router as router_mod
 
 VERSION = 1
@@ -59,6 +64,8 @@ FINISH = "x"        # ("x", id)
 PREFIX = "p"        # ("p", backend, [block hashes], capacity blocks, restarts)
 SESSION = "s"       # ("s", session, backend)
 PIN = "r"           # ("r", response id, backend)
+SERVED = "v"        # ("v", request id, *the Served fields in order)
+TAKEN = "t"         # ("t", tenant, request id)
 
 Event = tuple[Any, ...]
 
@@ -84,10 +91,11 @@ class Sharing:
     """
 
     def __init__(self, router: router_mod.Router, pins: response_pins.Pins, index: int,
-                 incarnation: str) -> None:
+                 incarnation: str, served: served_log.ServedLog | None = None) -> None:
         self.router = router
         self.ledger = router.ledger
         self.pins = pins
+        self.served_log = served
         self.index = index
         self.incarnation = incarnation    # tells this process from a restarted one (logs)
         self._outbox: list[Event] = []
@@ -104,11 +112,15 @@ class Sharing:
         self.ledger.listener = self
         self.router.listener = self
         self.pins.listener = self.pinned
+        if self.served_log is not None:
+            self.served_log.listener = self
 
     def detach(self) -> None:
         self.ledger.listener = None
         self.router.listener = None
         self.pins.listener = None
+        if self.served_log is not None:
+            self.served_log.listener = None
         self._wake = None
         self._outbox.clear()
         self._live.clear()      # their finishes would no longer be heard: not kept
@@ -149,6 +161,14 @@ class Sharing:
     def pinned(self, response_id: str, backend: str) -> None:
         if not self._applying:
             self._publish((PIN, response_id, backend))
+
+    def served(self, request_id: str, served: served_log.Served) -> None:
+        if not self._applying:
+            self._publish((SERVED, request_id, *dataclasses.astuple(served)))
+
+    def taken(self, tenant: str, request_id: str) -> None:
+        if not self._applying:
+            self._publish((TAKEN, tenant, request_id))
 
     # -- what goes out ------------------------------------------------------------------
 
@@ -254,6 +274,12 @@ class Inbound:
             sharing.router.remember_session(event[1], event[2])
         elif kind == PIN:
             sharing.pins.remember(event[1], event[2])
+        elif kind == SERVED:
+            if sharing.served_log is not None:
+                sharing.served_log.remember(event[1], served_log.Served(*event[2:]))
+        elif kind == TAKEN:
+            if sharing.served_log is not None:
+                sharing.served_log.take(event[1], event[2])
         # an unknown kind is a newer peer's: skipped, so versions can add events
 
     def close(self) -> None:

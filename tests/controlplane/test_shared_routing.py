@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.core import ledger, prefix_index, registry, response_pins, router, types
+from controlplane.core import (
+    ledger,
+    prefix_index,
+    registry,
+    response_pins,
+    router,
+    served_log,
+    types,
+)
 from controlplane.core import shared_routing as shared
 from tests.clock import ManualClock
 
@@ -24,8 +32,9 @@ class Worker:
                                     prefix_index.PrefixIndex(200_000))
         self.ledger = self.router.ledger
         self.pins = response_pins.Pins()
+        self.served = served_log.ServedLog(100, 3600.0, clock)
         self.sharing = shared.Sharing(self.router, self.pins, index,
-                                      incarnation or f"w{index}")
+                                      incarnation or f"w{index}", self.served)
         self.wakes = 0
         self.sharing.attach(self._wake)
 
@@ -157,6 +166,24 @@ def test_a_responses_pin_is_known_to_every_worker() -> None:
     w0.pins.remember("resp_abc", "n1/b")
     w0.send(into_w1)
     assert w1.pins.backend_of("resp_abc") == "n1/b"
+
+
+def test_a_cache_hit_can_be_judged_on_any_worker_and_only_once() -> None:
+    clock = ManualClock()
+    w0, w1 = Worker(0, clock), Worker(1, clock)
+    into_w1, into_w0 = connected(w0, w1), connected(w1, w0)
+    hit = served_log.Served("team", MODEL, "semantic", "how do I reset it?",
+                            "how can I reset it?", "ref-1", "scope-1", 0.93, 0.88,
+                            "verifier-digest", "minilm@1")
+    w0.served.remember("req-1", hit)
+    w0.send(into_w1)
+    # the feedback reaches the other worker: it knows the hit, for that tenant only
+    assert w1.served.take("other", "req-1") is None
+    assert w1.served.take("team", "req-1") == hit
+    w1.send(into_w0)
+    # judged once: the worker that served it has forgotten it too
+    assert w0.served.take("team", "req-1") is None
+    assert w0.sharing.take() is None and w1.sharing.take() is None     # nothing echoed
 
 
 def test_applied_events_are_not_echoed_back() -> None:

@@ -65,7 +65,7 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
             "pod", http, grpc, tmp / "data", http={"workers": WORKERS},
             redis={"url": redis.url, "timeout_s": 1.0},
             registry={"node_down_after_s": 5, "upstream_probe_interval_s": 0.5},
-            cache={"enabled": False})
+            cache={"enabled": True, "semantic_enabled": False})    # L1 in Redis
         path = fleet.write_yaml(tmp / "cp.yaml", cfg)
         primary = pool.start("controlplane", ["synapse", "controlplane", "--config", str(path)],
                              ready_url=f"{url}/health", timeout=60)
@@ -89,8 +89,11 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
         redis.stop()
 
 
-def chat(pod: Pod, content: str, key: str = fleet.TENANT_KEY) -> fleet.Reply:
-    body = json.dumps({"model": "llama", "max_tokens": 2,
+def chat(pod: Pod, content: str, key: str = fleet.TENANT_KEY, **extra: object,
+         ) -> fleet.Reply:
+    """A chat completion on a connection of its own (sampled at the default temperature,
+    so the cache stays out of it unless ``extra`` says otherwise)."""
+    body = json.dumps({"model": "llama", "max_tokens": 2, **extra,
                        "messages": [{"role": "user", "content": content}]}).encode()
     return fleet.request(pod.url, "POST", "/v1/chat/completions", body, key=key)
 
@@ -127,6 +130,24 @@ def test_a_prefix_stays_where_it_is_cached_whichever_process_routes_it(pod: Pod)
         if i:
             assert reply.headers["x-synapse-route"].startswith("prefix-hit"), reply.headers
     assert len(seen) == 1, seen
+
+
+def test_feedback_on_a_cache_hit_reaches_whichever_process_served_it(pod: Pod) -> None:
+    hits = []
+    for i in range(8):
+        question = f"What is the capital of country number {i}?"
+        assert chat(pod, question, temperature=0).headers["x-synapse-cache"] == "miss"
+        reply = chat(pod, question, temperature=0)
+        assert reply.headers["x-synapse-cache"] == "hit-exact"
+        hits.append(reply.headers["x-request-id"])
+    # each verdict on a connection of its own, so on either process
+    for request_id in hits:
+        body = json.dumps({"request_id": request_id, "wrong": False}).encode()
+        reply = fleet.request(pod.url, "POST", "/v1/cache/feedback", body)
+        assert reply.status == 200, reply.body[:300]
+    body = json.dumps({"request_id": hits[0], "wrong": False}).encode()
+    again = fleet.request(pod.url, "POST", "/v1/cache/feedback", body)
+    assert again.status == 404 and again.json()["error"]["code"] == "unknown_request_id"
 
 
 def synapsectl(pod: Pod, *args: str) -> None:
