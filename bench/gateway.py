@@ -120,6 +120,21 @@ class Tree:
         wait_http(ready, proc, timeout)
         return proc
 
+    def start_tcp(self, name: str, argv: list[str], port: int,
+                  cwd: pathlib.Path | None = None) -> subprocess.Popen[bytes]:
+        """A helper process that is ready once ``port`` on loopback accepts (no HTTP)."""
+        log = open(self.workdir / f"{name}.log", "wb")  # lives as long as the child
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                                start_new_session=True)
+        self.procs.append(proc)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port),
+                                                                        0.5):
+                return proc
+            time.sleep(0.2)
+        raise SystemExit(f"{name} did not start (its log: {self.workdir / name}.log)")
+
     def start_peer(self, name: str, argv: list[str], ready: str,
                    env: dict[str, str] | None = None) -> subprocess.Popen[bytes] | None:
         """A peer gateway, or None (said on stdout) when it does not come up: one peer
@@ -306,17 +321,9 @@ def start_redis(tree: Tree) -> str:
     if binary is None:
         raise SystemExit("--workers needs redis-server on PATH (make test installs it)")
     port = free_port()
-    log = open(tree.workdir / "redis.log", "wb")  # lives as long as the child
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tree.workdir)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    tree.procs.append(proc)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return f"redis://127.0.0.1:{port}/0"
-        time.sleep(0.2)
-    raise SystemExit("redis-server did not start")
+    tree.start_tcp("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tree.workdir)], port)
+    return f"redis://127.0.0.1:{port}/0"
 
 
 def tree_target(tree: pathlib.Path) -> str:
@@ -328,17 +335,9 @@ def start_sink(tree: Tree) -> str:
     """``python -m tests.otlp`` (an OTLP/gRPC receiver that counts spans) in a process of
     its own, so receiving spans does not weigh on the load generator."""
     port = free_port()
-    log = open(tree.workdir / "otlp-sink.log", "wb")  # lives as long as the child
-    proc = subprocess.Popen([sys.executable, "-m", "tests.otlp", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            start_new_session=True)
-    tree.procs.append(proc)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return f"http://127.0.0.1:{port}"
-        time.sleep(0.2)
-    raise SystemExit("the OTLP receiver did not start")
+    tree.start_tcp("otlp-sink", [sys.executable, "-m", "tests.otlp", "--port", str(port)],
+                   port, cwd=REPO)
+    return f"http://127.0.0.1:{port}"
 
 
 def compared(row: dict[str, float], base: dict[str, float]) -> dict[str, float]:
@@ -478,8 +477,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         trees = {tree_target(t): t.resolve() for t in args.baseline_tree}
         for name, sections in wanted.items():
             vh = free_port()
+            others = {k: v for k, v in sections.items() if k != "workers"}
             vcfg = controlplane_config(workdir, sim, vh, free_port(), args.limits,
-                                       name=name.replace(":", "-"), **sections)
+                                       name=name.replace(":", "-"),
+                                       workers=int(str(sections.get("workers", 1))), **others)
             tree.start(name, [str(BIN / "synapse"), "controlplane", "--config", vcfg],
                        f"http://127.0.0.1:{vh}/ready",
                        env={"PYTHONPATH": str(trees[name])} if name in trees else None)
