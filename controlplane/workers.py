@@ -14,11 +14,12 @@ over them) and serves the whole API. The pod still looks like one control plane:
   and, with the semantic cache on, an L2 on a Milvus server (a Milvus Lite file is
   opened by one process): :func:`why_one` says which is missing.
 * **What replicas do not share** — the router's in-flight ledger, its prefix index,
-  session affinity and Responses pins — the workers of a pod share through the mesh
-  (:mod:`controlplane.api.worker_wiring`), so a prompt's locality and a backend's queue
-  do not split N ways.
-* **/metrics** on any process answers the pod's sum (:mod:`controlplane.api
-  .worker_metrics`); each process serves its own figures on a private unix socket.
+  session affinity, Responses pins and the cache's served log — the workers of a pod
+  share through the mesh (:mod:`controlplane.api.worker_wiring`), so a prompt's locality
+  and a backend's queue do not split N ways, and cache feedback reaches any process.
+* **/metrics** on any process answers the pod's sum
+  (:mod:`controlplane.api.worker_metrics`); each process serves its own figures on a
+  private unix socket.
 
 The private directory (``<tmp>/synapse-workers-*``, mode 0700, removed at exit) holds
 every unix socket: only processes of the pod's own user can reach them, which is how
@@ -56,6 +57,7 @@ log = logging.getLogger("synapse.controlplane.workers")
 
 RESTART_FIRST_S = 0.5
 RESTART_MAX_S = 10.0
+HEALTHY_S = 60.0            # a worker that ran this long restarts without waiting long
 STOP_GRACE_S = 10.0         # a worker's own shutdown grace, plus a margin
 PR_SET_PDEATHSIG = 1
 CGROUP = pathlib.Path("/sys/fs/cgroup")
@@ -179,10 +181,14 @@ class Pool:
 
     async def _keep(self, index: int) -> None:
         delay = RESTART_FIRST_S
+        loop = asyncio.get_running_loop()
         while not self._stopping:
+            started = loop.time()
             proc = await asyncio.create_subprocess_exec(*self.command(index))
             self._procs[index] = proc
             code = await proc.wait()
+            if loop.time() - started >= HEALTHY_S:
+                delay = RESTART_FIRST_S
             if self._stopping:
                 return
             if code == cli.EXIT_CONFIG:
