@@ -34,6 +34,11 @@ QUEUE_LIMIT = 64
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 1.0
 
+# A restarted worker is dialled again within a second (gRPC's default backoff reaches
+# two minutes), and it takes requests only once the relay has delivered the fleet.
+CHANNEL = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+           ("grpc.max_reconnect_backoff_ms", 1000))
+
 Message = controlplane_pb2.AgentMessage
 
 
@@ -96,7 +101,7 @@ class RelayedStream:
         while not self._closed:
             queue: asyncio.Queue[Message | None] = asyncio.Queue(QUEUE_LIMIT)
             try:
-                async with grpc.aio.insecure_channel(target) as channel:
+                async with grpc.aio.insecure_channel(target, options=CHANNEL) as channel:
                     await channel.channel_ready()
                     # what the worker must know first; from now on send() adds the rest
                     queue.put_nowait(self._register)
