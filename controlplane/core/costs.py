@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 WINDOW = 63
@@ -98,6 +99,10 @@ class CostModel:
         self._default = Costs(prefill_s_per_token, decode_s_per_step)
         self.learn = learn
         self._backends: dict[str, _Backend] = {}
+        # told of every observation (the serving workers of a pod learn from each other's
+        # answers: core.shared_routing); None in a single process
+        self.listener: Callable[[str, float, float, float, float, float, int, float],
+                                None] | None = None
 
     def costs(self, backend: str) -> Costs:
         entry = self._backends.get(backend)
@@ -113,6 +118,9 @@ class CostModel:
         the predicted TTFT was from the observed one."""
         if not self.learn:
             return
+        if self.listener is not None:
+            self.listener(backend, ttft_s, queued_tokens, uncached_tokens, decode_wait_s,
+                          stream_s, output_tokens, error_s)
         entry = self._backends.get(backend)
         if entry is None:
             entry = self._backends[backend] = _Backend(self._prefill0, self._decode0)

@@ -14,6 +14,9 @@ dispatched it itself:
   reach ``Router.observe``: costs are learned from a worker's own answers only;
 * the prefix index's inserts and the sessions' backends (:class:`router.Listener`);
 * the Responses pins (:attr:`response_pins.Pins.listener`);
+* what each answer taught the router about its backend's costs
+  (:attr:`costs.CostModel.listener`), so every worker learns from all the pod's answers,
+  not from its own share, and all predict alike;
 * the response cache's served log (:attr:`served_log.ServedLog.listener`), when the
   cache takes feedback: which entry answered which request id, so ``POST
   /v1/cache/feedback`` may reach any process of the pod, and an id judged on one is
@@ -65,6 +68,7 @@ PREFIX = "p"        # ("p", backend, [block hashes], capacity blocks, restarts)
 SESSION = "s"       # ("s", session, backend)
 PIN = "r"           # ("r", response id, backend)
 SERVED = "v"        # ("v", request id, *the Served fields in order)
+COST = "c"          # ("c", backend, *the rest of CostModel.observe's arguments in order)
 TAKEN = "t"         # ("t", tenant, request id)
 
 Event = tuple[Any, ...]
@@ -112,6 +116,7 @@ class Sharing:
         self.ledger.listener = self
         self.router.listener = self
         self.pins.listener = self.pinned
+        self.router.costs.listener = self.observed
         if self.served_log is not None:
             self.served_log.listener = self
 
@@ -119,6 +124,7 @@ class Sharing:
         self.ledger.listener = None
         self.router.listener = None
         self.pins.listener = None
+        self.router.costs.listener = None
         if self.served_log is not None:
             self.served_log.listener = None
         self._wake = None
@@ -161,6 +167,13 @@ class Sharing:
     def pinned(self, response_id: str, backend: str) -> None:
         if not self._applying:
             self._publish((PIN, response_id, backend))
+
+    def observed(self, backend: str, ttft_s: float, queued_tokens: float,
+                 uncached_tokens: float, decode_wait_s: float, stream_s: float,
+                 output_tokens: int, error_s: float) -> None:
+        if not self._applying:
+            self._publish((COST, backend, ttft_s, queued_tokens, uncached_tokens,
+                           decode_wait_s, stream_s, output_tokens, error_s))
 
     def served(self, request_id: str, served: served_log.Served) -> None:
         if not self._applying:
@@ -274,6 +287,8 @@ class Inbound:
             sharing.router.remember_session(event[1], event[2])
         elif kind == PIN:
             sharing.pins.remember(event[1], event[2])
+        elif kind == COST:
+            sharing.router.costs.observe(*event[1:])
         elif kind == SERVED:
             if sharing.served_log is not None:
                 sharing.served_log.remember(event[1], served_log.Served(*event[2:]))

@@ -288,3 +288,16 @@ def test_without_a_mesh_tickets_carry_no_id_and_nothing_is_collected() -> None:
     w0.pins.remember("resp_1", "n1/a")
     assert ticket.seq == -1 and w0.sharing.take() is None
     assert w0.ledger.listener is None and w0.router.listener is None
+
+
+def test_every_worker_learns_the_costs_from_every_workers_answers() -> None:
+    clock = ManualClock()
+    w0, w1 = Worker(0, clock), Worker(1, clock)
+    into_w1 = connected(w0, w1)
+    for i in range(40):         # answers w0 saw: 1,000 prompt tokens in 0.5 s each
+        w0.router.costs.observe("n1/a", 0.5 + i * 0.001, 0.0, 1000.0, 0.0, 1.0, 20, 0.01)
+    w0.send(into_w1)
+    learned = w0.router.costs.costs("n1/a")
+    assert learned != w1.router.costs.costs("n1/b")              # it moved from the default
+    assert w1.router.costs.costs("n1/a") == learned
+    assert w1.sharing.take() is None                              # nothing echoed
