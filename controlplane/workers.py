@@ -15,9 +15,9 @@ over them) and serves the whole API. The pod still looks like one control plane:
   opened by one process): :func:`why_one` says which is missing.
 * **What replicas do not share** — the router's in-flight ledger, its prefix index,
   session affinity, Responses pins, learned costs and the cache's served log — the
-  workers of a pod
-  share through the mesh (:mod:`controlplane.api.worker_wiring`), so a prompt's locality
-  and a backend's queue do not split N ways, and cache feedback reaches any process.
+  workers of a pod share through the mesh (:mod:`controlplane.api.worker_wiring`), so a
+  prompt's locality and a backend's queue do not split N ways, and cache feedback
+  reaches any process.
 * **/metrics** on any process answers the pod's sum
   (:mod:`controlplane.api.worker_metrics`); each process serves its own figures on a
   private unix socket.
