@@ -88,9 +88,11 @@ def render_chat(messages: Iterable[Mapping[str, Any]], add_generation_prompt: bo
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=4096)
 def salt_seed(cache_salt: str | None) -> int:
     """The seed of a prompt's block-hash chain under a request's ``cache_salt`` (0: none),
-    so that prompts with different salts share no block, as in vLLM's prefix cache."""
+    so that prompts with different salts share no block, as in vLLM's prefix cache
+    (memoised: a tenant's requests all carry the same salt)."""
     if not cache_salt:
         return 0
     return int.from_bytes(hashlib.blake2b(cache_salt.encode("utf-8", "surrogatepass"),
