@@ -12,7 +12,8 @@ dropped, and workers run the fleet loop without pushing (:class:`controlplane.co
 .FleetService` ``pushes=False``).
 
 Reports are whole states, not deltas, so a worker that falls behind loses nothing by
-missing one: each worker's queue is bounded and a report that finds it full is dropped.
+missing one: each worker's queue is bounded and a report that finds it full is dropped
+(any other message takes the place of the oldest one queued).
 A worker that restarts (or is not up yet) is dialled again with a short backoff, and
 is sent the node's latest ``Register`` and latest report first.
 """
@@ -77,6 +78,9 @@ class RelayedStream:
             try:
                 queue.put_nowait(message)
             except asyncio.QueueFull:
+                if kind != "report":    # a re-Register or an ack must get through:
+                    queue.get_nowait()  # the oldest message makes room for it
+                    queue.put_nowait(message)
                 self._dropped += 1
                 if self._dropped == 1 or self._dropped % 1000 == 0:
                     log.warning("a worker is not keeping up with agent reports: "
