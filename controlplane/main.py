@@ -220,7 +220,7 @@ def _role(args: argparse.Namespace, settings: config.ControlPlaneSettings) -> wo
         return workers.Role(args.worker_index, args.worker_count or 1,
                             pathlib.Path(args.worker_dir))
     n = workers.count(settings)
-    return workers.Role(0, n, workers.private_directory() if n > 1 else None)
+    return workers.Role(0, n, workers.private_directory(n) if n > 1 else None)
 
 
 def main(argv: list[str] | None = None, prog: str = "synapse controlplane") -> int:

@@ -61,6 +61,7 @@ RESTART_MAX_S = 10.0
 HEALTHY_S = 60.0            # a worker that ran this long restarts without waiting long
 STOP_GRACE_S = 10.0         # a worker's own shutdown grace, plus a margin
 PR_SET_PDEATHSIG = 1
+SOCKET_PATH_MAX = 107       # bytes of a unix socket's path on Linux (108 with its NUL)
 CGROUP = pathlib.Path("/sys/fs/cgroup")
 FLEET_POLL_S = 0.05
 
@@ -148,16 +149,24 @@ class Role:
         return base if self.primary else f"{base}-w{self.index}"
 
 
-def private_directory() -> pathlib.Path:
-    """A new directory (mode 0700) for the pod's sockets; ValueError naming the setting
-    when the temporary directory cannot take one (a read-only root without a /tmp)."""
+def private_directory(count: int) -> pathlib.Path:
+    """A new directory (mode 0700) for the sockets of a pod of ``count`` processes;
+    ValueError naming the setting when the temporary directory cannot take one (a
+    read-only root without a /tmp) or its path is too long for unix sockets."""
     try:
-        return pathlib.Path(tempfile.mkdtemp(prefix="synapse-workers-"))
+        directory = pathlib.Path(tempfile.mkdtemp(prefix="synapse-workers-"))
     except OSError as exc:
         raise ValueError(f"http.workers: cannot create the workers' socket directory in "
                          f"{tempfile.gettempdir()} ({exc.strerror or exc}); give the "
                          "process a writable temporary directory (TMPDIR) or set "
                          "http.workers: 1") from None
+    longest = directory / f"metrics-{count - 1}.sock"      # the longest socket name
+    if len(os.fsencode(longest)) > SOCKET_PATH_MAX:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise ValueError(f"http.workers: the temporary directory {tempfile.gettempdir()} "
+                         f"is too deep for unix socket paths ({SOCKET_PATH_MAX} bytes at "
+                         "most); set TMPDIR to a shorter path or http.workers: 1")
+    return directory
 
 
 class Pool:

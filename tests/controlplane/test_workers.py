@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 import pydantic
 import pytest
@@ -81,3 +82,16 @@ def test_a_containers_cpu_limit_caps_auto(tmp_path: pathlib.Path, files: dict[st
     assert 1 <= n <= len(os.sched_getaffinity(0))
     if expected is not None:
         assert n <= max(1, int(expected))
+
+
+def test_a_socket_directory_too_deep_for_unix_sockets_is_a_config_error(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with pytest.raises(ValueError, match=r"http\.workers: the temporary directory"):
+        workers.private_directory(2)
+    assert list(deep.iterdir()) == []       # nothing left behind
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made = workers.private_directory(2)
+    assert made.parent == tmp_path and (made.stat().st_mode & 0o777) == 0o700
