@@ -131,18 +131,7 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
     metrics_runner = await _serve_metrics(settings, services) if role.primary else None
     pod = await workers.join(services, role) if role.count > 1 else None
     g = settings.grpc
-    if role.primary:
-        relay = (agent_relay.AgentRelay([str(p) for p in role.others("grpc")],
-                                        settings.auth.agent_token_value)
-                 if role.count > 1 else None)
-        server, grpc_port = await grpc_server.start(
-            g.host, g.port, grpc_registrations(services, relay),
-            max_message_bytes=g.max_message_bytes, tls_cert_file=g.tls_cert_file,
-            tls_key_file=g.tls_key_file)
-    else:   # the agents' streams, as the primary copies them; no Admin, no TCP port
-        server, grpc_port = await grpc_server.start(
-            f"unix:{role.socket('grpc', role.index)}", None,
-            [grpc_server.control_plane(services)], max_message_bytes=g.max_message_bytes)
+    server, grpc_port = await _start_grpc(settings, services, role)
     if not role.primary:    # the shared port once this worker sees the primary's fleet
         await workers.wait_for_fleet(services, role, settings.registry.sync_grace_s)
         await site.start()
@@ -192,6 +181,24 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
         if pod is not None:
             await pod.close()
         await server.stop(GRPC_STOP_GRACE_S)
+
+
+async def _start_grpc(settings: config.ControlPlaneSettings, services: services_mod.Services,
+                      role: workers.Role) -> tuple[grpc_server.Server, int]:
+    """The primary's gRPC server on ``grpc.port`` (agents, whose streams it copies to its
+    workers, and Admin); a worker's on its private socket (the copied streams alone)."""
+    g = settings.grpc
+    if not role.primary:
+        return await grpc_server.start(
+            f"unix:{role.socket('grpc', role.index)}", None,
+            [grpc_server.control_plane(services)], max_message_bytes=g.max_message_bytes)
+    relay = (agent_relay.AgentRelay([str(p) for p in role.others("grpc")],
+                                    settings.auth.agent_token_value)
+             if role.count > 1 else None)
+    return await grpc_server.start(
+        g.host, g.port, grpc_registrations(services, relay),
+        max_message_bytes=g.max_message_bytes, tls_cert_file=g.tls_cert_file,
+        tls_key_file=g.tls_key_file)
 
 
 async def _set_when(event: asyncio.Event, stop: asyncio.Event) -> None:

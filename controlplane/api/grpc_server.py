@@ -40,6 +40,7 @@ from synapse_common import aiotasks, call_metadata
 log = logging.getLogger("synapse.controlplane.grpc")
 
 Registration = Callable[[grpc.aio.Server], str]
+Server = grpc.aio.Server
 
 
 def status_code(exc: errors.SynapseError) -> grpc.StatusCode:
