@@ -29,8 +29,10 @@ serving processes (``http.workers``, with the Redis-server the workers need), ta
 
 Peers, when ``make bench-peers`` installed them under ``.bench-venvs/``: LiteLLM's proxy
 (2 workers) and the PyPI ``vllm-router`` (round robin) in front of the same simulator,
-and nginx (2 workers, upstream keep-alive; the floor of what proxying costs) when
-``nginx`` is on PATH, measured in the same interleaved rounds as Synapse (a peer whose
+nginx (2 workers, upstream keep-alive; the floor of what proxying costs) when
+``nginx`` is on PATH, and ``python_floor`` (``bench/python_floor.py``: one uvloop process,
+an httptools server and Synapse's own upstream client, no feature at all; the floor of a
+Python gateway, so Synapse minus it is what its features and aiohttp cost), measured in the same interleaved rounds as Synapse (a peer whose
 saturated throughput is under twice ``--rate`` gets its latency phase at half that
 throughput); their ratios go under ``peers``. A peer that does not start is skipped
 (said on stdout), not the run.
@@ -380,7 +382,9 @@ def peers(tree: Tree, sim_url: str, workdir: pathlib.Path,
           ) -> Iterator[tuple[str, str, subprocess.Popen[bytes]]]:
     """(name, chat URL, process) of every peer gateway installed by ``make bench-peers``,
     and nginx (a plain reverse proxy with upstream keep-alive, 2 workers: the floor of
-    what a proxy costs) when ``nginx`` is on PATH."""
+    what a proxy costs) when ``nginx`` is on PATH, and always ``bench/python_floor.py``
+    (uvloop, httptools and Synapse's upstream client, no feature: the floor of a Python
+    gateway)."""
     litellm = VENVS / "litellm" / "bin" / "litellm"
     if litellm.exists():
         port = free_port()
@@ -416,6 +420,12 @@ def peers(tree: Tree, sim_url: str, workdir: pathlib.Path,
                                f"http://127.0.0.1:{port}/health")
         if proc is not None:
             yield "nginx", f"http://127.0.0.1:{port}/v1/chat/completions", proc
+    port = free_port()
+    floor = str(REPO / "bench" / "python_floor.py")
+    proc = tree.start_peer("python-floor", [str(BIN / "python"), floor, str(port), sim_url],
+                           f"http://127.0.0.1:{port}/health")
+    if proc is not None:
+        yield "python_floor", f"http://127.0.0.1:{port}/v1/chat/completions", proc
 
 
 async def measure(targets: list[tuple[str, str, dict[str, str]]], args: argparse.Namespace,
