@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/synapse/v1/node.proto\x12\nsynapse.v1\"?\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x11\n\tnormalize\x18\x03 \x01(\x08\"a\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0f\n\x07vectors\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x03(\x08\x12\x13\n\x0b\x65mbedder_id\x18\x05 \x01(\t2D\n\x04Node\x12<\n\x05\x45mbed\x12\x18.synapse.v1.EmbedRequest\x1a\x19.synapse.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/synapse/v1/node.proto\x12\nsynapse.v1\"?\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x11\n\tnormalize\x18\x03 \x01(\x08\"a\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0f\n\x07vectors\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x03(\x08\x12\x13\n\x0b\x65mbedder_id\x18\x05 \x01(\t\"6\n\x11ScorePairsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\ncandidates\x18\x02 \x03(\t\"7\n\x12ScorePairsResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x11\n\tscorer_id\x18\x02 \x01(\t2\x91\x01\n\x04Node\x12<\n\x05\x45mbed\x12\x18.synapse.v1.EmbedRequest\x1a\x19.synapse.v1.EmbedResponse\x12K\n\nScorePairs\x12\x1d.synapse.v1.ScorePairsRequest\x1a\x1e.synapse.v1.ScorePairsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDREQUEST']._serialized_end=107
   _globals['_EMBEDRESPONSE']._serialized_start=109
   _globals['_EMBEDRESPONSE']._serialized_end=206
-  _globals['_NODE']._serialized_start=208
-  _globals['_NODE']._serialized_end=276
+  _globals['_SCOREPAIRSREQUEST']._serialized_start=208
+  _globals['_SCOREPAIRSREQUEST']._serialized_end=262
+  _globals['_SCOREPAIRSRESPONSE']._serialized_start=264
+  _globals['_SCOREPAIRSRESPONSE']._serialized_end=319
+  _globals['_NODE']._serialized_start=322
+  _globals['_NODE']._serialized_end=467
 # @@protoc_insertion_point(module_scope)

@@ -29,3 +29,19 @@ class EmbedResponse(_message.Message):
     cached: _containers.RepeatedScalarFieldContainer[bool]
     embedder_id: str
     def __init__(self, model: _Optional[str] = ..., dim: _Optional[int] = ..., vectors: _Optional[bytes] = ..., cached: _Optional[_Iterable[bool]] = ..., embedder_id: _Optional[str] = ...) -> None: ...
+
+class ScorePairsRequest(_message.Message):
+    __slots__ = ("query", "candidates")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    candidates: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, query: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ScorePairsResponse(_message.Message):
+    __slots__ = ("scores", "scorer_id")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    SCORER_ID_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    scorer_id: str
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., scorer_id: _Optional[str] = ...) -> None: ...

@@ -39,6 +39,11 @@ class NodeStub:
                 request_serializer=protos_dot_synapse_dot_v1_dot_node__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=protos_dot_synapse_dot_v1_dot_node__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.ScorePairs = channel.unary_unary(
+                '/synapse.v1.Node/ScorePairs',
+                request_serializer=protos_dot_synapse_dot_v1_dot_node__pb2.ScorePairsRequest.SerializeToString,
+                response_deserializer=protos_dot_synapse_dot_v1_dot_node__pb2.ScorePairsResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -50,6 +55,13 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScorePairs(self, request, context):
+        """The agent's pair scorer (a MiniLM cross-encoder) on (query, candidate) pairs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +69,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=protos_dot_synapse_dot_v1_dot_node__pb2.EmbedRequest.FromString,
                     response_serializer=protos_dot_synapse_dot_v1_dot_node__pb2.EmbedResponse.SerializeToString,
+            ),
+            'ScorePairs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScorePairs,
+                    request_deserializer=protos_dot_synapse_dot_v1_dot_node__pb2.ScorePairsRequest.FromString,
+                    response_serializer=protos_dot_synapse_dot_v1_dot_node__pb2.ScorePairsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +103,33 @@ class Node:
             '/synapse.v1.Node/Embed',
             protos_dot_synapse_dot_v1_dot_node__pb2.EmbedRequest.SerializeToString,
             protos_dot_synapse_dot_v1_dot_node__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScorePairs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/synapse.v1.Node/ScorePairs',
+            protos_dot_synapse_dot_v1_dot_node__pb2.ScorePairsRequest.SerializeToString,
+            protos_dot_synapse_dot_v1_dot_node__pb2.ScorePairsResponse.FromString,
             options,
             channel_credentials,
             insecure,
