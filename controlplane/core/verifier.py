@@ -38,6 +38,17 @@ Design decisions:
   writes it. ``digest`` names the scoring function (projections, trees, Platt scaling):
   a feedback score is comparable with this verifier's scores when the digests match, and
   refitting operating points does not change it.
+- **Stack** (optional ``stack`` section, :class:`Stack`): a logistic regression over the
+  verifier's logit and a cross-encoder's logit for the pair (``Node.ScorePairs``, the
+  agents' "pair scorer"), ``sigmoid(w_verifier * logit(p) + w_pair * pair_logit + bias)``,
+  with its own operating point, curve, validation pairs and per-model points. Only
+  candidates whose verifier probability reaches ``floor`` are worth a scorer call. The
+  stack is fitted for one scorer (``pair_scorer``, the id the agents answer with); with
+  another scorer, or none, the cache judges with the verifier alone. ``digest`` covers
+  the stack's scoring part (scorer, weights, bias, floor), so feedback scored by the
+  stack is never mixed with another stack's; ``base_digest`` is the digest without it
+  (equal to ``digest`` in files without a stack, whose digest is what it always was):
+  hits the verifier decided alone carry it.
 """
 
 from __future__ import annotations
@@ -144,6 +155,62 @@ class ModelPoint:
     feedback_pairs: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Assessment:
+    """Every candidate's cosine and verifier probability, in the candidates' order."""
+
+    similarities: F64
+    probabilities: F64
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Stack:
+    """The verifier stacked with a pair scorer's logit (see the module docstring)."""
+
+    pair_scorer: str                    # the scorer id (Node.ScorePairs' scorer_id) fitted for
+    weights: tuple[float, float]        # (w_verifier, w_pair)
+    bias: float
+    floor: float                        # verifier probability below which no pair is scored
+    threshold: float
+    target_precision: float
+    curve: tuple[tuple[float, float, float], ...] = ()   # (threshold, precision, recall)
+    calibration: Calibration | None = None
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model_points: dict[str, ModelPoint] = dataclasses.field(default_factory=dict)
+
+    def probabilities(self, p: npt.ArrayLike, pair_logits: npt.ArrayLike) -> F64:
+        """Stacked probabilities of pairs with verifier probabilities ``p``."""
+        q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1.0 - 1e-6)
+        w_verifier, w_pair = self.weights
+        z = (w_verifier * np.log(q / (1.0 - q))
+             + w_pair * np.asarray(pair_logits, dtype=np.float64) + self.bias)
+        return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0))), dtype=np.float64)
+
+    def threshold_for(self, target_precision: float, model: str | None = None) -> float:
+        """The stack's operating point for ``target_precision`` (rule of
+        :func:`operating_point`)."""
+        return operating_point(self.threshold, self.target_precision, self.curve,
+                               self.model_points, target_precision, model)
+
+    def scoring_part(self) -> dict[str, Any]:
+        """What turns (p, pair logit) into a stacked score: part of the digest."""
+        return {"pair_scorer": self.pair_scorer, "weights": list(self.weights),
+                "bias": self.bias, "floor": self.floor}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.scoring_part(), "threshold": self.threshold,
+            "target_precision": self.target_precision,
+            "curve": [[round(t, 6), round(p, 6), round(r, 6)] for t, p, r in self.curve],
+            **({"calibration": self.calibration.to_json()}
+               if self.calibration is not None else {}),
+            **({"metrics": self.metrics} if self.metrics else {}),
+            **({"model_points": {m: dataclasses.asdict(p)
+                                 for m, p in sorted(self.model_points.items())}}
+               if self.model_points else {}),
+        }
+
+
 class Verifier:
     def __init__(self, *, diff: Projection, prod: Projection, forest: Forest,
                  platt: tuple[float, float], threshold: float, target_precision: float,
@@ -152,7 +219,8 @@ class Verifier:
                  calibration: Calibration | None = None,
                  idf: verifier_features.Idf = verifier_features.NO_IDF,
                  feature_version: int = verifier_features.FEATURE_VERSION,
-                 digest: str = "") -> None:
+                 digest: str = "", stack: Stack | None = None,
+                 base_digest: str = "") -> None:
         self.diff = diff
         self.prod = prod
         self.forest = forest
@@ -165,13 +233,27 @@ class Verifier:
         self.calibration = calibration
         self.idf = idf
         self.feature_version = feature_version
+        self.stack = stack
         self._digest = digest
+        self._base_digest = base_digest
 
     @property
     def digest(self) -> str:
+        """Names the scoring function, the stack's included (see the module docstring)."""
         if not self._digest:
             self._digest = scoring_digest(self.to_json())
         return self._digest
+
+    @property
+    def base_digest(self) -> str:
+        """The digest of the verifier alone (``digest`` when there is no stack)."""
+        if self.stack is None:
+            return self.digest
+        if not self._base_digest:
+            data = self.to_json()
+            del data["stack"]
+            self._base_digest = scoring_digest(data)
+        return self._base_digest
 
     @property
     def dim(self) -> int:
@@ -204,31 +286,46 @@ class Verifier:
         z = np.clip(a * self.margins(raw) + b, -50.0, 50.0)
         return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=np.float64)
 
+    def assess(self, query_text: str, query_vec: npt.NDArray[Any], texts: Sequence[str],
+               vectors: Sequence[npt.NDArray[Any]]) -> Assessment:
+        """Every candidate's cosine and calibrated probability (``texts`` not empty)."""
+        n = len(texts)
+        raw = self.features([query_text] * n, list(texts), np.tile(np.asarray(query_vec), (n, 1)),
+                            np.stack([np.asarray(v) for v in vectors]))
+        return Assessment(np.asarray(raw[:, 2 * self.dim], dtype=np.float64),
+                          self.probabilities(raw))
+
     def judge(self, query_text: str, query_vec: npt.NDArray[Any], texts: Sequence[str],
               vectors: Sequence[npt.NDArray[Any]], threshold: float | None = None
               ) -> Verdict | None:
         """The best-scoring candidate, accepted when its score reaches the threshold."""
         if not texts:
             return None
-        n = len(texts)
-        raw = self.features([query_text] * n, list(texts), np.tile(np.asarray(query_vec), (n, 1)),
-                            np.stack([np.asarray(v) for v in vectors]))
-        scores = self.probabilities(raw)
+        seen = self.assess(query_text, query_vec, texts, vectors)
+        scores = seen.probabilities
         best = int(np.argmax(scores))
         cut = self.threshold if threshold is None else threshold
-        return Verdict(index=best, similarity=float(raw[best, 2 * self.dim]),
+        return Verdict(index=best, similarity=float(seen.similarities[best]),
                        score=float(scores[best]), accepted=bool(scores[best] >= cut))
+
+    def stacked(self, p: npt.ArrayLike, pair_logits: npt.ArrayLike) -> F64:
+        """Stacked probabilities (:meth:`Stack.probabilities`); VerifierError without one."""
+        if self.stack is None:
+            raise VerifierError("this verifier has no stack")
+        return self.stack.probabilities(p, pair_logits)
 
     def threshold_for(self, target_precision: float, model: str | None = None) -> float:
         """Lowest validated threshold whose precision reaches ``target_precision``: the
         model's own point when one was refitted for that target."""
-        point = self.model_points.get(model) if model is not None else None
-        if point is not None and abs(point.target_precision - target_precision) < 1e-9:
-            return point.threshold
-        if abs(target_precision - self.target_precision) < 1e-9 or not self.curve:
-            return self.threshold
-        ok = [t for t, p, _ in self.curve if p >= target_precision]
-        return min(ok) if ok else 1.0 + 1e-6   # unreachable precision: never accept
+        return operating_point(self.threshold, self.target_precision, self.curve,
+                               self.model_points, target_precision, model)
+
+    def stack_threshold_for(self, target_precision: float, model: str | None = None) -> float:
+        """The stack's operating point (:meth:`Stack.threshold_for`); VerifierError
+        without a stack."""
+        if self.stack is None:
+            raise VerifierError("this verifier has no stack")
+        return self.stack.threshold_for(target_precision, model)
 
     # -- persistence ---------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -251,6 +348,7 @@ class Verifier:
             **({"model_points": {m: dataclasses.asdict(p)
                                  for m, p in sorted(self.model_points.items())}}
                if self.model_points else {}),
+            **({"stack": self.stack.to_json()} if self.stack is not None else {}),
         }
 
     def save(self, path: str | pathlib.Path) -> None:
@@ -304,11 +402,111 @@ def check_embedder(model: Verifier, embedder_id: str) -> None:
                             "calibrate / tune-embedder) or use the one fitted with it")
 
 
+def operating_point(threshold: float, fitted_target: float,
+                    curve: Sequence[tuple[float, float, float]],
+                    model_points: dict[str, ModelPoint], target_precision: float,
+                    model: str | None) -> float:
+    """Lowest validated threshold whose precision reaches ``target_precision``: the
+    model's own point when one was refitted for that target (verifier and stack alike)."""
+    point = model_points.get(model) if model is not None else None
+    if point is not None and abs(point.target_precision - target_precision) < 1e-9:
+        return point.threshold
+    if abs(target_precision - fitted_target) < 1e-9 or not curve:
+        return threshold
+    ok = [t for t, p, _ in curve if p >= target_precision]
+    return min(ok) if ok else 1.0 + 1e-6   # unreachable precision: never accept
+
+
 def scoring_digest(data: dict[str, Any]) -> str:
-    """A short hash of what turns a pair into a score (not of thresholds or metrics)."""
-    parts = {k: data[k] for k in ("feature_version", "projections", "forest", "platt", "idf")
-             if k in data}       # no idf before feature version 2
+    """A short hash of what turns a pair into a score (not of thresholds or metrics).
+
+    A file without ``stack`` hashes exactly as before the stack existed."""
+    parts: dict[str, Any] = {k: data[k] for k in ("feature_version", "projections", "forest",
+                                                 "platt", "idf")
+                             if k in data}       # no idf before feature version 2
+    if "stack" in data:
+        parts["stack"] = stack_from_json(data["stack"]).scoring_part()   # numbers as floats
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stack_from_json(data: Any) -> Stack:
+    """The ``stack`` section, validated; VerifierError naming the field at fault."""
+    if not isinstance(data, dict):
+        raise VerifierError("verifier stack: must be an object")
+    scorer = data.get("pair_scorer")
+    if not isinstance(scorer, str) or not scorer:
+        raise VerifierError("verifier stack.pair_scorer: must be the scorer id (a non-empty "
+                            f"string), got {scorer!r}")
+    weights = data.get("weights")
+    if (not isinstance(weights, list) or len(weights) != 2
+            or not all(_is_number(w) for w in weights)):
+        raise VerifierError("verifier stack.weights: must be two finite numbers "
+                            f"[w_verifier, w_pair], got {weights!r}")
+    bias = _number(data, "bias")
+    floor = _number(data, "floor", (0.0, 1.0))
+    threshold = _number(data, "threshold")
+    target = _number(data, "target_precision", (0.0, 1.0))
+    return Stack(pair_scorer=scorer, weights=(float(weights[0]), float(weights[1])),
+                 bias=bias, floor=floor, threshold=threshold, target_precision=target,
+                 curve=_curve(data.get("curve", []), "verifier stack.curve"),
+                 calibration=_calibration(data.get("calibration"),
+                                          "verifier stack.calibration"),
+                 metrics=_object(data.get("metrics", {}), "verifier stack.metrics"),
+                 model_points=_model_points(data.get("model_points", {}),
+                                            "verifier stack.model_points"))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and bool(np.isfinite(x))
+
+
+def _number(data: dict[str, Any], field: str,
+            bounds: tuple[float, float] | None = None) -> float:
+    value: Any = data.get(field)
+    if not _is_number(value) or (bounds is not None
+                                 and not bounds[0] <= value <= bounds[1]):
+        within = f" in [{bounds[0]}, {bounds[1]}]" if bounds is not None else ""
+        raise VerifierError(f"verifier stack.{field}: must be a finite number{within}, "
+                            f"got {value!r}")
+    return float(value)
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise VerifierError(f"{where}: must be an object, got {type(value).__name__}")
+    return value
+
+
+def _curve(rows: Any, where: str) -> tuple[tuple[float, float, float], ...]:
+    try:
+        return tuple(sorted((float(t), float(p), float(r)) for t, p, r in rows))
+    except (TypeError, ValueError) as exc:
+        raise VerifierError(f"{where}: must be [threshold, precision, recall] rows: "
+                            f"{exc}") from None
+
+
+def _calibration(cal: Any, where: str) -> Calibration | None:
+    if cal is None:
+        return None
+    try:
+        calibration = Calibration(np.asarray(cal["scores"], dtype=np.float64),
+                                  np.asarray(cal["labels"], dtype=np.int8),
+                                  int(cal["positives_below"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VerifierError(f"{where}: needs scores, labels and positives_below: "
+                            f"{exc!r}") from None
+    if calibration.scores.shape != calibration.labels.shape:
+        raise VerifierError(f"{where}: scores and labels differ in length")
+    return calibration
+
+
+def _model_points(points: Any, where: str) -> dict[str, ModelPoint]:
+    try:
+        return {str(m): ModelPoint(float(p["target_precision"]), float(p["threshold"]),
+                                   float(p["expected_precision"]), int(p["feedback_pairs"]))
+                for m, p in _object(points, where).items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VerifierError(f"{where}: malformed point: {exc!r}") from None
 
 
 def from_json(data: dict[str, Any]) -> Verifier:
@@ -341,6 +539,7 @@ def from_json(data: dict[str, Any]) -> Verifier:
     points = {str(m): ModelPoint(float(p["target_precision"]), float(p["threshold"]),
                                  float(p["expected_precision"]), int(p["feedback_pairs"]))
               for m, p in data.get("model_points", {}).items()}
+    stack = stack_from_json(data["stack"]) if "stack" in data else None
     return Verifier(diff=proj["diff"], prod=proj["prod"], forest=forest,
                     platt=(float(data["platt"][0]), float(data["platt"][1])),
                     threshold=float(data["threshold"]),
@@ -349,7 +548,8 @@ def from_json(data: dict[str, Any]) -> Verifier:
                     idf=(verifier_features.Idf.from_json(data["idf"]) if version >= 2
                          else verifier_features.NO_IDF),
                     feature_version=version,
-                    digest=scoring_digest(data))
+                    digest=scoring_digest(data), stack=stack,
+                    base_digest=scoring_digest({k: v for k, v in data.items() if k != "stack"}))
 
 
 def _check_shapes(diff: Projection, prod: Projection, forest: Forest, version: int) -> None:
