@@ -16,6 +16,12 @@ Design decisions:
   engine ignored ``normalize``.
 - ``embedder_id`` from the response (model + revision) is returned with the vectors; the
   response cache only compares vectors produced by the same embedder.
+- :meth:`NodeEmbedder.score_pairs` (``Node.ScorePairs``, the verifier stack's pair
+  scorer) chooses agents and fails over the same way. An agent that answers it has no
+  scorer is not asked again for ``no_scorer_recheck_s`` (nor counted as failing: it still
+  embeds); when every agent says so the answer is ``([], "")``, "no scorer", at once,
+  not an error to retry on every lookup. Running out of the deadline raises
+  :class:`ScoreTimeout` (a ``TimeoutError`` too), other failures :class:`EmbedUnavailable`.
 """
 
 from __future__ import annotations
@@ -40,11 +46,15 @@ class EmbedUnavailable(RuntimeError):
     """No agent could embed within the deadline."""
 
 
+class ScoreTimeout(EmbedUnavailable, TimeoutError):
+    """No agent scored the pairs before the deadline."""
+
+
 class NodeEmbedder:
     def __init__(self, addresses: Callable[[], Sequence[str]], model: str,
                  timeout_s: float = 0.1, cooldown_s: float = 2.0,
                  clock: Callable[[], float] = time.monotonic, *,
-                 token: str | None = None) -> None:
+                 token: str | None = None, no_scorer_recheck_s: float = 30.0) -> None:
         self._addresses = addresses
         self._model = model
         self._timeout = timeout_s
@@ -52,6 +62,8 @@ class NodeEmbedder:
         self._clock = clock
         self._client = node_embed.NodeEmbedClient(token)
         self._bad_until: dict[str, float] = {}
+        self._no_scorer_recheck = no_scorer_recheck_s
+        self._no_scorer_until: dict[str, float] = {}
         self._next = 0
 
     async def embed(self, texts: Sequence[str], timeout_s: float | None = None,
@@ -72,6 +84,36 @@ class NodeEmbedder:
                 last = exc
         detail = str(last) if last else "deadline exceeded"
         raise EmbedUnavailable(f"Node.Embed failed: {detail}")
+
+    async def score_pairs(self, query: str, candidates: Sequence[str],
+                          timeout_s: float | None = None, tenant: str = ""
+                          ) -> tuple[list[float], str]:
+        """(a logit per candidate, scorer id) for the pairs (``query``, candidate); ``([],
+        "")`` when no agent has a pair scorer (see the module docstring)."""
+        deadline = self._clock() + (timeout_s if timeout_s is not None else self._timeout)
+        agents = self._candidates()
+        if not agents:
+            raise EmbedUnavailable(f"no ready agent serves embedder {self._model!r}")
+        now = self._clock()
+        scorers = [a for a in agents if self._no_scorer_until.get(a, 0.0) <= now]
+        last: Exception | None = None
+        for address in scorers:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                break
+            try:
+                return await self._client.score_pairs(address, query, candidates, remaining,
+                                                      tenant)
+            except node_embed.NoScorer:
+                self._no_scorer_until[address] = self._clock() + self._no_scorer_recheck
+            except node_embed.EmbedError as exc:
+                self._bad_until[address] = self._clock() + self._cooldown
+                last = exc
+        if last is None and all(self._no_scorer_until.get(a, 0.0) > now for a in agents):
+            return [], ""
+        if last is None or last_timed_out(last):
+            raise ScoreTimeout(f"Node.ScorePairs: {str(last) if last else 'deadline exceeded'}")
+        raise EmbedUnavailable(f"Node.ScorePairs failed: {last}")
 
     async def close(self) -> None:
         await self._client.close()
@@ -94,6 +136,10 @@ class NodeEmbedder:
         vectors, embedder_id = await self._client.embed(address, self._model, texts, budget_s,
                                                         tenant)
         return Embeddings(vectors=normalise(vectors), embedder_id=embedder_id, address=address)
+
+
+def last_timed_out(exc: Exception) -> bool:
+    return isinstance(exc, node_embed.EmbedError) and exc.code == "DEADLINE_EXCEEDED"
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Client of the agents' ``Node.Embed`` service (gRPC), one channel per agent address.
+"""Client of the agents' ``Node`` service (gRPC: ``Embed``, ``ScorePairs``), one channel per
+agent address.
 
 Used by ``/v1/embeddings`` when no HTTP embedding backend serves the model but an agent's
 in-process embedder does, and by the response cache's :mod:`embedder` (which adds agent
@@ -18,11 +19,17 @@ Design decisions:
   :attr:`EmbedError.address` for logs.
 - Only vectors and the embedder id leave this module: the agent's per-text ``cached``
   flags are dropped here and never reach a response, a header or a log.
+- ``ScorePairs`` (the agent's cross-encoder, "pair scorer", for the cache's verifier
+  stack) shares the channel, token, tenant metadata, deadline and error table; an agent
+  without a scorer answers FAILED_PRECONDITION, which becomes :class:`NoScorer` (an
+  :class:`EmbedError` the caller need not retry on that agent soon). At most
+  ``MAX_PAIRS`` candidates per call (the agents' limit): more is refused here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 
 import grpc
@@ -31,6 +38,8 @@ import numpy as np
 from controlplane import errors
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
 from synapse_common import call_metadata, tracing
+
+MAX_PAIRS = 16      # candidates per Node.ScorePairs call (the agents' limit)
 
 
 class EmbedError(Exception):
@@ -42,6 +51,10 @@ class EmbedError(Exception):
         self.code = code
 
 
+class NoScorer(EmbedError):
+    """The agent has no pair scorer (``Node.ScorePairs`` answered FAILED_PRECONDITION)."""
+
+
 def unpack_rows(data: bytes, dim: int, count: int) -> np.ndarray:
     """Packed little-endian float32 rows → a ``(count, dim)`` array; ValueError if short."""
     if dim <= 0 or len(data) != 4 * dim * count:
@@ -49,16 +62,23 @@ def unpack_rows(data: bytes, dim: int, count: int) -> np.ndarray:
     return np.frombuffer(data, dtype="<f4").reshape(count, dim)
 
 
-def error_for(exc: grpc.aio.AioRpcError, address: str) -> Exception:
-    """Our exception for a failed ``Node.Embed`` call (see the module docstring)."""
+def error_for(exc: grpc.aio.AioRpcError, address: str, method: str = "Embed") -> Exception:
+    """Our exception for a failed ``Node.Embed`` / ``Node.ScorePairs`` call (see the module
+    docstring)."""
     code, details = exc.code(), exc.details() or ""
+    what = "embedder" if method == "Embed" else "pair scorer"
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         trailer = dict(exc.trailing_metadata() or ())
         if trailer.get(call_metadata.ERROR) == call_metadata.TOO_LARGE:
-            return errors.PayloadTooLarge(f"input is over the embedder's limits: {details}",
+            return errors.PayloadTooLarge(f"input is over the {what}'s limits: {details}",
                                           param="input")
-        return errors.BadRequest(f"input cannot be embedded: {details}", param="input")
-    return EmbedError(f"Node.Embed: {code.name}: {details}", address=address, code=code.name)
+        verb = "embedded" if method == "Embed" else "scored"
+        return errors.BadRequest(f"input cannot be {verb}: {details}", param="input")
+    if code == grpc.StatusCode.FAILED_PRECONDITION and method == "ScorePairs":
+        return NoScorer(f"Node.ScorePairs: no pair scorer: {details}", address=address,
+                        code=code.name)
+    return EmbedError(f"Node.{method}: {code.name}: {details}", address=address,
+                      code=code.name)
 
 
 class NodeEmbedClient:
@@ -90,6 +110,28 @@ class NodeEmbedClient:
         except ValueError as exc:
             raise EmbedError(f"Node.Embed: {exc}", address=address) from None
         return vectors, reply.embedder_id or reply.model or model
+
+    async def score_pairs(self, address: str, query: str, candidates: Sequence[str],
+                          timeout_s: float, tenant: str = "") -> tuple[list[float], str]:
+        """(one logit per candidate, scorer id) for the pairs (``query``, candidate)."""
+        if not 0 < len(candidates) <= MAX_PAIRS:
+            raise errors.BadRequest(f"between 1 and {MAX_PAIRS} candidates can be scored "
+                                    f"at once, not {len(candidates)}", param="input")
+        request = node_pb2.ScorePairsRequest(query=query, candidates=list(candidates))
+        metadata = (*self._auth, call_metadata.tenant(tenant), *tracing.grpc_metadata())
+        try:
+            reply = await self._stub(address).ScorePairs(request, timeout=timeout_s,
+                                                         metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise error_for(exc, address, "ScorePairs") from None
+        scores = list(reply.scores)
+        if len(scores) != len(candidates) or not all(math.isfinite(x) for x in scores):
+            raise EmbedError(f"Node.ScorePairs: {len(scores)} scores (finite: "
+                             f"{all(math.isfinite(x) for x in scores)}) for "
+                             f"{len(candidates)} candidates", address=address)
+        if not reply.scorer_id:
+            raise EmbedError("Node.ScorePairs: the answer names no scorer", address=address)
+        return scores, reply.scorer_id
 
     def forget(self, address: str) -> None:
         """Close the channel of an agent that left, in the background (a close waits for
