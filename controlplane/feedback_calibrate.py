@@ -23,6 +23,12 @@ Design decisions:
 - **Report**: per model the verdicts, the old and new threshold, the precision expected
   at the new one (on the weighted mix) and the judged hits' own precision above it with
   its 95 % Wilson interval.
+- **Stacked verifiers** (a file with ``stack``): hits the stack decided carry the full
+  digest and the stacked score, so they refit the *stack's* per-model points on the
+  stack's own validation pairs (``stack.calibration``); hits the verifier decided alone
+  (no scorer, another scorer, a time-out) carry ``base_digest`` and the verifier's score,
+  so they refit the verifier's own points, as for a file without a stack. Both are
+  written to the one output file; the report has one table per part.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import json
 import pathlib
 import sys
 from collections.abc import Iterable
+from typing import Protocol
 
 import numpy as np
 
@@ -51,6 +58,25 @@ class Judged:
     labels: list[int] = dataclasses.field(default_factory=list)
 
 
+class Scored(Protocol):
+    """What owns an operating point: the verifier, or its stack."""
+
+    @property
+    def calibration(self) -> verifier.Calibration | None: ...
+
+    def threshold_for(self, target_precision: float, model: str | None = None) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """The refits of one operating-point owner: the verifier alone or its stack."""
+
+    title: str
+    target: float
+    fits: list[Refit]
+    stack: bool
+
+
 @dataclasses.dataclass(frozen=True)
 class Refit:
     model: str
@@ -63,20 +89,27 @@ class Refit:
 
 def read_feedback(paths: Iterable[str], digest: str) -> tuple[dict[str, Judged], int]:
     """Judged hits per model scored by the verifier ``digest``; and how many were not."""
-    per_model: dict[str, Judged] = {}
+    by_digest, skipped = read_feedback_of(paths, (digest,))
+    return by_digest[digest], skipped
+
+
+def read_feedback_of(paths: Iterable[str], digests: Iterable[str]
+                     ) -> tuple[dict[str, dict[str, Judged]], int]:
+    """Judged hits per digest (of ``digests``) and model; and how many were of none."""
+    found: dict[str, dict[str, Judged]] = {d: {} for d in digests}
     skipped = 0
     for name in paths:
         file = pathlib.Path(name)
         rotated = file.with_name(file.name + ".1")
         for path in ([rotated] if rotated.exists() else []) + [file]:
             for model, score, label, scored_by in _rows(path):
-                if scored_by != digest:
+                if scored_by not in found:
                     skipped += 1
                     continue
-                judged = per_model.setdefault(model, Judged())
+                judged = found[scored_by].setdefault(model, Judged())
                 judged.scores.append(score)
                 judged.labels.append(label)
-    return per_model, skipped
+    return found, skipped
 
 
 def _rows(path: pathlib.Path) -> Iterable[tuple[str, float, int, str]]:
@@ -97,9 +130,12 @@ def _rows(path: pathlib.Path) -> Iterable[tuple[str, float, int, str]]:
             raise FeedbackError(f"{path}:{lineno}: not a judged hit: {exc}") from None
 
 
-def refit(model: verifier.Verifier, name: str, judged: Judged, target: float) -> Refit:
+def refit(model: Scored, name: str, judged: Judged, target: float) -> Refit:
     """The operating point of ``name`` on the validation pairs plus its judged hits."""
     cal = model.calibration
+    if cal is None and isinstance(model, verifier.Stack):
+        raise FeedbackError("the verifier's stack carries no validation pairs "
+                            "(stack.calibration): refit the stack with them")
     if cal is None:
         raise FeedbackError("the verifier file carries no validation pairs (refit it with "
                             "this version of synapsectl cache calibrate or tune-embedder)")
@@ -145,17 +181,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         model = verifier.load(args.verifier)
-        target = args.target_precision or model.target_precision
-        per_model, skipped = read_feedback(args.from_feedback, model.digest)
-        if not per_model:
+        found, skipped = read_feedback_of(args.from_feedback,
+                                          {model.digest, model.base_digest})
+        if not any(found.values()):
             raise FeedbackError(f"no judged hits scored by this verifier ({model.digest}) in "
                                 f"{', '.join(args.from_feedback)} ({skipped} by others)")
-        fits = [refit(model, name, per_model[name], target) for name in sorted(per_model)]
+        parts = _refit_parts(model, found, args.target_precision)
     except (FeedbackError, verifier.VerifierError) as exc:
         print(f"calibrate: {exc}", file=sys.stderr)
         return 2
-    for fit in fits:
-        model.model_points[fit.model] = fit.point
+    for part in parts:
+        for fit in part.fits:
+            if part.stack and model.stack is not None:
+                model.stack = dataclasses.replace(
+                    model.stack, model_points={**model.stack.model_points, fit.model: fit.point})
+            else:
+                model.model_points[fit.model] = fit.point
     model.meta["feedback"] = {"files": [pathlib.Path(f).name for f in args.from_feedback],
                               "skipped_other_verifier": skipped}
     try:
@@ -163,11 +204,35 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"calibrate: cannot write {args.out}: {exc}", file=sys.stderr)
         return 1
-    _report(fits, skipped, target, args.out)
+    for part in parts:
+        if model.stack is not None:
+            print(part.title)
+        _report(part.fits, skipped, part.target)
+    print(f"wrote {args.out}: set cache.verifier_path to it on every control-plane replica")
     return 0
 
 
-def _report(fits: list[Refit], skipped: int, target: float, out: str) -> None:
+def _refit_parts(model: verifier.Verifier, found: dict[str, dict[str, Judged]],
+                 target: float | None) -> list[Part]:
+    """The refits of the verifier alone and, with a stack, of the stack."""
+    parts: list[Part] = []
+    alone = found[model.base_digest] if model.stack is not None else found[model.digest]
+    if alone:
+        goal = target or model.target_precision
+        parts.append(Part("verifier alone (hits decided without the pair scorer):", goal,
+                          [refit(model, name, alone[name], goal) for name in sorted(alone)],
+                          stack=False))
+    stack = model.stack
+    if stack is not None and found[model.digest]:
+        goal = target or stack.target_precision
+        stacked = found[model.digest]
+        parts.append(Part(f"stack (verifier + pair scorer {stack.pair_scorer}):", goal,
+                          [refit(stack, name, stacked[name], goal) for name in sorted(stacked)],
+                          stack=True))
+    return parts
+
+
+def _report(fits: list[Refit], skipped: int, target: float) -> None:
     print(f"target precision {target:.2f}; judged hits from another verifier skipped: "
           f"{skipped}")
     print(f"{'model':<28}{'right':>6}{'wrong':>6}{'old':>9}{'new':>9}{'expected':>10}"
@@ -177,4 +242,3 @@ def _report(fits: list[Refit], skipped: int, target: float, out: str) -> None:
         judged = f"{est:.3f} [{low:.3f}, {high:.3f}] n={n}" if n else "none above"
         print(f"{f.model:<28}{f.right:>6}{f.wrong:>6}{f.old_threshold:>9.4f}"
               f"{f.point.threshold:>9.4f}{f.point.expected_precision:>10.4f}{judged:>30}")
-    print(f"wrote {out}: set cache.verifier_path to it on every control-plane replica")

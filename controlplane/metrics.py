@@ -70,6 +70,13 @@ class Metrics:
         self.embedding_duration = Histogram(
             "synapse_embedding_duration_seconds", "Node.Embed round trip for a cache lookup.",
             buckets=FAST_BUCKETS, registry=r)
+        self.cache_pair_scorer = Counter(
+            "synapse_cache_pair_scorer_total", "Semantic lookups judged by a verifier with a "
+            "stack, by what the pair scorer (Node.ScorePairs) did: scored (the stack decided), "
+            "skipped (no candidate reached the stack's floor: no call), unavailable (no agent "
+            "has a scorer), mismatch (another scorer than the stack was fitted for), timeout "
+            "or error (the verifier alone decided in these last four).", ["outcome"],
+            registry=r)
         self.cache_lookup_duration = Histogram(
             "synapse_cache_lookup_duration_seconds", "Cache lookup time by layer.",
             ["layer"], buckets=FAST_BUCKETS, registry=r)

@@ -31,6 +31,19 @@ Design decisions:
 - L2 is opened in the background at the first cacheable request (see ``_lookup``).
 - Semantic references point into L1: an L1 entry evicted by its size bound turns the
   semantic candidate into a miss (counted as such), never into a wrong answer.
+- **Verifier stack** (a verifier file with ``stack``, :class:`verifier.Stack`): the
+  candidates whose verifier probability reaches the stack's floor (at most ``top_k``,
+  best first) go to the pair scorer (``Node.ScorePairs`` through the embedder adapter,
+  or any :class:`PairScorer` given) within what is left of the semantic budget less
+  ``l1_budget_s`` (kept for reading the chosen entry); when it answers as the scorer the
+  stack was fitted for, the stacked probability decides against the stack's operating
+  point for the model's target, and the hit reports it and the full ``digest``. Otherwise
+  (no scorer, another scorer, time-out, error, or no candidate above the floor: no call)
+  the verifier alone decides at its own point, as without a stack, and the hit carries
+  ``base_digest`` (its score is the verifier's alone, so feedback keeps the two apart).
+  Never an error to the client; ``synapse_cache_pair_scorer_total{outcome}`` counts what
+  happened and failures are logged once per ``log_interval_s``. Without a stack the
+  lookup is exactly what it was (one attribute check).
 """
 
 from __future__ import annotations
@@ -38,8 +51,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -84,18 +97,35 @@ class EmbedderMismatch(Exception):
     """Node.Embed answered with another embedder than the verifier was fitted for."""
 
 
+class PairScorer(Protocol):
+    """The agents' pair scorer (``embedder.NodeEmbedder.score_pairs``): a logit per
+    candidate and the scorer's id, ``([], "")`` when no agent has one."""
+
+    async def score_pairs(self, query: str, candidates: Sequence[str],
+                          timeout_s: float | None = None, tenant: str = ""
+                          ) -> tuple[Sequence[float], str]: ...
+
+
+MAX_PAIRS = 16      # candidates per pair-scorer call (the agents' limit)
+
+
 class TieredCache:
     def __init__(self, *, options: Options, l1: cache_parts.L1Store,
                  metrics: metrics_mod.Metrics, l2: cache_parts.SemanticIndex | None = None,
                  embedder: cache_parts.Embedder | None = None,
                  verifier_model: verifier.Verifier | verifier.Judges | None = None,
                  wall_clock: clocks.Clock = clocks.wall,
-                 monotonic: clocks.Clock = clocks.monotonic) -> None:
+                 monotonic: clocks.Clock = clocks.monotonic,
+                 pair_scorer: PairScorer | None = None) -> None:
         self.options = options
         self.l1 = l1
         self.l2 = l2
         self.embedder = embedder
         self.judges = None if verifier_model is None else verifier.Judges.of(verifier_model)
+        # The embedder adapter scores pairs too (same agents); a given scorer wins.
+        self.pair_scorer = pair_scorer or (embedder if hasattr(embedder, "score_pairs")
+                                           else None)
+        self._scorer_log = cache_budget.ErrorLog(options.log_interval_s, monotonic)
         self.metrics = metrics
         self._wall = wall_clock
         self._mono = monotonic
@@ -106,6 +136,7 @@ class TieredCache:
             budget_s=options.store_budget_s, queue_max=options.store_queue_max,
             clock=monotonic, learned=self._learned)
         self._thresholds: dict[tuple[str, str], float] = {}   # (verifier digest, model)
+        self._stack_thresholds: dict[tuple[str, str], float] = {}   # (digest, model)
         self._forms: dict[str, Mapping[str, Any]] = {}   # model -> a stream form it sent
         self._warmed = False
         self._embedder_id: str | None = None     # the last one Node.Embed reported
@@ -189,7 +220,7 @@ class TieredCache:
             with tracing.span("cache.embed"):
                 state = await self._embed_state(state, deadline)
             with tracing.span("cache.l2"):  # search and verify
-                hit = await self._budget.within(self._search_verify(state, request),
+                hit = await self._budget.within(self._search_verify(state, request, deadline),
                                                 deadline - self._mono(), "semantic", "lookup")
         except cache_budget.Failed:
             return None, state
@@ -235,14 +266,16 @@ class TieredCache:
         self._embedder_id = result.embedder_id
         return dataclasses.replace(state, vector=vector, embedder_id=result.embedder_id)
 
-    async def _search_verify(self, state: State, request: cache_port.CacheRequest
-                             ) -> cache_port.CacheHit | None:
+    async def _search_verify(self, state: State, request: cache_port.CacheRequest,
+                             deadline: float) -> cache_port.CacheHit | None:
         assert self.l2 is not None and self.judges is not None and state.vector is not None
         text = state.keys.semantic_text or ""
         scope = cache_rules.l2_scope(state.keys.scope_hash, state.embedder_id)
         candidates = list(await self.l2.search(scope, state.vector, self.options.top_k,
                                                self._wall() - self.options.ttl_s))
         judge = self.judges.for_embedder(state.embedder_id)
+        if judge.stack is not None and candidates:
+            return await self._search_stacked(state, request, judge, candidates, deadline)
         threshold = self._threshold(judge, state.model)
         while candidates:
             verdict = judge.judge(text, state.vector, [c.text for c in candidates],
@@ -259,6 +292,97 @@ class TieredCache:
                                  cache_port.HitSource(chosen.ref, chosen.text, text, scope,
                                                       judge.digest, state.embedder_id))
         return None
+
+    async def _search_stacked(self, state: State, request: cache_port.CacheRequest,
+                              judge: verifier.Verifier, candidates: list[Any],
+                              deadline: float) -> cache_port.CacheHit | None:
+        """The verifier's probabilities, stacked with the pair scorer's logits when it
+        answers as the stack's scorer (see the module docstring)."""
+        assert judge.stack is not None and state.vector is not None
+        text = state.keys.semantic_text or ""
+        texts = [c.text for c in candidates]
+        seen = judge.assess(text, state.vector, texts, [np.asarray(c.vector) for c in candidates])
+        p = seen.probabilities
+        order = [int(i) for i in np.argsort(-p, kind="stable") if p[i] >= judge.stack.floor]
+        order = order[:min(self.options.top_k, MAX_PAIRS)]
+        scores, cut, digest = p, self._threshold(judge, state.model), judge.base_digest
+        if not order:
+            self.metrics.cache_pair_scorer.labels(outcome="skipped").inc()
+        else:
+            with tracing.span("cache.pair_scorer"):
+                logits = await self._pair_logits(state, text, [texts[i] for i in order],
+                                                 judge.stack.pair_scorer, deadline)
+            if logits is not None:
+                scores = np.full(len(candidates), -np.inf)
+                scores[order] = judge.stacked(p[order], logits)
+                cut, digest = self._stack_threshold(judge, state.model), judge.digest
+        return await self._serve_best(state, request, candidates, seen.similarities, scores,
+                                      cut, digest)
+
+    async def _serve_best(self, state: State, request: cache_port.CacheRequest,
+                          candidates: list[Any], similarities: Any, scores: Any, cut: float,
+                          digest: str) -> cache_port.CacheHit | None:
+        """The best candidate at or above ``cut`` whose entry is still in L1 and serves."""
+        text = state.keys.semantic_text or ""
+        scope = cache_rules.l2_scope(state.keys.scope_hash, state.embedder_id)
+        for i in np.argsort(-scores, kind="stable"):
+            if not scores[i] >= cut:
+                return None
+            chosen = candidates[i]
+            raw = await self.l1.get(state.tenant, state.model, chosen.ref)
+            entry = self._decode(raw, state.keys.scope_hash, request.body)
+            if entry is not None:
+                return self._hit("semantic", entry, request, round(float(similarities[i]), 4),
+                                 round(float(scores[i]), 4),
+                                 cache_port.HitSource(chosen.ref, chosen.text, text, scope,
+                                                      digest, state.embedder_id))
+        return None
+
+    async def _pair_logits(self, state: State, query: str, texts: list[str], scorer_id: str,
+                           deadline: float) -> Sequence[float] | None:
+        """The scorer's logits for (query, text) pairs; None (counted) when the verifier
+        alone must decide."""
+        outcome, logits = await self._ask_scorer(state, query, texts, scorer_id, deadline)
+        self.metrics.cache_pair_scorer.labels(outcome=outcome).inc()
+        return logits if outcome == "scored" else None
+
+    async def _ask_scorer(self, state: State, query: str, texts: list[str], scorer_id: str,
+                          deadline: float) -> tuple[str, Sequence[float] | None]:
+        if self.pair_scorer is None:
+            return "unavailable", None
+        budget = deadline - self._mono() - self.options.l1_budget_s
+        if budget <= 0:
+            return "timeout", None
+        try:
+            async with asyncio.timeout(budget):
+                logits, answered = await self.pair_scorer.score_pairs(
+                    query, texts, timeout_s=budget, tenant=state.tenant)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._scorer_log.report("pair_scorer", "pair scoring", exc)
+            return ("timeout" if isinstance(exc, TimeoutError) else "error"), None
+        if not answered:
+            return "unavailable", None
+        if answered != scorer_id:
+            self._scorer_log.report("pair_scorer", "pair scoring", ValueError(
+                f"the agents' scorer is {answered}, the verifier's stack was fitted for "
+                f"{scorer_id}: judging with the verifier alone"))
+            return "mismatch", None
+        if len(logits) != len(texts) or not np.all(np.isfinite(logits)):
+            self._scorer_log.report("pair_scorer", "pair scoring", ValueError(
+                f"{len(logits)} logits for {len(texts)} pairs, or not all finite"))
+            return "error", None
+        return "scored", logits
+
+    def _stack_threshold(self, judge: verifier.Verifier, model: str) -> float:
+        cached = self._stack_thresholds.get((judge.digest, model))
+        if cached is None:
+            target = self.options.model_target_precision.get(model,
+                                                             self.options.target_precision)
+            cached = judge.stack_threshold_for(target, model)
+            self._stack_thresholds[(judge.digest, model)] = cached
+        return cached
 
     def _threshold(self, judge: verifier.Verifier, model: str) -> float:
         cached = self._thresholds.get((judge.digest, model))
