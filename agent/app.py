@@ -1,8 +1,9 @@
 """The agent process: builds every part from the settings and runs them until SIGTERM.
 
 Start order: Node gRPC server and ``/metrics`` (ports known, logged), first GPU sample,
-supervisor (config backends), embedder load in the background (the model takes seconds;
-Embed answers UNAVAILABLE until then), reporter.
+supervisor (config backends), embedder and pair-scorer loads in the background (the
+models take seconds; Embed answers UNAVAILABLE and ScorePairs FAILED_PRECONDITION until
+then), reporter.
 
 Shutdown (SIGTERM/SIGINT): report ``draining`` at once; wait until every live generation
 engine scrapes running+waiting = 0 or ``drain_grace_s`` passes; stop the engines (SIGTERM,
@@ -41,7 +42,7 @@ from agent import metrics as agent_metrics
 from agent import runner as runners
 from agent.config import AgentSettings, EmbedderSettings
 from agent.core import lru, types
-from agent.embedding import protocol, service, tei, tuned
+from agent.embedding import pair_scorer, protocol, service, tei, tuned
 from protos.synapse.v1 import controlplane_pb2
 from synapse_common import clock as clocks
 from synapse_common import tracing
@@ -83,6 +84,8 @@ class Agent:
         self.supervisor = supervisor.Supervisor(
             sup, runners.Hooks(self.metrics, self.node, self._changed), advertise)
         self.embeddings = self._build_embeddings()
+        # Node.ScorePairs' cross-encoder (kind minilm; else it says why there is none)
+        self.scorer = pair_scorer.build(cfg.embedder)
         token = cfg.control_plane.token
         # Node.Embed spans (issue 19); TracingUnavailable names tracing.enabled
         self.tracing = tracing.setup(cfg.tracing, "synapse-agent", self.node)
@@ -90,7 +93,8 @@ class Agent:
             self.embeddings, cfg.grpc.host, cfg.grpc.port, self._observe_embed,
             token=token.get_secret_value() if token else None,
             allow_unauthenticated=cfg.grpc.allow_unauthenticated,
-            interceptors=[node_tracing.TracingInterceptor(self.tracing)] if self.tracing else [])
+            interceptors=[node_tracing.TracingInterceptor(self.tracing)] if self.tracing else [],
+            scorer=self.scorer)
         self.metrics_server = http_metrics.MetricsServer(
             self.metrics.registry, self.refresh_metrics, cfg.metrics.host, cfg.metrics.port)
         self.reporter = reporter.Reporter(cfg.control_plane, self.register_message,
@@ -149,6 +153,7 @@ class Agent:
         await self.supervisor.start([convert.spec_from_config(b) for b in self.cfg.backends])
         if self.embeddings is not None:
             self._tasks.append(asyncio.create_task(self._start_embedder()))
+        self._tasks.append(asyncio.create_task(self.scorer.start()))   # loads off the loop
         self._tasks.append(asyncio.create_task(self._telemetry_loop()))
         await self.reporter.start()
         log.info("agent %s started: %d backends, control plane %s", self.node,
@@ -185,6 +190,7 @@ class Agent:
         await self.metrics_server.stop()
         if self.embeddings is not None:
             await self.embeddings.embedder.close()
+        await self.scorer.close()
         await asyncio.to_thread(self.source.close)
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)

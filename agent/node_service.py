@@ -22,14 +22,21 @@ embedder is loading, down or failing (the control plane then fails open or tries
 agent), RESOURCE_EXHAUSTED when the queue in front of the model is full. Anything
 unexpected is logged with its traceback and returned as INTERNAL with a generic message.
 
+``ScorePairs`` (the pair scorer, :mod:`agent.embedding.pair_scorer`) maps through the same
+table, with one more code: FAILED_PRECONDITION when this agent has no pair scorer, or it
+is loading or failed to load (the details say which); the control plane then goes on
+without it. Texts are never logged, by either method.
+
 The health service reports ``synapse.v1.Node`` SERVING only when an embedder is
 configured and loaded; the overall service ("") is SERVING while the process runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -37,7 +44,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agent.embedding import errors, service
+from agent.embedding import errors, pair_scorer, service
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
 from synapse_common import call_metadata
 
@@ -45,6 +52,8 @@ log = logging.getLogger(__name__)
 NODE_SERVICE = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
 
 STATUS: dict[type[errors.EmbedError], grpc.StatusCode] = {
+    # first: it is also an EmbedderUnavailable, and the first match wins
+    pair_scorer.ScorerUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     errors.UnknownModel: grpc.StatusCode.NOT_FOUND,
     errors.EmbedderUnavailable: grpc.StatusCode.UNAVAILABLE,
@@ -90,10 +99,13 @@ class TokenGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # untyped i
 
 class NodeServicer(node_pb2_grpc.NodeServicer):
     def __init__(self, embeddings: service.EmbeddingService | None, observe: Observe,
-                 tenant_trusted: bool) -> None:
+                 tenant_trusted: bool, scorer: pair_scorer.PairScorer | None = None,
+                 observe_scores: Observe = lambda code, seconds: None) -> None:
         self._service = embeddings
         self._observe = observe
         self._tenant_trusted = tenant_trusted
+        self._scorer = scorer
+        self._observe_scores = observe_scores
 
     async def Embed(self, request: node_pb2.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> node_pb2.EmbedResponse:
@@ -129,6 +141,41 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                                       embedder_id=result.embedder_id)
 
 
+    async def ScorePairs(self, request: node_pb2.ScorePairsRequest,
+                         context: grpc.aio.ServicerContext) -> node_pb2.ScorePairsResponse:
+        # Observed before the status goes out (not in a finally after abort, which runs
+        # once the caller already has its answer), so the count is there when it reads it.
+        start = time.perf_counter()
+        try:
+            outcome = await self._score_pairs(request)
+        except asyncio.CancelledError:
+            self._observe_scores(grpc.StatusCode.CANCELLED.name, time.perf_counter() - start)
+            raise
+        if isinstance(outcome, node_pb2.ScorePairsResponse):
+            self._observe_scores(grpc.StatusCode.OK.name, time.perf_counter() - start)
+            return outcome
+        code, details = outcome
+        self._observe_scores(code.name, time.perf_counter() - start)
+        await context.abort(code, details)
+        raise AssertionError("context.abort returned")  # it raises AbortError
+
+    async def _score_pairs(self, request: node_pb2.ScorePairsRequest
+                           ) -> node_pb2.ScorePairsResponse | tuple[grpc.StatusCode, str]:
+        """The answer, or the status code and details to end the call with."""
+        if self._scorer is None:
+            return grpc.StatusCode.FAILED_PRECONDITION, "no pair scorer on this agent"
+        try:
+            scores, scorer_id = await self._scorer.score(request.query, list(request.candidates))
+        except errors.EmbedError as exc:
+            return status_for(exc), str(exc)
+        except Exception as exc:
+            # its type and where it was raised, not its message: that could quote a text
+            log.error("ScorePairs failed: %s\n%s", type(exc).__name__,
+                      "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+            return grpc.StatusCode.INTERNAL, "internal error while scoring pairs"
+        return node_pb2.ScorePairsResponse(scores=scores.tolist(), scorer_id=scorer_id)
+
+
 class NodeServer:
     """Owns the grpc.aio server; ``port`` is the bound port (also when 0 was asked).
 
@@ -139,7 +186,9 @@ class NodeServer:
     def __init__(self, embeddings: service.EmbeddingService | None, host: str, port: int,
                  observe: Observe = lambda code, seconds: None, *, token: str | None = None,
                  allow_unauthenticated: bool = False,
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 scorer: pair_scorer.PairScorer | None = None,
+                 observe_scores: Observe = lambda code, seconds: None) -> None:
         check = call_metadata.TokenCheck(token)
         self.server = grpc.aio.server(
             interceptors=[TokenGuard(check, allow_unauthenticated, observe), *interceptors],
@@ -148,7 +197,8 @@ class NodeServer:
                      ("grpc.keepalive_permit_without_calls", 1),
                      ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000)])
         node_pb2_grpc.add_NodeServicer_to_server(  # type: ignore[no-untyped-call]
-            NodeServicer(embeddings, observe, tenant_trusted=check.configured), self.server)
+            NodeServicer(embeddings, observe, tenant_trusted=check.configured, scorer=scorer,
+                         observe_scores=observe_scores), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -1,0 +1,170 @@
+"""The pair scorer behind ``Node.ScorePairs``: a MiniLM cross-encoder (issue 22).
+
+The semantic cache asks whether a new prompt means the same as a cached one. A
+cross-encoder reads both texts at once and answers better than comparing two embeddings,
+but it needs torch, which the control plane does not have; every agent running
+``embedder.kind: minilm`` already has it, so the agent scores pairs.
+
+* **The model** is :mod:`synapse_common.pair_scorer_model`'s, the one definition the
+  training uses too: all-MiniLM-L6-v2's transformer reading ``[CLS] a [SEP] b [SEP]``
+  truncated ``longest_first`` to ``meta.max_len`` tokens, the last hidden state
+  mean-pooled over the attention mask, then the ``Linear(hidden, 1)`` head (dropout off:
+  eval mode), under ``torch.inference_mode``. A score is the average of the logits of
+  ``(query, candidate)`` and ``(candidate, query)``.
+* **The weights** are a :mod:`synapse_common.pair_scorer` file (``embedder.pair_scorer``:
+  ``shipped``, ``none`` or a path); its layers replace the base parameters of the same
+  name, the others stay the installed base weights. A file fitted on other base weights,
+  or one that cannot be read, leaves the scorer unavailable with the reason (logged once)
+  rather than scoring with weights it was not trained with. ``shipped`` when the build
+  ships no file is simply no scorer (one info line).
+* **Off the event loop, one batch at a time**: the model runs in ``asyncio.to_thread``
+  behind a lock, so concurrent calls queue instead of splitting the cores between two
+  forward passes. (The embedder has its own queue: a ScorePairs call and an Embed batch
+  can still run side by side; both are short.)
+* Texts are never logged.
+
+Errors are the :mod:`agent.embedding.errors` tree plus :class:`ScorerUnavailable`
+(FAILED_PRECONDITION in :mod:`agent.node_service`): bad input is
+:class:`errors.InvalidInput`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from agent.config import EmbedderSettings
+from agent.embedding import errors, protocol
+from synapse_common import embedder_tuning, pair_scorer_model
+from synapse_common import pair_scorer as scorer_file
+
+log = logging.getLogger(__name__)
+MAX_CANDIDATES = 16
+
+
+class ScorerUnavailable(errors.EmbedderUnavailable):
+    """No pair scorer on this agent, or it is loading or failed to load: not worth a retry
+    on this agent soon, so FAILED_PRECONDITION rather than the embedder's UNAVAILABLE."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A ready cross-encoder: the file, the transformer with its layers, the tokenizer."""
+
+    file: scorer_file.PairScorerFile
+    model: Any        # pair_scorer_model's network, eval mode
+    tokenizer: Any
+
+    @property
+    def scorer_id(self) -> str:
+        return self.file.scorer_id
+
+
+def load(path: pathlib.Path) -> Loaded:
+    """Read and check the file, build the network on the installed base weights with the
+    file's layers and head, in eval mode (blocking: seconds). Raises ``ValueError`` (a
+    :class:`scorer_file.PairScorerError` for the file), ``OSError``, ``RuntimeError`` or
+    ``ImportError`` with the reason."""
+    file = scorer_file.load(path)
+    scorer_file.check_base(file, embedder_tuning.base_id())
+    net = pair_scorer_model.build(file.layers, file.head_weight, file.head_bias)
+    net.eval()      # training's dropout off
+    return Loaded(file, net, pair_scorer_model.tokenizer())
+
+
+def score_blocking(loaded: Loaded, query: str, candidates: list[str]) -> np.ndarray:
+    """The averaged logits of (query, c) and (c, query) for each candidate, float32."""
+    return pair_scorer_model.logits(loaded.model, loaded.tokenizer, [query] * len(candidates),
+                                    candidates, max_len=loaded.file.max_len)
+
+
+def validate(query: str, candidates: list[str], max_text_chars: int) -> None:
+    """Raise :class:`errors.InvalidInput` naming the field that is wrong."""
+    if not query:
+        raise errors.InvalidInput("query is empty")
+    if not candidates:
+        raise errors.InvalidInput("candidates is empty")
+    if len(candidates) > MAX_CANDIDATES:
+        raise errors.TooLarge(f"{len(candidates)} candidates; at most {MAX_CANDIDATES} per "
+                              "call")
+    for field, text in [("query", query), *((f"candidates[{i}]", c)
+                                            for i, c in enumerate(candidates))]:
+        if not text:
+            raise errors.InvalidInput(f"{field} is empty")
+        if len(text) > max_text_chars:
+            raise errors.TooLarge(f"{field} has {len(text)} characters; at most "
+                                  f"{max_text_chars}")
+
+
+class PairScorer(protocol.LoadsOnce):
+    """The scorer ``embedder.pair_scorer`` names; ``start`` loads it (once, off the loop).
+
+    ``reason`` set at construction means there is no scorer to load (``none``, nothing
+    shipped, another embedder kind); ``loaded`` (tests) is a scorer that is ready at once.
+    """
+
+    def __init__(self, cfg: EmbedderSettings, path: pathlib.Path | None, reason: str = "",
+                 loaded: Loaded | None = None) -> None:
+        self._cfg = cfg
+        self._path = path
+        self._loaded = loaded
+        self._error = reason
+        self._lock: asyncio.Lock | None = None   # made on the serving loop
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded is not None
+
+    @property
+    def scorer_id(self) -> str:
+        return self._loaded.scorer_id if self._loaded is not None else ""
+
+    async def _load_once(self) -> None:
+        if self._loaded is not None or self._path is None:
+            return
+        try:
+            self._loaded = await asyncio.to_thread(load, self._path)
+        except (ValueError, OSError, RuntimeError, ImportError) as exc:
+            self._error = f"embedder.pair_scorer {self._path}: {exc}"
+            log.error("pair scorer unavailable: %s", self._error)
+            return
+        log.info("pair scorer %s loaded from %s", self.scorer_id, self._path)
+
+    def unavailable(self) -> ScorerUnavailable:
+        return ScorerUnavailable(self._error or "the pair scorer is still loading")
+
+    async def score(self, query: str, candidates: list[str]) -> tuple[np.ndarray, str]:
+        """Validated; the averaged logits (float32, one per candidate) and the scorer id."""
+        validate(query, candidates, self._cfg.max_text_chars)
+        loaded = self._loaded
+        if loaded is None:
+            raise self.unavailable()
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            scores = await asyncio.to_thread(score_blocking, loaded, query, candidates)
+        return scores, loaded.scorer_id
+
+    async def close(self) -> None:
+        self._loaded = None
+        self._error = "the pair scorer is closed"
+
+
+def build(cfg: EmbedderSettings) -> PairScorer:
+    """The scorer the settings describe, not loaded yet (a reason when there is none)."""
+    if cfg.kind != "minilm":
+        return PairScorer(cfg, None, f"no pair scorer on this agent (it runs with "
+                          f"embedder.kind: minilm; this agent's is {cfg.kind})")
+    path = scorer_file.resolve(cfg.pair_scorer)
+    if path is None:
+        return PairScorer(cfg, None, "no pair scorer on this agent (embedder.pair_scorer: none)")
+    if cfg.pair_scorer == "shipped" and not path.exists():
+        log.info("no pair scorer: embedder.pair_scorer is shipped and this build ships none")
+        return PairScorer(cfg, None, "no pair scorer on this agent (embedder.pair_scorer: "
+                          "shipped, and this build ships no pair-scorer file)")
+    return PairScorer(cfg, path)
