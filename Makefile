@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: up test test-llamacpp lint protos verifier embedder bench-peers tools clean engines engines-llamacpp
+.PHONY: up test test-llamacpp lint protos verifier pair-scorer embedder bench-peers tools clean engines engines-llamacpp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -94,6 +94,15 @@ embedder: $(VENV)/.dev
 	nice -n 10 $(BIN)/synapsectl cache tune-embedder --seed 7 \
 	  --pairs ../shared/data/qqp_pairs_dev.jsonl.gz --tuning-out build/embedder/embedder_tuned.npz \
 	  --verifier-out build/embedder/verifier.json
+
+# The shipped pair scorer (synapse_common/pair_scorer.npz: a MiniLM cross-encoder the agents
+# run for the cache, 20 MB) and the shipped verifier's stack on it, from the QQP dev pairs
+# and seed 7 (synapsectl cache tune-pair-scorer: 2 epochs, about 30 min on 2 idle cores).
+# Run it after `make verifier`: the stack is fitted on top of that verifier.
+pair-scorer: $(VENV)/.dev
+	nice -n 10 $(BIN)/synapsectl cache tune-pair-scorer --seed 7 \
+	  --pairs ../shared/data/qqp_pairs_dev.jsonl.gz --scorer-out synapse_common/pair_scorer.npz \
+	  --verifier controlplane/core/verifier_default.json --verifier-out controlplane/core/verifier_default.json
 
 # The shipped verifier, for the untuned MiniLM the agents serve by default (same split and seed).
 verifier: $(VENV)/.dev

@@ -35,6 +35,15 @@ validation, carries over.
 ``--heldout`` keeps only the question-disjoint held-out split of calibration (same seed):
 questions neither embedder tuning nor verifier saw.
 
+A ``--verifier`` with a ``stack`` (``synapsectl cache tune-pair-scorer``; the shipped one
+has it) is measured as lookups use it: the verifier's probability, and for the pairs at or
+above the stack's floor the stacked probability with the pair scorer's logit
+(``--pair-scorer``, default the shipped scorer, run in process with the agents' network),
+at the stack's operating point. ``--baseline-verifier unstacked`` makes the old side that
+same verifier without its stack, on the same vectors: the shipped pair before and after
+the scorer, in one run (``python -m bench.semantic_cache --pairs … --heldout --tuning none
+--verifier controlplane/core/verifier_default.json --baseline-verifier unstacked``).
+
 Run: ``python -m bench.semantic_cache --pairs ../shared/data/qqp_pairs_dev.jsonl.gz
 --heldout [--mode cache]``. The last line is one JSON object: ``{"bench":
 "semantic_cache", "mode", "precision", "recall", "f1", "hit_rate", "baseline":
@@ -101,19 +110,58 @@ class Side:
     va: np.ndarray
     vb: np.ndarray
     model: verifier.Verifier
+    scorer: PairScorer | None = None    # when the verifier has a stack
 
     def take(self, keep: np.ndarray) -> Side:
-        return Side(self.name, self.va[keep], self.vb[keep], self.model)
+        return Side(self.name, self.va[keep], self.vb[keep], self.model, self.scorer)
+
+    @property
+    def threshold(self) -> float:
+        """The operating point its lookups use (the stack's, when it has one)."""
+        stack = self.model.stack
+        return stack.threshold if stack is not None and self.scorer else self.model.threshold
+
+    def scores(self, texts_a: list[str], texts_b: list[str], va: np.ndarray,
+               vb: np.ndarray) -> np.ndarray:
+        """Each pair's score as a lookup computes it: the verifier's probability, stacked
+        with the pair scorer's logit when the verifier has a stack (a pair under the
+        stack's floor is never sent to the scorer, and never accepted)."""
+        p = self.model.probabilities(self.model.features(texts_a, texts_b, va, vb))
+        stack = self.model.stack
+        if stack is None or self.scorer is None:
+            return p
+        sent = np.flatnonzero(p >= stack.floor)
+        out = np.zeros_like(p)
+        if len(sent):
+            logits = self.scorer([texts_a[i] for i in sent], [texts_b[i] for i in sent])
+            out[sent] = stack.probabilities(p[sent], logits)
+        return out
+
+
+class PairScorer:
+    """The pair scorer a stacked verifier names, run in process with the agents' network
+    (:mod:`synapse_common.pair_scorer_model`)."""
+
+    def __init__(self, path: str) -> None:
+        from synapse_common import pair_scorer, pair_scorer_model
+        self.file = pair_scorer.load(pair_scorer.resolve(path) or path)
+        self._net = pair_scorer_model.build(self.file.layers, self.file.head_weight,
+                                            self.file.head_bias).eval()
+        self._tok = pair_scorer_model.tokenizer()
+
+    def __call__(self, texts_a: list[str], texts_b: list[str]) -> np.ndarray:
+        from synapse_common import pair_scorer_model
+        return pair_scorer_model.logits(self._net, self._tok, texts_a, texts_b,
+                                        self.file.max_len)
 
 
 def run_pairs(pairs: calibrate.Pairs, new: Side, old: Side, fixed: float
               ) -> dict[str, Any]:
     def scores(side: Side) -> np.ndarray:
-        raw = side.model.features(pairs.text_a, pairs.text_b, side.va, side.vb)
-        return side.model.probabilities(raw)
+        return side.scores(pairs.text_a, pairs.text_b, side.va, side.vb)
 
     ours_scores, old_scores = scores(new), scores(old)
-    ours = calibrate.evaluate(ours_scores, pairs.label, new.model.threshold)
+    ours = calibrate.evaluate(ours_scores, pairs.label, new.threshold)
     y, positives = pairs.label.astype(np.float64), int(pairs.label.sum())
     methods = {"ours": ours_scores, "old_verifier": old_scores,
                "baseline": np.sum(old.va * old.vb, 1),
@@ -121,8 +169,7 @@ def run_pairs(pairs: calibrate.Pairs, new: Side, old: Side, fixed: float
     out: dict[str, Any] = {k: at_precision(v, y, positives, ours["precision"])
                            for k, v in methods.items()}
     out["ours"] = ours
-    out["old_verifier_default"] = calibrate.evaluate(old_scores, pairs.label,
-                                                     old.model.threshold)
+    out["old_verifier_default"] = calibrate.evaluate(old_scores, pairs.label, old.threshold)
     out["fixed"] = _fixed(methods, dict.fromkeys(methods, y), positives, fixed)
     return out
 
@@ -162,10 +209,15 @@ async def lookups(pairs: calibrate.Pairs, side: Side, top_k: int,
         for ta, tb, vec, label in zip(pairs.text_a, pairs.text_b, side.vb, pairs.label,
                                       strict=True):
             found = await store.search("bench", vec, top_k, 0.0)
-            verdict = side.model.judge(tb, vec, [c.text for c in found],
-                                       [np.asarray(c.vector) for c in found], threshold=0.0)
-            chosen = found[verdict.index].text if verdict is not None else None
-            t.score.append(verdict.score if verdict is not None else -1.0)
+            best, score = -1, -1.0
+            if found:
+                scores = side.scores([tb] * len(found), [c.text for c in found],
+                                     np.tile(vec, (len(found), 1)),
+                                     np.stack([np.asarray(c.vector) for c in found]))
+                best = int(np.argmax(scores))
+                score = float(scores[best])
+            chosen = found[best].text if best >= 0 else None
+            t.score.append(score)
             t.right.append(label == 1 and chosen == ta)
             t.right_group.append(chosen is not None and groups.get(chosen) == groups[tb])
             t.top_cos.append(found[0].similarity if found else -1.0)
@@ -207,7 +259,7 @@ def run_cache(pairs: calibrate.Pairs, everything: calibrate.Pairs, new: Side, ol
     ours_t = asyncio.run(lookups(pairs, new, top_k, groups))
     old_t = asyncio.run(lookups(pairs, old, top_k, groups))
     positives = int(pairs.label.sum())
-    ours = _served(ours_t.score, ours_t.right, new.model.threshold, positives)
+    ours = _served(ours_t.score, ours_t.right, new.threshold, positives)
     p = ours["precision"]
 
     def at(scores: list[float], right: list[bool], n: int = positives) -> dict[str, float]:
@@ -215,14 +267,14 @@ def run_cache(pairs: calibrate.Pairs, everything: calibrate.Pairs, new: Side, ol
 
     per_group = collections.Counter(groups[e] for e in set(pairs.text_a))
     has_dup = sum(1 for tb in pairs.text_b if per_group[groups[tb]] > 0)
-    closure = _served(ours_t.score, ours_t.right_group, new.model.threshold, has_dup)
+    closure = _served(ours_t.score, ours_t.right_group, new.threshold, has_dup)
     methods = {"ours": ours_t.score, "old_verifier": old_t.score, "baseline": old_t.top_cos,
                "tuned_cosine": ours_t.top_cos}
     rights = {"ours": ours_t.right, "old_verifier": old_t.right, "baseline": old_t.top_right,
               "tuned_cosine": ours_t.top_right}
     return {"ours": ours, "old_verifier": at(old_t.score, old_t.right),
             "fixed": _fixed(methods, rights, positives, fixed),
-            "old_verifier_default": _served(old_t.score, old_t.right, old.model.threshold,
+            "old_verifier_default": _served(old_t.score, old_t.right, old.threshold,
                                             positives),
             "baseline": at(old_t.top_cos, old_t.top_right),
             "tuned_cosine": at(ours_t.top_cos, ours_t.top_right),
@@ -233,9 +285,9 @@ def run_cache(pairs: calibrate.Pairs, everything: calibrate.Pairs, new: Side, ol
 def _table(mode: str, n: int, out: dict[str, Any]) -> None:
     print(f"semantic cache, mode {mode}, {n} pairs")
     print(f"{'':<40}{'precision':>10}{'recall':>8}{'f1':>8}{'hit rate':>10}{'threshold':>11}")
-    for key, name in (("ours", "tuned embedder + verifier (default point)"),
-                      ("old_verifier", "old embedder + verifier, same prec."),
-                      ("old_verifier_default", "old embedder + verifier (its own point)"),
+    for key, name in (("ours", "new: embedder + verifier (its own point)"),
+                      ("old_verifier", "old: embedder + verifier, same prec."),
+                      ("old_verifier_default", "old: embedder + verifier (its own point)"),
                       ("baseline", "old embedder, bare cosine, same prec."),
                       ("tuned_cosine", "tuned embedder, bare cosine, same prec.")):
         m = out[key]
@@ -243,8 +295,8 @@ def _table(mode: str, n: int, out: dict[str, Any]) -> None:
               f"{m['hit_rate']:>10.4f}{m['threshold']:>11.4f}")
     fixed = out["fixed"]
     print(f"each at precision >= {fixed['precision']} on these pairs (own threshold here)")
-    for key, name in (("ours", "tuned embedder + verifier"), ("old_verifier",
-                      "old embedder + verifier"), ("baseline", "old embedder, bare cosine"),
+    for key, name in (("ours", "new: embedder + verifier"), ("old_verifier",
+                      "old: embedder + verifier"), ("baseline", "old embedder, bare cosine"),
                       ("tuned_cosine", "tuned embedder, bare cosine")):
         m = fixed[key]
         print(f"{name:<40}{m['precision']:>10.4f}{m['recall']:>8.4f}{m['f1']:>8.4f}"
@@ -279,7 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verifier", default=str(MADE / "verifier.json"),
                         help="its verifier (default: make embedder's)")
     parser.add_argument("--baseline-verifier", default=None,
-                        help="the old embedder's verifier (default: fitted here)")
+                        help="the old embedder's verifier (default: fitted here); "
+                        "'unstacked': --verifier without its stack")
+    parser.add_argument("--pair-scorer", default="shipped",
+                        help="the pair scorer a stacked --verifier names: shipped "
+                        "(synapse_common/pair_scorer.npz) or a tune-pair-scorer file")
     parser.add_argument("--heldout", action="store_true",
                         help="only the question-disjoint held-out split of calibration")
     parser.add_argument("--limit", type=int, default=0, help="at most this many pairs")
@@ -305,7 +361,17 @@ def main(argv: list[str] | None = None) -> int:
     # Only the texts measured are embedded, except that fitting the old verifier here
     # needs the old embedder's vectors of every pair.
     new_va, new_vb, new_id = pair_vectors(pairs, args.tuning, args.tuned_cache)
-    if args.baseline_verifier:
+    scorer = None
+    if model.stack is not None:
+        scorer = PairScorer(args.pair_scorer)
+        if scorer.file.scorer_id != model.stack.pair_scorer:
+            raise SystemExit(f"--verifier's stack is fitted for {model.stack.pair_scorer}, "
+                             f"--pair-scorer is {scorer.file.scorer_id}")
+    if args.baseline_verifier == "unstacked":
+        old_va, old_vb, old_id = new_va, new_vb, new_id
+        old_model = verifier.from_json({k: v for k, v in model.to_json().items()
+                                        if k != "stack"})
+    elif args.baseline_verifier:
         old_va, old_vb, old_id = pair_vectors(pairs, "none", args.embed_cache)
         old_model = verifier.load(args.baseline_verifier)
     else:
@@ -314,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         old_va, old_vb = all_va[keep], all_vb[keep]
     if model.embedder_id and model.embedder_id != new_id:
         raise SystemExit(f"--verifier was fitted for {model.embedder_id}, not {new_id}")
-    new = Side("tuned", new_va, new_vb, model)
+    new = Side("tuned", new_va, new_vb, model, scorer)
     old = Side("old", old_va, old_vb, old_model)
     out = (run_pairs(pairs, new, old, args.fixed_precision) if args.mode == "pairs"
            else run_cache(pairs, everything, new, old, args.top_k, args.fixed_precision))

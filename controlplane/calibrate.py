@@ -213,7 +213,7 @@ def evaluate(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[s
             "hit_rate": round(float(accept.mean()), 4), "threshold": round(float(threshold), 6)}
 
 
-def _curve_summary(curve: list[tuple[float, float, float]], points: int = 200
+def curve_summary(curve: list[tuple[float, float, float]], points: int = 200
                    ) -> list[tuple[float, float, float]]:
     """Thin the validation curve to ``points`` cuts spread over the recall range."""
     if len(curve) <= points:
@@ -293,7 +293,7 @@ def fit(pairs: Pairs, va: np.ndarray, vb: np.ndarray, target_precision: float, s
     model = verifier.Verifier(
         diff=stub.diff, prod=stub.prod, forest=stub.forest, platt=stub.platt,
         threshold=threshold, target_precision=target_precision,
-        curve=_curve_summary(precision_recall_curve(p_val, pairs.label[val])),
+        curve=curve_summary(precision_recall_curve(p_val, pairs.label[val])),
         meta={"embedder": EMBEDDER, "embedder_id": embedder_id, "dim": int(dim),
               "metrics": metrics},
         calibration=calibration_sample(p_val, pairs.label[val]), idf=idf)

@@ -151,7 +151,8 @@ def _add_model_commands(sub: Any) -> None:
 
 
 def _add_cache(sub: Any) -> None:
-    cache = sub.add_parser("cache", help="response cache: invalidate, calibrate, tune-embedder")
+    cache = sub.add_parser("cache", help="response cache: invalidate, calibrate, tune-embedder, "
+                           "tune-pair-scorer")
     cache_sub = _Subparsers(cache.add_subparsers(dest="cache_command", metavar="CACHE_COMMAND"),
                             sub.parent)
     inval = cache_sub.add_parser("invalidate", help="drop cache entries (both layers)")
@@ -171,6 +172,10 @@ def _add_cache(sub: Any) -> None:
         "tune-embedder", help="fine-tune the cache's embedder on labelled pairs, with its "
         "verifier")
     importlib.import_module("controlplane.tune_embedder").add_arguments(tune)
+    scorer = cache_sub.add_parser(
+        "tune-pair-scorer", help="train the cache's pair scorer (a cross-encoder the agents "
+        "run) on labelled pairs, and stack it on the verifier")
+    importlib.import_module("controlplane.pair_scorer_fit").add_arguments(scorer)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -191,6 +196,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return int(importlib.import_module("controlplane.calibrate").run(args))
     if args.command == "cache" and args.cache_command == "tune-embedder":
         return int(importlib.import_module("controlplane.tune_embedder").run(args))
+    if args.command == "cache" and args.cache_command == "tune-pair-scorer":
+        return int(importlib.import_module("controlplane.pair_scorer_fit").run(args))
     try:
         server, token = _connection(args, os.environ if environ is None else environ)
         from controlplane import ctl_client

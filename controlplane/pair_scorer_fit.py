@@ -1,0 +1,278 @@
+"""``synapsectl cache tune-pair-scorer --pairs FILE``: a pair scorer and its stack on the verifier.
+
+The verifier judges a cached candidate from the two embeddings and lexical guards; the
+pair scorer (:mod:`synapse_common.pair_scorer_model`, a cross-encoder the agents run over
+``Node.ScorePairs``) reads both texts together. This command trains the scorer on
+labelled pairs and fits how the two are combined, writing two files: the scorer
+(``--scorer-out``, npz, :mod:`synapse_common.pair_scorer`; agents load it with
+``embedder.pair_scorer``) and the verifier with its ``stack`` section (``--verifier-out``;
+control planes load it with ``cache.verifier_path``, or it is the shipped file). ``make
+pair-scorer`` builds the shipped pair from the QQP dev pairs.
+
+Design decisions (the measured comparison is ``bench/semantic_cache.py --heldout``'s):
+
+- **Splits**: ``calibrate``'s question-disjoint split (same seed). The scorer learns on
+  train, where the verifier's trees learnt too; the stack (a logistic regression over the
+  verifier's logit and the scorer's) and its operating point are fitted on validation,
+  which neither saw; the report is on the held-out split.
+- **What is trained**: every transformer parameter but the word embeddings, which stay
+  the installed MiniLM's (half the parameters; the file is smaller, and training faster
+  for it), plus the head. Stored in float16.
+- **Recipe**: AdamW (lr ``--lr``, weight decay 0.01 except biases and LayerNorms),
+  linear warm-up over 6 % of the steps then linear decay, gradient norm clipped at 1,
+  binary cross-entropy on the logit, batches of similar lengths. Each epoch shows every
+  pair once, in one order: a seeded half are swapped in even epochs and the other half
+  in odd ones, so two epochs show both orders of every pair.
+- **Refusals**: the same as ``tune-embedder`` (too few pairs, too one-sided, a split part
+  without enough of each label), before any work.
+- Reproducible from ``--seed`` on the same software and thread count: ``torch`` runs with
+  ``--threads`` threads (2 by default) and every random draw is seeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from controlplane import calibrate, progress, tune_embedder
+from controlplane.core import verifier
+from synapse_common import embedder_tuning, pair_scorer, pair_scorer_model
+
+FROZEN = ("embeddings.word_embeddings.weight", "pooler.dense.weight", "pooler.dense.bias")
+STACK_FLOOR_QUANTILE = 0.01   # of the verifier's scores among stacked acceptances
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pairs", required=True,
+                        help='JSONL(.gz) of {"text_a", "text_b", "label": 0|1}')
+    parser.add_argument("--scorer-out", help="pair scorer (.npz) to write (unless --scorer)")
+    parser.add_argument("--scorer", default=None, metavar="NPZ",
+                        help="keep this pair scorer; refit only the stack")
+    parser.add_argument("--verifier", default=str(verifier.DEFAULT_PATH),
+                        help="the verifier to stack on (default: the shipped one)")
+    parser.add_argument("--verifier-out", required=True,
+                        help="the verifier with its stack section (JSON) to write")
+    parser.add_argument("--seed", type=int, default=7, help="split, order and initial values")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32, help="pairs per training step")
+    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--max-train-pairs", type=int, default=0,
+                        help="train on at most this many train pairs, a seeded sample (0: "
+                        "all; for a quick trial)")
+    parser.add_argument("--target-precision", type=float, default=0.90)
+    parser.add_argument("--embed-cache", default=None,
+                        help="reuse the verifier's embeddings from / save them to this .npz")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not (args.scorer_out or args.scorer):
+        print("tune-pair-scorer: --scorer-out FILE is required (or --scorer NPZ)",
+              file=sys.stderr)
+        return 2
+    try:
+        pairs = calibrate.read_pairs(args.pairs)
+        split = calibrate.split(pairs, args.seed)
+        reasons = tune_embedder.refusals(pairs, split)
+        if reasons:
+            raise tune_embedder.Refused("; ".join(reasons))
+        base = verifier.load(args.verifier)
+        import torch
+        torch.set_num_threads(args.threads)
+        if args.scorer:
+            scorer = pair_scorer.load(args.scorer)
+            net = pair_scorer_model.build(scorer.layers, scorer.head_weight, scorer.head_bias)
+        else:
+            rows = split["train"]
+            if 0 < args.max_train_pairs < len(rows):
+                rows = np.sort(np.random.default_rng(args.seed).choice(
+                    rows, args.max_train_pairs, replace=False))
+            net = train(pairs, rows, args)
+            layers, head_w, head_b = pair_scorer_model.trained_arrays(net, FROZEN)
+            meta = {"max_len": pair_scorer_model.MAX_LEN, "pooling": "mean",
+                    "fit": {"pairs_file": str(args.pairs).rsplit("/", 1)[-1],
+                            "seed": args.seed, "epochs": args.epochs, "batch": args.batch,
+                            "lr": args.lr, "train_pairs": len(rows)}}
+            pair_scorer.save(args.scorer_out, embedder_tuning.base_id(), layers, head_w,
+                             head_b, meta)
+            scorer = pair_scorer.load(args.scorer_out)   # as the agents will: float16
+            net = pair_scorer_model.build(scorer.layers, scorer.head_weight, scorer.head_bias)
+        net.eval()
+        stacked, metrics = fit_stack(pairs, split, base, net, scorer.scorer_id,
+                                     args.target_precision, args.embed_cache)
+    except (calibrate.PairsError, tune_embedder.Refused, verifier.VerifierError,
+            pair_scorer.PairScorerError, embedder_tuning.TuningError) as exc:
+        print(f"tune-pair-scorer: {exc}", file=sys.stderr)
+        return 2
+    stacked.save(args.verifier_out)
+    report(metrics, args.target_precision, scorer.scorer_id, args.verifier_out)
+    return 0
+
+
+# -- training ----------------------------------------------------------------------------
+def train(pairs: calibrate.Pairs, rows: np.ndarray, args: argparse.Namespace) -> Any:
+    """The scorer trained on ``rows`` (see the module docstring for the recipe)."""
+    import torch
+
+    torch.manual_seed(args.seed)
+    tok = pair_scorer_model.tokenizer()
+    a = [pairs.text_a[i] for i in rows]
+    b = [pairs.text_b[i] for i in rows]
+    labels = pairs.label[rows].astype(np.float32)
+    enc = {order: tok(x1, x2, truncation="longest_first",
+                      max_length=pair_scorer_model.MAX_LEN)
+           for order, (x1, x2) in (("ab", (a, b)), ("ba", (b, a)))}
+    net = pair_scorer_model.build(seed=args.seed)
+    net.train()
+    for name, param in net.bert.named_parameters():
+        param.requires_grad_(name not in FROZEN)
+
+    def no_decay(name: str) -> bool:
+        return name.endswith("bias") or "LayerNorm" in name
+
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([
+        {"params": [p for n, p in named if not no_decay(n)], "weight_decay": 0.01},
+        {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}], lr=args.lr)
+    per_epoch = math.ceil(len(rows) / args.batch)
+    total = per_epoch * args.epochs
+    warm = max(1, int(0.06 * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    swapped = np.random.default_rng(args.seed + 92).random(len(rows)) < 0.5
+    bar = progress.Progress(total, "training the pair scorer")
+    losses: list[float] = []
+    for epoch in range(args.epochs):
+        swap = swapped if epoch % 2 == 0 else ~swapped
+        items = [("ba" if s else "ab", i) for i, s in enumerate(swap)]
+        for batch in batches(items, lambda o, i: len(enc[o]["input_ids"][i]), args.batch,
+                             np.random.default_rng(args.seed + 93 + epoch)):
+            ids, mask, types = padded([enc[o] for o, _ in batch], [i for _, i in batch],
+                                      tok.pad_token_id)
+            y = torch.from_numpy(labels[[i for _, i in batch]])
+            loss = loss_fn(net(torch.from_numpy(ids), torch.from_numpy(mask),
+                               torch.from_numpy(types)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.update(1, f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses[-100:]):.3f}")
+    bar.close()
+    return net
+
+
+def batches(items: list[tuple[str, int]], length: Callable[[str, int], int], size: int,
+            rng: np.random.Generator) -> list[list[tuple[str, int]]]:
+    """``items`` in batches of ``size``, lengths alike within a batch (sorted inside
+    shuffled chunks of 50 batches), batches in a shuffled order."""
+    order = rng.permutation(len(items))
+    chunk = size * 50
+    out: list[list[tuple[str, int]]] = []
+    for start in range(0, len(order), chunk):
+        idx = sorted(order[start:start + chunk].tolist(), key=lambda k: length(*items[k]))
+        out += [[items[k] for k in idx[j:j + size]] for j in range(0, len(idx), size)]
+    return [out[k] for k in rng.permutation(len(out))]
+
+
+def padded(encodings: Sequence[Any], rows: Sequence[int], pad: int,
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input ids, attention mask, token types) of ``rows``, right-padded to the longest."""
+    width = max(len(e["input_ids"][r]) for e, r in zip(encodings, rows, strict=True))
+    ids = np.full((len(rows), width), pad, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    types = np.zeros((len(rows), width), np.int64)
+    for k, (e, r) in enumerate(zip(encodings, rows, strict=True)):
+        t = e["input_ids"][r]
+        ids[k, :len(t)], mask[k, :len(t)], types[k, :len(t)] = t, 1, e["token_type_ids"][r]
+    return ids, mask, types
+
+
+# -- the stack ---------------------------------------------------------------------------
+def verifier_scores(pairs: calibrate.Pairs, rows: np.ndarray, model: verifier.Verifier,
+                    embed_cache: str | None) -> np.ndarray:
+    """The verifier's probability of each pair of ``rows``, (a, b) order as served."""
+    part = pairs.take(rows)
+    va, vb = calibrate.pair_vectors(part, embed_cache, None)
+    feats = calibrate.features(part, va, vb, model.idf)
+    return model.probabilities(feats)
+
+
+def fit_stack(pairs: calibrate.Pairs, split: dict[str, np.ndarray], base: verifier.Verifier,
+              net: Any, scorer_id: str, target: float, embed_cache: str | None,
+              ) -> tuple[verifier.Verifier, dict[str, Any]]:
+    """``base`` with a stack over it and the scorer, fitted on validation; its metrics on
+    the held-out split beside the verifier alone."""
+    from sklearn.linear_model import LogisticRegression
+
+    tok = pair_scorer_model.tokenizer()
+    val, test = split["validation"], split["test"]
+    y_val, y_test = pairs.label[val], pairs.label[test]
+    both = verifier_scores(pairs, np.concatenate([val, test]), base, embed_cache)
+    p_val, p_test = both[:len(val)], both[len(val):]
+    t0 = time.monotonic()
+    s_val = pair_scorer_model.logits(net, tok, [pairs.text_a[i] for i in val],
+                                     [pairs.text_b[i] for i in val])
+    s_test = pair_scorer_model.logits(net, tok, [pairs.text_a[i] for i in test],
+                                      [pairs.text_b[i] for i in test])
+    print(f"scored {len(val) + len(test)} pairs in both orders in "
+          f"{time.monotonic() - t0:.0f}s", file=sys.stderr)
+    lr = LogisticRegression(C=1.0).fit(stack_inputs(p_val, s_val), y_val)
+    weights = (float(lr.coef_[0][0]), float(lr.coef_[0][1]))
+    bias = float(lr.intercept_[0])
+    math_only = verifier.Stack(scorer_id, weights, bias, floor=0.0, threshold=1.0,
+                               target_precision=target)
+    q_val = math_only.probabilities(p_val, s_val)
+    q_test = math_only.probabilities(p_test, s_test)
+    threshold = calibrate.operating_point(q_val, y_val, target)
+    accepted = p_val[q_val >= threshold]
+    floor = float(np.quantile(accepted, STACK_FLOOR_QUANTILE)) if len(accepted) else 1.0
+    # What serving does: a candidate under the floor is never scored, so never stacked.
+    q_val = np.where(p_val >= floor, q_val, 0.0)
+    q_test = np.where(p_test >= floor, q_test, 0.0)
+    alone = calibrate.operating_point(p_val, y_val, target)
+    metrics = {
+        "heldout": calibrate.evaluate(q_test, y_test, threshold),
+        "validation": calibrate.evaluate(q_val, y_val, threshold),
+        "verifier_alone_heldout": calibrate.evaluate(p_test, y_test, alone),
+        "pairs": {"validation": len(val), "test": len(test)},
+        "sent_to_scorer_heldout": round(float(np.mean(p_test >= floor)), 4),
+    }
+    calib = calibrate.calibration_sample(q_val, y_val)
+    section = {
+        "pair_scorer": scorer_id, "weights": list(weights), "bias": bias,
+        "floor": round(floor, 6), "threshold": threshold, "target_precision": target,
+        "curve": [[round(t, 6), round(p, 6), round(r, 6)] for t, p, r in
+                  calibrate.curve_summary(calibrate.precision_recall_curve(q_val, y_val))],
+        "calibration": calib.to_json(),
+        "metrics": metrics}
+    data = base.to_json()
+    data["stack"] = section
+    return verifier.from_json(data), metrics
+
+
+def stack_inputs(p: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The stack's inputs (the verifier's logit, the scorer's), clipped as
+    :meth:`verifier.Stack.probabilities` clips them."""
+    q = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    out: np.ndarray = np.c_[np.log(q / (1 - q)), np.asarray(scores, np.float64)]
+    return out
+
+
+def report(metrics: dict[str, Any], target: float, scorer_id: str, out: str) -> None:
+    held, alone = metrics["heldout"], metrics["verifier_alone_heldout"]
+    print(f"pair scorer {scorer_id}; target precision {target:.2f}")
+    print(f"{'held-out':<22}{'precision':>10}{'recall':>8}{'f1':>8}{'hit rate':>10}")
+    for name, m in (("verifier + scorer", held), ("verifier alone", alone)):
+        print(f"{name:<22}{m['precision']:>10.4f}{m['recall']:>8.4f}{m['f1']:>8.4f}"
+              f"{m['hit_rate']:>10.4f}")
+    print(f"candidates sent to the scorer: {metrics['sent_to_scorer_heldout']:.1%} of the "
+          f"held-out pairs; wrote {out}")

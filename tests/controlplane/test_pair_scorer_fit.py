@@ -1,0 +1,183 @@
+"""``synapsectl cache tune-pair-scorer``: refusals, the stack on a constructed set, a real run.
+
+The constructed set checks the stack's fitting rules without a model: a scorer that knows
+something the verifier does not must raise recall at the target precision, the operating
+point must reach the target on validation, and a pair under the floor is never accepted
+(serving never sends it to the scorer). The real run trains on a small slice of the QQP dev
+pairs and checks what a user relies on: both files load, the verifier's stack names the
+scorer written, and the scorer scores as the file says.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from controlplane import calibrate, ctl, pair_scorer_fit
+from controlplane.core import verifier
+from synapse_common import pair_scorer
+from tests import dev_pairs
+
+
+def write_pairs(path: pathlib.Path, rows: list[tuple[str, str, int]]) -> pathlib.Path:
+    path.write_text("".join(json.dumps({"text_a": a, "text_b": b, "label": y}) + "\n"
+                            for a, b, y in rows))
+    return path
+
+
+def test_too_few_pairs_are_refused_with_the_reason(tmp_path, capsys):
+    pairs = write_pairs(tmp_path / "p.jsonl", [(f"q{i}", f"r{i}", i % 2) for i in range(300)])
+    code = ctl.main(["cache", "tune-pair-scorer", "--pairs", str(pairs), "--scorer-out",
+                     str(tmp_path / "s.npz"), "--verifier-out", str(tmp_path / "v.json")])
+    assert code == 2
+    assert "too few pairs: 300" in capsys.readouterr().err
+    assert not (tmp_path / "s.npz").exists() and not (tmp_path / "v.json").exists()
+
+
+def test_an_output_for_the_scorer_is_required(tmp_path, capsys):
+    code = ctl.main(["cache", "tune-pair-scorer", "--pairs", str(tmp_path / "p.jsonl"),
+                     "--verifier-out", str(tmp_path / "v.json")])
+    assert code == 2
+    assert "--scorer-out" in capsys.readouterr().err
+
+
+def test_batches_cover_every_item_once_with_alike_lengths():
+    items = [("ab" if i % 2 else "ba", i) for i in range(1000)]
+    got = pair_scorer_fit.batches(items, lambda o, i: i % 37, 32, np.random.default_rng(1))
+    flat = [x for b in got for x in b]
+    assert sorted(flat) == sorted(items)
+    assert all(len(b) <= 32 for b in got)
+    again = pair_scorer_fit.batches(items, lambda o, i: i % 37, 32, np.random.default_rng(1))
+    assert got == again                                  # seeded: the same order
+    spread = [max(i % 37 for _, i in b) - min(i % 37 for _, i in b) for b in got]
+    assert np.median(spread) <= 2                       # lengths alike within a batch
+
+
+def test_padded_rows_keep_ids_types_and_mask():
+    enc = {"input_ids": [[101, 7, 102], [101, 8, 9, 102, 10, 102]],
+           "token_type_ids": [[0, 0, 0], [0, 0, 0, 0, 1, 1]]}
+    ids, mask, types = pair_scorer_fit.padded([enc, enc], [0, 1], pad=0)
+    assert ids.tolist() == [[101, 7, 102, 0, 0, 0], [101, 8, 9, 102, 10, 102]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6]
+    assert types.tolist() == [[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]]
+
+
+# -- the stack on a constructed set -------------------------------------------------------
+def constructed(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, verifier probabilities, scorer logits): the verifier ranks pairs fairly;
+    the scorer separates the duplicates the verifier is unsure of."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.4).astype(np.int8)
+    p = np.clip(0.35 + 0.3 * (y - 0.5) + rng.normal(0, 0.2, n), 0.001, 0.999)
+    logits = 2.5 * (y - 0.5) + rng.normal(0, 0.8, n)
+    return y, p, logits
+
+
+@pytest.fixture
+def stack_inputs(monkeypatch):
+    """fit_stack on constructed scores: no embedding, no model."""
+    n = 3000
+    everything = calibrate.Pairs([f"a{i}" for i in range(n)], [f"b{i}" for i in range(n)],
+                                 np.zeros(n, np.int8))
+    split = {"train": np.arange(0, 1000), "validation": np.arange(1000, 2000),
+             "test": np.arange(2000, 3000)}
+    y, p, s = constructed(n, 5)
+    everything.label[:] = y
+    monkeypatch.setattr(pair_scorer_fit, "verifier_scores",
+                        lambda pairs, rows, model, cache: p[rows])
+    index = {t: i for i, t in enumerate(everything.text_a)}
+    monkeypatch.setattr(pair_scorer_fit.pair_scorer_model, "tokenizer", lambda: None)
+    monkeypatch.setattr(pair_scorer_fit.pair_scorer_model, "logits",
+                        lambda net, tok, a, b, *rest: s[[index[t] for t in a]])
+    return everything, split
+
+
+def test_the_stack_raises_recall_at_the_target_precision(stack_inputs):
+    pairs, split = stack_inputs
+    base = verifier.load()
+    stacked, metrics = pair_scorer_fit.fit_stack(pairs, split, base, object(),
+                                                 "minilm+pair-x", 0.90, None)
+    held, alone = metrics["heldout"], metrics["verifier_alone_heldout"]
+    assert metrics["validation"]["precision"] >= 0.90
+    assert held["recall"] > alone["recall"] + 0.1
+    assert held["precision"] >= 0.85 and alone["precision"] >= 0.85
+    stack = stacked.stack
+    assert stack is not None and stack.pair_scorer == "minilm+pair-x"
+    assert stack.threshold == pytest.approx(held["threshold"], abs=1e-6)
+    assert stacked.digest != base.digest                 # the stack is part of the scoring
+    assert stacked.base_digest == base.digest
+
+
+def test_the_floor_spares_the_scorer_the_hopeless_pairs(stack_inputs):
+    pairs, split = stack_inputs
+    stacked, metrics = pair_scorer_fit.fit_stack(pairs, split, verifier.load(), object(),
+                                                 "id", 0.90, None)
+    stack = stacked.stack
+    assert stack is not None and 0.0 < stack.floor < 1.0
+    # Serving sends only the pairs at or above the floor: fewer than all of them, and the
+    # held-out figures above are measured that way.
+    assert 0.0 < metrics["sent_to_scorer_heldout"] < 1.0
+
+
+def test_the_stacked_file_round_trips(stack_inputs, tmp_path):
+    pairs, split = stack_inputs
+    stacked, _ = pair_scorer_fit.fit_stack(pairs, split, verifier.load(), object(), "id",
+                                           0.90, None)
+    stacked.save(tmp_path / "v.json")
+    back = verifier.load(tmp_path / "v.json")
+    assert back.digest == stacked.digest
+    assert back.stack == stacked.stack or back.stack.to_json() == stacked.stack.to_json()
+
+
+# -- a real run ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short real run on the first 2,400 dev pairs: (pairs, scorer, verifier, stdout)."""
+    folder = tmp_path_factory.mktemp("scorer")
+    pairs = dev_pairs.first(tmp_path_factory, "slice.jsonl.gz", 2400)
+    args = ["cache", "tune-pair-scorer", "--pairs", str(pairs), "--scorer-out",
+            str(folder / "s.npz"), "--verifier-out", str(folder / "v.json"), "--epochs", "1",
+            "--max-train-pairs", "192", "--batch", "32", "--threads", "1"]
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = ctl.main(args)
+    assert code == 0
+    return pairs, folder / "s.npz", folder / "v.json", out.getvalue()
+
+
+def test_a_real_run_writes_a_scorer_and_the_verifier_stacked_on_it(trained):
+    _, scorer_path, verifier_path, out = trained
+    scorer = pair_scorer.load(scorer_path)
+    assert scorer.meta["fit"]["train_pairs"] == 192
+    assert "embeddings.word_embeddings.weight" not in scorer.layers   # the installed MiniLM's
+    model = verifier.load(verifier_path)
+    assert model.stack is not None and model.stack.pair_scorer == scorer.scorer_id
+    assert scorer.scorer_id in out and "verifier + scorer" in out
+    # The file scores as the network it was written from, whichever text comes first.
+    from synapse_common import pair_scorer_model
+    net = pair_scorer_model.build(scorer.layers, scorer.head_weight, scorer.head_bias).eval()
+    tok = pair_scorer_model.tokenizer()
+    ab = pair_scorer_model.logits(net, tok, ["How do I learn Python?"],
+                                  ["Best way to learn Python?"])
+    ba = pair_scorer_model.logits(net, tok, ["Best way to learn Python?"],
+                                  ["How do I learn Python?"])
+    assert np.isfinite(ab).all() and abs(float(ab[0]) - float(ba[0])) < 1e-4
+
+
+def test_refitting_the_stack_keeps_the_scorer_and_gives_the_same_stack(trained, tmp_path,
+                                                                       capsys):
+    pairs, scorer_path, verifier_path, _ = trained
+    before = scorer_path.read_bytes()
+    assert ctl.main(["cache", "tune-pair-scorer", "--pairs", str(pairs), "--scorer",
+                     str(scorer_path), "--verifier-out", str(tmp_path / "v2.json"),
+                     "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert scorer_path.read_bytes() == before
+    a, b = verifier.load(verifier_path), verifier.load(tmp_path / "v2.json")
+    assert a.stack is not None and b.stack is not None
+    assert a.stack.to_json() == b.stack.to_json()
