@@ -96,13 +96,14 @@ embedder: $(VENV)/.dev
 	  --verifier-out build/embedder/verifier.json
 
 # The shipped pair scorer (synapse_common/pair_scorer.npz: a MiniLM cross-encoder the agents
-# run for the cache, 20 MB) and the shipped verifier's stack on it, from the QQP dev pairs
-# and seed 7 (synapsectl cache tune-pair-scorer: 2 epochs, about 30 min on 2 idle cores).
-# Run it after `make verifier`: the stack is fitted on top of that verifier.
+# run for the cache, 20 MB) and the shipped verifier stacked on it
+# (controlplane/core/verifier_default_stack.json, cache.pair_scorer), from the QQP dev pairs and
+# seed 7 (synapsectl cache tune-pair-scorer: 2 epochs, about 30 min on 2 idle cores, then
+# 10 min to fit the stack). After `make verifier`: the stack is fitted on that verifier.
 pair-scorer: $(VENV)/.dev
 	nice -n 10 $(BIN)/synapsectl cache tune-pair-scorer --seed 7 \
 	  --pairs ../shared/data/qqp_pairs_dev.jsonl.gz --scorer-out synapse_common/pair_scorer.npz \
-	  --verifier controlplane/core/verifier_default.json --verifier-out controlplane/core/verifier_default.json
+	  --verifier controlplane/core/verifier_default.json --stack-out controlplane/core/verifier_default_stack.json
 
 # The shipped verifier, for the untuned MiniLM the agents serve by default (same split and seed).
 verifier: $(VENV)/.dev

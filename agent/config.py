@@ -187,13 +187,14 @@ class EmbedderSettings(Section):
                         " shipped (synapse_common/embedder_tuned.npz, in a release that ships "
                         "one: none does yet), or none (plain all-MiniLM-L6-v2); it changes the "
                         "embedder id")
-    pair_scorer: str = Field("shipped", min_length=1, description="kind minilm: the "
+    pair_scorer: str = Field("none", min_length=1, description="kind minilm: the "
                              "cross-encoder behind Node.ScorePairs (agent.embedding."
                              "pair_scorer), all-MiniLM-L6-v2 with a head that scores whether "
-                             "two texts mean the same: shipped (synapse_common/"
-                             "pair_scorer.npz; a build that ships none simply has no scorer), "
-                             "a file the training command wrote, or none. Without a scorer "
-                             "ScorePairs answers FAILED_PRECONDITION")
+                             "two texts mean the same, for control planes with "
+                             "cache.pair_scorer on: shipped (synapse_common/pair_scorer.npz), "
+                             "a file synapsectl cache tune-pair-scorer wrote, or none (the "
+                             "default: a second model in memory only where it is used). "
+                             "Without a scorer ScorePairs answers FAILED_PRECONDITION")
     onnx_cache_dir: str = Field("~/.cache/synapse/onnx", description="kind minilm: where the "
                                 "transformer's ONNX export is kept (one file per weights and "
                                 "torch version; unwritable: exported per start)")

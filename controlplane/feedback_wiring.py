@@ -48,6 +48,11 @@ def load_judges(c: config.CacheSettings) -> tuple[verifier.Judges, str]:
     """The verifiers that judge lookups, and the embedder id the cache is pinned to ("":
     none, each embedder is judged by its own verifier or the one for any other)."""
     judge = _load(c.verifier_path, "cache.verifier_path")
+    if c.verifier_path is None and c.pair_scorer:
+        try:
+            judge = verifier.with_stack(judge, verifier.STACK_PATH)
+        except verifier.VerifierError as exc:
+            raise VerifierConfigError(f"cache.pair_scorer: {exc}") from None
     if not c.semantic_enabled:
         return verifier.Judges(judge), ""       # never used to judge: any embedder will do
     if c.verifier_path is None and c.embedder_id is None:

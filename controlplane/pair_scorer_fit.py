@@ -6,8 +6,10 @@ pair scorer (:mod:`synapse_common.pair_scorer_model`, a cross-encoder the agents
 labelled pairs and fits how the two are combined, writing two files: the scorer
 (``--scorer-out``, npz, :mod:`synapse_common.pair_scorer`; agents load it with
 ``embedder.pair_scorer``) and the verifier with its ``stack`` section (``--verifier-out``;
-control planes load it with ``cache.verifier_path``, or it is the shipped file). ``make
-pair-scorer`` builds the shipped pair from the QQP dev pairs.
+control planes load it with ``cache.verifier_path``) or the stack alone (``--stack-out``,
+naming the verifier it was fitted on: the shipped form, which ``cache.pair_scorer`` puts
+over the shipped verifier). ``make pair-scorer`` builds the shipped pair from the QQP dev
+pairs.
 
 Design decisions (the measured comparison is ``bench/semantic_cache.py --heldout``'s):
 
@@ -32,7 +34,9 @@ Design decisions (the measured comparison is ``bench/semantic_cache.py --heldout
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import pathlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -56,8 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep this pair scorer; refit only the stack")
     parser.add_argument("--verifier", default=str(verifier.DEFAULT_PATH),
                         help="the verifier to stack on (default: the shipped one)")
-    parser.add_argument("--verifier-out", required=True,
-                        help="the verifier with its stack section (JSON) to write")
+    parser.add_argument("--verifier-out", default=None,
+                        help="the verifier with its stack section (JSON) to write: for "
+                        "cache.verifier_path")
+    parser.add_argument("--stack-out", default=None,
+                        help="the stack alone (JSON naming the verifier it was fitted on) to "
+                        "write: the shipped form, controlplane/core/verifier_default_stack.json "
+                        "over the shipped verifier (cache.pair_scorer)")
     parser.add_argument("--seed", type=int, default=7, help="split, order and initial values")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32, help="pairs per training step")
@@ -74,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not (args.scorer_out or args.scorer):
         print("tune-pair-scorer: --scorer-out FILE is required (or --scorer NPZ)",
+              file=sys.stderr)
+        return 2
+    if not (args.verifier_out or args.stack_out):
+        print("tune-pair-scorer: --verifier-out FILE or --stack-out FILE is required",
               file=sys.stderr)
         return 2
     try:
@@ -110,8 +123,15 @@ def run(args: argparse.Namespace) -> int:
             pair_scorer.PairScorerError, embedder_tuning.TuningError) as exc:
         print(f"tune-pair-scorer: {exc}", file=sys.stderr)
         return 2
-    stacked.save(args.verifier_out)
-    report(metrics, args.target_precision, scorer.scorer_id, args.verifier_out)
+    written = []
+    if args.verifier_out:
+        stacked.save(args.verifier_out)
+        written.append(args.verifier_out)
+    if args.stack_out:
+        pathlib.Path(args.stack_out).write_text(
+            json.dumps(verifier.stack_file(stacked), indent=1) + "\n", encoding="utf-8")
+        written.append(args.stack_out)
+    report(metrics, args.target_precision, scorer.scorer_id, " and ".join(written))
     return 0
 
 

@@ -72,6 +72,10 @@ DEFAULT_PATH = pathlib.Path(__file__).with_name("verifier_default.json")
 # embedder: what judges, by default, vectors of an embedder no shipped verifier was fitted
 # for (as every embedder's were judged before DEFAULT_PATH recorded its own).
 ANY_EMBEDDER_PATH = pathlib.Path(__file__).with_name("verifier_any_embedder.json")
+# The stack of DEFAULT_PATH's verifier on the shipped pair scorer (cache.pair_scorer): a
+# stack file names the digest of the verifier it was fitted on (STACK_FORMAT).
+STACK_PATH = pathlib.Path(__file__).with_name("verifier_default_stack.json")
+STACK_FORMAT = "synapse-verifier-stack/1"
 FORMAT = "synapse-verifier/2"
 CALIBRATION_FLOOR = 0.2     # validation scores below this are never an operating point
 
@@ -390,6 +394,35 @@ def load(path: str | pathlib.Path | None = None) -> Verifier:
         return from_json(data)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise VerifierError(f"verifier file {file} is malformed: {exc}") from exc
+
+
+def stack_file(model: Verifier) -> dict[str, Any]:
+    """``model``'s stack alone, naming the verifier it belongs to (:func:`with_stack`)."""
+    if model.stack is None:
+        raise VerifierError("this verifier has no stack")
+    return {"format": STACK_FORMAT, "base_digest": model.base_digest,
+            "stack": model.stack.to_json()}
+
+
+def with_stack(base: Verifier, path: str | pathlib.Path = STACK_PATH) -> Verifier:
+    """``base`` with the stack of a stack file fitted on it; :class:`VerifierError` when
+    the file is unreadable or belongs to another verifier (a refitted base needs its stack
+    refitted too)."""
+    file = pathlib.Path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise VerifierError(f"cannot read stack file {file}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != STACK_FORMAT:
+        raise VerifierError(f"{file} is not a {STACK_FORMAT} file")
+    if data.get("base_digest") != base.base_digest:
+        raise VerifierError(f"the stack in {file} was fitted on verifier "
+                            f"{data.get('base_digest')!r}, not on {base.base_digest}")
+    try:
+        return from_json({**{k: v for k, v in base.to_json().items() if k != "stack"},
+                          "stack": data["stack"]})
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise VerifierError(f"stack file {file} is malformed: {exc}") from exc
 
 
 def check_embedder(model: Verifier, embedder_id: str) -> None:

@@ -37,6 +37,20 @@ def test_too_few_pairs_are_refused_with_the_reason(tmp_path, capsys):
     assert not (tmp_path / "s.npz").exists() and not (tmp_path / "v.json").exists()
 
 
+def test_an_output_for_the_stack_is_required(tmp_path, capsys):
+    code = ctl.main(["cache", "tune-pair-scorer", "--pairs", str(tmp_path / "p.jsonl"),
+                     "--scorer-out", str(tmp_path / "s.npz")])
+    assert code == 2
+    assert "--stack-out" in capsys.readouterr().err
+
+
+def test_the_shipped_stack_belongs_to_the_shipped_verifier_and_scorer():
+    stacked = verifier.with_stack(verifier.load())
+    assert stacked.stack is not None
+    assert stacked.stack.pair_scorer == pair_scorer.peek_id(pair_scorer.SHIPPED)
+    assert stacked.base_digest == verifier.load().digest
+
+
 def test_an_output_for_the_scorer_is_required(tmp_path, capsys):
     code = ctl.main(["cache", "tune-pair-scorer", "--pairs", str(tmp_path / "p.jsonl"),
                      "--verifier-out", str(tmp_path / "v.json")])
@@ -129,7 +143,8 @@ def test_the_stacked_file_round_trips(stack_inputs, tmp_path):
     stacked.save(tmp_path / "v.json")
     back = verifier.load(tmp_path / "v.json")
     assert back.digest == stacked.digest
-    assert back.stack == stacked.stack or back.stack.to_json() == stacked.stack.to_json()
+    assert back.stack is not None and stacked.stack is not None
+    assert back.stack.to_json() == stacked.stack.to_json()
 
 
 # -- a real run ---------------------------------------------------------------------------
@@ -139,7 +154,8 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("scorer")
     pairs = dev_pairs.first(tmp_path_factory, "slice.jsonl.gz", 2400)
     args = ["cache", "tune-pair-scorer", "--pairs", str(pairs), "--scorer-out",
-            str(folder / "s.npz"), "--verifier-out", str(folder / "v.json"), "--epochs", "1",
+            str(folder / "s.npz"), "--verifier-out", str(folder / "v.json"), "--stack-out",
+            str(folder / "stack.json"), "--epochs", "1",
             "--max-train-pairs", "192", "--batch", "32", "--threads", "1"]
     import contextlib
     import io
@@ -148,6 +164,18 @@ def trained(tmp_path_factory):
         code = ctl.main(args)
     assert code == 0
     return pairs, folder / "s.npz", folder / "v.json", out.getvalue()
+
+
+def test_the_stack_alone_goes_over_the_verifier_it_was_fitted_on_and_no_other(trained):
+    _, _, verifier_path, _ = trained
+    whole = verifier.load(verifier_path)
+    stack_path = verifier_path.with_name("stack.json")
+    over = verifier.with_stack(verifier.load(), stack_path)     # fitted on the shipped one
+    assert over.digest == whole.digest and over.stack is not None and whole.stack is not None
+    assert over.stack.to_json() == whole.stack.to_json()
+    other = verifier.load(verifier.ANY_EMBEDDER_PATH)
+    with pytest.raises(verifier.VerifierError, match="was fitted on verifier"):
+        verifier.with_stack(other, stack_path)
 
 
 def test_a_real_run_writes_a_scorer_and_the_verifier_stacked_on_it(trained):

@@ -11,6 +11,7 @@ a real ``synapse controlplane``.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import subprocess
@@ -131,3 +132,23 @@ async def test_a_hit_is_judged_by_the_verifier_of_the_embedder_it_was_embedded_w
         assert hit.score >= judge.threshold
     finally:
         await c.close()
+
+
+def test_cache_pair_scorer_stacks_the_shipped_verifier_for_minilm_only():
+    judges, pinned = feedback_wiring.load_judges(cache(pair_scorer=True))
+    shipped = verifier.load()
+    plain = judges.for_embedder(PLAIN_ID)
+    assert pinned == "" and plain.stack is not None
+    assert plain.base_digest == shipped.digest and plain.digest != shipped.digest
+    assert judges.for_embedder(TUNED_ID).stack is None    # other embedders: as before
+
+
+def test_a_stack_for_another_verifier_stops_the_control_plane(tmp_path, monkeypatch):
+    stale = tmp_path / "stack.json"
+    data = json.loads(verifier.STACK_PATH.read_text())
+    data["base_digest"] = "0123456789abcdef"        # fitted on a verifier since refitted
+    stale.write_text(json.dumps(data))
+    monkeypatch.setattr(verifier, "STACK_PATH", stale)
+    with pytest.raises(feedback_wiring.VerifierConfigError,
+                       match=r"cache.pair_scorer: the stack in .* was fitted on verifier"):
+        feedback_wiring.load_judges(cache(pair_scorer=True))
