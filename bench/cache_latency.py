@@ -22,7 +22,10 @@ skip the lookup and are stored), so the entries are exactly what production writ
 Texts come from ``--pairs`` (the QQP dev pairs). The agent's embedder is
 ``--tuning`` (default ``none``: plain all-MiniLM-L6-v2, what agents serve by default; no
 tuned embedder is shipped yet) and the control plane's verifier the one fitted for it
-(``--verifier``, ``--embedder-id`` for a tuning of your own). Run: ``python -m
+(``--verifier``, ``--embedder-id`` for a tuning of your own); ``--pair-scorer shipped``
+gives the agent the shipped pair scorer and the cache the shipped verifier's stack on it
+(``cache.pair_scorer``), so a lookup with a candidate at or above the stack's floor also
+waits for one ``Node.ScorePairs`` call (run it beside a run without, back to back). Run: ``python -m
 bench.cache_latency [--entries 10000] [--queries 300]``. Last line: ``{"bench": "cache_latency",
 "exact_hit_p50_ms": …, "exact_hit_p99_ms": …, "semantic_hit_p50_ms": …,
 "semantic_hit_p99_ms": …, "miss_added_p50_ms": …, "miss_added_p99_ms": …, …}``.
@@ -129,8 +132,8 @@ def embeds(address: str) -> bool:
 
 @contextlib.contextmanager
 def fleet(tmp: pathlib.Path, entries: int, tuning: str = "none",
-          verifier: str | None = None, embedder_id: str | None = None
-          ) -> Iterator[dict[str, str]]:
+          verifier: str | None = None, embedder_id: str | None = None,
+          pair_scorer: str = "none") -> Iterator[dict[str, str]]:
     sim, node = free_port(), free_port()
     http = {"cache": free_port(), "nocache": free_port()}
     grpc_ports = {"cache": free_port(), "nocache": free_port()}
@@ -145,7 +148,8 @@ def fleet(tmp: pathlib.Path, entries: int, tuning: str = "none",
                               "models": [MODEL]}],
                "cache": {"enabled": name == "cache",
                          "l1_max_entries": max(100_000, 2 * entries),
-                         "verifier_path": verifier, "embedder_id": embedder_id},
+                         "verifier_path": verifier, "embedder_id": embedder_id,
+                         "pair_scorer": pair_scorer != "none" and verifier is None},
                "logging": {"level": "error"}}
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     agent = {"node_name": "bench-node",
@@ -155,7 +159,7 @@ def fleet(tmp: pathlib.Path, entries: int, tuning: str = "none",
                       "advertise_address": f"127.0.0.1:{node}"},
              "metrics": {"host": "127.0.0.1", "port": 0},
              "telemetry": {"source": "fake"},
-             "embedder": {"kind": "minilm", "tuning": tuning},
+             "embedder": {"kind": "minilm", "tuning": tuning, "pair_scorer": pair_scorer},
              "logging": {"level": "error"}, "supervisor": {"log_dir": str(tmp / "engines")}}
     (tmp / "agent.yaml").write_text(yaml.safe_dump(agent))
     log = open(tmp / "processes.log", "ab")
@@ -290,15 +294,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="cache.verifier_path (default: shipped; must fit --tuning)")
     parser.add_argument("--embedder-id", default=None,
                         help="cache.embedder_id (default: the untuned MiniLM's)")
+    parser.add_argument("--pair-scorer", default="none",
+                        help="the agent's embedder.pair_scorer (shipped, or a tune-pair-scorer "
+                        "file); not none also turns cache.pair_scorer on (the shipped "
+                        "verifier's stack) unless --verifier names a file of its own")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the process tree is always stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     stored, paraphrases, fresh = texts_from(args.pairs, args.entries, args.queries)
     with tempfile.TemporaryDirectory() as tmp, fleet(
             pathlib.Path(tmp), args.entries, args.tuning, args.verifier,
-            args.embedder_id) as urls:
+            args.embedder_id, args.pair_scorer) as urls:
         out = asyncio.run(measure(urls, stored, paraphrases, fresh, args.queries))
         parts = breakdown(urls["cache"])
+        scorer_calls = {o: metric(urls["cache"], "synapse_cache_pair_scorer_total",
+                                  f'{{outcome="{o}"}}')
+                        for o in ("scored", "skipped", "timeout", "error", "unavailable",
+                                  "mismatch")}
     print(f"cache latency through the HTTP API, {len(stored)} entries in scope (ms)")
     print(f"{'scenario':<16}{'n':>6}{'cache p50':>11}{'cache p99':>11}{'off p50':>10}"
           f"{'off p99':>10}")
@@ -307,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{pct(m['nocache'], 50):>10}{pct(m['nocache'], 99):>10}")
     miss, off = out["miss"]["cache"], out["miss"]["nocache"]
     result = {"bench": "cache_latency", "entries": len(stored), "tuning": args.tuning,
+              "pair_scorer": args.pair_scorer,
               "exact_hit_p50_ms": pct(out["exact"]["cache"], 50),
               "exact_hit_p99_ms": pct(out["exact"]["cache"], 99),
               "semantic_hit_p50_ms": pct(out["semantic"]["cache"], 50),
@@ -326,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError):
         print(f"load average during the run: {open('/proc/loadavg').read().split()[:3]}")
     result["breakdown_mean_ms"] = parts
+    if args.pair_scorer != "none":
+        print("pair scorer calls by outcome: " + ", ".join(f"{k} {v:.0f}"
+                                                           for k, v in scorer_calls.items()))
+        result["pair_scorer_calls"] = scorer_calls
     print(json.dumps(result))
     return 0
 

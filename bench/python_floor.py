@@ -17,6 +17,7 @@ Run: ``python bench/python_floor.py PORT UPSTREAM_URL``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import pathlib
 import sys
@@ -117,9 +118,12 @@ async def serve(port: int, base: str) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("port", type=int, help="port to listen on (127.0.0.1)")
+    parser.add_argument("upstream", help="the backend's base URL, e.g. http://127.0.0.1:8000")
+    args = parser.parse_args()
     common.exit_on_sigterm()
-    port, base = int(sys.argv[1]), sys.argv[2]
-    common.run(serve(port, base))
+    common.run(serve(args.port, args.upstream))
 
 
 if __name__ == "__main__":
