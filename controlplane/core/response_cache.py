@@ -135,8 +135,8 @@ class TieredCache:
             budget=self._budget, metrics=metrics, ttl_s=options.ttl_s,
             budget_s=options.store_budget_s, queue_max=options.store_queue_max,
             clock=monotonic, learned=self._learned)
-        self._thresholds: dict[tuple[str, str], float] = {}   # (verifier digest, model)
-        self._stack_thresholds: dict[tuple[str, str], float] = {}   # (digest, model)
+        # (verifier digest, model, the stack's point) → threshold
+        self._thresholds: dict[tuple[str, str, bool], float] = {}
         self._forms: dict[str, Mapping[str, Any]] = {}   # model -> a stream form it sent
         self._warmed = False
         self._embedder_id: str | None = None     # the last one Node.Embed reported
@@ -315,7 +315,7 @@ class TieredCache:
             if logits is not None:
                 scores = np.full(len(candidates), -np.inf)
                 scores[order] = judge.stacked(p[order], logits)
-                cut, digest = self._stack_threshold(judge, state.model), judge.digest
+                cut, digest = self._threshold(judge, state.model, stacked=True), judge.digest
         return await self._serve_best(state, request, candidates, seen.similarities, scores,
                                       cut, digest)
 
@@ -375,22 +375,18 @@ class TieredCache:
             return "error", None
         return "scored", logits
 
-    def _stack_threshold(self, judge: verifier.Verifier, model: str) -> float:
-        cached = self._stack_thresholds.get((judge.digest, model))
+    def _threshold(self, judge: verifier.Verifier, model: str, stacked: bool = False
+                   ) -> float:
+        """The operating point for ``model``'s target precision: the verifier's own, or
+        its stack's (``stacked``); worked out once per verifier and model."""
+        key = (judge.digest, model, stacked)
+        cached = self._thresholds.get(key)
         if cached is None:
             target = self.options.model_target_precision.get(model,
                                                              self.options.target_precision)
-            cached = judge.stack_threshold_for(target, model)
-            self._stack_thresholds[(judge.digest, model)] = cached
-        return cached
-
-    def _threshold(self, judge: verifier.Verifier, model: str) -> float:
-        cached = self._thresholds.get((judge.digest, model))
-        if cached is None:
-            target = self.options.model_target_precision.get(model,
-                                                             self.options.target_precision)
-            cached = judge.threshold_for(target, model)
-            self._thresholds[(judge.digest, model)] = cached
+            cached = (judge.stack_threshold_for(target, model) if stacked
+                      else judge.threshold_for(target, model))
+            self._thresholds[key] = cached
         return cached
 
     # -- store ---------------------------------------------------------------------------
