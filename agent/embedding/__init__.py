@@ -1,4 +1,5 @@
-"""Embeddings behind ``Node.Embed``: one module per concept, imported as modules.
+"""Embeddings behind ``Node.Embed`` (and the pair scorer behind ``Node.ScorePairs``): one
+module per concept, imported as modules.
 
 ==================  ===============================================================
 ``errors``          the error tree (mapped to gRPC codes in :mod:`agent.node_service`)
@@ -11,6 +12,8 @@
 ``tuned``           the same with a fine-tuning applied (``embedder.tuning``)
 ``tei``             the Text Embeddings Inference client
 ``service``         per-call limits, the per-tenant cache, the embedder: what Embed calls
+``pair_scorer``     the cache's cross-encoder behind ``Node.ScorePairs`` (loaded once, off
+                    the event loop, one call at a time)
 ==================  ===============================================================
 
 Each imports only the modules above it in this table (and :mod:`agent.core`,
