@@ -1,7 +1,8 @@
 """A worker process's routing state joined to its siblings' (``http.workers`` > 1).
 
 :func:`attach_mesh` wires one worker's router, ledger, prefix index, sessions,
-Responses pins and the cache's served log (:class:`services.Services`) to the in-pod mesh
+Responses pins, the cache's served log and its stream forms (:class:`services.Services`) to
+the in-pod mesh
 (:mod:`controlplane.adapters.worker_mesh`), so each worker routes with every worker's
 dispatches in view, as a single process would. It only builds: the caller starts the mesh
 when the worker's event loop runs and closes it when the worker stops. With one worker
@@ -16,7 +17,7 @@ import uuid
 
 from controlplane.adapters import worker_mesh
 from controlplane.api import services as services_mod
-from controlplane.core import cache_feedback, response_pins, shared_routing
+from controlplane.core import cache_feedback, response_cache, response_pins, shared_routing
 
 
 def attach_mesh(services: services_mod.Services, directory: pathlib.Path | str, index: int,
@@ -27,8 +28,10 @@ def attach_mesh(services: services_mod.Services, directory: pathlib.Path | str, 
     if services.response_pins is None:      # passthrough would make it on first use
         services.response_pins = response_pins.Pins()
     incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    served = (services.cache.served if isinstance(services.cache, cache_feedback.FeedbackCache)
-              else None)
+    feedback = services.cache if isinstance(services.cache, cache_feedback.FeedbackCache) else None
+    served = feedback.served if feedback is not None else None
+    tiered = feedback.inner if feedback is not None else services.cache
+    forms = tiered if isinstance(tiered, response_cache.TieredCache) else None
     sharing = shared_routing.Sharing(services.router, services.response_pins, index,
-                                     incarnation, served)
+                                     incarnation, served, forms)
     return worker_mesh.Mesh(sharing, directory, index, count)

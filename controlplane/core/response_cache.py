@@ -51,7 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -138,6 +138,8 @@ class TieredCache:
         # (verifier digest, model, the stack's point) → threshold
         self._thresholds: dict[tuple[str, str, bool], float] = {}
         self._forms: dict[str, Mapping[str, Any]] = {}   # model -> a stream form it sent
+        # Told each form learnt from a stored stream (shared_routing: the pod's workers).
+        self.form_listener: Callable[[str, Mapping[str, Any]], None] | None = None
         self._warmed = False
         self._embedder_id: str | None = None     # the last one Node.Embed reported
 
@@ -389,6 +391,15 @@ class TieredCache:
             self._thresholds[key] = cached
         return cached
 
+    def learn_form(self, model: str, form: Mapping[str, Any]) -> bool:
+        """Remember ``form`` as the way ``model`` streams, for replaying its answers stored
+        from plain requests (at most ``FORMS_MAX`` models); True when it is news."""
+        if self._forms.get(model) == form or (model not in self._forms
+                                              and len(self._forms) >= FORMS_MAX):
+            return False
+        self._forms[model] = form
+        return True
+
     # -- store ---------------------------------------------------------------------------
     def store(self, decision: cache_port.CacheDecision, response: Mapping[str, Any]) -> None:
         try:
@@ -397,8 +408,8 @@ class TieredCache:
                     or not cache_rules.is_storable(response)):
                 return
             form = getattr(response, "form", None)      # stored from a stream
-            if form and (state.model in self._forms or len(self._forms) < FORMS_MAX):
-                self._forms[state.model] = form
+            if form and self.learn_form(state.model, form) and self.form_listener is not None:
+                self.form_listener(state.model, form)
             self._writer.put(state, response)
         except asyncio.QueueFull as exc:
             # A burst beyond the writer's pace: drop the write, never slow the response.

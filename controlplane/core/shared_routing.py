@@ -20,7 +20,10 @@ dispatched it itself:
 * the response cache's served log (:attr:`served_log.ServedLog.listener`), when the
   cache takes feedback: which entry answered which request id, so ``POST
   /v1/cache/feedback`` may reach any process of the pod, and an id judged on one is
-  forgotten by all (one verdict per request).
+  forgotten by all (one verdict per request);
+* the stream form the response cache learnt for a model (:class:`Forms`), so an answer
+  stored from a plain request replays as the model streams on every process, not only
+  on the one that saw a stream of it.
 
 Foreign tickets belong to the connection they came in on (an :class:`Inbound`), not to
 the peer's index: when a connection ends (the peer died, closed, or was dropped as too
@@ -47,8 +50,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import orjson
 
@@ -69,6 +72,7 @@ SESSION = "s"       # ("s", session, backend)
 PIN = "r"           # ("r", response id, backend)
 SERVED = "v"        # ("v", request id, *the Served fields in order)
 COST = "c"          # ("c", backend, *the rest of CostModel.observe's arguments in order)
+FORM = "m"          # ("m", model, the stream form the response cache learnt for it)
 TAKEN = "t"         # ("t", tenant, request id)
 
 Event = tuple[Any, ...]
@@ -84,6 +88,14 @@ def frame(events: Sequence[Event]) -> bytes:
     return len(payload).to_bytes(4, "big") + payload
 
 
+class Forms(Protocol):
+    """The response cache's stream forms (:class:`response_cache.TieredCache`)."""
+
+    form_listener: Callable[[str, Mapping[str, Any]], None] | None
+
+    def learn_form(self, model: str, form: Mapping[str, Any]) -> bool: ...
+
+
 class Sharing:
     """This worker's side of the mesh: the listener of its ledger, router and pins, and
     the one that applies its peers' events to them.
@@ -95,11 +107,13 @@ class Sharing:
     """
 
     def __init__(self, router: router_mod.Router, pins: response_pins.Pins, index: int,
-                 incarnation: str, served: served_log.ServedLog | None = None) -> None:
+                 incarnation: str, served: served_log.ServedLog | None = None,
+                 forms: Forms | None = None) -> None:
         self.router = router
         self.ledger = router.ledger
         self.pins = pins
         self.served_log = served
+        self.forms = forms
         self.index = index
         self.incarnation = incarnation    # tells this process from a restarted one (logs)
         self._outbox: list[Event] = []
@@ -119,6 +133,8 @@ class Sharing:
         self.router.costs.listener = self.observed
         if self.served_log is not None:
             self.served_log.listener = self
+        if self.forms is not None:
+            self.forms.form_listener = self.formed
 
     def detach(self) -> None:
         self.ledger.listener = None
@@ -127,6 +143,8 @@ class Sharing:
         self.router.costs.listener = None
         if self.served_log is not None:
             self.served_log.listener = None
+        if self.forms is not None:
+            self.forms.form_listener = None
         self._wake = None
         self._outbox.clear()
         self._live.clear()      # their finishes would no longer be heard: not kept
@@ -182,6 +200,10 @@ class Sharing:
     def taken(self, tenant: str, request_id: str) -> None:
         if not self._applying:
             self._publish((TAKEN, tenant, request_id))
+
+    def formed(self, model: str, form: Mapping[str, Any]) -> None:
+        if not self._applying:
+            self._publish((FORM, model, dict(form)))
 
     # -- what goes out ------------------------------------------------------------------
 
@@ -295,6 +317,9 @@ class Inbound:
         elif kind == TAKEN:
             if sharing.served_log is not None:
                 sharing.served_log.take(event[1], event[2])
+        elif kind == FORM:
+            if sharing.forms is not None and isinstance(event[2], dict):
+                sharing.forms.learn_form(event[1], event[2])
         # an unknown kind is a newer peer's: skipped, so versions can add events
 
     def close(self) -> None:

@@ -4,11 +4,15 @@ siblings' ledgers, prefix indexes, sessions and pins; a lost peer's tickets are 
 from __future__ import annotations
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from controlplane import metrics as metrics_mod
+from controlplane.adapters import l1
 from controlplane.core import (
     ledger,
     prefix_index,
     registry,
+    response_cache,
     response_pins,
     router,
     served_log,
@@ -24,7 +28,8 @@ LONG = "shared context about the quarterly report. " * 200   # ~2,000 tokens
 class Worker:
     """One worker process's routing state, wired to the mesh's core as a worker's is."""
 
-    def __init__(self, index: int, clock: ManualClock, incarnation: str = "") -> None:
+    def __init__(self, index: int, clock: ManualClock, incarnation: str = "",
+                 forms: response_cache.TieredCache | None = None) -> None:
         reg = registry.Registry(clock, 15.0)
         reg.register(types.NodeInfo("n1"))
         reg.report("n1", [backend("a"), backend("b"), backend("c")])
@@ -34,7 +39,7 @@ class Worker:
         self.pins = response_pins.Pins()
         self.served = served_log.ServedLog(100, 3600.0, clock)
         self.sharing = shared.Sharing(self.router, self.pins, index,
-                                      incarnation or f"w{index}", self.served)
+                                      incarnation or f"w{index}", self.served, forms)
         self.wakes = 0
         self.sharing.attach(self._wake)
 
@@ -301,3 +306,34 @@ def test_every_worker_learns_the_costs_from_every_workers_answers() -> None:
     assert learned != w1.router.costs.costs("n1/b")              # it moved from the default
     assert w1.router.costs.costs("n1/a") == learned
     assert w1.sharing.take() is None                              # nothing echoed
+
+
+def tiered_cache() -> response_cache.TieredCache:
+    return response_cache.TieredCache(options=response_cache.Options(),
+                                      l1=l1.MemoryL1(100, 10**6),
+                                      metrics=metrics_mod.Metrics(CollectorRegistry()))
+
+
+def test_a_stream_form_learnt_on_one_worker_is_known_to_every_worker() -> None:
+    clock = ManualClock()
+    c0, c1 = tiered_cache(), tiered_cache()
+    w0, w1 = Worker(0, clock, forms=c0), Worker(1, clock, forms=c1)
+    into_w1 = connected(w0, w1)
+    form = {"first": {"object": "chat.completion.chunk", "system_fingerprint": "fp"},
+            "finish_with_content": True}
+    # What store() does with an answer assembled from a stream: learn, and tell the pod.
+    assert c0.learn_form(MODEL, form) and c0.form_listener is not None
+    c0.form_listener(MODEL, form)
+    w0.send(into_w1)
+    assert c1.learn_form(MODEL, form) is False          # already known there
+    assert w1.sharing.take() is None                    # and not echoed back
+    # The same form again is no news: nothing more goes out.
+    assert c0.learn_form(MODEL, form) is False
+    w1.sharing.detach()
+    assert c1.form_listener is None
+
+
+def test_every_kind_of_event_has_its_own_letter() -> None:
+    kinds = [value for name, value in vars(shared).items()
+             if name.isupper() and isinstance(value, str) and len(value) == 1]
+    assert len(kinds) >= 10 and len(kinds) == len(set(kinds))
