@@ -42,7 +42,7 @@ above the stack's floor the stacked probability with the pair scorer's logit
 at the stack's operating point. ``--baseline-verifier unstacked`` makes the old side that
 same verifier without its stack, on the same vectors: the shipped pair before and after
 the scorer, in one run (``python -m bench.semantic_cache --pairs … --heldout --tuning none
---verifier controlplane/core/verifier_default.json --baseline-verifier unstacked``).
+--verifier stacked --baseline-verifier unstacked``).
 
 Run: ``python -m bench.semantic_cache --pairs ../shared/data/qqp_pairs_dev.jsonl.gz
 --heldout [--mode cache]``. The last line is one JSON object: ``{"bench":
@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tuning", default=str(MADE / "embedder_tuned.npz"),
                         help="embedder.tuning of the new side (default: make embedder's)")
     parser.add_argument("--verifier", default=str(MADE / "verifier.json"),
-                        help="its verifier (default: make embedder's)")
+                        help="its verifier (default: make embedder's); 'stacked': the "
+                        "shipped verifier with its shipped stack (cache.pair_scorer)")
     parser.add_argument("--baseline-verifier", default=None,
                         help="the old embedder's verifier (default: fitted here); "
                         "'unstacked': --verifier without its stack")
@@ -347,10 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tuned-cache", default=None, help="tuned embedder's vectors (.npz)")
     args = parser.parse_args(argv)
     for flag, path in (("--tuning", args.tuning), ("--verifier", args.verifier)):
-        if path not in ("none", "shipped") and not pathlib.Path(path).expanduser().exists():
+        if path not in ("none", "shipped", "stacked") and not pathlib.Path(path).expanduser().exists():
             parser.error(f"{flag}: no file {path}; run `make embedder` (or synapsectl cache "
                          f"tune-embedder) first, or name a file")
-    model = verifier.load(args.verifier)
+    model = (verifier.with_stack(verifier.load(), verifier.STACK_PATH)
+             if args.verifier == "stacked" else verifier.load(args.verifier))
     seed = int(model.meta.get("fit", {}).get("seed", 7))
     everything = calibrate.read_pairs(args.pairs)
     keep = (calibrate.split(everything, seed)["test"] if args.heldout
