@@ -44,13 +44,15 @@ def expected_embedder(c: config.CacheSettings) -> str:
     return c.embedder_id or embedder_tuning.base_id()
 
 
-def load_judges(c: config.CacheSettings) -> tuple[verifier.Judges, str]:
+def load_judges(c: config.CacheSettings, stack_path: pathlib.Path = verifier.STACK_PATH,
+                ) -> tuple[verifier.Judges, str]:
     """The verifiers that judge lookups, and the embedder id the cache is pinned to ("":
-    none, each embedder is judged by its own verifier or the one for any other)."""
+    none, each embedder is judged by its own verifier or the one for any other).
+    ``cache.pair_scorer`` puts the stack of ``stack_path`` over the shipped verifier."""
     judge = _load(c.verifier_path, "cache.verifier_path")
     if c.verifier_path is None and c.pair_scorer:
         try:
-            judge = verifier.with_stack(judge, verifier.STACK_PATH)
+            judge = verifier.with_stack(judge, stack_path)
         except verifier.VerifierError as exc:
             raise VerifierConfigError(f"cache.pair_scorer: {exc}") from None
     if not c.semantic_enabled:

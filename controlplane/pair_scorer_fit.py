@@ -34,6 +34,7 @@ Design decisions (the measured comparison is ``bench/semantic_cache.py --heldout
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -117,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
             scorer = pair_scorer.load(args.scorer_out)   # as the agents will: float16
             net = pair_scorer_model.build(scorer.layers, scorer.head_weight, scorer.head_bias)
         net.eval()
-        stacked, metrics = fit_stack(pairs, split, base, net, scorer.scorer_id,
-                                     args.target_precision, args.embed_cache)
+        validation, heldout = score_splits(pairs, split, base, net, args.embed_cache)
+        stacked, metrics = fit_stack(validation, heldout, base, scorer.scorer_id,
+                                     args.target_precision)
     except (calibrate.PairsError, tune_embedder.Refused, verifier.VerifierError,
             pair_scorer.PairScorerError, embedder_tuning.TuningError) as exc:
         print(f"tune-pair-scorer: {exc}", file=sys.stderr)
@@ -226,25 +228,42 @@ def verifier_scores(pairs: calibrate.Pairs, rows: np.ndarray, model: verifier.Ve
     return model.probabilities(feats)
 
 
-def fit_stack(pairs: calibrate.Pairs, split: dict[str, np.ndarray], base: verifier.Verifier,
-              net: Any, scorer_id: str, target: float, embed_cache: str | None,
-              ) -> tuple[verifier.Verifier, dict[str, Any]]:
-    """``base`` with a stack over it and the scorer, fitted on validation; its metrics on
-    the held-out split beside the verifier alone."""
-    from sklearn.linear_model import LogisticRegression
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """One split's pairs as the stack sees them: labels, the verifier's probabilities and
+    the scorer's logits."""
 
-    tok = pair_scorer_model.tokenizer()
+    labels: np.ndarray
+    verifier: np.ndarray
+    scorer: np.ndarray
+
+
+def score_splits(pairs: calibrate.Pairs, split: dict[str, np.ndarray], base: verifier.Verifier,
+                 net: Any, embed_cache: str | None) -> tuple[Scored, Scored]:
+    """(validation, held-out) scored by ``base`` and the scorer network ``net``."""
     val, test = split["validation"], split["test"]
-    y_val, y_test = pairs.label[val], pairs.label[test]
     both = verifier_scores(pairs, np.concatenate([val, test]), base, embed_cache)
-    p_val, p_test = both[:len(val)], both[len(val):]
+    tok = pair_scorer_model.tokenizer()
     t0 = time.monotonic()
-    s_val = pair_scorer_model.logits(net, tok, [pairs.text_a[i] for i in val],
-                                     [pairs.text_b[i] for i in val])
-    s_test = pair_scorer_model.logits(net, tok, [pairs.text_a[i] for i in test],
-                                      [pairs.text_b[i] for i in test])
+    out = []
+    for rows, p in ((val, both[:len(val)]), (test, both[len(val):])):
+        logits = pair_scorer_model.logits(net, tok, [pairs.text_a[i] for i in rows],
+                                          [pairs.text_b[i] for i in rows])
+        out.append(Scored(pairs.label[rows], p, logits))
     print(f"scored {len(val) + len(test)} pairs in both orders in "
           f"{time.monotonic() - t0:.0f}s", file=sys.stderr)
+    return out[0], out[1]
+
+
+def fit_stack(validation: Scored, heldout: Scored, base: verifier.Verifier, scorer_id: str,
+              target: float) -> tuple[verifier.Verifier, dict[str, Any]]:
+    """``base`` with a stack over it and the scorer, fitted on ``validation``; its metrics
+    on ``heldout`` beside the verifier alone."""
+    from sklearn.linear_model import LogisticRegression
+
+    y_val, y_test = validation.labels, heldout.labels
+    p_val, p_test = validation.verifier, heldout.verifier
+    s_val, s_test = validation.scorer, heldout.scorer
     lr = LogisticRegression(C=1.0).fit(stack_inputs(p_val, s_val), y_val)
     weights = (float(lr.coef_[0][0]), float(lr.coef_[0][1]))
     bias = float(lr.intercept_[0])
@@ -263,7 +282,7 @@ def fit_stack(pairs: calibrate.Pairs, split: dict[str, np.ndarray], base: verifi
         "heldout": calibrate.evaluate(q_test, y_test, threshold),
         "validation": calibrate.evaluate(q_val, y_val, threshold),
         "verifier_alone_heldout": calibrate.evaluate(p_test, y_test, alone),
-        "pairs": {"validation": len(val), "test": len(test)},
+        "pairs": {"validation": len(y_val), "test": len(y_test)},
         "sent_to_scorer_heldout": round(float(np.mean(p_test >= floor)), 4),
     }
     calib = calibrate.calibration_sample(q_val, y_val)

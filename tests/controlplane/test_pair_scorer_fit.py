@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from controlplane import calibrate, ctl, pair_scorer_fit
+from controlplane import ctl, pair_scorer_fit
 from controlplane.core import verifier
 from synapse_common import pair_scorer
 from tests import dev_pairs
@@ -91,29 +91,18 @@ def constructed(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @pytest.fixture
-def stack_inputs(monkeypatch):
-    """fit_stack on constructed scores: no embedding, no model."""
-    n = 3000
-    everything = calibrate.Pairs([f"a{i}" for i in range(n)], [f"b{i}" for i in range(n)],
-                                 np.zeros(n, np.int8))
-    split = {"train": np.arange(0, 1000), "validation": np.arange(1000, 2000),
-             "test": np.arange(2000, 3000)}
-    y, p, s = constructed(n, 5)
-    everything.label[:] = y
-    monkeypatch.setattr(pair_scorer_fit, "verifier_scores",
-                        lambda pairs, rows, model, cache: p[rows])
-    index = {t: i for i, t in enumerate(everything.text_a)}
-    monkeypatch.setattr(pair_scorer_fit.pair_scorer_model, "tokenizer", lambda: None)
-    monkeypatch.setattr(pair_scorer_fit.pair_scorer_model, "logits",
-                        lambda net, tok, a, b, *rest: s[[index[t] for t in a]])
-    return everything, split
+def stack_inputs():
+    """Validation and held-out halves of a constructed set: no embedding, no model."""
+    y, p, s = constructed(2000, 5)
+    return (pair_scorer_fit.Scored(y[:1000], p[:1000], s[:1000]),
+            pair_scorer_fit.Scored(y[1000:], p[1000:], s[1000:]))
 
 
 def test_the_stack_raises_recall_at_the_target_precision(stack_inputs):
-    pairs, split = stack_inputs
+    validation, heldout = stack_inputs
     base = verifier.load()
-    stacked, metrics = pair_scorer_fit.fit_stack(pairs, split, base, object(),
-                                                 "minilm+pair-x", 0.90, None)
+    stacked, metrics = pair_scorer_fit.fit_stack(validation, heldout, base, "minilm+pair-x",
+                                                 0.90)
     held, alone = metrics["heldout"], metrics["verifier_alone_heldout"]
     assert metrics["validation"]["precision"] >= 0.90
     assert held["recall"] > alone["recall"] + 0.1
@@ -126,9 +115,7 @@ def test_the_stack_raises_recall_at_the_target_precision(stack_inputs):
 
 
 def test_the_floor_spares_the_scorer_the_hopeless_pairs(stack_inputs):
-    pairs, split = stack_inputs
-    stacked, metrics = pair_scorer_fit.fit_stack(pairs, split, verifier.load(), object(),
-                                                 "id", 0.90, None)
+    stacked, metrics = pair_scorer_fit.fit_stack(*stack_inputs, verifier.load(), "id", 0.90)
     stack = stacked.stack
     assert stack is not None and 0.0 < stack.floor < 1.0
     # Serving sends only the pairs at or above the floor: fewer than all of them, and the
@@ -137,9 +124,7 @@ def test_the_floor_spares_the_scorer_the_hopeless_pairs(stack_inputs):
 
 
 def test_the_stacked_file_round_trips(stack_inputs, tmp_path):
-    pairs, split = stack_inputs
-    stacked, _ = pair_scorer_fit.fit_stack(pairs, split, verifier.load(), object(), "id",
-                                           0.90, None)
+    stacked, _ = pair_scorer_fit.fit_stack(*stack_inputs, verifier.load(), "id", 0.90)
     stacked.save(tmp_path / "v.json")
     back = verifier.load(tmp_path / "v.json")
     assert back.digest == stacked.digest

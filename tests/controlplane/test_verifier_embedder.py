@@ -143,12 +143,11 @@ def test_cache_pair_scorer_stacks_the_shipped_verifier_for_minilm_only():
     assert judges.for_embedder(TUNED_ID).stack is None    # other embedders: as before
 
 
-def test_a_stack_for_another_verifier_stops_the_control_plane(tmp_path, monkeypatch):
+def test_a_stack_for_another_verifier_stops_the_control_plane(tmp_path):
     stale = tmp_path / "stack.json"
     data = json.loads(verifier.STACK_PATH.read_text())
     data["base_digest"] = "0123456789abcdef"        # fitted on a verifier since refitted
     stale.write_text(json.dumps(data))
-    monkeypatch.setattr(verifier, "STACK_PATH", stale)
     with pytest.raises(feedback_wiring.VerifierConfigError,
                        match=r"cache.pair_scorer: the stack in .* was fitted on verifier"):
-        feedback_wiring.load_judges(cache(pair_scorer=True))
+        feedback_wiring.load_judges(cache(pair_scorer=True), stale)
