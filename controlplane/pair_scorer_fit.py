@@ -126,13 +126,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"tune-pair-scorer: {exc}", file=sys.stderr)
         return 2
     written = []
-    if args.verifier_out:
-        stacked.save(args.verifier_out)
-        written.append(args.verifier_out)
-    if args.stack_out:
-        pathlib.Path(args.stack_out).write_text(
-            json.dumps(verifier.stack_file(stacked), indent=1) + "\n", encoding="utf-8")
-        written.append(args.stack_out)
+    try:
+        if args.verifier_out:
+            stacked.save(args.verifier_out)
+            written.append(args.verifier_out)
+        if args.stack_out:
+            pathlib.Path(args.stack_out).write_text(
+                json.dumps(verifier.stack_file(stacked), indent=1) + "\n", encoding="utf-8")
+            written.append(args.stack_out)
+    except OSError as exc:
+        print(f"tune-pair-scorer: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
     report(metrics, args.target_precision, scorer.scorer_id, " and ".join(written))
     return 0
 
