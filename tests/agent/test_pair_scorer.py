@@ -21,9 +21,9 @@ from agent import node_service
 from agent.config import EmbedderSettings
 from agent.embedding import errors, pair_scorer
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
-from synapse_common import embedder_tuning, pair_scorer_model
+from synapse_common import embedder_tuning
 from synapse_common import pair_scorer as scorer_file
-from tests import node_auth
+from tests import node_auth, pair_scorers
 
 CFG = EmbedderSettings(kind="minilm", max_text_chars=200)
 QUERY = "How do I lose 5 kg in a month?"
@@ -41,13 +41,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def scorer_path(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> pathlib.Path:
-    net = pair_scorer_model.build(seed=3)
-    layers, weight, bias = pair_scorer_model.trained_arrays(net)
-    top = {name: value for name, value in layers.items() if name.startswith("encoder.layer.5.")}
-    path = tmp_path_factory.mktemp("scorer") / "pair_scorer.npz"
-    scorer_file.save(path, embedder_tuning.base_id(), top, weight, bias,
-                     {"max_len": 64, "pooling": "mean"})
-    return path
+    return pair_scorers.small_file(tmp_path_factory.mktemp("scorer"))
 
 
 @pytest.fixture(scope="module")

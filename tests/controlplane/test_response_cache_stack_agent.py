@@ -18,8 +18,7 @@ from agent.config import EmbedderSettings
 from agent.core import lru
 from agent.embedding import minilm, pair_scorer, service
 from controlplane.core import verifier
-from synapse_common import embedder_tuning, pair_scorer_model
-from synapse_common import pair_scorer as scorer_file
+from tests import pair_scorers
 from tests.controlplane import test_cache_support as support
 from tests.controlplane.test_cache_support import chat, counter, remember
 from tests.controlplane.test_response_cache_stack import (
@@ -34,13 +33,7 @@ CFG = EmbedderSettings(kind="minilm", max_texts=64, max_text_chars=4000)
 
 @pytest.fixture(scope="module")
 def loaded_scorer(tmp_path_factory: pytest.TempPathFactory) -> pair_scorer.Loaded:
-    net = pair_scorer_model.build(seed=3)
-    layers, weight, bias = pair_scorer_model.trained_arrays(net)
-    top = {k: v for k, v in layers.items() if k.startswith("encoder.layer.5.")}
-    path = tmp_path_factory.mktemp("scorer") / "pair_scorer.npz"
-    scorer_file.save(path, embedder_tuning.base_id(), top, weight, bias,
-                     {"max_len": 64, "pooling": "mean"})
-    return pair_scorer.load(path)
+    return pair_scorer.load(pair_scorers.small_file(tmp_path_factory.mktemp("scorer")))
 
 
 @pytest.fixture
