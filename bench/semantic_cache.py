@@ -139,20 +139,19 @@ class Side:
 
 
 class PairScorer:
-    """The pair scorer a stacked verifier names, run in process with the agents' network
-    (:mod:`synapse_common.pair_scorer_model`)."""
+    """The pair scorer a stacked verifier names, loaded in process as the agents load it
+    (:func:`agent.embedding.pair_scorer.load`)."""
 
     def __init__(self, path: str) -> None:
-        from synapse_common import pair_scorer, pair_scorer_model
-        self.file = pair_scorer.load(pair_scorer.resolve(path) or path)
-        self._net = pair_scorer_model.build(self.file.layers, self.file.head_weight,
-                                            self.file.head_bias).eval()
-        self._tok = pair_scorer_model.tokenizer()
+        from agent.embedding import pair_scorer as agent_scorer
+        from synapse_common import pair_scorer
+        self._loaded = agent_scorer.load(pair_scorer.resolve(path) or pathlib.Path(path))
+        self.file = self._loaded.file
 
     def __call__(self, texts_a: list[str], texts_b: list[str]) -> np.ndarray:
         from synapse_common import pair_scorer_model
-        return pair_scorer_model.logits(self._net, self._tok, texts_a, texts_b,
-                                        self.file.max_len)
+        return pair_scorer_model.logits(self._loaded.model, self._loaded.tokenizer, texts_a,
+                                        texts_b, self.file.max_len)
 
 
 def run_pairs(pairs: calibrate.Pairs, new: Side, old: Side, fixed: float
