@@ -192,7 +192,10 @@ class NodeServer:
         check = call_metadata.TokenCheck(token)
         self.server = grpc.aio.server(
             interceptors=[TokenGuard(check, allow_unauthenticated, observe), *interceptors],
-            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            # No SO_REUSEPORT (grpc's default): a port another process holds is an
+            # error, not a port two agents share silently.
+            options=[("grpc.so_reuseport", 0),
+                     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                      ("grpc.max_send_message_length", 64 * 1024 * 1024),
                      ("grpc.keepalive_permit_without_calls", 1),
                      ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000)])

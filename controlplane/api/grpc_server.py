@@ -217,8 +217,12 @@ async def start(host: str, port: int | None, registrations: Sequence[Registratio
                 tls_key_file: str | None = None) -> tuple[grpc.aio.Server, int]:
     """Start a server with the given services plus health and reflection; (server, port).
 
-    ``port`` None: ``host`` is a whole address, such as ``unix:/path`` (port 0 returned)."""
-    options = [("grpc.max_receive_message_length", max_message_bytes),
+    ``port`` None: ``host`` is a whole address, such as ``unix:/path`` (port 0 returned).
+    An address another process holds is an :class:`OSError`: grpc's default
+    ``SO_REUSEPORT`` would otherwise let two control planes share a port silently, each
+    taking some of the agents' connections."""
+    options = [("grpc.so_reuseport", 0),
+               ("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
                ("grpc.keepalive_time_ms", 30_000),
                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -228,10 +232,16 @@ async def start(host: str, port: int | None, registrations: Sequence[Registratio
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     address = host if port is None else f"{host}:{port}"
-    if tls_cert_file and tls_key_file:
-        bound = server.add_secure_port(address, _credentials(tls_cert_file, tls_key_file))
-    else:
-        bound = server.add_insecure_port(address)
+    try:
+        if tls_cert_file and tls_key_file:
+            bound = server.add_secure_port(address, _credentials(tls_cert_file, tls_key_file))
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError:    # grpc's way of saying EADDRINUSE / EACCES
+        bound = -1
+    if bound < 0 or (bound == 0 and port is not None):
+        raise OSError(f"cannot bind the gRPC server to {address} (address in use or not "
+                      "available)")
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     await server.start()

@@ -113,3 +113,16 @@ async def test_health_and_reflection(node):
         await call.done_writing()
         names = {s.name for s in reply.list_services_response.service}
         assert {"synapse.v1.Node", "grpc.health.v1.Health"} <= names
+
+
+async def test_a_port_another_grpc_server_holds_is_a_bind_error():
+    # Without SO_REUSEPORT (grpc's default) two agents never share a Node port silently.
+    other = grpc.aio.server()
+    port = other.add_insecure_port("127.0.0.1:0")
+    await other.start()
+    try:
+        with pytest.raises(OSError, match=f"cannot bind the Node gRPC server to "
+                                          f"127.0.0.1:{port}"):
+            node_service.NodeServer(None, "127.0.0.1", port, token=node_auth.TOKEN)
+    finally:
+        await other.stop(0)

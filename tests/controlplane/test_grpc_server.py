@@ -118,3 +118,24 @@ async def test_first_message_must_be_register_and_health_reflection_work() -> No
                 names = {s.name for s in resp.list_services_response.service}
                 assert "synapse.v1.ControlPlane" in names
                 break
+
+
+async def test_a_port_another_grpc_server_holds_is_a_bind_error() -> None:
+    # grpc binds with SO_REUSEPORT by default: two servers that both keep that default
+    # share a port silently, each taking some of the agents' connections. Ours refuses.
+    from controlplane.api import grpc_server
+
+    other = grpc.aio.server()           # grpc's defaults, as another process would bind
+    port = other.add_insecure_port("127.0.0.1:0")
+    await other.start()
+    try:
+        with pytest.raises(OSError, match=f"cannot bind the gRPC server to 127.0.0.1:{port}"):
+            await grpc_server.start("127.0.0.1", port, [])
+    finally:
+        await other.stop(0)
+    ours, port = await grpc_server.start("127.0.0.1", 0, [])
+    try:
+        with pytest.raises(OSError, match="address in use"):
+            await grpc_server.start("127.0.0.1", port, [])
+    finally:
+        await ours.stop(0)
