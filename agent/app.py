@@ -94,7 +94,7 @@ class Agent:
             token=token.get_secret_value() if token else None,
             allow_unauthenticated=cfg.grpc.allow_unauthenticated,
             interceptors=[node_tracing.TracingInterceptor(self.tracing)] if self.tracing else [],
-            scorer=self.scorer)
+            scorer=self.scorer, observe_scores=self._observe_scores)
         self.metrics_server = http_metrics.MetricsServer(
             self.metrics.registry, self.refresh_metrics, cfg.metrics.host, cfg.metrics.port)
         self.reporter = reporter.Reporter(cfg.control_plane, self.register_message,
@@ -124,6 +124,10 @@ class Agent:
     def _observe_embed(self, code: str, seconds: float) -> None:
         self.metrics.embed_requests.labels(self.node, code).inc()
         self.metrics.embed_latency.labels(self.node).observe(seconds)
+
+    def _observe_scores(self, code: str, seconds: float) -> None:
+        self.metrics.score_pairs_requests.labels(self.node, code).inc()
+        self.metrics.score_pairs_latency.labels(self.node).observe(seconds)
 
     def _changed(self) -> None:
         self.reporter.notify()

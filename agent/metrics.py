@@ -80,6 +80,14 @@ class Metrics:
             "synapse_agent_embed_duration_seconds", "Node.Embed latency (server side).",
             ["node"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                0.5, 1.0, 2.5, 5.0), registry=r)
+        self.score_pairs_requests = Counter(
+            "synapse_agent_score_pairs_requests_total",
+            "Node.ScorePairs calls by gRPC status code.", ["node", "code"], registry=r)
+        self.score_pairs_latency = Histogram(
+            "synapse_agent_score_pairs_duration_seconds",
+            "Node.ScorePairs latency (server side, queueing for the scorer included).",
+            ["node"], buckets=(0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                               5.0), registry=r)
         self.commands = Counter(
             "synapse_agent_commands_total", "Control-plane commands executed, by kind and "
             "outcome.", ["node", "kind", "ok"], registry=r)

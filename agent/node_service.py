@@ -37,7 +37,7 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -71,21 +71,28 @@ def status_for(exc: errors.EmbedError) -> grpc.StatusCode:
 
 
 class TokenGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # untyped in the stubs
-    """Lets a Node call through only with the agent token (or when explicitly allowed)."""
+    """Lets a Node call through only with the agent token (or when explicitly allowed).
+
+    A refused call is counted by its method's hook (``observers``, by method name such as
+    ``"ScorePairs"``; ``observe`` for the others)."""
 
     def __init__(self, check: call_metadata.TokenCheck, allow_unauthenticated: bool,
-                 observe: Observe) -> None:
+                 observe: Observe, observers: Mapping[str, Observe] | None = None) -> None:
         self._check = check
         self._open = allow_unauthenticated and not check.configured
         self._prefix = f"/{NODE_SERVICE}/"
         reason = ("missing or invalid agent token" if check.configured else
                   "this agent has no token (control_plane.token) and refuses Node calls")
 
-        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-            observe(grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+        def refusal(hook: Observe) -> grpc.RpcMethodHandler:
+            async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+                hook(grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+            return grpc.unary_unary_rpc_method_handler(refuse)
 
-        self._refusal = grpc.unary_unary_rpc_method_handler(refuse)
+        self._refusal = refusal(observe)
+        self._refusals = {self._prefix + name: refusal(hook)
+                          for name, hook in (observers or {}).items()}
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -94,7 +101,7 @@ class TokenGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # untyped i
         if (not details.method.startswith(self._prefix) or self._open
                 or self._check.accepts(details.invocation_metadata)):
             return await continuation(details)
-        return self._refusal
+        return self._refusals.get(details.method, self._refusal)
 
 
 class NodeServicer(node_pb2_grpc.NodeServicer):
@@ -109,37 +116,42 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
     async def Embed(self, request: node_pb2.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> node_pb2.EmbedResponse:
+        # Observed before the status goes out, as ScorePairs is (see there).
         start = time.perf_counter()
-        code = grpc.StatusCode.OK
         try:
-            return await self._embed(request, context)
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
+            outcome = await self._embed(request, context)
+        except asyncio.CancelledError:
+            self._observe(grpc.StatusCode.CANCELLED.name, time.perf_counter() - start)
             raise
-        finally:
-            self._observe(code.name, time.perf_counter() - start)
+        if isinstance(outcome, node_pb2.EmbedResponse):
+            self._observe(grpc.StatusCode.OK.name, time.perf_counter() - start)
+            return outcome
+        code, details, trailer = outcome
+        self._observe(code.name, time.perf_counter() - start)
+        await context.abort(code, details, trailer)
+        raise AssertionError("context.abort returned")  # it raises AbortError
 
-    async def _embed(self, request: node_pb2.EmbedRequest,
-                     context: grpc.aio.ServicerContext) -> node_pb2.EmbedResponse:
+    async def _embed(self, request: node_pb2.EmbedRequest, context: grpc.aio.ServicerContext,
+                     ) -> node_pb2.EmbedResponse | tuple[grpc.StatusCode, str, Any]:
+        """The answer, or the status code, details and trailing metadata to end with."""
         if self._service is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "no embedder is configured on this agent (embedder.kind: none)")
-        assert self._service is not None
+            return (grpc.StatusCode.UNAVAILABLE,
+                    "no embedder is configured on this agent (embedder.kind: none)", ())
         tenant = (call_metadata.tenant_from(context.invocation_metadata())
                   if self._tenant_trusted else None)
         try:
             result = await self._service.embed(request.model, list(request.texts),
                                                request.normalize, tenant)
         except errors.EmbedError as exc:
-            trailer = ((call_metadata.ERROR, call_metadata.TOO_LARGE),) if isinstance(exc, errors.TooLarge) else ()
-            await context.abort(status_for(exc), str(exc), trailer)
+            trailer = (((call_metadata.ERROR, call_metadata.TOO_LARGE),)
+                       if isinstance(exc, errors.TooLarge) else ())
+            return status_for(exc), str(exc), trailer
         except Exception:
             log.exception("Embed failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error while embedding")
+            return grpc.StatusCode.INTERNAL, "internal error while embedding", ()
         return node_pb2.EmbedResponse(model=result.model, dim=result.dim,
                                       vectors=result.vectors, cached=result.cached,
                                       embedder_id=result.embedder_id)
-
 
     async def ScorePairs(self, request: node_pb2.ScorePairsRequest,
                          context: grpc.aio.ServicerContext) -> node_pb2.ScorePairsResponse:
@@ -191,7 +203,8 @@ class NodeServer:
                  observe_scores: Observe = lambda code, seconds: None) -> None:
         check = call_metadata.TokenCheck(token)
         self.server = grpc.aio.server(
-            interceptors=[TokenGuard(check, allow_unauthenticated, observe), *interceptors],
+            interceptors=[TokenGuard(check, allow_unauthenticated, observe,
+                                     {"ScorePairs": observe_scores}), *interceptors],
             # No SO_REUSEPORT (grpc's default): a port another process holds is an
             # error, not a port two agents share silently.
             options=[("grpc.so_reuseport", 0),

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 
+import grpc
 import openai
 import psutil
 import pytest
@@ -245,6 +246,10 @@ def test_agent_serves_node_embed_from_its_cache_and_reports_fake_gpus(
         stub = node_pb2_grpc.NodeStub(channel)
         first = stub.Embed(node_pb2.EmbedRequest(texts=["hello world"]), timeout=30)
         again = stub.Embed(node_pb2.EmbedRequest(texts=["hello world"]), timeout=30)
+        with pytest.raises(grpc.RpcError) as no_scorer:     # embedder.pair_scorer: none
+            stub.ScorePairs(node_pb2.ScorePairsRequest(query="a", candidates=["b"]),
+                            timeout=30)
+    assert no_scorer.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert list(first.cached) == [False] and list(again.cached) == [True]
     assert first.vectors == again.vectors and first.dim == 384
     assert np.linalg.norm(np.frombuffer(first.vectors, "<f4")) == pytest.approx(1, abs=1e-4)
@@ -254,6 +259,8 @@ def test_agent_serves_node_embed_from_its_cache_and_reports_fake_gpus(
     text = agent.metrics_text()
     assert _metric(text, 'synapse_agent_embedding_cache_hits_total{node="test-node"}') == 1.0
     assert _metric(text, 'synapse_agent_embed_requests_total{code="OK",node="test-node"}') == 2.0
+    assert _metric(text, 'synapse_agent_score_pairs_requests_total'
+                         '{code="FAILED_PRECONDITION",node="test-node"}') == 1.0
     assert _metric(text, 'synapse_agent_embedding_cache_entries{node="test-node"}') == 1.0
     assert _metric(text, 'synapse_agent_telemetry_ok{node="test-node",source="fake"}') == 1.0
     assert _metric(text, 'synapse_agent_gpu_memory_total_bytes{gpu="0"') == 24 * 2**30

@@ -183,7 +183,8 @@ async def test_score_pairs_needs_the_agent_token(scorer):
             async with channel:
                 err = await _refusal(node_pb2_grpc.NodeStub(channel), QUERY, [OTHER])
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert observed == []   # refused before the servicer ran
+        # refused before the servicer ran, and counted as ScorePairs calls (not Embed)
+        assert observed == ["UNAUTHENTICATED", "UNAUTHENTICATED"]
     finally:
         await server.stop(0)
 
