@@ -3,9 +3,17 @@
 ``Metrics(registry)`` registers them on a registry of the caller's choosing (tests and
 the manifest checks build their own). Dashboards and alert rules use these names only; a
 test collects them from a fresh registry and fails on any other name.
+
+:func:`fast` gives the serving path a labelled child's update without
+prometheus_client's checks at every call (is the metric labelled? a linear walk of the
+buckets): the child is labelled once, and a histogram finds its bucket by bisection.
+The values are the child's own, so what ``/metrics`` shows is unchanged.
 """
 
 from __future__ import annotations
+
+import bisect
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -163,3 +171,48 @@ class Metrics:
         self.usage_flush_failures = Counter(
             "synapse_usage_flush_failures_total", "Usage flushes to the shared store that "
             "failed (the counts wait for the next flush).", registry=r)
+
+
+class FastCounter:
+    """A labelled counter child's ``inc`` (same value object, same lock)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, child: Any) -> None:
+        self._value = child._value
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self._value.inc(amount)
+
+
+class FastHistogram:
+    """A labelled histogram child's ``observe``: the first bucket whose upper bound is at
+    least the amount, found by bisection (a NaN, like in prometheus_client, is in none)."""
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._sum = child._sum
+        self._buckets = child._buckets
+        self._bounds = child._upper_bounds
+
+    def observe(self, amount: float) -> None:
+        self._sum.inc(amount)
+        bounds = self._bounds
+        i = bisect.bisect_left(bounds, amount)
+        if i < len(bounds) and amount <= bounds[i]:
+            self._buckets[i].inc(1)
+
+
+def fast(child: Any) -> Any:
+    """``child`` (a labelled child of a metric above) with its update at a lower cost per
+    call: a :class:`FastCounter` or :class:`FastHistogram`, else the child itself (a
+    gauge, or a prometheus_client whose children no longer keep these parts)."""
+    if isinstance(child, Counter) and hasattr(child, "_value"):
+        return FastCounter(child)
+    if isinstance(child, Histogram) and all(
+            hasattr(child, a) for a in ("_sum", "_buckets", "_upper_bounds")):
+        return FastHistogram(child)
+    return child

@@ -25,10 +25,10 @@ class _Children:
 
     def __init__(self, m: metrics_mod.Metrics, backend: str,
                  latest: dict[str, types.RouteObservation], bias: dict[str, float]) -> None:
-        self.ttft_error = m.route_ttft_error.labels(backend)
-        self.cached_error = m.route_cached_error.labels(backend)
-        self.predicted = m.route_cached_tokens.labels(backend, "predicted")
-        self.reported = m.route_cached_tokens.labels(backend, "reported")
+        self.ttft_error = metrics_mod.fast(m.route_ttft_error.labels(backend))
+        self.cached_error = metrics_mod.fast(m.route_cached_error.labels(backend))
+        self.predicted = metrics_mod.fast(m.route_cached_tokens.labels(backend, "predicted"))
+        self.reported = metrics_mod.fast(m.route_cached_tokens.labels(backend, "reported"))
         m.route_ttft_bias.labels(backend).set_function(lambda: bias.get(backend, 0.0))
         m.route_prefill_cost.labels(backend).set_function(
             lambda: latest[backend].prefill_s_per_token)

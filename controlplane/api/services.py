@@ -95,13 +95,14 @@ class Services:
         return f"{self.request_id_prefix}{next(self.request_ids):08x}"
 
     def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, memoised: the lookup costs more than the update."""
+        """``metric.labels(*labels)``, memoised: the lookup costs more than the update (a
+        counter's or histogram's child as :func:`controlplane.metrics.fast` gives it)."""
         key = (metric._name, *labels)
         child = self.label_cache.get(key)
         if child is None:
             if len(self.label_cache) > 50_000:  # label sets are bounded; guards a leak
                 self.label_cache.clear()
-            child = self.label_cache[key] = metric.labels(*labels)
+            child = self.label_cache[key] = metrics.fast(metric.labels(*labels))
         return child
 
 
