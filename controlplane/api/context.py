@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from controlplane.api import services as services_mod
 from controlplane.core import usage as usage_mod
+
+if TYPE_CHECKING:
+    from controlplane.api import fairness as fairness_mod
 
 SERVICES: web.AppKey[services_mod.Services] = web.AppKey("services", services_mod.Services)
 
@@ -41,6 +45,8 @@ class RequestContext:
     model_asked: str = ""           # the model as the client named it
     retries: int = 0                # attempts before the one that answered
     usage: usage_mod.Usage | None = None    # the engine's usage of the answer
+    # the request's tokens and usage once admitted (controlplane.api.fairness)
+    flow: fairness_mod.Flow | None = None
 
     def headers(self) -> dict[str, str]:
         """The x-synapse headers every response carries (as known so far)."""

@@ -17,7 +17,7 @@
    cancelled), coalesced followers are released (a leader that stored nothing), and the
    model's queue is woken.
 
-The per-request state is a :class:`Flow` on the request.
+The per-request state is a :class:`Flow` on the request's context (``flow``).
 """
 
 from __future__ import annotations
@@ -58,9 +58,6 @@ class Flow:
     strip: bool = False                     # usage asked on the client's behalf
 
 
-FLOW: web.RequestKey[Flow] = web.RequestKey("synapse_fairness", Flow)
-
-
 def _fair(request: web.Request) -> fairness.Fairness:
     return fairness_wiring.get(context.get(request).svc)
 
@@ -96,13 +93,14 @@ async def admit(request: web.Request, tenant: str, model: str, prompt: router_mo
                 max_tokens: int) -> None:
     """Charge the request's estimate, or raise the 429 of the limit it is over (a refused
     request is not accounted: usage counts the requests admitted)."""
+    svc, ctx = context.of(request)
+    fair = fairness_wiring.get(svc)
     try:
-        charge = await _fair(request).admit(tenant, model, prompt.tokens, max_tokens)
+        charge = await fair.admit(tenant, model, prompt.tokens, max_tokens)
     except errors.RateLimited as exc:
-        svc = context.get(request).svc
         svc.child(svc.metrics.rate_limited, tenant, exc.limit).inc()
         raise
-    request[FLOW] = Flow(tenant, model, charge)
+    ctx.flow = Flow(tenant, model, charge)
 
 
 def queues(request: web.Request) -> bool:
@@ -117,8 +115,9 @@ async def hold(request: web.Request, route: core_types.RouteDecision,
     fair = _fair(request)
     if fair.gate is None:
         return route
-    flow = request[FLOW]
-    svc = context.get(request).svc
+    svc, ctx = context.of(request)
+    flow = ctx.flow
+    assert flow is not None     # admitted before it is routed
     cls, weight = fair.priority_of(flow.tenant,
                                    request.headers.get(svc.settings.fairness.queue.header))
     if not fair.must_wait(route, cls):
@@ -140,7 +139,7 @@ def upstream_body(request: web.Request, body: Mapping[str, Any], model: str,
                   raw: bytes) -> bytes:
     """``raw``, or — for a stream that did not ask for usage, when usage is accounted —
     the body asking for it (the client's copy is stripped: :func:`stripper`)."""
-    flow = request.get(FLOW)
+    flow = context.get(request).flow
     if flow is None or _fair(request).book is None or not stream_usage.needs_usage(body):
         return raw
     flow.strip = True
@@ -148,13 +147,13 @@ def upstream_body(request: web.Request, body: Mapping[str, Any], model: str,
 
 
 def stripper(request: web.Request) -> stream_usage.UsageStripper | None:
-    flow = request.get(FLOW)
+    flow = context.get(request).flow
     return stream_usage.UsageStripper() if flow is not None and flow.strip else None
 
 
 def answered(request: web.Request, status: int, usage: object) -> None:
     """The exchange settled: the backend's status and the engine's usage (if found)."""
-    flow = request.get(FLOW)
+    flow = context.get(request).flow
     if flow is not None:
         flow.status = status
         flow.usage = usage if isinstance(usage, usage_mod.Usage) else None
@@ -164,14 +163,14 @@ def finish(request: web.Request, decision: cache_port.CacheDecision | None,
            failed: bool) -> None:
     """The request ended (``failed``: it raised). Never awaits: safe in ``finally`` of a
     cancelled handler."""
-    fair = _fair(request)
+    svc, ctx = context.of(request)
+    fair = fairness_wiring.get(svc)
     coalescer = fair.coalescer
     if decision is not None and coalescer is not None:
         coalescer.done(decision)
-    flow = request.get(FLOW)
+    flow = ctx.flow
     if flow is None:
         return
-    ctx = context.get(request)
     ok = flow.status == 200
     outcome = fairness.Outcome(flow.usage if ok else None, ok,
                                failed or ctx.broken or flow.status >= 400)
