@@ -33,12 +33,31 @@ CHARS_PER_TOKEN = 4
 _TOKENS = re.compile(rf"[A-Za-z0-9]{{1,{CHARS_PER_TOKEN}}}|\s{{8}}|\S")
 
 
-@functools.lru_cache(maxsize=1 << 16)  # text repeats: most pieces are common words
-def _token_id(piece: str) -> int:
+PIECES_KEPT = 1 << 16
+
+
+def _hash_piece(piece: str) -> int:
     if piece.isspace():
         piece = " "
     digest = hashlib.blake2b(piece.encode("utf-8", "surrogatepass"), digest_size=4).digest()
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+class _Ids(dict[str, int]):
+    """Piece → id, memoised (text repeats: most pieces are common words), cleared when it
+    holds ``PIECES_KEPT``. A dict whose misses hash the piece: ``tokenize`` maps its
+    ``__getitem__`` over the pieces, a lookup in C per token where an LRU kept its order
+    up to date at every hit."""
+
+    def __missing__(self, piece: str) -> int:
+        if len(self) >= PIECES_KEPT:
+            self.clear()
+        found = self[piece] = _hash_piece(piece)
+        return found
+
+
+_IDS = _Ids()
+_token_id = _IDS.__getitem__
 
 
 def pieces(text: str) -> list[str]:
