@@ -86,6 +86,7 @@ KEY = "bench-key-0123456789"
 PEER_KEY = "sk-bench-peer-0123456789abcdef"  # LiteLLM refuses to start without one
 VENVS = REPO / ".bench-venvs"
 BIN = pathlib.Path(sys.executable).parent
+PEER_CPU_REQUESTS = 500     # per round, for a peer under --cpu-only
 
 
 
@@ -499,9 +500,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         # measured minutes apart on a shared machine would measure the machine.
         peer_headers = {"Authorization": f"Bearer {PEER_KEY}"}
         peer_procs: dict[str, subprocess.Popen[bytes]] = {}
-        for name, url, proc in peers(tree, sim, workdir):
+        for name, url, proc in (peers(tree, sim, workdir) if args.peers else ()):
             targets.append((name, url, peer_headers))
             peer_procs[name] = proc
+        if args.cpu_only:
+            return await cpu_only(targets, args, {
+                "synapse": tree.named["controlplane"].pid,
+                **{name: tree.named[name].pid for name in wanted},
+                **{name: proc.pid for name, proc in peer_procs.items()}},
+                frozenset(peer_procs))
         both = await measure(targets, args, adaptive=frozenset(peer_procs))
         direct, syn = both["direct"], both["synapse"]
         variant_rows = {name: compared(both[name], syn) for name in wanted}
@@ -563,6 +570,25 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "peers": peer_rows}
 
 
+async def cpu_only(targets: list[tuple[str, str, dict[str, str]]], args: argparse.Namespace,
+                   pids: dict[str, int], peer_names: frozenset[str]) -> dict[str, object]:
+    """``--cpu-only``: every gateway's CPU per request (whole and streamed answers), no
+    throughput or latency phase; the quick before/after of a change with
+    ``--baseline-tree``. Peers, whose throughput is not measured then, get at most
+    ``PEER_CPU_REQUESTS`` requests per round (a slow one would hold the run up)."""
+    cpu_targets = [(n, u, h, pids[n], min(args.cpu_requests, PEER_CPU_REQUESTS)
+                    if n in peer_names else args.cpu_requests)
+                   for n, u, h in targets if n in pids]
+    cpu = await cpu_per_request(cpu_targets, args.rounds)
+    print("CPU µs per request (process tree, user + system): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()), flush=True)
+    scpu = await cpu_per_request(cpu_targets, args.rounds, stream=True)
+    print("CPU µs per streamed request: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in scpu.items()), flush=True)
+    return {"bench": "gateway", "cpu_only": True, "limits": args.limits,
+            "cpu_us_per_request": cpu, "cpu_us_per_stream_request": scpu}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="per phase")
@@ -593,6 +619,12 @@ def main() -> None:
     parser.add_argument("--access-log", action="store_true",
                         help="also measure a control plane at the default log level, writing "
                         "one JSON access-log line per request (target 'logged')")
+    parser.add_argument("--cpu-only", action="store_true",
+                        help="measure only the CPU per request of each gateway (no "
+                        "throughput or latency phase, no direct target)")
+    parser.add_argument("--no-peers", dest="peers", action="store_false",
+                        help="leave out the peer gateways (LiteLLM, vllm-router, nginx, "
+                        "python_floor): Synapse and its variants only")
     args = parser.parse_args()
     result = common.run(run(args))
     print(json.dumps(result))
