@@ -1,0 +1,155 @@
+"""The pair scorer in onnxruntime (:mod:`agent.embedding.pair_scorer_onnx`): the same
+logits as the torch network, on the shipped weights and on a small test file; the export
+is cached and reused; ``runtime`` picks it, falls back to torch (``auto``) or refuses
+(``onnx``) when it cannot be used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from agent.config import EmbedderSettings
+from agent.embedding import onnx_path, pair_scorer, pair_scorer_onnx
+from synapse_common import pair_scorer as scorer_file
+from tests import pair_scorers
+
+pytest.importorskip("onnxruntime")
+
+CFG = EmbedderSettings(kind="minilm", max_text_chars=2000)
+QUERY = "How do I lose 5 kg in a month?"
+# Paraphrases, near misses, unrelated, unicode, and pairs truncated at max_len.
+CANDIDATES = ["How can I lose five kilos in four weeks?", "How can I lose 15 kg in a month?",
+              "What is the capital of France?", "été, naïve café — how do I lose weight?",
+              " ".join(["what diet makes me lose weight fast"] * 30), "kg", QUERY]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def small_path(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> pathlib.Path:
+    return pair_scorers.small_file(tmp_path_factory.mktemp("scorer"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("onnx"))
+
+
+def _both(loaded: pair_scorer.Loaded, query: str, candidates: list[str]
+          ) -> tuple[np.ndarray, np.ndarray]:
+    torch_side = pair_scorer.Loaded(loaded.file, loaded.model, loaded.tokenizer)
+    return (pair_scorer.score_blocking(loaded, query, candidates),
+            pair_scorer.score_blocking(torch_side, query, candidates))
+
+
+def test_onnx_logits_equal_torchs_on_the_shipped_weights(cache_dir):
+    if not scorer_file.SHIPPED.exists():
+        pytest.skip("this build ships no pair scorer")
+    loaded = pair_scorer.load(scorer_file.SHIPPED, "onnx", cache_dir)
+    assert loaded.runtime == "onnx"
+    for candidates in (CANDIDATES, CANDIDATES[:1], CANDIDATES[4:5]):
+        onnx, reference = _both(loaded, QUERY, candidates)
+        assert onnx.dtype == np.float32 and onnx.shape == (len(candidates),)
+        np.testing.assert_allclose(onnx, reference, rtol=0, atol=pair_scorer_onnx.TOLERANCE)
+    # each text as the query: the other order of every pair
+    for text in CANDIDATES[:3]:
+        onnx, reference = _both(loaded, text, [QUERY, *CANDIDATES[3:5]])
+        np.testing.assert_allclose(onnx, reference, rtol=0, atol=pair_scorer_onnx.TOLERANCE)
+
+
+@pytest.mark.parametrize("lanes", [2, 3, 5])
+def test_rows_split_across_lanes_give_the_batchs_logits(small_path, cache_dir, lanes):
+    loaded = pair_scorer.load(small_path, "onnx", cache_dir)
+    assert loaded.onnx is not None
+    path = pair_scorer_onnx.cache_file(cache_dir, loaded.scorer_id)
+    split = pair_scorer_onnx.OnnxNetwork(pair_scorer_onnx._session(str(path)), lanes)
+    try:
+        for candidates in (CANDIDATES, CANDIDATES[:1], CANDIDATES[:2]):   # 14, 2, 4 rows
+            got = pair_scorer.score_blocking(dataclasses.replace(loaded, onnx=split), QUERY,
+                                             candidates)
+            one = pair_scorer_onnx.OnnxNetwork(pair_scorer_onnx._session(str(path)), 1)
+            want = pair_scorer.score_blocking(dataclasses.replace(loaded, onnx=one), QUERY,
+                                              candidates)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    finally:
+        split.close()
+
+
+def test_the_export_is_cached_per_scorer_and_reused(small_path, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer_onnx"):
+        first = pair_scorer.load(small_path, "auto", str(tmp_path))
+        second = pair_scorer.load(small_path, "auto", str(tmp_path))
+    assert first.runtime == second.runtime == "onnx"
+    path = pair_scorer_onnx.cache_file(str(tmp_path), first.scorer_id)
+    assert path.exists() and first.file.digest in path.name
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("exported the network" in m for m in messages) == 1
+    assert sum("reusing" in m for m in messages) == 1
+    onnx, reference = _both(second, QUERY, CANDIDATES)
+    np.testing.assert_allclose(onnx, reference, rtol=0, atol=pair_scorer_onnx.TOLERANCE)
+
+
+def test_a_damaged_cached_file_is_exported_again(small_path, tmp_path):
+    first = pair_scorer.load(small_path, "onnx", str(tmp_path))
+    path = pair_scorer_onnx.cache_file(str(tmp_path), first.scorer_id)
+    path.write_bytes(b"not an onnx file")
+    again = pair_scorer.load(small_path, "onnx", str(tmp_path))
+    assert again.runtime == "onnx" and path.stat().st_size > 1000
+
+
+def test_torch_runtime_never_exports(small_path, tmp_path):
+    loaded = pair_scorer.load(small_path, "torch", str(tmp_path))
+    assert loaded.runtime == "torch" and loaded.onnx is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_check_falls_back_to_torch_or_refuses(small_path, tmp_path, monkeypatch,
+                                                      caplog):
+    monkeypatch.setattr(pair_scorer_onnx, "TOLERANCE", -1.0)    # nothing can match
+    with caplog.at_level(logging.WARNING):
+        loaded = pair_scorer.load(small_path, "auto", str(tmp_path))
+    assert loaded.runtime == "torch"
+    assert any("pair scorer on torch: ONNX logits differ" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(RuntimeError, match=r"embedder\.runtime is onnx, but ONNX logits"):
+        pair_scorer.load(small_path, "onnx", str(tmp_path))
+
+
+def test_without_onnxruntime_auto_is_torch_quietly(small_path, tmp_path, monkeypatch,
+                                                   caplog):
+    def missing(*args: object) -> None:
+        raise onnx_path.NotInstalled("onnxruntime and onnx are needed (test)")
+    monkeypatch.setattr(pair_scorer_onnx, "load", missing)
+    with caplog.at_level(logging.INFO):
+        loaded = pair_scorer.load(small_path, "auto", str(tmp_path))
+    assert loaded.runtime == "torch"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_the_agents_scorer_runs_the_configured_runtime(small_path, tmp_path):
+    cfg = CFG.model_copy(update={"pair_scorer": str(small_path), "runtime": "onnx",
+                                 "onnx_cache_dir": str(tmp_path)})
+    scorer = pair_scorer.build(cfg)
+    await scorer.start()
+    try:
+        scores, scorer_id = await scorer.score(QUERY, CANDIDATES)
+        torch_side = pair_scorer.load(small_path)
+        assert torch_side.runtime == "torch" and scorer_id == torch_side.scorer_id
+        np.testing.assert_allclose(scores, pair_scorer.score_blocking(torch_side, QUERY,
+                                                                      CANDIDATES),
+                                   rtol=0, atol=pair_scorer_onnx.TOLERANCE)
+    finally:
+        await scorer.close()
