@@ -42,8 +42,17 @@ Design decisions:
   the verifier alone decides at its own point, as without a stack, and the hit carries
   ``base_digest`` (its score is the verifier's alone, so feedback keeps the two apart).
   Never an error to the client; ``synapse_cache_pair_scorer_total{outcome}`` counts what
-  happened and failures are logged once per ``log_interval_s``. Without a stack the
-  lookup is exactly what it was (one attribute check).
+  happened, per call, and failures are logged once per ``log_interval_s``. Without a
+  stack the lookup is exactly what it was (one attribute check).
+- **Scored in two steps**: the candidate with the best verifier probability is scored
+  alone and served if the stack accepts it (and its entry serves); only otherwise are the
+  rest scored, in one more call, and the best of them the stack accepts is served. A
+  scorer's cost grows with the pairs it reads (it is compute-bound on the agent's CPU), so
+  a hit usually costs one pair instead of ``top_k``. Which pairs the stack accepts, and so
+  whether a lookup hits, is unchanged; when several are accepted the one served is the
+  verifier's favourite rather than the stack's, which is as safe (the stack's precision is
+  per accepted pair). When the second call fails, the verifier alone judges the
+  candidates the stack has not (the first is never served against the stack's "no").
 """
 
 from __future__ import annotations
@@ -299,7 +308,8 @@ class TieredCache:
                               judge: verifier.Verifier, candidates: list[Any],
                               deadline: float) -> cache_port.CacheHit | None:
         """The verifier's probabilities, stacked with the pair scorer's logits when it
-        answers as the stack's scorer (see the module docstring)."""
+        answers as the stack's scorer: the best candidate first, the others only if it
+        is not served (see the module docstring)."""
         assert judge.stack is not None and state.vector is not None
         text = state.keys.semantic_text or ""
         texts = [c.text for c in candidates]
@@ -307,19 +317,30 @@ class TieredCache:
         p = seen.probabilities
         order = [int(i) for i in np.argsort(-p, kind="stable") if p[i] >= judge.stack.floor]
         order = order[:min(self.options.top_k, MAX_PAIRS)]
-        scores, cut, digest = p, self._threshold(judge, state.model), judge.base_digest
+        alone = self._threshold(judge, state.model), judge.base_digest
         if not order:
             self.metrics.cache_pair_scorer.labels(outcome="skipped").inc()
-        else:
+            return await self._serve_best(state, request, candidates, seen.similarities, p,
+                                          *alone)
+        unjudged = np.array(p, dtype=np.float64)    # the verifier's, where the stack has not
+        for batch in (order[:1], order[1:]):
+            if not batch:
+                break
             with tracing.span("cache.pair_scorer"):
-                logits = await self._pair_logits(state, text, [texts[i] for i in order],
+                logits = await self._pair_logits(state, text, [texts[i] for i in batch],
                                                  judge.stack.pair_scorer, deadline)
-            if logits is not None:
-                scores = np.full(len(candidates), -np.inf)
-                scores[order] = judge.stacked(p[order], logits)
-                cut, digest = self._threshold(judge, state.model, stacked=True), judge.digest
-        return await self._serve_best(state, request, candidates, seen.similarities, scores,
-                                      cut, digest)
+            if logits is None:      # the verifier alone judges what the stack has not
+                return await self._serve_best(state, request, candidates, seen.similarities,
+                                              unjudged, *alone)
+            scores = np.full(len(candidates), -np.inf)
+            scores[batch] = judge.stacked(p[batch], logits)
+            hit = await self._serve_best(state, request, candidates, seen.similarities, scores,
+                                         self._threshold(judge, state.model, stacked=True),
+                                         judge.digest)
+            if hit is not None:
+                return hit
+            unjudged[batch] = -np.inf
+        return None
 
     async def _serve_best(self, state: State, request: cache_port.CacheRequest,
                           candidates: list[Any], similarities: Any, scores: Any, cut: float,

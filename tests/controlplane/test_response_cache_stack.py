@@ -115,16 +115,101 @@ async def test_the_stack_accepts_what_the_verifier_refuses_and_refuses_what_it_a
         await c.close()
 
 
-async def test_the_best_stacked_candidate_is_served(node_address, milvus_lite_path):
+def content(hit) -> str:
+    assert hit is not None
+    return str(hit.response["choices"][0]["message"]["content"])
+
+
+FIFTEEN = "How could I lose 15 kilos in a month?"
+ANSWERS = {STORED: "five", NEAR_MISS: "fifteen"}
+
+
+async def test_the_verifiers_favourite_is_scored_first_and_alone(node_address,
+                                                                milvus_lite_path):
     scorer = FakeScorer({})
-    c, _ = await build(node_address, milvus_lite_path, stacked(), scorer)
+    c, m = await build(node_address, milvus_lite_path, stacked(), scorer)
     try:
-        await remember(c, chat(STORED), "five")
-        await remember(c, chat(NEAR_MISS), "fifteen")
-        scorer.logits = {STORED: 1.0, NEAR_MISS: 3.0}
-        hit = (await c.lookup(chat("How could I lose 15 kilos in a month?"))).hit
-        assert hit is not None and hit.response["choices"][0]["message"]["content"] == "fifteen"
-        assert sorted(scorer.calls[-1][1]) == sorted([STORED, NEAR_MISS])
+        for text, answer in ANSWERS.items():
+            await remember(c, chat(text), answer)
+        scorer.calls.clear()
+        before = outcome(m, "scored")
+        # Both would be accepted: the favourite alone is scored, and served.
+        scorer.logits = {STORED: 3.0, NEAR_MISS: 3.0}
+        assert content((await c.lookup(chat(FIFTEEN))).hit) in ANSWERS.values()
+        [(_, [favourite], _)] = scorer.calls
+        other = next(t for t in ANSWERS if t != favourite)
+        assert content((await c.lookup(chat(FIFTEEN))).hit) == ANSWERS[favourite]
+        # The stack refuses the favourite: the rest are scored, in one more call.
+        scorer.calls.clear()
+        scorer.logits = {favourite: -9.0, other: 3.0}
+        assert content((await c.lookup(chat(FIFTEEN))).hit) == ANSWERS[other]
+        assert [call[1] for call in scorer.calls] == [[favourite], [other]]
+        # It refuses both: a miss after the same two calls.
+        scorer.calls.clear()
+        scorer.logits = {}
+        assert (await c.lookup(chat(FIFTEEN))).status == "miss"
+        assert [call[1] for call in scorer.calls] == [[favourite], [other]]
+        assert outcome(m, "scored") - before == 6       # counted per call
+    finally:
+        await c.close()
+
+
+async def test_a_stacked_hit_is_one_the_batched_search_could_serve(node_address,
+                                                                  milvus_lite_path):
+    """Whatever the logits, the two-step search hits exactly when some candidate's
+    stacked probability reaches the operating point, and serves such a candidate."""
+    scorer = FakeScorer({})
+    judge = stacked()
+    c, _ = await build(node_address, milvus_lite_path, judge, scorer)
+    try:
+        for text, answer in ANSWERS.items():
+            await remember(c, chat(text), answer)
+        scorer.calls.clear()
+        cut = judge.stack_threshold_for(0.9)
+        for a, b in [(-9.0, -9.0), (-9.0, 0.5), (0.5, -9.0), (0.5, 2.0), (2.0, 0.5),
+                     (-0.1, 0.1), (0.0, 0.0)]:
+            scorer.logits = {STORED: a, NEAR_MISS: b}
+            accepted = {ANSWERS[t] for t, x in scorer.logits.items()
+                        if judge.stacked([0.5], [x])[0] >= cut}
+            decision = await c.lookup(chat(FIFTEEN))
+            if accepted:
+                assert content(decision.hit) in accepted, (a, b)
+            else:
+                assert decision.status == "miss", (a, b)
+    finally:
+        await c.close()
+
+
+class FailsWithout(FakeScorer):
+    """Fails every call that does not score ``needed``."""
+
+    def __init__(self, logits: dict[str, float], needed: str) -> None:
+        super().__init__(logits)
+        self.needed = needed
+
+    async def score_pairs(self, query: str, candidates: Sequence[str],
+                          timeout_s: float | None = None, tenant: str = ""
+                          ) -> tuple[list[float], str]:
+        if self.needed not in candidates:
+            self.calls.append((query, list(candidates), tenant))
+            raise RuntimeError("agent exploded")
+        return await super().score_pairs(query, candidates, timeout_s, tenant)
+
+
+async def test_when_the_second_call_fails_the_refused_favourite_is_not_served(
+        node_address, milvus_lite_path):
+    scorer = FailsWithout({STORED: -9.0, NEAR_MISS: 9.0}, needed=STORED)
+    judge = stacked()
+    c, m = await build(node_address, milvus_lite_path, judge, scorer)
+    try:
+        for text, answer in ANSWERS.items():
+            await remember(c, chat(text), answer)
+        scorer.calls.clear()
+        # The verifier alone would accept the paraphrase of STORED, its favourite; the
+        # stack refused it, and the verifier alone refuses the near miss: a miss.
+        assert (await c.lookup(chat(PARAPHRASE))).status == "miss"
+        assert [call[1] for call in scorer.calls] == [[STORED], [NEAR_MISS]]
+        assert outcome(m, "error") == 1
     finally:
         await c.close()
 
@@ -186,20 +271,22 @@ async def test_without_a_stack_the_scorer_is_never_asked(node_address, milvus_li
         await c.close()
 
 
-async def test_a_chosen_entry_gone_from_l1_falls_to_the_next_best(node_address,
-                                                                 milvus_lite_path):
+async def test_a_chosen_entry_gone_from_l1_falls_to_the_next_accepted(node_address,
+                                                                     milvus_lite_path):
     scorer = FakeScorer({})
     store = ForgetfulL1()
     c, _ = await build(node_address, milvus_lite_path, stacked(), scorer, store=store)
     try:
-        first = await remember(c, chat(STORED), "five")
-        await remember(c, chat(NEAR_MISS), "fifteen")
+        keys = {text: (await remember(c, chat(text), answer)).exact_key
+                for text, answer in ANSWERS.items()}
+        scorer.calls.clear()
         scorer.logits = {STORED: 5.0, NEAR_MISS: 3.0}
-        store.gone.add(first.exact_key)     # the best candidate's response was evicted
-        hit = (await c.lookup(chat("How could I lose 15 kilos in a month?"))).hit
-        assert hit is not None and hit.response["choices"][0]["message"]["content"] == "fifteen"
-        store.gone.clear()
-        hit = (await c.lookup(chat("How could I lose 15 kilos in a month?"))).hit
-        assert hit is not None and hit.response["choices"][0]["message"]["content"] == "five"
+        assert content((await c.lookup(chat(FIFTEEN))).hit)
+        [(_, [favourite], _)] = scorer.calls
+        other = next(t for t in ANSWERS if t != favourite)
+        store.gone.add(keys[favourite])     # the favourite's response was evicted
+        scorer.calls.clear()
+        assert content((await c.lookup(chat(FIFTEEN))).hit) == ANSWERS[other]
+        assert [call[1] for call in scorer.calls] == [[favourite], [other]]
     finally:
         await c.close()
