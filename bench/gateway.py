@@ -44,6 +44,10 @@ same rounds — goes under ``cpu_us_per_request``: the figure that other load on
 machine moves least; the same for streamed requests (the whole SSE stream read) under
 ``cpu_us_per_stream_request``.
 
+``--cpu-only`` measures only that last phase (no direct target, no throughput or latency):
+the quick before/after of a change, with ``--baseline-tree`` and ``--no-peers`` (Synapse
+and its variants only).
+
 The load generator is one uvloop process with aiohttp (keep-alive); on a 2-core machine
 it competes with the servers for CPU, so absolute numbers understate a real deployment;
 the ratios are what to compare. Run: ``python -m bench.gateway [--seconds 8]``.
