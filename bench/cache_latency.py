@@ -25,7 +25,11 @@ tuned embedder is shipped yet) and the control plane's verifier the one fitted f
 (``--verifier``, ``--embedder-id`` for a tuning of your own); ``--pair-scorer shipped``
 gives the agent the shipped pair scorer and the cache the shipped verifier's stack on it
 (``cache.pair_scorer``), so a lookup with a candidate at or above the stack's floor also
-waits for one ``Node.ScorePairs`` call (run it beside a run without, back to back). Run: ``python -m
+waits for a ``Node.ScorePairs`` call on its best candidate, and for one more on the others
+when that one is refused (run it beside a run without, back to back). The agent's
+embedder and pair scorer run on onnxruntime when it is installed (``embedder.runtime``
+``auto``); the scorer runs a pair's two orders side by side (two single-threaded lanes,
+``agent.embedding.pair_scorer_onnx``), the embedder on one thread. Run: ``python -m
 bench.cache_latency [--entries 10000] [--queries 300]``. Last line: ``{"bench": "cache_latency",
 "exact_hit_p50_ms": …, "exact_hit_p99_ms": …, "semantic_hit_p50_ms": …,
 "semantic_hit_p99_ms": …, "miss_added_p50_ms": …, "miss_added_p99_ms": …, …}``.
