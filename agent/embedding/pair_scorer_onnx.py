@@ -5,8 +5,8 @@
 to an ONNX file cached on disk, opens it in onnxruntime, and checks its logits against the
 torch network's; any failure raises :class:`onnx_path.OnnxUnavailable` with the reason and
 the caller keeps torch (see :mod:`agent.embedding.pair_scorer`), as the embedder does
-(:mod:`agent.embedding.onnx_path`, whose session options and exporter settings are
-reused).
+(:mod:`agent.embedding.onnx_path`, whose session options, one thread per session and no
+busy-waiting, and exporter settings are reused).
 
 * The whole network is exported, transformer, masked mean pooling and head (``input_ids``,
   ``attention_mask``, ``token_type_ids`` → ``logits``, dynamic batch and sequence axes),
@@ -29,6 +29,7 @@ reused).
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import itertools
 import logging
 import os
@@ -143,11 +144,11 @@ class OnnxNetwork:
 def load(net: Any, tokenizer: Any, scorer_id: str, max_len: int, cache_dir: str,
          lanes: int = 1) -> OnnxNetwork:
     """Export (once per cache file), open and check the ONNX network (blocking)."""
-    try:
-        import onnx  # noqa: F401  (the exporter needs it)
-        import onnxruntime  # noqa: F401
-    except ImportError as exc:
-        raise onnx_path.NotInstalled(f"onnxruntime and onnx are needed ({exc})") from None
+    missing = [name for name in ("onnx", "onnxruntime")    # the exporter needs onnx
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        raise onnx_path.NotInstalled(f"onnxruntime and onnx are needed (no "
+                                     f"{' or '.join(missing)})")
     try:
         runner = _open(net, tokenizer, cache_file(cache_dir, scorer_id), lanes)
     except Exception as exc:
@@ -159,7 +160,7 @@ def load(net: Any, tokenizer: Any, scorer_id: str, max_len: int, cache_dir: str,
 def _open(net: Any, tokenizer: Any, path: pathlib.Path, lanes: int) -> OnnxNetwork:
     if path.exists():
         try:
-            runner = OnnxNetwork(_session(str(path)), lanes)
+            runner = OnnxNetwork(onnx_path._session(str(path), 1), lanes)
             log.info("pair scorer: reusing %s", path)
             return runner
         except Exception as exc:  # damaged: export it again
@@ -174,20 +175,9 @@ def _open(net: Any, tokenizer: Any, path: pathlib.Path, lanes: int) -> OnnxNetwo
         with tempfile.TemporaryDirectory() as tmp:
             scratch = pathlib.Path(tmp) / path.name
             export(net, tokenizer, scratch)
-            return OnnxNetwork(_session(str(scratch)), lanes)
+            return OnnxNetwork(onnx_path._session(str(scratch), 1), lanes)
     log.info("pair scorer: exported the network to %s", path)
-    return OnnxNetwork(_session(str(path)), lanes)
-
-
-def _session(path: str) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1     # parallel across rows instead: see OnnxNetwork
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return OnnxNetwork(onnx_path._session(str(path), 1), lanes)
 
 
 def max_difference(runner: OnnxNetwork, net: Any, tokenizer: Any, max_len: int,

@@ -75,12 +75,12 @@ def test_rows_split_across_lanes_give_the_batchs_logits(small_path, cache_dir, l
     loaded = pair_scorer.load(small_path, "onnx", cache_dir)
     assert loaded.onnx is not None
     path = pair_scorer_onnx.cache_file(cache_dir, loaded.scorer_id)
-    split = pair_scorer_onnx.OnnxNetwork(pair_scorer_onnx._session(str(path)), lanes)
+    split = pair_scorer_onnx.OnnxNetwork(onnx_path._session(str(path), 1), lanes)
     try:
         for candidates in (CANDIDATES, CANDIDATES[:1], CANDIDATES[:2]):   # 14, 2, 4 rows
             got = pair_scorer.score_blocking(dataclasses.replace(loaded, onnx=split), QUERY,
                                              candidates)
-            one = pair_scorer_onnx.OnnxNetwork(pair_scorer_onnx._session(str(path)), 1)
+            one = pair_scorer_onnx.OnnxNetwork(onnx_path._session(str(path), 1), 1)
             want = pair_scorer.score_blocking(dataclasses.replace(loaded, onnx=one), QUERY,
                                               candidates)
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
