@@ -20,8 +20,8 @@ but it needs torch, which the control plane does not have; every agent running
 * **Runtime**: ``embedder.runtime`` (the embedder's setting, and its
   ``embedder.onnx_cache_dir``): ``auto`` runs the network in onnxruntime when it is
   installed and its logits match torch's at start (:mod:`agent.embedding.pair_scorer_onnx`:
-  about a third faster per pair on one core, and a pair's two orders run side by side on
-  two), else torch with one log line; ``torch`` forces torch; ``onnx`` requires it (else
+  faster per pair, and a pair's two orders run side by side when two cores are free),
+  else torch with one log line; ``torch`` forces torch; ``onnx`` requires it (else
   the scorer is unavailable with the reason). Float32 either way, never quantised.
 * **Off the event loop, one batch at a time**: the model runs in ``asyncio.to_thread``
   behind a lock, so concurrent calls queue instead of splitting the cores between two

@@ -21,9 +21,13 @@ busy-waiting, and exporter settings are reused).
   directory is not writable the export goes to a temporary directory for this run only.
 * The start-up check scores :data:`CHECK_PAIRS` one at a time and as one padded batch; every
   logit must equal torch's to :data:`TOLERANCE`. A score moves the stacked logit by
-  ``w_pair`` times its change (under 0.5 for the shipped stack), so at this tolerance a
-  decision could only flip for a pair within 5e-5 of the operating point in stacked
-  logit.
+  ``w_pair`` times its change, so a decision can only differ for a pair whose stacked
+  logit lies within ``w_pair * TOLERANCE`` of the operating point
+  (``bench.pair_scorer_runtimes`` counts such changes on the held-out pairs).
+* **Lanes** (:func:`lanes`): rows run side by side in single-threaded sessions rather
+  than one session with intra-op threads, which wake their workers at every operator
+  (no busy-waiting is allowed: the event loop and gRPC share the cores); one split per
+  call is one wake-up.
 """
 
 from __future__ import annotations
