@@ -18,17 +18,22 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-from agent.embedding import pair_scorer
-from bench import semantic_cache
-from controlplane import calibrate
-from controlplane.core import verifier
-from synapse_common import pair_scorer as scorer_file
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
+    sys.path.insert(0, str(REPO))
+
+from agent.embedding import pair_scorer  # noqa: E402
+from bench import semantic_cache  # noqa: E402
+from controlplane import calibrate  # noqa: E402
+from controlplane.core import verifier  # noqa: E402
+from synapse_common import pair_scorer as scorer_file  # noqa: E402
 
 
 def at_point(accepted: np.ndarray, labels: np.ndarray, positives: int) -> dict[str, float]:
