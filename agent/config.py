@@ -177,27 +177,29 @@ class EmbedderSettings(Section):
                                  "(a call into an empty queue is always taken)")
     request_timeout_s: float = Field(30.0, gt=0, description="TEI HTTP call timeout")
     runtime: Literal["auto", "torch", "onnx"] = Field(
-        "auto", description="kind minilm: auto runs the transformer in onnxruntime when it is "
-        "installed and its vectors match torch's to 1e-5 at start (else torch, with one log "
-        "line); torch forces torch; onnx requires onnxruntime (else the embedder is "
-        "unavailable, with the reason)")
+        "auto", description="kind minilm: auto runs the transformer (and the pair scorer's "
+        "network) in onnxruntime when it is installed and its vectors (logits) match torch's "
+        "at start (else torch, with one log line); torch forces torch; onnx requires "
+        "onnxruntime (else the embedder or scorer is unavailable, with the reason)")
     tuning: str = Field("none", min_length=1, description="kind minilm: the fine-tuning "
                         "applied (agent.embedding.tuned): a file written by synapsectl cache "
                         "tune-embedder (make embedder writes build/embedder/embedder_tuned.npz),"
                         " shipped (synapse_common/embedder_tuned.npz, in a release that ships "
                         "one: none does yet), or none (plain all-MiniLM-L6-v2); it changes the "
                         "embedder id")
-    pair_scorer: str = Field("none", min_length=1, description="kind minilm: the "
+    pair_scorer: str = Field("shipped", min_length=1, description="kind minilm: the "
                              "cross-encoder behind Node.ScorePairs (agent.embedding."
                              "pair_scorer), all-MiniLM-L6-v2 with a head that scores whether "
                              "two texts mean the same, for control planes with "
-                             "cache.pair_scorer on: shipped (synapse_common/pair_scorer.npz), "
-                             "a file synapsectl cache tune-pair-scorer wrote, or none (the "
-                             "default: a second model in memory only where it is used). "
-                             "Without a scorer ScorePairs answers FAILED_PRECONDITION")
+                             "cache.pair_scorer on (their default): shipped (the default, "
+                             "synapse_common/pair_scorer.npz), a file synapsectl cache "
+                             "tune-pair-scorer wrote, or none (no second model in memory, "
+                             "for agents whose control planes do not use it). Without a "
+                             "scorer ScorePairs answers FAILED_PRECONDITION")
     onnx_cache_dir: str = Field("~/.cache/synapse/onnx", description="kind minilm: where the "
-                                "transformer's ONNX export is kept (one file per weights and "
-                                "torch version; unwritable: exported per start)")
+                                "ONNX exports of the transformer and the pair scorer are kept "
+                                "(one file per weights and torch version; unwritable: "
+                                "exported per start)")
 
 
 class AgentSettings(Section):

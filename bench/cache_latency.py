@@ -24,9 +24,11 @@ Texts come from ``--pairs`` (the QQP dev pairs). The agent's embedder is
 tuned embedder is shipped yet) and the control plane's verifier the one fitted for it
 (``--verifier``, ``--embedder-id`` for a tuning of your own); ``--pair-scorer shipped``
 gives the agent the shipped pair scorer and the cache the shipped verifier's stack on it
-(``cache.pair_scorer``), so a lookup with a candidate at or above the stack's floor also
-waits for a ``Node.ScorePairs`` call on its best candidate, and for one more on the others
-when that one is refused (run it beside a run without, back to back). The agent's
+(``cache.pair_scorer``), as production does by default, so a lookup with a candidate at
+or above the stack's floor also waits for a ``Node.ScorePairs`` call on its best
+candidate, and for one more on the others when that one is refused; the same run is then
+repeated with ``--baseline-pair-scorer`` (default ``none``: the verifier alone) and both
+are printed, the baseline's result under ``"baseline"`` in the JSON line. The agent's
 embedder and pair scorer run on onnxruntime when it is installed (``embedder.runtime``
 ``auto``); the scorer runs a pair's two orders side by side (two single-threaded lanes,
 ``agent.embedding.pair_scorer_onnx``), the embedder on one thread. Run: ``python -m
@@ -51,6 +53,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import aiohttp
 import grpc
@@ -298,44 +301,67 @@ def main(argv: list[str] | None = None) -> int:
                         help="cache.verifier_path (default: shipped; must fit --tuning)")
     parser.add_argument("--embedder-id", default=None,
                         help="cache.embedder_id (default: the untuned MiniLM's)")
-    parser.add_argument("--pair-scorer", default="none",
-                        help="the agent's embedder.pair_scorer (shipped, or a tune-pair-scorer "
-                        "file); not none also turns cache.pair_scorer on (the shipped "
-                        "verifier's stack) unless --verifier names a file of its own")
+    parser.add_argument("--pair-scorer", default="shipped",
+                        help="the agent's embedder.pair_scorer (shipped, the default as in "
+                        "production, a tune-pair-scorer file, or none); not none also turns "
+                        "cache.pair_scorer on (the shipped verifier's stack) unless "
+                        "--verifier names a file of its own")
+    parser.add_argument("--baseline-pair-scorer", default="none",
+                        help="the same run again with this embedder.pair_scorer, printed "
+                        "beside it (default none: the verifier alone); '' skips it")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the process tree is always stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     stored, paraphrases, fresh = texts_from(args.pairs, args.entries, args.queries)
+    result = run(args, args.pair_scorer, stored, paraphrases, fresh)
+    if args.baseline_pair_scorer and args.baseline_pair_scorer != args.pair_scorer:
+        result["baseline"] = run(args, args.baseline_pair_scorer, stored, paraphrases, fresh)
+        print("\nsemantic hit / added miss p50 (ms), hits: "
+              f"pair scorer {args.pair_scorer}: {result['semantic_hit_p50_ms']} / "
+              f"{result['miss_added_p50_ms']}, {result['semantic_hits']}; "
+              f"{args.baseline_pair_scorer}: {result['baseline']['semantic_hit_p50_ms']} / "
+              f"{result['baseline']['miss_added_p50_ms']}, "
+              f"{result['baseline']['semantic_hits']}")
+    print(json.dumps(result))
+    return 0
+
+
+def run(args: argparse.Namespace, pair_scorer: str, stored: list[str],
+        paraphrases: list[str], fresh: list[str]) -> dict[str, Any]:
+    """One measurement with the agent's ``embedder.pair_scorer`` = ``pair_scorer``: its
+    table printed, its result returned."""
     with tempfile.TemporaryDirectory() as tmp, fleet(
             pathlib.Path(tmp), args.entries, args.tuning, args.verifier,
-            args.embedder_id, args.pair_scorer) as urls:
+            args.embedder_id, pair_scorer) as urls:
         out = asyncio.run(measure(urls, stored, paraphrases, fresh, args.queries))
         parts = breakdown(urls["cache"])
         scorer_calls = {o: metric(urls["cache"], "synapse_cache_pair_scorer_total",
                                   f'{{outcome="{o}"}}')
                         for o in ("scored", "skipped", "timeout", "error", "unavailable",
                                   "mismatch")}
-    print(f"cache latency through the HTTP API, {len(stored)} entries in scope (ms)")
+    print(f"cache latency through the HTTP API, {len(stored)} entries in scope (ms), "
+          f"pair scorer: {pair_scorer}")
     print(f"{'scenario':<16}{'n':>6}{'cache p50':>11}{'cache p99':>11}{'off p50':>10}"
           f"{'off p99':>10}")
     for name, m in out.items():
         print(f"{name:<16}{len(m['cache']):>6}{pct(m['cache'], 50):>11}{pct(m['cache'], 99):>11}"
               f"{pct(m['nocache'], 50):>10}{pct(m['nocache'], 99):>10}")
     miss, off = out["miss"]["cache"], out["miss"]["nocache"]
-    result = {"bench": "cache_latency", "entries": len(stored), "tuning": args.tuning,
-              "pair_scorer": args.pair_scorer,
-              "exact_hit_p50_ms": pct(out["exact"]["cache"], 50),
-              "exact_hit_p99_ms": pct(out["exact"]["cache"], 99),
-              "semantic_hit_p50_ms": pct(out["semantic"]["cache"], 50),
-              "semantic_hit_p99_ms": pct(out["semantic"]["cache"], 99),
-              "miss_added_p50_ms": round(pct(miss, 50) - pct(off, 50), 2),
-              "miss_added_p99_ms": round(pct(miss, 99) - pct(off, 99), 2),
-              "cache_off_p50_ms": pct(off, 50), "cache_off_p99_ms": pct(off, 99),
-              "miss_new_scope_added_p50_ms": round(
-                  pct(out["miss_new_scope"]["cache"], 50)
-                  - pct(out["miss_new_scope"]["nocache"], 50), 2),
-              "semantic_hits": len(out["semantic"]["cache"]),
-              "semantic_queries": len(paraphrases)}
+    result: dict[str, Any] = {
+        "bench": "cache_latency", "entries": len(stored), "tuning": args.tuning,
+        "pair_scorer": pair_scorer,
+        "exact_hit_p50_ms": pct(out["exact"]["cache"], 50),
+        "exact_hit_p99_ms": pct(out["exact"]["cache"], 99),
+        "semantic_hit_p50_ms": pct(out["semantic"]["cache"], 50),
+        "semantic_hit_p99_ms": pct(out["semantic"]["cache"], 99),
+        "miss_added_p50_ms": round(pct(miss, 50) - pct(off, 50), 2),
+        "miss_added_p99_ms": round(pct(miss, 99) - pct(off, 99), 2),
+        "cache_off_p50_ms": pct(off, 50), "cache_off_p99_ms": pct(off, 99),
+        "miss_new_scope_added_p50_ms": round(
+            pct(out["miss_new_scope"]["cache"], 50)
+            - pct(out["miss_new_scope"]["nocache"], 50), 2),
+        "semantic_hits": len(out["semantic"]["cache"]),
+        "semantic_queries": len(paraphrases)}
     print(f"added by the cache to a miss: p50 {result['miss_added_p50_ms']} ms, "
           f"p99 {result['miss_added_p99_ms']} ms")
     print("inside the control plane (means over the run, ms): " +
@@ -343,12 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError):
         print(f"load average during the run: {open('/proc/loadavg').read().split()[:3]}")
     result["breakdown_mean_ms"] = parts
-    if args.pair_scorer != "none":
+    if pair_scorer != "none":
         print("pair scorer calls by outcome: " + ", ".join(f"{k} {v:.0f}"
                                                            for k, v in scorer_calls.items()))
         result["pair_scorer_calls"] = scorer_calls
-    print(json.dumps(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

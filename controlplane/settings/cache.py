@@ -45,12 +45,13 @@ class CacheSettings(Section):
                              description="model asked of Node.Embed")
     verifier_path: str | None = Field(None, description="verifier JSON; none = the shipped one")
     pair_scorer: bool = Field(
-        False, description="judge semantic candidates with the shipped verifier stacked on "
-        "the agents' pair scorer (controlplane/core/verifier_default_stack.json; agents need "
-        "embedder.pair_scorer: shipped): more paraphrases served at the same precision, one "
-        "cross-encoder pass per lookup with a candidate worth scoring; without a scorer "
-        "answering, the verifier decides alone. With verifier_path the file decides (a "
-        "file with a stack uses it)")
+        True, description="judge semantic candidates with the shipped verifier stacked on "
+        "the agents' pair scorer (controlplane/core/verifier_default_stack.json; agents "
+        "serve it with embedder.pair_scorer: shipped, their default): more paraphrases "
+        "served at the same precision, one cross-encoder pass per lookup with a candidate "
+        "worth scoring (two when the best is refused); without a scorer answering, the "
+        "verifier decides alone. With verifier_path the file decides (a file with a stack "
+        "uses it). false: the verifier alone, no ScorePairs calls")
     embedder_id: str | None = Field(
         None, description="the embedder id the agents serve (Node.Embed), which the verifier "
         "must have been fitted for; none = the untuned all-MiniLM-L6-v2's (the agents' "

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from protos.synapse.v1 import common_pb2, controlplane_pb2
+from synapse_common import pair_scorer as pair_scorer_file
 from tests import harness, node_auth
 from tests.agent.conftest import agent_config
 
@@ -246,10 +247,10 @@ def test_agent_serves_node_embed_from_its_cache_and_reports_fake_gpus(
         stub = node_pb2_grpc.NodeStub(channel)
         first = stub.Embed(node_pb2.EmbedRequest(texts=["hello world"]), timeout=30)
         again = stub.Embed(node_pb2.EmbedRequest(texts=["hello world"]), timeout=30)
-        with pytest.raises(grpc.RpcError) as no_scorer:     # embedder.pair_scorer: none
-            stub.ScorePairs(node_pb2.ScorePairsRequest(query="a", candidates=["b"]),
-                            timeout=30)
-    assert no_scorer.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        scored = _scored_once_loaded(stub, agent.proc)     # the shipped pair scorer
+    same, unrelated = scored.scores     # logits: a paraphrase, another question
+    assert same > 0 > unrelated
+    assert scored.scorer_id == pair_scorer_file.peek_id(pair_scorer_file.SHIPPED)
     assert list(first.cached) == [False] and list(again.cached) == [True]
     assert first.vectors == again.vectors and first.dim == 384
     assert np.linalg.norm(np.frombuffer(first.vectors, "<f4")) == pytest.approx(1, abs=1e-4)
@@ -260,7 +261,7 @@ def test_agent_serves_node_embed_from_its_cache_and_reports_fake_gpus(
     assert _metric(text, 'synapse_agent_embedding_cache_hits_total{node="test-node"}') == 1.0
     assert _metric(text, 'synapse_agent_embed_requests_total{code="OK",node="test-node"}') == 2.0
     assert _metric(text, 'synapse_agent_score_pairs_requests_total'
-                         '{code="FAILED_PRECONDITION",node="test-node"}') == 1.0
+                         '{code="OK",node="test-node"}') == 1.0
     assert _metric(text, 'synapse_agent_embedding_cache_entries{node="test-node"}') == 1.0
     assert _metric(text, 'synapse_agent_telemetry_ok{node="test-node",source="fake"}') == 1.0
     assert _metric(text, 'synapse_agent_gpu_memory_total_bytes{gpu="0"') == 24 * 2**30
@@ -324,3 +325,27 @@ def _wait_node_serving(channel, within: float, what: str, proc) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     harness.wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(
         service="synapse.v1.Node"), timeout=5).status == serving, within, what, proc=proc)
+
+
+def _scored_once_loaded(stub, proc):
+    """ScorePairs of a question, a paraphrase and another question once the scorer has
+    loaded in the background (FAILED_PRECONDITION "loading" until then; a first start
+    exports it to ONNX)."""
+    from protos.synapse.v1 import node_pb2
+
+    request = node_pb2.ScorePairsRequest(
+        query="How do I reset my password?",
+        candidates=["How can I reset my password?", "What is the capital of France?"])
+    answers = []
+
+    def answered() -> bool:
+        try:
+            answers.append(stub.ScorePairs(request, timeout=30))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or "loading" not in (
+                    exc.details() or ""):
+                raise
+        return bool(answers)
+
+    harness.wait_until(answered, 120, "the pair scorer to load", proc=proc)
+    return answers[0]

@@ -158,7 +158,7 @@ def test_build_says_why_there_is_no_scorer(tmp_path):
     assert "embedder.pair_scorer: none" in str(none.unavailable())
     assert "embedder.kind: minilm" in str(tei.unavailable())
     assert not given.ready and "loading" in str(given.unavailable())
-    assert EmbedderSettings().pair_scorer == "none"     # a second model only where used
+    assert EmbedderSettings().pair_scorer == "shipped"  # control planes stack it by default
 
 
 # -- Node.ScorePairs -------------------------------------------------------------------

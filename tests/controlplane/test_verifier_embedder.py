@@ -55,14 +55,16 @@ def test_by_default_each_embedder_is_judged_by_the_verifier_shipped_for_it():
     judges, pinned = feedback_wiring.load_judges(cache())
     shipped, older = verifier.load(), verifier.load(verifier.ANY_EMBEDDER_PATH)
     assert pinned == "" and shipped.embedder_id == PLAIN_ID and older.embedder_id == ""
-    assert judges.for_embedder(PLAIN_ID).digest == shipped.digest
+    plain = judges.for_embedder(PLAIN_ID)       # stacked on the pair scorer by default
+    assert plain.base_digest == shipped.digest and plain.stack is not None
     for other in (TUNED_ID, "BAAI/bge-small-en-v1.5@tei-1.8.0", ""):
         assert judges.for_embedder(other).digest == older.digest != shipped.digest
     assert shipped.feature_version == 2 and older.feature_version == 1
 
 
 def test_naming_the_embedder_pins_the_cache_to_the_shipped_verifier():
-    assert load(cache(embedder_id=PLAIN_ID)).digest == verifier.load().digest
+    assert load(cache(embedder_id=PLAIN_ID)).base_digest == verifier.load().digest
+    assert load(cache(embedder_id=PLAIN_ID, pair_scorer=False)).digest == verifier.load().digest
     with pytest.raises(feedback_wiring.VerifierConfigError, match=re.escape(TUNED_ID)):
         feedback_wiring.load_judges(cache(embedder_id=TUNED_ID))
 
@@ -141,6 +143,9 @@ def test_cache_pair_scorer_stacks_the_shipped_verifier_for_minilm_only():
     assert pinned == "" and plain.stack is not None
     assert plain.base_digest == shipped.digest and plain.digest != shipped.digest
     assert judges.for_embedder(TUNED_ID).stack is None    # other embedders: as before
+    alone, _ = feedback_wiring.load_judges(cache(pair_scorer=False))
+    assert alone.for_embedder(PLAIN_ID).stack is None
+    assert alone.for_embedder(PLAIN_ID).digest == shipped.digest
 
 
 def test_a_stack_for_another_verifier_stops_the_control_plane(tmp_path):
