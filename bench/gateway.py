@@ -544,12 +544,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             n = max(100, min(args.cpu_requests, int(row["rps"] * 2)))
             cpu_targets.append((name, url, headers, peer_procs[name].pid, n))
         # Every gateway's CPU per request, interleaved in the same rounds.
-        cpu = await cpu_per_request(cpu_targets, args.rounds)
-        print("CPU µs per request (process tree, user + system): "
-              + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()), flush=True)
-        scpu = await cpu_per_request(cpu_targets, args.rounds, stream=True)
-        print("CPU µs per streamed request: "
-              + ", ".join(f"{k} {v:.0f}" for k, v in scpu.items()), flush=True)
+        cpu, scpu = await cpu_whole_and_streamed(cpu_targets, args.rounds)
         for name, row in variant_rows.items():
             row["cpu_us_per_request"] = cpu[name]
             row["added_cpu_us_per_request"] = round(cpu[name] - cpu["synapse"], 1)
@@ -574,6 +569,18 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "peers": peer_rows}
 
 
+async def cpu_whole_and_streamed(targets: list[tuple[str, str, dict[str, str], int, int]],
+                                 rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Every target's CPU µs per whole and per streamed request, each printed."""
+    cpu = await cpu_per_request(targets, rounds)
+    print("CPU µs per request (process tree, user + system): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()), flush=True)
+    scpu = await cpu_per_request(targets, rounds, stream=True)
+    print("CPU µs per streamed request: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in scpu.items()), flush=True)
+    return cpu, scpu
+
+
 async def cpu_only(targets: list[tuple[str, str, dict[str, str]]], args: argparse.Namespace,
                    pids: dict[str, int], peer_names: frozenset[str]) -> dict[str, object]:
     """``--cpu-only``: every gateway's CPU per request (whole and streamed answers), no
@@ -583,12 +590,7 @@ async def cpu_only(targets: list[tuple[str, str, dict[str, str]]], args: argpars
     cpu_targets = [(n, u, h, pids[n], min(args.cpu_requests, PEER_CPU_REQUESTS)
                     if n in peer_names else args.cpu_requests)
                    for n, u, h in targets if n in pids]
-    cpu = await cpu_per_request(cpu_targets, args.rounds)
-    print("CPU µs per request (process tree, user + system): "
-          + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()), flush=True)
-    scpu = await cpu_per_request(cpu_targets, args.rounds, stream=True)
-    print("CPU µs per streamed request: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in scpu.items()), flush=True)
+    cpu, scpu = await cpu_whole_and_streamed(cpu_targets, args.rounds)
     return {"bench": "gateway", "cpu_only": True, "limits": args.limits,
             "cpu_us_per_request": cpu, "cpu_us_per_stream_request": scpu}
 
