@@ -48,6 +48,9 @@ FORMAT = "synapse-pair-scorer/1"
 SHIPPED = pathlib.Path(__file__).with_name("pair_scorer.npz")
 LAYER_PREFIX = "layer:"
 POOLING = "mean"
+# Candidates per Node.ScorePairs call: the agents refuse more, the control plane never
+# sends more (one home for both sides of the wire).
+MAX_PAIRS = 16
 F32 = npt.NDArray[np.float32]
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can carry
 _T = TypeVar("_T")

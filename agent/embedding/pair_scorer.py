@@ -50,7 +50,7 @@ from synapse_common import embedder_tuning, pair_scorer_model
 from synapse_common import pair_scorer as scorer_file
 
 log = logging.getLogger(__name__)
-MAX_CANDIDATES = 16
+MAX_CANDIDATES = scorer_file.MAX_PAIRS
 
 
 class ScorerUnavailable(errors.EmbedderUnavailable):

@@ -38,8 +38,9 @@ import numpy as np
 from controlplane import errors
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
 from synapse_common import call_metadata, tracing
+from synapse_common import pair_scorer as pair_scorer_file
 
-MAX_PAIRS = 16      # candidates per Node.ScorePairs call (the agents' limit)
+MAX_PAIRS = pair_scorer_file.MAX_PAIRS     # candidates per Node.ScorePairs call
 
 
 class EmbedError(Exception):

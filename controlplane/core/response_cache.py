@@ -77,6 +77,7 @@ from controlplane.core import (
     verifier,
 )
 from synapse_common import clock as clocks
+from synapse_common import pair_scorer as pair_scorer_file
 from synapse_common import tracing
 
 INVALIDATE_TIMEOUT_S = 30.0
@@ -115,7 +116,7 @@ class PairScorer(Protocol):
                           ) -> tuple[Sequence[float], str]: ...
 
 
-MAX_PAIRS = 16      # candidates per pair-scorer call (the agents' limit)
+MAX_PAIRS = pair_scorer_file.MAX_PAIRS     # candidates per pair-scorer call
 
 
 class TieredCache:
