@@ -29,7 +29,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -37,6 +37,7 @@ from agent.embedding import model as model_mod
 from synapse_common import minilm
 
 log = logging.getLogger(__name__)
+_R = TypeVar("_R")
 
 OPSET = 17
 TOLERANCE = 1e-5  # max abs difference from the torch path, per vector component
@@ -196,25 +197,37 @@ def load(model: Any, cache_dir: str,
 
 
 def _open(model: Any, path: pathlib.Path, threads: int) -> OnnxMiniLm:
+    return open_cached(path, lambda to: export(model, to),
+                       lambda file: OnnxMiniLm(model, _session(file, threads)),
+                       log, "embedder", "the transformer")
+
+
+def open_cached(path: pathlib.Path, write: Callable[[pathlib.Path], None],
+                open_file: Callable[[str], _R], logger: logging.Logger, who: str,
+                what: str) -> _R:
+    """The runner ``open_file`` makes of the export at ``path``: reused when it opens,
+    exported again (``write``) when it is missing or damaged, exported for this run only
+    (a temporary directory) when ``path`` cannot be written. Logged on ``logger`` (the
+    caller's), ``who`` and ``what`` naming the model."""
     if path.exists():
         try:
-            runner = OnnxMiniLm(model, _session(str(path), threads))
-            log.info("embedder: reusing %s", path)
+            runner = open_file(str(path))
+            logger.info("%s: reusing %s", who, path)
             return runner
         except Exception as exc:  # damaged: export it again
-            log.warning("embedder: cannot load %s (%s); exporting again", path, exc)
+            logger.warning("%s: cannot load %s (%s); exporting again", who, path, exc)
             path.unlink(missing_ok=True)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        export(model, path)
+        write(path)
     except OSError as exc:
-        log.warning("embedder: cannot write %s (%s); exporting for this run only", path, exc)
+        logger.warning("%s: cannot write %s (%s); exporting for this run only", who, path, exc)
         with tempfile.TemporaryDirectory() as tmp:
             scratch = pathlib.Path(tmp) / path.name
-            export(model, scratch)
-            return OnnxMiniLm(model, _session(str(scratch), threads))
-    log.info("embedder: exported the transformer to %s", path)
-    return OnnxMiniLm(model, _session(str(path), threads))
+            write(scratch)
+            return open_file(str(scratch))
+    logger.info("%s: exported %s to %s", who, what, path)
+    return open_file(str(path))
 
 
 def _checked(runner: OnnxMiniLm, reference: Callable[[list[str], int], np.ndarray]

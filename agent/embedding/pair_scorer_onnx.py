@@ -162,26 +162,9 @@ def load(net: Any, tokenizer: Any, scorer_id: str, max_len: int, cache_dir: str,
 
 
 def _open(net: Any, tokenizer: Any, path: pathlib.Path, lanes: int) -> OnnxNetwork:
-    if path.exists():
-        try:
-            runner = OnnxNetwork(onnx_path._session(str(path), 1), lanes)
-            log.info("pair scorer: reusing %s", path)
-            return runner
-        except Exception as exc:  # damaged: export it again
-            log.warning("pair scorer: cannot load %s (%s); exporting again", path, exc)
-            path.unlink(missing_ok=True)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        export(net, tokenizer, path)
-    except OSError as exc:
-        log.warning("pair scorer: cannot write %s (%s); exporting for this run only", path,
-                    exc)
-        with tempfile.TemporaryDirectory() as tmp:
-            scratch = pathlib.Path(tmp) / path.name
-            export(net, tokenizer, scratch)
-            return OnnxNetwork(onnx_path._session(str(scratch), 1), lanes)
-    log.info("pair scorer: exported the network to %s", path)
-    return OnnxNetwork(onnx_path._session(str(path), 1), lanes)
+    return onnx_path.open_cached(path, lambda to: export(net, tokenizer, to),
+                                 lambda file: OnnxNetwork(onnx_path._session(file, 1), lanes),
+                                 log, "pair scorer", "the network")
 
 
 def max_difference(runner: OnnxNetwork, net: Any, tokenizer: Any, max_len: int,
