@@ -2,7 +2,7 @@
 
 One Lua script per check, atomic on the server: a token bucket in a hash (tokens, stamp)
 refilled from Redis's own clock (``TIME``, so replicas with skewed clocks agree) and a
-concurrency set (sorted by lease expiry) of the request ids in flight. A lease expires on
+concurrency set (sorted by lease expiry) of the slots in flight (named by the limiter). A lease expires on
 its own after ``lease_s``, so a replica that dies mid-request cannot leak slots forever.
 Every call has a time budget; a failure raises and the core falls back to local limits.
 """
@@ -61,9 +61,9 @@ class RedisLimitStore:
         return [f"{self._prefix}{tenant}:bucket", f"{self._prefix}{tenant}:active"]
 
     async def acquire(self, tenant: str, rate: float, burst: int, max_concurrent: int,
-                      request_id: str) -> tuple[bool, float, str]:
+                      slot: str) -> tuple[bool, float, str]:
         """(allowed, retry after seconds, which limit refused) for one request."""
-        args = [rate, burst, max_concurrent, request_id, self._lease_s]
+        args = [rate, burst, max_concurrent, slot, self._lease_s]
         async with asyncio.timeout(self._timeout_s):
             allowed, retry_ms, which = await self._script(keys=self._keys(tenant), args=args)
         if int(allowed):
@@ -71,9 +71,9 @@ class RedisLimitStore:
         which = which.decode() if isinstance(which, bytes) else str(which)
         return False, float(retry_ms) / 1000.0, which
 
-    async def release(self, tenant: str, request_id: str) -> None:
+    async def release(self, tenant: str, slot: str) -> None:
         async with asyncio.timeout(self._timeout_s):
-            await self._client.zrem(self._keys(tenant)[1], request_id)
+            await self._client.zrem(self._keys(tenant)[1], slot)
 
 
 MAX_CONNECTIONS = 64

@@ -9,12 +9,20 @@ turn into an outage of the API, and the local bucket still bounds each replica.
 A request takes one token and one concurrency slot; the slot is released when the
 response is finished (or aborted). ``Retry-After`` is when the next token appears, or a
 second for a concurrency refusal (the slot frees when some request ends).
+
+A slot is named by the limiter, never by the client: the request id comes from the
+client's ``x-request-id`` when it sends one, so a tenant sending all its requests with one
+id would otherwise hold a single entry of the shared set of requests in flight however
+many it ran (``max_concurrent`` bypassed), and the end of any of them would free it.
+Each permit's slot is this limiter's random prefix and a counter: unique across replicas.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import uuid
 from collections.abc import Callable
 from typing import Protocol
 
@@ -61,9 +69,9 @@ class LimitStore(Protocol):
     """Shared limit state; ``acquire`` returns (allowed, retry after seconds, limit)."""
 
     async def acquire(self, tenant: str, rate: float, burst: int, max_concurrent: int,
-                      request_id: str) -> tuple[bool, float, str]: ...
+                      slot: str) -> tuple[bool, float, str]: ...
 
-    async def release(self, tenant: str, request_id: str) -> None: ...
+    async def release(self, tenant: str, slot: str) -> None: ...
 
 
 @dataclasses.dataclass(slots=True)
@@ -98,7 +106,7 @@ class LocalStore:
         return Verdict(True)
 
     async def acquire(self, tenant: str, rate: float, burst: int, max_concurrent: int,
-                      request_id: str) -> tuple[bool, float, str]:
+                      slot: str) -> tuple[bool, float, str]:
         v = self.check(tenant, Limits(rate or None, burst, max_concurrent or None))
         return v.allowed, v.retry_after_s, v.limit
 
@@ -107,14 +115,14 @@ class LocalStore:
         if b is not None and b.active > 0:
             b.active -= 1
 
-    async def release(self, tenant: str, request_id: str) -> None:
+    async def release(self, tenant: str, slot: str) -> None:
         self.release_now(tenant)
 
 
 @dataclasses.dataclass(slots=True)
 class Permit:
     tenant: str
-    request_id: str
+    slot: str                       # its id in the store (the limiter's, unique)
     store: LimitStore | None        # None: nothing to release
 
 
@@ -124,19 +132,23 @@ class RateLimiter:
         self._local = local
         self._shared = shared
         self._on_error = on_store_error
+        self._slot_prefix = uuid.uuid4().hex[:16]
+        self._slots = itertools.count(1)
 
     async def acquire(self, tenant: tenants.Tenant, request_id: str) -> Permit:
-        """A permit, or :class:`errors.RateLimited` naming the limit hit."""
+        """A permit, or :class:`errors.RateLimited` naming the limit hit. The permit's
+        slot is named here: ``request_id`` (the client's to choose) is not its name."""
         limits = Limits.of(tenant)
         if limits.unlimited:
-            return Permit(tenant.name, request_id, None)
+            return Permit(tenant.name, "", None)
+        slot = f"{self._slot_prefix}{next(self._slots):x}"
         store: LimitStore = self._local
         verdict: Verdict | None = None
         if self._shared is not None:
             try:
                 allowed, retry, which = await self._shared.acquire(
                     tenant.name, limits.rate or 0.0, limits.burst, limits.max_concurrent or 0,
-                    request_id)
+                    slot)
                 verdict = Verdict(allowed, retry, which)
                 store = self._shared
             except Exception as exc:  # fall back to the local bucket; counted by the caller
@@ -151,7 +163,7 @@ class RateLimiter:
                 f"tenant {tenant.name!r} is over its limit of {what}; retry after "
                 f"{verdict.retry_after_s:.2f}s", retry_after_s=verdict.retry_after_s,
                 limit=verdict.limit)
-        return Permit(tenant.name, request_id, store)
+        return Permit(tenant.name, slot, store)
 
     async def release(self, permit: Permit) -> None:
         if permit.store is None:
@@ -160,7 +172,7 @@ class RateLimiter:
             self._local.release_now(permit.tenant)
             return
         try:
-            await permit.store.release(permit.tenant, permit.request_id)
+            await permit.store.release(permit.tenant, permit.slot)
         except Exception as exc:  # the slot's lease expires in Redis on its own
             if self._on_error:
                 self._on_error(exc)

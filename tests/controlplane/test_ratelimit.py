@@ -60,3 +60,30 @@ async def test_redis_limits_hold_across_replicas_and_fall_back_when_redis_dies(
     assert errors_seen
     for c in clients:
         await c.aclose()
+
+
+async def test_a_reused_request_id_takes_a_concurrency_slot_of_its_own_in_redis(
+        redis_server: harness.RedisServer) -> None:
+    """``x-request-id`` is the client's to choose: a tenant sending every request with the
+    same id must still be held to ``max_concurrent`` (the Redis set of requests in flight
+    once counted them as one), and one of them ending frees one slot, not all."""
+    client = redis_limits.connect(redis_server.url)
+    try:
+        replicas = [ratelimit.RateLimiter(ratelimit.LocalStore(ManualClock()),
+                                          redis_limits.RedisLimitStore(client, 1.0, lease_s=60))
+                    for _ in range(2)]
+        conc = tenants.Tenant("reuser", max_concurrent=2)
+        held = [await replicas[0].acquire(conc, "same"), await replicas[1].acquire(conc, "same")]
+        for replica in replicas:
+            with pytest.raises(errors.RateLimited) as err:
+                await replica.acquire(conc, "same")
+            assert err.value.limit == "concurrency"
+        await replicas[0].release(held[0])
+        again = await replicas[1].acquire(conc, "same")
+        with pytest.raises(errors.RateLimited):
+            await replicas[0].acquire(conc, "same")
+        for permit in (held[1], again):
+            await replicas[0].release(permit)
+        await replicas[0].acquire(conc, "same")
+    finally:
+        await client.aclose()
