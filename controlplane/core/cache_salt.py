@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 
 import orjson
 
@@ -30,6 +31,9 @@ from synapse_common import tokens
 ENGINES = frozenset({"vllm", "simulator"})   # engines whose API takes cache_salt
 FIELD = "cache_salt"
 _FIELD_BYTES = b'"cache_salt"'
+# A \u escape of a printable ASCII character: how a key can spell ``cache_salt`` without
+# its bytes appearing (``"cache\u005fsalt"``). Non-ASCII escapes cannot spell it.
+_ASCII_ESCAPE = re.compile(rb"\\u00[2-7][0-9a-fA-F]")
 SALTS_KEPT = 4096      # (tenant, client salt) pairs whose salt is kept
 
 
@@ -54,8 +58,13 @@ def seed(salt: str) -> int:
 
 def salted(body: bytes, salt: str) -> bytes:
     """``body`` (a JSON object) with ``cache_salt`` set to ``salt``: spliced in front when
-    the body has none (no parsing on the hot path), else the client's value replaced."""
-    if _FIELD_BYTES in body:
+    the body has none (no parsing on the hot path), else the client's value replaced.
+
+    Replaced by parsing whenever the body might spell the key with escapes: spliced in
+    beside a ``"cache\\u005fsalt"``, ours would come first and the engine's parser, which
+    keeps the last of equal keys, would take the client's value (any partition, another
+    tenant's included)."""
+    if _FIELD_BYTES in body or _ASCII_ESCAPE.search(body):
         return orjson.dumps({**orjson.loads(body), FIELD: salt})
     start = body.index(b"{") + 1
     rest = body[start:]

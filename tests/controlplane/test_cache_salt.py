@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
 
@@ -34,6 +36,31 @@ def test_salted_sets_the_salt_and_keeps_everything_else(body):
     assert parsed["cache_salt"] == "s3"
     assert {k: v for k, v in parsed.items() if k != "cache_salt"} == \
         {k: v for k, v in before.items() if k != "cache_salt"}
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model":"m","cache\\u005fsalt":"%s"}',
+    b'{"model":"m","\\u0063ache_salt":"%s","max_tokens":3}',
+    b'{"model":"m","CACHE_SALT":1,"cache\\u005Fsalt" : "%s"}',
+    b'{"model":"m","cache_salt":"x","cache\\u005fsalt":"%s"}',
+])
+def test_an_escaped_cache_salt_key_never_reaches_the_engine(body):
+    """JSON lets a key be spelled with escapes: ``"cache\\u005fsalt"`` is ``cache_salt``
+    to the engine's parser. Left beside the salt Synapse sets, the engine (whose parser
+    keeps the last of two equal keys) took the client's value, so a tenant could pick
+    any partition of the engines' prefix caches, another tenant's included (its salt is
+    a hash of its name). The engine must get exactly one ``cache_salt``: the tenant's."""
+    victim = cache_salt.for_tenant("team")
+    out = cache_salt.salted(body.replace(b"%s", victim.encode()), cache_salt.for_tenant("other"))
+
+    def one_of_each(pairs):
+        keys = [k for k, _ in pairs]
+        assert len(keys) == len(set(keys)), f"duplicate keys reach the engine: {keys}"
+        return dict(pairs)
+
+    parsed = json.loads(out, object_pairs_hook=one_of_each)
+    assert parsed["cache_salt"] == cache_salt.for_tenant("other")
+    assert parsed["model"] == "m"
 
 
 def test_the_router_hashes_of_a_salted_prompt_share_no_block_with_another_salt():
