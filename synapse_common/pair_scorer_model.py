@@ -58,10 +58,10 @@ def build(layers: Mapping[str, npt.NDArray[Any]] | None = None,
     """The network on the installed MiniLM weights, with ``layers`` (transformer
     parameters by their ``state_dict`` name) and the head put in when given; without a
     head, a fresh one from ``seed`` (the start of training)."""
+    minilm.go_offline()     # before transformers (and huggingface_hub) are imported
     import torch
     from transformers import AutoModel
 
-    minilm.go_offline()
     torch.manual_seed(seed)
     bert = AutoModel.from_pretrained(minilm.model_path(), local_files_only=True)
     net = _network_class()(bert)
@@ -87,9 +87,9 @@ def build(layers: Mapping[str, npt.NDArray[Any]] | None = None,
 
 
 def tokenizer() -> Any:
+    minilm.go_offline()
     from transformers import AutoTokenizer
 
-    minilm.go_offline()
     return AutoTokenizer.from_pretrained(minilm.model_path(), local_files_only=True)
 
 
