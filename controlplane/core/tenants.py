@@ -5,7 +5,8 @@ request's Bearer key is hashed once and looked up in a dict, so the lookup costs
 sha256 and does not leak timing about which prefix matched. The admin key is compared
 the same way. Allowed models are stored as canonical names (aliases resolved here once).
 
-The admin key is for admin routes. On ``/v1`` it is refused (403) unless
+The admin key is for admin routes, and they always need it, even with ``enabled`` off
+(which only lets ``/v1`` be used without a key). On ``/v1`` it is refused (403) unless
 ``auth.admin_tenant`` names a tenant it then acts as, with that tenant's allow-list and
 limits: an operator's key is not a tenant with no limits by accident.
 """
@@ -103,8 +104,10 @@ class TenantTable:
         raise errors.Unauthorized("invalid API key")
 
     def authenticate_admin(self, authorization: str | None) -> None:
-        if not self.enabled:
-            return
+        """Nothing, or the error that refuses ``authorization`` on an admin route. The
+        admin key is needed whatever ``enabled`` says: turning tenant keys off (a proxy
+        in front may check them) must not open deploy, drain and every tenant's usage
+        to whoever reaches the port."""
         key = self.bearer(authorization)
         if key is None:
             raise errors.Unauthorized("missing admin key: send it as 'Authorization: Bearer "

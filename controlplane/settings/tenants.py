@@ -38,7 +38,9 @@ class TenantSettings(Section):
 
 
 class AuthSettings(Section):
-    enabled: bool = Field(True, description="require a Bearer key on /v1 and admin routes")
+    enabled: bool = Field(True, description="require a tenant's Bearer key on /v1 "
+                          "(false: /v1 is open, as tenant 'anonymous'); admin routes need "
+                          "admin_key either way")
     admin_key: Secret | None = Field(None, description="key for admin HTTP routes and Admin gRPC")
     tenants: list[TenantSettings] = Field(default_factory=list, description="API tenants")
     key_file: str | None = Field(
