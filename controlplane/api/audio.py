@@ -11,7 +11,10 @@ after it are read.
 
 Sizes (``http.max_audio_bytes``, ``core.upload``): a ``Content-Length`` that cannot fit
 is refused 413 before a byte is read; a chunked upload as soon as its count passes the
-limit, then the connection is closed. Each read from the client must arrive within
+limit, then the connection is closed. The small fields, which are kept in memory, are
+bounded together too (at most ``upload.FIELDS_MAX`` of them, ``upload.FORM_OVERHEAD``
+bytes in all; 400 beyond), not only one by one: otherwise a chunked upload of endless
+fields would be held to its last byte. Each read from the client must arrive within
 ``http.body_timeout_s`` of the previous one (408 otherwise), not the whole upload.
 Retries before the first byte go to another backend only while the body can be produced
 again (nothing of the file sent yet, or spooled).
@@ -59,6 +62,8 @@ class Source:
         self.file: FilePart | None = None
         self.started = False
         self.error: errors.SynapseError | None = None
+        self._field_count = 0
+        self._field_bytes = 0
 
     @property
     def replayable(self) -> bool:
@@ -87,6 +92,10 @@ class Source:
                                         "(http.body_timeout_s)") from None
 
     async def _text(self, part: BodyPartReader) -> str:
+        self._field_count += 1
+        if self._field_count > upload.FIELDS_MAX:
+            raise errors.BadRequest(f"a form may hold at most {upload.FIELDS_MAX} fields "
+                                    "besides the file", code="invalid_upload")
         data = bytearray()
         while chunk := await self._timed(part.read_chunk(upload.CHUNK)):
             data += chunk
@@ -94,6 +103,11 @@ class Source:
                 raise errors.BadRequest(f"{part.name}: a form field may hold at most "
                                         f"{upload.FIELD_MAX} bytes", param=part.name,
                                         code="invalid_upload")
+            self._field_bytes += len(chunk)
+            if self._field_bytes > upload.FORM_OVERHEAD:
+                raise errors.BadRequest(f"the form's fields may hold at most "
+                                        f"{upload.FORM_OVERHEAD} bytes together",
+                                        param=part.name, code="invalid_upload")
         return data.decode("utf-8", "replace")
 
     async def read_head(self) -> None:

@@ -23,6 +23,7 @@ from controlplane import errors
 CHUNK = 64 * 1024
 FIELD_MAX = 64 * 1024
 FORM_OVERHEAD = 64 * 1024      # boundaries, part headers and the small fields
+FIELDS_MAX = 64                # small fields in one form
 _SAFE = str.maketrans({'"': "%22", "\r": "", "\n": ""})
 
 
