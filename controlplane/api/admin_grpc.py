@@ -12,7 +12,6 @@ is :class:`controlplane.core.fleet.FleetService` (``svc.fleet``, started by the 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import re
@@ -20,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
+import orjson
 
 from controlplane import errors
 from controlplane.api import admin_views as views
@@ -257,9 +257,9 @@ def _messages(request: admin_pb2.ExplainRouteRequest) -> list[dict[str, object]]
         raise errors.BadRequest(f"prompt is longer than {MAX_PROMPT_CHARS} characters",
                                 param="prompt")
     if request.messages_json:
-        try:
-            messages = json.loads(request.messages_json)
-        except ValueError as exc:
+        try:    # orjson: nesting past its depth limit is a decode error, not a RecursionError
+            messages = orjson.loads(request.messages_json)
+        except orjson.JSONDecodeError as exc:
             raise errors.BadRequest(f"messages_json is not JSON: {exc}",
                                     param="messages_json") from None
         if not isinstance(messages, list) or not all(

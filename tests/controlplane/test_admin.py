@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from controlplane import config
+from controlplane import config, errors
 from controlplane.api import admin_grpc, fleet_wiring, grpc_server
 from controlplane.api import services as services_mod
 from controlplane.core import cache_salt
@@ -384,3 +384,15 @@ async def test_cordon_is_durable_across_replicas_with_redis(redis_server: harnes
             await agent.close()
         await first.stop()
         await second.stop()
+
+
+@pytest.mark.parametrize("messages_json", ["[" * 100_000, "[" * 2000 + "]" * 2000,
+                                           '[{"role": "user", "content": ' + "[" * 5000])
+def test_explain_messages_nested_past_the_parsers_depth_are_invalid_argument(
+        messages_json: str) -> None:
+    """``messages_json`` nested deeper than the JSON parser recurses raised RecursionError:
+    INTERNAL, logged with a traceback, instead of the bad request it is."""
+    request = admin_pb2.ExplainRouteRequest(model="m", messages_json=messages_json)
+    with pytest.raises(errors.BadRequest) as err:
+        admin_grpc._messages(request)
+    assert err.value.param == "messages_json"
