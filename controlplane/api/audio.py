@@ -18,6 +18,12 @@ fields would be held to its last byte. Each read from the client must arrive wit
 ``http.body_timeout_s`` of the previous one (408 otherwise), not the whole upload.
 Retries before the first byte go to another backend only while the body can be produced
 again (nothing of the file sent yet, or spooled).
+
+The tenant's rate-limit permit is taken before the form is read, unlike the JSON paths
+(:mod:`controlplane.api.calls`), which read their bounded body first: reading a form may
+spool up to ``http.max_audio_bytes`` to disk, and a tenant at its limit must be refused
+(429) before that, not after. The permit is released on every way out, a bad form
+included.
 """
 
 from __future__ import annotations
@@ -219,15 +225,24 @@ async def _open(request: web.Request) -> Source:
 
 async def _upload(request: web.Request, path: str) -> web.StreamResponse:
     tenant = calls.authenticate(request)
-    source = await _open(request)
+    # The permit before a byte of the body: reading the form may spool the file to disk.
+    permit = await calls.acquire(request, tenant)
+    source: Source | None = None
     try:
+        source = await _open(request)
         model = source.field("model")
         if not model:
             raise errors.BadRequest("model: is required (GET /v1/models lists the models)",
                                     param="model", code="missing_field")
-        call = api_calls.Call(tasks.TRANSCRIPTION, model)
-        front = calls.Front(tenant, {}, b"", call, await calls.acquire(request, tenant))
-        return await _send(request, front, source, path)
+        front = calls.Front(tenant, {}, b"", api_calls.Call(tasks.TRANSCRIPTION, model),
+                            permit)
+    except BaseException:
+        serving.release_later(request, permit)
+        if source is not None:
+            source.close()
+        raise
+    try:
+        return await _send(request, front, source, path)    # releases the permit
     finally:
         source.close()
 

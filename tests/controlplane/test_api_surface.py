@@ -10,6 +10,7 @@ server and a speech server — all static upstreams whose tasks the config names
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import pathlib
@@ -33,6 +34,7 @@ OLD = "old-model"           # served by a backend of chat completions only
 RANKER = "ranker"
 WHISPER = "whisper"
 TTS = "tts"
+ONE_AT_A_TIME_KEY = "sk-rel-one-at-a-time-3f5b7d9e1a2c4e68"   # max_concurrent: 1
 TOOLS = [{"name": "get_weather", "description": "The weather in a city.",
           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
                            "required": ["city"]}}]
@@ -95,6 +97,8 @@ def surface(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Surface]:
             http={"max_audio_bytes": 25 * 1000 * 1000, "body_timeout_s": 30.0},
             cache={"semantic_enabled": False})
         cfg["auth"]["tenants"][1]["allowed_models"] = [OLD]
+        cfg["auth"]["tenants"].append({"name": "one-at-a-time", "keys": [ONE_AT_A_TIME_KEY],
+                                       "max_concurrent": 1})
         base = f"http://127.0.0.1:{http}"
         cp = pool.start("cp", ["synapse", "controlplane", "--config",
                                str(fleet.write_yaml(work / "cp.yaml", cfg))],
@@ -287,6 +291,96 @@ async def test_uploads_stream_through_and_30_mb_gets_413_without_being_held(
     assert declared.value.status_code == 413        # Content-Length: refused before reading
     # the control plane's peak memory grew by far less than the 20 MB it passed on
     assert uploads.proc_kib(pid, "VmHWM") - before < 10 * 1024
+
+
+async def _start_upload(base: str, path: str, key: str, parts: list[tuple[str, bytes]],
+                        length: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An upload whose head and first ``parts`` (name, data; ``file`` is the file) are
+    sent, announcing ``length`` bytes of body: the rest is never sent."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = b""
+    for name, data in parts:
+        disposition = f'form-data; name="{name}"' + ('; filename="a.wav"' if name == "file"
+                                                     else "")
+        body += (f"--{uploads.BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n"
+                 .encode() + data + (b"" if name == "file" else b"\r\n"))
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+                 f"Content-Type: multipart/form-data; boundary={uploads.BOUNDARY}\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode() + body)
+    await writer.drain()
+    return reader, writer
+
+
+async def _trickle(writer: asyncio.StreamWriter) -> None:
+    while True:
+        await asyncio.sleep(0.05)
+        writer.write(b"\1" * 4096)
+        await writer.drain()
+
+
+def _held(surface: Surface) -> bool:
+    status, _, _ = harness.http(surface.base + "/tokenize",
+                                json.dumps({"model": RANKER, "prompt": "x"}).encode(),
+                                ONE_AT_A_TIME_KEY)
+    return status == 429
+
+
+async def _post_form(surface: Surface, key: str, *fields: tuple[str, bytes]) -> int:
+    form = aiohttp.FormData()
+    for name, data in fields:
+        if name == "file":
+            form.add_field(name, data, filename="a.wav", content_type="audio/wav")
+        else:
+            form.add_field(name, data.decode())
+    async with aiohttp.ClientSession() as session, session.post(
+            surface.base + "/v1/audio/transcriptions", data=form,
+            headers={"Authorization": f"Bearer {key}"}) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_a_tenant_at_its_limit_is_refused_before_its_upload_is_read(
+        surface: Surface) -> None:
+    path = "/v1/audio/transcriptions"
+    # the tenant's one slot: an upload whose file trickles in and never ends
+    _, holder = await _start_upload(surface.base, path, ONE_AT_A_TIME_KEY,
+                                    [("model", WHISPER.encode()), ("file", b"\1" * 1024)],
+                                    8 * MIB)
+    trickle = asyncio.create_task(_trickle(holder))
+    try:
+        await asyncio.to_thread(harness.wait_until, lambda: _held(surface), 30,
+                                "the upload to hold the tenant's slot", proc=surface.cp)
+        # the file before the model: once it would have been spooled to disk while the
+        # server waited for the rest of it; now the answer comes before the file does
+        reader, writer = await _start_upload(surface.base, path, ONE_AT_A_TIME_KEY,
+                                             [("file", b"\2" * (64 * 1024))], 8 * MIB)
+        try:
+            status_line = await asyncio.wait_for(reader.readline(), 10)
+        except TimeoutError:
+            raise AssertionError("no answer while the file was still arriving: the "
+                                 "control plane was reading (spooling) it") from None
+        finally:
+            writer.close()
+        assert status_line.split()[1] == b"429", status_line
+    finally:
+        trickle.cancel()
+        holder.close()
+    # every way out gives the slot back: the broken-off upload, a form without a model
+    await _accepted_soon(surface)
+    assert await _post_form(surface, ONE_AT_A_TIME_KEY, ("file", b"abc")) == 400
+    await _accepted_soon(surface)
+
+
+async def _accepted_soon(surface: Surface) -> None:
+    """A good upload of the one-at-a-time tenant is answered 200 within a few seconds
+    (a slot is given back just after its answer, so one 429 may come first)."""
+    good = (("file", b"abc"), ("model", WHISPER.encode()))
+    deadline = asyncio.get_running_loop().time() + 30
+    while (status := await _post_form(surface, ONE_AT_A_TIME_KEY, *good)) == 429:
+        assert asyncio.get_running_loop().time() < deadline, "the slot was never given back"
+        await asyncio.sleep(0.1)
+    assert status == 200
 
 
 # -- rerank, score, tokenize -------------------------------------------------------------
