@@ -24,7 +24,9 @@ Design decisions (the measured comparison is ``bench/semantic_cache.py --heldout
   linear warm-up over 6 % of the steps then linear decay, gradient norm clipped at 1,
   binary cross-entropy on the logit, batches of similar lengths. Each epoch shows every
   pair once, in one order: a seeded half are swapped in even epochs and the other half
-  in odd ones, so two epochs show both orders of every pair.
+  in odd ones, so two epochs show both orders of every pair. Three epochs at ``4e-5``
+  (the defaults) beat two at ``3e-5`` on the validation split, in the scorer's AUC and in
+  the stack's recall at its operating point (README, "pair scorer").
 - **Refusals**: the same as ``tune-embedder`` (too few pairs, too one-sided, a split part
   without enough of each label), before any work.
 - Reproducible from ``--seed`` on the same software and thread count: ``torch`` runs with
@@ -69,9 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "write: the shipped form, controlplane/core/verifier_default_stack.json "
                         "over the shipped verifier (cache.pair_scorer)")
     parser.add_argument("--seed", type=int, default=7, help="split, order and initial values")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32, help="pairs per training step")
-    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--lr", type=float, default=4e-5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--max-train-pairs", type=int, default=0,
                         help="train on at most this many train pairs, a seeded sample (0: "
