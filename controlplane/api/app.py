@@ -14,8 +14,9 @@ id, logged at debug level. Errors below the handlers (a request aiohttp cannot p
 are :mod:`controlplane.api.server`'s.
 
 ``/metrics`` is served here unless ``metrics.port`` moves it to an app of its own
-(:func:`create_metrics_app`); either way ``metrics.bearer_token_file`` makes it need that
-token (:mod:`controlplane.api.observability`).
+(:func:`create_metrics_app`); here, with tenant keys, it needs the admin key, and
+``metrics.bearer_token_file`` makes it need that token on either
+(:mod:`controlplane.api.observability` says why).
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ def create_app(settings: config.ControlPlaneSettings, *,
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     if settings.metrics.port is None:
-        observability.install(app)
+        observability.install(app, on_api_port=True)
     app.router.add_get("/api/v1/stats", stats)
     app.router.add_get("/openapi.json", openapi_spec)
     return app
@@ -280,5 +281,5 @@ def create_metrics_app(svc: services_mod.Services) -> web.Application:
     """``/metrics`` alone, for ``metrics.port`` (same middleware, so errors are envelopes)."""
     app = web.Application(middlewares=[middleware])
     app[context.SERVICES] = svc
-    observability.install(app)
+    observability.install(app, on_api_port=False)
     return app

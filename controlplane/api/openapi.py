@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from controlplane import config
-from controlplane.api import openapi_surface
+from controlplane.api import observability, openapi_surface
 from controlplane.core import validation
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -144,6 +144,23 @@ def _get(summary: str, schema: str, codes: dict[str, Any],
     return {"get": op}
 
 
+def _metrics(settings: config.ControlPlaneSettings) -> dict[str, Any]:
+    """``/metrics`` as the API port serves it: absent with ``metrics.port``, else
+    secured unless open (:func:`observability.guard`)."""
+    if settings.metrics.port is not None:
+        return {}
+    op: dict[str, Any] = {"summary": "Prometheus metrics", "responses": {"200": {
+        "description": "text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}}}
+    guard = observability.guard(settings, on_api_port=True)
+    if guard != "open":
+        op["summary"] += " (the metrics token)" if guard == "token" else " (admin key)"
+        op["security"] = [{"bearer": []}]
+        op["responses"].update({"401": _ERRORS["401"]} if guard == "token" else
+                               {"401": _ERRORS["401"], "403": _err("not the admin key")})
+    return {"/metrics": {"get": op}}
+
+
 def _with_examples(settings: config.ControlPlaneSettings) -> dict[str, Any]:
     """The schemas, with this deployment's configured model names as examples."""
     names = [n for m in settings.models for n in (m.name, *m.aliases)]
@@ -178,9 +195,7 @@ def spec(settings: config.ControlPlaneSettings) -> dict[str, Any]:
             "/ready": _get("Readiness: a routable backend exists", "Status",
                            {"503": {"description": "not ready", "content": {_JSON: {
                                "schema": {"$ref": "#/components/schemas/Status"}}}}}),
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
-                "description": "text exposition format",
-                "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            **_metrics(settings),
             "/api/v1/stats": _get("Request and cache statistics (admin key)", "Stats",
                                   admin, secured=True),
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {

@@ -64,7 +64,10 @@ class HttpSettings(Section):
 class MetricsSettings(Section):
     port: int | None = Field(
         None, ge=0, le=65535, description="serve /metrics on this port (same host as "
-        "http.host) instead of the API port; none = on the API port")
+        "http.host) instead of the API port, open to whoever reaches it unless "
+        "bearer_token_file is set (keep it off the API's Service and Ingress); none = on "
+        "the API port, where with auth.enabled it needs the admin key (it lists every "
+        "tenant's traffic)")
     bearer_token_file: str | None = Field(
         None, description="file holding a token /metrics then requires as 'Authorization: "
         "Bearer <token>' (a Prometheus ServiceMonitor's bearerTokenSecret)")

@@ -40,7 +40,7 @@ def steer(case: schemathesis.Case, positive: bool) -> None:
     """A valid key always (auth has its own tests), and in positive mode a model that
     exists, so that generated requests get past the front door to validation and the
     backends instead of stopping at 401/404."""
-    key = fleet.ADMIN_KEY if case.path == "/api/v1/stats" else fleet.TENANT_KEY
+    key = fleet.ADMIN_KEY if case.path in ("/api/v1/stats", "/metrics") else fleet.TENANT_KEY
     case.headers = {**(case.headers or {}), "Authorization": f"Bearer {key}"}
     if positive and isinstance(case.body, dict) and "model" in case.body:
         case.body["model"] = fleet.EMBED if case.path == "/v1/embeddings" else "llama"

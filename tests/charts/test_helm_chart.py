@@ -183,6 +183,8 @@ CHART_CHECKS = [
     (("autoscaling.controlPlane.minReplicas=7",), "minReplicas is above"),
     (("agent.terminationGracePeriodSeconds=100",), "agent.terminationGracePeriodSeconds (100)"),
     (("controlPlane.config.upstreams[0].name=x",), "controlPlane.config.upstreams"),
+    (("controlPlane.ports.metrics=null", "monitoring.serviceMonitor.enabled=true"),
+     "monitoring.serviceMonitor.enabled needs controlPlane.ports.metrics"),
 ]
 
 
@@ -255,6 +257,33 @@ def test_a_packaged_chart_carries_the_linked_files(tmp_path: pathlib.Path) -> No
         list(yaml.safe_load_all(helm.template("production").stdout))
 
 
+def test_metrics_are_kept_from_tenants_by_default(tmp_path: pathlib.Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """/metrics lists every tenant's traffic: by default it has a port of its own, which
+    the ServiceMonitor scrapes and neither the API Service nor the Ingress exposes."""
+    objects = helm.render_chart(None, "monitoring.serviceMonitor.enabled=true",
+                                "ingress.enabled=true", "networkPolicy.enabled=true")
+    cp, _, _ = _settings(objects, "controlplane", tmp_path, monkeypatch)
+    assert cp.metrics.port == 9101 and cp.metrics.port != cp.http.port
+    services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
+    api = services["synapse-controlplane"]
+    assert {p["name"] for p in api["spec"]["ports"]} == {"http", "grpc"}
+    assert "synapse.dev/metrics" not in api["metadata"]["labels"]
+    ingress = render.find(objects, "Ingress")
+    backends = [p["backend"]["service"] for r in ingress["spec"]["rules"]
+                for p in r["http"]["paths"]]
+    assert backends and all(b == {"name": "synapse-controlplane", "port": {"name": "http"}}
+                            for b in backends)
+    monitor = render.find(objects, "ServiceMonitor")
+    scraped = [s for s in services.values() if monitor["spec"]["selector"]["matchLabels"]
+               .items() <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in scraped] == ["synapse-controlplane-metrics"]
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert may_connect(policies, PROMETHEUS, CP, 9101)
+    assert not may_connect(policies, CLIENT, CP, 9101)
+
+
 def test_metrics_on_a_port_of_their_own(tmp_path: pathlib.Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     objects = helm.render_chart("production", "controlPlane.ports.metrics=9090")
@@ -265,10 +294,11 @@ def test_metrics_on_a_port_of_their_own(tmp_path: pathlib.Path,
     assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in c["ports"]
     monitor = render.find(objects, "ServiceMonitor")
     service = next(o for o in objects if o["kind"] == "Service"
-                   and o["metadata"]["name"] == "synapse-controlplane")
+                   and o["metadata"]["name"] == "synapse-controlplane-metrics")
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
-    assert ports["metrics"]["port"] == 9090 and ports["metrics"]["targetPort"] == "metrics"
+    assert ports == {"metrics": {"name": "metrics", "port": 9090, "targetPort": "metrics",
+                                 "protocol": "TCP"}}
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     assert may_connect(policies, PROMETHEUS, CP, 9090)
     assert not may_connect(policies, CLIENT, CP, 9090)

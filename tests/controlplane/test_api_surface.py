@@ -463,7 +463,9 @@ def test_metrics_count_requests_by_route(surface: Surface) -> None:
     with surface.openai() as c:
         c.responses.create(model=CHAT, input="count me", max_output_tokens=4)
     surface.post("/tokenize", {"model": RANKER, "prompt": "count me"})
-    with urllib.request.urlopen(surface.base + "/metrics", timeout=10) as resp:
+    req = urllib.request.Request(surface.base + "/metrics",
+                                 headers={"Authorization": f"Bearer {fleet.ADMIN_KEY}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
         text = resp.read().decode()
     for route in ("/v1/responses", "/tokenize"):
         assert any(line.startswith("synapse_requests_total{") and f'route="{route}"' in line

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
+from controlplane.api import app as app_mod
 from tests.controlplane import cp_testing as t
 
 
@@ -56,7 +59,7 @@ async def test_health_ready_metrics_stats_and_openapi() -> None:
                 await client.chat.completions.create(model="nope",
                                                      messages=[{"role": "user", "content": "x"}])
             await client.close()
-            _, headers, body = await get(f"{cp.url}/metrics")
+            _, headers, body = await get(f"{cp.url}/metrics", t.ADMIN)
             text = body.decode()
             for name in ("synapse_requests_total", "synapse_request_duration_seconds",
                          "synapse_time_to_first_byte_seconds", "synapse_upstream_retries_total",
@@ -71,7 +74,6 @@ async def test_health_ready_metrics_stats_and_openapi() -> None:
             assert (await get(f"{cp.url}/api/v1/stats"))[0] == 401
             assert (await get(f"{cp.url}/api/v1/stats", t.KEY_A))[0] == 403
             status, _, body = await get(f"{cp.url}/api/v1/stats", t.ADMIN)
-            import json
             stats = json.loads(body)
             assert status == 200 and stats["requests_total"] == 2
             assert stats["cache_hit_rate"] == 0.0
@@ -87,6 +89,60 @@ async def test_health_ready_metrics_stats_and_openapi() -> None:
             status, headers, body = await get(f"{cp.url}/v2/nothing")
             assert status == 404 and json.loads(body)["error"]["code"] == "unknown_route"
             assert headers["x-request-id"]
+
+
+async def _chat_as_both_tenants(cp: t.RunningCP) -> None:
+    for _ in range(200):                 # ready once the upstream was probed
+        if (await get(f"{cp.url}/ready"))[0] == 200:
+            break
+        await asyncio.sleep(0.05)
+    for key in (t.KEY_A, t.KEY_B):
+        client = cp.client(key)
+        await client.chat.completions.create(model="llama",
+                                             messages=[{"role": "user", "content": "x"}])
+        await client.close()
+
+
+async def test_a_tenant_key_cannot_read_the_metrics_of_the_api_port() -> None:
+    async with t.backends(("one", "ok")) as (b,), \
+            t.running(t.settings(upstreams=[t.upstream("one", b.url)])) as cp:
+        await _chat_as_both_tenants(cp)
+        for key, status in ((None, 401), ("sk-not-a-key", 401), (t.KEY_A, 403),
+                            (t.KEY_B, 403)):
+            got, _, body = await get(f"{cp.url}/metrics", key)
+            assert got == status, (key, got, body[:200])
+            assert b'tenant="' not in body and b"metrics.port" in body
+            assert json.loads(body)["error"]["type"] in ("authentication_error",
+                                                         "permission_error")
+        status, _, body = await get(f"{cp.url}/metrics", t.ADMIN)
+        assert status == 200 and b'tenant="a"' in body and b'tenant="b"' in body
+        spec = json.loads((await get(f"{cp.url}/openapi.json"))[2])
+        assert spec["paths"]["/metrics"]["get"]["security"] == [{"bearer": []}]
+
+
+async def test_metrics_on_a_port_of_their_own_leave_the_api_port() -> None:
+    async with t.backends(("one", "ok")) as (b,), t.running(t.settings(
+            upstreams=[t.upstream("one", b.url)], metrics={"port": 0})) as cp:
+        await _chat_as_both_tenants(cp)
+        for key in (None, t.KEY_A, t.ADMIN):
+            assert (await get(f"{cp.url}/metrics", key))[0] == 404
+        spec = json.loads((await get(f"{cp.url}/openapi.json"))[2])
+        assert "/metrics" not in spec["paths"]
+        runner = web.AppRunner(app_mod.create_metrics_app(cp.services))
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}/metrics"
+            status, _, body = await get(url)     # the scraper's port: no key needed
+            assert status == 200 and b'tenant="a"' in body and b'tenant="b"' in body
+        finally:
+            await runner.cleanup()
+
+
+async def test_without_tenant_keys_the_metrics_of_the_api_port_are_open() -> None:
+    async with t.running(t.settings(auth={"enabled": False})) as cp:
+        status, _, body = await get(f"{cp.url}/metrics")
+        assert status == 200 and b"synapse_requests_total" in body
 
 
 async def test_wrong_method_is_405_with_allow_and_the_envelope() -> None:

@@ -23,7 +23,8 @@ async def ready(cp: t.RunningCP) -> tuple[int, dict[str, Any]]:
 
 
 async def gauge(cp: t.RunningCP) -> dict[str, float]:
-    async with aiohttp.ClientSession() as s, s.get(f"{cp.url}/metrics") as resp:
+    async with aiohttp.ClientSession() as s, s.get(
+            f"{cp.url}/metrics", headers={"Authorization": f"Bearer {t.ADMIN}"}) as resp:
         text = (await resp.read()).decode()
     return {line.split('"')[1]: float(line.rsplit(" ", 1)[1])
             for line in text.splitlines() if line.startswith("synapse_ready{")}

@@ -42,7 +42,9 @@ class Stack:
                              timeout=30)
 
     def metric(self, name: str, which: str = "main", **labels: str) -> float:
-        with urllib.request.urlopen(f"{self.urls[which]}/metrics", timeout=5) as resp:
+        req = urllib.request.Request(f"{self.urls[which]}/metrics",
+                                     headers={"Authorization": f"Bearer {ADMIN}"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
             text = resp.read().decode()
         want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         pattern = rf"^{re.escape(name)}(?:\{{{re.escape(want)}\}})? ([0-9.e+-]+)$" if want \

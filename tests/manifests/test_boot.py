@@ -31,15 +31,18 @@ def _get(url: str, key: str | None = None) -> tuple[int, bytes]:
 
 def _start_control_plane(overlay: str, tmp_path: pathlib.Path,
                          processes: harness.ProcessPool, request: pytest.FixtureRequest,
-                         monkeypatch: pytest.MonkeyPatch) -> tuple[str, int, Any]:
-    """Run the overlay's control plane; returns its base URL, gRPC port and settings."""
+                         monkeypatch: pytest.MonkeyPatch) -> tuple[str, int, Any, str]:
+    """Run the overlay's control plane; returns its base URL, gRPC port, settings and
+    /metrics URL."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     pod = pods.prepare(overlay, "controlplane", tmp_path)
     cfg, _, _ = pods.load_settings(overlay, "controlplane", tmp_path, monkeypatch)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(pod.data))
-    http, grpc = harness.free_port(), harness.free_port()
+    http, grpc, metrics = harness.free_port(), harness.free_port(), harness.free_port()
+    assert cfg.metrics.port is not None, "/metrics should have a port of its own"
     env = {**pod.environ, "SYNAPSE_CONFIG_PATH": str(config),
+           "SYNAPSE_METRICS__PORT": str(metrics),
            "SYNAPSE_DATA_DIR": str(tmp_path / "data"), "SYNAPSE_UPSTREAMS": "[]",
            "SYNAPSE_HTTP__HOST": "127.0.0.1", "SYNAPSE_HTTP__PORT": str(http),
            "SYNAPSE_GRPC__HOST": "127.0.0.1", "SYNAPSE_GRPC__PORT": str(grpc)}
@@ -59,20 +62,23 @@ def _start_control_plane(overlay: str, tmp_path: pathlib.Path,
     # started later inherit this environment, and must see only their own pod's
     for name in [k for k in os.environ if k.startswith("SYNAPSE_")]:
         monkeypatch.delenv(name)
-    return base, grpc, cfg
+    return base, grpc, cfg, f"http://127.0.0.1:{metrics}/metrics"
 
 
 @pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
 def test_control_plane_starts_with_the_overlay_config(
         overlay: str, tmp_path: pathlib.Path, processes: harness.ProcessPool,
         request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    base, _, cfg = _start_control_plane(overlay, tmp_path, processes, request, monkeypatch)
+    base, _, cfg, metrics = _start_control_plane(overlay, tmp_path, processes, request,
+                                                 monkeypatch)
     # no agent here: /ready says no backend is routable (not ready while the registry
     # syncs, ready after: an outage is no reason to leave the Service)
     status, body = _get(f"{base}/ready")
     assert b"no routable backend" in body, (status, body)
-    status, body = _get(f"{base}/metrics")
+    # /metrics on its own port (the one the ServiceMonitor scrapes), not the API's
+    status, body = _get(metrics)
     assert status == 200 and b"synapse_requests_total" in body
+    assert _get(f"{base}/metrics")[0] == 404
     # the tenant key the pod gets from its Secret opens the API; another key does not
     key = cfg.auth.tenants[0].keys[0].get_secret_value()
     status, body = _get(f"{base}/v1/models", key)
@@ -87,7 +93,7 @@ def test_embedded_dev_pair_serves_a_chat_completion(
         request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """The embedded-dev overlay end to end: its control plane and its agent (fake GPU, the
     engine simulator, the MiniLM embedder), each with its own ConfigMap, on loopback."""
-    base, cp_grpc, cfg = _start_control_plane("embedded-dev", tmp_path / "cp", processes,
+    base, cp_grpc, cfg, _ = _start_control_plane("embedded-dev", tmp_path / "cp", processes,
                                               request, monkeypatch)
     agent_dir = tmp_path / "agent"
     agent_dir.mkdir()

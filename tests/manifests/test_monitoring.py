@@ -1,5 +1,6 @@
 """The monitoring overlay scrapes what the deploy overlays actually run: the
-ServiceMonitor selects the control-plane Service and names its metrics port, the
+ServiceMonitor selects the control plane's metrics Service (which the API Service is not:
+/metrics lists every tenant's traffic) and names its metrics port, the
 PodMonitor selects the agent pods and names theirs, and both processes serve /metrics
 on those ports according to their configs."""
 
@@ -18,8 +19,12 @@ def test_service_monitor_scrapes_every_control_plane_replica(overlay: str) -> No
     services = [s for s in objects if s["kind"] == "Service"
                 and selector.items() <= s["metadata"].get("labels", {}).items()]
     # exactly one: selecting the headless Service too would scrape every replica twice
-    assert [s["metadata"]["name"] for s in services] == ["synapse-controlplane"], overlay
+    assert [s["metadata"]["name"] for s in services] == ["synapse-controlplane-metrics"], \
+        overlay
     ports = {p["name"] for p in services[0]["spec"]["ports"]}
+    api = next(o for o in objects if o["kind"] == "Service"
+               and o["metadata"]["name"] == "synapse-controlplane")
+    assert {p["name"] for p in api["spec"]["ports"]} == {"http", "grpc"}, overlay
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["path"] == "/metrics"
         assert endpoint["port"] in ports

@@ -95,7 +95,7 @@ def policies() -> list[dict[str, Any]]:
 
 NEEDED = [
     ("client -> control plane API", CLIENT, CP, 8080, "TCP"),
-    ("prometheus -> control plane /metrics", PROMETHEUS, CP, 8080, "TCP"),
+    ("prometheus -> control plane /metrics", PROMETHEUS, CP, 9101, "TCP"),
     ("agent -> control plane report stream", AGENT, CP, 50051, "TCP"),
     ("synapsectl pod -> Admin gRPC", ADMIN, CP, 50051, "TCP"),
     ("control plane -> agent Node.Embed", CP, AGENT, 50052, "TCP"),
@@ -111,6 +111,7 @@ FORBIDDEN = [
     ("client -> Admin/agent gRPC port", CLIENT, CP, 50051, "TCP"),
     ("client -> agent Node.Embed", CLIENT, AGENT, 50052, "TCP"),
     ("client -> agent metrics", CLIENT, AGENT, 9102, "TCP"),
+    ("client -> control plane metrics", CLIENT, CP, 9101, "TCP"),
     ("client -> engine, bypassing the control plane", CLIENT, AGENT, 8000, "TCP"),
     ("agent -> another agent", AGENT, AGENT, 50052, "TCP"),
     ("agent -> control plane API", AGENT, CP, 8080, "TCP"),

@@ -1,6 +1,7 @@
 """Every ``/v1`` and admin route needs a key: 401 without one or with an unknown one, 403
 with a tenant key on admin routes (HTTP and every ``Admin`` gRPC method). Only liveness,
-readiness, metrics and the API description are open, and the spec says so.
+readiness and the API description are open, and the spec says so. ``/metrics`` on the API
+port lists every tenant, so it takes the admin key as the stats route does.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from protos.synapse.v1 import admin_pb2, admin_pb2_grpc
 from tests import fleet
 from tests.security.conftest import SecureFleet
 
-OPEN = {"/health", "/ready", "/metrics", "/openapi.json"}
+OPEN = {"/health", "/ready", "/openapi.json"}
 # Anthropic's clients send their key as x-api-key: /v1/messages takes either scheme.
 X_API_KEY_PATHS = {"/v1/messages"}
 V1 = [("POST", "/v1/chat/completions", fleet.chat_body()),
@@ -67,6 +68,17 @@ def test_admin_http_route_needs_the_admin_key(secure: SecureFleet) -> None:
     assert tenant.status == 403 and tenant.is_envelope(), tenant.body[:200]
     admin = _call(secure, "GET", "/api/v1/stats", None, f"Bearer {fleet.ADMIN_KEY}")
     assert admin.status == 200
+
+
+def test_a_tenant_key_cannot_read_the_other_tenants_metrics(secure: SecureFleet) -> None:
+    fleet.request(secure.urls[0], "POST", "/v1/chat/completions", fleet.chat_body(),
+                  key=fleet.OTHER_KEY)
+    for auth in (*BAD_AUTH, f"Bearer {fleet.TENANT_KEY}", f"Bearer {fleet.OTHER_KEY}"):
+        reply = _call(secure, "GET", "/metrics", None, auth)
+        assert reply.status in (401, 403) and reply.is_envelope(), (auth, reply.body[:200])
+        assert b'tenant="' not in reply.body
+    admin = _call(secure, "GET", "/metrics", None, f"Bearer {fleet.ADMIN_KEY}")
+    assert admin.status == 200 and b'tenant="other"' in admin.body
 
 
 def test_unknown_routes_do_not_reveal_anything_before_auth(secure: SecureFleet) -> None:

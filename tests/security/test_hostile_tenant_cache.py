@@ -52,7 +52,9 @@ class CacheFleet:
 
 
 def metric(base: str, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
+    req = urllib.request.Request(f"{base}/metrics",
+                                 headers={"Authorization": f"Bearer {fleet.ADMIN_KEY}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
         text = resp.read().decode()
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     pattern = (rf"^{re.escape(name)}\{{{re.escape(want)}\}} ([0-9.e+-]+)$" if want

@@ -43,7 +43,7 @@ async def _burst(urls: list[str]) -> list[tuple[float, float, int, bool]]:
 
 
 def _redis_errors(url: str) -> float:
-    text = fleet.request(url, "GET", "/metrics", key=None).body.decode()
+    text = fleet.request(url, "GET", "/metrics", key=fleet.ADMIN_KEY).body.decode()
     return sum(float(v) for v in re.findall(r'^synapse_redis_errors_total\{[^}]*\} (\S+)$',
                                             text, re.MULTILINE))
 
