@@ -60,14 +60,20 @@ import grpc
 import numpy as np
 import yaml
 
-from controlplane import calibrate
-from protos.synapse.v1 import node_pb2, node_pb2_grpc
-from synapse_common import call_metadata
-from synapse_common.ports import free_port
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
+    sys.path.insert(0, str(REPO))
+
+from bench import scrape  # noqa: E402
+from controlplane import calibrate  # noqa: E402
+from protos.synapse.v1 import node_pb2, node_pb2_grpc  # noqa: E402
+from synapse_common import call_metadata  # noqa: E402
+from synapse_common.ports import free_port  # noqa: E402
 
 MODEL = "bench-model"
 KEY = "sk-bench-cache-0123456789"
 AGENT_TOKEN = "bench-cache-agent-token"  # agent and control planes share it
+ADMIN_KEY = "bench-cache-admin-0123456789"   # reads the control planes' /metrics
 BIN = pathlib.Path(sys.executable).parent
 SYSTEM = "You are a helpful assistant. Answer in one sentence."
 
@@ -92,8 +98,7 @@ def http_ok(url: str) -> bool:
 
 
 def metric(url: str, name: str, labels: str = "") -> float:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
+    text = scrape.metrics_page(url, ADMIN_KEY, 5)
     found = re.search(rf"^{re.escape(name + labels)} ([0-9.e+-]+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
 
@@ -148,7 +153,7 @@ def fleet(tmp: pathlib.Path, entries: int, tuning: str = "none",
         cfg = {"replica_id": name, "data_dir": str(tmp / name),
                "http": {"host": "127.0.0.1", "port": http[name]},
                "grpc": {"host": "127.0.0.1", "port": grpc_ports[name]},
-               "auth": {"agent_token": AGENT_TOKEN,
+               "auth": {"agent_token": AGENT_TOKEN, "admin_key": ADMIN_KEY,
                         "tenants": [{"name": "bench", "keys": [KEY]}]},
                "models": [{"name": MODEL}],
                "upstreams": [{"name": "sim", "url": f"http://127.0.0.1:{sim}",

@@ -65,7 +65,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ and tests/ import
     sys.path.insert(0, str(REPO))
 
-from bench import chaos_fallback, chaos_intent, common  # noqa: E402
+from bench import chaos_fallback, chaos_intent, common, scrape  # noqa: E402
 from tests import fleet, harness  # noqa: E402
 
 FAULTS = ["sigkill_engine", "hang_engine", "error_rate_20", "stall_stream", "kill_redis",
@@ -176,8 +176,7 @@ def counters(urls: list[str]) -> dict[str, float]:
     out = dict.fromkeys([*COUNTERS, *SEMANTIC.values()], 0.0)
     for url in urls:
         try:
-            with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-                text = resp.read().decode()
+            text = scrape.metrics_page(url, fleet.ADMIN_KEY, 5)
         except OSError:
             continue
         for line in text.splitlines():

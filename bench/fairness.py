@@ -71,6 +71,7 @@ if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ import
 from bench import common  # noqa: E402
 from bench.gateway import Tree  # noqa: E402
 from bench.routing import text  # noqa: E402
+from bench.scrape import metrics_page  # noqa: E402
 from simulator import profiles  # noqa: E402
 from synapse_common.ports import free_port  # noqa: E402
 
@@ -284,8 +285,7 @@ async def arrivals(rng: random.Random, rate: float, seconds: float, scale: float
 def why(cp: str) -> str:
     """The control plane's view after a phase: answers by tenant and status, what the
     queue refused, and the costs the router learned (``--why``)."""
-    with urllib.request.urlopen(f"{cp}/metrics", timeout=60) as resp:
-        body = resp.read().decode()
+    body = metrics_page(cp, ADMIN, 60)
     keep = ("synapse_requests_total", "synapse_queue_refused_total",
             "synapse_route_learned_", "synapse_queue_wait_seconds_count",
             "synapse_queue_backend_seats",

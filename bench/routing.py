@@ -55,7 +55,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
     sys.path.insert(0, str(REPO))
 
-from bench import common  # noqa: E402
+from bench import common, scrape  # noqa: E402
 from bench.gateway import Tree, start_redis  # noqa: E402
 from synapse_common.ports import free_port  # noqa: E402
 
@@ -250,9 +250,8 @@ def start_fleet(tree: Tree, workdir: pathlib.Path, scale: float,
 
 def route_decisions(url: str) -> str:
     """The control plane's synapse_route_decisions_total lines (why it chose what)."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-        return "\n".join("    " + line for line in resp.read().decode().splitlines()
-                         if line.startswith("synapse_route_decisions_total"))
+    return "\n".join("    " + line for line in scrape.metrics_page(url, ADMIN, 5).splitlines()
+                     if line.startswith("synapse_route_decisions_total"))
 
 
 def _backends_ready(url: str) -> int:

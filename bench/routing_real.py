@@ -290,13 +290,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 rng = random.Random(f"{args.seed}-{name}-{i}")
                 prompts = workloads[name](rng)
                 cp = urls[policy] if policy in REPLICAS else None
-                engine0, route0 = engine_totals(engine_urls), route_totals(cp)
+                engine0, route0 = engine_totals(engine_urls), route_totals(cp, ADMIN)
                 served0 = engine_requests(engine_urls)
-                errors0 = learned(cp, {})[1] if cp else {}
+                errors0 = learned(cp, {}, ADMIN)[1] if cp else {}
                 results, wall = await closed_loop(
                     f"{urls[policy]}/v1/chat/completions", tier.model_name, prompts,
                     args.concurrency, args.max_tokens, {"Authorization": f"Bearer {KEY}"})
-                engine1, route1 = engine_totals(engine_urls), route_totals(cp)
+                engine1, route1 = engine_totals(engine_urls), route_totals(cp, ADMIN)
                 served = [b - a for a, b in zip(served0, engine_requests(engine_urls), strict=True)]
                 row = table[name][policy] = summarise(
                     results, wall, (engine1[0] - engine0[0], engine1[1] - engine0[1]),
@@ -306,7 +306,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"{row['engine_hit_ratio']:>11.2f}{row['usage_hit_ratio']:>10.2f}"
                       f"{row['cached_agreement']:>9.2f}{row['busiest_share']:>8.2f}", flush=True)
                 if cp and policy.startswith("predicted"):
-                    print(f"{'':<9}  {learned(cp, errors0)[0]}", flush=True)
+                    print(f"{'':<9}  {learned(cp, errors0, ADMIN)[0]}", flush=True)
     finally:
         tree.stop()
         if args.keep_logs:

@@ -1,5 +1,9 @@
 """Counters read from /metrics pages during a bench run: vLLM's prefix cache, and a Synapse
-control plane's route accuracy and learned costs (``bench/routing_real.py``)."""
+control plane's route accuracy and learned costs (``bench/routing_real.py``).
+
+A control plane with tenant keys serves its /metrics on the API port to its admin key only
+(the page lists every tenant's traffic), so a control plane's page is read with the admin
+key of the bench's config; an engine's page needs none."""
 
 from __future__ import annotations
 
@@ -7,14 +11,18 @@ import urllib.request
 from collections.abc import Sequence
 
 
-def scrape(url: str, names: Sequence[str], headers: dict[str, str] | None = None,
-           ) -> dict[str, float]:
+def metrics_page(url: str, admin_key: str | None = None, timeout: float = 10) -> str:
+    """The text of ``url``'s /metrics page, read with ``admin_key`` when given."""
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+    req = urllib.request.Request(f"{url}/metrics", headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return str(resp.read().decode())
+
+
+def scrape(url: str, names: Sequence[str], admin_key: str | None = None) -> dict[str, float]:
     """Sums of the samples of ``names`` (label sets ``{…}`` kept apart by their text)."""
-    req = urllib.request.Request(f"{url}/metrics", headers=headers or {})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        text = resp.read().decode()
     out: dict[str, float] = {}
-    for line in text.splitlines():
+    for line in metrics_page(url, admin_key).splitlines():
         for name in names:
             if line.startswith(name) and not line.startswith("#"):
                 key = line.rsplit(" ", 1)[0]
@@ -42,11 +50,11 @@ def engine_requests(engine_urls: Sequence[str]) -> list[float]:
     return [sum(scrape(u, ("vllm:request_success_total",)).values()) for u in engine_urls]
 
 
-def route_totals(cp_url: str | None) -> tuple[float, float]:
+def route_totals(cp_url: str | None, admin_key: str) -> tuple[float, float]:
     """(predicted, reported) cached tokens so far on a control plane."""
     if cp_url is None:
         return 0.0, 0.0
-    s = scrape(cp_url, ROUTE_COUNTERS)
+    s = scrape(cp_url, ROUTE_COUNTERS, admin_key)
     predicted = sum(v for k, v in s.items() if 'source="predicted"' in k)
     reported = sum(v for k, v in s.items() if 'source="reported"' in k)
     return predicted, reported
@@ -59,10 +67,11 @@ LEARNED = ("synapse_route_learned_prefill_seconds_per_token",
            "synapse_route_prediction_error_ttft_seconds_count")
 
 
-def learned(cp_url: str, before: dict[str, float]) -> tuple[str, dict[str, float]]:
+def learned(cp_url: str, before: dict[str, float], admin_key: str,
+            ) -> tuple[str, dict[str, float]]:
     """The costs a control plane uses per backend now, and its mean |TTFT error| since
     ``before`` (a previous return value's second part)."""
-    now = scrape(cp_url, LEARNED)
+    now = scrape(cp_url, LEARNED, admin_key)
     parts = []
     for key, value in sorted(now.items()):
         if key.startswith(LEARNED[0]):
