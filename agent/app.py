@@ -155,18 +155,27 @@ class Agent:
             log.error("GPU telemetry (%s) is not working: %s", status.source, status.error)
         await self._sample_gpus()
         await self.supervisor.start([convert.spec_from_config(b) for b in self.cfg.backends])
-        if self.embeddings is not None:
-            self._tasks.append(asyncio.create_task(self._start_embedder()))
-        self._tasks.append(asyncio.create_task(self.scorer.start()))   # loads off the loop
+        self._tasks.append(asyncio.create_task(self._start_models()))   # loads off the loop
         self._tasks.append(asyncio.create_task(self._telemetry_loop()))
         await self.reporter.start()
         log.info("agent %s started: %d backends, control plane %s", self.node,
                  len(self.cfg.backends), self.reporter.targets or self.cfg.control_plane.dns_name)
 
-    async def _start_embedder(self) -> None:
+    async def _start_models(self) -> None:
+        """The embedder's model, then the pair scorer's, one after the other: both import
+        and build transformers models in worker threads, transformers does not promise
+        that its lazy imports are safe from two threads at once, and a load that fails
+        leaves its model unavailable until a restart; side by side they would only split
+        the same cores anyway. Then the embedder's health is watched."""
+        if self.embeddings is not None:
+            await self.embeddings.embedder.start()
+        await self.scorer.start()
+        if self.embeddings is not None:
+            await self._watch_embedder()
+
+    async def _watch_embedder(self) -> None:
         assert self.embeddings is not None
         embedder = self.embeddings.embedder
-        await embedder.start()
         # Health follows the embedder (TEI may come and go): checked at every telemetry tick.
         while True:
             await self.node_server.set_embedder_ready(await embedder.probe())
