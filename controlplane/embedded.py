@@ -274,6 +274,8 @@ c = OpenAI(base_url="{base}/v1", api_key="{api_key}")
 print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)'
 
   SYNAPSE_ADMIN_ADDR={grpc_addr} SYNAPSE_ADMIN_TOKEN_FILE={admin_key_file} synapsectl get nodes
+  curl -s {base}/metrics -H "Authorization: Bearer $(cat {admin_key_file})" | head
+  (/metrics lists every tenant's traffic: it takes the admin key, not an API key)
 
 Press Ctrl-C to stop.
 """.rstrip()
