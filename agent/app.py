@@ -168,7 +168,10 @@ class Agent:
         leaves its model unavailable until a restart; side by side they would only split
         the same cores anyway. Then the embedder's health is watched."""
         if self.embeddings is not None:
-            await self.embeddings.embedder.start()
+            try:
+                await self.embeddings.embedder.start()
+            except Exception:   # it reports itself unavailable; the scorer still loads
+                log.exception("the embedder failed to start")
         await self.scorer.start()
         if self.embeddings is not None:
             await self._watch_embedder()
