@@ -41,7 +41,7 @@ from controlplane import embedded_engine
 from controlplane.core import upstream_kinds
 from synapse_common import cli, engines
 from synapse_common import clock as clocks
-from synapse_common.ports import free_port
+from synapse_common.ports import free_ports
 
 DEFAULT_MODEL = embedded_engine.SIMULATOR_MODEL
 EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -91,9 +91,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 
-def _port(requested: int, name: str, host: str = "127.0.0.1") -> int:
+def _port(requested: int, name: str, host: str, spare: int) -> int:
+    """``requested``, checked free, or ``spare`` (a free port) when it is 0."""
     if requested == 0:
-        return free_port()
+        return spare
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -285,8 +286,11 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
     args = build_parser(prog).parse_args(argv)
     data = pathlib.Path(args.data_dir).resolve()
     (data / "logs").mkdir(parents=True, exist_ok=True)
-    ports = {"http": _port(args.http_port, "http", args.host), "grpc": _port(args.grpc_port, "grpc"),
-             "node": free_port(), "metrics": free_port(), "engine": free_port()}
+    # Five distinct ports at once (two free_port() calls may return the same one).
+    spare = free_ports(5, avoid={args.http_port, args.grpc_port})
+    ports = {"http": _port(args.http_port, "http", args.host, spare[0]),
+             "grpc": _port(args.grpc_port, "grpc", "127.0.0.1", spare[1]),
+             "node": spare[2], "metrics": spare[3], "engine": spare[4]}
     if args.upstream and args.engine != "simulator":
         cli.fail("synapse up: --upstream and --engine exclude each other", code=2)
     _check_upstream_args(args)
