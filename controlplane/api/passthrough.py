@@ -3,10 +3,14 @@ and ``/v1/audio/speech``: the client's JSON passed to a backend that serves the 
 task, its answer passed back (:mod:`controlplane.api.relay`), through the common front
 (:mod:`controlplane.api.calls`).
 
-* **Responses**: each answer's id is remembered with the backend that made it, and a
-  continuation (``previous_response_id``) goes to that backend only
+* **Responses**: the ids a client sees are sealed for its tenant, and a continuation
+  (``previous_response_id``) whose id was not sealed for the caller's tenant is answered
+  404 here, as an unknown id is, without reaching an engine
+  (:mod:`controlplane.core.response_ids`); the engine gets the id it minted and never a
+  client's ``request_id``. Each answer's engine id is remembered with the backend that
+  made it, and a continuation goes to that backend only
   (:mod:`controlplane.core.response_pins`); stateless calls that ask nothing to be kept
-  are answered from the response cache when they can be
+  are answered from the response cache when they can be, under a new sealed id
   (:mod:`controlplane.core.responses_cache`).
 * **Rerank**: a TEI reranker (engine ``tei``) speaks its own ``/rerank``; the
   ``/v1/rerank`` body is translated for it and its ranking back
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,18 +32,22 @@ from typing import Any
 import orjson
 from aiohttp import typedefs, web
 
+from controlplane import errors
 from controlplane.api import calls, context, fairness, relay, serving
 from controlplane.core import (
     api_calls,
     cache_port,
     dispatch,
     rerank_dialects,
+    response_ids,
     response_pins,
     responses_cache,
     sse,
 )
 from controlplane.core import types as core_types
 from synapse_common import tracing
+
+log = logging.getLogger("synapse.controlplane.passthrough")
 
 
 def _pins(request: web.Request) -> response_pins.Pins:
@@ -82,25 +91,60 @@ def passthrough(path: str, parse: calls.Parse) -> typedefs.Handler:
 # -- /v1/responses -----------------------------------------------------------------------
 
 
-class _Responses(relay.Shape):
-    """Notes which backend made the answer (its id is in the body, or a stream's first
-    event), and hands a complete text answer to the response cache."""
+def _seal(request: web.Request) -> response_ids.Seal:
+    """This process's key for Responses ids, made from the settings on first use."""
+    pins = _pins(request)
+    if pins.seal is None:
+        auth = request.app[context.SERVICES].settings.auth
+        pins.seal = response_ids.Seal.from_secrets(
+            auth.response_id_key.get_secret_value() if auth.response_id_key else None,
+            auth.admin_key.get_secret_value() if auth.admin_key else None)
+        if not pins.seal.shared:
+            log.warning("Responses ids are sealed with a key of this process (neither "
+                        "auth.response_id_key nor auth.admin_key is set): a conversation "
+                        "can be continued only on the process that began it")
+    return pins.seal
 
-    def __init__(self, request: web.Request, store: cache_port.CacheDecision | None) -> None:
+
+def _previous(request: web.Request, front: calls.Front) -> tuple[str, str] | None:
+    """(engine's id, client's id) of the conversation the request continues, None when
+    it begins one; 404 when the id was not sealed for this tenant."""
+    client = front.body.get("previous_response_id")
+    if client is None:
+        return None
+    if not isinstance(client, str):
+        raise errors.BadRequest("previous_response_id: must be a string",
+                                param="previous_response_id", code="invalid_type")
+    engine = _seal(request).open(front.tenant.name, client)
+    if engine is None:
+        raise response_ids.not_found(client)
+    return engine, client
+
+
+class _Responses(relay.Shape):
+    """Seals the answer's ids for the tenant (:mod:`controlplane.core.response_ids`),
+    notes which backend made the answer, and hands a complete text answer to the
+    response cache (as the engine wrote it: the cache mints new ids for a hit)."""
+
+    def __init__(self, request: web.Request, front: calls.Front,
+                 previous: tuple[str, str] | None,
+                 store: cache_port.CacheDecision | None) -> None:
         self._request = request
         self._pins = _pins(request)
+        self._ids = response_ids.AnswerIds(_seal(request), front.tenant.name, previous)
+        self._previous = previous
         self._store = store
         self._backend = ""
-        self._seen = False
+        self._lines = response_ids.WholeLines()
         self._parser = sse.SSEParser() if store is not None else None
 
     def start(self, attempt: dispatch.Attempt) -> None:
         self._backend = attempt.backend.key
 
-    def _note(self, data: bytes) -> None:
-        if not self._seen and (rid := response_pins.answer_id(data)) is not None:
-            self._seen = True
-            self._pins.remember(rid, self._backend)
+    def _learn(self, engine_id: str | None) -> None:
+        if engine_id is not None and self._ids.engine_id is None:
+            self._ids.learn(engine_id)
+            self._pins.remember(engine_id, self._backend)
 
     def _keep(self, response: Any) -> None:
         entry = (responses_cache.entry(response) if isinstance(response, dict) else None)
@@ -109,55 +153,78 @@ class _Responses(relay.Shape):
                 fairness.store(self._request, self._store, entry)
 
     def whole(self, data: bytes) -> bytes:
-        self._note(data)
+        self._learn(response_ids.whole_id(data))
         if self._store is not None:
             with contextlib.suppress(orjson.JSONDecodeError):
                 self._keep(orjson.loads(data))
-        return data
+        return self._ids.rewrite(data)
 
     def chunk(self, data: bytes) -> bytes:
-        self._note(data)
         if self._parser is not None:
             for event in self._parser.feed(data):
                 if (final := responses_cache.completed(event)) is not None:
                     self._keep(final)
-        return data
+        lines = self._lines.feed(data)
+        if self._ids.engine_id is None:
+            self._learn(response_ids.stream_id(lines))
+        return self._ids.rewrite(lines)
+
+    def end(self) -> bytes:
+        return self._ids.rewrite(self._lines.rest())
+
+    def refusal(self, status: int, data: bytes) -> tuple[bytes, str]:
+        if self._previous is not None:
+            engine, client = self._previous
+            if status == 404 and engine.encode() in data:   # the engine lost it
+                return orjson.dumps(response_ids.not_found(client).envelope()), \
+                    "application/json"
+            data = data.replace(engine.encode(), client.encode())
+        return super().refusal(status, data)
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
     front = await calls.begin(request, api_calls.responses)
     decision: cache_port.CacheDecision | None = None
     try:
+        previous = _previous(request, front)      # before anything reaches an engine
         if (key := responses_cache.cache_body(front.body)) is not None:
             decision = await serving.lookup_cache(request, front.tenant.name, front.canonical,
                                                   "chat", key)
         if decision is not None and decision.hit is not None and (
-                hit := responses_cache.answer(decision.hit.response, int(time.time()))):
+                hit := responses_cache.answer(decision.hit.response, int(time.time()),
+                                              _minted(request, front))):
             fairness.cache_hit(request, front.tenant.name, front.canonical,
                                decision.hit.response)
             resp = await _from_cache(request, hit, front.call.stream)
         else:
             resp = await _responses_from_backend(
-                request, front, decision if decision is not None and decision.may_store
-                else None)
+                request, front, previous, decision if decision is not None and
+                decision.may_store else None)
         front.failed = False
         return resp
     finally:
         calls.finish(request, front, decision)
 
 
+def _minted(request: web.Request, front: calls.Front) -> Callable[[str], str]:
+    """How a cache hit's new id is shown to this tenant: sealed, like any other."""
+    seal, tenant = _seal(request), front.tenant.name
+    return lambda engine_id: seal.seal(tenant, engine_id)
+
+
 async def _responses_from_backend(request: web.Request, front: calls.Front,
+                                  previous: tuple[str, str] | None,
                                   store: cache_port.CacheDecision | None,
                                   ) -> web.StreamResponse:
     await calls.admit_tokens(request, front)
     route = await calls.route(request, front, front.call.task)
-    previous = front.body.get("previous_response_id")
-    if isinstance(previous, str):
-        route = _pins(request).pin(route, previous)
+    if previous is not None:
+        route = _pins(request).pin(route, previous[0])
     assert front.prompt is not None
+    body = response_ids.engine_body(front.body, previous[0] if previous else None)
     return await relay.forward(request, route, front.prompt,
-                               calls.body_for(front, route.model), "/v1/responses",
-                               _Responses(request, store))
+                               calls.body_for(front, route.model, body), "/v1/responses",
+                               _Responses(request, front, previous, store))
 
 
 async def _from_cache(request: web.Request, answer: dict[str, Any],

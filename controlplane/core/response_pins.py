@@ -12,25 +12,23 @@ Bounded: the newest :data:`LIMIT` ids per replica, least recently used first out
 
 Worker processes of one pod share their pins (:mod:`shared_routing`): a :attr:`Pins.listener`
 is told of every id remembered, and a sibling's come in through :meth:`Pins.remember`.
+
+Pins are keyed by the *engine's* id and only route: they grant nothing. Whether a caller
+may continue an id at all is decided before, statelessly, by the id's tag
+(:mod:`response_ids`); :attr:`Pins.seal` holds this process's key for that. A pin is
+learnt only from where the engine alone writes its id (never from text a client could
+make an engine echo), so a tenant cannot pin another's id elsewhere either.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 
-from controlplane.core import types
+from controlplane.core import response_ids, types
 
 LIMIT = 100_000
-_ID = re.compile(rb'"id"\s*:\s*"(resp_[A-Za-z0-9_-]{1,128})"')
-
-
-def answer_id(data: bytes) -> str | None:
-    """The first Responses id in ``data`` (a whole answer, or a stream's first event)."""
-    found = _ID.search(data)
-    return found.group(1).decode() if found else None
 
 
 class Pins:
@@ -38,6 +36,8 @@ class Pins:
         self._limit = limit
         self._by_id: OrderedDict[str, str] = OrderedDict()
         self.listener: Callable[[str, str], None] | None = None    # (response id, backend)
+        # the key that binds ids to tenants, made from the settings on first use
+        self.seal: response_ids.Seal | None = None
 
     def remember(self, response_id: str, backend: str) -> None:
         self._by_id[response_id] = backend

@@ -13,14 +13,19 @@
   in ``synapse_response``. Only answers made of text messages are stored (a function
   call or reasoning item is not).
 * **A hit** is that object with new ids (``resp_…`` and ``msg_…``) and ``created_at``,
-  whole or replayed as the Responses event stream (:func:`replay`).
+  whole or replayed as the Responses event stream (:func:`replay`). The new response id
+  is sealed for the tenant asking, as every id a client sees is
+  (:mod:`controlplane.core.response_ids`); no engine stored it, so a continuation naming
+  it opens and then meets the engine's 404, as before. The entry itself keeps the
+  engine's object as the engine wrote it, never an id sealed for the tenant that filled
+  it.
 """
 
 from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -75,13 +80,15 @@ def entry(response: Mapping[str, Any]) -> dict[str, Any] | None:
             OBJECT_FIELD: dict(response)}
 
 
-def answer(stored: Mapping[str, Any], created_at: int) -> dict[str, Any] | None:
-    """The Responses object a hit answers with (new ids), or None for a foreign entry."""
+def answer(stored: Mapping[str, Any], created_at: int,
+           shown: Callable[[str], str]) -> dict[str, Any] | None:
+    """The Responses object a hit answers with (new ids, the response's as ``shown``
+    makes it for the tenant asking), or None for a foreign entry."""
     original = stored.get(OBJECT_FIELD)
     if not isinstance(original, Mapping):
         return None
     out = copy.deepcopy(dict(original))
-    out["id"] = "resp_" + uuid.uuid4().hex
+    out["id"] = shown("resp_" + uuid.uuid4().hex)
     out["created_at"] = created_at
     for item in out.get("output") or ():
         if isinstance(item, dict):

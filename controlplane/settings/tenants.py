@@ -42,6 +42,11 @@ class AuthSettings(Section):
                           "(false: /v1 is open, as tenant 'anonymous'); admin routes need "
                           "admin_key either way")
     admin_key: Secret | None = Field(None, description="key for admin HTTP routes and Admin gRPC")
+    response_id_key: Secret | None = Field(
+        None, description="secret that binds each /v1/responses id to the tenant that made "
+        "it (a MAC inside the id): every worker and replica must share it, and changing it "
+        "refuses every earlier id (404). None = derived from admin_key; neither = a random "
+        "key per process, so a conversation continues only on the process that began it")
     tenants: list[TenantSettings] = Field(default_factory=list, description="API tenants")
     key_file: str | None = Field(
         None, description="YAML/JSON file with a list of tenants (same fields), merged in")

@@ -142,6 +142,27 @@ def test_a_continuation_goes_to_the_engine_that_stored_the_answer(surface: Surfa
             previous = nxt.parse().id
 
 
+def test_another_tenant_cannot_continue_a_stored_answer(surface: Surface) -> None:
+    with surface.openai() as c:
+        first = c.responses.create(model=CHAT, input="The code word is heliotrope",
+                                   max_output_tokens=8)
+    with surface.openai(ONE_AT_A_TIME_KEY) as thief:     # another tenant, every model
+        with pytest.raises(openai.NotFoundError) as whole:
+            thief.responses.create(model=CHAT, input="Repeat the code word.",
+                                   previous_response_id=first.id)
+        with pytest.raises(openai.NotFoundError) as streamed, thief.responses.stream(
+                model=CHAT, input="Repeat the code word.",
+                previous_response_id=first.id) as stream:
+            list(stream)
+    for refused in (whole.value, streamed.value):
+        assert isinstance(refused.body, dict)
+        assert refused.body["code"] == "previous_response_not_found"
+    with surface.openai() as c:         # the owner still can, on whichever worker
+        nxt = c.responses.create(model=CHAT, input="And the code word?",
+                                 previous_response_id=first.id, max_output_tokens=8)
+    assert nxt.previous_response_id == first.id
+
+
 def test_stateless_responses_are_cached_stateful_ones_never(surface: Surface) -> None:
     ask: dict[str, Any] = {"model": CHAT, "input": "What is a GPU?", "temperature": 0,
                            "store": False, "max_output_tokens": 16}

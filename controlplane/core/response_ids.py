@@ -1,0 +1,199 @@
+"""Responses ids that only the tenant who made them can use (pure).
+
+vLLM keeps a stored Responses answer in its own memory under an id ``resp_…`` and
+continues that conversation for anyone who names the id in ``previous_response_id``, and
+engines are shared by every tenant. So a client never sees an engine's id as it is: it
+sees the engine's id, ``_``, then a *tag*, a keyed MAC (HMAC-SHA256 cut to 128 bits,
+base64url) of the tenant and the engine's id (:meth:`Seal.seal`). A continuation's id is
+opened with the caller's tenant (:meth:`Seal.open`) before anything is routed; an id
+sealed for another tenant, an altered or forged one, a bare engine id and anything that
+is not an id all open to nothing, and the caller gets the answer an id that never existed
+gets (:func:`not_found`), from the control plane itself: no engine sees the request.
+
+* **Stateless.** Nothing is stored, so the rule holds on every worker of a pod, on every
+  replica and across a control-plane restart (vLLM keeps its store across ours), as long
+  as they share the key. The key is derived from a secret of the configuration
+  (``auth.response_id_key``, else ``auth.admin_key``: :meth:`Seal.from_secrets`). With
+  neither, each process draws a random key: continuations then work only on the process
+  that made the answer, and are refused (404) on any other or after a restart — closed,
+  never open.
+* **Rotation.** A new key refuses every id sealed under the old one (404, the answer
+  for an unknown id): rotate the secret when old conversations may be lost, or set
+  ``auth.response_id_key`` so that rotating the admin key leaves the ids alone.
+* **What is rewritten in an answer** (:class:`AnswerIds`): the id the engine minted for
+  this answer — found where only the engine writes it: the top-level ``id`` of a whole
+  answer, ``response.id`` of a stream's events — and the echo of the previous id that
+  was opened for this tenant. Nothing else, however much it looks like an id: a tenant
+  can make an engine echo any string (``metadata``, tool arguments), and sealing that
+  for it would hand it another tenant's conversation. Only whole lines are rewritten
+  (:class:`WholeLines`), so an id cut across two network chunks is still found.
+* **What the engine never gets from a client**: ``request_id`` (vLLM names the answer,
+  and its stored history, after it; a tenant choosing it could overwrite another's
+  conversation): :func:`engine_body` drops it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from controlplane import errors
+
+PREFIX = "resp_"
+SEPARATOR = "_"
+TAG_BYTES = 16
+TAG_CHARS = 22                    # base64url of TAG_BYTES, without padding
+MAX_ID = 256                      # longer is no id of ours (checked before any hashing)
+_LABEL = b"synapse/responses-id/v1"
+_ENGINE_ID = re.compile(r"resp_[A-Za-z0-9_-]{1,128}\Z")
+_TAG = re.compile(rf"[A-Za-z0-9_-]{{{TAG_CHARS}}}\Z")
+# A whole answer's own id: the first member of the object (vLLM and the simulator write
+# ``id`` first); a client-chosen string cannot stand there.
+_LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*"(resp_[A-Za-z0-9_-]{1,128})"')
+
+
+class Seal:
+    """Seals engine ids for a tenant and opens them again (one key)."""
+
+    def __init__(self, key: bytes, shared: bool) -> None:
+        self._key = key
+        self.shared = shared      # False: a key of this process only
+
+    def __repr__(self) -> str:
+        return f"Seal(shared={self.shared})"          # never the key
+
+    @classmethod
+    def from_secrets(cls, response_id_key: str | None, admin_key: str | None) -> Seal:
+        """The key derived from the first secret given; a random one of this process
+        when there is none (``shared`` False)."""
+        secret = response_id_key or admin_key
+        if not secret:
+            return cls(secrets.token_bytes(32), shared=False)
+        return cls(hmac.new(secret.encode(), _LABEL, hashlib.sha256).digest(), shared=True)
+
+    def _tag(self, tenant: str, engine_id: str) -> bytes:
+        who = tenant.encode()
+        message = len(who).to_bytes(4, "big") + who + engine_id.encode()
+        digest = hmac.new(self._key, message, hashlib.sha256).digest()[:TAG_BYTES]
+        return base64.urlsafe_b64encode(digest).rstrip(b"=")
+
+    def seal(self, tenant: str, engine_id: str) -> str:
+        """The id ``tenant``'s client sees for the engine's ``engine_id``."""
+        return f"{engine_id}{SEPARATOR}{self._tag(tenant, engine_id).decode()}"
+
+    def open(self, tenant: str, client_id: str) -> str | None:
+        """The engine's id behind ``client_id`` when it was sealed for ``tenant``, else
+        None (whatever else it is)."""
+        if len(client_id) > MAX_ID:
+            return None
+        cut = len(client_id) - TAG_CHARS - len(SEPARATOR)
+        engine_id, separator, tag = client_id[:cut], client_id[cut:-TAG_CHARS], \
+            client_id[-TAG_CHARS:]
+        if separator != SEPARATOR or not _ENGINE_ID.match(engine_id) or not _TAG.match(tag):
+            return None
+        if not hmac.compare_digest(self._tag(tenant, engine_id), tag.encode()):
+            return None
+        return engine_id
+
+
+def not_found(client_id: str) -> errors.NotFound:
+    """The answer for a previous id that names nothing this tenant may continue: the
+    same whether it never existed, was sealed for another tenant, or the engine lost it."""
+    shown = client_id if len(client_id) <= MAX_ID else client_id[:MAX_ID] + "…"
+    return errors.NotFound(f"Previous response with id '{shown}' not found.",
+                           param="previous_response_id", code="previous_response_not_found")
+
+
+def engine_body(body: Mapping[str, Any], previous: str | None) -> dict[str, Any]:
+    """The request as the engine gets it: the opened previous id, no ``request_id``."""
+    out = {k: v for k, v in body.items() if k != "request_id"}
+    if previous is not None:
+        out["previous_response_id"] = previous
+    return out
+
+
+def whole_id(data: bytes) -> str | None:
+    """The id the engine minted for a whole answer (its top-level ``id``)."""
+    if (found := _LEADING_ID.match(data)) is not None:
+        return found.group(1).decode()
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return _engine_id(parsed.get("id")) if isinstance(parsed, dict) else None
+
+
+def stream_id(lines: bytes) -> str | None:
+    """The id the engine minted for a streamed answer: ``response.id`` of the first of
+    these whole lines whose event carries the response object."""
+    for line in lines.splitlines():
+        if not line.startswith(b"data:") or b'"response"' not in line:
+            continue
+        try:
+            parsed = orjson.loads(line[5:])
+        except orjson.JSONDecodeError:
+            continue
+        inner = parsed.get("response") if isinstance(parsed, dict) else None
+        if isinstance(inner, dict) and (rid := _engine_id(inner.get("id"))):
+            return rid
+    return None
+
+
+def _engine_id(value: Any) -> str | None:
+    return value if isinstance(value, str) and _ENGINE_ID.match(value) else None
+
+
+class AnswerIds:
+    """The ids of one answer as one tenant's client sees them: the engine's own id once
+    learnt (:meth:`learn`), and the previous id the request continued."""
+
+    def __init__(self, seal: Seal, tenant: str, previous: tuple[str, str] | None) -> None:
+        self._seal = seal
+        self._tenant = tenant
+        self.engine_id: str | None = None
+        self._swaps: list[tuple[bytes, bytes]] = []
+        if previous is not None:            # (engine's, client's)
+            self._swaps.append(_quoted(*previous))
+
+    def learn(self, engine_id: str) -> None:
+        self.engine_id = engine_id
+        self._swaps.append(_quoted(engine_id, self._seal.seal(self._tenant, engine_id)))
+
+    def rewrite(self, data: bytes) -> bytes:
+        """``data`` (whole JSON values or whole events) with those ids sealed."""
+        for engine, client in self._swaps:
+            if engine in data:
+                data = data.replace(engine, client)
+        return data
+
+
+def _quoted(engine: str, client: str) -> tuple[bytes, bytes]:
+    return b'"' + engine.encode() + b'"', b'"' + client.encode() + b'"'
+
+
+class WholeLines:
+    """Cuts a stream after its last line break: :meth:`feed` returns the whole lines
+    received so far (bytes as they came) and keeps an unfinished one for later. An id
+    never spans lines (an event's ``data:`` is one JSON line), so whole lines are enough
+    to find and rewrite every id, and an event is never held back beyond its last line."""
+
+    def __init__(self) -> None:
+        self._held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        data = self._held + data if self._held else data
+        end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+        self._held = data[end:]
+        return data[:end]
+
+    def rest(self) -> bytes:
+        """What is left when the stream ends (a last line without its line break)."""
+        held, self._held = self._held, b""
+        return held
