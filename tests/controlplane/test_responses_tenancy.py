@@ -169,7 +169,23 @@ async def test_an_altered_or_bare_id_is_refused_and_never_sent() -> None:
         seen = len(eng.bodies)
         for forged in (bare, flipped, other, first.id + "x", "resp_", "x" * 5000):
             await refused(cp, t.KEY_A, forged)
+        async with cp.client(t.KEY_A) as c:
+            with pytest.raises(openai.BadRequestError):
+                await c.responses.create(model=t.MODEL, input="Go on.",
+                                         extra_body={"previous_response_id": 42})
         assert len(eng.bodies) == seen
+
+
+async def test_an_id_the_engine_lost_gets_the_same_404_as_a_strangers() -> None:
+    async with engine() as eng, t.running(settings(eng)) as cp:
+        unkept = await create(cp, t.KEY_A, "Do not keep this.", store=False)
+        seen = len(eng.bodies)
+        lost = await refused(cp, t.KEY_A, unkept.id)        # the engine answers 404
+        assert len(eng.bodies) == seen + 1
+        stranger = await refused(cp, t.KEY_B, unkept.id)    # the control plane does
+        assert len(eng.bodies) == seen + 1
+        assert lost == stranger
+        assert engine_id(unkept.id) + "'" not in lost["message"]  # never the bare id
 
 
 async def test_a_tenant_cannot_name_the_engines_id_nor_launder_another_id() -> None:
