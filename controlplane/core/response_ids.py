@@ -46,7 +46,6 @@ import orjson
 
 from controlplane import errors
 
-PREFIX = "resp_"
 SEPARATOR = "_"
 TAG_BYTES = 16
 TAG_CHARS = 22                    # base64url of TAG_BYTES, without padding
