@@ -221,7 +221,8 @@ async def _responses_from_backend(request: web.Request, front: calls.Front,
     if previous is not None:
         route = _pins(request).pin(route, previous[0])
     assert front.prompt is not None
-    body = response_ids.engine_body(front.body, previous[0] if previous else None)
+    body = (response_ids.engine_body(front.body, previous[0] if previous else None)
+            if previous is not None or "request_id" in front.body else None)  # else as sent
     return await relay.forward(request, route, front.prompt,
                                calls.body_for(front, route.model, body), "/v1/responses",
                                _Responses(request, front, previous, store))
