@@ -4,7 +4,7 @@ The production and bundled values render the overlays' configs (test_helm_equiva
 which tests/manifests/test_boot already starts; the pilot's config (no Redis, a Milvus
 Lite file in data_dir, keys from the Secret the chart creates) exists only here. As in
 test_boot, only what cannot exist here is overridden: listen addresses, data_dir and the
-Lite file's path under it.
+Lite file's path under it (and the metrics port, to a free one).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import yaml
 
 from tests import harness
 from tests.charts import helm
+from tests.manifests import test_boot
 
 
 def _status(url: str, key: str | None = None) -> int:
@@ -29,9 +30,10 @@ def test_the_pilot_control_plane_starts_with_the_chart_config(
     config.write_text(yaml.safe_dump(pod.data))
     data = tmp_path / "data"
     data.mkdir()
-    http, grpc = harness.free_port(), harness.free_port()
+    http, grpc, metrics = harness.free_port(), harness.free_port(), harness.free_port()
     env = {**pod.environ, "SYNAPSE_CONFIG_PATH": str(config), "SYNAPSE_DATA_DIR": str(data),
            "SYNAPSE_CACHE__MILVUS_URI": str(data / "l2.db"),
+           "SYNAPSE_METRICS__PORT": str(metrics),
            "SYNAPSE_HTTP__HOST": "127.0.0.1", "SYNAPSE_HTTP__PORT": str(http),
            "SYNAPSE_GRPC__HOST": "127.0.0.1", "SYNAPSE_GRPC__PORT": str(grpc)}
     base = f"http://127.0.0.1:{http}"
@@ -45,3 +47,6 @@ def test_the_pilot_control_plane_starts_with_the_chart_config(
     key = pathlib.Path(key_file).read_text().strip()
     assert _status(f"{base}/v1/models", key) == 200
     assert _status(f"{base}/v1/models", key + "-wrong") == 401
+    # the metrics port wants the token file the pod mounts from the same Secret
+    token = pathlib.Path(pod.data["metrics"]["bearer_token_file"]).read_text().strip()
+    test_boot.assert_metrics_need_the_token(f"http://127.0.0.1:{metrics}/metrics", token)

@@ -125,9 +125,9 @@ def test_the_pilot_needs_no_stores_and_runs_one_replica(
 
 
 @pytest.mark.parametrize("values", ["self-hosted-pilot", "self-hosted-bundled"])
-def test_a_created_secret_holds_the_three_keys(values: str) -> None:
+def test_a_created_secret_holds_the_four_keys(values: str) -> None:
     secret = render.find(helm.render_chart(values), "Secret", "synapse-auth")
-    assert set(secret["data"]) == {"admin-key", "api-key", "agent-token"}
+    assert set(secret["data"]) == {"admin-key", "api-key", "agent-token", "metrics-token"}
     for value in secret["data"].values():
         assert len(base64.b64decode(value)) >= 32
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
@@ -151,6 +151,8 @@ SCHEMA_ERRORS = [
     (("ingress.hosts[0].host=a", "ingress.hosts[0].paths[0].path=/",
       "ingress.hosts[0].paths[0].pathType=prefix"), r"/ingress/hosts/0/paths/0/pathType'"),
     (("agent.ports.metrics=70000",), r"/agent/ports/metrics'"),
+    (("controlPlane.metricsAuth.enabled=yes",), r"/controlPlane/metricsAuth/enabled'"),
+    (("controlPlane.metricsAuth.token=x",), r"/controlPlane/metricsAuth': additional prop"),
     (("upstreams[0].name=x", "upstreams[0].url=ollama:11434", "upstreams[0].models[0]=m"),
      r"/upstreams/0/url'"),
 ]
@@ -302,3 +304,62 @@ def test_metrics_on_a_port_of_their_own(tmp_path: pathlib.Path,
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     assert may_connect(policies, PROMETHEUS, CP, 9090)
     assert not may_connect(policies, CLIENT, CP, 9090)
+
+
+METRICS_TOKEN_FILE = "/var/run/secrets/synapse/metrics-token"
+
+
+@pytest.mark.parametrize("values", ALL_VALUES, ids=_ids)
+def test_the_metrics_port_needs_a_token_by_default(values: str | None) -> None:
+    """Without NetworkPolicies every pod in the cluster, a tenant's included, reaches the
+    metrics port by pod address: by default /metrics needs the key `metrics-token` of the
+    auth Secret (mounted with the others), and the ServiceMonitor presents it."""
+    objects = helm.render_chart(values, "monitoring.serviceMonitor.enabled=true")
+    configmap = render.find(objects, "ConfigMap", "synapse-controlplane-config")
+    config = yaml.safe_load(configmap["data"]["config.yaml"])
+    assert config["metrics"]["bearer_token_file"] == METRICS_TOKEN_FILE
+    secret_name, key = pods.metrics_token_secret(objects) or ("<none>", "<none>")
+    assert key == "metrics-token"
+    existing = yaml.safe_load((helm.VALUES_DIR / f"{values}.yaml").read_text()
+                              ).get("secrets", {}).get("existingSecret") if values else ""
+    if existing:   # the operator's Secret, which must hold the key (values/production.yaml)
+        assert secret_name == existing
+        assert not [o for o in objects if o["kind"] == "Secret"]
+    else:
+        assert secret_name == "synapse-auth"
+        assert key in render.find(objects, "Secret", secret_name)["data"]
+    monitor = render.find(objects, "ServiceMonitor")
+    assert [e["authorization"] for e in monitor["spec"]["endpoints"]] == [
+        {"type": "Bearer", "credentials": {"name": secret_name, "key": key}}]
+    problems = validate.problems(objects)
+    assert not problems, "\n".join(problems)
+
+
+def test_an_existing_secret_supplies_the_metrics_token() -> None:
+    objects = helm.render_chart(None, "secrets.existingSecret=mine",
+                                "monitoring.serviceMonitor.enabled=true")
+    assert pods.metrics_token_secret(objects) == ("mine", "metrics-token")
+    monitor = render.find(objects, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["authorization"]["credentials"] == {
+        "name": "mine", "key": "metrics-token"}
+
+
+def test_opting_out_leaves_the_metrics_port_open() -> None:
+    """controlPlane.metricsAuth.enabled false: no token anywhere, the ServiceMonitor
+    scrapes without one (and every pod that reaches the port reads every tenant's
+    traffic, unless NetworkPolicies keep them out)."""
+    objects = helm.render_chart(None, "controlPlane.metricsAuth.enabled=false",
+                                "monitoring.serviceMonitor.enabled=true")
+    assert pods.metrics_token_secret(objects) is None
+    assert "metrics-token" not in render.find(objects, "Secret", "synapse-auth")["data"]
+    monitor = render.find(objects, "ServiceMonitor")
+    assert all("authorization" not in e for e in monitor["spec"]["endpoints"])
+
+
+def test_the_metrics_token_also_guards_metrics_on_the_api_port() -> None:
+    """controlPlane.ports.metrics null puts /metrics on the API port; the token then
+    guards it there (in place of the admin key)."""
+    objects = helm.render_chart(None, "controlPlane.ports.metrics=null")
+    configmap = render.find(objects, "ConfigMap", "synapse-controlplane-config")
+    config = yaml.safe_load(configmap["data"]["config.yaml"])
+    assert config["metrics"] == {"bearer_token_file": METRICS_TOKEN_FILE}

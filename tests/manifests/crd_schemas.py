@@ -47,6 +47,16 @@ RELABEL = {
                                 "KeepEqual", "dropequal", "DropEqual"]},
         }},
 }
+SECRET_KEY_SELECTOR = {
+    "type": "object", "additionalProperties": False, "required": ["key"],
+    "properties": {"key": {"type": "string"}, "name": {"type": "string"},
+                   "optional": {"type": "boolean"}},
+}
+# The CRDs' SafeAuthorization: the credentials only ever by reference to a Secret's key.
+AUTHORIZATION = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"type": {"type": "string"}, "credentials": SECRET_KEY_SELECTOR},
+}
 _ENDPOINT_COMMON: dict[str, Any] = {
     "port": {"type": "string"},
     "targetPort": {"type": ["integer", "string"]},
@@ -57,7 +67,7 @@ _ENDPOINT_COMMON: dict[str, Any] = {
     "honorLabels": {"type": "boolean"}, "honorTimestamps": {"type": "boolean"},
     "trackTimestampsStaleness": {"type": "boolean"},
     "relabelings": RELABEL, "metricRelabelings": RELABEL,
-    "tlsConfig": {"type": "object"}, "authorization": {"type": "object"},
+    "tlsConfig": {"type": "object"}, "authorization": AUTHORIZATION,
     "basicAuth": {"type": "object"}, "oauth2": {"type": "object"},
     "followRedirects": {"type": "boolean"}, "enableHttp2": {"type": "boolean"},
     "filterRunning": {"type": "boolean"}, "proxyUrl": {"type": "string"},

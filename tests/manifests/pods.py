@@ -117,6 +117,40 @@ def replace_file_secrets(value: Any, dirs: list[str], tmp: pathlib.Path) -> Any:
     return value
 
 
+def metrics_token_secret(objects: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """The Secret and key the control plane reads its ``metrics.bearer_token_file`` from,
+    as its pod mounts them (None when /metrics needs no token). A path under no Secret
+    mount, or naming a file the mount does not project, fails."""
+    hits = [(w, c) for w, c in synapse_containers(objects) if c["args"][0] == "controlplane"]
+    assert len(hits) == 1, f"expected one controlplane container, found {len(hits)}"
+    workload, c = hits[0]
+    data = config_data(objects, workload, c, container_environ(c))
+    path = (data.get("metrics") or {}).get("bearer_token_file")
+    if path is None:
+        return None
+    file = pathlib.PurePosixPath(path)
+    volume = mounted_volume(workload, c, str(file.parent))
+    assert "secret" in volume, f"metrics.bearer_token_file {path} is not in a Secret mount"
+    items = {i["path"]: i["key"] for i in volume["secret"].get("items", [])}
+    if volume["secret"].get("items"):
+        assert file.name in items, f"the Secret mount at {file.parent} has no {file.name}"
+    return volume["secret"]["secretName"], items.get(file.name, file.name)
+
+
+def replace_metrics_token(data: dict[str, Any], dirs: list[str],
+                          tmp: pathlib.Path) -> dict[str, Any]:
+    """Swap ``metrics.bearer_token_file`` (a plain path, not {file: P}) for a temp file
+    holding a stand-in token, after checking it is inside a Secret mount."""
+    path = (data.get("metrics") or {}).get("bearer_token_file")
+    if path is None:
+        return data
+    assert any(str(path).startswith(d.rstrip("/") + "/") for d in dirs), \
+        f"metrics.bearer_token_file {path} is not under a mounted Secret ({dirs})"
+    stand_in = tmp / "secret-metrics-token"
+    stand_in.write_text("stand-in-metrics-token\n")
+    return {**data, "metrics": {**data["metrics"], "bearer_token_file": str(stand_in)}}
+
+
 @dataclasses.dataclass
 class Prepared:
     """One Synapse container of an overlay as the kubelet would start it."""
@@ -124,7 +158,7 @@ class Prepared:
     workload: dict[str, Any]
     container: dict[str, Any]
     environ: dict[str, str]  # the pod's env; secretKeyRef values are placeholders
-    data: dict[str, Any]  # its config.yaml, {file: P} secrets swapped for temp files
+    data: dict[str, Any]  # its config.yaml, secret files swapped for temp files
 
 
 def prepare(overlay: str, process: str, tmp_path: pathlib.Path,
@@ -141,7 +175,8 @@ def prepare_objects(objects: list[dict[str, Any]], process: str, tmp_path: pathl
     workload, c = hits[0]
     environ = container_environ(c, field_refs)
     data = config_data(objects, workload, c, environ)
-    data = replace_file_secrets(data, secret_mount_dirs(workload, c), tmp_path)
+    dirs = secret_mount_dirs(workload, c)
+    data = replace_metrics_token(replace_file_secrets(data, dirs, tmp_path), dirs, tmp_path)
     return Prepared(workload, c, environ, data)
 
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests import harness
-from tests.manifests import pods, render
+from tests.manifests import pods, render, test_monitoring
 
 
 def _get(url: str, key: str | None = None) -> tuple[int, bytes]:
@@ -65,6 +65,19 @@ def _start_control_plane(overlay: str, tmp_path: pathlib.Path,
     return base, grpc, cfg, f"http://127.0.0.1:{metrics}/metrics"
 
 
+def assert_metrics_need_the_token(url: str, token: str) -> None:
+    """The metrics port refuses a scrape without the token or with another, in an error
+    that names neither, and answers the token."""
+    for key in (None, "not-the-metrics-token", token + "x"):
+        status, body = _get(url, key)
+        assert status == 401, (key, status, body[:200])
+        assert b"synapse_requests_total" not in body and b'tenant="' not in body
+        assert token.encode() not in body and (key is None or key.encode() not in body)
+        assert json.loads(body)["error"]["code"] == "invalid_metrics_token"
+    status, body = _get(url, token)
+    assert status == 200 and b"synapse_requests_total" in body
+
+
 @pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
 def test_control_plane_starts_with_the_overlay_config(
         overlay: str, tmp_path: pathlib.Path, processes: harness.ProcessPool,
@@ -75,9 +88,17 @@ def test_control_plane_starts_with_the_overlay_config(
     # syncs, ready after: an outage is no reason to leave the Service)
     status, body = _get(f"{base}/ready")
     assert b"no routable backend" in body, (status, body)
-    # /metrics on its own port (the one the ServiceMonitor scrapes), not the API's
-    status, body = _get(metrics)
-    assert status == 200 and b"synapse_requests_total" in body
+    # /metrics on its own port (the one the ServiceMonitor scrapes), not the API's, and
+    # behind the token of the pod's Secret where the overlay sets one
+    token_file = cfg.metrics.bearer_token_file
+    if overlay in test_monitoring.TOKEN_OVERLAYS:
+        assert token_file is not None, f"{overlay}: /metrics needs no token"
+        token = pathlib.Path(token_file).read_text().strip()
+        assert_metrics_need_the_token(metrics, token)
+    else:
+        assert token_file is None
+        status, body = _get(metrics)
+        assert status == 200 and b"synapse_requests_total" in body
     assert _get(f"{base}/metrics")[0] == 404
     # the tenant key the pod gets from its Secret opens the API; another key does not
     key = cfg.auth.tenants[0].keys[0].get_secret_value()

@@ -70,6 +70,15 @@ def test_a_misspelled_field_in_a_custom_resource_fails_validation(
                for line in problems), problems
 
 
+def test_a_scrape_token_written_inline_fails_validation(tmp_path: pathlib.Path) -> None:
+    # the CRD takes the credentials only as a reference to a Secret's key
+    objects = _broken_render(tmp_path, "monitoring/servicemonitor.yaml",
+                             "credentials:\n          name: synapse-auth\n          key: "
+                             "metrics-token", "credentials: stand-in-token", "monitoring")
+    problems = validate.problems(objects)
+    assert any("ServiceMonitor/synapse-controlplane" in line for line in problems), problems
+
+
 def test_a_wrong_type_fails_validation(tmp_path: pathlib.Path) -> None:
     objects = _broken_render(tmp_path, "base/controlplane-pdb.yaml",
                              "minAvailable: 1", "minAvailable: [1]", "bundled")

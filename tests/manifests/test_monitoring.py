@@ -2,13 +2,19 @@
 ServiceMonitor selects the control plane's metrics Service (which the API Service is not:
 /metrics lists every tenant's traffic) and names its metrics port, the
 PodMonitor selects the agent pods and names theirs, and both processes serve /metrics
-on those ports according to their configs."""
+on those ports according to their configs. The control plane's /metrics needs a token
+(every pod in the cluster reaches its port without NetworkPolicies), and the
+ServiceMonitor presents the one the control plane reads."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.manifests import render
+from tests.manifests import pods, render
+
+# The overlays whose /metrics needs a token. embedded-dev (one development tenant, keys
+# from Secret `synapse-dev` in the environment) leaves its metrics port open.
+TOKEN_OVERLAYS = ("bundled", "production")
 
 
 @pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
@@ -40,3 +46,13 @@ def test_pod_monitor_scrapes_every_agent(overlay: str) -> None:
     for endpoint in monitor["spec"]["podMetricsEndpoints"]:
         assert endpoint["port"] in ports
         assert endpoint["path"] == "/metrics"
+
+
+@pytest.mark.parametrize("overlay", TOKEN_OVERLAYS)
+def test_service_monitor_presents_the_token_the_control_plane_demands(overlay: str) -> None:
+    source = pods.metrics_token_secret(render.render(overlay))
+    assert source == ("synapse-auth", "metrics-token"), overlay
+    monitor = render.find(render.render("monitoring"), "ServiceMonitor")
+    name, key = source
+    assert [e.get("authorization") for e in monitor["spec"]["endpoints"]] == [
+        {"type": "Bearer", "credentials": {"name": name, "key": key}}]

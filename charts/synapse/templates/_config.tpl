@@ -12,8 +12,15 @@ pod specs rendered here, so the chart's values win for those keys.
   "auth" (dict "admin_key" (dict "file" (printf "%s/admin-key" $authDir))
                "agent_token" (dict "file" (printf "%s/agent-token" $authDir)))
   "logging" (dict "format" "json") -}}
+{{- $metrics := dict -}}
 {{- with .Values.controlPlane.ports.metrics -}}
-{{- $_ := set $own "metrics" (dict "port" (int .)) -}}
+{{- $_ := set $metrics "port" (int .) -}}
+{{- end -}}
+{{- if .Values.controlPlane.metricsAuth.enabled -}}
+{{- $_ := set $metrics "bearer_token_file" (printf "%s/%s" $authDir (include "synapse.metricsTokenKey" .)) -}}
+{{- end -}}
+{{- if $metrics -}}
+{{- $_ := set $own "metrics" $metrics -}}
 {{- end -}}
 {{- if ne .Values.dependencies.redis.mode "none" -}}
 {{- $_ := set $own "redis" (dict "url" (dict "env" "SYNAPSE_REDIS_URL")) -}}

@@ -19,10 +19,14 @@ name, so selectors stay unique per release without an extra label.
 {{- define "synapse.redis.name" -}}{{ include "synapse.fullname" . }}-redis{{- end -}}
 {{- define "synapse.milvus.name" -}}{{ include "synapse.fullname" . }}-milvus{{- end -}}
 
-{{/* The Secret with admin-key, api-key and agent-token: referenced or created. */}}
+{{/* The Secret with admin-key, api-key, agent-token (and metrics-token): referenced or
+created. */}}
 {{- define "synapse.authSecret" -}}
 {{- .Values.secrets.existingSecret | default (printf "%s-auth" (include "synapse.fullname" .)) -}}
 {{- end -}}
+
+{{/* The auth Secret's key /metrics wants as a bearer token (controlPlane.metricsAuth). */}}
+{{- define "synapse.metricsTokenKey" -}}metrics-token{{- end -}}
 
 {{/* Where the control plane finds the auth Secret's keys, and the agent its token. */}}
 {{- define "synapse.authDir" -}}/var/run/secrets/synapse{{- end -}}
