@@ -71,6 +71,9 @@ def _wildcard(host: str) -> bool:
 class Agent:
     def __init__(self, cfg: AgentSettings, registry: CollectorRegistry | None = None) -> None:
         self.cfg = cfg
+        # first, so an unreadable token file (TokenFileError, naming the field) stops the
+        # start before anything is built
+        metrics_token = http_metrics.read_token(cfg.metrics.bearer_token_file)
         self.node = cfg.node_name or socket.gethostname()
         self.metrics = agent_metrics.Metrics(registry or CollectorRegistry())
         # nvmlInit runs here, once, before anything is served (it fails fast without a
@@ -96,7 +99,8 @@ class Agent:
             interceptors=[node_tracing.TracingInterceptor(self.tracing)] if self.tracing else [],
             scorer=self.scorer, observe_scores=self._observe_scores)
         self.metrics_server = http_metrics.MetricsServer(
-            self.metrics.registry, self.refresh_metrics, cfg.metrics.host, cfg.metrics.port)
+            self.metrics.registry, self.refresh_metrics, cfg.metrics.host, cfg.metrics.port,
+            token_sha256=metrics_token)
         self.reporter = reporter.Reporter(cfg.control_plane, self.register_message,
                                           self.report_message, self.on_command,
                                           self.metrics, self.node)
@@ -364,7 +368,7 @@ async def run(cfg: AgentSettings) -> int:
     except OSError as exc:
         log.error("agent cannot start: %s", exc)
         return 1
-    except tracing.TracingUnavailable as exc:
+    except (tracing.TracingUnavailable, http_metrics.TokenFileError) as exc:
         log.error("config error: %s", exc)
         return 2
     try:

@@ -63,6 +63,11 @@ class GrpcSettings(Section):
 class MetricsSettings(Section):
     host: str = Field("0.0.0.0", description="/metrics address")
     port: int = Field(9102, ge=0, le=65535, description="/metrics port (0 = pick)")
+    bearer_token_file: str | None = Field(
+        None, description="file holding a token /metrics then requires as 'Authorization: "
+        "Bearer <token>' (a Prometheus PodMonitor's authorization); read at start. Without "
+        "it /metrics, whose gauges name the models and their running and waiting requests, "
+        "is open to whoever reaches the port. /healthz needs no token")
 
 
 class FakeGpu(Section):
