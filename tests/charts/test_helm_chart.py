@@ -103,7 +103,9 @@ def test_configs_validate_and_match_the_pods(values: str | None, release: str,
     cp_secret = pods.mounted_volume(deploy, cp_container, "/var/run/secrets/synapse")
     agent_secret = pods.mounted_volume(ds, agent_container, "/var/run/secrets/synapse-agent")
     assert cp_secret["secret"]["secretName"] == agent_secret["secret"]["secretName"]
-    assert agent_secret["secret"]["items"] == [{"key": "agent-token", "path": "agent-token"}]
+    # only the two tokens the agents need, never the API keys
+    assert agent_secret["secret"]["items"] == [{"key": "agent-token", "path": "agent-token"},
+                                               {"key": "metrics-token", "path": "metrics-token"}]
     assert cp.auth.agent_token is not None and agent.control_plane.token is not None
     if release != "synapse":
         names = [o["metadata"]["name"] for o in objects]
@@ -153,6 +155,8 @@ SCHEMA_ERRORS = [
     (("agent.ports.metrics=70000",), r"/agent/ports/metrics'"),
     (("controlPlane.metricsAuth.enabled=yes",), r"/controlPlane/metricsAuth/enabled'"),
     (("controlPlane.metricsAuth.token=x",), r"/controlPlane/metricsAuth': additional prop"),
+    (("agent.metricsAuth.enabled=yes",), r"/agent/metricsAuth/enabled'"),
+    (("agent.metricsAuth.token=x",), r"/agent/metricsAuth': additional prop"),
     (("upstreams[0].name=x", "upstreams[0].url=ollama:11434", "upstreams[0].models[0]=m"),
      r"/upstreams/0/url'"),
 ]
@@ -345,15 +349,17 @@ def test_an_existing_secret_supplies_the_metrics_token() -> None:
 
 
 def test_opting_out_leaves_the_metrics_port_open() -> None:
-    """controlPlane.metricsAuth.enabled false: no token anywhere, the ServiceMonitor
-    scrapes without one (and every pod that reaches the port reads every tenant's
-    traffic, unless NetworkPolicies keep them out)."""
+    """controlPlane.metricsAuth.enabled false: no token for the control plane, the
+    ServiceMonitor scrapes without one (and every pod that reaches the port reads every
+    tenant's traffic, unless NetworkPolicies keep them out). The agents keep theirs, so
+    the Secret keeps the key."""
     objects = helm.render_chart(None, "controlPlane.metricsAuth.enabled=false",
                                 "monitoring.serviceMonitor.enabled=true")
     assert pods.metrics_token_secret(objects) is None
-    assert "metrics-token" not in render.find(objects, "Secret", "synapse-auth")["data"]
     monitor = render.find(objects, "ServiceMonitor")
     assert all("authorization" not in e for e in monitor["spec"]["endpoints"])
+    assert pods.metrics_token_secret(objects, "agent") == ("synapse-auth", "metrics-token")
+    assert "metrics-token" in render.find(objects, "Secret", "synapse-auth")["data"]
 
 
 def test_the_metrics_token_also_guards_metrics_on_the_api_port() -> None:
@@ -363,3 +369,67 @@ def test_the_metrics_token_also_guards_metrics_on_the_api_port() -> None:
     configmap = render.find(objects, "ConfigMap", "synapse-controlplane-config")
     config = yaml.safe_load(configmap["data"]["config.yaml"])
     assert config["metrics"] == {"bearer_token_file": METRICS_TOKEN_FILE}
+
+
+AGENT_METRICS_TOKEN_FILE = "/var/run/secrets/synapse-agent/metrics-token"
+
+
+@pytest.mark.parametrize("values", ALL_VALUES, ids=_ids)
+def test_the_agents_metrics_port_needs_the_token_by_default(values: str | None) -> None:
+    """The agents' /metrics names the models and their running and waiting requests (a
+    model one tenant alone may use shows that tenant's traffic), and every pod reaches it
+    without NetworkPolicies: by default the agents read key `metrics-token` of the auth
+    Secret (mounted beside agent-token) and the PodMonitor presents it."""
+    objects = helm.render_chart(values, "monitoring.podMonitor.enabled=true")
+    configmap = render.find(objects, "ConfigMap", "synapse-agent-config")
+    config = yaml.safe_load(configmap["data"]["config.yaml"])
+    assert config["metrics"]["bearer_token_file"] == AGENT_METRICS_TOKEN_FILE
+    source = pods.metrics_token_secret(objects, "agent")
+    # the control plane's token: one Secret key, one scrape credential
+    assert source == pods.metrics_token_secret(objects)
+    assert source is not None and source[1] == "metrics-token"
+    secret_name, key = source
+    if not [o for o in objects if o["kind"] == "Secret"]:   # values/production.yaml
+        assert secret_name == yaml.safe_load((helm.VALUES_DIR / f"{values}.yaml").read_text()
+                                             )["secrets"]["existingSecret"]
+    else:
+        assert key in render.find(objects, "Secret", secret_name)["data"]
+    monitor = render.find(objects, "PodMonitor")
+    assert [e["authorization"] for e in monitor["spec"]["podMetricsEndpoints"]] == [
+        {"type": "Bearer", "credentials": {"name": secret_name, "key": key}}]
+    problems = validate.problems(objects)
+    assert not problems, "\n".join(problems)
+
+
+def test_an_existing_secret_supplies_the_agents_metrics_token() -> None:
+    objects = helm.render_chart(None, "secrets.existingSecret=mine",
+                                "monitoring.podMonitor.enabled=true")
+    assert pods.metrics_token_secret(objects, "agent") == ("mine", "metrics-token")
+    monitor = render.find(objects, "PodMonitor")
+    assert monitor["spec"]["podMetricsEndpoints"][0]["authorization"]["credentials"] == {
+        "name": "mine", "key": "metrics-token"}
+
+
+def test_opting_the_agents_out_leaves_their_metrics_port_open() -> None:
+    """agent.metricsAuth.enabled false: the agents mount only agent-token, their config
+    has no token file and the PodMonitor scrapes without one; the control plane keeps its
+    token."""
+    objects = helm.render_chart(None, "agent.metricsAuth.enabled=false",
+                                "monitoring.podMonitor.enabled=true",
+                                "monitoring.serviceMonitor.enabled=true")
+    assert pods.metrics_token_secret(objects, "agent") is None
+    ds = render.find(objects, "DaemonSet", "synapse-agent")
+    volume = pods.mounted_volume(ds, render.container(ds, "agent"),
+                                 "/var/run/secrets/synapse-agent")
+    assert volume["secret"]["items"] == [{"key": "agent-token", "path": "agent-token"}]
+    monitor = render.find(objects, "PodMonitor")
+    assert all("authorization" not in e for e in monitor["spec"]["podMetricsEndpoints"])
+    assert pods.metrics_token_secret(objects) == ("synapse-auth", "metrics-token")
+
+
+def test_opting_both_out_leaves_the_key_out_of_the_secret() -> None:
+    objects = helm.render_chart(None, "agent.metricsAuth.enabled=false",
+                                "controlPlane.metricsAuth.enabled=false")
+    assert "metrics-token" not in render.find(objects, "Secret", "synapse-auth")["data"]
+    assert pods.metrics_token_secret(objects, "agent") is None
+    assert pods.metrics_token_secret(objects) is None

@@ -117,12 +117,14 @@ def replace_file_secrets(value: Any, dirs: list[str], tmp: pathlib.Path) -> Any:
     return value
 
 
-def metrics_token_secret(objects: list[dict[str, Any]]) -> tuple[str, str] | None:
-    """The Secret and key the control plane reads its ``metrics.bearer_token_file`` from,
-    as its pod mounts them (None when /metrics needs no token). A path under no Secret
-    mount, or naming a file the mount does not project, fails."""
-    hits = [(w, c) for w, c in synapse_containers(objects) if c["args"][0] == "controlplane"]
-    assert len(hits) == 1, f"expected one controlplane container, found {len(hits)}"
+def metrics_token_secret(objects: list[dict[str, Any]], process: str = "controlplane"
+                         ) -> tuple[str, str] | None:
+    """The Secret and key ``process`` (controlplane or agent) reads its
+    ``metrics.bearer_token_file`` from, as its pod mounts them (None when /metrics needs
+    no token). A path under no Secret mount, or naming a file the mount does not project,
+    fails."""
+    hits = [(w, c) for w, c in synapse_containers(objects) if c["args"][0] == process]
+    assert len(hits) == 1, f"expected one {process} container, found {len(hits)}"
     workload, c = hits[0]
     data = config_data(objects, workload, c, container_environ(c))
     path = (data.get("metrics") or {}).get("bearer_token_file")

@@ -6,7 +6,9 @@ accepts it: `synapse controlplane` runs with the overlay's config.yaml, the pod'
 replaced by a private redis-server and its Milvus by a Milvus Lite file. Only what cannot
 exist here is overridden: listen addresses (loopback, free ports), data_dir, and static
 upstreams (they name cluster DNS names). The tenant key from the Secret must then open
-the API, and a wrong key must not.
+the API, and a wrong key must not. The agents start with their overlay's config too: the
+embedded-dev one beside its control plane, the bundled/production one alone with what
+needs a GPU node replaced, to show its metrics port wants the token of its Secret.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import openai
 import pytest
 import yaml
 
+from synapse_common import ports
 from tests import harness
 from tests.manifests import pods, render, test_monitoring
 
@@ -65,17 +68,18 @@ def _start_control_plane(overlay: str, tmp_path: pathlib.Path,
     return base, grpc, cfg, f"http://127.0.0.1:{metrics}/metrics"
 
 
-def assert_metrics_need_the_token(url: str, token: str) -> None:
+def assert_metrics_need_the_token(url: str, token: str,
+                                  series: bytes = b"synapse_requests_total") -> None:
     """The metrics port refuses a scrape without the token or with another, in an error
-    that names neither, and answers the token."""
+    that names neither, and answers the token (a page with ``series``)."""
     for key in (None, "not-the-metrics-token", token + "x"):
         status, body = _get(url, key)
         assert status == 401, (key, status, body[:200])
-        assert b"synapse_requests_total" not in body and b'tenant="' not in body
+        assert series not in body and b'tenant="' not in body and b'model="' not in body
         assert token.encode() not in body and (key is None or key.encode() not in body)
         assert json.loads(body)["error"]["code"] == "invalid_metrics_token"
     status, body = _get(url, token)
-    assert status == 200 and b"synapse_requests_total" in body
+    assert status == 200 and series in body
 
 
 @pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
@@ -149,3 +153,35 @@ def test_embedded_dev_pair_serves_a_chat_completion(
     assert completion.choices[0].message.content
     assert completion.model == "meta-llama/Meta-Llama-3.1-8B-Instruct"
     assert raw.headers["x-synapse-backend"]
+
+
+@pytest.mark.parametrize("overlay", test_monitoring.TOKEN_OVERLAYS)
+def test_agent_metrics_need_the_token_of_its_secret(
+        overlay: str, tmp_path: pathlib.Path, processes: harness.ProcessPool) -> None:
+    """The bundled and production agent (the base's config) starts with its ConfigMap and
+    pod env, and its metrics port refuses a scrape without the token its Secret mount
+    holds, while /healthz answers without one. What needs a GPU node or a cluster is
+    replaced: NVML by the fake source, the vLLM backends (weights on the node) and the
+    MiniLM embedder by none, the control plane's cluster DNS name by a loopback port
+    nobody listens on, and the listen addresses by loopback and free ports."""
+    refs = {**pods.FIELD_REFS, "status.podIP": "127.0.0.1"}
+    pod = pods.prepare(overlay, "agent", tmp_path, refs)
+    token_file = pod.data["metrics"].get("bearer_token_file")
+    assert token_file, f"{overlay}: the agents' /metrics needs no token"
+    token = pathlib.Path(token_file).read_text().strip()
+    grpc, metrics, nobody = ports.free_ports(3)
+    data = {**pod.data, "backends": [], "telemetry": {"source": "fake"},
+            "embedder": {"kind": "none"},
+            "control_plane": {**pod.data["control_plane"], "dns_name": f"127.0.0.1:{nobody}"}}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    env = {**pod.environ, "PATH": f"{harness.VENV_BIN}:{os.environ.get('PATH', '')}",
+           "SYNAPSE_GRPC__HOST": "127.0.0.1", "SYNAPSE_GRPC__PORT": str(grpc),
+           "SYNAPSE_GRPC__ADVERTISE_ADDRESS": f"127.0.0.1:{grpc}",
+           "SYNAPSE_METRICS__HOST": "127.0.0.1", "SYNAPSE_METRICS__PORT": str(metrics),
+           "SYNAPSE_SUPERVISOR__LOG_DIR": str(tmp_path / "logs")}
+    args = pods.with_config(pod.container["args"], str(config))
+    base = f"http://127.0.0.1:{metrics}"
+    processes.start(f"agent-{overlay}", ["synapse", *args], env=env,
+                    ready_url=f"{base}/healthz", timeout=60, cwd=str(tmp_path))
+    assert_metrics_need_the_token(f"{base}/metrics", token, b"synapse_agent_telemetry_ok")

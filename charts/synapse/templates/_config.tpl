@@ -44,11 +44,16 @@ pod specs rendered here, so the chart's values win for those keys.
 {{- define "synapse.agent.config" -}}
 {{- $dns := printf "%s.%s.svc.%s:%d" (include "synapse.controlPlane.headless" .)
   .Release.Namespace .Values.clusterDomain (int .Values.controlPlane.ports.grpc) -}}
+{{- $tokenDir := include "synapse.agentTokenDir" . -}}
+{{- $metrics := dict "port" (int .Values.agent.ports.metrics) -}}
+{{- if .Values.agent.metricsAuth.enabled -}}
+{{- $_ := set $metrics "bearer_token_file" (printf "%s/%s" $tokenDir (include "synapse.metricsTokenKey" .)) -}}
+{{- end -}}
 {{- $own := dict
   "control_plane" (dict "dns_name" $dns
-                        "token" (dict "file" (printf "%s/agent-token" (include "synapse.agentTokenDir" .))))
+                        "token" (dict "file" (printf "%s/agent-token" $tokenDir)))
   "grpc" (dict "port" (int .Values.agent.ports.grpc))
-  "metrics" (dict "port" (int .Values.agent.ports.metrics))
+  "metrics" $metrics
   "supervisor" (dict "engine_host" "0.0.0.0" "log_dir" "/var/log/synapse"
                      "engine_port_range" (list (int .Values.networkPolicy.enginePorts.start)
                                                (int .Values.networkPolicy.enginePorts.end)))

@@ -25,8 +25,14 @@ created. */}}
 {{- .Values.secrets.existingSecret | default (printf "%s-auth" (include "synapse.fullname" .)) -}}
 {{- end -}}
 
-{{/* The auth Secret's key /metrics wants as a bearer token (controlPlane.metricsAuth). */}}
+{{/* The auth Secret's key /metrics wants as a bearer token (controlPlane.metricsAuth,
+agent.metricsAuth: the same token for both). */}}
 {{- define "synapse.metricsTokenKey" -}}metrics-token{{- end -}}
+
+{{/* "true" when either process's /metrics wants the token, so the Secret holds it. */}}
+{{- define "synapse.metricsTokenWanted" -}}
+{{- if or .Values.controlPlane.metricsAuth.enabled .Values.agent.metricsAuth.enabled -}}true{{- end -}}
+{{- end -}}
 
 {{/* Where the control plane finds the auth Secret's keys, and the agent its token. */}}
 {{- define "synapse.authDir" -}}/var/run/secrets/synapse{{- end -}}
