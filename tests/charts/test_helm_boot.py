@@ -50,3 +50,14 @@ def test_the_pilot_control_plane_starts_with_the_chart_config(
     # the metrics port wants the token file the pod mounts from the same Secret
     token = pathlib.Path(pod.data["metrics"]["bearer_token_file"]).read_text().strip()
     test_boot.assert_metrics_need_the_token(f"http://127.0.0.1:{metrics}/metrics", token)
+
+
+def test_the_pilot_agent_needs_its_metrics_token(tmp_path: pathlib.Path,
+                                                 processes: harness.ProcessPool) -> None:
+    """The chart's agent config (the pilot's, which no overlay has) in the real process:
+    its metrics port wants the token the pod mounts beside agent-token."""
+    pod = helm.prepare(helm.render_chart("self-hosted-pilot"), "agent", tmp_path)
+    token = pathlib.Path(pod.data["metrics"]["bearer_token_file"]).read_text().strip()
+    base = test_boot.start_agent_alone(pod, "agent-pilot", tmp_path, processes)
+    test_boot.assert_metrics_need_the_token(f"{base}/metrics", token,
+                                            b"synapse_agent_telemetry_ok")

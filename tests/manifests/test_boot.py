@@ -155,20 +155,13 @@ def test_embedded_dev_pair_serves_a_chat_completion(
     assert raw.headers["x-synapse-backend"]
 
 
-@pytest.mark.parametrize("overlay", test_monitoring.TOKEN_OVERLAYS)
-def test_agent_metrics_need_the_token_of_its_secret(
-        overlay: str, tmp_path: pathlib.Path, processes: harness.ProcessPool) -> None:
-    """The bundled and production agent (the base's config) starts with its ConfigMap and
-    pod env, and its metrics port refuses a scrape without the token its Secret mount
-    holds, while /healthz answers without one. What needs a GPU node or a cluster is
-    replaced: NVML by the fake source, the vLLM backends (weights on the node) and the
-    MiniLM embedder by none, the control plane's cluster DNS name by a loopback port
-    nobody listens on, and the listen addresses by loopback and free ports."""
-    refs = {**pods.FIELD_REFS, "status.podIP": "127.0.0.1"}
-    pod = pods.prepare(overlay, "agent", tmp_path, refs)
-    token_file = pod.data["metrics"].get("bearer_token_file")
-    assert token_file, f"{overlay}: the agents' /metrics needs no token"
-    token = pathlib.Path(token_file).read_text().strip()
+def start_agent_alone(pod: pods.Prepared, name: str, tmp_path: pathlib.Path,
+                      processes: harness.ProcessPool) -> str:
+    """Run a GPU node's agent with its pod's config and env, with what needs a GPU node or
+    a cluster replaced: NVML by the fake source, the vLLM backends (weights on the node)
+    and the MiniLM embedder by none, the control plane's cluster DNS name by a loopback
+    port nobody listens on, and the listen addresses by loopback and free ports. Returns
+    its metrics port's base URL."""
     grpc, metrics, nobody = ports.free_ports(3)
     data = {**pod.data, "backends": [], "telemetry": {"source": "fake"},
             "embedder": {"kind": "none"},
@@ -182,6 +175,22 @@ def test_agent_metrics_need_the_token_of_its_secret(
            "SYNAPSE_SUPERVISOR__LOG_DIR": str(tmp_path / "logs")}
     args = pods.with_config(pod.container["args"], str(config))
     base = f"http://127.0.0.1:{metrics}"
-    processes.start(f"agent-{overlay}", ["synapse", *args], env=env,
-                    ready_url=f"{base}/healthz", timeout=60, cwd=str(tmp_path))
+    # /healthz: the probe-style check that needs no token
+    processes.start(name, ["synapse", *args], env=env, ready_url=f"{base}/healthz",
+                    timeout=60, cwd=str(tmp_path))
+    return base
+
+
+@pytest.mark.parametrize("overlay", test_monitoring.TOKEN_OVERLAYS)
+def test_agent_metrics_need_the_token_of_its_secret(
+        overlay: str, tmp_path: pathlib.Path, processes: harness.ProcessPool) -> None:
+    """The bundled and production agent (the base's config) starts with its ConfigMap and
+    pod env (see start_agent_alone for what is replaced), and its metrics port refuses a
+    scrape without the token its Secret mount holds, while /healthz answers without one."""
+    pod = pods.prepare(overlay, "agent", tmp_path, {**pods.FIELD_REFS,
+                                                    "status.podIP": "127.0.0.1"})
+    token_file = pod.data["metrics"].get("bearer_token_file")
+    assert token_file, f"{overlay}: the agents' /metrics needs no token"
+    token = pathlib.Path(token_file).read_text().strip()
+    base = start_agent_alone(pod, f"agent-{overlay}", tmp_path, processes)
     assert_metrics_need_the_token(f"{base}/metrics", token, b"synapse_agent_telemetry_ok")
