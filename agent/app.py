@@ -22,6 +22,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
@@ -30,6 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from agent import (
     convert,
+    engine_auth,
     http_metrics,
     node_service,
     node_tracing,
@@ -45,7 +47,7 @@ from agent.core import lru, types
 from agent.embedding import pair_scorer, protocol, service, tei, tuned
 from protos.synapse.v1 import controlplane_pb2
 from synapse_common import clock as clocks
-from synapse_common import tracing
+from synapse_common import engine_key, tracing
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,13 @@ class Agent:
         sup = cfg.supervisor
         advertise = sup.advertise_host or (node_ip() if _wildcard(sup.engine_host)
                                            else sup.engine_host)
+        token = cfg.control_plane.token
         self.supervisor = supervisor.Supervisor(
-            sup, runners.Hooks(self.metrics, self.node, self._changed), advertise)
+            sup, runners.Hooks(self.metrics, self.node, self._changed), advertise,
+            engine_key=engine_key.derive(token.get_secret_value() if token else None))
         self.embeddings = self._build_embeddings()
         # Node.ScorePairs' cross-encoder (kind minilm; else it says why there is none)
         self.scorer = pair_scorer.build(cfg.embedder)
-        token = cfg.control_plane.token
         # Node.Embed spans (issue 19); TracingUnavailable names tracing.enabled
         self.tracing = tracing.setup(cfg.tracing, "synapse-agent", self.node)
         self.node_server = node_service.NodeServer(
@@ -111,7 +114,7 @@ class Agent:
         self._known_backends: set[str] = set()
 
     def _build_embeddings(self) -> service.EmbeddingService | None:
-        embedder = build_embedder(self.cfg.embedder)
+        embedder = build_embedder(self.cfg.embedder, engine_auth.embedder_headers(self.cfg))
         if embedder is None:
             return None
         e = self.cfg.embedder
@@ -151,6 +154,8 @@ class Agent:
             log.warning("no control_plane.token: the Node gRPC service %s", "serves calls "
                         "without a credential (grpc.allow_unauthenticated)"
                         if self.cfg.grpc.allow_unauthenticated else "refuses every call")
+            log.warning("no control_plane.token: engines this agent starts accept every "
+                        "caller (no engine key)")
         await self.metrics_server.start()
         log.info("agent metrics listening on http://%s:%d", self.cfg.metrics.host,
                  self.metrics_server.port)
@@ -320,12 +325,14 @@ class Agent:
                 m.engine_prefix_hit_rate.labels(*labels).set(s.prefix_hit_rate)
 
 
-def build_embedder(cfg: EmbedderSettings) -> protocol.Embedder | None:
-    """The embedder ``embedder.kind`` names (None for ``none``)."""
+def build_embedder(cfg: EmbedderSettings, tei_headers: Mapping[str, str] | None = None,
+                   ) -> protocol.Embedder | None:
+    """The embedder ``embedder.kind`` names (None for ``none``); ``tei_headers``: the
+    engine key's when the TEI is one of the agent's own engines (agent.engine_auth)."""
     if cfg.kind == "minilm":
         return tuned.build(cfg)
     if cfg.kind == "tei":
-        return tei.TeiEmbedder(cfg)
+        return tei.TeiEmbedder(cfg, tei_headers)
     return None
 
 

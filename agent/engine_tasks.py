@@ -14,6 +14,7 @@ seconds on a busy CPU), the runner asks again at its next probes (:data:`TIMEOUT
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import aiohttp
 
@@ -24,13 +25,15 @@ log = logging.getLogger("agent.engine_tasks")
 TIMEOUT_S = 15.0
 
 
-async def discover(session: aiohttp.ClientSession, base_url: str,
-                   timeout_s: float) -> tuple[str, ...] | None:
+async def discover(session: aiohttp.ClientSession, base_url: str, timeout_s: float,
+                   headers: Mapping[str, str] | None = None) -> tuple[str, ...] | None:
     """The tasks the engine's ``/openapi.json`` shows; empty when it serves none (or no
-    such document), None when the engine could not be asked."""
+    such document), None when the engine could not be asked. ``headers``: the engine
+    key's, for an engine the agent started."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
-        async with session.get(base_url + "/openapi.json", timeout=timeout) as resp:
+        async with session.get(base_url + "/openapi.json", timeout=timeout,
+                               headers=headers) as resp:
             if resp.status != 200:
                 return ()
             document = await resp.json(content_type=None)
@@ -43,12 +46,12 @@ async def discover(session: aiohttp.ClientSession, base_url: str,
     return tasks.from_paths(paths) if isinstance(paths, dict) else ()
 
 
-async def learn(session: aiohttp.ClientSession, spec: types.EngineSpec,
-                base_url: str) -> tuple[str, ...] | None:
+async def learn(session: aiohttp.ClientSession, spec: types.EngineSpec, base_url: str,
+                headers: Mapping[str, str] | None = None) -> tuple[str, ...] | None:
     """The backend's tasks, by the rule above; None when the engine must be asked again."""
     if spec.tasks:
         return spec.tasks
-    found = await discover(session, base_url, TIMEOUT_S)
+    found = await discover(session, base_url, TIMEOUT_S, headers)
     if found is None:
         return None
     if found:

@@ -12,7 +12,12 @@ Decisions:
   rotated ``.1`` file kept) and a ring of the last lines for reports. Writes are small
   appends to a local file, treated like logging's handlers as non-blocking.
 * Engines get the agent's environment without ``SYNAPSE_*`` (the agent's own settings and
-  secrets), plus the spec's variables.
+  secrets), plus the spec's variables (and the engine key's, :mod:`agent.core.commands`).
+* A sink given secrets (the engine key) masks them in the engine's output before it is
+  written or kept: an engine may print its settings at start (TEI prints its arguments,
+  key included). A secret cut across two reads is caught by holding back the end of a
+  read that could begin one until the next read (or the agent's own note, or the close);
+  output that ends a line is never held.
 * Stop = SIGTERM to the group, SIGKILL to the group after the grace period, and a final
   SIGKILL to the group after the leader exits, for children that outlived it.
 """
@@ -29,12 +34,14 @@ import os
 import pathlib
 import signal
 import subprocess
+from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 READ_CHUNK = 65536
 MAX_TAIL_LINE = 2000  # characters kept per line in memory
+MASK = b"**********"
 
 
 def _load_libc() -> ctypes.CDLL | None:
@@ -65,15 +72,44 @@ def engine_environment() -> dict[str, str]:
 
 
 class LogSink:
-    """Size-capped log file plus the last lines in memory."""
+    """Size-capped log file plus the last lines in memory, ``secrets`` masked."""
 
-    def __init__(self, path: pathlib.Path, max_bytes: int, tail_lines: int) -> None:
+    def __init__(self, path: pathlib.Path, max_bytes: int, tail_lines: int,
+                 secrets: Sequence[str] = ()) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.tail: collections.deque[str] = collections.deque(maxlen=max(tail_lines, 1))
         self._partial = b""
+        self._secrets = sorted({s.encode() for s in secrets if s}, key=len, reverse=True)
+        self._held = b""
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "ab")
+
+    def output(self, chunk: bytes) -> None:
+        """Engine output: masked (the end held back when it could begin a secret), then
+        written."""
+        if not self._secrets:
+            self.write(chunk)
+            return
+        data = self._held + chunk
+        for secret in self._secrets:
+            data = data.replace(secret, MASK)
+        cut = len(data) - self._could_begin_a_secret(data)
+        self._held = data[cut:]
+        if cut:
+            self.write(data[:cut])
+
+    def _could_begin_a_secret(self, data: bytes) -> int:
+        """The length of the longest end of ``data`` that begins a secret."""
+        return max((n for secret in self._secrets
+                    for n in range(min(len(secret) - 1, len(data)), 0, -1)
+                    if data.endswith(secret[:n])), default=0)
+
+    def flush_held(self) -> None:
+        """Write what :meth:`output` held back (no secret can complete it any more)."""
+        held, self._held = self._held, b""
+        if held:
+            self.write(held)
 
     def write(self, chunk: bytes) -> None:
         if self._file.tell() + len(chunk) > self.max_bytes:
@@ -88,6 +124,7 @@ class LogSink:
 
     def note(self, text: str) -> None:
         """A line written by the agent itself (start, exit), marked as such."""
+        self.flush_held()
         self.write(f"[synapse-agent] {text}\n".encode())
 
     def _rotate(self) -> None:
@@ -99,6 +136,7 @@ class LogSink:
         return list(self.tail)
 
     def close(self) -> None:
+        self.flush_held()
         self._file.close()
 
 
@@ -128,7 +166,7 @@ class EngineProcess:
     async def _pump_output(self) -> None:
         assert self.proc.stdout is not None
         while chunk := await self.proc.stdout.read(READ_CHUNK):
-            self.sink.write(chunk)
+            self.sink.output(chunk)
 
     async def wait(self) -> int:
         """Wait for the leader to exit, reap its group, log the exit (call once)."""

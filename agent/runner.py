@@ -13,6 +13,14 @@ probed.
 Engine ``/metrics`` are scraped by a separate loop per runner (generation backends only)
 and interpreted by :mod:`agent.core.engine_metrics`. Every phase change calls the hooks'
 ``on_change`` so the reporter sends a report at once.
+
+The engine key (:mod:`synapse_common.engine_key`, when the agent has a token) goes to
+each engine the runner starts through its environment (:func:`agent.core.commands.
+environment`), and with every call the runner makes to it (``/health``, ``/metrics``,
+``/openapi.json``): those paths are open on vLLM and TEI, but an engine that guards them
+too (llama-server guards ``/metrics``) is still probed. ``external`` backends get no key.
+The engine's own output is written with the key masked (TEI prints its arguments, key
+included, at start), so it reaches neither the log file nor the reported last lines.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from agent.core import backoff, commands, engine_metrics, types
 from agent.core.types import Phase
 from synapse_common import aiotasks, ports
 from synapse_common import clock as clocks
+from synapse_common import engine_key as engine_keys
 
 log = logging.getLogger("agent.supervisor")
 LIVE = (Phase.STARTING, Phase.READY, Phase.UNHEALTHY)
@@ -57,8 +66,12 @@ class Hooks:
 class Runner:
     def __init__(self, spec: types.EngineSpec, cfg: SupervisorSettings,
                  session: aiohttp.ClientSession, hooks: Hooks, advertise_host: str,
-                 managed: bool = False, timing: clocks.Time = clocks.Time()) -> None:
+                 managed: bool = False, timing: clocks.Time = clocks.Time(),
+                 engine_key: str | None = None) -> None:
         self.spec = spec
+        # never in reports or logs; external backends are not ours to key
+        self._key = engine_key if spec.engine != "external" else None
+        self._auth = engine_keys.headers(self._key)
         self.cfg = cfg
         self.managed = managed
         self._session = session
@@ -83,7 +96,8 @@ class Runner:
         self.tasks: tuple[str, ...] = spec.tasks or (spec.task,)
         self._tasks_known = bool(spec.tasks)
         self.sink = process.LogSink(pathlib.Path(cfg.log_dir) / f"{spec.name}.log",
-                                    cfg.log_max_bytes, cfg.log_tail_lines)
+                                    cfg.log_max_bytes, cfg.log_tail_lines,
+                                    secrets=(self._key,) if self._key else ())
         self._policy = backoff.RestartPolicy(
             timing.monotonic, backoff.Backoff(cfg.backoff_initial_s, cfg.backoff_max_s),
             cfg.crashloop_restarts, cfg.crashloop_window_s)
@@ -157,7 +171,7 @@ class Runner:
         """The node's defaults for the engine kind (vLLM's CPU variables), then the spec's."""
         base = (engine_env.vllm_environment(self.cfg, self.cfg.vllm_command)
                 if self.spec.engine == "vllm" else {})
-        return {**base, **commands.environment(self.spec)}
+        return {**base, **commands.environment(self.spec, self._key)}
 
     async def _spawn(self) -> bool:
         argv = self._argv()
@@ -240,7 +254,7 @@ class Runner:
     async def _learn_tasks(self) -> None:
         """What the engine serves (agent.engine_tasks): asked before it is reported ready,
         and at the next probes while the engine could not answer."""
-        found = await engine_tasks.learn(self._session, self.spec, self.probe_url)
+        found = await engine_tasks.learn(self._session, self.spec, self.probe_url, self._auth)
         if found is None:
             return
         self._tasks_known = True
@@ -251,7 +265,8 @@ class Runner:
     async def _probe(self) -> bool:
         timeout = aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)
         try:
-            async with self._session.get(self.probe_url + "/health", timeout=timeout) as r:
+            async with self._session.get(self.probe_url + "/health", timeout=timeout,
+                                         headers=self._auth) as r:
                 return r.status == 200
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return False
@@ -277,7 +292,8 @@ class Runner:
     async def scrape(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)
         try:
-            async with self._session.get(self.probe_url + "/metrics", timeout=timeout) as r:
+            async with self._session.get(self.probe_url + "/metrics", timeout=timeout,
+                                         headers=self._auth) as r:
                 r.raise_for_status()
                 text = await r.text()
             snap = engine_metrics.parse(text)

@@ -26,8 +26,9 @@ class Supervisor:
     """All runners of the node: config-defined ones and control-plane-managed ones."""
 
     def __init__(self, cfg: SupervisorSettings, hooks: runners.Hooks, advertise_host: str,
-                 timing: clocks.Time = clocks.Time()) -> None:
+                 timing: clocks.Time = clocks.Time(), engine_key: str | None = None) -> None:
         self.cfg = cfg
+        self._engine_key = engine_key   # for every engine started (runner)
         self._hooks = hooks
         self._advertise_host = advertise_host
         self._time = timing
@@ -45,7 +46,7 @@ class Supervisor:
     def _add(self, spec: types.EngineSpec, managed: bool) -> None:
         assert self._session is not None
         runner = runners.Runner(spec, self.cfg, self._session, self._hooks, self._advertise_host,
-                        managed=managed, timing=self._time)
+                                managed=managed, timing=self._time, engine_key=self._engine_key)
         self.runners[spec.name] = runner
         runner.start()
         self._hooks.on_change()

@@ -12,6 +12,8 @@
   ``faults.CRASH_EXIT_CODE`` right after the N-th answer has been written.
 * ``/health`` (200 empty body, like vLLM and TEI), ``GET``/``POST /sim/faults``, and
   ``GET /openapi.json`` listing the routes (as vLLM's FastAPI serves it).
+* With ``api_key`` set, :mod:`simulator.auth` refuses callers without it on the paths
+  the imitated engine guards.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from aiohttp import typedefs, web
 
 from simulator import (
     answer,
+    auth,
     embedders,
     errors,
     faults,
@@ -177,8 +180,10 @@ def build(settings: SimulatorSettings, timing: clocks.Time = clocks.Time()) -> w
     settings = settings.model_copy(update={
         "tasks": list(sim_tasks.resolve(settings.engine, settings.tasks))})
     service = Service(settings, timing)
-    app = web.Application(middlewares=[service.errors_middleware],
-                          client_max_size=64 * 1024 * 1024)
+    middlewares: list[typedefs.Middleware] = [service.errors_middleware]
+    if settings.api_key is not None:  # inside the errors middleware, which renders its 401
+        middlewares.append(auth.middleware(settings.engine, settings.api_key.get_secret_value()))
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
     app.router.add_get("/health", service.health)
     app.router.add_get("/sim/faults", service.get_faults)
     app.router.add_post("/sim/faults", service.post_faults)

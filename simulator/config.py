@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from simulator import tasks as sim_tasks
-from synapse_common.settings import LoggingSettings, Section
+from synapse_common.settings import LoggingSettings, Secret, Section
 
 
 class ProfileSettings(Section):
@@ -70,6 +70,10 @@ class SimulatorSettings(Section):
         False, description="keep answers of /v1/responses in memory so previous_response_id "
                            "and GET /v1/responses/{id} work (vLLM's "
                            "VLLM_ENABLE_RESPONSES_API_STORE; off by default, as in vLLM)")
+    api_key: Secret | None = Field(
+        None, description="key callers must present as 'Authorization: Bearer <key>' "
+        "(simulator.auth: vLLM's guarded paths, TEI's all but health and metrics); an agent "
+        "sets it for the engines it starts through SYNAPSE_API_KEY. None: any caller")
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @field_validator("tasks")

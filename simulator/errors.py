@@ -6,6 +6,7 @@
     ├── BadRequest (400 BadRequestError)       invalid JSON, fields, lengths
     ├── NotFound (404 NotFoundError)           unknown model or route
     │   └── ResponseNotFound (404 invalid_request_error)  unknown Responses id
+    ├── Unauthorized (401 AuthenticationError)  no or wrong key (``api_key`` set)
     ├── MethodNotAllowed (405)                 known route, wrong method
     ├── Unprocessable (422)                    TEI validation (batch too large, empty)
     ├── PayloadTooLarge (413)                  TEI input over max_input_length
@@ -60,6 +61,11 @@ class ResponseNotFound(NotFound, error_type="invalid_request_error"):
 
     def __init__(self, response_id: str) -> None:
         super().__init__(f"Response with id '{response_id}' not found.", param="response_id")
+
+
+class Unauthorized(SimError, http_status=401, error_type="AuthenticationError",
+                   tei_type="Unauthorized"):
+    pass
 
 
 class MethodNotAllowed(SimError, http_status=405, error_type="MethodNotAllowed"):

@@ -4,7 +4,8 @@ agent passes to ``text-embeddings-router`` (``--model-id``, ``--hostname``, ``--
 then the backend's ``extra_args``) and runs ``synapse simulator --engine tei`` with them.
 
 Run as the agent's ``supervisor.tei_command``: ``[python, tests/tei_standin.py]``;
-``extra_args: [--task, rerank]`` makes it a reranker.
+``extra_args: [--task, rerank]`` makes it a reranker. TEI's key variable, ``API_KEY``
+(the engine key an agent passes), becomes the simulator's ``SYNAPSE_API_KEY``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def main(argv: list[str]) -> None:
     for arg in argv:
         translated.append(names.get(arg, arg))
     synapse = pathlib.Path(sys.executable).parent / "synapse"
+    if key := os.environ.pop("API_KEY", None):
+        os.environ["SYNAPSE_API_KEY"] = key
     os.execv(str(synapse), [str(synapse), "simulator", "--engine", "tei", *translated])
 
 

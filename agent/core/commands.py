@@ -11,7 +11,12 @@
   task is ``embed`` or its tasks are TEI's, ``speech`` for ``tasks: [speech]``).
 * ``external``: no process; the supervisor only probes its URL.
 
-Environment: the spec's ``env`` plus ``CUDA_VISIBLE_DEVICES`` from ``gpu_indices``.
+Environment: the spec's ``env`` plus ``CUDA_VISIBLE_DEVICES`` from ``gpu_indices``, and
+the engine key (:mod:`synapse_common.engine_key`) in the variable each engine reads
+(:data:`KEY_VARIABLES`: vLLM's ``VLLM_API_KEY``, TEI's ``API_KEY``, the simulator's
+``SYNAPSE_API_KEY``). The key goes in the environment and never on the command line, which
+``ps``, the engine's log and the agent's reports show; it wins over a spec's own value,
+since the control plane presents the derived key and nothing else.
 """
 
 from __future__ import annotations
@@ -89,8 +94,15 @@ def _simulated(spec: types.EngineSpec) -> str:
 _TEI_TASKS = frozenset({"embed", "rerank"})
 
 
-def environment(spec: types.EngineSpec) -> dict[str, str]:
+KEY_VARIABLES = {"vllm": "VLLM_API_KEY", "tei": "API_KEY", "simulator": "SYNAPSE_API_KEY"}
+
+
+def environment(spec: types.EngineSpec, engine_key: str | None = None) -> dict[str, str]:
+    """The variables ``spec``'s engine gets on top of the agent's environment."""
     env = dict(spec.env)
     if spec.gpu_indices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_indices)
+    variable = KEY_VARIABLES.get(spec.engine)
+    if engine_key and variable:
+        env[variable] = engine_key
     return env

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -28,12 +29,13 @@ log = logging.getLogger(__name__)
 class TeiEmbedder(batcher.Batched):
     """Text Embeddings Inference over HTTP."""
 
-    def __init__(self, cfg: EmbedderSettings) -> None:
+    def __init__(self, cfg: EmbedderSettings, headers: Mapping[str, str] | None = None) -> None:
         if not cfg.tei_url:
             raise ValueError("embedder.tei_url is required when embedder.kind is tei")
         self._url = cfg.tei_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s)
         self._cfg = cfg
+        self._headers = dict(headers or {})  # the engine key's, for the agent's own TEI
         self._session: aiohttp.ClientSession | None = None
         self._info: dict[str, Any] | None = None
         self.embedder_id = ""
@@ -52,7 +54,7 @@ class TeiEmbedder(batcher.Batched):
         return self.ready
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=self._timeout)
+        self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         try:
             await self._refresh_info()
         except errors.EmbedderUnavailable as exc:

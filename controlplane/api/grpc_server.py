@@ -35,7 +35,7 @@ from controlplane.api import services as services_mod
 from controlplane.core import types, upstream_kinds
 from protos import enums
 from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
-from synapse_common import aiotasks, call_metadata
+from synapse_common import aiotasks, call_metadata, engine_key
 
 log = logging.getLogger("synapse.controlplane.grpc")
 
@@ -63,12 +63,17 @@ def _base_url(url: str) -> str:
     return upstream_kinds.base_url(url)
 
 
-def backend_state(node: str, b: common_pb2.BackendState) -> types.BackendState:
+def backend_state(node: str, b: common_pb2.BackendState,
+                  engine_key: str | None = None) -> types.BackendState:
+    """``engine_key`` (:mod:`synapse_common.engine_key`) goes with every request to an
+    engine the agent started; an ``external`` one is not the agent's to key."""
+    engine = enums.ENGINE_KIND.name(b.engine)
     return types.BackendState(
         key=f"{node}/{b.name}", node=node, name=b.name, url=_base_url(b.url),
         models=tuple(b.models),
         task="embed" if b.task == common_pb2.BACKEND_TASK_EMBED else "generate",
-        tasks=frozenset(b.tasks), engine=enums.ENGINE_KIND.name(b.engine),
+        tasks=frozenset(b.tasks), engine=engine,
+        api_key=engine_key if engine != "external" else None,
         phase=_phase(b.phase), source="agent", waiting=b.num_requests_waiting,
         running=b.num_requests_running, kv_usage=b.kv_cache_usage,
         kv_capacity_tokens=b.kv_capacity_tokens, block_size=b.kv_block_size,
@@ -110,6 +115,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         self._relay = relay     # the primary of several workers: copy each stream to them
         auth = svc.settings.auth
         self._token = call_metadata.TokenCheck(auth.agent_token_value)
+        self._engine_key = engine_key.derive(auth.agent_token_value)
         self._open = auth.allow_unauthenticated_agents and not self._token.configured
         if self._token.configured:
             self._refusal = ("missing or invalid agent token (auth.agent_token on the control "
@@ -171,7 +177,8 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 kind = msg.WhichOneof("body")
                 if kind == "report":
                     rep = msg.report
-                    reg.report(name, [backend_state(name, b) for b in rep.backends],
+                    reg.report(name, [backend_state(name, b, self._engine_key)
+                                      for b in rep.backends],
                                draining=rep.draining, details=rep)
                     out.put_nowait(controlplane_pb2.ControlMessage(ack=controlplane_pb2.Ack(
                         sequence=rep.sequence, replica=self._svc.replica)))

@@ -4,7 +4,9 @@ Accepts the simulator's command line (``--engine --host --port --model
 --served-model-name --time-scale …``, unknown flags ignored), answers ``/health`` and a
 vLLM V1 ``/metrics``. ``--exit-code N`` exits at once; ``--busy-file PATH`` reports one
 running request while PATH exists (drain tests); ``--sick-file PATH`` makes ``/health``
-answer 503 while PATH exists (liveness tests).
+answer 503 while PATH exists (liveness tests). With ``VLLM_API_KEY`` in its environment
+it guards ``/health`` and ``/metrics`` with it (stricter than vLLM, as llama-server guards
+``/metrics``) and prints its settings, key included, at start (as TEI does).
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ def _busy(path: str | None) -> bool:
     return bool(path) and os.path.exists(path)  # a local stat: fine on the loop
 
 
+def _guard(key: str) -> object:
+    @web.middleware
+    async def check(request: web.Request, handler: object) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {key}":
+            return web.Response(status=401)
+        return await handler(request)  # type: ignore[operator,no-any-return]
+    return check
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
@@ -42,7 +53,10 @@ def main() -> int:
     if args.exit_code is not None:
         print("stand-in engine: exiting at once", flush=True)
         return args.exit_code
-    app = web.Application()
+    key = os.environ.get("VLLM_API_KEY")
+    app = web.Application(middlewares=[_guard(key)] if key else [])
+    if key:
+        print(f"Args {{ port: {args.port}, api_key: Some(\"{key}\") }}", flush=True)
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(status=503 if _busy(args.sick_file) else 200)

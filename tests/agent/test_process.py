@@ -76,3 +76,27 @@ async def test_engines_are_set_to_die_with_the_agent(tmp_path):
     assert await engine.wait() == 0
     assert "PDEATHSIG 9 SESSION_LEADER True" in sink.lines()
     sink.close()
+
+
+def test_a_secret_in_the_engines_output_is_masked_even_cut_across_reads(tmp_path):
+    secret = "abcdef0123456789" * 4
+    sink = process.LogSink(tmp_path / "e.log", 1 << 20, 10, secrets=[secret])
+    text = f"Args {{ api_key: Some(\"{secret}\") }}\nready\nkey again {secret}\n".encode()
+    pieces = [text[:30], text[30:41], text[41:70], text[70:-20]]   # each a read of the pipe
+    for piece in pieces:
+        sink.output(piece)
+    assert sink.lines() == ["Args { api_key: Some(\"**********\") }", "ready"]
+    sink.output(text[-20:])
+    sink.note("exited with code 0")
+    sink.close()
+    written = (tmp_path / "e.log").read_text()
+    assert secret not in written and written.count("**********") == 2
+    assert sink.lines()[-2:] == ["key again **********", "[synapse-agent] exited with code 0"]
+
+
+def test_output_that_ends_a_line_is_never_held_back(tmp_path):
+    sink = process.LogSink(tmp_path / "e.log", 1 << 20, 10, secrets=["s3cr3t-value"])
+    sink.output(b"Uvicorn running\n")
+    assert sink.lines() == ["Uvicorn running"]
+    assert (tmp_path / "e.log").read_text() == "Uvicorn running\n"
+    sink.close()

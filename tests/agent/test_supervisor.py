@@ -17,6 +17,7 @@ from agent.config import SupervisorSettings
 from agent.core import types
 from agent.core.types import Phase
 from synapse_common import clock as clocks
+from synapse_common import engine_key
 from tests import harness
 from tests.agent.conftest import STAND_IN
 from tests.clock import VirtualTime
@@ -35,10 +36,11 @@ async def make(tmp_path) -> AsyncIterator[Callable[..., supervisor.Supervisor]]:
     changes: list[int] = []
 
     def build(timing: clocks.Time = clocks.Time(), on_change: Callable[[], None] | None = None,
-              **kw) -> supervisor.Supervisor:
+              engine_key: str | None = None, **kw) -> supervisor.Supervisor:
         hooks = runners.Hooks(metrics.Metrics(CollectorRegistry()), "n",
                               on_change or (lambda: changes.append(1)))
-        sup = supervisor.Supervisor(_settings(tmp_path, **kw), hooks, "127.0.0.1", timing)
+        sup = supervisor.Supervisor(_settings(tmp_path, **kw), hooks, "127.0.0.1", timing,
+                                    engine_key=engine_key)
         made.append(sup)
         return sup
 
@@ -183,6 +185,10 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
 
 
+def _cmdline(pid: int) -> str:
+    return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+
+
 async def test_a_vllm_backend_without_gpu_gets_the_cpu_environment_under_its_own(make):
     sup = make(vllm_command=STAND_IN, vllm_device="cpu", vllm_cpu_kvcache_gib=0.5)
     spec = types.EngineSpec(name="v", engine="vllm", model="/models/smol",
@@ -205,3 +211,36 @@ async def test_a_vllm_backend_on_a_gpu_node_gets_no_cpu_variables(make):
     await harness.until(lambda: r.phase == Phase.READY, 15, "the engine to be ready")
     environ = _environ(r.pid)
     assert "VLLM_TARGET_DEVICE" not in environ and environ["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+ENGINE_KEY = engine_key.derive("agent-token-for-the-supervisor-tests")
+
+
+async def test_an_engine_gets_the_key_in_its_environment_only_and_is_probed_with_it(
+        make, tmp_path):
+    """The stand-in guards /health and /metrics with the key and prints it at start, as
+    TEI prints its arguments: it becomes ready and scraped, and the key is in none of its
+    command line, its log file, the reported lines or the runner's status."""
+    assert ENGINE_KEY is not None
+    sup = make(vllm_command=STAND_IN, vllm_device="cuda", engine_key=ENGINE_KEY)
+    await sup.start([types.EngineSpec(name="k", engine="vllm", model="m")])
+    r = sup.runners["k"]
+    await harness.until(lambda: r.phase == Phase.READY and r.metrics_ok, 15,
+                        "the guarded engine to be ready and scraped")
+    assert _environ(r.pid)["VLLM_API_KEY"] == ENGINE_KEY
+    assert ENGINE_KEY not in _cmdline(r.pid)
+    await harness.until(lambda: any("api_key: Some(" in line for line in r.sink.lines()), 5,
+                        "the engine to print its settings")
+    status = r.status(draining=False)
+    assert ENGINE_KEY not in repr(status) and ENGINE_KEY not in repr(r)
+    await sup.stop_all()
+    log_file = (tmp_path / "logs" / "k.log").read_text()
+    assert "api_key: Some(\"**********\")" in log_file and ENGINE_KEY not in log_file
+
+
+async def test_without_a_key_an_engine_gets_none_and_probes_send_none(make):
+    sup = make(vllm_command=STAND_IN, vllm_device="cuda")
+    await sup.start([types.EngineSpec(name="o", engine="vllm", model="m")])
+    r = sup.runners["o"]
+    await harness.until(lambda: r.phase == Phase.READY, 15, "the engine to be ready")
+    assert "VLLM_API_KEY" not in _environ(r.pid)

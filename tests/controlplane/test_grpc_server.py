@@ -9,8 +9,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from controlplane.api import grpc_server
+from controlplane.api import services as services_mod
 from controlplane.core import types
+from protos import enums
 from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
+from synapse_common import engine_key
 from tests.controlplane import cp_testing as t
 
 
@@ -139,3 +143,24 @@ async def test_a_port_another_grpc_server_holds_is_a_bind_error() -> None:
             await grpc_server.start("127.0.0.1", port, [])
     finally:
         await ours.stop(0)
+
+
+def test_an_agent_backend_carries_the_engine_key_to_its_requests_an_external_one_not() -> None:
+    """The key the agent's engines require goes with every request the control plane
+    sends them (the dispatcher's headers), hidden from ``repr``; an ``external`` backend
+    is not the agent's to key, and without an agent token there is no key."""
+    key = engine_key.derive("cp-test-agent-token")
+    assert key is not None
+    svc = services_mod.build(t.settings())
+    for kind in ("vllm", "tei", "simulator"):
+        msg = common_pb2.BackendState(name="e", url="http://10.0.0.5:8000", models=[t.MODEL],
+                                      engine=enums.ENGINE_KIND.value(kind))
+        backend = grpc_server.backend_state("gpu-1", msg, key)
+        assert svc.dispatcher.headers(backend, "r1")["Authorization"] == f"Bearer {key}"
+        assert key not in repr(backend)
+        unkeyed = grpc_server.backend_state("gpu-1", msg, None)
+        assert "Authorization" not in svc.dispatcher.headers(unkeyed, "r1")
+    external = common_pb2.BackendState(name="x", url="http://api.example:80", models=[t.MODEL],
+                                       engine=enums.ENGINE_KIND.value("external"))
+    backend = grpc_server.backend_state("gpu-1", external, key)
+    assert "Authorization" not in svc.dispatcher.headers(backend, "r1")

@@ -3,6 +3,10 @@ whose tasks the agent learns from its /openapi.json, a Whisper-like and a speech
 named by their tasks, and a TEI reranker (``engine: tei``, TEI's own /rerank dialect,
 played by the simulator behind TEI's command line: tests/tei_standin.py).
 
+The engines require the engine key the agent derives from its token (the control plane
+derives the same one and presents it): a call straight to an engine's port without it
+is refused, through the control plane it is served.
+
 Real processes throughout: control plane, agent, engines; the official openai and
 anthropic clients.
 """
@@ -20,6 +24,7 @@ import anthropic
 import openai
 import pytest
 
+from synapse_common import engine_key
 from tests import fleet, harness
 
 pytestmark = pytest.mark.timeout(300)
@@ -29,8 +34,10 @@ NODE = "api-node"
 
 
 class Stack:
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, ports: dict[str, int], agent: harness.ManagedProcess) -> None:
         self.base = base
+        self.ports = ports      # backend name -> its engine's port
+        self.agent = agent
 
     def openai(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base + "/v1", api_key=fleet.TENANT_KEY,
@@ -59,6 +66,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         _backend("whisper", "simulator", WHISPER, tasks=("transcription",)),
         _backend("tts", "simulator", TTS, tasks=("speech",)),
         _backend("ranker", "tei", RANKER, "--task", "rerank", tasks=("rerank",))]
+    ports = {b["name"]: b["port"] for b in agent["backends"]}
     base = f"http://127.0.0.1:{http}"
     try:
         pool.start("cp", ["synapse", "controlplane", "--config",
@@ -67,7 +75,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                                     str(fleet.write_yaml(work / "agent.yaml", agent))])
         harness.wait_until(lambda: fleet.backends_ready(base) == 4, 60,
                            "the agent's four engines to be ready", proc=proc)
-        yield Stack(base)
+        yield Stack(base, ports, proc)
     finally:
         pool.stop_all()
 
@@ -107,3 +115,27 @@ def test_a_tei_reranker_answers_v1_rerank_in_its_own_dialect(stack: Stack) -> No
     assert [r["index"] for r in ranked["results"]] == [1, 2]
     assert ranked["results"][0]["document"] == {"text": "Paris is the capital of France"}
     assert ranked["model"] == RANKER and ranked["usage"]["prompt_tokens"] > 0
+
+
+def _direct(port: int, path: str, body: dict[str, Any], key: str | None) -> int:
+    """POST ``body`` straight to an engine's port, around the control plane."""
+    status, _, _ = harness.http(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(),
+                                key=key, timeout=30)
+    return status
+
+
+def test_an_engine_refuses_a_caller_without_the_engine_key_the_control_plane_presents(
+        stack: Stack) -> None:
+    key = engine_key.derive(fleet.AGENT_TOKEN)
+    assert key is not None
+    chat = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for presented in (None, fleet.TENANT_KEY, fleet.AGENT_TOKEN):
+        assert _direct(stack.ports["llm"], "/v1/chat/completions", chat, presented) == 401
+    rerank = {"query": "q", "texts": ["a", "b"]}
+    assert _direct(stack.ports["ranker"], "/rerank", rerank, None) == 401
+    assert _direct(stack.ports["llm"], "/v1/chat/completions", chat, key) == 200
+    with stack.openai() as c:   # the control plane presents the key
+        raw = c.chat.completions.with_raw_response.create(
+            model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert raw.headers["x-synapse-backend"] == f"{NODE}/llm" and raw.parse().choices
+    assert key not in stack.agent.output()

@@ -51,3 +51,27 @@ def test_the_seat_count_is_read_from_the_command_line_when_it_sets_one():
     assert seats("vllm", "--max-num-seqs", "many") == 0
     assert seats("vllm", "--max-num-seqs") == 0
     assert seats("tei", "--max-num-seqs", "4") == 0
+
+
+KEY = "9f" * 32
+
+
+def test_the_engine_key_goes_in_each_engines_own_variable_and_never_on_the_command_line():
+    specs = {"vllm": types.EngineSpec(name="v", engine="vllm", model="m"),
+             "tei": types.EngineSpec(name="t", engine="tei", model="m", task="embed"),
+             "simulator": types.EngineSpec(name="s", engine="simulator", model="m")}
+    wanted = {"vllm": "VLLM_API_KEY", "tei": "API_KEY", "simulator": "SYNAPSE_API_KEY"}
+    for kind, spec in specs.items():
+        env = commands.environment(spec, KEY)
+        assert env == {wanted[kind]: KEY}, kind
+        argv = commands.build(spec, "0.0.0.0", 8000)
+        assert argv is not None and not any(KEY in arg for arg in argv), kind
+        assert commands.environment(spec) == {}, kind  # no agent token: no key
+
+
+def test_the_derived_key_wins_over_a_specs_own_value_and_external_backends_get_none():
+    spec = types.EngineSpec(name="v", engine="vllm", model="m",
+                            env=(("VLLM_API_KEY", "operator-set"), ("X", "1")))
+    assert commands.environment(spec, KEY) == {"VLLM_API_KEY": KEY, "X": "1"}
+    ext = types.EngineSpec(name="x", engine="external", model="m", url="http://h:1")
+    assert commands.environment(ext, KEY) == {}
