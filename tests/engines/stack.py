@@ -21,6 +21,7 @@ from typing import Any
 import openai
 import pytest
 
+from synapse_common import engine_key as engine_keys
 from synapse_common import engines
 from tests import fleet, harness
 
@@ -41,6 +42,13 @@ class RealStack:
     @property
     def backend_key(self) -> str:
         return f"{NODE}/{BACKEND}"
+
+    @property
+    def engine_key(self) -> str:
+        """The key the agent gave vLLM (VLLM_API_KEY) and the control plane presents."""
+        key = engine_keys.derive(fleet.AGENT_TOKEN)
+        assert key is not None
+        return key
 
     def client(self, key: str = fleet.TENANT_KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0,

@@ -32,9 +32,12 @@ TOOLS = [{"name": "get_weather", "description": "The weather in a city.",
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def _anthropic(base: str) -> anthropic.Anthropic:
+def _anthropic(base: str, bearer: str | None = None) -> anthropic.Anthropic:
+    """A client of ``base`` with a tenant key (``x-api-key``); ``bearer``: also
+    ``Authorization: Bearer`` (vLLM's key is checked only there)."""
     return anthropic.Anthropic(base_url=base, api_key=fleet.TENANT_KEY, max_retries=0,
-                               timeout=120)
+                               timeout=120, default_headers={"Authorization": f"Bearer {bearer}"}
+                               if bearer else None)
 
 
 def _post(url: str, body: dict[str, Any], key: str | None = fleet.TENANT_KEY,
@@ -89,7 +92,7 @@ def test_messages_native_with_a_system_prompt_and_a_tool(real_stack: RealStack) 
     assert text.strip() and streamed.content[0].text == text  # type: ignore[union-attr]
     assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
     # the engine's own answer to the same request, around Synapse
-    with _anthropic(real_stack.engine_url) as direct:
+    with _anthropic(real_stack.engine_url, real_stack.engine_key) as direct:
         own = direct.messages.create(**{**ask, "model": real_stack.model})
     assert own.content[0].text == text  # type: ignore[union-attr]
 

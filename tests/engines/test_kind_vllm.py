@@ -30,7 +30,8 @@ async def test_a_static_vllm_upstream_is_probed_scraped_and_renamed(
         models=[{"name": CANONICAL, "aliases": ["smol"]}],
         http={"upstream_first_byte_timeout_s": 120.0, "upstream_idle_timeout_s": 60.0},
         upstreams=[{"name": "vllm", "url": real_stack.engine_url + "/v1", "kind": "vllm",
-                    "models": [CANONICAL], "model_names": {CANONICAL: real_stack.model}}])
+                    "models": [CANONICAL], "model_names": {CANONICAL: real_stack.model},
+                    "api_key": real_stack.engine_key}])   # the agent keyed this vLLM
     async with t.running(s) as cp:
         backend = await _scraped(cp)
         assert backend.block_size == 128 and backend.kv_capacity_tokens > 0

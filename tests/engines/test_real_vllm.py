@@ -8,6 +8,7 @@ never compared across engines.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -58,6 +59,29 @@ def test_completions(real_stack: RealStack) -> None:
         model=real_stack.model, prompt="The capital of France is", max_tokens=8, temperature=0)
     assert reply.choices[0].text.strip()
     assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+def test_vllm_refuses_a_caller_without_the_engine_key(real_stack: RealStack) -> None:
+    """The agent started vLLM with the engine key (VLLM_API_KEY): a call straight to its
+    port without it, or with a tenant's key, is 401, while the control plane, which
+    presents the key, is served (the tests above). The key shows in neither the engine's
+    command line, its log nor the agent's."""
+    url = real_stack.engine_url + "/v1/chat/completions"
+    body = json.dumps({"model": real_stack.model, "messages": CAPITAL,
+                       "max_tokens": 2}).encode()
+    for key in (None, fleet.TENANT_KEY, fleet.AGENT_TOKEN):
+        status, _, _ = harness.http(url, body, key, timeout=60)
+        assert status == 401, key
+    status, _, _ = harness.http(url, body, real_stack.engine_key, timeout=120)
+    assert status == 200
+    assert harness.http(real_stack.engine_url + "/health")[0] == 200   # the agent's probe
+    engine = psutil.Process(int(real_stack.engine()["pid"]))
+    assert real_stack.engine_key not in " ".join(engine.cmdline())
+    assert engine.environ()["VLLM_API_KEY"] == real_stack.engine_key
+    log_text = (real_stack.workdir / "engine-logs" / "vllm.log").read_text(errors="replace")
+    assert real_stack.engine_key not in log_text
+    assert real_stack.engine_key not in real_stack.agent.output()
+    assert real_stack.engine_key not in json.dumps(real_stack.engine())
 
 
 def test_the_engines_own_metrics_reach_describe_node(real_stack: RealStack) -> None:
