@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from synapse_common import engine_key
 from tests import harness
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
@@ -43,7 +44,10 @@ ADMIN_KEY = "sk-rel-admin-9e1b7d3c5a2f4e68"
 UPSTREAM_KEY = "sk-rel-upstream-4d6f8a0c2e1b3d59"
 REDIS_PASSWORD = "rel-redis-pw-6a8c0e2f4b1d3e57"
 AGENT_TOKEN = "rel-agent-token-8c2e4a6f0b1d3957"
-SECRETS = (TENANT_KEY, OTHER_KEY, ADMIN_KEY, UPSTREAM_KEY, REDIS_PASSWORD, AGENT_TOKEN)
+# the key the agent's engines require, derived from AGENT_TOKEN (synapse_common.engine_key)
+ENGINE_KEY = engine_key.derive(AGENT_TOKEN) or ""
+SECRETS = (TENANT_KEY, OTHER_KEY, ADMIN_KEY, UPSTREAM_KEY, REDIS_PASSWORD, AGENT_TOKEN,
+           ENGINE_KEY)
 
 
 def write_yaml(path: pathlib.Path, data: dict[str, Any]) -> pathlib.Path:
