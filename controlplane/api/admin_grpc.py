@@ -25,7 +25,7 @@ from controlplane import errors
 from controlplane.api import admin_views as views
 from controlplane.api import fairness, fleet_stats, grpc_server
 from controlplane.api import services as services_mod
-from controlplane.core import cache_salt, fleet, placement, tenants
+from controlplane.core import fleet, placement, tenants
 from controlplane.core import router as router_mod
 from protos.synapse.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
@@ -228,8 +228,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                                  _check_name(request.session_id, "session_id",
                                                              required=False))
         if request.tenant or request.cache_salt:
-            prompt.partition(cache_salt.for_tenant(self._tenant(request.tenant),
-                                                   request.cache_salt))
+            prompt.partition(self.svc.salt_for(self._tenant(request.tenant),
+                                               request.cache_salt))
         verdicts, reason = self.svc.router.explain(canonical, prompt)
         return views.explanation(canonical, self.svc.router.params.policy, prompt.tokens,
                                  verdicts, reason)

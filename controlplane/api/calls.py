@@ -23,7 +23,7 @@ from aiohttp import web
 
 from controlplane import errors
 from controlplane.api import context, fairness, ops, serving
-from controlplane.core import api_calls, cache_salt, ratelimit, tenants, validation
+from controlplane.core import api_calls, ratelimit, tenants, validation
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
 from synapse_common import tasks, tracing
@@ -101,8 +101,8 @@ async def admit_tokens(request: web.Request, front: Front) -> router_mod.Prompt:
     """The token limits and budget (429 naming the limit); the prompt for routing."""
     prompt = front.prompt = prompt_of(request, front.call)
     if front.call.task in GENERATING:       # the engines' prefix cache, per tenant
-        prompt.partition(cache_salt.for_tenant(front.tenant.name,
-                                               front.body.get("cache_salt")))
+        prompt.partition(context.get(request).svc.salt_for(
+            front.tenant.name, front.body.get("cache_salt")))
     # Paths that generate nothing are charged their input only (settled from usage).
     max_tokens = front.call.max_tokens or (0 if front.call.task in GENERATING else 1)
     await fairness.admit(request, front.tenant.name, front.canonical, prompt, max_tokens)

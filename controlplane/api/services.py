@@ -28,6 +28,7 @@ from controlplane.api import fleet_wiring, route_accuracy
 from controlplane.core import access_log as access_log_mod
 from controlplane.core import (
     cache_port,
+    cache_salt,
     catalog,
     dispatch,
     ledger,
@@ -71,6 +72,7 @@ class Services:
     dispatcher: dispatch.Dispatcher
     fleet: fleet_mod.FleetService   # operator intent and the reconcile loop (Admin service)
     metrics_token_sha256: str | None = None     # /metrics needs this bearer token
+    salt_key: bytes = dataclasses.field(default=b"", repr=False)   # cache_salt.key_for
     # the pod's serving workers' metrics sockets: /metrics then answers the pod's sum
     worker_metrics_sockets: tuple[pathlib.Path, ...] = ()   # (api.worker_metrics)
     # token limits, budgets, usage, the fair queue (built by api.fairness_wiring)
@@ -93,6 +95,10 @@ class Services:
     def new_request_id(self) -> str:
         """Unique across replicas and restarts (random prefix), cheaper than a uuid4."""
         return f"{self.request_id_prefix}{next(self.request_ids):08x}"
+
+    def salt_for(self, tenant: str, client_salt: object = None) -> str:
+        """The engines' prefix-cache salt of ``tenant``'s requests (:mod:`cache_salt`)."""
+        return cache_salt.for_tenant(tenant, client_salt, self.salt_key)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, memoised: the lookup costs more than the update (a
@@ -205,4 +211,5 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
         upstream=client, dispatcher=dispatch.Dispatcher(client, rtr, cat, reg, m, policy,
                                                         clock=clock),
         metrics_token_sha256=metrics_token(settings.metrics),
+        salt_key=cache_salt.key_for(settings.auth.agent_token_value),
         fleet=fleet_wiring.build(settings, reg, led, m, pushes=commands_agents))

@@ -32,7 +32,7 @@ from aiohttp import web
 
 from controlplane import errors
 from controlplane.api import context, fairness, ops, proxy
-from controlplane.core import cache_port, cache_salt, ratelimit, tenants, validation
+from controlplane.core import cache_port, ratelimit, tenants, validation
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
 from synapse_common import tracing
@@ -169,7 +169,7 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
         session = validation.session_id(request.headers.get("x-session-id")) or parsed.user
         prompt = prompt_of(parsed, session, svc.router.exact_prompts)
         prompt.streams = parsed.stream
-        prompt.partition(cache_salt.for_tenant(tenant.name, parsed.body.get("cache_salt")))
+        prompt.partition(svc.salt_for(tenant.name, parsed.body.get("cache_salt")))
         await fairness.admit(request, tenant.name, canonical, prompt, parsed.max_tokens)
         route = choose(request, canonical, prompt, parsed, tenant)
         if fairness.queues(request):

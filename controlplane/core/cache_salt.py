@@ -10,6 +10,13 @@ that takes it (:data:`ENGINES`):
 - derived from the tenant (:func:`for_tenant`), so no client can pick another tenant's
   partition, and from the client's own ``cache_salt`` when it sent one (a tenant may
   still partition its own traffic); the client's value never reaches the engine as is;
+- keyed (:func:`key_for`: a key derived from the agent token, the secret every replica
+  and the agents share): a salt is an HMAC, not a hash of the tenant's name anyone can
+  compute. An engine's port may be reachable without Synapse (vLLM's ``/invocations``
+  takes no API key; without NetworkPolicies any pod reaches it), and whoever can name a
+  tenant's salt there can time that tenant's prefixes. Every replica and worker holds the
+  same key, so a tenant's partition is one on every engine. Without an agent token the
+  salt is the plain hash (unkeyed, as before: nothing secret to key it with);
 - the router hashes a prompt's blocks from the same salt (:func:`seed`; the prompt keeps
   it, ``tokenization.Prompt.partition``), so its prefix index, and with it prefix
   locality, is per tenant as the engines' caches then are.
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import re
 
 import orjson
@@ -35,20 +43,33 @@ _FIELD_BYTES = b'"cache_salt"'
 # its bytes appearing (``"cache\u005fsalt"``). Non-ASCII escapes cannot spell it.
 _ASCII_ESCAPE = re.compile(rb"\\u00[2-7][0-9a-fA-F]")
 SALTS_KEPT = 4096      # (tenant, client salt) pairs whose salt is kept
+KEY_CONTEXT = b"synapse/cache-salt/v1"
 
 
-def for_tenant(tenant: str, client_salt: object = None) -> str:
-    """The salt of ``tenant``'s requests (the client's own ``cache_salt`` folded in)."""
-    return _salt(tenant, client_salt if isinstance(client_salt, str) else "")
+def key_for(agent_token: str | None) -> bytes:
+    """The salts' key: HMAC-SHA256(agent token, :data:`KEY_CONTEXT`); empty without a
+    token (salts are then unkeyed). Not the engine key (another context): an engine that
+    logs its key gives away no tenant's salt."""
+    if not agent_token:
+        return b""
+    return hmac.new(agent_token.encode("utf-8"), KEY_CONTEXT, hashlib.sha256).digest()
+
+
+def for_tenant(tenant: str, client_salt: object = None, key: bytes = b"") -> str:
+    """The salt of ``tenant``'s requests (the client's own ``cache_salt`` folded in),
+    keyed with ``key`` (:func:`key_for`)."""
+    return _salt(key, tenant, client_salt if isinstance(client_salt, str) else "")
 
 
 @functools.lru_cache(maxsize=SALTS_KEPT)
-def _salt(tenant: str, own: str) -> str:
-    """Memoised per (tenant, client salt): every request of a tenant asks for the same
-    one, and hashing it again was a visible share of a request's CPU."""
-    h = hashlib.sha256(b"synapse-cache-salt\x00" + tenant.encode("utf-8", "surrogatepass")
-                       + b"\x00" + own.encode("utf-8", "surrogatepass"))
-    return h.hexdigest()[:32]
+def _salt(key: bytes, tenant: str, own: str) -> str:
+    """Memoised per (key, tenant, client salt): every request of a tenant asks for the
+    same one, and hashing it again was a visible share of a request's CPU."""
+    message = (b"synapse-cache-salt\x00" + tenant.encode("utf-8", "surrogatepass")
+               + b"\x00" + own.encode("utf-8", "surrogatepass"))
+    if key:
+        return hmac.new(key, message, hashlib.sha256).hexdigest()[:32]
+    return hashlib.sha256(message).hexdigest()[:32]
 
 
 def seed(salt: str) -> int:

@@ -15,7 +15,6 @@ import pytest
 from controlplane import config, errors
 from controlplane.api import admin_grpc, fleet_wiring, grpc_server
 from controlplane.api import services as services_mod
-from controlplane.core import cache_salt
 from controlplane.core import fleet as fleet_mod
 from controlplane.core import router as router_mod
 from protos.synapse.v1 import (
@@ -321,7 +320,7 @@ async def test_explain_as_a_tenant_counts_its_cached_prefix(fleet) -> None:
     text = " ".join(f"clause {i} binds party {i % 5}." for i in range(100))
     router = replica.services.router
     prompt = router_mod.Prompt.from_messages([{"role": "user", "content": text}])
-    prompt.partition(cache_salt.for_tenant("t"))    # as tenant t's request is routed
+    prompt.partition(replica.services.salt_for("t"))    # as tenant t's request is routed
     decision = router.route(MODEL, prompt)
     assert decision is not None
     router.dispatched(decision, decision.candidates[0], prompt)

@@ -21,6 +21,22 @@ def test_the_salt_depends_on_the_tenant_and_the_clients_own_salt():
     assert len(team) == 32 and all(c in "0123456789abcdef" for c in team)
 
 
+def test_a_keyed_salt_cannot_be_computed_from_the_tenants_name():
+    key = cache_salt.key_for("agent-token-of-this-fleet")
+    keyed = cache_salt.for_tenant("team", None, key)
+    # Not the name's plain hash, which anyone reaching an engine could compute and send.
+    assert keyed != cache_salt.for_tenant("team")
+    assert keyed == cache_salt.for_tenant("team", None, cache_salt.key_for(
+        "agent-token-of-this-fleet"))           # every replica derives the same
+    assert keyed != cache_salt.for_tenant("team", None, cache_salt.key_for("another-token"))
+    assert cache_salt.for_tenant("team", "a", key) not in (keyed, cache_salt.for_tenant(
+        "team", "a"))
+    assert cache_salt.key_for(None) == b"" == cache_salt.key_for("")
+    # Not the engine key either: an engine that logs its key gives away no salt's key.
+    from synapse_common import engine_key
+    assert engine_key.derive("agent-token-of-this-fleet") != key.hex()
+
+
 @pytest.mark.parametrize("body", [
     b'{"model":"m","messages":[{"role":"user","content":"hi"}]}',
     b'  {\n "model": "m", "stream": true}',

@@ -31,6 +31,7 @@ class SecureFleet:
     redis_port: int
     bodies: list[bytes]
     redis: harness.ManagedProcess | None = None
+    engine_urls: list[str] = dataclasses.field(default_factory=list)  # the agent's engines
 
 
 def start_redis(pool: harness.ProcessPool, tmp: pathlib.Path,
@@ -76,9 +77,10 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
             pool.start(f"controlplane-{i}", ["synapse", "controlplane", "--config", str(path),
                                              "--log-level", "debug"],
                        ready_url=f"{urls[i]}/health", timeout=60)
-        agent_cfg = fleet.agent_config("sec-node", gw.grpcs, {"gen-a": harness.free_port(),
-                                                              "gen-b": harness.free_port()},
-                                       tmp / "engines", time_scale=0)
+        engines = {"gen-a": harness.free_port(), "gen-b": harness.free_port()}
+        gw.engine_urls = [f"http://127.0.0.1:{p}" for p in engines.values()]
+        agent_cfg = fleet.agent_config("sec-node", gw.grpcs, engines, tmp / "engines",
+                                       time_scale=0)
         agent_cfg["embedder"] = {"kind": "minilm"}
         path = fleet.write_yaml(tmp / "agent.yaml", agent_cfg)
         agent = pool.start("agent", ["synapse", "agent", "--config", str(path),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from controlplane.core import cache_salt
 from tests import fleet
 from tests.security.conftest import SecureFleet
 
@@ -26,6 +27,7 @@ def cached_tokens(url: str, key: str, context: str, question: str, **extra: Any)
     body = {"model": fleet.MODEL, "max_tokens": 2,
             "messages": [{"role": "system", "content": context},
                          {"role": "user", "content": question}], **extra}
+
     # No temperature: sampled at the default, so the response cache stays out of it.
     reply = fleet.request(url, "POST", "/v1/chat/completions", json.dumps(body).encode(),
                           key=key)
@@ -54,3 +56,22 @@ def test_a_tenants_own_salt_partitions_its_own_prompts(secure: SecureFleet) -> N
     assert cached_tokens(url, fleet.TENANT_KEY, context, "one", cache_salt="a") == 0
     assert cached_tokens(url, fleet.TENANT_KEY, context, "two", cache_salt="b") == 0
     assert cached_tokens(url, fleet.TENANT_KEY, context, "three", cache_salt="a") > 0
+
+
+def test_whoever_reaches_an_engine_cannot_name_a_tenants_partition(secure: SecureFleet) -> None:
+    """An engine's port can be reached without Synapse (vLLM's ``/invocations`` takes no
+    API key; without NetworkPolicies any pod reaches it). Salts are keyed with a key
+    derived from the agent token, so the tenant's name is not enough to time its
+    prefixes there. The engine key stands in here for that unauthenticated path."""
+    context = _context("keyed")
+    assert cached_tokens(secure.urls[0], fleet.TENANT_KEY, context, "Who binds clause 7?") == 0
+
+    def direct(salt: str) -> int:       # on both engines: the prompt went to one of them
+        return max(cached_tokens(url, fleet.ENGINE_KEY, context, "Who binds clause 8?",
+                                 cache_salt=salt) for url in secure.engine_urls)
+
+    # The salt computed from the tenant's name, as before keying: nothing cached there.
+    assert direct(cache_salt.for_tenant("team")) == 0
+    # The keyed salt, which only a holder of the agent token derives, does hit: the
+    # check above would have seen the prefix.
+    assert direct(cache_salt.for_tenant("team", None, cache_salt.key_for(fleet.AGENT_TOKEN))) > 0
