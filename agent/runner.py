@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import pathlib
 from collections.abc import Callable
 
@@ -163,7 +164,8 @@ class Runner:
         argv = commands.build(self.spec, self.cfg.engine_host, self.port,
                               simulator_command=self.cfg.simulator_command,
                               vllm_command=self.cfg.vllm_command,
-                              tei_command=self.cfg.tei_command)
+                              tei_command=self.cfg.tei_command,
+                              guarded=bool(self._key))
         assert argv is not None
         return argv
 
@@ -171,7 +173,8 @@ class Runner:
         """The node's defaults for the engine kind (vLLM's CPU variables), then the spec's."""
         base = (engine_env.vllm_environment(self.cfg, self.cfg.vllm_command)
                 if self.spec.engine == "vllm" else {})
-        return {**base, **commands.environment(self.spec, self._key)}
+        return {**base, **commands.environment(self.spec, self._key,
+                                               os.environ.get("PYTHONPATH", ""))}
 
     async def _spawn(self) -> bool:
         argv = self._argv()

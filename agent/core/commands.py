@@ -17,13 +17,24 @@ the engine key (:mod:`synapse_common.engine_key`) in the variable each engine re
 ``SYNAPSE_API_KEY``). The key goes in the environment and never on the command line, which
 ``ps``, the engine's log and the agent's reports show; it wins over a spec's own value,
 since the control plane presents the derived key and nothing else.
+
+vLLM's own key guards only its ``/v1``-like paths (``/invocations`` serves chat to
+anyone), so a vLLM started with a key also loads :mod:`synapse_engine_guard`
+(``--middleware synapse_engine_guard.Guard``, from :data:`GUARD_DIR`, put first on the
+engine's ``PYTHONPATH``), which wants the key on every path but ``/health``.
 """
 
 from __future__ import annotations
 
+import os
+import pathlib
 from collections.abc import Sequence
 
 from agent.core import types
+
+# The directory holding synapse_engine_guard.py alone: the engine imports that one file.
+GUARD_DIR = str(pathlib.Path(__file__).resolve().parent.parent / "engine_guard")
+GUARD = "synapse_engine_guard.Guard"
 
 
 def _names(spec: types.EngineSpec) -> list[str]:
@@ -36,8 +47,10 @@ def _names(spec: types.EngineSpec) -> list[str]:
 def build(spec: types.EngineSpec, host: str, port: int, *,
           simulator_command: Sequence[str] = ("synapse", "simulator"),
           vllm_command: Sequence[str] = ("vllm", "serve"),
-          tei_command: Sequence[str] = ("text-embeddings-router",)) -> list[str] | None:
-    """The argv to run ``spec``, or ``None`` for an external (probe-only) backend."""
+          tei_command: Sequence[str] = ("text-embeddings-router",),
+          guarded: bool = False) -> list[str] | None:
+    """The argv to run ``spec``, or ``None`` for an external (probe-only) backend;
+    ``guarded`` (the engine has a key): a vLLM loads the guard middleware."""
     if spec.engine == "external":
         return None
     if spec.engine == "vllm":
@@ -45,6 +58,8 @@ def build(spec: types.EngineSpec, host: str, port: int, *,
                 *_names(spec), "--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
         if spec.max_model_len:
             argv += ["--max-model-len", str(spec.max_model_len)]
+        if guarded:
+            argv += ["--middleware", GUARD]
         return argv + list(spec.extra_args)
     if spec.engine == "tei":
         return [*tei_command, "--model-id", spec.model, "--hostname", host, "--port",
@@ -97,12 +112,17 @@ _TEI_TASKS = frozenset({"embed", "rerank"})
 KEY_VARIABLES = {"vllm": "VLLM_API_KEY", "tei": "API_KEY", "simulator": "SYNAPSE_API_KEY"}
 
 
-def environment(spec: types.EngineSpec, engine_key: str | None = None) -> dict[str, str]:
-    """The variables ``spec``'s engine gets on top of the agent's environment."""
+def environment(spec: types.EngineSpec, engine_key: str | None = None,
+                inherited_pythonpath: str = "") -> dict[str, str]:
+    """The variables ``spec``'s engine gets on top of the agent's environment
+    (``inherited_pythonpath``: the agent's own ``PYTHONPATH``, kept after the guard's)."""
     env = dict(spec.env)
     if spec.gpu_indices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_indices)
     variable = KEY_VARIABLES.get(spec.engine)
     if engine_key and variable:
         env[variable] = engine_key
+    if engine_key and spec.engine == "vllm":
+        rest = env.get("PYTHONPATH", inherited_pythonpath)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (GUARD_DIR, rest) if p)
     return env

@@ -64,8 +64,9 @@ def test_completions(real_stack: RealStack) -> None:
 def test_vllm_refuses_a_caller_without_the_engine_key(real_stack: RealStack) -> None:
     """The agent started vLLM with the engine key (VLLM_API_KEY): a call straight to its
     port without it, or with a tenant's key, is 401, while the control plane, which
-    presents the key, is served (the tests above). The key shows in neither the engine's
-    command line, its log nor the agent's."""
+    presents the key, is served (the tests above); not on /v1 alone (vLLM's own check)
+    but on every path save /health (the agent's guard middleware). The key shows in
+    neither the engine's command line, its log nor the agent's."""
     url = real_stack.engine_url + "/v1/chat/completions"
     body = json.dumps({"model": real_stack.model, "messages": CAPITAL,
                        "max_tokens": 2}).encode()
@@ -75,6 +76,18 @@ def test_vllm_refuses_a_caller_without_the_engine_key(real_stack: RealStack) -> 
     status, _, _ = harness.http(url, body, real_stack.engine_key, timeout=120)
     assert status == 200
     assert harness.http(real_stack.engine_url + "/health")[0] == 200   # the agent's probe
+    # vLLM's own key guards /v1 only; the agent's guard middleware the rest: /invocations
+    # serves the same chat, /tokenize reads the model's tokenizer, /metrics the engine's load.
+    for path, data in (("/invocations", body),
+                       ("/tokenize", json.dumps({"model": real_stack.model,
+                                                 "prompt": "hello"}).encode()),
+                       ("/metrics", None)):
+        for key in (None, fleet.TENANT_KEY):
+            status, _, _ = harness.http(real_stack.engine_url + path, data, key, timeout=60)
+            assert status == 401, (path, key)
+        status, _, _ = harness.http(real_stack.engine_url + path, data,
+                                    real_stack.engine_key, timeout=120)
+        assert status == 200, path
     engine = psutil.Process(int(real_stack.engine()["pid"]))
     assert real_stack.engine_key not in " ".join(engine.cmdline())
     assert engine.environ()["VLLM_API_KEY"] == real_stack.engine_key

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 from agent.core import commands, types
 
 
@@ -63,8 +65,9 @@ def test_the_engine_key_goes_in_each_engines_own_variable_and_never_on_the_comma
     wanted = {"vllm": "VLLM_API_KEY", "tei": "API_KEY", "simulator": "SYNAPSE_API_KEY"}
     for kind, spec in specs.items():
         env = commands.environment(spec, KEY)
+        env.pop("PYTHONPATH") if kind == "vllm" else None   # the guard's (next test)
         assert env == {wanted[kind]: KEY}, kind
-        argv = commands.build(spec, "0.0.0.0", 8000)
+        argv = commands.build(spec, "0.0.0.0", 8000, guarded=True)
         assert argv is not None and not any(KEY in arg for arg in argv), kind
         assert commands.environment(spec) == {}, kind  # no agent token: no key
 
@@ -72,6 +75,28 @@ def test_the_engine_key_goes_in_each_engines_own_variable_and_never_on_the_comma
 def test_the_derived_key_wins_over_a_specs_own_value_and_external_backends_get_none():
     spec = types.EngineSpec(name="v", engine="vllm", model="m",
                             env=(("VLLM_API_KEY", "operator-set"), ("X", "1")))
-    assert commands.environment(spec, KEY) == {"VLLM_API_KEY": KEY, "X": "1"}
+    assert commands.environment(spec, KEY) == {"VLLM_API_KEY": KEY, "X": "1",
+                                               "PYTHONPATH": commands.GUARD_DIR}
     ext = types.EngineSpec(name="x", engine="external", model="m", url="http://h:1")
     assert commands.environment(ext, KEY) == {}
+
+
+def test_a_vllm_with_a_key_loads_the_guard_that_wants_it_on_every_path():
+    """vLLM's own key guards /v1 only (/invocations serves chat to anyone): a keyed vLLM
+    loads synapse_engine_guard from a directory put first on its PYTHONPATH."""
+    spec = types.EngineSpec(name="v", engine="vllm", model="m", extra_args=("--x",))
+    argv = commands.build(spec, "0.0.0.0", 8000, guarded=True)
+    assert argv is not None and argv[-3:] == ["--middleware", commands.GUARD, "--x"]
+    env = commands.environment(spec, KEY, "/opt/site")
+    assert env["PYTHONPATH"] == f"{commands.GUARD_DIR}:/opt/site"
+    assert (pathlib.Path(commands.GUARD_DIR) / "synapse_engine_guard.py").is_file()
+    # A spec's own PYTHONPATH is kept after the guard's, in place of the agent's.
+    own = types.EngineSpec(name="v", engine="vllm", model="m", env=(("PYTHONPATH", "/mine"),))
+    assert commands.environment(own, KEY, "/opt/site")["PYTHONPATH"] == \
+        f"{commands.GUARD_DIR}:/mine"
+    # No key: no guard, no path; other kinds guard every path themselves or have no guard.
+    assert "--middleware" not in (commands.build(spec, "0.0.0.0", 8000) or [])
+    assert "PYTHONPATH" not in commands.environment(spec, None, "/opt/site")
+    sim = types.EngineSpec(name="s", engine="simulator", model="m")
+    assert "--middleware" not in (commands.build(sim, "0.0.0.0", 8000, guarded=True) or [])
+    assert "PYTHONPATH" not in commands.environment(sim, KEY, "/opt/site")
