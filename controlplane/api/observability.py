@@ -6,8 +6,9 @@ so no tenant may read it. Who may, by where it is served (:func:`guard`):
 * **a port of its own** (``metrics.port``): whoever reaches that port, unless
   ``metrics.bearer_token_file`` is set. The API port then has no ``/metrics`` (404). This
   is the deployed default (the Helm chart, the kustomize overlays, the production
-  example): the port is one the API Service and the Ingress do not expose, a
-  ServiceMonitor scrapes it, and the NetworkPolicies admit only the monitoring namespace.
+  example), with ``metrics.bearer_token_file`` set too: the port is one the API Service
+  and the Ingress do not expose, a ServiceMonitor scrapes it presenting the token, and
+  the NetworkPolicies, when on, admit only the monitoring namespace.
 * **the API port** (``metrics.port`` unset, the plain process's default): the port every
   tenant reaches, so with tenant keys (``auth.enabled``) it needs the admin key, as
   ``/api/v1/stats`` (which shows the same usage) does: 401 without a key or with an

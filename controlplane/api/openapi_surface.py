@@ -118,7 +118,9 @@ _UPLOAD_ERRORS = {"413": "the file is larger than http.max_audio_bytes (refused 
 def paths() -> dict[str, Any]:
     return {
         "/v1/responses": _post("Create a model response (OpenAI Responses API)",
-                               (_JSON, "ResponseRequest"), _json_answer(stream=True)),
+                               (_JSON, "ResponseRequest"), _json_answer(stream=True),
+                               overrides={"404": "unknown model, or a previous_response_id "
+                                          "this tenant cannot continue"}),
         "/v1/messages": _post(
             "Create a message (Anthropic Messages API; x-api-key or Bearer)",
             (_JSON, "MessageRequest"), _json_answer(stream=True), errors="AnthropicError",

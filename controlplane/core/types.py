@@ -41,7 +41,8 @@ class BackendState:
     prefix_hit_rate: float = 0.0
     restarts: int = 0
     metrics_ok: bool = True
-    api_key: str | None = dataclasses.field(default=None, repr=False)  # static upstreams
+    # a static upstream's own key, or the engine key for an agent's engine (engine_key)
+    api_key: str | None = dataclasses.field(default=None, repr=False)
     upstream_models: tuple[tuple[str, str], ...] = ()   # static: (model, its own name)
     tasks: frozenset[str] = frozenset()     # what it serves; empty = ``task`` alone
     engine: str = ""                # agent backends: vllm, tei, simulator, external;

@@ -70,7 +70,8 @@ class MetricsSettings(Section):
         "tenant's traffic)")
     bearer_token_file: str | None = Field(
         None, description="file holding a token /metrics then requires as 'Authorization: "
-        "Bearer <token>' (a Prometheus ServiceMonitor's bearerTokenSecret)")
+        "Bearer <token>' (the chart's ServiceMonitor presents the metrics-token key of the "
+        "auth Secret as its authorization credentials)")
 
 
 class GrpcSettings(Section):
