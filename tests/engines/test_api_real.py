@@ -110,8 +110,9 @@ def test_tokenize_and_detokenize_by_http(real_stack: RealStack) -> None:
                                     {"model": "smollm2", "prompt": "Hello world"})
     assert status == 200 and headers["x-synapse-backend"] == real_stack.backend_key
     assert tokens["count"] == len(tokens["tokens"]) > 0
-    _, _, own = _post(real_stack.engine_url + "/tokenize",
-                      {"model": real_stack.model, "prompt": "Hello world"}, key=None)
+    _, _, own = _post(real_stack.engine_url + "/tokenize",   # vLLM itself, with its key
+                      {"model": real_stack.model, "prompt": "Hello world"},
+                      key=real_stack.engine_key)
     assert tokens["tokens"] == own["tokens"]
     status, _, text = _post(real_stack.base + "/detokenize",
                             {"model": "smollm2", "tokens": tokens["tokens"]})
