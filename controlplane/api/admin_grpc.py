@@ -225,14 +225,27 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                   param="model")
         messages = _messages(request)
         prompt = router_mod.Prompt.from_messages(messages, request.max_tokens,
-                                                 _check_name(request.session_id, "session_id",
-                                                             required=False))
+                                                 self._session(request))
         if request.tenant or request.cache_salt:
             prompt.partition(self.svc.salt_for(self._tenant(request.tenant),
                                                request.cache_salt))
         verdicts, reason = self.svc.router.explain(canonical, prompt)
         return views.explanation(canonical, self.svc.router.params.policy, prompt.tokens,
                                  verdicts, reason)
+
+    def _session(self, request: admin_pb2.ExplainRouteRequest) -> str:
+        """The router's key of the request's session: sessions are per tenant, so a
+        session names its tenant too (implied when authentication is off)."""
+        session = _check_name(request.session_id, "session_id", required=False)
+        if not session:
+            return ""
+        tenant = request.tenant
+        if not tenant and not self.svc.settings.auth.enabled:
+            tenant = tenants.ANONYMOUS
+        if not tenant:
+            raise errors.BadRequest("session_id: sessions are per tenant; name the tenant "
+                                    "whose session it is (tenant)", param="tenant")
+        return router_mod.session_key(self._tenant(tenant), session)
 
     def _tenant(self, name: str) -> str:
         """A tenant of this control plane, named as in its config (``anonymous`` when

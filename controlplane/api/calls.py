@@ -86,11 +86,13 @@ async def acquire(request: web.Request, tenant: tenants.Tenant) -> ratelimit.Per
         raise
 
 
-def prompt_of(request: web.Request, call: api_calls.Call) -> router_mod.Prompt:
+def prompt_of(request: web.Request, tenant: str, call: api_calls.Call) -> router_mod.Prompt:
     """The prompt the router and the token limits see (``exact``: tokenized and put in
-    the prefix index — only for paths that generate from it)."""
+    the prefix index — only for paths that generate from it); its session is
+    ``tenant``'s (:func:`router.session_key`)."""
     svc = context.get(request).svc
-    session = validation.session_id(request.headers.get("x-session-id")) or call.user
+    session = router_mod.session_key(
+        tenant, validation.session_id(request.headers.get("x-session-id")) or call.user)
     exact = call.exact and svc.router.exact_prompts
     if call.messages is not None:
         return router_mod.Prompt.from_messages(call.messages, call.max_tokens, session, exact)
@@ -99,7 +101,7 @@ def prompt_of(request: web.Request, call: api_calls.Call) -> router_mod.Prompt:
 
 async def admit_tokens(request: web.Request, front: Front) -> router_mod.Prompt:
     """The token limits and budget (429 naming the limit); the prompt for routing."""
-    prompt = front.prompt = prompt_of(request, front.call)
+    prompt = front.prompt = prompt_of(request, front.tenant.name, front.call)
     if front.call.task in GENERATING:       # the engines' prefix cache, per tenant
         prompt.partition(context.get(request).svc.salt_for(
             front.tenant.name, front.body.get("cache_salt")))

@@ -166,7 +166,9 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
             resp = await answer_from_cache(request, decision.hit, parsed)
             failed = False
             return resp
-        session = validation.session_id(request.headers.get("x-session-id")) or parsed.user
+        session = router_mod.session_key(   # per tenant: ids are the tenants' own
+            tenant.name, validation.session_id(request.headers.get("x-session-id"))
+            or parsed.user)
         prompt = prompt_of(parsed, session, svc.router.exact_prompts)
         prompt.streams = parsed.stream
         prompt.partition(svc.salt_for(tenant.name, parsed.body.get("cache_salt")))

@@ -33,6 +33,11 @@ second copy of the prefix. Ties (within ``TIE_S`` or ``TIE_FRACTION``) go to the
 that served the request's session before (``x-session-id`` or the OpenAI ``user`` field). Other
 policies, for comparison: ``round_robin`` and ``least_loaded`` (fewest in-flight requests).
 
+Sessions are per tenant: :attr:`Prompt.session` holds :func:`session_key` (the tenant and its
+session id), never the bare id. Tenants choose session ids freely (often their end users'
+e-mails), so a shared table would let one tenant learn, from ``x-synapse-route: session``
+on its first request, that another tenant uses an id, see its backend, and re-pin it.
+
 Worker processes of one pod share what a dispatch records (:mod:`shared_routing`): the
 prefix index and session affinity through :attr:`Router.listener`, the ledger through its
 own; a peer's records come back in through :attr:`Router.index` and
@@ -58,6 +63,13 @@ DEFAULT_PROMPT_TOKENS = 256
 
 Prompt = tokenization.Prompt
 Observer = Callable[[types.RouteObservation], None]
+
+
+def session_key(tenant: str, session: str) -> str:
+    """The router's name for ``tenant``'s session ``session`` ("" = no session): the one
+    rule every caller forms :attr:`Prompt.session` with. The tenant's length comes first,
+    so no pair of (tenant, session) names another pair's key whatever either contains."""
+    return f"{len(tenant)}:{tenant}:{session}" if session else ""
 
 
 class Listener(Protocol):
@@ -314,7 +326,8 @@ class Router:
         return ticket
 
     def remember_session(self, session: str, backend: str) -> None:
-        """``session`` last went to ``backend`` (a tie goes there next time)."""
+        """``session`` (a :func:`session_key`) last went to ``backend`` (a tie goes there
+        next time)."""
         sessions = self._sessions
         sessions[session] = backend
         sessions.move_to_end(session)

@@ -315,6 +315,28 @@ async def test_explain_lists_every_backend_with_its_verdict(fleet) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_explain_shows_a_session_only_as_its_tenants(fleet) -> None:
+    replica, _, admin = fleet
+    router = replica.services.router
+    prompt = router_mod.Prompt.from_messages([{"role": "user", "content": "hi"}], 0,
+                                             router_mod.session_key("t", "user-42"))
+    decision = router.route(MODEL, prompt)
+    assert decision is not None
+    router.dispatched(decision, decision.candidates[0], prompt)
+    pinned = decision.candidates[0].backend.name
+
+    async def affine(**request: str) -> list[str]:
+        resp = await admin("ExplainRoute", admin_pb2.ExplainRouteRequest(
+            model="llama", prompt="hi", session_id="user-42", **request))
+        return [b.backend for b in resp.backends if b.session_affinity]
+
+    assert await affine(tenant="t") == [pinned]
+    with pytest.raises(grpc.aio.AioRpcError) as err:     # whose session is it?
+        await affine()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tenant" in err.value.details()
+
+
 async def test_explain_as_a_tenant_counts_its_cached_prefix(fleet) -> None:
     replica, _, admin = fleet
     text = " ".join(f"clause {i} binds party {i % 5}." for i in range(100))

@@ -94,6 +94,13 @@ def test_session_breaks_ties_toward_its_backend() -> None:
         assert again.reason == "session"
 
 
+def test_session_keys_are_per_tenant_and_never_collide() -> None:
+    assert router.session_key("a", "") == ""                      # no session
+    keys = {router.session_key(t, s) for t, s in [
+        ("a", "u"), ("b", "u"), ("a:1", "u"), ("a", "1:u"), ("", "u")]}
+    assert len(keys) == 5
+
+
 def test_round_robin_and_least_loaded_policies() -> None:
     rr, _ = make("round_robin")
     p = router.Prompt.from_text("x", exact=False)

@@ -197,3 +197,33 @@ async def test_contract_rules_and_backend_refusals_are_openai_errors() -> None:
                 await client.chat.completions.create(model="llama", messages=msgs)
             assert "bad thing" in err.value.message and err.value.code == "upstream_400"
             await client.close()
+
+
+async def test_session_affinity_is_per_tenant() -> None:
+    """Session ids are the tenants' own (often their users' e-mails): another tenant
+    sending the same id is neither routed by it, nor told it exists, nor re-pins it."""
+    async with t.backends(("one", "ok"), ("two", "ok")) as served:
+        async with t.running(t.settings(upstreams=[t.upstream(b.name, b.url)
+                                                   for b in served])) as cp:
+            async with aiohttp.ClientSession() as s:
+                async def chat(key: str, **how: str) -> tuple[str, str]:
+                    body: dict[str, object] = {
+                        "model": "llama", "messages": [{"role": "user", "content": "hi"}]}
+                    headers = {"Authorization": f"Bearer {key}"}
+                    if "user" in how:
+                        body["user"] = how["user"]
+                    if "session" in how:
+                        headers["x-session-id"] = how["session"]
+                    async with s.post(f"{cp.url}/v1/chat/completions", json=body,
+                                      headers=headers) as resp:
+                        assert resp.status == 200, await resp.text()
+                        return resp.headers["x-synapse-route"], resp.headers[
+                            "x-synapse-backend"]
+
+                alice = [await chat(t.KEY_A, user="victim-user-42") for _ in range(3)]
+                assert [r for r, _ in alice[1:]] == ["session", "session"], alice
+                pinned = alice[-1][1]
+                bob_first = await chat(t.KEY_B, session="victim-user-42")
+                assert bob_first[0] != "session", "tenant b learnt tenant a's session id"
+                assert (await chat(t.KEY_B, session="victim-user-42"))[0] == "session"
+                assert await chat(t.KEY_A, user="victim-user-42") == ("session", pinned)
