@@ -12,6 +12,10 @@
 4. :func:`upstream_body` / :func:`stripper` — a stream whose client did not ask for usage
    asks the engine for it, and the client's copy loses it again;
 5. :func:`answered` — the exchange with the backend settled (its status and ``usage``);
+   a stream relayed (:func:`counter` counts its content deltas) that ended without the
+   engine's usage — its client went away, the engine broke it off — gets an estimate
+   instead: the prompt's tokens and the deltas relayed, marked ``estimated``, so a cut
+   stream is billed for what reached the client rather than for nothing;
 6. :func:`finish` — the request ended, however: the charge is corrected to the usage and
    the request accounted (in a task: this runs in ``finally`` of a handler that may be
    cancelled), coalesced followers are released (a leader that stored nothing), and the
@@ -56,6 +60,8 @@ class Flow:
     status: int = 0                         # the backend's answer (0: none)
     usage: usage_mod.Usage | None = None
     strip: bool = False                     # usage asked on the client's behalf
+    prompt: router_mod.Prompt | None = None
+    delivered: stream_usage.DeliveredCounter | None = None     # a stream's content deltas
 
 
 def _fair(request: web.Request) -> fairness.Fairness:
@@ -100,7 +106,7 @@ async def admit(request: web.Request, tenant: str, model: str, prompt: router_mo
     except errors.RateLimited as exc:
         svc.child(svc.metrics.rate_limited, tenant, exc.limit).inc()
         raise
-    ctx.flow = Flow(tenant, model, charge)
+    ctx.flow = Flow(tenant, model, charge, prompt=prompt)
 
 
 def queues(request: web.Request) -> bool:
@@ -151,12 +157,30 @@ def stripper(request: web.Request) -> stream_usage.UsageStripper | None:
     return stream_usage.UsageStripper() if flow is not None and flow.strip else None
 
 
-def answered(request: web.Request, status: int, usage: object) -> None:
-    """The exchange settled: the backend's status and the engine's usage (if found)."""
+def counter(request: web.Request) -> stream_usage.DeliveredCounter | None:
+    """A counter of the content deltas of the event stream about to be relayed (fed what
+    reached the client), for an admitted request; None otherwise."""
     flow = context.get(request).flow
-    if flow is not None:
-        flow.status = status
-        flow.usage = usage if isinstance(usage, usage_mod.Usage) else None
+    if flow is None:
+        return None
+    flow.delivered = stream_usage.DeliveredCounter()
+    return flow.delivered
+
+
+def answered(request: web.Request, status: int,
+             usage: usage_mod.Usage | None) -> usage_mod.Usage | None:
+    """The exchange settled: the backend's status and the engine's usage (if found).
+    The usage to account: the engine's, or for a stream that was relayed without it, the
+    estimate (the prompt's tokens and the content deltas relayed)."""
+    flow = context.get(request).flow
+    if flow is None:
+        return usage
+    flow.status = status
+    if usage is None and status == 200 and flow.delivered is not None:
+        prompt = flow.prompt.tokens if flow.prompt is not None else 0
+        usage = usage_mod.Usage(prompt, flow.delivered.count, None, estimated=True)
+    flow.usage = usage
+    return usage
 
 
 def finish(request: web.Request, decision: cache_port.CacheDecision | None,

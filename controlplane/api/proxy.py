@@ -24,6 +24,7 @@ from controlplane.api import context, fairness
 from controlplane.core import cache_port, dispatch, sse
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
+from controlplane.core import usage as usage_mod
 from synapse_common import tracing
 
 log = logging.getLogger("synapse.controlplane.proxy")
@@ -71,8 +72,9 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
                 return await _stream(request, attempt, store)
             return await _whole(request, attempt, store)
         finally:    # the answer's status and usage, for the tenant's tokens and usage
-            ctx.usage = attempt.ticket.usage if attempt.ticket is not None else None
-            fairness.answered(request, attempt.status, ctx.usage)
+            found = attempt.ticket.usage if attempt.ticket is not None else None
+            ctx.usage = fairness.answered(request, attempt.status,
+                                          found if isinstance(found, usage_mod.Usage) else None)
 
 
 def _response_headers(attempt: dispatch.Attempt, ctx: context.RequestContext,
@@ -126,11 +128,14 @@ async def _stream(request: web.Request, attempt: dispatch.Attempt,
     parser = sse.SSEParser() if store is not None else None
     strip = fairness.stripper(request)     # usage the client did not ask for
     assembler = sse.StreamAssembler() if store is not None else None
+    delivered = fairness.counter(request)  # the estimate, should the engine's usage not come
 
     async def write(chunk: bytes) -> None:
         out = strip.feed(chunk) if strip is not None else chunk
         if out:
             await resp.write(out)
+        if delivered is not None:
+            delivered.feed(chunk)
         if parser is not None and assembler is not None:
             for data in parser.feed(chunk):
                 assembler.add_data(data)

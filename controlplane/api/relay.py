@@ -104,8 +104,7 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
             return await _whole(request, attempt, shape)
         finally:    # the answer's status and usage, for the tenant's tokens and usage
             found = attempt.ticket.usage if attempt.ticket is not None else None
-            ctx.usage = shape.usage(found)
-            fairness.answered(request, attempt.status, ctx.usage)
+            ctx.usage = fairness.answered(request, attempt.status, shape.usage(found))
 
 
 async def _whole(request: web.Request, attempt: dispatch.Attempt,
@@ -134,10 +133,15 @@ async def _stream(request: web.Request, attempt: dispatch.Attempt,
     if sse_stream:
         headers["Cache-Control"] = "no-cache"
     resp = web.StreamResponse(status=200, headers=headers)
+    # Events' content deltas, the estimate should the engine's usage not come (a binary
+    # body has none to count: it is accounted as before).
+    delivered = fairness.counter(request) if sse_stream else None
 
     async def write(chunk: bytes) -> None:
         if out := shape.chunk(chunk):
             await resp.write(out)
+        if delivered is not None:
+            delivered.feed(chunk)
 
     if (message := await proxy.pump(request, resp, attempt, write)) is not None:
         return await _broken(request, resp, shape, message, sse_stream)

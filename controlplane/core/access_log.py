@@ -17,7 +17,8 @@ Design decisions:
   :data:`FIELD_MAX` characters; anything a configured secret matches is still replaced by
   the log redaction filter, as in every line.
 * Tokens are the engine's ``usage`` of the answer (none for an answer from the cache,
-  whose ``cache`` field says so).
+  whose ``cache`` field says so), or for a stream that ended without it the estimate the
+  usage is accounted with (``usage_estimated`` true).
 * The line costs a few microseconds (a record, the formatter, one write); bench/gateway.py
   ``--access-log`` measures it.
 """
@@ -102,6 +103,7 @@ def fields(line: Line) -> dict[str, object]:
         "prompt_tokens": u.prompt_tokens if u else None,
         "completion_tokens": u.completion_tokens if u else None,
         "cached_tokens": u.cached_tokens if u else None,
+        "usage_estimated": bool(u and u.estimated),
         "retries": line.retries, "fallback": line.fallback, "broken": line.broken,
         "method": line.method, "path": line.path[:FIELD_MAX],
         **({"trace_id": line.trace_id} if line.trace_id else {}),

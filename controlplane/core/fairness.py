@@ -16,6 +16,13 @@ weighted fair queuing) — and answers the serving path's four questions:
 * :meth:`settle` (when the answer ended): correct the charge to the engine's ``usage``
   and account it per tenant x model x day; a cache hit is accounted as tokens saved.
 
+A stream that ended without the engine's usage (cut by its client or by the engine) is
+accounted from an estimate (``usage.estimated``: the prompt's tokens and the content
+deltas relayed), counted in the row's ``estimated`` requests. The limiter's charge is not
+corrected to it: the estimate is a floor (tokens the engine generated past the cut are
+unseen), so the charge keeps its admitted figure, as for any answer of unknown size —
+cutting a stream never buys back tokens per minute or budget.
+
 A tenant's priority class and weight are its config's (``auth.tenants[].priority``,
 ``weight``); a request may name another configured class in the ``fairness.queue.header``
 header only when its tenant has ``priority_header: true`` (otherwise the header is
@@ -67,7 +74,7 @@ class Options:
 class Outcome:
     """How a request that was admitted ended."""
 
-    usage: usage_mod.Usage | None   # the engine's, when its answer reported one
+    usage: usage_mod.Usage | None   # the engine's, or the estimate of a cut stream
     answered: bool                  # the backend answered (a byte reached the client)
     failed: bool                    # an error status, or a stream cut mid-way
 
@@ -170,7 +177,7 @@ class Fairness:
                      outcome: Outcome) -> None:
         """Correct the charge, then account the request (never raises)."""
         counts = self._counts(model, outcome)
-        if outcome.usage is not None:
+        if outcome.usage is not None and not outcome.usage.estimated:
             used, cost = counts.prompt_tokens + counts.completion_tokens, counts.cost
         elif outcome.answered:                              # answered, counts unknown
             used, cost = charge.prompt_tokens + charge.completion_tokens, charge.cost
@@ -194,6 +201,7 @@ class Fairness:
             counts.prompt_tokens, counts.completion_tokens = u.prompt_tokens, u.completion_tokens
             counts.cached_tokens = cached = u.cached_tokens or 0
             counts.cost = self.prices.cost(model, u.prompt_tokens, u.completion_tokens, cached)
+            counts.estimated = int(u.estimated)
         return counts
 
     def cache_hit(self, tenant: str, model: str, response: Mapping[str, object]) -> None:

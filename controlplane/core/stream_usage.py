@@ -13,10 +13,19 @@ engine (:func:`upstream_body`) and removes the usage from what the client receiv
 Only events that mention ``"usage"`` are parsed; the others pass as they came (and a
 chunk made only of whole such events passes as the same bytes object). An event split
 over two reads is held until it is complete.
+
+A stream that ends without the engine's usage (the client went away, the engine broke
+it off) is still accounted: :class:`DeliveredCounter` counts the content deltas relayed to
+the client — one per non-empty ``content`` / ``text`` / ``reasoning`` / tool-call
+``arguments`` / Responses or Anthropic ``delta`` string, per choice — as the completion
+tokens. Engines stream about one token per delta, so this is an estimate (a delta of
+several tokens counts one; tokens the engine generated but never sent count none), and
+it is accounted as one. Matching bytes rather than parsing keeps it cheap per chunk.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +33,10 @@ import orjson
 
 USAGE = b'"usage"'
 SEP = b"\n\n"
+HELD_MAX = 1 << 20      # an "event" longer than this without a separator is counted as is
+# A key whose value is a non-empty string: a piece of the answer in any streamed shape.
+_DELTA = re.compile(rb'"(?:content|text|reasoning_content|reasoning|arguments|delta|'
+                    rb'partial_json|thinking)"\s*:\s*"(?!")')
 
 
 def asks_usage(body: Mapping[str, Any]) -> bool:
@@ -74,6 +87,27 @@ class UsageStripper:
         """Whatever is held at the end of the stream (an unterminated last event)."""
         held, self._held = self._held, b""
         return held
+
+
+class DeliveredCounter:
+    """Counts the content deltas of a stream's bytes as they are relayed; an event split
+    over two reads is counted once it is complete."""
+
+    __slots__ = ("_held", "count")
+
+    def __init__(self) -> None:
+        self._held = b""
+        self.count = 0
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._held + chunk if self._held else chunk
+        end = data.rfind(SEP)
+        if end < 0 and len(data) <= HELD_MAX:
+            self._held = data
+            return
+        end = len(data) if end < 0 else end + len(SEP)
+        self.count += len(_DELTA.findall(data, 0, end))
+        self._held = data[end:]
 
 
 def _payload(event: bytes) -> Any:

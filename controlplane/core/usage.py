@@ -7,6 +7,10 @@ without parsing the answer: ``prompt_tokens``, ``completion_tokens`` and
 ``prompt_tokens_details.cached_tokens`` (vLLM with ``--enable-prompt-tokens-details``,
 and the simulator), or the same counts under the names of the Responses and Anthropic
 Messages APIs. The router compares them with its predictions.
+
+A stream that ended without the engine's usage (its client went away, the engine broke it
+off) is accounted from the control plane's own figures instead: the prompt's token count
+and the content deltas relayed to the client, a :class:`Usage` marked ``estimated``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class Usage(NamedTuple):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int | None       # None: the engine did not report it
+    estimated: bool = False         # the control plane's count, not the engine's
 
 
 def from_tail(data: bytes) -> Usage | None:

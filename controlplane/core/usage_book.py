@@ -6,7 +6,10 @@ cache), ``cache_hit_tokens`` (prompt + completion tokens of answers served from 
 response cache: what the cache saved; they are not in the prompt and completion counts,
 which are the engines' work), ``errors`` and ``cost`` (the price table's, of the engines'
 work). The counts come from the engines' ``usage``: a stream whose client did not ask for
-usage is asked for it anyway (the usage chunk is stripped before the client sees it).
+usage is asked for it anyway (the usage chunk is stripped before the client sees it). A
+stream that ended without it (its client went away, the engine broke it off) is counted
+from the control plane's estimate — the prompt's tokens and the content deltas relayed —
+and ``estimated`` says how many of the row's requests were counted so.
 
 Recording is a dict update on the serving path; a background loop adds the pending
 counts to the shared store every ``fairness.usage.flush_interval_s`` (one Redis
@@ -27,7 +30,7 @@ from typing import NamedTuple, Protocol
 from synapse_common import clock as clocks
 
 KINDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens",
-         "cache_hit_tokens", "errors", "cost")
+         "cache_hit_tokens", "errors", "cost", "estimated")
 PENDING_MAX = 50_000        # rows held while the store is failing
 
 
@@ -46,6 +49,7 @@ class Counts:
     cache_hit_tokens: int = 0
     errors: int = 0
     cost: float = 0.0
+    estimated: int = 0          # requests whose tokens are the control plane's estimate
 
     def add(self, other: Counts) -> None:
         # Field by field rather than a loop over KINDS with getattr/setattr: every request
@@ -57,6 +61,7 @@ class Counts:
         self.cache_hit_tokens += other.cache_hit_tokens
         self.errors += other.errors
         self.cost += other.cost
+        self.estimated += other.estimated
 
     def as_dict(self) -> dict[str, float | int]:
         return {kind: getattr(self, kind) for kind in KINDS}

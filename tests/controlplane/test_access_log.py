@@ -76,11 +76,27 @@ async def test_a_line_per_request_with_what_happened() -> None:
         assert (line["status"], line["backend"], line["fallback"]) == (200, "static/good", "")
         assert (line["prompt_tokens"], line["completion_tokens"]) == (5, 3)
         assert line["cached_tokens"] is None        # the backend did not report it
+        assert line["usage_estimated"] is False     # the engine's own counts
         assert 0 <= line["ttft_ms"] <= line["duration_ms"]
     # round robin: one of the two started with the failing backend
     assert sorted([first["retries"], second["retries"]]) == [0, 1]
     assert refused["status"] == 401 and refused["tenant"] == ""
     assert refused["path"] == "/v1/models" and refused["prompt_tokens"] is None
+
+
+async def test_a_stream_cut_short_logs_the_estimate_it_is_billed_with() -> None:
+    async with t.backends(("one", "break")) as (one,):
+        async with t.running(t.settings(upstreams=[t.upstream("one", one.url)])) as cp:
+            client = cp.client()
+            with access_lines() as lines:
+                chunks = await client.chat.completions.create(
+                    model="llama", messages=MSGS, stream=True)
+                with pytest.raises(openai.APIError):
+                    [c async for c in chunks]
+            await client.close()
+    (line,) = lines
+    assert line["broken"] is True and line["usage_estimated"] is True
+    assert line["prompt_tokens"] > 0 and line["completion_tokens"] == 1    # "hello"
 
 
 async def test_keys_never_appear_even_when_a_client_sends_one_as_the_model() -> None:

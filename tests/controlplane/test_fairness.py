@@ -287,3 +287,63 @@ async def test_followers_of_a_failed_request_go_on_their_own() -> None:
         await asyncio.gather(*(one() for _ in range(5)))
         # A cut stream is never an answer to copy: every request went to the backend.
         assert len(backend.bodies) == 5
+
+
+PRICED = {"prices": {t.MODEL: {"prompt_per_million": 1_000_000.0,
+                               "completion_per_million": 2_000_000.0}}}
+
+
+async def _stream_until_content(url: str, body: dict[str, Any]) -> bytes:
+    """Stream a chat answer as tenant a, reading until a content delta arrived, then close
+    the connection (a client that went away mid-stream)."""
+    got = b""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/v1/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
+            assert r.status == 200
+            while b'"content"' not in got:
+                got += await r.content.readany()
+            r.close()           # the socket, not the rest of the body
+    return got
+
+
+async def test_a_stream_its_client_cut_is_billed_for_its_prompt_and_the_deltas_sent() -> None:
+    async with t.backends(("one", "slow")) as (backend,):
+        s = settings(upstreams=[t.upstream("one", backend.url)], fairness=PRICED)
+        async with ready(s) as cp:
+            got = await _stream_until_content(cp.url, {
+                "model": "llama", "max_tokens": 250, "stream": True, "messages": HI})
+            counts = await settled(cp, "a", 1)
+    # One content delta ("hello") reached the client before it went away; the engine's
+    # usage never came, so the request is billed from the control plane's own counts.
+    assert got.count(b'"content"') == 1
+    assert counts.prompt_tokens > 0 and counts.completion_tokens == 1
+    assert counts.cost == pytest.approx(counts.prompt_tokens + 2 * counts.completion_tokens)
+    assert counts.estimated == 1 and counts.requests == 1 and counts.errors == 1
+    m = cp.services.metrics.tokens
+    assert m.labels("a", t.MODEL, "completion")._value.get() == 1
+    assert m.labels("a", t.MODEL, "prompt")._value.get() == counts.prompt_tokens
+
+
+async def test_a_stream_the_engine_cut_is_estimated_and_a_refused_request_costs_nothing(
+        ) -> None:
+    async with t.backends(("one", "break")) as (backend,):
+        s = settings(upstreams=[t.upstream("one", backend.url)], fairness=PRICED)
+        async with ready(s) as cp:
+            async with aiohttp.ClientSession() as http:
+                async with http.post(
+                        f"{cp.url}/v1/chat/completions",
+                        json={"model": "llama", "stream": True, "messages": HI},
+                        headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
+                    text = await r.text()
+            assert "hello" in text and "error" in text      # cut after one content delta
+            counts = await settled(cp, "a", 1)
+            assert counts.prompt_tokens > 0 and counts.completion_tokens == 1
+            assert counts.cost > 0 and counts.estimated == 1 and counts.errors == 1
+            backend.mode = "500"        # the engine refused: no tokens, nothing estimated
+            with pytest.raises(openai.APIStatusError):
+                await cp.client(t.KEY_B).chat.completions.create(
+                    model="llama", messages=HI, stream=True)
+            refused = await settled(cp, "b", 1)
+    assert (refused.prompt_tokens, refused.completion_tokens, refused.cost,
+            refused.estimated) == (0, 0, 0.0, 0)

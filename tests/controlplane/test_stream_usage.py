@@ -58,3 +58,21 @@ def test_usage_on_a_chunk_with_choices_is_dropped_from_that_chunk_only() -> None
     first = orjson.loads(out.split(b"\n\n")[0][6:])
     assert first == {"id": "c", "choices": [{"index": 0, "delta": {"content": "x"}}]}
     assert out.endswith(DONE)
+
+
+def test_delivered_counter_counts_content_deltas_even_split_across_reads() -> None:
+    role = event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+    text = event({"choices": [{"index": 0, "text": "hi", "finish_reason": None}]})
+    reasoning = event({"choices": [{"index": 0, "delta": {"reasoning_content": "hm"}}]})
+    tool = event({"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": "{\"a\""}}]}}]})
+    responses = event({"type": "response.output_text.delta", "delta": "hi"})
+    stream = role + CONTENT + text + reasoning + tool + responses + FINISH + USAGE + DONE
+    for size in (1, 7, len(stream)):
+        c = stream_usage.DeliveredCounter()
+        for i in range(0, len(stream), size):
+            c.feed(stream[i:i + size])
+        assert c.count == 5, size       # the role chunk's "" and the rest carry no piece
+    partial = stream_usage.DeliveredCounter()
+    partial.feed(CONTENT + CONTENT[:-2])    # the second event never completed
+    assert partial.count == 1
