@@ -81,8 +81,15 @@ from synapse_common import pair_scorer as pair_scorer_file
 from synapse_common import tracing
 
 INVALIDATE_TIMEOUT_S = 30.0
-FORMS_MAX = 1024        # models whose stream form is remembered
+FORMS_MAX = 4096        # (tenant, model) pairs whose stream form is remembered
 State = cache_writer.State
+
+
+def form_key(tenant: str, model: str) -> str:
+    """Where the stream form a model sent one tenant is kept: per tenant, so no tenant's
+    stream shapes another's replays (a form holds no request data either:
+    ``stream_fold.skeleton``)."""
+    return f"{tenant}\x00{model}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +154,7 @@ class TieredCache:
             clock=monotonic, learned=self._learned)
         # (verifier digest, model, the stack's point) → threshold
         self._thresholds: dict[tuple[str, str, bool], float] = {}
-        self._forms: dict[str, Mapping[str, Any]] = {}   # model -> a stream form it sent
+        self._forms: dict[str, Mapping[str, Any]] = {}   # form_key -> a stream form
         # Told each form learnt from a stored stream (shared_routing: the pod's workers).
         self.form_listener: Callable[[str, Mapping[str, Any]], None] | None = None
         self._warmed = False
@@ -413,13 +420,14 @@ class TieredCache:
             self._thresholds[key] = cached
         return cached
 
-    def learn_form(self, model: str, form: Mapping[str, Any]) -> bool:
-        """Remember ``form`` as the way ``model`` streams, for replaying its answers stored
-        from plain requests (at most ``FORMS_MAX`` models); True when it is news."""
-        if self._forms.get(model) == form or (model not in self._forms
-                                              and len(self._forms) >= FORMS_MAX):
+    def learn_form(self, key: str, form: Mapping[str, Any]) -> bool:
+        """Remember ``form`` as the way a model streams to a tenant (``key``:
+        :func:`form_key`), for replaying that tenant's answers stored from plain requests
+        (at most ``FORMS_MAX`` keys); True when it is news."""
+        if self._forms.get(key) == form or (key not in self._forms
+                                            and len(self._forms) >= FORMS_MAX):
             return False
-        self._forms[model] = form
+        self._forms[key] = form
         return True
 
     # -- store ---------------------------------------------------------------------------
@@ -430,8 +438,9 @@ class TieredCache:
                     or not cache_rules.is_storable(response)):
                 return
             form = getattr(response, "form", None)      # stored from a stream
-            if form and self.learn_form(state.model, form) and self.form_listener is not None:
-                self.form_listener(state.model, form)
+            key = form_key(state.tenant, state.model)
+            if form and self.learn_form(key, form) and self.form_listener is not None:
+                self.form_listener(key, form)
             self._writer.put(state, response)
         except asyncio.QueueFull as exc:
             # A burst beyond the writer's pace: drop the write, never slow the response.
@@ -495,5 +504,6 @@ class TieredCache:
         """A hit; streamed in its own form, else in the form this model streams in."""
         return cache_port.CacheHit(layer=layer, response=entry.response,
                                    similarity=similarity, score=score,
-                                   form=entry.form or self._forms.get(request.model),
+                                   form=entry.form or self._forms.get(
+                                       form_key(request.tenant, request.model)),
                                    source=source)

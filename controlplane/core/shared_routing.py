@@ -21,7 +21,7 @@ dispatched it itself:
   cache takes feedback: which entry answered which request id, so ``POST
   /v1/cache/feedback`` may reach any process of the pod, and an id judged on one is
   forgotten by all (one verdict per request);
-* the stream form the response cache learnt for a model (:class:`Forms`), so an answer
+* the stream form the response cache learnt for a model and tenant (:class:`Forms`), so an answer
   stored from a plain request replays as the model streams on every process, not only
   on the one that saw a stream of it.
 
@@ -72,7 +72,7 @@ SESSION = "s"       # ("s", session, backend)
 PIN = "r"           # ("r", response id, backend)
 SERVED = "v"        # ("v", request id, *the Served fields in order)
 COST = "c"          # ("c", backend, *the rest of CostModel.observe's arguments in order)
-FORM = "m"          # ("m", model, the stream form the response cache learnt for it)
+FORM = "m"          # ("m", form key (tenant and model), the stream form learnt for it)
 TAKEN = "t"         # ("t", tenant, request id)
 
 Event = tuple[Any, ...]
@@ -93,7 +93,7 @@ class Forms(Protocol):
 
     form_listener: Callable[[str, Mapping[str, Any]], None] | None
 
-    def learn_form(self, model: str, form: Mapping[str, Any]) -> bool: ...
+    def learn_form(self, key: str, form: Mapping[str, Any]) -> bool: ...
 
 
 class Sharing:
@@ -201,9 +201,9 @@ class Sharing:
         if not self._applying:
             self._publish((TAKEN, tenant, request_id))
 
-    def formed(self, model: str, form: Mapping[str, Any]) -> None:
+    def formed(self, key: str, form: Mapping[str, Any]) -> None:
         if not self._applying:
-            self._publish((FORM, model, dict(form)))
+            self._publish((FORM, key, dict(form)))
 
     # -- what goes out ------------------------------------------------------------------
 

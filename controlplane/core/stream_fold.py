@@ -10,8 +10,14 @@ field (``system_fingerprint``, ``service_tier``, …) as first sent; ``usage`` a
 stream carries it only when ``stream_options.include_usage`` was asked).
 
 The fold also records the stream's *form*: the first chunk of each kind (role, content,
-finish, usage) as a skeleton, its texts, logprobs and usage emptied. ``stream_replay``
-fills these skeletons, so a replayed answer has the shape of the backend's own stream.
+finish, usage) as a skeleton (:func:`skeleton`). ``stream_replay`` fills these
+skeletons, so a replayed answer has the shape of the backend's own stream. A form is
+replayed to other requests than the one that streamed it, so a skeleton keeps shape and
+nothing of that request: only the fields of the OpenAI chunk (:data:`SKELETON_TOP`,
+:data:`SKELETON_CHOICE`), every other field's value emptied to ``null``, and in a delta
+only the role, emptied strings and nulls. vLLM puts the request's prompt text and token
+ids in its chunks when asked (``return_prompt_text``, ``return_token_ids``): kept, they
+would be replayed to whoever the form serves next.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ from typing import Any
 CHOICE_FIELDS = frozenset({"index", "delta", "text", "logprobs", "finish_reason", "message"})
 TOP_FIELDS = frozenset({"object", "choices", "usage"})
 LOGPROBS_PRESENT = "present"    # a skeleton's marker: this chunk kind carried logprobs
+# What a skeleton keeps with its value (the answer's own values replace id, created,
+# model and the fingerprint on replay); any other field is kept as null.
+SKELETON_TOP = frozenset({"id", "object", "created", "model", "system_fingerprint"})
+SKELETON_CHOICE = frozenset({"index", "delta", "text", "logprobs", "finish_reason"})
 FINGERPRINT = "fingerprint"     # form key: "last" when only the last chunk carries it (vLLM)
 
 
@@ -199,20 +209,35 @@ class Fold:
 
 
 def skeleton(chunk: Mapping[str, Any]) -> dict[str, Any]:
-    """A chunk with its content emptied: texts "", logprobs a marker, usage None."""
-    out = {k: v for k, v in chunk.items() if k != "choices"}
-    if out.get("usage") is not None:
-        out["usage"] = None
+    """A chunk's shape and nothing of its request (see the module docstring): texts "",
+    logprobs a marker, usage and every field not of the OpenAI chunk None."""
+    out: dict[str, Any] = {k: (v if k in SKELETON_TOP and isinstance(v, str | int) else None)
+                           for k, v in chunk.items() if k != "choices"}
     choices = []
     for choice in (chunk.get("choices") or ())[:1]:
-        shell = dict(choice)
-        if isinstance(shell.get("delta"), Mapping):
-            shell["delta"] = {k: "" if isinstance(v, str) and k != "role" else v
-                              for k, v in shell["delta"].items() if k != "tool_calls"}
-        if isinstance(shell.get("text"), str):
+        shell: dict[str, Any] = {k: None if k not in SKELETON_CHOICE else v
+                                 for k, v in choice.items()}
+        delta = shell.get("delta")
+        if isinstance(delta, Mapping):
+            shell["delta"] = {k: _emptied(k, v) for k, v in delta.items()
+                              if isinstance(v, str) or v is None}
+        elif "delta" in shell:
+            shell["delta"] = {}
+        if "text" in shell:
             shell["text"] = ""
         if shell.get("logprobs") is not None:
             shell["logprobs"] = LOGPROBS_PRESENT
+        if "index" in shell and not isinstance(shell["index"], int):
+            shell["index"] = 0
+        if "finish_reason" in shell:       # the replay sets the answer's own
+            shell["finish_reason"] = None
         choices.append(shell)
     out["choices"] = choices
     return out
+
+
+def _emptied(key: str, value: str | None) -> str | None:
+    """A delta's field in a skeleton: the role as sent (a fixed word), texts emptied."""
+    if value is None or (key == "role" and value in ("assistant", "tool", "user", "system")):
+        return value
+    return ""

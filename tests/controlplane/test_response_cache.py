@@ -9,7 +9,7 @@ import pytest
 
 from controlplane import errors
 from controlplane.adapters import l1
-from controlplane.core import cache_budget
+from controlplane.core import cache_budget, stream_fold
 from tests.controlplane import test_cache_support as support
 from tests.controlplane.l2.fakes import ManualTime
 from tests.controlplane.test_cache_support import answer, build_cache, chat, counter, remember
@@ -205,3 +205,25 @@ def test_failures_are_logged_once_per_interval_with_a_count_of_the_rest(caplog):
     assert len(lines) == 2
     assert "ConnectionError: redis down" in lines[0]
     assert "timed out" in lines[1] and "2 more" in lines[1]
+
+
+async def test_a_stream_form_learnt_from_one_tenant_never_shapes_anothers_replays(cache):
+    """An answer stored from a plain request replays in the form its model streamed in,
+    learnt per tenant: one tenant's stream (its fields, whatever it asked the engine to
+    echo) never shapes another's replays."""
+    c, _ = cache
+    form = {"content": {"id": "", "object": "chat.completion.chunk", "created": 0,
+                        "model": "llama", "prompt_text": None,
+                        "choices": [{"index": 0, "delta": {"content": ""},
+                                     "logprobs": None, "finish_reason": None}]}}
+    bob = await c.lookup(chat("What does bob stream?", tenant="bob"))
+    assert bob.status == "miss"
+    c.store(bob, stream_fold.Assembled(answer("Streamed for bob."), form))
+    await c.drain()
+    await remember(c, chat("What does alice ask?", tenant="alice"), "Plain for alice.")
+    alice = await c.lookup(chat("What does alice ask?", tenant="alice"))
+    assert alice.status == "hit-exact" and alice.hit is not None
+    assert alice.hit.form is None               # the default form, not bob's
+    await remember(c, chat("What else does bob ask?", tenant="bob"), "Plain for bob.")
+    own = await c.lookup(chat("What else does bob ask?", tenant="bob"))
+    assert own.hit is not None and own.hit.form == form    # bob's own model's form

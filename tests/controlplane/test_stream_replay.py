@@ -143,3 +143,30 @@ def test_an_entry_without_usage_serves_only_streams_that_did_not_ask_for_it() ->
     assert all(cache_entry.serves(counted, body) for body in ({}, stream, asks))
     assert not cache_entry.serves(counted, continuous)
     assert cache_entry.decode(cache_entry.encode("scope", {"choices": []}), "other") is None
+
+
+def test_a_form_keeps_the_shape_of_a_stream_and_nothing_of_its_request() -> None:
+    """vLLM puts the request's prompt text and token ids in its chunks when asked
+    (``return_prompt_text``, ``return_token_ids``). A form is replayed to other requests
+    (another tenant's, before forms were kept per tenant): it must hold none of them."""
+    secret = "BOB SECRET: merger with ACME closes on 2027-01-15"
+    live = vllm_stream()
+    live[0] = {**live[0], "prompt_text": f"<|user|>{secret}", "prompt_token_ids": [9, 8, 7],
+               "kv_transfer_params": {"remote": "bob"}}
+    live[1]["choices"][0] = {**live[1]["choices"][0], "token_ids": [4242],
+                             "delta": {"content": "Hi", "note": {"by": "bob"}}}
+    live[2]["choices"][0] = {**live[2]["choices"][0], "token_ids": [4343], "stop_reason": 13}
+    form = sse.assemble(sse.SSEParser().feed(as_sse(live))).response().form
+    text = orjson.dumps(form)
+    for leaked in (b"BOB", b"4242", b"4343", b"bob", b"9,8,7", b"13"):
+        assert leaked not in text, leaked
+    stored = {"id": "chatcmpl-alice", "object": "chat.completion", "created": 9, "model": "m",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "Yo!"},
+                           "logprobs": None, "finish_reason": "stop"}]}
+    replayed = b"".join(stream_replay.replay(stored, form, include_usage=False))
+    for leaked in (b"BOB", b"4242", b"4343", b"bob", b"9, 8, 7", b"[9,8,7]"):
+        assert leaked not in replayed, leaked
+    assert folded(replayed)["choices"][0]["message"]["content"] == "Yo!"
+    # The shape stays: the fields are there, emptied.
+    chunks = events(replayed)
+    assert "prompt_text" in chunks[0] and chunks[0]["prompt_text"] is None
