@@ -57,7 +57,12 @@ class TenantTable:
                     raise ValueError(f"an API key of tenant {tenant.name!r} is also a key "
                                      f"of tenant {self._by_hash[h].name!r}")
                 self._by_hash[h] = tenant
-        self._admin_hash = admin_key_sha256
+        self._admin_hash = admin_key_sha256.strip().lower() if admin_key_sha256 else None
+        if self._admin_hash and (shared := self._by_hash.get(self._admin_hash)):
+            # Accepted, this key would read every tenant's usage and deploy and drain as
+            # that tenant, and the tenant would never know it holds the operator's key.
+            raise ValueError(f"auth.admin_key: it is also an API key of tenant "
+                             f"{shared.name!r}: give the admin key a value of its own")
         self._anonymous = Tenant(ANONYMOUS)
         if admin_tenant is not None and admin_tenant not in self._tenants:
             raise ValueError(f"auth.admin_tenant: no tenant is named {admin_tenant!r}")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pydantic
 from pydantic import Field
 
 from controlplane.settings import fairness
 from synapse_common.settings import Secret, Section
+
+MIN_RESPONSE_ID_KEY = 16    # characters: a short MAC key can be guessed offline from one id
 
 
 class TenantSettings(Section):
@@ -45,7 +48,7 @@ class AuthSettings(Section):
     response_id_key: Secret | None = Field(
         None, description="secret that binds each /v1/responses id to the tenant that made "
         "it (a MAC inside the id): every worker and replica must share it, and changing it "
-        "refuses every earlier id (404). None = derived from admin_key; neither = a random "
+        "refuses every earlier id (404); at least 16 characters. None = derived from admin_key; neither = a random "
         "key per process, so a conversation continues only on the process that began it")
     tenants: list[TenantSettings] = Field(default_factory=list, description="API tenants")
     key_file: str | None = Field(
@@ -60,6 +63,16 @@ class AuthSettings(Section):
         False, description="without agent_token, let any client reaching the gRPC port "
         "register as an agent (and receive tenants' prompts). Without agent_token, a "
         "grpc.host other than loopback does not start unless this is true")
+
+    @pydantic.model_validator(mode="after")
+    def _response_id_key_long_enough(self) -> AuthSettings:
+        # On the section, not the field: a field's error line would quote the value.
+        key = self.response_id_key
+        if key is not None and len(key.get_secret_value()) < MIN_RESPONSE_ID_KEY:
+            raise ValueError(f"response_id_key: must be at least {MIN_RESPONSE_ID_KEY} "
+                             "characters (it signs every /v1/responses id: a short key can "
+                             "be guessed and any tenant's conversation continued)")
+        return self
 
     @property
     def agent_token_value(self) -> str | None:

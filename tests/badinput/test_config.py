@@ -70,3 +70,39 @@ def test_missing_config_file_is_named(tmp_path: pathlib.Path) -> None:
     done = subprocess.run([harness.console_script("synapse"), "controlplane", "--config",
                            str(missing)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and str(missing) in done.stderr, done.stderr
+
+
+def _refused(path: pathlib.Path) -> str:
+    done = subprocess.run([harness.console_script("synapse"), "controlplane", "--config",
+                           str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error:"), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and S not in done.stderr + done.stdout
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["tenants", "key_file"])
+def test_an_admin_key_that_is_a_tenants_key_stops_the_control_plane(
+        tmp_path: pathlib.Path, where: str) -> None:
+    """The control plane used to start, and that tenant's key then read every tenant's
+    stats and deployed and drained over Admin gRPC."""
+    tenant = f"- {{name: a, keys: [{S}]}}\n"
+    auth = f"auth:\n  allow_unauthenticated_agents: true\n  admin_key: {S}\n"
+    if where == "key_file":
+        (tmp_path / "keys.yaml").write_text(tenant)
+        auth += f"  key_file: {tmp_path / 'keys.yaml'}\n"
+    else:
+        auth += "  tenants:\n  " + tenant
+    (tmp_path / "config.yaml").write_text(auth)
+    line = _refused(tmp_path / "config.yaml")
+    assert "auth.admin_key" in line and "tenant 'a'" in line, line
+
+
+def test_a_short_response_id_key_stops_the_control_plane(tmp_path: pathlib.Path) -> None:
+    """A one-character key signed every /v1/responses id: guessed from one id offline,
+    it would let a tenant continue another's conversation."""
+    (tmp_path / "config.yaml").write_text(
+        "auth:\n  allow_unauthenticated_agents: true\n  response_id_key: sk-s3cr\n")
+    line = _refused(tmp_path / "config.yaml")
+    assert "response_id_key" in line and "16 characters" in line and "sk-s3cr" not in line

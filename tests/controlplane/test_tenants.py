@@ -38,3 +38,20 @@ def test_without_an_admin_key_the_admin_routes_are_closed_even_with_auth_off() -
         table.authenticate_admin("Bearer anything")
     with pytest.raises(errors.Unauthorized):
         table.authenticate_admin(None)
+
+
+def test_a_key_of_two_tenants_is_refused() -> None:
+    with pytest.raises(ValueError, match="tenant 'b' is also a key of tenant 'a'"):
+        tenants.TenantTable([(tenants.Tenant("a"), [tenants.sha256_hex(TEAM)]),
+                             (tenants.Tenant("b"), [tenants.sha256_hex(TEAM)])], None)
+
+
+def test_an_admin_key_that_is_also_a_tenant_key_is_refused() -> None:
+    """Accepted, it made that tenant an admin: its key read ``/api/v1/stats`` and
+    ``/metrics`` and deployed, drained and invalidated over Admin gRPC. The check is on
+    the digests, so a tenant configured by ``key_sha256`` (or in ``auth.key_file``) is
+    caught as well as one with ``keys``."""
+    with pytest.raises(ValueError, match=r"auth\.admin_key: .*tenant 'team'") as caught:
+        tenants.TenantTable([(tenants.Tenant("team"), [tenants.sha256_hex(ADMIN).upper()])],
+                            tenants.sha256_hex(ADMIN))
+    assert ADMIN not in str(caught.value)
