@@ -9,8 +9,10 @@ The middleware is the single exit of every request: it turns :mod:`controlplane.
 (and aiohttp's own 404/405/413) into the OpenAI error envelope, adds ``x-request-id`` and
 ``x-synapse-*`` headers, and records metrics and stats once per request. A client's
 ``x-request-id`` is kept when it is printable ASCII of at most 128 characters (it goes
-into the upstream request and the response headers); otherwise the request gets a fresh
-id, logged at debug level. Errors below the handlers (a request aiohttp cannot parse)
+into the response headers, the access log and names the request to that client);
+otherwise the request gets a fresh id, logged at debug level. Engines never get the
+client's id (vLLM names and aborts requests by it, and any tenant may send any id):
+they get an id Synapse generated for the request (``RequestContext.engine_id``). Errors below the handlers (a request aiohttp cannot parse)
 are :mod:`controlplane.api.server`'s.
 
 ``/metrics`` is served here unless ``metrics.port`` moves it to an app of its own
@@ -88,22 +90,26 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> errors.SynapseEr
                               code=f"http_{exc.status}")
 
 
-def _request_id(request: web.Request, svc: services_mod.Services) -> str:
+def _request_ids(request: web.Request, svc: services_mod.Services) -> tuple[str, str]:
+    """(the id the client knows the request by, the id engines get): the client's own
+    and a fresh one, or one fresh id for both."""
     rid = request.headers.get("x-request-id")
     if rid is None:
-        return svc.new_request_id()
+        fresh = svc.new_request_id()
+        return fresh, fresh
     if validation.printable_ascii(rid, validation.REQUEST_ID_MAX):
-        return rid
+        return rid, svc.new_request_id()
     fresh = svc.new_request_id()
     log.debug("x-request-id replaced by %s: not 1 to %d printable ASCII characters",
               fresh, validation.REQUEST_ID_MAX)
-    return fresh
+    return fresh, fresh
 
 
 @web.middleware
 async def middleware(request: web.Request, handler: typedefs.Handler) -> web.StreamResponse:
     svc = request.app[context.SERVICES]
-    ctx = context.RequestContext(svc, _request_id(request, svc), svc.clock())
+    rid, engine_id = _request_ids(request, svc)
+    ctx = context.RequestContext(svc, rid, svc.clock(), engine_id=engine_id)
     request[context.CONTEXT] = ctx
     api = request.path.startswith("/v1/") or request.path in tasks.ROUTES
     scope = ops.begin(request, svc, ctx) if api else None    # the trace (issue 19)

@@ -47,6 +47,9 @@ class RequestContext:
     usage: usage_mod.Usage | None = None    # the engine's usage of the answer
     # the request's tokens and usage once admitted (controlplane.api.fairness)
     flow: fairness_mod.Flow | None = None
+    # the x-request-id engines get: Synapse's (``request_id`` when Synapse made that too),
+    # never the client's, which vLLM would take as the request's own (core.request_ids)
+    engine_id: str = ""
 
     def headers(self) -> dict[str, str]:
         """The x-synapse headers every response carries (as known so far)."""

@@ -9,12 +9,9 @@ registry the agents feed is the one the router reads. Resources that need the ev
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import pathlib
 import socket
-import uuid
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -35,6 +32,7 @@ from controlplane.core import (
     prefix_index,
     ratelimit,
     registry,
+    request_ids,
     types,
     upstream_kinds,
 )
@@ -89,12 +87,9 @@ class Services:
     # Metric children by (metric name, *labels), so the hot path skips labels() lookups.
     label_cache: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict)
 
-    request_ids: Iterator[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
-    request_id_prefix: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:16])
-
     def new_request_id(self) -> str:
-        """Unique across replicas and restarts (random prefix), cheaper than a uuid4."""
-        return f"{self.request_id_prefix}{next(self.request_ids):08x}"
+        """A fresh random id, unrelated to every other (:mod:`request_ids` says why)."""
+        return request_ids.new()
 
     def salt_for(self, tenant: str, client_salt: object = None) -> str:
         """The engines' prefix-cache salt of ``tenant``'s requests (:mod:`cache_salt`)."""

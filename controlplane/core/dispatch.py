@@ -34,6 +34,10 @@ The one home of the serving path's upstream policy; the API layer only relays by
   cancellation alike (aiohttp cancels the handler when the client goes away, which closes
   the upstream connection and so cancels the request on the backend).
 
+* **The id engines get** is Synapse's, never the client's ``x-request-id``: vLLM names
+  (and aborts) a request by the id it is sent, and a client could send another tenant's
+  (:mod:`request_ids`).
+
 Error messages name the backend by its key (``static/name``, ``node/backend``), never by
 its address; the transport's own detail rides along as the exception's cause, for logs.
 """
@@ -54,6 +58,7 @@ from controlplane.core import (
     catalog,
     model_rename,
     registry,
+    request_ids,
     stream_shapes,
     transport,
     types,
@@ -99,17 +104,17 @@ class Plan:
 class _Run:
     """One request's way through its candidates and fallback models."""
 
-    __slots__ = ("bodies", "body", "deadline", "last", "origin", "path", "request_id",
+    __slots__ = ("bodies", "body", "deadline", "engine_id", "last", "origin", "path",
                  "requested", "salt", "why")
 
-    def __init__(self, route: types.RouteDecision, path: str, body: bytes, request_id: str,
+    def __init__(self, route: types.RouteDecision, path: str, body: bytes, engine_id: str,
                  origin: str, requested: str, deadline: float, salt: str = "") -> None:
         self.path = path
         self.body = body
         # (wire name, salted) -> the bytes sent; the body carries the routed model's name
         self.bodies = {(route.model, False): body}
         self.salt = salt                # the tenant's prefix-cache salt ("" = none)
-        self.request_id = request_id
+        self.engine_id = engine_id      # the x-request-id engines get (never the client's)
         self.origin = origin            # the canonical model the client asked for
         self.requested = requested      # the name the client used for it
         self.deadline = deadline
@@ -215,14 +220,14 @@ class Dispatcher:
 
     # -- attempts -------------------------------------------------------------------------
 
-    def headers(self, backend: types.BackendState, request_id: str) -> dict[str, str]:
-        return {"Content-Type": "application/json", "x-request-id": request_id,
+    def headers(self, backend: types.BackendState, engine_id: str) -> dict[str, str]:
+        return {"Content-Type": "application/json", "x-request-id": engine_id,
                 **upstream_kinds.auth_headers(backend.api_key)}
 
     def exchange(self, route: types.RouteDecision, prompt: router_mod.Prompt,
                  path: str, body: bytes, request_id: str, *,
                  chain: Sequence[str] = (), requested: str = "",
-                 task: types.Task = "generate") -> Exchange:
+                 task: types.Task = "generate", engine_id: str = "") -> Exchange:
         """The first attempt whose answer can be handed over (below 500, and not broken
         before its first byte), held open for the caller (``async with``); raises the last
         failure when every candidate of every model failed or the request deadline passed.
@@ -230,8 +235,14 @@ class Dispatcher:
         ``body`` carries ``route.model``. ``chain`` (the plan's: the canonical model and
         its usable fallbacks) lets a route that failed everywhere go on to the next
         model after ``route.model``; ``requested`` is the name the client used, which
-        answers of a backend that renames the model carry back."""
-        return Exchange(self, route, prompt, path, body, request_id, chain, requested, task)
+        answers of a backend that renames the model carry back.
+
+        ``request_id`` is the request's id as its client knows it (maybe the client's
+        own choice): it is never sent. Engines get ``engine_id``, an id Synapse generated
+        for this request (:mod:`request_ids`), else a fresh one; every attempt of the
+        request carries the same."""
+        return Exchange(self, route, prompt, path, body, engine_id or request_ids.new(),
+                        chain, requested, task)
 
     async def _first_attempt(self, route: types.RouteDecision, prompt: router_mod.Prompt,
                              run: _Run, chain: Sequence[str], task: types.Task) -> Attempt:
@@ -281,7 +292,7 @@ class Dispatcher:
         """Send one attempt; None when its answer can be handed over, else (reason,
         failure)."""
         backend = attempt.backend
-        headers = self.headers(backend, run.request_id)
+        headers = self.headers(backend, run.engine_id)
         tracing.inject(headers, attempt.span)   # W3C traceparent to the engine
         timeout = min(self.policy.first_byte_timeout_s, run.deadline - self._clock())
         try:
@@ -322,16 +333,16 @@ class Exchange:
     __slots__ = ("_args", "_attempt", "_dispatcher")
 
     def __init__(self, dispatcher: Dispatcher, route: types.RouteDecision,
-                 prompt: router_mod.Prompt, path: str, body: bytes, request_id: str,
+                 prompt: router_mod.Prompt, path: str, body: bytes, engine_id: str,
                  chain: Sequence[str], requested: str, task: types.Task) -> None:
         self._dispatcher = dispatcher
-        self._args = (route, prompt, path, body, request_id, chain, requested, task)
+        self._args = (route, prompt, path, body, engine_id, chain, requested, task)
         self._attempt: Attempt | None = None
 
     async def __aenter__(self) -> Attempt:
-        route, prompt, path, body, request_id, chain, requested, task = self._args
+        route, prompt, path, body, engine_id, chain, requested, task = self._args
         d = self._dispatcher
-        run = _Run(route, path, body, request_id, chain[0] if chain else route.model,
+        run = _Run(route, path, body, engine_id, chain[0] if chain else route.model,
                    requested, d._clock() + d.policy.request_deadline_s, prompt.cache_salt)
         self._attempt = await d._first_attempt(route, prompt, run, chain, task)
         return self._attempt

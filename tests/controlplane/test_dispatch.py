@@ -88,7 +88,10 @@ async def test_connect_errors_5xx_and_timeouts_move_to_the_next_backend() -> Non
     assert (retries(m, "connect"), retries(m, "5xx"), retries(m, "timeout")) == (1, 1, 1)
     assert bad.closed and mock.responses[-1].closed
     assert set(in_flight(d).values()) == {0}, "every attempt's ticket was settled"
-    assert [r.headers["x-request-id"] for r in mock.requests] == ["rid-1"] * 4
+    # Engines never get the caller's id (a client may choose it, and vLLM aborts by it):
+    # one id of Synapse's for every attempt of the request.
+    sent = {r.headers["x-request-id"] for r in mock.requests}
+    assert len(sent) == 1 and "rid-1" not in sent
     assert {r.timeout_s for r in mock.requests} == {5.0}, "the first-byte limit, each time"
 
 
@@ -361,3 +364,20 @@ async def test_other_calls_share_the_retry_budget_and_name_no_target() -> None:
     d.policy = dispatch.Policy(3, 5.0, IDLE_S)
     assert await d.first_answer(["first", "second", "third"], call, LookupError, "x") == \
         ("third", "vectors")
+
+
+async def test_engines_get_the_id_synapse_made_for_the_request_never_the_clients() -> None:
+    d, mock, _ = stack(("a",))
+    mock.handler = by_host({"a": MockResponse(200, [b'{"ok": 1}'])})
+    for _ in range(2):
+        decision, prompt = route(d)
+        async with d.exchange(decision, prompt, CHAT, b"{}", "client-chosen") as attempt:
+            await attempt.read()
+    decision, prompt = route(d)
+    async with d.exchange(decision, prompt, CHAT, b"{}", "client-chosen",
+                          engine_id="synapse-made") as attempt:
+        await attempt.read()
+    first, second, third = (r.headers["x-request-id"] for r in mock.requests)
+    assert "client-chosen" not in (first, second, third)
+    assert first != second, "each request its own"
+    assert third == "synapse-made"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import aiohttp
@@ -227,3 +228,27 @@ async def test_session_affinity_is_per_tenant() -> None:
                 assert bob_first[0] != "session", "tenant b learnt tenant a's session id"
                 assert (await chat(t.KEY_B, session="victim-user-42"))[0] == "session"
                 assert await chat(t.KEY_A, user="victim-user-42") == ("session", pinned)
+
+
+async def test_a_clients_request_id_is_echoed_but_engines_get_synapses() -> None:
+    """vLLM names (and aborts) a request by the x-request-id it is sent, and any tenant can
+    send any id: engines get an id Synapse made. Synapse's ids are random, so two of a
+    tenant's own tell nothing of the requests between them."""
+    async with t.backends(("one", "ok")) as (b,):
+        async with t.running(t.settings(upstreams=[t.upstream("one", b.url)])) as cp:
+            async with aiohttp.ClientSession() as s:
+                async def chat(**headers: str) -> str:
+                    async with s.post(f"{cp.url}/v1/chat/completions", json={
+                            "model": "llama", "messages": [{"role": "user", "content": "hi"}]},
+                            headers={"Authorization": f"Bearer {t.KEY_A}", **headers}) as resp:
+                        assert resp.status == 200, await resp.text()
+                        return resp.headers["x-request-id"]
+
+                assert await chat(**{"x-request-id": "client-chosen-1"}) == "client-chosen-1"
+                ours = [await chat() for _ in range(3)]
+    engine_ids = [v for h in b.headers for k, v in h.items() if k.lower() == "x-request-id"]
+    assert "client-chosen-1" not in engine_ids and len(set(engine_ids)) == 4
+    for rid in ours + engine_ids:
+        assert len(rid) == 24 and int(rid, 16) >= 0, rid    # 96 random bits, hex
+    gaps = [abs(int(y, 16) - int(x, 16)) for x, y in itertools.pairwise(ours)]
+    assert min(gaps) > 2**32, ("request ids count requests", ours)
