@@ -20,7 +20,9 @@ Design decisions:
 - **Semantic text** = the text of the last user message (text parts joined). When the last
   message is not a user text message (a tool result, an image part, an assistant prefill),
   there is no semantic text: the whole message list is context and only the exact layer
-  applies.
+  applies. Nor when the request asks the engine to echo its prompt (:data:`ECHOING`:
+  ``echo``, vLLM's ``return_prompt_text``, ``return_token_ids``, ``prompt_logprobs``):
+  the answer then carries the prompt, which only an identical request may be given.
 - **Exact key** = SHA-256 over the scope hash and the semantic text (or, without one, the
   canonical last message).
 - **Temperature**: a request that sets none gets the backend's default, which for OpenAI
@@ -139,9 +141,15 @@ def is_storable(response: Mapping[str, Any]) -> bool:
                for c in choices)
 
 
+# Request fields asking the engine to put the prompt in its answer (when set and not false).
+ECHOING = ("echo", "return_prompt_text", "return_token_ids", "prompt_logprobs")
+
+
 def _split(endpoint: str, body: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
     """(context, semantic text): context is the body without the semantic text."""
     context = {k: v for k, v in body.items() if k not in NON_SEMANTIC_FIELDS}
+    if any(body.get(field) is not None and body.get(field) is not False for field in ECHOING):
+        return context, None        # the answer holds the prompt: exact layer only
     if endpoint == "completions":
         prompt = body.get("prompt")
         if isinstance(prompt, str):

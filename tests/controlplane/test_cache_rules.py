@@ -124,3 +124,17 @@ def test_default_temperature_is_configurable():
 ])
 def test_only_complete_responses_are_storable(response, ok):
     assert cache_rules.is_storable(response) is ok
+
+
+@pytest.mark.parametrize("field,value", [("return_prompt_text", True), ("return_token_ids", True),
+                                         ("prompt_logprobs", 1), ("prompt_logprobs", 0),
+                                         ("echo", True)])
+def test_a_request_whose_answer_echoes_its_prompt_has_no_semantic_text(field, value):
+    """Its answer carries the prompt (vLLM's prompt_text and prompt_token_ids, the
+    completions echo): only an identical request may be given it, never a paraphrase."""
+    k = keys(body={**BASE, field: value})
+    assert k.semantic_text is None
+    assert keys(body={**BASE, field: value}).exact_key == k.exact_key   # repeats still hit
+    assert keys(body={**BASE, field: False}).semantic_text is not None
+    completion = {"model": "llama", "temperature": 0, "prompt": "Say hi", field: value}
+    assert keys(body=completion, endpoint="completions").semantic_text is None
