@@ -113,6 +113,26 @@ def _secret_file(directory: pathlib.Path, name: str, value: str | None) -> pathl
     return path
 
 
+def data_directory(path: pathlib.Path) -> pathlib.Path:
+    """``path`` made ready as the data dir: created mode 0700, or an existing one of this
+    user tightened to 0700 (said on stderr). It holds cached answers (L1 journal, L2),
+    prompts (Milvus Lite), the cache feedback log and the logs, each written with the
+    umask's mode: the directory's own mode is what keeps other local users out of all of
+    them. A directory of another user that others may enter is refused (exit 1)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        if path.stat().st_uid != os.getuid():
+            cli.fail(f"synapse up: {path} belongs to another user and is open to others "
+                     f"(mode {mode:04o}): it would hold cached answers and prompts; choose "
+                     "a --data-dir of your own", code=1)
+        path.chmod(0o700)
+        print(f"synapse up: {path} was mode {mode:04o}; now 0700 (it holds cached answers "
+              "and prompts)", file=sys.stderr, flush=True)
+    (path / "logs").mkdir(exist_ok=True)
+    return path
+
+
 def _write_configs(args: argparse.Namespace, data: pathlib.Path, ports: dict[str, int],
                    gen: embedded_engine.Generation) -> dict[str, Any]:
     secret_dir = data / "secrets"
@@ -284,8 +304,7 @@ Press Ctrl-C to stop.
 
 def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
     args = build_parser(prog).parse_args(argv)
-    data = pathlib.Path(args.data_dir).resolve()
-    (data / "logs").mkdir(parents=True, exist_ok=True)
+    data = data_directory(pathlib.Path(args.data_dir).resolve())
     # Five distinct ports at once (two free_port() calls may return the same one).
     spare = free_ports(5, avoid={args.http_port, args.grpc_port})
     ports = {"http": _port(args.http_port, "http", args.host, spare[0]),

@@ -1,0 +1,45 @@
+"""``synapse up``'s data dir: cached answers, prompts and logs live under it, each file
+with the umask's mode, so the directory's own mode must keep other local users out."""
+
+from __future__ import annotations
+
+import collections.abc
+import os
+import pathlib
+
+import pytest
+
+from controlplane import embedded
+
+
+@pytest.fixture(autouse=True)
+def usual_umask() -> collections.abc.Iterator[None]:
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_a_new_data_dir_is_private(tmp_path: pathlib.Path) -> None:
+    """It was 0755 with ``l1.sqlite``, ``cache_feedback.jsonl`` and ``l2.db`` 0644 in it."""
+    data = embedded.data_directory(tmp_path / "parent" / ".synapse")
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert (data / "logs").is_dir()
+
+
+def test_an_existing_open_data_dir_is_tightened_and_said(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / ".synapse"
+    data.mkdir(mode=0o755)
+    (data / "l1.sqlite").write_text("cached answers")
+    embedded.data_directory(data)
+    assert data.stat().st_mode & 0o777 == 0o700
+    err = capsys.readouterr().err
+    assert str(data) in err and "0755" in err and "0700" in err, err
+
+
+def test_a_private_data_dir_is_left_alone_quietly(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / ".synapse"
+    data.mkdir(mode=0o700)
+    embedded.data_directory(data)
+    assert data.stat().st_mode & 0o777 == 0o700 and capsys.readouterr().err == ""
