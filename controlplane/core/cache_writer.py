@@ -112,22 +112,28 @@ class Writer:
         return bool(stored)
 
     async def _embed_missing(self, states: list[State], deadline: float) -> list[State]:
-        """Vectors for entries that were never embedded, in one call."""
-        todo = [i for i, s in enumerate(states) if s.vector is None]
-        if not todo:
+        """Vectors for entries that were never embedded, one call per tenant: the agent
+        keeps what it embeds in that tenant's part of its cache, as for a lookup."""
+        by_tenant: dict[str, list[int]] = {}
+        for i, s in enumerate(states):
+            if s.vector is None:
+                by_tenant.setdefault(s.tenant, []).append(i)
+        if not by_tenant:
             return states
         embedder = self._parts.embedder
         assert embedder is not None
-        texts = [states[i].keys.semantic_text or "" for i in todo]
-        budget = deadline - self._clock()
-        result = await self._budget.within(embedder.embed(texts, timeout_s=budget), budget,
-                                           "embedder", "store")
-        vectors = np.asarray(result.vectors, dtype=np.float32)
-        self._learned(result.embedder_id)
         out = list(states)
-        for row, i in enumerate(todo):
-            out[i] = dataclasses.replace(states[i], vector=vectors[row],
-                                         embedder_id=result.embedder_id)
+        for tenant, todo in by_tenant.items():
+            texts = [states[i].keys.semantic_text or "" for i in todo]
+            budget = deadline - self._clock()
+            result = await self._budget.within(
+                embedder.embed(texts, timeout_s=budget, tenant=tenant), budget, "embedder",
+                "store")
+            vectors = np.asarray(result.vectors, dtype=np.float32)
+            self._learned(result.embedder_id)
+            for row, i in enumerate(todo):
+                out[i] = dataclasses.replace(states[i], vector=vectors[row],
+                                             embedder_id=result.embedder_id)
         return out
 
     async def drain(self, timeout_s: float = 10.0) -> None:

@@ -227,3 +227,29 @@ async def test_a_stream_form_learnt_from_one_tenant_never_shapes_anothers_replay
     await remember(c, chat("What else does bob ask?", tenant="bob"), "Plain for bob.")
     own = await c.lookup(chat("What else does bob ask?", tenant="bob"))
     assert own.hit is not None and own.hit.form == form    # bob's own model's form
+
+
+async def test_entries_stored_without_a_lookup_are_embedded_for_their_own_tenant(
+        cache, monkeypatch):
+    """The agent keeps what it embeds in the calling tenant's part of its cache, so the
+    writer embeds each tenant's entries in a call made for that tenant, never one call
+    for several (whose texts would then share one part)."""
+    from controlplane.adapters import embedder as embedder_mod
+
+    c, _ = cache
+    calls: list[tuple[str, int]] = []
+    real = embedder_mod.NodeEmbedder.embed
+
+    async def recording(self, texts, timeout_s=None, tenant=""):
+        calls.append((tenant, len(texts)))
+        return await real(self, texts, timeout_s=timeout_s, tenant=tenant)
+
+    monkeypatch.setattr(embedder_mod.NodeEmbedder, "embed", recording)
+    for tenant, question in (("acme", "How do I rotate keys?"), ("beta", "How do I sleep?"),
+                             ("acme", "How do I revoke keys?")):
+        request = chat(question, tenant=tenant, cache_control="no-cache")  # no lookup embed
+        decision = await c.lookup(request)
+        c.store(decision, answer(f"Answer for {tenant}."))
+    await c.drain()
+    assert calls and {t for t, _ in calls} == {"acme", "beta"}
+    assert sum(n for _, n in calls) == 3
