@@ -57,7 +57,8 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
     fallback model says so (``x-synapse-fallback: A->B``) and is never cached."""
     svc, ctx = context.of(request)
     async with svc.dispatcher.exchange(route, prompt, path, body, ctx.request_id,
-                                       chain=chain, requested=requested) as attempt:
+                                       chain=chain, requested=requested,
+                                       engine_id=ctx.engine_id) as attempt:
         origin = chain[0] if chain else route.model
         if attempt.model != origin:
             ctx.fallback, store = f"{origin}->{attempt.model}", None

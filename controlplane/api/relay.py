@@ -89,7 +89,8 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
     services' own unless an upload brings one with its own transport)."""
     svc, ctx = context.of(request)
     d = dispatcher or svc.dispatcher
-    async with d.exchange(route, prompt, path, body, ctx.request_id) as attempt:
+    async with d.exchange(route, prompt, path, body, ctx.request_id,
+                          engine_id=ctx.engine_id) as attempt:
         ctx.backend = attempt.backend.key
         ctx.retries = attempt.index
         ctx.route = (route.reason if attempt.index == 0
