@@ -159,14 +159,14 @@ def stats(resp: admin_pb2.Stats) -> Rendered:
 def usage(resp: admin_pb2.GetUsageResponse) -> Rendered:
     """Usage per day, tenant and model (issue 18), with a total line."""
     fields = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens",
-              "cache_hit_tokens", "errors")
+              "cache_hit_tokens", "errors", "estimated")
     rows: list[list[object]] = [[r.day, r.tenant, r.model, *(getattr(r, f) for f in fields),
                                  f"{r.cost:.4f}"] for r in resp.rows]
     if len(resp.rows) > 1:
         rows.append(["total", "", "", *(sum(getattr(r, f) for r in resp.rows) for f in fields),
                      f"{sum(r.cost for r in resp.rows):.4f}"])
     headers = ["DAY", "TENANT", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "CACHED",
-               "CACHE-HIT", "ERRORS", "COST"]
+               "CACHE-HIT", "ERRORS", "ESTIMATED", "COST"]
     text = table(headers, rows) if resp.rows else "no usage recorded in that period"
     # Plain numbers (protobuf's JSON writes 64-bit integers as strings).
     data = [{"day": r.day, "tenant": r.tenant, "model": r.model,

@@ -231,4 +231,4 @@ def _row(r: usage_book.Row) -> admin_pb2.UsageRow:
         day=r.key.day, tenant=r.key.tenant, model=r.key.model, requests=c.requests,
         prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
         cached_tokens=c.cached_tokens, cache_hit_tokens=c.cache_hit_tokens, errors=c.errors,
-        cost=c.cost)
+        cost=c.cost, estimated=c.estimated)

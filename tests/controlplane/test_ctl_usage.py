@@ -47,8 +47,8 @@ def test_table_with_a_total_and_the_period_asked(server: tuple[str, Usage]) -> N
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["DAY", "TENANT", "MODEL", "REQUESTS", "PROMPT", "COMPLETION",
-                                "CACHED", "CACHE-HIT", "ERRORS", "COST"]
-    assert lines[-1].split() == ["total", "-", "-", "5", "500", "150", "64", "260", "1",
+                                "CACHED", "CACHE-HIT", "ERRORS", "ESTIMATED", "COST"]
+    assert lines[-1].split() == ["total", "-", "-", "5", "500", "150", "64", "260", "1", "0",
                                  "0.0223"]
     assert servicer.asked[-1].tenant == "search"
     assert servicer.asked[-1].since_seconds == 7 * 86_400

@@ -116,3 +116,6 @@ def test_a_client_that_cuts_its_streams_is_billed_for_what_it_received(
             "estimated")
 
     harness.wait_until(lambda: estimated() == CUTS, 30, "the rows to say they are estimated")
+    # and synapsectl get usage says so too
+    harness.wait_until(lambda: billed()[0].get("estimated") == CUTS, 30,
+                       "synapsectl get usage to say the rows are estimated")

@@ -319,7 +319,7 @@ class GetUsageRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., since_seconds: _Optional[float] = ...) -> None: ...
 
 class UsageRow(_message.Message):
-    __slots__ = ("day", "tenant", "model", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_hit_tokens", "errors", "cost")
+    __slots__ = ("day", "tenant", "model", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_hit_tokens", "errors", "cost", "estimated")
     DAY_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +330,7 @@ class UsageRow(_message.Message):
     CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_FIELD_NUMBER: _ClassVar[int]
     day: str
     tenant: str
     model: str
@@ -340,7 +341,8 @@ class UsageRow(_message.Message):
     cache_hit_tokens: int
     errors: int
     cost: float
-    def __init__(self, day: _Optional[str] = ..., tenant: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cache_hit_tokens: _Optional[int] = ..., errors: _Optional[int] = ..., cost: _Optional[float] = ...) -> None: ...
+    estimated: int
+    def __init__(self, day: _Optional[str] = ..., tenant: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cache_hit_tokens: _Optional[int] = ..., errors: _Optional[int] = ..., cost: _Optional[float] = ..., estimated: _Optional[int] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
     __slots__ = ("rows",)
