@@ -189,8 +189,11 @@ def counters(urls: list[str]) -> dict[str, float]:
 
 
 def set_faults(url: str, **faults: Any) -> None:
+    """Sets faults on an engine the agent started: it wants the engine key on /sim/*."""
     req = urllib.request.Request(f"{url}/sim/faults", data=json.dumps(faults).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {fleet.ENGINE_KEY}"},
+                                 method="POST")
     with urllib.request.urlopen(req, timeout=5) as resp:
         resp.read()
 

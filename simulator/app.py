@@ -182,7 +182,7 @@ def build(settings: SimulatorSettings, timing: clocks.Time = clocks.Time()) -> w
     service = Service(settings, timing)
     middlewares: list[typedefs.Middleware] = [service.errors_middleware]
     if settings.api_key is not None:  # inside the errors middleware, which renders its 401
-        middlewares.append(auth.middleware(settings.engine, settings.api_key.get_secret_value()))
+        middlewares.append(auth.middleware(settings.api_key.get_secret_value()))
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
     app.router.add_get("/health", service.health)
     app.router.add_get("/sim/faults", service.get_faults)

@@ -1,23 +1,21 @@
 """The engine key: with ``api_key`` set, callers must present ``Authorization: Bearer
-<key>`` on the paths the imitated engine guards, as the agent's engines do when it passes
-them the engine key (:mod:`synapse_common.engine_key`).
+<key>`` everywhere but ``GET``/``HEAD /health``, as on the agent's engines once it
+passes them the engine key (:mod:`synapse_common.engine_key`).
 
-Which paths, per engine:
-
-* vLLM (and the speech server, which has only ``/v1`` routes): paths under vLLM's
-  guarded prefixes, ``/v1``, ``/v2``, ``/inference`` and ``/cohere``
-  (``vllm/entrypoints/serve/middleware/authenticate.py``). The rest stay open there as in
-  vLLM: ``/health``, ``/metrics``, ``/openapi.json``, and ``/tokenize``, ``/detokenize``,
-  ``/rerank``, ``/score`` without the prefix;
-* TEI: every route but ``/health``, ``/metrics`` (TEI's public routes) and
-  ``/openapi.json`` (where the agent learns what the simulator serves).
-
-``/sim/faults`` stays open in every mode: it is the simulator's own test hook, which the
-chaos bench sets on engines an agent started.
+The agent starts vLLM behind its guard middleware
+(``agent/engine_guard/synapse_engine_guard.py``), which asks for the key on every path
+but ``/health``: vLLM's own key covers only ``/v1``, ``/v2``, ``/inference`` and
+``/cohere``, and the rest (``/tokenize``, ``/invocations``, ``/metrics``…) answered any
+pod. The simulator imitates that guarded engine, in TEI mode too. Its own hooks are no
+exception: ``/sim/faults`` (``hang``, ``crash_after``, ``error_rate``) and ``/sim/state``
+would let any local process take down every tenant's traffic, since in embedded mode the
+simulator is the live engine. The agent sends the key on its probes and scrapes
+(``/health``, ``/metrics``, ``/openapi.json``); the chaos bench and the tests send it on
+``/sim/*``. Without a key every caller is served: no key, nothing to ask.
 
 The refusal is a 401 in the simulator's error shapes (the OpenAI envelope, TEI's on its
-native routes), where vLLM answers ``{"error": "Unauthorized"}`` and TEI an empty body.
-The key is compared in constant time and never echoed.
+native routes). CORS preflights (``OPTIONS``) carry no credentials and pass, as through
+the guard. The key is compared in constant time and never echoed.
 """
 
 from __future__ import annotations
@@ -28,18 +26,12 @@ from aiohttp import typedefs, web
 
 from simulator import errors
 
-VLLM_GUARDED = ("/v1", "/v2", "/inference", "/cohere")
-TEI_OPEN = frozenset({"/health", "/metrics", "/openapi.json"})
-ALWAYS_OPEN = frozenset({"/sim/faults"})
+OPEN = frozenset({("GET", "/health"), ("HEAD", "/health")})
 
 
-def guarded(engine: str, path: str) -> bool:
-    """Whether ``engine`` requires the key on ``path``."""
-    if path in ALWAYS_OPEN:
-        return False
-    if engine == "tei":
-        return path not in TEI_OPEN
-    return path.startswith(VLLM_GUARDED)
+def guarded(method: str, path: str) -> bool:
+    """Whether a request needs the key (when one is set)."""
+    return method != "OPTIONS" and (method, path) not in OPEN
 
 
 def presented(request: web.Request, key: str) -> bool:
@@ -48,12 +40,11 @@ def presented(request: web.Request, key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(value.encode(), key.encode())
 
 
-def middleware(engine: str, key: str) -> typedefs.Middleware:
-    """Refuses a request to a guarded path that does not present ``key``."""
+def middleware(key: str) -> typedefs.Middleware:
+    """Refuses a request that does not present ``key``, unless :func:`guarded` says no."""
     @web.middleware
     async def check(request: web.Request, handler: typedefs.Handler) -> web.StreamResponse:
-        if request.method != "OPTIONS" and guarded(engine, request.path) \
-                and not presented(request, key):
+        if guarded(request.method, request.path) and not presented(request, key):
             raise errors.Unauthorized("missing or invalid API key: this engine requires "
                                       "'Authorization: Bearer <key>'")
         return await handler(request)

@@ -72,7 +72,7 @@ class SimulatorSettings(Section):
                            "VLLM_ENABLE_RESPONSES_API_STORE; off by default, as in vLLM)")
     api_key: Secret | None = Field(
         None, description="key callers must present as 'Authorization: Bearer <key>' "
-        "(simulator.auth: vLLM's guarded paths, TEI's all but health and metrics); an agent "
+        "on every path but GET /health (simulator.auth: as the agent's guarded engines); an agent "
         "sets it for the engines it starts through SYNAPSE_API_KEY. None: any caller")
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 

@@ -1,5 +1,6 @@
 """The simulator started with a key refuses callers without it, as the agent's engines do
-once it passes them the engine key; health, metrics and the route list stay open."""
+once it passes them the engine key (behind the agent's guard): only GET/HEAD /health
+stays open, the simulator's own fault hooks included."""
 
 from __future__ import annotations
 
@@ -46,14 +47,37 @@ async def test_vllm_mode_refuses_a_call_without_the_key_or_with_another() -> Non
         assert status == 200
 
 
-async def test_vllm_mode_leaves_health_metrics_and_route_list_open() -> None:
+async def test_only_health_is_open_and_fault_injection_needs_the_key() -> None:
+    """``/sim/faults`` (``hang``, ``crash_after``, ``error_rate``), ``/sim/state``,
+    ``/metrics``, ``/tokenize`` and ``/detokenize`` answered anyone: in embedded mode the
+    simulator is the live engine, so any local process could take every tenant's traffic
+    down. The agent's guard in front of vLLM opens only ``GET``/``HEAD /health``."""
+    hang = {"hang": True}
+    calls = [("GET", "/sim/faults", None), ("POST", "/sim/faults", hang),
+             ("POST", "/sim/faults", {"crash_after": 1}),
+             ("POST", "/sim/faults", {"error_rate": 1.0}), ("GET", "/sim/state", None),
+             ("GET", "/metrics", None), ("GET", "/openapi.json", None),
+             ("POST", "/tokenize", {"model": MODEL, "prompt": "hi"}),
+             ("POST", "/detokenize", {"model": MODEL, "tokens": [1, 2]}),
+             ("POST", "/invocations", CHAT), ("POST", "/health", None)]
     async with in_process(_settings(), clocks.Time()) as url:
-        for path in ("/health", "/metrics", "/openapi.json", "/sim/faults"):
-            status, _ = await _status(url + path)
+        for method, path, body in calls:
+            for key in (None, "wrong-key"):
+                status, _ = await _status(url + path, method, body, key)
+                assert status == 401, (method, path, key)
+        for method in ("GET", "HEAD"):
+            status, _ = await _status(url + "/health", method)
+            assert status == 200, method
+        status, _ = await _status(url + "/v1/chat/completions", "POST", CHAT, KEY)
+        assert status == 200, "no fault was set without the key"
+        for method, path, body in [c for c in calls if c[1] in ("/metrics", "/sim/state")]:
+            status, _ = await _status(url + path, method, body, KEY)
             assert status == 200, path
+        status, _ = await _status(url + "/sim/faults", "POST", hang, KEY)
+        assert status == 200
 
 
-async def test_tei_mode_guards_everything_but_health_and_metrics() -> None:
+async def test_tei_mode_guards_everything_but_health() -> None:
     async with in_process(_settings("tei"), clocks.Time()) as url:
         status, body = await _status(url + "/embed", "POST", {"inputs": "hello"})
         assert status == 401 and isinstance(body, dict) and body["error_type"] == "Unauthorized"
@@ -64,15 +88,21 @@ async def test_tei_mode_guards_everything_but_health_and_metrics() -> None:
         assert status == 401
         status, _ = await _status(url + "/embed", "POST", {"inputs": "hello"}, KEY)
         assert status == 200
-        for path in ("/health", "/metrics", "/openapi.json"):
+        for path in ("/metrics", "/openapi.json", "/sim/faults"):
             status, _ = await _status(url + path)
+            assert status == 401, path
+            status, _ = await _status(url + path, key=KEY)
             assert status == 200, path
+        status, _ = await _status(url + "/health")
+        assert status == 200
 
 
 async def test_without_a_key_every_caller_is_served() -> None:
     async with in_process(_settings(key=None), clocks.Time()) as url:
-        status, _ = await _status(url + "/v1/chat/completions", "POST", CHAT)
-        assert status == 200
+        for method, path, body in (("POST", "/v1/chat/completions", CHAT),
+                                   ("GET", "/metrics", None), ("GET", "/sim/state", None)):
+            status, _ = await _status(url + path, method, body)
+            assert status == 200, path
 
 
 def test_the_process_takes_its_key_from_the_environment_and_never_prints_it(
