@@ -81,8 +81,8 @@ def _errors(shape: str, statuses: dict[str, str]) -> dict[str, Any]:
 _COMMON_ERRORS = {
     "400": "an invalid field (named in the error)",
     "401": "missing or unknown API key",
-    "403": "the tenant may not use this model",
-    "404": "unknown model (GET /v1/models lists them)",
+    "403": "the admin key used on /v1",
+    "404": "unknown model, or one the tenant may not use (GET /v1/models lists its own)",
     "413": "body larger than http.max_body_bytes",
     "429": "over the tenant's rate or token limit; see Retry-After",
     "502": "every backend tried failed",

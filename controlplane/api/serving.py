@@ -83,17 +83,18 @@ async def admit(request: web.Request, parse: Any,
 
 
 def resolve_model(request: web.Request, tenant: tenants.Tenant, name: str) -> str:
-    """The canonical model for ``name``; 404 when unknown, 403 when not allowed."""
+    """The canonical model for ``name``; 404 when unknown or not allowed to the tenant.
+
+    The same 404 for both: a different answer for a model the tenant may not use would
+    tell it which model names other tenants have (``/v1/models`` lists only its own)."""
     svc, ctx = context.of(request)
     ctx.model_asked = name
     canonical = svc.catalog.canonical(name)
-    if not svc.catalog.is_configured(name) and canonical not in svc.registry.served_models():
+    known = svc.catalog.is_configured(name) or canonical in svc.registry.served_models()
+    if not known or not tenant.allows(canonical):
         raise errors.NotFound(
             f"the model {name!r} does not exist; GET /v1/models lists the models you can use",
             param="model")
-    if not tenant.allows(canonical):
-        raise errors.Forbidden(f"tenant {tenant.name!r} may not use the model {name!r}",
-                               param="model")
     ctx.model = canonical
     return canonical
 

@@ -246,11 +246,14 @@ def test_messages_are_cached_in_a_scope_of_their_own(surface: Surface, model: st
 
 
 def test_messages_errors_are_anthropic_shaped(surface: Surface) -> None:
-    with surface.anthropic(fleet.OTHER_KEY) as c, pytest.raises(
+    with surface.anthropic(fleet.ADMIN_KEY) as c, pytest.raises(
             anthropic.PermissionDeniedError) as denied:
         c.messages.create(model=CHAT, max_tokens=8,
                           messages=[{"role": "user", "content": "hi"}])
     assert denied.value.body["error"]["type"] == "permission_error"  # type: ignore[index]
+    with surface.anthropic(fleet.OTHER_KEY) as c, pytest.raises(anthropic.NotFoundError):
+        c.messages.create(model=CHAT, max_tokens=8,         # not its model: unknown to it
+                          messages=[{"role": "user", "content": "hi"}])
     with surface.anthropic("sk-wrong") as c, pytest.raises(anthropic.AuthenticationError):
         c.messages.create(model=CHAT, max_tokens=8, messages=[{"role": "user", "content": "x"}])
     with surface.anthropic() as c, pytest.raises(anthropic.NotFoundError) as missing:
@@ -441,25 +444,43 @@ EVERY_PATH: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+def _as_unknown(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """``body`` naming a model nobody has instead of ``model``."""
+    return {**body, "model": "no-such-model"} if body.get("model") == model else body
+
+
+def _comparable(refusal: dict[str, Any], model: str) -> str:
+    """A refusal with the model's name and its request id (Anthropic's envelope) out."""
+    return json.dumps({k: v for k, v in refusal.items() if k != "request_id"}).replace(
+        model, "no-such-model")
+
+
 @pytest.mark.parametrize(("path", "body"), EVERY_PATH, ids=[p for p, _ in EVERY_PATH])
-def test_a_tenant_not_allowed_the_model_gets_403(surface: Surface, path: str,
-                                                 body: dict[str, Any]) -> None:
+def test_a_model_the_tenant_may_not_use_is_answered_as_an_unknown_one(
+        surface: Surface, path: str, body: dict[str, Any]) -> None:
+    """The same 404 as for a model that does not exist (the name aside): a different
+    answer would tell the tenant which models other tenants have."""
     status, _, refused = surface.post(path, body, key=fleet.OTHER_KEY)
-    assert status == 403
-    error = refused["error"]
-    assert error["type"] == "permission_error"      # the same type in both envelopes
+    unknown_status, _, unknown = surface.post(path, _as_unknown(body, body["model"]),
+                                              key=fleet.OTHER_KEY)
+    assert status == unknown_status == 404
+    assert _comparable(refused, body["model"]) == _comparable(unknown, "no-such-model")
 
 
 @pytest.mark.parametrize("path", ["/v1/audio/transcriptions", "/v1/audio/translations"])
-async def test_a_tenant_not_allowed_the_model_gets_403_on_uploads(surface: Surface,
-                                                                  path: str) -> None:
-    form = aiohttp.FormData({"model": WHISPER})
-    form.add_field("file", b"abc", filename="a.wav", content_type="audio/wav")
-    async with aiohttp.ClientSession() as session, session.post(
-            surface.base + path, data=form,
-            headers={"Authorization": f"Bearer {fleet.OTHER_KEY}"}) as resp:
-        body = await resp.json()
-    assert resp.status == 403 and body["error"]["type"] == "permission_error"
+async def test_a_model_the_tenant_may_not_use_is_unknown_to_it_on_uploads(
+        surface: Surface, path: str) -> None:
+    async def refusal(model: str) -> tuple[int, dict[str, Any]]:
+        form = aiohttp.FormData({"model": model})
+        form.add_field("file", b"abc", filename="a.wav", content_type="audio/wav")
+        async with aiohttp.ClientSession() as session, session.post(
+                surface.base + path, data=form,
+                headers={"Authorization": f"Bearer {fleet.OTHER_KEY}"}) as resp:
+            return resp.status, await resp.json()
+    status, body = await refusal(WHISPER)
+    unknown_status, unknown = await refusal("no-such-model")
+    assert status == unknown_status == 404
+    assert _comparable(body, WHISPER) == _comparable(unknown, "no-such-model")
 
 
 def test_an_unknown_path_gets_the_openai_404_envelope(surface: Surface) -> None:

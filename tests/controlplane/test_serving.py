@@ -89,9 +89,14 @@ async def test_every_error_status_is_an_openai_error() -> None:
         with pytest.raises(openai.NotFoundError) as e404:
             await client.chat.completions.create(model="no-such-model", messages=msgs)
         assert "GET /v1/models" in e404.value.message
-        with pytest.raises(openai.PermissionDeniedError) as e403:
+        # A model the tenant may not use is answered as one that does not exist: the
+        # answer tells nothing of other tenants' models.
+        with pytest.raises(openai.NotFoundError) as e404private:
             await client.chat.completions.create(model="private-model", messages=msgs)
-        assert e403.value.status_code == 403
+        unknown = e404.value.body
+        assert isinstance(unknown, dict)
+        assert e404private.value.body == {**unknown, "message": unknown["message"].replace(
+            "no-such-model", "private-model")}
         with pytest.raises(openai.APIStatusError) as e413:
             await client.chat.completions.create(
                 model="llama", messages=[{"role": "user", "content": "x" * 100_000}])
