@@ -133,6 +133,9 @@ def test_an_engine_refuses_a_caller_without_the_engine_key_the_control_plane_pre
         assert _direct(stack.ports["llm"], "/v1/chat/completions", chat, presented) == 401
     rerank = {"query": "q", "texts": ["a", "b"]}
     assert _direct(stack.ports["ranker"], "/rerank", rerank, None) == 401
+    # the simulator's fault hook too: open, any local process could hang the engine
+    assert _direct(stack.ports["llm"], "/sim/faults", {"hang": True}, None) == 401
+    assert _direct(stack.ports["llm"], "/sim/faults", {"hang": False}, key) == 200
     assert _direct(stack.ports["llm"], "/v1/chat/completions", chat, key) == 200
     with stack.openai() as c:   # the control plane presents the key
         raw = c.chat.completions.with_raw_response.create(

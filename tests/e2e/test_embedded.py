@@ -61,6 +61,8 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
 
 
 def test_completion_stream_embedding_and_cache_hit(embedded: Embedded) -> None:
+    # cached answers and prompts land under it with the umask's modes: only its owner enters
+    assert embedded.data_dir.stat().st_mode & 0o777 == 0o700
     first = embedded.client.chat.completions.with_raw_response.create(
         model="llama", messages=[{"role": "user", "content": "What is a GPU?"}], temperature=0)
     assert first.headers["x-synapse-cache"] == "miss"
