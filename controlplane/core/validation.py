@@ -229,4 +229,7 @@ def embeddings(body: dict[str, Any]) -> Parsed:
     fmt = body.get("encoding_format")
     if fmt is not None and fmt not in ("float", "base64"):
         raise _bad("encoding_format", "must be 'float' or 'base64'")
+    dims = body.get("dimensions")
+    if dims is not None and not (_integral(dims) and 1 <= dims <= MAX_TOKEN_ID):
+        raise _bad("dimensions", "must be a positive integer")
     return Parsed("embeddings", body, model, False, 0, user)

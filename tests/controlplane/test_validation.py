@@ -38,3 +38,12 @@ def test_session_ids_must_be_printable_ascii(value: str) -> None:
 def test_a_good_session_id_and_none_pass() -> None:
     assert validation.session_id("user-42:tab-3") == "user-42:tab-3"
     assert validation.session_id(None) == validation.session_id("") == ""
+
+
+@pytest.mark.parametrize("dims", [-3, 0, 1.5, "8", True, [8]])
+def test_an_embeddings_dimensions_that_is_no_positive_integer_is_a_400(dims: object) -> None:
+    body = {"model": "m", "input": "hello", "dimensions": dims}
+    with pytest.raises(errors.BadRequest) as refused:
+        validation.embeddings(body)
+    assert refused.value.param == "dimensions"
+    assert validation.embeddings({**body, "dimensions": 8}).model == "m"
