@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, TypeVar
 
@@ -169,27 +170,38 @@ def _parse_scalar(raw: str) -> Any:
         return raw
 
 
+# A setting whose path names one of these holds a secret: its value is never quoted.
+_SECRET_PATH = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
+
+
 def _format_error(err: Mapping[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__") or "(top level)"
+    parts = [str(p) for p in err.get("loc", ()) if p != "__root__"]
+    loc = ".".join(parts) or "(top level)"
     msg = str(err.get("msg", "invalid value"))
     msg = msg.removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
         return f"{loc}: unknown setting"
-    if "input" in err and err.get("type") not in ("missing",):
+    if ("input" in err and err.get("type") not in ("missing",)
+            and not any(_SECRET_PATH.search(p) for p in parts)):
         value = err["input"]
         if isinstance(value, str | int | float | bool) and not isinstance(value, dict):
             return f"{loc}: {msg[:1].lower() + msg[1:]} (got {value!r})"
     return f"{loc}: {msg[:1].lower() + msg[1:]}"
 
 
+def describe(exc: pydantic.ValidationError) -> str:
+    """One line for a validation error: the first problem (no secret's value quoted) and
+    how many more."""
+    errors = exc.errors(include_url=False)
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{_format_error(errors[0])}{more}"
+
+
 def validate(model: type[ModelT], data: Mapping[str, Any], source: str = "config") -> ModelT:
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        first = _format_error(errors[0])
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ConfigError(f"{source}: {first}{more}") from None
+        raise ConfigError(f"{source}: {describe(exc)}") from None
 
 
 def load(model: type[ModelT], path: str | None = None,

@@ -15,6 +15,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import pydantic
 import yaml
 from prometheus_client import CollectorRegistry
 
@@ -43,6 +44,7 @@ from controlplane.core import router as router_mod
 from controlplane.core import stats as stats_mod
 from controlplane.core import tenants as tenants_mod
 from synapse_common import clock as clocks
+from synapse_common import settings as settings_mod
 from synapse_common import tracing as tracing_mod
 
 if TYPE_CHECKING:
@@ -122,8 +124,12 @@ def _tenant_settings(auth: config.AuthSettings) -> list[config.TenantSettings]:
         for i, item in enumerate(data):
             try:
                 tenants.append(config.TenantSettings.model_validate(item))
+            except pydantic.ValidationError as exc:     # one line, no key quoted
+                raise ValueError(f"auth.key_file: {path}: tenant {i}: "
+                                 f"{settings_mod.describe(exc)}") from None
             except Exception as exc:
-                raise ValueError(f"auth.key_file: {path}: tenant {i}: {exc}") from None
+                raise ValueError(f"auth.key_file: {path}: tenant {i}: "
+                                 f"{type(exc).__name__}") from None
     return tenants
 
 

@@ -30,6 +30,8 @@ CASES = [
                      "    requests_per_second: fast\n", "requests_per_second"),
     ("controlplane", f"auth:\n  tenants:\n  - {{name: a, keys: [{S}]}}\n  - {{name: a}}\n",
      "duplicate tenant"),
+    ("controlplane", f"auth:\n  tenants:\n  - {{name: a, keys: {S}}}\n", "auth.tenants.0.keys"),
+    ("controlplane", f"auth:\n  agent_token: {{literal: {S}, extra: 1}}\n", "auth.agent_token"),
     ("controlplane", "upstreams:\n- {name: x, url: 'ftp://h', models: [m]}\n", "upstreams.0.url"),
     ("controlplane", "upstreams:\n- {name: x, url: 'http://a', models: [m]}\n"
                      "- {name: x, url: 'http://b', models: [m]}\n", "upstreams[1].name"),
@@ -106,3 +108,13 @@ def test_a_short_response_id_key_stops_the_control_plane(tmp_path: pathlib.Path)
         "auth:\n  allow_unauthenticated_agents: true\n  response_id_key: sk-s3cr\n")
     line = _refused(tmp_path / "config.yaml")
     assert "response_id_key" in line and "16 characters" in line and "sk-s3cr" not in line
+
+
+def test_a_bad_tenant_in_the_key_file_is_one_line_that_quotes_no_key(
+        tmp_path: pathlib.Path) -> None:
+    """pydantic's own message spans lines and quotes the input: a key, there."""
+    (tmp_path / "keys.yaml").write_text(f"- {{name: a, keys: {S}}}\n")
+    (tmp_path / "config.yaml").write_text(
+        f"auth:\n  allow_unauthenticated_agents: true\n  key_file: {tmp_path / 'keys.yaml'}\n")
+    line = _refused(tmp_path / "config.yaml")
+    assert "auth.key_file" in line and "tenant 0" in line and "keys" in line, line
