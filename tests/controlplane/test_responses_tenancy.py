@@ -13,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -226,13 +224,6 @@ async def test_a_cached_answer_gets_a_new_id_sealed_for_its_tenant() -> None:
         await refused(cp, t.KEY_B, ids[1])
         assert len(eng.bodies) == seen
 
-
-@pytest.fixture
-def directory() -> Iterator[pathlib.Path]:
-    path = pathlib.Path(tempfile.mkdtemp(prefix="mesh", dir="/tmp"))   # short: a socket path
-    path.chmod(0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 async def test_the_rule_holds_on_every_worker_of_a_pod(directory: pathlib.Path) -> None:

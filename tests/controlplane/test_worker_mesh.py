@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import pathlib
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -20,14 +18,6 @@ from tests.controlplane.test_shared_routing import Worker, ask
 
 BACKENDS = ("n1/a", "n1/b", "n1/c")
 
-
-@pytest.fixture
-def directory() -> Iterator[pathlib.Path]:
-    # short, as unix socket paths must be (pytest's tmp_path can be too long)
-    path = pathlib.Path(tempfile.mkdtemp(prefix="mesh", dir="/tmp"))
-    path.chmod(0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Pod:

@@ -5,23 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-import shutil
-import tempfile
-from collections.abc import Iterator
-
-import pytest
 
 from controlplane.api import worker_wiring
 from tests import harness
 from tests.controlplane import cp_testing as t
-
-
-@pytest.fixture
-def directory() -> Iterator[pathlib.Path]:
-    path = pathlib.Path(tempfile.mkdtemp(prefix="mesh", dir="/tmp"))   # short: a socket path
-    path.chmod(0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def in_flight(cp: t.RunningCP) -> int:
