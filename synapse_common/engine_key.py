@@ -16,8 +16,7 @@ agents report. Both import :func:`derive` from here, the one home of the rule.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+from synapse_common import subkeys
 
 CONTEXT = b"synapse/engine-key/v1"
 
@@ -26,7 +25,7 @@ def derive(agent_token: str | None) -> str | None:
     """The engine key for ``agent_token``; None without a token (or an empty one)."""
     if not agent_token:
         return None
-    return hmac.new(agent_token.encode("utf-8"), CONTEXT, hashlib.sha256).hexdigest()
+    return subkeys.derive(agent_token, CONTEXT).hex()
 
 
 def headers(key: str | None) -> dict[str, str]:

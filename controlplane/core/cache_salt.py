@@ -34,7 +34,7 @@ import re
 
 import orjson
 
-from synapse_common import tokens
+from synapse_common import subkeys, tokens
 
 ENGINES = frozenset({"vllm", "simulator"})   # engines whose API takes cache_salt
 FIELD = "cache_salt"
@@ -52,7 +52,7 @@ def key_for(agent_token: str | None) -> bytes:
     logs its key gives away no tenant's salt."""
     if not agent_token:
         return b""
-    return hmac.new(agent_token.encode("utf-8"), KEY_CONTEXT, hashlib.sha256).digest()
+    return subkeys.derive(agent_token, KEY_CONTEXT)
 
 
 def for_tenant(tenant: str, client_salt: object = None, key: bytes = b"") -> str:

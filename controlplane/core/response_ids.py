@@ -45,6 +45,7 @@ from typing import Any
 import orjson
 
 from controlplane import errors
+from synapse_common import subkeys
 
 SEPARATOR = "_"
 TAG_BYTES = 16
@@ -75,7 +76,7 @@ class Seal:
         secret = response_id_key or admin_key
         if not secret:
             return cls(secrets.token_bytes(32), shared=False)
-        return cls(hmac.new(secret.encode(), _LABEL, hashlib.sha256).digest(), shared=True)
+        return cls(subkeys.derive(secret, _LABEL), shared=True)
 
     def _tag(self, tenant: str, engine_id: str) -> bytes:
         who = tenant.encode()

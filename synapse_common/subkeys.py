@@ -1,0 +1,15 @@
+"""Keys derived from a configured secret, one per use, so that no use's key gives away the
+secret or another use's key: HMAC-SHA256(secret, context), where ``context`` names the
+use and its version (``b"synapse/engine-key/v1"``). The one home of that rule: the engine
+key, the engines' cache salts and the Responses ids' seal all derive theirs here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+
+def derive(secret: str, context: bytes) -> bytes:
+    """The 32-byte key of ``context`` under ``secret``."""
+    return hmac.new(secret.encode("utf-8"), context, hashlib.sha256).digest()
