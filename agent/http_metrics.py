@@ -23,61 +23,31 @@ agent must not import the control plane, so each process holds its own.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import pathlib
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from synapse_common import api_error
+from synapse_common import api_error, bearer_token
 
 log = logging.getLogger(__name__)
 
 FIELD = "metrics.bearer_token_file"
-
-
-class TokenFileError(ValueError):
-    """``metrics.bearer_token_file`` cannot be read or is empty (a config error)."""
+TokenFileError = bearer_token.TokenFileError    # an unreadable or empty token file
 
 
 class _Unauthorized(api_error.ApiError, http_status=401, error_type="authentication_error"):
     pass
 
 
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8")).digest()
-
-
 def read_token(path: str | None) -> bytes | None:
-    """The sha256 of the token in ``path`` (surrounding whitespace stripped), None without
-    a path; :class:`TokenFileError` naming the field when unreadable or empty."""
-    if path is None:
-        return None
-    file = pathlib.Path(path)
-    try:
-        token = file.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise TokenFileError(f"{FIELD}: cannot read {file}: {why}") from None
-    if not token:
-        raise TokenFileError(f"{FIELD}: {file} is empty")
-    return _digest(token)
+    """The sha256 of the token in ``path`` (:mod:`synapse_common.bearer_token`), None
+    without a path; :class:`TokenFileError` naming the field when unreadable or empty."""
+    return bearer_token.read_digest(path, FIELD)
 
 
-def _bearer(header: str | None) -> str | None:
-    scheme, _, value = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        return None
-    return value.strip()
-
-
-def token_matches(wanted: bytes, authorization: str | None) -> bool:
-    """Whether an ``Authorization`` header carries the token whose sha256 is ``wanted``."""
-    token = _bearer(authorization)
-    return token is not None and hmac.compare_digest(_digest(token), wanted)
+token_matches = bearer_token.matches
 
 
 def _refusal() -> web.Response:

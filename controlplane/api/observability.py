@@ -35,7 +35,6 @@ none (its file is its owner's only, 0600, in the directory the pod keeps for the
 
 from __future__ import annotations
 
-import hmac
 import os
 import pathlib
 from typing import Literal
@@ -46,7 +45,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controlplane import config, errors
 from controlplane.api import context, readiness, worker_metrics
 from controlplane.api import services as services_mod
-from controlplane.core import tenants
+from synapse_common import bearer_token
 
 _POD: web.AppKey[worker_metrics.PodMetrics] = web.AppKey("pod_metrics",
                                                        worker_metrics.PodMetrics)
@@ -98,9 +97,7 @@ def guard(settings: config.ControlPlaneSettings, on_api_port: bool) -> Guard:
 
 def _check_token(svc: services_mod.Services, authorization: str | None) -> None:
     wanted = svc.metrics_token_sha256
-    token = tenants.TenantTable.bearer(authorization)
-    if wanted is None or token is None or not hmac.compare_digest(
-            tenants.sha256_hex(token), wanted):
+    if wanted is None or not bearer_token.matches(wanted, authorization):
         raise errors.Unauthorized("/metrics needs the metrics token: send it as "
                                   "'Authorization: Bearer <token>' (metrics.bearer_token_file)",
                                   code="invalid_metrics_token")

@@ -43,6 +43,7 @@ from controlplane.core import response_pins as pins_mod
 from controlplane.core import router as router_mod
 from controlplane.core import stats as stats_mod
 from controlplane.core import tenants as tenants_mod
+from synapse_common import bearer_token
 from synapse_common import clock as clocks
 from synapse_common import settings as settings_mod
 from synapse_common import tracing as tracing_mod
@@ -71,7 +72,7 @@ class Services:
     upstream: upstream.UpstreamClient
     dispatcher: dispatch.Dispatcher
     fleet: fleet_mod.FleetService   # operator intent and the reconcile loop (Admin service)
-    metrics_token_sha256: str | None = None     # /metrics needs this bearer token
+    metrics_token_sha256: bytes | None = None   # /metrics needs this bearer token
     salt_key: bytes = dataclasses.field(default=b"", repr=False)   # cache_salt.key_for
     # the pod's serving workers' metrics sockets: /metrics then answers the pod's sum
     worker_metrics_sockets: tuple[pathlib.Path, ...] = ()   # (api.worker_metrics)
@@ -147,20 +148,10 @@ def build_tenants(auth: config.AuthSettings, cat: catalog.Catalog) -> tenants_mo
                                    admin_tenant=auth.admin_tenant)
 
 
-def metrics_token(settings: config.MetricsSettings) -> str | None:
-    """The sha256 of the token in ``metrics.bearer_token_file`` (ValueError naming the
+def metrics_token(settings: config.MetricsSettings) -> bytes | None:
+    """The sha256 of the token in ``metrics.bearer_token_file`` (a ValueError naming the
     field when it cannot be read or is empty)."""
-    if settings.bearer_token_file is None:
-        return None
-    path = pathlib.Path(settings.bearer_token_file)
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ValueError(f"metrics.bearer_token_file: cannot read {path}: "
-                         f"{exc.strerror or exc}") from None
-    if not token:
-        raise ValueError(f"metrics.bearer_token_file: {path} is empty")
-    return tenants_mod.sha256_hex(token)
+    return bearer_token.read_digest(settings.bearer_token_file, "metrics.bearer_token_file")
 
 
 def static_backends(settings: config.ControlPlaneSettings,

@@ -19,6 +19,7 @@ import hmac
 from collections.abc import Callable, Iterable
 
 from controlplane import errors
+from synapse_common import bearer_token
 
 ANONYMOUS = "anonymous"
 KNOWN_MAX = 4096        # remembered Authorization headers (cleared when full)
@@ -75,12 +76,7 @@ class TenantTable:
 
     @staticmethod
     def bearer(header: str | None) -> str | None:
-        if not header:
-            return None
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            return None
-        return value.strip()
+        return bearer_token.presented(header)
 
     def authenticate(self, authorization: str | None) -> Tenant:
         """The tenant for an ``Authorization`` header, or :class:`errors.Unauthorized`."""
