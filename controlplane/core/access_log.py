@@ -13,9 +13,14 @@ Design decisions:
   by a hash of the request id, so the choice is the same wherever the id is seen; errors
   (status 5xx, or a stream cut short) are always kept unless
   ``access_log.sample_errors`` says otherwise.
-* **Client input is bounded**: the model name asked and the path are cut to
-  :data:`FIELD_MAX` characters; anything a configured secret matches is still replaced by
-  the log redaction filter, as in every line.
+* **Client input is bounded and inert**: the model name asked and the path are cut to
+  :data:`FIELD_MAX` characters, and their control characters (line breaks, ESC, the
+  Unicode line separators) and spaces are written as ``\\xNN`` / ``\\uNNNN`` escapes
+  (:func:`inert`): in the ``key=value`` format a newline in a model name or in a
+  percent-decoded path (``/v1/x%0a...``, which needs no key) started a forged line, a
+  space a forged field such as ``tenant=``, and ESC reached the terminal of whoever reads
+  the log. Anything a configured secret matches is still replaced by the log redaction
+  filter, as in every line.
 * Tokens are the engine's ``usage`` of the answer (none for an answer from the cache,
   whose ``cache`` field says so), or for a stream that ended without it the estimate the
   usage is accounted with (``usage_estimated`` true).
@@ -34,6 +39,16 @@ from controlplane.core import usage as usage_mod
 LOGGER = "synapse.access"
 FIELD_MAX = 128
 _SCALE = 2**32
+# Characters a client's text may not carry into a line as they are: C0 controls, space,
+# DEL, C1 controls and the Unicode line and paragraph separators.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x21), *range(0x7F, 0xA0))}
+_ESCAPES.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029)})
+
+
+def inert(text: str) -> str:
+    """``text`` cut to :data:`FIELD_MAX` characters, with every character that could end
+    a log line, start a field or drive a terminal written as an escape."""
+    return text[:FIELD_MAX].translate(_ESCAPES)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -87,8 +102,8 @@ class AccessLog:
         error = line.status >= 500 or line.broken
         if not self.wanted() or not self.keeps(line.request_id, error):
             return
-        path = line.path[:FIELD_MAX]
-        self._log.info("%s %s %d", line.method, path, line.status, extra=fields(line))
+        self._log.info("%s %s %d", line.method, inert(line.path), line.status,
+                       extra=fields(line))
 
 
 def fields(line: Line) -> dict[str, object]:
@@ -96,7 +111,7 @@ def fields(line: Line) -> dict[str, object]:
     u = line.usage
     return {
         "request_id": line.request_id, "tenant": line.tenant,
-        "model": line.model[:FIELD_MAX], "model_served": line.served, "cache": line.cache,
+        "model": inert(line.model), "model_served": line.served, "cache": line.cache,
         "backend": line.backend, "status": line.status,
         "ttft_ms": None if line.ttft_s is None else round(line.ttft_s * 1000, 3),
         "duration_ms": round(line.duration_s * 1000, 3),
@@ -105,6 +120,6 @@ def fields(line: Line) -> dict[str, object]:
         "cached_tokens": u.cached_tokens if u else None,
         "usage_estimated": bool(u and u.estimated),
         "retries": line.retries, "fallback": line.fallback, "broken": line.broken,
-        "method": line.method, "path": line.path[:FIELD_MAX],
+        "method": line.method, "path": inert(line.path),
         **({"trace_id": line.trace_id} if line.trace_id else {}),
     }
