@@ -129,7 +129,9 @@ def test_the_pilot_needs_no_stores_and_runs_one_replica(
 @pytest.mark.parametrize("values", ["self-hosted-pilot", "self-hosted-bundled"])
 def test_a_created_secret_holds_the_four_keys(values: str) -> None:
     secret = render.find(helm.render_chart(values), "Secret", "synapse-auth")
-    assert set(secret["data"]) == {"admin-key", "api-key", "agent-token", "metrics-token"}
+    redis = {"redis-password"} if values == "self-hosted-bundled" else set()   # its Redis
+    assert set(secret["data"]) == {"admin-key", "api-key", "agent-token", "metrics-token",
+                                   *redis}
     for value in secret["data"].values():
         assert len(base64.b64decode(value)) >= 32
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"

@@ -73,6 +73,12 @@ app.kubernetes.io/component: {{ .component }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
 {{- end -}}
 
-{{- define "synapse.redis.url" -}}redis://{{ include "synapse.redis.name" . }}:6379/0{{- end -}}
+{{/* The bundled Redis wants a password (key redis-password of the auth Secret): without
+one every pod that reaches it reads every tenant's cached answers and writes operator
+intent, such as an engine of its own choosing for the agents to run and the control plane
+to route tenants' prompts to. The URL takes it from $(REDIS_PASSWORD), which the control
+plane's container defines just before it. */}}
+{{- define "synapse.redis.passwordKey" -}}redis-password{{- end -}}
+{{- define "synapse.redis.url" -}}redis://:$(REDIS_PASSWORD)@{{ include "synapse.redis.name" . }}:6379/0{{- end -}}
 {{- define "synapse.milvus.uri" -}}http://{{ include "synapse.milvus.name" . }}:19530{{- end -}}
 {{- define "synapse.milvus.liteFile" -}}/var/lib/synapse/l2.db{{- end -}}
