@@ -1,4 +1,5 @@
-"""The bundled Redis (chart `self-hosted-bundled`, overlay `bundled`) wants a password.
+"""The bundled stores (chart `self-hosted-bundled`, overlay `bundled`): Redis wants a
+password, and both admit only the control plane.
 
 Its image turns Redis' protected mode off, and without NetworkPolicies (neither renders
 them) every pod in the cluster reaches its Service. Open, any of them read every tenant's
@@ -25,6 +26,7 @@ import redis
 from tests import harness
 from tests.charts import helm
 from tests.manifests import pods, render
+from tests.manifests.test_networkpolicies import AGENT, CLIENT, CP, Pod, may_connect
 
 
 def _objects(source: str) -> list[dict[str, Any]]:
@@ -95,3 +97,21 @@ def test_its_probe_and_the_control_plane_get_in_with_the_secret(
                          timeout=10, check=False,
                          env={**os.environ, "REDISCLI_AUTH": env["REDISCLI_AUTH"]})
     assert out.stdout.strip() == "PONG", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("source", ["chart", "overlay"])
+def test_the_stores_admit_the_control_plane_alone_without_network_policies_on(
+        source: str) -> None:
+    """Milvus takes no credentials and holds tenants' prompts: its pod (and Redis') is
+    fenced even where the chart's `networkPolicy.enabled` is false (its default) and in
+    the overlay, which renders no other policy."""
+    policies = [o for o in _objects(source) if o["kind"] == "NetworkPolicy"]
+    redis_pod = Pod("synapse", (("app.kubernetes.io/name", "synapse-redis"),))
+    milvus_pod = Pod("synapse", (("app.kubernetes.io/name", "synapse-milvus"),))
+    assert may_connect(policies, CP, redis_pod, 6379)
+    assert may_connect(policies, CP, milvus_pod, 19530)
+    for src, dst, port in ((CLIENT, redis_pod, 6379), (AGENT, redis_pod, 6379),
+                           (CLIENT, milvus_pod, 19530), (AGENT, milvus_pod, 19530),
+                           (CLIENT, milvus_pod, 9091)):
+        assert not may_connect(policies, src, dst, port), (src, dst, port)
+    assert may_connect(policies, CLIENT, CP, 8080)      # nothing else is fenced
