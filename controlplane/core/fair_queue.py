@@ -13,6 +13,14 @@ queue, which knows nothing of tenants. One :class:`FairQueue` per model
   on. A tenant that floods only pushes its own tags into the future, so a quiet tenant's
   request is next in line whatever the flood's depth. Tokens, not requests, so that a
   tenant of long prompts does not get more of the fleet by sending fewer, larger ones.
+* **Tags are settled** (:meth:`Gate.settle`): a request's tag is cut from its estimate
+  (prompt + ``max_tokens``, or ``fairness.default_completion_tokens`` without one), so a
+  tenant that sends no ``max_tokens`` and generates thousands of tokens would be charged a
+  few hundred and take many times its share of the seats. When a released request ends,
+  the difference between what it used and what it was charged moves its tenant's last
+  tag and the tags of that tenant's requests still waiting in its class, as if the
+  estimate had been right. A re-tag rebuilds that class's heap (linear in its waiting
+  requests, bounded by ``max_waiting``), and only when the tenant has requests waiting.
 * **Bounded**: ``max_waiting`` per model (503 above) and ``max_waiting_per_tenant`` (429
   above, so a flood fills its own share and never the quiet tenants').
 * **A deadline per request**: at ``deadline_s`` it leaves with 503 and ``Retry-After``;
@@ -134,6 +142,28 @@ class FairQueue:
         self._waiting[(cls, tenant)] = self._waiting.get((cls, tenant), 0) + 1
         return w
 
+    def settle(self, tenant: str, cls: str, weight: float, charged: int, used: int) -> None:
+        """A released request of ``tenant`` in class ``cls`` was tagged for ``charged``
+        tokens and used ``used``: move the tenant's last tag, and the tags of its requests
+        waiting in that class, by the difference (over its weight)."""
+        rank = self._ranks.get(cls)
+        if rank is None or tenant not in self._last[rank] or used == max(1, charged):
+            return          # an idle queue started afresh: nothing left to correct
+        shift = (used - max(1, charged)) / weight
+        self._last[rank][tenant] += shift
+        if not self._waiting.get((cls, tenant)):
+            return
+        heap = []
+        for _, seq, w in self._heaps[rank]:
+            if w.gone:
+                continue
+            if w.tenant == tenant:
+                w.start += shift
+                w.finish += shift
+            heap.append((w.finish, seq, w))
+        heapq.heapify(heap)
+        self._heaps[rank] = heap
+
     def peek(self, rank: int | None = None) -> Waiter | None:
         """The next request to send on, or with ``rank`` the next of that class or a higher
         one (smaller rank); released, expired and cancelled ones are dropped on the way."""
@@ -246,6 +276,16 @@ class Gate:
         waited = self._clock() - w.enqueued_at
         self._observer.waited(cls, tenant, waited, "dispatched")
         return waited
+
+    def settle(self, model: str, tenant: str, cls: str, weight: float, charged: int,
+               used: int) -> None:
+        """A request that waited here (``charged``: the tokens it was queued with) ended
+        having used ``used`` tokens (prompt + completion, the engine's usage): its tenant's
+        tags pay the difference (:meth:`FairQueue.settle`). Call it for released requests
+        only; one that never waited was never charged."""
+        q = self._queues.get(model)
+        if q is not None:
+            q.settle(tenant, cls, weight, charged, used)
 
     def wake(self, model: str) -> None:
         """Capacity may have freed for ``model`` (a request settled)."""
