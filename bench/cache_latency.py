@@ -28,7 +28,12 @@ gives the agent the shipped pair scorer and the cache the shipped verifier's sta
 or above the stack's floor also waits for a ``Node.ScorePairs`` call on its best
 candidate, and for one more on the others when that one is refused; the same run is then
 repeated with ``--baseline-pair-scorer`` (default ``none``: the verifier alone) and both
-are printed, the baseline's result under ``"baseline"`` in the JSON line. The agent's
+are printed, the baseline's result under ``"baseline"`` in the JSON line.
+``--pair-scorer-precision bfloat16`` runs the agent's scorer in bfloat16
+(``embedder.pair_scorer_precision``; float32 where the CPU has no AMX-BF16, said in the
+agent's log) and ``--baseline-pair-scorer-precision`` sets the baseline's (default: the
+same), so ``--pair-scorer-precision bfloat16 --baseline-pair-scorer shipped
+--baseline-pair-scorer-precision float32`` puts both precisions side by side. The agent's
 embedder and pair scorer run on onnxruntime when it is installed (``embedder.runtime``
 ``auto``); the scorer runs a pair's two orders side by side (two single-threaded lanes,
 ``agent.embedding.pair_scorer_onnx``), the embedder on one thread. Run: ``python -m
@@ -145,7 +150,8 @@ def embeds(address: str) -> bool:
 @contextlib.contextmanager
 def fleet(tmp: pathlib.Path, entries: int, tuning: str = "none",
           verifier: str | None = None, embedder_id: str | None = None,
-          pair_scorer: str = "none") -> Iterator[dict[str, str]]:
+          pair_scorer: str = "none", precision: str = "float32"
+          ) -> Iterator[dict[str, str]]:
     sim, node = free_port(), free_port()
     http = {"cache": free_port(), "nocache": free_port()}
     grpc_ports = {"cache": free_port(), "nocache": free_port()}
@@ -171,7 +177,8 @@ def fleet(tmp: pathlib.Path, entries: int, tuning: str = "none",
                       "advertise_address": f"127.0.0.1:{node}"},
              "metrics": {"host": "127.0.0.1", "port": 0},
              "telemetry": {"source": "fake"},
-             "embedder": {"kind": "minilm", "tuning": tuning, "pair_scorer": pair_scorer},
+             "embedder": {"kind": "minilm", "tuning": tuning, "pair_scorer": pair_scorer,
+                          "pair_scorer_precision": precision},
              "logging": {"level": "error"}, "supervisor": {"log_dir": str(tmp / "engines")}}
     (tmp / "agent.yaml").write_text(yaml.safe_dump(agent))
     log = open(tmp / "processes.log", "ab")
@@ -314,17 +321,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-pair-scorer", default="none",
                         help="the same run again with this embedder.pair_scorer, printed "
                         "beside it (default none: the verifier alone); '' skips it")
+    parser.add_argument("--pair-scorer-precision", default="float32",
+                        choices=("float32", "bfloat16"),
+                        help="the agent's embedder.pair_scorer_precision")
+    parser.add_argument("--baseline-pair-scorer-precision", default=None,
+                        choices=("float32", "bfloat16"),
+                        help="the baseline run's (default: --pair-scorer-precision)")
     args = parser.parse_args(argv)
+    base_precision = args.baseline_pair_scorer_precision or args.pair_scorer_precision
     # SIGTERM unwinds like Ctrl-C, so the process tree is always stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     stored, paraphrases, fresh = texts_from(args.pairs, args.entries, args.queries)
-    result = run(args, args.pair_scorer, stored, paraphrases, fresh)
-    if args.baseline_pair_scorer and args.baseline_pair_scorer != args.pair_scorer:
-        result["baseline"] = run(args, args.baseline_pair_scorer, stored, paraphrases, fresh)
+    result = run(args, args.pair_scorer, stored, paraphrases, fresh,
+                 args.pair_scorer_precision)
+    ours = (args.pair_scorer, args.pair_scorer_precision)
+    theirs = (args.baseline_pair_scorer, base_precision)
+    if args.baseline_pair_scorer and theirs != ours:
+        result["baseline"] = run(args, args.baseline_pair_scorer, stored, paraphrases, fresh,
+                                 base_precision)
         print("\nsemantic hit / added miss p50 (ms), hits: "
-              f"pair scorer {args.pair_scorer}: {result['semantic_hit_p50_ms']} / "
+              f"pair scorer {' '.join(ours)}: {result['semantic_hit_p50_ms']} / "
               f"{result['miss_added_p50_ms']}, {result['semantic_hits']}; "
-              f"{args.baseline_pair_scorer}: {result['baseline']['semantic_hit_p50_ms']} / "
+              f"{' '.join(theirs)}: {result['baseline']['semantic_hit_p50_ms']} / "
               f"{result['baseline']['miss_added_p50_ms']}, "
               f"{result['baseline']['semantic_hits']}")
     print(json.dumps(result))
@@ -332,12 +350,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, pair_scorer: str, stored: list[str],
-        paraphrases: list[str], fresh: list[str]) -> dict[str, Any]:
-    """One measurement with the agent's ``embedder.pair_scorer`` = ``pair_scorer``: its
-    table printed, its result returned."""
+        paraphrases: list[str], fresh: list[str], precision: str = "float32"
+        ) -> dict[str, Any]:
+    """One measurement with the agent's ``embedder.pair_scorer`` = ``pair_scorer`` (and
+    ``pair_scorer_precision`` = ``precision``): its table printed, its result returned."""
     with tempfile.TemporaryDirectory() as tmp, fleet(
             pathlib.Path(tmp), args.entries, args.tuning, args.verifier,
-            args.embedder_id, pair_scorer) as urls:
+            args.embedder_id, pair_scorer, precision) as urls:
         out = asyncio.run(measure(urls, stored, paraphrases, fresh, args.queries))
         parts = breakdown(urls["cache"])
         scorer_calls = {o: metric(urls["cache"], "synapse_cache_pair_scorer_total",
@@ -345,7 +364,7 @@ def run(args: argparse.Namespace, pair_scorer: str, stored: list[str],
                         for o in ("scored", "skipped", "timeout", "error", "unavailable",
                                   "mismatch")}
     print(f"cache latency through the HTTP API, {len(stored)} entries in scope (ms), "
-          f"pair scorer: {pair_scorer}")
+          f"pair scorer: {pair_scorer} ({precision})")
     print(f"{'scenario':<16}{'n':>6}{'cache p50':>11}{'cache p99':>11}{'off p50':>10}"
           f"{'off p99':>10}")
     for name, m in out.items():
@@ -354,7 +373,7 @@ def run(args: argparse.Namespace, pair_scorer: str, stored: list[str],
     miss, off = out["miss"]["cache"], out["miss"]["nocache"]
     result: dict[str, Any] = {
         "bench": "cache_latency", "entries": len(stored), "tuning": args.tuning,
-        "pair_scorer": pair_scorer,
+        "pair_scorer": pair_scorer, "pair_scorer_precision": precision,
         "exact_hit_p50_ms": pct(out["exact"]["cache"], 50),
         "exact_hit_p99_ms": pct(out["exact"]["cache"], 99),
         "semantic_hit_p50_ms": pct(out["semantic"]["cache"], 50),

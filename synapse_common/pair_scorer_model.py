@@ -8,6 +8,10 @@ is scored in both orders and the two logits averaged, so the score does not depe
 which text was cached first. Unlike the embedder's cosine, the model sees both texts at
 once, which is what tells "lose 5 kg" from "lose 15 kg" when the vectors are close.
 
+:class:`FastNetwork` is the same computation rewritten for inference on small batches,
+in bfloat16 on oneDNN for the agents' opt-in fast path
+(:mod:`agent.embedding.pair_scorer_bf16`), or in float32 anywhere.
+
 torch and transformers are imported when a model is built, never at import: the control
 plane's serving path does not load this module at all (its verifier only knows the
 scorer's id), and importing it costs nothing elsewhere.
@@ -16,7 +20,7 @@ scorer's id), and importing it costs nothing elsewhere.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -84,6 +88,127 @@ def build(layers: Mapping[str, npt.NDArray[Any]] | None = None,
             net.head.bias.copy_(torch.from_numpy(np.asarray(head_bias, np.float32)
                                                  .reshape(net.head.bias.shape)))
     return net
+
+
+def onednn_bf16_missing() -> str | None:
+    """Why this torch cannot run :class:`FastNetwork` in bfloat16 on oneDNN, or None
+    (the CPU's own support is the caller's to check)."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+        return "this torch is built without oneDNN"
+    ops = torch.ops.mkldnn
+    if not all(hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise")):
+        return "this torch has no oneDNN prepacked linear"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if amx is not None and not amx():
+        return "torch cannot use AMX on this CPU (or the kernel does not allow it)"
+    return None
+
+
+_Linear = Callable[..., Any]   # (x, act="none") -> x @ W.T + b, then act
+
+
+class FastNetwork:
+    """The cross-encoder's forward (ids, mask, token types → one float32 logit per row)
+    from a built network's weights, its matrix products in ``dtype`` (default bfloat16),
+    for inference only: called as :func:`logits` calls the network, under its
+    ``inference_mode``.
+
+    The same computation as the network's, written for small batches: query, key and
+    value are one product, GELU (erf) is fused into the intermediate product, the BERT
+    pooler (never read) is skipped. In bfloat16 only the products' inputs, weights and
+    outputs are bfloat16 (each weight reordered once into oneDNN's blocked layout, not
+    at every call); embeddings, layer norms, residual sums, attention, pooling and the
+    head stay float32. In float32 it runs plain ``linear`` on any CPU.
+    """
+
+    def __init__(self, net: Any, dtype: Any = None) -> None:
+        import torch
+
+        self._dtype = torch.bfloat16 if dtype is None else dtype
+        self._packed = self._dtype != torch.float32
+        bert = net.bert
+        cfg = bert.config
+        kind = (getattr(cfg, "position_embedding_type", "absolute"), cfg.hidden_act)
+        if kind != ("absolute", "gelu"):   # what this forward computes; anything else: no
+            raise ValueError(f"FastNetwork computes absolute positions and GELU, not {kind}")
+        self._heads = int(cfg.num_attention_heads)
+        self._eps = float(cfg.layer_norm_eps)
+        self._scale = (cfg.hidden_size // cfg.num_attention_heads) ** -0.5
+        emb = bert.embeddings
+        self._word = _f32(emb.word_embeddings.weight)
+        self._position = _f32(emb.position_embeddings.weight)
+        self._token_type = _f32(emb.token_type_embeddings.weight)
+        self._norm = (_f32(emb.LayerNorm.weight), _f32(emb.LayerNorm.bias))
+        self._layers = [self._layer(layer) for layer in bert.encoder.layer]
+        self._head = (_f32(net.head.weight), _f32(net.head.bias))
+
+    def _layer(self, layer: Any) -> dict[str, Any]:
+        import torch
+
+        attn = layer.attention
+        parts = (attn.self.query, attn.self.key, attn.self.value)
+        return {"qkv": self._linear(torch.cat([_f32(p.weight) for p in parts]),
+                                    torch.cat([_f32(p.bias) for p in parts])),
+                "out": self._linear(_f32(attn.output.dense.weight),
+                                    _f32(attn.output.dense.bias)),
+                "norm1": (_f32(attn.output.LayerNorm.weight), _f32(attn.output.LayerNorm.bias)),
+                "up": self._linear(_f32(layer.intermediate.dense.weight),
+                                   _f32(layer.intermediate.dense.bias)),
+                "down": self._linear(_f32(layer.output.dense.weight),
+                                     _f32(layer.output.dense.bias)),
+                "norm2": (_f32(layer.output.LayerNorm.weight), _f32(layer.output.LayerNorm.bias))}
+
+    def _linear(self, weight: Any, bias: Any) -> _Linear:
+        """``x -> x @ weight.T + bias`` (then GELU when asked), in this network's dtype."""
+        import torch
+        from torch.nn import functional
+
+        weight, bias = weight.to(self._dtype), bias.to(self._dtype)
+        if not self._packed:
+            def plain(x: Any, act: str = "none") -> Any:
+                y = functional.linear(x, weight, bias)
+                return functional.gelu(y) if act == "gelu" else y
+            return plain
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+        def onednn(x: Any, act: str = "none") -> Any:
+            # "gelu" with algorithm "none" is the exact (erf) GELU that BERT uses.
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, act, [],
+                                                      "none" if act == "gelu" else "")
+        return onednn
+
+    def __call__(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+        import torch
+        from torch.nn import functional
+
+        rows, length = input_ids.shape
+        x = (self._word[input_ids] + self._position[:length]
+             + self._token_type[token_type_ids])
+        x = self._normed(x, self._norm)
+        blocked = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(
+            torch.float32).min
+        for layer in self._layers:
+            qkv = layer["qkv"](x.to(self._dtype)).float()
+            q, k, v = qkv.view(rows, length, 3, self._heads, -1).permute(2, 0, 3, 1, 4)
+            weights = ((q @ k.transpose(-1, -2)) * self._scale + blocked).softmax(-1)
+            context = (weights @ v).transpose(1, 2).reshape(rows, length, -1)
+            x = self._normed(layer["out"](context.to(self._dtype)).float() + x, layer["norm1"])
+            hidden = layer["up"](x.to(self._dtype), "gelu")
+            x = self._normed(layer["down"](hidden).float() + x, layer["norm2"])
+        mask = attention_mask.unsqueeze(-1).float()
+        pooled = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return functional.linear(pooled, self._head[0], self._head[1]).squeeze(-1)
+
+    def _normed(self, x: Any, norm: tuple[Any, Any]) -> Any:
+        from torch.nn import functional
+
+        return functional.layer_norm(x, (x.shape[-1],), norm[0], norm[1], self._eps)
+
+
+def _f32(tensor: Any) -> Any:
+    return tensor.detach().float()   # float32 already: shares the network's memory
 
 
 def tokenizer() -> Any:

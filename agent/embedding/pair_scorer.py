@@ -23,6 +23,12 @@ but it needs torch, which the control plane does not have; every agent running
   faster per pair, and a pair's two orders run side by side when two cores are free),
   else torch with one log line; ``torch`` forces torch; ``onnx`` requires it (else
   the scorer is unavailable with the reason). Float32 either way, never quantised.
+* **Precision** (``embedder.pair_scorer_precision``): ``bfloat16`` runs the network's
+  matrix products in bfloat16 on oneDNN instead, on a CPU with AMX-BF16, after a
+  start-up check against float32 (:mod:`agent.embedding.pair_scorer_bf16`: much
+  cheaper there, the logits move slightly); anywhere else, or when the check fails,
+  one log line and the float32 runtime above. Off by default: it can change a decision
+  near the operating point. The scorer id is the same.
 * **Off the event loop, one batch at a time**: the model runs in ``asyncio.to_thread``
   behind a lock, so concurrent calls queue instead of splitting the cores between two
   forward passes. (The embedder has its own queue: a ScorePairs call and an Embed batch
@@ -45,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from agent.config import EmbedderSettings
-from agent.embedding import errors, onnx_path, pair_scorer_onnx, protocol
+from agent.embedding import errors, onnx_path, pair_scorer_bf16, pair_scorer_onnx, protocol
 from synapse_common import embedder_tuning, pair_scorer_model
 from synapse_common import pair_scorer as scorer_file
 
@@ -66,6 +72,7 @@ class Loaded:
     model: Any        # pair_scorer_model's network, eval mode
     tokenizer: Any
     onnx: pair_scorer_onnx.OnnxNetwork | None = None   # the same network in onnxruntime
+    bf16: pair_scorer_model.FastNetwork | None = None  # ... in bfloat16 on oneDNN
 
     @property
     def scorer_id(self) -> str:
@@ -73,23 +80,46 @@ class Loaded:
 
     @property
     def runtime(self) -> str:
+        if self.bf16 is not None:
+            return "torch-bfloat16"
         return "torch" if self.onnx is None else "onnx"
 
 
-def load(path: pathlib.Path, runtime: str = "torch", cache_dir: str = "") -> Loaded:
+def load(path: pathlib.Path, runtime: str = "torch", cache_dir: str = "",
+         precision: str = "float32", cpu_flags: frozenset[str] | None = None) -> Loaded:
     """Read and check the file, build the network on the installed base weights with the
-    file's layers and head, in eval mode (blocking: seconds); with ``runtime`` ``auto`` or
-    ``onnx`` also its checked ONNX export (kept in ``cache_dir``; see the module
-    docstring). Raises ``ValueError`` (a :class:`scorer_file.PairScorerError` for the
+    file's layers and head, in eval mode (blocking: seconds); with ``precision``
+    ``bfloat16`` its checked bfloat16 network when this CPU (``cpu_flags``, default this
+    machine's) runs it, else with ``runtime`` ``auto`` or ``onnx`` its checked ONNX
+    export (kept in ``cache_dir``; see the module docstring). Raises ``ValueError`` (a :class:`scorer_file.PairScorerError` for the
     file), ``OSError``, ``RuntimeError`` or ``ImportError`` with the reason."""
     file = scorer_file.load(path)
     scorer_file.check_base(file, embedder_tuning.base_id())
     net = pair_scorer_model.build(file.layers, file.head_weight, file.head_bias)
     net.eval()      # training's dropout off
     loaded = Loaded(file, net, pair_scorer_model.tokenizer())
+    if precision == "bfloat16":
+        fast = _bf16(loaded, cpu_flags)
+        if fast is not None:
+            return dataclasses.replace(loaded, bf16=fast)
     if runtime == "torch":
         return loaded
     return dataclasses.replace(loaded, onnx=_onnx(loaded, runtime, cache_dir))
+
+
+def _bf16(loaded: Loaded, cpu_flags: frozenset[str] | None
+          ) -> pair_scorer_model.FastNetwork | None:
+    """The checked bfloat16 network, or None (logged once) for the float32 runtimes."""
+    try:
+        fast, diff = pair_scorer_bf16.load(loaded.model, loaded.tokenizer,
+                                           loaded.file.max_len, cpu_flags)
+    except pair_scorer_bf16.Unavailable as exc:
+        log.info("pair scorer in float32 (embedder.pair_scorer_precision is bfloat16, "
+                 "but %s)", exc)
+        return None
+    log.info("pair scorer: bfloat16 logits within %.2g of float32's on the check pairs",
+             diff)
+    return fast
 
 
 def _onnx(loaded: Loaded, runtime: str, cache_dir: str) -> pair_scorer_onnx.OnnxNetwork | None:
@@ -107,7 +137,7 @@ def _onnx(loaded: Loaded, runtime: str, cache_dir: str) -> pair_scorer_onnx.Onnx
 
 def score_blocking(loaded: Loaded, query: str, candidates: list[str]) -> np.ndarray:
     """The averaged logits of (query, c) and (c, query) for each candidate, float32."""
-    net = loaded.model if loaded.onnx is None else loaded.onnx
+    net = loaded.bf16 or loaded.onnx or loaded.model
     return pair_scorer_model.logits(net, loaded.tokenizer, [query] * len(candidates),
                                     candidates, max_len=loaded.file.max_len)
 
@@ -158,7 +188,8 @@ class PairScorer(protocol.LoadsOnce):
             return
         try:
             self._loaded = await asyncio.to_thread(load, self._path, self._cfg.runtime,
-                                                   self._cfg.onnx_cache_dir)
+                                                   self._cfg.onnx_cache_dir,
+                                                   self._cfg.pair_scorer_precision)
         except (ValueError, OSError, RuntimeError, ImportError) as exc:
             self._error = f"embedder.pair_scorer {self._path}: {exc}"
             log.error("pair scorer unavailable: %s", self._error)

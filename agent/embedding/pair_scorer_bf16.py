@@ -1,0 +1,98 @@
+"""The pair scorer's network in bfloat16 on oneDNN: an opt-in fast path for
+``Node.ScorePairs`` on CPUs with AMX (``embedder.pair_scorer_precision: bfloat16``).
+
+Why: in float32 a scorer pass is compute-bound (torch and onnxruntime both run near the
+cores' float32 peak), so only a lower precision makes it much cheaper. A CPU with
+AMX-BF16 (Intel Xeon since Sapphire Rapids) multiplies bfloat16 matrices many times
+faster than float32 ones; onnxruntime has no bfloat16 kernels on the CPU, torch has them
+(oneDNN), so this path is torch.
+
+* **The same network**, computed by :class:`pair_scorer_model.FastNetwork` from the
+  loaded torch network's own weights rather than by the transformers modules, whose
+  eager forward costs more in per-operator overhead than in the matrices at the sizes a
+  lookup sends (a pair or a few); its docstring says what is fused and what stays
+  float32. In float32 it runs on any CPU and gives the torch network's logits: the tests
+  hold the rewrite to that.
+* **Precision**: the logits move (bfloat16 keeps 8 bits of mantissa), within
+  :data:`TOLERANCE` on the start-up pairs. A stack decision can only change for a pair
+  whose stacked logit lies that close to the operating point, but on the held-out pairs
+  a few do, so the setting is off by default (``float32``). The scorer id does not
+  change: the control plane's stack reads these logits as its scorer's.
+* **Used only where it helps and holds**: the CPU must report AMX-BF16 (``amx_bf16`` in
+  its flags, and torch's own AMX check where it has one), torch must have oneDNN and its
+  prepacked linear, and the logits of :data:`pair_scorer_onnx.CHECK_PAIRS`, one pair at
+  a time and as one padded batch, must equal the float32 network's to
+  :data:`TOLERANCE`. Otherwise :class:`Unavailable` says why and the caller keeps the
+  float32 runtime (:mod:`agent.embedding.pair_scorer`).
+* One pass at a time in the calling thread, with torch's intra-op threads: no lanes.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from agent.embedding import pair_scorer_onnx
+from synapse_common import pair_scorer_model
+
+TOLERANCE = 0.25   # max abs difference from the float32 network's logit, per pair
+CPUINFO = pathlib.Path("/proc/cpuinfo")
+
+
+class Unavailable(Exception):
+    """The bfloat16 path cannot be used here; ``str()`` says why."""
+
+
+def cpu_flags(path: pathlib.Path = CPUINFO) -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def unsupported(flags: frozenset[str]) -> str | None:
+    """Why this process cannot run the bfloat16 path on a CPU with ``flags``, or None."""
+    if "amx_bf16" not in flags:
+        return "the CPU has no AMX-BF16"
+    return pair_scorer_model.onednn_bf16_missing()
+
+
+def max_difference(fast: pair_scorer_model.FastNetwork, net: Any, tokenizer: Any, max_len: int,
+                   pairs: list[tuple[str, str]]) -> float:
+    """The largest |``fast`` logit - ``net`` logit| over ``pairs``, one at a time and
+    batched."""
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    diff = 0.0
+    for i in range(len(pairs)):
+        got = pair_scorer_model.logits(fast, tokenizer, a[i:i + 1], b[i:i + 1], max_len)
+        want = pair_scorer_model.logits(net, tokenizer, a[i:i + 1], b[i:i + 1], max_len)
+        diff = max(diff, float(np.abs(got - want).max()))
+    got = pair_scorer_model.logits(fast, tokenizer, a, b, max_len)
+    want = pair_scorer_model.logits(net, tokenizer, a, b, max_len)
+    return max(diff, float(np.abs(got - want).max()))
+
+
+def load(net: Any, tokenizer: Any, max_len: int,
+         flags: frozenset[str] | None = None) -> tuple[pair_scorer_model.FastNetwork, float]:
+    """The checked bfloat16 network and its largest difference on the check pairs
+    (blocking); ``flags``: the CPU's (default: read from Linux). Raises
+    :class:`Unavailable` with the reason."""
+    reason = unsupported(cpu_flags() if flags is None else flags)
+    if reason is not None:
+        raise Unavailable(reason)
+    try:
+        fast = pair_scorer_model.FastNetwork(net)
+        diff = max_difference(fast, net, tokenizer, max_len, pair_scorer_onnx.CHECK_PAIRS)
+    except Exception as exc:
+        raise Unavailable(f"bfloat16 check failed: {type(exc).__name__}: {exc}") from None
+    if not diff <= TOLERANCE:  # NaN fails too
+        raise Unavailable(f"bfloat16 logits differ from float32's by {diff:.3g} "
+                          f"(> {TOLERANCE:g})")
+    return fast, diff

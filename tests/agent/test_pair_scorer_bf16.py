@@ -1,0 +1,129 @@
+"""The pair scorer in bfloat16 (:mod:`agent.embedding.pair_scorer_bf16`,
+``embedder.pair_scorer_precision``): the rewritten forward computes the torch network's
+logits; on a CPU with AMX-BF16 the bfloat16 path is used and stays within its tolerance
+under the same scorer id; anywhere else, or when its check fails, the scorer stays
+float32 and says why. These pass on any x86-64: what needs AMX is asserted where it is
+there and its fallback where it is not.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from agent.config import EmbedderSettings
+from agent.embedding import pair_scorer, pair_scorer_bf16
+from synapse_common import pair_scorer as scorer_file
+from synapse_common import pair_scorer_model
+from tests import pair_scorers
+
+CFG = EmbedderSettings(kind="minilm", max_text_chars=2000, runtime="torch")
+QUERY = "How do I lose 5 kg in a month?"
+# Paraphrases, near misses, unrelated, unicode, and pairs truncated at max_len.
+CANDIDATES = ["How can I lose five kilos in four weeks?", "How can I lose 15 kg in a month?",
+              "What is the capital of France?", "été, naïve café — how do I lose weight?",
+              " ".join(["what diet makes me lose weight fast"] * 30), "kg", QUERY]
+HERE = pair_scorer_bf16.unsupported(pair_scorer_bf16.cpu_flags())  # None: AMX-BF16 here
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def small_path(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> pathlib.Path:
+    return pair_scorers.small_file(tmp_path_factory.mktemp("scorer"))
+
+
+def _float32(loaded: pair_scorer.Loaded) -> pair_scorer.Loaded:
+    return pair_scorer.Loaded(loaded.file, loaded.model, loaded.tokenizer)
+
+
+@pytest.mark.parametrize("which", ["shipped", "small"])
+def test_the_rewritten_forward_gives_the_networks_logits_in_float32(which, small_path):
+    path = scorer_file.SHIPPED if which == "shipped" else small_path
+    loaded = pair_scorer.load(path)
+    fast = pair_scorer_model.FastNetwork(loaded.model, torch.float32)
+    for query, candidates in ((QUERY, CANDIDATES), (QUERY, CANDIDATES[:1]),
+                              (CANDIDATES[4], [QUERY, *CANDIDATES[:3]])):
+        got = pair_scorer_model.logits(fast, loaded.tokenizer, [query] * len(candidates),
+                                       candidates, loaded.file.max_len)
+        want = pair_scorer.score_blocking(loaded, query, candidates)
+        assert got.dtype == np.float32 and got.shape == (len(candidates),)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_without_amx_the_scorer_stays_float32_and_says_why(small_path, caplog):
+    with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer"):
+        loaded = pair_scorer.load(small_path, "torch", "", "bfloat16",
+                                  cpu_flags=frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert loaded.runtime == "torch" and loaded.bf16 is None
+    assert any("pair scorer in float32" in r.getMessage() and "no AMX-BF16" in r.getMessage()
+               for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_float32_is_the_default_and_never_builds_the_bf16_network(small_path):
+    assert EmbedderSettings().pair_scorer_precision == "float32"
+    loaded = pair_scorer.load(small_path, "torch")
+    assert loaded.runtime == "torch" and loaded.bf16 is None
+
+
+def test_bfloat16_on_this_cpu_is_used_within_tolerance_or_refused(small_path):
+    loaded = pair_scorer.load(small_path, "torch", "", "bfloat16")
+    reference = _float32(loaded)
+    got = pair_scorer.score_blocking(loaded, QUERY, CANDIDATES)
+    want = pair_scorer.score_blocking(reference, QUERY, CANDIDATES)
+    if HERE is None:
+        assert loaded.runtime == "torch-bfloat16"
+        np.testing.assert_allclose(got, want, rtol=0, atol=pair_scorer_bf16.TOLERANCE)
+        assert not np.array_equal(got, want)    # really another precision
+    else:
+        assert loaded.runtime == "torch", HERE
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_failed_check_keeps_float32(small_path, monkeypatch, caplog):
+    monkeypatch.setattr(pair_scorer_bf16, "TOLERANCE", -1.0)    # nothing can match
+    with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer"):
+        loaded = pair_scorer.load(small_path, "torch", "", "bfloat16",
+                                  cpu_flags=frozenset({"amx_bf16"}))
+    assert loaded.runtime == "torch"
+    # where torch cannot use AMX, that is the reason; where it can, the check failed
+    reason = (pair_scorer_bf16.unsupported(frozenset({"amx_bf16"}))
+              or "bfloat16 logits differ from float32's")
+    assert any(reason in r.getMessage() for r in caplog.records)
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n"
+                    "processor\t: 1\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert pair_scorer_bf16.cpu_flags(info) == {"fpu", "avx512f", "amx_bf16", "amx_tile"}
+    assert pair_scorer_bf16.cpu_flags(tmp_path / "missing") == frozenset()
+    assert pair_scorer_bf16.unsupported(frozenset({"avx512_bf16"})) == "the CPU has no AMX-BF16"
+
+
+async def test_the_agents_scorer_runs_the_configured_precision(small_path):
+    cfg = CFG.model_copy(update={"pair_scorer": str(small_path),
+                                 "pair_scorer_precision": "bfloat16"})
+    scorer = pair_scorer.build(cfg)
+    await scorer.start()
+    try:
+        scores, scorer_id = await scorer.score(QUERY, CANDIDATES)
+        reference = pair_scorer.load(small_path)
+        assert scorer_id == reference.scorer_id     # the stack reads them as its scorer's
+        np.testing.assert_allclose(scores, pair_scorer.score_blocking(reference, QUERY,
+                                                                      CANDIDATES),
+                                   rtol=0, atol=pair_scorer_bf16.TOLERANCE)
+    finally:
+        await scorer.close()
