@@ -14,8 +14,11 @@ simulator is the live engine. The agent sends the key on its probes and scrapes
 ``/sim/*``. Without a key every caller is served: no key, nothing to ask.
 
 The refusal is a 401 in the simulator's error shapes (the OpenAI envelope, TEI's on its
-native routes). CORS preflights (``OPTIONS``) carry no credentials and pass, as through
-the guard. The key is compared in constant time and never echoed.
+native routes). CORS preflights (``OPTIONS`` with ``Origin`` and
+``Access-Control-Request-Method``) carry no credentials and pass, as through the guard;
+any other ``OPTIONS`` wants the key there and here (behind the guard, vLLM's ``/metrics``
+answered a bare ``OPTIONS`` with the metrics). The key is compared in constant time and
+never echoed.
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ from simulator import errors
 OPEN = frozenset({("GET", "/health"), ("HEAD", "/health")})
 
 
-def guarded(method: str, path: str) -> bool:
-    """Whether a request needs the key (when one is set)."""
-    return method != "OPTIONS" and (method, path) not in OPEN
+def guarded(method: str, path: str, preflight: bool = False) -> bool:
+    """Whether a request needs the key (when one is set); ``preflight``: it carries the
+    headers of a CORS preflight (only an ``OPTIONS`` one passes for it)."""
+    if method == "OPTIONS":
+        return not preflight
+    return (method, path) not in OPEN
 
 
 def presented(request: web.Request, key: str) -> bool:
@@ -44,7 +50,9 @@ def middleware(key: str) -> typedefs.Middleware:
     """Refuses a request that does not present ``key``, unless :func:`guarded` says no."""
     @web.middleware
     async def check(request: web.Request, handler: typedefs.Handler) -> web.StreamResponse:
-        if guarded(request.method, request.path) and not presented(request, key):
+        preflight = ("Origin" in request.headers
+                     and "Access-Control-Request-Method" in request.headers)
+        if guarded(request.method, request.path, preflight) and not presented(request, key):
             raise errors.Unauthorized("missing or invalid API key: this engine requires "
                                       "'Authorization: Bearer <key>'")
         return await handler(request)

@@ -7,8 +7,12 @@ vLLM's own ``--api-key`` / ``VLLM_API_KEY`` guards only paths under ``/v1``, ``/
 reaches the port, and an engine listening on the node's address is reached by every pod
 without NetworkPolicies. This guard answers 401 to any request without
 ``Authorization: Bearer <VLLM_API_KEY>`` except ``GET``/``HEAD /health`` (liveness
-alone, nothing a tenant sent) and CORS preflights (which carry no credentials and reach
-no handler). Without ``VLLM_API_KEY`` it lets everything through: no key, nothing to ask.
+alone, nothing a tenant sent) and CORS preflights: an ``OPTIONS`` request that carries
+``Origin`` and ``Access-Control-Request-Method``, which vLLM's CORS middleware (inside
+this one) answers itself, so it reaches no handler. Any other ``OPTIONS`` wants the key:
+vLLM mounts Prometheus' ASGI app on ``/metrics``, which answers every method, so a bare
+``OPTIONS /metrics`` let through returned the engine's metrics to anyone. Without
+``VLLM_API_KEY`` it lets everything through: no key, nothing to ask.
 
 It runs inside the engine's own Python (vLLM's venv, whatever its packages): one file,
 the standard library only, loaded from the directory the agent puts on the engine's
@@ -62,6 +66,12 @@ class Guard:
     def _open(scope: dict[str, Any]) -> bool:
         method = scope.get("method", "")
         if method == "OPTIONS":
-            return True
+            return _preflight(scope)
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
         return (method, path) in OPEN
+
+
+def _preflight(scope: dict[str, Any]) -> bool:
+    """Whether an ``OPTIONS`` request is a CORS preflight (what the CORS middleware takes)."""
+    names = {name.lower() for name, _ in scope.get("headers") or ()}
+    return b"origin" in names and b"access-control-request-method" in names

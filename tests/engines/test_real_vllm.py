@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import urllib.error
+import urllib.request
 
 import psutil
 import pytest
@@ -88,6 +90,12 @@ def test_vllm_refuses_a_caller_without_the_engine_key(real_stack: RealStack) -> 
         status, _, _ = harness.http(real_stack.engine_url + path, data,
                                     real_stack.engine_key, timeout=120)
         assert status == 200, path
+    # vLLM mounts Prometheus' ASGI app on /metrics, which answers any method: an OPTIONS
+    # that is no CORS preflight wants the key too (the guard let every OPTIONS through).
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(real_stack.engine_url + "/metrics",
+                                                      method="OPTIONS"), timeout=60)
+    assert refused.value.code == 401
     engine = psutil.Process(int(real_stack.engine()["pid"]))
     assert real_stack.engine_key not in " ".join(engine.cmdline())
     assert engine.environ()["VLLM_API_KEY"] == real_stack.engine_key
