@@ -19,8 +19,10 @@ The request body's own limit, ``http.body_timeout_s``, is the handlers'
 
 aiohttp builds each connection's handler in ``Server.__call__`` and offers no hook for
 another class, so :meth:`Runner._make_server` re-types the server it built as
-:class:`_Server` (which only overrides ``__call__``); ``tests/security`` pins the
-behaviour against a real process.
+:class:`LaneServer`: each connection starts in :mod:`controlplane.api.fast_lane`
+(``http.fast_lane``), which hands it to aiohttp's protocol, with these rules, for any
+request that is not its own; ``tests/security`` pins the behaviour against a real
+process.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import orjson
 from aiohttp import http_exceptions, web, web_protocol, web_request, web_server
 
 from controlplane import config, errors
+from controlplane.api import fast_lane
 
 log = logging.getLogger("synapse.controlplane.http")
 
@@ -109,12 +112,35 @@ class _Protocol(web_protocol.RequestHandler):
         return resp
 
 
-class _Server(web_server.Server):
-    header_timeout_s = 10.0
+class LaneServer(web_server.Server):
+    """aiohttp's server whose connections start in the fast lane (when it has one) and
+    keep this module's rules once aiohttp serves them."""
 
-    def __call__(self) -> web_protocol.RequestHandler:
+    header_timeout_s = 10.0
+    lane: fast_lane.Lane | None = None
+    sweeper: fast_lane.Sweeper | None = None
+
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]  # any protocol
+        if self.lane is None:
+            return self.aiohttp_protocol()
+        if self.sweeper is None:
+            self.sweeper = fast_lane.Sweeper(self._loop)
+        return fast_lane.Connection(self, self.lane, self._loop)
+
+    def aiohttp_protocol(self) -> web_protocol.RequestHandler:
         return _Protocol(self, loop=self._loop, header_timeout_s=self.header_timeout_s,
                          **self._kwargs)
+
+    def lane_opened(self, conn: fast_lane.Connection, transport: asyncio.Transport) -> None:
+        # aiohttp's shutdown closes and awaits what this dict holds: lane connections too
+        self._connections[conn] = transport     # type: ignore[index]
+        assert self.sweeper is not None
+        self.sweeper.add(conn)
+
+    def lane_closed(self, conn: fast_lane.Connection) -> None:
+        self._connections.pop(conn, None)       # type: ignore[call-overload]
+        if self.sweeper is not None:
+            self.sweeper.discard(conn)
 
 
 class Runner(web.AppRunner):
@@ -126,10 +152,13 @@ class Runner(web.AppRunner):
         super().__init__(app, keepalive_timeout=http.keepalive_timeout_s,
                          max_line_size=http.max_header_bytes,
                          max_field_size=http.max_header_bytes, **kwargs)
-        self._header_timeout_s = http.header_timeout_s
+        self._http = http
 
     async def _make_server(self) -> web_server.Server:
         server = await super()._make_server()
-        server.__class__ = _Server
-        server.header_timeout_s = self._header_timeout_s  # type: ignore[attr-defined]
+        server.__class__ = LaneServer
+        assert isinstance(server, LaneServer)
+        server.header_timeout_s = self._http.header_timeout_s
+        if self._http.fast_lane:
+            server.lane = fast_lane.Lane.for_app(self._app, self._http)
         return server

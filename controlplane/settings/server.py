@@ -45,6 +45,10 @@ class HttpSettings(Section):
     keepalive_timeout_s: float = Field(
         75.0, gt=0, description="an idle connection (kept alive, or that never sent a "
         "byte) is closed after this many seconds")
+    fast_lane: bool = Field(
+        True, description="serve POST /v1/chat/completions and /v1/completions on a lean "
+        "HTTP/1.1 path (httptools) instead of aiohttp's request machinery; other routes, "
+        "odd requests and TLS are aiohttp's either way")
     max_json_depth: int = Field(64, ge=4, le=250,
                                 description="deepest nesting of arrays and objects in a "
                                 "request body (400 above)")

@@ -19,6 +19,7 @@ from aiohttp import web
 from controlplane import config
 from controlplane.api import app as app_mod
 from controlplane.api import grpc_server
+from controlplane.api import server as server_mod
 from controlplane.api import services as services_mod
 from controlplane.core import cache_port
 from tests import harness
@@ -198,10 +199,11 @@ class RunningCP:
 async def running(s: config.ControlPlaneSettings,
                   cache: cache_port.ResponseCache | None = None,
                   with_grpc: bool = False) -> AsyncIterator[RunningCP]:
-    """The control plane app (and optionally its gRPC server) in this event loop."""
+    """The control plane app (and optionally its gRPC server) in this event loop, served
+    as ``synapse controlplane`` serves it (the fast lane when ``http.fast_lane``)."""
     svc = services_mod.build(s, response_cache=cache)
     app = app_mod.create_app(s, services=svc)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = server_mod.Runner(app, s.http, handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     server = None

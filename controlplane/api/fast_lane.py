@@ -1,0 +1,473 @@
+"""The fast lane: the serving routes without aiohttp's request machinery.
+
+Every connection on the API port starts here. A request that is plainly one of the
+serving routes (``POST /v1/chat/completions`` or ``/v1/completions``, HTTP/1.1, a
+``Content-Length`` within ``http.max_body_bytes``, no ``Transfer-Encoding``, ``Expect``
+or ``Upgrade``) is parsed with ``httptools`` and handed to the app's own middleware and
+handler as a :class:`LaneRequest`, a small object with the part of ``web.Request`` that the
+serving path reads. Responses are aiohttp's own (``web.Response``, ``web.StreamResponse``)
+written through aiohttp's ``StreamWriter``, so headers, errors and streaming are exactly
+the app's.
+
+Anything else — another route, a head that ``httptools`` refuses or that is over
+``http.max_header_bytes``, a chunked body — is *handed off*: at a message boundary, the
+connection's transport is given to aiohttp's protocol (:mod:`controlplane.api.server`'s)
+with every byte not yet consumed, and aiohttp serves that connection from then on.
+Nothing is parsed twice and no byte is lost: the lane consumes a message only once it
+has decided to serve it.
+
+Rules kept from aiohttp's server and :mod:`controlplane.api.server`, without a timer per
+request (one sweep a second per server, :class:`Sweeper`):
+
+* a request head must arrive within ``http.header_timeout_s`` of its first byte, else
+  the connection is closed;
+* a body within ``http.body_timeout_s`` of its head, else 408 (the envelope of
+  :class:`controlplane.errors.RequestTimeout`) and the connection is closed;
+* an idle connection is closed after ``http.keepalive_timeout_s``;
+* a client that goes away cancels its request's handler (``handler_cancellation``);
+* requests on one connection are answered in order; bytes of the next request wait
+  (reading pauses above ``PIPELINE_BYTES``) until the current one is answered;
+* at shutdown, a request in flight gets the grace period, idle connections close.
+
+It is off with TLS (``http.tls_cert_file``): aiohttp serves those connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import functools
+import logging
+import time
+import types
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import httptools
+import orjson
+from aiohttp import base_protocol, hdrs, http_writer, web
+from aiohttp.http import HttpVersion11
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from controlplane import config, errors
+
+if TYPE_CHECKING:
+    from controlplane.api import server as server_mod
+
+log = logging.getLogger("synapse.controlplane.http")
+
+PIPELINE_BYTES = 256 * 1024     # bytes of later requests buffered while one is served
+SWEEP_S = 1.0
+_HEAD_END = b"\r\n\r\n"
+_HANDED_OFF = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _Complete:
+    """``request.content`` of a lane request: its body has arrived whole."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def is_eof() -> bool:
+        return True
+
+
+_COMPLETE = _Complete()
+
+
+def _match_info(path: str) -> Any:
+    """What the middleware reads of aiohttp's match info: the route's canonical path."""
+    return types.SimpleNamespace(route=types.SimpleNamespace(
+        resource=types.SimpleNamespace(canonical=path)))
+
+
+class LaneRequest:
+    """The part of ``web.Request`` the serving path and its middleware use, for a request
+    whose head and body have arrived whole."""
+
+    __slots__ = ("_body", "_payload_writer", "_state", "app", "headers", "keep_alive",
+                 "match_info", "method", "path", "protocol", "transport", "version")
+
+    def __init__(self, conn: Connection, route: Route, headers: CIMultiDictProxy[str],
+                 body: bytes, keep_alive: bool) -> None:
+        self.app = route.app
+        self.method = "POST"
+        self.path = route.path
+        self.match_info = route.match_info
+        self.headers = headers
+        self.version = HttpVersion11
+        self.keep_alive = keep_alive
+        self.protocol = conn
+        self.transport = conn.transport
+        self._body = body
+        self._state: dict[Any, Any] = {}
+        self._payload_writer = http_writer.StreamWriter(conn, conn.loop)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._state[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._state[key] = value
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._state.get(key, default)
+
+    @property
+    def content_length(self) -> int:
+        return len(self._body)
+
+    @property
+    def content(self) -> _Complete:
+        return _COMPLETE
+
+    async def read(self) -> bytes:
+        return self._body
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        """aiohttp's ``on_response_prepare`` signal: the app sets none on these routes."""
+
+
+class Route:
+    """One route of the lane: its path and the app's handler wrapped in its middlewares,
+    as aiohttp would call it."""
+
+    __slots__ = ("app", "call", "match_info", "path")
+
+    def __init__(self, app: web.Application, path: str, handler: Handler) -> None:
+        call: Any = handler
+        for mw in reversed(app.middlewares):
+            call = functools.partial(mw, handler=call)
+        self.app = app
+        self.path = path
+        self.call: Handler = call
+        self.match_info = _match_info(path)
+
+
+class Lane:
+    """The routes a server's connections serve themselves, and the limits they keep."""
+
+    PATHS = ("/v1/chat/completions", "/v1/completions")
+
+    def __init__(self, routes: dict[bytes, Route], http: config.HttpSettings) -> None:
+        self.routes = routes
+        self.max_header_bytes = http.max_header_bytes
+        self.max_body_bytes = http.max_body_bytes
+        self.header_timeout_s = http.header_timeout_s
+        self.body_timeout_s = http.body_timeout_s
+        self.keepalive_timeout_s = http.keepalive_timeout_s
+
+    @classmethod
+    def for_app(cls, app: web.Application, http: config.HttpSettings) -> Lane | None:
+        """The lane of ``app``'s serving routes; None when it has none of them or
+        serves over TLS."""
+        if http.tls_cert_file and http.tls_key_file:
+            return None
+        routes: dict[bytes, Route] = {}
+        for route in app.router.routes():
+            resource = route.resource
+            path = resource.canonical if resource is not None else ""
+            if route.method == "POST" and path in cls.PATHS:
+                routes[path.encode()] = Route(app, path, route.handler)
+        return cls(routes, http) if routes else None
+
+
+class _Head:
+    """``httptools`` callbacks for one request head."""
+
+    __slots__ = ("complete", "headers", "odd", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.odd = False            # a header that sends the request to aiohttp
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        low = name.lower()
+        if low in _HANDED_OFF:
+            self.odd = True
+        self.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+class Connection(base_protocol.BaseProtocol):
+    """One client connection, served by the lane until a request is not for it."""
+
+    def __init__(self, server: server_mod.LaneServer, lane: Lane,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.loop = loop
+        self._server = server
+        self._lane = lane
+        self._buf = bytearray()
+        self._since = loop.time()       # when the current wait (idle, head, body) began
+        self._waiting_body: tuple[Route, CIMultiDictProxy[str], int, bool] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False           # close once the request in flight is answered
+        self._paused_for_pipeline = False
+        self._done: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._server.lane_opened(self, cast(asyncio.Transport, transport))
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._server.lane_closed(self)
+        self._buf.clear()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()     # the client went away: so does its request
+
+    def data_received(self, data: bytes) -> None:
+        if not self._buf and self._task is None and self._waiting_body is None:
+            self._since = self.loop.time()      # a head starts: header_timeout_s from now
+        self._buf += data
+        if self._task is None:
+            self._next()
+        elif len(self._buf) > PIPELINE_BYTES and not self._paused_for_pipeline:
+            self._paused_for_pipeline = True
+            self._pause_transport_reading()
+
+    def eof_received(self) -> bool:
+        return False        # half-closed: the transport closes itself
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Serve the request at the start of the buffer, once it has arrived whole."""
+        if self.transport is None or self._closing:
+            return
+        if self._waiting_body is not None:
+            self._take_body()
+            return
+        buf = self._buf
+        if not buf:
+            return
+        end = buf.find(_HEAD_END, 0, self._lane.max_header_bytes + 4)
+        if end < 0:
+            if len(buf) > self._lane.max_header_bytes:
+                self._hand_off()
+            return
+        head_len = end + 4
+        head = _Head()
+        parser = httptools.HttpRequestParser(head)
+        try:
+            parser.feed_data(bytes(buf[:head_len]))
+        except httptools.HttpParserError:
+            self._hand_off()                    # aiohttp answers what it cannot parse
+            return
+        route = self._lane.routes.get(head.url)
+        length = head.headers.get("Content-Length")
+        if (not head.complete or head.odd or route is None or parser.get_method() != b"POST"
+                or parser.get_http_version() != "1.1" or length is None
+                or not length.isdigit() or int(length) > self._lane.max_body_bytes):
+            self._hand_off()
+            return
+        del buf[:head_len]
+        self._waiting_body = (route, CIMultiDictProxy(head.headers), int(length),
+                              parser.should_keep_alive())
+        self._since = self.loop.time()          # body_timeout_s from the head
+        self._take_body()
+
+    def _take_body(self) -> None:
+        assert self._waiting_body is not None
+        route, headers, length, keep_alive = self._waiting_body
+        if len(self._buf) < length:
+            return
+        body = bytes(self._buf[:length])
+        del self._buf[:length]
+        self._waiting_body = None
+        request = LaneRequest(self, route, headers, body, keep_alive)
+        self._task = self.loop.create_task(self._serve(route, request))
+
+    async def _serve(self, route: Route, request: LaneRequest) -> None:
+        keep = request.keep_alive
+        try:
+            resp = await route.call(cast(web.Request, request))
+            if resp.keep_alive is False:
+                keep = False
+            whole = None if resp.prepared else serialized(resp, keep)
+            if whole is not None and self.transport is not None:
+                self.transport.write(whole)
+            else:
+                await resp.prepare(cast(web.Request, request))
+                await resp.write_eof()
+        except asyncio.CancelledError:
+            keep = False
+            if self.transport is not None:  # cancelled by shutdown, not by the client
+                raise
+        except ConnectionError as exc:
+            keep = False    # the client went away
+            log.debug("connection closed while answering: %s", type(exc).__name__)
+        except Exception:
+            keep = False
+            log.exception("unexpected error below the app")
+        finally:
+            self._finished(keep)
+
+    def _finished(self, keep: bool) -> None:
+        self._task = None
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+        if self.transport is None:
+            return
+        if not keep or self._closing:
+            self.transport.close()
+            return
+        self._since = self.loop.time()          # idle (or a pipelined head) from now
+        if self._paused_for_pipeline:
+            self._paused_for_pipeline = False
+            self._resume_transport_reading()
+        self._next()
+
+    def _hand_off(self) -> None:
+        """aiohttp serves this connection from here, starting with the unconsumed bytes."""
+        transport = self.transport
+        if transport is None:
+            return
+        self._server.lane_closed(self)
+        protocol = self._server.aiohttp_protocol()
+        data = bytes(self._buf)
+        self._buf.clear()
+        self.transport = None
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._paused_for_pipeline:
+            self._paused_for_pipeline = False
+            transport.resume_reading()
+        if data:
+            protocol.data_received(data)
+
+    # -- time limits and shutdown --------------------------------------------------------
+
+    def expire(self, now: float) -> None:
+        """Apply the connection's time limits (called by the server's sweep)."""
+        if self.transport is None or self._task is not None:
+            return
+        waited = now - self._since
+        if self._waiting_body is not None:
+            if waited > self._lane.body_timeout_s:
+                self._time_out_body()
+        elif self._buf:
+            if waited > self._lane.header_timeout_s:
+                log.debug("closing a connection whose request head took over %gs "
+                          "(http.header_timeout_s)", self._lane.header_timeout_s)
+                self.transport.close()
+        elif waited > self._lane.keepalive_timeout_s:
+            self.transport.close()
+
+    def _time_out_body(self) -> None:
+        assert self.transport is not None
+        exc = errors.RequestTimeout(f"the request body did not arrive within "
+                                    f"{self._lane.body_timeout_s:g}s (http.body_timeout_s)")
+        body = orjson.dumps(exc.envelope())
+        self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+                                 exc.http_status, b"Request Timeout", len(body), body))
+        self._waiting_body = None
+        self.transport.close()
+
+    def force_close(self) -> None:
+        """Close the connection now (a client too slow to wait for)."""
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        """Stop serving: close now when idle, else once the request in flight is answered."""
+        self._closing = True
+        if self._task is None and self.transport is not None:
+            self.transport.close()
+
+    async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 (aiohttp's)
+        """Give the request in flight ``timeout`` seconds, then cancel it; close."""
+        self._closing = True
+        task = self._task
+        if task is not None:
+            self._done = self.loop.create_future()
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self._done)
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if self.transport is not None:
+            self.transport.close()
+
+
+def serialized(resp: web.StreamResponse, keep_alive: bool) -> bytes | None:
+    """A whole answer (status line, headers, body) as the bytes to send, or None when
+    aiohttp must write it (a streamed or payload body, cookies, compression, a header
+    with a line break, which aiohttp refuses)."""
+    if type(resp) is not web.Response or resp._cookies or resp.compression or resp.chunked:
+        return None
+    body = resp.body
+    if not isinstance(body, bytes):
+        return None
+    lines = [f"HTTP/1.1 {resp.status} {resp.reason}"]
+    for name, value in resp.headers.items():
+        if _BREAKS.intersection(name) or _BREAKS.intersection(value):
+            return None
+        low = name.lower()
+        if low not in _SET_HERE:
+            lines.append(f"{name}: {value}")
+    if hdrs.CONTENT_TYPE not in resp.headers:
+        lines.append("Content-Type: application/octet-stream")
+    lines.append(f"Content-Length: {len(body)}")
+    lines.append(f"Date: {_date()}")
+    if not keep_alive:
+        lines.append("Connection: close")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("utf-8") + body
+
+
+_BREAKS = frozenset("\r\n")
+_SET_HERE = frozenset({"content-length", "date", "connection", "transfer-encoding"})
+
+
+def _date() -> str:
+    """Now as an HTTP date, formatted once a second."""
+    now = int(time.time())
+    cached = _DATE
+    if cached[0] != now:
+        cached[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return cast(str, cached[1])
+
+
+_DATE: list[Any] = [0, ""]
+
+
+class Sweeper:
+    """Applies the lane connections' time limits once a second, while any is open."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._conns: set[Connection] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, conn: Connection) -> None:
+        self._conns.add(conn)
+        if self._timer is None:
+            self._timer = self._loop.call_later(SWEEP_S, self._sweep)
+
+    def discard(self, conn: Connection) -> None:
+        self._conns.discard(conn)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        for conn in list(self._conns):
+            conn.expire(now)
+        if self._conns:
+            self._timer = self._loop.call_later(SWEEP_S, self._sweep)
