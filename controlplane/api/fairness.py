@@ -62,6 +62,9 @@ class Flow:
     strip: bool = False                     # usage asked on the client's behalf
     prompt: router_mod.Prompt | None = None
     delivered: stream_usage.DeliveredCounter | None = None     # a stream's content deltas
+    # (model, class, weight, tokens) of a request the fair queue held: its tenant's place
+    # in the queue pays what it used beyond those tokens (:func:`finish`)
+    queued: tuple[str, str, float, int] | None = None
 
 
 def _fair(request: web.Request) -> fairness.Fairness:
@@ -138,6 +141,7 @@ async def hold(request: web.Request, route: core_types.RouteDecision,
         reason = "queue_full" if isinstance(exc, errors.QueueFull) else "overloaded"
         svc.child(svc.metrics.queue_refused, cls, flow.tenant, reason).inc()
         raise
+    flow.queued = (route.model, cls, weight, tokens)
     return fair.room_first(reroute(), cls)
 
 
@@ -195,6 +199,12 @@ def finish(request: web.Request, decision: cache_port.CacheDecision | None,
     flow = ctx.flow
     if flow is None:
         return
+    if flow.queued is not None and fair.gate is not None and flow.usage is not None:
+        # the queue tagged it with an estimate (no max_tokens: the default completion):
+        # the tenant's place pays what it used, so a long answer costs its share
+        model, cls, weight, tokens = flow.queued
+        used = flow.usage.prompt_tokens + flow.usage.completion_tokens
+        fair.gate.settle(model, flow.tenant, cls, weight, tokens, used)
     ok = flow.status == 200
     outcome = fairness.Outcome(flow.usage if ok else None, ok,
                                failed or ctx.broken or flow.status >= 400)

@@ -252,6 +252,36 @@ async def test_a_batch_flood_does_not_delay_an_interactive_request_beyond_one_sl
             await quiet.close()
 
 
+async def test_a_request_the_queue_held_settles_its_tenants_place_by_what_it_used() -> None:
+    fair = {"queue": {"enabled": True, "max_queue_wait_s": 0.0, "poll_interval_s": 0.02}}
+    async with t.backends(("one", "slow")) as (backend,):
+        s = settings(upstreams=[t.upstream("one", backend.url)], fairness=fair)
+        async with ready(s) as cp:
+            client = cp.client(t.KEY_A)
+            gate = fairness_wiring.get(cp.services).gate
+            assert gate is not None
+            settled_calls: list[tuple[Any, ...]] = []
+            settle = gate.settle
+            gate.settle = lambda *a: (settled_calls.append(a), settle(*a))[1]  # type: ignore
+
+            async def streamed(text: str) -> None:
+                async for _ in await client.chat.completions.create(
+                        model="llama", stream=True, stream_options={"include_usage": True},
+                        messages=[{"role": "user", "content": text}]):
+                    pass
+
+            first = asyncio.create_task(streamed("first"))
+            await harness.until(lambda: len(backend.bodies) == 1, 20, "the first to run")
+            second = asyncio.create_task(streamed("second"))    # no room: it queues
+            await harness.until(lambda: gate.depth(t.MODEL) == 1, 20, "the second to queue")
+            await asyncio.gather(first, second)
+            # only the held request settles, by the engine's usage (prompt + completion)
+            assert len(settled_calls) == 1, settled_calls
+            model, tenant, _, _, charged, used = settled_calls[0]
+            assert (model, tenant, used) == (t.MODEL, "a", sum(USAGE)) and charged > used
+            await client.close()
+
+
 async def test_fifty_identical_requests_make_one_backend_call() -> None:
     async with cached_replica("slow") as (cp, backend, _, client):
         ask = {"model": "llama", "temperature": 0, "messages": HI}
