@@ -102,9 +102,10 @@ def prompt_of(request: web.Request, tenant: str, call: api_calls.Call) -> router
 async def admit_tokens(request: web.Request, front: Front) -> router_mod.Prompt:
     """The token limits and budget (429 naming the limit); the prompt for routing."""
     prompt = front.prompt = prompt_of(request, front.tenant.name, front.call)
-    if front.call.task in GENERATING:       # the engines' prefix cache, per tenant
-        prompt.partition(context.get(request).svc.salt_for(
-            front.tenant.name, front.body.get("cache_salt")))
+    # The engines' prefix cache, per tenant: pooling calls too (vLLM caches the prefixes
+    # of decoder embedding and scoring models, and takes cache_salt on every pooling API).
+    prompt.partition(context.get(request).svc.salt_for(
+        front.tenant.name, front.body.get("cache_salt")))
     # Paths that generate nothing are charged their input only (settled from usage).
     max_tokens = front.call.max_tokens or (0 if front.call.task in GENERATING else 1)
     await fairness.admit(request, front.tenant.name, front.canonical, prompt, max_tokens)

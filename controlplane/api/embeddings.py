@@ -40,6 +40,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         canonical = serving.resolve_model(request, tenant, parsed.model)
         texts = _texts(parsed.body["input"])
         prompt = router_mod.Prompt.from_text(" ".join(texts), 0, parsed.user, exact=False)
+        # per tenant in the engines' prefix caches, as generation is (core.cache_salt)
+        prompt.partition(svc.salt_for(tenant.name, parsed.body.get("cache_salt")))
         route = svc.router.route(canonical, prompt, "embed")
         if route is not None:
             body = serving.body_for(raw, parsed, canonical)
