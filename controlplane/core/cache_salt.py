@@ -4,8 +4,9 @@ An engine that still holds a prompt's KV blocks answers the next request sharing
 prefix sooner. Shared across tenants, that speed tells one tenant what another sent:
 time a guessed prefix, and a fast first token says someone asked it recently. vLLM
 salts the hashes of a request's blocks with its ``cache_salt``, so prompts with other
-salts share nothing. Synapse sets it on every generating request it sends to an engine
-that takes it (:data:`ENGINES`):
+salts share nothing. Synapse sets it on every request it sends to an engine that takes
+it (:data:`ENGINES`), pooling calls included (vLLM caches the prefixes of decoder
+embedding and scoring models too):
 
 - derived from the tenant (:func:`for_tenant`), so no client can pick another tenant's
   partition, and from the client's own ``cache_salt`` when it sent one (a tenant may
