@@ -161,20 +161,6 @@ def _metrics(settings: config.ControlPlaneSettings) -> dict[str, Any]:
     return {"/metrics": {"get": op}}
 
 
-def _with_examples(settings: config.ControlPlaneSettings) -> dict[str, Any]:
-    """The schemas, with this deployment's configured model names as examples."""
-    names = [n for m in settings.models for n in (m.name, *m.aliases)]
-    if not names:
-        return SCHEMAS
-    out = dict(SCHEMAS)
-    for key in ("ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest"):
-        schema = dict(out[key])
-        schema["properties"] = {**schema["properties"],
-                                "model": {"type": "string", "minLength": 1, "examples": names}}
-        out[key] = schema
-    return out
-
-
 def spec(settings: config.ControlPlaneSettings) -> dict[str, Any]:
     auth = {k: _ERRORS[k] for k in ("401",)}
     admin = {"401": _ERRORS["401"], "403": _err("not the admin key")}
@@ -203,7 +189,7 @@ def spec(settings: config.ControlPlaneSettings) -> dict[str, Any]:
                     "type": "object"}}}}}}},
             **openapi_surface.paths(),
         },
-        "components": {"schemas": {**_with_examples(settings), **openapi_surface.SCHEMAS},
+        "components": {"schemas": {**SCHEMAS, **openapi_surface.SCHEMAS},
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
                                            **openapi_surface.SECURITY_SCHEMES}},
     }

@@ -85,6 +85,8 @@ async def test_health_ready_metrics_stats_and_openapi() -> None:
             assert status == 200 and spec["openapi"].startswith("3.")
             assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
                     "/health", "/ready", "/metrics", "/api/v1/stats"} <= set(spec["paths"])
+            # served without a key: it names no model (some are other tenants' only)
+            assert t.MODEL not in body.decode() and "llama" not in body.decode()
 
             status, headers, body = await get(f"{cp.url}/v2/nothing")
             assert status == 404 and json.loads(body)["error"]["code"] == "unknown_route"
