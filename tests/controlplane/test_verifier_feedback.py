@@ -31,11 +31,12 @@ def judge(tmp_path):
 
 
 def write_judged(path, model: verifier.Verifier, hits: list[tuple[str, float, int]],
-                 digest: str | None = None) -> None:
+                 digest: str | None = None, tenants: tuple[str, ...] = ("acme",)) -> None:
+    """Append ``hits`` as judged by ``tenants`` in turn (hit i by tenant i mod len)."""
     sink = feedback_log.JsonlPairs(path)
     for i, (name, score, label) in enumerate(hits):
         asyncio.run(sink.record(cache_feedback.Pair(
-            "acme", name, f"q{i}", f"e{i}", label, score, 0.9,
+            tenants[i % len(tenants)], name, f"q{i}", f"e{i}", label, score, 0.9,
             model.digest if digest is None else digest, "emb", f"r{i}", 0.0)))
 
 
@@ -53,7 +54,7 @@ def test_wrong_hits_raise_the_threshold_and_right_hits_lower_it(judge, tmp_path,
     hits = [("strict", float(s), 0 if i % 3 == 0 else 1) for i, s in enumerate(just_above)]
     hits += [("lenient", float(s), 1) for s in just_above]
     hits += [("other", 0.99, 0)] * 5        # scored by another verifier: skipped
-    write_judged(tmp_path / "fb.jsonl", model, hits[:-5])
+    write_judged(tmp_path / "fb.jsonl", model, hits[:-5], tenants=("acme", "globex"))
     write_judged(tmp_path / "fb.jsonl", model, hits[-5:], digest="0123456789abcdef")
 
     code, out, err = calibrate(capsys, "--from-feedback", str(tmp_path / "fb.jsonl"),

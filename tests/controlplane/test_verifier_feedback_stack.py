@@ -47,7 +47,7 @@ def test_stack_hits_refit_the_stack_and_verifier_hits_the_verifier(stacked, tmp_
     write_judged(fb, model, [("llama", s, 0 if i % 3 == 0 else 1)
                              for i, s in enumerate(just_above(stack_base, 150, 1))])
     write_judged(fb, model, [("qwen", s, 1) for s in just_above(alone_base, 150, 2)],
-                 digest=model.base_digest)
+                 digest=model.base_digest, tenants=("acme", "globex"))
     write_judged(fb, model, [("other", 0.99, 0)] * 4, digest="0123456789abcdef")
 
     code, out, err = calibrate(capsys, "--from-feedback", str(fb), "--verifier", str(path),
