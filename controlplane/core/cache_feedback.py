@@ -40,6 +40,8 @@ from controlplane.core import cache_port, served_log
 from synapse_common.clock import Clock
 
 EVICT_TIMEOUT_S = 10.0
+SIBLING_GRACE_S = 0.5       # how long an id unknown here may still be on its way
+SIBLING_POLL_S = 0.02
 Z95 = 1.959964
 
 
@@ -156,6 +158,8 @@ class FeedbackCache:
         recently (or already judged), ``errors.Unavailable`` naming the layer an eviction
         could not reach (the verdict is recorded all the same)."""
         served = self.served.take(tenant, request_id)
+        if served is None and self.served.listener is not None:
+            served = await self._from_a_sibling(tenant, request_id)
         if served is None:
             raise errors.NotFound(
                 f"no cache hit with request id {request_id!r} is known for this tenant (it "
@@ -191,6 +195,17 @@ class FeedbackCache:
         gauge = self.metrics.cache_live_precision
         for bound, value in (("estimate", estimate), ("lower", lower), ("upper", upper)):
             gauge.labels(model, bound).set(value)
+
+    async def _from_a_sibling(self, tenant: str, request_id: str) -> served_log.Served | None:
+        """In a pod of workers, a hit a sibling served a moment ago may not have reached
+        this process yet (the mesh carries it): look again for up to
+        :data:`SIBLING_GRACE_S`. Every unknown id waits the whole grace, whoever's it is."""
+        for _ in range(int(SIBLING_GRACE_S / SIBLING_POLL_S)):
+            await asyncio.sleep(SIBLING_POLL_S)
+            served = self.served.take(tenant, request_id)
+            if served is not None:
+                return served
+        return None
 
     async def _record(self, served: served_log.Served, request_id: str,
                       wrong: bool) -> str:

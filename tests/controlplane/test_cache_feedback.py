@@ -7,6 +7,7 @@ in ``tmp_path`` and the in-process L1; over HTTP, the control plane app with the
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -121,6 +122,35 @@ async def test_feedback_only_on_the_tenants_own_recent_hits_and_only_once(loop):
     with pytest.raises(errors.NotFound):
         await fb.feedback("acme", "never-served", wrong=True)
     assert (await fb.lookup(asked(PASSWORD, "again"))).status == "hit-exact"
+
+
+class _Mesh:
+    """A served log's listener, as in a pod of workers (records arrive from siblings)."""
+
+    def served(self, request_id, served) -> None:
+        pass
+
+    def taken(self, tenant, request_id) -> None:
+        pass
+
+
+async def test_in_a_pod_a_hit_a_sibling_just_served_is_waited_for_not_refused(loop):
+    fb, cache, _, _ = loop
+    await remember(cache, chat(PASSWORD), "Use the reset link.")
+    await fb.lookup(asked(PASSWORD, "here"))
+    record = fb.served.take("acme", "here")     # as if a sibling worker had served it
+    assert record is not None
+    fb.served.listener = _Mesh()
+
+    async def arrives_late() -> None:
+        await asyncio.sleep(0.1)
+        fb.served.remember("sibling", record)
+    late = asyncio.create_task(arrives_late())
+    outcome = await fb.feedback("acme", "sibling", wrong=False)
+    assert outcome.layer == "exact"
+    await late
+    with pytest.raises(errors.NotFound):        # another tenant's waits, then 404 alike
+        await fb.feedback("intruder", "sibling", wrong=True)
 
 
 def test_the_served_log_is_bounded_per_tenant_and_in_age():
