@@ -66,6 +66,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -155,9 +156,13 @@ class Tree:
     def stop(self) -> None:
         for proc in reversed(self.procs):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 15)
+                os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:   # deaf to SIGTERM: never left running
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import pathlib
+import signal
 import sys
 
 import httptools
@@ -108,13 +109,19 @@ class Floor(asyncio.Protocol):
 
 
 async def serve(port: int, base: str) -> None:
+    """Serve until SIGTERM or SIGINT (handled by the loop: uvloop, idle in its poll, would
+    never run a Python signal handler)."""
     client = upstream.UpstreamClient(5.0, 60.0, 60.0)
     await client.start()
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     server = await loop.create_server(lambda: Floor(client, base.rstrip("/")),
                                       "127.0.0.1", port)
     async with server:
-        await server.serve_forever()
+        await stop.wait()
+    await client.close()
 
 
 def main() -> None:
@@ -122,7 +129,6 @@ def main() -> None:
     parser.add_argument("port", type=int, help="port to listen on (127.0.0.1)")
     parser.add_argument("upstream", help="the backend's base URL, e.g. http://127.0.0.1:8000")
     args = parser.parse_args()
-    common.exit_on_sigterm()
     common.run(serve(args.port, args.upstream))
 
 
