@@ -39,6 +39,7 @@ import contextlib
 import email.utils
 import functools
 import logging
+import math
 import time
 import types
 from collections.abc import Awaitable, Callable
@@ -350,6 +351,14 @@ class Connection(base_protocol.BaseProtocol):
 
     # -- time limits and shutdown --------------------------------------------------------
 
+    def idle_since(self) -> float | None:
+        """When it went idle (between requests, nothing of the next one received), else
+        None."""
+        if (self.transport is None or self._task is not None or self._buf
+                or self._waiting_body is not None or self._closing):
+            return None
+        return self._since
+
     def expire(self, now: float) -> None:
         """Apply the connection's time limits (called by the server's sweep)."""
         if self.transport is None or self._task is not None:
@@ -463,6 +472,16 @@ class Sweeper:
 
     def discard(self, conn: Connection) -> None:
         self._conns.discard(conn)
+
+    def longest_idle(self) -> Connection | None:
+        """The connection idle longest (to close when the server is full), or None."""
+        best: Connection | None = None
+        best_since = math.inf
+        for conn in self._conns:
+            since = conn.idle_since()
+            if since is not None and since < best_since:
+                best, best_since = conn, since
+        return best
 
     def _sweep(self) -> None:
         self._timer = None

@@ -12,7 +12,10 @@ app with a connection handler that
   it also covers a connection that never sends a byte);
 * answers a request it cannot parse with the OpenAI envelope and a fixed message per
   kind of fault (:data:`PARSE_ERRORS`), never echoing what the client sent, logged at
-  debug level only (a stream of garbage must not fill the logs).
+  debug level only (a stream of garbage must not fill the logs);
+* keeps at most ``http.max_connections`` open (:func:`connection_cap`): one more closes
+  the connection idle longest, or is closed at once when none is idle — idle connections
+  held open cannot use up the process's file descriptors.
 
 The request body's own limit, ``http.body_timeout_s``, is the handlers'
 (:func:`controlplane.api.serving.read_body`, 408).
@@ -29,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import resource
 from typing import Any
 
 import orjson
@@ -117,15 +122,34 @@ class LaneServer(web_server.Server):
     keep this module's rules once aiohttp serves them."""
 
     header_timeout_s = 10.0
+    max_connections = 10_000
     lane: fast_lane.Lane | None = None
     sweeper: fast_lane.Sweeper | None = None
+    _refused_logged_at = -math.inf
 
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]  # any protocol
+        if len(self._connections) >= self.max_connections and not self._make_room():
+            return _Refused(self)
         if self.lane is None:
             return self.aiohttp_protocol()
         if self.sweeper is None:
             self.sweeper = fast_lane.Sweeper(self._loop)
         return fast_lane.Connection(self, self.lane, self._loop)
+
+    def _make_room(self) -> bool:
+        """Close the connection idle longest to admit a new one (False: none is idle)."""
+        idle = self.sweeper.longest_idle() if self.sweeper is not None else None
+        if idle is None:
+            return False
+        idle.close()
+        return True
+
+    def refused(self) -> None:
+        now = self._loop.time()
+        if now - self._refused_logged_at >= 60.0:
+            self._refused_logged_at = now
+            log.warning("refusing connections: %d open, none idle (http.max_connections)",
+                        len(self._connections))
 
     def aiohttp_protocol(self) -> web_protocol.RequestHandler:
         return _Protocol(self, loop=self._loop, header_timeout_s=self.header_timeout_s,
@@ -141,6 +165,26 @@ class LaneServer(web_server.Server):
         self._connections.pop(conn, None)       # type: ignore[call-overload]
         if self.sweeper is not None:
             self.sweeper.discard(conn)
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over ``http.max_connections`` with none idle to close: closed at once."""
+
+    def __init__(self, server: LaneServer) -> None:
+        self._server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._server.refused()
+        transport.close()
+
+
+def connection_cap(configured: int) -> int:
+    """``http.max_connections``, at most three quarters of the process's open-file limit
+    (the rest for upstream connections, Redis, gRPC and files)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(16, min(configured, soft * 3 // 4))
 
 
 class Runner(web.AppRunner):
@@ -159,6 +203,7 @@ class Runner(web.AppRunner):
         server.__class__ = LaneServer
         assert isinstance(server, LaneServer)
         server.header_timeout_s = self._http.header_timeout_s
+        server.max_connections = connection_cap(self._http.max_connections)
         if self._http.fast_lane:
             server.lane = fast_lane.Lane.for_app(self._app, self._http)
         return server

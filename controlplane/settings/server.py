@@ -45,6 +45,11 @@ class HttpSettings(Section):
     keepalive_timeout_s: float = Field(
         75.0, gt=0, description="an idle connection (kept alive, or that never sent a "
         "byte) is closed after this many seconds")
+    max_connections: int = Field(
+        10_000, ge=16, description="client connections one serving process keeps open "
+        "(each is a file descriptor; at most three quarters of the process's open-file "
+        "limit): a new one beyond it closes the connection idle longest, or is closed at "
+        "once when none is idle")
     fast_lane: bool = Field(
         True, description="serve POST /v1/chat/completions and /v1/completions on a lean "
         "HTTP/1.1 path (httptools) instead of aiohttp's request machinery; other routes, "

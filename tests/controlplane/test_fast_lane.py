@@ -17,6 +17,7 @@ from controlplane.api import app as app_mod
 from controlplane.api import fast_lane
 from controlplane.api import server as server_mod
 from controlplane.api import services as services_mod
+from tests import harness
 from tests.controlplane import cp_testing as t
 
 
@@ -232,3 +233,22 @@ async def test_shutdown_lets_the_request_in_flight_finish_and_closes_idle_connec
         await stopping
         writer.close()
         idle_writer.close()
+
+
+async def test_over_max_connections_the_longest_idle_is_closed_or_the_new_one_refused() -> None:
+    async with t.backends(("b1", "hang")) as (b1,), \
+            serving(t.round_robin(b1, http={"max_connections": 16})) as (port, server):
+        assert server.max_connections == 16
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(16)]
+        await harness.until(lambda: len(server.connections) == 16, 10, "16 connections")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        # the first opened, idle longest, made room
+        assert await asyncio.wait_for(idle[0][0].read(), 5) == b""
+        for _, w in idle[1:]:
+            w.write(chat())           # every connection busy (the backend never answers)
+        writer.write(chat())
+        await harness.until(lambda: len(b1.bodies) == 16, 10, "16 requests in flight")
+        refused_reader, _ = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(refused_reader.read(), 5) == b""   # none idle
+        for _, w in [*idle, (reader, writer)]:
+            w.close()
