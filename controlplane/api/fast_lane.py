@@ -128,7 +128,9 @@ class LaneRequest:
         return self._body
 
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
-        """aiohttp's ``on_response_prepare`` signal: the app sets none on these routes."""
+        """aiohttp's ``on_response_prepare`` signal, as aiohttp sends it."""
+        if self.app.on_response_prepare:
+            await self.app.on_response_prepare.send(cast(web.Request, self), response)
 
 
 class Route:
@@ -297,7 +299,8 @@ class Connection(base_protocol.BaseProtocol):
             resp = await route.call(cast(web.Request, request))
             if resp.keep_alive is False:
                 keep = False
-            whole = None if resp.prepared else serialized(resp, keep)
+            whole = (None if resp.prepared or route.app.on_response_prepare  # its hooks
+                     else serialized(resp, keep))
             if whole is not None and self.transport is not None:
                 self.transport.write(whole)
             else:

@@ -252,3 +252,26 @@ async def test_over_max_connections_the_longest_idle_is_closed_or_the_new_one_re
         assert await asyncio.wait_for(refused_reader.read(), 5) == b""   # none idle
         for _, w in [*idle, (reader, writer)]:
             w.close()
+
+
+async def test_the_apps_response_hooks_still_run_on_lane_answers() -> None:
+    async with t.backends(("b1", "ok")) as (b1,):
+        s = t.round_robin(b1)
+        app = app_mod.create_app(s, services=services_mod.build(s))
+
+        async def stamp(request: web.Request, response: web.StreamResponse) -> None:
+            response.headers["x-stamped"] = "yes"
+        app.on_response_prepare.append(stamp)
+        runner = server_mod.Runner(app, s.http, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1",
+                                                           runner.addresses[0][1])
+            for stream in (False, True):
+                writer.write(chat(stream))
+                status, headers, _ = await answer(reader)
+                assert status == 200 and headers["x-stamped"] == "yes"
+            writer.close()
+        finally:
+            await runner.cleanup()
