@@ -89,7 +89,7 @@ class LaneRequest:
     """The part of ``web.Request`` the serving path and its middleware use, for a request
     whose head and body have arrived whole."""
 
-    __slots__ = ("_body", "_payload_writer", "_state", "app", "headers", "keep_alive",
+    __slots__ = ("_body", "_state", "_writer", "app", "headers", "keep_alive",
                  "match_info", "method", "path", "protocol", "transport", "version")
 
     def __init__(self, conn: Connection, route: Route, headers: CIMultiDictProxy[str],
@@ -105,7 +105,7 @@ class LaneRequest:
         self.transport = conn.transport
         self._body = body
         self._state: dict[Any, Any] = {}
-        self._payload_writer = http_writer.StreamWriter(conn, conn.loop)
+        self._writer: http_writer.StreamWriter | None = None
 
     def __getitem__(self, key: Any) -> Any:
         return self._state[key]
@@ -115,6 +115,14 @@ class LaneRequest:
 
     def get(self, key: Any, default: Any = None) -> Any:
         return self._state.get(key, default)
+
+    @property
+    def _payload_writer(self) -> http_writer.StreamWriter:
+        """The writer aiohttp's responses write through, made when one is prepared (a whole
+        answer the lane writes itself needs none)."""
+        if self._writer is None:
+            self._writer = http_writer.StreamWriter(self.protocol, self.protocol.loop)
+        return self._writer
 
     @property
     def content_length(self) -> int:
