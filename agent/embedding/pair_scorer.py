@@ -114,8 +114,9 @@ def _bf16(loaded: Loaded, cpu_flags: frozenset[str] | None
         fast, diff = pair_scorer_bf16.load(loaded.model, loaded.tokenizer,
                                            loaded.file.max_len, cpu_flags)
     except pair_scorer_bf16.Unavailable as exc:
-        log.info("pair scorer in float32 (embedder.pair_scorer_precision is bfloat16, "
-                 "but %s)", exc)
+        quiet = isinstance(exc, pair_scorer_bf16.NotSupported)  # an expected set-up
+        (log.info if quiet else log.warning)("pair scorer in float32 (embedder."
+                                             "pair_scorer_precision is bfloat16, but %s)", exc)
         return None
     log.info("pair scorer: bfloat16 logits within %.2g of float32's on the check pairs",
              diff)

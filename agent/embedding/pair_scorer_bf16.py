@@ -45,6 +45,10 @@ class Unavailable(Exception):
     """The bfloat16 path cannot be used here; ``str()`` says why."""
 
 
+class NotSupported(Unavailable):
+    """This CPU or this torch cannot run it (an expected set-up, not a failure)."""
+
+
 def cpu_flags(path: pathlib.Path = CPUINFO) -> frozenset[str]:
     """The CPU's feature flags as Linux reports them (empty elsewhere)."""
     try:
@@ -86,7 +90,7 @@ def load(net: Any, tokenizer: Any, max_len: int,
     :class:`Unavailable` with the reason."""
     reason = unsupported(cpu_flags() if flags is None else flags)
     if reason is not None:
-        raise Unavailable(reason)
+        raise NotSupported(reason)
     try:
         fast = pair_scorer_model.FastNetwork(net)
         diff = max_difference(fast, net, tokenizer, max_len, pair_scorer_onnx.CHECK_PAIRS)
