@@ -33,7 +33,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import yaml
 
@@ -85,7 +85,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                              "aliases, and answers carry the name they asked for")
     parser.add_argument("--time-scale", type=float, default=0.05,
                         help="simulator clock: 1 = real GPU timings, 0 = instant")
-    parser.add_argument("--api-key", help="use this API key instead of a generated one")
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", metavar="PATH",
+                     help="file holding the API key to use instead of a generated one")
+    key.add_argument("--api-key", help="the API key to use instead of a generated one "
+                                       "(visible to other local users in the process list: "
+                                       "prefer --api-key-file)")
     parser.add_argument("--no-cache", action="store_true", help="turn the response cache off")
     return parser
 
@@ -133,12 +138,29 @@ def data_directory(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def chosen_api_key(args: argparse.Namespace) -> str | None:
+    """The API key asked for (``--api-key-file``, else ``--api-key``, said to be visible
+    in the process list), or None for a generated one."""
+    if args.api_key_file:
+        try:
+            key = pathlib.Path(args.api_key_file).read_text().strip()
+        except OSError as exc:
+            cli.fail(f"synapse up: cannot read --api-key-file: {exc.strerror}", code=2)
+        if not key:
+            cli.fail("synapse up: --api-key-file is empty", code=2)
+        return key
+    if args.api_key is not None:
+        print("synapse up: --api-key is visible to other local users in the process list; "
+              "--api-key-file keeps it out", file=sys.stderr, flush=True)
+    return cast(str | None, args.api_key)
+
+
 def _write_configs(args: argparse.Namespace, data: pathlib.Path, ports: dict[str, int],
                    gen: embedded_engine.Generation) -> dict[str, Any]:
     secret_dir = data / "secrets"
     secret_dir.mkdir(parents=True, exist_ok=True)
     secret_dir.chmod(0o700)
-    api_key_file = _secret_file(secret_dir, "dev-api-key", args.api_key)
+    api_key_file = _secret_file(secret_dir, "dev-api-key", chosen_api_key(args))
     admin_key_file = _secret_file(secret_dir, "admin-key", None)
     agent_token = {"file": str(_secret_file(secret_dir, "agent-token", None))}
     cp: dict[str, Any] = {

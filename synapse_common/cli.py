@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import pydantic
 
@@ -30,7 +30,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                        default=None, help="log level (default: info)")
 
 
-def fail(message: str, code: int = EXIT_CONFIG) -> None:
+def fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
     print(f"{message}", file=sys.stderr)
     raise SystemExit(code)
 

@@ -43,3 +43,22 @@ def test_a_private_data_dir_is_left_alone_quietly(
     data.mkdir(mode=0o700)
     embedded.data_directory(data)
     assert data.stat().st_mode & 0o777 == 0o700 and capsys.readouterr().err == ""
+
+
+def test_the_api_key_comes_from_a_file_or_the_command_line_with_a_warning(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = embedded.build_parser("synapse up")
+    key = tmp_path / "key"
+    key.write_text("sk-from-a-file-0123456789\n")
+    assert embedded.chosen_api_key(parser.parse_args(["--api-key-file", str(key)])) == \
+        "sk-from-a-file-0123456789"
+    assert capsys.readouterr().err == ""
+    assert embedded.chosen_api_key(parser.parse_args(["--api-key", "sk-argv-0123"])) == \
+        "sk-argv-0123"
+    assert "process list" in capsys.readouterr().err
+    assert embedded.chosen_api_key(parser.parse_args([])) is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--api-key", "a", "--api-key-file", str(key)])
+    key.write_text("\n")
+    with pytest.raises(SystemExit):
+        embedded.chosen_api_key(parser.parse_args(["--api-key-file", str(key)]))
