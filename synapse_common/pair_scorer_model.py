@@ -106,14 +106,21 @@ def onednn_bf16_missing() -> str | None:
     return None
 
 
+def intra_op_threads() -> int:
+    """torch's intra-op thread count (``OMP_NUM_THREADS`` or the cores)."""
+    import torch
+
+    return int(torch.get_num_threads())
+
+
 _Linear = Callable[..., Any]   # (x, act="none") -> x @ W.T + b, then act
 
 
 class FastNetwork:
     """The cross-encoder's forward (ids, mask, token types → one float32 logit per row)
     from a built network's weights, its matrix products in ``dtype`` (default bfloat16),
-    for inference only: called as :func:`logits` calls the network, under its
-    ``inference_mode``.
+    for inference only (in ``inference_mode``, from any thread): called as
+    :func:`logits` calls the network.
 
     The same computation as the network's, written for small batches: query, key and
     value are one product, GELU (erf) is fused into the intermediate product, the BERT
@@ -180,6 +187,19 @@ class FastNetwork:
         return onednn
 
     def __call__(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():    # thread-local: also when called from a pool
+            return self._forward(input_ids, attention_mask, token_type_ids)
+
+    @staticmethod
+    def join(parts: Sequence[Any]) -> Any:
+        """The logits of consecutive slices of rows, as one tensor."""
+        import torch
+
+        return torch.cat(list(parts))
+
+    def _forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
         import torch
         from torch.nn import functional
 

@@ -72,7 +72,7 @@ class Loaded:
     model: Any        # pair_scorer_model's network, eval mode
     tokenizer: Any
     onnx: pair_scorer_onnx.OnnxNetwork | None = None   # the same network in onnxruntime
-    bf16: pair_scorer_model.FastNetwork | None = None  # ... in bfloat16 on oneDNN
+    bf16: pair_scorer_bf16.Lanes | None = None       # ... in bfloat16 on oneDNN
 
     @property
     def scorer_id(self) -> str:
@@ -107,12 +107,12 @@ def load(path: pathlib.Path, runtime: str = "torch", cache_dir: str = "",
     return dataclasses.replace(loaded, onnx=_onnx(loaded, runtime, cache_dir))
 
 
-def _bf16(loaded: Loaded, cpu_flags: frozenset[str] | None
-          ) -> pair_scorer_model.FastNetwork | None:
+def _bf16(loaded: Loaded, cpu_flags: frozenset[str] | None) -> pair_scorer_bf16.Lanes | None:
     """The checked bfloat16 network, or None (logged once) for the float32 runtimes."""
     try:
         fast, diff = pair_scorer_bf16.load(loaded.model, loaded.tokenizer,
-                                           loaded.file.max_len, cpu_flags)
+                                           loaded.file.max_len, cpu_flags,
+                                           pair_scorer_bf16.lanes())
     except pair_scorer_bf16.Unavailable as exc:
         quiet = isinstance(exc, pair_scorer_bf16.NotSupported)  # an expected set-up
         (log.info if quiet else log.warning)("pair scorer in float32 (embedder."
@@ -214,8 +214,10 @@ class PairScorer(protocol.LoadsOnce):
         return scores, loaded.scorer_id
 
     async def close(self) -> None:
-        if self._loaded is not None and self._loaded.onnx is not None:
-            self._loaded.onnx.close()
+        if self._loaded is not None:
+            for runner in (self._loaded.onnx, self._loaded.bf16):
+                if runner is not None:
+                    runner.close()
         self._loaded = None
         self._error = "the pair scorer is closed"
 

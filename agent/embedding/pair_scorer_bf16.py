@@ -24,11 +24,17 @@ faster than float32 ones; onnxruntime has no bfloat16 kernels on the CPU, torch 
   a time and as one padded batch, must equal the float32 network's to
   :data:`TOLERANCE`. Otherwise :class:`Unavailable` says why and the caller keeps the
   float32 runtime (:mod:`agent.embedding.pair_scorer`).
-* One pass at a time in the calling thread, with torch's intra-op threads: no lanes.
+* **Lanes** (:class:`Lanes`): with one torch intra-op thread (``OMP_NUM_THREADS=1``, as
+  the benchmarks run the agent), a call of two pairs or more splits its rows into
+  :func:`pair_scorer_onnx.lanes` slices run side by side, as the ONNX path does; one
+  pair's two rows run in one pass (a split gained nothing there), and with more torch
+  threads torch's own intra-op threads already use the cores.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import pathlib
 from typing import Any
 
@@ -38,6 +44,7 @@ from agent.embedding import pair_scorer_onnx
 from synapse_common import pair_scorer_model
 
 TOLERANCE = 0.25   # max abs difference from the float32 network's logit, per pair
+SPLIT_ROWS = 4     # rows (two pairs, each in both orders) from which a call is split
 CPUINFO = pathlib.Path("/proc/cpuinfo")
 
 
@@ -68,7 +75,42 @@ def unsupported(flags: frozenset[str]) -> str | None:
     return pair_scorer_model.onednn_bf16_missing()
 
 
-def max_difference(fast: pair_scorer_model.FastNetwork, net: Any, tokenizer: Any, max_len: int,
+def lanes() -> int:
+    """Slices a split call runs in: :func:`pair_scorer_onnx.lanes` with one torch
+    intra-op thread, else 1 (torch's own threads already use the cores)."""
+    return pair_scorer_onnx.lanes() if pair_scorer_model.intra_op_threads() == 1 else 1
+
+
+class Lanes:
+    """A :class:`pair_scorer_model.FastNetwork` whose calls of :data:`SPLIT_ROWS` rows or
+    more run in ``lanes`` contiguous slices at once (the calling thread takes the first,
+    a small pool the others); each row's logit is what one pass would give, up to
+    summation order."""
+
+    def __init__(self, fast: pair_scorer_model.FastNetwork, lanes: int) -> None:
+        self.fast = fast
+        self._lanes = max(1, lanes)
+        self._pool = (concurrent.futures.ThreadPoolExecutor(
+            self._lanes - 1, thread_name_prefix="pair-scorer") if self._lanes > 1 else None)
+
+    def __call__(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+        rows = len(input_ids)
+        if self._pool is None or rows < SPLIT_ROWS:
+            return self.fast(input_ids, attention_mask, token_type_ids)
+        cuts = [rows * k // self._lanes for k in range(self._lanes + 1)]
+        parts = [(input_ids[lo:hi], attention_mask[lo:hi], token_type_ids[lo:hi])
+                 for lo, hi in itertools.pairwise(cuts) if hi > lo]
+        # FastNetwork enters inference mode itself: the caller's is thread-local.
+        later = [self._pool.submit(self.fast, *part) for part in parts[1:]]
+        return pair_scorer_model.FastNetwork.join([self.fast(*parts[0]),
+                                                   *(f.result() for f in later)])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+def max_difference(fast: Any, net: Any, tokenizer: Any, max_len: int,
                    pairs: list[tuple[str, str]]) -> float:
     """The largest |``fast`` logit - ``net`` logit| over ``pairs``, one at a time and
     batched."""
@@ -83,16 +125,16 @@ def max_difference(fast: pair_scorer_model.FastNetwork, net: Any, tokenizer: Any
     return max(diff, float(np.abs(got - want).max()))
 
 
-def load(net: Any, tokenizer: Any, max_len: int,
-         flags: frozenset[str] | None = None) -> tuple[pair_scorer_model.FastNetwork, float]:
-    """The checked bfloat16 network and its largest difference on the check pairs
-    (blocking); ``flags``: the CPU's (default: read from Linux). Raises
+def load(net: Any, tokenizer: Any, max_len: int, flags: frozenset[str] | None = None,
+         lanes: int = 1) -> tuple[Lanes, float]:
+    """The checked bfloat16 network in ``lanes`` and its largest difference on the check
+    pairs (blocking); ``flags``: the CPU's (default: read from Linux). Raises
     :class:`Unavailable` with the reason."""
     reason = unsupported(cpu_flags() if flags is None else flags)
     if reason is not None:
         raise NotSupported(reason)
     try:
-        fast = pair_scorer_model.FastNetwork(net)
+        fast = Lanes(pair_scorer_model.FastNetwork(net), lanes)
         diff = max_difference(fast, net, tokenizer, max_len, pair_scorer_onnx.CHECK_PAIRS)
     except Exception as exc:
         raise Unavailable(f"bfloat16 check failed: {type(exc).__name__}: {exc}") from None

@@ -62,6 +62,23 @@ def test_the_rewritten_forward_gives_the_networks_logits_in_float32(which, small
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("lanes", [2, 3])
+def test_rows_split_across_lanes_give_one_passs_logits(small_path, lanes):
+    loaded = pair_scorer.load(small_path)
+    fast = pair_scorer_model.FastNetwork(loaded.model, torch.float32)
+    split = pair_scorer_bf16.Lanes(fast, lanes)
+    try:
+        for candidates in (CANDIDATES, CANDIDATES[:1], CANDIDATES[:2]):   # 14, 2, 4 rows
+            n = len(candidates)
+            got = pair_scorer_model.logits(split, loaded.tokenizer, [QUERY] * n, candidates,
+                                           loaded.file.max_len)
+            want = pair_scorer_model.logits(fast, loaded.tokenizer, [QUERY] * n, candidates,
+                                            loaded.file.max_len)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    finally:
+        split.close()
+
+
 def test_without_amx_the_scorer_stays_float32_and_says_why(small_path, caplog):
     with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer"):
         loaded = pair_scorer.load(small_path, "torch", "", "bfloat16",
