@@ -437,10 +437,9 @@ def serialized(resp: web.StreamResponse, keep_alive: bool) -> bytes | None:
         return None
     lines = [f"HTTP/1.1 {resp.status} {resp.reason}"]
     for name, value in resp.headers.items():
-        if _BREAKS.intersection(name) or _BREAKS.intersection(value):
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
             return None
-        low = name.lower()
-        if low not in _SET_HERE:
+        if name.lower() not in _SET_HERE:
             lines.append(f"{name}: {value}")
     if hdrs.CONTENT_TYPE not in resp.headers:
         lines.append("Content-Type: application/octet-stream")
@@ -452,7 +451,6 @@ def serialized(resp: web.StreamResponse, keep_alive: bool) -> bytes | None:
     return "\r\n".join(lines).encode("utf-8") + body
 
 
-_BREAKS = frozenset("\r\n")
 _SET_HERE = frozenset({"content-length", "date", "connection", "transfer-encoding"})
 
 
