@@ -99,7 +99,13 @@ def _seal(request: web.Request) -> response_ids.Seal:
         pins.seal = response_ids.Seal.from_secrets(
             auth.response_id_key.get_secret_value() if auth.response_id_key else None,
             auth.admin_key.get_secret_value() if auth.admin_key else None)
-        if not pins.seal.shared:
+        if pins.seal.weak_admin_key:
+            log.warning("Responses ids are sealed with a key of this process: auth.admin_key "
+                        "is shorter than %d characters, too short to derive it from (a tenant "
+                        "could guess the admin key offline from its ids); set "
+                        "auth.response_id_key so that every process accepts them",
+                        response_ids.MIN_ADMIN_KEY)
+        elif not pins.seal.shared:
             log.warning("Responses ids are sealed with a key of this process (neither "
                         "auth.response_id_key nor auth.admin_key is set): a conversation "
                         "can be continued only on the process that began it")

@@ -12,11 +12,12 @@ gets (:func:`not_found`), from the control plane itself: no engine sees the requ
 
 * **Stateless.** Nothing is stored, so the rule holds on every worker of a pod, on every
   replica and across a control-plane restart (vLLM keeps its store across ours), as long
-  as they share the key. The key is derived from a secret of the configuration
-  (``auth.response_id_key``, else ``auth.admin_key``: :meth:`Seal.from_secrets`). With
-  neither, each process draws a random key: continuations then work only on the process
-  that made the answer, and are refused (404) on any other or after a restart — closed,
-  never open.
+  as they share the key. The key is stretched (scrypt: :func:`stretched`) from a secret
+  of the configuration (``auth.response_id_key``, else ``auth.admin_key`` when it has at
+  least :data:`MIN_ADMIN_KEY` characters: :meth:`Seal.from_secrets`), since every id a
+  tenant sees is a sample to guess that secret from offline. Without one, each process
+  draws a random key: continuations then work only on the process that made the answer,
+  and are refused (404) on any other or after a restart — closed, never open.
 * **Rotation.** A new key refuses every id sealed under the old one (404, the answer
   for an unknown id): rotate the secret when old conversations may be lost, or set
   ``auth.response_id_key`` so that rotating the admin key leaves the ids alone.
@@ -35,6 +36,7 @@ gets (:func:`not_found`), from the control plane itself: no engine sees the requ
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -45,13 +47,13 @@ from typing import Any
 import orjson
 
 from controlplane import errors
-from synapse_common import subkeys
 
 SEPARATOR = "_"
 TAG_BYTES = 16
 TAG_CHARS = 22                    # base64url of TAG_BYTES, without padding
 MAX_ID = 256                      # longer is no id of ours (checked before any hashing)
-_LABEL = b"synapse/responses-id/v1"
+_LABEL = b"synapse/responses-id/v2"     # v2: scrypt-stretched (v1: HMAC of the secret)
+MIN_ADMIN_KEY = 16                # characters of an admin key the ids' key may come from
 _ENGINE_ID = re.compile(r"resp_[A-Za-z0-9_-]{1,128}\Z")
 _TAG = re.compile(rf"[A-Za-z0-9_-]{{{TAG_CHARS}}}\Z")
 # A whole answer's own id: the first member of the object (vLLM and the simulator write
@@ -59,24 +61,37 @@ _TAG = re.compile(rf"[A-Za-z0-9_-]{{{TAG_CHARS}}}\Z")
 _LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*"(resp_[A-Za-z0-9_-]{1,128})"')
 
 
+@functools.lru_cache(maxsize=4)
+def stretched(secret: str) -> bytes:
+    """The ids' key from ``secret``: scrypt (memory-hard, a few tens of milliseconds once
+    per process), so that guessing the secret offline from ids costs as much per guess."""
+    return hashlib.scrypt(secret.encode("utf-8"), salt=_LABEL, n=1 << 14, r=8, p=1,
+                          dklen=32)
+
+
 class Seal:
     """Seals engine ids for a tenant and opens them again (one key)."""
 
-    def __init__(self, key: bytes, shared: bool) -> None:
+    def __init__(self, key: bytes, shared: bool, weak_admin_key: bool = False) -> None:
         self._key = key
         self.shared = shared      # False: a key of this process only
+        self.weak_admin_key = weak_admin_key    # an admin key too short to derive it from
 
     def __repr__(self) -> str:
         return f"Seal(shared={self.shared})"          # never the key
 
     @classmethod
     def from_secrets(cls, response_id_key: str | None, admin_key: str | None) -> Seal:
-        """The key derived from the first secret given; a random one of this process
-        when there is none (``shared`` False)."""
-        secret = response_id_key or admin_key
-        if not secret:
-            return cls(secrets.token_bytes(32), shared=False)
-        return cls(subkeys.derive(secret, _LABEL), shared=True)
+        """The key stretched from the first secret given (:func:`stretched`); a random one
+        of this process (``shared`` False) when there is none, or when the only one is an
+        admin key shorter than :data:`MIN_ADMIN_KEY` (``weak_admin_key`` set): every id a
+        tenant sees is a sample to guess the secret from offline, and the admin key opens
+        the Admin API."""
+        if response_id_key:
+            return cls(stretched(response_id_key), shared=True)
+        if admin_key and len(admin_key) >= MIN_ADMIN_KEY:
+            return cls(stretched(admin_key), shared=True)
+        return cls(secrets.token_bytes(32), shared=False, weak_admin_key=bool(admin_key))
 
     def _tag(self, tenant: str, engine_id: str) -> bytes:
         who = tenant.encode()

@@ -48,8 +48,9 @@ class AuthSettings(Section):
     response_id_key: Secret | None = Field(
         None, description="secret that binds each /v1/responses id to the tenant that made "
         "it (a MAC inside the id): every worker and replica must share it, and changing it "
-        "refuses every earlier id (404); at least 16 characters. None = derived from admin_key; neither = a random "
-        "key per process, so a conversation continues only on the process that began it")
+        "refuses every earlier id (404); at least 16 characters. None = derived from "
+        "admin_key when it has at least 16 characters; else a random key per process, so "
+        "a conversation continues only on the process that began it")
     tenants: list[TenantSettings] = Field(default_factory=list, description="API tenants")
     key_file: str | None = Field(
         None, description="YAML/JSON file with a list of tenants (same fields), merged in")

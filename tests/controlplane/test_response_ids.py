@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 
 import pytest
@@ -121,3 +123,19 @@ def test_the_refusal_names_only_what_was_sent() -> None:
         "message": "Previous response with id 'resp_nope' not found.",
         "type": "invalid_request_error", "param": "previous_response_id",
         "code": "previous_response_not_found"}
+
+
+def test_a_short_admin_key_is_never_what_the_ids_key_comes_from() -> None:
+    """Every id a tenant sees is a sample to guess the key's secret from offline: an
+    admin key too short to resist that (it opens the Admin API) is not used."""
+    short = ids.Seal.from_secrets(None, "admin")
+    assert not short.shared and short.weak_admin_key
+    assert ids.Seal.from_secrets(None, "admin").open("a", short.seal("a", ENGINE)) is None
+    assert not SEAL.weak_admin_key and SEAL.shared
+
+
+def test_the_key_is_stretched_not_a_plain_hmac_of_the_secret() -> None:
+    plain = hmac.new(b"sk-admin-0123456789", b"synapse/responses-id/v2",
+                     hashlib.sha256).digest()
+    assert ids.stretched("sk-admin-0123456789") != plain
+    assert len(ids.stretched("sk-admin-0123456789")) == 32
