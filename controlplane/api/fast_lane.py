@@ -5,9 +5,10 @@ serving routes (``POST /v1/chat/completions`` or ``/v1/completions``, HTTP/1.1, 
 ``Content-Length`` within ``http.max_body_bytes``, no ``Transfer-Encoding``, ``Expect``
 or ``Upgrade``) is parsed with ``httptools`` and handed to the app's own middleware and
 handler as a :class:`LaneRequest`, a small object with the part of ``web.Request`` that the
-serving path reads. Responses are aiohttp's own (``web.Response``, ``web.StreamResponse``)
-written through aiohttp's ``StreamWriter``, so headers, errors and streaming are exactly
-the app's.
+serving path reads. Responses are the app's own (``web.Response``, ``web.StreamResponse``):
+a whole one is serialised by the lane in one write (:func:`serialized`, or by aiohttp
+when it has cookies, compression or a payload body), a stream goes through aiohttp's
+``StreamWriter``, so headers, errors and streaming are exactly the app's.
 
 Anything else — another route, a head that ``httptools`` refuses or that is over
 ``http.max_header_bytes``, a chunked body — is *handed off*: at a message boundary, the
