@@ -200,8 +200,9 @@ class Dispatcher:
 
     def _refuse_oversized(self, models: Sequence[str], prompt: router_mod.Prompt,
                           fields: tuple[str, str], task: types.Task) -> None:
-        """400 when every backend of ``models`` knows its context and none holds this
-        request (the router's KV capacity rule); backends down right now count too, so a
+        """400 when every backend of ``models`` knows its KV capacity and none holds this
+        request (the router's KV capacity rule; an engine's own context limit, which may be
+        smaller, is the engine's to enforce); backends down right now count too, so a
         request that could be served later still gets 503."""
         sizes = [b.kv_capacity_tokens for m in models for b, _ in self.registry.backends_for(m)
                  if b.serves(task)]
@@ -215,8 +216,9 @@ class Dispatcher:
         field = prompt_field if prompt.tokens > largest or not prompt.max_tokens else max_field
         raise errors.BadRequest(
             f"{field}: the request needs {need} tokens (prompt {prompt.tokens} + "
-            f"{max_field} {prompt.max_tokens}); the largest context of any backend of "
-            f"{models[0]!r} is {largest} tokens", param=field, code="context_length_exceeded")
+            f"{max_field} {prompt.max_tokens}); the largest KV cache of any backend of "
+            f"{models[0]!r} holds {largest} tokens", param=field,
+            code="context_length_exceeded")
 
     # -- attempts -------------------------------------------------------------------------
 

@@ -249,7 +249,7 @@ def test_a_request_larger_than_every_backends_context_is_the_clients_error() -> 
     with pytest.raises(errors.BadRequest) as info:
         d.plan(MODEL, prompt)
     assert info.value.param == "max_tokens" and info.value.code == "context_length_exceeded"
-    assert "4096" in info.value.message
+    assert "KV cache of any backend" in info.value.message and "4096" in info.value.message
     with pytest.raises(errors.BadRequest) as info:
         d.plan(MODEL, router.Prompt.from_text("word " * 40_000), ("prompt", "max_tokens"))
     assert info.value.param == "prompt"
