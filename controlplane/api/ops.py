@@ -95,7 +95,7 @@ def finish(request: web.Request, svc: services_mod.Services, ctx: context.Reques
         served=ctx.fallback or ctx.model, cache=ctx.cache, backend=ctx.backend,
         ttft_s=None if ctx.first_byte is None else ctx.first_byte - ctx.started,
         usage=ctx.usage, retries=ctx.retries, fallback=ctx.fallback, broken=ctx.broken,
-        trace_id=trace_id))
+        trace_id=trace_id, engine_id=ctx.engine_id))
 
 
 def _root_attributes(ctx: context.RequestContext, status: int) -> dict[str, str | int]:

@@ -3,7 +3,8 @@
 A line says who asked for what and what happened: request id, tenant (its name — keys
 never reach this module), the model asked and the model served, the cache result, the
 backend, the status, time to first byte and the whole duration, the engine's prompt /
-completion / cached tokens, retries and the fallback model; with ``--log-format json``
+completion / cached tokens, retries and the fallback model, and the id the engine got
+when it is not the client's (``engine_request_id``); with ``--log-format json``
 they are fields of the JSON line, otherwise ``key=value`` after the message.
 
 Design decisions:
@@ -78,6 +79,7 @@ class Line:
     fallback: str = ""
     broken: bool = False            # a stream that ended with an error event
     trace_id: str = ""
+    engine_id: str = ""             # the id the engine got (its own logs name it)
 
 
 class AccessLog:
@@ -122,4 +124,6 @@ def fields(line: Line) -> dict[str, object]:
         "retries": line.retries, "fallback": line.fallback, "broken": line.broken,
         "method": line.method, "path": inert(line.path),
         **({"trace_id": line.trace_id} if line.trace_id else {}),
+        **({"engine_request_id": line.engine_id}
+           if line.engine_id and line.backend and line.engine_id != line.request_id else {}),
     }

@@ -145,3 +145,19 @@ async def test_off_by_config_or_below_the_log_level() -> None:
     quiet = access_log.AccessLog(access_log.Policy(), logging.getLogger("synapse.access.q"))
     logging.getLogger("synapse.access.q").setLevel(logging.WARNING)
     assert not quiet.wanted()
+
+
+async def test_the_id_the_engine_got_is_logged_beside_the_clients() -> None:
+    async with t.backends(("good", "ok")) as (good,):
+        async with t.running(t.round_robin(good)) as cp:
+            client = cp.client()
+            with access_lines() as lines:
+                await client.chat.completions.create(
+                    model="llama", messages=MSGS, extra_headers={"x-request-id": "mine-1"})
+                await request_ids(client, 1)       # no id of its own: one id for both
+            await client.close()
+    chosen, generated = lines
+    engine_got = {k.lower(): v for k, v in good.headers[0].items()}["x-request-id"]
+    assert chosen["request_id"] == "mine-1" and chosen["engine_request_id"] == engine_got
+    assert engine_got != "mine-1"
+    assert "engine_request_id" not in generated     # the same as request_id
