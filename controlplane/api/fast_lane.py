@@ -11,7 +11,10 @@ when it has cookies, compression or a payload body), a stream goes through aioht
 ``StreamWriter``, so headers, errors and streaming are exactly the app's.
 
 Anything else — another route, a head that ``httptools`` refuses or that is over
-``http.max_header_bytes``, a chunked body — is *handed off*: at a message boundary, the
+``http.max_header_bytes``, a chunked or ``Content-Encoding`` body, a head aiohttp would
+refuse (no ``Host``, a second ``Host``, ``Content-Type`` or other of aiohttp's
+``SINGLETON_HEADERS``, more headers than its ``max_headers``), bytes that cannot be the
+start of a lane request — is *handed off*: at a message boundary, the
 connection's transport is given to aiohttp's protocol (:mod:`controlplane.api.server`'s)
 with every byte not yet consumed, and aiohttp serves that connection from then on.
 Nothing is parsed twice and no byte is lost: the lane consumes a message only once it
@@ -39,6 +42,7 @@ import asyncio
 import contextlib
 import email.utils
 import functools
+import inspect
 import logging
 import math
 import time
@@ -48,7 +52,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 import orjson
-from aiohttp import base_protocol, hdrs, http_writer, web
+from aiohttp import base_protocol, hdrs, http_parser, http_writer, web, web_protocol
 from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -62,7 +66,14 @@ log = logging.getLogger("synapse.controlplane.http")
 PIPELINE_BYTES = 256 * 1024     # bytes of later requests buffered while one is served
 SWEEP_S = 1.0
 _HEAD_END = b"\r\n\r\n"
-_HANDED_OFF = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+# Headers whose request aiohttp serves: a framing or a body it decodes, a switch of
+# protocol, and the old WebSocket handshake it refuses.
+_HANDED_OFF = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"content-encoding",
+                         b"sec-websocket-key1"})
+# aiohttp refuses a request with two of these, or with more headers than its limit.
+_SINGLETONS = frozenset(name.encode() for name in http_parser.SINGLETON_HEADERS)
+_MAX_HEADERS: int = inspect.signature(
+    web_protocol.RequestHandler.__init__).parameters["max_headers"].default
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -165,6 +176,8 @@ class Lane:
 
     def __init__(self, routes: dict[bytes, Route], http: config.HttpSettings) -> None:
         self.routes = routes
+        # how each of its requests starts: other bytes are aiohttp's as soon as they come
+        self.request_lines = tuple(b"POST " + path + b" HTTP/1.1\r\n" for path in routes)
         self.max_header_bytes = http.max_header_bytes
         self.max_body_bytes = http.max_body_bytes
         self.header_timeout_s = http.header_timeout_s
@@ -187,24 +200,31 @@ class Lane:
 
 
 class _Head:
-    """``httptools`` callbacks for one request head."""
+    """``httptools`` callbacks for one request head: the headers as aiohttp reads them
+    (the value's trailing whitespace dropped, UTF-8 with surrogate escapes), and whether
+    one of them is a reason to leave the request to aiohttp."""
 
-    __slots__ = ("complete", "headers", "odd", "url")
+    __slots__ = ("complete", "headers", "odd", "seen", "url")
 
     def __init__(self) -> None:
         self.url = b""
         self.headers: CIMultiDict[str] = CIMultiDict()
         self.odd = False            # a header that sends the request to aiohttp
         self.complete = False
+        self.seen: set[bytes] = set()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         low = name.lower()
-        if low in _HANDED_OFF:
+        if low in _HANDED_OFF or len(self.headers) >= _MAX_HEADERS:
             self.odd = True
-        self.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        elif low in _SINGLETONS:
+            self.odd = self.odd or low in self.seen
+            self.seen.add(low)
+        self.headers.add(name.decode("latin-1"),
+                         value.rstrip(b" \t").decode("utf-8", "surrogateescape"))
 
     def on_headers_complete(self) -> None:
         self.complete = True
@@ -265,6 +285,9 @@ class Connection(base_protocol.BaseProtocol):
         buf = self._buf
         if not buf:
             return
+        if not any(line.startswith(buf[:len(line)]) for line in self._lane.request_lines):
+            self._hand_off()        # not one of the lane's: aiohttp answers it at once
+            return
         end = buf.find(_HEAD_END, 0, self._lane.max_header_bytes + 4)
         if end < 0:
             if len(buf) > self._lane.max_header_bytes:
@@ -275,12 +298,13 @@ class Connection(base_protocol.BaseProtocol):
         parser = httptools.HttpRequestParser(head)
         try:
             parser.feed_data(bytes(buf[:head_len]))
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._hand_off()                    # aiohttp answers what it cannot parse
             return
         route = self._lane.routes.get(head.url)
         length = head.headers.get("Content-Length")
-        if (not head.complete or head.odd or route is None or parser.get_method() != b"POST"
+        if (not head.complete or head.odd or route is None or "Host" not in head.headers
+                or parser.get_method() != b"POST"
                 or parser.get_http_version() != "1.1" or length is None
                 or not length.isdigit() or int(length) > self._lane.max_body_bytes):
             self._hand_off()
