@@ -23,7 +23,7 @@ from aiohttp import web
 
 from controlplane import errors
 from controlplane.api import context, fairness, ops, serving
-from controlplane.core import api_calls, ratelimit, tenants, validation
+from controlplane.core import api_calls, media_urls, ratelimit, tenants, validation
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
 from synapse_common import tasks, tracing
@@ -67,6 +67,11 @@ async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) 
     raw = await serving.read_body(request, h.max_body_bytes, h.body_timeout_s)
     body = validation.parse_json(raw, h.max_json_depth)
     call = parse(body)
+    # what an engine would fetch (core.media_urls): chat-shaped messages (Anthropic's
+    # images translated), and Responses' input parts, which pass to the engine as sent
+    media_urls.check_chat(call.messages, h.media_urls)
+    if call.task == tasks.RESPONSES:
+        media_urls.check_responses(body, h.media_urls)
     front = Front(tenant, body, raw, call, await acquire(request, tenant))
     try:
         front.canonical = serving.resolve_model(request, tenant, call.model)

@@ -32,7 +32,7 @@ from aiohttp import web
 
 from controlplane import errors
 from controlplane.api import context, fairness, ops, proxy
-from controlplane.core import cache_port, ratelimit, tenants, validation
+from controlplane.core import cache_port, media_urls, ratelimit, tenants, validation
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
 from synapse_common import tracing
@@ -159,6 +159,8 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
     failed = True
     try:
         canonical = resolve_model(request, tenant, parsed.model)
+        if endpoint == "chat":      # what an engine would fetch (core.media_urls)
+            media_urls.check_chat(parsed.body["messages"], svc.settings.http.media_urls)
         decision = await lookup_cache(request, tenant.name, canonical,
                                       "chat" if endpoint == "chat" else "completions",
                                       parsed.body)

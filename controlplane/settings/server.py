@@ -45,6 +45,11 @@ class HttpSettings(Section):
     keepalive_timeout_s: float = Field(
         75.0, gt=0, description="an idle connection (kept alive, or that never sent a "
         "byte) is closed after this many seconds")
+    media_urls: Literal["public", "inline", "any"] = Field(
+        "public", description="media URLs a request may name for the engine to fetch "
+        "(images, audio, video): public = data: URLs and http(s) URLs whose host is not a "
+        "loopback, private, link-local or internal address or name; inline = data: URLs "
+        "only; any = every URL (controlplane/core/media_urls.py)")
     max_connections: int = Field(
         10_000, ge=16, description="client connections one serving process keeps open "
         "(each is a file descriptor; at most three quarters of the process's open-file "

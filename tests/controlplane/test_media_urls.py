@@ -1,0 +1,103 @@
+"""Media URLs an engine would fetch (controlplane.core.media_urls): internal addresses are
+refused before anything is routed, naming the field; public URLs and data: URLs pass."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from controlplane import errors
+from controlplane.core import media_urls
+from tests.controlplane import cp_testing as t
+
+INTERNAL = [
+    "http://127.0.0.1/x.png", "http://localhost:8000/", "http://169.254.169.254/latest/",
+    "http://[::1]/", "http://[::ffff:10.0.0.1]/", "http://10.1.2.3/", "http://192.168.1.1./",
+    "http://127.1/", "http://2130706433/", "http://0x7f.1/", "http://0177.0.0.1/",
+    "http://metadata.google.internal/", "http://printer.local/", "http://0/",
+    "http://224.0.0.1/", "http://[fe80::1%25eth0]/",
+    # parsers that disagree, and what is not http(s)
+    "http://public.example@127.0.0.1/", "http://127.0.0.1\\@public.example/",
+    "http://a b.example/", "file:///etc/passwd", "ftp://example.com/a", "gopher://x/",
+    "http:/example.com", 42,
+]
+PUBLIC = ["https://example.com/cat.png", "http://8.8.8.8/a.png", "data:image/png;base64,AA",
+          "https://[2606:4700:4700::1111]/x", "https://cafe.example/x"]
+
+
+@pytest.mark.parametrize("url", INTERNAL)
+def test_an_internal_or_ambiguous_url_is_refused_naming_the_field(url: Any) -> None:
+    with pytest.raises(errors.BadRequest) as err:
+        media_urls.check(url, "messages[0].content[1].image_url", "public")
+    assert err.value.param == "messages[0].content[1].image_url"
+    assert err.value.code == "invalid_media_url"
+
+
+@pytest.mark.parametrize("url", PUBLIC)
+def test_public_and_inline_urls_pass(url: str) -> None:
+    media_urls.check(url, "f", "public")
+    media_urls.check(url, "f", "any")
+
+
+def test_inline_takes_data_urls_only_and_any_takes_everything() -> None:
+    media_urls.check("data:image/png;base64,AA", "f", "inline")
+    with pytest.raises(errors.BadRequest):
+        media_urls.check("https://example.com/cat.png", "f", "inline")
+    media_urls.check("http://127.0.0.1/", "f", "any")
+
+
+def test_urls_are_found_in_chat_parts_and_responses_input() -> None:
+    chat = [{"role": "user", "content": "text only"},
+            {"role": "user", "content": [
+                {"type": "text", "text": "see"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                {"type": "video_url", "video_url": {"url": "http://10.0.0.5/v.mp4"}}]}]
+    with pytest.raises(errors.BadRequest) as err:
+        media_urls.check_chat(chat, "public")
+    assert err.value.param == "messages[1].content[2].video_url"
+    responses = {"input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "what is this"},
+        {"type": "input_image", "image_url": "http://169.254.169.254/"}]}]}
+    with pytest.raises(errors.BadRequest) as err:
+        media_urls.check_responses(responses, "public")
+    assert err.value.param == "input[0].content[1].image_url"
+
+
+async def test_over_http_the_engine_never_sees_an_internal_url() -> None:
+    async with t.backends(("one", "ok")) as (one,):
+        async with t.running(t.round_robin(one)) as cp:
+            client = cp.client()
+            part = {"type": "image_url", "image_url": {"url": "http://169.254.169.254/"}}
+            with pytest.raises(openai.BadRequestError) as err:
+                await client.chat.completions.create(model="llama", messages=[
+                    {"role": "user", "content": [{"type": "text", "text": "hi"}, part]}])
+            assert err.value.body["param"] == "messages[0].content[1].image_url"
+            assert not one.bodies
+            part["image_url"] = {"url": "https://example.com/cat.png"}
+            await client.chat.completions.create(model="llama", messages=[
+                {"role": "user", "content": [{"type": "text", "text": "hi"}, part]}])
+            assert len(one.bodies) == 1
+            await client.close()
+
+
+async def test_over_http_messages_and_responses_are_checked_too() -> None:
+    async with t.backends(("one", "ok")) as (one,):
+        async with t.running(t.round_robin(one)) as cp, aiohttp.ClientSession() as http:
+            image = {"type": "image", "source": {"type": "url", "url": "http://10.0.0.1/a"}}
+            async with http.post(f"{cp.url}/v1/messages", headers={"x-api-key": t.KEY_A},
+                                 json={"model": "llama", "max_tokens": 5, "messages": [
+                                     {"role": "user", "content": [image]}]}) as resp:
+                assert resp.status == 400 and "image_url" in (await resp.json())["error"][
+                    "message"]
+            async with http.post(f"{cp.url}/v1/responses",
+                                 headers={"Authorization": f"Bearer {t.KEY_A}"},
+                                 json={"model": "llama", "input": [{"role": "user", "content": [
+                                     {"type": "input_image",
+                                      "image_url": "http://[::1]/"}]}]}) as resp:
+                body = await resp.json()
+                assert resp.status == 400, body
+                assert body["error"]["param"] == "input[0].content[0].image_url"
+            assert not one.bodies
