@@ -218,10 +218,11 @@ class _Head:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         low = name.lower()
-        if low in _HANDED_OFF or len(self.headers) >= _MAX_HEADERS:
+        if low in _HANDED_OFF:
             self.odd = True
         elif low in _SINGLETONS:
-            self.odd = self.odd or low in self.seen
+            if low in self.seen:
+                self.odd = True
             self.seen.add(low)
         self.headers.add(name.decode("latin-1"),
                          value.rstrip(b" \t").decode("utf-8", "surrogateescape"))
@@ -285,13 +286,11 @@ class Connection(base_protocol.BaseProtocol):
         buf = self._buf
         if not buf:
             return
-        if not any(line.startswith(buf[:len(line)]) for line in self._lane.request_lines):
-            self._hand_off()        # not one of the lane's: aiohttp answers it at once
-            return
         end = buf.find(_HEAD_END, 0, self._lane.max_header_bytes + 4)
         if end < 0:
-            if len(buf) > self._lane.max_header_bytes:
-                self._hand_off()
+            if len(buf) > self._lane.max_header_bytes or not any(
+                    line.startswith(buf[:len(line)]) for line in self._lane.request_lines):
+                self._hand_off()    # too long, or not the lane's: aiohttp answers at once
             return
         head_len = end + 4
         head = _Head()
@@ -304,7 +303,7 @@ class Connection(base_protocol.BaseProtocol):
         route = self._lane.routes.get(head.url)
         length = head.headers.get("Content-Length")
         if (not head.complete or head.odd or route is None or "Host" not in head.headers
-                or parser.get_method() != b"POST"
+                or len(head.headers) > _MAX_HEADERS or parser.get_method() != b"POST"
                 or parser.get_http_version() != "1.1" or length is None
                 or not length.isdigit() or int(length) > self._lane.max_body_bytes):
             self._hand_off()

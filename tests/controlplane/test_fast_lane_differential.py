@@ -174,6 +174,11 @@ def _cases() -> dict[str, Case]:
     one("latin1_value", request("latin1_value#0", extra=(b"X-A: caf\xe9",)))
     one("utf8_request_id", request("utf8_request_id#0", extra=(b"X-Request-Id: rid-\xc3\xa9",)))
     one("utf8_session", request("utf8_session#0", extra=(b"X-Session-Id: s\xc3\xa9",)))
+    one("bad_utf8_session", request("bad_utf8_session#0", extra=(b"X-Session-Id: s\xff",)))
+    one("ws_session", request("ws_session#0", extra=(b"X-Session-Id: s1 ",)))
+    one("ws_cache_control", request("ws_cache_control#0", extra=(b"Cache-Control: no-store ",)))
+    one("cl_long_zeros", request("", payload=body("cl_long_zeros#0"),
+                                 length=b"0" * 200 + b"%d" % len(body("cl_long_zeros#0"))))
     one("ws_request_id", request("ws_request_id#0", extra=(b"X-Request-Id: rid-1 \t ",)))
     one("ws_auth", request("ws_auth#0", auth=False, extra=(AUTH + b"  ",)))
     one("no_host", request("no_host#0", host=False))
@@ -269,6 +274,10 @@ def _cases() -> dict[str, Case]:
                                       + request("half_close_pipelined#1"), EOF))
     one("pipelined_big", b"".join(request(f"pipelined_big#{i}" + "x" * 50_000)
                                   for i in range(8)))
+    one("pipelined_big_then_other", b"".join(request(f"pipelined_big_then_other#{i}"
+                                                     + "x" * 50_000) for i in range(6))
+        + MODELS + request("pipelined_big_then_other#6", stream=True)
+        + request("pipelined_big_then_other#7", version=b"HTTP/1.0"))
     first = request("two_connection_headers#0", extra=(b"Connection: keep-alive",
                                                        b"Connection: close"))
     rest = request("two_connection_headers#1")
@@ -277,6 +286,19 @@ def _cases() -> dict[str, Case]:
                                            target=b" " + CHAT))
     one("request_line_tab", request("request_line_tab#0").replace(b" HTTP/1.1", b"\tHTTP/1.1"))
     one("empty_host", request("empty_host#0", host=False, extra=(b"Host:",)))
+    one("host_trailing_ws", request("host_trailing_ws#0", host=False, extra=(b"Host: x \t",)))
+    one("version_trailing_space", request("version_trailing_space#0", version=b"HTTP/1.1 "))
+    whole = request("half_close_mid_body#0")
+    c["half_close_mid_body"] = Case((whole[:-20], EOF))
+    c["half_close_mid_head"] = Case((whole[:40], EOF))
+    one("stream_in_pipeline", request("stream_in_pipeline#0", stream=True)
+        + request("stream_in_pipeline#1") + request("stream_in_pipeline#2", stream=True))
+    one("pipelined_after_bad_json", request("", payload=b"{") + request("pipelined_after_bad_json#1"))
+    one("pipelined_after_401", request("pipelined_after_401#0", auth=False)
+        + request("pipelined_after_401#1"))
+    one("pipelined_after_413", request("pipelined_after_413#0", length=b"%d" % (MAX_BODY + 1),
+                                       payload=b"")
+        + request("pipelined_after_413#1"))
     # -- sizes
     one("long_header", request("long_header#0", extra=(b"X-A: " + b"a" * (MAX_HEAD + 10),)))
     one("head_just_over", request("head_just_over#0", extra=(b"X-A: " + b"a" * (MAX_HEAD - 200),
