@@ -416,8 +416,9 @@ class Connection(base_protocol.BaseProtocol):
                                     f"{self._lane.body_timeout_s:g}s (http.body_timeout_s)")
         body = orjson.dumps(exc.envelope())
         self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (
-                                 exc.http_status, b"Request Timeout", len(body), body))
+                             b"Content-Length: %d\r\nDate: %s\r\nConnection: close\r\n\r\n%s"
+                             % (exc.http_status, b"Request Timeout", len(body),
+                                _date().encode(), body))
         self._waiting_body = None
         self.transport.close()
 

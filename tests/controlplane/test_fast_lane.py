@@ -275,3 +275,15 @@ async def test_the_apps_response_hooks_still_run_on_lane_answers() -> None:
             writer.close()
         finally:
             await runner.cleanup()
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408_with_a_date() -> None:
+    s = t.settings(upstreams=[], http={"body_timeout_s": 1.0})
+    async with serving(s) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(chat()[:-5])       # the body's last bytes never come
+        status, headers, body = await answer(reader)
+        assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+        assert headers["connection"] == "close" and headers["date"].endswith(" GMT")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()

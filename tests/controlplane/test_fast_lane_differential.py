@@ -181,6 +181,20 @@ def _cases() -> dict[str, Case]:
                                  length=b"0" * 200 + b"%d" % len(body("cl_long_zeros#0"))))
     one("ws_request_id", request("ws_request_id#0", extra=(b"X-Request-Id: rid-1 \t ",)))
     one("ws_auth", request("ws_auth#0", auth=False, extra=(AUTH + b"  ",)))
+    # headers the serving path reads
+    tp = b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    one("traceparent", request("traceparent#0", extra=(tp,)))
+    one("traceparent_ws", request("traceparent_ws#0", extra=(tp + b"  ",)))
+    one("traceparent_bad", request("traceparent_bad#0", extra=(b"traceparent: 00-zz",)))
+    one("priority", request("priority#0", extra=(b"x-synapse-priority: high ",)))
+    one("priority_bad", request("priority_bad#0", extra=(b"x-synapse-priority: \xff",)))
+    one("x_api_key", request("x_api_key#0", auth=False,
+                             extra=(b"x-api-key: " + t.KEY_A.encode(),)))
+    one("no_cache", request("no_cache#0", extra=(b"Cache-Control: no-cache",)))
+    one("accept_gzip", request("accept_gzip#0", extra=(b"Accept-Encoding: gzip",)))
+    one("cookie", request("cookie#0", extra=(b"Cookie: a=b; c=d",)))
+    one("bearer_lower", request("bearer_lower#0", auth=False,
+                                extra=(b"authorization: bearer " + t.KEY_A.encode(),)))
     one("no_host", request("no_host#0", host=False))
     one("dup_host", request("dup_host#0", extra=(b"Host: y",)))
     one("dup_content_type", request("dup_content_type#0",
