@@ -140,6 +140,11 @@ def _cases() -> dict[str, Case]:
     one("cl_huge", request("cl_huge#0", length=b"9" * 30))
     one("cl_2_64", request("cl_2_64#0", length=b"18446744073709551616"))
     one("cl_over_limit", request("cl_over_limit#0", length=b"%d" % (MAX_BODY + 1)))
+    for name, size in (("body_at_limit", MAX_BODY), ("body_over_limit", MAX_BODY + 1)):
+        tag = f"{name}#0"
+        padded = body(tag + "x" * (size - len(body(tag))))
+        assert len(padded) == size
+        one(name, request("", payload=padded) + request(f"{name}#1"))
     one("cl_negative", request("cl_negative#0", length=b"-5"))
     one("cl_hex", request("cl_hex#0", length=b"0x10"))
     one("cl_empty", request("cl_empty#0", length=b""))
