@@ -71,9 +71,12 @@ _HEAD_END = b"\r\n\r\n"
 _HANDED_OFF = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"content-encoding",
                          b"sec-websocket-key1"})
 # aiohttp refuses a request with two of these, or with more headers than its limit.
-_SINGLETONS = frozenset(name.encode() for name in http_parser.SINGLETON_HEADERS)
-_MAX_HEADERS: int = inspect.signature(
-    web_protocol.RequestHandler.__init__).parameters["max_headers"].default
+# (Read from aiohttp, so they follow its version; its values as of 3.14 otherwise.)
+_SINGLETONS = frozenset(name.lower().encode() for name in getattr(
+    http_parser, "SINGLETON_HEADERS", ("Host", "Content-Type", "Content-Length",
+                                       "User-Agent", "Authorization", "Expect")))
+_MAX_HEADERS: int = getattr(inspect.signature(web_protocol.RequestHandler.__init__)
+                            .parameters.get("max_headers"), "default", 128)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
