@@ -112,7 +112,7 @@ def fields(line: Line) -> dict[str, object]:
     """The line's fields (the JSON keys)."""
     u = line.usage
     return {
-        "request_id": line.request_id, "tenant": line.tenant,
+        "request_id": inert(line.request_id), "tenant": line.tenant,   # a client's own
         "model": inert(line.model), "model_served": line.served, "cache": line.cache,
         "backend": line.backend, "status": line.status,
         "ttft_ms": None if line.ttft_s is None else round(line.ttft_s * 1000, 3),

@@ -66,6 +66,21 @@ async def test_a_model_name_or_path_cannot_forge_lines_fields_or_escapes() -> No
     assert "GET /v1/x\\x0a2026-12-06T04:00:00.000Z\\x20INFO" in path_line
 
 
+async def test_a_clients_request_id_cannot_forge_fields() -> None:
+    """A client's ``x-request-id`` is kept when printable ASCII, spaces included."""
+    async with t.backends(("one", "ok")) as (one,):
+        async with t.running(t.settings(upstreams=[t.upstream("one", one.url)])) as cp:
+            client = cp.client()
+            with human_lines() as lines:
+                await client.chat.completions.create(
+                    model="llama", messages=MSGS,
+                    extra_headers={"x-request-id": "mine tenant=b model=other"})
+            await client.close()
+    [line] = lines
+    assert line.count(" tenant=") == 1 and " tenant=a " in line
+    assert "request_id=mine\\x20tenant=b\\x20model=other" in line
+
+
 def test_inert_escapes_what_ends_a_line_or_starts_a_field_and_keeps_the_rest() -> None:
     assert access_log.inert("meta-llama/Llama-3.1:8b@v2") == "meta-llama/Llama-3.1:8b@v2"
     assert access_log.inert("modèle-日本") == "modèle-日本"
