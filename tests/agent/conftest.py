@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests import harness, node_auth
+from tests import harness, node_auth, pair_scorers
 from tests.agent.control_plane import ControlPlaneServer
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -89,3 +89,21 @@ def start_agent(processes: harness.ProcessPool, tmp_path: pathlib.Path
         return AgentProcess(proc)
 
     return start
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for the module, as on a busy agent (the machine is shared)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def small_scorer_path(tmp_path_factory: pytest.TempPathFactory,
+                      one_torch_thread: None) -> pathlib.Path:
+    """A small pair scorer's weights file (``tests.pair_scorers.small_file``)."""
+    return pair_scorers.small_file(tmp_path_factory.mktemp("scorer"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -23,35 +23,24 @@ from agent.embedding import errors, pair_scorer
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
 from synapse_common import embedder_tuning
 from synapse_common import pair_scorer as scorer_file
-from tests import node_auth, pair_scorers
+from tests import node_auth
 
 CFG = EmbedderSettings(kind="minilm", max_text_chars=200)
 QUERY = "How do I lose 5 kg in a month?"
 OTHER = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread, as on a busy agent (the machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def scorer_path(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> pathlib.Path:
-    return pair_scorers.small_file(tmp_path_factory.mktemp("scorer"))
-
-
-@pytest.fixture(scope="module")
-def loaded(scorer_path: pathlib.Path) -> pair_scorer.Loaded:
-    return pair_scorer.load(scorer_path)
+def loaded(small_scorer_path: pathlib.Path) -> pair_scorer.Loaded:
+    return pair_scorer.load(small_scorer_path)
 
 
 @pytest.fixture
-def scorer(loaded: pair_scorer.Loaded, scorer_path: pathlib.Path) -> pair_scorer.PairScorer:
-    return pair_scorer.PairScorer(CFG, scorer_path, loaded=loaded)
+def scorer(loaded: pair_scorer.Loaded, small_scorer_path: pathlib.Path) -> pair_scorer.PairScorer:
+    return pair_scorer.PairScorer(CFG, small_scorer_path, loaded=loaded)
 
 
 async def _serve(scorer: pair_scorer.PairScorer | None

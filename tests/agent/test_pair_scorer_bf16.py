@@ -9,8 +9,6 @@ there and its fallback where it is not.
 from __future__ import annotations
 
 import logging
-import pathlib
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -20,7 +18,6 @@ from agent.config import EmbedderSettings
 from agent.embedding import pair_scorer, pair_scorer_bf16
 from synapse_common import pair_scorer as scorer_file
 from synapse_common import pair_scorer_model
-from tests import pair_scorers
 
 CFG = EmbedderSettings(kind="minilm", max_text_chars=2000, runtime="torch")
 QUERY = "How do I lose 5 kg in a month?"
@@ -31,17 +28,7 @@ CANDIDATES = ["How can I lose five kilos in four weeks?", "How can I lose 15 kg 
 HERE = pair_scorer_bf16.unsupported(pair_scorer_bf16.cpu_flags())  # None: AMX-BF16 here
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def small_path(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> pathlib.Path:
-    return pair_scorers.small_file(tmp_path_factory.mktemp("scorer"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _float32(loaded: pair_scorer.Loaded) -> pair_scorer.Loaded:
@@ -49,8 +36,8 @@ def _float32(loaded: pair_scorer.Loaded) -> pair_scorer.Loaded:
 
 
 @pytest.mark.parametrize("which", ["shipped", "small"])
-def test_the_rewritten_forward_gives_the_networks_logits_in_float32(which, small_path):
-    path = scorer_file.SHIPPED if which == "shipped" else small_path
+def test_the_rewritten_forward_gives_the_networks_logits_in_float32(which, small_scorer_path):
+    path = scorer_file.SHIPPED if which == "shipped" else small_scorer_path
     loaded = pair_scorer.load(path)
     fast = pair_scorer_model.FastNetwork(loaded.model, torch.float32)
     for query, candidates in ((QUERY, CANDIDATES), (QUERY, CANDIDATES[:1]),
@@ -63,8 +50,8 @@ def test_the_rewritten_forward_gives_the_networks_logits_in_float32(which, small
 
 
 @pytest.mark.parametrize("lanes", [2, 3])
-def test_rows_split_across_lanes_give_one_passs_logits(small_path, lanes):
-    loaded = pair_scorer.load(small_path)
+def test_rows_split_across_lanes_give_one_passs_logits(small_scorer_path, lanes):
+    loaded = pair_scorer.load(small_scorer_path)
     fast = pair_scorer_model.FastNetwork(loaded.model, torch.float32)
     split = pair_scorer_bf16.Lanes(fast, lanes)
     try:
@@ -79,9 +66,9 @@ def test_rows_split_across_lanes_give_one_passs_logits(small_path, lanes):
         split.close()
 
 
-def test_without_amx_the_scorer_stays_float32_and_says_why(small_path, caplog):
+def test_without_amx_the_scorer_stays_float32_and_says_why(small_scorer_path, caplog):
     with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer"):
-        loaded = pair_scorer.load(small_path, "torch", "", "bfloat16",
+        loaded = pair_scorer.load(small_scorer_path, "torch", "", "bfloat16",
                                   cpu_flags=frozenset({"avx2", "avx512f", "avx512_bf16"}))
     assert loaded.runtime == "torch" and loaded.bf16 is None
     assert any("pair scorer in float32" in r.getMessage() and "no AMX-BF16" in r.getMessage()
@@ -89,14 +76,14 @@ def test_without_amx_the_scorer_stays_float32_and_says_why(small_path, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_float32_is_the_default_and_never_builds_the_bf16_network(small_path):
+def test_float32_is_the_default_and_never_builds_the_bf16_network(small_scorer_path):
     assert EmbedderSettings().pair_scorer_precision == "float32"
-    loaded = pair_scorer.load(small_path, "torch")
+    loaded = pair_scorer.load(small_scorer_path, "torch")
     assert loaded.runtime == "torch" and loaded.bf16 is None
 
 
-def test_bfloat16_on_this_cpu_is_used_within_tolerance_or_refused(small_path):
-    loaded = pair_scorer.load(small_path, "torch", "", "bfloat16")
+def test_bfloat16_on_this_cpu_is_used_within_tolerance_or_refused(small_scorer_path):
+    loaded = pair_scorer.load(small_scorer_path, "torch", "", "bfloat16")
     reference = _float32(loaded)
     got = pair_scorer.score_blocking(loaded, QUERY, CANDIDATES)
     want = pair_scorer.score_blocking(reference, QUERY, CANDIDATES)
@@ -109,10 +96,10 @@ def test_bfloat16_on_this_cpu_is_used_within_tolerance_or_refused(small_path):
         np.testing.assert_array_equal(got, want)
 
 
-def test_a_failed_check_keeps_float32(small_path, monkeypatch, caplog):
+def test_a_failed_check_keeps_float32(small_scorer_path, monkeypatch, caplog):
     monkeypatch.setattr(pair_scorer_bf16, "TOLERANCE", -1.0)    # nothing can match
     with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer"):
-        loaded = pair_scorer.load(small_path, "torch", "", "bfloat16",
+        loaded = pair_scorer.load(small_scorer_path, "torch", "", "bfloat16",
                                   cpu_flags=frozenset({"amx_bf16"}))
     assert loaded.runtime == "torch"
     # where torch cannot use AMX, that is the reason (said quietly); where it can, the
@@ -133,14 +120,14 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert pair_scorer_bf16.unsupported(frozenset({"avx512_bf16"})) == "the CPU has no AMX-BF16"
 
 
-async def test_the_agents_scorer_runs_the_configured_precision(small_path):
-    cfg = CFG.model_copy(update={"pair_scorer": str(small_path),
+async def test_the_agents_scorer_runs_the_configured_precision(small_scorer_path):
+    cfg = CFG.model_copy(update={"pair_scorer": str(small_scorer_path),
                                  "pair_scorer_precision": "bfloat16"})
     scorer = pair_scorer.build(cfg)
     await scorer.start()
     try:
         scores, scorer_id = await scorer.score(QUERY, CANDIDATES)
-        reference = pair_scorer.load(small_path)
+        reference = pair_scorer.load(small_scorer_path)
         assert scorer_id == reference.scorer_id     # the stack reads them as its scorer's
         np.testing.assert_allclose(scores, pair_scorer.score_blocking(reference, QUERY,
                                                                       CANDIDATES),

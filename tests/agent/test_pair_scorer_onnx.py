@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import torch
 
 from agent.config import EmbedderSettings
 from agent.embedding import onnx_path, pair_scorer, pair_scorer_onnx
 from synapse_common import pair_scorer as scorer_file
-from tests import pair_scorers
 
 pytest.importorskip("onnxruntime")
 
@@ -30,17 +26,7 @@ CANDIDATES = ["How can I lose five kilos in four weeks?", "How can I lose 15 kg 
               " ".join(["what diet makes me lose weight fast"] * 30), "kg", QUERY]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def small_path(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> pathlib.Path:
-    return pair_scorers.small_file(tmp_path_factory.mktemp("scorer"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +56,8 @@ def test_onnx_logits_equal_torchs_on_the_shipped_weights(cache_dir):
 
 
 @pytest.mark.parametrize("lanes", [2, 3, 5])
-def test_rows_split_across_lanes_give_the_batchs_logits(small_path, cache_dir, lanes):
-    loaded = pair_scorer.load(small_path, "onnx", cache_dir)
+def test_rows_split_across_lanes_give_the_batchs_logits(small_scorer_path, cache_dir, lanes):
+    loaded = pair_scorer.load(small_scorer_path, "onnx", cache_dir)
     assert loaded.onnx is not None
     path = pair_scorer_onnx.cache_file(cache_dir, loaded.scorer_id)
     split = pair_scorer_onnx.OnnxNetwork(onnx_path._session(str(path), 1), lanes)
@@ -87,10 +73,10 @@ def test_rows_split_across_lanes_give_the_batchs_logits(small_path, cache_dir, l
         split.close()
 
 
-def test_the_export_is_cached_per_scorer_and_reused(small_path, tmp_path, caplog):
+def test_the_export_is_cached_per_scorer_and_reused(small_scorer_path, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer_onnx"):
-        first = pair_scorer.load(small_path, "auto", str(tmp_path))
-        second = pair_scorer.load(small_path, "auto", str(tmp_path))
+        first = pair_scorer.load(small_scorer_path, "auto", str(tmp_path))
+        second = pair_scorer.load(small_scorer_path, "auto", str(tmp_path))
     assert first.runtime == second.runtime == "onnx"
     path = pair_scorer_onnx.cache_file(str(tmp_path), first.scorer_id)
     assert path.exists() and first.file.digest in path.name
@@ -101,51 +87,51 @@ def test_the_export_is_cached_per_scorer_and_reused(small_path, tmp_path, caplog
     np.testing.assert_allclose(onnx, reference, rtol=0, atol=pair_scorer_onnx.TOLERANCE)
 
 
-def test_a_damaged_cached_file_is_exported_again(small_path, tmp_path):
-    first = pair_scorer.load(small_path, "onnx", str(tmp_path))
+def test_a_damaged_cached_file_is_exported_again(small_scorer_path, tmp_path):
+    first = pair_scorer.load(small_scorer_path, "onnx", str(tmp_path))
     path = pair_scorer_onnx.cache_file(str(tmp_path), first.scorer_id)
     path.write_bytes(b"not an onnx file")
-    again = pair_scorer.load(small_path, "onnx", str(tmp_path))
+    again = pair_scorer.load(small_scorer_path, "onnx", str(tmp_path))
     assert again.runtime == "onnx" and path.stat().st_size > 1000
 
 
-def test_torch_runtime_never_exports(small_path, tmp_path):
-    loaded = pair_scorer.load(small_path, "torch", str(tmp_path))
+def test_torch_runtime_never_exports(small_scorer_path, tmp_path):
+    loaded = pair_scorer.load(small_scorer_path, "torch", str(tmp_path))
     assert loaded.runtime == "torch" and loaded.onnx is None
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_failed_check_falls_back_to_torch_or_refuses(small_path, tmp_path, monkeypatch,
+def test_a_failed_check_falls_back_to_torch_or_refuses(small_scorer_path, tmp_path, monkeypatch,
                                                       caplog):
     monkeypatch.setattr(pair_scorer_onnx, "TOLERANCE", -1.0)    # nothing can match
     with caplog.at_level(logging.WARNING):
-        loaded = pair_scorer.load(small_path, "auto", str(tmp_path))
+        loaded = pair_scorer.load(small_scorer_path, "auto", str(tmp_path))
     assert loaded.runtime == "torch"
     assert any("pair scorer on torch: ONNX logits differ" in r.getMessage()
                for r in caplog.records)
     with pytest.raises(RuntimeError, match=r"embedder\.runtime is onnx, but ONNX logits"):
-        pair_scorer.load(small_path, "onnx", str(tmp_path))
+        pair_scorer.load(small_scorer_path, "onnx", str(tmp_path))
 
 
-def test_without_onnxruntime_auto_is_torch_quietly(small_path, tmp_path, monkeypatch,
+def test_without_onnxruntime_auto_is_torch_quietly(small_scorer_path, tmp_path, monkeypatch,
                                                    caplog):
     def missing(*args: object) -> None:
         raise onnx_path.NotInstalled("onnxruntime and onnx are needed (test)")
     monkeypatch.setattr(pair_scorer_onnx, "load", missing)
     with caplog.at_level(logging.INFO):
-        loaded = pair_scorer.load(small_path, "auto", str(tmp_path))
+        loaded = pair_scorer.load(small_scorer_path, "auto", str(tmp_path))
     assert loaded.runtime == "torch"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-async def test_the_agents_scorer_runs_the_configured_runtime(small_path, tmp_path):
-    cfg = CFG.model_copy(update={"pair_scorer": str(small_path), "runtime": "onnx",
+async def test_the_agents_scorer_runs_the_configured_runtime(small_scorer_path, tmp_path):
+    cfg = CFG.model_copy(update={"pair_scorer": str(small_scorer_path), "runtime": "onnx",
                                  "onnx_cache_dir": str(tmp_path)})
     scorer = pair_scorer.build(cfg)
     await scorer.start()
     try:
         scores, scorer_id = await scorer.score(QUERY, CANDIDATES)
-        torch_side = pair_scorer.load(small_path)
+        torch_side = pair_scorer.load(small_scorer_path)
         assert torch_side.runtime == "torch" and scorer_id == torch_side.scorer_id
         np.testing.assert_allclose(scores, pair_scorer.score_blocking(torch_side, QUERY,
                                                                       CANDIDATES),
