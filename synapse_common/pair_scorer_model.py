@@ -238,6 +238,22 @@ def tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(minilm.model_path(), local_files_only=True)
 
 
+def max_logit_difference(candidate: Any, net: Any, tok: Any, max_len: int,
+                         pairs: Sequence[tuple[str, str]]) -> float:
+    """The largest |``candidate`` logit - ``net`` logit| over ``pairs``, one at a time and
+    batched: the start-up check of a faster runtime of the same network (ONNX, bfloat16)
+    against the network itself."""
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    diff = 0.0
+    for i in range(len(pairs)):
+        got = logits(candidate, tok, a[i:i + 1], b[i:i + 1], max_len)
+        want = logits(net, tok, a[i:i + 1], b[i:i + 1], max_len)
+        diff = max(diff, float(np.abs(got - want).max()))
+    got = logits(candidate, tok, a, b, max_len)
+    want = logits(net, tok, a, b, max_len)
+    return max(diff, float(np.abs(got - want).max()))
+
+
 def logits(net: Any, tok: Any, texts_a: Sequence[str], texts_b: Sequence[str],
            max_len: int = MAX_LEN, batch: int = SCORE_BATCH) -> F32:
     """Each pair's logit, the average of its two orders (``net`` in eval mode)."""

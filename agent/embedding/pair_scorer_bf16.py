@@ -38,8 +38,6 @@ import itertools
 import pathlib
 from typing import Any
 
-import numpy as np
-
 from agent.embedding import pair_scorer_onnx
 from synapse_common import pair_scorer_model
 
@@ -110,20 +108,6 @@ class Lanes:
             self._pool.shutdown(wait=False)
 
 
-def max_difference(fast: Any, net: Any, tokenizer: Any, max_len: int,
-                   pairs: list[tuple[str, str]]) -> float:
-    """The largest |``fast`` logit - ``net`` logit| over ``pairs``, one at a time and
-    batched."""
-    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
-    diff = 0.0
-    for i in range(len(pairs)):
-        got = pair_scorer_model.logits(fast, tokenizer, a[i:i + 1], b[i:i + 1], max_len)
-        want = pair_scorer_model.logits(net, tokenizer, a[i:i + 1], b[i:i + 1], max_len)
-        diff = max(diff, float(np.abs(got - want).max()))
-    got = pair_scorer_model.logits(fast, tokenizer, a, b, max_len)
-    want = pair_scorer_model.logits(net, tokenizer, a, b, max_len)
-    return max(diff, float(np.abs(got - want).max()))
-
 
 def load(net: Any, tokenizer: Any, max_len: int, flags: frozenset[str] | None = None,
          lanes: int = 1) -> tuple[Lanes, float]:
@@ -135,7 +119,8 @@ def load(net: Any, tokenizer: Any, max_len: int, flags: frozenset[str] | None = 
         raise NotSupported(reason)
     try:
         fast = Lanes(pair_scorer_model.FastNetwork(net), lanes)
-        diff = max_difference(fast, net, tokenizer, max_len, pair_scorer_onnx.CHECK_PAIRS)
+        diff = pair_scorer_model.max_logit_difference(fast, net, tokenizer, max_len,
+                                                      pair_scorer_onnx.CHECK_PAIRS)
     except Exception as exc:
         raise Unavailable(f"bfloat16 check failed: {type(exc).__name__}: {exc}") from None
     if not diff <= TOLERANCE:  # NaN fails too

@@ -167,23 +167,10 @@ def _open(net: Any, tokenizer: Any, path: pathlib.Path, lanes: int) -> OnnxNetwo
                                  log, "pair scorer", "the network")
 
 
-def max_difference(runner: OnnxNetwork, net: Any, tokenizer: Any, max_len: int,
-                   pairs: list[tuple[str, str]]) -> float:
-    """The largest |ONNX logit - torch logit| over ``pairs``, one at a time and batched."""
-    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
-    diff = 0.0
-    for i in range(len(pairs)):
-        got = pair_scorer_model.logits(runner, tokenizer, a[i:i + 1], b[i:i + 1], max_len)
-        want = pair_scorer_model.logits(net, tokenizer, a[i:i + 1], b[i:i + 1], max_len)
-        diff = max(diff, float(np.abs(got - want).max()))
-    got = pair_scorer_model.logits(runner, tokenizer, a, b, max_len)
-    want = pair_scorer_model.logits(net, tokenizer, a, b, max_len)
-    return max(diff, float(np.abs(got - want).max()))
-
 
 def checked(runner: OnnxNetwork, net: Any, tokenizer: Any, max_len: int) -> OnnxNetwork:
     try:
-        diff = max_difference(runner, net, tokenizer, max_len, CHECK_PAIRS)
+        diff = pair_scorer_model.max_logit_difference(runner, net, tokenizer, max_len, CHECK_PAIRS)
     except Exception as exc:
         raise onnx_path.OnnxUnavailable(f"ONNX check failed: {type(exc).__name__}: "
                                         f"{exc}") from None
