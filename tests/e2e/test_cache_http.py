@@ -256,7 +256,15 @@ def test_milvus_unavailable_still_serves_and_counts(stack: Stack) -> None:
 def test_admin_invalidate_empties_both_layers(stack: Stack) -> None:
     client = stack.client()
     q = "What is the boiling point of water?"
-    stored(client, q)
+    # One miss, stored in both layers, and no other in flight: a store still on its way
+    # when the cache is emptied would land after it (asking until a hit makes several).
+    before = {layer: stack.metric("synapse_cache_stores_total", layer=layer)
+              for layer in ("exact", "semantic")}
+    assert ask(client, q)[0]["x-synapse-cache"] == "miss"
+    harness.wait_until(lambda: all(
+        stack.metric("synapse_cache_stores_total", layer=layer) > count
+        for layer, count in before.items()), 30, "the answer stored in both layers")
+    assert ask(client, q)[0]["x-synapse-cache"] == "hit-exact"
     done = subprocess.run(
         [harness.console_script("synapsectl"), "--server", stack.admin, "-o", "json", "cache",
          "invalidate", "--tenant", "team"], env={"SYNAPSE_ADMIN_TOKEN": ADMIN},
