@@ -198,14 +198,22 @@ class Reporter:
             self._events.add(event)
             self._live.add(address)
             writer = asyncio.create_task(self._report_loop(call, lock, event))
+            reader = asyncio.create_task(self._read_loop(call, lock, writer))
             try:
-                await self._read_loop(call, lock, writer)
+                await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+                failed = writer.exception() if writer.done() and not reader.done() else None
+                if failed is not None:
+                    # A write failed, so the stream is over: say why (a refusal ends it so,
+                    # and the read does not always wake up to it).
+                    raise failed
+                await reader
             finally:
                 self._live.discard(address)
                 self._events.discard(event)
-                writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                    await writer
+                for task in (reader, writer):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                        await task
             return True
 
     async def _read_loop(self, call: grpc.aio.StreamStreamCall, lock: asyncio.Lock,
