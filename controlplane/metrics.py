@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0, 120.0)
@@ -174,7 +174,11 @@ class Metrics:
 
 
 class FastCounter:
-    """A labelled counter child's ``inc`` (same value object, same lock)."""
+    """A labelled counter child's ``inc``, on the same value object without its lock.
+
+    Only the event loop's thread updates these children (the serving path), so the lock
+    guards against nothing there; readers in other threads (``/metrics`` rendering) still
+    take it, and a float's read is atomic under the GIL."""
 
     __slots__ = ("_value",)
 
@@ -184,7 +188,7 @@ class FastCounter:
     def inc(self, amount: float = 1.0) -> None:
         if amount < 0:
             raise ValueError("Counters can only be incremented by non-negative amounts.")
-        self._value.inc(amount)
+        self._value._value += amount
 
 
 class FastHistogram:
@@ -199,20 +203,27 @@ class FastHistogram:
         self._bounds = child._upper_bounds
 
     def observe(self, amount: float) -> None:
-        self._sum.inc(amount)
+        self._sum._value += amount      # unlocked, as FastCounter's
         bounds = self._bounds
         i = bisect.bisect_left(bounds, amount)
         if i < len(bounds) and amount <= bounds[i]:
-            self._buckets[i].inc(1)
+            self._buckets[i]._value += 1
 
 
 def fast(child: Any) -> Any:
     """``child`` (a labelled child of a metric above) with its update at a lower cost per
     call: a :class:`FastCounter` or :class:`FastHistogram`, else the child itself (a
     gauge, or a prometheus_client whose children no longer keep these parts)."""
-    if isinstance(child, Counter) and hasattr(child, "_value"):
+    if isinstance(child, Counter) and _plain(getattr(child, "_value", None)):
         return FastCounter(child)
-    if isinstance(child, Histogram) and all(
-            hasattr(child, a) for a in ("_sum", "_buckets", "_upper_bounds")):
+    if (isinstance(child, Histogram) and hasattr(child, "_upper_bounds")
+            and _plain(getattr(child, "_sum", None))
+            and all(_plain(b) for b in getattr(child, "_buckets", [None]))):
         return FastHistogram(child)
     return child
+
+
+def _plain(value: object) -> bool:
+    """Whether ``value`` is prometheus_client's in-process float (``MutexValue``), which
+    the fast children update in place; a multiprocess (mmap) value keeps its own path."""
+    return type(value) is values.MutexValue

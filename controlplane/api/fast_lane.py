@@ -100,11 +100,13 @@ def _match_info(path: str) -> Any:
         resource=types.SimpleNamespace(canonical=path)))
 
 
-class LaneRequest:
+class LaneRequest(dict[Any, Any]):
     """The part of ``web.Request`` the serving path and its middleware use, for a request
-    whose head and body have arrived whole."""
+    whose head and body have arrived whole. Itself the request's state mapping (what
+    ``request[key]`` reads and writes, as in aiohttp): the serving path reads it many
+    times per request, and a lookup in C beats a method of ours."""
 
-    __slots__ = ("_body", "_state", "_writer", "app", "headers", "keep_alive",
+    __slots__ = ("_body", "_writer", "app", "headers", "keep_alive",
                  "match_info", "method", "path", "protocol", "transport", "version")
 
     def __init__(self, conn: Connection, route: Route, headers: CIMultiDictProxy[str],
@@ -119,17 +121,16 @@ class LaneRequest:
         self.protocol = conn
         self.transport = conn.transport
         self._body = body
-        self._state: dict[Any, Any] = {}
         self._writer: http_writer.StreamWriter | None = None
 
-    def __getitem__(self, key: Any) -> Any:
-        return self._state[key]
+    # A request, not a value, as aiohttp's: true, and equal and hashed by identity
+    # (a dict's are by contents).
+    __hash__ = object.__hash__  # type: ignore[assignment]
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
 
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._state[key] = value
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self._state.get(key, default)
+    def __bool__(self) -> bool:
+        return True
 
     @property
     def _payload_writer(self) -> http_writer.StreamWriter:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from controlplane import errors
@@ -41,11 +41,14 @@ MAX_URL = 8192                  # characters of an http(s) media URL
 
 
 def check_chat(messages: Any, policy: Policy, field: str = "messages") -> None:
-    """Refuse (400) a media URL in chat ``messages`` that ``policy`` does not allow."""
-    if policy == "any" or not isinstance(messages, Sequence):
+    """Refuse (400) a media URL in chat ``messages`` that ``policy`` does not allow.
+
+    ``messages`` is parsed JSON: lists and dicts, tested as such (an ABC's isinstance
+    costs more than the rest of the walk for a text-only chat)."""
+    if policy == "any" or not isinstance(messages, list):
         return
     for i, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, Mapping) else None
+        content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, list):
             continue                    # text: nothing to fetch
         for j, part in enumerate(content):
