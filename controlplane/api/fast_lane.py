@@ -51,7 +51,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
-import orjson
 from aiohttp import base_protocol, hdrs, http_parser, http_writer, web, web_protocol
 from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -415,16 +414,22 @@ class Connection(base_protocol.BaseProtocol):
             self.transport.close()
 
     def _time_out_body(self) -> None:
-        assert self.transport is not None
-        exc = errors.RequestTimeout(f"the request body did not arrive within "
-                                    f"{self._lane.body_timeout_s:g}s (http.body_timeout_s)")
-        body = orjson.dumps(exc.envelope())
-        self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\nDate: %s\r\nConnection: close\r\n\r\n%s"
-                             % (exc.http_status, b"Request Timeout", len(body),
-                                _date().encode(), body))
+        """Answer 408 through the app's own middleware, as a handler raising the timeout
+        would on aiohttp's path: the same envelope and ``x-request-id``, the request
+        counted in the metrics and the access log, and the connection closed after it."""
+        assert self._waiting_body is not None
+        route, headers, _, _ = self._waiting_body
         self._waiting_body = None
-        self.transport.close()
+        self._buf.clear()
+        message = (f"the request body did not arrive within {self._lane.body_timeout_s:g}s "
+                   "(http.body_timeout_s)")
+
+        async def late(_request: web.Request) -> web.StreamResponse:
+            raise errors.RequestTimeout(message)
+
+        request = LaneRequest(self, route, headers, b"", keep_alive=False)
+        self._task = self.loop.create_task(
+            self._serve(Route(route.app, route.path, late), request))
 
     def force_close(self) -> None:
         """Close the connection now (a client too slow to wait for)."""

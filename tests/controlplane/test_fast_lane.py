@@ -277,7 +277,9 @@ async def test_the_apps_response_hooks_still_run_on_lane_answers() -> None:
             await runner.cleanup()
 
 
-async def test_a_body_that_does_not_arrive_in_time_is_a_408_with_a_date() -> None:
+async def test_a_body_that_does_not_arrive_in_time_is_a_408_the_app_answers() -> None:
+    """The app's middleware answers it, as on aiohttp's path: a request id the client can
+    quote, and the request counted under its route."""
     s = t.settings(upstreams=[], http={"body_timeout_s": 1.0})
     async with serving(s) as (port, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -285,5 +287,15 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408_with_a_date() -> Non
         status, headers, body = await answer(reader)
         assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
         assert headers["connection"] == "close" and headers["date"].endswith(" GMT")
+        assert headers["x-request-id"]
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + t.ADMIN.encode() + b"\r\n\r\n")
+        status, _, metrics = await answer(reader)
+        writer.close()
+    assert status == 200
+    assert any(line.startswith("synapse_requests_total{") and 'status="408"' in line
+               and 'route="/v1/chat/completions"' in line and line.endswith(" 1.0")
+               for line in metrics.decode().splitlines())
