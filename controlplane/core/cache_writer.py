@@ -8,6 +8,8 @@ skipped the embedding) and one L2 insert for the batch, all within ``budget_s``.
 therefore costs a few large calls, not thousands of small ones racing each other. Only
 entries whose L1 write succeeded get an L2 row: a semantic reference must point at a
 response. The embedding computed at lookup is reused, so a miss is embedded once.
+An entry whose lookup an invalidation has passed since (``cache_fence``) is not written,
+and is removed again when the invalidation came while its write was in flight.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from controlplane import metrics as metrics_mod
-from controlplane.core import cache_budget, cache_entry, cache_parts, cache_rules
+from controlplane.core import cache_budget, cache_entry, cache_fence, cache_parts, cache_rules
 from controlplane.core.l2 import rows as l2_rows
 from synapse_common import aiotasks
 from synapse_common.clock import Clock
@@ -38,6 +40,7 @@ class State:
     keys: cache_rules.CacheKeys
     vector: cache_parts.Vector | None = None
     embedder_id: str = ""
+    epoch: int = 0      # the cache fence's at lookup (cache_fence)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +53,10 @@ class Parts:
 class Writer:
     def __init__(self, parts: Parts, *, budget: cache_budget.Budget,
                  metrics: metrics_mod.Metrics, ttl_s: float, budget_s: float, queue_max: int,
-                 clock: Clock, learned: Callable[[str], None]) -> None:
+                 clock: Clock, learned: Callable[[str], None],
+                 fence: cache_fence.Fence | None = None) -> None:
         self._parts = parts
+        self._fence = fence or cache_fence.Fence()
         self._budget = budget
         self._metrics = metrics
         self._ttl = ttl_s
@@ -62,7 +67,10 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
 
     def put(self, state: State, response: Any) -> None:
-        """Queue a write; ``asyncio.QueueFull`` when the writer is behind."""
+        """Queue a write; ``asyncio.QueueFull`` when the writer is behind. A write an
+        invalidation has voided since its lookup is dropped."""
+        if self._voided(state):
+            return
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop())
         self._queue.put_nowait((state, response))
@@ -81,7 +89,25 @@ class Writer:
                     self._queue.task_done()
 
     async def _write(self, batch: list[tuple[State, Any]]) -> None:
-        """L1 for every entry, then one embed call and one L2 insert for the batch."""
+        """L1 for every entry, then one embed call and one L2 insert for the batch; then
+        what an invalidation voided meanwhile is deleted again."""
+        batch = [(s, r) for s, r in batch if not self._voided(s)]
+        try:
+            await self._write_batch(batch)
+        finally:
+            await self._undo_voided([s for s, _ in batch])
+
+    def _voided(self, state: State) -> bool:
+        return self._fence.voids(state.epoch, state.tenant, state.model)
+
+    async def _undo_voided(self, states: list[State]) -> None:
+        for s in states:
+            if self._voided(s):
+                with contextlib.suppress(Exception):    # best effort, as an eviction
+                    async with asyncio.timeout(self._budget_s):
+                        await self._parts.l1.delete(s.tenant, s.model, s.keys.exact_key)
+
+    async def _write_batch(self, batch: list[tuple[State, Any]]) -> None:
         deadline = self._clock() + self._budget_s
         written = await asyncio.gather(*(self._write_exact(s, r, deadline) for s, r in batch))
         states = [s for (s, _), ok in zip(batch, written, strict=True)

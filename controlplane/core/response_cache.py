@@ -70,6 +70,7 @@ from controlplane import metrics as metrics_mod
 from controlplane.core import (
     cache_budget,
     cache_entry,
+    cache_fence,
     cache_parts,
     cache_port,
     cache_rules,
@@ -147,11 +148,12 @@ class TieredCache:
         self._wall = wall_clock
         self._mono = monotonic
         self._budget = cache_budget.Budget(metrics, options.log_interval_s, monotonic)
+        self.fence = cache_fence.Fence()    # stores that invalidations void
         self._writer = cache_writer.Writer(
             cache_writer.Parts(l1, l2 if self.semantic else None, embedder),
             budget=self._budget, metrics=metrics, ttl_s=options.ttl_s,
             budget_s=options.store_budget_s, queue_max=options.store_queue_max,
-            clock=monotonic, learned=self._learned)
+            clock=monotonic, learned=self._learned, fence=self.fence)
         # (verifier digest, model, the stack's point) → threshold
         self._thresholds: dict[tuple[str, str, bool], float] = {}
         self._forms: dict[str, Mapping[str, Any]] = {}   # form_key -> a stream form
@@ -180,7 +182,7 @@ class TieredCache:
         opts = self.options
         rule = cache_rules.policy(request, opts.temperature_ceiling, opts.default_temperature)
         keys = cache_rules.derive(request, opts.embed_model)
-        state = State(request.tenant, request.model, keys)
+        state = State(request.tenant, request.model, keys, epoch=self.fence.epoch)
         if not self._warmed and self.semantic and (rule.lookup or rule.store):
             # Opening L2 (Milvus Lite starts a server) happens in the background at the
             # first cacheable request, not at start-up: processes that never cache never
@@ -459,6 +461,7 @@ class TieredCache:
         the layer, when one could not be reached."""
         if not everything and tenant is None and model is None:
             raise ValueError("invalidate needs a tenant, a model or everything=True")
+        self.fence.invalidated(tenant, model)   # first: stores in flight are voided
         counts: list[int] = []
         failed: list[str] = []
         layers: list[tuple[str, cache_parts.L1Store | cache_parts.SemanticIndex | None]] = [
