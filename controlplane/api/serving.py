@@ -66,7 +66,8 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
 
 async def admit(request: web.Request, parse: Any,
                 ) -> tuple[tenants.Tenant, validation.Parsed, bytes, ratelimit.Permit]:
-    """Authenticate, parse and validate, rate-limit: the common front of every /v1 POST."""
+    """Authenticate, parse and validate (a chat's media URLs too, as ``calls.begin``
+    checks them: before the rate limit), rate-limit: the common front of every /v1 POST."""
     svc, ctx = context.of(request)
     with tracing.span("auth"):
         tenant = svc.tenants.authenticate(request.headers.get("Authorization"))
@@ -74,6 +75,8 @@ async def admit(request: web.Request, parse: Any,
     h = svc.settings.http
     raw = await read_body(request, h.max_body_bytes, h.body_timeout_s)
     parsed: validation.Parsed = parse(validation.parse_json(raw, h.max_json_depth))
+    if parsed.endpoint == "chat":   # what an engine would fetch (core.media_urls)
+        media_urls.check_chat(parsed.body["messages"], h.media_urls)
     try:
         permit = await svc.limiter.acquire(tenant, ctx.request_id)
     except errors.RateLimited as exc:
@@ -159,8 +162,6 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
     failed = True
     try:
         canonical = resolve_model(request, tenant, parsed.model)
-        if endpoint == "chat":      # what an engine would fetch (core.media_urls)
-            media_urls.check_chat(parsed.body["messages"], svc.settings.http.media_urls)
         decision = await lookup_cache(request, tenant.name, canonical,
                                       "chat" if endpoint == "chat" else "completions",
                                       parsed.body)

@@ -101,3 +101,26 @@ async def test_over_http_messages_and_responses_are_checked_too() -> None:
                 assert resp.status == 400, body
                 assert body["error"]["param"] == "input[0].content[0].image_url"
             assert not one.bodies
+
+
+async def test_every_endpoint_checks_urls_at_the_same_point_before_the_model() -> None:
+    """The chat route and the other generation routes (``calls.begin``) check at the same
+    point, right after parsing: an internal URL with an unknown model is the same 400
+    everywhere, not a 404 on one route and a 400 on another."""
+    async with t.backends(("one", "ok")) as (one,):
+        async with t.running(t.round_robin(one)) as cp, aiohttp.ClientSession() as http:
+            part = {"type": "image_url", "image_url": {"url": "http://169.254.169.254/"}}
+            async with http.post(f"{cp.url}/v1/chat/completions",
+                                 headers={"Authorization": f"Bearer {t.KEY_A}"},
+                                 json={"model": "no-such-model", "messages": [
+                                     {"role": "user", "content": [part]}]}) as resp:
+                body = await resp.json()
+                assert resp.status == 400, body
+                assert body["error"]["param"] == "messages[0].content[0].image_url"
+            image = {"type": "image", "source": {"type": "url", "url": "http://10.0.0.1/a"}}
+            async with http.post(f"{cp.url}/v1/messages", headers={"x-api-key": t.KEY_A},
+                                 json={"model": "no-such-model", "max_tokens": 5,
+                                       "messages": [{"role": "user", "content": [image]}]},
+                                 ) as resp:
+                assert resp.status == 400
+            assert not one.bodies
