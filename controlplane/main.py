@@ -72,7 +72,8 @@ def build_response_cache(settings: config.ControlPlaneSettings,
     from controlplane.adapters import embedder
     from controlplane.core import response_cache
 
-    store = cache_wiring.build_l1(settings)
+    store = cache_wiring.build_l1(settings,
+                                  tenants=services_mod.tenant_count(services.tenants))
     l2 = cache_wiring.build_l2(settings)
     nodes = services.registry.ready_embed_nodes
     embed = embedder.NodeEmbedder(

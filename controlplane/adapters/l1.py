@@ -12,8 +12,11 @@ Design decisions:
 - Expiry is absolute: Redis ``SET PX`` at write time, and a read never touches the TTL;
   the LRU stores the deadline from an injected monotonic clock.
 - Size bound: the LRU evicts least-recently-used entries past ``max_entries`` or
-  ``max_bytes``; Redis is bounded by its own ``maxmemory`` policy, and both refuse single
-  values larger than ``max_value_bytes``.
+  ``max_bytes``, split equally between the configured tenants, each tenant's writes
+  evicting only its own entries (:mod:`controlplane.core.tenant_lru`: tenants must not
+  push out, nor count, each other's entries). Redis is bounded by its own ``maxmemory``
+  policy, which evicts across tenants: that isolation holds for the in-process LRU only.
+  Both refuse single values larger than ``max_value_bytes``.
 - Durable in embedded mode: given a journal (``l1_journal``, SQLite in ``data_dir``), the
   LRU writes every change behind to disk and reads it back once at start, in the
   background (until then old entries miss), so a restart keeps the responses that L2's
@@ -25,7 +28,6 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import hashlib
 import logging
@@ -34,6 +36,7 @@ from typing import Protocol
 import redis.asyncio as aioredis
 
 from controlplane.adapters import l1_journal
+from controlplane.core import tenant_lru
 from synapse_common import clock as clocks
 from synapse_common.clock import Clock
 
@@ -83,19 +86,21 @@ class _Entry:
 
 
 class MemoryL1:
-    """In-process LRU with absolute TTL and entry/byte bounds (embedded mode)."""
+    """In-process LRU with absolute TTL and entry/byte bounds (embedded mode), split
+    equally between ``tenants`` (:mod:`controlplane.core.tenant_lru`): one tenant's
+    writes evict only its own entries, so a tenant can neither push another's answers out
+    nor read the others' write volume from its own evictions."""
 
     kind = "memory"
 
     def __init__(self, max_entries: int, max_bytes: int, clock: Clock = clocks.monotonic,
                  max_value_bytes: int = 4 * 1024 * 1024,
                  journal: l1_journal.SqliteJournal | None = None,
-                 wall: Clock = clocks.wall) -> None:
-        self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
-        self._max_entries = max_entries
-        self._max_bytes = max_bytes
-        self._max_value = min(max_value_bytes, max_bytes)
-        self._bytes = 0
+                 wall: Clock = clocks.wall, tenants: int = 1) -> None:
+        self._entries: tenant_lru.TenantLRU[_Entry] = tenant_lru.TenantLRU(
+            max_entries, tenants, max_bytes, _size)
+        # a value larger than a tenant's share of the bytes could never be kept
+        self._max_value = min(max_value_bytes, tenant_lru.share(max_bytes, tenants))
         self._clock = clock
         self._wall = wall
         self._journal = journal
@@ -107,19 +112,18 @@ class MemoryL1:
 
     @property
     def bytes_used(self) -> int:
-        return self._bytes
+        return self._entries.bytes_used
 
     async def get(self, tenant: str, model: str, key: str) -> bytes | None:
         if self._restore is None and self._journal is not None:
             self._restore_soon()
         skey = storage_key(tenant, model, key)
-        entry = self._entries.get(skey)
+        entry = self._entries.get(tenant, skey)  # LRU order only; the deadline stays
         if entry is None:
             return None
         if entry.expires_at <= self._clock():
-            self._drop(skey)
+            self._drop(tenant, skey)
             return None
-        self._entries.move_to_end(skey)     # LRU order only; the deadline stays
         return entry.value
 
     async def set(self, tenant: str, model: str, key: str, value: bytes, ttl_s: float) -> bool:
@@ -130,21 +134,14 @@ class MemoryL1:
             self._restore_soon()
             self._journal.put(l1_journal.Saved(skey, tenant, model, value,
                                                self._wall() + ttl_s))
-        self._put(skey, _Entry(value, self._clock() + ttl_s, tenant, model))
+        self._forget(self._entries.put(tenant, skey,
+                                       _Entry(value, self._clock() + ttl_s, tenant, model)))
         return True
 
-    def _put(self, skey: str, entry: _Entry) -> None:
-        if skey in self._entries:
-            self._drop(skey, forget=False)
-        self._entries[skey] = entry
-        self._bytes += len(entry.value)
-        while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
-            self._drop(next(iter(self._entries)))
-
     async def invalidate(self, tenant: str | None, model: str | None) -> int:
-        doomed = [k for k, e in self._entries.items() if _matches(e, tenant, model)]
-        for skey in doomed:
-            self._drop(skey, forget=False)
+        doomed = [(t, k) for t, k, e in self._entries.items(tenant) if _matches(e, tenant, model)]
+        for t, skey in doomed:
+            self._entries.pop(t, skey)
         if self._journal is not None:
             self._journal.delete_matching(tenant, model)
             self._invalidated.append((tenant, model))
@@ -152,11 +149,11 @@ class MemoryL1:
 
     async def delete(self, tenant: str, model: str, key: str) -> bool:
         skey = storage_key(tenant, model, key)
-        if skey not in self._entries:
+        if self._entries.peek(tenant, skey) is None:
             if self._journal is not None:   # it may still be in the journal, unrestored
                 self._journal.delete(skey)
             return False
-        self._drop(skey)
+        self._drop(tenant, skey)
         return True
 
     async def close(self) -> None:
@@ -166,20 +163,26 @@ class MemoryL1:
         if self._journal is not None:
             await self._journal.close()
         self._entries.clear()
-        self._bytes = 0
 
-    def _drop(self, skey: str, forget: bool = True) -> None:
-        entry = self._entries.pop(skey)
-        self._bytes -= len(entry.value)
-        if forget and self._journal is not None:
+    def _drop(self, tenant: str, skey: str) -> None:
+        self._entries.pop(tenant, skey)
+        if self._journal is not None:
             self._journal.delete(skey)
+
+    def _forget(self, evicted: list[tuple[str, _Entry]]) -> None:
+        """Entries evicted from memory leave the journal too (a restart must not bring
+        back more than the bounds hold)."""
+        if self._journal is not None:
+            for skey, _ in evicted:
+                self._journal.delete(skey)
 
     def _restore_soon(self) -> None:
         if self._restore is None:
             self._restore = asyncio.get_running_loop().create_task(self._restored())
 
     async def _restored(self) -> None:
-        """Entries of the journal, older than (and under) those written since the start."""
+        """Entries of the journal, older than (and under) those written since the start,
+        each tenant's within its own share."""
         assert self._journal is not None
         self._invalidated.clear()
         wall = self._wall()
@@ -189,16 +192,19 @@ class MemoryL1:
             log.warning("cache L1 journal %s could not be read: %s: %s", self._journal.path,
                         type(exc).__name__, exc)
             return
-        mono, now = self._clock(), self._entries
-        self._entries = collections.OrderedDict(
-            (s.skey, _Entry(s.value, mono + s.expires_at - wall, s.tenant, s.model))
-            for s in saved if s.skey not in now
-            and not any(_matches(s, t, m) for t, m in self._invalidated))
-        self._bytes += sum(len(e.value) for e in self._entries.values())
-        self._entries.update(now)
+        mono = self._clock()
+        by_tenant: dict[str, list[tuple[str, _Entry]]] = {}
+        for s in saved:
+            if not any(_matches(s, t, m) for t, m in self._invalidated):
+                by_tenant.setdefault(s.tenant, []).append(
+                    (s.skey, _Entry(s.value, mono + s.expires_at - wall, s.tenant, s.model)))
         self._invalidated.clear()
-        while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
-            self._drop(next(iter(self._entries)))
+        for tenant, items in by_tenant.items():
+            self._forget(self._entries.put_older(tenant, items))
+
+
+def _size(entry: _Entry) -> int:
+    return len(entry.value)
 
 
 def _matches(entry: _Entry | l1_journal.Saved, tenant: str | None, model: str | None) -> bool:

@@ -136,7 +136,7 @@ class _Responses(relay.Shape):
                  previous: tuple[str, str] | None,
                  store: cache_port.CacheDecision | None) -> None:
         self._request = request
-        self._pins = _pins(request)
+        self._pins, self._tenant = _pins(request), front.tenant.name
         self._ids = response_ids.AnswerIds(_seal(request), front.tenant.name, previous)
         self._previous = previous
         self._store = store
@@ -150,7 +150,7 @@ class _Responses(relay.Shape):
     def _learn(self, engine_id: str | None) -> None:
         if engine_id is not None and self._ids.engine_id is None:
             self._ids.learn(engine_id)
-            self._pins.remember(engine_id, self._backend)
+            self._pins.remember(self._tenant, engine_id, self._backend)
 
     def _keep(self, response: Any) -> None:
         entry = (responses_cache.entry(response) if isinstance(response, dict) else None)
@@ -225,7 +225,7 @@ async def _responses_from_backend(request: web.Request, front: calls.Front,
     await calls.admit_tokens(request, front)
     route = await calls.route(request, front, front.call.task)
     if previous is not None:
-        route = _pins(request).pin(route, previous[0])
+        route = _pins(request).pin(route, front.tenant.name, previous[0])
     assert front.prompt is not None
     body = (response_ids.engine_body(front.body, previous[0] if previous else None)
             if previous is not None or "request_id" in front.body else None)  # else as sent

@@ -34,6 +34,7 @@ from controlplane.core import (
     ratelimit,
     registry,
     request_ids,
+    tenant_lru,
     types,
     upstream_kinds,
 )
@@ -148,6 +149,13 @@ def build_tenants(auth: config.AuthSettings, cat: catalog.Catalog) -> tenants_mo
                                    admin_tenant=auth.admin_tenant)
 
 
+def tenant_count(table: tenants_mod.TenantTable) -> int:
+    """How many tenants the per-tenant tables (the in-process L1, the router's sessions,
+    the Responses pins: :mod:`tenant_lru`) split their bounds between: the configured
+    tenants, or one when authentication is off (every caller is then the same tenant)."""
+    return max(1, len(table.tenants())) if table.enabled else 1
+
+
 def metrics_token(settings: config.MetricsSettings) -> bytes | None:
     """The sha256 of the token in ``metrics.bearer_token_file`` (a ValueError naming the
     field when it cannot be read or is empty)."""
@@ -188,6 +196,9 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
                             hf_tokenizer.from_settings(settings.models, cat.canonical))
     m = metrics.Metrics(metrics_registry or CollectorRegistry())
     rtr.add_observer(route_accuracy.recorder(m))
+    tenants = build_tenants(settings.auth, cat)
+    shares = tenant_count(tenants)
+    rtr.sessions = tenant_lru.TenantLRU(router_mod.SESSION_MEMORY, shares)
     local = ratelimit.LocalStore(clock)
     h = settings.http
     client = upstream.UpstreamClient(h.upstream_connect_timeout_s,
@@ -196,7 +207,7 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
                              h.upstream_idle_timeout_s, h.upstream_deadline_s)
     return Services(
         settings=settings, clock=clock, replica=replica, registry=reg, ledger=led, router=rtr,
-        catalog=cat, tenants=build_tenants(settings.auth, cat),
+        catalog=cat, tenants=tenants, response_pins=pins_mod.Pins(tenants=shares),
         limiter=ratelimit.RateLimiter(local), local_limits=local, metrics=m,
         stats=stats_mod.Stats(clock, replica),
         cache=response_cache if response_cache is not None else cache_port.NullCache(),

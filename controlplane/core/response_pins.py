@@ -8,10 +8,14 @@ there (retries included): when that backend is gone the engine that is asked ans
 404, which is the truth. An id this replica never saw (another replica relayed it, or
 this one restarted) is routed like any request.
 
-Bounded: the newest :data:`LIMIT` ids per replica, least recently used first out.
+Bounded: :data:`LIMIT` ids per replica, split equally between the configured tenants,
+each tenant's least recently used first out (:mod:`tenant_lru`): one tenant's flood of
+answers never unpins another's, whose continuations would otherwise lose their backend.
+A pin is kept and looked up under the tenant the id was sealed for.
 
 Worker processes of one pod share their pins (:mod:`shared_routing`): a :attr:`Pins.listener`
-is told of every id remembered, and a sibling's come in through :meth:`Pins.remember`.
+is told of every id remembered (with its tenant), and a sibling's come in through
+:meth:`Pins.remember`.
 
 Pins are keyed by the *engine's* id and only route: they grant nothing. Whether a caller
 may continue an id at all is decided before, statelessly, by the id's tag
@@ -23,40 +27,38 @@ make an engine echo), so a tenant cannot pin another's id elsewhere either.
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Callable
 
-from controlplane.core import response_ids, types
+from controlplane.core import response_ids, tenant_lru, types
 
-LIMIT = 100_000
+LIMIT = 100_000     # ids in all, split equally between tenants
 
 
 class Pins:
-    def __init__(self, limit: int = LIMIT) -> None:
-        self._limit = limit
-        self._by_id: OrderedDict[str, str] = OrderedDict()
-        self.listener: Callable[[str, str], None] | None = None    # (response id, backend)
+    def __init__(self, limit: int = LIMIT, tenants: int = 1) -> None:
+        self._by_id: tenant_lru.TenantLRU[str] = tenant_lru.TenantLRU(limit, tenants)
+        # (tenant, response id, backend)
+        self.listener: Callable[[str, str, str], None] | None = None
         # the key that binds ids to tenants, made from the settings on first use
         self.seal: response_ids.Seal | None = None
 
-    def remember(self, response_id: str, backend: str) -> None:
-        self._by_id[response_id] = backend
-        self._by_id.move_to_end(response_id)
-        while len(self._by_id) > self._limit:
-            self._by_id.popitem(last=False)
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def remember(self, tenant: str, response_id: str, backend: str) -> None:
+        """``tenant``'s answer ``response_id`` (the engine's id) was made by ``backend``."""
+        self._by_id.put(tenant, response_id, backend)
         if self.listener is not None:
-            self.listener(response_id, backend)
+            self.listener(tenant, response_id, backend)
 
-    def backend_of(self, response_id: str) -> str | None:
-        backend = self._by_id.get(response_id)
-        if backend is not None:
-            self._by_id.move_to_end(response_id)
-        return backend
+    def backend_of(self, tenant: str, response_id: str) -> str | None:
+        return self._by_id.get(tenant, response_id)
 
-    def pin(self, route: types.RouteDecision, response_id: str) -> types.RouteDecision:
-        """``route`` narrowed to the backend holding ``response_id``, when known and among
-        the candidates; unchanged otherwise."""
-        backend = self.backend_of(response_id)
+    def pin(self, route: types.RouteDecision, tenant: str,
+            response_id: str) -> types.RouteDecision:
+        """``route`` narrowed to the backend holding ``tenant``'s ``response_id``, when
+        known and among the candidates; unchanged otherwise."""
+        backend = self.backend_of(tenant, response_id)
         if backend is None:
             return route
         held = tuple(v for v in route.candidates if v.backend.key == backend)

@@ -47,18 +47,17 @@ own; a peer's records come back in through :attr:`Router.index` and
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from controlplane.core import costs as costs_mod
 from controlplane.core import ledger as ledger_mod
-from controlplane.core import prefix_index, registry, tokenization, types
+from controlplane.core import prefix_index, registry, tenant_lru, tokenization, types
 from controlplane.core import usage as usage_mod
 
 TIE_S = 0.002
 TIE_FRACTION = 0.05
-SESSION_MEMORY = 50_000
+SESSION_MEMORY = 50_000     # sessions remembered in all, split equally between tenants
 DEFAULT_PROMPT_TOKENS = 256
 
 Prompt = tokenization.Prompt
@@ -70,6 +69,13 @@ def session_key(tenant: str, session: str) -> str:
     rule every caller forms :attr:`Prompt.session` with. The tenant's length comes first,
     so no pair of (tenant, session) names another pair's key whatever either contains."""
     return f"{len(tenant)}:{tenant}:{session}" if session else ""
+
+
+def session_tenant(key: str) -> str:
+    """The tenant of a :func:`session_key` (the part before its session id); "" for a
+    key not made by :func:`session_key` (all such keys share one partition)."""
+    length, sep, rest = key.partition(":")
+    return rest[:int(length)] if sep and length.isascii() and length.isdigit() else ""
 
 
 class Listener(Protocol):
@@ -131,7 +137,9 @@ class Router:
                                                   params.decode_s_per_step, params.learn_costs)
         self._observers: list[Observer] = []
         self._turn = 0   # rotates exact ties: advanced by route(), only read by explain()
-        self._sessions: OrderedDict[str, str] = OrderedDict()
+        # session key -> backend, per tenant (one tenant's sessions never push out
+        # another's); the pod's services split SESSION_MEMORY between its tenants
+        self.sessions: tenant_lru.TenantLRU[str] = tenant_lru.TenantLRU(SESSION_MEMORY)
         self.listener: Listener | None = None
 
     @property
@@ -172,7 +180,8 @@ class Router:
             cached = cached_tokens(self._index.match(b.key, hashes[bs]), n, bs)
         c = self.costs.costs(b.key)
         queue, prefill, queued, decode = predict(b, self._ledger.load(b.key), n, cached, c)
-        affinity = bool(prompt.session) and self._sessions.get(prompt.session) == b.key
+        affinity = bool(prompt.session) and self.sessions.peek(
+            session_tenant(prompt.session), prompt.session) == b.key
         basis = types.Basis(prompt.tokenizer, bs, queued, decode, *c)
         return types.Verdict(b, not reason, reason, queue + prefill, queue, prefill, n, cached,
                              affinity, 0, basis)
@@ -327,12 +336,8 @@ class Router:
 
     def remember_session(self, session: str, backend: str) -> None:
         """``session`` (a :func:`session_key`) last went to ``backend`` (a tie goes there
-        next time)."""
-        sessions = self._sessions
-        sessions[session] = backend
-        sessions.move_to_end(session)
-        if len(sessions) > SESSION_MEMORY:
-            sessions.popitem(last=False)
+        next time), among its tenant's sessions only."""
+        self.sessions.put(session_tenant(session), session, backend)
 
     def add_observer(self, observer: Observer) -> None:
         """Call ``observer`` with every :class:`types.RouteObservation` (metrics)."""

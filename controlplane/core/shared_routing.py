@@ -59,7 +59,7 @@ from controlplane.core import ledger as ledger_mod
 from controlplane.core import response_pins, served_log
 from controlplane.core import router as router_mod
 
-VERSION = 1
+VERSION = 2         # 2: a pin names its tenant
 MAX_FRAME = 256 * 1024 * 1024   # bytes; a longer frame means a broken peer
 FRAME_EVENTS = 256              # events per frame at most, so a burst stays far below it
 
@@ -69,7 +69,7 @@ FIRST_BYTE = "f"    # ("f", id)
 FINISH = "x"        # ("x", id)
 PREFIX = "p"        # ("p", backend, [block hashes], capacity blocks, restarts)
 SESSION = "s"       # ("s", session, backend)
-PIN = "r"           # ("r", response id, backend)
+PIN = "r"           # ("r", tenant, response id, backend)
 SERVED = "v"        # ("v", request id, *the Served fields in order)
 COST = "c"          # ("c", backend, *the rest of CostModel.observe's arguments in order)
 FORM = "m"          # ("m", form key (tenant and model), the stream form learnt for it)
@@ -182,9 +182,9 @@ class Sharing:
         if not self._applying:
             self._publish((SESSION, session, backend))
 
-    def pinned(self, response_id: str, backend: str) -> None:
+    def pinned(self, tenant: str, response_id: str, backend: str) -> None:
         if not self._applying:
-            self._publish((PIN, response_id, backend))
+            self._publish((PIN, tenant, response_id, backend))
 
     def observed(self, backend: str, ttft_s: float, queued_tokens: float,
                  uncached_tokens: float, decode_wait_s: float, stream_s: float,
@@ -308,7 +308,8 @@ class Inbound:
         elif kind == SESSION:
             sharing.router.remember_session(event[1], event[2])
         elif kind == PIN:
-            sharing.pins.remember(event[1], event[2])
+            _, tenant, response_id, backend = event
+            sharing.pins.remember(tenant, response_id, backend)
         elif kind == COST:
             sharing.router.costs.observe(*event[1:])
         elif kind == SERVED:

@@ -19,8 +19,10 @@ class CacheSettings(Section):
     default_temperature: float = Field(
         1.0, ge=0, description="temperature assumed when a request sets none (the backends' "
         "default, 1.0 for OpenAI and vLLM); compared with temperature_ceiling")
-    l1_max_entries: int = Field(100_000, ge=1, description="in-process L1 bound (entries)")
-    l1_max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="in-process L1 bound (bytes)")
+    l1_max_entries: int = Field(100_000, ge=1, description="in-process L1 bound (entries), "
+                                "split equally between the configured tenants")
+    l1_max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="in-process L1 bound "
+                              "(bytes), split equally between the configured tenants")
     l1_budget_ms: float = Field(20.0, gt=0, description="time budget of an L1 call")
     l1_persist: bool = Field(
         True, description="keep the in-process L1 in data_dir/l1.sqlite (written behind, read "

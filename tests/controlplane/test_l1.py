@@ -155,3 +155,38 @@ async def test_the_journal_is_written_behind_and_read_under_newer_writes(tmp_pat
     assert await second.get("t", "m", "c") == b"c"
     assert await second.get("t", "m", "a") is None
     await second.close()
+
+
+async def test_one_tenants_writes_never_evict_anothers_entries():
+    s = l1.MemoryL1(max_entries=10, max_bytes=10**6, tenants=2)
+    await s.set("victim", "m", "k", b"kept", ttl_s=60)
+    for i in range(100):
+        await s.set("noisy", "m", f"k{i}", b"v", ttl_s=60)
+    assert await s.get("victim", "m", "k") == b"kept"
+    assert await s.get("noisy", "m", "k94") is None          # its own share: 5 entries
+    assert await s.get("noisy", "m", "k95") == b"v"
+    assert len(s) == 6 <= 10
+
+    by_bytes = l1.MemoryL1(max_entries=100, max_bytes=4096, tenants=2)
+    await by_bytes.set("victim", "m", "k", b"x" * 1500, ttl_s=60)
+    for i in range(20):
+        await by_bytes.set("noisy", "m", f"k{i}", b"y" * 1000, ttl_s=60)
+    assert await by_bytes.get("victim", "m", "k") == b"x" * 1500
+    assert by_bytes.bytes_used == 3500 <= 4096               # the noisy one's 2048: two
+    assert not await by_bytes.set("victim", "m", "big", b"z" * 3000, ttl_s=60)  # > a share
+
+
+async def test_a_restart_reads_the_journal_back_within_each_tenants_share(tmp_path):
+    path, time = tmp_path / "l1.sqlite", ManualTime()
+    first = journaled(path, time, max_entries=8)             # one tenant: all eight
+    for i in range(8):
+        await first.set("noisy", "m", f"k{i}", b"v", ttl_s=600)
+    await first.close()
+    again = await restarted(path, time, max_entries=8, tenants=2)
+    assert len(again) == 4                                   # its newest four
+    assert await again.get("noisy", "m", "k3") is None
+    assert await again.get("noisy", "m", "k4") == b"v"
+    await again.set("victim", "m", "k", b"kept", ttl_s=600)
+    await again.set("noisy", "m", "k8", b"v", ttl_s=600)
+    assert await again.get("victim", "m", "k") == b"kept"
+    await again.close()

@@ -242,7 +242,7 @@ async def test_the_rule_holds_on_every_worker_of_a_pod(directory: pathlib.Path) 
                 first = await create(w0, t.KEY_A, "Remember: amber.")
                 pins1 = w1.services.response_pins
                 assert pins1 is not None
-                await harness.until(lambda: pins1.backend_of(engine_id(first.id)) is not None,
+                await harness.until(lambda: pins1.backend_of("a", engine_id(first.id)) is not None,
                                     10, "worker 1 to learn worker 0's pin")
                 seen = len(eng.bodies) + len(eng2.bodies)
                 await refused(w1, t.KEY_B, first.id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from controlplane.core import ledger, prefix_index, registry, router, types
+from controlplane.core import ledger, prefix_index, registry, router, tenant_lru, types
 from tests.clock import ManualClock
 
 MODEL = "m"
@@ -99,6 +99,27 @@ def test_session_keys_are_per_tenant_and_never_collide() -> None:
     keys = {router.session_key(t, s) for t, s in [
         ("a", "u"), ("b", "u"), ("a:1", "u"), ("a", "1:u"), ("", "u")]}
     assert len(keys) == 5
+
+
+def test_one_tenants_sessions_never_push_out_anothers() -> None:
+    r, _ = make()
+    r.sessions = tenant_lru.TenantLRU(10, tenants=2)    # as services builds it
+    victim = router.session_key("b", "user-1")
+    r.remember_session(victim, "n1/b")
+    for i in range(1000):
+        r.remember_session(router.session_key("a", f"user-{i}"), "n1/a")
+    assert r.sessions.peek("b", victim) == "n1/b"
+    verdicts, _ = r.verdicts(MODEL, ask("hello", victim))
+    assert [v.backend.key for v in verdicts if v.session_affinity] == ["n1/b"]
+    assert r.sessions.peek("a", router.session_key("a", "user-994")) is None  # a's share: 5
+    assert r.sessions.peek("a", router.session_key("a", "user-995")) == "n1/a"
+    assert len(r.sessions) == 6 <= 10
+
+
+def test_a_session_keys_tenant_is_the_tenant_it_was_made_with() -> None:
+    for tenant, session in [("a", "u"), ("a:1", "u"), ("a", "1:u"), ("", "u"), ("é", "x")]:
+        assert router.session_tenant(router.session_key(tenant, session)) == tenant
+    assert router.session_tenant("not-a-key") == ""
 
 
 def test_round_robin_and_least_loaded_policies() -> None:

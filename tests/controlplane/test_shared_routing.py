@@ -16,6 +16,7 @@ from controlplane.core import (
     response_pins,
     router,
     served_log,
+    tenant_lru,
     types,
 )
 from controlplane.core import shared_routing as shared
@@ -168,9 +169,32 @@ def test_a_responses_pin_is_known_to_every_worker() -> None:
     clock = ManualClock()
     w0, w1 = Worker(0, clock), Worker(1, clock)
     into_w1 = connected(w0, w1)
-    w0.pins.remember("resp_abc", "n1/b")
+    w0.pins.remember("team", "resp_abc", "n1/b")
     w0.send(into_w1)
-    assert w1.pins.backend_of("resp_abc") == "n1/b"
+    assert w1.pins.backend_of("team", "resp_abc") == "n1/b"
+    assert w1.pins.backend_of("other", "resp_abc") is None     # kept under its tenant
+
+
+def test_a_siblings_sessions_and_pins_fill_only_their_own_tenants_share() -> None:
+    clock = ManualClock()
+    w0, w1 = Worker(0, clock), Worker(1, clock)
+    w1.sharing.detach()     # w1 as a pod of two tenants builds it: shares of 2 each
+    w1.pins = response_pins.Pins(limit=4, tenants=2)
+    w1.router.sessions = tenant_lru.TenantLRU(4, 2)
+    w1.sharing = shared.Sharing(w1.router, w1.pins, 1, "w1", w1.served)
+    w1.sharing.attach(w1._wake)
+    into_w1 = connected(w0, w1)
+    w1.pins.remember("victim", "resp_v", "n1/c")
+    w1.router.remember_session(router.session_key("victim", "s"), "n1/c")
+    for i in range(10):     # a flood from the other tenant, relayed by a sibling
+        w0.pins.remember("noisy", f"resp_{i}", "n1/a")
+        w0.sharing.session(router.session_key("noisy", f"s{i}"), "n1/a")  # as dispatched
+    w0.send(into_w1)
+    assert w1.pins.backend_of("victim", "resp_v") == "n1/c"
+    assert w1.router.sessions.peek("victim", router.session_key("victim", "s")) == "n1/c"
+    assert w1.pins.backend_of("noisy", "resp_9") == "n1/a"
+    assert w1.pins.backend_of("noisy", "resp_7") is None       # its own share: 2
+    assert len(w1.pins) == 3 and len(w1.router.sessions) == 3
 
 
 def test_a_cache_hit_can_be_judged_on_any_worker_and_only_once() -> None:
@@ -196,7 +220,7 @@ def test_applied_events_are_not_echoed_back() -> None:
     w0, w1 = Worker(0, clock), Worker(1, clock)
     into_w1 = connected(w0, w1)
     ticket, _ = w0.dispatch("q", session="s")
-    w0.pins.remember("resp_x", "n1/a")
+    w0.pins.remember("team", "resp_x", "n1/a")
     w0.ledger.first_byte(ticket)
     w0.ledger.finish(ticket)
     w0.send(into_w1)
@@ -261,26 +285,26 @@ def test_a_greeting_brings_the_tickets_in_flight_to_a_new_peer() -> None:
 def test_frames_split_anywhere_are_read_whole() -> None:
     clock = ManualClock()
     w0, w1 = Worker(0, clock), Worker(1, clock)
-    w0.pins.remember("resp_1", "n1/a")
-    w0.pins.remember("resp_2", "n1/b")
+    w0.pins.remember("team", "resp_1", "n1/a")
+    w0.pins.remember("team", "resp_2", "n1/b")
     data = w0.sharing.greeting() + (w0.sharing.take() or b"")
     inbound = w1.sharing.inbound()
     for i in range(len(data)):
         inbound.feed(data[i:i + 1])
-    assert (w1.pins.backend_of("resp_1"), w1.pins.backend_of("resp_2")) == ("n1/a", "n1/b")
+    assert (w1.pins.backend_of("team", "resp_1"), w1.pins.backend_of("team", "resp_2")) == ("n1/a", "n1/b")
 
 
 def test_a_connection_must_start_with_a_hello_of_this_version() -> None:
     w1 = Worker(1, ManualClock())
     with pytest.raises(shared.FrameError):
-        w1.sharing.inbound().feed(shared.frame([(shared.PIN, "resp_1", "n1/a")]))
+        w1.sharing.inbound().feed(shared.frame([(shared.PIN, "team", "resp_1", "n1/a")]))
     with pytest.raises(shared.FrameError):
         w1.sharing.inbound().feed(shared.frame([(shared.HELLO, 99, 0, "x")]))
     with pytest.raises(shared.FrameError):
         w1.sharing.inbound().feed(b"\x00\x00\x00\x03{}}")
     with pytest.raises(shared.FrameError):
         w1.sharing.inbound().feed(b"\xff\xff\xff\xff")
-    assert w1.pins.backend_of("resp_1") is None
+    assert w1.pins.backend_of("team", "resp_1") is None
 
 
 def test_without_a_mesh_tickets_carry_no_id_and_nothing_is_collected() -> None:
@@ -290,7 +314,7 @@ def test_without_a_mesh_tickets_carry_no_id_and_nothing_is_collected() -> None:
     w0.sharing.detach()
     assert w0.sharing.in_flight() == 0
     ticket, _ = w0.dispatch("q")
-    w0.pins.remember("resp_1", "n1/a")
+    w0.pins.remember("team", "resp_1", "n1/a")
     assert ticket.seq == -1 and w0.sharing.take() is None
     assert w0.ledger.listener is None and w0.router.listener is None
 

@@ -90,8 +90,8 @@ async def test_workers_started_in_any_order_share_their_dispatches(pod: Pod) -> 
     assert again is not None
     assert again.candidates[0].backend.key == key and again.candidates[0].cached_tokens > 0
 
-    w2.pins.remember("resp_1", "n1/c")
-    await until(lambda: w0.pins.backend_of("resp_1") == w1.pins.backend_of("resp_1")
+    w2.pins.remember("team", "resp_1", "n1/c")
+    await until(lambda: w0.pins.backend_of("team", "resp_1") == w1.pins.backend_of("team", "resp_1")
                 == "n1/c")
 
 

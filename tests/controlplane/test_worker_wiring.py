@@ -47,8 +47,8 @@ async def test_a_request_in_flight_on_one_worker_steers_the_others(
                 assert (len(a.bodies), len(b.bodies)) == (1, 1)
                 assert in_flight(w0) == in_flight(w1) == 2
 
-                pins0.remember("resp_1", "b")
-                await harness.until(lambda: pins1.backend_of("resp_1") == "b", 10,
+                pins0.remember("a", "resp_1", "b")
+                await harness.until(lambda: pins1.backend_of("a", "resp_1") == "b", 10,
                                     "worker 1 to learn worker 0's pin")
             finally:
                 for task in asks:
