@@ -76,7 +76,8 @@ def build(svc: services_mod.Services) -> fairness.Fairness:
                                q.deadline_s, q.poll_interval_s),
             room(svc.router, saturated, q.classes[0]), observer=QueueMetrics(svc))
     coalesced = svc.metrics.coalesced
-    coalescer = (coalesce.Coalescer(on_follow=lambda outcome: coalesced.labels(outcome).inc())
+    coalescer = (coalesce.Coalescer(on_follow=lambda outcome: coalesced.labels(outcome).inc(),
+                                    tenants=services_mod.tenant_count(svc.tenants))
                  if s.coalesce else None)
     return fairness.Fairness(
         policies(tenants, canonical),

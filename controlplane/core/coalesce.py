@@ -21,8 +21,10 @@ longer than ``max_wait_s``. The cache writes its entries off the hot path, so a 
 answer is kept for ``grace_s`` more, or until the cache answers that key itself: a request
 that arrives between the leader's end and the entry's write is answered from it too,
 instead of leading a second backend call (the answer is the one being written, so an
-invalidation meanwhile loses nothing fresher).
-Keys live in this process: followers on other replicas are not coalesced (they meet the
+invalidation meanwhile loses nothing fresher; an invalidation through the Admin API drops
+every landed copy all the same, :meth:`Coalescer.forget_landed`). Landed copies are kept per
+tenant, each tenant with its share of ``LANDED_MAX`` (``core.tenant_lru``), so one tenant's
+burst never pushes out another's. Keys live in this process: followers on other replicas are not coalesced (they meet the
 stored entry once the leader completes). The coalescer sits beside the cache rather than
 wrapping it, so whatever wraps the cache (feedback) still sees its own type.
 """
@@ -35,29 +37,32 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from controlplane.core import cache_entry, cache_port
+from controlplane.core import cache_entry, cache_port, tenant_lru
 from synapse_common import clock as clocks
 
-LANDED_MAX = 1024           # landed answers kept for their grace period at most
+LANDED_MAX = 1024           # landed answers kept for their grace period at most, in all
 
 
 @dataclasses.dataclass(eq=False, slots=True)
 class Flight:
     leader: cache_port.CacheDecision
     answer: asyncio.Future[Mapping[str, Any] | None]
+    tenant: str
     followers: int = 0
 
 
 class Coalescer:
     def __init__(self, max_wait_s: float = 300.0,
                  on_follow: Callable[[str], None] | None = None, grace_s: float = 5.0,
-                 clock: clocks.Clock = clocks.monotonic) -> None:
+                 clock: clocks.Clock = clocks.monotonic, tenants: int = 1) -> None:
         self.max_wait_s = max_wait_s
         self.grace_s = grace_s
         self._clock = clock
         self._on_follow = on_follow     # called with "hit" or "alone" per follower
         self._flights: dict[str, Flight] = {}
-        self._landed: dict[str, tuple[Mapping[str, Any], float]] = {}  # key -> (answer, until)
+        # per tenant: key -> (answer, until)
+        self._landed: tenant_lru.TenantLRU[tuple[Mapping[str, Any], float]] = \
+            tenant_lru.TenantLRU(LANDED_MAX, tenants)
 
     def in_flight(self) -> int:
         return len(self._flights)
@@ -71,15 +76,17 @@ class Coalescer:
             if decision.hit is not None:
                 # The cache has the entry now: from here on it, not a landed copy, answers
                 # (so an eviction or invalidation of it holds at once).
-                self._landed.pop(key, None)
+                self._landed.pop(request.tenant, key)
             return decision
-        landed = self._landed.get(key)
-        if landed is not None and landed[1] > self._clock():
-            return self._answer(landed[0], decision, request)
+        landed = self._landed.get(request.tenant, key)
+        if landed is not None:
+            if landed[1] > self._clock():
+                return self._answer(landed[0], decision, request)
+            self._landed.pop(request.tenant, key)
         flight = self._flights.get(key)
         if flight is None:
             loop = asyncio.get_running_loop()
-            self._flights[key] = Flight(decision, loop.create_future())
+            self._flights[key] = Flight(decision, loop.create_future(), request.tenant)
             return decision
         flight.followers += 1
         answer: Mapping[str, Any] | None = None
@@ -112,11 +119,8 @@ class Coalescer:
         if not flight.answer.done():
             flight.answer.set_result(answer)
         if answer is not None and self.grace_s > 0:
-            now = self._clock()
-            if len(self._landed) >= LANDED_MAX:
-                self._landed = {k: v for k, v in self._landed.items() if v[1] > now}
-            if len(self._landed) < LANDED_MAX:
-                self._landed[decision.exact_key] = (answer, now + self.grace_s)
+            self._landed.put(flight.tenant, decision.exact_key,
+                             (answer, self._clock() + self.grace_s))
 
     def store(self, cache: cache_port.ResponseCache, decision: cache_port.CacheDecision,
               response: Mapping[str, Any]) -> None:
@@ -127,6 +131,10 @@ class Coalescer:
     def done(self, decision: cache_port.CacheDecision) -> None:
         """The request of ``decision`` ended (its followers proceed if it stored nothing)."""
         self._land(decision, None)
+
+    def forget_landed(self) -> None:
+        """Drop every landed copy (the cache was invalidated: nothing answers from before)."""
+        self._landed.clear()
 
     def close(self) -> None:
         """Release every follower (they proceed on their own)."""

@@ -305,6 +305,25 @@ async def test_fifty_identical_requests_make_one_backend_call() -> None:
         assert counts.prompt_tokens == USAGE[0] and counts.cache_hit_tokens == 49 * 8
 
 
+async def test_an_admin_invalidation_drops_the_answers_the_coalescer_holds() -> None:
+    """A landed answer is kept a few seconds for requests that arrive before its cache
+    write; after an invalidation it must not answer either."""
+    async with cached_replica("ok") as (cp, backend, cache, client):
+        ask = {"model": "llama", "temperature": 0, "messages": HI}
+        first = await client.chat.completions.with_raw_response.create(**ask)
+        assert first.headers["x-synapse-cache"] == "miss"
+        await cache.drain()
+        async with admin_of(cp) as admin_port:
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = await asyncio.to_thread(ctl.main, [
+                    "--server", f"127.0.0.1:{admin_port}", "cache", "invalidate",
+                    "--tenant", "a"], {"SYNAPSE_ADMIN_TOKEN": t.ADMIN})
+            assert code == 0, err.getvalue()
+        again = await client.chat.completions.with_raw_response.create(**ask)
+        assert again.headers["x-synapse-cache"] == "miss" and len(backend.bodies) == 2
+
+
 async def test_followers_of_a_failed_request_go_on_their_own() -> None:
     async with cached_replica("break") as (_, backend, _, client):
         async def one() -> None:
