@@ -23,7 +23,7 @@ import orjson
 
 from controlplane import errors
 from controlplane.api import admin_views as views
-from controlplane.api import fairness, fairness_wiring, fleet_stats, grpc_server
+from controlplane.api import fairness, fleet_stats, grpc_server
 from controlplane.api import services as services_mod
 from controlplane.core import fleet, placement, tenants
 from controlplane.core import router as router_mod
@@ -206,9 +206,6 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         else:
             raise errors.BadRequest("say what to invalidate: tenant, model or all",
                                     param="target")
-        coalescer = fairness_wiring.get(self.svc).coalescer
-        if coalescer is not None:   # its landed copies answer from before the invalidation
-            coalescer.forget_landed()
         return admin_pb2.InvalidateCacheResponse(exact_entries_removed=exact,
                                                  semantic_entries_removed=semantic)
 

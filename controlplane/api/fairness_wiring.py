@@ -79,6 +79,9 @@ def build(svc: services_mod.Services) -> fairness.Fairness:
     coalescer = (coalesce.Coalescer(on_follow=lambda outcome: coalesced.labels(outcome).inc(),
                                     tenants=services_mod.tenant_count(svc.tenants))
                  if s.coalesce else None)
+    tiered = services_mod.tiered_cache(svc.cache)
+    if coalescer is not None and tiered is not None:   # its landed copies answer from it
+        tiered.invalidation_listeners.append(coalescer.forget_landed)
     return fairness.Fairness(
         policies(tenants, canonical),
         token_limits.TokenLimiter(token_limits.LocalTokenStore(svc.clock)), prices, book, gate,

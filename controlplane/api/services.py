@@ -25,6 +25,7 @@ from controlplane.adapters import node_embed as node_embed_mod
 from controlplane.api import fleet_wiring, route_accuracy
 from controlplane.core import access_log as access_log_mod
 from controlplane.core import (
+    cache_feedback,
     cache_port,
     cache_salt,
     catalog,
@@ -34,6 +35,7 @@ from controlplane.core import (
     ratelimit,
     registry,
     request_ids,
+    response_cache,
     tenant_lru,
     types,
     upstream_kinds,
@@ -147,6 +149,13 @@ def build_tenants(auth: config.AuthSettings, cat: catalog.Catalog) -> tenants_mo
     admin = tenants_mod.sha256_hex(auth.admin_key.get_secret_value()) if auth.admin_key else None
     return tenants_mod.TenantTable(entries, admin, enabled=auth.enabled,
                                    admin_tenant=auth.admin_tenant)
+
+
+def tiered_cache(cache: cache_port.ResponseCache) -> response_cache.TieredCache | None:
+    """The tiered cache behind ``cache`` (itself, or the one feedback wraps); None for
+    another cache (off, a test's)."""
+    inner = cache.inner if isinstance(cache, cache_feedback.FeedbackCache) else cache
+    return inner if isinstance(inner, response_cache.TieredCache) else None
 
 
 def tenant_count(table: tenants_mod.TenantTable) -> int:

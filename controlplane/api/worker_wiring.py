@@ -17,7 +17,7 @@ import uuid
 
 from controlplane.adapters import worker_mesh
 from controlplane.api import services as services_mod
-from controlplane.core import cache_feedback, response_cache, response_pins, shared_routing
+from controlplane.core import cache_feedback, response_pins, shared_routing
 
 
 def attach_mesh(services: services_mod.Services, directory: pathlib.Path | str, index: int,
@@ -30,8 +30,6 @@ def attach_mesh(services: services_mod.Services, directory: pathlib.Path | str, 
     incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     feedback = services.cache if isinstance(services.cache, cache_feedback.FeedbackCache) else None
     served = feedback.served if feedback is not None else None
-    tiered = feedback.inner if feedback is not None else services.cache
-    forms = tiered if isinstance(tiered, response_cache.TieredCache) else None
     sharing = shared_routing.Sharing(services.router, services.response_pins, index,
-                                     incarnation, served, forms)
+                                     incarnation, served, services_mod.tiered_cache(services.cache))
     return worker_mesh.Mesh(sharing, directory, index, count)

@@ -11,8 +11,9 @@ since a semantic candidate whose response is missing is a miss).
 
 Invalidations are admin-rare, so the fence remembers the last ``KEPT`` of them; a store
 older than all of those is dropped (it is at least that many invalidations old).
-This is one process's fence: in a pod, another replica's store in flight is not voided
-by an invalidation made elsewhere.
+Each process has its own fence; the serving workers of a pod tell each other of every
+invalidation (``shared_routing``), so the fence holds pod-wide. Another replica's store in
+flight (another pod, sharing the stores through Redis and Milvus) is not voided.
 """
 
 from __future__ import annotations

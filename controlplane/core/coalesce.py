@@ -20,13 +20,13 @@ The leader's end is :meth:`Coalescer.store` (a complete answer) or :meth:`Coales
 longer than ``max_wait_s``. The cache writes its entries off the hot path, so a landed
 answer is kept for ``grace_s`` more, or until the cache answers that key itself: a request
 that arrives between the leader's end and the entry's write is answered from it too,
-instead of leading a second backend call (the answer is the one being written, so an
-invalidation meanwhile loses nothing fresher; an invalidation through the Admin API drops
-every landed copy all the same, :meth:`Coalescer.forget_landed`). Landed copies are kept per
-tenant, each tenant with its share of ``LANDED_MAX`` (``core.tenant_lru``), so one tenant's
-burst never pushes out another's. Keys live in this process: followers on other replicas are not coalesced (they meet the
-stored entry once the leader completes). The coalescer sits beside the cache rather than
-wrapping it, so whatever wraps the cache (feedback) still sees its own type.
+instead of leading a second backend call. An invalidation of the cache drops every landed
+copy (:meth:`Coalescer.forget_landed` listens to the cache's invalidations, this
+process's and its sibling workers'). Landed copies are kept per tenant, each tenant with
+its share of ``LANDED_MAX`` (``core.tenant_lru``), so one tenant's burst never pushes out
+another's. Keys live in this process: followers on other replicas are not coalesced (they
+meet the stored entry once the leader completes). The coalescer sits beside the cache
+rather than wrapping it, so whatever wraps the cache (feedback) still sees its own type.
 """
 
 from __future__ import annotations
@@ -132,8 +132,10 @@ class Coalescer:
         """The request of ``decision`` ended (its followers proceed if it stored nothing)."""
         self._land(decision, None)
 
-    def forget_landed(self) -> None:
-        """Drop every landed copy (the cache was invalidated: nothing answers from before)."""
+    def forget_landed(self, tenant: str | None = None, model: str | None = None) -> None:
+        """Drop every landed copy (the cache was invalidated, here or on a sibling worker:
+        nothing answers from before). All of them, whatever was invalidated: they are
+        seconds from being the cache's own entries anyway."""
         self._landed.clear()
 
     def close(self) -> None:

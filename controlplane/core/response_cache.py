@@ -159,6 +159,11 @@ class TieredCache:
         self._forms: dict[str, Mapping[str, Any]] = {}   # form_key -> a stream form
         # Told each form learnt from a stored stream (shared_routing: the pod's workers).
         self.form_listener: Callable[[str, Mapping[str, Any]], None] | None = None
+        # Told (tenant, model) of each invalidation, this process's or a sibling's: what
+        # holds copies of answers outside the cache (the coalescer's landed answers).
+        self.invalidation_listeners: list[Callable[[str | None, str | None], None]] = []
+        # Told (tenant, model) of each invalidation made here (shared_routing: the pod).
+        self.invalidation_publisher: Callable[[str | None, str | None], None] | None = None
         self._warmed = False
         self._embedder_id: str | None = None     # the last one Node.Embed reported
 
@@ -461,7 +466,9 @@ class TieredCache:
         the layer, when one could not be reached."""
         if not everything and tenant is None and model is None:
             raise ValueError("invalidate needs a tenant, a model or everything=True")
-        self.fence.invalidated(tenant, model)   # first: stores in flight are voided
+        self.forget(tenant, model)              # first: stores in flight are voided
+        if self.invalidation_publisher is not None:
+            self.invalidation_publisher(tenant, model)
         counts: list[int] = []
         failed: list[str] = []
         layers: list[tuple[str, cache_parts.L1Store | cache_parts.SemanticIndex | None]] = [
@@ -480,6 +487,16 @@ class TieredCache:
                 f"cache invalidation incomplete ({'; '.join(failed)}); removed {counts[0]} "
                 f"exact and {counts[1]} semantic entries", code="cache_unavailable")
         return counts[0], counts[1]
+
+    def forget(self, tenant: str | None, model: str | None) -> None:
+        """What an invalidation undoes in this process, the shared stores left alone (a
+        sibling worker's invalidation deleted there): stores of earlier lookups are voided
+        (``cache_fence``), L2's local copies dropped, the listeners told."""
+        self.fence.invalidated(tenant, model)
+        if self.l2 is not None:
+            self.l2.forget(tenant, model)
+        for listener in self.invalidation_listeners:
+            listener(tenant, model)
 
     async def close(self) -> None:
         await self._writer.close()

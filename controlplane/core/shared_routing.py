@@ -23,7 +23,11 @@ dispatched it itself:
   forgotten by all (one verdict per request);
 * the stream form the response cache learnt for a model and tenant (:class:`Forms`), so an answer
   stored from a plain request replays as the model streams on every process, not only
-  on the one that saw a stream of it.
+  on the one that saw a stream of it;
+* the response cache's invalidations (the Admin API reaches one process): each sibling
+  drops its own copies (L2's mirror, the coalescer's landed answers) and voids the stores
+  of its lookups made before (``TieredCache.forget``; the shared stores were emptied by
+  the process that was asked).
 
 Foreign tickets belong to the connection they came in on (an :class:`Inbound`), not to
 the peer's index: when a connection ends (the peer died, closed, or was dropped as too
@@ -74,6 +78,7 @@ SERVED = "v"        # ("v", request id, *the Served fields in order)
 COST = "c"          # ("c", backend, *the rest of CostModel.observe's arguments in order)
 FORM = "m"          # ("m", form key (tenant and model), the stream form learnt for it)
 TAKEN = "t"         # ("t", tenant, request id)
+INVALIDATED = "i"   # ("i", tenant or null, model or null): the response cache invalidated
 
 Event = tuple[Any, ...]
 
@@ -92,8 +97,11 @@ class Forms(Protocol):
     """The response cache's stream forms (:class:`response_cache.TieredCache`)."""
 
     form_listener: Callable[[str, Mapping[str, Any]], None] | None
+    invalidation_publisher: Callable[[str | None, str | None], None] | None
 
     def learn_form(self, key: str, form: Mapping[str, Any]) -> bool: ...
+
+    def forget(self, tenant: str | None, model: str | None) -> None: ...
 
 
 class Sharing:
@@ -135,6 +143,7 @@ class Sharing:
             self.served_log.listener = self
         if self.forms is not None:
             self.forms.form_listener = self.formed
+            self.forms.invalidation_publisher = self.invalidated
 
     def detach(self) -> None:
         self.ledger.listener = None
@@ -145,6 +154,7 @@ class Sharing:
             self.served_log.listener = None
         if self.forms is not None:
             self.forms.form_listener = None
+            self.forms.invalidation_publisher = None
         self._wake = None
         self._outbox.clear()
         self._live.clear()      # their finishes would no longer be heard: not kept
@@ -204,6 +214,10 @@ class Sharing:
     def formed(self, key: str, form: Mapping[str, Any]) -> None:
         if not self._applying:
             self._publish((FORM, key, dict(form)))
+
+    def invalidated(self, tenant: str | None, model: str | None) -> None:
+        if not self._applying:
+            self._publish((INVALIDATED, tenant, model))
 
     # -- what goes out ------------------------------------------------------------------
 
@@ -321,6 +335,9 @@ class Inbound:
         elif kind == FORM:
             if sharing.forms is not None and isinstance(event[2], dict):
                 sharing.forms.learn_form(event[1], event[2])
+        elif kind == INVALIDATED:
+            if sharing.forms is not None:
+                sharing.forms.forget(_name_or_none(event[1]), _name_or_none(event[2]))
         # an unknown kind is a newer peer's: skipped, so versions can add events
 
     def close(self) -> None:
@@ -333,6 +350,10 @@ class Inbound:
     def foreign(self) -> int:
         """Tickets of this connection's peer still counted in this worker's ledger."""
         return len(self._tickets)
+
+
+def _name_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _decode(payload: memoryview) -> list[Any]:

@@ -21,6 +21,7 @@ from controlplane.core import (
 )
 from controlplane.core import shared_routing as shared
 from tests.clock import ManualClock
+from tests.controlplane import test_cache_support as cache_support
 
 MODEL = "m"
 LONG = "shared context about the quarterly report. " * 200   # ~2,000 tokens
@@ -355,6 +356,29 @@ def test_a_stream_form_learnt_on_one_worker_is_known_to_every_worker() -> None:
     assert c0.learn_form(MODEL, form) is False
     w1.sharing.detach()
     assert c1.form_listener is None
+
+
+async def test_an_invalidation_on_one_worker_voids_its_siblings_stores_in_flight() -> None:
+    """The Admin API reaches one process; the others' lookups made before it must not
+    store their answers after it, and their copies of answers go too."""
+    clock = ManualClock()
+    c0, c1 = tiered_cache(), tiered_cache()
+    w0, w1 = Worker(0, clock, forms=c0), Worker(1, clock, forms=c1)
+    into_w1 = connected(w0, w1)
+    heard: list[tuple[str | None, str | None]] = []
+    c1.invalidation_listeners.append(lambda tenant, model: heard.append((tenant, model)))
+    question = cache_support.chat("What is the capital of France?")
+    in_flight = await c1.lookup(question)           # on worker 1, before the invalidation
+    assert in_flight.status == "miss"
+    await c0.invalidate(tenant="acme")              # asked of worker 0
+    w0.send(into_w1)
+    assert heard == [("acme", None)]
+    c1.store(in_flight, cache_support.answer("the model as it was"))
+    await c1.drain()
+    assert (await c1.lookup(question)).status == "miss"
+    assert w1.sharing.take() is None                # not echoed back
+    w0.sharing.detach()
+    assert c0.invalidation_publisher is None
 
 
 def test_every_kind_of_event_has_its_own_letter() -> None:

@@ -100,12 +100,18 @@ class L2Index:
         return found
 
     async def invalidate(self, tenant: str | None, model: str | None) -> int:
-        self.presence.forget()      # other scopes remain: the next probe reads them again
-        self.mirrored.clear()
-        self.recent.drop(tenant, model)
+        self.forget(tenant, model)
         if await self.schema.opened() is None:
             return 0
         return await self.store.delete(tenant, model)
+
+    def forget(self, tenant: str | None, model: str | None) -> None:
+        """Drop what this process remembers of ``tenant``/``model``'s rows (the presence
+        map, the mirror, the recent-write buffer), the store left alone: what a sibling
+        worker's invalidation, which deleted them in the shared store, leaves to do here."""
+        self.presence.forget()      # other scopes remain: the next probe reads them again
+        self.mirrored.clear()
+        self.recent.drop(tenant, model)
 
     async def delete_entry(self, ref: str, scope: str | None = None) -> int:
         """Delete one entry's rows (a hit judged wrong) everywhere at once: the recent-write
