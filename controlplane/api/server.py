@@ -15,7 +15,11 @@ app with a connection handler that
   debug level only (a stream of garbage must not fill the logs);
 * keeps at most ``http.max_connections`` open (:func:`connection_cap`): one more closes
   the connection idle longest, or is closed at once when none is idle — idle connections
-  held open cannot use up the process's file descriptors.
+  held open cannot use up the process's file descriptors. Idle means idle whoever serves
+  the connection: the lane's, and aiohttp's (:meth:`_Protocol.idle_since`), so a client
+  cannot shield its idle connections from the cap by making one request the lane hands
+  off (``GET /health``, no key needed), nor are they shielded when there is no lane
+  (TLS, ``http.fast_lane: false``).
 
 The request body's own limit, ``http.body_timeout_s``, is the handlers'
 (:func:`controlplane.api.serving.read_body`, 408).
@@ -92,6 +96,17 @@ class _Protocol(web_protocol.RequestHandler):
                       "(http.header_timeout_s)", self._header_timeout_s)
             self.force_close()
 
+    def idle_since(self) -> float | None:
+        """When it went idle (waiting for a next request, nothing of it received), else
+        None. aiohttp stamps its keep-alive deadline when a connection is made and after
+        each answer; the wait began ``keepalive_timeout`` before it."""
+        waiter = self._waiter
+        if (self.transport is None or waiter is None or waiter.done() or self._messages
+                or self._request_in_progress or self._head_timer is not None
+                or self._force_close or self._close):
+            return None
+        return self._next_keepalive_close_time - self._keepalive_timeout
+
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -137,12 +152,21 @@ class LaneServer(web_server.Server):
         return fast_lane.Connection(self, self.lane, self._loop)
 
     def _make_room(self) -> bool:
-        """Close the connection idle longest to admit a new one (False: none is idle)."""
-        idle = self.sweeper.longest_idle() if self.sweeper is not None else None
-        if idle is None:
+        """Close the connection idle longest, the lane's or aiohttp's, to admit a new one
+        (False: none is idle)."""
+        best: fast_lane.Connection | _Protocol | None = None
+        best_since = math.inf
+        if self.sweeper is not None and (lane := self.sweeper.longest_idle()) is not None:
+            since = lane.idle_since()
+            best, best_since = lane, math.inf if since is None else since
+        for conn in self._connections:
+            if isinstance(conn, _Protocol) and (since := conn.idle_since()) is not None \
+                    and since < best_since:
+                best, best_since = conn, since
+        if best is None:
             return False
-        idle.close()
-        return True
+        best.force_close()      # idle: nothing in flight (aiohttp's close() leaves the
+        return True             # transport open when it cancels the wait for a request)
 
     def refused(self) -> None:
         now = self._loop.time()
