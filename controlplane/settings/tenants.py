@@ -39,6 +39,14 @@ class TenantSettings(Section):
         False, description="let requests choose their class with the fairness.queue.header "
         "header (any configured class)")
 
+    @pydantic.model_validator(mode="after")
+    def _no_empty_key(self) -> TenantSettings:
+        # On the section, not the field: a field's error line would quote the value.
+        for i, key in enumerate(self.keys):
+            if not key.get_secret_value():
+                raise ValueError(_empty(f"keys.{i}", "the tenant could never use it"))
+        return self
+
 
 class AuthSettings(Section):
     enabled: bool = Field(True, description="require a tenant's Bearer key on /v1 "
@@ -66,6 +74,17 @@ class AuthSettings(Section):
         "grpc.host other than loopback does not start unless this is true")
 
     @pydantic.model_validator(mode="after")
+    def _no_empty_secret(self) -> AuthSettings:
+        for name, secret, meaning in (
+                ("admin_key", self.admin_key, "it would act as if no admin key were set "
+                 "(every admin route and Admin call refused)"),
+                ("agent_token", self.agent_token, "it would act as if no agent token were "
+                 "set (no agent could register, engines would get no key)")):
+            if secret is not None and not secret.get_secret_value():
+                raise ValueError(_empty(name, meaning))
+        return self
+
+    @pydantic.model_validator(mode="after")
     def _response_id_key_long_enough(self) -> AuthSettings:
         # On the section, not the field: a field's error line would quote the value.
         key = self.response_id_key
@@ -78,3 +97,10 @@ class AuthSettings(Section):
     @property
     def agent_token_value(self) -> str | None:
         return self.agent_token.get_secret_value() if self.agent_token else None
+
+
+def _empty(field: str, meaning: str) -> str:
+    """The error for a secret that resolved to nothing: most often a secret file or
+    variable that exists but is empty (a Secret key with no value), which would otherwise
+    start a control plane that silently behaves as if the secret were absent."""
+    return f"{field}: is empty (an empty secret file or environment variable?): {meaning}"

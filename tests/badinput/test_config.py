@@ -118,3 +118,25 @@ def test_a_bad_tenant_in_the_key_file_is_one_line_that_quotes_no_key(
         f"auth:\n  allow_unauthenticated_agents: true\n  key_file: {tmp_path / 'keys.yaml'}\n")
     line = _refused(tmp_path / "config.yaml")
     assert "auth.key_file" in line and "tenant 0" in line and "keys" in line, line
+
+
+@pytest.mark.parametrize(("section", "field"), [
+    ("  admin_key: {file: EMPTY}\n", "admin_key"),
+    ("  agent_token: {file: EMPTY}\n", "agent_token"),
+    ("  tenants:\n  - {name: a, keys: [{file: EMPTY}]}\n", "keys.0"),
+    ("  key_file: KEYS\n", "keys.0"),
+])
+def test_an_empty_secret_file_stops_the_control_plane(tmp_path: pathlib.Path, section: str,
+                                                      field: str) -> None:
+    """A secret file that exists but is empty (a Secret key with no value) used to start a
+    control plane that acted as if the secret were absent, saying nothing: the tenant
+    could never authenticate, the admin routes refused every call, no agent registered
+    (found by the operator probe)."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    (tmp_path / "keys.yaml").write_text(f"- {{name: a, keys: [{{file: {empty}}}]}}\n")
+    (tmp_path / "config.yaml").write_text(
+        "auth:\n  allow_unauthenticated_agents: true\n"
+        + section.replace("EMPTY", str(empty)).replace("KEYS", str(tmp_path / "keys.yaml")))
+    line = _refused(tmp_path / "config.yaml")
+    assert field in line and "is empty" in line, line
