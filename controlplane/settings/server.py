@@ -67,6 +67,11 @@ class HttpSettings(Section):
         "/v1/audio/transcriptions and /translations, streamed to the backend, never held in "
         "memory); 413 above, at once when Content-Length says so")
 
+    @pydantic.model_validator(mode="after")
+    def _tls_pair(self) -> HttpSettings:
+        _tls_both_or_neither(self.tls_cert_file, self.tls_key_file)
+        return self
+
     @pydantic.field_validator("workers")
     @classmethod
     def _workers_in_range(cls, value: int | str) -> int | str:
@@ -94,6 +99,22 @@ class GrpcSettings(Section):
     tls_cert_file: str | None = Field(None, description="PEM certificate; enables TLS with key")
     tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file")
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest gRPC message")
+
+    @pydantic.model_validator(mode="after")
+    def _tls_pair(self) -> GrpcSettings:
+        _tls_both_or_neither(self.tls_cert_file, self.tls_key_file)
+        return self
+
+
+def _tls_both_or_neither(cert: str | None, key: str | None) -> None:
+    """TLS needs the certificate and its key: with one of them alone the listener used to
+    serve plain text, saying nothing, so keys and prompts an operator meant to encrypt
+    crossed the network in the clear."""
+    if bool(cert) != bool(key):
+        given, missing = (("tls_cert_file", "tls_key_file") if cert
+                          else ("tls_key_file", "tls_cert_file"))
+        raise ValueError(f"{missing}: required with {given} (TLS needs both; with one alone "
+                         "the port would serve plain text)")
 
 
 class AdminSettings(Section):

@@ -40,6 +40,9 @@ CASES = [
     ("controlplane", "models:\n- {name: a, fallbacks: [nowhere]}\n", "models[0].fallbacks"),
     ("controlplane", "upstreams:\n- {name: x, url: 'http://a', models: [m], kind: ollma}\n",
      "upstreams.0.kind"),
+    # one half of a TLS pair used to serve plain text, saying nothing
+    ("controlplane", "http:\n  tls_cert_file: /etc/tls/tls.crt\n", "http: tls_key_file"),
+    ("controlplane", "grpc:\n  tls_key_file: /etc/tls/tls.key\n", "grpc: tls_cert_file"),
     ("controlplane", "\x00\x01binary\xff", ""),
     ("agent", "backends:\n- {name: 'Bad Name', engine: simulator, model: m}\n", "backends.0.name"),
     ("agent", "control_plane:\n  report_interval_s: -1\n", "control_plane.report_interval_s"),
