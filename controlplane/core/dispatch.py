@@ -14,7 +14,11 @@ The one home of the serving path's upstream policy; the API layer only relays by
   caller (a stream before its first chunk, a whole answer before its end) moves on to the
   next candidate, counted in ``synapse_upstream_retries_total{reason}`` (``connect``,
   ``5xx``, ``timeout``, ``stream``, ``read``); a 4xx is the client's and is passed back as
-  it is. Once the caller has taken an attempt nothing is retried: whatever breaks later is
+  it is — except a 401, 403 or 407: the backend refused *Synapse's* credentials (its
+  ``api_key``, or the engine key), never the client's, which no backend is sent. That
+  backend is failed over like a 5xx (reason ``auth``) and its answer is not relayed: it
+  would tell the client its own key was wrong, and hosted APIs quote the key they were
+  given in that message. A 5xx's quoted detail has the backend's key masked too. Once the caller has taken an attempt nothing is retried: whatever breaks later is
   the caller's to report (an SSE error event).
 * **Runtime fallback**: when every candidate of a model failed, the next model of the
   chain is routed and tried the same way — all within one **request deadline**
@@ -72,6 +76,8 @@ log = logging.getLogger("synapse.controlplane.dispatch")
 
 ERROR_DETAIL_BYTES = 300
 ERROR_DETAIL_TIMEOUT_S = 1.0
+# Statuses by which a backend refuses the credentials Synapse presented (never a client's).
+REFUSED_CREDENTIALS = frozenset({401, 403, 407})
 _CHAINS_MAX = 4096      # fallback chains kept (models are few; guards a leak)
 Failure = errors.UpstreamError | errors.UpstreamTimeout
 Allows = Callable[[str], bool]
@@ -305,6 +311,11 @@ class Dispatcher:
             return _failed(backend, exc)
         if attempt.status >= 500:
             return "5xx", await _server_error(attempt)
+        if attempt.status in REFUSED_CREDENTIALS:
+            return "auth", errors.UpstreamError(
+                f"backend {backend.key} refused Synapse's credentials (status "
+                f"{attempt.status}): its api_key, or the agent token its engine key comes "
+                "from, is wrong or lacks access")
         try:
             await attempt.first_bytes()
         except errors.UpstreamError as exc:
@@ -370,5 +381,8 @@ async def _server_error(attempt: Attempt) -> errors.SynapseError:
         detail = raw.decode("utf-8", "replace")
     except (errors.UpstreamError, TimeoutError):
         detail = ""
+    key = attempt.backend.api_key
+    if key:
+        detail = detail.replace(key, "[its api_key]")
     return errors.UpstreamError(f"backend {attempt.backend.key} answered with status "
                                 f"{attempt.status}" + (f": {detail}" if detail else ""))

@@ -381,3 +381,37 @@ async def test_engines_get_the_id_synapse_made_for_the_request_never_the_clients
     assert "client-chosen" not in (first, second, third)
     assert first != second, "each request its own"
     assert third == "synapse-made"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_backend_refusing_synapses_key_is_failed_over_and_its_answer_not_relayed(
+        status: int) -> None:
+    """The client's key never reaches a backend, so a 401/403 is about Synapse's own key:
+    relayed, it told the tenant its key was wrong and quoted the upstream's api_key (hosted
+    APIs echo the key they were given). Found by the hostile-tenant probe."""
+    echo = b'{"error": {"message": "Incorrect API key provided: sk-backend"}}'
+    d, mock, m = stack(("keyed", "z"))     # round robin: n1/keyed is tried first
+    mock.handler = by_host({"keyed": MockResponse(status, [echo]),
+                            "z": MockResponse(200, [b'{"ok": 1}'])})
+    decision, prompt = route(d)
+    async with d.exchange(decision, prompt, CHAT, b"{}", "r") as attempt:
+        assert attempt.backend.name == "z" and await attempt.read() == b'{"ok": 1}'
+    assert retries(m, "auth") == 1
+    d, mock, _ = stack(("keyed",))
+    mock.handler = lambda req: MockResponse(status, [echo])
+    decision, prompt = route(d)
+    with pytest.raises(errors.UpstreamError) as info:
+        async with d.exchange(decision, prompt, CHAT, b"{}", "r"):
+            raise AssertionError("no attempt should be handed over")
+    assert info.value.http_status == 502 and "sk-backend" not in info.value.message
+    assert "refused Synapse's credentials" in info.value.message
+
+
+async def test_a_5xx_detail_never_quotes_the_backends_key() -> None:
+    d, mock, _ = stack(("keyed",))
+    mock.handler = lambda req: MockResponse(500, [b"bad key sk-backend in upstream"])
+    decision, prompt = route(d)
+    with pytest.raises(errors.UpstreamError) as info:
+        async with d.exchange(decision, prompt, CHAT, b"{}", "r"):
+            pass
+    assert "sk-backend" not in info.value.message and "bad key" in info.value.message
