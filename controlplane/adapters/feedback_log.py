@@ -14,6 +14,8 @@ Design decisions:
   both.
 - One file per replica: a file is never shared between processes (point each replica's
   ``cache.feedback_path`` at its own volume and hand every file to the calibration).
+- Private: each line holds a tenant's query and the cached entry's text, so the file is
+  created mode 0600 (and a directory it has to create, 0700), not as the umask says.
 """
 
 from __future__ import annotations
@@ -44,13 +46,15 @@ class JsonlPairs:
 
     def _append(self, line: bytes) -> None:
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             try:
                 if self.path.stat().st_size + len(line) > self._max_bytes:
                     os.replace(self.path, rotated(self.path))
             except FileNotFoundError:
                 pass
-            with open(self.path, "ab") as fh:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.fchmod(fd, 0o600)    # a file made before this rule, too
+            with os.fdopen(fd, "ab") as fh:
                 fh.write(line)
 
     async def close(self) -> None:

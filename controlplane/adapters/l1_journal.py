@@ -13,11 +13,17 @@ again. The journal makes the in-process L1 as durable as the Lite file beside it
   deletes the expired ones; reads never touch the disk afterwards.
 - Expiry times are wall-clock seconds (a monotonic clock does not survive a restart).
 - Every SQLite call runs in a thread, one at a time (one connection, one lock).
+- **Private.** It holds every tenant's cached answers: the file is made mode 0600 before
+  SQLite writes to it (its ``-wal`` and ``-shm`` files take the database file's mode), and
+  a directory it has to create is made 0700. Under the usual umask they were 0644 and
+  0755, readable by every local user, whenever ``synapse controlplane`` ran with a
+  ``data_dir`` that ``synapse up`` had not made (only ``synapse up`` tightens its own).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -103,7 +109,11 @@ class SqliteJournal:
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            for made in (self.path, self.path + "-wal", self.path + "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(made, 0o600)   # files made before this rule, too
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
