@@ -222,8 +222,10 @@ class MilvusStore:
             if self._failed_at is not None and now - self._failed_at < self._reconnect_s:
                 raise L2Unavailable(f"Milvus at {self.safe_uri()} failed recently")
             try:
-                if self.exclusive:      # a Milvus Lite file: its folder must exist
-                    os.makedirs(os.path.dirname(os.path.abspath(self._uri)), exist_ok=True)
+                if self.exclusive:      # a Milvus Lite file: its folder must exist, and
+                    # be private when made here (Milvus Lite writes tenants' texts 0644)
+                    os.makedirs(os.path.dirname(os.path.abspath(self._uri)), mode=0o700,
+                                exist_ok=True)
                 import pymilvus  # imported late: slow to import, and only L2 needs it
                 kwargs: dict[str, Any] = {"uri": self._uri, "timeout": self._timeout}
                 if self._token:

@@ -68,3 +68,20 @@ async def test_the_feedback_pairs_file_and_its_directory_are_private(
     path.chmod(0o644)                       # made before this rule
     await log.record(Pair())
     assert mode(path) == 0o600 and len(path.read_text().splitlines()) == 2
+
+
+async def test_the_folder_made_for_a_milvus_lite_file_is_private(
+        tmp_path: pathlib.Path) -> None:
+    """Milvus Lite writes its files (tenants' semantic texts) as the umask says: the
+    folder made for it keeps them from other local users."""
+    from tests.controlplane.l2 import fakes
+    from tests.controlplane.l2 import test_l2_milvus as lite
+
+    folder = tmp_path / "data"
+    store = lite.index(str(folder / "l2.db"), "private")
+    try:
+        await store.insert([fakes.row("s", 0, "alice", "m")])
+        await store.flush()
+        assert mode(folder) == 0o700
+    finally:
+        await store.close()
