@@ -114,12 +114,33 @@ class SqliteJournal:
             for made in (self.path, self.path + "-wal", self.path + "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.chmod(made, 0o600)   # files made before this rule, too
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            try:
+                self._db = self._open()
+            except sqlite3.DatabaseError as exc:
+                self._db = self._open(set_aside=exc)
+        return self._db
+
+    def _open(self, set_aside: sqlite3.DatabaseError | None = None) -> sqlite3.Connection:
+        """The journal's connection. ``set_aside``: the file could not be opened as a
+        journal (a torn or foreign file): it is renamed ``<path>.corrupt`` and a new one
+        started, or the journal would fail every write until an operator deleted it."""
+        if set_aside is not None:
+            log.warning("cache L1 journal %s is unreadable (%s: %s): moved to %s.corrupt, "
+                        "starting an empty one", self.path, type(set_aside).__name__,
+                        set_aside, self.path)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(self.path + suffix, self.path + ".corrupt" + suffix)
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(SCHEMA)
-            self._db = db
-        return self._db
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _load_sync(self, now: float) -> list[Saved]:
         with self._lock:

@@ -85,3 +85,21 @@ async def test_the_folder_made_for_a_milvus_lite_file_is_private(
         assert mode(folder) == 0o700
     finally:
         await store.close()
+
+
+async def test_an_unreadable_journal_is_set_aside_and_a_new_one_kept(
+        tmp_path: pathlib.Path) -> None:
+    """A torn or foreign l1.sqlite used to fail every later write too (a warning per
+    second of traffic, nothing kept across restarts) until an operator deleted it."""
+    path = tmp_path / "l1.sqlite"
+    path.write_bytes(b"not a database at all " * 10)
+    journal = l1_journal.SqliteJournal(str(path), flush_interval_s=0)
+    assert await journal.load(0.0) == []
+    journal.put(l1_journal.Saved("k", "alice", "m", b"{}", 2e9))
+    await journal.flush()
+    await journal.close()
+    again = l1_journal.SqliteJournal(str(path), flush_interval_s=0)
+    assert [s.skey for s in await again.load(0.0)] == ["k"]
+    await again.close()
+    assert (tmp_path / "l1.sqlite.corrupt").read_bytes().startswith(b"not a database")
+    assert mode(path) == 0o600
