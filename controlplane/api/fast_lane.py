@@ -56,6 +56,7 @@ from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from controlplane import config, errors
+from controlplane.api import context
 
 if TYPE_CHECKING:
     from controlplane.api import server as server_mod
@@ -177,8 +178,12 @@ class Lane:
 
     PATHS = ("/v1/chat/completions", "/v1/completions")
 
-    def __init__(self, routes: dict[bytes, Route], http: config.HttpSettings) -> None:
+    def __init__(self, routes: dict[bytes, Route], http: config.HttpSettings,
+                 admits: Callable[[CIMultiDictProxy[str]], bool] = lambda _: True) -> None:
         self.routes = routes
+        # whether a request head carries a key the app accepts (read before a body that
+        # has not arrived yet: a client without one never has its body held)
+        self.admits = admits
         # how each of its requests starts: other bytes are aiohttp's as soon as they come
         self.request_lines = tuple(b"POST " + path + b" HTTP/1.1\r\n" for path in routes)
         self.max_header_bytes = http.max_header_bytes
@@ -199,7 +204,24 @@ class Lane:
             path = resource.canonical if resource is not None else ""
             if route.method == "POST" and path in cls.PATHS:
                 routes[path.encode()] = Route(app, path, route.handler)
-        return cls(routes, http) if routes else None
+        return cls(routes, http, _admits(app)) if routes else None
+
+
+def _admits(app: web.Application) -> Callable[[CIMultiDictProxy[str]], bool]:
+    """Whether a head's ``Authorization`` passes the app's authentication (the check
+    ``serving.admit`` makes first)."""
+    services = app.get(context.SERVICES)
+    if services is None:
+        return lambda _: True
+    tenants = services.tenants
+
+    def admits(headers: CIMultiDictProxy[str]) -> bool:
+        try:
+            tenants.authenticate(headers.get("Authorization"))
+        except errors.SynapseError:
+            return False
+        return True
+    return admits
 
 
 class _Head:
@@ -250,6 +272,11 @@ class Connection(base_protocol.BaseProtocol):
         self._closing = False           # close once the request in flight is answered
         self._paused_for_pipeline = False
         self._done: asyncio.Future[None] | None = None
+        # Body bytes of a refused request still to come: read and dropped, never kept;
+        # the connection goes on (or closes) once they are in, as aiohttp's does (closing
+        # with them unread would reset it, and the client could lose the answer).
+        self._discard = 0
+        self._keep_after_discard = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -265,6 +292,16 @@ class Connection(base_protocol.BaseProtocol):
             self._task.cancel()     # the client went away: so does its request
 
     def data_received(self, data: bytes) -> None:
+        if self._discard:
+            dropped = min(len(data), self._discard)
+            self._discard -= dropped
+            if self._discard:
+                return
+            data = data[dropped:]
+            if self._task is None:      # answered already, and now the body is all in
+                self._buf += data
+                self._finished(self._keep_after_discard)
+                return
         if not self._buf and self._task is None and self._waiting_body is None:
             self._since = self.loop.time()      # a head starts: header_timeout_s from now
         self._buf += data
@@ -312,8 +349,16 @@ class Connection(base_protocol.BaseProtocol):
             self._hand_off()
             return
         del buf[:head_len]
-        self._waiting_body = (route, CIMultiDictProxy(head.headers), int(length),
-                              parser.should_keep_alive())
+        headers = CIMultiDictProxy(head.headers)
+        if int(length) > len(buf) and not self._lane.admits(headers):
+            # A body still to come from a client without a valid key is never held: the
+            # app answers (401) as on aiohttp's path while the body is read and dropped.
+            self._discard = int(length) - len(buf)
+            buf.clear()
+            request = LaneRequest(self, route, headers, b"", parser.should_keep_alive())
+            self._task = self.loop.create_task(self._serve(route, request))
+            return
+        self._waiting_body = (route, headers, int(length), parser.should_keep_alive())
         self._since = self.loop.time()          # body_timeout_s from the head
         self._take_body()
 
@@ -360,6 +405,10 @@ class Connection(base_protocol.BaseProtocol):
             self._done.set_result(None)
         if self.transport is None:
             return
+        if self._discard:       # goes on once the refused body is in (or its time is up)
+            self._keep_after_discard = keep
+            self._since = self.loop.time()
+            return
         if not keep or self._closing:
             self.transport.close()
             return
@@ -402,7 +451,10 @@ class Connection(base_protocol.BaseProtocol):
         if self.transport is None or self._task is not None:
             return
         waited = now - self._since
-        if self._waiting_body is not None:
+        if self._discard:
+            if waited > self._lane.body_timeout_s:
+                self.transport.close()
+        elif self._waiting_body is not None:
             if waited > self._lane.body_timeout_s:
                 self._time_out_body()
         elif self._buf:

@@ -2,9 +2,7 @@
 each pinned on a real socket and compared with aiohttp's path (``http.fast_lane: false``)
 serving the same bytes.
 
-A test marked ``xfail(strict=True)`` shows a hole that is still open in the lane: it passes
-on aiohttp's path and fails on the lane, and turns red (XPASS) once the lane is mended, so
-the mark comes off with the fix.
+Each lane test failed before its fix, while the same bytes on aiohttp's path passed.
 """
 
 from __future__ import annotations
@@ -46,10 +44,8 @@ async def test_aiohttp_refuses_a_keyless_request_before_reading_its_body() -> No
     assert await _status_before_body(fast_lane=False) == 401
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "probe finding: the lane buffers a request's whole body (up to http.max_body_bytes, "
-    "4 MiB by default) before the app sees its head, so a client with no key holds that "
-    "much memory per connection for up to http.body_timeout_s: 100 keyless connections "
-    "added 400 MiB of RSS to a control plane, the same bytes on /v1/embeddings none"))
 async def test_the_lane_refuses_a_keyless_request_before_reading_its_body() -> None:
+    """Probe finding: the lane held a keyless client's whole body (up to
+    http.max_body_bytes) for up to http.body_timeout_s before the app saw the request:
+    100 such connections added 400 MiB to a control plane."""
     assert await _status_before_body(fast_lane=True) == 401
