@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
-
 from tests.controlplane import cp_testing as t
 from tests.controlplane import test_fast_lane as lane
 
