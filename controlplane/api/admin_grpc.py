@@ -61,6 +61,15 @@ def _check_name(value: str, field: str, required: bool = True) -> str:
         raise errors.BadRequest(f"{field} is required", param=field)
     if len(value) > MAX_NAME:
         raise errors.BadRequest(f"{field} is longer than {MAX_NAME} characters", param=field)
+    return _printable(value, field)
+
+
+def _printable(value: str, field: str) -> str:
+    """``value`` unless it holds a control character (a newline, NUL…): names and engine
+    arguments end up in engine command lines, agents' logs and synapsectl's tables, where
+    one would break a line or the engine's start (paths and spaces stay allowed)."""
+    if not value.isprintable():
+        raise errors.BadRequest(f"{field} holds a control character", param=field)
     return value
 
 
@@ -95,6 +104,10 @@ def deploy_request(request: admin_pb2.DeployModelRequest) -> fleet.DeployRequest
     if not 0 <= request.gpu_memory_utilization <= 1:
         raise errors.BadRequest("gpu_memory_utilization must be within 0..1",
                                 param="gpu_memory_utilization")
+    for name in request.served_model_names:
+        _check_name(name, "served_model_names")
+    for arg in request.extra_args:
+        _printable(arg, "extra_args")
     need = placement.Need(int(request.memory_required_bytes),
                           tensor_parallel_size(request.extra_args),
                           request.gpu_memory_utilization)

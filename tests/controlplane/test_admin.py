@@ -285,6 +285,15 @@ async def test_bad_requests_name_the_field(fleet) -> None:
         ("DeployModel", admin_pb2.DeployModelRequest(model="x", engine=common_pb2.ENGINE_KIND_VLLM),
          "memory_required_bytes"),
         ("CordonNode", admin_pb2.CordonNodeRequest(name="n" * 300), "longer than"),
+        # control characters would break engine command lines and synapsectl's tables
+        ("DeployModel", admin_pb2.DeployModelRequest(
+            model="../../etc\n\x00", engine=common_pb2.ENGINE_KIND_VLLM), "model holds"),
+        ("DeployModel", admin_pb2.DeployModelRequest(
+            model="m", engine=common_pb2.ENGINE_KIND_VLLM, served_model_names=["a\rb"]),
+         "served_model_names holds"),
+        ("DeployModel", admin_pb2.DeployModelRequest(
+            model="m", engine=common_pb2.ENGINE_KIND_VLLM, extra_args=["--x\n--y"]),
+         "extra_args holds"),
         ("InvalidateCache", admin_pb2.InvalidateCacheRequest(), "tenant, model or all"),
         ("ExplainRoute", admin_pb2.ExplainRouteRequest(model=MODEL), "prompt"),
         ("ExplainRoute", admin_pb2.ExplainRouteRequest(model=MODEL, messages_json="{"), "JSON"),
