@@ -118,6 +118,27 @@ def _ssl_context(http: config.HttpSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+def check_tls_files(settings: config.ControlPlaneSettings) -> None:
+    """A ValueError naming the setting when a TLS file of ``http`` or ``grpc`` cannot be
+    read, or ``http``'s pair does not load (else the process would fail later, at listen,
+    with an OS error that names neither)."""
+    for section in ("http", "grpc"):
+        for field in ("tls_cert_file", "tls_key_file"):
+            path = getattr(getattr(settings, section), field)
+            if path:
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as exc:
+                    raise ValueError(f"{section}.{field}: cannot read {path} "
+                                     f"({exc.strerror or type(exc).__name__})") from None
+    try:
+        _ssl_context(settings.http)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"http.tls_cert_file / http.tls_key_file: not a certificate and "
+                         f"its key ({exc.strerror or type(exc).__name__})") from None
+
+
 async def serve(settings: config.ControlPlaneSettings, services: services_mod.Services,
                 role: workers.Role = workers.Role(), worker_argv: Sequence[str] = ()) -> None:
     app = app_mod.create_app(settings, services=services)
@@ -245,6 +266,7 @@ def main(argv: list[str] | None = None, prog: str = "synapse controlplane") -> i
         if not role.primary:
             base = settings.replica_id or socket.gethostname()
             settings = settings.model_copy(update={"replica_id": role.replica(base)})
+        check_tls_files(settings)
         services = services_mod.build(settings, commands_agents=role.primary)
         ops.prepare(services)   # tracing, access log: ValueError naming tracing.enabled
     except ValueError as exc:

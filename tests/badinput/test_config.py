@@ -143,3 +143,30 @@ def test_an_empty_secret_file_stops_the_control_plane(tmp_path: pathlib.Path, se
         + section.replace("EMPTY", str(empty)).replace("KEYS", str(tmp_path / "keys.yaml")))
     line = _refused(tmp_path / "config.yaml")
     assert field in line and "is empty" in line, line
+
+
+@pytest.mark.parametrize(("section", "field"), [("http", "tls_cert_file"),
+                                                ("grpc", "tls_key_file")])
+def test_a_tls_file_that_cannot_be_read_is_named(tmp_path: pathlib.Path, section: str,
+                                                 field: str) -> None:
+    """It used to start and fail at listen with '[Errno 2] No such file or directory',
+    naming neither the setting nor the path."""
+    missing = tmp_path / "missing.pem"
+    present = tmp_path / "present.pem"
+    present.write_text("not a certificate")
+    other = "tls_key_file" if field == "tls_cert_file" else "tls_cert_file"
+    path = tmp_path / "config.yaml"
+    path.write_text(f"{section}:\n  {field}: {missing}\n  {other}: {present}\n"
+                    "auth:\n  allow_unauthenticated_agents: true\n")
+    line = _refused(path)
+    assert f"{section}.{field}" in line and str(missing) in line, line
+
+
+def test_an_http_tls_pair_that_does_not_load_is_named(tmp_path: pathlib.Path) -> None:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_text("not a certificate")
+    key.write_text("not a key")
+    path = tmp_path / "config.yaml"
+    path.write_text(f"http:\n  tls_cert_file: {cert}\n  tls_key_file: {key}\n"
+                    "auth:\n  allow_unauthenticated_agents: true\n")
+    assert "http.tls_cert_file / http.tls_key_file" in _refused(path)
