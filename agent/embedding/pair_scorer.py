@@ -27,8 +27,11 @@ but it needs torch, which the control plane does not have; every agent running
   matrix products in bfloat16 on oneDNN instead, on a CPU with AMX-BF16, after a
   start-up check against float32 (:mod:`agent.embedding.pair_scorer_bf16`: much
   cheaper there, the logits move slightly); anywhere else, or when the check fails,
-  one log line and the float32 runtime above. Off by default: it can change a decision
-  near the operating point. The scorer id is the same.
+  one log line and the float32 runtime above. ``auto`` does the same (bfloat16 where
+  AMX-BF16 passes its check, else float32): the loader accepts it for a configuration
+  that allows it (:class:`agent.config.EmbedderSettings` decides the default). Refitting
+  the stack on bfloat16 logits gives the same stack, so one stack serves both
+  precisions. The scorer id is the same.
 * **Off the event loop, one batch at a time**: the model runs in ``asyncio.to_thread``
   behind a lock, so concurrent calls queue instead of splitting the cores between two
   forward passes. (The embedder has its own queue: a ScorePairs call and an Embed batch
@@ -89,8 +92,8 @@ def load(path: pathlib.Path, runtime: str = "torch", cache_dir: str = "",
          precision: str = "float32", cpu_flags: frozenset[str] | None = None) -> Loaded:
     """Read and check the file, build the network on the installed base weights with the
     file's layers and head, in eval mode (blocking: seconds); with ``precision``
-    ``bfloat16`` its checked bfloat16 network when this CPU (``cpu_flags``, default this
-    machine's) runs it, else with ``runtime`` ``auto`` or ``onnx`` its checked ONNX
+    ``bfloat16`` or ``auto`` its checked bfloat16 network when this CPU (``cpu_flags``,
+    default this machine's) runs it, else with ``runtime`` ``auto`` or ``onnx`` its checked ONNX
     export (kept in ``cache_dir``; see the module docstring). Raises ``ValueError`` (a :class:`scorer_file.PairScorerError` for the
     file), ``OSError``, ``RuntimeError`` or ``ImportError`` with the reason."""
     file = scorer_file.load(path)
@@ -98,8 +101,8 @@ def load(path: pathlib.Path, runtime: str = "torch", cache_dir: str = "",
     net = pair_scorer_model.build(file.layers, file.head_weight, file.head_bias)
     net.eval()      # training's dropout off
     loaded = Loaded(file, net, pair_scorer_model.tokenizer())
-    if precision == "bfloat16":
-        fast = _bf16(loaded, cpu_flags)
+    if precision in ("bfloat16", "auto"):
+        fast = _bf16(loaded, cpu_flags, precision)
         if fast is not None:
             return dataclasses.replace(loaded, bf16=fast)
     if runtime == "torch":
@@ -107,8 +110,10 @@ def load(path: pathlib.Path, runtime: str = "torch", cache_dir: str = "",
     return dataclasses.replace(loaded, onnx=_onnx(loaded, runtime, cache_dir))
 
 
-def _bf16(loaded: Loaded, cpu_flags: frozenset[str] | None) -> pair_scorer_bf16.Lanes | None:
-    """The checked bfloat16 network, or None (logged once) for the float32 runtimes."""
+def _bf16(loaded: Loaded, cpu_flags: frozenset[str] | None,
+          setting: str = "bfloat16") -> pair_scorer_bf16.Lanes | None:
+    """The checked bfloat16 network, or None (logged once, naming the ``setting`` that
+    asked for it) for the float32 runtimes."""
     try:
         fast, diff = pair_scorer_bf16.load(loaded.model, loaded.tokenizer,
                                            loaded.file.max_len, cpu_flags,
@@ -116,7 +121,8 @@ def _bf16(loaded: Loaded, cpu_flags: frozenset[str] | None) -> pair_scorer_bf16.
     except pair_scorer_bf16.Unavailable as exc:
         quiet = isinstance(exc, pair_scorer_bf16.NotSupported)  # an expected set-up
         (log.info if quiet else log.warning)("pair scorer in float32 (embedder."
-                                             "pair_scorer_precision is bfloat16, but %s)", exc)
+                                             "pair_scorer_precision is %s, but %s)",
+                                             setting, exc)
         return None
     log.info("pair scorer: bfloat16 logits within %.2g of float32's on the check pairs",
              diff)

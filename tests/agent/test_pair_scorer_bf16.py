@@ -76,6 +76,20 @@ def test_without_amx_the_scorer_stays_float32_and_says_why(small_scorer_path, ca
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_auto_is_bfloat16_where_amx_holds_and_float32_elsewhere(small_scorer_path, caplog):
+    """``auto`` (a default for AMX machines): bfloat16 exactly where ``bfloat16`` would be
+    used, else float32 with one quiet line naming the setting."""
+    with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer"):
+        plain = pair_scorer.load(small_scorer_path, "torch", "", "auto",
+                                 cpu_flags=frozenset({"avx2", "avx512f"}))
+    assert plain.runtime == "torch" and plain.bf16 is None
+    assert any("pair_scorer_precision is auto" in r.getMessage()
+               and "no AMX-BF16" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    here = pair_scorer.load(small_scorer_path, "torch", "", "auto")
+    assert here.runtime == ("torch-bfloat16" if HERE is None else "torch"), HERE
+
+
 def test_float32_is_the_default_and_never_builds_the_bf16_network(small_scorer_path):
     assert EmbedderSettings().pair_scorer_precision == "float32"
     loaded = pair_scorer.load(small_scorer_path, "torch")
