@@ -227,6 +227,20 @@ class FastNetwork:
         return functional.layer_norm(x, (x.shape[-1],), norm[0], norm[1], self._eps)
 
 
+def warm(network: Any, max_len: int) -> None:
+    """Run ``network`` (a :class:`FastNetwork` in bfloat16) on two rows once at every
+    length up to twice ``max_len``. oneDNN builds its bfloat16 kernels per shape of a
+    product's input (rows times tokens) on first use, which makes that call markedly
+    slower, so without this a lookup pays it the first time its shape is seen (float32's
+    plain products have no such cost). This covers every call of up to two pairs (four
+    rows) at any length."""
+    import torch
+
+    for length in range(2, 2 * max_len + 1):
+        ids = torch.zeros((2, length), dtype=torch.long)
+        network(ids, torch.ones_like(ids), torch.zeros_like(ids))
+
+
 def _f32(tensor: Any) -> Any:
     return tensor.detach().float()   # float32 already: shares the network's memory
 

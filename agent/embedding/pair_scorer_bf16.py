@@ -23,7 +23,10 @@ faster than float32 ones; onnxruntime has no bfloat16 kernels on the CPU, torch 
   prepacked linear, and the logits of :data:`pair_scorer_onnx.CHECK_PAIRS`, one pair at
   a time and as one padded batch, must equal the float32 network's to
   :data:`TOLERANCE`. Otherwise :class:`Unavailable` says why and the caller keeps the
-  float32 runtime (:mod:`agent.embedding.pair_scorer`).
+  float32 runtime (:mod:`agent.embedding.pair_scorer`). Once checked, the network is run
+  once at every shape a call of up to two pairs per lane makes
+  (:func:`pair_scorer_model.warm`), so that such lookups do not pay oneDNN's first use
+  of a shape.
 * **Lanes** (:class:`Lanes`): with one torch intra-op thread (``OMP_NUM_THREADS=1``, as
   the benchmarks run the agent), a call of two pairs or more splits its rows into
   :func:`pair_scorer_onnx.lanes` slices run side by side, as the ONNX path does; one
@@ -126,4 +129,5 @@ def load(net: Any, tokenizer: Any, max_len: int, flags: frozenset[str] | None = 
     if not diff <= TOLERANCE:  # NaN fails too
         raise Unavailable(f"bfloat16 logits differ from float32's by {diff:.3g} "
                           f"(> {TOLERANCE:g})")
+    pair_scorer_model.warm(fast.fast, max_len)
     return fast, diff

@@ -125,6 +125,16 @@ def test_a_failed_check_keeps_float32(small_scorer_path, monkeypatch, caplog):
     assert said[0].levelno == (logging.INFO if missing else logging.WARNING)
 
 
+def test_warming_covers_every_size_of_two_pairs_per_lane():
+    shapes = []
+    pair_scorer_model.warm(lambda ids, mask, types: shapes.append(
+        (tuple(ids.shape), tuple(mask.shape), tuple(types.shape))), 64)
+    assert [s[0] for s in shapes] == [(2, n) for n in range(2, 129)]
+    sizes = {rows * n for (rows, n), _, _ in shapes}    # oneDNN's shape: rows x tokens
+    assert all(rows * n in sizes for rows in (2, 4) for n in range(2, 65))
+    assert all(a == b == c for a, b, c in shapes)
+
+
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n"
