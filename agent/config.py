@@ -201,14 +201,14 @@ class EmbedderSettings(Section):
                              "tune-pair-scorer wrote, or none (no second model in memory, "
                              "for agents whose control planes do not use it). Without a "
                              "scorer ScorePairs answers FAILED_PRECONDITION")
-    pair_scorer_precision: Literal["float32", "bfloat16"] = Field(
-        "float32", description="kind minilm: the precision of the pair scorer's matrix "
-        "products. float32 (the default) as embedder.runtime says; bfloat16 runs them in "
-        "torch on oneDNN when the CPU has AMX-BF16 (agent.embedding.pair_scorer_bf16): "
-        "a pass costs a fraction of float32's there, but the logits move slightly and "
-        "a few decisions near the operating point can change; checked against float32 "
-        "at start, and without AMX or when the check fails, float32 with one log line. "
-        "The scorer id is the same either way")
+    pair_scorer_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="kind minilm: the precision of the pair scorer's matrix "
+        "products. auto (the default) and bfloat16 run them in bfloat16 in torch on "
+        "oneDNN when the CPU has AMX-BF16 (agent.embedding.pair_scorer_bf16): a pass "
+        "costs a fraction of float32's there, the logits move slightly and a few "
+        "decisions near the operating point can change; checked against float32 at "
+        "start, and without AMX or when the check fails, float32 with one log line. "
+        "float32 runs them as embedder.runtime says. The scorer id is the same either way")
     onnx_cache_dir: str = Field("~/.cache/synapse/onnx", description="kind minilm: where the "
                                 "ONNX exports of the transformer and the pair scorer are kept "
                                 "(one file per weights and torch version; unwritable: "

@@ -90,8 +90,8 @@ def test_auto_is_bfloat16_where_amx_holds_and_float32_elsewhere(small_scorer_pat
     assert here.runtime == ("torch-bfloat16" if HERE is None else "torch"), HERE
 
 
-def test_float32_is_the_default_and_never_builds_the_bf16_network(small_scorer_path):
-    assert EmbedderSettings().pair_scorer_precision == "float32"
+def test_auto_is_the_default_and_float32_never_builds_the_bf16_network(small_scorer_path):
+    assert EmbedderSettings().pair_scorer_precision == "auto"
     loaded = pair_scorer.load(small_scorer_path, "torch")
     assert loaded.runtime == "torch" and loaded.bf16 is None
 
