@@ -49,6 +49,7 @@ from synapse_common import clock as clocks
 log = logging.getLogger(__name__)
 COALESCE_S = 0.05
 FINAL_REPORT_TIMEOUT_S = 3.0
+STATUS_GRACE_S = 1.0     # for a read to wake up to a stream that already has its status
 
 CommandHandler = Callable[[controlplane_pb2.ControlMessage], Awaitable[tuple[bool, str]]]
 
@@ -199,17 +200,32 @@ class Reporter:
             self._live.add(address)
             writer = asyncio.create_task(self._report_loop(call, lock, event))
             reader = asyncio.create_task(self._read_loop(call, lock, writer))
+            ended = asyncio.create_task(call.code())   # the stream's status, once it has one
             try:
-                await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({reader, writer, ended},
+                                   return_when=asyncio.FIRST_COMPLETED)
                 failed = writer.exception() if writer.done() and not reader.done() else None
                 if failed is not None:
                     # A write failed, so the stream is over: say why (a refusal ends it so,
                     # and the read does not always wake up to it).
                     raise failed
+                if ended.done() and not reader.done():
+                    # The stream has its status, and the read may never wake up to it (a
+                    # refusal right after Register went unsaid so): give it a moment, then
+                    # end the session with that status.
+                    await asyncio.wait({reader}, timeout=STATUS_GRACE_S)
+                    if not reader.done():
+                        code = ended.result()
+                        if code != grpc.StatusCode.OK:
+                            raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(),
+                                                       grpc.aio.Metadata(),
+                                                       details=await call.details())
+                        return True
                 await reader
             finally:
                 self._live.discard(address)
                 self._events.discard(event)
+                ended.cancel()
                 for task in (reader, writer):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):

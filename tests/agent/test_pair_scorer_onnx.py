@@ -125,8 +125,11 @@ def test_without_onnxruntime_auto_is_torch_quietly(small_scorer_path, tmp_path, 
 
 
 async def test_the_agents_scorer_runs_the_configured_runtime(small_scorer_path, tmp_path):
+    # float32: this test is about the ONNX runtime (auto, the default precision, would run
+    # the bfloat16 network on a CPU with AMX instead)
     cfg = CFG.model_copy(update={"pair_scorer": str(small_scorer_path), "runtime": "onnx",
-                                 "onnx_cache_dir": str(tmp_path)})
+                                 "onnx_cache_dir": str(tmp_path),
+                                 "pair_scorer_precision": "float32"})
     scorer = pair_scorer.build(cfg)
     await scorer.start()
     try:

@@ -188,3 +188,52 @@ async def test_tls_to_the_control_plane_with_a_configured_ca(self_signed):
     await harness.until(lambda: recorder.registers(), 10, "a Register over TLS")
     await rep.stop()
     server.stop(0)
+
+
+class _SilentRefusal:
+    """A Connect stream the control plane refused right after Register, whose read never
+    wakes up to it (seen under load: the agent logged 'registered', then nothing)."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+
+    async def write(self, msg: controlplane_pb2.AgentMessage) -> None:
+        self.written.append(msg.WhichOneof("body"))
+
+    async def read(self) -> object:
+        await asyncio.Event().wait()        # never
+
+    async def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAUTHENTICATED
+
+    async def details(self) -> str:
+        return "no agent token"
+
+    async def done_writing(self) -> None:
+        pass
+
+
+class _Channel:
+    async def __aenter__(self) -> _Channel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
+
+    async def channel_ready(self) -> None:
+        pass
+
+
+async def test_a_refusal_the_read_never_wakes_up_to_still_ends_the_session(monkeypatch):
+    call = _SilentRefusal()
+    stub = type("Stub", (), {"__init__": lambda self, channel: None,
+                             "Connect": lambda self, metadata: call})
+    monkeypatch.setattr(reporter.controlplane_pb2_grpc, "ControlPlaneStub", stub)
+    monkeypatch.setattr(reporter, "STATUS_GRACE_S", 0.05)
+    r = _reporter(Node())
+    monkeypatch.setattr(r, "_channel", lambda address: _Channel())
+    gauge = metrics.Metrics(CollectorRegistry()).control_plane_connected.labels("n1", "cp")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await asyncio.wait_for(r._session("cp", gauge), 5)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert refused.value.details() == "no agent token" and call.written[0] == "register"
