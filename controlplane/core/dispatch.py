@@ -18,8 +18,9 @@ The one home of the serving path's upstream policy; the API layer only relays by
   ``api_key``, or the engine key), never the client's, which no backend is sent. That
   backend is failed over like a 5xx (reason ``auth``) and its answer is not relayed: it
   would tell the client its own key was wrong, and hosted APIs quote the key they were
-  given in that message. A 5xx's quoted detail has the backend's key masked too. Once the caller has taken an attempt nothing is retried: whatever breaks later is
-  the caller's to report (an SSE error event).
+  given in that message. A 5xx's quoted detail has the backend's key masked too. Once
+  the caller has taken an attempt nothing is retried: whatever breaks later is the
+  caller's to report (an SSE error event).
 * **Runtime fallback**: when every candidate of a model failed, the next model of the
   chain is routed and tried the same way — all within one **request deadline**
   (``Policy.deadline_s``: the first byte over all attempts; each attempt also has the

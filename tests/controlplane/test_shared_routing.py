@@ -292,7 +292,8 @@ def test_frames_split_anywhere_are_read_whole() -> None:
     inbound = w1.sharing.inbound()
     for i in range(len(data)):
         inbound.feed(data[i:i + 1])
-    assert (w1.pins.backend_of("team", "resp_1"), w1.pins.backend_of("team", "resp_2")) == ("n1/a", "n1/b")
+    assert (w1.pins.backend_of("team", "resp_1"),
+            w1.pins.backend_of("team", "resp_2")) == ("n1/a", "n1/b")
 
 
 def test_a_connection_must_start_with_a_hello_of_this_version() -> None:
