@@ -154,8 +154,14 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
     pod = await workers.join(services, role) if role.count > 1 else None
     g = settings.grpc
     server, grpc_port = await _start_grpc(settings, services, role)
-    if not role.primary:    # the shared port once this worker sees the primary's fleet
+    if not role.primary:
+        # the shared port once this worker sees the primary's fleet and its siblings'
+        # routing (else it would route blind to their prefixes, tickets and served log)
         await workers.wait_for_fleet(services, role, settings.registry.sync_grace_s)
+        assert pod is not None
+        if not await pod.wait_joined(settings.registry.sync_grace_s):
+            log.warning("serving worker %d takes requests before the mesh joins all its "
+                        "siblings", role.index)
         await site.start()
     http_port = runner.addresses[0][1] if runner.addresses else h.port
     # Start-up objects (modules, settings, stubs) never die: keep them out of every future

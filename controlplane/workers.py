@@ -245,9 +245,14 @@ def exit_with_parent(parent: int) -> None:
 class PodLink:
     """This process's links to the rest of its pod, closed when it stops."""
 
-    def __init__(self, runners: Sequence[web.AppRunner], mesh: _Closable) -> None:
+    def __init__(self, runners: Sequence[web.AppRunner], mesh: _Mesh) -> None:
         self._runners = runners
         self._mesh = mesh
+
+    async def wait_joined(self, within_s: float) -> bool:
+        """Wait until this process tells and hears every sibling over the mesh; False
+        when ``within_s`` passed first."""
+        return await self._mesh.wait_joined(within_s)
 
     async def close(self) -> None:
         await self._mesh.close()
@@ -255,7 +260,9 @@ class PodLink:
             await runner.cleanup()
 
 
-class _Closable(Protocol):
+class _Mesh(Protocol):
+    async def wait_joined(self, within_s: float) -> bool: ...
+
     async def close(self) -> None: ...
 
 

@@ -11,9 +11,13 @@ connection is trusted to be a sibling; a frame is still only data (no pickle).
 
 Siblings start at slightly different times and one may die and be restarted: a worker
 keeps trying each sibling's socket (from :data:`RETRY_S`, doubling to
-:data:`MAX_RETRY_S`) until it answers, and again whenever the connection ends; its first
-frame on every connection replays its tickets in flight. A stale socket file left by a
-dead worker is replaced when its successor starts.
+:data:`MAX_RETRY_S`) until it answers, and again whenever the connection ends; a sibling
+that introduces itself on its own connection is tried at once, not at the end of the
+wait (a new worker is then heard and told within a turn or two, not up to a second
+later, while it may already be serving). Its first frame on every connection replays its
+tickets in flight. A stale socket file left by a dead worker is replaced when its
+successor starts. :meth:`Mesh.wait_joined` is what a new worker awaits before it takes
+requests: until it both hears and tells every sibling, it would route blind to theirs.
 
 Publishing never blocks and never waits: the core collects events, and the mesh flushes
 them once per event-loop turn (``loop.call_soon``) to every connected sibling with
@@ -81,6 +85,7 @@ class Mesh:
         self._tasks: list[asyncio.Task[None]] = []
         self._out: dict[int, asyncio.WriteTransport] = {}      # sibling index -> ours to it
         self._in: set[_Incoming] = set()
+        self._kicks: dict[int, asyncio.Event] = {}     # sibling index -> "try it now"
 
     @property
     def path(self) -> pathlib.Path:
@@ -93,9 +98,11 @@ class Mesh:
         self._server = await loop.create_unix_server(lambda: _Incoming(self), str(path))
         self._inode = path.stat().st_ino
         self._sharing.attach(self._wake)
+        siblings = [peer for peer in range(self.count) if peer != self.index]
+        self._kicks = {peer: asyncio.Event() for peer in siblings}
         self._tasks = [asyncio.create_task(self._keep_connected(peer),
                                            name=f"mesh {self.index}->{peer}")
-                       for peer in range(self.count) if peer != self.index]
+                       for peer in siblings]
 
     async def close(self) -> None:
         self._sharing.detach()
@@ -123,6 +130,21 @@ class Mesh:
     def hearing_from(self) -> set[int]:
         """The siblings connected to this worker and introduced (their hello read)."""
         return {i.inbound.peer[0] for i in self._in if i.inbound.peer is not None}
+
+    def joined(self) -> bool:
+        """Whether this worker tells and hears every sibling."""
+        siblings = set(range(self.count)) - {self.index}
+        return self.sending_to() == siblings and self.hearing_from() == siblings
+
+    async def wait_joined(self, within_s: float, poll_s: float = 0.02) -> bool:
+        """Wait until :meth:`joined`; False when ``within_s`` passed first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while not self.joined():
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(poll_s)
+        return True
 
     # -- sending ----------------------------------------------------------------------
 
@@ -155,10 +177,11 @@ class Mesh:
                 transport, outgoing = await self._loop.create_unix_connection(
                     lambda: _Outgoing(self._loop), path)
             except OSError:         # not started yet, or a dead worker's socket
-                await self._sleep(delay)
+                await self._pause(peer, delay)
                 delay = min(self._max_retry_s, delay * 2)
                 continue
             delay = self._retry_s
+            self._kicks[peer].clear()
             transport.write(self._sharing.greeting())
             self._out[peer] = transport
             log.info("mesh: worker %d sending to worker %d", self.index, peer)
@@ -169,7 +192,27 @@ class Mesh:
                     del self._out[peer]
                 transport.abort()
             log.info("mesh: worker %d lost its connection to worker %d", self.index, peer)
-            await self._sleep(delay)
+            await self._pause(peer, delay)
+
+    async def _pause(self, peer: int, delay: float) -> None:
+        """Wait ``delay`` before trying ``peer`` again, or less if it introduced itself."""
+        kick = self._kicks[peer]
+        if not kick.is_set():
+            waits = [asyncio.ensure_future(self._sleep(delay)),
+                     asyncio.ensure_future(kick.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+        kick.clear()
+
+    def _introduced(self, peer: int) -> None:
+        """Sibling ``peer`` connected and said who it is: if this worker is not telling
+        it anything, try its socket now."""
+        kick = self._kicks.get(peer)
+        if kick is not None and peer not in self._out:
+            kick.set()
 
 
 class _Outgoing(asyncio.Protocol):
@@ -197,12 +240,16 @@ class _Incoming(asyncio.Protocol):
         self._mesh._in.add(self)
 
     def data_received(self, data: bytes) -> None:
+        introduced = self.inbound.peer is not None
         try:
             self.inbound.feed(data)
         except shared_routing.FrameError as exc:
             log.warning("mesh: worker %d dropped a connection from %s: %s",
                         self._mesh.index, self.inbound.peer, exc)
             self.lost()
+            return
+        if not introduced and self.inbound.peer is not None:
+            self._mesh._introduced(self.inbound.peer[0])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost()

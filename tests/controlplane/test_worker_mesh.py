@@ -33,8 +33,8 @@ class Pod:
     async def start(self, index: int, **options: float) -> Worker:
         worker = self.workers[index] = Worker(index, self.clock, f"w{index}-{id(self)}")
         mesh = self.meshes[index] = worker_mesh.Mesh(
-            worker.sharing, self.directory, index, self.count, retry_s=0.005,
-            max_retry_s=0.05, **options)  # type: ignore[arg-type]
+            worker.sharing, self.directory, index, self.count,
+            **{"retry_s": 0.005, "max_retry_s": 0.05, **options})  # type: ignore[arg-type]
         await mesh.start()
         return worker
 
@@ -171,3 +171,31 @@ def test_a_socket_path_too_long_is_refused_up_front() -> None:
         worker_mesh.Mesh(w0.sharing, "/tmp/" + "d" * 120, 0, 2)
     with pytest.raises(ValueError, match="not in"):
         worker_mesh.Mesh(w0.sharing, "/tmp", 2, 2)
+
+
+async def test_a_sibling_that_introduces_itself_is_told_at_once_not_after_the_wait(
+        directory: pathlib.Path) -> None:
+    # Worker 0 starts alone, with a wait between tries far longer than the test: only the
+    # sibling's own connection (its hello) can make worker 0 try its socket again.
+    pods = Pod(directory, 2)
+    try:
+        w0 = await pods.start(0, retry_s=30.0, max_retry_s=30.0)
+        await asyncio.sleep(0.05)       # worker 0's first try failed: it waits
+        assert pods.meshes[0].sending_to() == set()
+        w1 = await pods.start(1)
+        assert await pods.meshes[1].wait_joined(5.0)
+        assert pods.meshes[0].joined()
+        w0.dispatch("question one")
+        await until(lambda: prefilling(w1) == 1, "worker 0's dispatch to reach worker 1")
+    finally:
+        await pods.close()
+
+
+async def test_wait_joined_says_false_when_a_sibling_never_comes(
+        directory: pathlib.Path) -> None:
+    pods = Pod(directory, 2)
+    try:
+        await pods.start(0)
+        assert not await pods.meshes[0].wait_joined(0.1)
+    finally:
+        await pods.close()
