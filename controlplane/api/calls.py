@@ -65,7 +65,7 @@ async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) 
     tenant = authenticate(request, x_api_key)
     h = svc.settings.http
     raw = await serving.read_body(request, h.max_body_bytes, h.body_timeout_s)
-    body = validation.parse_json(raw, h.max_json_depth)
+    body = validation.parse_json(raw, h.max_json_depth, h.max_messages)
     call = parse(body)
     # what an engine would fetch (core.media_urls): chat-shaped messages (Anthropic's
     # images translated), and Responses' input parts, which pass to the engine as sent

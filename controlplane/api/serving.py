@@ -74,7 +74,7 @@ async def admit(request: web.Request, parse: Any,
     ctx.tenant = tenant.name
     h = svc.settings.http
     raw = await read_body(request, h.max_body_bytes, h.body_timeout_s)
-    parsed: validation.Parsed = parse(validation.parse_json(raw, h.max_json_depth))
+    parsed: validation.Parsed = parse(validation.parse_json(raw, h.max_json_depth, h.max_messages))
     if parsed.endpoint == "chat":   # what an engine would fetch (core.media_urls)
         media_urls.check_chat(parsed.body["messages"], h.media_urls)
     try:

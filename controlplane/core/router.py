@@ -171,10 +171,12 @@ class Router:
     def _verdict(self, b: types.BackendState, why: str, prompt: Prompt,
                  ids: tuple[int, ...], hashes: dict[int, tuple[int, ...]]) -> types.Verdict:
         n = prompt.tokens
-        reason = why or self._filter(b, n + prompt.max_tokens)
+        need = n + prompt.max_tokens
+        reason = why or self._filter(b, need)
         bs = self.block_size(b)
         cached = 0
-        if ids:
+        if ids and not (b.kv_capacity_tokens and need > b.kv_capacity_tokens):
+            # (a prompt its KV cache can never hold has no prefix there to find: not hashed)
             if bs not in hashes:
                 hashes[bs] = self._hashes(ids, bs, prompt.hash_seed)
             cached = cached_tokens(self._index.match(b.key, hashes[bs]), n, bs)

@@ -43,7 +43,15 @@ SESSION_ID_MAX = 256
 REQUEST_ID_MAX = 128
 
 
-def parse_json(raw: bytes, max_depth: int = 64) -> dict[str, Any]:
+MAX_MESSAGES = 2048     # OpenAI's own limit on a chat's messages array
+
+
+def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES,
+               ) -> dict[str, Any]:
+    """The body as a JSON object; 400 when it is not one, nests deeper than
+    ``max_depth`` or has a ``messages`` array of more than ``max_messages`` items (each
+    message costs the validation, the cache key, the tokenizer and the template a walk:
+    a body of many tiny messages would cost far more CPU per byte than its size says)."""
     if not raw:
         raise errors.BadRequest("the request body is empty; send a JSON object",
                                 code="invalid_json")
@@ -59,6 +67,11 @@ def parse_json(raw: bytes, max_depth: int = 64) -> dict[str, Any]:
     if raw.count(b"[") + raw.count(b"{") > max_depth and not _within_depth(body, max_depth - 1):
         raise errors.BadRequest(f"the request body nests deeper than {max_depth} levels "
                                 "(http.max_json_depth)", code="invalid_json")
+    messages = body.get("messages")
+    if type(messages) is list and len(messages) > max_messages:
+        raise errors.BadRequest(
+            f"messages: array too long: {len(messages)} messages; at most {max_messages} "
+            "(http.max_messages)", param="messages", code="array_above_max_length")
     return body
 
 

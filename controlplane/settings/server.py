@@ -62,6 +62,11 @@ class HttpSettings(Section):
     max_json_depth: int = Field(64, ge=4, le=250,
                                 description="deepest nesting of arrays and objects in a "
                                 "request body (400 above)")
+    max_messages: int = Field(
+        2048, ge=1, description="most messages in a request's messages array (chat "
+        "completions, Anthropic messages); 400 above. OpenAI's own limit: each message costs "
+        "CPU to validate, key and tokenize, so a body of many tiny messages would cost far "
+        "more per byte than its size says")
     max_audio_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="largest audio upload (the multipart body of "
         "/v1/audio/transcriptions and /translations, streamed to the backend, never held in "

@@ -74,6 +74,24 @@ def test_filter_drops_unready_and_kv_too_small_backends() -> None:
     assert r.route(MODEL, ask("x")) is None
 
 
+def test_a_prompt_no_kv_cache_can_hold_is_not_hashed_for_that_backend() -> None:
+    # hashing a huge prompt is most of its CPU: a backend that can never hold it is
+    # refused on its size alone (a tenant's oversized bodies stay cheap to refuse)
+    r, _ = make("predicted_ttft", backend("ok"), backend("tiny", kv_capacity_tokens=500))
+    sizes: list[int] = []
+    real = r._hashes
+    r._hashes = lambda ids, bs, seed=0: sizes.append(len(ids)) or real(ids, bs, seed)  # type: ignore[assignment,method-assign,func-returns-value]
+    verdicts, _ = r.verdicts(MODEL, ask("x"))
+    assert len(sizes) == 1      # the one block size, for "ok" only
+    r._index.insert("n1/tiny", real(ask("x").token_ids, 16), 0, 0)
+    verdicts, _ = r.verdicts(MODEL, ask("x"))
+    tiny = next(v for v in verdicts if v.backend.name == "tiny")
+    assert tiny.cached_tokens == 0 and "capacity 500" in tiny.filter_reason
+    r2, _ = make("predicted_ttft", backend("tiny", kv_capacity_tokens=500))
+    r2._hashes = lambda ids, bs, seed=0: sizes.append(len(ids)) or real(ids, bs, seed)  # type: ignore[assignment,method-assign,func-returns-value]
+    assert r2.route(MODEL, ask("x")) is None and len(sizes) == 2
+
+
 def test_all_kv_full_still_routes_so_the_engine_can_queue() -> None:
     r, _ = make("predicted_ttft", backend("a", kv_usage=0.999), backend("b", kv_usage=0.999))
     decision = r.route(MODEL, ask("x"))

@@ -22,6 +22,21 @@ def test_nesting_up_to_the_limit_passes_and_one_more_level_is_a_400() -> None:
         validation.parse_json(nested(9), max_depth=8)
 
 
+def test_more_messages_than_the_limit_is_a_400_naming_the_field() -> None:
+    def body(n: int) -> bytes:
+        return json.dumps({"model": "m",
+                           "messages": [{"role": "user", "content": "x"}] * n}).encode()
+    assert len(validation.parse_json(body(4), max_messages=4)["messages"]) == 4
+    with pytest.raises(errors.BadRequest, match=r"5 messages; at most 4 \(http\.max_messages\)"
+                       ) as info:
+        validation.parse_json(body(5), max_messages=4)
+    assert info.value.param == "messages" and info.value.code == "array_above_max_length"
+    # the default is OpenAI's own limit
+    assert len(validation.parse_json(body(2048))["messages"]) == 2048
+    with pytest.raises(errors.BadRequest):
+        validation.parse_json(body(2049))
+
+
 def test_brackets_inside_strings_are_text_not_nesting() -> None:
     body = json.dumps({"model": "m", "messages": [{"role": "user",
                                                    "content": "[[[[{{{{" * 50}]}).encode()

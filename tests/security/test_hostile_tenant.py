@@ -215,6 +215,22 @@ def test_deeply_nested_body_with_an_alias_is_a_400(plain: EdgeGateway) -> None:
     fleet.still_serving(plain.url)
 
 
+@pytest.mark.parametrize("path", [CHAT, "/v1/messages"])
+def test_a_body_of_more_messages_than_the_limit_is_a_400_before_any_work(
+        plain: EdgeGateway, path: str) -> None:
+    # A tenant's body of 110,000 one-letter messages (3 MiB) cost the control plane most
+    # of a second of its one core (the cache key, the tokenizer and the block hashes walk
+    # every message), stalling every other tenant's requests; refused after parsing now.
+    body = json.dumps({"model": "llama", "max_tokens": 4,
+                       "messages": [{"role": "user", "content": "x"}] * 25_000}).encode()
+    assert len(body) < 1024 * 1024     # under the fleet's http.max_body_bytes
+    reply = _post(plain, path, body, key=fleet.TENANT_KEY)
+    assert reply.status == 400, reply.body[:300]
+    message = reply.json()["error"]["message"]     # OpenAI's envelope, or Anthropic's
+    assert message.startswith("messages: array too long") and "http.max_messages" in message
+    fleet.still_serving(plain.url)
+
+
 def test_a_refused_connection_to_an_upstream_never_names_its_address(plain: EdgeGateway,
                                                                       ) -> None:
     body = json.dumps({"model": "gone-model",
