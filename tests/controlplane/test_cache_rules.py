@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controlplane.core import cache_port, cache_rules
 
@@ -138,3 +140,31 @@ def test_a_request_whose_answer_echoes_its_prompt_has_no_semantic_text(field, va
     assert keys(body={**BASE, field: False}).semantic_text is not None
     completion = {"model": "llama", "temperature": 0, "prompt": "Say hi", field: value}
     assert keys(body=completion, endpoint="completions").semantic_text is None
+
+
+def _json_module_canonical(value):
+    """The canonical text as the json module writes it (what every key was made from
+    before orjson wrote it): the keys of entries already stored depend on it."""
+    import json
+    return json.dumps(cache_rules._normalise(value, []), sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=False)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+
+
+@given(_json_values)
+@settings(max_examples=400, deadline=None)
+def test_the_canonical_text_is_the_json_modules_byte_for_byte(value):
+    assert cache_rules._canonical(value) == _json_module_canonical(value)
+
+
+def test_the_canonical_text_of_odd_values_is_the_json_modules():
+    for value in [{"t": 1e-05, "u": [2.5e-07]}, {"big": 2**80}, {"lone": "\ud800x"},
+                  {"é": 1, "e": 2.0, "\u2028": "\x00\x1f\x7f"}, [float("inf")],
+                  {"b": {"z": 1, "a": [1.0, True, None]}}]:
+        assert cache_rules._canonical(value) == _json_module_canonical(value)
