@@ -15,6 +15,7 @@ sends it (the Anthropic SDKs, on ``/v1/messages``).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -61,17 +62,24 @@ def authenticate(request: web.Request, x_api_key: bool = False) -> tenants.Tenan
 
 async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) -> Front:
     """Authenticate, read and parse the body, rate-limit, resolve the model."""
-    svc = context.get(request).svc
+    svc, ctx = context.of(request)
     tenant = authenticate(request, x_api_key)
+    turn = svc.loop_share.wait_s(tenant.name)
+    if turn != 0.0:
+        await serving.take_turn(svc, tenant.name, turn)
     h = svc.settings.http
     raw = await serving.read_body(request, h.max_body_bytes, h.body_timeout_s)
-    body = validation.parse_json(raw, h.max_json_depth, h.max_messages)
-    call = parse(body)
-    # what an engine would fetch (core.media_urls): chat-shaped messages (Anthropic's
-    # images translated), and Responses' input parts, which pass to the engine as sent
-    media_urls.check_chat(call.messages, h.media_urls)
-    if call.task == tasks.RESPONSES:
-        media_urls.check_responses(body, h.media_urls)
+    started = time.perf_counter()
+    try:
+        body = validation.parse_json(raw, h.max_json_depth, h.max_messages)
+        call = parse(body)
+        # what an engine would fetch (core.media_urls): chat-shaped messages (Anthropic's
+        # images translated), and Responses' input parts, which pass to the engine as sent
+        media_urls.check_chat(call.messages, h.media_urls)
+        if call.task == tasks.RESPONSES:
+            media_urls.check_responses(body, h.media_urls)
+    finally:
+        ctx.work_s += time.perf_counter() - started
     front = Front(tenant, body, raw, call, await acquire(request, tenant))
     try:
         front.canonical = serving.resolve_model(request, tenant, call.model)

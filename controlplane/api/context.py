@@ -50,6 +50,9 @@ class RequestContext:
     # the x-request-id engines get: Synapse's (``request_id`` when Synapse made that too),
     # never the client's, which vLLM would take as the request's own (core.request_ids)
     engine_id: str = ""
+    # seconds of the event loop this request's synchronous work took (parsing, the
+    # prompt, routing), charged to its tenant's share when it ends (core.loop_share)
+    work_s: float = 0.0
 
     def headers(self) -> dict[str, str]:
         """The x-synapse headers every response carries (as known so far)."""

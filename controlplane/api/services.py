@@ -42,6 +42,7 @@ from controlplane.core import (
 )
 from controlplane.core import fairness as fairness_mod
 from controlplane.core import fleet as fleet_mod
+from controlplane.core import loop_share as loop_share_mod
 from controlplane.core import response_pins as pins_mod
 from controlplane.core import router as router_mod
 from controlplane.core import stats as stats_mod
@@ -90,6 +91,9 @@ class Services:
     upload_session: aiohttp.ClientSession | None = None     # audio: streamed uploads
     response_pins: pins_mod.Pins | None = None              # passthrough
     stats_fanout: redis_fanout.Fanout | None = None         # fleet_stats, with redis.url
+    # each tenant's turns on this process's event loop (api.serving.take_turn)
+    loop_share: loop_share_mod.LoopShare = dataclasses.field(
+        default_factory=loop_share_mod.LoopShare)
     # Metric children by (metric name, *labels), so the hot path skips labels() lookups.
     label_cache: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Literal
 
 import orjson
@@ -32,6 +33,7 @@ from aiohttp import web
 
 from controlplane import errors
 from controlplane.api import context, fairness, ops, proxy
+from controlplane.api import services as services_mod
 from controlplane.core import cache_port, media_urls, ratelimit, tenants, validation
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
@@ -72,17 +74,39 @@ async def admit(request: web.Request, parse: Any,
     with tracing.span("auth"):
         tenant = svc.tenants.authenticate(request.headers.get("Authorization"))
     ctx.tenant = tenant.name
+    turn = svc.loop_share.wait_s(tenant.name)
+    if turn != 0.0:         # rarely: no coroutine on the hot path
+        await take_turn(svc, tenant.name, turn)
     h = svc.settings.http
     raw = await read_body(request, h.max_body_bytes, h.body_timeout_s)
-    parsed: validation.Parsed = parse(validation.parse_json(raw, h.max_json_depth, h.max_messages))
-    if parsed.endpoint == "chat":   # what an engine would fetch (core.media_urls)
-        media_urls.check_chat(parsed.body["messages"], h.media_urls)
+    started = time.perf_counter()
+    try:
+        parsed: validation.Parsed = parse(validation.parse_json(raw, h.max_json_depth,
+                                                                h.max_messages))
+        if parsed.endpoint == "chat":   # what an engine would fetch (core.media_urls)
+            media_urls.check_chat(parsed.body["messages"], h.media_urls)
+    finally:
+        ctx.work_s += time.perf_counter() - started
     try:
         permit = await svc.limiter.acquire(tenant, ctx.request_id)
     except errors.RateLimited as exc:
         svc.metrics.rate_limited.labels(tenant.name, exc.limit).inc()
         raise
     return tenant, parsed, raw, permit
+
+
+async def take_turn(svc: services_mod.Services, tenant: str, wait: float | None) -> None:
+    """Wait for ``tenant``'s turn on the event loop, ``wait`` as ``core.loop_share``
+    said (only a tenant whose requests cost the loop much waits, and only while another
+    tenant is served); 429 when None (its turn is further off than ``max_wait_s``)."""
+    if wait is None:
+        svc.child(svc.metrics.rate_limited, tenant, "loop_share").inc()
+        raise errors.RateLimited(
+            "this tenant's requests are using more than its share of the control plane's "
+            "CPU while other tenants are served; slow down",
+            retry_after_s=svc.loop_share.max_wait_s, limit="loop_share")
+    if wait > 0:
+        await asyncio.sleep(wait)
 
 
 def resolve_model(request: web.Request, tenant: tenants.Tenant, name: str) -> str:
@@ -155,7 +179,7 @@ async def lookup_cache(request: web.Request, tenant: str, canonical: str,
 
 
 async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.StreamResponse:
-    svc = context.get(request).svc
+    svc, ctx = context.of(request)
     parse = validation.chat if endpoint == "chat" else validation.completions
     tenant, parsed, raw, permit = await admit(request, parse)
     decision: cache_port.CacheDecision | None = None
@@ -173,11 +197,18 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
         session = router_mod.session_key(   # per tenant: ids are the tenants' own
             tenant.name, validation.session_id(request.headers.get("x-session-id"))
             or parsed.user)
+        started = time.perf_counter()
         prompt = prompt_of(parsed, session, svc.router.exact_prompts)
         prompt.streams = parsed.stream
         prompt.partition(svc.salt_for(tenant.name, parsed.body.get("cache_salt")))
+        prompt.tokenize()       # here, where its time is measured
+        work = time.perf_counter() - started
         await fairness.admit(request, tenant.name, canonical, prompt, parsed.max_tokens)
-        route = choose(request, canonical, prompt, parsed, tenant)
+        started = time.perf_counter()
+        try:
+            route = choose(request, canonical, prompt, parsed, tenant)
+        finally:
+            ctx.work_s += work + time.perf_counter() - started
         if fairness.queues(request):
             route = await fairness.hold(
                 request, route, lambda: choose(request, canonical, prompt, parsed, tenant))

@@ -148,6 +148,10 @@ class Prompt:
         self._last, self._last_name = ids, name
         return ids
 
+    def tokenize(self) -> None:
+        """Tokenize now (memoised), so the caller chooses where that work happens."""
+        _ = self.tokens     # the property tokenizes (or counts) and memoises
+
     @property
     def token_ids(self) -> tuple[int, ...]:
         if self._last is None:
