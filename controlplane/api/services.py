@@ -91,7 +91,8 @@ class Services:
     upload_session: aiohttp.ClientSession | None = None     # audio: streamed uploads
     response_pins: pins_mod.Pins | None = None              # passthrough
     stats_fanout: redis_fanout.Fanout | None = None         # fleet_stats, with redis.url
-    # each tenant's turns on this process's event loop (api.serving.take_turn)
+    # each tenant's turns on this process's event loop (api.serving.take_turn); build()
+    # gives each configured tenant its share
     loop_share: loop_share_mod.LoopShare = dataclasses.field(
         default_factory=loop_share_mod.LoopShare)
     # Metric children by (metric name, *labels), so the hot path skips labels() lookups.
@@ -221,6 +222,7 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
     return Services(
         settings=settings, clock=clock, replica=replica, registry=reg, ledger=led, router=rtr,
         catalog=cat, tenants=tenants, response_pins=pins_mod.Pins(tenants=shares),
+        loop_share=loop_share_mod.LoopShare(shares),
         limiter=ratelimit.RateLimiter(local), local_limits=local, metrics=m,
         stats=stats_mod.Stats(clock, replica),
         cache=response_cache if response_cache is not None else cache_port.NullCache(),

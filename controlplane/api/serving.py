@@ -97,13 +97,13 @@ async def admit(request: web.Request, parse: Any,
 
 async def take_turn(svc: services_mod.Services, tenant: str, wait: float | None) -> None:
     """Wait for ``tenant``'s turn on the event loop, ``wait`` as ``core.loop_share``
-    said (only a tenant whose requests cost the loop much waits, and only while another
-    tenant is served); 429 when None (its turn is further off than ``max_wait_s``)."""
+    said (only a tenant whose requests cost the loop much waits); 429 when None (its
+    turn is further off than ``max_wait_s``)."""
     if wait is None:
         svc.child(svc.metrics.rate_limited, tenant, "loop_share").inc()
         raise errors.RateLimited(
             "this tenant's requests are using more than its share of the control plane's "
-            "CPU while other tenants are served; slow down",
+            "CPU; slow down",
             retry_after_s=svc.loop_share.max_wait_s, limit="loop_share")
     if wait > 0:
         await asyncio.sleep(wait)
