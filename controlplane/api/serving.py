@@ -106,7 +106,10 @@ async def take_turn(svc: services_mod.Services, tenant: str, wait: float | None)
             "CPU; slow down",
             retry_after_s=svc.loop_share.max_wait_s, limit="loop_share")
     if wait > 0:
-        await asyncio.sleep(wait)
+        try:
+            await asyncio.sleep(wait)
+        finally:
+            svc.loop_share.waited(tenant)
 
 
 def resolve_model(request: web.Request, tenant: tenants.Tenant, name: str) -> str:
@@ -202,13 +205,13 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
         prompt.streams = parsed.stream
         prompt.partition(svc.salt_for(tenant.name, parsed.body.get("cache_salt")))
         prompt.tokenize()       # here, where its time is measured
-        work = time.perf_counter() - started
+        ctx.work_s += time.perf_counter() - started
         await fairness.admit(request, tenant.name, canonical, prompt, parsed.max_tokens)
         started = time.perf_counter()
         try:
             route = choose(request, canonical, prompt, parsed, tenant)
         finally:
-            ctx.work_s += work + time.perf_counter() - started
+            ctx.work_s += time.perf_counter() - started
         if fairness.queues(request):
             route = await fairness.hold(
                 request, route, lambda: choose(request, canonical, prompt, parsed, tenant))

@@ -4,6 +4,8 @@ charges every request's synchronous work."""
 
 from __future__ import annotations
 
+import asyncio
+
 import openai
 import pytest
 
@@ -75,6 +77,16 @@ async def test_the_serving_path_charges_each_requests_work_and_a_refusal_is_a_42
         await client.chat.completions.create(
             model="llama", messages=[{"role": "user", "content": "hello"}])
         assert len(charged) == 1 and charged[0][0] == "a" and charged[0][1] > 0
+        # an expensive tenant's second request at once waits its turn, then is served
+        real.charge = charge  # type: ignore[method-assign]
+        real.charge("a", 0.1)
+        assert real.rationed() == ["a"]
+        started = asyncio.get_running_loop().time()
+        for _ in range(2):
+            await client.chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "hello"}])
+        assert asyncio.get_running_loop().time() - started >= 0.1
+        assert real._waiting == {}      # its wait ended and was counted off
         # a tenant whose turn is too far off is refused before its body is read
         real.wait_s = lambda tenant: None if tenant == "a" else 0.0  # type: ignore[method-assign]
         with pytest.raises(openai.RateLimitError) as info:
@@ -85,3 +97,15 @@ async def test_the_serving_path_charges_each_requests_work_and_a_refusal_is_a_42
         other = running.client(cp.KEY_B)
         await other.chat.completions.create(
             model="llama", messages=[{"role": "user", "content": "hello"}])
+
+
+def test_no_more_than_max_waiting_requests_of_a_tenant_wait_at_once() -> None:
+    # a waiting request may hold its body: the waits are bounded in number too
+    share = loop_share.LoopShare(2, clock=ManualClock(), burst_s=0.0, max_waiting=2)
+    share.charge("heavy", 0.1)
+    assert share.wait_s("heavy") == 0.0     # its turn now: not waiting
+    assert share.wait_s("heavy") == pytest.approx(0.2)
+    assert share.wait_s("heavy") == pytest.approx(0.4)
+    assert share.wait_s("heavy") is None    # a third would wait: refused
+    share.waited("heavy")
+    assert share.wait_s("heavy") == pytest.approx(0.6)
