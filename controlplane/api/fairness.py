@@ -68,15 +68,16 @@ class Flow:
 
 
 def _fair(request: web.Request) -> fairness.Fairness:
-    return fairness_wiring.get(context.get(request).svc)
+    svc = request[context.CONTEXT].svc
+    return svc.fairness or fairness_wiring.get(svc)
 
 
 async def lookup(request: web.Request,
                  cache_request: cache_port.CacheRequest) -> cache_port.CacheDecision:
     """The response cache's decision; a miss identical to a request in flight waits for
     it (coalescing) and is answered from it when it can be."""
-    svc = context.get(request).svc
-    coalescer = fairness_wiring.get(svc).coalescer
+    svc = request[context.CONTEXT].svc
+    coalescer = (svc.fairness or fairness_wiring.get(svc)).coalescer
     if coalescer is None:
         return await svc.cache.lookup(cache_request)
     return await coalescer.lookup(svc.cache, cache_request)
@@ -85,8 +86,8 @@ async def lookup(request: web.Request,
 def store(request: web.Request, decision: cache_port.CacheDecision,
           response: Mapping[str, Any]) -> None:
     """Hand a complete answer to the response cache (and to the requests waiting for it)."""
-    svc = context.get(request).svc
-    coalescer = fairness_wiring.get(svc).coalescer
+    svc = request[context.CONTEXT].svc
+    coalescer = (svc.fairness or fairness_wiring.get(svc)).coalescer
     if coalescer is None:
         svc.cache.store(decision, response)
     else:
@@ -102,8 +103,9 @@ async def admit(request: web.Request, tenant: str, model: str, prompt: router_mo
                 max_tokens: int) -> None:
     """Charge the request's estimate, or raise the 429 of the limit it is over (a refused
     request is not accounted: usage counts the requests admitted)."""
-    svc, ctx = context.of(request)
-    fair = fairness_wiring.get(svc)
+    ctx = request[context.CONTEXT]
+    svc = ctx.svc
+    fair = svc.fairness or fairness_wiring.get(svc)     # built on first use
     try:
         charge = await fair.admit(tenant, model, prompt.tokens, max_tokens)
     except errors.RateLimited as exc:
@@ -124,7 +126,8 @@ async def hold(request: web.Request, route: core_types.RouteDecision,
     fair = _fair(request)
     if fair.gate is None:
         return route
-    svc, ctx = context.of(request)
+    ctx = request[context.CONTEXT]
+    svc = ctx.svc
     flow = ctx.flow
     assert flow is not None     # admitted before it is routed
     cls, weight = fair.priority_of(flow.tenant,
@@ -149,7 +152,7 @@ def upstream_body(request: web.Request, body: Mapping[str, Any], model: str,
                   raw: bytes) -> bytes:
     """``raw``, or — for a stream that did not ask for usage, when usage is accounted —
     the body asking for it (the client's copy is stripped: :func:`stripper`)."""
-    flow = context.get(request).flow
+    flow = request[context.CONTEXT].flow
     if flow is None or _fair(request).book is None or not stream_usage.needs_usage(body):
         return raw
     flow.strip = True
@@ -157,14 +160,14 @@ def upstream_body(request: web.Request, body: Mapping[str, Any], model: str,
 
 
 def stripper(request: web.Request) -> stream_usage.UsageStripper | None:
-    flow = context.get(request).flow
+    flow = request[context.CONTEXT].flow
     return stream_usage.UsageStripper() if flow is not None and flow.strip else None
 
 
 def counter(request: web.Request) -> stream_usage.DeliveredCounter | None:
     """A counter of the content deltas of the event stream about to be relayed (fed what
     reached the client), for an admitted request; None otherwise."""
-    flow = context.get(request).flow
+    flow = request[context.CONTEXT].flow
     if flow is None:
         return None
     flow.delivered = stream_usage.DeliveredCounter()
@@ -176,7 +179,7 @@ def answered(request: web.Request, status: int,
     """The exchange settled: the backend's status and the engine's usage (if found).
     The usage to account: the engine's, or for a stream that was relayed without it, the
     estimate (the prompt's tokens and the content deltas relayed)."""
-    flow = context.get(request).flow
+    flow = request[context.CONTEXT].flow
     if flow is None:
         return usage
     flow.status = status
@@ -191,8 +194,9 @@ def finish(request: web.Request, decision: cache_port.CacheDecision | None,
            failed: bool) -> None:
     """The request ended (``failed``: it raised). Never awaits: safe in ``finally`` of a
     cancelled handler."""
-    svc, ctx = context.of(request)
-    fair = fairness_wiring.get(svc)
+    ctx = request[context.CONTEXT]
+    svc = ctx.svc
+    fair = svc.fairness or fairness_wiring.get(svc)     # built on first use
     coalescer = fair.coalescer
     if decision is not None and coalescer is not None:
         coalescer.done(decision)

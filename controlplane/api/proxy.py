@@ -55,7 +55,8 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
     """Relay the first attempt the dispatcher hands over. ``chain`` (the canonical model
     and the fallbacks the tenant may use) lets it fall back at run time; an answer of a
     fallback model says so (``x-synapse-fallback: A->B``) and is never cached."""
-    svc, ctx = context.of(request)
+    ctx = request[context.CONTEXT]
+    svc = ctx.svc
     async with svc.dispatcher.exchange(route, prompt, path, body, ctx.request_id,
                                        chain=chain, requested=requested,
                                        engine_id=ctx.engine_id) as attempt:
@@ -91,7 +92,8 @@ def _response_headers(attempt: dispatch.Attempt, ctx: context.RequestContext,
 
 async def _whole(request: web.Request, attempt: dispatch.Attempt,
                  store: cache_port.CacheDecision | None) -> web.Response:
-    svc, ctx = context.of(request)
+    ctx = request[context.CONTEXT]
+    svc = ctx.svc
     data = await attempt.read()
     ctx.first_byte = svc.clock()
     status = attempt.status
@@ -122,7 +124,7 @@ def _maybe_store(request: web.Request, decision: cache_port.CacheDecision,
 
 async def _stream(request: web.Request, attempt: dispatch.Attempt,
                   store: cache_port.CacheDecision | None) -> web.StreamResponse:
-    ctx = context.get(request)
+    ctx = request[context.CONTEXT]
     headers = _response_headers(attempt, ctx)
     headers["Cache-Control"] = "no-cache"
     resp = web.StreamResponse(status=200, headers=headers)
@@ -157,7 +159,8 @@ async def pump(request: web.Request, resp: web.StreamResponse, attempt: dispatch
     """Pass the attempt's chunks to ``write`` as they arrive, the response's headers sent
     before the first. None once the backend's stream ended properly; the error's message
     if it broke after the first byte (an error before it raises: nothing sent yet)."""
-    svc, ctx = context.of(request)
+    ctx = request[context.CONTEXT]
+    svc = ctx.svc
     while True:
         try:
             chunk = await attempt.next_chunk()
@@ -179,7 +182,7 @@ async def cut(request: web.Request, resp: web.StreamResponse, message: str,
               logger: logging.Logger) -> None:
     """Mark the request's stream broken (logged on ``logger``); send the headers if
     nothing was sent yet."""
-    ctx = context.get(request)
+    ctx = request[context.CONTEXT]
     logger.warning("stream to the client cut: %s", message,
                    extra={"request_id": ctx.request_id, "backend": ctx.backend})
     ctx.broken = True

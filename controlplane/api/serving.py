@@ -70,7 +70,8 @@ async def admit(request: web.Request, parse: Any,
                 ) -> tuple[tenants.Tenant, validation.Parsed, bytes, ratelimit.Permit]:
     """Authenticate, parse and validate (a chat's media URLs too, as ``calls.begin``
     checks them: before the rate limit), rate-limit: the common front of every /v1 POST."""
-    svc, ctx = context.of(request)
+    ctx = request[context.CONTEXT]
+    svc = ctx.svc
     with tracing.span("auth"):
         tenant = svc.tenants.authenticate(request.headers.get("Authorization"))
     ctx.tenant = tenant.name
@@ -117,7 +118,8 @@ def resolve_model(request: web.Request, tenant: tenants.Tenant, name: str) -> st
 
     The same 404 for both: a different answer for a model the tenant may not use would
     tell it which model names other tenants have (``/v1/models`` lists only its own)."""
-    svc, ctx = context.of(request)
+    ctx = request[context.CONTEXT]
+    svc = ctx.svc
     ctx.model_asked = name
     canonical = svc.catalog.canonical(name)
     known = svc.catalog.is_configured(name) or canonical in svc.registry.served_models()
@@ -133,7 +135,7 @@ def release_later(request: web.Request, permit: ratelimit.Permit) -> None:
     """Release a rate-limit slot without awaiting (safe inside a cancelled handler)."""
     if permit.store is None:
         return
-    svc = context.get(request).svc
+    svc = request[context.CONTEXT].svc
     task = asyncio.get_running_loop().create_task(svc.limiter.release(permit))
     proxy.keep(task)
 
@@ -150,7 +152,7 @@ def choose(request: web.Request, canonical: str, prompt: router_mod.Prompt,
            ) -> core_types.RouteDecision:
     """Route ``canonical``, else the fallbacks ``tenant`` may use, in order
     (``core.dispatch``'s plan)."""
-    svc = context.get(request).svc
+    svc = request[context.CONTEXT].svc
     with tracing.span("route") as span:
         plan = svc.dispatcher.plan(canonical, prompt, validation.size_fields(parsed),
                                    allows=tenant.allows if tenant is not None else None)
@@ -170,7 +172,7 @@ async def lookup_cache(request: web.Request, tenant: str, canonical: str,
                        kind: Literal["chat", "completions"], body: Any) -> cache_port.CacheDecision:
     """The response cache's decision for this request, traced as ``cache.lookup``; the
     status goes to the request's context (access log, headers)."""
-    ctx = context.get(request)
+    ctx = request[context.CONTEXT]
     with tracing.span("cache.lookup") as span:
         decision = await fairness.lookup(request, cache_port.CacheRequest(
             tenant, canonical, kind, body, request.headers.get("Cache-Control", ""),
@@ -182,7 +184,8 @@ async def lookup_cache(request: web.Request, tenant: str, canonical: str,
 
 
 async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.StreamResponse:
-    svc, ctx = context.of(request)
+    ctx = request[context.CONTEXT]
+    svc = ctx.svc
     parse = validation.chat if endpoint == "chat" else validation.completions
     tenant, parsed, raw, permit = await admit(request, parse)
     decision: cache_port.CacheDecision | None = None
@@ -230,7 +233,7 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
 
 async def answer_from_cache(request: web.Request, hit: cache_port.CacheHit,
                             parsed: validation.Parsed) -> web.StreamResponse:
-    ctx = context.get(request)
+    ctx = request[context.CONTEXT]
     headers = ctx.headers()
     if hit.similarity is not None:
         headers["x-synapse-cache-similarity"] = f"{hit.similarity:.4f}"

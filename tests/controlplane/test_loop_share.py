@@ -73,30 +73,34 @@ async def test_the_serving_path_charges_each_requests_work_and_a_refusal_is_a_42
         charged: list[tuple[str, float]] = []
         charge = real.charge
         real.charge = lambda tenant, s: charged.append((tenant, s)) or charge(tenant, s)  # type: ignore[method-assign,func-returns-value]
-        client = running.client()
-        await client.chat.completions.create(
-            model="llama", messages=[{"role": "user", "content": "hello"}])
-        assert len(charged) == 1 and charged[0][0] == "a" and charged[0][1] > 0
-        # an expensive tenant's second request at once waits its turn, then is served
-        real.charge = charge  # type: ignore[method-assign]
-        real.charge("a", 0.1)
-        assert real.rationed() == ["a"]
-        started = asyncio.get_running_loop().time()
-        for _ in range(2):
+        client, other = running.client(), running.client(cp.KEY_B)
+        try:
             await client.chat.completions.create(
                 model="llama", messages=[{"role": "user", "content": "hello"}])
-        assert asyncio.get_running_loop().time() - started >= 0.1
-        assert real._waiting == {}      # its wait ended and was counted off
-        # a tenant whose turn is too far off is refused before its body is read
-        real.wait_s = lambda tenant: None if tenant == "a" else 0.0  # type: ignore[method-assign]
-        with pytest.raises(openai.RateLimitError) as info:
-            await client.chat.completions.create(
+            assert len(charged) == 1 and charged[0][0] == "a" and charged[0][1] > 0
+            # an expensive tenant's second request at once waits its turn, then is served
+            real.charge = charge  # type: ignore[method-assign]
+            real.charge("a", 0.1)
+            assert real.rationed() == ["a"]
+            started = asyncio.get_running_loop().time()
+            for _ in range(2):
+                await client.chat.completions.create(
+                    model="llama", messages=[{"role": "user", "content": "hello"}])
+            assert asyncio.get_running_loop().time() - started >= 0.1
+            assert real._waiting == {}      # its wait ended and was counted off
+            # a tenant whose turn is too far off is refused before its body is read
+            real.wait_s = lambda tenant: None if tenant == "a" else 0.0  # type: ignore[method-assign]
+            with pytest.raises(openai.RateLimitError) as info:
+                await client.chat.completions.create(
+                    model="llama", messages=[{"role": "user", "content": "hello"}])
+            assert "share of the control plane's CPU" in str(info.value)
+            assert info.value.response.headers["Retry-After"] == "10"
+            await other.chat.completions.create(
                 model="llama", messages=[{"role": "user", "content": "hello"}])
-        assert "share of the control plane's CPU" in str(info.value)
-        assert info.value.response.headers["Retry-After"] == "10"
-        other = running.client(cp.KEY_B)
-        await other.chat.completions.create(
-            model="llama", messages=[{"role": "user", "content": "hello"}])
+        finally:
+            await client.close()
+            await other.close()
+
 
 
 def test_no_more_than_max_waiting_requests_of_a_tenant_wait_at_once() -> None:
