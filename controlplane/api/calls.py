@@ -24,7 +24,7 @@ from aiohttp import web
 
 from controlplane import errors
 from controlplane.api import context, fairness, ops, serving
-from controlplane.core import api_calls, media_urls, ratelimit, tenants, validation
+from controlplane.core import api_calls, loop_share, media_urls, ratelimit, tenants, validation
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
 from synapse_common import tasks, tracing
@@ -65,8 +65,8 @@ async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) 
     svc, ctx = context.of(request)
     tenant = authenticate(request, x_api_key)
     turn = svc.loop_share.wait_s(tenant.name)
-    if turn != 0.0:
-        await serving.take_turn(svc, tenant.name, turn)
+    if turn is not loop_share.NO_WAIT:
+        await serving.take_turn(svc, ctx, turn)
     h = svc.settings.http
     raw = await serving.read_body(request, h.max_body_bytes, h.body_timeout_s)
     started = time.perf_counter()

@@ -34,7 +34,7 @@ from aiohttp import web
 from controlplane import errors
 from controlplane.api import context, fairness, ops, proxy
 from controlplane.api import services as services_mod
-from controlplane.core import cache_port, media_urls, ratelimit, tenants, validation
+from controlplane.core import cache_port, loop_share, media_urls, ratelimit, tenants, validation
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
 from synapse_common import tracing
@@ -76,8 +76,8 @@ async def admit(request: web.Request, parse: Any,
         tenant = svc.tenants.authenticate(request.headers.get("Authorization"))
     ctx.tenant = tenant.name
     turn = svc.loop_share.wait_s(tenant.name)
-    if turn != 0.0:         # rarely: no coroutine on the hot path
-        await take_turn(svc, tenant.name, turn)
+    if turn is not loop_share.NO_WAIT:      # rarely: no coroutine on the hot path
+        await take_turn(svc, ctx, turn)
     h = svc.settings.http
     raw = await read_body(request, h.max_body_bytes, h.body_timeout_s)
     started = time.perf_counter()
@@ -96,21 +96,23 @@ async def admit(request: web.Request, parse: Any,
     return tenant, parsed, raw, permit
 
 
-async def take_turn(svc: services_mod.Services, tenant: str, wait: float | None) -> None:
-    """Wait for ``tenant``'s turn on the event loop, ``wait`` as ``core.loop_share``
+async def take_turn(svc: services_mod.Services, ctx: context.RequestContext,
+                    turn: tuple[float, float] | None) -> None:
+    """Wait for the request's turn on the event loop, ``turn`` as ``core.loop_share``
     said (only a tenant whose requests cost the loop much waits); 429 when None (its
-    turn is further off than ``max_wait_s``)."""
-    if wait is None:
-        svc.child(svc.metrics.rate_limited, tenant, "loop_share").inc()
+    turn is too far off)."""
+    if turn is None:
+        svc.child(svc.metrics.rate_limited, ctx.tenant, "loop_share").inc()
         raise errors.RateLimited(
             "this tenant's requests are using more than its share of the control plane's "
             "CPU; slow down",
             retry_after_s=svc.loop_share.max_wait_s, limit="loop_share")
+    wait, ctx.reserved_s = turn
     if wait > 0:
         try:
             await asyncio.sleep(wait)
         finally:
-            svc.loop_share.waited(tenant)
+            svc.loop_share.waited(ctx.tenant)
 
 
 def resolve_model(request: web.Request, tenant: tenants.Tenant, name: str) -> str:

@@ -8,51 +8,64 @@ such bodies back to back held the loop nearly all the time, and every other tena
 requests waited behind them.
 
 So the serving path measures that work per request (:meth:`LoopShare.charge`) and asks,
-before it reads a request's body, how long its tenant must wait (:meth:`wait_s`). A
-tenant whose requests are cheap (under :data:`CHEAP_S` on average) never waits and costs a
-dict lookup per request. A tenant whose requests are expensive gets turns: each of its
-requests reserves its estimated cost (a moving average of what its requests measured)
-times the number of tenants, so its requests start spaced out and together use at most
-its share of the loop, one over the configured tenants. The share is fixed, not
-one over the tenants active now: a tenant whose turns came faster when the others were
-idle would learn from its own waits whether anyone else was being served. A wait longer
-than ``max_wait_s``, or one more than ``max_waiting`` requests of the tenant already wait,
-is not queued: the request is refused (the caller's 429) without reserving a turn (a
-waiting request may hold its body in memory: the waits are bounded in number, not only in
-time).
+before it reads a request's body, how long its tenant must wait (:meth:`wait_s`). Every
+request's measured work, times the number of configured tenants, moves its tenant's
+clock forward; a request waits until its tenant's clock is back to now (less a small
+burst), so a tenant's requests together use at most one over the configured tenants of
+the loop, however it mixes cheap and expensive ones. Only a tenant that sent a request
+costing at least :data:`CHEAP_S` gets a clock (a cheap tenant costs a dict lookup per
+request and never waits), and it is forgotten once its clock has stood still for
+``idle_s``. While it has one, each of its requests also reserves the work it is expected
+to cost (the last expensive request's, averaged with the cheap ones) before it starts,
+corrected when it is measured, so that requests sent together are spaced out rather than
+all let through at once.
+
+The share is fixed, not one over the tenants active now: a tenant whose turns came faster
+when the others were idle would learn from its own waits whether anyone else was being
+served. The only tenant is never rationed. A wait longer than ``max_wait_s``, or one more
+than ``max_waiting`` requests of the tenant already wait, is not queued: the request is
+refused (the caller's 429) without reserving (a waiting request may hold its body in
+memory: the waits are bounded in number, not only in time).
 """
 
 from __future__ import annotations
 
 from synapse_common import clock as clocks
 
-CHEAP_S = 0.002         # a request's measured work below this is not rationed
-AVERAGE_WEIGHT = 0.3    # of the latest measure in a tenant's moving average cost
+CHEAP_S = 0.002         # a request's work below this does not start a tenant's clock
+AVERAGE_WEIGHT = 0.3    # of the latest measure in a tenant's expected cost
+NO_WAIT = (0.0, 0.0)    # wait_s's answer for a tenant without a clock
 
 
 class LoopShare:
     def __init__(self, tenants: int = 1, *, burst_s: float = 0.05, max_wait_s: float = 10.0,
-                 max_waiting: int = 16, clock: clocks.Clock = clocks.monotonic) -> None:
+                 max_waiting: int = 16, idle_s: float = 10.0,
+                 clock: clocks.Clock = clocks.monotonic) -> None:
         self.tenants = max(1, tenants)
         self.burst_s = burst_s
         self.max_wait_s = max_wait_s
         self.max_waiting = max_waiting
+        self.idle_s = idle_s
         self._clock = clock
+        # tenant -> [its clock, the cost its next request is expected to have]
+        self._clocks: dict[str, list[float]] = {}
         self._waiting: dict[str, int] = {}      # tenant -> its requests waiting now
-        self._cost: dict[str, float] = {}       # expensive tenants -> their average cost
-        self._free_at: dict[str, float] = {}    # expensive tenants -> end of their turns
 
-    def wait_s(self, tenant: str) -> float | None:
-        """Seconds ``tenant``'s new request waits for its turn (0.0: none), its turn then
-        reserved; None when that would be over ``max_wait_s`` or ``max_waiting`` of its
-        requests wait already (refuse it, reserve nothing). A positive wait must be
-        followed by :meth:`waited` when it ends, however it ends."""
-        cost = self._cost.get(tenant)
-        if cost is None:
-            return 0.0
+    def wait_s(self, tenant: str) -> tuple[float, float] | None:
+        """(seconds ``tenant``'s new request waits, seconds of the loop it reserved), to be
+        handed back to :meth:`charge`; None when the wait would be over ``max_wait_s`` or
+        ``max_waiting`` of its requests wait already (refuse it; nothing reserved). A
+        positive wait must be followed by :meth:`waited` when it ends, however it ends."""
+        kept = self._clocks.get(tenant)
+        if kept is None:
+            return NO_WAIT
         now = self._clock()
-        free_at = max(now, self._free_at.get(tenant, now))
-        wait = max(0.0, free_at - self.burst_s - now)
+        at, expected = kept
+        if at < now - self.idle_s:
+            del self._clocks[tenant]
+            return NO_WAIT
+        start = max(now, at)
+        wait = max(0.0, start - self.burst_s - now)
         if wait > self.max_wait_s:
             return None
         if wait > 0:
@@ -60,8 +73,9 @@ class LoopShare:
             if waiting >= self.max_waiting:
                 return None
             self._waiting[tenant] = waiting + 1
-        self._free_at[tenant] = free_at + cost * self.tenants
-        return wait
+        reserved = expected * self.tenants
+        kept[0] = start + reserved
+        return wait, reserved
 
     def waited(self, tenant: str) -> None:
         """One of ``tenant``'s requests that :meth:`wait_s` made wait has stopped waiting."""
@@ -71,20 +85,18 @@ class LoopShare:
         else:
             self._waiting.pop(tenant, None)
 
-    def charge(self, tenant: str, seconds: float) -> None:
-        """One of ``tenant``'s requests took ``seconds`` of the loop's synchronous work."""
-        cost = self._cost.get(tenant)
-        if cost is None:
+    def charge(self, tenant: str, seconds: float, reserved: float = 0.0) -> None:
+        """One of ``tenant``'s requests took ``seconds`` of the loop's synchronous work;
+        ``reserved`` is what :meth:`wait_s` reserved for it."""
+        kept = self._clocks.get(tenant)
+        if kept is None:
             if seconds >= CHEAP_S and self.tenants > 1:
-                self._cost[tenant] = seconds
+                self._clocks[tenant] = [self._clock() + seconds * self.tenants, seconds]
             return
-        cost += (seconds - cost) * AVERAGE_WEIGHT
-        if cost < CHEAP_S:
-            del self._cost[tenant]
-            self._free_at.pop(tenant, None)
-        else:
-            self._cost[tenant] = cost
+        kept[0] += seconds * self.tenants - reserved
+        kept[1] = (seconds if seconds >= CHEAP_S
+                   else kept[1] + (seconds - kept[1]) * AVERAGE_WEIGHT)
 
     def rationed(self) -> list[str]:
-        """The tenants whose requests currently take turns (expensive ones)."""
-        return sorted(self._cost)
+        """The tenants with a clock (whose requests may wait)."""
+        return sorted(self._clocks)

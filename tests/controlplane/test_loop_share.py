@@ -17,53 +17,79 @@ from tests.controlplane import cp_testing as cp
 def test_cheap_requests_never_wait() -> None:
     share = loop_share.LoopShare(2, clock=ManualClock())
     for _ in range(100):
-        assert share.wait_s("quiet") == 0.0 and share.wait_s("other") == 0.0
+        assert share.wait_s("quiet") is loop_share.NO_WAIT
+        assert share.wait_s("other") is loop_share.NO_WAIT
         share.charge("quiet", 0.0005)
         share.charge("other", 0.0005)
     assert share.rationed() == []
 
 
 def test_the_only_tenant_has_the_whole_loop() -> None:
-    clock = ManualClock()
-    share = loop_share.LoopShare(1, clock=clock)
+    share = loop_share.LoopShare(1, clock=ManualClock())
     for _ in range(20):
-        assert share.wait_s("heavy") == 0.0
+        assert share.wait_s("heavy") is loop_share.NO_WAIT
         share.charge("heavy", 0.1)
     assert share.rationed() == []
+
+
+def waits(share: loop_share.LoopShare, tenant: str, n: int) -> list[float | None]:
+    out: list[float | None] = []
+    for _ in range(n):
+        turn = share.wait_s(tenant)
+        out.append(None if turn is None else turn[0])
+    return out
 
 
 def test_an_expensive_tenant_takes_turns_of_its_share() -> None:
     clock = ManualClock()
     share = loop_share.LoopShare(2, clock=clock, burst_s=0.0)
-    share.charge("heavy", 0.1)          # it has shown what its requests cost
-    # four of its requests arrive at once: each starts a turn after the one before it,
-    # a turn being its cost times the two tenants sharing the loop
-    assert [share.wait_s("heavy") for _ in range(4)] == pytest.approx([0.0, 0.2, 0.4, 0.6])
-    assert share.wait_s("quiet") == 0.0     # never the cheap tenant
-    # the turns are the same whether or not another tenant is active: its own waits
-    # tell a tenant nothing of the others
-    clock.now += 10.0
-    assert [share.wait_s("heavy") for _ in range(2)] == pytest.approx([0.0, 0.2])
+    share.charge("heavy", 0.1)          # 0.1 s of work: its clock is 0.2 s ahead
+    # four of its requests sent at once are spaced a turn apart (its expected cost times
+    # the two tenants sharing the loop) after the one it owes
+    assert waits(share, "heavy", 4) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert share.wait_s("quiet") is loop_share.NO_WAIT     # never the cheap tenant
+    # the same whether or not another tenant is active: its own waits tell a tenant
+    # nothing of the others
+    clock.now += 5.0
+    assert waits(share, "heavy", 2) == pytest.approx([0.0, 0.2])
+    # idle long enough, it is forgotten
+    clock.now += share.idle_s + 5.0
+    assert share.wait_s("heavy") is loop_share.NO_WAIT and share.rationed() == []
+
+
+def test_cheap_requests_between_expensive_ones_do_not_buy_the_loop() -> None:
+    # an expensive request, then cheap ones: each pays its own (small) work, and the
+    # expensive one's debt stays until repaid by time
+    clock = ManualClock()
+    share = loop_share.LoopShare(2, clock=clock, burst_s=0.0)
+    share.charge("t", 0.1)
+    for _ in range(20):
+        turn = share.wait_s("t")
+        assert turn is not None
+        share.charge("t", 0.0001, turn[1])      # its reservation refunded, its work kept
+        if turn[0] > 0:
+            share.waited("t")
+    turn = share.wait_s("t")
+    assert turn is not None and turn[0] == pytest.approx(0.2 + 20 * 0.0002, abs=1e-9)
 
 
 def test_a_turn_beyond_the_longest_wait_is_refused_and_not_reserved() -> None:
     clock = ManualClock()
     share = loop_share.LoopShare(2, clock=clock, burst_s=0.0, max_wait_s=0.5)
     share.charge("heavy", 0.1)
-    assert [share.wait_s("heavy") for _ in range(4)] == pytest.approx([0.0, 0.2, 0.4, None])
-    assert share.wait_s("heavy") is None    # the refused ones reserved nothing
+    assert waits(share, "heavy", 3) == pytest.approx([0.2, 0.4, None])
+    assert share.wait_s("heavy") is None    # the refused one reserved nothing
     clock.now += 0.2
-    assert share.wait_s("heavy") == pytest.approx(0.4)
+    assert waits(share, "heavy", 1) == pytest.approx([0.4])
 
 
-def test_a_tenant_whose_requests_turn_cheap_stops_taking_turns() -> None:
-    share = loop_share.LoopShare(2, clock=ManualClock())
-    share.charge("t", 0.05)
-    assert share.rationed() == ["t"]
-    for _ in range(30):
-        share.charge("t", 0.0001)
-    assert share.rationed() == []
-    assert share.wait_s("t") == 0.0
+def test_no_more_than_max_waiting_requests_of_a_tenant_wait_at_once() -> None:
+    # a waiting request may hold its body: the waits are bounded in number too
+    share = loop_share.LoopShare(2, clock=ManualClock(), burst_s=0.0, max_waiting=2)
+    share.charge("heavy", 0.1)
+    assert waits(share, "heavy", 3) == pytest.approx([0.2, 0.4, None])
+    share.waited("heavy")
+    assert waits(share, "heavy", 1) == pytest.approx([0.6])
 
 
 async def test_the_serving_path_charges_each_requests_work_and_a_refusal_is_a_429() -> None:
@@ -72,7 +98,7 @@ async def test_the_serving_path_charges_each_requests_work_and_a_refusal_is_a_42
         assert real.tenants == 2        # the configured tenants share the loop
         charged: list[tuple[str, float]] = []
         charge = real.charge
-        real.charge = lambda tenant, s: charged.append((tenant, s)) or charge(tenant, s)  # type: ignore[method-assign,func-returns-value]
+        real.charge = lambda tenant, s, r=0.0: charged.append((tenant, s)) or charge(tenant, s, r)  # type: ignore[method-assign,func-returns-value,misc]
         client, other = running.client(), running.client(cp.KEY_B)
         try:
             await client.chat.completions.create(
@@ -81,15 +107,15 @@ async def test_the_serving_path_charges_each_requests_work_and_a_refusal_is_a_42
             # an expensive tenant's second request at once waits its turn, then is served
             real.charge = charge  # type: ignore[method-assign]
             real.charge("a", 0.1)
-            assert real.rationed() == ["a"]
+            assert real.rationed() == ["a"]     # 0.2 s owed, less the 0.05 s burst
             started = asyncio.get_running_loop().time()
             for _ in range(2):
                 await client.chat.completions.create(
                     model="llama", messages=[{"role": "user", "content": "hello"}])
-            assert asyncio.get_running_loop().time() - started >= 0.1
+            assert asyncio.get_running_loop().time() - started >= 0.15
             assert real._waiting == {}      # its wait ended and was counted off
             # a tenant whose turn is too far off is refused before its body is read
-            real.wait_s = lambda tenant: None if tenant == "a" else 0.0  # type: ignore[method-assign]
+            real.wait_s = lambda tenant: None if tenant == "a" else loop_share.NO_WAIT  # type: ignore[method-assign]
             with pytest.raises(openai.RateLimitError) as info:
                 await client.chat.completions.create(
                     model="llama", messages=[{"role": "user", "content": "hello"}])
@@ -101,15 +127,3 @@ async def test_the_serving_path_charges_each_requests_work_and_a_refusal_is_a_42
             await client.close()
             await other.close()
 
-
-
-def test_no_more_than_max_waiting_requests_of_a_tenant_wait_at_once() -> None:
-    # a waiting request may hold its body: the waits are bounded in number too
-    share = loop_share.LoopShare(2, clock=ManualClock(), burst_s=0.0, max_waiting=2)
-    share.charge("heavy", 0.1)
-    assert share.wait_s("heavy") == 0.0     # its turn now: not waiting
-    assert share.wait_s("heavy") == pytest.approx(0.2)
-    assert share.wait_s("heavy") == pytest.approx(0.4)
-    assert share.wait_s("heavy") is None    # a third would wait: refused
-    share.waited("heavy")
-    assert share.wait_s("heavy") == pytest.approx(0.6)
