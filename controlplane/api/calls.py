@@ -114,11 +114,14 @@ def prompt_of(request: web.Request, tenant: str, call: api_calls.Call) -> router
 
 async def admit_tokens(request: web.Request, front: Front) -> router_mod.Prompt:
     """The token limits and budget (429 naming the limit); the prompt for routing."""
+    ctx = request[context.CONTEXT]
+    started = time.perf_counter()
     prompt = front.prompt = prompt_of(request, front.tenant.name, front.call)
     # The engines' prefix cache, per tenant: pooling calls too (vLLM caches the prefixes
     # of decoder embedding and scoring models, and takes cache_salt on every pooling API).
-    prompt.partition(context.get(request).svc.salt_for(
-        front.tenant.name, front.body.get("cache_salt")))
+    prompt.partition(ctx.svc.salt_for(front.tenant.name, front.body.get("cache_salt")))
+    prompt.tokenize()       # here, where its time is measured (core.loop_share)
+    ctx.work_s += time.perf_counter() - started
     # Paths that generate nothing are charged their input only (settled from usage).
     max_tokens = front.call.max_tokens or (0 if front.call.task in GENERATING else 1)
     await fairness.admit(request, front.tenant.name, front.canonical, prompt, max_tokens)
@@ -127,13 +130,18 @@ async def admit_tokens(request: web.Request, front: Front) -> router_mod.Prompt:
 
 def plan(request: web.Request, front: Front, task: str) -> core_types.RouteDecision:
     """Backends of ``task`` for the model, else its fallbacks (503 when none can serve)."""
-    svc = context.get(request).svc
+    ctx = request[context.CONTEXT]
+    svc = ctx.svc
     assert front.prompt is not None
-    with tracing.span("route") as span:
-        decided = svc.dispatcher.plan(front.canonical, front.prompt, front.call.fields,
-                                      task)  # type: ignore[arg-type]
-        if span is not None:
-            ops.routed(span, decided)
+    started = time.perf_counter()
+    try:
+        with tracing.span("route") as span:
+            decided = svc.dispatcher.plan(front.canonical, front.prompt, front.call.fields,
+                                          task)  # type: ignore[arg-type]
+            if span is not None:
+                ops.routed(span, decided)
+    finally:
+        ctx.work_s += time.perf_counter() - started
     if decided.fallback:
         context.get(request).fallback = decided.fallback
     return decided.route

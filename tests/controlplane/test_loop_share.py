@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import anthropic
 import openai
 import pytest
 
@@ -127,3 +128,16 @@ async def test_the_serving_path_charges_each_requests_work_and_a_refusal_is_a_42
             await client.close()
             await other.close()
 
+
+
+async def test_an_anthropic_message_is_charged_its_parse_prompt_and_route() -> None:
+    async with cp.backends(("b1", "ok")) as (b1,), cp.running(cp.round_robin(b1)) as running:
+        share = running.services.loop_share
+        charged: list[tuple[str, float]] = []
+        charge = share.charge
+        share.charge = lambda tenant, s, r=0.0: charged.append((tenant, s)) or charge(tenant, s, r)  # type: ignore[method-assign,func-returns-value,misc]
+        async with anthropic.AsyncAnthropic(base_url=running.url, api_key=cp.KEY_A,
+                                            max_retries=0, timeout=20) as client:
+            await client.messages.create(model="llama", max_tokens=8,
+                                         messages=[{"role": "user", "content": "Hi"}])
+        assert len(charged) == 1 and charged[0][0] == "a" and charged[0][1] > 0
