@@ -61,6 +61,10 @@ class Metrics:
         self.rate_limited = Counter(
             "synapse_rate_limited_total", "Requests refused with 429.", ["tenant", "limit"],
             registry=r)
+        self.loop_share_wait = Counter(
+            "synapse_loop_share_wait_seconds_total", "Seconds requests waited for their "
+            "tenant's turn on a serving process's event loop (core.loop_share).", ["tenant"],
+            registry=r)
         self.cache_hits = Counter(
             "synapse_cache_hits_total", "Responses served from the cache.", ["layer"],
             registry=r)

@@ -109,6 +109,7 @@ async def take_turn(svc: services_mod.Services, ctx: context.RequestContext,
             retry_after_s=svc.loop_share.max_wait_s, limit="loop_share")
     wait, ctx.reserved_s = turn
     if wait > 0:
+        svc.child(svc.metrics.loop_share_wait, ctx.tenant).inc(wait)
         try:
             await asyncio.sleep(wait)
         finally:

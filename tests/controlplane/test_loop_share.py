@@ -115,6 +115,8 @@ async def test_the_serving_path_charges_each_requests_work_and_a_refusal_is_a_42
                     model="llama", messages=[{"role": "user", "content": "hello"}])
             assert asyncio.get_running_loop().time() - started >= 0.15
             assert real._waiting == {}      # its wait ended and was counted off
+            waited = running.services.metrics.loop_share_wait.labels("a")._value.get()
+            assert waited > 0.1
             # a tenant whose turn is too far off is refused before its body is read
             real.wait_s = lambda tenant: None if tenant == "a" else loop_share.NO_WAIT  # type: ignore[method-assign]
             with pytest.raises(openai.RateLimitError) as info:
