@@ -142,9 +142,11 @@ def _tenant_settings(auth: config.AuthSettings) -> list[config.TenantSettings]:
     return tenants
 
 
-def build_tenants(auth: config.AuthSettings, cat: catalog.Catalog) -> tenants_mod.TenantTable:
+def build_tenants(auth: config.AuthSettings, cat: catalog.Catalog,
+                  configured: list[config.TenantSettings]) -> tenants_mod.TenantTable:
+    """The tenant table of ``configured`` (:func:`_tenant_settings` of ``auth``)."""
     entries = []
-    for t in _tenant_settings(auth):
+    for t in configured:
         hashes = [*t.key_sha256, *(tenants_mod.sha256_hex(k.get_secret_value())
                                    for k in t.keys)]
         tenant = tenants_mod.Tenant(
@@ -210,7 +212,8 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
                             hf_tokenizer.from_settings(settings.models, cat.canonical))
     m = metrics.Metrics(metrics_registry or CollectorRegistry())
     rtr.add_observer(route_accuracy.recorder(m))
-    tenants = build_tenants(settings.auth, cat)
+    configured = _tenant_settings(settings.auth)
+    tenants = build_tenants(settings.auth, cat, configured)
     shares = tenant_count(tenants)
     rtr.sessions = tenant_lru.TenantLRU(router_mod.SESSION_MEMORY, shares)
     local = ratelimit.LocalStore(clock)
@@ -222,7 +225,8 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
     return Services(
         settings=settings, clock=clock, replica=replica, registry=reg, ledger=led, router=rtr,
         catalog=cat, tenants=tenants, response_pins=pins_mod.Pins(tenants=shares),
-        loop_share=loop_share_mod.LoopShare(shares),
+        loop_share=loop_share_mod.LoopShare(
+            {t.name: t.weight for t in configured} if tenants.enabled else None),
         limiter=ratelimit.RateLimiter(local), local_limits=local, metrics=m,
         stats=stats_mod.Stats(clock, replica),
         cache=response_cache if response_cache is not None else cache_port.NullCache(),

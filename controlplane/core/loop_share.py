@@ -9,10 +9,11 @@ requests waited behind them.
 
 So the serving path measures that work per request (:meth:`LoopShare.charge`) and asks,
 before it reads a request's body, how long its tenant must wait (:meth:`wait_s`). Every
-request's measured work, times the number of configured tenants, moves its tenant's
-clock forward; a request waits until its tenant's clock is back to now (less a small
-burst), so a tenant's requests together use at most one over the configured tenants of
-the loop, however it mixes cheap and expensive ones. Only a tenant that sent a request
+request's measured work, over its tenant's share of the loop, moves its tenant's clock
+forward; a request waits until its tenant's clock is back to now (less a small burst),
+so a tenant's requests together use at most its share of the loop, however it mixes
+cheap and expensive ones. A tenant's share is its weight (``auth.tenants[].weight``, as
+in the fair queue) over the sum of the configured tenants' weights. Only a tenant that sent a request
 costing at least :data:`CHEAP_S` gets a clock (a cheap tenant costs a dict lookup per
 request and never waits), and it is forgotten once its clock has stood still for
 ``idle_s``. While it has one, each of its requests also reserves the work it is expected
@@ -20,15 +21,17 @@ to cost (the last expensive request's, averaged with the cheap ones) before it s
 corrected when it is measured, so that requests sent together are spaced out rather than
 all let through at once.
 
-The share is fixed, not one over the tenants active now: a tenant whose turns came faster
-when the others were idle would learn from its own waits whether anyone else was being
-served. The only tenant is never rationed. A wait longer than ``max_wait_s``, or one more
+The share is fixed, not a part of what the tenants active now leave: a tenant whose turns
+came faster when the others were idle would learn from its own waits whether anyone else
+was being served. The only tenant, and a name not configured, are never rationed. A wait longer than ``max_wait_s``, or one more
 than ``max_waiting`` requests of the tenant already wait, is not queued: the request is
 refused (the caller's 429) without reserving (a waiting request may hold its body in
 memory: the waits are bounded in number, not only in time).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from synapse_common import clock as clocks
 
@@ -38,10 +41,16 @@ NO_WAIT = (0.0, 0.0)    # wait_s's answer for a tenant without a clock
 
 
 class LoopShare:
-    def __init__(self, tenants: int = 1, *, burst_s: float = 0.05, max_wait_s: float = 10.0,
-                 max_waiting: int = 16, idle_s: float = 10.0,
+    def __init__(self, weights: Mapping[str, float] | None = None, *, burst_s: float = 0.05,
+                 max_wait_s: float = 10.0, max_waiting: int = 16, idle_s: float = 10.0,
                  clock: clocks.Clock = clocks.monotonic) -> None:
-        self.tenants = max(1, tenants)
+        """``weights``: each configured tenant's weight (none, or one tenant: nobody is
+        rationed)."""
+        weights = dict(weights or {})
+        total = sum(weights.values())
+        # tenant -> 1 / its share: what one second of its work costs its clock
+        self._parts = ({name: total / w for name, w in weights.items()}
+                       if len(weights) > 1 else {})
         self.burst_s = burst_s
         self.max_wait_s = max_wait_s
         self.max_waiting = max_waiting
@@ -73,7 +82,7 @@ class LoopShare:
             if waiting >= self.max_waiting:
                 return None
             self._waiting[tenant] = waiting + 1
-        reserved = expected * self.tenants
+        reserved = expected * self._parts[tenant]
         kept[0] = start + reserved
         return wait, reserved
 
@@ -90,12 +99,17 @@ class LoopShare:
         ``reserved`` is what :meth:`wait_s` reserved for it."""
         kept = self._clocks.get(tenant)
         if kept is None:
-            if seconds >= CHEAP_S and self.tenants > 1:
-                self._clocks[tenant] = [self._clock() + seconds * self.tenants, seconds]
+            part = self._parts.get(tenant)
+            if seconds >= CHEAP_S and part is not None:
+                self._clocks[tenant] = [self._clock() + seconds * part, seconds]
             return
-        kept[0] += seconds * self.tenants - reserved
+        kept[0] += seconds * self._parts[tenant] - reserved
         kept[1] = (seconds if seconds >= CHEAP_S
                    else kept[1] + (seconds - kept[1]) * AVERAGE_WEIGHT)
+
+    def share(self, tenant: str) -> float:
+        """``tenant``'s share of the loop (1.0: never rationed)."""
+        return 1 / self._parts.get(tenant, 1.0)
 
     def rationed(self) -> list[str]:
         """The tenants with a clock (whose requests may wait)."""

@@ -34,7 +34,8 @@ class TenantSettings(Section):
     priority: str = Field("interactive", min_length=1,
                           description="priority class (one of fairness.queue.classes)")
     weight: float = Field(1.0, gt=0, le=1000, description="share of its class when queued "
-                          "(weighted fair queuing by tokens)")
+                          "(weighted fair queuing by tokens), and its share of a serving "
+                          "process's CPU against the other tenants' weights (core.loop_share)")
     priority_header: bool = Field(
         False, description="let requests choose their class with the fairness.queue.header "
         "header (any configured class)")

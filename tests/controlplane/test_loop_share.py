@@ -14,19 +14,21 @@ from controlplane.core import loop_share
 from tests.clock import ManualClock
 from tests.controlplane import cp_testing as cp
 
+TWO = {"heavy": 1.0, "quiet": 1.0}     # two configured tenants of equal weight
+
 
 def test_cheap_requests_never_wait() -> None:
-    share = loop_share.LoopShare(2, clock=ManualClock())
+    share = loop_share.LoopShare(TWO, clock=ManualClock())
     for _ in range(100):
         assert share.wait_s("quiet") is loop_share.NO_WAIT
-        assert share.wait_s("other") is loop_share.NO_WAIT
+        assert share.wait_s("heavy") is loop_share.NO_WAIT
         share.charge("quiet", 0.0005)
-        share.charge("other", 0.0005)
+        share.charge("heavy", 0.0005)
     assert share.rationed() == []
 
 
 def test_the_only_tenant_has_the_whole_loop() -> None:
-    share = loop_share.LoopShare(1, clock=ManualClock())
+    share = loop_share.LoopShare({"heavy": 1.0}, clock=ManualClock())
     for _ in range(20):
         assert share.wait_s("heavy") is loop_share.NO_WAIT
         share.charge("heavy", 0.1)
@@ -43,7 +45,7 @@ def waits(share: loop_share.LoopShare, tenant: str, n: int) -> list[float | None
 
 def test_an_expensive_tenant_takes_turns_of_its_share() -> None:
     clock = ManualClock()
-    share = loop_share.LoopShare(2, clock=clock, burst_s=0.0)
+    share = loop_share.LoopShare(TWO, clock=clock, burst_s=0.0)
     share.charge("heavy", 0.1)          # 0.1 s of work: its clock is 0.2 s ahead
     # four of its requests sent at once are spaced a turn apart (its expected cost times
     # the two tenants sharing the loop) after the one it owes
@@ -62,21 +64,34 @@ def test_cheap_requests_between_expensive_ones_do_not_buy_the_loop() -> None:
     # an expensive request, then cheap ones: each pays its own (small) work, and the
     # expensive one's debt stays until repaid by time
     clock = ManualClock()
-    share = loop_share.LoopShare(2, clock=clock, burst_s=0.0)
-    share.charge("t", 0.1)
+    share = loop_share.LoopShare(TWO, clock=clock, burst_s=0.0)
+    share.charge("heavy", 0.1)
     for _ in range(20):
-        turn = share.wait_s("t")
+        turn = share.wait_s("heavy")
         assert turn is not None
-        share.charge("t", 0.0001, turn[1])      # its reservation refunded, its work kept
+        share.charge("heavy", 0.0001, turn[1])      # its reservation refunded, its work kept
         if turn[0] > 0:
-            share.waited("t")
-    turn = share.wait_s("t")
+            share.waited("heavy")
+    turn = share.wait_s("heavy")
     assert turn is not None and turn[0] == pytest.approx(0.2 + 20 * 0.0002, abs=1e-9)
+
+
+def test_a_tenants_share_is_its_weight_over_the_configured_weights() -> None:
+    share = loop_share.LoopShare({"big": 3.0, "small": 1.0, "third": 1.0},
+                                 clock=ManualClock(), burst_s=0.0)
+    assert share.share("big") == pytest.approx(0.6) and share.share("small") == 0.2
+    assert share.share("not configured") == 1.0
+    share.charge("big", 0.1)
+    share.charge("small", 0.1)
+    share.charge("not configured", 0.1)     # never rationed
+    assert waits(share, "big", 1) == pytest.approx([0.1 / 0.6])
+    assert waits(share, "small", 1) == pytest.approx([0.1 / 0.2])
+    assert share.rationed() == ["big", "small"]
 
 
 def test_a_turn_beyond_the_longest_wait_is_refused_and_not_reserved() -> None:
     clock = ManualClock()
-    share = loop_share.LoopShare(2, clock=clock, burst_s=0.0, max_wait_s=0.5)
+    share = loop_share.LoopShare(TWO, clock=clock, burst_s=0.0, max_wait_s=0.5)
     share.charge("heavy", 0.1)
     assert waits(share, "heavy", 3) == pytest.approx([0.2, 0.4, None])
     assert share.wait_s("heavy") is None    # the refused one reserved nothing
@@ -86,7 +101,7 @@ def test_a_turn_beyond_the_longest_wait_is_refused_and_not_reserved() -> None:
 
 def test_no_more_than_max_waiting_requests_of_a_tenant_wait_at_once() -> None:
     # a waiting request may hold its body: the waits are bounded in number too
-    share = loop_share.LoopShare(2, clock=ManualClock(), burst_s=0.0, max_waiting=2)
+    share = loop_share.LoopShare(TWO, clock=ManualClock(), burst_s=0.0, max_waiting=2)
     share.charge("heavy", 0.1)
     assert waits(share, "heavy", 3) == pytest.approx([0.2, 0.4, None])
     share.waited("heavy")
@@ -96,7 +111,7 @@ def test_no_more_than_max_waiting_requests_of_a_tenant_wait_at_once() -> None:
 async def test_the_serving_path_charges_each_requests_work_and_a_refusal_is_a_429() -> None:
     async with cp.backends(("b1", "ok")) as (b1,), cp.running(cp.round_robin(b1)) as running:
         real = running.services.loop_share
-        assert real.tenants == 2        # the configured tenants share the loop
+        assert real.share("a") == real.share("b") == 0.5   # the configured tenants'
         charged: list[tuple[str, float]] = []
         charge = real.charge
         real.charge = lambda tenant, s, r=0.0: charged.append((tenant, s)) or charge(tenant, s, r)  # type: ignore[method-assign,func-returns-value,misc]

@@ -45,7 +45,8 @@ async def test_a_flood_from_one_tenant_leaves_anothers_cached_answer_a_hit(tmp_p
         s = t.settings(upstreams=[t.upstream("sim", url)], data_dir=str(tmp_path),
                        cache={"l1_max_entries": ENTRIES, "semantic_enabled": False})
         cat = catalog.Catalog(catalog.ModelEntry(m.name, tuple(m.aliases)) for m in s.models)
-        tenants = services_mod.tenant_count(services_mod.build_tenants(s.auth, cat))
+        tenants = services_mod.tenant_count(services_mod.build_tenants(
+            s.auth, cat, services_mod._tenant_settings(s.auth)))
         cache = response_cache.TieredCache(
             options=response_cache.Options(semantic_enabled=False),
             l1=cache_wiring.build_l1(s, tenants=tenants),
