@@ -64,8 +64,8 @@ class HttpSettings(Section):
                                 "request body (400 above)")
     max_messages: int = Field(
         2048, ge=1, description="most messages in a request's messages array (chat "
-        "completions, Anthropic messages); 400 above. OpenAI's own limit: each message costs "
-        "CPU to validate, key and tokenize, so a body of many tiny messages would cost far "
+        "completions, Anthropic messages); 400 above, as OpenAI's own limit. Each message "
+        "costs CPU to validate, key and tokenize: a body of many tiny messages costs far "
         "more per byte than its size says")
     max_audio_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="largest audio upload (the multipart body of "
