@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from controlplane import ctl, pair_scorer_fit
+from controlplane import calibrate, ctl, pair_scorer_fit
 from controlplane.core import verifier
 from synapse_common import pair_scorer
 from tests import dev_pairs
@@ -194,3 +194,52 @@ def test_refitting_the_stack_keeps_the_scorer_and_gives_the_same_stack(trained, 
     a, b = verifier.load(verifier_path), verifier.load(tmp_path / "v2.json")
     assert a.stack is not None and b.stack is not None
     assert a.stack.to_json() == b.stack.to_json()
+
+
+# -- transitive pairs ---------------------------------------------------------------------
+def transitive_set() -> tuple[calibrate.Pairs, np.ndarray]:
+    """Train rows: A~B, B~C, C!~D, D~E, F~G, G~H, F!~H (noisy); rows outside train: X~A
+    and B!~Y (questions of another split, as if the split had put them apart)."""
+    rows = [("A", "B", 1), ("B", "C", 1), ("C", "D", 0), ("D", "E", 1),
+            ("F", "G", 1), ("G", "H", 1), ("F", "H", 0), ("X", "A", 1), ("B", "Y", 0)]
+    return (calibrate.Pairs([a for a, _, _ in rows], [b for _, b, _ in rows],
+                            np.asarray([y for _, _, y in rows], dtype=np.int8)),
+            np.arange(7))
+
+
+def test_transitive_pairs_follow_from_the_train_pairs_and_no_others():
+    pairs, train = transitive_set()
+    got = pair_scorer_fit.transitive_pairs(pairs, train, 100, seed=7)
+    derived = {(a, b): int(y) for a, b, y in zip(got.text_a, got.text_b, got.label,
+                                                 strict=True)}
+    # A~B~C: A~C; {A,B,C} and {D,E} apart by C!~D: every pair across them is not a match,
+    # C-D itself being labelled already. F, G, H disagree (F!~H): nothing from them.
+    assert derived == {("A", "C"): 1,
+                       ("A", "D"): 0, ("A", "E"): 0, ("B", "D"): 0, ("B", "E"): 0,
+                       ("C", "E"): 0}
+    assert not {"X", "Y"} & (set(got.text_a) | set(got.text_b))
+
+
+def test_transitive_pairs_are_capped_by_a_seeded_sample():
+    pairs, train = transitive_set()
+    every = pair_scorer_fit.transitive_pairs(pairs, train, 100, seed=7)
+    capped = pair_scorer_fit.transitive_pairs(pairs, train, 3, seed=7)
+    assert len(capped) == 3
+    every_set = set(zip(every.text_a, every.text_b, every.label.tolist(), strict=True))
+    capped_set = set(zip(capped.text_a, capped.text_b, capped.label.tolist(), strict=True))
+    assert capped_set <= every_set
+    again = pair_scorer_fit.transitive_pairs(pairs, train, 3, seed=7)
+    assert (again.text_a, again.text_b, again.label.tolist()) == (
+        capped.text_a, capped.text_b, capped.label.tolist())     # the same seed, the same
+
+
+def test_transitive_pairs_added_are_at_most_as_many_as_the_pairs_trained_on():
+    pairs, train = transitive_set()
+    rows = train[:3]                           # A~B, B~C, C!~D: 3 derivable, 3 allowed
+    both, trained = pair_scorer_fit.with_transitive(pairs, rows, seed=7)
+    assert both.text_a[:len(pairs)] == pairs.text_a        # the originals untouched
+    assert trained[:3].tolist() == rows.tolist() and len(trained) == 6
+    added = {(both.text_a[i], both.text_b[i], int(both.label[i])) for i in trained[3:]}
+    assert added == {("A", "C", 1), ("A", "D", 0), ("B", "D", 0)}
+    one = pair_scorer_fit.with_transitive(pairs, train[:2], seed=7)[1]   # 2 rows: A~C only
+    assert len(one) == 3
