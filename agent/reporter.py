@@ -18,6 +18,12 @@ Decisions:
   a restarted control plane rebuilds its view from the agents.
 * Keepalive pings every ``keepalive_s`` (also without calls) so a dead peer behind a
   NAT or a vanished pod is detected on a long-lived, mostly idle stream.
+* A stream counts as registered once the control plane answers (it acks the first
+  report, sent right after ``Register``); one that says nothing for
+  :data:`ANSWER_TIMEOUT_S` is given up and dialled again. A refusal was seen, now and
+  then under load, never to reach the agent on its stream (neither its read nor its
+  status woke up): the agent then sat "connected" to a control plane that did not count
+  it, silent, until the stream ended. The next stream is refused in the ordinary way.
 * Commands are executed in their own task (a DesiredBackends change may take the stop
   grace period) and each gets a ``CommandAck``; writes on a call are serialised by a
   lock because grpc.aio allows one outstanding write.
@@ -50,6 +56,7 @@ log = logging.getLogger(__name__)
 COALESCE_S = 0.05
 FINAL_REPORT_TIMEOUT_S = 3.0
 STATUS_GRACE_S = 1.0     # for a read to wake up to a stream that already has its status
+ANSWER_TIMEOUT_S = 10.0  # for the control plane's first answer (its ack of the first report)
 
 CommandHandler = Callable[[controlplane_pb2.ControlMessage], Awaitable[tuple[bool, str]]]
 
@@ -193,17 +200,25 @@ class Reporter:
             call = stub.Connect(metadata=self._metadata())
             lock = asyncio.Lock()
             await _write(call, lock, controlplane_pb2.AgentMessage(register=self._register()))
-            gauge.set(1)
-            log.info("registered with control plane %s", address)
-            event = asyncio.Event()
+            event, answered = asyncio.Event(), asyncio.Event()
             self._events.add(event)
             self._live.add(address)
             writer = asyncio.create_task(self._report_loop(call, lock, event))
-            reader = asyncio.create_task(self._read_loop(call, lock, writer))
+            reader = asyncio.create_task(self._read_loop(call, lock, answered))
             ended = asyncio.create_task(call.code())   # the stream's status, once it has one
+            first: asyncio.Future[float | None] = asyncio.ensure_future(
+                self._time.sleep(ANSWER_TIMEOUT_S, answered))
             try:
-                await asyncio.wait({reader, writer, ended},
-                                   return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({reader, writer, ended, first},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if done == {first}:
+                    if not answered.is_set():
+                        raise TimeoutError(f"no answer to Register within "
+                                           f"{ANSWER_TIMEOUT_S:g}s")
+                    gauge.set(1)
+                    log.info("registered with control plane %s", address)
+                    await asyncio.wait({reader, writer, ended},
+                                       return_when=asyncio.FIRST_COMPLETED)
                 failed = writer.exception() if writer.done() and not reader.done() else None
                 if failed is not None:
                     # A write failed, so the stream is over: say why (a refusal ends it so,
@@ -226,6 +241,7 @@ class Reporter:
                 self._live.discard(address)
                 self._events.discard(event)
                 ended.cancel()
+                first.cancel()
                 for task in (reader, writer):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
@@ -233,11 +249,12 @@ class Reporter:
             return True
 
     async def _read_loop(self, call: grpc.aio.StreamStreamCall, lock: asyncio.Lock,
-                         writer: asyncio.Task[None]) -> None:
+                         answered: asyncio.Event) -> None:
         while True:
             msg = await call.read()
             if msg is grpc.aio.EOF:
                 return
+            answered.set()
             if msg.HasField("ack"):
                 continue
             task = asyncio.create_task(self._execute(call, lock, msg))

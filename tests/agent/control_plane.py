@@ -1,7 +1,9 @@
 """A real gRPC ``ControlPlane`` server standing in for the control plane in agent tests.
 
 Synchronous (thread pool), so tests that block on ``wait_until`` do not starve it.
-Records every ``AgentMessage`` per stream and can push commands to connected agents.
+Records every ``AgentMessage`` per stream, acks every report as the control plane does
+(the agent counts a stream registered once it is answered), and can push commands to
+connected agents.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class Recorder(controlplane_pb2_grpc.ControlPlaneServicer):
                 for msg in request_iterator:
                     with self.lock:
                         messages.append(msg)
+                    if msg.HasField("report"):
+                        outbox.put(controlplane_pb2.ControlMessage(ack=controlplane_pb2.Ack(
+                            sequence=msg.report.sequence, replica="recorder")))
             except grpc.RpcError:
                 pass
             outbox.put(_CLOSE)

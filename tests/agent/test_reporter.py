@@ -237,3 +237,29 @@ async def test_a_refusal_the_read_never_wakes_up_to_still_ends_the_session(monke
         await asyncio.wait_for(r._session("cp", gauge), 5)
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert refused.value.details() == "no agent token" and call.written[0] == "register"
+
+
+class _Unanswered(_SilentRefusal):
+    """A stream the control plane never answers on: no message, no status (seen: a
+    refused agent logged 'registered' and then nothing for 30 s)."""
+
+    async def code(self) -> grpc.StatusCode:
+        await asyncio.Event().wait()        # never
+        raise AssertionError
+
+
+async def test_a_stream_never_answered_is_given_up_and_never_counted_registered(
+        monkeypatch, caplog):
+    call = _Unanswered()
+    stub = type("Stub", (), {"__init__": lambda self, channel: None,
+                             "Connect": lambda self, metadata: call})
+    monkeypatch.setattr(reporter.controlplane_pb2_grpc, "ControlPlaneStub", stub)
+    monkeypatch.setattr(reporter, "ANSWER_TIMEOUT_S", 0.05)
+    r = _reporter(Node())
+    monkeypatch.setattr(r, "_channel", lambda address: _Channel())
+    gauge = metrics.Metrics(CollectorRegistry()).control_plane_connected.labels("n1", "cp")
+    with caplog.at_level("INFO", logger="agent.reporter"), pytest.raises(TimeoutError) as info:
+        await asyncio.wait_for(r._session("cp", gauge), 5)
+    assert "no answer to Register within 0.05s" in str(info.value)
+    assert call.written[:2] == ["register", "report"]
+    assert "registered" not in caplog.text and gauge._value.get() == 0
