@@ -224,17 +224,23 @@ class _Channel:
         pass
 
 
-async def test_a_refusal_the_read_never_wakes_up_to_still_ends_the_session(monkeypatch):
-    call = _SilentRefusal()
+def _session_on(monkeypatch, call: _SilentRefusal):
+    """A session of a reporter whose Connect returns ``call``, and its connected gauge."""
     stub = type("Stub", (), {"__init__": lambda self, channel: None,
                              "Connect": lambda self, metadata: call})
     monkeypatch.setattr(reporter.controlplane_pb2_grpc, "ControlPlaneStub", stub)
-    monkeypatch.setattr(reporter, "STATUS_GRACE_S", 0.05)
     r = _reporter(Node())
     monkeypatch.setattr(r, "_channel", lambda address: _Channel())
     gauge = metrics.Metrics(CollectorRegistry()).control_plane_connected.labels("n1", "cp")
+    return asyncio.wait_for(r._session("cp", gauge), 5), gauge
+
+
+async def test_a_refusal_the_read_never_wakes_up_to_still_ends_the_session(monkeypatch):
+    call = _SilentRefusal()
+    monkeypatch.setattr(reporter, "STATUS_GRACE_S", 0.05)
+    session, _ = _session_on(monkeypatch, call)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await asyncio.wait_for(r._session("cp", gauge), 5)
+        await session
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert refused.value.details() == "no agent token" and call.written[0] == "register"
 
@@ -251,15 +257,10 @@ class _Unanswered(_SilentRefusal):
 async def test_a_stream_never_answered_is_given_up_and_never_counted_registered(
         monkeypatch, caplog):
     call = _Unanswered()
-    stub = type("Stub", (), {"__init__": lambda self, channel: None,
-                             "Connect": lambda self, metadata: call})
-    monkeypatch.setattr(reporter.controlplane_pb2_grpc, "ControlPlaneStub", stub)
     monkeypatch.setattr(reporter, "ANSWER_TIMEOUT_S", 0.05)
-    r = _reporter(Node())
-    monkeypatch.setattr(r, "_channel", lambda address: _Channel())
-    gauge = metrics.Metrics(CollectorRegistry()).control_plane_connected.labels("n1", "cp")
+    session, gauge = _session_on(monkeypatch, call)
     with caplog.at_level("INFO", logger="agent.reporter"), pytest.raises(TimeoutError) as info:
-        await asyncio.wait_for(r._session("cp", gauge), 5)
+        await session
     assert "no answer to Register within 0.05s" in str(info.value)
     assert call.written[:2] == ["register", "report"]
     assert "registered" not in caplog.text and gauge._value.get() == 0
