@@ -61,7 +61,8 @@ def authenticate(request: web.Request, x_api_key: bool = False) -> tenants.Tenan
 
 
 async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) -> Front:
-    """Authenticate, read and parse the body, rate-limit, resolve the model."""
+    """Authenticate, wait for the tenant's turn on the loop (``serving.take_turn``), read
+    and parse the body, rate-limit, resolve the model."""
     svc, ctx = context.of(request)
     tenant = authenticate(request, x_api_key)
     turn = svc.loop_share.wait_s(tenant.name)

@@ -68,8 +68,9 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
 
 async def admit(request: web.Request, parse: Any,
                 ) -> tuple[tenants.Tenant, validation.Parsed, bytes, ratelimit.Permit]:
-    """Authenticate, parse and validate (a chat's media URLs too, as ``calls.begin``
-    checks them: before the rate limit), rate-limit: the common front of every /v1 POST."""
+    """Authenticate, wait for the tenant's turn on the loop (:func:`take_turn`), parse and
+    validate (a chat's media URLs too, as ``calls.begin`` checks them: before the rate
+    limit), rate-limit: the common front of every /v1 POST."""
     ctx = request[context.CONTEXT]
     svc = ctx.svc
     with tracing.span("auth"):
