@@ -13,20 +13,21 @@ request's measured work, over its tenant's share of the loop, moves its tenant's
 forward; a request waits until its tenant's clock is back to now (less a small burst),
 so a tenant's requests together use at most its share of the loop, however it mixes
 cheap and expensive ones. A tenant's share is its weight (``auth.tenants[].weight``, as
-in the fair queue) over the sum of the configured tenants' weights. Only a tenant that sent a request
-costing at least :data:`CHEAP_S` gets a clock (a cheap tenant costs a dict lookup per
-request and never waits), and it is forgotten once its clock has stood still for
-``idle_s``. While it has one, each of its requests also reserves the work it is expected
-to cost (the last expensive request's, averaged with the cheap ones) before it starts,
-corrected when it is measured, so that requests sent together are spaced out rather than
-all let through at once.
+in the fair queue) over the sum of the configured tenants' weights. Only a tenant that
+sent a request costing at least :data:`CHEAP_S` gets a clock (a cheap tenant costs a
+dict lookup per request and never waits), and it is forgotten once its clock has stood
+still for ``idle_s``. While it has one, each of its requests also reserves the work it
+is expected to cost (the last expensive request's, averaged with the cheap ones) before
+it starts, corrected when it is measured, so that requests sent together are spaced out
+rather than all let through at once.
 
 The share is fixed, not a part of what the tenants active now leave: a tenant whose turns
 came faster when the others were idle would learn from its own waits whether anyone else
-was being served. The only tenant, and a name not configured, are never rationed. A wait longer than ``max_wait_s``, or one more
-than ``max_waiting`` requests of the tenant already wait, is not queued: the request is
-refused (the caller's 429) without reserving (a waiting request may hold its body in
-memory: the waits are bounded in number, not only in time).
+was being served. The only tenant, and a name not configured, are never rationed. A wait
+longer than ``max_wait_s``, or one more than ``max_waiting`` requests of the tenant
+already wait, is not queued: the request is refused (the caller's 429) without reserving
+(a waiting request may hold its body in memory: the waits are bounded in number, not
+only in time).
 """
 
 from __future__ import annotations
