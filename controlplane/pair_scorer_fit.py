@@ -44,6 +44,12 @@ Design decisions (the measured comparison is ``bench/semantic_cache.py --heldout
   without enough of each label), before any work.
 - Reproducible from ``--seed`` on the same software and thread count: ``torch`` runs with
   ``--threads`` threads (2 by default) and every random draw is seeded.
+- **A second scorer for the same split** (``--train-seed``): it reseeds training's own
+  draws only (the order, the swapped halves, the head's initial values, dropout), while
+  the split, the training sample and the derived pairs stay ``--seed``'s; unset, it is
+  ``--seed``, and a run's file is what it was before the option existed. Two scorers
+  trained alike differ only by that noise, which is what an ensemble of them, or an
+  estimate of how much a retrain moves the figures, needs.
 """
 
 from __future__ import annotations
@@ -84,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "write: the shipped form, controlplane/core/verifier_default_stack.json "
                         "over the shipped verifier (cache.pair_scorer)")
     parser.add_argument("--seed", type=int, default=7, help="split, order and initial values")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="training order, initial values and dropout only (default: "
+                        "--seed); the split stays --seed's")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32, help="pairs per training step")
     parser.add_argument("--lr", type=float, default=4e-5)
@@ -136,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
                                    "train_pairs": originals}
             if args.transitive:     # only then: a default run's file stays as before
                 fit["derived_pairs"] = len(rows) - originals
+            if train_seed(args) != args.seed:                # likewise
+                fit["train_seed"] = train_seed(args)
             meta = {"max_len": pair_scorer_model.MAX_LEN, "pooling": "mean", "fit": fit}
             pair_scorer.save(args.scorer_out, embedder_tuning.base_id(), layers, head_w,
                              head_b, meta)
@@ -212,7 +223,8 @@ def train(pairs: calibrate.Pairs, rows: np.ndarray, args: argparse.Namespace) ->
     """The scorer trained on ``rows`` (see the module docstring for the recipe)."""
     import torch
 
-    torch.manual_seed(args.seed)
+    seed = train_seed(args)
+    torch.manual_seed(seed)
     tok = pair_scorer_model.tokenizer()
     a = [pairs.text_a[i] for i in rows]
     b = [pairs.text_b[i] for i in rows]
@@ -220,7 +232,7 @@ def train(pairs: calibrate.Pairs, rows: np.ndarray, args: argparse.Namespace) ->
     enc = {order: tok(x1, x2, truncation="longest_first",
                       max_length=pair_scorer_model.MAX_LEN)
            for order, (x1, x2) in (("ab", (a, b)), ("ba", (b, a)))}
-    net = pair_scorer_model.build(seed=args.seed)
+    net = pair_scorer_model.build(seed=seed)
     net.train()
     for name, param in net.bert.named_parameters():
         param.requires_grad_(name not in FROZEN)
@@ -238,14 +250,14 @@ def train(pairs: calibrate.Pairs, rows: np.ndarray, args: argparse.Namespace) ->
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    swapped = np.random.default_rng(args.seed + 92).random(len(rows)) < 0.5
+    swapped = np.random.default_rng(seed + 92).random(len(rows)) < 0.5
     bar = progress.Progress(total, "training the pair scorer")
     losses: list[float] = []
     for epoch in range(args.epochs):
         swap = swapped if epoch % 2 == 0 else ~swapped
         items = [("ba" if s else "ab", i) for i, s in enumerate(swap)]
         for batch in batches(items, lambda o, i: len(enc[o]["input_ids"][i]), args.batch,
-                             np.random.default_rng(args.seed + 93 + epoch)):
+                             np.random.default_rng(seed + 93 + epoch)):
             ids, mask, types = padded([enc[o] for o, _ in batch], [i for _, i in batch],
                                       tok.pad_token_id)
             y = torch.from_numpy(labels[[i for _, i in batch]])
@@ -260,6 +272,12 @@ def train(pairs: calibrate.Pairs, rows: np.ndarray, args: argparse.Namespace) ->
             bar.update(1, f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses[-100:]):.3f}")
     bar.close()
     return net
+
+
+def train_seed(args: argparse.Namespace) -> int:
+    """The seed of training's own draws (order, swaps, initial head, dropout): ``--train-seed``
+    when given, else ``--seed``; the split and the data drawn for training stay ``--seed``'s."""
+    return int(args.seed if args.train_seed is None else args.train_seed)
 
 
 def batches(items: list[tuple[str, int]], length: Callable[[str, int], int], size: int,

@@ -10,6 +10,7 @@ scorer written, and the scorer scores as the file says.
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 
@@ -18,7 +19,7 @@ import pytest
 
 from controlplane import calibrate, ctl, pair_scorer_fit
 from controlplane.core import verifier
-from synapse_common import pair_scorer
+from synapse_common import pair_scorer, pair_scorer_model
 from tests import dev_pairs
 
 
@@ -77,6 +78,32 @@ def test_padded_rows_keep_ids_types_and_mask():
     assert ids.tolist() == [[101, 7, 102, 0, 0, 0], [101, 8, 9, 102, 10, 102]]
     assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6]
     assert types.tolist() == [[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]]
+
+
+def short_training(*argv: str) -> dict[str, np.ndarray]:
+    """The arrays of a two-step training (16 pairs, batches of 8) with these options."""
+    parser = argparse.ArgumentParser()
+    pair_scorer_fit.add_arguments(parser)
+    args = parser.parse_args(["--pairs", "-", "--epochs", "1", "--batch", "8", *argv])
+    pairs = calibrate.Pairs([f"How do I learn topic {i}?" for i in range(16)],
+                            [f"What is the best way to learn topic {i % 5}?" for i in range(16)],
+                            (np.arange(16) % 5 == np.arange(16)).astype(np.int8))
+    net = pair_scorer_fit.train(pairs, np.arange(16), args)
+    layers, head_w, head_b = pair_scorer_model.trained_arrays(net, pair_scorer_fit.FROZEN)
+    return {**layers, "head_weight": head_w, "head_bias": head_b}
+
+
+def test_the_train_seed_changes_only_what_training_draws():
+    # A second scorer for the same split (an ensemble, a noise estimate) must differ from
+    # the first in its own draws (order, swaps, initial head, dropout) while --seed keeps
+    # the split; without --train-seed, training is what it was.
+    default = short_training()
+    same = short_training("--train-seed", "7")
+    other = short_training("--train-seed", "11")
+    moved = short_training("--seed", "11")
+    assert all(np.array_equal(default[k], same[k]) for k in default)
+    assert not all(np.array_equal(default[k], other[k]) for k in default)
+    assert all(np.array_equal(other[k], moved[k]) for k in other)   # the draws, nothing else
 
 
 # -- the stack on a constructed set -------------------------------------------------------
@@ -167,12 +194,12 @@ def test_a_real_run_writes_a_scorer_and_the_verifier_stacked_on_it(trained):
     _, scorer_path, verifier_path, out = trained
     scorer = pair_scorer.load(scorer_path)
     assert scorer.meta["fit"]["train_pairs"] == 192
+    assert "train_seed" not in scorer.meta["fit"]       # a default run's file, as before
     assert "embeddings.word_embeddings.weight" not in scorer.layers   # the installed MiniLM's
     model = verifier.load(verifier_path)
     assert model.stack is not None and model.stack.pair_scorer == scorer.scorer_id
     assert scorer.scorer_id in out and "verifier + scorer" in out
     # The file scores as the network it was written from, whichever text comes first.
-    from synapse_common import pair_scorer_model
     net = pair_scorer_model.build(scorer.layers, scorer.head_weight, scorer.head_bias).eval()
     tok = pair_scorer_model.tokenizer()
     ab = pair_scorer_model.logits(net, tok, ["How do I learn Python?"],
