@@ -20,7 +20,8 @@ the client — one per non-empty ``content`` / ``text`` / ``reasoning`` / tool-c
 ``arguments`` / Responses or Anthropic ``delta`` string, per choice — as the completion
 tokens. Engines stream about one token per delta, so this is an estimate (a delta of
 several tokens counts one; tokens the engine generated but never sent count none), and
-it is accounted as one. Matching bytes rather than parsing keeps it cheap per chunk.
+it is accounted as one. Matching bytes rather than parsing keeps it cheap, and it is done
+only when the count is read or a batch of bytes is pending.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import orjson
 USAGE = b'"usage"'
 SEP = b"\n\n"
 HELD_MAX = 1 << 20      # an "event" longer than this without a separator is counted as is
+BATCH_BYTES = 1 << 14   # relayed bytes a DeliveredCounter holds before it counts them
 # A key whose value is a non-empty string: a piece of the answer in any streamed shape.
 _DELTA = re.compile(rb'"(?:content|text|reasoning_content|reasoning|arguments|delta|'
                     rb'partial_json|thinking)"\s*:\s*"(?!")')
@@ -91,22 +93,45 @@ class UsageStripper:
 
 class DeliveredCounter:
     """Counts the content deltas of a stream's bytes as they are relayed; an event split
-    over two reads is counted once it is complete."""
+    over two reads is counted once it is complete.
 
-    __slots__ = ("_held", "count")
+    The counting waits until :attr:`count` is read or ``BATCH_BYTES`` are pending: the
+    engine's own usage almost always arrives, and then the count is never read, so a
+    stream shorter than a batch never pays for the scan (a pattern search over every
+    byte relayed, the costliest per-chunk step of a stream). Pending chunks are the
+    relayed bytes objects themselves, held by reference until then."""
+
+    __slots__ = ("_count", "_held", "_pending", "_pending_bytes")
 
     def __init__(self) -> None:
         self._held = b""
-        self.count = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._count = 0
 
     def feed(self, chunk: bytes) -> None:
-        data = self._held + chunk if self._held else chunk
+        self._pending.append(chunk)
+        self._pending_bytes += len(chunk)
+        if self._pending_bytes >= BATCH_BYTES:
+            self._scan()
+
+    @property
+    def count(self) -> int:
+        """The content deltas of the complete events fed so far."""
+        if self._pending:
+            self._scan()
+        return self._count
+
+    def _scan(self) -> None:
+        data = b"".join((self._held, *self._pending))
+        self._pending.clear()
+        self._pending_bytes = 0
         end = data.rfind(SEP)
         if end < 0 and len(data) <= HELD_MAX:
             self._held = data
             return
         end = len(data) if end < 0 else end + len(SEP)
-        self.count += len(_DELTA.findall(data, 0, end))
+        self._count += len(_DELTA.findall(data, 0, end))
         self._held = data[end:]
 
 

@@ -76,3 +76,15 @@ def test_delivered_counter_counts_content_deltas_even_split_across_reads() -> No
     partial = stream_usage.DeliveredCounter()
     partial.feed(CONTENT + CONTENT[:-2])    # the second event never completed
     assert partial.count == 1
+
+
+def test_delivered_counter_counts_a_stream_longer_than_its_batch_in_any_pieces() -> None:
+    events = 2 * stream_usage.BATCH_BYTES // len(CONTENT) + 3
+    stream = CONTENT * events + FINISH + USAGE + DONE
+    for size in (1, 7, 4093, len(stream)):
+        c = stream_usage.DeliveredCounter()
+        for i in range(0, len(stream), size):
+            c.feed(stream[i:i + size])
+            assert c._pending_bytes < stream_usage.BATCH_BYTES     # never more held
+        assert c.count == events, size
+        assert c.count == events        # reading it again counts nothing twice
