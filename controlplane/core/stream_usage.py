@@ -34,6 +34,7 @@ import orjson
 
 USAGE = b'"usage"'
 SEP = b"\n\n"
+NEWLINE = SEP[0]
 HELD_MAX = 1 << 20      # an "event" longer than this without a separator is counted as is
 BATCH_BYTES = 1 << 14   # relayed bytes a DeliveredCounter holds before it counts them
 # A key whose value is a non-empty string: a piece of the answer in any streamed shape.
@@ -78,12 +79,12 @@ class UsageStripper:
         first = complete.find(USAGE)
         if first < 0:
             return complete
-        # Events before the first that mentions usage pass as they are, unparsed: the
-        # usage chunk closes a stream, so a whole stream read at once parses one event.
-        events = complete.split(SEP)[:-1]
-        before = complete.count(SEP, 0, first)
-        kept = events[:before] + [e for e in map(_filtered, events[before:]) if e is not None]
-        return SEP.join(kept) + SEP if kept else b""
+        # Events before the first that mentions usage pass as they are, unparsed and
+        # unsplit: the usage chunk closes a stream, so a whole stream read at once
+        # parses one event and splits only its last few.
+        start = _event_start(complete, first)
+        kept = [e for e in map(_filtered, complete[start:].split(SEP)[:-1]) if e is not None]
+        return complete[:start] + SEP.join(kept) + SEP if kept else complete[:start]
 
     def rest(self) -> bytes:
         """Whatever is held at the end of the stream (an unterminated last event)."""
@@ -133,6 +134,19 @@ class DeliveredCounter:
         end = len(data) if end < 0 else end + len(SEP)
         self._count += len(_DELTA.findall(data, 0, end))
         self._held = data[end:]
+
+
+def _event_start(data: bytes, at: int) -> int:
+    """Where the event holding ``data[at]`` starts, as ``data.split(SEP)`` cuts: a run of
+    newlines is cut into pairs from its start, so an odd run's last newline begins the
+    event (an SSE blank line, kept with it)."""
+    cut = data.rfind(SEP, 0, at)
+    if cut < 0:
+        return 0
+    run = cut       # the run of newlines ends at cut + 1: find where it starts
+    while run > 0 and data[run - 1] == NEWLINE:
+        run -= 1
+    return cut + len(SEP) - (cut + len(SEP) - run) % 2
 
 
 def _payload(event: bytes) -> Any:

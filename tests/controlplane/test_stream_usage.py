@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import orjson
+from hypothesis import given
+from hypothesis import strategies as st
 
 from controlplane.core import sse, stream_usage
 
@@ -88,3 +90,32 @@ def test_delivered_counter_counts_a_stream_longer_than_its_batch_in_any_pieces()
             assert c._pending_bytes < stream_usage.BATCH_BYTES     # never more held
         assert c.count == events, size
         assert c.count == events        # reading it again counts nothing twice
+
+
+BOTH = event({"id": "c", "choices": [{"index": 0, "delta": {"content": "x"}}],
+              "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+NULL_USAGE = event({"id": "c", "choices": [{"index": 0, "delta": {"content": "y"}}],
+                    "usage": None})
+
+
+@given(st.lists(st.sampled_from([CONTENT, FINISH, USAGE, DONE, BOTH, NULL_USAGE]),
+                max_size=12),
+       st.lists(st.integers(1, 400), min_size=1, max_size=8))
+def test_the_stripper_gives_each_complete_event_filtered_whatever_the_reads(
+        events: list[bytes], sizes: list[int]) -> None:
+    stream = b"".join(events)
+    pieces, i = [], 0
+    while i < len(stream):
+        size = sizes[len(pieces) % len(sizes)]
+        pieces.append(stream[i:i + size])
+        i += size
+    whole = stream.split(b"\n\n")
+    expected = b"".join(kept + b"\n\n" for e in whole[:-1]
+                        if (kept := stream_usage._filtered(e)) is not None) + whole[-1]
+    assert strip_all(pieces) == expected
+
+
+def test_a_blank_line_before_the_usage_event_goes_with_it_as_split_cuts_it() -> None:
+    # "\n\n\n" is split as SEP then "\n": the odd newline begins the usage event
+    assert strip_all([CONTENT + b"\n" + USAGE + DONE]) == CONTENT + DONE
+    assert strip_all([CONTENT + b"\n\n" + USAGE + DONE]) == CONTENT + b"\n\n" + DONE
