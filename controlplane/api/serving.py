@@ -175,7 +175,8 @@ def body_for(raw: bytes, parsed: validation.Parsed, model: str) -> bytes:
 async def lookup_cache(request: web.Request, tenant: str, canonical: str,
                        kind: Literal["chat", "completions"], body: Any) -> cache_port.CacheDecision:
     """The response cache's decision for this request, traced as ``cache.lookup``; the
-    status goes to the request's context (access log, headers)."""
+    status goes to the request's context (access log, headers), the lookup's own work on
+    the body (its keys) to the request's loop-share charge."""
     ctx = request[context.CONTEXT]
     with tracing.span("cache.lookup") as span:
         decision = await fairness.lookup(request, cache_port.CacheRequest(
@@ -184,6 +185,7 @@ async def lookup_cache(request: web.Request, tenant: str, canonical: str,
         if span is not None:
             span.set_attribute("synapse.cache", decision.status)
     ctx.cache = decision.status
+    ctx.work_s += decision.work_s
     return decision
 
 

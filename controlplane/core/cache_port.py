@@ -66,6 +66,9 @@ class CacheDecision:
     reason: str = ""                 # why bypass / miss, for logs and metrics
     token: Any = None                # opaque state lookup() hands to store()
     exact_key: str = ""              # the request's exact key (identical misses coalesce)
+    # Seconds of the lookup's synchronous work on this request's body (its policy and
+    # keys: the canonical JSON of the whole body), which the loop share charges its tenant.
+    work_s: float = 0.0
 
 
 class ResponseCache(Protocol):

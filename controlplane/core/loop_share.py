@@ -1,8 +1,8 @@
 """Each tenant's fair share of a serving process's event loop (pure; injected clock).
 
 A serving process runs every tenant's requests on one event loop, so the synchronous work
-of one request (parsing its body, tokenizing its prompt, hashing its blocks) is time
-every other request waits. Rate limits count requests and tokens, not that CPU, and a
+of one request (parsing its body, deriving its cache keys, tokenizing its prompt, hashing
+its blocks) is time every other request waits. Rate limits count requests and tokens, not that CPU, and a
 body the size limit admits can cost a hundred milliseconds of it: one tenant sending
 such bodies back to back held the loop nearly all the time, and every other tenant's
 requests waited behind them.

@@ -185,8 +185,10 @@ class TieredCache:
 
     async def _lookup(self, request: cache_port.CacheRequest) -> cache_port.CacheDecision:
         opts = self.options
+        started = self._mono()
         rule = cache_rules.policy(request, opts.temperature_ceiling, opts.default_temperature)
         keys = cache_rules.derive(request, opts.embed_model)
+        work_s = self._mono() - started
         state = State(request.tenant, request.model, keys, epoch=self.fence.epoch)
         if not self._warmed and self.semantic and (rule.lookup or rule.store):
             # Opening L2 (Milvus Lite starts a server) happens in the background at the
@@ -198,20 +200,21 @@ class TieredCache:
         if not rule.lookup:
             self.metrics.cache_bypass.labels(reason=rule.reason).inc()
             return cache_port.CacheDecision(status="bypass", may_store=rule.store,
-                                            reason=rule.reason, token=state)
+                                            reason=rule.reason, token=state, work_s=work_s)
         hit = await self._lookup_exact(state, request)
         if hit is not None:
             return cache_port.CacheDecision(status="hit-exact", hit=hit, reason="exact",
-                                            exact_key=keys.exact_key)
+                                            exact_key=keys.exact_key, work_s=work_s)
         if self.semantic and keys.semantic_text is not None:
             found, state = await self._lookup_semantic(state, request)
             if found is not None:
                 return cache_port.CacheDecision(status="hit-semantic", hit=found,
-                                                reason="semantic", exact_key=keys.exact_key)
+                                                reason="semantic", exact_key=keys.exact_key,
+                                                work_s=work_s)
         self.metrics.cache_misses.inc()
         return cache_port.CacheDecision(status="miss", may_store=rule.store,
                                         reason=rule.reason or "miss", token=state,
-                                        exact_key=keys.exact_key)
+                                        exact_key=keys.exact_key, work_s=work_s)
 
     async def _lookup_exact(self, state: State, request: cache_port.CacheRequest
                             ) -> cache_port.CacheHit | None:

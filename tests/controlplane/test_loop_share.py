@@ -5,14 +5,19 @@ charges every request's synchronous work."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import anthropic
 import openai
 import pytest
+from prometheus_client import CollectorRegistry
 
-from controlplane.core import loop_share
+from controlplane import metrics as metrics_mod
+from controlplane.adapters import l1
+from controlplane.core import cache_port, cache_rules, loop_share, response_cache
 from tests.clock import ManualClock
 from tests.controlplane import cp_testing as cp
+from tests.controlplane.test_cache_support import answer, chat
 
 TWO = {"heavy": 1.0, "quiet": 1.0}     # two configured tenants of equal weight
 
@@ -158,3 +163,46 @@ async def test_an_anthropic_message_is_charged_its_parse_prompt_and_route() -> N
             await client.messages.create(model="llama", max_tokens=8,
                                          messages=[{"role": "user", "content": "Hi"}])
         assert len(charged) == 1 and charged[0][0] == "a" and charged[0][1] > 0
+
+
+async def test_the_cache_measures_its_work_on_the_body_in_every_decision(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = ManualClock()
+    cache = response_cache.TieredCache(
+        options=response_cache.Options(l1_budget_s=2.0, temperature_ceiling=0.7),
+        l1=l1.MemoryL1(1000, 10**7), metrics=metrics_mod.Metrics(CollectorRegistry()),
+        monotonic=clock)
+    derive = cache_rules.derive
+
+    def costly(*args: object, **kwargs: object) -> cache_rules.CacheKeys:
+        clock.now += 0.25       # a huge body's canonical JSON
+        return derive(*args, **kwargs)  # type: ignore[arg-type]
+    monkeypatch.setattr(cache_rules, "derive", costly)
+    miss = await cache.lookup(chat("hi"))
+    assert (miss.status, miss.work_s) == ("miss", 0.25)
+    cache.store(miss, answer("hello"))
+    await cache.drain()
+    hit = await cache.lookup(chat("hi"))
+    assert (hit.status, hit.work_s) == ("hit-exact", 0.25)
+    bypass = await cache.lookup(chat("hi", cache_control="no-cache"))
+    assert (bypass.status, bypass.work_s) == ("bypass", 0.25)
+
+
+async def test_the_serving_path_charges_the_caches_work_on_the_body() -> None:
+    async with cp.backends(("b1", "ok")) as (b1,), cp.running(cp.round_robin(b1)) as running:
+        svc = running.services
+        charged: list[tuple[str, float]] = []
+        charge = svc.loop_share.charge
+        svc.loop_share.charge = lambda tenant, s, r=0.0: charged.append((tenant, s)) or charge(tenant, s, r)  # type: ignore[method-assign,func-returns-value,misc]
+        lookup = svc.cache.lookup
+
+        async def costly(request: cache_port.CacheRequest) -> cache_port.CacheDecision:
+            return dataclasses.replace(await lookup(request), work_s=0.25)
+        svc.cache.lookup = costly  # type: ignore[method-assign]
+        client = running.client()
+        try:
+            await client.chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "hello"}])
+        finally:
+            await client.close()
+        assert len(charged) == 1 and charged[0][0] == "a" and charged[0][1] >= 0.25
