@@ -2,10 +2,10 @@
 
 A serving process runs every tenant's requests on one event loop, so the synchronous work
 of one request (parsing its body, deriving its cache keys, tokenizing its prompt, hashing
-its blocks) is time every other request waits. Rate limits count requests and tokens, not that CPU, and a
-body the size limit admits can cost a hundred milliseconds of it: one tenant sending
-such bodies back to back held the loop nearly all the time, and every other tenant's
-requests waited behind them.
+its blocks) is time every other request waits. Rate limits count requests and tokens, not
+that CPU, and a body the size limit admits can cost a hundred milliseconds of it: one
+tenant sending such bodies back to back held the loop nearly all the time, and every
+other tenant's requests waited behind them.
 
 So the serving path measures that work per request (:meth:`LoopShare.charge`) and asks,
 before it reads a request's body, how long its tenant must wait (:meth:`wait_s`). Every
