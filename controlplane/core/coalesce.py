@@ -104,7 +104,8 @@ class Coalescer:
             return decision
         self._count("hit")
         hit = cache_port.CacheHit(layer="exact", response=answer, form=form)
-        return cache_port.CacheDecision(status="hit-exact", hit=hit, reason="coalesced")
+        return cache_port.CacheDecision(status="hit-exact", hit=hit, reason="coalesced",
+                                        work_s=decision.work_s)
 
     def _count(self, outcome: str) -> None:
         if self._on_follow is not None:

@@ -55,3 +55,15 @@ async def test_an_invalidation_drops_the_landed_answers() -> None:
     await lead(coalescer, cache, "a", "question")
     coalescer.forget_landed()
     assert (await coalescer.lookup(cache, ask("a", "question"))).status == "miss"
+
+
+async def test_a_coalesced_hit_keeps_the_lookups_work_on_the_body() -> None:
+    class CostlyCache(MissingCache):
+        async def lookup(self, request: cache_port.CacheRequest) -> cache_port.CacheDecision:
+            missed = await super().lookup(request)
+            return cache_port.CacheDecision(status="miss", may_store=True,
+                                            exact_key=missed.exact_key, work_s=0.25)
+    coalescer, cache = coalesce.Coalescer(grace_s=60.0), CostlyCache()
+    await lead(coalescer, cache, "a", "question")
+    again = await coalescer.lookup(cache, ask("a", "question"))
+    assert (again.reason, again.work_s) == ("coalesced", 0.25)   # the loop share's charge
