@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat as stat_mod
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -231,6 +232,8 @@ class MilvusStore:
                 if self._token:
                     kwargs["token"] = self._token
                 self._client = pymilvus.MilvusClient(**kwargs)
+                if self.exclusive:
+                    _private(self._uri)
             except Exception as exc:
                 self._failed_at = now
                 raise L2Unavailable(f"cannot open Milvus at {self.safe_uri()}: "
@@ -303,3 +306,16 @@ class MilvusStore:
         if count:
             client.delete(self._collection, filter=expr, timeout=self._timeout)
         return count
+
+
+def _private(path: str) -> None:
+    """Make a Milvus Lite store (a directory of files holding tenants' semantic texts,
+    which Milvus Lite makes as the umask says) this user's alone, whatever the mode of the
+    folder it is in: an existing ``data_dir`` open to other users no longer exposes it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if st.st_uid == os.getuid() and st.st_mode & 0o077:
+        os.chmod(path, 0o700 if stat_mod.S_ISDIR(st.st_mode) else 0o600)
+

@@ -87,6 +87,26 @@ async def test_the_folder_made_for_a_milvus_lite_file_is_private(
         await store.close()
 
 
+async def test_a_milvus_lite_store_in_a_folder_open_to_others_is_made_private(
+        tmp_path: pathlib.Path) -> None:
+    """An existing data_dir of mode 0755 (made by hand, or by a volume) used to leave
+    Milvus Lite's store, and the tenants' texts in it, readable by every local user."""
+    from tests.controlplane.l2 import fakes
+    from tests.controlplane.l2 import test_l2_milvus as lite
+
+    folder = tmp_path / "data"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    store = lite.index(str(folder / "l2.db"), "private")
+    try:
+        await store.insert([fakes.row("s", 0, "alice", "m")])
+        await store.flush()
+        assert mode(folder) == 0o755                    # the operator's folder, as it was
+        assert mode(folder / "l2.db") in (0o700, 0o600)     # the store: ours alone
+    finally:
+        await store.close()
+
+
 async def test_an_unreadable_journal_is_set_aside_and_a_new_one_kept(
         tmp_path: pathlib.Path) -> None:
     """A torn or foreign l1.sqlite used to fail every later write too (a warning per
