@@ -47,6 +47,7 @@ from controlplane.core import response_pins as pins_mod
 from controlplane.core import router as router_mod
 from controlplane.core import stats as stats_mod
 from controlplane.core import tenants as tenants_mod
+from controlplane.settings import tenants as tenant_settings
 from synapse_common import bearer_token
 from synapse_common import clock as clocks
 from synapse_common import settings as settings_mod
@@ -214,6 +215,10 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
     rtr.add_observer(route_accuracy.recorder(m))
     configured = _tenant_settings(settings.auth)
     tenants = build_tenants(settings.auth, cat, configured)
+    if short := tenant_settings.short_secrets(settings.auth, configured):
+        log.warning("%s: shorter than %d characters, so it can be guessed by trying every "
+                    "key (one request each); use at least %d random characters",
+                    ", ".join(short), tenant_settings.MIN_KEY, tenant_settings.MIN_KEY)
     shares = tenant_count(tenants)
     rtr.sessions = tenant_lru.TenantLRU(router_mod.SESSION_MEMORY, shares)
     local = ratelimit.LocalStore(clock)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pydantic
 from pydantic import Field
 
@@ -9,6 +11,7 @@ from controlplane.settings import fairness
 from synapse_common.settings import Secret, Section
 
 MIN_RESPONSE_ID_KEY = 16    # characters: a short MAC key can be guessed offline from one id
+MIN_KEY = 16    # characters of an API key or token below which start-up warns (guessable)
 
 
 class TenantSettings(Section):
@@ -105,3 +108,19 @@ def _empty(field: str, meaning: str) -> str:
     variable that exists but is empty (a Secret key with no value), which would otherwise
     start a control plane that silently behaves as if the secret were absent."""
     return f"{field}: is empty (an empty secret file or environment variable?): {meaning}"
+
+
+def short_secrets(auth: AuthSettings, tenants: Sequence[TenantSettings]) -> list[str]:
+    """Where a tenant key (of ``tenants``: the configured ones, ``key_file``'s included),
+    ``admin_key`` or ``agent_token`` shorter than :data:`MIN_KEY` is set, never its value.
+
+    Each guess at a key is one request, answered at once: a key of a few characters can be
+    found by trying them all, and then opens that tenant's account (or the Admin API, or
+    the agents' door). Not refused, since keys are chosen outside Synapse; said at start."""
+    found = [f"auth.tenants[{t.name}].keys[{i}]" for t in tenants
+             for i, key in enumerate(t.keys) if len(key.get_secret_value()) < MIN_KEY]
+    found += [f"auth.{name}" for name, secret in (("admin_key", auth.admin_key),
+                                                  ("agent_token", auth.agent_token))
+              if secret is not None and len(secret.get_secret_value()) < MIN_KEY]
+    return found
+

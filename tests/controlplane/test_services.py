@@ -60,3 +60,24 @@ def test_an_unreadable_metrics_token_names_the_setting(tmp_path: pathlib.Path) -
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ValueError, match=r"metrics\.bearer_token_file: .* is empty"):
         services.build(t.settings(metrics={"bearer_token_file": str(tmp_path / "empty")}))
+
+
+def test_keys_short_enough_to_guess_are_named_at_start_and_never_shown(
+        tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    key_file = tmp_path / "tenants.yaml"
+    key_file.write_text("- name: filed\n  keys: [pw-filed]\n")
+    s = t.settings(auth={"admin_key": "adm-short", "agent_token": "tok-short",
+                         "key_file": str(key_file), "tenants": [
+                             {"name": "good", "keys": ["sk-long-enough-0123456789"]},
+                             {"name": "weak", "keys": ["sk-long-enough-9876543210", "pw-1"]}]})
+    with caplog.at_level("WARNING", logger="synapse.controlplane"):
+        services.build(s)
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert ("auth.tenants[weak].keys[1], auth.tenants[filed].keys[0], auth.admin_key, "
+            "auth.agent_token: shorter than 16 characters") in said
+    assert "good" not in said
+    assert not any(secret in said for secret in ("pw-filed", "adm-short", "tok-short", "pw-1"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="synapse.controlplane"):
+        services.build(t.settings())        # the test keys are long: nothing said
+    assert "shorter than" not in caplog.text
