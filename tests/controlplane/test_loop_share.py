@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from controlplane import metrics as metrics_mod
 from controlplane.adapters import l1
-from controlplane.core import cache_port, cache_rules, loop_share, response_cache
+from controlplane.core import cache_port, loop_share, response_cache
 from tests.clock import ManualClock
 from tests.controlplane import cp_testing as cp
 from tests.controlplane.test_cache_support import answer, chat
@@ -165,20 +165,21 @@ async def test_an_anthropic_message_is_charged_its_parse_prompt_and_route() -> N
         assert len(charged) == 1 and charged[0][0] == "a" and charged[0][1] > 0
 
 
-async def test_the_cache_measures_its_work_on_the_body_in_every_decision(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = ManualClock()
+async def test_the_cache_measures_its_work_on_the_body_in_every_decision() -> None:
+    class Ticking:
+        """A monotonic clock that moves a quarter second at each reading."""
+
+        def __init__(self) -> None:
+            self.now = 0.0
+
+        def __call__(self) -> float:
+            self.now += 0.25
+            return self.now
     cache = response_cache.TieredCache(
         options=response_cache.Options(l1_budget_s=2.0, temperature_ceiling=0.7),
         l1=l1.MemoryL1(1000, 10**7), metrics=metrics_mod.Metrics(CollectorRegistry()),
-        monotonic=clock)
-    derive = cache_rules.derive
-
-    def costly(*args: object, **kwargs: object) -> cache_rules.CacheKeys:
-        clock.now += 0.25       # a huge body's canonical JSON
-        return derive(*args, **kwargs)  # type: ignore[arg-type]
-    monkeypatch.setattr(cache_rules, "derive", costly)
-    miss = await cache.lookup(chat("hi"))
+        monotonic=Ticking())
+    miss = await cache.lookup(chat("hi"))     # read before and after the keys: one tick
     assert (miss.status, miss.work_s) == ("miss", 0.25)
     cache.store(miss, answer("hello"))
     await cache.drain()
