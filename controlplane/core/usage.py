@@ -19,6 +19,9 @@ import re
 from typing import NamedTuple
 
 TAIL_BYTES = 1024
+_USAGE_KEY = b'"usage"'
+# The usage key's value: an object, with objects one level inside (the token details).
+_OBJECT = re.compile(rb'\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 _COUNTS = re.compile(rb'"(prompt_tokens|completion_tokens|cached_tokens|input_tokens|'
                      rb'output_tokens|cache_read_input_tokens|cache_creation_input_tokens)"'
                      rb'\s*:\s*(\d+)')
@@ -32,11 +35,24 @@ class Usage(NamedTuple):
 
 
 def from_tail(data: bytes) -> Usage | None:
-    """The last usage object in ``data`` (an answer or its tail), or None."""
-    at = data.rfind(b'"usage"')
-    if at < 0:
-        return None
-    counts = dict(_COUNTS.findall(data, at))
+    """The last usage object in ``data`` (an answer or its tail), or None.
+
+    The last ``"usage"`` *key with an object value*, and the counts inside that object
+    only: the word also comes as a string a client can make the engine echo after the
+    usage object (vLLM puts ``prompt_logprobs`` after it, whose ``decoded_token`` may be
+    ``"usage"``), and taking that one read no counts, so the request went unaccounted,
+    its budget and token limit unspent."""
+    end = len(data)
+    while True:
+        at = data.rfind(_USAGE_KEY, 0, end)
+        if at < 0:
+            return None
+        value = _OBJECT.match(data, at + len(_USAGE_KEY))
+        if value is not None:
+            break
+        end = at        # a string "usage" (or a key of another value): look further back
+    # the counts inside that object only: what follows it is the client's to shape too
+    counts = dict(_COUNTS.findall(data, value.start(1), value.end(1)))
     prompt = counts.get(b"prompt_tokens")
     if prompt is None:
         return _input_output(counts)
