@@ -6,8 +6,8 @@ semantic hit, the (query, entry) pair is kept for recalibration; see
 :mod:`controlplane.core.cache_feedback`. Answers ``200`` with what was done, ``404``
 (``unknown_request_id``) for a request this replica did not answer from the cache
 recently for that tenant, ``409`` (``cache_disabled``) when the cache is off, ``503``
-naming a layer that could not be reached. Counted against the tenant's rate limit like
-any other call.
+naming a layer that could not be reached, ``413`` for a body over
+:data:`MAX_BODY_BYTES`. Counted against the tenant's rate limit like any other call.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from controlplane.api import context, serving
 from controlplane.core import cache_feedback, validation
 
 MAX_ID_CHARS = 128
+# A body is an id and a boolean: a larger one is refused (413) unread by the parser, which
+# would otherwise spend the event loop on up to http.max_body_bytes of JSON uncharged.
+MAX_BODY_BYTES = 4096
 
 
 async def feedback(request: web.Request) -> web.Response:
@@ -31,7 +34,8 @@ async def feedback(request: web.Request) -> web.Response:
     ctx.tenant = tenant.name
     h = svc.settings.http
     request_id, wrong = _parse(validation.parse_json(
-        await serving.read_body(request, h.max_body_bytes, h.body_timeout_s)))
+        await serving.read_body(request, MAX_BODY_BYTES, h.body_timeout_s,
+                                "a feedback body: an id and a boolean")))
     loop = svc.cache
     if not isinstance(loop, cache_feedback.FeedbackCache):
         raise errors.Conflict("the response cache is off (cache.enabled): there is no cached "

@@ -45,25 +45,30 @@ PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
          "embeddings": "/v1/embeddings"}
 
 
-async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
-    """The raw body; 413 when it is over ``http.max_body_bytes``, 408 when it does not
-    arrive within ``timeout_s`` (``http.body_timeout_s``)."""
+async def read_body(request: web.Request, limit: int, timeout_s: float,
+                    limit_name: str = "http.max_body_bytes") -> bytes:
+    """The raw body; 413 when it is over ``limit`` (``limit_name`` says where it is set),
+    408 when it does not arrive within ``timeout_s`` (``http.body_timeout_s``)."""
     length = request.content_length     # parsed from the header at each access
     if length is not None and length > limit:
         raise errors.PayloadTooLarge(
-            f"the request body is {length} bytes; the limit is {limit} (http.max_body_bytes)")
+            f"the request body is {length} bytes; the limit is {limit} ({limit_name})")
     try:
         if request.content.is_eof():        # it came with the head: no wait to bound
-            return await request.read()
-        async with asyncio.timeout(timeout_s):
-            return await request.read()
+            body = await request.read()
+        else:
+            async with asyncio.timeout(timeout_s):
+                body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise errors.PayloadTooLarge(
-            f"the request body is over the limit of {limit} bytes (http.max_body_bytes)"
-        ) from None
+            f"the request body is over the limit of {limit} bytes ({limit_name})") from None
     except TimeoutError:
         raise errors.RequestTimeout(f"the request body did not arrive within {timeout_s:g}s "
                                     "(http.body_timeout_s)") from None
+    if len(body) > limit:   # chunked, so no length to refuse up front: aiohttp's cap is
+        raise errors.PayloadTooLarge(   # http.max_body_bytes, a caller's may be smaller
+            f"the request body is over the limit of {limit} bytes ({limit_name})")
+    return body
 
 
 async def admit(request: web.Request, parse: Any,

@@ -219,3 +219,19 @@ async def test_feedback_without_a_cache_is_a_conflict():
         async with s.post(f"{cp.url}/v1/cache/feedback", json={"request_id": "r", "wrong": True},
                           headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
             assert r.status == 409 and (await r.json())["error"]["code"] == "cache_disabled"
+
+
+async def test_a_feedback_body_larger_than_an_id_and_a_boolean_is_refused_unparsed():
+    """Up to http.max_body_bytes of JSON was parsed on the event loop, uncharged, and then
+    answered 404: one tenant could keep the loop busy for everyone (probe finding)."""
+    padded = b'{"request_id": "r", "wrong": true, "pad": [' + b"[]," * 400_000 + b"[]]}"
+
+    async def chunks():
+        for i in range(0, len(padded), 65536):
+            yield padded[i:i + 65536]
+    async with t.running(t.settings()) as cp, aiohttp.ClientSession() as s:
+        auth = {"Authorization": f"Bearer {t.KEY_A}", "Content-Type": "application/json"}
+        async with s.post(f"{cp.url}/v1/cache/feedback", data=padded, headers=auth) as r:
+            assert r.status == 413 and "feedback body" in (await r.json())["error"]["message"]
+        async with s.post(f"{cp.url}/v1/cache/feedback", data=chunks(), headers=auth) as r:
+            assert r.status == 413      # chunked: no length to refuse it by up front
