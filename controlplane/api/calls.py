@@ -24,7 +24,7 @@ from aiohttp import web
 
 from controlplane import errors
 from controlplane.api import context, fairness, ops, serving
-from controlplane.core import api_calls, loop_share, media_urls, ratelimit, tenants, validation
+from controlplane.core import api_calls, media_urls, ratelimit, tenants, validation
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
 from synapse_common import tasks, tracing
@@ -65,11 +65,8 @@ async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) 
     and parse the body, rate-limit, resolve the model."""
     svc, ctx = context.of(request)
     tenant = authenticate(request, x_api_key)
-    turn = svc.loop_share.wait_s(tenant.name)
-    if turn is not loop_share.NO_WAIT:
-        await serving.take_turn(svc, ctx, turn)
+    raw = await serving.turn_then_body(request, svc, ctx)
     h = svc.settings.http
-    raw = await serving.read_body(request, h.max_body_bytes, h.body_timeout_s)
     started = time.perf_counter()
     try:
         body = validation.parse_json(raw, h.max_json_depth, h.max_messages)
@@ -80,7 +77,7 @@ async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) 
         if call.task == tasks.RESPONSES:
             media_urls.check_responses(body, h.media_urls)
     finally:
-        ctx.work_s += time.perf_counter() - started
+        serving.charge_now(svc, ctx, time.perf_counter() - started)
     front = Front(tenant, body, raw, call, await acquire(request, tenant))
     try:
         front.canonical = serving.resolve_model(request, tenant, call.model)

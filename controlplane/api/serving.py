@@ -81,11 +81,8 @@ async def admit(request: web.Request, parse: Any,
     with tracing.span("auth"):
         tenant = svc.tenants.authenticate(request.headers.get("Authorization"))
     ctx.tenant = tenant.name
-    turn = svc.loop_share.wait_s(tenant.name)
-    if turn is not loop_share.NO_WAIT:      # rarely: no coroutine on the hot path
-        await take_turn(svc, ctx, turn)
+    raw = await turn_then_body(request, svc, ctx)
     h = svc.settings.http
-    raw = await read_body(request, h.max_body_bytes, h.body_timeout_s)
     started = time.perf_counter()
     try:
         parsed: validation.Parsed = parse(validation.parse_json(raw, h.max_json_depth,
@@ -93,13 +90,43 @@ async def admit(request: web.Request, parse: Any,
         if parsed.endpoint == "chat":   # what an engine would fetch (core.media_urls)
             media_urls.check_chat(parsed.body["messages"], h.media_urls)
     finally:
-        ctx.work_s += time.perf_counter() - started
+        charge_now(svc, ctx, time.perf_counter() - started)
     try:
         permit = await svc.limiter.acquire(tenant, ctx.request_id)
     except errors.RateLimited as exc:
         svc.metrics.rate_limited.labels(tenant.name, exc.limit).inc()
         raise
     return tenant, parsed, raw, permit
+
+
+async def turn_then_body(request: web.Request, svc: services_mod.Services,
+                         ctx: context.RequestContext) -> bytes:
+    """Wait for the tenant's turn on the loop, then read the body. When the body was still
+    arriving, the tenant's other requests may have been parsed (and charged) meanwhile:
+    the turn is taken again before this one's parse, so a burst of requests sent together
+    is spaced by their parses however their bodies arrive."""
+    await _turn(svc, ctx)
+    h = svc.settings.http
+    arriving = not request.content.is_eof()
+    raw = await read_body(request, h.max_body_bytes, h.body_timeout_s)
+    if arriving:
+        await _turn(svc, ctx)
+    return raw
+
+
+async def _turn(svc: services_mod.Services, ctx: context.RequestContext) -> None:
+    turn = svc.loop_share.wait_s(ctx.tenant)
+    if turn is not loop_share.NO_WAIT:      # rarely: no coroutine on the hot path
+        await take_turn(svc, ctx, turn)
+
+
+def charge_now(svc: services_mod.Services, ctx: context.RequestContext,
+               seconds: float) -> None:
+    """Charge ``seconds`` of the request's work (its parse) to its tenant's loop share at
+    once, with what its turns reserved, rather than when the request ends: the tenant's
+    next request, which may start while this one waits for its backend, must see it."""
+    svc.loop_share.charge(ctx.tenant, seconds, ctx.reserved_s)
+    ctx.reserved_s = 0.0
 
 
 async def take_turn(svc: services_mod.Services, ctx: context.RequestContext,
@@ -113,7 +140,8 @@ async def take_turn(svc: services_mod.Services, ctx: context.RequestContext,
             "this tenant's requests are using more than its share of the control plane's "
             "CPU; slow down",
             retry_after_s=svc.loop_share.max_wait_s, limit="loop_share")
-    wait, ctx.reserved_s = turn
+    wait, reserved = turn
+    ctx.reserved_s += reserved
     if wait > 0:
         svc.child(svc.metrics.loop_share_wait, ctx.tenant).inc(wait)
         try:

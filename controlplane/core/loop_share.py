@@ -7,8 +7,10 @@ that CPU, and a body the size limit admits can cost a hundred milliseconds of it
 tenant sending such bodies back to back held the loop nearly all the time, and every
 other tenant's requests waited behind them.
 
-So the serving path measures that work per request (:meth:`LoopShare.charge`) and asks,
-before it reads a request's body, how long its tenant must wait (:meth:`wait_s`). Every
+So the serving path measures that work per request (:meth:`LoopShare.charge`: a parse
+as soon as it is done, the rest when the request ends) and asks, before it reads a
+request's body (and again before the parse when the body was still arriving), how long
+its tenant must wait (:meth:`wait_s`). Every
 request's measured work, over its tenant's share of the loop, moves its tenant's clock
 forward; a request waits until its tenant's clock is back to now (less a small burst),
 so a tenant's requests together use at most its share of the loop, however it mixes

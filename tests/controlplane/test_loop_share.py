@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -124,7 +125,9 @@ async def test_the_serving_path_charges_each_requests_work_and_a_refusal_is_a_42
         try:
             await client.chat.completions.create(
                 model="llama", messages=[{"role": "user", "content": "hello"}])
-            assert len(charged) == 1 and charged[0][0] == "a" and charged[0][1] > 0
+            # its parse at once, the rest (prompt, route) when it ends
+            assert len(charged) == 2 and {t for t, _ in charged} == {"a"}
+            assert charged[0][1] > 0 and charged[1][1] > 0
             # an expensive tenant's second request at once waits its turn, then is served
             real.charge = charge  # type: ignore[method-assign]
             real.charge("a", 0.1)
@@ -162,7 +165,8 @@ async def test_an_anthropic_message_is_charged_its_parse_prompt_and_route() -> N
                                             max_retries=0, timeout=20) as client:
             await client.messages.create(model="llama", max_tokens=8,
                                          messages=[{"role": "user", "content": "Hi"}])
-        assert len(charged) == 1 and charged[0][0] == "a" and charged[0][1] > 0
+        assert len(charged) == 2 and {t for t, _ in charged} == {"a"}
+        assert charged[0][1] > 0 and charged[1][1] > 0
 
 
 async def test_the_cache_measures_its_work_on_the_body_in_every_decision() -> None:
@@ -206,4 +210,32 @@ async def test_the_serving_path_charges_the_caches_work_on_the_body() -> None:
                 model="llama", messages=[{"role": "user", "content": "hello"}])
         finally:
             await client.close()
-        assert len(charged) == 1 and charged[0][0] == "a" and charged[0][1] >= 0.25
+        assert {t for t, _ in charged} == {"a"} and charged[-1][1] >= 0.25   # at its end
+
+
+async def test_a_burst_sent_together_is_spaced_by_each_parse_not_let_through_at_once() -> None:
+    """A request's parse used to be charged only when the request ended: a tenant without
+    a clock could send many expensive bodies at once, every one found no clock, and
+    every other tenant waited behind all their parses (probe finding: 1.7 s stalls)."""
+    weights = {"http": {"max_body_bytes": 4 * 1024 * 1024}, "auth": {"tenants": [
+        {"name": "a", "keys": [cp.KEY_A], "weight": 1},     # a tenth of the loop: each
+        {"name": "b", "keys": [cp.KEY_B], "weight": 9}]}}   # parse moves its clock 10x
+    async with cp.backends(("b1", "ok")) as (b1,), cp.running(
+            cp.round_robin(b1, **weights)) as running:
+        share = running.services.loop_share
+        assert share.share("a") == pytest.approx(0.1)
+        share.burst_s = 0.0         # no allowance: the second parse must wait its turn
+        body = ('{"model": "llama", "messages": [{"role": "user", "content": "hello"}], '
+                '"pad": [' + "[]," * 300_000 + "[]]}").encode()      # under the stand-in's 1 MB
+
+        async def one() -> int:
+            async with aiohttp.ClientSession() as s:   # a connection each: all at once
+                async with s.post(f"{running.url}/v1/chat/completions", data=body, headers={
+                        "Authorization": f"Bearer {cp.KEY_A}",
+                        "Content-Type": "application/json"}) as r:
+                    await r.read()
+                    return r.status
+        statuses = await asyncio.gather(*(one() for _ in range(4)))
+        waited = running.services.metrics.loop_share_wait.labels("a")._value.get()
+        assert waited > 0 or 429 in statuses, statuses
+        assert set(statuses) <= {200, 429}
