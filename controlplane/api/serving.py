@@ -105,19 +105,15 @@ async def turn_then_body(request: web.Request, svc: services_mod.Services,
     arriving, the tenant's other requests may have been parsed (and charged) meanwhile:
     the turn is taken again before this one's parse, so a burst of requests sent together
     is spaced by their parses however their bodies arrive."""
-    await _turn(svc, ctx)
-    h = svc.settings.http
-    arriving = not request.content.is_eof()
-    raw = await read_body(request, h.max_body_bytes, h.body_timeout_s)
-    if arriving:
-        await _turn(svc, ctx)
-    return raw
-
-
-async def _turn(svc: services_mod.Services, ctx: context.RequestContext) -> None:
     turn = svc.loop_share.wait_s(ctx.tenant)
     if turn is not loop_share.NO_WAIT:      # rarely: no coroutine on the hot path
         await take_turn(svc, ctx, turn)
+    h = svc.settings.http
+    arriving = not request.content.is_eof()
+    raw = await read_body(request, h.max_body_bytes, h.body_timeout_s)
+    if arriving and (turn := svc.loop_share.wait_s(ctx.tenant)) is not loop_share.NO_WAIT:
+        await take_turn(svc, ctx, turn)
+    return raw
 
 
 def charge_now(svc: services_mod.Services, ctx: context.RequestContext,
