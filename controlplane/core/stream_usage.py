@@ -12,7 +12,9 @@ engine (:func:`upstream_body`) and removes the usage from what the client receiv
 
 Only events that mention ``"usage"`` are parsed; the others pass as they came (and a
 chunk made only of whole such events passes as the same bytes object). An event split
-over two reads is held until it is complete.
+over two reads is held until it is complete, but never more than ``HELD_MAX`` bytes of
+it. A stream framed with CRLF (servers built on sse-starlette) passes with LF line ends,
+the same events: held whole until it ended, it reached the client only then.
 
 A stream that ends without the engine's usage (the client went away, the engine broke
 it off) is still accounted: :class:`DeliveredCounter` counts the content deltas relayed to
@@ -35,6 +37,7 @@ import orjson
 USAGE = b'"usage"'
 SEP = b"\n\n"
 NEWLINE = SEP[0]
+CR = b"\r"
 HELD_MAX = 1 << 20      # an "event" longer than this without a separator is counted as is
 BATCH_BYTES = 1 << 14   # relayed bytes a DeliveredCounter holds before it counts them
 # A key whose value is a non-empty string: a piece of the answer in any streamed shape.
@@ -70,8 +73,13 @@ class UsageStripper:
     def feed(self, chunk: bytes) -> bytes:
         """What of ``chunk`` (after anything held) to send to the client now."""
         data = self._held + chunk if self._held else chunk
+        if CR in data:      # CRLF-framed (sse-starlette's default): passed on as LF
+            data = data.replace(b"\r\n", b"\n")
         end = data.rfind(SEP)
         if end < 0:
+            if len(data) > HELD_MAX:    # no event ends: passed on as it is, never held
+                self._held = b""
+                return data
             self._held = data
             return b""
         end += len(SEP)

@@ -119,3 +119,27 @@ def test_a_blank_line_before_the_usage_event_goes_with_it_as_split_cuts_it() -> 
     # "\n\n\n" is split as SEP then "\n": the odd newline begins the usage event
     assert strip_all([CONTENT + b"\n" + USAGE + DONE]) == CONTENT + DONE
     assert strip_all([CONTENT + b"\n\n" + USAGE + DONE]) == CONTENT + b"\n\n" + DONE
+
+
+def test_a_crlf_framed_stream_flows_event_by_event_and_loses_its_usage() -> None:
+    """An upstream framing events with CRLF (sse-starlette's default) had its whole
+    stream held until its end, usage included (probe finding)."""
+    crlf = [e.replace(b"\n", b"\r\n") for e in (CONTENT, CONTENT, FINISH, USAGE, DONE)]
+    stream = b"".join(crlf)
+    s = stream_usage.UsageStripper()
+    out, first_at = b"", None
+    for i in range(0, len(stream), 5):
+        out += s.feed(stream[i:i + 5])
+        if first_at is None and out:
+            first_at = i + 5
+    out += s.rest()
+    assert out == CONTENT + CONTENT + FINISH + DONE         # as LF, the usage gone
+    assert first_at is not None and first_at <= len(crlf[0]) + 5    # the first at once
+
+
+def test_a_stream_that_never_ends_an_event_is_passed_on_not_held_without_bound() -> None:
+    s = stream_usage.UsageStripper()
+    piece = b"data: " + b"x" * 65536
+    out = b"".join(s.feed(piece) for _ in range(stream_usage.HELD_MAX // len(piece) + 2))
+    assert len(s._held) == 0 or len(s._held) <= stream_usage.HELD_MAX
+    assert len(out) > stream_usage.HELD_MAX
