@@ -7,13 +7,16 @@ Register), the texts go to that agent's ``Node.Embed`` and the answer is built h
 the OpenAI shape (``encoding_format: base64`` returns the float32 bytes, as OpenAI does).
 Input over an agent's limits is the client's error (413 or 400, from
 :mod:`controlplane.adapters.node_embed`), not retried on another agent; agents are named
-by their node in headers and errors, never by their address.
+by their node in headers and errors, never by their address. Token limits, the budget
+and the usage book count embeddings as every other call: the input at admission,
+settled from the answer's usage (the agent path's is counted here).
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -21,9 +24,10 @@ from aiohttp import web
 
 from controlplane import errors
 from controlplane.adapters import node_embed
-from controlplane.api import context, proxy, serving
+from controlplane.api import context, fairness, proxy, serving
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
+from controlplane.core import usage as usage_mod
 from controlplane.core import validation
 from synapse_common import tokens as tok
 
@@ -36,23 +40,33 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     svc = request.app[context.SERVICES]
     ctx = context.get(request)
     tenant, parsed, raw, permit = await serving.admit(request, validation.embeddings)
+    failed = True
     try:
         canonical = serving.resolve_model(request, tenant, parsed.model)
+        started = time.perf_counter()
         texts = _texts(parsed.body["input"])
         prompt = router_mod.Prompt.from_text(" ".join(texts), 0, parsed.user, exact=False)
         # per tenant in the engines' prefix caches, as generation is (core.cache_salt)
         prompt.partition(svc.salt_for(tenant.name, parsed.body.get("cache_salt")))
+        prompt.tokenize()
+        ctx.work_s += time.perf_counter() - started
+        # The token limits and budget, as every call's: its input only (settled from usage).
+        await fairness.admit(request, tenant.name, canonical, prompt, 1)
         route = svc.router.route(canonical, prompt, "embed")
         if route is not None:
             body = serving.body_for(raw, parsed, canonical)
-            return await proxy.forward(request, route, prompt, body, serving.PATHS["embeddings"],
-                                       False, None)
-        nodes = [n for n in svc.registry.ready_embed_nodes() if canonical in n.embed_models]
-        if not nodes:
-            raise errors.Unavailable(f"no backend serves embeddings for {canonical!r} now")
-        return await _via_agent(request, canonical, texts, parsed.body, nodes)
+            resp = await proxy.forward(request, route, prompt, body,
+                                       serving.PATHS["embeddings"], False, None)
+        else:
+            nodes = [n for n in svc.registry.ready_embed_nodes() if canonical in n.embed_models]
+            if not nodes:
+                raise errors.Unavailable(f"no backend serves embeddings for {canonical!r} now")
+            resp = await _via_agent(request, canonical, texts, parsed.body, nodes)
+        failed = False
+        return resp
     finally:
         ctx.cache = "bypass"
+        fairness.finish(request, None, failed)
         serving.release_later(request, permit)
 
 
@@ -82,8 +96,10 @@ async def _via_agent(request: web.Request, model: str, texts: list[str],
         nodes, embed, node_embed.EmbedError, "agent embedder")
     ctx.backend, ctx.route = f"node-embed/{node.name}", "agent-embedder"
     ctx.first_byte = svc.clock()
-    return web.json_response(_openai_body(model, texts, vectors, body),
-                             headers=ctx.headers(), dumps=_dumps)
+    answer = _openai_body(model, texts, vectors, body)
+    counted = answer["usage"]["prompt_tokens"]
+    ctx.usage = fairness.answered(request, 200, usage_mod.Usage(counted, 0, None))
+    return web.json_response(answer, headers=ctx.headers(), dumps=_dumps)
 
 
 def _openai_body(model: str, texts: list[str], vectors: Any, body: dict[str, Any],

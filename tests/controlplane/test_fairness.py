@@ -396,3 +396,23 @@ async def test_a_stream_the_engine_cut_is_estimated_and_a_refused_request_costs_
             refused = await settled(cp, "b", 1)
     assert (refused.prompt_tokens, refused.completion_tokens, refused.cost,
             refused.estimated) == (0, 0, 0.0, 0)
+
+
+async def test_embeddings_spend_the_tenants_budget_like_every_other_call() -> None:
+    """/v1/embeddings skipped the token limits, the budget and the usage book: a tenant
+    whose budget was spent went on embedding without limit (probe finding)."""
+    tenants = [{"name": "a", "keys": [t.KEY_A], "budget": {"tokens": 3, "period": "day"}},
+               {"name": "b", "keys": [t.KEY_B]}]
+    async with t.backends(("e", "ok")) as (backend,):
+        s = t.settings(auth={"tenants": tenants},
+                       upstreams=[t.upstream("e", backend.url, task="embed")])
+        async with t.running(s) as cp:
+            client = cp.client(t.KEY_A)
+            answered = 0
+            with pytest.raises(openai.RateLimitError) as over:
+                for _ in range(10):     # the stand-in reports 1 token each
+                    await client.embeddings.create(model="llama", input="hello")
+                    answered += 1
+            assert over.value.code == "budget_exceeded" and answered == 3
+            await client.close()
+            await cp.client(t.KEY_B).embeddings.create(model="llama", input="hello")
