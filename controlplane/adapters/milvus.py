@@ -318,4 +318,3 @@ def _private(path: str) -> None:
         return
     if st.st_uid == os.getuid() and st.st_mode & 0o077:
         os.chmod(path, 0o700 if stat_mod.S_ISDIR(st.st_mode) else 0o600)
-

@@ -34,11 +34,13 @@ from typing import Any
 
 import orjson
 
-USAGE = b'"usage"'
+from controlplane.core import usage as usage_mod
+
+USAGE = usage_mod.USAGE_KEY
 SEP = b"\n\n"
 NEWLINE = SEP[0]
 CR = b"\r"
-HELD_MAX = 1 << 20      # an "event" longer than this without a separator is counted as is
+HELD_MAX = 1 << 20      # an "event" longer than this without a separator: taken as it is
 BATCH_BYTES = 1 << 14   # relayed bytes a DeliveredCounter holds before it counts them
 # A key whose value is a non-empty string: a piece of the answer in any streamed shape.
 _DELTA = re.compile(rb'"(?:content|text|reasoning_content|reasoning|arguments|delta|'
@@ -135,6 +137,8 @@ class DeliveredCounter:
         data = b"".join((self._held, *self._pending))
         self._pending.clear()
         self._pending_bytes = 0
+        if CR in data:      # CRLF-framed: its events end as the stripper reads them
+            data = data.replace(b"\r\n", b"\n")
         end = data.rfind(SEP)
         if end < 0 and len(data) <= HELD_MAX:
             self._held = data

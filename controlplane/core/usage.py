@@ -19,7 +19,7 @@ import re
 from typing import NamedTuple
 
 TAIL_BYTES = 1024
-_USAGE_KEY = b'"usage"'
+USAGE_KEY = b'"usage"'    # as it appears in an answer's JSON
 # The usage key's value: an object, with objects one level inside (the token details).
 # (Unrolled: runs of [^{}] match in one step; an alternation per byte cost a request
 # more than the rest of its accounting.)
@@ -46,10 +46,10 @@ def from_tail(data: bytes) -> Usage | None:
     its budget and token limit unspent."""
     end = len(data)
     while True:
-        at = data.rfind(_USAGE_KEY, 0, end)
+        at = data.rfind(USAGE_KEY, 0, end)
         if at < 0:
             return None
-        value = _OBJECT.match(data, at + len(_USAGE_KEY))
+        value = _OBJECT.match(data, at + len(USAGE_KEY))
         if value is not None:
             break
         end = at        # a string "usage" (or a key of another value): look further back

@@ -123,4 +123,3 @@ def short_secrets(auth: AuthSettings, tenants: Sequence[TenantSettings]) -> list
                                                   ("agent_token", auth.agent_token))
               if secret is not None and len(secret.get_secret_value()) < MIN_KEY]
     return found
-

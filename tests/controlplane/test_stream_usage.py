@@ -143,3 +143,10 @@ def test_a_stream_that_never_ends_an_event_is_passed_on_not_held_without_bound()
     out = b"".join(s.feed(piece) for _ in range(stream_usage.HELD_MAX // len(piece) + 2))
     assert len(s._held) == 0 or len(s._held) <= stream_usage.HELD_MAX
     assert len(out) > stream_usage.HELD_MAX
+
+
+def test_the_delivered_counter_reads_a_crlf_framed_stream_too() -> None:
+    c = stream_usage.DeliveredCounter()
+    for event in (CONTENT, CONTENT, FINISH):
+        c.feed(event.replace(b"\n", b"\r\n"))
+    assert c.count == 2         # (it found no event end and counted nothing)
