@@ -142,7 +142,7 @@ async def middleware(request: web.Request, handler: typedefs.Handler) -> web.Str
     finally:
         if api:
             if ctx.tenant:
-                svc.loop_share.charge(ctx.tenant, ctx.work_s, ctx.reserved_s)
+                svc.loop_share.charge(ctx.tenant, ctx.work_s)
             _record(svc, ctx, status, _route(request))
             ops.finish(request, svc, ctx, status, scope)   # trace end, access-log line
 

@@ -53,7 +53,6 @@ class RequestContext:
     # seconds of the event loop this request's synchronous work took (parsing, the
     # prompt, routing), charged to its tenant's share when it ends (core.loop_share)
     work_s: float = 0.0
-    reserved_s: float = 0.0         # what its turn reserved of the tenant's share
 
     def headers(self) -> dict[str, str]:
         """The x-synapse headers every response carries (as known so far)."""

@@ -34,7 +34,7 @@ from aiohttp import web
 from controlplane import errors
 from controlplane.api import context, fairness, ops, proxy
 from controlplane.api import services as services_mod
-from controlplane.core import cache_port, loop_share, media_urls, ratelimit, tenants, validation
+from controlplane.core import cache_port, media_urls, ratelimit, tenants, validation
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
 from synapse_common import tracing
@@ -103,47 +103,47 @@ async def turn_then_body(request: web.Request, svc: services_mod.Services,
                          ctx: context.RequestContext) -> bytes:
     """Wait for the tenant's turn on the loop, then read the body. When the body was still
     arriving, the tenant's other requests may have been parsed (and charged) meanwhile:
-    the turn is taken again before this one's parse, so a burst of requests sent together
-    is spaced by their parses however their bodies arrive."""
-    turn = svc.loop_share.wait_s(ctx.tenant)
-    if turn is not loop_share.NO_WAIT:      # rarely: no coroutine on the hot path
-        await take_turn(svc, ctx, turn)
+    the turn is taken again, so the caller's parse, which follows with no await, comes
+    after a check that saw every parse before it (``core.loop_share``)."""
+    # rarely anything but 0.0 (no wait; None refuses): no coroutine on the hot path
+    if (wait := svc.loop_share.wait_s(ctx.tenant)) != 0.0:
+        await take_turn(svc, ctx, wait)
     h = svc.settings.http
     arriving = not request.content.is_eof()
     raw = await read_body(request, h.max_body_bytes, h.body_timeout_s)
-    if arriving and (turn := svc.loop_share.wait_s(ctx.tenant)) is not loop_share.NO_WAIT:
-        await take_turn(svc, ctx, turn)
+    if arriving and (wait := svc.loop_share.wait_s(ctx.tenant)) != 0.0:
+        await take_turn(svc, ctx, wait)
     return raw
 
 
 def charge_now(svc: services_mod.Services, ctx: context.RequestContext,
                seconds: float) -> None:
     """Charge ``seconds`` of the request's work (its parse) to its tenant's loop share at
-    once, with what its turns reserved, rather than when the request ends: the tenant's
-    next request, which may start while this one waits for its backend, must see it."""
-    svc.loop_share.charge(ctx.tenant, seconds, ctx.reserved_s)
-    ctx.reserved_s = 0.0
+    once rather than when the request ends: the tenant's next request, which may start
+    while this one waits for its backend, must see it."""
+    svc.loop_share.charge(ctx.tenant, seconds)
 
 
 async def take_turn(svc: services_mod.Services, ctx: context.RequestContext,
-                    turn: tuple[float, float] | None) -> None:
-    """Wait for the request's turn on the event loop, ``turn`` as ``core.loop_share``
-    said (only a tenant whose requests cost the loop much waits); 429 when None (its
-    turn is too far off)."""
-    if turn is None:
-        svc.child(svc.metrics.rate_limited, ctx.tenant, "loop_share").inc()
-        raise errors.RateLimited(
-            "this tenant's requests are using more than its share of the control plane's "
-            "CPU; slow down",
-            retry_after_s=svc.loop_share.max_wait_s, limit="loop_share")
-    wait, reserved = turn
-    ctx.reserved_s += reserved
-    if wait > 0:
+                    wait: float | None) -> None:
+    """Wait until the tenant's turn on the event loop comes (only a tenant whose requests
+    cost the loop much waits), asking again after each wait, since the tenant's other
+    requests that waited alongside may have gone first; 429 when its turn is too far off.
+    ``wait``: what :meth:`~core.loop_share.LoopShare.wait_s` has just answered for it."""
+    share = svc.loop_share
+    while wait:
         svc.child(svc.metrics.loop_share_wait, ctx.tenant).inc(wait)
         try:
             await asyncio.sleep(wait)
         finally:
-            svc.loop_share.waited(ctx.tenant)
+            share.waited(ctx.tenant)
+        wait = share.wait_s(ctx.tenant)
+    if wait is None:
+        svc.child(svc.metrics.rate_limited, ctx.tenant, "loop_share").inc()
+        raise errors.RateLimited(
+            "this tenant's requests are using more than its share of the control plane's "
+            "CPU; slow down",
+            retry_after_s=share.max_wait_s, limit="loop_share")
 
 
 def resolve_model(request: web.Request, tenant: tenants.Tenant, name: str) -> str:

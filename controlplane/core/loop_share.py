@@ -8,28 +8,31 @@ tenant sending such bodies back to back held the loop nearly all the time, and e
 other tenant's requests waited behind them.
 
 So the serving path measures that work per request (:meth:`LoopShare.charge`: a parse
-as soon as it is done, the rest when the request ends) and asks, before it reads a
-request's body (and again before the parse when the body was still arriving), how long
-its tenant must wait (:meth:`wait_s`). Every
+as soon as it is done, the rest when the request ends) and asks, right before it parses a
+request's body, how long its tenant must wait (:meth:`wait_s`); after a wait it asks again,
+until the answer is no wait, and only then parses, with no await in between. Every
 request's measured work, over its tenant's share of the loop, moves its tenant's clock
-forward; a request waits until its tenant's clock is back to now (less a small burst),
-so a tenant's requests together use at most its share of the loop, however it mixes
-cheap and expensive ones. A tenant's share is its weight (``auth.tenants[].weight``, as
-in the fair queue) over the sum of the configured tenants' weights. Only a tenant that
-sent a request costing at least :data:`CHEAP_S` gets a clock (a cheap tenant costs a
-dict lookup per request and never waits), and it is forgotten once its clock has stood
-still for ``idle_s``. While it has one, each of its requests also reserves the work it
-is expected to cost (the last expensive request's, averaged with the cheap ones) before
-it starts, corrected when it is measured, so that requests sent together are spaced out
-rather than all let through at once.
+forward from now (never from a past it was idle in); a request waits until its tenant's
+clock is back to now (less a small burst), so a tenant's requests together use at most its
+share of the loop, however it mixes cheap and expensive ones. A tenant's share is its
+weight (``auth.tenants[].weight``, as in the fair queue) over the sum of the configured
+tenants' weights. Only a tenant that sent a request costing at least :data:`CHEAP_S` gets
+a clock (a cheap tenant costs a dict lookup per request and never waits), and it is
+forgotten once its clock has stood still for ``idle_s``.
+
+Requests sent together are spaced by their parses without any reservation: each one's
+last check and its parse run with nothing else in between, so the next one's check sees
+that parse charged, and requests that woke together check again one after the other.
+Nothing is reserved ahead on an expected cost: a reservation outstanding across a wait
+made one slow parse (a collection pause, a busy machine) cost every request of a
+legitimate burst behind it as much, and spaced or refused that burst.
 
 The share is fixed, not a part of what the tenants active now leave: a tenant whose turns
 came faster when the others were idle would learn from its own waits whether anyone else
 was being served. The only tenant, and a name not configured, are never rationed. A wait
 longer than ``max_wait_s``, or one more than ``max_waiting`` requests of the tenant
-already wait, is not queued: the request is refused (the caller's 429) without reserving
-(a waiting request may hold its body in memory: the waits are bounded in number, not
-only in time).
+already wait, is not queued: the request is refused (the caller's 429; a waiting request
+may hold its body in memory: the waits are bounded in number, not only in time).
 """
 
 from __future__ import annotations
@@ -39,8 +42,6 @@ from collections.abc import Mapping
 from synapse_common import clock as clocks
 
 CHEAP_S = 0.002         # a request's work below this does not start a tenant's clock
-AVERAGE_WEIGHT = 0.3    # of the latest measure in a tenant's expected cost
-NO_WAIT = (0.0, 0.0)    # wait_s's answer for a tenant without a clock
 
 
 class LoopShare:
@@ -59,35 +60,31 @@ class LoopShare:
         self.max_waiting = max_waiting
         self.idle_s = idle_s
         self._clock = clock
-        # tenant -> [its clock, the cost its next request is expected to have]
-        self._clocks: dict[str, list[float]] = {}
+        self._clocks: dict[str, float] = {}     # tenant -> its clock
         self._waiting: dict[str, int] = {}      # tenant -> its requests waiting now
 
-    def wait_s(self, tenant: str) -> tuple[float, float] | None:
-        """(seconds ``tenant``'s new request waits, seconds of the loop it reserved), to be
-        handed back to :meth:`charge`; None when the wait would be over ``max_wait_s`` or
-        ``max_waiting`` of its requests wait already (refuse it; nothing reserved). A
-        positive wait must be followed by :meth:`waited` when it ends, however it ends."""
-        kept = self._clocks.get(tenant)
-        if kept is None:
-            return NO_WAIT
+    def wait_s(self, tenant: str) -> float | None:
+        """Seconds ``tenant``'s request must wait before its work (0.0: none); None when
+        that would be over ``max_wait_s``, or ``max_waiting`` of its requests wait already
+        (refuse it). A positive wait must be followed by :meth:`waited` when it ends,
+        however it ends, and then by this question again."""
+        at = self._clocks.get(tenant)
+        if at is None:
+            return 0.0
         now = self._clock()
-        at, expected = kept
         if at < now - self.idle_s:
             del self._clocks[tenant]
-            return NO_WAIT
-        start = max(now, at)
-        wait = max(0.0, start - self.burst_s - now)
+            return 0.0
+        wait = at - self.burst_s - now
+        if wait <= 0:
+            return 0.0
         if wait > self.max_wait_s:
             return None
-        if wait > 0:
-            waiting = self._waiting.get(tenant, 0)
-            if waiting >= self.max_waiting:
-                return None
-            self._waiting[tenant] = waiting + 1
-        reserved = expected * self._parts[tenant]
-        kept[0] = start + reserved
-        return wait, reserved
+        waiting = self._waiting.get(tenant, 0)
+        if waiting >= self.max_waiting:
+            return None
+        self._waiting[tenant] = waiting + 1
+        return wait
 
     def waited(self, tenant: str) -> None:
         """One of ``tenant``'s requests that :meth:`wait_s` made wait has stopped waiting."""
@@ -97,18 +94,16 @@ class LoopShare:
         else:
             self._waiting.pop(tenant, None)
 
-    def charge(self, tenant: str, seconds: float, reserved: float = 0.0) -> None:
-        """One of ``tenant``'s requests took ``seconds`` of the loop's synchronous work;
-        ``reserved`` is what :meth:`wait_s` reserved for it."""
-        kept = self._clocks.get(tenant)
-        if kept is None:
-            part = self._parts.get(tenant)
-            if seconds >= CHEAP_S and part is not None:
-                self._clocks[tenant] = [self._clock() + seconds * part, seconds]
+    def charge(self, tenant: str, seconds: float) -> None:
+        """One of ``tenant``'s requests took ``seconds`` of the loop's synchronous work."""
+        at = self._clocks.get(tenant)
+        if at is None and seconds < CHEAP_S:
             return
-        kept[0] += seconds * self._parts[tenant] - reserved
-        kept[1] = (seconds if seconds >= CHEAP_S
-                   else kept[1] + (seconds - kept[1]) * AVERAGE_WEIGHT)
+        part = self._parts.get(tenant)
+        if part is None:
+            return
+        now = self._clock()
+        self._clocks[tenant] = (now if at is None or at < now else at) + seconds * part
 
     def share(self, tenant: str) -> float:
         """``tenant``'s share of the loop (1.0: never rationed)."""

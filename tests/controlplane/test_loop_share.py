@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncIterator
 
 import aiohttp
 import anthropic
@@ -26,8 +27,7 @@ TWO = {"heavy": 1.0, "quiet": 1.0}     # two configured tenants of equal weight
 def test_cheap_requests_never_wait() -> None:
     share = loop_share.LoopShare(TWO, clock=ManualClock())
     for _ in range(100):
-        assert share.wait_s("quiet") is loop_share.NO_WAIT
-        assert share.wait_s("heavy") is loop_share.NO_WAIT
+        assert share.wait_s("quiet") == 0.0 and share.wait_s("heavy") == 0.0
         share.charge("quiet", 0.0005)
         share.charge("heavy", 0.0005)
     assert share.rationed() == []
@@ -36,34 +36,65 @@ def test_cheap_requests_never_wait() -> None:
 def test_the_only_tenant_has_the_whole_loop() -> None:
     share = loop_share.LoopShare({"heavy": 1.0}, clock=ManualClock())
     for _ in range(20):
-        assert share.wait_s("heavy") is loop_share.NO_WAIT
+        assert share.wait_s("heavy") == 0.0
         share.charge("heavy", 0.1)
     assert share.rationed() == []
 
 
-def waits(share: loop_share.LoopShare, tenant: str, n: int) -> list[float | None]:
-    out: list[float | None] = []
-    for _ in range(n):
-        turn = share.wait_s(tenant)
-        out.append(None if turn is None else turn[0])
-    return out
+def served(share: loop_share.LoopShare, clock: ManualClock, tenant: str, costs: list[float],
+           ) -> list[float]:
+    """Requests of ``tenant`` sent together, as the serving path runs them: each asks for
+    its turn, waits, asks again after each wait, and charges its cost as soon as a turn
+    comes; the times (from now) at which each was served."""
+    start = clock.now
+    wake = [clock.now] * len(costs)     # when each asks next
+    out: dict[int, float] = {}
+    while len(out) < len(costs):
+        i = min((j for j in range(len(costs)) if j not in out), key=lambda j: (wake[j], j))
+        clock.now = max(clock.now, wake[i])
+        wait = share.wait_s(tenant)
+        assert wait is not None
+        if wait:
+            share.waited(tenant)
+            wake[i] = clock.now + wait
+            continue
+        out[i] = clock.now - start
+        share.charge(tenant, costs[i])
+    return [out[i] for i in range(len(costs))]
 
 
 def test_an_expensive_tenant_takes_turns_of_its_share() -> None:
     clock = ManualClock()
     share = loop_share.LoopShare(TWO, clock=clock, burst_s=0.0)
     share.charge("heavy", 0.1)          # 0.1 s of work: its clock is 0.2 s ahead
-    # four of its requests sent at once are spaced a turn apart (its expected cost times
-    # the two tenants sharing the loop) after the one it owes
-    assert waits(share, "heavy", 4) == pytest.approx([0.2, 0.4, 0.6, 0.8])
-    assert share.wait_s("quiet") is loop_share.NO_WAIT     # never the cheap tenant
+    assert share.wait_s("quiet") == 0.0     # never the cheap tenant
+    # four of its requests sent at once are served a turn apart (each one's work times
+    # the two tenants sharing the loop), after the one it owes
+    assert served(share, clock, "heavy", [0.1] * 4) == pytest.approx([0.2, 0.4, 0.6, 0.8])
     # the same whether or not another tenant is active: its own waits tell a tenant
-    # nothing of the others
+    # nothing of the others; and time it was idle buys it nothing ahead
     clock.now += 5.0
-    assert waits(share, "heavy", 2) == pytest.approx([0.0, 0.2])
+    assert served(share, clock, "heavy", [0.1] * 2) == pytest.approx([0.0, 0.2])
     # idle long enough, it is forgotten
     clock.now += share.idle_s + 5.0
-    assert share.wait_s("heavy") is loop_share.NO_WAIT and share.rationed() == []
+    assert share.wait_s("heavy") == 0.0 and share.rationed() == []
+
+
+def test_one_slow_parse_does_not_space_a_burst_of_cheap_requests() -> None:
+    """A clock started by one slow parse (a collection pause, a busy machine) used to
+    reserve that cost for every request of the burst behind it: a legitimate tenant's
+    burst was spaced, and refused past ``max_waiting``."""
+    clock = ManualClock()
+    share = loop_share.LoopShare(TWO, clock=clock, max_waiting=4)
+    share.charge("heavy", 0.02)             # one slow parse: 0.04 s ahead, under the burst
+    # forty requests at once ask before any of their bodies has arrived (each turn taken
+    # before its body is read), then are parsed as their bodies come
+    assert [share.wait_s("heavy") for _ in range(40)] == [0.0] * 40
+    for _ in range(40):
+        clock.now += 0.001
+        assert share.wait_s("heavy") == 0.0
+        share.charge("heavy", 0.0003)
+    assert share.rationed() == ["heavy"]
 
 
 def test_cheap_requests_between_expensive_ones_do_not_buy_the_loop() -> None:
@@ -73,13 +104,8 @@ def test_cheap_requests_between_expensive_ones_do_not_buy_the_loop() -> None:
     share = loop_share.LoopShare(TWO, clock=clock, burst_s=0.0)
     share.charge("heavy", 0.1)
     for _ in range(20):
-        turn = share.wait_s("heavy")
-        assert turn is not None
-        share.charge("heavy", 0.0001, turn[1])      # its reservation refunded, its work kept
-        if turn[0] > 0:
-            share.waited("heavy")
-    turn = share.wait_s("heavy")
-    assert turn is not None and turn[0] == pytest.approx(0.2 + 20 * 0.0002, abs=1e-9)
+        share.charge("heavy", 0.0001)
+    assert share.wait_s("heavy") == pytest.approx(0.2 + 20 * 0.0002, abs=1e-9)
 
 
 def test_a_tenants_share_is_its_weight_over_the_configured_weights() -> None:
@@ -90,28 +116,31 @@ def test_a_tenants_share_is_its_weight_over_the_configured_weights() -> None:
     share.charge("big", 0.1)
     share.charge("small", 0.1)
     share.charge("not configured", 0.1)     # never rationed
-    assert waits(share, "big", 1) == pytest.approx([0.1 / 0.6])
-    assert waits(share, "small", 1) == pytest.approx([0.1 / 0.2])
+    assert share.wait_s("big") == pytest.approx(0.1 / 0.6)
+    assert share.wait_s("small") == pytest.approx(0.1 / 0.2)
+    assert share.wait_s("not configured") == 0.0
     assert share.rationed() == ["big", "small"]
 
 
-def test_a_turn_beyond_the_longest_wait_is_refused_and_not_reserved() -> None:
+def test_a_turn_beyond_the_longest_wait_is_refused() -> None:
     clock = ManualClock()
     share = loop_share.LoopShare(TWO, clock=clock, burst_s=0.0, max_wait_s=0.5)
+    share.charge("heavy", 0.2)
+    assert share.wait_s("heavy") == pytest.approx(0.4)
+    share.waited("heavy")
     share.charge("heavy", 0.1)
-    assert waits(share, "heavy", 3) == pytest.approx([0.2, 0.4, None])
-    assert share.wait_s("heavy") is None    # the refused one reserved nothing
+    assert share.wait_s("heavy") is None
     clock.now += 0.2
-    assert waits(share, "heavy", 1) == pytest.approx([0.4])
+    assert share.wait_s("heavy") == pytest.approx(0.4)
 
 
 def test_no_more_than_max_waiting_requests_of_a_tenant_wait_at_once() -> None:
     # a waiting request may hold its body: the waits are bounded in number too
     share = loop_share.LoopShare(TWO, clock=ManualClock(), burst_s=0.0, max_waiting=2)
     share.charge("heavy", 0.1)
-    assert waits(share, "heavy", 3) == pytest.approx([0.2, 0.4, None])
+    assert [share.wait_s("heavy") for _ in range(3)] == pytest.approx([0.2, 0.2, None])
     share.waited("heavy")
-    assert waits(share, "heavy", 1) == pytest.approx([0.6])
+    assert share.wait_s("heavy") == pytest.approx(0.2)
 
 
 async def test_the_serving_path_charges_each_requests_work_and_a_refusal_is_a_429() -> None:
@@ -120,7 +149,7 @@ async def test_the_serving_path_charges_each_requests_work_and_a_refusal_is_a_42
         assert real.share("a") == real.share("b") == 0.5   # the configured tenants'
         charged: list[tuple[str, float]] = []
         charge = real.charge
-        real.charge = lambda tenant, s, r=0.0: charged.append((tenant, s)) or charge(tenant, s, r)  # type: ignore[method-assign,func-returns-value,misc]
+        real.charge = lambda tenant, s: charged.append((tenant, s)) or charge(tenant, s)  # type: ignore[method-assign,func-returns-value,misc]
         client, other = running.client(), running.client(cp.KEY_B)
         try:
             await client.chat.completions.create(
@@ -141,7 +170,7 @@ async def test_the_serving_path_charges_each_requests_work_and_a_refusal_is_a_42
             waited = running.services.metrics.loop_share_wait.labels("a")._value.get()
             assert waited > 0.1
             # a tenant whose turn is too far off is refused before its body is read
-            real.wait_s = lambda tenant: None if tenant == "a" else loop_share.NO_WAIT  # type: ignore[method-assign]
+            real.wait_s = lambda tenant: None if tenant == "a" else 0.0  # type: ignore[method-assign]
             with pytest.raises(openai.RateLimitError) as info:
                 await client.chat.completions.create(
                     model="llama", messages=[{"role": "user", "content": "hello"}])
@@ -160,7 +189,7 @@ async def test_an_anthropic_message_is_charged_its_parse_prompt_and_route() -> N
         share = running.services.loop_share
         charged: list[tuple[str, float]] = []
         charge = share.charge
-        share.charge = lambda tenant, s, r=0.0: charged.append((tenant, s)) or charge(tenant, s, r)  # type: ignore[method-assign,func-returns-value,misc]
+        share.charge = lambda tenant, s: charged.append((tenant, s)) or charge(tenant, s)  # type: ignore[method-assign,func-returns-value,misc]
         async with anthropic.AsyncAnthropic(base_url=running.url, api_key=cp.KEY_A,
                                             max_retries=0, timeout=20) as client:
             await client.messages.create(model="llama", max_tokens=8,
@@ -198,7 +227,7 @@ async def test_the_serving_path_charges_the_caches_work_on_the_body() -> None:
         svc = running.services
         charged: list[tuple[str, float]] = []
         charge = svc.loop_share.charge
-        svc.loop_share.charge = lambda tenant, s, r=0.0: charged.append((tenant, s)) or charge(tenant, s, r)  # type: ignore[method-assign,func-returns-value,misc]
+        svc.loop_share.charge = lambda tenant, s: charged.append((tenant, s)) or charge(tenant, s)  # type: ignore[method-assign,func-returns-value,misc]
         lookup = svc.cache.lookup
 
         async def costly(request: cache_port.CacheRequest) -> cache_port.CacheDecision:
@@ -239,3 +268,38 @@ async def test_a_burst_sent_together_is_spaced_by_each_parse_not_let_through_at_
         waited = running.services.metrics.loop_share_wait.labels("a")._value.get()
         assert waited > 0 or 429 in statuses, statuses
         assert set(statuses) <= {200, 429}
+
+
+async def test_a_body_still_arriving_takes_its_turn_again_before_its_parse() -> None:
+    """A request that passed its turn before its body had come waits for the parses its
+    tenant was charged meanwhile (the aiohttp path: a chunked body, sent in two parts)."""
+    async with cp.backends(("b1", "ok")) as (b1,), cp.running(cp.round_robin(b1)) as running:
+        share = running.services.loop_share
+        share.burst_s = 0.0
+        first_part = asyncio.Event()
+        rest = asyncio.Event()
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b'{"model": "llama", '
+            first_part.set()
+            await rest.wait()
+            yield b'"messages": [{"role": "user", "content": "hello"}]}'
+
+        async def send() -> int:
+            async with aiohttp.ClientSession() as s:
+                async with s.post(f"{running.url}/v1/chat/completions", data=body(), headers={
+                        "Authorization": f"Bearer {cp.KEY_A}",
+                        "Content-Type": "application/json"}) as r:
+                    await r.read()
+                    return r.status
+        sent = asyncio.create_task(send())
+        await first_part.wait()
+        await asyncio.sleep(0.2)        # its head is in and its first turn taken: no clock
+        assert share.rationed() == []
+        share.charge("a", 0.15)         # its tenant's other parse, meanwhile: 0.3 s owed
+        started = asyncio.get_running_loop().time()
+        rest.set()
+        assert await sent == 200
+        assert asyncio.get_running_loop().time() - started >= 0.25
+        waited = running.services.metrics.loop_share_wait.labels("a")._value.get()
+        assert waited >= 0.25
