@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -87,7 +88,9 @@ async def _from_backend(request: web.Request, front: calls.Front, chat: dict[str
         route = await calls.route(request, front, tasks.MESSAGES)
     except errors.Unavailable:
         route = await calls.route(request, front, tasks.GENERATE)
+        started = time.perf_counter()       # a re-encoded body is work on the loop too
         body = calls.body_for(front, route.model, chat)
+        context.get(request).work_s += time.perf_counter() - started
         shape: relay.Shape = Translated(request, store, route.model, front.prompt.tokens)
         return await relay.forward(request, route, front.prompt, body,
                                    "/v1/chat/completions", shape)

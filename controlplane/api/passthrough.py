@@ -68,7 +68,9 @@ async def _serve(request: web.Request, parse: calls.Parse, adapt: Adapt) -> web.
     try:
         await calls.admit_tokens(request, front)
         routed = await calls.route(request, front, front.call.task)
+        started = time.perf_counter()       # a re-encoded body is work on the loop too
         route, body, path, shape = adapt(request, front, routed)
+        context.get(request).work_s += time.perf_counter() - started
         assert front.prompt is not None
         resp = await relay.forward(request, route, front.prompt, body, path, shape)
         front.failed = False
@@ -227,10 +229,12 @@ async def _responses_from_backend(request: web.Request, front: calls.Front,
     if previous is not None:
         route = _pins(request).pin(route, front.tenant.name, previous[0])
     assert front.prompt is not None
+    started = time.perf_counter()       # a re-encoded body is work on the loop too
     body = (response_ids.engine_body(front.body, previous[0] if previous else None)
             if previous is not None or "request_id" in front.body else None)  # else as sent
-    return await relay.forward(request, route, front.prompt,
-                               calls.body_for(front, route.model, body), "/v1/responses",
+    sent = calls.body_for(front, route.model, body)
+    context.get(request).work_s += time.perf_counter() - started
+    return await relay.forward(request, route, front.prompt, sent, "/v1/responses",
                                _Responses(request, front, previous, store))
 
 

@@ -253,8 +253,10 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
         if fairness.queues(request):
             route = await fairness.hold(
                 request, route, lambda: choose(request, canonical, prompt, parsed, tenant))
+        started = time.perf_counter()       # a re-encoded body is work on the loop too
         body = fairness.upstream_body(request, parsed.body, route.model,
                                       body_for(raw, parsed, route.model))
+        ctx.work_s += time.perf_counter() - started
         resp = await proxy.forward(request, route, prompt, body, PATHS[endpoint],
                                    parsed.stream, decision if decision.may_store else None,
                                    chain=svc.dispatcher.chain(canonical, tenant.allows),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -303,3 +304,53 @@ async def test_a_body_still_arriving_takes_its_turn_again_before_its_parse() -> 
         assert asyncio.get_running_loop().time() - started >= 0.25
         waited = running.services.metrics.loop_share_wait.labels("a")._value.get()
         assert waited >= 0.25
+
+
+async def test_a_body_re_encoded_for_the_engine_is_charged(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream that did not ask for usage is re-encoded to ask for it, an Anthropic
+    message as a chat, a passthrough call's body for its backend: work on the loop as
+    much as the parse."""
+    from controlplane.api import calls
+    from controlplane.core import stream_usage
+    encode, body_for = stream_usage.upstream_body, calls.body_for
+
+    def slow(real):  # type: ignore[no-untyped-def]
+        def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+            time.sleep(0.1)
+            return real(*args, **kwargs)
+        return call
+    monkeypatch.setattr(stream_usage, "upstream_body", slow(encode))
+    monkeypatch.setattr(calls, "body_for", slow(body_for))
+    async with cp.backends(("b1", "ok")) as (b1,), cp.running(cp.round_robin(b1)) as running:
+        share = running.services.loop_share
+        charged: list[tuple[str, float]] = []
+        charge = share.charge
+        share.charge = lambda tenant, s: charged.append((tenant, s)) or charge(tenant, s)  # type: ignore[method-assign,func-returns-value,misc]
+        client = running.client()
+        try:
+            stream = await client.chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "hello"}], stream=True)
+            async for _ in stream:
+                pass
+        finally:
+            await client.close()
+        assert charged[-1][1] >= 0.1, charged      # at its end
+        charged.clear()
+        async with anthropic.AsyncAnthropic(base_url=running.url, api_key=cp.KEY_A,
+                                            max_retries=0, timeout=20) as anthropic_client:
+            await anthropic_client.messages.create(
+                model="llama", max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
+        assert charged[-1][1] >= 0.1, charged
+    async with cp.backends(("b1", "ok")) as (b1,), cp.running(cp.settings(
+            upstreams=[{"name": "b1", "url": b1.url, "models": [cp.MODEL], "tasks": ["score"]}],
+            router={"policy": "round_robin"})) as running:
+        share = running.services.loop_share
+        charged.clear()         # a passthrough call's body for its backend
+        share.charge = lambda tenant, s: charged.append((tenant, s)) or charge(tenant, s)  # type: ignore[method-assign,func-returns-value,misc]
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{running.url}/v1/score",
+                              json={"model": "llama", "text_1": "a", "text_2": "b"},
+                              headers={"Authorization": f"Bearer {cp.KEY_A}"}) as r:
+                await r.read()
+        assert charged[-1][1] >= 0.1, charged
