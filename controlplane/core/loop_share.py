@@ -18,7 +18,8 @@ share of the loop, however it mixes cheap and expensive ones. A tenant's share i
 weight (``auth.tenants[].weight``, as in the fair queue) over the sum of the configured
 tenants' weights. Only a tenant that sent a request costing at least :data:`CHEAP_S` gets
 a clock (a cheap tenant costs a dict lookup per request and never waits), and it is
-forgotten once its clock has stood still for ``idle_s``.
+forgotten once its clock is back to now (its debt repaid): a clock only ever counts while
+it is ahead, so a tenant's idle time buys it nothing.
 
 Requests sent together are spaced by their parses without any reservation: each one's
 last check and its parse run with nothing else in between, so the next one's check sees
@@ -46,7 +47,7 @@ CHEAP_S = 0.002         # a request's work below this does not start a tenant's 
 
 class LoopShare:
     def __init__(self, weights: Mapping[str, float] | None = None, *, burst_s: float = 0.05,
-                 max_wait_s: float = 10.0, max_waiting: int = 16, idle_s: float = 10.0,
+                 max_wait_s: float = 10.0, max_waiting: int = 16,
                  clock: clocks.Clock = clocks.monotonic) -> None:
         """``weights``: each configured tenant's weight (none, or one tenant: nobody is
         rationed)."""
@@ -58,9 +59,8 @@ class LoopShare:
         self.burst_s = burst_s
         self.max_wait_s = max_wait_s
         self.max_waiting = max_waiting
-        self.idle_s = idle_s
         self._clock = clock
-        self._clocks: dict[str, float] = {}     # tenant -> its clock
+        self._clocks: dict[str, float] = {}     # tenant -> its clock, while ahead of now
         self._waiting: dict[str, int] = {}      # tenant -> its requests waiting now
 
     def wait_s(self, tenant: str) -> float | None:
@@ -72,11 +72,10 @@ class LoopShare:
         if at is None:
             return 0.0
         now = self._clock()
-        if at < now - self.idle_s:
-            del self._clocks[tenant]
-            return 0.0
         wait = at - self.burst_s - now
         if wait <= 0:
+            if at <= now:
+                del self._clocks[tenant]
             return 0.0
         if wait > self.max_wait_s:
             return None
@@ -103,7 +102,12 @@ class LoopShare:
         if part is None:
             return
         now = self._clock()
-        self._clocks[tenant] = (now if at is None or at < now else at) + seconds * part
+        if at is None or at < now:     # no debt left: a clock from now, or none if cheap
+            if seconds < CHEAP_S:
+                del self._clocks[tenant]
+                return
+            at = now
+        self._clocks[tenant] = at + seconds * part
 
     def share(self, tenant: str) -> float:
         """``tenant``'s share of the loop (1.0: never rationed)."""

@@ -76,9 +76,15 @@ def test_an_expensive_tenant_takes_turns_of_its_share() -> None:
     # nothing of the others; and time it was idle buys it nothing ahead
     clock.now += 5.0
     assert served(share, clock, "heavy", [0.1] * 2) == pytest.approx([0.0, 0.2])
-    # idle long enough, it is forgotten
-    clock.now += share.idle_s + 5.0
+    # its debt repaid, it is forgotten; a cheap request does not start a clock again
+    clock.now += 0.2
     assert share.wait_s("heavy") == 0.0 and share.rationed() == []
+    share.charge("heavy", 0.001)
+    assert share.rationed() == []
+    share.charge("heavy", 0.1)
+    clock.now += 0.3                # repaid, then a cheap request: forgotten at once
+    share.charge("heavy", 0.001)
+    assert share.rationed() == []
 
 
 def test_one_slow_parse_does_not_space_a_burst_of_cheap_requests() -> None:
