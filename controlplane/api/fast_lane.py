@@ -446,6 +446,13 @@ class Connection(base_protocol.BaseProtocol):
             return None
         return self._since
 
+    def head_since(self) -> float | None:
+        """When the request head it is receiving began to arrive, else None."""
+        if (self.transport is None or self._task is not None or not self._buf
+                or self._waiting_body is not None or self._discard or self._closing):
+            return None
+        return self._since
+
     def expire(self, now: float) -> None:
         """Apply the connection's time limits (called by the server's sweep)."""
         if self.transport is None or self._task is not None:
@@ -574,6 +581,16 @@ class Sweeper:
         best_since = math.inf
         for conn in self._conns:
             since = conn.idle_since()
+            if since is not None and since < best_since:
+                best, best_since = conn, since
+        return best
+
+    def slowest_head(self) -> Connection | None:
+        """The connection whose request head has been arriving longest, or None."""
+        best: Connection | None = None
+        best_since = math.inf
+        for conn in self._conns:
+            since = conn.head_since()
             if since is not None and since < best_since:
                 best, best_since = conn, since
         return best

@@ -14,8 +14,10 @@ app with a connection handler that
   kind of fault (:data:`PARSE_ERRORS`), never echoing what the client sent, logged at
   debug level only (a stream of garbage must not fill the logs);
 * keeps at most ``http.max_connections`` open (:func:`connection_cap`): one more closes
-  the connection idle longest, or is closed at once when none is idle — idle connections
-  held open cannot use up the process's file descriptors. Idle means idle whoever serves
+  the connection idle longest; when none is idle, the one whose request head has been
+  arriving longest, if for :data:`STALLED_HEAD_S` (a slow-head client holding every
+  slot); else it is closed at once — idle connections and stalled heads held open cannot
+  use up the process's file descriptors or lock new clients out. Idle means idle whoever serves
   the connection: the lane's, and aiohttp's (:meth:`_Protocol.idle_since`), so a client
   cannot shield its idle connections from the cap by making one request the lane hands
   off (``GET /health``, no key needed), nor are they shielded when there is no lane
@@ -38,6 +40,7 @@ import asyncio
 import logging
 import math
 import resource
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -45,6 +48,11 @@ from aiohttp import http_exceptions, web, web_protocol, web_request, web_server
 
 from controlplane import config, errors
 from controlplane.api import fast_lane
+
+# A request head arriving for this long is stalled: a client at any usable speed sends its
+# head in a round trip or two. Over http.max_connections with none idle, the head stalled
+# longest is closed to let a new client in.
+STALLED_HEAD_S = 1.0
 
 log = logging.getLogger("synapse.controlplane.http")
 
@@ -107,6 +115,13 @@ class _Protocol(web_protocol.RequestHandler):
             return None
         return self._next_keepalive_close_time - self._keepalive_timeout
 
+    def head_since(self) -> float | None:
+        """When the request head it is receiving began to arrive, else None."""
+        timer = self._head_timer
+        if timer is None or self.transport is None or self._force_close or self._close:
+            return None
+        return timer.when() - self._header_timeout_s
+
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -152,21 +167,37 @@ class LaneServer(web_server.Server):
         return fast_lane.Connection(self, self.lane, self._loop)
 
     def _make_room(self) -> bool:
-        """Close the connection idle longest, the lane's or aiohttp's, to admit a new one
-        (False: none is idle)."""
-        best: fast_lane.Connection | _Protocol | None = None
-        best_since = math.inf
-        if self.sweeper is not None and (lane := self.sweeper.longest_idle()) is not None:
-            since = lane.idle_since()
-            best, best_since = lane, math.inf if since is None else since
-        for conn in self._connections:
-            if isinstance(conn, _Protocol) and (since := conn.idle_since()) is not None \
-                    and since < best_since:
-                best, best_since = conn, since
+        """Close the connection idle longest, the lane's or aiohttp's, to admit a new one;
+        when none is idle, the one whose request head has been arriving longest, if for
+        :data:`STALLED_HEAD_S` or more (False: neither)."""
+        best = self._earliest(fast_lane.Connection.idle_since, _Protocol.idle_since,
+                              self.sweeper.longest_idle if self.sweeper else None)
+        if best is None:
+            best = self._earliest(fast_lane.Connection.head_since, _Protocol.head_since,
+                                  self.sweeper.slowest_head if self.sweeper else None,
+                                  before=self._loop.time() - STALLED_HEAD_S)
         if best is None:
             return False
-        best.force_close()      # idle: nothing in flight (aiohttp's close() leaves the
-        return True             # transport open when it cancels the wait for a request)
+        best.force_close()      # idle or stalled: nothing in flight (aiohttp's close()
+        return True             # leaves the transport open when it cancels its wait)
+
+    def _earliest(self, lane_since: Callable[[fast_lane.Connection], float | None],
+                  aiohttp_since: Callable[[_Protocol], float | None],
+                  lane_best: Callable[[], fast_lane.Connection | None] | None,
+                  before: float = math.inf) -> fast_lane.Connection | _Protocol | None:
+        """The connection, the lane's (``lane_best``) or aiohttp's, with the earliest
+        time by ``lane_since`` / ``aiohttp_since``, if earlier than ``before``."""
+        best: fast_lane.Connection | _Protocol | None = None
+        best_since = before
+        if lane_best is not None and (lane := lane_best()) is not None:
+            since = lane_since(lane)
+            if since is not None and since < best_since:
+                best, best_since = lane, since
+        for conn in self._connections:
+            if isinstance(conn, _Protocol) and (since := aiohttp_since(conn)) is not None \
+                    and since < best_since:
+                best, best_since = conn, since
+        return best
 
     def refused(self) -> None:
         now = self._loop.time()

@@ -53,8 +53,8 @@ class HttpSettings(Section):
     max_connections: int = Field(
         10_000, ge=16, description="client connections one serving process keeps open "
         "(each is a file descriptor; at most three quarters of the process's open-file "
-        "limit): a new one beyond it closes the connection idle longest, or is closed at "
-        "once when none is idle")
+        "limit): a new one beyond it closes the connection idle longest, else the one whose "
+        "request head has been arriving longest (a second or more), else is closed at once")
     fast_lane: bool = Field(
         True, description="serve POST /v1/chat/completions and /v1/completions on a lean "
         "HTTP/1.1 path (httptools) instead of aiohttp's request machinery; other routes, "

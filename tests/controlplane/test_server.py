@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from controlplane.api import server as server_mod
 from tests import harness
 from tests.controlplane import cp_testing as t
 from tests.controlplane import test_fast_lane as lane
@@ -66,4 +67,31 @@ async def test_a_connection_in_the_middle_of_a_request_head_is_not_idle() -> Non
         for reader, w in held:
             w.write(b"Host: x\r\n\r\n")
             assert (await asyncio.wait_for(lane.answer(reader), 5))[0] == 200
+            w.close()
+
+
+@pytest.mark.parametrize("fast_lane", [True, False])
+async def test_a_new_client_gets_in_by_closing_the_head_stalled_longest(
+        fast_lane: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client holding every slot with heads it never finishes (each closed only after
+    ``http.header_timeout_s``) must not lock the others out."""
+    monkeypatch.setattr(server_mod, "STALLED_HEAD_S", 0.3)
+    s = t.settings(http={"max_connections": CAP, "fast_lane": fast_lane})
+    async with lane.serving(s) as (port, server):
+        held = []
+        for _ in range(CAP):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /health HTTP/1.1\r\n")     # a head begun, not finished
+            held.append((reader, writer))
+            await asyncio.sleep(0.01)
+        await harness.until(lambda: len(server.connections) == CAP, 10, "the cap reached")
+        await asyncio.sleep(0.4)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(HEALTH)
+        assert (await asyncio.wait_for(lane.answer(reader), 5))[0] == 200
+        assert await asyncio.wait_for(held[0][0].read(), 5) == b""     # the slowest head
+        second_reader, second = held[1]
+        second.write(b"Host: x\r\n\r\n")
+        assert (await asyncio.wait_for(lane.answer(second_reader), 5))[0] == 200
+        for _, w in [*held, (reader, writer)]:
             w.close()
