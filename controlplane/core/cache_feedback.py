@@ -171,13 +171,13 @@ class FeedbackCache:
             self._count(served.model, wrong)
         # Both steps run whatever the other did; a failure is reported after both.
         evicting = self._evict(served) if wrong else _nothing()
-        recording = (self._record(served, request_id, wrong) if served.layer == "semantic"
-                     else _nothing())
+        pair = served.layer == "semantic" and served.pair
+        recording = self._record(served, request_id, wrong) if pair else _nothing()
         failures = [f for f in await asyncio.gather(evicting, recording) if f]
         if failures:
             raise errors.Unavailable("; ".join(failures), code="cache_unavailable")
-        return Outcome(request_id, served.layer, wrong, wrong, served.layer == "semantic"
-                       and self.parts.sink is not None)
+        return Outcome(request_id, served.layer, wrong, wrong,
+                       pair and self.parts.sink is not None)
 
     def live_precision(self, model: str) -> tuple[float, float, float, int]:
         """(estimate, lower, upper, verdicts) over the semantic hits of ``model``."""

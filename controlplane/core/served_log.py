@@ -8,9 +8,16 @@ Design decisions:
 
 - **Per tenant.** A tenant's ids are looked up only among its own hits, so one tenant can
   never act on (or learn about) another's entries, whatever id it sends.
-- **Bounded.** At most ``per_tenant`` ids per tenant (oldest out first) and at most
-  ``tenants`` tenants (the least recently active out first); an id older than
-  ``max_age_s`` is forgotten (the entry it names has expired from the cache by then).
+- **Bounded, in count and in bytes.** At most ``per_tenant`` ids per tenant (oldest out
+  first) and at most ``tenants`` tenants (the least recently active out first); an id
+  older than ``max_age_s`` is forgotten (the entry it names has expired from the cache by
+  then; the oldest are dropped as new ones come). Only a semantic hit keeps its texts
+  (the pair ``calibrate --from-feedback`` refits on), and only when each is at most
+  :data:`PAIR_TEXT_MAX` characters: an exact hit is evicted by its key alone, and a cut
+  text would not be the pair the verifier judged (such a verdict still counts and evicts;
+  its pair is not recorded). A tenant's kept texts total at most :data:`TEXT_BUDGET`
+  characters (its oldest ids out first). Hits cost no tokens: without these bounds one
+  tenant repeating a cached request with a long prompt filled the process's memory.
   Feedback on a forgotten id is refused, never guessed.
 - **One verdict per request.** :meth:`ServedLog.take` removes the id, so a repeated
   feedback cannot count twice or flip a verdict already acted on.
@@ -28,6 +35,9 @@ from typing import Protocol
 
 from synapse_common.clock import Clock
 
+PAIR_TEXT_MAX = 8192            # characters of each text a semantic hit's pair keeps
+TEXT_BUDGET = 4 * 1024 * 1024   # characters of texts kept per tenant
+
 
 @dataclasses.dataclass(frozen=True)
 class Served:
@@ -44,6 +54,18 @@ class Served:
     similarity: float | None
     verifier: str = ""    # digest of the verifier that gave ``score``
     embedder_id: str = ""
+    pair: bool = True     # the texts are kept (see the module's "Bounded")
+
+    def kept(self) -> Served:
+        """What the log keeps of it: the texts only for a semantic hit, each short enough."""
+        if not self.pair or (self.layer == "semantic" and len(self.query) <= PAIR_TEXT_MAX
+                             and len(self.text) <= PAIR_TEXT_MAX):
+            return self
+        return dataclasses.replace(self, query="", text="", pair=False)
+
+    @property
+    def chars(self) -> int:
+        return len(self.query) + len(self.text)
 
 
 class Listener(Protocol):
@@ -52,6 +74,23 @@ class Listener(Protocol):
     def served(self, request_id: str, served: Served) -> None: ...
 
     def taken(self, tenant: str, request_id: str) -> None: ...
+
+
+class _Ids(collections.OrderedDict[str, tuple[float, Served]]):
+    """One tenant's remembered ids, oldest first, and the characters of their texts."""
+
+    chars = 0
+
+    def drop(self, request_id: str) -> tuple[float, Served] | None:
+        found = self.pop(request_id, None)
+        if found is not None:
+            self.chars -= found[1].chars
+        return found
+
+    def drop_oldest(self) -> tuple[float, Served]:
+        found = self.popitem(last=False)[1]
+        self.chars -= found[1].chars
+        return found
 
 
 class ServedLog:
@@ -63,24 +102,32 @@ class ServedLog:
         self._max_age = max_age_s
         self._clock = clock
         self._tenants = tenants
-        self._by_tenant: collections.OrderedDict[
-            str, collections.OrderedDict[str, tuple[float, Served]]] = collections.OrderedDict()
+        self._by_tenant: collections.OrderedDict[str, _Ids] = collections.OrderedDict()
         self.listener: Listener | None = None
 
     def __len__(self) -> int:
         return sum(len(ids) for ids in self._by_tenant.values())
 
+    def chars(self) -> int:
+        """The characters of texts kept, all tenants together."""
+        return sum(ids.chars for ids in self._by_tenant.values())
+
     def remember(self, request_id: str, served: Served) -> None:
+        served = served.kept()
         ids = self._by_tenant.get(served.tenant)
         if ids is None:
-            ids = self._by_tenant[served.tenant] = collections.OrderedDict()
+            ids = self._by_tenant[served.tenant] = _Ids()
             while len(self._by_tenant) > self._tenants:
                 self._by_tenant.popitem(last=False)
         self._by_tenant.move_to_end(served.tenant)
-        ids.pop(request_id, None)
-        ids[request_id] = (self._clock(), served)
-        while len(ids) > self._per_tenant:
-            ids.popitem(last=False)
+        now = self._clock()
+        ids.drop(request_id)
+        ids[request_id] = (now, served)
+        ids.chars += served.chars
+        while len(ids) > self._per_tenant or ids.chars > TEXT_BUDGET:
+            ids.drop_oldest()
+        while ids and next(iter(ids.values()))[0] < now - self._max_age:
+            ids.drop_oldest()
         if self.listener is not None:
             self.listener.served(request_id, served)
 
@@ -89,7 +136,7 @@ class ServedLog:
         ids = self._by_tenant.get(tenant)
         if ids is None:
             return None
-        found = ids.pop(request_id, None)
+        found = ids.drop(request_id)
         if found is None:
             return None
         if self.listener is not None:

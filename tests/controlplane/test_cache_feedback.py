@@ -167,6 +167,49 @@ def test_the_served_log_is_bounded_per_tenant_and_in_age():
     assert log.take("a", "3") is None                        # tenant a left: only 2 kept
 
 
+def test_the_served_log_keeps_only_a_semantic_hits_short_texts_within_a_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hits cost no tokens: one tenant repeating a cached request with a 440 KB prompt
+    grew the log by its texts at every hit (probe: a gigabyte in seconds)."""
+    now = [0.0]
+    log = served_log.ServedLog(per_tenant=10_000, max_age_s=60.0, clock=lambda: now[0])
+    long = "x" * 440_000
+    exact = served_log.Served("a", "m", "exact", long, long, "k", "", None, None)
+    for i in range(100):
+        log.remember(f"e{i}", exact)
+    assert log.chars() == 0                     # an exact hit is evicted by its key alone
+    assert log.take("a", "e99") == dataclasses.replace(exact, query="", text="", pair=False)
+    semantic = served_log.Served("a", "m", "semantic", "q?", "question?", "k", "s", 0.9, 0.8)
+    log.remember("s1", semantic)
+    assert log.take("a", "s1") == semantic       # short: its pair is kept
+    log.remember("s2", dataclasses.replace(semantic, text=long))
+    assert log.take("a", "s2").pair is False and log.chars() == 0   # cut, it would lie
+    monkeypatch.setattr(served_log, "TEXT_BUDGET", 1000)
+    for i in range(200):
+        log.remember(f"b{i}", dataclasses.replace(semantic, query="q" * 90))   # 99 each
+    assert log.chars() <= 1000 and log.take("a", "b199") is not None
+    assert log.take("a", "b100") is None        # the oldest out first
+    log.remember("other", dataclasses.replace(semantic, tenant="b"))
+    assert log.take("b", "other") is not None    # another tenant's budget is its own
+    now[0] = 61.0
+    log.remember("new", semantic)               # the stale ones go as new ones come
+    assert len(log) == 1 and log.chars() == semantic.chars
+
+
+async def test_a_long_semantic_hits_verdict_counts_and_evicts_but_records_no_pair(
+        loop, monkeypatch: pytest.MonkeyPatch) -> None:
+    fb, cache, metrics, path = loop
+    monkeypatch.setattr(served_log, "PAIR_TEXT_MAX", 20)
+    await remember(cache, chat(PASSWORD), "Use the reset link.")
+    await cache.l2.flush()
+    assert (await fb.lookup(asked(PARAPHRASE, "long-1"))).status == "hit-semantic"
+    outcome = await fb.feedback("acme", "long-1", wrong=True)
+    assert (outcome.layer, outcome.evicted, outcome.recorded) == ("semantic", True, False)
+    assert not path.exists()
+    assert counter(metrics, "synapse_cache_feedback_total", model="llama", layer="semantic",
+                   verdict="wrong") == 1
+
+
 def test_wilson_interval():
     estimate, lower, upper = cache_feedback.wilson(90, 100)
     assert estimate == 0.9 and lower == pytest.approx(0.8256, abs=1e-3)
