@@ -4,7 +4,11 @@ Human format by default (``time level logger message key=value…``), JSON lines
 ``--log-format json``. Request ids and node names are context fields: set them with
 :func:`bind` (a context variable, so concurrent requests on one event loop do not mix) or
 pass ``extra={"request_id": …}``. A redaction filter replaces every configured secret
-with ``***`` in the message and in every field before any handler sees the record.
+with ``***`` in the message and in every field before any handler sees the record, and the
+credentials of any URL that carries them (``scheme://user:password@host``: an upstream's
+URL, a library's error quoting one). In the human format a field's value that could end
+the line or forge another field (whitespace, controls, ``=``, a quote) is written quoted
+and escaped.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextvars
 import datetime
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,6 +26,9 @@ from typing import Any
 CONTEXT_FIELDS = ("request_id", "node", "tenant", "backend", "model")
 _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
     "synapse_log_context", default={})  # noqa: B039 - never mutated, replaced on bind
+
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#@\s]*@")    # "user:password@" after "scheme://"
+_PLAIN = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\u2028\u2029=\"]*")     # a value as it is
 
 _STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "taskName"}
@@ -52,23 +60,24 @@ class RedactingFilter(logging.Filter):
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, "***")
+        if "://" in text:
+            text = _URL_CREDENTIALS.sub("***@", text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in _context.get().items():
             if not hasattr(record, key):
                 setattr(record, key, value)
-        if self.secrets:
-            record.msg = self.scrub(record.getMessage())
-            record.args = None
-            if record.exc_info and not record.exc_text:
-                record.exc_text = logging.Formatter().formatException(record.exc_info)
-            if record.exc_text:
-                record.exc_text = self.scrub(record.exc_text)
-            record.exc_info = None
-            for key, value in _extras(record).items():
-                if isinstance(value, str):
-                    setattr(record, key, self.scrub(value))
+        record.msg = self.scrub(record.getMessage())
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.scrub(record.exc_text)
+        record.exc_info = None
+        for key, value in _extras(record).items():
+            if isinstance(value, str):
+                setattr(record, key, self.scrub(value))
         return True
 
 
@@ -77,9 +86,15 @@ def _timestamp(record: logging.LogRecord) -> str:
         timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _field(value: Any) -> str:
+    """A field's value as the human format writes it: as it is, or quoted and escaped."""
+    text = str(value)
+    return text if _PLAIN.fullmatch(text) else json.dumps(text)
+
+
 class HumanFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(f"{k}={v}" for k, v in sorted(_extras(record).items()))
+        extras = " ".join(f"{k}={_field(v)}" for k, v in sorted(_extras(record).items()))
         line = f"{_timestamp(record)} {record.levelname:<7} {record.name}: {record.getMessage()}"
         if extras:
             line += f"  {extras}"
@@ -120,3 +135,18 @@ def setup(fmt: str = "human", level: str = "info", secrets: Iterable[str] = (),
     root.setLevel(level.upper())
     for noisy in ("aiohttp.access", "grpc", "urllib3", "httpx", "pymilvus"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def adopt(name: str) -> None:
+    """Send the records of library logger ``name`` (and its children) through the root's
+    handler, hence this module's format and redaction, when the library installed its own
+    handlers on import (pymilvus does: its lines skipped ``--log-format json`` and the
+    redaction); at warning level at least, as :func:`setup` sets for noisy libraries."""
+    level = max(logging.WARNING, logging.getLogger().level)
+    for logger_name in [name, *(n for n in logging.root.manager.loggerDict
+                                if n.startswith(name + "."))]:
+        logger = logging.getLogger(logger_name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+        logger.setLevel(level)

@@ -41,6 +41,7 @@ import numpy as np
 
 from controlplane.core.l2 import rows, store
 from synapse_common import clock as clocks
+from synapse_common import logs
 
 CONSISTENCY = "Bounded"
 TEXT_FIELD_MAX = 8192 * 4       # bytes: TEXT_MAX characters of UTF-8
@@ -228,6 +229,7 @@ class MilvusStore:
                     os.makedirs(os.path.dirname(os.path.abspath(self._uri)), mode=0o700,
                                 exist_ok=True)
                 import pymilvus  # imported late: slow to import, and only L2 needs it
+                logs.adopt("pymilvus")      # it installs its own stderr handlers
                 kwargs: dict[str, Any] = {"uri": self._uri, "timeout": self._timeout}
                 if self._token:
                     kwargs["token"] = self._token

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import zlib
 
 from controlplane.core import usage as usage_mod
@@ -87,6 +88,9 @@ class AccessLog:
         self.policy = policy
         self._log = logger or logging.getLogger(LOGGER)
         self._threshold = int(policy.sample_ratio * _SCALE)
+        # The sampling hash starts from a secret of this process: the request id may be
+        # the client's own, and a client that knew the hash could choose ids never logged.
+        self._seed = secrets.randbits(32)
 
     def wanted(self) -> bool:
         """Whether lines are written at all (enabled, and the logger takes info)."""
@@ -98,7 +102,7 @@ class AccessLog:
             return True
         if self._threshold >= _SCALE:
             return True
-        return zlib.crc32(request_id.encode()) < self._threshold
+        return zlib.crc32(request_id.encode(), self._seed) < self._threshold
 
     def write(self, line: Line) -> None:
         error = line.status >= 500 or line.broken

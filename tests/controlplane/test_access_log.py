@@ -127,10 +127,23 @@ async def test_sampling_keeps_the_hashed_share_and_every_error() -> None:
                     with pytest.raises(openai.APIStatusError):
                         await client.chat.completions.create(model="broken", messages=MSGS)
             await client.close()
-    kept = [i for i in ids if zlib.crc32(i.encode()) < 2**31]
+            sampled = cp.services.access_log
+    kept = [i for i in ids if sampled.keeps(i, error=False)]
     assert 0 < len(kept) < 40
     assert [line["request_id"] for line in lines if line["status"] == 200] == kept
     assert [line["status"] for line in lines if line["status"] != 200] == [502] * 3
+
+
+def test_a_client_cannot_choose_request_ids_that_are_never_logged() -> None:
+    """The sampling hash starts from a secret of the process: ids kept by one process
+    are not those kept by another (a client that knew the hash chose ids never logged)."""
+    ids = [f"id-{i}" for i in range(400)]
+    policy = access_log.Policy(sample_ratio=0.5)
+    first, second = access_log.AccessLog(policy), access_log.AccessLog(policy)
+    assert ([first.keeps(i, error=False) for i in ids]
+            != [second.keeps(i, error=False) for i in ids])
+    assert [i for i in ids if zlib.crc32(i.encode()) < 2**31] != [
+        i for i in ids if first.keeps(i, error=False)]
 
 
 async def test_off_by_config_or_below_the_log_level() -> None:

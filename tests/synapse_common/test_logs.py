@@ -44,3 +44,46 @@ def test_context_does_not_leak_between_binds(stream: io.StringIO) -> None:
         pass
     logging.getLogger("synapse.test").info("outside")
     assert "request_id" not in json.loads(stream.getvalue().strip())
+
+
+def test_a_urls_credentials_never_reach_a_line(stream: io.StringIO) -> None:
+    """Probe finding: an upstream's URL with a password was logged at every health change."""
+    logs.setup(fmt="human", stream=stream)
+    log = logging.getLogger("synapse.test")
+    log.warning("upstream %s is unhealthy (%s)", "static/sim",
+                "http://user:UPSTREAMPW-SECRET@127.0.0.1:8000/health",
+                extra={"backend": "redis://:REDISPW@h:6379/0"})
+    try:
+        raise ConnectionError("cannot reach ftp://me:FTPPW@files.example/x")
+    except ConnectionError:
+        log.exception("failed")
+    out = stream.getvalue()
+    for secret in ("UPSTREAMPW-SECRET", "REDISPW", "FTPPW", "user:", "me:"):
+        assert secret not in out
+    assert "http://***@127.0.0.1:8000/health" in out and "redis://***@h:6379/0" in out
+    log.info("plain http://127.0.0.1:8000/v1?next=a@b stays")
+    assert "plain http://127.0.0.1:8000/v1?next=a@b stays" in stream.getvalue()
+
+
+def test_a_field_cannot_forge_another_in_the_human_format(stream: io.StringIO) -> None:
+    """Probe finding: a client's request id ``forged tenant=bob status=200`` read as fields."""
+    logs.setup(fmt="human", stream=stream)
+    logging.getLogger("synapse.test").warning(
+        "stream cut", extra={"request_id": "forged tenant=bob status=200\nINFO fake",
+                             "backend": "static/sim"})
+    line = stream.getvalue().strip()
+    assert "\n" not in line
+    assert 'request_id="forged tenant=bob status=200\\nINFO fake"' in line
+    assert "backend=static/sim" in line
+
+
+def test_pymilvus_lines_go_through_the_format_and_the_redaction(stream: io.StringIO) -> None:
+    """pymilvus installs its own stderr handlers on import: its lines skipped the JSON
+    format and the redaction (probe finding)."""
+    import pymilvus  # noqa: F401  (its import configures its loggers)
+    logs.setup(fmt="json", secrets=["MILVUS-SECRET-TOKEN"], stream=stream)
+    logs.adopt("pymilvus")
+    logging.getLogger("pymilvus.milvus_client").error("failed with MILVUS-SECRET-TOKEN")
+    doc = json.loads(stream.getvalue().strip())
+    assert doc["logger"] == "pymilvus.milvus_client" and doc["msg"] == "failed with ***"
+    assert not logging.getLogger("pymilvus").handlers
