@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
 
 from controlplane import config
-from controlplane.adapters import redis_limits, redis_tokens, redis_usage
+from controlplane.adapters import redis_limits, redis_tokens, redis_usage, usage_journal
 from controlplane.api import context
 from controlplane.api import services as services_mod
 from controlplane.core import (
@@ -187,6 +188,7 @@ async def _ctx(app: web.Application) -> AsyncIterator[None]:
     fair = get(svc)
     client = _use_redis(svc, fair)
     if fair.book is not None:
+        _restore(svc, fair.book)
         app[_FLUSHER] = asyncio.get_running_loop().create_task(
             _flush_loop(svc, fair.book, svc.settings.fairness.usage.flush_interval_s))
     yield
@@ -195,6 +197,8 @@ async def _ctx(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await app[_FLUSHER]
         await _flush(svc, fair.book)        # what is pending, once more
+        if fair.book is not None:
+            _keep(svc, fair.book)
     if fair.gate is not None:
         await fair.gate.close()
     if fair.coalescer is not None:
@@ -228,6 +232,43 @@ async def _flush_loop(svc: services_mod.Services, book: usage_book.UsageBook,
     while True:
         await clocks.sleep(interval_s)
         await _flush(svc, book)
+
+
+def _journal(svc: services_mod.Services) -> str:
+    return os.path.join(svc.settings.data_dir, usage_journal.FILE)
+
+
+def _restore(svc: services_mod.Services, book: usage_book.UsageBook) -> None:
+    """Take back the usage an earlier run could not store when it stopped."""
+    path = _journal(svc)
+    try:
+        rows, unreadable = usage_journal.take(path)
+    except OSError as exc:
+        log.error("cannot read the usage kept by an earlier run in %s: %s", path, exc)
+        return
+    if unreadable:
+        log.error("%d unreadable line(s) of usage kept by an earlier run in %s were lost",
+                  unreadable, path)
+    if rows:
+        book.restore(rows)
+        log.warning("%d usage row(s) an earlier run could not store were taken back from %s",
+                    len(rows), path)
+
+
+def _keep(svc: services_mod.Services, book: usage_book.UsageBook) -> None:
+    """At a stop, keep on disk what the store could not take (its last flush failed)."""
+    rows = book.pending()
+    if not rows:
+        return
+    path = _journal(svc)
+    try:
+        usage_journal.keep(path, rows)
+    except OSError as exc:
+        log.error("%d usage row(s) could not be stored and are lost: the usage store "
+                  "failed and %s could not be written (%s)", len(rows), path, exc)
+        return
+    log.error("%d usage row(s) could not be stored (the usage store failed); kept in %s "
+              "and added at the next start", len(rows), path)
 
 
 async def _flush(svc: services_mod.Services, book: usage_book.UsageBook | None) -> None:

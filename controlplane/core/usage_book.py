@@ -172,6 +172,15 @@ class UsageBook:
                     self.dropped += 1
             raise
 
+    def pending(self) -> dict[tuple[str, str, str], Plain]:
+        """The counts not stored yet, as a store takes them."""
+        return {(k.day, k.tenant, k.model): v.as_dict() for k, v in self._pending.items()}
+
+    def restore(self, rows: Mapping[tuple[str, str, str], Plain]) -> None:
+        """Add counts not stored by an earlier run to the pending ones."""
+        for key, plain in rows.items():
+            self._pending.setdefault(RowKey(*key), Counts()).add(counts_of(plain))
+
     async def query(self, tenant: str | None = None, since_s: float = 86_400.0) -> list[Row]:
         """Rows of the days overlapping the last ``since_s`` seconds, stored and pending,
         sorted by day, tenant, model."""

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from controlplane import ctl
 from controlplane import metrics as metrics_mod
-from controlplane.adapters import l1
+from controlplane.adapters import l1, usage_journal
 from controlplane.api import admin_grpc, fairness_wiring, grpc_server
 from controlplane.api import app as app_mod
 from controlplane.core import response_cache, usage_book
@@ -416,3 +416,45 @@ async def test_embeddings_spend_the_tenants_budget_like_every_other_call() -> No
             assert over.value.code == "budget_exceeded" and answered == 3
             await client.close()
             await cp.client(t.KEY_B).embeddings.create(model="llama", input="hello")
+
+
+async def test_usage_a_stop_could_not_store_is_kept_on_disk_and_stored_by_the_next_start(
+        tmp_path: Any, redis_server: harness.RedisServer) -> None:
+    """Probe finding: a replica stopped while Redis was unreachable lost its last counts
+    (requests served, never billed), with a debug line only."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"      # nothing listens there
+    async with t.backends(("one", "ok")) as (backend,):
+        upstreams = t.settings(upstreams=[t.upstream("one", backend.url)]).upstreams
+        s = settings(redis={"url": dead, "timeout_s": 0.2}, data_dir=str(tmp_path))
+        async with ready(s.model_copy(update={"upstreams": upstreams})) as cp:
+            client = cp.client()
+            for _ in range(3):
+                await client.chat.completions.create(model="llama", messages=HI)
+            await harness.until(lambda: sum(
+                c["requests"] for c in book(cp).pending().values()) == 3, 10, "accounted")
+            await client.close()
+        kept = tmp_path / usage_journal.FILE
+        assert kept.stat().st_mode & 0o777 == 0o600
+        s = settings(redis={"url": redis_server.url}, data_dir=str(tmp_path))
+        async with ready(s.model_copy(update={"upstreams": upstreams})) as cp:
+            assert not kept.exists()                # taken by this start
+            assert (await accounted(cp, "a")).requests == 3
+            await book(cp).flush()
+            assert book(cp).pending() == {}
+            assert (await accounted(cp, "a")).requests == 3     # now from Redis
+
+
+def test_the_usage_journal_adds_up_the_stops_and_skips_what_it_cannot_read(
+        tmp_path: Any) -> None:
+    path = tmp_path / "sub" / usage_journal.FILE
+    usage_journal.keep(path, {("2026-12-06", "a", "m"): {"requests": 2, "cost": 0.5}})
+    usage_journal.keep(path, {("2026-12-06", "a", "m"): {"requests": 1, "cost": 0.25},
+                              ("2026-12-06", "b", "m"): {"requests": 4}})
+    with open(path, "a") as fh:
+        fh.write("{not json\n")
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    rows, unreadable = usage_journal.take(path)
+    assert rows == {("2026-12-06", "a", "m"): {"requests": 3, "cost": 0.75},
+                    ("2026-12-06", "b", "m"): {"requests": 4}}
+    assert unreadable == 1 and not path.exists()
+    assert usage_journal.take(path) == ({}, 0)
