@@ -21,27 +21,41 @@ Design decisions:
   above the current threshold, so the threshold rises until the mix reaches the target;
   hits judged right raise it, so the threshold may fall.
 - **Tenants are adversaries of each other**, and a model's point is shared by all of its
-  tenants, so no one tenant's verdicts may set it for the others. Two rules, both per
-  model and per refit:
+  tenants, so no one tenant's verdicts may set it for the others, in either direction: a
+  flood of "right" verdicts would serve wrong answers to everyone, a flood of "wrong"
+  ones would switch the semantic cache off for everyone. Two rules, both per model and
+  per refit:
 
   - *A cap on each tenant's weight*: no tenant counts for more than ``max_tenant_share``
     of the verdicts counted (``--max-tenant-share``), or for more than an equal share
     when fewer tenants than ``1 / max_tenant_share`` judged. A capped tenant's verdicts
     all stay in, each down-weighted, so its own mix of right and wrong is kept; the
-    report names it and how many of its verdicts were counted and dropped.
-  - *Asymmetric safety*: verdicts that hits were wrong may always raise the threshold,
-    but a tenant's "right" verdicts may never make it looser than the refit *without
-    that tenant* would (the point is the strictest of the pooled refit and every
-    leave-one-tenant-out refit), and loosening it below the current point needs verdicts
-    from at least ``min_tenants`` tenants (``--min-tenants``, default 2). A flood of
-    "right" verdicts from one tenant thus neither loosens the point nor dilutes other
-    tenants' "wrong" ones. ``--min-tenants 1`` pools all verdicts with no leave-one-out,
+    report names it and how many of its verdicts were counted and dropped. The cap alone
+    is not enough: among two tenants each weighs half, and half the verdicts wrong at
+    the top scores is enough to push the point to "never accept".
+  - *Leave one tenant out* (``_held``, the one home of this rule): each refit leaving
+    one tenant's verdicts out is where the point would go were that tenant lying. The
+    point moves from the current one towards the pooled refit only as far as the pooled
+    refit and every leave-one-out refit all move it: up, to the lowest of them; down, to
+    the highest of them; and not at all when one of them moves it the other way or
+    leaves it where it is. So a move only one tenant's verdicts carry is not applied,
+    whichever way it goes, while verdicts that agree across tenants (several tenants
+    finding hits wrong, say) still move it. With fewer than ``min_tenants`` tenants
+    (``--min-tenants``, default 2; a lone tenant's leave-out is no feedback at all) the
+    point stays where it is. The report names the tenant whose leave-out held the point
+    (tenant names only). ``--min-tenants 1`` pools all verdicts with no leave-one-out,
     for a fleet whose tenants trust each other (a single-tenant fleet, say).
+
+    The cost: one tenant can veto a move (keep the current point), which is the safe
+    side both ways; two tenants can be told apart only by a third, so against one honest
+    tenant a liar holds the point rather than moving it. Several tenant identities in
+    one adversary's hands (keys it was given) are beyond what leaving one out can see.
 - **Report**: per model the verdicts, the old and new threshold, the precision expected
-  at the new one (on the weighted mix) and the judged hits' own precision above it with
-  its 95 % Wilson interval; then per model and tenant the verdicts counted and dropped,
-  and, when a tenant's leave-out or too few tenants held the point, by whom and where
-  the pooled refit would have put it. Tenant names are printed: the operator runs this.
+  at the new one (on the weighted mix the point rests on: without the tenant whose
+  leave-out held it) and the judged hits' own precision above it with its 95 % Wilson
+  interval; then per model and tenant the verdicts counted and dropped, and, when a
+  tenant's leave-out or too few tenants held the point, by whom and where the pooled
+  refit would have put it. Tenant names are printed: the operator runs this.
 - **Stacked verifiers** (a file with ``stack``): hits the stack decided carry the full
   digest and the stacked score, so they refit the *stack's* per-model points on the
   stack's own validation pairs (``stack.calibration``); hits the verifier decided alone
@@ -67,7 +81,7 @@ from controlplane.core import cache_feedback, verifier
 
 FULL_TRUST = 100        # judged hits at which feedback weighs as much as validation
 MAX_TENANT_SHARE = 0.25  # of a model's counted verdicts, at most, from any one tenant
-MIN_TENANTS = 2          # tenants whose verdicts it takes to loosen a model's point
+MIN_TENANTS = 2          # tenants whose verdicts it takes to move a model's point
 NO_TENANT = "(no tenant)"  # rows written before the tenant was recorded
 
 
@@ -133,7 +147,8 @@ class Refit:
     judged_above: tuple[float, float, float, int]   # estimate, lower, upper, n
     tenants: tuple[TenantCount, ...] = ()
     pooled: float = 0.0     # where the pooled refit (every tenant, capped) put the point
-    held: str = ""          # why the point is stricter than ``pooled``; "" when it is not
+    held: str = ""          # why the point is not ``pooled``; "" when it is
+    decisive: tuple[str, ...] = ()  # the tenant whose leave-out held it (``_held``)
 
 
 def read_feedback(paths: Iterable[str], digest: str) -> tuple[dict[str, Judged], int]:
@@ -199,7 +214,9 @@ def refit(model: Scored, name: str, judged: Judged, target: float,
     names, of = np.unique(np.asarray(judged.tenants, dtype=str), return_inverse=True)
     counts = np.bincount(of, minlength=len(names))
 
-    def fit(tenants: set[str]) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    def fit(tenants: frozenset[str]) -> Mix:
+        if not tenants:     # no verdicts at all: the point stays where it is
+            return Mix(old, cal.scores, cal.labels, np.ones(len(cal.scores)))
         per_tenant = _verdict_weights(counts * np.isin(names, sorted(tenants)), above_old,
                                       influence.max_tenant_share)
         weights = per_tenant[of]
@@ -207,12 +224,15 @@ def refit(model: Scored, name: str, judged: Judged, target: float,
         scores = np.concatenate([cal.scores, fb_scores[used]])
         labels = np.concatenate([cal.labels, fb_labels[used]])
         weights = np.concatenate([np.ones(len(cal.scores)), weights[used]])
-        return _lowest_threshold(scores, labels, weights, target)[0], scores, labels, weights
+        return Mix(_lowest_threshold(scores, labels, weights, target)[0], scores, labels,
+                   weights)
 
-    everyone = set(names.tolist())
-    pooled, scores, labels, weights = fit(everyone)
-    threshold, held = _held(pooled, old, everyone, influence, lambda ts: fit(ts)[0])
-    expected = _precision_above(scores, labels, weights, threshold)
+    everyone = frozenset(names.tolist())
+    pooled = fit(everyone)
+    hold = _held(pooled.threshold, old, everyone, influence, lambda ts: fit(ts).threshold)
+    basis = pooled if hold.rests_on == everyone else fit(hold.rests_on)
+    threshold = hold.threshold
+    expected = _precision_above(basis.scores, basis.labels, basis.weights, threshold)
     accepted = fb_scores >= threshold
     right_above = int(np.sum(fb_labels[accepted]))
     n_above = int(np.sum(accepted))
@@ -221,31 +241,59 @@ def refit(model: Scored, name: str, judged: Judged, target: float,
     return Refit(name, int(fb_labels.sum()), int(len(fb_labels) - fb_labels.sum()), old, point,
                  (*cache_feedback.wilson(right_above, n_above), n_above),
                  _tenant_counts(names, counts, rights, influence.max_tenant_share),
-                 pooled, held)
+                 pooled.threshold, hold.why, hold.decisive)
 
 
-def _held(pooled: float, old: float, tenants: set[str], influence: Influence,
-          fit: Callable[[set[str]], float]) -> tuple[float, str]:
-    """The point no one tenant loosened, and why it is stricter than ``pooled`` ("" if not).
+@dataclasses.dataclass(frozen=True)
+class Mix:
+    """One refit: its point and the weighted pairs (validation + verdicts) it was fit on."""
 
-    The strictest of the pooled refit and every refit leaving one tenant out: a tenant's
-    "right" verdicts cannot take the point below where the others' verdicts put it, while
-    anyone's "wrong" verdicts raise it. With fewer than ``min_tenants`` tenants (a lone
-    tenant's leave-out is no feedback at all) the point does not fall below ``old``."""
-    if influence.min_tenants <= 1:
-        return pooled, ""
-    threshold, held = pooled, ""
-    if len(tenants) < influence.min_tenants and old > threshold:
-        threshold = old
-        held = (f"verdicts from {len(tenants)} tenant(s); loosening the point needs "
-                f"{influence.min_tenants} (--min-tenants)")
-    if len(tenants) >= 2:
-        for tenant in sorted(tenants):
-            without = fit(tenants - {tenant})
-            if without > threshold:
-                threshold = without
-                held = f"the refit without tenant {tenant!r} goes no lower"
-    return threshold, held
+    threshold: float
+    scores: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Hold:
+    """Where ``_held`` put the point, why it is not the pooled refit's, by whom, and the
+    tenants whose verdicts it rests on (for the precision expected there)."""
+
+    threshold: float
+    rests_on: frozenset[str]
+    why: str = ""
+    decisive: tuple[str, ...] = ()
+
+
+def _held(pooled: float, old: float, tenants: frozenset[str], influence: Influence,
+          fit: Callable[[frozenset[str]], float]) -> Hold:
+    """The point no one tenant moved (the rule is in the module docstring).
+
+    From ``old``, the point moves towards ``pooled`` only as far as every refit leaving
+    one tenant out moves it the same way: up to the lowest of them, down to the highest;
+    it stays at ``old`` when one of them does not move it that way. ``decisive`` names
+    the tenant whose leave-out bounds the move (the first by name when several do).
+    Fewer than ``min_tenants`` tenants do not move the point at all."""
+    if influence.min_tenants <= 1 or pooled == old:
+        return Hold(pooled, tenants)
+    if len(tenants) < influence.min_tenants:
+        return Hold(old, frozenset(), f"verdicts from {len(tenants)} tenant(s); moving the "
+                                      f"point needs {influence.min_tenants} (--min-tenants)")
+    up = pooled > old
+    without = {tenant: fit(tenants - {tenant}) for tenant in sorted(tenants)}
+    bound = min(without.values()) if up else max(without.values())
+    if (bound >= pooled) if up else (bound <= pooled):
+        return Hold(pooled, tenants)
+    decisive = [t for t, w in without.items() if w == bound]
+    alike = "".join(f", or {t!r}" for t in decisive[1:4]) + (", ..." if len(decisive) > 4
+                                                            else "")
+    if up:
+        where = "goes no higher" if bound > old else "does not raise it"
+    else:
+        where = "goes no lower" if bound < old else "does not lower it"
+    return Hold(max(bound, old) if up else min(bound, old), tenants - {decisive[0]},
+                f"the refit without tenant {decisive[0]!r}{alike} {where} ({bound:.4f})",
+                (decisive[0],))
 
 
 def _verdict_weights(counts: np.ndarray, above_old: int, share: float) -> np.ndarray:
@@ -328,9 +376,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "count for among a model's (an equal share when fewer tenants "
                              f"judged it; default {MAX_TENANT_SHARE})")
     parser.add_argument("--min-tenants", type=_at_least_one, default=MIN_TENANTS, metavar="N",
-                        help="with --from-feedback: tenants whose verdicts it takes to loosen "
-                             "a model's point, no one tenant taking it below the others' "
-                             f"refit (default {MIN_TENANTS}; 1 pools every tenant's verdicts "
+                        help="with --from-feedback: tenants whose verdicts it takes to move "
+                             "a model's point either way, no one tenant moving it further "
+                             "than the refit without it "
+                             f"(default {MIN_TENANTS}; 1 pools every tenant's verdicts "
                              "as equals, for tenants that trust each other)")
 
 
@@ -432,8 +481,9 @@ def _report_tenants(fits: list[Refit], influence: Influence) -> None:
           + (f" (an equal share among fewer than {equal} tenants)" if equal > 1 else "")
           + "; a capped tenant's verdicts all stay in, down-weighted to count as 'used'")
     if influence.min_tenants > 1:
-        print(f"loosening a model's point needs verdicts from {influence.min_tenants} "
-              "tenants, and no one tenant takes it below the refit without that tenant")
+        print(f"moving a model's point (up or down) needs verdicts from "
+              f"{influence.min_tenants} tenants, and no one tenant moves it further than "
+              "the refit without that tenant")
     else:
         print("every tenant's verdicts pooled as equals (--min-tenants 1)")
     print(f"{'model':<28}{'tenant':<24}{'right':>6}{'wrong':>6}{'used':>7}{'dropped':>8}")

@@ -44,8 +44,10 @@ def test_stack_hits_refit_the_stack_and_verifier_hits_the_verifier(stacked, tmp_
     model, path = stacked
     stack_base, alone_base = model.stack_threshold_for(0.9), model.threshold_for(0.9)
     fb = tmp_path / "fb.jsonl"
-    write_judged(fb, model, [("llama", s, 0 if i % 3 == 0 else 1)
-                             for i, s in enumerate(just_above(stack_base, 150, 1))])
+    # two tenants alike: a lone tenant's verdicts move no point (test_feedback_tenants)
+    write_judged(fb, model, [("llama", s, 0 if (i // 2) % 3 == 0 else 1)
+                             for i, s in enumerate(just_above(stack_base, 150, 1))],
+                 tenants=("acme", "globex"))
     write_judged(fb, model, [("qwen", s, 1) for s in just_above(alone_base, 150, 2)],
                  digest=model.base_digest, tenants=("acme", "globex"))
     write_judged(fb, model, [("other", 0.99, 0)] * 4, digest="0123456789abcdef")
