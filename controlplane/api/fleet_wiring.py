@@ -1,7 +1,8 @@
 """The fleet service wired from the settings (``Services.fleet``).
 
 :func:`build` picks the intent store (Redis when ``redis.url`` is set, so every replica
-shares one intent; this process's memory otherwise) and hands the core service what it
+shares one intent, with a copy in ``data_dir`` for a start while Redis is down; this
+process's memory otherwise) and hands the core service what it
 reads from the edge: a node's capacity from its last report (protos stay in
 :mod:`admin_views`) and the reconcile-failure counter. The app's cleanup context starts
 its reconcile loop and stops it (closing the store) with the app.
@@ -9,8 +10,10 @@ its reconcile loop and stops it (closing the store) with the app.
 
 from __future__ import annotations
 
+import os
+
 from controlplane import config, metrics
-from controlplane.adapters import intent_store, redis_limits
+from controlplane.adapters import intent_copy, intent_store, redis_limits
 from controlplane.api import admin_views
 from controlplane.core import fleet, intent, ledger, registry
 from synapse_common import clock as clocks
@@ -20,8 +23,9 @@ def build(settings: config.ControlPlaneSettings, reg: registry.Registry,
           led: ledger.Ledger, m: metrics.Metrics, *, clock: clocks.Clock = clocks.loop_time,
           sleep: fleet.Sleeper = clocks.sleep, pushes: bool = True) -> fleet.FleetService:
     url = settings.redis.url
-    store: intent.IntentStore = (intent_store.RedisIntentStore(
-        redis_limits.connect(url.get_secret_value())) if url else intent.MemoryIntentStore())
+    store: intent.IntentStore = (intent_copy.CopiedIntentStore(
+        intent_store.RedisIntentStore(redis_limits.connect(url.get_secret_value())),
+        os.path.join(settings.data_dir, intent_copy.FILE)) if url else intent.MemoryIntentStore())
     memory = {model.name: int(model.memory_required_gb * 1024**3)
               for model in settings.models if model.memory_required_gb}
     return fleet.FleetService(

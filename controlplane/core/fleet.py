@@ -108,6 +108,7 @@ class FleetService:
         self._interval_s = interval_s
         self._sent: dict[str, tuple[object, str]] = {}   # node -> (NodeInfo, desired json)
         self._push_errors: dict[str, str] = {}
+        self._load_failing = False
         self._task: asyncio.Task[None] | None = None
 
     # -- the reconcile loop -------------------------------------------------------------
@@ -134,9 +135,16 @@ class FleetService:
         try:
             await self.intent.sync()
         except Exception as exc:  # Redis down: keep the last known intent applied
-            log.warning("cannot load operator intent: %s", exc)
+            if not self._load_failing:      # once per outage, not every pass
+                log.warning("cannot load operator intent (keeping the last one applied): "
+                            "%s", exc)
+            self._load_failing = True
             self._on_failure("load")
             self.intent.apply()
+        else:
+            if self._load_failing:
+                log.warning("operator intent loaded again")
+            self._load_failing = False
         if not self._pushes:
             return
         for view in self.registry.nodes():

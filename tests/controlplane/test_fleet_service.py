@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pathlib
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from controlplane import errors
-from controlplane.adapters import intent_store, redis_limits
+from controlplane.adapters import intent_copy, intent_store, redis_limits
 from controlplane.api import admin_views
 from controlplane.core import fleet, intent, ledger, placement, registry, types
 from protos.synapse.v1 import common_pb2, controlplane_pb2
@@ -110,8 +111,41 @@ async def test_reconcile_failures_are_logged_counted_and_the_last_intent_kept(
         assert failures[:3] == ["load", "load", "load"]
         assert set(time.calls) == {fleet.RECONCILE_INTERVAL_S}
         assert svc.registry.node(NODE).cordoned   # the last known intent still applies
-        assert any(r.levelno == logging.WARNING and "cannot load operator intent" in r.message
+        # logged once per outage, not at every pass
+        assert sum(r.levelno == logging.WARNING and "cannot load operator intent" in r.message
+                   for r in caplog.records) == 1
+
+
+async def test_a_start_while_redis_is_down_applies_the_intent_copied_at_the_last_load(
+        redis_server: harness.RedisServer, tmp_path: pathlib.Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Probe finding: a control plane started while Redis was down served on a cordoned
+    node (and reported ready)."""
+    copy = tmp_path / "data" / intent_copy.FILE
+
+    def store() -> intent_copy.CopiedIntentStore:
+        return intent_copy.CopiedIntentStore(
+            intent_store.RedisIntentStore(redis_limits.connect(redis_server.url)), copy)
+    async with service(store()) as (svc, _, _, failures):
+        await svc.cordon(NODE, "maintenance")
+        await svc.reconcile()
+        assert failures == [] and copy.stat().st_mode & 0o777 == 0o600
+    redis_server.kill()
+    async with service(store()) as (svc, _, _, failures):     # a new process
+        assert not svc.registry.node(NODE).cordoned
+        await svc.reconcile()
+        assert svc.registry.node(NODE).cordoned and failures == []    # from the copy
+        assert any(r.levelno == logging.ERROR and "applying the copy" in r.message
                    for r in caplog.records)
+        await svc.reconcile()               # used once: then a failure, the intent kept
+        assert failures == ["load"] and svc.registry.node(NODE).cordoned
+    copy.unlink()
+    caplog.clear()
+    async with service(store()) as (svc, _, _, failures):     # no copy: said loudly
+        await svc.reconcile()
+        assert failures == ["load"] and not svc.registry.node(NODE).cordoned
+        assert any(r.levelno == logging.ERROR and "operator intent" in r.message
+                   and "unknown" in r.message for r in caplog.records)
 
 
 async def test_a_push_the_agent_refuses_is_counted_and_logged_once(
