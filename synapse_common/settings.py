@@ -12,19 +12,33 @@ Rules (documented in the README):
 * ``SYNAPSE_<SECTION>__<FIELD>=value`` overrides one value: the field path in upper case,
   nested levels joined by a double underscore (``SYNAPSE_HTTP__PORT=9000`` sets
   ``http.port``; ``SYNAPSE_NODE_NAME=gpu-1`` sets the top-level ``node_name``). The value
-  is parsed as a YAML scalar, so ``true``, ``12`` and ``[a, b]`` work. Variables that name
-  no field of this process are ignored (the same environment may serve several processes),
-  except under a known section, where an unknown field is an error.
+  is parsed as a YAML scalar, so ``true``, ``12`` and ``[a, b]`` work, except for a string
+  or secret setting, which takes the value exactly as written: YAML would turn a key
+  starting with ``#``, or ``null`` or ``~``, into no key at all, and cut ``abc #tail`` at
+  the ``#``, silently. Variables that name no field of this process are ignored (the same
+  environment may serve several processes), except under a known section, where an unknown
+  field is an error.
 * Secrets are fields typed :data:`Secret`. In YAML they may be a literal, ``{env: NAME}``
   or ``{file: /path}``; they are held as :class:`pydantic.SecretStr`, so ``repr`` and logs
   show ``**********``. :func:`secret_values` lists them for the log redaction filter.
+* An error quotes the offending value only where that value is known to be no secret: a
+  scalar field (string, number, flag, choice) of a section that holds no secret field,
+  whose name does not sound like one, and whose value is no URL with credentials in it.
+  Anywhere else (a whole section given as a string, an item of a list, a field beside a
+  key) the line names the field, what it expected and the kind of value it got, never the
+  value: a section written as a string is, more often than not, the secret that was meant
+  for one of its fields. A YAML syntax error likewise gives the problem and its line and
+  column, never the text around it (:func:`load_yaml`, shared with ``auth.key_file``).
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import pathlib
 import re
+import types
+import typing
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, TypeVar
 
@@ -90,26 +104,45 @@ def resolve_config_path(explicit: str | None, environ: Mapping[str, str]) -> tup
 
 
 def read_yaml(path: str, required: bool) -> dict[str, Any]:
-    p = pathlib.Path(path)
-    if not p.exists():
+    if not pathlib.Path(path).exists():
         if required:
             raise ConfigError(f"config file {path} does not exist")
         return {}
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"config file {path}: {problem}{where}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path}: cannot read it ({exc})") from None
+    data = load_yaml(path, f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level, "
                           f"got {type(data).__name__}")
     return data
+
+
+def load_yaml(path: str | pathlib.Path, label: str) -> Any:
+    """The YAML document in the file ``path``, or a :class:`ConfigError` starting with
+    ``label`` that says what is wrong and at which line and column, never the text there:
+    the file may hold keys (PyYAML's own message shows the lines around the problem)."""
+    try:
+        return yaml.safe_load(pathlib.Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{label}: {_yaml_problem(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{label}: cannot read it ({exc})") from None
+
+
+# A quoted piece of a YAML problem kept as it is: one character, an escape or a token name
+# ('<stream end>'); anything longer may be an alias or tag copied from the file.
+_YAML_QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+_YAML_KEPT = re.compile(r"(.|\\.*|<[a-z ]+>)?")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or "invalid YAML"
+    problem = _YAML_QUOTED.sub(
+        lambda m: m.group(0) if _YAML_KEPT.fullmatch(m.group(1) or m.group(2) or "")
+        else "'…'", problem)
+    return f"{problem}{where}"
 
 
 def _field_names(model: type[pydantic.BaseModel]) -> dict[str, pydantic.fields.FieldInfo]:
@@ -141,7 +174,7 @@ def _apply_one(model: type[pydantic.BaseModel], data: dict[str, Any], parts: lis
     if head not in fields:
         return  # belongs to another process
     if len(parts) == 1:
-        data[head] = _parse_scalar(raw)
+        data[head] = _env_value(fields[head], raw)
         return
     cursor: dict[str, Any] = data
     current: type[pydantic.BaseModel] | None = model
@@ -152,7 +185,7 @@ def _apply_one(model: type[pydantic.BaseModel], data: dict[str, Any], parts: lis
             raise ConfigError(f"{env_name}: {path} is not a setting")
         last = i == len(parts) - 1
         if last:
-            cursor[part] = _parse_scalar(raw)
+            cursor[part] = _env_value(known[part], raw) if current else _parse_scalar(raw)
             return
         nested = cursor.get(part)
         if not isinstance(nested, dict):
@@ -163,6 +196,12 @@ def _apply_one(model: type[pydantic.BaseModel], data: dict[str, Any], parts: lis
         current = _submodel(known[part].annotation) if current else None
 
 
+def _env_value(field: pydantic.fields.FieldInfo, raw: str) -> Any:
+    """A variable's value for ``field``: as written for a string or a secret (YAML would
+    read ``#k…`` or ``null`` as no key, and cut ``k… #tail``), else a YAML scalar."""
+    return raw if _is_text(field.annotation) else _parse_scalar(raw)
+
+
 def _parse_scalar(raw: str) -> Any:
     try:
         return yaml.safe_load(raw) if raw.strip() else raw
@@ -170,38 +209,125 @@ def _parse_scalar(raw: str) -> Any:
         return raw
 
 
+def _unwrap(annotation: Any) -> list[Any]:
+    """The types ``annotation`` admits, ``Annotated`` and ``None`` taken off."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [t for a in typing.get_args(annotation) if a is not type(None)
+                for t in _unwrap(a)]
+    return [annotation]
+
+
+def _is_secret(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(
+        annotation, pydantic.SecretStr | pydantic.SecretBytes)
+
+
+def _is_text(annotation: Any) -> bool:
+    """A string or secret setting (a choice of strings included)."""
+    kinds = _unwrap(annotation)
+    return bool(kinds) and all(
+        k is str or _is_secret(k) or (typing.get_origin(k) is typing.Literal
+                                     and all(isinstance(v, str) for v in typing.get_args(k)))
+        for k in kinds)
+
+
+def _holds_secret(annotation: Any) -> bool:
+    """Whether a value of ``annotation`` may be a secret, in a list or mapping included
+    (not looking into sections, which are judged on their own)."""
+    if _is_secret(annotation):
+        return True
+    return any(_holds_secret(a) for a in typing.get_args(annotation)
+               if not isinstance(a, type) or not issubclass(a, pydantic.BaseModel))
+
+
+def _is_plain_scalar(annotation: Any) -> bool:
+    kinds = _unwrap(annotation)
+    return bool(kinds) and all(
+        k in (str, int, float, bool) or typing.get_origin(k) is typing.Literal
+        or (isinstance(k, type) and issubclass(k, enum.Enum)) for k in kinds)
+
+
+def _quotable_at(model: type[pydantic.BaseModel] | None, loc: tuple[Any, ...]) -> bool:
+    """Whether the value at ``loc`` of ``model`` may be shown: a scalar field, not secret,
+    of a section with no secret field (a key written one field off would be quoted)."""
+    holder: type[pydantic.BaseModel] | None = None
+    annotation: Any = model
+    for part in loc:
+        kinds = _unwrap(annotation)
+        section = _submodel(kinds[0]) if len(kinds) == 1 else None
+        if section is not None and part in section.model_fields:
+            holder, annotation = section, section.model_fields[part].annotation
+            continue
+        holder = None  # inside a list or a mapping (free-form: args, env), or unknown
+        origin = typing.get_origin(kinds[0]) if len(kinds) == 1 else None
+        if isinstance(part, int) and origin in (list, tuple, set, frozenset):
+            annotation = typing.get_args(kinds[0])[0]
+        elif origin is dict:
+            annotation = typing.get_args(kinds[0])[-1]
+        else:
+            return False
+    return (holder is not None and _is_plain_scalar(annotation)
+            and not any(_holds_secret(f.annotation) for f in holder.model_fields.values()))
+
+
 # A setting whose path names one of these holds a secret: its value is never quoted.
 _SECRET_PATH = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
+# A URL with a user or password in it (scheme://user:password@host).
+_URL_USERINFO = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]*@", re.IGNORECASE)
+_KINDS = {str: "a string", int: "a number", float: "a number", bool: "true or false",
+          list: "a list", dict: "a mapping", type(None): "nothing"}
 
 
-def _format_error(err: Mapping[str, Any]) -> str:
+def _shown(model: type[pydantic.BaseModel] | None, err: Mapping[str, Any],
+           parts: list[str]) -> str:
+    """What the error says it got: the value where it is safe to show, else its kind."""
+    value = err["input"]
+    if (isinstance(value, str | int | float | bool) and _quotable_at(model, err["loc"])
+            and not any(_SECRET_PATH.search(p) for p in parts)
+            and not (isinstance(value, str) and _URL_USERINFO.search(value))):
+        return f" (got {value!r})"
+    kind = _KINDS.get(type(value))
+    # Our own validators' messages say what is wrong with the value already.
+    plain = kind and kind != "a mapping" and err.get("type") != "value_error"
+    return f" (got {kind})" if plain else ""
+
+
+def _format_error(err: Mapping[str, Any],
+                  model: type[pydantic.BaseModel] | None = None) -> str:
     parts = [str(p) for p in err.get("loc", ()) if p != "__root__"]
     loc = ".".join(parts) or "(top level)"
     msg = str(err.get("msg", "invalid value"))
     msg = msg.removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
         return f"{loc}: unknown setting"
-    if ("input" in err and err.get("type") not in ("missing",)
-            and not any(_SECRET_PATH.search(p) for p in parts)):
-        value = err["input"]
-        if isinstance(value, str | int | float | bool) and not isinstance(value, dict):
-            return f"{loc}: {msg[:1].lower() + msg[1:]} (got {value!r})"
-    return f"{loc}: {msg[:1].lower() + msg[1:]}"
+    if not parts and err.get("type") == "value_error":
+        return msg   # a check across sections, whose message names its fields
+    if err.get("type") == "model_type":   # pydantic names the class, not the YAML shape
+        msg = "expected a section (a mapping of its settings)"
+    got = ""
+    if "input" in err and err.get("type") != "missing":
+        got = _shown(model, err, parts)
+    return f"{loc}: {msg[:1].lower() + msg[1:]}{got}"
 
 
-def describe(exc: pydantic.ValidationError) -> str:
-    """One line for a validation error: the first problem (no secret's value quoted) and
-    how many more."""
+def describe(exc: pydantic.ValidationError,
+             model: type[pydantic.BaseModel] | None = None) -> str:
+    """One line for a validation error of ``model``: the first problem and how many more.
+    The value is quoted only where :func:`_quotable_at` finds it no secret (never without
+    ``model``)."""
     errors = exc.errors(include_url=False)
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{_format_error(errors[0])}{more}"
+    return f"{_format_error(errors[0], model)}{more}"
 
 
 def validate(model: type[ModelT], data: Mapping[str, Any], source: str = "config") -> ModelT:
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:
-        raise ConfigError(f"{source}: {describe(exc)}") from None
+        raise ConfigError(f"{source}: {describe(exc, model)}") from None
 
 
 def load(model: type[ModelT], path: str | None = None,

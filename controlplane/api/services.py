@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pydantic
-import yaml
 from prometheus_client import CollectorRegistry
 
 from controlplane import config, metrics
@@ -123,10 +122,10 @@ def _tenant_settings(auth: config.AuthSettings) -> list[config.TenantSettings]:
     tenants = list(auth.tenants)
     if auth.key_file:
         path = pathlib.Path(auth.key_file)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or []
-        except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"auth.key_file: cannot read {path}: {exc}") from None
+        try:   # the problem and its line, never PyYAML's snippet of the file (its keys)
+            data = settings_mod.load_yaml(path, f"auth.key_file: {path}") or []
+        except settings_mod.ConfigError as exc:
+            raise ValueError(str(exc)) from None
         if isinstance(data, dict):
             data = data.get("tenants", [])
         if not isinstance(data, list):
@@ -136,7 +135,7 @@ def _tenant_settings(auth: config.AuthSettings) -> list[config.TenantSettings]:
                 tenants.append(config.TenantSettings.model_validate(item))
             except pydantic.ValidationError as exc:     # one line, no key quoted
                 raise ValueError(f"auth.key_file: {path}: tenant {i}: "
-                                 f"{settings_mod.describe(exc)}") from None
+                                 f"{settings_mod.describe(exc, config.TenantSettings)}") from None
             except Exception as exc:
                 raise ValueError(f"auth.key_file: {path}: tenant {i}: "
                                  f"{type(exc).__name__}") from None

@@ -40,6 +40,24 @@ def test_a_bad_key_file_names_the_setting(tmp_path: pathlib.Path) -> None:
         services.build(t.settings(auth={"key_file": str(tmp_path / "missing.yaml")}))
 
 
+@pytest.mark.parametrize("text", [
+    "- name: a\n  keys: sk-filed-never-shown-0123: y\n",
+    "- {name: a, keys: [sk-filed-never-shown-0123]\n",
+    "- name: a\n  keys: [*sk-filed-never-shown-0123]\n",
+])
+def test_a_key_file_that_is_no_yaml_says_where_and_quotes_no_key(
+        tmp_path: pathlib.Path, text: str) -> None:
+    """PyYAML's own message shows the lines around the problem: the tenants' keys."""
+    bad = tmp_path / "tenants.yaml"
+    bad.write_text(text)
+    with pytest.raises(ValueError) as caught:
+        services.build(t.settings(auth={"key_file": str(bad)}))
+    line = str(caught.value)
+    assert "sk-filed" not in line, line   # nor a piece of it
+    assert line.startswith(f"auth.key_file: {bad}: ") and "\n" not in line, line
+    assert "at line " in line and ", column " in line, line
+
+
 def test_the_admin_key_acts_on_v1_only_as_the_tenant_named_for_it() -> None:
     table = services.build(t.settings()).tenants
     with pytest.raises(errors.Forbidden, match="admin routes"):

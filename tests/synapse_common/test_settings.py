@@ -136,3 +136,104 @@ def test_logging_redacts_loaded_secrets(tmp_path: pathlib.Path,
     text = stream.getvalue()
     assert "sk-very-secret-admin" not in text
     assert "***" in text
+
+
+SECRET = "sk-never-shown-0123456789"
+# (root model, config file, environment, the field the line must name)
+LEAKS = [
+    # a whole section given as its secret: a Redis URL with a password, the admin key,
+    # a tenant's key, the agent's token, in the file or in SYNAPSE_*
+    (cp_config.ControlPlaneSettings, f'redis: "redis://:{SECRET}@redis:6379"\n', {}, "redis"),
+    (cp_config.ControlPlaneSettings, "", {"SYNAPSE_REDIS": f"redis://:{SECRET}@redis"},
+     "redis"),
+    (cp_config.ControlPlaneSettings, f'auth: "{SECRET}"\n', {}, "auth"),
+    (cp_config.ControlPlaneSettings, f'auth:\n  tenants: ["{SECRET}"]\n', {},
+     "auth.tenants.0"),
+    (cp_config.ControlPlaneSettings, "", {"SYNAPSE_AUTH__TENANTS": f"[{SECRET}]"},
+     "auth.tenants.0"),
+    (agent_config.AgentSettings, f'control_plane: "{SECRET}"\n', {}, "control_plane"),
+    (agent_config.AgentSettings, f'metrics: "{SECRET}"\n', {}, "metrics"),
+    # credentials in a URL, where the field is refused for another reason
+    (cp_config.ControlPlaneSettings,
+     f"upstreams:\n- {{name: x, url: 'ftp://user:{SECRET}@h', models: [m]}}\n", {},
+     "upstreams.0.url"),
+    (cp_config.ControlPlaneSettings, f"logging:\n  level: 'redis://u:{SECRET}@h'\n", {},
+     "logging.level"),
+    # a key written one line off, into a field beside the secrets
+    (cp_config.ControlPlaneSettings, f"auth:\n  enabled: {SECRET}\n", {}, "auth.enabled"),
+    (cp_config.ControlPlaneSettings, f"auth:\n  tenants:\n  - {{name: a, burst: {SECRET}}}\n",
+     {}, "auth.tenants.0.burst"),
+]
+
+
+@pytest.mark.parametrize(("model", "text", "environ", "field"), LEAKS,
+                         ids=[f"{i}-{f}" for i, (_, _, _, f) in enumerate(LEAKS)])
+def test_an_error_never_quotes_a_secret_and_still_names_the_field(
+        tmp_path: pathlib.Path, model: type, text: str, environ: dict[str, str],
+        field: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(settings.ConfigError) as err:
+        settings.load(model, str(path), environ=environ)
+    line = str(err.value)
+    assert SECRET not in line, line
+    assert f": {field}: " in line and "(got a string)" in line, line
+
+
+def test_a_section_given_as_a_string_says_a_section_was_expected(
+        tmp_path: pathlib.Path) -> None:
+    with pytest.raises(settings.ConfigError) as err:
+        load_cp(tmp_path, f'redis: "redis://:{SECRET}@redis:6379"\n')
+    assert str(err.value).endswith(": redis: expected a section (a mapping of its settings) "
+                                   "(got a string)"), err.value
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("http:\n  port: abc\n", "http.port: input should be a valid integer, unable to parse "
+                             "string as an integer (got 'abc')"),
+    ("logging:\n  level: loud\n", "(got 'loud')"),
+    ("http:\n  port: 70000\n", "(got 70000)"),
+])
+def test_a_plain_value_is_still_quoted(tmp_path: pathlib.Path, text: str, shown: str) -> None:
+    with pytest.raises(settings.ConfigError) as err:
+        load_cp(tmp_path, text)
+    assert shown in str(err.value), err.value
+
+
+@pytest.mark.parametrize("text", [f"a: *{SECRET}\n", f"a: !{SECRET} x\n", f"a: !'{SECRET} x\n",
+                                  f"auth:\n  admin_key: {SECRET}\n   x: [\n"])
+def test_broken_yaml_says_where_and_never_what(tmp_path: pathlib.Path, text: str) -> None:
+    """PyYAML's own message shows the lines around the problem and names an undefined
+    alias or an unknown tag as written."""
+    with pytest.raises(settings.ConfigError) as err:
+        load_cp(tmp_path, text)
+    line = str(err.value)
+    assert SECRET not in line and "at line " in line and ", column " in line, line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize("value", ["#abcdefgh12345678", "null", "~", "abcdefgh12345678 #tail",
+                                   "'quoted-0123456789'", "[a-0123456789]", "12345678901234567"])
+def test_a_secret_from_the_environment_is_taken_as_written(value: str) -> None:
+    """Read as YAML, the first three were no key at all, and the fourth lost its tail,
+    silently."""
+    loaded = settings.load(cp_config.ControlPlaneSettings, None,
+                           environ={"SYNAPSE_AUTH__ADMIN_KEY": value,
+                                    "SYNAPSE_REDIS__URL": value})
+    assert loaded.auth.admin_key is not None and loaded.redis.url is not None
+    assert loaded.auth.admin_key.get_secret_value() == value
+    assert loaded.redis.url.get_secret_value() == value
+    agent = settings.load(agent_config.AgentSettings, None,
+                          environ={"SYNAPSE_CONTROL_PLANE__TOKEN": value})
+    assert agent.control_plane.token is not None
+    assert agent.control_plane.token.get_secret_value() == value
+    sim = settings.load(sim_config.SimulatorSettings, None, environ={"SYNAPSE_API_KEY": value})
+    assert sim.api_key is not None and sim.api_key.get_secret_value() == value
+
+
+def test_a_string_from_the_environment_is_taken_as_written() -> None:
+    loaded = settings.load(cp_config.ControlPlaneSettings, None,
+                           environ={"SYNAPSE_REPLICA_ID": "cp #7", "SYNAPSE_HTTP__PORT": "9002",
+                                    "SYNAPSE_CACHE__ENABLED": "false"})
+    assert loaded.replica_id == "cp #7"
+    assert loaded.http.port == 9002 and loaded.cache.enabled is False
