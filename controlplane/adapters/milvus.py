@@ -21,6 +21,14 @@ Design decisions:
   ``timeout`` and an asyncio time-out a little longer, so no caller waits beyond it.
 - A failed connection is retried at most every ``reconnect_s`` (:class:`L2Unavailable`
   meanwhile), so a missing Milvus costs one fast error per call, not a connect each time.
+  So is a connected Milvus whose calls fail (it went away, its Lite store is corrupt): a
+  call that fails or times out opens the circuit for ``reconnect_s``, and one call then
+  tries again. Without it every cache miss spent the whole semantic budget on a store
+  known to be dead, and pymilvus logged its tracebacks for each.
+- At most :data:`MAX_IN_FLIGHT` calls run at once: a call its caller gave up on (the cache
+  budget) goes on in its thread until its own time-out, and a Milvus that stopped
+  answering would otherwise take every thread of the loop's default executor, which
+  other work (resolving upstream host names) shares.
 - Searches and queries use ``Bounded`` consistency ("Strong" makes every search wait for
   the newest timestamp: up to ~200 ms on a Milvus server); the core's recent-write buffer
   gives this replica read-your-writes. Invalidation counts with ``Strong``: it must see
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import stat as stat_mod
 import threading
@@ -51,6 +60,9 @@ SCAN_S = 600.0                  # a full scan: many calls of SLOW_CALL_S each, o
 GRACE_S = 1.0                   # the asyncio time-out beyond pymilvus' own
 NOT_LOADED_CODE = 101           # Milvus' CollectionNotLoaded
 T = TypeVar("T")
+
+
+MAX_IN_FLIGHT = 4      # pymilvus calls running in threads at once
 
 
 class L2Unavailable(RuntimeError):
@@ -85,6 +97,9 @@ class MilvusStore:
         self._clock = clock
         self._client: Any = None
         self._failed_at: float | None = None
+        self._failing_until = -math.inf         # the circuit is open until then
+        self._in_flight = 0                     # calls running in threads
+        self._in_flight_lock = threading.Lock()
         self._lock = threading.Lock()           # connect / create / load are not re-entrant
         self._loading: asyncio.Future[None] | None = None
 
@@ -191,20 +206,48 @@ class MilvusStore:
 
     # -- calls ---------------------------------------------------------------------------
     async def _run(self, fn: Callable[[], T], timeout_s: float | None = None) -> T:
-        """One blocking pymilvus call in a thread, never awaited beyond its time-out."""
+        """One blocking pymilvus call in a thread, never awaited beyond its time-out; at
+        most :data:`MAX_IN_FLIGHT` at once (a thread runs on after its caller gave up)."""
+        with self._in_flight_lock:
+            if self._in_flight >= MAX_IN_FLIGHT:
+                raise L2Unavailable(f"Milvus at {self.safe_uri()} is not answering "
+                                    f"({MAX_IN_FLIGHT} calls still running)")
+            self._in_flight += 1
+
+        def counted() -> T:
+            try:
+                return fn()
+            finally:
+                with self._in_flight_lock:
+                    self._in_flight -= 1
+        try:
+            thread = asyncio.to_thread(counted)
+        except BaseException:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+            raise
         async with asyncio.timeout((timeout_s or self._timeout) + GRACE_S):
-            return await asyncio.to_thread(fn)
+            return await thread
 
     async def _call(self, fn: Callable[[Any], T], timeout_s: float | None = None) -> T:
         """A call on the collection; loaded again and retried once if Milvus had it
-        released (a restart of Milvus or of a Lite process)."""
+        released (a restart of Milvus or of a Lite process). A failure opens the circuit
+        for ``reconnect_s`` (:class:`L2Unavailable` meanwhile)."""
+        if self._clock() < self._failing_until:
+            raise L2Unavailable(f"Milvus at {self.safe_uri()} failed recently")
         try:
+            try:
+                return await self._run(lambda: fn(self._connect()), timeout_s)
+            except Exception as exc:
+                if not _not_loaded(exc):
+                    raise
+            await self._reload()
             return await self._run(lambda: fn(self._connect()), timeout_s)
-        except Exception as exc:
-            if not _not_loaded(exc):
-                raise
-        await self._reload()
-        return await self._run(lambda: fn(self._connect()), timeout_s)
+        except L2Unavailable:
+            raise
+        except Exception:
+            self._failing_until = self._clock() + self._reconnect_s
+            raise
 
     async def _reload(self) -> None:
         """Load the collection; concurrent callers share one load."""

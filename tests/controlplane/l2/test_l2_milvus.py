@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from controlplane.core.l2 import index as l2_index
 from controlplane.core.l2 import mirror as scope_mirror
 from controlplane.core.l2 import rows
 from tests import harness
+from tests.clock import ManualClock
 from tests.conftest import REPO
 from tests.controlplane.l2.fakes import ManualTime, row, unit
 
@@ -300,3 +302,50 @@ async def test_rows_past_the_ttl_are_deleted_from_milvus_by_the_periodic_expiry(
     assert await store.expire() == 1
     assert await store.store.scope_rows("s", None, 10) == []
     await store.close()
+
+
+async def test_a_milvus_whose_calls_fail_is_left_alone_for_reconnect_s() -> None:
+    """Probe finding: with its Lite store corrupt (or the server gone), every cache miss
+    spent the whole semantic budget on it, and pymilvus logged tracebacks for each."""
+    clock = ManualClock()
+    store = milvus.MilvusStore("/nonexistent/l2.db", "c", reconnect_s=5.0, clock=clock)
+    tried: list[int] = []
+
+    class Corrupt:
+        def search(self, *args: object, **kwargs: object) -> None:
+            tried.append(1)
+            raise RuntimeError("schema.json is not valid JSON")
+    store._client = Corrupt()
+    vector = np.ones(4, dtype=np.float32)
+    with pytest.raises(RuntimeError, match=r"schema\.json"):
+        await store.search("s", vector, 5, 0.0)
+    for _ in range(3):
+        with pytest.raises(milvus.L2Unavailable, match="failed recently"):
+            await store.search("s", vector, 5, 0.0)
+    assert len(tried) == 1
+    clock.now += 5.1                        # then one call tries again
+    with pytest.raises(RuntimeError):
+        await store.search("s", vector, 5, 0.0)
+    assert len(tried) == 2
+
+
+async def test_calls_milvus_no_longer_answers_hold_at_most_a_few_threads() -> None:
+    """A call its caller gave up on runs on in its thread: a Milvus that stopped answering
+    took every thread of the default executor, which other work shares."""
+    store = milvus.MilvusStore("/nonexistent/l2.db", "c", call_timeout_s=30.0)
+    answer = threading.Event()
+
+    class Silent:
+        def search(self, *args: object, **kwargs: object) -> list[list[object]]:
+            answer.wait(10)
+            return [[]]
+    store._client = Silent()
+    vector = np.ones(4, dtype=np.float32)
+    waiting = [asyncio.create_task(store.search("s", vector, 5, 0.0))
+               for _ in range(milvus.MAX_IN_FLIGHT)]
+    await asyncio.sleep(0.1)
+    with pytest.raises(milvus.L2Unavailable, match="not answering"):
+        await store.search("s", vector, 5, 0.0)
+    answer.set()
+    assert [await t for t in waiting] == [[]] * milvus.MAX_IN_FLIGHT
+    assert await store.search("s", vector, 5, 0.0) == []        # free again
