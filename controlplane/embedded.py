@@ -123,8 +123,16 @@ def data_directory(path: pathlib.Path) -> pathlib.Path:
     user tightened to 0700 (said on stderr). It holds cached answers (L1 journal, L2),
     prompts (Milvus Lite), the cache feedback log and the logs, each written with the
     umask's mode: the directory's own mode is what keeps other local users out of all of
-    them. A directory of another user that others may enter is refused (exit 1)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    them (its ``logs`` folder is made 0700 too). A directory of another user that others
+    may enter is refused (exit 1), as is one that cannot be made or written (exit 2)."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+        (path / "logs").mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        cli.fail(f"synapse up: cannot use --data-dir {path}: {exc.strerror or exc}; choose a "
+                 "folder this user can write", code=2)
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         if path.stat().st_uid != os.getuid():
@@ -134,7 +142,6 @@ def data_directory(path: pathlib.Path) -> pathlib.Path:
         path.chmod(0o700)
         print(f"synapse up: {path} was mode {mode:04o}; now 0700 (it holds cached answers "
               "and prompts)", file=sys.stderr, flush=True)
-    (path / "logs").mkdir(exist_ok=True)
     return path
 
 
@@ -235,7 +242,9 @@ class Child:
     def __init__(self, name: str, argv: list[str], log_path: pathlib.Path) -> None:
         self.name = name
         self.log_path = log_path
-        self._log: IO[bytes] = open(log_path, "ab")  # closed in stop()
+        # closed in stop(); 0600: the logs name tenants and requests
+        self._log: IO[bytes] = os.fdopen(
+            os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         env.pop("SYNAPSE_CONFIG_PATH", None)
         self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,

@@ -23,7 +23,19 @@ def test_a_new_data_dir_is_private(tmp_path: pathlib.Path) -> None:
     """It was 0755 with ``l1.sqlite``, ``cache_feedback.jsonl`` and ``l2.db`` 0644 in it."""
     data = embedded.data_directory(tmp_path / "parent" / ".synapse")
     assert data.stat().st_mode & 0o777 == 0o700
-    assert (data / "logs").is_dir()
+    assert (data / "logs").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_data_dir_that_cannot_be_written_is_a_clear_error(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It was an OSError traceback (probe finding)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        embedded.data_directory(blocker / ".synapse")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot use --data-dir" in err and "Traceback" not in err
 
 
 def test_an_existing_open_data_dir_is_tightened_and_said(
