@@ -156,7 +156,9 @@ class FeedbackCache:
 
         Raises ``errors.NotFound`` for an id this replica did not answer from the cache
         recently (or already judged), ``errors.Unavailable`` naming the layer an eviction
-        could not reach (the verdict is recorded all the same)."""
+        (or the pair's recording) could not reach: the verdict is then not taken, and the
+        id is remembered again so that the same feedback sent again can act (a pair that
+        was recorded is not recorded twice)."""
         served = self.served.take(tenant, request_id)
         if served is None and self.served.listener is not None:
             served = await self._from_a_sibling(tenant, request_id)
@@ -165,17 +167,22 @@ class FeedbackCache:
                 f"no cache hit with request id {request_id!r} is known for this tenant (it "
                 "was not answered from the cache, is too old, or was judged already)",
                 param="request_id", code="unknown_request_id")
-        self.metrics.cache_feedback.labels(served.model, served.layer,
-                                           "wrong" if wrong else "right").inc()
-        if served.layer == "semantic":
-            self._count(served.model, wrong)
         # Both steps run whatever the other did; a failure is reported after both.
         evicting = self._evict(served) if wrong else _nothing()
         pair = served.layer == "semantic" and served.pair
         recording = self._record(served, request_id, wrong) if pair else _nothing()
-        failures = [f for f in await asyncio.gather(evicting, recording) if f]
-        if failures:
-            raise errors.Unavailable("; ".join(failures), code="cache_unavailable")
+        evict_failure, record_failure = await asyncio.gather(evicting, recording)
+        if evict_failure or record_failure:
+            again = served if record_failure or not pair else dataclasses.replace(
+                served, pair=False)                     # recorded already: not twice
+            self.served.remember(request_id, again)
+            raise errors.Unavailable(
+                "; ".join(f for f in (evict_failure, record_failure) if f)
+                + "; the verdict was not taken: send it again", code="cache_unavailable")
+        self.metrics.cache_feedback.labels(served.model, served.layer,
+                                           "wrong" if wrong else "right").inc()
+        if served.layer == "semantic":
+            self._count(served.model, wrong)
         return Outcome(request_id, served.layer, wrong, wrong,
                        pair and self.parts.sink is not None)
 

@@ -278,3 +278,35 @@ async def test_a_feedback_body_larger_than_an_id_and_a_boolean_is_refused_unpars
             assert r.status == 413 and "feedback body" in (await r.json())["error"]["message"]
         async with s.post(f"{cp.url}/v1/cache/feedback", data=chunks(), headers=auth) as r:
             assert r.status == 413      # chunked: no length to refuse it by up front
+
+
+async def test_a_verdict_whose_eviction_failed_is_not_used_up() -> None:
+    """Probe finding: with Redis paused the feedback got a 503, the entry was still served,
+    and the same feedback sent again got a 404."""
+    class FlakyL1:
+        def __init__(self) -> None:
+            self.deleted: list[str] = []
+            self.fail = True
+
+        async def delete(self, tenant: str, model: str, ref: str) -> None:
+            if self.fail:
+                raise ConnectionError("redis paused")
+            self.deleted.append(ref)
+    l1_layer = FlakyL1()
+    metrics = metrics_mod.Metrics(CollectorRegistry())
+    fb = cache_feedback.FeedbackCache(
+        None, cache_feedback.Parts(l1=l1_layer, l2=None, sink=None),  # type: ignore[arg-type]
+        metrics, served_log.ServedLog(100, 3600.0, clocks.monotonic), clocks.wall)
+    fb.served.remember("x-1", served_log.Served("acme", "llama", "exact", "", "", "key-1", "",
+                                                None, None))
+    with pytest.raises(errors.Unavailable, match="send it again"):
+        await fb.feedback("acme", "x-1", wrong=True)
+    assert counter(metrics, "synapse_cache_feedback_total", model="llama", layer="exact",
+                   verdict="wrong") == 0
+    l1_layer.fail = False
+    outcome = await fb.feedback("acme", "x-1", wrong=True)      # the same feedback again
+    assert outcome.evicted and l1_layer.deleted == ["key-1"]
+    assert counter(metrics, "synapse_cache_feedback_total", model="llama", layer="exact",
+                   verdict="wrong") == 1
+    with pytest.raises(errors.NotFound):                         # then used up
+        await fb.feedback("acme", "x-1", wrong=True)
