@@ -31,6 +31,12 @@ from synapse_common import minilm
 F32 = npt.NDArray[np.float32]
 MAX_LEN = 64            # tokens per pair: QQP pairs are about 30, 2.5 % reach this
 SCORE_BATCH = 64         # pairs per pass (each in both orders)
+# Characters of each text read per token of a pair: a text is cut to max_len times this
+# before tokenizing. The pair's tokens come from its first words anyway, but the fast
+# tokenizer builds every overflowing piece of both texts before truncating a pair, in time
+# and memory growing with the square of their length: two 32,768-character texts took
+# gigabytes (probe finding). Real text has far fewer characters per token.
+CHARS_PER_TOKEN = 16
 
 
 @functools.cache
@@ -270,9 +276,13 @@ def max_logit_difference(candidate: Any, net: Any, tok: Any, max_len: int,
 
 def logits(net: Any, tok: Any, texts_a: Sequence[str], texts_b: Sequence[str],
            max_len: int = MAX_LEN, batch: int = SCORE_BATCH) -> F32:
-    """Each pair's logit, the average of its two orders (``net`` in eval mode)."""
+    """Each pair's logit, the average of its two orders (``net`` in eval mode); each text
+    read up to ``max_len`` times :data:`CHARS_PER_TOKEN` characters."""
     import torch
 
+    cut = max_len * CHARS_PER_TOKEN
+    texts_a = [t[:cut] for t in texts_a]
+    texts_b = [t[:cut] for t in texts_b]
     n = len(texts_a)
     out = np.zeros(n, dtype=np.float32)
     # Similar lengths batched together: padding is most of the cost otherwise.

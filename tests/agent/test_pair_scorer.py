@@ -218,3 +218,26 @@ async def test_an_internal_failure_is_internal_and_never_logs_the_texts(loaded, 
         assert observed == ["INTERNAL"]
     finally:
         await server.stop(0)
+
+
+def test_long_texts_are_read_only_as_far_as_a_pair_reaches(loaded, monkeypatch):
+    """The fast tokenizer builds every overflowing piece of both texts before truncating a
+    pair, in time and memory growing with the square of their length: one ScorePairs call
+    with two 32,768-character texts took gigabytes (probe finding). Each text is cut to
+    what a pair can read first, which changes no token of a real text."""
+    from synapse_common import pair_scorer_model
+    seen: list[int] = []
+    tok = loaded.tokenizer
+
+    def measured(a, b, **kwargs):  # type: ignore[no-untyped-def]
+        seen.extend(len(t) for t in [*a, *b])
+        return tok(a, b, **kwargs)
+    long_a = " ".join(["weight loss plan for a month"] * 2000)
+    long_b = " ".join(["capital cities of europe"] * 2000)
+    cut = pair_scorer_model.MAX_LEN * pair_scorer_model.CHARS_PER_TOKEN
+    got = pair_scorer_model.logits(loaded.model, measured, [long_a], [long_b])
+    assert max(seen) == cut
+    whole = tok([long_a], [long_b], truncation="longest_first", max_length=64)
+    part = tok([long_a[:cut]], [long_b[:cut]], truncation="longest_first", max_length=64)
+    assert whole["input_ids"] == part["input_ids"]      # the same tokens reach the network
+    assert np.all(np.isfinite(got))
