@@ -49,6 +49,7 @@ from protos.synapse.v1 import node_pb2, node_pb2_grpc
 from synapse_common import call_metadata
 
 log = logging.getLogger(__name__)
+MAX_RECEIVE_BYTES = 8 * 1024 * 1024   # see NodeServer: the largest admitted call is a few MB
 NODE_SERVICE = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
 
 STATUS: dict[type[errors.EmbedError], grpc.StatusCode] = {
@@ -208,7 +209,11 @@ class NodeServer:
             # No SO_REUSEPORT (grpc's default): a port another process holds is an
             # error, not a port two agents share silently.
             options=[("grpc.so_reuseport", 0),
-                     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                     # the largest call the limits admit (an Embed of 2,048 texts, 1 M
+                     # characters in all) is a few MB: a bigger message is refused
+                     # before it is buffered, whoever sends it (the token is checked
+                     # after the message is read)
+                     ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                      ("grpc.max_send_message_length", 64 * 1024 * 1024),
                      ("grpc.keepalive_permit_without_calls", 1),
                      ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000)])

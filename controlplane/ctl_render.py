@@ -12,6 +12,9 @@ from google.protobuf.message import Message
 from protos import enums
 from protos.synapse.v1 import admin_pb2
 
+# C0 and C1 controls and DEL, as escapes: text from engines must not drive a terminal
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c != 0x09}
+
 
 @dataclasses.dataclass(frozen=True)
 class Rendered:
@@ -87,7 +90,8 @@ def node_detail(detail: admin_pb2.NodeDetail) -> Rendered:
     for b in detail.backends:
         if b.last_log_lines:
             lines += ["", f"Last log lines of {b.name}:"]
-            lines += [f"  {line}" for line in b.last_log_lines[-10:]]
+            # an engine's (or an agent's) text: nothing in it may drive the terminal
+            lines += [f"  {line.translate(_CONTROLS)}" for line in b.last_log_lines[-10:]]
     return Rendered("\n".join(lines), _data(detail))
 
 

@@ -126,3 +126,13 @@ async def test_a_port_another_grpc_server_holds_is_a_bind_error():
             node_service.NodeServer(None, "127.0.0.1", port, token=node_auth.TOKEN)
     finally:
         await other.stop(0)
+
+
+async def test_a_message_larger_than_any_admitted_call_is_refused_unread(node):
+    """Anyone reaching the port could make the agent buffer 64 MB messages before their
+    token was checked (probe finding): the largest admitted call is a few MB."""
+    stub, _ = node
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Embed(node_pb2.EmbedRequest(
+            texts=["x" * 1024 * 1024] * 9), timeout=10)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

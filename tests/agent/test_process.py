@@ -100,3 +100,14 @@ def test_output_that_ends_a_line_is_never_held_back(tmp_path):
     assert sink.lines() == ["Uvicorn running"]
     assert (tmp_path / "e.log").read_text() == "Uvicorn running\n"
     sink.close()
+
+
+def test_engine_logs_are_private(tmp_path):
+    """They were 0644 in a 0755 folder; an engine may log prompts (probe finding)."""
+    sink = process.LogSink(tmp_path / "engines" / "e.log", max_bytes=64, tail_lines=3)
+    for _ in range(10):                       # past the cap: the new file after rotating too
+        sink.write(b"a prompt someone sent\\n")
+    sink.close()
+    assert (tmp_path / "engines").stat().st_mode & 0o777 == 0o700
+    for name in ("e.log", "e.log.1"):
+        assert (tmp_path / "engines" / name).stat().st_mode & 0o777 == 0o600

@@ -130,3 +130,14 @@ def test_usage_errors_exit_2() -> None:
 def test_unreachable_server_is_one_line() -> None:
     code, _, err = run(["get", "nodes", "--server", "127.0.0.1:1", "--timeout", "2"])
     assert code == 1 and err.count("\n") == 1 and "cannot reach the Admin service" in err
+
+
+def test_an_engines_log_lines_cannot_drive_the_terminal() -> None:
+    """``describe node`` printed an engine's (or an agent's) last lines raw (probe finding)."""
+    from controlplane import ctl_render
+    from protos.synapse.v1 import admin_pb2 as admin
+    detail = admin.NodeDetail(backends=[common_pb2.BackendState(
+        name="sim", last_log_lines=["ok \x1b]0;pwned\x07 \x1b[2J\x9b done\ttab"])])
+    text = ctl_render.node_detail(detail).table
+    assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text
+    assert "ok \\x1b]0;pwned\\x07 \\x1b[2J\\x9b done\ttab" in text
