@@ -233,4 +233,12 @@ class AgentSettings(Section):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"backends: duplicate name {sorted(dup)[0]!r}")
+        # two engines on one port: the second never binds, and its health probe, answered
+        # by the first, reported it ready for a model nobody serves there
+        ports = [b.port for b in self.backends if b.port is not None]
+        taken = {p for p in ports if ports.count(p) > 1}
+        if taken:
+            port = min(taken)
+            raise ValueError(f"backends: port {port} is given to "
+                             f"{[b.name for b in self.backends if b.port == port]}")
         return self

@@ -1,0 +1,21 @@
+"""The agent's settings refuse what it could not run as written."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from agent.config import AgentSettings
+
+
+def _backend(name: str, port: int | None) -> dict[str, object]:
+    return {"name": name, "engine": "simulator", "model": "m", "port": port}
+
+
+def test_two_backends_on_one_port_are_refused_naming_them() -> None:
+    """The second never bound its port, and its health probe, answered by the first,
+    reported it ready for a model nobody served there (probe finding)."""
+    with pytest.raises(pydantic.ValidationError, match=r"port 8191 is given to \['a', 'b'\]"):
+        AgentSettings.model_validate({"backends": [_backend("a", 8191), _backend("b", 8191)]})
+    AgentSettings.model_validate({"backends": [_backend("a", 8191), _backend("b", 8192),
+                                               _backend("c", None), _backend("d", None)]})
