@@ -23,7 +23,8 @@ def _env(c: dict[str, Any]) -> dict[str, Any]:
 
 
 def _hardened(workload: dict[str, Any], c: dict[str, Any]) -> None:
-    """Non-root, read-only root filesystem, no capabilities, and writable HOME and /tmp."""
+    """Non-root, read-only root filesystem, no capabilities, secrets readable by the pod's
+    group at most, and writable HOME and /tmp."""
     pod = render.pod_spec(workload)
     name = workload["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True, name
@@ -36,6 +37,9 @@ def _hardened(workload: dict[str, Any], c: dict[str, Any]) -> None:
     assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"], name
     assert c["resources"]["limits"]["memory"], name
     volumes = {v["name"]: v for v in pod["volumes"]}
+    for v in volumes.values():      # the agent's token was mounted 0644 (probe finding)
+        if "secret" in v:
+            assert v["secret"].get("defaultMode") in (0o400, 0o440), (name, v["name"])
     writable = {m["mountPath"] for m in c["volumeMounts"]
                 if "emptyDir" in volumes[m["name"]] and not m.get("readOnly")}
     assert "/tmp" in writable, f"{name}: /tmp must be writable with a read-only root"
