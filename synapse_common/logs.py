@@ -7,8 +7,7 @@ pass ``extra={"request_id": …}``. A redaction filter replaces every configured
 with ``***`` in the message and in every field before any handler sees the record, and the
 credentials of any URL that carries them (``scheme://user:password@host``: an upstream's
 URL, a library's error quoting one). In the human format a field's value that could end
-the line or forge another field (whitespace, controls, ``=``, a quote) is written quoted
-and escaped.
+the line or start another field (whitespace or controls) is written quoted and escaped.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
     "synapse_log_context", default={})  # noqa: B039 - never mutated, replaced on bind
 
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#@\s]*@")    # "user:password@" after "scheme://"
-_PLAIN = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\u2028\u2029=\"]*")     # a value as it is
+_PLAIN = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\u2028\u2029]*")     # a value as it is
 
 _STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "taskName"}
