@@ -32,9 +32,9 @@ Design decisions:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import secrets
-import zlib
 
 from controlplane.core import usage as usage_mod
 
@@ -88,9 +88,11 @@ class AccessLog:
         self.policy = policy
         self._log = logger or logging.getLogger(LOGGER)
         self._threshold = int(policy.sample_ratio * _SCALE)
-        # The sampling hash starts from a secret of this process: the request id may be
-        # the client's own, and a client that knew the hash could choose ids never logged.
-        self._seed = secrets.randbits(32)
+        # The sampling hash is keyed by a secret of this process: the request id may be
+        # the client's own, and a client that knew the hash could choose ids never logged
+        # (a CRC seeded with a secret would not do: it is linear, so ids the client makes
+        # collide stay together).
+        self._key = secrets.token_bytes(16)
 
     def wanted(self) -> bool:
         """Whether lines are written at all (enabled, and the logger takes info)."""
@@ -102,7 +104,8 @@ class AccessLog:
             return True
         if self._threshold >= _SCALE:
             return True
-        return zlib.crc32(request_id.encode(), self._seed) < self._threshold
+        digest = hashlib.blake2b(request_id.encode(), digest_size=4, key=self._key).digest()
+        return int.from_bytes(digest, "little") < self._threshold
 
     def write(self, line: Line) -> None:
         error = line.status >= 500 or line.broken

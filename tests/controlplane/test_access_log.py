@@ -135,15 +135,36 @@ async def test_sampling_keeps_the_hashed_share_and_every_error() -> None:
 
 
 def test_a_client_cannot_choose_request_ids_that_are_never_logged() -> None:
-    """The sampling hash starts from a secret of the process: ids kept by one process
-    are not those kept by another (a client that knew the hash chose ids never logged)."""
+    """The sampling hash is keyed by a secret of the process: ids kept by one process are
+    not those kept by another (a client that knew the hash chose ids never logged), not
+    even ids the client made collide under CRC-32 (the first key tried, a seeded CRC, kept
+    or dropped each such group whole)."""
     ids = [f"id-{i}" for i in range(400)]
     policy = access_log.Policy(sample_ratio=0.5)
     first, second = access_log.AccessLog(policy), access_log.AccessLog(policy)
-    assert ([first.keeps(i, error=False) for i in ids]
-            != [second.keeps(i, error=False) for i in ids])
-    assert [i for i in ids if zlib.crc32(i.encode()) < 2**31] != [
-        i for i in ids if first.keeps(i, error=False)]
+    kept_first = [first.keeps(i, error=False) for i in ids]
+    assert kept_first != [second.keeps(i, error=False) for i in ids]
+    assert kept_first != [zlib.crc32(i.encode()) < 2**31 for i in ids]
+    assert 100 < sum(kept_first) < 300
+    # ids of one length whose CRC-32 collide: a seeded CRC kept or dropped them together
+    assert any(first.keeps(a, error=False) != first.keeps(b, error=False)
+               for a, b in _crc_collisions(16))
+
+
+def _crc_collisions(n: int) -> list[tuple[str, str]]:
+    """``n`` pairs of distinct 8-character ids with equal CRC-32s (a birthday search)."""
+    import random
+    rng = random.Random(7)
+    seen: dict[int, str] = {}
+    pairs: list[tuple[str, str]] = []
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    while len(pairs) < n:
+        rid = "".join(rng.choices(alphabet, k=8))
+        crc = zlib.crc32(rid.encode())
+        other = seen.setdefault(crc, rid)
+        if other != rid:
+            pairs.append((other, rid))
+    return pairs
 
 
 async def test_off_by_config_or_below_the_log_level() -> None:
