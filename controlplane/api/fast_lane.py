@@ -575,22 +575,14 @@ class Sweeper:
     def discard(self, conn: Connection) -> None:
         self._conns.discard(conn)
 
-    def longest_idle(self) -> Connection | None:
-        """The connection idle longest (to close when the server is full), or None."""
+    def earliest(self, since_of: Callable[[Connection], float | None]) -> Connection | None:
+        """The connection with the earliest time by ``since_of`` (None: not counted), or
+        None: the one idle longest (:meth:`Connection.idle_since`), or whose head has been
+        arriving longest (:meth:`Connection.head_since`), to close when the server is full."""
         best: Connection | None = None
         best_since = math.inf
         for conn in self._conns:
-            since = conn.idle_since()
-            if since is not None and since < best_since:
-                best, best_since = conn, since
-        return best
-
-    def slowest_head(self) -> Connection | None:
-        """The connection whose request head has been arriving longest, or None."""
-        best: Connection | None = None
-        best_since = math.inf
-        for conn in self._conns:
-            since = conn.head_since()
+            since = since_of(conn)
             if since is not None and since < best_since:
                 best, best_since = conn, since
         return best

@@ -170,11 +170,9 @@ class LaneServer(web_server.Server):
         """Close the connection idle longest, the lane's or aiohttp's, to admit a new one;
         when none is idle, the one whose request head has been arriving longest, if for
         :data:`STALLED_HEAD_S` or more (False: neither)."""
-        best = self._earliest(fast_lane.Connection.idle_since, _Protocol.idle_since,
-                              self.sweeper.longest_idle if self.sweeper else None)
+        best = self._earliest(fast_lane.Connection.idle_since, _Protocol.idle_since)
         if best is None:
             best = self._earliest(fast_lane.Connection.head_since, _Protocol.head_since,
-                                  self.sweeper.slowest_head if self.sweeper else None,
                                   before=self._loop.time() - STALLED_HEAD_S)
         if best is None:
             return False
@@ -183,13 +181,12 @@ class LaneServer(web_server.Server):
 
     def _earliest(self, lane_since: Callable[[fast_lane.Connection], float | None],
                   aiohttp_since: Callable[[_Protocol], float | None],
-                  lane_best: Callable[[], fast_lane.Connection | None] | None,
                   before: float = math.inf) -> fast_lane.Connection | _Protocol | None:
-        """The connection, the lane's (``lane_best``) or aiohttp's, with the earliest
-        time by ``lane_since`` / ``aiohttp_since``, if earlier than ``before``."""
+        """The connection, the lane's or aiohttp's, with the earliest time by
+        ``lane_since`` / ``aiohttp_since``, if earlier than ``before``."""
         best: fast_lane.Connection | _Protocol | None = None
         best_since = before
-        if lane_best is not None and (lane := lane_best()) is not None:
+        if self.sweeper is not None and (lane := self.sweeper.earliest(lane_since)) is not None:
             since = lane_since(lane)
             if since is not None and since < best_since:
                 best, best_since = lane, since
