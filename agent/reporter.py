@@ -199,7 +199,13 @@ class Reporter:
             stub = controlplane_pb2_grpc.ControlPlaneStub(channel)  # type: ignore[no-untyped-call]
             call = stub.Connect(metadata=self._metadata())
             lock = asyncio.Lock()
-            await _write(call, lock, controlplane_pb2.AgentMessage(register=self._register()))
+            # bounded too: a stream the control plane refused at once was seen to leave
+            # this write waiting, silently, before the answer's timer below had started
+            try:
+                await asyncio.wait_for(_write(call, lock, controlplane_pb2.AgentMessage(
+                    register=self._register())), ANSWER_TIMEOUT_S)
+            except TimeoutError:
+                raise TimeoutError(f"Register not sent within {ANSWER_TIMEOUT_S:g}s") from None
             event, answered = asyncio.Event(), asyncio.Event()
             self._events.add(event)
             self._live.add(address)
