@@ -35,7 +35,8 @@ import pathlib
 import signal
 import subprocess
 from collections.abc import Sequence
-from typing import IO
+
+from synapse_common import private_files
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,6 @@ def engine_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("SYNAPSE_")}
 
 
-def _private_append(path: pathlib.Path) -> IO[bytes]:
-    """``path`` opened to append, made 0600 if new."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
-
-
 class LogSink:
     """Size-capped log file plus the last lines in memory, ``secrets`` masked."""
 
@@ -90,7 +86,7 @@ class LogSink:
         self._held = b""
         # private: an engine may log prompts (vLLM's request logging)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._file = _private_append(path)
+        self._file = private_files.append(path)
 
     def output(self, chunk: bytes) -> None:
         """Engine output: masked (the end held back when it could begin a secret), then
@@ -137,7 +133,7 @@ class LogSink:
     def _rotate(self) -> None:
         self._file.close()
         os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        self._file = _private_append(self.path)
+        self._file = private_files.append(self.path)
 
     def lines(self) -> list[str]:
         return list(self.tail)

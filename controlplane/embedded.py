@@ -39,7 +39,7 @@ import yaml
 
 from controlplane import embedded_engine
 from controlplane.core import upstream_kinds
-from synapse_common import cli, engines
+from synapse_common import cli, engines, private_files
 from synapse_common import clock as clocks
 from synapse_common.ports import free_ports
 
@@ -243,8 +243,7 @@ class Child:
         self.name = name
         self.log_path = log_path
         # closed in stop(); 0600: the logs name tenants and requests
-        self._log: IO[bytes] = os.fdopen(
-            os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+        self._log: IO[bytes] = private_files.append(log_path)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         env.pop("SYNAPSE_CONFIG_PATH", None)
         self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
