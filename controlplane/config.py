@@ -31,13 +31,14 @@ from controlplane.settings.fairness import (
 from controlplane.settings.ops import AccessLogSettings, StatsSettings
 from controlplane.settings.routing import RegistrySettings, RouterSettings
 from controlplane.settings.server import AdminSettings, GrpcSettings, HttpSettings, MetricsSettings
-from controlplane.settings.tenants import AuthSettings, TenantSettings
+from controlplane.settings.tenants import AgentReviewSettings, AuthSettings, TenantSettings
 from synapse_common.settings import LoggingSettings, Section
 from synapse_common.tracing import TracingSettings
 
 __all__ = [
-    "AccessLogSettings", "AdminSettings", "AuthSettings", "BudgetSettings", "CacheSettings",
-    "ControlPlaneSettings", "FairnessSettings", "GrpcSettings", "HttpSettings",
+    "AccessLogSettings", "AdminSettings", "AgentReviewSettings", "AuthSettings",
+    "BudgetSettings", "CacheSettings", "ControlPlaneSettings", "FairnessSettings",
+    "GrpcSettings", "HttpSettings",
     "MetricsSettings", "ModelSettings", "PriceSettings", "QueueSettings", "RedisSettings",
     "RegistrySettings", "RouterSettings", "StatsSettings", "TenantSettings",
     "TokenLimitSettings", "UpstreamSettings", "UsageSettings", "open_agent_door",
@@ -132,17 +133,19 @@ def _cycle(start: str, chains: dict[str, list[str]]) -> list[str]:
 
 def open_agent_door(settings: ControlPlaneSettings) -> str | None:
     """Why these settings must not start, if they leave agent registration open to other
-    machines: no ``auth.agent_token``, no explicit ``auth.allow_unauthenticated_agents``,
-    and a ``grpc.host`` other than loopback. A registered agent receives tenants' prompts.
+    machines: no ``auth.agent_token`` nor ``auth.agent_review``, no explicit
+    ``auth.allow_unauthenticated_agents``, and a ``grpc.host`` other than loopback. A
+    registered agent receives tenants' prompts.
     (Checked at start-up, not when loading: the defaults load, they just do not start.)"""
     auth = settings.auth
-    if auth.agent_token is not None or auth.allow_unauthenticated_agents \
-            or _loopback(settings.grpc.host):
+    if auth.agent_token is not None or auth.agent_review is not None \
+            or auth.allow_unauthenticated_agents or _loopback(settings.grpc.host):
         return None
     return (f"auth.agent_token: required when grpc.host is {settings.grpc.host!r} (reachable "
             "from other machines): without it anything that reaches the gRPC port can "
             "register as an agent and receive tenants' prompts. Set it (the agents' "
-            "control_plane.token), or auth.allow_unauthenticated_agents: true")
+            "control_plane.token) or auth.agent_review (agents' Kubernetes identity), or "
+            "auth.allow_unauthenticated_agents: true")
 
 
 def _loopback(host: str) -> bool:

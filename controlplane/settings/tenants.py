@@ -1,7 +1,11 @@
-"""Auth settings: tenants, their keys and limits, the admin key and the agents' token."""
+"""Auth settings: tenants, their keys and limits, the admin key and the agents' token or
+their Kubernetes identity (``agent_review``)."""
 
 from __future__ import annotations
 
+import ipaddress
+import re
+import urllib.parse
 from collections.abc import Sequence
 
 import pydantic
@@ -12,6 +16,10 @@ from synapse_common.settings import Secret, Section
 
 MIN_RESPONSE_ID_KEY = 16    # characters: a short MAC key can be guessed offline from one id
 MIN_KEY = 16    # characters of an API key or token below which start-up warns (guessable)
+# A ServiceAccount's username as the API server reports it: a namespace (a DNS label) and
+# the account's name (a DNS subdomain), as k8s.io/apiserver's serviceaccount.SplitUsername.
+SERVICE_ACCOUNT = re.compile(r"system:serviceaccount:[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?:"
+                             r"[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?")
 
 
 class TenantSettings(Section):
@@ -52,6 +60,50 @@ class TenantSettings(Section):
         return self
 
 
+class AgentReviewSettings(Section):
+    """Agents prove which node they run on with their pod's projected ServiceAccount token,
+    which the control plane has the Kubernetes API review (TokenReview)."""
+
+    service_accounts: list[str] = Field(
+        ..., min_length=1, description="usernames of the agents' ServiceAccounts, "
+        "'system:serviceaccount:<namespace>:<name>': a token of any other account is refused")
+    audience: str = Field("synapse-agent", min_length=1, description="audience the agents' "
+                          "projected tokens are issued for (a token for another audience, "
+                          "the API server's own included, is refused)")
+    api_server: str = Field("https://kubernetes.default.svc", description="the Kubernetes "
+                            "API server's URL; plain http only to a loopback address")
+    token_file: str = Field("/var/run/secrets/kubernetes.io/serviceaccount/token",
+                            min_length=1, description="the control plane's own ServiceAccount "
+                            "token, presented to the API server (re-read when it changes: it "
+                            "rotates); its account needs the ClusterRole system:auth-delegator")
+    ca_file: str = Field("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt", min_length=1,
+                         description="CA bundle that verifies the API server's certificate")
+    timeout_s: float = Field(5.0, gt=0, description="time limit of one review")
+    max_concurrent: int = Field(4, ge=1, description="reviews in flight at once; beyond it a "
+                                "Connect is refused as unavailable at once, so that callers "
+                                "presenting tokens cannot flood the API server")
+
+    @pydantic.field_validator("service_accounts")
+    @classmethod
+    def _usernames(cls, value: list[str]) -> list[str]:
+        for i, name in enumerate(value):
+            if not SERVICE_ACCOUNT.fullmatch(name):
+                raise ValueError(f"service_accounts.{i}: {name!r} is not a ServiceAccount's "
+                                 "username 'system:serviceaccount:<namespace>:<name>'")
+        return value
+
+    @pydantic.field_validator("api_server")
+    @classmethod
+    def _api_server(cls, value: str) -> str:
+        url = urllib.parse.urlsplit(value)
+        if url.scheme not in ("https", "http") or not url.hostname:
+            raise ValueError(f"api_server: {value!r} is not an http(s) URL")
+        if url.scheme == "http" and not _loopback(url.hostname):
+            raise ValueError(f"api_server: {value!r} is plain http to another machine: the "
+                             "agents' tokens would cross the network readable; use https")
+        return value
+
+
 class AuthSettings(Section):
     enabled: bool = Field(True, description="require a tenant's Bearer key on /v1 "
                           "(false: /v1 is open, as tenant 'anonymous'); admin routes need "
@@ -76,6 +128,10 @@ class AuthSettings(Section):
         False, description="without agent_token, let any client reaching the gRPC port "
         "register as an agent (and receive tenants' prompts). Without agent_token, a "
         "grpc.host other than loopback does not start unless this is true")
+    agent_review: AgentReviewSettings | None = Field(
+        None, description="agents present their pod's projected ServiceAccount token on "
+        "ControlPlane.Connect and may register only as the node the Kubernetes API says it "
+        "is bound to (needs Kubernetes 1.30+); none = the shared agent_token alone")
 
     @pydantic.model_validator(mode="after")
     def _no_empty_secret(self) -> AuthSettings:
@@ -101,6 +157,15 @@ class AuthSettings(Section):
     @property
     def agent_token_value(self) -> str | None:
         return self.agent_token.get_secret_value() if self.agent_token else None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 def _empty(field: str, meaning: str) -> str:
