@@ -12,6 +12,11 @@ pod specs rendered here, so the chart's values win for those keys.
   "auth" (dict "admin_key" (dict "file" (printf "%s/admin-key" $authDir))
                "agent_token" (dict "file" (printf "%s/agent-token" $authDir)))
   "logging" (dict "format" "json") -}}
+{{- if include "synapse.agent.reviewed" . -}}
+{{- $_ := set $own.auth "agent_review" (dict
+  "service_accounts" (list (include "synapse.agent.username" .))
+  "audience" .Values.agent.identityAudience) -}}
+{{- end -}}
 {{- $metrics := dict -}}
 {{- with .Values.controlPlane.ports.metrics -}}
 {{- $_ := set $metrics "port" (int .) -}}
@@ -49,9 +54,13 @@ pod specs rendered here, so the chart's values win for those keys.
 {{- if .Values.agent.metricsAuth.enabled -}}
 {{- $_ := set $metrics "bearer_token_file" (printf "%s/%s" $tokenDir (include "synapse.metricsTokenKey" .)) -}}
 {{- end -}}
+{{- $link := dict "dns_name" $dns "token" (dict "file" (printf "%s/agent-token" $tokenDir)) -}}
+{{- if include "synapse.agent.reviewed" . -}}
+{{- /* the pod's projected token, re-read before every connection: no shared secret */ -}}
+{{- $link = dict "dns_name" $dns "token_file" (printf "%s/token" (include "synapse.agentIdentityDir" .)) -}}
+{{- end -}}
 {{- $own := dict
-  "control_plane" (dict "dns_name" $dns
-                        "token" (dict "file" (printf "%s/agent-token" $tokenDir)))
+  "control_plane" $link
   "grpc" (dict "port" (int .Values.agent.ports.grpc))
   "metrics" $metrics
   "supervisor" (dict "engine_host" "0.0.0.0" "log_dir" "/var/log/synapse"

@@ -38,6 +38,21 @@ agent.metricsAuth: the same token for both). */}}
 {{- define "synapse.authDir" -}}/var/run/secrets/synapse{{- end -}}
 {{- define "synapse.agentTokenDir" -}}/var/run/secrets/synapse-agent{{- end -}}
 
+{{/* agent.identity serviceAccount: "true" when each agent presents its pod's projected
+ServiceAccount token (mounted at agentIdentityDir) instead of the shared agent-token, and
+the control plane has the Kubernetes API review it (auth.agent_review). */}}
+{{- define "synapse.agent.reviewed" -}}
+{{- if eq .Values.agent.identity "serviceAccount" -}}true{{- end -}}
+{{- end -}}
+{{- define "synapse.agentIdentityDir" -}}/var/run/secrets/synapse/agent-identity{{- end -}}
+{{/* The username the API server gives the agents' ServiceAccount. */}}
+{{- define "synapse.agent.username" -}}
+system:serviceaccount:{{ .Release.Namespace }}:{{ include "synapse.agent.name" . }}
+{{- end -}}
+{{/* Where the control plane's own ServiceAccount token and the cluster's CA are mounted
+in serviceAccount mode: auth.agent_review's default token_file and ca_file. */}}
+{{- define "synapse.kubeApiAccessDir" -}}/var/run/secrets/kubernetes.io/serviceaccount{{- end -}}
+
 {{- define "synapse.image" -}}
 {{- printf "%s:%s" .image.repository (.image.tag | default .root.Chart.AppVersion) -}}
 {{- end -}}
