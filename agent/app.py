@@ -33,6 +33,7 @@ from agent import (
     convert,
     engine_auth,
     http_metrics,
+    node_keys,
     node_service,
     node_tracing,
     placement,
@@ -47,7 +48,7 @@ from agent.core import lru, types
 from agent.embedding import pair_scorer, protocol, service, tei, tuned
 from protos.synapse.v1 import controlplane_pb2
 from synapse_common import clock as clocks
-from synapse_common import engine_key, tracing
+from synapse_common import tracing
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ class Agent:
         # first, so an unreadable token file (TokenFileError, naming the field) stops the
         # start before anything is built
         metrics_token = http_metrics.read_token(cfg.metrics.bearer_token_file)
+        cfg.control_plane.token_value()     # control_plane.token_file readable, or stop here
+        # this node's own engine and Node-service keys (none when the agent presents no
+        # token: then nothing authenticates the control plane's side either)
+        self.keys = node_keys.choose() if cfg.control_plane.authenticates else None
         self.node = cfg.node_name or socket.gethostname()
         self.metrics = agent_metrics.Metrics(registry or CollectorRegistry())
         # nvmlInit runs here, once, before anything is served (it fails fast without a
@@ -86,10 +91,9 @@ class Agent:
         sup = cfg.supervisor
         advertise = sup.advertise_host or (node_ip() if _wildcard(sup.engine_host)
                                            else sup.engine_host)
-        token = cfg.control_plane.token
         self.supervisor = supervisor.Supervisor(
             sup, runners.Hooks(self.metrics, self.node, self._changed), advertise,
-            engine_key=engine_key.derive(token.get_secret_value() if token else None))
+            engine_key=self.keys.engine if self.keys else None)
         self.embeddings = self._build_embeddings()
         # Node.ScorePairs' cross-encoder (kind minilm; else it says why there is none)
         self.scorer = pair_scorer.build(cfg.embedder)
@@ -97,7 +101,8 @@ class Agent:
         self.tracing = tracing.setup(cfg.tracing, "synapse-agent", self.node)
         self.node_server = node_service.NodeServer(
             self.embeddings, cfg.grpc.host, cfg.grpc.port, self._observe_embed,
-            token=token.get_secret_value() if token else None,
+            token=self.keys.node if self.keys else None,
+            shared=token.get_secret_value() if (token := cfg.control_plane.token) else None,
             allow_unauthenticated=cfg.grpc.allow_unauthenticated,
             interceptors=[node_tracing.TracingInterceptor(self.tracing)] if self.tracing else [],
             scorer=self.scorer, observe_scores=self._observe_scores)
@@ -114,7 +119,8 @@ class Agent:
         self._known_backends: set[str] = set()
 
     def _build_embeddings(self) -> service.EmbeddingService | None:
-        embedder = build_embedder(self.cfg.embedder, engine_auth.embedder_headers(self.cfg))
+        embedder = build_embedder(self.cfg.embedder, engine_auth.embedder_headers(
+            self.cfg, self.keys.engine if self.keys else None))
         if embedder is None:
             return None
         e = self.cfg.embedder
@@ -150,12 +156,12 @@ class Agent:
     async def start(self) -> None:
         await self.node_server.start(embedder_ready=False)
         log.info("agent node gRPC listening on %s:%d", self.cfg.grpc.host, self.node_server.port)
-        if self.cfg.control_plane.token is None:
-            log.warning("no control_plane.token: the Node gRPC service %s", "serves calls "
-                        "without a credential (grpc.allow_unauthenticated)"
+        if self.keys is None:
+            log.warning("no control_plane.token(_file): the Node gRPC service %s",
+                        "serves calls without a credential (grpc.allow_unauthenticated)"
                         if self.cfg.grpc.allow_unauthenticated else "refuses every call")
-            log.warning("no control_plane.token: engines this agent starts accept every "
-                        "caller (no engine key)")
+            log.warning("no control_plane.token(_file): engines this agent starts accept "
+                        "every caller (no engine key)")
         await self.metrics_server.start()
         log.info("agent metrics listening on http://%s:%d", self.cfg.metrics.host,
                  self.metrics_server.port)
@@ -242,7 +248,9 @@ class Agent:
             gpus=[convert.gpu(g) for g in self.gpus], node_address=self.advertised_address,
             telemetry=convert.telemetry(self.source.status()),
             embed_models=[self.embeddings.model] if self.embeddings else [],
-            engine_port_range=placement.port_range(self.cfg.supervisor))
+            engine_port_range=placement.port_range(self.cfg.supervisor),
+            engine_key=self.keys.engine if self.keys else "",
+            node_key=self.keys.node if self.keys else "")
 
     def report_message(self) -> controlplane_pb2.Report:
         self._sequence += 1

@@ -13,7 +13,7 @@ from typing import Literal
 import pydantic
 from pydantic import Field
 
-from synapse_common import engines
+from synapse_common import bearer_token, engines
 from synapse_common.settings import LoggingSettings, Secret, Section, TaskList, tasks_field
 from synapse_common.tracing import TracingSettings
 
@@ -47,6 +47,28 @@ class ControlPlaneLink(Section):
     connect_timeout_s: float = Field(5.0, gt=0, description="deadline to open a channel")
     tls_ca_file: str | None = Field(None, description="CA bundle to verify the control plane")
     token: Secret | None = Field(None, description="token sent to the control plane")
+    token_file: str | None = Field(
+        None, description="file holding the token sent to the control plane, read again "
+        "before every connection (a Kubernetes projected service-account token, which "
+        "rotates); instead of token")
+
+    @pydantic.model_validator(mode="after")
+    def _one_token(self) -> ControlPlaneLink:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("token, token_file: set one of them, not both")
+        return self
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether the agent presents a token of its own to the control plane."""
+        return self.token is not None or self.token_file is not None
+
+    def token_value(self) -> str | None:
+        """The token to present now (token_file read again:
+        :class:`synapse_common.bearer_token.TokenFileError` when it cannot be)."""
+        if self.token_file is not None:
+            return bearer_token.read(self.token_file, "control_plane.token_file")
+        return self.token.get_secret_value() if self.token is not None else None
 
 
 class GrpcSettings(Section):

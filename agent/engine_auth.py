@@ -1,5 +1,5 @@
-"""Whether the agent's embedder calls one of the agent's own engines, and so presents the
-engine key (:mod:`synapse_common.engine_key`) to it.
+"""Whether the agent's embedder calls one of the agent's own engines, and so presents this
+node's engine key (:mod:`agent.node_keys`) to it.
 
 ``embedder.kind: tei`` often names the TEI the agent itself supervises
 (``tei_url: http://127.0.0.1:8001`` beside a ``tei`` backend on port 8001); that engine
@@ -32,10 +32,10 @@ def own_engine(url: str, cfg: AgentSettings) -> bool:
     return parts.hostname in hosts and port in ports
 
 
-def embedder_headers(cfg: AgentSettings) -> dict[str, str]:
-    """The key's header for the embedder's TEI when it is one of ours (else none)."""
-    token = cfg.control_plane.token
+def embedder_headers(cfg: AgentSettings, key: str | None) -> dict[str, str]:
+    """The header presenting this node's engine ``key`` to the embedder's TEI when it is
+    one of ours (else none)."""
     url = cfg.embedder.tei_url
     if cfg.embedder.kind != "tei" or not url or not own_engine(url, cfg):
         return {}
-    return engine_key.headers(engine_key.derive(token.get_secret_value() if token else None))
+    return engine_key.headers(key)

@@ -1,6 +1,7 @@
 """The agent's gRPC server: ``synapse.v1.Node`` plus ``grpc.health.v1`` and reflection.
 
-Authentication: every method of the Node service, present and future, needs the agent
+Authentication: every method of the Node service, present and future, needs this node's
+own key (:mod:`agent.node_keys`, sent to the control plane in ``Register``) or the agent
 token (the agent's ``control_plane.token``, which the control plane holds as
 ``auth.agent_token``) as ``authorization: Bearer <token>`` metadata. :class:`TokenGuard`,
 an interceptor in front of the whole service, checks it in constant time
@@ -192,17 +193,19 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 class NodeServer:
     """Owns the grpc.aio server; ``port`` is the bound port (also when 0 was asked).
 
-    ``token`` is the agent token every Node call must present; without one, Node calls are
-    refused unless ``allow_unauthenticated``.
+    A Node call must present ``token`` (this node's own key, :mod:`agent.node_keys`) or
+    ``shared`` (the agent token, when the agent holds one: its holder may register as
+    any node anyway); without either, Node calls are refused unless
+    ``allow_unauthenticated``.
     """
 
     def __init__(self, embeddings: service.EmbeddingService | None, host: str, port: int,
                  observe: Observe = lambda code, seconds: None, *, token: str | None = None,
-                 allow_unauthenticated: bool = False,
+                 shared: str | None = None, allow_unauthenticated: bool = False,
                  interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                  scorer: pair_scorer.PairScorer | None = None,
                  observe_scores: Observe = lambda code, seconds: None) -> None:
-        check = call_metadata.TokenCheck(token)
+        check = call_metadata.TokenCheck(token, shared)
         self.server = grpc.aio.server(
             interceptors=[TokenGuard(check, allow_unauthenticated, observe,
                                      {"ScorePairs": observe_scores}), *interceptors],

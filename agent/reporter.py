@@ -49,7 +49,7 @@ from agent import metrics as agent_metrics
 from agent.config import ControlPlaneLink
 from agent.core import backoff
 from protos.synapse.v1 import controlplane_pb2, controlplane_pb2_grpc
-from synapse_common import call_metadata
+from synapse_common import bearer_token, call_metadata
 from synapse_common import clock as clocks
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,8 @@ class Reporter:
             except grpc.aio.AioRpcError as exc:
                 last = _warn_once(last, f"control plane {address}: {exc.code().name} "
                                         f"{exc.details()}")
+            except bearer_token.TokenFileError as exc:     # names the field, never the token
+                last = _warn_once(last, f"control plane {address}: not dialled: {exc}")
             except (TimeoutError, OSError) as exc:
                 last = _warn_once(last, f"control plane {address} unreachable: "
                                         + (str(exc) or "not connected within "
@@ -190,7 +192,8 @@ class Reporter:
         return grpc.aio.insecure_channel(address, options=options)
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return call_metadata.metadata(self.cfg.token.get_secret_value() if self.cfg.token else None)
+        """The token as it is now: ``token_file`` is read again for every stream."""
+        return call_metadata.metadata(self.cfg.token_value())
 
     async def _session(self, address: str, gauge: Any) -> bool:
         """One stream's life; True once Register went out."""

@@ -79,7 +79,7 @@ def build_response_cache(settings: config.ControlPlaneSettings,
     embed = embedder.NodeEmbedder(
         lambda: [n.address for n in nodes() if c.embed_model in n.embed_models],
         c.embed_model, timeout_s=c.semantic_budget_ms / 1000,
-        token=settings.auth.agent_token_value)
+        key_of=services.registry.node_key_at)
     try:
         judges, pinned_embedder = feedback_wiring.load_judges(c)
     except feedback_wiring.VerifierConfigError as exc:

@@ -24,8 +24,12 @@ def digest(token: str) -> bytes:
 
 def read_digest(path: str | None, field: str) -> bytes | None:
     """The sha256 of the token in ``path``; None without a path."""
-    if path is None:
-        return None
+    return None if path is None else digest(read(path, field))
+
+
+def read(path: str, field: str) -> str:
+    """The token in ``path`` (whitespace stripped); :class:`TokenFileError` naming
+    ``field`` when it cannot be read or is empty."""
     file = pathlib.Path(path)
     try:
         token = file.read_text(encoding="utf-8").strip()
@@ -34,7 +38,7 @@ def read_digest(path: str | None, field: str) -> bytes | None:
         raise TokenFileError(f"{field}: cannot read {file}: {why}") from None
     if not token:
         raise TokenFileError(f"{field}: {file} is empty")
-    return digest(token)
+    return token
 
 
 def presented(header: str | None) -> str | None:

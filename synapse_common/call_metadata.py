@@ -41,24 +41,34 @@ def tenant_from(call_metadata: Iterable[tuple[str, Any]] | None) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-class TokenCheck:
-    """Whether call metadata carries the expected token (``None``: no token configured)."""
+def bearer(call_metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+    """The token of the metadata's ``authorization: Bearer <token>`` (None without one)."""
+    header = dict(call_metadata or ()).get(HEADER)
+    scheme, _, value = (header if isinstance(header, str) else "").partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
 
-    def __init__(self, token: str | None) -> None:
-        self._digest = hashlib.sha256(token.encode()).digest() if token else None
+
+class TokenCheck:
+    """Whether call metadata carries one of the expected tokens (``None`` and empty ones
+    are left out; none left: no token configured). Every digest is compared, so the time
+    says nothing about which one matched."""
+
+    def __init__(self, token: str | None, *more: str | None) -> None:
+        self._digests = [hashlib.sha256(t.encode()).digest() for t in (token, *more) if t]
 
     @property
     def configured(self) -> bool:
-        return self._digest is not None
+        return bool(self._digests)
 
     def __repr__(self) -> str:
         return f"TokenCheck(configured={self.configured})"
 
     def accepts(self, call_metadata: Iterable[tuple[str, Any]] | None) -> bool:
         """True when the metadata's ``authorization`` is ``Bearer <the token>``."""
-        if self._digest is None:
+        if not self._digests:
             return False
         header = dict(call_metadata or ()).get(HEADER)
         scheme, _, value = (header if isinstance(header, str) else "").partition(" ")
         given = hashlib.sha256(value.strip().encode()).digest()
-        return hmac.compare_digest(given, self._digest) and scheme.lower() == "bearer"
+        matched = [hmac.compare_digest(given, digest) for digest in self._digests]
+        return any(matched) and scheme.lower() == "bearer"

@@ -44,10 +44,11 @@ ADMIN_KEY = "sk-rel-admin-9e1b7d3c5a2f4e68"
 UPSTREAM_KEY = "sk-rel-upstream-4d6f8a0c2e1b3d59"
 REDIS_PASSWORD = "rel-redis-pw-6a8c0e2f4b1d3e57"
 AGENT_TOKEN = "rel-agent-token-8c2e4a6f0b1d3957"
-# the key the agent's engines require, derived from AGENT_TOKEN (synapse_common.engine_key)
-ENGINE_KEY = engine_key.derive(AGENT_TOKEN) or ""
+# the keys the agent's engines require are its own, new at every start
+# (harness.engine_key_at reads one); the key derived from AGENT_TOKEN is what an older
+# agent's engines required, and a secret all the same
 SECRETS = (TENANT_KEY, OTHER_KEY, ADMIN_KEY, UPSTREAM_KEY, REDIS_PASSWORD, AGENT_TOKEN,
-           ENGINE_KEY)
+           engine_key.derive(AGENT_TOKEN) or "")
 
 
 def write_yaml(path: pathlib.Path, data: dict[str, Any]) -> pathlib.Path:

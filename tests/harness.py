@@ -234,3 +234,21 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc:
             self.proc.stop()
+
+
+def engine_key_at(url: str) -> str:
+    """The key the agent gave the engine listening at ``url`` (``http://host:port``), read
+    from that process's environment: an agent chooses new keys at every start
+    (:mod:`agent.node_keys`), so no test can know it in advance."""
+    from agent.core.commands import KEY_VARIABLES
+
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port \
+                and conn.pid:
+            env = psutil.Process(conn.pid).environ()
+            for variable in KEY_VARIABLES.values():
+                if env.get(variable):
+                    return env[variable]
+            raise AssertionError(f"the engine at {url} (pid {conn.pid}) has no key")
+    raise AssertionError(f"nothing listens at {url}")

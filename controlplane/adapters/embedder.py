@@ -8,7 +8,8 @@ Design decisions:
   for ``cooldown_s``, and a call tries the next address only while its deadline allows.
 - The calls themselves go through :class:`node_embed.NodeEmbedClient` (one reused
   channel per address, closed on :meth:`close` or when the address leaves the list),
-  which presents the agent ``token`` and names the ``tenant`` each call is made for (the
+  which presents the node's own key (``key_of``, else ``token``) and names the
+  ``tenant`` each call is made for (the
   agent keeps one embedding cache per tenant). Input the agents refuse as too large or
   invalid raises :mod:`controlplane.errors` at once: another agent would refuse it too.
 - Vectors arrive as packed little-endian float32 bytes (``dim`` per text) and leave as a
@@ -54,13 +55,14 @@ class NodeEmbedder:
     def __init__(self, addresses: Callable[[], Sequence[str]], model: str,
                  timeout_s: float = 0.1, cooldown_s: float = 2.0,
                  clock: Callable[[], float] = time.monotonic, *,
-                 token: str | None = None, no_scorer_recheck_s: float = 30.0) -> None:
+                 token: str | None = None, no_scorer_recheck_s: float = 30.0,
+                 key_of: Callable[[str], str | None] | None = None) -> None:
         self._addresses = addresses
         self._model = model
         self._timeout = timeout_s
         self._cooldown = cooldown_s
         self._clock = clock
-        self._client = node_embed.NodeEmbedClient(token)
+        self._client = node_embed.NodeEmbedClient(token, key_of=key_of)
         self._bad_until: dict[str, float] = {}
         self._no_scorer_recheck = no_scorer_recheck_s
         self._no_scorer_until: dict[str, float] = {}

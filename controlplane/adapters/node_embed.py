@@ -8,8 +8,9 @@ choice and failover on top). Channels are created on first use and kept until
 
 Design decisions:
 
-- Every call presents the agent token (``auth.agent_token``, the agents'
-  ``control_plane.token``) and names the tenant it is made for; the agent partitions its
+- Every call presents the key of the node called (the one its agent chose and sent in
+  ``Register``, :mod:`agent.node_keys`) and names the tenant it is made for; the agent
+  partitions its
   embedding cache by that tenant (:mod:`synapse_common.call_metadata`).
 - Failures map through one table (:func:`error_for`): a call over the agent's size
   limits becomes :class:`errors.PayloadTooLarge` (413), other bad input
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
@@ -83,10 +84,20 @@ def error_for(exc: grpc.aio.AioRpcError, address: str, method: str = "Embed") ->
 
 
 class NodeEmbedClient:
-    def __init__(self, token: str | None = None) -> None:
-        self._auth = call_metadata.metadata(token)
+    """``key_of``: the bearer key of the agent at an address (the registry's
+    ``node_key_at``: each node's own key, which goes to no other address); without it
+    every call presents ``token``."""
+
+    def __init__(self, token: str | None = None, *,
+                 key_of: Callable[[str], str | None] | None = None) -> None:
+        self._token = token
+        self._key_of = key_of
         self._stubs: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeStub]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+
+    def _auth(self, address: str) -> tuple[tuple[str, str], ...]:
+        return call_metadata.metadata(self._key_of(address) if self._key_of is not None
+                                      else self._token)
 
     def _stub(self, address: str) -> node_pb2_grpc.NodeStub:
         entry = self._stubs.get(address)
@@ -100,7 +111,7 @@ class NodeEmbedClient:
                     tenant: str = "") -> tuple[np.ndarray, str]:
         """(vectors as a float32 matrix, embedder id) for ``texts``, made for ``tenant``."""
         request = node_pb2.EmbedRequest(model=model, texts=list(texts), normalize=True)
-        metadata = (*self._auth, call_metadata.tenant(tenant), *tracing.grpc_metadata())
+        metadata = (*self._auth(address), call_metadata.tenant(tenant), *tracing.grpc_metadata())
         try:
             reply = await self._stub(address).Embed(request, timeout=timeout_s,
                                                     metadata=metadata)
@@ -119,7 +130,7 @@ class NodeEmbedClient:
             raise errors.BadRequest(f"between 1 and {MAX_PAIRS} candidates can be scored "
                                     f"at once, not {len(candidates)}", param="input")
         request = node_pb2.ScorePairsRequest(query=query, candidates=list(candidates))
-        metadata = (*self._auth, call_metadata.tenant(tenant), *tracing.grpc_metadata())
+        metadata = (*self._auth(address), call_metadata.tenant(tenant), *tracing.grpc_metadata())
         try:
             reply = await self._stub(address).ScorePairs(request, timeout=timeout_s,
                                                          metadata=metadata)

@@ -211,7 +211,7 @@ async def openapi_spec(request: web.Request) -> web.Response:
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     svc = app[context.SERVICES]
     await svc.upstream.start()
-    svc.node_embed = node_embed.NodeEmbedClient(svc.settings.auth.agent_token_value)
+    svc.node_embed = node_embed.NodeEmbedClient(key_of=svc.registry.node_key_at)
     yield
     await svc.node_embed.close()
     await svc.upstream.close()

@@ -5,13 +5,30 @@ One ``grpc.aio`` server on the same event loop as the HTTP API. Services are add
 service name — so the Admin service is one more entry in the list passed to
 :func:`start` (health status and reflection then cover it too).
 
-``Connect``: a registered node is sent every tenant's prompts, so the call must carry
-``auth.agent_token`` as ``authorization: Bearer <token>`` metadata, checked in constant
-time (:mod:`synapse_common.call_metadata`), else ``UNAUTHENTICATED``. Without a token
-configured every agent is refused, unless ``auth.allow_unauthenticated_agents`` says
+``Connect``: a registered node is sent every tenant's prompts, so the call must carry a
+credential as ``authorization: Bearer <token>`` metadata, else ``UNAUTHENTICATED``:
+
+* ``auth.agent_token``, the shared token (checked in constant time,
+  :mod:`synapse_common.call_metadata`): its holder may register as any node;
+* with ``auth.agent_review``, a Kubernetes service-account token of an agent's pod, which
+  the API server vouches for and binds to the node the pod runs on
+  (:mod:`controlplane.adapters.token_review`): its holder may register as that node only
+  (``PERMISSION_DENIED`` otherwise; ``UNAVAILABLE`` while the API server cannot answer).
+
+Without either every agent is refused, unless ``auth.allow_unauthenticated_agents`` says
 otherwise (the settings refuse that combination on a gRPC address other machines can
-reach). The first message must be ``Register`` (else ``INVALID_ARGUMENT``);
-then a reader task feeds reports and command acks into the registry and queues an
+reach). The first message must be ``Register`` (else ``INVALID_ARGUMENT``). A node that
+is up already is refused ``ALREADY_EXISTS`` and a new node past ``registry.max_nodes``
+``RESOURCE_EXHAUSTED`` (:mod:`controlplane.core.registry`). The keys the agent chose
+(``Register.engine_key``, ``node_key``) are what the control plane presents to that
+node's engines and Node service; an agent that sent none (an older one) gets the keys
+derived from the shared token, only when it authenticated with that token (nothing it
+did not hold already). Reports are read defensively: a report over
+:data:`MAX_REPORT_BYTES` ends the stream (with a warning), shares and rates are
+clamped to [0, 1] (a NaN counts as the worst case) and counts to sane bounds, so no
+report can win a routing comparison by being nonsense.
+
+Then a reader task feeds reports and command acks into the registry and queues an
 ``Ack`` per report, a pump task moves the node's command outbox onto the stream, and the
 stream's end (or error) marks the node disconnected. Protos are converted to core value objects
 here and nowhere deeper.
@@ -20,7 +37,9 @@ here and nowhere deeper.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import cast
 
@@ -30,9 +49,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controlplane import errors
-from controlplane.adapters import agent_relay
+from controlplane.adapters import agent_relay, token_review
 from controlplane.api import services as services_mod
-from controlplane.core import types, upstream_kinds
+from controlplane.core import registry, types, upstream_kinds
 from protos import enums
 from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
 from synapse_common import aiotasks, call_metadata, engine_key
@@ -63,10 +82,20 @@ def _base_url(url: str) -> str:
     return upstream_kinds.base_url(url)
 
 
+MAX_REPORT_BYTES = 1024 * 1024     # a real report is a few KB per backend
+MAX_KV_TOKENS = 1 << 40             # more KV cache than any machine holds
+MAX_SEQS = 1 << 20
+
+
+def _share(x: float, worst: float) -> float:
+    """A share or rate in [0, 1]; ``worst`` for a NaN."""
+    return worst if math.isnan(x) else min(1.0, max(0.0, x))
+
+
 def backend_state(node: str, b: common_pb2.BackendState,
                   engine_key: str | None = None) -> types.BackendState:
-    """``engine_key`` (:mod:`synapse_common.engine_key`) goes with every request to an
-    engine the agent started; an ``external`` one is not the agent's to key."""
+    """``engine_key`` (the node's own, see the module docstring) goes with every request
+    to an engine the agent started; an ``external`` one is not the agent's to key."""
     engine = enums.ENGINE_KIND.name(b.engine)
     return types.BackendState(
         key=f"{node}/{b.name}", node=node, name=b.name, url=_base_url(b.url),
@@ -75,19 +104,48 @@ def backend_state(node: str, b: common_pb2.BackendState,
         tasks=frozenset(b.tasks), engine=engine,
         api_key=engine_key if engine != "external" else None,
         phase=_phase(b.phase), source="agent", waiting=b.num_requests_waiting,
-        running=b.num_requests_running, kv_usage=b.kv_cache_usage,
-        kv_capacity_tokens=b.kv_capacity_tokens, block_size=b.kv_block_size,
-        prefix_hit_rate=b.prefix_cache_hit_rate, restarts=b.restarts,
-        metrics_ok=b.metrics_ok, max_num_seqs=b.max_num_seqs)
+        running=b.num_requests_running, kv_usage=_share(b.kv_cache_usage, worst=1.0),
+        kv_capacity_tokens=min(b.kv_capacity_tokens, MAX_KV_TOKENS),
+        block_size=b.kv_block_size,
+        prefix_hit_rate=_share(b.prefix_cache_hit_rate, worst=0.0), restarts=b.restarts,
+        metrics_ok=b.metrics_ok, max_num_seqs=min(b.max_num_seqs, MAX_SEQS))
 
 
-def node_info(r: controlplane_pb2.Register) -> types.NodeInfo:
+def _finite_gpu_samples(rep: controlplane_pb2.Report) -> None:
+    """Drop a GPU reading that is not a finite number (placement and views compare them)."""
+    for gpu in rep.gpus:
+        for field in ("utilization_percent", "memory_utilization_percent",
+                      "temperature_celsius", "power_watts", "power_limit_watts"):
+            if gpu.HasField(field) and not math.isfinite(getattr(gpu, field)):
+                gpu.ClearField(field)
+
+
+def node_info(r: controlplane_pb2.Register, fallback: _Keys | None = None) -> types.NodeInfo:
+    """``fallback``: the keys for an agent that chose none (see the module docstring)."""
     ports = r.engine_port_range
     return types.NodeInfo(name=r.node_name, address=r.node_address,
                           agent_version=r.agent_version, embed_models=tuple(r.embed_models),
                           labels=dict(r.labels), gpu_count=len(r.gpus),
                           engine_ports=(ports.first, ports.last)
-                          if r.HasField("engine_port_range") else None)
+                          if r.HasField("engine_port_range") else None,
+                          engine_key=r.engine_key or (fallback.engine if fallback else None),
+                          node_key=r.node_key or (fallback.node if fallback else None))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Keys:
+    engine: str | None = dataclasses.field(repr=False)
+    node: str | None = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Caller:
+    """Who opened a Connect stream: ``node`` None may register as any node (the shared
+    token, or none when unauthenticated agents are allowed); ``fallback`` the keys an
+    agent that chose none gets (those its credential implies)."""
+
+    node: str | None
+    fallback: _Keys | None
 
 
 def command_message(cid: str, cmd: types.Command) -> controlplane_pb2.ControlMessage:
@@ -110,32 +168,52 @@ def command_message(cid: str, cmd: types.Command) -> controlplane_pb2.ControlMes
 
 class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
     def __init__(self, svc: services_mod.Services,
-                 relay: agent_relay.AgentRelay | None = None) -> None:
+                 relay: agent_relay.AgentRelay | None = None,
+                 reviewer: token_review.TokenReviewer | None = None) -> None:
         self._svc = svc
         self._relay = relay     # the primary of several workers: copy each stream to them
+        self._reviewer = reviewer
         auth = svc.settings.auth
         self._token = call_metadata.TokenCheck(auth.agent_token_value)
-        self._engine_key = engine_key.derive(auth.agent_token_value)
-        self._open = auth.allow_unauthenticated_agents and not self._token.configured
-        if self._token.configured:
-            self._refusal = ("missing or invalid agent token (auth.agent_token on the control "
-                             "plane, control_plane.token on the agent)")
+        shared = _Keys(engine_key.derive(auth.agent_token_value), auth.agent_token_value)
+        self._shared = _Caller(node=None, fallback=shared)
+        self._open = (auth.allow_unauthenticated_agents and not self._token.configured
+                      and reviewer is None)
+        if self._token.configured or reviewer is not None:
+            self._refusal = ("missing or invalid agent credential (auth.agent_token or a "
+                             "service-account token auth.agent_review accepts on the "
+                             "control plane; control_plane.token or token_file on the agent)")
         else:
             self._refusal = ("this control plane has no auth.agent_token: agents cannot "
                              "register (or set auth.allow_unauthenticated_agents: true)")
             if not self._open:
                 log.warning("no auth.agent_token is set: no agent can register")
 
-    def _agent_allowed(self, context: grpc.aio.ServicerContext) -> bool:
-        """A registered node receives every tenant's prompts: only agents holding
-        ``auth.agent_token`` may register (or any, when explicitly allowed)."""
-        return self._open or self._token.accepts(context.invocation_metadata())
+    async def _caller(self, context: grpc.aio.ServicerContext) -> _Caller | None:
+        """Who may register on this stream (None: nobody; the call is aborted)."""
+        metadata = context.invocation_metadata()
+        if self._token.accepts(metadata):
+            return self._shared
+        token = call_metadata.bearer(metadata)
+        if self._reviewer is not None and token is not None:
+            try:
+                node = await self._reviewer.node_of(token)
+            except token_review.ReviewUnavailable as exc:
+                await abort(context, errors.Unavailable(
+                    f"cannot verify the agent's credential now: {exc}"))
+                return None
+            if node is not None:
+                return _Caller(node=node, fallback=None)
+        elif self._open:
+            return _Caller(node=None, fallback=None)
+        await abort(context, errors.Unauthorized(self._refusal))
+        return None
 
     async def Connect(self, request_iterator: AsyncIterator[controlplane_pb2.AgentMessage],
                       context: grpc.aio.ServicerContext,
                       ) -> AsyncIterator[controlplane_pb2.ControlMessage]:
-        if not self._agent_allowed(context):
-            await abort(context, errors.Unauthorized(self._refusal))
+        caller = await self._caller(context)
+        if caller is None:
             return
         try:
             first = await anext(aiter(request_iterator))
@@ -146,13 +224,30 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 "the first message on Connect must be Register with a node_name"))
             return
         name = first.register.node_name
+        if caller.node is not None and name != caller.node:
+            await abort(context, errors.Forbidden(
+                f"this credential belongs to node {caller.node!r}: it cannot register as "
+                f"node {name!r}"))
+            return
         reg = self._svc.registry
-        stream_id = reg.register(node_info(first.register))
+        info = node_info(first.register, caller.fallback)
+        try:
+            stream_id = reg.register(info)
+        except registry.NodeLive:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, (
+                f"node {name!r} is connected already; a second stream is let in once the "
+                "first has been silent for registry.node_down_after_s"))
+            return
+        except registry.TooManyNodes:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                "the registry holds registry.max_nodes nodes already")
+            return
         log.info("node %s connected (agent %s)", name, first.register.agent_version,
                  extra={"node": name})
         out: asyncio.Queue[controlplane_pb2.ControlMessage | None] = asyncio.Queue()
         copy = self._relay.open(first) if self._relay is not None else None
-        tasks = [asyncio.create_task(self._read(name, request_iterator, out, copy)),
+        tasks = [asyncio.create_task(self._read(name, stream_id, caller, info.engine_key,
+                                                request_iterator, out, copy)),
                  asyncio.create_task(self._pump(name, out))]
         self._svc.metrics.agent_streams.inc()
         try:
@@ -166,19 +261,25 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             self._svc.metrics.agent_streams.dec()
             log.info("node %s disconnected", name, extra={"node": name})
 
-    async def _read(self, name: str, messages: AsyncIterator[controlplane_pb2.AgentMessage],
+    async def _read(self, name: str, stream_id: int, caller: _Caller, key: str | None,
+                    messages: AsyncIterator[controlplane_pb2.AgentMessage],
                     out: asyncio.Queue[controlplane_pb2.ControlMessage | None],
                     copy: agent_relay.RelayedStream | None) -> None:
+        """``key``: the node's engine key as it registered (a later Register on the
+        same stream may name another: the engines it reports next carry that one)."""
         reg = self._svc.registry
         try:
             async for msg in messages:
+                if msg.ByteSize() > MAX_REPORT_BYTES:
+                    raise _Oversized(f"a message of {msg.ByteSize()} bytes (at most "
+                                     f"{MAX_REPORT_BYTES})")
                 if copy is not None:
                     copy.send(msg)
                 kind = msg.WhichOneof("body")
                 if kind == "report":
                     rep = msg.report
-                    reg.report(name, [backend_state(name, b, self._engine_key)
-                                      for b in rep.backends],
+                    _finite_gpu_samples(rep)
+                    reg.report(name, [backend_state(name, b, key) for b in rep.backends],
                                draining=rep.draining, details=rep)
                     out.put_nowait(controlplane_pb2.ControlMessage(ack=controlplane_pb2.Ack(
                         sequence=rep.sequence, replica=self._svc.replica)))
@@ -186,7 +287,11 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                     reg.ack(msg.command_ack.command_id, msg.command_ack.ok,
                             msg.command_ack.error)
                 elif kind == "register" and msg.register.node_name == name:
-                    reg.register(node_info(msg.register))
+                    info = node_info(msg.register, caller.fallback)
+                    key = info.engine_key
+                    reg.register(info, stream_id)
+        except _Oversized as exc:
+            log.warning("stream of node %s ended: %s", name, exc, extra={"node": name})
         except grpc.aio.AioRpcError as exc:
             log.info("stream of node %s ended: %s", name, exc.code().name)
         except Exception:
@@ -202,11 +307,18 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             out.put_nowait(command_message(cid, cmd))
 
 
+class _Oversized(Exception):
+    """An agent message over :data:`MAX_REPORT_BYTES`."""
+
+
 def control_plane(svc: services_mod.Services,
                   relay: agent_relay.AgentRelay | None = None) -> Registration:
+    review = svc.settings.auth.agent_review
+    reviewer = token_review.TokenReviewer(review) if review is not None else None
+
     def register(server: grpc.aio.Server) -> str:
         controlplane_pb2_grpc.add_ControlPlaneServicer_to_server(  # type: ignore[no-untyped-call]
-            ControlPlaneServicer(svc, relay), server)
+            ControlPlaneServicer(svc, relay, reviewer), server)
         return str(controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name)
     return register
 

@@ -202,7 +202,9 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
     replica = settings.replica_id or socket.gethostname()
     cat = catalog.Catalog(catalog.ModelEntry(m.name, tuple(m.aliases), tuple(m.fallbacks))
                           for m in settings.models)
-    reg = registry.Registry(clock, settings.registry.node_down_after_s)
+    nodes = settings.registry
+    reg = registry.Registry(clock, nodes.node_down_after_s, max_nodes=nodes.max_nodes,
+                            forget_down_after_s=nodes.forget_down_after_s)
     reg.set_static(static_backends(settings, cat))
     led = ledger.Ledger(clock)
     r = settings.router

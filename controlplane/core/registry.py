@@ -13,6 +13,14 @@ Decisions:
   stream that closes fails the waiting commands, so an Admin call never hangs on a
   vanished agent.
 * ``version`` changes whenever the routable set may have changed, for cheap caching.
+* A node name has one live stream: a Register for a node that is up (connected, and it
+  reported within ``down_after_s``) is refused with :class:`NodeLive`, so whoever else
+  can register cannot take over a live node's name, address and traffic; the node's own
+  agent, reconnecting after its old stream died unnoticed, is let in once that stream has
+  been silent for ``down_after_s``.
+* At most ``max_nodes`` names: a new one past it first forgets nodes down for
+  ``forget_down_after_s``, else is refused with :class:`TooManyNodes` (a registrant
+  inventing names must not grow the registry without bound).
 """
 
 from __future__ import annotations
@@ -46,10 +54,22 @@ class _Node:
         default_factory=asyncio.Queue)
 
 
+class NodeLive(Exception):
+    """A Register for a node whose current stream is live."""
+
+
+class TooManyNodes(Exception):
+    """A Register for a new node past ``max_nodes``."""
+
+
 class Registry:
-    def __init__(self, clock: clocks.Clock, down_after_s: float) -> None:
+    def __init__(self, clock: clocks.Clock, down_after_s: float, *, max_nodes: int = 1024,
+                 forget_down_after_s: float = 3600.0) -> None:
         self._clock = clock
         self._down_after_s = down_after_s
+        self._max_nodes = max_nodes
+        self._forget_down_after_s = forget_down_after_s
+        self._keys_at: tuple[int, dict[str, str]] | None = None
         self._nodes: dict[str, _Node] = {}
         self._static: dict[str, types.BackendState] = {}
         self._static_healthy: dict[str, bool] = {}
@@ -60,10 +80,22 @@ class Registry:
 
     # -- agents -------------------------------------------------------------------------
 
-    def register(self, info: types.NodeInfo) -> int:
-        """Record (or refresh) a node; returns the stream id the caller must pass back."""
-        stream_id = next(_ids)
+    def register(self, info: types.NodeInfo, stream_id: int | None = None) -> int:
+        """Record a node for a new stream, or refresh it for its own stream
+        (``stream_id``); returns the stream id the caller must pass back. Raises
+        :class:`NodeLive` or :class:`TooManyNodes` (see the module docstring)."""
         node = self._nodes.get(info.name)
+        if stream_id is not None and node is not None and node.stream_id == stream_id:
+            node.info, node.last_seen = info, self._clock()
+            self.version += 1
+            return stream_id
+        if node is not None and self.node_status(node) != "down":
+            raise NodeLive(info.name)
+        if node is None and len(self._nodes) >= self._max_nodes:
+            self._forget_long_down()
+            if len(self._nodes) >= self._max_nodes:
+                raise TooManyNodes(info.name)
+        stream_id = next(_ids)
         if node is None:
             self._nodes[info.name] = _Node(info=info, last_seen=self._clock(),
                                            stream_id=stream_id)
@@ -73,6 +105,16 @@ class Registry:
             node.stream_id = stream_id
         self.version += 1
         return stream_id
+
+    def _forget_long_down(self) -> None:
+        now = self._clock()
+        gone = [name for name, n in self._nodes.items()
+                if self.node_status(n) == "down"
+                and now - n.last_seen > self._forget_down_after_s]
+        for name in gone:
+            del self._nodes[name]
+        if gone:
+            self.version += 1
 
     def report(self, node_name: str, backends: Iterable[types.BackendState],
                draining: bool = False, details: object = None) -> None:
@@ -238,9 +280,22 @@ class Registry:
         self._served = (self.version, now, frozenset(models))
         return self._served[2]
 
+    def node_key_at(self, address: str) -> str | None:
+        """The key of the node that registered ``address`` for its Node service (None:
+        none did, or its agent chose none). Two names may claim one address: the one
+        that registered it last counts, and either way a key only ever goes to an
+        address its own node registered."""
+        cached = self._keys_at
+        if cached is None or cached[0] != self.version:
+            keys = {n.info.address: n.info.node_key for n in self._nodes.values()
+                    if n.info.address and n.info.node_key}
+            cached = self._keys_at = (self.version, keys)
+        return cached[1].get(address)
+
     def ready_embed_nodes(self) -> list[types.EmbedNode]:
         """Up nodes whose agent serves ``Node.Embed`` (for the semantic cache)."""
-        return [types.EmbedNode(n.info.name, n.info.address, n.info.embed_models)
+        return [types.EmbedNode(n.info.name, n.info.address, n.info.embed_models,
+                                n.info.node_key)
                 for n in self._nodes.values()
                 if n.info.address and n.info.embed_models and self.node_status(n) != "down"]
 

@@ -90,6 +90,10 @@ class NodeInfo:
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     gpu_count: int = 0
     engine_ports: tuple[int, int] | None = None   # the agent's engine port range (first, last)
+    # the keys this node's agent chose (agent.node_keys): presented to its engines and on
+    # Node calls to it, and to nothing else; None from an agent that sent none
+    engine_key: str | None = dataclasses.field(default=None, repr=False)
+    node_key: str | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -111,6 +115,7 @@ class EmbedNode:
     name: str
     address: str
     embed_models: tuple[str, ...]
+    key: str | None = dataclasses.field(default=None, repr=False)   # NodeInfo.node_key
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -27,6 +27,13 @@ class RouterSettings(Section):
 
 class RegistrySettings(Section):
     node_down_after_s: float = Field(15.0, gt=0, description="a node silent this long is down")
+    max_nodes: int = Field(
+        1024, ge=1, description="nodes the registry holds at most: past it a new node name "
+        "is refused (RESOURCE_EXHAUSTED), after the nodes down longer than forget_down_after_s "
+        "are forgotten; names that register are never forgotten otherwise")
+    forget_down_after_s: float = Field(
+        3600.0, gt=0, description="a node down this long is forgotten when a new node needs "
+        "its place (its cordon and drain intent with it)")
     upstream_probe_interval_s: float = Field(5.0, gt=0, description="static upstream health probe")
     ready_requires_backend: bool = Field(
         False, description="the old /ready: 503 whenever no backend is routable. Off, /ready "

@@ -15,6 +15,7 @@ from concurrent import futures
 import grpc
 
 from protos.synapse.v1 import controlplane_pb2, controlplane_pb2_grpc
+from synapse_common import call_metadata
 
 _CLOSE = object()
 
@@ -23,6 +24,7 @@ class Recorder(controlplane_pb2_grpc.ControlPlaneServicer):
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.streams: list[list[controlplane_pb2.AgentMessage]] = []
+        self.bearers: list[str | None] = []     # the token each stream presented
         self._outboxes: list[queue.Queue[object]] = []
 
     def Connect(self, request_iterator, context):
@@ -30,6 +32,7 @@ class Recorder(controlplane_pb2_grpc.ControlPlaneServicer):
         outbox: queue.Queue[object] = queue.Queue()
         with self.lock:
             self.streams.append(messages)
+            self.bearers.append(call_metadata.bearer(context.invocation_metadata()))
             self._outboxes.append(outbox)
 
         def read() -> None:

@@ -6,9 +6,9 @@ from typing import Any
 
 from agent import engine_auth
 from agent.config import AgentSettings
-from synapse_common import engine_key
 
 TOKEN = "engine-auth-test-token-1f3a"
+KEY = "this-nodes-own-engine-key-4e2b"
 TEI = {"name": "embed", "engine": "tei", "model": "m", "port": 8001, "task": "embed"}
 
 
@@ -20,16 +20,17 @@ def _cfg(tei_url: str, backends: list[dict[str, Any]], token: str | None = TOKEN
 
 
 def test_the_agents_own_tei_gets_the_key() -> None:
-    want = {"Authorization": f"Bearer {engine_key.derive(TOKEN)}"}
-    assert engine_auth.embedder_headers(_cfg("http://127.0.0.1:8001", [TEI])) == want
-    assert engine_auth.embedder_headers(_cfg("http://localhost:8001/", [TEI])) == want
+    want = {"Authorization": f"Bearer {KEY}"}
+    assert engine_auth.embedder_headers(_cfg("http://127.0.0.1:8001", [TEI]), KEY) == want
+    assert engine_auth.embedder_headers(_cfg("http://localhost:8001/", [TEI]), KEY) == want
     assert engine_auth.embedder_headers(
-        _cfg("http://10.1.2.3:8001", [TEI], engine_host="10.1.2.3")) == want
+        _cfg("http://10.1.2.3:8001", [TEI], engine_host="10.1.2.3"), KEY) == want
 
 
 def test_a_tei_elsewhere_or_without_a_token_gets_nothing() -> None:
-    assert engine_auth.embedder_headers(_cfg("http://tei.example:8001", [TEI])) == {}
-    assert engine_auth.embedder_headers(_cfg("http://127.0.0.1:9999", [TEI])) == {}
+    assert engine_auth.embedder_headers(_cfg("http://tei.example:8001", [TEI]), KEY) == {}
+    assert engine_auth.embedder_headers(_cfg("http://127.0.0.1:9999", [TEI]), KEY) == {}
     external = {**TEI, "engine": "external", "url": "http://127.0.0.1:8001"}
-    assert engine_auth.embedder_headers(_cfg("http://127.0.0.1:8001", [external])) == {}
-    assert engine_auth.embedder_headers(_cfg("http://127.0.0.1:8001", [TEI], token=None)) == {}
+    assert engine_auth.embedder_headers(_cfg("http://127.0.0.1:8001", [external]), KEY) == {}
+    assert engine_auth.embedder_headers(_cfg("http://127.0.0.1:8001", [TEI], token=None),
+                                        None) == {}

@@ -20,13 +20,11 @@ import pytest
 import yaml
 
 from protos.synapse.v1 import common_pb2, controlplane_pb2
-from synapse_common import engine_key
 from synapse_common import pair_scorer as pair_scorer_file
 from tests import harness, node_auth
 from tests.agent.conftest import agent_config
 
 # These tests play the control plane, which presents the key the agent's engines require.
-ENGINE_KEY = engine_key.derive(node_auth.TOKEN)
 
 READY = common_pb2.BACKEND_PHASE_READY
 SIM = {"name": "sim", "engine": "simulator", "model": "test-model",
@@ -57,7 +55,8 @@ def test_sigkilled_engine_is_restarted_and_nvml_failure_is_reported(
     assert first.restarts == 0 and first.pid > 0 and first.url.startswith("http://127.0.0.1:")
 
     # Engine metrics scraped from the simulator: KV capacity and prefix-cache hit rate.
-    client = openai.OpenAI(base_url=first.url + "/v1", api_key=ENGINE_KEY, timeout=30)
+    client = openai.OpenAI(base_url=first.url + "/v1", api_key=harness.engine_key_at(first.url),
+                           timeout=30)
     prompt = "Summarise the history of the printing press in a few sentences, please. " * 3
     for _ in range(2):
         client.chat.completions.create(model="test-model", max_tokens=4,
@@ -133,7 +132,8 @@ def test_drain_lets_an_in_flight_request_finish(tmp_path, control_plane, start_a
     slow = {**SIM, "extra_args": ["--time-scale", "1"]}  # ~13 ms per token
     agent = start_agent(agent_config(tmp_path, control_plane, backends=[slow]))
     backend = _wait_ready(control_plane, agent.proc)
-    client = openai.OpenAI(base_url=backend.url + "/v1", api_key=ENGINE_KEY, timeout=60)
+    client = openai.OpenAI(base_url=backend.url + "/v1",
+                           api_key=harness.engine_key_at(backend.url), timeout=60)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         reply = pool.submit(client.chat.completions.create, model="test-model",
                             max_tokens=150, messages=[{"role": "user", "content": "hi"}])
@@ -313,7 +313,8 @@ def test_node_embed_through_a_supervised_tei_engine(tmp_path, control_plane, sta
     assert reply.embedder_id.startswith("BAAI/bge-small-en@") and not any(reply.cached)
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/embed", headers={"Content-Type": "application/json",
-                                                   "Authorization": f"Bearer {ENGINE_KEY}"},
+                                                   "Authorization": "Bearer " + harness.engine_key_at(
+                                                       f"http://127.0.0.1:{port}")},
         data=json.dumps({"inputs": texts[:32], "normalize": False}).encode())
     with urllib.request.urlopen(request, timeout=10) as resp:
         direct = np.array(json.loads(resp.read()), dtype=np.float32)

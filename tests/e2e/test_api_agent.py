@@ -3,9 +3,9 @@ whose tasks the agent learns from its /openapi.json, a Whisper-like and a speech
 named by their tasks, and a TEI reranker (``engine: tei``, TEI's own /rerank dialect,
 played by the simulator behind TEI's command line: tests/tei_standin.py).
 
-The engines require the engine key the agent derives from its token (the control plane
-derives the same one and presents it): a call straight to an engine's port without it
-is refused, through the control plane it is served.
+The engines require the engine key the agent chose for its node and sent in Register (the
+control plane presents it): a call straight to an engine's port without it is refused,
+through the control plane it is served.
 
 Real processes throughout: control plane, agent, engines; the official openai and
 anthropic clients.
@@ -126,8 +126,8 @@ def _direct(port: int, path: str, body: dict[str, Any], key: str | None) -> int:
 
 def test_an_engine_refuses_a_caller_without_the_engine_key_the_control_plane_presents(
         stack: Stack) -> None:
-    key = engine_key.derive(fleet.AGENT_TOKEN)
-    assert key is not None
+    key = harness.engine_key_at(f"http://127.0.0.1:{stack.ports['llm']}")
+    assert key != engine_key.derive(fleet.AGENT_TOKEN)     # this node's own, not the fleet's
     chat = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     for presented in (None, fleet.TENANT_KEY, fleet.AGENT_TOKEN):
         assert _direct(stack.ports["llm"], "/v1/chat/completions", chat, presented) == 401

@@ -21,7 +21,6 @@ from typing import Any
 import openai
 import pytest
 
-from synapse_common import engine_key as engine_keys
 from synapse_common import engines
 from tests import fleet, harness
 
@@ -46,9 +45,7 @@ class RealStack:
     @property
     def engine_key(self) -> str:
         """The key the agent gave vLLM (VLLM_API_KEY) and the control plane presents."""
-        key = engine_keys.derive(fleet.AGENT_TOKEN)
-        assert key is not None
-        return key
+        return harness.engine_key_at(self.engine_url)
 
     def client(self, key: str = fleet.TENANT_KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0,

@@ -33,6 +33,10 @@ class SecureFleet:
     redis: harness.ManagedProcess | None = None
     engine_urls: list[str] = dataclasses.field(default_factory=list)  # the agent's engines
 
+    def secrets(self) -> tuple[str, ...]:
+        """:data:`SECRETS` and the keys the agent chose for its engines."""
+        return (*SECRETS, *(harness.engine_key_at(url) for url in self.engine_urls))
+
 
 def start_redis(pool: harness.ProcessPool, tmp: pathlib.Path,
                 port: int = 0) -> tuple[int, harness.ManagedProcess]:

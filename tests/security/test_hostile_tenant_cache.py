@@ -231,7 +231,8 @@ def test_answers_cached_from_vllm_keep_every_field_and_vllms_stream_shape(
     base, vllm, model = vllm_fleet
     question = "Name a colour."
     fields = {"logprobs": True, "top_logprobs": 2, "model": model, "timeout": 300}
-    live = events(chat(vllm, question, stream=True, usage=True, key=fleet.ENGINE_KEY, **fields))
+    key = harness.engine_key_at(vllm)
+    live = events(chat(vllm, question, stream=True, usage=True, key=key, **fields))
     first = chat(base, question, stream=True, usage=True, **fields)
     assert first.headers["x-synapse-cache"] == "miss"
     replay = until_status(lambda: chat(base, question, stream=True, usage=True, **fields),
@@ -252,7 +253,7 @@ def test_answers_cached_from_vllm_keep_every_field_and_vllms_stream_shape(
     # An answer stored from a non-streaming request replays in the form vLLM streams in
     # (the cache saw one of its streams above).
     other = "Name a fruit."
-    live_other = events(chat(vllm, other, stream=True, key=fleet.ENGINE_KEY, **fields))
+    live_other = events(chat(vllm, other, stream=True, key=key, **fields))
     stored = chat(base, other, **fields)
     assert stored.headers["x-synapse-cache"] == "miss"
     replayed = until_status(lambda: chat(base, other, stream=True, **fields), "hit-exact",

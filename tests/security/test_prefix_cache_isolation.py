@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from controlplane.core import cache_salt
-from tests import fleet
+from tests import fleet, harness
 from tests.security.conftest import SecureFleet
 
 
@@ -67,7 +67,7 @@ def test_whoever_reaches_an_engine_cannot_name_a_tenants_partition(secure: Secur
     assert cached_tokens(secure.urls[0], fleet.TENANT_KEY, context, "Who binds clause 7?") == 0
 
     def direct(salt: str) -> int:       # on both engines: the prompt went to one of them
-        return max(cached_tokens(url, fleet.ENGINE_KEY, context, "Who binds clause 8?",
+        return max(cached_tokens(url, harness.engine_key_at(url), context, "Who binds clause 8?",
                                  cache_salt=salt) for url in secure.engine_urls)
 
     # The salt computed from the tenant's name, as before keying: nothing cached there.

@@ -40,13 +40,13 @@ def test_observability_endpoints_carry_no_secret(secure: SecureFleet) -> None:
                           (admin.ExplainRoute, admin_pb2.ExplainRouteRequest(
                               model="llama", prompt="hi"))):
             bodies.append(call(req, metadata=AUTH, timeout=10).SerializeToString())
-    assert not fleet.scan_for_secrets([], bodies, SECRETS)
+    assert not fleet.scan_for_secrets([], bodies, secure.secrets())
 
 
 def test_no_secret_in_any_log_line_so_far(secure: SecureFleet) -> None:
     logs = fleet.log_files(secure.tmp)
     assert len(logs) >= 5, logs   # two control planes, agent, engines, redis
-    assert not fleet.scan_for_secrets(logs, secure.bodies, SECRETS)
+    assert not fleet.scan_for_secrets(logs, secure.bodies, secure.secrets())
 
 
 def test_redis_down_is_served_and_logged_without_its_password(secure: SecureFleet) -> None:
@@ -65,7 +65,8 @@ def test_redis_down_is_served_and_logged_without_its_password(secure: SecureFlee
                                    for p in fleet.log_files(secure.tmp)
                                    if p.name.startswith("controlplane")), 10,
                        "the control planes to log the Redis failure")
-    assert not fleet.scan_for_secrets(fleet.log_files(secure.tmp), secure.bodies, SECRETS)
+    assert not fleet.scan_for_secrets(fleet.log_files(secure.tmp), secure.bodies,
+                                   secure.secrets())
 
 
 def test_the_access_log_names_tenants_and_never_a_key(secure: SecureFleet) -> None:

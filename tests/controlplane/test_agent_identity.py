@@ -1,0 +1,283 @@
+"""Who may register as which node on ``ControlPlane.Connect``, which keys the control plane
+then presents to the node, and the registry's defences against a registrant that lies:
+a second stream for a live node, invented names past ``registry.max_nodes``, nonsense
+telemetry, an oversized report. A real gRPC server; the test plays the agents, and a
+stand-in plays the Kubernetes token review (its own tests: test_token_review.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from controlplane.adapters import token_review
+from controlplane.api import grpc_server
+from controlplane.api import services as services_mod
+from controlplane.core import registry, types
+from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
+from synapse_common import call_metadata, engine_key
+from tests.clock import ManualClock
+from tests.controlplane import cp_testing as t
+
+SHARED = "identity-test-shared-agent-token"
+SA_TOKEN = {"sa-token-of-gpu-1": "gpu-1", "sa-token-of-gpu-2": "gpu-2"}
+
+
+class StandInReview:
+    """Plays :class:`token_review.TokenReviewer`: a table of tokens and the nodes they
+    are bound to; ``down`` makes every review fail as an unreachable API server would."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.asked: list[str] = []
+
+    async def node_of(self, token: str) -> str | None:
+        self.asked.append(token)
+        if self.down:
+            raise token_review.ReviewUnavailable("the API server did not answer")
+        return SA_TOKEN.get(token)
+
+
+class Agent:
+    def __init__(self, port: int, token: str | None) -> None:
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.outgoing: asyncio.Queue[controlplane_pb2.AgentMessage | None] = asyncio.Queue()
+        stub = controlplane_pb2_grpc.ControlPlaneStub(self.channel)
+        self.call = stub.Connect(self._messages(), metadata=call_metadata.metadata(token))
+
+    async def _messages(self):  # type: ignore[no-untyped-def]
+        while (msg := await self.outgoing.get()) is not None:
+            yield msg
+
+    async def send(self, msg: controlplane_pb2.AgentMessage) -> None:
+        await self.outgoing.put(msg)
+
+    async def receive(self) -> controlplane_pb2.ControlMessage:
+        return await asyncio.wait_for(self.call.read(), 10)
+
+    async def refused(self) -> grpc.StatusCode:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await self.receive()
+        return err.value.code()
+
+    async def close(self) -> None:
+        await self.outgoing.put(None)
+        await self.channel.close()
+
+
+def register(name: str, address: str = "10.0.0.9:50052", engine: str = "",
+             node: str = "") -> controlplane_pb2.AgentMessage:
+    return controlplane_pb2.AgentMessage(register=controlplane_pb2.Register(
+        node_name=name, agent_version="test", node_address=address, embed_models=["minilm"],
+        engine_key=engine, node_key=node))
+
+
+def report(seq: int, **fields: object) -> controlplane_pb2.AgentMessage:
+    backend = common_pb2.BackendState(
+        name="sim", url="http://10.0.0.9:8000", models=[t.MODEL],
+        phase=common_pb2.BACKEND_PHASE_READY, engine=common_pb2.ENGINE_KIND_VLLM)
+    for name, value in fields.items():
+        setattr(backend, name, value)
+    return controlplane_pb2.AgentMessage(report=controlplane_pb2.Report(
+        sequence=seq, backends=[backend]))
+
+
+@contextlib.asynccontextmanager
+async def control_plane(review: StandInReview | None = None, **registry_settings: object
+                        ) -> AsyncIterator[tuple[services_mod.Services, int]]:
+    settings = t.settings(auth={"agent_token": SHARED, "allow_unauthenticated_agents": False},
+                          registry=registry_settings)
+    svc = services_mod.build(settings)
+
+    def add(server: grpc.aio.Server) -> str:
+        controlplane_pb2_grpc.add_ControlPlaneServicer_to_server(  # type: ignore[no-untyped-call]
+            grpc_server.ControlPlaneServicer(svc, None, review), server)  # type: ignore[arg-type]
+        return "synapse.v1.ControlPlane"
+
+    server, port = await grpc_server.start("127.0.0.1", 0, [add])
+    try:
+        yield svc, port
+    finally:
+        await server.stop(0)
+
+
+async def registered(svc: services_mod.Services, name: str) -> None:
+    for _ in range(200):
+        node = svc.registry.node(name)
+        if node is not None and node.status != "down":
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"node {name} never registered")
+
+
+async def test_a_service_account_token_registers_its_own_node_and_no_other() -> None:
+    review = StandInReview()
+    async with control_plane(review) as (svc, port):
+        impostor = Agent(port, "sa-token-of-gpu-2")
+        await impostor.send(register("gpu-1"))
+        assert await impostor.refused() == grpc.StatusCode.PERMISSION_DENIED
+        await impostor.close()
+        assert svc.registry.node("gpu-1") is None
+
+        own = Agent(port, "sa-token-of-gpu-1")
+        await own.send(register("gpu-1", engine="e" * 64, node="n" * 64))
+        await own.send(report(1))
+        assert (await own.receive()).ack.sequence == 1
+        (backend,) = svc.registry.node("gpu-1").backends   # type: ignore[union-attr]
+        assert backend.api_key == "e" * 64      # the node's own engine key, not the fleet's
+        assert svc.registry.node_key_at("10.0.0.9:50052") == "n" * 64
+        await own.close()
+
+        unknown = Agent(port, "a-token-nobody-vouches-for")
+        await unknown.send(register("gpu-3"))
+        assert await unknown.refused() == grpc.StatusCode.UNAUTHENTICATED
+        await unknown.close()
+        assert review.asked.count("a-token-nobody-vouches-for") == 1
+
+
+async def test_while_the_review_cannot_answer_agents_are_told_to_come_back() -> None:
+    review = StandInReview()
+    review.down = True
+    async with control_plane(review) as (svc, port):
+        agent = Agent(port, "sa-token-of-gpu-1")
+        await agent.send(register("gpu-1"))
+        assert await agent.refused() == grpc.StatusCode.UNAVAILABLE
+        await agent.close()
+        assert svc.registry.node("gpu-1") is None
+
+
+async def test_an_agent_that_chose_no_keys_gets_the_shared_ones_only_with_the_shared_token(
+        ) -> None:
+    """An older agent sends no keys: with the shared token it holds everything they are
+    derived from already; with a service-account token it gets nothing of the fleet's."""
+    async with control_plane(StandInReview()) as (svc, port):
+        shared = Agent(port, SHARED)
+        await shared.send(register("gpu-old", address="10.0.0.7:50052"))
+        await shared.send(report(1))
+        await shared.receive()
+        (backend,) = svc.registry.node("gpu-old").backends     # type: ignore[union-attr]
+        assert backend.api_key == engine_key.derive(SHARED)
+        assert svc.registry.node_key_at("10.0.0.7:50052") == SHARED
+
+        bound = Agent(port, "sa-token-of-gpu-1")
+        await bound.send(register("gpu-1"))
+        await bound.send(report(1))
+        await bound.receive()
+        (backend,) = svc.registry.node("gpu-1").backends       # type: ignore[union-attr]
+        assert backend.api_key is None
+        assert svc.registry.node_key_at("10.0.0.9:50052") is None
+        await shared.close()
+        await bound.close()
+
+
+async def test_a_live_node_cannot_be_taken_over_by_a_second_stream() -> None:
+    async with control_plane() as (svc, port):
+        owner = Agent(port, SHARED)
+        await owner.send(register("gpu-1", address="10.0.0.9:50052", node="k" * 64))
+        await owner.send(report(1))
+        await owner.receive()
+        thief = Agent(port, SHARED)       # holds the shared token: may be any node, not a live one
+        await thief.send(register("gpu-1", address="10.6.6.6:50052", node="t" * 64))
+        assert await thief.refused() == grpc.StatusCode.ALREADY_EXISTS
+        await thief.close()
+        node = svc.registry.node("gpu-1")
+        assert node is not None and node.info.address == "10.0.0.9:50052"
+        assert svc.registry.node_key_at("10.6.6.6:50052") is None
+        # once the owner's stream is gone, its agent (reconnecting) gets the name back
+        await owner.close()
+        for _ in range(200):
+            if svc.registry.node("gpu-1").status == "down":     # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.02)
+        back = Agent(port, SHARED)
+        await back.send(register("gpu-1", node="b" * 64))
+        await back.send(report(1))
+        assert (await back.receive()).ack.sequence == 1
+        await back.close()
+
+
+async def test_invented_node_names_stop_at_max_nodes() -> None:
+    async with control_plane(max_nodes=2) as (svc, port):
+        agents = [Agent(port, SHARED) for _ in range(3)]
+        for i, agent in enumerate(agents[:2]):
+            await agent.send(register(f"n{i}"))
+            await agent.send(report(1))
+            await agent.receive()
+        await agents[2].send(register("n2"))
+        assert await agents[2].refused() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert {n.info.name for n in svc.registry.nodes()} == {"n0", "n1"}
+        for agent in agents:
+            await agent.close()
+
+
+def test_the_registry_forgets_a_long_down_node_to_make_room_and_keeps_a_live_one() -> None:
+    clock = ManualClock()
+    reg = registry.Registry(clock, 15.0, max_nodes=2, forget_down_after_s=100.0)
+    a = reg.register(t_info("a"))
+    reg.register(t_info("b"))
+    with pytest.raises(registry.NodeLive):
+        reg.register(t_info("a"))
+    assert reg.register(t_info("a", "10.0.0.1:1"), a) == a      # its own stream refreshes
+    reg.disconnect("a", a)
+    with pytest.raises(registry.TooManyNodes):                  # down, but not for long
+        reg.register(t_info("c"))
+    clock.now += 101.0
+    reg.report("b", [])                                         # b stays live
+    reg.register(t_info("c"))
+    assert {n.info.name for n in reg.nodes()} == {"b", "c"}
+
+
+def t_info(name: str, address: str = "") -> types.NodeInfo:
+    return types.NodeInfo(name=name, address=address)
+
+
+async def test_nonsense_telemetry_is_clamped_and_cannot_win_routing() -> None:
+    async with control_plane() as (svc, port):
+        agent = Agent(port, SHARED)
+        await agent.send(register("gpu-1"))
+        await agent.send(report(1, kv_cache_usage=math.nan, prefix_cache_hit_rate=math.inf,
+                                kv_capacity_tokens=2**64 - 1, max_num_seqs=2**32 - 1))
+        await agent.receive()
+        (backend,) = svc.registry.node("gpu-1").backends       # type: ignore[union-attr]
+        assert backend.kv_usage == 1.0           # a NaN counts as full
+        assert backend.prefix_hit_rate == 1.0
+        assert backend.kv_capacity_tokens == grpc_server.MAX_KV_TOKENS
+        assert backend.max_num_seqs == grpc_server.MAX_SEQS
+        msg = report(2, kv_cache_usage=-3.0, prefix_cache_hit_rate=math.nan)
+        msg.report.gpus.add(index=0, utilization_percent=math.nan, power_watts=math.inf,
+                            temperature_celsius=50.0)
+        await agent.send(msg)
+        await agent.receive()
+        view = svc.registry.node("gpu-1")
+        assert view is not None
+        (backend,) = view.backends
+        assert backend.kv_usage == 0.0 and backend.prefix_hit_rate == 0.0
+        (gpu,) = view.report.gpus
+        assert not gpu.HasField("utilization_percent") and not gpu.HasField("power_watts")
+        assert gpu.temperature_celsius == 50.0
+        await agent.close()
+
+
+async def test_an_oversized_report_ends_the_stream() -> None:
+    async with control_plane() as (svc, port):
+        agent = Agent(port, SHARED)
+        await agent.send(register("gpu-1"))
+        await agent.send(report(1))
+        await agent.receive()
+        huge = report(2)
+        huge.report.backends[0].last_log_lines.extend(["x" * 1000] * 1100)
+        assert huge.ByteSize() > grpc_server.MAX_REPORT_BYTES
+        await agent.send(huge)
+        with pytest.raises((grpc.aio.AioRpcError, StopAsyncIteration, EOFError)):
+            while True:
+                msg = await agent.receive()
+                if msg == grpc.aio.EOF:
+                    raise EOFError
+        view = svc.registry.node("gpu-1")
+        assert view is not None and view.status == "down"
+        assert view.report.sequence == 1                       # the big one was not kept
+        await agent.close()
