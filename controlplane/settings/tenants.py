@@ -122,8 +122,10 @@ class AuthSettings(Section):
         None, description="the tenant (by name) the admin key acts as on /v1, with its "
         "allow-list and limits; none = the admin key is refused on /v1")
     agent_token: Secret | None = Field(
-        None, description="token shared with the agents (their control_plane.token): they "
-        "present it on ControlPlane.Connect, the control plane on every Node call")
+        None, description="token shared with the agents (their control_plane.token): its "
+        "holder may register on ControlPlane.Connect as any node. Also keys the engines' "
+        "prefix-cache salts and the copies of agent streams to the serving workers, so "
+        "agent_review needs it too (its agents need not hold it)")
     allow_unauthenticated_agents: bool = Field(
         False, description="without agent_token, let any client reaching the gRPC port "
         "register as an agent (and receive tenants' prompts). Without agent_token, a "
@@ -142,6 +144,14 @@ class AuthSettings(Section):
                  "set (no agent could register, engines would get no key)")):
             if secret is not None and not secret.get_secret_value():
                 raise ValueError(_empty(name, meaning))
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _review_keeps_a_token(self) -> AuthSettings:
+        if self.agent_review is not None and self.agent_token is None:
+            raise ValueError("agent_review: needs agent_token too (it keys the engines' "
+                             "prefix-cache salts and the copies of agent streams to the "
+                             "serving workers; the agents need not hold it)")
         return self
 
     @pydantic.model_validator(mode="after")

@@ -344,7 +344,8 @@ async def test_an_error_that_quotes_the_token_is_redacted(
 
 def _cp(review: dict[str, Any], host: str = "0.0.0.0") -> config.ControlPlaneSettings:
     return config.ControlPlaneSettings.model_validate(
-        {"grpc": {"host": host}, "auth": {"agent_review": review}})
+        {"grpc": {"host": host},
+         "auth": {"agent_review": review, "agent_token": "settings-test-agent-token"}})
 
 
 def test_the_defaults_are_in_cluster() -> None:
@@ -396,8 +397,7 @@ def test_limits_are_checked(field: str, value: Any) -> None:
         _cp({"service_accounts": [AGENT_SA], field: value})
 
 
-def test_agent_review_counts_as_agents_authenticating() -> None:
-    assert config.open_agent_door(_cp({"service_accounts": [AGENT_SA]})) is None
-    without = config.ControlPlaneSettings.model_validate({"grpc": {"host": "0.0.0.0"}})
-    assert config.open_agent_door(without) is not None
-
+def test_agent_review_keeps_the_shared_token_on_the_control_plane() -> None:
+    with pytest.raises(pydantic.ValidationError, match=r"agent_review: needs agent_token"):
+        config.ControlPlaneSettings.model_validate(
+            {"auth": {"agent_review": {"service_accounts": [AGENT_SA]}}})
