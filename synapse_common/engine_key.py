@@ -1,17 +1,15 @@
-"""The engine key: what an engine the agent starts requires of its callers, derived from
-the agent token that the agent (``control_plane.token``) and the control plane
-(``auth.agent_token``) already share.
+"""The engine key derived from the agent token: what an older agent, one that chose no keys
+of its own (:mod:`agent.node_keys`), gave the engines it started, and so what the control
+plane presents to the engines of such an agent when it registered with that token.
 
-Why derived and not configured: the key must be the same on both sides and new to no
-operator, and the agent token is the one secret they hold in common. The key is
 HMAC-SHA256(agent token, :data:`CONTEXT`) in hex: knowing it (an engine logs it, a crash
 dump holds it) does not give the agent token, which is what registers a node and receives
-every tenant's prompts; the context names a version so a later scheme can differ. No
-agent token: no key, and engines accept any caller, as before.
+every tenant's prompts; the context names a version so a later scheme can differ. No agent
+token: no key, and engines accept any caller, as before.
 
-The agent passes it to each engine it starts in that engine's own variable (never on the
-command line); the control plane sends ``Authorization: Bearer <key>`` to the backends
-agents report. Both import :func:`derive` from here, the one home of the rule.
+The header that presents a key to an engine (:func:`headers`) is the same for every key:
+the control plane sends ``Authorization: Bearer <key>`` to the backends agents report, the
+agent to its own probes.
 """
 
 from __future__ import annotations
