@@ -18,7 +18,8 @@ credential as ``authorization: Bearer <token>`` metadata, else ``UNAUTHENTICATED
 Without either every agent is refused, unless ``auth.allow_unauthenticated_agents`` says
 otherwise (the settings refuse that combination on a gRPC address other machines can
 reach). The first message must be ``Register`` (else ``INVALID_ARGUMENT``). A node that
-is up already is refused ``ALREADY_EXISTS`` and a new node past ``registry.max_nodes``
+is up already, or a Node-service address another node that is up registered, is refused
+``ALREADY_EXISTS`` and a new node past ``registry.max_nodes``
 ``RESOURCE_EXHAUSTED`` (:mod:`controlplane.core.registry`). The keys the agent chose
 (``Register.engine_key``, ``node_key``) are what the control plane presents to that
 node's engines and Node service; an agent that sent none (an older one) gets the keys
@@ -238,6 +239,11 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 f"node {name!r} is connected already; a second stream is let in once the "
                 "first has been silent for registry.node_down_after_s"))
             return
+        except registry.AddressTaken as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, (
+                f"node {exc.holder!r}, which is up, registered the Node-service address "
+                f"{info.address!r}"))
+            return
         except registry.TooManyNodes:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 "the registry holds registry.max_nodes nodes already")
@@ -290,8 +296,10 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                     info = node_info(msg.register, caller.fallback)
                     key = info.engine_key
                     reg.register(info, stream_id)
-        except _Oversized as exc:
-            log.warning("stream of node %s ended: %s", name, exc, extra={"node": name})
+        except (_Oversized, registry.AddressTaken) as exc:
+            why = (f"its Register named the address of node {exc.holder!r}"
+                   if isinstance(exc, registry.AddressTaken) else str(exc))
+            log.warning("stream of node %s ended: %s", name, why, extra={"node": name})
         except grpc.aio.AioRpcError as exc:
             log.info("stream of node %s ended: %s", name, exc.code().name)
         except Exception:

@@ -18,6 +18,9 @@ Decisions:
   can register cannot take over a live node's name, address and traffic; the node's own
   agent, reconnecting after its old stream died unnoticed, is let in once that stream has
   been silent for ``down_after_s``.
+* A Node-service address belongs to one node that is up (:class:`AddressTaken`): whoever
+  registers another node cannot make the control plane call a live node's agent with
+  the wrong key (and so fail that agent's embeddings).
 * At most ``max_nodes`` names: a new one past it first forgets nodes down for
   ``forget_down_after_s``, else is refused with :class:`TooManyNodes` (a registrant
   inventing names must not grow the registry without bound).
@@ -62,6 +65,14 @@ class TooManyNodes(Exception):
     """A Register for a new node past ``max_nodes``."""
 
 
+class AddressTaken(Exception):
+    """A Register naming the Node-service address of another node that is up."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
 class Registry:
     def __init__(self, clock: clocks.Clock, down_after_s: float, *, max_nodes: int = 1024,
                  forget_down_after_s: float = 3600.0) -> None:
@@ -86,11 +97,13 @@ class Registry:
         :class:`NodeLive` or :class:`TooManyNodes` (see the module docstring)."""
         node = self._nodes.get(info.name)
         if stream_id is not None and node is not None and node.stream_id == stream_id:
+            self._check_address(info)
             node.info, node.last_seen = info, self._clock()
             self.version += 1
             return stream_id
         if node is not None and self.node_status(node) != "down":
             raise NodeLive(info.name)
+        self._check_address(info)
         if node is None and len(self._nodes) >= self._max_nodes:
             self._forget_long_down()
             if len(self._nodes) >= self._max_nodes:
@@ -105,6 +118,16 @@ class Registry:
             node.stream_id = stream_id
         self.version += 1
         return stream_id
+
+    def _check_address(self, info: types.NodeInfo) -> None:
+        """One Node-service address, one node that is up: the control plane presents
+        the key of the node that registered an address to whatever answers there."""
+        if not info.address:
+            return
+        for name, other in self._nodes.items():
+            if (name != info.name and other.info.address == info.address
+                    and self.node_status(other) != "down"):
+                raise AddressTaken(name)
 
     def _forget_long_down(self) -> None:
         now = self._clock()
@@ -282,12 +305,14 @@ class Registry:
 
     def node_key_at(self, address: str) -> str | None:
         """The key of the node that registered ``address`` for its Node service (None:
-        none did, or its agent chose none). Two names may claim one address: the one
-        that registered it last counts, and either way a key only ever goes to an
-        address its own node registered."""
+        none did, or its agent chose none): a key only ever goes to an address its own
+        node registered, and no two nodes that are up hold one address (a node down
+        may still name the address another took since: the live one's key wins)."""
         cached = self._keys_at
         if cached is None or cached[0] != self.version:
-            keys = {n.info.address: n.info.node_key for n in self._nodes.values()
+            keys = {n.info.address: n.info.node_key
+                    for n in sorted(self._nodes.values(),
+                                    key=lambda n: self.node_status(n) != "down")
                     if n.info.address and n.info.node_key}
             cached = self._keys_at = (self.version, keys)
         return cached[1].get(address)

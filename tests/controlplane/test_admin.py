@@ -114,7 +114,7 @@ class AgentStandIn:
         self.channel = grpc.aio.insecure_channel(address)
         stub = controlplane_pb2_grpc.ControlPlaneStub(self.channel)
         register = controlplane_pb2.AgentMessage(register=controlplane_pb2.Register(
-            node_name=self.name, agent_version="test", node_address="127.0.0.1:1"))
+            node_name=self.name, agent_version="test", node_address=f"{self.name}.test:1"))
         self.outgoing.put_nowait(register)
         self.outgoing.put_nowait(self.report())
 

@@ -200,14 +200,43 @@ async def test_a_live_node_cannot_be_taken_over_by_a_second_stream() -> None:
         await back.close()
 
 
+async def test_a_live_nodes_address_cannot_be_claimed_by_another_node() -> None:
+    """Else the control plane would call the live node's agent with the other's key (and
+    its embeddings would fail)."""
+    async with control_plane() as (svc, port):
+        owner = Agent(port, SHARED)
+        await owner.send(register("gpu-1", address="10.0.0.9:50052", node="k" * 64))
+        await owner.send(report(1))
+        await owner.receive()
+        squatter = Agent(port, SHARED)
+        await squatter.send(register("gpu-2", address="10.0.0.9:50052", node="s" * 64))
+        assert await squatter.refused() == grpc.StatusCode.ALREADY_EXISTS
+        await squatter.close()
+        assert svc.registry.node_key_at("10.0.0.9:50052") == "k" * 64
+        # nor by a Register on a stream of its own, later
+        other = Agent(port, SHARED)
+        await other.send(register("gpu-3", address="10.0.0.3:50052", node="o" * 64))
+        await other.send(report(1))
+        await other.receive()
+        await other.send(register("gpu-3", address="10.0.0.9:50052", node="o" * 64))
+        for _ in range(200):
+            if svc.registry.node("gpu-3").status == "down":     # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.02)
+        assert svc.registry.node_key_at("10.0.0.9:50052") == "k" * 64
+        assert svc.registry.node("gpu-3").info.address == "10.0.0.3:50052"  # type: ignore[union-attr]
+        await other.close()
+        await owner.close()
+
+
 async def test_invented_node_names_stop_at_max_nodes() -> None:
     async with control_plane(max_nodes=2) as (svc, port):
         agents = [Agent(port, SHARED) for _ in range(3)]
         for i, agent in enumerate(agents[:2]):
-            await agent.send(register(f"n{i}"))
+            await agent.send(register(f"n{i}", address=f"10.0.1.{i}:50052"))
             await agent.send(report(1))
             await agent.receive()
-        await agents[2].send(register("n2"))
+        await agents[2].send(register("n2", address="10.0.1.2:50052"))
         assert await agents[2].refused() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert {n.info.name for n in svc.registry.nodes()} == {"n0", "n1"}
         for agent in agents:
