@@ -105,7 +105,8 @@ class Agent:
             shared=token.get_secret_value() if (token := cfg.control_plane.token) else None,
             allow_unauthenticated=cfg.grpc.allow_unauthenticated,
             interceptors=[node_tracing.TracingInterceptor(self.tracing)] if self.tracing else [],
-            scorer=self.scorer, observe_scores=self._observe_scores)
+            scorer=self.scorer, observe_scores=self._observe_scores,
+            tls_cert_file=cfg.grpc.tls_cert_file, tls_key_file=cfg.grpc.tls_key_file)
         self.metrics_server = http_metrics.MetricsServer(
             self.metrics.registry, self.refresh_metrics, cfg.metrics.host, cfg.metrics.port,
             token_sha256=metrics_token)
@@ -155,7 +156,8 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         await self.node_server.start(embedder_ready=False)
-        log.info("agent node gRPC listening on %s:%d", self.cfg.grpc.host, self.node_server.port)
+        log.info("agent node gRPC listening on %s:%d%s", self.cfg.grpc.host,
+                 self.node_server.port, " (TLS)" if self.node_server.tls else "")
         if self.keys is None:
             log.warning("no control_plane.token(_file): the Node gRPC service %s",
                         "serves calls without a credential (grpc.allow_unauthenticated)"

@@ -14,6 +14,7 @@ import pydantic
 from pydantic import Field
 
 from synapse_common import bearer_token, engines
+from synapse_common import settings as common
 from synapse_common.settings import LoggingSettings, Secret, Section, TaskList, tasks_field
 from synapse_common.tracing import TracingSettings
 
@@ -80,6 +81,17 @@ class GrpcSettings(Section):
         False, description="serve Node calls that carry no token (only when "
         "control_plane.token is unset); their tenant cannot be trusted, so they bypass the "
         "embedding cache. Off: without a token every Node call is UNAUTHENTICATED")
+    tls_cert_file: str | None = Field(
+        None, description="PEM certificate of the Node service; with tls_key_file the port "
+        "serves TLS only (the control plane's grpc.node_ca_file must have signed it, and it "
+        "must carry the control plane's grpc.node_server_name). Kubelet's gRPC probes do "
+        "not speak TLS: probe /healthz on the metrics port instead")
+    tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file")
+
+    @pydantic.model_validator(mode="after")
+    def _tls_pair(self) -> GrpcSettings:
+        common.tls_both_or_neither(self.tls_cert_file, self.tls_key_file)
+        return self
 
 
 class MetricsSettings(Section):

@@ -30,12 +30,25 @@ without it. Texts are never logged, by either method.
 
 The health service reports ``synapse.v1.Node`` SERVING only when an embedder is
 configured and loaded; the overall service ("") is SERVING while the process runs.
+
+TLS (``grpc.tls_cert_file`` and ``tls_key_file``): the port then serves TLS alone — the
+Node calls carry tenants' texts, which must not cross the network in the clear, and the
+control plane verifies the certificate against its ``grpc.node_ca_file``, so a stand-in
+on the network is not handed them. Health stays on the same port, over TLS: there is no
+plaintext port beside it. Kubelet's gRPC probe does not speak TLS, so a deployment with
+TLS probes the agent's ``/healthz`` on its metrics port instead (the chart does); a
+second, plaintext health port would be one more listener to guard for a check
+``/healthz`` already answers (both say the process is up). The pair is loaded with
+:mod:`ssl` first, so a file that cannot be read, is no PEM, or a key that does not match
+its certificate stops the start with an :class:`OSError` naming the setting, not at the
+first handshake.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -190,6 +203,20 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         return node_pb2.ScorePairsResponse(scores=scores.tolist(), scorer_id=scorer_id)
 
 
+def server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
+    """The Node port's TLS credentials; :class:`OSError` naming ``grpc.tls_cert_file`` /
+    ``tls_key_file`` when the files cannot be read or are not a certificate and its key."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_file,
+                                                                            key_file)
+        with open(key_file, "rb") as k, open(cert_file, "rb") as c:
+            return grpc.ssl_server_credentials([(k.read(), c.read())])
+    except (OSError, ssl.SSLError) as exc:
+        raise OSError(f"grpc.tls_cert_file / grpc.tls_key_file: cannot load {cert_file} and "
+                      f"{key_file} as a certificate and its key "
+                      f"({exc.strerror or type(exc).__name__})") from None
+
+
 class NodeServer:
     """Owns the grpc.aio server; ``port`` is the bound port (also when 0 was asked).
 
@@ -204,7 +231,8 @@ class NodeServer:
                  shared: str | None = None, allow_unauthenticated: bool = False,
                  interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                  scorer: pair_scorer.PairScorer | None = None,
-                 observe_scores: Observe = lambda code, seconds: None) -> None:
+                 observe_scores: Observe = lambda code, seconds: None,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None) -> None:
         check = call_metadata.TokenCheck(token, shared)
         self.server = grpc.aio.server(
             interceptors=[TokenGuard(check, allow_unauthenticated, observe,
@@ -227,8 +255,12 @@ class NodeServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (NODE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        tls = (server_credentials(tls_cert_file, tls_key_file)
+               if tls_cert_file and tls_key_file else None)
+        self.tls = tls is not None
         try:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
+            self.port = (self.server.add_secure_port(f"{host}:{port}", tls) if tls is not None
+                         else self.server.add_insecure_port(f"{host}:{port}"))
         except RuntimeError:  # grpc's way of saying EADDRINUSE / EACCES
             self.port = 0
         if self.port == 0:

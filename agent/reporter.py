@@ -6,6 +6,11 @@ Decisions:
   (a headless Service), re-resolved every ``dns_refresh_s``: each replica keeps its own
   full view of the node, and a replica that appears later is dialled without a restart. A
   failed lookup keeps the previous set rather than hanging up on every replica.
+* With ``control_plane.tls_ca_file`` every stream is TLS, and the control plane's
+  certificate must be signed by that CA and name the host dialled. The A records of
+  ``dns_name`` are dialled by address, so for them the name checked is ``dns_name``'s
+  host (the headless Service's DNS name, which the certificate carries), not the
+  replica's pod IP, which changes with every pod.
 * Per target: dial (``channel_ready`` with a deadline), ``Register`` first, then a
   ``Report`` every ``report_interval_s`` and at once when :meth:`Reporter.notify` is
   called (every state change); bursts of changes coalesce into one report.
@@ -82,6 +87,7 @@ class Reporter:
         self._credentials: grpc.ChannelCredentials | None = None
         self._command_tasks: set[asyncio.Task[None]] = set()
         self._live: set[str] = set()  # targets with a registered stream
+        self._resolved: dict[str, str] = {}  # dns_name's targets → the host they came from
 
     # -- public ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -139,6 +145,7 @@ class Reporter:
                 infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
                     host, int(port), family=socket.AF_INET, type=socket.SOCK_STREAM), 10)
                 resolved = {f"{info[4][0]}:{port}" for info in infos}
+                self._resolved = {address: host for address in resolved}
                 self._reconcile(set(self.cfg.addresses) | resolved)
             except (OSError, TimeoutError, ValueError) as exc:
                 log.warning("cannot resolve %s (keeping %d streams): %s", self.cfg.dns_name,
@@ -178,7 +185,7 @@ class Reporter:
             attempt += 1
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        options = [
+        options: list[tuple[str, Any]] = [
             ("grpc.keepalive_time_ms", int(self.cfg.keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.cfg.keepalive_timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -188,6 +195,9 @@ class Reporter:
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
         if self._credentials is not None:
+            if address in self._resolved and address not in self.cfg.addresses:
+                # an A record of dns_name: the certificate names the Service, not the pod
+                options.append(("grpc.ssl_target_name_override", self._resolved[address]))
             return grpc.aio.secure_channel(address, self._credentials, options=options)
         return grpc.aio.insecure_channel(address, options=options)
 

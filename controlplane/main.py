@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from controlplane import config, workers
-from controlplane.adapters import agent_relay
+from controlplane.adapters import agent_relay, node_embed
 from controlplane.api import admin_grpc, grpc_server, ops
 from controlplane.api import app as app_mod
 from controlplane.api import server as server_mod
@@ -79,7 +79,9 @@ def build_response_cache(settings: config.ControlPlaneSettings,
     embed = embedder.NodeEmbedder(
         lambda: [n.address for n in nodes() if c.embed_model in n.embed_models],
         c.embed_model, timeout_s=c.semantic_budget_ms / 1000,
-        key_of=services.registry.node_key_at)
+        key_of=services.registry.node_key_at,
+        credentials=node_embed.Credentials.load(settings.grpc.node_ca_file,
+                                                settings.grpc.node_server_name))
     try:
         judges, pinned_embedder = feedback_wiring.load_judges(c)
     except feedback_wiring.VerifierConfigError as exc:
@@ -120,8 +122,9 @@ def _ssl_context(http: config.HttpSettings) -> ssl.SSLContext | None:
 
 def check_tls_files(settings: config.ControlPlaneSettings) -> None:
     """A ValueError naming the setting when a TLS file of ``http`` or ``grpc`` cannot be
-    read, or ``http``'s pair does not load (else the process would fail later, at listen,
-    with an OS error that names neither)."""
+    read, ``http``'s pair does not load, or ``grpc.node_ca_file`` holds no CA (else the
+    process would fail later, at listen or at the first Node call, with an error that
+    names neither)."""
     for section in ("http", "grpc"):
         for field in ("tls_cert_file", "tls_key_file"):
             path = getattr(getattr(settings, section), field)
@@ -137,6 +140,7 @@ def check_tls_files(settings: config.ControlPlaneSettings) -> None:
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"http.tls_cert_file / http.tls_key_file: not a certificate and "
                          f"its key ({exc.strerror or type(exc).__name__})") from None
+    node_embed.Credentials.load(settings.grpc.node_ca_file, settings.grpc.node_server_name)
 
 
 async def serve(settings: config.ControlPlaneSettings, services: services_mod.Services,

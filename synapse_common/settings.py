@@ -382,6 +382,19 @@ class Section(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
 
+def tls_both_or_neither(cert: str | None, key: str | None) -> None:
+    """A ValueError unless a listener's ``tls_cert_file`` and ``tls_key_file`` are both set
+    or both unset. TLS needs the certificate and its key: with one of them alone the
+    listener used to serve plain text, saying nothing, so keys and prompts an operator
+    meant to encrypt crossed the network in the clear. Shared by the control plane's and
+    the agent's listeners."""
+    if bool(cert) != bool(key):
+        given, missing = (("tls_cert_file", "tls_key_file") if cert
+                          else ("tls_key_file", "tls_cert_file"))
+        raise ValueError(f"{missing}: required with {given} (TLS needs both; with one alone "
+                         "the port would serve plain text)")
+
+
 class LoggingSettings(Section):
     format: str = pydantic.Field("human", pattern="^(human|json)$",
                                  description="log line format: human or json")

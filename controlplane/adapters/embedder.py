@@ -56,13 +56,15 @@ class NodeEmbedder:
                  timeout_s: float = 0.1, cooldown_s: float = 2.0,
                  clock: Callable[[], float] = time.monotonic, *,
                  token: str | None = None, no_scorer_recheck_s: float = 30.0,
-                 key_of: Callable[[str], str | None] | None = None) -> None:
+                 key_of: Callable[[str], str | None] | None = None,
+                 credentials: node_embed.Credentials | None = None) -> None:
         self._addresses = addresses
         self._model = model
         self._timeout = timeout_s
         self._cooldown = cooldown_s
         self._clock = clock
-        self._client = node_embed.NodeEmbedClient(token, key_of=key_of)
+        self._client = node_embed.NodeEmbedClient(token, key_of=key_of,
+                                                   credentials=credentials)
         self._bad_until: dict[str, float] = {}
         self._no_scorer_recheck = no_scorer_recheck_s
         self._no_scorer_until: dict[str, float] = {}

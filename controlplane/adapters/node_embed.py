@@ -25,12 +25,20 @@ Design decisions:
   without a scorer answers FAILED_PRECONDITION, which becomes :class:`NoScorer` (an
   :class:`EmbedError` the caller need not retry on that agent soon). At most
   ``MAX_PAIRS`` candidates per call (the agents' limit): more is refused here.
+- TLS (:class:`Credentials`, from ``grpc.node_ca_file`` and ``grpc.node_server_name``):
+  every channel is then TLS, verified with that CA alone, so an agent serving plain text
+  or a certificate the CA did not sign is never sent a tenant's text (the call fails
+  UNAVAILABLE, an :class:`EmbedError`: the cache fails open). Agents are dialled at the
+  pod IP they advertise, which no certificate can name in advance, so the name checked is
+  ``server_name`` when set. There is no fallback to plain text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
+import ssl
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -83,15 +91,50 @@ def error_for(exc: grpc.aio.AioRpcError, address: str, method: str = "Embed") ->
                       code=code.name)
 
 
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """How Node channels are secured: the PEM CA bundle that signed the agents'
+    certificates and the name those certificates carry (None: the dialled host)."""
+
+    root_certificates: bytes
+    server_name: str | None = None
+
+    @classmethod
+    def load(cls, ca_file: str | None, server_name: str | None) -> Credentials | None:
+        """From ``grpc.node_ca_file`` / ``node_server_name``; None without a CA file (plain
+        text). A ValueError naming ``grpc.node_ca_file`` when it cannot be read or holds
+        no PEM certificate (grpc itself would only fail at the first handshake)."""
+        if not ca_file:
+            return None
+        try:
+            ssl.create_default_context(cafile=ca_file)
+            with open(ca_file, "rb") as f:
+                pem = f.read()
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"grpc.node_ca_file: cannot load {ca_file} as PEM CA "
+                             f"certificates ({exc.strerror or type(exc).__name__})") from None
+        return cls(pem, server_name)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        options = ((("grpc.ssl_target_name_override", self.server_name),)
+                   if self.server_name else ())
+        return grpc.aio.secure_channel(
+            address, grpc.ssl_channel_credentials(root_certificates=self.root_certificates),
+            options=options)
+
+
 class NodeEmbedClient:
     """``key_of``: the bearer key of the agent at an address (the registry's
     ``node_key_at``: each node's own key, which goes to no other address); without it
-    every call presents ``token``."""
+    every call presents ``token``. ``credentials``: TLS for every channel (none: plain
+    text)."""
 
     def __init__(self, token: str | None = None, *,
-                 key_of: Callable[[str], str | None] | None = None) -> None:
+                 key_of: Callable[[str], str | None] | None = None,
+                 credentials: Credentials | None = None) -> None:
         self._token = token
         self._key_of = key_of
+        self._credentials = credentials
         self._stubs: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeStub]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -102,7 +145,8 @@ class NodeEmbedClient:
     def _stub(self, address: str) -> node_pb2_grpc.NodeStub:
         entry = self._stubs.get(address)
         if entry is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = (self._credentials.channel(address) if self._credentials is not None
+                       else grpc.aio.insecure_channel(address))
             stub = node_pb2_grpc.NodeStub(channel)  # type: ignore[no-untyped-call]
             entry = self._stubs[address] = (channel, stub)
         return entry[1]

@@ -211,7 +211,10 @@ async def openapi_spec(request: web.Request) -> web.Response:
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     svc = app[context.SERVICES]
     await svc.upstream.start()
-    svc.node_embed = node_embed.NodeEmbedClient(key_of=svc.registry.node_key_at)
+    g = svc.settings.grpc
+    svc.node_embed = node_embed.NodeEmbedClient(
+        key_of=svc.registry.node_key_at,
+        credentials=node_embed.Credentials.load(g.node_ca_file, g.node_server_name))
     yield
     await svc.node_embed.close()
     await svc.upstream.close()

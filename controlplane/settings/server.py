@@ -7,6 +7,7 @@ from typing import Literal
 import pydantic
 from pydantic import Field
 
+from synapse_common import settings as common
 from synapse_common.settings import Section
 
 MAX_WORKERS = 64
@@ -74,7 +75,7 @@ class HttpSettings(Section):
 
     @pydantic.model_validator(mode="after")
     def _tls_pair(self) -> HttpSettings:
-        _tls_both_or_neither(self.tls_cert_file, self.tls_key_file)
+        common.tls_both_or_neither(self.tls_cert_file, self.tls_key_file)
         return self
 
     @pydantic.field_validator("workers")
@@ -104,22 +105,23 @@ class GrpcSettings(Section):
     tls_cert_file: str | None = Field(None, description="PEM certificate; enables TLS with key")
     tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file")
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest gRPC message")
+    node_ca_file: str | None = Field(
+        None, description="PEM CA bundle that signed the agents' Node-service certificates "
+        "(their grpc.tls_cert_file): set, every Node call (Node.Embed, Node.ScorePairs: "
+        "tenants' texts) goes over TLS and an agent that cannot prove itself with it, or "
+        "serves plain text, is not called; none = Node calls in plain text")
+    node_server_name: str | None = Field(
+        None, min_length=1, description="name the agents' Node-service certificates carry, "
+        "checked instead of the host of the address each agent advertises (node IPs vary); "
+        "none = that host (the certificates then need it as a subject alternative name)")
 
     @pydantic.model_validator(mode="after")
     def _tls_pair(self) -> GrpcSettings:
-        _tls_both_or_neither(self.tls_cert_file, self.tls_key_file)
+        common.tls_both_or_neither(self.tls_cert_file, self.tls_key_file)
+        if self.node_server_name and not self.node_ca_file:
+            raise ValueError("node_ca_file: required with node_server_name (the name is "
+                             "checked on TLS connections, which the CA turns on)")
         return self
-
-
-def _tls_both_or_neither(cert: str | None, key: str | None) -> None:
-    """TLS needs the certificate and its key: with one of them alone the listener used to
-    serve plain text, saying nothing, so keys and prompts an operator meant to encrypt
-    crossed the network in the clear."""
-    if bool(cert) != bool(key):
-        given, missing = (("tls_cert_file", "tls_key_file") if cert
-                          else ("tls_key_file", "tls_cert_file"))
-        raise ValueError(f"{missing}: required with {given} (TLS needs both; with one alone "
-                         "the port would serve plain text)")
 
 
 class AdminSettings(Section):
