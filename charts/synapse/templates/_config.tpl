@@ -43,6 +43,15 @@ pod specs rendered here, so the chart's values win for those keys.
 {{- if .Values.upstreams -}}
 {{- $_ := set $own "upstreams" .Values.upstreams -}}
 {{- end -}}
+{{- if .Values.agentLink.tls.enabled -}}
+{{- /* TLS for the agents' streams, and the CA and name the agents' Node certificates
+must show before a tenant's text is sent to them */ -}}
+{{- $tls := include "synapse.linkTlsDir" . -}}
+{{- $_ := set $own.grpc "tls_cert_file" (printf "%s/tls.crt" $tls) -}}
+{{- $_ := set $own.grpc "tls_key_file" (printf "%s/tls.key" $tls) -}}
+{{- $_ := set $own.grpc "node_ca_file" (printf "%s/ca.crt" $tls) -}}
+{{- $_ := set $own.grpc "node_server_name" .Values.agentLink.tls.serverName -}}
+{{- end -}}
 {{- toYaml (mustMergeOverwrite (deepCopy .Values.controlPlane.config) $own) -}}
 {{- end -}}
 
@@ -59,9 +68,17 @@ pod specs rendered here, so the chart's values win for those keys.
 {{- /* the pod's projected token, re-read before every connection: no shared secret */ -}}
 {{- $link = dict "dns_name" $dns "token_file" (printf "%s/token" (include "synapse.agentIdentityDir" .)) -}}
 {{- end -}}
+{{- $grpc := dict "port" (int .Values.agent.ports.grpc) -}}
+{{- if .Values.agentLink.tls.enabled -}}
+{{- /* the control plane must prove itself with ca.crt; the Node port serves TLS only */ -}}
+{{- $tls := include "synapse.linkTlsDir" . -}}
+{{- $_ := set $link "tls_ca_file" (printf "%s/ca.crt" $tls) -}}
+{{- $_ := set $grpc "tls_cert_file" (printf "%s/tls.crt" $tls) -}}
+{{- $_ := set $grpc "tls_key_file" (printf "%s/tls.key" $tls) -}}
+{{- end -}}
 {{- $own := dict
   "control_plane" $link
-  "grpc" (dict "port" (int .Values.agent.ports.grpc))
+  "grpc" $grpc
   "metrics" $metrics
   "supervisor" (dict "engine_host" "0.0.0.0" "log_dir" "/var/log/synapse"
                      "engine_port_range" (list (int .Values.networkPolicy.enginePorts.start)

@@ -52,6 +52,8 @@ system:serviceaccount:{{ .Release.Namespace }}:{{ include "synapse.agent.name" .
 {{/* Where the control plane's own ServiceAccount token and the cluster's CA are mounted
 in serviceAccount mode: auth.agent_review's default token_file and ca_file. */}}
 {{- define "synapse.kubeApiAccessDir" -}}/var/run/secrets/kubernetes.io/serviceaccount{{- end -}}
+{{/* agentLink.tls: where each side mounts its Secret (tls.crt, tls.key, ca.crt). */}}
+{{- define "synapse.linkTlsDir" -}}/var/run/secrets/synapse-link{{- end -}}
 
 {{- define "synapse.image" -}}
 {{- printf "%s:%s" .image.repository (.image.tag | default .root.Chart.AppVersion) -}}
