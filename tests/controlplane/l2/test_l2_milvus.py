@@ -349,3 +349,18 @@ async def test_calls_milvus_no_longer_answers_hold_at_most_a_few_threads() -> No
     answer.set()
     assert [await t for t in waiting] == [[]] * milvus.MAX_IN_FLIGHT
     assert await store.search("s", vector, 5, 0.0) == []        # free again
+
+
+async def test_milvus_lites_unimplemented_method_is_not_logged_as_our_error(l2, caplog):
+    """Milvus Lite's in-process gRPC server logs an ERROR with a traceback when pymilvus
+    asks it for a method it lacks (the client does without): not ours to act on. Other
+    records of that logger still pass."""
+    import logging
+
+    with caplog.at_level(logging.ERROR, "grpc._server"):
+        await put(l2, "s1", 0)
+        await l2.flush()
+        logging.getLogger("grpc._server").error("Exception calling application: other",
+                                                exc_info=ValueError("other"))
+    assert "Method not implemented" not in caplog.text
+    assert "other" in caplog.text
