@@ -33,12 +33,14 @@ reconnecting in a loop costs one review per TTL; a token revoked (its pod delete
 that window is still accepted until it lapses, which is why the TTL is short.
 
 Our own token rotates (the kubelet rewrites the projected file): it is re-read whenever the
-file's mtime or size changes. The CA bundle is read once, when the session is made.
+file's mtime or size changes. Each review has its own HTTP session (and reads the CA
+bundle), closed with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -119,7 +121,6 @@ class TokenReviewer:
         self._url = config.api_server.rstrip("/") + PATH
         self._accounts = frozenset(config.service_accounts)
         self._session = session
-        self._own_session = session is None
         self._clock = clock
         self._ttl = cache_ttl_s
         self._cache: dict[bytes, tuple[str, float]] = {}
@@ -154,11 +155,6 @@ class TokenReviewer:
             self._remember(key, node)
         return node
 
-    async def aclose(self) -> None:
-        if self._own_session and self._session is not None:
-            await self._session.close()
-        self._session = None
-
     # -- asking ---------------------------------------------------------------------------
 
     async def _review(self, token: str) -> Mapping[str, Any]:
@@ -166,9 +162,8 @@ class TokenReviewer:
                 "spec": {"token": token, "audiences": [self._config.audience]}}
         headers = {"Authorization": f"Bearer {self._own_token()}",
                    "Content-Type": "application/json", "Accept": "application/json"}
-        session = self._session_now()
         try:
-            async with asyncio.timeout(self._config.timeout_s):
+            async with asyncio.timeout(self._config.timeout_s), self._session_now() as session:
                 async with session.post(self._url, data=json.dumps(body), headers=headers,
                                         allow_redirects=False) as resp:
                     status, raw = resp.status, await resp.content.read(MAX_ANSWER_BYTES + 1)
@@ -180,12 +175,15 @@ class TokenReviewer:
                                     f"{_refused(status)}")
         return _status_of(raw)
 
-    def _session_now(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            https = self._url.startswith("https:")
-            connector = aiohttp.TCPConnector(ssl=self._tls()) if https else aiohttp.TCPConnector()
-            self._session = aiohttp.ClientSession(connector=connector)
-        return self._session
+    def _session_now(self) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientSession]:
+        """The session for one review: the injected one (kept open), else a new one,
+        closed with the review. Reviews are rare (one per agent stream, then cached), so
+        nothing is kept open between them and nothing needs closing at shutdown."""
+        if self._session is not None:
+            return contextlib.nullcontext(self._session)
+        https = self._url.startswith("https:")
+        connector = aiohttp.TCPConnector(ssl=self._tls()) if https else aiohttp.TCPConnector()
+        return aiohttp.ClientSession(connector=connector)
 
     def _tls(self) -> ssl.SSLContext:
         """Verification with the cluster's CA only (not the system's CAs)."""

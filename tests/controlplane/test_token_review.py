@@ -121,7 +121,6 @@ async def reviewer(api: FakeApiServer,
                    own_token: pathlib.Path) -> AsyncIterator[token_review.TokenReviewer]:
     r = token_review.TokenReviewer(_settings(api.url, own_token), cache_ttl_s=0)
     yield r
-    await r.aclose()
 
 
 # -- answers ----------------------------------------------------------------------------
@@ -200,33 +199,24 @@ async def test_a_refused_connection_is_unavailable(own_token: pathlib.Path) -> N
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]           # closed again: nothing listens there
     r = token_review.TokenReviewer(_settings(f"http://127.0.0.1:{port}", own_token))
-    try:
-        with pytest.raises(token_review.ReviewUnavailable, match="cannot connect"):
-            await r.node_of(GOOD)
-    finally:
-        await r.aclose()
+    with pytest.raises(token_review.ReviewUnavailable, match="cannot connect"):
+        await r.node_of(GOOD)
 
 
 async def test_a_silent_api_server_is_unavailable(api: FakeApiServer,
                                                   own_token: pathlib.Path) -> None:
     api.answer = "slow"
     r = token_review.TokenReviewer(_settings(api.url, own_token, timeout_s=0.2))
-    try:
-        with pytest.raises(token_review.ReviewUnavailable, match="no answer in time"):
-            await r.node_of(GOOD)
-    finally:
-        await r.aclose()
+    with pytest.raises(token_review.ReviewUnavailable, match="no answer in time"):
+        await r.node_of(GOOD)
 
 
 async def test_a_missing_ca_file_is_unavailable(own_token: pathlib.Path,
                                                 tmp_path: pathlib.Path) -> None:
     r = token_review.TokenReviewer(_settings("https://127.0.0.1:1", own_token,
                                              ca_file=str(tmp_path / "none.crt")))
-    try:
-        with pytest.raises(token_review.ReviewUnavailable, match=r"agent_review\.ca_file"):
-            await r.node_of(GOOD)
-    finally:
-        await r.aclose()
+    with pytest.raises(token_review.ReviewUnavailable, match=r"agent_review\.ca_file"):
+        await r.node_of(GOOD)
 
 
 # -- our own credentials ------------------------------------------------------------------
@@ -258,18 +248,15 @@ async def test_reviews_beyond_the_cap_are_refused_at_once(api: FakeApiServer,
     for i in range(3):
         api.tokens[f"t{i}-agent-token-on"] = Bound(AGENT_SA, f"gpu-node-{i}")
     r = token_review.TokenReviewer(_settings(api.url, own_token, max_concurrent=2))
-    try:
-        held = [asyncio.create_task(r.node_of(f"t{i}-agent-token-on")) for i in range(2)]
-        for _ in held:
-            await api.arrivals.get()
-        with pytest.raises(token_review.ReviewUnavailable, match="max_concurrent"):
-            await r.node_of("t2-agent-token-on")
-        assert len(api.seen) == 2           # the third never reached the API server
-        api.gate.set()
-        assert await asyncio.gather(*held) == ["gpu-node-0", "gpu-node-1"]
-        assert await r.node_of("t2-agent-token-on") == "gpu-node-2"   # room again
-    finally:
-        await r.aclose()
+    held = [asyncio.create_task(r.node_of(f"t{i}-agent-token-on")) for i in range(2)]
+    for _ in held:
+        await api.arrivals.get()
+    with pytest.raises(token_review.ReviewUnavailable, match="max_concurrent"):
+        await r.node_of("t2-agent-token-on")
+    assert len(api.seen) == 2           # the third never reached the API server
+    api.gate.set()
+    assert await asyncio.gather(*held) == ["gpu-node-0", "gpu-node-1"]
+    assert await r.node_of("t2-agent-token-on") == "gpu-node-2"   # room again
 
 
 async def test_an_accepted_token_is_remembered_briefly(api: FakeApiServer,
@@ -277,18 +264,15 @@ async def test_an_accepted_token_is_remembered_briefly(api: FakeApiServer,
     now = [100.0]
     r = token_review.TokenReviewer(_settings(api.url, own_token), clock=lambda: now[0],
                                    cache_ttl_s=30)
-    try:
-        assert await r.node_of(GOOD) == "gpu-node-1"
-        assert await r.node_of(GOOD) == "gpu-node-1"
-        assert len(api.seen) == 1
-        assert await r.node_of("forged-agent-token-on") is None
-        assert await r.node_of("forged-agent-token-on") is None
-        assert len(api.seen) == 3           # refusals are asked again
-        now[0] += 31
-        assert await r.node_of(GOOD) == "gpu-node-1"
-        assert len(api.seen) == 4
-    finally:
-        await r.aclose()
+    assert await r.node_of(GOOD) == "gpu-node-1"
+    assert await r.node_of(GOOD) == "gpu-node-1"
+    assert len(api.seen) == 1
+    assert await r.node_of("forged-agent-token-on") is None
+    assert await r.node_of("forged-agent-token-on") is None
+    assert len(api.seen) == 3           # refusals are asked again
+    now[0] += 31
+    assert await r.node_of(GOOD) == "gpu-node-1"
+    assert len(api.seen) == 4
 
 
 # -- secrets ----------------------------------------------------------------------------
@@ -310,7 +294,6 @@ async def test_no_token_reaches_a_log_line_an_error_or_repr(
             with pytest.raises(token_review.ReviewUnavailable) as err:
                 await r.node_of("d-agent-token-on-failing")
             texts.append(str(err.value))
-        await r.aclose()
     texts += [rec.getMessage() for rec in caplog.records]
     assert len(caplog.records) >= 3
     for text in texts:
@@ -334,7 +317,6 @@ async def test_an_error_that_quotes_the_token_is_redacted(
                                                  own_token))
         with caplog.at_level(logging.INFO, "synapse.controlplane.token_review"):
             assert await r.node_of(GOOD) is None
-        await r.aclose()
     finally:
         await runner.cleanup()
     assert "bad token <token>" in caplog.text and GOOD not in caplog.text
