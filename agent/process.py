@@ -1,16 +1,27 @@
-"""Engine processes: spawning, captured output, termination of the whole process group.
+"""Engine processes: spawning, captured output, termination of the whole process group,
+and who listens on an engine's port.
 
 Decisions:
 
-* Each engine runs in its own session (``start_new_session=True``), so it is its own
-  process-group leader and ``killpg`` reaches the workers vLLM forks as well.
-* ``PR_SET_PDEATHSIG(SIGKILL)`` is set in the child between fork and exec (ctypes
-  ``prctl``): if the agent is SIGKILLed or OOM-killed, the kernel kills the engine too, so
-  no orphan keeps a GPU. The signal fires when the *thread* that forked dies, so engines
+* Each engine runs under :mod:`agent.engine_reaper` (``python -I -S``, standard library
+  only), started in its own session (``start_new_session=True``): the reaper is the
+  process-group leader, the engine its child, and ``killpg`` reaches the workers vLLM
+  forks as well. ``PR_SET_PDEATHSIG(SIGHUP)`` is set on the reaper between fork and exec
+  (ctypes ``prctl``): if the agent is SIGKILLed or OOM-killed, the reaper kills the whole
+  group, so no engine nor any of its children (vLLM's engine core) keeps a GPU. A
+  parent-death signal set on the engine itself would not do: the kernel clears it for
+  the engine's children. The signal fires when the *thread* that forked dies, so engines
   are always spawned from the event-loop thread, never from ``asyncio.to_thread``.
+  :attr:`EngineProcess.pid` is the reaper's, whose environment and command line carry
+  the engine's; the engine and its workers are its descendants.
+* The command is looked up on the engine's ``PATH`` before the reaper starts, so a
+  missing binary is still an ``OSError`` of :meth:`EngineProcess.spawn` (``failed``),
+  not an exit code.
 * stdout and stderr are merged into one pipe, pumped into a size-capped log file (one
   rotated ``.1`` file kept) and a ring of the last lines for reports. Writes are small
   appends to a local file, treated like logging's handlers as non-blocking.
+* The ``starting:`` line shows the command and the engine's variables with secrets
+  masked (:func:`agent.core.commands.shown`, the one home of that rule).
 * Engines get the agent's environment without ``SYNAPSE_*`` (the agent's own settings and
   secrets), plus the spec's variables (and the engine key's, :mod:`agent.core.commands`).
 * A sink given secrets (the engine key) masks them in the engine's output before it is
@@ -20,6 +31,12 @@ Decisions:
   output that ends a line is never held.
 * Stop = SIGTERM to the group, SIGKILL to the group after the grace period, and a final
   SIGKILL to the group after the leader exits, for children that outlived it.
+* Ports (blocking, for ``asyncio.to_thread``): :func:`port_holder` says whether a port can
+  be bound as an engine binds it (``SO_REUSEADDR``) and, when not, names the process
+  listening there when psutil can see it; :func:`tree_listens` says whether a process or
+  one of its descendants listens on a port (``None`` when psutil may not read their
+  sockets). Engines share the agent's PID namespace (they are its descendants), so the
+  process tree is the sound owner test.
 """
 
 from __future__ import annotations
@@ -29,13 +46,21 @@ import collections
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 import pathlib
+import shutil
 import signal
+import socket
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
+import psutil
+
+from agent.core import commands
 from synapse_common import private_files
 
 log = logging.getLogger(__name__)
@@ -43,7 +68,9 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 READ_CHUNK = 65536
 MAX_TAIL_LINE = 2000  # characters kept per line in memory
-MASK = b"**********"
+MASK = commands.MASK.encode()
+REAPER = str(pathlib.Path(__file__).resolve().parent / "engine_reaper.py")
+PARENT_GONE = signal.SIGHUP  # the reaper's parent-death signal (agent.engine_reaper)
 
 
 def _load_libc() -> ctypes.CDLL | None:
@@ -58,9 +85,20 @@ _LIBC = _load_libc()  # loaded before any fork: preexec_fn must not import or al
 
 
 def _child_setup() -> None:
-    """Runs in the child after fork: die with the agent."""
+    """Runs in the reaper after fork: learn of the agent's death."""
     if _LIBC is not None:
-        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _LIBC.prctl(PR_SET_PDEATHSIG, PARENT_GONE, 0, 0, 0)
+
+
+def _runnable(command: str, env: Mapping[str, str]) -> None:
+    """Raise the OSError executing ``command`` would raise (looked up on ``env``'s PATH)."""
+    path = env.get("PATH", os.defpath)
+    if shutil.which(command, path=path) is not None:
+        return
+    exists = os.path.exists(command) if os.sep in command else any(
+        os.path.exists(os.path.join(d, command)) for d in path.split(os.pathsep) if d)
+    code = errno.EACCES if exists else errno.ENOENT
+    raise OSError(code, os.strerror(code), command)
 
 
 def engine_environment() -> dict[str, str]:
@@ -158,12 +196,14 @@ class EngineProcess:
     @classmethod
     async def spawn(cls, argv: list[str], env: dict[str, str], sink: LogSink
                     ) -> EngineProcess:
-        """Start ``argv``; raises OSError when it cannot be executed at all."""
-        sink.note("starting: " + " ".join(argv))
+        """Start ``argv`` under the reaper; raises OSError when it cannot be executed."""
+        sink.note("starting: " + commands.shown(argv, env))
+        full_env = {**engine_environment(), **env}
+        _runnable(argv[0], full_env)
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, env={**engine_environment(), **env},
-            start_new_session=True, preexec_fn=_child_setup)
+            sys.executable, "-I", "-S", REAPER, str(os.getpid()), "--", *argv,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=full_env, start_new_session=True, preexec_fn=_child_setup)
         return cls(proc, sink)
 
     async def _pump_output(self) -> None:
@@ -197,3 +237,77 @@ class EngineProcess:
                 log.warning("engine pid %d ignored SIGTERM for %.0fs; killing it",
                             self.proc.pid, grace_s)
                 self._kill_group(signal.SIGKILL)
+
+
+# -- ports ---------------------------------------------------------------------------------
+def _listening(conns: Iterable[Any], port: int) -> list[Any]:
+    """psutil's connection tuples (its ``sconn``/``pconn``) listening on ``port``."""
+    return [c for c in conns if c.status == psutil.CONN_LISTEN and c.laddr
+            and c.laddr.port == port]
+
+
+def _connections(proc: psutil.Process) -> list[Any]:
+    read = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
+    return list(read(kind="tcp"))
+
+
+def _bind_host(host: str) -> tuple[socket.AddressFamily, str]:
+    if host in ("", "0.0.0.0"):
+        return socket.AF_INET, "0.0.0.0"
+    return (socket.AF_INET6 if ":" in host else socket.AF_INET), host
+
+
+def port_holder(host: str, port: int) -> str | None:
+    """``None`` when an engine could bind ``host:port`` now; else who holds it (blocking)."""
+    family, bind_host = _bind_host(host)
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as engines bind
+        try:
+            s.bind((bind_host, port))
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return f"cannot bind {bind_host}:{port}: {exc.strerror or exc}"
+    return listener(port) or "another process"
+
+
+def listener(port: int, not_of: int = 0) -> str | None:
+    """``pid N (name)`` of a process listening on ``port`` (outside process ``not_of``'s
+    tree); ``another process`` when psutil sees a listener but not its owner (another
+    user's, unless the agent runs as root); ``None`` when it sees none (blocking)."""
+    try:
+        found = _listening(psutil.net_connections(kind="tcp"), port)
+    except psutil.Error:
+        return None
+    exclude = {p.pid for p in tree(not_of)} if not_of else set()
+    for conn in found:
+        if conn.pid is None:
+            return "another process"
+        if conn.pid not in exclude:
+            with contextlib.suppress(psutil.Error):
+                return f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+            return f"pid {conn.pid}"
+    return None
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and its descendants (empty once it has gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def tree_listens(pid: int, port: int) -> bool | None:
+    """Whether ``pid`` or a descendant listens on ``port``; ``None`` when psutil may not
+    read their sockets (blocking)."""
+    for proc in tree(pid):
+        try:
+            if _listening(_connections(proc), port):
+                return True
+        except psutil.NoSuchProcess:
+            continue
+        except psutil.AccessDenied:
+            return None
+    return False

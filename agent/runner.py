@@ -2,13 +2,28 @@
 
 A runner owns one backend: spawn → ``starting`` (polling ``/health`` until 200 or the
 start-up deadline) → ``ready`` ⇄ ``unhealthy`` (liveness probes; ``unhealthy_after``
-failures in a row) → exit → restart after the policy's backoff, or ``crashloop``.
-``failed`` means the command cannot be executed at all (no such binary). Both
-``crashloop`` and ``failed`` wait for :meth:`Runner.reset` (a control-plane command that
-names the backend again); a config change restarts the agent. An engine that stays
-unhealthy for ``unhealthy_restart_s``, or is not ready by the deadline, is killed and
-goes through the same restart path. ``external`` backends have no process: they are only
-probed.
+failures in a row) → exit → restart after the policy's backoff (:mod:`agent.core.backoff`).
+Past ``crashloop_restarts`` restarts in ``crashloop_window_s`` the phase is ``crashloop``
+and the engine is retried every ``backoff_max_s`` (its start-up included: ``crashloop``
+until it is ready), since the cause may go away; :meth:`Runner.reset` (a control-plane
+command that names the backend again) retries at once. ``failed`` means the command cannot
+be executed at all (no such binary) and waits for :meth:`Runner.reset`; a config change
+restarts the agent. An engine that stays unhealthy for ``unhealthy_restart_s``, or is not
+ready by the deadline, is killed and goes through the same restart path. ``external``
+backends have no process: they are only probed.
+
+The port is the engine's own, checked twice (:mod:`agent.process`, psutil, in a thread):
+
+* before a start, the port must be free to bind: one held by another process would make
+  the engine fail to bind while that process answers the probes. A port the agent chose
+  itself (the spec names none) is replaced by a free one; a port the spec names is a
+  failed start (the reason names the holder) and goes through the restart path, so the
+  engine starts once the port is free again.
+* a ``/health`` 200 counts only while the engine's process tree (the engine, or a child
+  such as vLLM's API server) listens on the port: else some other process answered
+  (one that took the port after the check, or shares it), and tenants' prompts and the
+  engine key must not go to it. Where psutil may not read the engine's sockets, the
+  answer alone counts, with one warning.
 
 Engine ``/metrics`` are scraped by a separate loop per runner (generation backends only)
 and interpreted by :mod:`agent.core.engine_metrics`. Every phase change calls the hooks'
@@ -77,6 +92,7 @@ class Runner:
         self.managed = managed
         self._session = session
         self._hooks = hooks
+        self._advertise_host = advertise_host
         self._time = timing
         self.port = spec.port or (0 if spec.engine == "external" else ports.free_port(cfg.engine_host))
         if spec.engine == "external":
@@ -107,6 +123,8 @@ class Runner:
         self._wake = asyncio.Event()
         self._exit_reason = ""
         self._tasks: list[asyncio.Task[None]] = []
+        self._stranger = ""            # who answered the last probe, when not our engine
+        self._ownership_warned = False
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -136,6 +154,11 @@ class Runner:
         if self.phase in (Phase.CRASHLOOP, Phase.FAILED):
             self._policy.reset()
             self._wake.set()
+
+    def _set_port(self, port: int) -> None:
+        self.port = port
+        self.probe_url = f"http://{_dialable(self.cfg.engine_host)}:{port}"
+        self.url = f"http://{self._advertise_host}:{port}"
 
     def _set(self, phase: Phase, reason: str) -> None:
         if (phase, reason) == (self.phase, self.reason):
@@ -185,12 +208,34 @@ class Runner:
             return False
         self.pid, self.started_ms = self._engine.pid, self._now_ms()
         self._exit_reason = ""
-        self._set(Phase.STARTING, "waiting for /health")
+        if self.phase == Phase.CRASHLOOP:   # crashloop until a retry is ready
+            self._set(Phase.CRASHLOOP, "retrying: waiting for /health")
+        else:
+            self._set(Phase.STARTING, "waiting for /health")
         return True
+
+    async def _port_taken(self) -> str | None:
+        """Why the engine's port cannot be used now (None: it can). A port the agent chose
+        is replaced by a free one instead."""
+        holder = await asyncio.to_thread(process.port_holder, self.cfg.engine_host, self.port)
+        if holder is None:
+            return None
+        if self.spec.port is None:
+            old = self.port
+            self._set_port(ports.free_port(self.cfg.engine_host))
+            log.warning("backend %s: port %d is held by %s; using port %d", self.spec.name,
+                        old, holder, self.port)
+            return None
+        return f"port {self.port} is held by {holder}, not by an engine of this agent"
 
     async def _run_process(self) -> None:
         spawned_before = False
         while not self._stopping:
+            taken = await self._port_taken()
+            if taken:
+                self.sink.note(taken)
+                await self._after_exit(taken)
+                continue
             if spawned_before:
                 self.restarts += 1
                 self.last_restart_ms = self._now_ms()
@@ -212,19 +257,19 @@ class Runner:
 
     async def _after_exit(self, why: str) -> None:
         decision = self._policy.on_exit()
-        self.sink.note(f"{why}; {decision.reason if decision.restart else 'crashloop'}")
-        if not decision.restart:
-            self._set(Phase.CRASHLOOP, f"{why}; {decision.reason}")
-            await self._sleep_or_wake(None)
-            return
-        self._set(Phase.UNHEALTHY, f"{why}; {decision.reason}")
+        self.sink.note(f"{why}; {'crashloop: ' if decision.crashloop else ''}{decision.reason}")
+        self._set(Phase.CRASHLOOP if decision.crashloop else Phase.UNHEALTHY,
+                  f"{why}; {decision.reason}")
         await self._sleep_or_wake(decision.delay_s)
 
     async def _probe_process(self, engine: process.EngineProcess) -> None:
         deadline = self._time.monotonic() + self.cfg.startup_deadline_s
         while not await self._probe():
+            if self._stranger:
+                self._set(self.phase, self._stranger)
             if self._time.monotonic() > deadline:
-                self._exit_reason = (f"not ready within {self.cfg.startup_deadline_s:g}s")
+                self._exit_reason = (f"not ready within {self.cfg.startup_deadline_s:g}s"
+                                     + (f" ({self._stranger})" if self._stranger else ""))
                 engine.kill()
                 return
             await self._time.sleep(min(STARTUP_POLL_S, self.cfg.probe_interval_s))
@@ -266,6 +311,15 @@ class Runner:
             self._hooks.on_change()
 
     async def _probe(self) -> bool:
+        """``/health`` answered 200, by our own engine for a process backend."""
+        self._stranger = ""
+        if not await self._health():
+            return False
+        if self.spec.engine == "external":
+            return True
+        return await self._answered_by_our_engine()
+
+    async def _health(self) -> bool:
         timeout = aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)
         try:
             async with self._session.get(self.probe_url + "/health", timeout=timeout,
@@ -273,6 +327,22 @@ class Runner:
                 return r.status == 200
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return False
+
+    async def _answered_by_our_engine(self) -> bool:
+        pid, port = self.pid, self.port
+        owned = await asyncio.to_thread(process.tree_listens, pid, port) if pid else False
+        if owned is None:
+            if not self._ownership_warned:
+                self._ownership_warned = True
+                log.warning("backend %s: cannot read the sockets of engine pid %d; its "
+                            "port's answers are trusted without checking who listens",
+                            self.spec.name, pid)
+            return True
+        if not owned:
+            who = await asyncio.to_thread(process.listener, port, pid) if pid else None
+            self._stranger = (f"port {port} is answered by {who or 'another process'}, "
+                              "not by this engine")
+        return owned
 
     # -- external backends -------------------------------------------------------------
     async def _run_external(self) -> None:

@@ -8,8 +8,12 @@ Pure logic with an injected clock and random source, so tests drive it without s
 * The consecutive-failure count resets once an engine has stayed ready for ``cap``
   seconds: a process that crashes once a day restarts after ~1 s, not after 60 s.
 * Crash loop: when ``threshold`` restarts already happened inside ``window`` seconds, the
-  next exit turns into ``crashloop`` instead of another restart. Nothing restarts it
-  until :meth:`RestartPolicy.reset` (a command or config change).
+  next exit is a ``crashloop``: the engine is still restarted, but only after the capped
+  delay (``cap``, jittered down by up to 20 %), for as long as it keeps failing: what
+  made it fail (a busy GPU, a taken port) may go away, and a node must not need a person
+  to notice. Each retry counts as a restart, so an engine failing every ``cap`` seconds
+  stays in ``crashloop``; one that became ready and stays up falls out of the window.
+  :meth:`RestartPolicy.reset` (a command naming the backend again) starts afresh.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import random
 from synapse_common.clock import Clock
 
 JITTER = 0.2
+CAPPED = 64  # an attempt number whose delay is always the cap (jittered)
 
 
 class Backoff:
@@ -31,7 +36,7 @@ class Backoff:
 
     def base(self, attempt: int) -> float:
         # Bound the exponent so huge attempt counts never overflow a float.
-        return float(min(self.cap, self.initial * 2 ** min(attempt, 64)))
+        return float(min(self.cap, self.initial * 2 ** min(attempt, CAPPED)))
 
     def delay(self, attempt: int) -> float:
         factor = self._rng.uniform(1 - JITTER, 1 + JITTER)
@@ -40,14 +45,14 @@ class Backoff:
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    restart: bool
-    delay_s: float
+    delay_s: float          # before the next start
     reason: str
+    crashloop: bool = False
 
 
 @dataclasses.dataclass(eq=False)
 class RestartPolicy:
-    """Decides, at each engine exit, between a delayed restart and ``crashloop``."""
+    """Decides, at each engine exit, when to start it again and whether it crash-loops."""
 
     clock: Clock
     backoff: Backoff
@@ -68,13 +73,14 @@ class RestartPolicy:
         self._ready_since = None
         while self._restarts and now - self._restarts[0] > self.window_s:
             self._restarts.popleft()
-        if len(self._restarts) >= self.threshold:
-            return Decision(False, 0.0, f"{len(self._restarts)} restarts within "
-                                        f"{self.window_s:g}s")
-        delay = self.backoff.delay(self._attempt)
+        looping = len(self._restarts) >= self.threshold
+        delay = self.backoff.delay(CAPPED if looping else self._attempt)
         self._attempt += 1
         self._restarts.append(now)
-        return Decision(True, delay, f"restart in {delay:.1f}s")
+        if looping:
+            return Decision(delay, f"{len(self._restarts) - 1} restarts within "
+                                   f"{self.window_s:g}s; retry in {delay:.1f}s", True)
+        return Decision(delay, f"restart in {delay:.1f}s")
 
     def reset(self) -> None:
         self._restarts.clear()

@@ -18,6 +18,13 @@ the engine key (:mod:`synapse_common.engine_key`) in the variable each engine re
 ``ps``, the engine's log and the agent's reports show; it wins over a spec's own value,
 since the control plane presents the derived key and nothing else.
 
+What the agent shows of a command line and an environment (the engine log's ``starting:``
+line, reported as the backend's last lines) goes through :func:`shown`, the one home of the
+masking rule: the value of an environment variable whose name looks secret
+(:data:`SECRET_WORDS`, any case) and the value after a flag that looks secret
+(``--api-key``, ``--*token*``, ``--*secret*``, ``--*password*``…, as ``--flag value`` or
+``--flag=value``) become :data:`MASK`.
+
 vLLM's own key guards only its ``/v1``-like paths (``/invocations`` serves chat to
 anyone), so a vLLM started with a key also loads :mod:`synapse_engine_guard`
 (``--middleware synapse_engine_guard.Guard``, from :data:`GUARD_DIR`, put first on the
@@ -28,7 +35,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 
 from agent.core import types
 
@@ -126,3 +134,45 @@ def environment(spec: types.EngineSpec, engine_key: str | None = None,
         rest = env.get("PYTHONPATH", inherited_pythonpath)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (GUARD_DIR, rest) if p)
     return env
+
+
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
+MASK = "**********"
+# TOKEN but not TOKENS or TOKENIZER: --max-num-batched-tokens and --tokenizer name no secret
+_SECRET = re.compile("|".join(SECRET_WORDS).replace("TOKEN", "TOKEN(?!S|IZ)"), re.IGNORECASE)
+
+
+def secret_name(name: str) -> bool:
+    """Whether a variable or flag name looks like it holds a secret."""
+    return bool(_SECRET.search(name.replace("-", "_")))
+
+
+def _secret_flag(arg: str) -> bool:
+    return arg.startswith("--") and secret_name(arg[2:])
+
+
+def masked_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the value of each secret-looking flag masked."""
+    out: list[str] = []
+    after_secret_flag = False
+    for arg in argv:
+        if after_secret_flag and not arg.startswith("--"):
+            out.append(MASK)
+        elif "=" in arg and _secret_flag(arg.split("=", 1)[0]):
+            out.append(arg.split("=", 1)[0] + "=" + MASK)
+        else:
+            out.append(arg)
+        after_secret_flag = _secret_flag(arg) and "=" not in arg
+    return out
+
+
+def masked_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with the value of each secret-looking variable masked."""
+    return {k: MASK if secret_name(k) else v for k, v in env.items()}
+
+
+def shown(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    """How an engine's start is shown: the spec's variables, then the command line, with
+    secrets masked."""
+    words = [f"{k}={v}" for k, v in sorted(masked_env(env or {}).items())]
+    return " ".join(words + masked_argv(argv))

@@ -7,12 +7,18 @@ running request while PATH exists (drain tests); ``--sick-file PATH`` makes ``/h
 answer 503 while PATH exists (liveness tests). With ``VLLM_API_KEY`` in its environment
 it guards ``/health`` and ``/metrics`` with it (stricter than vLLM, as llama-server guards
 ``/metrics``) and prints its settings, key included, at start (as TEI does).
+``--fail-while PATH`` exits with 3 at once while PATH exists (crash-loop tests);
+``--grandchild-pid-file PATH`` starts a sleeping child first, as vLLM starts its engine
+core, and writes its pid to PATH; ``--serve-in-child`` serves from a child process, as
+vLLM's API server may (the port is then held by the engine's descendant).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pathlib
+import subprocess
 import sys
 
 from aiohttp import web
@@ -49,10 +55,22 @@ def main() -> int:
     parser.add_argument("--exit-code", type=int, default=None)
     parser.add_argument("--busy-file", default=None)
     parser.add_argument("--sick-file", default=None)
+    parser.add_argument("--fail-while", default=None)
+    parser.add_argument("--grandchild-pid-file", default=None)
+    parser.add_argument("--serve-in-child", action="store_true")
     args, _ = parser.parse_known_args()
     if args.exit_code is not None:
         print("stand-in engine: exiting at once", flush=True)
         return args.exit_code
+    if _busy(args.fail_while):
+        print("stand-in engine: failing while", args.fail_while, "exists", flush=True)
+        return 3
+    if args.grandchild_pid_file:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        pathlib.Path(args.grandchild_pid_file).write_text(str(child.pid))
+    if args.serve_in_child:
+        argv = [a for a in sys.argv if a != "--serve-in-child"]
+        return subprocess.call([sys.executable, *argv])
     key = os.environ.get("VLLM_API_KEY")
     app = web.Application(middlewares=[_guard(key)] if key else [])
     if key:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
+import subprocess
 import sys
+
+import pytest
 
 from agent import process
 from tests import harness
+from tests.agent.conftest import STAND_IN
 
 
 def test_log_sink_rotates_at_the_cap_and_keeps_the_last_lines(tmp_path):
@@ -68,13 +74,68 @@ async def test_engines_do_not_inherit_the_agents_settings_or_secrets(tmp_path, m
 
 
 async def test_engines_are_set_to_die_with_the_agent(tmp_path):
+    """The engine runs in the group its reaper leads (EngineProcess.pid), and dies with it."""
     sink = process.LogSink(tmp_path / "e.log", 1 << 20, 10)
     script = ("import ctypes, os; libc = ctypes.CDLL('libc.so.6'); v = ctypes.c_int();"
               "libc.prctl(2, ctypes.byref(v), 0, 0, 0);"  # PR_GET_PDEATHSIG
-              "print('PDEATHSIG', v.value, 'SESSION_LEADER', os.getsid(0) == os.getpid())")
+              "print('PDEATHSIG', v.value, 'GROUP', os.getpgid(0), 'SESSION', os.getsid(0))")
     engine = await process.EngineProcess.spawn([sys.executable, "-c", script], {}, sink)
     assert await engine.wait() == 0
-    assert "PDEATHSIG 9 SESSION_LEADER True" in sink.lines()
+    assert f"PDEATHSIG 9 GROUP {engine.pid} SESSION {engine.pid}" in sink.lines()
+    sink.close()
+
+
+# A stand-in agent: spawns one engine through agent.process, prints the engine's pid,
+# then waits to be SIGKILLed.
+FAKE_AGENT = """
+import asyncio, pathlib, sys
+from agent import process
+
+async def main():
+    sink = process.LogSink(pathlib.Path(sys.argv[1]), 1 << 20, 10)
+    engine = await process.EngineProcess.spawn(sys.argv[2:], {}, sink)
+    print(engine.pid, flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_a_sigkilled_agent_takes_the_engines_children_along(tmp_path):
+    """PDEATHSIG on the engine alone left its own children (vLLM's engine core) running
+    when the agent was SIGKILLed (probe finding): the whole group goes now."""
+    pid_file = tmp_path / "grandchild.pid"
+    engine_argv = [*STAND_IN, "--port", str(harness.free_port()),
+                   "--grandchild-pid-file", str(pid_file)]
+    agent = subprocess.Popen([sys.executable, "-c", FAKE_AGENT, str(tmp_path / "e.log"),
+                              *engine_argv], stdout=subprocess.PIPE, text=True)
+    try:
+        assert agent.stdout is not None
+        engine = int(agent.stdout.readline())
+        harness.wait_until(lambda: pid_file.exists() and pid_file.read_text(), 20,
+                           "the engine to start its child")
+        grandchild = int(pid_file.read_text())
+        assert harness.alive(engine) and harness.alive(grandchild)
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(timeout=10)
+        harness.wait_until(lambda: not harness.alive(grandchild) and not harness.alive(engine),
+                           10, "the engine and its child to die with the agent")
+    finally:
+        agent.kill()
+        agent.wait(timeout=10)
+
+
+async def test_a_missing_command_is_an_oserror_before_anything_starts(tmp_path):
+    """The reaper runs the engine: a missing engine binary must still fail the spawn
+    (phase failed), not become an exit code (crashloop)."""
+    sink = process.LogSink(tmp_path / "e.log", 1 << 20, 10)
+    for command in ("no-such-engine-binary", str(tmp_path / "missing")):
+        try:
+            await process.EngineProcess.spawn([command], {"PATH": str(tmp_path)}, sink)
+        except FileNotFoundError as exc:
+            assert command in str(exc)
+        else:
+            raise AssertionError(f"spawning {command} did not fail")
     sink.close()
 
 
@@ -111,3 +172,46 @@ def test_engine_logs_are_private(tmp_path):
     assert (tmp_path / "engines").stat().st_mode & 0o777 == 0o700
     for name in ("e.log", "e.log.1"):
         assert (tmp_path / "engines" / name).stat().st_mode & 0o777 == 0o600
+
+
+async def test_spawn_shows_the_engine_start_masked(tmp_path):
+    sink = process.LogSink(tmp_path / "e.log", 1 << 20, 10)
+    script = "print('up')"
+    engine = await process.EngineProcess.spawn(
+        [sys.executable, "-c", script, "--token", "t0ps3cret"], {"API_KEY": "k3y"}, sink)
+    assert await engine.wait() == 0
+    sink.close()
+    started = sink.lines()[0]
+    assert started.startswith("[synapse-agent] starting: API_KEY=********** ")
+    assert "--token **********" in started and "t0ps3cret" not in started
+    assert "k3y" not in (tmp_path / "e.log").read_text()
+
+
+def test_a_port_held_by_another_process_is_named_and_ours_is_recognised(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        holder = process.port_holder("127.0.0.1", port)
+        assert holder is not None and holder.startswith("pid ")  # this test's own process
+        assert process.port_holder("0.0.0.0", port) is not None  # a wildcard bind conflicts
+    assert process.port_holder("127.0.0.1", port) is None
+
+
+@pytest.mark.parametrize("in_child", [False, True])
+async def test_a_port_counts_as_the_engines_when_its_tree_listens(tmp_path, in_child):
+    port = harness.free_port()
+    sink = process.LogSink(tmp_path / "e.log", 1 << 20, 10)
+    argv = [*STAND_IN, "--port", str(port), *(["--serve-in-child"] if in_child else [])]
+    engine = await process.EngineProcess.spawn(argv, {}, sink)
+    try:
+        await harness.until(lambda: harness.http_ok(f"http://127.0.0.1:{port}/health"), 20,
+                            "the stand-in to serve")
+        assert await asyncio.to_thread(process.tree_listens, engine.pid, port) is True
+        assert await asyncio.to_thread(process.tree_listens, engine.pid, port + 1) is False
+        assert process.listener(port, not_of=engine.pid) is None
+        assert (process.listener(port) or "").startswith("pid ")
+    finally:
+        await engine.terminate(2)
+        await engine.wait()
+        sink.close()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import pathlib
+import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 
@@ -21,6 +24,8 @@ from synapse_common import engine_key
 from tests import harness
 from tests.agent.conftest import STAND_IN
 from tests.clock import VirtualTime
+
+FLOAT = 1e-9  # virtual seconds are sums of floats
 
 
 def _settings(tmp_path, **kw) -> SupervisorSettings:
@@ -127,7 +132,7 @@ async def test_drain_waits_for_in_flight_requests(make, tmp_path):
     await drive(vt, waiting.done, "the grace period", loops=3)   # the probe, scrape, drain
     assert not waiting.result()  # one request still running
     spent = vt.now - since       # a fresh scrape each 0.1 s until the grace period is over
-    assert spent >= 0.5 > spent - 0.1
+    assert spent >= 0.5 > spent - 0.1 - FLOAT  # one step more where 5 x 0.1 < 0.5 in floats
     busy.unlink()
     waiting = asyncio.create_task(sup.wait_idle(10))
     await drive(vt, waiting.done, "idle", loops=3)
@@ -141,7 +146,8 @@ async def test_drain_waits_for_in_flight_requests(make, tmp_path):
 
 async def test_naming_a_crashlooping_backend_again_retries_it(make):
     crashing = [sys.executable, "-c", "import sys; sys.exit(1)"]
-    sup = make(simulator_command=crashing, crashloop_restarts=1)
+    # the crash loop's own retry is 24-30 s away: the retry seen comes from the command
+    sup = make(simulator_command=crashing, crashloop_restarts=1, backoff_max_s=30)
     await sup.start([])
     spec = types.EngineSpec(name="flaky", engine="simulator", model="m")
     assert await sup.apply_desired([spec]) == []
@@ -172,7 +178,9 @@ async def test_an_engine_unhealthy_for_too_long_is_restarted(make, tmp_path):
     assert sick_at + 0.1 < unhealthy_at <= sick_at + 0.2 + 1e-9
     await drive(vt, lambda: "unhealthy for" in r.reason, "the restart")
     gap = vt.now - unhealthy_at  # restarted at the first probe (0.1 s apart) that finds it
-    assert gap >= 0.3 > gap - 0.1   # unhealthy for unhealthy_restart_s, not one probe sooner
+    # unhealthy for unhealthy_restart_s, not one probe sooner (one later where the sum of
+    # the probes' 0.1 s falls short of 0.3 in floats)
+    assert gap >= 0.3 > gap - 0.1 - FLOAT
     await drive(vt, lambda: r.restarts == 1, "a restart")
     sick.unlink()
     await drive(vt, lambda: r.phase == Phase.READY, "ready after the restart", paced=True)
@@ -244,3 +252,114 @@ async def test_without_a_key_an_engine_gets_none_and_probes_send_none(make):
     r = sup.runners["o"]
     await harness.until(lambda: r.phase == Phase.READY, 15, "the engine to be ready")
     assert "VLLM_API_KEY" not in _environ(r.pid)
+
+
+async def test_a_crashlooping_backend_keeps_being_retried_and_a_good_start_clears_it(
+        make, tmp_path):
+    """It stayed in crashloop for good, even once its cause (a busy GPU, a port) was gone
+    (probe finding): it is retried every backoff_max_s and ready once a retry works."""
+    broken = tmp_path / "broken"
+    broken.write_text("1")
+    sup = make(crashloop_restarts=2, crashloop_window_s=600)
+    spec = types.EngineSpec(name="cfg", engine="simulator", model="m",
+                            extra_args=("--fail-while", str(broken)))
+    await sup.start([spec])
+    r = sup.runners["cfg"]
+    await harness.until(lambda: r.phase == Phase.CRASHLOOP, 20, "crashloop")
+    looping_at = r.restarts
+    await harness.until(lambda: r.restarts >= looping_at + 2 and "retry in" in r.reason, 20,
+                        "retries in crashloop")
+    assert r.phase == Phase.CRASHLOOP and "restarts within 600s; retry in" in r.reason
+    assert any("crashloop: " in line for line in r.sink.lines())
+    broken.unlink()   # the cause goes away; nobody names the backend again
+    await harness.until(lambda: r.phase == Phase.READY, 20, "ready after a retry")
+    assert r.status(draining=False).phase == Phase.READY
+
+
+class Stranger:
+    """Another process's server on a port: answers /health with 200 to anyone."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.port = harness.free_port()
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        async def health(request: web.Request) -> web.Response:
+            self.hits += 1
+            return web.Response(text="not your engine")
+
+        app = web.Application()
+        app.router.add_get("/health", health)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def test_a_port_held_by_another_process_is_never_reported_ready(make):
+    """The engine could not bind, the other process answered /health and the backend was
+    reported ready: tenants' prompts and the engine key went to a stranger (probe
+    finding). Now the engine is not started while the port is held, the reason names the
+    holder, and it starts once the port is free."""
+    stranger, seen = Stranger(), []
+    await stranger.start()
+    sup = make(on_change=lambda: seen.extend(r.phase for r in sup.runners.values()))
+    await sup.start([types.EngineSpec(name="p", engine="simulator", model="m",
+                                      port=stranger.port)])
+    r = sup.runners["p"]
+    await harness.until(lambda: "restart in" in r.reason, 20, "a failed start")
+    assert f"port {stranger.port} is held by pid " in r.reason
+    assert "not by an engine of this agent" in r.reason
+    assert r.pid == 0 and r.restarts == 0     # nothing was started to fail binding
+    await stranger.stop()
+    await harness.until(lambda: r.phase == Phase.READY, 20, "ready once the port is free")
+    assert Phase.READY not in seen[:seen.index(Phase.READY)]
+    assert r.url == f"http://127.0.0.1:{stranger.port}"
+
+
+async def test_an_answer_from_a_process_outside_the_engines_tree_is_not_ready(make):
+    """The port is free when the engine starts, then taken by another process while the
+    engine (which never binds) starts up: its /health answers do not make it ready."""
+    stranger, seen = Stranger(), []
+    silent = [sys.executable, "-c", "import time; time.sleep(60)"]
+    sup = make(simulator_command=silent, startup_deadline_s=600,
+               on_change=lambda: seen.extend(r.phase for r in sup.runners.values()))
+    await sup.start([types.EngineSpec(name="q", engine="simulator", model="m",
+                                      port=stranger.port)])
+    r = sup.runners["q"]
+    await harness.until(lambda: r.pid != 0, 20, "the engine to start")
+    await stranger.start()
+    try:
+        await harness.until(lambda: r.phase == Phase.READY or "is answered by" in r.reason, 20,
+                            "the stranger's answer")
+        assert r.phase == Phase.STARTING
+        hits = stranger.hits
+        await harness.until(lambda: stranger.hits >= hits + 3, 20, "more probes")
+        assert r.phase == Phase.STARTING and Phase.READY not in seen
+        assert f"port {stranger.port} is answered by pid " in r.reason
+        assert r.reason.endswith("not by this engine")
+    finally:
+        await stranger.stop()
+
+
+async def test_a_port_the_agent_chose_is_replaced_when_another_process_takes_it(make):
+    vt = VirtualTime()  # the restart (5 virtual s) waits for the test to take the port first
+    sup = make(timing=vt.time, backoff_initial_s=5, backoff_max_s=5)
+    await sup.start([types.EngineSpec(name="c", engine="simulator", model="m")])
+    r = sup.runners["c"]
+    await drive(vt, lambda: r.phase == Phase.READY, "ready", paced=True)
+    chosen = r.port
+    os.killpg(r.pid, signal.SIGKILL)
+    await drive(vt, lambda: "restart in" in r.reason, "the engine's exit", paced=True)
+    with socket.socket() as taken:   # another process takes the port meanwhile
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", chosen))
+        taken.listen()
+        await drive(vt, lambda: r.phase == Phase.READY, "ready on another port", paced=True)
+        assert r.port != chosen and r.url == f"http://127.0.0.1:{r.port}"
+        assert r.restarts == 1
+    await sup.stop_all()

@@ -23,27 +23,46 @@ def _policy(clock: ManualClock, threshold: int = 5, window: float = 600.0) -> ba
                                  threshold, window)
 
 
-def test_five_restarts_in_ten_minutes_then_crashloop_until_reset():
+def test_five_restarts_in_ten_minutes_then_crashloop_retried_at_the_cap_until_reset():
     clock = ManualClock(1000.0)
     policy = _policy(clock)
     decisions = []
     for _ in range(6):
         decisions.append(policy.on_exit())
         clock.now += 30
-    assert [d.restart for d in decisions] == [True] * 5 + [False]
+    assert [d.crashloop for d in decisions] == [False] * 5 + [True]
     for n, d in enumerate(decisions[:5]):  # 1, 2, 4, 8, 16 s, each ±20 %
         assert 0.8 * 2**n <= d.delay_s <= 1.2 * 2**n
-    assert "5 restarts within 600s" in decisions[5].reason
-    assert not policy.on_exit().restart  # still crash-looping
+    assert "5 restarts within 600s; retry in" in decisions[5].reason
+    # A crash loop is still retried (its cause may go away), at the cap, jittered down only.
+    later = [policy.on_exit() for _ in range(20)]
+    assert all(d.crashloop and 48 <= d.delay_s <= 60 for d in [decisions[5], *later])
+    assert len({round(d.delay_s, 6) for d in later}) > 5
     policy.reset()
-    assert policy.on_exit().restart
+    first = policy.on_exit()
+    assert not first.crashloop and first.delay_s <= 1.2
+
+
+def test_a_crashloop_retried_every_cap_seconds_stays_a_crashloop_and_ends_once_it_runs():
+    clock = ManualClock(1000.0)
+    policy = _policy(clock, threshold=3, window=600)
+    for _ in range(3):
+        assert not policy.on_exit().crashloop
+    for _ in range(30):  # failing at each retry for half an hour: still a crash loop
+        decision = policy.on_exit()
+        assert decision.crashloop
+        clock.now += decision.delay_s
+    policy.on_ready()
+    clock.now += 601  # up for longer than the window: its restarts fell out of it
+    decision = policy.on_exit()
+    assert not decision.crashloop and decision.delay_s <= 1.2
 
 
 def test_restarts_spread_wider_than_the_window_never_crashloop():
     clock = ManualClock(1000.0)
     policy = _policy(clock, threshold=3, window=100)
     for _ in range(10):
-        assert policy.on_exit().restart
+        assert not policy.on_exit().crashloop
         clock.now += 51  # at most two restarts in any 100 s window
 
 

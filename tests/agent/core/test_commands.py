@@ -100,3 +100,25 @@ def test_a_vllm_with_a_key_loads_the_guard_that_wants_it_on_every_path():
     sim = types.EngineSpec(name="s", engine="simulator", model="m")
     assert "--middleware" not in (commands.build(sim, "0.0.0.0", 8000, guarded=True) or [])
     assert "PYTHONPATH" not in commands.environment(sim, KEY, "/opt/site")
+
+
+def test_what_is_shown_of_an_engine_start_masks_secret_flags_and_variables():
+    """extra_args and env were logged as written in the starting: line (probe finding)."""
+    argv = ["vllm", "serve", "--model", "m", "--api-key", "sk-live-1", "--hf-token=hf_abc",
+            "--secret-file", "/s", "--db-password=pw1", "--auth-token", "at",
+            "--max-num-batched-tokens", "8192", "--tokenizer", "tok/path", "--enforce-eager"]
+    env = {"HF_TOKEN": "hf_def", "MY_PASSWORD": "pw2", "aws_secret_access_key": "wJalr",
+           "Api_Credentials": "c", "CUDA_VISIBLE_DEVICES": "0", "TOKENIZERS_PARALLELISM": "false"}
+    line = commands.shown(argv, env)
+    for secret in ("sk-live-1", "hf_abc", "/s", "pw1", " at ", "hf_def", "pw2", "wJalr", "=c "):
+        assert secret not in line, secret
+    m = commands.MASK
+    assert commands.masked_argv(argv) == [
+        "vllm", "serve", "--model", "m", "--api-key", m, f"--hf-token={m}", "--secret-file", m,
+        f"--db-password={m}", "--auth-token", m, "--max-num-batched-tokens", "8192",
+        "--tokenizer", "tok/path", "--enforce-eager"]
+    assert commands.masked_env(env) == {
+        "HF_TOKEN": m, "MY_PASSWORD": m, "aws_secret_access_key": m, "Api_Credentials": m,
+        "CUDA_VISIBLE_DEVICES": "0", "TOKENIZERS_PARALLELISM": "false"}
+    assert line.startswith(f"Api_Credentials={m} CUDA_VISIBLE_DEVICES=0 HF_TOKEN={m} ")
+    assert line.endswith(" ".join(commands.masked_argv(argv)))
