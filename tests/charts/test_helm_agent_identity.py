@@ -126,11 +126,24 @@ def test_the_control_plane_may_reach_the_api_server() -> None:
     for port in (443, 6443):
         assert may_connect(policies, CP, EXTERNAL, port), port
         assert not may_connect(policies, AGENT, EXTERNAL, port), port
-    default = [o for o in helm.render_chart("production") if o["kind"] == "NetworkPolicy"]
+    default = [o for o in helm.render_chart("production", "agent.identity=sharedToken")
+               if o["kind"] == "NetworkPolicy"]
     assert not may_connect(default, CP, EXTERNAL, 6443)
 
 
-@pytest.mark.parametrize("values", [None, *helm.VALUES_FILES], ids=lambda v: v or "defaults")
+# values/production.yaml sets serviceAccount (test below); the others keep the default
+SHARED_TOKEN_VALUES = [None, *(v for v in helm.VALUES_FILES if v != "production")]
+
+
+def test_production_uses_the_service_account_identity() -> None:
+    objects = helm.render_chart("production")
+    assert _workload(objects, "ClusterRoleBinding")["roleRef"]["name"] == "system:auth-delegator"
+    agent = _config(objects, f"{helm.RELEASE}-agent-config")["control_plane"]
+    assert agent["token_file"] == f"{IDENTITY_DIR}/token" and "token" not in agent
+    assert "agent_review" in _config(objects, f"{helm.RELEASE}-controlplane-config")["auth"]
+
+
+@pytest.mark.parametrize("values", SHARED_TOKEN_VALUES, ids=lambda v: v or "defaults")
 def test_the_default_is_the_shared_token(values: str | None) -> None:
     objects = helm.render_chart(values)
     assert not [o for o in objects if o["kind"] == "ClusterRoleBinding"]

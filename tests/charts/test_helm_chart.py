@@ -20,7 +20,7 @@ import yaml
 from agent import config as agent_config
 from synapse_common import settings
 from tests.charts import helm
-from tests.manifests import pods, render, test_networkpolicies, validate
+from tests.manifests import pods, render, test_kustomize, test_networkpolicies, validate
 from tests.manifests.test_networkpolicies import (
     AGENT,
     CLIENT,
@@ -56,6 +56,9 @@ def test_every_object_validates_strictly(values: str | None) -> None:
     problems = validate.problems(objects)
     assert not problems, "\n".join(problems)
     for obj in objects:
+        if obj["kind"] in test_kustomize.CLUSTER_SCOPED:  # production's ClusterRoleBinding
+            assert "namespace" not in obj["metadata"], obj["metadata"]["name"]
+            continue
         assert obj["metadata"]["namespace"] == helm.NAMESPACE, obj["metadata"]["name"]
 
 
@@ -103,10 +106,15 @@ def test_configs_validate_and_match_the_pods(values: str | None, release: str,
     cp_secret = pods.mounted_volume(deploy, cp_container, "/var/run/secrets/synapse")
     agent_secret = pods.mounted_volume(ds, agent_container, "/var/run/secrets/synapse-agent")
     assert cp_secret["secret"]["secretName"] == agent_secret["secret"]["secretName"]
-    # only the two tokens the agents need, never the API keys
-    assert agent_secret["secret"]["items"] == [{"key": "agent-token", "path": "agent-token"},
-                                               {"key": "metrics-token", "path": "metrics-token"}]
-    assert cp.auth.agent_token is not None and agent.control_plane.token is not None
+    # only the tokens the agents need, never the API keys; with agent.identity
+    # serviceAccount (production) their projected token replaces agent-token
+    reviewed = cp.auth.agent_review is not None
+    shared = [] if reviewed else [{"key": "agent-token", "path": "agent-token"}]
+    assert agent_secret["secret"]["items"] == [
+        *shared, {"key": "metrics-token", "path": "metrics-token"}]
+    assert cp.auth.agent_token is not None
+    assert (agent.control_plane.token is None) == reviewed
+    assert (agent.control_plane.token_file is not None) == reviewed
     if release != "synapse":
         names = [o["metadata"]["name"] for o in objects]
         assert all(n == f"{release}-synapse" or n.startswith(f"{release}-synapse-")
@@ -242,7 +250,7 @@ def test_config_changes_roll_the_pods() -> None:
     # and the agent's settings model sees the change
     cm = render.find(after, "ConfigMap", "synapse-agent-config")
     data = yaml.safe_load(cm["data"]["config.yaml"])
-    data["control_plane"].pop("token")
+    data["control_plane"].pop("token", None)  # a mounted secret file, absent here
     assert settings.validate(agent_config.AgentSettings, data).supervisor.drain_grace_s == 100
 
 

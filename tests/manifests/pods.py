@@ -66,6 +66,20 @@ def mounted_volume(workload: dict[str, Any], c: dict[str, Any], directory: str) 
     return volume
 
 
+def projected_token(workload: dict[str, Any], c: dict[str, Any], path: str) -> dict[str, Any]:
+    """The projected ServiceAccount token source the container reads at ``path`` (an
+    agent's ``control_plane.token_file``, the control plane's ``auth.agent_review``
+    token_file); a path no projected token volume puts there fails."""
+    file = pathlib.PurePosixPath(path)
+    volume = mounted_volume(workload, c, str(file.parent))
+    assert "projected" in volume, f"{path} is not in a projected volume: {volume}"
+    tokens = [s["serviceAccountToken"] for s in volume["projected"]["sources"]
+              if "serviceAccountToken" in s and s["serviceAccountToken"]["path"] == file.name]
+    assert len(tokens) == 1, f"the projected volume at {file.parent} has no token {file.name}"
+    token: dict[str, Any] = tokens[0]
+    return token
+
+
 def config_path(c: dict[str, Any], environ: dict[str, str]) -> str:
     """The file the process reads: --config, else $SYNAPSE_CONFIG_PATH, else the default."""
     args = list(c.get("args", []))

@@ -161,11 +161,19 @@ def start_agent_alone(pod: pods.Prepared, name: str, tmp_path: pathlib.Path,
     a cluster replaced: NVML by the fake source, the vLLM backends (weights on the node)
     and the MiniLM embedder by none, the control plane's cluster DNS name by a loopback
     port nobody listens on, and the listen addresses by loopback and free ports. Returns
-    its metrics port's base URL."""
+    its metrics port's base URL. A projected ServiceAccount token (production's
+    control_plane.token_file) is a stand-in file."""
     grpc, metrics, nobody = ports.free_ports(3)
+    link = {**pod.data["control_plane"], "dns_name": f"127.0.0.1:{nobody}"}
+    if link.get("token_file"):
+        # the pod's projected ServiceAccount token (read at start): a stand-in here, as
+        # for the Secrets' files; nobody reviews it
+        pods.projected_token(pod.workload, pod.container, link["token_file"])
+        stand_in = tmp_path / "secret-service-account-token"
+        stand_in.write_text("stand-in-service-account-token\n")
+        link["token_file"] = str(stand_in)
     data = {**pod.data, "backends": [], "telemetry": {"source": "fake"},
-            "embedder": {"kind": "none"},
-            "control_plane": {**pod.data["control_plane"], "dns_name": f"127.0.0.1:{nobody}"}}
+            "embedder": {"kind": "none"}, "control_plane": link}
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(data))
     env = {**pod.environ, "PATH": f"{harness.VENV_BIN}:{os.environ.get('PATH', '')}",
@@ -184,9 +192,9 @@ def start_agent_alone(pod: pods.Prepared, name: str, tmp_path: pathlib.Path,
 @pytest.mark.parametrize("overlay", test_monitoring.TOKEN_OVERLAYS)
 def test_agent_metrics_need_the_token_of_its_secret(
         overlay: str, tmp_path: pathlib.Path, processes: harness.ProcessPool) -> None:
-    """The bundled and production agent (the base's config) starts with its ConfigMap and
-    pod env (see start_agent_alone for what is replaced), and its metrics port refuses a
-    scrape without the token its Secret mount holds, while /healthz answers without one."""
+    """The bundled and production agent starts with its ConfigMap and pod env (see
+    start_agent_alone for what is replaced), and its metrics port refuses a scrape
+    without the token its Secret mount holds, while /healthz answers without one."""
     pod = pods.prepare(overlay, "agent", tmp_path, {**pods.FIELD_REFS,
                                                     "status.podIP": "127.0.0.1"})
     token_file = pod.data["metrics"].get("bearer_token_file")

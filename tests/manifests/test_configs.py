@@ -92,6 +92,54 @@ def test_gpu_overlays_run_real_gpus_and_dev_runs_none(
         assert "vllm" in {b.engine for b in cfg.backends}
 
 
+def test_production_agents_present_their_own_identity_not_the_shared_token(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # an agent can register only as the node its pod runs on: it holds no agent-token,
+    # which would let it register as any node, and presents its projected token instead
+    objects = render.render("production")
+    agent, ds, c = pods.load_settings("production", "agent", tmp_path, monkeypatch)
+    assert agent.control_plane.token is None
+    assert agent.control_plane.token_file is not None
+    presented = pods.projected_token(ds, c, agent.control_plane.token_file)
+    volumes = {v["name"]: v for v in render.pod_spec(ds)["volumes"]}
+    for mount in c["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        if secret is not None:  # without items every key would be projected
+            assert secret["items"], mount["mountPath"]
+            assert "agent-token" not in [i["key"] for i in secret["items"]], mount["mountPath"]
+    # the control plane reviews tokens of exactly this pod's ServiceAccount and audience
+    cp, deploy, cp_c = pods.load_settings("production", "controlplane", tmp_path, monkeypatch)
+    review = cp.auth.agent_review
+    assert review is not None, "production: the control plane reviews no agent identity"
+    account = render.pod_spec(ds)["serviceAccountName"]
+    render.find(objects, "ServiceAccount", account)
+    assert review.service_accounts == [
+        f"system:serviceaccount:{ds['metadata']['namespace']}:{account}"]
+    assert review.audience == presented["audience"]
+    assert cp.auth.agent_token is not None  # still keys the engines' cache salts
+    # with its own token (the API server's audience) and the cluster's CA where it looks
+    assert "audience" not in pods.projected_token(deploy, cp_c, review.token_file)
+    ca = pathlib.PurePosixPath(review.ca_file)
+    sources = pods.mounted_volume(deploy, cp_c, str(ca.parent))["projected"]["sources"]
+    assert {"configMap": {"name": "kube-root-ca.crt", "items": [
+        {"key": "ca.crt", "path": ca.name}]}} in sources
+    # and may create TokenReviews
+    binding = render.find(objects, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == "system:auth-delegator"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "namespace": "synapse",
+                                    "name": render.pod_spec(deploy)["serviceAccountName"]}]
+
+
+@pytest.mark.parametrize("overlay", ("embedded-dev", "bundled"))
+def test_other_overlays_keep_the_shared_agent_token(
+        overlay: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, _, _ = pods.load_settings(overlay, "agent", tmp_path, monkeypatch)
+    assert agent.control_plane.token is not None and agent.control_plane.token_file is None
+    cp, _, _ = pods.load_settings(overlay, "controlplane", tmp_path, monkeypatch)
+    assert cp.auth.agent_review is None
+    assert "ClusterRoleBinding" not in {o["kind"] for o in render.render(overlay)}
+
+
 def test_a_misspelled_config_field_is_caught(tmp_path: pathlib.Path) -> None:
     data = yaml.safe_load((render.MANIFESTS / "base" / "agent.yaml").read_text())
     data["supervisor"]["drain_grace"] = 120

@@ -103,6 +103,9 @@ NEEDED = [
     ("prometheus -> agent /metrics", PROMETHEUS, AGENT, 9102, "TCP"),
     ("control plane -> external Redis", CP, EXTERNAL, 6379, "TCP"),
     ("control plane -> external Milvus", CP, EXTERNAL, 19530, "TCP"),
+    # TokenReviews of the agents' ServiceAccount tokens (auth.agent_review)
+    ("control plane -> Kubernetes API server", CP, EXTERNAL, 443, "TCP"),
+    ("control plane -> Kubernetes API server endpoint", CP, EXTERNAL, 6443, "TCP"),
     ("control plane -> DNS", CP, DNS, 53, "UDP"),
     ("agent -> DNS", AGENT, DNS, 53, "UDP"),
     ("agent -> DNS over TCP", AGENT, DNS, 53, "TCP"),
@@ -116,7 +119,9 @@ FORBIDDEN = [
     ("agent -> another agent", AGENT, AGENT, 50052, "TCP"),
     ("agent -> control plane API", AGENT, CP, 8080, "TCP"),
     ("agent -> the internet", AGENT, EXTERNAL, 443, "TCP"),
-    ("control plane -> the internet over HTTPS", CP, EXTERNAL, 443, "TCP"),
+    ("agent -> Kubernetes API server endpoint", AGENT, EXTERNAL, 6443, "TCP"),
+    # 443 is open to any address for the API server (its address is the cluster's own)
+    ("control plane -> the internet over HTTP", CP, EXTERNAL, 80, "TCP"),
     ("control plane -> any pod in another namespace", CP, CLIENT, 8080, "TCP"),
 ]
 
