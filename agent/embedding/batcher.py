@@ -1,5 +1,5 @@
-"""Natural ("continuous") micro-batching in front of one model: bounded, and callers who
-give up leave the queue.
+"""Natural ("continuous") micro-batching in front of one model: bounded, fair between
+tenants, and callers who give up leave the queue.
 
 * One worker runs one batch at a time. When the model is free, the next batch runs at
   once with whatever is queued, up to ``max_batch`` texts; callers who arrive while a
@@ -9,13 +9,36 @@ give up leave the queue.
 * ``wait_s`` (optional, 0 by default) is an extra gathering window, used only after a
   batch that served several callers, for them to come back and share the next batch.
   ``bench.embedding --batch-wait-ms`` measures whether it buys anything on a machine.
-* Bounded: at most ``max_queued`` texts wait. A call that would go over is refused at
-  once with :class:`~agent.embedding.errors.Overloaded` (nothing is queued), so a burst
-  is shed instead of growing a queue nobody will live to see the end of. A call into an
-  empty queue is always taken, whatever its size, so one call at the per-call limit runs.
+* **Fair between tenants.** Tenants are adversaries: one must not starve another's
+  semantic-cache lookups, nor make them wait for its own large calls. So each call is cut
+  into pieces of at most ``max_batch`` texts that wait in its tenant's own queue (first
+  come, first served within a tenant), and each batch is filled in rounds over the
+  tenants with texts waiting, each taking an equal share of the room left in the batch;
+  the next batch starts with the tenant after the last one served. A tenant's one-text
+  call thus waits for the batch on the model and rides in the next one, however many
+  texts other tenants have queued; what it cannot avoid is sharing that batch with them.
+  The tenant comes from the calling task's context (:func:`tenant_scope`, which
+  :mod:`agent.embedding.service` sets from the call's metadata), so the embedders between
+  the service and this queue (in-process, tuned, TEI) need not carry it. Calls made with
+  no tenant set, and the untrusted ones (``None``), each count as one tenant of their own.
+  The price of the pieces: a large call is padded per batch rather than across the whole
+  call (``bench.embedding`` shows no loss in-process), and behind TEI it goes out one
+  client batch at a time instead of as concurrent posts.
+* Bounded: ``max_queued`` texts waiting, per tenant and in all. A call that would take
+  its tenant's queue over the bound is refused at once with
+  :class:`~agent.embedding.errors.Overloaded` (nothing is queued), so a burst is shed
+  instead of growing a queue nobody will live to see the end of. The bound on all
+  tenants together refuses only a tenant that would then hold more than an equal share
+  of it, so a tenant filling the queue sheds its own calls, not the others'. A call into
+  its tenant's empty queue is always taken, whatever its size: one call at the per-call
+  limit runs, and no tenant can lock another out. What waits can therefore go over the
+  bound only by tenants holding less than an equal share each, or one call each; the
+  tenants are the control plane's (an untrusted caller cannot name one).
 * A caller who goes away (its gRPC call cancelled, e.g. the control plane's budget ran
-  out) leaves the queue at once and its texts are never computed. A batch already on the
-  model runs to the end; the answers of callers who left are dropped.
+  out) leaves the queue at once and the pieces of its call not yet on the model are never
+  computed. A batch already on the model runs to the end; the answers of callers who left
+  are dropped. A failed batch fails every call with a piece in it, and drops their
+  pieces still waiting.
 
 Waits go through :func:`synapse_common.clock.sleep` on the event loop's clock, so tests
 can move time instead of waiting for it.
@@ -25,8 +48,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import numpy as np
 
@@ -34,15 +59,64 @@ from agent.config import EmbedderSettings
 from agent.embedding import errors
 from synapse_common import aiotasks, clock
 
+Tenant = str | None  # None: a caller whose tenant cannot be trusted
+
+_TENANT: contextvars.ContextVar[Tenant] = contextvars.ContextVar("embed_tenant", default="")
+
+
+@contextlib.contextmanager
+def tenant_scope(tenant: Tenant) -> Iterator[None]:
+    """Calls submitted inside this block (and by tasks created in it) queue as ``tenant``'s."""
+    token = _TENANT.set(tenant)
+    try:
+        yield
+    finally:
+        _TENANT.reset(token)
+
 
 @dataclasses.dataclass(eq=False)  # compared by identity: the queue removes this very one
-class _Pending:
+class _Call:
     texts: list[str]
     future: asyncio.Future[np.ndarray]
+    tenant: Tenant
+    taken: int = 0     # texts handed to batches so far (a prefix of ``texts``)
+    filled: int = 0    # rows answered so far
+    rows: np.ndarray | None = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self.texts) - self.taken
+
+    def answer(self, start: int, vectors: np.ndarray) -> None:
+        """Rows ``start…`` of the result; the call resolves once every row is in."""
+        if self.future.done():  # the caller left, or an earlier piece failed
+            return
+        n = len(self.texts)
+        if start == 0 and len(vectors) == n:  # the whole call in one piece: no copy
+            self.future.set_result(vectors)
+            return
+        if self.rows is None:
+            self.rows = np.empty((n, *vectors.shape[1:]), dtype=vectors.dtype)
+        self.rows[start:start + len(vectors)] = vectors
+        self.filled += len(vectors)
+        if self.filled == n:
+            self.future.set_result(self.rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    call: _Call
+    start: int
+    end: int
+
+    @property
+    def texts(self) -> list[str]:
+        return self.call.texts[self.start:self.end]
 
 
 class MicroBatcher:
-    """Coalesces concurrent :meth:`submit` calls into batches for ``run``, one at a time."""
+    """Coalesces concurrent :meth:`submit` calls into batches for ``run``, one at a time,
+    round-robin over tenants."""
 
     def __init__(self, run: Callable[[list[str]], Awaitable[np.ndarray]], max_batch: int,
                  wait_s: float, max_queued: int | None = None) -> None:
@@ -50,11 +124,13 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.max_queued = max_queued
-        self._queue: collections.deque[_Pending] = collections.deque()
-        self._queued = 0  # texts waiting (not yet on the model)
+        self._queues: dict[Tenant, collections.deque[_Call]] = {}
+        self._turns: collections.deque[Tenant] = collections.deque()  # tenants with texts waiting
+        self._waiting: dict[Tenant, int] = {}  # texts waiting (not yet on the model), per tenant
+        self._queued = 0  # ... in all
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        self._last_callers = 0  # callers served by the previous batch
+        self._last_callers = 0  # calls served by the previous batch
 
     @classmethod
     def for_settings(cls, run: Callable[[list[str]], Awaitable[np.ndarray]],
@@ -65,65 +141,109 @@ class MicroBatcher:
 
     @property
     def queued(self) -> int:
-        """Texts waiting for the model."""
+        """Texts waiting for the model, all tenants together."""
         return self._queued
 
     async def submit(self, texts: list[str]) -> np.ndarray:
-        self._admit(len(texts))
+        """The vectors of ``texts``, queued as the tenant of :func:`tenant_scope`."""
+        tenant = _TENANT.get()
+        self._admit(tenant, len(texts))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._work(), name="embed-batcher")
-        item = _Pending(texts, asyncio.get_running_loop().create_future())
-        self._queue.append(item)
-        self._queued += len(texts)
-        self._arrived.set()
+        call = _Call(texts, asyncio.get_running_loop().create_future(), tenant)
+        self._enqueue(call)
         try:
-            return await item.future
+            return await call.future
         except asyncio.CancelledError:
-            self._withdraw(item)
+            self._withdraw(call)
             raise
 
     async def close(self) -> None:
         await aiotasks.stop(self._worker)
 
-    def _admit(self, count: int) -> None:
+    def _admit(self, tenant: Tenant, count: int) -> None:
         limit = self.max_queued
-        if limit is not None and self._queued and self._queued + count > limit:
-            raise errors.Overloaded(f"the embedder is busy ({self._queued} texts queued, at "
-                                    f"most {limit}); retry shortly")
-
-    def _withdraw(self, item: _Pending) -> None:
-        """The caller left: drop its texts if they are still waiting."""
-        try:
-            self._queue.remove(item)
-        except ValueError:  # already taken into a batch
+        mine = self._waiting.get(tenant, 0)
+        if limit is None or not mine:  # a tenant's empty queue takes any call
             return
-        self._queued -= len(item.texts)
+        if mine + count > limit:
+            raise errors.Overloaded(f"the embedder is busy ({mine} texts queued, at most "
+                                    f"{limit}); retry shortly")
+        if self._queued + count > limit and mine + count > limit // len(self._turns):
+            # the caller's own count only: the others' load is none of its business
+            raise errors.Overloaded(f"the embedder is busy ({mine} texts queued for this "
+                                    "caller, its share of the queue); retry shortly")
 
-    def _take(self, batch: list[_Pending], size: int) -> int:
-        """Move queued callers into ``batch`` while it is under ``max_batch`` texts."""
-        while self._queue and (not batch or size < self.max_batch):
-            item = self._queue.popleft()
-            self._queued -= len(item.texts)
-            batch.append(item)
-            size += len(item.texts)
+    def _enqueue(self, call: _Call) -> None:
+        tenant = call.tenant
+        if tenant not in self._waiting:
+            self._waiting[tenant] = 0
+            self._turns.append(tenant)
+        self._queues.setdefault(tenant, collections.deque()).append(call)
+        self._waiting[tenant] += len(call.texts)
+        self._queued += len(call.texts)
+        self._arrived.set()
+
+    def _withdraw(self, call: _Call) -> None:
+        """The caller left (or its call failed): drop the texts of it still waiting."""
+        queue = self._queues.get(call.tenant)
+        if queue is None or call not in queue:
+            return
+        queue.remove(call)
+        self._uncount(call.tenant, call.waiting)
+        call.taken = len(call.texts)
+
+    def _uncount(self, tenant: Tenant, count: int) -> None:
+        self._queued -= count
+        self._waiting[tenant] -= count
+        if not self._waiting[tenant]:
+            del self._waiting[tenant]
+            del self._queues[tenant]
+            self._turns.remove(tenant)
+
+    def _take(self, batch: list[_Piece], size: int) -> int:
+        """Fill ``batch`` up to ``max_batch`` texts, round-robin over the tenants waiting."""
+        while self._turns and size < self.max_batch:
+            share = max(1, (self.max_batch - size) // len(self._turns))  # for this round
+            for _ in range(len(self._turns)):
+                if size >= self.max_batch:
+                    break
+                tenant = self._turns[0]
+                self._turns.rotate(-1)  # its next turn comes after every other tenant's
+                size += self._take_from(tenant, min(share, self.max_batch - size), batch)
         return size
 
-    async def _gather(self) -> list[_Pending]:
-        while not self._queue:
+    def _take_from(self, tenant: Tenant, share: int, batch: list[_Piece]) -> int:
+        """Up to ``share`` texts from the head of ``tenant``'s queue, as pieces of its calls."""
+        queue = self._queues[tenant]
+        taken = 0
+        while queue and taken < share:
+            call = queue[0]
+            end = call.taken + min(call.waiting, share - taken)
+            batch.append(_Piece(call, call.taken, end))
+            taken += end - call.taken
+            call.taken = end
+            if not call.waiting:
+                queue.popleft()
+        self._uncount(tenant, taken)
+        return taken
+
+    async def _gather(self) -> list[_Piece]:
+        while not self._turns:
             self._arrived.clear()
             await self._arrived.wait()
-        batch: list[_Pending] = []
+        batch: list[_Piece] = []
         size = self._take(batch, 0)
         if self.wait_s > 0 and self._last_callers > 1:
             await self._linger(batch, size)
-        self._last_callers = len(batch)
+        self._last_callers = len({id(piece.call) for piece in batch})
         return batch
 
-    async def _linger(self, batch: list[_Pending], size: int) -> None:
+    async def _linger(self, batch: list[_Piece], size: int) -> None:
         """Under load: wait up to ``wait_s`` for more callers to join ``batch``."""
         deadline = clock.loop_time() + self.wait_s
         while size < self.max_batch:
-            if not self._queue:
+            if not self._turns:
                 remaining = deadline - clock.loop_time()
                 if remaining <= 0:
                     return
@@ -135,24 +255,24 @@ class MicroBatcher:
 
     async def _work(self) -> None:
         while True:
-            batch = [item for item in await self._gather() if not item.future.done()]
+            # a caller may leave while the batch lingers: its pieces are not run
+            batch = [p for p in await self._gather() if not p.call.future.done()]
             if batch:
                 await self._serve(batch)
 
-    async def _serve(self, batch: list[_Pending]) -> None:
-        texts = [t for item in batch for t in item.texts]
+    async def _serve(self, batch: list[_Piece]) -> None:
         try:
-            vectors = await self._run(texts)
-        except Exception as exc:  # every caller of the batch gets the failure
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            vectors = await self._run([t for piece in batch for t in piece.texts])
+        except Exception as exc:  # every call with a piece in the batch gets the failure
+            for piece in batch:
+                if not piece.call.future.done():
+                    piece.call.future.set_exception(exc)
+                self._withdraw(piece.call)
             return
         offset = 0
-        for item in batch:
-            n = len(item.texts)
-            if not item.future.done():
-                item.future.set_result(vectors[offset:offset + n])
+        for piece in batch:
+            n = piece.end - piece.start
+            piece.call.answer(piece.start, vectors[offset:offset + n])
             offset += n
 
 

@@ -32,10 +32,12 @@ but it needs torch, which the control plane does not have; every agent running
   that allows it (:class:`agent.config.EmbedderSettings` decides the default). Refitting
   the stack on bfloat16 logits gives the same stack, so one stack serves both
   precisions. The scorer id is the same.
-* **Off the event loop, one batch at a time**: the model runs in ``asyncio.to_thread``
-  behind a lock, so concurrent calls queue instead of splitting the cores between two
-  forward passes. (The embedder has its own queue: a ScorePairs call and an Embed batch
-  can still run side by side; both are short.)
+* **Off the event loop, one batch at a time**: the model runs in a worker thread behind
+  a lock, so concurrent calls queue instead of splitting the cores between two forward
+  passes. The lock is held until the thread ends, even when its caller gave up (a thread
+  cannot be stopped), and a caller that gave up while waiting never starts its work.
+  (The embedder has its own queue: a ScorePairs call and an Embed batch can still run
+  side by side; both are short.)
 * Texts are never logged.
 
 Errors are the :mod:`agent.embedding.errors` tree plus :class:`ScorerUnavailable`
@@ -46,9 +48,12 @@ Errors are the :mod:`agent.embedding.errors` tree plus :class:`ScorerUnavailable
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
+import functools
 import logging
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -213,11 +218,31 @@ class PairScorer(protocol.LoadsOnce):
         loaded = self._loaded
         if loaded is None:
             raise self.unavailable()
+        scores = await self._exclusive(functools.partial(score_blocking, loaded, query,
+                                                         candidates))
+        return scores, loaded.scorer_id
+
+    async def _exclusive(self, work: Callable[[], np.ndarray]) -> np.ndarray:
+        """``work`` in a worker thread, one at a time, holding the lock until the thread ends.
+
+        A caller cancelled while it waits for the lock never starts its work. One cancelled
+        while its thread runs returns at once, but the thread cannot be stopped: the lock
+        stays held until it ends (released by the thread's own completion, not by the
+        caller), so the next call never runs beside it on the same cores.
+        """
         if self._lock is None:
             self._lock = asyncio.Lock()
-        async with self._lock:
-            scores = await asyncio.to_thread(score_blocking, loaded, query, candidates)
-        return scores, loaded.scorer_id
+        lock = self._lock
+        await lock.acquire()
+        try:
+            # as asyncio.to_thread does, but a future that is queued at once, not a task
+            job = asyncio.get_running_loop().run_in_executor(
+                None, contextvars.copy_context().run, work)
+        except BaseException:
+            lock.release()
+            raise
+        job.add_done_callback(functools.partial(_release, lock))
+        return await asyncio.shield(job)
 
     async def close(self) -> None:
         if self._loaded is not None:
@@ -226,6 +251,14 @@ class PairScorer(protocol.LoadsOnce):
                     runner.close()
         self._loaded = None
         self._error = "the pair scorer is closed"
+
+
+def _release(lock: asyncio.Lock, job: asyncio.Future[np.ndarray]) -> None:
+    """The thread ended: the next call may run. Its failure, if its caller left, is
+    taken here so asyncio does not report it as never retrieved."""
+    lock.release()
+    if not job.cancelled():
+        job.exception()
 
 
 def build(cfg: EmbedderSettings) -> PairScorer:

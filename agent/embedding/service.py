@@ -12,7 +12,10 @@
   vector per tenant for a text several tenants send. ``tenant=None`` is a call whose
   tenant cannot be trusted (an unauthenticated caller): it skips the cache entirely,
   neither reading nor writing it.
-* Only misses reach the embedder, deduplicated within a call.
+* Only misses reach the embedder, deduplicated within a call. They queue there as the
+  call's tenant (:func:`agent.embedding.batcher.tenant_scope`): the model is shared
+  round-robin between tenants, so one tenant's large calls cannot starve another's
+  lookups (the untrusted calls, ``tenant=None``, share one turn).
 * When the embedder's id changes (TEI restarted with another model), the old vectors of
   that model are evicted: they are not comparable with the new ones.
 """
@@ -27,7 +30,7 @@ import numpy as np
 
 from agent.config import EmbedderSettings
 from agent.core import lru
-from agent.embedding import errors, protocol
+from agent.embedding import batcher, errors, protocol
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,8 @@ class EmbeddingService:
         missing = list(dict.fromkeys(t for t, r in zip(texts, rows, strict=True) if r is None))
         self._on_lookup(sum(cached), len(texts) - sum(cached))
         if missing:
-            fresh = await self.embedder.embed(missing)
+            with batcher.tenant_scope(tenant):
+                fresh = await self.embedder.embed(missing)
             self._check_embedder_id(name)
             by_text = {t: fresh[i].astype("<f4").tobytes() for i, t in enumerate(missing)}
             if tenant is not None:

@@ -8,9 +8,13 @@ nothing, but they are the network's, finite, symmetric and repeatable.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import pathlib
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -218,6 +222,82 @@ async def test_an_internal_failure_is_internal_and_never_logs_the_texts(loaded, 
         assert observed == ["INTERNAL"]
     finally:
         await server.stop(0)
+
+
+class _GatedNetwork:
+    """A stand-in network whose passes each wait for the test to open its gate."""
+
+    def __init__(self) -> None:
+        self.inside = 0
+        self.most_inside = 0
+        self.passes = 0
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self._count = threading.Lock()
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor
+                 ) -> torch.Tensor:
+        with self._count:
+            self.inside += 1
+            self.passes += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        self.entered.set()
+        self.gate.wait()
+        with self._count:
+            self.inside -= 1
+        return torch.zeros(ids.shape[0])
+
+
+class _StubTokenizer:
+    def __call__(self, first: list[str], second: list[str], **kwargs: object
+                 ) -> dict[str, torch.Tensor]:
+        ids = torch.zeros((len(first), 4), dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": ids, "token_type_ids": ids}
+
+
+class _CountingExecutor(concurrent.futures.ThreadPoolExecutor):
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.submitted = 0
+
+    def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        self.submitted += 1
+        return super().submit(*args, **kwargs)
+
+
+async def test_a_cancelled_call_keeps_the_next_one_waiting_until_its_thread_ends(
+        small_scorer_path):
+    executor = _CountingExecutor()
+    asyncio.get_running_loop().set_default_executor(executor)
+    net = _GatedNetwork()
+    loaded = pair_scorer.Loaded(scorer_file.load(small_scorer_path), net, _StubTokenizer())
+    scorer = pair_scorer.PairScorer(CFG, None, loaded=loaded)
+    try:
+        await _cancel_mid_run(scorer, net, executor)
+    finally:
+        net.gate.set()  # never leave a thread behind, whatever failed
+
+
+async def _cancel_mid_run(scorer: pair_scorer.PairScorer, net: _GatedNetwork,
+                          executor: _CountingExecutor) -> None:
+    first = asyncio.create_task(scorer.score(QUERY, [OTHER]))
+    await asyncio.to_thread(net.entered.wait)  # its thread is in the network
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    started = executor.submitted
+    given_up = asyncio.create_task(scorer.score(QUERY, ["never scored"]))
+    second = asyncio.create_task(scorer.score(QUERY, [OTHER]))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    given_up.cancel()  # it gave up while waiting: its work never starts
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert executor.submitted == started  # no thread for either while the first runs
+    net.gate.set()  # the abandoned thread ends; only now the next call runs
+    scores, _ = await asyncio.wait_for(second, 30)
+    assert scores.tolist() == [0.0]
+    assert given_up.cancelled() and net.passes == 2 and net.most_inside == 1
 
 
 def test_long_texts_are_read_only_as_far_as_a_pair_reaches(loaded, monkeypatch):

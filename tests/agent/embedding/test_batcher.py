@@ -137,3 +137,97 @@ async def test_a_full_queue_sheds_the_call_at_once_and_keeps_the_rest():
     # an empty queue takes any call, even one over the bound: one call at the limit runs
     assert (await asyncio.wait_for(batcher.submit(["x"] * 6), 5)).shape == (6, 1)
     await batcher.close()
+
+
+class SteppedModel:
+    """A "model" that runs one batch per permit the test hands out, recording each batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.permits: asyncio.Queue[None] = asyncio.Queue()
+        self.started = asyncio.Condition()
+
+    async def __call__(self, texts: list[str]) -> np.ndarray:
+        async with self.started:
+            self.batches.append(texts)
+            self.started.notify_all()
+        await self.permits.get()
+        return np.array([[float(len(t))] for t in texts], dtype=np.float32)
+
+    async def on_batch(self, count: int) -> None:
+        """Wait until ``count`` batches have reached the model."""
+        async with self.started:
+            await self.started.wait_for(lambda: len(self.batches) >= count)
+
+
+def _submit(batcher: batcher_mod.MicroBatcher, tenant: str | None,
+            texts: list[str]) -> asyncio.Task[np.ndarray]:
+    with batcher_mod.tenant_scope(tenant):
+        return asyncio.create_task(batcher.submit(texts))
+
+
+async def test_a_tenants_lookup_rides_the_next_batch_however_much_another_has_queued():
+    model = SteppedModel()
+    batcher = batcher_mod.MicroBatcher(model, max_batch=64, wait_s=0.0, max_queued=8192)
+    heavy = [_submit(batcher, "a", [f"a{c}-{i}" for i in range(2048)]) for c in range(3)]
+    await model.on_batch(1)  # a's first batch is on the model, the rest of its texts wait
+    lookup = _submit(batcher, "b", ["b's prompt"])
+    model.permits.put_nowait(None)  # a's first batch ends
+    await model.on_batch(2)
+    assert "b's prompt" in model.batches[1] and len(model.batches[1]) == 64
+    model.permits.put_nowait(None)  # the batch b shares with a ends
+    assert (await lookup).tolist() == [[10.0]]
+    assert batcher.queued > 4000 and not any(t.done() for t in heavy)  # a still waits
+    for task in heavy:
+        task.cancel()
+    await asyncio.gather(*heavy, return_exceptions=True)
+    await batcher.close()
+
+
+async def test_a_tenant_filling_its_queue_is_refused_while_another_is_still_taken():
+    model = SteppedModel()
+    batcher = batcher_mod.MicroBatcher(model, max_batch=4, wait_s=0.0, max_queued=8)
+    running = _submit(batcher, "a", ["running"])
+    await model.on_batch(1)
+    waiting = [_submit(batcher, "a", ["a"] * 4) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(errors.Overloaded, match="8 texts queued, at most 8"):
+        await _submit(batcher, "a", ["one too many"])
+    others = [_submit(batcher, "b", ["b1", "b2"]), _submit(batcher, "b", ["b3", "b4"])]
+    await asyncio.sleep(0)
+    assert batcher.queued == 12  # b's calls queued beside a's full queue
+    for _ in range(4):
+        model.permits.put_nowait(None)
+    await asyncio.wait_for(asyncio.gather(running, *waiting, *others), 5)
+    await batcher.close()
+    assert model.batches[1] == ["a", "a", "b1", "b2"]  # a's and b's texts share it equally
+
+
+async def test_a_cancelled_calls_pieces_not_yet_on_the_model_are_never_computed():
+    model = SteppedModel()
+    batcher = batcher_mod.MicroBatcher(model, max_batch=4, wait_s=0.0)
+    abandoned = _submit(batcher, "a", [f"x{i}" for i in range(12)])
+    await model.on_batch(1)
+    assert batcher.queued == 8
+    abandoned.cancel()
+    await asyncio.gather(abandoned, return_exceptions=True)
+    assert batcher.queued == 0  # its other pieces left at once
+    nxt = _submit(batcher, "a", ["next"])
+    model.permits.put_nowait(None)
+    model.permits.put_nowait(None)
+    await asyncio.wait_for(nxt, 5)
+    await batcher.close()
+    assert model.batches == [["x0", "x1", "x2", "x3"], ["next"]]
+
+
+async def test_a_call_larger_than_a_batch_comes_back_whole_and_in_order():
+    model = SteppedModel()
+    batcher = batcher_mod.MicroBatcher(model, max_batch=4, wait_s=0.0)
+    texts = ["x" * i for i in range(1, 11)]
+    long_call = _submit(batcher, "a", texts)
+    for _ in range(3):
+        model.permits.put_nowait(None)
+    got = await asyncio.wait_for(long_call, 5)
+    await batcher.close()
+    assert got[:, 0].tolist() == [float(i) for i in range(1, 11)]
+    assert [len(b) for b in model.batches] == [4, 4, 2]

@@ -4,12 +4,14 @@ protocol (the real ones are tested in test_minilm, test_onnx_path and test_tei).
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
 from agent.config import EmbedderSettings
 from agent.core import lru
-from agent.embedding import errors, service
+from agent.embedding import batcher, errors, service
 
 
 class CountingEmbedder:
@@ -67,3 +69,54 @@ async def test_calls_over_a_size_limit_are_too_large_before_anything_runs(texts,
     with pytest.raises(errors.TooLarge, match=words):
         await svc.embed("m", texts, False, "t")
     assert embedder.seen == [] and svc.cache.stats().misses == 0
+
+
+class QueuedEmbedder(batcher.Batched):
+    """A stand-in behind the real micro-batch queue: each batch waits for a permit."""
+
+    embedder_id = "stand-in@1"
+    ready = True
+
+    def __init__(self, max_batch: int) -> None:
+        self.batcher = batcher.MicroBatcher(self._run, max_batch, 0.0, max_queued=10_000)
+        self.batches: list[list[str]] = []
+        self.permits: asyncio.Queue[None] = asyncio.Queue()
+        self.arrived = asyncio.Event()
+
+    async def _run(self, texts: list[str]) -> np.ndarray:
+        self.batches.append(texts)
+        self.arrived.set()
+        await self.permits.get()
+        return np.array([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
+
+    async def next_batch(self) -> list[str]:
+        self.arrived.clear()
+        await self.arrived.wait()
+        return self.batches[-1]
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        return await self.batcher.submit(texts)
+
+
+async def test_a_tenants_large_calls_do_not_hold_up_another_tenants_lookup():
+    embedder = QueuedEmbedder(max_batch=64)
+    settings = EmbedderSettings(kind="tei", tei_url="http://unused", model="m")
+    svc = service.EmbeddingService(settings, embedder, lru.EmbeddingLru(10_000, 10**8))
+    first = asyncio.ensure_future(embedder.next_batch())
+    heavy = [asyncio.create_task(svc.embed("m", [f"a{c} {i}" for i in range(2048)], False,
+                                           "acme")) for c in range(3)]
+    try:
+        await first
+        lookup = asyncio.create_task(svc.embed("m", ["is it cached?"], False, "rival"))
+        shared = asyncio.ensure_future(embedder.next_batch())
+        embedder.permits.put_nowait(None)
+        second_batch = await shared
+        assert "is it cached?" in second_batch  # the very next batch, beside acme's texts
+        embedder.permits.put_nowait(None)
+        answer = await lookup
+        assert answer.cached == [False] and not any(t.done() for t in heavy)
+    finally:
+        for task in heavy:
+            task.cancel()
+        await asyncio.gather(*heavy, return_exceptions=True)
+        await embedder.batcher.close()
