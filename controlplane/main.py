@@ -223,7 +223,8 @@ async def _start_grpc(settings: config.ControlPlaneSettings, services: services_
     if not role.primary:
         return await grpc_server.start(
             f"unix:{role.socket('grpc', role.index)}", None,
-            [grpc_server.control_plane(services)], max_message_bytes=g.max_message_bytes)
+            [grpc_server.control_plane(services, relayed=True)],
+            max_message_bytes=g.max_message_bytes)
     relay = (agent_relay.AgentRelay([str(p) for p in role.others("grpc")],
                                     settings.auth.agent_token_value)
              if role.count > 1 else None)

@@ -24,10 +24,15 @@ is up already, or a Node-service address another node that is up registered, is 
 (``Register.engine_key``, ``node_key``) are what the control plane presents to that
 node's engines and Node service; an agent that sent none (an older one) gets the keys
 derived from the shared token, only when it authenticated with that token (nothing it
-did not hold already). Reports are read defensively: a report over
-:data:`MAX_REPORT_BYTES` ends the stream (with a warning), shares and rates are
-clamped to [0, 1] (a NaN counts as the worst case) and counts to sane bounds, so no
-report can win a routing comparison by being nonsense.
+did not hold already). Messages are read defensively (:mod:`controlplane.api
+.agent_messages`): a bad Register is ``INVALID_ARGUMENT``; a message over its size
+limit, a later Register for another node, or a report on a stream a newer one of the
+node has replaced ends the stream with a warning.
+
+Serving workers: the pod's primary copies each stream it accepted to every worker
+(:mod:`controlplane.adapters.agent_relay`) with the keys it decided, and only the
+Registers it accepted; a worker's servicer (``relayed``) trusts its primary's decisions
+and applies no fallback, review or admission of its own.
 
 Then a reader task feeds reports and command acks into the registry and queues an
 ``Ack`` per report, a pump task moves the node's command outbox onto the stream, and the
@@ -40,9 +45,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import cast
 
 import grpc
 from google.protobuf import json_format
@@ -51,10 +54,10 @@ from grpc_reflection.v1alpha import reflection
 
 from controlplane import errors
 from controlplane.adapters import agent_relay, token_review
+from controlplane.api import agent_messages
 from controlplane.api import services as services_mod
-from controlplane.core import registry, types, upstream_kinds
-from protos import enums
-from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
+from controlplane.core import registry, types
+from protos.synapse.v1 import controlplane_pb2, controlplane_pb2_grpc
 from synapse_common import aiotasks, call_metadata, engine_key
 
 log = logging.getLogger("synapse.controlplane.grpc")
@@ -70,83 +73,6 @@ def status_code(exc: errors.SynapseError) -> grpc.StatusCode:
 
 async def abort(context: grpc.aio.ServicerContext, exc: errors.SynapseError) -> None:
     await context.abort(status_code(exc), exc.message)
-
-
-# -- proto → core -----------------------------------------------------------------------
-
-
-def _phase(value: int) -> types.Phase:
-    return cast(types.Phase, enums.BACKEND_PHASE.name(value))  # the enum names are exactly the Phase literals
-
-
-def _base_url(url: str) -> str:
-    return upstream_kinds.base_url(url)
-
-
-MAX_REPORT_BYTES = 1024 * 1024     # a real report is a few KB per backend
-MAX_KV_TOKENS = 1 << 40             # more KV cache than any machine holds
-MAX_SEQS = 1 << 20
-
-
-def _share(x: float, worst: float) -> float:
-    """A share or rate in [0, 1]; ``worst`` for a NaN."""
-    return worst if math.isnan(x) else min(1.0, max(0.0, x))
-
-
-def backend_state(node: str, b: common_pb2.BackendState,
-                  engine_key: str | None = None) -> types.BackendState:
-    """``engine_key`` (the node's own, see the module docstring) goes with every request
-    to an engine the agent started; an ``external`` one is not the agent's to key."""
-    engine = enums.ENGINE_KIND.name(b.engine)
-    return types.BackendState(
-        key=f"{node}/{b.name}", node=node, name=b.name, url=_base_url(b.url),
-        models=tuple(b.models),
-        task="embed" if b.task == common_pb2.BACKEND_TASK_EMBED else "generate",
-        tasks=frozenset(b.tasks), engine=engine,
-        api_key=engine_key if engine != "external" else None,
-        phase=_phase(b.phase), source="agent", waiting=b.num_requests_waiting,
-        running=b.num_requests_running, kv_usage=_share(b.kv_cache_usage, worst=1.0),
-        kv_capacity_tokens=min(b.kv_capacity_tokens, MAX_KV_TOKENS),
-        block_size=b.kv_block_size,
-        prefix_hit_rate=_share(b.prefix_cache_hit_rate, worst=0.0), restarts=b.restarts,
-        metrics_ok=b.metrics_ok, max_num_seqs=min(b.max_num_seqs, MAX_SEQS))
-
-
-def _finite_gpu_samples(rep: controlplane_pb2.Report) -> None:
-    """Drop a GPU reading that is not a finite number (placement and views compare them)."""
-    for gpu in rep.gpus:
-        for field in ("utilization_percent", "memory_utilization_percent",
-                      "temperature_celsius", "power_watts", "power_limit_watts"):
-            if gpu.HasField(field) and not math.isfinite(getattr(gpu, field)):
-                gpu.ClearField(field)
-
-
-def node_info(r: controlplane_pb2.Register, fallback: _Keys | None = None) -> types.NodeInfo:
-    """``fallback``: the keys for an agent that chose none (see the module docstring)."""
-    ports = r.engine_port_range
-    return types.NodeInfo(name=r.node_name, address=r.node_address,
-                          agent_version=r.agent_version, embed_models=tuple(r.embed_models),
-                          labels=dict(r.labels), gpu_count=len(r.gpus),
-                          engine_ports=(ports.first, ports.last)
-                          if r.HasField("engine_port_range") else None,
-                          engine_key=r.engine_key or (fallback.engine if fallback else None),
-                          node_key=r.node_key or (fallback.node if fallback else None))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Keys:
-    engine: str | None = dataclasses.field(repr=False)
-    node: str | None = dataclasses.field(repr=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Caller:
-    """Who opened a Connect stream: ``node`` None may register as any node (the shared
-    token, or none when unauthenticated agents are allowed); ``fallback`` the keys an
-    agent that chose none gets (those its credential implies)."""
-
-    node: str | None
-    fallback: _Keys | None
 
 
 def command_message(cid: str, cmd: types.Command) -> controlplane_pb2.ControlMessage:
@@ -167,17 +93,37 @@ def command_message(cid: str, cmd: types.Command) -> controlplane_pb2.ControlMes
 # -- ControlPlane.Connect ---------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _Caller:
+    """Who opened a Connect stream: ``node`` None may register as any node (the shared
+    token, or none when unauthenticated agents are allowed, or the pod's primary
+    relaying a stream it accepted); ``fallback`` the keys an agent that chose none gets
+    (those its credential implies); ``decided``: the primary's registry admitted it."""
+
+    node: str | None
+    fallback: agent_messages.Keys | None
+    decided: bool = False
+
+
 class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
+    """``relayed``: a serving worker's servicer, on the pod's private socket, where only
+    the primary connects, copying streams it accepted with the keys it decided
+    (:func:`agent_messages.as_decided`): the worker trusts those and adds none."""
+
     def __init__(self, svc: services_mod.Services,
                  relay: agent_relay.AgentRelay | None = None,
-                 reviewer: token_review.TokenReviewer | None = None) -> None:
+                 reviewer: token_review.TokenReviewer | None = None, *,
+                 relayed: bool = False) -> None:
         self._svc = svc
         self._relay = relay     # the primary of several workers: copy each stream to them
-        self._reviewer = reviewer
+        self._reviewer = None if relayed else reviewer
+        self._relayed = relayed
         auth = svc.settings.auth
         self._token = call_metadata.TokenCheck(auth.agent_token_value)
-        shared = _Keys(engine_key.derive(auth.agent_token_value), auth.agent_token_value)
-        self._shared = _Caller(node=None, fallback=shared)
+        shared = agent_messages.Keys(engine_key.derive(auth.agent_token_value),
+                                     auth.agent_token_value)
+        self._shared = (_Caller(node=None, fallback=None, decided=True) if relayed
+                        else _Caller(node=None, fallback=shared))
         self._open = (auth.allow_unauthenticated_agents and not self._token.configured
                       and reviewer is None)
         if self._token.configured or reviewer is not None:
@@ -206,7 +152,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             if node is not None:
                 return _Caller(node=node, fallback=None)
         elif self._open:
-            return _Caller(node=None, fallback=None)
+            return _Caller(node=None, fallback=None, decided=self._relayed)
         await abort(context, errors.Unauthorized(self._refusal))
         return None
 
@@ -220,9 +166,9 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
             return
-        if first.WhichOneof("body") != "register" or not first.register.node_name:
-            await abort(context, errors.BadRequest(
-                "the first message on Connect must be Register with a node_name"))
+        problem = agent_messages.register_problem(first)
+        if problem is not None:
+            await abort(context, errors.BadRequest(problem))
             return
         name = first.register.node_name
         if caller.node is not None and name != caller.node:
@@ -231,9 +177,9 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 f"node {name!r}"))
             return
         reg = self._svc.registry
-        info = node_info(first.register, caller.fallback)
+        info = agent_messages.node_info(first.register, caller.fallback)
         try:
-            stream_id = reg.register(info)
+            stream_id = reg.register(info, decided=caller.decided)
         except registry.NodeLive:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, (
                 f"node {name!r} is connected already; a second stream is let in once the "
@@ -248,10 +194,11 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 "the registry holds registry.max_nodes nodes already")
             return
-        log.info("node %s connected (agent %s)", name, first.register.agent_version,
+        log.info("node %s connected (agent %s)", name, info.agent_version,
                  extra={"node": name})
         out: asyncio.Queue[controlplane_pb2.ControlMessage | None] = asyncio.Queue()
-        copy = self._relay.open(first) if self._relay is not None else None
+        copy = (self._relay.open(agent_messages.as_decided(first, info))
+                if self._relay is not None else None)
         tasks = [asyncio.create_task(self._read(name, stream_id, caller, info.engine_key,
                                                 request_iterator, out, copy)),
                  asyncio.create_task(self._pump(name, out))]
@@ -272,40 +219,58 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                     out: asyncio.Queue[controlplane_pb2.ControlMessage | None],
                     copy: agent_relay.RelayedStream | None) -> None:
         """``key``: the node's engine key as it registered (a later Register on the
-        same stream may name another: the engines it reports next carry that one)."""
+        same stream may name another: the engines it reports next carry that one). The
+        copy to the workers gets reports and acks as they come, and a Register only once
+        this process accepted it, with the keys decided here."""
         reg = self._svc.registry
         try:
             async for msg in messages:
-                if msg.ByteSize() > MAX_REPORT_BYTES:
-                    raise _Oversized(f"a message of {msg.ByteSize()} bytes (at most "
-                                     f"{MAX_REPORT_BYTES})")
-                if copy is not None:
-                    copy.send(msg)
+                if msg.ByteSize() > agent_messages.MAX_MESSAGE_BYTES:
+                    raise _Ended(f"a message of {msg.ByteSize()} bytes (at most "
+                                 f"{agent_messages.MAX_MESSAGE_BYTES})")
                 kind = msg.WhichOneof("body")
                 if kind == "report":
                     rep = msg.report
-                    _finite_gpu_samples(rep)
-                    reg.report(name, [backend_state(name, b, key) for b in rep.backends],
-                               draining=rep.draining, details=rep)
+                    agent_messages.finite_gpu_samples(rep)
+                    if not reg.report(name, [agent_messages.backend_state(name, b, key)
+                                             for b in rep.backends],
+                                      draining=rep.draining, details=rep,
+                                      stream_id=stream_id):
+                        raise _Ended("a newer stream of the node took over")
                     out.put_nowait(controlplane_pb2.ControlMessage(ack=controlplane_pb2.Ack(
                         sequence=rep.sequence, replica=self._svc.replica)))
                 elif kind == "command_ack":
                     reg.ack(msg.command_ack.command_id, msg.command_ack.ok,
                             msg.command_ack.error)
-                elif kind == "register" and msg.register.node_name == name:
-                    info = node_info(msg.register, caller.fallback)
-                    key = info.engine_key
-                    reg.register(info, stream_id)
-        except (_Oversized, registry.AddressTaken) as exc:
-            why = (f"its Register named the address of node {exc.holder!r}"
-                   if isinstance(exc, registry.AddressTaken) else str(exc))
-            log.warning("stream of node %s ended: %s", name, why, extra={"node": name})
+                elif kind == "register":
+                    msg = self._register_again(name, stream_id, caller, msg)
+                    key = msg.register.engine_key or None
+                if copy is not None:
+                    copy.send(msg)
+        except _Ended as exc:
+            log.warning("stream of node %s ended: %s", name, exc, extra={"node": name})
         except grpc.aio.AioRpcError as exc:
             log.info("stream of node %s ended: %s", name, exc.code().name)
         except Exception:
             log.exception("stream of node %s failed", name)
         finally:
             out.put_nowait(None)
+
+    def _register_again(self, name: str, stream_id: int, caller: _Caller,
+                        msg: controlplane_pb2.AgentMessage) -> controlplane_pb2.AgentMessage:
+        """A later Register on a node's stream: the same node, refreshed (anything else
+        ends the stream); returns what the workers are sent (the keys decided here)."""
+        problem = agent_messages.register_problem(msg)
+        if problem is None and msg.register.node_name != name:
+            problem = f"a Register for node {msg.register.node_name!r} on this node's stream"
+        if problem is not None:
+            raise _Ended(problem)
+        info = agent_messages.node_info(msg.register, caller.fallback)
+        try:
+            self._svc.registry.register(info, stream_id, decided=caller.decided)
+        except registry.AddressTaken as exc:
+            raise _Ended(f"its Register named the address of node {exc.holder!r}") from None
+        return agent_messages.as_decided(msg, info)
 
     async def _pump(self, name: str,
                     out: asyncio.Queue[controlplane_pb2.ControlMessage | None]) -> None:
@@ -315,18 +280,19 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             out.put_nowait(command_message(cid, cmd))
 
 
-class _Oversized(Exception):
-    """An agent message over :data:`MAX_REPORT_BYTES`."""
+class _Ended(Exception):
+    """Why the control plane ends an agent's stream (a log line's text)."""
 
 
-def control_plane(svc: services_mod.Services,
-                  relay: agent_relay.AgentRelay | None = None) -> Registration:
+def control_plane(svc: services_mod.Services, relay: agent_relay.AgentRelay | None = None,
+                  *, relayed: bool = False) -> Registration:
+    """``relayed``: a serving worker's, which only its pod's primary reaches."""
     review = svc.settings.auth.agent_review
-    reviewer = token_review.TokenReviewer(review) if review is not None else None
+    reviewer = token_review.TokenReviewer(review) if review and not relayed else None
 
     def register(server: grpc.aio.Server) -> str:
         controlplane_pb2_grpc.add_ControlPlaneServicer_to_server(  # type: ignore[no-untyped-call]
-            ControlPlaneServicer(svc, relay, reviewer), server)
+            ControlPlaneServicer(svc, relay, reviewer, relayed=relayed), server)
         return str(controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name)
     return register
 

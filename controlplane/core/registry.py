@@ -91,23 +91,23 @@ class Registry:
 
     # -- agents -------------------------------------------------------------------------
 
-    def register(self, info: types.NodeInfo, stream_id: int | None = None) -> int:
+    def register(self, info: types.NodeInfo, stream_id: int | None = None, *,
+                 decided: bool = False) -> int:
         """Record a node for a new stream, or refresh it for its own stream
         (``stream_id``); returns the stream id the caller must pass back. Raises
-        :class:`NodeLive` or :class:`TooManyNodes` (see the module docstring)."""
+        :class:`NodeLive`, :class:`AddressTaken` or :class:`TooManyNodes` (see the module
+        docstring), unless ``decided``: a serving worker's copy of a stream its pod's
+        primary accepted, whose registry decided already (a newer stream then takes the
+        node over at once)."""
         node = self._nodes.get(info.name)
         if stream_id is not None and node is not None and node.stream_id == stream_id:
-            self._check_address(info)
+            if not decided:
+                self._check_address(info)
             node.info, node.last_seen = info, self._clock()
             self.version += 1
             return stream_id
-        if node is not None and self.node_status(node) != "down":
-            raise NodeLive(info.name)
-        self._check_address(info)
-        if node is None and len(self._nodes) >= self._max_nodes:
-            self._forget_long_down()
-            if len(self._nodes) >= self._max_nodes:
-                raise TooManyNodes(info.name)
+        if not decided:
+            self._admit(info, node)
         stream_id = next(_ids)
         if node is None:
             self._nodes[info.name] = _Node(info=info, last_seen=self._clock(),
@@ -118,6 +118,16 @@ class Registry:
             node.stream_id = stream_id
         self.version += 1
         return stream_id
+
+    def _admit(self, info: types.NodeInfo, node: _Node | None) -> None:
+        """Raise why a new stream for ``info`` may not register (see the module docstring)."""
+        if node is not None and self.node_status(node) != "down":
+            raise NodeLive(info.name)
+        self._check_address(info)
+        if node is None and len(self._nodes) >= self._max_nodes:
+            self._forget_long_down()
+            if len(self._nodes) >= self._max_nodes:
+                raise TooManyNodes(info.name)
 
     def _check_address(self, info: types.NodeInfo) -> None:
         """One Node-service address, one node that is up: the control plane presents
@@ -140,16 +150,22 @@ class Registry:
             self.version += 1
 
     def report(self, node_name: str, backends: Iterable[types.BackendState],
-               draining: bool = False, details: object = None) -> None:
+               draining: bool = False, details: object = None,
+               stream_id: int | None = None) -> bool:
+        """Apply a report; False (nothing applied) when it came on ``stream_id`` and a
+        newer stream of the node took over since."""
         node = self._nodes.get(node_name)
         if node is None:
             raise KeyError(node_name)
+        if stream_id is not None and node.stream_id != stream_id:
+            return False
         node.backends = tuple(backends)
         node.agent_draining = draining
         node.last_seen = self._clock()
         node.connected = True
         node.report = details
         self.version += 1
+        return True
 
     def disconnect(self, node_name: str, stream_id: int) -> None:
         """The node's stream closed; a newer stream of the same node is left alone."""

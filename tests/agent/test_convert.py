@@ -41,10 +41,10 @@ def test_gpu_fields_nvml_could_not_read_stay_unset():
 
 
 def test_the_seat_count_reaches_the_control_planes_view_of_the_backend():
-    from controlplane.api import grpc_server
+    from controlplane.api import agent_messages
 
     status = types.BackendStatus(name="b", url="http://127.0.0.1:8000", models=("m",),
                                  engine="vllm", task="generate", phase="ready",
                                  max_num_seqs=48)
-    state = grpc_server.backend_state("n1", convert.backend(status))
+    state = agent_messages.backend_state("n1", convert.backend(status))
     assert (state.key, state.max_num_seqs) == ("n1/b", 48)

@@ -9,17 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import pathlib
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
-from controlplane.adapters import token_review
-from controlplane.api import grpc_server
+from controlplane.adapters import agent_relay, token_review
+from controlplane.api import agent_messages, grpc_server
 from controlplane.api import services as services_mod
 from controlplane.core import registry, types
 from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
 from synapse_common import call_metadata, engine_key
+from tests import harness
 from tests.clock import ManualClock
 from tests.controlplane import cp_testing as t
 
@@ -274,8 +276,8 @@ async def test_nonsense_telemetry_is_clamped_and_cannot_win_routing() -> None:
         (backend,) = svc.registry.node("gpu-1").backends       # type: ignore[union-attr]
         assert backend.kv_usage == 1.0           # a NaN counts as full
         assert backend.prefix_hit_rate == 1.0
-        assert backend.kv_capacity_tokens == grpc_server.MAX_KV_TOKENS
-        assert backend.max_num_seqs == grpc_server.MAX_SEQS
+        assert backend.kv_capacity_tokens == agent_messages.MAX_KV_TOKENS
+        assert backend.max_num_seqs == agent_messages.MAX_SEQS
         msg = report(2, kv_cache_usage=-3.0, prefix_cache_hit_rate=math.nan)
         msg.report.gpus.add(index=0, utilization_percent=math.nan, power_watts=math.inf,
                             temperature_celsius=50.0)
@@ -299,7 +301,7 @@ async def test_an_oversized_report_ends_the_stream() -> None:
         await agent.receive()
         huge = report(2)
         huge.report.backends[0].last_log_lines.extend(["x" * 1000] * 1100)
-        assert huge.ByteSize() > grpc_server.MAX_REPORT_BYTES
+        assert huge.ByteSize() > agent_messages.MAX_MESSAGE_BYTES
         await agent.send(huge)
         with pytest.raises((grpc.aio.AioRpcError, StopAsyncIteration, EOFError)):
             while True:
@@ -310,3 +312,122 @@ async def test_an_oversized_report_ends_the_stream() -> None:
         assert view is not None and view.status == "down"
         assert view.report.sequence == 1                       # the big one was not kept
         await agent.close()
+
+
+@contextlib.asynccontextmanager
+async def pod(tmp_path: pathlib.Path, review: StandInReview,
+              ) -> AsyncIterator[tuple[services_mod.Services, services_mod.Services, int]]:
+    """A primary (TCP, with ``review``) relaying to one serving worker (a unix socket, as
+    in a pod): (primary's services, worker's services, the primary's port)."""
+    settings = t.settings(auth={"agent_token": SHARED, "allow_unauthenticated_agents": False})
+    sock = tmp_path / "worker.sock"
+    worker = services_mod.build(settings, commands_agents=False)
+    wserver, _ = await grpc_server.start(f"unix:{sock}", None,
+                                         [grpc_server.control_plane(worker, relayed=True)])
+    primary = services_mod.build(settings)
+    relay = agent_relay.AgentRelay([str(sock)], SHARED)
+
+    def add(server: grpc.aio.Server) -> str:
+        controlplane_pb2_grpc.add_ControlPlaneServicer_to_server(  # type: ignore[no-untyped-call]
+            grpc_server.ControlPlaneServicer(primary, relay, review), server)  # type: ignore[arg-type]
+        return "synapse.v1.ControlPlane"
+
+    pserver, port = await grpc_server.start("127.0.0.1", 0, [add])
+    try:
+        yield primary, worker, port
+    finally:
+        await pserver.stop(0)
+        await wserver.stop(0)
+
+
+async def test_a_worker_applies_the_keys_its_primary_decided_and_no_fallback(
+        tmp_path: pathlib.Path) -> None:
+    """The primary relays with the shared token: were the worker to treat the copy as
+    that token's, an agent that chose no keys would be handed the shared ones there."""
+    async with pod(tmp_path, StandInReview()) as (primary, worker, port):
+        bound = Agent(port, "sa-token-of-gpu-1")
+        await bound.send(register("gpu-1", address="10.0.0.1:50052"))
+        await bound.send(report(1))
+        await bound.receive()
+        shared = Agent(port, SHARED)
+        await shared.send(register("gpu-old", address="10.0.0.7:50052"))
+        await shared.send(report(1))
+        await shared.receive()
+        for svc in (primary, worker):
+            await harness.until(lambda s=svc: all(  # type: ignore[misc]
+                (n := s.registry.node(name)) is not None and n.backends
+                for name in ("gpu-1", "gpu-old")), 10, "both nodes")
+            (backend,) = svc.registry.node("gpu-1").backends   # type: ignore[union-attr]
+            assert backend.api_key is None
+            assert svc.registry.node_key_at("10.0.0.1:50052") is None
+            (backend,) = svc.registry.node("gpu-old").backends  # type: ignore[union-attr]
+            assert backend.api_key == engine_key.derive(SHARED)
+            assert svc.registry.node_key_at("10.0.0.7:50052") == SHARED
+        await bound.close()
+        await shared.close()
+
+
+async def test_a_register_for_another_node_ends_the_stream_and_never_reaches_a_worker(
+        tmp_path: pathlib.Path) -> None:
+    async with pod(tmp_path, StandInReview()) as (primary, worker, port):
+        agent = Agent(port, "sa-token-of-gpu-2")
+        await agent.send(register("gpu-2", address="10.0.0.2:50052"))
+        await agent.send(report(1))
+        await agent.receive()
+        await harness.until(lambda: worker.registry.node("gpu-2") is not None, 10, "gpu-2")
+        await agent.send(register("gpu-1", address="10.6.6.6:50052", node="x" * 64))
+        await harness.until(lambda: primary.registry.node("gpu-2").status == "down",  # type: ignore[union-attr]
+                            10, "the stream to end")
+        await agent.send(report(2))
+        await asyncio.sleep(0.3)        # what the relay would have delivered by now
+        for svc in (primary, worker):
+            assert svc.registry.node("gpu-1") is None
+        await agent.close()
+
+
+@pytest.mark.parametrize("change", ["bad-name", "spaced-name", "models", "labels", "size"])
+async def test_a_register_that_cannot_be_a_node_is_invalid(change: str) -> None:
+    msg = register("gpu-1")
+    if change == "bad-name":
+        msg.register.node_name = "gpu-1\u202e"
+    elif change == "spaced-name":
+        msg.register.node_name = "gpu 1"
+    elif change == "models":
+        msg.register.embed_models.extend(f"m{i}" for i in range(agent_messages.MAX_ITEMS))
+    elif change == "labels":
+        msg.register.labels.update({f"k{i}": "v" for i in range(agent_messages.MAX_ITEMS + 1)})
+    else:
+        msg.register.labels["big"] = "x" * agent_messages.MAX_MESSAGE_BYTES
+    async with control_plane() as (svc, port):
+        agent = Agent(port, SHARED)
+        await agent.send(msg)
+        assert await agent.refused() == grpc.StatusCode.INVALID_ARGUMENT
+        await agent.close()
+        assert svc.registry.nodes() == []
+
+
+async def test_what_an_agent_says_of_itself_reaches_terminals_printable() -> None:
+    async with control_plane() as (svc, port):
+        agent = Agent(port, SHARED)
+        msg = register("gpu-1")
+        msg.register.agent_version = "1.0\x1b]0;pwned\x07\r\nnode-a   Ready" + "v" * 500
+        msg.register.labels["zone\x1b[31m"] = "a\nb"
+        await agent.send(msg)
+        await agent.send(report(1))
+        await agent.receive()
+        info = svc.registry.node("gpu-1").info      # type: ignore[union-attr]
+        assert len(info.agent_version) == agent_messages.MAX_TEXT
+        assert not any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0
+                       for c in info.agent_version + "".join(info.labels) +
+                       "".join(info.labels.values()))
+        await agent.close()
+
+
+def test_a_report_from_a_stream_a_newer_one_replaced_is_not_applied() -> None:
+    clock = ManualClock()
+    reg = registry.Registry(clock, 15.0)
+    old = reg.register(t_info("a"))
+    new = reg.register(t_info("a"), decided=True)    # a worker's copy takes over at once
+    assert reg.report("a", [], stream_id=new)
+    assert not reg.report("a", [], draining=True, stream_id=old)
+    assert reg.node("a").draining is False          # type: ignore[union-attr]

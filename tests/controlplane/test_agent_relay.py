@@ -30,7 +30,8 @@ async def worker(path: pathlib.Path, token: str | None = None,
     auth = {"agent_token": token, "allow_unauthenticated_agents": False} if token else {}
     svc = services_mod.build(t.settings(replica_id="test-w1", auth=auth),
                              commands_agents=False)
-    server, _ = await grpc_server.start(f"unix:{path}", None, [grpc_server.control_plane(svc)])
+    server, _ = await grpc_server.start(f"unix:{path}", None,
+                                        [grpc_server.control_plane(svc, relayed=True)])
     try:
         yield svc
     finally:

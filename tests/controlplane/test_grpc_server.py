@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from controlplane.api import grpc_server
+from controlplane.api import agent_messages, grpc_server
 from controlplane.api import services as services_mod
 from controlplane.core import types
 from protos import enums
@@ -127,7 +127,6 @@ async def test_first_message_must_be_register_and_health_reflection_work() -> No
 async def test_a_port_another_grpc_server_holds_is_a_bind_error() -> None:
     # grpc binds with SO_REUSEPORT by default: two servers that both keep that default
     # share a port silently, each taking some of the agents' connections. Ours refuses.
-    from controlplane.api import grpc_server
 
     other = grpc.aio.server()           # grpc's defaults, as another process would bind
     port = other.add_insecure_port("127.0.0.1:0")
@@ -155,12 +154,12 @@ def test_an_agent_backend_carries_the_engine_key_to_its_requests_an_external_one
     for kind in ("vllm", "tei", "simulator"):
         msg = common_pb2.BackendState(name="e", url="http://10.0.0.5:8000", models=[t.MODEL],
                                       engine=enums.ENGINE_KIND.value(kind))
-        backend = grpc_server.backend_state("gpu-1", msg, key)
+        backend = agent_messages.backend_state("gpu-1", msg, key)
         assert svc.dispatcher.headers(backend, "r1")["Authorization"] == f"Bearer {key}"
         assert key not in repr(backend)
-        unkeyed = grpc_server.backend_state("gpu-1", msg, None)
+        unkeyed = agent_messages.backend_state("gpu-1", msg, None)
         assert "Authorization" not in svc.dispatcher.headers(unkeyed, "r1")
     external = common_pb2.BackendState(name="x", url="http://api.example:80", models=[t.MODEL],
                                        engine=enums.ENGINE_KIND.value("external"))
-    backend = grpc_server.backend_state("gpu-1", external, key)
+    backend = agent_messages.backend_state("gpu-1", external, key)
     assert "Authorization" not in svc.dispatcher.headers(backend, "r1")

@@ -1,0 +1,123 @@
+"""What an agent says on ``ControlPlane.Connect``, read as a registrant that may lie.
+
+Protos become core value objects here and nowhere deeper, defensively:
+
+* a ``Register`` is refused (:func:`register_problem`, ``INVALID_ARGUMENT``) when its node
+  name is not a plain host name (it names metrics, logs and the registry), when it lists
+  more than :data:`MAX_ITEMS` embed models or labels, or when it is over
+  :data:`MAX_MESSAGE_BYTES`; the agent's version and labels are cut to
+  :data:`MAX_TEXT` printable characters (they reach operators' terminals and log lines);
+* a ``Report``'s shares and rates are clamped to [0, 1] (a NaN counts as the worst case)
+  and its counts to sane bounds, and GPU readings that are not finite numbers are
+  dropped, so no report wins a routing or placement comparison by being nonsense;
+* the keys a node gets (:class:`Keys`): the ones its agent chose and sent
+  (``Register.engine_key``, ``node_key``), else ``fallback``, which the caller decides
+  from the credential (nothing a credential did not already give);
+* :func:`as_decided`: the ``Register`` a pod's primary copies to its serving workers,
+  carrying the keys the primary decided, so that a worker applies no fallback of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import cast
+
+from controlplane.core import types, upstream_kinds
+from protos import enums
+from protos.synapse.v1 import common_pb2, controlplane_pb2
+
+MAX_MESSAGE_BYTES = 1024 * 1024    # a real report is a few KB per backend
+MAX_KV_TOKENS = 1 << 40             # more KV cache than any machine holds
+MAX_SEQS = 1 << 20
+MAX_ITEMS = 64                      # embed models, labels
+MAX_TEXT = 128                      # characters of a version or a label
+NODE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,252})")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]|[\u2028\u2029\u200b-\u200f\u202a-\u202e]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    engine: str | None = dataclasses.field(repr=False)
+    node: str | None = dataclasses.field(repr=False)
+
+
+def register_problem(message: controlplane_pb2.AgentMessage) -> str | None:
+    """Why the first message of a stream cannot register a node (None: it can)."""
+    if message.WhichOneof("body") != "register" or not message.register.node_name:
+        return "the first message on Connect must be Register with a node_name"
+    r = message.register
+    if not NODE_NAME.fullmatch(r.node_name):
+        return ("node_name must be a host name: letters, digits, '.', '_' and '-', at most "
+                "253 characters")
+    if len(r.embed_models) > MAX_ITEMS or len(r.labels) > MAX_ITEMS:
+        return f"at most {MAX_ITEMS} embed_models and {MAX_ITEMS} labels"
+    if message.ByteSize() > MAX_MESSAGE_BYTES:
+        return f"a Register of {message.ByteSize()} bytes (at most {MAX_MESSAGE_BYTES})"
+    return None
+
+
+def printable(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` cut to ``limit`` characters, controls and direction marks replaced."""
+    return _UNPRINTABLE.sub("?", text[:limit])
+
+
+def node_info(r: controlplane_pb2.Register, fallback: Keys | None = None) -> types.NodeInfo:
+    """``fallback``: the keys for an agent that chose none (see the module docstring)."""
+    ports = r.engine_port_range
+    return types.NodeInfo(
+        name=r.node_name, address=r.node_address, agent_version=printable(r.agent_version),
+        embed_models=tuple(r.embed_models),
+        labels={printable(k): printable(v) for k, v in r.labels.items()},
+        gpu_count=len(r.gpus),
+        engine_ports=(ports.first, ports.last) if r.HasField("engine_port_range") else None,
+        engine_key=r.engine_key or (fallback.engine if fallback else None),
+        node_key=r.node_key or (fallback.node if fallback else None))
+
+
+def as_decided(message: controlplane_pb2.AgentMessage,
+               info: types.NodeInfo) -> controlplane_pb2.AgentMessage:
+    """``message`` (a Register) carrying the keys ``info`` holds, "" for none."""
+    copy = controlplane_pb2.AgentMessage()
+    copy.CopyFrom(message)
+    copy.register.engine_key = info.engine_key or ""
+    copy.register.node_key = info.node_key or ""
+    return copy
+
+
+def _phase(value: int) -> types.Phase:
+    return cast(types.Phase, enums.BACKEND_PHASE.name(value))  # the enum names are exactly the Phase literals
+
+
+def _share(x: float, worst: float) -> float:
+    """A share or rate in [0, 1]; ``worst`` for a NaN."""
+    return worst if math.isnan(x) else min(1.0, max(0.0, x))
+
+
+def backend_state(node: str, b: common_pb2.BackendState,
+                  engine_key: str | None = None) -> types.BackendState:
+    """``engine_key`` (the node's own, see :class:`Keys`) goes with every request to an
+    engine the agent started; an ``external`` one is not the agent's to key."""
+    engine = enums.ENGINE_KIND.name(b.engine)
+    return types.BackendState(
+        key=f"{node}/{b.name}", node=node, name=b.name, url=upstream_kinds.base_url(b.url),
+        models=tuple(b.models),
+        task="embed" if b.task == common_pb2.BACKEND_TASK_EMBED else "generate",
+        tasks=frozenset(b.tasks), engine=engine,
+        api_key=engine_key if engine != "external" else None,
+        phase=_phase(b.phase), source="agent", waiting=b.num_requests_waiting,
+        running=b.num_requests_running, kv_usage=_share(b.kv_cache_usage, worst=1.0),
+        kv_capacity_tokens=min(b.kv_capacity_tokens, MAX_KV_TOKENS),
+        block_size=b.kv_block_size,
+        prefix_hit_rate=_share(b.prefix_cache_hit_rate, worst=0.0), restarts=b.restarts,
+        metrics_ok=b.metrics_ok, max_num_seqs=min(b.max_num_seqs, MAX_SEQS))
+
+
+def finite_gpu_samples(rep: controlplane_pb2.Report) -> None:
+    """Drop a GPU reading that is not a finite number (placement and views compare them)."""
+    for gpu in rep.gpus:
+        for field in ("utilization_percent", "memory_utilization_percent",
+                      "temperature_celsius", "power_watts", "power_limit_watts"):
+            if gpu.HasField(field) and not math.isfinite(getattr(gpu, field)):
+                gpu.ClearField(field)
