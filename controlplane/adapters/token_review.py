@@ -25,9 +25,12 @@ Secrets: neither the agent's token nor our own ever reaches a log line, an excep
 text or ``repr``; the positive-result cache is keyed by the token's sha256. Refusals are
 logged once per distinct reason (a bounded set), since a caller may repeat one forever.
 
-Load: at most ``max_concurrent`` reviews are in flight; one more is refused at once as
-:class:`ReviewUnavailable` rather than queued, since whoever reaches the gRPC port can
-present tokens, and each would otherwise become a request to the API server. A positive
+Load: whoever reaches the gRPC port can present tokens, and each would become a request
+to the API server. So a token is first read locally (:func:`claims_problem`, no
+signature check: only the API server can say it is genuine): one that is not a JWT
+issued for our audience and still unexpired is refused without asking. At most
+``max_concurrent`` reviews are in flight; up to :data:`MAX_WAITING` more wait for a
+place (at most ``timeout_s``), and one past those is :class:`ReviewUnavailable` at once. A positive
 answer is remembered for ``cache_ttl_s`` (30 s by default, bounded entries), so an agent
 reconnecting in a loop costs one review per TTL; a token revoked (its pod deleted) within
 that window is still accepted until it lapses, which is why the TTL is short.
@@ -40,13 +43,14 @@ bundle), closed with it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
 import logging
 import os
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import aiohttp
@@ -60,6 +64,8 @@ NODE_NAME_KEY = "authentication.kubernetes.io/node-name"   # serviceaccount.Node
 MAX_ANSWER_BYTES = 256 * 1024
 CACHE_ENTRIES = 1024
 LOGGED_REASONS = 256    # distinct refusal reasons logged; later ones go to debug
+MAX_WAITING = 64        # reviews waiting for a place
+MAX_TOKEN_CHARS = 16 * 1024
 
 
 class ReviewUnavailable(Exception):
@@ -114,7 +120,8 @@ class TokenReviewer:
     """Asks the API server which node a presented token is bound to (:meth:`node_of`)."""
 
     def __init__(self, config: ReviewConfig, *, session: aiohttp.ClientSession | None = None,
-                 clock: clocks.Clock = clocks.monotonic, cache_ttl_s: float = 30.0) -> None:
+                 clock: clocks.Clock = clocks.monotonic, wall: clocks.Clock = clocks.wall,
+                 cache_ttl_s: float = 30.0) -> None:
         if not 0 <= cache_ttl_s <= 60:
             raise ValueError("cache_ttl_s: must be between 0 and 60 seconds")
         self._config = config
@@ -122,9 +129,12 @@ class TokenReviewer:
         self._accounts = frozenset(config.service_accounts)
         self._session = session
         self._clock = clock
+        self._wall = wall       # tokens' expiry is wall-clock time
         self._ttl = cache_ttl_s
         self._cache: dict[bytes, tuple[str, float]] = {}
         self._in_flight = 0
+        self._waiting = 0
+        self._turns: asyncio.Condition | None = None     # made on the serving loop
         self._bearer: tuple[tuple[int, int], str] | None = None   # ((mtime_ns, size), token)
         self._logged: set[str] = set()
 
@@ -136,24 +146,51 @@ class TokenReviewer:
     async def node_of(self, token: str) -> str | None:
         """The node ``token`` is bound to, or None when it is not an agent's token.
 
-        Raises :class:`ReviewUnavailable` when the API server cannot tell (or when
-        ``max_concurrent`` reviews are already in flight)."""
+        Raises :class:`ReviewUnavailable` when the API server cannot tell (or when too
+        many reviews are in flight and waiting, see the module docstring)."""
         key = hashlib.sha256(token.encode("utf-8")).digest()
         cached = self._cached(key)
         if cached is not None:
             return cached
-        if self._in_flight >= self._config.max_concurrent:
-            raise ReviewUnavailable(f"{self._in_flight} token reviews are in flight already "
-                                    f"(agent_review.max_concurrent)")
-        self._in_flight += 1
-        try:
+        problem = claims_problem(token, self._config.audience, self._wall())
+        if problem is not None:
+            self._say(problem)
+            return None
+        async with self._place():
             status = await self._review(token)
-        finally:
-            self._in_flight -= 1
         node = self._judge(status, token)
         if node is not None and self._ttl > 0:
             self._remember(key, node)
         return node
+
+    @contextlib.asynccontextmanager
+    async def _place(self) -> AsyncIterator[None]:
+        """One of ``max_concurrent`` places, waited for (see the module docstring)."""
+        if self._turns is None:
+            self._turns = asyncio.Condition()
+        turns, limit = self._turns, self._config.max_concurrent
+        if self._in_flight >= limit:
+            if self._waiting >= MAX_WAITING:
+                raise ReviewUnavailable(f"{self._in_flight} token reviews are in flight and "
+                                        f"{self._waiting} waiting already "
+                                        "(agent_review.max_concurrent)")
+            self._waiting += 1
+            try:
+                async with turns:
+                    await asyncio.wait_for(turns.wait_for(lambda: self._in_flight < limit),
+                                           self._config.timeout_s)
+            except TimeoutError:
+                raise ReviewUnavailable("no place for a token review in time "
+                                        "(agent_review.max_concurrent)") from None
+            finally:
+                self._waiting -= 1
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            async with turns:
+                turns.notify()
 
     # -- asking ---------------------------------------------------------------------------
 
@@ -242,6 +279,28 @@ class TokenReviewer:
         while len(self._cache) >= CACHE_ENTRIES:
             del self._cache[next(iter(self._cache))]    # the oldest entry
         self._cache[key] = (node, self._clock() + self._ttl)
+
+
+def claims_problem(token: str, audience: str, now: float) -> str | None:
+    """Why ``token`` cannot be a projected service-account token for ``audience``,
+    unexpired at ``now`` (wall-clock seconds), read without checking its signature
+    (None: it may be; then only the API server can say)."""
+    parts = token.split(".")
+    if len(token) > MAX_TOKEN_CHARS or len(parts) != 3:
+        return "not a JWT"
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return "not a JWT (its claims are not JSON)"
+    if not isinstance(claims, dict):
+        return "not a JWT (its claims are not an object)"
+    aud = claims.get("aud")
+    if audience not in (aud if isinstance(aud, list) else [aud]):
+        return f"not issued for audience {audience!r}"
+    exp = claims.get("exp")
+    if not isinstance(exp, int | float) or exp <= now:
+        return "expired, or no expiry"
+    return None
 
 
 class _Accepted:

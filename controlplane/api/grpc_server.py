@@ -13,7 +13,9 @@ credential as ``authorization: Bearer <token>`` metadata, else ``UNAUTHENTICATED
 * with ``auth.agent_review``, a Kubernetes service-account token of an agent's pod, which
   the API server vouches for and binds to the node the pod runs on
   (:mod:`controlplane.adapters.token_review`): its holder may register as that node only
-  (``PERMISSION_DENIED`` otherwise; ``UNAVAILABLE`` while the API server cannot answer).
+  (``PERMISSION_DENIED`` otherwise; ``UNAVAILABLE`` while the API server cannot answer,
+  or while a review for the same peer address is in flight: whoever can reach the port
+  can present tokens, and one place may not take every review place).
 
 Without either every agent is refused, unless ``auth.allow_unauthenticated_agents`` says
 otherwise (the settings refuse that combination on a gRPC address other machines can
@@ -117,6 +119,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         self._svc = svc
         self._relay = relay     # the primary of several workers: copy each stream to them
         self._reviewer = None if relayed else reviewer
+        self._reviewing: set[str] = set()     # peers with a review in flight
         self._relayed = relayed
         auth = svc.settings.auth
         self._token = call_metadata.TokenCheck(auth.agent_token_value)
@@ -143,8 +146,16 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             return self._shared
         token = call_metadata.bearer(metadata)
         if self._reviewer is not None and token is not None:
+            peer = _peer_host(context.peer())
             try:
-                node = await self._reviewer.node_of(token)
+                if peer in self._reviewing:     # one at a time per address: a flood from
+                    raise token_review.ReviewUnavailable(   # one place takes one place
+                        "a review for this address is in flight already")
+                self._reviewing.add(peer)
+                try:
+                    node = await self._reviewer.node_of(token)
+                finally:
+                    self._reviewing.discard(peer)
             except token_review.ReviewUnavailable as exc:
                 await abort(context, errors.Unavailable(
                     f"cannot verify the agent's credential now: {exc}"))
@@ -278,6 +289,14 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         while True:
             cid, cmd = await outbox.get()
             out.put_nowait(command_message(cid, cmd))
+
+
+def _peer_host(peer: str) -> str:
+    """The address of a gRPC peer without its port ("ipv4:10.0.0.5:41234" → "10.0.0.5")."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
 
 
 class _Ended(Exception):

@@ -36,9 +36,12 @@ class StandInReview:
     def __init__(self) -> None:
         self.down = False
         self.asked: list[str] = []
+        self.gate: asyncio.Event | None = None      # set: reviews wait for it
 
     async def node_of(self, token: str) -> str | None:
         self.asked.append(token)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.down:
             raise token_review.ReviewUnavailable("the API server did not answer")
         return SA_TOKEN.get(token)
@@ -431,3 +434,34 @@ def test_a_report_from_a_stream_a_newer_one_replaced_is_not_applied() -> None:
     assert reg.report("a", [], stream_id=new)
     assert not reg.report("a", [], draining=True, stream_id=old)
     assert reg.node("a").draining is False          # type: ignore[union-attr]
+
+
+async def test_one_review_at_a_time_per_peer_address() -> None:
+    """Whoever reaches the port can present tokens: those from one address wait their
+    turn (UNAVAILABLE, the agent tries again), so one place cannot fill every review
+    place and keep other agents out."""
+    review = StandInReview()
+    review.gate = asyncio.Event()
+    async with control_plane(review) as (_svc, port):
+        first = Agent(port, "sa-token-of-gpu-1")
+        await first.send(register("gpu-1"))
+        await harness.until(lambda: len(review.asked) == 1, 10, "the first review")
+        second = Agent(port, "sa-token-of-gpu-2")
+        await second.send(register("gpu-2", address="10.0.0.2:50052"))
+        assert await second.refused() == grpc.StatusCode.UNAVAILABLE
+        assert len(review.asked) == 1
+        review.gate.set()
+        await first.send(report(1))
+        assert (await first.receive()).ack.sequence == 1
+        again = Agent(port, "sa-token-of-gpu-2")       # its turn now
+        await again.send(register("gpu-2", address="10.0.0.2:50052"))
+        await again.send(report(1))
+        assert (await again.receive()).ack.sequence == 1
+        for agent in (first, second, again):
+            await agent.close()
+
+
+def test_a_peer_is_named_by_its_address_without_the_port() -> None:
+    assert grpc_server._peer_host("ipv4:10.0.0.5:41234") == "10.0.0.5"
+    assert grpc_server._peer_host("ipv6:[::1]:41234") == "::1"
+    assert grpc_server._peer_host("unix:/tmp/x.sock") == "unix:/tmp/x.sock"

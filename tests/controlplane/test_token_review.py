@@ -9,7 +9,9 @@ or, for an audience-unaware authenticator, none at all.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import json
 import logging
 import pathlib
 import re
@@ -27,7 +29,18 @@ from controlplane.settings import tenants
 
 AGENT_SA = "system:serviceaccount:synapse:synapse-agent"
 OTHER_SA = "system:serviceaccount:synapse:synapse-controlplane"
-GOOD = "eyJhbGciOi.agent-token-on-gpu-node-1.sig"
+
+
+def jwt(mark: str, audience: str = "synapse-agent", exp: float = 4102444800.0) -> str:
+    """A token shaped as a projected service-account token (a JWT for ``audience``,
+    expiring at ``exp``), whose signature part is ``mark``: only the fake API server
+    says whether it is genuine, as only the real one can."""
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+    return f"{part({'alg': 'RS256'})}.{part({'aud': [audience], 'exp': exp})}.{mark}"
+
+
+GOOD = jwt("agent-token-on-gpu-node-1")
 SECRET_MARK = "agent-token-on"            # part of every agent token in this file
 OWN = "control-plane-own-token-1"
 
@@ -135,25 +148,25 @@ async def test_an_agents_token_names_its_node(api: FakeApiServer,
 
 async def test_a_token_for_another_audience_is_refused(
         api: FakeApiServer, reviewer: token_review.TokenReviewer) -> None:
-    api.tokens["api-aud-agent-token-on-x"] = Bound(AGENT_SA, "gpu-node-1",
+    api.tokens[jwt("api-aud-agent-token-on-x")] = Bound(AGENT_SA, "gpu-node-1",
                                                     audiences=("https://kubernetes.default.svc",))
-    assert await reviewer.node_of("api-aud-agent-token-on-x") is None
+    assert await reviewer.node_of(jwt("api-aud-agent-token-on-x")) is None
 
 
 async def test_an_audience_unaware_answer_is_refused(
         api: FakeApiServer, reviewer: token_review.TokenReviewer) -> None:
     # authenticated, right account and node, but nothing says it was meant for us
-    api.tokens["webhook-agent-token-on-x"] = Bound(AGENT_SA, "gpu-node-1", audience_aware=False)
-    assert await reviewer.node_of("webhook-agent-token-on-x") is None
+    api.tokens[jwt("webhook-agent-token-on-x")] = Bound(AGENT_SA, "gpu-node-1", audience_aware=False)
+    assert await reviewer.node_of(jwt("webhook-agent-token-on-x")) is None
 
 
 async def test_another_service_account_is_refused(
         api: FakeApiServer, reviewer: token_review.TokenReviewer,
         caplog: pytest.LogCaptureFixture) -> None:
-    api.tokens["cp-agent-token-on-x"] = Bound(OTHER_SA, "gpu-node-1")
+    api.tokens[jwt("cp-agent-token-on-x")] = Bound(OTHER_SA, "gpu-node-1")
     with caplog.at_level(logging.INFO, "synapse.controlplane.token_review"):
-        assert await reviewer.node_of("cp-agent-token-on-x") is None
-        assert await reviewer.node_of("cp-agent-token-on-x") is None
+        assert await reviewer.node_of(jwt("cp-agent-token-on-x")) is None
+        assert await reviewer.node_of(jwt("cp-agent-token-on-x")) is None
     refusals = [r.getMessage() for r in caplog.records]
     assert refusals == [f"agent token refused: service account {OTHER_SA!r} is not an "
                         "agent account"]       # once per distinct reason
@@ -162,18 +175,18 @@ async def test_another_service_account_is_refused(
 async def test_a_token_without_a_node_claim_is_refused(
         api: FakeApiServer, reviewer: token_review.TokenReviewer,
         caplog: pytest.LogCaptureFixture) -> None:
-    api.tokens["old-agent-token-on-x"] = Bound(AGENT_SA, None)
+    api.tokens[jwt("old-agent-token-on-x")] = Bound(AGENT_SA, None)
     with caplog.at_level(logging.INFO, "synapse.controlplane.token_review"):
-        assert await reviewer.node_of("old-agent-token-on-x") is None
+        assert await reviewer.node_of(jwt("old-agent-token-on-x")) is None
     assert "carries no node name (Kubernetes < 1.30" in caplog.text
 
 
 async def test_an_unauthenticated_token_is_refused(
         api: FakeApiServer, reviewer: token_review.TokenReviewer) -> None:
-    assert await reviewer.node_of("forged-agent-token-on-x") is None
+    assert await reviewer.node_of(jwt("forged-agent-token-on-x")) is None
     # whatever else the answer says
-    api.tokens["expired-agent-token-on-x"] = Bound(AGENT_SA, "gpu-node-1", authenticated=False)
-    assert await reviewer.node_of("expired-agent-token-on-x") is None
+    api.tokens[jwt("expired-agent-token-on-x")] = Bound(AGENT_SA, "gpu-node-1", authenticated=False)
+    assert await reviewer.node_of(jwt("expired-agent-token-on-x")) is None
     assert len(api.seen) == 2
 
 
@@ -242,21 +255,40 @@ async def test_an_unreadable_own_token_is_unavailable(
 
 # -- load -------------------------------------------------------------------------------
 
-async def test_reviews_beyond_the_cap_are_refused_at_once(api: FakeApiServer,
-                                                          own_token: pathlib.Path) -> None:
+async def test_reviews_beyond_the_cap_wait_for_a_place_and_past_the_queue_are_refused(
+        api: FakeApiServer, own_token: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(token_review, "MAX_WAITING", 1)
     api.gate = asyncio.Event()
-    for i in range(3):
-        api.tokens[f"t{i}-agent-token-on"] = Bound(AGENT_SA, f"gpu-node-{i}")
+    for i in range(4):
+        api.tokens[jwt(f"t{i}-agent-token-on")] = Bound(AGENT_SA, f"gpu-node-{i}")
     r = token_review.TokenReviewer(_settings(api.url, own_token, max_concurrent=2))
-    held = [asyncio.create_task(r.node_of(f"t{i}-agent-token-on")) for i in range(2)]
+    held = [asyncio.create_task(r.node_of(jwt(f"t{i}-agent-token-on"))) for i in range(2)]
     for _ in held:
         await api.arrivals.get()
+    waiting = asyncio.create_task(r.node_of(jwt("t2-agent-token-on")))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and len(api.seen) == 2    # waits, has not reached the server
     with pytest.raises(token_review.ReviewUnavailable, match="max_concurrent"):
-        await r.node_of("t2-agent-token-on")
-    assert len(api.seen) == 2           # the third never reached the API server
+        await r.node_of(jwt("t3-agent-token-on"))         # the queue is full: at once
     api.gate.set()
     assert await asyncio.gather(*held) == ["gpu-node-0", "gpu-node-1"]
-    assert await r.node_of("t2-agent-token-on") == "gpu-node-2"   # room again
+    assert await waiting == "gpu-node-2"
+    assert len(api.seen) == 3
+
+
+@pytest.mark.parametrize("token", [
+    "random-garbage-agent-token-on", "a.b.agent-token-on", "a.b.c.d",
+    jwt("other-audience-agent-token-on", audience="kubernetes"),
+    jwt("expired-agent-token-on", exp=1000.0),
+    "x" * 20_000,
+], ids=["not-a-jwt", "claims-not-json", "four-parts", "audience", "expired", "huge"])
+async def test_a_token_that_cannot_be_an_agents_is_refused_without_asking(
+        api: FakeApiServer, reviewer: token_review.TokenReviewer, token: str) -> None:
+    """Whoever reaches the gRPC port can present tokens: those that are not JWTs for our
+    audience, unexpired, never become requests to the API server."""
+    api.tokens[token] = Bound(AGENT_SA, "gpu-node-1")   # the server would even accept it
+    assert await reviewer.node_of(token) is None
+    assert api.seen == []
 
 
 async def test_an_accepted_token_is_remembered_briefly(api: FakeApiServer,
@@ -267,8 +299,8 @@ async def test_an_accepted_token_is_remembered_briefly(api: FakeApiServer,
     assert await r.node_of(GOOD) == "gpu-node-1"
     assert await r.node_of(GOOD) == "gpu-node-1"
     assert len(api.seen) == 1
-    assert await r.node_of("forged-agent-token-on") is None
-    assert await r.node_of("forged-agent-token-on") is None
+    assert await r.node_of(jwt("forged-agent-token-on")) is None
+    assert await r.node_of(jwt("forged-agent-token-on")) is None
     assert len(api.seen) == 3           # refusals are asked again
     now[0] += 31
     assert await r.node_of(GOOD) == "gpu-node-1"
@@ -280,19 +312,19 @@ async def test_an_accepted_token_is_remembered_briefly(api: FakeApiServer,
 async def test_no_token_reaches_a_log_line_an_error_or_repr(
         api: FakeApiServer, own_token: pathlib.Path,
         caplog: pytest.LogCaptureFixture) -> None:
-    api.tokens["a-agent-token-on-other-sa"] = Bound(OTHER_SA, "n")
-    api.tokens["b-agent-token-on-no-node"] = Bound(AGENT_SA, None)
-    api.tokens["c-agent-token-on-aud"] = Bound(AGENT_SA, "n", audiences=("x",))
+    api.tokens[jwt("a-agent-token-on-other-sa")] = Bound(OTHER_SA, "n")
+    api.tokens[jwt("b-agent-token-on-no-node")] = Bound(AGENT_SA, None)
+    api.tokens[jwt("c-agent-token-on-aud")] = Bound(AGENT_SA, "n", audiences=("x",))
     texts: list[str] = []
     with caplog.at_level(logging.DEBUG):
         r = token_review.TokenReviewer(_settings(api.url, own_token, timeout_s=0.2))
         texts.append(repr(r))
-        for token in (*api.tokens, "forged-agent-token-on-x"):
+        for token in (*api.tokens, jwt("forged-agent-token-on-x")):
             await r.node_of(token)
         for answer in ("500", "403", "garbage", "slow"):
             api.answer = answer
             with pytest.raises(token_review.ReviewUnavailable) as err:
-                await r.node_of("d-agent-token-on-failing")
+                await r.node_of(jwt("d-agent-token-on-failing"))
             texts.append(str(err.value))
     texts += [rec.getMessage() for rec in caplog.records]
     assert len(caplog.records) >= 3

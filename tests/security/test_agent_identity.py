@@ -19,11 +19,15 @@ import pytest
 
 from protos.synapse.v1 import admin_pb2, admin_pb2_grpc, controlplane_pb2, controlplane_pb2_grpc
 from tests import fleet, harness
+from tests.controlplane.test_token_review import jwt
 
 AGENT_SA = "system:serviceaccount:synapse:synapse-agent"
-TOKENS = {"sa-token-bound-to-node-a-3f9c1e": (AGENT_SA, "node-a"),
-          "sa-token-bound-to-node-b-8d2e4a": (AGENT_SA, "node-b"),
-          "sa-token-of-another-account-5b7": ("system:serviceaccount:apps:web", "node-c")}
+NODE_A = jwt("sa-token-bound-to-node-a-3f9c1e")
+NODE_B = jwt("sa-token-bound-to-node-b-8d2e4a")
+OTHER_ACCOUNT = jwt("sa-token-of-another-account-5b7")
+UNKNOWN = jwt("a-token-nobody-issued")
+TOKENS = {NODE_A: (AGENT_SA, "node-a"), NODE_B: (AGENT_SA, "node-b"),
+          OTHER_ACCOUNT: ("system:serviceaccount:apps:web", "node-c")}
 OWN_TOKEN = "control-plane-own-sa-token-1c4e6a"
 
 
@@ -80,7 +84,7 @@ def reviewed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                                    "api_server": f"http://127.0.0.1:{api.server_port}",
                                    "token_file": str(own)}
     token = tmp / "agent-token"
-    token.write_text("sa-token-bound-to-node-a-3f9c1e\n")
+    token.write_text(NODE_A + "\n")
     agent = fleet.agent_config("node-a", [f"127.0.0.1:{grpc_port}"],
                                {"gen": harness.free_port()}, tmp / "engines", time_scale=0)
     agent["control_plane"].pop("token")
@@ -157,11 +161,13 @@ def test_the_semantic_cache_calls_the_agent_with_its_node_key(reviewed: Fleet) -
 
 
 @pytest.mark.parametrize(("token", "node", "code"), [
-    ("sa-token-bound-to-node-b-8d2e4a", "node-a", grpc.StatusCode.PERMISSION_DENIED),
-    ("sa-token-of-another-account-5b7", "node-c", grpc.StatusCode.UNAUTHENTICATED),
-    ("a-token-nobody-issued", "node-d", grpc.StatusCode.UNAUTHENTICATED),
-    ("sa-token-bound-to-node-a-3f9c1e", "node-a", grpc.StatusCode.ALREADY_EXISTS),
-], ids=["another-nodes-token", "not-an-agent-account", "unknown", "node-a-is-live"])
+    (NODE_B, "node-a", grpc.StatusCode.PERMISSION_DENIED),
+    (OTHER_ACCOUNT, "node-c", grpc.StatusCode.UNAUTHENTICATED),
+    (UNKNOWN, "node-d", grpc.StatusCode.UNAUTHENTICATED),
+    ("not-even-a-jwt", "node-d", grpc.StatusCode.UNAUTHENTICATED),
+    (NODE_A, "node-a", grpc.StatusCode.ALREADY_EXISTS),
+], ids=["another-nodes-token", "not-an-agent-account", "unknown", "not-a-jwt",
+        "node-a-is-live"])
 def test_no_token_registers_a_node_it_is_not_bound_to(reviewed: Fleet, token: str, node: str,
                                                       code: grpc.StatusCode) -> None:
     err = _connect(reviewed.grpc, token, node)
