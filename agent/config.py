@@ -211,9 +211,11 @@ class EmbedderSettings(Section):
                                 "(longer: INVALID_ARGUMENT)")
     max_call_chars: int = Field(1_048_576, ge=1, description="characters per Embed call, all "
                                 "texts together (more: INVALID_ARGUMENT)")
-    queue_max_texts: int = Field(4096, ge=1, description="texts waiting for the model at most; "
-                                 "a call that would go over is refused with RESOURCE_EXHAUSTED "
-                                 "(a call into an empty queue is always taken)")
+    queue_max_texts: int = Field(4096, ge=1, description="texts waiting for the model at most, "
+                                 "per tenant and in all: a call that would take its tenant's "
+                                 "queue over, or its tenant past an equal share of the whole, "
+                                 "is refused with RESOURCE_EXHAUSTED (a call into its tenant's "
+                                 "empty queue is always taken)")
     request_timeout_s: float = Field(30.0, gt=0, description="TEI HTTP call timeout")
     runtime: Literal["auto", "torch", "onnx"] = Field(
         "auto", description="kind minilm: auto runs the transformer (and the pair scorer's "

@@ -68,7 +68,8 @@ class Metrics:
             registry=r)
         self.embed_queue_texts = Gauge(
             "synapse_agent_embed_queue_texts", "Texts waiting for the embedding model "
-            "(bounded by embedder.queue_max_texts; beyond it calls are RESOURCE_EXHAUSTED).",
+            "(bounded by embedder.queue_max_texts per tenant and in all; beyond it calls are "
+            "RESOURCE_EXHAUSTED).",
             ["node"], registry=r)
         self.control_plane_connected = Gauge(
             "synapse_agent_control_plane_connected", "1 while the report stream to that "

@@ -4,7 +4,8 @@ module per concept, imported as modules.
 ======================  ===============================================================
 ``errors``              the error tree (mapped to gRPC codes in :mod:`agent.node_service`)
 ``protocol``            what the service needs of an embedder; the start-once base
-``batcher``             natural micro-batching, bounded, cancelled callers leave the queue
+``batcher``             natural micro-batching, fair between tenants, bounded, cancelled
+                        callers leave the queue
 ``model``               all-MiniLM-L6-v2: loading, its id, the tokenizer, length-ordered chunks
 ``torch_path``          the model's vectors in torch
 ``onnx_path``           its transformer in onnxruntime, checked against torch at start

@@ -23,7 +23,8 @@ tenants, and callers who give up leave the queue.
   no tenant set, and the untrusted ones (``None``), each count as one tenant of their own.
   The price of the pieces: a large call is padded per batch rather than across the whole
   call (``bench.embedding`` shows no loss in-process), and behind TEI it goes out one
-  client batch at a time instead of as concurrent posts.
+  batch of ``max_batch`` texts at a time (each as concurrent posts of TEI's client batch,
+  :mod:`agent.embedding.tei`) instead of all at once.
 * Bounded: ``max_queued`` texts waiting, per tenant and in all. A call that would take
   its tenant's queue over the bound is refused at once with
   :class:`~agent.embedding.errors.Overloaded` (nothing is queued), so a burst is shed

@@ -4,8 +4,10 @@
   ``max_client_batch_size`` (TEI rejects larger batches with 413); it is read again after
   a failure, in case TEI restarted with another model (the service then evicts the old
   model's cached vectors).
-* Calls are micro-batched like the in-process model's (:mod:`agent.embedding.batcher`);
-  a batch larger than TEI's client batch goes out as concurrent posts of that size.
+* Calls are micro-batched like the in-process model's (:mod:`agent.embedding.batcher`:
+  fair between tenants, one batch of up to ``embedder.max_batch`` texts at a time); a
+  batch larger than TEI's client batch goes out as concurrent posts of that size, so a
+  ``max_batch`` a few times TEI's keeps TEI's own batching busy.
 * Raw vectors are asked for (``normalize: false``): the service normalises on the way out.
 """
 
@@ -73,7 +75,6 @@ class TeiEmbedder(batcher.Batched):
         self.embedder_id = f"{info.get('model_id', 'unknown')}@{sha}"
         self._client_batch = max(1, min(self._cfg.max_batch,
                                         int(info.get("max_client_batch_size") or 32)))
-        self.batcher.max_batch = self._client_batch
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         if self._info is None:
