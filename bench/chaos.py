@@ -189,10 +189,12 @@ def counters(urls: list[str]) -> dict[str, float]:
 
 
 def set_faults(url: str, **faults: Any) -> None:
-    """Sets faults on an engine the agent started: it wants the engine key on /sim/*."""
+    """Sets faults on an engine the agent started: it wants its node's engine key on
+    /sim/*, which the agent chose at its start (read from the engine's environment)."""
+    key = harness.engine_key_at(url)
     req = urllib.request.Request(f"{url}/sim/faults", data=json.dumps(faults).encode(),
                                  headers={"Content-Type": "application/json",
-                                          "Authorization": f"Bearer {fleet.ENGINE_KEY}"},
+                                          "Authorization": f"Bearer {key}"},
                                  method="POST")
     with urllib.request.urlopen(req, timeout=5) as resp:
         resp.read()
