@@ -3,8 +3,9 @@
 Protos become core value objects here and nowhere deeper, defensively:
 
 * a ``Register`` is refused (:func:`register_problem`, ``INVALID_ARGUMENT``) when its node
-  name is not a plain host name (it names metrics, logs and the registry), when it lists
-  more than :data:`MAX_ITEMS` embed models or labels, or when it is over
+  name is not a plain host name (it names metrics, logs and the registry), when its
+  Node-service address is not ``host:port`` (no gRPC scheme such as ``dns:``), when it
+  lists more than :data:`MAX_ITEMS` embed models or labels, or when it is over
   :data:`MAX_MESSAGE_BYTES`; the agent's version and labels are cut to
   :data:`MAX_TEXT` printable characters (they reach operators' terminals and log lines);
 * a ``Report``'s shares and rates are clamped to [0, 1] (a NaN counts as the worst case)
@@ -34,6 +35,8 @@ MAX_SEQS = 1 << 20
 MAX_ITEMS = 64                      # embed models, labels
 MAX_TEXT = 128                      # characters of a version or a label
 NODE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,252})")
+_HOST_PORT = re.compile(r"[A-Za-z0-9._:\[\]-]+:[0-9]{1,5}")    # an IPv6 host with or without []
+GRPC_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock"})
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]|[\u2028\u2029\u200b-\u200f\u202a-\u202e]")
 
 
@@ -51,6 +54,9 @@ def register_problem(message: controlplane_pb2.AgentMessage) -> str | None:
     if not NODE_NAME.fullmatch(r.node_name):
         return ("node_name must be a host name: letters, digits, '.', '_' and '-', at most "
                 "253 characters")
+    if r.node_address and (not _HOST_PORT.fullmatch(r.node_address)
+                           or r.node_address.split(":", 1)[0].lower() in GRPC_SCHEMES):
+        return "node_address must be host:port (a name or an IP address, no scheme)"
     if len(r.embed_models) > MAX_ITEMS or len(r.labels) > MAX_ITEMS:
         return f"at most {MAX_ITEMS} embed_models and {MAX_ITEMS} labels"
     if message.ByteSize() > MAX_MESSAGE_BYTES:

@@ -29,8 +29,11 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import ipaddress
 import itertools
+import socket
 import uuid
 from collections.abc import Iterable
 
@@ -71,6 +74,33 @@ class AddressTaken(Exception):
     def __init__(self, holder: str) -> None:
         super().__init__(holder)
         self.holder = holder
+
+
+def address_key(address: str) -> str:
+    """``host:port`` as two spellings of one socket compare: the host lower-cased without
+    a trailing dot, ``localhost`` as 127.0.0.1, an IP in its one canonical form (IPv4
+    shorthand such as ``127.1``, an IPv4-mapped IPv6 address as its IPv4), the port as a
+    number. Not resolved: two names of one host still differ."""
+    host, sep, port = address.rpartition(":")
+    try:
+        number = int(port) if sep else None
+    except ValueError:
+        number = None
+    if number is None:
+        return address.lower()
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        host = str(ip)
+    except ValueError:
+        if host and all(part.isalnum() for part in host.split(".")):
+            with contextlib.suppress(OSError):
+                host = socket.inet_ntoa(socket.inet_aton(host))   # 127.1, 0x7f.1
+    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
 
 
 class Registry:
@@ -134,8 +164,9 @@ class Registry:
         the key of the node that registered an address to whatever answers there."""
         if not info.address:
             return
+        wanted = address_key(info.address)
         for name, other in self._nodes.items():
-            if (name != info.name and other.info.address == info.address
+            if (name != info.name and address_key(other.info.address) == wanted
                     and self.node_status(other) != "down"):
                 raise AddressTaken(name)
 
@@ -326,12 +357,12 @@ class Registry:
         may still name the address another took since: the live one's key wins)."""
         cached = self._keys_at
         if cached is None or cached[0] != self.version:
-            keys = {n.info.address: n.info.node_key
+            keys = {address_key(n.info.address): n.info.node_key
                     for n in sorted(self._nodes.values(),
                                     key=lambda n: self.node_status(n) != "down")
                     if n.info.address and n.info.node_key}
             cached = self._keys_at = (self.version, keys)
-        return cached[1].get(address)
+        return cached[1].get(address_key(address))
 
     def ready_embed_nodes(self) -> list[types.EmbedNode]:
         """Up nodes whose agent serves ``Node.Embed`` (for the semantic cache)."""

@@ -465,3 +465,30 @@ def test_a_peer_is_named_by_its_address_without_the_port() -> None:
     assert grpc_server._peer_host("ipv4:10.0.0.5:41234") == "10.0.0.5"
     assert grpc_server._peer_host("ipv6:[::1]:41234") == "::1"
     assert grpc_server._peer_host("unix:/tmp/x.sock") == "unix:/tmp/x.sock"
+
+
+@pytest.mark.parametrize("spelling", [
+    "localhost:50052", "127.0.0.1:050052", "[::ffff:127.0.0.1]:50052", "127.1:50052",
+    "LOCALHOST.:50052"])
+def test_one_socket_spelled_another_way_is_the_same_address(spelling: str) -> None:
+    reg = registry.Registry(ManualClock(), 15.0)
+    reg.register(types.NodeInfo(name="a", address="127.0.0.1:50052", node_key="k" * 64))
+    with pytest.raises(registry.AddressTaken):
+        reg.register(types.NodeInfo(name="b", address=spelling, node_key="s" * 64))
+    assert reg.node_key_at(spelling) == "k" * 64
+
+
+def test_ipv6_addresses_compare_with_or_without_brackets() -> None:
+    assert registry.address_key("fd00::5:50052") == registry.address_key("[fd00:0::5]:50052")
+    assert registry.address_key("gpu-1.example.:50052") == "gpu-1.example:50052"
+
+
+@pytest.mark.parametrize("address", ["dns:///cp.example:50052", "ipv4:10.0.0.1:50052",
+                                     "unix:/tmp/agent.sock", "10.0.0.1", "10.0.0.1:port"])
+async def test_a_node_address_that_is_not_host_and_port_is_invalid(address: str) -> None:
+    async with control_plane() as (svc, port):
+        agent = Agent(port, SHARED)
+        await agent.send(register("gpu-1", address=address))
+        assert await agent.refused() == grpc.StatusCode.INVALID_ARGUMENT
+        await agent.close()
+        assert svc.registry.nodes() == []
