@@ -212,7 +212,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 if self._relay is not None else None)
         tasks = [asyncio.create_task(self._read(name, stream_id, caller, info.engine_key,
                                                 request_iterator, out, copy)),
-                 asyncio.create_task(self._pump(name, out))]
+                 asyncio.create_task(self._pump(name, stream_id, out))]
         self._svc.metrics.agent_streams.inc()
         try:
             while (msg := await out.get()) is not None:
@@ -283,11 +283,19 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             raise _Ended(f"its Register named the address of node {exc.holder!r}") from None
         return agent_messages.as_decided(msg, info)
 
-    async def _pump(self, name: str,
+    async def _pump(self, name: str, stream_id: int,
                     out: asyncio.Queue[controlplane_pb2.ControlMessage | None]) -> None:
-        outbox = self._svc.registry.outbox(name)
+        """Moves the node's commands onto this stream while it is the node's current one;
+        a command it takes after a newer stream took over goes back for that one's pump,
+        and this stream ends."""
+        reg = self._svc.registry
+        outbox = reg.outbox(name)
         while True:
             cid, cmd = await outbox.get()
+            if not reg.current(name, stream_id):
+                outbox.put_nowait((cid, cmd))
+                out.put_nowait(None)
+                return
             out.put_nowait(command_message(cid, cmd))
 
 

@@ -232,6 +232,11 @@ class Registry:
 
     # -- commands -----------------------------------------------------------------------
 
+    def current(self, node_name: str, stream_id: int) -> bool:
+        """Whether ``stream_id`` is the node's newest stream."""
+        node = self._nodes.get(node_name)
+        return node is not None and node.stream_id == stream_id
+
     def outbox(self, node_name: str) -> asyncio.Queue[tuple[str, types.Command]]:
         return self._require(node_name).outbox
 

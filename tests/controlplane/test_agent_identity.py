@@ -492,3 +492,40 @@ async def test_a_node_address_that_is_not_host_and_port_is_invalid(address: str)
         assert await agent.refused() == grpc.StatusCode.INVALID_ARGUMENT
         await agent.close()
         assert svc.registry.nodes() == []
+
+
+async def test_a_command_goes_to_the_nodes_newest_stream_and_the_older_one_ends(
+        tmp_path: pathlib.Path) -> None:
+    """In a serving worker a newer copy of a node's stream takes over at once; a command
+    queued then must not be taken (and lost) by the older stream's pump."""
+    settings = t.settings(auth={"agent_token": SHARED, "allow_unauthenticated_agents": False})
+    svc = services_mod.build(settings)
+    sock = tmp_path / "worker.sock"
+    server, _ = await grpc_server.start(f"unix:{sock}", None,
+                                        [grpc_server.control_plane(svc, relayed=True)])
+    try:
+        channels = [grpc.aio.insecure_channel(f"unix:{sock}") for _ in range(2)]
+        older, newer = (Agent.__new__(Agent) for _ in range(2))
+        for agent, channel in zip((older, newer), channels, strict=True):
+            agent.channel = channel
+            agent.outgoing = asyncio.Queue()
+            agent.call = controlplane_pb2_grpc.ControlPlaneStub(channel).Connect(
+                agent._messages(), metadata=call_metadata.metadata(SHARED))
+        await older.send(register("gpu-1"))
+        await older.send(report(1))
+        await older.receive()
+        await newer.send(register("gpu-1"))
+        await newer.send(report(1))
+        await newer.receive()
+        sent = asyncio.create_task(svc.registry.send_command(
+            "gpu-1", types.Command("drain", grace_seconds=1)))
+        command = await newer.receive()
+        assert command.WhichOneof("body") == "drain"
+        await newer.send(controlplane_pb2.AgentMessage(command_ack=controlplane_pb2.CommandAck(
+            command_id=command.command_id, ok=True)))
+        assert (await sent).ok
+        assert await older.call.read() == grpc.aio.EOF           # the older stream ended
+        for agent in (older, newer):
+            await agent.close()
+    finally:
+        await server.stop(0)
