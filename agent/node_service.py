@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -60,7 +59,7 @@ from grpc_reflection.v1alpha import reflection
 
 from agent.embedding import errors, pair_scorer, service
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
-from synapse_common import call_metadata
+from synapse_common import call_metadata, tls_files
 
 log = logging.getLogger(__name__)
 MAX_RECEIVE_BYTES = 8 * 1024 * 1024   # see NodeServer: the largest admitted call is a few MB
@@ -204,17 +203,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
 
 def server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
-    """The Node port's TLS credentials; :class:`OSError` naming ``grpc.tls_cert_file`` /
+    """The Node port's TLS credentials, read again when the files change
+    (:mod:`synapse_common.tls_files`); :class:`OSError` naming ``grpc.tls_cert_file`` /
     ``tls_key_file`` when the files cannot be read or are not a certificate and its key."""
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_file,
-                                                                            key_file)
-        with open(key_file, "rb") as k, open(cert_file, "rb") as c:
-            return grpc.ssl_server_credentials([(k.read(), c.read())])
-    except (OSError, ssl.SSLError) as exc:
-        raise OSError(f"grpc.tls_cert_file / grpc.tls_key_file: cannot load {cert_file} and "
-                      f"{key_file} as a certificate and its key "
-                      f"({exc.strerror or type(exc).__name__})") from None
+    return tls_files.server_credentials(cert_file, key_file,
+                                        "grpc.tls_cert_file / grpc.tls_key_file")
 
 
 class NodeServer:

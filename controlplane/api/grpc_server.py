@@ -60,7 +60,7 @@ from controlplane.api import agent_messages
 from controlplane.api import services as services_mod
 from controlplane.core import registry, types
 from protos.synapse.v1 import controlplane_pb2, controlplane_pb2_grpc
-from synapse_common import aiotasks, call_metadata, engine_key
+from synapse_common import aiotasks, call_metadata, engine_key, tls_files
 
 log = logging.getLogger("synapse.controlplane.grpc")
 
@@ -328,8 +328,9 @@ def control_plane(svc: services_mod.Services, relay: agent_relay.AgentRelay | No
 
 
 def _credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
-    with open(key_file, "rb") as k, open(cert_file, "rb") as c:
-        return grpc.ssl_server_credentials([(k.read(), c.read())])
+    """Read again when the files change (a renewal needs no restart)."""
+    return tls_files.server_credentials(cert_file, key_file,
+                                        "grpc.tls_cert_file / grpc.tls_key_file")
 
 
 async def start(host: str, port: int | None, registrations: Sequence[Registration], *,

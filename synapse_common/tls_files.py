@@ -1,0 +1,65 @@
+"""gRPC server TLS credentials read from a certificate and key file, and read again when
+they change: the control plane's gRPC port and the agents' Node port serve certificates
+that cert-manager (or an operator) renews in place, and a renewal must not need a restart.
+
+Each new connection's handshake asks :func:`server_credentials`' fetcher, which looks at
+both files' modification time and size (a ``stat`` each, no read) and, when either
+changed, loads the pair again. A pair that does not load as a certificate and its key
+(a renewal caught half written) keeps the previous one, with a warning, and is tried
+again at the next handshake; Kubernetes swaps a Secret volume's files at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+Stamp = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _stamp(cert_file: str, key_file: str) -> Stamp:
+    c, k = os.stat(cert_file), os.stat(key_file)
+    return (c.st_mtime_ns, c.st_size), (k.st_mtime_ns, k.st_size)
+
+
+def load_pair(cert_file: str, key_file: str, field: str) -> tuple[bytes, bytes]:
+    """(key, certificate) as PEM bytes, checked to be a certificate and its key;
+    :class:`OSError` naming ``field`` otherwise."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_file,
+                                                                            key_file)
+        with open(key_file, "rb") as k, open(cert_file, "rb") as c:
+            return k.read(), c.read()
+    except (OSError, ssl.SSLError) as exc:
+        raise OSError(f"{field}: cannot load {cert_file} and {key_file} as a certificate "
+                      f"and its key ({exc.strerror or type(exc).__name__})") from None
+
+
+def server_credentials(cert_file: str, key_file: str, field: str) -> grpc.ServerCredentials:
+    """Credentials that serve the pair in the files as they are at each handshake (see
+    the module docstring); :class:`OSError` naming ``field`` when they do not load now."""
+    first = grpc.ssl_server_certificate_configuration([load_pair(cert_file, key_file, field)])
+    last = [_stamp(cert_file, key_file)]
+    warned = [""]           # each problem is said once, not at every handshake
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        try:
+            now = _stamp(cert_file, key_file)
+            if now == last[0]:
+                return None
+            pair = load_pair(cert_file, key_file, field)
+        except OSError as exc:
+            if str(exc) != warned[0]:
+                warned[0] = str(exc)
+                log.warning("keeping the TLS certificate loaded before: %s", exc)
+            return None
+        last[0], warned[0] = now, ""
+        log.info("TLS certificate %s loaded again (it changed)", cert_file)
+        return grpc.ssl_server_certificate_configuration([pair])
+
+    return grpc.dynamic_ssl_server_credentials(first, fetch)
