@@ -2,7 +2,7 @@
 they change: the control plane's gRPC port and the agents' Node port serve certificates
 that cert-manager (or an operator) renews in place, and a renewal must not need a restart.
 
-Each new connection's handshake asks :func:`server_credentials`' fetcher, which looks at
+Each new connection's handshake asks :meth:`FollowedPair.changed`, which looks at
 both files' modification time and size (a ``stat`` each, no read) and, when either
 changed, loads the pair again. A pair that does not load as a certificate and its key
 (a renewal caught half written) keeps the previous one, with a warning, and is tried
@@ -14,8 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-
-import grpc
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +38,34 @@ def load_pair(cert_file: str, key_file: str, field: str) -> tuple[bytes, bytes]:
                       f"and its key ({exc.strerror or type(exc).__name__})") from None
 
 
-def server_credentials(cert_file: str, key_file: str, field: str) -> grpc.ServerCredentials:
-    """Credentials that serve the pair in the files as they are at each handshake (see
-    the module docstring); :class:`OSError` naming ``field`` when they do not load now."""
-    first = grpc.ssl_server_certificate_configuration([load_pair(cert_file, key_file, field)])
-    last = [_stamp(cert_file, key_file)]
-    warned = [""]           # each problem is said once, not at every handshake
+Pair = tuple[bytes, bytes]      # (key, certificate), PEM
 
-    def fetch() -> grpc.ServerCertificateConfiguration | None:
+
+class FollowedPair:
+    """A certificate and key file pair as it is now: :attr:`first` when made (or
+    :class:`OSError` naming ``field``), then :meth:`changed` at each handshake. The
+    gRPC servers turn it into ``grpc.dynamic_ssl_server_credentials`` (gRPC stays at the
+    edges: :func:`controlplane.api.grpc_server`, :mod:`agent.node_service`)."""
+
+    def __init__(self, cert_file: str, key_file: str, field: str) -> None:
+        self._cert, self._key, self._field = cert_file, key_file, field
+        self.first: Pair = load_pair(cert_file, key_file, field)
+        self._last = _stamp(cert_file, key_file)
+        self._warned = ""       # each problem is said once, not at every handshake
+
+    def changed(self) -> Pair | None:
+        """The pair when the files changed since it was last loaded and load now; None
+        otherwise (keep serving the one loaded before)."""
         try:
-            now = _stamp(cert_file, key_file)
-            if now == last[0]:
+            now = _stamp(self._cert, self._key)
+            if now == self._last:
                 return None
-            pair = load_pair(cert_file, key_file, field)
+            pair = load_pair(self._cert, self._key, self._field)
         except OSError as exc:
-            if str(exc) != warned[0]:
-                warned[0] = str(exc)
+            if str(exc) != self._warned:
+                self._warned = str(exc)
                 log.warning("keeping the TLS certificate loaded before: %s", exc)
             return None
-        last[0], warned[0] = now, ""
-        log.info("TLS certificate %s loaded again (it changed)", cert_file)
-        return grpc.ssl_server_certificate_configuration([pair])
-
-    return grpc.dynamic_ssl_server_credentials(first, fetch)
+        self._last, self._warned = now, ""
+        log.info("TLS certificate %s loaded again (it changed)", self._cert)
+        return pair

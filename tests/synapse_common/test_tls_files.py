@@ -1,4 +1,5 @@
-"""A gRPC server's certificate renewed in place is served from the next connection on,
+"""A gRPC server's certificate renewed in place is served from the next connection on
+(the agents' Node port here; the control plane's gRPC port wraps the same pair),
 with no restart; a renewal caught half written keeps the certificate loaded before."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from agent import node_service
 from synapse_common import tls_files
 from tests import fleet
 
@@ -52,8 +54,8 @@ async def test_a_renewed_certificate_is_served_to_new_connections(
     old_ca, new_ca = _read(pairs["old_cert"]), _read(pairs["new_cert"])
     server = grpc.aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-    port = server.add_secure_port(
-        "127.0.0.1:0", tls_files.server_credentials(str(cert), str(key), "tls"))
+    port = server.add_secure_port("127.0.0.1:0", node_service.server_credentials(str(cert),
+                                                                                 str(key)))
     await server.start()
     address = f"127.0.0.1:{port}"
     try:
@@ -76,5 +78,5 @@ async def test_a_renewed_certificate_is_served_to_new_connections(
 
 def test_a_pair_that_does_not_load_names_the_setting(pairs: dict[str, pathlib.Path]) -> None:
     with pytest.raises(OSError, match=r"grpc\.tls_cert_file: cannot load"):
-        tls_files.server_credentials(str(pairs["old_cert"]), str(pairs["new_key"]),
-                                     "grpc.tls_cert_file")
+        tls_files.FollowedPair(str(pairs["old_cert"]), str(pairs["new_key"]),
+                               "grpc.tls_cert_file")
