@@ -139,7 +139,10 @@ class ChaosFleet:
         port = str(self.engine_ports[name])
         with contextlib.suppress(psutil.Error):
             for child in psutil.Process(self.agents[node].pid).children(recursive=True):
-                if port in child.cmdline():
+                argv = child.cmdline()
+                # the engine itself, not the reaper that leads its process group (and
+                # names the engine's port in its own command line)
+                if port in argv and not any(a.endswith("engine_reaper.py") for a in argv):
                     return int(child.pid)
         return None
 
