@@ -206,14 +206,8 @@ def server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
     """The Node port's TLS credentials, read again when the files change
     (:mod:`synapse_common.tls_files`); :class:`OSError` naming ``grpc.tls_cert_file`` /
     ``tls_key_file`` when the files cannot be read or are not a certificate and its key."""
-    pair = tls_files.FollowedPair(cert_file, key_file, "grpc.tls_cert_file / grpc.tls_key_file")
-
-    def fetch() -> grpc.ServerCertificateConfiguration | None:
-        changed = pair.changed()
-        return None if changed is None else grpc.ssl_server_certificate_configuration([changed])
-
-    return grpc.dynamic_ssl_server_credentials(
-        grpc.ssl_server_certificate_configuration([pair.first]), fetch)
+    return tls_files.server_credentials(cert_file, key_file,
+                                        "grpc.tls_cert_file / grpc.tls_key_file")
 
 
 class NodeServer:

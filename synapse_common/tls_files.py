@@ -2,9 +2,9 @@
 they change: the control plane's gRPC port and the agents' Node port serve certificates
 that cert-manager (or an operator) renews in place, and a renewal must not need a restart.
 
-Each new connection's handshake asks :meth:`FollowedPair.changed`, which looks at
-both files' modification time and size (a ``stat`` each, no read) and, when either
-changed, loads the pair again. A pair that does not load as a certificate and its key
+Each new connection's handshake (:func:`server_credentials`) asks
+:meth:`FollowedPair.changed`, which looks at both files' modification time and size (a
+``stat`` each, no read) and, when either changed, loads the pair again. A pair that does not load as a certificate and its key
 (a renewal caught half written) keeps the previous one, with a warning, and is tried
 again at the next handshake; Kubernetes swaps a Secret volume's files at once.
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+
+import grpc
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,7 @@ Pair = tuple[bytes, bytes]      # (key, certificate), PEM
 
 class FollowedPair:
     """A certificate and key file pair as it is now: :attr:`first` when made (or
-    :class:`OSError` naming ``field``), then :meth:`changed` at each handshake. The
-    gRPC servers turn it into ``grpc.dynamic_ssl_server_credentials`` (gRPC stays at the
-    edges: :func:`controlplane.api.grpc_server`, :mod:`agent.node_service`)."""
+    :class:`OSError` naming ``field``), then :meth:`changed` at each handshake."""
 
     def __init__(self, cert_file: str, key_file: str, field: str) -> None:
         self._cert, self._key, self._field = cert_file, key_file, field
@@ -69,3 +69,17 @@ class FollowedPair:
         self._last, self._warned = now, ""
         log.info("TLS certificate %s loaded again (it changed)", self._cert)
         return pair
+
+
+def server_credentials(cert_file: str, key_file: str, field: str) -> grpc.ServerCredentials:
+    """gRPC server credentials serving the pair as the files hold it at each handshake
+    (the control plane's gRPC port, the agents' Node port); :class:`OSError` naming
+    ``field`` when they do not load now."""
+    pair = FollowedPair(cert_file, key_file, field)
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        changed = pair.changed()
+        return None if changed is None else grpc.ssl_server_certificate_configuration([changed])
+
+    return grpc.dynamic_ssl_server_credentials(
+        grpc.ssl_server_certificate_configuration([pair.first]), fetch)

@@ -329,14 +329,8 @@ def control_plane(svc: services_mod.Services, relay: agent_relay.AgentRelay | No
 
 def _credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
     """Read again when the files change (a renewal needs no restart)."""
-    pair = tls_files.FollowedPair(cert_file, key_file, "grpc.tls_cert_file / grpc.tls_key_file")
-
-    def fetch() -> grpc.ServerCertificateConfiguration | None:
-        changed = pair.changed()
-        return None if changed is None else grpc.ssl_server_certificate_configuration([changed])
-
-    return grpc.dynamic_ssl_server_credentials(
-        grpc.ssl_server_certificate_configuration([pair.first]), fetch)
+    return tls_files.server_credentials(cert_file, key_file,
+                                        "grpc.tls_cert_file / grpc.tls_key_file")
 
 
 async def start(host: str, port: int | None, registrations: Sequence[Registration], *,
