@@ -24,6 +24,7 @@ from synapse_common import call_metadata, engine_key
 from tests import harness
 from tests.clock import ManualClock
 from tests.controlplane import cp_testing as t
+from tests.controlplane.test_grpc_server import Agent
 
 SHARED = "identity-test-shared-agent-token"
 SA_TOKEN = {"sa-token-of-gpu-1": "gpu-1", "sa-token-of-gpu-2": "gpu-2"}
@@ -45,33 +46,6 @@ class StandInReview:
         if self.down:
             raise token_review.ReviewUnavailable("the API server did not answer")
         return SA_TOKEN.get(token)
-
-
-class Agent:
-    def __init__(self, port: int, token: str | None) -> None:
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        self.outgoing: asyncio.Queue[controlplane_pb2.AgentMessage | None] = asyncio.Queue()
-        stub = controlplane_pb2_grpc.ControlPlaneStub(self.channel)
-        self.call = stub.Connect(self._messages(), metadata=call_metadata.metadata(token))
-
-    async def _messages(self):  # type: ignore[no-untyped-def]
-        while (msg := await self.outgoing.get()) is not None:
-            yield msg
-
-    async def send(self, msg: controlplane_pb2.AgentMessage) -> None:
-        await self.outgoing.put(msg)
-
-    async def receive(self) -> controlplane_pb2.ControlMessage:
-        return await asyncio.wait_for(self.call.read(), 10)
-
-    async def refused(self) -> grpc.StatusCode:
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await self.receive()
-        return err.value.code()
-
-    async def close(self) -> None:
-        await self.outgoing.put(None)
-        await self.channel.close()
 
 
 def register(name: str, address: str = "10.0.0.9:50052", engine: str = "",

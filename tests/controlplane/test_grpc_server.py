@@ -14,7 +14,7 @@ from controlplane.api import services as services_mod
 from controlplane.core import types
 from protos import enums
 from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
-from synapse_common import engine_key
+from synapse_common import call_metadata, engine_key
 from tests.controlplane import cp_testing as t
 
 
@@ -34,13 +34,14 @@ def report(seq: int, url: str, phase: int = common_pb2.BACKEND_PHASE_READY,
 
 
 class Agent:
-    """The agent's side of a Connect stream: a queue of messages to send."""
+    """The agent's side of a Connect stream: a queue of messages to send (presenting
+    ``token``, when given)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, token: str | None = None) -> None:
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         self.outgoing: asyncio.Queue[controlplane_pb2.AgentMessage | None] = asyncio.Queue()
         stub = controlplane_pb2_grpc.ControlPlaneStub(self.channel)
-        self.call = stub.Connect(self._messages())
+        self.call = stub.Connect(self._messages(), metadata=call_metadata.metadata(token))
 
     async def _messages(self):  # type: ignore[no-untyped-def]
         while (msg := await self.outgoing.get()) is not None:
@@ -51,6 +52,12 @@ class Agent:
 
     async def receive(self) -> controlplane_pb2.ControlMessage:
         return await asyncio.wait_for(self.call.read(), 10)
+
+    async def refused(self) -> grpc.StatusCode:
+        """The status the stream ended with (it must end with one)."""
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await self.receive()
+        return err.value.code()
 
     async def close(self) -> None:
         await self.outgoing.put(None)
