@@ -131,6 +131,22 @@ def test_the_control_plane_may_reach_the_api_server() -> None:
     assert not may_connect(default, CP, EXTERNAL, 6443)
 
 
+def test_the_api_server_can_be_the_only_address_reviews_go_to() -> None:
+    def review_rules(*sets: str) -> list[dict[str, Any]]:
+        objects = helm.render_chart("production", SA_MODE, *sets)
+        policy = next(o for o in objects if o["kind"] == "NetworkPolicy"
+                      and o["spec"]["podSelector"].get("matchLabels", {}).get(
+                          "app.kubernetes.io/name") == "synapse-controlplane")
+        return [r for r in policy["spec"].get("egress", [])
+                if {p.get("port") for p in r.get("ports", [])} == {443, 6443}]
+
+    (anywhere,) = review_rules()
+    assert "to" not in anywhere
+    (narrowed,) = review_rules("networkPolicy.apiServerCIDRs={10.0.0.1/32,fd00::1/128}")
+    assert narrowed["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}},
+                              {"ipBlock": {"cidr": "fd00::1/128"}}]
+
+
 # values/production.yaml sets serviceAccount (test below); the others keep the default
 SHARED_TOKEN_VALUES = [None, *(v for v in helm.VALUES_FILES if v != "production")]
 
