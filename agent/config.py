@@ -135,6 +135,10 @@ class BackendSettings(Section):
     tasks: TaskList = tasks_field(
         "what the engine's /openapi.json lists, else task. E.g. a vLLM reranker: [rerank, "
         "score, tokenize]; a Whisper server: [transcription]; a speech server: [speech]")
+    own_port: bool = Field(True, description=(
+        "the engine process the agent starts listens on port itself; false for a wrapper "
+        "such as docker run, whose engine listens elsewhere: then any answer on the port "
+        "counts, as before"))
 
     @pydantic.model_validator(mode="after")
     def _external_needs_url(self) -> BackendSettings:

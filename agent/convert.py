@@ -90,4 +90,4 @@ def spec_from_config(cfg: object) -> types.EngineSpec:
         gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
         extra_args=tuple(cfg.extra_args), gpu_indices=tuple(cfg.gpu_indices),
         memory_required_bytes=int((cfg.memory_required_gb or 0) * 1024**3), task=cfg.task,
-        env=tuple(sorted(cfg.env.items())), tasks=tuple(cfg.tasks))
+        env=tuple(sorted(cfg.env.items())), tasks=tuple(cfg.tasks), own_port=cfg.own_port)

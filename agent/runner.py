@@ -21,9 +21,16 @@ The port is the engine's own, checked twice (:mod:`agent.process`, psutil, in a 
   engine starts once the port is free again.
 * a ``/health`` 200 counts only while the engine's process tree (the engine, or a child
   such as vLLM's API server) listens on the port: else some other process answered
-  (one that took the port after the check, or shares it), and tenants' prompts and the
-  engine key must not go to it. Where psutil may not read the engine's sockets, the
-  answer alone counts, with one warning.
+  (one that took the port after the check), and tenants' prompts and the engine key
+  must not go to it. A process sharing the port with the engine (``SO_REUSEPORT``) is
+  not detected: the engine's tree listens too. Where psutil may not read the engine's
+  sockets, the answer alone counts, with one warning. The check is a walk of the
+  process and socket tables (hundreds of ms on a busy host), so it runs when the
+  backend would become ready, then at most every :data:`OWNER_RECHECK_S` while it
+  answers (every probe interval while a stranger answers); a failed probe forgets it.
+* ``own_port`` false (:class:`agent.config.BackendSettings`: a wrapper such as
+  ``docker run``, whose engine listens outside the agent's process tree): neither
+  check is made, and any answer on the port counts.
 
 Engine ``/metrics`` are scraped by a separate loop per runner (generation backends only)
 and interpreted by :mod:`agent.core.engine_metrics`. Every phase change calls the hooks'
@@ -61,6 +68,7 @@ from synapse_common import engine_key as engine_keys
 log = logging.getLogger("agent.supervisor")
 LIVE = (Phase.STARTING, Phase.READY, Phase.UNHEALTHY)
 STARTUP_POLL_S = 0.25
+OWNER_RECHECK_S = 30.0  # while ready: how long an ownership answer stands
 
 
 class Hooks:
@@ -83,7 +91,8 @@ class Runner:
     def __init__(self, spec: types.EngineSpec, cfg: SupervisorSettings,
                  session: aiohttp.ClientSession, hooks: Hooks, advertise_host: str,
                  managed: bool = False, timing: clocks.Time = clocks.Time(),
-                 engine_key: str | None = None) -> None:
+                 engine_key: str | None = None,
+                 owns: Callable[[int, int], bool | None] = process.tree_listens) -> None:
         self.spec = spec
         # never in reports or logs; external backends are not ours to key
         self._key = engine_key if spec.engine != "external" else None
@@ -125,6 +134,8 @@ class Runner:
         self._tasks: list[asyncio.Task[None]] = []
         self._stranger = ""            # who answered the last probe, when not our engine
         self._ownership_warned = False
+        self._owns = owns              # process.tree_listens (blocking, run in a thread)
+        self._owner: tuple[float, bool, str] | None = None  # (checked at, owned, stranger)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -231,7 +242,7 @@ class Runner:
     async def _run_process(self) -> None:
         spawned_before = False
         while not self._stopping:
-            taken = await self._port_taken()
+            taken = await self._port_taken() if self.spec.own_port else None
             if taken:
                 self.sink.note(taken)
                 await self._after_exit(taken)
@@ -251,6 +262,7 @@ class Runner:
             code = await self._engine.wait()
             await aiotasks.stop(probe)
             self._engine, self.pid, self.snapshot, self.metrics_ok = None, 0, None, False
+            self._owner = None
             if self._stopping:
                 break
             await self._after_exit(self._exit_reason or f"exited with code {code}")
@@ -314,10 +326,27 @@ class Runner:
         """``/health`` answered 200, by our own engine for a process backend."""
         self._stranger = ""
         if not await self._health():
+            self._owner = None  # whoever answers next is checked again
             return False
-        if self.spec.engine == "external":
+        if self.spec.engine == "external" or not self.spec.own_port:
             return True
-        return await self._answered_by_our_engine()
+        return await self._owned()
+
+    async def _owned(self) -> bool:
+        """Whether our engine answered: checked when the backend would become ready, then
+        at most every :data:`OWNER_RECHECK_S` while it answers (psutil walks the process
+        and socket tables, hundreds of ms on a busy host), and every probe interval while a
+        stranger answers. A failed probe forgets the answer."""
+        now, cached = self._time.monotonic(), self._owner
+        if cached is not None:
+            checked_at, owned, stranger = cached
+            stands = OWNER_RECHECK_S if owned else self.cfg.probe_interval_s
+            if now - checked_at < stands:
+                self._stranger = stranger
+                return owned
+        owned = await self._answered_by_our_engine()
+        self._owner = (now, owned, self._stranger)
+        return owned
 
     async def _health(self) -> bool:
         timeout = aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)
@@ -330,7 +359,7 @@ class Runner:
 
     async def _answered_by_our_engine(self) -> bool:
         pid, port = self.pid, self.port
-        owned = await asyncio.to_thread(process.tree_listens, pid, port) if pid else False
+        owned = await asyncio.to_thread(self._owns, pid, port) if pid else False
         if owned is None:
             if not self._ownership_warned:
                 self._ownership_warned = True

@@ -41,6 +41,7 @@ class EngineSpec:
     task: str = "generate"  # generate | embed
     env: tuple[tuple[str, str], ...] = ()
     tasks: tuple[str, ...] = ()  # every API it serves (synapse_common.tasks); () = learn
+    own_port: bool = True  # the process started listens itself (not docker run): checked
 
     @property
     def models(self) -> tuple[str, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent import convert
+from agent import config, convert
 from agent.core import types
 from protos.synapse.v1 import common_pb2
 
@@ -48,3 +48,10 @@ def test_the_seat_count_reaches_the_control_planes_view_of_the_backend():
                                  max_num_seqs=48)
     state = agent_messages.backend_state("n1", convert.backend(status))
     assert (state.key, state.max_num_seqs) == ("n1/b", 48)
+
+
+def test_own_port_reaches_the_engine_spec_from_the_agents_config():
+    wrapped = config.BackendSettings(name="w", engine="vllm", model="m", own_port=False)
+    assert convert.spec_from_config(wrapped).own_port is False
+    assert convert.spec_from_config(config.BackendSettings(name="v", engine="vllm",
+                                                           model="m")).own_port is True

@@ -363,3 +363,21 @@ async def test_a_port_the_agent_chose_is_replaced_when_another_process_takes_it(
         assert r.port != chosen and r.url == f"http://127.0.0.1:{r.port}"
         assert r.restarts == 1
     await sup.stop_all()
+
+
+async def test_a_wrapped_engine_whose_port_is_served_outside_its_tree_becomes_ready(make):
+    """``docker run`` as the command: the engine listens in the container, the port on the
+    host is held by another process (docker-proxy), and the backend never became ready
+    (review finding). With own_port false any answer on the port counts."""
+    stranger = Stranger()     # stands for the container's published port
+    await stranger.start()
+    wrapper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    sup = make(simulator_command=wrapper)
+    try:
+        await sup.start([types.EngineSpec(name="w", engine="simulator", model="m",
+                                          port=stranger.port, own_port=False)])
+        r = sup.runners["w"]
+        await harness.until(lambda: r.phase == Phase.READY, 20, "ready")
+        assert r.pid != 0 and r.restarts == 0
+    finally:
+        await stranger.stop()
