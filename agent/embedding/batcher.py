@@ -39,7 +39,10 @@ tenants, and callers who give up leave the queue.
   out) leaves the queue at once and the pieces of its call not yet on the model are never
   computed. A batch already on the model runs to the end; the answers of callers who left
   are dropped. A failed batch fails every call with a piece in it, and drops their
-  pieces still waiting.
+  pieces still waiting. So does a batch answered with a number of rows other than its
+  number of texts (:class:`~agent.embedding.errors.EmbedderUnavailable`): split anyway,
+  rows would land on other callers' texts, across tenants, or leave a call unresolved.
+* An empty call resolves at once (no rows), queued behind nothing.
 
 Waits go through :func:`synapse_common.clock.sleep` on the event loop's clock, so tests
 can move time instead of waiting for it.
@@ -147,6 +150,8 @@ class MicroBatcher:
 
     async def submit(self, texts: list[str]) -> np.ndarray:
         """The vectors of ``texts``, queued as the tenant of :func:`tenant_scope`."""
+        if not texts:  # nothing to wait for; queued, it could wait behind a full share
+            return np.empty((0, 0), dtype=np.float32)
         tenant = _TENANT.get()
         self._admit(tenant, len(texts))
         if self._worker is None or self._worker.done():
@@ -262,19 +267,29 @@ class MicroBatcher:
                 await self._serve(batch)
 
     async def _serve(self, batch: list[_Piece]) -> None:
+        texts = [t for piece in batch for t in piece.texts]
         try:
-            vectors = await self._run([t for piece in batch for t in piece.texts])
-        except Exception as exc:  # every call with a piece in the batch gets the failure
-            for piece in batch:
-                if not piece.call.future.done():
-                    piece.call.future.set_exception(exc)
-                self._withdraw(piece.call)
+            vectors = await self._run(texts)
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        if len(vectors) != len(texts):  # rows would land on other callers' texts
+            self._fail(batch, errors.EmbedderUnavailable(
+                f"the model returned {len(vectors)} rows for {len(texts)} texts"))
             return
         offset = 0
         for piece in batch:
             n = piece.end - piece.start
             piece.call.answer(piece.start, vectors[offset:offset + n])
             offset += n
+
+    def _fail(self, batch: list[_Piece], exc: Exception) -> None:
+        """Every call with a piece in the batch gets the failure; its pieces still waiting
+        are dropped."""
+        for piece in batch:
+            if not piece.call.future.done():
+                piece.call.future.set_exception(exc)
+            self._withdraw(piece.call)
 
 
 class Batched:

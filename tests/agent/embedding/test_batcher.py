@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 
 import numpy as np
 import pytest
@@ -231,3 +232,73 @@ async def test_a_call_larger_than_a_batch_comes_back_whole_and_in_order():
     await batcher.close()
     assert got[:, 0].tolist() == [float(i) for i in range(1, 11)]
     assert [len(b) for b in model.batches] == [4, 4, 2]
+
+
+class HashModel(SteppedModel):
+    """Each text's row is its own CRC-32 (a value no other text shares); ``short`` rows
+    fewer than texts when set."""
+
+    short = 0
+
+    async def __call__(self, texts: list[str]) -> np.ndarray:
+        await super().__call__(texts)
+        rows = [[float(zlib.crc32(t.encode()))] for t in texts]
+        return np.array(rows[:len(rows) - self.short], dtype=np.float64)
+
+
+def _crc(texts: list[str]) -> list[list[float]]:
+    return [[float(zlib.crc32(t.encode()))] for t in texts]
+
+
+async def test_tenants_sharing_a_batch_each_get_exactly_their_own_texts_rows():
+    model = HashModel()
+    batcher = batcher_mod.MicroBatcher(model, max_batch=4, wait_s=0.0)
+    first = _submit(batcher, "a", ["first"])
+    await model.on_batch(1)   # the model is busy: a's and b's calls queue behind it
+    a_texts, b_texts = [f"a-{i}" for i in range(6)], [f"b-{i}" for i in range(5)]
+    a, b = _submit(batcher, "a", a_texts), _submit(batcher, "b", b_texts)
+    for _ in range(5):
+        model.permits.put_nowait(None)
+    await asyncio.wait_for(asyncio.gather(first, a, b), 5)
+    await batcher.close()
+    assert any({t[0] for t in batch} == {"a", "b"} for batch in model.batches[1:])
+    assert a.result().tolist() == _crc(a_texts) and b.result().tolist() == _crc(b_texts)
+
+
+async def test_a_batch_answered_with_a_row_too_few_fails_every_call_in_it():
+    """Split anyway, rows shifted onto other callers' texts, across tenants, and the last
+    call never resolved (review finding)."""
+    model = HashModel()
+    batcher = batcher_mod.MicroBatcher(model, max_batch=4, wait_s=0.0)
+    first = _submit(batcher, "a", ["first"])
+    await model.on_batch(1)
+    # the next batch is a1, a2, b1, b2; a3 waits for the one after
+    a, b = _submit(batcher, "a", ["a1", "a2", "a3"]), _submit(batcher, "b", ["b1", "b2"])
+    model.permits.put_nowait(None)
+    await asyncio.wait_for(first, 5)
+    model.short = 1
+    model.permits.put_nowait(None)
+    got = await asyncio.wait_for(asyncio.gather(a, b, return_exceptions=True), 5)
+    assert model.batches[1] == ["a1", "a2", "b1", "b2"]
+    assert all(isinstance(r, errors.EmbedderUnavailable) for r in got)
+    assert "3 rows for 4 texts" in str(got[0])
+    assert batcher.queued == 0   # a3 is dropped with its call
+    model.short = 0
+    model.permits.put_nowait(None)
+    after = await asyncio.wait_for(_submit(batcher, "b", ["b3"]), 5)
+    assert after.tolist() == _crc(["b3"]) and model.batches[2] == ["b3"]
+    await batcher.close()
+
+
+async def test_an_empty_call_behind_a_full_share_resolves_at_once():
+    model = SteppedModel()
+    batcher = batcher_mod.MicroBatcher(model, max_batch=4, wait_s=0.0)
+    running = _submit(batcher, "a", ["running"])
+    await model.on_batch(1)
+    full = _submit(batcher, "a", ["x"] * 8)   # the model stays busy: no permit yet
+    empty = await asyncio.wait_for(_submit(batcher, "a", []), 5)
+    assert len(empty) == 0 and not running.done()
+    full.cancel()
+    running.cancel()
+    await asyncio.gather(full, running, return_exceptions=True)
+    await batcher.close()
