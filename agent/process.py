@@ -33,10 +33,13 @@ Decisions:
   SIGKILL to the group after the leader exits, for children that outlived it.
 * Ports (blocking, for ``asyncio.to_thread``): :func:`port_holder` says whether a port can
   be bound as an engine binds it (``SO_REUSEADDR``) and, when not, names the process
-  listening there when psutil can see it; :func:`tree_listens` says whether a process or
-  one of its descendants listens on a port (``None`` when psutil may not read their
-  sockets). Engines share the agent's PID namespace (they are its descendants), so the
-  process tree is the sound owner test.
+  listening there when psutil can see it (``None``, unknown, on any error but
+  ``EADDRINUSE``); :func:`tree_listens` says whether a process or one of its descendants
+  listens on a port (``None`` when psutil may not read the sockets of those it did not
+  see listening, or fails). Engines share the agent's PID namespace (they are its
+  descendants), so the process tree is the sound owner test, but not a complete one: a
+  stranger sharing the port with the engine (``SO_REUSEPORT``) goes unseen, since the
+  engine's tree listens too.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import psutil
@@ -258,16 +261,19 @@ def _bind_host(host: str) -> tuple[socket.AddressFamily, str]:
 
 
 def port_holder(host: str, port: int) -> str | None:
-    """``None`` when an engine could bind ``host:port`` now; else who holds it (blocking)."""
+    """Who holds ``host:port`` (blocking); ``None`` when an engine could bind it now, or
+    when this test cannot tell (any error but ``EADDRINUSE``: a privileged port, an
+    address not on this host, a name that does not resolve): the engine's own bind then
+    says what is wrong, in its log."""
     family, bind_host = _bind_host(host)
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as engines bind
-        try:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as engines bind
             s.bind((bind_host, port))
             return None
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                return f"cannot bind {bind_host}:{port}: {exc.strerror or exc}"
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            return None
     return listener(port) or "another process"
 
 
@@ -277,7 +283,7 @@ def listener(port: int, not_of: int = 0) -> str | None:
     user's, unless the agent runs as root); ``None`` when it sees none (blocking)."""
     try:
         found = _listening(psutil.net_connections(kind="tcp"), port)
-    except psutil.Error:
+    except (psutil.Error, OSError):
         return None
     exclude = {p.pid for p in tree(not_of)} if not_of else set()
     for conn in found:
@@ -299,15 +305,21 @@ def tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def tree_listens(pid: int, port: int) -> bool | None:
-    """Whether ``pid`` or a descendant listens on ``port``; ``None`` when psutil may not
-    read their sockets (blocking)."""
-    for proc in tree(pid):
-        try:
-            if _listening(_connections(proc), port):
-                return True
-        except psutil.NoSuchProcess:
-            continue
-        except psutil.AccessDenied:
-            return None
-    return False
+def tree_listens(pid: int, port: int,
+                 read: Callable[[psutil.Process], list[Any]] = _connections) -> bool | None:
+    """Whether ``pid`` or a descendant listens on ``port`` (blocking); ``None`` when it
+    cannot tell: psutil found no listener but may not read the sockets of some process of
+    the tree, or failed altogether. ``read`` is how one process's sockets are read."""
+    try:
+        denied = False
+        for proc in tree(pid):
+            try:
+                if _listening(read(proc), port):
+                    return True
+            except psutil.NoSuchProcess:
+                continue
+            except psutil.AccessDenied:
+                denied = True  # another process of the tree may still be seen listening
+        return None if denied else False
+    except (psutil.Error, OSError):
+        return None

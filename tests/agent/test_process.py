@@ -7,7 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
+from typing import Any
 
+import psutil
 import pytest
 
 from agent import process
@@ -211,6 +213,41 @@ async def test_a_port_counts_as_the_engines_when_its_tree_listens(tmp_path, in_c
         assert await asyncio.to_thread(process.tree_listens, engine.pid, port + 1) is False
         assert process.listener(port, not_of=engine.pid) is None
         assert (process.listener(port) or "").startswith("pid ")
+    finally:
+        await engine.terminate(2)
+        await engine.wait()
+        sink.close()
+
+
+@pytest.mark.parametrize("host", ["192.0.2.1", "no-such-host.invalid"])
+def test_a_port_that_cannot_be_bound_for_another_reason_is_not_called_held(host):
+    """EADDRNOTAVAIL or a name that does not resolve named a holder and refused the start
+    (review finding): only EADDRINUSE means held; otherwise it is unknown."""
+    assert process.port_holder(host, harness.free_port()) is None
+
+
+async def test_a_process_of_the_tree_whose_sockets_are_denied_does_not_hide_a_listener(
+        tmp_path):
+    port = harness.free_port()
+    sink = process.LogSink(tmp_path / "e.log", 1 << 20, 10)
+    engine = await process.EngineProcess.spawn(
+        [*STAND_IN, "--port", str(port), "--serve-in-child"], {}, sink)
+
+    def leader_denied(proc: psutil.Process) -> list[Any]:
+        if proc.pid == engine.pid:   # the reaper: as another user's process would be
+            raise psutil.AccessDenied(proc.pid)
+        return list(proc.net_connections(kind="tcp"))
+
+    def broken(proc: psutil.Process) -> list[Any]:
+        raise OSError("no /proc")
+
+    try:
+        await harness.until(lambda: harness.http_ok(f"http://127.0.0.1:{port}/health"), 20,
+                            "the stand-in to serve")
+        listens = process.tree_listens
+        assert await asyncio.to_thread(listens, engine.pid, port, leader_denied) is True
+        assert await asyncio.to_thread(listens, engine.pid, port + 1, leader_denied) is None
+        assert await asyncio.to_thread(listens, engine.pid, port, broken) is None
     finally:
         await engine.terminate(2)
         await engine.wait()
