@@ -19,7 +19,12 @@ the engine forked that stayed in the group, and itself). Otherwise it only waits
   agent's log and reports read as if it had started the engine itself.
 
 A ``SIGHUP`` while the agent still lives (``getppid()`` unchanged) is ignored; the agent
-dying before the handler was installed is caught by checking ``getppid()`` before the fork.
+dying before the handler was installed is caught by checking ``getppid()`` before the fork,
+and this process dying before the engine's parent-death signal was set by the engine
+checking its ``getppid()`` right after setting it. ``SIGHUP`` is unblocked here (a mask is
+inherited: the agent's thread may block it), and the engine execs with no signal blocked.
+It runs only as its process group's leader (exit 2 otherwise): ``killpg(0)`` would else
+kill the group it was started in, the agent's own.
 Processes that leave the group (``setsid``) are out of reach, as they are of the agent's
 own ``killpg``.
 """
@@ -50,11 +55,14 @@ def _die_with_parent(sig: int) -> None:
     libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
-def _run_engine(argv: list[str]) -> None:
+def _run_engine(argv: list[str], reaper: int) -> None:
     """In the forked child: back to default signal handling, die with this process, exec."""
     for sig in RESET:
         signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     _die_with_parent(signal.SIGKILL)
+    if os.getppid() != reaper:  # it died before the signal was set: nobody would send it
+        os._exit(1)
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:
@@ -76,6 +84,11 @@ def main(args: list[str]) -> int:
         os.write(2, b"usage: engine_reaper.py AGENT_PID -- ARGV...\n")
         return 2
     agent_pid, argv = int(args[0]), args[2:]
+    if os.getpgrp() != os.getpid():
+        os.write(2, b"engine_reaper.py: not a process group leader (start it in a new "
+                    b"session); its killpg would reach the group it was started in\n")
+        return 2
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {PARENT_GONE})
 
     def on_parent_gone(signum: int, frame: types.FrameType | None) -> None:
         if os.getppid() != agent_pid:
@@ -86,9 +99,10 @@ def main(args: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.getppid() != agent_pid:
         return 1  # the agent died before the handler was in place: start nothing
+    reaper = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _run_engine(argv)
+        _run_engine(argv, reaper)
     _, status = os.waitpid(pid, 0)  # retried after a signal handler ran (PEP 475)
     return _exit_like(os.waitstatus_to_exitcode(status))
 
