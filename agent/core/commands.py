@@ -22,8 +22,10 @@ What the agent shows of a command line and an environment (the engine log's ``st
 line, reported as the backend's last lines) goes through :func:`shown`, the one home of the
 masking rule: the value of an environment variable whose name looks secret
 (:data:`SECRET_WORDS`, any case) and the value after a flag that looks secret
-(``--api-key``, ``--*token*``, ``--*secret*``, ``--*password*``…, as ``--flag value`` or
-``--flag=value``) become :data:`MASK`.
+(``--api-key``, ``--*token*``, ``--*secret*``, ``--*pass*``, ``--*dsn*``…, as
+``--flag value`` or ``--flag=value``) become :data:`MASK`, and the credentials of a URL
+in any value shown (``HTTPS_PROXY=http://user:pass@proxy``, ``--db=pg://u:p@h``) become
+``***@`` (:class:`synapse_common.logs.RedactingFilter`'s rule, the logs' own).
 
 vLLM's own key guards only its ``/v1``-like paths (``/invocations`` serves chat to
 anyone), so a vLLM started with a key also loads :mod:`synapse_engine_guard`
@@ -39,6 +41,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from agent.core import types
+from synapse_common import logs
 
 # The directory holding synapse_engine_guard.py alone: the engine imports that one file.
 GUARD_DIR = str(pathlib.Path(__file__).resolve().parent.parent / "engine_guard")
@@ -136,7 +139,9 @@ def environment(spec: types.EngineSpec, engine_key: str | None = None,
     return env
 
 
-SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
+# PASS covers PASSWORD and PASSWD, CRED CREDENTIAL(S); PWD and DSN name passwords and
+# connection strings (a DSN carries one)
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASS", "PWD", "CRED", "DSN", "AUTH")
 MASK = "**********"
 # TOKEN but not TOKENS or TOKENIZER: --max-num-batched-tokens and --tokenizer name no secret
 _SECRET = re.compile("|".join(SECRET_WORDS).replace("TOKEN", "TOKEN(?!S|IZ)"), re.IGNORECASE)
@@ -151,8 +156,12 @@ def _secret_flag(arg: str) -> bool:
     return arg.startswith("--") and secret_name(arg[2:])
 
 
+def _without_url_credentials(value: str) -> str:
+    return logs.RedactingFilter().scrub(value)  # no secrets given: URL credentials only
+
+
 def masked_argv(argv: Sequence[str]) -> list[str]:
-    """``argv`` with the value of each secret-looking flag masked."""
+    """``argv`` with the value of each secret-looking flag masked, and URL credentials."""
     out: list[str] = []
     after_secret_flag = False
     for arg in argv:
@@ -161,14 +170,14 @@ def masked_argv(argv: Sequence[str]) -> list[str]:
         elif "=" in arg and _secret_flag(arg.split("=", 1)[0]):
             out.append(arg.split("=", 1)[0] + "=" + MASK)
         else:
-            out.append(arg)
+            out.append(_without_url_credentials(arg))
         after_secret_flag = _secret_flag(arg) and "=" not in arg
     return out
 
 
 def masked_env(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` with the value of each secret-looking variable masked."""
-    return {k: MASK if secret_name(k) else v for k, v in env.items()}
+    """``env`` with the value of each secret-looking variable masked, and URL credentials."""
+    return {k: MASK if secret_name(k) else _without_url_credentials(v) for k, v in env.items()}
 
 
 def shown(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:

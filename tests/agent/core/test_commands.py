@@ -122,3 +122,18 @@ def test_what_is_shown_of_an_engine_start_masks_secret_flags_and_variables():
         "CUDA_VISIBLE_DEVICES": "0", "TOKENIZERS_PARALLELISM": "false"}
     assert line.startswith(f"Api_Credentials={m} CUDA_VISIBLE_DEVICES=0 HF_TOKEN={m} ")
     assert line.endswith(" ".join(commands.masked_argv(argv)))
+
+
+def test_passwords_dsns_and_url_credentials_are_masked_wherever_they_are_shown():
+    """PASS, PWD, CRED and DSN names, and user:pass@ inside any value, were shown as
+    written (review finding)."""
+    env = {"DB_PASS": "p1", "MYSQL_PWD": "p2", "GCP_CREDS": "c1", "SENTRY_DSN": "d1",
+           "HTTPS_PROXY": "http://u:proxypw@proxy:3128", "CUDA_VISIBLE_DEVICES": "0"}
+    argv = ["vllm", "serve", "--db-pass", "p3", "--sentry-dsn=d2", "--cred-file", "/c",
+            "--model", "https://bob:modelpw@hub.example/m", "--port", "8000"]
+    line = commands.shown(argv, env)
+    for secret in ("p1", "p2", "c1", "d1", "proxypw", "p3", "d2", "/c", "modelpw", "bob"):
+        assert secret not in line, secret
+    assert "HTTPS_PROXY=http://***@proxy:3128" in line
+    assert "--model https://***@hub.example/m --port 8000" in line
+    assert "CUDA_VISIBLE_DEVICES=0" in line
