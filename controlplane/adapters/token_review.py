@@ -121,7 +121,7 @@ class TokenReviewer:
 
     def __init__(self, config: ReviewConfig, *, session: aiohttp.ClientSession | None = None,
                  clock: clocks.Clock = clocks.monotonic, wall: clocks.Clock = clocks.wall,
-                 cache_ttl_s: float = 30.0) -> None:
+                 cache_ttl_s: float = 30.0, max_waiting: int = MAX_WAITING) -> None:
         if not 0 <= cache_ttl_s <= 60:
             raise ValueError("cache_ttl_s: must be between 0 and 60 seconds")
         self._config = config
@@ -134,6 +134,7 @@ class TokenReviewer:
         self._cache: dict[bytes, tuple[str, float]] = {}
         self._in_flight = 0
         self._waiting = 0
+        self._max_waiting = max_waiting
         self._turns: asyncio.Condition | None = None     # made on the serving loop
         self._bearer: tuple[tuple[int, int], str] | None = None   # ((mtime_ns, size), token)
         self._logged: set[str] = set()
@@ -170,7 +171,7 @@ class TokenReviewer:
             self._turns = asyncio.Condition()
         turns, limit = self._turns, self._config.max_concurrent
         if self._in_flight >= limit:
-            if self._waiting >= MAX_WAITING:
+            if self._waiting >= self._max_waiting:
                 raise ReviewUnavailable(f"{self._in_flight} token reviews are in flight and "
                                         f"{self._waiting} waiting already "
                                         "(agent_review.max_concurrent)")

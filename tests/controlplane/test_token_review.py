@@ -256,12 +256,12 @@ async def test_an_unreadable_own_token_is_unavailable(
 # -- load -------------------------------------------------------------------------------
 
 async def test_reviews_beyond_the_cap_wait_for_a_place_and_past_the_queue_are_refused(
-        api: FakeApiServer, own_token: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(token_review, "MAX_WAITING", 1)
+        api: FakeApiServer, own_token: pathlib.Path) -> None:
     api.gate = asyncio.Event()
     for i in range(4):
         api.tokens[jwt(f"t{i}-agent-token-on")] = Bound(AGENT_SA, f"gpu-node-{i}")
-    r = token_review.TokenReviewer(_settings(api.url, own_token, max_concurrent=2))
+    r = token_review.TokenReviewer(_settings(api.url, own_token, max_concurrent=2),
+                                   max_waiting=1)
     held = [asyncio.create_task(r.node_of(jwt(f"t{i}-agent-token-on"))) for i in range(2)]
     for _ in held:
         await api.arrivals.get()
