@@ -65,6 +65,17 @@ def report(seq: int, **fields: object) -> controlplane_pb2.AgentMessage:
         sequence=seq, backends=[backend]))
 
 
+def reviewed(svc: services_mod.Services, relay: agent_relay.AgentRelay | None,
+             review: StandInReview | None) -> grpc_server.Registration:
+    """The Connect service of ``svc`` with the stand-in review (``control_plane`` builds
+    a real reviewer from the settings)."""
+    def add(server: grpc.aio.Server) -> str:
+        controlplane_pb2_grpc.add_ControlPlaneServicer_to_server(  # type: ignore[no-untyped-call]
+            grpc_server.ControlPlaneServicer(svc, relay, review), server)  # type: ignore[arg-type]
+        return "synapse.v1.ControlPlane"
+    return add
+
+
 @contextlib.asynccontextmanager
 async def control_plane(review: StandInReview | None = None, **registry_settings: object
                         ) -> AsyncIterator[tuple[services_mod.Services, int]]:
@@ -72,12 +83,7 @@ async def control_plane(review: StandInReview | None = None, **registry_settings
                           registry=registry_settings)
     svc = services_mod.build(settings)
 
-    def add(server: grpc.aio.Server) -> str:
-        controlplane_pb2_grpc.add_ControlPlaneServicer_to_server(  # type: ignore[no-untyped-call]
-            grpc_server.ControlPlaneServicer(svc, None, review), server)  # type: ignore[arg-type]
-        return "synapse.v1.ControlPlane"
-
-    server, port = await grpc_server.start("127.0.0.1", 0, [add])
+    server, port = await grpc_server.start("127.0.0.1", 0, [reviewed(svc, None, review)])
     try:
         yield svc, port
     finally:
@@ -304,12 +310,8 @@ async def pod(tmp_path: pathlib.Path, review: StandInReview,
     primary = services_mod.build(settings)
     relay = agent_relay.AgentRelay([str(sock)], SHARED)
 
-    def add(server: grpc.aio.Server) -> str:
-        controlplane_pb2_grpc.add_ControlPlaneServicer_to_server(  # type: ignore[no-untyped-call]
-            grpc_server.ControlPlaneServicer(primary, relay, review), server)  # type: ignore[arg-type]
-        return "synapse.v1.ControlPlane"
-
-    pserver, port = await grpc_server.start("127.0.0.1", 0, [add])
+    pserver, port = await grpc_server.start("127.0.0.1", 0,
+                                            [reviewed(primary, relay, review)])
     try:
         yield primary, worker, port
     finally:
