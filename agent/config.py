@@ -159,6 +159,9 @@ class SupervisorSettings(Section):
     backoff_max_s: float = Field(60.0, gt=0, description="restart delay cap")
     crashloop_restarts: int = Field(5, ge=1, description="restarts in the window → crashloop")
     crashloop_window_s: float = Field(600.0, gt=0, description="crash-loop window")
+    crashloop_retry_s: float = Field(300.0, gt=0, description="retry period of a crash-looping "
+                                     "engine (each retry loads its model again); at least "
+                                     "backoff_max_s")
     drain_grace_s: float = Field(120.0, ge=0, description="wait for in-flight work on SIGTERM")
     stop_grace_s: float = Field(15.0, ge=0, description="SIGTERM → SIGKILL delay for engines")
     scrape_interval_s: float = Field(1.0, gt=0, description="engine /metrics scrape period")
@@ -198,6 +201,13 @@ class SupervisorSettings(Section):
         if value is not None and not 1 <= value[0] <= value[1] <= 65535:
             raise ValueError("must be [first, last] with 1 <= first <= last <= 65535")
         return value
+
+    @pydantic.model_validator(mode="after")
+    def _retry_after_backoff(self) -> SupervisorSettings:
+        if self.crashloop_retry_s < self.backoff_max_s:
+            raise ValueError(f"crashloop_retry_s ({self.crashloop_retry_s:g}) must be at least "
+                             f"backoff_max_s ({self.backoff_max_s:g})")
+        return self
 
 
 class EmbedderSettings(Section):

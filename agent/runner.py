@@ -4,7 +4,7 @@ A runner owns one backend: spawn → ``starting`` (polling ``/health`` until 200
 start-up deadline) → ``ready`` ⇄ ``unhealthy`` (liveness probes; ``unhealthy_after``
 failures in a row) → exit → restart after the policy's backoff (:mod:`agent.core.backoff`).
 Past ``crashloop_restarts`` restarts in ``crashloop_window_s`` the phase is ``crashloop``
-and the engine is retried every ``backoff_max_s`` (its start-up included: ``crashloop``
+and the engine is retried every ``crashloop_retry_s`` (its start-up included: ``crashloop``
 until it is ready), since the cause may go away; :meth:`Runner.reset` (a control-plane
 command that names the backend again) retries at once. ``failed`` means the command cannot
 be executed at all (no such binary) and waits for :meth:`Runner.reset`; a config change
@@ -126,7 +126,7 @@ class Runner:
                                     secrets=(self._key,) if self._key else ())
         self._policy = backoff.RestartPolicy(
             timing.monotonic, backoff.Backoff(cfg.backoff_initial_s, cfg.backoff_max_s),
-            cfg.crashloop_restarts, cfg.crashloop_window_s)
+            cfg.crashloop_restarts, cfg.crashloop_window_s, cfg.crashloop_retry_s)
         self._engine: process.EngineProcess | None = None
         self._stopping = False
         self._wake = asyncio.Event()

@@ -19,3 +19,11 @@ def test_two_backends_on_one_port_are_refused_naming_them() -> None:
         AgentSettings.model_validate({"backends": [_backend("a", 8191), _backend("b", 8191)]})
     AgentSettings.model_validate({"backends": [_backend("a", 8191), _backend("b", 8192),
                                                _backend("c", None), _backend("d", None)]})
+
+
+def test_a_crashloop_retry_period_shorter_than_the_backoff_cap_is_refused_naming_both() -> None:
+    with pytest.raises(pydantic.ValidationError,
+                       match=r"crashloop_retry_s \(30\) must be at least backoff_max_s \(60\)"):
+        AgentSettings.model_validate({"supervisor": {"crashloop_retry_s": 30}})
+    settings = AgentSettings.model_validate({"supervisor": {"crashloop_retry_s": 60}})
+    assert settings.supervisor.crashloop_retry_s == 60

@@ -93,7 +93,7 @@ def test_engine_that_exits_at_once_ends_in_crashloop(tmp_path, control_plane, st
     crashing = [sys.executable, "-c", "import sys; sys.exit(3)"]
     cfg = agent_config(tmp_path, control_plane, backends=[SIM], supervisor={
         "simulator_command": crashing, "backoff_initial_s": 0.05, "crashloop_restarts": 3,
-        "crashloop_window_s": 60, "backoff_max_s": 0.5})
+        "crashloop_window_s": 60, "backoff_max_s": 0.5, "crashloop_retry_s": 0.5})
     agent = start_agent(cfg)
     crashloop = common_pb2.BACKEND_PHASE_CRASHLOOP
     harness.wait_until(lambda: (b := _backend(control_plane)) is not None
@@ -101,7 +101,7 @@ def test_engine_that_exits_at_once_ends_in_crashloop(tmp_path, control_plane, st
     backend = _backend(control_plane)
     assert backend.restarts == 3 and "3 restarts within 60s; retry in" in backend.phase_reason
     assert any("exited with code 3" in line for line in backend.last_log_lines)
-    # Still retried at the capped delay (the cause may go away), and reported crashloop.
+    # Still retried every crashloop_retry_s (the cause may go away), and reported crashloop.
     harness.wait_until(lambda: _backend(control_plane).restarts >= 5, 30, "retries",
                        proc=agent.proc)
     assert all(b.phase == crashloop for r in control_plane.recorder.reports()

@@ -32,7 +32,9 @@ def _settings(tmp_path, **kw) -> SupervisorSettings:
     base = {"log_dir": str(tmp_path / "logs"), "probe_interval_s": 0.1,
             "scrape_interval_s": 0.1, "backoff_initial_s": 0.05, "backoff_max_s": 0.2,
             "stop_grace_s": 2, "unhealthy_after": 2, "simulator_command": STAND_IN}
-    return SupervisorSettings(**{**base, **kw})
+    settings = {**base, **kw}
+    settings.setdefault("crashloop_retry_s", settings["backoff_max_s"])  # retry fast here
+    return SupervisorSettings(**settings)
 
 
 @pytest.fixture
@@ -147,6 +149,7 @@ async def test_drain_waits_for_in_flight_requests(make, tmp_path):
 async def test_naming_a_crashlooping_backend_again_retries_it(make):
     crashing = [sys.executable, "-c", "import sys; sys.exit(1)"]
     # the crash loop's own retry is 24-30 s away: the retry seen comes from the command
+    # (crashloop_retry_s follows backoff_max_s here)
     sup = make(simulator_command=crashing, crashloop_restarts=1, backoff_max_s=30)
     await sup.start([])
     spec = types.EngineSpec(name="flaky", engine="simulator", model="m")
@@ -257,7 +260,7 @@ async def test_without_a_key_an_engine_gets_none_and_probes_send_none(make):
 async def test_a_crashlooping_backend_keeps_being_retried_and_a_good_start_clears_it(
         make, tmp_path):
     """It stayed in crashloop for good, even once its cause (a busy GPU, a port) was gone
-    (probe finding): it is retried every backoff_max_s and ready once a retry works."""
+    (probe finding): it is retried every crashloop_retry_s and ready once a retry works."""
     broken = tmp_path / "broken"
     broken.write_text("1")
     sup = make(crashloop_restarts=2, crashloop_window_s=600)

@@ -18,9 +18,10 @@ def test_delays_double_from_one_second_to_a_sixty_second_cap_with_jitter():
     assert b.delay(10_000) <= 60  # no overflow on absurd attempt counts
 
 
-def _policy(clock: ManualClock, threshold: int = 5, window: float = 600.0) -> backoff.RestartPolicy:
+def _policy(clock: ManualClock, threshold: int = 5, window: float = 600.0,
+            retry: float = 0.0) -> backoff.RestartPolicy:
     return backoff.RestartPolicy(clock, backoff.Backoff(1.0, 60.0, random.Random(1)),
-                                 threshold, window)
+                                 threshold, window, retry)
 
 
 def test_five_restarts_in_ten_minutes_then_crashloop_retried_at_the_cap_until_reset():
@@ -75,3 +76,24 @@ def test_backoff_ladder_restarts_after_a_long_healthy_run():
     policy.on_ready()
     clock.now += 61  # ready for longer than the cap
     assert policy.on_exit().delay_s <= 1.2
+
+
+def test_a_crashloop_retried_at_its_own_longer_period_stays_a_crashloop_until_it_runs():
+    # Retries every 300 s leave fewer than five restarts in a 600 s window: the engine is
+    # still crash-looping (not back on the one-minute ladder) until it runs for a while.
+    clock = ManualClock(1000.0)
+    policy = _policy(clock, threshold=5, window=600, retry=300)
+    for _ in range(5):
+        decision = policy.on_exit()
+        assert not decision.crashloop
+        clock.now += decision.delay_s
+    retries = []
+    for _ in range(12):   # an hour of failed retries
+        retries.append(policy.on_exit())
+        clock.now += retries[-1].delay_s
+    assert all(d.crashloop and 240 <= d.delay_s <= 300 for d in retries)
+    assert "still failing; retry in" in retries[-1].reason
+    policy.on_ready()
+    clock.now += 61   # up for longer than the backoff's cap: the loop is over
+    decision = policy.on_exit()
+    assert not decision.crashloop and decision.delay_s <= 1.2
