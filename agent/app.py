@@ -33,6 +33,7 @@ from agent import (
     convert,
     engine_auth,
     http_metrics,
+    node_certificate,
     node_keys,
     node_service,
     node_tracing,
@@ -81,6 +82,10 @@ class Agent:
         # this node's own engine and Node-service keys (none when the agent presents no
         # token: then nothing authenticates the control plane's side either)
         self.keys = node_keys.choose() if cfg.control_plane.authenticates else None
+        # the Node service's own certificate, made now and held in memory only; sent in
+        # Register, where the control plane pins it for this node's address
+        self.certificate = (node_certificate.generate() if cfg.grpc.tls_self_signed
+                            else None)
         self.node = cfg.node_name or socket.gethostname()
         self.metrics = agent_metrics.Metrics(registry or CollectorRegistry())
         # nvmlInit runs here, once, before anything is served (it fails fast without a
@@ -106,7 +111,8 @@ class Agent:
             allow_unauthenticated=cfg.grpc.allow_unauthenticated,
             interceptors=[node_tracing.TracingInterceptor(self.tracing)] if self.tracing else [],
             scorer=self.scorer, observe_scores=self._observe_scores,
-            tls_cert_file=cfg.grpc.tls_cert_file, tls_key_file=cfg.grpc.tls_key_file)
+            tls_cert_file=cfg.grpc.tls_cert_file, tls_key_file=cfg.grpc.tls_key_file,
+            tls_pair=self.certificate.server_pair() if self.certificate else None)
         self.metrics_server = http_metrics.MetricsServer(
             self.metrics.registry, self.refresh_metrics, cfg.metrics.host, cfg.metrics.port,
             token_sha256=metrics_token)
@@ -252,7 +258,8 @@ class Agent:
             embed_models=[self.embeddings.model] if self.embeddings else [],
             engine_port_range=placement.port_range(self.cfg.supervisor),
             engine_key=self.keys.engine if self.keys else "",
-            node_key=self.keys.node if self.keys else "")
+            node_key=self.keys.node if self.keys else "",
+            node_certificate=self.certificate.certificate if self.certificate else b"")
 
     def report_message(self) -> controlplane_pb2.Report:
         self._sequence += 1

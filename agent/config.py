@@ -87,10 +87,20 @@ class GrpcSettings(Section):
         "must carry the control plane's grpc.node_server_name). Kubelet's gRPC probes do "
         "not speak TLS: probe /healthz on the metrics port instead")
     tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file")
+    tls_self_signed: bool = Field(
+        False, description="serve the Node port with TLS from a key and a self-signed "
+        "certificate (name synapse-agent) made at every start and held in memory only, and "
+        "send the certificate in Register: the control plane then trusts that certificate "
+        "alone for this node (no CA, no certificate shared between nodes). Exclusive with "
+        "tls_cert_file / tls_key_file")
 
     @pydantic.model_validator(mode="after")
     def _tls_pair(self) -> GrpcSettings:
         common.tls_both_or_neither(self.tls_cert_file, self.tls_key_file)
+        if self.tls_self_signed and (self.tls_cert_file or self.tls_key_file):
+            raise ValueError("tls_self_signed: exclusive with tls_cert_file / tls_key_file "
+                             "(the Node port serves one certificate: the one the agent makes "
+                             "at start, or the files')")
         return self
 
 

@@ -31,10 +31,12 @@ without it. Texts are never logged, by either method.
 The health service reports ``synapse.v1.Node`` SERVING only when an embedder is
 configured and loaded; the overall service ("") is SERVING while the process runs.
 
-TLS (``grpc.tls_cert_file`` and ``tls_key_file``): the port then serves TLS alone — the
-Node calls carry tenants' texts, which must not cross the network in the clear, and the
-control plane verifies the certificate against its ``grpc.node_ca_file``, so a stand-in
-on the network is not handed them. Health stays on the same port, over TLS: there is no
+TLS (``grpc.tls_cert_file`` and ``tls_key_file``, or ``grpc.tls_self_signed``: a pair
+made at start and kept in memory, :mod:`agent.node_certificate`): the port then serves
+TLS alone — the Node calls carry tenants' texts, which must not cross the network in the
+clear, and the control plane verifies the certificate against its ``grpc.node_ca_file``
+(or against the self-signed certificate this agent sent in ``Register``, pinned for its
+address), so a stand-in on the network is not handed them. Health stays on the same port, over TLS: there is no
 plaintext port beside it. Kubelet's gRPC probe does not speak TLS, so a deployment with
 TLS probes the agent's ``/healthz`` on its metrics port instead (the chart does); a
 second, plaintext health port would be one more listener to guard for a check
@@ -216,7 +218,9 @@ class NodeServer:
     A Node call must present ``token`` (this node's own key, :mod:`agent.node_keys`) or
     ``shared`` (the agent token, when the agent holds one: its holder may register as
     any node anyway); without either, Node calls are refused unless
-    ``allow_unauthenticated``.
+    ``allow_unauthenticated``. TLS: ``tls_pair`` (key, certificate) as PEM bytes held in
+    memory (:mod:`agent.node_certificate`), else the ``tls_cert_file``/``tls_key_file``
+    pair, else plain text.
     """
 
     def __init__(self, embeddings: service.EmbeddingService | None, host: str, port: int,
@@ -225,7 +229,8 @@ class NodeServer:
                  interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                  scorer: pair_scorer.PairScorer | None = None,
                  observe_scores: Observe = lambda code, seconds: None,
-                 tls_cert_file: str | None = None, tls_key_file: str | None = None) -> None:
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None,
+                 tls_pair: tuple[bytes, bytes] | None = None) -> None:
         check = call_metadata.TokenCheck(token, shared)
         self.server = grpc.aio.server(
             interceptors=[TokenGuard(check, allow_unauthenticated, observe,
@@ -248,7 +253,8 @@ class NodeServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (NODE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        tls = (server_credentials(tls_cert_file, tls_key_file)
+        tls = (grpc.ssl_server_credentials([tls_pair]) if tls_pair is not None
+               else server_credentials(tls_cert_file, tls_key_file)
                if tls_cert_file and tls_key_file else None)
         self.tls = tls is not None
         try:

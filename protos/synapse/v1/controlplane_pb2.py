@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.synapse.v1 import common_pb2 as protos_dot_synapse_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$protos/synapse/v1/controlplane.proto\x12\nsynapse.v1\x1a\x1eprotos/synapse/v1/common.proto\"\x95\x01\n\x0c\x41gentMessage\x12(\n\x08register\x18\x01 \x01(\x0b\x32\x14.synapse.v1.RegisterH\x00\x12$\n\x06report\x18\x02 \x01(\x0b\x32\x12.synapse.v1.ReportH\x00\x12-\n\x0b\x63ommand_ack\x18\x03 \x01(\x0b\x32\x16.synapse.v1.CommandAckH\x00\x42\x06\n\x04\x62ody\"\xee\x02\n\x08Register\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12#\n\x04gpus\x18\x03 \x03(\x0b\x32\x15.synapse.v1.GpuSample\x12\x14\n\x0cnode_address\x18\x04 \x01(\t\x12.\n\ttelemetry\x18\x05 \x01(\x0b\x32\x1b.synapse.v1.TelemetryStatus\x12\x14\n\x0c\x65mbed_models\x18\x06 \x03(\t\x12\x30\n\x06labels\x18\x07 \x03(\x0b\x32 .synapse.v1.Register.LabelsEntry\x12\x30\n\x11\x65ngine_port_range\x18\x08 \x01(\x0b\x32\x15.synapse.v1.PortRange\x12\x12\n\nengine_key\x18\t \x01(\t\x12\x10\n\x08node_key\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\tPortRange\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\r\"\x82\x02\n\x06Report\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x19\n\x11timestamp_unix_ms\x18\x02 \x01(\x03\x12#\n\x04gpus\x18\x03 \x03(\x0b\x32\x15.synapse.v1.GpuSample\x12*\n\x08\x62\x61\x63kends\x18\x04 \x03(\x0b\x32\x18.synapse.v1.BackendState\x12\x38\n\x0f\x65mbedding_cache\x18\x05 \x01(\x0b\x32\x1f.synapse.v1.EmbeddingCacheStats\x12.\n\ttelemetry\x18\x06 \x01(\x0b\x32\x1b.synapse.v1.TelemetryStatus\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\";\n\nCommandAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x8a\x02\n\x0e\x43ontrolMessage\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.synapse.v1.AckH\x00\x12\"\n\x05\x64rain\x18\x03 \x01(\x0b\x32\x11.synapse.v1.DrainH\x00\x12&\n\x07undrain\x18\x04 \x01(\x0b\x32\x13.synapse.v1.UndrainH\x00\x12\x37\n\x10\x64\x65sired_backends\x18\x05 \x01(\x0b\x32\x1b.synapse.v1.DesiredBackendsH\x00\x12\x37\n\x10\x65vict_embeddings\x18\x06 \x01(\x0b\x32\x1b.synapse.v1.EvictEmbeddingsH\x00\x42\x06\n\x04\x62ody\"(\n\x03\x41\x63k\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07replica\x18\x02 \x01(\t\"\x1e\n\x05\x44rain\x12\x15\n\rgrace_seconds\x18\x01 \x01(\x01\"\t\n\x07Undrain\"<\n\x0f\x44\x65siredBackends\x12)\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x17.synapse.v1.BackendSpec\" \n\x0f\x45victEmbeddings\x12\r\n\x05model\x18\x01 \x01(\t2S\n\x0c\x43ontrolPlane\x12\x43\n\x07\x43onnect\x12\x18.synapse.v1.AgentMessage\x1a\x1a.synapse.v1.ControlMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$protos/synapse/v1/controlplane.proto\x12\nsynapse.v1\x1a\x1eprotos/synapse/v1/common.proto\"\x95\x01\n\x0c\x41gentMessage\x12(\n\x08register\x18\x01 \x01(\x0b\x32\x14.synapse.v1.RegisterH\x00\x12$\n\x06report\x18\x02 \x01(\x0b\x32\x12.synapse.v1.ReportH\x00\x12-\n\x0b\x63ommand_ack\x18\x03 \x01(\x0b\x32\x16.synapse.v1.CommandAckH\x00\x42\x06\n\x04\x62ody\"\x88\x03\n\x08Register\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12#\n\x04gpus\x18\x03 \x03(\x0b\x32\x15.synapse.v1.GpuSample\x12\x14\n\x0cnode_address\x18\x04 \x01(\t\x12.\n\ttelemetry\x18\x05 \x01(\x0b\x32\x1b.synapse.v1.TelemetryStatus\x12\x14\n\x0c\x65mbed_models\x18\x06 \x03(\t\x12\x30\n\x06labels\x18\x07 \x03(\x0b\x32 .synapse.v1.Register.LabelsEntry\x12\x30\n\x11\x65ngine_port_range\x18\x08 \x01(\x0b\x32\x15.synapse.v1.PortRange\x12\x12\n\nengine_key\x18\t \x01(\t\x12\x10\n\x08node_key\x18\n \x01(\t\x12\x18\n\x10node_certificate\x18\x0b \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\tPortRange\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\r\"\x82\x02\n\x06Report\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x19\n\x11timestamp_unix_ms\x18\x02 \x01(\x03\x12#\n\x04gpus\x18\x03 \x03(\x0b\x32\x15.synapse.v1.GpuSample\x12*\n\x08\x62\x61\x63kends\x18\x04 \x03(\x0b\x32\x18.synapse.v1.BackendState\x12\x38\n\x0f\x65mbedding_cache\x18\x05 \x01(\x0b\x32\x1f.synapse.v1.EmbeddingCacheStats\x12.\n\ttelemetry\x18\x06 \x01(\x0b\x32\x1b.synapse.v1.TelemetryStatus\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\";\n\nCommandAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x8a\x02\n\x0e\x43ontrolMessage\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.synapse.v1.AckH\x00\x12\"\n\x05\x64rain\x18\x03 \x01(\x0b\x32\x11.synapse.v1.DrainH\x00\x12&\n\x07undrain\x18\x04 \x01(\x0b\x32\x13.synapse.v1.UndrainH\x00\x12\x37\n\x10\x64\x65sired_backends\x18\x05 \x01(\x0b\x32\x1b.synapse.v1.DesiredBackendsH\x00\x12\x37\n\x10\x65vict_embeddings\x18\x06 \x01(\x0b\x32\x1b.synapse.v1.EvictEmbeddingsH\x00\x42\x06\n\x04\x62ody\"(\n\x03\x41\x63k\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07replica\x18\x02 \x01(\t\"\x1e\n\x05\x44rain\x12\x15\n\rgrace_seconds\x18\x01 \x01(\x01\"\t\n\x07Undrain\"<\n\x0f\x44\x65siredBackends\x12)\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\x17.synapse.v1.BackendSpec\" \n\x0f\x45victEmbeddings\x12\r\n\x05model\x18\x01 \x01(\t2S\n\x0c\x43ontrolPlane\x12\x43\n\x07\x43onnect\x12\x18.synapse.v1.AgentMessage\x1a\x1a.synapse.v1.ControlMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,27 +37,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTMESSAGE']._serialized_start=85
   _globals['_AGENTMESSAGE']._serialized_end=234
   _globals['_REGISTER']._serialized_start=237
-  _globals['_REGISTER']._serialized_end=603
-  _globals['_REGISTER_LABELSENTRY']._serialized_start=558
-  _globals['_REGISTER_LABELSENTRY']._serialized_end=603
-  _globals['_PORTRANGE']._serialized_start=605
-  _globals['_PORTRANGE']._serialized_end=645
-  _globals['_REPORT']._serialized_start=648
-  _globals['_REPORT']._serialized_end=906
-  _globals['_COMMANDACK']._serialized_start=908
-  _globals['_COMMANDACK']._serialized_end=967
-  _globals['_CONTROLMESSAGE']._serialized_start=970
-  _globals['_CONTROLMESSAGE']._serialized_end=1236
-  _globals['_ACK']._serialized_start=1238
-  _globals['_ACK']._serialized_end=1278
-  _globals['_DRAIN']._serialized_start=1280
-  _globals['_DRAIN']._serialized_end=1310
-  _globals['_UNDRAIN']._serialized_start=1312
-  _globals['_UNDRAIN']._serialized_end=1321
-  _globals['_DESIREDBACKENDS']._serialized_start=1323
-  _globals['_DESIREDBACKENDS']._serialized_end=1383
-  _globals['_EVICTEMBEDDINGS']._serialized_start=1385
-  _globals['_EVICTEMBEDDINGS']._serialized_end=1417
-  _globals['_CONTROLPLANE']._serialized_start=1419
-  _globals['_CONTROLPLANE']._serialized_end=1502
+  _globals['_REGISTER']._serialized_end=629
+  _globals['_REGISTER_LABELSENTRY']._serialized_start=584
+  _globals['_REGISTER_LABELSENTRY']._serialized_end=629
+  _globals['_PORTRANGE']._serialized_start=631
+  _globals['_PORTRANGE']._serialized_end=671
+  _globals['_REPORT']._serialized_start=674
+  _globals['_REPORT']._serialized_end=932
+  _globals['_COMMANDACK']._serialized_start=934
+  _globals['_COMMANDACK']._serialized_end=993
+  _globals['_CONTROLMESSAGE']._serialized_start=996
+  _globals['_CONTROLMESSAGE']._serialized_end=1262
+  _globals['_ACK']._serialized_start=1264
+  _globals['_ACK']._serialized_end=1304
+  _globals['_DRAIN']._serialized_start=1306
+  _globals['_DRAIN']._serialized_end=1336
+  _globals['_UNDRAIN']._serialized_start=1338
+  _globals['_UNDRAIN']._serialized_end=1347
+  _globals['_DESIREDBACKENDS']._serialized_start=1349
+  _globals['_DESIREDBACKENDS']._serialized_end=1409
+  _globals['_EVICTEMBEDDINGS']._serialized_start=1411
+  _globals['_EVICTEMBEDDINGS']._serialized_end=1443
+  _globals['_CONTROLPLANE']._serialized_start=1445
+  _globals['_CONTROLPLANE']._serialized_end=1528
 # @@protoc_insertion_point(module_scope)

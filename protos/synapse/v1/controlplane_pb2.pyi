@@ -18,7 +18,7 @@ class AgentMessage(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., report: _Optional[_Union[Report, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("node_name", "agent_version", "gpus", "node_address", "telemetry", "embed_models", "labels", "engine_port_range", "engine_key", "node_key")
+    __slots__ = ("node_name", "agent_version", "gpus", "node_address", "telemetry", "embed_models", "labels", "engine_port_range", "engine_key", "node_key", "node_certificate")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class Register(_message.Message):
     ENGINE_PORT_RANGE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_KEY_FIELD_NUMBER: _ClassVar[int]
     NODE_KEY_FIELD_NUMBER: _ClassVar[int]
+    NODE_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     agent_version: str
     gpus: _containers.RepeatedCompositeFieldContainer[_common_pb2.GpuSample]
@@ -46,7 +47,8 @@ class Register(_message.Message):
     engine_port_range: PortRange
     engine_key: str
     node_key: str
-    def __init__(self, node_name: _Optional[str] = ..., agent_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[_common_pb2.GpuSample, _Mapping]]] = ..., node_address: _Optional[str] = ..., telemetry: _Optional[_Union[_common_pb2.TelemetryStatus, _Mapping]] = ..., embed_models: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., engine_port_range: _Optional[_Union[PortRange, _Mapping]] = ..., engine_key: _Optional[str] = ..., node_key: _Optional[str] = ...) -> None: ...
+    node_certificate: bytes
+    def __init__(self, node_name: _Optional[str] = ..., agent_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[_common_pb2.GpuSample, _Mapping]]] = ..., node_address: _Optional[str] = ..., telemetry: _Optional[_Union[_common_pb2.TelemetryStatus, _Mapping]] = ..., embed_models: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., engine_port_range: _Optional[_Union[PortRange, _Mapping]] = ..., engine_key: _Optional[str] = ..., node_key: _Optional[str] = ..., node_certificate: _Optional[bytes] = ...) -> None: ...
 
 class PortRange(_message.Message):
     __slots__ = ("first", "last")
