@@ -26,6 +26,7 @@ from controlplane.adapters import redis_limits, redis_tokens, redis_usage, usage
 from controlplane.api import context
 from controlplane.api import services as services_mod
 from controlplane.core import (
+    cache_feedback,
     coalesce,
     fair_queue,
     fairness,
@@ -77,12 +78,16 @@ def build(svc: services_mod.Services) -> fairness.Fairness:
                                q.deadline_s, q.poll_interval_s),
             room(svc.router, saturated, q.classes[0]), observer=QueueMetrics(svc))
     coalesced = svc.metrics.coalesced
+    judged = svc.cache if isinstance(svc.cache, cache_feedback.FeedbackCache) else None
     coalescer = (coalesce.Coalescer(on_follow=lambda outcome: coalesced.labels(outcome).inc(),
-                                    tenants=services_mod.tenant_count(svc.tenants))
+                                    tenants=services_mod.tenant_count(svc.tenants),
+                                    on_served=judged.remember if judged else None)
                  if s.coalesce else None)
     tiered = services_mod.tiered_cache(svc.cache)
     if coalescer is not None and tiered is not None:   # its landed copies answer from it
         tiered.invalidation_listeners.append(coalescer.forget_landed)
+    if coalescer is not None and judged is not None:   # nor once a verdict evicted it
+        judged.eviction_listeners.append(coalescer.forget_landed)
     return fairness.Fairness(
         policies(tenants, canonical),
         token_limits.TokenLimiter(token_limits.LocalTokenStore(svc.clock)), prices, book, gate,

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from controlplane import errors
@@ -124,17 +124,25 @@ class FeedbackCache:
         self.served = served
         self._wall = wall
         self._tallies: dict[str, _Tally] = {}
+        # Told (tenant, model) of each entry a wrong verdict evicted: copies of answers
+        # kept outside the cache (the coalescer's landed answers) must not serve it either.
+        self.eviction_listeners: list[Callable[[str | None, str | None], None]] = []
 
     # -- the response cache port ----------------------------------------------------------
     async def lookup(self, request: cache_port.CacheRequest) -> cache_port.CacheDecision:
         decision = await self.inner.lookup(request)
-        hit = decision.hit
-        if hit is not None and hit.source is not None and request.request_id:
+        if decision.hit is not None:
+            self.remember(request, decision.hit)
+        return decision
+
+    def remember(self, request: cache_port.CacheRequest, hit: cache_port.CacheHit) -> None:
+        """Keep which entry answered ``request`` (a hit of this cache's, or a coalesced
+        follower's: the leader's entry), so feedback on its id can act on that entry."""
+        if hit.source is not None and request.request_id:
             self.served.remember(request.request_id, served_log.Served(
                 request.tenant, request.model, hit.layer, hit.source.query, hit.source.text,
                 hit.source.ref, hit.source.l2_scope, hit.score, hit.similarity,
                 hit.source.verifier, hit.source.embedder_id))
-        return decision
 
     def store(self, decision: cache_port.CacheDecision, response: Mapping[str, Any]) -> None:
         self.inner.store(decision, response)
@@ -171,6 +179,9 @@ class FeedbackCache:
         evicting = self._evict(served) if wrong else _nothing()
         pair = served.layer == "semantic" and served.pair
         recording = self._record(served, request_id, wrong) if pair else _nothing()
+        if wrong:
+            for listener in self.eviction_listeners:
+                listener(served.tenant, served.model)
         evict_failure, record_failure = await asyncio.gather(evicting, recording)
         if evict_failure or record_failure:
             again = served if record_failure or not pair else dataclasses.replace(

@@ -26,7 +26,9 @@ process's and its sibling workers'). Landed copies are kept per tenant, each ten
 its share of ``LANDED_MAX`` (``core.tenant_lru``), so one tenant's burst never pushes out
 another's. Keys live in this process: followers on other replicas are not coalesced (they
 meet the stored entry once the leader completes). The coalescer sits beside the cache
-rather than wrapping it, so whatever wraps the cache (feedback) still sees its own type.
+rather than wrapping it, so whatever wraps the cache (feedback) still sees its own type;
+a follower's hit names the leader's entry (its exact key) and is told to ``on_served``, so
+feedback on a follower's request id acts on that entry like feedback on any exact hit.
 """
 
 from __future__ import annotations
@@ -54,11 +56,14 @@ class Flight:
 class Coalescer:
     def __init__(self, max_wait_s: float = 300.0,
                  on_follow: Callable[[str], None] | None = None, grace_s: float = 5.0,
-                 clock: clocks.Clock = clocks.monotonic, tenants: int = 1) -> None:
+                 clock: clocks.Clock = clocks.monotonic, tenants: int = 1,
+                 on_served: Callable[[cache_port.CacheRequest, cache_port.CacheHit], None]
+                 | None = None) -> None:
         self.max_wait_s = max_wait_s
         self.grace_s = grace_s
         self._clock = clock
         self._on_follow = on_follow     # called with "hit" or "alone" per follower
+        self._on_served = on_served     # called with each follower's request and hit
         self._flights: dict[str, Flight] = {}
         # per tenant: key -> (answer, until)
         self._landed: tenant_lru.TenantLRU[tuple[Mapping[str, Any], float]] = \
@@ -103,7 +108,10 @@ class Coalescer:
             self._count("alone")
             return decision
         self._count("hit")
-        hit = cache_port.CacheHit(layer="exact", response=answer, form=form)
+        hit = cache_port.CacheHit(layer="exact", response=answer, form=form,
+                                  source=cache_port.HitSource(decision.exact_key, "", ""))
+        if self._on_served is not None:
+            self._on_served(request, hit)
         return cache_port.CacheDecision(status="hit-exact", hit=hit, reason="coalesced",
                                         work_s=decision.work_s)
 

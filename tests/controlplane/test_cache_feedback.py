@@ -257,6 +257,37 @@ async def test_feedback_over_http_evicts_an_exact_hit(tmp_path):
                            layer="exact", verdict="wrong") == 1
 
 
+async def test_feedback_on_a_coalesced_followers_id_evicts_the_leaders_answer(tmp_path):
+    """A request answered from an identical one in flight (coalescing) is labelled
+    hit-exact: its id was unknown to feedback (a 404), and the coalescer's copy of the
+    answer went on serving for seconds after a wrong verdict evicted the entry."""
+    metrics = metrics_mod.Metrics(CollectorRegistry())
+    cache = response_cache.TieredCache(options=response_cache.Options(semantic_enabled=False),
+                                       l1=l1.MemoryL1(100, 10**6), metrics=metrics)
+    async with t.backends(("one", "slow")) as (b,):
+        s = t.settings(upstreams=[t.upstream("one", b.url)],
+                       registry={"upstream_probe_interval_s": 5.0})
+        async with t.running(s, cache=looped(cache, metrics, tmp_path / "f.jsonl")) as cp:
+            await harness.until(lambda: routable.routable_count(cp.services) > 0, 20, "the backend")
+            client = cp.client()
+            ask = dict(model="llama", temperature=0, messages=[{"role": "user", "content": "hi"}])
+            both = await asyncio.gather(*(client.chat.completions.with_raw_response.create(**ask)
+                                          for _ in range(2)))
+            assert len(b.bodies) == 1
+            follower = next(r for r in both if r.headers["x-synapse-cache"] == "hit-exact")
+            await cache.drain()
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{cp.url}/v1/cache/feedback",
+                                     json={"request_id": follower.headers["x-request-id"],
+                                           "wrong": True},
+                                     headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
+                    assert r.status == 200, await r.text()
+                    assert (await r.json())["evicted"] is True
+            again = await client.chat.completions.with_raw_response.create(**ask)
+            assert again.headers["x-synapse-cache"] == "miss" and len(b.bodies) == 2
+            await client.close()
+
+
 async def test_feedback_without_a_cache_is_a_conflict():
     async with t.running(t.settings()) as cp, aiohttp.ClientSession() as s:
         async with s.post(f"{cp.url}/v1/cache/feedback", json={"request_id": "r", "wrong": True},
