@@ -81,7 +81,9 @@ def build_response_cache(settings: config.ControlPlaneSettings,
         c.embed_model, timeout_s=c.semantic_budget_ms / 1000,
         key_of=services.registry.node_key_at,
         credentials=node_embed.Credentials.load(settings.grpc.node_ca_file,
-                                                settings.grpc.node_server_name))
+                                                settings.grpc.node_server_name),
+        pin_of=services.registry.node_pin_at,
+        plain_text=not settings.grpc.node_tls_required)
     try:
         judges, pinned_embedder = feedback_wiring.load_judges(c)
     except feedback_wiring.VerifierConfigError as exc:

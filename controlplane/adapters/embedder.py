@@ -8,7 +8,8 @@ Design decisions:
   for ``cooldown_s``, and a call tries the next address only while its deadline allows.
 - The calls themselves go through :class:`node_embed.NodeEmbedClient` (one reused
   channel per address, closed on :meth:`close` or when the address leaves the list),
-  which presents the node's own key (``key_of``, else ``token``) and names the
+  which presents the node's own key (``key_of``, else ``token``), trusts the
+  certificate a node pinned (``pin_of``) over ``credentials``, and names the
   ``tenant`` each call is made for (the
   agent keeps one embedding cache per tenant). Input the agents refuse as too large or
   invalid raises :mod:`controlplane.errors` at once: another agent would refuse it too.
@@ -34,6 +35,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from controlplane.adapters import node_embed
+from controlplane.core import types
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +59,17 @@ class NodeEmbedder:
                  clock: Callable[[], float] = time.monotonic, *,
                  token: str | None = None, no_scorer_recheck_s: float = 30.0,
                  key_of: Callable[[str], str | None] | None = None,
-                 credentials: node_embed.Credentials | None = None) -> None:
+                 credentials: node_embed.Credentials | None = None,
+                 pin_of: Callable[[str], types.NodePin | None] | None = None,
+                 plain_text: bool = True) -> None:
         self._addresses = addresses
         self._model = model
         self._timeout = timeout_s
         self._cooldown = cooldown_s
         self._clock = clock
         self._client = node_embed.NodeEmbedClient(token, key_of=key_of,
-                                                   credentials=credentials)
+                                                   credentials=credentials, pin_of=pin_of,
+                                                   plain_text=plain_text)
         self._bad_until: dict[str, float] = {}
         self._no_scorer_recheck = no_scorer_recheck_s
         self._no_scorer_until: dict[str, float] = {}

@@ -31,6 +31,17 @@ Design decisions:
   UNAVAILABLE, an :class:`EmbedError`: the cache fails open). Agents are dialled at the
   pod IP they advertise, which no certificate can name in advance, so the name checked is
   ``server_name`` when set. There is no fallback to plain text.
+- Pinned certificates (``pin_of``, the registry's ``node_pin_at``): a node whose agent
+  registered the certificate it made at start (``grpc.tls_self_signed``) is dialled with
+  TLS whose only root is that certificate, checking the DNS name it carries, so only the
+  process holding that agent's in-memory key can answer at its address: not another
+  agent (each has a key of its own), not a stand-in. A pin wins over ``credentials``; a
+  node without one follows them (CA-signed TLS, else plain text, which
+  ``plain_text=False``, ``grpc.node_tls_required``, refuses: such a node is not called).
+  Channels are kept per address *and* pin: an agent that restarts registers a new
+  certificate, and the next call dials a new channel pinned to it (the old one is
+  closed), never one that trusts the certificate before; a pin is looked up by the
+  address dialled, so it is presented to no other.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ import grpc
 import numpy as np
 
 from controlplane import errors
+from controlplane.core import types
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
 from synapse_common import call_metadata, tracing
 from synapse_common import pair_scorer as pair_scorer_file
@@ -123,32 +135,61 @@ class Credentials:
             options=options)
 
 
+def pinned_channel(address: str, pin: types.NodePin) -> grpc.aio.Channel:
+    """A TLS channel to ``address`` that trusts ``pin``'s certificate alone and checks
+    the name it carries (the agent is dialled at an IP its certificate does not name)."""
+    return grpc.aio.secure_channel(
+        address, grpc.ssl_channel_credentials(root_certificates=pin.certificate),
+        options=(("grpc.ssl_target_name_override", pin.name),))
+
+
 class NodeEmbedClient:
     """``key_of``: the bearer key of the agent at an address (the registry's
     ``node_key_at``: each node's own key, which goes to no other address); without it
-    every call presents ``token``. ``credentials``: TLS for every channel (none: plain
-    text)."""
+    every call presents ``token``. ``pin_of``: the certificate pinned for an address (the
+    registry's ``node_pin_at``), which wins over ``credentials``: TLS for every other
+    channel (none: plain text, unless ``plain_text`` is False: then such an agent is not
+    called)."""
 
     def __init__(self, token: str | None = None, *,
                  key_of: Callable[[str], str | None] | None = None,
-                 credentials: Credentials | None = None) -> None:
+                 credentials: Credentials | None = None,
+                 pin_of: Callable[[str], types.NodePin | None] | None = None,
+                 plain_text: bool = True) -> None:
         self._token = token
         self._key_of = key_of
         self._credentials = credentials
-        self._stubs: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeStub]] = {}
+        self._pin_of = pin_of
+        self._plain_text = plain_text
+        self._stubs: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeStub,
+                                     types.NodePin | None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     def _auth(self, address: str) -> tuple[tuple[str, str], ...]:
         return call_metadata.metadata(self._key_of(address) if self._key_of is not None
                                       else self._token)
 
-    def _stub(self, address: str) -> node_pb2_grpc.NodeStub:
+    def _stub(self, address: str, method: str) -> node_pb2_grpc.NodeStub:
+        """The stub of the channel to ``address`` as its node registered it now (see the
+        module docstring); :class:`EmbedError` when it may not be called."""
+        pin = self._pin_of(address) if self._pin_of is not None else None
         entry = self._stubs.get(address)
+        if entry is not None and entry[2] != pin:
+            self.forget(address)            # the agent restarted with a new certificate
+            entry = None
         if entry is None:
-            channel = (self._credentials.channel(address) if self._credentials is not None
-                       else grpc.aio.insecure_channel(address))
+            if pin is not None:
+                channel = pinned_channel(address, pin)
+            elif self._credentials is not None:
+                channel = self._credentials.channel(address)
+            elif self._plain_text:
+                channel = grpc.aio.insecure_channel(address)
+            else:
+                raise EmbedError(f"Node.{method}: the agent registered no certificate and "
+                                 "grpc.node_tls_required refuses plain text",
+                                 address=address, code="UNAVAILABLE")
             stub = node_pb2_grpc.NodeStub(channel)  # type: ignore[no-untyped-call]
-            entry = self._stubs[address] = (channel, stub)
+            entry = self._stubs[address] = (channel, stub, pin)
         return entry[1]
 
     async def embed(self, address: str, model: str, texts: Sequence[str], timeout_s: float,
@@ -157,8 +198,8 @@ class NodeEmbedClient:
         request = node_pb2.EmbedRequest(model=model, texts=list(texts), normalize=True)
         metadata = (*self._auth(address), call_metadata.tenant(tenant), *tracing.grpc_metadata())
         try:
-            reply = await self._stub(address).Embed(request, timeout=timeout_s,
-                                                    metadata=metadata)
+            reply = await self._stub(address, "Embed").Embed(request, timeout=timeout_s,
+                                                             metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise error_for(exc, address) from None
         try:
@@ -176,8 +217,8 @@ class NodeEmbedClient:
         request = node_pb2.ScorePairsRequest(query=query, candidates=list(candidates))
         metadata = (*self._auth(address), call_metadata.tenant(tenant), *tracing.grpc_metadata())
         try:
-            reply = await self._stub(address).ScorePairs(request, timeout=timeout_s,
-                                                         metadata=metadata)
+            stub = self._stub(address, "ScorePairs")
+            reply = await stub.ScorePairs(request, timeout=timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise error_for(exc, address, "ScorePairs") from None
         scores = list(reply.scores)
@@ -202,6 +243,6 @@ class NodeEmbedClient:
         return set(self._stubs)
 
     async def close(self) -> None:
-        for channel, _ in self._stubs.values():
+        for channel, _, _ in self._stubs.values():
             await channel.close()
         self._stubs.clear()

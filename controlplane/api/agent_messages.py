@@ -14,8 +14,14 @@ Protos become core value objects here and nowhere deeper, defensively:
 * the keys a node gets (:class:`Keys`): the ones its agent chose and sent
   (``Register.engine_key``, ``node_key``), else ``fallback``, which the caller decides
   from the credential (nothing a credential did not already give);
+* the certificate a node's Node service serves (``Register.node_certificate``, made by
+  its agent at start, :mod:`agent.node_certificate`): refused when it is over
+  :data:`MAX_CERTIFICATE_BYTES`, is not exactly one PEM X.509 certificate, or names no
+  DNS name; kept re-encoded (nothing around the PEM block travels on) with the first DNS
+  name it carries, which Node calls to that node check (:class:`types.NodePin`);
 * :func:`as_decided`: the ``Register`` a pod's primary copies to its serving workers,
-  carrying the keys the primary decided, so that a worker applies no fallback of its own.
+  carrying the keys and the certificate the primary decided, so that a worker applies no
+  fallback of its own and pins what the primary pinned.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ import dataclasses
 import math
 import re
 from typing import cast
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from controlplane.core import types, upstream_kinds
 from protos import enums
@@ -34,6 +43,7 @@ MAX_KV_TOKENS = 1 << 40             # more KV cache than any machine holds
 MAX_SEQS = 1 << 20
 MAX_ITEMS = 64                      # embed models, labels
 MAX_TEXT = 128                      # characters of a version or a label
+MAX_CERTIFICATE_BYTES = 8 * 1024    # an agent's EC certificate is under 1 KB of PEM
 NODE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,252})")
 _HOST_PORT = re.compile(r"[A-Za-z0-9._:\[\]-]+:[0-9]{1,5}")    # an IPv6 host with or without []
 GRPC_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock"})
@@ -61,7 +71,37 @@ def register_problem(message: controlplane_pb2.AgentMessage) -> str | None:
         return f"at most {MAX_ITEMS} embed_models and {MAX_ITEMS} labels"
     if message.ByteSize() > MAX_MESSAGE_BYTES:
         return f"a Register of {message.ByteSize()} bytes (at most {MAX_MESSAGE_BYTES})"
+    if r.node_certificate:
+        try:
+            node_pin(r.node_certificate)
+        except ValueError as exc:
+            return str(exc)
     return None
+
+
+def node_pin(pem: bytes) -> types.NodePin | None:
+    """A registered Node-service certificate as a pin (None for none sent); a
+    ValueError naming ``node_certificate`` when it cannot be one (module docstring)."""
+    if not pem:
+        return None
+    if len(pem) > MAX_CERTIFICATE_BYTES:
+        raise ValueError(f"node_certificate: {len(pem)} bytes (at most "
+                         f"{MAX_CERTIFICATE_BYTES})")
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        certs = []
+    if len(certs) != 1:
+        raise ValueError("node_certificate must be exactly one PEM X.509 certificate")
+    try:
+        names = certs[0].extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    except (x509.ExtensionNotFound, ValueError):
+        names = []
+    if not names or not NODE_NAME.fullmatch(names[0]):
+        raise ValueError("node_certificate must carry a DNS name (subjectAltName) for the "
+                         "control plane to check")
+    return types.NodePin(certs[0].public_bytes(serialization.Encoding.PEM), names[0])
 
 
 def printable(text: str, limit: int = MAX_TEXT) -> str:
@@ -79,16 +119,19 @@ def node_info(r: controlplane_pb2.Register, fallback: Keys | None = None) -> typ
         gpu_count=len(r.gpus),
         engine_ports=(ports.first, ports.last) if r.HasField("engine_port_range") else None,
         engine_key=r.engine_key or (fallback.engine if fallback else None),
-        node_key=r.node_key or (fallback.node if fallback else None))
+        node_key=r.node_key or (fallback.node if fallback else None),
+        node_pin=node_pin(r.node_certificate))
 
 
 def as_decided(message: controlplane_pb2.AgentMessage,
                info: types.NodeInfo) -> controlplane_pb2.AgentMessage:
-    """``message`` (a Register) carrying the keys ``info`` holds, "" for none."""
+    """``message`` (a Register) carrying the keys and the certificate ``info`` holds,
+    empty for none."""
     copy = controlplane_pb2.AgentMessage()
     copy.CopyFrom(message)
     copy.register.engine_key = info.engine_key or ""
     copy.register.node_key = info.node_key or ""
+    copy.register.node_certificate = info.node_pin.certificate if info.node_pin else b""
     return copy
 
 

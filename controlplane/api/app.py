@@ -214,7 +214,8 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     g = svc.settings.grpc
     svc.node_embed = node_embed.NodeEmbedClient(
         key_of=svc.registry.node_key_at,
-        credentials=node_embed.Credentials.load(g.node_ca_file, g.node_server_name))
+        credentials=node_embed.Credentials.load(g.node_ca_file, g.node_server_name),
+        pin_of=svc.registry.node_pin_at, plain_text=not g.node_tls_required)
     yield
     await svc.node_embed.close()
     await svc.upstream.close()

@@ -110,7 +110,8 @@ class Registry:
         self._down_after_s = down_after_s
         self._max_nodes = max_nodes
         self._forget_down_after_s = forget_down_after_s
-        self._keys_at: tuple[int, dict[str, str]] | None = None
+        self._keys_at: tuple[int, dict[str, str],
+                             dict[str, types.NodePin | None]] | None = None
         self._nodes: dict[str, _Node] = {}
         self._static: dict[str, types.BackendState] = {}
         self._static_healthy: dict[str, bool] = {}
@@ -360,14 +361,28 @@ class Registry:
         none did, or its agent chose none): a key only ever goes to an address its own
         node registered, and no two nodes that are up hold one address (a node down
         may still name the address another took since: the live one's key wins)."""
+        return self._at(address)[0]
+
+    def node_pin_at(self, address: str) -> types.NodePin | None:
+        """The certificate the node that registered ``address`` pinned for its Node
+        service (None: none did, or its agent sent none): a certificate is trusted at no
+        other address than its node's, and where a live node and a node down name one
+        address, the live one's pin (or its lack of one) holds."""
+        return self._at(address)[1]
+
+    def _at(self, address: str) -> tuple[str | None, types.NodePin | None]:
         cached = self._keys_at
         if cached is None or cached[0] != self.version:
-            keys = {address_key(n.info.address): n.info.node_key
-                    for n in sorted(self._nodes.values(),
-                                    key=lambda n: self.node_status(n) != "down")
+            live_last = sorted(self._nodes.values(), key=lambda n: self.node_status(n) != "down")
+            keys = {address_key(n.info.address): n.info.node_key for n in live_last
                     if n.info.address and n.info.node_key}
-            cached = self._keys_at = (self.version, keys)
-        return cached[1].get(address_key(address))
+            # the pin (or none) of the node the address is now: a node down that
+            # pinned it does not keep the live node from today's rules
+            pins = {address_key(n.info.address): n.info.node_pin for n in live_last
+                    if n.info.address}
+            cached = self._keys_at = (self.version, keys, pins)
+        key = address_key(address)
+        return cached[1].get(key), cached[2].get(key)
 
     def ready_embed_nodes(self) -> list[types.EmbedNode]:
         """Up nodes whose agent serves ``Node.Embed`` (for the semantic cache)."""

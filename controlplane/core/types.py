@@ -80,6 +80,16 @@ class EngineLoad(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class NodePin:
+    """The certificate a node's agent made at its start and registered (PEM, one X.509
+    certificate, read and re-encoded on the way in) and the DNS name it carries: Node
+    calls to that node trust this certificate alone and check this name."""
+
+    certificate: bytes = dataclasses.field(repr=False)
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class NodeInfo:
     """What a node's agent said in Register, plus the registry's view of it."""
 
@@ -94,6 +104,9 @@ class NodeInfo:
     # Node calls to it, and to nothing else; None from an agent that sent none
     engine_key: str | None = dataclasses.field(default=None, repr=False)
     node_key: str | None = dataclasses.field(default=None, repr=False)
+    # the Node service's own certificate, pinned for this node's address (None: the
+    # control plane's grpc.node_ca_file decides, CA-signed TLS or plain text)
+    node_pin: NodePin | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
