@@ -163,7 +163,9 @@ class Agent:
     async def start(self) -> None:
         await self.node_server.start(embedder_ready=False)
         log.info("agent node gRPC listening on %s:%d%s", self.cfg.grpc.host,
-                 self.node_server.port, " (TLS)" if self.node_server.tls else "")
+                 self.node_server.port, "" if not self.node_server.tls
+                 else " (TLS)" if self.certificate is None
+                 else f" (TLS, certificate made at start, sha256 {self.certificate.fingerprint})")
         if self.keys is None:
             log.warning("no control_plane.token(_file): the Node gRPC service %s",
                         "serves calls without a credential (grpc.allow_unauthenticated)"

@@ -44,6 +44,7 @@ class NodeCertificate:
 
     certificate: bytes
     key: bytes = dataclasses.field(repr=False)
+    fingerprint: str = ""       # SHA-256 of the certificate (DER), hex: for logs
 
     def server_pair(self) -> tuple[bytes, bytes]:
         """(key, certificate): what ``grpc.ssl_server_credentials`` takes."""
@@ -71,6 +72,7 @@ def generate(now: datetime.datetime | None = None) -> NodeCertificate:
             .sign(key, hashes.SHA256()))
     return NodeCertificate(
         certificate=cert.public_bytes(serialization.Encoding.PEM),
+        fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
         key=key.private_bytes(serialization.Encoding.PEM,
                               serialization.PrivateFormat.PKCS8,
                               serialization.NoEncryption()))

@@ -10,7 +10,7 @@ import pathlib
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -78,5 +78,8 @@ def test_the_agent_serves_the_certificate_it_registers_and_keeps_its_key_in_memo
     assert not _health(agent.grpc_address, None)            # TLS alone on the port
     assert not _health(agent.grpc_address, node_certificate.generate().certificate)
     assert "PRIVATE KEY" not in agent.proc.output()
+    # the log names the certificate it serves, so an operator can match it
+    fingerprint = x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256()).hex()
+    assert f"sha256 {fingerprint}" in agent.proc.output()
     for path in tmp_path.rglob("*"):
         assert not path.is_file() or b"PRIVATE KEY" not in path.read_bytes(), path

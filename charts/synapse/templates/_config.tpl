@@ -44,13 +44,18 @@ pod specs rendered here, so the chart's values win for those keys.
 {{- $_ := set $own "upstreams" .Values.upstreams -}}
 {{- end -}}
 {{- if .Values.agentLink.tls.enabled -}}
-{{- /* TLS for the agents' streams, and the CA and name the agents' Node certificates
-must show before a tenant's text is sent to them */ -}}
+{{- /* TLS for the agents' streams, and what the agents' Node certificates must show
+before a tenant's text is sent to them: the CA and name (secret), or the certificate
+each agent registered, pinned for its address, and no plain text (selfSigned) */ -}}
 {{- $tls := include "synapse.linkTlsDir" . -}}
 {{- $_ := set $own.grpc "tls_cert_file" (printf "%s/tls.crt" $tls) -}}
 {{- $_ := set $own.grpc "tls_key_file" (printf "%s/tls.key" $tls) -}}
+{{- if eq .Values.agentLink.tls.agentCertificates "secret" -}}
 {{- $_ := set $own.grpc "node_ca_file" (printf "%s/ca.crt" $tls) -}}
 {{- $_ := set $own.grpc "node_server_name" .Values.agentLink.tls.serverName -}}
+{{- else -}}
+{{- $_ := set $own.grpc "node_tls_required" true -}}
+{{- end -}}
 {{- end -}}
 {{- toYaml (mustMergeOverwrite (deepCopy .Values.controlPlane.config) $own) -}}
 {{- end -}}
@@ -70,11 +75,16 @@ must show before a tenant's text is sent to them */ -}}
 {{- end -}}
 {{- $grpc := dict "port" (int .Values.agent.ports.grpc) -}}
 {{- if .Values.agentLink.tls.enabled -}}
-{{- /* the control plane must prove itself with ca.crt; the Node port serves TLS only */ -}}
+{{- /* the control plane must prove itself with ca.crt; the Node port serves TLS only,
+with the Secret's certificate or one the agent makes at start (selfSigned) */ -}}
 {{- $tls := include "synapse.linkTlsDir" . -}}
 {{- $_ := set $link "tls_ca_file" (printf "%s/ca.crt" $tls) -}}
+{{- if eq .Values.agentLink.tls.agentCertificates "secret" -}}
 {{- $_ := set $grpc "tls_cert_file" (printf "%s/tls.crt" $tls) -}}
 {{- $_ := set $grpc "tls_key_file" (printf "%s/tls.key" $tls) -}}
+{{- else -}}
+{{- $_ := set $grpc "tls_self_signed" true -}}
+{{- end -}}
 {{- end -}}
 {{- $own := dict
   "control_plane" $link
