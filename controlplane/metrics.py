@@ -94,12 +94,13 @@ class Metrics:
             ["layer"], buckets=FAST_BUCKETS, registry=r)
         self.cache_feedback = Counter(
             "synapse_cache_feedback_total", "Client verdicts on cache hits (POST "
-            "/v1/cache/feedback), by model, layer and verdict (right, wrong).",
-            ["model", "layer", "verdict"], registry=r)
+            "/v1/cache/feedback), by model, layer, verdict (right, wrong) and tenant.",
+            ["model", "layer", "verdict", "tenant"], registry=r)
         self.cache_live_precision = Gauge(
             "synapse_cache_live_precision", "Share of judged semantic hits that were right, "
             "per model, since this replica started (bound: estimate, or the lower / upper end "
-            "of its 95% Wilson interval).", ["model", "bound"], registry=r)
+            "of its 95% Wilson interval, widened to every leave-one-tenant-out interval).",
+            ["model", "bound"], registry=r)
         self.redis_errors = Counter(
             "synapse_redis_errors_total", "Redis calls of the serving path that failed or ran "
             "out of time (rate limits fell back to this replica's own).", ["op"], registry=r)

@@ -25,9 +25,9 @@ its one home; "own" is the answering process's):
 * **gauges summed** (:data:`SUMMED_GAUGES`): per-process quantities, whose pod value is
   the sum: ``synapse_queue_depth`` (each process has its own fair queue).
 * **gauges recomputed** from the merged counters: ``synapse_cache_live_precision``, the
-  Wilson interval (``core.cache_feedback.wilson``, the same function each process uses)
-  of the summed semantic verdicts in ``synapse_cache_feedback_total``, since each
-  process judges only the hits it was told about.
+  interval (``core.cache_feedback.live_interval``, the same function each process uses)
+  of the summed semantic verdicts of each tenant in ``synapse_cache_feedback_total``,
+  since each process judges only the hits it was told about.
 * a family or series only another process has is included.
 
 The pod's counters must not go back, or Prometheus' ``rate()`` reads a reset and shows
@@ -156,16 +156,18 @@ def _recompute_precision(fams: Families) -> None:
     feedback, precision = fams.get(_FEEDBACK), fams.get(_PRECISION)
     if feedback is None or precision is None:
         return
-    tallies: dict[str, list[float]] = {}       # model -> [right, wrong]
+    tallies: dict[str, dict[str, list[int]]] = {}     # model -> tenant -> [right, wrong]
     for (name, labels), value in feedback.samples.items():
         lab = dict(labels)
         if name == f"{_FEEDBACK}_total" and lab.get("layer") == "semantic" \
                 and lab.get("verdict") in ("right", "wrong"):
-            tally = tallies.setdefault(lab.get("model", ""), [0.0, 0.0])
-            tally[lab["verdict"] == "wrong"] += value
-    for model, (right, wrong) in tallies.items():
-        if right + wrong > 0:
-            bounds = cache_feedback.wilson(int(right), int(right + wrong))
+            tally = tallies.setdefault(lab.get("model", ""), {}).setdefault(
+                lab.get("tenant", ""), [0, 0])
+            tally[lab["verdict"] == "wrong"] += int(value)
+    for model, by_tenant in tallies.items():
+        *bounds, total = cache_feedback.live_interval(
+            {tenant: (right, wrong) for tenant, (right, wrong) in by_tenant.items()})
+        if total > 0:
             for bound, value in zip(("estimate", "lower", "upper"), bounds, strict=True):
                 precision.samples[_key(_PRECISION, {"model": model, "bound": bound})] = value
 

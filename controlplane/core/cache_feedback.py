@@ -23,7 +23,11 @@ Design decisions:
 - **Live precision** per model: right / (right + wrong) over semantic-hit verdicts, with
   a 95 % Wilson interval, exported as ``synapse_cache_live_precision{model,bound}``. It
   is the precision of the hits users judged, in this replica since its start: an
-  estimate, biased toward whatever users choose to report.
+  estimate, biased toward whatever users choose to report. Tenants are adversaries and
+  hits cost them nothing, so one tenant can judge thousands of its own: the interval is
+  widened to cover every leave-one-tenant-out interval too (:func:`live_interval`), so
+  no single tenant's verdicts raise its lower end (hiding wrong hits others saw) or
+  lower its upper end.
 """
 
 from __future__ import annotations
@@ -99,10 +103,19 @@ def wilson(right: int, total: int, z: float = Z95) -> tuple[float, float, float]
     return (p, max(0.0, centre - half), min(1.0, centre + half))
 
 
-@dataclasses.dataclass
-class _Tally:
-    right: int = 0
-    wrong: int = 0
+def live_interval(by_tenant: Mapping[str, tuple[int, int]]) -> tuple[float, float, float, int]:
+    """(estimate, lower, upper, verdicts) of a model's live precision from each tenant's
+    (right, wrong) verdicts: the pooled estimate, and the widest of the pooled Wilson
+    interval and every leave-one-tenant-out one (a view without any verdict spans 0 to
+    1). With one tenant it is that tenant's interval."""
+    right = sum(r for r, _ in by_tenant.values())
+    total = right + sum(w for _, w in by_tenant.values())
+    estimate, lower, upper = wilson(right, total)
+    if len(by_tenant) > 1:
+        for r, w in by_tenant.values():
+            _, low, high = wilson(right - r, total - r - w)
+            lower, upper = min(lower, low), max(upper, high)
+    return estimate, lower, upper, total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +136,7 @@ class FeedbackCache:
         self.metrics = metrics
         self.served = served
         self._wall = wall
-        self._tallies: dict[str, _Tally] = {}
+        self._tallies: dict[str, dict[str, tuple[int, int]]] = {}   # model -> tenant -> (right, wrong)
         # Told (tenant, model) of each entry a wrong verdict evicted: copies of answers
         # kept outside the cache (the coalescer's landed answers) must not serve it either.
         self.eviction_listeners: list[Callable[[str | None, str | None], None]] = []
@@ -191,24 +204,21 @@ class FeedbackCache:
                 "; ".join(f for f in (evict_failure, record_failure) if f)
                 + "; the verdict was not taken: send it again", code="cache_unavailable")
         self.metrics.cache_feedback.labels(served.model, served.layer,
-                                           "wrong" if wrong else "right").inc()
+                                           "wrong" if wrong else "right", served.tenant).inc()
         if served.layer == "semantic":
-            self._count(served.model, wrong)
+            self._count(served.model, served.tenant, wrong)
         return Outcome(request_id, served.layer, wrong, wrong,
                        pair and self.parts.sink is not None)
 
     def live_precision(self, model: str) -> tuple[float, float, float, int]:
-        """(estimate, lower, upper, verdicts) over the semantic hits of ``model``."""
-        tally = self._tallies.get(model, _Tally())
-        total = tally.right + tally.wrong
-        return (*wilson(tally.right, total), total)
+        """(estimate, lower, upper, verdicts) over the semantic hits of ``model``
+        (:func:`live_interval`)."""
+        return live_interval(self._tallies.get(model, {}))
 
-    def _count(self, model: str, wrong: bool) -> None:
-        tally = self._tallies.setdefault(model, _Tally())
-        if wrong:
-            tally.wrong += 1
-        else:
-            tally.right += 1
+    def _count(self, model: str, tenant: str, wrong: bool) -> None:
+        tallies = self._tallies.setdefault(model, {})
+        right, wrongs = tallies.get(tenant, (0, 0))
+        tallies[tenant] = (right, wrongs + 1) if wrong else (right + 1, wrongs)
         estimate, lower, upper, _ = self.live_precision(model)
         gauge = self.metrics.cache_live_precision
         for bound, value in (("estimate", estimate), ("lower", lower), ("upper", upper)):

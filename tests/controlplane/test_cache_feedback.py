@@ -79,7 +79,7 @@ async def test_a_wrong_semantic_hit_is_evicted_from_both_layers_and_recorded(loo
     assert pair["score"] == hit.hit.score and pair["verifier"] == cache.judges.fitted.digest
     assert pair["embedder_id"] == hit.hit.source.embedder_id == embedder_tuning.base_id()
     assert counter(metrics, "synapse_cache_feedback_total", model="llama", layer="semantic",
-                   verdict="wrong") == 1
+                   verdict="wrong", tenant="acme") == 1
     assert counter(metrics, "synapse_cache_live_precision", model="llama",
                    bound="estimate") == 0.0
 
@@ -207,7 +207,23 @@ async def test_a_long_semantic_hits_verdict_counts_and_evicts_but_records_no_pai
     assert (outcome.layer, outcome.evicted, outcome.recorded) == ("semantic", True, False)
     assert not path.exists()
     assert counter(metrics, "synapse_cache_feedback_total", model="llama", layer="semantic",
-                   verdict="wrong") == 1
+                   verdict="wrong", tenant="acme") == 1
+
+
+def test_no_single_tenant_moves_the_live_precision_bounds_past_what_the_others_show():
+    """Hits cost a tenant nothing, so it can judge thousands of its own: its verdicts
+    alone must not raise the lower bound over what the other tenants' verdicts show (it
+    would hide their wrong hits), nor lower the upper bound."""
+    honest = {"b": (14, 6), "c": (15, 5)}                      # 29 of 40 right
+    _, honest_low, honest_high = cache_feedback.wilson(29, 40)
+    flooded = cache_feedback.live_interval({**honest, "a": (5000, 0)})
+    assert flooded[0] > 0.99                                   # the pooled estimate moves
+    assert flooded[1] <= honest_low and flooded[2] >= honest_high
+    slandered = cache_feedback.live_interval({**honest, "a": (0, 5000)})
+    assert slandered[2] >= honest_high
+    pooled = cache_feedback.wilson(29, 40)
+    assert cache_feedback.live_interval({"b": (29, 11)})[:3] == pytest.approx(pooled)
+    assert math.isnan(cache_feedback.live_interval({})[0])
 
 
 def test_wilson_interval():
@@ -254,7 +270,7 @@ async def test_feedback_over_http_evicts_an_exact_hit(tmp_path):
             again = await client.chat.completions.with_raw_response.create(**ask)
             assert again.headers["x-synapse-cache"] == "miss"
             assert counter(metrics, "synapse_cache_feedback_total", model=t.MODEL,
-                           layer="exact", verdict="wrong") == 1
+                           layer="exact", verdict="wrong", tenant="a") == 1
 
 
 async def test_feedback_on_a_coalesced_followers_id_evicts_the_leaders_answer(tmp_path):
@@ -333,11 +349,11 @@ async def test_a_verdict_whose_eviction_failed_is_not_used_up() -> None:
     with pytest.raises(errors.Unavailable, match="send it again"):
         await fb.feedback("acme", "x-1", wrong=True)
     assert counter(metrics, "synapse_cache_feedback_total", model="llama", layer="exact",
-                   verdict="wrong") == 0
+                   verdict="wrong", tenant="acme") == 0
     l1_layer.fail = False
     outcome = await fb.feedback("acme", "x-1", wrong=True)      # the same feedback again
     assert outcome.evicted and l1_layer.deleted == ["key-1"]
     assert counter(metrics, "synapse_cache_feedback_total", model="llama", layer="exact",
-                   verdict="wrong") == 1
+                   verdict="wrong", tenant="acme") == 1
     with pytest.raises(errors.NotFound):                         # then used up
         await fb.feedback("acme", "x-1", wrong=True)

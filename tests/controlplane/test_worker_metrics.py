@@ -109,13 +109,15 @@ def test_the_output_keeps_help_and_type() -> None:
 def test_live_precision_is_recomputed_from_every_process_verdicts() -> None:
     primary = metrics_mod.Metrics(CollectorRegistry())
     worker = metrics_mod.Metrics(CollectorRegistry())
-    primary.cache_feedback.labels(t.MODEL, "semantic", "right").inc(3)
-    worker.cache_feedback.labels(t.MODEL, "semantic", "wrong").inc(1)
-    worker.cache_feedback.labels(t.MODEL, "exact", "wrong").inc(5)   # not semantic
+    primary.cache_feedback.labels(t.MODEL, "semantic", "right", "a").inc(3)
+    worker.cache_feedback.labels(t.MODEL, "semantic", "wrong", "a").inc(1)
+    worker.cache_feedback.labels(t.MODEL, "semantic", "right", "b").inc(2)
+    worker.cache_feedback.labels(t.MODEL, "exact", "wrong", "a").inc(5)   # not semantic
     primary.cache_live_precision.labels(t.MODEL, "estimate").set(1.0)  # its own 3 of 3
     got = samples(worker_metrics.render(worker_metrics.merge(
         worker_metrics.own_families(primary.registry), [worker_text(worker)])))
-    estimate, lower, upper = cache_feedback.wilson(3, 4)
+    estimate, lower, upper, _ = cache_feedback.live_interval({"a": (3, 1), "b": (2, 0)})
+    assert (estimate, lower) != pytest.approx(cache_feedback.wilson(5, 6)[:2])  # per tenant
     for bound, want in (("estimate", estimate), ("lower", lower), ("upper", upper)):
         assert value(got, "synapse_cache_live_precision", model=t.MODEL,
                      bound=bound) == pytest.approx(want)
