@@ -29,6 +29,17 @@ Design decisions:
   budget) goes on in its thread until its own time-out, and a Milvus that stopped
   answering would otherwise take every thread of the loop's default executor, which
   other work (resolving upstream host names) shares.
+- **A damaged Lite store is moved aside, never deleted.** It is a cache: when ``open``
+  fails on a Lite store, the store is opened directly (milvus-lite's own ``MilvusLite``,
+  with this process's Lite server for it stopped first) to learn the real exception, which
+  pymilvus reduces to "Open local milvus failed" or a status code. If :func:`_damaged` says
+  the store's own files are unreadable, the store (a directory: Milvus Lite keeps
+  everything inside it, nothing beside it) is renamed to ``<name>.corrupt-<UTC time>``,
+  while the direct open still holds the store's lock, and a fresh store is started, with
+  one ERROR line. A store another process holds (Milvus Lite allows one process per
+  store) is never moved: its lock cannot be taken, which is not damage. At most one such
+  check per ``reconnect_s``. With milvus-lite 2 (a single file and a server subprocess)
+  there is nothing to check with, and nothing is moved.
 - Searches and queries use ``Bounded`` consistency ("Strong" makes every search wait for
   the newest timestamp: up to ~200 ms on a Milvus server); the core's recent-write buffer
   gives this replica read-your-writes. Invalidation counts with ``Strong``: it must see
@@ -38,6 +49,7 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import math
@@ -52,6 +64,8 @@ import numpy as np
 from controlplane.core.l2 import rows, store
 from synapse_common import clock as clocks
 from synapse_common import logs
+
+log = logging.getLogger(__name__)
 
 CONSISTENCY = "Bounded"
 TEXT_FIELD_MAX = 8192 * 4       # bytes: TEXT_MAX characters of UTF-8
@@ -68,6 +82,10 @@ MAX_IN_FLIGHT = 4      # pymilvus calls running in threads at once
 
 class L2Unavailable(RuntimeError):
     """Milvus could not be reached recently; retried after a pause."""
+
+
+class _FailedRecently(L2Unavailable):
+    """The last connect failed less than ``reconnect_s`` ago; nothing was tried."""
 
 
 def _literal(text: str) -> str:
@@ -102,6 +120,9 @@ class MilvusStore:
         self._in_flight = 0                     # calls running in threads
         self._in_flight_lock = threading.Lock()
         self._lock = threading.Lock()           # connect / create / load are not re-entrant
+        self._repair_lock = threading.Lock()    # one damage check at a time
+        self._checked_at = -math.inf            # the last damage check (``clock``)
+        self._repairs = 0                       # damaged stores moved aside
         self._loading: asyncio.Future[None] | None = None
 
     @property
@@ -266,7 +287,7 @@ class MilvusStore:
                 return self._client
             now = self._clock()
             if self._failed_at is not None and now - self._failed_at < self._reconnect_s:
-                raise L2Unavailable(f"Milvus at {self.safe_uri()} failed recently")
+                raise _FailedRecently(f"Milvus at {self.safe_uri()} failed recently")
             try:
                 if self.exclusive:      # a Milvus Lite file: its folder must exist, and
                     # be private when made here (Milvus Lite writes tenants' texts 0644)
@@ -289,6 +310,49 @@ class MilvusStore:
             return self._client
 
     def _open_sync(self) -> int | None:
+        """Open the store and load an existing collection; a damaged Lite store is moved
+        aside and a fresh one opened (see the module docstring)."""
+        repairs = self._repairs
+        try:
+            return self._open_collection()
+        except _FailedRecently:
+            raise
+        except Exception:
+            if not self.exclusive:
+                raise
+            with self._repair_lock:
+                if self._repairs == repairs:    # else another thread just repaired it
+                    if not self._set_aside_if_damaged():
+                        raise
+                    self._repairs += 1
+        return self._open_collection()
+
+    def _set_aside_if_damaged(self) -> bool:
+        """Stop this process's Lite server for the store, open the store directly, and
+        move it aside if :func:`_damaged` says so (at most once per ``reconnect_s``)."""
+        now = self._clock()
+        if now - self._checked_at < self._reconnect_s:
+            return False
+        self._checked_at = now
+        try:
+            from milvus_lite import db as lite_db
+            from milvus_lite import server_manager
+        except ImportError:     # milvus-lite 2: a single file, nothing to check it with
+            return False
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:   # closing a broken connection: nothing left to do
+                pass
+        server_manager.server_manager_instance.release_server(self._uri)
+        moved = _move_if_damaged(lite_db, os.path.abspath(self._uri), self._collection)
+        if moved is None:
+            return False
+        self._failed_at = None
+        return True
+
+    def _open_collection(self) -> int | None:
         client = self._connect()
         if not client.has_collection(self._collection, timeout=self._timeout):
             return None
@@ -362,6 +426,72 @@ def _lite_unimplemented(record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
     return not (isinstance(exc, NotImplementedError)
                 and str(exc) == "Method not implemented!")
+
+
+def _damaged(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by milvus-lite while opening its store directly (the data
+    directory, a collection and its load), means the store's own files are damaged, so
+    that moving it aside and starting afresh is right.
+
+    Damage: milvus-lite's ``ManifestCorruptedError``, ``WALCorruptedError`` and
+    ``SchemaValidationError`` (a stored schema it cannot read), a file where a directory
+    belongs or the reverse (``FileExistsError``: the store path or ``collections`` is a
+    file, as a truncated or garbage store or a milvus-lite 2 file is; ``NotADirectoryError``;
+    ``IsADirectoryError``: ``LOCK`` is a directory), and ``ValueError``, ``KeyError`` or
+    ``TypeError`` from reading its files (JSON that does not parse, pyarrow's
+    ``ArrowInvalid`` for a truncated Parquet file, numpy refusing a garbage index file).
+    Not damage: ``DataDirLockedError`` (another process holds the store), any other
+    ``OSError`` (permissions, a full disk, too many open files, I/O errors: moving the
+    store would not help, and the next start may succeed), and anything else unknown.
+    """
+    kind = type(exc).__name__
+    if kind == "DataDirLockedError":
+        return False
+    if kind in ("ManifestCorruptedError", "WALCorruptedError", "SchemaValidationError"):
+        return True
+    if isinstance(exc, (FileExistsError, NotADirectoryError, IsADirectoryError)):
+        return True
+    if isinstance(exc, OSError):
+        return False
+    return isinstance(exc, (ValueError, KeyError, TypeError))
+
+
+def _move_if_damaged(lite_db: Any, path: str, collection: str) -> str | None:
+    """Open the Lite store at ``path`` directly; if that fails with damage, rename it to
+    ``<path>.corrupt-<UTC time>`` (while still holding its lock, when it was taken, so that
+    no other process has it open) and return the new name; else None."""
+    held: Any = None
+    try:
+        held = lite_db.MilvusLite(path)
+        if held.has_collection(collection):
+            held.get_collection(collection).load()
+        return None     # it opens: the failure was something else
+    except Exception as exc:
+        if not _damaged(exc):
+            return None
+        moved = _aside_name(path)
+        try:
+            os.rename(path, moved)
+        except OSError as err:
+            log.error("Milvus Lite store %s is damaged (%s: %s) and cannot be moved aside: %s",
+                      path, type(exc).__name__, exc, err)
+            return None
+        log.error("Milvus Lite store %s is damaged (%s: %s): moved it to %s and started a "
+                  "fresh one", path, type(exc).__name__, exc, moved)
+        return moved
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _aside_name(path: str) -> str:
+    """``<path>.corrupt-<UTC time>``, with a counter when that name is taken (a rename
+    onto an existing file would delete it)."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    name, n = f"{path}.corrupt-{stamp}", 1
+    while os.path.lexists(name):
+        name, n = f"{path}.corrupt-{stamp}-{n}", n + 1
+    return name
 
 
 def _private(path: str) -> None:

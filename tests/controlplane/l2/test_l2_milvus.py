@@ -364,3 +364,72 @@ async def test_milvus_lites_unimplemented_method_is_not_logged_as_our_error(l2, 
                                                 exc_info=ValueError("other"))
     assert "Method not implemented" not in caplog.text
     assert "other" in caplog.text
+
+
+# -- a damaged Milvus Lite store is moved aside, never deleted; a held one is left alone ---
+
+async def test_a_garbage_lite_store_is_moved_aside_and_the_cache_works_again(
+        milvus_lite_path, caplog):
+    """Before: every open failed ("Open local milvus failed") and every lookup missed,
+    for good."""
+    import logging
+    import pathlib
+
+    garbage = b"\x00not a Milvus Lite store\xff" * 200
+    await asyncio.to_thread(pathlib.Path(milvus_lite_path).write_bytes, garbage)
+    store = index(milvus_lite_path, "fresh")
+    with caplog.at_level(logging.ERROR, "controlplane.adapters.milvus"):
+        await put(store, "s", 1)
+        await store.flush()
+        assert [c.ref for c in await store.search("s", unit(1), 1, 0.0)] == ["ref-s-1"]
+    await store.close()
+    moved = [p for p in pathlib.Path(milvus_lite_path).parent.iterdir()
+             if p.name.startswith("milvus-lite.db.corrupt-")]
+    assert len(moved) == 1 and moved[0].read_bytes() == garbage     # kept, as it was
+    ours = [r.getMessage() for r in caplog.records if r.name == "controlplane.adapters.milvus"]
+    assert len(ours) == 1 and str(moved[0]) in ours[0] and "damaged" in ours[0]
+
+
+HOLDER = """
+import asyncio, sys
+from controlplane.adapters import milvus
+
+async def main():
+    store = milvus.MilvusStore(sys.argv[1], "held")
+    await store.create(8)
+    print("holding", flush=True)
+    await asyncio.to_thread(sys.stdin.read)     # until the test closes stdin
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_lite_store_another_process_holds_is_not_moved(milvus_lite_path, caplog):
+    """Milvus Lite allows one process per store: a second control plane on the same file
+    fails to open it, and must not take that for damage and move the first one's store."""
+    import logging
+    import pathlib
+
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, milvus_lite_path, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        assert holder.stdout is not None
+        line = await asyncio.wait_for(holder.stdout.readline(), 120)
+        assert line == b"holding\n", line
+        store = milvus.MilvusStore(milvus_lite_path, "held", reconnect_s=0.0)
+        with caplog.at_level(logging.ERROR, "controlplane.adapters.milvus"):
+            for _ in range(2):
+                with pytest.raises(milvus.L2Unavailable, match="cannot open"):
+                    await store.open()
+        await store.close()
+        siblings = sorted(p.name for p in pathlib.Path(milvus_lite_path).parent.iterdir())
+        assert siblings == ["milvus-lite.db"], siblings
+        assert (pathlib.Path(milvus_lite_path) / "collections" / "held").is_dir()
+        assert not [r for r in caplog.records if r.name == "controlplane.adapters.milvus"]
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        await asyncio.wait_for(holder.wait(), 60)
+    assert holder.returncode == 0
