@@ -121,7 +121,8 @@ def test_off_by_default(values: str | None) -> None:
     configs = {o["metadata"]["name"]: o["data"]["config.yaml"] for o in objects
                if o["kind"] == "ConfigMap" and "config.yaml" in o.get("data", {})}
     for name, text in configs.items():
-        for key in ("tls_cert_file", "tls_ca_file", "node_ca_file", "node_server_name"):
+        for key in ("tls_cert_file", "tls_ca_file", "node_ca_file", "node_server_name",
+                    "tls_self_signed", "node_tls_required"):
             assert key not in text, (name, key)
 
 
