@@ -17,15 +17,30 @@ count torch uses, and checks it against the torch path; any failure raises
   model or exporter never reuses a stale file; it is written to a temporary file and
   renamed. When the cache directory is not writable the export goes to a temporary
   directory for this run only.
+* **The cache is trusted only as far as it is private** (:func:`open_cached`, shared with
+  the pair scorer). onnxruntime runs whatever graph the file holds, and the start-up check
+  against torch compares a few fixed inputs only, so a file that passes it is not
+  necessarily the one exported here. Each export records its SHA-256 in a sidecar
+  ``<name>.sha256`` (``sha256sum`` format), written atomically after the file; a file is
+  reused only when it hashes to its sidecar's digest (once per start, read in chunks), and
+  otherwise (no sidecar, another digest: truncated, damaged or written by someone else)
+  exported again, with one warning. A cache directory other users can write (group- or
+  other-writable without the sticky bit) or another user owns is not used at all: the
+  export goes to a private temporary directory for this run only, with a warning naming
+  ``embedder.onnx_cache_dir``; in a sticky directory the file and sidecar must be this
+  user's and writable by no one else. Directories made here are 0700, files 0600. Only
+  the directory itself is checked, not its parents.
 * Same chunks as the torch path: longest texts first, ``batch_size`` at a time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pathlib
 import re
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -40,6 +55,8 @@ log = logging.getLogger(__name__)
 _R = TypeVar("_R")
 
 OPSET = 17
+DIGEST_SUFFIX = ".sha256"   # the sidecar holding an export's SHA-256, beside it
+SETTING = "embedder.onnx_cache_dir"
 TOLERANCE = 1e-5  # max abs difference from the torch path, per vector component
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Fixed texts of the start-up check: short, unicode, truncated at max_seq_length.
@@ -205,29 +222,115 @@ def _open(model: Any, path: pathlib.Path, threads: int) -> OnnxMiniLm:
 def open_cached(path: pathlib.Path, write: Callable[[pathlib.Path], None],
                 open_file: Callable[[str], _R], logger: logging.Logger, who: str,
                 what: str) -> _R:
-    """The runner ``open_file`` makes of the export at ``path``: reused when it opens,
-    exported again (``write``) when it is missing or damaged, exported for this run only
-    (a temporary directory) when ``path`` cannot be written. Logged on ``logger`` (the
+    """The runner ``open_file`` makes of the export at ``path``: reused when its SHA-256
+    matches its sidecar and it opens, exported again (``write``) when it is missing,
+    unverified or damaged, exported for this run only (a private temporary directory) when
+    ``path``'s directory is not private or cannot be written. Logged on ``logger`` (the
     caller's), ``who`` and ``what`` naming the model."""
-    if path.exists():
-        try:
-            runner = open_file(str(path))
-            logger.info("%s: reusing %s", who, path)
-            return runner
-        except Exception as exc:  # damaged: export it again
-            logger.warning("%s: cannot load %s (%s); exporting again", who, path, exc)
-            path.unlink(missing_ok=True)
+    untrusted = _not_private(path.parent)
+    if untrusted:
+        logger.warning("%s: not using the ONNX cache %s: %s; exporting for this run only "
+                       "(set %s to a directory only this user can write)", who, path.parent,
+                       untrusted, SETTING)
+        return _for_this_run(path, write, open_file)
+    if path.exists() or _sidecar(path).exists():
+        unverified = _unverified(path)
+        if unverified:
+            logger.warning("%s: not reusing %s: %s; exporting again", who, path, unverified)
+        else:
+            try:
+                runner = open_file(str(path))
+                logger.info("%s: reusing %s", who, path)
+                return runner
+            except Exception as exc:  # damaged: export it again
+                logger.warning("%s: cannot load %s (%s); exporting again", who, path, exc)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(path)
+        _sidecar(path).unlink(missing_ok=True)  # first: a file left alone is not trusted
+        path.unlink(missing_ok=True)
+        _export_recorded(path, write)
     except OSError as exc:
         logger.warning("%s: cannot write %s (%s); exporting for this run only", who, path, exc)
-        with tempfile.TemporaryDirectory() as tmp:
-            scratch = pathlib.Path(tmp) / path.name
-            write(scratch)
-            return open_file(str(scratch))
+        return _for_this_run(path, write, open_file)
     logger.info("%s: exported %s to %s", who, what, path)
     return open_file(str(path))
+
+
+def _for_this_run(path: pathlib.Path, write: Callable[[pathlib.Path], None],
+                  open_file: Callable[[str], _R]) -> _R:
+    """Export to a private temporary directory (0700, removed afterwards) and open it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = pathlib.Path(tmp) / path.name
+        write(scratch)
+        return open_file(str(scratch))
+
+
+def _export_recorded(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
+    """Export to ``path`` (0600) and then record its SHA-256 in the sidecar, atomically."""
+    write(path)
+    os.chmod(path, 0o600)
+    line = f"{_sha256(path)}  {path.name}\n"
+    sidecar = _sidecar(path)
+    fd, tmp = tempfile.mkstemp(prefix=sidecar.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(line)
+        os.replace(tmp, sidecar)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _not_private(folder: pathlib.Path) -> str | None:
+    """Why ``folder`` cannot hold a trusted cache, or None; made (0700) when missing."""
+    try:
+        folder.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None     # cannot be made: the export then fails to write, and says so
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    if st.st_uid != os.getuid():
+        return f"it belongs to uid {st.st_uid}, not this user ({os.getuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        return f"other users can write it (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _unverified(path: pathlib.Path) -> str | None:
+    """Why the export at ``path`` cannot be trusted, or None when it hashes to the digest
+    its sidecar records (and both are this user's regular files, writable by no one
+    else)."""
+    sidecar = _sidecar(path)
+    for file in (path, sidecar):
+        try:
+            st = file.lstat()
+        except FileNotFoundError:
+            return f"no {file.name}"
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid()
+                or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+            return f"{file.name} is not a regular file only this user can write"
+    try:
+        recorded = sidecar.read_text(encoding="ascii").split()[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        return f"{sidecar.name} cannot be read"
+    if _sha256(path) != recorded:
+        return f"its SHA-256 does not match {sidecar.name}"
+    return None
+
+
+def _sidecar(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _checked(runner: OnnxMiniLm, reference: Callable[[list[str], int], np.ndarray]

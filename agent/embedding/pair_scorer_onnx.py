@@ -6,7 +6,8 @@ to an ONNX file cached on disk, opens it in onnxruntime, and checks its logits a
 torch network's; any failure raises :class:`onnx_path.OnnxUnavailable` with the reason and
 the caller keeps torch (see :mod:`agent.embedding.pair_scorer`), as the embedder does
 (:mod:`agent.embedding.onnx_path`, whose session options, one thread per session and no
-busy-waiting, and exporter settings are reused).
+busy-waiting, exporter settings and cache rules, a file reused only when its SHA-256
+matches its sidecar and its directory is private, are reused).
 
 * The whole network is exported, transformer, masked mean pooling and head (``input_ids``,
   ``attention_mask``, ``token_type_ids`` → ``logits``, dynamic batch and sequence axes),

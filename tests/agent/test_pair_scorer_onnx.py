@@ -7,7 +7,11 @@ is cached and reused; ``runtime`` picks it, falls back to torch (``auto``) or re
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
+import pathlib
+import stat
 
 import numpy as np
 import pytest
@@ -141,3 +145,83 @@ async def test_the_agents_scorer_runs_the_configured_runtime(small_scorer_path, 
                                    rtol=0, atol=pair_scorer_onnx.TOLERANCE)
     finally:
         await scorer.close()
+
+
+# -- the ONNX cache is trusted only as far as it is private (onnx_path.open_cached) ---------
+
+def _exports(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("exported the network" in r.getMessage() for r in caplog.records)
+
+
+def _recorded(path: pathlib.Path) -> str:
+    return path.with_name(path.name + ".sha256").read_text().split()[0]
+
+
+def test_the_export_records_its_sha256_and_is_private(small_scorer_path, tmp_path):
+    cache = tmp_path / "new" / "onnx"
+    loaded = pair_scorer.load(small_scorer_path, "onnx", str(cache))
+    path = pair_scorer_onnx.cache_file(str(cache), loaded.scorer_id)
+    assert _recorded(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert path.with_name(path.name + ".sha256").read_text().endswith(f"  {path.name}\n")
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    for file in cache.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600, file
+
+
+def test_a_tampered_cached_file_is_exported_again(small_scorer_path, tmp_path, caplog):
+    """A file changed after its export is not loaded, even one that still opens and would
+    pass the start-up check (here: the same network with one metadata entry added)."""
+    import onnx
+
+    first = pair_scorer.load(small_scorer_path, "onnx", str(tmp_path))
+    path = pair_scorer_onnx.cache_file(str(tmp_path), first.scorer_id)
+    tampered = onnx.load(str(path))
+    tampered.metadata_props.add(key="planted", value="by someone else")
+    onnx.save(tampered, str(path))
+    with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer_onnx"):
+        again = pair_scorer.load(small_scorer_path, "onnx", str(tmp_path))
+    assert again.runtime == "onnx" and _exports(caplog) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "SHA-256 does not match" in warnings[0], warnings
+    assert not any(p.key == "planted" for p in onnx.load(str(path)).metadata_props)
+    assert _recorded(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_cached_file_without_its_sidecar_is_exported_again(small_scorer_path, tmp_path,
+                                                             caplog):
+    first = pair_scorer.load(small_scorer_path, "onnx", str(tmp_path))
+    path = pair_scorer_onnx.cache_file(str(tmp_path), first.scorer_id)
+    path.with_name(path.name + ".sha256").unlink()
+    with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer_onnx"):
+        again = pair_scorer.load(small_scorer_path, "onnx", str(tmp_path))
+    assert again.runtime == "onnx" and _exports(caplog) == 1
+    assert not any(": reusing" in r.getMessage() for r in caplog.records)
+    assert _recorded(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+OTHER_UID = 4242
+
+
+@pytest.mark.parametrize("unsafe", [
+    "other-writable", "group-writable",
+    pytest.param("another user's", marks=pytest.mark.skipif(
+        os.geteuid() != 0, reason="giving a directory to another user needs root"))])
+def test_a_cache_directory_others_can_write_is_not_trusted(small_scorer_path, tmp_path,
+                                                           caplog, unsafe):
+    """Files in it are neither loaded nor written: the export goes to a private temporary
+    directory for this run, with one warning naming the setting."""
+    cache = tmp_path / "shared"
+    first = pair_scorer.load(small_scorer_path, "onnx", str(cache))   # a verified export
+    files = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
+    if unsafe == "another user's":
+        os.chown(cache, OTHER_UID, -1)
+    else:
+        cache.chmod(0o777 if unsafe == "other-writable" else 0o770)
+    with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer_onnx"):
+        again = pair_scorer.load(small_scorer_path, "onnx", str(cache))
+    assert again.runtime == "onnx" and again.scorer_id == first.scorer_id
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any(": reusing" in m for m in messages)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "embedder.onnx_cache_dir" in warnings[0], warnings
+    assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == files   # nothing written

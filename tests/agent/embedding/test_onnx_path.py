@@ -48,7 +48,10 @@ async def test_onnx_vectors_equal_sentence_transformers(minilm, onnx_dir, monkey
     await embedder.start()
     assert embedder.runtime == "onnx" and embedder.ready
     assert calls == [] and [f.stat().st_mtime_ns for f in files] == mtimes  # file reused
-    assert len(files) == 1 and "0.1" in files[0].name and "torch" in files[0].name
+    exported = [f for f in files if f.suffix == ".onnx"]
+    assert len(exported) == 1 and "0.1" in exported[0].name and "torch" in exported[0].name
+    # and its SHA-256 beside it, which the reuse above checked
+    assert sorted(f.name for f in files) == [exported[0].name, exported[0].name + ".sha256"]
 
     one_call = await embedder.embed(TEXTS)  # chunks of 2, longest first, put back in order
     singles = [await embedder.embed([t]) for t in TEXTS]
