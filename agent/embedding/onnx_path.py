@@ -35,6 +35,7 @@ count torch uses, and checks it against the torch path; any failure raises
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -281,11 +282,13 @@ def _export_recorded(path: pathlib.Path, write: Callable[[pathlib.Path], None]) 
 
 
 def _not_private(folder: pathlib.Path) -> str | None:
-    """Why ``folder`` cannot hold a trusted cache, or None; made (0700) when missing."""
+    """Why ``folder`` cannot hold a trusted cache, or None; made (0700, as are the missing
+    folders above it) when missing."""
+    missing = [folder, *(p for p in folder.parents if not p.exists())]
     try:
-        folder.mkdir(mode=0o700, parents=True)
-    except FileExistsError:
-        pass
+        for made in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                made.mkdir(mode=0o700)
     except OSError:
         return None     # cannot be made: the export then fails to write, and says so
     try:

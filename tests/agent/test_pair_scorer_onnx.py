@@ -163,7 +163,7 @@ def test_the_export_records_its_sha256_and_is_private(small_scorer_path, tmp_pat
     path = pair_scorer_onnx.cache_file(str(cache), loaded.scorer_id)
     assert _recorded(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     assert path.with_name(path.name + ".sha256").read_text().endswith(f"  {path.name}\n")
-    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert stat.S_IMODE(cache.stat().st_mode) == stat.S_IMODE(cache.parent.stat().st_mode) == 0o700
     for file in cache.iterdir():
         assert stat.S_IMODE(file.stat().st_mode) == 0o600, file
 
