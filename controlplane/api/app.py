@@ -28,12 +28,13 @@ import logging
 from collections.abc import AsyncIterator
 
 import orjson
-from aiohttp import typedefs, web
+from aiohttp import http_exceptions, typedefs, web, web_protocol
 
 from controlplane import config, errors
 from controlplane.adapters import node_embed, redis_limits
 from controlplane.api import (
     cache_feedback,
+    calls,
     context,
     embeddings,
     fairness_wiring,
@@ -74,6 +75,16 @@ async def _close_after(request: web.Request, resp: web.Response) -> web.Response
     await resp.write_eof()
     request.protocol.force_close()
     return resp
+
+
+def _payload_error(exc: web_protocol.RequestPayloadError) -> errors.SynapseError:
+    """The 400 of a body aiohttp could not read: one whose ``Content-Encoding`` does not
+    decode, or whose chunked framing breaks off. The connection is closed after it (what
+    follows the bad bytes cannot be framed), so aiohttp does not read on and log it."""
+    if isinstance(exc.__cause__, http_exceptions.ContentEncodingError):
+        return errors.BadRequest("the request body does not decode as its Content-Encoding "
+                                 "header says", code="invalid_body")
+    return errors.BadRequest("the request body's framing is invalid", code="invalid_body")
 
 
 def _from_http(exc: web.HTTPException, request: web.Request) -> errors.SynapseError:
@@ -119,6 +130,10 @@ async def middleware(request: web.Request, handler: typedefs.Handler) -> web.Str
             resp = await handler(request)
         except errors.RequestTimeout as exc:
             resp = await _close_after(request, error_response(exc, ctx))
+        except web_protocol.RequestPayloadError as exc:
+            if ctx.headers_sent:
+                raise
+            resp = await _close_after(request, error_response(_payload_error(exc), ctx))
         except errors.SynapseError as exc:
             if ctx.headers_sent:
                 raise
@@ -274,11 +289,13 @@ def create_app(settings: config.ControlPlaneSettings, *,
     fairness_wiring.install(app, svc)   # token limits, usage, fair queue, coalescing
     ops.install(app, svc)               # tracing and the access log (issue 19)
     fleet_stats.install(app)            # answering the other replicas' stats questions
-    app.router.add_post("/v1/chat/completions", serving.chat_completions)
-    app.router.add_post("/v1/completions", serving.completions)
-    app.router.add_post("/v1/embeddings", embeddings.embeddings)
+    expect = calls.continue_if_known    # no 100 Continue without a valid key
+    app.router.add_post("/v1/chat/completions", serving.chat_completions,
+                        expect_handler=expect)
+    app.router.add_post("/v1/completions", serving.completions, expect_handler=expect)
+    app.router.add_post("/v1/embeddings", embeddings.embeddings, expect_handler=expect)
     surface.install(app)                # responses, messages, audio, rerank, tokenize
-    app.router.add_post("/v1/cache/feedback", cache_feedback.feedback)
+    app.router.add_post("/v1/cache/feedback", cache_feedback.feedback, expect_handler=expect)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

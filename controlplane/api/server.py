@@ -88,6 +88,13 @@ class _Protocol(web_protocol.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if self._messages and getattr(self._messages[-1][0], "upgrade", False) \
+                and not self._close:
+            # A request asked to switch protocols (Upgrade: h2c, websocket): no route does,
+            # and aiohttp's parser stops at it, so a request pipelined behind it in the same
+            # read would wait, unanswered, on an open connection. The connection closes once
+            # the request is answered (a client retries what a close left unanswered).
+            self.close()
         if self._request_count != self._heads_seen:     # a request head was parsed
             self._heads_seen = self._request_count
             self._cancel_head_timer()

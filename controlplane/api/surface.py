@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from controlplane.api import audio, messages, passthrough
+from controlplane.api import audio, calls, messages, passthrough
 
 ROUTES = {
     "/v1/responses": passthrough.responses,
@@ -27,5 +27,5 @@ ROUTES = {
 def install(app: web.Application) -> None:
     """Add the routes (POST) and the upload client's cleanup to ``app``."""
     for path, handler in ROUTES.items():
-        app.router.add_post(path, handler)
+        app.router.add_post(path, handler, expect_handler=calls.continue_if_known)
     app.cleanup_ctx.append(audio.close_client)

@@ -9,6 +9,7 @@ headers) go over raw sockets.
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -211,3 +212,67 @@ def test_unknown_route_and_wrong_method_are_envelopes(gateway: Gateway) -> None:
     assert_client_error(fleet.request(gateway.url, "GET", "/v1/nope"), 404)
     assert_client_error(fleet.request(gateway.url, "GET", CHAT), 405)
     assert_client_error(fleet.request(gateway.url, "DELETE", "/v1/models"), 405)
+
+
+def _exchange_until_closed(url: str, data: bytes, wait_s: float = 8.0) -> tuple[bytes, bool]:
+    """What comes back for ``data`` on a fresh socket, and whether the server closed the
+    connection (rather than leaving it open for ``wait_s``)."""
+    host, port = url.removeprefix("http://").split(":")
+    out = b""
+    with socket.create_connection((host, int(port)), timeout=wait_s) as s:
+        s.sendall(data)
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except TimeoutError:
+            return out, False
+    return out, True
+
+
+def _raw_chat(key: str, body: bytes, *headers: str) -> bytes:
+    extra = "".join(f"{h}\r\n" for h in headers)
+    return (f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\n{extra}Content-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+
+
+def test_a_body_that_does_not_decode_as_its_content_encoding_is_a_400(gateway: Gateway) -> None:
+    """It was a 500 "internal error" with two tracebacks in the log per request."""
+    for encoding in ("gzip", "deflate"):
+        out, closed = _exchange_until_closed(gateway.url, _raw_chat(
+            fleet.TENANT_KEY, fleet.chat_body(), f"Content-Encoding: {encoding}"))
+        assert out.startswith(b"HTTP/1.1 400"), out[:300]
+        error = json.loads(out.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "invalid_body" and "Content-Encoding" in error["message"]
+        assert closed      # what follows bytes that do not decode cannot be framed
+    logs = b"".join(p.read_bytes() for p in fleet.log_files(gateway.tmp))
+    assert b"RequestPayloadError" not in logs
+    fleet.still_serving(gateway.url)
+
+
+def test_a_request_asking_to_upgrade_is_answered_and_its_connection_closed(
+        gateway: Gateway) -> None:
+    """No route upgrades, and aiohttp held what followed such a request as the new
+    protocol's: a request pipelined behind it waited, unanswered, on an open connection."""
+    first = _raw_chat(fleet.TENANT_KEY, fleet.chat_body(), "Connection: Upgrade",
+                      "Upgrade: h2c")
+    second = _raw_chat(fleet.TENANT_KEY, fleet.chat_body())
+    out, closed = _exchange_until_closed(gateway.url, first + second)
+    assert out.startswith(b"HTTP/1.1 200"), out[:300]
+    assert closed
+    fleet.still_serving(gateway.url)
+
+
+def test_expect_100_continue_is_answered_only_for_a_valid_key(gateway: Gateway) -> None:
+    """A client without a valid key was told to send its body (100 Continue) before its
+    401; the fast lane answers 401 before any body, and so must aiohttp's path."""
+    head = (f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Expect: 100-continue\r\nContent-Length: 100000\r\n").encode()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    for key, first_line in (("sk-nobody-0000", b"HTTP/1.1 401"),
+                            (fleet.TENANT_KEY, b"HTTP/1.1 100 Continue")):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(head + f"Authorization: Bearer {key}\r\n\r\n".encode())
+            got = s.recv(65536)
+        assert got.startswith(first_line), got[:200]
+    fleet.still_serving(gateway.url)
