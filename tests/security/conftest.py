@@ -71,7 +71,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
         for i in range(2):
             cfg = fleet.controlplane_config(
                 f"sec-{i}", http[i], grpc[i], tmp / f"data-{i}",
-                redis={"url": redis_url, "timeout_s": 1.0},
+                redis={"url": redis_url, "timeout_s": 3.0},
                 cache={"semantic_enabled": True, "semantic_budget_ms": 5000,
                        "l1_budget_ms": 1000},
                 logging={"level": "debug"})

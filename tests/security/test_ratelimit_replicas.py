@@ -1,7 +1,8 @@
 """A tenant's rate limit holds across two control-plane replicas sharing Redis, under a
 burst from 200 concurrent clients: the requests admitted in a window stay within 10% of
 ``burst + rate * window`` (the token bucket's promise), the rest get 429 envelopes with
-``Retry-After``, and no Redis call failed (which would fall back to per-replica limits).
+``Retry-After``, and no rate-limit call to Redis failed (which would fall back to
+per-replica limits).
 """
 
 from __future__ import annotations
@@ -44,22 +45,26 @@ async def _burst(urls: list[str]) -> list[tuple[float, float, int, bool]]:
 
 def _redis_errors(url: str) -> float:
     text = fleet.request(url, "GET", "/metrics", key=fleet.ADMIN_KEY).body.decode()
-    return sum(float(v) for v in re.findall(r'^synapse_redis_errors_total\{[^}]*\} (\S+)$',
-                                            text, re.MULTILINE))
+    return sum(float(v) for v in re.findall(
+        r'^synapse_redis_errors_total\{op="rate_limit"\} (\S+)$', text, re.MULTILINE))
 
 
 def test_rate_limit_holds_across_two_replicas_under_200_clients(secure: SecureFleet) -> None:
     errors_before = [_redis_errors(u) for u in secure.urls]
     seen = asyncio.run(_burst(secure.urls))
+    # First: a rate-limit call to Redis over its time budget falls back to each replica's own bucket
+    # (fail open, by design), which admits more than the shared one; the fleet's budget is
+    # generous so that a loaded machine does not trip it.
+    assert [_redis_errors(u) for u in secure.urls] == errors_before
     statuses = [s for _, _, s, _ in seen]
     assert set(statuses) <= {200, 429}, sorted(set(statuses))
     assert all(ok for *_, ok in seen), "a 429 without Retry-After or error envelope"
     admitted = statuses.count(200)
-    first = min(sent for sent, *_ in seen)
-    # The bucket refills between the first and the last check on the server; those lie
-    # between the last send and the last answer, so the promise is a small range.
-    low = BURST + RATE * (max(sent for sent, *_ in seen) - first)
-    high = BURST + RATE * (max(done for _, done, *_ in seen) - first)
+    # The bucket refills between the first and the last check on the server. The first
+    # check lies between the first send and the first answer, the last between the last
+    # send and the last answer, so the promise is a range (wider on a loaded machine,
+    # where the first answers come late).
+    low = BURST + RATE * (max(sent for sent, *_ in seen) - min(done for _, done, *_ in seen))
+    high = BURST + RATE * (max(done for _, done, *_ in seen) - min(sent for sent, *_ in seen))
     assert statuses.count(429) > admitted, "the burst was not over the limit"
     assert 0.9 * low <= admitted <= 1.1 * high, (admitted, low, high)
-    assert [_redis_errors(u) for u in secure.urls] == errors_before
