@@ -10,6 +10,9 @@
   :meth:`Service.inference`, which applies the arrival-time faults (hang, slow start,
   error rate) and counts answered requests for ``crash_after`` — the process exits with
   ``faults.CRASH_EXIT_CODE`` right after the N-th answer has been written.
+* Every answer carries ``X-Request-Id``: the request's own, else a new one — vLLM's
+  ``--enable-request-id-headers``, which the agent starts vLLM with. The control plane
+  checks it to tell an answer that is not its request's (:mod:`controlplane.adapters.upstream`).
 * ``/health`` (200 empty body, like vLLM and TEI), ``GET``/``POST /sim/faults``, and
   ``GET /openapi.json`` listing the routes (as vLLM's FastAPI serves it).
 * With ``api_key`` set, :mod:`simulator.auth` refuses callers without it on the paths
@@ -22,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -184,6 +188,7 @@ def build(settings: SimulatorSettings, timing: clocks.Time = clocks.Time()) -> w
     if settings.api_key is not None:  # inside the errors middleware, which renders its 401
         middlewares.append(auth.middleware(settings.api_key.get_secret_value()))
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
+    app.on_response_prepare.append(_echo_request_id)
     app.router.add_get("/health", service.health)
     app.router.add_get("/sim/faults", service.get_faults)
     app.router.add_post("/sim/faults", service.post_faults)
@@ -195,6 +200,11 @@ def build(settings: SimulatorSettings, timing: clocks.Time = clocks.Time()) -> w
     else:
         _add_speech(app, settings, service, timing)
     return app
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """As vLLM with ``--enable-request-id-headers``: the request's id, else a new one."""
+    response.headers["X-Request-Id"] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
 
 
 def _add_routes(app: web.Application, service: Service, routes: list[web.RouteDef]) -> None:

@@ -1,10 +1,13 @@
 """Engine spec → command line. One function per engine kind, no I/O.
 
 * ``vllm``: ``<vllm_command> --model MODEL --host H --port P --served-model-name N…
-  --gpu-memory-utilization U [--max-model-len L] EXTRA…``; the command is vLLM's OpenAI
-  server, ``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` takes the same
-  flags). The memory fraction is always passed explicitly: several engines may share a
-  GPU and vLLM's default (0.9) would let the first one take nearly all of it.
+  --gpu-memory-utilization U --enable-request-id-headers [--max-model-len L] EXTRA…``;
+  the command is vLLM's OpenAI server, ``python -m vllm.entrypoints.openai.api_server``
+  (``vllm serve`` takes the same flags). The memory fraction is always passed explicitly:
+  several engines may share a GPU and vLLM's default (0.9) would let the first one take
+  nearly all of it. ``--enable-request-id-headers`` (vLLM >= 0.6) makes every answer echo
+  the request's ``X-Request-Id``, by which the control plane tells an answer that is not
+  its request's (:mod:`controlplane.adapters.upstream`).
 * ``tei``: ``text-embeddings-router --model-id MODEL --hostname H --port P EXTRA…``.
 * ``simulator``: ``<simulator_command> --engine vllm|tei --host H --port P --model MODEL
   --served-model-name N… [--task T…] [--max-model-len L] EXTRA…`` (``tei`` when the spec's
@@ -66,7 +69,8 @@ def build(spec: types.EngineSpec, host: str, port: int, *,
         return None
     if spec.engine == "vllm":
         argv = [*vllm_command, "--model", spec.model, "--host", host, "--port", str(port),
-                *_names(spec), "--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
+                *_names(spec), "--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}",
+                "--enable-request-id-headers"]
         if spec.max_model_len:
             argv += ["--max-model-len", str(spec.max_model_len)]
         if guarded:

@@ -17,8 +17,21 @@ Rules:
 - **Back-pressure.** Reading from the backend pauses while more than ``HIGH_WATER`` bytes
   of body wait for the caller, and resumes below ``LOW_WATER``.
 - **Release.** :meth:`UpstreamResponse.close` returns the connection to its pool only when
-  the body was received to its end and the backend allows keep-alive; otherwise the
-  connection is closed — which is how a backend learns that the client went away.
+  the body was received to its end, the backend allows keep-alive and the parser is
+  between messages; otherwise the connection is closed — which is how a backend learns
+  that the client went away.
+- **One answer per request.** httptools goes on parsing after a message's end, so bytes
+  after a complete answer in the same read would run its callbacks again. A message that
+  begins with no request awaiting it — the answer in flight is already complete (its
+  final head came), or there is none — is nobody's: the connection is *poisoned*
+  (:attr:`Connection.poisoned`): parsing stops there, the connection is closed and never
+  pooled, and the complete answer before it is kept as it was (its status, headers and
+  body are not touched). A second final (>= 200) head for one request is invalid HTTP.
+  Such bytes are a backend bug or an attack on the next request to share the connection
+  (another tenant's); a *late* extra answer, after the next request was written, looks
+  like a valid answer to it: :mod:`controlplane.adapters.upstream` checks the request id.
+- A ``101 Switching Protocols`` is invalid here (nothing asks to upgrade): httptools'
+  ``HttpParserUpgrade``, which is no ``HttpParserError``, is in :data:`ERRORS` too.
 - Bodies pass through byte for byte (no decompression); chunked framing is removed.
   Header names and values are checked for CR, LF and NUL before anything is sent.
 """
@@ -28,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import os
 import ssl
 import typing
@@ -37,6 +51,8 @@ from collections.abc import Iterator, Mapping
 import httptools
 
 from controlplane import errors
+
+log = logging.getLogger("synapse.controlplane.upstream")
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -52,11 +68,21 @@ ERRORS: dict[type[BaseException], tuple[type[errors.UpstreamError], str]] = {
     OSError: (errors.UpstreamConnectError, "cannot connect"),
     ssl.SSLError: (errors.UpstreamConnectError, "cannot connect over TLS"),
     httptools.HttpParserError: (errors.UpstreamProtocolError, "the backend sent invalid HTTP"),
+    httptools.HttpParserUpgrade: (errors.UpstreamProtocolError, "the backend sent invalid HTTP"),
 }
+# What data_received catches from the parser: ERRORS' parser entries.
+_PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
+
+
+class _Unrequested(Exception):
+    """Raised by ``on_message_begin`` to stop the parser at a message nobody asked for."""
 
 
 def detail(exc: BaseException) -> str:
     """What went wrong, in words that name no address."""
+    if isinstance(exc, httptools.HttpParserUpgrade):
+        # its text is only the offset of the upgraded bytes
+        return "101 Switching Protocols, and no upgrade was asked for"
     if isinstance(exc, ssl.SSLError):
         return str(exc.reason or type(exc).__name__)
     if isinstance(exc, OSError):
@@ -120,6 +146,18 @@ class Connection(asyncio.Protocol):
         self.lost = False
         self.used = False            # has carried a request before (so it may be stale)
         self.idle_since = 0.0
+        self.between = True          # the parser is between messages
+        self.poisoned = False        # bytes nobody asked for arrived: never reuse it
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the connection may carry another request (its answer aside)."""
+        return self.between and not self.poisoned and not self.lost
+
+    def poison(self) -> None:
+        """Never reuse this connection; close it."""
+        self.poisoned = True
+        self.close()
 
     def close(self) -> None:
         if self.transport is not None:
@@ -133,14 +171,23 @@ class Connection(asyncio.Protocol):
         resp = self.response
         if resp is None or resp.complete:
             # Bytes nobody asked for: the connection is no longer trustworthy.
-            self.close()
+            self._unrequested()
             return
         resp.received = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except _PARSER_ERRORS as exc:
+            if self.poisoned:       # on_message_begin stopped it: the answer stands
+                self._unrequested()
+                return
             resp.fail(translate(exc))
-            self.close()
+            self.poison()
+
+    def _unrequested(self) -> None:
+        scheme, host, port = self.origin
+        log.warning("the backend %s://%s:%d sent bytes after its answer, with no request "
+                    "awaiting them: connection closed, not reused", scheme, host, port)
+        self.poison()
 
     def eof_received(self) -> bool:
         return False        # close our side too; connection_lost follows
@@ -154,6 +201,16 @@ class Connection(asyncio.Protocol):
             resp.connection_ended(exc)
 
     # -- httptools callbacks -------------------------------------------------------------
+    # on_message_begin admits a message only for an answer still awaiting its final head,
+    # and stops the parser otherwise; so the callbacks below always concern the answer in
+    # flight, and a complete answer is never written to again.
+    def on_message_begin(self) -> None:
+        resp = self.response
+        if resp is None or resp.complete or resp.status:
+            self.poisoned = True
+            raise _Unrequested
+        self.between = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.response is not None:
             self.response.raw_headers.append((name, value))
@@ -168,6 +225,7 @@ class Connection(asyncio.Protocol):
             resp.body_received(body)
 
     def on_message_complete(self) -> None:
+        self.between = True
         if self.response is not None:
             self.response.message_complete(self.parser.should_keep_alive())
 
@@ -251,13 +309,19 @@ class UpstreamResponse:
         if self._released:
             return
         self._released = True
-        reusable = self.complete and self._keep_alive and self._exc is None
+        reusable = (self.complete and self._keep_alive and self._exc is None
+                    and self._conn.reusable)
         self._conn.pool.release(self._conn, reusable)
 
     # -- what the connection reports -----------------------------------------------------
     def head_received(self, status: int) -> None:
         if status < 200:        # 1xx (103 Early Hints): informational, the answer follows
             self.raw_headers = []
+            return
+        if self._head:          # on_message_begin admits none; kept as the rule's guard
+            self.fail(errors.UpstreamProtocolError(
+                "the backend sent invalid HTTP: a second answer to one request"))
+            self._conn.poison()
             return
         self.status = status
         self._head = True

@@ -22,6 +22,23 @@ Rules:
 - **Time limits.** Connecting: ``connect_timeout_s`` (``UpstreamConnectError``). The
   response head: the first-byte limit (``UpstreamTimeout``). Each later wait for body
   bytes: ``read_timeout_s`` or the caller's own (``UpstreamReadError``).
+- **An answer is its request's.** A backend that writes an extra answer on a keep-alive
+  connection *after* the next request went out (a bug, or an attack on whoever shares
+  the pool) puts that connection off by one: each request would get the previous one's
+  answer, across tenants. No framing shows it, so the request id does: a request sent
+  with ``x-request-id`` (the dispatcher sends Synapse's own to every engine) whose
+  answer carries another ``x-request-id`` gets ``UpstreamProtocolError`` — the
+  dispatcher fails over as for any invalid answer — its connection is closed, the idle
+  connections pooled for that origin are closed too (they may be off by one as well),
+  and one warning is logged (the origin; no tenant data). Only origins known to echo the
+  id are held to it (``UpstreamClient._echoing``): hosted APIs (OpenAI, and most
+  OpenAI-compatible ones) answer with an id of their own. An answer with the id sent
+  makes its origin an echoing one (ids are unique: that is no coincidence); the first
+  answer on a new connection, which cannot be off by one, with another id makes it not.
+  So an origin is checked from its first echo on; an extra answer before that goes
+  unseen. The engines Synapse starts echo it (vLLM with ``--enable-request-id-headers``,
+  the simulator always). One header lookup per answer; a request sent without an id (a
+  health probe) is not checked.
 - **Errors** are :mod:`controlplane.errors` classes only, translated from foreign
   exceptions in one table (:data:`controlplane.adapters.http1.ERRORS`).
 """
@@ -31,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import ssl
 from collections.abc import Mapping
 
@@ -39,6 +57,9 @@ from controlplane.adapters import http1
 
 HIGH_WATER = http1.HIGH_WATER
 _TARGETS_MAX = 4096
+REQUEST_ID = "x-request-id"
+
+log = logging.getLogger("synapse.controlplane.upstream")
 
 
 class UpstreamClient:
@@ -56,6 +77,8 @@ class UpstreamClient:
         self._targets: dict[str, http1.Target] = {}
         self._tls: ssl.SSLContext | None = None
         self._started = False
+        # Origins whose answers echo the request's x-request-id: only they are held to it.
+        self._echoing: set[http1.Origin] = set()
         # The loop start() ran in: every wait and deadline is on it. Kept rather than
         # asked for at each step (asyncio.get_running_loop checks the process id).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -89,6 +112,7 @@ class UpstreamClient:
         deadline = loop.time() + limit
         target = self._target(url)
         message = http1.head(method, target, headers, body) + body
+        rid = headers.get(REQUEST_ID)
         for attempt in (1, 2):
             conn = await self._acquire(loop, target.origin, deadline, limit)
             reused = conn.used
@@ -99,6 +123,8 @@ class UpstreamClient:
                 assert conn.transport is not None
                 conn.transport.write(message)
                 await resp.wait_head(deadline, limit)
+                if rid is not None:
+                    self._check_id(conn, resp, rid, reused)
                 return resp
             except errors.UpstreamReadError:
                 resp.close()
@@ -109,6 +135,37 @@ class UpstreamClient:
                 resp.close()
                 raise
         raise AssertionError("unreachable")
+
+    def _check_id(self, conn: http1.Connection, resp: http1.UpstreamResponse, rid: str,
+                  reused: bool) -> None:
+        """Raise ``UpstreamProtocolError`` when ``resp`` is another request's answer."""
+        got = resp.header(REQUEST_ID)
+        if got is None:
+            return
+        origin = conn.origin
+        if got == rid:          # ids are unique: an echo, whatever the connection
+            if origin not in self._echoing:
+                self._echoing.add(origin)
+            return
+        if not reused:          # a new connection's first answer is this request's: the
+            self._echoing.discard(origin)       # backend answers with ids of its own
+            return
+        if origin not in self._echoing:
+            return
+        scheme, host, port = origin
+        log.warning("the backend %s://%s:%d answered a request with another request's id "
+                    "(an extra answer on a keep-alive connection): its connections are "
+                    "closed and the request fails over", scheme, host, port)
+        conn.poison()
+        self._drop_idle(origin)
+        raise errors.UpstreamProtocolError(
+            "the backend sent invalid HTTP: an answer to another request (x-request-id "
+            "differs)")
+
+    def _drop_idle(self, origin: http1.Origin) -> None:
+        for conn in self._idle.pop(origin, ()):
+            self._discard(conn)
+            self._wake_slot()
 
     def _target(self, url: str) -> http1.Target:
         target = self._targets.get(url)
@@ -153,7 +210,7 @@ class UpstreamClient:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
-            if not conn.lost and now - conn.idle_since < self._keepalive_s:
+            if conn.reusable and now - conn.idle_since < self._keepalive_s:
                 return conn
             self._discard(conn)
         return None

@@ -369,5 +369,171 @@ def test_foreign_errors_are_translated_by_one_table_without_addresses() -> None:
     assert http1.translate(tls).message == "cannot connect over TLS: CERTIFICATE_VERIFY_FAILED"
     bad = http1.translate(httptools.HttpParserError("invalid HTTP status code"))
     assert type(bad) is errors.UpstreamProtocolError and "invalid HTTP" in bad.message
+    upgrade = http1.translate(httptools.HttpParserUpgrade(77))    # no HttpParserError
+    assert type(upgrade) is errors.UpstreamProtocolError and "77" not in upgrade.message
     with pytest.raises(TypeError, match="no upstream error is mapped for KeyError"):
         http1.translate(KeyError("x"))
+
+
+# -- one answer per request: bytes a backend sends beyond it (desync, cross-tenant bleed) --
+
+def answer(text: str, rid: str | None = None) -> bytes:
+    """A whole JSON answer, echoing ``rid`` as x-request-id when given."""
+    body = b'{"answer": "%s"}' % text.encode()
+    echo = b"x-request-id: %s\r\n" % rid.encode() if rid is not None else b""
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + echo
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def request_id(request: bytes) -> str:
+    for line in request.split(b"\r\n"):
+        if line.lower().startswith(b"x-request-id:"):
+            return line.split(b":", 1)[1].strip().decode()
+    return ""
+
+
+async def ask(c: upstream.UpstreamClient, url: str, rid: str = "r") -> tuple[int, bytes]:
+    resp = await c.send("POST", url + "/v1/chat/completions", b"{}", {"x-request-id": rid})
+    try:
+        return resp.status, await resp.read()
+    finally:
+        resp.close()
+
+
+@on_both_loops
+async def test_a_second_answer_in_the_same_write_is_dropped_and_the_connection_too() -> None:
+    """Two whole answers in one write: the first is the request's, untouched (one status,
+    one Content-Length, one JSON document); the second is nobody's and the connection that
+    carried it is not used again."""
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        await conn.send(answer("first") + answer("PLANTED"))
+        await conn.wait_closed_by_peer()
+
+    async with serving(handler) as srv, client() as c:
+        resp = await c.send("POST", srv.url + "/v1/chat/completions", b"{}", {})
+        body = await resp.read()
+        assert (resp.status, body) == (200, b'{"answer": "first"}')
+        assert [k for k, _ in resp.headers].count("Content-Length") == 1
+        resp.close()
+        await asyncio.sleep(0.1)
+        assert c.open_connections == 0 and srv.closed_by_peer == 1
+
+
+@on_both_loops
+async def test_a_stream_then_a_planted_answer_ends_at_the_stream_s_end() -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        events = b"".join(b"%x\r\n%s\r\n" % (len(e), e)
+                          for e in (b"data: 1\n\n", b"data: [DONE]\n\n"))
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n" + events + b"0\r\n\r\n"
+                        + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        + b"15\r\ndata: {\"PLANTED\": 1}\n\n\r\n")
+        await conn.wait_closed_by_peer()
+
+    async with serving(handler) as srv, client() as c:
+        resp = await c.send("POST", srv.url + "/v1/chat/completions", b"{}", {})
+        chunks = []
+        while (chunk := await resp.next_chunk()) is not None:
+            chunks.append(chunk)
+        resp.close()
+        assert b"".join(chunks) == b"data: 1\n\ndata: [DONE]\n\n"
+        assert c.open_connections == 0
+
+
+@on_both_loops
+async def test_a_partial_second_answer_does_not_send_the_connection_back_to_the_pool() -> None:
+    """A whole answer, then the head and half the body of another: the connection was
+    pooled mid-message, and its next user (another tenant, the health prober) got 502
+    "invalid HTTP". It is closed instead; the next request goes over a new connection."""
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        if conn.n == 1:
+            await conn.send(answer("first") + answer("PLANTED")[:-10])
+            await conn.wait_closed_by_peer()
+            return
+        await conn.send(answer("second"))
+        await conn.wait_closed_by_peer()
+
+    async with serving(handler) as srv, client() as c:
+        assert await ask(c, srv.url) == (200, b'{"answer": "first"}')
+        assert await ask(c, srv.url) == (200, b'{"answer": "second"}')
+        assert srv.connections == 2
+
+
+@on_both_loops
+async def test_an_answer_arriving_late_is_not_the_next_request_s() -> None:
+    """An engine answers request 1, then writes a second answer once request 2 was sent
+    on the same keep-alive connection. Without the id check, request 2 got the planted
+    answer, request 3 request 2's, and so on across tenants. The planted one carries
+    request 1's id: request 2 fails as an invalid answer (the dispatcher fails over), the
+    connection is closed, and request 3 gets its own answer."""
+    async def handler(conn: Conn) -> None:
+        while True:
+            rid = request_id(await conn.read_request())
+            if rid == "alice-1":
+                await conn.send(answer("for alice", rid))
+                continue
+            if rid == "bob-2":       # planted now, request 2 already on the wire
+                await conn.send(answer("PLANTED by alice", "alice-1"))
+                await asyncio.sleep(0.05)
+            await conn.send(answer(f"for {rid}", rid))
+
+    async with serving(handler) as srv, client() as c:
+        assert await ask(c, srv.url, "alice-1") == (200, b'{"answer": "for alice"}')
+        with pytest.raises(errors.UpstreamProtocolError, match="another request"):
+            await ask(c, srv.url, "bob-2")
+        assert await ask(c, srv.url, "carol-3") == (200, b'{"answer": "for carol-3"}')
+        assert await ask(c, srv.url, "dave-4") == (200, b'{"answer": "for dave-4"}')
+        assert srv.connections == 2
+
+
+@on_both_loops
+async def test_the_id_check_drops_the_origin_s_idle_connections_and_spares_hosted_apis() -> None:
+    """The idle connections of an origin caught off by one may be so too: closed. A
+    backend that answers with ids of its own (OpenAI) is not held to ours."""
+    async def handler(conn: Conn) -> None:
+        while True:
+            rid = request_id(await conn.read_request())
+            if rid.startswith("hosted"):
+                await conn.send(answer("hosted", "req_" + rid))
+            elif rid == "off":
+                await conn.send(answer("PLANTED", "someone-else"))
+            else:
+                await conn.send(answer(rid, rid))
+
+    async with serving(handler) as srv, client() as c:
+        for i in range(3):
+            assert await ask(c, srv.url, f"hosted-{i}") == (200, b'{"answer": "hosted"}')
+        held = [await c.send("POST", srv.url + "/x", b"{}", {"x-request-id": f"a{i}"})
+                for i in range(3)]
+        for resp in held:
+            await resp.read()
+            resp.close()
+        assert c.open_connections == 3 and srv.connections == 3
+        with pytest.raises(errors.UpstreamProtocolError, match="another request"):
+            await ask(c, srv.url, "off")
+        assert c.open_connections == 0, "the connection and the origin's idle ones closed"
+
+
+@on_both_loops
+async def test_switching_protocols_is_a_clean_error() -> None:
+    """A 101 raised httptools' HttpParserUpgrade (no HttpParserError): asyncio logged
+    "Fatal error on transport" and the client got "closed the connection"."""
+    fatal: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: fatal.append(ctx))
+
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        await conn.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\n\r\n" + answer("PLANTED"))
+        await conn.wait_closed_by_peer()
+
+    async with serving(handler) as srv, client() as c:
+        with pytest.raises(errors.UpstreamProtocolError,
+                           match=r"invalid HTTP: 101 Switching Protocols"):
+            await ask(c, srv.url)
+        await asyncio.sleep(0.1)
+        assert c.open_connections == 0 and srv.closed_by_peer == 1
+    assert fatal == []

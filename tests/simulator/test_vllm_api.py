@@ -59,6 +59,26 @@ def test_chat_completion_with_usage_labelled_simulated(client: openai.OpenAI) ->
     assert tagged.id == "chatcmpl-req-42"  # as vLLM does
 
 
+def test_every_answer_carries_the_request_id_as_vllm_with_request_id_headers(
+        client: openai.OpenAI, sim: Sim) -> None:
+    """The control plane tells an answer that is not its request's by this echo (a
+    keep-alive connection put off by one): answers, streams and errors carry it."""
+    messages = [{"role": "user", "content": "Whose answer?"}]
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, max_tokens=1, extra_headers={"X-Request-Id": "r-1"})
+    assert raw.headers["x-request-id"] == "r-1"
+    with client.chat.completions.with_streaming_response.create(
+            model=MODEL, messages=messages, max_tokens=2, stream=True,
+            extra_headers={"X-Request-Id": "r-2"}) as streamed:
+        assert streamed.headers["x-request-id"] == "r-2"
+    wrong = client.chat.completions.with_raw_response.create   # an error answer
+    with pytest.raises(openai.NotFoundError) as info:
+        wrong(model="no-such-model", messages=messages, extra_headers={"X-Request-Id": "r-3"})
+    assert info.value.response.headers["x-request-id"] == "r-3"
+    _, headers, _ = harness.http(sim.url + "/health")   # none sent: a new one, as vLLM
+    assert len(headers["X-Request-Id"]) == 32
+
+
 def test_same_prompt_and_seed_answer_the_same(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Repeatable?"}]
     a = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, seed=5)

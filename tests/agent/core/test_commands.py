@@ -16,7 +16,9 @@ def test_vllm_sets_memory_fraction_explicitly_and_passes_extra_args():
     assert argv == ["vllm", "serve", "--model", "meta/llama", "--host", "0.0.0.0",
                     "--port", "8000",
                     "--served-model-name", "llama", "--served-model-name", "default",
-                    "--gpu-memory-utilization", "0.45", "--max-model-len", "8192",
+                    "--gpu-memory-utilization", "0.45",
+                    # answers echo X-Request-Id: the control plane checks it (upstream.py)
+                    "--enable-request-id-headers", "--max-model-len", "8192",
                     "--enable-prefix-caching"]
     assert commands.environment(spec) == {"CUDA_VISIBLE_DEVICES": "0,1"}
 
