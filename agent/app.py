@@ -166,6 +166,10 @@ class Agent:
                  self.node_server.port, "" if not self.node_server.tls
                  else " (TLS)" if self.certificate is None
                  else f" (TLS, certificate made at start, sha256 {self.certificate.fingerprint})")
+        if self.certificate is not None and not self.cfg.control_plane.tls_ca_file:
+            log.warning("grpc.tls_self_signed without control_plane.tls_ca_file: the "
+                        "certificate the control plane pins travels in plain text, where "
+                        "whoever sits on the path can swap it for one of their own")
         if self.keys is None:
             log.warning("no control_plane.token(_file): the Node gRPC service %s",
                         "serves calls without a credential (grpc.allow_unauthenticated)"

@@ -9,7 +9,7 @@ Design decisions:
 - The calls themselves go through :class:`node_embed.NodeEmbedClient` (one reused
   channel per address, closed on :meth:`close` or when the address leaves the list),
   which presents the node's own key (``key_of``, else ``token``), trusts the
-  certificate a node pinned (``pin_of``) over ``credentials``, and names the
+  certificate a node pinned (``pin_of``) when there are no ``credentials``, and names the
   ``tenant`` each call is made for (the
   agent keeps one embedding cache per tenant). Input the agents refuse as too large or
   invalid raises :mod:`controlplane.errors` at once: another agent would refuse it too.

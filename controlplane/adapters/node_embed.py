@@ -35,9 +35,13 @@ Design decisions:
   registered the certificate it made at start (``grpc.tls_self_signed``) is dialled with
   TLS whose only root is that certificate, checking the DNS name it carries, so only the
   process holding that agent's in-memory key can answer at its address: not another
-  agent (each has a key of its own), not a stand-in. A pin wins over ``credentials``; a
-  node without one follows them (CA-signed TLS, else plain text, which
-  ``plain_text=False``, ``grpc.node_tls_required``, refuses: such a node is not called).
+  agent (each has a key of its own), not a stand-in. Pins count only without
+  ``credentials``: where a CA vouches for the agents, a certificate a registration brought
+  must not replace it (whoever holds the agent token could otherwise register a node at
+  an address of its own with a certificate of its own, and be sent texts the CA would
+  have kept from it). A node without a pin, or every node under a CA, follows
+  ``credentials`` (CA-signed TLS, else plain text, which ``plain_text=False``,
+  ``grpc.node_tls_required``, refuses: such a node is not called).
   Channels are kept per address *and* pin: an agent that restarts registers a new
   certificate, and the next call dials a new channel pinned to it (the old one is
   closed), never one that trusts the certificate before; a pin is looked up by the
@@ -147,9 +151,9 @@ class NodeEmbedClient:
     """``key_of``: the bearer key of the agent at an address (the registry's
     ``node_key_at``: each node's own key, which goes to no other address); without it
     every call presents ``token``. ``pin_of``: the certificate pinned for an address (the
-    registry's ``node_pin_at``), which wins over ``credentials``: TLS for every other
-    channel (none: plain text, unless ``plain_text`` is False: then such an agent is not
-    called)."""
+    registry's ``node_pin_at``), used only without ``credentials``, which otherwise make
+    every channel TLS verified by their CA (none and no pin: plain text, unless
+    ``plain_text`` is False: then such an agent is not called)."""
 
     def __init__(self, token: str | None = None, *,
                  key_of: Callable[[str], str | None] | None = None,
@@ -172,7 +176,8 @@ class NodeEmbedClient:
     def _stub(self, address: str, method: str) -> node_pb2_grpc.NodeStub:
         """The stub of the channel to ``address`` as its node registered it now (see the
         module docstring); :class:`EmbedError` when it may not be called."""
-        pin = self._pin_of(address) if self._pin_of is not None else None
+        pin = (self._pin_of(address) if self._pin_of is not None and self._credentials is None
+               else None)
         entry = self._stubs.get(address)
         if entry is not None and entry[2] != pin:
             self.forget(address)            # the agent restarted with a new certificate

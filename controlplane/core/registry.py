@@ -110,8 +110,9 @@ class Registry:
         self._down_after_s = down_after_s
         self._max_nodes = max_nodes
         self._forget_down_after_s = forget_down_after_s
-        self._keys_at: tuple[int, dict[str, str],
-                             dict[str, types.NodePin | None]] | None = None
+        # registry version -> address -> (node key, pin) of the node that address is now
+        self._keys_at: tuple[int, dict[str, tuple[str | None, types.NodePin | None]]] \
+            | None = None
         self._nodes: dict[str, _Node] = {}
         self._static: dict[str, types.BackendState] = {}
         self._static_healthy: dict[str, bool] = {}
@@ -371,18 +372,16 @@ class Registry:
         return self._at(address)[1]
 
     def _at(self, address: str) -> tuple[str | None, types.NodePin | None]:
+        """(key, pin) of the one node an address is now: the live one, else the node down
+        that registered it last. Both come from that node, never one from each: a node
+        down's key must not go to a live node's certificate, nor the reverse."""
         cached = self._keys_at
         if cached is None or cached[0] != self.version:
             live_last = sorted(self._nodes.values(), key=lambda n: self.node_status(n) != "down")
-            keys = {address_key(n.info.address): n.info.node_key for n in live_last
-                    if n.info.address and n.info.node_key}
-            # the pin (or none) of the node the address is now: a node down that
-            # pinned it does not keep the live node from today's rules
-            pins = {address_key(n.info.address): n.info.node_pin for n in live_last
-                    if n.info.address}
-            cached = self._keys_at = (self.version, keys, pins)
-        key = address_key(address)
-        return cached[1].get(key), cached[2].get(key)
+            at = {address_key(n.info.address): (n.info.node_key, n.info.node_pin)
+                  for n in live_last if n.info.address}
+            cached = self._keys_at = (self.version, at)
+        return cached[1].get(address_key(address), (None, None))
 
     def ready_embed_nodes(self) -> list[types.EmbedNode]:
         """Up nodes whose agent serves ``Node.Embed`` (for the semantic cache)."""

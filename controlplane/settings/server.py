@@ -109,9 +109,9 @@ class GrpcSettings(Section):
         None, description="PEM CA bundle that signed the agents' Node-service certificates "
         "(their grpc.tls_cert_file): set, every Node call (Node.Embed, Node.ScorePairs: "
         "tenants' texts) goes over TLS and an agent that cannot prove itself with it, or "
-        "serves plain text, is not called; none = Node calls in plain text. An agent that "
-        "registered a certificate of its own (grpc.tls_self_signed) is checked against "
-        "that certificate instead (pinned), with or without this file")
+        "serves plain text, is not called, whatever certificate it registered; none = Node "
+        "calls in plain text, except to agents that registered a certificate of their own "
+        "(grpc.tls_self_signed), checked against that certificate alone (pinned)")
     node_server_name: str | None = Field(
         None, min_length=1, description="name the agents' Node-service certificates carry, "
         "checked instead of the host of the address each agent advertises (node IPs vary); "
@@ -119,8 +119,8 @@ class GrpcSettings(Section):
     node_tls_required: bool = Field(
         False, description="without node_ca_file, call no agent in plain text: an agent "
         "whose Register carries no certificate of its own (its grpc.tls_self_signed) is "
-        "not called. Agents that sent one are always dialled with TLS trusting that "
-        "certificate alone, whatever node_ca_file says")
+        "not called. Agents that sent one are dialled with TLS trusting that certificate "
+        "alone (with node_ca_file set, the CA decides for every agent instead)")
 
     @pydantic.model_validator(mode="after")
     def _tls_pair(self) -> GrpcSettings:

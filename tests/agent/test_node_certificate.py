@@ -81,5 +81,7 @@ def test_the_agent_serves_the_certificate_it_registers_and_keeps_its_key_in_memo
     # the log names the certificate it serves, so an operator can match it
     fingerprint = x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256()).hex()
     assert f"sha256 {fingerprint}" in agent.proc.output()
+    # its link to the control plane is plain text here: the pin could be swapped on it
+    assert "grpc.tls_self_signed without control_plane.tls_ca_file" in agent.proc.output()
     for path in tmp_path.rglob("*"):
         assert not path.is_file() or b"PRIVATE KEY" not in path.read_bytes(), path

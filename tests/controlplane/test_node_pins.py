@@ -125,6 +125,19 @@ def test_a_pin_belongs_to_its_nodes_address_and_a_new_register_replaces_it() -> 
     assert reg.node_pin_at("127.0.0.1:1") is None
 
 
+def test_the_key_and_the_pin_at_an_address_are_one_nodes() -> None:
+    """A node down kept its key at its address while a live node there brought only a
+    certificate: calls trusted the live node's certificate and presented the other's key."""
+    reg = services_mod.build(t.settings()).registry
+    x, y = node_certificate.generate(), node_certificate.generate()
+    stream = reg.register(types.NodeInfo("x", "10.0.0.5:50051", node_key="KEY-OF-X",
+                                         node_pin=pin(x)))
+    reg.disconnect("x", stream)                  # x goes down: y takes its address
+    reg.register(types.NodeInfo("y", "10.0.0.5:50051", node_key=None, node_pin=pin(y)))
+    assert reg.node_pin_at("10.0.0.5:50051") == pin(y)
+    assert reg.node_key_at("10.0.0.5:50051") is None
+
+
 async def test_the_pods_workers_pin_what_the_primary_accepted(tmp_path: pathlib.Path) -> None:
     sock = tmp_path / "grpc-1.sock"
     made = node_certificate.generate()
@@ -188,14 +201,15 @@ async def test_calls_trust_the_pinned_certificate_alone() -> None:
         pins[address] = pin(made)
         assert await reaches(client, address)
         assert seen == ["FAILED_PRECONDITION"]
-        # a pin wins over a CA (here one that signed nothing this agent serves)
+        # a pin never replaces a CA (here one that signed nothing this agent serves):
+        # holders of the agent token could otherwise bring certificates of their own
         ca = node_embed.Credentials(stand_in.certificate, "synapse-agent")
         with_ca = node_embed.NodeEmbedClient(key_of=lambda a: KEY, pin_of=pins.get,
                                              credentials=ca)
-        assert await reaches(with_ca, address)
-        # and a pin is not offered at another address: that one follows the CA
+        assert not await reaches(with_ca, address)
+        # and a pin is not offered at another address
         async with node(made) as (elsewhere, _):
-            assert not await reaches(with_ca, elsewhere)
+            assert not await reaches(client, elsewhere)
         await client.close()
         await with_ca.close()
 
