@@ -157,6 +157,9 @@ class BackendSettings(Section):
         return self
 
 
+CRASHLOOP_RETRY_S = 300.0     # a crash loop's default retry period, in seconds
+
+
 class SupervisorSettings(Section):
     log_dir: str = Field("./.synapse/agent-logs", description="engine stdout/stderr files")
     log_max_bytes: int = Field(10 * 1024 * 1024, ge=4096, description="size cap of each log file")
@@ -169,9 +172,9 @@ class SupervisorSettings(Section):
     backoff_max_s: float = Field(60.0, gt=0, description="restart delay cap")
     crashloop_restarts: int = Field(5, ge=1, description="restarts in the window → crashloop")
     crashloop_window_s: float = Field(600.0, gt=0, description="crash-loop window")
-    crashloop_retry_s: float = Field(300.0, gt=0, description="retry period of a crash-looping "
-                                     "engine (each retry loads its model again); at least "
-                                     "backoff_max_s")
+    crashloop_retry_s: float | None = Field(
+        None, gt=0, description="retry period of a crash-looping engine (each retry loads "
+        "its model again); at least backoff_max_s; none: the larger of 300 and backoff_max_s")
     drain_grace_s: float = Field(120.0, ge=0, description="wait for in-flight work on SIGTERM")
     stop_grace_s: float = Field(15.0, ge=0, description="SIGTERM → SIGKILL delay for engines")
     scrape_interval_s: float = Field(1.0, gt=0, description="engine /metrics scrape period")
@@ -212,9 +215,17 @@ class SupervisorSettings(Section):
             raise ValueError("must be [first, last] with 1 <= first <= last <= 65535")
         return value
 
+    @property
+    def crashloop_retry(self) -> float:
+        """``crashloop_retry_s``, or its default (:data:`CRASHLOOP_RETRY_S`, at least
+        ``backoff_max_s``)."""
+        if self.crashloop_retry_s is None:
+            return max(CRASHLOOP_RETRY_S, self.backoff_max_s)
+        return self.crashloop_retry_s
+
     @pydantic.model_validator(mode="after")
     def _retry_after_backoff(self) -> SupervisorSettings:
-        if self.crashloop_retry_s < self.backoff_max_s:
+        if self.crashloop_retry_s is not None and self.crashloop_retry_s < self.backoff_max_s:
             raise ValueError(f"crashloop_retry_s ({self.crashloop_retry_s:g}) must be at least "
                              f"backoff_max_s ({self.backoff_max_s:g})")
         return self

@@ -126,7 +126,7 @@ class Runner:
                                     secrets=(self._key,) if self._key else ())
         self._policy = backoff.RestartPolicy(
             timing.monotonic, backoff.Backoff(cfg.backoff_initial_s, cfg.backoff_max_s),
-            cfg.crashloop_restarts, cfg.crashloop_window_s, cfg.crashloop_retry_s)
+            cfg.crashloop_restarts, cfg.crashloop_window_s, cfg.crashloop_retry)
         self._engine: process.EngineProcess | None = None
         self._stopping = False
         self._wake = asyncio.Event()
@@ -245,7 +245,7 @@ class Runner:
             taken = await self._port_taken() if self.spec.own_port else None
             if taken:
                 self.sink.note(taken)
-                await self._after_exit(taken)
+                await self._after_exit(taken, loaded=False)
                 continue
             if spawned_before:
                 self.restarts += 1
@@ -267,8 +267,10 @@ class Runner:
                 break
             await self._after_exit(self._exit_reason or f"exited with code {code}")
 
-    async def _after_exit(self, why: str) -> None:
-        decision = self._policy.on_exit()
+    async def _after_exit(self, why: str, *, loaded: bool = True) -> None:
+        """Wait out the restart policy's delay (``loaded``: the failed start loaded the
+        model, so a crash loop's retry waits its longer period)."""
+        decision = self._policy.on_exit(loaded=loaded)
         self.sink.note(f"{why}; {'crashloop: ' if decision.crashloop else ''}{decision.reason}")
         self._set(Phase.CRASHLOOP if decision.crashloop else Phase.UNHEALTHY,
                   f"{why}; {decision.reason}")

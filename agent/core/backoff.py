@@ -76,7 +76,10 @@ class RestartPolicy:
     def on_ready(self) -> None:
         self._ready_since = self.clock()
 
-    def on_exit(self) -> Decision:
+    def on_exit(self, loaded: bool = True) -> Decision:
+        """The decision at an exit; ``loaded`` False for a start that stopped before it
+        loaded anything (its port was taken): a crash loop retries that at the backoff's
+        cap, not at ``retry_s``."""
         now = self.clock()
         if self._ready_since is not None and now - self._ready_since >= self.backoff.cap:
             self._attempt = 0  # it ran fine for a while: start the ladder again
@@ -86,7 +89,7 @@ class RestartPolicy:
             self._restarts.popleft()
         looping = self._looping = self._looping or len(self._restarts) >= self.threshold
         if looping:
-            period = max(self.retry_s, self.backoff.cap)
+            period = max(self.retry_s if loaded else 0.0, self.backoff.cap)
             delay = period * self.backoff.jitter_down()
         else:
             delay = self.backoff.delay(self._attempt)

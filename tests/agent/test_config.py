@@ -26,4 +26,9 @@ def test_a_crashloop_retry_period_shorter_than_the_backoff_cap_is_refused_naming
                        match=r"crashloop_retry_s \(30\) must be at least backoff_max_s \(60\)"):
         AgentSettings.model_validate({"supervisor": {"crashloop_retry_s": 30}})
     settings = AgentSettings.model_validate({"supervisor": {"crashloop_retry_s": 60}})
-    assert settings.supervisor.crashloop_retry_s == 60
+    assert settings.supervisor.crashloop_retry == 60
+    # A config that only raised backoff_max_s (it worked before the setting existed) still
+    # starts: the default period follows it up.
+    longer = AgentSettings.model_validate({"supervisor": {"backoff_max_s": 600}})
+    assert longer.supervisor.crashloop_retry == 600
+    assert AgentSettings.model_validate({}).supervisor.crashloop_retry == 300

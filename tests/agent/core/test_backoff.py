@@ -97,3 +97,15 @@ def test_a_crashloop_retried_at_its_own_longer_period_stays_a_crashloop_until_it
     clock.now += 61   # up for longer than the backoff's cap: the loop is over
     decision = policy.on_exit()
     assert not decision.crashloop and decision.delay_s <= 1.2
+
+
+def test_a_crashloop_start_that_loaded_nothing_is_retried_at_the_backoff_cap():
+    """A start refused because its port is taken loads no model: waiting the crash loop's
+    long period for it would only delay the engine once the port is free."""
+    clock = ManualClock(1000.0)
+    policy = _policy(clock, threshold=2, window=600, retry=300)
+    for _ in range(2):
+        policy.on_exit(loaded=False)
+    refused = policy.on_exit(loaded=False)
+    assert refused.crashloop and 48 <= refused.delay_s <= 60
+    assert 240 <= policy.on_exit().delay_s <= 300
