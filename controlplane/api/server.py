@@ -88,8 +88,8 @@ class _Protocol(web_protocol.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._messages and getattr(self._messages[-1][0], "upgrade", False) \
-                and not self._close:
+        messages = getattr(self, "_messages", ())      # aiohttp's queue of parsed requests
+        if messages and getattr(messages[-1][0], "upgrade", False) and not self._close:
             # A request asked to switch protocols (Upgrade: h2c, websocket): no route does,
             # and aiohttp's parser stops at it, so a request pipelined behind it in the same
             # read would wait, unanswered, on an open connection. The connection closes once

@@ -142,10 +142,16 @@ class Coalescer:
         self._land(decision, None)
 
     def forget_landed(self, tenant: str | None = None, model: str | None = None) -> None:
-        """Drop every landed copy (the cache was invalidated, here or on a sibling worker:
-        nothing answers from before). All of them, whatever was invalidated: they are
-        seconds from being the cache's own entries anyway."""
-        self._landed.clear()
+        """Drop the landed copies of ``tenant`` (None: of every tenant): the cache was
+        invalidated, here or on a sibling worker, or a wrong verdict evicted one of its
+        entries, and nothing answers from before. All of a tenant's, whatever ``model``:
+        they are seconds from being the cache's own entries anyway; never another
+        tenant's, whose verdicts must not cost the others anything."""
+        if tenant is None:
+            self._landed.clear()
+            return
+        for _, key, _ in list(self._landed.items(tenant)):
+            self._landed.pop(tenant, key)
 
     def close(self) -> None:
         """Release every follower (they proceed on their own)."""

@@ -270,9 +270,18 @@ def test_expect_100_continue_is_answered_only_for_a_valid_key(gateway: Gateway) 
             "Expect: 100-continue\r\nContent-Length: 100000\r\n").encode()
     host, port = gateway.url.removeprefix("http://").split(":")
     for key, first_line in (("sk-nobody-0000", b"HTTP/1.1 401"),
+                            (fleet.ADMIN_KEY, b"HTTP/1.1 403"),    # not a tenant key
                             (fleet.TENANT_KEY, b"HTTP/1.1 100 Continue")):
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(head + f"Authorization: Bearer {key}\r\n\r\n".encode())
             got = s.recv(65536)
         assert got.startswith(first_line), got[:200]
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head.replace(b"100-continue", b"200-ok")
+                  + f"Authorization: Bearer {fleet.TENANT_KEY}\r\n\r\n".encode())
+        got = s.recv(65536)
+    assert got.startswith(b"HTTP/1.1 417"), got[:200]
+    assert json.loads(got.partition(b"\r\n\r\n")[2])["error"]["code"] == "expectation_failed"
+    logs = b"".join(p.read_bytes() for p in fleet.log_files(gateway.tmp))
+    assert b"continue_if_known" not in logs     # no traceback from the Expect handler
     fleet.still_serving(gateway.url)

@@ -57,6 +57,17 @@ async def test_an_invalidation_drops_the_landed_answers() -> None:
     assert (await coalescer.lookup(cache, ask("a", "question"))).status == "miss"
 
 
+async def test_forgetting_one_tenants_landed_answers_keeps_the_others() -> None:
+    """A wrong verdict drops its tenant's landed copies: one tenant judging its own hits
+    wrong in a loop must not flush everyone's."""
+    coalescer, cache = coalesce.Coalescer(grace_s=60.0, tenants=2), MissingCache()
+    await lead(coalescer, cache, "a", "question")
+    await lead(coalescer, cache, "b", "question")
+    coalescer.forget_landed("a", "llama")
+    assert (await coalescer.lookup(cache, ask("a", "question"))).status == "miss"
+    assert (await coalescer.lookup(cache, ask("b", "question"))).status == "hit-exact"
+
+
 async def test_a_coalesced_hit_keeps_the_lookups_work_on_the_body() -> None:
     class CostlyCache(MissingCache):
         async def lookup(self, request: cache_port.CacheRequest) -> cache_port.CacheDecision:
