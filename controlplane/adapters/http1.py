@@ -56,6 +56,7 @@ log = logging.getLogger("synapse.controlplane.upstream")
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+MAX_WHOLE_BODY = 256 * 1024 * 1024   # a whole (non-streamed) answer read into memory
 _FORBIDDEN = frozenset("\r\n\0")
 
 Origin = tuple[str, str, int]      # scheme, host, port
@@ -277,12 +278,25 @@ class UpstreamResponse:
         return found
 
     async def read(self) -> bytes:
-        """The whole body (waits for its end)."""
+        """The whole body (waits for its end). What has arrived is taken whenever reading
+        paused for it, so a body over ``HIGH_WATER`` keeps flowing (it used to wait,
+        paused, for the read timeout); one over :data:`MAX_WHOLE_BODY` fails as invalid."""
+        parts: list[bytes] = []
+        held = 0
         while not self.complete:
             if self._exc is not None:
                 raise self._exc
+            if self._paused:
+                held += self._buffered
+                if held > MAX_WHOLE_BODY:
+                    raise errors.UpstreamProtocolError(
+                        f"the backend's answer is over {MAX_WHOLE_BODY} bytes")
+                parts.append(self._take())
             await self._wait(self._read_timeout_s)
-        return self._take()
+        if not parts:
+            return self._take()
+        parts.append(self._take())
+        return b"".join(parts)
 
     async def read_some(self, limit: int) -> bytes:
         """Up to ``limit`` bytes of the body: what arrived first (for error details)."""

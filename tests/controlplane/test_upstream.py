@@ -312,6 +312,27 @@ async def test_reading_pauses_while_the_caller_does_not_take_the_body() -> None:
 
 
 @on_both_loops
+async def test_a_whole_body_over_the_high_water_mark_is_read_not_left_paused() -> None:
+    """read() took the body only once it was complete, while reading stayed paused above
+    HIGH_WATER until the body was taken: a non-streamed answer over 256 KiB (logprobs,
+    a long error) waited out the read timeout and became a 502."""
+    size = upstream.HIGH_WATER * 4 + 123
+
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        block = b"x" * 65536
+        for start in range(0, size, len(block)):
+            await conn.send(block[:size - start])
+
+    async with serving(handler) as srv, client() as c:
+        resp = await c.send("POST", srv.url + "/x", b"{}", {})
+        body = await asyncio.wait_for(resp.read(), 10)
+        assert len(body) == size
+        resp.close()
+
+
+@on_both_loops
 async def test_the_connection_limit_makes_requests_wait() -> None:
     async def one(c: upstream.UpstreamClient, url: str) -> bytes:
         resp = await c.send("POST", url + "/x", b"{}", {})
