@@ -161,6 +161,14 @@ class Registry:
             if len(self._nodes) >= self._max_nodes:
                 raise TooManyNodes(info.name)
 
+    def _address_taken(self, node: _Node) -> bool:
+        """Whether another node that is up holds ``node``'s Node-service address."""
+        try:
+            self._check_address(node.info)
+        except AddressTaken:
+            return True
+        return False
+
     def _check_address(self, info: types.NodeInfo) -> None:
         """One Node-service address, one node that is up: the control plane presents
         the key of the node that registered an address to whatever answers there."""
@@ -185,13 +193,17 @@ class Registry:
     def report(self, node_name: str, backends: Iterable[types.BackendState],
                draining: bool = False, details: object = None,
                stream_id: int | None = None) -> bool:
-        """Apply a report; False (nothing applied) when it came on ``stream_id`` and a
-        newer stream of the node took over since."""
+        """Apply a report; False (nothing applied: the caller ends the stream) when it came
+        on ``stream_id`` and a newer stream of the node took over since, or when the node
+        was down (silent) and another node that is up took its address meanwhile: two
+        nodes up at one address would share its key and pin."""
         node = self._nodes.get(node_name)
         if node is None:
             raise KeyError(node_name)
         if stream_id is not None and node.stream_id != stream_id:
             return False
+        if self.node_status(node) == "down" and self._address_taken(node):
+            return False    # it fell silent, and another node took its address meanwhile
         node.backends = tuple(backends)
         node.agent_draining = draining
         node.last_seen = self._clock()

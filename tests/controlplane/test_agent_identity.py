@@ -454,6 +454,20 @@ def test_one_socket_spelled_another_way_is_the_same_address(spelling: str) -> No
     assert reg.node_key_at(spelling) == "k" * 64
 
 
+def test_a_silent_node_whose_address_was_taken_meanwhile_is_not_up_again() -> None:
+    """Down by silence, its stream still open, a node's address was registered by another;
+    its next report made both up at one address (their keys and pins mixed up). Now the
+    report is refused, which ends its stream: registering again meets AddressTaken."""
+    clock = ManualClock()
+    reg = registry.Registry(clock, 10.0)
+    x = reg.register(types.NodeInfo(name="x", address="10.0.0.5:50052", node_key="x" * 64))
+    clock.now += 11
+    reg.register(types.NodeInfo(name="y", address="10.0.0.5:50052", node_key="y" * 64))
+    assert not reg.report("x", [], stream_id=x)
+    assert [n.info.name for n in reg.nodes() if n.status != "down"] == ["y"]
+    assert reg.node_key_at("10.0.0.5:50052") == "y" * 64
+
+
 def test_ipv6_addresses_compare_with_or_without_brackets() -> None:
     assert registry.address_key("fd00::5:50052") == registry.address_key("[fd00:0::5]:50052")
     assert registry.address_key("gpu-1.example.:50052") == "gpu-1.example:50052"
