@@ -7,25 +7,50 @@ forgery). ``http.media_urls`` (:data:`POLICIES`) decides what a request may name
 
 - ``public`` (the default): ``data:`` URLs, and ``http(s)`` URLs whose host is a name or
   a public address; refused: a host that is a loopback, private, link-local, reserved or
-  multicast address (IPv4, IPv6, IPv4-mapped), ``localhost`` and names under
-  ``.localhost``, ``.local`` and ``.internal``, and every other scheme (``file:``);
+  multicast address (IPv4, IPv6, and IPv6 forms that carry an IPv4 address: mapped
+  ``::ffff:0:0/96``, compatible ``::/96``, SIIT ``::ffff:0:0:0/96``, NAT64
+  ``64:ff9b::/96``, 6to4 ``2002::/16``, judged by the IPv4 address they carry; local
+  NAT64 ``64:ff9b:1::/48``), ``localhost`` and names under ``.localhost``, ``.local``
+  and ``.internal``, and every other scheme (``file:``);
 - ``inline``: ``data:`` URLs only;
 - ``any``: every URL, as the engine would take it.
+
+What is checked is the host the engine's fetcher would connect to, not the string as
+sent. vLLM parses a media URL with urllib3's ``parse_url`` and fetches what it rebuilds:
+the host percent-decoded (``127%2e0%2e0%2e1`` is ``127.0.0.1``, fetched by vLLM 0.32),
+a non-ASCII host IDNA-encoded by the ``idna`` package (strict: it refuses the forms
+below) or, without it, by Python's own codec, which splits labels at the ideographic
+full stops (U+3002, U+FF0E, U+FF61) and maps full-width letters and digits and invisible
+characters away (``127。0。0。1`` is ``127.0.0.1``). So a host with a ``%`` is refused
+(no host needs one), and a non-ASCII host is normalised the codec's way (NFKC, those
+dots, nameprep) before the rules above; it is refused when nameprep refuses it.
 
 A name is not resolved here (the engine resolves it, perhaps to another address), so
 ``public`` stops addresses and the well-known internal names, not a public name that
 resolves inside: vLLM's ``--allowed-media-domains`` (``extra_args`` of the engine) and an
-egress NetworkPolicy on engine pods close the rest.
+egress NetworkPolicy on engine pods close the rest. Nor is a redirect followed here: the
+agent starts vLLM with ``VLLM_MEDIA_URL_ALLOW_REDIRECTS=0`` (:mod:`agent.core.commands`),
+so a public URL that redirects inside is not followed by the engine either.
 
-Where URLs are looked for: chat messages' content parts (``image_url``, ``video_url``,
-``audio_url``, also Anthropic's images once translated to them) and Responses input
-parts (``input_image.image_url``, ``input_file.file_url``). A refusal is a 400 naming
-the field.
+Where URLs are looked for: every content part of every chat message, and every Responses
+input item and its content parts, whatever the part's ``type`` or without one. vLLM's
+parser (``_parse_chat_message_content_mm_part`` in ``vllm/renderers/chat_utils.py``)
+reads a part by its ``type`` (``image_url``, ``input_image``, ``audio_url``,
+``video_url``), but by its keys when it has no ``type`` or carries a ``uuid``
+(``{"image_url": "http://…"}`` is an image), and ``input_image`` is taken in chat as in
+Responses; so a part is checked by key, not by type: ``image_url``, ``audio_url`` and
+``video_url`` (a URL string, or an object's ``url``) and Responses' ``file_url``. The
+other media keys vLLM reads carry data, never a URL (``input_audio``: base64 made into
+a ``data:`` URL; ``image_embeds``/``audio_embeds``/``video_embeds``/``prompt_embeds``:
+base64 tensors). Anthropic's images are checked once translated to ``image_url`` parts.
+A refusal is a 400 naming the field.
 """
 
 from __future__ import annotations
 
+import encodings.idna
 import ipaddress
+import unicodedata
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -34,9 +59,11 @@ from controlplane import errors
 
 Policy = Literal["public", "inline", "any"]
 POLICIES: tuple[Policy, ...] = ("public", "inline", "any")
-_CHAT_PARTS = {"image_url": "image_url", "video_url": "video_url", "audio_url": "audio_url"}
-_RESPONSES_PARTS = {"input_image": "image_url", "input_file": "file_url"}
+# keys of a content part whose value an engine fetches, whatever the part's type
+_URL_KEYS = ("image_url", "audio_url", "video_url", "file_url")
 _INTERNAL_SUFFIXES = (".localhost", ".local", ".internal")
+# full stops that IDNA (and so Python's idna codec) takes as label separators
+_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 MAX_URL = 8192                  # characters of an http(s) media URL
 
 
@@ -49,33 +76,38 @@ def check_chat(messages: Any, policy: Policy, field: str = "messages") -> None:
         return
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            continue                    # text: nothing to fetch
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, Mapping) else None
-            key = _CHAT_PARTS.get(kind) if isinstance(kind, str) else None
-            if key is None:
-                continue
-            value = part.get(key)
-            url = value.get("url") if isinstance(value, Mapping) else value
-            check(url, f"{field}[{i}].content[{j}].{key}", policy)
+        if isinstance(content, list):   # else text: nothing to fetch
+            _check_parts(content, f"{field}[{i}].content", policy)
 
 
 def check_responses(body: Mapping[str, Any], policy: Policy) -> None:
     """Refuse (400) a media URL in a Responses request's ``input`` that ``policy`` does not
-    allow."""
+    allow: in an item's content parts, or in an item that is itself a part."""
     items = body.get("input")
     if policy == "any" or not isinstance(items, list):
         return
     for i, item in enumerate(items):
-        if not isinstance(item, Mapping):
+        if not isinstance(item, dict):
             continue
-        parts = item.get("content")
-        for j, part in enumerate(parts if isinstance(parts, list) else [item]):
-            kind = part.get("type") if isinstance(part, Mapping) else None
-            key = _RESPONSES_PARTS.get(kind) if isinstance(kind, str) else None
-            if key is not None and part.get(key) is not None:
-                check(part.get(key), f"input[{i}].content[{j}].{key}", policy)
+        _check_part(item, f"input[{i}]", policy)
+        content = item.get("content")
+        if isinstance(content, list):
+            _check_parts(content, f"input[{i}].content", policy)
+
+
+def _check_parts(parts: list[Any], where: str, policy: Policy) -> None:
+    for j, part in enumerate(parts):
+        if isinstance(part, dict):
+            _check_part(part, f"{where}[{j}]", policy)
+
+
+def _check_part(part: dict[str, Any], where: str, policy: Policy) -> None:
+    """Every URL-bearing key, whatever ``type`` says (module docstring)."""
+    for key in _URL_KEYS:
+        if key in part:
+            value = part[key]
+            url = value.get("url") if isinstance(value, dict) else value
+            check(url, f"{where}.{key}", policy)
 
 
 def check(url: object, field: str, policy: Policy) -> None:
@@ -84,13 +116,12 @@ def check(url: object, field: str, policy: Policy) -> None:
         return
     if not isinstance(url, str):
         raise _refused(field, "must be a URL string")
-    scheme, _, rest = url.partition(":")
-    scheme = scheme.strip().lower()
-    if scheme == "data":
+    if url[:5].lower() == "data:":      # vLLM's own test for an inline URL
         return
     if policy == "inline":
         raise _refused(field, "must be a data: URL (http.media_urls is inline)")
-    if scheme not in ("http", "https") or not rest.startswith("//"):
+    scheme, _, rest = url.partition(":")
+    if scheme.lower() not in ("http", "https") or not rest.startswith("//"):
         raise _refused(field, "must be a data:, http: or https: URL")
     if len(url) > MAX_URL:
         raise _refused(field, f"is longer than {MAX_URL} characters")
@@ -98,18 +129,43 @@ def check(url: object, field: str, policy: Policy) -> None:
         # parsers disagree on these (a backslash ends the host for browsers' parser,
         # not for Python's): what is checked must be what the engine fetches
         raise _refused(field, "contains a backslash, a space or a control character")
+    _check_host(url, field)
+
+
+def _check_host(url: str, field: str) -> None:
     try:
         parts = urllib.parse.urlsplit(url)
-        host = (parts.hostname or "").rstrip(".").lower()
+        host = parts.hostname or ""
     except ValueError:
         raise _refused(field, "is not a valid URL") from None
     if "@" in parts.netloc:
         raise _refused(field, "carries credentials (user@host)")
+    if "%" in parts.netloc:
+        # the engine's parser (urllib3) decodes it: 127%2e0%2e0%2e1 is 127.0.0.1
+        raise _refused(field, "percent-encodes its host")
+    try:
+        host = _normalised(host)
+    except UnicodeError:
+        raise _refused(field, "names a host that is not a valid name") from None
     if not host:
         raise _refused(field, "names no host")
     if _internal(host):
         raise _refused(field, "points to an internal address, which the engine would "
                               "fetch from inside the cluster (http.media_urls)")
+
+
+def _normalised(host: str) -> str:
+    """``host`` as the fetcher connects to it: lower case, no trailing dot, and a non-ASCII
+    host as Python's idna codec encodes it (NFKC, IDNA's full stops, nameprep per label;
+    UnicodeError when nameprep refuses a label)."""
+    host = host.lower()
+    if not host.isascii():
+        mapped = unicodedata.normalize("NFKC", host).translate(_DOTS)
+        labels = [encodings.idna.nameprep(label) if label else label
+                  for label in mapped.split(".")]
+        # nameprep folds case and applies NFKC again: a dot it made counts too
+        host = unicodedata.normalize("NFKC", ".".join(labels)).translate(_DOTS)
+    return host.rstrip(".")
 
 
 def _internal(host: str) -> bool:
@@ -119,9 +175,28 @@ def _internal(host: str) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return _legacy_ipv4(host)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        return _internal_ipv6(address)
+    return _internal_address(address)
+
+
+def _internal_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return not address.is_global or address.is_multicast
+
+
+def _internal_ipv6(address: ipaddress.IPv6Address) -> bool:
+    """Internal itself, or carrying an internal IPv4 address: a host or gateway reaches
+    that IPv4 address for it (Python's ``is_global`` counts ``::7f00:1`` global)."""
+    value = int(address)
+    if value >> 80 == 0x64_ff9b_0001:   # local-use NAT64 (RFC 8215): inside by design
+        return True
+    embedded = address.ipv4_mapped or address.sixtofour
+    if embedded is None and (value >> 32 in (0, 0xffff_0000)        # compatible, SIIT
+                             or value >> 32 == 0x64_ff9b << 64):    # NAT64 (RFC 6052)
+        embedded = ipaddress.IPv4Address(value & 0xffff_ffff)
+    if _internal_address(address) and embedded is None:
+        return True
+    return embedded is not None and _internal_address(embedded)
 
 
 def _legacy_ipv4(host: str) -> bool:

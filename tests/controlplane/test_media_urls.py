@@ -23,9 +23,21 @@ INTERNAL = [
     "http://public.example@127.0.0.1/", "http://127.0.0.1\\@public.example/",
     "http://a b.example/", "file:///etc/passwd", "ftp://example.com/a", "gopher://x/",
     "http:/example.com", 42,
+    # what the engine's URL parser (urllib3, Python's idna codec) reads as an internal host
+    "http://127%2e0%2e0%2e1:18690/", "http://loc%61lhost/", "http://%31%32%37.0.0.1/",
+    "http://127\u30020\u30020\u30021/", "http://127\uff0e0\uff0e0\uff0e1/",
+    "http://127\uff610\uff610\uff611/", "http://\uff11\uff12\uff17.0.0.1/",
+    "http://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54/",
+    "http://127.0.0.1\u00ad/", "http://metadata.google\u3002internal/",
+    # IPv6 forms that carry an internal IPv4 address
+    "http://[::127.0.0.1]/", "http://[::a9fe:a9fe]/", "http://[::ffff:7f00:1]/",
+    "http://[::ffff:0:127.0.0.1]/", "http://[64:ff9b::169.254.169.254]/",
+    "http://[64:ff9b:1::8.8.8.8]/", "http://[2002:a9fe:a9fe::1]/",
 ]
 PUBLIC = ["https://example.com/cat.png", "http://8.8.8.8/a.png", "data:image/png;base64,AA",
-          "https://[2606:4700:4700::1111]/x", "https://cafe.example/x"]
+          "https://[2606:4700:4700::1111]/x", "https://cafe.example/x",
+          "https://b\u00fccher.example/x", "http://[::ffff:8.8.8.8]/", "http://[2002:808:808::1]/",
+          "HTTPS://Example.COM/a.png", "DATA:image/png;base64,AA"]
 
 
 @pytest.mark.parametrize("url", INTERNAL)
@@ -66,6 +78,40 @@ def test_urls_are_found_in_chat_parts_and_responses_input() -> None:
     assert err.value.param == "input[0].content[1].image_url"
 
 
+LOOPBACK = "http://127.0.0.1:18690/x"
+# parts vLLM's parser fetches (vllm/renderers/chat_utils.py): by type, and by key when a
+# part has no type or carries a uuid; input_image in chat as in Responses
+FETCHED_PARTS = [
+    ({"image_url": {"url": LOOPBACK}}, "image_url"),
+    ({"image_url": LOOPBACK}, "image_url"),
+    ({"audio_url": {"url": LOOPBACK}}, "audio_url"),
+    ({"video_url": {"url": LOOPBACK}}, "video_url"),
+    ({"type": "input_image", "detail": "auto", "image_url": LOOPBACK}, "image_url"),
+    ({"type": "image_url", "uuid": "u1", "image_url": LOOPBACK}, "image_url"),
+    ({"type": "text", "text": "hi", "uuid": "u1", "video_url": LOOPBACK}, "video_url"),
+    ({"type": "input_file", "file_url": LOOPBACK}, "file_url"),
+]
+
+
+@pytest.mark.parametrize(("part", "key"), FETCHED_PARTS)
+def test_every_part_that_carries_a_url_is_checked_whatever_its_type(
+        part: dict[str, Any], key: str) -> None:
+    chat = [{"role": "user", "content": [{"type": "text", "text": "see"}, part]}]
+    with pytest.raises(errors.BadRequest) as err:
+        media_urls.check_chat(chat, "public")
+    assert err.value.param == f"messages[0].content[1].{key}"
+    assert err.value.code == "invalid_media_url"
+    with pytest.raises(errors.BadRequest) as err:
+        media_urls.check_responses({"input": [{"role": "user", "content": [part]}]}, "public")
+    assert err.value.param == f"input[0].content[0].{key}"
+    with pytest.raises(errors.BadRequest) as err:     # an input item that is a part
+        media_urls.check_responses({"input": [part]}, "public")
+    assert err.value.param == f"input[0].{key}"
+    public = {k: (v if k != key else {"url": "https://example.com/a"} if isinstance(v, dict)
+                  else "https://example.com/a") for k, v in part.items()}
+    media_urls.check_chat([{"role": "user", "content": [public]}], "public")
+
+
 async def test_over_http_the_engine_never_sees_an_internal_url() -> None:
     async with t.backends(("one", "ok")) as (one,):
         async with t.running(t.round_robin(one)) as cp:
@@ -100,6 +146,32 @@ async def test_over_http_messages_and_responses_are_checked_too() -> None:
                 body = await resp.json()
                 assert resp.status == 400, body
                 assert body["error"]["param"] == "input[0].content[0].image_url"
+            assert not one.bodies
+
+
+async def test_over_http_untyped_parts_and_encoded_hosts_are_refused() -> None:
+    """The probe's bypasses, through the control plane: a part with no type, a
+    percent-encoded host, ideographic full stops, an IPv4-compatible IPv6 address."""
+    async with t.backends(("one", "ok")) as (one,):
+        async with t.running(t.round_robin(one)) as cp, aiohttp.ClientSession() as http:
+            auth = {"Authorization": f"Bearer {t.KEY_A}"}
+            for part in ({"image_url": {"url": LOOPBACK}},
+                         {"type": "input_image", "image_url": LOOPBACK},
+                         {"type": "image_url", "image_url": {"url": "http://127%2e0%2e0%2e1/"}},
+                         {"type": "image_url", "image_url": {"url": "http://127\u30020\u30020\u30021/"}},
+                         {"type": "image_url", "image_url": {"url": "http://[::127.0.0.1]/"}}):
+                async with http.post(f"{cp.url}/v1/chat/completions", headers=auth,
+                                     json={"model": "llama", "messages": [
+                                         {"role": "user", "content": [part]}]}) as resp:
+                    body = await resp.json()
+                    assert resp.status == 400, (part, body)
+                    assert body["error"]["code"] == "invalid_media_url"
+            async with http.post(f"{cp.url}/v1/responses", headers=auth,
+                                 json={"model": "llama", "input": [{"role": "user", "content": [
+                                     {"video_url": {"url": LOOPBACK}}]}]}) as resp:
+                body = await resp.json()
+                assert resp.status == 400, body
+                assert body["error"]["param"] == "input[0].content[0].video_url"
             assert not one.bodies
 
 
