@@ -14,7 +14,11 @@
   task is ``embed`` or its tasks are TEI's, ``speech`` for ``tasks: [speech]``).
 * ``external``: no process; the supervisor only probes its URL.
 
-Environment: the spec's ``env`` plus ``CUDA_VISIBLE_DEVICES`` from ``gpu_indices``, and
+Environment: the spec's ``env`` plus ``CUDA_VISIBLE_DEVICES`` from ``gpu_indices``, for
+vLLM ``VLLM_MEDIA_URL_ALLOW_REDIRECTS=0`` (:data:`MEDIA_REDIRECTS`; vLLM follows a media
+URL's redirects by default, so a public URL, which the control plane lets through
+(:mod:`controlplane.core.media_urls`), could redirect to the metadata service; a spec's
+own value wins), and
 the engine key (:mod:`synapse_common.engine_key`) in the variable each engine reads
 (:data:`KEY_VARIABLES`: vLLM's ``VLLM_API_KEY``, TEI's ``API_KEY``, the simulator's
 ``SYNAPSE_API_KEY``). The key goes in the environment and never on the command line, which
@@ -125,6 +129,8 @@ _TEI_TASKS = frozenset({"embed", "rerank"})
 
 
 KEY_VARIABLES = {"vllm": "VLLM_API_KEY", "tei": "API_KEY", "simulator": "SYNAPSE_API_KEY"}
+# vllm/envs.py: 1 (its default) follows a media URL's redirects, 0 does not
+MEDIA_REDIRECTS = "VLLM_MEDIA_URL_ALLOW_REDIRECTS"
 
 
 def environment(spec: types.EngineSpec, engine_key: str | None = None,
@@ -132,6 +138,8 @@ def environment(spec: types.EngineSpec, engine_key: str | None = None,
     """The variables ``spec``'s engine gets on top of the agent's environment
     (``inherited_pythonpath``: the agent's own ``PYTHONPATH``, kept after the guard's)."""
     env = dict(spec.env)
+    if spec.engine == "vllm":   # a media URL that redirects is not followed (a spec may)
+        env.setdefault(MEDIA_REDIRECTS, "0")
     if spec.gpu_indices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_indices)
     variable = KEY_VARIABLES.get(spec.engine)

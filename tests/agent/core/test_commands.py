@@ -20,7 +20,8 @@ def test_vllm_sets_memory_fraction_explicitly_and_passes_extra_args():
                     # answers echo X-Request-Id: the control plane checks it (upstream.py)
                     "--enable-request-id-headers", "--max-model-len", "8192",
                     "--enable-prefix-caching"]
-    assert commands.environment(spec) == {"CUDA_VISIBLE_DEVICES": "0,1"}
+    assert commands.environment(spec) == {"CUDA_VISIBLE_DEVICES": "0,1",
+                                          commands.MEDIA_REDIRECTS: "0"}
 
 
 def test_tei_and_simulator_and_external():
@@ -67,18 +68,21 @@ def test_the_engine_key_goes_in_each_engines_own_variable_and_never_on_the_comma
     wanted = {"vllm": "VLLM_API_KEY", "tei": "API_KEY", "simulator": "SYNAPSE_API_KEY"}
     for kind, spec in specs.items():
         env = commands.environment(spec, KEY)
-        env.pop("PYTHONPATH") if kind == "vllm" else None   # the guard's (next test)
+        if kind == "vllm":      # the guard's (next test) and the redirect switch's
+            env.pop("PYTHONPATH"), env.pop(commands.MEDIA_REDIRECTS)
         assert env == {wanted[kind]: KEY}, kind
         argv = commands.build(spec, "0.0.0.0", 8000, guarded=True)
         assert argv is not None and not any(KEY in arg for arg in argv), kind
-        assert commands.environment(spec) == {}, kind  # no agent token: no key
+        env = commands.environment(spec)
+        assert wanted[kind] not in env and "PYTHONPATH" not in env, kind  # no token: no key
 
 
 def test_the_derived_key_wins_over_a_specs_own_value_and_external_backends_get_none():
     spec = types.EngineSpec(name="v", engine="vllm", model="m",
                             env=(("VLLM_API_KEY", "operator-set"), ("X", "1")))
     assert commands.environment(spec, KEY) == {"VLLM_API_KEY": KEY, "X": "1",
-                                               "PYTHONPATH": commands.GUARD_DIR}
+                                               "PYTHONPATH": commands.GUARD_DIR,
+                                               commands.MEDIA_REDIRECTS: "0"}
     ext = types.EngineSpec(name="x", engine="external", model="m", url="http://h:1")
     assert commands.environment(ext, KEY) == {}
 
@@ -102,6 +106,20 @@ def test_a_vllm_with_a_key_loads_the_guard_that_wants_it_on_every_path():
     sim = types.EngineSpec(name="s", engine="simulator", model="m")
     assert "--middleware" not in (commands.build(sim, "0.0.0.0", 8000, guarded=True) or [])
     assert "PYTHONPATH" not in commands.environment(sim, KEY, "/opt/site")
+
+
+def test_vllm_never_follows_a_media_urls_redirect_unless_the_spec_says_so():
+    """vLLM follows a media URL's redirects by default: a public URL, which the control
+    plane lets through, redirecting to 169.254.169.254 would be fetched (probe-68)."""
+    vllm = types.EngineSpec(name="v", engine="vllm", model="m")
+    for key in (None, KEY):
+        assert commands.environment(vllm, key)["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+    own = types.EngineSpec(name="v", engine="vllm", model="m",
+                           env=(("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "1"),))
+    assert commands.environment(own)["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "1"
+    for kind in ("tei", "simulator"):   # they fetch no media
+        other = types.EngineSpec(name="o", engine=kind, model="m")
+        assert "VLLM_MEDIA_URL_ALLOW_REDIRECTS" not in commands.environment(other, KEY)
 
 
 def test_what_is_shown_of_an_engine_start_masks_secret_flags_and_variables():
