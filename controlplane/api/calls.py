@@ -92,7 +92,8 @@ async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) 
     h = svc.settings.http
     started = time.perf_counter()
     try:
-        body = validation.parse_json(raw, h.max_json_depth, h.max_messages)
+        body = validation.parse_json(raw, h.max_json_depth, h.max_messages, h.max_n,
+                                     h.max_structured_output_bytes)
         call = parse(body)
         # what an engine would fetch (core.media_urls): chat-shaped messages (Anthropic's
         # images translated), and Responses' input parts, which pass to the engine as sent

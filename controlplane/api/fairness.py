@@ -5,7 +5,8 @@
 0. :func:`lookup` / :func:`store` — the response cache, through the coalescer;
 1. :func:`cache_hit` — an answer from the response cache: accounted as tokens saved;
 2. :func:`admit` — after a cache miss, before routing: the tenant's (and the tenant x
-   model's) tokens per minute and budget; 429 naming the limit otherwise;
+   model's) tokens per minute and budget, charged ``n`` x the completion estimate for a
+   request of ``n`` choices; 429 naming the limit otherwise;
 3. :func:`hold` — after routing, when the queue is on (:func:`queues`): when the chosen
    backends are saturated, wait for a fair turn in the queue, then route again (the fleet
    moved meanwhile), a backend with room first;
@@ -100,14 +101,16 @@ def cache_hit(request: web.Request, tenant: str, model: str,
 
 
 async def admit(request: web.Request, tenant: str, model: str, prompt: router_mod.Prompt,
-                max_tokens: int) -> None:
-    """Charge the request's estimate, or raise the 429 of the limit it is over (a refused
-    request is not accounted: usage counts the requests admitted)."""
+                max_tokens: int, sequences: int = 1) -> None:
+    """Charge the request's estimate (``sequences`` completions: ``n`` x the prompts of a
+    batch), or raise the 429 of the limit it is over (a refused request is not
+    accounted: usage counts the requests admitted). The fair queue weighs a held request
+    by the same estimate (:func:`hold`)."""
     ctx = request[context.CONTEXT]
     svc = ctx.svc
     fair = svc.fairness or fairness_wiring.get(svc)     # built on first use
     try:
-        charge = await fair.admit(tenant, model, prompt.tokens, max_tokens)
+        charge = await fair.admit(tenant, model, prompt.tokens, max_tokens, sequences)
     except errors.RateLimited as exc:
         svc.child(svc.metrics.rate_limited, tenant, exc.limit).inc()
         raise

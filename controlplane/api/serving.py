@@ -16,7 +16,8 @@ Performance decisions, since this sits in front of every token:
 * Routing with fallbacks, retries and the ledger are :mod:`controlplane.core.dispatch`'s;
   relaying the answer is :mod:`controlplane.api.proxy`'s.
 * Client input that Synapse forwards or steers by is checked first: the body's JSON
-  nesting depth (``http.max_json_depth``), ``x-session-id`` (printable ASCII), and the
+  nesting depth (``http.max_json_depth``), ``n`` (``http.max_n``) and structured-output
+  constraints (``http.max_structured_output_bytes``), ``x-session-id`` (printable ASCII), and the
   whole body must arrive within ``http.body_timeout_s`` (408 otherwise).
 * No logging per request at info level; metrics are recorded once, by the middleware.
 """
@@ -85,8 +86,8 @@ async def admit(request: web.Request, parse: Any,
     h = svc.settings.http
     started = time.perf_counter()
     try:
-        parsed: validation.Parsed = parse(validation.parse_json(raw, h.max_json_depth,
-                                                                h.max_messages))
+        parsed: validation.Parsed = parse(validation.parse_json(
+            raw, h.max_json_depth, h.max_messages, h.max_n, h.max_structured_output_bytes))
         if parsed.endpoint == "chat":   # what an engine would fetch (core.media_urls)
             media_urls.check_chat(parsed.body["messages"], h.media_urls)
     finally:
@@ -244,7 +245,8 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
         prompt.partition(svc.salt_for(tenant.name, parsed.body.get("cache_salt")))
         prompt.tokenize()       # here, where its time is measured
         ctx.work_s += time.perf_counter() - started
-        await fairness.admit(request, tenant.name, canonical, prompt, parsed.max_tokens)
+        await fairness.admit(request, tenant.name, canonical, prompt, parsed.max_tokens,
+                             parsed.sequences)
         started = time.perf_counter()
         try:
             route = choose(request, canonical, prompt, parsed, tenant)

@@ -6,7 +6,8 @@ that each hold one rule — :mod:`token_limits` (tokens per minute, budgets),
 weighted fair queuing) — and answers the serving path's four questions:
 
 * :meth:`admit` (before routing, after a cache miss): may this request spend its estimate
-  (prompt tokens + ``max_tokens``)? A :class:`token_limits.Charge`, or a 429 naming the
+  (prompt tokens + ``max_tokens`` for each sequence it generates: ``n`` choices, times
+  the prompts of a completions batch)? A :class:`token_limits.Charge`, or a 429 naming the
   limit. Cache hits are not admitted: they cost no engine tokens.
 * :meth:`must_wait` / :meth:`hold` (after routing): are the chosen backends saturated —
   the best candidate's seats all taken or the prefill queued ahead there above
@@ -112,8 +113,10 @@ class Fairness:
         return max_tokens if max_tokens > 0 else self.options.default_completion_tokens
 
     async def admit(self, tenant: str, model: str, prompt_tokens: int,
-                    max_tokens: int) -> token_limits.Charge:
-        completion = self.completion_estimate(max_tokens)
+                    max_tokens: int, sequences: int = 1) -> token_limits.Charge:
+        """``sequences``: the completions the request generates (``n``, times the prompts
+        of a batch), each up to ``max_tokens``; the engine's usage counts them all."""
+        completion = self.completion_estimate(max_tokens) * max(1, sequences)
         rules = self.policy(tenant).rules(model)
         cost = self.prices.cost(model, prompt_tokens, completion) if rules else 0.0
         return await self.limiter.admit(tenant, model, rules, prompt_tokens, completion, cost)

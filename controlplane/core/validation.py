@@ -7,6 +7,17 @@ client using a newer OpenAI field is not refused here — but no field may nest 
 than ``http.max_json_depth`` (the body may be serialised again, and orjson, like most
 JSON libraries, has a recursion limit of its own).
 
+Two bounds protect the engines from one request's cost (probe 68), checked right after
+parsing on every path, before the rate limit: ``n`` (and the legacy ``best_of``) at most
+``http.max_n`` — each choice is a sequence of its own, so one request of ``n: 64`` takes
+64 of an engine's seats while the queue and the token limits see one request (admission
+charges ``n`` x the completion estimate: :func:`sequences`); and each structured-output
+constraint (``structured_outputs``, ``response_format``, the legacy ``guided_*`` fields,
+Responses' ``text.format``) at most ``http.max_structured_output_bytes`` of JSON — the
+engine compiles it into a grammar on threads that run on past its own compile timeout, so
+a huge regex costs the engine's CPU for everyone while the request itself is refused.
+Absent, they cost one ``isdisjoint`` over the body's keys.
+
 Client headers that Synapse forwards or routes by (``x-request-id``, ``x-session-id``)
 must be printable ASCII: anything else cannot go into an HTTP/1.1 header unchanged.
 """
@@ -37,6 +48,7 @@ class Parsed:
     user: str = ""
     prompt_text: str = ""           # rendered later for chat (messages kept in body)
     include_usage: bool = False
+    sequences: int = 1              # sequences generated: n (x the prompts of a batch)
 
 
 SESSION_ID_MAX = 256
@@ -44,14 +56,26 @@ REQUEST_ID_MAX = 128
 
 
 MAX_MESSAGES = 2048     # OpenAI's own limit on a chat's messages array
+MAX_N = 8
+MAX_STRUCTURED_OUTPUT_BYTES = 16 * 1024
+# The fields the engine turns into a grammar to compile (vLLM 0.32 reads
+# structured_outputs and response_format; the guided_* fields of older versions are
+# bounded too, for engines that still honour them), with n and best_of: one set, so a
+# body with none of them costs a single isdisjoint.
+CONSTRAINTS = ("structured_outputs", "response_format", "guided_json", "guided_regex",
+               "guided_grammar", "guided_choice", "guided_whitespace_pattern")
+_BOUNDED = frozenset({"n", "best_of", "text", *CONSTRAINTS})
 
 
 def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES,
+               max_n: int = MAX_N,
+               max_structured_output_bytes: int = MAX_STRUCTURED_OUTPUT_BYTES,
                ) -> dict[str, Any]:
     """The body as a JSON object; 400 when it is not one, nests deeper than
     ``max_depth`` or has a ``messages`` array of more than ``max_messages`` items (each
     message costs the validation, the cache key, the tokenizer and the template a walk:
-    a body of many tiny messages would cost far more CPU per byte than its size says)."""
+    a body of many tiny messages would cost far more CPU per byte than its size says),
+    or is over one of the engine bounds (:func:`engine_bounds`)."""
     if not raw:
         raise errors.BadRequest("the request body is empty; send a JSON object",
                                 code="invalid_json")
@@ -72,7 +96,37 @@ def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES
         raise errors.BadRequest(
             f"messages: array too long: {len(messages)} messages; at most {max_messages} "
             "(http.max_messages)", param="messages", code="array_above_max_length")
+    if not _BOUNDED.isdisjoint(body):
+        engine_bounds(body, max_n, max_structured_output_bytes)
     return body
+
+
+def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int) -> None:
+    """400 naming the field when ``n`` or ``best_of`` is over ``max_n`` or a structured-
+    output constraint is over ``max_constraint_bytes`` of JSON. Values of the wrong type
+    are left to the fields' own checks (and to the engine)."""
+    for name in ("n", "best_of"):
+        value: Any = body.get(name)
+        if _integral(value) and value > max_n:
+            raise errors.BadRequest(
+                f"{name}: {int(value)} choices; at most {max_n} (http.max_n): each is a "
+                "sequence an engine runs at once", param=name, code="invalid_value")
+    for name in CONSTRAINTS:
+        value = body.get(name)
+        if value is not None:
+            _constraint(name, value, max_constraint_bytes)
+    text = body.get("text")       # Responses: text.format is its response_format
+    if type(text) is dict and text.get("format") is not None:
+        _constraint("text.format", text["format"], max_constraint_bytes)
+
+
+def _constraint(name: str, value: Any, limit: int) -> None:
+    size = len(value.encode()) if type(value) is str else len(orjson.dumps(value))
+    if size > limit:
+        raise errors.BadRequest(
+            f"{name}: the structured-output constraint is {size} bytes of JSON; at most "
+            f"{limit} (http.max_structured_output_bytes)", param=name,
+            code="constraint_too_large")
 
 
 def _within_depth(value: dict[str, Any] | list[Any], levels_left: int) -> bool:
@@ -210,7 +264,15 @@ def chat(body: dict[str, Any]) -> Parsed:
     legacy = _opt_int(body, "max_tokens", 1)
     max_tokens = _opt_int(body, "max_completion_tokens", 1) or legacy
     return Parsed("chat", body, model, stream, max_tokens, user,
-                  include_usage=_include_usage(body))
+                  include_usage=_include_usage(body), sequences=sequences(body))
+
+
+def sequences(body: Mapping[str, Any]) -> int:
+    """The sequences one prompt of the request generates: ``n``, or ``best_of`` when
+    larger (vLLM generates ``best_of`` and returns the ``n`` best), 1 by default."""
+    if "n" not in body and "best_of" not in body:
+        return 1
+    return max(_opt_int(body, "n", 1), _opt_int(body, "best_of", 1), 1)
 
 
 def completions(body: dict[str, Any]) -> Parsed:
@@ -227,8 +289,11 @@ def completions(body: dict[str, Any]) -> Parsed:
     else:
         raise _bad("prompt", "must be a non-empty string, a non-empty array of non-empty "
                              "strings or a non-empty array of token ids")
+    # a batch of prompts is a generation per prompt, each of n sequences
+    batch = len(prompt) if type(prompt) is list and type(prompt[0]) is str else 1
     return Parsed("completions", body, model, stream, _opt_int(body, "max_tokens", 1), user,
-                  prompt_text=text, include_usage=_include_usage(body))
+                  prompt_text=text, include_usage=_include_usage(body),
+                  sequences=batch * sequences(body))
 
 
 def embeddings(body: dict[str, Any]) -> Parsed:

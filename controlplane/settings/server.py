@@ -68,6 +68,17 @@ class HttpSettings(Section):
         "completions, Anthropic messages); 400 above, as OpenAI's own limit. Each message "
         "costs CPU to validate, key and tokenize: a body of many tiny messages costs far "
         "more per byte than its size says")
+    max_n: int = Field(
+        8, ge=1, description="most choices one generating request may ask for (n, and the "
+        "legacy best_of); 400 above. Each choice is a sequence the engine runs at once, so "
+        "one request of n=64 takes 64 of its seats; token limits charge n x the completion "
+        "estimate")
+    max_structured_output_bytes: int = Field(
+        16 * 1024, ge=256, description="largest structured-output constraint of a request, "
+        "as JSON (structured_outputs, response_format, the legacy guided_json / guided_regex "
+        "/ guided_grammar / guided_choice, Responses' text.format); 400 above. The engine "
+        "compiles it into a grammar, on threads that run on past its own timeout: a huge "
+        "regex or schema costs every tenant the engine's CPU")
     max_audio_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="largest audio upload (the multipart body of "
         "/v1/audio/transcriptions and /translations, streamed to the backend, never held in "

@@ -22,9 +22,10 @@ from controlplane import metrics as metrics_mod
 from controlplane.adapters import l1, usage_journal
 from controlplane.api import admin_grpc, fairness_wiring, grpc_server
 from controlplane.api import app as app_mod
-from controlplane.core import response_cache, usage_book
+from controlplane.core import fairness, pricing, response_cache, token_limits, usage_book
 from synapse_common.ports import free_port
 from tests import harness
+from tests.clock import ManualClock
 from tests.controlplane import cp_testing as t
 
 HI = [{"role": "user", "content": "hi"}]
@@ -91,6 +92,51 @@ async def cached_replica(mode: str) -> AsyncIterator[
         async with ready(s, cache=cache) as cp:
             client = cp.client()
             yield cp, backend, cache, client
+            await client.close()
+
+
+async def test_admission_charges_each_sequence_its_completion_estimate() -> None:
+    """A request of n choices generates n sequences: one chat of n=64 and max_tokens=32
+    was charged 32 completion tokens while vLLM ran 64 (probe 68, F1)."""
+    rule = token_limits.ScopeRule("a", "", tokens_per_minute=10_000)
+    fair = fairness.Fairness(
+        {"a": fairness.TenantPolicy(tenant=rule)},
+        token_limits.TokenLimiter(token_limits.LocalTokenStore(ManualClock())),
+        pricing.PriceTable({}), None, None, fairness.Options(default_completion_tokens=100))
+    charge = await fair.admit("a", t.MODEL, 10, 32, sequences=4)
+    assert (charge.prompt_tokens, charge.completion_tokens) == (10, 4 * 32)
+    charge = await fair.admit("a", t.MODEL, 10, 0, sequences=3)    # no max_tokens
+    assert charge.completion_tokens == 3 * 100
+    assert (await fair.admit("a", t.MODEL, 10, 32)).completion_tokens == 32
+
+
+async def test_n_choices_are_charged_n_times_and_more_than_max_n_is_a_400() -> None:
+    tenants = [{"name": "a", "keys": [t.KEY_A], "tokens_per_minute": 1000}]
+    async with t.backends(("one", "slow")) as (backend,):
+        s = settings(auth={"tenants": tenants}, upstreams=[t.upstream("one", backend.url)])
+        async with ready(s) as cp:
+            client = cp.client(t.KEY_A)
+            tiny = {"model": "llama", "max_tokens": 1, "messages": HI}
+            held = [client.chat.completions.create(  # 4 choices x 300 > the minute's 1000
+                        model="llama", messages=HI, max_tokens=300, n=4, stream=True),
+                    client.completions.create(      # a batch of 2 prompts x 2 choices
+                        model="llama", prompt=["a", "b"], n=2, max_tokens=300, stream=True)]
+            for done, pending in enumerate(held, start=1):
+                # An answer in flight holds its estimate: every sequence's max_tokens ...
+                stream = await pending
+                await anext(stream)
+                with pytest.raises(openai.RateLimitError) as refused:
+                    await client.chat.completions.create(**tiny)
+                assert "1000 tokens per minute" in refused.value.message
+                async for _ in stream:
+                    pass
+                # ... and once it ends, the engine's usage is what it costs, as any answer.
+                await settled(cp, "a", done)
+            await client.chat.completions.create(**tiny, n=3)
+            assert json.loads(backend.bodies[-1])["n"] == 3
+            with pytest.raises(openai.BadRequestError) as bad:
+                await client.chat.completions.create(**tiny, n=9)
+            assert bad.value.param == "n" and "http.max_n" in bad.value.message
             await client.close()
 
 

@@ -257,3 +257,52 @@ async def test_a_clients_request_id_is_echoed_but_engines_get_synapses() -> None
         assert len(rid) == 24 and int(rid, 16) >= 0, rid    # 96 random bits, hex
     gaps = [abs(int(y, 16) - int(x, 16)) for x, y in itertools.pairwise(ours)]
     assert min(gaps) > 2**32, ("request ids count requests", ours)
+
+
+REGEX = "(" + "|".join(f"w0q{i}x{i % 7}" for i in range(3000)) + ")"     # ~30 KB
+
+
+async def test_an_oversized_structured_output_constraint_is_a_400_on_every_path() -> None:
+    """vLLM compiles a constraint on threads that outlive its 5 s timeout: four 400 KB
+    regexes kept an engine at 170 % CPU for every tenant (probe 68, F2). Refused before
+    any engine sees it; a realistic schema still passes."""
+    schema = {"type": "object", "properties": {"answer": {"type": "string"},
+                                               "steps": {"type": "array", "items": {
+                                                   "type": "string"}}},
+              "required": ["answer"], "additionalProperties": False}
+    chat = {"model": "llama", "messages": [{"role": "user", "content": "hi"}]}
+    refused = [
+        ("/v1/chat/completions", {**chat, "structured_outputs": {"regex": REGEX}},
+         "structured_outputs"),
+        ("/v1/chat/completions", {**chat, "response_format": {"type": "json_schema",
+         "json_schema": {"name": "x", "schema": {"enum": REGEX.split("|")}}}},
+         "response_format"),
+        ("/v1/chat/completions", {**chat, "guided_grammar": "root ::= " + REGEX},
+         "guided_grammar"),
+        ("/v1/completions", {"model": "llama", "prompt": "hi", "guided_regex": REGEX},
+         "guided_regex"),
+        ("/v1/completions", {"model": "llama", "prompt": "hi",
+                             "structured_outputs": {"choice": REGEX.split("|")}},
+         "structured_outputs"),
+        ("/v1/responses", {"model": "llama", "input": "hi", "text": {"format": {
+            "type": "json_schema", "name": "x", "schema": {"enum": REGEX.split("|")}}}},
+         "text.format"),
+    ]
+    async with t.backends(("one", "ok")) as (b,):
+        async with t.running(t.settings(upstreams=[t.upstream("one", b.url)])) as cp:
+            async with aiohttp.ClientSession() as s:
+                for path, body, param in refused:
+                    async with s.post(f"{cp.url}{path}", json=body, headers={
+                            "Authorization": f"Bearer {t.KEY_A}"}) as resp:
+                        err = (await resp.json())["error"]
+                        assert resp.status == 400, err
+                        assert err["param"] == param, err
+                        assert "http.max_structured_output_bytes" in err["message"]
+            assert b.bodies == []
+            client = cp.client()
+            await client.chat.completions.create(**chat, response_format={
+                "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+            await client.completions.create(model="llama", prompt="hi",
+                                            extra_body={"structured_outputs": {"json": schema}})
+            assert len(b.bodies) == 2
+            await client.close()
