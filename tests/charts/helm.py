@@ -74,6 +74,17 @@ def render_chart(values: str | None = None, *sets: str,
             for doc in _render_cached(values, tuple(sets), release)]
 
 
+def notes(values: str | None = None, *sets: str) -> str:
+    """The install notes (templates/NOTES.txt) Helm prints for these values: `helm install
+    --dry-run=client` renders them without a cluster."""
+    proc = run("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+               *_value_args(values, sets))
+    if proc.returncode != 0:
+        raise AssertionError(f"helm install --dry-run failed ({values}, {sets}):\n{proc.stderr}")
+    assert "\nNOTES:\n" in proc.stdout, proc.stdout[-2000:]
+    return proc.stdout.split("\nNOTES:\n", 1)[1]
+
+
 def rejected(values: str | None, *sets: str) -> str:
     """helm template's error for values that must not render (fails if they do)."""
     proc = template(values, *sets)

@@ -66,7 +66,7 @@ def test_the_agent_presents_its_projected_token_and_holds_no_shared_secret(
     volume = _volumes(ds)[mount["name"]]
     assert volume["projected"]["sources"] == [{"serviceAccountToken": {
         "audience": "synapse-agent-eu", "expirationSeconds": 3600, "path": "token"}}]
-    # the auth Secret: only the metrics token is left, never agent-token
+    # the agents' Secret: only the metrics token is left, never agent-token
     secret = pods.mounted_volume(ds, container, "/var/run/secrets/synapse-agent")
     assert secret["secret"]["items"] == [{"key": "metrics-token", "path": "metrics-token"}]
 

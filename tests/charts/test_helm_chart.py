@@ -102,10 +102,16 @@ def test_configs_validate_and_match_the_pods(values: str | None, release: str,
         f"{headless['metadata']['name']}.{helm.NAMESPACE}.svc.cluster.local:{cp.grpc.port}")
     grace = render.pod_spec(ds)["terminationGracePeriodSeconds"]
     assert grace > agent.supervisor.drain_grace_s + agent.supervisor.stop_grace_s
-    # the agent token the control plane demands is the one the agents present
+    # the agents mount a Secret of their own, never the control plane's (a GPU node's
+    # kubelet fetches whole Secrets), holding the token the control plane demands
     cp_secret = pods.mounted_volume(deploy, cp_container, "/var/run/secrets/synapse")
     agent_secret = pods.mounted_volume(ds, agent_container, "/var/run/secrets/synapse-agent")
-    assert cp_secret["secret"]["secretName"] == agent_secret["secret"]["secretName"]
+    assert cp_secret["secret"]["secretName"] != agent_secret["secret"]["secretName"]
+    created = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "Secret"}
+    if created:
+        auth = created[cp_secret["secret"]["secretName"]]
+        copies = created[agent_secret["secret"]["secretName"]]
+        assert copies == {k: auth[k] for k in copies}
     # only the tokens the agents need, never the API keys; with agent.identity
     # serviceAccount (production) their projected token replaces agent-token
     reviewed = cp.auth.agent_review is not None
@@ -368,8 +374,11 @@ def test_opting_out_leaves_the_metrics_port_open() -> None:
     assert pods.metrics_token_secret(objects) is None
     monitor = render.find(objects, "ServiceMonitor")
     assert all("authorization" not in e for e in monitor["spec"]["endpoints"])
-    assert pods.metrics_token_secret(objects, "agent") == ("synapse-auth", "metrics-token")
+    assert pods.metrics_token_secret(objects, "agent") == ("synapse-agent-auth",
+                                                           "metrics-token")
     assert "metrics-token" in render.find(objects, "Secret", "synapse-auth")["data"]
+    assert render.find(objects, "Secret", "synapse-agent-auth")["data"]["metrics-token"] == \
+        render.find(objects, "Secret", "synapse-auth")["data"]["metrics-token"]
 
 
 def test_the_metrics_token_also_guards_metrics_on_the_api_port() -> None:
@@ -388,22 +397,24 @@ AGENT_METRICS_TOKEN_FILE = "/var/run/secrets/synapse-agent/metrics-token"
 def test_the_agents_metrics_port_needs_the_token_by_default(values: str | None) -> None:
     """The agents' /metrics names the models and their running and waiting requests (a
     model one tenant alone may use shows that tenant's traffic), and every pod reaches it
-    without NetworkPolicies: by default the agents read key `metrics-token` of the auth
-    Secret (mounted beside agent-token) and the PodMonitor presents it."""
+    without NetworkPolicies: by default the agents read key `metrics-token` of their own
+    Secret (mounted beside agent-token), the control plane's value, and the PodMonitor
+    presents it."""
     objects = helm.render_chart(values, "monitoring.podMonitor.enabled=true")
     configmap = render.find(objects, "ConfigMap", "synapse-agent-config")
     config = yaml.safe_load(configmap["data"]["config.yaml"])
     assert config["metrics"]["bearer_token_file"] == AGENT_METRICS_TOKEN_FILE
     source = pods.metrics_token_secret(objects, "agent")
-    # the control plane's token: one Secret key, one scrape credential
-    assert source == pods.metrics_token_secret(objects)
     assert source is not None and source[1] == "metrics-token"
     secret_name, key = source
+    cp_secret, cp_key = pods.metrics_token_secret(objects) or ("<none>", "<none>")
+    assert secret_name != cp_secret
     if not [o for o in objects if o["kind"] == "Secret"]:   # values/production.yaml
         assert secret_name == yaml.safe_load((helm.VALUES_DIR / f"{values}.yaml").read_text()
-                                             )["secrets"]["existingSecret"]
-    else:
-        assert key in render.find(objects, "Secret", secret_name)["data"]
+                                             )["secrets"]["existingAgentSecret"]
+    else:   # the control plane's token: one value, one scrape credential
+        assert render.find(objects, "Secret", secret_name)["data"][key] == \
+            render.find(objects, "Secret", cp_secret)["data"][cp_key]
     monitor = render.find(objects, "PodMonitor")
     assert [e["authorization"] for e in monitor["spec"]["podMetricsEndpoints"]] == [
         {"type": "Bearer", "credentials": {"name": secret_name, "key": key}}]

@@ -14,7 +14,9 @@ What may differ, each for a reason:
   `allow-dns`, which the chart prefixes with the release's name like every object;
 - labels: the chart adds Helm's own (instance, managed-by, chart) and its pod templates
   carry annotations (config checksums); the overlays' labels must all be there;
-- a Secret the chart creates when no `secrets.existingSecret` is given (bundled);
+- the Secrets the chart creates when no `secrets.existingSecret` is given (bundled): the
+  auth Secret and the agents' copy of their two keys, which the overlays' operator
+  creates by hand;
 - the control plane's `replicas` under an HPA: the chart leaves the field to the HPA
   (Helm 4 applies server-side, and a chart that sets it conflicts with the HPA's scale
   writes on every upgrade); the overlay's replicas must equal the HPA's minReplicas;
@@ -123,7 +125,7 @@ def test_same_kinds_and_names(values: str) -> None:
     secrets = [k for k in extra if k[0] == "Secret"]
     assert extra == secrets, f"{values}: the chart renders {extra} the overlays do not"
     if secrets:  # created only when no existing Secret is referenced
-        assert secrets == [("Secret", "synapse-auth")]
+        assert secrets == [("Secret", "synapse-agent-auth"), ("Secret", "synapse-auth")]
         assert not yaml.safe_load((helm.VALUES_DIR / f"{values}.yaml").read_text()) \
             .get("secrets", {}).get("existingSecret")
 

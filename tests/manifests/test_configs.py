@@ -140,6 +140,23 @@ def test_other_overlays_keep_the_shared_agent_token(
     assert "ClusterRoleBinding" not in {o["kind"] for o in render.render(overlay)}
 
 
+@pytest.mark.parametrize("overlay", ("bundled", "production"))
+def test_gpu_agents_mount_their_own_secret_never_synapse_auth(overlay: str) -> None:
+    # the kubelet fetches the whole Secret a pod mounts (`items` only chooses the files):
+    # a GPU node that mounted synapse-auth would hold the admin and API keys
+    objects = render.render(overlay)
+    ds = render.find(objects, "DaemonSet", "synapse-agent")
+    volumes = render.pod_spec(ds)["volumes"]
+    assert [v["secret"]["secretName"] for v in volumes if "secret" in v] == \
+        ["synapse-agent-auth"]
+    for c in render.pod_spec(ds)["containers"]:
+        assert not [e for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+        assert not c.get("envFrom")
+    deploy = render.find(objects, "Deployment", "synapse-controlplane")
+    assert "synapse-auth" in [v["secret"]["secretName"]
+                              for v in render.pod_spec(deploy)["volumes"] if "secret" in v]
+
+
 def test_a_misspelled_config_field_is_caught(tmp_path: pathlib.Path) -> None:
     data = yaml.safe_load((render.MANIFESTS / "base" / "agent.yaml").read_text())
     data["supervisor"]["drain_grace"] = 120

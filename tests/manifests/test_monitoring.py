@@ -62,9 +62,10 @@ def test_service_monitor_presents_the_token_the_control_plane_demands(overlay: s
 def test_pod_monitor_presents_the_token_the_agents_demand(overlay: str) -> None:
     """The agents' /metrics names the models and their running and waiting requests (a
     model one tenant alone may use shows that tenant's traffic): it wants the same token,
-    mounted beside agent-token, and the PodMonitor presents it."""
+    mounted beside agent-token from the agents' own Secret (a GPU node's kubelet fetches
+    whole Secrets: never synapse-auth's API keys), and the PodMonitor presents it."""
     source = pods.metrics_token_secret(render.render(overlay), "agent")
-    assert source == ("synapse-auth", "metrics-token"), overlay
+    assert source == ("synapse-agent-auth", "metrics-token"), overlay
     monitor = render.find(render.render("monitoring"), "PodMonitor")
     name, key = source
     assert [e.get("authorization") for e in monitor["spec"]["podMetricsEndpoints"]] == [

@@ -25,6 +25,58 @@ created. */}}
 {{- .Values.secrets.existingSecret | default (printf "%s-auth" (include "synapse.fullname" .)) -}}
 {{- end -}}
 
+{{/* The Secret the agents mount, holding only what they read: `agent-token` (with
+agent.identity sharedToken) and `metrics-token` (with agent.metricsAuth). A Secret of its
+own, not the auth Secret with `items`: the kubelet fetches the whole Secret object for a
+pod that mounts it (the Node authorizer lets a node read every Secret its pods
+reference), so a GPU node would hold the admin key, the tenants' API key and the Redis
+password. Created as `<fullname>-agent-auth` with the auth Secret's values
+(templates/secret.yaml); with secrets.existingSecret, secrets.existingAgentSecret, or
+failing that the existingSecret itself (NOTES warns). */}}
+{{- define "synapse.agentSecret" -}}
+{{- if .Values.secrets.existingSecret -}}
+{{- .Values.secrets.existingAgentSecret | default .Values.secrets.existingSecret -}}
+{{- else -}}
+{{- printf "%s-agent-auth" (include "synapse.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The keys of the agent Secret the agents read, as a JSON list (empty: they mount no
+Secret). */}}
+{{- define "synapse.agentSecretKeys" -}}
+{{- $keys := list -}}
+{{- if not (include "synapse.agent.reviewed" .) -}}{{- $keys = append $keys "agent-token" -}}{{- end -}}
+{{- if .Values.agent.metricsAuth.enabled -}}{{- $keys = append $keys (include "synapse.metricsTokenKey" .) -}}{{- end -}}
+{{- toJson $keys -}}
+{{- end -}}
+
+{{/* "true" when the agents mount the auth Secret itself (secrets.existingSecret without
+secrets.existingAgentSecret): their GPU nodes can then read every key in it. */}}
+{{- define "synapse.agentMountsAuthSecret" -}}
+{{- if and .Values.secrets.existingSecret (not .Values.secrets.existingAgentSecret)
+  (include "synapse.agentSecretKeys" . | fromJsonArray) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The auth Secret's data (base64 values by key, as JSON) from the existing auth
+Secret's data ("auth"), the existing agent Secret's ("agent") and, for keys neither
+holds, new random keys: (dict "root" $ "auth" <data> "agent" <data>). templates/secret.yaml
+renders both Secrets from it. */}}
+{{- define "synapse.authSecretData" -}}
+{{- $root := .root -}}
+{{- $keys := list "admin-key" "api-key" "agent-token" -}}
+{{- if include "synapse.metricsTokenWanted" $root -}}
+{{- $keys = append $keys (include "synapse.metricsTokenKey" $root) -}}
+{{- end -}}
+{{- if eq $root.Values.dependencies.redis.mode "bundled" -}}
+{{- $keys = append $keys (include "synapse.redis.passwordKey" $root) -}}
+{{- end -}}
+{{- $data := dict -}}
+{{- range $key := $keys -}}
+{{- $_ := set $data $key (get $.auth $key | default (get $.agent $key) | default (randAlphaNum 48 | b64enc)) -}}
+{{- end -}}
+{{- toJson $data -}}
+{{- end -}}
+
 {{/* The auth Secret's key /metrics wants as a bearer token (controlPlane.metricsAuth,
 agent.metricsAuth: the same token for both). */}}
 {{- define "synapse.metricsTokenKey" -}}metrics-token{{- end -}}
@@ -34,7 +86,7 @@ agent.metricsAuth: the same token for both). */}}
 {{- if or .Values.controlPlane.metricsAuth.enabled .Values.agent.metricsAuth.enabled -}}true{{- end -}}
 {{- end -}}
 
-{{/* Where the control plane finds the auth Secret's keys, and the agent its token. */}}
+{{/* Where the control plane finds the auth Secret's keys, and the agent its Secret's. */}}
 {{- define "synapse.authDir" -}}/var/run/secrets/synapse{{- end -}}
 {{- define "synapse.agentTokenDir" -}}/var/run/secrets/synapse-agent{{- end -}}
 
