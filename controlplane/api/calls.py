@@ -96,10 +96,9 @@ async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) 
                                      h.max_structured_output_bytes)
         call = parse(body)
         # what an engine would fetch (core.media_urls): chat-shaped messages (Anthropic's
-        # images translated), and Responses' input parts, which pass to the engine as sent
+        # images translated), and the body as sent, which passes to the engine as it is
         media_urls.check_chat(call.messages, h.media_urls)
-        if call.task == tasks.RESPONSES:
-            media_urls.check_responses(body, h.media_urls)
+        media_urls.check_body(body, h.media_urls)
     finally:
         serving.charge_now(svc, ctx, time.perf_counter() - started)
     front = Front(tenant, body, raw, call, await acquire(request, tenant))

@@ -42,7 +42,11 @@ Responses; so a part is checked by key, not by type: ``image_url``, ``audio_url`
 ``video_url`` (a URL string, or an object's ``url``) and Responses' ``file_url``. The
 other media keys vLLM reads carry data, never a URL (``input_audio``: base64 made into
 a ``data:`` URL; ``image_embeds``/``audio_embeds``/``video_embeds``/``prompt_embeds``:
-base64 tensors). Anthropic's images are checked once translated to ``image_url`` parts.
+base64 tensors). The same parser reads ``/tokenize``'s chat ``messages`` and the
+``{"content": [parts]}`` sides of ``/v1/score`` and ``/v1/rerank``, checked alike
+(:func:`check_body`). Anthropic's images are checked once translated to ``image_url``
+parts, and in the body as sent too (``image`` blocks with a ``url`` source, also inside
+a ``tool_result``), which vLLM translates itself when it serves ``/v1/messages``.
 A refusal is a 400 naming the field.
 """
 
@@ -61,6 +65,9 @@ Policy = Literal["public", "inline", "any"]
 POLICIES: tuple[Policy, ...] = ("public", "inline", "any")
 # keys of a content part whose value an engine fetches, whatever the part's type
 _URL_KEYS = ("image_url", "audio_url", "video_url", "file_url")
+# the fields of /v1/score and /v1/rerank whose multimodal form vLLM parses as chat parts
+_SCORE_SIDES = ("text_1", "text_2", "queries", "documents", "items", "data_1", "data_2",
+                "query")
 _INTERNAL_SUFFIXES = (".localhost", ".local", ".internal")
 # full stops that IDNA (and so Python's idna codec) takes as label separators
 _DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
@@ -93,6 +100,61 @@ def check_responses(body: Mapping[str, Any], policy: Policy) -> None:
         content = item.get("content")
         if isinstance(content, list):
             _check_parts(content, f"input[{i}].content", policy)
+
+
+def check_body(body: Mapping[str, Any], policy: Policy) -> None:
+    """Refuse (400) a media URL ``policy`` does not allow anywhere the engine reads one in
+    the body of a call beyond chat (``controlplane.api.calls``): Responses' ``input``,
+    ``messages`` (chat-shaped for ``/tokenize``, Anthropic's for ``/v1/messages``), and
+    the multimodal ``{"content": [parts]}`` sides of ``/v1/score`` and ``/v1/rerank``."""
+    if policy == "any":
+        return
+    check_responses(body, policy)
+    messages = body.get("messages")
+    check_chat(messages, policy)
+    _check_anthropic(messages, policy)
+    for name in _SCORE_SIDES:
+        if name in body:
+            _check_anywhere(body[name], name, policy)
+
+
+def _check_anthropic(messages: Any, policy: Policy) -> None:
+    """vLLM's own Messages translation (served natively) fetches an ``image`` block's
+    ``url`` source, also inside a ``tool_result``'s content, which Synapse's translation
+    drops (``core.anthropic_request``), so its check on the translation misses it."""
+    if not isinstance(messages, list):
+        return
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, block in enumerate(content if isinstance(content, list) else ()):
+            if not isinstance(block, dict):
+                continue
+            where = f"messages[{i}].content[{j}]"
+            _check_source(block, where, policy)
+            inner = block.get("content") if block.get("type") == "tool_result" else None
+            for k, item in enumerate(inner if isinstance(inner, list) else ()):
+                if isinstance(item, dict):
+                    _check_source(item, f"{where}.content[{k}]", policy)
+
+
+def _check_source(block: dict[str, Any], where: str, policy: Policy) -> None:
+    source = block.get("source") if block.get("type") == "image" else None
+    if isinstance(source, dict) and source.get("type") == "url":
+        check(source.get("url"), f"{where}.source.url", policy)
+
+
+def _check_anywhere(value: Any, where: str, policy: Policy) -> None:
+    """Every dict in ``value`` as a part (small request fields; depth is bounded by
+    ``http.max_json_depth``)."""
+    if isinstance(value, dict):
+        _check_part(value, where, policy)
+        for key, inner in value.items():
+            if isinstance(inner, (dict, list)):
+                _check_anywhere(inner, f"{where}.{key}", policy)
+    elif isinstance(value, list):
+        for j, inner in enumerate(value):
+            if isinstance(inner, (dict, list)):
+                _check_anywhere(inner, f"{where}[{j}]", policy)
 
 
 def _check_parts(parts: list[Any], where: str, policy: Policy) -> None:

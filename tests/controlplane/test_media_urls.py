@@ -112,6 +112,36 @@ def test_every_part_that_carries_a_url_is_checked_whatever_its_type(
     media_urls.check_chat([{"role": "user", "content": [public]}], "public")
 
 
+BODIES = [  # the other bodies whose URLs vLLM fetches: field named in the 400
+    ({"messages": [{"role": "user", "content": [{"image_url": LOOPBACK}]}]},  # /tokenize
+     "messages[0].content[0].image_url"),
+    ({"messages": [{"role": "user", "content": [  # Anthropic, as vLLM translates it
+        {"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "image", "source": {"type": "url", "url": LOOPBACK}}]}]}]},
+     "messages[0].content[0].content[0].source.url"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": LOOPBACK}}]}]},
+     "messages[0].content[0].source.url"),
+    ({"query": "q", "documents": [{"content": [{"type": "image_url",  # /v1/rerank
+                                                "image_url": {"url": LOOPBACK}}]}]},
+     "documents[0].content[0].image_url"),
+    ({"text_1": "a", "text_2": {"content": [{"video_url": {"url": LOOPBACK}}]}},  # score
+     "text_2.content[0].video_url"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BODIES)
+def test_the_bodies_of_other_calls_are_checked_where_vllm_reads_urls(
+        body: dict[str, Any], param: str) -> None:
+    with pytest.raises(errors.BadRequest) as err:
+        media_urls.check_body(body, "public")
+    assert err.value.param == param
+    media_urls.check_body(body, "any")
+    media_urls.check_body({"query": "q", "documents": ["a", {"content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},
+        "public")
+
+
 async def test_over_http_the_engine_never_sees_an_internal_url() -> None:
     async with t.backends(("one", "ok")) as (one,):
         async with t.running(t.round_robin(one)) as cp:
@@ -172,6 +202,20 @@ async def test_over_http_untyped_parts_and_encoded_hosts_are_refused() -> None:
                 body = await resp.json()
                 assert resp.status == 400, body
                 assert body["error"]["param"] == "input[0].content[0].video_url"
+            async with http.post(f"{cp.url}/tokenize", headers=auth, json={
+                    "model": "llama", "messages": [{"role": "user", "content": [
+                        {"image_url": {"url": LOOPBACK}}]}]}) as resp:
+                body = await resp.json()
+                assert resp.status == 400, body
+                assert body["error"]["code"] == "invalid_media_url"
+            tool_result = {"type": "tool_result", "tool_use_id": "t1", "content": [
+                {"type": "image", "source": {"type": "url", "url": LOOPBACK}}]}
+            async with http.post(f"{cp.url}/v1/messages", headers={"x-api-key": t.KEY_A},
+                                 json={"model": "llama", "max_tokens": 5, "messages": [
+                                     {"role": "user", "content": [tool_result]}]}) as resp:
+                body = await resp.json()
+                assert resp.status == 400, body
+                assert "source.url" in body["error"]["message"]
             assert not one.bodies
 
 
