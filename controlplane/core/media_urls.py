@@ -42,9 +42,10 @@ Responses; so a part is checked by key, not by type: ``image_url``, ``audio_url`
 ``video_url`` (a URL string, or an object's ``url``) and Responses' ``file_url``. The
 other media keys vLLM reads carry data, never a URL (``input_audio``: base64 made into
 a ``data:`` URL; ``image_embeds``/``audio_embeds``/``video_embeds``/``prompt_embeds``:
-base64 tensors). The same parser reads ``/tokenize``'s chat ``messages`` and the
-``{"content": [parts]}`` sides of ``/v1/score`` and ``/v1/rerank``, checked alike
-(:func:`check_body`). Anthropic's images are checked once translated to ``image_url``
+base64 tensors). The same parser reads the ``messages`` of ``/tokenize`` and of
+``/v1/embeddings`` (beside its ``input``), and the ``{"content": [parts]}`` sides of
+``/v1/score`` and ``/v1/rerank``, checked alike (:func:`check_body`, and
+``check_chat`` on every serving-path body). Anthropic's images are checked once translated to ``image_url``
 parts, and in the body as sent too (``image`` blocks with a ``url`` source, also inside
 a ``tool_result``), which vLLM translates itself when it serves ``/v1/messages``.
 A refusal is a 400 naming the field.

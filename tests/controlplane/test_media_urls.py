@@ -208,6 +208,12 @@ async def test_over_http_untyped_parts_and_encoded_hosts_are_refused() -> None:
                 body = await resp.json()
                 assert resp.status == 400, body
                 assert body["error"]["code"] == "invalid_media_url"
+            async with http.post(f"{cp.url}/v1/embeddings", headers=auth, json={
+                    "model": "llama", "input": "x", "messages": [{"role": "user", "content": [
+                        {"image_url": {"url": LOOPBACK}}]}]}) as resp:
+                body = await resp.json()
+                assert resp.status == 400, body
+                assert body["error"]["param"] == "messages[0].content[0].image_url"
             tool_result = {"type": "tool_result", "tool_use_id": "t1", "content": [
                 {"type": "image", "source": {"type": "url", "url": LOOPBACK}}]}
             async with http.post(f"{cp.url}/v1/messages", headers={"x-api-key": t.KEY_A},
