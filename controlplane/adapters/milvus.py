@@ -37,8 +37,8 @@ Design decisions:
   everything inside it, nothing beside it) is renamed to ``<name>.corrupt-<UTC time>``,
   while the direct open still holds the store's lock, and a fresh store is started, with
   one ERROR line. A store another process holds (Milvus Lite allows one process per
-  store) is never moved: its lock cannot be taken, which is not damage. At most one such
-  check per ``reconnect_s``. With milvus-lite 2 (a single file and a server subprocess)
+  store) is never moved: its lock cannot be taken, which is not damage; nor is a store
+  whose open timed out checked at all. At most one such check per ``reconnect_s``. With milvus-lite 2 (a single file and a server subprocess)
   there is nothing to check with, and nothing is moved.
 - Searches and queries use ``Bounded`` consistency ("Strong" makes every search wait for
   the newest timestamp: up to ~200 ms on a Milvus server); the core's recent-write buffer
@@ -317,8 +317,8 @@ class MilvusStore:
             return self._open_collection()
         except _FailedRecently:
             raise
-        except Exception:
-            if not self.exclusive:
+        except Exception as exc:
+            if not self.exclusive or _timed_out(exc):
                 raise
             with self._repair_lock:
                 if self._repairs == repairs:    # else another thread just repaired it
@@ -454,6 +454,13 @@ def _damaged(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return False
     return isinstance(exc, (ValueError, KeyError, TypeError))
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether opening failed by running out of time (a slow load on a busy machine, a
+    lock another process is releasing): never damage, and the direct open that checks for
+    damage would only hold the store longer."""
+    return isinstance(exc, TimeoutError) or "timeout" in str(exc).lower()
 
 
 def _move_if_damaged(lite_db: Any, path: str, collection: str) -> str | None:

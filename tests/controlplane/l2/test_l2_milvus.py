@@ -390,6 +390,24 @@ async def test_a_garbage_lite_store_is_moved_aside_and_the_cache_works_again(
     assert len(ours) == 1 and str(moved[0]) in ours[0] and "damaged" in ours[0]
 
 
+def test_an_open_that_timed_out_is_not_checked_for_damage(milvus_lite_path) -> None:
+    """A slow load on a busy machine ("wait for loading collection timeout") is no damage;
+    the direct open that checks for it held the store a second time and stretched the
+    outage past a restart test's patience."""
+    store = milvus.MilvusStore(milvus_lite_path, "c", reconnect_s=0.0)
+    checked: list[bool] = []
+
+    def slow() -> None:
+        raise RuntimeError("<MilvusException: (code=1, message=[load_collection] Retry "
+                           "timeout: 30.0s, message=wait for loading collection timeout)>")
+
+    store._open_collection = slow                               # type: ignore[method-assign]
+    store._set_aside_if_damaged = lambda: checked.append(True) or False  # type: ignore
+    with pytest.raises(RuntimeError, match="timeout"):
+        store._open_sync()
+    assert checked == []
+
+
 HOLDER = """
 import asyncio, sys
 from controlplane.adapters import milvus
