@@ -25,8 +25,10 @@ import pytest
 from aiohttp import web
 
 from controlplane.api import app as app_mod
+from controlplane.api import readiness
 from controlplane.api import server as server_mod
 from controlplane.api import services as services_mod
+from tests import harness
 from tests.controlplane import cp_testing as t
 
 QUIET_S = 4.0       # no byte for this long: the connection is open and has said all
@@ -436,12 +438,16 @@ async def _serving(lane: bool) -> AsyncIterator[tuple[int, t.FakeBackend]]:
                                     "max_header_bytes": MAX_HEAD,
                                     "body_timeout_s": BODY_TIMEOUT_S},
                           auth={"tenants": [{"name": "a", "keys": [t.KEY_A]}]})
-        runner = server_mod.Runner(app_mod.create_app(s, services=services_mod.build(s)),
+        svc = services_mod.build(s)
+        runner = server_mod.Runner(app_mod.create_app(s, services=svc),
                                    s.http, handler_cancellation=True, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         assert isinstance(runner.server, server_mod.LaneServer)
         assert (runner.server.lane is not None) is lane
+        # The first health probe decides at once: on a busy machine it could time out
+        # while the cases arrived, and every case answered 503 no_backend for its 5 s.
+        await harness.until(lambda: readiness.check(svc)[0] == 200, 20, "the first probe")
         try:
             yield runner.addresses[0][1], b1
         finally:
