@@ -8,6 +8,7 @@ in ``tmp_path`` and the in-process L1; over HTTP, the control plane app with the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -233,75 +234,79 @@ def test_wilson_interval():
     assert math.isnan(cache_feedback.wilson(0, 0)[0])
 
 
-async def test_feedback_over_http_evicts_an_exact_hit(tmp_path):
+@contextlib.asynccontextmanager
+async def judged_replica(tmp_path, mode: str):
+    """A control plane whose exact-only cache has the feedback loop, in front of one
+    stand-in backend of ``mode``: (the replica, the backend, the cache, its metrics)."""
     metrics = metrics_mod.Metrics(CollectorRegistry())
     cache = response_cache.TieredCache(options=response_cache.Options(semantic_enabled=False),
                                        l1=l1.MemoryL1(100, 10**6), metrics=metrics)
-    async with t.backends(("one", "ok")) as (b,):
+    async with t.backends(("one", mode)) as (b,):
         # A slow probe round (2 s time limit): a busy machine must not flap the backend.
         s = t.settings(upstreams=[t.upstream("one", b.url)],
                        registry={"upstream_probe_interval_s": 5.0})
         async with t.running(s, cache=looped(cache, metrics, tmp_path / "f.jsonl")) as cp:
             await harness.until(lambda: routable.routable_count(cp.services) > 0, 20, "the backend")
-            client = cp.client()
-            ask = dict(model="llama", temperature=0, messages=[{"role": "user", "content": "hi"}])
-            await client.chat.completions.create(**ask)
-            await cache.drain()
-            hit = await client.chat.completions.with_raw_response.create(**ask)
-            assert hit.headers["x-synapse-cache"] == "hit-exact"
-            rid = hit.headers["x-request-id"]
-            async with aiohttp.ClientSession() as s:
-                url = f"{cp.url}/v1/cache/feedback"
-                async with s.post(url, json={"request_id": rid, "wrong": True},
-                                  headers={"Authorization": f"Bearer {t.KEY_B}"}) as r:
-                    assert r.status == 404      # tenant b cannot act on a's answers
-                    assert (await r.json())["error"]["code"] == "unknown_request_id"
-                async with s.post(url, json={"request_id": rid, "wrong": "yes"},
-                                  headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
-                    assert r.status == 400 and (await r.json())["error"]["param"] == "wrong"
-                async with s.post(url, json={"request_id": rid, "wrong": True}) as r:
-                    assert r.status == 401
-                async with s.post(url, json={"request_id": rid, "wrong": True},
-                                  headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
-                    assert r.status == 200
-                    assert await r.json() == {"request_id": rid, "layer": "exact",
-                                              "wrong": True, "evicted": True,
-                                              "recorded": False}
-            again = await client.chat.completions.with_raw_response.create(**ask)
-            assert again.headers["x-synapse-cache"] == "miss"
-            assert counter(metrics, "synapse_cache_feedback_total", model=t.MODEL,
-                           layer="exact", verdict="wrong", tenant="a") == 1
+            yield cp, b, cache, metrics
+
+
+HI_ASK = dict(model="llama", temperature=0, messages=[{"role": "user", "content": "hi"}])
+
+
+async def test_feedback_over_http_evicts_an_exact_hit(tmp_path):
+    async with judged_replica(tmp_path, "ok") as (cp, _, cache, metrics):
+        client = cp.client()
+        ask = HI_ASK
+        await client.chat.completions.create(**ask)
+        await cache.drain()
+        hit = await client.chat.completions.with_raw_response.create(**ask)
+        assert hit.headers["x-synapse-cache"] == "hit-exact"
+        rid = hit.headers["x-request-id"]
+        async with aiohttp.ClientSession() as s:
+            url = f"{cp.url}/v1/cache/feedback"
+            async with s.post(url, json={"request_id": rid, "wrong": True},
+                              headers={"Authorization": f"Bearer {t.KEY_B}"}) as r:
+                assert r.status == 404      # tenant b cannot act on a's answers
+                assert (await r.json())["error"]["code"] == "unknown_request_id"
+            async with s.post(url, json={"request_id": rid, "wrong": "yes"},
+                              headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
+                assert r.status == 400 and (await r.json())["error"]["param"] == "wrong"
+            async with s.post(url, json={"request_id": rid, "wrong": True}) as r:
+                assert r.status == 401
+            async with s.post(url, json={"request_id": rid, "wrong": True},
+                              headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
+                assert r.status == 200
+                assert await r.json() == {"request_id": rid, "layer": "exact",
+                                          "wrong": True, "evicted": True,
+                                          "recorded": False}
+        again = await client.chat.completions.with_raw_response.create(**ask)
+        assert again.headers["x-synapse-cache"] == "miss"
+        assert counter(metrics, "synapse_cache_feedback_total", model=t.MODEL,
+                       layer="exact", verdict="wrong", tenant="a") == 1
 
 
 async def test_feedback_on_a_coalesced_followers_id_evicts_the_leaders_answer(tmp_path):
     """A request answered from an identical one in flight (coalescing) is labelled
     hit-exact: its id was unknown to feedback (a 404), and the coalescer's copy of the
     answer went on serving for seconds after a wrong verdict evicted the entry."""
-    metrics = metrics_mod.Metrics(CollectorRegistry())
-    cache = response_cache.TieredCache(options=response_cache.Options(semantic_enabled=False),
-                                       l1=l1.MemoryL1(100, 10**6), metrics=metrics)
-    async with t.backends(("one", "slow")) as (b,):
-        s = t.settings(upstreams=[t.upstream("one", b.url)],
-                       registry={"upstream_probe_interval_s": 5.0})
-        async with t.running(s, cache=looped(cache, metrics, tmp_path / "f.jsonl")) as cp:
-            await harness.until(lambda: routable.routable_count(cp.services) > 0, 20, "the backend")
-            client = cp.client()
-            ask = dict(model="llama", temperature=0, messages=[{"role": "user", "content": "hi"}])
-            both = await asyncio.gather(*(client.chat.completions.with_raw_response.create(**ask)
-                                          for _ in range(2)))
-            assert len(b.bodies) == 1
-            follower = next(r for r in both if r.headers["x-synapse-cache"] == "hit-exact")
-            await cache.drain()
-            async with aiohttp.ClientSession() as http:
-                async with http.post(f"{cp.url}/v1/cache/feedback",
-                                     json={"request_id": follower.headers["x-request-id"],
-                                           "wrong": True},
-                                     headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
-                    assert r.status == 200, await r.text()
-                    assert (await r.json())["evicted"] is True
-            again = await client.chat.completions.with_raw_response.create(**ask)
-            assert again.headers["x-synapse-cache"] == "miss" and len(b.bodies) == 2
-            await client.close()
+    async with judged_replica(tmp_path, "slow") as (cp, b, cache, _):
+        client = cp.client()
+        ask = HI_ASK
+        both = await asyncio.gather(*(client.chat.completions.with_raw_response.create(**ask)
+                                      for _ in range(2)))
+        assert len(b.bodies) == 1
+        follower = next(r for r in both if r.headers["x-synapse-cache"] == "hit-exact")
+        await cache.drain()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{cp.url}/v1/cache/feedback",
+                                 json={"request_id": follower.headers["x-request-id"],
+                                       "wrong": True},
+                                 headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["evicted"] is True
+        again = await client.chat.completions.with_raw_response.create(**ask)
+        assert again.headers["x-synapse-cache"] == "miss" and len(b.bodies) == 2
+        await client.close()
 
 
 async def test_feedback_without_a_cache_is_a_conflict():
