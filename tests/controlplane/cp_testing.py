@@ -189,10 +189,16 @@ class RunningCP:
     url: str
     services: services_mod.Services
     grpc_port: int = 0
+    clients: list[openai.AsyncOpenAI] = dataclasses.field(default_factory=list)
 
     def client(self, key: str = KEY_A) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0,
+        """A client of this control plane, closed with it: a client left to the garbage
+        collector closes itself in whatever loop runs then, and a later test's loop logs
+        its "Event loop is closed" as an error."""
+        made = openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0,
                                   timeout=20)
+        self.clients.append(made)
+        return made
 
 
 @contextlib.asynccontextmanager
@@ -214,6 +220,8 @@ async def running(s: config.ControlPlaneSettings,
                 "127.0.0.1", 0, [grpc_server.control_plane(svc)])
         yield cp
     finally:
+        for made in cp.clients:
+            await made.close()
         if server is not None:
             await server.stop(0)
         await runner.cleanup()
