@@ -451,3 +451,142 @@ async def test_a_lite_store_another_process_holds_is_not_moved(milvus_lite_path,
         holder.stdin.close()
         await asyncio.wait_for(holder.wait(), 60)
     assert holder.returncode == 0
+
+
+# -- damage is only what a damaged store raised; old moved copies are pruned --------------
+
+MAKER = """
+import asyncio, sys
+from controlplane import cache_wiring
+from tests.controlplane.l2.fakes import row
+
+async def main():
+    l2 = cache_wiring.milvus_l2(sys.argv[1], "kept")
+    await l2.insert([row("s", seed) for seed in range(20)])
+    await l2.flush()
+    await l2.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def healthy_store(tmp_path_factory):
+    """A Milvus Lite store with one flushed segment (a Parquet data file, a ``.npy`` index
+    file, two manifests, a schema), written by another process, as a restart finds it."""
+    path = tmp_path_factory.mktemp("healthy") / "milvus-lite.db"
+    done = subprocess.run([sys.executable, "-c", MAKER, str(path)], timeout=120,
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return path
+
+
+def _copy(healthy_store, milvus_lite_path):
+    import pathlib
+    import shutil
+
+    shutil.copytree(healthy_store, milvus_lite_path)
+    return pathlib.Path(milvus_lite_path)
+
+
+_DATA = "collections/kept/partitions/*/data/*.parquet"
+_INDEX = "collections/kept/partitions/*/indexes/*.idx"
+
+# (files, how they are damaged, what milvus-lite 3.2 raised opening the store directly)
+DAMAGE = {
+    "data-file-truncated": (_DATA, lambda b: b[:len(b) // 2], "ArrowInvalid"),
+    "data-page-header-overwritten": (_DATA, lambda b: b[:4] + b"\xff" * 16 + b[20:],
+                                     "OSError"),
+    "index-file-emptied": (_INDEX, lambda b: b"", "EOFError"),
+    "index-file-truncated": (_INDEX, lambda b: b[:len(b) // 2], "ValueError"),
+    "index-file-zeroed": (_INDEX, lambda b: bytes(len(b)), "ValueError"),
+    "both-manifests-truncated": ("collections/kept/manifest.json*",
+                                 lambda b: b[:len(b) // 2], "ManifestCorruptedError"),
+    "schema-emptied": ("collections/kept/schema.json", lambda b: b"", "SchemaValidationError"),
+    "schema-not-utf8": ("collections/kept/schema.json", lambda b: b"\xff" + b[1:],
+                        "UnicodeDecodeError"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+async def test_a_store_damaged_on_disk_is_moved_aside_and_the_cache_works_again(
+        damage, healthy_store, milvus_lite_path, caplog):
+    """Each way a real store was damaged on purpose (before: an index file emptied or a
+    Parquet page header overwritten raised ``EOFError`` / a bare ``OSError``, neither taken
+    for damage, and every lookup missed for good)."""
+    import logging
+
+    files, spoil, raised = DAMAGE[damage]
+
+    def spoiled_copy():
+        store_dir = _copy(healthy_store, milvus_lite_path)
+        spoiled = sorted(store_dir.glob(files))
+        assert spoiled, files
+        for f in spoiled:
+            f.write_bytes(spoil(f.read_bytes()))
+        return store_dir
+
+    store_dir = await asyncio.to_thread(spoiled_copy)
+    store = index(milvus_lite_path, "kept", mirror_max_rows=0)
+    with caplog.at_level(logging.ERROR, "controlplane.adapters.milvus"):
+        assert await store.search("s", unit(1), 1, 0.0) == []       # a fresh store
+        await put(store, "s", 1)
+        await store.flush()
+        assert [c.ref for c in await store.search("s", unit(1), 1, 0.0)] == ["ref-s-1"]
+    await store.close()
+    moved = [p for p in store_dir.parent.iterdir() if ".corrupt-" in p.name]
+    assert len(moved) == 1 and (moved[0] / "collections" / "kept").is_dir()
+    ours = [r.getMessage() for r in caplog.records if r.name == "controlplane.adapters.milvus"]
+    assert len(ours) == 1 and f"damaged ({raised}: " in ours[0], ours
+
+
+def test_a_bad_argument_on_a_healthy_store_does_not_move_it(healthy_store, milvus_lite_path):
+    """A ``TypeError`` or ``ValueError`` of a bug or a bad argument is no damage (before:
+    both were, and a healthy store, the whole cache, was moved aside)."""
+    from milvus_lite import db as lite_db
+
+    store_dir = _copy(healthy_store, milvus_lite_path)
+    assert milvus._move_if_damaged(lite_db, str(store_dir), 123) is None    # TypeError
+    assert sorted(p.name for p in store_dir.parent.iterdir()) == ["milvus-lite.db"]
+    for exc in (ValueError("bad argument"), TypeError("bad argument"), KeyError("x"),
+                OSError("no errno, not from the Parquet reader")):
+        assert not milvus._damaged(exc, str(store_dir))
+    assert not milvus._damaged(FileExistsError(17, "exists", "/elsewhere"), str(store_dir))
+    assert milvus._damaged(FileExistsError(17, "exists", str(store_dir)), str(store_dir))
+
+
+async def test_only_the_newest_moved_copies_are_kept(milvus_lite_path, caplog):
+    """A store that keeps breaking cannot fill the disk with copies of the cache (before:
+    every copy stayed); another store's copies and other names are left alone."""
+    import logging
+    import pathlib
+
+    folder = pathlib.Path(milvus_lite_path).parent
+    old = ["20250101T000000Z", "20250101T000000Z-2", "20250101T000000Z-10",
+           "20250102T000000Z"]
+    others = ["other.db.corrupt-20240101T000000Z", "milvus-lite.db.corrupt-notes"]
+
+    def seed() -> None:
+        for stamp in old:
+            (folder / f"milvus-lite.db.corrupt-{stamp}").mkdir()
+            (folder / f"milvus-lite.db.corrupt-{stamp}" / "LOCK").write_bytes(b"")
+        for name in others:
+            (folder / name).write_bytes(b"not ours to delete")
+        pathlib.Path(milvus_lite_path).write_bytes(b"\x00not a Milvus Lite store\xff" * 200)
+
+    await asyncio.to_thread(seed)
+    store = index(milvus_lite_path, "fresh")
+    with caplog.at_level(logging.WARNING, "controlplane.adapters.milvus"):
+        await put(store, "s", 1)
+    await store.close()
+    left = sorted(p.name for p in folder.iterdir() if ".corrupt-" in p.name)
+    new = [n for n in left if n.removeprefix("milvus-lite.db.corrupt-") not in [*old, "notes"]
+           and n not in others]
+    assert len(new) == 1
+    kept = ["milvus-lite.db.corrupt-20250101T000000Z-10", "milvus-lite.db.corrupt-20250102T000000Z"]
+    assert left == sorted([*kept, *new, *others])
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+              and r.name == "controlplane.adapters.milvus"]
+    assert len(warned) == 1 and "deleted 2 old" in warned[0]
+    for gone in ("20250101T000000Z", "20250101T000000Z-2"):
+        assert str(folder / f"milvus-lite.db.corrupt-{gone}") in warned[0]
