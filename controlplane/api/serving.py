@@ -243,6 +243,7 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
         started = time.perf_counter()
         prompt = prompt_of(parsed, session, svc.router.exact_prompts)
         prompt.streams = parsed.stream
+        prompt.sequences = parsed.sequences
         prompt.partition(svc.salt_for(tenant.name, parsed.body.get("cache_salt")))
         prompt.tokenize()       # here, where its time is measured
         ctx.work_s += time.perf_counter() - started

@@ -13,6 +13,12 @@ to the router's predictions and to the costs it learns from them. Those tokens a
 counted apart (``blind_prefill_tokens``) for the rules that must not take a guess for a
 prefill queue (:mod:`saturation`).
 
+A request takes as many of an engine's seats as the sequences it generates (``n``, or
+``best_of`` when larger, times the prompts of a completions batch: vLLM runs each as a
+request of its own), so the ledger counts those too (``Load.sequences``): the seat rule of
+:mod:`saturation` compares them with the engine's ``max_num_seqs``. One int on the
+ticket; a request of one sequence costs what it did.
+
 A :class:`Ticket` moves dispatch → first byte → finish; each step is idempotent, so a
 handler can call ``finish`` in ``finally`` whatever happened before. Each step is stamped
 with the ledger's clock: the router learns its costs from those times
@@ -39,6 +45,7 @@ class Load:
     blind_prefill_tokens: int = 0   # the part of those whose answer is not streamed
     prefilling: int = 0         # requests waiting for their first byte
     decoding: int = 0           # requests streaming their answer
+    sequences: int = 0          # sequences those requests generate (the seats they take)
     dispatched: int = 0         # total ever dispatched (for averages)
     prompt_tokens_total: int = 0
 
@@ -66,6 +73,7 @@ class Ticket:
     prefilled: bool = False     # counted as decoding (first byte seen, or assumed for a
                                 # whole answer past its predicted first token)
     seq: int = -1               # its id among sibling workers (set by the listener, if any)
+    sequences: int = 1          # sequences it generates: n x its prompts (seats it takes)
 
 
 class Listener(Protocol):
@@ -96,18 +104,21 @@ class Ledger:
         return load
 
     def dispatch(self, backend: str, uncached_tokens: int, prompt_tokens: int,
-                 streams: bool = True, expect_s: float = 0.0) -> Ticket:
+                 streams: bool = True, expect_s: float = 0.0, sequences: int = 1) -> Ticket:
         """Count a request sent; ``expect_s``: its predicted time to first token (how long
-        a whole answer's prompt counts as waiting for prefill)."""
+        a whole answer's prompt counts as waiting for prefill); ``sequences``: the seats
+        it takes (:attr:`validation.Parsed.sequences`)."""
         load = self.load(backend)
         load.prefill_tokens += uncached_tokens
         if not streams:
             load.blind_prefill_tokens += uncached_tokens
         load.prefilling += 1
+        load.sequences += sequences
         load.dispatched += 1
         load.prompt_tokens_total += prompt_tokens
         now = self._clock()
-        ticket = Ticket(backend, uncached_tokens, dispatched_at=now, blind=not streams)
+        ticket = Ticket(backend, uncached_tokens, dispatched_at=now, blind=not streams,
+                        sequences=sequences)
         if not streams:
             heapq.heappush(self._blind.setdefault(backend, []),
                            (now + max(0.0, expect_s), next(self._seq), ticket))
@@ -133,6 +144,7 @@ class Ledger:
         else:                   # never answered: no first byte to stamp
             self._unqueue(load, ticket)
             load.prefilling -= 1
+        load.sequences -= ticket.sequences
         ticket.finished_at = self._clock()
         ticket.stage = 2
         due = self._blind.get(ticket.backend)

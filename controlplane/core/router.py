@@ -332,7 +332,7 @@ class Router:
                 self.listener.session(prompt.session, b.key)
         uncached = max(0, verdict.prompt_tokens - verdict.cached_tokens)
         ticket = self._ledger.dispatch(b.key, uncached, verdict.prompt_tokens, prompt.streams,
-                                       verdict.predicted_ttft_s)
+                                       verdict.predicted_ttft_s, prompt.sequences)
         ticket.prediction = verdict
         return ticket
 

@@ -28,7 +28,8 @@ reports:
   A limit that shrinks later (KV cache pressure) is not learned: requests then queue in
   the engine again, as without the fair queue. Saturated when the requests this replica
   has in flight there, plus those the engine reports waiting beyond them (other
-  replicas'), reach it. Until a backend has shown its limit once, this signal is silent.
+  replicas'), reach it — counted in sequences, as the engine counts them: a request of
+  ``n: 4``, or a completions batch of four prompts, takes four seats. Until a backend has shown its limit once, this signal is silent.
   With several replicas each one sees the others only through the engine's reports, so
   together they may fill a backend's queue by up to a report interval's worth.
 * **Prefill queued ahead.** Long prompts can saturate an engine with seats to spare: the
@@ -134,7 +135,7 @@ class Saturation:
         if not top:
             seats -= self.reserved(seats)
         seats += probe
-        mine = self._ledger.load(backend.key).in_flight
+        mine = self._ledger.load(backend.key).sequences     # seats, not requests
         # Other replicas' requests: what the engine reports waiting beyond everything we
         # have in flight there, as the router counts them. Reports lag, so comparing the
         # whole reported occupancy with ours would keep a seat "taken" by one of our own

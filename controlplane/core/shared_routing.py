@@ -63,12 +63,13 @@ from controlplane.core import ledger as ledger_mod
 from controlplane.core import response_pins, served_log
 from controlplane.core import router as router_mod
 
-VERSION = 2         # 2: a pin names its tenant
+VERSION = 3         # 2: a pin names its tenant; 3: a dispatch its sequences
 MAX_FRAME = 256 * 1024 * 1024   # bytes; a longer frame means a broken peer
 FRAME_EVENTS = 256              # events per frame at most, so a burst stays far below it
 
 HELLO = "h"         # ("h", version, worker index, incarnation): first event of a connection
-DISPATCH = "d"      # ("d", id, backend, uncached tokens, prompt tokens, streams, expect_s)
+DISPATCH = "d"      # ("d", id, backend, uncached tokens, prompt tokens, streams, expect_s,
+                    #  sequences)
 FIRST_BYTE = "f"    # ("f", id)
 FINISH = "x"        # ("x", id)
 PREFIX = "p"        # ("p", backend, [block hashes], capacity blocks, restarts)
@@ -170,7 +171,7 @@ class Sharing:
             return
         ticket.seq = seq = next(self._ids)
         event = (DISPATCH, seq, ticket.backend, uncached_tokens, prompt_tokens, streams,
-                 expect_s)
+                 expect_s, ticket.sequences)
         self._live[seq] = (event, ticket)
         self._publish(event)
 
@@ -304,10 +305,10 @@ class Inbound:
             return
         sharing = self._sharing
         if kind == DISPATCH:
-            _, seq, backend, uncached, prompt, streams, expect_s = event
+            _, seq, backend, uncached, prompt, streams, expect_s, sequences = event
             if seq not in self._tickets:
                 self._tickets[seq] = sharing.ledger.dispatch(backend, uncached, prompt,
-                                                             streams, expect_s)
+                                                             streams, expect_s, sequences)
         elif kind == FIRST_BYTE:
             ticket = self._tickets.get(event[1])
             if ticket is not None:

@@ -93,6 +93,7 @@ class Prompt:
         "hash_seed",
         "max_tokens",
         "messages",
+        "sequences",
         "session",
         "streams",
         "text",
@@ -113,6 +114,9 @@ class Prompt:
         # Whether the answer streams (the ledger sees its first token); a whole answer's
         # first byte is its last. Set by the serving path from the request's "stream".
         self.streams = True
+        # The sequences the engine generates for it (n x a batch's prompts): the seats the
+        # ledger counts it for. Set by the serving path from validation.Parsed.sequences.
+        self.sequences = 1
         self._ids: dict[str, tuple[int, ...]] = {}
         self._last: tuple[int, ...] | None = None
         self._last_name = APPROXIMATE

@@ -59,3 +59,20 @@ def test_ended_answers_do_not_pile_up_while_waiting_for_their_due_time() -> None
     for _ in range(1000):
         book.finish(book.dispatch("b", 10, 10, streams=False, expect_s=3600.0))
     assert len(book._blind["b"]) <= 65
+
+
+def test_a_request_holds_as_many_seats_as_the_sequences_it_generates() -> None:
+    """A chat of n: 4 or a completions batch of 4 prompts runs four sequences on the
+    engine, each one of its max_num_seqs seats (probe 69)."""
+    book = ledger.Ledger(ManualClock())
+    batch = book.dispatch("b", 100, 100, streams=False, sequences=4)
+    single = book.dispatch("b", 100, 100)
+    load = book.load("b")
+    assert (load.in_flight, load.sequences) == (2, 5)
+    book.first_byte(batch)
+    assert (load.in_flight, load.sequences) == (2, 5)
+    book.finish(batch)
+    book.finish(batch)          # idempotent: released once
+    assert (load.in_flight, load.sequences) == (1, 1)
+    book.finish(single)         # never answered: released all the same
+    assert (load.in_flight, load.sequences) == (0, 0)

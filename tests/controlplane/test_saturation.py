@@ -41,11 +41,12 @@ def report(reg: registry.Registry, running: int, waiting: int, restarts: int = 0
         waiting=waiting, restarts=restarts, kv_capacity_tokens=10**6, block_size=16)])
 
 
-def send(r: router.Router, tokens: int, streams: bool) -> ledger.Ticket:
+def send(r: router.Router, tokens: int, streams: bool, sequences: int = 1) -> ledger.Ticket:
     # unique four-digit words (one token each): nothing cached, every token to prefill
     prompt = router.Prompt.from_text(" ".join(str(_words.randrange(1000, 10_000))
                                               for _ in range(tokens)), 16)
     prompt.streams = streams
+    prompt.sequences = sequences
     decision = r.route(MODEL, prompt)
     assert decision is not None
     return r.dispatched(decision, decision.candidates[0], prompt)
@@ -120,6 +121,28 @@ def test_a_configured_seat_count_is_used_as_given_and_never_probed_past() -> Non
             max_num_seqs=seat_count)])
         assert not room(r, sat)
     r.ledger.finish(tickets[0])
+    assert room(r, sat)
+
+
+def test_a_request_of_several_sequences_takes_as_many_seats() -> None:
+    """n: 8, or a completions batch of 8 prompts, is 8 sequences the engine runs at once:
+    counted as one request, it left 7 of 8 seats looking free to the queue, which sent
+    more and let them wait in the engine's FIFO queue (probe 69)."""
+    r, reg, sat = fleet()
+    reg.report("n1", [types.BackendState(
+        key="n1/e", node="n1", name="e", url="http://e", models=(MODEL,), running=0,
+        waiting=0, kv_capacity_tokens=10**6, block_size=16, max_num_seqs=8)])
+    batch = send(r, 10, streams=False, sequences=6)
+    assert room(r, sat)                     # two seats left
+    one = send(r, 10, streams=True)
+    assert room(r, sat)
+    send(r, 10, streams=True)
+    assert not room(r, sat)                 # 6 + 1 + 1 sequences: every seat taken
+    r.ledger.finish(one)
+    assert room(r, sat)
+    send(r, 10, streams=False, sequences=2)
+    assert not room(r, sat)
+    r.ledger.finish(batch)                  # its six seats free at once
     assert room(r, sat)
 
 

@@ -9,6 +9,7 @@ import aiohttp
 import openai
 import pytest
 
+from tests import harness
 from tests.controlplane import cp_testing as t
 
 
@@ -306,3 +307,20 @@ async def test_an_oversized_structured_output_constraint_is_a_400_on_every_path(
                                             extra_body={"structured_outputs": {"json": schema}})
             assert len(b.bodies) == 2
             await client.close()
+
+
+async def test_a_batch_in_flight_holds_a_seat_per_sequence() -> None:
+    """The ledger the fair queue's seat rule reads counts a request's sequences — three
+    prompts x n: 2 are six of the engine's seats — until its answer ends (probe 69)."""
+    async with t.backends(("one", "slow")) as (b,):
+        async with t.running(t.settings(upstreams=[t.upstream("one", b.url)])) as cp:
+            client = cp.client()
+            stream = await client.completions.create(
+                model="llama", prompt=["a", "b", "c"], n=2, max_tokens=8, stream=True)
+            await anext(stream)
+            load = cp.services.ledger.load("static/one")
+            assert (load.in_flight, load.sequences) == (1, 6)
+            async for _ in stream:
+                pass
+            await harness.until(lambda: load.in_flight == 0, 5, "the answer settled")
+            assert load.sequences == 0

@@ -56,8 +56,9 @@ class Worker:
                 peer.feed(data)
 
     def dispatch(self, text: str, session: str = "", streams: bool = True,
-                 system: str = LONG) -> tuple[ledger.Ticket, str]:
+                 system: str = LONG, sequences: int = 1) -> tuple[ledger.Ticket, str]:
         prompt = ask(text, session, streams, system)
+        prompt.sequences = sequences
         decision = self.router.route(MODEL, prompt)
         assert decision is not None
         verdict = decision.candidates[0]
@@ -107,6 +108,20 @@ def test_a_dispatch_counts_in_the_siblings_ledger_until_it_finishes() -> None:
     w0.send(into_w1)
     assert stages(w1.ledger.load(key)) == (0, 0, 0)
     assert into_w1.foreign() == 0 and w0.sharing.in_flight() == 0
+
+
+def test_a_dispatch_holds_its_sequences_seats_in_the_siblings_ledger() -> None:
+    """A sibling's fair queue must see a request of n: 4 take four of the engine's seats,
+    as the worker that sent it does (probe 69)."""
+    clock = ManualClock()
+    w0, w1 = Worker(0, clock), Worker(1, clock)
+    into_w1 = connected(w0, w1)
+    ticket, key = w0.dispatch("four answers", sequences=4)
+    w0.send(into_w1)
+    assert w0.ledger.load(key).sequences == w1.ledger.load(key).sequences == 4
+    w0.ledger.finish(ticket)
+    w0.send(into_w1)
+    assert w1.ledger.load(key).sequences == 0
 
 
 def test_a_siblings_load_steers_the_next_request_elsewhere() -> None:
