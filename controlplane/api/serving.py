@@ -16,9 +16,12 @@ Performance decisions, since this sits in front of every token:
 * Routing with fallbacks, retries and the ledger are :mod:`controlplane.core.dispatch`'s;
   relaying the answer is :mod:`controlplane.api.proxy`'s.
 * Client input that Synapse forwards or steers by is checked first: the body's JSON
-  nesting depth (``http.max_json_depth``), ``n`` (``http.max_n``) and structured-output
-  constraints (``http.max_structured_output_bytes``), ``x-session-id`` (printable ASCII), and the
-  whole body must arrive within ``http.body_timeout_s`` (408 otherwise).
+  nesting depth (``http.max_json_depth``), ``n`` (``http.max_n``), a batch's sequences
+  (``http.max_sequences``), structured-output constraints and a forced tool choice's
+  schemas (``http.max_structured_output_bytes``), a request's own chat template
+  (``http.request_chat_templates``): the rules are :mod:`controlplane.core.validation`'s;
+  ``x-session-id`` (printable ASCII), and the whole body must arrive within
+  ``http.body_timeout_s`` (408 otherwise).
 * No logging per request at info level; metrics are recorded once, by the middleware.
 """
 
@@ -87,7 +90,8 @@ async def admit(request: web.Request, parse: Any,
     started = time.perf_counter()
     try:
         parsed: validation.Parsed = parse(validation.parse_json(
-            raw, h.max_json_depth, h.max_messages, h.max_n, h.max_structured_output_bytes))
+            raw, h.max_json_depth, h.max_messages, h.max_n, h.max_structured_output_bytes,
+            h.max_sequences, h.request_chat_templates))
         # what an engine would fetch (core.media_urls): chat's messages, and those an
         # embeddings body may carry beside its input (vLLM's embeddings take messages)
         media_urls.check_chat(parsed.body.get("messages"), h.media_urls)

@@ -18,6 +18,35 @@ engine compiles it into a grammar on threads that run on past its own compile ti
 a huge regex costs the engine's CPU for everyone while the request itself is refused.
 Absent, they cost one ``isdisjoint`` over the body's keys.
 
+Three more bounds of the same kind (probe 69):
+
+* **Sequences.** A legacy ``/v1/completions`` body whose ``prompt`` is an array of strings
+  is a batch: vLLM runs every prompt x ``n`` as a sequence of its own, so ``prompt:
+  [10,000 prompts]`` took 10,000 seats while ``n`` stayed under ``http.max_n``. The
+  sequences of one request (:func:`prompt_batch` x ``n`` or ``best_of``) are bounded by
+  ``http.max_sequences`` (256 by default, a vLLM engine's usual ``max_num_seqs``; OpenAI
+  itself takes 2,048 prompts). A setting of its own rather than ``http.max_n``: a batch of
+  16 one-choice prompts is an ordinary request, and refusing it for "n" would puzzle its
+  sender. A prompt that is a string or token ids costs one ``type`` check.
+* **Tool schemas under a forced tool choice.** With ``tool_choice: "required"`` (Anthropic's
+  ``{"type": "any"}``) vLLM compiles the parameter schemas of every tool into one
+  structured-output grammar (an ``anyOf`` of them), and with a named tool (``{"type":
+  "function", ...}``, Anthropic's ``{"type": "tool", "name"}``) that tool's: the same cost
+  as a ``response_format``, so the same ``http.max_structured_output_bytes`` bounds those
+  schemas together (OpenAI chat's ``function.parameters``, Responses' ``parameters``,
+  Anthropic's ``input_schema``). ``tool_choice`` is the key in the bounded set rather than
+  ``tools``: without it the engine picks ``auto`` (no grammar), so agents that send tools
+  every turn still cost one ``isdisjoint``. Descriptions outside the schemas are not
+  counted (they are not compiled); a large tool set under ``auto`` passes untouched.
+* **A request's own chat template.** vLLM renders ``chat_template`` (or
+  ``chat_template_kwargs.chat_template``) as Jinja in its API server, and refuses it with
+  a 400 unless started with ``--trust-request-chat-template``, which the agent never sets
+  (other engines ignore the field). Synapse refuses it the same way, before the queue and
+  the rate limit, unless ``http.request_chat_templates`` is on (an operator who added the
+  flag to an engine's ``extra_args``). No size bound when it is on: a template's size
+  does not bound its rendering (a short loop can run long), so the choice is to trust the
+  tenants or not, as vLLM's flag is.
+
 Client headers that Synapse forwards or routes by (``x-request-id``, ``x-session-id``)
 must be printable ASCII: anything else cannot go into an HTTP/1.1 header unchanged.
 """
@@ -58,18 +87,24 @@ REQUEST_ID_MAX = 128
 MAX_MESSAGES = 2048     # OpenAI's own limit on a chat's messages array
 MAX_N = 8
 MAX_STRUCTURED_OUTPUT_BYTES = 16 * 1024
+MAX_SEQUENCES = 256
 # The fields the engine turns into a grammar to compile (vLLM 0.32 reads
 # structured_outputs and response_format; the guided_* fields of older versions are
 # bounded too, for engines that still honour them), with n and best_of: one set, so a
 # body with none of them costs a single isdisjoint.
 CONSTRAINTS = ("structured_outputs", "response_format", "guided_json", "guided_regex",
                "guided_grammar", "guided_choice", "guided_whitespace_pattern")
-_BOUNDED = frozenset({"n", "best_of", "text", *CONSTRAINTS})
+CHAT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs")
+_BOUNDED = frozenset({"n", "best_of", "text", "tool_choice", *CHAT_TEMPLATE_FIELDS,
+                      *CONSTRAINTS})
+_UNFORCED = ("auto", "none")    # tool choices that compile no grammar (a tuple: a value
+                                # of the wrong type may be unhashable)
 
 
 def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES,
                max_n: int = MAX_N,
                max_structured_output_bytes: int = MAX_STRUCTURED_OUTPUT_BYTES,
+               max_sequences: int = MAX_SEQUENCES, request_chat_templates: bool = False,
                ) -> dict[str, Any]:
     """The body as a JSON object; 400 when it is not one, nests deeper than
     ``max_depth`` or has a ``messages`` array of more than ``max_messages`` items (each
@@ -96,21 +131,44 @@ def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES
         raise errors.BadRequest(
             f"messages: array too long: {len(messages)} messages; at most {max_messages} "
             "(http.max_messages)", param="messages", code="array_above_max_length")
-    if not _BOUNDED.isdisjoint(body):
-        engine_bounds(body, max_n, max_structured_output_bytes)
+    batch = prompt_batch(body.get("prompt"))
+    if batch > 1 or not _BOUNDED.isdisjoint(body):
+        engine_bounds(body, max_n, max_structured_output_bytes, max_sequences, batch,
+                      request_chat_templates)
     return body
 
 
-def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int) -> None:
-    """400 naming the field when ``n`` or ``best_of`` is over ``max_n`` or a structured-
-    output constraint is over ``max_constraint_bytes`` of JSON. Values of the wrong type
-    are left to the fields' own checks (and to the engine)."""
+def prompt_batch(prompt: Any) -> int:
+    """The prompts of a completions ``prompt``: an array of strings is a batch of them,
+    a string or an array of token ids is one."""
+    return len(prompt) if type(prompt) is list and prompt and type(prompt[0]) is str else 1
+
+
+def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int,
+                  max_sequences: int = MAX_SEQUENCES, batch: int = 1,
+                  request_chat_templates: bool = False) -> None:
+    """400 naming the field when ``n`` or ``best_of`` is over ``max_n``, the sequences
+    (``batch`` prompts x the choices) over ``max_sequences``, a structured-output
+    constraint or the tool schemas a forced tool choice compiles over
+    ``max_constraint_bytes`` of JSON, or the body carries its own chat template while
+    ``request_chat_templates`` is off. Values of the wrong type are left to the fields'
+    own checks (and to the engine)."""
+    choices = 1
     for name in ("n", "best_of"):
         value: Any = body.get(name)
-        if _integral(value) and value > max_n:
-            raise errors.BadRequest(
-                f"{name}: {int(value)} choices; at most {max_n} (http.max_n): each is a "
-                "sequence an engine runs at once", param=name, code="invalid_value")
+        if _integral(value):
+            if value > max_n:
+                raise errors.BadRequest(
+                    f"{name}: {int(value)} choices; at most {max_n} (http.max_n): each is "
+                    "a sequence an engine runs at once", param=name, code="invalid_value")
+            choices = max(choices, int(value))
+    if batch * choices > max_sequences:
+        asked = (f"prompt: {batch} prompts x {choices} choices = {batch * choices}"
+                 if batch > 1 else f"n: {choices}")
+        raise errors.BadRequest(
+            f"{asked} sequences; at most {max_sequences} (http.max_sequences): each is a "
+            "sequence an engine runs at once", param="prompt" if batch > 1 else "n",
+            code="invalid_value")
     for name in CONSTRAINTS:
         value = body.get(name)
         if value is not None:
@@ -118,10 +176,68 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
     text = body.get("text")       # Responses: text.format is its response_format
     if type(text) is dict and text.get("format") is not None:
         _constraint("text.format", text["format"], max_constraint_bytes)
+    choice = body.get("tool_choice")
+    if choice is not None:
+        _forced_tools(body.get("tools"), choice, max_constraint_bytes)
+    if not request_chat_templates:
+        _no_chat_template(body)
+
+
+def _forced_tools(tools: Any, choice: Any, limit: int) -> None:
+    """400 when the parameter schemas a forced ``choice`` compiles are over ``limit``:
+    every tool's for ``required`` (Anthropic's ``any``, Responses' ``allowed_tools`` in
+    ``required`` mode), the named tool's for a named choice (OpenAI chat, Responses,
+    Anthropic's ``tool``)."""
+    if type(choice) is str:
+        if choice != "required":
+            return
+        name: Any = None
+    elif type(choice) is dict:
+        if choice.get("type") in _UNFORCED or choice.get("mode") in _UNFORCED:
+            return
+        function = choice.get("function")
+        name = (function if type(function) is dict else choice).get("name")
+    else:
+        return
+    if type(tools) is not list:
+        return
+    size = 0
+    for tool in tools:
+        if type(tool) is not dict:
+            continue
+        function = tool.get("function")
+        spec = function if type(function) is dict else tool
+        if type(name) is str and spec.get("name") != name:
+            continue
+        schema = spec.get("parameters", spec.get("input_schema"))
+        if schema is not None:
+            size += _json_size(schema)
+    if size > limit:
+        raise errors.BadRequest(
+            f"tools: the forced tool_choice compiles {size} bytes of parameter schemas "
+            f"into a grammar; at most {limit} (http.max_structured_output_bytes)",
+            param="tools", code="constraint_too_large")
+
+
+def _no_chat_template(body: Mapping[str, Any]) -> None:
+    kwargs = body.get("chat_template_kwargs")
+    for name, value in (("chat_template", body.get("chat_template")),
+                        ("chat_template_kwargs.chat_template",
+                         kwargs.get("chat_template") if type(kwargs) is dict else None)):
+        if value is not None:
+            raise errors.BadRequest(
+                f"{name}: a request's own chat template is refused, as vLLM refuses "
+                "one unless started with --trust-request-chat-template; "
+                "http.request_chat_templates lets it through", param=name,
+                code="invalid_value")
+
+
+def _json_size(value: Any) -> int:
+    return len(value.encode()) if type(value) is str else len(orjson.dumps(value))
 
 
 def _constraint(name: str, value: Any, limit: int) -> None:
-    size = len(value.encode()) if type(value) is str else len(orjson.dumps(value))
+    size = _json_size(value)
     if size > limit:
         raise errors.BadRequest(
             f"{name}: the structured-output constraint is {size} bytes of JSON; at most "
@@ -290,7 +406,7 @@ def completions(body: dict[str, Any]) -> Parsed:
         raise _bad("prompt", "must be a non-empty string, a non-empty array of non-empty "
                              "strings or a non-empty array of token ids")
     # a batch of prompts is a generation per prompt, each of n sequences
-    batch = len(prompt) if type(prompt) is list and type(prompt[0]) is str else 1
+    batch = prompt_batch(prompt)
     return Parsed("completions", body, model, stream, _opt_int(body, "max_tokens", 1), user,
                   prompt_text=text, include_usage=_include_usage(body),
                   sequences=batch * sequences(body))

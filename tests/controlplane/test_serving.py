@@ -309,6 +309,68 @@ async def test_an_oversized_structured_output_constraint_is_a_400_on_every_path(
             await client.close()
 
 
+ENUM = {"type": "object", "properties": {"v": {"enum": REGEX.split("|")}}}     # ~40 KB
+
+
+@pytest.mark.parametrize("fast_lane", [True, False])
+async def test_batches_forced_tool_schemas_and_chat_templates_are_bounded_on_every_path(
+        fast_lane: bool) -> None:
+    """Three costs an engine took from one request while Synapse saw a small one (probe
+    69): a completions batch of thousands of prompts (a sequence each), the tools'
+    schemas a forced tool_choice compiles into a grammar, a request's own Jinja chat
+    template. Refused before any engine sees them, on the fast lane and on aiohttp's
+    path, for chat, completions, Responses and Anthropic Messages alike."""
+    chat = {"model": "llama", "messages": [{"role": "user", "content": "hi"}]}
+    tool = {"type": "function", "function": {"name": "f", "parameters": ENUM}}
+    refused = [
+        ("/v1/completions", {"model": "llama", "prompt": ["hi"] * 10_000}, "prompt",
+         "http.max_sequences"),
+        ("/v1/completions", {"model": "llama", "prompt": ["hi"] * 100, "n": 3}, "prompt",
+         "http.max_sequences"),
+        ("/v1/chat/completions", {**chat, "tools": [tool], "tool_choice": "required"},
+         "tools", "http.max_structured_output_bytes"),
+        ("/v1/chat/completions", {**chat, "tools": [tool], "tool_choice": {
+            "type": "function", "function": {"name": "f"}}}, "tools",
+         "http.max_structured_output_bytes"),
+        ("/v1/responses", {"model": "llama", "input": "hi", "tool_choice": "required",
+                           "tools": [{"type": "function", "name": "f", "parameters": ENUM}]},
+         "tools", "http.max_structured_output_bytes"),
+        ("/v1/chat/completions", {**chat, "chat_template": "{{ messages }}"},
+         "chat_template", "http.request_chat_templates"),
+        ("/v1/completions", {"model": "llama", "prompt": "hi",
+                             "chat_template_kwargs": {"chat_template": "{{ x }}"}},
+         "chat_template_kwargs.chat_template", "http.request_chat_templates"),
+    ]
+    anthropic = {"model": "llama", "max_tokens": 16, "messages": chat["messages"],
+                 "tools": [{"name": "f", "input_schema": ENUM}]}
+    async with t.backends(("one", "ok")) as (b,):
+        s = t.settings(upstreams=[t.upstream("one", b.url)])
+        s = s.model_copy(update={"http": s.http.model_copy(update={"fast_lane": fast_lane})})
+        async with t.running(s) as cp:
+            async with aiohttp.ClientSession(headers={
+                    "Authorization": f"Bearer {t.KEY_A}"}) as session:
+                for path, body, param, setting in refused:
+                    async with session.post(f"{cp.url}{path}", json=body) as resp:
+                        err = (await resp.json())["error"]
+                        assert resp.status == 400, (path, err)
+                        assert err["param"] == param and setting in err["message"], err
+                for choice in ({"type": "any"}, {"type": "tool", "name": "f"}):
+                    async with session.post(f"{cp.url}/v1/messages", json={
+                            **anthropic, "tool_choice": choice}) as resp:
+                        answer = await resp.json()
+                        assert resp.status == 400, answer
+                        assert "http.max_structured_output_bytes" in str(answer), answer
+                assert b.bodies == []
+                # the same tools unforced, and a batch within the bound, pass
+                async with session.post(f"{cp.url}/v1/chat/completions", json={
+                        **chat, "tools": [tool], "tool_choice": "auto"}) as resp:
+                    assert resp.status == 200, await resp.text()
+                async with session.post(f"{cp.url}/v1/completions", json={
+                        "model": "llama", "prompt": ["hi"] * 64, "n": 4}) as resp:
+                    assert resp.status == 200, await resp.text()
+            assert len(b.bodies) == 2
+
+
 async def test_a_batch_in_flight_holds_a_seat_per_sequence() -> None:
     """The ledger the fair queue's seat rule reads counts a request's sequences — three
     prompts x n: 2 are six of the engine's seats — until its answer ends (probe 69)."""

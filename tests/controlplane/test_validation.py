@@ -134,3 +134,96 @@ def test_a_realistic_json_schema_passes() -> None:
     assert validation.parse_json(chat_body(response_format=fmt))["response_format"] == fmt
     assert validation.parse_json(chat_body(structured_outputs={"json": SCHEMA}))
     assert validation.parse_json(chat_body(text="a string text is no format"))
+
+
+def completions_body(**fields: object) -> bytes:
+    return json.dumps({"model": "m", "prompt": "x", **fields}).encode()
+
+
+def test_a_batch_of_more_sequences_than_the_limit_is_a_400_naming_the_prompt() -> None:
+    """A completions prompt array of 10,000 strings is 10,000 sequences for the engine,
+    with n well under http.max_n (probe 69)."""
+    assert validation.parse_json(completions_body(prompt=["a"] * 256))    # the default cap
+    with pytest.raises(errors.BadRequest, match=r"at most 256 \(http\.max_sequences\)"
+                       ) as info:
+        validation.parse_json(completions_body(prompt=["a"] * 10_000))
+    assert info.value.param == "prompt" and "10000 prompts x 1 choices" in info.value.message
+    with pytest.raises(errors.BadRequest, match=r"40 sequences") as info:
+        validation.parse_json(completions_body(prompt=["a"] * 10, n=4), max_sequences=32)
+    assert info.value.param == "prompt"
+    with pytest.raises(errors.BadRequest, match=r"http\.max_sequences") as info:
+        validation.parse_json(completions_body(prompt=["a"] * 10, best_of=4), max_sequences=32)
+    assert validation.parse_json(completions_body(prompt=["a"] * 8, n=4), max_sequences=32)
+    # one prompt of many token ids is one sequence
+    assert validation.parse_json(completions_body(prompt=list(range(5000))), max_sequences=1)
+    with pytest.raises(errors.BadRequest, match=r"http\.max_sequences") as info:
+        validation.parse_json(chat_body(n=8), max_sequences=4)  # n alone, under max_n
+    assert info.value.param == "n"
+
+
+TOOL_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}}
+HUGE_SCHEMA = {"type": "object", "properties": {"v": {"enum": ALTERNATIVES.split("|")}}}
+
+
+def chat_tool(name: str, schema: object) -> dict[str, object]:
+    return {"type": "function", "function": {"name": name, "parameters": schema}}
+
+
+@pytest.mark.parametrize("fields", [
+    {"tools": [chat_tool("small", TOOL_SCHEMA), chat_tool("big", HUGE_SCHEMA)],
+     "tool_choice": "required"},
+    {"tools": [chat_tool("small", TOOL_SCHEMA), chat_tool("big", HUGE_SCHEMA)],
+     "tool_choice": {"type": "function", "function": {"name": "big"}}},
+    # Responses
+    {"tools": [{"type": "function", "name": "big", "parameters": HUGE_SCHEMA}],
+     "tool_choice": "required"},
+    {"tools": [{"type": "function", "name": "big", "parameters": HUGE_SCHEMA}],
+     "tool_choice": {"type": "function", "name": "big"}},
+    # Anthropic Messages
+    {"tools": [{"name": "big", "input_schema": HUGE_SCHEMA}], "tool_choice": {"type": "any"}},
+    {"tools": [{"name": "big", "input_schema": HUGE_SCHEMA}],
+     "tool_choice": {"type": "tool", "name": "big"}},
+])
+def test_tool_schemas_a_forced_tool_choice_compiles_are_bounded_as_constraints(
+        fields: dict[str, object]) -> None:
+    """With tool_choice required or a named tool, vLLM compiles the tools' parameter
+    schemas into a structured-output grammar: a 25 KB enum there cost what it costs in a
+    response_format, which was refused (probe 69)."""
+    with pytest.raises(errors.BadRequest, match=r"\(http\.max_structured_output_bytes\)"
+                       ) as info:
+        validation.parse_json(chat_body(**fields))
+    assert info.value.param == "tools" and info.value.code == "constraint_too_large"
+    assert validation.parse_json(chat_body(**fields), max_structured_output_bytes=10**6)
+
+
+@pytest.mark.parametrize("choice", [None, "auto", "none", {"type": "auto"},
+                                    {"type": "none"},
+                                    {"type": "function", "function": {"name": "small"}},
+                                    {"type": "tool", "name": "small"}])
+def test_tools_the_engine_compiles_no_grammar_for_pass_whatever_their_size(
+        choice: object) -> None:
+    tools = [chat_tool("small", TOOL_SCHEMA), chat_tool("big", HUGE_SCHEMA),
+             {"name": "big", "input_schema": HUGE_SCHEMA}]
+    fields = {"tools": tools} if choice is None else {"tools": tools, "tool_choice": choice}
+    assert validation.parse_json(chat_body(**fields))["tools"] == tools
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"},
+     "chat_template"),
+    ({"chat_template_kwargs": {"chat_template": "{{ messages }}"}},
+     "chat_template_kwargs.chat_template"),
+])
+def test_a_requests_own_chat_template_is_a_400_unless_let_through(
+        fields: dict[str, object], param: str) -> None:
+    """vLLM renders a request's chat template as Jinja in its API server and refuses one
+    unless started with --trust-request-chat-template; Synapse refuses it the same way,
+    before queue and rate limit, unless http.request_chat_templates (probe 69)."""
+    with pytest.raises(errors.BadRequest, match=r"--trust-request-chat-template") as info:
+        validation.parse_json(chat_body(**fields))
+    assert info.value.param == param and "http.request_chat_templates" in info.value.message
+    assert validation.parse_json(chat_body(**fields), request_chat_templates=True)
+    # other template arguments are the model's business
+    kwargs = {"chat_template_kwargs": {"enable_thinking": False}}
+    assert validation.parse_json(chat_body(**kwargs))["chat_template_kwargs"] == {
+        "enable_thinking": False}
