@@ -22,9 +22,14 @@ count torch uses, and checks it against the torch path; any failure raises
   against torch compares a few fixed inputs only, so a file that passes it is not
   necessarily the one exported here. Each export records its SHA-256 in a sidecar
   ``<name>.sha256`` (``sha256sum`` format), written atomically after the file; a file is
-  reused only when it hashes to its sidecar's digest (once per start, read in chunks), and
-  otherwise (no sidecar, another digest: truncated, damaged or written by someone else)
-  exported again, with one warning. A cache directory other users can write (group- or
+  reused only when it hashes to its sidecar's digest (once per start), and otherwise (no
+  sidecar, another digest: truncated, damaged or written by someone else) exported again,
+  with one warning. **The bytes hashed are the bytes loaded:** a file is read once, through
+  one descriptor (no symlink followed; checked to be this user's regular file, writable by
+  no one else), those bytes are hashed and onnxruntime builds its session from them, never
+  from the file's name again, so a file swapped after the check is not the one that runs.
+  The same goes for a fresh export (hashed for its sidecar and loaded from one read). The
+  cost: the file (~90 MB for the embedder) is held in memory while the session is made. A cache directory other users can write (group- or
   other-writable without the sticky bit) or another user owns is not used at all: the
   export goes to a private temporary directory for this run only, with a warning naming
   ``embedder.onnx_cache_dir``; in a sticky directory the file and sidecar must be this
@@ -177,7 +182,9 @@ def pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return unit
 
 
-def _session(path: str, threads: int) -> Any:
+def _session(model: str | bytes, threads: int) -> Any:
+    """An onnxruntime session of ``model``: the bytes of an export (what
+    :func:`open_cached` passes) or a file's path."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -186,7 +193,7 @@ def _session(path: str, threads: int) -> Any:
     options.log_severity_level = 3  # errors only
     # No busy-waiting between runs: the event loop and gRPC share these cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def load(model: Any, cache_dir: str,
@@ -216,18 +223,19 @@ def load(model: Any, cache_dir: str,
 
 def _open(model: Any, path: pathlib.Path, threads: int) -> OnnxMiniLm:
     return open_cached(path, lambda to: export(model, to),
-                       lambda file: OnnxMiniLm(model, _session(file, threads)),
+                       lambda onnx_bytes: OnnxMiniLm(model, _session(onnx_bytes, threads)),
                        log, "embedder", "the transformer")
 
 
 def open_cached(path: pathlib.Path, write: Callable[[pathlib.Path], None],
-                open_file: Callable[[str], _R], logger: logging.Logger, who: str,
+                open_file: Callable[[bytes], _R], logger: logging.Logger, who: str,
                 what: str) -> _R:
-    """The runner ``open_file`` makes of the export at ``path``: reused when its SHA-256
-    matches its sidecar and it opens, exported again (``write``) when it is missing,
-    unverified or damaged, exported for this run only (a private temporary directory) when
-    ``path``'s directory is not private or cannot be written. Logged on ``logger`` (the
-    caller's), ``who`` and ``what`` naming the model."""
+    """The runner ``open_file`` makes of the bytes of the export at ``path`` (the very
+    bytes whose SHA-256 was checked): reused when its SHA-256 matches its sidecar and it
+    opens, exported again (``write``) when it is missing, unverified or damaged, exported
+    for this run only (a private temporary directory) when ``path``'s directory is not
+    private or cannot be written. Logged on ``logger`` (the caller's), ``who`` and ``what``
+    naming the model."""
     untrusted = _not_private(path.parent)
     if untrusted:
         logger.warning("%s: not using the ONNX cache %s: %s; exporting for this run only "
@@ -235,12 +243,13 @@ def open_cached(path: pathlib.Path, write: Callable[[pathlib.Path], None],
                        untrusted, SETTING)
         return _for_this_run(path, write, open_file)
     if path.exists() or _sidecar(path).exists():
-        unverified = _unverified(path)
-        if unverified:
-            logger.warning("%s: not reusing %s: %s; exporting again", who, path, unverified)
+        try:
+            verified = _verified(path)
+        except _Untrusted as why:
+            logger.warning("%s: not reusing %s: %s; exporting again", who, path, why)
         else:
             try:
-                runner = open_file(str(path))
+                runner = open_file(verified)
                 logger.info("%s: reusing %s", who, path)
                 return runner
             except Exception as exc:  # damaged: export it again
@@ -248,28 +257,30 @@ def open_cached(path: pathlib.Path, write: Callable[[pathlib.Path], None],
     try:
         _sidecar(path).unlink(missing_ok=True)  # first: a file left alone is not trusted
         path.unlink(missing_ok=True)
-        _export_recorded(path, write)
+        exported = _export_recorded(path, write)
     except OSError as exc:
         logger.warning("%s: cannot write %s (%s); exporting for this run only", who, path, exc)
         return _for_this_run(path, write, open_file)
     logger.info("%s: exported %s to %s", who, what, path)
-    return open_file(str(path))
+    return open_file(exported)
 
 
 def _for_this_run(path: pathlib.Path, write: Callable[[pathlib.Path], None],
-                  open_file: Callable[[str], _R]) -> _R:
+                  open_file: Callable[[bytes], _R]) -> _R:
     """Export to a private temporary directory (0700, removed afterwards) and open it."""
     with tempfile.TemporaryDirectory() as tmp:
         scratch = pathlib.Path(tmp) / path.name
         write(scratch)
-        return open_file(str(scratch))
+        return open_file(scratch.read_bytes())
 
 
-def _export_recorded(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
-    """Export to ``path`` (0600) and then record its SHA-256 in the sidecar, atomically."""
+def _export_recorded(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> bytes:
+    """Export to ``path`` (0600), record its SHA-256 in the sidecar, atomically, and
+    return the bytes that were hashed (the ones to load)."""
     write(path)
     os.chmod(path, 0o600)
-    line = f"{_sha256(path)}  {path.name}\n"
+    exported = path.read_bytes()
+    line = f"{hashlib.sha256(exported).hexdigest()}  {path.name}\n"
     sidecar = _sidecar(path)
     fd, tmp = tempfile.mkstemp(prefix=sidecar.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -279,6 +290,7 @@ def _export_recorded(path: pathlib.Path, write: Callable[[pathlib.Path], None]) 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return exported
 
 
 def _not_private(folder: pathlib.Path) -> str | None:
@@ -302,38 +314,48 @@ def _not_private(folder: pathlib.Path) -> str | None:
     return None
 
 
-def _unverified(path: pathlib.Path) -> str | None:
-    """Why the export at ``path`` cannot be trusted, or None when it hashes to the digest
-    its sidecar records (and both are this user's regular files, writable by no one
-    else)."""
+class _Untrusted(Exception):
+    """Why a cached export is not reused (``str()``)."""
+
+
+def _verified(path: pathlib.Path) -> bytes:
+    """The bytes of the export at ``path``, read once, when they hash to the digest its
+    sidecar records; :class:`_Untrusted` says why not."""
     sidecar = _sidecar(path)
-    for file in (path, sidecar):
-        try:
-            st = file.lstat()
-        except FileNotFoundError:
-            return f"no {file.name}"
+    exported = _read_own(path)
+    try:
+        recorded = _read_own(sidecar).decode("ascii").split()[0]
+    except (UnicodeDecodeError, IndexError):
+        raise _Untrusted(f"{sidecar.name} cannot be read") from None
+    if hashlib.sha256(exported).hexdigest() != recorded:
+        raise _Untrusted(f"its SHA-256 does not match {sidecar.name}")
+    return exported
+
+
+def _read_own(file: pathlib.Path) -> bytes:
+    """All of ``file``, read through one descriptor checked to be this user's regular file,
+    writable by no one else: opened without following a symlink, and without blocking (a
+    FIFO is refused by the check, not waited on)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(file, flags)
+    except FileNotFoundError:
+        raise _Untrusted(f"no {file.name}") from None
+    except OSError as exc:     # ELOOP: a symlink
+        raise _Untrusted(f"{file.name} cannot be opened ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as opened:
+        st = os.fstat(opened.fileno())
         if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid()
                 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
-            return f"{file.name} is not a regular file only this user can write"
-    try:
-        recorded = sidecar.read_text(encoding="ascii").split()[0]
-    except (OSError, UnicodeDecodeError, IndexError):
-        return f"{sidecar.name} cannot be read"
-    if _sha256(path) != recorded:
-        return f"its SHA-256 does not match {sidecar.name}"
-    return None
+            raise _Untrusted(f"{file.name} is not a regular file only this user can write")
+        try:
+            return opened.read()
+        except OSError as exc:
+            raise _Untrusted(f"{file.name} cannot be read ({exc.strerror})") from None
 
 
 def _sidecar(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(path.name + DIGEST_SUFFIX)
-
-
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _checked(runner: OnnxMiniLm, reference: Callable[[list[str], int], np.ndarray]

@@ -163,8 +163,10 @@ def load(net: Any, tokenizer: Any, scorer_id: str, max_len: int, cache_dir: str,
 
 
 def _open(net: Any, tokenizer: Any, path: pathlib.Path, lanes: int) -> OnnxNetwork:
-    return onnx_path.open_cached(path, lambda to: export(net, tokenizer, to),
-                                 lambda file: OnnxNetwork(onnx_path._session(file, 1), lanes),
+    def opened(onnx_bytes: bytes) -> OnnxNetwork:
+        return OnnxNetwork(onnx_path._session(onnx_bytes, 1), lanes)
+
+    return onnx_path.open_cached(path, lambda to: export(net, tokenizer, to), opened,
                                  log, "pair scorer", "the network")
 
 

@@ -199,6 +199,53 @@ def test_a_cached_file_without_its_sidecar_is_exported_again(small_scorer_path, 
     assert _recorded(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_the_bytes_hashed_are_the_bytes_loaded(small_scorer_path, tmp_path, monkeypatch,
+                                               caplog):
+    """A file swapped between the SHA-256 check and the load is not what runs (before: the
+    check hashed the file by name and onnxruntime opened it by name again, so a file
+    replaced in between ran unchecked); at the next start its digest does not match its
+    sidecar and it is exported again."""
+    import onnx
+
+    first = pair_scorer.load(small_scorer_path, "onnx", str(tmp_path))
+    path = pair_scorer_onnx.cache_file(str(tmp_path), first.scorer_id)
+    planted = onnx.load(str(path))
+    planted.metadata_props.add(key="planted", value="swapped in after the check")
+    real_sha256, swaps = hashlib.sha256, []
+
+    class SwappedOnceHashed:
+        """The hash step; the file is replaced the moment its digest is known."""
+
+        def __init__(self, *data: bytes) -> None:
+            self._digest = real_sha256(*data)
+
+        def update(self, data: bytes) -> None:
+            self._digest.update(data)
+
+        def hexdigest(self) -> str:
+            digest = self._digest.hexdigest()
+            if not swaps:
+                swaps.append(path.name)
+                onnx.save(planted, str(path))
+            return digest
+
+    monkeypatch.setattr(hashlib, "sha256", SwappedOnceHashed)
+    session = onnx_path.open_cached(
+        path, lambda to: pytest.fail(f"{to} exported again"),
+        lambda model: onnx_path._session(model, 1), logging.getLogger(__name__),
+        "test", "the network")
+    monkeypatch.undo()
+    assert swaps == [path.name]
+    assert "planted" not in session.get_modelmeta().custom_metadata_map
+    assert any(p.key == "planted" for p in onnx.load(str(path)).metadata_props)
+    with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer_onnx"):
+        again = pair_scorer.load(small_scorer_path, "onnx", str(tmp_path))
+    assert again.runtime == "onnx" and _exports(caplog) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "SHA-256 does not match" in warnings[0], warnings
+    assert not any(p.key == "planted" for p in onnx.load(str(path)).metadata_props)
+
+
 OTHER_UID = 4242
 
 
