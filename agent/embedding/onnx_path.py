@@ -29,9 +29,10 @@ count torch uses, and checks it against the torch path; any failure raises
   no one else), those bytes are hashed and onnxruntime builds its session from them, never
   from the file's name again, so a file swapped after the check is not the one that runs.
   The same goes for a fresh export (hashed for its sidecar and loaded from one read). The
-  cost: the file (~90 MB for the embedder) is held in memory while the session is made. A cache directory other users can write (group- or
-  other-writable without the sticky bit) or another user owns is not used at all: the
-  export goes to a private temporary directory for this run only, with a warning naming
+  cost: the file (the whole export) is held in memory while the session is made. A cache
+  directory other users can write (group- or other-writable without the sticky bit) or
+  another user owns is not used at all: the export goes to a private temporary directory
+  for this run only, with a warning naming
   ``embedder.onnx_cache_dir``; in a sticky directory the file and sidecar must be this
   user's and writable by no one else. Directories made here are 0700, files 0600. Only
   the directory itself is checked, not its parents.
