@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from controlplane import cache_wiring
-from controlplane.adapters import milvus
+from controlplane.adapters import milvus, milvus_lite_damage
 from controlplane.core.l2 import index as l2_index
 from controlplane.core.l2 import mirror as scope_mirror
 from controlplane.core.l2 import rows
@@ -546,13 +546,15 @@ def test_a_bad_argument_on_a_healthy_store_does_not_move_it(healthy_store, milvu
     from milvus_lite import db as lite_db
 
     store_dir = _copy(healthy_store, milvus_lite_path)
-    assert milvus._move_if_damaged(lite_db, str(store_dir), 123) is None    # TypeError
+    assert milvus_lite_damage.move_if_damaged(lite_db, str(store_dir), 123) is None    # TypeError
     assert sorted(p.name for p in store_dir.parent.iterdir()) == ["milvus-lite.db"]
     for exc in (ValueError("bad argument"), TypeError("bad argument"), KeyError("x"),
                 OSError("no errno, not from the Parquet reader")):
-        assert not milvus._damaged(exc, str(store_dir))
-    assert not milvus._damaged(FileExistsError(17, "exists", "/elsewhere"), str(store_dir))
-    assert milvus._damaged(FileExistsError(17, "exists", str(store_dir)), str(store_dir))
+        assert not milvus_lite_damage.damaged(exc, str(store_dir))
+    elsewhere = FileExistsError(17, "exists", "/elsewhere")
+    assert not milvus_lite_damage.damaged(elsewhere, str(store_dir))
+    inside = FileExistsError(17, "exists", str(store_dir))
+    assert milvus_lite_damage.damaged(inside, str(store_dir))
 
 
 async def test_only_the_newest_moved_copies_are_kept(milvus_lite_path, caplog):
