@@ -128,7 +128,9 @@ class Saturation:
         blind = self._ledger.load(v.backend.key).blind_prefill_tokens
         return max(0.0, v.basis.queued_tokens - blind) * v.basis.prefill_s_per_token
 
-    def seats_full(self, backend: types.BackendState, top: bool = True) -> bool:
+    def seats_full(self, backend: types.BackendState, top: bool = True,
+                   sequences: int = 1) -> bool:
+        """Whether a request of ``sequences`` seats finds too few free on ``backend``."""
         seats = backend.max_num_seqs or self._seats.get(backend.key)
         if not seats:
             return False
@@ -142,13 +144,17 @@ class Saturation:
         # whole reported occupancy with ours would keep a seat "taken" by one of our own
         # requests that has finished since, until the next report.
         foreign = max(0, backend.waiting - mine)
-        return mine + foreign >= seats
+        taken = mine + foreign
+        return taken > 0 and taken + sequences > seats
 
-    def saturated(self, v: types.Verdict, top: bool = True) -> bool:
-        """For a request of the highest class (``top``) or of another."""
+    def saturated(self, v: types.Verdict, top: bool = True, sequences: int = 1) -> bool:
+        """For a request of the highest class (``top``) or of another, of ``sequences``
+        seats."""
         self.learn(v.backend)
-        return self.seats_full(v.backend, top) or self.queued_s(v) > self.bound_s
+        return (self.seats_full(v.backend, top, sequences)
+                or self.queued_s(v) > self.bound_s)
 
-    def room(self, verdicts: Iterable[types.Verdict], top: bool = True) -> bool:
+    def room(self, verdicts: Iterable[types.Verdict], top: bool = True,
+             sequences: int = 1) -> bool:
         """Whether some eligible backend of these verdicts is not saturated."""
-        return any(v.eligible and not self.saturated(v, top) for v in verdicts)
+        return any(v.eligible and not self.saturated(v, top, sequences) for v in verdicts)

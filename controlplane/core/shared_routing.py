@@ -307,8 +307,11 @@ class Inbound:
         if kind == DISPATCH:
             _, seq, backend, uncached, prompt, streams, expect_s, sequences = event
             if seq not in self._tickets:
-                self._tickets[seq] = sharing.ledger.dispatch(backend, uncached, prompt,
-                                                             streams, expect_s, sequences)
+                # Converted before the ledger moves: a malformed value would otherwise
+                # raise half-way through its count and leave the rest counted forever.
+                counts = int(uncached), int(prompt), float(expect_s), max(1, int(sequences))
+                self._tickets[seq] = sharing.ledger.dispatch(
+                    str(backend), counts[0], counts[1], bool(streams), counts[2], counts[3])
         elif kind == FIRST_BYTE:
             ticket = self._tickets.get(event[1])
             if ticket is not None:

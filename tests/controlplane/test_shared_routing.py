@@ -324,6 +324,18 @@ def test_a_connection_must_start_with_a_hello_of_this_version() -> None:
     assert w1.pins.backend_of("team", "resp_1") is None
 
 
+def test_a_malformed_dispatch_is_refused_before_it_counts_anything() -> None:
+    """A dispatch whose last field is not a number raised half-way through the ledger's
+    count, leaving its prefill counted forever (probe 77)."""
+    w1 = Worker(1, ManualClock())
+    inbound = w1.sharing.inbound()
+    inbound.feed(shared.frame([(shared.HELLO, shared.VERSION, 0, "x")]))
+    with pytest.raises(shared.FrameError):
+        inbound.feed(shared.frame([(shared.DISPATCH, 1, "n1/a", 500, 600, True, 0.1, "x")]))
+    load = w1.ledger.load("n1/a")
+    assert (load.prefill_tokens, load.prefilling, load.sequences) == (0, 0, 0)
+
+
 def test_without_a_mesh_tickets_carry_no_id_and_nothing_is_collected() -> None:
     clock = ManualClock()
     w0 = Worker(0, clock)
