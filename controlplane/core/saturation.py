@@ -29,8 +29,10 @@ reports:
   the engine again, as without the fair queue. Saturated when the requests this replica
   has in flight there, plus those the engine reports waiting beyond them (other
   replicas'), reach it — counted in sequences, as the engine counts them: a request of
-  ``n: 4``, or a completions batch of four prompts, takes four seats. Until a backend has
-  shown its limit once, this signal is silent.
+  ``n: 4``, or a completions batch of four prompts, takes four seats, and goes on only
+  where four are free (an empty backend takes any request: one larger than the whole limit
+  would otherwise never go). Until a backend has shown its limit once, this signal is
+  silent.
   With several replicas each one sees the others only through the engine's reports, so
   together they may fill a backend's queue by up to a report interval's worth.
 * **Prefill queued ahead.** Long prompts can saturate an engine with seats to spare: the
