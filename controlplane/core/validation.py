@@ -18,33 +18,39 @@ engine compiles it into a grammar on threads that run on past its own compile ti
 a huge regex costs the engine's CPU for everyone while the request itself is refused.
 Absent, they cost one ``isdisjoint`` over the body's keys.
 
-Three more bounds of the same kind (probe 69):
+More bounds of the same kind (probes 69 and 77):
 
 * **Sequences.** A legacy ``/v1/completions`` body whose ``prompt`` is an array of strings
   is a batch: vLLM runs every prompt x ``n`` as a sequence of its own, so ``prompt:
-  [10,000 prompts]`` took 10,000 seats while ``n`` stayed under ``http.max_n``. The
-  sequences of one request (:func:`prompt_batch` x ``n`` or ``best_of``) are bounded by
+  [10,000 prompts]`` took 10,000 seats while ``n`` stayed under ``http.max_n``; so does
+  each embedding of ``prompt_embeds`` (with ``--enable-prompt-embeds``). The sequences of
+  one request (:func:`prompt_batch` plus :func:`embeds_batch`, x ``n``) are bounded by
   ``http.max_sequences`` (256 by default, a vLLM engine's usual ``max_num_seqs``; OpenAI
   itself takes 2,048 prompts). A setting of its own rather than ``http.max_n``: a batch of
   16 one-choice prompts is an ordinary request, and refusing it for "n" would puzzle its
-  sender. A prompt that is a string or token ids costs one ``type`` check.
-* **Tool schemas under a forced tool choice.** With ``tool_choice: "required"`` (Anthropic's
+  sender. ``best_of`` is bounded by ``http.max_n`` but not counted: vLLM 0.32 has no such
+  field (it runs ``n``). A prompt that is a string or token ids costs one ``type`` check.
+* **Tool schemas the engine compiles.** With ``tool_choice: "required"`` (Anthropic's
   ``{"type": "any"}``) vLLM compiles the parameter schemas of every tool into one
-  structured-output grammar (an ``anyOf`` of them), and with a named tool (``{"type":
-  "function", ...}``, Anthropic's ``{"type": "tool", "name"}``) that tool's: the same cost
-  as a ``response_format``, so the same ``http.max_structured_output_bytes`` bounds those
-  schemas together (OpenAI chat's ``function.parameters``, Responses' ``parameters``,
-  Anthropic's ``input_schema``). ``tool_choice`` is the key in the bounded set rather than
-  ``tools``: without it the engine picks ``auto`` (no grammar), so agents that send tools
-  every turn still cost one ``isdisjoint``. Descriptions outside the schemas are not
-  counted (they are not compiled); a large tool set under ``auto`` passes untouched.
+  structured-output grammar, with a named tool that tool's, and under ``auto`` those of
+  tools marked ``strict`` (a structural tag, with a tool-call parser such as hermes): the
+  same cost as a ``response_format``, so the same ``http.max_structured_output_bytes``
+  bounds those schemas together (:func:`_compiled_tools`). Counted generously, because
+  the dialects put a schema in different places and the engine ignores keys it does not
+  know: an extra ``mode`` does not unforce a choice, and a decoy ``parameters`` beside an
+  ``input_schema`` (or a ``function`` beside a Responses tool's own ``parameters``) is
+  counted with it. Descriptions outside the schemas are not counted (they are not
+  compiled); a tool set under ``auto`` with none marked strict passes untouched. The
+  same bound holds Anthropic's ``output_config.format`` (vLLM makes it a
+  ``response_format``).
 * **A request's own chat template.** vLLM renders ``chat_template`` (or
   ``chat_template_kwargs.chat_template``) as Jinja in its API server, and refuses it with
-  a 400 unless started with ``--trust-request-chat-template``, which the agent never sets
-  (other engines ignore the field). Synapse refuses it the same way, before the queue and
-  the rate limit, unless ``http.request_chat_templates`` is on (an operator who added the
-  flag to an engine's ``extra_args``). No size bound when it is on: a template's size
-  does not bound its rendering (a short loop can run long), so the choice is to trust the
+  a 400 unless started with ``--trust-request-chat-template``, which the agent passes only
+  when an engine's ``extra_args`` add it (other engines ignore the field). Synapse refuses
+  it the same way, before the queue and the rate limit, unless
+  ``http.request_chat_templates`` is on, for every tenant (an operator who added the flag
+  to every engine's ``extra_args``). No size bound when it is on: a template's size does
+  not bound its rendering (a short loop can run long), so the choice is to trust the
   tenants or not, as vLLM's flag is.
 
 Client headers that Synapse forwards or routes by (``x-request-id``, ``x-session-id``)
@@ -54,7 +60,7 @@ must be printable ASCII: anything else cannot go into an HTTP/1.1 header unchang
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import orjson
@@ -95,10 +101,14 @@ MAX_SEQUENCES = 256
 CONSTRAINTS = ("structured_outputs", "response_format", "guided_json", "guided_regex",
                "guided_grammar", "guided_choice", "guided_whitespace_pattern")
 CHAT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs")
-_BOUNDED = frozenset({"n", "best_of", "text", "tool_choice", *CHAT_TEMPLATE_FIELDS,
-                      *CONSTRAINTS})
+_BOUNDED = frozenset({"n", "best_of", "text", "tools", "output_config", "prompt_embeds",
+                      *CHAT_TEMPLATE_FIELDS, *CONSTRAINTS})
 _UNFORCED = ("auto", "none")    # tool choices that compile no grammar (a tuple: a value
                                 # of the wrong type may be unhashable)
+_SCHEMA_KEYS = ("parameters", "input_schema")   # where a tool's schema is, by dialect
+_NO_FUNCTION: Mapping[str, Any] = {}
+# Which tools' schemas the engine compiles: a test of a tool and of its ``function``.
+_Wanted = Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
 
 
 def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES,
@@ -133,7 +143,8 @@ def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES
             "(http.max_messages)", param="messages", code="array_above_max_length")
     batch = prompt_batch(body.get("prompt"))
     if batch > 1 or not _BOUNDED.isdisjoint(body):
-        engine_bounds(body, max_n, max_structured_output_bytes, max_sequences, batch,
+        engine_bounds(body, max_n, max_structured_output_bytes, max_sequences,
+                      batch + embeds_batch(body.get("prompt_embeds")),
                       request_chat_templates)
     return body
 
@@ -144,12 +155,20 @@ def prompt_batch(prompt: Any) -> int:
     return len(prompt) if type(prompt) is list and prompt and type(prompt[0]) is str else 1
 
 
+def embeds_batch(embeds: Any) -> int:
+    """The prompts of a completions ``prompt_embeds`` (vLLM, with
+    ``--enable-prompt-embeds``): each embedding is a prompt of its own, beside ``prompt``'s."""
+    if embeds is None:
+        return 0
+    return len(embeds) if type(embeds) is list else 1
+
+
 def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int,
                   max_sequences: int = MAX_SEQUENCES, batch: int = 1,
                   request_chat_templates: bool = False) -> None:
     """400 naming the field when ``n`` or ``best_of`` is over ``max_n``, the sequences
-    (``batch`` prompts x the choices) over ``max_sequences``, a structured-output
-    constraint or the tool schemas a forced tool choice compiles over
+    (``batch`` prompts x ``n``) over ``max_sequences``, a structured-output constraint or
+    the tool schemas the engine compiles (:func:`_compiled_tools`) over
     ``max_constraint_bytes`` of JSON, or the body carries its own chat template while
     ``request_chat_templates`` is off. Values of the wrong type are left to the fields'
     own checks (and to the engine)."""
@@ -161,7 +180,8 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
                 raise errors.BadRequest(
                     f"{name}: {int(value)} choices; at most {max_n} (http.max_n): each is "
                     "a sequence an engine runs at once", param=name, code="invalid_value")
-            choices = max(choices, int(value))
+            if name == "n":     # vLLM 0.32 has no best_of: it runs n sequences
+                choices = max(1, int(value))
     if batch * choices > max_sequences:
         asked = (f"prompt: {batch} prompts x {choices} choices = {batch * choices}"
                  if batch > 1 else f"n: {choices}")
@@ -176,47 +196,77 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
     text = body.get("text")       # Responses: text.format is its response_format
     if type(text) is dict and text.get("format") is not None:
         _constraint("text.format", text["format"], max_constraint_bytes)
-    choice = body.get("tool_choice")
-    if choice is not None:
-        _forced_tools(body.get("tools"), choice, max_constraint_bytes)
+    output = body.get("output_config")  # Anthropic: vLLM makes its format a response_format
+    if type(output) is dict and output.get("format") is not None:
+        _constraint("output_config.format", output["format"], max_constraint_bytes)
+    tools = body.get("tools")
+    if type(tools) is list and tools:
+        _compiled_tools(tools, body.get("tool_choice"), max_constraint_bytes)
     if not request_chat_templates:
         _no_chat_template(body)
 
 
-def _forced_tools(tools: Any, choice: Any, limit: int) -> None:
-    """400 when the parameter schemas a forced ``choice`` compiles are over ``limit``:
-    every tool's for ``required`` (Anthropic's ``any``, Responses' ``allowed_tools`` in
-    ``required`` mode), the named tool's for a named choice (OpenAI chat, Responses,
-    Anthropic's ``tool``)."""
-    if type(choice) is str:
-        if choice != "required":
-            return
-        name: Any = None
+def _compiled_tools(tools: list[Any], choice: Any, limit: int) -> None:
+    """400 when the parameter schemas the engine compiles into a grammar for ``tools``
+    under ``choice`` are over ``limit`` bytes of JSON together: every tool's when the
+    choice forces a call (``required``, Anthropic's ``any``, any object but ``auto`` /
+    ``none`` and ``allowed_tools`` in those modes), the named tool's for a named one
+    (OpenAI chat's ``function.name``, Responses' and Anthropic's ``name``), and otherwise
+    those of tools marked ``strict`` (vLLM compiles them as a structural tag even under
+    ``auto``). Counted generously, so that no reading of the body compiles more than was
+    measured: every schema a tool carries (``parameters`` and ``input_schema``, at its top
+    and in its ``function``), and the tools nested in a tool (Responses' namespaces)."""
+    wanted: _Wanted
+    if choice is None or (type(choice) is str and choice != "required"):
+        wanted = _strict
+    elif type(choice) is dict and (choice.get("type") in _UNFORCED or (
+            choice.get("type") == "allowed_tools" and choice.get("mode") in _UNFORCED)):
+        wanted = _strict
     elif type(choice) is dict:
-        if choice.get("type") in _UNFORCED or choice.get("mode") in _UNFORCED:
-            return
         function = choice.get("function")
         name = (function if type(function) is dict else choice).get("name")
-    else:
-        return
-    if type(tools) is not list:
-        return
+        wanted = _named(name) if type(name) is str else _every
+    else:                       # "required", or a value the engine will refuse itself
+        wanted = _every
+    size = _schemas(tools, wanted)
+    if size > limit:
+        raise errors.BadRequest(
+            f"tools: the engine compiles {size} bytes of tool parameter schemas into a "
+            f"grammar (a forced tool_choice, or tools marked strict); at most {limit} "
+            "(http.max_structured_output_bytes)", param="tools", code="constraint_too_large")
+
+
+def _schemas(tools: list[Any], wanted: _Wanted) -> int:
     size = 0
     for tool in tools:
         if type(tool) is not dict:
             continue
         function = tool.get("function")
-        spec = function if type(function) is dict else tool
-        if type(name) is str and spec.get("name") != name:
-            continue
-        schema = spec.get("parameters", spec.get("input_schema"))
-        if schema is not None:
-            size += _json_size(schema)
-    if size > limit:
-        raise errors.BadRequest(
-            f"tools: the forced tool_choice compiles {size} bytes of parameter schemas "
-            f"into a grammar; at most {limit} (http.max_structured_output_bytes)",
-            param="tools", code="constraint_too_large")
+        fn = function if type(function) is dict else _NO_FUNCTION
+        if wanted(tool, fn):
+            for spec in (tool, fn):
+                for key in _SCHEMA_KEYS:
+                    value = spec.get(key)
+                    if value is not None:
+                        size += _json_size(value)
+        nested = tool.get("tools")
+        if type(nested) is list:
+            size += _schemas(nested, wanted)
+    return size
+
+
+def _every(tool: Mapping[str, Any], fn: Mapping[str, Any]) -> bool:
+    return True
+
+
+def _strict(tool: Mapping[str, Any], fn: Mapping[str, Any]) -> bool:
+    return tool.get("strict") is True or fn.get("strict") is True
+
+
+def _named(name: str) -> _Wanted:
+    def named(tool: Mapping[str, Any], fn: Mapping[str, Any]) -> bool:
+        return tool.get("name") == name or fn.get("name") == name
+    return named
 
 
 def _no_chat_template(body: Mapping[str, Any]) -> None:
@@ -384,11 +434,12 @@ def chat(body: dict[str, Any]) -> Parsed:
 
 
 def sequences(body: Mapping[str, Any]) -> int:
-    """The sequences one prompt of the request generates: ``n``, or ``best_of`` when
-    larger (vLLM generates ``best_of`` and returns the ``n`` best), 1 by default."""
-    if "n" not in body and "best_of" not in body:
+    """The sequences one prompt of the request generates: ``n``, 1 by default. Not
+    ``best_of``: vLLM 0.32 has no such field and runs ``n`` (counting it let one tenant
+    make a backend look full to the fair queue while the engine idled)."""
+    if "n" not in body:
         return 1
-    return max(_opt_int(body, "n", 1), _opt_int(body, "best_of", 1), 1)
+    return max(_opt_int(body, "n", 1), 1)
 
 
 def completions(body: dict[str, Any]) -> Parsed:
@@ -406,7 +457,7 @@ def completions(body: dict[str, Any]) -> Parsed:
         raise _bad("prompt", "must be a non-empty string, a non-empty array of non-empty "
                              "strings or a non-empty array of token ids")
     # a batch of prompts is a generation per prompt, each of n sequences
-    batch = prompt_batch(prompt)
+    batch = prompt_batch(prompt) + embeds_batch(body.get("prompt_embeds"))
     return Parsed("completions", body, model, stream, _opt_int(body, "max_tokens", 1), user,
                   prompt_text=text, include_usage=_include_usage(body),
                   sequences=batch * sequences(body))

@@ -70,7 +70,7 @@ class HttpSettings(Section):
         "more per byte than its size says")
     max_n: int = Field(
         8, ge=1, description="most choices one generating request may ask for (n, and the "
-        "legacy best_of); 400 above. Each choice is a sequence the engine runs at once, so "
+        "legacy best_of, which vLLM 0.32 ignores); 400 above. Each choice is a sequence the engine runs at once, so "
         "one request of n=64 takes 64 of its seats; token limits charge n x the completion "
         "estimate")
     max_structured_output_bytes: int = Field(
@@ -78,21 +78,24 @@ class HttpSettings(Section):
         "as JSON (structured_outputs, response_format, the legacy guided_json / guided_regex "
         "/ guided_grammar / guided_choice, Responses' text.format); 400 above. The engine "
         "compiles it into a grammar, on threads that run on past its own timeout: a huge "
-        "regex or schema costs every tenant the engine's CPU. The same bound holds the "
-        "parameter schemas of tools under a forced tool_choice (required, a named tool; "
-        "Anthropic's any / tool), which the engine compiles the same way")
+        "regex or schema costs every tenant the engine's CPU. The same bound holds "
+        "Anthropic's output_config.format and the parameter schemas of the tools the "
+        "engine compiles the same way: every tool under a forced tool_choice (required, "
+        "Anthropic's any), the named one under a named choice, those marked strict under "
+        "auto")
     max_sequences: int = Field(
         256, ge=1, description="most sequences one generating request may ask the engine "
-        "for: the prompts of a /v1/completions batch (a prompt array of strings) x n (or "
-        "best_of); 400 above. Each is a sequence the engine runs at once (vLLM's "
+        "for: the prompts of a /v1/completions batch (a prompt array of strings, and each "
+        "of prompt_embeds) x n; 400 above. Each is a sequence the engine runs at once (vLLM's "
         "max_num_seqs is its seat count, 256 by default on most hardware), and the fair "
         "queue counts a request's seats by them; OpenAI itself takes up to 2,048 prompts")
     request_chat_templates: bool = Field(
         False, description="let a request carry its own chat_template (or "
         "chat_template_kwargs.chat_template); off, it is a 400, as vLLM refuses one unless "
-        "started with --trust-request-chat-template (which the agent sets only if an "
-        "engine's extra_args add it). The engine renders it as Jinja in its API server, "
-        "whatever its size: turn on only for tenants trusted with that")
+        "started with --trust-request-chat-template (which the agent passes only when an "
+        "engine's extra_args add it: on here, add it to every engine's). The engine "
+        "renders it as Jinja in its API server, whatever its size: on, every tenant may "
+        "send one, so turn it on only when every tenant is trusted with that")
     max_audio_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="largest audio upload (the multipart body of "
         "/v1/audio/transcriptions and /translations, streamed to the backend, never held in "

@@ -87,8 +87,13 @@ def test_a_request_generates_n_sequences_per_prompt() -> None:
     assert validation.chat({"model": "m", "messages": messages, "n": 4}).sequences == 4
     batch = {"model": "m", "prompt": ["a", "b", "c"], "n": 2}
     assert validation.completions(batch).sequences == 6
-    assert validation.completions({**batch, "best_of": 5}).sequences == 15
+    # vLLM 0.32 has no best_of (it runs n): counting it made a backend of idle seats look
+    # full to the fair queue (probe 77)
+    assert validation.completions({**batch, "best_of": 5}).sequences == 6
     assert validation.completions({"model": "m", "prompt": "a"}).sequences == 1
+    # each embedding of prompt_embeds is a prompt of its own, beside prompt's
+    embeds = {"model": "m", "prompt": ["a", "b"], "prompt_embeds": ["e1", "e2", "e3"]}
+    assert validation.completions(embeds).sequences == 5
 
 
 ALTERNATIVES = "(" + "|".join(f"w{i}q{i % 7}x" for i in range(3000)) + ")"   # ~25 KB
@@ -151,9 +156,12 @@ def test_a_batch_of_more_sequences_than_the_limit_is_a_400_naming_the_prompt() -
     with pytest.raises(errors.BadRequest, match=r"40 sequences") as info:
         validation.parse_json(completions_body(prompt=["a"] * 10, n=4), max_sequences=32)
     assert info.value.param == "prompt"
-    with pytest.raises(errors.BadRequest, match=r"http\.max_sequences") as info:
-        validation.parse_json(completions_body(prompt=["a"] * 10, best_of=4), max_sequences=32)
+    assert validation.parse_json(completions_body(prompt=["a"] * 10, best_of=4),
+                                 max_sequences=32)      # best_of is not run
     assert validation.parse_json(completions_body(prompt=["a"] * 8, n=4), max_sequences=32)
+    with pytest.raises(errors.BadRequest, match=r"http\.max_sequences") as info:
+        validation.parse_json(completions_body(prompt_embeds=["e"] * 40), max_sequences=32)
+    assert info.value.param == "prompt"
     # one prompt of many token ids is one sequence
     assert validation.parse_json(completions_body(prompt=list(range(5000))), max_sequences=1)
     with pytest.raises(errors.BadRequest, match=r"http\.max_sequences") as info:
@@ -193,6 +201,42 @@ def test_tool_schemas_a_forced_tool_choice_compiles_are_bounded_as_constraints(
                        ) as info:
         validation.parse_json(chat_body(**fields))
     assert info.value.param == "tools" and info.value.code == "constraint_too_large"
+    assert validation.parse_json(chat_body(**fields), max_structured_output_bytes=10**6)
+
+
+def responses_tool(name: str, schema: object, **extra: object) -> dict[str, object]:
+    return {"type": "function", "name": name, "parameters": schema, **extra}
+
+
+@pytest.mark.parametrize("fields", [
+    # an extra mode does not unforce a choice: the engine ignores it
+    {"tools": [chat_tool("big", HUGE_SCHEMA)],
+     "tool_choice": {"type": "function", "function": {"name": "big"}, "mode": "auto"}},
+    {"tools": [{"name": "big", "input_schema": HUGE_SCHEMA}],
+     "tool_choice": {"type": "any", "mode": "none"}},
+    {"tools": [responses_tool("big", HUGE_SCHEMA)],
+     "tool_choice": {"type": "function", "name": "big", "mode": "auto"}},
+    # a decoy where the other dialect keeps its schema hides nothing
+    {"tools": [{"name": "big", "parameters": None, "input_schema": HUGE_SCHEMA}],
+     "tool_choice": {"type": "any"}},
+    {"tools": [responses_tool("big", HUGE_SCHEMA, function={"name": "big",
+                                                             "parameters": {}})],
+     "tool_choice": "required"},
+    # tools nested in a tool (a Responses namespace)
+    {"tools": [{"type": "namespace", "name": "ns", "tools": [
+        responses_tool("big", HUGE_SCHEMA)]}], "tool_choice": "required"},
+    # under auto, a tool marked strict is compiled (a structural tag)
+    {"tools": [chat_tool("big", HUGE_SCHEMA) | {"function": {
+        "name": "big", "parameters": HUGE_SCHEMA, "strict": True}}]},
+    {"tools": [responses_tool("big", HUGE_SCHEMA, strict=True)], "tool_choice": "auto"},
+    # Anthropic's output_config.format becomes a response_format
+    {"output_config": {"format": {"type": "json_schema", "schema": HUGE_SCHEMA}}},
+])
+def test_no_reading_of_the_tools_compiles_more_than_was_measured(
+        fields: dict[str, object]) -> None:
+    """Each of these passed the bound while vLLM compiled the huge schema (probe 77)."""
+    with pytest.raises(errors.BadRequest, match=r"\(http\.max_structured_output_bytes\)"):
+        validation.parse_json(chat_body(**fields))
     assert validation.parse_json(chat_body(**fields), max_structured_output_bytes=10**6)
 
 
