@@ -165,6 +165,11 @@ class SupervisorSettings(Section):
     log_max_bytes: int = Field(10 * 1024 * 1024, ge=4096, description="size cap of each log file")
     log_tail_lines: int = Field(50, ge=0, description="last lines kept in memory")
     startup_deadline_s: float = Field(600.0, gt=0, description="time allowed to become ready")
+    warmup_timeout_s: float = Field(
+        180.0, ge=0, description="vLLM that generates: bound on the one warm-up request "
+        "asking for logprobs sent before it is reported ready (vLLM compiles a kernel on "
+        "the first such request and stalls every request meanwhile); past it, or when the "
+        "engine refuses the request, the backend is ready anyway; 0: none sent")
     probe_interval_s: float = Field(2.0, gt=0, description="liveness probe period")
     probe_timeout_s: float = Field(2.0, gt=0, description="liveness probe timeout")
     unhealthy_after: int = Field(3, ge=1, description="failed probes before unhealthy")
@@ -192,6 +197,11 @@ class SupervisorSettings(Section):
                                        "cores its threads are pinned to "
                                        "(VLLM_CPU_OMP_THREADS_BIND, e.g. 0 or 0-3; a "
                                        "backend's env may set its own)")
+    compile_cache_dir: str = Field(
+        "~/.cache/synapse/engine-compile", description="vLLM: each backend's private "
+        "Inductor cache (TORCHINDUCTOR_CACHE_DIR) is <this>/<backend>, mode 0700, kept "
+        "across restarts so a restarted engine reuses the kernels it compiled; a backend's "
+        "env may set its own; empty: torch's default (/tmp/torchinductor_<user>)")
     tei_command: list[str] = Field(default_factory=lambda: ["text-embeddings-router"],
                                    description="how to start TEI")
     engine_host: str = Field("127.0.0.1", description="address engines listen on "

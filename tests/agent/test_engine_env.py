@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import stat
+
 from agent import engine_env
 from agent.config import SupervisorSettings
 from synapse_common import engines
@@ -33,3 +35,27 @@ def test_auto_runs_the_engine_tiers_cpu_build_on_the_cpu(tmp_path, monkeypatch):
     auto = SupervisorSettings(vllm_device="auto")
     assert auto.vllm_command == engines.find().vllm_command()
     assert engine_env.on_cpu(auto, auto.vllm_command)
+
+
+def test_each_vllm_gets_a_private_compile_cache_of_its_own(tmp_path):
+    """vLLM compiles a kernel on its first request with logprobs; kept per backend across
+    restarts, in a directory only the agent's user may read or write (torch loads the code
+    it finds there)."""
+    cfg = SupervisorSettings(compile_cache_dir=str(tmp_path / "compile"))
+    assert engine_env.compile_cache(cfg, "gen") == {
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile" / "gen")}
+    assert stat.S_IMODE((tmp_path / "compile" / "gen").stat().st_mode) == 0o700
+    (tmp_path / "compile" / "gen").chmod(0o755)          # made by someone, readable by all
+    assert engine_env.compile_cache(cfg, "gen") != {}
+    assert stat.S_IMODE((tmp_path / "compile" / "gen").stat().st_mode) == 0o700
+    assert engine_env.compile_cache(SupervisorSettings(compile_cache_dir=""), "gen") == {}
+
+
+def test_a_compile_cache_that_is_a_symlink_is_not_used(tmp_path, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o777)
+    (tmp_path / "compile").mkdir()
+    (tmp_path / "compile" / "gen").symlink_to(elsewhere)
+    cfg = SupervisorSettings(compile_cache_dir=str(tmp_path / "compile"))
+    assert engine_env.compile_cache(cfg, "gen") == {}
+    assert "compile cache" in caplog.text and "torch's default applies" in caplog.text

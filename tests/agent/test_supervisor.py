@@ -31,7 +31,8 @@ FLOAT = 1e-9  # virtual seconds are sums of floats
 def _settings(tmp_path, **kw) -> SupervisorSettings:
     base = {"log_dir": str(tmp_path / "logs"), "probe_interval_s": 0.1,
             "scrape_interval_s": 0.1, "backoff_initial_s": 0.05, "backoff_max_s": 0.2,
-            "stop_grace_s": 2, "unhealthy_after": 2, "simulator_command": STAND_IN}
+            "stop_grace_s": 2, "unhealthy_after": 2, "simulator_command": STAND_IN,
+            "compile_cache_dir": str(tmp_path / "compile")}
     settings = {**base, **kw}
     settings.setdefault("crashloop_retry_s", settings["backoff_max_s"])  # retry fast here
     return SupervisorSettings(**settings)

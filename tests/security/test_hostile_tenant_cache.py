@@ -230,7 +230,7 @@ def test_answers_cached_from_vllm_keep_every_field_and_vllms_stream_shape(
         vllm_fleet: tuple[str, str, str]) -> None:
     base, vllm, model = vllm_fleet
     question = "Name a colour."
-    fields = {"logprobs": True, "top_logprobs": 2, "model": model, "timeout": 300}
+    fields = {"logprobs": True, "top_logprobs": 2, "model": model}
     key = harness.engine_key_at(vllm)
     live = events(chat(vllm, question, stream=True, usage=True, key=key, **fields))
     first = chat(base, question, stream=True, usage=True, **fields)
