@@ -1,13 +1,31 @@
 """Engine spec → command line. One function per engine kind, no I/O.
 
 * ``vllm``: ``<vllm_command> --model MODEL --host H --port P --served-model-name N…
-  --gpu-memory-utilization U --enable-request-id-headers [--max-model-len L] EXTRA…``;
+  --gpu-memory-utilization U --enable-request-id-headers [--max-model-len L]
+  [--long-prefill-token-threshold 256] EXTRA…``;
   the command is vLLM's OpenAI server, ``python -m vllm.entrypoints.openai.api_server``
   (``vllm serve`` takes the same flags). The memory fraction is always passed explicitly:
   several engines may share a GPU and vLLM's default (0.9) would let the first one take
   nearly all of it. ``--enable-request-id-headers`` (vLLM >= 0.6) makes every answer echo
   the request's ``X-Request-Id``, by which the control plane tells an answer that is not
   its request's (:mod:`controlplane.adapters.upstream`).
+  ``--long-prefill-token-threshold`` (:func:`prefill_share`) caps the prompt tokens one
+  request prefills per engine step. vLLM's default is no cap: chunked prefill gives a
+  long prompt as much of each step's token budget as it can use, and the scheduler serves
+  requests first come, first served, knowing nothing of tenants, so a few concurrent long
+  prompts of one tenant — which pass the control plane's fair queue, since a backend is
+  held only when saturated (:mod:`controlplane.core.saturation`) — keep another tenant's
+  short request out of the steps until they are prefilled. With the cap, every request
+  in flight gets a share of each step and a short prompt is prefilled within one; the
+  long prompts' own prefill work is unchanged, only spread over more, shorter steps
+  (``bench/prefill_share.py`` measures both sides on the real vLLM). vLLM lifts the cap
+  when one request is alone. 256 tokens is small beside vLLM's default step budget on
+  any platform, so several requests share each step. The cost falls on a GPU engine
+  prefilling a few long prompts with little else to run: its steps run below their
+  budget; a spec's own value wins (``0`` turns the cap off; vLLM 0.32's
+  ``--long-prefill-token-threshold-adaptive`` raises it to a fair share of the budget,
+  which the bench found to help the short request less on a CPU). The flag is vLLM
+  >= 0.8's.
 * ``tei``: ``text-embeddings-router --model-id MODEL --hostname H --port P EXTRA…``.
 * ``simulator``: ``<simulator_command> --engine vllm|tei --host H --port P --model MODEL
   --served-model-name N… [--task T…] [--max-model-len L] EXTRA…`` (``tei`` when the spec's
@@ -48,11 +66,15 @@ import re
 from collections.abc import Mapping, Sequence
 
 from agent.core import types
-from synapse_common import logs
+from synapse_common import logs, tasks
 
 # The directory holding synapse_engine_guard.py alone: the engine imports that one file.
 GUARD_DIR = str(pathlib.Path(__file__).resolve().parent.parent / "engine_guard")
 GUARD = "synapse_engine_guard.Guard"
+# vLLM V1 (vllm/config/scheduler.py): the most prompt tokens one request prefills in a
+# step while other requests wait or run; 0 (vLLM's default) is no cap
+LONG_PREFILL_FLAG = "--long-prefill-token-threshold"
+LONG_PREFILL_TOKENS = 256
 
 
 def _names(spec: types.EngineSpec) -> list[str]:
@@ -77,6 +99,7 @@ def build(spec: types.EngineSpec, host: str, port: int, *,
                 "--enable-request-id-headers"]
         if spec.max_model_len:
             argv += ["--max-model-len", str(spec.max_model_len)]
+        argv += prefill_share(spec)
         if guarded:
             argv += ["--middleware", GUARD]
         return argv + list(spec.extra_args)
@@ -95,6 +118,18 @@ def build(spec: types.EngineSpec, host: str, port: int, *,
     raise ValueError(f"unknown engine kind {spec.engine!r}")
 
 
+def _flag(args: Sequence[str], flag: str) -> str | None:
+    """The value ``args`` give ``flag`` (``--flag V`` or ``--flag=V``; the last one wins,
+    as in argparse), or ``None`` when they do not set it."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith(flag + "="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
 def max_num_seqs(spec: types.EngineSpec) -> int:
     """The sequences the engine runs at once when its extra arguments set them
     (``--max-num-seqs N`` or ``--max-num-seqs=N``, the last one wins as in argparse);
@@ -102,17 +137,24 @@ def max_num_seqs(spec: types.EngineSpec) -> int:
     hardware, is not guessed)."""
     if spec.engine not in ("vllm", "simulator"):
         return 0
-    found = 0
-    args = list(spec.extra_args)
-    for i, arg in enumerate(args):
-        value = None
-        if arg == "--max-num-seqs" and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith("--max-num-seqs="):
-            value = arg.split("=", 1)[1]
-        if value is not None:
-            found = int(value) if value.isdigit() else 0
-    return found
+    value = _flag(spec.extra_args, "--max-num-seqs")
+    return int(value) if value is not None and value.isdigit() else 0
+
+
+def prefill_share(spec: types.EngineSpec) -> list[str]:
+    """``--long-prefill-token-threshold`` :data:`LONG_PREFILL_TOKENS` for a vLLM that
+    generates, unless its extra arguments set the flag themselves (``0`` turns the cap
+    off) or its context is no longer than the cap (nothing to cap; vLLM refuses a cap
+    above ``--max-model-len``)."""
+    if spec.engine != "vllm" or spec.task != tasks.GENERATE:
+        return []
+    if spec.tasks and tasks.GENERATE not in spec.tasks:
+        return []
+    if _flag(spec.extra_args, LONG_PREFILL_FLAG) is not None:
+        return []
+    if spec.max_model_len and spec.max_model_len <= LONG_PREFILL_TOKENS:
+        return []
+    return [LONG_PREFILL_FLAG, str(LONG_PREFILL_TOKENS)]
 
 
 def _simulated(spec: types.EngineSpec) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+from typing import Any
 
 from agent.core import commands, types
 
@@ -19,6 +20,8 @@ def test_vllm_sets_memory_fraction_explicitly_and_passes_extra_args():
                     "--gpu-memory-utilization", "0.45",
                     # answers echo X-Request-Id: the control plane checks it (upstream.py)
                     "--enable-request-id-headers", "--max-model-len", "8192",
+                    # one tenant's long prompt leaves room in each step (next tests)
+                    "--long-prefill-token-threshold", "256",
                     "--enable-prefix-caching"]
     assert commands.environment(spec) == {"CUDA_VISIBLE_DEVICES": "0,1",
                                           commands.MEDIA_REDIRECTS: "0"}
@@ -56,6 +59,43 @@ def test_the_seat_count_is_read_from_the_command_line_when_it_sets_one():
     assert seats("vllm", "--max-num-seqs", "many") == 0
     assert seats("vllm", "--max-num-seqs") == 0
     assert seats("tei", "--max-num-seqs", "4") == 0
+
+
+def test_a_generating_vllm_caps_one_prompts_prefill_per_step_so_short_ones_are_not_held():
+    """vLLM prefills a long prompt in chunks as large as a whole step's token budget, so a
+    short request that arrives meanwhile waits for those steps (bench/prefill_share.py
+    measures it): the agent starts a generating vLLM with a per-request cap."""
+    def argv(*extra: str, **fields: Any) -> list[str]:
+        spec = types.EngineSpec(name="v", engine="vllm", model="m", extra_args=extra,
+                                **fields)
+        return commands.build(spec, "0.0.0.0", 8000) or []
+
+    def cap(args: list[str]) -> list[str]:
+        return [a for i, a in enumerate(args) if a.startswith("--long-prefill")
+                or (i and args[i - 1] == "--long-prefill-token-threshold")]
+
+    assert cap(argv()) == ["--long-prefill-token-threshold", "256"]
+    assert cap(argv(max_model_len=4096, tasks=("generate", "tokenize"))) == \
+        ["--long-prefill-token-threshold", "256"]
+    # The spec's own value wins, in either form; 0 turns the cap off.
+    assert cap(argv("--long-prefill-token-threshold", "1024")) == \
+        ["--long-prefill-token-threshold", "1024"]
+    assert cap(argv("--long-prefill-token-threshold=0")) == \
+        ["--long-prefill-token-threshold=0"]
+
+
+def test_the_prefill_cap_is_left_out_where_vllm_would_refuse_it_or_nothing_generates():
+    def capped(**fields: Any) -> bool:
+        spec = types.EngineSpec(name="v", engine="vllm", model="m", **fields)
+        return "--long-prefill-token-threshold" in (commands.build(spec, "0.0.0.0", 1) or [])
+
+    assert not capped(max_model_len=256)   # nothing to cap (vLLM refuses a cap above it)
+    assert capped(max_model_len=257)
+    assert not capped(task="embed")        # a pooling model: no chunked generation
+    assert not capped(tasks=("rerank", "score"))
+    for kind in ("simulator", "tei"):
+        spec = types.EngineSpec(name="o", engine=kind, model="m", max_model_len=4096)
+        assert "--long-prefill-token-threshold" not in (commands.build(spec, "h", 1) or [])
 
 
 KEY = "9f" * 32
