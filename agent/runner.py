@@ -225,7 +225,8 @@ class Runner:
                               simulator_command=self.cfg.simulator_command,
                               vllm_command=self.cfg.vllm_command,
                               tei_command=self.cfg.tei_command,
-                              guarded=bool(self._key))
+                              guarded=bool(self._key),
+                              on_cpu=engine_env.on_cpu(self.cfg, self.cfg.vllm_command))
         assert argv is not None
         return argv
 

@@ -2,7 +2,7 @@
 
 * ``vllm``: ``<vllm_command> --model MODEL --host H --port P --served-model-name N…
   --gpu-memory-utilization U --enable-request-id-headers [--max-model-len L]
-  [--long-prefill-token-threshold 256] EXTRA…``;
+  [--long-prefill-token-threshold 256 [--long-prefill-token-threshold-adaptive]] EXTRA…``;
   the command is vLLM's OpenAI server, ``python -m vllm.entrypoints.openai.api_server``
   (``vllm serve`` takes the same flags). The memory fraction is always passed explicitly:
   several engines may share a GPU and vLLM's default (0.9) would let the first one take
@@ -20,12 +20,15 @@
   long prompts' own prefill work is unchanged, only spread over more, shorter steps
   (``bench/prefill_share.py`` measures both sides on the real vLLM). vLLM lifts the cap
   when one request is alone. 256 tokens is small beside vLLM's default step budget on
-  any platform, so several requests share each step. The cost falls on a GPU engine
-  prefilling a few long prompts with little else to run: its steps run below their
-  budget; a spec's own value wins (``0`` turns the cap off; vLLM 0.32's
-  ``--long-prefill-token-threshold-adaptive`` raises it to a fair share of the budget,
-  which the bench found to help the short request less on a CPU). The flag is vLLM
-  >= 0.8's.
+  any platform, so several requests share each step. On a GPU (``on_cpu`` false) the
+  engine also gets ``--long-prefill-token-threshold-adaptive``, which raises the cap to a
+  fair share of the step budget (the budget over the requests running and waiting): a GPU
+  step costs about the same half full as full, so a fixed cap would only stretch a few
+  long prompts over many under-filled steps, while the fair share still leaves a short
+  request room in the next step. On a CPU a step costs what its tokens cost, and the
+  bench found the fixed cap to serve the short request sooner, so it stays fixed there.
+  A spec's own value of either flag wins (``--long-prefill-token-threshold 0`` turns the
+  cap off). The threshold flag is vLLM >= 0.8's, the adaptive one 0.32's.
 * ``tei``: ``text-embeddings-router --model-id MODEL --hostname H --port P EXTRA…``.
 * ``simulator``: ``<simulator_command> --engine vllm|tei --host H --port P --model MODEL
   --served-model-name N… [--task T…] [--max-model-len L] EXTRA…`` (``tei`` when the spec's
@@ -75,6 +78,7 @@ GUARD = "synapse_engine_guard.Guard"
 # step while other requests wait or run; 0 (vLLM's default) is no cap
 LONG_PREFILL_FLAG = "--long-prefill-token-threshold"
 LONG_PREFILL_TOKENS = 256
+ADAPTIVE_FLAG = "--long-prefill-token-threshold-adaptive"   # the cap floored at a fair share
 
 
 def _names(spec: types.EngineSpec) -> list[str]:
@@ -88,9 +92,10 @@ def build(spec: types.EngineSpec, host: str, port: int, *,
           simulator_command: Sequence[str] = ("synapse", "simulator"),
           vllm_command: Sequence[str] = ("vllm", "serve"),
           tei_command: Sequence[str] = ("text-embeddings-router",),
-          guarded: bool = False) -> list[str] | None:
+          guarded: bool = False, on_cpu: bool = True) -> list[str] | None:
     """The argv to run ``spec``, or ``None`` for an external (probe-only) backend;
-    ``guarded`` (the engine has a key): a vLLM loads the guard middleware."""
+    ``guarded`` (the engine has a key): a vLLM loads the guard middleware; ``on_cpu``: a
+    vLLM runs on the CPU (:func:`prefill_share`)."""
     if spec.engine == "external":
         return None
     if spec.engine == "vllm":
@@ -99,7 +104,7 @@ def build(spec: types.EngineSpec, host: str, port: int, *,
                 "--enable-request-id-headers"]
         if spec.max_model_len:
             argv += ["--max-model-len", str(spec.max_model_len)]
-        argv += prefill_share(spec)
+        argv += prefill_share(spec, on_cpu)
         if guarded:
             argv += ["--middleware", GUARD]
         return argv + list(spec.extra_args)
@@ -141,11 +146,12 @@ def max_num_seqs(spec: types.EngineSpec) -> int:
     return int(value) if value is not None and value.isdigit() else 0
 
 
-def prefill_share(spec: types.EngineSpec) -> list[str]:
+def prefill_share(spec: types.EngineSpec, on_cpu: bool = True) -> list[str]:
     """``--long-prefill-token-threshold`` :data:`LONG_PREFILL_TOKENS` for a vLLM that
-    generates, unless its extra arguments set the flag themselves (``0`` turns the cap
-    off) or its context is no longer than the cap (nothing to cap; vLLM refuses a cap
-    above ``--max-model-len``)."""
+    generates, with ``--long-prefill-token-threshold-adaptive`` off the CPU, unless its
+    extra arguments set the threshold themselves (``0`` turns the cap off) or its context
+    is no longer than the cap (nothing to cap; vLLM refuses a cap above
+    ``--max-model-len``)."""
     if spec.engine != "vllm" or spec.task != tasks.GENERATE:
         return []
     if spec.tasks and tasks.GENERATE not in spec.tasks:
@@ -154,7 +160,10 @@ def prefill_share(spec: types.EngineSpec) -> list[str]:
         return []
     if spec.max_model_len and spec.max_model_len <= LONG_PREFILL_TOKENS:
         return []
-    return [LONG_PREFILL_FLAG, str(LONG_PREFILL_TOKENS)]
+    argv = [LONG_PREFILL_FLAG, str(LONG_PREFILL_TOKENS)]
+    if not on_cpu and not any(a.startswith(ADAPTIVE_FLAG) for a in spec.extra_args):
+        argv.append(ADAPTIVE_FLAG)
+    return argv
 
 
 def _simulated(spec: types.EngineSpec) -> str:

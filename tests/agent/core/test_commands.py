@@ -84,6 +84,22 @@ def test_a_generating_vllm_caps_one_prompts_prefill_per_step_so_short_ones_are_n
         ["--long-prefill-token-threshold=0"]
 
 
+def test_on_a_gpu_the_prefill_cap_is_floored_at_a_fair_share_of_the_step():
+    """A GPU step costs about the same half full as full: a fixed cap would stretch a few
+    long prompts over many under-filled steps, so off the CPU vLLM raises the cap to the
+    step budget over the requests in flight (its adaptive flag)."""
+    def argv(*extra: str) -> list[str]:
+        spec = types.EngineSpec(name="v", engine="vllm", model="m", extra_args=extra)
+        return commands.build(spec, "0.0.0.0", 8000, on_cpu=False) or []
+
+    adaptive = "--long-prefill-token-threshold-adaptive"
+    assert argv()[-3:] == ["--long-prefill-token-threshold", "256", adaptive]
+    assert argv(adaptive).count(adaptive) == 1              # the spec's own, once
+    assert adaptive not in argv("--long-prefill-token-threshold", "0")  # cap off: no floor
+    cpu = commands.build(types.EngineSpec(name="v", engine="vllm", model="m"), "h", 1)
+    assert adaptive not in (cpu or [])
+
+
 def test_the_prefill_cap_is_left_out_where_vllm_would_refuse_it_or_nothing_generates():
     def capped(**fields: Any) -> bool:
         spec = types.EngineSpec(name="v", engine="vllm", model="m", **fields)
