@@ -23,10 +23,11 @@
   any platform, so several requests share each step. On a GPU (``on_cpu`` false) the
   engine also gets ``--long-prefill-token-threshold-adaptive``, which raises the cap to a
   fair share of the step budget (the budget over the requests running and waiting): a GPU
-  step costs about the same half full as full, so a fixed cap would only stretch a few
-  long prompts over many under-filled steps, while the fair share still leaves a short
-  request room in the next step. On a CPU a step costs what its tokens cost, and the
-  bench found the fixed cap to serve the short request sooner, so it stays fixed there.
+  step has a fixed cost and uses the device poorly far below its token budget, so a fixed
+  cap would stretch a few long prompts over many under-filled steps, while the fair share
+  still leaves a short request room in the next step. On a CPU a step costs about what
+  its tokens cost, and the bench found the fixed cap to serve the short request sooner,
+  so it stays fixed there. The GPU choice is reasoned, not measured (no GPU here).
   A spec's own value of either flag wins (``--long-prefill-token-threshold 0`` turns the
   cap off). The threshold flag is vLLM >= 0.8's, the adaptive one 0.32's.
 * ``tei``: ``text-embeddings-router --model-id MODEL --hostname H --port P EXTRA…``.

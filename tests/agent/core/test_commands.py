@@ -85,9 +85,9 @@ def test_a_generating_vllm_caps_one_prompts_prefill_per_step_so_short_ones_are_n
 
 
 def test_on_a_gpu_the_prefill_cap_is_floored_at_a_fair_share_of_the_step():
-    """A GPU step costs about the same half full as full: a fixed cap would stretch a few
-    long prompts over many under-filled steps, so off the CPU vLLM raises the cap to the
-    step budget over the requests in flight (its adaptive flag)."""
+    """A GPU step far below its token budget wastes the device: a fixed cap would stretch
+    a few long prompts over many under-filled steps, so off the CPU vLLM raises the cap to
+    the step budget over the requests in flight (its adaptive flag)."""
     def argv(*extra: str) -> list[str]:
         spec = types.EngineSpec(name="v", engine="vllm", model="m", extra_args=extra)
         return commands.build(spec, "0.0.0.0", 8000, on_cpu=False) or []
