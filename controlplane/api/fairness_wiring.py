@@ -123,17 +123,16 @@ def _rule(tenant: str, model: str, tpm: int | None,
 
 
 def room(router: router_mod.Router, saturated: saturation.Saturation,
-         top: str) -> Callable[[str, str, int], bool]:
+         top: str) -> Callable[[str, str], bool]:
     """Whether some backend of a model is not saturated for a request of a class (``top``
-    is the highest) taking so many seats (the router's own predictions, without moving
-    any of its state)."""
+    is the highest; the router's own predictions, without moving any of its state)."""
     probe = router_mod.Prompt.from_text("", 0, "", exact=False)
 
-    def has_room(model: str, cls: str, sequences: int = 1) -> bool:
+    def has_room(model: str, cls: str) -> bool:
         verdicts, _ = router.verdicts(model, probe)
         if not verdicts:
             return True     # nothing serves it: let dispatch answer 503 at once
-        return saturated.room(verdicts, cls == top, sequences)
+        return saturated.room(verdicts, cls == top)
     return has_room
 
 

@@ -26,8 +26,7 @@ queue, which knows nothing of tenants. One :class:`FairQueue` per model
 * **A deadline per request**: at ``deadline_s`` it leaves with 503 and ``Retry-After``;
   nothing ever waits without one.
 * **Dispatch as capacity frees** (:class:`Gate`): one pump task per non-empty queue sends
-  the head on whenever ``room(model, class, seats)`` says the backends have room for it
-  again — woken by
+  the head on whenever ``room(model)`` says the backends have room again — woken by
   :meth:`Gate.wake` when a request of that model settles, and at ``poll_interval_s``
   otherwise (the engines' own reports move the prediction too). After releasing a
   request the pump waits until that request has resumed (and so been dispatched, which
@@ -87,7 +86,6 @@ class Waiter:
     enqueued_at: float
     deadline: float
     future: asyncio.Future[None]
-    sequences: int = 1          # the seats it takes (:attr:`validation.Parsed.sequences`)
     taken: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     gone: bool = False          # released, expired or cancelled: skipped by pop
 
@@ -119,7 +117,7 @@ class FairQueue:
         return rank
 
     def push(self, tenant: str, cls: str, weight: float, tokens: int, now: float,
-             future: asyncio.Future[None], sequences: int = 1) -> Waiter:
+             future: asyncio.Future[None]) -> Waiter:
         """Queue a request, or refuse it when a bound is reached."""
         rank = self.rank(cls)
         o = self.options
@@ -138,7 +136,7 @@ class FairQueue:
         finish = start + max(1, tokens) / weight
         self._last[rank][tenant] = finish
         w = Waiter(tenant, cls, rank, start, finish, next(self._seq), now,
-                   now + o.deadline_s, future, sequences)
+                   now + o.deadline_s, future)
         heapq.heappush(self._heaps[rank], (finish, w.seq, w))
         self._count += 1
         self._waiting[(cls, tenant)] = self._waiting.get((cls, tenant), 0) + 1
@@ -219,7 +217,7 @@ class FairQueue:
 class Gate:
     """The queues of every model and their pumps."""
 
-    def __init__(self, options: Options, room: Callable[[str, str, int], bool],
+    def __init__(self, options: Options, room: Callable[[str, str], bool],
                  clock: clocks.Clock = clocks.loop_time, sleep: Sleep = clocks.sleep,
                  observer: Observer | None = None) -> None:
         self.options = options
@@ -254,15 +252,14 @@ class Gate:
         return len(q) if q is not None else 0
 
     async def wait(self, model: str, tenant: str, cls: str, weight: float,
-                   tokens: int, sequences: int = 1) -> float:
-        """Wait for the turn of a request of ``model`` (``sequences``: the seats it
-        takes, which ``room`` is asked for); the seconds waited. Raises
+                   tokens: int) -> float:
+        """Wait for the turn of a request of ``model``; the seconds waited. Raises
         :class:`errors.QueueFull` / :class:`errors.QueueTimeout` (deadline)."""
         q = self._queues.get(model)
         if q is None:
             q = self._queues[model] = FairQueue(self.options)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        w = q.push(tenant, cls, weight, tokens, self._clock(), future, sequences)
+        w = q.push(tenant, cls, weight, tokens, self._clock(), future)
         self._observer.depth(model, cls, tenant, q.waiting(cls, tenant))
         self._ensure_pump(model)
         if q.peek() is w:       # a new head (e.g. a higher class, with seats kept for it)
@@ -313,7 +310,7 @@ class Gate:
             if head.future.done():          # cancelled, its handler not yet resumed
                 q.remove(head)
                 continue
-            if self._room(model, head.cls, head.sequences):
+            if self._room(model, head.cls):
                 q.pop()
                 self._observer.depth(model, head.cls, head.tenant,
                                      q.waiting(head.cls, head.tenant))

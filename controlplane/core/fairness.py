@@ -143,7 +143,7 @@ class Fairness:
             return True
         best = route.candidates[0] if route.candidates else None
         return (best is not None and self.saturation is not None
-                and self.saturation.saturated(best, self.top(cls), route.prompt.sequences))
+                and self.saturation.saturated(best, self.top(cls)))
 
     def top(self, cls: str) -> bool:
         """Whether ``cls`` is the highest class (it may take the reserved seats)."""
@@ -155,9 +155,9 @@ class Fairness:
         ranks higher on a backend that is still full."""
         if self.saturation is None:
             return route
-        top, sequences = self.top(cls), route.prompt.sequences
+        top = self.top(cls)
         for i, v in enumerate(route.candidates):
-            if not self.saturation.saturated(v, top, sequences):
+            if not self.saturation.saturated(v, top):
                 if i == 0:
                     return route
                 rest = route.candidates[:i] + route.candidates[i + 1:]
@@ -168,8 +168,7 @@ class Fairness:
                    tokens: int) -> float:
         """Wait for a fair turn on ``route.model``'s backends; the seconds waited."""
         assert self.gate is not None
-        return await self.gate.wait(route.model, tenant, cls, weight, tokens,
-                                    route.prompt.sequences)
+        return await self.gate.wait(route.model, tenant, cls, weight, tokens)
 
     def wake(self, model: str) -> None:
         if self.gate is not None:

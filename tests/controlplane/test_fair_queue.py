@@ -21,7 +21,7 @@ class Fleet:
         self.free = free
         self.released: list[str] = []
 
-    def room(self, model: str, cls: str, sequences: int = 1) -> bool:
+    def room(self, model: str, cls: str) -> bool:
         return self.free > 0
 
 
@@ -92,7 +92,7 @@ async def test_a_new_head_with_room_for_its_class_goes_without_waiting_for_a_pol
     class Reserved(Fleet):
         """No room for batch requests; seats kept for interactive ones."""
 
-        def room(self, model: str, cls: str, sequences: int = 1) -> bool:
+        def room(self, model: str, cls: str) -> bool:
             return cls == "interactive" and self.free > 0
 
     fleet = Reserved(free=1)
@@ -178,7 +178,7 @@ async def test_a_request_waits_no_longer_than_its_deadline() -> None:
 async def test_models_queue_apart() -> None:
     fleet = Fleet(free=0)
     opts = fair_queue.Options(poll_interval_s=0.01)
-    gate = fair_queue.Gate(opts, lambda model, cls, seats: model == "free-model")
+    gate = fair_queue.Gate(opts, lambda model, cls: model == "free-model")
     blocked = asyncio.create_task(gate.wait("busy-model", "t", "interactive", 1.0, 10))
     await settle_until(lambda: gate.depth("busy-model") == 1, "the busy model to queue")
     await gate.wait("free-model", "t", "interactive", 1.0, 10)  # not behind the other
@@ -190,30 +190,11 @@ async def test_models_queue_apart() -> None:
 
 async def test_a_higher_class_does_not_queue_behind_lower_classes_only() -> None:
     opts = fair_queue.Options(poll_interval_s=0.01)
-    gate = fair_queue.Gate(opts, lambda model, cls, seats: cls == "interactive")
+    gate = fair_queue.Gate(opts, lambda model, cls: cls == "interactive")
     batch = asyncio.create_task(gate.wait("m", "noisy", "batch", 1.0, 10))
     await settle_until(lambda: gate.depth("m") == 1, "the batch request to queue")
     assert gate.busy("m") and gate.busy("m", "batch")
     assert not gate.busy("m", "interactive")    # strict priority: it would go first anyway
     await cancel(batch)
     assert not gate.busy("m", "batch")
-    await gate.close()
-
-
-async def test_the_head_is_released_when_there_is_room_for_all_its_seats() -> None:
-    """``room`` is asked for the head's own seats (n x a batch's prompts): a batch of eight
-    waits while three seats are free, and goes when eight are (probe 77)."""
-    free = [3]
-    asked: list[int] = []
-
-    def room(model: str, cls: str, seats: int) -> bool:
-        asked.append(seats)
-        return seats <= free[0]
-    gate = fair_queue.Gate(fair_queue.Options(poll_interval_s=0.01), room)
-    batch = asyncio.create_task(gate.wait(MODEL, "t", "interactive", 1.0, 10, sequences=8))
-    await settle_until(lambda: len(asked) >= 2, "the pump to ask for room")
-    assert not batch.done() and set(asked) == {8}
-    free[0] = 8
-    gate.wake(MODEL)
-    await asyncio.wait_for(batch, 5)
     await gate.close()
