@@ -91,7 +91,7 @@ async def admit(request: web.Request, parse: Any,
     try:
         parsed: validation.Parsed = parse(validation.parse_json(
             raw, h.max_json_depth, h.max_messages, h.max_n, h.max_structured_output_bytes,
-            h.max_sequences, h.request_chat_templates))
+            h.max_sequences, h.request_chat_templates, h.max_tool_schema_bytes))
         # what an engine would fetch (core.media_urls): chat's messages, and those an
         # embeddings body may carry beside its input (vLLM's embeddings take messages)
         media_urls.check_chat(parsed.body.get("messages"), h.media_urls)

@@ -13,9 +13,9 @@ to the router's predictions and to the costs it learns from them. Those tokens a
 counted apart (``blind_prefill_tokens``) for the rules that must not take a guess for a
 prefill queue (:mod:`saturation`).
 
-A request takes as many of an engine's seats as the sequences it generates (``n``, or
-``best_of`` when larger, times the prompts of a completions batch: vLLM runs each as a
-request of its own), so the ledger counts those too (``Load.sequences``): the seat rule of
+A request takes as many of an engine's seats as the sequences it generates (``n`` times
+the prompts of a completions batch: vLLM runs each as a request of its own;
+:func:`validation.sequences`), so the ledger counts those too (``Load.sequences``): the seat rule of
 :mod:`saturation` compares them with the engine's ``max_num_seqs``. One int on the
 ticket; a request of one sequence costs what it did.
 

@@ -33,16 +33,18 @@ More bounds of the same kind (probes 69 and 77):
 * **Tool schemas the engine compiles.** With ``tool_choice: "required"`` (Anthropic's
   ``{"type": "any"}``) vLLM compiles the parameter schemas of every tool into one
   structured-output grammar, with a named tool that tool's, and under ``auto`` those of
-  tools marked ``strict`` (a structural tag, with a tool-call parser such as hermes): the
-  same cost as a ``response_format``, so the same ``http.max_structured_output_bytes``
-  bounds those schemas together (:func:`_compiled_tools`). Counted generously, because
-  the dialects put a schema in different places and the engine ignores keys it does not
+  tools marked ``strict`` (a structural tag, with a tool-call parser such as hermes; the
+  OpenAI Agents SDK marks every tool strict): the same kind of cost as a
+  ``response_format``, bounded together by ``http.max_tool_schema_bytes``
+  (:func:`_compiled_tools`), a setting of its own because an agent's ordinary tool set is
+  many schemas where a ``response_format`` is one. Counted generously, because the
+  dialects put a schema in different places and the engine ignores keys it does not
   know: an extra ``mode`` does not unforce a choice, and a decoy ``parameters`` beside an
   ``input_schema`` (or a ``function`` beside a Responses tool's own ``parameters``) is
   counted with it. Descriptions outside the schemas are not counted (they are not
-  compiled); a tool set under ``auto`` with none marked strict passes untouched. The
-  same bound holds Anthropic's ``output_config.format`` (vLLM makes it a
-  ``response_format``).
+  compiled); under ``none``, and under ``auto`` with no tool marked strict, nothing is.
+  ``http.max_structured_output_bytes`` holds Anthropic's ``output_config.format`` (vLLM
+  makes it a ``response_format``).
 * **A request's own chat template.** vLLM renders ``chat_template`` (or
   ``chat_template_kwargs.chat_template``) as Jinja in its API server, and refuses it with
   a 400 unless started with ``--trust-request-chat-template``, which the agent passes only
@@ -94,6 +96,7 @@ MAX_MESSAGES = 2048     # OpenAI's own limit on a chat's messages array
 MAX_N = 8
 MAX_STRUCTURED_OUTPUT_BYTES = 16 * 1024
 MAX_SEQUENCES = 256
+MAX_TOOL_SCHEMA_BYTES = 64 * 1024
 # The fields the engine turns into a grammar to compile (vLLM 0.32 reads
 # structured_outputs and response_format; the guided_* fields of older versions are
 # bounded too, for engines that still honour them), with n and best_of: one set, so a
@@ -115,7 +118,7 @@ def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES
                max_n: int = MAX_N,
                max_structured_output_bytes: int = MAX_STRUCTURED_OUTPUT_BYTES,
                max_sequences: int = MAX_SEQUENCES, request_chat_templates: bool = False,
-               ) -> dict[str, Any]:
+               max_tool_schema_bytes: int = MAX_TOOL_SCHEMA_BYTES) -> dict[str, Any]:
     """The body as a JSON object; 400 when it is not one, nests deeper than
     ``max_depth`` or has a ``messages`` array of more than ``max_messages`` items (each
     message costs the validation, the cache key, the tokenizer and the template a walk:
@@ -145,7 +148,7 @@ def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES
     if batch > 1 or not _BOUNDED.isdisjoint(body):
         engine_bounds(body, max_n, max_structured_output_bytes, max_sequences,
                       batch + embeds_batch(body.get("prompt_embeds")),
-                      request_chat_templates)
+                      request_chat_templates, max_tool_schema_bytes)
     return body
 
 
@@ -165,11 +168,12 @@ def embeds_batch(embeds: Any) -> int:
 
 def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int,
                   max_sequences: int = MAX_SEQUENCES, batch: int = 1,
-                  request_chat_templates: bool = False) -> None:
+                  request_chat_templates: bool = False,
+                  max_tool_schema_bytes: int = MAX_TOOL_SCHEMA_BYTES) -> None:
     """400 naming the field when ``n`` or ``best_of`` is over ``max_n``, the sequences
     (``batch`` prompts x ``n``) over ``max_sequences``, a structured-output constraint or
     the tool schemas the engine compiles (:func:`_compiled_tools`) over
-    ``max_constraint_bytes`` of JSON, or the body carries its own chat template while
+    ``max_constraint_bytes`` and ``max_tool_schema_bytes`` of JSON, or the body carries its own chat template while
     ``request_chat_templates`` is off. Values of the wrong type are left to the fields'
     own checks (and to the engine)."""
     choices = 1
@@ -183,11 +187,13 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
             if name == "n":     # vLLM 0.32 has no best_of: it runs n sequences
                 choices = max(1, int(value))
     if batch * choices > max_sequences:
-        asked = (f"prompt: {batch} prompts x {choices} choices = {batch * choices}"
+        field = "prompt_embeds" if "prompt_embeds" in body else "prompt"
+        what = "prompts and embeddings" if field == "prompt_embeds" else "prompts"
+        asked = (f"{field}: {batch} {what} x {choices} choices = {batch * choices}"
                  if batch > 1 else f"n: {choices}")
         raise errors.BadRequest(
             f"{asked} sequences; at most {max_sequences} (http.max_sequences): each is a "
-            "sequence an engine runs at once", param="prompt" if batch > 1 else "n",
+            "sequence an engine runs at once", param=field if batch > 1 else "n",
             code="invalid_value")
     for name in CONSTRAINTS:
         value = body.get(name)
@@ -201,26 +207,31 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
         _constraint("output_config.format", output["format"], max_constraint_bytes)
     tools = body.get("tools")
     if type(tools) is list and tools:
-        _compiled_tools(tools, body.get("tool_choice"), max_constraint_bytes)
+        _compiled_tools(tools, body.get("tool_choice"), max_tool_schema_bytes)
     if not request_chat_templates:
         _no_chat_template(body)
 
 
 def _compiled_tools(tools: list[Any], choice: Any, limit: int) -> None:
     """400 when the parameter schemas the engine compiles into a grammar for ``tools``
-    under ``choice`` are over ``limit`` bytes of JSON together: every tool's when the
-    choice forces a call (``required``, Anthropic's ``any``, any object but ``auto`` /
-    ``none`` and ``allowed_tools`` in those modes), the named tool's for a named one
-    (OpenAI chat's ``function.name``, Responses' and Anthropic's ``name``), and otherwise
-    those of tools marked ``strict`` (vLLM compiles them as a structural tag even under
-    ``auto``). Counted generously, so that no reading of the body compiles more than was
-    measured: every schema a tool carries (``parameters`` and ``input_schema``, at its top
-    and in its ``function``), and the tools nested in a tool (Responses' namespaces)."""
+    under ``choice`` are over ``limit`` bytes of JSON together: none under ``none``; every
+    tool's when the choice forces a call (``required``, Anthropic's ``any``, any object
+    but ``auto`` / ``none`` and ``allowed_tools`` in those modes), the named tool's for a
+    named one (OpenAI chat's ``function.name``, Responses' and Anthropic's ``name``), and
+    otherwise those of tools marked ``strict`` (vLLM compiles them as a structural tag
+    even under ``auto``; with ``--tool-strict-level parameter`` it compiles every tool
+    there, which is not counted: the agent never sets it). Counted generously, so that no
+    reading of the body compiles more than was measured: every schema a tool carries
+    (``parameters`` and ``input_schema``, at its top and in its ``function``), and the
+    tools nested in a tool (Responses' namespaces)."""
     wanted: _Wanted
+    kind = choice.get("type") if type(choice) is dict else choice
+    if kind == "none":
+        return
     if choice is None or (type(choice) is str and choice != "required"):
         wanted = _strict
-    elif type(choice) is dict and (choice.get("type") in _UNFORCED or (
-            choice.get("type") == "allowed_tools" and choice.get("mode") in _UNFORCED)):
+    elif type(choice) is dict and (kind in _UNFORCED or (
+            kind == "allowed_tools" and _mode(choice) in _UNFORCED)):
         wanted = _strict
     elif type(choice) is dict:
         function = choice.get("function")
@@ -233,7 +244,14 @@ def _compiled_tools(tools: list[Any], choice: Any, limit: int) -> None:
         raise errors.BadRequest(
             f"tools: the engine compiles {size} bytes of tool parameter schemas into a "
             f"grammar (a forced tool_choice, or tools marked strict); at most {limit} "
-            "(http.max_structured_output_bytes)", param="tools", code="constraint_too_large")
+            "(http.max_tool_schema_bytes)", param="tools", code="constraint_too_large")
+
+
+def _mode(choice: Mapping[str, Any]) -> Any:
+    """An ``allowed_tools`` choice's mode: Responses keeps it at the top, Chat inside
+    ``allowed_tools``."""
+    inner = choice.get("allowed_tools")
+    return inner.get("mode") if type(inner) is dict else choice.get("mode")
 
 
 def _schemas(tools: list[Any], wanted: _Wanted) -> int:

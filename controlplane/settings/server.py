@@ -79,10 +79,14 @@ class HttpSettings(Section):
         "/ guided_grammar / guided_choice, Responses' text.format); 400 above. The engine "
         "compiles it into a grammar, on threads that run on past its own timeout: a huge "
         "regex or schema costs every tenant the engine's CPU. The same bound holds "
-        "Anthropic's output_config.format and the parameter schemas of the tools the "
-        "engine compiles the same way: every tool under a forced tool_choice (required, "
-        "Anthropic's any), the named one under a named choice, those marked strict under "
-        "auto")
+        "Anthropic's output_config.format; tools have http.max_tool_schema_bytes")
+    max_tool_schema_bytes: int = Field(
+        64 * 1024, ge=256, description="largest total of the tool parameter schemas the "
+        "engine compiles into a grammar for one request, as JSON: every tool's under a "
+        "forced tool_choice (required, Anthropic's any), the named tool's under a named "
+        "choice, and under auto those of tools marked strict (the OpenAI Agents SDK marks "
+        "every tool strict); 400 above. Apart from max_structured_output_bytes because an "
+        "agent's ordinary tool set is many schemas where a response_format is one")
     max_sequences: int = Field(
         256, ge=1, description="most sequences one generating request may ask the engine "
         "for: the prompts of a /v1/completions batch (a prompt array of strings, and each "
@@ -104,6 +108,14 @@ class HttpSettings(Section):
     @pydantic.model_validator(mode="after")
     def _tls_pair(self) -> HttpSettings:
         common.tls_both_or_neither(self.tls_cert_file, self.tls_key_file)
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _n_within_sequences(self) -> HttpSettings:
+        if self.max_n > self.max_sequences:
+            raise ValueError(f"max_n ({self.max_n}) is above max_sequences "
+                             f"({self.max_sequences}): every n between would be refused "
+                             "for its sequences")
         return self
 
     @pydantic.field_validator("workers")

@@ -328,13 +328,13 @@ async def test_batches_forced_tool_schemas_and_chat_templates_are_bounded_on_eve
         ("/v1/completions", {"model": "llama", "prompt": ["hi"] * 100, "n": 3}, "prompt",
          "http.max_sequences"),
         ("/v1/chat/completions", {**chat, "tools": [tool], "tool_choice": "required"},
-         "tools", "http.max_structured_output_bytes"),
+         "tools", "http.max_tool_schema_bytes"),
         ("/v1/chat/completions", {**chat, "tools": [tool], "tool_choice": {
             "type": "function", "function": {"name": "f"}}}, "tools",
-         "http.max_structured_output_bytes"),
+         "http.max_tool_schema_bytes"),
         ("/v1/responses", {"model": "llama", "input": "hi", "tool_choice": "required",
                            "tools": [{"type": "function", "name": "f", "parameters": ENUM}]},
-         "tools", "http.max_structured_output_bytes"),
+         "tools", "http.max_tool_schema_bytes"),
         ("/v1/chat/completions", {**chat, "chat_template": "{{ messages }}"},
          "chat_template", "http.request_chat_templates"),
         ("/v1/completions", {"model": "llama", "prompt": "hi",
@@ -345,7 +345,8 @@ async def test_batches_forced_tool_schemas_and_chat_templates_are_bounded_on_eve
                  "tools": [{"name": "f", "input_schema": ENUM}]}
     async with t.backends(("one", "ok")) as (b,):
         s = t.settings(upstreams=[t.upstream("one", b.url)])
-        s = s.model_copy(update={"http": s.http.model_copy(update={"fast_lane": fast_lane})})
+        s = s.model_copy(update={"http": s.http.model_copy(update={
+            "fast_lane": fast_lane, "max_tool_schema_bytes": 16 * 1024})})
         async with t.running(s) as cp:
             async with aiohttp.ClientSession(headers={
                     "Authorization": f"Bearer {t.KEY_A}"}) as session:
@@ -359,7 +360,7 @@ async def test_batches_forced_tool_schemas_and_chat_templates_are_bounded_on_eve
                             **anthropic, "tool_choice": choice}) as resp:
                         answer = await resp.json()
                         assert resp.status == 400, answer
-                        assert "http.max_structured_output_bytes" in str(answer), answer
+                        assert "http.max_tool_schema_bytes" in str(answer), answer
                 assert b.bodies == []
                 # the same tools unforced, and a batch within the bound, pass
                 async with session.post(f"{cp.url}/v1/chat/completions", json={

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pydantic
 import pytest
 
 from controlplane import errors
 from controlplane.core import validation
+from controlplane.settings import server
 
 
 def nested(depth: int) -> bytes:
@@ -161,7 +163,8 @@ def test_a_batch_of_more_sequences_than_the_limit_is_a_400_naming_the_prompt() -
     assert validation.parse_json(completions_body(prompt=["a"] * 8, n=4), max_sequences=32)
     with pytest.raises(errors.BadRequest, match=r"http\.max_sequences") as info:
         validation.parse_json(completions_body(prompt_embeds=["e"] * 40), max_sequences=32)
-    assert info.value.param == "prompt"
+    assert info.value.param == "prompt_embeds" and "41 prompts and embeddings" in str(
+        info.value.message)
     # one prompt of many token ids is one sequence
     assert validation.parse_json(completions_body(prompt=list(range(5000))), max_sequences=1)
     with pytest.raises(errors.BadRequest, match=r"http\.max_sequences") as info:
@@ -197,11 +200,11 @@ def test_tool_schemas_a_forced_tool_choice_compiles_are_bounded_as_constraints(
     """With tool_choice required or a named tool, vLLM compiles the tools' parameter
     schemas into a structured-output grammar: a 25 KB enum there cost what it costs in a
     response_format, which was refused (probe 69)."""
-    with pytest.raises(errors.BadRequest, match=r"\(http\.max_structured_output_bytes\)"
+    with pytest.raises(errors.BadRequest, match=r"\(http\.max_tool_schema_bytes\)"
                        ) as info:
-        validation.parse_json(chat_body(**fields))
+        validation.parse_json(chat_body(**fields), max_tool_schema_bytes=16 * 1024)
     assert info.value.param == "tools" and info.value.code == "constraint_too_large"
-    assert validation.parse_json(chat_body(**fields), max_structured_output_bytes=10**6)
+    assert validation.parse_json(chat_body(**fields), max_tool_schema_bytes=10**6)
 
 
 def responses_tool(name: str, schema: object, **extra: object) -> dict[str, object]:
@@ -235,9 +238,44 @@ def responses_tool(name: str, schema: object, **extra: object) -> dict[str, obje
 def test_no_reading_of_the_tools_compiles_more_than_was_measured(
         fields: dict[str, object]) -> None:
     """Each of these passed the bound while vLLM compiled the huge schema (probe 77)."""
-    with pytest.raises(errors.BadRequest, match=r"\(http\.max_structured_output_bytes\)"):
-        validation.parse_json(chat_body(**fields))
-    assert validation.parse_json(chat_body(**fields), max_structured_output_bytes=10**6)
+    with pytest.raises(errors.BadRequest, match=r"\(http\.max_(tool_schema|structured_output)"
+                                                r"_bytes\)"):
+        validation.parse_json(chat_body(**fields), max_tool_schema_bytes=16 * 1024)
+    assert validation.parse_json(chat_body(**fields), max_structured_output_bytes=10**6,
+                                 max_tool_schema_bytes=10**6)
+
+
+def test_an_agents_ordinary_strict_tool_set_passes_and_none_compiles_nothing() -> None:
+    """The OpenAI Agents SDK marks every tool strict: an agent's ordinary tools (here 40
+    of six parameters, about 24 KB of schemas) were refused under auto by the 16 KiB
+    structured-output bound meant for one schema; tools have a bound of their own. Under
+    tool_choice none, and in Chat's allowed_tools form in auto mode, vLLM compiles nothing
+    (review finding)."""
+    params = {"type": "object", "additionalProperties": False,
+              "required": ["query", "limit", "offset", "language", "since", "fields"],
+              "properties": {
+                  "query": {"type": "string", "description": "what to find"},
+                  "limit": {"type": "integer", "minimum": 1, "maximum": 100},
+                  "offset": {"type": "integer", "minimum": 0},
+                  "language": {"type": "string", "enum": ["en", "de", "fr"]},
+                  "since": {"type": ["string", "null"], "description": "an ISO date"},
+                  "fields": {"type": "array", "items": {"type": "string"}}}}
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "parameters": params,
+                                               "strict": True}} for i in range(40)]
+    assert len(json.dumps([t["function"]["parameters"] for t in tools])) > 16 * 1024
+    assert validation.parse_json(chat_body(tools=tools))
+    huge = [chat_tool("big", HUGE_SCHEMA) | {"function": {
+        "name": "big", "parameters": HUGE_SCHEMA, "strict": True}}]
+    assert validation.parse_json(chat_body(tools=huge, tool_choice="none"),
+                                 max_tool_schema_bytes=1024)
+    allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+        {"type": "function", "function": {"name": "big"}}]}}
+    assert validation.parse_json(chat_body(tools=[chat_tool("big", HUGE_SCHEMA)],
+                                           tool_choice=allowed), max_tool_schema_bytes=1024)
+    with pytest.raises(errors.BadRequest, match=r"http\.max_tool_schema_bytes"):
+        validation.parse_json(chat_body(tools=[chat_tool("big", HUGE_SCHEMA)], tool_choice={
+            **allowed, "allowed_tools": {**allowed["allowed_tools"], "mode": "required"}}),
+            max_tool_schema_bytes=1024)
 
 
 @pytest.mark.parametrize("choice", [None, "auto", "none", {"type": "auto"},
@@ -271,3 +309,10 @@ def test_a_requests_own_chat_template_is_a_400_unless_let_through(
     kwargs = {"chat_template_kwargs": {"enable_thinking": False}}
     assert validation.parse_json(chat_body(**kwargs))["chat_template_kwargs"] == {
         "enable_thinking": False}
+
+
+def test_a_config_whose_n_bound_is_above_its_sequences_bound_is_refused_naming_both() -> None:
+    """Every n between the two would be refused for its sequences (review finding)."""
+    with pytest.raises(pydantic.ValidationError, match=r"max_n \(16\) is above max_sequences"):
+        server.HttpSettings(max_n=16, max_sequences=8)
+    assert server.HttpSettings(max_n=8, max_sequences=8).max_n == 8
