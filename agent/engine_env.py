@@ -27,7 +27,10 @@ kernel in the cache a restarted engine loads it instead of compiling again, so i
 warm-up, and its start-up, are shorter. Torch's default is ``/tmp/torchinductor_<user>``:
 a path anyone on the host can predict and create first, and torch loads the code it finds
 there without checking who wrote it. A directory that cannot be made private (not ours, a
-symlink) is not used: torch's default applies, with a warning.
+symlink) is not used: torch's default applies, with a warning; one that other users could
+write is emptied first (whatever they left there would be loaded). Only the directory
+itself is checked, not the folders above it: point the setting at a path whose parents
+only this user (or root) can write.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import importlib
 import logging
 import os
 import pathlib
+import shutil
 import stat
 from collections.abc import Sequence
 
@@ -105,7 +109,18 @@ def compile_cache(cfg: SupervisorSettings, backend: str) -> dict[str, str]:
         st = path.lstat()
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
             raise PermissionError("not a directory of this user")
-        if stat.S_IMODE(st.st_mode) != 0o700:
+        if stat.S_IMODE(st.st_mode) & 0o022:
+            # Others could write here: what they left is not ours to load. A cache: empty
+            # it and start afresh.
+            log.warning("backend %s: compile cache %s was writable by other users; "
+                        "emptied it", backend, path)
+            path.chmod(0o700)
+            for entry in path.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        elif stat.S_IMODE(st.st_mode) != 0o700:
             path.chmod(0o700)
     except OSError as exc:
         log.warning("backend %s: compile cache %s not used (%s); torch's default applies",

@@ -151,15 +151,19 @@ def prefill_share(spec: types.EngineSpec, on_cpu: bool = True) -> list[str]:
     """``--long-prefill-token-threshold`` :data:`LONG_PREFILL_TOKENS` for a vLLM that
     generates, with ``--long-prefill-token-threshold-adaptive`` off the CPU, unless its
     extra arguments set the threshold themselves (``0`` turns the cap off) or its context
-    is no longer than the cap (nothing to cap; vLLM refuses a cap above
-    ``--max-model-len``)."""
+    (``max_model_len``, or a ``--max-model-len`` of its extra arguments, which wins in
+    vLLM's parser) is no longer than the cap (nothing to cap; vLLM refuses to start with a
+    cap above ``--max-model-len``). A model whose own context is that short, with no
+    length given, is not known here: give its spec ``max_model_len``."""
     if spec.engine != "vllm" or spec.task != tasks.GENERATE:
         return []
     if spec.tasks and tasks.GENERATE not in spec.tasks:
         return []
     if _flag(spec.extra_args, LONG_PREFILL_FLAG) is not None:
         return []
-    if spec.max_model_len and spec.max_model_len <= LONG_PREFILL_TOKENS:
+    context = _flag(spec.extra_args, "--max-model-len")
+    limit = int(context) if context is not None and context.isdigit() else spec.max_model_len
+    if limit and limit <= LONG_PREFILL_TOKENS:
         return []
     argv = [LONG_PREFILL_FLAG, str(LONG_PREFILL_TOKENS)]
     if not on_cpu and not any(a.startswith(ADAPTIVE_FLAG) for a in spec.extra_args):

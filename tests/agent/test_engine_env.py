@@ -51,6 +51,23 @@ def test_each_vllm_gets_a_private_compile_cache_of_its_own(tmp_path):
     assert engine_env.compile_cache(SupervisorSettings(compile_cache_dir=""), "gen") == {}
 
 
+def test_a_compile_cache_others_could_write_is_emptied_before_use(tmp_path, caplog):
+    """Kernels another user planted while the directory was open to them would be loaded
+    by torch: a cache, so it is emptied, not only made private (review finding)."""
+    cache = tmp_path / "compile" / "gen"
+    cache.mkdir(parents=True)
+    (cache / "planted").mkdir()
+    (cache / "planted" / "kernel.py").write_text("raise SystemExit")
+    (cache / "index").write_text("x")
+    cache.chmod(0o777)
+    cfg = SupervisorSettings(compile_cache_dir=str(tmp_path / "compile"))
+    assert engine_env.compile_cache(cfg, "gen") == {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    assert list(cache.iterdir()) == [] and stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert "writable by other users; emptied it" in caplog.text
+    (cache / "ours").write_text("kept")         # a private cache keeps what it holds
+    assert engine_env.compile_cache(cfg, "gen") != {} and (cache / "ours").exists()
+
+
 def test_a_compile_cache_that_is_a_symlink_is_not_used(tmp_path, caplog):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(mode=0o777)

@@ -107,6 +107,11 @@ def test_the_prefill_cap_is_left_out_where_vllm_would_refuse_it_or_nothing_gener
 
     assert not capped(max_model_len=256)   # nothing to cap (vLLM refuses a cap above it)
     assert capped(max_model_len=257)
+    # the extra arguments' own --max-model-len is the one vLLM parses last (review finding:
+    # a cap above it crash-looped the engine)
+    assert not capped(extra_args=("--max-model-len", "128"))
+    assert not capped(max_model_len=4096, extra_args=("--max-model-len=200",))
+    assert capped(max_model_len=200, extra_args=("--max-model-len", "4096"))
     assert not capped(task="embed")        # a pooling model: no chunked generation
     assert not capped(tasks=("rerank", "score"))
     for kind in ("simulator", "tei"):
