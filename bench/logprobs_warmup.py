@@ -36,14 +36,17 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ imports
     sys.path.insert(0, str(REPO))
 
+from agent import config as agent_config  # noqa: E402
+from agent import engine_env as engine_env_rule  # noqa: E402
 from agent import runner  # noqa: E402
-from agent.core import types  # noqa: E402
+from agent.core import commands, types  # noqa: E402
 from bench.gateway import wait_http  # noqa: E402
 from synapse_common import engines  # noqa: E402
 from synapse_common.ports import free_port  # noqa: E402
@@ -52,16 +55,13 @@ START_S = 600.0
 PLAIN = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
 
 
-def engine_env(cores: str, inductor: pathlib.Path) -> dict[str, str]:
-    """What the agent gives a vLLM on a node without a GPU (:mod:`agent.engine_env`)."""
-    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_CPU_OMP_THREADS_BIND": cores, "HF_HUB_OFFLINE": "1",
-           "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
-    python = engines.find().vllm_python
-    iomp = engines.venv_library(python, "libiomp5.so") if python else None
-    if iomp is not None:
-        env["LD_PRELOAD"] = str(iomp)
-    return env
+def engine_env(cores: str, inductor: pathlib.Path, command: Sequence[str]) -> dict[str, str]:
+    """What the agent gives a vLLM on a node without a GPU (:mod:`agent.engine_env`),
+    with a 1 GiB KV cache and the Inductor cache at ``inductor``."""
+    cfg = agent_config.SupervisorSettings(vllm_device="cpu", vllm_cpu_kvcache_gib=1,
+                                          vllm_cpu_threads_bind=cores)
+    return {**engine_env_rule.vllm_environment(cfg, command),
+            engine_env_rule.COMPILE_CACHE: str(inductor)}
 
 
 def post(url: str, path: str, body: dict[str, Any]) -> float:
@@ -80,14 +80,15 @@ def start(workdir: pathlib.Path, name: str, inductor: pathlib.Path,
     tier = engines.find()
     command, model_dir = tier.require_vllm()
     port = free_port()
-    argv = [*command, "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-            "--served-model-name", tier.model_name, "--max-model-len", "4096",
-            "--dtype", engines.cpu_dtype(), "--enforce-eager"]
+    spec = types.EngineSpec(name=name, engine="vllm", model=str(model_dir),
+                            served_model_names=(tier.model_name,), max_model_len=4096,
+                            extra_args=("--dtype", engines.cpu_dtype(), "--enforce-eager"))
+    argv = commands.build(spec, "127.0.0.1", port, vllm_command=command) or []
     url = f"http://127.0.0.1:{port}"
     log = open(workdir / f"{name}.log", "wb")  # lives as long as the child
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **engine_env(args.cores, inductor)},
+                            env={**os.environ, **engine_env(args.cores, inductor, command)},
                             start_new_session=True)
     wait_http(f"{url}/health", proc, START_S)
     return proc, url, time.monotonic() - t0
