@@ -220,8 +220,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{args.a_max_tokens}, non-streamed; B: short streamed, one at a time, "
           f"{per_round * args.rounds} per phase in {args.rounds} rounds (the configurations "
           f"take turns each round); max-model-len {args.max_model_len}", flush=True)
-    totals: dict[str, dict[str, list[float]]] = {n: {k: [] for k in ("alone", "flood", "a", "a_tokens", "window")}
-              for n in names}
+    fields = ("alone", "flood", "a", "a_tokens", "window")
+    totals: dict[str, dict[str, list[float]]] = {n: {k: [] for k in fields} for n in names}
     try:
         urls: dict[str, str] = {}
         for name in names:   # all up at once, idle but one: rounds interleave them

@@ -326,7 +326,8 @@ class MilvusStore:
 
     def _set_aside_if_damaged(self) -> bool:
         """Stop this process's Lite server for the store, open the store directly, and
-        move it aside if :func:`milvus_lite_damage.damaged` says so (at most once per ``reconnect_s``)."""
+        move it aside if :func:`milvus_lite_damage.damaged` says so (at most once per
+        ``reconnect_s``)."""
         now = self._clock()
         if now - self._checked_at < self._reconnect_s:
             return False

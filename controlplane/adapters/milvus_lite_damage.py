@@ -21,8 +21,8 @@ a Lite store failed; it opens the store directly with milvus-lite's own ``Milvus
   error only when the Parquet reader did. Damage in the write-ahead log and in one of the
   two manifests raises nothing: milvus-lite recovers what it can by itself.
 - **At most :data:`KEEP_MOVED` moved copies per store** (the newest, by the time in their
-  names; 3: the first damage of a recurring fault and the latest two, while a store that
-  keeps breaking cannot fill the disk with whole copies of the cache). Older ones are
+  names: enough to study a recurring fault, while a store that keeps breaking cannot fill
+  the disk with whole copies of the cache). Older ones are
   deleted when a new one is moved aside, with one WARNING naming them.
 """
 

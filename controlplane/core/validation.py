@@ -25,7 +25,7 @@ More bounds of the same kind (probes 69 and 77):
   [10,000 prompts]`` took 10,000 seats while ``n`` stayed under ``http.max_n``; so does
   each embedding of ``prompt_embeds`` (with ``--enable-prompt-embeds``). The sequences of
   one request (:func:`prompt_batch` plus :func:`embeds_batch`, x ``n``) are bounded by
-  ``http.max_sequences`` (256 by default, a vLLM engine's usual ``max_num_seqs``; OpenAI
+  ``http.max_sequences`` (by default a vLLM engine's usual ``max_num_seqs``; OpenAI
   itself takes 2,048 prompts). A setting of its own rather than ``http.max_n``: a batch of
   16 one-choice prompts is an ordinary request, and refusing it for "n" would puzzle its
   sender. ``best_of`` is bounded by ``http.max_n`` but not counted: vLLM 0.32 has no such
@@ -173,9 +173,9 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
     """400 naming the field when ``n`` or ``best_of`` is over ``max_n``, the sequences
     (``batch`` prompts x ``n``) over ``max_sequences``, a structured-output constraint or
     the tool schemas the engine compiles (:func:`_compiled_tools`) over
-    ``max_constraint_bytes`` and ``max_tool_schema_bytes`` of JSON, or the body carries its own chat template while
-    ``request_chat_templates`` is off. Values of the wrong type are left to the fields'
-    own checks (and to the engine)."""
+    ``max_constraint_bytes`` and ``max_tool_schema_bytes`` of JSON, or the body carries
+    its own chat template while ``request_chat_templates`` is off. Values of the wrong
+    type are left to the fields' own checks (and to the engine)."""
     choices = 1
     for name in ("n", "best_of"):
         value: Any = body.get(name)

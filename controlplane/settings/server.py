@@ -70,8 +70,8 @@ class HttpSettings(Section):
         "more per byte than its size says")
     max_n: int = Field(
         8, ge=1, description="most choices one generating request may ask for (n, and the "
-        "legacy best_of, which vLLM 0.32 ignores); 400 above. Each choice is a sequence the engine runs at once, so "
-        "one request of n=64 takes 64 of its seats; token limits charge n x the completion "
+        "legacy best_of, which vLLM 0.32 ignores); 400 above. Each choice is a sequence "
+        "the engine runs at once, so one request of n=64 takes 64 of its seats; token limits charge n x the completion "
         "estimate")
     max_structured_output_bytes: int = Field(
         16 * 1024, ge=256, description="largest structured-output constraint of a request, "

@@ -221,7 +221,8 @@ async def running(s: config.ControlPlaneSettings,
         yield cp
     finally:
         for made in cp.clients:
-            await made.close()
+            with contextlib.suppress(Exception):    # the server's cleanup runs regardless
+                await made.close()
         if server is not None:
             await server.stop(0)
         await runner.cleanup()
