@@ -71,8 +71,8 @@ class HttpSettings(Section):
     max_n: int = Field(
         8, ge=1, description="most choices one generating request may ask for (n, and the "
         "legacy best_of, which vLLM 0.32 ignores); 400 above. Each choice is a sequence "
-        "the engine runs at once, so one request of n=64 takes 64 of its seats; token limits charge n x the completion "
-        "estimate")
+        "the engine runs at once, so one request of n=64 takes 64 of its seats; token "
+        "limits charge n x the completion estimate")
     max_structured_output_bytes: int = Field(
         16 * 1024, ge=256, description="largest structured-output constraint of a request, "
         "as JSON (structured_outputs, response_format, the legacy guided_json / guided_regex "
