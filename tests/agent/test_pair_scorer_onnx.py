@@ -157,6 +157,20 @@ def _recorded(path: pathlib.Path) -> str:
     return path.with_name(path.name + ".sha256").read_text().split()[0]
 
 
+def _exported_again_over_the_planted_file(small_scorer_path: pathlib.Path, tmp_path: pathlib.Path,
+                                          path: pathlib.Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The next load refuses the planted file by its digest (one warning) and exports
+    again over it."""
+    import onnx
+    with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer_onnx"):
+        again = pair_scorer.load(small_scorer_path, "onnx", str(tmp_path))
+    assert again.runtime == "onnx" and _exports(caplog) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "SHA-256 does not match" in warnings[0], warnings
+    assert not any(p.key == "planted" for p in onnx.load(str(path)).metadata_props)
+
+
 def test_the_export_records_its_sha256_and_is_private(small_scorer_path, tmp_path):
     cache = tmp_path / "new" / "onnx"
     loaded = pair_scorer.load(small_scorer_path, "onnx", str(cache))
@@ -178,12 +192,7 @@ def test_a_tampered_cached_file_is_exported_again(small_scorer_path, tmp_path, c
     tampered = onnx.load(str(path))
     tampered.metadata_props.add(key="planted", value="by someone else")
     onnx.save(tampered, str(path))
-    with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer_onnx"):
-        again = pair_scorer.load(small_scorer_path, "onnx", str(tmp_path))
-    assert again.runtime == "onnx" and _exports(caplog) == 1
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "SHA-256 does not match" in warnings[0], warnings
-    assert not any(p.key == "planted" for p in onnx.load(str(path)).metadata_props)
+    _exported_again_over_the_planted_file(small_scorer_path, tmp_path, path, caplog)
     assert _recorded(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -238,12 +247,7 @@ def test_the_bytes_hashed_are_the_bytes_loaded(small_scorer_path, tmp_path, monk
     assert swaps == [path.name]
     assert "planted" not in session.get_modelmeta().custom_metadata_map
     assert any(p.key == "planted" for p in onnx.load(str(path)).metadata_props)
-    with caplog.at_level(logging.INFO, logger="agent.embedding.pair_scorer_onnx"):
-        again = pair_scorer.load(small_scorer_path, "onnx", str(tmp_path))
-    assert again.runtime == "onnx" and _exports(caplog) == 1
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "SHA-256 does not match" in warnings[0], warnings
-    assert not any(p.key == "planted" for p in onnx.load(str(path)).metadata_props)
+    _exported_again_over_the_planted_file(small_scorer_path, tmp_path, path, caplog)
 
 
 OTHER_UID = 4242
