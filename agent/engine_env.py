@@ -27,10 +27,11 @@ kernel in the cache a restarted engine loads it instead of compiling again, so i
 warm-up, and its start-up, are shorter. Torch's default is ``/tmp/torchinductor_<user>``:
 a path anyone on the host can predict and create first, and torch loads the code it finds
 there without checking who wrote it. A directory that cannot be made private (not ours, a
-symlink) is not used: torch's default applies, with a warning; one that other users could
-write is emptied first (whatever they left there would be loaded). Only the directory
-itself is checked, not the folders above it: point the setting at a path whose parents
-only this user (or root) can write.
+symlink, holding what cannot be removed) is not used: a private temporary directory is,
+for this run only, with a warning; one that other users could write is emptied first
+(whatever they left there would be loaded). Only the directory itself is checked, not the
+folders above it: point the setting at a path whose parents only this user (or root) can
+write.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import os
 import pathlib
 import shutil
 import stat
+import tempfile
 from collections.abc import Sequence
 
 from agent.config import SupervisorSettings
@@ -99,31 +101,44 @@ def vllm_environment(cfg: SupervisorSettings, command: Sequence[str]) -> dict[st
 
 def compile_cache(cfg: SupervisorSettings, backend: str) -> dict[str, str]:
     """``TORCHINDUCTOR_CACHE_DIR`` for ``backend``'s vLLM: its private directory (made, or
-    made private, here); nothing when ``compile_cache_dir`` is empty or the directory
-    cannot be ours alone."""
+    made private, here), else a private temporary one for this run; nothing when
+    ``compile_cache_dir`` is empty (torch's default)."""
     if not cfg.compile_cache_dir:
         return {}
     path = pathlib.Path(cfg.compile_cache_dir).expanduser() / backend
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = path.lstat()
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            raise PermissionError("not a directory of this user")
-        if stat.S_IMODE(st.st_mode) & 0o022:
-            # Others could write here: what they left is not ours to load. A cache: empty
-            # it and start afresh.
-            log.warning("backend %s: compile cache %s was writable by other users; "
-                        "emptied it", backend, path)
-            path.chmod(0o700)
-            for entry in path.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-        elif stat.S_IMODE(st.st_mode) != 0o700:
-            path.chmod(0o700)
+        # Checked, made private and emptied through one handle: a symlink put in its
+        # place is not followed, and nothing outside it is touched.
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            _make_private(fd, backend, path)
+        finally:
+            os.close(fd)
     except OSError as exc:
-        log.warning("backend %s: compile cache %s not used (%s); torch's default applies",
-                    backend, path, exc)
-        return {}
+        scratch = tempfile.mkdtemp(prefix=f"synapse-inductor-{backend}-")
+        log.warning("backend %s: compile cache %s not used (%s); a private temporary "
+                    "directory for this run instead: %s", backend, path, exc, scratch)
+        return {COMPILE_CACHE: scratch}
     return {COMPILE_CACHE: str(path)}
+
+
+def _make_private(fd: int, backend: str, path: pathlib.Path) -> None:
+    """Make the directory open at ``fd`` this user's alone; empty it first when other
+    users could write it (what they left would be loaded)."""
+    st = os.fstat(fd)
+    if st.st_uid != os.getuid():
+        raise PermissionError("another user's directory")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        os.fchmod(fd, 0o700)
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.name, dir_fd=fd)
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+        log.warning("backend %s: compile cache %s was writable by other users; emptied it",
+                    backend, path)
+    elif mode != 0o700:
+        os.fchmod(fd, 0o700)

@@ -125,15 +125,37 @@ def build(spec: types.EngineSpec, host: str, port: int, *,
 
 
 def _flag(args: Sequence[str], flag: str) -> str | None:
-    """The value ``args`` give ``flag`` (``--flag V`` or ``--flag=V``; the last one wins,
-    as in argparse), or ``None`` when they do not set it."""
+    """The value ``args`` give ``flag`` (``--flag V`` or ``--flag=V``, spelt with dashes
+    or underscores as vLLM's parser takes both; the last one wins, as in argparse), or
+    ``None`` when they do not set it."""
     found = None
     for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
+        name, eq, value = arg.partition("=")
+        if not name.startswith("--") or name.replace("_", "-") != flag:
+            continue
+        if eq:
+            found = value
+        elif i + 1 < len(args):
             found = args[i + 1]
-        elif arg.startswith(flag + "="):
-            found = arg.split("=", 1)[1]
     return found
+
+
+_COUNT = re.compile(r"([0-9]+(?:\.[0-9]+)?)([kmgtKMGT]?)")
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def _count(value: str | None) -> int | None:
+    """A count as vLLM's parser reads it (``4096``, ``8k`` = 8,000, ``8K`` = 8,192,
+    ``25.6k``), or ``None`` when it is not one (the engine would refuse it itself)."""
+    m = _COUNT.fullmatch(value.strip()) if value is not None else None
+    if m is None:
+        return None
+    number, suffix = m.groups()
+    if suffix in _DECIMAL:
+        return int(float(number) * _DECIMAL[suffix])
+    if "." in number:
+        return None
+    return int(number) * (2 ** (10 * "KMGT".index(suffix) + 10) if suffix else 1)
 
 
 def max_num_seqs(spec: types.EngineSpec) -> int:
@@ -143,8 +165,7 @@ def max_num_seqs(spec: types.EngineSpec) -> int:
     hardware, is not guessed)."""
     if spec.engine not in ("vllm", "simulator"):
         return 0
-    value = _flag(spec.extra_args, "--max-num-seqs")
-    return int(value) if value is not None and value.isdigit() else 0
+    return _count(_flag(spec.extra_args, "--max-num-seqs")) or 0
 
 
 def prefill_share(spec: types.EngineSpec, on_cpu: bool = True) -> list[str]:
@@ -162,11 +183,13 @@ def prefill_share(spec: types.EngineSpec, on_cpu: bool = True) -> list[str]:
     if _flag(spec.extra_args, LONG_PREFILL_FLAG) is not None:
         return []
     context = _flag(spec.extra_args, "--max-model-len")
-    limit = int(context) if context is not None and context.isdigit() else spec.max_model_len
-    if limit and limit <= LONG_PREFILL_TOKENS:
+    limit = _count(context) if context is not None else spec.max_model_len
+    if limit and 0 < limit <= LONG_PREFILL_TOKENS:
         return []
     argv = [LONG_PREFILL_FLAG, str(LONG_PREFILL_TOKENS)]
-    if not on_cpu and not any(a.startswith(ADAPTIVE_FLAG) for a in spec.extra_args):
+    adaptive = any(a.partition("=")[0].replace("_", "-") == ADAPTIVE_FLAG
+                   for a in spec.extra_args)
+    if not on_cpu and not adaptive:
         argv.append(ADAPTIVE_FLAG)
     return argv
 

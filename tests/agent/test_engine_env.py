@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import stat
 
 from agent import engine_env
@@ -68,11 +69,22 @@ def test_a_compile_cache_others_could_write_is_emptied_before_use(tmp_path, capl
     assert engine_env.compile_cache(cfg, "gen") != {} and (cache / "ours").exists()
 
 
-def test_a_compile_cache_that_is_a_symlink_is_not_used(tmp_path, caplog):
+def test_a_compile_cache_that_is_a_symlink_is_not_followed(tmp_path, caplog):
+    """Neither used nor emptied through the link (what it points to stays as it was), and
+    not torch's predictable /tmp default either: a private temporary directory."""
     elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir(mode=0o777)
+    elsewhere.mkdir()
+    elsewhere.chmod(0o777)
+    (elsewhere / "someone's").write_text("kept")
     (tmp_path / "compile").mkdir()
     (tmp_path / "compile" / "gen").symlink_to(elsewhere)
     cfg = SupervisorSettings(compile_cache_dir=str(tmp_path / "compile"))
-    assert engine_env.compile_cache(cfg, "gen") == {}
-    assert "compile cache" in caplog.text and "torch's default applies" in caplog.text
+    scratch = pathlib.Path(engine_env.compile_cache(cfg, "gen")["TORCHINDUCTOR_CACHE_DIR"])
+    try:
+        assert scratch.is_dir() and not scratch.is_relative_to(tmp_path)
+        assert stat.S_IMODE(scratch.stat().st_mode) == 0o700
+        assert (elsewhere / "someone's").exists()
+        assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o777
+        assert "not used" in caplog.text and "temporary directory" in caplog.text
+    finally:
+        scratch.rmdir()

@@ -57,6 +57,8 @@ def test_the_seat_count_is_read_from_the_command_line_when_it_sets_one():
     assert seats("simulator", "--time-scale", "0", "--max-num-seqs", "4") == 4
     assert seats("vllm") == 0                   # vLLM's own default is not guessed
     assert seats("vllm", "--max-num-seqs", "many") == 0
+    assert seats("vllm", "--max-num-seqs", "²") == 0        # isdigit() but not int()
+    assert seats("vllm", "--max_num_seqs=12") == 12
     assert seats("vllm", "--max-num-seqs") == 0
     assert seats("tei", "--max-num-seqs", "4") == 0
 
@@ -112,6 +114,13 @@ def test_the_prefill_cap_is_left_out_where_vllm_would_refuse_it_or_nothing_gener
     assert not capped(extra_args=("--max-model-len", "128"))
     assert not capped(max_model_len=4096, extra_args=("--max-model-len=200",))
     assert capped(max_model_len=200, extra_args=("--max-model-len", "4096"))
+    # read as vLLM's parser reads it: underscores, human-readable counts; a value it would
+    # refuse itself never crashes the agent (review finding)
+    assert not capped(extra_args=("--max_model_len", "200"))
+    assert not capped(extra_args=("--max-model-len=0.2k",))
+    assert capped(extra_args=("--max-model-len", "8K"))
+    assert capped(extra_args=("--max-model-len", "²"))
+    assert not capped(extra_args=("--long_prefill_token_threshold", "0"))
     assert not capped(task="embed")        # a pooling model: no chunked generation
     assert not capped(tasks=("rerank", "score"))
     for kind in ("simulator", "tei"):
