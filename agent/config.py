@@ -201,7 +201,9 @@ class SupervisorSettings(Section):
         "~/.cache/synapse/engine-compile", description="vLLM: each backend's private "
         "Inductor cache (TORCHINDUCTOR_CACHE_DIR) is <this>/<backend>, mode 0700, kept "
         "across restarts so a restarted engine reuses the kernels it compiled; a backend's "
-        "env may set its own; empty: torch's default (/tmp/torchinductor_<user>)")
+        "env may set its own; one that cannot be made private: a temporary directory for "
+        "that run; empty: torch's default (/tmp/torchinductor_<user>, which anyone on "
+        "the host can create first)")
     tei_command: list[str] = Field(default_factory=lambda: ["text-embeddings-router"],
                                    description="how to start TEI")
     engine_host: str = Field("127.0.0.1", description="address engines listen on "
