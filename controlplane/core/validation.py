@@ -109,6 +109,10 @@ _BOUNDED = frozenset({"n", "best_of", "text", "tools", "output_config", "prompt_
 _UNFORCED = ("auto", "none")    # tool choices that compile no grammar (a tuple: a value
                                 # of the wrong type may be unhashable)
 _SCHEMA_KEYS = ("parameters", "input_schema")   # where a tool's schema is, by dialect
+# tool choices that force a function tool (OpenAI, Responses, Anthropic); other objects
+# name a hosted tool (file_search, ...) and force no schema
+_FORCING = ("function", "tool", "any", "allowed_tools", "required")
+_TRUE_STRINGS = frozenset({"1", "true", "t", "yes", "y", "on"})
 _NO_FUNCTION: Mapping[str, Any] = {}
 # Which tools' schemas the engine compiles: a test of a tool and of its ``function``.
 _Wanted = Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
@@ -222,8 +226,10 @@ def _compiled_tools(tools: list[Any], choice: Any, limit: int) -> None:
     even under ``auto``; with ``--tool-strict-level parameter`` it compiles every tool
     there, which is not counted: the agent never sets it). Counted generously, so that no
     reading of the body compiles more than was measured: every schema a tool carries
-    (``parameters`` and ``input_schema``, at its top and in its ``function``), and the
-    tools nested in a tool (Responses' namespaces)."""
+    (``parameters`` and ``input_schema``, at its top and in its ``function``), the tools
+    nested in a tool (Responses' namespaces, whose tools vLLM names ``<namespace>__<name>``),
+    ``strict`` in every spelling vLLM's parser takes as true (``1``, ``"yes"``, ...). A
+    hosted tool's choice (``file_search``, ...) forces no function: strict tools only."""
     wanted: _Wanted
     kind = choice.get("type") if type(choice) is dict else choice
     if kind == "none":
@@ -231,6 +237,7 @@ def _compiled_tools(tools: list[Any], choice: Any, limit: int) -> None:
     if choice is None or (type(choice) is str and choice != "required"):
         wanted = _strict
     elif type(choice) is dict and (kind in _UNFORCED or (
+            kind is not None and kind not in _FORCING) or (
             kind == "allowed_tools" and _mode(choice) in _UNFORCED)):
         wanted = _strict
     elif type(choice) is dict:
@@ -278,12 +285,23 @@ def _every(tool: Mapping[str, Any], fn: Mapping[str, Any]) -> bool:
 
 
 def _strict(tool: Mapping[str, Any], fn: Mapping[str, Any]) -> bool:
-    return tool.get("strict") is True or fn.get("strict") is True
+    return _true(tool.get("strict")) or _true(fn.get("strict"))
+
+
+def _true(value: Any) -> bool:
+    """Whether pydantic's lax mode, as vLLM's request models parse, reads ``value`` as
+    true (``True``, ``1``, ``"1"``, ``"true"``, ``"yes"``, ``"on"``, ... in any case)."""
+    if type(value) is str:
+        return value.strip().lower() in _TRUE_STRINGS
+    return value is True or (type(value) in (int, float) and value == 1)
 
 
 def _named(name: str) -> _Wanted:
+    """A tool named ``name``, or ``<namespace>__<its name>`` as vLLM names a Responses
+    namespace's tools (generously: any prefix)."""
     def named(tool: Mapping[str, Any], fn: Mapping[str, Any]) -> bool:
-        return tool.get("name") == name or fn.get("name") == name
+        return any(type(n) is str and n and (name == n or name.endswith("__" + n))
+                   for n in (tool.get("name"), fn.get("name")))
     return named
 
 

@@ -234,6 +234,16 @@ def responses_tool(name: str, schema: object, **extra: object) -> dict[str, obje
     {"tools": [responses_tool("big", HUGE_SCHEMA, strict=True)], "tool_choice": "auto"},
     # Anthropic's output_config.format becomes a response_format
     {"output_config": {"format": {"type": "json_schema", "schema": HUGE_SCHEMA}}},
+    # strict as vLLM's parser reads it, in any spelling (review finding)
+    {"tools": [chat_tool("big", HUGE_SCHEMA) | {"function": {
+        "name": "big", "parameters": HUGE_SCHEMA, "strict": 1}}]},
+    {"tools": [responses_tool("big", HUGE_SCHEMA, strict="Yes")], "tool_choice": "auto"},
+    # a namespace's tool named as vLLM names it, <namespace>__<name> (review finding)
+    {"tools": [{"type": "namespace", "name": "ns", "tools": [
+        responses_tool("fn", HUGE_SCHEMA)]}],
+     "tool_choice": {"type": "function", "name": "ns__fn"}},
+    # a named choice without its type (vLLM's model defaults it to function)
+    {"tools": [chat_tool("big", HUGE_SCHEMA)], "tool_choice": {"function": {"name": "big"}}},
 ])
 def test_no_reading_of_the_tools_compiles_more_than_was_measured(
         fields: dict[str, object]) -> None:
@@ -267,6 +277,10 @@ def test_an_agents_ordinary_strict_tool_set_passes_and_none_compiles_nothing() -
     huge = [chat_tool("big", HUGE_SCHEMA) | {"function": {
         "name": "big", "parameters": HUGE_SCHEMA, "strict": True}}]
     assert validation.parse_json(chat_body(tools=huge, tool_choice="none"),
+                                 max_tool_schema_bytes=1024)
+    # a hosted tool's choice forces no function schema (review finding)
+    assert validation.parse_json(chat_body(tools=[chat_tool("big", HUGE_SCHEMA)],
+                                           tool_choice={"type": "file_search"}),
                                  max_tool_schema_bytes=1024)
     allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
         {"type": "function", "function": {"name": "big"}}]}}
