@@ -75,7 +75,7 @@ def build(svc: services_mod.Services) -> fairness.Fairness:
                                           q.reserved_seats, seats_metric(svc))
         gate = fair_queue.Gate(
             fair_queue.Options(tuple(q.classes), q.max_waiting, q.max_waiting_per_tenant,
-                               q.deadline_s, q.poll_interval_s),
+                               q.deadline_s, q.poll_interval_s, q.max_seat_hold_s),
             room(svc.router, saturated, q.classes[0]), observer=QueueMetrics(svc))
     coalesced = svc.metrics.coalesced
     judged = svc.cache if isinstance(svc.cache, cache_feedback.FeedbackCache) else None
@@ -123,16 +123,17 @@ def _rule(tenant: str, model: str, tpm: int | None,
 
 
 def room(router: router_mod.Router, saturated: saturation.Saturation,
-         top: str) -> Callable[[str, str], bool]:
+         top: str) -> Callable[[str, str, int], bool]:
     """Whether some backend of a model is not saturated for a request of a class (``top``
-    is the highest; the router's own predictions, without moving any of its state)."""
+    is the highest) taking so many seats (the router's own predictions, without moving
+    any of its state)."""
     probe = router_mod.Prompt.from_text("", 0, "", exact=False)
 
-    def has_room(model: str, cls: str) -> bool:
+    def has_room(model: str, cls: str, sequences: int = 1) -> bool:
         verdicts, _ = router.verdicts(model, probe)
         if not verdicts:
             return True     # nothing serves it: let dispatch answer 503 at once
-        return saturated.room(verdicts, cls == top)
+        return saturated.room(verdicts, cls == top, sequences)
     return has_room
 
 

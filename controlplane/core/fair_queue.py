@@ -26,12 +26,20 @@ queue, which knows nothing of tenants. One :class:`FairQueue` per model
 * **A deadline per request**: at ``deadline_s`` it leaves with 503 and ``Retry-After``;
   nothing ever waits without one.
 * **Dispatch as capacity frees** (:class:`Gate`): one pump task per non-empty queue sends
-  the head on whenever ``room(model)`` says the backends have room again — woken by
+  the head on whenever ``room(model, class, seats)`` says the backends have room for all
+  its seats again (``n`` x a batch's prompts: :mod:`saturation`) — woken by
   :meth:`Gate.wake` when a request of that model settles, and at ``poll_interval_s``
   otherwise (the engines' own reports move the prediction too). After releasing a
   request the pump waits until that request has resumed (and so been dispatched, which
   updates the router's ledger) before asking ``room`` again, so one freed slot releases
   one request, not the whole queue.
+* **A head that needs more seats than are free holds them, for a bounded time**: while
+  one seat is free but not all of a large request's, nothing behind it goes, so the seats
+  that free gather for it instead of each going to a smaller request behind (which would
+  let a stream of small requests pass it for ever). Other workers and replicas fill freed
+  seats too and may never leave enough free at once, so after ``max_seat_hold_s`` of
+  holding it goes on with one seat free (the engine queues the rest), as if the rule
+  were not there; 0 turns the holding off.
 
 Pure apart from asyncio: the clock and the sleep are injected (:mod:`synapse_common.clock`).
 """
@@ -59,6 +67,7 @@ class Options:
     max_waiting_per_tenant: int = 1000
     deadline_s: float = 30.0
     poll_interval_s: float = 0.05
+    max_seat_hold_s: float = 2.0
 
 
 class Observer(Protocol):
@@ -86,6 +95,8 @@ class Waiter:
     enqueued_at: float
     deadline: float
     future: asyncio.Future[None]
+    sequences: int = 1          # the seats it takes (:attr:`validation.Parsed.sequences`)
+    holding_since: float | None = None   # first found at the head with too few seats
     taken: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     gone: bool = False          # released, expired or cancelled: skipped by pop
 
@@ -117,7 +128,7 @@ class FairQueue:
         return rank
 
     def push(self, tenant: str, cls: str, weight: float, tokens: int, now: float,
-             future: asyncio.Future[None]) -> Waiter:
+             future: asyncio.Future[None], sequences: int = 1) -> Waiter:
         """Queue a request, or refuse it when a bound is reached."""
         rank = self.rank(cls)
         o = self.options
@@ -136,7 +147,7 @@ class FairQueue:
         finish = start + max(1, tokens) / weight
         self._last[rank][tenant] = finish
         w = Waiter(tenant, cls, rank, start, finish, next(self._seq), now,
-                   now + o.deadline_s, future)
+                   now + o.deadline_s, future, sequences)
         heapq.heappush(self._heaps[rank], (finish, w.seq, w))
         self._count += 1
         self._waiting[(cls, tenant)] = self._waiting.get((cls, tenant), 0) + 1
@@ -217,7 +228,7 @@ class FairQueue:
 class Gate:
     """The queues of every model and their pumps."""
 
-    def __init__(self, options: Options, room: Callable[[str, str], bool],
+    def __init__(self, options: Options, room: Callable[[str, str, int], bool],
                  clock: clocks.Clock = clocks.loop_time, sleep: Sleep = clocks.sleep,
                  observer: Observer | None = None) -> None:
         self.options = options
@@ -252,14 +263,15 @@ class Gate:
         return len(q) if q is not None else 0
 
     async def wait(self, model: str, tenant: str, cls: str, weight: float,
-                   tokens: int) -> float:
-        """Wait for the turn of a request of ``model``; the seconds waited. Raises
+                   tokens: int, sequences: int = 1) -> float:
+        """Wait for the turn of a request of ``model`` (``sequences``: the seats it
+        takes, which ``room`` is asked for); the seconds waited. Raises
         :class:`errors.QueueFull` / :class:`errors.QueueTimeout` (deadline)."""
         q = self._queues.get(model)
         if q is None:
             q = self._queues[model] = FairQueue(self.options)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        w = q.push(tenant, cls, weight, tokens, self._clock(), future)
+        w = q.push(tenant, cls, weight, tokens, self._clock(), future, sequences)
         self._observer.depth(model, cls, tenant, q.waiting(cls, tenant))
         self._ensure_pump(model)
         if q.peek() is w:       # a new head (e.g. a higher class, with seats kept for it)
@@ -310,7 +322,7 @@ class Gate:
             if head.future.done():          # cancelled, its handler not yet resumed
                 q.remove(head)
                 continue
-            if self._room(model, head.cls):
+            if self._may_go(model, head):
                 q.pop()
                 self._observer.depth(model, head.cls, head.tenant,
                                      q.waiting(head.cls, head.tenant))
@@ -319,10 +331,26 @@ class Gate:
                 continue
             wakeup.clear()
             deadline = q.next_deadline()
+            if head.holding_since is not None:     # wake when its holding ends, not later
+                held_until = head.holding_since + self.options.max_seat_hold_s
+                if held_until > self._clock():
+                    deadline = held_until if deadline is None else min(deadline, held_until)
             delay = self.options.poll_interval_s
             if deadline is not None:
                 delay = max(0.0, min(delay, deadline - self._clock()))
             await self._sleep(delay, wakeup)
+
+    def _may_go(self, model: str, head: Waiter) -> bool:
+        """Room for all the head's seats, or for one once it has held them as long as it
+        may (the module's docstring)."""
+        if self._room(model, head.cls, head.sequences):
+            return True
+        if head.sequences == 1 or not self._room(model, head.cls, 1):
+            return False
+        now = self._clock()
+        if head.holding_since is None:
+            head.holding_since = now
+        return now - head.holding_since >= self.options.max_seat_hold_s
 
     def _expire(self, model: str, q: FairQueue) -> None:
         for w in q.expired(self._clock()):

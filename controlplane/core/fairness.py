@@ -143,32 +143,35 @@ class Fairness:
             return True
         best = route.candidates[0] if route.candidates else None
         return (best is not None and self.saturation is not None
-                and self.saturation.saturated(best, self.top(cls)))
+                and self.saturation.saturated(best, self.top(cls), route.prompt.sequences))
 
     def top(self, cls: str) -> bool:
         """Whether ``cls`` is the highest class (it may take the reserved seats)."""
         return self.gate is None or cls == self.gate.classes[0]
 
     def room_first(self, route: types.RouteDecision, cls: str) -> types.RouteDecision:
-        """``route`` with its best candidate that is not saturated first: a request
-        released from the queue takes the seat that freed, not one the router merely
-        ranks higher on a backend that is still full."""
+        """``route`` with its best candidate that has room for all of the request's seats
+        first, or else (released after holding seats as long as it may) its best with one
+        seat free: a request released from the queue takes the seats that freed, not ones
+        the router merely ranks higher on a backend that is still full."""
         if self.saturation is None:
             return route
-        top = self.top(cls)
-        for i, v in enumerate(route.candidates):
-            if not self.saturation.saturated(v, top):
-                if i == 0:
-                    return route
-                rest = route.candidates[:i] + route.candidates[i + 1:]
-                return dataclasses.replace(route, candidates=(v, *rest))
+        top, sequences = self.top(cls), route.prompt.sequences
+        for need in ((sequences, 1) if sequences > 1 else (1,)):
+            for i, v in enumerate(route.candidates):
+                if not self.saturation.saturated(v, top, need):
+                    if i == 0:
+                        return route
+                    rest = route.candidates[:i] + route.candidates[i + 1:]
+                    return dataclasses.replace(route, candidates=(v, *rest))
         return route
 
     async def hold(self, route: types.RouteDecision, tenant: str, cls: str, weight: float,
                    tokens: int) -> float:
         """Wait for a fair turn on ``route.model``'s backends; the seconds waited."""
         assert self.gate is not None
-        return await self.gate.wait(route.model, tenant, cls, weight, tokens)
+        return await self.gate.wait(route.model, tenant, cls, weight, tokens,
+                                    route.prompt.sequences)
 
     def wake(self, model: str) -> None:
         if self.gate is not None:

@@ -292,7 +292,7 @@ class Router:
         # only (copying every verdict per request costs more than routing it).
         ranked = tuple(ordered)
         info = types.PromptInfo(prompt.tokens, hashes, prompt.max_tokens, prompt.session,
-                                prompt.tokenizer)
+                                prompt.tokenizer, prompt.sequences)
         return types.RouteDecision(model, ranked, reason + reason_suffix,
                                    self.params.policy, info)
 

@@ -29,13 +29,15 @@ reports:
   the engine again, as without the fair queue. Saturated when the requests this replica
   has in flight there, plus those the engine reports waiting beyond them (other
   replicas'), reach it — counted in sequences, as the engine counts them: a request of
-  ``n: 4``, or a completions batch of four prompts, takes four seats. A request goes on
-  when one seat is free, whatever its size, so a large one may overfill the engine by up
-  to its own size (bounded by ``http.max_sequences``; the engine queues the rest, as
-  without the fair queue). Waiting for all its seats instead would let one large request
-  at the head of the queue hold every request behind it until the backend emptied, which
-  other workers and replicas, filling seats as they free, may never let happen. Until a
-  backend has shown its limit once, this signal is silent.
+  ``n: 4``, or a completions batch of four prompts, takes four seats, and goes on where
+  all four are free (an empty backend takes any request: one larger than the whole limit
+  would otherwise never go), so that it neither overfills the engine, whose FIFO would
+  then start its sequences ahead of requests the fair queue put before them, nor, from a
+  lower class, takes seats kept for the highest. The fair queue bounds how long a request
+  at its head holds the seats that free for it (``fairness.queue.max_seat_hold_s``,
+  :mod:`fair_queue`): other workers and replicas, filling seats as they free, may never
+  leave enough of them free at once. Until a backend has shown its limit once, this
+  signal is silent.
   With several replicas each one sees the others only through the engine's reports, so
   together they may fill a backend's queue by up to a report interval's worth.
 * **Prefill queued ahead.** Long prompts can saturate an engine with seats to spare: the
@@ -133,7 +135,9 @@ class Saturation:
         blind = self._ledger.load(v.backend.key).blind_prefill_tokens
         return max(0.0, v.basis.queued_tokens - blind) * v.basis.prefill_s_per_token
 
-    def seats_full(self, backend: types.BackendState, top: bool = True) -> bool:
+    def seats_full(self, backend: types.BackendState, top: bool = True,
+                   sequences: int = 1) -> bool:
+        """Whether a request of ``sequences`` seats finds too few free on ``backend``."""
         seats = backend.max_num_seqs or self._seats.get(backend.key)
         if not seats:
             return False
@@ -147,13 +151,18 @@ class Saturation:
         # whole reported occupancy with ours would keep a seat "taken" by one of our own
         # requests that has finished since, until the next report.
         foreign = max(0, backend.waiting - mine)
-        return mine + foreign >= seats
+        taken = mine + foreign
+        return taken > 0 and taken + sequences > seats
 
-    def saturated(self, v: types.Verdict, top: bool = True) -> bool:
-        """For a request of the highest class (``top``) or of another."""
+    def saturated(self, v: types.Verdict, top: bool = True, sequences: int = 1) -> bool:
+        """For a request of the highest class (``top``) or of another, of ``sequences``
+        seats."""
         self.learn(v.backend)
-        return self.seats_full(v.backend, top) or self.queued_s(v) > self.bound_s
+        return (self.seats_full(v.backend, top, sequences)
+                or self.queued_s(v) > self.bound_s)
 
-    def room(self, verdicts: Iterable[types.Verdict], top: bool = True) -> bool:
-        """Whether some eligible backend of these verdicts is not saturated."""
-        return any(v.eligible and not self.saturated(v, top) for v in verdicts)
+    def room(self, verdicts: Iterable[types.Verdict], top: bool = True,
+             sequences: int = 1) -> bool:
+        """Whether some eligible backend of these verdicts has room for a request of
+        ``sequences`` seats."""
+        return any(v.eligible and not self.saturated(v, top, sequences) for v in verdicts)

@@ -156,6 +156,7 @@ class PromptInfo:
     max_tokens: int = 0
     session: str = ""
     tokenizer: str = "approximate"   # what the ids were counted with (tokenization.py)
+    sequences: int = 1              # seats it takes: n x a batch's prompts (the fair queue)
 
 
 class Basis(NamedTuple):

@@ -71,6 +71,19 @@ class QueueSettings(Section):
                         "naming a class, honoured for tenants with priority_header")
     poll_interval_s: float = Field(0.05, gt=0, description="how often a non-empty queue "
                                    "re-reads the predictions when nothing finished")
+    max_seat_hold_s: float = Field(
+        2.0, ge=0, description="longest the request at the head of a model's queue holds "
+        "the seats that free for it (nothing behind it goes) when it needs more than are "
+        "free (n > 1, a batch of prompts); then it goes on with one seat free and the "
+        "engine queues the rest. 0: a request goes on whenever one seat is free")
+
+    @pydantic.model_validator(mode="after")
+    def _hold_within_deadline(self) -> QueueSettings:
+        if self.max_seat_hold_s >= self.deadline_s:
+            raise ValueError(f"max_seat_hold_s ({self.max_seat_hold_s:g}) is not below "
+                             f"deadline_s ({self.deadline_s:g}): a large request would time "
+                             "out holding seats instead of going on")
+        return self
 
 
 class FairnessSettings(Section):

@@ -40,6 +40,9 @@ CASES = [
     ("controlplane", "models:\n- {name: a, fallbacks: [nowhere]}\n", "models[0].fallbacks"),
     ("controlplane", "upstreams:\n- {name: x, url: 'http://a', models: [m], kind: ollma}\n",
      "upstreams.0.kind"),
+    # a large request would time out holding seats instead of going on
+    ("controlplane", "fairness:\n  queue: {deadline_s: 5, max_seat_hold_s: 5}\n",
+     "fairness.queue: max_seat_hold_s (5) is not below deadline_s (5)"),
     # one half of a TLS pair used to serve plain text, saying nothing
     ("controlplane", "http:\n  tls_cert_file: /etc/tls/tls.crt\n", "http: tls_key_file"),
     ("controlplane", "grpc:\n  tls_key_file: /etc/tls/tls.key\n", "grpc: tls_cert_file"),

@@ -21,8 +21,8 @@ class Fleet:
         self.free = free
         self.released: list[str] = []
 
-    def room(self, model: str, cls: str) -> bool:
-        return self.free > 0
+    def room(self, model: str, cls: str, sequences: int = 1) -> bool:
+        return self.free >= sequences
 
 
 def gate_for(fleet: Fleet, clock: ManualClock | None = None, **options: object,
@@ -39,9 +39,10 @@ def gate_for(fleet: Fleet, clock: ManualClock | None = None, **options: object,
 
 
 async def request(gate: fair_queue.Gate, fleet: Fleet, name: str, tenant: str,
-                  cls: str = "interactive", weight: float = 1.0, tokens: int = 100) -> None:
-    await gate.wait(MODEL, tenant, cls, weight, tokens)
-    fleet.free -= 1                 # dispatched: it holds a slot
+                  cls: str = "interactive", weight: float = 1.0, tokens: int = 100,
+                  sequences: int = 1) -> None:
+    await gate.wait(MODEL, tenant, cls, weight, tokens, sequences)
+    fleet.free -= sequences         # dispatched: it holds its slots
     fleet.released.append(name)
 
 
@@ -92,8 +93,8 @@ async def test_a_new_head_with_room_for_its_class_goes_without_waiting_for_a_pol
     class Reserved(Fleet):
         """No room for batch requests; seats kept for interactive ones."""
 
-        def room(self, model: str, cls: str) -> bool:
-            return cls == "interactive" and self.free > 0
+        def room(self, model: str, cls: str, sequences: int = 1) -> bool:
+            return cls == "interactive" and self.free >= sequences
 
     fleet = Reserved(free=1)
     gate = gate_for(fleet, poll_interval_s=3600.0)
@@ -178,7 +179,7 @@ async def test_a_request_waits_no_longer_than_its_deadline() -> None:
 async def test_models_queue_apart() -> None:
     fleet = Fleet(free=0)
     opts = fair_queue.Options(poll_interval_s=0.01)
-    gate = fair_queue.Gate(opts, lambda model, cls: model == "free-model")
+    gate = fair_queue.Gate(opts, lambda model, cls, seats: model == "free-model")
     blocked = asyncio.create_task(gate.wait("busy-model", "t", "interactive", 1.0, 10))
     await settle_until(lambda: gate.depth("busy-model") == 1, "the busy model to queue")
     await gate.wait("free-model", "t", "interactive", 1.0, 10)  # not behind the other
@@ -190,11 +191,94 @@ async def test_models_queue_apart() -> None:
 
 async def test_a_higher_class_does_not_queue_behind_lower_classes_only() -> None:
     opts = fair_queue.Options(poll_interval_s=0.01)
-    gate = fair_queue.Gate(opts, lambda model, cls: cls == "interactive")
+    gate = fair_queue.Gate(opts, lambda model, cls, seats: cls == "interactive")
     batch = asyncio.create_task(gate.wait("m", "noisy", "batch", 1.0, 10))
     await settle_until(lambda: gate.depth("m") == 1, "the batch request to queue")
     assert gate.busy("m") and gate.busy("m", "batch")
     assert not gate.busy("m", "interactive")    # strict priority: it would go first anyway
     await cancel(batch)
     assert not gate.busy("m", "batch")
+    await gate.close()
+
+
+async def test_the_head_is_released_when_there_is_room_for_all_its_seats() -> None:
+    """``room`` is asked for the head's own seats (n x a batch's prompts): a batch of eight
+    waits while three seats are free, and goes when eight are. Sent on at one free seat,
+    it overfilled the engine, whose FIFO then started its sequences ahead of requests the
+    queue had put before them (probe 77)."""
+    fleet = Fleet(free=3)
+    gate = gate_for(fleet)
+    batch = asyncio.create_task(request(gate, fleet, "batch", "t", sequences=8))
+    await asyncio.sleep(0.05)
+    assert fleet.released == []
+    fleet.free = 8
+    gate.wake(MODEL)
+    await asyncio.wait_for(batch, 5)
+    assert fleet.released == ["batch"] and fleet.free == 0
+    await gate.close()
+
+
+def stopped_clock_gate(fleet: Fleet, clock: ManualClock, hold_s: float) -> fair_queue.Gate:
+    """A gate whose pump polls in real time while its clock moves only when the test
+    moves it: the holding and the deadlines are measured on that clock alone."""
+    async def sleep(seconds: float | None, wakeup: asyncio.Event | None) -> float | None:
+        await asyncio.sleep(0.001)
+        return None
+    return fair_queue.Gate(fair_queue.Options(poll_interval_s=0.01, max_seat_hold_s=hold_s),
+                           fleet.room, clock=clock, sleep=sleep)
+
+
+async def test_a_head_short_of_seats_holds_those_that_free_and_nothing_behind_it_goes(
+        ) -> None:
+    """Freed seats gather for a large head instead of each going to a small request
+    behind it (a stream of which would pass it for ever)."""
+    clock = ManualClock()
+    fleet = Fleet(free=0)
+    gate = stopped_clock_gate(fleet, clock, hold_s=10.0)
+    big = asyncio.create_task(request(gate, fleet, "big", "a", sequences=4))
+    await settle_until(lambda: gate.depth(MODEL) == 1, "the large request to queue")
+    small = [asyncio.create_task(request(gate, fleet, f"small-{i}", "b")) for i in range(3)]
+    await settle_until(lambda: gate.depth(MODEL) == 4, "the small ones to queue")
+    for _ in range(3):
+        fleet.free += 1
+        clock.now += 3.0
+        gate.wake(MODEL)
+        await asyncio.sleep(0.02)
+    assert fleet.released == [], "three seats of four free: nothing goes"
+    fleet.free += 1
+    gate.wake(MODEL)
+    await asyncio.wait_for(big, 5)
+    await settle_until(lambda: len(fleet.released) == 1, "the release")
+    assert fleet.released == ["big"] and fleet.free == 0
+    await cancel(*small)
+    await gate.close()
+
+
+async def test_a_head_short_of_seats_goes_with_one_free_after_holding_them_its_time(
+        ) -> None:
+    """Other workers and replicas may fill every seat that frees, so the holding is
+    bounded: after ``max_seat_hold_s`` with a seat free the head goes (the engine queues
+    the rest); time with no seat free at all is not counted, and 0 sends it on at once, as
+    before the rule."""
+    clock = ManualClock()
+    fleet = Fleet(free=0)
+    gate = stopped_clock_gate(fleet, clock, hold_s=3.0)
+    big = asyncio.create_task(request(gate, fleet, "big", "a", sequences=4))
+    await settle_until(lambda: gate.depth(MODEL) == 1, "the large request to queue")
+    clock.now += 20.0                   # nothing free: not holding yet
+    fleet.free = 1
+    gate.wake(MODEL)
+    await asyncio.sleep(0.02)
+    clock.now += 2.9
+    await asyncio.sleep(0.02)
+    assert not big.done()
+    clock.now += 0.1
+    await asyncio.wait_for(big, 5)
+    assert fleet.released == ["big"] and fleet.free == -3
+    await gate.close()
+
+    fleet = Fleet(free=1)
+    gate = stopped_clock_gate(fleet, clock, hold_s=0.0)
+    await asyncio.wait_for(request(gate, fleet, "big", "a", sequences=4), 5)
+    assert fleet.released == ["big"]
     await gate.close()

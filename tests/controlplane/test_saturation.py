@@ -146,6 +146,30 @@ def test_a_request_of_several_sequences_takes_as_many_seats() -> None:
     assert room(r, sat)
 
 
+def test_a_request_goes_on_only_where_all_its_seats_are_free() -> None:
+    """A request of many sequences let on because one seat was free overfilled the engine
+    (15 of 16 taken, a batch of 256 let on: 271 in flight), and a lower class's batch took
+    the seats kept for the highest (probe 77). An empty backend takes any request: one
+    larger than the whole limit would otherwise never go (the fair queue bounds how long
+    it holds seats: test_fair_queue)."""
+    r, reg, _ = fleet()
+    sat = saturation.Saturation(r.ledger, BOUND_S, reserve=0.25)
+    reg.report("n1", [types.BackendState(
+        key="n1/e", node="n1", name="e", url="http://e", models=(MODEL,), running=0,
+        waiting=0, kv_capacity_tokens=10**6, block_size=16, max_num_seqs=16)])
+    verdicts, _ = r.verdicts(MODEL, router.Prompt.from_text("", 0, exact=False))
+    assert sat.room(verdicts, sequences=256)        # nothing in flight: it goes
+    tickets = [send(r, 10, streams=True) for _ in range(15)]
+    assert sat.room(verdicts) and not sat.room(verdicts, sequences=2)
+    r.ledger.finish(tickets.pop())
+    assert sat.room(verdicts, sequences=2) and not sat.room(verdicts, sequences=3)
+    for t in tickets[8:]:
+        r.ledger.finish(t)                          # 8 of 16 taken, 4 of them reserved
+    assert sat.room(verdicts, top=False, sequences=4)
+    assert not sat.room(verdicts, top=False, sequences=5)
+    assert sat.room(verdicts, top=True, sequences=8)
+
+
 def test_each_learned_or_forgotten_limit_is_reported_once() -> None:
     r, reg, _ = fleet()
     seen: list[tuple[str, int | None]] = []
