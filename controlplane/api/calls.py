@@ -94,7 +94,8 @@ async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) 
     try:
         body = validation.parse_json(raw, h.max_json_depth, h.max_messages, h.max_n,
                                      h.max_structured_output_bytes, h.max_sequences,
-                                     h.request_chat_templates, h.max_tool_schema_bytes)
+                                     h.request_chat_templates, h.max_tool_schema_bytes,
+                                     h.request_media_kwargs)
         call = parse(body)
         # what an engine would fetch (core.media_urls): chat-shaped messages (Anthropic's
         # images translated), and the body as sent, which passes to the engine as it is

@@ -9,12 +9,16 @@ Input over an agent's limits is the client's error (413 or 400, from
 :mod:`controlplane.adapters.node_embed`), not retried on another agent; agents are named
 by their node in headers and errors, never by their address. Token limits, the budget
 and the usage book count embeddings as every other call: the input at admission,
-settled from the answer's usage (the agent path's is counted here).
+settled from the answer's usage (the agent path's is counted here). An ``input`` array is a
+request per input to a vLLM engine: the ledger counts each as a seat
+(``Parsed.sequences``), and more than ``http.max_sequences`` of them is a 400, as a
+completions batch is (:func:`controlplane.core.validation.bound_sequences`).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import time
 from typing import Any
@@ -39,13 +43,16 @@ EMBED_TIMEOUT_S = 30.0
 async def embeddings(request: web.Request) -> web.StreamResponse:
     svc = request.app[context.SERVICES]
     ctx = context.get(request)
-    tenant, parsed, raw, permit = await serving.admit(request, validation.embeddings)
+    parse = functools.partial(validation.embeddings,
+                              max_sequences=svc.settings.http.max_sequences)
+    tenant, parsed, raw, permit = await serving.admit(request, parse)
     failed = True
     try:
         canonical = serving.resolve_model(request, tenant, parsed.model)
         started = time.perf_counter()
         texts = _texts(parsed.body["input"])
         prompt = router_mod.Prompt.from_text(" ".join(texts), 0, parsed.user, exact=False)
+        prompt.sequences = parsed.sequences     # each input is a request to the engine
         # per tenant in the engines' prefix caches, as generation is (core.cache_salt)
         prompt.partition(svc.salt_for(tenant.name, parsed.body.get("cache_salt")))
         prompt.tokenize()
@@ -71,11 +78,17 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 
 def _texts(data: Any) -> list[str]:
+    """A text per input of a valid ``input``: token ids as their numbers, space-separated
+    (what the token estimate and an agent's embedder see of them)."""
     if isinstance(data, str):
         return [data]
-    if data and isinstance(data[0], int):
-        return [" ".join(map(str, data))]
-    return [str(x) for x in data]
+    if not isinstance(data[0], (str, list)):
+        return [_ids_text(data)]
+    return [x if isinstance(x, str) else _ids_text(x) for x in data]
+
+
+def _ids_text(ids: list[Any]) -> str:
+    return " ".join(str(int(i)) for i in ids)   # 3.0 is token 3, as validation reads it
 
 
 async def _via_agent(request: web.Request, model: str, texts: list[str],

@@ -19,9 +19,10 @@ Performance decisions, since this sits in front of every token:
   nesting depth (``http.max_json_depth``), ``n`` (``http.max_n``), a batch's sequences
   (``http.max_sequences``), structured-output constraints and a forced tool choice's
   schemas (``http.max_structured_output_bytes``), a request's own chat template
-  (``http.request_chat_templates``): the rules are :mod:`controlplane.core.validation`'s;
-  ``x-session-id`` (printable ASCII), and the whole body must arrive within
-  ``http.body_timeout_s`` (408 otherwise).
+  (``http.request_chat_templates``) and multimodal processing overrides
+  (``http.request_media_kwargs``), cache transfer parameters (always refused): the rules
+  are :mod:`controlplane.core.validation`'s; ``x-session-id`` (printable ASCII), and the
+  whole body must arrive within ``http.body_timeout_s`` (408 otherwise).
 * No logging per request at info level; metrics are recorded once, by the middleware.
 """
 
@@ -91,7 +92,8 @@ async def admit(request: web.Request, parse: Any,
     try:
         parsed: validation.Parsed = parse(validation.parse_json(
             raw, h.max_json_depth, h.max_messages, h.max_n, h.max_structured_output_bytes,
-            h.max_sequences, h.request_chat_templates, h.max_tool_schema_bytes))
+            h.max_sequences, h.request_chat_templates, h.max_tool_schema_bytes,
+            h.request_media_kwargs))
         # what an engine would fetch (core.media_urls): chat's messages, and those an
         # embeddings body may carry beside its input (vLLM's embeddings take messages)
         media_urls.check_chat(parsed.body.get("messages"), h.media_urls)

@@ -23,13 +23,17 @@ More bounds of the same kind (probes 69 and 77):
 * **Sequences.** A legacy ``/v1/completions`` body whose ``prompt`` is an array of strings
   is a batch: vLLM runs every prompt x ``n`` as a sequence of its own, so ``prompt:
   [10,000 prompts]`` took 10,000 seats while ``n`` stayed under ``http.max_n``; so does
-  each embedding of ``prompt_embeds`` (with ``--enable-prompt-embeds``). The sequences of
-  one request (:func:`prompt_batch` plus :func:`embeds_batch`, x ``n``) are bounded by
-  ``http.max_sequences`` (by default a vLLM engine's usual ``max_num_seqs``; OpenAI
-  itself takes 2,048 prompts). A setting of its own rather than ``http.max_n``: a batch of
-  16 one-choice prompts is an ordinary request, and refusing it for "n" would puzzle its
-  sender. ``best_of`` is bounded by ``http.max_n`` but not counted: vLLM 0.32 has no such
-  field (it runs ``n``). A prompt that is a string or token ids costs one ``type`` check.
+  each embedding of ``prompt_embeds`` (with ``--enable-prompt-embeds``), and each input of
+  an ``/v1/embeddings`` ``input`` array (strings, or arrays of token ids: vLLM pools each
+  as a request of its own; :func:`input_batch`). The sequences of one request
+  (:func:`prompt_batch` plus :func:`embeds_batch`, x ``n``; an embeddings body's inputs)
+  are bounded by ``http.max_sequences`` (by default a vLLM engine's usual
+  ``max_num_seqs``; OpenAI itself takes 2,048 prompts) by one rule
+  (:func:`bound_sequences`), and are what the in-flight ledger counts as the request's
+  seats. A setting of its own rather than ``http.max_n``: a batch of 16 one-choice
+  prompts is an ordinary request, and refusing it for "n" would puzzle its sender.
+  ``best_of`` is bounded by ``http.max_n`` but not counted: vLLM 0.32 has no such field
+  (it runs ``n``). A prompt that is a string or token ids costs one ``type`` check.
 * **Tool schemas the engine compiles.** With ``tool_choice: "required"`` (Anthropic's
   ``{"type": "any"}``) vLLM compiles the parameter schemas of every tool into one
   structured-output grammar, with a named tool that tool's, and under ``auto`` those of
@@ -54,6 +58,22 @@ More bounds of the same kind (probes 69 and 77):
   to every engine's ``extra_args``). No size bound when it is on: a template's size does
   not bound its rendering (a short loop can run long), so the choice is to trust the
   tenants or not, as vLLM's flag is.
+* **Cache transfer parameters.** vLLM hands ``kv_transfer_params`` (chat, completions,
+  Anthropic Messages; and through ``vllm_xargs``, which it merges into the same
+  arguments, on every generating path) to its KV connector in disaggregated serving:
+  they name the peer engine's host and port and the blocks to pull, so a tenant could
+  point an engine at an address of its choosing or at another request's blocks;
+  ``ec_transfer_params`` do the same for the encoder cache. They are for the proxy that
+  pairs prefill and decode engines; Synapse configures no connector and refuses them on
+  every path, with no setting to let them through. An engine without a connector
+  ignores them; the refusal is for one an operator adds through an engine's
+  ``extra_args``.
+* **Multimodal processing overrides.** ``mm_processor_kwargs`` (chat, Responses, the
+  pooling paths: embeddings, rerank, score) and ``media_io_kwargs`` (chat, chat-shaped
+  embeddings) override the engine's multimodal processor and media loaders per request:
+  an image's pixel cap, a video's frame count, which set what the request's media cost
+  the engine while its tokens do not show it. Refused unless
+  ``http.request_media_kwargs`` is on, as a request's chat template is.
 
 Client headers that Synapse forwards or routes by (``x-request-id``, ``x-session-id``)
 must be printable ASCII: anything else cannot go into an HTTP/1.1 header unchanged.
@@ -104,8 +124,13 @@ MAX_TOOL_SCHEMA_BYTES = 64 * 1024
 CONSTRAINTS = ("structured_outputs", "response_format", "guided_json", "guided_regex",
                "guided_grammar", "guided_choice", "guided_whitespace_pattern")
 CHAT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs")
+# vLLM's engine-to-engine cache transfer (KV blocks; the encoder cache), refused always
+TRANSFER_FIELDS = ("kv_transfer_params", "ec_transfer_params")
+# per-request arguments of vLLM's multimodal processor and media loaders
+MEDIA_KWARGS_FIELDS = ("mm_processor_kwargs", "media_io_kwargs")
 _BOUNDED = frozenset({"n", "best_of", "text", "tools", "output_config", "prompt_embeds",
-                      *CHAT_TEMPLATE_FIELDS, *CONSTRAINTS})
+                      "vllm_xargs", *CHAT_TEMPLATE_FIELDS, *CONSTRAINTS, *TRANSFER_FIELDS,
+                      *MEDIA_KWARGS_FIELDS})
 _UNFORCED = ("auto", "none")    # tool choices that compile no grammar (a tuple: a value
                                 # of the wrong type may be unhashable)
 _SCHEMA_KEYS = ("parameters", "input_schema")   # where a tool's schema is, by dialect
@@ -113,7 +138,7 @@ _SCHEMA_KEYS = ("parameters", "input_schema")   # where a tool's schema is, by d
 # name a hosted tool (file_search, ...) and force no schema
 _FORCING = ("function", "tool", "any", "allowed_tools", "required")
 _TRUE_STRINGS = frozenset({"1", "true", "t", "yes", "y", "on"})
-_NO_FUNCTION: Mapping[str, Any] = {}
+_EMPTY: Mapping[str, Any] = {}
 # Which tools' schemas the engine compiles: a test of a tool and of its ``function``.
 _Wanted = Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
 
@@ -122,7 +147,8 @@ def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES
                max_n: int = MAX_N,
                max_structured_output_bytes: int = MAX_STRUCTURED_OUTPUT_BYTES,
                max_sequences: int = MAX_SEQUENCES, request_chat_templates: bool = False,
-               max_tool_schema_bytes: int = MAX_TOOL_SCHEMA_BYTES) -> dict[str, Any]:
+               max_tool_schema_bytes: int = MAX_TOOL_SCHEMA_BYTES,
+               request_media_kwargs: bool = False) -> dict[str, Any]:
     """The body as a JSON object; 400 when it is not one, nests deeper than
     ``max_depth`` or has a ``messages`` array of more than ``max_messages`` items (each
     message costs the validation, the cache key, the tokenizer and the template a walk:
@@ -152,7 +178,7 @@ def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES
     if batch > 1 or not _BOUNDED.isdisjoint(body):
         engine_bounds(body, max_n, max_structured_output_bytes, max_sequences,
                       batch + embeds_batch(body.get("prompt_embeds")),
-                      request_chat_templates, max_tool_schema_bytes)
+                      request_chat_templates, max_tool_schema_bytes, request_media_kwargs)
     return body
 
 
@@ -173,13 +199,16 @@ def embeds_batch(embeds: Any) -> int:
 def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int,
                   max_sequences: int = MAX_SEQUENCES, batch: int = 1,
                   request_chat_templates: bool = False,
-                  max_tool_schema_bytes: int = MAX_TOOL_SCHEMA_BYTES) -> None:
+                  max_tool_schema_bytes: int = MAX_TOOL_SCHEMA_BYTES,
+                  request_media_kwargs: bool = False) -> None:
     """400 naming the field when ``n`` or ``best_of`` is over ``max_n``, the sequences
     (``batch`` prompts x ``n``) over ``max_sequences``, a structured-output constraint or
     the tool schemas the engine compiles (:func:`_compiled_tools`) over
-    ``max_constraint_bytes`` and ``max_tool_schema_bytes`` of JSON, or the body carries
-    its own chat template while ``request_chat_templates`` is off. Values of the wrong
-    type are left to the fields' own checks (and to the engine)."""
+    ``max_constraint_bytes`` and ``max_tool_schema_bytes`` of JSON, the body carries its
+    own chat template while ``request_chat_templates`` is off, cache transfer parameters
+    (:func:`_no_transfer_params`), or multimodal processing overrides while
+    ``request_media_kwargs`` is off. Values of the wrong type are left to the fields' own
+    checks (and to the engine)."""
     choices = 1
     for name in ("n", "best_of"):
         value: Any = body.get(name)
@@ -190,15 +219,11 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
                     "a sequence an engine runs at once", param=name, code="invalid_value")
             if name == "n":     # vLLM 0.32 has no best_of: it runs n sequences
                 choices = max(1, int(value))
-    if batch * choices > max_sequences:
-        field = "prompt_embeds" if "prompt_embeds" in body else "prompt"
-        what = "prompts and embeddings" if field == "prompt_embeds" else "prompts"
-        asked = (f"{field}: {batch} {what} x {choices} choices = {batch * choices}"
-                 if batch > 1 else f"n: {choices}")
-        raise errors.BadRequest(
-            f"{asked} sequences; at most {max_sequences} (http.max_sequences): each is a "
-            "sequence an engine runs at once", param=field if batch > 1 else "n",
-            code="invalid_value")
+    if "prompt_embeds" in body:
+        bound_sequences(batch, choices, max_sequences, "prompt_embeds",
+                        "prompts and embeddings")
+    else:
+        bound_sequences(batch, choices, max_sequences, "prompt", "prompts")
     for name in CONSTRAINTS:
         value = body.get(name)
         if value is not None:
@@ -214,6 +239,24 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
         _compiled_tools(tools, body.get("tool_choice"), max_tool_schema_bytes)
     if not request_chat_templates:
         _no_chat_template(body)
+    _no_transfer_params(body)
+    if not request_media_kwargs:
+        _no_media_kwargs(body)
+
+
+def bound_sequences(batch: int, choices: int, limit: int, field: str, what: str) -> None:
+    """400 when ``batch`` inputs of ``field`` (``what`` they are, said in the message) x
+    ``choices`` each are over ``limit`` sequences (``http.max_sequences``), naming
+    ``field``, or ``n`` when one input's choices alone are: each is a sequence the engine
+    runs at once, a seat of its own. The one rule for every batch: a completions prompt
+    array and its ``prompt_embeds``, an embeddings input array."""
+    if batch * choices <= limit:
+        return
+    asked = (f"{field}: {batch} {what} x {choices} choices = {batch * choices}"
+             if batch > 1 else f"n: {choices}")
+    raise errors.BadRequest(
+        f"{asked} sequences; at most {limit} (http.max_sequences): each is a sequence an "
+        "engine runs at once", param=field if batch > 1 else "n", code="invalid_value")
 
 
 def _compiled_tools(tools: list[Any], choice: Any, limit: int) -> None:
@@ -267,7 +310,7 @@ def _schemas(tools: list[Any], wanted: _Wanted) -> int:
         if type(tool) is not dict:
             continue
         function = tool.get("function")
-        fn = function if type(function) is dict else _NO_FUNCTION
+        fn = function if type(function) is dict else _EMPTY
         if wanted(tool, fn):
             for spec in (tool, fn):
                 for key in _SCHEMA_KEYS:
@@ -315,6 +358,39 @@ def _no_chat_template(body: Mapping[str, Any]) -> None:
                 f"{name}: a request's own chat template is refused, as vLLM refuses "
                 "one unless started with --trust-request-chat-template; "
                 "http.request_chat_templates lets it through", param=name,
+                code="invalid_value")
+
+
+def _no_transfer_params(body: Mapping[str, Any]) -> None:
+    """400 when the body carries vLLM's cache transfer parameters, at its top or in
+    ``vllm_xargs`` (vLLM hands both to its connector the same way): they name the peer
+    engine (host, port) to pull KV or encoder-cache blocks from and the blocks to pull,
+    so a tenant could make an engine fetch from an address of its choosing or name
+    another request's blocks. Only a proxy that pairs prefill and decode engines may set
+    them; Synapse configures no such connector, so no setting lets them through."""
+    xargs = body.get("vllm_xargs")
+    inner = xargs if type(xargs) is dict else _EMPTY
+    for name in TRANSFER_FIELDS:
+        for param, value in ((name, body.get(name)),
+                             (f"vllm_xargs.{name}", inner.get(name))):
+            if value is not None:
+                raise errors.BadRequest(
+                    f"{param}: cache transfer parameters of vLLM's disaggregated serving "
+                    "name the engine and the blocks to transfer cache from; only the "
+                    "fabric may set them, and a request's own are refused", param=param,
+                    code="invalid_value")
+
+
+def _no_media_kwargs(body: Mapping[str, Any]) -> None:
+    """400 when the body carries its own multimodal processor or media loader arguments:
+    they override the engine's per request (an image's pixel cap, a video's frames), so
+    they set what the request's media cost the engine, which its tokens do not show."""
+    for name in MEDIA_KWARGS_FIELDS:
+        if body.get(name) is not None:
+            raise errors.BadRequest(
+                f"{name}: a request's own multimodal processing arguments (image sizes, "
+                "video frames, ...) change what it costs the engine; "
+                "http.request_media_kwargs lets them through", param=name,
                 code="invalid_value")
 
 
@@ -499,18 +575,36 @@ def completions(body: dict[str, Any]) -> Parsed:
                   sequences=batch * sequences(body))
 
 
-def embeddings(body: dict[str, Any]) -> Parsed:
+def embeddings(body: dict[str, Any], max_sequences: int = MAX_SEQUENCES) -> Parsed:
+    """An embeddings body; its ``sequences`` are its inputs (:func:`input_batch`), bounded
+    by ``max_sequences`` as a completions batch's prompts are."""
     model, _, user = _common(body)
     data = body.get("input")
     if data is None:
         raise errors.BadRequest("input: is required", param="input", code="missing_field")
-    if not ((isinstance(data, str) and data) or _strings(data) or _token_ids(data)):
+    if not ((isinstance(data, str) and data) or _strings(data) or _token_ids(data)
+            or _token_id_lists(data)):
         raise _bad("input", "must be a non-empty string, a non-empty array of non-empty "
-                            "strings or a non-empty array of token ids")
+                            "strings, a non-empty array of token ids or a non-empty array "
+                            "of those")
+    batch = input_batch(data)
+    bound_sequences(batch, 1, max_sequences, "input", "inputs")
     fmt = body.get("encoding_format")
     if fmt is not None and fmt not in ("float", "base64"):
         raise _bad("encoding_format", "must be 'float' or 'base64'")
     dims = body.get("dimensions")
     if dims is not None and not (_integral(dims) and 1 <= dims <= MAX_TOKEN_ID):
         raise _bad("dimensions", "must be a positive integer")
-    return Parsed("embeddings", body, model, False, 0, user)
+    return Parsed("embeddings", body, model, False, 0, user, sequences=batch)
+
+
+def input_batch(data: Any) -> int:
+    """The inputs of a valid embeddings ``input``: vLLM pools each string of an array, and
+    each token-id array of an array of them, as a request of its own; a string or one
+    array of token ids is one."""
+    return len(data) if type(data) is list and type(data[0]) in (str, list) else 1
+
+
+def _token_id_lists(value: Any) -> bool:
+    """A non-empty array of token-id arrays (:func:`_token_ids`)."""
+    return isinstance(value, list) and bool(value) and all(_token_ids(x) for x in value)

@@ -100,6 +100,13 @@ class HttpSettings(Section):
         "engine's extra_args add it: on here, add it to every engine's). The engine "
         "renders it as Jinja in its API server, whatever its size: on, every tenant may "
         "send one, so turn it on only when every tenant is trusted with that")
+    request_media_kwargs: bool = Field(
+        False, description="let a request carry its own mm_processor_kwargs (arguments of "
+        "vLLM's multimodal processor, such as an image's pixel cap) or media_io_kwargs "
+        "(of its media loaders, such as a video's frame count); off, each is a 400. They "
+        "override the engine's own per request, so they set what the request's images "
+        "and videos cost the engine, which its tokens do not show: turn it on only when "
+        "every tenant is trusted with that")
     max_audio_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="largest audio upload (the multipart body of "
         "/v1/audio/transcriptions and /translations, streamed to the backend, never held in "

@@ -73,6 +73,12 @@ class FakeBackend:
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.bodies.append(await request.read())
+        if self.mode == "hang":
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         return web.json_response({"object": "list", "model": body["model"], "data": [
             {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 
@@ -387,3 +388,76 @@ async def test_a_batch_in_flight_holds_a_seat_per_sequence() -> None:
                 pass
             await harness.until(lambda: load.in_flight == 0, 5, "the answer settled")
             assert load.sequences == 0
+
+
+async def test_an_embeddings_batch_in_flight_holds_a_seat_per_input() -> None:
+    """vLLM pools each input of an embeddings array as a request of its own: three
+    token-id arrays are three of the engine's seats until the answer ends, and an array
+    over http.max_sequences is refused as a completions batch is."""
+    async with t.backends(("emb", "hang")) as (b,):
+        s = t.settings(models=[{"name": "embedder"}],
+                       upstreams=[t.upstream("emb", b.url, ["embedder"], task="embed")])
+        async with t.running(s) as cp:
+            async with aiohttp.ClientSession(headers={
+                    "Authorization": f"Bearer {t.KEY_A}"}) as session:
+                async with session.post(f"{cp.url}/v1/embeddings", json={
+                        "model": "embedder", "input": ["hi"] * 300}) as resp:
+                    err = (await resp.json())["error"]
+                    assert resp.status == 400, err
+                    assert err["param"] == "input" and "http.max_sequences" in err["message"]
+                assert b.bodies == []
+
+                async def embed() -> None:
+                    async with session.post(f"{cp.url}/v1/embeddings", json={
+                            "model": "embedder", "input": [[1, 2], [3], [4]]}) as resp:
+                        await resp.read()
+                call = asyncio.create_task(embed())
+                load = cp.services.ledger.load("static/emb")
+                await harness.until(lambda: b.bodies != [], 5, "the batch reached the engine")
+                assert (load.in_flight, load.sequences) == (1, 3)
+                call.cancel()
+                await harness.until(lambda: load.in_flight == 0, 5, "the call was released")
+                assert load.sequences == 0
+
+
+async def test_cache_transfer_and_media_overrides_are_refused_on_every_path() -> None:
+    """kv_transfer_params would let a tenant steer an engine's KV connector (the peer to
+    pull blocks from, the blocks); mm_processor_kwargs and media_io_kwargs set what a
+    request's media cost the engine. Refused before any engine sees them, on every path
+    vLLM reads them from; the media overrides pass with http.request_media_kwargs."""
+    messages = [{"role": "user", "content": "hi"}]
+    bodies = {"/v1/chat/completions": {"model": "llama", "messages": messages},
+              "/v1/completions": {"model": "llama", "prompt": "hi"},
+              "/v1/embeddings": {"model": "llama", "input": "hi"},
+              "/v1/responses": {"model": "llama", "input": "hi"},
+              "/v1/messages": {"model": "llama", "max_tokens": 16, "messages": messages}}
+    fields = [("kv_transfer_params", {"do_remote_prefill": True, "remote_host": "10.0.0.9",
+                                      "remote_port": 5600, "remote_block_ids": [7]}),
+              ("mm_processor_kwargs", {"max_pixels": 10**9}),
+              ("media_io_kwargs", {"video": {"num_frames": 100_000}})]
+    async with t.backends(("one", "ok")) as (b,):
+        s = t.settings(upstreams=[t.upstream("one", b.url)])
+        async with t.running(s) as cp:
+            async with aiohttp.ClientSession(headers={
+                    "Authorization": f"Bearer {t.KEY_A}"}) as session:
+                for path, body in bodies.items():
+                    for name, value in fields:
+                        async with session.post(f"{cp.url}{path}",
+                                                json={**body, name: value}) as resp:
+                            answer = await resp.json()
+                            assert resp.status == 400, (path, name, answer)
+                            assert name in str(answer), (path, answer)
+            assert b.bodies == []
+        s = s.model_copy(update={"http": s.http.model_copy(update={
+            "request_media_kwargs": True})})
+        async with t.running(s) as cp:
+            client = cp.client()
+            await client.chat.completions.create(model="llama", messages=messages,
+                                                 extra_body={"mm_processor_kwargs": {
+                                                     "max_pixels": 1024 * 1024}})
+            assert json.loads(b.bodies[-1])["mm_processor_kwargs"] == {
+                "max_pixels": 1024 * 1024}
+            with pytest.raises(openai.BadRequestError, match="kv_transfer_params"):
+                await client.chat.completions.create(model="llama", messages=messages,
+                                                     extra_body={"kv_transfer_params": {}})
+            await client.close()

@@ -4,6 +4,7 @@ headers Synapse forwards or routes by."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pydantic
 import pytest
@@ -330,3 +331,80 @@ def test_a_config_whose_n_bound_is_above_its_sequences_bound_is_refused_naming_b
     with pytest.raises(pydantic.ValidationError, match=r"max_n \(16\) is above max_sequences"):
         server.HttpSettings(max_n=16, max_sequences=8)
     assert server.HttpSettings(max_n=8, max_sequences=8).max_n == 8
+
+
+def embeddings_body(data: object, **fields: object) -> dict[str, object]:
+    return {"model": "m", "input": data, **fields}
+
+
+@pytest.mark.parametrize(("data", "count"), [
+    ("one text", 1), (["a", "b", "c"], 3), ([1, 2, 3], 1), ([[1, 2], [3], [4, 5.0]], 3),
+])
+def test_an_embeddings_input_array_is_a_sequence_per_input(data: object, count: int) -> None:
+    """vLLM pools each text (or token-id array) of an input array as a request of its own:
+    the ledger must count them all, not one."""
+    assert validation.embeddings(embeddings_body(data)).sequences == count
+
+
+@pytest.mark.parametrize("data", [[[1, 2], []], [[1, "a"]], [[]], ["a", [1]], [[1], "a"],
+                                  [[-1]], [[[1]]]])
+def test_an_embeddings_input_of_token_id_arrays_must_be_all_token_ids(data: object) -> None:
+    with pytest.raises(errors.BadRequest) as info:
+        validation.embeddings(embeddings_body(data))
+    assert info.value.param == "input"
+
+
+def test_an_embeddings_batch_over_the_sequences_bound_is_a_400_naming_the_input() -> None:
+    """The same bound, and the same 400, as a completions batch's prompts."""
+    assert validation.embeddings(embeddings_body(["a"] * 256)).sequences == 256
+    with pytest.raises(errors.BadRequest, match=r"at most 256 \(http\.max_sequences\)"
+                       ) as info:
+        validation.embeddings(embeddings_body(["a"] * 10_000))
+    assert info.value.param == "input" and "10000 inputs" in info.value.message
+    with pytest.raises(errors.BadRequest, match=r"5 sequences; at most 4") as info:
+        validation.embeddings(embeddings_body([[1]] * 5), max_sequences=4)
+    assert info.value.param == "input" and info.value.code == "invalid_value"
+    assert validation.embeddings(embeddings_body([[1]] * 4), max_sequences=4)
+    # one text, or one array of many token ids, is one sequence
+    assert validation.embeddings(embeddings_body(list(range(5000))), max_sequences=1)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"kv_transfer_params": {"do_remote_prefill": True, "remote_host": "10.0.0.9",
+                             "remote_port": 5600, "remote_block_ids": [1, 2]}},
+     "kv_transfer_params"),
+    ({"kv_transfer_params": {}}, "kv_transfer_params"),
+    ({"ec_transfer_params": {"remote_host": "10.0.0.9"}}, "ec_transfer_params"),
+    ({"vllm_xargs": {"kv_transfer_params": "x"}}, "vllm_xargs.kv_transfer_params"),
+])
+@pytest.mark.parametrize("body", [chat_body, completions_body])
+def test_cache_transfer_parameters_are_a_400_naming_the_field(
+        fields: dict[str, object], param: str, body: Callable[..., bytes]) -> None:
+    """vLLM hands kv_transfer_params (through vllm_xargs too) to its KV connector, which
+    pulls blocks from the peer and block ids they name: a tenant could point an engine
+    at an address of its choosing or at another request's blocks. No setting lets them
+    through."""
+    with pytest.raises(errors.BadRequest, match=r"transfer") as info:
+        validation.parse_json(body(**fields), request_media_kwargs=True,
+                              request_chat_templates=True)
+    assert info.value.param == param and info.value.code == "invalid_value"
+    # other extension arguments are the engine's business
+    assert validation.parse_json(body(vllm_xargs={"my_plugin": 1}))
+
+
+@pytest.mark.parametrize("name", ["mm_processor_kwargs", "media_io_kwargs"])
+@pytest.mark.parametrize("body", [
+    chat_body, completions_body,
+    lambda **f: json.dumps({"model": "m", "input": "x", **f}).encode(),  # embeddings, Responses
+])
+def test_per_request_media_processing_overrides_are_a_400_unless_let_through(
+        name: str, body: Callable[..., bytes]) -> None:
+    """A request's own multimodal processor and media loader arguments (an image's pixel
+    cap, a video's frame count) set what its media cost the engine."""
+    value = {"max_pixels": 10**9} if name == "mm_processor_kwargs" else {
+        "video": {"num_frames": 100_000}}
+    with pytest.raises(errors.BadRequest, match=r"\(?http\.request_media_kwargs") as info:
+        validation.parse_json(body(**{name: value}))
+    assert info.value.param == name and info.value.code == "invalid_value"
+    assert validation.parse_json(body(**{name: value}), request_media_kwargs=True)[name] == value
+
