@@ -21,7 +21,12 @@ Phases (each on fresh texts, the engines idle before each):
 
 1. quiet alone (queue off);
 2. flood + quiet, queue off;
-3. flood + quiet, queue on.
+3. flood + quiet, queue on;
+4. (``--phases …,hold0``) flood + quiet, queue on with ``fairness.queue.max_seat_hold_s``
+   0: a request goes on whenever one seat is free, whatever its size — the rule before
+   requests waited for all their seats. With ``--noisy-n N`` each noisy request asks for
+   ``n: N`` (N seats; the flood's rate is divided by N to stay ``--flood`` times the
+   capacity), which is where the two rules differ.
 
 Printed: the quiet tenant's TTFT p50/p90 (simulated seconds: measured / time scale) in
 each phase, what became of the noisy requests, and the fleet's throughput over the
@@ -119,7 +124,7 @@ def capacity_rps(args: argparse.Namespace) -> float:
     admitted = seats / args.noisy_output          # seats freed (and refilled) per step
     step = (p["decode_base_s"] + p["decode_per_seq_s"] * seats
             + admitted * args.noisy_prompt * p["prefill_s_per_token"])
-    return float(SIMS * admitted / step)
+    return float(SIMS * admitted / step / args.noisy_n)
 
 
 def start(tree: Tree, workdir: pathlib.Path, args: argparse.Namespace,
@@ -134,10 +139,13 @@ def start(tree: Tree, workdir: pathlib.Path, args: argparse.Namespace,
                    f"http://127.0.0.1:{port}/health")
         sims.append(f"http://127.0.0.1:{port}")
     cps = {}
-    for name, queue in (("off", False), ("on", True)):
+    planes = [("off", False, 0.0), ("on", True, args.seat_hold)]
+    if "hold0" in args.phases:
+        planes.append(("hold0", True, 0.0))
+    for name, queue, hold in planes:
         http = free_port()
         cfg = workdir / f"cp-{name}.yaml"
-        config = controlplane_config(name, http, sims, queue, args)
+        config = controlplane_config(name, http, sims, queue, hold, args)
         cfg.write_text(yaml.safe_dump(config))
         if args.why:
             print(f"    cp-{name}: http {http}, grpc {config['grpc']['port']}", flush=True)
@@ -147,7 +155,7 @@ def start(tree: Tree, workdir: pathlib.Path, args: argparse.Namespace,
     return sims, cps
 
 
-def controlplane_config(name: str, http: int, sims: list[str], queue: bool,
+def controlplane_config(name: str, http: int, sims: list[str], queue: bool, hold: float,
                         args: argparse.Namespace) -> dict[str, Any]:
     return {
         "replica_id": name, "http": {"host": "127.0.0.1", "port": http,
@@ -168,7 +176,8 @@ def controlplane_config(name: str, http: int, sims: list[str], queue: bool,
         # The control plane lives in real time: simulated seconds times the time scale.
         "fairness": {"queue": {"enabled": queue,
                                "max_queue_wait_s": args.queue_bound * args.time_scale,
-                               "deadline_s": args.deadline * args.time_scale}},
+                               "deadline_s": args.deadline * args.time_scale,
+                               "max_seat_hold_s": hold * args.time_scale}},
         "logging": {"level": "warning"}}
 
 
@@ -250,7 +259,7 @@ def _has_content(line: bytes) -> bool:
 
 async def noisy_one(session: aiohttp.ClientSession, url: str, prompt: str, output: int,
                     args: argparse.Namespace, phase: Phase) -> None:
-    body = {"model": MODEL, "max_tokens": output, "ignore_eos": True,
+    body = {"model": MODEL, "max_tokens": output, "ignore_eos": True, "n": args.noisy_n,
             "stream": args.noisy_stream, "messages": [{"role": "user", "content": prompt}]}
     try:
         async with session.post(url, json=body,
@@ -410,7 +419,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         nan = float("nan")
         empty = Phase(quiet_ttft=[nan], tokens_per_s=nan, generated_per_s=nan,
                       wall_tokens_per_s=nan)
-        alone = off = on = empty
+        alone = off = on = hold0 = empty
         if "alone" in args.phases:
             alone = await run_phase("alone", cps["off"], sims, 0.0, args)
             row("quiet alone", alone)
@@ -420,6 +429,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         if "on" in args.phases:
             on = await run_phase("on", cps["on"], sims, flood, args)
             row("flood, queue on", on)
+        if "hold0" in args.phases:
+            hold0 = await run_phase("hold0", cps["hold0"], sims, flood, args)
+            row("flood, on, no holding", hold0)
     finally:
         tree.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -439,7 +451,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "throughput_ratio_on_vs_off_wall": round(on.wall_tokens_per_s
                                                      / off.wall_tokens_per_s, 3),
             "seats_running_ratio_on_vs_off": round(on.running / off.running, 3)
-            if off.running else float("nan")}
+            if off.running else float("nan"),
+            "noisy_n": args.noisy_n,
+            "quiet_p50_flood_queue_on_no_hold_s": round(pct(hold0.quiet_ttft, 0.5), 4),
+            "quiet_p90_flood_queue_on_no_hold_s": round(pct(hold0.quiet_ttft, 0.9), 4),
+            "throughput_on_no_hold_tokens_per_s": round(hold0.tokens_per_s, 1),
+            "noisy_ok_on": on.noisy.get("ok", 0), "noisy_ok_on_no_hold": hold0.noisy.get("ok", 0)}
 
 
 def main() -> None:
@@ -477,9 +494,15 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=30.0,
                         help="fairness.queue.deadline_s of the queue-on control plane "
                         "(simulated seconds)")
+    parser.add_argument("--noisy-n", type=int, default=1,
+                        help="n of each noisy request: the seats it takes")
+    parser.add_argument("--seat-hold", type=float, default=2.0,
+                        help="fairness.queue.max_seat_hold_s of the queue-on control plane "
+                        "(simulated seconds; the hold0 phase's is 0)")
     parser.add_argument("--seed", default="18")
     parser.add_argument("--phases", default="alone,off,on",
-                        help="which phases to run (comma-separated; all by default)")
+                        help="which phases to run (comma-separated: alone, off, on, hold0; "
+                        "the first three by default)")
     parser.add_argument("--why", action="store_true",
                         help="print each control plane's answers, refusals and learned costs")
     args = parser.parse_args()
