@@ -97,6 +97,8 @@ async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) 
                                      h.request_chat_templates, h.max_tool_schema_bytes,
                                      h.request_media_kwargs)
         call = parse(body)
+        validation.bound_sequences(call.sequences, 1, h.max_sequences, call.fields[0],
+                                   "inputs")
         # what an engine would fetch (core.media_urls): chat-shaped messages (Anthropic's
         # images translated), and the body as sent, which passes to the engine as it is
         media_urls.check_chat(call.messages, h.media_urls)
@@ -140,6 +142,7 @@ async def admit_tokens(request: web.Request, front: Front) -> router_mod.Prompt:
     ctx = request[context.CONTEXT]
     started = time.perf_counter()
     prompt = front.prompt = prompt_of(request, front.tenant.name, front.call)
+    prompt.sequences = front.call.sequences     # the seats it takes (a rerank's documents)
     # The engines' prefix cache, per tenant: pooling calls too (vLLM caches the prefixes
     # of decoder embedding and scoring models, and takes cache_salt on every pooling API).
     prompt.partition(ctx.svc.salt_for(front.tenant.name, front.body.get("cache_salt")))

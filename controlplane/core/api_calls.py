@@ -3,7 +3,10 @@
 the size fields, and whether the answer may be cached.
 
 Only the fields Synapse reads are checked (400 naming the field); everything else passes
-to the backend untouched, as on the chat path.
+to the backend untouched, as on the chat path. A rerank's documents and a score's pairs
+are a pooling request each to a vLLM engine, so they count as seats in the in-flight
+ledger (``Call.sequences``) and are bounded by ``http.max_sequences`` as a completions
+batch's prompts are (:func:`validation.bound_sequences`).
 
 =====================  ==========  ==================================  =================
 path                   task        prompt (router, token limits)       response cache
@@ -53,6 +56,8 @@ class Call:
     exact: bool = False             # tokenized and remembered in the prefix index
     fields: tuple[str, str] = ("input", "max_tokens")   # prompt and size fields (400s)
     no_cache: str = "not cacheable"  # why the response cache is bypassed ("" = may cache)
+    sequences: int = 1              # requests the engine runs for it (seats): documents,
+                                    # pairs
 
 
 def _stream(body: Mapping[str, Any]) -> bool:
@@ -176,7 +181,7 @@ def rerank(body: Mapping[str, Any]) -> Call:
         raise errors.BadRequest("documents: a non-empty list is required",
                                 param="documents", code="invalid_value")
     return Call(tasks.RERANK, model, text="\n".join([query, *docs]),
-                fields=("documents", "max_tokens"), no_cache="rerank")
+                fields=("documents", "max_tokens"), no_cache="rerank", sequences=len(docs))
 
 
 SCORE_SIDES = ("text_1", "text_2", "queries", "documents", "items", "data_1", "data_2")
@@ -184,12 +189,14 @@ SCORE_SIDES = ("text_1", "text_2", "queries", "documents", "items", "data_1", "d
 
 def score(body: Mapping[str, Any]) -> Call:
     model = validation.model_name(body)
-    texts = [t for name in SCORE_SIDES for t in _strings(body.get(name))]
+    sides = [_strings(body.get(name)) for name in SCORE_SIDES]
+    texts = [t for side in sides for t in side]
     if not texts:
         raise errors.BadRequest("text_1 and text_2 (or queries and documents) are required",
                                 param="text_1", code="missing_field")
+    # one side against each of the other's (1 x N), or pairwise (N x N): a pair each
     return Call(tasks.SCORE, model, text="\n".join(texts), fields=("text_2", "max_tokens"),
-                no_cache="score")
+                no_cache="score", sequences=max(len(side) for side in sides))
 
 
 def tokenize(body: Mapping[str, Any]) -> Call:

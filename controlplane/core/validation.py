@@ -249,11 +249,16 @@ def bound_sequences(batch: int, choices: int, limit: int, field: str, what: str)
     ``choices`` each are over ``limit`` sequences (``http.max_sequences``), naming
     ``field``, or ``n`` when one input's choices alone are: each is a sequence the engine
     runs at once, a seat of its own. The one rule for every batch: a completions prompt
-    array and its ``prompt_embeds``, an embeddings input array."""
+    array and its ``prompt_embeds``, an embeddings input array, a rerank's documents and a
+    score's pairs."""
     if batch * choices <= limit:
         return
-    asked = (f"{field}: {batch} {what} x {choices} choices = {batch * choices}"
-             if batch > 1 else f"n: {choices}")
+    if batch == 1:
+        asked = f"n: {choices}"
+    elif choices == 1:
+        asked = f"{field}: {batch} {what} = {batch}"
+    else:
+        asked = f"{field}: {batch} {what} x {choices} choices = {batch * choices}"
     raise errors.BadRequest(
         f"{asked} sequences; at most {limit} (http.max_sequences): each is a sequence an "
         "engine runs at once", param=field if batch > 1 else "n", code="invalid_value")

@@ -54,6 +54,8 @@ class FakeBackend:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.chat)
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/v1/rerank", self.pooling)
+        app.router.add_post("/v1/score", self.pooling)
         app.router.add_get("/health", self.health)
         self.runner = web.AppRunner(app, handler_cancellation=True)
         await self.runner.setup()
@@ -83,6 +85,18 @@ class FakeBackend:
         return web.json_response({"object": "list", "model": body["model"], "data": [
             {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
             for i, _ in enumerate(inputs)], "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+    async def pooling(self, request: web.Request) -> web.Response:
+        """Rerank and score: the body recorded, an empty answer (or none: ``hang``)."""
+        self.bodies.append(await request.read())
+        if self.mode == "hang":
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        return web.json_response({"id": "x", "object": "list", "data": [], "results": [],
+                                  "usage": {"prompt_tokens": 1, "total_tokens": 1}})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()

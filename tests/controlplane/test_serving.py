@@ -420,6 +420,44 @@ async def test_an_embeddings_batch_in_flight_holds_a_seat_per_input() -> None:
                 assert load.sequences == 0
 
 
+@pytest.mark.parametrize(("path", "task", "many", "three", "param"), [
+    ("/v1/rerank", "rerank", {"query": "q", "documents": ["d"] * 300},
+     {"query": "q", "documents": ["a", "b", "c"]}, "documents"),
+    ("/v1/score", "score", {"text_1": "q", "text_2": ["d"] * 300},
+     {"text_1": ["a", "b", "c"], "text_2": ["x", "y", "z"]}, "text_2"),
+])
+async def test_a_rerank_or_score_in_flight_holds_a_seat_per_document(
+        path: str, task: str, many: dict[str, object], three: dict[str, object],
+        param: str) -> None:
+    """vLLM scores each (query, document) pair of a rerank or score call as a pooling
+    request of its own: three are three of the engine's seats until the answer ends, and
+    more than http.max_sequences is refused as a completions batch is."""
+    async with t.backends(("pool", "hang")) as (b,):
+        s = t.settings(models=[{"name": "ranker"}],
+                       upstreams=[{**t.upstream("pool", b.url, ["ranker"]), "tasks": [task]}])
+        async with t.running(s) as cp:
+            async with aiohttp.ClientSession(headers={
+                    "Authorization": f"Bearer {t.KEY_A}"}) as session:
+                async with session.post(f"{cp.url}{path}",
+                                        json={"model": "ranker", **many}) as resp:
+                    err = (await resp.json())["error"]
+                    assert resp.status == 400, err
+                    assert err["param"] == param and "http.max_sequences" in err["message"]
+                assert b.bodies == []
+
+                async def call() -> None:
+                    async with session.post(f"{cp.url}{path}",
+                                            json={"model": "ranker", **three}) as resp:
+                        await resp.read()
+                pending = asyncio.create_task(call())
+                load = cp.services.ledger.load("static/pool")
+                await harness.until(lambda: b.bodies != [], 5, "the call reached the engine")
+                assert (load.in_flight, load.sequences) == (1, 3)
+                pending.cancel()
+                await harness.until(lambda: load.in_flight == 0, 5, "the call was released")
+                assert load.sequences == 0
+
+
 async def test_cache_transfer_and_media_overrides_are_refused_on_every_path() -> None:
     """kv_transfer_params would let a tenant steer an engine's KV connector (the peer to
     pull blocks from, the blocks); mm_processor_kwargs and media_io_kwargs set what a

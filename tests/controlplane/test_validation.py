@@ -155,7 +155,7 @@ def test_a_batch_of_more_sequences_than_the_limit_is_a_400_naming_the_prompt() -
     with pytest.raises(errors.BadRequest, match=r"at most 256 \(http\.max_sequences\)"
                        ) as info:
         validation.parse_json(completions_body(prompt=["a"] * 10_000))
-    assert info.value.param == "prompt" and "10000 prompts x 1 choices" in info.value.message
+    assert info.value.param == "prompt" and "10000 prompts = 10000 sequences" in info.value.message
     with pytest.raises(errors.BadRequest, match=r"40 sequences") as info:
         validation.parse_json(completions_body(prompt=["a"] * 10, n=4), max_sequences=32)
     assert info.value.param == "prompt"
