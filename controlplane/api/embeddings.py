@@ -68,6 +68,11 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             nodes = [n for n in svc.registry.ready_embed_nodes() if canonical in n.embed_models]
             if not nodes:
                 raise errors.Unavailable(f"no backend serves embeddings for {canonical!r} now")
+            if not _all_text(parsed.body["input"]):
+                raise errors.BadRequest(
+                    f"input: {canonical!r} is served by the agents' embedders, which embed "
+                    "text, not token ids (they would embed the numbers as words); send the "
+                    "text", param="input", code="invalid_value")
             resp = await _via_agent(request, canonical, texts, parsed.body, nodes)
         failed = False
         return resp
@@ -75,6 +80,11 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         ctx.cache = "bypass"
         fairness.finish(request, None, failed)
         serving.release_later(request, permit)
+
+
+def _all_text(data: Any) -> bool:
+    """Whether a valid ``input`` is text only (a string, or an array of strings)."""
+    return isinstance(data, str) or all(isinstance(x, str) for x in data)
 
 
 def _texts(data: Any) -> list[str]:

@@ -73,6 +73,10 @@ def test_completion_stream_embedding_and_cache_hit(embedded: Embedded) -> None:
     vectors = embedded.client.embeddings.create(model="sentence-transformers/all-MiniLM-L6-v2",
                                                 input=["hello world"])
     assert len(vectors.data[0].embedding) == 384
+    # the agents' embedders take text: token ids were embedded as the words of their numbers
+    with pytest.raises(openai.BadRequestError, match="not token ids"):
+        embedded.client.embeddings.create(model="sentence-transformers/all-MiniLM-L6-v2",
+                                          input=[[101, 7592, 102]])
     deadline = time.monotonic() + 10  # the miss is stored off the hot path
     while True:
         again = embedded.client.chat.completions.with_raw_response.create(
