@@ -5,7 +5,9 @@ vLLM embedding model, a static upstream), proxied with the same retries. When no
 exists but an agent's in-process embedder serves the model (``embed_models`` in its
 Register), the texts go to that agent's ``Node.Embed`` and the answer is built here in
 the OpenAI shape (``encoding_format: base64`` returns the float32 bytes, as OpenAI does).
-Input over an agent's limits is the client's error (413 or 400, from
+An agent's embedder takes text: token-id input for a model only agents serve is a 400
+(it has no tokenizer of the client's to read them with). Input over an agent's limits
+is the client's error (413 or 400, from
 :mod:`controlplane.adapters.node_embed`), not retried on another agent; agents are named
 by their node in headers and errors, never by their address. Token limits, the budget
 and the usage book count embeddings as every other call: the input at admission,
