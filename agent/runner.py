@@ -46,8 +46,9 @@ serves, and a request it refuses (``--max-logprobs 0``, a changed served name) w
 refused again after any restart; the cost of going ready is the stall the warm-up
 would have hidden, once. TEI, the simulator, external backends and a vLLM that only
 pools get none. Each vLLM keeps its own Inductor cache across restarts
-(:func:`agent.engine_env.compile_cache`), so a restarted engine's warm-up loads the
-kernel instead of compiling it again.
+(:class:`agent.engine_env.CompileCache`), so a restarted engine's warm-up loads the
+kernel instead of compiling it again; a temporary one (when the configured cache cannot
+be used) is reused across restarts and removed by :meth:`Runner.stop`.
 
 Engine ``/metrics`` are scraped by a separate loop per runner (generation backends only)
 and interpreted by :mod:`agent.core.engine_metrics`. Every phase change calls the hooks'
@@ -162,6 +163,7 @@ class Runner:
         self._ownership_warned = False
         self._owns = owns              # process.tree_listens (blocking, run in a thread)
         self._owner: tuple[float, bool, str] | None = None  # (checked at, owned, stranger)
+        self._compile_cache = engine_env.CompileCache(cfg, spec.name)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -171,7 +173,8 @@ class Runner:
             self._tasks.append(asyncio.create_task(self._scrape_loop()))
 
     async def stop(self) -> None:
-        """Stop for good: SIGTERM, SIGKILL after ``stop_grace_s``; ends in ``stopped``."""
+        """Stop for good: SIGTERM, SIGKILL after ``stop_grace_s``; ends in ``stopped``, its
+        temporary compile cache (if it had one) removed."""
         self._stopping = True
         self._wake.set()
         if self._engine is not None:
@@ -183,6 +186,8 @@ class Runner:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await aiotasks.stop(*self._tasks[keep:])
+        # The engine has exited: a temporary compile cache it used goes with it.
+        await asyncio.to_thread(self._compile_cache.remove)
         self._set(Phase.STOPPED, "stopped")
         self.sink.close()
 
@@ -234,7 +239,7 @@ class Runner:
         """The node's defaults for the engine kind (vLLM's CPU variables and its compile
         cache), then the spec's."""
         base = ({**engine_env.vllm_environment(self.cfg, self.cfg.vllm_command),
-                 **engine_env.compile_cache(self.cfg, self.spec.name)}
+                 **self._compile_cache.environment()}
                 if self.spec.engine == "vllm" else {})
         return {**base, **commands.environment(self.spec, self._key,
                                                os.environ.get("PYTHONPATH", ""))}

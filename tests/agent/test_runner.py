@@ -1,5 +1,5 @@
-"""The runner's probes (when it asks who listens on the engine's port) and the warm-up
-request a vLLM gets before it is ready."""
+"""The runner's probes (when it asks who listens on the engine's port), the warm-up
+request a vLLM gets before it is ready, and the compile cache it gets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import pathlib
+import shutil
+import signal
 from typing import Any
 
 import aiohttp
@@ -191,3 +194,36 @@ async def test_a_vllm_compiles_into_its_own_cache_unless_its_spec_names_one(tmp_
             assert _environ(r.pid)["TORCHINDUCTOR_CACHE_DIR"] == expected
         finally:
             await r.stop()
+
+
+def _held(directory: pathlib.Path) -> list[str] | None:
+    """What the directory holds; None when it is gone."""
+    return sorted(os.listdir(directory)) if directory.exists() else None
+
+
+async def test_a_temporary_compile_cache_serves_every_restart_and_goes_when_the_runner_stops(
+        tmp_path):
+    """A configured cache that cannot be used (here a file in its place) meant a new
+    temporary directory at every restart, none removed: a crash-looping engine left one
+    directory of compiled kernels per restart behind."""
+    (tmp_path / "compile").mkdir()
+    (tmp_path / "compile" / "t").write_text("not a directory")
+    spec = types.EngineSpec(name="t", engine="vllm", model="m")
+    async with aiohttp.ClientSession() as session:
+        r = _runner(tmp_path, session, spec, compile_cache_dir=str(tmp_path / "compile"))
+        r.start()
+        try:
+            await harness.until(lambda: r.phase == Phase.READY, 20, "ready")
+            scratch = pathlib.Path(_environ(r.pid)["TORCHINDUCTOR_CACHE_DIR"])
+            assert _held(scratch) == [] and not scratch.is_relative_to(tmp_path)
+            (scratch / "kernel.py").write_text("compiled")
+            os.killpg(r.pid, signal.SIGKILL)
+            await harness.until(lambda: r.restarts == 1 and r.phase == Phase.READY, 20,
+                                "ready after a restart")
+            assert _environ(r.pid)["TORCHINDUCTOR_CACHE_DIR"] == str(scratch)
+            assert _held(scratch) == ["kernel.py"]
+        finally:
+            await r.stop()
+    outlived = _held(scratch) is not None
+    shutil.rmtree(scratch, ignore_errors=True)
+    assert not outlived, "the temporary compile cache outlived the runner"
