@@ -201,9 +201,16 @@ class SupervisorSettings(Section):
         "~/.cache/synapse/engine-compile", description="vLLM: each backend's private "
         "Inductor cache (TORCHINDUCTOR_CACHE_DIR) is <this>/<backend>, mode 0700, kept "
         "across restarts so a restarted engine reuses the kernels it compiled; a backend's "
-        "env may set its own; one that cannot be made private: a temporary directory for "
-        "that run; empty: torch's default (/tmp/torchinductor_<user>, which anyone on "
-        "the host can create first)")
+        "env may set its own; one that cannot be made private, or below a folder another "
+        "user could rename or replace: a private temporary directory, reused across the "
+        "backend's restarts and removed when it stops; empty: torch's default "
+        "(/tmp/torchinductor_<user>, which anyone on the host can create first)")
+    compile_cache_check_parents: bool = Field(
+        True, description="check the folders above compile_cache_dir (each this user's or "
+        "root's, none writable by group or others unless sticky). Off only where no other "
+        "user can reach them: a container whose writable volumes are all open to every "
+        "user (Kubernetes makes an emptyDir mode 0777) and that runs as one user, as the "
+        "Helm chart's agent does")
     tei_command: list[str] = Field(default_factory=lambda: ["text-embeddings-router"],
                                    description="how to start TEI")
     engine_host: str = Field("127.0.0.1", description="address engines listen on "

@@ -37,7 +37,11 @@ a symlinked folder counts as the folder it points to, and torch is given the res
 path, so the link is not followed again later. Every folder of that path from the cache's
 parent up to ``/`` must be owned by this user or root and not writable by group or others
 unless it has the sticky bit (as ``/tmp`` has, where only an entry's owner may rename it).
-Folders that are missing are made, writable by this user alone.
+Folders that are missing are made, writable by this user alone. The check is for hosts
+with other users: a container that runs as one user, whose writable volumes are all open
+to every user (a Kubernetes emptyDir is mode 0777), has nobody to guard against and no
+folder that would pass, so the Helm chart turns it off
+(``supervisor.compile_cache_check_parents``).
 
 When the cache cannot be used a private temporary directory is, with a warning naming
 the reason (a folder above it: which, and why), given once while the reason stays the
@@ -133,7 +137,8 @@ class CompileCache:
             return {}
         configured = pathlib.Path(self._cfg.compile_cache_dir).expanduser()
         try:
-            path = _private_cache(configured, self._backend)
+            path = _private_cache(configured, self._backend,
+                                  self._cfg.compile_cache_check_parents)
         except OSError as exc:
             scratch = self._private_scratch()
             self._warn(f"backend {self._backend}: compile cache {configured / self._backend}"
@@ -166,16 +171,19 @@ class CompileCache:
             log.warning("%s", message)
 
 
-def _private_cache(configured: pathlib.Path, backend: str) -> pathlib.Path:
+def _private_cache(configured: pathlib.Path, backend: str,
+                   check_parents: bool = True) -> pathlib.Path:
     """``backend``'s directory under ``configured``, made (or made private) here; an
-    OSError says why it cannot be used."""
+    OSError says why it cannot be used. ``check_parents``: the folders above it too
+    (``supervisor.compile_cache_check_parents``)."""
     # The real path is what is checked and what torch is given: a symlinked folder
     # counts as the folder it points to, and the link is not followed again later.
     root = pathlib.Path(os.path.realpath(configured))
     path = root / backend
     _make_parents(root)
     path.mkdir(mode=0o700, exist_ok=True)
-    _check_ancestors(root)
+    if check_parents:
+        _check_ancestors(root)
     # Checked, made private and emptied through one handle: a symlink put in its place
     # is not followed, and nothing outside it is touched.
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)

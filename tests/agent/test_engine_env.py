@@ -203,6 +203,19 @@ def test_a_sticky_folder_above_the_cache_like_tmp_is_accepted(tmp_path, caplog):
     assert stat.S_IMODE((shared / "compile").stat().st_mode) & 0o022 == 0
 
 
+def test_a_container_of_one_user_may_turn_the_folders_check_off(tmp_path, caplog):
+    """A Kubernetes emptyDir is mode 0777 and the chart's agent runs as one user: with
+    compile_cache_check_parents off the cache below it is used (and still made private)."""
+    volume = tmp_path / "emptydir"
+    volume.mkdir()
+    volume.chmod(0o777)
+    cfg = SupervisorSettings(compile_cache_dir=str(volume / "compile"),
+                             compile_cache_check_parents=False)
+    assert _cache(cfg) == {"TORCHINDUCTOR_CACHE_DIR": str(volume / "compile" / "gen")}
+    assert _fallback_warnings(caplog) == []
+    assert stat.S_IMODE((volume / "compile" / "gen").stat().st_mode) == 0o700
+
+
 def test_a_symlinked_folder_above_the_cache_counts_as_the_folder_it_points_to(
         tmp_path, caplog):
     """The real path is checked and is what torch is given (the link is not followed

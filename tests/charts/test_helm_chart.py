@@ -102,6 +102,11 @@ def test_configs_validate_and_match_the_pods(values: str | None, release: str,
         f"{headless['metadata']['name']}.{helm.NAMESPACE}.svc.cluster.local:{cp.grpc.port}")
     grace = render.pod_spec(ds)["terminationGracePeriodSeconds"]
     assert grace > agent.supervisor.drain_grace_s + agent.supervisor.stop_grace_s
+    # the engines' compile cache is under HOME, an emptyDir (Kubernetes makes it mode
+    # 0777): no folder above it would pass the check for other users' folders
+    home = next(e["value"] for e in agent_container["env"] if e["name"] == "HOME")
+    assert "emptyDir" in pods.mounted_volume(ds, agent_container, home)
+    assert not agent.supervisor.compile_cache_check_parents
     # the agents mount a Secret of their own, never the control plane's (a GPU node's
     # kubelet fetches whole Secrets), holding the token the control plane demands
     cp_secret = pods.mounted_volume(deploy, cp_container, "/var/run/secrets/synapse")
