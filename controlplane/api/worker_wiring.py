@@ -1,7 +1,8 @@
 """A worker process's routing state joined to its siblings' (``http.workers`` > 1).
 
 :func:`attach_mesh` wires one worker's router, ledger, prefix index, sessions,
-Responses pins, the cache's served log and its stream forms (:class:`services.Services`) to
+Responses pins, the cache's served log, its stream forms and the fair queue's holds
+(:class:`services.Services`) to
 the in-pod mesh
 (:mod:`controlplane.adapters.worker_mesh`), so each worker routes with every worker's
 dispatches in view, as a single process would. It only builds: the caller starts the mesh
@@ -30,6 +31,8 @@ def attach_mesh(services: services_mod.Services, directory: pathlib.Path | str, 
     incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     feedback = services.cache if isinstance(services.cache, cache_feedback.FeedbackCache) else None
     served = feedback.served if feedback is not None else None
+    gate = services.fairness.gate if services.fairness is not None else None
     sharing = shared_routing.Sharing(services.router, services.response_pins, index,
-                                     incarnation, served, services_mod.tiered_cache(services.cache))
+                                     incarnation, served, services_mod.tiered_cache(services.cache),
+                                     gate)
     return worker_mesh.Mesh(sharing, directory, index, count)

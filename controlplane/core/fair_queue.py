@@ -39,7 +39,21 @@ queue, which knows nothing of tenants. One :class:`FairQueue` per model
   let a stream of small requests pass it for ever). Other workers and replicas fill freed
   seats too and may never leave enough free at once, so after ``max_seat_hold_s`` of
   holding it goes on with one seat free (the engine queues the rest), as if the rule
-  were not there; 0 turns the holding off.
+  were not there; so does a head whose deadline comes within a poll (else it would time
+  out with a seat free); 0 turns the holding off. The holding time runs from the first
+  time the head is found short with a seat free, whatever happens after (no seat free for
+  a while, a higher class going first): a bound, not a budget. A request larger than
+  the seats its class may take never fits while anything is in flight, so it goes with
+  one seat free at once (:mod:`saturation`).
+* **A pod holds as one**: the serving workers of a pod (``http.workers``) each have their
+  queues, and a sibling releasing its own requests would fill the seats this worker's
+  head holds. So a worker tells its siblings when its head holds seats and when it stops
+  (:attr:`Gate.hold_listener`, over the routing mesh: :mod:`shared_routing`), and a
+  worker whose own head is of a lower class, or of the same class and began holding later
+  (or not at all), sends nothing of that model on, and queues its newcomers, while a
+  sibling's hold lasts (at most its ``max_seat_hold_s``, also when the sibling goes away
+  without a word: :meth:`Gate.peer_held`, :meth:`Gate.peer_gone`). Other replicas are
+  not told: they see the engine's reports only.
 
 Pure apart from asyncio: the clock and the sleep are injected (:mod:`synapse_common.clock`).
 """
@@ -239,6 +253,12 @@ class Gate:
         self._queues: dict[str, FairQueue] = {}
         self._pumps: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
+        # Told (model, class rank, seconds held so far, seconds left; 0 left: ended) when
+        # this worker's head starts or stops holding seats: the siblings' mesh.
+        self.hold_listener: Callable[[str, int, float, float], None] | None = None
+        self._holding: dict[str, Waiter] = {}       # model -> the head whose hold was told
+        # model -> sibling -> (class rank, held since, held until), by this clock
+        self._peer_holds: dict[str, dict[object, tuple[int, float, float]]] = {}
 
     @property
     def classes(self) -> Sequence[str]:
@@ -250,9 +270,71 @@ class Gate:
         lower classes only would go after it anyway (strict priority): it need not wait
         for a turn behind them."""
         q = self._queues.get(model)
+        if self._peer_hold(model, None if cls is None else self._rank(cls), None):
+            return True         # a sibling's head holds seats: queue behind the pod's
         if q is None or not len(q):
             return False
         return cls is None or q.waiting_at_or_above(q.rank(cls))
+
+    def _rank(self, cls: str) -> int:
+        return self.options.classes.index(cls) if cls in self.options.classes else 0
+
+    # -- holds of the pod's other workers (the module's docstring) -------------------------
+
+    def peer_held(self, peer: object, model: str, rank: int, held_s: float,
+                  left_s: float) -> None:
+        """Sibling ``peer``'s head of class ``rank`` has held seats of ``model`` for
+        ``held_s`` and may for ``left_s`` more; ``left_s`` <= 0: it stopped."""
+        holds = self._peer_holds.setdefault(model, {})
+        now = self._clock()
+        if left_s > 0:
+            holds[peer] = (rank, now - max(0.0, held_s), now + left_s)
+            return
+        if holds.pop(peer, None) is not None:
+            self.wake(model)
+        if not holds:
+            del self._peer_holds[model]
+
+    def peer_gone(self, peer: object) -> None:
+        """Sibling ``peer``'s connection ended: its holds with it."""
+        for model in list(self._peer_holds):
+            self.peer_held(peer, model, 0, 0.0, 0.0)
+
+    def _peer_hold(self, model: str, rank: int | None, since: float | None) -> float | None:
+        """Until when a sibling's hold on ``model`` comes before a request of class
+        ``rank`` (any class: None) whose own hold began at ``since`` (None: not holding);
+        None when none does."""
+        holds = self._peer_holds.get(model)
+        if not holds:
+            return None
+        now = self._clock()
+        first = None
+        for peer_rank, peer_since, until in holds.values():
+            if until <= now:
+                continue
+            if (rank is None or peer_rank < rank
+                    or (peer_rank == rank and (since is None or peer_since < since))):
+                first = until if first is None else min(first, until)
+        return first
+
+    def _tell_hold(self, model: str, head: Waiter | None) -> None:
+        """Tell the siblings when the head holding seats changes (started, or ended:
+        released, gone, or no longer the head)."""
+        told = self._holding.get(model)
+        holding = head if head is not None and head.holding_since is not None else None
+        if told is holding:
+            return
+        listener = self.hold_listener
+        if told is not None:
+            del self._holding[model]
+            if listener is not None:
+                listener(model, told.rank, 0.0, 0.0)
+        if holding is not None and holding.holding_since is not None:
+            self._holding[model] = holding
+            if listener is not None:
+                held = self._clock() - holding.holding_since
+                listener(model, holding.rank, held,
+                         max(0.0, self.options.max_seat_hold_s - held))
 
     def depths(self) -> dict[str, int]:
         """Requests waiting per model (models with none left out)."""
@@ -314,35 +396,43 @@ class Gate:
     async def _pump(self, model: str) -> None:
         q = self._queues[model]
         wakeup = self._wakeups[model]
-        while len(q):
-            self._expire(model, q)
-            head = q.peek()
-            if head is None:
-                break
-            if head.future.done():          # cancelled, its handler not yet resumed
-                q.remove(head)
-                continue
-            if self._may_go(model, head):
-                q.pop()
-                self._observer.depth(model, head.cls, head.tenant,
-                                     q.waiting(head.cls, head.tenant))
-                head.future.set_result(None)
-                await head.taken.wait()     # it resumes and dispatches before we look again
-                continue
-            wakeup.clear()
-            deadline = q.next_deadline()
-            if head.holding_since is not None:     # wake when its holding ends, not later
-                held_until = head.holding_since + self.options.max_seat_hold_s
-                if held_until > self._clock():
-                    deadline = held_until if deadline is None else min(deadline, held_until)
-            delay = self.options.poll_interval_s
-            if deadline is not None:
-                delay = max(0.0, min(delay, deadline - self._clock()))
-            await self._sleep(delay, wakeup)
+        try:
+            while len(q):
+                self._expire(model, q)
+                head = q.peek()
+                if head is None:
+                    break
+                if head.future.done():          # cancelled, its handler not yet resumed
+                    q.remove(head)
+                    continue
+                sibling_until = self._peer_hold(model, head.rank, head.holding_since)
+                if sibling_until is None and self._may_go(model, head):
+                    q.pop()
+                    self._tell_hold(model, None)
+                    self._observer.depth(model, head.cls, head.tenant,
+                                         q.waiting(head.cls, head.tenant))
+                    head.future.set_result(None)
+                    await head.taken.wait()     # it resumes and dispatches before we look
+                    continue
+                self._tell_hold(model, head)
+                wakeup.clear()
+                now = self._clock()
+                wakes = [t for t in (q.next_deadline(), sibling_until,
+                                     self._held_until(head)) if t is not None and t > now]
+                delay = min([self.options.poll_interval_s, *(t - now for t in wakes)])
+                await self._sleep(max(0.0, delay), wakeup)
+        finally:
+            self._tell_hold(model, None)
+
+    def _held_until(self, head: Waiter) -> float | None:
+        """When the head's holding ends (it then goes with one seat free)."""
+        if head.holding_since is None:
+            return None
+        return head.holding_since + self.options.max_seat_hold_s
 
     def _may_go(self, model: str, head: Waiter) -> bool:
         """Room for all the head's seats, or for one once it has held them as long as it
-        may (the module's docstring)."""
+        may or its deadline is near (the module's docstring)."""
         if self._room(model, head.cls, head.sequences):
             return True
         if head.sequences == 1 or not self._room(model, head.cls, 1):
@@ -350,7 +440,8 @@ class Gate:
         now = self._clock()
         if head.holding_since is None:
             head.holding_since = now
-        return now - head.holding_since >= self.options.max_seat_hold_s
+        return (now - head.holding_since >= self.options.max_seat_hold_s
+                or now + self.options.poll_interval_s >= head.deadline)
 
     def _expire(self, model: str, q: FairQueue) -> None:
         for w in q.expired(self._clock()):

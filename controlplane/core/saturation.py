@@ -30,14 +30,16 @@ reports:
   has in flight there, plus those the engine reports waiting beyond them (other
   replicas'), reach it — counted in sequences, as the engine counts them: a request of
   ``n: 4``, or a completions batch of four prompts, takes four seats, and goes on where
-  all four are free (an empty backend takes any request: one larger than the whole limit
-  would otherwise never go), so that it neither overfills the engine, whose FIFO would
-  then start its sequences ahead of requests the fair queue put before them, nor, from a
-  lower class, takes seats kept for the highest. The fair queue bounds how long a request
-  at its head holds the seats that free for it (``fairness.queue.max_seat_hold_s``,
-  :mod:`fair_queue`): other workers and replicas, filling seats as they free, may never
-  leave enough of them free at once. Until a backend has shown its limit once, this
-  signal is silent.
+  all four are free, so that it neither overfills the engine, whose FIFO would then start
+  its sequences ahead of requests the fair queue put before them, nor, from a lower
+  class, takes seats kept for the highest. A request larger than the seats its class may
+  take would overfill however long it waited: one free seat will do for it (and an empty
+  backend takes any request). The fair queue bounds how long a request at its head holds
+  the seats that free for it (``fairness.queue.max_seat_hold_s``, :mod:`fair_queue`):
+  other replicas, filling seats as they free, may never leave enough of them free at
+  once; after that bound it too goes with one seat free, and then a lower class's request
+  can take reserved seats. Until a backend has shown its limit once, this signal is
+  silent.
   With several replicas each one sees the others only through the engine's reports, so
   together they may fill a backend's queue by up to a report interval's worth.
 * **Prefill queued ahead.** Long prompts can saturate an engine with seats to spare: the
@@ -152,6 +154,8 @@ class Saturation:
         # requests that has finished since, until the next report.
         foreign = max(0, backend.waiting - mine)
         taken = mine + foreign
+        if sequences > seats:   # it overfills however long it waits: one free seat will do
+            sequences = 1
         return taken > 0 and taken + sequences > seats
 
     def saturated(self, v: types.Verdict, top: bool = True, sequences: int = 1) -> bool:

@@ -27,7 +27,11 @@ dispatched it itself:
 * the response cache's invalidations (the Admin API reaches one process): each sibling
   drops its own copies (L2's mirror, the coalescer's landed answers) and voids the stores
   of its lookups made before (``TieredCache.forget``; the shared stores were emptied by
-  the process that was asked).
+  the process that was asked);
+* the fair queue's holds (:class:`Holds`): when a worker's head starts or stops holding
+  seats for a large request, so that the siblings leave the seats that free to it
+  (:mod:`fair_queue`). Times travel as durations (held so far, left), never as one
+  process's clock readings. A connection's holds end with it.
 
 Foreign tickets belong to the connection they came in on (an :class:`Inbound`), not to
 the peer's index: when a connection ends (the peer died, closed, or was dropped as too
@@ -78,6 +82,7 @@ PIN = "r"           # ("r", tenant, response id, backend)
 SERVED = "v"        # ("v", request id, *the Served fields in order)
 COST = "c"          # ("c", backend, *the rest of CostModel.observe's arguments in order)
 FORM = "m"          # ("m", form key (tenant and model), the stream form learnt for it)
+HOLD = "q"          # ("q", model, class rank, seconds held, seconds left; 0 left: ended)
 TAKEN = "t"         # ("t", tenant, request id)
 INVALIDATED = "i"   # ("i", tenant or null, model or null): the response cache invalidated
 
@@ -105,6 +110,17 @@ class Forms(Protocol):
     def forget(self, tenant: str | None, model: str | None) -> None: ...
 
 
+class Holds(Protocol):
+    """The fair queue's holds (:class:`fair_queue.Gate`)."""
+
+    hold_listener: Callable[[str, int, float, float], None] | None
+
+    def peer_held(self, peer: object, model: str, rank: int, held_s: float,
+                  left_s: float) -> None: ...
+
+    def peer_gone(self, peer: object) -> None: ...
+
+
 class Sharing:
     """This worker's side of the mesh: the listener of its ledger, router and pins, and
     the one that applies its peers' events to them.
@@ -117,12 +133,13 @@ class Sharing:
 
     def __init__(self, router: router_mod.Router, pins: response_pins.Pins, index: int,
                  incarnation: str, served: served_log.ServedLog | None = None,
-                 forms: Forms | None = None) -> None:
+                 forms: Forms | None = None, holds: Holds | None = None) -> None:
         self.router = router
         self.ledger = router.ledger
         self.pins = pins
         self.served_log = served
         self.forms = forms
+        self.holds = holds
         self.index = index
         self.incarnation = incarnation    # tells this process from a restarted one (logs)
         self._outbox: list[Event] = []
@@ -145,6 +162,8 @@ class Sharing:
         if self.forms is not None:
             self.forms.form_listener = self.formed
             self.forms.invalidation_publisher = self.invalidated
+        if self.holds is not None:
+            self.holds.hold_listener = self.held
 
     def detach(self) -> None:
         self.ledger.listener = None
@@ -156,6 +175,8 @@ class Sharing:
         if self.forms is not None:
             self.forms.form_listener = None
             self.forms.invalidation_publisher = None
+        if self.holds is not None:
+            self.holds.hold_listener = None
         self._wake = None
         self._outbox.clear()
         self._live.clear()      # their finishes would no longer be heard: not kept
@@ -219,6 +240,10 @@ class Sharing:
     def invalidated(self, tenant: str | None, model: str | None) -> None:
         if not self._applying:
             self._publish((INVALIDATED, tenant, model))
+
+    def held(self, model: str, rank: int, held_s: float, left_s: float) -> None:
+        if not self._applying:
+            self._publish((HOLD, model, rank, held_s, left_s))
 
     # -- what goes out ------------------------------------------------------------------
 
@@ -342,6 +367,11 @@ class Inbound:
         elif kind == INVALIDATED:
             if sharing.forms is not None:
                 sharing.forms.forget(_name_or_none(event[1]), _name_or_none(event[2]))
+        elif kind == HOLD:
+            if sharing.holds is not None:
+                _, model, rank, held_s, left_s = event
+                sharing.holds.peer_held(self, str(model), int(rank), float(held_s),
+                                        float(left_s))
         # an unknown kind is a newer peer's: skipped, so versions can add events
 
     def close(self) -> None:
@@ -350,6 +380,8 @@ class Inbound:
         tickets, self._tickets = self._tickets, {}
         for ticket in tickets.values():
             self._sharing.ledger.finish(ticket)
+        if self._sharing.holds is not None:
+            self._sharing.holds.peer_gone(self)
 
     def foreign(self) -> int:
         """Tickets of this connection's peer still counted in this worker's ledger."""

@@ -257,9 +257,9 @@ async def test_a_head_short_of_seats_holds_those_that_free_and_nothing_behind_it
 async def test_a_head_short_of_seats_goes_with_one_free_after_holding_them_its_time(
         ) -> None:
     """Other workers and replicas may fill every seat that frees, so the holding is
-    bounded: after ``max_seat_hold_s`` with a seat free the head goes (the engine queues
-    the rest); time with no seat free at all is not counted, and 0 sends it on at once, as
-    before the rule."""
+    bounded: after ``max_seat_hold_s`` from the first time it found a seat free the head
+    goes (the engine queues the rest); time before that is not counted, and 0 sends it on
+    at once, as before the rule."""
     clock = ManualClock()
     fleet = Fleet(free=0)
     gate = stopped_clock_gate(fleet, clock, hold_s=3.0)

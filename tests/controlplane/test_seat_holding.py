@@ -1,0 +1,201 @@
+"""Seats held for a large request at the head of the fair queue: through a real control
+plane's wiring, and across the serving workers of one pod (their holds travel over the
+routing mesh)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from controlplane.api import app as app_mod
+from controlplane.api import fairness_wiring
+from controlplane.core import fair_queue, shared_routing
+from tests import harness
+from tests.clock import ManualClock
+from tests.controlplane import cp_testing as t
+from tests.controlplane.test_fair_queue import MODEL, Fleet, request, settle_until
+from tests.controlplane.test_shared_routing import Worker
+
+
+@contextlib.asynccontextmanager
+async def four_seats(hold_s: float) -> AsyncIterator[tuple[t.RunningCP, t.FakeBackend]]:
+    """A control plane whose one upstream runs 4 sequences at once and never answers."""
+    fair = {"queue": {"enabled": True, "max_queue_wait_s": 1000.0, "poll_interval_s": 0.02,
+                      "max_seat_hold_s": hold_s, "deadline_s": 60.0}}
+    async with t.backends(("one", "hang")) as (backend,):
+        s = t.settings(upstreams=[{**t.upstream("one", backend.url), "max_num_seqs": 4}],
+                       fairness=fair, registry={"upstream_probe_interval_s": 5.0})
+        async with t.running(s) as cp:
+            await harness.until(lambda: app_mod.routable_count(cp.services) > 0, 20,
+                                "the backend")
+            yield cp, backend
+
+
+async def test_a_request_of_two_sequences_waits_for_two_free_seats() -> None:
+    """With three of four seats taken, a request of n: 2 waits, holding the free seat,
+    and goes when a second one frees (before, it went at once and overfilled)."""
+    async with four_seats(hold_s=30.0) as (cp, backend):
+        gate = fairness_wiring.get(cp.services).gate
+        assert gate is not None
+        async with aiohttp.ClientSession(headers={
+                "Authorization": f"Bearer {t.KEY_A}"}) as session:
+
+            async def chat(text: str, n: int = 1) -> None:
+                async with session.post(f"{cp.url}/v1/chat/completions", json={
+                        "model": "llama", "n": n,
+                        "messages": [{"role": "user", "content": text}]}) as resp:
+                    await resp.read()
+            held = [asyncio.create_task(chat(f"seat {i}")) for i in range(3)]
+            await harness.until(lambda: len(backend.bodies) == 3, 10, "three seats taken")
+            large = asyncio.create_task(chat("two seats", n=2))
+            await harness.until(lambda: gate.depth(t.MODEL) == 1, 10, "the large one to queue")
+            await asyncio.sleep(0.3)
+            assert len(backend.bodies) == 3 and gate.depth(t.MODEL) == 1
+            held[0].cancel()                # a second seat frees
+            await harness.until(lambda: len(backend.bodies) == 4, 10, "the large one to go")
+            assert json.loads(backend.bodies[-1])["n"] == 2
+            for task in (*held, large):
+                task.cancel()
+            await asyncio.gather(*held, large, return_exceptions=True)
+
+
+async def test_a_request_larger_than_the_engine_goes_with_one_seat_free() -> None:
+    """Eight sequences never fit four seats while anything is in flight: holding for them
+    would only idle the seats that free, so one free seat will do."""
+    async with four_seats(hold_s=30.0) as (cp, backend):
+        async with aiohttp.ClientSession(headers={
+                "Authorization": f"Bearer {t.KEY_A}"}) as session:
+
+            async def chat(text: str, n: int = 1) -> None:
+                async with session.post(f"{cp.url}/v1/chat/completions", json={
+                        "model": "llama", "n": n,
+                        "messages": [{"role": "user", "content": text}]}) as resp:
+                    await resp.read()
+            held = [asyncio.create_task(chat(f"seat {i}")) for i in range(3)]
+            await harness.until(lambda: len(backend.bodies) == 3, 10, "three seats taken")
+            large = asyncio.create_task(chat("eight seats", n=8))
+            await harness.until(lambda: len(backend.bodies) == 4, 10, "the large one to go")
+            for task in (*held, large):
+                task.cancel()
+            await asyncio.gather(*held, large, return_exceptions=True)
+
+
+def stopped_clock_gate(fleet: Fleet, clock: ManualClock, hold_s: float,
+                       deadline_s: float = 30.0) -> fair_queue.Gate:
+    async def sleep(seconds: float | None, wakeup: asyncio.Event | None) -> float | None:
+        await asyncio.sleep(0.001)
+        return None
+    options = fair_queue.Options(poll_interval_s=0.01, max_seat_hold_s=hold_s,
+                                 deadline_s=deadline_s)
+    return fair_queue.Gate(options, fleet.room, clock=clock, sleep=sleep)
+
+
+def joined(a: fair_queue.Gate, b: fair_queue.Gate) -> None:
+    """Each gate told of the other's holds, as the mesh tells them."""
+    a.hold_listener = lambda *hold: b.peer_held(a, *hold)
+    b.hold_listener = lambda *hold: a.peer_held(b, *hold)
+
+
+async def test_a_sibling_leaves_the_seats_a_workers_head_holds() -> None:
+    """Two workers of a pod share one engine: while worker A's large head holds seats,
+    worker B sends nothing of that model of the same or a lower class on (it filled every
+    seat that freed before), and queues its newcomers; B's higher class still goes."""
+    clock = ManualClock()
+    engine = Fleet(free=0)                       # one engine, both workers' view of it
+    a = stopped_clock_gate(engine, clock, hold_s=10.0)
+    b = stopped_clock_gate(engine, clock, hold_s=10.0)
+    joined(a, b)
+    big = asyncio.create_task(request(a, engine, "big", "x", cls="batch", sequences=2))
+    await settle_until(lambda: a.depth(MODEL) == 1, "the large request to queue")
+    engine.free = 1
+    a.wake(MODEL)
+    await settle_until(lambda: MODEL in b._peer_holds, "B to hear of A's hold")
+    assert b.busy(MODEL, "batch") and not b.busy(MODEL, "interactive")
+    small = asyncio.create_task(request(b, engine, "small", "y", cls="batch"))
+    await asyncio.sleep(0.05)
+    assert engine.released == [] and not small.done(), "B took the seat A holds"
+    urgent = asyncio.create_task(request(b, engine, "urgent", "z", cls="interactive"))
+    await asyncio.wait_for(urgent, 5)           # a higher class is not held back
+    assert engine.released == ["urgent"]
+    engine.free += 2
+    a.wake(MODEL)
+    await asyncio.wait_for(big, 5)
+    await asyncio.wait_for(small, 5)            # A's hold ended: B goes on
+    assert engine.released == ["urgent", "big", "small"]
+    await a.close()
+    await b.close()
+
+
+async def test_a_siblings_hold_ends_when_it_goes_away_or_its_time_is_up() -> None:
+    clock = ManualClock()
+    engine = Fleet(free=1)
+    b = stopped_clock_gate(engine, clock, hold_s=10.0)
+    peer = object()
+    b.peer_held(peer, MODEL, 1, 0.0, 5.0)
+    small = asyncio.create_task(request(b, engine, "small", "y", cls="batch"))
+    await asyncio.sleep(0.05)
+    assert not small.done()
+    b.peer_gone(peer)
+    await asyncio.wait_for(small, 5)
+    b.peer_held(peer, MODEL, 1, 0.0, 5.0)       # and again, never ended by a word
+    engine.free = 1
+    late = asyncio.create_task(request(b, engine, "late", "y", cls="batch"))
+    await asyncio.sleep(0.05)
+    assert not late.done()
+    clock.now += 5.0
+    await asyncio.wait_for(late, 5)
+    await b.close()
+
+
+async def test_a_head_near_its_deadline_goes_with_one_seat_rather_than_time_out() -> None:
+    """A hold that began late in a request's wait ended in a 503 with a seat free."""
+    clock = ManualClock()
+    engine = Fleet(free=0)
+    gate = stopped_clock_gate(engine, clock, hold_s=0.5, deadline_s=1.0)
+    big = asyncio.create_task(request(gate, engine, "big", "x", sequences=2))
+    await settle_until(lambda: gate.depth(MODEL) == 1, "the large request to queue")
+    clock.now += 0.995                          # within a poll of its deadline
+    engine.free = 1
+    gate.wake(MODEL)
+    await asyncio.wait_for(big, 5)
+    assert engine.released == ["big"]
+    await gate.close()
+
+
+class Gates:
+    """Stands in for a gate behind the mesh: what it was told."""
+
+    def __init__(self) -> None:
+        self.hold_listener: Any = None
+        self.told: list[tuple[Any, ...]] = []
+
+    def peer_held(self, peer: object, model: str, rank: int, held_s: float,
+                  left_s: float) -> None:
+        self.told.append(("held", model, rank, held_s, left_s))
+
+    def peer_gone(self, peer: object) -> None:
+        self.told.append(("gone",))
+
+
+def test_holds_travel_over_the_mesh_and_end_with_the_connection() -> None:
+    sender_gates, receiver_gates = Gates(), Gates()
+    w0, w1 = Worker(0, ManualClock()), Worker(1, ManualClock())
+    s0 = shared_routing.Sharing(w0.router, w0.pins, 0, "a", holds=sender_gates)
+    s1 = shared_routing.Sharing(w1.router, w1.pins, 1, "b", holds=receiver_gates)
+    s0.attach(lambda: None)
+    s1.attach(lambda: None)
+    inbound = s1.inbound()
+    inbound.feed(s0.greeting())
+    sender_gates.hold_listener("m", 1, 0.5, 1.5)
+    sender_gates.hold_listener("m", 1, 0.7, 0.0)
+    frame = s0.take()
+    assert frame is not None
+    inbound.feed(frame)
+    inbound.close()
+    assert receiver_gates.told == [("held", "m", 1, 0.5, 1.5), ("held", "m", 1, 0.7, 0.0),
+                                   ("gone",)]
