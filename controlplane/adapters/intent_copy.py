@@ -8,24 +8,25 @@ load that succeeds is copied to ``<data_dir>/fleet_intent.json`` (when it change
 first load of a process that fails returns that copy instead, once, with an error line
 saying how old it is; later failures raise as before (the fleet keeps what it applied).
 
-The file is written whole (a temporary file renamed over it), mode 0600: it names nodes
-and what runs on them.
+The file is the one a control plane without Redis keeps its intent in, written and read
+by :mod:`controlplane.adapters.intent_file` (one format, written atomically, mode 0600), so
+dropping Redis from the config starts from the last intent copied.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import os
 import pathlib
-import tempfile
 import time
 
+from controlplane.adapters import intent_file
 from controlplane.core import intent
 
 log = logging.getLogger("synapse.controlplane.fleet")
 
-FILE = "fleet_intent.json"
+FILE = intent_file.FILE
 
 
 class CopiedIntentStore:
@@ -54,7 +55,7 @@ class CopiedIntentStore:
             return copy
         self._loaded = True
         if records != self._copied:
-            self._write(records)
+            await asyncio.to_thread(self._write, records)
         return records
 
     async def get(self, node: str) -> str | None:
@@ -68,29 +69,14 @@ class CopiedIntentStore:
 
     def _read(self) -> dict[str, str] | None:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
+            return intent_file.read(self.path)
+        except (OSError, intent_file.Damaged) as exc:
             log.error("cannot read the operator intent's copy %s: %s", self.path, exc)
             return None
-        if not isinstance(data, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-            log.error("the operator intent's copy %s is not what this version writes", self.path)
-            return None
-        return data
 
     def _write(self, records: dict[str, str]) -> None:
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{FILE}.")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    json.dump(records, fh)
-                os.replace(tmp, self.path)
-            except BaseException:
-                pathlib.Path(tmp).unlink(missing_ok=True)
-                raise
+            intent_file.write(self.path, records)
         except OSError as exc:
             log.warning("cannot keep a copy of the operator intent in %s: %s", self.path, exc)
             return

@@ -1,9 +1,10 @@
 """Operator intent that must outlive a replica: cordons, drains and deployed engines.
 
 The intent lives in an :class:`IntentStore` — Redis when ``redis.url`` is configured, so a
-restarted or second replica honours it; this process's memory otherwise — and is applied
-to the registry by :meth:`FleetIntent.sync`, which the fleet service runs at start and
-every second. Nodes that register later (or re-register) get their cordon within one sync,
+restarted or second replica honours it; ``<data_dir>/fleet_intent.json`` otherwise, so a
+restart does (``adapters.intent_file``); :class:`MemoryIntentStore` serves tests — and is
+applied to the registry by :meth:`FleetIntent.sync`, which the fleet service runs at start
+and every second. Nodes that register later (or re-register) get their cordon within one sync,
 and a cordon can be set for a node that is not connected yet.
 
 Every change is a compare-and-set of one node's record: :meth:`FleetIntent.update` reads
@@ -97,6 +98,7 @@ class FleetIntent:
         self._store = store
         self._registry = registry
         self.intents: dict[str, NodeIntent] = {}
+        self._writes = 0            # updates this process stored (see refresh)
 
     def get(self, node: str) -> NodeIntent:
         return self.intents.get(node, NodeIntent())
@@ -122,6 +124,7 @@ class FleetIntent:
                 raise errors.Unavailable(f"cannot store the change durably: {exc}",
                                          code="intent_store_unavailable") from None
             if written:
+                self._writes += 1
                 self.intents[node] = after
                 self.apply()
                 return Change(before, after)
@@ -134,8 +137,15 @@ class FleetIntent:
         return await self.update(node, lambda i: dataclasses.replace(i, **fields))
 
     async def refresh(self) -> set[str]:
-        """Reload from the store; returns nodes whose desired engines changed."""
+        """Reload from the store; returns nodes whose desired engines changed.
+
+        A load that an update of this process overtook is dropped: it may have been read
+        before that write, and taking it would undo the update here (a cordon lifted, a
+        deploy re-sent without its engine) until the next load."""
+        writes = self._writes
         loaded = {k: NodeIntent.from_json(v) for k, v in (await self._store.load()).items()}
+        if self._writes != writes:
+            return set()
         changed = {n for n in set(loaded) | set(self.intents)
                    if loaded.get(n, NodeIntent()).desired != self.get(n).desired}
         self.intents = loaded

@@ -18,3 +18,12 @@ def directory() -> Iterator[pathlib.Path]:
     path.chmod(0o700)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def own_working_directory(tmp_path_factory: pytest.TempPathFactory,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in a directory of its own: a control plane built without
+    ``data_dir`` keeps its state, the fleet intent among it, in ``./.synapse``, and a
+    cordon or a deploy one test made must not reach the next (or another checkout's run)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))

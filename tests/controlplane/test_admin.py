@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import pathlib
+import stat
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,7 +35,8 @@ MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 GIB = 1024**3
 
 
-def settings(redis_url: str | None = None) -> config.ControlPlaneSettings:
+def settings(redis_url: str | None = None,
+             data_dir: pathlib.Path | None = None) -> config.ControlPlaneSettings:
     data: dict[str, Any] = {
         "replica_id": "test", "grpc": {"host": "127.0.0.1", "port": 0},
         # the test plays the agents (agent tokens: tests/security/test_agent_auth.py)
@@ -44,6 +47,8 @@ def settings(redis_url: str | None = None) -> config.ControlPlaneSettings:
     }
     if redis_url:
         data["redis"] = {"url": redis_url}
+    if data_dir:
+        data["data_dir"] = str(data_dir)
     return config.ControlPlaneSettings.model_validate(data)
 
 
@@ -413,6 +418,42 @@ async def test_cordon_is_durable_across_replicas_with_redis(redis_server: harnes
         for agent in agents:
             await agent.close()
         await first.stop()
+        await second.stop()
+
+
+async def test_a_cordon_and_a_deploy_outlive_a_restart_without_redis(
+        tmp_path: pathlib.Path) -> None:
+    """Probe 82 F7: without Redis the intent lived in the process's memory, so any restart
+    of the control plane silently put a cordoned node back into routing."""
+    s = settings(data_dir=tmp_path / "data")
+    first = await Replica(s).start()
+    agent = AgentStandIn("gpu-a")
+    try:
+        await agent.connect(first.address)
+        await eventually(lambda: len(first.services.registry.routable(MODEL)) == 1, "node")
+        admin = Admin(first.address)
+        await admin("CordonNode", admin_pb2.CordonNodeRequest(name="gpu-a", reason="bad GPU"))
+        await admin("DeployModel", admin_pb2.DeployModelRequest(
+            model="tiny", engine=common_pb2.ENGINE_KIND_SIMULATOR, nodes=["gpu-a"]))
+        await admin.channel.close()
+    finally:
+        await agent.close()
+        await first.stop()
+    stored = tmp_path / "data" / "fleet_intent.json"
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    second = await Replica(s).start()         # the restart: same config, same data_dir
+    agent = AgentStandIn("gpu-a")
+    try:
+        await agent.connect(second.address)
+        await eventually(lambda: second.services.registry.node("gpu-a") is not None, "node")
+        await eventually(lambda: second.services.registry.node("gpu-a").cordoned, "cordon")
+        assert second.services.registry.routable(MODEL) == []
+        assert second.fleet.intent.get("gpu-a").reason == "bad GPU"
+        await eventually(lambda: "desired_backends" in agent.kinds(), "desired engines")
+        desired = [m for m in agent.commands if m.WhichOneof("body") == "desired_backends"]
+        assert [b.model for b in desired[-1].desired_backends.backends] == ["tiny"]
+    finally:
+        await agent.close()
         await second.stop()
 
 
