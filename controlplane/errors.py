@@ -38,6 +38,11 @@ envelope); the tree above is that table read top-down.
 
 Nothing else in the control plane builds the envelope: handlers, the SSE error event and
 the low-level HTTP parse errors all render one of these classes.
+
+A backend's own words reach a client only through :func:`masked`, the one rule for them:
+a refusal (4xx) relayed whole or in any API's shape, and the quoted start of a 5xx, lose
+the backend's ``api_key`` and any long piece of it (hosted APIs quote the key they were
+given, or most of it, in their refusals).
 """
 
 from __future__ import annotations
@@ -199,6 +204,47 @@ class QueueTimeout(Unavailable, default_code="queue_timeout"):
 
     def headers(self) -> dict[str, str]:
         return retry_after(self.retry_after_s)
+
+
+KEY_MASK = b"[its api_key]"
+KEY_PIECE = 12      # characters of a key that, quoted alone, still give most of it away
+
+
+def masked(data: bytes, key: str | None) -> bytes:
+    """``data`` (a backend's answer on its way to a client) with the backend's ``key`` and
+    every run of :data:`KEY_PIECE` or more of its characters replaced by
+    :data:`KEY_MASK`. Only refusals and error details pass here, never a served answer."""
+    if not key or not data:
+        return data
+    secret = key.encode("utf-8", "surrogatepass")
+    if len(secret) <= KEY_PIECE:
+        return data.replace(secret, KEY_MASK)
+    spans = sorted(_quoted(data, secret))
+    if not spans:
+        return data
+    out, done = [], 0
+    for start, end in spans:
+        if start > done:
+            out.append(data[done:start])
+            out.append(KEY_MASK)
+        elif end <= done:
+            continue                     # inside the run already masked
+        done = max(done, end)
+    out.append(data[done:])
+    return b"".join(out)
+
+
+def _quoted(data: bytes, secret: bytes) -> set[tuple[int, int]]:
+    """Where ``data`` quotes a piece of ``secret`` of :data:`KEY_PIECE` bytes: overlapping
+    pieces of one quote join into one run when masked."""
+    spans = set()
+    for i in range(len(secret) - KEY_PIECE + 1):
+        piece = secret[i:i + KEY_PIECE]
+        at = data.find(piece)
+        while at >= 0:
+            spans.add((at, at + KEY_PIECE))
+            at = data.find(piece, at + 1)
+    return spans
 
 
 def retry_after(seconds: float) -> dict[str, str]:

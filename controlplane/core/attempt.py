@@ -12,7 +12,8 @@ Before the hand-over, :meth:`Attempt.first_bytes` reads what decides whether the
 can be sent at all — a stream's first piece, a whole successful JSON answer — so an answer
 that breaks before the caller got a byte is one more failed attempt, not a failed
 request. A backend that knows the model by another name has its answer renamed to the
-name the client asked for (:mod:`controlplane.core.model_rename`).
+name the client asked for (:mod:`controlplane.core.model_rename`); a refusal loses the
+backend's key (:func:`controlplane.errors.masked`).
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ class Attempt:
                 self.ticket.usage = usage_mod.from_tail(data)
             if self._rename:
                 data = model_rename.in_body(data, self._rename)
+        elif answer.status >= 400:      # a refusal, relayed in some shape: never the key
+            data = errors.masked(data, self.backend.api_key)
         self._data = data
         return data
 

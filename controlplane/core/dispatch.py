@@ -18,7 +18,8 @@ The one home of the serving path's upstream policy; the API layer only relays by
   ``api_key``, or the engine key), never the client's, which no backend is sent. That
   backend is failed over like a 5xx (reason ``auth``) and its answer is not relayed: it
   would tell the client its own key was wrong, and hosted APIs quote the key they were
-  given in that message. A 5xx's quoted detail has the backend's key masked too. Once
+  given in that message. Any other refusal is relayed, and it and a 5xx's quoted detail
+  have the backend's key masked (:func:`controlplane.errors.masked`). Once
   the caller has taken an attempt nothing is retried: whatever breaks later is the
   caller's to report (an SSE error event).
 * **Runtime fallback**: when every candidate of a model failed, the next model of the
@@ -379,11 +380,8 @@ async def _server_error(attempt: Attempt) -> errors.SynapseError:
     try:
         async with asyncio.timeout(ERROR_DETAIL_TIMEOUT_S):
             raw = await attempt.answer.read_some(ERROR_DETAIL_BYTES)
-        detail = raw.decode("utf-8", "replace")
+        detail = errors.masked(raw, attempt.backend.api_key).decode("utf-8", "replace")
     except (errors.UpstreamError, TimeoutError):
         detail = ""
-    key = attempt.backend.api_key
-    if key:
-        detail = detail.replace(key, "[its api_key]")
     return errors.UpstreamError(f"backend {attempt.backend.key} answered with status "
                                 f"{attempt.status}" + (f": {detail}" if detail else ""))

@@ -415,3 +415,29 @@ async def test_a_5xx_detail_never_quotes_the_backends_key() -> None:
         async with d.exchange(decision, prompt, CHAT, b"{}", "r"):
             pass
     assert "sk-backend" not in info.value.message and "bad key" in info.value.message
+
+
+async def test_a_refusal_relayed_to_the_client_never_quotes_the_backends_key() -> None:
+    """A 4xx is the client's and is relayed, but hosted APIs quote the key they were
+    given in their refusals too: the key, and any long piece of it, is masked in the body
+    the caller relays, whatever shape it then takes (probe 82, F10)."""
+    key = "sk-UPSTREAM-hunter2-abcdef123456"
+    d, mock, _ = stack(("a",))
+    d.registry.report("n1", [types.BackendState(
+        key="n1/a", node="n1", name="a", url="http://a.internal:8000", models=(MODEL,),
+        api_key=key)])
+    refusals = [b'{"error": {"message": "your key Bearer ' + key.encode() + b' was rejected"}}',
+                b'{"detail": "not found for ' + key[:20].encode() + b'..."}',
+                b"quoted twice: " + key.encode() + b" and " + key[4:].encode()]
+    for status, body in zip((400, 404, 422), refusals, strict=True):
+        mock.handler = lambda req, status=status, body=body: MockResponse(status, [body])
+        decision, prompt = route(d)
+        async with d.exchange(decision, prompt, CHAT, b"{}", "r") as attempt:
+            relayed = await attempt.read()
+        assert attempt.status == status
+        assert b"hunter2" not in relayed and b"[its api_key]" in relayed, relayed
+    assert relayed == b"quoted twice: [its api_key] and [its api_key]"
+    # A short piece tells little and is left: the words around a key are the backend's.
+    assert errors.masked(b"prefix sk-UPSTR", key) == b"prefix sk-UPSTR"
+    assert errors.masked(b"no key here", key) == b"no key here"
+    assert errors.masked(b"k sk-short!", "sk-short") == b"k [its api_key]!"
