@@ -26,7 +26,8 @@ CONTEXT_FIELDS = ("request_id", "node", "tenant", "backend", "model")
 _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
     "synapse_log_context", default={})  # noqa: B039 - never mutated, replaced on bind
 
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#@\s]*@")    # "user:password@" after "scheme://"
+# "user:password@" after "scheme://", to the authority's last "@" (a password may hold one)
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#\s]*@")
 _PLAIN = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\u2028\u2029]*")     # a value as it is
 
 _STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -47,6 +48,13 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STD_ATTRS and not k.startswith("_")}
 
 
+def mask_url_credentials(text: str) -> str:
+    """``text`` with the credentials of every URL in it masked (``http://***@host``): an
+    upstream's URL may carry ``user:password@``. The one rule for logs, the settings' repr
+    and what the Admin API shows of a backend."""
+    return _URL_CREDENTIALS.sub("***@", text) if "://" in text else text
+
+
 class RedactingFilter(logging.Filter):
     """Adds context fields and scrubs secrets from the message and the fields."""
 
@@ -59,9 +67,7 @@ class RedactingFilter(logging.Filter):
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, "***")
-        if "://" in text:
-            text = _URL_CREDENTIALS.sub("***@", text)
-        return text
+        return mask_url_credentials(text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in _context.get().items():

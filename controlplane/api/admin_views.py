@@ -1,4 +1,8 @@
-"""Core objects → Admin response messages (protos stop at this edge)."""
+"""Core objects → Admin response messages (protos stop at this edge).
+
+Every backend URL leaves through :func:`_url`, with its ``user:password@`` masked as the
+log masks it: ``synapsectl get backends`` output is pasted into tickets.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ from typing import Any
 from controlplane.core import catalog, fleet, ledger, placement, registry, types
 from protos import enums
 from protos.synapse.v1 import admin_pb2, common_pb2, controlplane_pb2
+from synapse_common import logs
+
+_url = logs.mask_url_credentials
 
 
 def _report(view: types.NodeView) -> controlplane_pb2.Report | None:
@@ -35,10 +42,12 @@ def node_detail(view: types.NodeView, led: ledger.Ledger) -> admin_pb2.NodeDetai
     if rep is not None:
         detail.gpus.extend(rep.gpus)
         detail.backends.extend(rep.backends)
+        for b in detail.backends:       # an agent's external engine may carry credentials
+            b.url = _url(b.url)
         detail.embedding_cache.CopyFrom(rep.embedding_cache)
     else:
         for b in view.backends:
-            detail.backends.add(name=b.name, url=b.url, models=b.models,
+            detail.backends.add(name=b.name, url=_url(b.url), models=b.models,
                                 phase=enums.BACKEND_PHASE.value(b.phase),
                                 num_requests_waiting=b.waiting, num_requests_running=b.running,
                                 kv_cache_usage=b.kv_usage, restarts=b.restarts)
@@ -125,7 +134,7 @@ def models(cat: catalog.Catalog, reg: registry.Registry,
         for b, why in reg.backends_for(name):
             tasks.add(b.task)
             info.backends.add(node="" if b.source == "static" else b.node, backend=b.name,
-                              url=b.url, phase=enums.BACKEND_PHASE.value(b.phase),
+                              url=_url(b.url), phase=enums.BACKEND_PHASE.value(b.phase),
                               num_requests_waiting=b.waiting,
                               num_requests_running=b.running, kv_cache_usage=b.kv_usage,
                               routable=not why, source=b.source)
@@ -171,7 +180,8 @@ def explanation(model: str, policy: str, prompt_tokens: int,
                                          reason=reason)
     for v in sorted(verdicts, key=lambda v: (v.rank == 0, v.rank, v.backend.key)):
         b = v.backend
-        out.backends.add(node="" if b.source == "static" else b.node, backend=b.name, url=b.url,
+        out.backends.add(node="" if b.source == "static" else b.node, backend=b.name,
+                         url=_url(b.url),
                          eligible=v.eligible, filter_reason=v.filter_reason,
                          predicted_ttft_seconds=v.predicted_ttft_s,
                          queue_wait_seconds=v.queue_wait_s, prefill_seconds=v.prefill_s,

@@ -3,12 +3,14 @@ OpenAI-compatible servers configured by URL."""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import pydantic
 from pydantic import Field
 
 from controlplane.core import upstream_kinds
+from synapse_common import logs
 from synapse_common.settings import Secret, Section, TaskList, tasks_field
 
 
@@ -58,6 +60,11 @@ class UpstreamSettings(Section):
     tasks: TaskList = tasks_field(
         "task alone. A vLLM serves generate, responses, messages and tokenize; Synapse "
         "translates /v1/messages to chat for one that does not")
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # A URL's user:password@ is a secret too: shown masked, as the log shows it.
+        for name, value in super().__repr_args__():
+            yield name, logs.mask_url_credentials(value) if name == "url" else value
 
     @pydantic.model_validator(mode="after")
     def _mapped_models_are_served(self) -> UpstreamSettings:

@@ -35,8 +35,8 @@ MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 GIB = 1024**3
 
 
-def settings(redis_url: str | None = None,
-             data_dir: pathlib.Path | None = None) -> config.ControlPlaneSettings:
+def settings(redis_url: str | None = None, data_dir: pathlib.Path | None = None,
+             **extra: Any) -> config.ControlPlaneSettings:
     data: dict[str, Any] = {
         "replica_id": "test", "grpc": {"host": "127.0.0.1", "port": 0},
         # the test plays the agents (agent tokens: tests/security/test_agent_auth.py)
@@ -49,7 +49,7 @@ def settings(redis_url: str | None = None,
         data["redis"] = {"url": redis_url}
     if data_dir:
         data["data_dir"] = str(data_dir)
-    return config.ControlPlaneSettings.model_validate(data)
+    return config.ControlPlaneSettings.model_validate({**data, **extra})
 
 
 class Replica:
@@ -455,6 +455,27 @@ async def test_a_cordon_and_a_deploy_outlive_a_restart_without_redis(
     finally:
         await agent.close()
         await second.stop()
+
+
+async def test_an_upstreams_url_credentials_are_masked_in_admin_answers_and_the_repr(
+        ) -> None:
+    """Probe 82 F5: ``synapsectl get backends`` (and ``-o json``, ``get models -o yaml``)
+    printed ``http://bob:hunter2url@…`` in clear, and so did the settings' repr."""
+    s = settings(upstreams=[{"name": "cred", "url": "http://bob:hunter2url@127.0.0.1:9",
+                             "models": [MODEL]}])
+    assert "hunter2url" not in repr(s) + str(s) and "http://***@127.0.0.1:9" in repr(s)
+    replica = await Replica(s).start()
+    admin = Admin(replica.address)
+    try:
+        models = await admin("ListModels", admin_pb2.ListModelsRequest())
+        explained = await admin("ExplainRoute", admin_pb2.ExplainRouteRequest(
+            model=MODEL, prompt="hello"))
+    finally:
+        await admin.channel.close()
+        await replica.stop()
+    urls = [b.url for m in models.models for b in m.backends] + [
+        b.url for b in explained.backends]
+    assert urls == ["http://***@127.0.0.1:9"] * 2
 
 
 @pytest.mark.parametrize("messages_json", ["[" * 100_000, "[" * 2000 + "]" * 2000,

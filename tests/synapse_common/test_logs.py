@@ -65,6 +65,14 @@ def test_a_urls_credentials_never_reach_a_line(stream: io.StringIO) -> None:
     assert "plain http://127.0.0.1:8000/v1?next=a@b stays" in stream.getvalue()
 
 
+def test_a_password_holding_an_at_sign_is_masked_whole() -> None:
+    """Masking stopped at the first ``@``: ``p@ss`` left ``ss`` in the log (and now in
+    synapsectl's output and the settings' repr, which use the same rule)."""
+    assert logs.mask_url_credentials("http://bob:p@ss@10.0.0.1:8000/v1?x=a@b") == \
+        "http://***@10.0.0.1:8000/v1?x=a@b"
+    assert logs.mask_url_credentials("http://10.0.0.1:8000") == "http://10.0.0.1:8000"
+
+
 def test_a_field_cannot_forge_another_in_the_human_format(stream: io.StringIO) -> None:
     """Probe finding: a client's request id ``forged tenant=bob status=200`` read as fields."""
     logs.setup(fmt="human", stream=stream)
