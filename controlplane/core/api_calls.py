@@ -27,10 +27,10 @@ semantic neighbour would not share, and exact repeats are rare; tokenize costs l
 than a cache lookup; audio is large, binary and mostly unique (speech in, or a file
 upload). A Responses call is cacheable only when it is stateless and asks nothing to be
 kept: no ``previous_response_id`` (the answer depends on a stored conversation on one
-engine), no ``background`` (the answer is polled by id later), ``store`` false (a cached
-answer's id was never stored anywhere, so a later ``previous_response_id`` naming it
-could not be honoured), and only function tools (built-in tools — web search, file
-search — act on the world at answer time).
+engine), no ``background`` (refused before this, :mod:`validation`: its answer would
+be polled by id later), ``store`` false (a cached answer's id was never stored anywhere,
+so a later ``previous_response_id`` naming it could not be honoured), and only function
+tools (built-in tools — web search, file search — act on the world at answer time).
 """
 
 from __future__ import annotations

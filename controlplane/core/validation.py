@@ -75,6 +75,22 @@ More bounds of the same kind (probes 69 and 77):
   the engine while its tokens do not show it. Refused unless
   ``http.request_media_kwargs`` is on, as a request's chat template is.
 
+Two fields that would let a request step outside what Synapse accounts and orders
+(probe 82), refused on every path with a 400 naming the field:
+
+* **Background responses.** ``background`` (a bool in vLLM's ``ResponsesRequest``, so
+  every spelling pydantic's lax mode reads as true: :func:`_true`) makes an engine with
+  the Responses store answer at once, queued and without usage, and generate afterwards:
+  the request would be booked as no tokens, its seat freed while the engine still works,
+  and its result could never be fetched, since Synapse serves no
+  ``GET /v1/responses/{id}`` or cancel. ``false`` passes.
+* **The engine's own queue order.** ``priority`` (an int in every vLLM request model,
+  ``0`` by default) orders an engine's queue when it runs ``--scheduling-policy
+  priority`` (an operator may add it to an engine's ``extra_args``): a tenant could jump
+  that queue past Synapse's fair queue, whose class comes from the tenant's config or the
+  ``fairness.queue.header`` header. ``0`` (and ``null``, which the engine refuses itself)
+  passes.
+
 Client headers that Synapse forwards or routes by (``x-request-id``, ``x-session-id``)
 must be printable ASCII: anything else cannot go into an HTTP/1.1 header unchanged.
 """
@@ -129,8 +145,8 @@ TRANSFER_FIELDS = ("kv_transfer_params", "ec_transfer_params")
 # per-request arguments of vLLM's multimodal processor and media loaders
 MEDIA_KWARGS_FIELDS = ("mm_processor_kwargs", "media_io_kwargs")
 _BOUNDED = frozenset({"n", "best_of", "text", "tools", "output_config", "prompt_embeds",
-                      "vllm_xargs", *CHAT_TEMPLATE_FIELDS, *CONSTRAINTS, *TRANSFER_FIELDS,
-                      *MEDIA_KWARGS_FIELDS})
+                      "vllm_xargs", "background", "priority", *CHAT_TEMPLATE_FIELDS,
+                      *CONSTRAINTS, *TRANSFER_FIELDS, *MEDIA_KWARGS_FIELDS})
 _UNFORCED = ("auto", "none")    # tool choices that compile no grammar (a tuple: a value
                                 # of the wrong type may be unhashable)
 _SCHEMA_KEYS = ("parameters", "input_schema")   # where a tool's schema is, by dialect
@@ -206,9 +222,10 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
     the tool schemas the engine compiles (:func:`_compiled_tools`) over
     ``max_constraint_bytes`` and ``max_tool_schema_bytes`` of JSON, the body carries its
     own chat template while ``request_chat_templates`` is off, cache transfer parameters
-    (:func:`_no_transfer_params`), or multimodal processing overrides while
-    ``request_media_kwargs`` is off. Values of the wrong type are left to the fields' own
-    checks (and to the engine)."""
+    (:func:`_no_transfer_params`), multimodal processing overrides while
+    ``request_media_kwargs`` is off, a background response (:func:`_no_background`) or
+    an engine queue priority (:func:`_no_engine_priority`). Values of the wrong type are
+    left to the fields' own checks (and to the engine)."""
     choices = 1
     for name in ("n", "best_of"):
         value: Any = body.get(name)
@@ -242,6 +259,8 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
     _no_transfer_params(body)
     if not request_media_kwargs:
         _no_media_kwargs(body)
+    _no_background(body)
+    _no_engine_priority(body)
 
 
 def bound_sequences(batch: int, choices: int, limit: int, field: str, what: str) -> None:
@@ -397,6 +416,32 @@ def _no_media_kwargs(body: Mapping[str, Any]) -> None:
                 "video frames, ...) change what it costs the engine; "
                 "http.request_media_kwargs lets them through", param=name,
                 code="invalid_value")
+
+
+def _no_background(body: Mapping[str, Any]) -> None:
+    """400 when the body asks for a background response: the engine would answer at once
+    without usage and generate afterwards, unaccounted and holding no seat, and its result
+    could not be fetched through Synapse, which serves no ``GET /v1/responses/{id}``."""
+    if _true(body.get("background")):
+        raise errors.BadRequest(
+            "background: background responses are refused: their results cannot be "
+            "fetched through Synapse (it serves no GET /v1/responses/{id} or cancel); "
+            "send the request in the foreground, streamed for a long answer",
+            param="background", code="invalid_value")
+
+
+def _no_engine_priority(body: Mapping[str, Any]) -> None:
+    """400 when the body sets an engine queue priority other than ``0``: an engine run
+    with ``--scheduling-policy priority`` would serve it ahead of requests Synapse's fair
+    queue already ordered. A string is refused too, even one the engine reads as ``0``."""
+    value = body.get("priority")
+    if value is None or (type(value) in (int, float, bool) and value == 0):
+        return
+    raise errors.BadRequest(
+        "priority: a request's own engine queue priority is refused (only 0): Synapse's "
+        "fair queue orders requests, in the class of the tenant's config "
+        "(auth.tenants[].priority) or of the fairness.queue.header header where the "
+        "tenant may name one", param="priority", code="invalid_value")
 
 
 def _json_size(value: Any) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 from tests import harness
 from tests.controlplane import cp_testing as t
+from tests.controlplane import test_responses_tenancy as responses_engine
 
 
 async def test_chat_and_completions_pass_through_with_headers() -> None:
@@ -499,3 +500,34 @@ async def test_cache_transfer_and_media_overrides_are_refused_on_every_path() ->
                 await client.chat.completions.create(model="llama", messages=messages,
                                                      extra_body={"kv_transfer_params": {}})
             await client.close()
+
+
+async def test_background_responses_and_engine_priorities_are_refused_on_every_path() -> None:
+    """A background response is answered at once by an engine with the Responses store,
+    unaccounted, its seat freed, its result unfetchable through Synapse; a priority would
+    jump an engine's queue (--scheduling-policy priority) past Synapse's fair queue
+    (probe 82). Refused before any engine sees them; false and 0 pass."""
+    messages = [{"role": "user", "content": "hi"}]
+    bodies = {"/v1/chat/completions": {"model": t.MODEL, "messages": messages},
+              "/v1/completions": {"model": t.MODEL, "prompt": "hi"},
+              "/v1/responses": {"model": t.MODEL, "input": "hi"},
+              "/v1/messages": {"model": t.MODEL, "max_tokens": 16, "messages": messages}}
+    async with responses_engine.engine() as eng, t.running(
+            responses_engine.settings(eng)) as cp:
+        async with aiohttp.ClientSession(headers={
+                "Authorization": f"Bearer {t.KEY_A}"}) as session:
+            refused = [(path, {**body, "priority": -10}, "priority")
+                       for path, body in bodies.items()]
+            refused += [("/v1/responses", {**bodies["/v1/responses"], "background": b},
+                         "background") for b in (True, "yes", 1)]
+            for path, body, name in refused:
+                async with session.post(f"{cp.url}{path}", json=body) as resp:
+                    answer = await resp.json()
+                    assert resp.status == 400, (path, answer)
+                    assert name in str(answer), (path, answer)
+            assert eng.bodies == []
+            for path, body in bodies.items():
+                async with session.post(f"{cp.url}{path}", json={
+                        **body, "priority": 0, "background": False}) as resp:
+                    assert resp.status == 200, (path, await resp.text())
+            assert eng.bodies[-1]["background"] is False

@@ -408,3 +408,41 @@ def test_per_request_media_processing_overrides_are_a_400_unless_let_through(
     assert info.value.param == name and info.value.code == "invalid_value"
     assert validation.parse_json(body(**{name: value}), request_media_kwargs=True)[name] == value
 
+
+
+def responses_body(**fields: object) -> bytes:
+    return json.dumps({"model": "m", "input": "x", **fields}).encode()
+
+
+@pytest.mark.parametrize("value", [True, 1, 1.0, "true", "True", "yes", "on", "ON", "1",
+                                   "t", "y"])
+def test_a_background_response_is_a_400_naming_the_field(value: object) -> None:
+    """An engine with the Responses store answers a background request at once, queued
+    and without usage, and generates afterwards: booked as nothing, its seat freed, its
+    result unfetchable through Synapse (probe 82, F2). Every spelling vLLM's pydantic
+    model reads as true is refused."""
+    with pytest.raises(errors.BadRequest, match=r"cannot be fetched through Synapse"
+                       ) as info:
+        validation.parse_json(responses_body(background=value))
+    assert info.value.param == "background" and info.value.code == "invalid_value"
+
+
+@pytest.mark.parametrize("value", [False, None, 0, "false", "no", "off"])
+def test_a_foreground_response_passes_whatever_spells_it(value: object) -> None:
+    assert validation.parse_json(responses_body(background=value))["background"] == value
+
+
+@pytest.mark.parametrize("value", [1, -1, 10**9, 0.5, True, "0", "1", [0], {"p": 0}])
+@pytest.mark.parametrize("body", [chat_body, completions_body, responses_body])
+def test_an_engine_queue_priority_is_a_400_naming_the_field(
+        value: object, body: Callable[..., bytes]) -> None:
+    """With --scheduling-policy priority in an engine's extra_args, a request's own
+    priority would order the engine's queue past Synapse's fair queue."""
+    with pytest.raises(errors.BadRequest, match=r"fair queue orders requests") as info:
+        validation.parse_json(body(priority=value))
+    assert info.value.param == "priority" and info.value.code == "invalid_value"
+
+
+@pytest.mark.parametrize("value", [0, 0.0, False, None])
+def test_priority_zero_the_engines_default_passes(value: object) -> None:
+    assert validation.parse_json(chat_body(priority=value))["priority"] == value
