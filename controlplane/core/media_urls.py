@@ -48,6 +48,13 @@ base64 tensors). The same parser reads the ``messages`` of ``/tokenize`` and of
 ``check_chat`` on every serving-path body). Anthropic's images are checked once translated to ``image_url``
 parts, and in the body as sent too (``image`` blocks with a ``url`` source, also inside
 a ``tool_result``), which vLLM translates itself when it serves ``/v1/messages``.
+The ``server_url`` of a Responses ``mcp`` tool gets the same rules, one rule for every URL
+a request names for something to connect to (:func:`check_responses`). vLLM 0.32 itself
+does not connect to it: its MCP tool server connects only to the servers its
+``--tool-server`` flag names, chosen by the tool's ``server_label`` (the request's
+``headers`` for that tool are sent along); but an engine that honoured the URL, as
+OpenAI's API does, could be aimed inside the cluster by any tenant.
+
 A refusal is a 400 naming the field.
 """
 
@@ -90,9 +97,13 @@ def check_chat(messages: Any, policy: Policy, field: str = "messages") -> None:
 
 def check_responses(body: Mapping[str, Any], policy: Policy) -> None:
     """Refuse (400) a media URL in a Responses request's ``input`` that ``policy`` does not
-    allow: in an item's content parts, or in an item that is itself a part."""
+    allow: in an item's content parts, or in an item that is itself a part; and the
+    ``server_url`` of an ``mcp`` tool likewise (:func:`_check_mcp_tools`)."""
+    if policy == "any":
+        return
+    _check_mcp_tools(body.get("tools"), policy)
     items = body.get("input")
-    if policy == "any" or not isinstance(items, list):
+    if not isinstance(items, list):
         return
     for i, item in enumerate(items):
         if not isinstance(item, dict):
@@ -101,6 +112,14 @@ def check_responses(body: Mapping[str, Any], policy: Policy) -> None:
         content = item.get("content")
         if isinstance(content, list):
             _check_parts(content, f"input[{i}].content", policy)
+
+
+def _check_mcp_tools(tools: Any, policy: Policy) -> None:
+    """The ``server_url`` of every ``mcp`` tool: a server an engine honouring it would
+    connect to from inside the cluster."""
+    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+        if isinstance(tool, dict) and tool.get("type") == "mcp":
+            check(tool.get("server_url"), f"tools[{i}].server_url", policy)
 
 
 def check_body(body: Mapping[str, Any], policy: Policy) -> None:

@@ -12,6 +12,7 @@ import pytest
 from controlplane import errors
 from controlplane.core import media_urls
 from tests.controlplane import cp_testing as t
+from tests.controlplane import test_responses_tenancy as responses_engine
 
 INTERNAL = [
     "http://127.0.0.1/x.png", "http://localhost:8000/", "http://169.254.169.254/latest/",
@@ -246,3 +247,48 @@ async def test_every_endpoint_checks_urls_at_the_same_point_before_the_model() -
                                  ) as resp:
                 assert resp.status == 400
             assert not one.bodies
+
+
+def mcp_tools(url: Any) -> dict[str, Any]:
+    return {"model": "llama", "input": "hi", "tools": [
+        {"type": "function", "name": "f", "parameters": {"type": "object"}},
+        {"type": "mcp", "server_label": "docs", "server_url": url,
+         "require_approval": "never"}]}
+
+
+@pytest.mark.parametrize("url", INTERNAL)
+def test_an_mcp_tools_internal_server_url_is_refused_as_a_media_url_is(url: Any) -> None:
+    """An engine that connected to a request's MCP server_url could be aimed inside the
+    cluster: the same rule as a media URL (vLLM 0.32 connects only to its --tool-server
+    servers, by server_label)."""
+    with pytest.raises(errors.BadRequest) as err:
+        media_urls.check_body(mcp_tools(url), "public")
+    assert err.value.param == "tools[1].server_url"
+    assert err.value.code == "invalid_media_url"
+    media_urls.check_body(mcp_tools(url), "any")
+
+
+def test_an_mcp_tools_public_server_url_or_none_passes() -> None:
+    media_urls.check_body(mcp_tools("https://mcp.example.com/sse"), "public")
+    media_urls.check_body(mcp_tools(None), "public")      # by server_label alone
+    with pytest.raises(errors.BadRequest, match=r"http\.media_urls is inline"):
+        media_urls.check_body(mcp_tools("https://mcp.example.com/sse"), "inline")
+    # a function tool's fields are not URLs an engine connects to
+    media_urls.check_body({"model": "llama", "input": "hi", "tools": [
+        {"type": "function", "name": "f", "server_url": "http://10.0.0.1/"}]}, "public")
+
+
+async def test_over_http_an_mcp_server_url_inside_never_reaches_the_engine() -> None:
+    async with responses_engine.engine() as eng, t.running(
+            responses_engine.settings(eng)) as cp, aiohttp.ClientSession() as http:
+        auth = {"Authorization": f"Bearer {t.KEY_A}"}
+        async with http.post(f"{cp.url}/v1/responses", headers=auth,
+                             json=mcp_tools("http://169.254.169.254/")) as resp:
+            body = await resp.json()
+            assert resp.status == 400, body
+            assert body["error"]["param"] == "tools[1].server_url"
+        assert eng.bodies == []
+        async with http.post(f"{cp.url}/v1/responses", headers=auth,
+                             json=mcp_tools("https://mcp.example.com/sse")) as resp:
+            await resp.read()
+        assert eng.bodies[-1]["tools"][1]["server_url"] == "https://mcp.example.com/sse"
