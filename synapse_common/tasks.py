@@ -43,6 +43,9 @@ EMBED = "embed"
 SPEECH = "speech"
 
 ALL = (GENERATE, RESPONSES, MESSAGES, TOKENIZE, RERANK, SCORE, TRANSCRIPTION, EMBED, SPEECH)
+# The tasks that generate from a prompt up to a max-tokens field: admitted with a
+# completion estimate, and billed it when their answer carries no usage.
+GENERATING = frozenset({GENERATE, RESPONSES, MESSAGES})
 
 # Every path an engine may serve, and the task it belongs to (discovery reads these).
 PATHS: dict[str, str] = {

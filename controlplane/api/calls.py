@@ -29,7 +29,6 @@ from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
 from synapse_common import tasks, tracing
 
-GENERATING = frozenset({tasks.GENERATE, tasks.RESPONSES, tasks.MESSAGES})
 Parse = Callable[[dict[str, Any]], api_calls.Call]
 
 
@@ -149,7 +148,7 @@ async def admit_tokens(request: web.Request, front: Front) -> router_mod.Prompt:
     prompt.tokenize()       # here, where its time is measured (core.loop_share)
     ctx.work_s += time.perf_counter() - started
     # Paths that generate nothing are charged their input only (settled from usage).
-    max_tokens = front.call.max_tokens or (0 if front.call.task in GENERATING else 1)
+    max_tokens = front.call.max_tokens or (0 if front.call.task in tasks.GENERATING else 1)
     await fairness.admit(request, front.tenant.name, front.canonical, prompt, max_tokens)
     return prompt
 

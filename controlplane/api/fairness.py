@@ -16,7 +16,11 @@
    a stream relayed (:func:`counter` counts its content deltas) that ended without the
    engine's usage — its client went away, the engine broke it off — gets an estimate
    instead: the prompt's tokens and the deltas relayed, marked ``estimated``, so a cut
-   stream is billed for what reached the client rather than for nothing;
+   stream is billed for what reached the client rather than for nothing; a whole answer
+   of a generating path (``tasks.GENERATING``) without usage is billed the estimate it
+   was admitted with, marked ``estimated`` (an engine that answers before it generates,
+   as a background response does, or one that reports no usage, is not free); other
+   paths' answers without usage (``/tokenize``, speech) count no tokens;
 6. :func:`finish` — the request ended, however: the charge is corrected to the usage and
    the request accounted (in a task: this runs in ``finally`` of a handler that may be
    cancelled), coalesced followers are released (a leader that stored nothing), and the
@@ -48,7 +52,7 @@ from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
 from controlplane.core import usage as usage_mod
 from protos.synapse.v1 import admin_pb2
-from synapse_common import tracing
+from synapse_common import tasks, tracing
 
 _tasks: set[asyncio.Task[Any]] = set()
 
@@ -180,17 +184,31 @@ def counter(request: web.Request) -> stream_usage.DeliveredCounter | None:
 def answered(request: web.Request, status: int,
              usage: usage_mod.Usage | None) -> usage_mod.Usage | None:
     """The exchange settled: the backend's status and the engine's usage (if found).
-    The usage to account: the engine's, or for a stream that was relayed without it, the
-    estimate (the prompt's tokens and the content deltas relayed)."""
+    The usage to account: the engine's, or for a 200 without it, :func:`_estimate`."""
     flow = request[context.CONTEXT].flow
     if flow is None:
         return usage
     flow.status = status
-    if usage is None and status == 200 and flow.delivered is not None:
-        prompt = flow.prompt.tokens if flow.prompt is not None else 0
-        usage = usage_mod.Usage(prompt, flow.delivered.count, None, estimated=True)
+    if usage is None and status == 200:
+        usage = _estimate(request, flow)
     flow.usage = usage
     return usage
+
+
+def _estimate(request: web.Request, flow: Flow) -> usage_mod.Usage | None:
+    """A 200's usage when the engine gave none, marked ``estimated``: for a stream
+    relayed, the prompt's tokens and the content deltas relayed (a floor); for a whole
+    answer of a path that generates, the estimate it was admitted with (prompt tokens and
+    the completion estimate: what the token limits keep charged for it too); for other
+    paths, none (nothing generated to count)."""
+    if flow.delivered is not None:
+        prompt = flow.prompt.tokens if flow.prompt is not None else 0
+        return usage_mod.Usage(prompt, flow.delivered.count, None, estimated=True)
+    charge = flow.charge
+    if charge is not None and tasks.ROUTES.get(request.path) in tasks.GENERATING:
+        return usage_mod.Usage(charge.prompt_tokens, charge.completion_tokens, None,
+                               estimated=True)
+    return None
 
 
 def finish(request: web.Request, decision: cache_port.CacheDecision | None,

@@ -22,7 +22,11 @@ accounted from an estimate (``usage.estimated``: the prompt's tokens and the con
 deltas relayed), counted in the row's ``estimated`` requests. The limiter's charge is not
 corrected to it: the estimate is a floor (tokens the engine generated past the cut are
 unseen), so the charge keeps its admitted figure, as for any answer of unknown size —
-cutting a stream never buys back tokens per minute or budget.
+cutting a stream never buys back tokens per minute or budget. A whole answer of a path
+that generates but carries no usage (an engine that answered before generating, as a
+background response does, or one that reports none) is accounted at the estimate it was
+admitted with, counted ``estimated`` too: the figure its charge keeps, rather than a free
+request.
 
 A tenant's priority class and weight are its config's (``auth.tenants[].priority``,
 ``weight``); a request may name another configured class in the ``fairness.queue.header``
@@ -75,7 +79,7 @@ class Options:
 class Outcome:
     """How a request that was admitted ended."""
 
-    usage: usage_mod.Usage | None   # the engine's, or the estimate of a cut stream
+    usage: usage_mod.Usage | None   # the engine's, or an estimate (``estimated``)
     answered: bool                  # the backend answered (a byte reached the client)
     failed: bool                    # an error status, or a stream cut mid-way
 

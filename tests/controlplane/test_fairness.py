@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from controlplane import ctl
@@ -504,3 +505,68 @@ def test_the_usage_journal_adds_up_the_stops_and_skips_what_it_cannot_read(
                     ("2026-12-06", "b", "m"): {"requests": 4}}
     assert unreadable == 1 and not path.exists()
     assert usage_journal.take(path) == ({}, 0)
+
+
+@contextlib.asynccontextmanager
+async def usageless_engine() -> AsyncIterator[str]:
+    """An engine whose whole answers carry no usage: a chat completion and a Responses
+    answer (as vLLM's background mode answers before it generates), and /tokenize."""
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response({"id": "c", "object": "chat.completion", "created": 1,
+                                  "model": body["model"], "choices": [{
+                                      "index": 0, "finish_reason": "stop", "message": {
+                                          "role": "assistant", "content": "hi"}}]})
+
+    async def responses(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response({"id": "resp_1", "object": "response", "created_at": 1,
+                                  "model": body["model"], "status": "queued", "output": [],
+                                  "usage": None})
+
+    async def tokenize(request: web.Request) -> web.Response:
+        return web.json_response({"count": 2, "max_model_len": 4096, "tokens": [1, 2]})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_generating_answer_without_usage_is_billed_its_admitted_estimate() -> None:
+    """A 200 whole answer without usage was booked as no tokens at cost 0 (probe 82, F2):
+    on a path that generates it is billed the estimate it was admitted with (prompt and
+    max_tokens), counted estimated; a /tokenize answer without usage counts no tokens."""
+    key_c = "sk-tenant-c-0123456789"
+    tenants = [{"name": n, "keys": [k]} for n, k in (("a", t.KEY_A), ("b", t.KEY_B),
+                                                     ("c", key_c))]
+    async with usageless_engine() as url:
+        s = settings(auth={"tenants": tenants}, fairness=PRICED, upstreams=[{
+            **t.upstream("bare", url), "tasks": ["generate", "responses", "tokenize"]}])
+        async with ready(s) as cp, aiohttp.ClientSession() as http:
+            for key, path, body in (
+                    (t.KEY_A, "/v1/chat/completions",
+                     {"model": "llama", "max_tokens": 40, "messages": HI}),
+                    (t.KEY_B, "/v1/responses",
+                     {"model": "llama", "max_output_tokens": 30, "input": "hi"}),
+                    (key_c, "/tokenize", {"model": "llama", "prompt": "hi there"})):
+                async with http.post(f"{cp.url}{path}", json=body,
+                                     headers={"Authorization": f"Bearer {key}"}) as r:
+                    assert r.status == 200, await r.text()
+            chat, resp, tok = [await settled(cp, n, 1) for n in ("a", "b", "c")]
+    assert chat.prompt_tokens > 0 and chat.completion_tokens == 40
+    assert chat.cost == pytest.approx(chat.prompt_tokens + 2 * 40)
+    assert (chat.estimated, chat.errors) == (1, 0)
+    assert resp.prompt_tokens > 0 and resp.completion_tokens == 30 and resp.estimated == 1
+    assert (tok.prompt_tokens, tok.completion_tokens, tok.cost, tok.estimated) == (0, 0, 0.0, 0)
