@@ -145,10 +145,24 @@ class Service:
             info = route.resource.get_info() if route.resource is not None else {}
             path = info.get("path") or info.get("formatter")
             if path and route.method != "HEAD":
-                paths.setdefault(path, {})[route.method.lower()] = {}
+                paths.setdefault(path, {})[route.method.lower()] = (
+                    _SALTED_BODY if path in _SALTED_PATHS and route.method == "POST" else {})
         return _json({"openapi": "3.1.0", "paths": paths, "info": {
             "title": "synapse-simulator", "version": vllm_api.VLLM_VERSION,
-            "x-tasks": self.settings.tasks}})
+            "x-tasks": self.settings.tasks}, "components": {"schemas": _SCHEMAS}})
+
+
+# The request fields the simulator reads that a client of vLLM may rely on: the
+# generation requests take cache_salt, as vLLM's request models do, and the control plane
+# learns from this schema that a server without a configured kind takes it.
+_SALTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+_SALTED_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/GenerationRequest"}}}}}
+_SCHEMAS = {"GenerationRequest": {"type": "object", "properties": {
+    "model": {"type": "string"}, "stream": {"type": "boolean"},
+    "max_tokens": {"type": "integer"},
+    "cache_salt": {"type": "string", "minLength": 1,
+                   "description": "partitions the prefix cache, as vLLM's"}}}}
 
 
 async def _forever() -> None:

@@ -8,7 +8,11 @@ with a ``metrics_url`` has its metrics text fetched after a healthy probe, for t
 caller to read with the kind's names. A healthy target turns unhealthy after
 ``fail_after`` failed probes in a row (the first probe decides at once). Results go to
 callbacks (the registry); only the transitions are logged, with the URL (never the headers: they may hold the key).
-``on_round`` is called once, after the first round (every target probed once).
+``on_round`` is called once, after the first round (every target probed once). A target
+with a ``document_url`` (a kind-less upstream's ``/openapi.json``) has it fetched after a
+healthy probe until it answers once, before that round ends, and the answer goes to
+``on_document``: what the server is can be learnt before ``/ready`` says the replica is
+(vLLM builds the document on its first request, hence a time limit of its own).
 
 Time is injected (``clock``, ``sleep``: :mod:`synapse_common.clock`), so tests run the
 schedule without waiting.
@@ -28,6 +32,8 @@ from synapse_common import clock as clocks
 log = logging.getLogger("synapse.controlplane.prober")
 
 METRICS_BYTES = 4 * 1024 * 1024
+DOCUMENT_BYTES = 16 * 1024 * 1024
+DOCUMENT_TIMEOUT_S = 15.0
 
 
 class _Answer(Protocol):
@@ -57,6 +63,7 @@ class Target:
     metrics_url: str | None = None
     metrics_headers: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False)
     fail_after: int = 2             # failed probes in a row that make it unhealthy
+    document_url: str | None = None     # fetched once it answers (after a healthy probe)
 
 
 async def _get(client: Sender, url: str, headers: Mapping[str, str],
@@ -100,10 +107,12 @@ class Prober:
     _: dataclasses.KW_ONLY
     on_metrics: Callable[[str, str | None], None] | None = None
     on_round: Callable[[], None] | None = None
+    on_document: Callable[[str, int, bytes], None] | None = None
     clock: clocks.Clock = clocks.monotonic
     sleep: clocks.Sleep = clocks.sleep
     _last: dict[str, bool] = dataclasses.field(default_factory=dict, init=False)
     _failures: dict[str, int] = dataclasses.field(default_factory=dict, init=False)
+    _documents: set[str] = dataclasses.field(default_factory=set, init=False)   # answered
     _due: dict[str, float] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -138,3 +147,16 @@ class Prober:
         self.report(target.key, healthy)
         if healthy and self.on_metrics is not None and target.metrics_url is not None:
             self.on_metrics(target.key, await metrics_text(self.client, target))
+        if healthy and target.document_url is not None and target.key not in self._documents:
+            await self._document(target)
+
+    async def _document(self, target: Target) -> None:
+        assert target.document_url is not None
+        answer = await _get(self.client, target.document_url, target.headers,
+                            DOCUMENT_TIMEOUT_S)
+        if answer is None:
+            return          # no answer: asked again after the next healthy probe
+        self._documents.add(target.key)
+        if self.on_document is not None:
+            status, body = answer
+            self.on_document(target.key, status, body if len(body) <= DOCUMENT_BYTES else b"")

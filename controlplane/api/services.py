@@ -178,8 +178,27 @@ def metrics_token(settings: config.MetricsSettings) -> bytes | None:
     return bearer_token.read_digest(settings.bearer_token_file, "metrics.bearer_token_file")
 
 
-def static_backends(settings: config.ControlPlaneSettings,
-                    cat: catalog.Catalog) -> list[types.BackendState]:
+def static_backends(settings: config.ControlPlaneSettings, cat: catalog.Catalog,
+                    table: tenants_mod.TenantTable | None = None) -> list[types.BackendState]:
+    """The configured upstreams, each marked when the tenants of ``table`` share its
+    prefix cache (:func:`cache_salt.sharing`; warned of here for a kind that takes no
+    salt, once its ``/openapi.json`` was read for a kind-less one)."""
+    users = table.tenants() if table is not None and table.enabled else []
+    return [_shared(b, users) for b in _static(settings, cat)]
+
+
+def _shared(backend: types.BackendState,
+            users: list[tenants_mod.Tenant]) -> types.BackendState:
+    names = cache_salt.sharing(backend, users)
+    if not names:
+        return backend
+    if backend.engine:
+        log.warning("%s", cache_salt.warning(backend, names))
+    return dataclasses.replace(backend, shares_cache=True)
+
+
+def _static(settings: config.ControlPlaneSettings,
+            cat: catalog.Catalog) -> list[types.BackendState]:
     return [types.BackendState(
         key=f"static/{u.name}", node="static", name=u.name,
         url=upstream_kinds.base_url(u.url),
@@ -205,7 +224,6 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
     nodes = settings.registry
     reg = registry.Registry(clock, nodes.node_down_after_s, max_nodes=nodes.max_nodes,
                             forget_down_after_s=nodes.forget_down_after_s)
-    reg.set_static(static_backends(settings, cat))
     led = ledger.Ledger(clock)
     r = settings.router
     params = router_mod.Params(r.policy, r.block_size, r.prefill_seconds_per_token,
@@ -216,6 +234,7 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
     rtr.add_observer(route_accuracy.recorder(m))
     configured = _tenant_settings(settings.auth)
     tenants = build_tenants(settings.auth, cat, configured)
+    reg.set_static(static_backends(settings, cat, tenants))
     if short := tenant_settings.short_secrets(settings.auth, configured):
         log.warning("%s: shorter than %d characters, so it can be guessed by trying every "
                     "key (one request each); use at least %d random characters",

@@ -7,15 +7,26 @@ with it, the statuses that count as healthy, the interval (the upstream's own, e
 asked at most once a minute unless configured otherwise) and, for engines with metrics,
 the ``/metrics`` URL whose text becomes the backend's load in the registry. The first
 round of probes marks the registry's static part as synced for ``/ready``.
+
+A kind-less upstream also has its ``/openapi.json`` read once it answers a probe
+(:func:`learnt`): a server whose chat or completions request schema has ``cache_salt``
+(vLLM, the simulator) is salted per tenant from then on; otherwise, when tenants share
+it, the warning of :func:`controlplane.core.cache_salt.warning` is logged.
 """
 
 from __future__ import annotations
+
+import logging
+
+import orjson
 
 from controlplane import config
 from controlplane.adapters import prober
 from controlplane.api import readiness
 from controlplane.api import services as services_mod
-from controlplane.core import types, upstream_kinds, upstream_metrics
+from controlplane.core import cache_salt, types, upstream_kinds, upstream_metrics
+
+log = logging.getLogger("synapse.controlplane.upstreams")
 
 
 def target(u: config.UpstreamSettings, backend: types.BackendState,
@@ -31,7 +42,8 @@ def target(u: config.UpstreamSettings, backend: types.BackendState,
         interval_s=interval, timeout_s=max(1.0, min(5.0, interval / 2)),
         ok_statuses=kind.healthy_statuses if kind else frozenset(),
         metrics_url=backend.url + "/metrics" if kind and kind.metrics else None,
-        metrics_headers=auth)      # llama-server --api-key guards /metrics too
+        metrics_headers=auth,      # llama-server --api-key guards /metrics too
+        document_url=backend.url + "/openapi.json" if kind is None else None)
 
 
 def targets(svc: services_mod.Services) -> list[prober.Target]:
@@ -53,4 +65,23 @@ def build(svc: services_mod.Services) -> prober.Prober:
 
     return prober.Prober(svc.upstream, targets(svc), svc.registry.set_static_health,
                          on_metrics=on_metrics,
+                         on_document=lambda key, status, body: learnt(svc, key, status, body),
                          on_round=lambda: readiness.state(svc).static_probed())
+
+
+def learnt(svc: services_mod.Services, key: str, status: int, body: bytes) -> None:
+    """A kind-less upstream's ``/openapi.json`` answered: salt it if it takes the field,
+    else warn when tenants share its prefix cache."""
+    try:
+        document = orjson.loads(body) if status == 200 else None
+    except orjson.JSONDecodeError:
+        document = None
+    if cache_salt.offered(document):
+        svc.registry.set_static_salted(key)
+        log.info("upstream %s takes cache_salt (its /openapi.json): its prefix cache is "
+                 "partitioned per tenant", key)
+        return
+    backend = next((b for b in svc.registry.static_backends() if b.key == key), None)
+    if backend is not None and backend.shares_cache:
+        names = cache_salt.sharing(backend, svc.tenants.tenants())
+        log.warning("%s", cache_salt.warning(backend, names))

@@ -12,8 +12,9 @@ Before the hand-over, :meth:`Attempt.first_bytes` reads what decides whether the
 can be sent at all — a stream's first piece, a whole successful JSON answer — so an answer
 that breaks before the caller got a byte is one more failed attempt, not a failed
 request. A backend that knows the model by another name has its answer renamed to the
-name the client asked for (:mod:`controlplane.core.model_rename`); a refusal loses the
-backend's key (:func:`controlplane.errors.masked`).
+name the client asked for (:mod:`controlplane.core.model_rename`); one whose prefix cache
+tenants share has its cached-token counts zeroed (:mod:`controlplane.core.cache_salt`);
+a refusal loses the backend's key (:func:`controlplane.errors.masked`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import asyncio
 from types import TracebackType
 
 from controlplane import errors
-from controlplane.core import ledger, model_rename, stream_shapes, transport, types
+from controlplane.core import cache_salt, ledger, model_rename, stream_shapes, transport, types
 from controlplane.core import router as router_mod
 from controlplane.core import usage as usage_mod
 from synapse_common import tracing
@@ -33,8 +34,8 @@ JSON = "application/json"
 class Attempt:
     """One try of one backend; ``async with`` settles its ledger ticket on the way out."""
 
-    __slots__ = ("_data", "_ended", "_events", "_first_token_event", "_idle_s", "_ledger",
-                 "_path", "_peeked", "_prompt", "_received", "_rename", "_renamer",
+    __slots__ = ("_data", "_ended", "_events", "_first_token_event", "_hider", "_idle_s",
+                 "_ledger", "_path", "_peeked", "_prompt", "_received", "_rename", "_renamer",
                  "_router", "_tail", "_verdict", "backend", "error", "index", "response",
                  "route", "span", "streaming", "ticket")
 
@@ -61,6 +62,9 @@ class Attempt:
         self._tail = b""                # the stream's last bytes: [DONE] and the usage
         self._rename = rename           # the model name answers carry (None: as they are)
         self._renamer = model_rename.StreamRenamer(rename) if rename else None
+        # A backend whose prefix cache tenants share: its cached-token counts never reach
+        # a client (core.cache_salt); the ledger and the router still read them.
+        self._hider = cache_salt.StreamHider() if verdict.backend.shares_cache else None
         self._data: bytes | None = None     # a whole answer, once read
         self._peeked: bytes | None = None   # a stream's first piece, read before hand-over
         self._received = False          # body bytes arrived
@@ -140,6 +144,8 @@ class Attempt:
                 self.ticket.usage = usage_mod.from_tail(data)
             if self._rename:
                 data = model_rename.in_body(data, self._rename)
+            if self._hider is not None:
+                data = cache_salt.hidden(data)
         elif answer.status >= 400:      # a refusal, relayed in some shape: never the key
             data = errors.masked(data, self.backend.api_key)
         self._data = data
@@ -172,12 +178,17 @@ class Attempt:
                 rest = self._renamer.rest() if self._renamer is not None else b""
                 self._account(rest)
                 self._check_end()
+                if self._hider is not None:
+                    rest = self._hider.feed(rest) + self._hider.rest()
                 return rest or None
             self._received = True
             chunk = self._renamer.feed(raw) if self._renamer is not None else raw
             if chunk:
                 self._account(chunk)
-                return chunk
+                if self._hider is not None:
+                    chunk = self._hider.feed(chunk)
+                if chunk:
+                    return chunk
         return None
 
     def _account(self, chunk: bytes) -> None:

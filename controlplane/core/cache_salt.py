@@ -22,8 +22,24 @@ embedding and scoring models too):
   it, ``tokenization.Prompt.partition``), so its prefix index, and with it prefix
   locality, is per tenant as the engines' caches then are.
 
-Backends of other kinds (OpenAI-compatible servers that may refuse an unknown field)
-get the client's body unchanged.
+Which backends take it (:func:`takes`): engines of :data:`ENGINES` (vLLM and the
+simulator, by the agent's engine or a static upstream's ``kind``), and a static upstream
+without a ``kind`` whose own ``/openapi.json``, read once at its first healthy probe,
+shows ``cache_salt`` in the request schema of its chat or completions path
+(:func:`offered`: vLLM's FastAPI document and the simulator's do). Servers of other kinds
+(SGLang, TGI, llama.cpp, Ollama, hosted APIs) and kind-less ones without that field get
+the client's body unchanged, since they may refuse an unknown field.
+
+Such an unsalted backend that generates and that more than one tenant may use (their
+allow-lists) shares its prefix cache across them (:func:`sharing`): one warning names it
+at start (or once its document was read), and its answers reach clients with the
+cached-token counts zeroed (:func:`hidden`, :class:`StreamHider`:
+``prompt_tokens_details.cached_tokens``, Responses' ``input_tokens_details``, and
+Anthropic's cache reads and writes folded back into ``input_tokens``), which otherwise
+told a tenant, without any timing, how much of its prompt another had just sent. Time to
+first token still tells it: only a salt closes that. The ledger and the router read the
+counts before they are zeroed. A kind-less upstream counts as unsalted until its document
+says otherwise.
 """
 
 from __future__ import annotations
@@ -32,12 +48,19 @@ import functools
 import hashlib
 import hmac
 import re
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import orjson
 
-from synapse_common import subkeys, tokens
+from controlplane.core import tenants as tenants_mod
+from controlplane.core import types
+from synapse_common import subkeys, tasks, tokens
 
 ENGINES = frozenset({"vllm", "simulator"})   # engines whose API takes cache_salt
+GENERATING = frozenset({tasks.GENERATE, tasks.RESPONSES, tasks.MESSAGES})
+# The request schemas that show whether a server takes the field (vLLM's and ours).
+SCHEMA_PATHS = ("/v1/chat/completions", "/v1/completions")
 FIELD = "cache_salt"
 _FIELD_BYTES = b'"cache_salt"'
 # A \u escape of a printable ASCII character: how a key can spell ``cache_salt`` without
@@ -92,3 +115,153 @@ def salted(body: bytes, salt: str) -> bytes:
     rest = body[start:]
     separator = b"" if rest.lstrip().startswith(b"}") else b","
     return b'{"cache_salt":"' + salt.encode("ascii") + b'"' + separator + rest
+
+
+# -- which backends take it, and what the others' answers may say ------------------------
+
+
+def takes(backend: types.BackendState) -> bool:
+    """Whether requests to ``backend`` carry the tenant's salt."""
+    return backend.engine in ENGINES or backend.takes_salt
+
+
+def sharing(backend: types.BackendState,
+            tenants: Iterable[tenants_mod.Tenant]) -> tuple[str, ...]:
+    """The tenants that share ``backend``'s prefix cache: every tenant that may use one of
+    its models, when it generates, is not salted and there are two or more of them (no
+    tenants: authentication is off, every caller is one tenant)."""
+    if takes(backend) or not any(backend.serves(task) for task in GENERATING):
+        return ()
+    names = tuple(t.name for t in tenants if any(t.allows(m) for m in backend.models))
+    return names if len(names) > 1 else ()
+
+
+def warning(backend: types.BackendState, names: tuple[str, ...]) -> str:
+    """The start-up warning for a backend whose prefix cache ``names`` share."""
+    what = f"kind {backend.engine}" if backend.engine else "no kind, and its /openapi.json " \
+        "shows no cache_salt"
+    return (f"upstream {backend.key} ({what}) is sent no cache_salt, so the {len(names)} "
+            f"tenants that may use it share its prefix cache: a tenant can tell from the "
+            f"time to the first token whether another sent a prompt lately; the cached-token "
+            f"counts of its answers are zeroed. Give it kind: vllm if it is a vLLM, or its "
+            f"own upstream per tenant")
+
+
+def offered(document: Any) -> bool:
+    """Whether an OpenAPI document (a server's ``/openapi.json``) shows ``cache_salt`` in
+    the request body of its chat or completions path."""
+    if not isinstance(document, Mapping):
+        return False
+    paths = document.get("paths")
+    if not isinstance(paths, Mapping):
+        return False
+    for path in SCHEMA_PATHS:
+        post = _at(paths, path, "post")
+        schema = _at(post, "requestBody", "content", "application/json", "schema")
+        if FIELD in _properties(document, schema, depth=4):
+            return True
+    return False
+
+
+def _at(obj: Any, *keys: str) -> Any:
+    for key in keys:
+        obj = obj.get(key) if isinstance(obj, Mapping) else None
+    return obj
+
+
+def _properties(document: Mapping[str, Any], schema: Any, depth: int) -> set[str]:
+    """The property names of ``schema``: through local ``$ref`` and ``allOf`` /
+    ``anyOf`` / ``oneOf`` (as FastAPI and pydantic write them), ``depth`` levels deep."""
+    if not isinstance(schema, Mapping) or depth < 0:
+        return set()
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        return _properties(document, _at(document, *ref[2:].split("/")), depth - 1)
+    found = set(schema.get("properties") or ()) if isinstance(
+        schema.get("properties"), Mapping) else set()
+    for key in ("allOf", "anyOf", "oneOf"):
+        for inner in schema.get(key) or ():
+            found |= _properties(document, inner, depth - 1)
+    return found
+
+
+# The keys of the counts zeroed: OpenAI's (chat, completions, Responses), vLLM's own, and
+# Anthropic's cache reads and writes.
+_COUNT_KEYS = re.compile(rb'"(?:cached_tokens|created_cache_tokens|cached_tokens_per_turn|'
+                         rb'cache_read_input_tokens|cache_creation_input_tokens)"')
+_ANTHROPIC = ("cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+def hidden(data: bytes) -> bytes:
+    """A whole answer (JSON, or an event stream read whole) with its cached-token counts
+    zeroed; the same bytes when it has none."""
+    if not _COUNT_KEYS.search(data):
+        return data
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return StreamHider().feed(data + b"\n")[:-1]
+    return orjson.dumps(parsed) if _zeroed(parsed) else data
+
+
+def _zeroed(obj: Any) -> bool:
+    """Zero the counts in ``obj`` in place (Anthropic's folded into ``input_tokens``,
+    which counts the prompt without them); whether any was not zero already."""
+    changed = False
+    if isinstance(obj, list):
+        for item in obj:
+            changed |= _zeroed(item)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            if isinstance(value, dict | list):
+                changed |= _zeroed(value)
+        for key in ("cached_tokens", "created_cache_tokens"):
+            if isinstance(obj.get(key), int) and obj[key]:
+                obj[key], changed = 0, True
+        turns = obj.get("cached_tokens_per_turn")
+        if isinstance(turns, list) and any(turns):
+            obj["cached_tokens_per_turn"], changed = [0] * len(turns), True
+        for key in _ANTHROPIC:
+            if isinstance(obj.get(key), int) and obj[key]:
+                if isinstance(obj.get("input_tokens"), int):
+                    obj["input_tokens"] += obj[key]
+                obj[key], changed = 0, True
+    return changed
+
+
+class StreamHider:
+    """Zeroes the cached-token counts in an event stream's ``data:`` lines, one whole line
+    at a time: a chunk's unfinished last line waits for the chunk that completes it (a
+    count cut in two would otherwise pass half zeroed)."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete lines received so far, their counts zeroed."""
+        data = self._held + chunk if self._held else chunk
+        end = data.rfind(b"\n") + 1
+        self._held = data[end:]
+        if not end or not _COUNT_KEYS.search(data, 0, end):
+            return data[:end]
+        return b"\n".join(_line(line) for line in data[:end].split(b"\n"))
+
+    def rest(self) -> bytes:
+        """What is left after the stream ended (an unfinished line, zeroed if it can be)."""
+        rest, self._held = self._held, b""
+        return _line(rest) if rest else rest
+
+
+def _line(line: bytes) -> bytes:
+    if not line.startswith(b"data:") or not _COUNT_KEYS.search(line):
+        return line
+    cr = line.endswith(b"\r")
+    try:
+        parsed = orjson.loads(line[5:])
+    except orjson.JSONDecodeError:
+        return line
+    if not _zeroed(parsed):
+        return line
+    return b"data: " + orjson.dumps(parsed) + (b"\r" if cr else b"")

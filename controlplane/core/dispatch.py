@@ -135,7 +135,8 @@ class _Run:
         """The body with the name ``backend`` knows ``model`` by, and the tenant's
         ``cache_salt`` when ``backend`` is an engine that takes it (``core.cache_salt``)."""
         wire = backend.wire_model(model)
-        salted = bool(self.salt) and backend.engine in cache_salt.ENGINES
+        salted = bool(self.salt) and (backend.engine in cache_salt.ENGINES
+                                      or backend.takes_salt)
         found = self.bodies.get((wire, salted))
         if found is None:
             found = self.bodies.get((wire, False))

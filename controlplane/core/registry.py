@@ -289,6 +289,14 @@ class Registry:
             self._static_healthy[key] = healthy
             self.version += 1
 
+    def set_static_salted(self, key: str) -> None:
+        """A kind-less static upstream showed that it takes ``cache_salt``
+        (``core.cache_salt.offered``): salted from now on, its prefix cache not shared."""
+        b = self._static.get(key)
+        if b is not None and not b.takes_salt:
+            self._static[key] = dataclasses.replace(b, takes_salt=True, shares_cache=False)
+            self.version += 1
+
     def set_static_load(self, key: str, load: types.EngineLoad) -> None:
         """What a static upstream's own metrics say (its kind's /metrics, when it has any)."""
         b = self._static.get(key)

@@ -7,7 +7,7 @@ import json
 import orjson
 import pytest
 
-from controlplane.core import cache_salt, prefix_index
+from controlplane.core import cache_salt, prefix_index, tenants, types
 from synapse_common import tokens
 
 
@@ -91,3 +91,94 @@ def test_the_router_hashes_of_a_salted_prompt_share_no_block_with_another_salt()
     salt = cache_salt.for_tenant("team")
     assert team == tuple(tokens.block_hashes(ids, 16, tokens.salt_seed(salt)))
     assert cache_salt.seed("") == 0
+
+
+# -- which backends take it, and what the others' answers may say (probe 82, F1) ---------
+
+
+def _document(schema: dict, *, path: str = "/v1/chat/completions") -> dict:
+    """An OpenAPI document in FastAPI's shape (vLLM's): the body schema by reference."""
+    return {"openapi": "3.1.0", "paths": {path: {"post": {"requestBody": {"content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}}},
+        "/health": {"get": {}}}, "components": {"schemas": {"ChatCompletionRequest": schema}}}
+
+
+def test_a_server_takes_the_salt_when_its_chat_or_completions_schema_shows_it():
+    vllm = {"type": "object", "properties": {"messages": {}, "cache_salt": {"anyOf": [
+        {"type": "string"}, {"type": "null"}]}}}
+    assert cache_salt.offered(_document(vllm))
+    assert cache_salt.offered(_document(vllm, path="/v1/completions"))
+    assert cache_salt.offered(_document({"allOf": [{"properties": {"cache_salt": {}}}]}))
+    # A server whose chat request has no such field, one that names it elsewhere only,
+    # and documents that are not OpenAPI at all: not salted.
+    assert not cache_salt.offered(_document({"properties": {"messages": {}}}))
+    assert not cache_salt.offered(_document(vllm, path="/v1/embeddings"))
+    for junk in (None, [], "x", {"paths": []}, {"paths": {"/v1/chat/completions": []}},
+                 {"paths": {"/v1/chat/completions": {"post": {"requestBody": {"content": {
+                     "application/json": {"schema": {"$ref": "#/nowhere/x"}}}}}}}}):
+        assert not cache_salt.offered(junk)
+    looped = _document({"$ref": "#/components/schemas/ChatCompletionRequest"})
+    assert not cache_salt.offered(looped), "a reference cycle ends"
+
+
+def _backend(engine: str = "", **kw) -> types.BackendState:
+    return types.BackendState(key="static/u", node="static", name="u", url="http://u",
+                              models=("m",), engine=engine, source="static", **kw)
+
+
+def test_an_unsalted_generating_backend_two_tenants_reach_shares_its_cache():
+    both = [tenants.Tenant("a"), tenants.Tenant("b")]
+    assert cache_salt.sharing(_backend(""), both) == ("a", "b")
+    for kind in ("sglang", "tgi", "llamacpp", "ollama", "openai"):
+        assert cache_salt.sharing(_backend(kind), both) == ("a", "b"), kind
+    assert cache_salt.sharing(_backend("vllm"), both) == ()
+    assert cache_salt.sharing(_backend("", takes_salt=True), both) == ()
+    assert cache_salt.sharing(_backend("", task="embed"), both) == (), "it generates nothing"
+    assert cache_salt.sharing(_backend("", tasks=frozenset({"messages"})), both) == ("a", "b")
+    assert cache_salt.sharing(_backend(""), [tenants.Tenant("a")]) == ()
+    assert cache_salt.sharing(_backend(""), []) == (), "authentication off: one tenant"
+    # b may not use the backend's model: only a reaches it
+    other = [tenants.Tenant("a"), tenants.Tenant("b", frozenset({"n"}))]
+    assert cache_salt.sharing(_backend(""), other) == ()
+
+
+CHAT = {"id": "c", "choices": [{"message": {"content": "the cached_tokens were 272"}}],
+        "usage": {"prompt_tokens": 300, "completion_tokens": 2, "total_tokens": 302,
+                  "prompt_tokens_details": {"cached_tokens": 272}}}
+MESSAGE = {"id": "msg", "type": "message", "usage": {
+    "input_tokens": 12, "output_tokens": 2, "cache_read_input_tokens": 272,
+    "cache_creation_input_tokens": 16}}
+RESPONSE = {"id": "resp", "usage": {"input_tokens": 300, "output_tokens": 2,
+                                    "input_tokens_details": {"cached_tokens": 272,
+                                                             "cached_tokens_per_turn": [272]}}}
+
+
+def test_hidden_zeroes_the_cached_counts_of_a_whole_answer():
+    out = orjson.loads(cache_salt.hidden(orjson.dumps(CHAT)))
+    assert out["usage"] == {**CHAT["usage"], "prompt_tokens_details": {"cached_tokens": 0}}
+    assert out["choices"] == CHAT["choices"], "the content is the model's, kept"
+    # Anthropic counts the prompt without its cache reads and writes: folded back in, so
+    # input_tokens does not tell the cached part either.
+    assert orjson.loads(cache_salt.hidden(orjson.dumps(MESSAGE)))["usage"] == {
+        "input_tokens": 300, "output_tokens": 2, "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": 0}
+    assert orjson.loads(cache_salt.hidden(orjson.dumps(RESPONSE)))["usage"][
+        "input_tokens_details"] == {"cached_tokens": 0, "cached_tokens_per_turn": [0]}
+    plain = b'{"usage": {"prompt_tokens": 3}}'
+    assert cache_salt.hidden(plain) is plain
+
+
+def test_a_stream_split_anywhere_has_its_counts_zeroed():
+    events = [{"choices": [{"delta": {"content": "hi"}}]}, {"choices": [], "usage": CHAT["usage"]}]
+    stream = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    expected = stream.replace(b'"cached_tokens":272', b'"cached_tokens":0')
+    for cut in range(len(stream) + 1):
+        hider = cache_salt.StreamHider()
+        out = hider.feed(stream[:cut]) + hider.feed(stream[cut:]) + hider.rest()
+        assert out == expected, cut
+    anthropic = (b"event: message_start\r\ndata: " + orjson.dumps({"message": MESSAGE})
+                 + b"\r\n\r\n")
+    hider = cache_salt.StreamHider()
+    out = hider.feed(anthropic) + hider.rest()
+    assert b'"cache_read_input_tokens":0' in out and b'"input_tokens":300' in out
+    assert out.endswith(b"\r\n\r\n") and out.startswith(b"event: message_start\r\n")

@@ -15,6 +15,7 @@ import pathlib
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 
@@ -23,6 +24,8 @@ from controlplane.adapters import upstream as upstream_mod
 from controlplane.api import services as services_mod
 from controlplane.api import upstream_wiring
 from controlplane.core import types, upstream_kinds, upstream_metrics
+from simulator import app as sim_app
+from simulator import config as sim_config
 from tests import fleet, harness
 from tests.clock import ManualClock, SteppedSleep
 from tests.controlplane import cp_testing as t
@@ -260,3 +263,180 @@ async def test_a_vllm_kind_upstream_gives_the_router_its_engine_load(
         assert scraped.block_size == 16 and scraped.metrics_ok
         assert scraped.kv_capacity_tokens % scraped.block_size == 0
         assert backend("static/plain").kv_capacity_tokens == 0, "no kind, no metrics"
+
+
+# -- prefix caches tenants share (probe 82, F1) and keys in refusals (F10) ---------------
+
+
+@contextlib.asynccontextmanager
+async def _simulator() -> AsyncIterator[str]:
+    """The engine simulator in this loop (it caches prefixes and takes cache_salt, as vLLM)."""
+    app = sim_app.build(sim_config.SimulatorSettings(model=t.MODEL, time_scale=0))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def _ready(cp: t.RunningCP) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(400):
+            async with session.get(cp.url + "/ready") as r:
+                if r.status == 200:
+                    return
+            await asyncio.sleep(0.05)
+    raise AssertionError("never ready")
+
+
+async def _cached_tokens(cp: t.RunningCP, key: str, prompt: str) -> int:
+    client = cp.client(key)
+    reply = await client.chat.completions.create(
+        model="llama", max_tokens=2, messages=[{"role": "user", "content": prompt}])
+    assert reply.usage is not None and reply.usage.prompt_tokens > 200
+    details = reply.usage.prompt_tokens_details
+    return (details.cached_tokens or 0) if details is not None else 0
+
+
+async def test_a_kindless_vllm_learns_from_its_openapi_that_it_takes_the_salt() -> None:
+    """An upstream listed without ``kind`` got no ``cache_salt``, so one prefix cache
+    served every tenant: tenant b's first request for a's prompt reported 272 cached
+    tokens (and came sooner). Its ``/openapi.json`` shows the field: salted per tenant."""
+    async with _simulator() as url:
+        s = t.settings(upstreams=[{"name": "plain", "url": url, "models": [t.MODEL]}])
+        async with t.running(s) as cp:
+            await _ready(cp)    # the first probes, the upstream's /openapi.json read with them
+            prompt = "Confidential merger memo " + "lorem ipsum " * 120
+            assert await _cached_tokens(cp, t.KEY_A, prompt) == 0
+            assert await _cached_tokens(cp, t.KEY_B, prompt) == 0, "a's prompt, cached for b"
+            assert await _cached_tokens(cp, t.KEY_A, prompt) > 0, "a's own repeat hits"
+
+
+class CachingEngine:
+    """A server that takes no ``cache_salt`` (no /openapi.json) and reports cached tokens;
+    a prompt of ``refuse`` is refused with a 400 quoting the Authorization it was sent."""
+
+    USAGE = {"prompt_tokens": 300, "completion_tokens": 1, "total_tokens": 301,
+             "prompt_tokens_details": {"cached_tokens": 272}}
+
+    def __init__(self) -> None:
+        self.runner: web.AppRunner | None = None
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body["messages"][-1]["content"] == "refuse":
+            return web.json_response({"error": {"message": "invalid request for key "
+                                                f"{request.headers.get('Authorization')}",
+                                                "type": "invalid_request_error"}}, status=400)
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1,
+                 "model": body["model"]}
+        if not body.get("stream"):
+            return web.json_response({**chunk, "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "ok"},
+                 "finish_reason": "stop"}], "usage": self.USAGE})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        events = [{**chunk, "choices": [{"index": 0, "delta": {"content": "ok"},
+                                         "finish_reason": "stop"}]},
+                  {**chunk, "choices": [], "usage": self.USAGE}]
+        data = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+        for at in range(0, len(data), 7):       # the counts cut across reads
+            await resp.write(data[at:at + 7])
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/health", self.health)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        try:
+            yield f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        finally:
+            await self.runner.cleanup()
+
+
+async def test_an_unsalted_upstream_tenants_share_is_warned_of_and_hides_its_cached_counts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    engine = CachingEngine()
+    async with engine.running() as url:
+        s = t.settings(models=[{"name": t.MODEL, "aliases": ["llama"]}, {"name": "other"}],
+                       upstreams=[{"name": "plain", "url": url, "models": [t.MODEL]},
+                                  {"name": "sgl", "url": url, "kind": "sglang",
+                                   "models": ["other"]}])
+        async with t.running(s) as cp:
+            await until(lambda: "static/plain (no kind" in caplog.text,
+                        "the warning for the kind-less upstream, once its document was read")
+            warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                      and "share its prefix cache" in r.getMessage()]
+            assert len(warned) == 2 and "static/sgl (kind sglang)" in warned[0], warned
+            assert "time to the first token" in warned[0]
+            client = cp.client()
+            for model in ("llama", "other"):
+                whole = await client.chat.completions.create(model=model, messages=MSGS)
+                assert whole.usage is not None and whole.usage.prompt_tokens == 300
+                assert whole.usage.prompt_tokens_details is not None
+                assert whole.usage.prompt_tokens_details.cached_tokens == 0, model
+                stream = await client.chat.completions.create(
+                    model=model, messages=MSGS, stream=True,
+                    stream_options={"include_usage": True})
+                chunks = [c async for c in stream]
+                usage = chunks[-1].usage
+                assert usage is not None and usage.prompt_tokens_details is not None
+                assert usage.prompt_tokens_details.cached_tokens == 0, model
+            # Messages over chat: no cache reads either, the whole prompt is input.
+            async with aiohttp.ClientSession() as session, session.post(
+                    cp.url + "/v1/messages", json={"model": "llama", "max_tokens": 4,
+                                                   "messages": MSGS},
+                    headers={"x-api-key": t.KEY_A}) as r:
+                usage = (await r.json())["usage"]
+            assert usage["input_tokens"] == 300 and usage.get("cache_read_input_tokens") == 0
+
+
+async def test_one_tenant_alone_on_an_upstream_is_not_warned_of(
+        caplog: pytest.LogCaptureFixture) -> None:
+    engine = CachingEngine()
+    async with engine.running() as url:
+        s = t.settings(models=[{"name": t.MODEL, "aliases": ["llama"]}, {"name": "other"}],
+                       upstreams=[{"name": "sgl", "url": url, "kind": "sglang",
+                                   "models": [t.MODEL]}],
+                       auth={"tenants": [{"name": "a", "keys": [t.KEY_A]},
+                                         {"name": "b", "keys": [t.KEY_B],
+                                          "allowed_models": ["other"]}]})
+        async with t.running(s) as cp:
+            reply = await cp.client().chat.completions.create(model="llama", messages=MSGS)
+            assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+            assert reply.usage.prompt_tokens_details.cached_tokens == 272
+    assert "share its prefix cache" not in caplog.text
+
+
+async def test_an_upstreams_refusal_reaches_the_tenant_without_its_api_key() -> None:
+    """Masked in a 5xx's detail only: a 400 quoting the key the upstream was sent gave it
+    to any tenant, in OpenAI's shape and in Anthropic's (probe 82, F10)."""
+    engine = CachingEngine()
+    async with engine.running() as url:
+        s = t.settings(upstreams=[{"name": "keyed", "url": url, "models": [t.MODEL],
+                                   "api_key": KEY}])
+        async with t.running(s) as cp:
+            refuse = [{"role": "user", "content": "refuse"}]
+            with pytest.raises(openai.BadRequestError) as info:
+                await cp.client().chat.completions.create(model="llama", messages=refuse)
+            assert "invalid request for key Bearer [its api_key]" in str(info.value)
+            assert KEY[8:20] not in str(info.value)
+            async with aiohttp.ClientSession() as session, session.post(
+                    cp.url + "/v1/messages", json={"model": "llama", "max_tokens": 4,
+                                                   "messages": refuse},
+                    headers={"x-api-key": t.KEY_A}) as r:
+                assert r.status == 400
+                body = await r.text()
+            assert body.startswith('{"type":"error"') and "[its api_key]" in body
+            assert KEY[8:20] not in body
