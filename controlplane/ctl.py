@@ -8,11 +8,19 @@ Connection: ``--server`` or ``$SYNAPSE_ADMIN_ADDR`` (default ``127.0.0.1:50051``
 token from ``--token-file``, ``$SYNAPSE_ADMIN_TOKEN_FILE`` or ``$SYNAPSE_ADMIN_TOKEN`` (this
 client reads those variables itself: it is a CLI, not a configured process). Exit codes:
 0 done, 1 the server said no (one line with the gRPC status and message), 2 usage.
+
+``cordon``/``uncordon`` of a name no node has registered under is recorded (a node can be
+cordoned before it joins: ``admin_grpc._detail_or_intent``) and exits 0, since what was
+asked is stored and applies when that node registers; the output says "not registered
+yet" and a warning on stderr names the nearest known node, for the operator who mistyped.
+A reader that stops early (``synapsectl get nodes | head -1``) is not an error: the rest
+of the output is dropped quietly, exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import os
@@ -179,6 +187,20 @@ def _add_cache(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    try:
+        code = _main(argv, environ)
+        sys.stdout.flush()      # inside the try: a closed pipe fails here, not at exit
+    except BrokenPipeError:
+        # The reader went away: Python would print a traceback, and another when it
+        # flushes stdout at exit, unless stdout points somewhere that cannot fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OK
+    return code
+
+
+def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     parser = build_parser()
     args_list = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -230,8 +252,8 @@ def _print(result: ctl_render.Rendered, output: str) -> None:
 def _dispatch(client: Any, args: argparse.Namespace) -> ctl_render.Rendered:
     handlers: dict[str, Callable[[Any, argparse.Namespace], ctl_render.Rendered]] = {
         "get": _get, "describe": lambda c, a: ctl_render.node_detail(c.get_node(a.name)),
-        "cordon": lambda c, a: ctl_render.node_detail(c.cordon(a.name, a.reason)),
-        "uncordon": lambda c, a: ctl_render.node_detail(c.uncordon(a.name)),
+        "cordon": lambda c, a: _node_intent(c, a.name, "cordon", c.cordon(a.name, a.reason)),
+        "uncordon": lambda c, a: _node_intent(c, a.name, "uncordon", c.uncordon(a.name)),
         "drain": lambda c, a: ctl_render.drain(c.drain(a.name, a.wait, a.timeout_seconds,
                                                        a.grace_seconds)),
         "deploy": lambda c, a: ctl_render.placements(c.deploy(a), "deployed"),
@@ -242,6 +264,18 @@ def _dispatch(client: Any, args: argparse.Namespace) -> ctl_render.Rendered:
             c.explain(a.model, a.prompt, a.session, a.max_tokens, a.tenant, a.cache_salt)),
     }
     return handlers[args.command](client, args)
+
+
+def _node_intent(client: Any, name: str, verb: str, detail: Any) -> ctl_render.Rendered:
+    """A cordon's or uncordon's answer, saying so when no node of that name is known."""
+    known = [n.name for n in client.list_nodes().nodes]
+    if name in known:
+        return ctl_render.node_detail(detail, registered=True)
+    near = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    print(f"synapsectl: warning: no node named {name!r} is registered{hint}; the {verb} is "
+          "recorded and applies when a node of that name registers", file=sys.stderr)
+    return ctl_render.node_detail(detail, registered=False)
 
 
 def _duration(text: str) -> float:

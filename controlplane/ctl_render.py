@@ -66,8 +66,15 @@ def _gib(value: int) -> str:
     return f"{value / 1024**3:.1f}Gi"
 
 
-def node_detail(detail: admin_pb2.NodeDetail) -> Rendered:
+def node_detail(detail: admin_pb2.NodeDetail, registered: bool | None = None) -> Rendered:
+    """``registered`` False: the answer holds only the intent recorded for a name no node
+    has registered under (its zero report age means "never", not "just now")."""
     s = detail.summary
+    if registered is False:
+        lines = [f"Name:         {s.name}",
+                 f"Status:       {_node_status(s.status)} (not registered yet; intent "
+                 "recorded)", "Last report:  never"]
+        return Rendered("\n".join(lines), {**_data(detail), "registered": False})
     lines = [f"Name:         {s.name}", f"Status:       {_node_status(s.status)}",
              f"Address:      {s.address or '-'}", f"Agent:        {s.agent_version or '-'}",
              f"Last report:  {_age(s.last_report_age_seconds)} ago",
@@ -92,7 +99,8 @@ def node_detail(detail: admin_pb2.NodeDetail) -> Rendered:
             lines += ["", f"Last log lines of {b.name}:"]
             # an engine's (or an agent's) text: nothing in it may drive the terminal
             lines += [f"  {line.translate(_CONTROLS)}" for line in b.last_log_lines[-10:]]
-    return Rendered("\n".join(lines), _data(detail))
+    data = _data(detail) if registered is None else {**_data(detail), "registered": True}
+    return Rendered("\n".join(lines), data)
 
 
 def _indent(text: str) -> str:

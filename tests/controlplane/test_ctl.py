@@ -4,6 +4,7 @@ the token in metadata, exit codes 0 / 1 / 2 and one-line errors."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 
 import grpc
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from protos.synapse.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+from tests import harness
 from tests.controlplane import ctl_testing
 
 TOKEN = "admin-token-for-ctl-tests"
@@ -44,6 +46,16 @@ class AdminForTests(admin_pb2_grpc.AdminServicer):
             backends=[common_pb2.BackendState(name="sim", models=["m"], url="http://x",
                                               phase=common_pb2.BACKEND_PHASE_READY,
                                               last_log_lines=["ready"])])
+
+    def CordonNode(self, request, context):
+        # As the Admin service answers: the node's detail, or for a name no node has
+        # registered under, the recorded intent alone (report age zero).
+        self._auth(context)
+        summary = admin_pb2.NodeSummary(name=request.name, status=admin_pb2.NODE_STATUS_CORDONED,
+                                        cordoned=True)
+        if request.name == "gpu-a":
+            summary.agent_version, summary.last_report_age_seconds = "0.1.0", 1.5
+        return admin_pb2.NodeDetail(summary=summary)
 
     def ExplainRoute(self, request, context):
         self._auth(context)
@@ -141,3 +153,31 @@ def test_an_engines_log_lines_cannot_drive_the_terminal() -> None:
     text = ctl_render.node_detail(detail).table
     assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text
     assert "ok \\x1b]0;pwned\\x07 \\x1b[2J\\x9b done\ttab" in text
+
+
+def test_cordon_of_a_name_no_node_has_says_so_and_warns(admin_server) -> None:
+    """Probe 82 F8: ``cordon gpu-nde-1`` (a typo) printed ``Status: cordoned`` and ``Last
+    report: 0s ago`` as for a live node, while the real node went on serving."""
+    addr, _ = admin_server
+    env = {"SYNAPSE_ADMIN_ADDR": addr, "SYNAPSE_ADMIN_TOKEN": TOKEN}
+    code, out, err = run(["cordon", "gpu-aa"], env)
+    assert code == 0        # recorded: a node may be cordoned before it registers
+    assert "Last report:  never" in out and "0s ago" not in out
+    assert "cordoned (not registered yet; intent recorded)" in out
+    assert err.startswith("synapsectl: warning: no node named 'gpu-aa' is registered "
+                          "(did you mean 'gpu-a'?)")
+    code, out, _ = run(["cordon", "gpu-aa", "-o", "json"], env)
+    assert code == 0 and json.loads(out)["registered"] is False
+    code, out, err = run(["cordon", "gpu-a"], env)
+    assert code == 0 and err == "" and "Last report:  2s ago" in out
+
+
+def test_a_reader_that_stops_early_ends_it_quietly(admin_server) -> None:
+    """Probe 82 F8: ``synapsectl ... | head -1`` ended with a BrokenPipeError traceback."""
+    addr, _ = admin_server
+    proc = subprocess.Popen([harness.console_script("synapsectl"), "get", "nodes"],
+                            env={"SYNAPSE_ADMIN_ADDR": addr, "SYNAPSE_ADMIN_TOKEN": TOKEN},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()         # gone before the table is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and err == ""
