@@ -6,8 +6,10 @@ upstream ``ClientSession``, the Redis client, the upstream health probe task, th
 response cache — are opened and closed in ``cleanup_ctx``, in that order and reverse.
 
 The middleware is the single exit of every request: it turns :mod:`controlplane.errors`
-(and aiohttp's own 404/405/413) into the OpenAI error envelope, adds ``x-request-id`` and
-``x-synapse-*`` headers, and records metrics and stats once per request. A client's
+(and aiohttp's own 404/405/413, and a body that does not decode) into the OpenAI error
+envelope — into Anthropic's shape under ``/v1/messages``, unknown sub-paths included, as
+the Anthropic SDKs read only that — adds ``x-request-id`` and ``x-synapse-*`` headers,
+and records metrics and stats once per request. A client's
 ``x-request-id`` is kept when it is printable ASCII of at most 128 characters (it goes
 into the response headers, the access log and names the request to that client);
 otherwise the request gets a fresh id, logged at debug level. Engines never get the
@@ -48,7 +50,7 @@ from controlplane.api import (
     upstream_wiring,
 )
 from controlplane.api import services as services_mod
-from controlplane.core import cache_port, ratelimit, validation
+from controlplane.core import anthropic_errors, cache_port, ratelimit, validation
 from synapse_common import aiotasks, tasks
 from synapse_common import clock as clocks
 
@@ -63,8 +65,18 @@ def json_response(data: object, status: int = 200,
                         content_type="application/json")
 
 
-def error_response(exc: errors.SynapseError, ctx: context.RequestContext) -> web.Response:
+def error_response(exc: errors.SynapseError, ctx: context.RequestContext,
+                   path: str = "") -> web.Response:
+    """``exc`` in the OpenAI envelope, or in Anthropic's shape under ``/v1/messages``
+    (every error there is, the middleware's own included)."""
+    if path == ANTHROPIC or path.startswith(ANTHROPIC + "/"):
+        status, body, extra = anthropic_errors.render(exc, ctx.request_id)
+        return web.Response(status=status, body=body, content_type="application/json",
+                            headers={**ctx.headers(), **extra, "request-id": ctx.request_id})
     return json_response(exc.envelope(), exc.http_status, {**ctx.headers(), **exc.headers()})
+
+
+ANTHROPIC = "/v1/messages"
 
 
 async def _close_after(request: web.Request, resp: web.Response) -> web.Response:
@@ -129,17 +141,18 @@ async def middleware(request: web.Request, handler: typedefs.Handler) -> web.Str
         try:
             resp = await handler(request)
         except errors.RequestTimeout as exc:
-            resp = await _close_after(request, error_response(exc, ctx))
+            resp = await _close_after(request, error_response(exc, ctx, request.path))
         except web_protocol.RequestPayloadError as exc:
             if ctx.headers_sent:
                 raise
-            resp = await _close_after(request, error_response(_payload_error(exc), ctx))
+            resp = await _close_after(request, error_response(_payload_error(exc), ctx,
+                                                                  request.path))
         except errors.SynapseError as exc:
             if ctx.headers_sent:
                 raise
-            resp = error_response(exc, ctx)
+            resp = error_response(exc, ctx, request.path)
         except web.HTTPException as exc:
-            resp = error_response(_from_http(exc, request), ctx)
+            resp = error_response(_from_http(exc, request), ctx, request.path)
             if isinstance(exc, web.HTTPMethodNotAllowed):
                 resp.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         except (asyncio.CancelledError, ConnectionResetError):
@@ -149,7 +162,7 @@ async def middleware(request: web.Request, handler: typedefs.Handler) -> web.Str
             if ctx.headers_sent:
                 raise
             log.exception("unexpected error", extra={"request_id": ctx.request_id})
-            resp = error_response(errors.internal(), ctx)
+            resp = error_response(errors.internal(), ctx, request.path)
         status = resp.status
         if not resp.prepared and "x-request-id" not in resp.headers:
             resp.headers.update(ctx.headers())

@@ -13,6 +13,9 @@
   ``x-request-id``.
 * **Auth**: ``x-api-key`` (what the Anthropic SDKs send) or ``Authorization: Bearer``.
 * **Cache**: as chat, in a scope of its own (:mod:`controlplane.core.anthropic_cache`).
+
+Errors the middleware raises itself on these paths (no route, wrong method, a body that
+does not decode) are Anthropic's shape too (:mod:`controlplane.api.app`).
 """
 
 from __future__ import annotations
@@ -149,7 +152,8 @@ class Translated(_Anthropic):
     def __init__(self, request: web.Request, store: cache_port.CacheDecision | None,
                  model: str, input_tokens: int) -> None:
         super().__init__(request, store)
-        self._stream = anthropic_stream.StreamTranslator(model, input_tokens)
+        self._stream = anthropic_stream.StreamTranslator(
+            model, input_tokens, request_id=context.get(request).request_id)
         self._parser = sse.SSEParser() if store is not None else None
         self._assembler = sse.StreamAssembler() if store is not None else None
 

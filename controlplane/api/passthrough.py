@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,8 @@ from controlplane.core import types as core_types
 from synapse_common import tracing
 
 log = logging.getLogger("synapse.controlplane.passthrough")
+
+_SEQUENCE = re.compile(rb'"sequence_number":\s*(\d+)')
 
 
 def _pins(request: web.Request) -> response_pins.Pins:
@@ -145,6 +148,7 @@ class _Responses(relay.Shape):
         self._backend = ""
         self._lines = response_ids.WholeLines()
         self._parser = sse.SSEParser() if store is not None else None
+        self._sequence = -1             # the last event's sequence_number
 
     def start(self, attempt: dispatch.Attempt) -> None:
         self._backend = attempt.backend.key
@@ -173,12 +177,24 @@ class _Responses(relay.Shape):
                 if (final := responses_cache.completed(event)) is not None:
                     self._keep(final)
         lines = self._lines.feed(data)
+        if found := _SEQUENCE.findall(lines):
+            self._sequence = int(found[-1])
         if self._ids.engine_id is None:
             self._learn(response_ids.stream_id(lines))
         return self._ids.rewrite(lines)
 
     def end(self) -> bytes:
         return self._ids.rewrite(self._lines.rest())
+
+    def broken(self, message: str) -> bytes:
+        """The ``error`` event that ends a stream the engine broke off, as the Responses
+        streaming API sends one: named ``error``, the error's fields at the top level and
+        the next ``sequence_number`` (a bare ``data:`` line with an ``error`` object is
+        chat completions' way, not this API's)."""
+        err = errors.stream_interrupted(message)["error"]
+        event = {"type": "error", "code": err["code"], "message": err["message"],
+                 "param": None, "sequence_number": self._sequence + 1}
+        return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
 
     def refusal(self, status: int, data: bytes) -> tuple[bytes, str]:
         if self._previous is not None:

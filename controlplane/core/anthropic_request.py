@@ -27,7 +27,7 @@ text / image blocks         ``text`` / ``image_url`` parts (base64 as a ``data:`
 ``temperature``, ``top_p``  the same; ``top_k`` passes as vLLM's extension field
 ``metadata.user_id``        ``user`` (the router's session affinity reads it)
 ``stream``                  ``stream`` plus ``stream_options.include_usage`` (the usage
-                            the final ``message_delta`` reports)
+                            the final ``message_delta`` reports); not a boolean: 400
 ==========================  ================================================================
 
 Other fields (``thinking``, ``service_tier``, ``container``, ``mcp_servers`` …) are
@@ -62,11 +62,14 @@ def to_chat(body: Mapping[str, Any]) -> dict[str, Any]:
     _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
              and max_tokens >= 1, "max_tokens: an integer of at least 1 is required",
              "max_tokens")
+    stream = body.get("stream")
+    _require(stream is None or isinstance(stream, bool), "stream: must be a boolean",
+             "stream")
     chat: dict[str, Any] = {"model": model, "messages": _messages(body),
                             "max_tokens": max_tokens}
     _sampling(body, chat)
     _tools(body, chat)
-    if body.get("stream") is True:
+    if stream is True:
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
     return chat

@@ -22,7 +22,7 @@ Anthropic events to send, so the answer streams through with no added wait:
 
 A backend's mid-stream error object, or the caller's :meth:`~StreamTranslator.interrupted`
 when the backend breaks off, ends the stream with an ``error`` event
-(``anthropic_errors``). :attr:`~StreamTranslator.complete` says whether the backend
+(``anthropic_errors``) carrying the request's id, as the native stream's does. :attr:`~StreamTranslator.complete` says whether the backend
 finished properly (finish reason and ``[DONE]`` seen) — only such answers may be cached.
 
 :func:`replay` renders a stored Message in the same event sequence, one delta per block,
@@ -85,10 +85,11 @@ def _finish(reason: str, sequence: str | None, usage: Mapping[str, Any]) -> byte
 
 class StreamTranslator:
     def __init__(self, model: str, input_tokens: int = 0,
-                 message_id: str | None = None) -> None:
+                 message_id: str | None = None, request_id: str | None = None) -> None:
         self.model = model
         self.input_tokens = input_tokens
         self.message_id = message_id
+        self.request_id = request_id    # carried by the error event, as in every error
         self.started = False
         self.ended = False
         self.done = False
@@ -160,8 +161,8 @@ class StreamTranslator:
         if self.ended:
             return b""
         self.ended = True
-        return anthropic_errors.sse_event(errors.UpstreamError(message,
-                                                               code="stream_interrupted"))
+        return anthropic_errors.sse_event(
+            errors.UpstreamError(message, code="stream_interrupted"), self.request_id)
 
     def _begin(self, chunk: Mapping[str, Any]) -> bytes:
         if self.started:

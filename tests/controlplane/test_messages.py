@@ -1,10 +1,15 @@
 """/v1/messages over backends that only speak chat completions (translated), when they
 fail: retries before the first byte, and a stream broken mid-way ending in Anthropic's
-error event, read by the official anthropic client. In-process control plane, the
-scriptable FakeBackend (the simulator has no knob for a cut stream at a chosen chunk)."""
+error event, read by the official anthropic client; the middleware's own errors on these
+paths in Anthropic's shape. In-process control plane, the scriptable FakeBackend (the simulator has no knob for a cut
+stream at a chosen chunk)."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+import aiohttp
 import anthropic
 import pytest
 
@@ -51,3 +56,71 @@ async def test_no_backend_is_an_anthropic_overloaded_error() -> None:
             await c.messages.create(**ASK)
     assert err.value.status_code == 503
     assert err.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+
+
+# -- errors the middleware raises itself, under /v1/messages ------------------------------
+
+
+def _anthropic_error(status: int, body: bytes, headers: Any, kind: str) -> None:
+    data = json.loads(body)
+    assert data["type"] == "error" and data["error"]["type"] == kind, data
+    assert data["request_id"] == headers["request-id"] == headers["x-request-id"]
+    assert "code" not in data["error"] and status >= 400
+
+
+@pytest.mark.parametrize("fast_lane", [True, False])
+async def test_no_route_wrong_method_and_undecodable_body_are_anthropic_shaped(
+        fast_lane: bool) -> None:
+    async with t.backends(("good", "ok")) as (good,):
+        s = t.settings(upstreams=[t.upstream("good", good.url)],
+                       http={"fast_lane": fast_lane})
+        async with t.running(s) as cp, aiohttp.ClientSession() as http:
+            key = {"x-api-key": t.KEY_A, "anthropic-version": "2023-06-01"}
+            async with http.get(f"{cp.url}/v1/messages", headers=key) as r:
+                assert r.status == 405 and "POST" in r.headers["Allow"]
+                _anthropic_error(r.status, await r.read(), r.headers, "invalid_request_error")
+            async with http.post(f"{cp.url}/v1/messages/batches", json={}, headers=key) as r:
+                assert r.status == 404
+                _anthropic_error(r.status, await r.read(), r.headers, "not_found_error")
+            async with http.post(f"{cp.url}/v1/messages", data=b"{not gzip", headers={
+                    **key, "Content-Type": "application/json",
+                    "Content-Encoding": "gzip"}) as r:
+                assert r.status == 400
+                _anthropic_error(r.status, await r.read(), r.headers, "invalid_request_error")
+            # other paths keep the OpenAI envelope, a look-alike prefix included
+            async with http.post(f"{cp.url}/v1/messagesx", json={}, headers=key) as r:
+                assert (await r.json())["error"]["code"] == "unknown_route"
+
+
+async def test_the_sdk_reads_an_unserved_messages_path_as_not_found() -> None:
+    async with t.running(t.settings()) as cp, _client(cp.url) as c:
+        with pytest.raises(anthropic.NotFoundError) as err:
+            await c.messages.batches.list()
+    body = err.value.body
+    assert isinstance(body, dict) and body["error"]["type"] == "not_found_error"
+    assert err.value.request_id == body["request_id"]
+
+
+# -- the translated mode's stream ---------------------------------------------------------
+
+
+async def test_a_translated_streams_error_event_carries_the_request_id() -> None:
+    async with t.backends(("cut", "break")) as (cut,):
+        s = t.settings(upstreams=[t.upstream("cut", cut.url)])
+        async with t.running(s) as cp, _client(cp.url) as c:
+            with pytest.raises(anthropic.APIStatusError) as err:
+                async with c.messages.stream(
+                        **ASK, extra_headers={"x-request-id": "req-cut-7"}) as stream:
+                    async for _ in stream:
+                        pass
+    assert err.value.body["request_id"] == "req-cut-7"  # type: ignore[index]
+
+
+async def test_a_stream_flag_that_is_not_a_boolean_is_refused_in_translated_mode() -> None:
+    async with t.backends(("good", "ok")) as (good,):
+        s = t.settings(upstreams=[t.upstream("good", good.url)])
+        async with t.running(s) as cp, _client(cp.url) as c:
+            with pytest.raises(anthropic.BadRequestError) as err:
+                await c.messages.create(**ASK, extra_body={"stream": "yes"})
+    assert err.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert "stream" in err.value.message and not good.bodies
