@@ -40,7 +40,7 @@ from aiohttp import BodyPartReader, ClientSession, MultipartReader, web
 from controlplane import errors
 from controlplane.adapters import upload_client
 from controlplane.api import calls, context, fairness, relay, serving
-from controlplane.core import api_calls, upload
+from controlplane.core import api_calls, upload, validation
 from controlplane.core import router as router_mod
 from synapse_common import tasks
 
@@ -114,7 +114,9 @@ class Source:
                 raise errors.BadRequest(f"the form's fields may hold at most "
                                         f"{upload.FORM_OVERHEAD} bytes together",
                                         param=part.name, code="invalid_upload")
-        return data.decode("utf-8", "replace")
+        text = data.decode("utf-8", "replace")
+        validation.form_field(part.name or "", text)
+        return text
 
     async def read_head(self) -> None:
         """The fields before the file; the file itself only when ``model`` is not yet

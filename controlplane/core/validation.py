@@ -405,6 +405,20 @@ def _no_transfer_params(body: Mapping[str, Any]) -> None:
                     code="invalid_value")
 
 
+def form_field(name: str, value: str) -> None:
+    """400 for a multipart form's field that the same rules refuse in a JSON body: vLLM's
+    audio endpoints read their form into the same kind of request, ``vllm_xargs`` (JSON
+    text) included, so cache transfer parameters would reach its connector from there."""
+    if name in TRANSFER_FIELDS:
+        _no_transfer_params({name: value})
+    elif name == "vllm_xargs":
+        try:
+            parsed = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return          # not JSON: the engine refuses it
+        _no_transfer_params({"vllm_xargs": parsed})
+
+
 def _no_media_kwargs(body: Mapping[str, Any]) -> None:
     """400 when the body carries its own multimodal processor or media loader arguments:
     they override the engine's per request (an image's pixel cap, a video's frames), so

@@ -512,3 +512,28 @@ def test_metrics_count_requests_by_route(surface: Surface) -> None:
     for route in ("/v1/responses", "/tokenize"):
         assert any(line.startswith("synapse_requests_total{") and f'route="{route}"' in line
                    and 'status="200"' in line for line in text.splitlines()), route
+
+
+@pytest.mark.parametrize("field", [
+    ("vllm_xargs", '{"kv_transfer_params": {"remote_host": "10.0.0.1"}}'),
+    ("kv_transfer_params", '{"remote_host": "10.0.0.1"}'),
+    ("ec_transfer_params", "{}")])
+async def test_an_upload_form_cannot_carry_cache_transfer_parameters(
+        surface: Surface, field: tuple[str, str]) -> None:
+    """vLLM's audio endpoints read their form into a request with ``vllm_xargs``, whence
+    its KV connector reads ``kv_transfer_params``: refused there as in a JSON body, before
+    or after the file (review 83)."""
+    name, value = field
+    for after in (False, True):
+        form = aiohttp.FormData({"model": WHISPER})
+        if not after:
+            form.add_field(name, value)
+        form.add_field("file", b"abc", filename="a.wav", content_type="audio/wav")
+        if after:
+            form.add_field(name, value)
+        async with aiohttp.ClientSession() as session, session.post(
+                surface.base + "/v1/audio/transcriptions", data=form,
+                headers={"Authorization": f"Bearer {fleet.TENANT_KEY}"}) as resp:
+            body = await resp.json()
+            assert resp.status == 400, body
+            assert name in body["error"]["message"], body
