@@ -397,7 +397,7 @@ def _no_transfer_params(body: Mapping[str, Any]) -> None:
     for name in TRANSFER_FIELDS:
         for param, value in ((name, body.get(name)),
                              (f"vllm_xargs.{name}", inner.get(name))):
-            if value is not None:
+            if value is not None and value != {}:      # empty: vLLM ignores it too
                 raise errors.BadRequest(
                     f"{param}: cache transfer parameters of vLLM's disaggregated serving "
                     "name the engine and the blocks to transfer cache from; only the "
@@ -424,7 +424,7 @@ def _no_media_kwargs(body: Mapping[str, Any]) -> None:
     they override the engine's per request (an image's pixel cap, a video's frames), so
     they set what the request's media cost the engine, which its tokens do not show."""
     for name in MEDIA_KWARGS_FIELDS:
-        if body.get(name) is not None:
+        if body.get(name) not in (None, {}):        # empty: overrides nothing
             raise errors.BadRequest(
                 f"{name}: a request's own multimodal processing arguments (image sizes, "
                 "video frames, ...) change what it costs the engine; "

@@ -373,7 +373,7 @@ def test_an_embeddings_batch_over_the_sequences_bound_is_a_400_naming_the_input(
     ({"kv_transfer_params": {"do_remote_prefill": True, "remote_host": "10.0.0.9",
                              "remote_port": 5600, "remote_block_ids": [1, 2]}},
      "kv_transfer_params"),
-    ({"kv_transfer_params": {}}, "kv_transfer_params"),
+    ({"kv_transfer_params": []}, "kv_transfer_params"),
     ({"ec_transfer_params": {"remote_host": "10.0.0.9"}}, "ec_transfer_params"),
     ({"vllm_xargs": {"kv_transfer_params": "x"}}, "vllm_xargs.kv_transfer_params"),
 ])
@@ -388,8 +388,9 @@ def test_cache_transfer_parameters_are_a_400_naming_the_field(
         validation.parse_json(body(**fields), request_media_kwargs=True,
                               request_chat_templates=True)
     assert info.value.param == param and info.value.code == "invalid_value"
-    # other extension arguments are the engine's business
+    # other extension arguments are the engine's business, and empty ones name nothing
     assert validation.parse_json(body(vllm_xargs={"my_plugin": 1}))
+    assert validation.parse_json(body(kv_transfer_params={}, mm_processor_kwargs={}))
 
 
 @pytest.mark.parametrize("name", ["mm_processor_kwargs", "media_io_kwargs"])
