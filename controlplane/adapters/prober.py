@@ -10,9 +10,10 @@ caller to read with the kind's names. A healthy target turns unhealthy after
 callbacks (the registry); only the transitions are logged, with the URL (never the headers: they may hold the key).
 ``on_round`` is called once, after the first round (every target probed once). A target
 with a ``document_url`` (a kind-less upstream's ``/openapi.json``) has it fetched after a
-healthy probe until it answers once, before that round ends, and the answer goes to
-``on_document``: what the server is can be learnt before ``/ready`` says the replica is
-(vLLM builds the document on its first request, hence a time limit of its own).
+healthy probe until it answers once, and the answer goes to ``on_document``: the first
+round waits for those fetches, so what the server is is learnt before ``/ready`` says
+the replica is; later ones run beside the schedule (vLLM builds the document on its
+first request, hence a time limit of its own, which must not hold up other probes).
 
 Time is injected (``clock``, ``sleep``: :mod:`synapse_common.clock`), so tests run the
 schedule without waiting.
@@ -113,6 +114,8 @@ class Prober:
     _last: dict[str, bool] = dataclasses.field(default_factory=dict, init=False)
     _failures: dict[str, int] = dataclasses.field(default_factory=dict, init=False)
     _documents: set[str] = dataclasses.field(default_factory=set, init=False)   # answered
+    _fetching: dict[str, asyncio.Task[None]] = dataclasses.field(default_factory=dict,
+                                                                 init=False)
     _due: dict[str, float] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -123,14 +126,20 @@ class Prober:
         if not self.targets:
             return
         first = True
-        while True:
-            now = self.clock()
-            due = [t for t in self.targets if self._due[t.key] <= now]
-            await asyncio.gather(*(self._check(t, now) for t in due))
-            if first and self.on_round is not None:
-                self.on_round()
-            first = False
-            await self.sleep(max(0.0, min(self._due.values()) - self.clock()))
+        try:
+            while True:
+                now = self.clock()
+                due = [t for t in self.targets if self._due[t.key] <= now]
+                await asyncio.gather(*(self._check(t, now) for t in due))
+                if first:
+                    await asyncio.gather(*self._fetching.values(), return_exceptions=True)
+                    if self.on_round is not None:
+                        self.on_round()
+                first = False
+                await self.sleep(max(0.0, min(self._due.values()) - self.clock()))
+        finally:
+            for task in self._fetching.values():
+                task.cancel()
 
     async def _check(self, target: Target, now: float) -> None:
         self._due[target.key] = now + target.interval_s
@@ -147,8 +156,10 @@ class Prober:
         self.report(target.key, healthy)
         if healthy and self.on_metrics is not None and target.metrics_url is not None:
             self.on_metrics(target.key, await metrics_text(self.client, target))
-        if healthy and target.document_url is not None and target.key not in self._documents:
-            await self._document(target)
+        if (healthy and target.document_url is not None and target.key not in self._documents
+                and target.key not in self._fetching):
+            task = self._fetching[target.key] = asyncio.create_task(self._document(target))
+            task.add_done_callback(lambda _: self._fetching.pop(target.key, None))
 
     async def _document(self, target: Target) -> None:
         assert target.document_url is not None

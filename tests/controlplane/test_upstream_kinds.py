@@ -19,6 +19,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from controlplane import errors
 from controlplane.adapters import prober as prober_mod
 from controlplane.adapters import upstream as upstream_mod
 from controlplane.api import services as services_mod
@@ -312,6 +313,65 @@ async def test_a_kindless_vllm_learns_from_its_openapi_that_it_takes_the_salt() 
             assert await _cached_tokens(cp, t.KEY_A, prompt) == 0
             assert await _cached_tokens(cp, t.KEY_B, prompt) == 0, "a's prompt, cached for b"
             assert await _cached_tokens(cp, t.KEY_A, prompt) > 0, "a's own repeat hits"
+
+
+class _Answer:
+    def __init__(self, status: int, body: bytes = b"{}") -> None:
+        self.status, self.body = status, body
+
+    async def read(self) -> bytes:
+        return self.body
+
+    def close(self) -> None:
+        pass
+
+
+async def test_an_upstreams_document_is_read_once_and_a_slow_one_holds_up_no_probe() -> None:
+    """The first round waits for the document (``/ready`` then knows what the server
+    is); a document that failed is asked for again after a later healthy probe, and that
+    fetch, which may take long (vLLM builds the document on its first request), runs
+    beside the schedule instead of holding up the probes of every upstream."""
+    asked: list[str] = []
+    documents: list[tuple[str, int, int]] = []     # key, status, probes before it
+    hold = asyncio.Event()
+
+    class Sender:
+        async def send(self, method: str, url: str, body: bytes, headers: object,
+                       timeout_s: float | None = None) -> _Answer:
+            asked.append(url.rsplit("/", 1)[1])
+            if url.endswith("/openapi.json"):
+                if asked.count("openapi.json") == 1:
+                    raise errors.UpstreamConnectError("reset")
+                await hold.wait()           # the second fetch takes its time
+                return _Answer(200, b'{"paths": {}}')
+            return _Answer(200)
+
+    clock = ManualClock()
+    rounds = 0
+
+    async def sleep(seconds: float) -> None:
+        nonlocal rounds
+        rounds += 1
+        clock.now += seconds
+        if rounds == 6:
+            hold.set()
+        await asyncio.sleep(0.01)
+
+    targets = [prober_mod.Target("static/u", "http://u/health", interval_s=1.0,
+                                 document_url="http://u/openapi.json")]
+    run = asyncio.create_task(prober_mod.Prober(
+        Sender(), targets, lambda k, ok: None, on_round=lambda: asked.append("round"),
+        on_document=lambda key, status, body: documents.append(
+            (key, status, asked.count("health"))),
+        clock=clock, sleep=sleep).run())
+    await until(lambda: bool(documents), "the document read")
+    await until(lambda: asked.count("health") >= 12, "probes after it")
+    run.cancel()
+    assert asked[:3] == ["health", "openapi.json", "round"], "the first round waited for it"
+    assert asked.count("openapi.json") == 2, "asked again once, then never"
+    (key, status, probes), = documents
+    assert (key, status) == ("static/u", 200)
+    assert probes >= 5, "the probes went on while the second fetch was held"
 
 
 class CachingEngine:
