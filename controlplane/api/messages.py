@@ -13,6 +13,15 @@
   ``x-request-id``.
 * **Auth**: ``x-api-key`` (what the Anthropic SDKs send) or ``Authorization: Bearer``.
 * **Cache**: as chat, in a scope of its own (:mod:`controlplane.core.anthropic_cache`).
+* **``POST /v1/messages/count_tokens``** (the SDKs' ``messages.count_tokens``): the body
+  is translated as a Message's (``anthropic_request.to_tokenize``: the same 400s, no
+  ``max_tokens``) and counted by an engine's ``/tokenize`` through the ``tokenize`` task's
+  routing, limits and fair queue, as ``/tokenize`` itself is: the engine's tokenizer and
+  chat template are the only exact count. When no backend of the model can tokenize, the
+  count is the router's own (the model's configured tokenizer, else the approximation,
+  of the system prompt and messages: the router reads no tools), which depends on the
+  prompt alone, never on what another tenant sent.
+  ``x-synapse-count`` says which (``engine`` or ``estimate``).
 
 Errors the middleware raises itself on these paths (no route, wrong method, a body that
 does not decode) are Anthropic's shape too (:mod:`controlplane.api.app`).
@@ -24,13 +33,14 @@ import time
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import typedefs, web
 
 from controlplane import errors
 from controlplane.api import calls, context, fairness, relay, serving
 from controlplane.core import (
     anthropic_cache,
     anthropic_errors,
+    anthropic_request,
     anthropic_response,
     anthropic_stream,
     api_calls,
@@ -38,19 +48,32 @@ from controlplane.core import (
     cache_rules,
     sse,
 )
+from controlplane.core import router as router_mod
 from synapse_common import tasks, tracing
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
+    return await _anthropic(request, _messages)
+
+
+async def count_tokens(request: web.Request) -> web.StreamResponse:
+    return await _anthropic(request, _count_tokens)
+
+
+async def _anthropic(request: web.Request, handler: typedefs.Handler) -> web.StreamResponse:
+    """``handler``'s answer, or its error in Anthropic's shape."""
     ctx = context.get(request)
     try:
-        return await _messages(request)
+        return await handler(request)
     except errors.SynapseError as exc:
         if ctx.headers_sent or isinstance(exc, errors.RequestTimeout):
             raise               # the middleware closes a slow client's connection
         status, body, extra = anthropic_errors.render(exc, ctx.request_id)
         return web.Response(status=status, body=body, content_type="application/json",
                             headers={**ctx.headers(), **extra, **_request_id(ctx)})
+
+
+COUNT = "x-synapse-count"   # count_tokens: "engine" (its /tokenize) or "estimate" (ours)
 
 
 def _request_id(ctx: context.RequestContext) -> dict[str, str]:
@@ -102,6 +125,44 @@ async def _from_backend(request: web.Request, front: calls.Front, chat: dict[str
                                Native(request, store))
 
 
+async def _count_tokens(request: web.Request) -> web.StreamResponse:
+    tokenize: dict[str, Any] = {}
+
+    def parse(body: dict[str, Any]) -> api_calls.Call:
+        tokenize.update(anthropic_request.to_tokenize(body))
+        return api_calls.Call(tasks.TOKENIZE, tokenize["model"], messages=tokenize["messages"],
+                              fields=("messages", "max_tokens"), no_cache="tokenize")
+
+    front = await calls.begin(request, parse, x_api_key=True)
+    try:
+        prompt = await calls.admit_tokens(request, front)
+        resp: web.StreamResponse
+        try:
+            route = await calls.route(request, front, tasks.TOKENIZE)
+        except errors.Unavailable:
+            resp = _estimated(request, front)
+        else:
+            resp = await relay.forward(request, route, prompt,
+                                       calls.body_for(front, route.model, tokenize),
+                                       "/tokenize", Counted(request, None))
+        front.failed = False
+        return resp
+    finally:
+        calls.finish(request, front)
+
+
+def _estimated(request: web.Request, front: calls.Front) -> web.Response:
+    """The count the router makes of the prompt, when no backend can tokenize it."""
+    ctx = context.get(request)
+    assert front.call.messages is not None
+    prompt = router_mod.Prompt.from_messages(front.call.messages)
+    n = ctx.svc.router.prompt_tokens(prompt, front.canonical)
+    fairness.answered(request, 200, None)
+    ctx.headers_sent = True
+    return web.Response(body=orjson.dumps({"input_tokens": n}), content_type="application/json",
+                        headers={**ctx.headers(), **_request_id(ctx), COUNT: "estimate"})
+
+
 async def _from_cache(request: web.Request, answer: Any, stream: bool) -> web.StreamResponse:
     return await calls.from_cache(request, anthropic_response.from_chat(answer), stream,
                                   anthropic_stream.replay, _request_id(context.get(request)))
@@ -144,6 +205,22 @@ class Native(_Anthropic):
         if isinstance(message, dict) and message.get("type") == "message":
             self.keep(anthropic_cache.chat_answer(message))
         return data
+
+
+class Counted(_Anthropic):
+    """The engine's ``/tokenize`` answer as ``count_tokens``'s ``{"input_tokens"}``."""
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), COUNT: "engine"}
+
+    def whole(self, data: bytes) -> bytes:
+        try:
+            count = orjson.loads(data).get("count")
+        except (orjson.JSONDecodeError, AttributeError):
+            count = None
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise errors.UpstreamError("the backend's /tokenize answer has no count")
+        return orjson.dumps({"input_tokens": count})
 
 
 class Translated(_Anthropic):

@@ -2,8 +2,8 @@
 20), merged into ``GET /openapi.json`` by :mod:`controlplane.api.openapi`.
 
 As there, request schemas name the fields Synapse itself reads and allow any other (they
-pass to the backend); each path lists its error statuses. ``/v1/messages`` answers
-errors in Anthropic's shape (``AnthropicError``), every other path in the OpenAI
+pass to the backend); each path lists its error statuses. ``/v1/messages`` (and
+``/count_tokens`` under it) answers errors in Anthropic's shape (``AnthropicError``), every other path in the OpenAI
 envelope; audio uploads are ``multipart/form-data`` and speech answers binary audio.
 """
 
@@ -48,6 +48,10 @@ SCHEMAS: dict[str, Any] = {
         tools={"type": "array"}, tool_choice={"type": "object"},
         stream={"type": "boolean"}, stop_sequences={"type": "array",
                                                     "items": {"type": "string"}}),
+    "CountTokensRequest": _object(
+        ["model", "messages"], model=_MODEL, messages={"type": "array", "minItems": 1},
+        system={"anyOf": [{"type": "string"}, {"type": "array"}]},
+        tools={"type": "array"}),
     "RerankRequest": _object(["model", "query", "documents"], model=_MODEL,
                              query={"type": "string", "minLength": 1},
                              documents={"type": "array", "minItems": 1},
@@ -125,6 +129,10 @@ def paths() -> dict[str, Any]:
             "Create a message (Anthropic Messages API; x-api-key or Bearer)",
             (_JSON, "MessageRequest"), _json_answer(stream=True), errors="AnthropicError",
             security=[{"apiKey": []}, {"bearer": []}]),
+        "/v1/messages/count_tokens": _post(
+            "Count a message's input tokens (Anthropic; the engine's count, else an "
+            "estimate: x-synapse-count)", (_JSON, "CountTokensRequest"), _json_answer(),
+            errors="AnthropicError", security=[{"apiKey": []}, {"bearer": []}]),
         "/v1/audio/transcriptions": _post("Transcribe audio", _UPLOAD,
                                           {**_json_answer(stream=True), "text/plain": {
                                               "schema": {"type": "string"}}},

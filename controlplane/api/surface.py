@@ -14,6 +14,7 @@ from controlplane.api import audio, calls, messages, passthrough
 ROUTES = {
     "/v1/responses": passthrough.responses,
     "/v1/messages": messages.messages,
+    "/v1/messages/count_tokens": messages.count_tokens,
     "/v1/rerank": passthrough.rerank,
     "/v1/score": passthrough.score,
     "/tokenize": passthrough.tokenize,

@@ -75,6 +75,19 @@ def to_chat(body: Mapping[str, Any]) -> dict[str, Any]:
     return chat
 
 
+def to_tokenize(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``/tokenize`` request (vLLM's chat form) that counts the prompt of a
+    ``count_tokens`` request ``body``: its model, messages and tools as :func:`to_chat`
+    translates them (the same 400s), with the generation prompt, as the engine counts
+    a Message's ``input_tokens``. ``max_tokens`` is not asked for, as Anthropic's
+    ``count_tokens`` takes none."""
+    chat = to_chat({**body, "max_tokens": 1, "stream": False})
+    out = {"model": chat["model"], "messages": chat["messages"], "add_generation_prompt": True}
+    if "tools" in chat:
+        out["tools"] = chat["tools"]
+    return out
+
+
 def _sampling(body: Mapping[str, Any], chat: dict[str, Any]) -> None:
     for name in ("temperature", "top_p", "top_k"):
         value = body.get(name)

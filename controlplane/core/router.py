@@ -155,6 +155,12 @@ class Router:
         """Whether this policy needs token ids (hashing costs CPU; others skip it)."""
         return self.params.policy == "predicted_ttft"
 
+    def prompt_tokens(self, prompt: Prompt, model: str) -> int:
+        """``prompt``'s length in tokens as the router counts it for ``model`` (the model's
+        own tokenizer when configured, else the approximation): a function of the prompt
+        alone, never of what earlier requests left in the index."""
+        return len(prompt.ids(self._tokenizers.for_model(model)))
+
     def block_size(self, backend: types.BackendState) -> int:
         return backend.block_size or self.params.block_size
 

@@ -25,7 +25,8 @@ OPERATIONS = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
               ("POST", "/v1/embeddings"), ("GET", "/v1/models"), ("GET", "/api/v1/stats"),
               ("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"),
               ("GET", "/openapi.json"), ("POST", "/v1/responses"), ("POST", "/v1/messages"),
-              ("POST", "/tokenize"), ("POST", "/detokenize")]
+              ("POST", "/v1/messages/count_tokens"), ("POST", "/tokenize"),
+              ("POST", "/detokenize")]
 # Routes whose answers are not API errors (text, the spec, liveness/readiness status).
 NO_ENVELOPE = {"/metrics", "/openapi.json", "/ready", "/health"}
 MAX_EXAMPLES = 10
@@ -54,13 +55,13 @@ def check(case: schemathesis.Case, gateway: Gateway, positive: bool) -> None:
     if response.status_code >= 400 and case.path not in NO_ENVELOPE:
         gateway.bodies.append(response.content)
         reply = fleet.Reply(response.status_code, dict(response.headers), response.content)
-        assert (_anthropic_error(reply) if case.path == "/v1/messages"
+        assert (_anthropic_error(reply) if case.path.startswith("/v1/messages")
                 else reply.is_envelope()), where
         assert response.headers.get("x-request-id"), where
 
 
 def _anthropic_error(reply: fleet.Reply) -> bool:
-    """Anthropic's error shape, which /v1/messages answers in."""
+    """Anthropic's error shape, which the paths under /v1/messages answer in."""
     data = reply.json()
     err = data.get("error") if isinstance(data, dict) else None
     return (isinstance(data, dict) and data.get("type") == "error" and isinstance(err, dict)

@@ -1,18 +1,25 @@
 """/v1/messages over backends that only speak chat completions (translated), when they
 fail: retries before the first byte, and a stream broken mid-way ending in Anthropic's
 error event, read by the official anthropic client; the middleware's own errors on these
-paths in Anthropic's shape. In-process control plane, the scriptable FakeBackend (the simulator has no knob for a cut
+paths in Anthropic's shape; ``count_tokens``, by an engine (the simulator) and estimated.
+In-process control plane, the scriptable FakeBackend (the simulator has no knob for a cut
 stream at a chosen chunk)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import anthropic
 import pytest
+from aiohttp import web
 
+from controlplane.core import anthropic_request, tokenization
+from simulator import app as sim_app
+from simulator import config as sim_config
 from tests.controlplane import cp_testing as t
 
 ASK = {"model": "llama", "max_tokens": 16, "messages": [{"role": "user", "content": "Hi"}]}
@@ -99,6 +106,75 @@ async def test_the_sdk_reads_an_unserved_messages_path_as_not_found() -> None:
     body = err.value.body
     assert isinstance(body, dict) and body["error"]["type"] == "not_found_error"
     assert err.value.request_id == body["request_id"]
+
+
+# -- count_tokens -------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _simulator(*tasks: str) -> AsyncIterator[str]:
+    app = sim_app.build(sim_config.SimulatorSettings(model=t.MODEL, tasks=list(tasks),
+                                                     time_scale=0))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+CONVERSATION: dict[str, Any] = {
+    "model": "llama", "system": "You answer in French.",
+    "messages": [{"role": "user", "content": "What is a GPU?"},
+                 {"role": "assistant", "content": "Un processeur graphique."},
+                 {"role": "user", "content": [{"type": "text", "text": "And a TPU?"}]}]}
+
+
+async def test_count_tokens_is_the_engines_count_of_the_prompt_a_message_is_billed() -> None:
+    async with _simulator("generate", "tokenize") as url:
+        s = t.settings(upstreams=[{"name": "sim", "url": url, "models": [t.MODEL],
+                                   "tasks": ["generate", "tokenize"]}])
+        async with t.running(s) as cp, _client(cp.url) as c:
+            raw = await c.messages.with_raw_response.count_tokens(**CONVERSATION)
+            counted = await raw.parse()
+            message = await c.messages.create(max_tokens=4, **CONVERSATION)
+    assert raw.headers["x-synapse-count"] == "engine"
+    assert counted.input_tokens == message.usage.input_tokens > 10
+
+
+async def test_count_tokens_without_a_tokenizing_backend_is_the_routers_estimate() -> None:
+    async with t.backends(("good", "ok")) as (good,):
+        s = t.settings(upstreams=[t.upstream("good", good.url)])    # generate only
+        async with t.running(s) as cp, _client(cp.url) as c, anthropic.AsyncAnthropic(
+                base_url=cp.url, api_key=t.KEY_B, max_retries=0) as other:
+            first = await c.messages.with_raw_response.count_tokens(**CONVERSATION)
+            for _ in range(3):      # another tenant's traffic changes nothing
+                await other.messages.create(max_tokens=4, **CONVERSATION)
+            again = await (await c.messages.with_raw_response.count_tokens(
+                **CONVERSATION)).parse()
+    assert first.headers["x-synapse-count"] == "estimate"
+    chat = anthropic_request.to_chat({**CONVERSATION, "max_tokens": 1})["messages"]
+    expected = len(tokenization.APPROXIMATION.chat_ids(chat))
+    assert (await first.parse()).input_tokens == again.input_tokens == expected
+    assert not any(b'"count_tokens"' in b for b in good.bodies)
+
+
+async def test_count_tokens_errors_are_anthropic_shaped() -> None:
+    async with t.running(t.settings()) as cp, _client(cp.url) as c:
+        with pytest.raises(anthropic.BadRequestError) as bad:
+            await c.messages.count_tokens(model="llama", messages="hi")  # type: ignore[arg-type]
+        with pytest.raises(anthropic.NotFoundError) as unknown:
+            await c.messages.count_tokens(model="no-such-model",
+                                          messages=[{"role": "user", "content": "hi"}])
+        async with anthropic.AsyncAnthropic(base_url=cp.url, api_key="sk-wrong",
+                                            max_retries=0) as wrong:
+            with pytest.raises(anthropic.AuthenticationError):
+                await wrong.messages.count_tokens(
+                    model="llama", messages=[{"role": "user", "content": "hi"}])
+    assert bad.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert "messages" in bad.value.message
+    assert unknown.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
 
 
 # -- the translated mode's stream ---------------------------------------------------------

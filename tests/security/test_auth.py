@@ -15,7 +15,7 @@ from tests.security.conftest import SecureFleet
 
 OPEN = {"/health", "/ready", "/openapi.json"}
 # Anthropic's clients send their key as x-api-key: /v1/messages takes either scheme.
-X_API_KEY_PATHS = {"/v1/messages"}
+X_API_KEY_PATHS = {"/v1/messages", "/v1/messages/count_tokens"}
 V1 = [("POST", "/v1/chat/completions", fleet.chat_body()),
       ("POST", "/v1/completions", b'{"model": "llama", "prompt": "hi", "max_tokens": 2}'),
       ("POST", "/v1/embeddings", b'{"model": "sentence-transformers/all-MiniLM-L6-v2", "input": "hi"}'),
