@@ -498,7 +498,8 @@ async def test_cache_transfer_and_media_overrides_are_refused_on_every_path() ->
                 "max_pixels": 1024 * 1024}
             with pytest.raises(openai.BadRequestError, match="kv_transfer_params"):
                 await client.chat.completions.create(model="llama", messages=messages,
-                                                     extra_body={"kv_transfer_params": {}})
+                                                     extra_body={"kv_transfer_params": {
+                                                         "remote_port": 5600}})
             await client.close()
 
 
