@@ -32,9 +32,8 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-import yaml
-
 from simulator.config import ProfileSettings
+from synapse_common import settings
 
 REALISTIC: dict[str, Any] = ProfileSettings().model_dump()
 """The figures this module's docstring explains: the config defaults, written once there."""
@@ -61,10 +60,10 @@ def load(name_or_path: str) -> dict[str, Any]:
     if not path.is_file():
         raise ProfileError(f"--profile {name_or_path}: neither a built-in profile "
                            f"({', '.join(BUILTIN)}) nor a readable file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ProfileError(f"--profile {name_or_path}: cannot read it ({exc})") from None
+    try:   # the config files' loader: a repeated key is refused, no snippet quoted
+        data = settings.load_yaml(path, f"--profile {name_or_path}")
+    except settings.ConfigError as exc:
+        raise ProfileError(str(exc)) from None
     if isinstance(data, dict) and isinstance(data.get("profile"), dict):
         data = data["profile"]  # a whole simulator config file: take its profile section
     if not isinstance(data, dict):

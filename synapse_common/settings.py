@@ -15,9 +15,13 @@ Rules (documented in the README):
   is parsed as a YAML scalar, so ``true``, ``12`` and ``[a, b]`` work, except for a string
   or secret setting, which takes the value exactly as written: YAML would turn a key
   starting with ``#``, or ``null`` or ``~``, into no key at all, and cut ``abc #tail`` at
-  the ``#``, silently. Variables that name no field of this process are ignored (the same
-  environment may serve several processes), except under a known section, where an unknown
-  field is an error.
+  the ``#``, silently. A mapping given for a section merges into the file's section, field
+  by field and into its sections (:func:`_merged`); any other value replaces the file's.
+  Variables that name no field of this process are ignored (the same environment may serve
+  several processes), except under a known section, where an unknown field is an error.
+* A key written twice in one YAML mapping is an error naming its line (:func:`parse_yaml`,
+  the one loader of every config: files, ``auth.key_file``, simulator profiles, mappings
+  from the environment). Numbers are finite (:class:`Section`).
 * Secrets are fields typed :data:`Secret`. In YAML they may be a literal, ``{env: NAME}``
   or ``{file: /path}``; they are held as :class:`pydantic.SecretStr`, so ``repr`` and logs
   show ``**********``. :func:`secret_values` lists them for the log redaction filter.
@@ -120,13 +124,85 @@ def read_yaml(path: str, required: bool) -> dict[str, Any]:
 def load_yaml(path: str | pathlib.Path, label: str) -> Any:
     """The YAML document in the file ``path``, or a :class:`ConfigError` starting with
     ``label`` that says what is wrong and at which line and column, never the text there:
-    the file may hold keys (PyYAML's own message shows the lines around the problem)."""
+    the file may hold keys (PyYAML's own message shows the lines around the problem).
+    A key written twice in one mapping is refused (:class:`DuplicateKey`)."""
     try:
-        return yaml.safe_load(pathlib.Path(path).read_text(encoding="utf-8"))
+        return parse_yaml(pathlib.Path(path).read_text(encoding="utf-8"))
+    except DuplicateKey as exc:
+        raise ConfigError(f"{label}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{label}: {_yaml_problem(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{label}: cannot read it ({exc})") from None
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` read as YAML the way every config is read: safely, and refusing a key
+    written twice in one mapping (:class:`DuplicateKey`)."""
+    return yaml.load(text, Loader=_ConfigLoader)   # a SafeLoader: no object tags
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A key written twice in one mapping. PyYAML keeps the last one, silently: a second
+    ``auth:`` section (two config snippets pasted together, a Helm values mistake) used to
+    replace the first whole, its tenants, limits and admin key dropped and the API opened
+    without a word. ``str()`` names the line, the key and where it was first written."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, checking the document for repeated keys before building it.
+
+    The check walks the composed nodes (each once: aliases share theirs, so a document of
+    nested aliases costs no more than its text) rather than hooking ``construct_mapping``,
+    where merge keys (``<<: *base``) have already been flattened into the mapping and a
+    key that overrides a merged one would look repeated."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_repeated_keys(self, node)
+        return super().construct_document(node)
+
+
+def _refuse_repeated_keys(loader: yaml.SafeLoader, root: yaml.Node) -> None:
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    seen: set[int] = set()
+    while stack:
+        node, where = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{where}.{i}" if where else str(i))
+                         for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(_mapping_children(loader, node, where))
+
+
+def _mapping_children(loader: yaml.SafeLoader, node: yaml.MappingNode,
+                      where: str) -> list[tuple[yaml.Node, str]]:
+    """The values of ``node`` to look into, each with its path; :class:`DuplicateKey` when
+    a plain key (not a merge ``<<``) is written twice."""
+    first: dict[Any, int] = {}
+    children = []
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            children.append((value_node, where))
+            continue
+        key = loader.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        if key in first:
+            inside = f" in {where}" if where else ""
+            raise DuplicateKey(f"line {line}: duplicate key {_key_shown(key)}{inside} (first "
+                               f"at line {first[key]}; the later one would replace it)")
+        first[key] = line
+        children.append((value_node, f"{where}.{key}" if where else str(key)))
+    return children
+
+
+def _key_shown(key: Any) -> str:
+    """A repeated key as the line shows it: keys are setting and model names, but a long
+    one is cut, as the line is no place for a pasted value."""
+    text = repr(key)
+    return text if len(text) <= 66 else f"{text[:62]}…{text[-1]}"
 
 
 # A quoted piece of a YAML problem kept as it is: one character, an escape or a token name
@@ -174,7 +250,8 @@ def _apply_one(model: type[pydantic.BaseModel], data: dict[str, Any], parts: lis
     if head not in fields:
         return  # belongs to another process
     if len(parts) == 1:
-        data[head] = _env_value(fields[head], raw)
+        data[head] = _merged(_section(fields[head].annotation), data.get(head),
+                             _env_value(fields[head], raw, env_name))
         return
     cursor: dict[str, Any] = data
     current: type[pydantic.BaseModel] | None = model
@@ -185,7 +262,10 @@ def _apply_one(model: type[pydantic.BaseModel], data: dict[str, Any], parts: lis
             raise ConfigError(f"{env_name}: {path} is not a setting")
         last = i == len(parts) - 1
         if last:
-            cursor[part] = _env_value(known[part], raw) if current else _parse_scalar(raw)
+            value = (_env_value(known[part], raw, env_name) if current
+                     else _parse_scalar(raw, env_name))
+            section = _section(known[part].annotation) if current else None
+            cursor[part] = _merged(section, cursor.get(part), value)
             return
         nested = cursor.get(part)
         if not isinstance(nested, dict):
@@ -196,15 +276,41 @@ def _apply_one(model: type[pydantic.BaseModel], data: dict[str, Any], parts: lis
         current = _submodel(known[part].annotation) if current else None
 
 
-def _env_value(field: pydantic.fields.FieldInfo, raw: str) -> Any:
+def _merged(section: type[pydantic.BaseModel] | None, base: Any, override: Any) -> Any:
+    """``override`` laid over ``base``, the file's value of a setting of type ``section``:
+    a mapping over a section merges field by field, into its sections too
+    (``SYNAPSE_HTTP='{port: 1}'`` used to replace the file's whole ``http``, its ``host``
+    dropped and the default, every interface, bound); anything else replaces, a list, a
+    free-form mapping and a secret's ``{env: …}`` / ``{file: …}`` form included."""
+    if section is None or not (isinstance(base, dict) and isinstance(override, dict)):
+        return override
+    out = dict(base)
+    fields = section.model_fields
+    for key, value in override.items():
+        inner = _section(fields[key].annotation) if key in fields else None
+        out[key] = _merged(inner, out.get(key), value)
+    return out
+
+
+def _section(annotation: Any) -> type[pydantic.BaseModel] | None:
+    """The section a setting of ``annotation`` holds (``None`` allowed beside it), if any."""
+    kinds = _unwrap(annotation)
+    return _submodel(kinds[0]) if len(kinds) == 1 else None
+
+
+def _env_value(field: pydantic.fields.FieldInfo, raw: str, env_name: str) -> Any:
     """A variable's value for ``field``: as written for a string or a secret (YAML would
     read ``#k…`` or ``null`` as no key, and cut ``k… #tail``), else a YAML scalar."""
-    return raw if _is_text(field.annotation) else _parse_scalar(raw)
+    return raw if _is_text(field.annotation) else _parse_scalar(raw, env_name)
 
 
-def _parse_scalar(raw: str) -> Any:
+def _parse_scalar(raw: str, env_name: str) -> Any:
+    """``raw`` as YAML, or as written when it is no YAML; a mapping in it that repeats a
+    key is an error naming the variable, as it would be in the file."""
     try:
-        return yaml.safe_load(raw) if raw.strip() else raw
+        return parse_yaml(raw) if raw.strip() else raw
+    except DuplicateKey as exc:
+        raise ConfigError(f"{env_name}: {exc}") from None
     except yaml.YAMLError:
         return raw
 
@@ -377,9 +483,11 @@ def _walk_secrets(value: Any) -> Iterator[str]:
 
 
 class Section(pydantic.BaseModel):
-    """Base of every settings model: unknown keys are errors, values are immutable."""
+    """Base of every settings model: unknown keys are errors, values are immutable, and a
+    number is finite (YAML's ``.inf`` passed every ``> 0`` check: a ``cache.ttl_s`` of
+    infinity kept entries for ever; no setting means "no limit" by infinity)."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def tls_both_or_neither(cert: str | None, key: str | None) -> None:

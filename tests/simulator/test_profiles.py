@@ -36,3 +36,13 @@ def test_unknown_profile_is_a_one_line_error(tmp_path: pathlib.Path) -> None:
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(profiles.ProfileError, match="expected a mapping"):
         profiles.load(str(bad))
+
+
+def test_a_repeated_key_in_a_profile_file_is_refused(tmp_path: pathlib.Path) -> None:
+    """Profile files are read by the config files' loader: the second value no longer
+    wins silently."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("max_num_seqs: 4\nmax_num_seqs: 8\n")
+    with pytest.raises(profiles.ProfileError,
+                       match=r"^--profile .*dup\.yaml: line 2: duplicate key 'max_num_seqs'"):
+        profiles.load(str(dup))

@@ -108,6 +108,7 @@ def test_examples_load(path: str, model: type, monkeypatch: pytest.MonkeyPatch) 
                  "SYNAPSE_MILVUS_URI", "SYNAPSE_MILVUS_TOKEN", "SYNAPSE_DEV_AGENT_TOKEN",
                  "SYNAPSE_AGENT_TOKEN"):
         monkeypatch.setenv(name, f"value-of-{name.lower()}")
+    monkeypatch.setenv("SYNAPSE_REDIS_URL", "redis://value-of-synapse_redis_url:6379/0")
     raw = (EXAMPLES / path).read_text()
     data = settings.read_yaml(str(EXAMPLES / path), required=True)
     if "/var/run/secrets" in raw and "auth" in data:
@@ -219,10 +220,10 @@ def test_a_secret_from_the_environment_is_taken_as_written(value: str) -> None:
     silently."""
     loaded = settings.load(cp_config.ControlPlaneSettings, None,
                            environ={"SYNAPSE_AUTH__ADMIN_KEY": value,
-                                    "SYNAPSE_REDIS__URL": value})
-    assert loaded.auth.admin_key is not None and loaded.redis.url is not None
+                                    "SYNAPSE_CACHE__MILVUS_TOKEN": value})
+    assert loaded.auth.admin_key is not None and loaded.cache.milvus_token is not None
     assert loaded.auth.admin_key.get_secret_value() == value
-    assert loaded.redis.url.get_secret_value() == value
+    assert loaded.cache.milvus_token.get_secret_value() == value
     agent = settings.load(agent_config.AgentSettings, None,
                           environ={"SYNAPSE_CONTROL_PLANE__TOKEN": value})
     assert agent.control_plane.token is not None
@@ -237,3 +238,96 @@ def test_a_string_from_the_environment_is_taken_as_written() -> None:
                                     "SYNAPSE_CACHE__ENABLED": "false"})
     assert loaded.replica_id == "cp #7"
     assert loaded.http.port == 9002 and loaded.cache.enabled is False
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("auth:\n  admin_key: x\nauth:\n  enabled: false\n",
+     "line 3: duplicate key 'auth' (first at line 1; the later one would replace it)"),
+    ("http:\n  port: 1\n  port: 2\n", "line 3: duplicate key 'port' in http"),
+    ("upstreams:\n- {name: a, url: 'http://h', models: [m], models: [n]}\n",
+     "line 2: duplicate key 'models' in upstreams.0"),
+    ("'http': {port: 1}\nhttp: {port: 2}\n", "line 2: duplicate key 'http'"),
+])
+def test_a_repeated_key_is_refused_with_its_line(tmp_path: pathlib.Path, text: str,
+                                                 shown: str) -> None:
+    """PyYAML keeps the last of two equal keys: a second ``auth:`` silently replaced the
+    first, its tenants and admin key dropped and the API opened."""
+    with pytest.raises(settings.ConfigError) as err:
+        load_cp(tmp_path, text)
+    line = str(err.value)
+    assert line.startswith(f"config file {tmp_path / 'config.yaml'}: ") and shown in line, line
+
+
+def test_a_merge_key_may_be_overridden_and_aliases_are_walked_once() -> None:
+    """``<<: *base`` then a key of base's is YAML's way to override, not a repeated key;
+    and nested aliases (a "billion laughs") are checked in the time of their text."""
+    assert settings.parse_yaml("b: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n") == {
+        "b": {"x": 1, "y": 2}, "c": {"x": 3, "y": 2}}
+    bomb = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(12))
+    assert len(settings.parse_yaml(bomb)) == 13
+
+
+def test_a_repeated_key_in_an_environment_value_names_the_variable() -> None:
+    with pytest.raises(settings.ConfigError, match=r"^SYNAPSE_HTTP: line 1: duplicate key 'port'"):
+        settings.load(cp_config.ControlPlaneSettings, None,
+                      environ={"SYNAPSE_HTTP": "{port: 1, port: 2}"})
+
+
+def test_a_mapping_from_the_environment_merges_into_the_files_section(
+        tmp_path: pathlib.Path) -> None:
+    """``SYNAPSE_HTTP='{port: 1}'`` used to replace the whole ``http`` section: the file's
+    ``host: 127.0.0.1`` was dropped and the API bound every interface."""
+    loaded = load_cp(tmp_path, "http:\n  host: 127.0.0.1\n  port: 8080\n"
+                     "auth:\n  admin_key: sk-admin-0123456789abcdef\n"
+                     "  agent_token: sk-agent-0123456789abcdef\n"
+                     "  agent_review:\n    audience: ours\n"
+                     "    service_accounts: ['system:serviceaccount:a:old']\n"
+                     "  tenants: [{name: a}, {name: b}]\n",
+                     {"SYNAPSE_HTTP": "{port: 9001}",
+                      "SYNAPSE_AUTH": "{agent_review: {service_accounts: "
+                                      "['system:serviceaccount:a:new']}, tenants: [{name: c}]}"})
+    assert (loaded.http.host, loaded.http.port) == ("127.0.0.1", 9001)
+    review = loaded.auth.agent_review
+    assert review is not None and review.audience == "ours"   # merged at depth
+    assert review.service_accounts == ["system:serviceaccount:a:new"]   # a list replaces
+    assert [t.name for t in loaded.auth.tenants] == ["c"]
+    assert loaded.auth.admin_key is not None    # the section's other fields are kept
+    assert loaded.auth.admin_key.get_secret_value() == "sk-admin-0123456789abcdef"
+
+
+def test_a_secret_from_the_environment_replaces_the_files_form(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secret's ``{file: …}`` is a value, not a section: merging an ``{env: …}`` into
+    it would make a form that is neither."""
+    monkeypatch.setenv("SYNAPSE_TEST_REDIS", "redis://:pw@127.0.0.1:1/0")
+    loaded = load_cp(tmp_path, f"redis:\n  url: {{file: {tmp_path / 'absent'}}}\n"
+                     "  timeout_s: 0.5\n",
+                     {"SYNAPSE_REDIS": "{url: {env: SYNAPSE_TEST_REDIS}}"})
+    assert loaded.redis.url is not None and loaded.redis.timeout_s == 0.5
+    assert loaded.redis.url.get_secret_value() == "redis://:pw@127.0.0.1:1/0"
+
+
+@pytest.mark.parametrize(("model", "environ", "field"), [
+    (cp_config.ControlPlaneSettings, {"SYNAPSE_CACHE__TTL_S": ".inf"}, "cache.ttl_s"),
+    (cp_config.ControlPlaneSettings, {"SYNAPSE_AUTH__TENANTS": "[{name: a, weight: .nan}]"},
+     "auth.tenants.0.weight"),
+    (agent_config.AgentSettings, {"SYNAPSE_CONTROL_PLANE__REPORT_INTERVAL_S": "inf"},
+     "control_plane.report_interval_s"),
+    (sim_config.SimulatorSettings, {"SYNAPSE_PROFILE__DECODE_BASE_S": ".inf"},
+     "profile.decode_base_s"),
+])
+def test_no_number_setting_is_infinite_or_nan(model: type, environ: dict[str, str],
+                                              field: str) -> None:
+    """YAML's ``.inf`` passed every ``> 0`` check (a cache entry kept for ever)."""
+    with pytest.raises(settings.ConfigError, match=rf"{field}: input should be a finite number"):
+        settings.load(model, None, environ=environ)
+
+
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(settings.ConfigError, match="data_dir: exists and is no directory"):
+        load_cp(tmp_path, f"data_dir: {tmp_path / 'file'}\n")
+    assert load_cp(tmp_path, f"data_dir: {tmp_path / 'not-yet'}\n").data_dir.endswith("not-yet")
