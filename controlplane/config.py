@@ -14,12 +14,14 @@ the root, the checks that span sections, and re-exports every section so that
 from __future__ import annotations
 
 import ipaddress
+import pathlib
+from collections.abc import Sequence
 
 import pydantic
 from pydantic import Field
 
 from controlplane.settings.backends import ModelSettings, UpstreamSettings
-from controlplane.settings.cache import CacheSettings, RedisSettings
+from controlplane.settings.cache import REDIS_SCHEMES, CacheSettings, RedisSettings
 from controlplane.settings.fairness import (
     BudgetSettings,
     FairnessSettings,
@@ -42,6 +44,7 @@ __all__ = [
     "MetricsSettings", "ModelSettings", "PriceSettings", "QueueSettings", "RedisSettings",
     "RegistrySettings", "RouterSettings", "StatsSettings", "TenantSettings",
     "TokenLimitSettings", "UpstreamSettings", "UsageSettings", "open_agent_door",
+    "redis_url_problem", "start_warnings",
 ]
 
 
@@ -64,6 +67,16 @@ class ControlPlaneSettings(Section):
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
     stats: StatsSettings = Field(default_factory=StatsSettings)
+
+    @pydantic.field_validator("data_dir")
+    @classmethod
+    def _data_dir_is_a_directory(cls, value: str) -> str:
+        # A file there used to start, with only an error about usage_pending.jsonl later:
+        # usage, the L1 journal, the intent copy and Milvus Lite cannot be kept in it.
+        if pathlib.Path(value).exists() and not pathlib.Path(value).is_dir():
+            raise ValueError("exists and is no directory: usage, the cache's journal and "
+                             "Milvus Lite are kept in it")
+        return value
 
     @pydantic.model_validator(mode="after")
     def _unique_names(self) -> ControlPlaneSettings:
@@ -146,6 +159,48 @@ def open_agent_door(settings: ControlPlaneSettings) -> str | None:
             "register as an agent and receive tenants' prompts. Set it (the agents' "
             "control_plane.token) or auth.agent_review (agents' Kubernetes identity), or "
             "auth.allow_unauthenticated_agents: true")
+
+
+def redis_url_problem(settings: ControlPlaneSettings) -> str | None:
+    """Why ``redis.url`` cannot be used, if its scheme is none the Redis client takes: the
+    client's own error, at start, named neither the file nor the setting. Never quotes the
+    URL (its password). Checked at start-up, not when loading, like :func:`open_agent_door`:
+    manifests are loaded with stand-ins for their Secrets."""
+    url = settings.redis.url
+    if url is None or url.get_secret_value().lower().startswith(REDIS_SCHEMES):
+        return None
+    return (f"redis.url: must start with {', '.join(REDIS_SCHEMES)} (the Redis client "
+            "takes no other)")
+
+
+def start_warnings(settings: ControlPlaneSettings,
+                   tenants: Sequence[TenantSettings]) -> list[str]:
+    """What the control plane says at start about settings that load but may not do what
+    the operator meant; ``tenants``: the configured ones, ``auth.key_file``'s included.
+
+    * ``auth.enabled: false`` opens /v1 to anyone who reaches it, and every tenant's keys
+      and limits are then ignored: it used to start without a word, so a second ``auth:``
+      or a values mistake opened the API unseen. The count is said, never a key.
+    * A tenant's ``models`` limit for a model nothing configured serves (not in
+      ``models``, their aliases or an upstream's models) never applies if the name is a
+      typo. Not refused, since agents add models at run time."""
+    said = []
+    if not settings.auth.enabled:
+        keys = sum(len(t.keys) + len(t.key_sha256) for t in tenants)
+        ignored = (f"; the keys and limits of the {len(tenants)} configured tenant"
+                   f"{'s' if len(tenants) != 1 else ''} ({keys} key{'s' if keys != 1 else ''})"
+                   " are ignored") if tenants else ""
+        said.append("auth.enabled is false: /v1 is open to any client that reaches the HTTP "
+                    f"port, each served as tenant 'anonymous'{ignored}")
+    known = {name for m in settings.models for name in (m.name, *m.aliases)}
+    known |= {name for u in settings.upstreams for name in u.models}
+    for t in tenants:
+        for model in t.models:
+            if model not in known:
+                said.append(f"auth.tenants[{t.name}].models: {model!r} is no configured "
+                            "model (not in models, their aliases or an upstream's models): "
+                            "its limits apply only if an agent serves a model of that name")
+    return said
 
 
 def _loopback(host: str) -> bool:

@@ -272,8 +272,9 @@ def main(argv: list[str] | None = None, prog: str = "synapse controlplane") -> i
         workers.exit_with_parent(args.worker_parent)
     settings = cli.bootstrap(config.ControlPlaneSettings, args,
                              {"http.port": args.http_port, "grpc.port": args.grpc_port})
-    if (problem := config.open_agent_door(settings)) is not None:
-        cli.fail(f"config error: {problem}")
+    for check in (config.open_agent_door, config.redis_url_problem):
+        if (problem := check(settings)) is not None:
+            cli.fail(f"config error: {problem}")
     try:
         role = _role(args, settings)
         if not role.primary:
@@ -282,6 +283,10 @@ def main(argv: list[str] | None = None, prog: str = "synapse controlplane") -> i
         check_tls_files(settings)
         services = services_mod.build(settings, commands_agents=role.primary)
         ops.prepare(services)   # tracing, access log: ValueError naming tracing.enabled
+        if role.primary:        # once per pod
+            configured = services_mod._tenant_settings(settings.auth)   # key_file's too
+            for warning in config.start_warnings(settings, configured):
+                log.warning("%s", warning)
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return cli.EXIT_CONFIG

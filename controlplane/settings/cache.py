@@ -6,9 +6,14 @@ from pydantic import Field
 
 from synapse_common.settings import Secret, Section
 
+# The schemes the Redis client takes (redis-py's parse_url); any other is refused at start
+# (controlplane.config.redis_url_problem).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
 
 class RedisSettings(Section):
-    url: Secret | None = Field(None, description="redis:// URL; none = in-process state")
+    url: Secret | None = Field(None, description="redis://, rediss:// or unix:// URL; none = "
+                               "in-process state")
     timeout_s: float = Field(0.05, gt=0, description="per-call budget")
 
 

@@ -11,6 +11,13 @@ from synapse_common import settings as common
 from synapse_common.settings import Section
 
 MAX_WORKERS = 64
+# Upper bounds only where a larger value breaks the process rather than merely allowing
+# more: gRPC takes its message limits as a C int (above, the server does not start:
+# OverflowError); aiohttp's C parser takes the header limit as an unsigned long (above,
+# every request fails), and no client sends a header line near a mebibyte, while each
+# connection may buffer that much before it is refused.
+MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+MAX_HEADER_BYTES = 1024 * 1024
 
 
 class HttpSettings(Section):
@@ -24,7 +31,8 @@ class HttpSettings(Section):
         "L2 on a Milvus server), else 1")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024,
                                 description="largest request body accepted (413 above)")
-    max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest header line")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=MAX_HEADER_BYTES,
+                                  description="largest header line")
     upstream_connect_timeout_s: float = Field(2.0, gt=0, description="connect timeout to a backend")
     upstream_first_byte_timeout_s: float = Field(
         120.0, gt=0, description="time allowed for a backend's first response byte (504 after)")
@@ -151,7 +159,8 @@ class GrpcSettings(Section):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free port)")
     tls_cert_file: str | None = Field(None, description="PEM certificate; enables TLS with key")
     tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file")
-    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest gRPC message")
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=MAX_GRPC_MESSAGE_BYTES,
+                                   description="largest gRPC message")
     node_ca_file: str | None = Field(
         None, description="PEM CA bundle that signed the agents' Node-service certificates "
         "(their grpc.tls_cert_file): set, every Node call (Node.Embed, Node.ScorePairs: "

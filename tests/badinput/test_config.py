@@ -52,6 +52,28 @@ CASES = [
     ("agent", f"control_plane:\n  token: [{S}]\n", "control_plane.token"),
     ("simulator", "faults:\n  error_rate: 2\n", "faults.error_rate"),
     ("simulator", "{{{{", ""),
+    # a repeated key used to replace the first silently: this second auth: opened the API,
+    # the admin key and the tenants gone (found by the operator probe)
+    ("controlplane", f"auth:\n  admin_key: {S}\nmodels: []\nauth:\n  enabled: false\n",
+     "line 4: duplicate key 'auth' (first at line 1"),
+    ("controlplane", "http:\n  host: 127.0.0.1\n  port: 1\n  host: 0.0.0.0\n",
+     "line 4: duplicate key 'host' in http"),
+    ("controlplane", f"auth:\n  tenants:\n  - name: a\n    keys: [{S}]\n    name: b\n",
+     "line 5: duplicate key 'name' in auth.tenants.0"),
+    ("agent", "node_name: a\nnode_name: b\n", "line 2: duplicate key 'node_name'"),
+    ("simulator", "faults:\n  error_rate: 0\nfaults: {}\n", "line 3: duplicate key 'faults'"),
+    # YAML's .inf passed every "> 0" check: cache entries kept for ever
+    ("controlplane", "cache:\n  ttl_s: .inf\n", "cache.ttl_s: input should be a finite number"),
+    ("controlplane", "fairness:\n  queue:\n    deadline_s: .inf\n", "fairness.queue.deadline_s"),
+    ("agent", "control_plane:\n  report_interval_s: .inf\n", "control_plane.report_interval_s"),
+    # a file: started, with only a later error about usage_pending.jsonl
+    ("controlplane", "data_dir: /dev/null\n", "data_dir: exists and is no directory"),
+    # gRPC takes a C int: above, the server did not start (OverflowError)
+    ("controlplane", "grpc:\n  max_message_bytes: 99999999999999999999\n",
+     "grpc.max_message_bytes"),
+    # aiohttp's C parser takes an unsigned long: above, every request failed
+    ("controlplane", "http:\n  max_header_bytes: 99999999999999999999999\n",
+     "http.max_header_bytes"),
 ]
 
 
@@ -173,3 +195,54 @@ def test_an_http_tls_pair_that_does_not_load_is_named(tmp_path: pathlib.Path) ->
     path.write_text(f"http:\n  tls_cert_file: {cert}\n  tls_key_file: {key}\n"
                     "auth:\n  allow_unauthenticated_agents: true\n")
     assert "http.tls_cert_file / http.tls_key_file" in _refused(path)
+
+
+def test_a_repeated_key_in_the_key_file_is_named(tmp_path: pathlib.Path) -> None:
+    """The key file is read by the same loader: a tenant whose second ``keys:`` replaced
+    the first would have lost keys without a word."""
+    (tmp_path / "keys.yaml").write_text(f"- name: a\n  keys: [{S}]\n  keys: []\n")
+    (tmp_path / "config.yaml").write_text(
+        f"auth:\n  allow_unauthenticated_agents: true\n  key_file: {tmp_path / 'keys.yaml'}\n")
+    line = _refused(tmp_path / "config.yaml")
+    assert "auth.key_file" in line and str(tmp_path / "keys.yaml") in line, line
+    assert "line 3: duplicate key 'keys' in 0" in line, line
+
+
+def test_an_open_api_and_a_limit_for_no_model_are_said_at_start(
+        tmp_path: pathlib.Path) -> None:
+    """``auth.enabled: false`` used to start without a word while every tenant's key and
+    limit was ignored; a tenant's limit for a model nothing serves (a typo) likewise."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"data_dir: {tmp_path / 'data'}\nhttp: {{host: 127.0.0.1, port: 0}}\n"
+        "grpc: {host: 127.0.0.1, port: 0}\nmodels: [{name: m, aliases: [mm]}]\n"
+        "auth:\n  enabled: false\n  tenants:\n"
+        f"  - {{name: a, keys: [{S}], models: {{mm: {{tokens_per_minute: 5}}, "
+        "nosuch: {tokens_per_minute: 5}}}\n"
+        "  - {name: b, key_sha256: ['" + "0" * 64 + "']}\n")
+    proc = harness.ManagedProcess("cp", [harness.console_script("synapse"), "controlplane",
+                                         "--config", str(path)], tmp_path / "cp.log")
+    try:
+        harness.wait_until(lambda: "listening" in proc.output(), 60, "the control plane",
+                           proc=proc)
+    finally:
+        proc.stop()
+    out = (tmp_path / "cp.log").read_text(errors="replace")
+    warnings = [line for line in out.splitlines() if " WARNING " in line]
+    assert any("auth.enabled is false: /v1 is open" in w and "2 configured tenants (2 keys)"
+               in w for w in warnings), out
+    assert any("auth.tenants[a].models: 'nosuch' is no configured model" in w
+               for w in warnings), out
+    assert not any("'mm'" in w for w in warnings), out
+    assert S not in out
+
+
+def test_a_redis_url_of_another_scheme_is_named_never_quoted(tmp_path: pathlib.Path) -> None:
+    """The Redis client's own error ('Redis URL must specify one of the following
+    schemes') named neither the file nor the setting."""
+    path = tmp_path / "config.yaml"
+    path.write_text(f"redis:\n  url: 'http://user:{S}@127.0.0.1:1/0'\n"
+                    "auth:\n  allow_unauthenticated_agents: true\n")
+    line = _refused(path)
+    assert line == ("config error: redis.url: must start with redis://, rediss://, unix:// "
+                    "(the Redis client takes no other)"), line
