@@ -96,8 +96,8 @@ async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) 
                                      h.request_chat_templates, h.max_tool_schema_bytes,
                                      h.request_media_kwargs)
         call = parse(body)
-        validation.bound_sequences(call.sequences, 1, h.max_sequences, call.fields[0],
-                                   "inputs")
+        validation.bound_sequences(call.sequences, 1, h.max_pooling_inputs, call.fields[0],
+                                   "inputs", "http.max_pooling_inputs")
         # what an engine would fetch (core.media_urls): chat-shaped messages (Anthropic's
         # images translated), and the body as sent, which passes to the engine as it is
         media_urls.check_chat(call.messages, h.media_urls)

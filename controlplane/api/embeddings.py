@@ -13,8 +13,8 @@ by their node in headers and errors, never by their address. Token limits, the b
 and the usage book count embeddings as every other call: the input at admission,
 settled from the answer's usage (the agent path's is counted here). An ``input`` array is a
 request per input to a vLLM engine: the ledger counts each as a seat
-(``Parsed.sequences``), and more than ``http.max_sequences`` of them is a 400, as a
-completions batch is (:func:`controlplane.core.validation.bound_sequences`).
+(``Parsed.sequences``), and more than ``http.max_pooling_inputs`` of them is a 400, by the
+rule a completions batch is bounded by (:func:`controlplane.core.validation.bound_sequences`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     svc = request.app[context.SERVICES]
     ctx = context.get(request)
     parse = functools.partial(validation.embeddings,
-                              max_sequences=svc.settings.http.max_sequences)
+                              max_inputs=svc.settings.http.max_pooling_inputs)
     tenant, parsed, raw, permit = await serving.admit(request, parse)
     failed = True
     try:

@@ -5,8 +5,8 @@ the size fields, and whether the answer may be cached.
 Only the fields Synapse reads are checked (400 naming the field); everything else passes
 to the backend untouched, as on the chat path. A rerank's documents and a score's pairs
 are a pooling request each to a vLLM engine, so they count as seats in the in-flight
-ledger (``Call.sequences``) and are bounded by ``http.max_sequences`` as a completions
-batch's prompts are (:func:`validation.bound_sequences`).
+ledger (``Call.sequences``) and are bounded by ``http.max_pooling_inputs``, by the rule a
+completions batch's prompts are (:func:`validation.bound_sequences`).
 
 =====================  ==========  ==================================  =================
 path                   task        prompt (router, token limits)       response cache

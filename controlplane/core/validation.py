@@ -25,10 +25,12 @@ More bounds of the same kind (probes 69 and 77):
   [10,000 prompts]`` took 10,000 seats while ``n`` stayed under ``http.max_n``; so does
   each embedding of ``prompt_embeds`` (with ``--enable-prompt-embeds``), and each input of
   an ``/v1/embeddings`` ``input`` array (strings, or arrays of token ids: vLLM pools each
-  as a request of its own; :func:`input_batch`). The sequences of one request
-  (:func:`prompt_batch` plus :func:`embeds_batch`, x ``n``; an embeddings body's inputs)
-  are bounded by ``http.max_sequences`` (by default a vLLM engine's usual
-  ``max_num_seqs``; OpenAI itself takes 2,048 prompts) by one rule
+  as a request of its own; :func:`input_batch`). The sequences of one generating request
+  (:func:`prompt_batch` plus :func:`embeds_batch`, x ``n``) are bounded by
+  ``http.max_sequences`` (by default a vLLM engine's usual ``max_num_seqs``; OpenAI itself
+  takes 2,048 prompts), an embeddings body's inputs (and a rerank's documents, a score's
+  pairs) by ``http.max_pooling_inputs`` (2,048, as OpenAI's embeddings: clients send
+  batches of a thousand, and a pooling pass is short), by one rule
   (:func:`bound_sequences`), and are what the in-flight ledger counts as the request's
   seats. A setting of its own rather than ``http.max_n``: a batch of 16 one-choice
   prompts is an ordinary request, and refusing it for "n" would puzzle its sender.
@@ -132,6 +134,7 @@ MAX_MESSAGES = 2048     # OpenAI's own limit on a chat's messages array
 MAX_N = 8
 MAX_STRUCTURED_OUTPUT_BYTES = 16 * 1024
 MAX_SEQUENCES = 256
+MAX_POOLING_INPUTS = 2048   # OpenAI's own bound on an embeddings input array
 MAX_TOOL_SCHEMA_BYTES = 64 * 1024
 # The fields the engine turns into a grammar to compile (vLLM 0.32 reads
 # structured_outputs and response_format; the guided_* fields of older versions are
@@ -263,13 +266,14 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
     _no_engine_priority(body)
 
 
-def bound_sequences(batch: int, choices: int, limit: int, field: str, what: str) -> None:
+def bound_sequences(batch: int, choices: int, limit: int, field: str, what: str,
+                    setting: str = "http.max_sequences") -> None:
     """400 when ``batch`` inputs of ``field`` (``what`` they are, said in the message) x
-    ``choices`` each are over ``limit`` sequences (``http.max_sequences``), naming
-    ``field``, or ``n`` when one input's choices alone are: each is a sequence the engine
-    runs at once, a seat of its own. The one rule for every batch: a completions prompt
-    array and its ``prompt_embeds``, an embeddings input array, a rerank's documents and a
-    score's pairs."""
+    ``choices`` each are over ``limit`` sequences (``setting``, named in the message),
+    naming ``field``, or ``n`` when one input's choices alone are: each is a sequence the
+    engine runs at once, a seat of its own. The one rule for every batch: a completions
+    prompt array and its ``prompt_embeds`` (``http.max_sequences``), an embeddings input
+    array, a rerank's documents and a score's pairs (``http.max_pooling_inputs``)."""
     if batch * choices <= limit:
         return
     if batch == 1:
@@ -279,7 +283,7 @@ def bound_sequences(batch: int, choices: int, limit: int, field: str, what: str)
     else:
         asked = f"{field}: {batch} {what} x {choices} choices = {batch * choices}"
     raise errors.BadRequest(
-        f"{asked} sequences; at most {limit} (http.max_sequences): each is a sequence an "
+        f"{asked} sequences; at most {limit} ({setting}): each is a sequence an "
         "engine runs at once", param=field if batch > 1 else "n", code="invalid_value")
 
 
@@ -639,9 +643,10 @@ def completions(body: dict[str, Any]) -> Parsed:
                   sequences=batch * sequences(body))
 
 
-def embeddings(body: dict[str, Any], max_sequences: int = MAX_SEQUENCES) -> Parsed:
+def embeddings(body: dict[str, Any], max_inputs: int = MAX_POOLING_INPUTS) -> Parsed:
     """An embeddings body; its ``sequences`` are its inputs (:func:`input_batch`), bounded
-    by ``max_sequences`` as a completions batch's prompts are."""
+    by ``max_inputs`` (``http.max_pooling_inputs``) by the rule a completions batch's
+    prompts are."""
     model, _, user = _common(body)
     data = body.get("input")
     if data is None:
@@ -652,7 +657,7 @@ def embeddings(body: dict[str, Any], max_sequences: int = MAX_SEQUENCES) -> Pars
                             "strings, a non-empty array of token ids or a non-empty array "
                             "of those")
     batch = input_batch(data)
-    bound_sequences(batch, 1, max_sequences, "input", "inputs")
+    bound_sequences(batch, 1, max_inputs, "input", "inputs", "http.max_pooling_inputs")
     fmt = body.get("encoding_format")
     if fmt is not None and fmt not in ("float", "base64"):
         raise _bad("encoding_format", "must be 'float' or 'base64'")

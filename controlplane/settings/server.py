@@ -101,6 +101,12 @@ class HttpSettings(Section):
         "of prompt_embeds) x n; 400 above. Each is a sequence the engine runs at once (vLLM's "
         "max_num_seqs is its seat count, 256 by default on most hardware), and the fair "
         "queue counts a request's seats by them; OpenAI itself takes up to 2,048 prompts")
+    max_pooling_inputs: int = Field(
+        2048, ge=1, description="most inputs one pooling request may ask the engine for: "
+        "the texts (or token-id arrays) of a /v1/embeddings input array, a /v1/rerank's "
+        "documents, a /v1/score's pairs; 400 above. vLLM pools each as a request of its "
+        "own, and the in-flight ledger counts each as a seat; OpenAI's embeddings take up "
+        "to 2,048 inputs and clients send batches of a thousand")
     request_chat_templates: bool = Field(
         False, description="let a request carry its own chat_template (or "
         "chat_template_kwargs.chat_template); off, it is a 400, as vLLM refuses one unless "
@@ -114,7 +120,8 @@ class HttpSettings(Section):
         "(of its media loaders, such as a video's frame count); off, each is a 400. They "
         "override the engine's own per request, so they set what the request's images "
         "and videos cost the engine, which its tokens do not show: turn it on only when "
-        "every tenant is trusted with that")
+        "every tenant is trusted with that. vLLM refuses them too unless started with "
+        "--trust-request-mm-kwargs: on here, add it to every engine's extra_args")
     max_audio_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="largest audio upload (the multipart body of "
         "/v1/audio/transcriptions and /translations, streamed to the backend, never held in "

@@ -394,7 +394,7 @@ async def test_a_batch_in_flight_holds_a_seat_per_sequence() -> None:
 async def test_an_embeddings_batch_in_flight_holds_a_seat_per_input() -> None:
     """vLLM pools each input of an embeddings array as a request of its own: three
     token-id arrays are three of the engine's seats until the answer ends, and an array
-    over http.max_sequences is refused as a completions batch is."""
+    over http.max_pooling_inputs is refused as a completions batch is over its bound."""
     async with t.backends(("emb", "hang")) as (b,):
         s = t.settings(models=[{"name": "embedder"}],
                        upstreams=[t.upstream("emb", b.url, ["embedder"], task="embed")])
@@ -402,10 +402,11 @@ async def test_an_embeddings_batch_in_flight_holds_a_seat_per_input() -> None:
             async with aiohttp.ClientSession(headers={
                     "Authorization": f"Bearer {t.KEY_A}"}) as session:
                 async with session.post(f"{cp.url}/v1/embeddings", json={
-                        "model": "embedder", "input": ["hi"] * 300}) as resp:
+                        "model": "embedder", "input": ["hi"] * 3000}) as resp:
                     err = (await resp.json())["error"]
                     assert resp.status == 400, err
-                    assert err["param"] == "input" and "http.max_sequences" in err["message"]
+                    assert err["param"] == "input"
+                    assert "http.max_pooling_inputs" in err["message"]
                 assert b.bodies == []
 
                 async def embed() -> None:
@@ -422,9 +423,9 @@ async def test_an_embeddings_batch_in_flight_holds_a_seat_per_input() -> None:
 
 
 @pytest.mark.parametrize(("path", "task", "many", "three", "param"), [
-    ("/v1/rerank", "rerank", {"query": "q", "documents": ["d"] * 300},
+    ("/v1/rerank", "rerank", {"query": "q", "documents": ["d"] * 3000},
      {"query": "q", "documents": ["a", "b", "c"]}, "documents"),
-    ("/v1/score", "score", {"text_1": "q", "text_2": ["d"] * 300},
+    ("/v1/score", "score", {"text_1": "q", "text_2": ["d"] * 3000},
      {"text_1": ["a", "b", "c"], "text_2": ["x", "y", "z"]}, "text_2"),
 ])
 async def test_a_rerank_or_score_in_flight_holds_a_seat_per_document(
@@ -432,7 +433,7 @@ async def test_a_rerank_or_score_in_flight_holds_a_seat_per_document(
         param: str) -> None:
     """vLLM scores each (query, document) pair of a rerank or score call as a pooling
     request of its own: three are three of the engine's seats until the answer ends, and
-    more than http.max_sequences is refused as a completions batch is."""
+    more than http.max_pooling_inputs is refused as a completions batch is over its bound."""
     async with t.backends(("pool", "hang")) as (b,):
         s = t.settings(models=[{"name": "ranker"}],
                        upstreams=[{**t.upstream("pool", b.url, ["ranker"]), "tasks": [task]}])
@@ -443,7 +444,8 @@ async def test_a_rerank_or_score_in_flight_holds_a_seat_per_document(
                                         json={"model": "ranker", **many}) as resp:
                     err = (await resp.json())["error"]
                     assert resp.status == 400, err
-                    assert err["param"] == param and "http.max_sequences" in err["message"]
+                    assert err["param"] == param
+                    assert "http.max_pooling_inputs" in err["message"]
                 assert b.bodies == []
 
                 async def call() -> None:

@@ -354,19 +354,21 @@ def test_an_embeddings_input_of_token_id_arrays_must_be_all_token_ids(data: obje
     assert info.value.param == "input"
 
 
-def test_an_embeddings_batch_over_the_sequences_bound_is_a_400_naming_the_input() -> None:
-    """The same bound, and the same 400, as a completions batch's prompts."""
-    assert validation.embeddings(embeddings_body(["a"] * 256)).sequences == 256
-    with pytest.raises(errors.BadRequest, match=r"at most 256 \(http\.max_sequences\)"
+def test_an_embeddings_batch_over_the_inputs_bound_is_a_400_naming_the_input() -> None:
+    """The rule of a completions batch's prompts, with a bound of its own: clients send
+    embeddings in batches of a thousand (LangChain's default), which the 256 sequences of
+    a generating request refused (review 83)."""
+    assert validation.embeddings(embeddings_body(["a"] * 2048)).sequences == 2048
+    with pytest.raises(errors.BadRequest, match=r"at most 2048 \(http\.max_pooling_inputs\)"
                        ) as info:
         validation.embeddings(embeddings_body(["a"] * 10_000))
     assert info.value.param == "input" and "10000 inputs" in info.value.message
     with pytest.raises(errors.BadRequest, match=r"5 sequences; at most 4") as info:
-        validation.embeddings(embeddings_body([[1]] * 5), max_sequences=4)
+        validation.embeddings(embeddings_body([[1]] * 5), max_inputs=4)
     assert info.value.param == "input" and info.value.code == "invalid_value"
-    assert validation.embeddings(embeddings_body([[1]] * 4), max_sequences=4)
+    assert validation.embeddings(embeddings_body([[1]] * 4), max_inputs=4)
     # one text, or one array of many token ids, is one sequence
-    assert validation.embeddings(embeddings_body(list(range(5000))), max_sequences=1)
+    assert validation.embeddings(embeddings_body(list(range(5000))), max_inputs=1)
 
 
 @pytest.mark.parametrize(("fields", "param"), [
