@@ -72,15 +72,19 @@ class FakeBackend:
         self.health_hits += 1
         return web.json_response({}, status=200 if self.healthy else 500)
 
+    async def _hang(self) -> None:
+        """Never answer; count the cancellation when the control plane gives up."""
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.bodies.append(await request.read())
         if self.mode == "hang":
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                self.cancelled += 1
-                raise
+            await self._hang()
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         return web.json_response({"object": "list", "model": body["model"], "data": [
             {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
@@ -90,11 +94,7 @@ class FakeBackend:
         """Rerank and score: the body recorded, an empty answer (or none: ``hang``)."""
         self.bodies.append(await request.read())
         if self.mode == "hang":
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                self.cancelled += 1
-                raise
+            await self._hang()
         return web.json_response({"id": "x", "object": "list", "data": [], "results": [],
                                   "usage": {"prompt_tokens": 1, "total_tokens": 1}})
 
@@ -109,11 +109,7 @@ class FakeBackend:
         if self.mode == "400":
             return web.json_response({"detail": "bad thing"}, status=400)
         if self.mode == "hang":
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                self.cancelled += 1
-                raise
+            await self._hang()
         text = f"hello from {self.name}"
         if not body.get("stream"):
             return web.json_response(_whole(body["model"], text, chat))
@@ -245,6 +241,18 @@ async def running(s: config.ControlPlaneSettings,
                 await made.close()
         if server is not None:
             await server.stop(0)
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def served(app: web.Application) -> AsyncIterator[str]:
+    """``app`` (a stand-in engine) listening on a free local port: its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
         await runner.cleanup()
 
 

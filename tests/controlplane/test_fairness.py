@@ -535,13 +535,8 @@ async def usageless_engine() -> AsyncIterator[str]:
     app.router.add_post("/v1/responses", responses)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_get("/health", health)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with t.served(app) as url:
+        yield url
 
 
 async def test_a_generating_answer_without_usage_is_billed_its_admitted_estimate() -> None:

@@ -40,13 +40,8 @@ async def _engine() -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post("/v1/responses", _cut_stream)
     app.router.add_get("/health", _healthy)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with t.served(app) as url:
+        yield url
 
 
 async def test_a_responses_stream_the_engine_cut_ends_with_an_error_event() -> None:

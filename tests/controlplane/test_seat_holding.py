@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import aiohttp
@@ -45,11 +45,8 @@ async def test_a_request_of_two_sequences_waits_for_two_free_seats() -> None:
         async with aiohttp.ClientSession(headers={
                 "Authorization": f"Bearer {t.KEY_A}"}) as session:
 
-            async def chat(text: str, n: int = 1) -> None:
-                async with session.post(f"{cp.url}/v1/chat/completions", json={
-                        "model": "llama", "n": n,
-                        "messages": [{"role": "user", "content": text}]}) as resp:
-                    await resp.read()
+            def chat(text: str, n: int = 1) -> Awaitable[None]:
+                return _chat(session, cp.url, text, n)
             held = [asyncio.create_task(chat(f"seat {i}")) for i in range(3)]
             await harness.until(lambda: len(backend.bodies) == 3, 10, "three seats taken")
             large = asyncio.create_task(chat("two seats", n=2))
@@ -71,11 +68,8 @@ async def test_a_request_larger_than_the_engine_goes_with_one_seat_free() -> Non
         async with aiohttp.ClientSession(headers={
                 "Authorization": f"Bearer {t.KEY_A}"}) as session:
 
-            async def chat(text: str, n: int = 1) -> None:
-                async with session.post(f"{cp.url}/v1/chat/completions", json={
-                        "model": "llama", "n": n,
-                        "messages": [{"role": "user", "content": text}]}) as resp:
-                    await resp.read()
+            def chat(text: str, n: int = 1) -> Awaitable[None]:
+                return _chat(session, cp.url, text, n)
             held = [asyncio.create_task(chat(f"seat {i}")) for i in range(3)]
             await harness.until(lambda: len(backend.bodies) == 3, 10, "three seats taken")
             large = asyncio.create_task(chat("eight seats", n=8))
@@ -83,6 +77,12 @@ async def test_a_request_larger_than_the_engine_goes_with_one_seat_free() -> Non
             for task in (*held, large):
                 task.cancel()
             await asyncio.gather(*held, large, return_exceptions=True)
+
+
+async def _chat(session: aiohttp.ClientSession, url: str, text: str, n: int) -> None:
+    async with session.post(f"{url}/v1/chat/completions", json={
+            "model": "llama", "n": n, "messages": [{"role": "user", "content": text}]}) as resp:
+        await resp.read()
 
 
 def stopped_clock_gate(fleet: Fleet, clock: ManualClock, hold_s: float,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from controlplane import cache_wiring, metrics
@@ -31,13 +30,8 @@ ENTRIES = 8          # cache.l1_max_entries: 4 for each of the two tenants
 @contextlib.asynccontextmanager
 async def simulator() -> AsyncIterator[str]:
     app = sim_app.build(sim_config.SimulatorSettings(model=t.MODEL, time_scale=0))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with t.served(app) as url:
+        yield url
 
 
 async def test_a_flood_from_one_tenant_leaves_anothers_cached_answer_a_hit(tmp_path) -> None:
