@@ -40,14 +40,21 @@ Nothing else in the control plane builds the envelope: handlers, the SSE error e
 the low-level HTTP parse errors all render one of these classes.
 
 A backend's own words reach a client only through :func:`masked`, the one rule for them:
-a refusal (4xx) relayed whole or in any API's shape, and the quoted start of a 5xx, lose
-the backend's ``api_key`` and any long piece of it (hosted APIs quote the key they were
-given, or most of it, in their refusals).
+a refusal (4xx) relayed whole or in any API's shape, and the quoted start of a 5xx
+(masked before it is cut: :func:`masked_start`), lose the backend's whole ``api_key`` in
+every spelling it is commonly quoted in (hosted APIs quote the key they were given in
+their refusals). Never a piece of it: refusals quote the tenant's own text too, and a
+masked piece would tell the tenant that its text held a piece of the key.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
+import functools
+import json
+import re
+import urllib.parse
 from typing import Any
 
 import orjson
@@ -207,44 +214,80 @@ class QueueTimeout(Unavailable, default_code="queue_timeout"):
 
 
 KEY_MASK = b"[its api_key]"
-KEY_PIECE = 12      # characters of a key that, quoted alone, still give most of it away
+_ENCODED_FROM = 8     # characters of a key from which its encoded spellings are masked too
 
 
 def masked(data: bytes, key: str | None) -> bytes:
-    """``data`` (a backend's answer on its way to a client) with the backend's ``key`` and
-    every run of :data:`KEY_PIECE` or more of its characters replaced by
-    :data:`KEY_MASK`. Only refusals and error details pass here, never a served answer."""
+    """``data`` (a backend's answer on its way to a client) with every spelling of the
+    backend's whole ``key`` (:func:`_spellings`) replaced by :data:`KEY_MASK`. Only
+    refusals and error details pass here, never a served answer.
+
+    Only the whole key: a refusal may quote the tenant's own text, and masking pieces of
+    the key there told the tenant which of its guesses were pieces of it (a key recovered
+    a character at a time). Each spelling is one linear ``bytes.replace`` over what was
+    read, so a large echo costs little. Left as they are: a provider that quotes only a
+    part of the key (its own choice of what to show), error events inside a streamed
+    200 (relayed as the engine's chunks, unread), and a key quoted inside a larger
+    percent-encoded or JSON-escaped text in another spelling than these."""
     if not key or not data:
         return data
-    secret = key.encode("utf-8", "surrogatepass")
-    if len(secret) <= KEY_PIECE:
-        return data.replace(secret, KEY_MASK)
-    spans = sorted(_quoted(data, secret))
-    if not spans:
-        return data
-    out, done = [], 0
-    for start, end in spans:
-        if start > done:
-            out.append(data[done:start])
-            out.append(KEY_MASK)
-        elif end <= done:
-            continue                     # inside the run already masked
-        done = max(done, end)
-    out.append(data[done:])
-    return b"".join(out)
+    for form in _spellings(key):
+        if form in data:
+            data = data.replace(form, KEY_MASK)
+    return data
 
 
-def _quoted(data: bytes, secret: bytes) -> set[tuple[int, int]]:
-    """Where ``data`` quotes a piece of ``secret`` of :data:`KEY_PIECE` bytes: overlapping
-    pieces of one quote join into one run when masked."""
-    spans = set()
-    for i in range(len(secret) - KEY_PIECE + 1):
-        piece = secret[i:i + KEY_PIECE]
-        at = data.find(piece)
-        while at >= 0:
-            spans.add((at, at + KEY_PIECE))
-            at = data.find(piece, at + 1)
-    return spans
+def masked_start(data: bytes, key: str | None, limit: int, *, whole: bool) -> bytes:
+    """The first ``limit`` bytes of ``data`` (the start of an answer, for an error's
+    detail), masked before the cut so that no piece of a quoted key survives it. When
+    ``data`` is not the whole body, its last bytes may be the start of a quote of the
+    key that the read stopped in: as many bytes as a spelling of the key can have, less
+    one, are dropped from its end whatever they hold, so what is dropped tells nothing."""
+    out = masked(data, key)
+    if key and not whole:
+        out = out[:max(0, len(out) - mask_margin(key))]
+    return out[:limit]
+
+
+def mask_margin(key: str | None) -> int:
+    """How many bytes past a cut a read must go for a quote of ``key`` that starts before
+    the cut to be masked whole: its longest spelling, less one."""
+    return max(map(len, _spellings(key))) - 1 if key else 0
+
+
+@functools.lru_cache(maxsize=256)
+def _spellings(key: str) -> tuple[bytes, ...]:
+    """How a backend may quote ``key`` whole, longest first: as is, JSON-escaped (with
+    and without ``\\/`` and ``\\u`` escapes), percent-encoded (either case of hex, ``+``
+    for spaces) and base64 (either alphabet: alone, or its stable middle inside a longer
+    base64 text such as HTTP Basic credentials, at each of the three alignments). The
+    encoded ones only for keys of :data:`_ENCODED_FROM` characters or more: a short
+    key's encodings would match ordinary text."""
+    raw = key.encode("utf-8", "surrogatepass")
+    forms = {raw}
+    for ascii_only in (False, True):
+        escaped = json.dumps(key, ensure_ascii=ascii_only)[1:-1]
+        forms |= {_utf8(escaped), _utf8(escaped.replace("/", "\\/"))}
+    if len(key) >= _ENCODED_FROM:
+        for safe in ("", "/"):
+            for quoted in (urllib.parse.quote(raw, safe=safe),
+                           urllib.parse.quote_plus(raw, safe=safe)):
+                forms |= {_utf8(quoted), _utf8(_LOWER_HEX.sub(
+                    lambda m: m.group().lower(), quoted))}
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            forms.add(encode(raw))
+            for pad in range(3):
+                # Characters that hold bits of the key alone, whatever surrounds it.
+                first, last = -(-8 * pad // 6), 8 * (pad + len(raw)) // 6
+                forms.add(encode(b"\0" * pad + raw)[first:last])
+    return tuple(sorted((f for f in forms if f), key=len, reverse=True))
+
+
+_LOWER_HEX = re.compile(r"%[0-9A-F]{2}")
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
 
 
 def retry_after(seconds: float) -> dict[str, str]:

@@ -378,11 +378,19 @@ def _failed(backend: types.BackendState, exc: Failure) -> tuple[str, errors.Syna
 
 async def _server_error(attempt: Attempt) -> errors.SynapseError:
     """The 5xx as an error that quotes the start of the backend's own message."""
+    key = attempt.backend.api_key
+    # Read past the cut far enough for a key quoted before it to be masked whole.
+    want = ERROR_DETAIL_BYTES + errors.mask_margin(key)
+    raw, whole = b"", False
     try:
         async with asyncio.timeout(ERROR_DETAIL_TIMEOUT_S):
-            raw = await attempt.answer.read_some(ERROR_DETAIL_BYTES)
-        detail = errors.masked(raw, attempt.backend.api_key).decode("utf-8", "replace")
+            while len(raw) < want and not whole:
+                chunk = await attempt.answer.next_chunk()
+                whole = chunk is None
+                raw += chunk or b""
     except (errors.UpstreamError, TimeoutError):
-        detail = ""
+        pass
+    detail = errors.masked_start(raw, key, ERROR_DETAIL_BYTES, whole=whole).decode(
+        "utf-8", "replace")
     return errors.UpstreamError(f"backend {attempt.backend.key} answered with status "
                                 f"{attempt.status}" + (f": {detail}" if detail else ""))

@@ -7,6 +7,9 @@ test waits for a timeout: a timeout is an answer like any other.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -419,16 +422,16 @@ async def test_a_5xx_detail_never_quotes_the_backends_key() -> None:
 
 async def test_a_refusal_relayed_to_the_client_never_quotes_the_backends_key() -> None:
     """A 4xx is the client's and is relayed, but hosted APIs quote the key they were
-    given in their refusals too: the key, and any long piece of it, is masked in the body
-    the caller relays, whatever shape it then takes (probe 82, F10)."""
-    key = "sk-UPSTREAM-hunter2-abcdef123456"
+    given in their refusals too: the whole key is masked in the body the caller relays,
+    whatever shape it then takes, in the spellings it is quoted in (probe 82, F10)."""
+    key = "sk-UPSTREAM-hunter2/abcdef123456+xyz"
     d, mock, _ = stack(("a",))
     d.registry.report("n1", [types.BackendState(
         key="n1/a", node="n1", name="a", url="http://a.internal:8000", models=(MODEL,),
         api_key=key)])
     refusals = [b'{"error": {"message": "your key Bearer ' + key.encode() + b' was rejected"}}',
-                b'{"detail": "not found for ' + key[:20].encode() + b'..."}',
-                b"quoted twice: " + key.encode() + b" and " + key[4:].encode()]
+                b'{"detail": "bad ' + json.dumps(key).encode().replace(b"/", b"\\/") + b'"}',
+                b"quoted twice: " + key.encode() + b" and " + key.encode()]
     for status, body in zip((400, 404, 422), refusals, strict=True):
         mock.handler = lambda req, status=status, body=body: MockResponse(status, [body])
         decision, prompt = route(d)
@@ -437,7 +440,53 @@ async def test_a_refusal_relayed_to_the_client_never_quotes_the_backends_key() -
         assert attempt.status == status
         assert b"hunter2" not in relayed and b"[its api_key]" in relayed, relayed
     assert relayed == b"quoted twice: [its api_key] and [its api_key]"
-    # A short piece tells little and is left: the words around a key are the backend's.
-    assert errors.masked(b"prefix sk-UPSTR", key) == b"prefix sk-UPSTR"
+    quoted = urllib.parse.quote(key, safe="")
+    for spelled in (quoted, quoted.replace("%2F", "%2f").replace("%2B", "%2b"),
+                    base64.b64encode(key.encode()).decode(),
+                    base64.b64encode(b"user:" + key.encode()).decode()):
+        out = errors.masked(b"auth " + spelled.encode() + b" refused", key)
+        assert b"[its api_key]" in out and spelled[8:-8].encode() not in out, spelled
     assert errors.masked(b"no key here", key) == b"no key here"
     assert errors.masked(b"k sk-short!", "sk-short") == b"k [its api_key]!"
+
+
+async def test_a_refusal_quoting_the_tenants_guesses_tells_nothing_of_the_key() -> None:
+    """Review 90, F1: pieces of 12 characters of the key were masked too, and refusals
+    quote the tenant's own text (a bad field's value), so a tenant sending guesses
+    learnt which were pieces of the key, and extended one a character at a time. Only
+    the whole key is masked: the tenant's text comes back as it was sent."""
+    key = "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"
+    d, mock, _ = stack(("a",))
+    d.registry.report("n1", [types.BackendState(
+        key="n1/a", node="n1", name="a", url="http://a.internal:8000", models=(MODEL,),
+        api_key=key)])
+    guesses = ",".join([key[:12], key[:20], key[5:40], key[:-1], key[1:]]).encode()
+    echo = b'{"error": {"message": "invalid value: ' + guesses + b'"}}'
+    mock.handler = lambda req: MockResponse(400, [echo])
+    decision, prompt = route(d)
+    async with d.exchange(decision, prompt, CHAT, b"{}", "r") as attempt:
+        assert await attempt.read() == echo, "the tenant's own text, unchanged"
+    big = (key[:12].encode() + b" ") * 700_000        # 8 MiB of a piece, whole key once
+    assert errors.masked(big + key.encode(), key) == big + b"[its api_key]"
+
+
+async def test_a_5xx_detail_is_masked_before_it_is_cut() -> None:
+    """Review 90, F6: the detail was cut at its 300 bytes and masked after, so a key
+    quoted across the cut left its first characters in the message; a read that stopped
+    inside the key did the same."""
+    key = "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"
+    for at in (280, 290, 299):
+        for chunks in ([b"x" * at + key.encode() + b" tail"],
+                       [b"x" * at + key[:30].encode(), key[30:].encode() + b" tail"],
+                       [b"x" * at + key[:15].encode(), errors.UpstreamReadError("reset")]):
+            d, mock, _ = stack(("a",))
+            d.registry.report("n1", [types.BackendState(
+                key="n1/a", node="n1", name="a", url="http://a.internal:8000",
+                models=(MODEL,), api_key=key)])
+            mock.handler = lambda req, chunks=chunks: MockResponse(500, list(chunks))
+            decision, prompt = route(d)
+            with pytest.raises(errors.UpstreamError) as info:
+                async with d.exchange(decision, prompt, CHAT, b"{}", "r"):
+                    pass
+            assert "sk-or" not in info.value.message and "xxxx" in info.value.message, (
+                at, info.value.message[-40:])
