@@ -82,9 +82,15 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
 def _response_headers(attempt: dispatch.Attempt, ctx: context.RequestContext,
                       ) -> dict[str, str]:
     headers = {}
+    # A backend whose prefix cache tenants share: its own timings (TGI's x-compute-time,
+    # x-queue-time, x-time-per-token...) would tell how long the prefill took, which is
+    # what the zeroed cached-token counts (core.cache_salt) hide.
+    shared = attempt.backend.shares_cache
     for k, v in attempt.answer.headers:
         low = k.lower()
         if low not in _NOT_PASSED and not low.startswith("x-synapse"):
+            if shared and low.startswith("x-") and "time" in low.split("-"):
+                continue
             headers[k] = v
     headers.update(ctx.headers())
     return headers

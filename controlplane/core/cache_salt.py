@@ -34,10 +34,14 @@ Such an unsalted backend that generates and that more than one tenant may use (t
 allow-lists) shares its prefix cache across them (:func:`sharing`): one warning names it
 at start (or once its document was read), and its answers reach clients with the
 cached-token counts zeroed (:func:`hidden`, :class:`StreamHider`:
-``prompt_tokens_details.cached_tokens``, Responses' ``input_tokens_details``, and
-Anthropic's cache reads and writes folded back into ``input_tokens``), which otherwise
-told a tenant, without any timing, how much of its prompt another had just sent. Time to
-first token still tells it: only a salt closes that. The ledger and the router read the
+``prompt_tokens_details.cached_tokens``, Responses' ``input_tokens_details``,
+Anthropic's cache reads and writes folded back into ``input_tokens``, DeepSeek's hits
+zeroed and its misses made the whole prompt, llama.cpp's ``timings`` dropped), which
+otherwise told a tenant, without any timing, how much of its prompt another had just
+sent; the relay drops such a backend's timing headers too. It fails closed: a count that
+is a float or a string is zeroed as well, and an answer the JSON parser refuses is zeroed
+by substitution. Time to first token still tells it: only a salt closes that; so does an
+Ollama whose ``prompt_tokens`` leaves out the cached tokens (nothing here can zero that). The ledger and the router read the
 counts before they are zeroed. A kind-less upstream counts as unsalted until its document
 says otherwise.
 """
@@ -47,6 +51,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -185,11 +190,16 @@ def _properties(document: Mapping[str, Any], schema: Any, depth: int) -> set[str
     return found
 
 
-# The keys of the counts zeroed: OpenAI's (chat, completions, Responses), vLLM's own, and
-# Anthropic's cache reads and writes.
+# The keys of the counts zeroed: OpenAI's (chat, completions, Responses), vLLM's own,
+# Anthropic's cache reads and writes, DeepSeek's hits and misses, and llama.cpp's
+# ``timings`` (its ``cache_n`` is the count, its ``prompt_ms`` the prefill's time).
 _COUNT_KEYS = re.compile(rb'"(?:cached_tokens|created_cache_tokens|cached_tokens_per_turn|'
-                         rb'cache_read_input_tokens|cache_creation_input_tokens)"')
+                         rb'cache_read_input_tokens|cache_creation_input_tokens|'
+                         rb'prompt_cache_hit_tokens|prompt_cache_miss_tokens|timings)"')
+_ZEROED = ("cached_tokens", "created_cache_tokens", "prompt_cache_hit_tokens")
 _ANTHROPIC = ("cache_read_input_tokens", "cache_creation_input_tokens")
+_MISSES = "prompt_cache_miss_tokens"
+_TIMINGS = "timings"
 
 
 def hidden(data: bytes) -> bytes:
@@ -200,13 +210,17 @@ def hidden(data: bytes) -> bytes:
     try:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError:
+        if data.lstrip()[:1] in (b"{", b"["):
+            return _scrubbed(data)
         return StreamHider().feed(data + b"\n")[:-1]
     return orjson.dumps(parsed) if _zeroed(parsed) else data
 
 
 def _zeroed(obj: Any) -> bool:
     """Zero the counts in ``obj`` in place (Anthropic's folded into ``input_tokens``,
-    which counts the prompt without them); whether any was not zero already."""
+    which counts the prompt without them; DeepSeek's misses made the whole prompt;
+    llama.cpp's ``timings`` dropped); whether anything changed. A count is any number or
+    string under one of those names: a float or a quoted count tells as much."""
     changed = False
     if isinstance(obj, list):
         for item in obj:
@@ -215,18 +229,78 @@ def _zeroed(obj: Any) -> bool:
         for value in obj.values():
             if isinstance(value, dict | list):
                 changed |= _zeroed(value)
-        for key in ("cached_tokens", "created_cache_tokens"):
-            if isinstance(obj.get(key), int) and obj[key]:
+        if obj.pop(_TIMINGS, None) is not None:
+            changed = True
+        for key in _ZEROED:
+            if _count(obj.get(key)):
                 obj[key], changed = 0, True
         turns = obj.get("cached_tokens_per_turn")
         if isinstance(turns, list) and any(turns):
             obj["cached_tokens_per_turn"], changed = [0] * len(turns), True
         for key in _ANTHROPIC:
-            if isinstance(obj.get(key), int) and obj[key]:
+            if n := _count(obj.get(key)):
                 if isinstance(obj.get("input_tokens"), int):
-                    obj["input_tokens"] += obj[key]
+                    obj["input_tokens"] += n
                 obj[key], changed = 0, True
+        if _MISSES in obj and obj[_MISSES] != obj.get("prompt_tokens"):
+            prompt = obj.get("prompt_tokens")
+            obj[_MISSES], changed = (prompt if isinstance(prompt, int) else 0), True
     return changed
+
+
+def _count(value: object) -> int:
+    """``value`` read as a count: a number, or a string of one; any other non-empty
+    string counts as 1 (it is zeroed all the same); 0 for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return 0
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return 1 if value else 0
+    if not math.isfinite(number):
+        return 1
+    return int(number) or (1 if number else 0)
+
+
+# Fail closed, for an answer orjson refuses (a lone surrogate, a number out of range):
+# each innermost object that holds a count is zeroed as above when it parses alone (so
+# Anthropic's reads are still folded in); then every count left anywhere is zeroed by
+# substitution, DeepSeek's misses and llama.cpp's cache_n included (to 0: what the
+# prompt was is not known there).
+_INNERMOST = re.compile(rb"\{[^{}]*\}")
+_TIMINGS_VALUE = re.compile(rb'("timings"\s*:\s*)\{[^{}]*\}')
+_ANY_COUNT = re.compile(rb'"(cached_tokens|created_cache_tokens|cached_tokens_per_turn|'
+                        rb'cache_read_input_tokens|cache_creation_input_tokens|'
+                        rb'prompt_cache_hit_tokens|prompt_cache_miss_tokens|cache_n)"'
+                        rb'\s*:\s*(?:"(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*|\[[^\]]*\])')
+
+
+def _scrubbed(data: bytes) -> bytes:
+    """``data``, which does not parse, with every count zeroed (and ``timings`` emptied)."""
+    data = _TIMINGS_VALUE.sub(rb"\1{}", data)
+    data = _INNERMOST.sub(_innermost, data)
+    return _ANY_COUNT.sub(_zero_field, data)
+
+
+def _innermost(match: re.Match[bytes]) -> bytes:
+    text = match.group()
+    if not _COUNT_KEYS.search(text):
+        return text
+    try:
+        parsed = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text         # zeroed by substitution next
+    return orjson.dumps(parsed) if _zeroed(parsed) else text
+
+
+def _zero_field(match: re.Match[bytes]) -> bytes:
+    key = match.group(1)
+    if key != b"cached_tokens_per_turn":
+        return b'"' + key + b'":0'
+    turns = match.group().partition(b"[")[2].rstrip(b"]").strip()
+    return b'"' + key + b'":[' + b",".join(b"0" for _ in turns.split(b",") if turns) + b"]"
 
 
 class StreamHider:
@@ -261,7 +335,7 @@ def _line(line: bytes) -> bytes:
     try:
         parsed = orjson.loads(line[5:])
     except orjson.JSONDecodeError:
-        return line
+        return b"data: " + _scrubbed(line[5:].strip()) + (b"\r" if cr else b"")
     if not _zeroed(parsed):
         return line
     return b"data: " + orjson.dumps(parsed) + (b"\r" if cr else b"")

@@ -182,3 +182,55 @@ def test_a_stream_split_anywhere_has_its_counts_zeroed():
     out = hider.feed(anthropic) + hider.rest()
     assert b'"cache_read_input_tokens":0' in out and b'"input_tokens":300' in out
     assert out.endswith(b"\r\n\r\n") and out.startswith(b"event: message_start\r\n")
+
+
+LLAMACPP = {"id": "c", "choices": [{"message": {"content": "ok"}}],
+            "usage": {"prompt_tokens": 300, "completion_tokens": 2, "total_tokens": 302},
+            "timings": {"cache_n": 272, "prompt_n": 28, "prompt_ms": 4.2,
+                        "predicted_n": 2, "predicted_ms": 30.1}}
+DEEPSEEK = {"id": "c", "usage": {"prompt_tokens": 300, "completion_tokens": 2,
+                                 "prompt_cache_hit_tokens": 256,
+                                 "prompt_cache_miss_tokens": 44}}
+
+
+def test_counts_under_other_names_are_hidden_too():
+    """Review 90, F2: llama.cpp's ``timings`` (``cache_n`` is the count, ``prompt_ms``
+    the prefill's time) and DeepSeek's ``prompt_cache_hit_tokens`` / ``miss`` reached
+    tenants as they were, whole and in a stream's last chunk."""
+    out = orjson.loads(cache_salt.hidden(orjson.dumps(LLAMACPP)))
+    assert "timings" not in out and out["usage"] == LLAMACPP["usage"]
+    assert orjson.loads(cache_salt.hidden(orjson.dumps(DEEPSEEK)))["usage"] == {
+        "prompt_tokens": 300, "completion_tokens": 2, "prompt_cache_hit_tokens": 0,
+        "prompt_cache_miss_tokens": 300}
+    last = {k: v for k, v in LLAMACPP.items() if k != "usage"}
+    stream = (b"data: " + orjson.dumps(last) + b"\n\ndata: " + orjson.dumps(DEEPSEEK)
+              + b"\n\ndata: [DONE]\n\n")
+    for cut in range(0, len(stream) + 1, 5):
+        hider = cache_salt.StreamHider()
+        out = hider.feed(stream[:cut]) + hider.feed(stream[cut:]) + hider.rest()
+        assert b"timings" not in out and b"272" not in out and b"256" not in out, cut
+        assert b'"prompt_cache_miss_tokens":300' in out and out.endswith(b"[DONE]\n\n")
+
+
+@pytest.mark.parametrize("answer", [
+    # JSON that orjson refuses: a lone surrogate in the content, a number out of range.
+    b'{"choices":[{"message":{"content":"\\ud800"}}],"usage":{"prompt_tokens":300,'
+    b'"prompt_tokens_details":{"cached_tokens":272}}}',
+    b'{"x":1e400,"usage":{"prompt_tokens":300,"prompt_tokens_details":'
+    b'{"cached_tokens": 272}},"timings":{"cache_n":272,"prompt_ms":4.2}}',
+    b'{"x":1e400,"usage":{"input_tokens":28,"cache_read_input_tokens":272,'
+    b'"prompt_cache_hit_tokens":"272","cached_tokens_per_turn":[272, 272]}}',
+    # Counts given as a float or a string.
+    b'{"usage":{"prompt_tokens":300,"prompt_tokens_details":{"cached_tokens":272.0}}}',
+    b'{"usage":{"prompt_tokens":300,"prompt_tokens_details":{"cached_tokens":"272"}}}',
+])
+def test_counts_are_hidden_when_the_answer_does_not_parse_or_is_not_an_integer(answer):
+    """Review 90, F3: an answer orjson refuses passed with its counts as they were (the
+    zeroing failed open), and so did a count written as a float or a string."""
+    whole = cache_salt.hidden(answer)
+    hider = cache_salt.StreamHider()
+    streamed = hider.feed(b"data: " + answer + b"\r\n\r\n") + hider.rest()
+    for out in (whole, streamed):
+        assert b"272" not in out, out
+        assert b'"prompt_tokens":300' in out or b'"input_tokens":300' in out, out
+    assert streamed.startswith(b"data: ") and streamed.endswith(b"\r\n\r\n")

@@ -380,6 +380,8 @@ class CachingEngine:
 
     USAGE = {"prompt_tokens": 300, "completion_tokens": 1, "total_tokens": 301,
              "prompt_tokens_details": {"cached_tokens": 272}}
+    EXTRA: dict[str, object] = {}       # more fields of the last chunk / whole answer
+    HEADERS: dict[str, str] = {}
 
     def __init__(self) -> None:
         self.runner: web.AppRunner | None = None
@@ -395,12 +397,14 @@ class CachingEngine:
         if not body.get("stream"):
             return web.json_response({**chunk, "object": "chat.completion", "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": "ok"},
-                 "finish_reason": "stop"}], "usage": self.USAGE})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                 "finish_reason": "stop"}], "usage": self.USAGE, **self.EXTRA},
+                headers=self.HEADERS)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           **self.HEADERS})
         await resp.prepare(request)
         events = [{**chunk, "choices": [{"index": 0, "delta": {"content": "ok"},
                                          "finish_reason": "stop"}]},
-                  {**chunk, "choices": [], "usage": self.USAGE}]
+                  {**chunk, "choices": [], "usage": self.USAGE, **self.EXTRA}]
         data = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
         for at in range(0, len(data), 7):       # the counts cut across reads
             await resp.write(data[at:at + 7])
@@ -460,6 +464,44 @@ async def test_an_unsalted_upstream_tenants_share_is_warned_of_and_hides_its_cac
                     headers={"x-api-key": t.KEY_A}) as r:
                 usage = (await r.json())["usage"]
             assert usage["input_tokens"] == 300 and usage.get("cache_read_input_tokens") == 0
+
+
+class TimingEngine(CachingEngine):
+    """llama-server's ``timings`` (``cache_n``: the cached tokens; ``prompt_ms``: the
+    prefill's time), DeepSeek's hit and miss counts, TGI's timing headers."""
+
+    USAGE = {"prompt_tokens": 300, "completion_tokens": 1, "total_tokens": 301,
+             "prompt_cache_hit_tokens": 272, "prompt_cache_miss_tokens": 28}
+    EXTRA = {"timings": {"cache_n": 272, "prompt_n": 28, "prompt_ms": 4.2,
+                         "predicted_n": 1, "predicted_ms": 9.5}}
+    HEADERS = {"x-compute-time": "0.012", "x-queue-time": "0", "x-time-per-token": "9",
+               "x-inference-time": "14", "x-compute-type": "gpu"}
+
+
+async def test_a_shared_upstreams_timings_and_cache_counts_under_other_names_are_hidden(
+        ) -> None:
+    """Review 90, F2: tenant b saw ``"cached_tokens":0`` beside llama.cpp's
+    ``"timings":{"cache_n":272,"prompt_ms":4.2}``, DeepSeek's hit count, and TGI's
+    server timings in the headers. Dropped, whole and streamed, for a shared backend."""
+    engine = TimingEngine()
+    async with engine.running() as url:
+        s = t.settings(models=[{"name": t.MODEL, "aliases": ["llama"]}],
+                       upstreams=[{"name": "lcpp", "url": url, "kind": "llamacpp",
+                                   "models": [t.MODEL]}])
+        async with t.running(s) as cp, aiohttp.ClientSession() as session:
+            for stream in (False, True):
+                async with session.post(cp.url + "/v1/chat/completions", json={
+                        "model": "llama", "messages": MSGS, "stream": stream,
+                        "stream_options": {"include_usage": True} if stream else None},
+                        headers={"Authorization": f"Bearer {t.KEY_B}"}) as r:
+                    assert r.status == 200
+                    body = await r.read()
+                    names = {k.lower() for k in r.headers}
+                assert b"timings" not in body and b"272" not in body, body
+                assert b'"prompt_cache_miss_tokens":300' in body, body
+                assert not names & {"x-compute-time", "x-queue-time", "x-time-per-token",
+                                    "x-inference-time"}, names
+                assert "x-compute-type" in names, "headers that tell no time are kept"
 
 
 async def test_one_tenant_alone_on_an_upstream_is_not_warned_of(
