@@ -36,8 +36,13 @@ class PromptTokenizer(Protocol):
     def text_ids(self, text: str) -> tuple[int, ...]: ...
 
 
-@functools.lru_cache(maxsize=512)
-def _message_tokens(rendered: str) -> tuple[int, ...]:
+MESSAGES_KEPT = 512     # rendered messages whose ids are memoised, all partitions together
+
+
+@functools.lru_cache(maxsize=MESSAGES_KEPT)
+def _message_tokens(partition: int, rendered: str) -> tuple[int, ...]:
+    """The ids of one rendered message, memoised per ``partition`` (a prompt's hash seed:
+    its tenant's), so one tenant's messages never answer another's from the memo."""
     return tuple(tok.tokenize(rendered))
 
 
@@ -46,14 +51,18 @@ class Approximate:
 
     name = APPROXIMATE
 
-    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int, ...]:
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]],
+                 partition: int = 0) -> tuple[int, ...]:
+        """Ids of the rendered chat; ``partition`` (the prompt's hash seed) names the part
+        of the memo its messages are looked up in and kept in."""
         # Each rendered message starts with "<" after a "\n", so tokenizing message by
         # message gives exactly the tokens of the whole rendering; repeated system prompts
         # and conversation history then come from the memo instead of being re-hashed.
         ids: list[int] = []
         for m in messages:
-            ids.extend(_message_tokens(tok.render_chat([m], add_generation_prompt=False)))
-        ids.extend(_message_tokens(GENERATION_PROMPT))
+            ids.extend(_message_tokens(partition,
+                                       tok.render_chat([m], add_generation_prompt=False)))
+        ids.extend(_message_tokens(partition, GENERATION_PROMPT))
         return tuple(ids)
 
     def text_ids(self, text: str) -> tuple[int, ...]:
@@ -146,9 +155,13 @@ class Prompt:
         name = tokenizer.name
         ids = self._ids.get(name)
         if ids is None:
-            ids = self._ids[name] = (tokenizer.chat_ids(self.messages)
-                                     if self.messages is not None
-                                     else tokenizer.text_ids(self.text or ""))
+            if self.messages is None:
+                ids = tokenizer.text_ids(self.text or "")
+            elif isinstance(tokenizer, Approximate):    # its memo is per partition
+                ids = tokenizer.chat_ids(self.messages, self.hash_seed)
+            else:
+                ids = tokenizer.chat_ids(self.messages)
+            self._ids[name] = ids
         self._last, self._last_name = ids, name
         return ids
 

@@ -11,7 +11,7 @@ import pytest
 import tokenizers
 
 from controlplane.adapters import hf_tokenizer
-from controlplane.core import ledger, prefix_index, registry, router, types
+from controlplane.core import ledger, prefix_index, registry, router, tokenization, types
 from synapse_common import engines
 from tests.clock import ManualClock
 
@@ -126,3 +126,26 @@ def test_templates_that_loop_over_content_parts_get_parts() -> None:
     assert hf_tokenizer.content_format(openai) == "openai"
     assert hf_tokenizer.content_format("{% for m in messages %}{{ m['content'] }}"
                                        "{% endfor %}") == "string"
+
+
+def test_the_approximations_memo_is_kept_per_partition_and_bounded_in_total() -> None:
+    """A message one tenant sent never comes from the memo for another (whose timing
+    would tell it that message was sent); within a tenant's partition it does."""
+    memo = tokenization._message_tokens
+    said = [{"role": "system", "content": "a system prompt only tenant b uses " * 10},
+            {"role": "user", "content": "and its question"}]
+
+    def prompt(salt: str) -> router.Prompt:
+        made = router.Prompt.from_messages(said)
+        made.partition(salt)
+        return made
+    theirs = prompt("the salt of tenant b, test_tokenization")
+    theirs.tokenize()
+    before = memo.cache_info()
+    mine = prompt("the salt of tenant a, test_tokenization")
+    assert mine.token_ids == theirs.token_ids       # the same count, counted again
+    after = memo.cache_info()
+    assert (after.hits, after.misses) == (before.hits, before.misses + len(said) + 1)
+    prompt("the salt of tenant a, test_tokenization").tokenize()
+    assert memo.cache_info().hits == after.hits + len(said) + 1
+    assert after.maxsize == tokenization.MESSAGES_KEPT
