@@ -15,6 +15,17 @@ prediction used.
 
 :class:`Prompt` is tokenized lazily, once per tokenizer, when a model is routed: a request
 that falls back to another model with another tokenizer is tokenized again for it.
+
+The approximation keeps the ids of recently rendered messages (a conversation's history
+and a system prompt come back with every turn) **per partition**: the memo is keyed by the
+prompt's prefix-cache partition (its hash seed, derived from the tenant's salt,
+:meth:`Prompt.partition`) as well as by the message. Shared across tenants, a hit told one
+tenant by its speed that another had just sent that very message (``count_tokens``
+answers without an engine, so its timing was a clean oracle). A message sent by two
+tenants is tokenized once for each; the memo's bound is its total number of entries,
+whoever holds them. Two shared memos remain below this one, finer grained: the pieces'
+ids of ``synapse_common.tokens`` and a model tokenizer's own memo of pieces
+(:mod:`controlplane.adapters.hf_tokenizer`).
 """
 
 from __future__ import annotations
