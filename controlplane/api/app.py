@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import posixpath
+import re
 from collections.abc import AsyncIterator
 
 import orjson
@@ -69,7 +71,7 @@ def error_response(exc: errors.SynapseError, ctx: context.RequestContext,
                    path: str = "") -> web.Response:
     """``exc`` in the OpenAI envelope, or in Anthropic's shape under ``/v1/messages``
     (every error there is, the middleware's own included)."""
-    if path == ANTHROPIC or path.startswith(ANTHROPIC + "/"):
+    if _anthropic(path):
         status, body, extra = anthropic_errors.render(exc, ctx.request_id)
         return web.Response(status=status, body=body, content_type="application/json",
                             headers={**ctx.headers(), **extra, "request-id": ctx.request_id})
@@ -77,6 +79,17 @@ def error_response(exc: errors.SynapseError, ctx: context.RequestContext,
 
 
 ANTHROPIC = "/v1/messages"
+
+
+def _anthropic(path: str) -> bool:
+    """Whether ``path`` is under :data:`ANTHROPIC` once normalised (runs of slashes as
+    one, dot segments resolved): ``//v1/messages/x`` is the Anthropic SDKs' path too, and
+    its errors were the OpenAI envelope they cannot read."""
+    path = posixpath.normpath(_SLASHES.sub("/", path)) if path else path
+    return path == ANTHROPIC or path.startswith(ANTHROPIC + "/")
+
+
+_SLASHES = re.compile("/{2,}")
 
 
 async def _close_after(request: web.Request, resp: web.Response) -> web.Response:

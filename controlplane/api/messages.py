@@ -17,11 +17,17 @@
   is translated as a Message's (``anthropic_request.to_tokenize``: the same 400s, no
   ``max_tokens``) and counted by an engine's ``/tokenize`` through the ``tokenize`` task's
   routing, limits and fair queue, as ``/tokenize`` itself is: the engine's tokenizer and
-  chat template are the only exact count. When no backend of the model can tokenize, the
-  count is the router's own (the model's configured tokenizer, else the approximation,
+  chat template are the only exact count. Only the model's own backends count it, never a
+  fallback model's (another tokenizer, another number), and when the model has backends
+  that tokenize, their errors are the answer (503 while none is up, the fair queue's
+  timeout, an engine's refusal), never a silent switch to another count. Only a model
+  with no backend that tokenizes at all is counted by the router
+  (:meth:`Router.prompt_tokens`: the model's configured tokenizer, else the approximation,
   of the system prompt and messages: the router reads no tools), which depends on the
-  prompt alone, never on what another tenant sent.
-  ``x-synapse-count`` says which (``engine`` or ``estimate``).
+  prompt alone. That count is tokenized on the event loop as a generating request's
+  prompt is, its time charged to the tenant's share of the loop
+  (:mod:`controlplane.core.loop_share`), bounded as theirs by ``http.max_body_bytes``.
+  ``x-synapse-count`` says which counted (``engine`` or ``estimate``), on counts only.
 
 Errors the middleware raises itself on these paths (no route, wrong method, a body that
 does not decode) are Anthropic's shape too (:mod:`controlplane.api.app`).
@@ -36,7 +42,7 @@ import orjson
 from aiohttp import typedefs, web
 
 from controlplane import errors
-from controlplane.api import calls, context, fairness, relay, serving
+from controlplane.api import calls, context, fairness, ops, relay, serving
 from controlplane.core import (
     anthropic_cache,
     anthropic_errors,
@@ -46,9 +52,11 @@ from controlplane.core import (
     api_calls,
     cache_port,
     cache_rules,
+    dispatch,
     sse,
 )
 from controlplane.core import router as router_mod
+from controlplane.core import types as core_types
 from synapse_common import tasks, tracing
 
 
@@ -137,26 +145,69 @@ async def _count_tokens(request: web.Request) -> web.StreamResponse:
     try:
         prompt = await calls.admit_tokens(request, front)
         resp: web.StreamResponse
-        try:
-            route = await calls.route(request, front, tasks.TOKENIZE)
-        except errors.Unavailable:
-            resp = _estimated(request, front)
-        else:
+        if _engine_counts(request, front.canonical):
+            route = await _own_route(request, front)
             resp = await relay.forward(request, route, prompt,
                                        calls.body_for(front, route.model, tokenize),
                                        "/tokenize", Counted(request, None))
+        else:
+            resp = _estimated(request, front)
         front.failed = False
         return resp
     finally:
         calls.finish(request, front)
 
 
-def _estimated(request: web.Request, front: calls.Front) -> web.Response:
-    """The count the router makes of the prompt, when no backend can tokenize it."""
+def _engine_counts(request: web.Request, model: str) -> bool:
+    """Whether some backend of ``model`` serves ``tokenize``, up or not: then only an
+    engine counts, and while none can the client gets the error rather than a count made
+    another way."""
+    registry = context.get(request).svc.registry
+    return any(b.serves(tasks.TOKENIZE) for b, _ in registry.backends_for(model))
+
+
+def _no_fallback(model: str) -> bool:
+    return False
+
+
+def _own_plan(request: web.Request, front: calls.Front) -> core_types.RouteDecision:
+    """The tokenize route of the model itself (``calls.plan`` without the fallback
+    models: their tokenizers count other numbers); 503 when none of its backends can
+    take it now."""
     ctx = context.get(request)
-    assert front.call.messages is not None
+    assert front.prompt is not None
+    started = time.perf_counter()
+    try:
+        with tracing.span("route") as span:
+            decided = ctx.svc.dispatcher.plan(front.canonical, front.prompt,
+                                              front.call.fields, "tokenize",
+                                              allows=_no_fallback)
+            if span is not None:
+                ops.routed(span, decided)
+    finally:
+        ctx.work_s += time.perf_counter() - started
+    return decided.route
+
+
+async def _own_route(request: web.Request, front: calls.Front) -> core_types.RouteDecision:
+    """:func:`_own_plan`, then the fair queue when its backends are saturated."""
+    route = _own_plan(request, front)
+    if not fairness.queues(request):
+        return route
+    return await fairness.hold(request, route, lambda: _own_plan(request, front))
+
+
+def _estimated(request: web.Request, front: calls.Front) -> web.Response:
+    """The router's count of the prompt, for a model no backend can tokenize: work on the
+    loop, measured into the request's charge as every tokenization is
+    (:func:`calls.admit_tokens`), in the tenant's partition of the tokenizers' memo."""
+    ctx = context.get(request)
+    assert front.call.messages is not None and front.prompt is not None
+    started = time.perf_counter()
     prompt = router_mod.Prompt.from_messages(front.call.messages)
+    prompt.partition(front.prompt.cache_salt)
     n = ctx.svc.router.prompt_tokens(prompt, front.canonical)
+    ctx.work_s += time.perf_counter() - started
     fairness.answered(request, 200, None)
     ctx.headers_sent = True
     return web.Response(body=orjson.dumps({"input_tokens": n}), content_type="application/json",
@@ -210,7 +261,16 @@ class Native(_Anthropic):
 class Counted(_Anthropic):
     """The engine's ``/tokenize`` answer as ``count_tokens``'s ``{"input_tokens"}``."""
 
+    def __init__(self, request: web.Request, store: cache_port.CacheDecision | None) -> None:
+        super().__init__(request, store)
+        self._counted = False
+
+    def start(self, attempt: dispatch.Attempt) -> None:
+        self._counted = attempt.status < 400    # a refusal counted nothing
+
     def headers(self) -> dict[str, str]:
+        if not self._counted:
+            return super().headers()
         return {**super().headers(), COUNT: "engine"}
 
     def whole(self, data: bytes) -> bytes:

@@ -78,10 +78,11 @@ def to_chat(body: Mapping[str, Any]) -> dict[str, Any]:
 def to_tokenize(body: Mapping[str, Any]) -> dict[str, Any]:
     """The ``/tokenize`` request (vLLM's chat form) that counts the prompt of a
     ``count_tokens`` request ``body``: its model, messages and tools as :func:`to_chat`
-    translates them (the same 400s), with the generation prompt, as the engine counts
-    a Message's ``input_tokens``. ``max_tokens`` is not asked for, as Anthropic's
-    ``count_tokens`` takes none."""
-    chat = to_chat({**body, "max_tokens": 1, "stream": False})
+    translates them (the same 400s, a ``stream`` that is no boolean included), with the
+    generation prompt, as the engine counts a Message's ``input_tokens``. ``max_tokens``
+    is not asked for, as Anthropic's ``count_tokens`` takes none; a boolean ``stream``
+    changes nothing (a count is one answer)."""
+    chat = to_chat({**body, "max_tokens": 1})
     out = {"model": chat["model"], "messages": chat["messages"], "add_generation_prompt": True}
     if "tools" in chat:
         out["tools"] = chat["tools"]

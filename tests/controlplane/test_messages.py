@@ -7,9 +7,11 @@ stream at a chosen chunk)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -94,6 +96,11 @@ async def test_no_route_wrong_method_and_undecodable_body_are_anthropic_shaped(
                     "Content-Encoding": "gzip"}) as r:
                 assert r.status == 400
                 _anthropic_error(r.status, await r.read(), r.headers, "invalid_request_error")
+            # a path that is under /v1/messages once normalised is Anthropic's too
+            for path in ("//v1/messages/x", "/v1//messages/x", "/v1/./messages/x"):
+                async with http.post(f"{cp.url}{path}", json={}, headers=key) as r:
+                    assert r.status == 404, path
+                    _anthropic_error(r.status, await r.read(), r.headers, "not_found_error")
             # other paths keep the OpenAI envelope, a look-alike prefix included
             async with http.post(f"{cp.url}/v1/messagesx", json={}, headers=key) as r:
                 assert (await r.json())["error"]["code"] == "unknown_route"
@@ -175,6 +182,113 @@ async def test_count_tokens_errors_are_anthropic_shaped() -> None:
     assert bad.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
     assert "messages" in bad.value.message
     assert unknown.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+
+
+async def test_count_tokens_refused_by_the_engine_says_no_count_and_stream_is_checked(
+        ) -> None:
+    async with t.backends(("no-tokenize", "ok")) as (engine,):     # /tokenize: its 404
+        s = t.settings(upstreams=[{"name": "engine", "url": engine.url, "models": [t.MODEL],
+                                   "tasks": ["tokenize"]}])
+        async with t.running(s) as cp, aiohttp.ClientSession() as http:
+            key = {"x-api-key": t.KEY_A, "anthropic-version": "2023-06-01"}
+            async with http.post(f"{cp.url}/v1/messages/count_tokens", json=CONVERSATION,
+                                 headers=key) as r:
+                assert r.status == 404
+                _anthropic_error(r.status, await r.read(), r.headers, "not_found_error")
+                assert "x-synapse-count" not in r.headers       # nothing was counted
+            async with http.post(f"{cp.url}/v1/messages/count_tokens", headers=key,
+                                 json={**CONVERSATION, "stream": "yes"}) as r:
+                assert r.status == 400      # as /v1/messages refuses it
+                _anthropic_error(r.status, await r.read(), r.headers, "invalid_request_error")
+                assert "stream" in (await r.json())["error"]["message"]
+            async with http.post(f"{cp.url}/v1/messages/count_tokens", headers=key,
+                                 json={**CONVERSATION, "stream": False}) as r:
+                assert r.status == 404      # a boolean passes (and the engine refuses)
+
+
+async def _until_down(cp: t.RunningCP, *keys: str) -> None:
+    for _ in range(400):
+        down = {b.key for b, why in cp.services.registry.all_backends() if why}
+        if down >= set(keys):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{keys} were never probed down")
+
+
+async def test_count_tokens_of_a_model_whose_tokenizers_are_down_is_an_error_not_a_guess(
+        ) -> None:
+    """While the model's own engines cannot count, the client hears so (503): neither the
+    router's estimate nor a fallback model's engine, whose tokenizer counts another
+    number, answers in their place."""
+    async with _simulator("generate", "tokenize") as url:
+        dead = "http://127.0.0.1:9"
+        s = t.settings(models=[{"name": t.MODEL, "aliases": ["llama"], "fallbacks": ["big"]},
+                               {"name": "big"}, {"name": "solo"}],
+                       upstreams=[{"name": "small", "url": dead, "models": [t.MODEL],
+                                   "tasks": ["generate", "tokenize"]},
+                                  {"name": "lone", "url": dead, "models": ["solo"],
+                                   "tasks": ["tokenize"]},
+                                  {"name": "big", "url": url, "models": ["big"],
+                                   "model_names": {"big": t.MODEL},     # the simulator's
+                                   "tasks": ["generate", "tokenize"]}])
+        async with t.running(s) as cp, _client(cp.url) as c:
+            await _until_down(cp, "static/small", "static/lone")
+            for model in ("llama", "solo"):
+                with pytest.raises(anthropic.InternalServerError) as err:
+                    await c.messages.count_tokens(**{**CONVERSATION, "model": model})
+                assert err.value.status_code == 503, model
+                assert err.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+                assert "x-synapse-count" not in err.value.response.headers
+            served = await c.messages.with_raw_response.count_tokens(
+                **{**CONVERSATION, "model": "big"})
+            assert served.headers["x-synapse-count"] == "engine"    # the fallback is up
+
+
+async def test_count_tokens_estimate_is_charged_to_the_tenants_share_of_the_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router's count tokenizes on the event loop (a body of the default size limit
+    held it about two seconds): its time goes into the tenant's charge
+    (``core.loop_share``), as a generating request's tokenizing does."""
+    chat_ids = tokenization.Approximate.chat_ids
+
+    def slow(self: tokenization.Approximate, messages: Sequence[Mapping[str, Any]],
+             *partition: int) -> tuple[int, ...]:
+        time.sleep(0.1)
+        return chat_ids(self, messages, *partition)
+    monkeypatch.setattr(tokenization.Approximate, "chat_ids", slow)
+    async with t.backends(("good", "ok")) as (good,):
+        s = t.settings(upstreams=[t.upstream("good", good.url)])    # generate only
+        async with t.running(s) as cp, _client(cp.url) as c:
+            share = cp.services.loop_share
+            charged: list[tuple[str, float]] = []
+            charge = share.charge
+            share.charge = lambda tenant, s: charged.append((tenant, s)) or charge(tenant, s)  # type: ignore[method-assign,func-returns-value,misc]
+            raw = await c.messages.with_raw_response.count_tokens(**CONVERSATION)
+            assert raw.headers["x-synapse-count"] == "estimate"
+            assert charged[-1][0] == "a" and charged[-1][1] >= 0.1, charged     # at its end
+            assert share.rationed() == ["a"]        # its next request waits its turn
+
+
+async def test_count_tokens_finds_nothing_another_tenant_sent_in_the_tokenizers_memo(
+        ) -> None:
+    """The approximation's memo of rendered messages is per tenant: a hit there, timed,
+    told tenant a that tenant b had just sent that message (review 91 F2)."""
+    secret = {"model": "llama", "system": "tenant b's own system prompt", "messages": [
+        {"role": "user", "content": "tenant b's own question, sent a moment ago " * 20}]}
+    chat = anthropic_request.to_chat({**secret, "max_tokens": 1})["messages"]
+    memo = tokenization._message_tokens
+    async with t.backends(("good", "ok")) as (good,):
+        s = t.settings(upstreams=[t.upstream("good", good.url)])    # predicted_ttft
+        async with t.running(s) as cp, _client(cp.url) as c, anthropic.AsyncAnthropic(
+                base_url=cp.url, api_key=t.KEY_B, max_retries=0) as other:
+            await other.messages.create(max_tokens=4, **secret)     # tokenized: b's
+            before = memo.cache_info()
+            first = await c.messages.count_tokens(**secret)
+            after = memo.cache_info()
+            again = await c.messages.count_tokens(**secret)
+    assert first.input_tokens == again.input_tokens
+    assert after.misses - before.misses >= len(chat), "b's messages answered a's count"
+    assert memo.cache_info().hits - after.hits == len(chat) + 1    # a's own memo serves a
 
 
 # -- the translated mode's stream ---------------------------------------------------------
