@@ -162,7 +162,8 @@ def plan(request: web.Request, front: Front, task: str) -> core_types.RouteDecis
     try:
         with tracing.span("route") as span:
             decided = svc.dispatcher.plan(front.canonical, front.prompt, front.call.fields,
-                                          task)  # type: ignore[arg-type]
+                                          task,  # type: ignore[arg-type]
+                                          allows=front.tenant.allows)
             if span is not None:
                 ops.routed(span, decided)
     finally:

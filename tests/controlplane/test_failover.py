@@ -10,6 +10,7 @@ import asyncio
 import json
 from typing import Any
 
+import aiohttp
 import openai
 import pydantic
 import pytest
@@ -57,6 +58,28 @@ async def test_a_fallback_the_tenant_may_not_use_is_skipped() -> None:
             assert raw.parse().choices[0].message.content == "hello from big"
             await a.close()
             await b.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/responses", "/tokenize"])
+async def test_a_fallback_the_tenant_may_not_use_is_skipped_on_every_path(path: str) -> None:
+    """Chat left out the fallbacks a tenant's allow-list refuses; the other paths routed
+    to them (helper-92, reading)."""
+    async with t.backends(("big", "ok")) as (big,):
+        s = with_fallback(t.upstream("small", "http://127.0.0.1:9"),
+                          t.upstream("big", big.url, [BIG]),
+                          auth={"tenants": [
+                              {"name": "a", "keys": [t.KEY_A], "allowed_models": ["llama"]}]})
+        body = {"model": "llama", "max_tokens": 8, "messages": MSGS, "input": "hi",
+                "prompt": "hi"}
+        async with t.running(s) as cp:
+            await _until_unhealthy(cp, "static/small")
+            async with aiohttp.ClientSession(headers={
+                    "Authorization": f"Bearer {t.KEY_A}"}) as session:
+                async with session.post(f"{cp.url}{path}", json=body) as resp:
+                    text = await resp.text()
+                    assert resp.status == 503, text
+                    assert "x-synapse-fallback" not in resp.headers
+                    assert BIG not in text
 
 
 @pytest.mark.parametrize("stream", [False, True])
