@@ -15,19 +15,36 @@ same node at once therefore both land; a read-modify-write would drop one of the
 ``desired`` is the complete set of control-plane-managed engines per node, keyed by
 backend name, holding BackendSpec fields as plain data (JSON names); the fleet service
 sends it to the node's agent as ``DesiredBackends`` whenever it changes.
+
+**A record that is not a node's intent** (edited by hand in the file or in Redis, written
+by a newer release) fails :meth:`NodeIntent.from_json` with :class:`BadRecord`. It must not
+take the other nodes down with it (one bad record used to fail every sync, so no node's
+cordon applied), nor be guessed at: :meth:`FleetIntent.refresh` leaves that node as this
+process last applied it (as an unreachable store leaves the whole fleet) and logs one
+ERROR naming the node, once per distinct bad text; the other nodes apply. The record is
+left in the store, for whoever wants to mend it by hand, until the next change to that
+node replaces it: :meth:`FleetIntent.update` then builds on what this process applied.
+The one rule serves both stores (the file, Redis), so an adapter never parses a record.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from controlplane import errors
 from controlplane.core import registry as registry_mod
 
+log = logging.getLogger("synapse.controlplane.fleet")
+
 MAX_ATTEMPTS = 64   # compare-and-set rounds before an update gives up (contention)
+
+
+class BadRecord(ValueError):
+    """A stored record that is not a node's intent."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,11 +61,26 @@ class NodeIntent:
 
     @classmethod
     def from_json(cls, text: str | None) -> NodeIntent:
+        """The intent ``text`` holds (None or empty: no intent); :class:`BadRecord` for
+        anything :meth:`to_json` does not write. Fields it does not know are ignored."""
         if not text:
             return cls()
-        data = json.loads(text)
-        return cls(bool(data.get("cordoned")), bool(data.get("draining")),
-                   str(data.get("reason", "")), dict(data.get("desired", {})))
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise BadRecord(f"not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise BadRecord("not a JSON object")
+        cordoned, draining = data.get("cordoned", False), data.get("draining", False)
+        reason, desired = data.get("reason", ""), data.get("desired", {})
+        if not isinstance(cordoned, bool) or not isinstance(draining, bool):
+            raise BadRecord("cordoned and draining must be true or false")
+        if not isinstance(reason, str):
+            raise BadRecord("reason must be a string")
+        if not isinstance(desired, dict) or not all(
+                isinstance(spec, dict) for spec in desired.values()):
+            raise BadRecord("desired must map engine names to objects")
+        return cls(cordoned, draining, reason, desired)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -99,6 +131,7 @@ class FleetIntent:
         self._registry = registry
         self.intents: dict[str, NodeIntent] = {}
         self._writes = 0            # updates this process stored (see refresh)
+        self._reported: dict[str, str] = {}     # node -> the bad record logged for it
 
     def get(self, node: str) -> NodeIntent:
         return self.intents.get(node, NodeIntent())
@@ -113,10 +146,11 @@ class FleetIntent:
         for _ in range(MAX_ATTEMPTS):
             try:
                 stored = await self._store.get(node)
-                before = NodeIntent.from_json(stored)
+                before, bad = self._parse(node, stored)
                 after = change(before)
-                # Nothing to write (the change was already there): what was read is current.
-                written = after == before or \
+                # Nothing to write (the change was already there): what was read is current;
+                # a bad record is replaced all the same.
+                written = (after == before and not bad) or \
                     await self._store.compare_and_set(node, stored, after.to_json())
             except errors.SynapseError:
                 raise
@@ -124,6 +158,10 @@ class FleetIntent:
                 raise errors.Unavailable(f"cannot store the change durably: {exc}",
                                          code="intent_store_unavailable") from None
             if written:
+                if bad:
+                    log.warning("the stored intent of node %r was unreadable: replaced by "
+                                "this change, made to the intent last applied", node)
+                    self._reported.pop(node, None)
                 self._writes += 1
                 self.intents[node] = after
                 self.apply()
@@ -143,13 +181,31 @@ class FleetIntent:
         before that write, and taking it would undo the update here (a cordon lifted, a
         deploy re-sent without its engine) until the next load."""
         writes = self._writes
-        loaded = {k: NodeIntent.from_json(v) for k, v in (await self._store.load()).items()}
+        records = await self._store.load()
         if self._writes != writes:
             return set()
+        loaded = {node: self._parse(node, text)[0] for node, text in records.items()}
+        for node in set(self._reported) - set(records):
+            del self._reported[node]
         changed = {n for n in set(loaded) | set(self.intents)
                    if loaded.get(n, NodeIntent()).desired != self.get(n).desired}
         self.intents = loaded
         return changed
+
+    def _parse(self, node: str, text: str | None) -> tuple[NodeIntent, bool]:
+        """The node's intent from its stored record, and whether the record was bad: a bad
+        one stands for what this process applied last (see the module docstring)."""
+        try:
+            parsed = NodeIntent.from_json(text)
+        except BadRecord as exc:
+            if self._reported.get(node) != text:
+                self._reported[node] = text or ""
+                log.error("the stored intent of node %r is unreadable (%s): ignored, the "
+                          "node keeps the intent applied before (none after a start); the "
+                          "next cordon, drain or deploy on it replaces the record", node, exc)
+            return self.get(node), True
+        self._reported.pop(node, None)
+        return parsed, False
 
     def apply(self) -> None:
         # Only real changes touch the registry: each one bumps its routing-set version.

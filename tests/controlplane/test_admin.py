@@ -457,6 +457,33 @@ async def test_a_cordon_and_a_deploy_outlive_a_restart_without_redis(
         await second.stop()
 
 
+async def test_a_cordon_made_without_redis_holds_once_redis_is_configured(
+        redis_server: harness.RedisServer, tmp_path: pathlib.Path) -> None:
+    """Review 91 F4: the first load from the new, empty Redis wrote {} over
+    fleet_intent.json: the cordoned node was routed again and the cordon gone from disk."""
+    first = await Replica(settings(data_dir=tmp_path / "data")).start()
+    try:
+        admin = Admin(first.address)
+        await admin("CordonNode", admin_pb2.CordonNodeRequest(name="gpu-a", reason="bad GPU"))
+        await admin.channel.close()
+    finally:
+        await first.stop()
+    second = await Replica(settings(redis_server.url, data_dir=tmp_path / "data")).start()
+    third = await Replica(settings(redis_server.url)).start()     # shares only Redis
+    agent = AgentStandIn("gpu-a")
+    try:
+        await agent.connect(second.address)
+        await eventually(lambda: second.services.registry.node("gpu-a") is not None, "node")
+        await eventually(lambda: second.services.registry.node("gpu-a").cordoned, "cordon")
+        assert second.services.registry.routable(MODEL) == []
+        await third.fleet.reconcile()
+        assert third.fleet.intent.get("gpu-a").reason == "bad GPU"
+    finally:
+        await agent.close()
+        await second.stop()
+        await third.stop()
+
+
 async def test_an_upstreams_url_credentials_are_masked_in_admin_answers_and_the_repr(
         ) -> None:
     """Probe 82 F5: ``synapsectl get backends`` (and ``-o json``, ``get models -o yaml``)

@@ -4,6 +4,9 @@ it was reading."""
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from controlplane.core import intent, registry
 from synapse_common import clock as clocks
@@ -36,3 +39,50 @@ async def test_a_load_overtaken_by_an_update_does_not_undo_it() -> None:
     assert fleet_intent.get("gpu-1").cordoned           # and the cordon still applies
     store.release.set()
     assert await fleet_intent.sync() == set() and fleet_intent.get("gpu-1").cordoned
+
+
+CORDONED = intent.NodeIntent(cordoned=True, reason="bad GPU").to_json()
+
+
+@pytest.mark.parametrize("bad", ["not json", "[]", '{"desired": 5}', '{"cordoned": "yes"}',
+                                 '{"desired": {"e": "m"}}', "[" * 100_000])
+async def test_a_bad_record_is_ignored_once_with_an_error_and_the_others_apply(
+        caplog: pytest.LogCaptureFixture, bad: str) -> None:
+    """Review 91 F3: one record that did not parse failed every sync, so no node's cordon
+    applied (after a restart every node was served), and a change to it got 503."""
+    store = intent.MemoryIntentStore()
+    await store.compare_and_set("gpu-1", None, bad)
+    await store.compare_and_set("gpu-2", None, CORDONED)
+    reg = registry.Registry(clocks.monotonic, 30)
+    fleet_intent = intent.FleetIntent(store, reg)
+    with caplog.at_level(logging.ERROR, "synapse.controlplane.fleet"):
+        for _ in range(3):
+            await fleet_intent.sync()
+    assert fleet_intent.get("gpu-2").cordoned and fleet_intent.get("gpu-2").reason == "bad GPU"
+    errors = [r.message for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "'gpu-1'" in errors[0], errors      # once, naming it
+    assert not fleet_intent.get("gpu-1").cordoned
+    await fleet_intent.set_fields("gpu-1", cordoned=True)           # replaces the record
+    assert intent.NodeIntent.from_json(await store.get("gpu-1")).cordoned
+    await fleet_intent.sync()
+    assert fleet_intent.get("gpu-1").cordoned and fleet_intent.get("gpu-2").cordoned
+
+
+async def test_a_record_spoiled_while_running_leaves_the_node_as_applied(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A hand edit that breaks a cordoned node's record must not put the node back into
+    routing, nor stop its engines."""
+    store = intent.MemoryIntentStore()
+    fleet_intent = intent.FleetIntent(store, registry.Registry(clocks.monotonic, 30))
+    await fleet_intent.set_fields("gpu-1", cordoned=True, desired={"e": {"model": "m"}})
+    stored = await store.get("gpu-1")
+    assert await store.compare_and_set("gpu-1", stored, '{"cordoned": tru')
+    with caplog.at_level(logging.ERROR, "synapse.controlplane.fleet"):
+        assert await fleet_intent.sync() == set()                   # no engine to stop
+    assert fleet_intent.get("gpu-1").cordoned
+    assert fleet_intent.get("gpu-1").desired == {"e": {"model": "m"}}
+    assert any("'gpu-1'" in r.message for r in caplog.records if r.levelno == logging.ERROR)
+    # Uncordoning builds on what applied: the engine stays deployed, the record is mended.
+    await fleet_intent.set_fields("gpu-1", cordoned=False)
+    assert intent.NodeIntent.from_json(await store.get("gpu-1")) == intent.NodeIntent(
+        reason="", desired={"e": {"model": "m"}})
