@@ -26,8 +26,11 @@ CONTEXT_FIELDS = ("request_id", "node", "tenant", "backend", "model")
 _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
     "synapse_log_context", default={})  # noqa: B039 - never mutated, replaced on bind
 
-# "user:password@" after "scheme://", to the authority's last "@" (a password may hold one)
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#\s]*@")
+# "user:password@" after "scheme://", to the authority's last "@" (a password may hold one).
+# Whitespace and control characters do not end it: URL parsers drop a tab or a newline
+# and percent-encode a space, so "user:pa ss\t@host" works and its password must not show.
+# Text after a URL with no path may be hidden up to a later "@": the safe side.
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#]*@")
 _PLAIN = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\u2028\u2029]*")     # a value as it is
 
 _STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {

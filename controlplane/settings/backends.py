@@ -66,6 +66,16 @@ class UpstreamSettings(Section):
         for name, value in super().__repr_args__():
             yield name, logs.mask_url_credentials(value) if name == "url" else value
 
+    @pydantic.field_validator("url")
+    @classmethod
+    def _url_is_one_printable_token(cls, value: str) -> str:
+        # A tab or a space in user:password@ still works (URL parsers drop or encode it)
+        # but splits the URL wherever it is shown, and the password showed with it.
+        if any(c.isspace() or not c.isprintable() for c in value):
+            raise ValueError("holds whitespace or control characters; percent-encode them "
+                             "(a space is %20)")
+        return value
+
     @pydantic.model_validator(mode="after")
     def _mapped_models_are_served(self) -> UpstreamSettings:
         for name in self.model_names:

@@ -33,6 +33,11 @@ CASES = [
     ("controlplane", f"auth:\n  tenants:\n  - {{name: a, keys: {S}}}\n", "auth.tenants.0.keys"),
     ("controlplane", f"auth:\n  agent_token: {{literal: {S}, extra: 1}}\n", "auth.agent_token"),
     ("controlplane", "upstreams:\n- {name: x, url: 'ftp://h', models: [m]}\n", "upstreams.0.url"),
+    # a tab in user:password@ works (the client drops it) but got the password past the mask
+    ("controlplane", f'upstreams:\n- {{name: x, url: "http://u:{S}\\t@h", models: [m]}}\n',
+     "upstreams.0.url: holds whitespace or control characters"),
+    ("controlplane", f"upstreams:\n- {{name: x, url: 'http://u:{S} @h', models: [m]}}\n",
+     "upstreams.0.url: holds whitespace"),
     ("controlplane", "upstreams:\n- {name: x, url: 'http://a', models: [m]}\n"
                      "- {name: x, url: 'http://b', models: [m]}\n", "upstreams[1].name"),
     ("controlplane", "models:\n- {name: a, fallbacks: [b]}\n- {name: b, fallbacks: [a]}\n",
