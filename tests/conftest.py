@@ -18,6 +18,18 @@ SHARED = REPO.parent / "shared"
 
 
 @pytest.fixture(scope="session", autouse=True)
+def away_from_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The whole run works in a directory of its own, set before any other fixture: what a
+    process started without ``data_dir`` keeps in ``./.synapse`` (the fleet intent, its
+    lock) must not land in the checkout, whatever the fixture's scope or the test's folder.
+    Tests reach the repository's files through ``REPO``, never the working directory;
+    tests/controlplane/conftest.py gives each of its tests a directory of its own too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("cwd"))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def pod_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """With ``SYNAPSE_TEST_WORKERS`` above 1: the redis-server that fleets without one of
     their own share as pods (a database each: ``tests.fleet.as_pod``)."""

@@ -25,5 +25,7 @@ def own_working_directory(tmp_path_factory: pytest.TempPathFactory,
                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test runs in a directory of its own: a control plane built without
     ``data_dir`` keeps its state, the fleet intent among it, in ``./.synapse``, and a
-    cordon or a deploy one test made must not reach the next (or another checkout's run)."""
+    cordon or a deploy one test made must not reach the next. Fixtures of a wider scope run
+    before this one, in the run's own directory (``tests/conftest.py``), never the
+    checkout."""
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
