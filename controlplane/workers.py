@@ -98,8 +98,9 @@ def cpu_quota(cgroup: pathlib.Path = CGROUP) -> float | None:
 def why_one(settings: config.ControlPlaneSettings) -> str | None:
     """Why these settings cannot run more than one worker (None: they can)."""
     if settings.redis.url is None:
-        return ("redis.url is not set: operator intent, rate limits and usage would live "
-                "in each worker's memory")
+        return ("redis.url is not set: rate limits and usage would live in each worker's "
+                "memory, each worker enforcing them alone (the operator intent is kept "
+                "in data_dir/fleet_intent.json)")
     c = settings.cache
     if c.enabled and c.semantic_enabled and (
             c.milvus_uri is None or l2_store.is_file(c.milvus_uri.get_secret_value())):

@@ -42,6 +42,13 @@ def test_auto_runs_one_process_when_the_state_cannot_be_shared(
         workers.count(t.settings(http={"workers": 2}, **sections))
 
 
+def test_the_reason_says_where_the_intent_is_kept_without_redis() -> None:
+    """It said the operator intent lived in each worker's memory: it is in the data
+    directory since the file store."""
+    reason = workers.why_one(t.settings())
+    assert reason is not None and "data_dir/fleet_intent.json" in reason
+
+
 def test_an_explicit_count_is_kept() -> None:
     s = t.settings(redis=REDIS, cache={"semantic_enabled": False}, http={"workers": 3})
     assert workers.count(s, available=1) == 3
