@@ -10,10 +10,16 @@ caller to read with the kind's names. A healthy target turns unhealthy after
 callbacks (the registry); only the transitions are logged, with the URL (never the headers: they may hold the key).
 ``on_round`` is called once, after the first round (every target probed once). A target
 with a ``document_url`` (a kind-less upstream's ``/openapi.json``) has it fetched after a
-healthy probe until it answers once, and the answer goes to ``on_document``: the first
-round waits for those fetches, so what the server is is learnt before ``/ready`` says
-the replica is; later ones run beside the schedule (vLLM builds the document on its
-first request, hence a time limit of its own, which must not hold up other probes).
+healthy probe until it answers for certain, and that answer goes to ``on_document``: a
+200 (the document, at most :data:`DOCUMENT_BYTES` read from the connection; a longer
+one is given as empty), or a 404 or 405 (the server has none). Any other status or no
+answer (a proxy warming up, a time-out) is asked again after the next healthy probe, as
+a server that said nothing for certain may take the field after all. It is read again
+whenever the target turns healthy after being unhealthy: another server may answer at
+its URL now. The first round waits for those fetches, so what the server is is learnt
+before ``/ready`` says the replica is; later ones run beside the schedule (vLLM builds
+the document on its first request, hence a time limit of its own, which must not hold
+up other probes).
 
 Time is injected (``clock``, ``sleep``: :mod:`synapse_common.clock`), so tests run the
 schedule without waiting.
@@ -24,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
 from controlplane import errors
@@ -35,6 +41,7 @@ log = logging.getLogger("synapse.controlplane.prober")
 METRICS_BYTES = 4 * 1024 * 1024
 DOCUMENT_BYTES = 16 * 1024 * 1024
 DOCUMENT_TIMEOUT_S = 15.0
+DOCUMENT_STATUSES = frozenset({200, 404, 405})  # answers that say what the server has
 
 
 class _Answer(Protocol):
@@ -42,6 +49,8 @@ class _Answer(Protocol):
     def status(self) -> int: ...
 
     async def read(self) -> bytes: ...
+
+    async def next_chunk(self, timeout_s: float | None = None) -> bytes | None: ...
 
     def close(self) -> None: ...
 
@@ -67,17 +76,31 @@ class Target:
     document_url: str | None = None     # fetched once it answers (after a healthy probe)
 
 
-async def _get(client: Sender, url: str, headers: Mapping[str, str],
-               timeout_s: float) -> tuple[int, bytes] | None:
+async def _get(client: Sender, url: str, headers: Mapping[str, str], timeout_s: float,
+               limit: int | None = None) -> tuple[int, bytes] | None:
+    """The status and body of a GET (None: no answer in time); with ``limit``, no more
+    than ``limit`` + 1 bytes of the body are read (more than ``limit``: too long)."""
     try:
         async with asyncio.timeout(timeout_s):
             resp = await client.send("GET", url, b"", headers, timeout_s)
             try:
-                return resp.status, await resp.read()
+                return resp.status, (await resp.read() if limit is None
+                                     else await _read_at_most(resp, limit + 1))
             finally:
                 resp.close()
     except (errors.UpstreamError, errors.UpstreamTimeout, TimeoutError):
         return None
+
+
+async def _read_at_most(resp: _Answer, limit: int) -> bytes:
+    """The body, or its first bytes once ``limit`` of them arrived (the rest is left on
+    the connection, which closing then drops)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit and (chunk := await resp.next_chunk()) is not None:
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)[:limit]
 
 
 async def probe(client: Sender, target: Target) -> bool:
@@ -92,7 +115,8 @@ async def metrics_text(client: Sender, target: Target) -> str | None:
     """The target's metrics exposition, or None when it could not be fetched."""
     if target.metrics_url is None:
         return None
-    answer = await _get(client, target.metrics_url, target.metrics_headers, target.timeout_s)
+    answer = await _get(client, target.metrics_url, target.metrics_headers, target.timeout_s,
+                        METRICS_BYTES)
     if answer is None or answer[0] != 200 or len(answer[1]) > METRICS_BYTES:
         return None
     return answer[1].decode("utf-8", "replace")
@@ -108,12 +132,12 @@ class Prober:
     _: dataclasses.KW_ONLY
     on_metrics: Callable[[str, str | None], None] | None = None
     on_round: Callable[[], None] | None = None
-    on_document: Callable[[str, int, bytes], None] | None = None
+    on_document: Callable[[str, int, bytes], Awaitable[None]] | None = None
     clock: clocks.Clock = clocks.monotonic
     sleep: clocks.Sleep = clocks.sleep
     _last: dict[str, bool] = dataclasses.field(default_factory=dict, init=False)
     _failures: dict[str, int] = dataclasses.field(default_factory=dict, init=False)
-    _documents: set[str] = dataclasses.field(default_factory=set, init=False)   # answered
+    _documents: set[str] = dataclasses.field(default_factory=set, init=False)   # read
     _fetching: dict[str, asyncio.Task[None]] = dataclasses.field(default_factory=dict,
                                                                  init=False)
     _due: dict[str, float] = dataclasses.field(init=False)
@@ -149,6 +173,8 @@ class Prober:
         # packet) does not take a healthy upstream out of routing.
         healthy = ok or (target.key in self._last and self._last[target.key]
                          and failures < target.fail_after)
+        if healthy and self._last.get(target.key) is False:
+            self._documents.discard(target.key)     # back: maybe another server now
         if self._last.get(target.key) != healthy:
             log.log(logging.INFO if healthy else logging.WARNING, "upstream %s is %s (%s)",
                     target.key, "healthy" if healthy else "unhealthy", target.url)
@@ -164,10 +190,11 @@ class Prober:
     async def _document(self, target: Target) -> None:
         assert target.document_url is not None
         answer = await _get(self.client, target.document_url, target.headers,
-                            DOCUMENT_TIMEOUT_S)
-        if answer is None:
-            return          # no answer: asked again after the next healthy probe
+                            DOCUMENT_TIMEOUT_S, DOCUMENT_BYTES)
+        if answer is None or answer[0] not in DOCUMENT_STATUSES:
+            return          # nothing certain: asked again after the next healthy probe
         self._documents.add(target.key)
         if self.on_document is not None:
             status, body = answer
-            self.on_document(target.key, status, body if len(body) <= DOCUMENT_BYTES else b"")
+            await self.on_document(target.key, status,
+                                   body if len(body) <= DOCUMENT_BYTES else b"")

@@ -8,14 +8,17 @@ asked at most once a minute unless configured otherwise) and, for engines with m
 the ``/metrics`` URL whose text becomes the backend's load in the registry. The first
 round of probes marks the registry's static part as synced for ``/ready``.
 
-A kind-less upstream also has its ``/openapi.json`` read once it answers a probe
-(:func:`learnt`): a server whose chat or completions request schema has ``cache_salt``
-(vLLM, the simulator) is salted per tenant from then on; otherwise, when tenants share
-it, the warning of :func:`controlplane.core.cache_salt.warning` is logged.
+A kind-less upstream also has its ``/openapi.json`` read once it answers a probe, and
+again whenever it comes back after being unhealthy (:class:`_Learner`): a server whose
+chat or completions request schema has ``cache_salt`` (vLLM, the simulator) is salted
+per tenant from then on; otherwise, when tenants share it, the warning of
+:func:`controlplane.core.cache_salt.warning` is logged.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 
 import orjson
@@ -65,23 +68,44 @@ def build(svc: services_mod.Services) -> prober.Prober:
 
     return prober.Prober(svc.upstream, targets(svc), svc.registry.set_static_health,
                          on_metrics=on_metrics,
-                         on_document=lambda key, status, body: learnt(svc, key, status, body),
+                         on_document=_Learner(svc).learnt,
                          on_round=lambda: readiness.state(svc).static_probed())
 
 
-def learnt(svc: services_mod.Services, key: str, status: int, body: bytes) -> None:
-    """A kind-less upstream's ``/openapi.json`` answered: salt it if it takes the field,
-    else warn when tenants share its prefix cache."""
+class _Learner:
+    """What kind-less upstreams' documents said (read again after an upstream came back):
+    the registry is told each time, the log only when it changed."""
+
+    def __init__(self, svc: services_mod.Services) -> None:
+        self._svc = svc
+        self._said: dict[str, bool] = {}
+
+    async def learnt(self, key: str, status: int, body: bytes) -> None:
+        """A kind-less upstream's ``/openapi.json`` answered (a 200, else it has none):
+        salt it if it takes the field, else warn when tenants share its prefix cache. The
+        document is parsed off the event loop: it is the server's and may be large."""
+        svc = self._svc
+        takes = status == 200 and await asyncio.to_thread(_offers, body)
+        backend = next((b for b in svc.registry.static_backends() if b.key == key), None)
+        if backend is None:
+            return
+        table = svc.tenants
+        users = table.tenants() if table.enabled else []
+        names = cache_salt.sharing(dataclasses.replace(backend, takes_salt=False), users)
+        svc.registry.set_static_salted(key, takes, bool(names))
+        if self._said.get(key) == takes:
+            return
+        self._said[key] = takes
+        if takes:
+            log.info("upstream %s takes cache_salt (its /openapi.json): its prefix cache "
+                     "is partitioned per tenant", key)
+        elif names:
+            log.warning("%s", cache_salt.warning(
+                dataclasses.replace(backend, takes_salt=False), names))
+
+
+def _offers(body: bytes) -> bool:
     try:
-        document = orjson.loads(body) if status == 200 else None
+        return cache_salt.offered(orjson.loads(body))
     except orjson.JSONDecodeError:
-        document = None
-    if cache_salt.offered(document):
-        svc.registry.set_static_salted(key)
-        log.info("upstream %s takes cache_salt (its /openapi.json): its prefix cache is "
-                 "partitioned per tenant", key)
-        return
-    backend = next((b for b in svc.registry.static_backends() if b.key == key), None)
-    if backend is not None and backend.shares_cache:
-        names = cache_salt.sharing(backend, svc.tenants.tenants())
-        log.warning("%s", cache_salt.warning(backend, names))
+        return False

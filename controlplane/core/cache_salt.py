@@ -72,6 +72,7 @@ _FIELD_BYTES = b'"cache_salt"'
 # its bytes appearing (``"cache\u005fsalt"``). Non-ASCII escapes cannot spell it.
 _ASCII_ESCAPE = re.compile(rb"\\u00[2-7][0-9a-fA-F]")
 SALTS_KEPT = 4096      # (tenant, client salt) pairs whose salt is kept
+WALK_NODES = 10_000    # schemas of a server's document looked at, at most
 KEY_CONTEXT = b"synapse/cache-salt/v1"
 
 
@@ -163,7 +164,7 @@ def offered(document: Any) -> bool:
     for path in SCHEMA_PATHS:
         post = _at(paths, path, "post")
         schema = _at(post, "requestBody", "content", "application/json", "schema")
-        if FIELD in _properties(document, schema, depth=4):
+        if FIELD in _properties(document, schema):
             return True
     return False
 
@@ -174,19 +175,32 @@ def _at(obj: Any, *keys: str) -> Any:
     return obj
 
 
-def _properties(document: Mapping[str, Any], schema: Any, depth: int) -> set[str]:
+def _properties(document: Mapping[str, Any], schema: Any) -> set[str]:
     """The property names of ``schema``: through local ``$ref`` and ``allOf`` /
-    ``anyOf`` / ``oneOf`` (as FastAPI and pydantic write them), ``depth`` levels deep."""
-    if not isinstance(schema, Mapping) or depth < 0:
-        return set()
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/"):
-        return _properties(document, _at(document, *ref[2:].split("/")), depth - 1)
-    found = set(schema.get("properties") or ()) if isinstance(
-        schema.get("properties"), Mapping) else set()
-    for key in ("allOf", "anyOf", "oneOf"):
-        for inner in schema.get(key) or ():
-            found |= _properties(document, inner, depth - 1)
+    ``anyOf`` / ``oneOf`` (as FastAPI and pydantic write them). Each reference is
+    followed once and at most :data:`WALK_NODES` schemas are looked at: a document is the
+    server's, and one that referred to the same schema many times over cost work that
+    grew with the square of its size (minutes of a blocked event loop)."""
+    found: set[str] = set()
+    followed: set[str] = set()
+    todo = [schema]
+    for _ in range(WALK_NODES):
+        if not todo:
+            break
+        node = todo.pop()
+        if not isinstance(node, Mapping):
+            continue
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/"):
+            if ref not in followed:
+                followed.add(ref)
+                todo.append(_at(document, *ref[2:].split("/")))
+            continue
+        if isinstance(props := node.get("properties"), Mapping):
+            found.update(k for k in props if isinstance(k, str))
+        for key in ("allOf", "anyOf", "oneOf"):
+            if isinstance(inner := node.get(key), list):
+                todo.extend(inner[:WALK_NODES])
     return found
 
 

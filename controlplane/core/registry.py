@@ -289,12 +289,16 @@ class Registry:
             self._static_healthy[key] = healthy
             self.version += 1
 
-    def set_static_salted(self, key: str) -> None:
-        """A kind-less static upstream showed that it takes ``cache_salt``
-        (``core.cache_salt.offered``): salted from now on, its prefix cache not shared."""
+    def set_static_salted(self, key: str, takes: bool, shares: bool) -> None:
+        """What a kind-less static upstream's document said (``core.cache_salt.offered``):
+        whether it ``takes`` ``cache_salt`` (salted from now on, its prefix cache not
+        shared), and, when it does not, whether tenants then ``shares`` its prefix cache.
+        Said again whenever the document is read again: another server may answer at the
+        upstream's URL."""
         b = self._static.get(key)
-        if b is not None and not b.takes_salt:
-            self._static[key] = dataclasses.replace(b, takes_salt=True, shares_cache=False)
+        if b is not None and (b.takes_salt, b.shares_cache) != (takes, shares and not takes):
+            self._static[key] = dataclasses.replace(b, takes_salt=takes,
+                                                    shares_cache=shares and not takes)
             self.version += 1
 
     def set_static_load(self, key: str, load: types.EngineLoad) -> None:

@@ -234,3 +234,31 @@ def test_counts_are_hidden_when_the_answer_does_not_parse_or_is_not_an_integer(a
         assert b"272" not in out, out
         assert b'"prompt_tokens":300' in out or b'"input_tokens":300' in out, out
     assert streamed.startswith(b"data: ") and streamed.endswith(b"\r\n\r\n")
+
+
+class _Counted(dict):
+    """A schema that counts how often it is looked at."""
+
+    looks = 0
+
+    def get(self, key, default=None):
+        _Counted.looks += 1
+        return super().get(key, default)
+
+
+def test_a_document_that_refers_to_its_schemas_many_times_is_read_in_bounded_work():
+    """Review 90, F4: every ``$ref`` was followed again each time it was met, so a
+    schema whose ``allOf`` named the same schemas many times over cost work that grew
+    with the square of the document (a 340 KB one blocked the event loop for minutes).
+    Each reference is followed once, and the schemas looked at are bounded."""
+    schemas = {f"S{i}": _Counted(allOf=[{"$ref": f"#/components/schemas/S{i + 1}"}] * 40)
+               for i in range(6)}
+    schemas["S6"] = _Counted(properties={"cache_salt": {}})
+    doc = _document({"allOf": [{"$ref": "#/components/schemas/S0"}] * 40})
+    doc["components"]["schemas"].update(schemas)
+    _Counted.looks = 0
+    assert cache_salt.offered(doc), "found behind the references all the same"
+    assert _Counted.looks < 100, _Counted.looks
+    wide = _document({"anyOf": [{"properties": {f"f{i}": {}}} for i in range(50_000)]
+                      + [{"properties": {"cache_salt": {}}}]})
+    assert not cache_salt.offered(wide), "past the schemas looked at: not salted"

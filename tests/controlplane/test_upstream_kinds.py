@@ -318,9 +318,13 @@ async def test_a_kindless_vllm_learns_from_its_openapi_that_it_takes_the_salt() 
 class _Answer:
     def __init__(self, status: int, body: bytes = b"{}") -> None:
         self.status, self.body = status, body
+        self.chunks = [body]
 
     async def read(self) -> bytes:
         return self.body
+
+    async def next_chunk(self, timeout_s: float | None = None) -> bytes | None:
+        return self.chunks.pop(0) if self.chunks else None
 
     def close(self) -> None:
         pass
@@ -357,13 +361,14 @@ async def test_an_upstreams_document_is_read_once_and_a_slow_one_holds_up_no_pro
             hold.set()
         await asyncio.sleep(0.01)
 
+    async def document(key: str, status: int, body: bytes) -> None:
+        documents.append((key, status, asked.count("health")))
+
     targets = [prober_mod.Target("static/u", "http://u/health", interval_s=1.0,
                                  document_url="http://u/openapi.json")]
     run = asyncio.create_task(prober_mod.Prober(
         Sender(), targets, lambda k, ok: None, on_round=lambda: asked.append("round"),
-        on_document=lambda key, status, body: documents.append(
-            (key, status, asked.count("health"))),
-        clock=clock, sleep=sleep).run())
+        on_document=document, clock=clock, sleep=sleep).run())
     await until(lambda: bool(documents), "the document read")
     await until(lambda: asked.count("health") >= 12, "probes after it")
     run.cancel()
@@ -385,9 +390,15 @@ class CachingEngine:
 
     def __init__(self) -> None:
         self.runner: web.AppRunner | None = None
+        self.salts: list[str | None] = []    # the cache_salt of each chat request
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/health", self.health)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        self.salts.append(body.get("cache_salt"))
         if body["messages"][-1]["content"] == "refuse":
             return web.json_response({"error": {"message": "invalid request for key "
                                                 f"{request.headers.get('Authorization')}",
@@ -417,8 +428,7 @@ class CachingEngine:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[str]:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_get("/health", self.health)
+        self.routes(app)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", 0).start()
@@ -542,3 +552,139 @@ async def test_an_upstreams_refusal_reaches_the_tenant_without_its_api_key() -> 
                 body = await r.text()
             assert body.startswith('{"type":"error"') and "[its api_key]" in body
             assert KEY[8:20] not in body
+
+
+class _Endless(_Answer):
+    """A 200 whose body never ends (1 MiB a read); reading it whole fails the test."""
+
+    def __init__(self) -> None:
+        super().__init__(200)
+        self.reads = 0
+
+    async def read(self) -> bytes:
+        raise AssertionError("the whole body was read")
+
+    async def next_chunk(self, timeout_s: float | None = None) -> bytes | None:
+        self.reads += 1
+        return b" " * (1 << 20)
+
+
+async def _documents_read(answers: Callable[[int], _Answer | Exception],
+                          health: Callable[[int], int], probes: int,
+                          ) -> tuple[list[tuple[int, int]], int]:
+    """Runs a prober over one kind-less target for ``probes`` health probes: ``health``
+    gives the n-th probe's status, ``answers`` the n-th document fetch's answer. The
+    documents given to ``on_document`` (status, size) and how many fetches were made."""
+    fetched = 0
+    done: list[tuple[int, int]] = []
+    probed = 0
+
+    class Sender:
+        async def send(self, method: str, url: str, body: bytes, headers: object,
+                       timeout_s: float | None = None) -> _Answer:
+            nonlocal fetched, probed
+            if url.endswith("/openapi.json"):
+                fetched += 1
+                answer = answers(fetched)
+                if isinstance(answer, Exception):
+                    raise answer
+                return answer
+            probed += 1
+            return _Answer(health(probed))
+
+    async def document(key: str, status: int, body: bytes) -> None:
+        done.append((status, len(body)))
+
+    clock = ManualClock()
+
+    async def sleep(seconds: float) -> None:
+        clock.now += seconds
+        await asyncio.sleep(0.01)
+
+    targets = [prober_mod.Target("static/u", "http://u/health", interval_s=1.0, fail_after=1,
+                                 document_url="http://u/openapi.json")]
+    run = asyncio.create_task(prober_mod.Prober(
+        Sender(), targets, lambda k, ok: None, on_document=document,
+        clock=clock, sleep=sleep).run())
+    await until(lambda: probed >= probes, f"{probes} probes")
+    await asyncio.sleep(0.05)
+    run.cancel()
+    return done, fetched
+
+
+async def test_a_document_that_said_nothing_for_certain_is_asked_for_again() -> None:
+    """Review 90, F5: any answer marked the document read for good, so a vLLM whose
+    document answered 503 once (a proxy warming up) was never asked again and stayed
+    unsalted, its prefix cache shared, until a restart. Only a 200, or a 404 / 405 (no
+    document), is an answer; anything else is asked again after a healthy probe."""
+    statuses = {1: 503, 2: 502}
+    done, fetched = await _documents_read(
+        lambda n: errors.UpstreamReadError("reset") if n == 3
+        else _Answer(statuses.get(n, 200), b'{"paths": {}}'), lambda n: 200, 8)
+    assert done == [(200, 13)] and fetched == 4
+    done, fetched = await _documents_read(lambda n: _Answer(404, b"no"), lambda n: 200, 6)
+    assert done == [(404, 2)] and fetched == 1, "no document: asked once"
+
+
+async def test_a_document_is_read_again_when_its_upstream_comes_back() -> None:
+    """Review 90, F5: learnt once, the answer held for good, so another server put
+    behind the URL (one without the field) kept being counted as salted and its counts
+    were not hidden. An upstream that comes back after being unhealthy is read again."""
+    done, fetched = await _documents_read(
+        lambda n: _Answer(200, b'{"paths": {}}'), lambda n: 503 if n in (3, 4) else 200, 8)
+    assert fetched == 2 and len(done) == 2
+
+
+async def test_a_documents_read_stops_past_its_limit() -> None:
+    """Review 90, F4: the whole body was read (up to 256 MiB), and only then was its
+    length checked against the document's 16 MiB."""
+    endless = _Endless()
+    done, _ = await _documents_read(lambda n: endless, lambda n: 200, 2)
+    assert done == [(200, 0)], "too long: no document"
+    assert endless.reads == prober_mod.DOCUMENT_BYTES // (1 << 20) + 1
+
+
+class SwappedEngine(CachingEngine):
+    """A server whose ``/openapi.json`` shows ``cache_salt`` until it is swapped for one
+    without it (down for a while in between)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.takes = True, True
+
+    def routes(self, app: web.Application) -> None:
+        super().routes(app)
+        app.router.add_get("/openapi.json", self.document)
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({}, status=200 if self.up else 503)
+
+    async def document(self, request: web.Request) -> web.Response:
+        fields = {"messages": {}, **({"cache_salt": {}} if self.takes else {})}
+        return web.json_response({"paths": {"/v1/chat/completions": {"post": {
+            "requestBody": {"content": {"application/json": {"schema": {
+                "properties": fields}}}}}}}})
+
+
+async def test_a_server_swapped_behind_an_upstreams_url_is_learnt_again(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review 90, F5: the document was read once, so a URL that came to point at a
+    server without the field kept being sent ``cache_salt`` and counted as salted: no
+    warning, its cached counts not hidden. Read again once it is back."""
+    engine = SwappedEngine()
+    async with engine.running() as url:
+        s = t.settings(models=[{"name": t.MODEL, "aliases": ["llama"]}],
+                       upstreams=[{"name": "plain", "url": url, "models": [t.MODEL]}])
+        async with t.running(s) as cp:
+            await _ready(cp)
+            reply = await cp.client().chat.completions.create(model="llama", messages=MSGS)
+            assert engine.salts[-1] is not None, "salted: its document shows the field"
+            assert "share its prefix cache" not in caplog.text
+            engine.up, engine.takes = False, False
+            await until(lambda: "static/plain is unhealthy" in caplog.text, "down")
+            engine.up = True
+            await until(lambda: "static/plain (no kind" in caplog.text, "learnt again")
+            reply = await cp.client().chat.completions.create(model="llama", messages=MSGS)
+            assert engine.salts[-1] is None, "the new server takes no salt"
+            assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+            assert reply.usage.prompt_tokens_details.cached_tokens == 0
