@@ -25,7 +25,9 @@ or its own ``chat_template`` (such a prompt's hashes miss where the rendering di
 
 Cost: encoding is ~1-2 µs per token. Chat prompts repeat (a shared context, the earlier
 turns), and the tokenizer cuts its input at added tokens (``<|im_start|>``…) before
-anything else, so the rendering is cut there too and each piece's ids are memoised. At
+anything else, so the rendering is cut there too and each piece's ids are memoised, per
+prefix-cache partition (the tenant's: a hit on a piece another tenant sent would tell,
+by its speed, that it had sent it; ``controlplane.core.tokenization``). At
 load, the pieces' ids are checked against one encoding of the whole rendering of a sample
 conversation; a tokenizer for which they differ is used without the memo.
 """
@@ -168,7 +170,8 @@ class HFTokenizer:
         self._splitter = re.compile(f"({pattern})") if pattern else None
         if any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
             self._splitter = None  # such tokens take neighbouring text: no cut there
-        self._memo: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        # (partition, piece) -> ids: a tenant's pieces never answer another's
+        self._memo: OrderedDict[tuple[int, str], tuple[int, ...]] = OrderedDict()
         self._memo_tokens = 0
         self._prefix, self._suffix = self._added_specials()
         if self._splitter is not None and self._template is not None:
@@ -192,37 +195,39 @@ class HFTokenizer:
                 return tuple(full[:i]), tuple(full[i + len(bare):])
         return (), ()
 
-    def _piece(self, piece: str) -> tuple[int, ...]:
+    def _piece(self, piece: str, partition: int = 0) -> tuple[int, ...]:
         # Every piece: a call into the tokenizer costs more than a lookup even for "\n".
-        ids = self._memo.get(piece)
+        key = (partition, piece)
+        ids = self._memo.get(key)
         if ids is not None:
-            self._memo.move_to_end(piece)
+            self._memo.move_to_end(key)
             return ids
-        ids = self._memo[piece] = self._encode(piece)
+        ids = self._memo[key] = self._encode(piece)
         self._memo_tokens += len(ids)
         while self._memo_tokens > MEMO_MAX_TOKENS and len(self._memo) > 1:
             self._memo_tokens -= len(self._memo.popitem(last=False)[1])
         return ids
 
-    def _split_encode(self, text: str) -> tuple[int, ...]:
+    def _split_encode(self, text: str, partition: int = 0) -> tuple[int, ...]:
         assert self._splitter is not None
         out: list[int] = []
         for i, piece in enumerate(self._splitter.split(text)):
             if i % 2:
                 out.append(self._added[piece])
             elif piece:
-                out.extend(self._piece(piece))
+                out.extend(self._piece(piece, partition))
         return tuple(out)
 
-    def encode_rendered(self, text: str) -> tuple[int, ...]:
-        """Ids of an already rendered chat prompt (no special tokens added)."""
+    def encode_rendered(self, text: str, partition: int = 0) -> tuple[int, ...]:
+        """Ids of an already rendered chat prompt (no special tokens added); ``partition``
+        (the prompt's hash seed) names the part of the memo used."""
         if self._splitter is None:
-            return self._piece(text)
-        return self._split_encode(text)
+            return self._piece(text, partition)
+        return self._split_encode(text, partition)
 
-    def encode_prompt(self, text: str) -> tuple[int, ...]:
+    def encode_prompt(self, text: str, partition: int = 0) -> tuple[int, ...]:
         """Ids of a completion prompt (special tokens added, as vLLM does by default)."""
-        return self._prefix + self.encode_rendered(text) + self._suffix
+        return self._prefix + self.encode_rendered(text, partition) + self._suffix
 
     def render(self, messages: Sequence[Mapping[str, Any]],
                add_generation_prompt: bool = True) -> str:
@@ -237,8 +242,9 @@ class HFTokenizer:
         return self._template.render(messages=chat, add_generation_prompt=add_generation_prompt,
                                      tools=None, documents=None, **self._special_tokens)
 
-    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int, ...]:
-        return self.encode_rendered(self.render(messages))
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]],
+                 partition: int = 0) -> tuple[int, ...]:
+        return self.encode_rendered(self.render(messages), partition)
 
 
 def _tokenizer_file(path: pathlib.Path) -> pathlib.Path:
@@ -281,11 +287,12 @@ class ModelTokenizer:
     def has_template(self) -> bool:
         return self._hf.has_template
 
-    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int, ...]:
-        return self._hf.chat_ids(messages)
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]],
+                 partition: int = 0) -> tuple[int, ...]:
+        return self._hf.chat_ids(messages, partition)
 
-    def text_ids(self, text: str) -> tuple[int, ...]:
-        return self._hf.encode_prompt(text)
+    def text_ids(self, text: str, partition: int = 0) -> tuple[int, ...]:
+        return self._hf.encode_prompt(text, partition)
 
 
 def model_tokenizers(paths: Mapping[str, str]) -> tokenization.Tokenizers:

@@ -23,9 +23,11 @@ prompt's prefix-cache partition (its hash seed, derived from the tenant's salt,
 tenant by its speed that another had just sent that very message (``count_tokens``
 answers without an engine, so its timing was a clean oracle). A message sent by two
 tenants is tokenized once for each; the memo's bound is its total number of entries,
-whoever holds them. Two shared memos remain below this one, finer grained: the pieces'
-ids of ``synapse_common.tokens`` and a model tokenizer's own memo of pieces
-(:mod:`controlplane.adapters.hf_tokenizer`).
+whoever holds them. A model's own tokenizer keeps the ids of the pieces of a rendering
+between its special tokens (a message's text, mostly) the same way, per partition
+(:mod:`controlplane.adapters.hf_tokenizer`). One shared memo remains, finer grained:
+the approximation's ids of pieces of up to four characters (``synapse_common.tokens``),
+whose hits say only that some tenant's text held those pieces lately.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ APPROXIMATE = "approximate"
 class PromptTokenizer(Protocol):
     name: str
 
-    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int, ...]: ...
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]],
+                 partition: int = 0) -> tuple[int, ...]: ...
 
-    def text_ids(self, text: str) -> tuple[int, ...]: ...
+    def text_ids(self, text: str, partition: int = 0) -> tuple[int, ...]: ...
 
 
 MESSAGES_KEPT = 512     # rendered messages whose ids are memoised, all partitions together
@@ -76,7 +79,7 @@ class Approximate:
         ids.extend(_message_tokens(partition, GENERATION_PROMPT))
         return tuple(ids)
 
-    def text_ids(self, text: str) -> tuple[int, ...]:
+    def text_ids(self, text: str, partition: int = 0) -> tuple[int, ...]:
         return tuple(tok.tokenize(text))
 
 
@@ -166,12 +169,11 @@ class Prompt:
         name = tokenizer.name
         ids = self._ids.get(name)
         if ids is None:
+            # every tokenizer's memo is per partition: a tenant's own
             if self.messages is None:
-                ids = tokenizer.text_ids(self.text or "")
-            elif isinstance(tokenizer, Approximate):    # its memo is per partition
-                ids = tokenizer.chat_ids(self.messages, self.hash_seed)
+                ids = tokenizer.text_ids(self.text or "", self.hash_seed)
             else:
-                ids = tokenizer.chat_ids(self.messages)
+                ids = tokenizer.chat_ids(self.messages, self.hash_seed)
             self._ids[name] = ids
         self._last, self._last_name = ids, name
         return ids

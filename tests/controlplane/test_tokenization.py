@@ -65,6 +65,23 @@ def test_memoised_pieces_equal_one_encoding_of_the_whole_rendering(
         assert hf.encode_prompt(text) == tuple(reference.encode(text).ids)
 
 
+def test_a_model_tokenizers_memo_never_answers_one_tenant_with_anothers_pieces(
+        model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memo keeps a rendering's pieces (a message's text, mostly) per partition: a
+    hit on a message another tenant sent would tell, by its speed, that it was sent."""
+    hf = hf_tokenizer.load(model_dir)
+    encoded: list[str] = []
+    encode = hf._encode
+    monkeypatch.setattr(hf, "_encode", lambda text: (encoded.append(text), encode(text))[1])
+    secret = [{"role": "user", "content": "the merger closes on the ninth of March"}]
+    first = hf.chat_ids(secret, partition=11)
+    assert any("merger" in t for t in encoded)
+    encoded.clear()
+    assert hf.chat_ids(secret, partition=11) == first and not encoded   # its own: a hit
+    assert hf.chat_ids(secret, partition=22) == first
+    assert any("merger" in t for t in encoded), "another tenant was answered from the memo"
+
+
 def _router(model_dir: str, block_size: int = 128) -> router.Router:
     reg = registry.Registry(ManualClock(), 15.0)
     reg.register(types.NodeInfo("n1"))
