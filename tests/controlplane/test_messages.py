@@ -17,7 +17,6 @@ from typing import Any
 import aiohttp
 import anthropic
 import pytest
-from aiohttp import web
 
 from controlplane.core import anthropic_request, tokenization
 from simulator import app as sim_app
@@ -122,13 +121,8 @@ async def test_the_sdk_reads_an_unserved_messages_path_as_not_found() -> None:
 async def _simulator(*tasks: str) -> AsyncIterator[str]:
     app = sim_app.build(sim_config.SimulatorSettings(model=t.MODEL, tasks=list(tasks),
                                                      time_scale=0))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with t.served(app) as url:
+        yield url
 
 
 CONVERSATION: dict[str, Any] = {

@@ -273,13 +273,8 @@ async def test_a_vllm_kind_upstream_gives_the_router_its_engine_load(
 async def _simulator() -> AsyncIterator[str]:
     """The engine simulator in this loop (it caches prefixes and takes cache_salt, as vLLM)."""
     app = sim_app.build(sim_config.SimulatorSettings(model=t.MODEL, time_scale=0))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with t.served(app) as url:
+        yield url
 
 
 async def _ready(cp: t.RunningCP) -> None:
