@@ -253,7 +253,7 @@ class Reporter:
                         if code != grpc.StatusCode.OK:
                             raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(),
                                                        grpc.aio.Metadata(),
-                                                       details=await call.details())
+                                                       details=await _details(call))
                         return True
                 await reader
             finally:
@@ -261,10 +261,8 @@ class Reporter:
                 self._events.discard(event)
                 ended.cancel()
                 first.cancel()
-                for task in (reader, writer):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                        await task
+                call.cancel()
+                await _ended(reader, writer)
             return True
 
     async def _read_loop(self, call: grpc.aio.StreamStreamCall, lock: asyncio.Lock,
@@ -303,6 +301,29 @@ class Reporter:
         ack = controlplane_pb2.CommandAck(command_id=msg.command_id, ok=ok, error=error)
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await _write(call, lock, controlplane_pb2.AgentMessage(command_ack=ack))
+
+
+async def _details(call: grpc.aio.StreamStreamCall) -> str:
+    """The stream's status details, or "" when they do not come within STATUS_GRACE_S."""
+    try:
+        return await asyncio.wait_for(call.details(), STATUS_GRACE_S)
+    except (TimeoutError, asyncio.CancelledError, grpc.aio.AioRpcError):
+        return ""
+
+
+async def _ended(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel a session's reader and writer and let them end, but never wait on them longer
+    than STATUS_GRACE_S: a read on a stream the control plane refused was seen not to wake
+    up even to its cancellation, which left the agent silent and never dialling again."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks, timeout=STATUS_GRACE_S)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()        # retrieved: never "exception was never retrieved"
+        elif not task.done():
+            log.debug("a stream's %s did not end within %gs of its cancellation",
+                      task.get_name(), STATUS_GRACE_S)
 
 
 def _warn_once(last: str, problem: str) -> str:

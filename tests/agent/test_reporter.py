@@ -212,6 +212,9 @@ class _SilentRefusal:
     async def done_writing(self) -> None:
         pass
 
+    def cancel(self) -> bool:
+        return True
+
 
 class _Channel:
     async def __aenter__(self) -> _Channel:
@@ -224,15 +227,17 @@ class _Channel:
         pass
 
 
-def _session_on(monkeypatch, call: _SilentRefusal):
-    """A session of a reporter whose Connect returns ``call``, and its connected gauge."""
+def _session_on(monkeypatch, call: _SilentRefusal, within: float | None = 5):
+    """A session of a reporter whose Connect returns ``call`` (bounded by ``within``
+    seconds, or not at all), and its connected gauge."""
     stub = type("Stub", (), {"__init__": lambda self, channel: None,
                              "Connect": lambda self, metadata: call})
     monkeypatch.setattr(reporter.controlplane_pb2_grpc, "ControlPlaneStub", stub)
     r = _reporter(Node())
     monkeypatch.setattr(r, "_channel", lambda address: _Channel())
     gauge = metrics.Metrics(CollectorRegistry()).control_plane_connected.labels("n1", "cp")
-    return asyncio.wait_for(r._session("cp", gauge), 5), gauge
+    session = r._session("cp", gauge)
+    return (session if within is None else asyncio.wait_for(session, within)), gauge
 
 
 async def test_a_refusal_the_read_never_wakes_up_to_still_ends_the_session(monkeypatch):
@@ -243,6 +248,37 @@ async def test_a_refusal_the_read_never_wakes_up_to_still_ends_the_session(monke
         await session
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert refused.value.details() == "no agent token" and call.written[0] == "register"
+
+
+class _Deaf(_SilentRefusal):
+    """A refused stream whose read wakes up neither to the status nor to its first
+    cancellation (the agent sat silent, never dialling again: seen in full test runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deaf = 1
+
+    async def read(self) -> object:
+        while True:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if not self.deaf:
+                    raise
+                self.deaf -= 1
+
+
+async def test_a_read_deaf_to_its_cancellation_does_not_hold_the_session(monkeypatch):
+    """Nothing outside cancels a session: one that waited on such a read never ended."""
+    call = _Deaf()
+    monkeypatch.setattr(reporter, "STATUS_GRACE_S", 0.05)
+    session, _ = _session_on(monkeypatch, call, within=None)
+    task = asyncio.ensure_future(session)
+    done, _ = await asyncio.wait({task}, timeout=30)     # a hang guard, not a timing
+    assert task in done, "the session waited for ever on a read deaf to its cancellation"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        task.result()
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 class _Unanswered(_SilentRefusal):
