@@ -173,6 +173,9 @@ class Reporter:
                 last = _warn_once(last, f"control plane {address} unreachable: "
                                         + (str(exc) or "not connected within "
                                            f"{self.cfg.connect_timeout_s:g}s"))
+            except Exception as exc:    # never a silent end: this task is the only dialler
+                last = _warn_once(last, f"control plane {address}: the session failed "
+                                        f"({type(exc).__name__}: {exc}); dialling again")
             finally:
                 gauge.set(0)
             if registered and self._time.monotonic() - began >= self.cfg.reconnect_max_s:

@@ -300,3 +300,28 @@ async def test_a_stream_never_answered_is_given_up_and_never_counted_registered(
     assert "no answer to Register within 0.05s" in str(info.value)
     assert call.written[:2] == ["register", "report"]
     assert "registered" not in caplog.text and gauge._value.get() == 0
+
+
+async def test_a_session_that_fails_unexpectedly_is_logged_and_dialled_again(monkeypatch,
+                                                                             caplog):
+    """The dialling task is the agent's only link to a control plane: an exception nobody
+    foresaw ended it silently (the agent never dialled again and said nothing)."""
+    r = _reporter(Node())
+    calls = 0
+    again = asyncio.Event()
+
+    async def session(address: str, gauge: object) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        again.set()
+        await asyncio.Event().wait()
+        return True
+    monkeypatch.setattr(r, "_session", session)
+    with caplog.at_level("WARNING", logger="agent.reporter"):
+        task = asyncio.ensure_future(r._dial_forever("cp"))
+        await asyncio.wait_for(again.wait(), 30)        # a hang guard
+    assert any("RuntimeError: boom" in m for m in caplog.messages), caplog.messages
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
