@@ -43,20 +43,26 @@ def _hash_piece(piece: str) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-class _Ids(dict[str, int]):
+class PieceIds(dict[str, int]):
     """Piece → id, memoised (text repeats: most pieces are common words), cleared when it
-    holds ``PIECES_KEPT``. A dict whose misses hash the piece: ``tokenize`` maps its
+    holds ``kept``. A dict whose misses hash the piece: ``tokenize`` maps its
     ``__getitem__`` over the pieces, a lookup in C per token where an LRU kept its order
-    up to date at every hit."""
+    up to date at every hit. One serves the process; a caller that must keep its users'
+    pieces apart (the control plane's tenants: a hit's speed would tell one what another
+    sent) gives :func:`tokenize` one of its own per user."""
+
+    def __init__(self, kept: int = PIECES_KEPT) -> None:
+        super().__init__()
+        self.kept = kept
 
     def __missing__(self, piece: str) -> int:
-        if len(self) >= PIECES_KEPT:
+        if len(self) >= self.kept:
             self.clear()
         found = self[piece] = _hash_piece(piece)
         return found
 
 
-_IDS = _Ids()
+_IDS = PieceIds()
 _token_id = _IDS.__getitem__
 
 
@@ -71,9 +77,10 @@ def token_id(piece: str) -> int:
     return _token_id(piece)
 
 
-def tokenize(text: str) -> list[int]:
-    """Deterministic token ids for ``text`` (about one per four characters)."""
-    return list(map(_token_id, _TOKENS.findall(text)))
+def tokenize(text: str, ids: PieceIds | None = None) -> list[int]:
+    """Deterministic token ids for ``text`` (about one per four characters); ``ids``: the
+    memo of pieces to use (the process's by default)."""
+    return list(map(_token_id if ids is None else ids.__getitem__, _TOKENS.findall(text)))
 
 
 def count_tokens(text: str) -> int:

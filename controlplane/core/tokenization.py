@@ -23,16 +23,19 @@ prompt's prefix-cache partition (its hash seed, derived from the tenant's salt,
 tenant by its speed that another had just sent that very message (``count_tokens``
 answers without an engine, so its timing was a clean oracle). A message sent by two
 tenants is tokenized once for each; the memo's bound is its total number of entries,
-whoever holds them. A model's own tokenizer keeps the ids of the pieces of a rendering
-between its special tokens (a message's text, mostly) the same way, per partition
-(:mod:`controlplane.adapters.hf_tokenizer`). One shared memo remains, finer grained:
-the approximation's ids of pieces of up to four characters (``synapse_common.tokens``),
-whose hits say only that some tenant's text held those pieces lately.
+whoever holds them. The ids of the pieces below (up to four characters,
+``synapse_common.tokens``) come from a memo of the partition's own too (the latest
+``PARTITIONS_KEPT`` partitions have one, of ``PIECES_PER_PARTITION`` pieces): shared, a
+text tokenized faster when another tenant had lately sent the same pieces. A
+model's own tokenizer keeps the ids of the pieces of a rendering between its special
+tokens (a message's text, mostly) the same way, per partition
+(:mod:`controlplane.adapters.hf_tokenizer`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -51,13 +54,29 @@ class PromptTokenizer(Protocol):
 
 
 MESSAGES_KEPT = 512     # rendered messages whose ids are memoised, all partitions together
+PARTITIONS_KEPT = 32    # partitions with a memo of pieces of their own (the latest used)
+PIECES_PER_PARTITION = 4096
+_pieces: OrderedDict[int, tok.PieceIds] = OrderedDict()
+
+
+def _pieces_of(partition: int) -> tok.PieceIds:
+    """``partition``'s memo of pieces (made, or the least recently used one's dropped)."""
+    ids = _pieces.get(partition)
+    if ids is None:
+        if len(_pieces) >= PARTITIONS_KEPT:
+            _pieces.popitem(last=False)
+        ids = _pieces[partition] = tok.PieceIds(PIECES_PER_PARTITION)
+    else:
+        _pieces.move_to_end(partition)
+    return ids
 
 
 @functools.lru_cache(maxsize=MESSAGES_KEPT)
 def _message_tokens(partition: int, rendered: str) -> tuple[int, ...]:
     """The ids of one rendered message, memoised per ``partition`` (a prompt's hash seed:
-    its tenant's), so one tenant's messages never answer another's from the memo."""
-    return tuple(tok.tokenize(rendered))
+    its tenant's), so one tenant's messages never answer another's from the memo; its
+    pieces too come from the partition's own memo."""
+    return tuple(tok.tokenize(rendered, _pieces_of(partition)))
 
 
 class Approximate:
@@ -80,7 +99,7 @@ class Approximate:
         return tuple(ids)
 
     def text_ids(self, text: str, partition: int = 0) -> tuple[int, ...]:
-        return tuple(tok.tokenize(text))
+        return tuple(tok.tokenize(text, _pieces_of(partition)))
 
 
 GENERATION_PROMPT = tok.render_chat([], add_generation_prompt=True)

@@ -166,3 +166,26 @@ def test_the_approximations_memo_is_kept_per_partition_and_bounded_in_total() ->
     prompt("the salt of tenant a, test_tokenization").tokenize()
     assert memo.cache_info().hits == after.hits + len(said) + 1
     assert after.maxsize == tokenization.MESSAGES_KEPT
+
+
+def test_the_approximations_pieces_come_from_a_memo_of_the_partitions_own() -> None:
+    """Below the memo of messages, the ids of pieces: one tenant's pieces are never in
+    another's memo (a hit's speed told it which pieces another had sent), the ids are the
+    same, and only the latest PARTITIONS_KEPT partitions keep a memo."""
+    said = [{"role": "user", "content": "zqxw vbnm plkj rare pieces of tenant b"}]
+
+    def ids(salt: str) -> tuple[int, ...]:
+        made = router.Prompt.from_messages(said)
+        made.partition(salt)
+        return made.token_ids
+    b_ids = ids("the salt of tenant b, pieces test")
+    b_seed = router.Prompt.from_messages(said)
+    b_seed.partition("the salt of tenant b, pieces test")
+    assert "zqxw" in tokenization._pieces_of(b_seed.hash_seed)
+    a_seed = router.Prompt.from_messages(said)
+    a_seed.partition("the salt of tenant a, pieces test")
+    assert "zqxw" not in tokenization._pieces_of(a_seed.hash_seed)
+    assert ids("the salt of tenant a, pieces test") == b_ids
+    for i in range(tokenization.PARTITIONS_KEPT + 5):
+        tokenization._pieces_of(10**6 + i)
+    assert len(tokenization._pieces) == tokenization.PARTITIONS_KEPT
