@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -36,47 +36,52 @@ async def four_seats(hold_s: float) -> AsyncIterator[tuple[t.RunningCP, t.FakeBa
             yield cp, backend
 
 
+@contextlib.asynccontextmanager
+async def three_of_four_taken() -> AsyncIterator[
+        tuple[t.RunningCP, t.FakeBackend, Callable[[str, int], asyncio.Task[None]],
+              list[asyncio.Task[None]]]]:
+    """:func:`four_seats` with three of them taken by requests that never end; yields the
+    control plane, the engine, a way to send a chat of ``n`` as a task, and the three."""
+    async with four_seats(hold_s=30.0) as (cp, backend):
+        async with aiohttp.ClientSession(headers={
+                "Authorization": f"Bearer {t.KEY_A}"}) as session:
+            tasks: list[asyncio.Task[None]] = []
+
+            def send(text: str, n: int = 1) -> asyncio.Task[None]:
+                task = asyncio.create_task(_chat(session, cp.url, text, n))
+                tasks.append(task)
+                return task
+            held = [send(f"seat {i}") for i in range(3)]
+            await harness.until(lambda: len(backend.bodies) == 3, 10, "three seats taken")
+            try:
+                yield cp, backend, send, held
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_a_request_of_two_sequences_waits_for_two_free_seats() -> None:
     """With three of four seats taken, a request of n: 2 waits, holding the free seat,
     and goes when a second one frees (before, it went at once and overfilled)."""
-    async with four_seats(hold_s=30.0) as (cp, backend):
+    async with three_of_four_taken() as (cp, backend, send, held):
         gate = fairness_wiring.get(cp.services).gate
         assert gate is not None
-        async with aiohttp.ClientSession(headers={
-                "Authorization": f"Bearer {t.KEY_A}"}) as session:
-
-            def chat(text: str, n: int = 1) -> Awaitable[None]:
-                return _chat(session, cp.url, text, n)
-            held = [asyncio.create_task(chat(f"seat {i}")) for i in range(3)]
-            await harness.until(lambda: len(backend.bodies) == 3, 10, "three seats taken")
-            large = asyncio.create_task(chat("two seats", n=2))
-            await harness.until(lambda: gate.depth(t.MODEL) == 1, 10, "the large one to queue")
-            await asyncio.sleep(0.3)
-            assert len(backend.bodies) == 3 and gate.depth(t.MODEL) == 1
-            held[0].cancel()                # a second seat frees
-            await harness.until(lambda: len(backend.bodies) == 4, 10, "the large one to go")
-            assert json.loads(backend.bodies[-1])["n"] == 2
-            for task in (*held, large):
-                task.cancel()
-            await asyncio.gather(*held, large, return_exceptions=True)
+        send("two seats", 2)
+        await harness.until(lambda: gate.depth(t.MODEL) == 1, 10, "the large one to queue")
+        await asyncio.sleep(0.3)
+        assert len(backend.bodies) == 3 and gate.depth(t.MODEL) == 1
+        held[0].cancel()                # a second seat frees
+        await harness.until(lambda: len(backend.bodies) == 4, 10, "the large one to go")
+        assert json.loads(backend.bodies[-1])["n"] == 2
 
 
 async def test_a_request_larger_than_the_engine_goes_with_one_seat_free() -> None:
     """Eight sequences never fit four seats while anything is in flight: holding for them
     would only idle the seats that free, so one free seat will do."""
-    async with four_seats(hold_s=30.0) as (cp, backend):
-        async with aiohttp.ClientSession(headers={
-                "Authorization": f"Bearer {t.KEY_A}"}) as session:
-
-            def chat(text: str, n: int = 1) -> Awaitable[None]:
-                return _chat(session, cp.url, text, n)
-            held = [asyncio.create_task(chat(f"seat {i}")) for i in range(3)]
-            await harness.until(lambda: len(backend.bodies) == 3, 10, "three seats taken")
-            large = asyncio.create_task(chat("eight seats", n=8))
-            await harness.until(lambda: len(backend.bodies) == 4, 10, "the large one to go")
-            for task in (*held, large):
-                task.cancel()
-            await asyncio.gather(*held, large, return_exceptions=True)
+    async with three_of_four_taken() as (_, backend, send, _):
+        send("eight seats", 8)
+        await harness.until(lambda: len(backend.bodies) == 4, 10, "the large one to go")
 
 
 async def _chat(session: aiohttp.ClientSession, url: str, text: str, n: int) -> None:
