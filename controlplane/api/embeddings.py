@@ -35,7 +35,6 @@ from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
 from controlplane.core import usage as usage_mod
 from controlplane.core import validation
-from synapse_common import tokens as tok
 
 log = logging.getLogger("synapse.controlplane.embeddings")
 
@@ -75,7 +74,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
                     f"input: {canonical!r} is served by the agents' embedders, which embed "
                     "text, not token ids (they would embed the numbers as words); send the "
                     "text", param="input", code="invalid_value")
-            resp = await _via_agent(request, canonical, texts, parsed.body, nodes)
+            resp = await _via_agent(request, canonical, texts, parsed.body, nodes, prompt)
         failed = False
         return resp
     finally:
@@ -104,7 +103,8 @@ def _ids_text(ids: list[Any]) -> str:
 
 
 async def _via_agent(request: web.Request, model: str, texts: list[str],
-                     body: dict[str, Any], nodes: list[core_types.EmbedNode]) -> web.Response:
+                     body: dict[str, Any], nodes: list[core_types.EmbedNode],
+                     prompt: router_mod.Prompt) -> web.Response:
     svc = request.app[context.SERVICES]
     ctx = context.get(request)
     client = svc.node_embed
@@ -121,14 +121,16 @@ async def _via_agent(request: web.Request, model: str, texts: list[str],
         nodes, embed, node_embed.EmbedError, "agent embedder")
     ctx.backend, ctx.route = f"node-embed/{node.name}", "agent-embedder"
     ctx.first_byte = svc.clock()
-    answer = _openai_body(model, texts, vectors, body)
+    answer = _openai_body(model, texts, vectors, body, prompt)
     counted = answer["usage"]["prompt_tokens"]
     ctx.usage = fairness.answered(request, 200, usage_mod.Usage(counted, 0, None))
     return web.json_response(answer, headers=ctx.headers(), dumps=_dumps)
 
 
 def _openai_body(model: str, texts: list[str], vectors: Any, body: dict[str, Any],
-                 ) -> dict[str, Any]:
+                 prompt: router_mod.Prompt) -> dict[str, Any]:
+    """The OpenAI answer; its usage counted by the approximation in ``prompt``'s
+    partition (the tenant's memo of pieces, :meth:`Prompt.count_text`)."""
     b64 = body.get("encoding_format") == "base64"
     dims = body.get("dimensions")
     data = []
@@ -138,7 +140,7 @@ def _openai_body(model: str, texts: list[str], vectors: Any, body: dict[str, Any
         emb: Any = (base64.b64encode(vec.astype("<f4").tobytes()).decode() if b64
                     else vec.tolist())
         data.append({"object": "embedding", "index": i, "embedding": emb})
-    n = sum(tok.count_tokens(t) for t in texts)
+    n = sum(map(prompt.count_text, texts))
     return {"object": "list", "data": data, "model": model,
             "usage": {"prompt_tokens": n, "total_tokens": n}}
 
