@@ -130,7 +130,8 @@ class FleetIntent:
         self._store = store
         self._registry = registry
         self.intents: dict[str, NodeIntent] = {}
-        self._writes = 0            # updates this process stored (see refresh)
+        self._updates = 0                       # updates this process finished (see refresh)
+        self._updated_at: dict[str, int] = {}   # node -> self._updates at its latest update
         self._reported: dict[str, str] = {}     # node -> the bad record logged for it
 
     def get(self, node: str) -> NodeIntent:
@@ -162,7 +163,8 @@ class FleetIntent:
                     log.warning("the stored intent of node %r was unreadable: replaced by "
                                 "this change, made to the intent last applied", node)
                     self._reported.pop(node, None)
-                self._writes += 1
+                self._updates += 1
+                self._updated_at[node] = self._updates
                 self.intents[node] = after
                 self.apply()
                 return Change(before, after)
@@ -177,14 +179,17 @@ class FleetIntent:
     async def refresh(self) -> set[str]:
         """Reload from the store; returns nodes whose desired engines changed.
 
-        A load that an update of this process overtook is dropped: it may have been read
-        before that write, and taking it would undo the update here (a cordon lifted, a
-        deploy re-sent without its engine) until the next load."""
-        writes = self._writes
+        A node that an update of this process settled while the load was under way keeps
+        what the update settled: the load may have been read before it, and taking it would
+        undo the update here (a cordon lifted, a deploy re-sent without its engine) until
+        the next load. Only that node: every other node's record is taken, so an update
+        (one that changed nothing included) never holds back another replica's change."""
+        mark = self._updates
         records = await self._store.load()
-        if self._writes != writes:
-            return set()
         loaded = {node: self._parse(node, text)[0] for node, text in records.items()}
+        for node, at in self._updated_at.items():
+            if at > mark:
+                loaded[node] = self.get(node)
         for node in set(self._reported) - set(records):
             del self._reported[node]
         changed = {n for n in set(loaded) | set(self.intents)

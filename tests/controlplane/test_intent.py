@@ -42,6 +42,46 @@ async def test_a_load_overtaken_by_an_update_does_not_undo_it() -> None:
 
 
 CORDONED = intent.NodeIntent(cordoned=True, reason="bad GPU").to_json()
+DEPLOYED = {"e": {"model": "m"}}
+
+
+class CountedWrites(SlowLoads):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    async def compare_and_set(self, node: str, expected: str | None, text: str) -> bool:
+        self.writes += 1
+        return await super().compare_and_set(node, expected, text)
+
+
+@pytest.mark.parametrize(("again", "writes"), [
+    ({"cordoned": True, "reason": "bad GPU"}, 0), ({"desired": DEPLOYED}, 0),
+    ({"cordoned": True, "reason": "bad fan"}, 1)], ids=["cordon", "deploy", "a real change"])
+async def test_an_update_that_changes_nothing_writes_nothing_and_holds_back_no_load(
+        again: dict[str, object], writes: int) -> None:
+    """Cordoning a cordoned node or deploying the same engine again counted as a write: the
+    load under way was thrown away, so another replica's cordon of another node waited a
+    pass more (and a stream of such calls held every other node's change back). A real
+    change keeps its node from that load, and only its node."""
+    store = CountedWrites()
+    assert await store.compare_and_set("gpu-1", None, intent.NodeIntent(
+        cordoned=True, reason="bad GPU", desired=DEPLOYED).to_json())
+    fleet_intent = intent.FleetIntent(store, registry.Registry(clocks.monotonic, 30))
+    store.release.set()
+    await fleet_intent.sync()
+    store.release.clear()
+    store.reading.clear()
+    assert await store.compare_and_set("gpu-2", None, CORDONED)   # another replica's
+    store.writes = 0
+    sync = asyncio.create_task(fleet_intent.sync())
+    await store.reading.wait()
+    done = await fleet_intent.set_fields("gpu-1", **again)
+    store.release.set()
+    await sync
+    assert store.writes == writes and (done.before == done.after) == (writes == 0)
+    assert fleet_intent.get("gpu-2").cordoned                   # the load was taken
+    assert fleet_intent.get("gpu-1") == done.after              # and did not undo the update
 
 
 @pytest.mark.parametrize("bad", ["not json", "[]", '{"desired": 5}', '{"cordoned": "yes"}',
