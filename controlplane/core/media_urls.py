@@ -53,7 +53,12 @@ a request names for something to connect to (:func:`check_responses`). vLLM 0.32
 does not connect to it: its MCP tool server connects only to the servers its
 ``--tool-server`` flag names, chosen by the tool's ``server_label`` (the request's
 ``headers`` for that tool are sent along); but an engine that honoured the URL, as
-OpenAI's API does, could be aimed inside the cluster by any tenant.
+OpenAI's API does, could be aimed inside the cluster by any tenant. The ``url`` of each
+of Anthropic's ``mcp_servers`` gets the same rules (:func:`_check_mcp_servers`): vLLM
+drops the field, but the body goes as sent to a backend that serves ``/v1/messages``
+itself, and one that honours it (an Anthropic-compatible provider) would dial the URL. A
+``mcp_servers`` that is not a list of objects is refused whatever the policy: what a
+lenient upstream might make of it is not what was checked.
 
 A refusal is a 400 naming the field.
 """
@@ -126,7 +131,9 @@ def check_body(body: Mapping[str, Any], policy: Policy) -> None:
     """Refuse (400) a media URL ``policy`` does not allow anywhere the engine reads one in
     the body of a call beyond chat (``controlplane.api.calls``): Responses' ``input``,
     ``messages`` (chat-shaped for ``/tokenize``, Anthropic's for ``/v1/messages``), and
-    the multimodal ``{"content": [parts]}`` sides of ``/v1/score`` and ``/v1/rerank``."""
+    the multimodal ``{"content": [parts]}`` sides of ``/v1/score`` and ``/v1/rerank``;
+    and the servers of Anthropic's ``mcp_servers``."""
+    _check_mcp_servers(body.get("mcp_servers"), policy)
     if policy == "any":
         return
     check_responses(body, policy)
@@ -136,6 +143,21 @@ def check_body(body: Mapping[str, Any], policy: Policy) -> None:
     for name in _SCORE_SIDES:
         if name in body:
             _check_anywhere(body[name], name, policy)
+
+
+def _check_mcp_servers(servers: Any, policy: Policy) -> None:
+    """The ``url`` of every server in Anthropic's ``mcp_servers`` (a list of objects, else
+    400 naming the field): a server an upstream honouring it would connect to."""
+    if servers is None:
+        return
+    if not isinstance(servers, list):
+        raise errors.BadRequest("mcp_servers: must be a list of MCP server objects",
+                                param="mcp_servers", code="invalid_mcp_servers")
+    for i, server in enumerate(servers):
+        if not isinstance(server, dict):
+            raise errors.BadRequest(f"mcp_servers[{i}]: must be an object (type, url, name)",
+                                    param=f"mcp_servers[{i}]", code="invalid_mcp_servers")
+        check(server.get("url"), f"mcp_servers[{i}].url", policy)
 
 
 def _check_anthropic(messages: Any, policy: Policy) -> None:
