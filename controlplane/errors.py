@@ -40,11 +40,12 @@ Nothing else in the control plane builds the envelope: handlers, the SSE error e
 the low-level HTTP parse errors all render one of these classes.
 
 A backend's own words reach a client only through :func:`masked`, the one rule for them:
-a refusal (4xx) relayed whole or in any API's shape, and the quoted start of a 5xx
-(masked before it is cut: :func:`masked_start`), lose the backend's whole ``api_key`` in
-every spelling it is commonly quoted in (hosted APIs quote the key they were given in
-their refusals). Never a piece of it: refusals quote the tenant's own text too, and a
-masked piece would tell the tenant that its text held a piece of the key.
+a refusal (4xx) relayed whole or in any API's shape, a whole answer, the quoted start of
+a 5xx (masked before it is cut: :func:`masked_start`) and an event stream read in pieces
+(:class:`StreamMask`) lose the backend's whole ``api_key`` in every spelling it is
+commonly quoted in (hosted APIs quote the key they were given in their refusals, and in
+the error events of a stream). Never a piece of it: refusals quote the tenant's own text
+too, and a masked piece would tell the tenant that its text held a piece of the key.
 """
 
 from __future__ import annotations
@@ -219,19 +220,27 @@ _ENCODED_FROM = 8     # characters of a key from which its encoded spellings are
 
 def masked(data: bytes, key: str | None) -> bytes:
     """``data`` (a backend's answer on its way to a client) with every spelling of the
-    backend's whole ``key`` (:func:`_spellings`) replaced by :data:`KEY_MASK`. Only
-    refusals and error details pass here, never a served answer.
+    backend's whole ``key`` (:func:`_spellings`) replaced by :data:`KEY_MASK`. Covered:
+    refusals and error details, whole answers, and event streams (chat completions,
+    Responses and Anthropic Messages alike, error events and content), which pass
+    through :class:`StreamMask`: the same rule over pieces, so a key split across two
+    reads is masked too. A backend without a key costs nothing, its stream passed on as
+    it came.
 
     Only the whole key: a refusal may quote the tenant's own text, and masking pieces of
     the key there told the tenant which of its guesses were pieces of it (a key recovered
     a character at a time). Each spelling is one linear ``bytes.replace`` over what was
     read, so a large echo costs little. Left as they are: a provider that quotes only a
-    part of the key (its own choice of what to show), error events inside a streamed
-    200 (relayed as the engine's chunks, unread), and a key quoted inside a larger
-    percent-encoded or JSON-escaped text in another spelling than these."""
+    part of the key (its own choice of what to show), a streamed binary body (speech
+    audio, where a key means nothing), and a key quoted inside a larger percent-encoded
+    or JSON-escaped text in another spelling than these."""
     if not key or not data:
         return data
-    for form in _spellings(key):
+    return _replaced(data, _spellings(key))
+
+
+def _replaced(data: bytes, forms: tuple[bytes, ...]) -> bytes:
+    for form in forms:
         if form in data:
             data = data.replace(form, KEY_MASK)
     return data
@@ -253,6 +262,40 @@ def mask_margin(key: str | None) -> int:
     """How many bytes past a cut a read must go for a quote of ``key`` that starts before
     the cut to be masked whole: its longest spelling, less one."""
     return max(map(len, _spellings(key))) - 1 if key else 0
+
+
+class StreamMask:
+    """:func:`masked` over a stream read in pieces: each piece is masked together with
+    the bytes held back from the one before, and its last :func:`mask_margin` bytes are
+    held back in turn (they may be the start of a spelling that the next piece ends), so
+    a key split across reads at any byte is masked whole. Bytes up to the last newline
+    are never held when no spelling holds a newline (none does, but for a key with one
+    of its own): no spelling runs across it, so an event stream whose reads end at an
+    event's end, as engines write them, is passed on with no delay. :meth:`rest` gives what is held once the stream ended; a stream that breaks
+    drops it, as :func:`masked_start` drops the end of a cut read (it may be the start of
+    a quoted key)."""
+
+    __slots__ = ("_forms", "_held", "_margin", "_newline_splits")
+
+    def __init__(self, key: str) -> None:
+        self._forms = _spellings(key)
+        self._margin = mask_margin(key)
+        self._newline_splits = not any(b"\n" in form for form in self._forms)
+        self._held = b""
+
+    def feed(self, piece: bytes) -> bytes:
+        """What of ``piece`` (and of the bytes held before it) can go to the client."""
+        data = _replaced(self._held + piece, self._forms)
+        cut = max(0, len(data) - self._margin)
+        if self._newline_splits:
+            cut = max(cut, data.rfind(b"\n", cut) + 1)
+        self._held = data[cut:]
+        return data[:cut]
+
+    def rest(self) -> bytes:
+        """The bytes held back, at the end of a complete stream."""
+        held, self._held = self._held, b""
+        return held
 
 
 @functools.lru_cache(maxsize=256)

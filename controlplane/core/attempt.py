@@ -14,7 +14,9 @@ that breaks before the caller got a byte is one more failed attempt, not a faile
 request. A backend that knows the model by another name has its answer renamed to the
 name the client asked for (:mod:`controlplane.core.model_rename`); one whose prefix cache
 tenants share has its cached-token counts zeroed (:mod:`controlplane.core.cache_salt`);
-a refusal loses the backend's key (:func:`controlplane.errors.masked`).
+the answer of a backend that has a key, whole or an event stream, loses that key
+(:func:`controlplane.errors.masked`, :class:`controlplane.errors.StreamMask`), so what
+the caller relays and caches never holds it; a keyless backend's stream is not touched.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ class Attempt:
     """One try of one backend; ``async with`` settles its ledger ticket on the way out."""
 
     __slots__ = ("_data", "_ended", "_events", "_first_token_event", "_hider", "_idle_s",
-                 "_ledger", "_path", "_peeked", "_prompt", "_received", "_rename", "_renamer",
-                 "_router", "_tail", "_verdict", "backend", "error", "index", "response",
-                 "route", "span", "streaming", "ticket")
+                 "_ledger", "_masker", "_path", "_peeked", "_prompt", "_received", "_rename",
+                 "_renamer", "_router", "_tail", "_verdict", "backend", "error", "index",
+                 "response", "route", "span", "streaming", "ticket")
 
     def __init__(self, router: router_mod.Router, idle_timeout_s: float,
                  route: types.RouteDecision, verdict: types.Verdict,
@@ -65,6 +67,7 @@ class Attempt:
         # A backend whose prefix cache tenants share: its cached-token counts never reach
         # a client (core.cache_salt); the ledger and the router still read them.
         self._hider = cache_salt.StreamHider() if verdict.backend.shares_cache else None
+        self._masker: errors.StreamMask | None = None   # an event stream of a keyed backend
         self._data: bytes | None = None     # a whole answer, once read
         self._peeked: bytes | None = None   # a stream's first piece, read before hand-over
         self._received = False          # body bytes arrived
@@ -122,6 +125,8 @@ class Attempt:
             return
         content_type = self.answer.content_type
         if content_type == stream_shapes.EVENT_STREAM:
+            if self.backend.api_key:
+                self._masker = errors.StreamMask(self.backend.api_key)
             self._peeked = await self._pull()
         elif content_type == JSON:
             await self.read()
@@ -132,8 +137,11 @@ class Attempt:
         if self._data is not None:
             return self._data
         answer = self.answer
+        peeked = self._peeked or b""
+        if self._masker is not None:    # an event stream read whole: what it held back
+            peeked += self._masker.rest()
         try:
-            data = (self._peeked or b"") + await answer.read()
+            data = peeked + await answer.read()
         except errors.UpstreamError as exc:
             raise exc.reworded(f"backend {self.backend.key} broke off its answer: "
                                f"{exc.message}") from exc
@@ -146,7 +154,7 @@ class Attempt:
                 data = model_rename.in_body(data, self._rename)
             if self._hider is not None:
                 data = cache_salt.hidden(data)
-        elif answer.status >= 400:      # a refusal, relayed in some shape: never the key
+        if self.backend.api_key:        # relayed in some shape, or cached: never the key
             data = errors.masked(data, self.backend.api_key)
         self._data = data
         return data
@@ -180,6 +188,8 @@ class Attempt:
                 self._check_end()
                 if self._hider is not None:
                     rest = self._hider.feed(rest) + self._hider.rest()
+                if self._masker is not None:
+                    rest = self._masker.feed(rest) + self._masker.rest()
                 return rest or None
             self._received = True
             chunk = self._renamer.feed(raw) if self._renamer is not None else raw
@@ -187,6 +197,8 @@ class Attempt:
                 self._account(chunk)
                 if self._hider is not None:
                     chunk = self._hider.feed(chunk)
+                if self._masker is not None:
+                    chunk = self._masker.feed(chunk)
                 if chunk:
                     return chunk
         return None
