@@ -288,10 +288,10 @@ class ModelTokenizer:
         return self._hf.has_template
 
     def chat_ids(self, messages: Sequence[Mapping[str, Any]],
-                 partition: int = 0) -> tuple[int, ...]:
+                 partition: int = 0, tenant: str = "") -> tuple[int, ...]:
         return self._hf.chat_ids(messages, partition)
 
-    def text_ids(self, text: str, partition: int = 0) -> tuple[int, ...]:
+    def text_ids(self, text: str, partition: int = 0, tenant: str = "") -> tuple[int, ...]:
         return self._hf.encode_prompt(text, partition)
 
 

@@ -240,8 +240,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         prompt = router_mod.Prompt.from_messages(messages, request.max_tokens,
                                                  self._session(request))
         if request.tenant or request.cache_salt:
-            prompt.partition(self.svc.salt_for(self._tenant(request.tenant),
-                                               request.cache_salt))
+            tenant = self._tenant(request.tenant)
+            prompt.partition(self.svc.salt_for(tenant, request.cache_salt), tenant)
         verdicts, reason = self.svc.router.explain(canonical, prompt)
         return views.explanation(canonical, self.svc.router.params.policy, prompt.tokens,
                                  verdicts, reason)

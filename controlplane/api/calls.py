@@ -144,7 +144,8 @@ async def admit_tokens(request: web.Request, front: Front) -> router_mod.Prompt:
     prompt.sequences = front.call.sequences     # the seats it takes (a rerank's documents)
     # The engines' prefix cache, per tenant: pooling calls too (vLLM caches the prefixes
     # of decoder embedding and scoring models, and takes cache_salt on every pooling API).
-    prompt.partition(ctx.svc.salt_for(front.tenant.name, front.body.get("cache_salt")))
+    prompt.partition(ctx.svc.salt_for(front.tenant.name, front.body.get("cache_salt")),
+                     front.tenant.name)
     prompt.tokenize()       # here, where its time is measured (core.loop_share)
     ctx.work_s += time.perf_counter() - started
     # Paths that generate nothing are charged their input only (settled from usage).

@@ -55,7 +55,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         prompt = router_mod.Prompt.from_text(" ".join(texts), 0, parsed.user, exact=False)
         prompt.sequences = parsed.sequences     # each input is a request to the engine
         # per tenant in the engines' prefix caches, as generation is (core.cache_salt)
-        prompt.partition(svc.salt_for(tenant.name, parsed.body.get("cache_salt")))
+        prompt.partition(svc.salt_for(tenant.name, parsed.body.get("cache_salt")), tenant.name)
         prompt.tokenize()
         ctx.work_s += time.perf_counter() - started
         # The token limits and budget, as every call's: its input only (settled from usage).

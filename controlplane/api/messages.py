@@ -205,7 +205,7 @@ def _estimated(request: web.Request, front: calls.Front) -> web.Response:
     assert front.call.messages is not None and front.prompt is not None
     started = time.perf_counter()
     prompt = router_mod.Prompt.from_messages(front.call.messages)
-    prompt.partition(front.prompt.cache_salt)
+    prompt.partition(front.prompt.cache_salt, front.prompt.tenant)
     n = ctx.svc.router.prompt_tokens(prompt, front.canonical)
     ctx.work_s += time.perf_counter() - started
     fairness.answered(request, 200, None)

@@ -36,6 +36,7 @@ from controlplane.core import (
     request_ids,
     response_cache,
     tenant_lru,
+    tokenization,
     types,
     upstream_kinds,
 )
@@ -167,7 +168,8 @@ def tiered_cache(cache: cache_port.ResponseCache) -> response_cache.TieredCache 
 
 def tenant_count(table: tenants_mod.TenantTable) -> int:
     """How many tenants the per-tenant tables (the in-process L1, the router's sessions,
-    the Responses pins: :mod:`tenant_lru`) split their bounds between: the configured
+    the Responses pins, the tokenizer's memos of pieces: :mod:`tenant_lru`) split their
+    bounds between: the configured
     tenants, or one when authentication is off (every caller is then the same tenant)."""
     return max(1, len(table.tenants())) if table.enabled else 1
 
@@ -241,6 +243,7 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
                     ", ".join(short), tenant_settings.MIN_KEY, tenant_settings.MIN_KEY)
     shares = tenant_count(tenants)
     rtr.sessions = tenant_lru.TenantLRU(router_mod.SESSION_MEMORY, shares)
+    tokenization.keep_pieces(shares)
     local = ratelimit.LocalStore(clock)
     h = settings.http
     client = upstream.UpstreamClient(h.upstream_connect_timeout_s,

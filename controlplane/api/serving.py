@@ -250,7 +250,7 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
         prompt = prompt_of(parsed, session, svc.router.exact_prompts)
         prompt.streams = parsed.stream
         prompt.sequences = parsed.sequences
-        prompt.partition(svc.salt_for(tenant.name, parsed.body.get("cache_salt")))
+        prompt.partition(svc.salt_for(tenant.name, parsed.body.get("cache_salt")), tenant.name)
         prompt.tokenize()       # here, where its time is measured
         ctx.work_s += time.perf_counter() - started
         await fairness.admit(request, tenant.name, canonical, prompt, parsed.max_tokens,

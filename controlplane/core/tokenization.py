@@ -24,9 +24,15 @@ tenant by its speed that another had just sent that very message (``count_tokens
 answers without an engine, so its timing was a clean oracle). A message sent by two
 tenants is tokenized once for each; the memo's bound is its total number of entries,
 whoever holds them. The ids of the pieces below (up to four characters,
-``synapse_common.tokens``) come from a memo of the partition's own too (the latest
-``PARTITIONS_KEPT`` partitions have one, of ``PIECES_PER_PARTITION`` pieces): shared, a
-text tokenized faster when another tenant had lately sent the same pieces. A
+``synapse_common.tokens``) come from a memo of the partition's own too, of
+``PIECES_PER_PARTITION`` pieces: shared, a text tokenized faster when another tenant had
+lately sent the same pieces. Those memos are bounded per tenant (each its
+:func:`tenant_lru.share` of ``PARTITIONS_KEPT``, its least recently used dropped past
+it), not in one order for all: a tenant makes a partition per ``cache_salt`` it sends, so
+with one order its requests under 32 salts dropped every other tenant's memo, and timing
+its own oldest partition after a pause told it whether anyone else had sent a request.
+Counts of a tenant's text outside a prompt (:meth:`Prompt.count_text`: the usage of an
+agent embedder's answer) use the same memos. A
 model's own tokenizer keeps the ids of the pieces of a rendering between its special
 tokens (a message's text, mostly) the same way, per partition
 (:mod:`controlplane.adapters.hf_tokenizer`).
@@ -35,10 +41,10 @@ tokens (a message's text, mostly) the same way, per partition
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from controlplane.core import tenant_lru
 from synapse_common import tokens as tok
 
 APPROXIMATE = "approximate"
@@ -48,35 +54,42 @@ class PromptTokenizer(Protocol):
     name: str
 
     def chat_ids(self, messages: Sequence[Mapping[str, Any]],
-                 partition: int = 0) -> tuple[int, ...]: ...
+                 partition: int = 0, tenant: str = "") -> tuple[int, ...]: ...
 
-    def text_ids(self, text: str, partition: int = 0) -> tuple[int, ...]: ...
+    def text_ids(self, text: str, partition: int = 0, tenant: str = "") -> tuple[int, ...]: ...
 
 
 MESSAGES_KEPT = 512     # rendered messages whose ids are memoised, all partitions together
-PARTITIONS_KEPT = 32    # partitions with a memo of pieces of their own (the latest used)
+PARTITIONS_KEPT = 32    # partitions with a memo of pieces, each tenant its share of them
 PIECES_PER_PARTITION = 4096
-_pieces: OrderedDict[int, tok.PieceIds] = OrderedDict()
+# tenant -> its partitions' memos of pieces (str(partition) -> memo), latest used last
+_pieces: tenant_lru.TenantLRU[tok.PieceIds] = tenant_lru.TenantLRU(PARTITIONS_KEPT)
 
 
-def _pieces_of(partition: int) -> tok.PieceIds:
-    """``partition``'s memo of pieces (made, or the least recently used one's dropped)."""
-    ids = _pieces.get(partition)
+def keep_pieces(tenants: int) -> None:
+    """Give each of the ``tenants`` configured tenants its share of ``PARTITIONS_KEPT``
+    memos of pieces (the app factory calls it; the memos start empty)."""
+    global _pieces
+    _pieces = tenant_lru.TenantLRU(PARTITIONS_KEPT, tenants)
+
+
+def _pieces_of(partition: int, tenant: str = "") -> tok.PieceIds:
+    """``partition``'s memo of pieces, made when it has none (dropping its tenant's least
+    recently used one past the tenant's share: never another tenant's)."""
+    key = str(partition)
+    ids = _pieces.get(tenant, key)
     if ids is None:
-        if len(_pieces) >= PARTITIONS_KEPT:
-            _pieces.popitem(last=False)
-        ids = _pieces[partition] = tok.PieceIds(PIECES_PER_PARTITION)
-    else:
-        _pieces.move_to_end(partition)
+        ids = tok.PieceIds(PIECES_PER_PARTITION)
+        _pieces.put(tenant, key, ids)
     return ids
 
 
 @functools.lru_cache(maxsize=MESSAGES_KEPT)
-def _message_tokens(partition: int, rendered: str) -> tuple[int, ...]:
+def _message_tokens(partition: int, rendered: str, tenant: str = "") -> tuple[int, ...]:
     """The ids of one rendered message, memoised per ``partition`` (a prompt's hash seed:
     its tenant's), so one tenant's messages never answer another's from the memo; its
     pieces too come from the partition's own memo."""
-    return tuple(tok.tokenize(rendered, _pieces_of(partition)))
+    return tuple(tok.tokenize(rendered, _pieces_of(partition, tenant)))
 
 
 class Approximate:
@@ -85,21 +98,23 @@ class Approximate:
     name = APPROXIMATE
 
     def chat_ids(self, messages: Sequence[Mapping[str, Any]],
-                 partition: int = 0) -> tuple[int, ...]:
+                 partition: int = 0, tenant: str = "") -> tuple[int, ...]:
         """Ids of the rendered chat; ``partition`` (the prompt's hash seed) names the part
-        of the memo its messages are looked up in and kept in."""
+        of the memo its messages are looked up in and kept in, ``tenant`` whose share of
+        the memos of pieces it is in."""
         # Each rendered message starts with "<" after a "\n", so tokenizing message by
         # message gives exactly the tokens of the whole rendering; repeated system prompts
         # and conversation history then come from the memo instead of being re-hashed.
         ids: list[int] = []
         for m in messages:
             ids.extend(_message_tokens(partition,
-                                       tok.render_chat([m], add_generation_prompt=False)))
-        ids.extend(_message_tokens(partition, GENERATION_PROMPT))
+                                       tok.render_chat([m], add_generation_prompt=False),
+                                       tenant))
+        ids.extend(_message_tokens(partition, GENERATION_PROMPT, tenant))
         return tuple(ids)
 
-    def text_ids(self, text: str, partition: int = 0) -> tuple[int, ...]:
-        return tuple(tok.tokenize(text, _pieces_of(partition)))
+    def text_ids(self, text: str, partition: int = 0, tenant: str = "") -> tuple[int, ...]:
+        return tuple(tok.tokenize(text, _pieces_of(partition, tenant)))
 
 
 GENERATION_PROMPT = tok.render_chat([], add_generation_prompt=True)
@@ -138,6 +153,7 @@ class Prompt:
         "sequences",
         "session",
         "streams",
+        "tenant",
         "text",
     )
 
@@ -153,6 +169,7 @@ class Prompt:
         # it; set together by :meth:`partition`.
         self.cache_salt = ""
         self.hash_seed = 0
+        self.tenant = ""    # whose share of the tokenizers' memos the partition is in
         # Whether the answer streams (the ledger sees its first token); a whole answer's
         # first byte is its last. Set by the serving path from the request's "stream".
         self.streams = True
@@ -164,10 +181,11 @@ class Prompt:
         self._last_name = APPROXIMATE
         self._size = 0
 
-    def partition(self, salt: str) -> None:
-        """Put the prompt in the prefix-cache partition ``salt`` (the tenant's), once."""
+    def partition(self, salt: str, tenant: str = "") -> None:
+        """Put the prompt in the prefix-cache partition ``salt`` of ``tenant``, once."""
         self.cache_salt = salt
         self.hash_seed = tok.salt_seed(salt)
+        self.tenant = tenant
 
     @classmethod
     def from_text(cls, text: str, max_tokens: int = 0, session: str = "",
@@ -190,9 +208,9 @@ class Prompt:
         if ids is None:
             # every tokenizer's memo is per partition: a tenant's own
             if self.messages is None:
-                ids = tokenizer.text_ids(self.text or "", self.hash_seed)
+                ids = tokenizer.text_ids(self.text or "", self.hash_seed, self.tenant)
             else:
-                ids = tokenizer.chat_ids(self.messages, self.hash_seed)
+                ids = tokenizer.chat_ids(self.messages, self.hash_seed, self.tenant)
             self._ids[name] = ids
         self._last, self._last_name = ids, name
         return ids
@@ -202,7 +220,7 @@ class Prompt:
         from this prompt's partition's memo: a count of a tenant's text never uses the
         process's shared memo, whose hit told by its speed that another tenant had sent
         the same text."""
-        return len(tok.tokenize(text, _pieces_of(self.hash_seed)))
+        return len(tok.tokenize(text, _pieces_of(self.hash_seed, self.tenant)))
 
     def tokenize(self) -> None:
         """Tokenize now (memoised), so the caller chooses where that work happens."""

@@ -172,6 +172,7 @@ def test_the_approximations_pieces_come_from_a_memo_of_the_partitions_own() -> N
     """Below the memo of messages, the ids of pieces: one tenant's pieces are never in
     another's memo (a hit's speed told it which pieces another had sent), the ids are the
     same, and only the latest PARTITIONS_KEPT partitions keep a memo."""
+    tokenization.keep_pieces(1)     # one tenant: its share is the whole
     said = [{"role": "user", "content": "zqxw vbnm plkj rare pieces of tenant b"}]
 
     def ids(salt: str) -> tuple[int, ...]:
@@ -189,3 +190,31 @@ def test_the_approximations_pieces_come_from_a_memo_of_the_partitions_own() -> N
     for i in range(tokenization.PARTITIONS_KEPT + 5):
         tokenization._pieces_of(10**6 + i)
     assert len(tokenization._pieces) == tokenization.PARTITIONS_KEPT
+
+
+def test_a_tenants_many_cache_salts_never_drop_another_tenants_memo_of_pieces() -> None:
+    """A tenant makes a partition per ``cache_salt`` it sends. With one order for all,
+    its requests under 32 salts dropped every other tenant's memo of pieces (their
+    texts tokenized slower), and its own oldest memo, timed after a pause, said whether
+    anyone else had sent a request meanwhile. Each tenant holds its share, and a new
+    partition drops only its own tenant's least recently used one."""
+    tokenization.keep_pieces(2)
+    try:
+        def prompt(tenant: str, salt: str) -> router.Prompt:
+            made = router.Prompt.from_text(f"zqxw {tenant}'s rare pieces, {salt}")
+            made.partition(f"{tenant}/{salt}", tenant)
+            made.tokenize()
+            return made
+        def kept(made: router.Prompt) -> bool:   # looked at without making one
+            memo = tokenization._pieces.peek(made.tenant, str(made.hash_seed))
+            return memo is not None and "zqxw" in memo
+        b = prompt("tenant b", "its only salt")
+        share = tokenization.PARTITIONS_KEPT // 2
+        a = [prompt("tenant a", f"salt {i}") for i in range(tokenization.PARTITIONS_KEPT)]
+        assert kept(b), "a's partitions dropped b's memo"
+        # a's oldest are its own to drop: it keeps its share, its latest
+        assert [kept(p) for p in a] == [False] * share + [True] * share
+        prompt("tenant b", "another salt")
+        assert kept(a[-share]), "b's new partition dropped a's oldest"
+    finally:
+        tokenization.keep_pieces(1)
