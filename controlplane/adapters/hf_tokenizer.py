@@ -27,7 +27,9 @@ Cost: encoding is ~1-2 µs per token. Chat prompts repeat (a shared context, the
 turns), and the tokenizer cuts its input at added tokens (``<|im_start|>``…) before
 anything else, so the rendering is cut there too and each piece's ids are memoised, per
 prefix-cache partition (the tenant's: a hit on a piece another tenant sent would tell,
-by its speed, that it had sent it; ``controlplane.core.tokenization``). At
+by its speed, that it had sent it; ``controlplane.core.tokenization``). For the same
+reason the tokenizer's own cache of words (a BPE's, a Unigram's: one for the process)
+is turned off, a miss of the memo encoding every word anew. At
 load, the pieces' ids are checked against one encoding of the whole rendering of a sample
 conversation; a tokenizer for which they differ is used without the memo.
 """
@@ -160,6 +162,7 @@ class HFTokenizer:
                  special_tokens: Mapping[str, str], name: str) -> None:
         self.name = name
         self._tok = tokenizer
+        _without_word_cache(tokenizer, name)
         self._template = compile_template(template_source) if template_source else None
         self._openai_content = (content_format(template_source) == "openai"
                                 if template_source else False)
@@ -245,6 +248,21 @@ class HFTokenizer:
     def chat_ids(self, messages: Sequence[Mapping[str, Any]],
                  partition: int = 0) -> tuple[int, ...]:
         return self.encode_rendered(self.render(messages), partition)
+
+
+def _without_word_cache(tokenizer: Any, name: str) -> None:
+    """Turn off the model's own cache of words (BPE's and Unigram's keep one): it serves
+    the whole process, every partition, so below the memo of pieces a text with words
+    another tenant had sent lately encoded faster than a wrong guess, and its speed told
+    that they were sent. Repeats within a partition still come from the memo."""
+    model = tokenizer.model
+    resize = getattr(model, "_resize_cache", None)
+    if resize is not None:
+        resize(0)
+    elif type(model).__name__ in ("BPE", "Unigram"):
+        log.warning("%s: the tokenizer's cache of words cannot be turned off (this "
+                    "tokenizers release has no _resize_cache): a word another tenant sent "
+                    "lately encodes faster", name)
 
 
 def _tokenizer_file(path: pathlib.Path) -> pathlib.Path:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pathlib
 import random
+import types as types_mod
+from typing import Any
 
 import pytest
 import tokenizers
@@ -218,3 +220,36 @@ def test_a_tenants_many_cache_salts_never_drop_another_tenants_memo_of_pieces() 
         assert kept(a[-share]), "b's new partition dropped a's oldest"
     finally:
         tokenization.keep_pieces(1)
+
+
+class _Words:
+    """A tokenizers model with a cache of words, as BPE and Unigram have."""
+
+    def __init__(self) -> None:
+        self.cache_size: int | None = None
+
+    def _resize_cache(self, size: int) -> None:
+        self.cache_size = size
+
+
+class _Tokenizer:
+    """The parts of a ``tokenizers.Tokenizer`` that a model tokenizer uses at load."""
+
+    def __init__(self) -> None:
+        self.model = _Words()
+
+    def get_added_tokens_decoder(self) -> dict[int, Any]:
+        return {}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> Any:
+        return types_mod.SimpleNamespace(ids=[7] * len(text))
+
+
+def test_a_model_tokenizers_own_cache_of_words_is_turned_off() -> None:
+    """Below the memo of pieces (per partition), a BPE's cache of words serves every
+    partition: a 45 KB message another tenant had sent encoded faster than a wrong guess
+    (its speed said it was sent). Off, every partition's miss encodes each word anew."""
+    fake = _Tokenizer()
+    hf = hf_tokenizer.HFTokenizer(fake, None, {}, "fake")
+    assert fake.model.cache_size == 0
+    assert hf.encode_prompt("abc") == (7, 7, 7)
