@@ -243,7 +243,7 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
                     ", ".join(short), tenant_settings.MIN_KEY, tenant_settings.MIN_KEY)
     shares = tenant_count(tenants)
     rtr.sessions = tenant_lru.TenantLRU(router_mod.SESSION_MEMORY, shares)
-    tokenization.keep_pieces(shares)
+    tokenization.keep_memos(shares)
     local = ratelimit.LocalStore(clock)
     h = settings.http
     client = upstream.UpstreamClient(h.upstream_connect_timeout_s,

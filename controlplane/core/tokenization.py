@@ -22,15 +22,16 @@ prompt's prefix-cache partition (its hash seed, derived from the tenant's salt,
 :meth:`Prompt.partition`) as well as by the message. Shared across tenants, a hit told one
 tenant by its speed that another had just sent that very message (``count_tokens``
 answers without an engine, so its timing was a clean oracle). A message sent by two
-tenants is tokenized once for each; the memo's bound is its total number of entries,
-whoever holds them. The ids of the pieces below (up to four characters,
+tenants is tokenized once for each. The ids of the pieces below (up to four characters,
 ``synapse_common.tokens``) come from a memo of the partition's own too, of
 ``PIECES_PER_PARTITION`` pieces: shared, a text tokenized faster when another tenant had
-lately sent the same pieces. Those memos are bounded per tenant (each its
-:func:`tenant_lru.share` of ``PARTITIONS_KEPT``, its least recently used dropped past
-it), not in one order for all: a tenant makes a partition per ``cache_salt`` it sends, so
-with one order its requests under 32 salts dropped every other tenant's memo, and timing
-its own oldest partition after a pause told it whether anyone else had sent a request.
+lately sent the same pieces. Both memos are bounded per tenant (each its
+:func:`tenant_lru.share` of ``MESSAGES_KEPT`` messages and of ``PARTITIONS_KEPT``
+partitions, its own least recently used dropped past it), not in one order for all: a
+tenant makes a partition per ``cache_salt`` it sends and a message per message, so with
+one order its requests dropped every other tenant's memos (their next turns tokenized
+slower), and timing its own oldest entry after a pause told it whether anyone else had
+sent a request meanwhile.
 Counts of a tenant's text outside a prompt (:meth:`Prompt.count_text`: the usage of an
 agent embedder's answer) use the same memos. A
 model's own tokenizer keeps the ids of the pieces of a rendering between its special
@@ -40,7 +41,6 @@ tokens (a message's text, mostly) the same way, per partition
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -59,17 +59,20 @@ class PromptTokenizer(Protocol):
     def text_ids(self, text: str, partition: int = 0, tenant: str = "") -> tuple[int, ...]: ...
 
 
-MESSAGES_KEPT = 512     # rendered messages whose ids are memoised, all partitions together
+MESSAGES_KEPT = 512     # rendered messages whose ids are memoised, each tenant its share
 PARTITIONS_KEPT = 32    # partitions with a memo of pieces, each tenant its share of them
 PIECES_PER_PARTITION = 4096
+# tenant -> "partition:rendered message" -> its ids, latest used last
+_messages: tenant_lru.TenantLRU[tuple[int, ...]] = tenant_lru.TenantLRU(MESSAGES_KEPT)
 # tenant -> its partitions' memos of pieces (str(partition) -> memo), latest used last
 _pieces: tenant_lru.TenantLRU[tok.PieceIds] = tenant_lru.TenantLRU(PARTITIONS_KEPT)
 
 
-def keep_pieces(tenants: int) -> None:
-    """Give each of the ``tenants`` configured tenants its share of ``PARTITIONS_KEPT``
-    memos of pieces (the app factory calls it; the memos start empty)."""
-    global _pieces
+def keep_memos(tenants: int) -> None:
+    """Give each of the ``tenants`` configured tenants its share of the memos (the app
+    factory calls it; the memos start empty)."""
+    global _messages, _pieces
+    _messages = tenant_lru.TenantLRU(MESSAGES_KEPT, tenants)
     _pieces = tenant_lru.TenantLRU(PARTITIONS_KEPT, tenants)
 
 
@@ -84,12 +87,16 @@ def _pieces_of(partition: int, tenant: str = "") -> tok.PieceIds:
     return ids
 
 
-@functools.lru_cache(maxsize=MESSAGES_KEPT)
 def _message_tokens(partition: int, rendered: str, tenant: str = "") -> tuple[int, ...]:
     """The ids of one rendered message, memoised per ``partition`` (a prompt's hash seed:
-    its tenant's), so one tenant's messages never answer another's from the memo; its
-    pieces too come from the partition's own memo."""
-    return tuple(tok.tokenize(rendered, _pieces_of(partition, tenant)))
+    its tenant's), so one tenant's messages never answer another's from the memo, in
+    ``tenant``'s share of the memo; its pieces too come from the partition's own memo."""
+    key = f"{partition}:{rendered}"
+    ids = _messages.get(tenant, key)
+    if ids is None:
+        ids = tuple(tok.tokenize(rendered, _pieces_of(partition, tenant)))
+        _messages.put(tenant, key, ids)
+    return ids
 
 
 class Approximate:

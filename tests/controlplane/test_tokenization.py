@@ -15,6 +15,7 @@ import tokenizers
 from controlplane.adapters import hf_tokenizer
 from controlplane.core import ledger, prefix_index, registry, router, tokenization, types
 from synapse_common import engines
+from synapse_common import tokens as tok
 from tests.clock import ManualClock
 
 MODEL = "smollm2-135m-instruct"
@@ -147,34 +148,63 @@ def test_templates_that_loop_over_content_parts_get_parts() -> None:
                                        "{% endfor %}") == "string"
 
 
-def test_the_approximations_memo_is_kept_per_partition_and_bounded_in_total() -> None:
+def _held(tenant: str, partition: int) -> list[str]:
+    """The rendered messages ``tenant`` holds in the memo under ``partition``."""
+    prefix = f"{partition}:"
+    return [key[len(prefix):] for _, key, _ in tokenization._messages.items(tenant)
+            if key.startswith(prefix)]
+
+
+def test_the_approximations_memo_is_kept_per_partition() -> None:
     """A message one tenant sent never comes from the memo for another (whose timing
     would tell it that message was sent); within a tenant's partition it does."""
-    memo = tokenization._message_tokens
     said = [{"role": "system", "content": "a system prompt only tenant b uses " * 10},
             {"role": "user", "content": "and its question"}]
+    rendered = {tok.render_chat([m], add_generation_prompt=False) for m in said}
 
-    def prompt(salt: str) -> router.Prompt:
+    def prompt(tenant: str) -> router.Prompt:
         made = router.Prompt.from_messages(said)
-        made.partition(salt)
+        made.partition(f"the salt of {tenant}, test_tokenization", tenant)
         return made
-    theirs = prompt("the salt of tenant b, test_tokenization")
-    theirs.tokenize()
-    before = memo.cache_info()
-    mine = prompt("the salt of tenant a, test_tokenization")
-    assert mine.token_ids == theirs.token_ids       # the same count, counted again
-    after = memo.cache_info()
-    assert (after.hits, after.misses) == (before.hits, before.misses + len(said) + 1)
-    prompt("the salt of tenant a, test_tokenization").tokenize()
-    assert memo.cache_info().hits == after.hits + len(said) + 1
-    assert after.maxsize == tokenization.MESSAGES_KEPT
+    tokenization.keep_memos(2)
+    try:
+        theirs = prompt("tenant b")
+        theirs.tokenize()
+        assert rendered <= set(_held("tenant b", theirs.hash_seed))
+        mine = prompt("tenant a")
+        assert not _held("tenant a", mine.hash_seed)
+        assert mine.token_ids == theirs.token_ids       # the same count, counted again
+        assert rendered <= set(_held("tenant a", mine.hash_seed))
+    finally:
+        tokenization.keep_memos(1)
+
+
+def test_a_tenants_many_messages_never_drop_another_tenants_memo_of_messages() -> None:
+    """With one order for all, a tenant's request of MESSAGES_KEPT messages dropped every
+    other tenant's memoised messages (their next turn tokenized anew), and its own oldest
+    message, timed after a pause, said whether anyone else had sent one meanwhile. Each
+    tenant holds its share, and drops only its own."""
+    tokenization.keep_memos(2)
+    try:
+        b = router.Prompt.from_messages([{"role": "user", "content": "tenant b's turn"}])
+        b.partition("b's salt", "tenant b")
+        b.tokenize()
+        a = router.Prompt.from_messages([{"role": "user", "content": f"a's message {i}"}
+                                         for i in range(tokenization.MESSAGES_KEPT)])
+        a.partition("a's salt", "tenant a")
+        a.tokenize()
+        assert tok.render_chat(b.messages or [], add_generation_prompt=False) in \
+            _held("tenant b", b.hash_seed), "a's messages dropped b's"
+        assert len(_held("tenant a", a.hash_seed)) == tokenization.MESSAGES_KEPT // 2
+    finally:
+        tokenization.keep_memos(1)
 
 
 def test_the_approximations_pieces_come_from_a_memo_of_the_partitions_own() -> None:
     """Below the memo of messages, the ids of pieces: one tenant's pieces are never in
     another's memo (a hit's speed told it which pieces another had sent), the ids are the
     same, and only the latest PARTITIONS_KEPT partitions keep a memo."""
-    tokenization.keep_pieces(1)     # one tenant: its share is the whole
+    tokenization.keep_memos(1)     # one tenant: its share is the whole
     said = [{"role": "user", "content": "zqxw vbnm plkj rare pieces of tenant b"}]
 
     def ids(salt: str) -> tuple[int, ...]:
@@ -200,7 +230,7 @@ def test_a_tenants_many_cache_salts_never_drop_another_tenants_memo_of_pieces() 
     texts tokenized slower), and its own oldest memo, timed after a pause, said whether
     anyone else had sent a request meanwhile. Each tenant holds its share, and a new
     partition drops only its own tenant's least recently used one."""
-    tokenization.keep_pieces(2)
+    tokenization.keep_memos(2)
     try:
         def prompt(tenant: str, salt: str) -> router.Prompt:
             made = router.Prompt.from_text(f"zqxw {tenant}'s rare pieces, {salt}")
@@ -219,7 +249,7 @@ def test_a_tenants_many_cache_salts_never_drop_another_tenants_memo_of_pieces() 
         prompt("tenant b", "another salt")
         assert kept(a[-share]), "b's new partition dropped a's oldest"
     finally:
-        tokenization.keep_pieces(1)
+        tokenization.keep_memos(1)
 
 
 class _Words:
