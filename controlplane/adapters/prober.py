@@ -19,7 +19,8 @@ whenever the target turns healthy after being unhealthy: another server may answ
 its URL now. The first round waits for those fetches, so what the server is is learnt
 before ``/ready`` says the replica is; later ones run beside the schedule (vLLM builds
 the document on its first request, hence a time limit of its own, which must not hold
-up other probes).
+up other probes). :func:`document` is that read alone, which an agent's ``external``
+backend's document gets too (:mod:`controlplane.api.salt_learning`).
 
 Time is injected (``clock``, ``sleep``: :mod:`synapse_common.clock`), so tests run the
 schedule without waiting.
@@ -101,6 +102,18 @@ async def _read_at_most(resp: _Answer, limit: int) -> bytes:
         parts.append(chunk)
         size += len(chunk)
     return b"".join(parts)[:limit]
+
+
+async def document(client: Sender, url: str, headers: Mapping[str, str],
+                   ) -> tuple[int, bytes] | None:
+    """A server's ``/openapi.json`` at ``url`` as it answered for certain: its status
+    (:data:`DOCUMENT_STATUSES`) and body, a body over :data:`DOCUMENT_BYTES` given as
+    empty; None when it said nothing for certain (another status, no answer in time)."""
+    answer = await _get(client, url, headers, DOCUMENT_TIMEOUT_S, DOCUMENT_BYTES)
+    if answer is None or answer[0] not in DOCUMENT_STATUSES:
+        return None
+    status, body = answer
+    return status, body if len(body) <= DOCUMENT_BYTES else b""
 
 
 async def probe(client: Sender, target: Target) -> bool:
@@ -189,12 +202,9 @@ class Prober:
 
     async def _document(self, target: Target) -> None:
         assert target.document_url is not None
-        answer = await _get(self.client, target.document_url, target.headers,
-                            DOCUMENT_TIMEOUT_S, DOCUMENT_BYTES)
-        if answer is None or answer[0] not in DOCUMENT_STATUSES:
+        answer = await document(self.client, target.document_url, target.headers)
+        if answer is None:
             return          # nothing certain: asked again after the next healthy probe
         self._documents.add(target.key)
         if self.on_document is not None:
-            status, body = answer
-            await self.on_document(target.key, status,
-                                   body if len(body) <= DOCUMENT_BYTES else b"")
+            await self.on_document(target.key, *answer)

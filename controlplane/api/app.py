@@ -47,6 +47,7 @@ from controlplane.api import (
     openapi,
     ops,
     readiness,
+    salt_learning,
     serving,
     surface,
     upstream_wiring,
@@ -59,6 +60,7 @@ from synapse_common import clock as clocks
 log = logging.getLogger("synapse.controlplane.api")
 
 _PROBE_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("probe_task", asyncio.Task)
+_DOCUMENTS_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("documents_task", asyncio.Task)
 
 
 def json_response(data: object, status: int = 200,
@@ -282,11 +284,13 @@ async def _redis_ctx(app: web.Application, svc: services_mod.Services,
 async def _probe_ctx(app: web.Application) -> AsyncIterator[None]:
     svc = app[context.SERVICES]
     readiness.state(svc)                    # readiness counts from here
+    learner = salt_learning.Learner(svc)    # backends' own documents, of cache_salt
+    loop = asyncio.get_running_loop()
     if svc.settings.upstreams:
-        app[_PROBE_TASK] = asyncio.get_running_loop().create_task(
-            upstream_wiring.build(svc).run())
+        app[_PROBE_TASK] = loop.create_task(upstream_wiring.build(svc, learner).run())
+    app[_DOCUMENTS_TASK] = loop.create_task(salt_learning.ExternalDocuments(svc, learner).run())
     yield
-    await aiotasks.stop(app.get(_PROBE_TASK))
+    await aiotasks.stop(app.get(_PROBE_TASK), app.get(_DOCUMENTS_TASK))
 
 
 async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -36,6 +36,11 @@ Serving workers: the pod's primary copies each stream it accepted to every worke
 Registers it accepted; a worker's servicer (``relayed``) trusts its primary's decisions
 and applies no fallback, review or admission of its own.
 
+A report's backends are marked as the registry takes them when tenants share one's
+prefix cache (:func:`controlplane.core.cache_salt.marked`: no engine of its kind takes
+the salt, and no document said it does yet, :mod:`controlplane.api.salt_learning`), so
+the counts of an agent's ``external`` backend are hidden from its first report on.
+
 Then a reader task feeds reports and command acks into the registry and queues an
 ``Ack`` per report, a pump task moves the node's command outbox onto the stream, and the
 stream's end (or error) marks the node disconnected. Protos are converted to core value objects
@@ -58,7 +63,7 @@ from controlplane import errors
 from controlplane.adapters import agent_relay, token_review
 from controlplane.api import agent_messages
 from controlplane.api import services as services_mod
-from controlplane.core import registry, types
+from controlplane.core import cache_salt, registry, types
 from protos.synapse.v1 import controlplane_pb2, controlplane_pb2_grpc
 from synapse_common import aiotasks, call_metadata, engine_key, tls_files
 
@@ -243,9 +248,10 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 if kind == "report":
                     rep = msg.report
                     agent_messages.finite_gpu_samples(rep)
-                    if not reg.report(name, [agent_messages.backend_state(name, b, key)
-                                             for b in rep.backends],
-                                      draining=rep.draining, details=rep,
+                    users = self._svc.sharers()
+                    backends = [cache_salt.marked(agent_messages.backend_state(name, b, key),
+                                                  users) for b in rep.backends]
+                    if not reg.report(name, backends, draining=rep.draining, details=rep,
                                       stream_id=stream_id):
                         raise _Ended("a newer stream of the node took over")
                     out.put_nowait(controlplane_pb2.ControlMessage(ack=controlplane_pb2.Ack(

@@ -79,6 +79,9 @@ class Services:
     fleet: fleet_mod.FleetService   # operator intent and the reconcile loop (Admin service)
     metrics_token_sha256: bytes | None = None   # /metrics needs this bearer token
     salt_key: bytes = dataclasses.field(default=b"", repr=False)   # cache_salt.key_for
+    # False in a pod's serving worker (controlplane.workers): what the pod says once (the
+    # warnings of backends whose prefix cache tenants share) its primary says
+    primary: bool = True
     # the pod's serving workers' metrics sockets: /metrics then answers the pod's sum
     worker_metrics_sockets: tuple[pathlib.Path, ...] = ()   # (api.worker_metrics)
     # token limits, budgets, usage, the fair queue (built by api.fairness_wiring)
@@ -102,6 +105,12 @@ class Services:
     def new_request_id(self) -> str:
         """A fresh random id, unrelated to every other (:mod:`request_ids` says why)."""
         return request_ids.new()
+
+    def sharers(self) -> list[tenants_mod.Tenant]:
+        """The tenants whose allow-lists say who shares an unsalted backend's prefix
+        cache (:func:`cache_salt.sharing`); none while authentication is off (every
+        caller is then one tenant)."""
+        return self.tenants.tenants() if self.tenants.enabled else []
 
     def salt_for(self, tenant: str, client_salt: object = None) -> str:
         """The engines' prefix-cache salt of ``tenant``'s requests (:mod:`cache_salt`)."""
@@ -181,22 +190,17 @@ def metrics_token(settings: config.MetricsSettings) -> bytes | None:
 
 
 def static_backends(settings: config.ControlPlaneSettings, cat: catalog.Catalog,
-                    table: tenants_mod.TenantTable | None = None) -> list[types.BackendState]:
+                    table: tenants_mod.TenantTable | None = None, *,
+                    warn: bool = True) -> list[types.BackendState]:
     """The configured upstreams, each marked when the tenants of ``table`` share its
-    prefix cache (:func:`cache_salt.sharing`; warned of here for a kind that takes no
-    salt, once its ``/openapi.json`` was read for a kind-less one)."""
+    prefix cache (:func:`cache_salt.sharing`; warned of here when ``warn``, for a kind
+    that takes no salt: once its ``/openapi.json`` was read for a kind-less one)."""
     users = table.tenants() if table is not None and table.enabled else []
-    return [_shared(b, users) for b in _static(settings, cat)]
-
-
-def _shared(backend: types.BackendState,
-            users: list[tenants_mod.Tenant]) -> types.BackendState:
-    names = cache_salt.sharing(backend, users)
-    if not names:
-        return backend
-    if backend.engine:
-        log.warning("%s", cache_salt.warning(backend, names))
-    return dataclasses.replace(backend, shares_cache=True)
+    backends = [cache_salt.marked(b, users) for b in _static(settings, cat)]
+    for b in backends:
+        if warn and b.shares_cache and not cache_salt.learns(b):
+            log.warning("%s", cache_salt.warning(b, cache_salt.sharing(b, users)))
+    return backends
 
 
 def _static(settings: config.ControlPlaneSettings,
@@ -219,7 +223,8 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
     """Wire the core objects; raises ValueError with a field name on a bad key file.
 
     ``commands_agents`` False: a pod's serving worker, which applies operator intent but
-    leaves commanding the agents to the pod's primary (:mod:`controlplane.workers`)."""
+    leaves commanding the agents, and the warnings said once per pod, to the pod's
+    primary (:mod:`controlplane.workers`)."""
     replica = settings.replica_id or socket.gethostname()
     cat = catalog.Catalog(catalog.ModelEntry(m.name, tuple(m.aliases), tuple(m.fallbacks))
                           for m in settings.models)
@@ -236,7 +241,7 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
     rtr.add_observer(route_accuracy.recorder(m))
     configured = _tenant_settings(settings.auth)
     tenants = build_tenants(settings.auth, cat, configured)
-    reg.set_static(static_backends(settings, cat, tenants))
+    reg.set_static(static_backends(settings, cat, tenants, warn=commands_agents))
     if short := tenant_settings.short_secrets(settings.auth, configured):
         log.warning("%s: shorter than %d characters, so it can be guessed by trying every "
                     "key (one request each); use at least %d random characters",
@@ -261,5 +266,5 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
         upstream=client, dispatcher=dispatch.Dispatcher(client, rtr, cat, reg, m, policy,
                                                         clock=clock),
         metrics_token_sha256=metrics_token(settings.metrics),
-        salt_key=cache_salt.key_for(settings.auth.agent_token_value),
+        salt_key=cache_salt.key_for(settings.auth.agent_token_value), primary=commands_agents,
         fleet=fleet_wiring.build(settings, reg, led, m, pushes=commands_agents))

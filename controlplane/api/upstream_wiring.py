@@ -9,27 +9,20 @@ the ``/metrics`` URL whose text becomes the backend's load in the registry. The 
 round of probes marks the registry's static part as synced for ``/ready``.
 
 A kind-less upstream also has its ``/openapi.json`` read once it answers a probe, and
-again whenever it comes back after being unhealthy (:class:`_Learner`): a server whose
-chat or completions request schema has ``cache_salt`` (vLLM, the simulator) is salted
-per tenant from then on; otherwise, when tenants share it, the warning of
-:func:`controlplane.core.cache_salt.warning` is logged.
+again whenever it comes back after being unhealthy, for
+:class:`controlplane.api.salt_learning.Learner`: a server whose chat or completions
+request schema has ``cache_salt`` (vLLM, the simulator) is salted per tenant from then
+on; otherwise, when tenants share it, the warning of
+:func:`controlplane.core.cache_salt.warning` is logged (by the pod's primary).
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import logging
-
-import orjson
-
 from controlplane import config
 from controlplane.adapters import prober
-from controlplane.api import readiness
+from controlplane.api import readiness, salt_learning
 from controlplane.api import services as services_mod
-from controlplane.core import cache_salt, types, upstream_kinds, upstream_metrics
-
-log = logging.getLogger("synapse.controlplane.upstreams")
+from controlplane.core import types, upstream_kinds, upstream_metrics
 
 
 def target(u: config.UpstreamSettings, backend: types.BackendState,
@@ -55,7 +48,10 @@ def targets(svc: services_mod.Services) -> list[prober.Target]:
     return [target(u, backends[f"static/{u.name}"], interval) for u in svc.settings.upstreams]
 
 
-def build(svc: services_mod.Services) -> prober.Prober:
+def build(svc: services_mod.Services,
+          learner: salt_learning.Learner | None = None) -> prober.Prober:
+    """The prober of ``svc``'s upstreams; kind-less ones' documents go to ``learner``
+    (a new one when None)."""
     kinds = {f"static/{u.name}": upstream_kinds.get(u.kind) for u in svc.settings.upstreams}
 
     def on_metrics(key: str, text: str | None) -> None:
@@ -68,44 +64,5 @@ def build(svc: services_mod.Services) -> prober.Prober:
 
     return prober.Prober(svc.upstream, targets(svc), svc.registry.set_static_health,
                          on_metrics=on_metrics,
-                         on_document=_Learner(svc).learnt,
+                         on_document=(learner or salt_learning.Learner(svc)).learnt,
                          on_round=lambda: readiness.state(svc).static_probed())
-
-
-class _Learner:
-    """What kind-less upstreams' documents said (read again after an upstream came back):
-    the registry is told each time, the log only when it changed."""
-
-    def __init__(self, svc: services_mod.Services) -> None:
-        self._svc = svc
-        self._said: dict[str, bool] = {}
-
-    async def learnt(self, key: str, status: int, body: bytes) -> None:
-        """A kind-less upstream's ``/openapi.json`` answered (a 200, else it has none):
-        salt it if it takes the field, else warn when tenants share its prefix cache. The
-        document is parsed off the event loop: it is the server's and may be large."""
-        svc = self._svc
-        takes = status == 200 and await asyncio.to_thread(_offers, body)
-        backend = next((b for b in svc.registry.static_backends() if b.key == key), None)
-        if backend is None:
-            return
-        table = svc.tenants
-        users = table.tenants() if table.enabled else []
-        names = cache_salt.sharing(dataclasses.replace(backend, takes_salt=False), users)
-        svc.registry.set_static_salted(key, takes, bool(names))
-        if self._said.get(key) == takes:
-            return
-        self._said[key] = takes
-        if takes:
-            log.info("upstream %s takes cache_salt (its /openapi.json): its prefix cache "
-                     "is partitioned per tenant", key)
-        elif names:
-            log.warning("%s", cache_salt.warning(
-                dataclasses.replace(backend, takes_salt=False), names))
-
-
-def _offers(body: bytes) -> bool:
-    try:
-        return cache_salt.offered(orjson.loads(body))
-    except orjson.JSONDecodeError:
-        return False

@@ -23,12 +23,13 @@ embedding and scoring models too):
   locality, is per tenant as the engines' caches then are.
 
 Which backends take it (:func:`takes`): engines of :data:`ENGINES` (vLLM and the
-simulator, by the agent's engine or a static upstream's ``kind``), and a static upstream
-without a ``kind`` whose own ``/openapi.json``, read once at its first healthy probe,
-shows ``cache_salt`` in the request schema of its chat or completions path
-(:func:`offered`: vLLM's FastAPI document and the simulator's do). Servers of other kinds
-(SGLang, TGI, llama.cpp, Ollama, hosted APIs) and kind-less ones without that field get
-the client's body unchanged, since they may refuse an unknown field.
+simulator, by the agent's engine or a static upstream's ``kind``), and a backend whose
+kind does not say (:func:`learns`: a static upstream without a ``kind``, an agent's
+``external`` backend) when its own ``/openapi.json``, read once it answers, shows
+``cache_salt`` in the request schema of its chat or completions path (:func:`offered`:
+vLLM's FastAPI document and the simulator's do). Servers of other kinds (SGLang, TGI,
+llama.cpp, Ollama, hosted APIs) and kind-less ones without that field get the client's
+body unchanged, since they may refuse an unknown field.
 
 Such an unsalted backend that generates and that more than one tenant may use (their
 allow-lists) shares its prefix cache across them (:func:`sharing`): one warning names it
@@ -38,16 +39,18 @@ cached-token counts zeroed (:func:`hidden`, :class:`StreamHider`:
 Anthropic's cache reads and writes folded back into ``input_tokens``, DeepSeek's hits
 zeroed and its misses made the whole prompt, llama.cpp's ``timings`` dropped), which
 otherwise told a tenant, without any timing, how much of its prompt another had just
-sent; the relay drops such a backend's timing headers too. It fails closed: a count that
+sent (:func:`marked`; an agent's backend is marked as its report arrives); the relay
+drops such a backend's timing headers too. It fails closed: a count that
 is a float or a string is zeroed as well, and an answer the JSON parser refuses is zeroed
 by substitution. Time to first token still tells it: only a salt closes that; so does an
 Ollama whose ``prompt_tokens`` leaves out the cached tokens (nothing here can zero that). The ledger and the router read the
-counts before they are zeroed. A kind-less upstream counts as unsalted until its document
-says otherwise.
+counts before they are zeroed. A backend that :func:`learns` counts as unsalted until its
+document says otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -131,6 +134,13 @@ def takes(backend: types.BackendState) -> bool:
     return backend.engine in ENGINES or backend.takes_salt
 
 
+def learns(backend: types.BackendState) -> bool:
+    """Whether ``backend``'s own ``/openapi.json`` says whether it takes the salt: a
+    static upstream without a ``kind``, an agent's ``external`` backend (a URL the agent
+    only probes); every other kind says it by itself."""
+    return backend.engine == ("" if backend.source == "static" else "external")
+
+
 def sharing(backend: types.BackendState,
             tenants: Iterable[tenants_mod.Tenant]) -> tuple[str, ...]:
     """The tenants that share ``backend``'s prefix cache: every tenant that may use one of
@@ -142,15 +152,32 @@ def sharing(backend: types.BackendState,
     return names if len(names) > 1 else ()
 
 
+def marked(backend: types.BackendState,
+           tenants: Iterable[tenants_mod.Tenant]) -> types.BackendState:
+    """``backend`` with ``shares_cache`` set when ``tenants`` share its prefix cache
+    (:func:`sharing`): its answers' counts are then hidden."""
+    if not sharing(backend, tenants):
+        return backend
+    return dataclasses.replace(backend, shares_cache=True)
+
+
 def warning(backend: types.BackendState, names: tuple[str, ...]) -> str:
-    """The start-up warning for a backend whose prefix cache ``names`` share."""
-    what = f"kind {backend.engine}" if backend.engine else "no kind, and its /openapi.json " \
-        "shows no cache_salt"
-    return (f"upstream {backend.key} ({what}) is sent no cache_salt, so the {len(names)} "
-            f"tenants that may use it share its prefix cache: a tenant can tell from the "
-            f"time to the first token whether another sent a prompt lately; the cached-token "
-            f"counts of its answers are zeroed. Give it kind: vllm if it is a vLLM, or its "
-            f"own upstream per tenant")
+    """The warning for a backend whose prefix cache ``names`` share: it names the
+    backend (and an agent's node), never its URL (which may carry credentials)."""
+    unread = ", and its /openapi.json shows no cache_salt" if learns(backend) else ""
+    if backend.source == "static":
+        what = (f"upstream {backend.key} (kind {backend.engine})" if backend.engine
+                else f"upstream {backend.key} (no kind{unread})")
+        advice = "Give it kind: vllm if it is a vLLM, or its own upstream per tenant"
+    else:
+        what = (f"backend {backend.name} of node {backend.node} "
+                f"(engine {backend.engine}{unread})")
+        advice = ("Let the agent run it (engine: vllm) if it is a vLLM, or give each tenant "
+                  "its own backend")
+    return (f"{what} is sent no cache_salt, so the {len(names)} tenants that may use it "
+            f"share its prefix cache: a tenant can tell from the time to the first token "
+            f"whether another sent a prompt lately; the cached-token counts of its answers "
+            f"are zeroed. {advice}")
 
 
 def offered(document: Any) -> bool:

@@ -24,6 +24,10 @@ Decisions:
 * At most ``max_nodes`` names: a new one past it first forgets nodes down for
   ``forget_down_after_s``, else is refused with :class:`TooManyNodes` (a registrant
   inventing names must not grow the registry without bound).
+* What a backend's own ``/openapi.json`` said of ``cache_salt`` (a kind-less static
+  upstream, an agent's ``external`` backend: ``core.cache_salt.learns``) is set from
+  outside (``set_static_salted``, ``set_agent_salted``); an agent's backend keeps it
+  across reports while it reports the URL the document was read at.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ class _Node:
     backends: tuple[types.BackendState, ...] = ()
     report: object = None
     stream_id: int = 0
+    # backend name -> the URL at which its own /openapi.json showed cache_salt
+    # (set_agent_salted), for the reports that follow
+    salted: dict[str, str] = dataclasses.field(default_factory=dict)
     outbox: asyncio.Queue[tuple[str, types.Command]] = dataclasses.field(
         default_factory=asyncio.Queue)
 
@@ -101,6 +108,20 @@ def address_key(address: str) -> str:
             with contextlib.suppress(OSError):
                 host = socket.inet_ntoa(socket.inet_aton(host))   # 127.1, 0x7f.1
     return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
+
+
+def _with_salt(node: _Node, backends: tuple[types.BackendState, ...],
+               ) -> tuple[types.BackendState, ...]:
+    """A report's ``backends``, those whose document showed ``cache_salt`` at the URL
+    they report salted (:meth:`Registry.set_agent_salted`); what was learnt of a backend
+    the report no longer names is forgotten (a report bounds what is kept)."""
+    if not node.salted:
+        return backends
+    named = {b.name for b in backends}
+    for name in [n for n in node.salted if n not in named]:
+        del node.salted[name]
+    return tuple(dataclasses.replace(b, takes_salt=True, shares_cache=False)
+                 if node.salted.get(b.name) == b.url else b for b in backends)
 
 
 class Registry:
@@ -204,7 +225,7 @@ class Registry:
             return False
         if self.node_status(node) == "down" and self._address_taken(node):
             return False    # it fell silent, and another node took its address meanwhile
-        node.backends = tuple(backends)
+        node.backends = _with_salt(node, tuple(backends))
         node.agent_draining = draining
         node.last_seen = self._clock()
         node.connected = True
@@ -223,6 +244,28 @@ class Registry:
             if name == node_name and not fut.done():
                 fut.set_result(types.CommandResult(False, "node disconnected"))
                 del self._pending[cid]
+
+    def set_agent_salted(self, node_name: str, name: str, url: str, takes: bool,
+                         shares: bool) -> None:
+        """What an agent's backend's own document, read at ``url``, said
+        (``core.cache_salt.learns``): whether it ``takes`` ``cache_salt``, and, when it
+        does not, whether tenants then ``shares`` its prefix cache. Kept for the node's
+        next reports while they name the backend at that URL: another URL may be another
+        server (the reports' own marks say whether tenants share it)."""
+        node = self._nodes.get(node_name)
+        if node is None:
+            return
+        if takes:
+            node.salted[name] = url
+        else:
+            node.salted.pop(name, None)
+        marks = (takes, shares and not takes)
+        if any(b.name == name and b.url == url and (b.takes_salt, b.shares_cache) != marks
+               for b in node.backends):
+            node.backends = tuple(
+                dataclasses.replace(b, takes_salt=marks[0], shares_cache=marks[1])
+                if b.name == name and b.url == url else b for b in node.backends)
+            self.version += 1
 
     def forget(self, node_name: str) -> bool:
         self.version += 1

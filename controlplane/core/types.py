@@ -49,8 +49,9 @@ class BackendState:
                                     # static upstreams: their kind (upstream_kinds), or ""
     max_num_seqs: int = 0           # sequences it runs at once, when configured (static) or
                                     # set on its command line (agent); 0 = unknown
-    # A kind-less static upstream whose /openapi.json shows cache_salt: salted like the
-    # engines of core.cache_salt.ENGINES (which need no flag).
+    # A backend whose own /openapi.json shows cache_salt (core.cache_salt.learns: a
+    # kind-less static upstream, an agent's external one): salted like the engines of
+    # core.cache_salt.ENGINES (which need no flag).
     takes_salt: bool = False
     # Not salted, generates, and more than one tenant may use it (core.cache_salt.sharing):
     # its answers reach clients with their cached-token counts zeroed.

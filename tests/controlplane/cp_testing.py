@@ -220,10 +220,11 @@ class RunningCP:
 @contextlib.asynccontextmanager
 async def running(s: config.ControlPlaneSettings,
                   cache: cache_port.ResponseCache | None = None,
-                  with_grpc: bool = False) -> AsyncIterator[RunningCP]:
+                  with_grpc: bool = False, *, primary: bool = True) -> AsyncIterator[RunningCP]:
     """The control plane app (and optionally its gRPC server) in this event loop, served
-    as ``synapse controlplane`` serves it (the fast lane when ``http.fast_lane``)."""
-    svc = services_mod.build(s, response_cache=cache)
+    as ``synapse controlplane`` serves it (the fast lane when ``http.fast_lane``); as a
+    pod's serving worker's when not ``primary``."""
+    svc = services_mod.build(s, response_cache=cache, commands_agents=primary)
     app = app_mod.create_app(s, services=svc)
     runner = server_mod.Runner(app, s.http, handler_cancellation=True, access_log=None)
     await runner.setup()
