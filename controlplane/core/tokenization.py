@@ -68,12 +68,19 @@ _messages: tenant_lru.TenantLRU[tuple[int, ...]] = tenant_lru.TenantLRU(MESSAGES
 _pieces: tenant_lru.TenantLRU[tok.PieceIds] = tenant_lru.TenantLRU(PARTITIONS_KEPT)
 
 
+_pieces_each = PIECES_PER_PARTITION
+
+
 def keep_memos(tenants: int) -> None:
     """Give each of the ``tenants`` configured tenants its share of the memos (the app
-    factory calls it; the memos start empty)."""
-    global _messages, _pieces
+    factory calls it; the memos start empty). Past ``PARTITIONS_KEPT`` tenants, each
+    still has a partition's memo, smaller, so that all of them together hold no more
+    pieces than ``PARTITIONS_KEPT`` full memos."""
+    global _messages, _pieces, _pieces_each
     _messages = tenant_lru.TenantLRU(MESSAGES_KEPT, tenants)
     _pieces = tenant_lru.TenantLRU(PARTITIONS_KEPT, tenants)
+    _pieces_each = tenant_lru.share(PARTITIONS_KEPT * PIECES_PER_PARTITION,
+                                    max(tenants, PARTITIONS_KEPT))
 
 
 def _pieces_of(partition: int, tenant: str = "") -> tok.PieceIds:
@@ -82,7 +89,7 @@ def _pieces_of(partition: int, tenant: str = "") -> tok.PieceIds:
     key = str(partition)
     ids = _pieces.get(tenant, key)
     if ids is None:
-        ids = tok.PieceIds(PIECES_PER_PARTITION)
+        ids = tok.PieceIds(_pieces_each)
         _pieces.put(tenant, key, ids)
     return ids
 

@@ -148,6 +148,20 @@ def test_templates_that_loop_over_content_parts_get_parts() -> None:
                                        "{% endfor %}") == "string"
 
 
+def test_past_32_tenants_the_memos_of_pieces_shrink_so_their_total_stays_bounded() -> None:
+    """Each tenant keeps at least one partition's memo (its share never falls to none), so
+    with a thousand tenants a full memo each held thirty times the pieces of 32 memos."""
+    total = tokenization.PARTITIONS_KEPT * tokenization.PIECES_PER_PARTITION
+    try:
+        for tenants in (2, 32, 1000):
+            tokenization.keep_memos(tenants)
+            memo = tokenization._pieces_of(1, "tenant a")
+            assert memo.kept * max(tenants, tokenization.PARTITIONS_KEPT) <= total
+            assert memo.kept == min(tokenization.PIECES_PER_PARTITION, total // tenants)
+    finally:
+        tokenization.keep_memos(1)
+
+
 def _held(tenant: str, partition: int) -> list[str]:
     """The rendered messages ``tenant`` holds in the memo under ``partition``."""
     prefix = f"{partition}:"
