@@ -14,8 +14,9 @@ and records metrics and stats once per request. A client's
 into the response headers, the access log and names the request to that client);
 otherwise the request gets a fresh id, logged at debug level. Engines never get the
 client's id (vLLM names and aborts requests by it, and any tenant may send any id):
-they get an id Synapse generated for the request (``RequestContext.engine_id``). Errors below the handlers (a request aiohttp cannot parse)
-are :mod:`controlplane.api.server`'s.
+they get an id Synapse generated for the request (``RequestContext.engine_id``).
+Errors below the handlers (a request aiohttp cannot parse, a refused ``Expect``) are
+:mod:`controlplane.api.server`'s, in the same two shapes.
 
 ``/metrics`` is served here unless ``metrics.port`` moves it to an app of its own
 (:func:`create_metrics_app`); here, with tenant keys, it needs the admin key, and
@@ -27,8 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import posixpath
-import re
 from collections.abc import AsyncIterator
 
 import orjson
@@ -73,25 +72,11 @@ def error_response(exc: errors.SynapseError, ctx: context.RequestContext,
                    path: str = "") -> web.Response:
     """``exc`` in the OpenAI envelope, or in Anthropic's shape under ``/v1/messages``
     (every error there is, the middleware's own included)."""
-    if _anthropic(path):
+    if anthropic_errors.covers(path):
         status, body, extra = anthropic_errors.render(exc, ctx.request_id)
         return web.Response(status=status, body=body, content_type="application/json",
                             headers={**ctx.headers(), **extra, "request-id": ctx.request_id})
     return json_response(exc.envelope(), exc.http_status, {**ctx.headers(), **exc.headers()})
-
-
-ANTHROPIC = "/v1/messages"
-
-
-def _anthropic(path: str) -> bool:
-    """Whether ``path`` is under :data:`ANTHROPIC` once normalised (runs of slashes as
-    one, dot segments resolved): ``//v1/messages/x`` is the Anthropic SDKs' path too, and
-    its errors were the OpenAI envelope they cannot read."""
-    path = posixpath.normpath(_SLASHES.sub("/", path)) if path else path
-    return path == ANTHROPIC or path.startswith(ANTHROPIC + "/")
-
-
-_SLASHES = re.compile("/{2,}")
 
 
 async def _close_after(request: web.Request, resp: web.Response) -> web.Response:

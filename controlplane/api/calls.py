@@ -51,23 +51,22 @@ def authorization(request: web.Request, x_api_key: bool) -> str | None:
     return header
 
 
-async def continue_if_known(request: web.Request) -> web.Response | None:
+async def continue_if_known(request: web.Request) -> None:
     """The routes' ``Expect`` handler: ``100 Continue`` only for a request that carries a
     valid tenant key (``Authorization`` or ``x-api-key``), so a client without one is not
     invited to send its body: the handler answers it (401, or 403 for the admin key)
     before any of it, as on the fast lane. Whether the key fits the route is still the
-    handler's to say. Any other expectation is a 417 envelope (aiohttp calls this before
-    the middleware: no request id or metrics for that one)."""
+    handler's to say. Any other expectation is aiohttp's 417, which
+    :mod:`controlplane.api.server` answers in the path's error shape, as it does aiohttp's
+    own for no route (aiohttp calls this before the middleware: no request id or metrics
+    for that one)."""
     svc = request.app[context.SERVICES]
     try:
         svc.tenants.authenticate(authorization(request, x_api_key=True))
     except errors.SynapseError:
         return None
     if request.headers.get("Expect", "").lower() != "100-continue":
-        refused = errors.with_status(417, "only 'Expect: 100-continue' is understood",
-                                     code="expectation_failed")
-        return web.Response(body=orjson.dumps(refused.envelope()), status=417,
-                            content_type="application/json")
+        raise web.HTTPExpectationFailed()
     if request.version == (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0      # the answer proper has not begun

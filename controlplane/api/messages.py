@@ -30,7 +30,9 @@
   ``x-synapse-count`` says which counted (``engine`` or ``estimate``), on counts only.
 
 Errors the middleware raises itself on these paths (no route, wrong method, a body that
-does not decode) are Anthropic's shape too (:mod:`controlplane.api.app`).
+does not decode) are Anthropic's shape too (:mod:`controlplane.api.app`), and so are
+those answered below the app (a request aiohttp cannot parse, a refused ``Expect``:
+:mod:`controlplane.api.server`).
 """
 
 from __future__ import annotations

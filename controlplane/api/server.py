@@ -10,9 +10,12 @@ app with a connection handler that
   seconds holds a connection for that long, not forever;
 * closes connections idle for ``http.keepalive_timeout_s`` (aiohttp's keep-alive timer:
   it also covers a connection that never sends a byte);
-* answers a request it cannot parse with the OpenAI envelope and a fixed message per
-  kind of fault (:data:`PARSE_ERRORS`), never echoing what the client sent, logged at
-  debug level only (a stream of garbage must not fill the logs);
+* answers a request it cannot parse with a fixed message per kind of fault
+  (:data:`PARSE_ERRORS`), never echoing what the client sent, logged at debug level only
+  (a stream of garbage must not fill the logs);
+* answers a refused ``Expect`` (any but ``100-continue``: aiohttp's 417, raised by the
+  routes' expect handler and by aiohttp's own for no route) with a fixed message, not
+  aiohttp's plain text that quotes the header;
 * keeps at most ``http.max_connections`` open (:func:`connection_cap`): one more closes
   the connection idle longest; when none is idle, the one whose request head has been
   arriving longest, if for :data:`STALLED_HEAD_S` (a slow-head client holding every
@@ -22,6 +25,16 @@ app with a connection handler that
   cannot shield its idle connections from the cap by making one request the lane hands
   off (``GET /health``, no key needed), nor are they shielded when there is no lane
   (TLS, ``http.fast_lane: false``).
+
+Both answers are in the error shape of the path's API (:func:`error_body`): Anthropic's
+under ``/v1/messages`` (:func:`controlplane.core.anthropic_errors.covers`, as the
+middleware's), the OpenAI envelope elsewhere. For a request aiohttp could not parse, the
+path is read from the start of its head as it arrived (:func:`head_path`; aiohttp's
+parser keeps none of it): when the request line itself cannot be read (no target, or
+bytes that are not HTTP) there is no path, and the answer is the OpenAI envelope. The
+bytes kept are the first :data:`HEAD_KEPT` of a head arriving between requests; a head
+pipelined behind a request still being served is not kept, so its fault is answered in
+the OpenAI envelope too.
 
 The request body's own limit, ``http.body_timeout_s``, is the handlers'
 (:func:`controlplane.api.serving.read_body`, 408).
@@ -40,7 +53,8 @@ import asyncio
 import logging
 import math
 import resource
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -48,6 +62,7 @@ from aiohttp import http_exceptions, web, web_protocol, web_request, web_server
 
 from controlplane import config, errors
 from controlplane.api import fast_lane
+from controlplane.core import anthropic_errors
 
 # A request head arriving for this long is stalled: a client at any usable speed sends its
 # head in a round trip or two. Over http.max_connections with none idle, the head stalled
@@ -69,6 +84,11 @@ PARSE_ERRORS: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
+# Bytes kept of the start of a request head, to read its path from should it not parse:
+# a request line is the first; a longer target is judged by its start.
+HEAD_KEPT = 1024
+
+
 def parse_error(status: int, exc: BaseException | None) -> errors.SynapseError:
     """The error a client sees for a request aiohttp's parser refused."""
     if status >= 500:
@@ -78,6 +98,38 @@ def parse_error(status: int, exc: BaseException | None) -> errors.SynapseError:
     return errors.with_status(status, message, code="invalid_http")
 
 
+def expectation_failed() -> errors.SynapseError:
+    return errors.with_status(417, "only 'Expect: 100-continue' is understood",
+                              code="expectation_failed")
+
+
+def error_body(err: errors.SynapseError, path: str | None) -> bytes:
+    """``err`` as the body of an answer to a request to ``path``: Anthropic's shape where
+    it covers the path, else the OpenAI envelope (``path`` None: not known)."""
+    if path is not None and anthropic_errors.covers(path):
+        return orjson.dumps(anthropic_errors.body(err))
+    return orjson.dumps(err.envelope())
+
+
+def head_path(head: bytes) -> str | None:
+    """The path of the request line that ``head`` starts with, percent-decoded as
+    ``request.path`` is; None when the line has no target to read one from. Only a
+    line's target is read (what comes after it may be what is malformed)."""
+    target = head.split(b"\n", 1)[0].split(b" ", 2)[1:2]
+    if not target:
+        return None
+    raw = target[0].decode("latin-1")
+    if not raw.startswith("/"):
+        if "://" not in raw:
+            return None                         # "*", an authority, bytes not HTTP
+        try:
+            raw = urllib.parse.urlsplit(raw).path or "/"    # absolute form
+        except ValueError:
+            return None
+    raw = raw.partition("?")[0].partition("#")[0]
+    return urllib.parse.unquote_to_bytes(raw).decode("utf-8", "replace")
+
+
 class _Protocol(web_protocol.RequestHandler):
     def __init__(self, manager: web_server.Server, *, header_timeout_s: float,
                  **kwargs: Any) -> None:
@@ -85,8 +137,16 @@ class _Protocol(web_protocol.RequestHandler):
         self._header_timeout_s = header_timeout_s
         self._head_timer: asyncio.TimerHandle | None = None
         self._heads_seen = 0
+        self._head = b""            # the start of the last head that began between requests
+        self._head_at = -1          # the count of requests parsed before it
 
     def data_received(self, data: bytes) -> None:
+        if not self._request_in_progress and not self._messages:
+            if self._head_timer is None:            # bytes between requests: a head begins
+                self._head = data[:HEAD_KEPT]
+                self._head_at = self._request_count
+            elif len(self._head) < HEAD_KEPT and b"\n" not in self._head:
+                self._head += data[:HEAD_KEPT - len(self._head)]    # its line goes on
         super().data_received(data)
         messages = getattr(self, "_messages", ())      # aiohttp's queue of parsed requests
         if messages and getattr(messages[-1][0], "upgrade", False) and not self._close:
@@ -141,17 +201,35 @@ class _Protocol(web_protocol.RequestHandler):
     def handle_error(self, request: web_request.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        if status >= 500:
+        path: str | None
+        if status >= 500:       # a request that reached the app: its path is its own
             log.error("unexpected error below the app", exc_info=exc)
-        else:
+            path = request.path
+        else:                   # one aiohttp could not parse (``request`` is a stand-in)
             log.debug("unparseable request: %s", type(exc).__name__ if exc else status)
+            path = self._unparsed_path()
         if request.writer.output_size > 0:
             raise ConnectionError("the response has started; no error answer is possible")
-        err = parse_error(status, exc)
-        resp = web.Response(status=status, body=orjson.dumps(err.envelope()),
+        resp = web.Response(status=status, body=error_body(parse_error(status, exc), path),
                             content_type="application/json")
         resp.force_close()
         return resp
+
+    def _unparsed_path(self) -> str | None:
+        """The path of the request aiohttp could not parse, when the head kept is its
+        own: the only request counted since that head began (this one)."""
+        if self._request_count != self._head_at + 1:
+            return None
+        return head_path(self._head)
+
+    def finish_response(self, request: web_request.BaseRequest, resp: web.StreamResponse,
+                        start_time: float | None,
+                        ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        # Not a coroutine itself: one call more per answer on aiohttp's path, no more.
+        if type(resp) is web.HTTPExpectationFailed:
+            resp = web.Response(status=417, body=error_body(expectation_failed(), request.path),
+                                content_type="application/json")
+        return super().finish_response(request, resp, start_time)
 
 
 class LaneServer(web_server.Server):

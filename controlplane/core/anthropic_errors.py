@@ -21,16 +21,33 @@ its status and message. In a stream that has already begun, the error is an ``er
 event carrying the same body (:func:`sse_event`), which the SDKs raise as an exception.
 
 ``controlplane.errors`` stays the one place that builds the OpenAI envelope; this module
-is the one place that builds Anthropic's, for the edge to call on the Messages route.
+is the one place that builds Anthropic's, and says which paths get it (:func:`covers`),
+for the edge to call: the middleware, the Messages handlers, and the server below the app
+(a request aiohttp cannot parse, a refused ``Expect``).
 """
 
 from __future__ import annotations
 
+import posixpath
+import re
 from typing import Any
 
 import orjson
 
 from controlplane import errors
+
+PATH = "/v1/messages"
+_SLASHES = re.compile("/{2,}")
+
+
+def covers(path: str) -> bool:
+    """Whether an error answering a request to ``path`` is in Anthropic's shape: ``path``
+    is under :data:`PATH` once normalised (runs of slashes as one, dot segments resolved),
+    unknown sub-paths included, as the Anthropic SDKs read only that shape;
+    ``//v1/messages/x`` is theirs too."""
+    path = posixpath.normpath(_SLASHES.sub("/", path)) if path else path
+    return path == PATH or path.startswith(PATH + "/")
+
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
          403: "permission_error", 404: "not_found_error", 409: "conflict_error",
