@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
+from typing import Protocol
 
 from controlplane import errors
 from controlplane.core import cache_salt, ledger, model_rename, stream_shapes, transport, types
@@ -36,8 +37,8 @@ JSON = "application/json"
 class Attempt:
     """One try of one backend; ``async with`` settles its ledger ticket on the way out."""
 
-    __slots__ = ("_data", "_ended", "_events", "_first_token_event", "_hider", "_idle_s",
-                 "_ledger", "_masker", "_path", "_peeked", "_prompt", "_received", "_rename",
+    __slots__ = ("_data", "_ended", "_events", "_first_token_event", "_idle_s", "_ledger",
+                 "_outgoing", "_path", "_peeked", "_prompt", "_received", "_rename",
                  "_renamer", "_router", "_tail", "_verdict", "backend", "error", "index",
                  "response", "route", "span", "streaming", "ticket")
 
@@ -64,10 +65,12 @@ class Attempt:
         self._tail = b""                # the stream's last bytes: [DONE] and the usage
         self._rename = rename           # the model name answers carry (None: as they are)
         self._renamer = model_rename.StreamRenamer(rename) if rename else None
-        # A backend whose prefix cache tenants share: its cached-token counts never reach
-        # a client (core.cache_salt); the ledger and the router still read them.
-        self._hider = cache_salt.StreamHider() if verdict.backend.shares_cache else None
-        self._masker: errors.StreamMask | None = None   # an event stream of a keyed backend
+        # What a streamed chunk goes through on its way to the caller, None for nothing (one
+        # check a chunk whatever it holds): a backend whose prefix cache tenants share has
+        # its cached-token counts zeroed (core.cache_salt; the ledger and the router still
+        # read them), a keyed backend's event stream its key masked (first_bytes).
+        self._outgoing: _Filter | None = (
+            cache_salt.StreamHider() if verdict.backend.shares_cache else None)
         self._data: bytes | None = None     # a whole answer, once read
         self._peeked: bytes | None = None   # a stream's first piece, read before hand-over
         self._received = False          # body bytes arrived
@@ -126,7 +129,7 @@ class Attempt:
         content_type = self.answer.content_type
         if content_type == stream_shapes.EVENT_STREAM:
             if self.backend.api_key:
-                self._masker = errors.StreamMask(self.backend.api_key)
+                self._outgoing = _then_masked(self._outgoing, self.backend.api_key)
             self._peeked = await self._pull()
         elif content_type == JSON:
             await self.read()
@@ -137,14 +140,14 @@ class Attempt:
         if self._data is not None:
             return self._data
         answer = self.answer
-        peeked = self._peeked or b""
-        if self._masker is not None:    # an event stream read whole: what it held back
-            peeked += self._masker.rest()
         try:
-            data = peeked + await answer.read()
+            data = await answer.read()
         except errors.UpstreamError as exc:
             raise exc.reworded(f"backend {self.backend.key} broke off its answer: "
                                f"{exc.message}") from exc
+        if self._peeked is not None:    # an event stream read whole: what came before
+            held = self._outgoing.rest() if self._outgoing is not None else b""
+            data = self._peeked + held + data
         self._peeked = None
         self._mark_first_byte()
         if answer.status == 200:
@@ -152,7 +155,7 @@ class Attempt:
                 self.ticket.usage = usage_mod.from_tail(data)
             if self._rename:
                 data = model_rename.in_body(data, self._rename)
-            if self._hider is not None:
+            if self.backend.shares_cache:
                 data = cache_salt.hidden(data)
         if self.backend.api_key:        # relayed in some shape, or cached: never the key
             data = errors.masked(data, self.backend.api_key)
@@ -186,19 +189,15 @@ class Attempt:
                 rest = self._renamer.rest() if self._renamer is not None else b""
                 self._account(rest)
                 self._check_end()
-                if self._hider is not None:
-                    rest = self._hider.feed(rest) + self._hider.rest()
-                if self._masker is not None:
-                    rest = self._masker.feed(rest) + self._masker.rest()
+                if self._outgoing is not None:
+                    rest = self._outgoing.feed(rest) + self._outgoing.rest()
                 return rest or None
             self._received = True
             chunk = self._renamer.feed(raw) if self._renamer is not None else raw
             if chunk:
                 self._account(chunk)
-                if self._hider is not None:
-                    chunk = self._hider.feed(chunk)
-                if self._masker is not None:
-                    chunk = self._masker.feed(chunk)
+                if self._outgoing is not None:
+                    chunk = self._outgoing.feed(chunk)
                 if chunk:
                     return chunk
         return None
@@ -229,6 +228,39 @@ class Attempt:
             self._ledger.first_byte(self.ticket)
         if self.span is not None:
             tracing.event(self.span, "first_byte")
+
+
+class _Filter(Protocol):
+    """A stream's bytes changed on their way to the caller, a piece at a time."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What can be passed on of ``chunk`` (and of what was held before it)."""
+        ...
+
+    def rest(self) -> bytes:
+        """What was held, once the stream ended."""
+        ...
+
+
+class _Chained:
+    """Two filters, the second fed what the first passes on."""
+
+    __slots__ = ("_first", "_then")
+
+    def __init__(self, first: _Filter, then: _Filter) -> None:
+        self._first, self._then = first, then
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._then.feed(self._first.feed(chunk))
+
+    def rest(self) -> bytes:
+        return self._then.feed(self._first.rest()) + self._then.rest()
+
+
+def _then_masked(outgoing: _Filter | None, key: str) -> _Filter:
+    """``outgoing``, then ``key`` masked (:class:`controlplane.errors.StreamMask`)."""
+    mask = errors.StreamMask(key)
+    return mask if outgoing is None else _Chained(outgoing, mask)
 
 
 def _span_error(attempt: Attempt, exc: BaseException | None) -> str | None:

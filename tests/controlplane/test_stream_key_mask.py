@@ -77,14 +77,15 @@ SHOWN = (ROLE + delta(f"your key is {MASK}.") + delta(f" base64 {MASK}")
          + delta("", "stop") + b"data: [DONE]\n\n")
 
 
-def dispatcher(api_key: str | None) -> tuple[dispatch.Dispatcher, MockTransport]:
+def dispatcher(api_key: str | None, shares_cache: bool = False,
+               ) -> tuple[dispatch.Dispatcher, MockTransport]:
     """A dispatcher of one backend (with ``api_key``) behind a scripted transport."""
     clock = ManualClock()
     reg = registry.Registry(clock, 15.0)
     reg.register(types.NodeInfo("n1"))
     reg.report("n1", [types.BackendState(key="n1/a", node="n1", name="a",
                                          url="http://a.internal:8000", models=(t.MODEL,),
-                                         api_key=api_key)])
+                                         api_key=api_key, shares_cache=shares_cache)])
     rtr = router.Router(router.Params(policy="round_robin"), reg, ledger.Ledger(clock),
                         prefix_index.PrefixIndex(1000))
     mock = MockTransport(lambda req: MockResponse())
@@ -118,6 +119,20 @@ async def test_a_keyed_backends_stream_is_masked_wherever_its_reads_split_the_ke
         assert seen == SHOWN, (reads[0][-30:], seen)
         assert not any(piece in seen for piece in PIECES)
         assert seen.count(errors.KEY_MASK) == 4
+
+
+async def test_a_keyed_backend_whose_cache_tenants_share_has_both_its_key_and_counts_hidden(
+        ) -> None:
+    """The two changes a stream may need, one after the other, at every split."""
+    d, mock = dispatcher(KEY, shares_cache=True)
+    usage = {"prompt_tokens": 300, "completion_tokens": 1, "total_tokens": 301,
+             "prompt_tokens_details": {"cached_tokens": 272}}
+    sent = (ROLE + delta(f"key {KEY}") + chat_event({"id": "c", "choices": [], "usage": usage})
+            + b"data: [DONE]\n\n")
+    for reads in splits(sent)[::3]:
+        seen = b"".join(await relayed(d, mock, reads))
+        assert seen.count(errors.KEY_MASK) == 1 and KEY[4:-4].encode() not in seen, seen
+        assert b'"cached_tokens":0' in seen and b"272" not in seen, seen
 
 
 async def test_a_keyed_stream_written_an_event_a_read_is_passed_on_read_for_read() -> None:
