@@ -25,6 +25,15 @@ ERROR naming the node, once per distinct bad text; the other nodes apply. The re
 left in the store, for whoever wants to mend it by hand, until the next change to that
 node replaces it: :meth:`FleetIntent.update` then builds on what this process applied.
 The one rule serves both stores (the file, Redis), so an adapter never parses a record.
+
+**Versions.** Each record carries ``version``: the time it was written, in milliseconds, or
+one more than the record it replaced when that is higher, so a node's versions only grow
+(every write is a compare-and-set on the record before). It tells which of two copies of a
+node's record is the later change, :func:`newer`, when they come from two stores: Redis and
+the file each replica keeps beside it (``adapters.intent_copy``), which may hold a change
+Redis lost or never saw. Between two stores the later change by the clock wins, which is
+right as far as the replicas' clocks agree. A change that changes nothing is not written
+and keeps its version.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from typing import Any, Protocol
 
 from controlplane import errors
 from controlplane.core import registry as registry_mod
+from synapse_common import clock as clocks
 
 log = logging.getLogger("synapse.controlplane.fleet")
 
@@ -53,11 +63,14 @@ class NodeIntent:
     draining: bool = False
     reason: str = ""
     desired: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    # Which of two records of a node is the later change (see the module docstring); set by
+    # FleetIntent.update at every write, never by a change. 0: written by an older release.
+    version: int = 0
 
     def to_json(self) -> str:
         return json.dumps({"cordoned": self.cordoned, "draining": self.draining,
-                           "reason": self.reason, "desired": dict(self.desired)},
-                          sort_keys=True)
+                           "reason": self.reason, "desired": dict(self.desired),
+                           "version": self.version}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | None) -> NodeIntent:
@@ -80,7 +93,31 @@ class NodeIntent:
         if not isinstance(desired, dict) or not all(
                 isinstance(spec, dict) for spec in desired.values()):
             raise BadRecord("desired must map engine names to objects")
-        return cls(cordoned, draining, reason, desired)
+        version = data.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise BadRecord("version must be a whole number, 0 or more")
+        return cls(cordoned, draining, reason, desired, version)
+
+
+def next_version(before: NodeIntent, wall_s: float) -> int:
+    """The version of the record that replaces ``before``: the time in milliseconds, or
+    one more than ``before``'s when that is higher (a clock behind another replica's)."""
+    return max(before.version + 1, int(wall_s * 1000))
+
+
+def newer(text: str | None, than: str | None) -> bool:
+    """Whether record ``text`` is a later change to a node than record ``than`` (None:
+    absent, which every record is newer than). An unreadable record is neither newer nor
+    replaced: it stays for whoever mends it (see the module docstring)."""
+    if text is None or text == than:
+        return False
+    try:
+        later = NodeIntent.from_json(text)
+        if than is None:
+            return True
+        return later.version > NodeIntent.from_json(than).version
+    except BadRecord:
+        return False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -126,9 +163,11 @@ class MemoryIntentStore:
 
 
 class FleetIntent:
-    def __init__(self, store: IntentStore, registry: registry_mod.Registry) -> None:
+    def __init__(self, store: IntentStore, registry: registry_mod.Registry, *,
+                 wall: clocks.Clock = clocks.wall) -> None:
         self._store = store
         self._registry = registry
+        self._wall = wall           # versions of the records this process writes
         self.intents: dict[str, NodeIntent] = {}
         self._updates = 0                       # updates this process finished (see refresh)
         self._updated_at: dict[str, int] = {}   # node -> self._updates at its latest update
@@ -151,8 +190,12 @@ class FleetIntent:
                 after = change(before)
                 # Nothing to write (the change was already there): what was read is current;
                 # a bad record is replaced all the same.
-                written = (after == before and not bad) or \
-                    await self._store.compare_and_set(node, stored, after.to_json())
+                if dataclasses.replace(after, version=before.version) == before and not bad:
+                    after, written = before, True
+                else:
+                    after = dataclasses.replace(
+                        after, version=next_version(before, self._wall()))
+                    written = await self._store.compare_and_set(node, stored, after.to_json())
             except errors.SynapseError:
                 raise
             except Exception as exc:

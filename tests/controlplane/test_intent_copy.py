@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from controlplane.adapters import intent_copy, intent_file, intent_store, redis_limits
-from controlplane.core import intent
+from controlplane.core import intent, registry
+from synapse_common import clock as clocks
 from tests import harness
 
 CORDONED = intent.NodeIntent(cordoned=True, reason="bad GPU").to_json()
@@ -43,16 +44,17 @@ async def test_adding_redis_copies_the_files_intent_into_it_instead_of_erasing_i
         await store.close()
 
 
-async def test_once_redis_holds_intent_the_file_follows_it(
+async def test_the_file_follows_redis_where_redis_holds_the_later_change(
         redis_server: harness.RedisServer, tmp_path: pathlib.Path) -> None:
     path = tmp_path / intent_file.FILE
     path.write_text(json.dumps({"gpu-1": CORDONED}))          # an older copy
     writer = copied(redis_server.url, tmp_path / "other" / intent_file.FILE)
     store = copied(redis_server.url, path)
+    later = intent.NodeIntent(reason="fixed", version=5).to_json()
     try:
-        assert await writer.compare_and_set("gpu-2", None, CORDONED)
-        assert await store.load() == {"gpu-2": CORDONED}
-        assert json.loads(path.read_text()) == {"gpu-2": CORDONED}
+        assert await writer.compare_and_set("gpu-1", None, later)
+        assert await store.load() == {"gpu-1": later}
+        assert json.loads(path.read_text()) == {"gpu-1": later}
     finally:
         await writer.close()
         await store.close()
@@ -73,3 +75,119 @@ async def test_a_copy_that_is_not_utf8_fails_a_start_with_the_stores_own_error(
     finally:
         await store.close()
     assert any(str(path) in r.message for r in caplog.records if r.levelno == logging.ERROR)
+
+
+# -- two control planes on one Redis ----------------------------------------------------
+
+DEPLOYED = {"e": {"model": "m"}}
+
+
+def control_plane(store: intent.IntentStore) -> intent.FleetIntent:
+    return intent.FleetIntent(store, registry.Registry(clocks.monotonic, 30))
+
+
+def stored(redis_url: str, node: str) -> intent.NodeIntent | None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        raw = client.hget(intent_store.KEY, node)
+    finally:
+        client.close()
+    return None if raw is None else intent.NodeIntent.from_json(raw.decode())
+
+
+def flush(redis_url: str) -> None:
+    """Redis losing its data: a restart without persistence, a failover to an empty one."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+
+
+async def test_a_redis_that_lost_its_data_gets_the_replicas_intent_back_before_applying(
+        redis_server: harness.RedisServer, tmp_path: pathlib.Path) -> None:
+    """The empty load lifted every cordon and stopped every engine deployed through the
+    control plane (its desired set gone), and the copies were overwritten with it: the
+    copy into Redis ran once, at a process's first load."""
+    a = control_plane(copied(redis_server.url, tmp_path / "a" / intent_file.FILE))
+    b = control_plane(copied(redis_server.url, tmp_path / "b" / intent_file.FILE))
+    try:
+        await a.set_fields("gpu-1", cordoned=True, reason="bad GPU", desired=DEPLOYED)
+        await a.sync()
+        await b.sync()
+        flush(redis_server.url)
+        assert await a.sync() == set() and await b.sync() == set()   # no engine to stop
+        for replica in (a, b):
+            assert replica.get("gpu-1").cordoned and replica.get("gpu-1").desired == DEPLOYED
+        back = stored(redis_server.url, "gpu-1")
+        assert back is not None and back.cordoned and back.reason == "bad GPU"
+        for name in ("a", "b"):
+            kept = json.loads((tmp_path / name / intent_file.FILE).read_text())
+            assert intent.NodeIntent.from_json(kept["gpu-1"]).cordoned
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_change_made_without_redis_on_the_same_file_after_the_copy_reaches_redis(
+        redis_server: harness.RedisServer, tmp_path: pathlib.Path) -> None:
+    """A rolling update adding Redis, old and new pod on one data_dir: the old pod's cordon
+    made after the new pod copied the file into Redis never reached Redis, and the new
+    pod's next change rewrote the file without it, so the old pod lifted it too."""
+    path = tmp_path / intent_file.FILE
+    old = control_plane(intent_file.FileIntentStore(path))
+    new = control_plane(copied(redis_server.url, path))
+    try:
+        await old.set_fields("gpu-1", cordoned=True, reason="bad GPU")
+        await new.sync()                                         # the file into Redis
+        await old.set_fields("gpu-2", cordoned=True, reason="bad fan")
+        await new.set_fields("gpu-1", cordoned=False, reason="")   # a change in Redis
+        for _ in range(2):
+            await new.sync()
+            await old.sync()
+        for replica in (old, new):
+            assert replica.get("gpu-2").cordoned and replica.get("gpu-2").reason == "bad fan"
+            assert not replica.get("gpu-1").cordoned
+        in_redis = stored(redis_server.url, "gpu-2")
+        assert in_redis is not None and in_redis.cordoned
+    finally:
+        await old.close()
+        await new.close()
+
+
+async def test_of_two_copies_the_later_change_wins_and_an_older_never_overwrites_redis(
+        redis_server: harness.RedisServer, tmp_path: pathlib.Path) -> None:
+    """Copies of one node's record, one older: after Redis lost its data, whichever replica
+    copies first, the later change is what Redis keeps; and a pod starting with an old copy
+    (a volume kept from before) never puts it over what Redis holds."""
+    a = control_plane(copied(redis_server.url, tmp_path / "a" / intent_file.FILE))
+    b = control_plane(copied(redis_server.url, tmp_path / "b" / intent_file.FILE))
+    try:
+        await a.set_fields("gpu-1", cordoned=True, reason="bad GPU")
+        await a.sync()
+        await b.sync()
+        old_copy = (tmp_path / "a" / intent_file.FILE).read_text()
+        await b.set_fields("gpu-1", cordoned=False, reason="")
+        await b.sync()                         # a has not loaded since: its copy is older
+        flush(redis_server.url)
+        await a.sync()                         # the older copy goes first into the empty Redis
+        await b.sync()                         # and the later one replaces it
+        await a.sync()
+        for replica in (a, b):
+            assert not replica.get("gpu-1").cordoned
+        after = stored(redis_server.url, "gpu-1")
+        assert after is not None and not after.cordoned
+        kept = tmp_path / "kept" / intent_file.FILE
+        kept.parent.mkdir()
+        kept.write_text(old_copy)
+        c = control_plane(copied(redis_server.url, kept))
+        try:
+            await c.sync()
+            assert not c.get("gpu-1").cordoned
+            assert stored(redis_server.url, "gpu-1") == after
+            assert not intent.NodeIntent.from_json(json.loads(kept.read_text())["gpu-1"]).cordoned
+        finally:
+            await c.close()
+    finally:
+        await a.close()
+        await b.close()
