@@ -14,6 +14,7 @@ name, so selectors stay unique per release without an extra label.
 {{- end -}}
 
 {{- define "synapse.controlPlane.name" -}}{{ include "synapse.fullname" . }}-controlplane{{- end -}}
+{{- define "synapse.controlPlane.dataClaim" -}}{{ .Values.controlPlane.persistence.existingClaim | default (printf "%s-data" (include "synapse.controlPlane.name" .)) }}{{- end -}}
 {{- define "synapse.controlPlane.headless" -}}{{ include "synapse.fullname" . }}-controlplane-headless{{- end -}}
 {{- define "synapse.agent.name" -}}{{ include "synapse.fullname" . }}-agent{{- end -}}
 {{- define "synapse.redis.name" -}}{{ include "synapse.fullname" . }}-redis{{- end -}}
