@@ -27,7 +27,12 @@ Cost: encoding is ~1-2 µs per token. Chat prompts repeat (a shared context, the
 turns), and the tokenizer cuts its input at added tokens (``<|im_start|>``…) before
 anything else, so the rendering is cut there too and each piece's ids are memoised, per
 prefix-cache partition (the tenant's: a hit on a piece another tenant sent would tell,
-by its speed, that it had sent it; ``controlplane.core.tokenization``). For the same
+by its speed, that it had sent it; ``controlplane.core.tokenization``). The memo is
+bounded per tenant too (each its :func:`tenant_lru.share` of ``MEMO_MAX_TOKENS`` ids, set
+by :meth:`HFTokenizer.keep_memos`, its own least recently used pieces dropped past it):
+in one order for all, one tenant's long prompts dropped every other tenant's pieces
+(their next turns encoded anew), and its own oldest piece, timed after a pause, told it
+whether anyone else had sent a prompt meanwhile. For the same
 reason the tokenizer's own cache of words (a BPE's, a Unigram's: one for the process)
 is turned off, a miss of the memo encoding every word anew. At
 load, the pieces' ids are checked against one encoding of the whole rendering of a sample
@@ -42,7 +47,6 @@ import json
 import logging
 import pathlib
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -52,11 +56,11 @@ import jinja2.nodes
 import jinja2.sandbox
 import tokenizers
 
-from controlplane.core import tokenization
+from controlplane.core import tenant_lru, tokenization
 
 log = logging.getLogger("synapse.controlplane.tokenization")
 
-MEMO_MAX_TOKENS = 400_000   # ids held by the memo at most (about 15 MB)
+MEMO_MAX_TOKENS = 400_000   # ids held by the memo at most, all tenants (about 15 MB)
 SAMPLE = ({"role": "system", "content": "You are terse. Answer in one word."},
           {"role": "user", "content": "What is the capital of France?"},
           {"role": "assistant", "content": " Paris.\n"},
@@ -154,9 +158,16 @@ def _template_source(folder: pathlib.Path, config: Mapping[str, Any]) -> str | N
     return source if isinstance(source, str) else None
 
 
+def _memo(tenants: int) -> tenant_lru.TenantLRU[tuple[int, ...]]:
+    """A memo of pieces' ids, ``"partition:piece"`` → ids, each of ``tenants`` tenants its
+    share of ``MEMO_MAX_TOKENS`` ids (TenantLRU's bytes, measured here in ids) and as many
+    pieces (a piece of no ids still takes room)."""
+    return tenant_lru.TenantLRU(MEMO_MAX_TOKENS, tenants, MEMO_MAX_TOKENS, len)
+
+
 class HFTokenizer:
     """One model's tokenizer and chat template (thread-safe for reading; the memo is a
-    plain dict used from the event loop)."""
+    plain table used from the event loop)."""
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, template_source: str | None,
                  special_tokens: Mapping[str, str], name: str) -> None:
@@ -173,9 +184,8 @@ class HFTokenizer:
         self._splitter = re.compile(f"({pattern})") if pattern else None
         if any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
             self._splitter = None  # such tokens take neighbouring text: no cut there
-        # (partition, piece) -> ids: a tenant's pieces never answer another's
-        self._memo: OrderedDict[tuple[int, str], tuple[int, ...]] = OrderedDict()
-        self._memo_tokens = 0
+        # tenant -> "partition:piece" -> ids: a tenant's pieces never answer another's
+        self._memo = _memo(1)
         self._prefix, self._suffix = self._added_specials()
         if self._splitter is not None and self._template is not None:
             sample = self.render(SAMPLE)
@@ -185,6 +195,12 @@ class HFTokenizer:
     @property
     def has_template(self) -> bool:
         return self._template is not None
+
+    def keep_memos(self, tenants: int) -> None:
+        """Give each of the ``tenants`` configured tenants its share of the memo of pieces
+        (the app factory calls it, through :meth:`tokenization.Tokenizers.keep_memos`;
+        the memo starts empty)."""
+        self._memo = _memo(tenants)
 
     def _encode(self, text: str) -> tuple[int, ...]:
         return tuple(self._tok.encode(text, add_special_tokens=False).ids)
@@ -198,39 +214,36 @@ class HFTokenizer:
                 return tuple(full[:i]), tuple(full[i + len(bare):])
         return (), ()
 
-    def _piece(self, piece: str, partition: int = 0) -> tuple[int, ...]:
+    def _piece(self, piece: str, partition: int = 0, tenant: str = "") -> tuple[int, ...]:
         # Every piece: a call into the tokenizer costs more than a lookup even for "\n".
-        key = (partition, piece)
-        ids = self._memo.get(key)
-        if ids is not None:
-            self._memo.move_to_end(key)
-            return ids
-        ids = self._memo[key] = self._encode(piece)
-        self._memo_tokens += len(ids)
-        while self._memo_tokens > MEMO_MAX_TOKENS and len(self._memo) > 1:
-            self._memo_tokens -= len(self._memo.popitem(last=False)[1])
+        key = f"{partition}:{piece}"
+        ids = self._memo.get(tenant, key)
+        if ids is None:
+            ids = self._encode(piece)
+            self._memo.put(tenant, key, ids)    # drops only ``tenant``'s oldest
         return ids
 
-    def _split_encode(self, text: str, partition: int = 0) -> tuple[int, ...]:
+    def _split_encode(self, text: str, partition: int = 0, tenant: str = "") -> tuple[int, ...]:
         assert self._splitter is not None
         out: list[int] = []
         for i, piece in enumerate(self._splitter.split(text)):
             if i % 2:
                 out.append(self._added[piece])
             elif piece:
-                out.extend(self._piece(piece, partition))
+                out.extend(self._piece(piece, partition, tenant))
         return tuple(out)
 
-    def encode_rendered(self, text: str, partition: int = 0) -> tuple[int, ...]:
+    def encode_rendered(self, text: str, partition: int = 0,
+                        tenant: str = "") -> tuple[int, ...]:
         """Ids of an already rendered chat prompt (no special tokens added); ``partition``
-        (the prompt's hash seed) names the part of the memo used."""
+        (the prompt's hash seed) names the part of the memo used, in ``tenant``'s share."""
         if self._splitter is None:
-            return self._piece(text, partition)
-        return self._split_encode(text, partition)
+            return self._piece(text, partition, tenant)
+        return self._split_encode(text, partition, tenant)
 
-    def encode_prompt(self, text: str, partition: int = 0) -> tuple[int, ...]:
+    def encode_prompt(self, text: str, partition: int = 0, tenant: str = "") -> tuple[int, ...]:
         """Ids of a completion prompt (special tokens added, as vLLM does by default)."""
-        return self._prefix + self.encode_rendered(text, partition) + self._suffix
+        return self._prefix + self.encode_rendered(text, partition, tenant) + self._suffix
 
     def render(self, messages: Sequence[Mapping[str, Any]],
                add_generation_prompt: bool = True) -> str:
@@ -246,8 +259,8 @@ class HFTokenizer:
                                      tools=None, documents=None, **self._special_tokens)
 
     def chat_ids(self, messages: Sequence[Mapping[str, Any]],
-                 partition: int = 0) -> tuple[int, ...]:
-        return self.encode_rendered(self.render(messages), partition)
+                 partition: int = 0, tenant: str = "") -> tuple[int, ...]:
+        return self.encode_rendered(self.render(messages), partition, tenant)
 
 
 def _without_word_cache(tokenizer: Any, name: str) -> None:
@@ -307,10 +320,13 @@ class ModelTokenizer:
 
     def chat_ids(self, messages: Sequence[Mapping[str, Any]],
                  partition: int = 0, tenant: str = "") -> tuple[int, ...]:
-        return self._hf.chat_ids(messages, partition)
+        return self._hf.chat_ids(messages, partition, tenant)
 
     def text_ids(self, text: str, partition: int = 0, tenant: str = "") -> tuple[int, ...]:
-        return self._hf.encode_prompt(text, partition)
+        return self._hf.encode_prompt(text, partition, tenant)
+
+    def keep_memos(self, tenants: int) -> None:
+        self._hf.keep_memos(tenants)
 
 
 def model_tokenizers(paths: Mapping[str, str]) -> tokenization.Tokenizers:

@@ -36,7 +36,6 @@ from controlplane.core import (
     request_ids,
     response_cache,
     tenant_lru,
-    tokenization,
     types,
     upstream_kinds,
 )
@@ -177,9 +176,9 @@ def tiered_cache(cache: cache_port.ResponseCache) -> response_cache.TieredCache 
 
 def tenant_count(table: tenants_mod.TenantTable) -> int:
     """How many tenants the per-tenant tables (the in-process L1, the router's sessions,
-    the Responses pins, the tokenizer's memos of pieces: :mod:`tenant_lru`) split their
-    bounds between: the configured
-    tenants, or one when authentication is off (every caller is then the same tenant)."""
+    the Responses pins, the tokenizers' memos: :mod:`tenant_lru`) split their bounds
+    between: the configured tenants, or one when authentication is off (every caller is
+    then the same tenant)."""
     return max(1, len(table.tenants())) if table.enabled else 1
 
 
@@ -235,8 +234,9 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
     r = settings.router
     params = router_mod.Params(r.policy, r.block_size, r.prefill_seconds_per_token,
                                r.decode_seconds_per_step, r.session_affinity, r.learn_costs)
+    tokenizers = hf_tokenizer.from_settings(settings.models, cat.canonical)
     rtr = router_mod.Router(params, reg, led, prefix_index.PrefixIndex(r.prefix_index_max_blocks),
-                            hf_tokenizer.from_settings(settings.models, cat.canonical))
+                            tokenizers)
     m = metrics.Metrics(metrics_registry or CollectorRegistry())
     rtr.add_observer(route_accuracy.recorder(m))
     configured = _tenant_settings(settings.auth)
@@ -248,7 +248,7 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
                     ", ".join(short), tenant_settings.MIN_KEY, tenant_settings.MIN_KEY)
     shares = tenant_count(tenants)
     rtr.sessions = tenant_lru.TenantLRU(router_mod.SESSION_MEMORY, shares)
-    tokenization.keep_memos(shares)
+    tokenizers.keep_memos(shares)
     local = ratelimit.LocalStore(clock)
     h = settings.http
     client = upstream.UpstreamClient(h.upstream_connect_timeout_s,

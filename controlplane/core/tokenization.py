@@ -35,8 +35,9 @@ sent a request meanwhile.
 Counts of a tenant's text outside a prompt (:meth:`Prompt.count_text`: the usage of an
 agent embedder's answer) use the same memos. A
 model's own tokenizer keeps the ids of the pieces of a rendering between its special
-tokens (a message's text, mostly) the same way, per partition
-(:mod:`controlplane.adapters.hf_tokenizer`).
+tokens (a message's text, mostly) the same way, per partition and bounded per tenant
+(:mod:`controlplane.adapters.hf_tokenizer`); :meth:`Tokenizers.keep_memos` gives every
+tokenizer's memos their shares.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class PromptTokenizer(Protocol):
                  partition: int = 0, tenant: str = "") -> tuple[int, ...]: ...
 
     def text_ids(self, text: str, partition: int = 0, tenant: str = "") -> tuple[int, ...]: ...
+
+    def keep_memos(self, tenants: int) -> None: ...
 
 
 MESSAGES_KEPT = 512     # rendered messages whose ids are memoised, each tenant its share
@@ -130,6 +133,9 @@ class Approximate:
     def text_ids(self, text: str, partition: int = 0, tenant: str = "") -> tuple[int, ...]:
         return tuple(tok.tokenize(text, _pieces_of(partition, tenant)))
 
+    def keep_memos(self, tenants: int) -> None:
+        keep_memos(tenants)
+
 
 GENERATION_PROMPT = tok.render_chat([], add_generation_prompt=True)
 APPROXIMATION = Approximate()
@@ -143,6 +149,13 @@ class Tokenizers:
 
     def for_model(self, model: str) -> PromptTokenizer:
         return self._by_model.get(model, APPROXIMATION)
+
+    def keep_memos(self, tenants: int) -> None:
+        """Give each of the ``tenants`` configured tenants its share of every tokenizer's
+        memos, the approximation's and each model's own (the app factory calls it once
+        the tenants are known; the memos start empty)."""
+        for tokenizer in {*self._by_model.values(), APPROXIMATION}:
+            tokenizer.keep_memos(tenants)
 
 
 class Prompt:

@@ -18,10 +18,12 @@ from collections.abc import AsyncIterator
 from prometheus_client import CollectorRegistry
 
 from controlplane import cache_wiring, metrics
+from controlplane.adapters import hf_tokenizer
 from controlplane.api import services as services_mod
 from controlplane.core import catalog, response_cache, response_pins, router
 from simulator import app as sim_app
 from simulator import config as sim_config
+from synapse_common import engines
 from tests.controlplane import cp_testing as t
 
 ENTRIES = 8          # cache.l1_max_entries: 4 for each of the two tenants
@@ -81,3 +83,15 @@ def test_the_services_split_sessions_and_pins_between_the_configured_tenants() -
     assert pins.backend_of("b", "resp_b") == "n1/b"
     assert pins.backend_of("a", "resp_0") is None and pins.backend_of("a", "resp_1") == "n1/a"
     assert len(pins) == response_pins.LIMIT // 2 + 1
+
+
+def test_the_services_give_each_tenant_its_share_of_a_model_tokenizers_memo() -> None:
+    """A configured ``models[].tokenizer`` is loaded before the tenants are counted; the
+    app factory then gives its memo of pieces the same split as every other table."""
+    path = str(engines.find().require_model())
+    services_mod.build(t.settings(models=[{"name": t.MODEL, "tokenizer": path}]))
+    memo = hf_tokenizer.load(path)._memo
+    assert memo.max_bytes == hf_tokenizer.MEMO_MAX_TOKENS // 2      # ids, of two tenants
+    services_mod.build(t.settings(models=[{"name": t.MODEL, "tokenizer": path}],
+                                  auth={"enabled": False}))
+    assert hf_tokenizer.load(path)._memo.max_bytes == hf_tokenizer.MEMO_MAX_TOKENS

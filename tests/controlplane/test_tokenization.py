@@ -281,11 +281,13 @@ class _Tokenizer:
 
     def __init__(self) -> None:
         self.model = _Words()
+        self.encoded: list[str] = []
 
     def get_added_tokens_decoder(self) -> dict[int, Any]:
         return {}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> Any:
+        self.encoded.append(text)
         return types_mod.SimpleNamespace(ids=[7] * len(text))
 
 
@@ -297,3 +299,33 @@ def test_a_model_tokenizers_own_cache_of_words_is_turned_off() -> None:
     hf = hf_tokenizer.HFTokenizer(fake, None, {}, "fake")
     assert fake.model.cache_size == 0
     assert hf.encode_prompt("abc") == (7, 7, 7)
+
+
+def test_a_tenants_prompts_never_drop_another_tenants_pieces_from_a_model_tokenizers_memo(
+        ) -> None:
+    """With one order for all, a tenant's long prompts (MEMO_MAX_TOKENS ids of them)
+    dropped every other tenant's memoised pieces (their next turns encoded anew), and its
+    own oldest piece, timed after a pause, said whether anyone else had sent a prompt
+    meanwhile. Each tenant holds its share of the ids, and drops only its own."""
+    fake = _Tokenizer()         # a character an id: a text of n characters is n ids
+    model = hf_tokenizer.ModelTokenizer(hf_tokenizer.HFTokenizer(fake, None, {}, "fake"))
+    tokenizers = tokenization.Tokenizers({MODEL: model})
+    tokenizers.keep_memos(2)    # as the app factory does, for two tenants
+    try:
+        ids = 10_000
+        theirs = "tenant b's prompt"
+        model.text_ids(theirs, 2, "tenant b")
+        mine = [f"{i:05d}".ljust(ids, "a") for i in range(hf_tokenizer.MEMO_MAX_TOKENS // ids + 1)]
+        for text in mine:
+            model.text_ids(text, 1, "tenant a")
+        fake.encoded.clear()
+        model.text_ids(theirs, 2, "tenant b")
+        assert not fake.encoded, "a's prompts dropped b's pieces"
+        kept = hf_tokenizer.MEMO_MAX_TOKENS // 2 // ids     # a's share: its latest
+        for text in mine[-kept:]:
+            model.text_ids(text, 1, "tenant a")
+        assert not fake.encoded
+        model.text_ids(mine[-kept - 1], 1, "tenant a")
+        assert fake.encoded == [mine[-kept - 1]], "a kept more than its share"
+    finally:
+        tokenizers.keep_memos(1)
