@@ -31,7 +31,9 @@ partitions, its own least recently used dropped past it), not in one order for a
 tenant makes a partition per ``cache_salt`` it sends and a message per message, so with
 one order its requests dropped every other tenant's memos (their next turns tokenized
 slower), and timing its own oldest entry after a pause told it whether anyone else had
-sent a request meanwhile.
+sent a request meanwhile. The memo of messages is bounded by the bytes its messages hold
+too (each tenant its share of ``MESSAGE_BYTES_KEPT``): by their count alone,
+``MESSAGES_KEPT`` messages of a megabyte held gigabytes (a rendered message and its ids).
 Counts of a tenant's text outside a prompt (:meth:`Prompt.count_text`: the usage of an
 agent embedder's answer) use the same memos. A
 model's own tokenizer keeps the ids of the pieces of a rendering between its special
@@ -42,8 +44,9 @@ tokenizer's memos their shares.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from controlplane.core import tenant_lru
 from synapse_common import tokens as tok
@@ -63,10 +66,37 @@ class PromptTokenizer(Protocol):
 
 
 MESSAGES_KEPT = 512     # rendered messages whose ids are memoised, each tenant its share
+MESSAGE_BYTES_KEPT = 32 * 1024 * 1024   # what they hold at most (_Held), each its share
 PARTITIONS_KEPT = 32    # partitions with a memo of pieces, each tenant its share of them
 PIECES_PER_PARTITION = 4096
-# tenant -> "partition:rendered message" -> its ids, latest used last
-_messages: tenant_lru.TenantLRU[tuple[int, ...]] = tenant_lru.TenantLRU(MESSAGES_KEPT)
+_INT_BYTES = sys.getsizeof(2**31 - 1)   # an id's int object (ids are below 2**31)
+
+
+class _Held(NamedTuple):
+    """A memoised message's ids, and the bytes it holds (:func:`_held`)."""
+    ids: tuple[int, ...]
+    size: int
+
+
+def _held(key: str, ids: tuple[int, ...]) -> _Held:
+    """``ids`` with what the memo holds for them under ``key``: the key (the rendered
+    message), the tuple, and each int object in it once (those a partition's memo of
+    pieces shares are counted too: cleared, it shares them no more)."""
+    size = sys.getsizeof(key) + sys.getsizeof(ids) + _INT_BYTES * len(set(map(id, ids)))
+    return _Held(ids, size)
+
+
+def _message_memo(tenants: int) -> tenant_lru.TenantLRU[_Held]:
+    """tenant -> "partition:rendered message" -> its ids, latest used last, each of
+    ``tenants`` tenants its share of ``MESSAGES_KEPT`` messages and ``MESSAGE_BYTES_KEPT``."""
+    return tenant_lru.TenantLRU(MESSAGES_KEPT, tenants, MESSAGE_BYTES_KEPT, _size)
+
+
+def _size(held: _Held) -> int:
+    return held.size
+
+
+_messages = _message_memo(1)
 # tenant -> its partitions' memos of pieces (str(partition) -> memo), latest used last
 _pieces: tenant_lru.TenantLRU[tok.PieceIds] = tenant_lru.TenantLRU(PARTITIONS_KEPT)
 
@@ -80,7 +110,7 @@ def keep_memos(tenants: int) -> None:
     still has a partition's memo, smaller, so that all of them together hold no more
     pieces than ``PARTITIONS_KEPT`` full memos."""
     global _messages, _pieces, _pieces_each
-    _messages = tenant_lru.TenantLRU(MESSAGES_KEPT, tenants)
+    _messages = _message_memo(tenants)
     _pieces = tenant_lru.TenantLRU(PARTITIONS_KEPT, tenants)
     _pieces_each = tenant_lru.share(PARTITIONS_KEPT * PIECES_PER_PARTITION,
                                     max(tenants, PARTITIONS_KEPT))
@@ -102,11 +132,11 @@ def _message_tokens(partition: int, rendered: str, tenant: str = "") -> tuple[in
     its tenant's), so one tenant's messages never answer another's from the memo, in
     ``tenant``'s share of the memo; its pieces too come from the partition's own memo."""
     key = f"{partition}:{rendered}"
-    ids = _messages.get(tenant, key)
-    if ids is None:
-        ids = tuple(tok.tokenize(rendered, _pieces_of(partition, tenant)))
-        _messages.put(tenant, key, ids)
-    return ids
+    held = _messages.get(tenant, key)
+    if held is None:
+        held = _held(key, tuple(tok.tokenize(rendered, _pieces_of(partition, tenant))))
+        _messages.put(tenant, key, held)
+    return held.ids
 
 
 class Approximate:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pathlib
 import random
+import sys
 import types as types_mod
 from typing import Any
 
@@ -210,6 +211,28 @@ def test_a_tenants_many_messages_never_drop_another_tenants_memo_of_messages() -
         assert tok.render_chat(b.messages or [], add_generation_prompt=False) in \
             _held("tenant b", b.hash_seed), "a's messages dropped b's"
         assert len(_held("tenant a", a.hash_seed)) == tokenization.MESSAGES_KEPT // 2
+    finally:
+        tokenization.keep_memos(1)
+
+
+def test_a_tenants_long_messages_are_memoised_up_to_its_share_of_the_bytes() -> None:
+    """The memo of messages was bounded by its count of messages alone: MESSAGES_KEPT
+    messages of a megabyte held gigabytes (each rendered message and its ids). A tenant's
+    messages hold at most its share of MESSAGE_BYTES_KEPT, its oldest dropped past it."""
+    tenants = 32
+    tokenization.keep_memos(tenants)
+    try:
+        share = tokenization.MESSAGE_BYTES_KEPT // tenants
+        long = [f"tenant a's message {i}: " + "word " * 20_000 for i in range(10)]
+        for text in long:                       # fewer messages than its share of them
+            prompt = router.Prompt.from_messages([{"role": "user", "content": text}])
+            prompt.partition("a's salt", "tenant a")
+            prompt.tokenize()
+        held = [(key, memoised.ids) for _, key, memoised in tokenization._messages.items()]
+        assert sum(sys.getsizeof(k) + sys.getsizeof(ids) for k, ids in held) <= share
+        latest = tok.render_chat([{"role": "user", "content": long[-1]}],
+                                 add_generation_prompt=False)
+        assert latest in _held("tenant a", prompt.hash_seed)    # a long message is kept
     finally:
         tokenization.keep_memos(1)
 
