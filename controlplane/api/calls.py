@@ -81,9 +81,11 @@ def authenticate(request: web.Request, x_api_key: bool = False) -> tenants.Tenan
     return tenant
 
 
-async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) -> Front:
+async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False,
+                turns: tuple[str, ...] = validation.TURNS) -> Front:
     """Authenticate, wait for the tenant's turn on the loop (``serving.take_turn``), read
-    and parse the body, rate-limit, resolve the model."""
+    and parse the body (its arrays of ``turns`` bounded by ``http.max_messages``),
+    rate-limit, resolve the model."""
     svc, ctx = context.of(request)
     tenant = authenticate(request, x_api_key)
     raw = await serving.turn_then_body(request, svc, ctx)
@@ -93,7 +95,7 @@ async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False) 
         body = validation.parse_json(raw, h.max_json_depth, h.max_messages, h.max_n,
                                      h.max_structured_output_bytes, h.max_sequences,
                                      h.request_chat_templates, h.max_tool_schema_bytes,
-                                     h.request_media_kwargs)
+                                     h.request_media_kwargs, turns)
         call = parse(body)
         validation.bound_sequences(call.sequences, 1, h.max_pooling_inputs, call.fields[0],
                                    "inputs", "http.max_pooling_inputs")

@@ -44,6 +44,7 @@ from controlplane.core import (
     response_pins,
     responses_cache,
     sse,
+    validation,
 )
 from controlplane.core import types as core_types
 from synapse_common import tracing
@@ -207,7 +208,8 @@ class _Responses(relay.Shape):
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
-    front = await calls.begin(request, api_calls.responses)
+    front = await calls.begin(request, api_calls.responses,
+                              turns=validation.RESPONSES_TURNS)
     decision: cache_port.CacheDecision | None = None
     try:
         previous = _previous(request, front)      # before anything reaches an engine

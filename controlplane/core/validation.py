@@ -131,6 +131,14 @@ REQUEST_ID_MAX = 128
 
 
 MAX_MESSAGES = 2048     # OpenAI's own limit on a chat's messages array
+# The fields that hold a request's turns, bounded by http.max_messages: ``messages``
+# (chat, Anthropic Messages and count_tokens, tokenize, chat-shaped embeddings) on every
+# path, and a Responses body's ``input`` items (RESPONSES_TURNS), which that path walks
+# into chat messages as chat walks its own. Not ``input`` elsewhere: an embeddings
+# ``input`` is a batch (http.max_pooling_inputs) or one prompt's token ids.
+TURNS = ("messages",)
+RESPONSES_TURNS = ("messages", "input")
+TURN_NAMES = {"messages": "messages", "input": "input items"}
 MAX_N = 8
 MAX_STRUCTURED_OUTPUT_BYTES = 16 * 1024
 MAX_SEQUENCES = 256
@@ -167,12 +175,14 @@ def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES
                max_structured_output_bytes: int = MAX_STRUCTURED_OUTPUT_BYTES,
                max_sequences: int = MAX_SEQUENCES, request_chat_templates: bool = False,
                max_tool_schema_bytes: int = MAX_TOOL_SCHEMA_BYTES,
-               request_media_kwargs: bool = False) -> dict[str, Any]:
+               request_media_kwargs: bool = False,
+               turns: tuple[str, ...] = TURNS) -> dict[str, Any]:
     """The body as a JSON object; 400 when it is not one, nests deeper than
-    ``max_depth`` or has a ``messages`` array of more than ``max_messages`` items (each
-    message costs the validation, the cache key, the tokenizer and the template a walk:
-    a body of many tiny messages would cost far more CPU per byte than its size says),
-    or is over one of the engine bounds (:func:`engine_bounds`)."""
+    ``max_depth`` or has an array of turns (``turns``: the fields that hold the path's
+    conversation, ``messages`` by default, Responses' ``input`` too) of more than
+    ``max_messages`` items (each turn costs the validation, the cache key, the tokenizer
+    and the template a walk: a body of many tiny turns would cost far more CPU per byte
+    than its size says), or is over one of the engine bounds (:func:`engine_bounds`)."""
     if not raw:
         raise errors.BadRequest("the request body is empty; send a JSON object",
                                 code="invalid_json")
@@ -188,11 +198,13 @@ def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES
     if raw.count(b"[") + raw.count(b"{") > max_depth and not _within_depth(body, max_depth - 1):
         raise errors.BadRequest(f"the request body nests deeper than {max_depth} levels "
                                 "(http.max_json_depth)", code="invalid_json")
-    messages = body.get("messages")
-    if type(messages) is list and len(messages) > max_messages:
-        raise errors.BadRequest(
-            f"messages: array too long: {len(messages)} messages; at most {max_messages} "
-            "(http.max_messages)", param="messages", code="array_above_max_length")
+    for field in turns:
+        items = body.get(field)
+        if type(items) is list and len(items) > max_messages:
+            raise errors.BadRequest(
+                f"{field}: array too long: {len(items)} {TURN_NAMES.get(field, 'items')}; "
+                f"at most {max_messages} (http.max_messages)", param=field,
+                code="array_above_max_length")
     batch = prompt_batch(body.get("prompt"))
     if batch > 1 or not _BOUNDED.isdisjoint(body):
         engine_bounds(body, max_n, max_structured_output_bytes, max_sequences,

@@ -73,7 +73,8 @@ class HttpSettings(Section):
                                 "request body (400 above)")
     max_messages: int = Field(
         2048, ge=1, description="most messages in a request's messages array (chat "
-        "completions, Anthropic messages); 400 above, as OpenAI's own limit. Each message "
+        "completions, Anthropic messages and count_tokens, tokenize), and most items in a "
+        "Responses input array; 400 above, as OpenAI's own limit. Each message "
         "costs CPU to validate, key and tokenize: a body of many tiny messages costs far "
         "more per byte than its size says")
     max_n: int = Field(
