@@ -31,9 +31,14 @@ partitions, its own least recently used dropped past it), not in one order for a
 tenant makes a partition per ``cache_salt`` it sends and a message per message, so with
 one order its requests dropped every other tenant's memos (their next turns tokenized
 slower), and timing its own oldest entry after a pause told it whether anyone else had
-sent a request meanwhile. The memo of messages is bounded by the bytes its messages hold
-too (each tenant its share of ``MESSAGE_BYTES_KEPT``): by their count alone,
-``MESSAGES_KEPT`` messages of a megabyte held gigabytes (a rendered message and its ids).
+sent a request meanwhile. Messages are memoised in two tables, each tenant its share of
+each. Short ones (up to ``SHORT_MESSAGE`` characters rendered: most turns, each looked
+up again at every request of its conversation) go to a ``functools.lru_cache`` of the
+tenant's own, made at its first message, whose hits run no Python; their count bounds
+their bytes. Longer ones go to a table bounded by the bytes its messages hold too
+(``MESSAGE_BYTES_KEPT``): by their count alone, ``MESSAGES_KEPT`` messages of a megabyte
+held gigabytes (a rendered message and its ids); a long message's tokenizing costs far
+more than its lookup in Python.
 Counts of a tenant's text outside a prompt (:meth:`Prompt.count_text`: the usage of an
 agent embedder's answer) use the same memos. A
 model's own tokenizer keeps the ids of the pieces of a rendering between its special
@@ -44,8 +49,9 @@ tokenizer's memos their shares.
 
 from __future__ import annotations
 
+import functools
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from controlplane.core import tenant_lru
@@ -65,8 +71,9 @@ class PromptTokenizer(Protocol):
     def keep_memos(self, tenants: int) -> None: ...
 
 
-MESSAGES_KEPT = 512     # rendered messages whose ids are memoised, each tenant its share
-MESSAGE_BYTES_KEPT = 32 * 1024 * 1024   # what they hold at most (_Held), each its share
+MESSAGES_KEPT = 512     # short and long messages memoised (each), each tenant its share
+SHORT_MESSAGE = 512     # characters of a rendered message memoised as short
+MESSAGE_BYTES_KEPT = 32 * 1024 * 1024   # what the long ones hold (_Held), each its share
 PARTITIONS_KEPT = 32    # partitions with a memo of pieces, each tenant its share of them
 PIECES_PER_PARTITION = 4096
 _INT_BYTES = sys.getsizeof(2**31 - 1)   # an id's int object (ids are below 2**31)
@@ -86,7 +93,7 @@ def _held(key: str, ids: tuple[int, ...]) -> _Held:
     return _Held(ids, size)
 
 
-def _message_memo(tenants: int) -> tenant_lru.TenantLRU[_Held]:
+def _long_memo(tenants: int) -> tenant_lru.TenantLRU[_Held]:
     """tenant -> "partition:rendered message" -> its ids, latest used last, each of
     ``tenants`` tenants its share of ``MESSAGES_KEPT`` messages and ``MESSAGE_BYTES_KEPT``."""
     return tenant_lru.TenantLRU(MESSAGES_KEPT, tenants, MESSAGE_BYTES_KEPT, _size)
@@ -96,7 +103,10 @@ def _size(held: _Held) -> int:
     return held.size
 
 
-_messages = _message_memo(1)
+_long_messages = _long_memo(1)
+# tenant (a configured one) -> its memo of short messages, (partition, rendered) -> ids
+_short_messages: dict[str, Callable[[int, str], tuple[int, ...]]] = {}
+_short_each = MESSAGES_KEPT
 # tenant -> its partitions' memos of pieces (str(partition) -> memo), latest used last
 _pieces: tenant_lru.TenantLRU[tok.PieceIds] = tenant_lru.TenantLRU(PARTITIONS_KEPT)
 
@@ -109,8 +119,10 @@ def keep_memos(tenants: int) -> None:
     factory calls it; the memos start empty). Past ``PARTITIONS_KEPT`` tenants, each
     still has a partition's memo, smaller, so that all of them together hold no more
     pieces than ``PARTITIONS_KEPT`` full memos."""
-    global _messages, _pieces, _pieces_each
-    _messages = _message_memo(tenants)
+    global _long_messages, _short_each, _pieces, _pieces_each
+    _long_messages = _long_memo(tenants)
+    _short_messages.clear()
+    _short_each = tenant_lru.share(MESSAGES_KEPT, tenants)
     _pieces = tenant_lru.TenantLRU(PARTITIONS_KEPT, tenants)
     _pieces_each = tenant_lru.share(PARTITIONS_KEPT * PIECES_PER_PARTITION,
                                     max(tenants, PARTITIONS_KEPT))
@@ -127,15 +139,27 @@ def _pieces_of(partition: int, tenant: str = "") -> tok.PieceIds:
     return ids
 
 
-def _message_tokens(partition: int, rendered: str, tenant: str = "") -> tuple[int, ...]:
-    """The ids of one rendered message, memoised per ``partition`` (a prompt's hash seed:
-    its tenant's), so one tenant's messages never answer another's from the memo, in
-    ``tenant``'s share of the memo; its pieces too come from the partition's own memo."""
+def _short_memo(tenant: str) -> Callable[[int, str], tuple[int, ...]]:
+    """``tenant``'s memo of short messages (made at its first): (partition, rendered
+    message) -> its ids, its own least recently used dropped past its share; the pieces
+    of a message it tokenizes come from the partition's own memo."""
+    memo = _short_messages.get(tenant)
+    if memo is None:
+        def tokenized(partition: int, rendered: str) -> tuple[int, ...]:
+            return tuple(tok.tokenize(rendered, _pieces_of(partition, tenant)))
+        memo = _short_messages[tenant] = functools.lru_cache(maxsize=_short_each)(tokenized)
+    return memo
+
+
+def _long_message_tokens(partition: int, rendered: str, tenant: str) -> tuple[int, ...]:
+    """The ids of one long rendered message, memoised per ``partition`` (a prompt's hash
+    seed: its tenant's), in ``tenant``'s share of the memo of long messages; its pieces
+    too come from the partition's own memo."""
     key = f"{partition}:{rendered}"
-    held = _messages.get(tenant, key)
+    held = _long_messages.get(tenant, key)
     if held is None:
         held = _held(key, tuple(tok.tokenize(rendered, _pieces_of(partition, tenant))))
-        _messages.put(tenant, key, held)
+        _long_messages.put(tenant, key, held)
     return held.ids
 
 
@@ -147,17 +171,18 @@ class Approximate:
     def chat_ids(self, messages: Sequence[Mapping[str, Any]],
                  partition: int = 0, tenant: str = "") -> tuple[int, ...]:
         """Ids of the rendered chat; ``partition`` (the prompt's hash seed) names the part
-        of the memo its messages are looked up in and kept in, ``tenant`` whose share of
-        the memos of pieces it is in."""
+        of the memos its messages are looked up in and kept in, ``tenant`` whose memos
+        they are."""
         # Each rendered message starts with "<" after a "\n", so tokenizing message by
         # message gives exactly the tokens of the whole rendering; repeated system prompts
         # and conversation history then come from the memo instead of being re-hashed.
+        short = _short_memo(tenant)
         ids: list[int] = []
         for m in messages:
-            ids.extend(_message_tokens(partition,
-                                       tok.render_chat([m], add_generation_prompt=False),
-                                       tenant))
-        ids.extend(_message_tokens(partition, GENERATION_PROMPT, tenant))
+            rendered = tok.render_chat([m], add_generation_prompt=False)
+            ids.extend(short(partition, rendered) if len(rendered) <= SHORT_MESSAGE
+                       else _long_message_tokens(partition, rendered, tenant))
+        ids.extend(short(partition, GENERATION_PROMPT))
         return tuple(ids)
 
     def text_ids(self, text: str, partition: int = 0, tenant: str = "") -> tuple[int, ...]:

@@ -272,17 +272,25 @@ async def test_count_tokens_finds_nothing_another_tenant_sent_in_the_tokenizers_
         {"role": "user", "content": "tenant b's own question, sent a moment ago " * 20}]}
     chat = anthropic_request.to_chat({**secret, "max_tokens": 1})["messages"]
     rendered = {tok.render_chat([m], add_generation_prompt=False) for m in chat}
+    long = {r for r in rendered if len(r) > tokenization.SHORT_MESSAGE}
+    assert long and long != rendered    # a long message, a short one: both memos
 
-    def held(tenant: str) -> set[str]:      # the rendered messages a tenant's memo holds
-        return {key.partition(":")[2] for _, key, _ in tokenization._messages.items(tenant)}
+    def held(tenant: str) -> set[str]:      # the long rendered messages a tenant's memo holds
+        return {key.partition(":")[2]
+                for _, key, _ in tokenization._long_messages.items(tenant)}
+
+    def short_misses(tenant: str) -> int:   # short messages a tenant's memo had to tokenize
+        memo: Any = tokenization._short_memo(tenant)
+        return int(memo.cache_info().misses)
     async with t.backends(("good", "ok")) as (good,):
         s = t.settings(upstreams=[t.upstream("good", good.url)])    # predicted_ttft
         async with t.running(s) as cp, _client(cp.url) as c, anthropic.AsyncAnthropic(
                 base_url=cp.url, api_key=t.KEY_B, max_retries=0) as other:
             await other.messages.create(max_tokens=4, **secret)     # tokenized: b's
-            assert rendered <= held("b") and not rendered & held("a")
+            assert long <= held("b") and not long & held("a") and not short_misses("a")
             first = await c.messages.count_tokens(**secret)
-            assert rendered <= held("a"), "b's messages answered a's count"
+            assert long <= held("a"), "b's messages answered a's count"
+            assert short_misses("a") == len(rendered - long) + 1    # and the generation prompt
             again = await c.messages.count_tokens(**secret)
     assert first.input_tokens == again.input_tokens
 

@@ -164,32 +164,45 @@ def test_past_32_tenants_the_memos_of_pieces_shrink_so_their_total_stays_bounded
 
 
 def _held(tenant: str, partition: int) -> list[str]:
-    """The rendered messages ``tenant`` holds in the memo under ``partition``."""
+    """The long rendered messages ``tenant`` holds in the memo under ``partition``."""
     prefix = f"{partition}:"
-    return [key[len(prefix):] for _, key, _ in tokenization._messages.items(tenant)
+    return [key[len(prefix):] for _, key, _ in tokenization._long_messages.items(tenant)
             if key.startswith(prefix)]
+
+
+def _short_memo(tenant: str) -> Any:
+    """``tenant``'s memo of short messages (a functools.lru_cache: its cache_info)."""
+    return tokenization._short_memo(tenant)
 
 
 def test_the_approximations_memo_is_kept_per_partition() -> None:
     """A message one tenant sent never comes from the memo for another (whose timing
-    would tell it that message was sent); within a tenant's partition it does."""
-    said = [{"role": "system", "content": "a system prompt only tenant b uses " * 10},
+    would tell it that message was sent); within a tenant's partition it does. Short
+    messages and long ones alike."""
+    said = [{"role": "system", "content": "a system prompt only tenant b uses " * 20},
             {"role": "user", "content": "and its question"}]
-    rendered = {tok.render_chat([m], add_generation_prompt=False) for m in said}
+    system = tok.render_chat(said[:1], add_generation_prompt=False)
+    assert len(system) > tokenization.SHORT_MESSAGE     # a long one, and a short one
 
-    def prompt(tenant: str) -> router.Prompt:
+    def prompt(tenant: str, salt: str = "test_tokenization") -> router.Prompt:
         made = router.Prompt.from_messages(said)
-        made.partition(f"the salt of {tenant}, test_tokenization", tenant)
+        made.partition(f"the salt of {tenant}, {salt}", tenant)
         return made
     tokenization.keep_memos(2)
     try:
         theirs = prompt("tenant b")
         theirs.tokenize()
-        assert rendered <= set(_held("tenant b", theirs.hash_seed))
+        assert system in _held("tenant b", theirs.hash_seed)
         mine = prompt("tenant a")
         assert not _held("tenant a", mine.hash_seed)
         assert mine.token_ids == theirs.token_ids       # the same count, counted again
-        assert rendered <= set(_held("tenant a", mine.hash_seed))
+        assert system in _held("tenant a", mine.hash_seed)
+        calls = _short_memo("tenant a").cache_info()
+        assert (calls.hits, calls.misses) == (0, 2)     # its question, the generation prompt
+        prompt("tenant a").tokenize()                   # its own partition: from its memo
+        assert _short_memo("tenant a").cache_info().hits == 2
+        prompt("tenant a", "another salt").tokenize()   # its other partition: not
+        assert _short_memo("tenant a").cache_info().misses == 4
     finally:
         tokenization.keep_memos(1)
 
@@ -201,16 +214,18 @@ def test_a_tenants_many_messages_never_drop_another_tenants_memo_of_messages() -
     tenant holds its share, and drops only its own."""
     tokenization.keep_memos(2)
     try:
-        b = router.Prompt.from_messages([{"role": "user", "content": "tenant b's turn"}])
-        b.partition("b's salt", "tenant b")
-        b.tokenize()
+        def b_turn() -> None:
+            b = router.Prompt.from_messages([{"role": "user", "content": "tenant b's turn"}])
+            b.partition("b's salt", "tenant b")
+            b.tokenize()
+        b_turn()
         a = router.Prompt.from_messages([{"role": "user", "content": f"a's message {i}"}
                                          for i in range(tokenization.MESSAGES_KEPT)])
         a.partition("a's salt", "tenant a")
         a.tokenize()
-        assert tok.render_chat(b.messages or [], add_generation_prompt=False) in \
-            _held("tenant b", b.hash_seed), "a's messages dropped b's"
-        assert len(_held("tenant a", a.hash_seed)) == tokenization.MESSAGES_KEPT // 2
+        b_turn()
+        assert _short_memo("tenant b").cache_info().hits == 2, "a's messages dropped b's"
+        assert _short_memo("tenant a").cache_info().currsize == tokenization.MESSAGES_KEPT // 2
     finally:
         tokenization.keep_memos(1)
 
@@ -228,7 +243,7 @@ def test_a_tenants_long_messages_are_memoised_up_to_its_share_of_the_bytes() -> 
             prompt = router.Prompt.from_messages([{"role": "user", "content": text}])
             prompt.partition("a's salt", "tenant a")
             prompt.tokenize()
-        held = [(key, memoised.ids) for _, key, memoised in tokenization._messages.items()]
+        held = [(key, memoised.ids) for _, key, memoised in tokenization._long_messages.items()]
         assert sum(sys.getsizeof(k) + sys.getsizeof(ids) for k, ids in held) <= share
         latest = tok.render_chat([{"role": "user", "content": long[-1]}],
                                  add_generation_prompt=False)
