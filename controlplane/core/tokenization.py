@@ -86,11 +86,12 @@ class _Held(NamedTuple):
 
 
 def _held(key: str, ids: tuple[int, ...]) -> _Held:
-    """``ids`` with what the memo holds for them under ``key``: the key (the rendered
-    message), the tuple, and each int object in it once (those a partition's memo of
-    pieces shares are counted too: cleared, it shares them no more)."""
-    size = sys.getsizeof(key) + sys.getsizeof(ids) + _INT_BYTES * len(set(map(id, ids)))
-    return _Held(ids, size)
+    """``ids`` with what the memo holds for them under ``key`` at most: the key (the
+    rendered message), the tuple, and an int object per id. Ids repeat, and a partition's
+    memo of pieces shares them until it is cleared, so that is more than most messages
+    hold; finding the distinct objects, though, cost a long message a good part of its
+    tokenizing again, at each miss."""
+    return _Held(ids, sys.getsizeof(key) + sys.getsizeof(ids) + _INT_BYTES * len(ids))
 
 
 def _long_memo(tenants: int) -> tenant_lru.TenantLRU[_Held]:
