@@ -231,13 +231,21 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
         return EXIT_USAGE
     except Exception as exc:  # gRPC errors, rendered in one line
         from controlplane import ctl_client
-        message = ctl_client.describe_error(exc)
+        message = ctl_client.describe_error(exc, _what(args))
         if message is None:
             raise
         print(f"synapsectl: error: {message}", file=sys.stderr)
         return EXIT_REFUSED
     _print(result, args.output)
     return EXIT_OK
+
+
+def _what(args: argparse.Namespace) -> str:
+    """What the command asked the Admin service for, as typed (``cordon gpu-a``,
+    ``get nodes``), for the line that says it was refused."""
+    words = [args.command, getattr(args, "cache_command", None), getattr(args, "kind", None),
+             getattr(args, "name", None) or getattr(args, "model", None)]
+    return " ".join(str(w) for w in words if isinstance(w, str) and w)
 
 
 def _print(result: ctl_render.Rendered, output: str) -> None:

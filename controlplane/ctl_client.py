@@ -10,18 +10,30 @@ import grpc
 
 from protos import enums
 from protos.synapse.v1 import admin_pb2, admin_pb2_grpc
+from synapse_common import call_metadata
 
 
-def describe_error(exc: BaseException) -> str | None:
-    """One readable line for a gRPC failure; None for anything else."""
+def describe_error(exc: BaseException, what: str = "the call") -> str | None:
+    """One readable line for a gRPC failure of ``what`` (``cordon gpu-a``); None for
+    anything else. A status the Admin service sent (its trailing metadata names the error:
+    ``call_metadata.ERROR``) is its refusal of ``what``, said with the service's reason,
+    whatever the status: an UNAVAILABLE from a service that cannot store a cordon is
+    not a service out of reach."""
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
+        name = code.name if code is not None else "UNKNOWN"
+        if _refused_by_service(exc):
+            return f"the Admin service refused {what} ({name}): {details}"
         if code == grpc.StatusCode.UNAVAILABLE:
             return f"cannot reach the Admin service: {details}"
-        name = code.name if code is not None else "UNKNOWN"
         return f"{name}: {details}"
     return None
+
+
+def _refused_by_service(exc: grpc.RpcError) -> bool:
+    trailer = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return any(key == call_metadata.ERROR for key, _ in trailer or ())
 
 
 class AdminClient:

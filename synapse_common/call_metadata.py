@@ -10,6 +10,9 @@
   that any tenant name travels), which partitions the agent's embedding cache.
 * :data:`ERROR` = :data:`TOO_LARGE` in the trailing metadata of an INVALID_ARGUMENT
   ``Node.Embed``: the call was over a size limit (the control plane answers 413).
+  The control plane's services end every refusal with :data:`ERROR` = the error's code
+  (:data:`REFUSED` when it has none): the call reached the service, so a client does not
+  call an UNAVAILABLE the service sent (the fleet intent cannot be stored) unreachable.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ HEADER = "authorization"
 TENANT = "synapse-tenant-bin"
 ERROR = "synapse-error"
 TOO_LARGE = "too-large"
+REFUSED = "refused"
 
 
 def metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -79,7 +79,11 @@ def status_code(exc: errors.SynapseError) -> grpc.StatusCode:
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: errors.SynapseError) -> None:
-    await context.abort(status_code(exc), exc.message)
+    """End the call with ``exc``'s status, its code in the trailing metadata
+    (``call_metadata.ERROR``): a client can tell the service's refusal (an UNAVAILABLE
+    because the intent cannot be stored, ...) from a service it did not reach."""
+    await context.abort(status_code(exc), exc.message, trailing_metadata=(
+        (call_metadata.ERROR, str(exc.code or call_metadata.REFUSED)),))
 
 
 def command_message(cid: str, cmd: types.Command) -> controlplane_pb2.ControlMessage:

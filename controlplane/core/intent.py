@@ -199,7 +199,8 @@ class FleetIntent:
             except errors.SynapseError:
                 raise
             except Exception as exc:
-                raise errors.Unavailable(f"cannot store the change durably: {exc}",
+                raise errors.Unavailable("cannot store the change durably, so it was not "
+                                         f"made: {exc}",
                                          code="intent_store_unavailable") from None
             if written:
                 if bad:
