@@ -77,6 +77,7 @@ from typing import Protocol
 
 import numpy as np
 
+from controlplane.adapters import feedback_log
 from controlplane.core import cache_feedback, verifier
 
 FULL_TRUST = 100        # judged hits at which feedback weighs as much as validation
@@ -163,9 +164,11 @@ def read_feedback_of(paths: Iterable[str], digests: Iterable[str]
     found: dict[str, dict[str, Judged]] = {d: {} for d in digests}
     skipped = 0
     for name in paths:
-        file = pathlib.Path(name)
-        rotated = file.with_name(file.name + ".1")
-        for path in ([rotated] if rotated.exists() else []) + [file]:
+        files = feedback_log.files_of(name)
+        if not files:
+            raise FeedbackError(f"{name}: no judged hits kept there (neither the file nor "
+                                f"its tenants' folder {feedback_log.tenant_dir(name).name})")
+        for path in files:
             for model, score, label, scored_by, tenant in _rows(path):
                 if scored_by not in found:
                     skipped += 1
@@ -179,14 +182,19 @@ def read_feedback_of(paths: Iterable[str], digests: Iterable[str]
 
 def _rows(path: pathlib.Path) -> Iterable[tuple[str, float, int, str, str]]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError as exc:
         raise FeedbackError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    cut = 0
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
+        except ValueError:
+            cut += 1        # cut short while written (a crash, a full disk): only itself
+            continue
+        try:
             model, score, label = row["model"], row["score"], row["label"]
             if not isinstance(model, str) or label not in (0, 1) or score is None:
                 raise ValueError("model, score and label (0 or 1) are required")
@@ -194,6 +202,9 @@ def _rows(path: pathlib.Path) -> Iterable[tuple[str, float, int, str, str]]:
                    str(row.get("tenant") or NO_TENANT))
         except (ValueError, KeyError, TypeError) as exc:
             raise FeedbackError(f"{path}:{lineno}: not a judged hit: {exc}") from None
+    if cut:
+        print(f"calibrate: {path}: {cut} line(s) skipped that are not JSON (cut short "
+              "while written)", file=sys.stderr)
 
 
 def refit(model: Scored, name: str, judged: Judged, target: float,
@@ -366,7 +377,8 @@ def _lowest_threshold(scores: np.ndarray, labels: np.ndarray, weights: np.ndarra
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-feedback", nargs="+", metavar="FILE", default=None,
-                        help="judged hits (cache.feedback_path of each replica): refit each "
+                        help="judged hits (cache.feedback_path of each replica, its tenants' "
+                             "files read with it): refit each "
                              "model's operating point on them plus the shipped pairs")
     parser.add_argument("--verifier", default=None,
                         help="with --from-feedback: the verifier to refit (default: shipped)")

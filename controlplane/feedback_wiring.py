@@ -14,8 +14,9 @@ Beside ``cache_wiring`` (above ``core`` and ``adapters``), called from
   MiniLM's vectors and the older shipped one (``verifier.ANY_EMBEDDER_PATH``) any other
   embedder's, as it judged every embedder's before the shipped verifier recorded its own.
 - :func:`with_feedback` wraps the tiered cache in
-  :class:`controlplane.core.cache_feedback.FeedbackCache`, with its judged pairs kept in
-  ``cache.feedback_path`` (default ``data_dir/cache_feedback.jsonl``).
+  :class:`controlplane.core.cache_feedback.FeedbackCache`, with its judged pairs kept per
+  tenant beside ``cache.feedback_path`` (default ``data_dir/cache_feedback.jsonl``:
+  ``controlplane.adapters.feedback_log``).
 """
 
 from __future__ import annotations
@@ -77,11 +78,15 @@ def _load(path: str | pathlib.Path | None, setting: str) -> verifier.Verifier:
 
 
 def with_feedback(tiered: Any, settings: config.ControlPlaneSettings,
-                  metrics: metrics_mod.Metrics) -> cache_feedback.FeedbackCache:
-    """The feedback loop around ``tiered`` (a ``TieredCache``: its L1 and L2 evict)."""
+                  metrics: metrics_mod.Metrics, *, tenants: int = 1,
+                  ) -> cache_feedback.FeedbackCache:
+    """The feedback loop around ``tiered`` (a ``TieredCache``: its L1 and L2, when it has
+    one, evict), its pairs kept per tenant, each of the ``tenants`` configured with its
+    share of the file bound."""
     c = settings.cache
     path = c.feedback_path or os.path.join(settings.data_dir, FEEDBACK_FILE)
-    parts = cache_feedback.Parts(l1=tiered.l1, l2=tiered.l2, sink=feedback_log.JsonlPairs(path))
+    parts = cache_feedback.Parts(l1=tiered.l1, l2=tiered.l2,
+                                 sink=feedback_log.JsonlPairs(path, tenants=tenants))
     inner: cache_port.ResponseCache = tiered
     return cache_feedback.FeedbackCache(
         inner, parts, metrics, served_log.ServedLog(c.feedback_remember, c.ttl_s,

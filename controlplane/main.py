@@ -72,8 +72,8 @@ def build_response_cache(settings: config.ControlPlaneSettings,
     from controlplane.adapters import embedder
     from controlplane.core import response_cache
 
-    store = cache_wiring.build_l1(settings,
-                                  tenants=services_mod.tenant_count(services.tenants))
+    tenants = services_mod.tenant_count(services.tenants)
+    store = cache_wiring.build_l1(settings, tenants=tenants)
     l2 = cache_wiring.build_l2(settings)
     nodes = services.registry.ready_embed_nodes
     embed = embedder.NodeEmbedder(
@@ -101,7 +101,7 @@ def build_response_cache(settings: config.ControlPlaneSettings,
     tiered = response_cache.TieredCache(
         options=options, l1=store, metrics=services.metrics, l2=l2, embedder=embed,
         verifier_model=judges)
-    return feedback_wiring.with_feedback(tiered, settings, services.metrics)
+    return feedback_wiring.with_feedback(tiered, settings, services.metrics, tenants=tenants)
 
 
 def grpc_registrations(services: services_mod.Services,

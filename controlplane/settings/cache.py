@@ -64,8 +64,9 @@ class CacheSettings(Section):
         "must have been fitted for; none = the untuned all-MiniLM-L6-v2's (the agents' "
         "default embedder.tuning: none)")
     feedback_path: str | None = Field(
-        None, description="JSON-lines file where judged semantic hits (POST /v1/cache/"
-        "feedback) are kept for calibrate --from-feedback; none = data_dir/cache_feedback.jsonl")
+        None, description="where judged semantic hits (POST /v1/cache/feedback) are kept "
+        "for calibrate --from-feedback (give it this path): one JSON-lines file per tenant "
+        "in the folder <feedback_path>.tenants; none = data_dir/cache_feedback.jsonl")
     feedback_remember: int = Field(
         10_000, ge=1, description="request ids answered from the cache remembered per tenant "
         "for feedback (the oldest are forgotten first)")

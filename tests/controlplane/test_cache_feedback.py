@@ -56,7 +56,9 @@ async def loop(node_address, milvus_lite_path, tmp_path):
 
 
 def lines(path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()]
+    """Every judged pair kept at ``path`` (each tenant's file, oldest first)."""
+    return [json.loads(x) for f in feedback_log.files_of(path)
+            for x in f.read_text().splitlines()]
 
 
 async def test_a_wrong_semantic_hit_is_evicted_from_both_layers_and_recorded(loop):
@@ -108,7 +110,7 @@ async def test_a_wrong_exact_hit_is_evicted_but_no_pair_is_kept(loop):
     assert (outcome.layer, outcome.evicted, outcome.recorded) == ("exact", True, False)
     assert (await fb.lookup(asked(PASSWORD, "x-2"))).status == "miss"
     assert (await fb.lookup(asked(PARAPHRASE, "x-3"))).status == "miss"   # L2 row gone too
-    assert not path.exists()
+    assert feedback_log.files_of(path) == []
 
 
 async def test_feedback_only_on_the_tenants_own_recent_hits_and_only_once(loop):
@@ -206,7 +208,7 @@ async def test_a_long_semantic_hits_verdict_counts_and_evicts_but_records_no_pai
     assert (await fb.lookup(asked(PARAPHRASE, "long-1"))).status == "hit-semantic"
     outcome = await fb.feedback("acme", "long-1", wrong=True)
     assert (outcome.layer, outcome.evicted, outcome.recorded) == ("semantic", True, False)
-    assert not path.exists()
+    assert feedback_log.files_of(path) == []
     assert counter(metrics, "synapse_cache_feedback_total", model="llama", layer="semantic",
                    verdict="wrong", tenant="acme") == 1
 
