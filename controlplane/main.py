@@ -63,7 +63,8 @@ def build_response_cache(settings: config.ControlPlaneSettings,
     ``services.registry.ready_embed_nodes()`` lists the agents serving ``Node.Embed``
     (name, address, embed_models); ``services.metrics`` holds the cache metrics.
     Built here: L1 in-process unless ``redis.url``; L2 Milvus Lite at ``<data_dir>/l2.db``
-    unless ``cache.milvus_uri``; embeddings through a ready agent's ``Node.Embed``.
+    unless ``cache.milvus_uri``, and none without ``cache.semantic_enabled``; embeddings
+    through a ready agent's ``Node.Embed``.
     """
     c = settings.cache
     if not c.enabled:
@@ -74,7 +75,9 @@ def build_response_cache(settings: config.ControlPlaneSettings,
 
     tenants = services_mod.tenant_count(services.tenants)
     store = cache_wiring.build_l1(settings, tenants=tenants)
-    l2 = cache_wiring.build_l2(settings)
+    # No semantic layer, no store: nothing would read it, and a Lite file is one
+    # process's (a pod's second worker could not open it to evict a wrong answer).
+    l2 = cache_wiring.build_l2(settings) if c.semantic_enabled else None
     nodes = services.registry.ready_embed_nodes
     embed = embedder.NodeEmbedder(
         lambda: [n.address for n in nodes() if c.embed_model in n.embed_models],

@@ -13,7 +13,9 @@ Design decisions:
 - **A wrong hit is evicted at once from both layers**: the L1 entry (no replica can serve
   it again, exactly or through any L2 row pointing at it) and the entry's L2 rows (store,
   recent-write buffer and mirror), both attempted even if one fails; a layer that could
-  not be reached is reported (503 naming it), the verdict is kept either way.
+  not be reached is reported (503 naming the layer, never the error's text: it can name
+  the store's path or host, so it goes to the log). Without a semantic layer there are
+  no L2 rows, and no store is opened to look for them.
 - **Kept for recalibration**: a verdict on a *semantic* hit is a labelled pair (query,
   entry text, 1 right / 0 wrong) with the verifier's score, the verifier's digest and
   the embedder id, appended through a :class:`PairSink` for that tenant and model
@@ -40,10 +42,11 @@ from typing import Any, Protocol
 
 from controlplane import errors
 from controlplane import metrics as metrics_mod
-from controlplane.core import cache_port, served_log
+from controlplane.core import cache_budget, cache_port, served_log
 from synapse_common.clock import Clock
 
 EVICT_TIMEOUT_S = 10.0
+LOG_INTERVAL_S = 60.0       # a layer's failures are logged once per interval
 SIBLING_GRACE_S = 0.5       # how long an id unknown here may still be on its way
 SIBLING_POLL_S = 0.02
 Z95 = 1.959964
@@ -136,6 +139,7 @@ class FeedbackCache:
         self.metrics = metrics
         self.served = served
         self._wall = wall
+        self._errors = cache_budget.ErrorLog(LOG_INTERVAL_S, wall)
         self._tallies: dict[str, dict[str, tuple[int, int]]] = {}   # model -> tenant -> (right, wrong)
         # Told (tenant, model) of each entry a wrong verdict evicted: copies of answers
         # kept outside the cache (the coalescer's landed answers) must not serve it either.
@@ -247,7 +251,8 @@ class FeedbackCache:
             await self.parts.sink.record(pair)
         except Exception as exc:
             self.metrics.cache_errors.labels(layer="feedback").inc()
-            return f"the feedback pair could not be recorded: {type(exc).__name__}: {exc}"
+            self._errors.report("feedback", "a verdict's recording", exc)
+            return "the feedback pair could not be recorded"
         return ""
 
     async def _evict(self, served: served_log.Served) -> str:
@@ -265,8 +270,15 @@ class FeedbackCache:
         for (layer, _), result in zip(calls, results, strict=True):
             if isinstance(result, BaseException):
                 self.metrics.cache_errors.labels(layer=layer).inc()
-                failed.append(f"{layer} layer: {type(result).__name__}: {result}")
+                self._errors.report(layer, "a wrong verdict's eviction", result)
+                failed.append(f"{layer} layer {_why(result)}")
         return f"the entry could not be evicted everywhere ({'; '.join(failed)})" if failed else ""
+
+
+def _why(exc: BaseException) -> str:
+    """What a tenant is told of a layer's failure: never the error's own text, which
+    can name the store's path or host (the operator reads it in the log)."""
+    return "timed out" if isinstance(exc, TimeoutError) else "unavailable"
 
 
 async def _nothing() -> str:

@@ -17,10 +17,11 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from controlplane import errors
+from controlplane import cache_wiring, errors, main
 from controlplane import metrics as metrics_mod
 from controlplane.adapters import feedback_log, l1
 from controlplane.api import app as routable
+from controlplane.api import services as services_mod
 from controlplane.core import cache_feedback, response_cache, served_log
 from synapse_common import clock as clocks
 from synapse_common import embedder_tuning
@@ -364,3 +365,60 @@ async def test_a_verdict_whose_eviction_failed_is_not_used_up() -> None:
                    verdict="wrong", tenant="acme") == 1
     with pytest.raises(errors.NotFound):                         # then used up
         await fb.feedback("acme", "x-1", wrong=True)
+
+
+async def test_without_the_semantic_layer_a_wrong_verdict_opens_no_store(tmp_path):
+    """``cache.semantic_enabled: false`` built an L2 all the same, and a wrong verdict
+    opened Milvus Lite at ``data_dir/l2.db`` to evict rows that cannot exist: in a pod of
+    two workers the second could not open the file (one process's) and the tenant got a
+    503 naming its path; alone, the file was made for nothing."""
+    async with t.backends(("one", "ok")) as (b,):
+        s = t.settings(upstreams=[t.upstream("one", b.url)], data_dir=str(tmp_path / "data"),
+                       cache={"semantic_enabled": False},
+                       registry={"upstream_probe_interval_s": 5.0})
+        cache = main.build_response_cache(s, services_mod.build(s))
+        assert isinstance(cache, cache_feedback.FeedbackCache)
+        async with t.running(s, cache=cache) as cp:
+            await harness.until(lambda: routable.routable_count(cp.services) > 0, 20, "the backend")
+            client = cp.client()
+            await client.chat.completions.create(**HI_ASK)
+            await cache.inner.drain()
+            hit = await client.chat.completions.with_raw_response.create(**HI_ASK)
+            assert hit.headers["x-synapse-cache"] == "hit-exact"
+            async with aiohttp.ClientSession() as session, session.post(
+                    f"{cp.url}/v1/cache/feedback",
+                    json={"request_id": hit.headers["x-request-id"], "wrong": True},
+                    headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["evicted"] is True
+            again = await client.chat.completions.with_raw_response.create(**HI_ASK)
+            assert again.headers["x-synapse-cache"] == "miss"
+        await cache.close()
+    assert not (tmp_path / "data" / cache_wiring.L2_LITE_FILE).exists()
+
+
+async def test_a_failed_eviction_or_recording_names_the_layer_never_a_path(
+        node_address, milvus_lite_path, tmp_path, caplog):
+    """The tenant is told which layer failed; the error's own text (the store's path or
+    host, the feedback file's path) goes to the operator's log only."""
+    cache, metrics = await build_cache(node_address, milvus_lite_path)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a folder should be")
+    broken = cache_wiring.milvus_l2(str(blocked / "l2.db"), "synapse_cache")
+    fb = cache_feedback.FeedbackCache(
+        cache, cache_feedback.Parts(l1=cache.l1, l2=broken,
+                                    sink=feedback_log.JsonlPairs(blocked / "f.jsonl")),
+        metrics, served_log.ServedLog(100, 3600.0, clocks.monotonic), clocks.wall)
+    try:
+        await remember(cache, chat(PASSWORD), "Use the reset link.")
+        assert (await fb.lookup(asked(PARAPHRASE, "bad-1"))).status == "hit-semantic"
+        with pytest.raises(errors.Unavailable) as refused:
+            await fb.feedback("acme", "bad-1", wrong=True)
+        message = str(refused.value)
+        assert "semantic layer unavailable" in message
+        assert "the feedback pair could not be recorded" in message
+        assert str(tmp_path) not in message and "blocked" not in message
+        assert str(blocked) in caplog.text              # the operator's log has it
+    finally:
+        await fb.close()
+        await broken.close()
