@@ -40,12 +40,13 @@ Nothing else in the control plane builds the envelope: handlers, the SSE error e
 the low-level HTTP parse errors all render one of these classes.
 
 A backend's own words reach a client only through :func:`masked`, the one rule for them:
-a refusal (4xx) relayed whole or in any API's shape, a whole answer, the quoted start of
-a 5xx (masked before it is cut: :func:`masked_start`) and an event stream read in pieces
-(:class:`StreamMask`) lose the backend's whole ``api_key`` in every spelling it is
-commonly quoted in (hosted APIs quote the key they were given in their refusals, and in
-the error events of a stream). Never a piece of it: refusals quote the tenant's own text
-too, and a masked piece would tell the tenant that its text held a piece of the key.
+a refusal (4xx) relayed whole or in any API's shape, the quoted start of a 5xx (masked
+before it is cut: :func:`masked_start`), and a static upstream's 200, whole or an event
+stream read in pieces (:class:`StreamMask`), lose the backend's whole ``api_key`` in
+every spelling it is commonly quoted in (hosted APIs quote the key they were given in
+their refusals, and in the error events of a stream). Never a piece of it: refusals
+quote the tenant's own text too, and a masked piece would tell the tenant that its text
+held a piece of the key.
 """
 
 from __future__ import annotations
@@ -221,11 +222,12 @@ _ENCODED_FROM = 8     # characters of a key from which its encoded spellings are
 def masked(data: bytes, key: str | None) -> bytes:
     """``data`` (a backend's answer on its way to a client) with every spelling of the
     backend's whole ``key`` (:func:`_spellings`) replaced by :data:`KEY_MASK`. Covered:
-    refusals and error details, whole answers, and event streams (chat completions,
-    Responses and Anthropic Messages alike, error events and content), which pass
-    through :class:`StreamMask`: the same rule over pieces, so a key split across two
-    reads is masked too. A backend without a key costs nothing, its stream passed on as
-    it came.
+    refusals and error details of every backend, and a static upstream's served answers
+    (:func:`controlplane.core.attempt._masks_answers`): whole, and event streams (chat
+    completions, Responses and Anthropic Messages alike, error events and content),
+    which pass through :class:`StreamMask`, the same rule over pieces, so a key split
+    across two reads is masked too. A keyless upstream's stream, or an agent's engine's,
+    costs nothing: it is passed on as it came.
 
     Only the whole key: a refusal may quote the tenant's own text, and masking pieces of
     the key there told the tenant which of its guesses were pieces of it (a key recovered
@@ -286,6 +288,9 @@ class StreamMask:
     def feed(self, piece: bytes) -> bytes:
         """What of ``piece`` (and of the bytes held before it) can go to the client."""
         data = _replaced(self._held + piece, self._forms)
+        if self._newline_splits and data.endswith(b"\n"):     # an event's end: hold nothing
+            self._held = b""
+            return data
         cut = max(0, len(data) - self._margin)
         if self._newline_splits:
             cut = max(cut, data.rfind(b"\n", cut) + 1)

@@ -14,9 +14,10 @@ that breaks before the caller got a byte is one more failed attempt, not a faile
 request. A backend that knows the model by another name has its answer renamed to the
 name the client asked for (:mod:`controlplane.core.model_rename`); one whose prefix cache
 tenants share has its cached-token counts zeroed (:mod:`controlplane.core.cache_salt`);
-the answer of a backend that has a key, whole or an event stream, loses that key
-(:func:`controlplane.errors.masked`, :class:`controlplane.errors.StreamMask`), so what
-the caller relays and caches never holds it; a keyless backend's stream is not touched.
+a refusal loses the backend's key (:func:`controlplane.errors.masked`), and so does a
+static upstream's 200, whole or an event stream (:class:`controlplane.errors.StreamMask`),
+so what the caller relays and caches never holds it (:func:`_masks_answers`); the
+stream of a keyless upstream or of an agent's engine is not touched.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class Attempt:
             return
         content_type = self.answer.content_type
         if content_type == stream_shapes.EVENT_STREAM:
-            if self.backend.api_key:
+            if self.backend.api_key and _masks_answers(self.backend):
                 self._outgoing = _then_masked(self._outgoing, self.backend.api_key)
             self._peeked = await self._pull()
         elif content_type == JSON:
@@ -157,7 +158,9 @@ class Attempt:
                 data = model_rename.in_body(data, self._rename)
             if self.backend.shares_cache:
                 data = cache_salt.hidden(data)
-        if self.backend.api_key:        # relayed in some shape, or cached: never the key
+            if self.backend.api_key and _masks_answers(self.backend):
+                data = errors.masked(data, self.backend.api_key)
+        elif answer.status >= 400:      # a refusal, relayed in some shape: never the key
             data = errors.masked(data, self.backend.api_key)
         self._data = data
         return data
@@ -228,6 +231,15 @@ class Attempt:
             self._ledger.first_byte(self.ticket)
         if self.span is not None:
             tracing.event(self.span, "first_byte")
+
+
+def _masks_answers(backend: types.BackendState) -> bool:
+    """Whether a keyed backend's answers (its 200s, whole or streamed) have its key
+    masked, as its refusals always do: a static upstream's, whose ``api_key`` a hosted
+    provider may quote back (in an error event of its stream too). Not an agent's
+    engine: its key is the engine key, presented to an engine its agent started, which
+    never quotes it in an answer; its stream is passed on unread, as a keyless one."""
+    return backend.source == "static"
 
 
 class _Filter(Protocol):

@@ -2,8 +2,8 @@
 provider that quotes the key it was sent in an error event of its stream (or anywhere in
 its content) has it masked as ``[its api_key]``, raw, JSON-escaped or in base64, wherever
 the reads of the stream split it; what the response cache stores of such a stream is
-masked too, so a hit never replays the key. A keyless upstream's stream (vLLM via an
-agent) is passed on exactly as it came, read for read.
+masked too, so a hit never replays the key. A keyless upstream's stream is passed on
+exactly as it came, read for read.
 
 The stream through the dispatcher's attempt (every split of the reads, from a scripted
 transport), then through a running control plane on each streaming API (chat
@@ -77,15 +77,17 @@ SHOWN = (ROLE + delta(f"your key is {MASK}.") + delta(f" base64 {MASK}")
          + delta("", "stop") + b"data: [DONE]\n\n")
 
 
-def dispatcher(api_key: str | None, shares_cache: bool = False,
+def dispatcher(api_key: str | None, shares_cache: bool = False, source: types.Source = "static",
                ) -> tuple[dispatch.Dispatcher, MockTransport]:
-    """A dispatcher of one backend (with ``api_key``) behind a scripted transport."""
+    """A dispatcher of one backend (a static upstream with ``api_key``, unless ``source``
+    says an agent's engine) behind a scripted transport."""
     clock = ManualClock()
     reg = registry.Registry(clock, 15.0)
     reg.register(types.NodeInfo("n1"))
     reg.report("n1", [types.BackendState(key="n1/a", node="n1", name="a",
                                          url="http://a.internal:8000", models=(t.MODEL,),
-                                         api_key=api_key, shares_cache=shares_cache)])
+                                         api_key=api_key, shares_cache=shares_cache,
+                                         source=source)])
     rtr = router.Router(router.Params(policy="round_robin"), reg, ledger.Ledger(clock),
                         prefix_index.PrefixIndex(1000))
     mock = MockTransport(lambda req: MockResponse())
@@ -123,7 +125,7 @@ async def test_a_keyed_backends_stream_is_masked_wherever_its_reads_split_the_ke
 
 async def test_a_keyed_backend_whose_cache_tenants_share_has_both_its_key_and_counts_hidden(
         ) -> None:
-    """The two changes a stream may need, one after the other, at every split."""
+    """The two changes a stream may need, one after the other, at every third split."""
     d, mock = dispatcher(KEY, shares_cache=True)
     usage = {"prompt_tokens": 300, "completion_tokens": 1, "total_tokens": 301,
              "prompt_tokens_details": {"cached_tokens": 272}}
@@ -145,9 +147,11 @@ async def test_a_keyed_stream_written_an_event_a_read_is_passed_on_read_for_read
 
 
 async def test_a_keyless_backends_stream_is_passed_on_exactly_as_it_came() -> None:
-    d, mock = dispatcher(None)
-    for reads in splits(QUOTING)[::7]:
-        assert await relayed(d, mock, reads) == [r for r in reads if r]
+    """Nor is an agent's engine's read, though it has a key (the engine key: the engine
+    its agent started never quotes it), so the common case pays nothing."""
+    for d, mock in (dispatcher(None), dispatcher(KEY, source="agent")):
+        for reads in splits(QUOTING)[::7]:
+            assert await relayed(d, mock, reads) == [r for r in reads if r]
 
 
 async def test_a_keyed_stream_that_breaks_inside_the_key_shows_no_piece_of_it() -> None:
