@@ -8,6 +8,13 @@ how many answered (``replicas_asked``, ``replicas_answered``, ``replicas``); a r
 that does not answer in time is left out, and Redis being unreachable leaves this
 replica's figures alone, with ``fleet_error`` saying why (never the URL). Without Redis
 the answer is this replica's, as one of one.
+
+A pod of ``http.workers`` processes is as many replicas to Redis (each answers on the
+channel). When Redis cannot be asked, the pod's other processes are asked instead, on
+the private unix sockets that serve their metrics (:data:`OWN_ROUTE`,
+``Services.worker_metrics_sockets``), within the same timeout: the answer is then the
+pod's, and ``fleet_error`` says so, rather than one process's figures, which miss every
+request the kernel gave its siblings.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ import orjson
 from aiohttp import web
 
 from controlplane.adapters import redis_fanout
-from controlplane.api import context
+from controlplane.api import context, worker_metrics
 from controlplane.api import services as services_mod
 from controlplane.core import stats_merge
 from synapse_common import aiotasks
 
 log = logging.getLogger("synapse.controlplane.stats")
 CHANNEL = "synapse:stats"
+OWN_ROUTE = "/stats"        # a process's own figures, on its pod's private socket
 _TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("stats_fanout_task", asyncio.Task)
 
 
@@ -61,22 +69,37 @@ def local(svc: services_mod.Services) -> dict[str, Any]:
     return stats_merge.export(svc.stats, nodes, backends)
 
 
+async def own(request: web.Request) -> web.Response:
+    """This process's figures (:func:`local`), for its pod's other processes."""
+    return web.Response(body=orjson.dumps(local(request.app[context.SERVICES])),
+                        content_type="application/json")
+
+
 async def snapshot(svc: services_mod.Services) -> dict[str, Any]:
     """The fleet's figures (``Stats.snapshot`` keys, ``nodes_ready``, ``backends_ready``,
     ``replica`` — the one answering —, ``replicas_asked``, ``replicas_answered``,
     ``replicas``, ``fleet_error``)."""
     parts = [local(svc)]
     asked, error = 1, ""
+    timeout_s = svc.settings.stats.fleet_timeout_s
     fanout = svc.stats_fanout
     if fanout is not None:
         try:
-            others, answers = await fanout.ask(svc.settings.stats.fleet_timeout_s)
+            others, answers = await fanout.ask(timeout_s)
         except Exception as exc:
             svc.metrics.redis_errors.labels("stats").inc()
-            error = f"redis unreachable ({type(exc).__name__}): this replica's figures only"
+            error = f"redis unreachable ({type(exc).__name__})"
         else:
             asked += others
             parts.extend(_decoded(answers))
+    if (fanout is None or error) and (sockets := svc.worker_metrics_sockets):
+        texts = await asyncio.gather(*(worker_metrics.fetch(p, timeout_s, OWN_ROUTE)
+                                       for p in sockets))
+        asked += len(sockets)
+        parts.extend(_decoded([t.encode() for t in texts if t is not None]))
+        error = error and f"{error}: this pod's figures only"
+    else:
+        error = error and f"{error}: this replica's figures only"
     merged = stats_merge.merge(parts)
     merged.update(replica=svc.replica, replicas_asked=asked, replicas_answered=len(parts),
                   fleet_error=error)

@@ -43,7 +43,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controlplane import config, errors
-from controlplane.api import context, readiness, worker_metrics
+from controlplane.api import context, fleet_stats, readiness, worker_metrics
 from controlplane.api import services as services_mod
 from synapse_common import bearer_token
 
@@ -146,11 +146,13 @@ async def _own(request: web.Request) -> web.Response:
 
 async def serve_worker_metrics(svc: services_mod.Services,
                                path: pathlib.Path) -> web.AppRunner:
-    """Serve this worker's own ``/metrics`` on the unix socket ``path`` (mode 0600) for
-    its primary to merge; the caller cleans the returned runner up."""
+    """Serve this worker's own ``/metrics`` (and its own ``/stats``: ``api.fleet_stats``)
+    on the unix socket ``path`` (mode 0600) for the pod's other processes to merge; the
+    caller cleans the returned runner up."""
     app = web.Application()
     app[context.SERVICES] = svc
     app.router.add_get("/metrics", _own)
+    app.router.add_get(fleet_stats.OWN_ROUTE, fleet_stats.own)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:

@@ -233,15 +233,17 @@ class _Memory:
         return out
 
 
-async def fetch(path: pathlib.Path, timeout_s: float) -> str | None:
-    """The exposition a worker serves on ``path``; None (logged) when it does not answer
-    200 within ``timeout_s``."""
+async def fetch(path: pathlib.Path, timeout_s: float, route: str = "/metrics",
+                ) -> str | None:
+    """What a worker serves at ``route`` on its socket ``path`` (its exposition, or its
+    ``/stats``: ``api.fleet_stats``); None (logged) when it does not answer 200 within
+    ``timeout_s``."""
     why = ""
     try:
         async with asyncio.timeout(timeout_s):
             connector = aiohttp.UnixConnector(path=str(path))
             async with aiohttp.ClientSession(connector=connector) as session, \
-                    session.get("http://worker/metrics") as resp:
+                    session.get(f"http://worker{route}") as resp:
                 if resp.status == 200:
                     return await resp.text()
                 why = f"HTTP {resp.status}"
@@ -249,7 +251,7 @@ async def fetch(path: pathlib.Path, timeout_s: float) -> str | None:
         why = "no answer in time"
     except (OSError, aiohttp.ClientError) as exc:
         why = f"{type(exc).__name__}: {exc}"
-    log.warning("worker metrics on %s left out of this scrape: %s", path, why)
+    log.warning("worker %s on %s left out of this answer: %s", route, path, why)
     return None
 
 

@@ -8,13 +8,15 @@ import asyncio
 import contextlib
 import io
 import json
+import pathlib
+import tempfile
 from collections.abc import AsyncIterator
 
 import aiohttp
 
 from controlplane import ctl
 from controlplane.adapters import redis_fanout
-from controlplane.api import admin_grpc, grpc_server
+from controlplane.api import admin_grpc, grpc_server, observability
 from controlplane.core import stats as stats_mod
 from controlplane.core import stats_merge
 from tests import harness
@@ -136,3 +138,61 @@ def test_percentiles_are_over_the_union_of_the_windows() -> None:
     assert merged["cache_hit_rate"] == 10 / 101
     assert merged["per_backend"]["y"]["requests"] == 11
     assert (merged["nodes_ready"], merged["backends_ready"]) == (1, 2)
+
+
+@contextlib.asynccontextmanager
+async def pod_of_two(redis_url: str | None) -> AsyncIterator[tuple[t.RunningCP, t.RunningCP]]:
+    """Two processes of one pod (``http.workers: 2``), each serving its own figures on a
+    private unix socket and knowing its sibling's, as ``controlplane.workers.join`` sets
+    them up."""
+    with tempfile.TemporaryDirectory(prefix="synapse-stats-") as directory:
+        paths = [pathlib.Path(directory) / f"metrics-{i}.sock" for i in (0, 1)]
+        async with t.backends(("one", "ok")) as (one,):
+            pod, worker = (settings(name, one.url, redis_url).model_copy(update={
+                "data_dir": pathlib.Path(directory) / name}) for name in ("pod", "pod-w1"))
+            async with t.running(pod) as a, t.running(worker, primary=False) as b:
+                runners = [await observability.serve_worker_metrics(cp.services, path)
+                           for cp, path in ((a, paths[0]), (b, paths[1]))]
+                a.services.worker_metrics_sockets = (paths[1],)
+                b.services.worker_metrics_sockets = (paths[0],)
+                try:
+                    yield a, b
+                finally:
+                    for runner in runners:
+                        await runner.cleanup()
+
+
+async def test_with_redis_down_a_pods_stats_are_both_workers(
+        redis_server: harness.RedisServer) -> None:
+    """Probe 95 F6: with Redis down, ``synapsectl stats`` of a pod of two workers showed
+    the one process's figures ("this replica's figures only"), missing every request the
+    kernel gave the other."""
+    async with pod_of_two(redis_server.url) as (a, b):
+        await harness.until(lambda: subscribed(a) and subscribed(b), 10,
+                            "both workers to listen")
+        await send(a, 3)
+        await send(b, 2)
+        await asyncio.to_thread(redis_server.kill)
+        async with admin_address(a) as address:
+            snap = json.loads(await asyncio.to_thread(synapsectl, address, "-o", "json"))
+            text = await asyncio.to_thread(synapsectl, address)
+    assert snap["requests_total"] == "5" and snap["replicas"] == ["pod", "pod-w1"]
+    assert (snap["replicas_asked"], snap["replicas_answered"]) == (2, 2)
+    assert snap["fleet_error"].startswith("redis unreachable (")
+    assert snap["fleet_error"].endswith("): this pod's figures only")
+    assert "Requests:         5" in text
+
+
+async def test_without_redis_a_pods_stats_are_both_workers_and_a_silent_one_is_said(
+        ) -> None:
+    async with pod_of_two(None) as (a, b):
+        await send(a, 1)
+        await send(b, 2)
+        for cp in (a, b):
+            snap = await http_stats(cp)
+            assert snap["requests_total"] == 3 and snap["fleet_error"] == ""
+            assert (snap["replicas_asked"], snap["replicas_answered"]) == (2, 2)
+        b.services.worker_metrics_sockets = (pathlib.Path("/nonexistent/metrics-9.sock"),)
+        snap = await http_stats(b)
+        assert snap["requests_total"] == 2
+        assert (snap["replicas_asked"], snap["replicas_answered"]) == (2, 1)
