@@ -8,6 +8,17 @@ registered again — so another replica's deploy and a restarted agent both conv
 without an operator repeating themselves. A failed pass is logged and counted
 (``on_failure(stage)``), never silent; the next pass tries again.
 
+A node's desired engines go out as one ``desired_backends`` command per state, not one per
+sender: the latest push to each node is remembered from the moment it is sent (what, to
+which registration of the agent, its answer to come or come), not once confirmed. The
+loop sends again only when the state changed, the agent registered again, or that push
+failed (refused, no ack in time, stream gone); a push still in flight is left to its
+sender. A deploy, undeploy or roll-back always asks the agent (naming an engine again
+retries a crash-looping one), unless a push of the very state it wrote went out after it
+began: it then takes that push's answer. The agent applies an identical set as a no-op
+(no engine restarts), but a duplicate is another round trip under the agent's command
+lock and retries every crash-looping engine once more.
+
 Time goes through the injected ``clock`` and ``sleep`` (the event loop's by default), so
 tests move it instead of waiting. Placement of engines onto nodes, GPUs and ports is
 :mod:`controlplane.core.placement`; this module feeds it the node's capacity, read by
@@ -106,7 +117,8 @@ class FleetService:
         self._sleep = sleep
         self._on_failure = on_failure
         self._interval_s = interval_s
-        self._sent: dict[str, tuple[object, str]] = {}   # node -> (NodeInfo, desired json)
+        self._last_push: dict[str, _Push] = {}  # node -> the latest push of desired engines
+        self._push_count = 0                    # pushes started, numbering them
         self._push_errors: dict[str, str] = {}
         self._load_failing = False
         self._task: asyncio.Task[None] | None = None
@@ -119,6 +131,7 @@ class FleetService:
     async def stop(self) -> None:
         await aiotasks.stop(self._task)
         self._task = None
+        await aiotasks.stop(*(p.answer for p in self._last_push.values()), quiet=True)
         await self.intent.close()
 
     async def run(self) -> None:
@@ -149,8 +162,9 @@ class FleetService:
             return
         for view in self.registry.nodes():
             if view.connected and view.status != "down":
-                result = await self._push(view, only_if_changed=True)
-                self._note_push(view.info.name, result)
+                result = await self._push_if_changed(view)
+                if result is not None:
+                    self._note_push(view.info.name, result)
 
     def _note_push(self, node: str, result: types.CommandResult) -> None:
         if result.ok:
@@ -161,20 +175,44 @@ class FleetService:
             log.warning("desired engines of node %s not applied: %s", node, result.error)
             self._push_errors[node] = result.error
 
-    async def _push(self, view: types.NodeView, only_if_changed: bool) -> types.CommandResult:
+    async def _push_if_changed(self, view: types.NodeView) -> types.CommandResult | None:
+        """Send the node's desired engines unless its latest push holds them and has not
+        failed; None when a push of them is in flight (its sender takes the answer)."""
         name = view.info.name
         desired = self.intent.get(name).desired
         encoded = json.dumps(desired, sort_keys=True)
-        last = self._sent.get(name)
-        if only_if_changed:
-            unchanged = last is not None and last[0] is view.info and last[1] == encoded
-            if unchanged or (last is None and not desired):
+        last = self._last_push.get(name)
+        if last is None and not desired:
+            return types.CommandResult(True)
+        if last is not None and last.holds(view.info, encoded):
+            if not last.answer.done():
+                return None
+            if last.confirmed():
                 return types.CommandResult(True)
+        return await self._start_push(view, desired, encoded)
+
+    async def _push_since(self, view: types.NodeView, since: int) -> types.CommandResult:
+        """Send the node's desired engines, or take the answer of a push of the same state
+        started after push number ``since`` (the caller wrote that state meanwhile)."""
+        name = view.info.name
+        desired = self.intent.get(name).desired
+        encoded = json.dumps(desired, sort_keys=True)
+        last = self._last_push.get(name)
+        if last is not None and last.number > since and last.holds(view.info, encoded):
+            return await asyncio.shield(last.answer)
+        return await self._start_push(view, desired, encoded)
+
+    async def _start_push(self, view: types.NodeView, desired: Mapping[str, Spec],
+                          encoded: str) -> types.CommandResult:
+        """Send one push, remembered before its answer; a caller cancelled meanwhile
+        leaves the answer to come for the others who wait on it."""
+        name = view.info.name
         command = types.Command("desired_backends", backends=tuple(desired.values()))
-        result = await self.registry.send_command(name, command)
-        if result.ok:
-            self._sent[name] = (view.info, encoded)
-        return result
+        self._push_count += 1
+        answer = asyncio.get_running_loop().create_task(
+            self.registry.send_command(name, command))
+        self._last_push[name] = _Push(view.info, encoded, self._push_count, answer)
+        return await asyncio.shield(answer)
 
     # -- nodes --------------------------------------------------------------------------
 
@@ -289,10 +327,11 @@ class FleetService:
             return dataclasses.replace(i, desired={**others, name: self._placed(node, req,
                                                                                  others)})
 
+        since = self._push_count
         done = await self.intent.update(node, change)
         before, after = done.before.desired.get(name), done.after.desired[name]
         reason = "already deployed" if before == after else "deployed"
-        result = await self._send(node, reason)
+        result = await self._send(node, reason, since)
         if result.refusal is not None and _refused(result.refusal, name):
             await self._roll_back(node, name, written=after, previous=before)
             raise errors.Conflict(f"node {node!r} refused the plan for {name}: "
@@ -309,21 +348,23 @@ class FleetService:
                 desired[name] = previous
             return dataclasses.replace(i, desired=desired)
 
+        since = self._push_count
         await self.intent.update(node, change)
         view = self.registry.node(node)
         if previous is not None and view is not None and view.connected:
-            self._note_push(node, await self._push(view, only_if_changed=False))
+            self._note_push(node, await self._push_since(view, since))
 
     async def undeploy(self, model: str, canonical: str,
                        nodes: tuple[str, ...] = ()) -> list[Placement]:
         await self.intent.refresh()
         removed: list[Placement] = []
         for node in nodes or tuple(self.intent.intents):
+            since = self._push_count
             done = await self.intent.update(node, lambda i: dataclasses.replace(i, desired={
                 n: s for n, s in i.desired.items() if s.get("model") not in (model, canonical)}))
             gone = [n for n in done.before.desired if n not in done.after.desired]
             if gone:
-                reason = (await self._send(node, "removed")).reason
+                reason = (await self._send(node, "removed", since)).reason
                 removed += [Placement(node, n, reason) for n in gone]
         if not removed:
             raise errors.NotFound(f"model {model!r} has no engines deployed through the "
@@ -331,14 +372,33 @@ class FleetService:
                                   "not affected)", param="model")
         return removed
 
-    async def _send(self, node: str, reason: str) -> _Sent:
+    async def _send(self, node: str, reason: str, since: int) -> _Sent:
+        """Tell the node the desired engines the caller wrote after push number ``since``."""
         view = self.registry.node(node)
         if view is None or not view.connected:
             return _Sent(f"{reason}; will be sent when the node connects")
-        result = await self._push(view, only_if_changed=False)
+        result = await self._push_since(view, since)
         if result.ok:
             return _Sent(reason)
         return _Sent(f"{reason}; agent did not confirm: {result.error}", result.error)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Push:
+    """One ``desired_backends`` command sent to a node, remembered from when it was sent."""
+
+    info: types.NodeInfo        # the agent's registration it went to (a new one each Register)
+    desired: str                # the desired engines sent, as sorted JSON
+    number: int                 # the service's count of pushes when it was started
+    answer: asyncio.Task[types.CommandResult]
+
+    def holds(self, info: types.NodeInfo, desired: str) -> bool:
+        return self.info is info and self.desired == desired
+
+    def confirmed(self) -> bool:
+        """Answered, and the agent applied it."""
+        return (self.answer.done() and not self.answer.cancelled()
+                and self.answer.exception() is None and self.answer.result().ok)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 """The fleet service (core) on a real registry, ledger and intent store, with stepped time:
 drains time out on the injected clock, reconcile failures are logged and counted, deploys
-are planned onto GPUs and ports, and a plan the agent refuses is rolled back."""
+are planned onto GPUs and ports, a plan the agent refuses is rolled back, and a desired
+state is sent once however the reconcile loop and a deploy interleave."""
 
 from __future__ import annotations
 
@@ -37,12 +38,15 @@ def report(free_gb: list[float], running: int = 0) -> controlplane_pb2.Report:
 
 
 class Node:
-    """The agent's side of one node on the registry: reports, and acks every command."""
+    """The agent's side of one node on the registry: reports, and acks every command (once
+    ``answering`` is set: clear it to keep commands waiting for their ack)."""
 
     def __init__(self, reg: registry.Registry, answer: Answer = lambda c: (True, "")) -> None:
         self.reg = reg
         self.answer = answer
         self.commands: list[types.Command] = []
+        self.answering = asyncio.Event()
+        self.answering.set()
         reg.register(types.NodeInfo(NODE, engine_ports=(9000, 9003)))
         self.report([70, 60, 50, 40])
         self.task = asyncio.create_task(self._ack())
@@ -58,6 +62,7 @@ class Node:
         while True:
             cid, command = await outbox.get()
             self.commands.append(command)
+            await self.answering.wait()
             self.reg.ack(cid, *self.answer(command))
 
 
@@ -76,6 +81,27 @@ async def service(store: intent.IntentStore | None = None, answer: Answer | None
     finally:
         node.task.cancel()
         await svc.stop()
+
+
+class SlowReplies(intent.MemoryIntentStore):
+    """A store whose writes land at once but whose answers wait for ``replying``, as a
+    Redis reply still on its way: others read the record before its writer goes on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replying = asyncio.Event()
+        self.replying.set()
+
+    async def compare_and_set(self, node: str, expected: str | None, text: str) -> bool:
+        written = await super().compare_and_set(node, expected, text)
+        await self.replying.wait()
+        return written
+
+
+async def settle() -> None:
+    """Let every task run until it waits on something the test holds (no I/O here)."""
+    for _ in range(50):
+        await asyncio.sleep(0)
 
 
 def deploy(model: str, gb: float = 0, tp: int = 1, nodes: tuple[str, ...] = (NODE,),
@@ -193,3 +219,65 @@ async def test_a_plan_the_agent_refuses_is_rolled_back_with_its_reason() -> None
         assert refused.value.message == f"node 'gpu-a' refused the plan for a-vllm: {why}"
         await svc.intent.refresh()   # the store, not only this replica's view
         assert svc.intent.get(NODE).desired == {}
+
+
+async def test_a_deploy_waiting_for_its_ack_is_not_sent_again_by_the_reconcile_loop() -> None:
+    """Flake in test_admin: the loop's pass while the agent had not yet confirmed the
+    deploy's push sent the same desired engines a second time."""
+    async with service() as (svc, node, _, _):
+        node.answering.clear()
+        deploying = asyncio.create_task(svc.deploy(deploy("a", 30)))
+        await settle()
+        assert [c.kind for c in node.commands] == ["desired_backends"]
+        passing = asyncio.create_task(svc.reconcile())
+        await settle()
+        node.answering.set()
+        assert [p.reason for p in await deploying] == ["deployed"]
+        await passing
+        await svc.reconcile()           # confirmed since: nothing to send
+        assert [c.kind for c in node.commands] == ["desired_backends"]
+        again = await svc.deploy(deploy("a", 30))   # asked again: sent (retries a crash loop)
+        assert again[0].reason == "already deployed" and len(node.commands) == 2
+
+
+async def test_a_deploy_takes_the_answer_of_the_loop_push_of_what_it_wrote() -> None:
+    """The other order: the loop loads the deploy's record and sends it before the deploy
+    has heard back from the store; the deploy then waits for that push's ack."""
+    store = SlowReplies()
+    async with service(store) as (svc, node, _, _):
+        store.replying.clear()
+        node.answering.clear()
+        deploying = asyncio.create_task(svc.deploy(deploy("a", 30)))
+        await settle()
+        passing = asyncio.create_task(svc.reconcile())
+        await settle()
+        assert [c.backends[0]["name"] for c in node.commands] == ["a-vllm"]   # the loop's
+        store.replying.set()
+        await settle()
+        node.answering.set()
+        assert [p.reason for p in await deploying] == ["deployed"]
+        await passing
+        assert len(node.commands) == 1
+
+
+async def test_a_plan_refused_in_the_loop_push_is_rolled_back_by_the_deploy() -> None:
+    why = "a-vllm: does not fit: GPU 0 has 1.0 GiB free, 30.0 GiB needed"
+    store = SlowReplies()
+
+    def answer(command: types.Command) -> tuple[bool, str]:
+        return (False, why) if command.backends else (True, "")
+
+    async with service(store, answer) as (svc, node, _, _):
+        store.replying.clear()
+        node.answering.clear()
+        deploying = asyncio.create_task(svc.deploy(deploy("a", 30)))
+        await settle()
+        passing = asyncio.create_task(svc.reconcile())
+        await settle()
+        store.replying.set()
+        await settle()
+        node.answering.set()
+        with pytest.raises(errors.Conflict, match="refused the plan"):
+            await deploying
+        await passing
+        assert len(node.commands) == 1 and svc.intent.get(NODE).desired == {}
