@@ -1,7 +1,7 @@
 """A worker process's routing state joined to its siblings' (``http.workers`` > 1).
 
 :func:`attach_mesh` wires one worker's router, ledger, prefix index, sessions,
-Responses pins, the cache's served log, its stream forms and the fair queue's holds
+Responses pins, the cache's served log, its stream forms and the fair queue's order
 (:class:`services.Services`) to
 the in-pod mesh
 (:mod:`controlplane.adapters.worker_mesh`), so each worker routes with every worker's

@@ -127,6 +127,9 @@ class FairQueue:
         self._waiting: dict[tuple[str, str], int] = {}     # (class, tenant) -> waiting
         self._count = 0
         self._seq = itertools.count()
+        # A sibling worker of the pod has requests of this model waiting: the busy period
+        # is the pod's, so the tags are kept when this worker's own queue empties.
+        self.pinned = False
 
     def __len__(self) -> int:
         return self._count
@@ -167,15 +170,26 @@ class FairQueue:
         self._waiting[(cls, tenant)] = self._waiting.get((cls, tenant), 0) + 1
         return w
 
-    def settle(self, tenant: str, cls: str, weight: float, charged: int, used: int) -> None:
+    def settle(self, tenant: str, cls: str, weight: float, charged: int,
+               used: int) -> float | None:
         """A released request of ``tenant`` in class ``cls`` was tagged for ``charged``
         tokens and used ``used``: move the tenant's last tag, and the tags of its requests
-        waiting in that class, by the difference (over its weight)."""
+        waiting in that class, by the difference (over its weight); that shift, or None
+        when nothing moved."""
         rank = self._ranks.get(cls)
         if rank is None or tenant not in self._last[rank] or used == max(1, charged):
-            return          # an idle queue started afresh: nothing left to correct
+            return None     # an idle queue started afresh: nothing left to correct
         shift = (used - max(1, charged)) / weight
+        self.shift(rank, tenant, shift)
+        return shift
+
+    def shift(self, rank: int, tenant: str, shift: float) -> None:
+        """Move ``tenant``'s last tag in class ``rank``, and its waiting requests' tags,
+        by ``shift`` (a settle, here or on a sibling worker)."""
+        if not 0 <= rank < len(self._last) or tenant not in self._last[rank]:
+            return
         self._last[rank][tenant] += shift
+        cls = self.options.classes[rank]
         if not self._waiting.get((cls, tenant)):
             return
         heap = []
@@ -188,6 +202,33 @@ class FairQueue:
             heap.append((w.finish, seq, w))
         heapq.heapify(heap)
         self._heaps[rank] = heap
+
+    def clock(self, rank: int) -> float:
+        """Class ``rank``'s virtual clock: the start tag of the last request sent on."""
+        return self._clock_of[rank]
+
+    def last_tags(self, rank: int) -> dict[str, float]:
+        """Each tenant's last finish tag in class ``rank`` (a copy)."""
+        return dict(self._last[rank])
+
+    def merge_clock(self, rank: int, start: float) -> None:
+        """A sibling worker sent on a request of class ``rank`` that started at ``start``."""
+        if 0 <= rank < len(self._clock_of):
+            self._clock_of[rank] = max(self._clock_of[rank], start)
+
+    def merge_tag(self, rank: int, tenant: str, finish: float) -> None:
+        """A sibling worker queued a request of ``tenant`` in class ``rank`` that finishes
+        at ``finish``: the tenant's next request here starts after it, as in one queue."""
+        if 0 <= rank < len(self._last):
+            last = self._last[rank]
+            last[tenant] = max(last.get(tenant, 0.0), finish)
+
+    def reset_if_idle(self) -> None:
+        """Start the next busy period from fresh tags when nothing waits here and no
+        sibling's queue holds the period open (:attr:`pinned`)."""
+        if not self._count and not self.pinned:
+            self._clock_of = [0.0] * len(self._clock_of)
+            self._last = [{} for _ in self._last]
 
     def peek(self, rank: int | None = None) -> Waiter | None:
         """The next request to send on, or with ``rank`` the next of that class or a higher
@@ -234,9 +275,28 @@ class FairQueue:
         self._waiting[key] -= 1
         if not self._waiting[key]:
             del self._waiting[key]
-        if not self._count:     # idle: the next busy period starts from fresh tags
-            self._clock_of = [0.0] * len(self._clock_of)
-            self._last = [{} for _ in self._last]
+        self.reset_if_idle()    # idle: the next busy period starts from fresh tags
+
+
+class Siblings(Protocol):
+    """The pod's other serving workers, told over the routing mesh (:mod:`shared_routing`)
+    what makes this worker's queue of a model and theirs one order."""
+
+    def head(self, model: str, rank: int, tag: float, left_s: float) -> None:
+        """This worker's first waiting request of ``model`` is of class ``rank`` with
+        finish tag ``tag`` and waits ``left_s`` more at most; ``left_s`` <= 0: none waits."""
+
+    def tagged(self, model: str, rank: int, tenant: str, tag: float) -> None:
+        """``tenant``'s last finish tag in class ``rank`` is now ``tag`` (a request queued)."""
+
+    def clocked(self, model: str, rank: int, start: float) -> None:
+        """Class ``rank``'s virtual clock moved to ``start`` (a request sent on)."""
+
+    def shifted(self, model: str, rank: int, tenant: str, shift: float) -> None:
+        """A request of ``tenant`` settled: its tags move by ``shift``."""
+
+    def woke(self, model: str) -> None:
+        """Capacity may have freed for ``model`` (a request settled here)."""
 
 
 class Gate:
@@ -253,12 +313,14 @@ class Gate:
         self._queues: dict[str, FairQueue] = {}
         self._pumps: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
-        # Told (model, class rank, seconds held so far, seconds left; 0 left: ended) when
-        # this worker's head starts or stops holding seats: the siblings' mesh.
-        self.hold_listener: Callable[[str, int, float, float], None] | None = None
-        self._holding: dict[str, Waiter] = {}       # model -> the head whose hold was told
-        # model -> sibling -> (class rank, held since, held until), by this clock
-        self._peer_holds: dict[str, dict[object, tuple[int, float, float]]] = {}
+        # The pod's other workers (None: this is the only one) and this worker's index
+        # among them, which breaks a tie between two heads of equal class and tag.
+        self.siblings: Siblings | None = None
+        self.worker_index = 0
+        self._told: dict[str, tuple[int, float, float]] = {}   # model -> the head told
+        # model -> sibling -> its head: (class rank, finish tag, its index, until), the
+        # until by this clock
+        self._sibling_heads: dict[str, dict[object, tuple[int, float, int, float]]] = {}
 
     @property
     def classes(self) -> Sequence[str]:
@@ -266,75 +328,133 @@ class Gate:
 
     def busy(self, model: str, cls: str | None = None) -> bool:
         """Whether requests of ``model`` are waiting — of class ``cls`` or a higher one,
-        when given — so that a newcomer of that class queues behind them. Requests of
-        lower classes only would go after it anyway (strict priority): it need not wait
-        for a turn behind them."""
+        when given — here or on a sibling worker, so that a newcomer of that class queues
+        behind them (and gets its place in the pod's order). Requests of lower classes
+        only would go after it anyway (strict priority): it need not wait for a turn
+        behind them."""
+        rank = None if cls is None else self._rank(cls)
+        if self._sibling_waits(model, rank):
+            return True
         q = self._queues.get(model)
-        if self._peer_hold(model, None if cls is None else self._rank(cls), None):
-            return True         # a sibling's head holds seats: queue behind the pod's
         if q is None or not len(q):
             return False
-        return cls is None or q.waiting_at_or_above(q.rank(cls))
+        return rank is None or q.waiting_at_or_above(rank)
 
     def _rank(self, cls: str) -> int:
         return self.options.classes.index(cls) if cls in self.options.classes else 0
 
-    # -- holds of the pod's other workers (the module's docstring) -------------------------
+    def _queue(self, model: str) -> FairQueue:
+        q = self._queues.get(model)
+        if q is None:
+            q = self._queues[model] = FairQueue(self.options)
+            q.pinned = model in self._sibling_heads
+        return q
 
-    def peer_held(self, peer: object, model: str, rank: int, held_s: float,
-                  left_s: float) -> None:
-        """Sibling ``peer``'s head of class ``rank`` has held seats of ``model`` for
-        ``held_s`` and may for ``left_s`` more; ``left_s`` <= 0: it stopped."""
-        holds = self._peer_holds.setdefault(model, {})
-        now = self._clock()
-        if left_s > 0:
-            holds[peer] = (rank, now - max(0.0, held_s), now + left_s)
-            return
-        if holds.pop(peer, None) is not None:
-            self.wake(model)
-        if not holds:
-            del self._peer_holds[model]
+    # -- the pod's other workers (the module's docstring) ----------------------------------
+
+    def sibling_head(self, peer: object, index: int, model: str, rank: int, tag: float,
+                     left_s: float) -> None:
+        """Sibling ``peer`` (worker ``index``)'s first waiting request of ``model`` is of
+        class ``rank`` with finish tag ``tag``, for ``left_s`` more at most; ``left_s``
+        <= 0: none waits there."""
+        heads = self._sibling_heads.setdefault(model, {})
+        if left_s > 0 and 0 <= rank < len(self.options.classes):
+            heads[peer] = (rank, tag, index, self._clock() + left_s)
+        else:
+            heads.pop(peer, None)
+        self._pin(model)
+        self._wake_local(model)     # the pod's order changed: this head may be first now
+
+    def sibling_tagged(self, model: str, rank: int, tenant: str, tag: float) -> None:
+        self._queue(model).merge_tag(rank, tenant, tag)
+
+    def sibling_clocked(self, model: str, rank: int, start: float) -> None:
+        self._queue(model).merge_clock(rank, start)
+
+    def sibling_shifted(self, model: str, rank: int, tenant: str, shift: float) -> None:
+        q = self._queues.get(model)
+        if q is not None:
+            q.shift(rank, tenant, shift)
+            self._wake_local(model)     # a re-tagged head is told by the pump
+
+    def sibling_woke(self, model: str) -> None:
+        self._wake_local(model)
 
     def peer_gone(self, peer: object) -> None:
-        """Sibling ``peer``'s connection ended: its holds with it."""
-        for model in list(self._peer_holds):
-            self.peer_held(peer, model, 0, 0.0, 0.0)
+        """Sibling ``peer``'s connection ended: what it told with it."""
+        for model in list(self._sibling_heads):
+            if peer in self._sibling_heads[model]:
+                self.sibling_head(peer, 0, model, 0, 0.0, 0.0)
 
-    def _peer_hold(self, model: str, rank: int | None, since: float | None) -> float | None:
-        """Until when a sibling's hold on ``model`` comes before a request of class
-        ``rank`` (any class: None) whose own hold began at ``since`` (None: not holding);
-        None when none does."""
-        holds = self._peer_holds.get(model)
-        if not holds:
+    def replay(self, to: Siblings) -> None:
+        """Tell ``to`` (a sibling that has just joined) the tags and heads of this
+        worker's waiting requests."""
+        for model, q in self._queues.items():
+            head = q.peek()
+            if head is None:
+                continue
+            for rank in range(len(self.options.classes)):
+                to.clocked(model, rank, q.clock(rank))
+                for tenant, tag in q.last_tags(rank).items():
+                    to.tagged(model, rank, tenant, tag)
+            to.head(model, head.rank, head.finish, self._left(head))
+
+    def _pin(self, model: str) -> None:
+        """Keep ``model``'s tags while a sibling has requests of it waiting; once none
+        has, and none waits here, the pod's busy period is over."""
+        heads = self._sibling_heads.get(model)
+        if heads is not None and not heads:
+            del self._sibling_heads[model]
+        q = self._queues.get(model)
+        if q is not None:
+            q.pinned = model in self._sibling_heads
+            q.reset_if_idle()
+
+    def _sibling_waits(self, model: str, rank: int | None) -> bool:
+        """Whether a sibling has a request of ``model`` waiting of class ``rank`` or a
+        higher one (any class: None)."""
+        heads = self._sibling_heads.get(model)
+        if not heads:
+            return False
+        now = self._clock()
+        return any(until > now and (rank is None or r <= rank)
+                   for r, _, _, until in heads.values())
+
+    def _sibling_first(self, model: str, head: Waiter) -> float | None:
+        """Until when a sibling's head comes before ``head`` in the pod's order (class,
+        then finish tag, then worker index: as one queue would order them); None when
+        none does."""
+        heads = self._sibling_heads.get(model)
+        if not heads:
             return None
         now = self._clock()
+        mine = (head.rank, head.finish, self.worker_index)
         first = None
-        for peer_rank, peer_since, until in holds.values():
-            if until <= now:
-                continue
-            if (rank is None or peer_rank < rank
-                    or (peer_rank == rank and (since is None or peer_since < since))):
+        for rank, tag, index, until in heads.values():
+            if until > now and (rank, tag, index) < mine:
                 first = until if first is None else min(first, until)
         return first
 
-    def _tell_hold(self, model: str, head: Waiter | None) -> None:
-        """Tell the siblings when the head holding seats changes (started, or ended:
-        released, gone, or no longer the head)."""
-        told = self._holding.get(model)
-        holding = head if head is not None and head.holding_since is not None else None
-        if told is holding:
+    def _left(self, head: Waiter) -> float:
+        return max(1e-6, head.deadline - self._clock())
+
+    def _tell_head(self, model: str, q: FairQueue | None) -> None:
+        """Tell the siblings when this worker's head of ``model`` changes (a new one, a
+        re-tag, or none left)."""
+        siblings = self.siblings
+        if siblings is None:
             return
-        listener = self.hold_listener
-        if told is not None:
-            del self._holding[model]
-            if listener is not None:
-                listener(model, told.rank, 0.0, 0.0)
-        if holding is not None and holding.holding_since is not None:
-            self._holding[model] = holding
-            if listener is not None:
-                held = self._clock() - holding.holding_since
-                listener(model, holding.rank, held,
-                         max(0.0, self.options.max_seat_hold_s - held))
+        head = q.peek() if q is not None else None
+        told = self._told.get(model)
+        if head is None:
+            if told is not None:
+                del self._told[model]
+                siblings.head(model, 0, 0.0, 0.0)
+            return
+        now = (head.rank, head.finish, head.deadline)
+        if now != told:
+            self._told[model] = now
+            siblings.head(model, head.rank, head.finish, self._left(head))
 
     def depths(self) -> dict[str, int]:
         """Requests waiting per model (models with none left out)."""
@@ -349,19 +469,20 @@ class Gate:
         """Wait for the turn of a request of ``model`` (``sequences``: the seats it
         takes, which ``room`` is asked for); the seconds waited. Raises
         :class:`errors.QueueFull` / :class:`errors.QueueTimeout` (deadline)."""
-        q = self._queues.get(model)
-        if q is None:
-            q = self._queues[model] = FairQueue(self.options)
+        q = self._queue(model)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         w = q.push(tenant, cls, weight, tokens, self._clock(), future, sequences)
+        if self.siblings is not None:       # the pump tells them of a new head
+            self.siblings.tagged(model, w.rank, tenant, w.finish)
         self._observer.depth(model, cls, tenant, q.waiting(cls, tenant))
         self._ensure_pump(model)
         if q.peek() is w:       # a new head (e.g. a higher class, with seats kept for it)
-            self.wake(model)    # may go at once: no waiting for the next poll
+            self._wake_local(model)     # may go at once: no waiting for the next poll
         try:
             await future
         except asyncio.CancelledError:          # the client went away
             q.remove(w)
+            self._wake_local(model)     # the pump tells the siblings of the next head
             self._observer.depth(model, cls, tenant, q.waiting(cls, tenant))
             self._observer.waited(cls, tenant, self._clock() - w.enqueued_at, "cancelled")
             raise
@@ -375,14 +496,23 @@ class Gate:
                used: int) -> None:
         """A request that waited here (``charged``: the tokens it was queued with) ended
         having used ``used`` tokens (prompt + completion, the engine's usage): its tenant's
-        tags pay the difference (:meth:`FairQueue.settle`). Call it for released requests
-        only; one that never waited was never charged."""
+        tags pay the difference (:meth:`FairQueue.settle`), here and on the siblings.
+        Call it for released requests only; one that never waited was never charged."""
         q = self._queues.get(model)
-        if q is not None:
-            q.settle(tenant, cls, weight, charged, used)
+        if q is None:
+            return
+        shift = q.settle(tenant, cls, weight, charged, used)
+        if shift is not None and self.siblings is not None:
+            self.siblings.shifted(model, q.rank(cls), tenant, shift)
 
     def wake(self, model: str) -> None:
-        """Capacity may have freed for ``model`` (a request settled)."""
+        """Capacity may have freed for ``model`` (a request settled): this worker's pump
+        looks again, and so do the siblings' that have requests of it waiting."""
+        self._wake_local(model)
+        if self.siblings is not None and model in self._sibling_heads:
+            self.siblings.woke(model)
+
+    def _wake_local(self, model: str) -> None:
         event = self._wakeups.get(model)
         if event is not None:
             event.set()
@@ -405,16 +535,19 @@ class Gate:
                 if head.future.done():          # cancelled, its handler not yet resumed
                     q.remove(head)
                     continue
-                sibling_until = self._peer_hold(model, head.rank, head.holding_since)
+                # Told only now: after the request sent on before it has been dispatched
+                # (its seats are in the siblings' ledgers before they hear of the next).
+                self._tell_head(model, q)
+                sibling_until = self._sibling_first(model, head)
                 if sibling_until is None and self._may_go(model, head):
                     q.pop()
-                    self._tell_hold(model, None)
+                    if self.siblings is not None:
+                        self.siblings.clocked(model, head.rank, q.clock(head.rank))
                     self._observer.depth(model, head.cls, head.tenant,
                                          q.waiting(head.cls, head.tenant))
                     head.future.set_result(None)
                     await head.taken.wait()     # it resumes and dispatches before we look
                     continue
-                self._tell_hold(model, head)
                 wakeup.clear()
                 now = self._clock()
                 wakes = [t for t in (q.next_deadline(), sibling_until,
@@ -422,7 +555,7 @@ class Gate:
                 delay = min([self.options.poll_interval_s, *(t - now for t in wakes)])
                 await self._sleep(max(0.0, delay), wakeup)
         finally:
-            self._tell_hold(model, None)
+            self._tell_head(model, q)
 
     def _held_until(self, head: Waiter) -> float | None:
         """When the head's holding ends (it then goes with one seat free)."""

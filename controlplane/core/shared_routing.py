@@ -28,10 +28,14 @@ dispatched it itself:
   drops its own copies (L2's mirror, the coalescer's landed answers) and voids the stores
   of its lookups made before (``TieredCache.forget``; the shared stores were emptied by
   the process that was asked);
-* the fair queue's holds (:class:`Holds`): when a worker's head starts or stops holding
-  seats for a large request, so that the siblings leave the seats that free to it
-  (:mod:`fair_queue`). Times travel as durations (held so far, left), never as one
-  process's clock readings. A connection's holds end with it.
+* the fair queue's order (:class:`Queues`), so that the pod's queues of a model are one
+  (:mod:`fair_queue`): each worker's first waiting request (its class and finish tag),
+  each tenant's last finish tag as a request queues, each class's virtual clock as one
+  is sent on, a settled request's re-tag, and a wake-up when a request settles on a worker
+  (sent only to siblings with requests of that model waiting). The first three travel
+  only while requests wait (the queue is engaged), and the greeting replays them. Times
+  travel as durations (the head's time left), never as one process's clock readings. A
+  connection's heads end with it.
 
 Foreign tickets belong to the connection they came in on (an :class:`Inbound`), not to
 the peer's index: when a connection ends (the peer died, closed, or was dropped as too
@@ -58,16 +62,18 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import orjson
 
+from controlplane.core import fair_queue, response_pins, served_log
 from controlplane.core import ledger as ledger_mod
-from controlplane.core import response_pins, served_log
 from controlplane.core import router as router_mod
 
-VERSION = 3         # 2: a pin names its tenant; 3: a dispatch its sequences
+VERSION = 4         # 2: a pin names its tenant; 3: a dispatch its sequences;
+                    # 4: the fair queue's order (heads, tags, clocks) instead of holds
 MAX_FRAME = 256 * 1024 * 1024   # bytes; a longer frame means a broken peer
 FRAME_EVENTS = 256              # events per frame at most, so a burst stays far below it
 
@@ -82,7 +88,11 @@ PIN = "r"           # ("r", tenant, response id, backend)
 SERVED = "v"        # ("v", request id, *the Served fields in order)
 COST = "c"          # ("c", backend, *the rest of CostModel.observe's arguments in order)
 FORM = "m"          # ("m", form key (tenant and model), the stream form learnt for it)
-HOLD = "q"          # ("q", model, class rank, seconds held, seconds left; 0 left: ended)
+HEAD = "q"          # ("q", model, class rank, finish tag, seconds left; 0 left: none waits)
+TAG = "g"           # ("g", model, class rank, tenant, the tenant's last finish tag)
+CLOCK = "k"         # ("k", model, class rank, the class's virtual clock)
+SHIFT = "z"         # ("z", model, class rank, tenant, shift of its tags)
+WAKE = "w"          # ("w", model): a request of it settled
 TAKEN = "t"         # ("t", tenant, request id)
 INVALIDATED = "i"   # ("i", tenant or null, model or null): the response cache invalidated
 
@@ -110,15 +120,48 @@ class Forms(Protocol):
     def forget(self, tenant: str | None, model: str | None) -> None: ...
 
 
-class Holds(Protocol):
-    """The fair queue's holds (:class:`fair_queue.Gate`)."""
+class Queues(Protocol):
+    """The fair queue (:class:`fair_queue.Gate`): its order shared with the siblings'."""
 
-    hold_listener: Callable[[str, int, float, float], None] | None
+    siblings: fair_queue.Siblings | None
+    worker_index: int
 
-    def peer_held(self, peer: object, model: str, rank: int, held_s: float,
-                  left_s: float) -> None: ...
+    def sibling_head(self, peer: object, index: int, model: str, rank: int, tag: float,
+                     left_s: float) -> None: ...
+
+    def sibling_tagged(self, model: str, rank: int, tenant: str, tag: float) -> None: ...
+
+    def sibling_clocked(self, model: str, rank: int, start: float) -> None: ...
+
+    def sibling_shifted(self, model: str, rank: int, tenant: str, shift: float) -> None: ...
+
+    def sibling_woke(self, model: str) -> None: ...
 
     def peer_gone(self, peer: object) -> None: ...
+
+    def replay(self, to: fair_queue.Siblings) -> None: ...
+
+
+class _Recorded:
+    """The fair queue's state as events (:meth:`Queues.replay`, for a greeting)."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def head(self, model: str, rank: int, tag: float, left_s: float) -> None:
+        self.events.append((HEAD, model, rank, tag, left_s))
+
+    def tagged(self, model: str, rank: int, tenant: str, tag: float) -> None:
+        self.events.append((TAG, model, rank, tenant, tag))
+
+    def clocked(self, model: str, rank: int, start: float) -> None:
+        self.events.append((CLOCK, model, rank, start))
+
+    def shifted(self, model: str, rank: int, tenant: str, shift: float) -> None:
+        self.events.append((SHIFT, model, rank, tenant, shift))
+
+    def woke(self, model: str) -> None:
+        self.events.append((WAKE, model))
 
 
 class Sharing:
@@ -133,13 +176,13 @@ class Sharing:
 
     def __init__(self, router: router_mod.Router, pins: response_pins.Pins, index: int,
                  incarnation: str, served: served_log.ServedLog | None = None,
-                 forms: Forms | None = None, holds: Holds | None = None) -> None:
+                 forms: Forms | None = None, queues: Queues | None = None) -> None:
         self.router = router
         self.ledger = router.ledger
         self.pins = pins
         self.served_log = served
         self.forms = forms
-        self.holds = holds
+        self.queues = queues
         self.index = index
         self.incarnation = incarnation    # tells this process from a restarted one (logs)
         self._outbox: list[Event] = []
@@ -162,8 +205,9 @@ class Sharing:
         if self.forms is not None:
             self.forms.form_listener = self.formed
             self.forms.invalidation_publisher = self.invalidated
-        if self.holds is not None:
-            self.holds.hold_listener = self.held
+        if self.queues is not None:
+            self.queues.siblings = self
+            self.queues.worker_index = self.index
 
     def detach(self) -> None:
         self.ledger.listener = None
@@ -175,8 +219,8 @@ class Sharing:
         if self.forms is not None:
             self.forms.form_listener = None
             self.forms.invalidation_publisher = None
-        if self.holds is not None:
-            self.holds.hold_listener = None
+        if self.queues is not None:
+            self.queues.siblings = None
         self._wake = None
         self._outbox.clear()
         self._live.clear()      # their finishes would no longer be heard: not kept
@@ -241,9 +285,27 @@ class Sharing:
         if not self._applying:
             self._publish((INVALIDATED, tenant, model))
 
-    def held(self, model: str, rank: int, held_s: float, left_s: float) -> None:
+    # the fair queue's order (fair_queue.Siblings)
+
+    def head(self, model: str, rank: int, tag: float, left_s: float) -> None:
         if not self._applying:
-            self._publish((HOLD, model, rank, held_s, left_s))
+            self._publish((HEAD, model, rank, tag, left_s))
+
+    def tagged(self, model: str, rank: int, tenant: str, tag: float) -> None:
+        if not self._applying:
+            self._publish((TAG, model, rank, tenant, tag))
+
+    def clocked(self, model: str, rank: int, start: float) -> None:
+        if not self._applying:
+            self._publish((CLOCK, model, rank, start))
+
+    def shifted(self, model: str, rank: int, tenant: str, shift: float) -> None:
+        if not self._applying:
+            self._publish((SHIFT, model, rank, tenant, shift))
+
+    def woke(self, model: str) -> None:
+        if not self._applying:
+            self._publish((WAKE, model))
 
     # -- what goes out ------------------------------------------------------------------
 
@@ -264,6 +326,10 @@ class Sharing:
             events.append(event)
             if ticket.stage == 1:
                 events.append((FIRST_BYTE, seq))
+        if self.queues is not None:
+            recorded = _Recorded()
+            self.queues.replay(recorded)
+            events.extend(recorded.events)
         return frame(events)
 
     # -- what comes in ------------------------------------------------------------------
@@ -367,12 +433,29 @@ class Inbound:
         elif kind == INVALIDATED:
             if sharing.forms is not None:
                 sharing.forms.forget(_name_or_none(event[1]), _name_or_none(event[2]))
-        elif kind == HOLD:
-            if sharing.holds is not None:
-                _, model, rank, held_s, left_s = event
-                sharing.holds.peer_held(self, str(model), int(rank), float(held_s),
-                                        float(left_s))
+        elif kind in (HEAD, TAG, CLOCK, SHIFT, WAKE):
+            if sharing.queues is not None:
+                self._apply_queue(sharing.queues, event)
         # an unknown kind is a newer peer's: skipped, so versions can add events
+
+    def _apply_queue(self, queues: Queues, event: list[Any]) -> None:
+        kind, model = event[0], str(event[1])
+        if kind == WAKE:
+            queues.sibling_woke(model)
+            return
+        rank = int(event[2])
+        if not all(math.isfinite(float(x)) for x in event[3:] if not isinstance(x, str)):
+            raise ValueError(f"a tag that is not a finite number: {event!r}")
+        if kind == HEAD:
+            assert self.peer is not None
+            queues.sibling_head(self, self.peer[0], model, rank, float(event[3]),
+                                float(event[4]))
+        elif kind == TAG:
+            queues.sibling_tagged(model, rank, str(event[3]), float(event[4]))
+        elif kind == CLOCK:
+            queues.sibling_clocked(model, rank, float(event[3]))
+        else:
+            queues.sibling_shifted(model, rank, str(event[3]), float(event[4]))
 
     def close(self) -> None:
         """The connection ended: finish every ticket it brought (idempotent)."""
@@ -380,8 +463,8 @@ class Inbound:
         tickets, self._tickets = self._tickets, {}
         for ticket in tickets.values():
             self._sharing.ledger.finish(ticket)
-        if self._sharing.holds is not None:
-            self._sharing.holds.peer_gone(self)
+        if self._sharing.queues is not None:
+            self._sharing.queues.peer_gone(self)
 
     def foreign(self) -> int:
         """Tickets of this connection's peer still counted in this worker's ledger."""

@@ -100,16 +100,47 @@ def stopped_clock_gate(fleet: Fleet, clock: ManualClock, hold_s: float,
     return fair_queue.Gate(options, fleet.room, clock=clock, sleep=sleep)
 
 
-def joined(a: fair_queue.Gate, b: fair_queue.Gate) -> None:
-    """Each gate told of the other's holds, as the mesh tells them."""
-    a.hold_listener = lambda *hold: b.peer_held(a, *hold)
-    b.hold_listener = lambda *hold: a.peer_held(b, *hold)
+class Told:
+    """A gate's siblings behind a stand-in mesh: what it tells reaches the other gates at
+    once, in order."""
+
+    def __init__(self, me: fair_queue.Gate, others: list[fair_queue.Gate]) -> None:
+        self._me, self._others = me, others
+
+    def head(self, model: str, rank: int, tag: float, left_s: float) -> None:
+        for g in self._others:
+            g.sibling_head(self._me, self._me.worker_index, model, rank, tag, left_s)
+
+    def tagged(self, model: str, rank: int, tenant: str, tag: float) -> None:
+        for g in self._others:
+            g.sibling_tagged(model, rank, tenant, tag)
+
+    def clocked(self, model: str, rank: int, start: float) -> None:
+        for g in self._others:
+            g.sibling_clocked(model, rank, start)
+
+    def shifted(self, model: str, rank: int, tenant: str, shift: float) -> None:
+        for g in self._others:
+            g.sibling_shifted(model, rank, tenant, shift)
+
+    def woke(self, model: str) -> None:
+        for g in self._others:
+            g.sibling_woke(model)
+
+
+def joined(*gates: fair_queue.Gate) -> None:
+    """The gates of one pod's workers (0, 1, ...), each told what the others tell, as the
+    mesh tells them."""
+    for i, g in enumerate(gates):
+        g.worker_index = i
+        g.siblings = Told(g, [o for o in gates if o is not g])
 
 
 async def test_a_sibling_leaves_the_seats_a_workers_head_holds() -> None:
     """Two workers of a pod share one engine: while worker A's large head holds seats,
-    worker B sends nothing of that model of the same or a lower class on (it filled every
-    seat that freed before), and queues its newcomers; B's higher class still goes."""
+    worker B sends nothing of that model on that comes after it in the pod's order (B
+    filled every seat that freed before), and queues its newcomers; B's higher class
+    still goes."""
     clock = ManualClock()
     engine = Fleet(free=0)                       # one engine, both workers' view of it
     a = stopped_clock_gate(engine, clock, hold_s=10.0)
@@ -119,7 +150,7 @@ async def test_a_sibling_leaves_the_seats_a_workers_head_holds() -> None:
     await settle_until(lambda: a.depth(MODEL) == 1, "the large request to queue")
     engine.free = 1
     a.wake(MODEL)
-    await settle_until(lambda: MODEL in b._peer_holds, "B to hear of A's hold")
+    await settle_until(lambda: MODEL in b._sibling_heads, "B to hear of A's head")
     assert b.busy(MODEL, "batch") and not b.busy(MODEL, "interactive")
     small = asyncio.create_task(request(b, engine, "small", "y", cls="batch"))
     await asyncio.sleep(0.05)
@@ -130,24 +161,26 @@ async def test_a_sibling_leaves_the_seats_a_workers_head_holds() -> None:
     engine.free += 2
     a.wake(MODEL)
     await asyncio.wait_for(big, 5)
+    engine.free += 1
+    a.wake(MODEL)
     await asyncio.wait_for(small, 5)            # A's hold ended: B goes on
     assert engine.released == ["urgent", "big", "small"]
     await a.close()
     await b.close()
 
 
-async def test_a_siblings_hold_ends_when_it_goes_away_or_its_time_is_up() -> None:
+async def test_a_siblings_head_ends_when_it_goes_away_or_its_time_is_up() -> None:
     clock = ManualClock()
     engine = Fleet(free=1)
     b = stopped_clock_gate(engine, clock, hold_s=10.0)
     peer = object()
-    b.peer_held(peer, MODEL, 1, 0.0, 5.0)
+    b.sibling_head(peer, 0, MODEL, 1, 0.0, 5.0)     # it comes first: class 1, tag 0
     small = asyncio.create_task(request(b, engine, "small", "y", cls="batch"))
     await asyncio.sleep(0.05)
     assert not small.done()
     b.peer_gone(peer)
     await asyncio.wait_for(small, 5)
-    b.peer_held(peer, MODEL, 1, 0.0, 5.0)       # and again, never ended by a word
+    b.sibling_head(peer, 0, MODEL, 1, 0.0, 5.0)     # and again, never ended by a word
     engine.free = 1
     late = asyncio.create_task(request(b, engine, "late", "y", cls="batch"))
     await asyncio.sleep(0.05)
@@ -172,35 +205,62 @@ async def test_a_head_near_its_deadline_goes_with_one_seat_rather_than_time_out(
     await gate.close()
 
 
-class Gates:
-    """Stands in for a gate behind the mesh: what it was told."""
+class Queues:
+    """Stands in for a gate behind the mesh: what it was told (and what it replays)."""
 
     def __init__(self) -> None:
-        self.hold_listener: Any = None
+        self.siblings: Any = None
+        self.worker_index = -1
         self.told: list[tuple[Any, ...]] = []
 
-    def peer_held(self, peer: object, model: str, rank: int, held_s: float,
-                  left_s: float) -> None:
-        self.told.append(("held", model, rank, held_s, left_s))
+    def sibling_head(self, peer: object, index: int, model: str, rank: int, tag: float,
+                     left_s: float) -> None:
+        self.told.append(("head", index, model, rank, tag, left_s))
+
+    def sibling_tagged(self, model: str, rank: int, tenant: str, tag: float) -> None:
+        self.told.append(("tagged", model, rank, tenant, tag))
+
+    def sibling_clocked(self, model: str, rank: int, start: float) -> None:
+        self.told.append(("clocked", model, rank, start))
+
+    def sibling_shifted(self, model: str, rank: int, tenant: str, shift: float) -> None:
+        self.told.append(("shifted", model, rank, tenant, shift))
+
+    def sibling_woke(self, model: str) -> None:
+        self.told.append(("woke", model))
 
     def peer_gone(self, peer: object) -> None:
         self.told.append(("gone",))
 
+    def replay(self, to: fair_queue.Siblings) -> None:
+        to.clocked("m", 0, 7.0)
+        to.head("m", 0, 9.5, 3.0)
 
-def test_holds_travel_over_the_mesh_and_end_with_the_connection() -> None:
-    sender_gates, receiver_gates = Gates(), Gates()
+
+def test_the_queues_order_travels_over_the_mesh_and_ends_with_the_connection() -> None:
+    sender, receiver = Queues(), Queues()
     w0, w1 = Worker(0, ManualClock()), Worker(1, ManualClock())
-    s0 = shared_routing.Sharing(w0.router, w0.pins, 0, "a", holds=sender_gates)
-    s1 = shared_routing.Sharing(w1.router, w1.pins, 1, "b", holds=receiver_gates)
+    s0 = shared_routing.Sharing(w0.router, w0.pins, 0, "a", queues=sender)
+    s1 = shared_routing.Sharing(w1.router, w1.pins, 1, "b", queues=receiver)
     s0.attach(lambda: None)
     s1.attach(lambda: None)
+    assert sender.siblings is s0 and sender.worker_index == 0
     inbound = s1.inbound()
-    inbound.feed(s0.greeting())
-    sender_gates.hold_listener("m", 1, 0.5, 1.5)
-    sender_gates.hold_listener("m", 1, 0.7, 0.0)
+    inbound.feed(s0.greeting())                 # what waits there when the peer joins
+    sender.siblings.tagged("m", 1, "alice", 120.0)
+    sender.siblings.head("m", 1, 120.0, 1.5)
+    sender.siblings.clocked("m", 1, 100.0)
+    sender.siblings.shifted("m", 1, "alice", -20.0)
+    sender.siblings.woke("m")
+    sender.siblings.head("m", 0, 0.0, 0.0)
     frame = s0.take()
     assert frame is not None
     inbound.feed(frame)
     inbound.close()
-    assert receiver_gates.told == [("held", "m", 1, 0.5, 1.5), ("held", "m", 1, 0.7, 0.0),
-                                   ("gone",)]
+    assert receiver.told == [
+        ("clocked", "m", 0, 7.0), ("head", 0, "m", 0, 9.5, 3.0),
+        ("tagged", "m", 1, "alice", 120.0), ("head", 0, "m", 1, 120.0, 1.5),
+        ("clocked", "m", 1, 100.0), ("shifted", "m", 1, "alice", -20.0), ("woke", "m"),
+        ("head", 0, "m", 0, 0.0, 0.0), ("gone",)]
+    s0.detach()
+    assert sender.siblings is None
