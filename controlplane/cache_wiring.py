@@ -21,15 +21,18 @@ L2_LITE_FILE = "l2.db"
 
 def build_l1(settings: config.ControlPlaneSettings, *, tenants: int) -> l1.L1Store:
     """Redis when ``redis.url``, else the in-process LRU (kept in ``data_dir`` when
-    ``cache.l1_persist``), its bounds split equally between the ``tenants`` configured
-    (so no tenant's writes evict another's entries)."""
+    ``cache.l1_persist``, and read back from there now, before the process serves), its
+    bounds split equally between the ``tenants`` configured (so no tenant's writes evict
+    another's entries)."""
     c = settings.cache
     if settings.redis.url:
         return l1.RedisL1(settings.redis.url.get_secret_value(),
                           timeout_s=max(settings.redis.timeout_s, c.l1_budget_ms / 1000))
     journal = (l1_journal.SqliteJournal(os.path.join(settings.data_dir, L1_JOURNAL))
                if c.l1_persist else None)
-    return l1.MemoryL1(c.l1_max_entries, c.l1_max_bytes, journal=journal, tenants=tenants)
+    store = l1.MemoryL1(c.l1_max_entries, c.l1_max_bytes, journal=journal, tenants=tenants)
+    store.restore_now()
+    return store
 
 
 def build_l2(settings: config.ControlPlaneSettings) -> l2_index.L2Index:

@@ -18,9 +18,14 @@ Design decisions:
   policy, which evicts across tenants: that isolation holds for the in-process LRU only.
   Both refuse single values larger than ``max_value_bytes``.
 - Durable in embedded mode: given a journal (``l1_journal``, SQLite in ``data_dir``), the
-  LRU writes every change behind to disk and reads it back once at start, in the
-  background (until then old entries miss), so a restart keeps the responses that L2's
-  semantic rows point to. Expiry times cross the restart as wall-clock seconds.
+  LRU writes every change behind to disk and reads it back once at start, so a restart
+  keeps the responses that L2's semantic rows point to. Expiry times cross the restart as
+  wall-clock seconds. The process reads it before it serves (:meth:`MemoryL1.restore_now`,
+  from ``cache_wiring``): read in the background at the first lookup, as it was, the
+  requests of a restart's first moments missed entries the journal held, and with no
+  backend registered yet a request a hit would have answered was a 503. The journal is
+  bounded by ``max_bytes``, so the wait at start is too. An L1 built without that call
+  (tests) reads it in the background at its first use, and old entries miss until then.
 - Time budgets are the caller's (``asyncio.wait_for`` in the response cache); the Redis
   client also carries socket time-outs so a dead server cannot leave a call hanging.
 """
@@ -105,6 +110,7 @@ class MemoryL1:
         self._wall = wall
         self._journal = journal
         self._restore: asyncio.Task[None] | None = None
+        self._restored_at_start = False       # restore_now read the journal
         self._invalidated: list[tuple[str | None, str | None]] = []   # while restoring
 
     def __len__(self) -> int:
@@ -115,7 +121,7 @@ class MemoryL1:
         return self._entries.bytes_used
 
     async def get(self, tenant: str, model: str, key: str) -> bytes | None:
-        if self._restore is None and self._journal is not None:
+        if self._journal is not None:
             self._restore_soon()
         skey = storage_key(tenant, model, key)
         entry = self._entries.get(tenant, skey)  # LRU order only; the deadline stays
@@ -144,7 +150,8 @@ class MemoryL1:
             self._entries.pop(t, skey)
         if self._journal is not None:
             self._journal.delete_matching(tenant, model)
-            self._invalidated.append((tenant, model))
+            if self._restoring:     # the read may meet rows deleted in the queue only
+                self._invalidated.append((tenant, model))
         return len(doomed)
 
     async def delete(self, tenant: str, model: str, key: str) -> bool:
@@ -176,22 +183,52 @@ class MemoryL1:
             for skey, _ in evicted:
                 self._journal.delete(skey)
 
+    def restore_now(self) -> None:
+        """Read the journal back now, before the process serves (blocking: call it
+        before the event loop runs), so the first lookups after a restart find what it
+        kept; the background read at first use is then skipped."""
+        if self._journal is None or self._restore is not None or self._restored_at_start:
+            return
+        self._restored_at_start = True
+        wall = self._wall()
+        try:
+            saved = self._journal.load_now(wall)
+        except Exception as exc:    # serving goes on without the old entries
+            self._unreadable(exc)
+            return
+        self._keep(saved, wall)
+
+    @property
+    def _restoring(self) -> bool:
+        """The journal is still to be read back, or being read, in the background."""
+        return not self._restored_at_start and (self._restore is None
+                                                or not self._restore.done())
+
     def _restore_soon(self) -> None:
-        if self._restore is None:
+        if self._restore is None and not self._restored_at_start:
             self._restore = asyncio.get_running_loop().create_task(self._restored())
 
     async def _restored(self) -> None:
         """Entries of the journal, older than (and under) those written since the start,
         each tenant's within its own share."""
         assert self._journal is not None
-        self._invalidated.clear()
         wall = self._wall()
         try:
             saved = await self._journal.load(wall)
         except Exception as exc:    # serving goes on without the old entries
-            log.warning("cache L1 journal %s could not be read: %s: %s", self._journal.path,
-                        type(exc).__name__, exc)
+            self._invalidated.clear()
+            self._unreadable(exc)
             return
+        self._keep(saved, wall)
+
+    def _unreadable(self, exc: Exception) -> None:
+        assert self._journal is not None
+        log.warning("cache L1 journal %s could not be read: %s: %s", self._journal.path,
+                    type(exc).__name__, exc)
+
+    def _keep(self, saved: list[l1_journal.Saved], wall: float) -> None:
+        """``saved`` (read at ``wall``) into memory, under the entries written since the
+        start and without those invalidated meanwhile."""
         mono = self._clock()
         by_tenant: dict[str, list[tuple[str, _Entry]]] = {}
         for s in saved:

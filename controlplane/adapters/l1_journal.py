@@ -9,8 +9,9 @@ again. The journal makes the in-process L1 as durable as the Lite file beside it
   the queue in one transaction at most every ``flush_interval_s`` (and ``close`` applies
   the rest), so the serving path never waits for the disk. A crash loses at most the last
   interval's writes — cache entries, which the next miss writes again.
-- **Read once.** ``load`` returns the live entries at start-up, oldest write first, and
-  deletes the expired ones; reads never touch the disk afterwards.
+- **Read once.** ``load`` (or ``load_now``, before the process serves) returns the live
+  entries at start-up, oldest write first, and deletes the expired ones; reads never
+  touch the disk afterwards.
 - Expiry times are wall-clock seconds (a monotonic clock does not survive a restart).
 - Every SQLite call runs in a thread, one at a time (one connection, one lock).
 - **Private.** It holds every tenant's cached answers: the file is made mode 0600 before
@@ -69,6 +70,10 @@ class SqliteJournal:
     async def load(self, now: float) -> list[Saved]:
         """The live entries, oldest write first (expired ones are deleted)."""
         return await asyncio.to_thread(self._load_sync, now)
+
+    def load_now(self, now: float) -> list[Saved]:
+        """:meth:`load`, blocking: for a process that has not begun serving yet."""
+        return self._load_sync(now)
 
     def put(self, saved: Saved) -> None:
         self._queue("INSERT OR REPLACE INTO l1 VALUES (?, ?, ?, ?, ?)",
