@@ -9,10 +9,16 @@ own); else the spec's single ``task`` (TEI, a speech server or an external serve
 serves no such document). Learnt when the engine becomes ready; when the engine could
 not be asked (vLLM builds its OpenAPI document on the first request, which may take
 seconds on a busy CPU), the runner asks again at its next probes (:data:`TIMEOUT_S` each).
+
+The document is read to at most ``tasks.OPENAPI_MAX_BYTES`` (the control plane's prober
+reads an upstream's to the same bound), and a longer one counts as no document, so the
+spec's task holds; it is parsed off the event loop. An ``external`` engine is any server
+at a URL, and its document was read whole and parsed on the loop that reports the node.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 
@@ -23,6 +29,7 @@ from synapse_common import tasks
 
 log = logging.getLogger("agent.engine_tasks")
 TIMEOUT_S = 15.0
+CHUNK = 64 * 1024
 
 
 async def discover(session: aiohttp.ClientSession, base_url: str, timeout_s: float,
@@ -36,14 +43,30 @@ async def discover(session: aiohttp.ClientSession, base_url: str, timeout_s: flo
                                headers=headers) as resp:
             if resp.status != 200:
                 return ()
-            document = await resp.json(content_type=None)
+            body = await _read_at_most(resp, tasks.OPENAPI_MAX_BYTES)
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.debug("%s/openapi.json could not be read: %r", base_url, exc)
         return None
-    except ValueError:
+    if body is None:
+        log.warning("%s/openapi.json is over %d bytes: read as no document",
+                    base_url, tasks.OPENAPI_MAX_BYTES)
         return ()
-    paths = document.get("paths") if isinstance(document, dict) else None
-    return tasks.from_paths(paths) if isinstance(paths, dict) else ()
+    return await asyncio.to_thread(tasks.from_document, body)
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body, or None once it is longer than ``limit`` bytes (said by its
+    Content-Length, or read to the chunk that passes it: the rest is never read)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        return None
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 async def learn(session: aiohttp.ClientSession, spec: types.EngineSpec, base_url: str,

@@ -30,6 +30,7 @@ none (Ollama, a speech server) keeps the tasks its configuration or kind says.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 
 GENERATE = "generate"
@@ -66,6 +67,12 @@ PATHS: dict[str, str] = {
     "/v1/embeddings": EMBED,
     "/v1/audio/speech": SPEECH,
 }
+
+# The largest /openapi.json a server's is read to (the agent's engines, the control
+# plane's upstreams): a longer one counts as no document. A server that is not what it
+# seems must not make the reader hold, and parse on its event loop, whatever it sends;
+# vLLM's own is far smaller.
+OPENAPI_MAX_BYTES = 16 * 1024 * 1024
 
 # The paths Synapse's own API serves, each with the task a backend needs to answer it.
 ROUTES: dict[str, str] = {
@@ -117,6 +124,18 @@ def check(tasks: Iterable[str]) -> tuple[str, ...]:
         raise ValueError(f"unknown task {', '.join(map(repr, unknown))} "
                          f"(tasks: {', '.join(ALL)})")
     return out
+
+
+def from_document(body: bytes) -> tuple[str, ...]:
+    """The tasks the ``/openapi.json`` ``body`` lists (:func:`from_paths`); empty when it
+    is not a JSON object with ``paths``. Parsing costs CPU with the body's size: call it
+    off the event loop, on a body of at most :data:`OPENAPI_MAX_BYTES`."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return ()
+    paths = document.get("paths") if isinstance(document, dict) else None
+    return from_paths(paths) if isinstance(paths, dict) else ()
 
 
 def from_paths(paths: Iterable[str]) -> tuple[str, ...]:
