@@ -33,27 +33,41 @@ queue, which knows nothing of tenants. One :class:`FairQueue` per model
   request the pump waits until that request has resumed (and so been dispatched, which
   updates the router's ledger) before asking ``room`` again, so one freed slot releases
   one request, not the whole queue.
-* **A head that needs more seats than are free holds them, for a bounded time**: while
-  one seat is free but not all of a large request's, nothing behind it goes, so the seats
-  that free gather for it instead of each going to a smaller request behind (which would
-  let a stream of small requests pass it for ever). Other workers and replicas fill freed
-  seats too and may never leave enough free at once, so after ``max_seat_hold_s`` of
-  holding it goes on with one seat free (the engine queues the rest), as if the rule
-  were not there; so does a head whose deadline comes within a poll (else it would time
-  out with a seat free); 0 turns the holding off. The holding time runs from the first
-  time the head is found short with a seat free, whatever happens after (no seat free for
-  a while, a higher class going first): a bound, not a budget. A request larger than
-  the seats its class may take never fits while anything is in flight, so it goes with
-  one seat free at once (:mod:`saturation`).
-* **A pod holds as one**: the serving workers of a pod (``http.workers``) each have their
-  queues, and a sibling releasing its own requests would fill the seats this worker's
-  head holds. So a worker tells its siblings when its head holds seats and when it stops
-  (:attr:`Gate.hold_listener`, over the routing mesh: :mod:`shared_routing`), and a
-  worker whose own head is of a lower class, or of the same class and began holding later
-  (or not at all), sends nothing of that model on, and queues its newcomers, while a
-  sibling's hold lasts (at most its ``max_seat_hold_s``, also when the sibling goes away
-  without a word: :meth:`Gate.peer_held`, :meth:`Gate.peer_gone`). Other replicas are
-  not told: they see the engine's reports only.
+* **A head that needs more seats than are free holds them, for a bounded time**: while one
+  seat is free but not all of a large request's, nothing behind it goes, so the seats that
+  free gather for it instead of each going to a smaller request behind (which would let a
+  stream of small requests pass it for ever). Other replicas fill freed seats too (a pod's
+  workers do not: below) and may never leave enough free at once, so after
+  ``max_seat_hold_s`` of holding it goes on with one seat free (the engine queues the
+  rest), as if the rule were not there; so does a head whose deadline comes within a poll
+  (else it would time out with a seat free); 0 turns the holding off. The holding time
+  runs from the first time the head is found short with a seat free, whatever happens
+  after (no seat free for a while, a higher class going first): a bound, not a budget. A
+  request larger than the seats its class may take never fits while anything is in flight,
+  so it goes with one seat free at once (:mod:`saturation`).
+* **A pod queues as one**: the serving workers of a pod (``http.workers``) each have their
+  queues, and each would otherwise order and release its own requests as if alone: a quiet
+  tenant's small request on one worker waited while a sibling sent on a large request of a
+  later turn the moment seats freed there, or held them for it. So the workers share what
+  makes one order of their queues (:attr:`Gate.siblings`, over the routing mesh:
+  :mod:`shared_routing`): a tenant's last finish tag when a request of it queues, a
+  class's clock when one is sent on (each worker takes the larger), a settled request's
+  re-tag, and each worker's head (class and finish tag, until its deadline). A worker's
+  head goes only when no sibling's head comes before it (higher class, or the same class
+  and a smaller tag; equal tags by worker index), exactly as the one head of a single
+  queue would: so a large head on one worker holds the seats that free against the other
+  workers' requests of later turns too, and a small request of an earlier turn passes it,
+  wherever each came in. While a sibling has requests of a model waiting, a newcomer of
+  their class or a lower one queues (for its place in the order), and the tags of the busy
+  period are kept when this worker's own queue empties (else a stream of small requests
+  there would start afresh each time and pass a sibling's large one for ever). A request
+  settling wakes the siblings' pumps with requests of that model waiting, as it wakes this
+  worker's, and a worker tells its next head only once the request sent on before it has
+  been dispatched (its seats are then in the siblings' ledgers). The exchange happens only
+  while requests wait; a connection's heads end with it (:meth:`Gate.peer_gone`) and a new
+  one starts with what waits (:meth:`Gate.replay`). Two requests queued at the same moment
+  on two workers may get overlapping tags (each worker hears of the other's a moment
+  later). Other replicas are not told: they see the engine's reports only.
 
 Pure apart from asyncio: the clock and the sleep are injected (:mod:`synapse_common.clock`).
 """
