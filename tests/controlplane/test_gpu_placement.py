@@ -163,7 +163,8 @@ async def test_two_deploys_get_their_own_gpu_and_port_and_a_third_is_refused(
             "--memory-gb", "100", "--tensor-parallel-size", "2")
         assert code == 1
         assert err.strip() == (
-            "synapsectl: error: FAILED_PRECONDITION: cannot place model-c: no node fits "
+            "synapsectl: error: the Admin service refused deploy model-c (FAILED_PRECONDITION): "
+            "cannot place model-c: no node fits "
             f"100.0 GiB ({NODE}: 40.0 GiB free on the weakest of its 2 best GPUs, "
             "50.0 GiB needed on each)")
         assert "model-c-vllm" not in replica.fleet.intent.get(NODE).desired
