@@ -304,7 +304,7 @@ class Agent:
 
     async def _desired(self, msg: controlplane_pb2.DesiredBackends) -> tuple[bool, str]:
         specs, errors = placement.accept(msg, self.supervisor, self.gpus)
-        errors += await self.supervisor.apply_desired(specs)
+        errors += await self.supervisor.apply_desired(specs, retry=frozenset(msg.retry))
         return not errors, "; ".join(errors)
 
     # -- /metrics ----------------------------------------------------------------------

@@ -5,12 +5,13 @@ start-up deadline) → ``ready`` ⇄ ``unhealthy`` (liveness probes; ``unhealthy
 failures in a row) → exit → restart after the policy's backoff (:mod:`agent.core.backoff`).
 Past ``crashloop_restarts`` restarts in ``crashloop_window_s`` the phase is ``crashloop``
 and the engine is retried every ``crashloop_retry_s`` (its start-up included: ``crashloop``
-until it is ready), since the cause may go away; :meth:`Runner.reset` (a control-plane
-command that names the backend again) retries at once. ``failed`` means the command cannot
-be executed at all (no such binary) and waits for :meth:`Runner.reset`; a config change
-restarts the agent. An engine that stays unhealthy for ``unhealthy_restart_s``, or is not
-ready by the deadline, is killed and goes through the same restart path. ``external``
-backends have no process: they are only probed.
+until it is ready), since the cause may go away; :meth:`Runner.reset` (a DesiredBackends
+command that names the backend in ``retry``: an operator deployed it again) retries at
+once. ``failed`` means the command cannot be executed at all (no such binary) and waits
+for :meth:`Runner.reset`; a config change restarts the agent. An engine that stays
+unhealthy for ``unhealthy_restart_s``, or is not ready by the deadline, is killed and goes
+through the same restart path. ``external`` backends have no process: they are only
+probed.
 
 The port is the engine's own, checked twice (:mod:`agent.process`, psutil, in a thread):
 
@@ -192,7 +193,7 @@ class Runner:
         self.sink.close()
 
     def reset(self) -> None:
-        """Leave ``crashloop``/``failed`` and try again (a command asked for it)."""
+        """Leave ``crashloop``/``failed`` and try again (an operator asked for it)."""
         if self.phase in (Phase.CRASHLOOP, Phase.FAILED):
             self._policy.reset()
             self._wake.set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection
 
 import aiohttp
 
@@ -56,8 +57,14 @@ class Supervisor:
         await runner.stop()
         self._hooks.on_change()
 
-    async def apply_desired(self, specs: list[types.EngineSpec]) -> list[str]:
-        """Make the managed set equal ``specs``; returns one error per rejected spec."""
+    async def apply_desired(self, specs: list[types.EngineSpec],
+                            retry: Collection[str] = ()) -> list[str]:
+        """Make the managed set equal ``specs``; returns one error per rejected spec.
+
+        Only the backends named in ``retry`` (an operator deployed them again) leave
+        ``crashloop``/``failed`` at once: the control plane sends the same set again every
+        pass while the node refuses some of it, and a retry at each of those would restart
+        a crash-looping engine every pass instead of every ``crashloop_retry_s``."""
         errors: list[str] = []
         wanted: dict[str, types.EngineSpec] = {}
         for spec in specs:
@@ -72,8 +79,8 @@ class Supervisor:
             runner = self.runners.get(name)
             if runner is None:
                 self._add(spec, managed=True)
-            else:
-                runner.reset()  # naming a crash-looping backend again retries it
+            elif name in retry:
+                runner.reset()
         return errors
 
     def set_draining(self, draining: bool) -> None:

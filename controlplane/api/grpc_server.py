@@ -96,6 +96,7 @@ def command_message(cid: str, cmd: types.Command) -> controlplane_pb2.ControlMes
         msg.desired_backends.SetInParent()
         for spec in cmd.backends:
             json_format.ParseDict(dict(spec), msg.desired_backends.backends.add())
+        msg.desired_backends.retry.extend(cmd.retry)
     else:
         msg.evict_embeddings.model = cmd.model
     return msg

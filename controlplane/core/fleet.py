@@ -13,11 +13,18 @@ sender: the latest push to each node is remembered from the moment it is sent (w
 which registration of the agent, its answer to come or come), not once confirmed. The
 loop sends again only when the state changed, the agent registered again, or that push
 failed (refused, no ack in time, stream gone); a push still in flight is left to its
-sender. A deploy, undeploy or roll-back always asks the agent (naming an engine again
-retries a crash-looping one), unless a push of the very state it wrote went out after it
-began: it then takes that push's answer. The agent applies an identical set as a no-op
-(no engine restarts), but a duplicate is another round trip under the agent's command
-lock and retries every crash-looping engine once more.
+sender. A deploy, undeploy or roll-back always asks the agent, unless a push of the very
+state it wrote went out after it began: it then takes that push's answer. The agent
+applies an identical set as a no-op (no engine restarts), but a duplicate is another round
+trip under the agent's command lock.
+
+A deploy of an engine already deployed names it in its push's ``retry``: the agent retries
+it at once if it crash-loops or failed (an operator's way to say "try again now"). No
+other push retries anything: a refused set is sent again every pass (the node may have
+room later), and when each resend retried the node's crash-looping engines, an engine
+refused anywhere on the node made every other one there restart every pass, past its
+crash loop's retry period. Such a deploy takes a push started after it began only if that
+push named the engine too.
 
 Time goes through the injected ``clock`` and ``sleep`` (the event loop's by default), so
 tests move it instead of waiting. Placement of engines onto nodes, GPUs and ports is
@@ -191,27 +198,32 @@ class FleetService:
                 return types.CommandResult(True)
         return await self._start_push(view, desired, encoded)
 
-    async def _push_since(self, view: types.NodeView, since: int) -> types.CommandResult:
+    async def _push_since(self, view: types.NodeView, since: int,
+                          retry: tuple[str, ...] = ()) -> types.CommandResult:
         """Send the node's desired engines, or take the answer of a push of the same state
-        started after push number ``since`` (the caller wrote that state meanwhile)."""
+        (naming ``retry`` too) started after push number ``since`` (the caller wrote that
+        state meanwhile)."""
         name = view.info.name
         desired = self.intent.get(name).desired
         encoded = json.dumps(desired, sort_keys=True)
         last = self._last_push.get(name)
-        if last is not None and last.number > since and last.holds(view.info, encoded):
+        if last is not None and last.number > since and last.holds(view.info, encoded) \
+                and last.retry.issuperset(retry):
             return await asyncio.shield(last.answer)
-        return await self._start_push(view, desired, encoded)
+        return await self._start_push(view, desired, encoded, retry)
 
     async def _start_push(self, view: types.NodeView, desired: Mapping[str, Spec],
-                          encoded: str) -> types.CommandResult:
+                          encoded: str, retry: tuple[str, ...] = ()) -> types.CommandResult:
         """Send one push, remembered before its answer; a caller cancelled meanwhile
         leaves the answer to come for the others who wait on it."""
         name = view.info.name
-        command = types.Command("desired_backends", backends=tuple(desired.values()))
+        command = types.Command("desired_backends", backends=tuple(desired.values()),
+                                retry=retry)
         self._push_count += 1
         answer = asyncio.get_running_loop().create_task(
             self.registry.send_command(name, command))
-        self._last_push[name] = _Push(view.info, encoded, self._push_count, answer)
+        self._last_push[name] = _Push(view.info, encoded, self._push_count, answer,
+                                      frozenset(retry))
         return await asyncio.shield(answer)
 
     # -- nodes --------------------------------------------------------------------------
@@ -330,8 +342,11 @@ class FleetService:
         since = self._push_count
         done = await self.intent.update(node, change)
         before, after = done.before.desired.get(name), done.after.desired[name]
-        reason = "already deployed" if before == after else "deployed"
-        result = await self._send(node, reason, since)
+        # Named again unchanged: retried at once if it crash-loops (a changed spec is a
+        # new engine at the agent, started afresh anyway).
+        again = before == after
+        result = await self._send(node, "already deployed" if again else "deployed", since,
+                                  (name,) if again else ())
         if result.refusal is not None and _refused(result.refusal, name):
             await self._roll_back(node, name, written=after, previous=before)
             raise errors.Conflict(f"node {node!r} refused the plan for {name}: "
@@ -372,12 +387,14 @@ class FleetService:
                                   "not affected)", param="model")
         return removed
 
-    async def _send(self, node: str, reason: str, since: int) -> _Sent:
-        """Tell the node the desired engines the caller wrote after push number ``since``."""
+    async def _send(self, node: str, reason: str, since: int,
+                    retry: tuple[str, ...] = ()) -> _Sent:
+        """Tell the node the desired engines the caller wrote after push number ``since``
+        (``retry``: the engines it named again)."""
         view = self.registry.node(node)
         if view is None or not view.connected:
             return _Sent(f"{reason}; will be sent when the node connects")
-        result = await self._push_since(view, since)
+        result = await self._push_since(view, since, retry)
         if result.ok:
             return _Sent(reason)
         return _Sent(f"{reason}; agent did not confirm: {result.error}", result.error)
@@ -391,6 +408,7 @@ class _Push:
     desired: str                # the desired engines sent, as sorted JSON
     number: int                 # the service's count of pushes when it was started
     answer: asyncio.Task[types.CommandResult]
+    retry: frozenset[str]       # the engines it asked the agent to retry at once
 
     def holds(self, info: types.NodeInfo, desired: str) -> bool:
         return self.info is info and self.desired == desired

@@ -145,6 +145,7 @@ class Command:
     kind: Literal["drain", "undrain", "desired_backends", "evict_embeddings"]
     grace_seconds: float = 0.0
     backends: tuple[Mapping[str, Any], ...] = ()   # BackendSpec fields, for desired_backends
+    retry: tuple[str, ...] = ()     # desired_backends: the backends named again (retried)
     model: str = ""                                 # for evict_embeddings
 
 

@@ -111,6 +111,38 @@ def test_engine_that_exits_at_once_ends_in_crashloop(tmp_path, control_plane, st
                          'state="crashloop"}') == 1.0
 
 
+def test_a_desired_backends_command_naming_a_crashlooping_backend_to_retry_retries_it(
+        tmp_path, control_plane, start_agent):
+    """An operator's deploy of an engine again reaches the agent as its name in
+    DesiredBackends.retry: the crash loop's own retry is minutes away, the retry is now."""
+    crashing = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    agent = start_agent(agent_config(tmp_path, control_plane, backends=[], supervisor={
+        "simulator_command": crashing, "backoff_initial_s": 0.05, "crashloop_restarts": 1,
+        "backoff_max_s": 300}))
+    recorder = control_plane.recorder
+    managed = common_pb2.BackendSpec(name="managed", engine=common_pb2.ENGINE_KIND_SIMULATOR,
+                                     model="m")
+
+    def command(cid: str, retry: list[str]) -> controlplane_pb2.CommandAck:
+        recorder.send(controlplane_pb2.ControlMessage(
+            command_id=cid, desired_backends=controlplane_pb2.DesiredBackends(
+                backends=[managed], retry=retry)))
+        harness.wait_until(lambda: any(a.command_id == cid for a in recorder.acks()), 30,
+                           f"ack of {cid}", proc=agent.proc)
+        return next(a for a in recorder.acks() if a.command_id == cid)
+
+    harness.wait_until(lambda: recorder.reports(), 30, "a report (its stream open)",
+                       proc=agent.proc)
+    assert command("deploy", []).ok
+    harness.wait_until(lambda: (b := _backend(control_plane, "managed")) is not None
+                       and b.phase == common_pb2.BACKEND_PHASE_CRASHLOOP, 30, "crashloop",
+                       proc=agent.proc)
+    restarts = _backend(control_plane, "managed").restarts
+    assert command("deploy-again", ["managed"]).ok
+    harness.wait_until(lambda: _backend(control_plane, "managed").restarts > restarts, 30,
+                       "a retry at once", proc=agent.proc)
+
+
 def test_sigterm_drains_then_stops_every_engine(tmp_path, control_plane, start_agent):
     agent = start_agent(agent_config(tmp_path, control_plane, backends=[SIM]))
     backend = _wait_ready(control_plane, agent.proc)

@@ -147,22 +147,46 @@ async def test_drain_waits_for_in_flight_requests(make, tmp_path):
     await sup.stop_all()
 
 
-async def test_naming_a_crashlooping_backend_again_retries_it(make):
+async def test_a_crashlooping_backend_is_retried_at_once_only_when_named_to_retry(make):
+    """The control plane sends a set the node refused part of again every pass: each
+    resend retried every crash-looping engine of the node at once, so one restarted every
+    pass (about once a second) instead of every crashloop_retry_s. Only an operator's
+    deploy, which names the backend in ``retry``, retries it at once."""
     crashing = [sys.executable, "-c", "import sys; sys.exit(1)"]
-    # the crash loop's own retry is 24-30 s away: the retry seen comes from the command
-    # (crashloop_retry_s follows backoff_max_s here)
-    sup = make(simulator_command=crashing, crashloop_restarts=1, backoff_max_s=30)
+    vt = VirtualTime()
+    # crashloop_retry_s follows backoff_max_s here: a crash loop retries after 24-30 s
+    sup = make(timing=vt.time, simulator_command=crashing, crashloop_restarts=1,
+               backoff_max_s=30)
     await sup.start([])
-    spec = types.EngineSpec(name="flaky", engine="simulator", model="m")
+    spec = types.EngineSpec(name="flaky", engine="simulator", model="m", task="embed")
     assert await sup.apply_desired([spec]) == []
     r = sup.runners["flaky"]
-    await harness.until(lambda: r.phase == Phase.CRASHLOOP, 10, "crashloop")
+
+    def waits() -> int:   # the crash loop's waits begun (one noted at each exit)
+        return sum("crashloop: " in line for line in r.sink.lines())
+
+    await drive(vt, lambda: waits() == 1, "the crash loop's first wait", paced=True,
+                loops=1)
+    looping_at, restarts = vt.now, r.restarts
+    assert await sup.apply_desired([spec]) == []            # the same set, sent again
+    await settle()
+    await drive(vt, lambda: r.restarts > restarts, "the crash loop's own retry", loops=1,
+                within=40)
+    assert vt.now - looping_at >= 0.8 * 30                  # not at once
+    await drive(vt, lambda: waits() == 2, "the crash loop's next wait", paced=True,
+                loops=1)
     restarts = r.restarts
-    assert await sup.apply_desired([spec]) == []
-    await harness.until(lambda: r.restarts > restarts, 10, "a retry")
+    assert await sup.apply_desired([spec], retry={"flaky"}) == []   # deployed again
+    await harness.until(lambda: r.restarts > restarts, 10, "a retry at once")
     assert await sup.apply_desired([]) == []
     assert "flaky" not in sup.runners and r.phase == Phase.STOPPED
     await sup.stop_all()
+
+
+async def settle() -> None:
+    """Let the tasks a call woke run until they wait again (no virtual time passes)."""
+    for _ in range(50):
+        await asyncio.sleep(0)
 
 
 async def test_an_engine_unhealthy_for_too_long_is_restarted(make, tmp_path):

@@ -258,6 +258,13 @@ async def test_deploy_to_named_node_sends_desired_backends_and_undeploy_removes(
     assert [(b.name, b.model, b.engine, list(b.extra_args)) for b in desired] == [
         ("tiny-sim-simulator", "tiny-sim", common_pb2.ENGINE_KIND_SIMULATOR,
          ["--time-scale", "0"])]
+    assert list(agents[0].commands[-1].desired_backends.retry) == []
+    again = await admin("DeployModel", admin_pb2.DeployModelRequest(
+        model="tiny-sim", engine=common_pb2.ENGINE_KIND_SIMULATOR, nodes=["gpu-a"],
+        extra_args=["--time-scale", "0"]))
+    assert [p.reason for p in again.placements] == ["already deployed"]
+    # deployed again: the agent is asked to retry it at once (were it crash-looping)
+    assert list(agents[0].commands[-1].desired_backends.retry) == ["tiny-sim-simulator"]
     models = await admin("ListModels", admin_pb2.ListModelsRequest())
     assert {m.name: m.state for m in models.models}["tiny-sim"] == "deploying"
     removed = await admin("UndeployModel", admin_pb2.UndeployModelRequest(model="tiny-sim"))

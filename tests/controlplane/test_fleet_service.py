@@ -83,6 +83,20 @@ async def service(store: intent.IntentStore | None = None, answer: Answer | None
         await svc.stop()
 
 
+class SlowReads(intent.MemoryIntentStore):
+    """A store whose reads of one record (a writer's, not the loop's load of them all)
+    wait for ``reading``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = asyncio.Event()
+        self.reading.set()
+
+    async def get(self, node: str) -> str | None:
+        await self.reading.wait()
+        return await super().get(node)
+
+
 class SlowReplies(intent.MemoryIntentStore):
     """A store whose writes land at once but whose answers wait for ``replying``, as a
     Redis reply still on its way: others read the record before its writer goes on."""
@@ -238,6 +252,7 @@ async def test_a_deploy_waiting_for_its_ack_is_not_sent_again_by_the_reconcile_l
         assert [c.kind for c in node.commands] == ["desired_backends"]
         again = await svc.deploy(deploy("a", 30))   # asked again: sent (retries a crash loop)
         assert again[0].reason == "already deployed" and len(node.commands) == 2
+        assert [c.retry for c in node.commands] == [(), ("a-vllm",)]
 
 
 async def test_a_deploy_takes_the_answer_of_the_loop_push_of_what_it_wrote() -> None:
@@ -281,3 +296,52 @@ async def test_a_plan_refused_in_the_loop_push_is_rolled_back_by_the_deploy() ->
             await deploying
         await passing
         assert len(node.commands) == 1 and svc.intent.get(NODE).desired == {}
+
+
+B_REFUSED = "b-vllm: does not fit: GPU 9 does not exist"
+
+
+def refuse_b(command: types.Command) -> tuple[bool, str]:
+    return (False, B_REFUSED) if any(s["name"] == "b-vllm" for s in command.backends) \
+        else (True, "")
+
+
+async def add_b(svc: fleet.FleetService) -> None:
+    """Another replica's deploy of b-vllm, which the node refuses."""
+    b = {"name": "b-vllm", "engine": "ENGINE_KIND_VLLM", "model": "b", "gpuIndices": [9]}
+    await svc.intent.update(NODE, lambda i: intent.NodeIntent(
+        desired={**i.desired, "b-vllm": b}))
+
+
+async def test_a_refused_set_is_resent_naming_nothing_to_retry_and_a_re_deploy_names_its_engine(
+        ) -> None:
+    """Each pass resends a set the node refused part of (it may have room later); each
+    resend retried every crash-looping engine of the node, so while b-vllm was refused a
+    crash-looping a-vllm restarted every pass. Only an operator's deploy of a-vllm again
+    asks the agent to retry it."""
+    async with service(answer=refuse_b) as (svc, node, _, _):
+        assert [p.reason for p in await svc.deploy(deploy("a", 30))] == ["deployed"]
+        await add_b(svc)
+        for _ in range(3):
+            await svc.reconcile()
+        assert len(node.commands) == 4 and all(c.retry == () for c in node.commands)
+        again = await svc.deploy(deploy("a", 30))
+        assert again[0].reason == f"already deployed; agent did not confirm: {B_REFUSED}"
+        assert node.commands[-1].retry == ("a-vllm",) and len(node.commands) == 5
+
+
+async def test_a_re_deploy_does_not_take_the_answer_of_a_resend_that_named_nothing() -> None:
+    """A resend of the very set a re-deploy wrote, started while it read the record, is
+    not the re-deploy's push: it retries nothing."""
+    store = SlowReads()
+    async with service(store, refuse_b) as (svc, node, _, _):
+        await svc.deploy(deploy("a", 30))
+        await add_b(svc)
+        await svc.reconcile()
+        store.reading.clear()
+        deploying = asyncio.create_task(svc.deploy(deploy("a", 30)))
+        await settle()
+        await svc.reconcile()                   # the loop's resend, after the deploy began
+        store.reading.set()
+        assert (await deploying)[0].reason.startswith("already deployed")
+        assert [c.retry for c in node.commands[-2:]] == [(), ("a-vllm",)]

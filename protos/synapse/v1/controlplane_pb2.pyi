@@ -121,10 +121,12 @@ class Undrain(_message.Message):
     def __init__(self) -> None: ...
 
 class DesiredBackends(_message.Message):
-    __slots__ = ("backends",)
+    __slots__ = ("backends", "retry")
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
     backends: _containers.RepeatedCompositeFieldContainer[_common_pb2.BackendSpec]
-    def __init__(self, backends: _Optional[_Iterable[_Union[_common_pb2.BackendSpec, _Mapping]]] = ...) -> None: ...
+    retry: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, backends: _Optional[_Iterable[_Union[_common_pb2.BackendSpec, _Mapping]]] = ..., retry: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EvictEmbeddings(_message.Message):
     __slots__ = ("model",)
