@@ -217,6 +217,7 @@ class QueueTimeout(Unavailable, default_code="queue_timeout"):
 
 KEY_MASK = b"[its api_key]"
 _ENCODED_FROM = 8     # characters of a key from which its encoded spellings are masked too
+ANSWER_MASK_FROM = 16  # characters of a key from which a backend's 200s are masked too
 
 
 def masked(data: bytes, key: str | None) -> bytes:

@@ -238,8 +238,14 @@ def _masks_answers(backend: types.BackendState) -> bool:
     masked, as its refusals always do: a static upstream's, whose ``api_key`` a hosted
     provider may quote back (in an error event of its stream too). Not an agent's
     engine: its key is the engine key, presented to an engine its agent started, which
-    never quotes it in an answer; its stream is passed on unread, as a keyless one."""
-    return backend.source == "static"
+    never quotes it in an answer; its stream is passed on unread, as a keyless one. Nor a
+    key shorter than :data:`errors.ANSWER_MASK_FROM` characters: such a key is a
+    placeholder (vLLM's conventional ``EMPTY``), not a secret, and masking it in answers
+    would replace the same word in the model's text (a key ``data`` would even break the
+    event stream's framing)."""
+    key = backend.api_key
+    return (backend.source == "static" and key is not None
+            and len(key) >= errors.ANSWER_MASK_FROM)
 
 
 class _Filter(Protocol):

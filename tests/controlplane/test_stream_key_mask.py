@@ -154,6 +154,22 @@ async def test_a_keyless_backends_stream_is_passed_on_exactly_as_it_came() -> No
             assert await relayed(d, mock, reads) == [r for r in reads if r]
 
 
+async def test_a_placeholder_keys_answers_keep_the_word_it_spells() -> None:
+    """A key shorter than ``errors.ANSWER_MASK_FROM`` (vLLM's conventional ``EMPTY``, or
+    ``data``, which every event line starts with) is no secret: the answers of such a
+    backend reach the client as the model wrote them; its refusals are still masked."""
+    stream = ROLE + delta("EMPTY data, as asked") + delta("", "stop") + b"data: [DONE]\n\n"
+    for key in ("EMPTY", "data"):
+        d, mock = dispatcher(key)
+        for reads in splits(stream)[::5]:
+            assert b"".join(await relayed(d, mock, reads)) == stream
+        mock.handler = lambda req: MockResponse(200, [b'{"content": "EMPTY data"}'])
+        prompt = router.Prompt.from_text("hello there", 0)
+        async with d.exchange(d.plan(t.MODEL, prompt).route, prompt, CHAT, b"{}",
+                              "r") as attempt:
+            assert await attempt.read() == b'{"content": "EMPTY data"}'
+
+
 async def test_a_keyed_stream_that_breaks_inside_the_key_shows_no_piece_of_it() -> None:
     d, mock = dispatcher(KEY)
     start = ROLE + b'data: {"error": {"message": "bad key ' + KEY[:30].encode()
