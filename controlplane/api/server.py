@@ -13,6 +13,13 @@ app with a connection handler that
 * answers a request it cannot parse with a fixed message per kind of fault
   (:data:`PARSE_ERRORS`), never echoing what the client sent, logged at debug level only
   (a stream of garbage must not fill the logs);
+* fails the body of a request whose chunked framing breaks after its head was parsed
+  (:meth:`_Protocol._body_broke`): aiohttp's parser drops that body without a word, and
+  its handler would wait out ``http.body_timeout_s`` (a 408, the connection and the
+  handler held that long for one bad byte). The handler reading it gets aiohttp's
+  ``RequestPayloadError``, which the app's middleware answers 400 and closes after; a
+  request answered already stops being read; the connection closes either way (what
+  follows the bad bytes cannot be framed);
 * answers a refused ``Expect`` (any but ``100-continue``: aiohttp's 417, raised by the
   routes' expect handler and by aiohttp's own for no route) with a fixed message, not
   aiohttp's plain text that quotes the header;
@@ -58,7 +65,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
-from aiohttp import http_exceptions, web, web_protocol, web_request, web_server
+from aiohttp import http_exceptions, streams, web, web_protocol, web_request, web_server
 
 from controlplane import config, errors
 from controlplane.api import fast_lane
@@ -139,6 +146,8 @@ class _Protocol(web_protocol.RequestHandler):
         self._heads_seen = 0
         self._head = b""            # the start of the last head that began between requests
         self._head_at = -1          # the count of requests parsed before it
+        # the body of the last request parsed: what the parser feeds until it ends
+        self._receiving: streams.StreamReader | None = None
 
     def data_received(self, data: bytes) -> None:
         if not self._request_in_progress and not self._messages:
@@ -158,11 +167,34 @@ class _Protocol(web_protocol.RequestHandler):
         if self._request_count != self._heads_seen:     # a request head was parsed
             self._heads_seen = self._request_count
             self._cancel_head_timer()
+            if messages:        # (none when aiohttp parsed and served them elsewhere)
+                msg, payload = messages[-1]
+                if type(msg) is web_protocol._ErrInfo:      # or the parser failed
+                    self._body_broke(msg.exc)
+                else:
+                    self._receiving = payload
         elif (self._head_timer is None and data and not self._request_in_progress
               and not self._messages and self.transport is not None):
             # Bytes between requests are the start of a head: it has this long to finish.
             self._head_timer = self._loop.call_later(self._header_timeout_s,
                                                      self._head_timed_out)
+
+    def _body_broke(self, exc: BaseException) -> None:
+        """The parser failed (``exc``): when in the body of the last request parsed, that
+        body ends in an error now, not at ``http.body_timeout_s``, and the connection
+        closes once that request is answered. A failure in a head is answered as such
+        (:meth:`handle_error`)."""
+        payload, self._receiving = self._receiving, None
+        if payload is None or payload.is_eof():
+            return
+        log.debug("a request body's framing broke: %s", type(exc).__name__)
+        self._lingering_time = 0.0      # nothing more of it will come: never wait for it
+        if self._request_in_progress or any(p is payload for _, p in self._messages):
+            payload.set_exception(web_protocol.RequestPayloadError(
+                "the request body's framing is invalid"), exc)
+        else:   # answered, its body being read and dropped (aiohttp's lingering): stop
+            payload.feed_eof()
+        self.close()
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
@@ -196,6 +228,7 @@ class _Protocol(web_protocol.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
+        self._receiving = None
         super().connection_lost(exc)
 
     def handle_error(self, request: web_request.BaseRequest, status: int = 500,
