@@ -43,7 +43,7 @@ async def discover(session: aiohttp.ClientSession, base_url: str, timeout_s: flo
                                headers=headers) as resp:
             if resp.status != 200:
                 return ()
-            body = await _read_at_most(resp, tasks.OPENAPI_MAX_BYTES)
+            body = await read_at_most(resp, tasks.OPENAPI_MAX_BYTES)
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.debug("%s/openapi.json could not be read: %r", base_url, exc)
         return None
@@ -54,7 +54,7 @@ async def discover(session: aiohttp.ClientSession, base_url: str, timeout_s: flo
     return await asyncio.to_thread(tasks.from_document, body)
 
 
-async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+async def read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
     """The body, or None once it is longer than ``limit`` bytes (said by its
     Content-Length, or read to the chunk that passes it: the rest is never read)."""
     if resp.content_length is not None and resp.content_length > limit:

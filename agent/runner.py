@@ -52,8 +52,12 @@ kernel instead of compiling it again; a temporary one (when the configured cache
 be used) is reused across restarts and removed by :meth:`Runner.stop`.
 
 Engine ``/metrics`` are scraped by a separate loop per runner (generation backends only)
-and interpreted by :mod:`agent.core.engine_metrics`. Every phase change calls the hooks'
-``on_change`` so the reporter sends a report at once.
+and interpreted by :mod:`agent.core.engine_metrics`, off the event loop. At most
+``synapse_common.exposition.METRICS_MAX_BYTES`` are read (the control plane's prober reads
+an upstream's to the same bound); a longer body is a failed scrape, with one warning: an
+``external`` engine is any server at a URL, and its exposition was read whole and parsed
+on the loop that reports the node. Every phase change calls the hooks' ``on_change`` so
+the reporter sends a report at once.
 
 The engine key (:mod:`synapse_common.engine_key`, when the agent has a token) goes to
 each engine the runner starts through its environment (:func:`agent.core.commands.
@@ -80,7 +84,7 @@ from agent import metrics as agent_metrics
 from agent.config import SupervisorSettings
 from agent.core import backoff, commands, engine_metrics, types
 from agent.core.types import Phase
-from synapse_common import aiotasks, ports, tasks
+from synapse_common import aiotasks, exposition, ports, tasks
 from synapse_common import clock as clocks
 from synapse_common import engine_key as engine_keys
 
@@ -147,6 +151,7 @@ class Runner:
         self.snapshot_at = 0.0
         self.hit_rate = 0.0
         self.metrics_ok = False
+        self._too_long = False         # the last failed scrape's body was over the bound
         self.tasks: tuple[str, ...] = spec.tasks or (spec.task,)
         self._tasks_known = bool(spec.tasks)
         self.sink = process.LogSink(pathlib.Path(cfg.log_dir) / f"{spec.name}.log",
@@ -457,25 +462,38 @@ class Runner:
                 await self.scrape()
 
     async def scrape(self) -> None:
+        """Read and interpret the engine's ``/metrics``: at most
+        ``exposition.METRICS_MAX_BYTES`` of it (a longer one is a failed scrape, warned
+        once until a scrape works again), parsed off the event loop."""
         timeout = aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)
         try:
             async with self._session.get(self.probe_url + "/metrics", timeout=timeout,
                                          headers=self._auth) as r:
                 r.raise_for_status()
-                text = await r.text()
-            snap = engine_metrics.parse(text)
+                body = await engine_tasks.read_at_most(r, exposition.METRICS_MAX_BYTES)
+            if body is None:
+                self._scrape_failed(f"over {exposition.METRICS_MAX_BYTES} bytes",
+                                    warn=self.metrics_ok or not self._too_long)
+                self._too_long = True
+                return
+            snap = await asyncio.to_thread(engine_metrics.parse,
+                                           body.decode("utf-8", "replace"))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            if self._stopping:
-                return  # the engine is going away on purpose
-            if self.metrics_ok:
-                log.warning("backend %s: /metrics scrape failed: %s", self.spec.name, exc)
-            self.metrics_ok = False
-            self._hooks.scrape_failed(self.spec.name)
+            self._scrape_failed(str(exc), warn=self.metrics_ok)
             return
+        self._too_long = False
         rate = engine_metrics.prefix_hit_rate(self.snapshot, snap)
         if rate is not None:
             self.hit_rate = rate
         self.snapshot, self.snapshot_at, self.metrics_ok = snap, self._time.monotonic(), True
+
+    def _scrape_failed(self, why: str, *, warn: bool) -> None:
+        if self._stopping:
+            return  # the engine is going away on purpose
+        if warn:
+            log.warning("backend %s: /metrics scrape failed: %s", self.spec.name, why)
+        self.metrics_ok = False
+        self._hooks.scrape_failed(self.spec.name)
 
     # -- reporting ---------------------------------------------------------------------
     def in_flight(self) -> float | None:

@@ -36,11 +36,11 @@ from typing import Protocol
 
 from controlplane import errors
 from synapse_common import clock as clocks
-from synapse_common import tasks
+from synapse_common import exposition, tasks
 
 log = logging.getLogger("synapse.controlplane.prober")
 
-METRICS_BYTES = 4 * 1024 * 1024
+METRICS_BYTES = exposition.METRICS_MAX_BYTES   # an agent reads its engines' to the same bound
 DOCUMENT_BYTES = tasks.OPENAPI_MAX_BYTES   # an agent reads its engines' to the same bound
 DOCUMENT_TIMEOUT_S = 15.0
 DOCUMENT_STATUSES = frozenset({200, 404, 405})  # answers that say what the server has
