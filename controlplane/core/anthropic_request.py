@@ -44,6 +44,7 @@ from typing import Any
 import orjson
 
 from controlplane import errors
+from controlplane.core import validation
 
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 
@@ -60,8 +61,9 @@ def to_chat(body: Mapping[str, Any]) -> dict[str, Any]:
              "model")
     max_tokens = body.get("max_tokens")
     _require(isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
-             and max_tokens >= 1, "max_tokens: an integer of at least 1 is required",
-             "max_tokens")
+             and 1 <= max_tokens <= validation.MAX_COUNT,
+             f"max_tokens: an integer of at least 1 and at most {validation.MAX_COUNT} is "
+             "required", "max_tokens")
     stream = body.get("stream")
     _require(stream is None or isinstance(stream, bool), "stream: must be a boolean",
              "stream")

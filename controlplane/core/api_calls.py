@@ -72,9 +72,10 @@ def _count(body: Mapping[str, Any], name: str) -> int:
     value = body.get(name)
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise errors.BadRequest(f"{name}: must be an integer of at least 1", param=name,
-                                code="invalid_value")
+    if (isinstance(value, bool) or not isinstance(value, int) or value < 1
+            or value > validation.MAX_COUNT):
+        raise errors.BadRequest(f"{name}: must be an integer of at least 1 and at most "
+                                f"{validation.MAX_COUNT}", param=name, code="invalid_value")
     return value
 
 

@@ -519,11 +519,18 @@ def size_fields(parsed: Parsed) -> tuple[str, str]:
     return prompt, "max_tokens"
 
 
+# The largest count of tokens (max_tokens and the like) or choices a request may ask for:
+# far above any model's context, and small enough that what is derived from it (an
+# admission charge, a fair-queue tag of n x max_tokens over a weight) stays a finite,
+# exact float. 1e308 is an integer to JSON and made a tenant's queue tag infinite.
+MAX_COUNT = 2**31 - 1
+
+
 def _bad(param: str, message: str) -> errors.BadRequest:
     return errors.BadRequest(f"{param}: {message}", param=param, code="invalid_value")
 
 
-def _opt_int(body: Mapping[str, Any], name: str, low: int) -> int:
+def _opt_int(body: Mapping[str, Any], name: str, low: int, high: int = MAX_COUNT) -> int:
     value = body.get(name)
     if value is None:
         return 0
@@ -533,6 +540,8 @@ def _opt_int(body: Mapping[str, Any], name: str, low: int) -> int:
         raise _bad(name, f"must be an integer, got {type(value).__name__}")
     if value < low:
         raise _bad(name, f"must be at least {low}, got {value}")
+    if value > high:
+        raise _bad(name, f"must be at most {high}, got {value:.6g}")
     return value
 
 
