@@ -86,6 +86,7 @@ class Mesh:
         self._out: dict[int, asyncio.WriteTransport] = {}      # sibling index -> ours to it
         self._in: set[_Incoming] = set()
         self._kicks: dict[int, asyncio.Event] = {}     # sibling index -> "try it now"
+        self._refused: set[str] = set()     # hellos of another version, logged once each
 
     @property
     def path(self) -> pathlib.Path:
@@ -180,7 +181,7 @@ class Mesh:
                 await self._pause(peer, delay)
                 delay = min(self._max_retry_s, delay * 2)
                 continue
-            delay = self._retry_s
+            connected_at = self._loop.time()
             self._kicks[peer].clear()
             transport.write(self._sharing.greeting())
             self._out[peer] = transport
@@ -192,6 +193,13 @@ class Mesh:
                     del self._out[peer]
                 transport.abort()
             log.info("mesh: worker %d lost its connection to worker %d", self.index, peer)
+            # A connection that ends at once was likely refused (a sibling of another
+            # release, mid rolling restart): back off as from a socket that does not
+            # answer, rather than reconnect every RETRY_S.
+            if self._loop.time() - connected_at >= self._max_retry_s:
+                delay = self._retry_s
+            else:
+                delay = min(self._max_retry_s, delay * 2)
             await self._pause(peer, delay)
 
     async def _pause(self, peer: int, delay: float) -> None:
@@ -243,6 +251,15 @@ class _Incoming(asyncio.Protocol):
         introduced = self.inbound.peer is not None
         try:
             self.inbound.feed(data)
+        except shared_routing.Refused as exc:
+            refused = self._mesh._refused
+            level = logging.DEBUG if exc.hello in refused else logging.WARNING
+            if len(refused) < 64:
+                refused.add(exc.hello)
+            log.log(level, "mesh: worker %d refused a connection (logged once per sibling "
+                    "process): %s", self._mesh.index, exc)
+            self.lost()
+            return
         except shared_routing.FrameError as exc:
             log.warning("mesh: worker %d dropped a connection from %s: %s",
                         self._mesh.index, self.inbound.peer, exc)

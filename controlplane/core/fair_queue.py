@@ -50,14 +50,18 @@ queue, which knows nothing of tenants. One :class:`FairQueue` per model
   tenant's small request on one worker waited while a sibling sent on a large request of a
   later turn the moment seats freed there, or held them for it. So the workers share what
   makes one order of their queues (:attr:`Gate.siblings`, over the routing mesh:
-  :mod:`shared_routing`): a tenant's last finish tag when a request of it queues, a
-  class's clock when one is sent on (each worker takes the larger), a settled request's
-  re-tag, and each worker's head (class and finish tag, until its deadline). A worker's
-  head goes only when no sibling's head comes before it (higher class, or the same class
-  and a smaller tag; equal tags by worker index), exactly as the one head of a single
-  queue would: so a large head on one worker holds the seats that free against the other
+  :mod:`shared_routing`): a request's start tag and charge when it queues (each worker
+  adds the charge to the tenant's last tag: :meth:`FairQueue.merge_tag`), a class's clock
+  when one is sent on (each worker takes the larger), a settled request's re-tag, and
+  each worker's head (class and finish tag, until its deadline). A worker's head goes
+  only when no sibling's head comes before it (higher class, or the same class and a
+  smaller tag; equal tags by worker index), exactly as the one head of a single queue
+  would: so a large head on one worker holds the seats that free against the other
   workers' requests of later turns too, and a small request of an earlier turn passes it,
-  wherever each came in. While a sibling has requests of a model waiting, a newcomer of
+  wherever each came in. A sibling's head stops this worker's only while the sibling may
+  still be sending it on: once a seat has been free here for it for its seat holding and
+  a few polls, it no longer counts (:meth:`Gate._sibling_first`), so a stalled sibling,
+  or one whose view of the backends differs, costs a bounded wait, not its deadline. While a sibling has requests of a model waiting, a newcomer of
   their class or a lower one queues (for its place in the order), and the tags of the busy
   period are kept when this worker's own queue empties (else a stream of small requests
   there would start afresh each time and pass a sibling's large one for ever). A request
@@ -65,9 +69,11 @@ queue, which knows nothing of tenants. One :class:`FairQueue` per model
   worker's, and a worker tells its next head only once the request sent on before it has
   been dispatched (its seats are then in the siblings' ledgers). The exchange happens only
   while requests wait; a connection's heads end with it (:meth:`Gate.peer_gone`) and a new
-  one starts with what waits (:meth:`Gate.replay`). Two requests queued at the same moment
-  on two workers may get overlapping tags (each worker hears of the other's a moment
-  later). Other replicas are not told: they see the engine's reports only.
+  one starts with what waits (:meth:`Gate.replay`). Two requests of a tenant queued at the
+  same moment on two workers (each hears of the other's a moment later) are ordered as
+  one queue would order them: the one on the worker of the larger index moves after the
+  other. ``max_waiting`` and ``max_waiting_per_tenant`` are each worker's. Other
+  replicas are not told: they see the engine's reports only.
 
 Pure apart from asyncio: the clock and the sleep are injected (:mod:`synapse_common.clock`).
 """
@@ -79,6 +85,7 @@ import contextlib
 import dataclasses
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -86,6 +93,18 @@ from controlplane import errors
 from synapse_common import clock as clocks
 
 Sleep = clocks.Sleep
+
+# The most one request may move its tenant's tags (tokens over weight, and a settle's
+# difference): validation bounds max_tokens, but a tag is the sum of what a request says
+# and a weight an operator set, and one infinite or inexact tag would stall a class's
+# order on every worker of the pod. Far above any real request; tags stay exact floats.
+MAX_COST = float(2**50)
+
+
+def cost(tokens: float, weight: float) -> float:
+    """What a request of ``tokens`` moves its tenant's tags by, at ``weight``: finite,
+    at least 1 token's worth and at most :data:`MAX_COST`."""
+    return min(max(1.0, float(min(tokens, MAX_COST))) / weight, MAX_COST)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -175,7 +194,7 @@ class FairQueue:
                 "(fairness.queue.max_waiting); try again shortly",
                 retry_after_s=o.poll_interval_s * 20)
         start = max(self._clock_of[rank], self._last[rank].get(tenant, 0.0))
-        finish = start + max(1, tokens) / weight
+        finish = start + cost(tokens, weight)
         self._last[rank][tenant] = finish
         w = Waiter(tenant, cls, rank, start, finish, next(self._seq), now,
                    now + o.deadline_s, future, sequences)
@@ -191,9 +210,11 @@ class FairQueue:
         waiting in that class, by the difference (over its weight); that shift, or None
         when nothing moved."""
         rank = self._ranks.get(cls)
-        if rank is None or tenant not in self._last[rank] or used == max(1, charged):
+        if rank is None or tenant not in self._last[rank]:
             return None     # an idle queue started afresh: nothing left to correct
-        shift = (used - max(1, charged)) / weight
+        shift = cost(used, weight) - cost(charged, weight)
+        if not shift:
+            return None
         self.shift(rank, tenant, shift)
         return shift
 
@@ -203,19 +224,26 @@ class FairQueue:
         if not 0 <= rank < len(self._last) or tenant not in self._last[rank]:
             return
         self._last[rank][tenant] += shift
-        cls = self.options.classes[rank]
-        if not self._waiting.get((cls, tenant)):
-            return
+        self._retag(rank, tenant, shift, -math.inf)
+
+    def _retag(self, rank: int, tenant: str, shift: float, since: float) -> bool:
+        """Move the tags of ``tenant``'s requests waiting in class ``rank`` that start at
+        ``since`` or later by ``shift``; whether any did."""
+        if not self._waiting.get((self.options.classes[rank], tenant)):
+            return False
         heap = []
+        moved = False
         for _, seq, w in self._heaps[rank]:
             if w.gone:
                 continue
-            if w.tenant == tenant:
+            if w.tenant == tenant and w.start >= since:
                 w.start += shift
                 w.finish += shift
+                moved = True
             heap.append((w.finish, seq, w))
         heapq.heapify(heap)
         self._heaps[rank] = heap
+        return moved
 
     def clock(self, rank: int) -> float:
         """Class ``rank``'s virtual clock: the start tag of the last request sent on."""
@@ -230,12 +258,25 @@ class FairQueue:
         if 0 <= rank < len(self._clock_of):
             self._clock_of[rank] = max(self._clock_of[rank], start)
 
-    def merge_tag(self, rank: int, tenant: str, finish: float) -> None:
-        """A sibling worker queued a request of ``tenant`` in class ``rank`` that finishes
-        at ``finish``: the tenant's next request here starts after it, as in one queue."""
-        if 0 <= rank < len(self._last):
-            last = self._last[rank]
-            last[tenant] = max(last.get(tenant, 0.0), finish)
+    def merge_tag(self, rank: int, tenant: str, start: float, charge: float,
+                  before_mine: bool) -> bool:
+        """A sibling worker queued a request of ``tenant`` in class ``rank`` that starts
+        at ``start`` and moves the tenant's tags by ``charge``: the tenant's next request
+        here starts after it, as in one queue. Sent as a charge, not a finish tag, so two
+        requests queued at the same moment on two workers (each not yet told of the
+        other's) add up on both: ``last = max(last, start) + charge`` in either order. With
+        ``before_mine`` (the sibling's worker index is the smaller) the tenant's requests
+        waiting here that start at ``start`` or later, which overlapped it, move after it
+        too, as one queue would have tagged them; the other worker leaves its own where
+        they are, so the overlap is charged once. Whether any waiting request moved."""
+        if not 0 <= rank < len(self._last):
+            return False
+        last = self._last[rank]
+        before = last.get(tenant, 0.0)
+        last[tenant] = max(before, start) + charge
+        if not before_mine or charge <= 0 or before <= start:
+            return False    # nothing here starts at ``start`` or later: no overlap
+        return self._retag(rank, tenant, charge, start)
 
     def reset_if_idle(self) -> None:
         """Start the next busy period from fresh tags when nothing waits here and no
@@ -292,6 +333,9 @@ class FairQueue:
         self.reset_if_idle()    # idle: the next busy period starts from fresh tags
 
 
+SIBLING_GRACE_POLLS = 4
+
+
 class Siblings(Protocol):
     """The pod's other serving workers, told over the routing mesh (:mod:`shared_routing`)
     what makes this worker's queue of a model and theirs one order."""
@@ -300,8 +344,11 @@ class Siblings(Protocol):
         """This worker's first waiting request of ``model`` is of class ``rank`` with
         finish tag ``tag`` and waits ``left_s`` more at most; ``left_s`` <= 0: none waits."""
 
-    def tagged(self, model: str, rank: int, tenant: str, tag: float) -> None:
-        """``tenant``'s last finish tag in class ``rank`` is now ``tag`` (a request queued)."""
+    def tagged(self, model: str, rank: int, tenant: str, start: float,
+               charge: float) -> None:
+        """A request of ``tenant`` queued in class ``rank`` starting at ``start`` and
+        charged ``charge`` (its finish tag less its start; 0 in a greeting's replay of
+        the tenant's last tag)."""
 
     def clocked(self, model: str, rank: int, start: float) -> None:
         """Class ``rank``'s virtual clock moved to ``start`` (a request sent on)."""
@@ -311,6 +358,17 @@ class Siblings(Protocol):
 
     def woke(self, model: str) -> None:
         """Capacity may have freed for ``model`` (a request settled here)."""
+
+
+@dataclasses.dataclass(slots=True)
+class SiblingHead:
+    """A sibling worker's first waiting request of a model, as told."""
+
+    rank: int
+    tag: float
+    index: int                  # the sibling's worker index (breaks a tie of tags)
+    until: float                # its deadline, by this worker's clock
+    room_since: float | None = None     # this worker first saw room for it (it came first)
 
 
 class Gate:
@@ -332,9 +390,9 @@ class Gate:
         self.siblings: Siblings | None = None
         self.worker_index = 0
         self._told: dict[str, tuple[int, float, float]] = {}   # model -> the head told
-        # model -> sibling -> its head: (class rank, finish tag, its index, until), the
-        # until by this clock
-        self._sibling_heads: dict[str, dict[object, tuple[int, float, int, float]]] = {}
+        # models whose tags were told with no head told since (a "none" resets them)
+        self._untold: set[str] = set()
+        self._sibling_heads: dict[str, dict[object, SiblingHead]] = {}
 
     @property
     def classes(self) -> Sequence[str]:
@@ -372,15 +430,24 @@ class Gate:
         class ``rank`` with finish tag ``tag``, for ``left_s`` more at most; ``left_s``
         <= 0: none waits there."""
         heads = self._sibling_heads.setdefault(model, {})
-        if left_s > 0 and 0 <= rank < len(self.options.classes):
-            heads[peer] = (rank, tag, index, self._clock() + left_s)
+        if left_s > 0 and 0 <= rank < len(self.options.classes) and math.isfinite(tag):
+            old = heads.get(peer)
+            # the same head told again (a greeting) keeps the room seen for it
+            seen = old.room_since if old is not None and (old.rank, old.tag) == (rank, tag) \
+                else None
+            until = self._clock() + min(left_s, self.options.deadline_s)
+            heads[peer] = SiblingHead(rank, tag, index, until, seen)
         else:
             heads.pop(peer, None)
         self._pin(model)
         self._wake_local(model)     # the pod's order changed: this head may be first now
 
-    def sibling_tagged(self, model: str, rank: int, tenant: str, tag: float) -> None:
-        self._queue(model).merge_tag(rank, tenant, tag)
+    def sibling_tagged(self, index: int, model: str, rank: int, tenant: str, start: float,
+                       charge: float) -> None:
+        """Sibling worker ``index`` queued a request (:meth:`FairQueue.merge_tag`)."""
+        q = self._queue(model)
+        if q.merge_tag(rank, tenant, start, charge, index < self.worker_index):
+            self._wake_local(model)     # a re-tagged head is told by the pump
 
     def sibling_clocked(self, model: str, rank: int, start: float) -> None:
         self._queue(model).merge_clock(rank, start)
@@ -399,6 +466,8 @@ class Gate:
         for model in list(self._sibling_heads):
             if peer in self._sibling_heads[model]:
                 self.sibling_head(peer, 0, model, 0, 0.0, 0.0)
+        for model in self._queues:      # tags it told with no head (cut off between them)
+            self._pin(model)
 
     def replay(self, to: Siblings) -> None:
         """Tell ``to`` (a sibling that has just joined) the tags and heads of this
@@ -410,7 +479,7 @@ class Gate:
             for rank in range(len(self.options.classes)):
                 to.clocked(model, rank, q.clock(rank))
                 for tenant, tag in q.last_tags(rank).items():
-                    to.tagged(model, rank, tenant, tag)
+                    to.tagged(model, rank, tenant, tag, 0.0)
             to.head(model, head.rank, head.finish, self._left(head))
 
     def _pin(self, model: str) -> None:
@@ -431,23 +500,44 @@ class Gate:
         if not heads:
             return False
         now = self._clock()
-        return any(until > now and (rank is None or r <= rank)
-                   for r, _, _, until in heads.values())
+        return any(h.until > now and (rank is None or h.rank <= rank)
+                   for h in heads.values())
 
     def _sibling_first(self, model: str, head: Waiter) -> float | None:
         """Until when a sibling's head comes before ``head`` in the pod's order (class,
         then finish tag, then worker index: as one queue would order them); None when
-        none does."""
+        none does.
+
+        A sibling's head that comes first stops this worker's only while the sibling may
+        still be sending it on: once this worker has seen a seat free for it for
+        :meth:`_sibling_grace` (a sibling's head goes within a poll of a seat freeing, or
+        holds seats for at most ``max_seat_hold_s``), it no longer counts until the
+        sibling tells another head. Else a sibling whose event loop stalls with its
+        connection open, or whose view of the backends has no room (eligibility and the
+        learned seat limits are each process's), would keep free seats idle on every
+        other worker until its head's deadline."""
         heads = self._sibling_heads.get(model)
         if not heads:
             return None
         now = self._clock()
         mine = (head.rank, head.finish, self.worker_index)
         first = None
-        for rank, tag, index, until in heads.values():
-            if until > now and (rank, tag, index) < mine:
-                first = until if first is None else min(first, until)
+        for h in heads.values():
+            if h.until <= now or (h.rank, h.tag, h.index) >= mine:
+                continue
+            if h.room_since is None and self._room(model, self.options.classes[h.rank], 1):
+                h.room_since = now
+            ends = h.until if h.room_since is None else \
+                min(h.until, h.room_since + self._sibling_grace())
+            if ends > now:
+                first = ends if first is None else min(first, ends)
         return first
+
+    def _sibling_grace(self) -> float:
+        """How long a sibling's head that comes first may leave a seat free here: its
+        seat holding, and a few polls for its pump to notice and its dispatch to be
+        heard."""
+        return self.options.max_seat_hold_s + SIBLING_GRACE_POLLS * self.options.poll_interval_s
 
     def _left(self, head: Waiter) -> float:
         return max(1e-6, head.deadline - self._clock())
@@ -461,10 +551,14 @@ class Gate:
         head = q.peek() if q is not None else None
         told = self._told.get(model)
         if head is None:
-            if told is not None:
-                del self._told[model]
+            if told is not None or model in self._untold:
+                # "none": also after tags told with no head (a request gone before the
+                # pump's first pass), so the siblings' idle queues forget them
+                self._told.pop(model, None)
+                self._untold.discard(model)
                 siblings.head(model, 0, 0.0, 0.0)
             return
+        self._untold.discard(model)
         now = (head.rank, head.finish, head.deadline)
         if now != told:
             self._told[model] = now
@@ -487,7 +581,8 @@ class Gate:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         w = q.push(tenant, cls, weight, tokens, self._clock(), future, sequences)
         if self.siblings is not None:       # the pump tells them of a new head
-            self.siblings.tagged(model, w.rank, tenant, w.finish)
+            self.siblings.tagged(model, w.rank, tenant, w.start, w.finish - w.start)
+            self._untold.add(model)
         self._observer.depth(model, cls, tenant, q.waiting(cls, tenant))
         self._ensure_pump(model)
         if q.peek() is w:       # a new head (e.g. a higher class, with seats kept for it)

@@ -30,12 +30,15 @@ dispatched it itself:
   the process that was asked);
 * the fair queue's order (:class:`Queues`), so that the pod's queues of a model are one
   (:mod:`fair_queue`): each worker's first waiting request (its class and finish tag),
-  each tenant's last finish tag as a request queues, each class's virtual clock as one
+  each request's start tag and charge as it queues, each class's virtual clock as one
   is sent on, a settled request's re-tag, and a wake-up when a request settles on a worker
   (sent only to siblings with requests of that model waiting). The first three travel
-  only while requests wait (the queue is engaged), and the greeting replays them. Times
-  travel as durations (the head's time left), never as one process's clock readings. A
-  connection's heads end with it.
+  only while requests wait (the queue is engaged), and the greeting replays them (a
+  tenant's last tag as a charge of 0). Times travel as durations (the head's time left),
+  never as one process's clock readings. A connection's heads end with it. A number that
+  is not finite is never sent, and one of these events a worker cannot take is skipped
+  (logged), not its connection: they are hints the sender tells again, and dropping the
+  connection would void its tickets here while its greeting replayed the same value.
 
 Foreign tickets belong to the connection they came in on (an :class:`Inbound`), not to
 the peer's index: when a connection ends (the peer died, closed, or was dropped as too
@@ -62,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -72,8 +76,9 @@ from controlplane.core import fair_queue, response_pins, served_log
 from controlplane.core import ledger as ledger_mod
 from controlplane.core import router as router_mod
 
-VERSION = 4         # 2: a pin names its tenant; 3: a dispatch its sequences;
-                    # 4: the fair queue's order (heads, tags, clocks) instead of holds
+VERSION = 5         # 2: a pin names its tenant; 3: a dispatch its sequences;
+                    # 4: the fair queue's order (heads, tags, clocks) instead of holds;
+                    # 5: a tag is a start and a charge
 MAX_FRAME = 256 * 1024 * 1024   # bytes; a longer frame means a broken peer
 FRAME_EVENTS = 256              # events per frame at most, so a burst stays far below it
 
@@ -89,7 +94,7 @@ SERVED = "v"        # ("v", request id, *the Served fields in order)
 COST = "c"          # ("c", backend, *the rest of CostModel.observe's arguments in order)
 FORM = "m"          # ("m", form key (tenant and model), the stream form learnt for it)
 HEAD = "q"          # ("q", model, class rank, finish tag, seconds left; 0 left: none waits)
-TAG = "g"           # ("g", model, class rank, tenant, the tenant's last finish tag)
+TAG = "g"           # ("g", model, class rank, tenant, start tag, charge)
 CLOCK = "k"         # ("k", model, class rank, the class's virtual clock)
 SHIFT = "z"         # ("z", model, class rank, tenant, shift of its tags)
 WAKE = "w"          # ("w", model): a request of it settled
@@ -98,9 +103,20 @@ INVALIDATED = "i"   # ("i", tenant or null, model or null): the response cache i
 
 Event = tuple[Any, ...]
 
+log = logging.getLogger("synapse.controlplane.mesh")
+
 
 class FrameError(ValueError):
     """A peer sent something this worker cannot read: its connection should be dropped."""
+
+
+class Refused(FrameError):
+    """A peer's first event is not a hello of this :data:`VERSION` (a rolling restart
+    runs two releases side by side): ``hello`` is what it said it was."""
+
+    def __init__(self, message: str, hello: str) -> None:
+        super().__init__(message)
+        self.hello = hello
 
 
 def frame(events: Sequence[Event]) -> bytes:
@@ -129,7 +145,8 @@ class Queues(Protocol):
     def sibling_head(self, peer: object, index: int, model: str, rank: int, tag: float,
                      left_s: float) -> None: ...
 
-    def sibling_tagged(self, model: str, rank: int, tenant: str, tag: float) -> None: ...
+    def sibling_tagged(self, index: int, model: str, rank: int, tenant: str, start: float,
+                       charge: float) -> None: ...
 
     def sibling_clocked(self, model: str, rank: int, start: float) -> None: ...
 
@@ -151,8 +168,9 @@ class _Recorded:
     def head(self, model: str, rank: int, tag: float, left_s: float) -> None:
         self.events.append((HEAD, model, rank, tag, left_s))
 
-    def tagged(self, model: str, rank: int, tenant: str, tag: float) -> None:
-        self.events.append((TAG, model, rank, tenant, tag))
+    def tagged(self, model: str, rank: int, tenant: str, start: float,
+               charge: float) -> None:
+        self.events.append((TAG, model, rank, tenant, start, charge))
 
     def clocked(self, model: str, rank: int, start: float) -> None:
         self.events.append((CLOCK, model, rank, start))
@@ -287,20 +305,24 @@ class Sharing:
 
     # the fair queue's order (fair_queue.Siblings)
 
+    # A number that is not finite is never sent: JSON has no such value (orjson writes
+    # null), and a sibling could not read the event (_finite).
+
     def head(self, model: str, rank: int, tag: float, left_s: float) -> None:
-        if not self._applying:
+        if not self._applying and _finite(HEAD, model, tag, left_s):
             self._publish((HEAD, model, rank, tag, left_s))
 
-    def tagged(self, model: str, rank: int, tenant: str, tag: float) -> None:
-        if not self._applying:
-            self._publish((TAG, model, rank, tenant, tag))
+    def tagged(self, model: str, rank: int, tenant: str, start: float,
+               charge: float) -> None:
+        if not self._applying and _finite(TAG, model, start, charge):
+            self._publish((TAG, model, rank, tenant, start, charge))
 
     def clocked(self, model: str, rank: int, start: float) -> None:
-        if not self._applying:
+        if not self._applying and _finite(CLOCK, model, start):
             self._publish((CLOCK, model, rank, start))
 
     def shifted(self, model: str, rank: int, tenant: str, shift: float) -> None:
-        if not self._applying:
+        if not self._applying and _finite(SHIFT, model, shift):
             self._publish((SHIFT, model, rank, tenant, shift))
 
     def woke(self, model: str) -> None:
@@ -353,6 +375,7 @@ class Inbound:
         self._tickets: dict[int, ledger_mod.Ticket] = {}
         self.peer: tuple[int, str] | None = None      # (worker index, incarnation)
         self._closed = False
+        self.skipped = 0        # the fair queue's events skipped as unreadable
 
     def feed(self, data: bytes) -> None:
         """Apply every whole frame received so far; raises :class:`FrameError` on garbage
@@ -382,7 +405,9 @@ class Inbound:
         try:
             for event in events:
                 self._apply(event)
-        except (TypeError, ValueError, IndexError, KeyError) as exc:
+        except FrameError:
+            raise
+        except (TypeError, ValueError, IndexError, KeyError, OverflowError) as exc:
             raise FrameError(f"malformed event: {exc!r}") from None
         finally:
             sharing._applying = False
@@ -391,7 +416,8 @@ class Inbound:
         kind = event[0]
         if self.peer is None:
             if kind != HELLO or event[1] != VERSION:
-                raise FrameError(f"expected a hello of version {VERSION}, got {event[:2]!r}")
+                raise Refused(f"expected a hello of version {VERSION}, got {event[:2]!r}",
+                              repr(event[:4])[:200])
             self.peer = (int(event[2]), str(event[3]))
             return
         sharing = self._sharing
@@ -435,27 +461,45 @@ class Inbound:
                 sharing.forms.forget(_name_or_none(event[1]), _name_or_none(event[2]))
         elif kind in (HEAD, TAG, CLOCK, SHIFT, WAKE):
             if sharing.queues is not None:
-                self._apply_queue(sharing.queues, event)
+                try:
+                    self._apply_queue(sharing.queues, event)
+                except (TypeError, ValueError, IndexError, OverflowError) as exc:
+                    self._skip(event, exc)
         # an unknown kind is a newer peer's: skipped, so versions can add events
 
     def _apply_queue(self, queues: Queues, event: list[Any]) -> None:
+        """One of the fair queue's events; raises ValueError (or the like) on a value it
+        cannot take, before anything moved."""
         kind, model = event[0], str(event[1])
         if kind == WAKE:
             queues.sibling_woke(model)
             return
         rank = int(event[2])
         if not all(math.isfinite(float(x)) for x in event[3:] if not isinstance(x, str)):
-            raise ValueError(f"a tag that is not a finite number: {event!r}")
+            raise ValueError("a number that is not finite")
+        assert self.peer is not None
         if kind == HEAD:
-            assert self.peer is not None
             queues.sibling_head(self, self.peer[0], model, rank, float(event[3]),
                                 float(event[4]))
         elif kind == TAG:
-            queues.sibling_tagged(model, rank, str(event[3]), float(event[4]))
+            queues.sibling_tagged(self.peer[0], model, rank, str(event[3]), float(event[4]),
+                                  max(0.0, float(event[5])))
         elif kind == CLOCK:
             queues.sibling_clocked(model, rank, float(event[3]))
         else:
             queues.sibling_shifted(model, rank, str(event[3]), float(event[4]))
+
+    def _skip(self, event: list[Any], exc: Exception) -> None:
+        """Skip one of the fair queue's events this worker cannot take, not the connection:
+        they are order hints the sender re-tells (its head at its pump's next change, its
+        tags with every request), whereas dropping the connection would finish every
+        ticket the sender has in flight here (this worker would over-dispatch) and its
+        greeting would replay the same value on the next connection, for ever."""
+        self.skipped += 1
+        if self.skipped == 1 or not self.skipped % 1000:
+            log.warning("mesh: skipped a fair-queue event from worker %s it cannot take "
+                        "(%d so far on this connection): %s %r", self.peer, self.skipped,
+                        event[0] if event else None, exc)
 
     def close(self) -> None:
         """The connection ended: finish every ticket it brought (idempotent)."""
@@ -469,6 +513,16 @@ class Inbound:
     def foreign(self) -> int:
         """Tickets of this connection's peer still counted in this worker's ledger."""
         return len(self._tickets)
+
+
+def _finite(kind: str, model: str, *numbers: float) -> bool:
+    """Whether every number of a fair-queue event is finite; else an error is logged
+    and the event is not sent (a bug here, which must not split the pod's mesh)."""
+    if all(math.isfinite(x) for x in numbers):
+        return True
+    log.error("mesh: not sending a fair-queue event %s for model %r with a number that is "
+              "not finite: %r", kind, model, numbers)
+    return False
 
 
 def _name_or_none(value: Any) -> str | None:

@@ -6,11 +6,12 @@ wherever the seats free (probe 95: a quiet tenant behind a tenant of n: 4 reques
 from __future__ import annotations
 
 import asyncio
+import math
 
 from controlplane.core import fair_queue
 from tests.clock import ManualClock
 from tests.controlplane.test_fair_queue import MODEL, Fleet, cancel, request, settle_until
-from tests.controlplane.test_seat_holding import joined, stopped_clock_gate
+from tests.controlplane.test_seat_holding import Told, joined, stopped_clock_gate
 
 BOB = 820           # prompt + n: 4 x max_tokens: 200, the seats of the whole engine
 ALICE = 20          # a short prompt, max_tokens: 5
@@ -18,7 +19,7 @@ ALICE = 20          # a short prompt, max_tokens: 5
 
 def heard(gate: fair_queue.Gate, tag: float) -> bool:
     """Whether ``gate`` knows of a sibling's head of finish tag ``tag``."""
-    return any(t == tag for _, t, _, _ in gate._sibling_heads.get(MODEL, {}).values())
+    return any(h.tag == tag for h in gate._sibling_heads.get(MODEL, {}).values())
 
 
 async def test_a_quiet_tenant_goes_at_the_next_free_seat_though_it_frees_on_the_other_worker(
@@ -107,3 +108,203 @@ async def test_a_large_request_on_one_worker_is_passed_only_for_its_fair_share()
     await cancel(*small)
     await a.close()
     await b.close()
+
+
+# -- reviewer-107's findings: a pod's queue stays live, fair and whole -------------------
+
+class Heard(Told):
+    """:class:`Told`, remembering each head told: (worker index, finish tag)."""
+
+    def __init__(self, me: fair_queue.Gate, others: list[fair_queue.Gate],
+                 heads: list[tuple[int, float]]) -> None:
+        super().__init__(me, others)
+        self._heads = heads
+
+    def head(self, model: str, rank: int, tag: float, left_s: float) -> None:
+        self._heads.append((self._me.worker_index, tag if left_s > 0 else -1.0))
+        super().head(model, rank, tag, left_s)
+
+
+def joined_heard(*gates: fair_queue.Gate) -> list[tuple[int, float]]:
+    """:func:`joined`, and the heads told so far, in order."""
+    heads: list[tuple[int, float]] = []
+    for i, g in enumerate(gates):
+        g.worker_index = i
+        g.siblings = Heard(g, [o for o in gates if o is not g], heads)
+    return heads
+
+
+class Stallable:
+    """A gate's sleep that moves ``clock`` by what it sleeps, or, once :attr:`stall` is
+    set, never returns (the worker's event loop is stuck; its connection stays open)."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.clock = clock
+        self.stall = False
+        self.stalled = asyncio.Event()
+
+    async def __call__(self, seconds: float | None, wakeup: asyncio.Event | None,
+                       ) -> float | None:
+        if self.stall:
+            self.stalled.set()
+            await asyncio.Event().wait()
+        self.clock.now += seconds or 0.0
+        await asyncio.sleep(0.001)
+        return None
+
+
+def moving_gate(room: object, sleep: Stallable, deadline_s: float = 5.0) -> fair_queue.Gate:
+    options = fair_queue.Options(poll_interval_s=0.05, max_seat_hold_s=2.0,
+                                 deadline_s=deadline_s)
+    return fair_queue.Gate(options, room, clock=sleep.clock, sleep=sleep)  # type: ignore[arg-type]
+
+
+async def test_a_stalled_sibling_does_not_keep_free_seats_idle_until_its_deadline() -> None:
+    """Worker B told its head (alice, the smaller tag) and then stalled with its connection
+    open. Worker A sees seats free all along: its head (bob) goes once B has left a seat
+    free a sibling's seat holding and a few polls, not at B's head's deadline (bob's came
+    first: a 503 with four seats free)."""
+    clock = ManualClock()
+    engine = Fleet(free=0)
+    sleep_a, sleep_b = Stallable(clock), Stallable(clock)
+    a, b = moving_gate(engine.room, sleep_a), moving_gate(engine.room, sleep_b)
+    heads = joined_heard(a, b)
+    bob = asyncio.create_task(request(a, engine, "bob", "bob", tokens=1000))
+    await settle_until(lambda: (0, 1000.0) in heads, "A to tell bob")
+    clock.now += 1.0                    # alice comes a second later, on B
+    alice = asyncio.create_task(request(b, engine, "alice", "alice", tokens=10))
+    await settle_until(lambda: (1, 10.0) in heads, "B to tell alice")
+    sleep_b.stall = True
+    await asyncio.wait_for(sleep_b.stalled.wait(), 5)
+    engine.free = 4
+    a.wake(MODEL)
+    try:
+        await asyncio.wait_for(bob, 5)
+    finally:
+        await cancel(alice)
+        await a.close()
+        await b.close()
+    assert engine.released == ["bob"]
+
+
+async def test_a_sibling_whose_view_has_no_room_does_not_stall_the_pod() -> None:
+    """The workers' views of room differ (B's eligibility or learned seat limits say its
+    backends are full, A's that they have room): B's head comes first and does not go,
+    and A's later request goes after a bounded wait, not at B's head's deadline."""
+    clock = ManualClock()
+    view_a, view_b = Fleet(free=0), Fleet(free=0)
+    a = moving_gate(view_a.room, Stallable(clock))
+    b = moving_gate(view_b.room, Stallable(clock))
+    heads = joined_heard(a, b)
+    bob = asyncio.create_task(request(a, view_a, "bob", "bob", tokens=1000))
+    await settle_until(lambda: (0, 1000.0) in heads, "A to tell bob")
+    clock.now += 1.0
+    alice = asyncio.create_task(request(b, view_b, "alice", "alice", tokens=10))
+    await settle_until(lambda: (1, 10.0) in heads, "B to tell alice")
+    view_a.free = 4                     # A's view: room; B's: none
+    a.wake(MODEL)
+    try:
+        await asyncio.wait_for(bob, 5)
+    finally:
+        await cancel(alice)
+        await a.close()
+        await b.close()
+    assert view_a.released == ["bob"]
+
+
+class Delayed:
+    """:class:`Told` as the mesh is: what a gate tells reaches the others a moment later
+    (the flush, then the sibling's read); :meth:`quiet` waits until nothing is on its way."""
+
+    def __init__(self, told: Told) -> None:
+        self._told = told
+        self.on_the_way = 0
+
+    def __getattr__(self, name: str) -> object:
+        deliver = getattr(self._told, name)
+
+        def later(*args: object) -> None:
+            self.on_the_way += 1
+
+            def arrive() -> None:
+                self.on_the_way -= 1
+                deliver(*args)
+            asyncio.get_running_loop().call_later(0.002, arrive)
+        return later
+
+
+async def test_a_tenant_bursting_on_two_workers_gets_no_more_than_its_share() -> None:
+    """Mallory sends 8 requests on each of two workers at the same moment; alice (same
+    weight and size) has 8 waiting on A. One queue releases them alternately: 6 of the
+    first 12 each. With each worker's tags taken as they were (each not yet told of the
+    other's burst), mallory had two of every three seats, on every burst."""
+    clock = ManualClock()
+    engine = Fleet(free=0)
+    a = stopped_clock_gate(engine, clock, hold_s=10.0)
+    b = stopped_clock_gate(engine, clock, hold_s=10.0)
+    joined(a, b)
+    mesh = [Delayed(g.siblings) for g in (a, b)]   # type: ignore[arg-type]
+    a.siblings, b.siblings = mesh           # type: ignore[assignment]
+
+    async def quiet() -> None:
+        await settle_until(lambda: not any(m.on_the_way for m in mesh), "the mesh")
+
+    tasks = [asyncio.create_task(request(a, engine, f"alice-{i}", "alice")) for i in range(8)]
+    await settle_until(lambda: a.depth(MODEL) == 8, "alice to queue")
+    await quiet()
+    tasks += [asyncio.create_task(request(g, engine, f"mallory-{n}{i}", "mallory"))
+              for g, n in ((a, "a"), (b, "b")) for i in range(8)]
+    await settle_until(lambda: a.depth(MODEL) == 16 and b.depth(MODEL) == 8, "mallory")
+    await quiet()
+    for _ in range(12):
+        before = len(engine.released)
+        engine.free += 1
+        a.wake(MODEL)
+        await settle_until(lambda before=before: len(engine.released) > before, "a release")
+        await quiet()                       # the next heads told
+    mallory = sum(name.startswith("mallory") for name in engine.released[:12])
+    await cancel(*tasks)
+    await a.close()
+    await b.close()
+    assert mallory <= 6, engine.released[:12]
+
+
+async def test_a_request_gone_before_its_head_was_told_leaves_no_tag_on_the_siblings(
+        ) -> None:
+    """A request cancelled before its worker's pump told it as the head had told its tag:
+    the sibling, idle, kept the tenant 50,000 tokens behind into its next busy period
+    (nothing ever told it that the busy period had ended)."""
+    clock = ManualClock()
+    engine = Fleet(free=0)
+    a = stopped_clock_gate(engine, clock, hold_s=10.0)
+    b = stopped_clock_gate(engine, clock, hold_s=10.0)
+    joined(a, b)
+    t0 = asyncio.create_task(request(a, engine, "t0", "t", tokens=50_000))
+    await asyncio.sleep(0)              # queued and its tag told; the pump not yet run
+    await cancel(t0)
+    await settle_until(lambda: a.depth(MODEL) == 0 and not b.busy(MODEL), "t0 to be gone")
+    t1 = asyncio.create_task(request(b, engine, "t1", "t", tokens=10))
+    u1 = asyncio.create_task(request(b, engine, "u1", "u", tokens=20))
+    await settle_until(lambda: b.depth(MODEL) == 2, "both to queue")
+    engine.free = 1
+    b.wake(MODEL)
+    await settle_until(lambda: len(engine.released) == 1, "a release")
+    await cancel(t1, u1)
+    await a.close()
+    await b.close()
+    assert engine.released == ["t1"], "t paid for a request that never went"
+
+
+def test_a_requests_charge_is_finite_however_many_tokens_it_says() -> None:
+    """A tag is the sum of a request's tokens over its tenant's weight: one of 1e308
+    tokens made the tenant's next tag infinite, which no sibling can be told."""
+    q = fair_queue.FairQueue(fair_queue.Options())
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(3):
+            w = q.push("m", "interactive", 1e-9, 10**308, 0.0, loop.create_future())
+        assert math.isfinite(w.finish) and w.finish > w.start
+        assert q.settle("m", "interactive", 1e-9, 10**308, 10**400) is None
+        assert all(math.isfinite(t) for t in q.last_tags(0).values())
+    finally:
+        loop.close()

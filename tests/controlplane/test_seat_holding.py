@@ -111,9 +111,10 @@ class Told:
         for g in self._others:
             g.sibling_head(self._me, self._me.worker_index, model, rank, tag, left_s)
 
-    def tagged(self, model: str, rank: int, tenant: str, tag: float) -> None:
+    def tagged(self, model: str, rank: int, tenant: str, start: float,
+               charge: float) -> None:
         for g in self._others:
-            g.sibling_tagged(model, rank, tenant, tag)
+            g.sibling_tagged(self._me.worker_index, model, rank, tenant, start, charge)
 
     def clocked(self, model: str, rank: int, start: float) -> None:
         for g in self._others:
@@ -217,8 +218,9 @@ class Queues:
                      left_s: float) -> None:
         self.told.append(("head", index, model, rank, tag, left_s))
 
-    def sibling_tagged(self, model: str, rank: int, tenant: str, tag: float) -> None:
-        self.told.append(("tagged", model, rank, tenant, tag))
+    def sibling_tagged(self, index: int, model: str, rank: int, tenant: str, start: float,
+                       charge: float) -> None:
+        self.told.append(("tagged", index, model, rank, tenant, start, charge))
 
     def sibling_clocked(self, model: str, rank: int, start: float) -> None:
         self.told.append(("clocked", model, rank, start))
@@ -247,7 +249,7 @@ def test_the_queues_order_travels_over_the_mesh_and_ends_with_the_connection() -
     assert sender.siblings is s0 and sender.worker_index == 0
     inbound = s1.inbound()
     inbound.feed(s0.greeting())                 # what waits there when the peer joins
-    sender.siblings.tagged("m", 1, "alice", 120.0)
+    sender.siblings.tagged("m", 1, "alice", 100.0, 20.0)
     sender.siblings.head("m", 1, 120.0, 1.5)
     sender.siblings.clocked("m", 1, 100.0)
     sender.siblings.shifted("m", 1, "alice", -20.0)
@@ -259,7 +261,7 @@ def test_the_queues_order_travels_over_the_mesh_and_ends_with_the_connection() -
     inbound.close()
     assert receiver.told == [
         ("clocked", "m", 0, 7.0), ("head", 0, "m", 0, 9.5, 3.0),
-        ("tagged", "m", 1, "alice", 120.0), ("head", 0, "m", 1, 120.0, 1.5),
+        ("tagged", 0, "m", 1, "alice", 100.0, 20.0), ("head", 0, "m", 1, 120.0, 1.5),
         ("clocked", "m", 1, 100.0), ("shifted", "m", 1, "alice", -20.0), ("woke", "m"),
         ("head", 0, "m", 0, 0.0, 0.0), ("gone",)]
     s0.detach()
