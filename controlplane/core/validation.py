@@ -247,7 +247,7 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
         if _integral(value):
             if value > max_n:
                 raise errors.BadRequest(
-                    f"{name}: {int(value)} choices; at most {max_n} (http.max_n): each is "
+                    f"{name}: {int(value):.6g} choices; at most {max_n} (http.max_n): each is "
                     "a sequence an engine runs at once", param=name, code="invalid_value")
             if name == "n":     # vLLM 0.32 has no best_of: it runs n sequences
                 choices = max(1, int(value))
