@@ -16,7 +16,8 @@ one is given as empty), or a 404 or 405 (the server has none). Any other status 
 answer (a proxy warming up, a time-out) is asked again after the next healthy probe, as
 a server that said nothing for certain may take the field after all. It is read again
 whenever the target turns healthy after being unhealthy: another server may answer at
-its URL now. The first round waits for those fetches, so what the server is is learnt
+its URL now, so ``on_due`` is told before that probe's result is reported (what was
+learnt no longer holds until a read answers for certain). The first round waits for those fetches, so what the server is is learnt
 before ``/ready`` says the replica is; later ones run beside the schedule (vLLM builds
 the document on its first request, hence a time limit of its own, which must not hold
 up other probes). :func:`document` is that read alone, which an agent's ``external``
@@ -147,6 +148,7 @@ class Prober:
     on_metrics: Callable[[str, str | None], None] | None = None
     on_round: Callable[[], None] | None = None
     on_document: Callable[[str, int, bytes], Awaitable[None]] | None = None
+    on_due: Callable[[str], None] | None = None     # its document is to be read again
     clock: clocks.Clock = clocks.monotonic
     sleep: clocks.Sleep = clocks.sleep
     _last: dict[str, bool] = dataclasses.field(default_factory=dict, init=False)
@@ -187,8 +189,11 @@ class Prober:
         # packet) does not take a healthy upstream out of routing.
         healthy = ok or (target.key in self._last and self._last[target.key]
                          and failures < target.fail_after)
-        if healthy and self._last.get(target.key) is False:
+        if (healthy and self._last.get(target.key) is False
+                and target.document_url is not None):
             self._documents.discard(target.key)     # back: maybe another server now
+            if self.on_due is not None:
+                self.on_due(target.key)
         if self._last.get(target.key) != healthy:
             log.log(logging.INFO if healthy else logging.WARNING, "upstream %s is %s (%s)",
                     target.key, "healthy" if healthy else "unhealthy", target.url)

@@ -20,6 +20,12 @@ the server's and may be large):
   server may answer there now. An answer that says nothing for certain (a 5xx, a
   time-out) is asked again at the next look.
 
+A backend whose document is to be read again counts as unsalted until a read answers
+for certain (:meth:`Learner.unread`): what an earlier read said may be another server's,
+and a re-read that never answers (a redirect, a server that sends its headers a byte at
+a time) must not keep it for good, sending the salt and showing the counts of a server
+that may share one prefix cache among tenants.
+
 Either way :class:`Learner` tells the registry (salted from then on, or, when tenants
 share its prefix cache, its counts hidden) and the log says it once per change, and once
 per pod: a serving worker (``http.workers``) learns for itself, since it routes for
@@ -69,12 +75,7 @@ class Learner:
         svc = self._svc
         takes = status == 200 and await asyncio.to_thread(_offers, body)
         unsalted = dataclasses.replace(backend, takes_salt=False)
-        names = cache_salt.sharing(unsalted, svc.sharers())
-        if backend.source == "static":
-            svc.registry.set_static_salted(backend.key, takes, bool(names))
-        else:
-            svc.registry.set_agent_salted(backend.node, backend.name, backend.url, takes,
-                                          bool(names))
+        names = self._mark(unsalted, takes)
         if self._said.get(backend.key) == takes:
             return
         self._said[backend.key] = takes
@@ -85,6 +86,31 @@ class Learner:
         elif names:
             log.log(logging.WARNING if svc.primary else logging.DEBUG, "%s",
                     _printable(cache_salt.warning(unsalted, names)))
+
+    def unread(self, backend: types.BackendState) -> None:
+        """``backend``'s document is to be read again (it came back, or is at another
+        URL): unsalted, its counts hidden when tenants share it, until a read answers
+        for certain. Not logged: nothing was learnt."""
+        self._mark(dataclasses.replace(backend, takes_salt=False), False)
+
+    def unread_static(self, key: str) -> None:
+        """:meth:`unread` for a kind-less static upstream (the prober's ``on_due``)."""
+        backend = next((b for b in self._svc.registry.static_backends() if b.key == key),
+                       None)
+        if backend is not None:
+            self.unread(backend)
+
+    def _mark(self, unsalted: types.BackendState, takes: bool) -> tuple[str, ...]:
+        """Tell the registry whether the backend (``unsalted``: as if it took no salt)
+        ``takes`` the salt; the tenants that share its prefix cache when it does not."""
+        names = cache_salt.sharing(unsalted, self._svc.sharers())
+        registry = self._svc.registry
+        if unsalted.source == "static":
+            registry.set_static_salted(unsalted.key, takes, bool(names))
+        else:
+            registry.set_agent_salted(unsalted.node, unsalted.name, unsalted.url, takes,
+                                      bool(names))
+        return names
 
     def forget(self, key: str) -> None:
         """``key`` is gone (an agent's backend no longer reported): said afresh if it
@@ -122,8 +148,10 @@ class ExternalDocuments:
                 continue
             present.add(b.key)
             if why:
-                self._read.pop(b.key, None)     # read again once it is back
+                if self._read.pop(b.key, None) is not None:
+                    self._learner.unread(b)     # read again once it is back
             elif self._read.get(b.key) != b.url and b.key not in self._fetching:
+                self._learner.unread(b)
                 task = self._fetching[b.key] = asyncio.create_task(self._fetch(b))
                 task.add_done_callback(functools.partial(self._fetched, b.key))
         for key in [k for k in self._read if k not in present]:

@@ -9,7 +9,8 @@ the ``/metrics`` URL whose text becomes the backend's load in the registry. The 
 round of probes marks the registry's static part as synced for ``/ready``.
 
 A kind-less upstream also has its ``/openapi.json`` read once it answers a probe, and
-again whenever it comes back after being unhealthy, for
+again whenever it comes back after being unhealthy (unsalted until that read answers
+for certain), for
 :class:`controlplane.api.salt_learning.Learner`: a server whose chat or completions
 request schema has ``cache_salt`` (vLLM, the simulator) is salted per tenant from then
 on; otherwise, when tenants share it, the warning of
@@ -62,7 +63,8 @@ def build(svc: services_mod.Services,
                 else types.EngineLoad(ok=False))
         svc.registry.set_static_load(key, load)
 
+    learner = learner or salt_learning.Learner(svc)
     return prober.Prober(svc.upstream, targets(svc), svc.registry.set_static_health,
-                         on_metrics=on_metrics,
-                         on_document=(learner or salt_learning.Learner(svc)).learnt,
+                         on_metrics=on_metrics, on_document=learner.learnt,
+                         on_due=learner.unread_static,
                          on_round=lambda: readiness.state(svc).static_probed())

@@ -221,3 +221,69 @@ async def test_a_serving_worker_leaves_the_sharing_warnings_to_its_primary(
                     await harness.until(lambda: "backend x of node gpu-1 (engine"
                                         in caplog.text, 20, "the external one's read")
                 assert len(warnings(caplog)) == (3 if primary else 0), warnings(caplog)
+
+
+class MovedDocument(SwappedEngine):
+    """A server whose ``/openapi.json`` may redirect (``moved``): an answer that says
+    nothing for certain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moved = False
+
+    async def document(self, request: web.Request) -> web.Response:
+        if self.moved:
+            raise web.HTTPFound("/elsewhere")
+        return await super().document(request)
+
+
+async def test_an_agents_external_backend_back_with_no_certain_document_is_unsalted(
+        ) -> None:
+    """Probe 108, F5: back from unhealthy with a document that answered a 302, the
+    backend kept its earlier "takes cache_salt": the salt sent and its counts shown
+    (272 here) for as long as the re-read said nothing for certain."""
+    engine = MovedDocument()
+    async with engine.running() as url, t.running(t.settings(), with_grpc=True) as cp, \
+            agent_of(cp) as agent:
+        await reported(agent, external(1, url))
+        await harness.until(lambda: backend(cp).takes_salt, 20, "its document read")
+        engine.moved = True
+        await reported(agent, external(2, url, common_pb2.BACKEND_PHASE_UNHEALTHY))
+        await asyncio.sleep(0.5)        # the documents' loop sees it gone
+        await reported(agent, external(3, url))
+        assert not backend(cp).takes_salt and backend(cp).shares_cache
+        await asyncio.sleep(0.5)        # its re-read answered nothing certain
+        assert not backend(cp).takes_salt and backend(cp).shares_cache
+        assert await cached(cp, t.KEY_A, stream=False) == 0
+        assert engine.salts[-1] is None
+        engine.moved = False
+        await harness.until(lambda: backend(cp).takes_salt, 20, "a certain answer")
+
+
+async def test_a_kindless_upstream_back_with_no_certain_document_is_unsalted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Probe 108, F5, for a kind-less static upstream: the same verdict was kept."""
+    caplog.set_level(logging.INFO)
+    engine = MovedDocument()
+    async with engine.running() as url:
+        s = t.settings(upstreams=[{"name": "plain", "url": url, "models": [t.MODEL]}])
+        async with t.running(s) as cp:
+
+            def plain() -> types.BackendState:
+                (found,) = cp.services.registry.static_backends()
+                return found
+
+            await harness.until(lambda: plain().takes_salt, 20, "its document read")
+            engine.up, engine.moved = False, True
+            await harness.until(lambda: "static/plain is unhealthy" in caplog.text, 20,
+                                "down")
+            engine.up = True
+            await harness.until(lambda: caplog.text.count("static/plain is healthy") == 2, 20,
+                                "back")
+            assert not plain().takes_salt and plain().shares_cache
+            await asyncio.sleep(0.5)        # its re-reads answered nothing certain
+            assert not plain().takes_salt and plain().shares_cache
+            assert await cached(cp, t.KEY_A, stream=False) == 0
+            assert engine.salts[-1] is None
+            engine.moved = False
+            await harness.until(lambda: plain().takes_salt, 20, "a certain answer")
