@@ -14,6 +14,9 @@ The document is read to at most ``tasks.OPENAPI_MAX_BYTES`` (the control plane's
 reads an upstream's to the same bound), and a longer one counts as no document, so the
 spec's task holds; it is parsed off the event loop. An ``external`` engine is any server
 at a URL, and its document was read whole and parsed on the loop that reports the node.
+A redirect is not followed (the control plane's prober follows none either): it is an
+answer without a document, like any status but 200; followed, it sent the agent (and the
+engine key, for an engine it started) wherever the server pointed.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ async def discover(session: aiohttp.ClientSession, base_url: str, timeout_s: flo
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         async with session.get(base_url + "/openapi.json", timeout=timeout,
-                               headers=headers) as resp:
+                               headers=headers, allow_redirects=False) as resp:
             if resp.status != 200:
                 return ()
             body = await read_at_most(resp, tasks.OPENAPI_MAX_BYTES)

@@ -59,6 +59,12 @@ an upstream's to the same bound); a longer body is a failed scrape, with one war
 on the loop that reports the node. Every phase change calls the hooks' ``on_change`` so
 the reporter sends a report at once.
 
+No request to an engine follows a redirect (``/health``, ``/metrics``, the warm-up, the
+tasks' ``/openapi.json``; the control plane's prober follows none either): a ``/health``
+that redirects is not a 200, a ``/metrics`` that does is a failed scrape. An external
+server's redirect would otherwise send the agent, with the engine key of a backend that
+has one, to any URL it names.
+
 The engine key (:mod:`synapse_common.engine_key`, when the agent has a token) goes to
 each engine the runner starts through its environment (:func:`agent.core.commands.
 environment`), and with every call the runner makes to it (``/health``, ``/metrics``,
@@ -383,8 +389,8 @@ class Runner:
         timeout = aiohttp.ClientTimeout(total=self.cfg.warmup_timeout_s)
         try:
             async with self._session.post(self.probe_url + WARMUP_PATH, timeout=timeout,
-                                          json=warmup_body(self.spec),
-                                          headers=self._auth) as r:
+                                          json=warmup_body(self.spec), headers=self._auth,
+                                          allow_redirects=False) as r:
                 await r.read()
                 return "" if r.status == 200 else f"HTTP {r.status}"
         except TimeoutError:
@@ -422,7 +428,7 @@ class Runner:
         timeout = aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)
         try:
             async with self._session.get(self.probe_url + "/health", timeout=timeout,
-                                         headers=self._auth) as r:
+                                         headers=self._auth, allow_redirects=False) as r:
                 return r.status == 200
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return False
@@ -468,8 +474,10 @@ class Runner:
         timeout = aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)
         try:
             async with self._session.get(self.probe_url + "/metrics", timeout=timeout,
-                                         headers=self._auth) as r:
-                r.raise_for_status()
+                                         headers=self._auth, allow_redirects=False) as r:
+                if r.status != 200:
+                    raise aiohttp.ClientResponseError(r.request_info, r.history,
+                                                      status=r.status, message=r.reason or "")
                 body = await engine_tasks.read_at_most(r, exposition.METRICS_MAX_BYTES)
             if body is None:
                 self._scrape_failed(f"over {exposition.METRICS_MAX_BYTES} bytes",
