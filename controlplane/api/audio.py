@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from typing import IO, Any
 
-from aiohttp import BodyPartReader, ClientSession, MultipartReader, web
+from aiohttp import BodyPartReader, ClientSession, MultipartReader, http_exceptions, web
 
 from controlplane import errors
 from controlplane.adapters import upload_client
@@ -58,10 +58,12 @@ class Source:
     """The upstream body: fields, the file (from the client or the spool), the fields
     after it, the end. Implements ``upload_client.BodySource``."""
 
-    def __init__(self, reader: MultipartReader, meter: upload.Meter, idle_s: float) -> None:
+    def __init__(self, reader: MultipartReader, meter: upload.Meter, idle_s: float,
+                 max_n: int = validation.MAX_N) -> None:
         self.reader = reader
         self.meter = meter
         self.idle_s = idle_s
+        self.max_n = max_n
         self.form = upload.Form()
         self.fields: list[tuple[str, str]] = []
         self.after: list[tuple[str, str]] = []
@@ -83,19 +85,23 @@ class Source:
         self.after = [(k, v) for k, v in self.after if k != name]
 
     async def _next(self) -> BodyPartReader | None:
-        part = await self._timed(self.reader.next())
+        part = await self._read(self.reader.next())
         if part is not None and not isinstance(part, BodyPartReader):
             raise errors.BadRequest("nested multipart bodies are not supported",
                                     code="invalid_upload")
         return part
 
-    async def _timed(self, awaitable: Any) -> Any:
+    async def _read(self, awaitable: Any) -> Any:
+        """One read from the client's form: 408 when it stalls, 400 when aiohttp's reader
+        finds the form malformed (:func:`malformed`)."""
         try:
             async with asyncio.timeout(self.idle_s):
                 return await awaitable
         except TimeoutError:
             raise errors.RequestTimeout(f"the upload stalled for {self.idle_s:g}s "
                                         "(http.body_timeout_s)") from None
+        except MALFORMED:
+            raise malformed() from None
 
     async def _text(self, part: BodyPartReader) -> str:
         self._field_count += 1
@@ -103,7 +109,7 @@ class Source:
             raise errors.BadRequest(f"a form may hold at most {upload.FIELDS_MAX} fields "
                                     "besides the file", code="invalid_upload")
         data = bytearray()
-        while chunk := await self._timed(part.read_chunk(upload.CHUNK)):
+        while chunk := await self._read(part.read_chunk(upload.CHUNK)):
             data += chunk
             if len(data) > upload.FIELD_MAX:
                 raise errors.BadRequest(f"{part.name}: a form field may hold at most "
@@ -115,7 +121,7 @@ class Source:
                                         f"{upload.FORM_OVERHEAD} bytes together",
                                         param=part.name, code="invalid_upload")
         text = data.decode("utf-8", "replace")
-        validation.form_field(part.name or "", text)
+        validation.form_field(part.name or "", text, self.max_n)
         return text
 
     async def read_head(self) -> None:
@@ -140,7 +146,7 @@ class Source:
     async def _spool(self, part: BodyPartReader) -> IO[bytes]:
         spool = tempfile.TemporaryFile()     # closed by close(), or below
         try:
-            while chunk := await self._timed(part.read_chunk(upload.CHUNK)):
+            while chunk := await self._read(part.read_chunk(upload.CHUNK)):
                 self.meter.add(len(chunk))
                 spool.write(chunk)       # page cache: no wait worth a thread per chunk
         except BaseException:
@@ -173,7 +179,7 @@ class Source:
         else:
             assert f.part is not None
             self.started = True
-            while chunk := await self._timed(f.part.read_chunk(upload.CHUNK)):
+            while chunk := await self._read(f.part.read_chunk(upload.CHUNK)):
                 self.meter.add(len(chunk))
                 yield chunk
             while (part := await self._next()) is not None:
@@ -186,6 +192,22 @@ class Source:
     def close(self) -> None:
         if self.file is not None and self.file.spool is not None:
             self.file.spool.close()
+
+
+# What aiohttp's multipart reader raises for a body that is not the form its Content-Type
+# says: ValueError (no boundary or a wrong one, a body that ends before the closing one,
+# a part's bad Content-Length), RuntimeError (a bad ``_charset_`` part), BadHttpMessage
+# (a part with too many headers).
+MALFORMED = (ValueError, RuntimeError, http_exceptions.BadHttpMessage)
+
+
+def malformed() -> errors.BadRequest:
+    """The 400 for a body aiohttp's multipart reader refused. aiohttp's own message is not
+    shown: it quotes a line of the client's body, of any length."""
+    return errors.BadRequest(
+        "the body is not valid multipart/form-data: its Content-Type must name a boundary "
+        "(of at most 70 characters), and every part must start with that boundary and the "
+        "form end with it", code="invalid_upload")
 
 
 def client(request: web.Request) -> ClientSession:
@@ -219,8 +241,11 @@ async def _open(request: web.Request) -> Source:
     if not request.content_type.startswith("multipart/form-data"):
         raise errors.BadRequest("send the audio as multipart/form-data with a file part",
                                 param="file", code="invalid_upload")
-    source = Source(await request.multipart(), upload.Meter(h.max_audio_bytes),
-                    h.body_timeout_s)
+    try:
+        reader = await request.multipart()
+    except ValueError:       # no boundary, or one over 70 characters
+        raise malformed() from None
+    source = Source(reader, upload.Meter(h.max_audio_bytes), h.body_timeout_s, h.max_n)
     await source.read_head()
     return source
 

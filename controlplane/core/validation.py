@@ -100,6 +100,7 @@ must be printable ASCII: anything else cannot go into an HTTP/1.1 header unchang
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -144,6 +145,7 @@ MAX_STRUCTURED_OUTPUT_BYTES = 16 * 1024
 MAX_SEQUENCES = 256
 MAX_POOLING_INPUTS = 2048   # OpenAI's own bound on an embeddings input array
 MAX_TOOL_SCHEMA_BYTES = 64 * 1024
+SAMPLING_RANGES = (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0))
 # The fields the engine turns into a grammar to compile (vLLM 0.32 reads
 # structured_outputs and response_format; the guided_* fields of older versions are
 # bounded too, for engines that still honour them), with n and best_of: one set, so a
@@ -155,6 +157,13 @@ CHAT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs")
 TRANSFER_FIELDS = ("kv_transfer_params", "ec_transfer_params")
 # per-request arguments of vLLM's multimodal processor and media loaders
 MEDIA_KWARGS_FIELDS = ("mm_processor_kwargs", "media_io_kwargs")
+# The number fields of a form that the JSON path bounds: counts (n, and max_tokens,
+# max_completion_tokens at most MAX_COUNT; n and best_of at most http.max_n) and
+# sampling rates. vLLM's audio requests read n, max_completion_tokens, temperature and
+# top_p; best_of and max_tokens are not theirs (the engine ignores them) but are held to
+# the same rule as in a JSON body.
+FORM_COUNTS = frozenset({"n", "best_of", "max_tokens", "max_completion_tokens"})
+FORM_RATES = frozenset(name for name, _, _ in SAMPLING_RANGES)
 _BOUNDED = frozenset({"n", "best_of", "text", "tools", "output_config", "prompt_embeds",
                       "vllm_xargs", "background", "priority", *CHAT_TEMPLATE_FIELDS,
                       *CONSTRAINTS, *TRANSFER_FIELDS, *MEDIA_KWARGS_FIELDS})
@@ -241,16 +250,7 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
     ``request_media_kwargs`` is off, a background response (:func:`_no_background`) or
     an engine queue priority (:func:`_no_engine_priority`). Values of the wrong type are
     left to the fields' own checks (and to the engine)."""
-    choices = 1
-    for name in ("n", "best_of"):
-        value: Any = body.get(name)
-        if _integral(value):
-            if value > max_n:
-                raise errors.BadRequest(
-                    f"{name}: {int(value):.6g} choices; at most {max_n} (http.max_n): each is "
-                    "a sequence an engine runs at once", param=name, code="invalid_value")
-            if name == "n":     # vLLM 0.32 has no best_of: it runs n sequences
-                choices = max(1, int(value))
+    choices = _choices(body, max_n)
     if "prompt_embeds" in body:
         bound_sequences(batch, choices, max_sequences, "prompt_embeds",
                         "prompts and embeddings")
@@ -276,6 +276,22 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
         _no_media_kwargs(body)
     _no_background(body)
     _no_engine_priority(body)
+
+
+def _choices(body: Mapping[str, Any], max_n: int) -> int:
+    """The sequences ``n`` asks of each prompt (1 by default); 400 naming the field when
+    ``n`` or ``best_of`` is over ``max_n``."""
+    choices = 1
+    for name in ("n", "best_of"):
+        value: Any = body.get(name)
+        if _integral(value):
+            if value > max_n:
+                raise errors.BadRequest(
+                    f"{name}: {int(value):.6g} choices; at most {max_n} (http.max_n): each is "
+                    "a sequence an engine runs at once", param=name, code="invalid_value")
+            if name == "n":     # vLLM 0.32 has no best_of: it runs n sequences
+                choices = max(1, int(value))
+    return choices
 
 
 def bound_sequences(batch: int, choices: int, limit: int, field: str, what: str,
@@ -421,18 +437,54 @@ def _no_transfer_params(body: Mapping[str, Any]) -> None:
                     code="invalid_value")
 
 
-def form_field(name: str, value: str) -> None:
+def form_field(name: str, value: str, max_n: int = MAX_N) -> None:
     """400 for a multipart form's field that the same rules refuse in a JSON body: vLLM's
     audio endpoints read their form into the same kind of request, ``vllm_xargs`` (JSON
-    text) included, so cache transfer parameters would reach its connector from there."""
+    text) included, so cache transfer parameters would reach its connector from there;
+    and ``n`` (a beam search's width with ``use_beam_search``) is a count of sequences as
+    in a JSON body. Each value of a field is checked, so a field sent twice (the engine
+    takes the last) is no way around a rule."""
     if name in TRANSFER_FIELDS:
         _no_transfer_params({name: value})
     elif name == "vllm_xargs":
-        try:
-            parsed = orjson.loads(value)
-        except orjson.JSONDecodeError:
-            return          # not JSON: the engine refuses it
-        _no_transfer_params({"vllm_xargs": parsed})
+        _no_transfer_params({"vllm_xargs": _form_json(name, value)})
+    elif name in FORM_COUNTS:
+        body = {name: _form_number(name, value)}
+        if name != "best_of":       # as in a JSON body: best_of is only bounded
+            _opt_int(body, name, 1)
+        _choices(body, max_n)
+    elif name in FORM_RATES:
+        _sampling_ranges({name: _form_number(name, value)})
+
+
+def _form_number(name: str, text: str) -> int | float:
+    """The number a form field's text is, or 400 naming the field. The engine reads a form
+    with pydantic's lax mode: ``" 5_12 "`` and ``"5.0"`` are the integer 512 and 5,
+    ``"1e3"`` and ``"nan"`` floats; Python's ``int`` and ``float`` read each of these
+    alike, and a text neither reads is one the engine refuses too. NaN and the
+    infinities are refused whatever the field: no count or rate is one."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        raise _bad(name, f"must be a number, got {text[:40]!r}") from None
+    if not math.isfinite(number):
+        raise _bad(name, f"must be a finite number, got {text[:40]!r}")
+    return number
+
+
+def _form_json(name: str, text: str) -> Any:
+    """A form field's JSON text, or 400 naming the field when orjson refuses it. The
+    engine parses it with Python's ``json``, which also takes what is not JSON (``NaN``,
+    ``Infinity``, integers past 64 bits, lone surrogates): a text orjson refuses could not
+    be checked as the engine reads it, and it is nothing a client means as JSON."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise _bad(name, f"must be JSON (NaN and Infinity are not): {exc}") from None
 
 
 def _no_media_kwargs(body: Mapping[str, Any]) -> None:
@@ -564,7 +616,15 @@ def _common(body: Mapping[str, Any]) -> tuple[str, bool, str]:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise _bad("user", "must be a string")
-    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+    _sampling_ranges(body)
+    _opt_int(body, "n", 1)
+    return model, bool(stream), user or ""
+
+
+def _sampling_ranges(body: Mapping[str, Any]) -> None:
+    """400 naming the field when ``temperature`` or ``top_p`` is not a number in its
+    range (NaN is in none)."""
+    for name, low, high in SAMPLING_RANGES:
         value = body.get(name)
         if value is None:
             continue
@@ -572,8 +632,6 @@ def _common(body: Mapping[str, Any]) -> tuple[str, bool, str]:
             raise _bad(name, "must be a number")
         if not low <= value <= high:
             raise _bad(name, f"must be between {low:g} and {high:g}, got {value}")
-    _opt_int(body, "n", 1)
-    return model, bool(stream), user or ""
 
 
 MAX_TOKEN_ID = 2**32 - 1
