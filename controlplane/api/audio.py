@@ -16,6 +16,9 @@ bounded together too (at most ``upload.FIELDS_MAX`` of them, ``upload.FORM_OVERH
 bytes in all; 400 beyond), not only one by one: otherwise a chunked upload of endless
 fields would be held to its last byte. Each read from the client must arrive within
 ``http.body_timeout_s`` of the previous one (408 otherwise), not the whole upload.
+A body that is not the multipart form its Content-Type says (no boundary, a wrong one,
+cut short before the closing one) is a 400 (:func:`malformed`), and each small field is
+held to the rules of a JSON body (``validation.form_field``).
 Retries before the first byte go to another backend only while the body can be produced
 again (nothing of the file sent yet, or spooled).
 
