@@ -135,6 +135,9 @@ class Source:
                 (self.after if self.file else self.fields).append(
                     (part.name or "", await self._text(part)))
                 continue
+            if self.file is not None:     # one upload per request, as OpenAI's API takes
+                raise errors.BadRequest("a form may hold one file part", param=part.name,
+                                        code="invalid_upload")
             self.file = FilePart(part.name or "file", part.filename,
                                  part.headers.get("Content-Type", "application/octet-stream"),
                                  part)

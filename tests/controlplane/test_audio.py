@@ -82,3 +82,19 @@ async def test_the_form_fields_are_bounded_together_not_only_one_by_one(
     assert status == 400, body
     error = body["error"]
     assert isinstance(error, dict) and error["code"] == "invalid_upload"
+
+
+async def test_a_second_file_part_is_refused(url: str) -> None:
+    """A form of two files, both before ``model``: the first was spooled to a temporary
+    file, then replaced by the second and left open; one upload per request is the API's."""
+    async def two_files() -> AsyncIterator[bytes]:
+        for name in ("file", "other"):
+            yield (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; "
+                   f"filename=\"{name}.wav\"\r\n\r\nRIFF\r\n").encode()
+        yield _field("model", b"whisper") + f"--{BOUNDARY}--\r\n".encode()
+
+    status, body = await _post(url, two_files())
+    assert status == 400, body
+    error = body["error"]
+    assert isinstance(error, dict) and error["code"] == "invalid_upload"
+    assert error["param"] == "other"
