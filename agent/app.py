@@ -73,7 +73,8 @@ def _wildcard(host: str) -> bool:
 
 
 class Agent:
-    def __init__(self, cfg: AgentSettings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, cfg: AgentSettings, registry: CollectorRegistry | None = None, *,
+                 secret_env: frozenset[str] = frozenset()) -> None:
         self.cfg = cfg
         # first, so an unreadable token file (TokenFileError, naming the field) stops the
         # start before anything is built
@@ -98,7 +99,7 @@ class Agent:
                                            else sup.engine_host)
         self.supervisor = supervisor.Supervisor(
             sup, runners.Hooks(self.metrics, self.node, self._changed), advertise,
-            engine_key=self.keys.engine if self.keys else None)
+            engine_key=self.keys.engine if self.keys else None, secret_env=secret_env)
         self.embeddings = self._build_embeddings()
         # Node.ScorePairs' cross-encoder (kind minilm; else it says why there is none)
         self.scorer = pair_scorer.build(cfg.embedder)
@@ -381,8 +382,9 @@ def _owned(sample: types.GpuSample, owners: dict[int, str]) -> types.GpuSample:
     return dataclasses.replace(sample, processes=procs)
 
 
-async def run(cfg: AgentSettings) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code."""
+async def run(cfg: AgentSettings, secret_env: frozenset[str] = frozenset()) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code. ``secret_env``: the variables
+    the settings' secrets were read from, kept from the engines."""
     loop = asyncio.get_running_loop()
     stop, hurry = asyncio.Event(), asyncio.Event()
 
@@ -394,7 +396,7 @@ async def run(cfg: AgentSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     try:
-        agent = Agent(cfg)
+        agent = Agent(cfg, secret_env=secret_env)
     except OSError as exc:
         log.error("agent cannot start: %s", exc)
         return 1

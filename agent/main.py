@@ -33,7 +33,8 @@ def overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: list[str] | None = None, prog: str = "synapse agent") -> int:
     args = build_parser(prog).parse_args(argv)
-    settings = cli.bootstrap(config.AgentSettings, args, overrides(args))
+    secret_env: set[str] = set()     # kept from the engines (agent.process)
+    settings = cli.bootstrap(config.AgentSettings, args, overrides(args), secret_env)
     # The supervisor forks engines while gRPC threads run; gRPC's fork handlers are for
     # children that use gRPC, which engines never do (and they log a line per fork).
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
@@ -42,5 +43,5 @@ def main(argv: list[str] | None = None, prog: str = "synapse agent") -> int:
     try:
         import uvloop
     except ImportError:  # not on every platform; asyncio's loop works too
-        return asyncio.run(app.run(settings))
-    return uvloop.run(app.run(settings))
+        return asyncio.run(app.run(settings, frozenset(secret_env)))
+    return uvloop.run(app.run(settings, frozenset(secret_env)))

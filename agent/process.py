@@ -58,7 +58,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import psutil
@@ -104,14 +104,17 @@ def _runnable(command: str, env: Mapping[str, str]) -> None:
     raise OSError(code, os.strerror(code), command)
 
 
-def engine_environment() -> dict[str, str]:
-    """The agent's environment minus its own ``SYNAPSE_*`` settings.
+def engine_environment(withheld: Collection[str] = ()) -> dict[str, str]:
+    """The agent's environment minus its own ``SYNAPSE_*`` settings and the ``withheld``
+    variables (those the agent's secrets were read from: ``token: {env: NAME}``).
 
     Engines must not inherit them: ``SYNAPSE_CONFIG_PATH`` would point the simulator at
     the agent's config file, and secrets such as the control-plane token have no
-    business in an engine's environment (or its crash dumps).
+    business in an engine's environment (or its crash dumps). A variable a backend's own
+    ``env`` names is still given: the operator asked for it.
     """
-    return {k: v for k, v in os.environ.items() if not k.startswith("SYNAPSE_")}
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("SYNAPSE_") and k not in withheld}
 
 
 class LogSink:
@@ -197,11 +200,12 @@ class EngineProcess:
         return self.proc.pid
 
     @classmethod
-    async def spawn(cls, argv: list[str], env: dict[str, str], sink: LogSink
-                    ) -> EngineProcess:
-        """Start ``argv`` under the reaper; raises OSError when it cannot be executed."""
+    async def spawn(cls, argv: list[str], env: dict[str, str], sink: LogSink,
+                    withheld: Collection[str] = ()) -> EngineProcess:
+        """Start ``argv`` under the reaper, in :func:`engine_environment` (``withheld``
+        left out) and ``env``; raises OSError when it cannot be executed."""
         sink.note("starting: " + commands.shown(argv, env))
-        full_env = {**engine_environment(), **env}
+        full_env = {**engine_environment(withheld), **env}
         _runnable(argv[0], full_env)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-I", "-S", REAPER, str(os.getpid()), "--", *argv,

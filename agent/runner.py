@@ -130,8 +130,10 @@ class Runner:
                  session: aiohttp.ClientSession, hooks: Hooks, advertise_host: str,
                  managed: bool = False, timing: clocks.Time = clocks.Time(),
                  engine_key: str | None = None,
-                 owns: Callable[[int, int], bool | None] = process.tree_listens) -> None:
+                 owns: Callable[[int, int], bool | None] = process.tree_listens,
+                 secret_env: frozenset[str] = frozenset()) -> None:
         self.spec = spec
+        self._secret_env = secret_env   # not inherited by the engine (agent.process)
         # never in reports or logs; external backends are not ours to key
         self._key = engine_key if spec.engine != "external" else None
         self._auth = engine_keys.headers(self._key)
@@ -259,7 +261,8 @@ class Runner:
     async def _spawn(self) -> bool:
         argv = self._argv()
         try:
-            self._engine = await process.EngineProcess.spawn(argv, self._env(), self.sink)
+            self._engine = await process.EngineProcess.spawn(argv, self._env(), self.sink,
+                                                             withheld=self._secret_env)
         except OSError as exc:
             self._set(Phase.FAILED, f"cannot run {argv[0]}: {exc.strerror or exc}")
             return False

@@ -27,9 +27,11 @@ class Supervisor:
     """All runners of the node: config-defined ones and control-plane-managed ones."""
 
     def __init__(self, cfg: SupervisorSettings, hooks: runners.Hooks, advertise_host: str,
-                 timing: clocks.Time = clocks.Time(), engine_key: str | None = None) -> None:
+                 timing: clocks.Time = clocks.Time(), engine_key: str | None = None,
+                 secret_env: frozenset[str] = frozenset()) -> None:
         self.cfg = cfg
         self._engine_key = engine_key   # for every engine started (runner)
+        self._secret_env = secret_env   # variables kept from every engine (runner)
         self._hooks = hooks
         self._advertise_host = advertise_host
         self._time = timing
@@ -47,7 +49,8 @@ class Supervisor:
     def _add(self, spec: types.EngineSpec, managed: bool) -> None:
         assert self._session is not None
         runner = runners.Runner(spec, self.cfg, self._session, self._hooks, self._advertise_host,
-                                managed=managed, timing=self._time, engine_key=self._engine_key)
+                                managed=managed, timing=self._time, engine_key=self._engine_key,
+                                secret_env=self._secret_env)
         self.runners[spec.name] = runner
         runner.start()
         self._hooks.on_change()

@@ -25,6 +25,8 @@ Rules (documented in the README):
 * Secrets are fields typed :data:`Secret`. In YAML they may be a literal, ``{env: NAME}``
   or ``{file: /path}``; they are held as :class:`pydantic.SecretStr`, so ``repr`` and logs
   show ``**********``. :func:`secret_values` lists them for the log redaction filter.
+  :func:`load` tells the caller (``env_read``) which variables ``{env: NAME}`` read, so
+  that a process can keep them from its children (the agent's engines).
 * An error quotes the offending value only where that value is known to be no secret: a
   scalar field (string, number, flag, choice) of a section that holds no secret field,
   whose name does not sound like one, and whose value is no URL with credentials in it.
@@ -64,12 +66,14 @@ class ConfigError(Exception):
     """An unusable configuration; ``str()`` is the one line shown to the operator."""
 
 
-def _resolve_secret(value: Any) -> Any:
+def _resolve_secret(value: Any, info: pydantic.ValidationInfo) -> Any:
     if isinstance(value, Mapping):
         if set(value) == {"env"}:
             name = str(value["env"])
             if name not in os.environ:
                 raise ValueError(f"environment variable {name} is not set")
+            if isinstance(info.context, _EnvRead):
+                info.context.names.add(name)
             return os.environ[name]
         if set(value) == {"file"}:
             path = pathlib.Path(str(value["file"]))
@@ -79,6 +83,13 @@ def _resolve_secret(value: Any) -> Any:
                 raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
         raise ValueError("expected a string, {env: NAME} or {file: PATH}")
     return value
+
+
+class _EnvRead:
+    """The validation context that collects the variables secrets were read from."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
 
 
 Secret = Annotated[pydantic.SecretStr, pydantic.BeforeValidator(_resolve_secret)]
@@ -429,21 +440,28 @@ def describe(exc: pydantic.ValidationError,
     return f"{_format_error(errors[0], model)}{more}"
 
 
-def validate(model: type[ModelT], data: Mapping[str, Any], source: str = "config") -> ModelT:
+def validate(model: type[ModelT], data: Mapping[str, Any], source: str = "config",
+             env_read: set[str] | None = None) -> ModelT:
+    """``data`` as ``model``; the variables its secrets were read from (``{env: NAME}``)
+    are added to ``env_read``."""
+    context = _EnvRead(env_read) if env_read is not None else None
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except pydantic.ValidationError as exc:
         raise ConfigError(f"{source}: {describe(exc, model)}") from None
 
 
 def load(model: type[ModelT], path: str | None = None,
-         environ: Mapping[str, str] | None = None) -> ModelT:
-    """Read, override and validate; raises :class:`ConfigError` with one line."""
+         environ: Mapping[str, str] | None = None,
+         env_read: set[str] | None = None) -> ModelT:
+    """Read, override and validate; raises :class:`ConfigError` with one line. The names
+    of the variables secrets were read from (``{env: NAME}``) are added to ``env_read``."""
     env = os.environ if environ is None else environ
     file_path, required = resolve_config_path(path, env)
     data = read_yaml(file_path, required)
     data = apply_env_overrides(model, data, env)
-    return validate(model, data, source=file_path if required else "config")
+    return validate(model, data, source=file_path if required else "config",
+                    env_read=env_read)
 
 
 def override(loaded: ModelT, overrides: Mapping[str, object],
