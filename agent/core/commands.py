@@ -50,10 +50,11 @@ since the control plane presents the derived key and nothing else.
 What the agent shows of a command line and an environment (the engine log's ``starting:``
 line, reported as the backend's last lines) goes through :func:`shown`, the one home of the
 masking rule: the value of an environment variable whose name looks secret
-(:data:`SECRET_WORDS`, any case) and the value after a flag that looks secret
-(``--api-key``, ``--*token*``, ``--*secret*``, ``--*pass*``, ``--*dsn*``…, as
-``--flag value`` or ``--flag=value``) become :data:`MASK`, and the credentials of a URL
-in any value shown (``HTTPS_PROXY=http://user:pass@proxy``, ``--db=pg://u:p@h``) become
+(:data:`SECRET_WORDS`, any case, as a word of the name or the start or end of one; a
+token only as its last word) and the value after a flag that looks secret (``--api-key``,
+``--hf-token``, ``--*secret*``, ``--*pass*``, ``--*dsn*``…, as ``--flag value`` or
+``--flag=value``; not ``--long-prefill-token-threshold``) become :data:`MASK`, and the
+credentials of a URL in any value shown (``HTTPS_PROXY=http://user:pass@proxy``, ``--db=pg://u:p@h``) become
 ``***@`` (:class:`synapse_common.logs.RedactingFilter`'s rule, the logs' own).
 
 vLLM's own key guards only its ``/v1``-like paths (``/invocations`` serves chat to
@@ -234,13 +235,21 @@ def environment(spec: types.EngineSpec, engine_key: str | None = None,
 # connection strings (a DSN carries one)
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASS", "PWD", "CRED", "DSN", "AUTH")
 MASK = "**********"
-# TOKEN but not TOKENS or TOKENIZER: --max-num-batched-tokens and --tokenizer name no secret
-_SECRET = re.compile("|".join(SECRET_WORDS).replace("TOKEN", "TOKEN(?!S|IZ)"), re.IGNORECASE)
+# A word of a name looks secret when it begins or ends with one of SECRET_WORDS (APIKEY,
+# KEYFILE, PASSPHRASE, CREDENTIALS); a word about a token only as the name's last word
+# (--hf-token, HF_TOKEN; --long-prefill-token-threshold is a number of tokens), and never
+# TOKENS or TOKENIZER (--max-num-batched-tokens, --tokenizer).
+_SECRET_WORD = re.compile("|".join(rf"{w}\w*|\w*{w}" for w in SECRET_WORDS if w != "TOKEN"),
+                          re.IGNORECASE)
+_TOKEN_WORD = re.compile(r"TOKEN(?!S|IZ)\w*|\w*TOKEN", re.IGNORECASE)
 
 
 def secret_name(name: str) -> bool:
-    """Whether a variable or flag name looks like it holds a secret."""
-    return bool(_SECRET.search(name.replace("-", "_")))
+    """Whether a variable or flag name looks like it holds a secret: one of its words
+    (split at ``_`` and ``-``) looks secret, by the rule above."""
+    words = [w for w in re.split(r"[_\-]+", name) if w]
+    return (any(_SECRET_WORD.fullmatch(w) for w in words)
+            or bool(words and _TOKEN_WORD.fullmatch(words[-1])))
 
 
 def _secret_flag(arg: str) -> bool:

@@ -227,3 +227,16 @@ def test_passwords_dsns_and_url_credentials_are_masked_wherever_they_are_shown()
     assert "HTTPS_PROXY=http://***@proxy:3128" in line
     assert "--model https://***@hub.example/m --port 8000" in line
     assert "CUDA_VISIBLE_DEVICES=0" in line
+
+
+def test_a_flag_about_tokens_is_shown_and_one_holding_a_token_is_masked():
+    """Probe 108, F10: ``--long-prefill-token-threshold 256`` was shown as a secret, as
+    any name containing TOKEN was; a token is the secret only as the name's last word."""
+    m = commands.MASK
+    argv = ["vllm", "serve", "--long-prefill-token-threshold", "256", "--hf-token", "hf_x",
+            "--api-key=sk-1", "--token-file", "/etc/t", "--apikey", "k2"]
+    assert commands.masked_argv(argv) == [
+        "vllm", "serve", "--long-prefill-token-threshold", "256", "--hf-token", m,
+        f"--api-key={m}", "--token-file", "/etc/t", "--apikey", m]
+    assert commands.masked_env({"GITHUB_TOKEN": "g", "MAX_TOKEN_BUDGET": "9"}) == {
+        "GITHUB_TOKEN": m, "MAX_TOKEN_BUDGET": "9"}
