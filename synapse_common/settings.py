@@ -35,6 +35,9 @@ Rules (documented in the README):
   value: a section written as a string is, more often than not, the secret that was meant
   for one of its fields. A YAML syntax error likewise gives the problem and its line and
   column, never the text around it (:func:`load_yaml`, shared with ``auth.key_file``).
+* An error in a value a ``SYNAPSE_*`` variable set (or in a section it gave) names that
+  variable, not the file, and never quotes the value: the environment is where secrets
+  are passed, and a value set one variable off is shown nowhere else.
 """
 
 from __future__ import annotations
@@ -243,15 +246,26 @@ def _submodel(annotation: Any) -> type[pydantic.BaseModel] | None:
 
 
 def apply_env_overrides(model: type[pydantic.BaseModel], data: dict[str, Any],
-                        environ: Mapping[str, str]) -> dict[str, Any]:
-    """Return ``data`` with every matching ``SYNAPSE_*`` variable applied."""
+                        environ: Mapping[str, str],
+                        origins: dict[tuple[str, ...], str] | None = None) -> dict[str, Any]:
+    """Return ``data`` with every matching ``SYNAPSE_*`` variable applied; ``origins`` is
+    given the path each one set and its name."""
     out = dict(data)
     for key in sorted(environ):
         if not key.startswith(ENV_PREFIX) or key in RESERVED_ENV:
             continue
         parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
         _apply_one(model, out, parts, environ[key], key)
+        if origins is not None and parts[0] in model.model_fields:
+            origins[tuple(parts)] = key
     return out
+
+
+def _origin(loc: tuple[Any, ...], origins: Mapping[tuple[str, ...], str]) -> str | None:
+    """The variable that set the value at ``loc`` (or a section holding it), if any."""
+    path = tuple(str(p) for p in loc)
+    found = [(len(at), name) for at, name in origins.items() if path[:len(at)] == at]
+    return max(found)[1] if found else None
 
 
 def _apply_one(model: type[pydantic.BaseModel], data: dict[str, Any], parts: list[str],
@@ -399,10 +413,12 @@ _KINDS = {str: "a string", int: "a number", float: "a number", bool: "true or fa
 
 
 def _shown(model: type[pydantic.BaseModel] | None, err: Mapping[str, Any],
-           parts: list[str]) -> str:
-    """What the error says it got: the value where it is safe to show, else its kind."""
+           parts: list[str], quote: bool = True) -> str:
+    """What the error says it got: the value where it is safe to show (and ``quote``),
+    else its kind."""
     value = err["input"]
-    if (isinstance(value, str | int | float | bool) and _quotable_at(model, err["loc"])
+    if (quote and isinstance(value, str | int | float | bool)
+            and _quotable_at(model, err["loc"])
             and not any(_SECRET_PATH.search(p) for p in parts)
             and not (isinstance(value, str) and _URL_USERINFO.search(value))):
         return f" (got {value!r})"
@@ -413,7 +429,7 @@ def _shown(model: type[pydantic.BaseModel] | None, err: Mapping[str, Any],
 
 
 def _format_error(err: Mapping[str, Any],
-                  model: type[pydantic.BaseModel] | None = None) -> str:
+                  model: type[pydantic.BaseModel] | None = None, quote: bool = True) -> str:
     parts = [str(p) for p in err.get("loc", ()) if p != "__root__"]
     loc = ".".join(parts) or "(top level)"
     msg = str(err.get("msg", "invalid value"))
@@ -426,28 +442,34 @@ def _format_error(err: Mapping[str, Any],
         msg = "expected a section (a mapping of its settings)"
     got = ""
     if "input" in err and err.get("type") != "missing":
-        got = _shown(model, err, parts)
+        got = _shown(model, err, parts, quote)
     return f"{loc}: {msg[:1].lower() + msg[1:]}{got}"
 
 
 def describe(exc: pydantic.ValidationError,
-             model: type[pydantic.BaseModel] | None = None) -> str:
+             model: type[pydantic.BaseModel] | None = None, quote: bool = True) -> str:
     """One line for a validation error of ``model``: the first problem and how many more.
     The value is quoted only where :func:`_quotable_at` finds it no secret (never without
-    ``model``)."""
+    ``model``, nor without ``quote``)."""
     errors = exc.errors(include_url=False)
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{_format_error(errors[0], model)}{more}"
+    return f"{_format_error(errors[0], model, quote)}{more}"
 
 
 def validate(model: type[ModelT], data: Mapping[str, Any], source: str = "config",
-             env_read: set[str] | None = None) -> ModelT:
+             env_read: set[str] | None = None,
+             origins: Mapping[tuple[str, ...], str] | None = None) -> ModelT:
     """``data`` as ``model``; the variables its secrets were read from (``{env: NAME}``)
-    are added to ``env_read``."""
+    are added to ``env_read``. An error names ``source``, or the variable that set the
+    value (``origins``: :func:`apply_env_overrides`), whose value it does not quote."""
     context = _EnvRead(env_read) if env_read is not None else None
     try:
         return model.model_validate(data, context=context)
     except pydantic.ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        variable = _origin(first.get("loc", ()), origins or {})
+        if variable is not None:
+            raise ConfigError(f"{variable}: {describe(exc, model, quote=False)}") from None
         raise ConfigError(f"{source}: {describe(exc, model)}") from None
 
 
@@ -459,9 +481,10 @@ def load(model: type[ModelT], path: str | None = None,
     env = os.environ if environ is None else environ
     file_path, required = resolve_config_path(path, env)
     data = read_yaml(file_path, required)
-    data = apply_env_overrides(model, data, env)
+    origins: dict[tuple[str, ...], str] = {}
+    data = apply_env_overrides(model, data, env, origins)
     return validate(model, data, source=file_path if required else "config",
-                    env_read=env_read)
+                    env_read=env_read, origins=origins)
 
 
 def override(loaded: ModelT, overrides: Mapping[str, object],

@@ -331,3 +331,27 @@ def test_a_data_dir_that_is_a_file_is_refused(tmp_path: pathlib.Path) -> None:
     with pytest.raises(settings.ConfigError, match="data_dir: exists and is no directory"):
         load_cp(tmp_path, f"data_dir: {tmp_path / 'file'}\n")
     assert load_cp(tmp_path, f"data_dir: {tmp_path / 'not-yet'}\n").data_dir.endswith("not-yet")
+
+
+@pytest.mark.parametrize(("variable", "value", "field"), [
+    ("SYNAPSE_HTTP__PORT", "SEKRIT-admin-1234567890", "http.port"),
+    ("SYNAPSE_CACHE__ENABLED", "SEKRIT-milvus", "cache.enabled"),
+    ("SYNAPSE_HTTP", "{port: SEKRIT-in-a-section}", "http.port"),
+])
+def test_an_error_in_a_value_from_the_environment_names_the_variable_not_the_value(
+        tmp_path: pathlib.Path, variable: str, value: str, field: str) -> None:
+    """Probe 108, F9: ``SYNAPSE_HTTP__PORT=<secret>`` printed the secret ("(got '…')")
+    and blamed the config file, which holds no such value."""
+    with pytest.raises(settings.ConfigError) as err:
+        load_cp(tmp_path, "http:\n  port: 8080\n", {variable: value})
+    message = str(err.value)
+    assert message.startswith(f"{variable}: {field}: "), message
+    assert "SEKRIT" not in message and "config.yaml" not in message
+
+
+def test_an_error_in_the_file_still_names_the_file_and_quotes_a_plain_value(
+        tmp_path: pathlib.Path) -> None:
+    with pytest.raises(settings.ConfigError) as err:
+        load_cp(tmp_path, "http:\n  port: abc\n", {"SYNAPSE_CACHE__ENABLED": "false"})
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'config.yaml'}: http.port: ") and "'abc'" in message
