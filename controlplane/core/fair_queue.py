@@ -53,18 +53,20 @@ queue, which knows nothing of tenants. One :class:`FairQueue` per model
   :mod:`shared_routing`): a request's start tag and charge when it queues (each worker
   adds the charge to the tenant's last tag: :meth:`FairQueue.merge_tag`), a class's clock
   when one is sent on (each worker takes the larger), a settled request's re-tag, and
-  each worker's head (class and finish tag, until its deadline). A worker's head goes
-  only when no sibling's head comes before it (higher class, or the same class and a
-  smaller tag; equal tags by worker index), exactly as the one head of a single queue
-  would: so a large head on one worker holds the seats that free against the other
-  workers' requests of later turns too, and a small request of an earlier turn passes it,
-  wherever each came in. A sibling's head stops this worker's only while the sibling may
-  still be sending it on: once a seat has been free here for it for its seat holding and
-  a few polls, it no longer counts (:meth:`Gate._sibling_first`), so a stalled sibling,
-  or one whose view of the backends differs, costs a bounded wait, not its deadline. While a sibling has requests of a model waiting, a newcomer of
-  their class or a lower one queues (for its place in the order), and the tags of the busy
-  period are kept when this worker's own queue empties (else a stream of small requests
-  there would start afresh each time and pass a sibling's large one for ever). A request
+  each worker's head (which request, its class and finish tag, until its deadline). A
+  worker's head goes only when no sibling's head comes before it (higher class, or the
+  same class and a smaller tag; equal tags by worker index), exactly as the one head of a
+  single queue would: so a large head on one worker holds the seats that free against the
+  other workers' requests of later turns too, and a small request of an earlier turn
+  passes it, wherever each came in. A sibling's head stops this worker's only while the
+  sibling may still be sending it on: once a seat has been free here for that request for
+  its seat holding and a few polls, it no longer counts, re-tagged or not
+  (:meth:`Gate._sibling_first`), so a stalled sibling, or one whose view of the backends
+  differs, costs a bounded wait, not its deadline. While a sibling has requests of a
+  model waiting (its head's deadline not passed), a newcomer of their class or a lower one
+  queues (for its place in the order), and the tags of the busy period are kept when this
+  worker's own queue empties (else a stream of small requests there would start afresh
+  each time and pass a sibling's large one for ever). A request
   settling wakes the siblings' pumps with requests of that model waiting, as it wakes this
   worker's, and a worker tells its next head only once the request sent on before it has
   been dispatched (its seats are then in the siblings' ledgers). The exchange happens only
@@ -340,9 +342,10 @@ class Siblings(Protocol):
     """The pod's other serving workers, told over the routing mesh (:mod:`shared_routing`)
     what makes this worker's queue of a model and theirs one order."""
 
-    def head(self, model: str, rank: int, tag: float, left_s: float) -> None:
-        """This worker's first waiting request of ``model`` is of class ``rank`` with
-        finish tag ``tag`` and waits ``left_s`` more at most; ``left_s`` <= 0: none waits."""
+    def head(self, model: str, rank: int, tag: float, left_s: float, seq: int) -> None:
+        """This worker's first waiting request of ``model`` is request ``seq`` (its number
+        in this worker's queue of the model) of class ``rank`` with finish tag ``tag`` and
+        waits ``left_s`` more at most; ``left_s`` <= 0: none waits."""
 
     def tagged(self, model: str, rank: int, tenant: str, start: float,
                charge: float) -> None:
@@ -368,6 +371,7 @@ class SiblingHead:
     tag: float
     index: int                  # the sibling's worker index (breaks a tie of tags)
     until: float                # its deadline, by this worker's clock
+    seq: int                    # which request it is (Waiter.seq, on the sibling)
     room_since: float | None = None     # this worker first saw room for it (it came first)
 
 
@@ -389,7 +393,7 @@ class Gate:
         # among them, which breaks a tie between two heads of equal class and tag.
         self.siblings: Siblings | None = None
         self.worker_index = 0
-        self._told: dict[str, tuple[int, float, float]] = {}   # model -> the head told
+        self._told: dict[str, tuple[int, int, float]] = {}   # model -> the head told
         # models whose tags were told with no head told since (a "none" resets them)
         self._untold: set[str] = set()
         self._sibling_heads: dict[str, dict[object, SiblingHead]] = {}
@@ -425,18 +429,19 @@ class Gate:
     # -- the pod's other workers (the module's docstring) ----------------------------------
 
     def sibling_head(self, peer: object, index: int, model: str, rank: int, tag: float,
-                     left_s: float) -> None:
-        """Sibling ``peer`` (worker ``index``)'s first waiting request of ``model`` is of
-        class ``rank`` with finish tag ``tag``, for ``left_s`` more at most; ``left_s``
-        <= 0: none waits there."""
+                     left_s: float, seq: int) -> None:
+        """Sibling ``peer`` (worker ``index``)'s first waiting request of ``model`` is its
+        request ``seq``, of class ``rank`` with finish tag ``tag``, for ``left_s`` more at
+        most; ``left_s`` <= 0: none waits there."""
         heads = self._sibling_heads.setdefault(model, {})
         if left_s > 0 and 0 <= rank < len(self.options.classes) and math.isfinite(tag):
             old = heads.get(peer)
-            # the same head told again (a greeting) keeps the room seen for it
-            seen = old.room_since if old is not None and (old.rank, old.tag) == (rank, tag) \
-                else None
+            # The same request told again (re-tagged by a settle or an overlap, or in a
+            # greeting) keeps the room seen for it, so its grace is the request's, not its
+            # tag's; another request is another head, though its tag be equal.
+            seen = old.room_since if old is not None and old.seq == seq else None
             until = self._clock() + min(left_s, self.options.deadline_s)
-            heads[peer] = SiblingHead(rank, tag, index, until, seen)
+            heads[peer] = SiblingHead(rank, tag, index, until, seq, seen)
         else:
             heads.pop(peer, None)
         self._pin(model)
@@ -465,7 +470,7 @@ class Gate:
         """Sibling ``peer``'s connection ended: what it told with it."""
         for model in list(self._sibling_heads):
             if peer in self._sibling_heads[model]:
-                self.sibling_head(peer, 0, model, 0, 0.0, 0.0)
+                self.sibling_head(peer, 0, model, 0, 0.0, 0.0, -1)
         for model in self._queues:      # tags it told with no head (cut off between them)
             self._pin(model)
 
@@ -480,7 +485,7 @@ class Gate:
                 to.clocked(model, rank, q.clock(rank))
                 for tenant, tag in q.last_tags(rank).items():
                     to.tagged(model, rank, tenant, tag, 0.0)
-            to.head(model, head.rank, head.finish, self._left(head))
+            to.head(model, head.rank, head.finish, self._left(head), head.seq)
 
     def _pin(self, model: str) -> None:
         """Keep ``model``'s tags while a sibling has requests of it waiting; once none
@@ -493,9 +498,25 @@ class Gate:
             q.pinned = model in self._sibling_heads
             q.reset_if_idle()
 
+    def _drop_expired_heads(self, model: str) -> None:
+        """Forget the siblings' heads of ``model`` whose deadline has passed: none waits
+        there any more (its pump expired it, or its event loop is stuck with the
+        connection open and tells nothing), and one kept this worker's tags of an old
+        busy period (:meth:`_pin`) and its wake-ups to the siblings going for ever."""
+        heads = self._sibling_heads.get(model)
+        if not heads:
+            return
+        now = self._clock()
+        expired = [peer for peer, h in heads.items() if h.until <= now]
+        if expired:
+            for peer in expired:
+                del heads[peer]
+            self._pin(model)
+
     def _sibling_waits(self, model: str, rank: int | None) -> bool:
         """Whether a sibling has a request of ``model`` waiting of class ``rank`` or a
         higher one (any class: None)."""
+        self._drop_expired_heads(model)
         heads = self._sibling_heads.get(model)
         if not heads:
             return False
@@ -516,6 +537,7 @@ class Gate:
         connection open, or whose view of the backends has no room (eligibility and the
         learned seat limits are each process's), would keep free seats idle on every
         other worker until its head's deadline."""
+        self._drop_expired_heads(model)
         heads = self._sibling_heads.get(model)
         if not heads:
             return None
@@ -556,13 +578,13 @@ class Gate:
                 # pump's first pass), so the siblings' idle queues forget them
                 self._told.pop(model, None)
                 self._untold.discard(model)
-                siblings.head(model, 0, 0.0, 0.0)
+                siblings.head(model, 0, 0.0, 0.0, -1)
             return
         self._untold.discard(model)
-        now = (head.rank, head.finish, head.deadline)
+        now = (head.seq, head.rank, head.finish)     # another request, or a re-tag
         if now != told:
             self._told[model] = now
-            siblings.head(model, head.rank, head.finish, self._left(head))
+            siblings.head(model, head.rank, head.finish, self._left(head), head.seq)
 
     def depths(self) -> dict[str, int]:
         """Requests waiting per model (models with none left out)."""
@@ -577,6 +599,7 @@ class Gate:
         """Wait for the turn of a request of ``model`` (``sequences``: the seats it
         takes, which ``room`` is asked for); the seconds waited. Raises
         :class:`errors.QueueFull` / :class:`errors.QueueTimeout` (deadline)."""
+        self._drop_expired_heads(model)     # their busy period may be over: fresh tags
         q = self._queue(model)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         w = q.push(tenant, cls, weight, tokens, self._clock(), future, sequences)
@@ -618,8 +641,10 @@ class Gate:
         """Capacity may have freed for ``model`` (a request settled): this worker's pump
         looks again, and so do the siblings' that have requests of it waiting."""
         self._wake_local(model)
-        if self.siblings is not None and model in self._sibling_heads:
-            self.siblings.woke(model)
+        if self.siblings is not None:
+            self._drop_expired_heads(model)
+            if model in self._sibling_heads:
+                self.siblings.woke(model)
 
     def _wake_local(self, model: str) -> None:
         event = self._wakeups.get(model)

@@ -29,9 +29,9 @@ dispatched it itself:
   of its lookups made before (``TieredCache.forget``; the shared stores were emptied by
   the process that was asked);
 * the fair queue's order (:class:`Queues`), so that the pod's queues of a model are one
-  (:mod:`fair_queue`): each worker's first waiting request (its class and finish tag),
-  each request's start tag and charge as it queues, each class's virtual clock as one
-  is sent on, a settled request's re-tag, and a wake-up when a request settles on a worker
+  (:mod:`fair_queue`): each worker's first waiting request (its class, finish tag and
+  number in that worker's queue), each request's start tag and charge as it queues,
+  each class's virtual clock as one is sent on, a settled request's re-tag, and a wake-up when a request settles on a worker
   (sent only to siblings with requests of that model waiting). The first three travel
   only while requests wait (the queue is engaged), and the greeting replays them (a
   tenant's last tag as a charge of 0). Times travel as durations (the head's time left),
@@ -76,9 +76,9 @@ from controlplane.core import fair_queue, response_pins, served_log
 from controlplane.core import ledger as ledger_mod
 from controlplane.core import router as router_mod
 
-VERSION = 5         # 2: a pin names its tenant; 3: a dispatch its sequences;
+VERSION = 6         # 2: a pin names its tenant; 3: a dispatch its sequences;
                     # 4: the fair queue's order (heads, tags, clocks) instead of holds;
-                    # 5: a tag is a start and a charge
+                    # 5: a tag is a start and a charge; 6: a head says which request
 MAX_FRAME = 256 * 1024 * 1024   # bytes; a longer frame means a broken peer
 FRAME_EVENTS = 256              # events per frame at most, so a burst stays far below it
 
@@ -93,7 +93,8 @@ PIN = "r"           # ("r", tenant, response id, backend)
 SERVED = "v"        # ("v", request id, *the Served fields in order)
 COST = "c"          # ("c", backend, *the rest of CostModel.observe's arguments in order)
 FORM = "m"          # ("m", form key (tenant and model), the stream form learnt for it)
-HEAD = "q"          # ("q", model, class rank, finish tag, seconds left; 0 left: none waits)
+HEAD = "q"          # ("q", model, class rank, finish tag, seconds left; 0 left: none waits,
+                    #  the request's number in the sender's queue of the model)
 TAG = "g"           # ("g", model, class rank, tenant, start tag, charge)
 CLOCK = "k"         # ("k", model, class rank, the class's virtual clock)
 SHIFT = "z"         # ("z", model, class rank, tenant, shift of its tags)
@@ -143,7 +144,7 @@ class Queues(Protocol):
     worker_index: int
 
     def sibling_head(self, peer: object, index: int, model: str, rank: int, tag: float,
-                     left_s: float) -> None: ...
+                     left_s: float, seq: int) -> None: ...
 
     def sibling_tagged(self, index: int, model: str, rank: int, tenant: str, start: float,
                        charge: float) -> None: ...
@@ -165,8 +166,8 @@ class _Recorded:
     def __init__(self) -> None:
         self.events: list[Event] = []
 
-    def head(self, model: str, rank: int, tag: float, left_s: float) -> None:
-        self.events.append((HEAD, model, rank, tag, left_s))
+    def head(self, model: str, rank: int, tag: float, left_s: float, seq: int) -> None:
+        self.events.append((HEAD, model, rank, tag, left_s, seq))
 
     def tagged(self, model: str, rank: int, tenant: str, start: float,
                charge: float) -> None:
@@ -308,9 +309,9 @@ class Sharing:
     # A number that is not finite is never sent: JSON has no such value (orjson writes
     # null), and a sibling could not read the event (_finite).
 
-    def head(self, model: str, rank: int, tag: float, left_s: float) -> None:
+    def head(self, model: str, rank: int, tag: float, left_s: float, seq: int) -> None:
         if not self._applying and _finite(HEAD, model, tag, left_s):
-            self._publish((HEAD, model, rank, tag, left_s))
+            self._publish((HEAD, model, rank, tag, left_s, seq))
 
     def tagged(self, model: str, rank: int, tenant: str, start: float,
                charge: float) -> None:
@@ -479,8 +480,11 @@ class Inbound:
             raise ValueError("a number that is not finite")
         assert self.peer is not None
         if kind == HEAD:
+            seq = event[5]
+            if not isinstance(seq, int) or isinstance(seq, bool):
+                raise TypeError(f"a head's request number is not an integer: {seq!r}")
             queues.sibling_head(self, self.peer[0], model, rank, float(event[3]),
-                                float(event[4]))
+                                float(event[4]), seq)
         elif kind == TAG:
             queues.sibling_tagged(self.peer[0], model, rank, str(event[3]), float(event[4]),
                                   max(0.0, float(event[5])))

@@ -27,7 +27,7 @@ def test_a_number_that_is_not_finite_is_never_sent(caplog: pytest.LogCaptureFixt
     s0.attach(lambda: None)
     with caplog.at_level(logging.ERROR, "synapse.controlplane.mesh"):
         s0.tagged("m", 0, "mallory", 100.0, math.inf)
-        s0.head("m", 0, math.nan, 1.0)
+        s0.head("m", 0, math.nan, 1.0, 0)
         s0.clocked("m", 0, -math.inf)
         s0.shifted("m", 0, "mallory", math.inf)
     assert s0.take() is None        # orjson would have written null
@@ -48,10 +48,12 @@ def test_a_queue_event_a_sibling_cannot_take_is_skipped_not_its_connection() -> 
     inbound.feed(w0.sharing.take() or b"")
     assert inbound.foreign() == 1
     inbound.feed(shared.frame([(shared.TAG, "m", 0, "mallory", None, 1.0)]))
-    inbound.apply([[shared.HEAD, "m", 0, 10**400, 1.0],       # decoded: past any frame
+    inbound.apply([[shared.HEAD, "m", 0, 10**400, 1.0, 0],    # decoded: past any frame
+                   [shared.HEAD, "m", 0, 1.0, 1.0],             # which request: not said
+                   [shared.HEAD, "m", 0, 1.0, 1.0, "7"],
                    [shared.SHIFT, "m", "x", "mallory", 1.0],
                    [shared.CLOCK, "m", 0, 5.0]])
-    assert inbound.foreign() == 1 and inbound.skipped == 3
+    assert inbound.foreign() == 1 and inbound.skipped == 5
     assert receiver.told == [("clocked", "m", 0, 5.0)]
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import math
 
+import pytest
+
 from controlplane.core import fair_queue
 from tests.clock import ManualClock
 from tests.controlplane.test_fair_queue import MODEL, Fleet, cancel, request, settle_until
@@ -120,9 +122,9 @@ class Heard(Told):
         super().__init__(me, others)
         self._heads = heads
 
-    def head(self, model: str, rank: int, tag: float, left_s: float) -> None:
+    def head(self, model: str, rank: int, tag: float, left_s: float, seq: int) -> None:
         self._heads.append((self._me.worker_index, tag if left_s > 0 else -1.0))
-        super().head(model, rank, tag, left_s)
+        super().head(model, rank, tag, left_s, seq)
 
 
 def joined_heard(*gates: fair_queue.Gate) -> list[tuple[int, float]]:
@@ -308,3 +310,137 @@ def test_a_requests_charge_is_finite_however_many_tokens_it_says() -> None:
         assert all(math.isfinite(t) for t in q.last_tags(0).values())
     finally:
         loop.close()
+
+
+# -- reviewer-111's findings: a sibling's head is a request, told until its deadline ------
+
+@pytest.mark.parametrize("every_s", [1.0, 100.0])   # 100: no settle before bob may go
+async def test_a_sibling_head_retold_with_a_new_tag_does_not_restart_the_grace(
+        every_s: float) -> None:
+    """B's view has no room, A's has; B's head (alice) comes first. Alice has other
+    requests in flight that settle about once a second (here on A): each re-tags her
+    waiting request on B, B tells its head again with the new tag, and A started the
+    grace afresh each time: bob waited until his deadline with four seats free. The grace
+    is the request's, re-tagged or not: bob goes after max_seat_hold_s and a few polls."""
+    clock = ManualClock()
+    view_a, view_b = Fleet(free=0), Fleet(free=0)
+    a = moving_gate(view_a.room, Stallable(clock), deadline_s=8.0)
+    b = moving_gate(view_b.room, Stallable(clock), deadline_s=8.0)
+    heads = joined_heard(a, b)
+    bob = asyncio.create_task(request(a, view_a, "bob", "bob", tokens=1000))
+    await settle_until(lambda: (0, 1000.0) in heads, "A to tell bob")
+    alice = asyncio.create_task(request(b, view_b, "alice", "alice", tokens=10))
+    await settle_until(lambda: (1, 10.0) in heads, "B to tell alice")
+    view_a.free = 4
+    a.wake(MODEL)
+    start = clock.now
+    next_settle = start + every_s
+    try:
+        for _ in range(20000):
+            if bob.done():
+                break
+            if clock.now >= next_settle:
+                # one of alice's earlier requests (charged 10, used 9) ended on A
+                a.settle(MODEL, "alice", "interactive", 1.0, 10, 9)
+                next_settle += every_s
+            await asyncio.sleep(0.001)
+        released_at = clock.now
+        await asyncio.wait_for(bob, 5)      # a QueueTimeout at its deadline, before
+    finally:
+        await cancel(alice)
+        if not bob.done():
+            await cancel(bob)
+        await a.close()
+        await b.close()
+    grace = 2.0 + fair_queue.SIBLING_GRACE_POLLS * 0.05
+    assert released_at - start < grace + 1.0, (released_at - start, view_a.released)
+
+
+async def test_a_siblings_new_head_with_an_equal_tag_gets_its_own_grace() -> None:
+    """B's head alice (four seats, tag 10) holds seats for max_seat_hold_s; A saw a seat
+    free for her from the start. B then sends alice on, and its next head is carol, of
+    another tenant and the same size, so of the same tag (common at the start of a busy
+    period). A kept the room it saw for alice and ignored carol at once, and bob (1000)
+    went before carol (10), against the pod's order: she gets a grace of her own."""
+    clock = ManualClock()
+    view_a, view_b = Fleet(free=0), Fleet(free=0)
+    a = moving_gate(view_a.room, Stallable(clock), deadline_s=30.0)
+    b = moving_gate(view_b.room, Stallable(clock), deadline_s=30.0)
+    heads = joined_heard(a, b)
+    bob = asyncio.create_task(request(a, view_a, "bob", "bob", tokens=1000))
+    await settle_until(lambda: (0, 1000.0) in heads, "A to tell bob")
+    alice = asyncio.create_task(request(b, view_b, "alice", "alice", tokens=10,
+                                        sequences=4))
+    carol = asyncio.create_task(request(b, view_b, "carol", "carol", tokens=10))
+    await settle_until(lambda: (1, 10.0) in heads, "B to tell alice")
+    view_a.free = 1             # A: a seat free all along (alice's grace starts)
+    view_b.free = 1             # B: one of alice's four: she holds it for 2 s
+    a.wake(MODEL)
+    b.wake(MODEL)
+    await settle_until(lambda: "alice" in view_b.released, "alice to go after holding")
+    told_carol_at = clock.now
+    view_b.free = 0             # B's view now has no room for carol
+    try:
+        await settle_until(lambda: bob.done() or clock.now - told_carol_at > 1.0,
+                           "a second")
+        assert not bob.done(), ("A passed carol, told "
+                                f"{clock.now - told_carol_at:.2f}s before (her grace is 2.2 s)")
+    finally:
+        await cancel(carol, bob, alice)
+        await a.close()
+        await b.close()
+
+
+class Woken:
+    """A gate's siblings that count the wake-ups told them (nothing else is heard)."""
+
+    def __init__(self) -> None:
+        self.woken = 0
+
+    def head(self, model: str, rank: int, tag: float, left_s: float, seq: int) -> None:
+        return None
+
+    def tagged(self, model: str, rank: int, tenant: str, start: float,
+               charge: float) -> None:
+        return None
+
+    def clocked(self, model: str, rank: int, start: float) -> None:
+        return None
+
+    def shifted(self, model: str, rank: int, tenant: str, shift: float) -> None:
+        return None
+
+    def woke(self, model: str) -> None:
+        self.woken += 1
+
+
+async def test_a_stalled_siblings_head_past_its_deadline_ends_the_busy_period() -> None:
+    """Sibling B told its head and stalled with its connection open (it never tells that
+    none waits). Once that head's deadline has passed it waits there no more, yet it kept
+    A's tags of the old busy period (mallory's earlier large request counted against her
+    next ones) and every settle on A still woke B."""
+    clock = ManualClock()
+    engine = Fleet(free=1)
+    a = stopped_clock_gate(engine, clock, hold_s=2.0)
+    siblings = Woken()
+    a.siblings = siblings
+    a.worker_index = 0
+    a.sibling_head(object(), 1, MODEL, 1, 0.0, 1.0, 0)     # a batch head: never first
+    await asyncio.wait_for(request(a, engine, "mallory-0", "mallory", tokens=1000), 5)
+    clock.now += 2.0                                        # B's head is past its deadline
+    mallory = asyncio.create_task(request(a, engine, "mallory-1", "mallory", tokens=10))
+    alice = asyncio.create_task(request(a, engine, "alice", "alice", tokens=10))
+    await settle_until(lambda: a.depth(MODEL) == 2, "both to queue")
+    engine.free = 1
+    a.wake(MODEL)
+    await settle_until(lambda: len(engine.released) == 2, "a release")
+    await cancel(mallory, alice)
+    assert engine.released == ["mallory-0", "mallory-1"], "the old busy period's tags"
+    siblings.woken = 0
+    a.sibling_head(object(), 1, MODEL, 1, 0.0, 1.0, 0)
+    a.wake(MODEL)
+    assert siblings.woken == 1          # B's head waits: B is woken
+    clock.now += 2.0
+    a.wake(MODEL)
+    await a.close()
+    assert siblings.woken == 1, "woke a sibling whose head's deadline has passed"

@@ -107,9 +107,9 @@ class Told:
     def __init__(self, me: fair_queue.Gate, others: list[fair_queue.Gate]) -> None:
         self._me, self._others = me, others
 
-    def head(self, model: str, rank: int, tag: float, left_s: float) -> None:
+    def head(self, model: str, rank: int, tag: float, left_s: float, seq: int) -> None:
         for g in self._others:
-            g.sibling_head(self._me, self._me.worker_index, model, rank, tag, left_s)
+            g.sibling_head(self._me, self._me.worker_index, model, rank, tag, left_s, seq)
 
     def tagged(self, model: str, rank: int, tenant: str, start: float,
                charge: float) -> None:
@@ -175,13 +175,13 @@ async def test_a_siblings_head_ends_when_it_goes_away_or_its_time_is_up() -> Non
     engine = Fleet(free=1)
     b = stopped_clock_gate(engine, clock, hold_s=10.0)
     peer = object()
-    b.sibling_head(peer, 0, MODEL, 1, 0.0, 5.0)     # it comes first: class 1, tag 0
+    b.sibling_head(peer, 0, MODEL, 1, 0.0, 5.0, 0)  # it comes first: class 1, tag 0
     small = asyncio.create_task(request(b, engine, "small", "y", cls="batch"))
     await asyncio.sleep(0.05)
     assert not small.done()
     b.peer_gone(peer)
     await asyncio.wait_for(small, 5)
-    b.sibling_head(peer, 0, MODEL, 1, 0.0, 5.0)     # and again, never ended by a word
+    b.sibling_head(peer, 0, MODEL, 1, 0.0, 5.0, 1)  # and again, never ended by a word
     engine.free = 1
     late = asyncio.create_task(request(b, engine, "late", "y", cls="batch"))
     await asyncio.sleep(0.05)
@@ -215,8 +215,8 @@ class Queues:
         self.told: list[tuple[Any, ...]] = []
 
     def sibling_head(self, peer: object, index: int, model: str, rank: int, tag: float,
-                     left_s: float) -> None:
-        self.told.append(("head", index, model, rank, tag, left_s))
+                     left_s: float, seq: int) -> None:
+        self.told.append(("head", index, model, rank, tag, left_s, seq))
 
     def sibling_tagged(self, index: int, model: str, rank: int, tenant: str, start: float,
                        charge: float) -> None:
@@ -236,7 +236,7 @@ class Queues:
 
     def replay(self, to: fair_queue.Siblings) -> None:
         to.clocked("m", 0, 7.0)
-        to.head("m", 0, 9.5, 3.0)
+        to.head("m", 0, 9.5, 3.0, 4)
 
 
 def test_the_queues_order_travels_over_the_mesh_and_ends_with_the_connection() -> None:
@@ -250,19 +250,19 @@ def test_the_queues_order_travels_over_the_mesh_and_ends_with_the_connection() -
     inbound = s1.inbound()
     inbound.feed(s0.greeting())                 # what waits there when the peer joins
     sender.siblings.tagged("m", 1, "alice", 100.0, 20.0)
-    sender.siblings.head("m", 1, 120.0, 1.5)
+    sender.siblings.head("m", 1, 120.0, 1.5, 5)
     sender.siblings.clocked("m", 1, 100.0)
     sender.siblings.shifted("m", 1, "alice", -20.0)
     sender.siblings.woke("m")
-    sender.siblings.head("m", 0, 0.0, 0.0)
+    sender.siblings.head("m", 0, 0.0, 0.0, -1)
     frame = s0.take()
     assert frame is not None
     inbound.feed(frame)
     inbound.close()
     assert receiver.told == [
-        ("clocked", "m", 0, 7.0), ("head", 0, "m", 0, 9.5, 3.0),
-        ("tagged", 0, "m", 1, "alice", 100.0, 20.0), ("head", 0, "m", 1, 120.0, 1.5),
+        ("clocked", "m", 0, 7.0), ("head", 0, "m", 0, 9.5, 3.0, 4),
+        ("tagged", 0, "m", 1, "alice", 100.0, 20.0), ("head", 0, "m", 1, 120.0, 1.5, 5),
         ("clocked", "m", 1, 100.0), ("shifted", "m", 1, "alice", -20.0), ("woke", "m"),
-        ("head", 0, "m", 0, 0.0, 0.0), ("gone",)]
+        ("head", 0, "m", 0, 0.0, 0.0, -1), ("gone",)]
     s0.detach()
     assert sender.siblings is None
