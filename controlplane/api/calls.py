@@ -95,7 +95,8 @@ async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False,
         body = validation.parse_json(raw, h.max_json_depth, h.max_messages, h.max_n,
                                      h.max_structured_output_bytes, h.max_sequences,
                                      h.request_chat_templates, h.max_tool_schema_bytes,
-                                     h.request_media_kwargs, turns)
+                                     h.request_media_kwargs, turns,
+                                     max_containers=h.max_json_containers)
         call = parse(body)
         validation.bound_sequences(call.sequences, 1, h.max_pooling_inputs, call.fields[0],
                                    "inputs", "http.max_pooling_inputs")

@@ -202,9 +202,17 @@ def _is_number(value: Any) -> bool:
             and math.isfinite(value))
 
 
+# Values that are their own canonical form, and the key type of a dict that is.
+_PLAIN = frozenset({str, int, bool, type(None)})
+_STR_KEYS = frozenset({str})
+_SCALARS = _PLAIN | {float}
+
+
 def _normalise(value: Any, fractions: list[float]) -> Any:
     """Canonical form: integral floats become ints, containers recurse; the other finite
-    floats are also appended to ``fractions``."""
+    floats are also appended to ``fractions``. A container of plain values only (strings,
+    ints, booleans, nulls; string keys) is returned as it is, checked by ``map(type, ...)``
+    at C speed: a Python call per item is what made a body of many values cost the loop."""
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, float):
@@ -217,8 +225,19 @@ def _normalise(value: Any, fractions: list[float]) -> Any:
     if isinstance(value, int):
         return value
     if isinstance(value, Mapping):
+        if type(value) is dict and _PLAIN.issuperset(map(type, value.values())) \
+                and _STR_KEYS.issuperset(map(type, value)):
+            return value        # its own canonical form, found without a step per item
         return {str(k): _normalise(v, fractions) for k, v in value.items()}
     if isinstance(value, list | tuple):
+        kinds = set(map(type, value))
+        if _PLAIN.issuperset(kinds):
+            return value        # (a prompt's token ids, say: one C pass, not one call each)
+        if _SCALARS.issuperset(kinds):
+            floats = [v for v in value if type(v) is float]
+            if all(map(math.isfinite, floats)):     # numbers only: comprehensions, no calls
+                fractions.extend([v for v in floats if not v.is_integer()])
+                return [int(v) if type(v) is float and v.is_integer() else v for v in value]
         return [_normalise(v, fractions) for v in value]
     return repr(value)
 

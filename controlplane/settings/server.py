@@ -71,6 +71,11 @@ class HttpSettings(Section):
     max_json_depth: int = Field(64, ge=4, le=250,
                                 description="deepest nesting of arrays and objects in a "
                                 "request body (400 above)")
+    max_json_containers: int = Field(
+        65536, ge=256, description="most arrays and objects in a request body (400 above, "
+        "counted on the raw bytes before the body is parsed). The server walks a body's "
+        "containers in Python (its cache key, media URLs, prompt): a body of millions of "
+        "tiny arrays would hold the event loop, and every tenant, for seconds")
     max_messages: int = Field(
         2048, ge=1, description="most messages in a request's messages array (chat "
         "completions, Anthropic messages and count_tokens, tokenize), and most items in a "
