@@ -1,8 +1,9 @@
 """The common front and middle of every path beyond chat and completions.
 
 The order is the chat path's (:mod:`controlplane.api.serving`), so each path gets the same
-rules: authenticate → read the body (``http.max_body_bytes``, ``http.body_timeout_s``)
-and parse it once (``http.max_json_depth``) → rate limit → resolve the model (404
+rules: authenticate → rate limit (before a byte of the body) → read the body
+(``http.max_body_bytes``, ``http.body_timeout_s``) and parse it once
+(``http.max_json_depth``) → resolve the model (404
 unknown, **403 when the tenant may not use it**) → [the response cache, where the path
 allows it] → token limits and budget → route to backends that serve the path's task
 (with fallback models; 503 when none can) → the fair queue → dispatch with retries
@@ -83,11 +84,24 @@ def authenticate(request: web.Request, x_api_key: bool = False) -> tenants.Tenan
 
 async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False,
                 turns: tuple[str, ...] = validation.TURNS) -> Front:
-    """Authenticate, wait for the tenant's turn on the loop (``serving.take_turn``), read
-    and parse the body (its arrays of ``turns`` bounded by ``http.max_messages``),
-    rate-limit, resolve the model."""
-    svc, ctx = context.of(request)
+    """Authenticate, rate-limit (``serving.acquire``: before the body), wait for the
+    tenant's turn on the loop (``serving.take_turn``), read and parse the body (its
+    arrays of ``turns`` bounded by ``http.max_messages``), resolve the model."""
     tenant = authenticate(request, x_api_key)
+    permit = await serving.acquire(request, tenant)     # before a byte of the body
+    try:
+        front = Front(tenant, *await _read(request, parse, turns), permit)
+        front.canonical = serving.resolve_model(request, tenant, front.call.model)
+    except BaseException:
+        serving.release_later(request, permit)
+        raise
+    return front
+
+
+async def _read(request: web.Request, parse: Parse, turns: tuple[str, ...],
+                ) -> tuple[dict[str, Any], bytes, api_calls.Call]:
+    """Wait for the tenant's turn, read, parse and check the body: (body, raw, call)."""
+    svc, ctx = context.of(request)
     raw = await serving.turn_then_body(request, svc, ctx)
     h = svc.settings.http
     started = time.perf_counter()
@@ -106,23 +120,12 @@ async def begin(request: web.Request, parse: Parse, *, x_api_key: bool = False,
         media_urls.check_body(body, h.media_urls)
     finally:
         serving.charge_now(svc, ctx, time.perf_counter() - started)
-    front = Front(tenant, body, raw, call, await acquire(request, tenant))
-    try:
-        front.canonical = serving.resolve_model(request, tenant, call.model)
-    except BaseException:
-        serving.release_later(request, front.permit)
-        raise
-    return front
+    return body, raw, call
 
 
 async def acquire(request: web.Request, tenant: tenants.Tenant) -> ratelimit.Permit:
     """A slot under the tenant's request rate and concurrency (429 naming the limit)."""
-    svc, ctx = context.of(request)
-    try:
-        return await svc.limiter.acquire(tenant, ctx.request_id)
-    except errors.RateLimited as exc:
-        svc.child(svc.metrics.rate_limited, tenant.name, exc.limit).inc()
-        raise
+    return await serving.acquire(request, tenant)
 
 
 def prompt_of(request: web.Request, tenant: str, call: api_calls.Call) -> router_mod.Prompt:

@@ -207,20 +207,26 @@ class Lane:
         return cls(routes, http, _admits(app)) if routes else None
 
 
+# Set on a request whose body the lane drops unread because its tenant was over its
+# request rate at the head: the serving path answers 429 whatever its own check finds.
+BODY_DROPPED = "synapse.lane.body_dropped"
+
+
 def _admits(app: web.Application) -> Callable[[CIMultiDictProxy[str]], bool]:
     """Whether a head's ``Authorization`` passes the app's authentication (the check
-    ``serving.admit`` makes first)."""
+    ``serving.admit`` makes first) by a tenant not over its request rate (the check it
+    makes next, ``ratelimit.RateLimiter.over_rate``): the body of any other is dropped."""
     services = app.get(context.SERVICES)
     if services is None:
         return lambda _: True
-    tenants = services.tenants
+    tenants, limiter = services.tenants, services.limiter
 
     def admits(headers: CIMultiDictProxy[str]) -> bool:
         try:
-            tenants.authenticate(headers.get("Authorization"))
+            tenant = tenants.authenticate(headers.get("Authorization"))
         except errors.SynapseError:
             return False
-        return True
+        return not limiter.over_rate(tenant)
     return admits
 
 
@@ -351,11 +357,13 @@ class Connection(base_protocol.BaseProtocol):
         del buf[:head_len]
         headers = CIMultiDictProxy(head.headers)
         if int(length) > len(buf) and not self._lane.admits(headers):
-            # A body still to come from a client without a valid key is never held: the
-            # app answers (401) as on aiohttp's path while the body is read and dropped.
+            # A body still to come from a client without a valid key, or of a tenant over
+            # its request rate, is never held: the app answers (401, 429) as on aiohttp's
+            # path while the body is read and dropped.
             self._discard = int(length) - len(buf)
             buf.clear()
             request = LaneRequest(self, route, headers, b"", parser.should_keep_alive())
+            request[BODY_DROPPED] = True
             self._task = self.loop.create_task(self._serve(route, request))
             return
         self._waiting_body = (route, headers, int(length), parser.should_keep_alive())

@@ -1,7 +1,7 @@
 """The serving path: ``POST /v1/chat/completions`` and ``/v1/completions``.
 
-Order per request: authenticate → read and validate the body (parsed once) → rate
-limit → resolve the model (alias → canonical, tenant allow-list) → response cache lookup
+Order per request: authenticate → rate limit (before a byte of the body is read) → read
+and validate the body (parsed once) → resolve the model (alias → canonical, tenant allow-list) → response cache lookup
 → token limits and budget (:mod:`controlplane.api.fairness`) → route (with fallback
 models) → the fair queue when the chosen backends are saturated → proxy with retries →
 (complete answers) cache store → settle the tokens and account the usage.
@@ -37,7 +37,7 @@ import orjson
 from aiohttp import web
 
 from controlplane import errors
-from controlplane.api import context, fairness, ops, proxy
+from controlplane.api import context, fairness, fast_lane, ops, proxy
 from controlplane.api import services as services_mod
 from controlplane.core import cache_port, media_urls, ratelimit, tenants, validation
 from controlplane.core import router as router_mod
@@ -78,33 +78,56 @@ async def read_body(request: web.Request, limit: int, timeout_s: float,
 
 async def admit(request: web.Request, parse: Any,
                 ) -> tuple[tenants.Tenant, validation.Parsed, bytes, ratelimit.Permit]:
-    """Authenticate, wait for the tenant's turn on the loop (:func:`take_turn`), parse and
-    validate (a chat's media URLs too, as ``calls.begin`` checks them: before the rate
-    limit), rate-limit: the common front of every /v1 POST."""
+    """Authenticate, rate-limit (:func:`acquire`, before the body), wait for the tenant's
+    turn on the loop (:func:`take_turn`), read, parse and validate (a chat's media URLs
+    too, as ``calls.begin`` checks them): the common front of every /v1 POST. The permit
+    is released if anything after it fails."""
     ctx = request[context.CONTEXT]
     svc = ctx.svc
     with tracing.span("auth"):
         tenant = svc.tenants.authenticate(request.headers.get("Authorization"))
     ctx.tenant = tenant.name
-    raw = await turn_then_body(request, svc, ctx)
-    h = svc.settings.http
-    started = time.perf_counter()
+    permit = await acquire(request, tenant)
     try:
-        parsed: validation.Parsed = parse(validation.parse_json(
-            raw, h.max_json_depth, h.max_messages, h.max_n, h.max_structured_output_bytes,
-            h.max_sequences, h.request_chat_templates, h.max_tool_schema_bytes,
-            h.request_media_kwargs, max_containers=h.max_json_containers))
-        # what an engine would fetch (core.media_urls): chat's messages, and those an
-        # embeddings body may carry beside its input (vLLM's embeddings take messages)
-        media_urls.check_chat(parsed.body.get("messages"), h.media_urls)
-    finally:
-        charge_now(svc, ctx, time.perf_counter() - started)
-    try:
-        permit = await svc.limiter.acquire(tenant, ctx.request_id)
-    except errors.RateLimited as exc:
-        svc.metrics.rate_limited.labels(tenant.name, exc.limit).inc()
+        raw = await turn_then_body(request, svc, ctx)
+        h = svc.settings.http
+        started = time.perf_counter()
+        try:
+            parsed: validation.Parsed = parse(validation.parse_json(
+                raw, h.max_json_depth, h.max_messages, h.max_n,
+                h.max_structured_output_bytes, h.max_sequences, h.request_chat_templates,
+                h.max_tool_schema_bytes, h.request_media_kwargs,
+                max_containers=h.max_json_containers))
+            # what an engine would fetch (core.media_urls): chat's messages, and those an
+            # embeddings body may carry beside its input (vLLM's embeddings take messages)
+            media_urls.check_chat(parsed.body.get("messages"), h.media_urls)
+        finally:
+            charge_now(svc, ctx, time.perf_counter() - started)
+    except BaseException:
+        release_later(request, permit)
         raise
     return tenant, parsed, raw, permit
+
+
+async def acquire(request: web.Request, tenant: tenants.Tenant) -> ratelimit.Permit:
+    """A slot under the tenant's request rate and concurrency, taken before a byte of the
+    body is read or parsed (429 naming the limit): a tenant over its rate costs no body
+    read or parse, and a body that is refused (400, 413, 408) still counts against it.
+    The fast lane drops the body of a tenant over its rate at the head
+    (``fast_lane.BODY_DROPPED``): such a request is a 429 even if a token came since."""
+    ctx = request[context.CONTEXT]
+    svc = ctx.svc
+    try:
+        permit = await svc.limiter.acquire(tenant, ctx.request_id)
+        if request.get(fast_lane.BODY_DROPPED):     # refused at its head, body unread
+            release_later(request, permit)
+            raise errors.RateLimited(
+                f"tenant {tenant.name!r} is over its limit of requests per second; retry "
+                "after 1s", retry_after_s=1.0, limit="rate")
+        return permit
+    except errors.RateLimited as exc:
+        svc.child(svc.metrics.rate_limited, tenant.name, exc.limit).inc()
+        raise
 
 
 async def turn_then_body(request: web.Request, svc: services_mod.Services,

@@ -110,6 +110,14 @@ class LocalStore:
         v = self.check(tenant, Limits(rate or None, burst, max_concurrent or None))
         return v.allowed, v.retry_after_s, v.limit
 
+    def out_of_tokens(self, tenant: str, limits: Limits) -> bool:
+        """Whether ``tenant``'s rate bucket would refuse a request now, taking nothing."""
+        b = self._buckets.get(tenant)
+        if b is None or not limits.rate:
+            return False
+        now = self._clock()
+        return min(float(limits.burst), b.tokens + (now - b.stamp) * limits.rate) < 1.0
+
     def release_now(self, tenant: str) -> None:
         b = self._buckets.get(tenant)
         if b is not None and b.active > 0:
@@ -164,6 +172,13 @@ class RateLimiter:
                 f"{verdict.retry_after_s:.2f}s", retry_after_s=verdict.retry_after_s,
                 limit=verdict.limit)
         return Permit(tenant.name, slot, store)
+
+    def over_rate(self, tenant: tenants.Tenant) -> bool:
+        """Whether ``tenant`` is over its request rate now, as far as this process can
+        tell at once (its own buckets; never with a shared store, which is asked by
+        :meth:`acquire`): a request's body need not be read to be refused."""
+        return self._shared is None and self._local.out_of_tokens(tenant.name,
+                                                                   Limits.of(tenant))
 
     async def release(self, permit: Permit) -> None:
         if permit.store is None:

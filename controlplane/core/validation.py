@@ -8,7 +8,7 @@ than ``http.max_json_depth`` (the body may be serialised again, and orjson, like
 JSON libraries, has a recursion limit of its own).
 
 Two bounds protect the engines from one request's cost (probe 68), checked right after
-parsing on every path, before the rate limit: ``n`` (and the legacy ``best_of``) at most
+parsing on every path: ``n`` (and the legacy ``best_of``) at most
 ``http.max_n`` — each choice is a sequence of its own, so one request of ``n: 64`` takes
 64 of an engine's seats while the queue and the token limits see one request (admission
 charges ``n`` x the completion estimate: :func:`sequences`); and each structured-output
