@@ -307,7 +307,7 @@ def _choices(body: Mapping[str, Any], max_n: int) -> int:
         if _integral(value):
             if value > max_n:
                 raise errors.BadRequest(
-                    f"{name}: {int(value):.6g} choices; at most {max_n} (http.max_n): each is "
+                    f"{name}: {_shown(int(value))} choices; at most {max_n} (http.max_n): each is "
                     "a sequence an engine runs at once", param=name, code="invalid_value")
             if name == "n":     # vLLM 0.32 has no best_of: it runs n sequences
                 choices = max(1, int(value))
@@ -645,10 +645,16 @@ def _opt_int(body: Mapping[str, Any], name: str, low: int, high: int = MAX_COUNT
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(name, f"must be an integer, got {type(value).__name__}")
     if value < low:
-        raise _bad(name, f"must be at least {low}, got {value}")
+        raise _bad(name, f"must be at least {low}, got {_shown(value)}")
     if value > high:
-        raise _bad(name, f"must be at most {high}, got {value:.6g}")
+        raise _bad(name, f"must be at most {high}, got {_shown(value)}")
     return value
+
+
+def _shown(value: int) -> str:
+    """An integer as an error quotes it: exact up to 20 digits, else not at all (a
+    client's 10**400 would fill the message, and cannot even be a float to round)."""
+    return str(value) if abs(value) < 10**20 else "an integer of more than 20 digits"
 
 
 def model_name(body: Mapping[str, Any]) -> str:

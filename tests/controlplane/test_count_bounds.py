@@ -45,3 +45,12 @@ def test_a_count_past_the_bound_is_a_400_naming_its_field(
 def test_a_count_at_the_bound_is_taken(parse: Callable[[dict[str, Any]], object],
                                        body: dict[str, Any], field: str) -> None:
     parse({**body, field: validation.MAX_COUNT})
+
+
+@pytest.mark.parametrize(("value", "shown"), [(validation.MAX_COUNT + 1, "2147483648"),
+                                             (10**400, "an integer of more than 20 digits")])
+def test_the_400_quotes_a_count_exactly_unless_it_is_absurdly_long(value: int,
+                                                                   shown: str) -> None:
+    with pytest.raises(errors.BadRequest) as info:
+        validation.chat({**CHAT, "max_tokens": value})
+    assert str(info.value).endswith(f"got {shown}")
