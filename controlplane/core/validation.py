@@ -150,7 +150,8 @@ MAX_TOOL_SCHEMA_BYTES = 64 * 1024
 # millions of tiny arrays would hold the event loop for seconds whatever its byte size.
 MAX_JSON_CONTAINERS = 65536
 # At most this many brackets, the parsed body is walked for its depth (bounded work);
-# beyond, its bracket skeleton is measured with bytes methods (:func:`_skeleton`).
+# beyond (or beyond a lower http.max_json_containers, which the skeleton counts), its
+# bracket skeleton is measured with bytes methods (:func:`_skeleton`).
 _WALK_MAX_BRACKETS = 4096
 _TO_PARENS = bytes.maketrans(b"[{]}", b"(())")
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b'[]{}"')))
@@ -210,7 +211,8 @@ def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES
     # Opening brackets, those inside strings too: at least as many as the containers.
     brackets = raw.count(b"[") + raw.count(b"{")
     skeleton = b""
-    if brackets > _WALK_MAX_BRACKETS:
+    # Fewer brackets than either bound: neither the count nor a skeleton is needed.
+    if brackets > min(max_containers, _WALK_MAX_BRACKETS):
         skeleton = _skeleton(raw)
         _count_containers(skeleton, max_containers)
     try:

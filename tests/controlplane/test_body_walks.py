@@ -37,6 +37,17 @@ def test_a_body_of_more_containers_than_the_limit_is_refused_before_parsing(
     assert validation.parse_json(raw, max_containers=9002)["model"] == "m"
 
 
+def test_a_limit_below_the_walk_threshold_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """http.max_json_containers goes down to 256: a small body over a small limit is
+    refused before parsing too, not only one of thousands of brackets."""
+    loads = _counting(monkeypatch, validation.orjson, "loads")
+    raw = ('{"model": "m", "x": [' + ",".join(["[]"] * 300) + "]}").encode()
+    with pytest.raises(errors.BadRequest, match=r"302 arrays and objects; at most 256 "):
+        validation.parse_json(raw, max_containers=256)
+    assert loads[0] == 0
+    assert validation.parse_json(raw, max_containers=302)["model"] == "m"
+
+
 def test_brackets_inside_strings_are_not_containers() -> None:
     text = '[{"\\"\\\\[' * 5000         # brackets, escaped quotes and backslashes in a string
     raw = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}],
