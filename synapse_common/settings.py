@@ -36,8 +36,11 @@ Rules (documented in the README):
   for one of its fields. A YAML syntax error likewise gives the problem and its line and
   column, never the text around it (:func:`load_yaml`, shared with ``auth.key_file``).
 * An error in a value a ``SYNAPSE_*`` variable set (or in a section it gave) names that
-  variable, not the file, and never quotes the value: the environment is where secrets
-  are passed, and a value set one variable off is shown nowhere else.
+  variable, not the file, and shows nothing of the input: the environment is where secrets
+  are passed, and a value set one variable off is shown nowhere else. Nothing of the input
+  means no value, no message of a validator (ours quote values), and no key the input
+  wrote in the location (``<key>``). A check over a section that holds such a value (or
+  over everything, with no location) is reported the same way, naming the variables.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, TypeVar
 
 import pydantic
+import pydantic_core
 import yaml
 
 from synapse_common import tasks as task_names
@@ -268,6 +272,13 @@ def _origin(loc: tuple[Any, ...], origins: Mapping[tuple[str, ...], str]) -> str
     return max(found)[1] if found else None
 
 
+def _covered(loc: tuple[Any, ...], origins: Mapping[tuple[str, ...], str]) -> list[str]:
+    """The variables that set a value inside the section at ``loc`` (everything, for the
+    top level): an error there may be about, and quote, any of them."""
+    path = tuple(str(p) for p in loc if p != "__root__")
+    return sorted(name for at, name in origins.items() if at[:len(path)] == path)
+
+
 def _apply_one(model: type[pydantic.BaseModel], data: dict[str, Any], parts: list[str],
                raw: str, env_name: str) -> None:
     fields = _field_names(model)
@@ -430,6 +441,8 @@ def _shown(model: type[pydantic.BaseModel] | None, err: Mapping[str, Any],
 
 def _format_error(err: Mapping[str, Any],
                   model: type[pydantic.BaseModel] | None = None, quote: bool = True) -> str:
+    if not quote:
+        return _format_withheld(err, model)
     parts = [str(p) for p in err.get("loc", ()) if p != "__root__"]
     loc = ".".join(parts) or "(top level)"
     msg = str(err.get("msg", "invalid value"))
@@ -446,11 +459,66 @@ def _format_error(err: Mapping[str, Any],
     return f"{loc}: {msg[:1].lower() + msg[1:]}{got}"
 
 
+# Pydantic's own error types; their messages are made from the schema (a bound, the
+# choices), not from the input. Not among them: our validators' messages, which may quote
+# the value, and the few of pydantic's that quote a piece of the input.
+_SCHEMA_MESSAGES = frozenset(typing.get_args(pydantic_core.core_schema.ErrorType)) - {
+    "value_error", "assertion_error", "union_tag_invalid", "get_attribute_error"}
+# Where a key of the input stands in a location shown without the input.
+KEY_PLACEHOLDER = "<key>"
+
+
+def _format_withheld(err: Mapping[str, Any], model: type[pydantic.BaseModel] | None) -> str:
+    """The line for an error that may be in a value from the environment: its location with
+    every key that is no setting's name (a key the input wrote) replaced by
+    :data:`KEY_PLACEHOLDER`, and what kind of error it is, never a message a validator
+    wrote (it may quote the value: a URL with its password, a key written as a list item)."""
+    loc = ".".join(_named_loc(model, tuple(err.get("loc", ())))) or "(top level)"
+    kind = err.get("type")
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown setting"
+    if kind not in _SCHEMA_MESSAGES:
+        what = ("a check across settings failed" if loc == "(top level)"
+                else "refused by its check")
+        return f"{loc}: {what} (its message is not shown: it may quote the value)"
+    msg = str(err.get("msg", "invalid value"))
+    if kind == "model_type":   # pydantic names the class, not the YAML shape
+        msg = "expected a section (a mapping of its settings)"
+    got = _shown(model, err, [], quote=False) if kind != "missing" and "input" in err else ""
+    return f"{loc}: {msg[:1].lower() + msg[1:]}{got}"
+
+
+def _named_loc(model: type[pydantic.BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
+    """``loc`` as shown without the input: a setting's name and a list index as they are,
+    any other part (a key of a free-form mapping, an unknown key) as the placeholder."""
+    shown: list[str] = []
+    annotation: Any = model
+    for part in loc:
+        if part == "__root__":
+            continue
+        kinds = _unwrap(annotation) if annotation is not None else []
+        section = _submodel(kinds[0]) if len(kinds) == 1 else None
+        origin = typing.get_origin(kinds[0]) if len(kinds) == 1 else None
+        if section is not None and isinstance(part, str) and part in section.model_fields:
+            annotation = section.model_fields[part].annotation
+            shown.append(part)
+        elif isinstance(part, int) and origin in (list, tuple, set, frozenset):
+            annotation = typing.get_args(kinds[0])[0]
+            shown.append(str(part))
+        elif isinstance(part, int):
+            annotation = None
+            shown.append(str(part))
+        else:
+            annotation = typing.get_args(kinds[0])[-1] if origin is dict else None
+            shown.append(KEY_PLACEHOLDER)
+    return shown
+
+
 def describe(exc: pydantic.ValidationError,
              model: type[pydantic.BaseModel] | None = None, quote: bool = True) -> str:
     """One line for a validation error of ``model``: the first problem and how many more.
     The value is quoted only where :func:`_quotable_at` finds it no secret (never without
-    ``model``, nor without ``quote``)."""
+    ``model``); without ``quote`` nothing of the input is shown (:func:`_format_withheld`)."""
     errors = exc.errors(include_url=False)
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{_format_error(errors[0], model, quote)}{more}"
@@ -466,10 +534,14 @@ def validate(model: type[ModelT], data: Mapping[str, Any], source: str = "config
     try:
         return model.model_validate(data, context=context)
     except pydantic.ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        variable = _origin(first.get("loc", ()), origins or {})
+        loc = tuple(exc.errors(include_url=False)[0].get("loc", ()))
+        variable = _origin(loc, origins or {})
         if variable is not None:
             raise ConfigError(f"{variable}: {describe(exc, model, quote=False)}") from None
+        covered = _covered(loc, origins or {})
+        if covered:   # a check over a section (or all) that holds a value from a variable
+            raise ConfigError(f"{source}: {describe(exc, model, quote=False)}; it covers "
+                              f"values set by {', '.join(covered)}") from None
         raise ConfigError(f"{source}: {describe(exc, model)}") from None
 
 

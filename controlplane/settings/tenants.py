@@ -12,6 +12,7 @@ import pydantic
 from pydantic import Field
 
 from controlplane.settings import fairness
+from synapse_common import logs
 from synapse_common.settings import Secret, Section
 
 MIN_RESPONSE_ID_KEY = 16    # characters: a short MAC key can be guessed offline from one id
@@ -96,10 +97,11 @@ class AgentReviewSettings(Section):
     @classmethod
     def _api_server(cls, value: str) -> str:
         url = urllib.parse.urlsplit(value)
+        shown = logs.mask_url_credentials(value)   # its password stays out of the error
         if url.scheme not in ("https", "http") or not url.hostname:
-            raise ValueError(f"api_server: {value!r} is not an http(s) URL")
+            raise ValueError(f"api_server: {shown!r} is not an http(s) URL")
         if url.scheme == "http" and not _loopback(url.hostname):
-            raise ValueError(f"api_server: {value!r} is plain http to another machine: the "
+            raise ValueError(f"api_server: {shown!r} is plain http to another machine: the "
                              "agents' tokens would cross the network readable; use https")
         return value
 
