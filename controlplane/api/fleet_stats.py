@@ -12,7 +12,8 @@ the answer is this replica's, as one of one.
 A pod of ``http.workers`` processes is as many replicas to Redis (each answers on the
 channel). When Redis cannot be asked, the pod's other processes are asked instead, on
 the private unix sockets that serve their metrics (:data:`OWN_ROUTE`,
-``Services.worker_metrics_sockets``), within the same timeout: the answer is then the
+``Services.worker_metrics_sockets``), asked beside Redis and within the same deadline (a
+Redis that accepts but never answers does not cost the timeout twice): the answer is then the
 pod's, and ``fleet_error`` says so, rather than one process's figures, which miss every
 request the kernel gave its siblings.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pathlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -83,27 +85,41 @@ async def snapshot(svc: services_mod.Services) -> dict[str, Any]:
     asked, error = 1, ""
     timeout_s = svc.settings.stats.fleet_timeout_s
     fanout = svc.stats_fanout
-    if fanout is not None:
-        try:
-            others, answers = await fanout.ask(timeout_s)
-        except Exception as exc:
-            svc.metrics.redis_errors.labels("stats").inc()
-            error = f"redis unreachable ({type(exc).__name__})"
+    sockets = svc.worker_metrics_sockets
+    # The pod's other processes are asked at once, beside Redis, and heard only if Redis
+    # fails: asked after it, a Redis that accepts but never answers cost the timeout twice.
+    siblings = (asyncio.ensure_future(_ask_siblings(sockets, timeout_s)) if sockets
+                else None)
+    try:
+        if fanout is not None:
+            try:
+                others, answers = await fanout.ask(timeout_s)
+            except Exception as exc:
+                svc.metrics.redis_errors.labels("stats").inc()
+                error = f"redis unreachable ({type(exc).__name__})"
+            else:
+                asked += others
+                parts.extend(_decoded(answers))
+        if (fanout is None or error) and siblings is not None:
+            texts = await siblings
+            asked += len(sockets)
+            parts.extend(_decoded([t.encode() for t in texts if t is not None]))
+            error = error and f"{error}: this pod's figures only"
         else:
-            asked += others
-            parts.extend(_decoded(answers))
-    if (fanout is None or error) and (sockets := svc.worker_metrics_sockets):
-        texts = await asyncio.gather(*(worker_metrics.fetch(p, timeout_s, OWN_ROUTE)
-                                       for p in sockets))
-        asked += len(sockets)
-        parts.extend(_decoded([t.encode() for t in texts if t is not None]))
-        error = error and f"{error}: this pod's figures only"
-    else:
-        error = error and f"{error}: this replica's figures only"
+            error = error and f"{error}: this replica's figures only"
+    finally:
+        if siblings is not None and not siblings.done():
+            siblings.cancel()
     merged = stats_merge.merge(parts)
     merged.update(replica=svc.replica, replicas_asked=asked, replicas_answered=len(parts),
                   fleet_error=error)
     return merged
+
+
+async def _ask_siblings(sockets: tuple[pathlib.Path, ...], timeout_s: float) -> list[str | None]:
+    """Each of the pod's other processes' figures (None where one did not answer)."""
+    return list(await asyncio.gather(*(worker_metrics.fetch(p, timeout_s, OWN_ROUTE)
+                                       for p in sockets)))
 
 
 def _decoded(answers: list[bytes]) -> list[dict[str, Any]]:
