@@ -12,35 +12,40 @@ The file is the one a control plane without Redis keeps its intent in, written a
 by :mod:`controlplane.adapters.intent_file` (one format, written atomically, mode 0600,
 under the same lock), so dropping Redis from the config starts from the last intent copied.
 
-**Both ways, by version.** At every load that succeeds the file and Redis are brought
-together record by record (node by node), the later change winning (``intent.newer``: by
-the records' versions; a node that one side lacks is newer on the other): a file record
-that is newer than Redis's is copied into Redis (by compare-and-set against what the load
-read, so a concurrent change in Redis is never overwritten by it) with one WARNING, and
-the file takes Redis's records, but for those of its own that are newer. So:
+**Both ways, by ancestry.** At every load that succeeds the file and Redis are brought
+together node by node (``intent.copy_goes_in``). Beside the file, ``fleet_intent.json.base``
+holds, per node, the Redis record the file last followed (written under the same lock, by
+every replica sharing the file). A file record goes into Redis (by compare-and-set against
+what the load read, so a concurrent change in Redis is never overwritten by it; one
+WARNING) only where Redis has no record of the node, or still holds that base while the
+file's record differs from it; everywhere else Redis wins and the file follows it. So:
 
 * adding Redis to a control plane that ran without it copies its intent in (the first load
   wrote the empty Redis over the file, erasing every cordon made without Redis);
-* a Redis that lost its data (restarted without persistence) gets every running replica's
-  intent back at their next load, before the empty store is applied: the empty load lifted
-  every cordon and stopped every engine deployed through the control plane, and the copies
-  were overwritten with it, so nothing could bring the intent back (the copy into Redis
-  used to run once, at a process's first load);
+* a Redis that lost its data (restarted without persistence) gets the intent back from the
+  first replica that loads, before the empty store is applied: the empty load lifted every
+  cordon and stopped every engine deployed through the control plane. A change made
+  before that load (an uncordon right after the loss) starts from the file's record
+  (:meth:`CopiedIntentStore.get` copies it in first), so it is written, not taken as
+  already there, and never re-cordoned by the copy afterwards;
 * a control plane without Redis that writes the same file while one with Redis runs (a
-  rolling update adding Redis onto one volume) has its changes copied into Redis: they were
-  never copied after the first load, and the next change in Redis rewrote the file without
-  them, so the old process lifted its own cordon at its next load;
-* a copy older than Redis's records (a replica that has not loaded since a change, the
-  serving workers of one pod sharing the file, a file a pod kept from weeks ago) never
-  overwrites them, in Redis or in the file.
+  rolling update adding Redis onto one volume) has its changes copied into Redis, as long
+  as Redis did not change that node since: they were never copied after the first load;
+* a copy older than Redis's record (a replica that has not loaded since a change, an older
+  release's replica writing records without a version during a rolling upgrade, a replica
+  whose clock runs ahead, a file a pod kept from weeks ago) never overwrites it, in Redis
+  or in the file: it was merged by versions, the later winning, so an older release's
+  uncordon (version 0) was reverted by a newer replica's copy of the cordon at its next
+  load, and after a data loss a fast clock's stale record beat the operators' later ones.
 
-Records are never deleted from the store, so a node absent from Redis means Redis never
-held or lost its record, never that its intent was withdrawn (uncordon and undeploy write
-records): deleting one in Redis by hand is undone by the replicas' copies. An unreadable
-record is never copied into Redis, and one in Redis is never replaced by a copy: it stays
-until the node's next change (``core.intent``); the file mirrors it like any other. Two
-copies of one record changed apart (one in a file, one in Redis) keep the later one by the
-clock.
+After a data loss, copies that disagree are settled by which replica loads first; the
+others follow it. Records are never deleted from the store, so a node absent from Redis
+means Redis never held or lost its record, never that its intent was withdrawn (uncordon
+and undeploy write records): deleting one in Redis by hand is undone by the replicas'
+copies. An unreadable record is never copied into Redis; one in Redis stays until the
+node's next change (``core.intent``); the file mirrors it like any other. A base file that
+is missing or unreadable (the first load of this release) reads as no base: Redis wins
+wherever it has a record.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class CopiedIntentStore:
     def __init__(self, inner: intent.IntentStore, path: str | os.PathLike[str]) -> None:
         self.inner = inner
         self.path = pathlib.Path(path)
+        self.base_path = self.path.with_name(f"{self.path.name}.base")   # see the docstring
         self._loaded = False                            # a load of this process succeeded
         self._started = False                           # stale temporary files removed
         self._file_error = ""                           # the last one logged
@@ -85,25 +91,40 @@ class CopiedIntentStore:
                       "%.0f s old, until it loads", self.path, age_s)
             return copy
         self._loaded = True
-        newer = await asyncio.to_thread(self._follow, records)
-        if newer:
-            await self._copy_in(newer, records)
+        copy_in = await asyncio.to_thread(self._follow, records)
+        if copy_in:
+            await self._copy_in(copy_in, records)
             records = await self.inner.load()
             await asyncio.to_thread(self._follow, records)
         return records
 
-    async def _copy_in(self, newer: dict[str, str], records: dict[str, str]) -> None:
-        """Copy the file's records that are newer than Redis's into Redis (see the module
-        docstring); a record Redis changed since ``records`` were read is left to it."""
-        copied = [node for node, text in newer.items()
+    async def _copy_in(self, copy_in: dict[str, str], records: dict[str, str]) -> None:
+        """Copy the file's records that go into Redis (see the module docstring); a record
+        Redis changed since ``records`` were read is left to it."""
+        copied = [node for node, text in copy_in.items()
                   if await self.inner.compare_and_set(node, records.get(node), text)]
-        if copied:
-            log.warning("the operator intent kept in %s was newer than Redis's for %d "
-                        "node(s) (%s): copied into Redis (a control plane moved to Redis, a "
-                        "Redis that lost its data, or a control plane without Redis writing "
-                        "the same file)", self.path, len(copied), ", ".join(sorted(copied)[:5]))
+        self._copied(copied)
+
+    def _copied(self, nodes: list[str]) -> None:
+        if nodes:
+            log.warning("the operator intent kept in %s held %d node(s) (%s) that Redis had "
+                        "no record of or has not changed since: copied into Redis (a control "
+                        "plane moved to Redis, a Redis that lost its data, or a control plane "
+                        "without Redis writing the same file)",
+                        self.path, len(nodes), ", ".join(sorted(nodes)[:5]))
 
     async def get(self, node: str) -> str | None:
+        """Redis's record of the node; where Redis has none, the file's, copied in first, so
+        an update starts from the intent every replica will load (an uncordon against a
+        Redis that lost the cordon is written, not taken as already there)."""
+        stored = await self.inner.get(node)
+        if stored is not None:
+            return stored
+        copy = (await asyncio.to_thread(self._kept)).get(node)
+        if copy is None or not intent.copy_goes_in(copy, None, None):
+            return None
+        if await self.inner.compare_and_set(node, None, copy):
+            self._copied([node])
         return await self.inner.get(node)
 
     async def compare_and_set(self, node: str, expected: str | None, text: str) -> bool:
@@ -111,6 +132,15 @@ class CopiedIntentStore:
 
     async def close(self) -> None:
         await self.inner.close()
+
+    def _kept(self) -> dict[str, str]:
+        """The file's records, or none when it cannot be read (an update is not refused for
+        its copy: Redis holds the intent)."""
+        try:
+            with intent_file.locked(self.path):
+                return intent_file.read(self.path) or {}
+        except (OSError, intent_file.Damaged):
+            return {}
 
     def _read(self) -> dict[str, str] | None:
         try:
@@ -121,20 +151,23 @@ class CopiedIntentStore:
             return None
 
     def _follow(self, records: dict[str, str]) -> dict[str, str]:
-        """Under the file's lock, give the file every record of ``records`` (Redis's) that
-        is newer than its own; returns the file's records that are newer than Redis's."""
+        """Under the file's lock, have the file follow ``records`` (Redis's) and note them
+        as its base; returns the file's records that go into Redis instead."""
         try:
             with intent_file.locked(self.path):
                 if not self._started:
                     intent_file.remove_stale_temps(self.path)
+                    intent_file.remove_stale_temps(self.base_path)
                     self._started = True
                 on_disk = self._on_disk()
-                kept = on_disk or {}
-                newer = {node: text for node, text in kept.items()
-                         if intent.newer(text, records.get(node))}
-                merged = {**records, **newer}
+                base = self._base()
+                copy_in = {node: text for node, text in (on_disk or {}).items()
+                           if intent.copy_goes_in(text, records.get(node), base.get(node))}
+                merged = {**records, **copy_in}
                 if merged != on_disk:
                     intent_file.write(self.path, merged)
+                if records != base:     # after the file: a base never runs ahead of it
+                    intent_file.write(self.base_path, records)
         except OSError as exc:
             if str(exc) != self._file_error:
                 log.warning("cannot keep a copy of the operator intent in %s: %s",
@@ -142,7 +175,14 @@ class CopiedIntentStore:
             self._file_error = str(exc)
             return {}
         self._file_error = ""
-        return newer
+        return copy_in
+
+    def _base(self) -> dict[str, str]:
+        # Missing or damaged: no base, so Redis wins wherever it has a record.
+        try:
+            return intent_file.read(self.base_path) or {}
+        except intent_file.Damaged:
+            return {}
 
     def _on_disk(self) -> dict[str, str] | None:
         # A damaged file is kept aside (as without Redis) before the copy replaces it.

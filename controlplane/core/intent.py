@@ -28,12 +28,12 @@ The one rule serves both stores (the file, Redis), so an adapter never parses a 
 
 **Versions.** Each record carries ``version``: the time it was written, in milliseconds, or
 one more than the record it replaced when that is higher, so a node's versions only grow
-(every write is a compare-and-set on the record before). It tells which of two copies of a
-node's record is the later change, :func:`newer`, when they come from two stores: Redis and
-the file each replica keeps beside it (``adapters.intent_copy``), which may hold a change
-Redis lost or never saw. Between two stores the later change by the clock wins, which is
-right as far as the replicas' clocks agree. A change that changes nothing is not written
-and keeps its version.
+(every write is a compare-and-set on the record before) and two writes of one node are two
+different texts. Versions never decide between two copies of a record: a replica's clock
+may run ahead, and an older release writes none (read as 0), so "the later version wins"
+let a stale copy revert an operator's change. A copy goes into the store by ancestry
+instead, :func:`copy_goes_in`. A change that changes nothing is not written and keeps its
+version.
 """
 
 from __future__ import annotations
@@ -105,19 +105,23 @@ def next_version(before: NodeIntent, wall_s: float) -> int:
     return max(before.version + 1, int(wall_s * 1000))
 
 
-def newer(text: str | None, than: str | None) -> bool:
-    """Whether record ``text`` is a later change to a node than record ``than`` (None:
-    absent, which every record is newer than). An unreadable record is neither newer nor
-    replaced: it stays for whoever mends it (see the module docstring)."""
-    if text is None or text == than:
+def copy_goes_in(copy: str | None, stored: str | None, base: str | None) -> bool:
+    """Whether a copy's record of a node (``copy``, kept beside the store: the file each
+    Redis replica keeps, ``adapters.intent_copy``) goes into the store, which holds
+    ``stored`` (None: no record). ``base`` is the store's record the copy last followed.
+
+    Only where the store has no record (it lost its data, or never had the node: records
+    are never deleted), or still holds the base the copy was changed from (a control plane
+    without the store wrote the copy since). Wherever the store changed since the copy
+    followed it, the store's record is the later change, whatever either version says, and
+    the copy follows it. An unreadable copy never goes in (see the module docstring)."""
+    if copy is None or copy == stored or not (stored is None or stored == base):
         return False
     try:
-        later = NodeIntent.from_json(text)
-        if than is None:
-            return True
-        return later.version > NodeIntent.from_json(than).version
+        NodeIntent.from_json(copy)
     except BadRecord:
         return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import time
 
 import pytest
 import redis
@@ -155,11 +156,13 @@ async def test_a_change_made_without_redis_on_the_same_file_after_the_copy_reach
         await new.close()
 
 
-async def test_of_two_copies_the_later_change_wins_and_an_older_never_overwrites_redis(
+async def test_after_a_data_loss_the_first_copy_in_is_followed_and_an_old_one_never_overwrites(
         redis_server: harness.RedisServer, tmp_path: pathlib.Path) -> None:
-    """Copies of one node's record, one older: after Redis lost its data, whichever replica
-    copies first, the later change is what Redis keeps; and a pod starting with an old copy
-    (a volume kept from before) never puts it over what Redis holds."""
+    """Copies of one node's record that disagree after Redis lost its data: whichever
+    replica loads first puts its copy back, and the others follow it (there is no telling
+    which was the later change without trusting the replicas' clocks: review 117). A pod
+    starting with an old copy (a volume kept from before) never puts it over what Redis
+    holds."""
     a = control_plane(copied(redis_server.url, tmp_path / "a" / intent_file.FILE))
     b = control_plane(copied(redis_server.url, tmp_path / "b" / intent_file.FILE))
     try:
@@ -170,13 +173,14 @@ async def test_of_two_copies_the_later_change_wins_and_an_older_never_overwrites
         await b.set_fields("gpu-1", cordoned=False, reason="")
         await b.sync()                         # a has not loaded since: its copy is older
         flush(redis_server.url)
-        await a.sync()                         # the older copy goes first into the empty Redis
-        await b.sync()                         # and the later one replaces it
+        await a.sync()                         # a's copy goes first into the empty Redis
+        await b.sync()
         await a.sync()
         for replica in (a, b):
-            assert not replica.get("gpu-1").cordoned
+            assert replica.get("gpu-1").cordoned and replica.get("gpu-1").reason == "bad GPU"
         after = stored(redis_server.url, "gpu-1")
-        assert after is not None and not after.cordoned
+        assert after is not None and after.cordoned
+        await b.set_fields("gpu-1", cordoned=False, reason="")
         kept = tmp_path / "kept" / intent_file.FILE
         kept.parent.mkdir()
         kept.write_text(old_copy)
@@ -184,10 +188,113 @@ async def test_of_two_copies_the_later_change_wins_and_an_older_never_overwrites
         try:
             await c.sync()
             assert not c.get("gpu-1").cordoned
-            assert stored(redis_server.url, "gpu-1") == after
             assert not intent.NodeIntent.from_json(json.loads(kept.read_text())["gpu-1"]).cordoned
+            in_redis = stored(redis_server.url, "gpu-1")
+            assert in_redis is not None and not in_redis.cordoned
         finally:
             await c.close()
     finally:
         await a.close()
         await b.close()
+
+
+def old_release_record(cordoned: bool) -> str:
+    """A record as a release before versions wrote it (no "version": read as 0)."""
+    return json.dumps({"cordoned": cordoned, "draining": False, "reason": "",
+                       "desired": {}}, sort_keys=True)
+
+
+async def test_an_older_releases_change_is_not_reverted_by_a_newer_replicas_copy(
+        redis_server: harness.RedisServer, tmp_path: pathlib.Path) -> None:
+    """Review 117 MEDIUM-1, a rolling upgrade: an old-release replica's uncordon (a record
+    without a version) was older than the new replica's copy of the cordon by version, so
+    the copy went back into Redis at its next load: the uncordon reported done, then
+    reverted."""
+    new = control_plane(copied(redis_server.url, tmp_path / "new" / intent_file.FILE))
+    old = intent_store.RedisIntentStore(redis_limits.connect(redis_server.url))
+    try:
+        await new.set_fields("gpu-1", cordoned=True, reason="maintenance")
+        await new.sync()                             # the new replica's copy: the cordon
+        assert await old.compare_and_set("gpu-1", await old.get("gpu-1"),
+                                         old_release_record(False))
+        await new.sync()
+        await new.sync()
+        assert await old.get("gpu-1") == old_release_record(False)
+        assert not new.get("gpu-1").cordoned
+        kept = json.loads((tmp_path / "new" / intent_file.FILE).read_text())
+        assert kept == {"gpu-1": old_release_record(False)}
+    finally:
+        await old.close()
+        await new.close()
+
+
+async def test_an_uncordon_right_after_redis_lost_its_data_is_written_and_stays(
+        redis_server: harness.RedisServer, tmp_path: pathlib.Path) -> None:
+    """Review 117 LOW-2: against the empty Redis the uncordon found no record (read as
+    uncordoned) and wrote nothing, then the replica's copy re-cordoned the node."""
+    a = control_plane(copied(redis_server.url, tmp_path / "a" / intent_file.FILE))
+    try:
+        await a.set_fields("gpu-1", cordoned=True, reason="bad GPU")
+        await a.sync()
+        flush(redis_server.url)
+        change = await a.set_fields("gpu-1", cordoned=False, reason="")
+        assert change.before.cordoned and not change.after.cordoned
+        await a.sync()
+        await a.sync()
+        assert not a.get("gpu-1").cordoned
+        in_redis = stored(redis_server.url, "gpu-1")
+        assert in_redis is not None and not in_redis.cordoned
+    finally:
+        await a.close()
+
+
+async def test_a_replica_whose_clock_runs_ahead_never_beats_the_operators_later_change(
+        redis_server: harness.RedisServer, tmp_path: pathlib.Path) -> None:
+    """Review 117 LOW-2: after a data loss the copy of a replica whose clock ran ahead
+    carried the highest version, so the operators' later changes through another replica
+    lost to it at its next load."""
+    fast = intent.FleetIntent(copied(redis_server.url, tmp_path / "fast" / intent_file.FILE),
+                              registry.Registry(clocks.monotonic, 30),
+                              wall=lambda: time.time() + 600)
+    b = control_plane(copied(redis_server.url, tmp_path / "b" / intent_file.FILE))
+    try:
+        await fast.set_fields("gpu-1", cordoned=True, reason="stale")
+        await fast.sync()
+        await b.sync()
+        flush(redis_server.url)
+        await b.set_fields("gpu-1", cordoned=False, reason="fixed")
+        await b.sync()
+        for _ in range(2):
+            await fast.sync()
+            await b.sync()
+        for replica in (fast, b):
+            assert not replica.get("gpu-1").cordoned and replica.get("gpu-1").reason == "fixed"
+    finally:
+        await fast.close()
+        await b.close()
+
+
+async def test_a_copy_that_followed_redis_goes_back_in_only_where_redis_kept_its_base(
+        redis_server: harness.RedisServer, tmp_path: pathlib.Path) -> None:
+    """The same text back in Redis (an old release writes no version, so its records
+    repeat) after a sibling worker sharing the file followed a change in between: the base
+    is kept in the file's folder, shared, so the file's record (what Redis held in between)
+    is not taken for a change made without Redis."""
+    path = tmp_path / intent_file.FILE
+    w1 = copied(redis_server.url, path)
+    w2 = copied(redis_server.url, path)
+    old = intent_store.RedisIntentStore(redis_limits.connect(redis_server.url))
+    try:
+        assert await old.compare_and_set("gpu-1", None, old_release_record(False))
+        await w1.load()
+        assert await old.compare_and_set("gpu-1", old_release_record(False),
+                                         old_release_record(True))
+        await w2.load()
+        assert await old.compare_and_set("gpu-1", old_release_record(True),
+                                         old_release_record(False))
+        assert await w1.load() == {"gpu-1": old_release_record(False)}
+        assert await old.get("gpu-1") == old_release_record(False)
+    finally:
+        await old.close()
+        await w1.close()
+        await w2.close()
