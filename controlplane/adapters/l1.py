@@ -26,6 +26,13 @@ Design decisions:
   backend registered yet a request a hit would have answered was a 503. The journal is
   bounded by ``max_bytes``, so the wait at start is too. An L1 built without that call
   (tests) reads it in the background at its first use, and old entries miss until then.
+  Entries the read evicts (the journal held more than a tenant's share: a tenant added,
+  the bounds lowered) leave the journal at once, before the loop runs.
+- Removals that must hold are durable before they return: ``invalidate`` and ``delete`` (a
+  hit judged wrong, a voided write) await the journal's flush of their removal, so a
+  process killed right after does not serve the removed entries again at its restart. A
+  failed flush raises (the caller reports the layer as not done). Evictions and expiry
+  stay write-behind: an entry they bring back is one the bounds or its TTL still allow.
 - Time budgets are the caller's (``asyncio.wait_for`` in the response cache); the Redis
   client also carries socket time-outs so a dead server cannot leave a call hanging.
 """
@@ -152,16 +159,16 @@ class MemoryL1:
             self._journal.delete_matching(tenant, model)
             if self._restoring:     # the read may meet rows deleted in the queue only
                 self._invalidated.append((tenant, model))
+            await self._journal.flush()
         return len(doomed)
 
     async def delete(self, tenant: str, model: str, key: str) -> bool:
         skey = storage_key(tenant, model, key)
-        if self._entries.peek(tenant, skey) is None:
-            if self._journal is not None:   # it may still be in the journal, unrestored
-                self._journal.delete(skey)
-            return False
-        self._drop(tenant, skey)
-        return True
+        found = self._entries.pop(tenant, skey) is not None
+        if self._journal is not None:   # even if absent: it may be in the journal, unrestored
+            self._journal.delete(skey)
+            await self._journal.flush()
+        return found
 
     async def close(self) -> None:
         if self._restore is not None:
@@ -197,6 +204,11 @@ class MemoryL1:
             self._unreadable(exc)
             return
         self._keep(saved, wall)
+        try:
+            self._journal.flush_now()       # what the bounds evicted: no loop to queue for
+        except Exception as exc:            # the next start evicts them again
+            log.warning("cache L1 journal %s: write failed: %s: %s", self._journal.path,
+                        type(exc).__name__, exc)
 
     @property
     def _restoring(self) -> bool:

@@ -12,6 +12,16 @@ again. The journal makes the in-process L1 as durable as the Lite file beside it
 - **Read once.** ``load`` (or ``load_now``, before the process serves) returns the live
   entries at start-up, oldest write first, and deletes the expired ones; reads never
   touch the disk afterwards.
+- **Durable on demand.** ``flush`` applies the queue now, in order with the write-behind
+  (one flush at a time): an invalidation awaits it, so a process killed right after one
+  does not bring the invalidated entries back at its restart. ``flush_now`` is its blocking
+  form for a process not serving yet (no event loop: ops queued then wait for it).
+- **Damaged, locked or read-only.** A file that is not a database, or a malformed one, is
+  moved to ``<path>.corrupt`` and a new journal started. Any other failure to open or read
+  it (another process holding it locked) leaves the file alone: one warning, and the
+  journal is off for this run (L1 starts empty and is not kept). A file that cannot be
+  written (a read-only disk) is opened read-only: its entries are restored, and changes
+  are not kept (one warning).
 - Expiry times are wall-clock seconds (a monotonic clock does not survive a restart).
 - Every SQLite call runs in a thread, one at a time (one connection, one lock).
 - **Private.** It holds every tenant's cached answers: the file is made mode 0600 before
@@ -26,10 +36,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import sqlite3
 import threading
+import urllib.parse
 from typing import Any
 
 from synapse_common import aiotasks
@@ -39,6 +51,22 @@ SCHEMA = ("CREATE TABLE IF NOT EXISTS l1 (skey TEXT PRIMARY KEY, tenant TEXT NOT
           "model TEXT NOT NULL, value BLOB NOT NULL, expires_at REAL NOT NULL)")
 log = logging.getLogger("synapse.cache")
 MATCH = "DELETE FROM l1 WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR model = ?2)"
+DAMAGED = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+UNWRITABLE_ERRNO = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+UNWRITABLE_SQLITE = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN})
+
+
+def damaged(exc: BaseException) -> bool:
+    """The file is not a database, or a malformed one: only such a file is set aside
+    (a locked one belongs to a live process)."""
+    return isinstance(exc, sqlite3.DatabaseError) and exc.sqlite_errorcode in DAMAGED
+
+
+def unwritable(exc: BaseException) -> bool:
+    """The file cannot be opened for writing (read-only disk or file)."""
+    if isinstance(exc, sqlite3.DatabaseError):
+        return exc.sqlite_errorcode in UNWRITABLE_SQLITE
+    return isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,15 +80,20 @@ class Saved:
 
 class SqliteJournal:
     def __init__(self, path: str, flush_interval_s: float = 1.0,
-                 sleep: clocks.Sleep = clocks.sleep) -> None:
+                 sleep: clocks.Sleep = clocks.sleep, busy_timeout_s: float = 5.0) -> None:
+        """``busy_timeout_s``: how long a call waits for a lock another process holds."""
         self.path = path
+        self._busy_timeout = busy_timeout_s
         self._interval = flush_interval_s
         self._sleep = sleep
         self._ops: list[tuple[str, tuple[Any, ...]]] = []
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()     # batches reach the disk in the order queued
         self._closed = False
+        self._read_only = False             # opened read-only: changes are not kept
+        self._off = False                   # could not be opened: not used this run
 
     @property
     def idle(self) -> bool:
@@ -86,9 +119,17 @@ class SqliteJournal:
         self._queue(MATCH, (tenant, model))
 
     async def flush(self) -> None:
+        """Apply everything queued now (after any flush already under way)."""
+        async with self._flushing:
+            ops, self._ops = self._ops, []
+            if ops:
+                await asyncio.to_thread(self._apply_sync, ops)
+
+    def flush_now(self) -> None:
+        """:meth:`flush`, blocking: for a process that has not begun serving yet."""
         ops, self._ops = self._ops, []
         if ops:
-            await asyncio.to_thread(self._apply_sync, ops)
+            self._apply_sync(ops)
 
     async def close(self) -> None:
         self._closed = True
@@ -100,9 +141,16 @@ class SqliteJournal:
                 self._db = None
 
     def _queue(self, sql: str, args: tuple[Any, ...]) -> None:
+        if self._off or self._read_only:
+            return
         self._ops.append((sql, args))
-        if not self._closed and (self._task is None or self._task.done()):
-            self._task = asyncio.get_running_loop().create_task(self._flush_later())
+        if self._closed or (self._task is not None and not self._task.done()):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:    # not serving yet: left for flush_now or the next flush
+            return
+        self._task = loop.create_task(self._flush_later())
 
     async def _flush_later(self) -> None:
         await self._sleep(self._interval)
@@ -113,31 +161,51 @@ class SqliteJournal:
                         type(exc).__name__, exc)
 
     def _connect(self) -> sqlite3.Connection:
+        """The journal's connection, opened at first use (see the module's docstring for
+        a damaged, locked or read-only file)."""
         if self._db is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-            for made in (self.path, self.path + "-wal", self.path + "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.chmod(made, 0o600)   # files made before this rule, too
             try:
-                self._db = self._open()
-            except sqlite3.DatabaseError as exc:
-                self._db = self._open(set_aside=exc)
+                try:
+                    self._db = self._open()
+                except (OSError, sqlite3.DatabaseError) as exc:
+                    if damaged(exc):
+                        self._db = self._open(set_aside=exc)
+                    elif unwritable(exc) and os.path.exists(self.path):
+                        self._db = self._open_read_only(exc)
+                    else:
+                        raise
+            except Exception as exc:
+                self._stop(exc)
+                raise
         return self._db
 
-    def _open(self, set_aside: sqlite3.DatabaseError | None = None) -> sqlite3.Connection:
-        """The journal's connection. ``set_aside``: the file could not be opened as a
-        journal (a torn or foreign file): it is renamed ``<path>.corrupt`` and a new one
-        started, or the journal would fail every write until an operator deleted it."""
+    def _connect_set_aside(self, why: BaseException) -> None:
+        try:
+            self._db = self._open(set_aside=why)
+        except Exception as exc:
+            self._stop(exc)
+            raise
+
+    def _stop(self, exc: BaseException) -> None:
+        self._off = True
+        self._ops.clear()
+        log.warning("cache L1 journal %s could not be used (%s: %s): left as it is; "
+                    "L1 starts empty and is not kept this run", self.path,
+                    type(exc).__name__, exc)
+
+    def _open(self, set_aside: BaseException | None = None) -> sqlite3.Connection:
+        """The journal's connection, read-write. ``set_aside``: the file is damaged (a
+        torn or foreign file): it is renamed ``<path>.corrupt`` and a new one started, or
+        the journal would fail every write until an operator deleted it."""
         if set_aside is not None:
-            log.warning("cache L1 journal %s is unreadable (%s: %s): moved to %s.corrupt, "
-                        "starting an empty one", self.path, type(set_aside).__name__,
-                        set_aside, self.path)
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(self.path + suffix, self.path + ".corrupt" + suffix)
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._set_aside(set_aside)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        for made in (self.path, self.path + "-wal", self.path + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(made, 0o600)   # files made before this rule, too
+        db = sqlite3.connect(self.path, timeout=self._busy_timeout, check_same_thread=False,
+                             isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
@@ -147,17 +215,70 @@ class SqliteJournal:
             raise
         return db
 
+    def _set_aside(self, why: BaseException) -> None:
+        log.warning("cache L1 journal %s is unreadable (%s: %s): moved to %s.corrupt, "
+                    "starting an empty one", self.path, type(why).__name__, why, self.path)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.path + suffix, self.path + ".corrupt" + suffix)
+
+    def _open_read_only(self, why: BaseException) -> sqlite3.Connection:
+        """The journal, read-only (its file cannot be written): read as it is, or, when
+        SQLite cannot even take its read locks there, as an unchanging file."""
+        base = "file:" + urllib.parse.quote(os.path.abspath(self.path))
+        failure: sqlite3.Error | None = None
+        for mode in ("mode=ro", "immutable=1"):
+            db = sqlite3.connect(f"{base}?{mode}", uri=True, timeout=self._busy_timeout,
+                                 check_same_thread=False, isolation_level=None)
+            try:
+                db.execute("SELECT count(*) FROM l1").fetchone()
+            except sqlite3.Error as exc:
+                db.close()
+                failure = exc
+                continue
+            self._read_only = True
+            self._ops.clear()
+            log.warning("cache L1 journal %s cannot be written (%s: %s): its entries are "
+                        "restored read-only, and changes are not kept this run", self.path,
+                        type(why).__name__, why)
+            return db
+        assert failure is not None
+        raise failure
+
     def _load_sync(self, now: float) -> list[Saved]:
         with self._lock:
-            db = self._connect()
-            db.execute("DELETE FROM l1 WHERE expires_at <= ?", (now,))
-            found = db.execute("SELECT skey, tenant, model, value, expires_at FROM l1 "
-                               "ORDER BY rowid").fetchall()
+            try:
+                found = self._read(now)
+            except Exception as exc:
+                if self._off:                   # could not be opened (already said)
+                    raise
+                self._close_db()
+                if not damaged(exc):            # e.g. locked by another process
+                    self._stop(exc)
+                    raise
+                found = []                      # opened, then found malformed
+                self._connect_set_aside(exc)
         return [Saved(str(k), str(t), str(m), bytes(v), float(e)) for k, t, m, v, e in found]
+
+    def _read(self, now: float) -> list[Any]:
+        db = self._connect()
+        if not self._read_only:
+            db.execute("DELETE FROM l1 WHERE expires_at <= ?", (now,))
+        return db.execute("SELECT skey, tenant, model, value, expires_at FROM l1 "
+                          "WHERE expires_at > ? ORDER BY rowid", (now,)).fetchall()
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     def _apply_sync(self, ops: list[tuple[str, tuple[Any, ...]]]) -> None:
         with self._lock:
+            if self._off:
+                return
             db = self._connect()
+            if self._read_only:
+                return
             db.execute("BEGIN")
             try:
                 for sql, args in ops:
