@@ -208,14 +208,16 @@ class Lane:
 
 
 # Set on a request whose body the lane drops unread because its tenant was over its
-# request rate at the head: the serving path answers 429 whatever its own check finds.
+# request rate or concurrency at the head: the serving path answers 429 whatever its own
+# check finds.
 BODY_DROPPED = "synapse.lane.body_dropped"
 
 
 def _admits(app: web.Application) -> Callable[[CIMultiDictProxy[str]], bool]:
     """Whether a head's ``Authorization`` passes the app's authentication (the check
-    ``serving.admit`` makes first) by a tenant not over its request rate (the check it
-    makes next, ``ratelimit.RateLimiter.over_rate``): the body of any other is dropped."""
+    ``serving.admit`` makes first) by a tenant not over its request rate or concurrency
+    (the check it makes next, ``ratelimit.RateLimiter.peek``): the body of any other is
+    dropped."""
     services = app.get(context.SERVICES)
     if services is None:
         return lambda _: True
@@ -226,7 +228,7 @@ def _admits(app: web.Application) -> Callable[[CIMultiDictProxy[str]], bool]:
             tenant = tenants.authenticate(headers.get("Authorization"))
         except errors.SynapseError:
             return False
-        return not limiter.over_rate(tenant)
+        return limiter.peek(tenant).allowed
     return admits
 
 
@@ -358,8 +360,8 @@ class Connection(base_protocol.BaseProtocol):
         headers = CIMultiDictProxy(head.headers)
         if int(length) > len(buf) and not self._lane.admits(headers):
             # A body still to come from a client without a valid key, or of a tenant over
-            # its request rate, is never held: the app answers (401, 429) as on aiohttp's
-            # path while the body is read and dropped.
+            # its request rate or concurrency, is never held: the app answers (401, 429)
+            # as on aiohttp's path while the body is read and dropped.
             self._discard = int(length) - len(buf)
             buf.clear()
             request = LaneRequest(self, route, headers, b"", parser.should_keep_alive())

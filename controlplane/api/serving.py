@@ -113,18 +113,17 @@ async def acquire(request: web.Request, tenant: tenants.Tenant) -> ratelimit.Per
     """A slot under the tenant's request rate and concurrency, taken before a byte of the
     body is read or parsed (429 naming the limit): a tenant over its rate costs no body
     read or parse, and a body that is refused (400, 413, 408) still counts against it.
-    The fast lane drops the body of a tenant over its rate at the head
-    (``fast_lane.BODY_DROPPED``): such a request is a 429 even if a token came since."""
+    The fast lane drops the body of a tenant the limiter refuses at the head
+    (``fast_lane.BODY_DROPPED``, ``ratelimit.RateLimiter.peek``): such a request is a
+    429 even if a token or a slot came since, and takes neither."""
     ctx = request[context.CONTEXT]
     svc = ctx.svc
     try:
-        permit = await svc.limiter.acquire(tenant, ctx.request_id)
         if request.get(fast_lane.BODY_DROPPED):     # refused at its head, body unread
-            release_later(request, permit)
-            raise errors.RateLimited(
-                f"tenant {tenant.name!r} is over its limit of requests per second; retry "
-                "after 1s", retry_after_s=1.0, limit="rate")
-        return permit
+            verdict = svc.limiter.peek(tenant)
+            raise svc.limiter.refusal(tenant, verdict if not verdict.allowed
+                                      else ratelimit.Verdict(False, 0.0, "rate"))
+        return await svc.limiter.acquire(tenant, ctx.request_id)
     except errors.RateLimited as exc:
         svc.child(svc.metrics.rate_limited, tenant.name, exc.limit).inc()
         raise

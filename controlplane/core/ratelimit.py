@@ -10,6 +10,11 @@ A request takes one token and one concurrency slot; the slot is released when th
 response is finished (or aborted). ``Retry-After`` is when the next token appears, or a
 second for a concurrency refusal (the slot frees when some request ends).
 
+:meth:`RateLimiter.peek` answers at a request's head, taking nothing, whether it would be
+refused (the fast lane then drops its body unread): by this process's bucket, or with a
+shared store by the last rate refusal the store gave the tenant here (no replica can add
+a token before the time it named: tokens come only with time).
+
 A slot is named by the limiter, never by the client: the request id comes from the
 client's ``x-request-id`` when it sends one, so a tenant sending all its requests with one
 id would otherwise hold a single entry of the shared set of requests in flight however
@@ -58,6 +63,11 @@ def _limits_of(tenant: tenants.Tenant) -> Limits:
     return Limits.compute(tenant)
 
 
+# The shared store rounds a retry up to a millisecond: a refusal remembered here ends
+# that much earlier, so it never outlasts the store's own.
+_STORE_ROUNDING_S = 0.001
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Verdict:
     allowed: bool
@@ -87,6 +97,8 @@ class LocalStore:
     def __init__(self, clock: clocks.Clock) -> None:
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
+        self._refused_until: dict[str, float] = {}   # tenant -> when a shared store's
+                                                     # rate refusal ends (its clock)
 
     def check(self, tenant: str, limits: Limits) -> Verdict:
         now = self._clock()
@@ -110,13 +122,38 @@ class LocalStore:
         v = self.check(tenant, Limits(rate or None, burst, max_concurrent or None))
         return v.allowed, v.retry_after_s, v.limit
 
-    def out_of_tokens(self, tenant: str, limits: Limits) -> bool:
-        """Whether ``tenant``'s rate bucket would refuse a request now, taking nothing."""
+    def peek(self, tenant: str, limits: Limits) -> Verdict:
+        """What :meth:`check` would answer ``tenant`` now, taking nothing."""
         b = self._buckets.get(tenant)
-        if b is None or not limits.rate:
-            return False
-        now = self._clock()
-        return min(float(limits.burst), b.tokens + (now - b.stamp) * limits.rate) < 1.0
+        if b is None:
+            return Verdict(True)
+        if limits.max_concurrent is not None and b.active >= limits.max_concurrent:
+            return Verdict(False, 1.0, "concurrency")
+        if limits.rate:
+            tokens = min(float(limits.burst),
+                         b.tokens + (self._clock() - b.stamp) * limits.rate)
+            if tokens < 1.0:
+                return Verdict(False, (1.0 - tokens) / limits.rate, "rate")
+        return Verdict(True)
+
+    def now(self) -> float:
+        return self._clock()
+
+    def refused_until(self, tenant: str, until: float) -> None:
+        """A shared store refused ``tenant`` on its rate: it has no token before ``until``
+        (this store's clock)."""
+        self._refused_until[tenant] = max(until, self._refused_until.get(tenant, until))
+
+    def refusal(self, tenant: str) -> Verdict:
+        """The shared store's last rate refusal of ``tenant`` while it still holds."""
+        until = self._refused_until.get(tenant)
+        if until is None:
+            return Verdict(True)
+        left = until - self._clock()
+        if left <= 0:
+            del self._refused_until[tenant]
+            return Verdict(True)
+        return Verdict(False, left, "rate")
 
     def release_now(self, tenant: str) -> None:
         b = self._buckets.get(tenant)
@@ -153,32 +190,45 @@ class RateLimiter:
         store: LimitStore = self._local
         verdict: Verdict | None = None
         if self._shared is not None:
+            asked = self._local.now()      # before the store's clock read the bucket
             try:
                 allowed, retry, which = await self._shared.acquire(
                     tenant.name, limits.rate or 0.0, limits.burst, limits.max_concurrent or 0,
                     slot)
                 verdict = Verdict(allowed, retry, which)
                 store = self._shared
+                if not allowed and which == "rate":     # its retry is rounded up to 1 ms
+                    self._local.refused_until(tenant.name, asked + retry - _STORE_ROUNDING_S)
             except Exception as exc:  # fall back to the local bucket; counted by the caller
                 if self._on_error:
                     self._on_error(exc)
         if verdict is None:
             verdict = self._local.check(tenant.name, limits)
         if not verdict.allowed:
-            what = ("requests per second" if verdict.limit == "rate"
-                    else "concurrent requests")
-            raise errors.RateLimited(
-                f"tenant {tenant.name!r} is over its limit of {what}; retry after "
-                f"{verdict.retry_after_s:.2f}s", retry_after_s=verdict.retry_after_s,
-                limit=verdict.limit)
+            raise self.refusal(tenant, verdict)
         return Permit(tenant.name, slot, store)
 
-    def over_rate(self, tenant: tenants.Tenant) -> bool:
-        """Whether ``tenant`` is over its request rate now, as far as this process can
-        tell at once (its own buckets; never with a shared store, which is asked by
-        :meth:`acquire`): a request's body need not be read to be refused."""
-        return self._shared is None and self._local.out_of_tokens(tenant.name,
-                                                                   Limits.of(tenant))
+    def peek(self, tenant: tenants.Tenant) -> Verdict:
+        """Whether :meth:`acquire` would refuse ``tenant`` now, as far as this process can
+        tell at once, taking nothing (a request's body need not be read to be refused):
+        its own bucket's rate and concurrency, or with a shared store the store's last
+        rate refusal of the tenant while it holds (a concurrency slot may free any time
+        on any replica: not remembered)."""
+        limits = Limits.of(tenant)
+        if limits.unlimited:
+            return Verdict(True)
+        if self._shared is None:
+            return self._local.peek(tenant.name, limits)
+        return self._local.refusal(tenant.name)
+
+    @staticmethod
+    def refusal(tenant: tenants.Tenant, verdict: Verdict) -> errors.RateLimited:
+        """The 429 of a refused ``verdict``, naming the limit."""
+        what = "requests per second" if verdict.limit == "rate" else "concurrent requests"
+        return errors.RateLimited(
+            f"tenant {tenant.name!r} is over its limit of {what}; retry after "
+            f"{verdict.retry_after_s:.2f}s", retry_after_s=verdict.retry_after_s,
+            limit=verdict.limit)
 
     async def release(self, permit: Permit) -> None:
         if permit.store is None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
+import openai
 import pytest
 
 from controlplane.core import validation
+from tests import harness
 from tests.controlplane import cp_testing as t
 
 
@@ -53,4 +55,79 @@ async def test_a_tenant_over_its_rate_gets_429_without_sending_its_body(
             answer = await _head_only(cp.url, t.KEY_A, framing)
             assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
             assert b"rate_limit_exceeded" in answer
+            assert _retry_after(answer) > 50     # the next token, at 0.01/s; not 1 s
             assert parses[0] == 0
+
+
+def _retry_after(answer: bytes) -> int:
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    return int(head.split(b"retry-after:", 1)[1].split(b"\r\n", 1)[0])
+
+
+async def test_a_head_refused_by_the_lane_takes_no_token(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lane refused the head: the app answers 429 without asking the limiter for a
+    permit (which, had a token come since, would spend it on a request never served)."""
+    async with t.backends(("one", "ok")) as (b,):
+        s = t.settings(upstreams=[t.upstream("one", b.url)], http={"body_timeout_s": 30},
+                       auth={"tenants": [
+                           {"name": "a", "keys": [t.KEY_A], "requests_per_second": 0.01,
+                            "burst": 1},
+                           {"name": "b", "keys": [t.KEY_B]}]})
+        async with t.running(s) as cp:
+            await cp.client(t.KEY_A).chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "hi"}])
+            asked = [0]
+            real = cp.services.limiter.acquire
+
+            async def counted(*args: object, **kwargs: object) -> object:
+                asked[0] += 1
+                return await real(*args, **kwargs)   # type: ignore[arg-type]
+            monkeypatch.setattr(cp.services.limiter, "acquire", counted)
+            answer = await _head_only(cp.url, t.KEY_A, "Content-Length: 60000")
+            assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+            assert asked[0] == 0
+
+
+async def test_a_tenant_at_its_concurrency_gets_429_at_the_head() -> None:
+    """max_concurrent 1 and a request in flight: the lane refuses the next head as
+    aiohttp's path does (before its body), naming the limit."""
+    async with t.backends(("one", "hang")) as (b,):
+        s = t.settings(upstreams=[t.upstream("one", b.url)], http={"body_timeout_s": 30},
+                       auth={"tenants": [{"name": "a", "keys": [t.KEY_A], "max_concurrent": 1},
+                                         {"name": "b", "keys": [t.KEY_B]}]})
+        async with t.running(s) as cp:
+            busy = asyncio.create_task(cp.client(t.KEY_A).chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "hi"}]))
+            try:
+                await harness.until(lambda: bool(b.bodies), 10, "the first request at the backend")
+                answer = await _head_only(cp.url, t.KEY_A, "Content-Length: 60000")
+                assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+                assert b"concurrent requests" in answer
+            finally:
+                busy.cancel()
+                await asyncio.gather(busy, return_exceptions=True)
+
+
+async def test_a_rate_refusal_of_the_shared_store_is_kept_for_the_head(
+        redis_server: harness.RedisServer) -> None:
+    """With Redis the lane cannot ask the store at the head; once the store refused the
+    tenant on its rate, this replica refuses its heads until the token the store named
+    (before, a Content-Length head waited for its body, to a 408)."""
+    async with t.backends(("one", "ok")) as (b,):
+        s = t.settings(upstreams=[t.upstream("one", b.url)], http={"body_timeout_s": 30},
+                       redis={"url": redis_server.url, "timeout_s": 1.0},
+                       auth={"tenants": [
+                           {"name": "a", "keys": [t.KEY_A], "requests_per_second": 0.01,
+                            "burst": 1},
+                           {"name": "b", "keys": [t.KEY_B]}]})
+        async with t.running(s) as cp:
+            a = cp.client(t.KEY_A)
+            await a.chat.completions.create(model="llama",
+                                            messages=[{"role": "user", "content": "hi"}])
+            with pytest.raises(openai.RateLimitError):     # the store refuses: remembered
+                await a.chat.completions.create(
+                    model="llama", messages=[{"role": "user", "content": "hi"}])
+            answer = await _head_only(cp.url, t.KEY_A, "Content-Length: 60000")
+            assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+            assert _retry_after(answer) > 50

@@ -87,3 +87,52 @@ async def test_a_reused_request_id_takes_a_concurrency_slot_of_its_own_in_redis(
         await replicas[0].acquire(conc, "same")
     finally:
         await client.aclose()
+
+
+class _Refusing:
+    """A shared store that refuses on rate, naming a retry, or on concurrency."""
+
+    def __init__(self, which: str, retry_s: float) -> None:
+        self.which, self.retry_s = which, retry_s
+
+    async def acquire(self, tenant: str, rate: float, burst: int, max_concurrent: int,
+                      slot: str) -> tuple[bool, float, str]:
+        return False, self.retry_s, self.which
+
+    async def release(self, tenant: str, slot: str) -> None:
+        pass
+
+
+async def test_the_head_peek_keeps_a_shared_rate_refusal_until_its_token() -> None:
+    clock = ManualClock()
+    t = tenants.Tenant("t", requests_per_second=1, burst=1, max_concurrent=5)
+    limiter = ratelimit.RateLimiter(ratelimit.LocalStore(clock), _Refusing("rate", 4.0))
+    assert limiter.peek(t).allowed                  # nothing known yet: the store decides
+    with pytest.raises(errors.RateLimited):
+        await limiter.acquire(t, "r")
+    clock.now = 3.0
+    seen = limiter.peek(t)
+    assert not seen.allowed and seen.limit == "rate"
+    assert seen.retry_after_s == pytest.approx(1.0 - 0.001)
+    clock.now = 4.0                                 # the store's token has come
+    assert limiter.peek(t).allowed
+    busy = ratelimit.RateLimiter(ratelimit.LocalStore(clock), _Refusing("concurrency", 1.0))
+    with pytest.raises(errors.RateLimited):
+        await busy.acquire(t, "r")
+    assert busy.peek(t).allowed                     # a slot may free on any replica
+
+
+async def test_the_head_peek_of_the_local_bucket_sees_rate_and_concurrency() -> None:
+    clock = ManualClock()
+    limiter = ratelimit.RateLimiter(ratelimit.LocalStore(clock))
+    t = tenants.Tenant("t", requests_per_second=1, burst=2, max_concurrent=1)
+    p = await limiter.acquire(t, "r1")
+    seen = limiter.peek(t)
+    assert not seen.allowed and seen.limit == "concurrency"
+    await limiter.release(p)
+    assert limiter.peek(t).allowed                  # a token left, no slot taken
+    await limiter.release(await limiter.acquire(t, "r2"))
+    seen = limiter.peek(t)
+    assert not seen.allowed and seen.limit == "rate"
+    assert seen.retry_after_s == pytest.approx(1.0)
+    assert limiter.peek(t).retry_after_s == pytest.approx(1.0)   # peeking takes nothing
