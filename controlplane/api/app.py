@@ -254,7 +254,11 @@ async def _redis_ctx(app: web.Application, svc: services_mod.Services,
                      url: str) -> AsyncIterator[None]:
     client = redis_limits.connect(url)
     h = svc.settings.http
-    lease = h.upstream_first_byte_timeout_s + h.upstream_idle_timeout_s + 60.0
+    # A slot is taken before the body is read (serving.acquire): its lease covers the
+    # body's upload, the tenant's turn on the loop before and after it (loop_share), the
+    # backend's first byte and a gap of the stream, with a minute to spare.
+    lease = (h.body_timeout_s + 2 * svc.loop_share.max_wait_s
+             + h.upstream_first_byte_timeout_s + h.upstream_idle_timeout_s + 60.0)
     store = redis_limits.RedisLimitStore(client, svc.settings.redis.timeout_s, lease)
 
     def on_error(exc: Exception) -> None:

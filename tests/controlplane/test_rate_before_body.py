@@ -9,6 +9,7 @@ import asyncio
 import openai
 import pytest
 
+from controlplane.adapters import redis_limits
 from controlplane.core import validation
 from tests import harness
 from tests.controlplane import cp_testing as t
@@ -131,3 +132,32 @@ async def test_a_rate_refusal_of_the_shared_store_is_kept_for_the_head(
             answer = await _head_only(cp.url, t.KEY_A, "Content-Length: 60000")
             assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
             assert _retry_after(answer) > 50
+
+
+async def test_a_shared_concurrency_lease_outlasts_the_body_and_the_loop_turns(
+        redis_server: harness.RedisServer) -> None:
+    """A slot is taken before the body is read: its lease in Redis covers the body's
+    upload (http.body_timeout_s) and the loop-share turns before and after it, beside the
+    backend's first byte and a stream gap (before, only those two and a minute)."""
+    async with t.backends(("one", "hang")) as (b,):
+        h = {"body_timeout_s": 600, "upstream_first_byte_timeout_s": 5,
+             "upstream_idle_timeout_s": 5}
+        s = t.settings(upstreams=[t.upstream("one", b.url)], http=h,
+                       redis={"url": redis_server.url, "timeout_s": 1.0},
+                       auth={"tenants": [{"name": "a", "keys": [t.KEY_A], "max_concurrent": 2},
+                                         {"name": "b", "keys": [t.KEY_B]}]})
+        async with t.running(s) as cp:
+            busy = asyncio.create_task(cp.client(t.KEY_A).chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "hi"}]))
+            client = redis_limits.connect(redis_server.url)
+            try:
+                await harness.until(lambda: bool(b.bodies), 10, "the request at the backend")
+                seconds, micros = await client.time()
+                slots = await client.zrange("synapse:rl:a:active", 0, -1, withscores=True)
+                assert len(slots) == 1
+                lease = slots[0][1] - (seconds + micros / 1e6)
+                assert lease > 600 + 2 * cp.services.loop_share.max_wait_s + 5 + 5
+            finally:
+                busy.cancel()
+                await asyncio.gather(busy, return_exceptions=True)
+                await client.aclose()
