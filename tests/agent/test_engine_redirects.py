@@ -18,6 +18,7 @@ from agent import engine_tasks, metrics
 from agent import runner as runners
 from agent.core import types
 from tests.agent.test_supervisor import _settings
+from tests.http_standins import served
 
 RERANKER = {"openapi": "3.1.0", "paths": {"/v1/rerank": {}, "/health": {}}}
 EXPOSITION = b"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 3.0\n"
@@ -46,13 +47,8 @@ class Redirecting:
         app = web.Application()
         app.router.add_get("/followed/{path}", self.target)
         app.router.add_get("/{path}", self.moved)
-        site = web.AppRunner(app)
-        await site.setup()
-        await web.TCPSite(site, "127.0.0.1", 0).start()
-        try:
-            yield f"http://127.0.0.1:{site.addresses[0][1]}"
-        finally:
-            await site.cleanup()
+        async with served(app) as url:
+            yield url
 
 
 async def test_an_engines_document_is_read_without_following_a_redirect() -> None:

@@ -5,9 +5,7 @@ the node."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -15,6 +13,7 @@ from aiohttp import web
 
 from agent import engine_tasks
 from synapse_common import tasks
+from tests.http_standins import served
 
 RERANKER = {"openapi": "3.1.0", "paths": {"/v1/rerank": {}, "/health": {}}}
 
@@ -41,17 +40,6 @@ async def _document_server(body: bytes, chunked: bool) -> web.Application:
     app = web.Application()
     app.router.add_get("/openapi.json", document)
     return app
-
-
-@contextlib.asynccontextmanager
-async def served(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 async def discovered(body: bytes, chunked: bool) -> tuple[str, ...] | None:

@@ -23,6 +23,7 @@ from controlplane.api import server as server_mod
 from controlplane.api import services as services_mod
 from controlplane.core import cache_port
 from tests import harness
+from tests.http_standins import served as served  # the tests' t.served
 
 MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 KEY_A = "sk-tenant-a-0123456789"
@@ -193,10 +194,10 @@ def upstream(name: str, url: str, models: list[str] | None = None,
     return {"name": name, "url": url, "models": models or [MODEL], "task": task}
 
 
-def round_robin(*served: FakeBackend, **overrides: Any) -> config.ControlPlaneSettings:
-    """Settings whose upstreams are ``served`` (each named after its backend), taken in
+def round_robin(*started: FakeBackend, **overrides: Any) -> config.ControlPlaneSettings:
+    """Settings whose upstreams are ``started`` (each named after its backend), taken in
     turn (router policy ``round_robin``)."""
-    return settings(upstreams=[upstream(b.name, b.url) for b in served],
+    return settings(upstreams=[upstream(b.name, b.url) for b in started],
                     router={"policy": "round_robin"}, **overrides)
 
 
@@ -242,18 +243,6 @@ async def running(s: config.ControlPlaneSettings,
                 await made.close()
         if server is not None:
             await server.stop(0)
-        await runner.cleanup()
-
-
-@contextlib.asynccontextmanager
-async def served(app: web.Application) -> AsyncIterator[str]:
-    """``app`` (a stand-in engine) listening on a free local port: its base URL."""
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
         await runner.cleanup()
 
 

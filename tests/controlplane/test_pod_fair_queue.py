@@ -24,17 +24,24 @@ def heard(gate: fair_queue.Gate, tag: float) -> bool:
     return any(h.tag == tag for h in gate._sibling_heads.get(MODEL, {}).values())
 
 
+def two_workers(free: int, hold_s: float) -> tuple[Fleet, fair_queue.Gate, fair_queue.Gate]:
+    """Workers A and B of one pod, :func:`joined`, on one engine of ``free`` seats, their
+    clock stopped."""
+    clock = ManualClock()
+    engine = Fleet(free=free)
+    a = stopped_clock_gate(engine, clock, hold_s=hold_s)
+    b = stopped_clock_gate(engine, clock, hold_s=hold_s)
+    joined(a, b)
+    return engine, a, b
+
+
 async def test_a_quiet_tenant_goes_at_the_next_free_seat_though_it_frees_on_the_other_worker(
         ) -> None:
     """Bob's requests of four seats wait on both workers, alice's of one on worker B; the
     request in flight ends on worker A. In one queue alice's smaller tag makes her the
     head, and she goes at the next free seat; before, A sent its own head on at once
     (room for all four seats) and alice waited behind every one of bob's."""
-    clock = ManualClock()
-    engine = Fleet(free=4)
-    a = stopped_clock_gate(engine, clock, hold_s=10.0)
-    b = stopped_clock_gate(engine, clock, hold_s=10.0)
-    joined(a, b)
+    engine, a, b = two_workers(free=4, hold_s=10.0)
     await asyncio.wait_for(request(a, engine, "bob-0", "bob", tokens=BOB, sequences=4), 5)
     bobs = [asyncio.create_task(request(gate, engine, name, "bob", tokens=BOB, sequences=4))
             for gate, name in ((a, "bob-a1"), (b, "bob-b1"), (a, "bob-a2"))]
@@ -61,11 +68,7 @@ async def test_a_quiet_tenant_passes_a_siblings_head_holding_seats_for_a_later_t
     seat comes in on worker B with a smaller tag: in one queue she would be the head and
     go at once. Before, B sent nothing on while A's head held seats (up to its
     ``max_seat_hold_s``, each time anew)."""
-    clock = ManualClock()
-    engine = Fleet(free=4)
-    a = stopped_clock_gate(engine, clock, hold_s=10.0)
-    b = stopped_clock_gate(engine, clock, hold_s=10.0)
-    joined(a, b)
+    engine, a, b = two_workers(free=4, hold_s=10.0)
     await asyncio.wait_for(request(a, engine, "bob-0", "bob", tokens=BOB, sequences=4), 5)
     bob = asyncio.create_task(request(a, engine, "bob-1", "bob", tokens=BOB, sequences=4))
     await settle_until(lambda: a.depth(MODEL) == 1, "bob to queue")
@@ -87,11 +90,7 @@ async def test_a_large_request_on_one_worker_is_passed_only_for_its_fair_share()
     pod's busy period (they would start afresh each time its own queue emptied, and the
     stream would pass the large request for ever), and then the large one holds the seats
     that free until it has both."""
-    clock = ManualClock()
-    engine = Fleet(free=0)
-    a = stopped_clock_gate(engine, clock, hold_s=1000.0)
-    b = stopped_clock_gate(engine, clock, hold_s=1000.0)
-    joined(a, b)
+    engine, a, b = two_workers(free=0, hold_s=1000.0)
     big = asyncio.create_task(request(a, engine, "big", "x", tokens=300, sequences=2))
     await settle_until(lambda: a.depth(MODEL) == 1, "the large request to queue")
     small = []
@@ -161,6 +160,48 @@ def moving_gate(room: object, sleep: Stallable, deadline_s: float = 5.0) -> fair
     return fair_queue.Gate(options, room, clock=sleep.clock, sleep=sleep)  # type: ignore[arg-type]
 
 
+async def bob_then_alice(a: fair_queue.Gate, view_a: Fleet, b: fair_queue.Gate, view_b: Fleet,
+                         clock: ManualClock, between_s: float = 0.0, alice_sequences: int = 1,
+                         ) -> tuple[asyncio.Task[None], asyncio.Task[None]]:
+    """Workers A and B :func:`joined_heard`: bob's large request (1000) waits on A and is
+    told as its head, then, ``between_s`` later, alice's small one (10) on B likewise."""
+    heads = joined_heard(a, b)
+    bob = asyncio.create_task(request(a, view_a, "bob", "bob", tokens=1000))
+    await settle_until(lambda: (0, 1000.0) in heads, "A to tell bob")
+    clock.now += between_s
+    alice = asyncio.create_task(request(b, view_b, "alice", "alice", tokens=10,
+                                        sequences=alice_sequences))
+    await settle_until(lambda: (1, 10.0) in heads, "B to tell alice")
+    return bob, alice
+
+
+async def bob_goes(a: fair_queue.Gate, b: fair_queue.Gate, bob: asyncio.Task[None],
+                   alice: asyncio.Task[None]) -> None:
+    """Wakes A and waits for bob to go (his QueueTimeout raises), then cancels alice and
+    closes both gates."""
+    a.wake(MODEL)
+    try:
+        await asyncio.wait_for(bob, 5)
+    finally:
+        await cancel(alice)
+        await a.close()
+        await b.close()
+
+
+async def one_seat_for(gate: fair_queue.Gate, engine: Fleet,
+                       *waiting: tuple[str, str, int]) -> None:
+    """``waiting`` (name, tenant, tokens) queued on ``gate`` in turn, then one seat frees:
+    returns once one of them has taken it, the others cancelled."""
+    before = len(engine.released)
+    tasks = [asyncio.create_task(request(gate, engine, name, tenant, tokens=tokens))
+             for name, tenant, tokens in waiting]
+    await settle_until(lambda: gate.depth(MODEL) == len(waiting), "all to queue")
+    engine.free = 1
+    gate.wake(MODEL)
+    await settle_until(lambda: len(engine.released) == before + 1, "a release")
+    await cancel(*tasks)
+
+
 async def test_a_stalled_sibling_does_not_keep_free_seats_idle_until_its_deadline() -> None:
     """Worker B told its head (alice, the smaller tag) and then stalled with its connection
     open. Worker A sees seats free all along: its head (bob) goes once B has left a seat
@@ -170,22 +211,11 @@ async def test_a_stalled_sibling_does_not_keep_free_seats_idle_until_its_deadlin
     engine = Fleet(free=0)
     sleep_a, sleep_b = Stallable(clock), Stallable(clock)
     a, b = moving_gate(engine.room, sleep_a), moving_gate(engine.room, sleep_b)
-    heads = joined_heard(a, b)
-    bob = asyncio.create_task(request(a, engine, "bob", "bob", tokens=1000))
-    await settle_until(lambda: (0, 1000.0) in heads, "A to tell bob")
-    clock.now += 1.0                    # alice comes a second later, on B
-    alice = asyncio.create_task(request(b, engine, "alice", "alice", tokens=10))
-    await settle_until(lambda: (1, 10.0) in heads, "B to tell alice")
+    bob, alice = await bob_then_alice(a, engine, b, engine, clock, between_s=1.0)
     sleep_b.stall = True
     await asyncio.wait_for(sleep_b.stalled.wait(), 5)
     engine.free = 4
-    a.wake(MODEL)
-    try:
-        await asyncio.wait_for(bob, 5)
-    finally:
-        await cancel(alice)
-        await a.close()
-        await b.close()
+    await bob_goes(a, b, bob, alice)
     assert engine.released == ["bob"]
 
 
@@ -197,20 +227,9 @@ async def test_a_sibling_whose_view_has_no_room_does_not_stall_the_pod() -> None
     view_a, view_b = Fleet(free=0), Fleet(free=0)
     a = moving_gate(view_a.room, Stallable(clock))
     b = moving_gate(view_b.room, Stallable(clock))
-    heads = joined_heard(a, b)
-    bob = asyncio.create_task(request(a, view_a, "bob", "bob", tokens=1000))
-    await settle_until(lambda: (0, 1000.0) in heads, "A to tell bob")
-    clock.now += 1.0
-    alice = asyncio.create_task(request(b, view_b, "alice", "alice", tokens=10))
-    await settle_until(lambda: (1, 10.0) in heads, "B to tell alice")
+    bob, alice = await bob_then_alice(a, view_a, b, view_b, clock, between_s=1.0)
     view_a.free = 4                     # A's view: room; B's: none
-    a.wake(MODEL)
-    try:
-        await asyncio.wait_for(bob, 5)
-    finally:
-        await cancel(alice)
-        await a.close()
-        await b.close()
+    await bob_goes(a, b, bob, alice)
     assert view_a.released == ["bob"]
 
 
@@ -240,11 +259,7 @@ async def test_a_tenant_bursting_on_two_workers_gets_no_more_than_its_share() ->
     weight and size) has 8 waiting on A. One queue releases them alternately: 6 of the
     first 12 each. With each worker's tags taken as they were (each not yet told of the
     other's burst), mallory had two of every three seats, on every burst."""
-    clock = ManualClock()
-    engine = Fleet(free=0)
-    a = stopped_clock_gate(engine, clock, hold_s=10.0)
-    b = stopped_clock_gate(engine, clock, hold_s=10.0)
-    joined(a, b)
+    engine, a, b = two_workers(free=0, hold_s=10.0)
     mesh = [Delayed(g.siblings) for g in (a, b)]   # type: ignore[arg-type]
     a.siblings, b.siblings = mesh           # type: ignore[assignment]
 
@@ -276,22 +291,12 @@ async def test_a_request_gone_before_its_head_was_told_leaves_no_tag_on_the_sibl
     """A request cancelled before its worker's pump told it as the head had told its tag:
     the sibling, idle, kept the tenant 50,000 tokens behind into its next busy period
     (nothing ever told it that the busy period had ended)."""
-    clock = ManualClock()
-    engine = Fleet(free=0)
-    a = stopped_clock_gate(engine, clock, hold_s=10.0)
-    b = stopped_clock_gate(engine, clock, hold_s=10.0)
-    joined(a, b)
+    engine, a, b = two_workers(free=0, hold_s=10.0)
     t0 = asyncio.create_task(request(a, engine, "t0", "t", tokens=50_000))
     await asyncio.sleep(0)              # queued and its tag told; the pump not yet run
     await cancel(t0)
     await settle_until(lambda: a.depth(MODEL) == 0 and not b.busy(MODEL), "t0 to be gone")
-    t1 = asyncio.create_task(request(b, engine, "t1", "t", tokens=10))
-    u1 = asyncio.create_task(request(b, engine, "u1", "u", tokens=20))
-    await settle_until(lambda: b.depth(MODEL) == 2, "both to queue")
-    engine.free = 1
-    b.wake(MODEL)
-    await settle_until(lambda: len(engine.released) == 1, "a release")
-    await cancel(t1, u1)
+    await one_seat_for(b, engine, ("t1", "t", 10), ("u1", "u", 20))
     await a.close()
     await b.close()
     assert engine.released == ["t1"], "t paid for a request that never went"
@@ -326,11 +331,7 @@ async def test_a_sibling_head_retold_with_a_new_tag_does_not_restart_the_grace(
     view_a, view_b = Fleet(free=0), Fleet(free=0)
     a = moving_gate(view_a.room, Stallable(clock), deadline_s=8.0)
     b = moving_gate(view_b.room, Stallable(clock), deadline_s=8.0)
-    heads = joined_heard(a, b)
-    bob = asyncio.create_task(request(a, view_a, "bob", "bob", tokens=1000))
-    await settle_until(lambda: (0, 1000.0) in heads, "A to tell bob")
-    alice = asyncio.create_task(request(b, view_b, "alice", "alice", tokens=10))
-    await settle_until(lambda: (1, 10.0) in heads, "B to tell alice")
+    bob, alice = await bob_then_alice(a, view_a, b, view_b, clock)
     view_a.free = 4
     a.wake(MODEL)
     start = clock.now
@@ -366,13 +367,8 @@ async def test_a_siblings_new_head_with_an_equal_tag_gets_its_own_grace() -> Non
     view_a, view_b = Fleet(free=0), Fleet(free=0)
     a = moving_gate(view_a.room, Stallable(clock), deadline_s=30.0)
     b = moving_gate(view_b.room, Stallable(clock), deadline_s=30.0)
-    heads = joined_heard(a, b)
-    bob = asyncio.create_task(request(a, view_a, "bob", "bob", tokens=1000))
-    await settle_until(lambda: (0, 1000.0) in heads, "A to tell bob")
-    alice = asyncio.create_task(request(b, view_b, "alice", "alice", tokens=10,
-                                        sequences=4))
+    bob, alice = await bob_then_alice(a, view_a, b, view_b, clock, alice_sequences=4)
     carol = asyncio.create_task(request(b, view_b, "carol", "carol", tokens=10))
-    await settle_until(lambda: (1, 10.0) in heads, "B to tell alice")
     view_a.free = 1             # A: a seat free all along (alice's grace starts)
     view_b.free = 1             # B: one of alice's four: she holds it for 2 s
     a.wake(MODEL)
@@ -428,13 +424,7 @@ async def test_a_stalled_siblings_head_past_its_deadline_ends_the_busy_period() 
     a.sibling_head(object(), 1, MODEL, 1, 0.0, 1.0, 0)     # a batch head: never first
     await asyncio.wait_for(request(a, engine, "mallory-0", "mallory", tokens=1000), 5)
     clock.now += 2.0                                        # B's head is past its deadline
-    mallory = asyncio.create_task(request(a, engine, "mallory-1", "mallory", tokens=10))
-    alice = asyncio.create_task(request(a, engine, "alice", "alice", tokens=10))
-    await settle_until(lambda: a.depth(MODEL) == 2, "both to queue")
-    engine.free = 1
-    a.wake(MODEL)
-    await settle_until(lambda: len(engine.released) == 2, "a release")
-    await cancel(mallory, alice)
+    await one_seat_for(a, engine, ("mallory-1", "mallory", 10), ("alice", "alice", 10))
     assert engine.released == ["mallory-0", "mallory-1"], "the old busy period's tags"
     siblings.woken = 0
     a.sibling_head(object(), 1, MODEL, 1, 0.0, 1.0, 0)
