@@ -255,21 +255,33 @@ async def test_a_deploy_waiting_for_its_ack_is_not_sent_again_by_the_reconcile_l
         assert [c.retry for c in node.commands] == [(), ("a-vllm",)]
 
 
+async def deploy_beside_the_loop_push(store: SlowReplies, svc: fleet.FleetService, node: Node,
+                                      ) -> tuple[list[types.Command],
+                                                 asyncio.Task[list[fleet.Placement]],
+                                                 asyncio.Task[None]]:
+    """Deploys ``a`` while the loop runs a pass: the loop loads the deploy's record and
+    sends it before the store has answered the deploy; then the store answers, then the
+    node. Returns the commands sent before the store answered, the deploy and the pass."""
+    store.replying.clear()
+    node.answering.clear()
+    deploying = asyncio.create_task(svc.deploy(deploy("a", 30)))
+    await settle()
+    passing = asyncio.create_task(svc.reconcile())
+    await settle()
+    sent = list(node.commands)
+    store.replying.set()
+    await settle()
+    node.answering.set()
+    return sent, deploying, passing
+
+
 async def test_a_deploy_takes_the_answer_of_the_loop_push_of_what_it_wrote() -> None:
     """The other order: the loop loads the deploy's record and sends it before the deploy
     has heard back from the store; the deploy then waits for that push's ack."""
     store = SlowReplies()
     async with service(store) as (svc, node, _, _):
-        store.replying.clear()
-        node.answering.clear()
-        deploying = asyncio.create_task(svc.deploy(deploy("a", 30)))
-        await settle()
-        passing = asyncio.create_task(svc.reconcile())
-        await settle()
-        assert [c.backends[0]["name"] for c in node.commands] == ["a-vllm"]   # the loop's
-        store.replying.set()
-        await settle()
-        node.answering.set()
+        sent, deploying, passing = await deploy_beside_the_loop_push(store, svc, node)
+        assert [c.backends[0]["name"] for c in sent] == ["a-vllm"]   # the loop's
         assert [p.reason for p in await deploying] == ["deployed"]
         await passing
         assert len(node.commands) == 1
@@ -283,15 +295,7 @@ async def test_a_plan_refused_in_the_loop_push_is_rolled_back_by_the_deploy() ->
         return (False, why) if command.backends else (True, "")
 
     async with service(store, answer) as (svc, node, _, _):
-        store.replying.clear()
-        node.answering.clear()
-        deploying = asyncio.create_task(svc.deploy(deploy("a", 30)))
-        await settle()
-        passing = asyncio.create_task(svc.reconcile())
-        await settle()
-        store.replying.set()
-        await settle()
-        node.answering.set()
+        _, deploying, passing = await deploy_beside_the_loop_push(store, svc, node)
         with pytest.raises(errors.Conflict, match="refused the plan"):
             await deploying
         await passing

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from aiohttp import web
@@ -21,7 +21,12 @@ from synapse_common import clock as clocks
 from tests import harness
 from tests.controlplane import cp_testing as t
 from tests.controlplane.test_grpc_server import Agent, register
-from tests.controlplane.test_upstream_kinds import MSGS, CachingEngine, SwappedEngine
+from tests.controlplane.test_upstream_kinds import (
+    MSGS,
+    CachingEngine,
+    SwappedEngine,
+    plain_and_sglang,
+)
 
 SHARED = "share its prefix cache"
 READY = common_pb2.BACKEND_PHASE_READY
@@ -61,6 +66,19 @@ async def agent_of(cp: t.RunningCP) -> AsyncIterator[Agent]:
 async def reported(agent: Agent, msg: controlplane_pb2.AgentMessage) -> None:
     await agent.send(msg)
     assert (await agent.receive()).ack.sequence == msg.report.sequence
+
+
+async def back_from_unhealthy(agent: Agent, cp: t.RunningCP, url: str,
+                              meanwhile: Callable[[], None]) -> None:
+    """The external backend at ``url`` reported and its document read (it takes
+    ``cache_salt``); then ``meanwhile`` (the server behind the URL changes), and it is
+    reported unhealthy and, once the documents' loop has seen it gone, back."""
+    await reported(agent, external(1, url))
+    await harness.until(lambda: backend(cp).takes_salt, 20, "its document read")
+    meanwhile()
+    await reported(agent, external(2, url, common_pb2.BACKEND_PHASE_UNHEALTHY))
+    await asyncio.sleep(0.5)        # the documents' loop sees it gone
+    await reported(agent, external(3, url))
 
 
 async def cached(cp: t.RunningCP, key: str, stream: bool) -> int:
@@ -160,12 +178,7 @@ async def test_an_agents_external_backend_is_read_again_when_it_comes_back(
     engine = SwappedEngine()
     async with engine.running() as url, t.running(t.settings(), with_grpc=True) as cp, \
             agent_of(cp) as agent:
-        await reported(agent, external(1, url))
-        await harness.until(lambda: backend(cp).takes_salt, 20, "its document read")
-        engine.takes = False
-        await reported(agent, external(2, url, common_pb2.BACKEND_PHASE_UNHEALTHY))
-        await asyncio.sleep(0.5)        # the documents' loop sees it gone
-        await reported(agent, external(3, url))
+        await back_from_unhealthy(agent, cp, url, lambda: setattr(engine, "takes", False))
         await harness.until(lambda: bool(warnings(caplog)), 20, "read again, and warned")
         assert not backend(cp).takes_salt and backend(cp).shares_cache
         assert await cached(cp, t.KEY_A, stream=False) == 0
@@ -206,10 +219,7 @@ async def test_a_serving_worker_leaves_the_sharing_warnings_to_its_primary(
     caplog.set_level(logging.DEBUG)
     engine = CachingEngine()
     async with engine.running() as url:
-        s = t.settings(models=[{"name": t.MODEL, "aliases": ["llama"]}, {"name": "other"}],
-                       upstreams=[{"name": "plain", "url": url, "models": ["other"]},
-                                  {"name": "sgl", "url": url, "kind": "sglang",
-                                   "models": ["other"]}])
+        s = plain_and_sglang(url, "other")
         for primary in (False, True):
             caplog.clear()
             async with t.running(s, with_grpc=True, primary=primary) as cp:
@@ -245,12 +255,7 @@ async def test_an_agents_external_backend_back_with_no_certain_document_is_unsal
     engine = MovedDocument()
     async with engine.running() as url, t.running(t.settings(), with_grpc=True) as cp, \
             agent_of(cp) as agent:
-        await reported(agent, external(1, url))
-        await harness.until(lambda: backend(cp).takes_salt, 20, "its document read")
-        engine.moved = True
-        await reported(agent, external(2, url, common_pb2.BACKEND_PHASE_UNHEALTHY))
-        await asyncio.sleep(0.5)        # the documents' loop sees it gone
-        await reported(agent, external(3, url))
+        await back_from_unhealthy(agent, cp, url, lambda: setattr(engine, "moved", True))
         assert not backend(cp).takes_salt and backend(cp).shares_cache
         await asyncio.sleep(0.5)        # its re-read answered nothing certain
         assert not backend(cp).takes_salt and backend(cp).shares_cache

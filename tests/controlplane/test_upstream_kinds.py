@@ -19,7 +19,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from controlplane import errors
+from controlplane import config, errors
 from controlplane.adapters import prober as prober_mod
 from controlplane.adapters import upstream as upstream_mod
 from controlplane.api import services as services_mod
@@ -433,16 +433,22 @@ class CachingEngine:
             await self.runner.cleanup()
 
 
+def plain_and_sglang(url: str, plain_serves: str) -> config.ControlPlaneSettings:
+    """Settings with two static upstreams at ``url``: ``plain`` (no kind, serving
+    ``plain_serves``) and ``sgl`` (kind ``sglang``, serving ``other``); the model
+    ``t.MODEL`` is also called ``llama``."""
+    return t.settings(models=[{"name": t.MODEL, "aliases": ["llama"]}, {"name": "other"}],
+                      upstreams=[{"name": "plain", "url": url, "models": [plain_serves]},
+                                 {"name": "sgl", "url": url, "kind": "sglang",
+                                  "models": ["other"]}])
+
+
 async def test_an_unsalted_upstream_tenants_share_is_warned_of_and_hides_its_cached_counts(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     engine = CachingEngine()
     async with engine.running() as url:
-        s = t.settings(models=[{"name": t.MODEL, "aliases": ["llama"]}, {"name": "other"}],
-                       upstreams=[{"name": "plain", "url": url, "models": [t.MODEL]},
-                                  {"name": "sgl", "url": url, "kind": "sglang",
-                                   "models": ["other"]}])
-        async with t.running(s) as cp:
+        async with t.running(plain_and_sglang(url, t.MODEL)) as cp:
             await until(lambda: "static/plain (no kind" in caplog.text,
                         "the warning for the kind-less upstream, once its document was read")
             warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
