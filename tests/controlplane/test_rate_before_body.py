@@ -5,6 +5,7 @@ client that sends a request head and waits gets the 429, on the fast lane
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import openai
 import pytest
@@ -42,11 +43,7 @@ async def test_a_tenant_over_its_rate_gets_429_without_sending_its_body(
         parses[0] += 1
         return real(*args, **kwargs)    # type: ignore[arg-type]
     async with t.backends(("one", "ok")) as (b,):
-        s = t.settings(upstreams=[t.upstream("one", b.url)], http={"body_timeout_s": 30},
-                       auth={"tenants": [
-                           {"name": "a", "keys": [t.KEY_A], "requests_per_second": 0.01,
-                            "burst": 1},
-                           {"name": "b", "keys": [t.KEY_B]}]})
+        s = _one_request_a_century(b.url)
         async with t.running(s) as cp:
             a = cp.client(t.KEY_A)
             await a.chat.completions.create(model="llama",
@@ -60,6 +57,16 @@ async def test_a_tenant_over_its_rate_gets_429_without_sending_its_body(
             assert parses[0] == 0
 
 
+def _one_request_a_century(url: str, **sections: Any) -> Any:
+    """Settings of one upstream at ``url`` and two tenants, ``a`` allowed one request now
+    and the next in 100 s (its 429 names a wait no rounding reaches), ``b`` unlimited."""
+    return t.settings(upstreams=[t.upstream("one", url)], http={"body_timeout_s": 30},
+                      auth={"tenants": [
+                          {"name": "a", "keys": [t.KEY_A], "requests_per_second": 0.01,
+                           "burst": 1},
+                          {"name": "b", "keys": [t.KEY_B]}]}, **sections)
+
+
 def _retry_after(answer: bytes) -> int:
     head = answer.split(b"\r\n\r\n", 1)[0].lower()
     return int(head.split(b"retry-after:", 1)[1].split(b"\r\n", 1)[0])
@@ -70,11 +77,7 @@ async def test_a_head_refused_by_the_lane_takes_no_token(
     """The lane refused the head: the app answers 429 without asking the limiter for a
     permit (which, had a token come since, would spend it on a request never served)."""
     async with t.backends(("one", "ok")) as (b,):
-        s = t.settings(upstreams=[t.upstream("one", b.url)], http={"body_timeout_s": 30},
-                       auth={"tenants": [
-                           {"name": "a", "keys": [t.KEY_A], "requests_per_second": 0.01,
-                            "burst": 1},
-                           {"name": "b", "keys": [t.KEY_B]}]})
+        s = _one_request_a_century(b.url)
         async with t.running(s) as cp:
             await cp.client(t.KEY_A).chat.completions.create(
                 model="llama", messages=[{"role": "user", "content": "hi"}])
@@ -116,12 +119,7 @@ async def test_a_rate_refusal_of_the_shared_store_is_kept_for_the_head(
     tenant on its rate, this replica refuses its heads until the token the store named
     (before, a Content-Length head waited for its body, to a 408)."""
     async with t.backends(("one", "ok")) as (b,):
-        s = t.settings(upstreams=[t.upstream("one", b.url)], http={"body_timeout_s": 30},
-                       redis={"url": redis_server.url, "timeout_s": 1.0},
-                       auth={"tenants": [
-                           {"name": "a", "keys": [t.KEY_A], "requests_per_second": 0.01,
-                            "burst": 1},
-                           {"name": "b", "keys": [t.KEY_B]}]})
+        s = _one_request_a_century(b.url, redis={"url": redis_server.url, "timeout_s": 1.0})
         async with t.running(s) as cp:
             a = cp.client(t.KEY_A)
             await a.chat.completions.create(model="llama",
