@@ -44,7 +44,9 @@ a refusal (4xx) relayed whole or in any API's shape, the quoted start of a 5xx (
 before it is cut: :func:`masked_start`), and a static upstream's 200, whole or an event
 stream read in pieces (:class:`StreamMask`), lose the backend's whole ``api_key`` in
 every spelling it is commonly quoted in (hosted APIs quote the key they were given in
-their refusals, and in the error events of a stream). Never a piece of it: refusals
+their refusals, and in the error events of a stream). A static upstream's 200s only for a
+key of ``ANSWER_MASK_FROM`` characters or more; an agent's engine's never
+(:func:`controlplane.core.attempt._masks_answers`). Never a piece of it: refusals
 quote the tenant's own text too, and a masked piece would tell the tenant that its text
 held a piece of the key.
 """
@@ -217,7 +219,6 @@ class QueueTimeout(Unavailable, default_code="queue_timeout"):
 
 KEY_MASK = b"[its api_key]"
 _ENCODED_FROM = 8     # characters of a key from which its encoded spellings are masked too
-ANSWER_MASK_FROM = 16  # characters of a key from which a backend's 200s are masked too
 
 
 def masked(data: bytes, key: str | None) -> bytes:
@@ -227,8 +228,9 @@ def masked(data: bytes, key: str | None) -> bytes:
     (:func:`controlplane.core.attempt._masks_answers`): whole, and event streams (chat
     completions, Responses and Anthropic Messages alike, error events and content),
     which pass through :class:`StreamMask`, the same rule over pieces, so a key split
-    across two reads is masked too. A keyless upstream's stream, or an agent's engine's,
-    costs nothing: it is passed on as it came.
+    across two reads is masked too. A keyless upstream's stream, an agent's engine's, or
+    one whose key is shorter than ``core.attempt.ANSWER_MASK_FROM``, costs nothing: it is
+    passed on as it came.
 
     Only the whole key: a refusal may quote the tenant's own text, and masking pieces of
     the key there told the tenant which of its guesses were pieces of it (a key recovered
@@ -274,9 +276,10 @@ class StreamMask:
     a key split across reads at any byte is masked whole. Bytes up to the last newline
     are never held when no spelling holds a newline (none does, but for a key with one
     of its own): no spelling runs across it, so an event stream whose reads end at an
-    event's end, as engines write them, is passed on with no delay. :meth:`rest` gives what is held once the stream ended; a stream that breaks
-    drops it, as :func:`masked_start` drops the end of a cut read (it may be the start of
-    a quoted key)."""
+    event's end, as engines write them, is passed on with no delay. :meth:`rest` gives
+    what is held once the stream ended; a stream that breaks drops it, as
+    :func:`masked_start` drops the end of a cut read (it may be the start of a quoted
+    key)."""
 
     __slots__ = ("_forms", "_held", "_margin", "_newline_splits")
 

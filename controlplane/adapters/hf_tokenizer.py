@@ -60,7 +60,7 @@ from controlplane.core import tenant_lru, tokenization
 
 log = logging.getLogger("synapse.controlplane.tokenization")
 
-MEMO_MAX_TOKENS = 400_000   # ids held by the memo at most, all tenants (about 15 MB)
+MEMO_MAX_TOKENS = 400_000   # ids held by the memo at most, all tenants
 SAMPLE = ({"role": "system", "content": "You are terse. Answer in one word."},
           {"role": "user", "content": "What is the capital of France?"},
           {"role": "assistant", "content": " Paris.\n"},

@@ -34,9 +34,8 @@ file's record differs from it; everywhere else Redis wins and the file follows i
 * a copy older than Redis's record (a replica that has not loaded since a change, an older
   release's replica writing records without a version during a rolling upgrade, a replica
   whose clock runs ahead, a file a pod kept from weeks ago) never overwrites it, in Redis
-  or in the file: it was merged by versions, the later winning, so an older release's
-  uncordon (version 0) was reverted by a newer replica's copy of the cordon at its next
-  load, and after a data loss a fast clock's stale record beat the operators' later ones.
+  or in the file: versions are never compared (``core.intent``). (Merging by version let
+  an older release's uncordon be reverted, and a fast clock's stale record win.)
 
 After a data loss, copies that disagree are settled by which replica loads first; the
 others follow it. Records are never deleted from the store, so a node absent from Redis

@@ -17,8 +17,9 @@ answer (a proxy warming up, a time-out) is asked again after the next healthy pr
 a server that said nothing for certain may take the field after all. It is read again
 whenever the target turns healthy after being unhealthy: another server may answer at
 its URL now, so ``on_due`` is told before that probe's result is reported (what was
-learnt no longer holds until a read answers for certain). The first round waits for those fetches, so what the server is is learnt
-before ``/ready`` says the replica is; later ones run beside the schedule (vLLM builds
+learnt no longer holds until a read answers for certain). The first round waits for
+those fetches, so what the server is is learnt before ``/ready`` says the replica is;
+later ones run beside the schedule (vLLM builds
 the document on its first request, hence a time limit of its own, which must not hold
 up other probes). :func:`document` is that read alone, which an agent's ``external``
 backend's document gets too (:mod:`controlplane.api.salt_learning`).

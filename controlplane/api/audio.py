@@ -22,11 +22,10 @@ held to the rules of a JSON body (``validation.form_field``).
 Retries before the first byte go to another backend only while the body can be produced
 again (nothing of the file sent yet, or spooled).
 
-The tenant's rate-limit permit is taken before the form is read, unlike the JSON paths
-(:mod:`controlplane.api.calls`), which read their bounded body first: reading a form may
-spool up to ``http.max_audio_bytes`` to disk, and a tenant at its limit must be refused
-(429) before that, not after. The permit is released on every way out, a bad form
-included.
+The tenant's rate-limit permit is taken before the form is read, as on every JSON path
+(``serving.acquire``): reading a form may spool up to ``http.max_audio_bytes`` to disk, and
+a tenant at its limit must be refused (429) before that, not after. The permit is released
+on every way out, a bad form included.
 """
 
 from __future__ import annotations
@@ -259,7 +258,7 @@ async def _open(request: web.Request) -> Source:
 async def _upload(request: web.Request, path: str) -> web.StreamResponse:
     tenant = calls.authenticate(request)
     # The permit before a byte of the body: reading the form may spool the file to disk.
-    permit = await calls.acquire(request, tenant)
+    permit = await serving.acquire(request, tenant)
     source: Source | None = None
     try:
         source = await _open(request)

@@ -123,11 +123,6 @@ async def _read(request: web.Request, parse: Parse, turns: tuple[str, ...],
     return body, raw, call
 
 
-async def acquire(request: web.Request, tenant: tenants.Tenant) -> ratelimit.Permit:
-    """A slot under the tenant's request rate and concurrency (429 naming the limit)."""
-    return await serving.acquire(request, tenant)
-
-
 def prompt_of(request: web.Request, tenant: str, call: api_calls.Call) -> router_mod.Prompt:
     """The prompt the router and the token limits see (``exact``: tokenized and put in
     the prefix index — only for paths that generate from it); its session is

@@ -181,8 +181,9 @@ class Lane:
     def __init__(self, routes: dict[bytes, Route], http: config.HttpSettings,
                  admits: Callable[[CIMultiDictProxy[str]], bool] = lambda _: True) -> None:
         self.routes = routes
-        # whether a request head carries a key the app accepts (read before a body that
-        # has not arrived yet: a client without one never has its body held)
+        # whether a request head carries a key the app accepts, of a tenant not refused by
+        # RateLimiter.peek (read before a body that has not arrived yet: a client without
+        # one, or over its rate or concurrency, never has its body held)
         self.admits = admits
         # how each of its requests starts: other bytes are aiohttp's as soon as they come
         self.request_lines = tuple(b"POST " + path + b" HTTP/1.1\r\n" for path in routes)
@@ -207,9 +208,9 @@ class Lane:
         return cls(routes, http, _admits(app)) if routes else None
 
 
-# Set on a request whose body the lane drops unread because its tenant was over its
-# request rate or concurrency at the head: the serving path answers 429 whatever its own
-# check finds.
+# Set on a request whose body the lane drops unread (its key refused, or its tenant over its
+# rate or concurrency at the head): the serving path answers 401 for the key, else 429
+# whatever its own rate check finds.
 BODY_DROPPED = "synapse.lane.body_dropped"
 
 

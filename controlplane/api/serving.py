@@ -1,10 +1,11 @@
 """The serving path: ``POST /v1/chat/completions`` and ``/v1/completions``.
 
 Order per request: authenticate → rate limit (before a byte of the body is read) → read
-and validate the body (parsed once) → resolve the model (alias → canonical, tenant allow-list) → response cache lookup
-→ token limits and budget (:mod:`controlplane.api.fairness`) → route (with fallback
-models) → the fair queue when the chosen backends are saturated → proxy with retries →
-(complete answers) cache store → settle the tokens and account the usage.
+and validate the body (parsed once) → resolve the model (alias → canonical, tenant
+allow-list) → response cache lookup → token limits and budget
+(:mod:`controlplane.api.fairness`) → route (with fallback models) → the fair queue when
+the chosen backends are saturated → proxy with retries → (complete answers) cache store
+→ settle the tokens and account the usage.
 
 Performance decisions, since this sits in front of every token:
 

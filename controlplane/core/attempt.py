@@ -15,9 +15,10 @@ request. A backend that knows the model by another name has its answer renamed t
 name the client asked for (:mod:`controlplane.core.model_rename`); one whose prefix cache
 tenants share has its cached-token counts zeroed (:mod:`controlplane.core.cache_salt`);
 a refusal loses the backend's key (:func:`controlplane.errors.masked`), and so does a
-static upstream's 200, whole or an event stream (:class:`controlplane.errors.StreamMask`),
-so what the caller relays and caches never holds it (:func:`_masks_answers`); the
-stream of a keyless upstream or of an agent's engine is not touched.
+static upstream's 200 of a key of :data:`ANSWER_MASK_FROM` characters or more, whole or
+an event stream (:class:`controlplane.errors.StreamMask`), so what the caller relays and
+caches never holds it (:func:`_masks_answers`); the stream of a keyless upstream, of a
+shorter key or of an agent's engine is not touched.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class Attempt:
         # What a streamed chunk goes through on its way to the caller, None for nothing (one
         # check a chunk whatever it holds): a backend whose prefix cache tenants share has
         # its cached-token counts zeroed (core.cache_salt; the ledger and the router still
-        # read them), a keyed backend's event stream its key masked (first_bytes).
+        # read them), a static upstream's event stream its key masked (_masks_answers;
+        # added in first_bytes).
         self._outgoing: _Filter | None = (
             cache_salt.StreamHider() if verdict.backend.shares_cache else None)
         self._data: bytes | None = None     # a whole answer, once read
@@ -129,8 +131,9 @@ class Attempt:
             return
         content_type = self.answer.content_type
         if content_type == stream_shapes.EVENT_STREAM:
-            if self.backend.api_key and _masks_answers(self.backend):
-                self._outgoing = _then_masked(self._outgoing, self.backend.api_key)
+            key = self.backend.api_key
+            if key is not None and _masks_answers(self.backend):     # key: str, for mypy
+                self._outgoing = _then_masked(self._outgoing, key)
             self._peeked = await self._pull()
         elif content_type == JSON:
             await self.read()
@@ -158,7 +161,7 @@ class Attempt:
                 data = model_rename.in_body(data, self._rename)
             if self.backend.shares_cache:
                 data = cache_salt.hidden(data)
-            if self.backend.api_key and _masks_answers(self.backend):
+            if _masks_answers(self.backend):
                 data = errors.masked(data, self.backend.api_key)
         elif answer.status >= 400:      # a refusal, relayed in some shape: never the key
             data = errors.masked(data, self.backend.api_key)
@@ -233,19 +236,22 @@ class Attempt:
             tracing.event(self.span, "first_byte")
 
 
+ANSWER_MASK_FROM = 16  # characters of a key from which a backend's 200s are masked too
+
+
 def _masks_answers(backend: types.BackendState) -> bool:
     """Whether a keyed backend's answers (its 200s, whole or streamed) have its key
     masked, as its refusals always do: a static upstream's, whose ``api_key`` a hosted
     provider may quote back (in an error event of its stream too). Not an agent's
     engine: its key is the engine key, presented to an engine its agent started, which
     never quotes it in an answer; its stream is passed on unread, as a keyless one. Nor a
-    key shorter than :data:`errors.ANSWER_MASK_FROM` characters: such a key is a
+    key shorter than :data:`ANSWER_MASK_FROM` characters: such a key is a
     placeholder (vLLM's conventional ``EMPTY``), not a secret, and masking it in answers
     would replace the same word in the model's text (a key ``data`` would even break the
     event stream's framing)."""
     key = backend.api_key
     return (backend.source == "static" and key is not None
-            and len(key) >= errors.ANSWER_MASK_FROM)
+            and len(key) >= ANSWER_MASK_FROM)
 
 
 class _Filter(Protocol):

@@ -202,7 +202,8 @@ def _is_number(value: Any) -> bool:
             and math.isfinite(value))
 
 
-# Values that are their own canonical form, and the key type of a dict that is.
+# Values that are their own canonical form, and the key type of a dict that is; _SCALARS:
+# plain values and floats, a list of which is normalised in one pass.
 _PLAIN = frozenset({str, int, bool, type(None)})
 _STR_KEYS = frozenset({str})
 _SCALARS = _PLAIN | {float}

@@ -66,7 +66,8 @@ queue, which knows nothing of tenants. One :class:`FairQueue` per model
   model waiting (its head's deadline not passed), a newcomer of their class or a lower one
   queues (for its place in the order), and the tags of the busy period are kept when this
   worker's own queue empties (else a stream of small requests there would start afresh
-  each time and pass a sibling's large one for ever). A request
+  each time and pass a sibling's large one for ever); a sibling's head past its deadline
+  is forgotten (:meth:`Gate._drop_expired_heads`), a stalled sibling's too. A request
   settling wakes the siblings' pumps with requests of that model waiting, as it wakes this
   worker's, and a worker tells its next head only once the request sent on before it has
   been dispatched (its seats are then in the siblings' ledgers). The exchange happens only

@@ -29,11 +29,12 @@ The one rule serves both stores (the file, Redis), so an adapter never parses a 
 **Versions.** Each record carries ``version``: the time it was written, in milliseconds, or
 one more than the record it replaced when that is higher, so a node's versions only grow
 (every write is a compare-and-set on the record before) and two writes of one node are two
-different texts. Versions never decide between two copies of a record: a replica's clock
-may run ahead, and an older release writes none (read as 0), so "the later version wins"
-let a stale copy revert an operator's change. A copy goes into the store by ancestry
-instead, :func:`copy_goes_in`. A change that changes nothing is not written and keeps its
-version.
+different texts: a store record equal to the base a copy was changed from therefore means
+the node is unchanged since (:func:`copy_goes_in`). Versions never decide between two
+copies of a record: a replica's clock may run ahead, and an older release writes none (read
+as 0), so "the later version wins" let a stale copy revert an operator's change. A copy
+goes into the store by ancestry instead, :func:`copy_goes_in`. A change that changes
+nothing is not written and keeps its version.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ class NodeIntent:
     draining: bool = False
     reason: str = ""
     desired: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
-    # Which of two records of a node is the later change (see the module docstring); set by
-    # FleetIntent.update at every write, never by a change. 0: written by an older release.
+    # Makes every write of a node a new text, so a store record equal to a copy's base means
+    # "unchanged since" (copy_goes_in); never compared (see the module docstring). Set by
+    # FleetIntent.update at every write, never by a change. 0: an older release's record.
     version: int = 0
 
     def to_json(self) -> str:

@@ -30,27 +30,29 @@ dispatched it itself:
   the process that was asked);
 * the fair queue's order (:class:`Queues`), so that the pod's queues of a model are one
   (:mod:`fair_queue`): each worker's first waiting request (its class, finish tag and
-  number in that worker's queue), each request's start tag and charge as it queues,
-  each class's virtual clock as one is sent on, a settled request's re-tag, and a wake-up when a request settles on a worker
-  (sent only to siblings with requests of that model waiting). The first three travel
-  only while requests wait (the queue is engaged), and the greeting replays them (a
-  tenant's last tag as a charge of 0). Times travel as durations (the head's time left),
-  never as one process's clock readings. A connection's heads end with it. A number that
-  is not finite is never sent, and one of these events a worker cannot take is skipped
-  (logged), not its connection: they are hints the sender tells again, and dropping the
-  connection would void its tickets here while its greeting replayed the same value.
+  number in that worker's queue), each request's start tag and charge as it queues, each
+  class's virtual clock as one is sent on, a settled request's re-tag, and a wake-up when a
+  request settles on a worker (sent only to siblings with requests of that model waiting).
+  Heads, tags and clocks travel only while requests wait (the queue is engaged), and the
+  greeting replays them (a tenant's last tag as a charge of 0). Times travel as durations
+  (the head's time left), never as one process's clock readings. A connection's heads end
+  with it. A number that is not finite is never sent, and one of these events a worker
+  cannot take is skipped (logged), not its connection: they are hints the sender tells
+  again, and dropping the connection would void its tickets here while its greeting
+  replayed the same value.
 
-Foreign tickets belong to the connection they came in on (an :class:`Inbound`), not to
-the peer's index: when a connection ends (the peer died, closed, or was dropped as too
-slow) :meth:`Inbound.close` finishes all of them, so nothing leaks in the ledger, and a
-peer that comes back on a new connection cannot have its new tickets finished by the old
-connection's end, whatever order the two reach this worker in. On every new connection a
-worker first sends a *greeting*: who it is and every ticket it has in flight (what a peer
-that just started, or just lost it, does not know). A ticket that is both in a greeting
-and in the events right after it is counted once (a peer's ids are unique per
-connection). Prefix inserts, sessions and pins are not replayed: they are hints, relearned
-from the next dispatches. A replayed whole answer waits its full predicted first token
-again on the peer (a slight overcount of its prefill, bounded by that prediction).
+Foreign tickets belong to the connection they came in on (an :class:`Inbound`), not to the
+peer's index: when a connection ends (the peer died, closed, or was dropped as too slow)
+:meth:`Inbound.close` finishes all of them, so nothing leaks in the ledger, and a peer that
+comes back on a new connection cannot have its new tickets finished by the old connection's
+end, whatever order the two reach this worker in. On every new connection a worker first
+sends a *greeting*: who it is and every ticket it has in flight (what a peer that just
+started, or just lost it, does not know), and, for each model with requests waiting, the
+fair queue's clocks, tenants' last tags and its head (``Queues.replay``). A ticket that is
+both in a greeting and in the events right after it is counted once (a peer's ids are
+unique per connection). Prefix inserts, sessions and pins are not replayed: they are hints,
+relearned from the next dispatches. A replayed whole answer waits its full predicted first
+token again on the peer (a slight overcount of its prefill, bounded by that prediction).
 
 Wire format: a frame is a 4-byte big-endian length and an orjson array of events, a flush
 (once per event-loop turn) sending one frame per :data:`FRAME_EVENTS`, each event an array
@@ -343,7 +345,8 @@ class Sharing:
                         for i in range(0, len(events), FRAME_EVENTS))
 
     def greeting(self) -> bytes:
-        """The first frame of a new connection: who this is and its tickets in flight."""
+        """The first frame of a new connection: who this is, its tickets in flight and its
+        fair queues' order (``Queues.replay``)."""
         events: list[Event] = [(HELLO, VERSION, self.index, self.incarnation)]
         for seq, (event, ticket) in self._live.items():
             events.append(event)

@@ -55,11 +55,11 @@ More bounds of the same kind (probes 69 and 77):
   ``chat_template_kwargs.chat_template``) as Jinja in its API server, and refuses it with
   a 400 unless started with ``--trust-request-chat-template``, which the agent passes only
   when an engine's ``extra_args`` add it (other engines ignore the field). Synapse refuses
-  it the same way, before the queue and the rate limit, unless
-  ``http.request_chat_templates`` is on, for every tenant (an operator who added the flag
-  to every engine's ``extra_args``). No size bound when it is on: a template's size does
-  not bound its rendering (a short loop can run long), so the choice is to trust the
-  tenants or not, as vLLM's flag is.
+  it the same way, before the queue (the rate limit, taken at the head, has counted the
+  request), unless ``http.request_chat_templates`` is on, for every tenant (an operator who
+  added the flag to every engine's ``extra_args``). No size bound when it is on: a
+  template's size does not bound its rendering (a short loop can run long), so the choice
+  is to trust the tenants or not, as vLLM's flag is.
 * **Cache transfer parameters.** vLLM hands ``kv_transfer_params`` (chat, completions,
   Anthropic Messages; and through ``vllm_xargs``, which it merges into the same
   arguments, on every generating path) to its KV connector in disaggregated serving:

@@ -155,7 +155,7 @@ async def test_a_keyless_backends_stream_is_passed_on_exactly_as_it_came() -> No
 
 
 async def test_a_placeholder_keys_answers_keep_the_word_it_spells() -> None:
-    """A key shorter than ``errors.ANSWER_MASK_FROM`` (vLLM's conventional ``EMPTY``, or
+    """A key shorter than ``attempt.ANSWER_MASK_FROM`` (vLLM's conventional ``EMPTY``, or
     ``data``, which every event line starts with) is no secret: the answers of such a
     backend reach the client as the model wrote them; its refusals are still masked."""
     stream = ROLE + delta("EMPTY data, as asked") + delta("", "stop") + b"data: [DONE]\n\n"
