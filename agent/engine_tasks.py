@@ -13,10 +13,11 @@ seconds on a busy CPU), the runner asks again at its next probes (:data:`TIMEOUT
 The document is read to at most ``tasks.OPENAPI_MAX_BYTES`` (the control plane's prober
 reads an upstream's to the same bound), and a longer one counts as no document, so the
 spec's task holds; it is parsed off the event loop. An ``external`` engine is any server
-at a URL, and its document was read whole and parsed on the loop that reports the node.
-A redirect is not followed (the control plane's prober follows none either): it is an
-answer without a document, like any status but 200; followed, it sent the agent (and the
-engine key, for an engine it started) wherever the server pointed.
+at a URL, and its document, read whole and parsed on the loop that reports the node,
+would hold and stall the agent. A redirect is not followed (the control plane's prober
+follows none either): it is an answer without a document, like any status but 200;
+followed, a redirect would send the agent (and the engine key, for an engine it started)
+wherever it pointed.
 """
 
 from __future__ import annotations

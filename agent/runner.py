@@ -55,9 +55,9 @@ Engine ``/metrics`` are scraped by a separate loop per runner (generation backen
 and interpreted by :mod:`agent.core.engine_metrics`, off the event loop. At most
 ``synapse_common.exposition.METRICS_MAX_BYTES`` are read (the control plane's prober reads
 an upstream's to the same bound); a longer body is a failed scrape, with one warning: an
-``external`` engine is any server at a URL, and its exposition was read whole and parsed
-on the loop that reports the node. Every phase change calls the hooks' ``on_change`` so
-the reporter sends a report at once.
+``external`` engine is any server at a URL, and its exposition, read whole and parsed on
+the loop that reports the node, would hold and stall the agent. Every phase change calls
+the hooks' ``on_change`` so the reporter sends a report at once.
 
 No request to an engine follows a redirect (``/health``, ``/metrics``, the warm-up, the
 tasks' ``/openapi.json``; the control plane's prober follows none either): a ``/health``
