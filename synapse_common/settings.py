@@ -259,10 +259,28 @@ def apply_env_overrides(model: type[pydantic.BaseModel], data: dict[str, Any],
         if not key.startswith(ENV_PREFIX) or key in RESERVED_ENV:
             continue
         parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
-        _apply_one(model, out, parts, environ[key], key)
-        if origins is not None and parts[0] in model.model_fields:
-            origins[tuple(parts)] = key
+        applied = _apply_one(model, out, parts, environ[key], key)
+        if origins is not None and applied is not None:
+            section, value = applied
+            for path in _paths_set(section, tuple(parts), value):
+                origins[path] = key
     return out
+
+
+def _paths_set(section: type[pydantic.BaseModel] | None, path: tuple[str, ...],
+               value: Any) -> Iterator[tuple[str, ...]]:
+    """The paths a variable's ``value`` for ``path`` (a setting of type ``section``) sets:
+    a mapping over a section is merged with the file's, so each of its keys (into its
+    sections too) is one, and the file's values beside them stay the file's; anything
+    else sets ``path`` itself."""
+    if section is None or not isinstance(value, dict):
+        yield path
+        return
+    fields = section.model_fields
+    for key, inner in value.items():
+        name = str(key)
+        yield from _paths_set(_section(fields[name].annotation) if name in fields else None,
+                              (*path, name), inner)
 
 
 def _origin(loc: tuple[Any, ...], origins: Mapping[tuple[str, ...], str]) -> str | None:
@@ -280,15 +298,18 @@ def _covered(loc: tuple[Any, ...], origins: Mapping[tuple[str, ...], str]) -> li
 
 
 def _apply_one(model: type[pydantic.BaseModel], data: dict[str, Any], parts: list[str],
-               raw: str, env_name: str) -> None:
+               raw: str, env_name: str) -> tuple[type[pydantic.BaseModel] | None, Any] | None:
+    """Apply one variable to ``data``; the value it gave and the section that value is
+    of (``None`` for a plain setting), or ``None`` when it is another process's."""
     fields = _field_names(model)
     head = parts[0]
     if head not in fields:
-        return  # belongs to another process
+        return None  # belongs to another process
     if len(parts) == 1:
-        data[head] = _merged(_section(fields[head].annotation), data.get(head),
-                             _env_value(fields[head], raw, env_name))
-        return
+        section = _section(fields[head].annotation)
+        value = _env_value(fields[head], raw, env_name)
+        data[head] = _merged(section, data.get(head), value)
+        return section, value
     cursor: dict[str, Any] = data
     current: type[pydantic.BaseModel] | None = model
     for i, part in enumerate(parts):
@@ -302,7 +323,7 @@ def _apply_one(model: type[pydantic.BaseModel], data: dict[str, Any], parts: lis
                      else _parse_scalar(raw, env_name))
             section = _section(known[part].annotation) if current else None
             cursor[part] = _merged(section, cursor.get(part), value)
-            return
+            return section, value
         nested = cursor.get(part)
         if not isinstance(nested, dict):
             nested = {}
@@ -310,6 +331,7 @@ def _apply_one(model: type[pydantic.BaseModel], data: dict[str, Any], parts: lis
         cursor[part] = nested
         cursor = nested
         current = _submodel(known[part].annotation) if current else None
+    return None  # not reached: the last part returns above
 
 
 def _merged(section: type[pydantic.BaseModel] | None, base: Any, override: Any) -> Any:

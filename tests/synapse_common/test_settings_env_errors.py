@@ -1,5 +1,5 @@
-"""Config errors in values from SYNAPSE_* variables show nothing of the input (review 117,
-item 3): not a validator's message (which may quote the value), nor a key the input wrote."""
+"""Config errors in values from SYNAPSE_* variables show nothing of the input: not a
+validator's message (which may quote the value), nor a key the input wrote."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from controlplane import config as cp_config
 from synapse_common import settings
 
-SECRET = "s3cr3t-P4SS-r120"
+SECRET = "s3cr3t-P4SS"
 BASE = """auth:
-  admin_key: admin-key-r120-0123456789
-  agent_token: agent-token-r120-0123456789
-  tenants: [{name: acme, keys: [key-acme-r120-0123456789]}]
+  admin_key: admin-key-0123456789
+  agent_token: agent-token-0123456789
+  tenants: [{name: acme, keys: [key-acme-0123456789]}]
 models: [{name: llama}]
 """
 ACCOUNT = "[system:serviceaccount:ns:a]"
@@ -86,3 +86,13 @@ def test_the_readme_example_of_a_file_error_is_unchanged(tmp_path: pathlib.Path)
     message = error_of(tmp_path, {"SYNAPSE_CACHE__ENABLED": "false"}, "http: {port: abc}\n")
     assert message == (f"{tmp_path / 'config.yaml'}: http.port: input should be a valid "
                        "integer, unable to parse string as an integer (got 'abc')")
+
+
+def test_an_error_in_a_file_value_beside_a_section_from_a_variable_names_the_file(
+        tmp_path: pathlib.Path) -> None:
+    """A variable giving a section as a mapping is merged over the file's section: the
+    file's values beside its keys are still the file's, their errors named and quoted so."""
+    message = error_of(tmp_path, {"SYNAPSE_HTTP": "{host: 127.0.0.1}"},
+                       "http: {port: notanumber}\n")
+    assert message.startswith(f"{tmp_path / 'config.yaml'}: http.port: "), message
+    assert "notanumber" in message, message
