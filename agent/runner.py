@@ -159,7 +159,8 @@ class Runner:
         self.snapshot_at = 0.0
         self.hit_rate = 0.0
         self.metrics_ok = False
-        self._too_long = False         # the last failed scrape's body was over the bound
+        # a scrape since the last that worked was over the bound (warned once)
+        self._warned_too_long = False
         self.tasks: tuple[str, ...] = spec.tasks or (spec.task,)
         self._tasks_known = bool(spec.tasks)
         self.sink = process.LogSink(pathlib.Path(cfg.log_dir) / f"{spec.name}.log",
@@ -479,20 +480,19 @@ class Runner:
             async with self._session.get(self.probe_url + "/metrics", timeout=timeout,
                                          headers=self._auth, allow_redirects=False) as r:
                 if r.status != 200:
-                    raise aiohttp.ClientResponseError(r.request_info, r.history,
-                                                      status=r.status, message=r.reason or "")
+                    self._scrape_failed(f"HTTP {r.status}", warn=self.metrics_ok)
+                    return
                 body = await engine_tasks.read_at_most(r, exposition.METRICS_MAX_BYTES)
             if body is None:
                 self._scrape_failed(f"over {exposition.METRICS_MAX_BYTES} bytes",
-                                    warn=self.metrics_ok or not self._too_long)
-                self._too_long = True
+                                    warn=self.metrics_ok or not self._warned_too_long)
+                self._warned_too_long = True
                 return
-            snap = await asyncio.to_thread(engine_metrics.parse,
-                                           body.decode("utf-8", "replace"))
+            snap = await asyncio.to_thread(_parse_metrics, body)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self._scrape_failed(str(exc), warn=self.metrics_ok)
             return
-        self._too_long = False
+        self._warned_too_long = False
         rate = engine_metrics.prefix_hit_rate(self.snapshot, snap)
         if rate is not None:
             self.hit_rate = rate
@@ -529,6 +529,12 @@ class Runner:
             memory_reserved_bytes=self.spec.memory_required_bytes,
             metrics_ok=self.metrics_ok, managed=self.managed, tasks=self.tasks,
             max_num_seqs=commands.max_num_seqs(self.spec))
+
+
+def _parse_metrics(body: bytes) -> types.EngineSnapshot:
+    """A ``/metrics`` body read as what the engine reports; run in a thread, as decoding
+    and parsing a body up to the bound would hold the event loop."""
+    return engine_metrics.parse(body.decode("utf-8", "replace"))
 
 
 def _dialable(host: str) -> str:
