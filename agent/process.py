@@ -110,8 +110,8 @@ def engine_environment(withheld: Collection[str] = ()) -> dict[str, str]:
 
     Engines must not inherit them: ``SYNAPSE_CONFIG_PATH`` would point the simulator at
     the agent's config file, and secrets such as the control-plane token have no
-    business in an engine's environment (or its crash dumps). A variable a backend's own
-    ``env`` names is still given: the operator asked for it.
+    business in an engine's environment (or its crash dumps). A backend's own ``env`` is
+    applied on top, so a variable it sets reaches the engine even when withheld here.
     """
     return {k: v for k, v in os.environ.items()
             if not k.startswith("SYNAPSE_") and k not in withheld}

@@ -11,8 +11,8 @@
 * :data:`ERROR` = :data:`TOO_LARGE` in the trailing metadata of an INVALID_ARGUMENT
   ``Node.Embed``: the call was over a size limit (the control plane answers 413).
   The control plane's services end every refusal with :data:`ERROR` = the error's code
-  (:data:`REFUSED` when it has none): the call reached the service, so a client does not
-  call an UNAVAILABLE the service sent (the fleet intent cannot be stored) unreachable.
+  (:data:`REFUSED` when it has none), so a client can tell an UNAVAILABLE the service
+  sent (e.g. the fleet intent cannot be stored) from a service it could not reach.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ Pure logic with an injected clock and random source, so tests drive it without s
   retries the window holds; one that became ready and stayed up for ``cap`` seconds
   leaves it (and falls back into it only by failing ``threshold`` times in the window
   again).
-  :meth:`RestartPolicy.reset` (the operator deploying the backend again: a push naming
-  it in ``retry``) starts afresh; a push that merely lists it again does not.
+  :meth:`RestartPolicy.reset` (the operator deploying the backend again: a
+  DesiredBackends command naming it in ``retry``) starts afresh; a command that merely
+  lists it again does not.
 """
 
 from __future__ import annotations

@@ -51,11 +51,12 @@ What the agent shows of a command line and an environment (the engine log's ``st
 line, reported as the backend's last lines) goes through :func:`shown`, the one home of the
 masking rule: the value of an environment variable whose name looks secret
 (:data:`SECRET_WORDS`, any case, as a word of the name or the start or end of one; a
-token only as its last word) and the value after a flag that looks secret (``--api-key``,
-``--hf-token``, ``--*secret*``, ``--*pass*``, ``--*dsn*``…, as ``--flag value`` or
-``--flag=value``; not ``--long-prefill-token-threshold``) become :data:`MASK`, and the
-credentials of a URL in any value shown (``HTTPS_PROXY=http://user:pass@proxy``, ``--db=pg://u:p@h``) become
-``***@`` (:class:`synapse_common.logs.RedactingFilter`'s rule, the logs' own).
+token only as its last word) and the value after a flag that looks secret by the same rule
+(``--api-key``, ``--hf-token``, ``--client-secret``, ``--db-password``, ``--sentry-dsn``,
+as ``--flag value`` or ``--flag=value``; not ``--long-prefill-token-threshold``) become
+:data:`MASK`, and the credentials of a URL in any value shown
+(``HTTPS_PROXY=http://user:pass@proxy``, ``--db=pg://u:p@h``) become ``***@``
+(:class:`synapse_common.logs.RedactingFilter`'s rule, the logs' own).
 
 vLLM's own key guards only its ``/v1``-like paths (``/invocations`` serves chat to
 anyone), so a vLLM started with a key also loads :mod:`synapse_engine_guard`
@@ -245,8 +246,9 @@ _TOKEN_WORD = re.compile(r"TOKEN(?!S|IZ)\w*|\w*TOKEN", re.IGNORECASE)
 
 
 def secret_name(name: str) -> bool:
-    """Whether a variable or flag name looks like it holds a secret: one of its words
-    (split at ``_`` and ``-``) looks secret, by the rule above."""
+    """Whether a variable or flag name looks like it holds a secret: a word of the name
+    (split at ``-`` and ``_``, any case) begins or ends with one of :data:`SECRET_WORDS`;
+    ``TOKEN`` counts only as the last word (and ``TOKENS``, ``TOKENIZER`` never)."""
     words = [w for w in re.split(r"[_\-]+", name) if w]
     return (any(_SECRET_WORD.fullmatch(w) for w in words)
             or bool(words and _TOKEN_WORD.fullmatch(words[-1])))
