@@ -1,11 +1,10 @@
-"""No request of the agent to an engine follows a redirect (probe 108, F6): an external
+"""No request of the agent to an engine follows a redirect: an external
 server's ``/openapi.json``, ``/health`` or ``/metrics`` that redirects sent the agent
 wherever it pointed (the control plane's prober follows none). The stand-in redirects
 each to a path that answers as the engine would, and records whether it was asked."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -17,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from agent import engine_tasks, metrics
 from agent import runner as runners
 from agent.core import types
+from tests import harness
 from tests.agent.test_supervisor import _settings
 from tests.http_standins import served
 
@@ -25,12 +25,15 @@ EXPOSITION = b"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running
 
 
 class Redirecting:
-    """Every path redirects to ``/followed`` + itself, which answers and is recorded."""
+    """Every path redirects to ``/followed`` + itself, which answers and is recorded; the
+    paths asked first are recorded too."""
 
     def __init__(self) -> None:
+        self.asked: list[str] = []
         self.followed: list[str] = []
 
     async def moved(self, request: web.Request) -> web.Response:
+        self.asked.append(request.path)
         raise web.HTTPFound("/followed" + request.path)
 
     async def target(self, request: web.Request) -> web.Response:
@@ -66,7 +69,8 @@ async def test_an_external_engines_probes_and_scrapes_follow_no_redirect(tmp_pat
         r = runners.Runner(spec, _settings(tmp_path), session, hooks, "127.0.0.1")
         r.start()
         try:
-            await asyncio.sleep(0.5)    # several probes (every 0.1 s here)
+            await harness.until(lambda: server.asked.count("/health") >= 3, 10,
+                                "three probes of /health")
             assert r.phase == runners.Phase.STARTING, "a redirect is not a 200"
             await r.scrape()
             assert not r.metrics_ok and r.in_flight() is None

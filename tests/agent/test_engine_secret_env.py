@@ -1,6 +1,6 @@
-"""Variables the agent's secrets are read from stay out of its engines (probe 108, F7):
-with ``control_plane.token: {env: NAME}`` the engine's environment carried NAME, the
-agent's token, as only ``SYNAPSE_*`` variables were removed."""
+"""Variables the agent's secrets are read from stay out of its engines: with
+``control_plane.token: {env: NAME}`` the engine's environment carried NAME, the agent's
+token, as only ``SYNAPSE_*`` variables were removed."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from agent import config
 from synapse_common import settings
 from tests import fleet, harness
 
-VARIABLE = "P108_AGENT_TOKEN"
+VARIABLE = "SECRET_SOURCE_AGENT_TOKEN"
 TOKEN = "sk-agent-token-from-env-0123456789"
 
 

@@ -21,7 +21,7 @@ from tests.agent.test_supervisor import _settings
 
 LIMIT = exposition.METRICS_MAX_BYTES
 CHUNK = 1 << 20
-ENDLESS_CHUNKS = 64     # an endless body, bounded here: 16 times the limit
+ENDLESS_CHUNKS = 16 * LIMIT // CHUNK     # an endless body, bounded here: 16 limits' worth
 
 
 def padded(size: int) -> bytes:

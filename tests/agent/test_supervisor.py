@@ -150,7 +150,7 @@ async def test_drain_waits_for_in_flight_requests(make, tmp_path):
 async def test_a_crashlooping_backend_is_retried_at_once_only_when_named_to_retry(make):
     """The control plane sends a set the node refused part of again every pass: each
     resend retried every crash-looping engine of the node at once, so one restarted every
-    pass (about once a second) instead of every crashloop_retry_s. Only an operator's
+    pass instead of every crashloop_retry_s. Only an operator's
     deploy, which names the backend in ``retry``, retries it at once."""
     crashing = [sys.executable, "-c", "import sys; sys.exit(1)"]
     vt = VirtualTime()

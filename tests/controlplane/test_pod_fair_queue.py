@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -26,13 +28,34 @@ def heard(gate: fair_queue.Gate, tag: float) -> bool:
 
 def two_workers(free: int, hold_s: float) -> tuple[Fleet, fair_queue.Gate, fair_queue.Gate]:
     """Workers A and B of one pod, :func:`joined`, on one engine of ``free`` seats, their
-    clock stopped."""
+    clock stopped and their pumps' waits counted (:func:`looked_again`)."""
     clock = ManualClock()
     engine = Fleet(free=free)
     a = stopped_clock_gate(engine, clock, hold_s=hold_s)
     b = stopped_clock_gate(engine, clock, hold_s=hold_s)
+    for gate in (a, b):
+        WAITS[gate] = 0
+        gate._sleep = counted(gate, gate._sleep)
     joined(a, b)
     return engine, a, b
+
+
+WAITS: dict[fair_queue.Gate, int] = {}     # how often each gate's pump chose to wait
+
+
+def counted(gate: fair_queue.Gate, sleep: Any) -> Any:
+    async def waits(seconds: float | None, wakeup: asyncio.Event | None) -> float | None:
+        WAITS[gate] += 1
+        return await sleep(seconds, wakeup)
+    return waits
+
+
+async def looked_again(gate: fair_queue.Gate, sent: Callable[[], bool] = lambda: False
+                       ) -> None:
+    """Until ``gate``'s pump has looked at its queue twice more and chosen to wait each
+    time (what it would send on now, it has), or ``sent``."""
+    start = WAITS[gate]
+    await settle_until(lambda: sent() or WAITS[gate] >= start + 2, "the pump to look again")
 
 
 async def test_a_quiet_tenant_goes_at_the_next_free_seat_though_it_frees_on_the_other_worker(
@@ -51,7 +74,7 @@ async def test_a_quiet_tenant_goes_at_the_next_free_seat_though_it_frees_on_the_
     engine.free += 4                # bob-0 ended, on worker A
     a.wake(MODEL)
     await asyncio.wait_for(alice, 5)
-    await asyncio.sleep(0.05)
+    await looked_again(a)
     assert engine.released == ["bob-0", "alice"], "bob's next holds the three seats left"
     engine.free += 1                # alice ended
     b.wake(MODEL)
@@ -75,7 +98,7 @@ async def test_a_quiet_tenant_passes_a_siblings_head_holding_seats_for_a_later_t
     engine.free += 1
     a.wake(MODEL)
     await settle_until(lambda: MODEL in b._sibling_heads, "B to hear of A's head")
-    await asyncio.sleep(0.02)
+    await looked_again(a)
     assert engine.released == ["bob-0"], "bob-1 holds the free seat"
     await asyncio.wait_for(request(b, engine, "alice", "alice", tokens=ALICE), 5)
     assert engine.released == ["bob-0", "alice"]
@@ -100,7 +123,7 @@ async def test_a_large_request_on_one_worker_is_passed_only_for_its_fair_share()
                            f"small-{i} to queue")
         engine.free += 1                # a seat frees on B
         b.wake(MODEL)
-        await asyncio.sleep(0.02)
+        await looked_again(a, sent=big.done)
         if big.done():
             break
     assert big.done(), engine.released

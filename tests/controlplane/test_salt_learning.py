@@ -77,7 +77,8 @@ async def back_from_unhealthy(agent: Agent, cp: t.RunningCP, url: str,
     await harness.until(lambda: backend(cp).takes_salt, 20, "its document read")
     meanwhile()
     await reported(agent, external(2, url, common_pb2.BACKEND_PHASE_UNHEALTHY))
-    await asyncio.sleep(0.5)        # the documents' loop sees it gone
+    await harness.until(lambda: not backend(cp).takes_salt, 20,
+                        "the documents' loop to see it gone (and unsalt it)")
     await reported(agent, external(3, url))
 
 
@@ -249,9 +250,8 @@ class MovedDocument(SwappedEngine):
 
 async def test_an_agents_external_backend_back_with_no_certain_document_is_unsalted(
         ) -> None:
-    """Probe 108, F5: back from unhealthy with a document that answered a 302, the
-    backend kept its earlier "takes cache_salt": the salt sent and its counts shown
-    (272 here) for as long as the re-read said nothing for certain."""
+    """Back from unhealthy with a document that answered a 302, the backend kept its
+    earlier "takes cache_salt": the salt sent and its counts shown for as long as the re-read said nothing for certain."""
     engine = MovedDocument()
     async with engine.running() as url, t.running(t.settings(), with_grpc=True) as cp, \
             agent_of(cp) as agent:
@@ -267,7 +267,7 @@ async def test_an_agents_external_backend_back_with_no_certain_document_is_unsal
 
 async def test_a_kindless_upstream_back_with_no_certain_document_is_unsalted(
         caplog: pytest.LogCaptureFixture) -> None:
-    """Probe 108, F5, for a kind-less static upstream: the same verdict was kept."""
+    """The same for a kind-less static upstream: its earlier verdict was kept."""
     caplog.set_level(logging.INFO)
     engine = MovedDocument()
     async with engine.running() as url:

@@ -340,7 +340,7 @@ def test_a_data_dir_that_is_a_file_is_refused(tmp_path: pathlib.Path) -> None:
 ])
 def test_an_error_in_a_value_from_the_environment_names_the_variable_not_the_value(
         tmp_path: pathlib.Path, variable: str, value: str, field: str) -> None:
-    """Probe 108, F9: ``SYNAPSE_HTTP__PORT=<secret>`` printed the secret ("(got '…')")
+    """``SYNAPSE_HTTP__PORT=<secret>`` printed the secret ("(got '…')")
     and blamed the config file, which holds no such value."""
     with pytest.raises(settings.ConfigError) as err:
         load_cp(tmp_path, "http:\n  port: 8080\n", {variable: value})

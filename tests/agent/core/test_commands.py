@@ -230,7 +230,7 @@ def test_passwords_dsns_and_url_credentials_are_masked_wherever_they_are_shown()
 
 
 def test_a_flag_about_tokens_is_shown_and_one_holding_a_token_is_masked():
-    """Probe 108, F10: ``--long-prefill-token-threshold 256`` was shown as a secret, as
+    """``--long-prefill-token-threshold 256`` was shown as a secret, as
     any name containing TOKEN was; a token is the secret only as the name's last word."""
     m = commands.MASK
     argv = ["vllm", "serve", "--long-prefill-token-threshold", "256", "--hf-token", "hf_x",
