@@ -37,15 +37,15 @@ def fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
 
 def bootstrap(model: type[ModelT], args: argparse.Namespace,
               overrides: dict[str, object] | None = None,
-              env_read: set[str] | None = None) -> ModelT:
+              secret_env: set[str] | None = None) -> ModelT:
     """Load settings (exit 2 on error) and configure logging.
 
     ``overrides`` are values from command-line flags, as dotted paths, applied after the
-    file and the environment. ``env_read`` is given the names of the variables secrets
+    file and the environment. ``secret_env`` is given the names of the variables secrets
     were read from (``{env: NAME}``).
     """
     try:
-        loaded = settings.load(model, getattr(args, "config", None), env_read=env_read)
+        loaded = settings.load(model, getattr(args, "config", None), secret_env=secret_env)
         if overrides:
             loaded = settings.override(loaded, overrides)
     except settings.ConfigError as exc:

@@ -25,7 +25,7 @@ Rules (documented in the README):
 * Secrets are fields typed :data:`Secret`. In YAML they may be a literal, ``{env: NAME}``
   or ``{file: /path}``; they are held as :class:`pydantic.SecretStr`, so ``repr`` and logs
   show ``**********``. :func:`secret_values` lists them for the log redaction filter.
-  :func:`load` tells the caller (``env_read``) which variables ``{env: NAME}`` read, so
+  :func:`load` tells the caller (``secret_env``) which variables ``{env: NAME}`` read, so
   that a process can keep them from its children (the agent's engines).
 * An error quotes the offending value only where that value is known to be no secret: a
   scalar field (string, number, flag, choice) of a section that holds no secret field,
@@ -79,7 +79,7 @@ def _resolve_secret(value: Any, info: pydantic.ValidationInfo) -> Any:
             name = str(value["env"])
             if name not in os.environ:
                 raise ValueError(f"environment variable {name} is not set")
-            if isinstance(info.context, _EnvRead):
+            if isinstance(info.context, _SecretEnv):
                 info.context.names.add(name)
             return os.environ[name]
         if set(value) == {"file"}:
@@ -92,7 +92,7 @@ def _resolve_secret(value: Any, info: pydantic.ValidationInfo) -> Any:
     return value
 
 
-class _EnvRead:
+class _SecretEnv:
     """The validation context that collects the variables secrets were read from."""
 
     def __init__(self, names: set[str]) -> None:
@@ -547,12 +547,12 @@ def describe(exc: pydantic.ValidationError,
 
 
 def validate(model: type[ModelT], data: Mapping[str, Any], source: str = "config",
-             env_read: set[str] | None = None,
+             secret_env: set[str] | None = None,
              origins: Mapping[tuple[str, ...], str] | None = None) -> ModelT:
     """``data`` as ``model``; the variables its secrets were read from (``{env: NAME}``)
-    are added to ``env_read``. An error names ``source``, or the variable that set the
+    are added to ``secret_env``. An error names ``source``, or the variable that set the
     value (``origins``: :func:`apply_env_overrides`), whose value it does not quote."""
-    context = _EnvRead(env_read) if env_read is not None else None
+    context = _SecretEnv(secret_env) if secret_env is not None else None
     try:
         return model.model_validate(data, context=context)
     except pydantic.ValidationError as exc:
@@ -569,16 +569,16 @@ def validate(model: type[ModelT], data: Mapping[str, Any], source: str = "config
 
 def load(model: type[ModelT], path: str | None = None,
          environ: Mapping[str, str] | None = None,
-         env_read: set[str] | None = None) -> ModelT:
+         secret_env: set[str] | None = None) -> ModelT:
     """Read, override and validate; raises :class:`ConfigError` with one line. The names
-    of the variables secrets were read from (``{env: NAME}``) are added to ``env_read``."""
+    of the variables secrets were read from (``{env: NAME}``) are added to ``secret_env``."""
     env = os.environ if environ is None else environ
     file_path, required = resolve_config_path(path, env)
     data = read_yaml(file_path, required)
     origins: dict[tuple[str, ...], str] = {}
     data = apply_env_overrides(model, data, env, origins)
     return validate(model, data, source=file_path if required else "config",
-                    env_read=env_read, origins=origins)
+                    secret_env=secret_env, origins=origins)
 
 
 def override(loaded: ModelT, overrides: Mapping[str, object],

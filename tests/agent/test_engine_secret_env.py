@@ -23,7 +23,7 @@ def test_the_loader_names_the_variables_secrets_were_read_from(
     path = fleet.write_yaml(tmp_path / "agent.yaml", {
         "node_name": "n", "control_plane": {"token": {"env": VARIABLE}}})
     read: set[str] = set()
-    loaded = settings.load(config.AgentSettings, str(path), environ={}, env_read=read)
+    loaded = settings.load(config.AgentSettings, str(path), environ={}, secret_env=read)
     assert loaded.control_plane.token is not None
     assert loaded.control_plane.token.get_secret_value() == TOKEN
     assert read == {VARIABLE}
