@@ -45,38 +45,12 @@ queue, which knows nothing of tenants. One :class:`FairQueue` per model
   after (no seat free for a while, a higher class going first): a bound, not a budget. A
   request larger than the seats its class may take never fits while anything is in flight,
   so it goes with one seat free at once (:mod:`saturation`).
-* **A pod queues as one**: the serving workers of a pod (``http.workers``) each have their
-  queues, and each would otherwise order and release its own requests as if alone: a quiet
-  tenant's small request on one worker waited while a sibling sent on a large request of a
-  later turn the moment seats freed there, or held them for it. So the workers share what
-  makes one order of their queues (:attr:`Gate.siblings`, over the routing mesh:
-  :mod:`shared_routing`): a request's start tag and charge when it queues (each worker
-  adds the charge to the tenant's last tag: :meth:`FairQueue.merge_tag`), a class's clock
-  when one is sent on (each worker takes the larger), a settled request's re-tag, and
-  each worker's head (which request, its class and finish tag, until its deadline). A
-  worker's head goes only when no sibling's head comes before it (higher class, or the
-  same class and a smaller tag; equal tags by worker index), exactly as the one head of a
-  single queue would: so a large head on one worker holds the seats that free against the
-  other workers' requests of later turns too, and a small request of an earlier turn
-  passes it, wherever each came in. A sibling's head stops this worker's only while the
-  sibling may still be sending it on: once a seat has been free here for that request for
-  its seat holding and a few polls, it no longer counts, re-tagged or not
-  (:meth:`Gate._sibling_first`), so a stalled sibling, or one whose view of the backends
-  differs, costs a bounded wait, not its deadline. While a sibling has requests of a
-  model waiting (its head's deadline not passed), a newcomer of their class or a lower one
-  queues (for its place in the order), and the tags of the busy period are kept when this
-  worker's own queue empties (else a stream of small requests there would start afresh
-  each time and pass a sibling's large one for ever); a sibling's head past its deadline
-  is forgotten (:meth:`Gate._drop_expired_heads`), a stalled sibling's too. A request
-  settling wakes the siblings' pumps with requests of that model waiting, as it wakes this
-  worker's, and a worker tells its next head only once the request sent on before it has
-  been dispatched (its seats are then in the siblings' ledgers). The exchange happens only
-  while requests wait; a connection's heads end with it (:meth:`Gate.peer_gone`) and a new
-  one starts with what waits (:meth:`Gate.replay`). Two requests of a tenant queued at the
-  same moment on two workers (each hears of the other's a moment later) are ordered as
-  one queue would order them: the one on the worker of the larger index moves after the
-  other. ``max_waiting`` and ``max_waiting_per_tenant`` are each worker's. Other
-  replicas are not told: they see the engine's reports only.
+* **A pod queues as one**: the serving workers of a pod (``http.workers``) share what
+  makes one order of their queues over the routing mesh, so a request's place is its class
+  and tag across every worker's queue (:mod:`pod_order`: the rules and what each worker
+  knows of its siblings' heads; the tag arithmetic stays here, :meth:`FairQueue.merge_tag`,
+  :meth:`FairQueue.merge_clock`, :meth:`FairQueue.shift`). :class:`Gate` carries the
+  mesh's events (``sibling_*``, :meth:`Gate.peer_gone`, :meth:`Gate.replay`) to both.
 
 Pure apart from asyncio: the clock and the sleep are injected (:mod:`synapse_common.clock`).
 """
@@ -93,6 +67,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from controlplane import errors
+from controlplane.core import pod_order
 from synapse_common import clock as clocks
 
 Sleep = clocks.Sleep
@@ -336,46 +311,6 @@ class FairQueue:
         self.reset_if_idle()    # idle: the next busy period starts from fresh tags
 
 
-SIBLING_GRACE_POLLS = 4
-
-
-class Siblings(Protocol):
-    """The pod's other serving workers, told over the routing mesh (:mod:`shared_routing`)
-    what makes this worker's queue of a model and theirs one order."""
-
-    def head(self, model: str, rank: int, tag: float, left_s: float, seq: int) -> None:
-        """This worker's first waiting request of ``model`` is request ``seq`` (its number
-        in this worker's queue of the model) of class ``rank`` with finish tag ``tag`` and
-        waits ``left_s`` more at most; ``left_s`` <= 0: none waits."""
-
-    def tagged(self, model: str, rank: int, tenant: str, start: float,
-               charge: float) -> None:
-        """A request of ``tenant`` queued in class ``rank`` starting at ``start`` and
-        charged ``charge`` (its finish tag less its start; 0 in a greeting's replay of
-        the tenant's last tag)."""
-
-    def clocked(self, model: str, rank: int, start: float) -> None:
-        """Class ``rank``'s virtual clock moved to ``start`` (a request sent on)."""
-
-    def shifted(self, model: str, rank: int, tenant: str, shift: float) -> None:
-        """A request of ``tenant`` settled: its tags move by ``shift``."""
-
-    def woke(self, model: str) -> None:
-        """Capacity may have freed for ``model`` (a request settled here)."""
-
-
-@dataclasses.dataclass(slots=True)
-class SiblingHead:
-    """A sibling worker's first waiting request of a model, as told."""
-
-    rank: int
-    tag: float
-    index: int                  # the sibling's worker index (breaks a tie of tags)
-    until: float                # its deadline, by this worker's clock
-    seq: int                    # which request it is (Waiter.seq, on the sibling)
-    room_since: float | None = None     # this worker first saw room for it (it came first)
-
-
 class Gate:
     """The queues of every model and their pumps."""
 
@@ -390,14 +325,26 @@ class Gate:
         self._queues: dict[str, FairQueue] = {}
         self._pumps: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
-        # The pod's other workers (None: this is the only one) and this worker's index
-        # among them, which breaks a tie between two heads of equal class and tag.
-        self.siblings: Siblings | None = None
-        self.worker_index = 0
-        self._told: dict[str, tuple[int, int, float]] = {}   # model -> the head told
-        # models whose tags were told with no head told since (a "none" resets them)
-        self._untold: set[str] = set()
-        self._sibling_heads: dict[str, dict[object, SiblingHead]] = {}
+        self.pod = pod_order.PodOrder(len(options.classes), options.deadline_s,
+                                      options.max_seat_hold_s, options.poll_interval_s, clock)
+
+    @property
+    def siblings(self) -> pod_order.Siblings | None:
+        """The pod's other workers (None: this is the only one; :mod:`pod_order`)."""
+        return self.pod.siblings
+
+    @siblings.setter
+    def siblings(self, siblings: pod_order.Siblings | None) -> None:
+        self.pod.siblings = siblings
+
+    @property
+    def worker_index(self) -> int:
+        """This worker's index in the pod (breaks a tie of two heads' class and tag)."""
+        return self.pod.worker_index
+
+    @worker_index.setter
+    def worker_index(self, index: int) -> None:
+        self.pod.worker_index = index
 
     @property
     def classes(self) -> Sequence[str]:
@@ -424,27 +371,16 @@ class Gate:
         q = self._queues.get(model)
         if q is None:
             q = self._queues[model] = FairQueue(self.options)
-            q.pinned = model in self._sibling_heads
+            q.pinned = self.pod.holds(model)
         return q
 
     # -- the pod's other workers (the module's docstring) ----------------------------------
 
     def sibling_head(self, peer: object, index: int, model: str, rank: int, tag: float,
                      left_s: float, seq: int) -> None:
-        """Sibling ``peer`` (worker ``index``)'s first waiting request of ``model`` is its
-        request ``seq``, of class ``rank`` with finish tag ``tag``, for ``left_s`` more at
-        most; ``left_s`` <= 0: none waits there."""
-        heads = self._sibling_heads.setdefault(model, {})
-        if left_s > 0 and 0 <= rank < len(self.options.classes) and math.isfinite(tag):
-            old = heads.get(peer)
-            # The same request told again (re-tagged by a settle or an overlap, or in a
-            # greeting) keeps the room seen for it, so its grace is the request's, not its
-            # tag's; another request is another head, though its tag be equal.
-            seen = old.room_since if old is not None and old.seq == seq else None
-            until = self._clock() + min(left_s, self.options.deadline_s)
-            heads[peer] = SiblingHead(rank, tag, index, until, seq, seen)
-        else:
-            heads.pop(peer, None)
+        """Sibling ``peer`` (worker ``index``) told its head of ``model``
+        (:meth:`pod_order.PodOrder.heard`)."""
+        self.pod.heard(peer, index, model, rank, tag, left_s, seq)
         self._pin(model)
         self._wake_local(model)     # the pod's order changed: this head may be first now
 
@@ -469,13 +405,12 @@ class Gate:
 
     def peer_gone(self, peer: object) -> None:
         """Sibling ``peer``'s connection ended: what it told with it."""
-        for model in list(self._sibling_heads):
-            if peer in self._sibling_heads[model]:
-                self.sibling_head(peer, 0, model, 0, 0.0, 0.0, -1)
+        for model in self.pod.told_by(peer):
+            self.sibling_head(peer, 0, model, 0, 0.0, 0.0, -1)
         for model in self._queues:      # tags it told with no head (cut off between them)
             self._pin(model)
 
-    def replay(self, to: Siblings) -> None:
+    def replay(self, to: pod_order.Siblings) -> None:
         """Tell ``to`` (a sibling that has just joined) the tags and heads of this
         worker's waiting requests."""
         for model, q in self._queues.items():
@@ -486,106 +421,32 @@ class Gate:
                 to.clocked(model, rank, q.clock(rank))
                 for tenant, tag in q.last_tags(rank).items():
                     to.tagged(model, rank, tenant, tag, 0.0)
-            to.head(model, head.rank, head.finish, self._left(head), head.seq)
+            to.head(model, head.rank, head.finish, self.pod.left(head), head.seq)
 
     def _pin(self, model: str) -> None:
         """Keep ``model``'s tags while a sibling has requests of it waiting; once none
         has, and none waits here, the pod's busy period is over."""
-        heads = self._sibling_heads.get(model)
-        if heads is not None and not heads:
-            del self._sibling_heads[model]
+        pinned = self.pod.holds(model)
         q = self._queues.get(model)
         if q is not None:
-            q.pinned = model in self._sibling_heads
+            q.pinned = pinned
             q.reset_if_idle()
 
     def _drop_expired_heads(self, model: str) -> None:
-        """Forget the siblings' heads of ``model`` whose deadline has passed: none waits
-        there any more (its pump expired it, or its event loop is stuck with the
-        connection open and tells nothing), and one kept this worker's tags of an old
-        busy period (:meth:`_pin`) and its wake-ups to the siblings going for ever."""
-        heads = self._sibling_heads.get(model)
-        if not heads:
-            return
-        now = self._clock()
-        expired = [peer for peer, h in heads.items() if h.until <= now]
-        if expired:
-            for peer in expired:
-                del heads[peer]
+        """Forget the siblings' heads of ``model`` past their deadline
+        (:meth:`pod_order.PodOrder.drop_expired`), and with the last of them the pod's
+        busy period."""
+        if self.pod.drop_expired(model):
             self._pin(model)
 
     def _sibling_waits(self, model: str, rank: int | None) -> bool:
-        """Whether a sibling has a request of ``model`` waiting of class ``rank`` or a
-        higher one (any class: None)."""
         self._drop_expired_heads(model)
-        heads = self._sibling_heads.get(model)
-        if not heads:
-            return False
-        now = self._clock()
-        return any(h.until > now and (rank is None or h.rank <= rank)
-                   for h in heads.values())
+        return self.pod.waits(model, rank)
 
     def _sibling_first(self, model: str, head: Waiter) -> float | None:
-        """Until when a sibling's head comes before ``head`` in the pod's order (class,
-        then finish tag, then worker index: as one queue would order them); None when
-        none does.
-
-        A sibling's head that comes first stops this worker's only while the sibling may
-        still be sending it on: once this worker has seen a seat free for it for
-        :meth:`_sibling_grace` (a sibling's head goes within a poll of a seat freeing, or
-        holds seats for at most ``max_seat_hold_s``), it no longer counts until the
-        sibling tells another head. Else a sibling whose event loop stalls with its
-        connection open, or whose view of the backends has no room (eligibility and the
-        learned seat limits are each process's), would keep free seats idle on every
-        other worker until its head's deadline."""
         self._drop_expired_heads(model)
-        heads = self._sibling_heads.get(model)
-        if not heads:
-            return None
-        now = self._clock()
-        mine = (head.rank, head.finish, self.worker_index)
-        first = None
-        for h in heads.values():
-            if h.until <= now or (h.rank, h.tag, h.index) >= mine:
-                continue
-            if h.room_since is None and self._room(model, self.options.classes[h.rank], 1):
-                h.room_since = now
-            ends = h.until if h.room_since is None else \
-                min(h.until, h.room_since + self._sibling_grace())
-            if ends > now:
-                first = ends if first is None else min(first, ends)
-        return first
-
-    def _sibling_grace(self) -> float:
-        """How long a sibling's head that comes first may leave a seat free here: its
-        seat holding, and a few polls for its pump to notice and its dispatch to be
-        heard."""
-        return self.options.max_seat_hold_s + SIBLING_GRACE_POLLS * self.options.poll_interval_s
-
-    def _left(self, head: Waiter) -> float:
-        return max(1e-6, head.deadline - self._clock())
-
-    def _tell_head(self, model: str, q: FairQueue | None) -> None:
-        """Tell the siblings when this worker's head of ``model`` changes (a new one, a
-        re-tag, or none left)."""
-        siblings = self.siblings
-        if siblings is None:
-            return
-        head = q.peek() if q is not None else None
-        told = self._told.get(model)
-        if head is None:
-            if told is not None or model in self._untold:
-                # "none": also after tags told with no head (a request gone before the
-                # pump's first pass), so the siblings' idle queues forget them
-                self._told.pop(model, None)
-                self._untold.discard(model)
-                siblings.head(model, 0, 0.0, 0.0, -1)
-            return
-        self._untold.discard(model)
-        now = (head.seq, head.rank, head.finish)     # another request, or a re-tag
-        if now != told:
-            self._told[model] = now
-            siblings.head(model, head.rank, head.finish, self._left(head), head.seq)
+        classes = self.options.classes
+        return self.pod.first(model, head, lambda rank: self._room(model, classes[rank], 1))
 
     def depths(self) -> dict[str, int]:
         """Requests waiting per model (models with none left out)."""
@@ -604,9 +465,7 @@ class Gate:
         q = self._queue(model)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         w = q.push(tenant, cls, weight, tokens, self._clock(), future, sequences)
-        if self.siblings is not None:       # the pump tells them of a new head
-            self.siblings.tagged(model, w.rank, tenant, w.start, w.finish - w.start)
-            self._untold.add(model)
+        self.pod.queued(model, w.rank, tenant, w.start, w.finish - w.start)
         self._observer.depth(model, cls, tenant, q.waiting(cls, tenant))
         self._ensure_pump(model)
         if q.peek() is w:       # a new head (e.g. a higher class, with seats kept for it)
@@ -635,8 +494,8 @@ class Gate:
         if q is None:
             return
         shift = q.settle(tenant, cls, weight, charged, used)
-        if shift is not None and self.siblings is not None:
-            self.siblings.shifted(model, q.rank(cls), tenant, shift)
+        if shift is not None:
+            self.pod.shifted(model, q.rank(cls), tenant, shift)
 
     def wake(self, model: str) -> None:
         """Capacity may have freed for ``model`` (a request settled): this worker's pump
@@ -644,8 +503,7 @@ class Gate:
         self._wake_local(model)
         if self.siblings is not None:
             self._drop_expired_heads(model)
-            if model in self._sibling_heads:
-                self.siblings.woke(model)
+            self.pod.woke(model)
 
     def _wake_local(self, model: str) -> None:
         event = self._wakeups.get(model)
@@ -672,12 +530,11 @@ class Gate:
                     continue
                 # Told only now: after the request sent on before it has been dispatched
                 # (its seats are in the siblings' ledgers before they hear of the next).
-                self._tell_head(model, q)
+                self.pod.tell_head(model, q.peek())
                 sibling_until = self._sibling_first(model, head)
                 if sibling_until is None and self._may_go(model, head):
                     q.pop()
-                    if self.siblings is not None:
-                        self.siblings.clocked(model, head.rank, q.clock(head.rank))
+                    self.pod.clocked(model, head.rank, q.clock(head.rank))
                     self._observer.depth(model, head.cls, head.tenant,
                                          q.waiting(head.cls, head.tenant))
                     head.future.set_result(None)
@@ -690,7 +547,7 @@ class Gate:
                 delay = min([self.options.poll_interval_s, *(t - now for t in wakes)])
                 await self._sleep(max(0.0, delay), wakeup)
         finally:
-            self._tell_head(model, q)
+            self.pod.tell_head(model, q.peek())
 
     def _held_until(self, head: Waiter) -> float | None:
         """When the head's holding ends (it then goes with one seat free)."""

@@ -29,7 +29,7 @@ dispatched it itself:
   of its lookups made before (``TieredCache.forget``; the shared stores were emptied by
   the process that was asked);
 * the fair queue's order (:class:`Queues`), so that the pod's queues of a model are one
-  (:mod:`fair_queue`): each worker's first waiting request (its class, finish tag and
+  (:mod:`pod_order`): each worker's first waiting request (its class, finish tag and
   number in that worker's queue), each request's start tag and charge as it queues, each
   class's virtual clock as one is sent on, a settled request's re-tag, and a wake-up when a
   request settles on a worker (sent only to siblings with requests of that model waiting).
@@ -74,8 +74,8 @@ from typing import Any, Protocol
 
 import orjson
 
-from controlplane.core import fair_queue, response_pins, served_log
 from controlplane.core import ledger as ledger_mod
+from controlplane.core import pod_order, response_pins, served_log
 from controlplane.core import router as router_mod
 
 VERSION = 6         # 2: a pin names its tenant; 3: a dispatch its sequences;
@@ -142,7 +142,7 @@ class Forms(Protocol):
 class Queues(Protocol):
     """The fair queue (:class:`fair_queue.Gate`): its order shared with the siblings'."""
 
-    siblings: fair_queue.Siblings | None
+    siblings: pod_order.Siblings | None
     worker_index: int
 
     def sibling_head(self, peer: object, index: int, model: str, rank: int, tag: float,
@@ -159,7 +159,7 @@ class Queues(Protocol):
 
     def peer_gone(self, peer: object) -> None: ...
 
-    def replay(self, to: fair_queue.Siblings) -> None: ...
+    def replay(self, to: pod_order.Siblings) -> None: ...
 
 
 class _Recorded:
@@ -306,7 +306,7 @@ class Sharing:
         if not self._applying:
             self._publish((INVALIDATED, tenant, model))
 
-    # the fair queue's order (fair_queue.Siblings)
+    # the fair queue's order (pod_order.Siblings)
 
     # A number that is not finite is never sent: JSON has no such value (orjson writes
     # null), and a sibling could not read the event (_finite).

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.core import fair_queue
+from controlplane.core import fair_queue, pod_order
 from tests.clock import ManualClock
 from tests.controlplane.test_fair_queue import MODEL, Fleet, cancel, request, settle_until
 from tests.controlplane.test_seat_holding import Told, joined, stopped_clock_gate
@@ -23,7 +23,7 @@ ALICE = 20          # a short prompt, max_tokens: 5
 
 def heard(gate: fair_queue.Gate, tag: float) -> bool:
     """Whether ``gate`` knows of a sibling's head of finish tag ``tag``."""
-    return any(h.tag == tag for h in gate._sibling_heads.get(MODEL, {}).values())
+    return any(h.tag == tag for h in gate.pod._heads.get(MODEL, {}).values())
 
 
 def two_workers(free: int, hold_s: float) -> tuple[Fleet, fair_queue.Gate, fair_queue.Gate]:
@@ -97,7 +97,7 @@ async def test_a_quiet_tenant_passes_a_siblings_head_holding_seats_for_a_later_t
     await settle_until(lambda: a.depth(MODEL) == 1, "bob to queue")
     engine.free += 1
     a.wake(MODEL)
-    await settle_until(lambda: MODEL in b._sibling_heads, "B to hear of A's head")
+    await settle_until(lambda: MODEL in b.pod._heads, "B to hear of A's head")
     await looked_again(a)
     assert engine.released == ["bob-0"], "bob-1 holds the free seat"
     await asyncio.wait_for(request(b, engine, "alice", "alice", tokens=ALICE), 5)
@@ -376,7 +376,7 @@ async def test_a_sibling_head_retold_with_a_new_tag_does_not_restart_the_grace(
             await cancel(bob)
         await a.close()
         await b.close()
-    grace = 2.0 + fair_queue.SIBLING_GRACE_POLLS * 0.05
+    grace = 2.0 + pod_order.SIBLING_GRACE_POLLS * 0.05
     assert released_at - start < grace + 1.0, (released_at - start, view_a.released)
 
 

@@ -14,7 +14,7 @@ import aiohttp
 
 from controlplane.api import app as app_mod
 from controlplane.api import fairness_wiring
-from controlplane.core import fair_queue, shared_routing
+from controlplane.core import fair_queue, pod_order, shared_routing
 from tests import harness
 from tests.clock import ManualClock
 from tests.controlplane import cp_testing as t
@@ -151,7 +151,7 @@ async def test_a_sibling_leaves_the_seats_a_workers_head_holds() -> None:
     await settle_until(lambda: a.depth(MODEL) == 1, "the large request to queue")
     engine.free = 1
     a.wake(MODEL)
-    await settle_until(lambda: MODEL in b._sibling_heads, "B to hear of A's head")
+    await settle_until(lambda: MODEL in b.pod._heads, "B to hear of A's head")
     assert b.busy(MODEL, "batch") and not b.busy(MODEL, "interactive")
     small = asyncio.create_task(request(b, engine, "small", "y", cls="batch"))
     await asyncio.sleep(0.05)
@@ -234,7 +234,7 @@ class Queues:
     def peer_gone(self, peer: object) -> None:
         self.told.append(("gone",))
 
-    def replay(self, to: fair_queue.Siblings) -> None:
+    def replay(self, to: pod_order.Siblings) -> None:
         to.clocked("m", 0, 7.0)
         to.head("m", 0, 9.5, 3.0, 4)
 
