@@ -10,7 +10,7 @@ serves no such document). Learnt when the engine becomes ready; when the engine 
 not be asked (vLLM builds its OpenAPI document on the first request, which may take
 seconds on a busy CPU), the runner asks again at its next probes (:data:`TIMEOUT_S` each).
 
-The document is read to at most ``tasks.OPENAPI_MAX_BYTES`` (the control plane's prober
+The document is read to at most ``read_limits.OPENAPI_MAX_BYTES`` (the control plane's prober
 reads an upstream's to the same bound), and a longer one counts as no document, so the
 spec's task holds; it is parsed off the event loop. An ``external`` engine is any server
 at a URL, and its document, read whole and parsed on the loop that reports the node,
@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import aiohttp
 
 from agent.core import types
-from synapse_common import tasks
+from synapse_common import read_limits, tasks
 
 log = logging.getLogger("agent.engine_tasks")
 TIMEOUT_S = 15.0
@@ -47,13 +47,13 @@ async def discover(session: aiohttp.ClientSession, base_url: str, timeout_s: flo
                                headers=headers, allow_redirects=False) as resp:
             if resp.status != 200:
                 return ()
-            body = await read_at_most(resp, tasks.OPENAPI_MAX_BYTES)
+            body = await read_at_most(resp, read_limits.OPENAPI_MAX_BYTES)
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.debug("%s/openapi.json could not be read: %r", base_url, exc)
         return None
     if body is None:
         log.warning("%s/openapi.json is over %d bytes: read as no document",
-                    base_url, tasks.OPENAPI_MAX_BYTES)
+                    base_url, read_limits.OPENAPI_MAX_BYTES)
         return ()
     return await asyncio.to_thread(tasks.from_document, body)
 

@@ -53,7 +53,7 @@ be used) is reused across restarts and removed by :meth:`Runner.stop`.
 
 Engine ``/metrics`` are scraped by a separate loop per runner (generation backends only)
 and interpreted by :mod:`agent.core.engine_metrics`, off the event loop. At most
-``synapse_common.exposition.METRICS_MAX_BYTES`` are read (the control plane's prober reads
+``synapse_common.read_limits.METRICS_MAX_BYTES`` are read (the control plane's prober reads
 an upstream's to the same bound); a longer body is a failed scrape, with one warning: an
 ``external`` engine is any server at a URL, and its exposition, read whole and parsed on
 the loop that reports the node, would hold and stall the agent. Every phase change calls
@@ -90,7 +90,7 @@ from agent import metrics as agent_metrics
 from agent.config import SupervisorSettings
 from agent.core import backoff, commands, engine_metrics, types
 from agent.core.types import Phase
-from synapse_common import aiotasks, exposition, ports, tasks
+from synapse_common import aiotasks, ports, read_limits, tasks
 from synapse_common import clock as clocks
 from synapse_common import engine_key as engine_keys
 
@@ -473,7 +473,7 @@ class Runner:
 
     async def scrape(self) -> None:
         """Read and interpret the engine's ``/metrics``: at most
-        ``exposition.METRICS_MAX_BYTES`` of it (a longer one is a failed scrape, warned
+        ``read_limits.METRICS_MAX_BYTES`` of it (a longer one is a failed scrape, warned
         once until a scrape works again), parsed off the event loop."""
         timeout = aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)
         try:
@@ -482,9 +482,9 @@ class Runner:
                 if r.status != 200:
                     self._scrape_failed(f"HTTP {r.status}", warn=self.metrics_ok)
                     return
-                body = await engine_tasks.read_at_most(r, exposition.METRICS_MAX_BYTES)
+                body = await engine_tasks.read_at_most(r, read_limits.METRICS_MAX_BYTES)
             if body is None:
-                self._scrape_failed(f"over {exposition.METRICS_MAX_BYTES} bytes",
+                self._scrape_failed(f"over {read_limits.METRICS_MAX_BYTES} bytes",
                                     warn=self.metrics_ok or not self._warned_too_long)
                 self._warned_too_long = True
                 return

@@ -68,12 +68,6 @@ PATHS: dict[str, str] = {
     "/v1/audio/speech": SPEECH,
 }
 
-# The largest /openapi.json a server's is read to (the agent's engines, the control
-# plane's upstreams): a longer one counts as no document. A server that is not what it
-# seems must not make the reader hold, and parse on its event loop, whatever it sends;
-# vLLM's own is far smaller.
-OPENAPI_MAX_BYTES = 16 * 1024 * 1024
-
 # The paths Synapse's own API serves, each with the task a backend needs to answer it.
 ROUTES: dict[str, str] = {
     "/v1/chat/completions": GENERATE,
@@ -129,7 +123,7 @@ def check(tasks: Iterable[str]) -> tuple[str, ...]:
 def from_document(body: bytes) -> tuple[str, ...]:
     """The tasks the ``/openapi.json`` ``body`` lists (:func:`from_paths`); empty when it
     is not a JSON object with ``paths``. Parsing costs CPU with the body's size: call it
-    off the event loop, on a body of at most :data:`OPENAPI_MAX_BYTES`."""
+    off the event loop, on a body of at most :data:`read_limits.OPENAPI_MAX_BYTES`."""
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):

@@ -11,7 +11,7 @@ callbacks (the registry); only the transitions are logged, with the URL (never t
 ``on_round`` is called once, after the first round (every target probed once). A target
 with a ``document_url`` (a kind-less upstream's ``/openapi.json``) has it fetched after a
 healthy probe until it answers for certain, and that answer goes to ``on_document``: a
-200 (the document, at most :data:`DOCUMENT_BYTES` read from the connection; a longer
+200 (the document, at most :data:`read_limits.OPENAPI_MAX_BYTES` read from the connection; a longer
 one is given as empty), or a 404 or 405 (the server has none). Any other status or no
 answer (a proxy warming up, a time-out) is asked again after the next healthy probe, as
 a server that said nothing for certain may take the field after all. It is read again
@@ -38,12 +38,10 @@ from typing import Protocol
 
 from controlplane import errors
 from synapse_common import clock as clocks
-from synapse_common import exposition, tasks
+from synapse_common import read_limits
 
 log = logging.getLogger("synapse.controlplane.prober")
 
-METRICS_BYTES = exposition.METRICS_MAX_BYTES   # an agent reads its engines' to the same bound
-DOCUMENT_BYTES = tasks.OPENAPI_MAX_BYTES   # an agent reads its engines' to the same bound
 DOCUMENT_TIMEOUT_S = 15.0
 DOCUMENT_STATUSES = frozenset({200, 404, 405})  # answers that say what the server has
 
@@ -110,13 +108,13 @@ async def _read_at_most(resp: _Answer, limit: int) -> bytes:
 async def document(client: Sender, url: str, headers: Mapping[str, str],
                    ) -> tuple[int, bytes] | None:
     """A server's ``/openapi.json`` at ``url`` as it answered for certain: its status
-    (:data:`DOCUMENT_STATUSES`) and body, a body over :data:`DOCUMENT_BYTES` given as
+    (:data:`DOCUMENT_STATUSES`) and body, a body over :data:`read_limits.OPENAPI_MAX_BYTES` given as
     empty; None when it said nothing for certain (another status, no answer in time)."""
-    answer = await _get(client, url, headers, DOCUMENT_TIMEOUT_S, DOCUMENT_BYTES)
+    answer = await _get(client, url, headers, DOCUMENT_TIMEOUT_S, read_limits.OPENAPI_MAX_BYTES)
     if answer is None or answer[0] not in DOCUMENT_STATUSES:
         return None
     status, body = answer
-    return status, body if len(body) <= DOCUMENT_BYTES else b""
+    return status, body if len(body) <= read_limits.OPENAPI_MAX_BYTES else b""
 
 
 async def probe(client: Sender, target: Target) -> bool:
@@ -132,8 +130,8 @@ async def metrics_text(client: Sender, target: Target) -> str | None:
     if target.metrics_url is None:
         return None
     answer = await _get(client, target.metrics_url, target.metrics_headers, target.timeout_s,
-                        METRICS_BYTES)
-    if answer is None or answer[0] != 200 or len(answer[1]) > METRICS_BYTES:
+                        read_limits.METRICS_MAX_BYTES)
+    if answer is None or answer[0] != 200 or len(answer[1]) > read_limits.METRICS_MAX_BYTES:
         return None
     return answer[1].decode("utf-8", "replace")
 

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from agent import engine_tasks
-from synapse_common import tasks
+from synapse_common import read_limits, tasks
 from tests.http_standins import served
 
 RERANKER = {"openapi": "3.1.0", "paths": {"/v1/rerank": {}, "/health": {}}}
@@ -50,8 +50,8 @@ async def discovered(body: bytes, chunked: bool) -> tuple[str, ...] | None:
 
 @pytest.mark.parametrize("chunked", [False, True])
 async def test_a_document_within_the_bound_is_read(chunked: bool) -> None:
-    body = padded(tasks.OPENAPI_MAX_BYTES)
-    assert len(body) == tasks.OPENAPI_MAX_BYTES
+    body = padded(read_limits.OPENAPI_MAX_BYTES)
+    assert len(body) == read_limits.OPENAPI_MAX_BYTES
     assert await discovered(body, chunked) == (tasks.RERANK,)
 
 
@@ -59,8 +59,8 @@ async def test_a_document_within_the_bound_is_read(chunked: bool) -> None:
 async def test_a_document_over_the_bound_is_no_document(chunked: bool,
                                                         caplog: pytest.LogCaptureFixture,
                                                         ) -> None:
-    assert await discovered(padded(tasks.OPENAPI_MAX_BYTES + 1), chunked) == ()
-    assert f"over {tasks.OPENAPI_MAX_BYTES} bytes: read as no document" in caplog.text
+    assert await discovered(padded(read_limits.OPENAPI_MAX_BYTES + 1), chunked) == ()
+    assert f"over {read_limits.OPENAPI_MAX_BYTES} bytes: read as no document" in caplog.text
 
 
 def test_a_document_that_is_not_an_openapi_object_shows_no_tasks() -> None:

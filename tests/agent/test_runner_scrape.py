@@ -16,10 +16,10 @@ from prometheus_client import CollectorRegistry
 from agent import metrics
 from agent import runner as runners
 from agent.core import types
-from synapse_common import exposition
+from synapse_common import read_limits
 from tests.agent.test_supervisor import _settings
 
-LIMIT = exposition.METRICS_MAX_BYTES
+LIMIT = read_limits.METRICS_MAX_BYTES
 CHUNK = 1 << 20
 ENDLESS_CHUNKS = 16 * LIMIT // CHUNK     # an endless body, bounded here: 16 limits' worth
 

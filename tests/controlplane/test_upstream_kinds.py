@@ -27,6 +27,7 @@ from controlplane.api import upstream_wiring
 from controlplane.core import types, upstream_kinds, upstream_metrics
 from simulator import app as sim_app
 from simulator import config as sim_config
+from synapse_common import read_limits
 from tests import fleet, harness
 from tests.clock import ManualClock, SteppedSleep
 from tests.controlplane import cp_testing as t
@@ -642,7 +643,7 @@ async def test_a_documents_read_stops_past_its_limit() -> None:
     endless = _Endless()
     done, _ = await _documents_read(lambda n: endless, lambda n: 200, 2)
     assert done == [(200, 0)], "too long: no document"
-    assert endless.reads == prober_mod.DOCUMENT_BYTES // (1 << 20) + 1
+    assert endless.reads == read_limits.OPENAPI_MAX_BYTES // (1 << 20) + 1
 
 
 class SwappedEngine(CachingEngine):
