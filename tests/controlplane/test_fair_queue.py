@@ -10,55 +10,15 @@ import pytest
 from controlplane import errors
 from controlplane.core import fair_queue
 from tests.clock import ManualClock
-
-MODEL = "m"
-
-
-class Fleet:
-    """Backends with ``free`` dispatch slots: a released request takes one."""
-
-    def __init__(self, free: int) -> None:
-        self.free = free
-        self.released: list[str] = []
-
-    def room(self, model: str, cls: str, sequences: int = 1) -> bool:
-        return self.free >= sequences
-
-
-def gate_for(fleet: Fleet, clock: ManualClock | None = None, **options: object,
-             ) -> fair_queue.Gate:
-    opts = fair_queue.Options(**{"poll_interval_s": 0.01, **options})  # type: ignore[arg-type]
-    if clock is None:
-        return fair_queue.Gate(opts, fleet.room)
-
-    async def sleep(seconds: float | None, wakeup: asyncio.Event | None) -> float | None:
-        clock.now += seconds or 0.0
-        await asyncio.sleep(0)
-        return None
-    return fair_queue.Gate(opts, fleet.room, clock=clock, sleep=sleep)
-
-
-async def request(gate: fair_queue.Gate, fleet: Fleet, name: str, tenant: str,
-                  cls: str = "interactive", weight: float = 1.0, tokens: int = 100,
-                  sequences: int = 1) -> None:
-    await gate.wait(MODEL, tenant, cls, weight, tokens, sequences)
-    fleet.free -= sequences         # dispatched: it holds its slots
-    fleet.released.append(name)
-
-
-async def settle_until(predicate: object, what: str) -> None:
-    for _ in range(2000):
-        if predicate():             # type: ignore[operator]
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-async def cancel(*tasks: asyncio.Task[None]) -> None:
-    """Cancel waiting requests and let each one end (and leave the queue)."""
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+from tests.controlplane.fair_queue_testing import (
+    MODEL,
+    Fleet,
+    cancel,
+    gate_for,
+    request,
+    settle_until,
+    stopped_clock_gate,
+)
 
 
 async def free_one(gate: fair_queue.Gate, fleet: Fleet) -> None:
@@ -216,16 +176,6 @@ async def test_the_head_is_released_when_there_is_room_for_all_its_seats() -> No
     await asyncio.wait_for(batch, 5)
     assert fleet.released == ["batch"] and fleet.free == 0
     await gate.close()
-
-
-def stopped_clock_gate(fleet: Fleet, clock: ManualClock, hold_s: float) -> fair_queue.Gate:
-    """A gate whose pump polls in real time while its clock moves only when the test
-    moves it: the holding and the deadlines are measured on that clock alone."""
-    async def sleep(seconds: float | None, wakeup: asyncio.Event | None) -> float | None:
-        await asyncio.sleep(0.001)
-        return None
-    return fair_queue.Gate(fair_queue.Options(poll_interval_s=0.01, max_seat_hold_s=hold_s),
-                           fleet.room, clock=clock, sleep=sleep)
 
 
 async def test_a_head_short_of_seats_holds_those_that_free_and_nothing_behind_it_goes(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from controlplane.core import fair_queue
-from tests.controlplane.test_fair_queue import MODEL, Fleet, cancel, gate_for, settle_until
+from tests.controlplane.fair_queue_testing import MODEL, Fleet, cancel, gate_for, settle_until
 
 CHEAT, HONEST = "cheat", "honest"
 CHARGED = {CHEAT: 100, HONEST: 1000}    # what each is queued with

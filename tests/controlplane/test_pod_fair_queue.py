@@ -14,8 +14,16 @@ import pytest
 
 from controlplane.core import fair_queue, pod_order
 from tests.clock import ManualClock
-from tests.controlplane.test_fair_queue import MODEL, Fleet, cancel, request, settle_until
-from tests.controlplane.test_seat_holding import Told, joined, stopped_clock_gate
+from tests.controlplane.fair_queue_testing import (
+    MODEL,
+    Fleet,
+    Told,
+    cancel,
+    joined,
+    request,
+    settle_until,
+    stopped_clock_gate,
+)
 
 BOB = 820           # prompt + n: 4 x max_tokens: 200, the seats of the whole engine
 ALICE = 20          # a short prompt, max_tokens: 5

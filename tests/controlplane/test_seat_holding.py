@@ -14,11 +14,18 @@ import aiohttp
 
 from controlplane.api import app as app_mod
 from controlplane.api import fairness_wiring
-from controlplane.core import fair_queue, pod_order, shared_routing
+from controlplane.core import pod_order, shared_routing
 from tests import harness
 from tests.clock import ManualClock
 from tests.controlplane import cp_testing as t
-from tests.controlplane.test_fair_queue import MODEL, Fleet, request, settle_until
+from tests.controlplane.fair_queue_testing import (
+    MODEL,
+    Fleet,
+    joined,
+    request,
+    settle_until,
+    stopped_clock_gate,
+)
 from tests.controlplane.test_shared_routing import Worker
 
 
@@ -88,53 +95,6 @@ async def _chat(session: aiohttp.ClientSession, url: str, text: str, n: int) -> 
     async with session.post(f"{url}/v1/chat/completions", json={
             "model": "llama", "n": n, "messages": [{"role": "user", "content": text}]}) as resp:
         await resp.read()
-
-
-def stopped_clock_gate(fleet: Fleet, clock: ManualClock, hold_s: float,
-                       deadline_s: float = 30.0) -> fair_queue.Gate:
-    async def sleep(seconds: float | None, wakeup: asyncio.Event | None) -> float | None:
-        await asyncio.sleep(0.001)
-        return None
-    options = fair_queue.Options(poll_interval_s=0.01, max_seat_hold_s=hold_s,
-                                 deadline_s=deadline_s)
-    return fair_queue.Gate(options, fleet.room, clock=clock, sleep=sleep)
-
-
-class Told:
-    """A gate's siblings behind a stand-in mesh: what it tells reaches the other gates at
-    once, in order."""
-
-    def __init__(self, me: fair_queue.Gate, others: list[fair_queue.Gate]) -> None:
-        self._me, self._others = me, others
-
-    def head(self, model: str, rank: int, tag: float, left_s: float, seq: int) -> None:
-        for g in self._others:
-            g.sibling_head(self._me, self._me.worker_index, model, rank, tag, left_s, seq)
-
-    def tagged(self, model: str, rank: int, tenant: str, start: float,
-               charge: float) -> None:
-        for g in self._others:
-            g.sibling_tagged(self._me.worker_index, model, rank, tenant, start, charge)
-
-    def clocked(self, model: str, rank: int, start: float) -> None:
-        for g in self._others:
-            g.sibling_clocked(model, rank, start)
-
-    def shifted(self, model: str, rank: int, tenant: str, shift: float) -> None:
-        for g in self._others:
-            g.sibling_shifted(model, rank, tenant, shift)
-
-    def woke(self, model: str) -> None:
-        for g in self._others:
-            g.sibling_woke(model)
-
-
-def joined(*gates: fair_queue.Gate) -> None:
-    """The gates of one pod's workers (0, 1, ...), each told what the others tell, as the
-    mesh tells them."""
-    for i, g in enumerate(gates):
-        g.worker_index = i
-        g.siblings = Told(g, [o for o in gates if o is not g])
 
 
 async def test_a_sibling_leaves_the_seats_a_workers_head_holds() -> None:
