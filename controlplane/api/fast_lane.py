@@ -2,13 +2,14 @@
 
 Every connection on the API port starts here. A request that is plainly one of the
 serving routes (``POST /v1/chat/completions`` or ``/v1/completions``, HTTP/1.1, a
-``Content-Length`` within ``http.max_body_bytes``, no ``Transfer-Encoding``, ``Expect``
-or ``Upgrade``) is parsed with ``httptools`` and handed to the app's own middleware and
-handler as a :class:`LaneRequest`, a small object with the part of ``web.Request`` that the
-serving path reads. Responses are the app's own (``web.Response``, ``web.StreamResponse``):
-a whole one is serialised by the lane in one write (:func:`serialized`, or by aiohttp
-when it has cookies, compression or a payload body), a stream goes through aiohttp's
-``StreamWriter``, so headers, errors and streaming are exactly the app's.
+``Content-Length`` within ``http.max_body_bytes``, no ``Transfer-Encoding`` or
+``Upgrade``, no ``Expect`` but ``100-continue``) is parsed with ``httptools`` and handed
+to the app's own middleware and handler as a :class:`LaneRequest`, a small object with
+the part of ``web.Request`` that the serving path reads. Responses are the app's own
+(``web.Response``, ``web.StreamResponse``): a whole one is serialised by the lane in one
+write (:func:`serialized`, or by aiohttp when it has cookies, compression or a payload
+body), a stream goes through aiohttp's ``StreamWriter``, so headers, errors and
+streaming are exactly the app's.
 
 Anything else — another route, a head that ``httptools`` refuses or that is over
 ``http.max_header_bytes``, a chunked or ``Content-Encoding`` body, a head aiohttp would
@@ -29,6 +30,18 @@ request (one sweep a second per server, :class:`Sweeper`):
   :class:`controlplane.errors.RequestTimeout`) and the connection is closed;
 * an idle connection is closed after ``http.keepalive_timeout_s``;
 * a client that goes away cancels its request's handler (``handler_cancellation``);
+* a body still to come is never held for a request refused at its head (:func:`_admits`:
+  no valid key, or its tenant over its rate or concurrency): the app answers (401, 429)
+  at once, while the body is read and dropped; the connection then goes on, as aiohttp's
+  does. Reading it matters: a client that writes its whole body before it reads (httpx's
+  async client, so the official ``openai`` one, pauses reading while it writes) and whose
+  write fails closes its socket, losing the answer: a connection closed with its body
+  unread resets it, and such a client sees a connection error instead of its 429;
+* ``Expect: 100-continue`` is answered ``100 Continue`` only for a head the app would not
+  refuse at once (the routes' expect handler's rule on aiohttp's path, plus the rate). A
+  refused one gets its 401 or 429 instead, with ``Connection: close`` (it need not send its
+  body: the connection closes once the client closes it, or once the body, if it still
+  comes, is in);
 * requests on one connection are answered in order; bytes of the next request wait
   (reading pauses above ``PIPELINE_BYTES``) until the current one is answered;
 * at shutdown, a request in flight gets the grace period, idle connections close.
@@ -68,8 +81,9 @@ SWEEP_S = 1.0
 _HEAD_END = b"\r\n\r\n"
 # Headers whose request aiohttp serves: a framing or a body it decodes, a switch of
 # protocol, and the old WebSocket handshake it refuses.
-_HANDED_OFF = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"content-encoding",
+_HANDED_OFF = frozenset({b"transfer-encoding", b"upgrade", b"content-encoding",
                          b"sec-websocket-key1"})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # aiohttp refuses a request with two of these, or with more headers than its limit.
 # (Read from aiohttp, so they follow its version; its values as of 3.14 otherwise.)
 _SINGLETONS = frozenset(name.lower().encode() for name in getattr(
@@ -238,12 +252,13 @@ class _Head:
     (the value's trailing whitespace dropped, UTF-8 with surrogate escapes), and whether
     one of them is a reason to leave the request to aiohttp."""
 
-    __slots__ = ("complete", "headers", "odd", "seen", "url")
+    __slots__ = ("complete", "expects", "headers", "odd", "seen", "url")
 
     def __init__(self) -> None:
         self.url = b""
         self.headers: CIMultiDict[str] = CIMultiDict()
         self.odd = False            # a header that sends the request to aiohttp
+        self.expects = False        # Expect: 100-continue (any other is aiohttp's 417)
         self.complete = False
         self.seen: set[bytes] = set()
 
@@ -254,6 +269,10 @@ class _Head:
         low = name.lower()
         if low in _HANDED_OFF:
             self.odd = True
+        elif low == b"expect":      # a second one, or another expectation: aiohttp's
+            self.odd = self.odd or self.expects or (
+                value.rstrip(b" \t").lower() != b"100-continue")
+            self.expects = True
         elif low in _SINGLETONS:
             if low in self.seen:
                 self.odd = True
@@ -359,19 +378,30 @@ class Connection(base_protocol.BaseProtocol):
             return
         del buf[:head_len]
         headers = CIMultiDictProxy(head.headers)
-        if int(length) > len(buf) and not self._lane.admits(headers):
-            # A body still to come from a client without a valid key, or of a tenant over
-            # its request rate or concurrency, is never held: the app answers (401, 429)
-            # as on aiohttp's path while the body is read and dropped.
-            self._discard = int(length) - len(buf)
-            buf.clear()
-            request = LaneRequest(self, route, headers, b"", parser.should_keep_alive())
-            request[BODY_DROPPED] = True
-            self._task = self.loop.create_task(self._serve(route, request))
+        size = int(length)
+        if (size > len(buf) or head.expects) and not self._lane.admits(headers):
+            self._refuse(route, headers, size,
+                         parser.should_keep_alive() and not head.expects)
             return
-        self._waiting_body = (route, headers, int(length), parser.should_keep_alive())
+        if head.expects:
+            self.transport.write(_CONTINUE)
+        self._waiting_body = (route, headers, size, parser.should_keep_alive())
         self._since = self.loop.time()          # body_timeout_s from the head
         self._take_body()
+
+    def _refuse(self, route: Route, headers: CIMultiDictProxy[str], size: int,
+                keep_alive: bool) -> None:
+        """A head refused at once, its body not held: the app answers (401, 429) as on
+        aiohttp's path, without it, while the rest of the body is read and dropped; the
+        connection then goes on if ``keep_alive`` (not after an ``Expect``: the body may
+        never come)."""
+        buf = self._buf
+        have = min(size, len(buf))
+        del buf[:have]
+        self._discard = size - have
+        request = LaneRequest(self, route, headers, b"", keep_alive)
+        request[BODY_DROPPED] = True
+        self._task = self.loop.create_task(self._serve(route, request))
 
     def _take_body(self) -> None:
         assert self._waiting_body is not None

@@ -5,8 +5,13 @@ client that sends a request head and waits gets the 429, on the fast lane
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
@@ -57,10 +62,12 @@ async def test_a_tenant_over_its_rate_gets_429_without_sending_its_body(
             assert parses[0] == 0
 
 
-def _one_request_a_century(url: str, **sections: Any) -> Any:
+def _one_request_a_century(url: str, http: dict[str, Any] | None = None,
+                           **sections: Any) -> Any:
     """Settings of one upstream at ``url`` and two tenants, ``a`` allowed one request now
     and the next in 100 s (its 429 names a wait no rounding reaches), ``b`` unlimited."""
-    return t.settings(upstreams=[t.upstream("one", url)], http={"body_timeout_s": 30},
+    return t.settings(upstreams=[t.upstream("one", url)],
+                      http={"body_timeout_s": 30, **(http or {})},
                       auth={"tenants": [
                           {"name": "a", "keys": [t.KEY_A], "requests_per_second": 0.01,
                            "burst": 1},
@@ -159,3 +166,101 @@ async def test_a_shared_concurrency_lease_outlasts_the_body_and_the_loop_turns(
                 busy.cancel()
                 await asyncio.gather(busy, return_exceptions=True)
                 await client.aclose()
+
+
+BIG = 4 * 1024 * 1024       # an upload far over what the lane lingers for
+
+
+def _chat_head(url: str, key: str, length: int, *extra: str) -> bytes:
+    host = url.removeprefix("http://").split(":")[0]
+    lines = ["POST /v1/chat/completions HTTP/1.1", f"Host: {host}",
+             f"Authorization: Bearer {key}", "Content-Type: application/json",
+             f"Content-Length: {length}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One whole answer: its head and body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+    return head, await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+@contextlib.asynccontextmanager
+async def _over_rate(**http: Any) -> AsyncIterator[t.RunningCP]:
+    """A control plane whose tenant ``a`` has just spent its one token of the century."""
+    async with t.backends(("one", "ok")) as (b,):
+        s = _one_request_a_century(b.url, http={"max_body_bytes": 2 * BIG, **http})
+        async with t.running(s) as cp:
+            await cp.client(t.KEY_A).chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "hi"}])
+            yield cp
+
+
+async def test_expect_100_continue_over_the_rate_gets_the_429_instead_of_100() -> None:
+    """A client that asks before sending its body is told 429, never invited to send it
+    (before, the head went to aiohttp's path, which answered 100 Continue first), and
+    told the connection closes (the body it did not send is not awaited)."""
+    async with _over_rate() as cp:
+        host, port = cp.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(_chat_head(cp.url, t.KEY_A, BIG, "Expect: 100-continue"))
+            await writer.drain()
+            head, body = await _answer(reader)
+            assert head.startswith(b"HTTP/1.1 429"), head
+            assert b"connection: close" in head.lower()
+            assert json.loads(body)["error"]["code"] == "rate_limit_exceeded"
+        finally:
+            writer.close()
+
+
+async def test_expect_100_continue_under_the_rate_is_invited_then_served() -> None:
+    async with t.backends(("one", "ok")) as (b,):
+        async with t.running(_one_request_a_century(b.url)) as cp:
+            host, port = cp.url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            body = json.dumps({"model": "llama",
+                               "messages": [{"role": "user", "content": "hi"}]}).encode()
+            try:
+                writer.write(_chat_head(cp.url, t.KEY_A, len(body), "Expect: 100-continue"))
+                await writer.drain()
+                invited = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert invited == b"HTTP/1.1 100 Continue\r\n\r\n"
+                writer.write(body)
+                head, _ = await _answer(reader)
+                assert head.startswith(b"HTTP/1.1 200"), head
+            finally:
+                writer.close()
+
+
+def _send_all_then_read(url: str) -> bytes:
+    """What a naive client does: the whole head and body, then read (a send the server
+    cut short is not the end: the answer may be there)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(_chat_head(url, t.KEY_A, BIG) + b"{" + b" " * (BIG - 2) + b"}")
+        return sock.recv(65536)
+
+
+async def test_clients_still_sending_a_large_body_see_their_429() -> None:
+    """The 429 comes at the head; a client still sending its body gets it whether it reads
+    while it sends (aiohttp), only once it has sent everything, or stops reading while it
+    sends and closes its socket when a write fails (httpx's async client, the ``openai``
+    one): a connection closed with the body unread would reset it, and that client lose
+    its answer."""
+    payload = b"{" + b" " * (BIG - 2) + b"}"
+    async with _over_rate() as cp:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                    f"{cp.url}/v1/chat/completions", data=payload,
+                    headers={"Authorization": f"Bearer {t.KEY_A}",
+                             "Content-Type": "application/json"}) as resp:
+                assert resp.status == 429
+                assert (await resp.json())["error"]["code"] == "rate_limit_exceeded"
+        answer = await asyncio.to_thread(_send_all_then_read, cp.url)
+        assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+        with pytest.raises(openai.RateLimitError):      # httpx's way (it reads after)
+            await cp.client(t.KEY_A).chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": " " * BIG}])
