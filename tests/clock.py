@@ -87,13 +87,14 @@ class VirtualTime:
                 continue
             self.now = deadline
             due.set_result(None)
-            await _settle()
+            await settle(20)
         self.now = target
-        await _settle()
+        await settle(20)
 
 
-async def _settle(turns: int = 20) -> None:
-    """Let the tasks just woken run until they wait again (a few turns of the loop)."""
+async def settle(turns: int = 50) -> None:
+    """Let the tasks just woken run until they wait again (``turns`` turns of the loop; no
+    time passes on any clock)."""
     for _ in range(turns):
         await asyncio.sleep(0)
 

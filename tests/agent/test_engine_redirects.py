@@ -17,7 +17,7 @@ from agent import engine_tasks, metrics
 from agent import runner as runners
 from agent.core import types
 from tests import harness
-from tests.agent.test_supervisor import _settings
+from tests.agent.supervisor_testing import supervisor_settings
 from tests.http_standins import served
 
 RERANKER = {"openapi": "3.1.0", "paths": {"/v1/rerank": {}, "/health": {}}}
@@ -66,7 +66,7 @@ async def test_an_external_engines_probes_and_scrapes_follow_no_redirect(tmp_pat
     async with server.running() as url, aiohttp.ClientSession() as session:
         spec = types.EngineSpec(name="x", engine="external", model="m", url=url)
         hooks = runners.Hooks(metrics.Metrics(CollectorRegistry()), "n", lambda: None)
-        r = runners.Runner(spec, _settings(tmp_path), session, hooks, "127.0.0.1")
+        r = runners.Runner(spec, supervisor_settings(tmp_path), session, hooks, "127.0.0.1")
         r.start()
         try:
             await harness.until(lambda: server.asked.count("/health") >= 3, 10,

@@ -25,7 +25,7 @@ from agent.core.types import Phase
 from synapse_common import engine_key
 from tests import harness
 from tests.agent.conftest import STAND_IN
-from tests.agent.test_supervisor import _environ, _settings, drive
+from tests.agent.supervisor_testing import drive, proc_environ, supervisor_settings
 from tests.clock import VirtualTime
 
 
@@ -42,7 +42,7 @@ async def test_ownership_is_checked_on_becoming_ready_then_every_30s_not_every_p
     hooks = runners.Hooks(metrics.Metrics(CollectorRegistry()), "n", lambda: None)
     async with aiohttp.ClientSession() as session:
         r = runners.Runner(types.EngineSpec(name="o", engine="simulator", model="m"),
-                           _settings(tmp_path, probe_interval_s=2), session, hooks,
+                           supervisor_settings(tmp_path, probe_interval_s=2), session, hooks,
                            "127.0.0.1", timing=vt.time, owns=owns)
         r.start()
         try:
@@ -64,7 +64,7 @@ KEY = engine_key.derive("agent-token-for-the-runner-warm-up-tests")
 def _runner(tmp_path, session: aiohttp.ClientSession, spec: types.EngineSpec,
             **settings: Any) -> runners.Runner:
     hooks = runners.Hooks(metrics.Metrics(CollectorRegistry()), "n", lambda: None)
-    cfg = _settings(tmp_path, vllm_command=STAND_IN, tei_command=STAND_IN,
+    cfg = supervisor_settings(tmp_path, vllm_command=STAND_IN, tei_command=STAND_IN,
                     vllm_device="cuda", **settings)
     return runners.Runner(spec, cfg, session, hooks, "127.0.0.1", engine_key=KEY)
 
@@ -191,7 +191,7 @@ async def test_a_vllm_compiles_into_its_own_cache_unless_its_spec_names_one(tmp_
         try:
             await harness.until(lambda: r.phase == Phase.READY, 20, "ready")
             expected = own[0][1] if own else str(tmp_path / "compile" / "c")
-            assert _environ(r.pid)["TORCHINDUCTOR_CACHE_DIR"] == expected
+            assert proc_environ(r.pid)["TORCHINDUCTOR_CACHE_DIR"] == expected
         finally:
             await r.stop()
 
@@ -214,13 +214,13 @@ async def test_a_temporary_compile_cache_serves_every_restart_and_goes_when_the_
         r.start()
         try:
             await harness.until(lambda: r.phase == Phase.READY, 20, "ready")
-            scratch = pathlib.Path(_environ(r.pid)["TORCHINDUCTOR_CACHE_DIR"])
+            scratch = pathlib.Path(proc_environ(r.pid)["TORCHINDUCTOR_CACHE_DIR"])
             assert _held(scratch) == [] and not scratch.is_relative_to(tmp_path)
             (scratch / "kernel.py").write_text("compiled")
             os.killpg(r.pid, signal.SIGKILL)
             await harness.until(lambda: r.restarts == 1 and r.phase == Phase.READY, 20,
                                 "ready after a restart")
-            assert _environ(r.pid)["TORCHINDUCTOR_CACHE_DIR"] == str(scratch)
+            assert proc_environ(r.pid)["TORCHINDUCTOR_CACHE_DIR"] == str(scratch)
             assert _held(scratch) == ["kernel.py"]
         finally:
             await r.stop()

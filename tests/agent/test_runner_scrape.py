@@ -17,7 +17,7 @@ from agent import metrics
 from agent import runner as runners
 from agent.core import types
 from synapse_common import read_limits
-from tests.agent.test_supervisor import _settings
+from tests.agent.supervisor_testing import supervisor_settings
 
 LIMIT = read_limits.METRICS_MAX_BYTES
 CHUNK = 1 << 20
@@ -66,7 +66,7 @@ async def scraped(engine: Engine, tmp_path) -> AsyncIterator[tuple[runners.Runne
     hooks = runners.Hooks(metrics.Metrics(registry), "n", lambda: None)
     try:
         async with aiohttp.ClientSession() as session:
-            yield runners.Runner(spec, _settings(tmp_path, probe_timeout_s=30), session,
+            yield runners.Runner(spec, supervisor_settings(tmp_path, probe_timeout_s=30), session,
                                  hooks, "127.0.0.1"), registry
     finally:
         await site.cleanup()

@@ -16,26 +16,16 @@ from prometheus_client import CollectorRegistry
 
 from agent import metrics, supervisor
 from agent import runner as runners
-from agent.config import SupervisorSettings
 from agent.core import types
 from agent.core.types import Phase
 from synapse_common import clock as clocks
 from synapse_common import engine_key
 from tests import harness
 from tests.agent.conftest import STAND_IN
-from tests.clock import VirtualTime
+from tests.agent.supervisor_testing import drive, proc_environ, supervisor_settings
+from tests.clock import VirtualTime, settle
 
 FLOAT = 1e-9  # virtual seconds are sums of floats
-
-
-def _settings(tmp_path, **kw) -> SupervisorSettings:
-    base = {"log_dir": str(tmp_path / "logs"), "probe_interval_s": 0.1,
-            "scrape_interval_s": 0.1, "backoff_initial_s": 0.05, "backoff_max_s": 0.2,
-            "stop_grace_s": 2, "unhealthy_after": 2, "simulator_command": STAND_IN,
-            "compile_cache_dir": str(tmp_path / "compile")}
-    settings = {**base, **kw}
-    settings.setdefault("crashloop_retry_s", settings["backoff_max_s"])  # retry fast here
-    return SupervisorSettings(**settings)
 
 
 @pytest.fixture
@@ -47,7 +37,7 @@ async def make(tmp_path) -> AsyncIterator[Callable[..., supervisor.Supervisor]]:
               engine_key: str | None = None, **kw) -> supervisor.Supervisor:
         hooks = runners.Hooks(metrics.Metrics(CollectorRegistry()), "n",
                               on_change or (lambda: changes.append(1)))
-        sup = supervisor.Supervisor(_settings(tmp_path, **kw), hooks, "127.0.0.1", timing,
+        sup = supervisor.Supervisor(supervisor_settings(tmp_path, **kw), hooks, "127.0.0.1", timing,
                                     engine_key=engine_key)
         made.append(sup)
         return sup
@@ -55,27 +45,6 @@ async def make(tmp_path) -> AsyncIterator[Callable[..., supervisor.Supervisor]]:
     yield build
     for sup in made:  # also when a test failed half-way: no engine outlives the test
         await sup.stop_all()
-
-
-async def drive(vt: VirtualTime, until: Callable[[], bool], what: str, *,
-                paced: bool = False, within: float = 30.0, loops: int = 2) -> None:
-    """Run the runner's virtual time to each next wait's end, one at a time, until
-    ``until`` (at most ``within`` virtual seconds); before each step, wait (really) until
-    its ``loops`` loops all wait again, so the engine's real I/O between two steps never
-    lets virtual time run ahead. ``paced``: as fast as real time, no faster, while what
-    is awaited is real (an engine process starting up)."""
-    start = vt.now
-    while True:
-        await harness.until(lambda: until() or len(vt.due()) >= loops, 20,
-                            f"{what}: every loop to wait")
-        if until():
-            return
-        step = vt.due()[0] - vt.now
-        if vt.now + step - start > within:
-            raise AssertionError(f"{what}: not within {within} virtual seconds")
-        if paced:
-            await asyncio.sleep(step)
-        await vt.advance(step)
 
 
 async def test_external_backend_is_probed_ready_unhealthy_ready(make):
@@ -183,12 +152,6 @@ async def test_a_crashlooping_backend_is_retried_at_once_only_when_named_to_retr
     await sup.stop_all()
 
 
-async def settle() -> None:
-    """Let the tasks a call woke run until they wait again (no virtual time passes)."""
-    for _ in range(50):
-        await asyncio.sleep(0)
-
-
 async def test_an_engine_unhealthy_for_too_long_is_restarted(make, tmp_path):
     # On virtual time: the probes' schedule and the restart's moment are the runner's
     # own, asserted exactly, and none of their seconds is waited out.
@@ -216,11 +179,6 @@ async def test_an_engine_unhealthy_for_too_long_is_restarted(make, tmp_path):
                for line in r.sink.lines())
 
 
-def _environ(pid: int) -> dict[str, str]:
-    raw = pathlib.Path(f"/proc/{pid}/environ").read_bytes()
-    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
-
-
 def _cmdline(pid: int) -> str:
     return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode()
 
@@ -233,7 +191,7 @@ async def test_a_vllm_backend_without_gpu_gets_the_cpu_environment_under_its_own
     await sup.start([spec])
     r = sup.runners["v"]
     await harness.until(lambda: r.phase == Phase.READY, 15, "the engine to be ready")
-    environ = _environ(r.pid)
+    environ = proc_environ(r.pid)
     assert environ["VLLM_TARGET_DEVICE"] == "cpu" and environ["VLLM_CPU_KVCACHE_SPACE"] == "0.5"
     assert environ["HF_HUB_OFFLINE"] == "1"
     assert environ["VLLM_CPU_OMP_THREADS_BIND"] == "1"  # the backend's own env wins
@@ -245,7 +203,7 @@ async def test_a_vllm_backend_on_a_gpu_node_gets_no_cpu_variables(make):
     await sup.start([types.EngineSpec(name="g", engine="vllm", model="m", gpu_indices=(1,))])
     r = sup.runners["g"]
     await harness.until(lambda: r.phase == Phase.READY, 15, "the engine to be ready")
-    environ = _environ(r.pid)
+    environ = proc_environ(r.pid)
     assert "VLLM_TARGET_DEVICE" not in environ and environ["CUDA_VISIBLE_DEVICES"] == "1"
 
 
@@ -263,7 +221,7 @@ async def test_an_engine_gets_the_key_in_its_environment_only_and_is_probed_with
     r = sup.runners["k"]
     await harness.until(lambda: r.phase == Phase.READY and r.metrics_ok, 15,
                         "the guarded engine to be ready and scraped")
-    assert _environ(r.pid)["VLLM_API_KEY"] == ENGINE_KEY
+    assert proc_environ(r.pid)["VLLM_API_KEY"] == ENGINE_KEY
     assert ENGINE_KEY not in _cmdline(r.pid)
     await harness.until(lambda: any("api_key: Some(" in line for line in r.sink.lines()), 5,
                         "the engine to print its settings")
@@ -279,7 +237,7 @@ async def test_without_a_key_an_engine_gets_none_and_probes_send_none(make):
     await sup.start([types.EngineSpec(name="o", engine="vllm", model="m")])
     r = sup.runners["o"]
     await harness.until(lambda: r.phase == Phase.READY, 15, "the engine to be ready")
-    assert "VLLM_API_KEY" not in _environ(r.pid)
+    assert "VLLM_API_KEY" not in proc_environ(r.pid)
 
 
 async def test_a_crashlooping_backend_keeps_being_retried_and_a_good_start_clears_it(

@@ -19,7 +19,7 @@ from controlplane.api import admin_views
 from controlplane.core import fleet, intent, ledger, placement, registry, types
 from protos.synapse.v1 import common_pb2, controlplane_pb2
 from tests import harness
-from tests.clock import ManualClock, SteppedSleep
+from tests.clock import ManualClock, SteppedSleep, settle
 
 GIB = 1024**3
 NODE = "gpu-a"
@@ -110,12 +110,6 @@ class SlowReplies(intent.MemoryIntentStore):
         written = await super().compare_and_set(node, expected, text)
         await self.replying.wait()
         return written
-
-
-async def settle() -> None:
-    """Let every task run until it waits on something the test holds (no I/O here)."""
-    for _ in range(50):
-        await asyncio.sleep(0)
 
 
 def deploy(model: str, gb: float = 0, tp: int = 1, nodes: tuple[str, ...] = (NODE,),
