@@ -21,6 +21,16 @@ from synapse_common import settings
 from tests import harness
 
 MODEL = "sim-model"
+ENGINE_KEY = "0123456789abcdef-engine-key"
+
+
+def keyed_settings(engine: str = "vllm",
+                   key: str | None = ENGINE_KEY) -> config.SimulatorSettings:
+    """An in-process simulator's settings of ``engine`` that refuses callers without
+    ``key`` (None: no key)."""
+    return config.SimulatorSettings.model_validate({
+        "engine": engine, "served_model_names": [MODEL], "time_scale": 0,
+        **({"api_key": key} if key else {})})
 
 
 def port_open(port: int) -> bool:

@@ -10,19 +10,11 @@ import aiohttp
 import openai
 import pytest
 
-from simulator import config
 from synapse_common import clock as clocks
 from tests import harness
-from tests.simulator.conftest import MODEL, in_process
+from tests.simulator.conftest import ENGINE_KEY, MODEL, in_process, keyed_settings
 
-KEY = "0123456789abcdef-engine-key"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-
-
-def _settings(engine: str = "vllm", key: str | None = KEY) -> config.SimulatorSettings:
-    return config.SimulatorSettings.model_validate({
-        "engine": engine, "served_model_names": [MODEL], "time_scale": 0,
-        **({"api_key": key} if key else {})})
 
 
 async def _status(url: str, method: str = "GET", body: object = None,
@@ -35,15 +27,15 @@ async def _status(url: str, method: str = "GET", body: object = None,
 
 
 async def test_vllm_mode_refuses_a_call_without_the_key_or_with_another() -> None:
-    async with in_process(_settings(), clocks.Time()) as url:
-        for key in (None, "wrong-key", KEY + "x"):
+    async with in_process(keyed_settings(), clocks.Time()) as url:
+        for key in (None, "wrong-key", ENGINE_KEY + "x"):
             status, body = await _status(url + "/v1/chat/completions", "POST", CHAT, key)
             assert status == 401
             assert isinstance(body, dict) and body["error"]["type"] == "AuthenticationError"
-            assert KEY not in str(body)
+            assert ENGINE_KEY not in str(body)
         status, _ = await _status(url + "/v1/models")
         assert status == 401
-        status, _ = await _status(url + "/v1/chat/completions", "POST", CHAT, KEY)
+        status, _ = await _status(url + "/v1/chat/completions", "POST", CHAT, ENGINE_KEY)
         assert status == 200
 
 
@@ -60,7 +52,7 @@ async def test_only_health_is_open_and_fault_injection_needs_the_key() -> None:
              ("POST", "/tokenize", {"model": MODEL, "prompt": "hi"}),
              ("POST", "/detokenize", {"model": MODEL, "tokens": [1, 2]}),
              ("POST", "/invocations", CHAT), ("POST", "/health", None)]
-    async with in_process(_settings(), clocks.Time()) as url:
+    async with in_process(keyed_settings(), clocks.Time()) as url:
         for method, path, body in calls:
             for key in (None, "wrong-key"):
                 status, _ = await _status(url + path, method, body, key)
@@ -68,17 +60,17 @@ async def test_only_health_is_open_and_fault_injection_needs_the_key() -> None:
         for method in ("GET", "HEAD"):
             status, _ = await _status(url + "/health", method)
             assert status == 200, method
-        status, _ = await _status(url + "/v1/chat/completions", "POST", CHAT, KEY)
+        status, _ = await _status(url + "/v1/chat/completions", "POST", CHAT, ENGINE_KEY)
         assert status == 200, "no fault was set without the key"
         for method, path, body in [c for c in calls if c[1] in ("/metrics", "/sim/state")]:
-            status, _ = await _status(url + path, method, body, KEY)
+            status, _ = await _status(url + path, method, body, ENGINE_KEY)
             assert status == 200, path
-        status, _ = await _status(url + "/sim/faults", "POST", hang, KEY)
+        status, _ = await _status(url + "/sim/faults", "POST", hang, ENGINE_KEY)
         assert status == 200
 
 
 async def test_tei_mode_guards_everything_but_health() -> None:
-    async with in_process(_settings("tei"), clocks.Time()) as url:
+    async with in_process(keyed_settings("tei"), clocks.Time()) as url:
         status, body = await _status(url + "/embed", "POST", {"inputs": "hello"})
         assert status == 401 and isinstance(body, dict) and body["error_type"] == "Unauthorized"
         status, _ = await _status(url + "/v1/embeddings", "POST",
@@ -86,19 +78,19 @@ async def test_tei_mode_guards_everything_but_health() -> None:
         assert status == 401
         status, _ = await _status(url + "/info")
         assert status == 401
-        status, _ = await _status(url + "/embed", "POST", {"inputs": "hello"}, KEY)
+        status, _ = await _status(url + "/embed", "POST", {"inputs": "hello"}, ENGINE_KEY)
         assert status == 200
         for path in ("/metrics", "/openapi.json", "/sim/faults"):
             status, _ = await _status(url + path)
             assert status == 401, path
-            status, _ = await _status(url + path, key=KEY)
+            status, _ = await _status(url + path, key=ENGINE_KEY)
             assert status == 200, path
         status, _ = await _status(url + "/health")
         assert status == 200
 
 
 async def test_without_a_key_every_caller_is_served() -> None:
-    async with in_process(_settings(key=None), clocks.Time()) as url:
+    async with in_process(keyed_settings(key=None), clocks.Time()) as url:
         for method, path, body in (("POST", "/v1/chat/completions", CHAT),
                                    ("GET", "/metrics", None), ("GET", "/sim/state", None)):
             status, _ = await _status(url + path, method, body)
@@ -113,15 +105,15 @@ def test_the_process_takes_its_key_from_the_environment_and_never_prints_it(
     try:
         proc = pool.start("sim", ["synapse", "simulator", "--port", str(port), "--time-scale",
                                   "0", "--served-model-name", MODEL, "--log-level", "debug"],
-                          env={"SYNAPSE_API_KEY": KEY}, ready_url=url + "/health")
+                          env={"SYNAPSE_API_KEY": ENGINE_KEY}, ready_url=url + "/health")
         with openai.OpenAI(base_url=url + "/v1", api_key="not-the-key",
                            max_retries=0) as client, pytest.raises(openai.AuthenticationError):
             client.chat.completions.create(model=MODEL, messages=[{"role": "user",
                                                                    "content": "hi"}])
-        with openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0) as client:
+        with openai.OpenAI(base_url=url + "/v1", api_key=ENGINE_KEY, max_retries=0) as client:
             answer = client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert answer.choices[0].message.content
-        assert KEY not in proc.output()
+        assert ENGINE_KEY not in proc.output()
     finally:
         pool.stop_all()

@@ -8,8 +8,7 @@ from __future__ import annotations
 import aiohttp
 
 from synapse_common import clock as clocks
-from tests.simulator.conftest import in_process
-from tests.simulator.test_auth import KEY, _settings
+from tests.simulator.conftest import ENGINE_KEY, in_process, keyed_settings
 
 PREFLIGHT = {"Origin": "http://example.com", "Access-Control-Request-Method": "GET"}
 
@@ -20,10 +19,10 @@ async def _options(url: str, headers: dict[str, str]) -> int:
 
 
 async def test_only_a_preflight_passes_without_the_key() -> None:
-    async with in_process(_settings(), clocks.Time()) as url:
+    async with in_process(keyed_settings(), clocks.Time()) as url:
         for path in ("/metrics", "/sim/state", "/v1/chat/completions"):
             for headers in ({}, {"Origin": "http://example.com"},
                             {"Authorization": "Bearer wrong-key"}):
                 assert await _options(url + path, headers) == 401, (path, headers)
             assert await _options(url + path, PREFLIGHT) != 401, path
-            assert await _options(url + path, {"Authorization": f"Bearer {KEY}"}) != 401
+            assert await _options(url + path, {"Authorization": f"Bearer {ENGINE_KEY}"}) != 401
