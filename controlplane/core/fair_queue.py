@@ -374,7 +374,7 @@ class Gate:
             q.pinned = self.pod.holds(model)
         return q
 
-    # -- the pod's other workers (the module's docstring) ----------------------------------
+    # -- the pod's other workers (:mod:`pod_order`) ---------------------------------------
 
     def sibling_head(self, peer: object, index: int, model: str, rank: int, tag: float,
                      left_s: float, seq: int) -> None:
