@@ -1,11 +1,10 @@
 """Validation of OpenAI request bodies: just what routing and safety need.
 
-The body is parsed once; this checks the fields Synapse itself reads (model, messages /
+The body is parsed once, by :func:`json_body.load` (its shape: JSON, an object, bounded
+containers and depth); this checks the fields Synapse itself reads (model, messages /
 prompt / input, stream, max_tokens, n, temperature, user) and names the bad one in
 ``param``. Every other field is left to the backend and passed through untouched, so a
-client using a newer OpenAI field is not refused here — but no field may nest deeper
-than ``http.max_json_depth`` (the body may be serialised again, and orjson, like most
-JSON libraries, has a recursion limit of its own).
+client using a newer OpenAI field is not refused here.
 
 Two bounds protect the engines from one request's cost (probe 68), checked right after
 parsing on every path: ``n`` (and the legacy ``best_of``) at most
@@ -107,6 +106,7 @@ from typing import Any, Literal
 import orjson
 
 from controlplane import errors
+from controlplane.core import json_body
 
 Endpoint = Literal["chat", "completions", "embeddings"]
 # OpenAI's message roles. An unknown role is refused here, as OpenAI does, rather than
@@ -145,16 +145,6 @@ MAX_STRUCTURED_OUTPUT_BYTES = 16 * 1024
 MAX_SEQUENCES = 256
 MAX_POOLING_INPUTS = 2048   # OpenAI's own bound on an embeddings input array
 MAX_TOOL_SCHEMA_BYTES = 64 * 1024
-# Arrays and objects in one body (http.max_json_containers): the server's own walks of a
-# body (cache key, media URLs, prompt) take a Python step per container, so a body of
-# millions of tiny arrays would hold the event loop for seconds whatever its byte size.
-MAX_JSON_CONTAINERS = 65536
-# At most this many brackets, the parsed body is walked for its depth (bounded work);
-# beyond (or beyond a lower http.max_json_containers, which the skeleton counts), its
-# bracket skeleton is measured with bytes methods (:func:`_skeleton`).
-_WALK_MAX_BRACKETS = 4096
-_TO_PARENS = bytes.maketrans(b"[{]}", b"(())")
-_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b'[]{}"')))
 SAMPLING_RANGES = (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0))
 # The fields the engine turns into a grammar to compile (vLLM 0.32 reads
 # structured_outputs and response_format; the guided_* fields of older versions are
@@ -189,46 +179,22 @@ _EMPTY: Mapping[str, Any] = {}
 _Wanted = Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
 
 
-def parse_json(raw: bytes, max_depth: int = 64, max_messages: int = MAX_MESSAGES,
-               max_n: int = MAX_N,
+def parse_json(raw: bytes, max_depth: int = json_body.MAX_DEPTH,
+               max_messages: int = MAX_MESSAGES, max_n: int = MAX_N,
                max_structured_output_bytes: int = MAX_STRUCTURED_OUTPUT_BYTES,
                max_sequences: int = MAX_SEQUENCES, request_chat_templates: bool = False,
                max_tool_schema_bytes: int = MAX_TOOL_SCHEMA_BYTES,
                request_media_kwargs: bool = False,
                turns: tuple[str, ...] = TURNS,
-               max_containers: int = MAX_JSON_CONTAINERS) -> dict[str, Any]:
+               max_containers: int = json_body.MAX_CONTAINERS) -> dict[str, Any]:
     """The body as a JSON object; 400 when it is not one, nests deeper than
     ``max_depth``, holds more than ``max_containers`` arrays and objects
-    (:func:`_count_containers`, before parsing) or has an array of turns (``turns``: the
-    fields that hold the path's conversation, ``messages`` by default, Responses'
-    ``input`` too) of more than
-    ``max_messages`` items (each turn costs the validation, the cache key, the tokenizer
+    (:func:`json_body.load`) or has an array of turns (``turns``: the fields that hold
+    the path's conversation, ``messages`` by default, Responses' ``input`` too) of more
+    than ``max_messages`` items (each turn costs the validation, the cache key, the tokenizer
     and the template a walk: a body of many tiny turns would cost far more CPU per byte
     than its size says), or is over one of the engine bounds (:func:`engine_bounds`)."""
-    if not raw:
-        raise errors.BadRequest("the request body is empty; send a JSON object",
-                                code="invalid_json")
-    # Opening brackets, those inside strings too: at least as many as the containers.
-    brackets = raw.count(b"[") + raw.count(b"{")
-    skeleton = b""
-    # Fewer brackets than either bound: neither the count nor a skeleton is needed.
-    if brackets > min(max_containers, _WALK_MAX_BRACKETS):
-        skeleton = _skeleton(raw)
-        _count_containers(skeleton, max_containers)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise errors.BadRequest(f"the request body is not valid JSON: {exc}",
-                                code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise errors.BadRequest("the request body must be a JSON object",
-                                code="invalid_json")
-    # A body with fewer brackets than the limit cannot nest deeper (the usual case: no
-    # walk); a few more are walked (bounded work), many are measured on the skeleton.
-    if brackets > max_depth and not (_nests_within(skeleton, max_depth) if skeleton
-                                     else _within_depth(body, max_depth - 1)):
-        raise errors.BadRequest(f"the request body nests deeper than {max_depth} levels "
-                                "(http.max_json_depth)", code="invalid_json")
+    body = json_body.load(raw, max_depth, max_containers)
     for field in turns:
         items = body.get(field)
         if type(items) is list and len(items) > max_messages:
@@ -559,49 +525,6 @@ def _constraint(name: str, value: Any, limit: int) -> None:
             f"{name}: the structured-output constraint is {size} bytes of JSON; at most "
             f"{limit} (http.max_structured_output_bytes)", param=name,
             code="constraint_too_large")
-
-
-def _skeleton(raw: bytes) -> bytes:
-    """The brackets of JSON text ``raw`` outside its strings, as ``(`` and ``)``, made by
-    bytes methods only (no step of Python per value). Escaped backslashes, then escaped
-    quotes, are cut out (a run of backslashes pairs from its start, as ``replace`` scans),
-    so every remaining quote opens or closes a string; all but brackets and quotes are
-    deleted; two adjacent quotes (a string with no bracket in it, or one string's end and
-    the next one's start) go, which keeps the quotes paired; what is left between
-    quotes is inside a string."""
-    if b"\\" in raw:
-        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
-    shape = raw.translate(_TO_PARENS, _NOT_BRACKETS).replace(b'""', b"")
-    return b"".join(shape.split(b'"')[::2]) if b'"' in shape else shape
-
-
-def _count_containers(skeleton: bytes, max_containers: int) -> None:
-    """400 when the body (its :func:`_skeleton`) has more than ``max_containers`` arrays
-    and objects: checked before the body is parsed, so such a body costs no objects."""
-    containers = len(skeleton) // 2
-    if containers > max_containers:
-        raise errors.BadRequest(
-            f"the request body has {containers} arrays and objects; at most "
-            f"{max_containers} (http.max_json_containers)", code="invalid_json")
-
-
-def _nests_within(shape: bytes, levels: int) -> bool:
-    """Whether a balanced skeleton of ``(`` and ``)`` nests at most ``levels`` deep: each
-    pass removes every innermost pair, so one ``levels`` deep is empty after ``levels``."""
-    for _ in range(levels):
-        shape = shape.replace(b"()", b"")
-        if not shape:
-            return True
-    return not shape
-
-
-def _within_depth(value: dict[str, Any] | list[Any], levels_left: int) -> bool:
-    """Whether every array or object inside ``value`` is at most ``levels_left`` deeper."""
-    for item in value.values() if type(value) is dict else value:
-        if type(item) is dict or type(item) is list:
-            if levels_left <= 0 or not _within_depth(item, levels_left - 1):
-                return False
-    return True
 
 
 def printable_ascii(value: str, limit: int) -> bool:
