@@ -42,6 +42,14 @@ request (one sweep a second per server, :class:`Sweeper`):
   refused one gets its 401 or 429 instead, with ``Connection: close`` (it need not send its
   body: the connection closes once the client closes it, or once the body, if it still
   comes, is in);
+* with a shared (Redis) limit store, :meth:`RateLimiter.peek` knows at a head only the
+  rate refusals the store gave this replica; a concurrency slot, or a refusal the store
+  gave another replica, only ``acquire`` finds out. For a tenant with a limit there, a
+  request whose body is still to come is handed to the app at its head
+  (:class:`_Arriving`, its body awaited by the handler as on aiohttp's path), so the
+  request's one call to the store is made before its body is read: a 429 comes at the
+  head, and the body is then read and dropped. A request whose body came with its head,
+  the usual case, is handed over whole as before (no extra call to the store either way);
 * requests on one connection are answered in order; bytes of the next request wait
   (reading pauses above ``PIPELINE_BYTES``) until the current one is answered;
 * at shutdown, a request in flight gets the grace period, idle connections close.
@@ -108,6 +116,18 @@ class _Complete:
 _COMPLETE = _Complete()
 
 
+class _Pending(_Complete):
+    """``request.content`` of an :class:`_Arriving` request: whole once its body is in."""
+
+    __slots__ = ("arrived",)
+
+    def __init__(self, arrived: asyncio.Future[bytes]) -> None:
+        self.arrived = arrived
+
+    def is_eof(self) -> bool:  # type: ignore[override]  # of the instance, not the class
+        return self.arrived.done()
+
+
 def _match_info(path: str) -> Any:
     """What the middleware reads of aiohttp's match info: the route's canonical path."""
     return types.SimpleNamespace(route=types.SimpleNamespace(
@@ -171,6 +191,34 @@ class LaneRequest(dict[Any, Any]):
             await self.app.on_response_prepare.send(cast(web.Request, self), response)
 
 
+class _Arriving(LaneRequest):
+    """A lane request handed to the app at its head, its body still arriving: ``read``
+    waits for it (the handler bounds the wait by ``http.body_timeout_s``, 408)."""
+
+    __slots__ = ("_arrived", "_length")
+
+    def __init__(self, conn: Connection, route: Route, headers: CIMultiDictProxy[str],
+                 length: int, keep_alive: bool) -> None:
+        super().__init__(conn, route, headers, b"", keep_alive)
+        self._length = length
+        self._arrived: asyncio.Future[bytes] = conn.loop.create_future()
+
+    @property
+    def content_length(self) -> int:
+        return self._length
+
+    @property
+    def content(self) -> _Pending:
+        return _Pending(self._arrived)
+
+    async def read(self) -> bytes:
+        return await self._arrived
+
+    def arrived(self, body: bytes) -> None:
+        if not self._arrived.done():        # (not if the handler stopped waiting)
+            self._arrived.set_result(body)
+
+
 class Route:
     """One route of the lane: its path and the app's handler wrapped in its middlewares,
     as aiohttp would call it."""
@@ -193,11 +241,13 @@ class Lane:
     PATHS = ("/v1/chat/completions", "/v1/completions")
 
     def __init__(self, routes: dict[bytes, Route], http: config.HttpSettings,
-                 admits: Callable[[CIMultiDictProxy[str]], bool] = lambda _: True) -> None:
+                 admits: Callable[[CIMultiDictProxy[str]], int] = lambda _: ADMITTED,
+                 ) -> None:
         self.routes = routes
         # whether a request head carries a key the app accepts, of a tenant not refused by
         # RateLimiter.peek (read before a body that has not arrived yet: a client without
-        # one, or over its rate or concurrency, never has its body held)
+        # one, or over its rate or concurrency, never has its body held); REFUSED,
+        # ADMITTED or AT_HEAD
         self.admits = admits
         # how each of its requests starts: other bytes are aiohttp's as soon as they come
         self.request_lines = tuple(b"POST " + path + b" HTTP/1.1\r\n" for path in routes)
@@ -226,24 +276,30 @@ class Lane:
 # rate or concurrency at the head): the serving path answers 401 for the key, else 429
 # whatever its own rate check finds.
 BODY_DROPPED = "synapse.lane.body_dropped"
+# What Lane.admits answers of a head whose body is still to come.
+REFUSED = 0         # answered at once, the body dropped
+ADMITTED = 1        # the body awaited, then the request handed over whole
+AT_HEAD = 2         # handed over at once, the handler awaiting the body (_Arriving)
 
 
-def _admits(app: web.Application) -> Callable[[CIMultiDictProxy[str]], bool]:
+def _admits(app: web.Application) -> Callable[[CIMultiDictProxy[str]], int]:
     """Whether a head's ``Authorization`` passes the app's authentication (the check
     ``serving.admit`` makes first) by a tenant not over its request rate or concurrency
     (the check it makes next, ``ratelimit.RateLimiter.peek``): the body of any other is
-    dropped."""
+    dropped. AT_HEAD for a tenant whose limits only the shared store can tell."""
     services = app.get(context.SERVICES)
     if services is None:
-        return lambda _: True
+        return lambda _: ADMITTED
     tenants, limiter = services.tenants, services.limiter
 
-    def admits(headers: CIMultiDictProxy[str]) -> bool:
+    def admits(headers: CIMultiDictProxy[str]) -> int:
         try:
             tenant = tenants.authenticate(headers.get("Authorization"))
         except errors.SynapseError:
-            return False
-        return limiter.peek(tenant).allowed
+            return REFUSED
+        if not limiter.peek(tenant).allowed:
+            return REFUSED
+        return AT_HEAD if limiter.at_store(tenant) else ADMITTED
     return admits
 
 
@@ -296,6 +352,7 @@ class Connection(base_protocol.BaseProtocol):
         self._buf = bytearray()
         self._since = loop.time()       # when the current wait (idle, head, body) began
         self._waiting_body: tuple[Route, CIMultiDictProxy[str], int, bool] | None = None
+        self._arriving: _Arriving | None = None     # handed over, its body still to come
         self._task: asyncio.Task[None] | None = None
         self._closing = False           # close once the request in flight is answered
         self._paused_for_pipeline = False
@@ -335,6 +392,8 @@ class Connection(base_protocol.BaseProtocol):
         self._buf += data
         if self._task is None:
             self._next()
+        elif self._arriving is not None:
+            self._take_body()
         elif len(self._buf) > PIPELINE_BYTES and not self._paused_for_pipeline:
             self._paused_for_pipeline = True
             self._pause_transport_reading()
@@ -379,14 +438,21 @@ class Connection(base_protocol.BaseProtocol):
         del buf[:head_len]
         headers = CIMultiDictProxy(head.headers)
         size = int(length)
-        if (size > len(buf) or head.expects) and not self._lane.admits(headers):
-            self._refuse(route, headers, size,
-                         parser.should_keep_alive() and not head.expects)
-            return
+        admitted = ADMITTED
+        if size > len(buf) or head.expects:
+            admitted = self._lane.admits(headers)
+            if admitted == REFUSED:
+                self._refuse(route, headers, size,
+                             parser.should_keep_alive() and not head.expects)
+                return
         if head.expects:
             self.transport.write(_CONTINUE)
         self._waiting_body = (route, headers, size, parser.should_keep_alive())
         self._since = self.loop.time()          # body_timeout_s from the head
+        if admitted == AT_HEAD and size > len(buf):
+            request = self._arriving = _Arriving(self, route, headers, size,
+                                                 parser.should_keep_alive())
+            self._task = self.loop.create_task(self._serve(route, request))
         self._take_body()
 
     def _refuse(self, route: Route, headers: CIMultiDictProxy[str], size: int,
@@ -411,6 +477,11 @@ class Connection(base_protocol.BaseProtocol):
         body = bytes(self._buf[:length])
         del self._buf[:length]
         self._waiting_body = None
+        arriving = self._arriving
+        if arriving is not None:
+            self._arriving = None
+            arriving.arrived(body)
+            return
         request = LaneRequest(self, route, headers, body, keep_alive)
         self._task = self.loop.create_task(self._serve(route, request))
 
@@ -441,6 +512,14 @@ class Connection(base_protocol.BaseProtocol):
             self._finished(keep)
 
     def _finished(self, keep: bool) -> None:
+        if self._arriving is not None:      # answered before its body was in: drop it
+            self._arriving = None
+            assert self._waiting_body is not None
+            length = self._waiting_body[2]
+            self._waiting_body = None
+            have = min(length, len(self._buf))
+            del self._buf[:have]
+            self._discard = length - have
         self._task = None
         if self._done is not None and not self._done.done():
             self._done.set_result(None)

@@ -221,6 +221,12 @@ class RateLimiter:
             return self._local.peek(tenant.name, limits)
         return self._local.refusal(tenant.name)
 
+    def at_store(self, tenant: tenants.Tenant) -> bool:
+        """Whether :meth:`acquire` asks a shared store for ``tenant`` (one is configured
+        and the tenant has a limit): what :meth:`peek` cannot tell of it (a concurrency
+        slot, a refusal the store gave another replica) only that call finds out."""
+        return self._shared is not None and not Limits.of(tenant).unlimited
+
     @staticmethod
     def refusal(tenant: tenants.Tenant, verdict: Verdict) -> errors.RateLimited:
         """The 429 of a refused ``verdict``, naming the limit."""

@@ -280,7 +280,20 @@ async def test_the_apps_response_hooks_still_run_on_lane_answers() -> None:
 async def test_a_body_that_does_not_arrive_in_time_is_a_408_the_app_answers() -> None:
     """The app's middleware answers it, as on aiohttp's path: a request id the client can
     quote, and the request counted under its route."""
-    s = t.settings(upstreams=[], http={"body_timeout_s": 1.0})
+    await _late_body_is_a_408(t.settings(upstreams=[], http={"body_timeout_s": 1.0}))
+
+
+async def test_a_late_body_is_a_408_when_the_handler_awaits_it_from_the_head(
+        redis_server: harness.RedisServer) -> None:
+    """A tenant whose limits are in Redis: the request goes to the handler at its head,
+    which awaits the body; the same 408, closed after, counted."""
+    await _late_body_is_a_408(t.settings(
+        upstreams=[], http={"body_timeout_s": 1.0},
+        redis={"url": redis_server.url, "timeout_s": 1.0},
+        auth={"tenants": [{"name": "a", "keys": [t.KEY_A], "max_concurrent": 4}]}))
+
+
+async def _late_body_is_a_408(s: config.ControlPlaneSettings) -> None:
     async with serving(s) as (port, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(chat()[:-5])       # the body's last bytes never come

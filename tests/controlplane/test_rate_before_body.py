@@ -264,3 +264,58 @@ async def test_clients_still_sending_a_large_body_see_their_429() -> None:
         with pytest.raises(openai.RateLimitError):      # httpx's way (it reads after)
             await cp.client(t.KEY_A).chat.completions.create(
                 model="llama", messages=[{"role": "user", "content": " " * BIG}])
+
+
+def _one_at_a_time(url: str, redis_url: str) -> Any:
+    """Tenant ``a`` allowed one request in flight, counted in Redis (a pod's workers or a
+    fleet's replicas share the count)."""
+    return t.settings(upstreams=[t.upstream("one", url)], http={"body_timeout_s": 30},
+                      redis={"url": redis_url, "timeout_s": 1.0},
+                      auth={"tenants": [{"name": "a", "keys": [t.KEY_A], "max_concurrent": 1},
+                                        {"name": "b", "keys": [t.KEY_B]}]})
+
+
+async def test_a_shared_concurrency_refusal_comes_at_the_head(
+        redis_server: harness.RedisServer) -> None:
+    """With Redis, the tenant's one slot taken (here by another replica: this one has no
+    trace of it): a head whose body is still to come gets its 429 naming the limit without
+    sending the body (before, the lane waited for the body, here until its 408)."""
+    async with t.backends(("one", "hang")) as (b,):
+        s = _one_at_a_time(b.url, redis_server.url)
+        async with t.running(s) as other, t.running(s) as cp:
+            busy = asyncio.create_task(other.client(t.KEY_A).chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "hi"}]))
+            try:
+                await harness.until(lambda: bool(b.bodies), 10, "the first request at the backend")
+                answer = await _head_only(cp.url, t.KEY_A, "Content-Length: 60000")
+                assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+                assert b"concurrent requests" in answer
+            finally:
+                busy.cancel()
+                await asyncio.gather(busy, return_exceptions=True)
+
+
+async def test_a_body_after_its_head_is_served_with_a_shared_store(
+        redis_server: harness.RedisServer) -> None:
+    """With Redis, a request handed to the app at its head is served once its body comes,
+    in pieces, and the connection goes on to the next request; its slot is released."""
+    async with t.backends(("one", "ok")) as (b,):
+        async with t.running(_one_at_a_time(b.url, redis_server.url)) as cp:
+            host, port = cp.url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                for i in range(2):
+                    body = json.dumps({"model": "llama", "messages": [
+                        {"role": "user", "content": f"piece {i} " + "x" * 20_000}]}).encode()
+                    writer.write(_chat_head(cp.url, t.KEY_A, len(body)))
+                    await writer.drain()
+                    for at in range(0, len(body), 5000):
+                        await asyncio.sleep(0.02)
+                        writer.write(body[at:at + 5000])
+                        await writer.drain()
+                    head, _ = await _answer(reader)
+                    assert head.startswith(b"HTTP/1.1 200"), head
+            finally:
+                writer.close()
+            assert [json.loads(got)["messages"][0]["content"][:7] for got in b.bodies] == [
+                "piece 0", "piece 1"]
