@@ -106,11 +106,7 @@ async def _read(request: web.Request, parse: Parse, turns: tuple[str, ...],
     h = svc.settings.http
     started = time.perf_counter()
     try:
-        body = validation.parse_json(raw, h.max_json_depth, h.max_messages, h.max_n,
-                                     h.max_structured_output_bytes, h.max_sequences,
-                                     h.request_chat_templates, h.max_tool_schema_bytes,
-                                     h.request_media_kwargs, turns,
-                                     max_containers=h.max_json_containers)
+        body = validation.parse_json(raw, svc.body_limits, turns)
         call = parse(body)
         validation.bound_sequences(call.sequences, 1, h.max_pooling_inputs, call.fields[0],
                                    "inputs", "http.max_pooling_inputs")

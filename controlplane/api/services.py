@@ -38,6 +38,7 @@ from controlplane.core import (
     tenant_lru,
     types,
     upstream_kinds,
+    validation,
 )
 from controlplane.core import fairness as fairness_mod
 from controlplane.core import fleet as fleet_mod
@@ -76,6 +77,7 @@ class Services:
     upstream: upstream.UpstreamClient
     dispatcher: dispatch.Dispatcher
     fleet: fleet_mod.FleetService   # operator intent and the reconcile loop (Admin service)
+    body_limits: validation.BodyLimits  # the http.* bounds of every parsed body: body_limits()
     metrics_token_sha256: bytes | None = None   # /metrics needs this bearer token
     salt_key: bytes = dataclasses.field(default=b"", repr=False)   # cache_salt.key_for
     # False in a pod's serving worker (controlplane.workers): what the pod says once (the
@@ -182,6 +184,13 @@ def tenant_count(table: tenants_mod.TenantTable) -> int:
     return max(1, len(table.tenants())) if table.enabled else 1
 
 
+def body_limits(http: config.HttpSettings) -> validation.BodyLimits:
+    """The bounds every request body is parsed under (``validation.parse_json``): each
+    field the ``http`` setting of its name, so a bound cannot be missed or crossed here."""
+    return validation.BodyLimits(**{field.name: getattr(http, field.name)
+                                    for field in dataclasses.fields(validation.BodyLimits)})
+
+
 def metrics_token(settings: config.MetricsSettings) -> bytes | None:
     """The sha256 of the token in ``metrics.bearer_token_file`` (a ValueError naming the
     field when it cannot be read or is empty)."""
@@ -267,4 +276,5 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
                                                         clock=clock),
         metrics_token_sha256=metrics_token(settings.metrics),
         salt_key=cache_salt.key_for(settings.auth.agent_token_value), primary=commands_agents,
-        fleet=fleet_wiring.build(settings, reg, led, m, pushes=commands_agents))
+        fleet=fleet_wiring.build(settings, reg, led, m, pushes=commands_agents),
+        body_limits=body_limits(h))

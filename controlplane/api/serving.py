@@ -94,11 +94,7 @@ async def admit(request: web.Request, parse: Any,
         h = svc.settings.http
         started = time.perf_counter()
         try:
-            parsed: validation.Parsed = parse(validation.parse_json(
-                raw, h.max_json_depth, h.max_messages, h.max_n,
-                h.max_structured_output_bytes, h.max_sequences, h.request_chat_templates,
-                h.max_tool_schema_bytes, h.request_media_kwargs,
-                max_containers=h.max_json_containers))
+            parsed: validation.Parsed = parse(validation.parse_json(raw, svc.body_limits))
             # what an engine would fetch (core.media_urls): chat's messages, and those an
             # embeddings body may carry beside its input (vLLM's embeddings take messages)
             media_urls.check_chat(parsed.body.get("messages"), h.media_urls)

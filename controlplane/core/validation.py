@@ -179,34 +179,46 @@ _EMPTY: Mapping[str, Any] = {}
 _Wanted = Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
 
 
-def parse_json(raw: bytes, max_depth: int = json_body.MAX_DEPTH,
-               max_messages: int = MAX_MESSAGES, max_n: int = MAX_N,
-               max_structured_output_bytes: int = MAX_STRUCTURED_OUTPUT_BYTES,
-               max_sequences: int = MAX_SEQUENCES, request_chat_templates: bool = False,
-               max_tool_schema_bytes: int = MAX_TOOL_SCHEMA_BYTES,
-               request_media_kwargs: bool = False,
-               turns: tuple[str, ...] = TURNS,
-               max_containers: int = json_body.MAX_CONTAINERS) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True, slots=True)
+class BodyLimits:
+    """The bounds :func:`parse_json` holds a body to: each field is the ``http`` setting
+    of its name (``services.build`` makes one from the config, once; every request passes
+    that one), and its default is the setting's."""
+    max_json_depth: int = json_body.MAX_DEPTH
+    max_json_containers: int = json_body.MAX_CONTAINERS
+    max_messages: int = MAX_MESSAGES
+    max_n: int = MAX_N
+    max_structured_output_bytes: int = MAX_STRUCTURED_OUTPUT_BYTES
+    max_sequences: int = MAX_SEQUENCES
+    max_tool_schema_bytes: int = MAX_TOOL_SCHEMA_BYTES
+    request_chat_templates: bool = False
+    request_media_kwargs: bool = False
+
+
+DEFAULT_LIMITS = BodyLimits()
+
+
+def parse_json(raw: bytes, limits: BodyLimits = DEFAULT_LIMITS,
+               turns: tuple[str, ...] = TURNS) -> dict[str, Any]:
     """The body as a JSON object; 400 when it is not one, nests deeper than
-    ``max_depth``, holds more than ``max_containers`` arrays and objects
-    (:func:`json_body.load`) or has an array of turns (``turns``: the fields that hold
-    the path's conversation, ``messages`` by default, Responses' ``input`` too) of more
-    than ``max_messages`` items (each turn costs the validation, the cache key, the tokenizer
-    and the template a walk: a body of many tiny turns would cost far more CPU per byte
-    than its size says), or is over one of the engine bounds (:func:`engine_bounds`)."""
-    body = json_body.load(raw, max_depth, max_containers)
+    ``limits.max_json_depth``, holds more than ``limits.max_json_containers`` arrays and
+    objects (:func:`json_body.load`) or has an array of turns (``turns``: the fields that
+    hold the path's conversation, ``messages`` by default, Responses' ``input`` too) of
+    more than ``limits.max_messages`` items (each turn costs the validation, the cache
+    key, the tokenizer and the template a walk: a body of many tiny turns would cost far
+    more CPU per byte than its size says), or is over one of the engine bounds
+    (:func:`engine_bounds`)."""
+    body = json_body.load(raw, limits.max_json_depth, limits.max_json_containers)
     for field in turns:
         items = body.get(field)
-        if type(items) is list and len(items) > max_messages:
+        if type(items) is list and len(items) > limits.max_messages:
             raise errors.BadRequest(
                 f"{field}: array too long: {len(items)} {TURN_NAMES.get(field, 'items')}; "
-                f"at most {max_messages} (http.max_messages)", param=field,
+                f"at most {limits.max_messages} (http.max_messages)", param=field,
                 code="array_above_max_length")
     batch = prompt_batch(body.get("prompt"))
     if batch > 1 or not _BOUNDED.isdisjoint(body):
-        engine_bounds(body, max_n, max_structured_output_bytes, max_sequences,
-                      batch + embeds_batch(body.get("prompt_embeds")),
-                      request_chat_templates, max_tool_schema_bytes, request_media_kwargs)
+        engine_bounds(body, limits, batch + embeds_batch(body.get("prompt_embeds")))
     return body
 
 
@@ -224,21 +236,19 @@ def embeds_batch(embeds: Any) -> int:
     return len(embeds) if type(embeds) is list else 1
 
 
-def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int,
-                  max_sequences: int = MAX_SEQUENCES, batch: int = 1,
-                  request_chat_templates: bool = False,
-                  max_tool_schema_bytes: int = MAX_TOOL_SCHEMA_BYTES,
-                  request_media_kwargs: bool = False) -> None:
-    """400 naming the field when ``n`` or ``best_of`` is over ``max_n``, the sequences
-    (``batch`` prompts x ``n``) over ``max_sequences``, a structured-output constraint or
-    the tool schemas the engine compiles (:func:`_compiled_tools`) over
-    ``max_constraint_bytes`` and ``max_tool_schema_bytes`` of JSON, the body carries its
-    own chat template while ``request_chat_templates`` is off, cache transfer parameters
-    (:func:`_no_transfer_params`), multimodal processing overrides while
+def engine_bounds(body: Mapping[str, Any], limits: BodyLimits, batch: int = 1) -> None:
+    """400 naming the field when ``n`` or ``best_of`` is over ``limits.max_n``, the
+    sequences (``batch`` prompts x ``n``) over ``max_sequences``, a structured-output
+    constraint or the tool schemas the engine compiles (:func:`_compiled_tools`) over
+    ``max_structured_output_bytes`` and ``max_tool_schema_bytes`` of JSON, the body
+    carries its own chat template while ``request_chat_templates`` is off, cache transfer
+    parameters (:func:`_no_transfer_params`), multimodal processing overrides while
     ``request_media_kwargs`` is off, a background response (:func:`_no_background`) or
     an engine queue priority (:func:`_no_engine_priority`). Values of the wrong type are
     left to the fields' own checks (and to the engine)."""
-    choices = _choices(body, max_n)
+    choices = _choices(body, limits.max_n)
+    max_sequences = limits.max_sequences
+    max_constraint_bytes = limits.max_structured_output_bytes
     if "prompt_embeds" in body:
         bound_sequences(batch, choices, max_sequences, "prompt_embeds",
                         "prompts and embeddings")
@@ -256,11 +266,11 @@ def engine_bounds(body: Mapping[str, Any], max_n: int, max_constraint_bytes: int
         _constraint("output_config.format", output["format"], max_constraint_bytes)
     tools = body.get("tools")
     if type(tools) is list and tools:
-        _compiled_tools(tools, body.get("tool_choice"), max_tool_schema_bytes)
-    if not request_chat_templates:
+        _compiled_tools(tools, body.get("tool_choice"), limits.max_tool_schema_bytes)
+    if not limits.request_chat_templates:
         _no_chat_template(body)
     _no_transfer_params(body)
-    if not request_media_kwargs:
+    if not limits.request_media_kwargs:
         _no_media_kwargs(body)
     _no_background(body)
     _no_engine_priority(body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -29,6 +30,16 @@ def test_tenants_come_from_hashes_secrets_and_the_key_file(tmp_path: pathlib.Pat
         table.authenticate_admin("Bearer sk-secret-123")
     table.authenticate_admin(f"Bearer {t.ADMIN}")
     assert "sk-secret-123" not in repr(s)
+
+
+def test_every_bound_of_a_parsed_body_is_the_http_setting_of_its_name() -> None:
+    """The bounds every request body is parsed under are built once, from the config: none
+    is left at its default when its setting says otherwise."""
+    http = {"max_json_depth": 9, "max_json_containers": 300, "max_messages": 3, "max_n": 2,
+            "max_structured_output_bytes": 300, "max_sequences": 5,
+            "max_tool_schema_bytes": 301, "request_chat_templates": True,
+            "request_media_kwargs": True}
+    assert dataclasses.asdict(services.build(t.settings(http=http)).body_limits) == http
 
 
 def test_a_bad_key_file_names_the_setting(tmp_path: pathlib.Path) -> None:

@@ -21,11 +21,12 @@ def test_responses_input_items_are_bounded_like_messages() -> None:
     def body(n: int) -> bytes:
         return json.dumps({"model": "m", "input": [TURN] * n}).encode()
     turns = validation.RESPONSES_TURNS
-    assert len(validation.parse_json(body(4), max_messages=4, turns=turns)["input"]) == 4
+    four = validation.BodyLimits(max_messages=4)
+    assert len(validation.parse_json(body(4), four, turns=turns)["input"]) == 4
     with pytest.raises(errors.BadRequest,
                        match=r"^input: array too long: 5 input items; at most 4 "
                              r"\(http\.max_messages\)") as info:
-        validation.parse_json(body(5), max_messages=4, turns=turns)
+        validation.parse_json(body(5), four, turns=turns)
     assert info.value.param == "input" and info.value.code == "array_above_max_length"
     with pytest.raises(errors.BadRequest, match=r"^input: array too long: 2049"):
         validation.parse_json(body(2049), turns=turns)     # OpenAI's limit by default
@@ -34,7 +35,7 @@ def test_responses_input_items_are_bounded_like_messages() -> None:
 def test_an_embeddings_input_is_not_a_list_of_turns() -> None:
     # one prompt of token ids (or a batch, bounded by http.max_pooling_inputs)
     body = json.dumps({"model": "m", "input": list(range(3000))}).encode()
-    assert len(validation.parse_json(body, max_messages=4)["input"]) == 3000
+    assert len(validation.parse_json(body, validation.BodyLimits(max_messages=4))["input"]) == 3000
 
 
 @pytest.mark.parametrize("path, field", [

@@ -20,19 +20,20 @@ def nested(depth: int) -> bytes:
 
 
 def test_nesting_up_to_the_limit_passes_and_one_more_level_is_a_400() -> None:
-    assert validation.parse_json(nested(8), max_depth=8)["model"] == "m"
+    assert validation.parse_json(nested(8), validation.BodyLimits(max_json_depth=8))["model"] == "m"
     with pytest.raises(errors.BadRequest, match=r"deeper than 8 levels \(http\.max_json_depth\)"):
-        validation.parse_json(nested(9), max_depth=8)
+        validation.parse_json(nested(9), validation.BodyLimits(max_json_depth=8))
 
 
 def test_more_messages_than_the_limit_is_a_400_naming_the_field() -> None:
     def body(n: int) -> bytes:
         return json.dumps({"model": "m",
                            "messages": [{"role": "user", "content": "x"}] * n}).encode()
-    assert len(validation.parse_json(body(4), max_messages=4)["messages"]) == 4
+    assert len(validation.parse_json(body(4),
+                                     validation.BodyLimits(max_messages=4))["messages"]) == 4
     with pytest.raises(errors.BadRequest, match=r"5 messages; at most 4 \(http\.max_messages\)"
                        ) as info:
-        validation.parse_json(body(5), max_messages=4)
+        validation.parse_json(body(5), validation.BodyLimits(max_messages=4))
     assert info.value.param == "messages" and info.value.code == "array_above_max_length"
     # the default is OpenAI's own limit
     assert len(validation.parse_json(body(2048))["messages"]) == 2048
@@ -74,8 +75,8 @@ def test_more_choices_than_the_limit_is_a_400_naming_the_field(name: str) -> Non
         validation.parse_json(chat_body(**{name: 64}))
     assert info.value.param == name
     with pytest.raises(errors.BadRequest):
-        validation.parse_json(chat_body(**{name: 3.0}), max_n=2)
-    assert validation.parse_json(chat_body(**{name: 3}), max_n=3)[name] == 3
+        validation.parse_json(chat_body(**{name: 3.0}), validation.BodyLimits(max_n=2))
+    assert validation.parse_json(chat_body(**{name: 3}), validation.BodyLimits(max_n=3))[name] == 3
 
 
 def test_a_request_generates_n_sequences_per_prompt() -> None:
@@ -127,7 +128,8 @@ def test_an_oversized_structured_output_constraint_is_a_400_naming_it(
                        ) as info:
         validation.parse_json(chat_body(**fields))
     assert info.value.param == param and info.value.code == "constraint_too_large"
-    assert validation.parse_json(chat_body(**fields), max_structured_output_bytes=10**6)
+    assert validation.parse_json(chat_body(**fields),
+                                 validation.BodyLimits(max_structured_output_bytes=10**6))
 
 
 def test_a_realistic_json_schema_passes() -> None:
@@ -151,19 +153,24 @@ def test_a_batch_of_more_sequences_than_the_limit_is_a_400_naming_the_prompt() -
         validation.parse_json(completions_body(prompt=["a"] * 10_000))
     assert info.value.param == "prompt" and "10000 prompts = 10000 sequences" in info.value.message
     with pytest.raises(errors.BadRequest, match=r"40 sequences") as info:
-        validation.parse_json(completions_body(prompt=["a"] * 10, n=4), max_sequences=32)
+        validation.parse_json(completions_body(prompt=["a"] * 10, n=4),
+                              validation.BodyLimits(max_sequences=32))
     assert info.value.param == "prompt"
     assert validation.parse_json(completions_body(prompt=["a"] * 10, best_of=4),
-                                 max_sequences=32)      # best_of is not run
-    assert validation.parse_json(completions_body(prompt=["a"] * 8, n=4), max_sequences=32)
+                                 validation.BodyLimits(max_sequences=32))      # best_of is not run
+    assert validation.parse_json(completions_body(prompt=["a"] * 8, n=4),
+                                 validation.BodyLimits(max_sequences=32))
     with pytest.raises(errors.BadRequest, match=r"http\.max_sequences") as info:
-        validation.parse_json(completions_body(prompt_embeds=["e"] * 40), max_sequences=32)
+        validation.parse_json(completions_body(prompt_embeds=["e"] * 40),
+                              validation.BodyLimits(max_sequences=32))
     assert info.value.param == "prompt_embeds" and "41 prompts and embeddings" in str(
         info.value.message)
     # one prompt of many token ids is one sequence
-    assert validation.parse_json(completions_body(prompt=list(range(5000))), max_sequences=1)
+    assert validation.parse_json(completions_body(prompt=list(range(5000))),
+                                 validation.BodyLimits(max_sequences=1))
     with pytest.raises(errors.BadRequest, match=r"http\.max_sequences") as info:
-        validation.parse_json(chat_body(n=8), max_sequences=4)  # n alone, under max_n
+        validation.parse_json(chat_body(n=8),
+                              validation.BodyLimits(max_sequences=4))  # n alone, under max_n
     assert info.value.param == "n"
 
 
@@ -197,9 +204,11 @@ def test_tool_schemas_a_forced_tool_choice_compiles_are_bounded_as_constraints(
     response_format, which was refused (probe 69)."""
     with pytest.raises(errors.BadRequest, match=r"\(http\.max_tool_schema_bytes\)"
                        ) as info:
-        validation.parse_json(chat_body(**fields), max_tool_schema_bytes=16 * 1024)
+        validation.parse_json(chat_body(**fields),
+                              validation.BodyLimits(max_tool_schema_bytes=16 * 1024))
     assert info.value.param == "tools" and info.value.code == "constraint_too_large"
-    assert validation.parse_json(chat_body(**fields), max_tool_schema_bytes=10**6)
+    assert validation.parse_json(chat_body(**fields),
+                                 validation.BodyLimits(max_tool_schema_bytes=10**6))
 
 
 def responses_tool(name: str, schema: object, **extra: object) -> dict[str, object]:
@@ -245,9 +254,11 @@ def test_no_reading_of_the_tools_compiles_more_than_was_measured(
     """Each of these passed the bound while vLLM compiled the huge schema (probe 77)."""
     with pytest.raises(errors.BadRequest, match=r"\(http\.max_(tool_schema|structured_output)"
                                                 r"_bytes\)"):
-        validation.parse_json(chat_body(**fields), max_tool_schema_bytes=16 * 1024)
-    assert validation.parse_json(chat_body(**fields), max_structured_output_bytes=10**6,
-                                 max_tool_schema_bytes=10**6)
+        validation.parse_json(chat_body(**fields),
+                              validation.BodyLimits(max_tool_schema_bytes=16 * 1024))
+    assert validation.parse_json(chat_body(**fields),
+                                 validation.BodyLimits(max_structured_output_bytes=10**6,
+                                                       max_tool_schema_bytes=10**6))
 
 
 def test_an_agents_ordinary_strict_tool_set_passes_and_none_compiles_nothing() -> None:
@@ -272,19 +283,20 @@ def test_an_agents_ordinary_strict_tool_set_passes_and_none_compiles_nothing() -
     huge = [chat_tool("big", HUGE_SCHEMA) | {"function": {
         "name": "big", "parameters": HUGE_SCHEMA, "strict": True}}]
     assert validation.parse_json(chat_body(tools=huge, tool_choice="none"),
-                                 max_tool_schema_bytes=1024)
+                                 validation.BodyLimits(max_tool_schema_bytes=1024))
     # a hosted tool's choice forces no function schema (review finding)
     assert validation.parse_json(chat_body(tools=[chat_tool("big", HUGE_SCHEMA)],
                                            tool_choice={"type": "file_search"}),
-                                 max_tool_schema_bytes=1024)
+                                 validation.BodyLimits(max_tool_schema_bytes=1024))
     allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
         {"type": "function", "function": {"name": "big"}}]}}
     assert validation.parse_json(chat_body(tools=[chat_tool("big", HUGE_SCHEMA)],
-                                           tool_choice=allowed), max_tool_schema_bytes=1024)
+                                           tool_choice=allowed),
+                                 validation.BodyLimits(max_tool_schema_bytes=1024))
     with pytest.raises(errors.BadRequest, match=r"http\.max_tool_schema_bytes"):
         validation.parse_json(chat_body(tools=[chat_tool("big", HUGE_SCHEMA)], tool_choice={
             **allowed, "allowed_tools": {**allowed["allowed_tools"], "mode": "required"}}),
-            max_tool_schema_bytes=1024)
+            validation.BodyLimits(max_tool_schema_bytes=1024))
 
 
 @pytest.mark.parametrize("choice", [None, "auto", "none", {"type": "auto"},
@@ -313,7 +325,8 @@ def test_a_requests_own_chat_template_is_a_400_unless_let_through(
     with pytest.raises(errors.BadRequest, match=r"--trust-request-chat-template") as info:
         validation.parse_json(chat_body(**fields))
     assert info.value.param == param and "http.request_chat_templates" in info.value.message
-    assert validation.parse_json(chat_body(**fields), request_chat_templates=True)
+    assert validation.parse_json(chat_body(**fields),
+                                 validation.BodyLimits(request_chat_templates=True))
     # other template arguments are the model's business
     kwargs = {"chat_template_kwargs": {"enable_thinking": False}}
     assert validation.parse_json(chat_body(**kwargs))["chat_template_kwargs"] == {
@@ -381,8 +394,9 @@ def test_cache_transfer_parameters_are_a_400_naming_the_field(
     at an address of its choosing or at another request's blocks. No setting lets them
     through."""
     with pytest.raises(errors.BadRequest, match=r"transfer") as info:
-        validation.parse_json(body(**fields), request_media_kwargs=True,
-                              request_chat_templates=True)
+        validation.parse_json(body(**fields),
+                              validation.BodyLimits(request_media_kwargs=True,
+                                                    request_chat_templates=True))
     assert info.value.param == param and info.value.code == "invalid_value"
     # other extension arguments are the engine's business, and empty ones name nothing
     assert validation.parse_json(body(vllm_xargs={"my_plugin": 1}))
@@ -403,7 +417,8 @@ def test_per_request_media_processing_overrides_are_a_400_unless_let_through(
     with pytest.raises(errors.BadRequest, match=r"\(?http\.request_media_kwargs") as info:
         validation.parse_json(body(**{name: value}))
     assert info.value.param == name and info.value.code == "invalid_value"
-    assert validation.parse_json(body(**{name: value}), request_media_kwargs=True)[name] == value
+    assert validation.parse_json(body(**{name: value}),
+                                 validation.BodyLimits(request_media_kwargs=True))[name] == value
 
 
 
