@@ -9,21 +9,11 @@ from __future__ import annotations
 import pytest
 
 from controlplane.core import cache_port, cache_rules
-
-
-def _counting(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
-    calls = [0]
-    real = getattr(module, name)
-
-    def counted(*args: object, **kwargs: object) -> object:
-        calls[0] += 1
-        return real(*args, **kwargs)
-    monkeypatch.setattr(module, name, counted)
-    return calls
+from tests import call_counts
 
 
 def test_the_cache_key_takes_no_call_per_plain_value(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _counting(monkeypatch, cache_rules, "_normalise")
+    calls = call_counts.counting(monkeypatch, cache_rules, "_normalise")
     body = {"model": "m", "temperature": 0.0, "prompt_ids": list(range(50_000)),
             "scores": [0.5, 1.0, 2] * 10_000, "objs": [{"a": 1, "b": "x"}] * 1000,
             "messages": [{"role": "user", "content": "hi"}]}

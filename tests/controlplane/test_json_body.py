@@ -12,22 +12,12 @@ import pytest
 
 from controlplane import errors
 from controlplane.core import json_body
-
-
-def _counting(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
-    calls = [0]
-    real = getattr(module, name)
-
-    def counted(*args: object, **kwargs: object) -> object:
-        calls[0] += 1
-        return real(*args, **kwargs)
-    monkeypatch.setattr(module, name, counted)
-    return calls
+from tests import call_counts
 
 
 def test_a_body_of_more_containers_than_the_limit_is_refused_before_parsing(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    loads = _counting(monkeypatch, json_body.orjson, "loads")
+    loads = call_counts.counting(monkeypatch, json_body.orjson, "loads")
     raw = ('{"model": "m", "x": [' + ",".join(['{"a":1}'] * 9000) + "]}").encode()
     with pytest.raises(errors.BadRequest, match=r"9002 arrays and objects; at most 8000 "
                        r"\(http\.max_json_containers\)") as info:
@@ -40,7 +30,7 @@ def test_a_body_of_more_containers_than_the_limit_is_refused_before_parsing(
 def test_a_limit_below_the_walk_threshold_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     """http.max_json_containers goes down to 256: a small body over a small limit is
     refused before parsing too, not only one of thousands of brackets."""
-    loads = _counting(monkeypatch, json_body.orjson, "loads")
+    loads = call_counts.counting(monkeypatch, json_body.orjson, "loads")
     raw = ('{"model": "m", "x": [' + ",".join(["[]"] * 300) + "]}").encode()
     with pytest.raises(errors.BadRequest, match=r"302 arrays and objects; at most 256 "):
         json_body.load(raw, max_containers=256)
@@ -65,7 +55,7 @@ def _x(*items: str) -> bytes:
 
 def test_many_brackets_are_measured_for_depth_without_walking_the_body(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    walks = _counting(monkeypatch, json_body, "_within_depth")
+    walks = call_counts.counting(monkeypatch, json_body, "_within_depth")
     many = ",".join([_levels(6)] * 2000)    # the body, "x" and 6 levels: 8 in all
     assert json_body.load(_x("[" + many + "]"), max_depth=8)
     with pytest.raises(errors.BadRequest, match=r"deeper than 8 levels"):
