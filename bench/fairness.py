@@ -27,9 +27,28 @@ Phases (each on fresh texts, the engines idle before each):
    requests waited for all their seats. With ``--noisy-n N`` each noisy request asks for
    ``n: N`` (N seats; the flood's rate is divided by N to stay ``--flood`` times the
    capacity), which is where the two rules differ.
+5. (``--phases …,pod``) one queue for a pod's workers: flood + quiet, queue on, both
+   tenants in the same class (``interactive``: the fair-queuing order between the tenants
+   of a class is what a pod's workers share, :mod:`controlplane.core.shared_routing`),
+   side by side on two more control planes that differ only in ``http.workers``: 1, then
+   ``--pod-workers`` (2) (and the pod's log level: its workers say at info when they
+   serve). Both get ``redis.url`` (a ``redis-server`` this bench starts on a free port in
+   its temporary directory, a database each), which a pod of workers needs. The client's
+   connections spread over the workers as the kernel hands them out; both configurations
+   get the same arrivals from each tenant. With ``--noisy-n N`` every noisy request needs
+   N seats at once, which is where workers that ordered their own queues alone starved
+   the quiet tenant. For the quiet tenant each row gives its requests completed (whole
+   answers, all the phase), TTFT p50/p90 and errors: the pod's beside the one process's.
+   Run it alone (the other phases' control planes are then not started) on engines of as
+   many seats as ``--noisy-n``, so that each noisy request needs every seat of one, and
+   with short quiet prompts, so that the quiet tenant's own load fits in its share of so
+   small a fleet: ``python bench/fairness.py --phases pod --noisy-n 4 --max-num-seqs 4
+   --quiet-prompt 100 --seconds 20``. With the default 256 seats an ``n: 4`` request is a
+   small part of an engine and the order of the workers' queues hardly shows.
 
 Printed: the quiet tenant's TTFT p50/p90 (simulated seconds: measured / time scale) in
-each phase, what became of the noisy requests, and the fleet's throughput over the
+each phase, its TTFTs counted after the warm-up ("quiet") and requests completed in the
+whole phase ("done"), what became of the noisy requests, and the fleet's throughput over the
 flood phases' measurement window: tokens processed, prompt and generation (the engines'
 own ``vllm:prompt_tokens`` and ``vllm:generation_tokens`` counters, so partly generated
 answers count; generation alone beside it: a quiet request's long prefill is work the
@@ -46,7 +65,11 @@ Figures come from the simulator only (no real engine here).
 Run from anywhere: ``python bench/fairness.py [--time-scale 2] [--seconds 30]`` (or
 ``python -m bench.fairness`` from the repository). Last line:
 ``{"bench": "fairness", "quiet_p90_alone_s": …, "quiet_p90_flood_queue_off_s": …,
-"quiet_p90_flood_queue_on_s": …, "throughput_ratio_on_vs_off": …}``.
+"quiet_p90_flood_queue_on_s": …, "throughput_ratio_on_vs_off": …}``; with the pod phase
+also, per configuration (``1_worker``, ``2_workers``): ``quiet_sent_same_class_…``,
+``quiet_completed_same_class_…``, ``quiet_p50_same_class_…_s``,
+``quiet_p90_same_class_…_s``, ``quiet_errors_same_class_…``, ``noisy_ok_same_class_…``
+(NaN or 0 for phases not run).
 """
 
 from __future__ import annotations
@@ -60,6 +83,7 @@ import pathlib
 import random
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,7 +98,7 @@ if str(REPO) not in sys.path:       # run as a file from anywhere: bench/ import
     sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from bench.gateway import Tree  # noqa: E402
+from bench.gateway import Tree, start_redis  # noqa: E402
 from bench.routing import text  # noqa: E402
 from bench.scrape import metrics_page  # noqa: E402
 from simulator import profiles  # noqa: E402
@@ -95,6 +119,7 @@ class Phase:
     quiet_errors: int = 0
     quiet_sent: int = 0
     quiet_started: int = 0                                              # first token seen
+    quiet_completed: int = 0                                 # whole answers, all the phase
     noisy: dict[str, int] = dataclasses.field(default_factory=dict)     # outcome -> count
     tokens_per_s: float = 0.0          # prompt + generation tokens processed, per
                                        # simulated second of the engines' own clocks
@@ -127,6 +152,33 @@ def capacity_rps(args: argparse.Namespace) -> float:
     return float(SIMS * admitted / step / args.noisy_n)
 
 
+@dataclasses.dataclass(frozen=True)
+class Plane:
+    """One control plane of the bench."""
+
+    name: str
+    queue: bool                 # fairness.queue.enabled
+    hold: float                 # fairness.queue.max_seat_hold_s (simulated seconds)
+    workers: int = 1            # http.workers (given with redis.url: the pod phase)
+    same_class: bool = False    # the noisy tenant in the quiet tenant's class
+
+
+def planes(args: argparse.Namespace) -> list[Plane]:
+    """The control planes the asked phases need (only those are started)."""
+    phases = args.phases
+    out = []
+    if phases & {"alone", "off"}:
+        out.append(Plane("off", False, 0.0))
+    if "on" in phases:
+        out.append(Plane("on", True, args.seat_hold))
+    if "hold0" in phases:
+        out.append(Plane("hold0", True, 0.0))
+    if "pod" in phases:
+        out += [Plane("pod1", True, args.seat_hold, 1, True),
+                Plane("pod", True, args.seat_hold, args.pod_workers, True)]
+    return out
+
+
 def start(tree: Tree, workdir: pathlib.Path, args: argparse.Namespace,
           ) -> tuple[list[str], dict[str, str]]:
     sims = []
@@ -139,31 +191,56 @@ def start(tree: Tree, workdir: pathlib.Path, args: argparse.Namespace,
                    f"http://127.0.0.1:{port}/health")
         sims.append(f"http://127.0.0.1:{port}")
     cps = {}
-    planes = [("off", False, 0.0), ("on", True, args.seat_hold)]
-    if "hold0" in args.phases:
-        planes.append(("hold0", True, 0.0))
-    for name, queue, hold in planes:
+    wanted = planes(args)
+    # The pod phase's planes share what a pod of workers needs, a Redis (a database each).
+    redis = start_redis(tree).rsplit("/", 1)[0] if any(p.same_class for p in wanted) else ""
+    databases = {p.name: f"{redis}/{db}"
+                 for db, p in enumerate(p for p in wanted if p.same_class)}
+    for plane in wanted:
+        name = plane.name
         http = free_port()
         cfg = workdir / f"cp-{name}.yaml"
-        config = controlplane_config(name, http, sims, queue, hold, args)
+        config = controlplane_config(plane, http, sims, args, workdir / f"cp-{name}-data",
+                                     databases.get(name, ""))
         cfg.write_text(yaml.safe_dump(config))
         if args.why:
             print(f"    cp-{name}: http {http}, grpc {config['grpc']['port']}", flush=True)
-        tree.start(f"cp-{name}", [str(BIN / "synapse"), "controlplane", "--config", str(cfg)],
-                   f"http://127.0.0.1:{http}/ready")
+        proc = tree.start(f"cp-{name}", [str(BIN / "synapse"), "controlplane", "--config",
+                                         str(cfg)], f"http://127.0.0.1:{http}/ready")
+        if plane.workers > 1:
+            serving(workdir / f"cp-{name}.log", plane.workers, proc)
         cps[name] = f"http://127.0.0.1:{http}"
     return sims, cps
 
 
-def controlplane_config(name: str, http: int, sims: list[str], queue: bool, hold: float,
-                        args: argparse.Namespace) -> dict[str, Any]:
+def serving(log: pathlib.Path, workers: int, proc: subprocess.Popen[bytes],
+            timeout: float = 120.0) -> None:
+    """Until every serving worker of a pod has taken the HTTP port (each logs it once its
+    mesh is joined; the primary's /ready does not wait for them)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the pod's control plane exited with {proc.returncode} "
+                             f"(its log: {log})")
+        if log.read_text(errors="replace").count(f" of {workers} (") >= workers - 1:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"the pod's serving workers did not all start (its log: {log})")
+
+
+def controlplane_config(plane: Plane, http: int, sims: list[str], args: argparse.Namespace,
+                        data_dir: pathlib.Path, redis: str = "") -> dict[str, Any]:
+    """One control plane's configuration: ``redis`` (a URL) with ``plane.workers``."""
+    noisy_class = "interactive" if plane.same_class else "batch"
     return {
-        "replica_id": name, "http": {"host": "127.0.0.1", "port": http,
-                                     "upstream_first_byte_timeout_s": 600},
+        "replica_id": plane.name, "data_dir": str(data_dir),
+        "http": {"host": "127.0.0.1", "port": http, "workers": plane.workers,
+                 "upstream_first_byte_timeout_s": 600},
         "grpc": {"host": "127.0.0.1", "port": free_port()},
+        **({"redis": {"url": redis}} if redis else {}),
         "auth": {"admin_key": ADMIN, "tenants": [
             {"name": "quiet", "keys": [QUIET_KEY], "priority": "interactive"},
-            {"name": "noisy", "keys": [NOISY_KEY], "priority": "batch"}]},
+            {"name": "noisy", "keys": [NOISY_KEY], "priority": noisy_class}]},
         # Each engine's seats as configured (--seats configured), or learned from the
         # vLLM metrics the simulators export (kind vllm), read every --report-interval
         # seconds as an agent would report them.
@@ -174,11 +251,13 @@ def controlplane_config(name: str, http: int, sims: list[str], queue: bool, hold
                       for i, u in enumerate(sims)],
         "cache": {"enabled": False},
         # The control plane lives in real time: simulated seconds times the time scale.
-        "fairness": {"queue": {"enabled": queue,
+        "fairness": {"queue": {"enabled": plane.queue,
                                "max_queue_wait_s": args.queue_bound * args.time_scale,
                                "deadline_s": args.deadline * args.time_scale,
-                               "max_seat_hold_s": hold * args.time_scale}},
-        "logging": {"level": "warning"}}
+                               "max_seat_hold_s": plane.hold * args.time_scale}},
+        # A pod's workers say at info when they serve (serving()); no access log then.
+        "logging": {"level": "info" if plane.workers > 1 else "warning"},
+        **({"access_log": {"enabled": False}} if plane.workers > 1 else {})}
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -243,6 +322,8 @@ async def quiet_one(session: aiohttp.ClientSession, url: str, prompt: str, scale
                 phase.quiet_errors += 1
                 phase.waiting.pop(me, None)
                 phase.progress()
+            else:
+                phase.quiet_completed += 1
     except (aiohttp.ClientError, TimeoutError):
         phase.quiet_errors += 1
         phase.waiting.pop(me, None)
@@ -304,9 +385,17 @@ def why(cp: str) -> str:
 
 
 async def run_phase(name: str, cp: str, sims: list[str], flood_rps: float,
-                    args: argparse.Namespace) -> Phase:
+                    args: argparse.Namespace, arrivals_of: str = "") -> Phase:
+    """One phase. Phases given the same ``arrivals_of`` get the same arrivals, prompts'
+    lengths and answers' lengths from each tenant (a random stream per tenant; each prompt
+    still begins with the phase's name, so no engine finds it in its prefix cache);
+    otherwise the two tenants draw from one stream."""
     phase = Phase()
     rng = random.Random(f"{args.seed}-{name}")
+    quiet_rng = noisy_rng = rng
+    if arrivals_of:
+        quiet_rng = random.Random(f"{args.seed}-{arrivals_of}-quiet")
+        noisy_rng = random.Random(f"{args.seed}-{arrivals_of}-noisy")
     url = f"{cp}/v1/chat/completions"
     scale = args.time_scale
     tasks: list[asyncio.Task[None]] = []
@@ -317,8 +406,8 @@ async def run_phase(name: str, cp: str, sims: list[str], flood_rps: float,
         window: list[Any] = []
 
         async def quiet() -> None:
-            async for t in arrivals(rng, args.quiet_rate, args.seconds, scale, start):
-                prompt = f"quiet {name} {t:.6f} " + text(rng, args.quiet_prompt)
+            async for t in arrivals(quiet_rng, args.quiet_rate, args.seconds, scale, start):
+                prompt = f"quiet {name} {t:.6f} " + text(quiet_rng, args.quiet_prompt)
                 phase.quiet_sent += 1
                 tasks.append(asyncio.create_task(quiet_one(
                     session, url, prompt, scale, phase, t >= args.warmup)))
@@ -326,11 +415,11 @@ async def run_phase(name: str, cp: str, sims: list[str], flood_rps: float,
         async def noisy() -> None:
             if not flood_rps:
                 return
-            async for t in arrivals(rng, flood_rps, args.seconds, scale, start):
-                prompt = f"noisy {name} {t:.6f} " + text(rng, args.noisy_prompt)
+            async for t in arrivals(noisy_rng, flood_rps, args.seconds, scale, start):
+                prompt = f"noisy {name} {t:.6f} " + text(noisy_rng, args.noisy_prompt)
                 # Answers of varied lengths (uniform, mean --noisy-output): batch jobs'
                 # answers differ, and equal ones would start and end in lockstep cohorts.
-                output = rng.randint(1, 2 * args.noisy_output - 1)
+                output = noisy_rng.randint(1, 2 * args.noisy_output - 1)
                 tasks.append(asyncio.create_task(
                     noisy_one(session, url, prompt, output, args, phase)))
 
@@ -398,7 +487,8 @@ def row(name: str, p: Phase) -> None:
     if p.censored:
         noisy += f"; {len(p.censored)} quiet censored (no token yet, TTFT >= their wait)"
     print(f"{name:<22}{pct(p.quiet_ttft, 0.5):>9.3f}{pct(p.quiet_ttft, 0.9):>9.3f}"
-          f"{len(p.quiet_ttft):>7}{p.quiet_errors:>7}{p.tokens_per_s:>10.0f}"
+          f"{len(p.quiet_ttft):>7}{p.quiet_completed:>7}{p.quiet_errors:>7}"
+          f"{p.tokens_per_s:>10.0f}"
           f"{p.generated_per_s:>10.0f}{p.wall_tokens_per_s:>10.0f}"
           f"{p.running:>9.0f}{p.engine_waiting:>9.0f}   {noisy}", flush=True)
 
@@ -413,13 +503,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
           f"of {args.quiet_prompt} tokens; time scale {args.time_scale:g}", flush=True)
     try:
         sims, cps = start(tree, workdir, args)
-        print(f"{'phase':<22}{'p50 s':>9}{'p90 s':>9}{'quiet':>7}{'errors':>7}"
+        print(f"{'phase':<22}{'p50 s':>9}{'p90 s':>9}{'quiet':>7}{'done':>7}{'errors':>7}"
               f"{'tok/s':>10}{'gen':>10}{'wall':>10}{'running':>9}{'waiting':>9}   noisy requests",
               flush=True)
         nan = float("nan")
         empty = Phase(quiet_ttft=[nan], tokens_per_s=nan, generated_per_s=nan,
                       wall_tokens_per_s=nan)
-        alone = off = on = hold0 = empty
+        alone = off = on = hold0 = pod1 = pod = empty
         if "alone" in args.phases:
             alone = await run_phase("alone", cps["off"], sims, 0.0, args)
             row("quiet alone", alone)
@@ -432,6 +522,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         if "hold0" in args.phases:
             hold0 = await run_phase("hold0", cps["hold0"], sims, flood, args)
             row("flood, on, no holding", hold0)
+        if "pod" in args.phases:
+            # the same arrivals in both: only http.workers differs
+            pod1 = await run_phase("pod1", cps["pod1"], sims, flood, args, "pod")
+            row("same class, 1 worker", pod1)
+            pod = await run_phase("pod", cps["pod"], sims, flood, args, "pod")
+            row(f"same class, {args.pod_workers} workers", pod)
     finally:
         tree.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -456,10 +552,33 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "quiet_p50_flood_queue_on_no_hold_s": round(pct(hold0.quiet_ttft, 0.5), 4),
             "quiet_p90_flood_queue_on_no_hold_s": round(pct(hold0.quiet_ttft, 0.9), 4),
             "throughput_on_no_hold_tokens_per_s": round(hold0.tokens_per_s, 1),
-            "noisy_ok_on": on.noisy.get("ok", 0), "noisy_ok_on_no_hold": hold0.noisy.get("ok", 0)}
+            "noisy_ok_on": on.noisy.get("ok", 0), "noisy_ok_on_no_hold": hold0.noisy.get("ok", 0),
+            **pod_fields("1_worker", pod1), **pod_fields(f"{args.pod_workers}_workers", pod)}
 
 
-def main() -> None:
+def pod_fields(config: str, p: Phase) -> dict[str, object]:
+    """The pod phase's JSON fields for one configuration (``1_worker``, ``2_workers``)."""
+    return {f"quiet_sent_same_class_{config}": p.quiet_sent,
+            f"quiet_completed_same_class_{config}": p.quiet_completed,
+            f"quiet_p50_same_class_{config}_s": round(pct(p.quiet_ttft, 0.5), 4),
+            f"quiet_p90_same_class_{config}_s": round(pct(p.quiet_ttft, 0.9), 4),
+            f"quiet_errors_same_class_{config}": p.quiet_errors,
+            f"noisy_ok_same_class_{config}": p.noisy.get("ok", 0)}
+
+
+PHASES = ("alone", "off", "on", "hold0", "pod")
+
+
+def phase_names(value: str) -> frozenset[str]:
+    """``--phases``: comma-separated names, each one of :data:`PHASES`."""
+    names = frozenset(n.strip() for n in value.split(",") if n.strip())
+    if unknown := sorted(names - set(PHASES)):
+        raise argparse.ArgumentTypeError(f"unknown phase(s) {', '.join(unknown)}; "
+                                         f"choose from {', '.join(PHASES)}")
+    return names
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--time-scale", type=float, default=2.0,
                         help="simulator clock (smaller = faster runs, more CPU noise)")
@@ -500,12 +619,18 @@ def main() -> None:
                         help="fairness.queue.max_seat_hold_s of the queue-on control plane "
                         "(simulated seconds; the hold0 phase's is 0)")
     parser.add_argument("--seed", default="18")
-    parser.add_argument("--phases", default="alone,off,on",
-                        help="which phases to run (comma-separated: alone, off, on, hold0; "
-                        "the first three by default)")
+    parser.add_argument("--phases", type=phase_names, default="alone,off,on",
+                        help="which phases to run (comma-separated: alone, off, on, hold0, "
+                        "pod; the first three by default)")
+    parser.add_argument("--pod-workers", type=int, default=2,
+                        help="http.workers of the pod phase's pod (beside one worker)")
     parser.add_argument("--why", action="store_true",
                         help="print each control plane's answers, refusals and learned costs")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     result = common.run(run(args))
     print(json.dumps(result))
 
