@@ -207,6 +207,7 @@ def _is_number(value: Any) -> bool:
 _PLAIN = frozenset({str, int, bool, type(None)})
 _STR_KEYS = frozenset({str})
 _SCALARS = _PLAIN | {float}
+_NUMBERS = frozenset({int, float})
 
 
 def _normalise(value: Any, fractions: list[float]) -> Any:
@@ -243,22 +244,78 @@ def _normalise(value: Any, fractions: list[float]) -> Any:
     return repr(value)
 
 
+def _fragmented(value: Any) -> Any:
+    """:func:`_normalise`'s canonical form for orjson: each non-integral float is an
+    ``orjson.Fragment`` of the json module's spelling (``float.__repr__``), and a list of
+    numbers only is one fragment, its text written by ``map`` and ``str.join`` at C
+    speed (:func:`_number_list`)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        if not math.isfinite(value):
+            return repr(value)
+        return orjson.Fragment(float.__repr__(value))
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Mapping):
+        if type(value) is dict and _PLAIN.issuperset(map(type, value.values())) \
+                and _STR_KEYS.issuperset(map(type, value)):
+            return value
+        return {str(k): _fragmented(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        kinds = set(map(type, value))
+        if _PLAIN.issuperset(kinds):
+            return value
+        if _NUMBERS.issuperset(kinds) and (text := _number_list(value)) is not None:
+            return orjson.Fragment(text)
+        return [_fragmented(v) for v in value]
+    return repr(value)
+
+
+def _number_list(numbers: list[Any] | tuple[Any, ...]) -> str | None:
+    """The json module's text of a list of ints and floats, integral floats written as
+    ints (as :func:`_normalise` makes them); None when a float is not finite, or is
+    integral at 1e16 or over (its int is written in full), or is -0.0 (its int is 0).
+
+    orjson writes it, at C speed: its spelling of a finite float is ``repr``'s (the
+    shortest that reads back, exponent from 1e16 up) for 1e-4 <= |x| < 1e16, and written
+    otherwise with an ``e`` or as ``0.0000...`` (``repr`` writes 1e-05 for its 0.00001),
+    which sends the list to ``repr`` itself (a float's ``repr`` is most of the json
+    module's time)."""
+    try:
+        text: str | None = orjson.dumps(numbers).decode()[1:-1] + ","
+    except orjson.JSONEncodeError:      # an int beyond 64 bits
+        text = None
+    if text is None or "e" in text or "n" in text or "0.0000" in text:   # (n: null)
+        try:
+            text = ",".join(map(repr, numbers)) + ","
+        except ValueError:              # an int over the interpreter's digit limit
+            return None
+        if "n" in text or "e+" in text:     # inf, nan; integral at 1e16 and over
+            return None
+    if "-0.0," in text:
+        return None
+    # the text of an integral float ends in ".0" (none has an exponent here): the int's
+    return "[" + text.replace(".0,", ",")[:-1] + "]"
+
+
 def _canonical(value: Any) -> str:
     """The canonical JSON text of ``value``: keys sorted, no spaces, text unescaped.
 
     orjson writes it several times faster than the json module (the whole body's text
     is in a cache key, so a large body's key cost the loop tens of milliseconds) and
     byte for byte the same, except for floats, which it spells differently (1e-05 as
-    0.00001): a value with a non-integral float, an integer beyond 64 bits or a lone
-    surrogate goes through the json module, so every key stays what it was."""
-    fractions: list[float] = []
-    normal = _normalise(value, fractions)
-    if not fractions:
-        try:
-            return orjson.dumps(normal, option=orjson.OPT_SORT_KEYS).decode()
-        except orjson.JSONEncodeError:
-            pass
-    return json.dumps(normal, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    0.00001): each non-integral float goes to orjson as a fragment of the json module's
+    spelling (:func:`_fragmented`). A value orjson refuses (an integer beyond 64 bits, a
+    lone surrogate) goes through the json module, so every key stays what it was."""
+    try:
+        return orjson.dumps(_fragmented(value), option=orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONEncodeError:
+        pass
+    return json.dumps(_normalise(value, []), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False)
 
 
 def _sha256(text: str) -> str:

@@ -23,3 +23,19 @@ def test_the_cache_key_takes_no_call_per_plain_value(monkeypatch: pytest.MonkeyP
     same = {**body, "temperature": 0, "scores": [0.5, 1, 2] * 10_000}
     assert cache_rules.derive(cache_port.CacheRequest("t", "m", "chat", same, "", "r"),
                               "e").exact_key == keys.exact_key
+
+
+def test_the_cache_key_of_many_fractions_takes_no_call_per_number(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body of fractions (embeddings sent back, scores) is written by orjson in one
+    call per list, not by the json module, which spells each float through a call of
+    ``float.__repr__``; the key is the one the json module's text made."""
+    import json
+    fractions = [0.25, -1.5, 3.0, 0.1, 7, 12.75] * 20_000
+    body = {"model": "m", "temperature": 0.7, "vectors": [fractions, fractions[:999]],
+            "messages": [{"role": "user", "content": "hi"}]}
+    expected = json.dumps(cache_rules._normalise(["chat", body], []), sort_keys=True,
+                          separators=(",", ":"), ensure_ascii=False)
+    dumps = call_counts.counting(monkeypatch, json, "dumps")
+    assert cache_rules._canonical(["chat", body]) == expected
+    assert dumps[0] == 0

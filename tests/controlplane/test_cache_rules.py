@@ -157,8 +157,20 @@ _json_values = st.recursive(
     max_leaves=20)
 
 
-@given(_json_values)
-@settings(max_examples=400, deadline=None)
+# Lists of numbers are written in one piece (orjson, else repr): every spelling of a float
+# (exponents either side of 1e-4 and 1e16, -0.0, integral, not finite) and ints beside.
+_edge_floats = st.sampled_from([0.0, -0.0, 1.0, 1e16, -1e16, 9999999999999998.0, 1e-4,
+                                9.9e-05, 1e-05, 10.00001, 5e-324, 2.0**53 + 2,
+                                1.7976931348623157e308, float("nan"), float("-inf")])
+_number_lists = st.lists(st.floats() | _edge_floats
+                         | st.integers(min_value=-(2**70), max_value=2**70)
+                         | st.floats(min_value=-1e4, max_value=1e4).map(lambda f: round(f, 2)),
+                         max_size=12)
+
+
+@given(_json_values | _number_lists | st.dictionaries(st.text(max_size=2), _number_lists,
+                                                       max_size=3))
+@settings(max_examples=800, deadline=None)
 def test_the_canonical_text_is_the_json_modules_byte_for_byte(value):
     assert cache_rules._canonical(value) == _json_module_canonical(value)
 
@@ -166,5 +178,7 @@ def test_the_canonical_text_is_the_json_modules_byte_for_byte(value):
 def test_the_canonical_text_of_odd_values_is_the_json_modules():
     for value in [{"t": 1e-05, "u": [2.5e-07]}, {"big": 2**80}, {"lone": "\ud800x"},
                   {"é": 1, "e": 2.0, "\u2028": "\x00\x1f\x7f"}, [float("inf")],
-                  {"b": {"z": 1, "a": [1.0, True, None]}}]:
+                  {"b": {"z": 1, "a": [1.0, True, None]}}, [0.5, -0.0, 2.0],
+                  [1e16, 0.5], [1e-05, 3.0, 0.25], [10.00001, 2], [0.5, 2**70],
+                  [0.5, float("nan")], [1.5, 2.0, 1e-4, 123456789012345.0]]:
         assert cache_rules._canonical(value) == _json_module_canonical(value)
