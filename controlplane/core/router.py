@@ -33,10 +33,13 @@ second copy of the prefix. Ties (within ``TIE_S`` or ``TIE_FRACTION``) go to the
 that served the request's session before (``x-session-id`` or the OpenAI ``user`` field). Other
 policies, for comparison: ``round_robin`` and ``least_loaded`` (fewest in-flight requests).
 
-Sessions are per tenant: :attr:`Prompt.session` holds :func:`session_key` (the tenant and its
-session id), never the bare id. Tenants choose session ids freely (often their end users'
-e-mails), so a shared table would let one tenant learn, from ``x-synapse-route: session``
-on its first request, that another tenant uses an id, see its backend, and re-pin it.
+Sessions are per tenant: :attr:`Prompt.session` holds :func:`session_key` (the tenant and a
+fixed-size digest of its session id), never the bare id. Tenants choose session ids freely
+(often their end users' e-mails), so a shared table would let one tenant learn, from
+``x-synapse-route: session`` on its first request, that another tenant uses an id, see its
+backend, and re-pin it. Ids are unbounded too (the body's ``user``): kept as they came, a
+tenant sending unique megabyte ids filled the table, and each sibling worker's copy of it,
+with no bound in bytes.
 
 Worker processes of one pod share what a dispatch records (:mod:`shared_routing`): the
 prefix index and session affinity through :attr:`Router.listener`, the ledger through its
@@ -47,6 +50,7 @@ own; a peer's records come back in through :attr:`Router.index` and
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -58,6 +62,8 @@ from controlplane.core import usage as usage_mod
 TIE_S = 0.002
 TIE_FRACTION = 0.05
 SESSION_MEMORY = 50_000     # sessions remembered in all, split equally between tenants
+SESSION_DIGEST_BYTES = 16   # of a session id in its key: collisions need ~2**64 ids
+_SESSION_PERSON = b"synapse-session"
 DEFAULT_PROMPT_TOKENS = 256
 
 Prompt = tokenization.Prompt
@@ -67,8 +73,19 @@ Observer = Callable[[types.RouteObservation], None]
 def session_key(tenant: str, session: str) -> str:
     """The router's name for ``tenant``'s session ``session`` ("" = no session): the one
     rule every caller forms :attr:`Prompt.session` with. The tenant's length comes first,
-    so no pair of (tenant, session) names another pair's key whatever either contains."""
-    return f"{len(tenant)}:{tenant}:{session}" if session else ""
+    so no pair of (tenant, session) names another pair's key whatever either contains.
+
+    The session id itself is kept only as a digest of (tenant, session), of
+    :data:`SESSION_DIGEST_BYTES`: a client chooses the id (the body's ``user`` has no
+    length bound), and the key is what the sessions table keeps and the routing mesh
+    sends to sibling workers, so a key grows with the tenant's (configured) name only,
+    never with what a client sends. Nor does the key hold an end user's id as sent."""
+    if not session:
+        return ""
+    named = f"{len(tenant)}:{tenant}:"
+    digest = hashlib.blake2b((named + session).encode("utf-8", "surrogatepass"),
+                             digest_size=SESSION_DIGEST_BYTES, person=_SESSION_PERSON)
+    return named + digest.hexdigest()
 
 
 def session_tenant(key: str) -> str:
