@@ -5,6 +5,8 @@
 the fair queue and its ``room`` rule over the router's predictions); :func:`install`
 attaches it to the services (``svc.fairness``) and adds the cleanup context that, when
 ``redis.url`` is set, moves token limits and usage to Redis (shared by every replica),
+without Redis keeps usage and the budgets' spend in ``data_dir`` (``usage.sqlite``, written
+by the usage flush loop, restored at start-up: :mod:`controlplane.adapters.usage_db`),
 runs the usage flush loop and stops the queue's pumps. The coalescer sits beside the
 response cache (``fairness.coalesce``). Metrics (``synapse_tokens_total``, the queue's
 depth and wait, coalescing) are recorded through the small observers here.
@@ -22,7 +24,13 @@ from typing import Any
 from aiohttp import web
 
 from controlplane import config
-from controlplane.adapters import redis_limits, redis_tokens, redis_usage, usage_journal
+from controlplane.adapters import (
+    redis_limits,
+    redis_tokens,
+    redis_usage,
+    usage_db,
+    usage_journal,
+)
 from controlplane.api import context
 from controlplane.api import services as services_mod
 from controlplane.core import (
@@ -193,18 +201,22 @@ async def _ctx(app: web.Application) -> AsyncIterator[None]:
     svc = app[context.SERVICES]
     fair = get(svc)
     client = _use_redis(svc, fair)
+    disk = _use_disk(svc, fair) if client is None else None
     if fair.book is not None:
         _restore(svc, fair.book)
+    if fair.book is not None or disk is not None:
         app[_FLUSHER] = asyncio.get_running_loop().create_task(
-            _flush_loop(svc, fair.book, svc.settings.fairness.usage.flush_interval_s))
+            _flush_loop(svc, fair, disk, svc.settings.fairness.usage.flush_interval_s))
     yield
     if _FLUSHER in app:
         app[_FLUSHER].cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await app[_FLUSHER]
-        await _flush(svc, fair.book)        # what is pending, once more
+        await _flush(svc, fair, disk)       # what is pending, once more
         if fair.book is not None:
             _keep(svc, fair.book)
+    if disk is not None:
+        disk.close()
     if fair.gate is not None:
         await fair.gate.close()
     if fair.coalescer is not None:
@@ -233,11 +245,30 @@ def _use_redis(svc: services_mod.Services, fair: fairness.Fairness) -> Any:
     return client
 
 
-async def _flush_loop(svc: services_mod.Services, book: usage_book.UsageBook,
-                      interval_s: float) -> None:
+def _use_disk(svc: services_mod.Services, fair: fairness.Fairness) -> usage_db.UsageDb | None:
+    """Without Redis: usage and the budgets' spend in ``data_dir``, the spends of an
+    earlier run restored (None when the file cannot be used: memory only, one warning)."""
+    db = usage_db.UsageDb(os.path.join(svc.settings.data_dir, usage_db.FILE),
+                          svc.settings.fairness.usage.retention_days)
+    try:
+        spends = db.open_now(clocks.wall())
+    except Exception as exc:
+        log.warning("usage file %s could not be used (%s: %s): usage and budget spend are "
+                    "kept in memory only this run (a restart resets them)", db.path,
+                    type(exc).__name__, exc)
+        db.close()
+        return None
+    fair.limiter.local.restore_spends(spends, clocks.wall())
+    if fair.book is not None:
+        fair.book.store = db
+    return db
+
+
+async def _flush_loop(svc: services_mod.Services, fair: fairness.Fairness,
+                      disk: usage_db.UsageDb | None, interval_s: float) -> None:
     while True:
         await clocks.sleep(interval_s)
-        await _flush(svc, book)
+        await _flush(svc, fair, disk)
 
 
 def _journal(svc: services_mod.Services) -> str:
@@ -277,11 +308,22 @@ def _keep(svc: services_mod.Services, book: usage_book.UsageBook) -> None:
               "and added at the next start", len(rows), path)
 
 
-async def _flush(svc: services_mod.Services, book: usage_book.UsageBook | None) -> None:
-    if book is None:
+async def _flush(svc: services_mod.Services, fair: fairness.Fairness,
+                 disk: usage_db.UsageDb | None = None) -> None:
+    if disk is not None:
+        local = fair.limiter.local
+        spends = local.changed_spends(clocks.wall())
+        try:
+            if spends:
+                await disk.save_spends(spends, clocks.wall())
+        except Exception as exc:    # written at the next flush
+            local.unsaved(spends)
+            svc.metrics.usage_flush_failures.inc()
+            log.debug("budget spend not written to %s: %s", disk.path, exc)
+    if fair.book is None:
         return
     try:
-        await book.flush()
+        await fair.book.flush()
     except Exception as exc:    # kept for the next flush
         svc.metrics.usage_flush_failures.inc()
         log.debug("usage flush failed: %s", exc)

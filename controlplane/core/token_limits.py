@@ -25,6 +25,12 @@ settlement, so limits hold across replicas; the scripts implement exactly the ar
 of :class:`LocalTokenStore`, and a test drives both with the same cases). Like the rate
 limiter, a failing Redis falls back to the local store: a limiter outage is not an API
 outage, and the local store still bounds each replica.
+
+Without Redis the local store is the budgets' only home, and a restart would give every
+tenant a fresh budget: its spends are written behind to ``data_dir``
+(``controlplane.adapters.usage_db``, by the usage flush loop) and restored at start-up.
+The store only says which spends changed (:meth:`LocalTokenStore.changed_spends`) and
+takes them back (:meth:`LocalTokenStore.restore_spends`); the arithmetic stays here.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from __future__ import annotations
 import calendar
 import dataclasses
 import datetime
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, Protocol, cast
 
 from controlplane import errors
@@ -155,6 +161,7 @@ class LocalTokenStore:
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
         self._spent: dict[str, tuple[float, float]] = {}   # key -> (spent, expires at)
+        self._changed: set[str] = set()     # spends a copy on disk has not seen yet
 
     def _level(self, key: str, tpm: int, now: float) -> _Bucket:
         b = self._buckets.get(key)
@@ -190,6 +197,7 @@ class LocalTokenStore:
         if expires <= now:
             spent, expires = 0.0, now + ttl_s
         self._spent[key] = (spent + amount, expires)
+        self._changed.add(key)
 
     def correct(self, asks: Sequence[Ask], tokens_delta: Sequence[int],
                 budget_delta: Sequence[float]) -> None:
@@ -203,9 +211,38 @@ class LocalTokenStore:
             if a.budget_key and a.budget_key in self._spent:
                 spent, expires = self._spent[a.budget_key]
                 self._spent[a.budget_key] = (max(0.0, spent + db), expires)
+                self._changed.add(a.budget_key)
 
     def spent(self, key: str) -> float:
         return self._spend(key, self._clock())
+
+    def changed_spends(self, wall_now: float) -> dict[str, tuple[float, float]]:
+        """The budget spends changed since the last call (periods not yet ended), each
+        key -> (spent, wall-clock end of its period): what a copy on disk has to write.
+        Periods that ended are forgotten here."""
+        now = self._clock()
+        keys, self._changed = self._changed, set()
+        out = {}
+        for key in keys:
+            spent, expires = self._spent.get(key, (0.0, 0.0))
+            if expires > now:
+                out[key] = (spent, wall_now + (expires - now))
+        for key in [k for k, (_, expires) in self._spent.items() if expires <= now]:
+            del self._spent[key]
+        return out
+
+    def unsaved(self, keys: Iterable[str]) -> None:
+        """Spends :meth:`changed_spends` gave that could not be written: give them again."""
+        self._changed.update(keys)
+
+    def restore_spends(self, spends: Mapping[str, tuple[float, float]],
+                       wall_now: float) -> None:
+        """Add spends an earlier run kept (key -> (spent, wall-clock end of its period))."""
+        now = self._clock()
+        for key, (amount, wall_end) in spends.items():
+            if wall_end > wall_now and amount > 0:
+                spent = self._spend(key, now)
+                self._spent[key] = (spent + amount, now + (wall_end - wall_now))
 
     async def admit(self, asks: Sequence[Ask]) -> tuple[bool, float, str, int]:
         v = self.check(asks)
@@ -229,6 +266,11 @@ class TokenLimiter:
         self._shared = shared
         self._on_error = on_store_error
         self._wall = wall
+
+    @property
+    def local(self) -> LocalTokenStore:
+        """This process's store (the only one without Redis, the fallback with it)."""
+        return self._local
 
     def asks(self, rules: Sequence[ScopeRule], tokens: int, cost: float) -> tuple[Ask, ...]:
         now = self._wall()

@@ -1,0 +1,234 @@
+"""Usage and budget spend on the control plane's disk (SQLite in ``data_dir``) when there
+is no Redis, so a restart keeps them.
+
+Why: without Redis the usage book and the budgets' spend lived only in the process's
+memory. A restart on the same ``data_dir`` gave every tenant a fresh budget and
+``synapsectl get usage`` forgot every earlier request; a tenant able to crash the control
+plane reset its own budget that way.
+
+- **Write-behind.** The serving path changes memory only (the usage book's pending counts,
+  the local token store's spend). The usage flush loop, every
+  ``fairness.usage.flush_interval_s``, writes the counts and the spends changed since its
+  last round (each one transaction, in a thread); a clean stop writes the rest. A kill
+  loses at most the last interval: a tenant whose control plane is killed right after it
+  exceeded its budget gets back at most one flush interval's spend.
+- **Read once.** The spends are loaded at start-up (periods that ended are deleted);
+  usage reads (``/api/v1/stats``, Admin ``GetUsage``) read the file, off the serving path.
+- **Bounded.** The usage rows of the newest ``retention_days`` days are kept (the rule of
+  the in-memory store); a spend is deleted once its period has ended. Tokens-per-minute
+  buckets are not kept: they refill within a minute anyway.
+- **Private.** It names tenants and their usage: the file is made 0600 before SQLite
+  writes to it (its ``-wal`` and ``-shm`` files take its mode), a folder it makes 0700.
+- **Damaged, locked or read-only** (the rules of :mod:`controlplane.adapters.l1_journal`,
+  whose tests of those are the model): a file that is not a database is moved to
+  ``<path>.corrupt`` and a new one started; one that cannot be opened otherwise (locked
+  by another process) is left alone, one warning, and usage and spend stay in memory this
+  run; one that cannot be written is read (spends restored, its usage readable) and this
+  run's counts are kept in memory only (one warning).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from controlplane.adapters import l1_journal
+from controlplane.core import usage_book
+
+FILE = "usage.sqlite"
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS usage (day TEXT NOT NULL, tenant TEXT NOT NULL, "
+    "model TEXT NOT NULL, kind TEXT NOT NULL, value NOT NULL, "
+    "PRIMARY KEY (day, tenant, model, kind)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS spend (key TEXT PRIMARY KEY, spent REAL NOT NULL, "
+    "expires_at REAL NOT NULL)",
+)
+ADD = ("INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (day, tenant, model, kind) "
+       "DO UPDATE SET value = value + excluded.value")
+PRUNE = ("DELETE FROM usage WHERE day NOT IN "
+         "(SELECT DISTINCT day FROM usage ORDER BY day DESC LIMIT ?)")
+log = logging.getLogger("synapse.controlplane.fairness")
+
+Spends = Mapping[str, tuple[float, float]]     # budget key -> (spent, wall-clock end)
+Rows = Mapping[tuple[str, str, str], usage_book.Plain]
+
+
+class UsageDb:
+    """A :class:`usage_book.UsageStore` on disk, and the budgets' spend beside it."""
+
+    def __init__(self, path: str, retention_days: int, busy_timeout_s: float = 5.0) -> None:
+        self.path = path
+        self._retention = retention_days
+        self._busy_timeout = busy_timeout_s
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self.read_only = False
+        self._memory = usage_book.MemoryUsageStore(retention_days)  # read-only: this run's
+
+    # -- start and stop (blocking: before serving, after it) ------------------------------
+
+    def open_now(self, wall_now: float) -> dict[str, tuple[float, float]]:
+        """Open the file and return the spends of periods not yet ended (raises when it
+        cannot be used at all; see the module's docstring)."""
+        with self._lock:
+            try:
+                self._db = self._open()
+            except (OSError, sqlite3.DatabaseError) as exc:
+                if l1_journal.damaged(exc):
+                    self._set_aside(exc)
+                    self._db = self._open()
+                elif l1_journal.unwritable(exc) and os.path.exists(self.path):
+                    self._db = self._open_read_only(exc)
+                else:
+                    raise
+            try:
+                return self._spends(wall_now)
+            except sqlite3.DatabaseError as exc:   # opened, then found malformed
+                if not l1_journal.damaged(exc) or self.read_only:
+                    raise
+                self._close()
+                self._set_aside(exc)
+                self._db = self._open()
+                return {}
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    # -- the usage store ------------------------------------------------------------------
+
+    async def add(self, rows: Rows) -> None:
+        if self.read_only:
+            await self._memory.add(rows)
+            return
+        await asyncio.to_thread(self._add_sync, rows)
+
+    async def read(self, days: Sequence[str], tenant: str | None,
+                   ) -> dict[tuple[str, str, str], usage_book.Plain]:
+        found = await asyncio.to_thread(self._read_sync, list(days), tenant)
+        if self.read_only:
+            for key, plain in (await self._memory.read(days, tenant)).items():
+                counts = usage_book.counts_of(found.get(key, {}))
+                counts.add(usage_book.counts_of(plain))
+                found[key] = counts.as_dict()
+        return found
+
+    # -- the spends -----------------------------------------------------------------------
+
+    async def save_spends(self, spends: Spends, wall_now: float) -> None:
+        """Write the spends given and delete those whose period has ended."""
+        if not self.read_only:
+            await asyncio.to_thread(self._save_spends_sync, dict(spends), wall_now)
+
+    # -- in a thread ----------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise sqlite3.OperationalError(f"{self.path} is not open")
+        return self._db
+
+    def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN")
+            try:
+                for sql, args in statements:
+                    db.execute(sql, args)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _add_sync(self, rows: Rows) -> None:
+        statements: list[tuple[str, Sequence[Any]]] = [
+            (ADD, (day, tenant, model, kind, value))
+            for (day, tenant, model), counts in rows.items()
+            for kind, value in counts.items() if value]
+        self._transaction([*statements, (PRUNE, (self._retention,))])
+
+    def _read_sync(self, days: list[str], tenant: str | None,
+                   ) -> dict[tuple[str, str, str], usage_book.Plain]:
+        sql = (f"SELECT day, tenant, model, kind, value FROM usage "
+               f"WHERE day IN ({','.join('?' * len(days))})")
+        args: list[str] = list(days)
+        if tenant is not None:
+            sql, args = sql + " AND tenant = ?", [*args, tenant]
+        with self._lock:
+            found = self._conn().execute(sql, args).fetchall()
+        out: dict[tuple[str, str, str], dict[str, int | float]] = {}
+        for day, t, model, kind, value in found:
+            out.setdefault((str(day), str(t), str(model)), {})[str(kind)] = (
+                float(value) if kind == "cost" else int(value))
+        return dict(out)
+
+    def _save_spends_sync(self, spends: dict[str, tuple[float, float]],
+                          wall_now: float) -> None:
+        self._transaction([
+            *(("INSERT OR REPLACE INTO spend VALUES (?, ?, ?)", (key, spent, end))
+              for key, (spent, end) in spends.items()),
+            ("DELETE FROM spend WHERE expires_at <= ?", (wall_now,))])
+
+    def _spends(self, wall_now: float) -> dict[str, tuple[float, float]]:
+        db = self._conn()
+        if not self.read_only:
+            db.execute("DELETE FROM spend WHERE expires_at <= ?", (wall_now,))
+        return {str(k): (float(s), float(e)) for k, s, e in db.execute(
+            "SELECT key, spent, expires_at FROM spend WHERE expires_at > ?", (wall_now,))}
+
+    def _open(self) -> sqlite3.Connection:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        for made in (self.path, self.path + "-wal", self.path + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(made, 0o600)
+        db = sqlite3.connect(self.path, timeout=self._busy_timeout, check_same_thread=False,
+                             isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            for statement in SCHEMA:
+                db.execute(statement)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open_read_only(self, why: BaseException) -> sqlite3.Connection:
+        base = "file:" + urllib.parse.quote(os.path.abspath(self.path))
+        failure: sqlite3.Error | None = None
+        for mode in ("mode=ro", "immutable=1"):
+            db = sqlite3.connect(f"{base}?{mode}", uri=True, timeout=self._busy_timeout,
+                                 check_same_thread=False, isolation_level=None)
+            try:
+                db.execute("SELECT count(*) FROM spend").fetchone()
+            except sqlite3.Error as exc:
+                db.close()
+                failure = exc
+                continue
+            self.read_only = True
+            log.warning("usage file %s cannot be written (%s: %s): its usage and budget "
+                        "spend are restored read-only, and this run's are kept in memory "
+                        "only", self.path, type(why).__name__, why)
+            return db
+        assert failure is not None
+        raise failure
+
+    def _set_aside(self, why: BaseException) -> None:
+        log.warning("usage file %s is unreadable (%s: %s): moved to %s.corrupt, starting "
+                    "an empty one (budgets restart from zero)", self.path,
+                    type(why).__name__, why, self.path)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.path + suffix, self.path + ".corrupt" + suffix)
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None

@@ -1,0 +1,129 @@
+"""Without Redis, a restart on the same data_dir keeps the tenants' budgets and usage
+(controlplane/adapters/usage_db.py): through real control planes and the official openai
+client, and the file's own rules (kept by a process that never stopped, private, a
+damaged file set aside)."""
+
+from __future__ import annotations
+
+import pathlib
+import sqlite3
+
+import openai
+import pytest
+from openai.types import chat
+
+from controlplane import config
+from controlplane.adapters import usage_db
+from controlplane.api import app as app_mod
+from controlplane.api import fairness_wiring
+from controlplane.core import token_limits, usage_book
+from tests import harness
+from tests.clock import ManualClock
+from tests.controlplane import cp_testing as t
+
+HI: list[chat.ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+WALL = 1_796_000_000.0      # a fixed wall clock, mid-month
+
+
+def budgeted(tmp_path: pathlib.Path, upstream_url: str,
+             tokens: int) -> config.ControlPlaneSettings:
+    tenants = [{"name": "a", "keys": [t.KEY_A], "budget": {"tokens": tokens,
+                                                            "period": "month"}},
+               {"name": "b", "keys": [t.KEY_B]}]
+    return t.settings(auth={"tenants": tenants}, data_dir=str(tmp_path),
+                      registry={"upstream_probe_interval_s": 5.0},
+                      upstreams=[t.upstream("one", upstream_url)])
+
+
+async def routable(cp: t.RunningCP) -> None:
+    await harness.until(lambda: app_mod.routable_count(cp.services) > 0, 20, "a backend")
+
+
+async def spend_until_refused(cp: t.RunningCP) -> int:
+    """Requests of tenant a answered before its budget refused one."""
+    client = cp.client(t.KEY_A)
+    answered = 0
+    with pytest.raises(openai.RateLimitError) as over:
+        for _ in range(50):
+            await client.chat.completions.create(model="llama", messages=HI)
+            answered += 1
+    assert over.value.code == "budget_exceeded"
+    return answered
+
+
+async def usage_of(cp: t.RunningCP, tenant: str) -> usage_book.Counts:
+    return usage_book.totals(await fairness_wiring.usage_rows(cp.services, tenant, 86_400.0))
+
+
+async def test_a_restart_on_the_same_data_dir_keeps_the_budget_spent_and_the_usage(
+        tmp_path: pathlib.Path) -> None:
+    """Probe finding: without Redis a restart gave the tenant a fresh budget (another
+    budget's worth served) and `get usage` showed only the new requests."""
+    async with t.backends(("one", "ok")) as (backend,):
+        s = budgeted(tmp_path, backend.url, 40)
+        async with t.running(s) as cp:
+            await routable(cp)
+            answered = await spend_until_refused(cp)
+            assert answered > 0
+        async with t.running(s) as cp:
+            await routable(cp)
+            with pytest.raises(openai.RateLimitError) as over:
+                await cp.client(t.KEY_A).chat.completions.create(model="llama", messages=HI)
+            assert over.value.code == "budget_exceeded"
+            assert (await usage_of(cp, "a")).requests >= answered
+            await cp.client(t.KEY_B).chat.completions.create(model="llama", messages=HI)
+    assert (tmp_path / usage_db.FILE).stat().st_mode & 0o777 == 0o600
+
+
+def charged(store: token_limits.LocalTokenStore, amount: float) -> token_limits.Ask:
+    ask = token_limits.Ask("", 0, int(amount), "a\x1f\x1f2026-12", 100.0, amount, 3600.0)
+    assert store.check([ask]).allowed
+    return ask
+
+
+async def test_a_process_killed_after_its_flush_keeps_the_spend(tmp_path: pathlib.Path) -> None:
+    """What one flush wrote is found by the next process, though the first never closed
+    its file (a kill); what changed after the flush is what a kill may lose."""
+    path = str(tmp_path / "d" / usage_db.FILE)
+    first, store = usage_db.UsageDb(path, 62), token_limits.LocalTokenStore(ManualClock())
+    assert first.open_now(WALL) == {}
+    charged(store, 120.0)
+    await first.save_spends(store.changed_spends(WALL), WALL)
+    await first.add({("2026-12-07", "a", "m"): {"requests": 3, "prompt_tokens": 90,
+                                                "cost": 0.5}})
+    # no close: killed
+    again = usage_db.UsageDb(path, 62)
+    later = token_limits.LocalTokenStore(ManualClock())
+    later.restore_spends(again.open_now(WALL + 10), WALL + 10)
+    assert later.spent("a\x1f\x1f2026-12") == 120.0
+    verdict = later.check([token_limits.Ask("", 0, 1, "a\x1f\x1f2026-12", 100.0, 1.0, 3600.0)])
+    assert not verdict.allowed
+    rows = await again.read(["2026-12-07"], "a")
+    assert rows == {("2026-12-07", "a", "m"): {"requests": 3, "prompt_tokens": 90,
+                                               "cost": 0.5}}
+    assert pathlib.Path(path).parent.stat().st_mode & 0o777 == 0o700
+    # a period that ended is not restored, and is deleted
+    assert usage_db.UsageDb(path, 62).open_now(WALL + 3600) == {}
+    first.close()
+    again.close()
+
+
+async def test_usage_keeps_the_newest_retention_days(tmp_path: pathlib.Path) -> None:
+    db = usage_db.UsageDb(str(tmp_path / usage_db.FILE), 2)
+    db.open_now(WALL)
+    for day in ("2026-12-05", "2026-12-06", "2026-12-07"):
+        await db.add({(day, "a", "m"): {"requests": 1}})
+    days = ["2026-12-05", "2026-12-06", "2026-12-07"]
+    assert sorted(k[0] for k in await db.read(days, None)) == days[1:]
+    db.close()
+
+
+def test_a_damaged_file_is_set_aside_and_a_new_one_started(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / usage_db.FILE
+    path.write_bytes(b"not a database" * 100)
+    db = usage_db.UsageDb(str(path), 62)
+    assert db.open_now(WALL) == {}
+    assert (tmp_path / (usage_db.FILE + ".corrupt")).read_bytes().startswith(b"not a")
+    with sqlite3.connect(path) as check:
+        assert check.execute("SELECT count(*) FROM spend").fetchone() == (0,)
+    db.close()
