@@ -104,7 +104,8 @@ class Agent:
         # Node.ScorePairs' cross-encoder (kind minilm; else it says why there is none)
         self.scorer = pair_scorer.build(cfg.embedder)
         # Node.Embed spans (issue 19); TracingUnavailable names tracing.enabled
-        self.tracing = tracing.setup(cfg.tracing, "synapse-agent", self.node)
+        self.tracing = tracing.setup(cfg.tracing, "synapse-agent", self.node,
+                                     trusted_callers=True)
         self.node_server = node_service.NodeServer(
             self.embeddings, cfg.grpc.host, cfg.grpc.port, self._observe_embed,
             token=self.keys.node if self.keys else None,

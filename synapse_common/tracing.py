@@ -30,6 +30,11 @@ Design decisions:
   ``traceparent`` is forwarded unchanged (:func:`forward`), as any proxy that passes
   headers would; an unsampled request forwards its root's context with the sampled flag
   clear, so the engine does not record either.
+* **The process decides what it records, not its caller.** The control plane's callers
+  are tenants: a sampled flag in their ``traceparent`` would let any of them decide how
+  many traces the operator pays for, so ``sampling_ratio`` applies to every request, drawn
+  at random (not by the caller-chosen trace id), unless ``honour_client_sampling``. The
+  agent's caller is the authenticated control plane, which decided: it honours the flag.
 """
 
 from __future__ import annotations
@@ -70,8 +75,14 @@ class TracingSettings(Section):
         False, description="export traces over OTLP/gRPC (needs the otel extra); "
         "OTEL_SDK_DISABLED=true turns it off")
     sampling_ratio: float = pydantic.Field(
-        1.0, ge=0.0, le=1.0, description="share of new traces recorded (a client's "
-        "traceparent decides for its own trace); OTEL_TRACES_SAMPLER, when set, replaces it")
+        1.0, ge=0.0, le=1.0, description="share of requests recorded, a client's "
+        "traceparent or not (unless honour_client_sampling); OTEL_TRACES_SAMPLER, when set, "
+        "replaces it")
+    honour_client_sampling: bool = pydantic.Field(
+        False, description="a caller's traceparent decides whether its request is recorded "
+        "(its sampled flag), whatever sampling_ratio says; off, any caller (a tenant) could "
+        "decide how many traces the operator pays for. The agent always honours it (its "
+        "caller is the authenticated control plane, which decided)")
     endpoint: str | None = pydantic.Field(
         None, description="OTLP/gRPC endpoint, e.g. http://otel-collector:4317; none = "
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT, else "
@@ -168,9 +179,11 @@ class Tracing:
 
 
 def setup(settings: TracingSettings, default_service: str, instance: str = "",
-          environ: Mapping[str, str] | None = None) -> Tracing | None:
+          environ: Mapping[str, str] | None = None, *,
+          trusted_callers: bool = False) -> Tracing | None:
     """The process's tracing, or None when off; raises :class:`TracingUnavailable`
-    (naming ``tracing.enabled``) when the packages are missing."""
+    (naming ``tracing.enabled``) when the packages are missing. ``trusted_callers``: a
+    caller's sampled flag decides for its request (see ``honour_client_sampling``)."""
     env = os.environ if environ is None else environ
     if not settings.enabled or env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
@@ -188,11 +201,42 @@ def setup(settings: TracingSettings, default_service: str, instance: str = "",
         "service.name": settings.service_name or env.get("OTEL_SERVICE_NAME") or default_service}
     if instance:
         attributes["service.instance.id"] = instance
-    sampler = (None if env.get("OTEL_TRACES_SAMPLER")
-               else ParentBased(TraceIdRatioBased(settings.sampling_ratio)))
+    if env.get("OTEL_TRACES_SAMPLER"):
+        sampler = None                  # the SDK builds the one the variables name
+    elif settings.honour_client_sampling or trusted_callers:
+        sampler = ParentBased(TraceIdRatioBased(settings.sampling_ratio))
+    else:
+        ratio = _random_ratio(settings.sampling_ratio)
+        sampler = ParentBased(ratio, remote_parent_sampled=ratio,
+                              remote_parent_not_sampled=ratio)
     provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.endpoint)))
     return Tracing(provider, provider.get_tracer("synapse"))
+
+
+def _random_ratio(ratio: float) -> Any:
+    """A sampler recording ``ratio`` of the requests it is asked about, drawn at random:
+    the SDK's ``TraceIdRatioBased`` decides by the trace id, which a caller's
+    ``traceparent`` chooses (ids below its bound would always be recorded)."""
+    import random
+
+    from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+    from opentelemetry.trace import get_current_span
+
+    class RandomRatio(Sampler):
+        def should_sample(self, parent_context: Any, trace_id: int, name: str,
+                          kind: Any = None, attributes: Any = None, links: Any = None,
+                          trace_state: Any = None) -> SamplingResult:
+            keep = ratio >= 1.0 or random.random() < ratio
+            parent = get_current_span(parent_context).get_span_context()
+            state = parent.trace_state if parent.is_valid else None  # the caller's, kept
+            return SamplingResult(Decision.RECORD_AND_SAMPLE if keep else Decision.DROP,
+                                  attributes if keep else None, state)
+
+        def get_description(self) -> str:
+            return f"RandomRatio{{{ratio}}}"
+
+    return RandomRatio()
 
 
 def forward(carrier: Mapping[str, str]) -> Scope | None:

@@ -212,19 +212,27 @@ async def test_tracing_off_forwards_a_valid_client_traceparent_unchanged() -> No
 
 
 async def test_an_unsampled_request_records_nothing_and_tells_the_backend_so() -> None:
+    """A tenant's sampled flag does not override ``sampling_ratio`` (else any tenant would
+    decide how many traces the operator pays for): it does with honour_client_sampling."""
     async with receiver() as rx, t.backends(("one", "ok")) as (backend,):
-        s = t.settings(upstreams=[t.upstream("one", backend.url)],
-                       tracing={"enabled": True, "endpoint": rx.endpoint,
-                                "sampling_ratio": 0.0})
-        async with t.running(s) as cp:
-            client = cp.client()
-            await client.chat.completions.create(model="llama", messages=MSGS)
-            parent, trace_id, _ = client_parent()     # a sampled parent decides for itself
-            await client.chat.completions.create(model="llama", messages=MSGS,
-                                                 extra_headers={"traceparent": parent})
-            await flush(cp)
-            await rx.wait_for(trace_id, ["upstream"])
-            await client.close()
+        for honour in (False, True):
+            s = t.settings(upstreams=[t.upstream("one", backend.url)],
+                           tracing={"enabled": True, "endpoint": rx.endpoint,
+                                    "sampling_ratio": 0.0, "honour_client_sampling": honour})
+            async with t.running(s) as cp:
+                client = cp.client()
+                await client.chat.completions.create(model="llama", messages=MSGS)
+                parent, trace_id, _ = client_parent()
+                await client.chat.completions.create(model="llama", messages=MSGS,
+                                                     extra_headers={"traceparent": parent})
+                await flush(cp)
+                if honour:
+                    await rx.wait_for(trace_id, ["upstream"])
+                await client.close()
+            if not honour:
+                assert rx.spans == []
+                client_trace = backend.headers[1]["traceparent"].split("-")
+                assert client_trace[1] == trace_id and int(client_trace[3], 16) & 1 == 0
     _, unsampled_trace, _, flags = backend.headers[0]["traceparent"].split("-")
     assert int(flags, 16) & 1 == 0 and unsampled_trace != trace_id    # "not sampled"
     assert {s.trace_id for s in rx.spans} == {trace_id}
