@@ -18,6 +18,11 @@ embedding and scoring models too):
   tenant's salt there can time that tenant's prefixes. Every replica and worker holds the
   same key, so a tenant's partition is one on every engine. Without an agent token the
   salt is the plain hash (unkeyed, as before: nothing secret to key it with);
+- memoised per tenant (:func:`for_tenant`): each tenant a fixed memo of its own
+  (:data:`SALTS_KEPT` client salts of at most :data:`SALT_MEMO_CHARS`), not a share of
+  a total as :mod:`tenant_lru`'s tables are: the tenants' count is not known here, and
+  what the memo holds is bounded by the configured tenants times a fixed size whatever
+  clients send;
 - the router hashes a prompt's blocks from the same salt (:func:`seed`; the prompt keeps
   it, ``tokenization.Prompt.partition``), so its prefix index, and with it prefix
   locality, is per tenant as the engines' caches then are.
@@ -51,7 +56,6 @@ document says otherwise.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import hmac
 import math
@@ -61,8 +65,8 @@ from typing import Any
 
 import orjson
 
+from controlplane.core import tenant_lru, types
 from controlplane.core import tenants as tenants_mod
-from controlplane.core import types
 from synapse_common import subkeys, tasks, tokens
 
 ENGINES = frozenset({"vllm", "simulator"})   # engines whose API takes cache_salt
@@ -74,7 +78,8 @@ _FIELD_BYTES = b'"cache_salt"'
 # A \u escape of a printable ASCII character: how a key can spell ``cache_salt`` without
 # its bytes appearing (``"cache\u005fsalt"``). Non-ASCII escapes cannot spell it.
 _ASCII_ESCAPE = re.compile(rb"\\u00[2-7][0-9a-fA-F]")
-SALTS_KEPT = 4096      # (tenant, client salt) pairs whose salt is kept
+SALTS_KEPT = 256       # client salts whose salt is kept, per tenant
+SALT_MEMO_CHARS = 128  # longer client salts are hashed at each request, never kept
 WALK_NODES = 10_000    # schemas of a server's document looked at, at most
 KEY_CONTEXT = b"synapse/cache-salt/v1"
 
@@ -90,14 +95,32 @@ def key_for(agent_token: str | None) -> bytes:
 
 def for_tenant(tenant: str, client_salt: object = None, key: bytes = b"") -> str:
     """The salt of ``tenant``'s requests (the client's own ``cache_salt`` folded in),
-    keyed with ``key`` (:func:`key_for`)."""
-    return _salt(key, tenant, client_salt if isinstance(client_salt, str) else "")
+    keyed with ``key`` (:func:`key_for`).
+
+    Memoised: every request of a tenant asks for the same one, and hashing it again was a
+    visible share of a request's CPU. The memo is the tenant's own (:data:`_memo`, each
+    tenant :data:`SALTS_KEPT` client salts, its least recently used out first): shared,
+    one tenant's salts pushed out another's, which then paid the hash again (a timing
+    channel on how many salts the others use). Only client salts of at most
+    :data:`SALT_MEMO_CHARS` are kept: the client chooses the string, and a memo keyed by
+    it held whatever it sent (a megabyte each) without a bound in bytes. A longer one is
+    hashed at each request, which costs no more than reading it did."""
+    own = client_salt if isinstance(client_salt, str) else ""
+    if len(own) > SALT_MEMO_CHARS:
+        return _salt(key, tenant, own)
+    held = _memo.get(tenant, own)
+    if held is not None and held[0] == key:
+        return held[1]
+    salt = _salt(key, tenant, own)
+    _memo.put(tenant, own, (key, salt))
+    return salt
 
 
-@functools.lru_cache(maxsize=SALTS_KEPT)
+# tenant -> client salt (at most SALT_MEMO_CHARS) -> (the key, its salt)
+_memo: tenant_lru.TenantLRU[tuple[bytes, str]] = tenant_lru.TenantLRU(SALTS_KEPT)
+
+
 def _salt(key: bytes, tenant: str, own: str) -> str:
-    """Memoised per (key, tenant, client salt): every request of a tenant asks for the
-    same one, and hashing it again was a visible share of a request's CPU."""
     message = (b"synapse-cache-salt\x00" + tenant.encode("utf-8", "surrogatepass")
                + b"\x00" + own.encode("utf-8", "surrogatepass"))
     if key:

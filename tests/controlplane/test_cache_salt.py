@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hmac
 import json
+import tracemalloc
 
 import orjson
 import pytest
 
 from controlplane.core import cache_salt, prefix_index, tenants, types
 from synapse_common import tokens
+from tests import call_counts
 
 
 def test_the_salt_depends_on_the_tenant_and_the_clients_own_salt():
@@ -35,6 +38,50 @@ def test_a_keyed_salt_cannot_be_computed_from_the_tenants_name():
     # Not the engine key either: an engine that logs its key gives away no salt's key.
     from synapse_common import engine_key
     assert engine_key.derive("agent-token-of-this-fleet") != key.hex()
+
+
+@pytest.mark.parametrize(("own", "keyed", "salt"), [
+    (None, False, "480e549c8887842519913961cdd972e9"),
+    ("", True, "112db3ecd55a6277c620f5a854043f7b"),
+    ("a" * 128, True, "94daae5c2fed55bfbe7fe9a263bd30e8"),
+    ("a" * 129, True, "6a6e215840c9c8f41c423b981e0ad470"),
+    ("é" * 300, False, "dc37cfee43f670db169293da55f015d3"),
+])
+def test_a_salt_is_the_same_kept_or_not(own: str | None, keyed: bool, salt: str) -> None:
+    """Whether the memo keeps a client's salt changes nothing an engine sees: the same
+    tenant's partition on every replica, old and new alike."""
+    key = cache_salt.key_for("agent-token-of-this-fleet") if keyed else b""
+    for _ in range(2):                          # computed, then (when kept) remembered
+        assert cache_salt.for_tenant("team", own, key) == salt
+
+
+def test_huge_client_salts_are_not_kept() -> None:
+    """A client chooses its salt's length: what the memo keeps of unique huge ones is
+    bounded however many arrive."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        # each salt as a request's body brings it: dropped once its request is done
+        made = {cache_salt.for_tenant("hoarder", f"{i:04d}" + "s" * 256 * 1024)
+                for i in range(20)}
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(made) == 20
+    assert kept < 256 * 1024, kept              # not even one of them
+
+
+def test_one_tenants_salts_never_push_out_anothers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memo is per tenant: a tenant sending many salts pushes out its own, never
+    another's (whose next request would pay the hash again: a timing channel)."""
+    hashed = call_counts.counting(monkeypatch, hmac, "new")
+    key = cache_salt.key_for("agent-token-of-this-fleet")
+    quiet = cache_salt.for_tenant("quiet", "mine", key)
+    for i in range(5000):
+        cache_salt.for_tenant("noisy", f"salt-{i}", key)
+    made = hashed[0]
+    assert cache_salt.for_tenant("quiet", "mine", key) == quiet
+    assert hashed[0] == made                    # remembered still
 
 
 @pytest.mark.parametrize("body", [
