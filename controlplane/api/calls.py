@@ -54,18 +54,21 @@ def authorization(request: web.Request, x_api_key: bool) -> str | None:
 
 async def continue_if_known(request: web.Request) -> None:
     """The routes' ``Expect`` handler: ``100 Continue`` only for a request that carries a
-    valid tenant key (``Authorization`` or ``x-api-key``), so a client without one is not
-    invited to send its body: the handler answers it (401, or 403 for the admin key)
-    before any of it, as on the fast lane. Whether the key fits the route is still the
+    valid tenant key (``Authorization`` or ``x-api-key``) of a tenant not over its rate or
+    concurrency (``RateLimiter.peek``), so a client without one, or over its limits, is
+    not invited to send its body: the handler answers it (401, 403 for the admin key,
+    429) before any of it, as on the fast lane. Whether the key fits the route is still the
     handler's to say. Any other expectation is aiohttp's 417, which
     :mod:`controlplane.api.server` answers in the path's error shape, as it does aiohttp's
     own for no route (aiohttp calls this before the middleware: no request id or metrics
     for that one)."""
     svc = request.app[context.SERVICES]
     try:
-        svc.tenants.authenticate(authorization(request, x_api_key=True))
+        tenant = svc.tenants.authenticate(authorization(request, x_api_key=True))
     except errors.SynapseError:
         return None
+    if not svc.limiter.peek(tenant).allowed:
+        return None     # over its rate or concurrency: its 429 comes before its body
     if request.headers.get("Expect", "").lower() != "100-continue":
         raise web.HTTPExpectationFailed()
     if request.version == (1, 1):

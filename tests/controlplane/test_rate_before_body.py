@@ -319,3 +319,26 @@ async def test_a_body_after_its_head_is_served_with_a_shared_store(
                 writer.close()
             assert [json.loads(got)["messages"][0]["content"][:7] for got in b.bodies] == [
                 "piece 0", "piece 1"]
+
+
+@pytest.mark.parametrize(("path", "framing"), [
+    ("/v1/embeddings", f"Content-Length: {BIG}"),
+    ("/v1/chat/completions", "Transfer-Encoding: chunked")])
+async def test_expect_100_continue_over_the_rate_on_aiohttps_path_is_not_invited(
+        path: str, framing: str) -> None:
+    """The routes aiohttp serves (embeddings, a chunked body) ask the same question as the
+    lane before inviting a body: a tenant over its rate gets its 429, never ``100
+    Continue`` (before, only its key was checked)."""
+    async with _over_rate() as cp:
+        host, port = cp.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write((f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+                          f"Authorization: Bearer {t.KEY_A}\r\n"
+                          f"Content-Type: application/json\r\n{framing}\r\n"
+                          "Expect: 100-continue\r\n\r\n").encode())
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 429"), head
+        finally:
+            writer.close()
