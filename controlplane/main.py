@@ -7,14 +7,25 @@ above one, this process is the pod's primary and starts the serving workers
 (:mod:`controlplane.workers`: the same command with ``--worker-index``). The HTTP server closes
 slow clients (:mod:`controlplane.api.server`). aiohttp's own access log is off: Synapse
 writes its own, one structured line per API request (:mod:`controlplane.core.access_log`,
-``access_log`` settings). SIGTERM stops accepting, lets
-in-flight requests finish for a few seconds, then closes the resources.
+``access_log`` settings).
+
+SIGTERM: ``/ready`` answers 503 at once, and the process goes on accepting and serving for
+``http.drain_delay_s`` (Kubernetes removes a terminating pod's endpoints, but kube-proxy
+and ingress controllers learn it a moment later: connections in that moment would be
+refused). It is the process's rather than a chart ``preStop`` sleep so that every way of
+running it (the chart, the kustomize manifests, a plain container) drains the same, and
+the pod's serving workers, which get the SIGTERM from the primary, drain with it; SIGINT
+(Ctrl-C at a terminal) skips it. Then the listener closes and requests in flight get
+``http.shutdown_grace_s``; what still runs then is ended cleanly
+(:mod:`controlplane.api.server`: a stream with its error event, an unanswered request
+with 503 ``server_shutting_down``), and the resources close.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import logging
 import pathlib
@@ -28,7 +39,7 @@ from aiohttp import web
 
 from controlplane import config, workers
 from controlplane.adapters import agent_relay, node_embed
-from controlplane.api import admin_grpc, grpc_server, ops
+from controlplane.api import admin_grpc, grpc_server, ops, readiness
 from controlplane.api import app as app_mod
 from controlplane.api import server as server_mod
 from controlplane.api import services as services_mod
@@ -36,7 +47,6 @@ from controlplane.core import cache_port
 from synapse_common import cli
 
 log = logging.getLogger("synapse.controlplane")
-SHUTDOWN_GRACE_S = 5.0
 GC_YOUNG_THRESHOLD = 20_000
 GRPC_STOP_GRACE_S = 1.0   # after HTTP is done: only agent streams and Admin calls remain
 
@@ -152,8 +162,9 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
                 role: workers.Role = workers.Role(), worker_argv: Sequence[str] = ()) -> None:
     app = app_mod.create_app(settings, services=services)
     h = settings.http
-    runner = server_mod.Runner(app, h, access_log=None, handler_cancellation=True,
-                               shutdown_timeout=SHUTDOWN_GRACE_S)
+    runner = server_mod.Runner(app, h, on_cut=functools.partial(_cut, services),
+                               access_log=None, handler_cancellation=True,
+                               shutdown_timeout=h.shutdown_grace_s)
     await runner.setup()
     site = web.TCPSite(runner, h.host, h.port, ssl_context=_ssl_context(h), backlog=2048,
                        reuse_port=True if role.count > 1 else None)
@@ -182,13 +193,14 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
     # collected every couple of requests, a few per cent of the CPU per request.
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
     stop = asyncio.Event()
+    signals: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _on_signal, sig, signals, stop)
     pool = None
     watch: asyncio.Task[None] | None = None
     if role.primary and role.count > 1:
-        pool = workers.Pool(role, worker_argv, http_port)
+        pool = workers.Pool(role, worker_argv, http_port, stop_grace_s=stop_grace_s(h))
         pool.start()
         watch = asyncio.create_task(_set_when(pool.failed, stop))
     if role.primary:
@@ -199,13 +211,20 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
     else:
         log.info("serving worker %d of %d (%s) listening: http %s:%s", role.index,
                  role.count, services.replica, h.host, http_port)
+    drain = 0.0
     try:
         await stop.wait()
-        log.info("stopping")
+        readiness.state(services).stopping = True       # /ready: 503 from now on
+        drain = h.drain_delay_s if signal.SIGINT not in signals else 0.0
+        log.info("stopping: serving %gs more (http.drain_delay_s), then up to %gs for "
+                 "requests in flight (http.shutdown_grace_s)", drain, h.shutdown_grace_s)
     finally:
+        readiness.state(services).stopping = True
         if watch is not None:
             watch.cancel()
         stopping = asyncio.create_task(pool.stop()) if pool is not None else None
+        if stop.is_set() and drain > 0:
+            await asyncio.sleep(drain)      # still accepting while endpoints go
         # HTTP first: stop accepting and let in-flight requests finish while the agents'
         # streams — and so the routing table — are still up. Stopping gRPC first ended
         # every agent stream at once and answered 503 "no backend" for the whole grace.
@@ -218,6 +237,22 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
         if pod is not None:
             await pod.close()
         await server.stop(GRPC_STOP_GRACE_S)
+
+
+def stop_grace_s(http: config.HttpSettings) -> float:
+    """The most a process's graceful stop takes: the drain delay, the grace, the cut's
+    own time and the gRPC server's stop."""
+    return http.drain_delay_s + http.shutdown_grace_s + server_mod.CUT_S + GRPC_STOP_GRACE_S
+
+
+def _cut(services: services_mod.Services) -> None:
+    """The shutdown grace is over: handlers cancelled from now on were cut by the server."""
+    readiness.state(services).cut = True
+
+
+def _on_signal(sig: signal.Signals, seen: list[signal.Signals], stop: asyncio.Event) -> None:
+    seen.append(sig)
+    stop.set()
 
 
 async def _start_grpc(settings: config.ControlPlaneSettings, services: services_mod.Services,

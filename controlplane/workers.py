@@ -25,7 +25,8 @@ over them) and serves the whole API. The pod still looks like one control plane:
 The private directory (``<tmp>/synapse-workers-*``, mode 0700, removed at exit) holds
 every unix socket: only processes of the pod's own user can reach them, which is how
 they authenticate each other. A worker exits when its primary is gone; the primary
-restarts a worker that died, and stops them all (SIGTERM, then their grace) when it stops.
+restarts a worker that died, and stops them all (SIGTERM, then their drain delay and
+shutdown grace, as its own) when it stops.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ log = logging.getLogger("synapse.controlplane.workers")
 RESTART_FIRST_S = 0.5
 RESTART_MAX_S = 10.0
 HEALTHY_S = 60.0            # a worker that ran this long restarts without waiting long
-STOP_GRACE_S = 10.0         # a worker's own shutdown grace, plus a margin
+STOP_MARGIN_S = 5.0         # beyond a worker's own graceful stop, before it is killed
 PR_SET_PDEATHSIG = 1
 SOCKET_PATH_MAX = 107       # bytes of a unix socket's path on Linux (108 with its NUL)
 CGROUP = pathlib.Path("/sys/fs/cgroup")
@@ -173,8 +174,11 @@ def private_directory(count: int) -> pathlib.Path:
 class Pool:
     """The primary's serving workers: started, restarted when they die, stopped."""
 
-    def __init__(self, role: Role, argv: Sequence[str], http_port: int) -> None:
+    def __init__(self, role: Role, argv: Sequence[str], http_port: int,
+                 stop_grace_s: float = 10.0) -> None:
         self._role = role
+        # a worker's own graceful stop (drain delay, shutdown grace, cut, gRPC)
+        self._stop_grace_s = stop_grace_s
         self._argv = list(argv)
         self._port = http_port
         self._procs: dict[int, asyncio.subprocess.Process] = {}
@@ -212,7 +216,8 @@ class Pool:
             delay = min(RESTART_MAX_S, delay * 2)
 
     async def stop(self) -> None:
-        """SIGTERM every worker, wait for their graceful stop, kill what is left."""
+        """SIGTERM every worker (each drains and stops as the primary does, at the same
+        time), wait for their graceful stop, kill what is left."""
         self._stopping = True
         for proc in self._procs.values():
             if proc.returncode is None:
@@ -220,7 +225,7 @@ class Pool:
                     proc.send_signal(signal.SIGTERM)
         for proc in self._procs.values():
             try:
-                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+                await asyncio.wait_for(proc.wait(), self._stop_grace_s + STOP_MARGIN_S)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

@@ -131,8 +131,11 @@ class ManagedProcess:
         self.argv = list(argv)
         self.log_path = log_path
         self._log = open(log_path, "ab")  # closed in stop()
+        # A control plane stopped at teardown need not wait out http.drain_delay_s (no
+        # load balancer routes to it): tests of the drain set the variable in ``env``.
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "PYTHONUNBUFFERED": "1", **(env or {})}
+                    "PYTHONUNBUFFERED": "1", "SYNAPSE_HTTP__DRAIN_DELAY_S": "0",
+                    **(env or {})}
         self.popen = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, env=full_env, cwd=cwd,
                                       start_new_session=True)

@@ -155,8 +155,13 @@ async def middleware(request: web.Request, handler: typedefs.Handler) -> web.Str
             resp = error_response(_from_http(exc, request), ctx, request.path)
             if isinstance(exc, web.HTTPMethodNotAllowed):
                 resp.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
-        except (asyncio.CancelledError, ConnectionResetError):
-            status = 499  # the client went away (nginx's convention)
+        except asyncio.CancelledError:
+            if not readiness.cut(svc):
+                status = 499  # the client went away (nginx's convention)
+                raise
+            resp = _cut_by_shutdown(request, ctx)
+        except ConnectionResetError:
+            status = 499
             raise
         except Exception:
             if ctx.headers_sent:
@@ -173,6 +178,24 @@ async def middleware(request: web.Request, handler: typedefs.Handler) -> web.Str
                 svc.loop_share.charge(ctx.tenant, ctx.work_s)
             _record(svc, ctx, status, _route(request))
             ops.finish(request, svc, ctx, status, scope)   # trace end, access-log line
+
+
+def _cut_by_shutdown(request: web.Request, ctx: context.RequestContext) -> web.Response:
+    """The handler was cancelled at the end of the shutdown grace: a request not yet
+    answered gets 503 ``server_shutting_down`` (a client retries it on another replica).
+    A stream is ended by its own path (``proxy.pump``); one cut elsewhere after its
+    headers can only be marked broken (the cancellation goes on)."""
+    if ctx.headers_sent:
+        ctx.broken = True
+        raise asyncio.CancelledError
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    resp = error_response(errors.Unavailable(readiness.SHUTTING_DOWN,
+                                             code=readiness.SHUTTING_DOWN_CODE),
+                          ctx, request.path)
+    resp.force_close()
+    return resp
 
 
 def _route(request: web.Request) -> str:

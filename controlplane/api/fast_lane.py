@@ -52,7 +52,9 @@ request (one sweep a second per server, :class:`Sweeper`):
   the usual case, is handed over whole as before (no extra call to the store either way);
 * requests on one connection are answered in order; bytes of the next request wait
   (reading pauses above ``PIPELINE_BYTES``) until the current one is answered;
-* at shutdown, a request in flight gets the grace period, idle connections close.
+* at shutdown, a request in flight gets the grace period (``http.shutdown_grace_s``) and
+  is then cut (:meth:`Connection.cut`, by :class:`controlplane.api.server.LaneServer`),
+  idle connections close.
 
 It is off with TLS (``http.tls_cert_file``): aiohttp serves those connections.
 """
@@ -621,6 +623,12 @@ class Connection(base_protocol.BaseProtocol):
         self._closing = True
         if self._task is None and self.transport is not None:
             self.transport.close()
+
+    def cut(self) -> None:
+        """The shutdown grace is over: cancel the request in flight (the app ends it: an
+        error event for a stream, a 503 for a request not yet answered)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 (aiohttp's)
         """Give the request in flight ``timeout`` seconds, then cancel it; close."""

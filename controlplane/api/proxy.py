@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 
 from controlplane import errors
-from controlplane.api import context, fairness
+from controlplane.api import context, fairness, readiness
 from controlplane.core import cache_port, dispatch, sse
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
@@ -170,18 +170,26 @@ async def pump(request: web.Request, resp: web.StreamResponse, attempt: dispatch
     while True:
         try:
             chunk = await attempt.next_chunk()
+            if chunk is None:
+                return None
+            if not resp.prepared:
+                ctx.first_byte = svc.clock()
+                ctx.headers_sent = True
+                await resp.prepare(request)
+            # A client that went away raises here and ends the handler (and the upstream).
+            await write(chunk)
         except errors.UpstreamError as exc:
             if not attempt.streaming:
                 raise                   # nothing sent yet: an error answer
             return exc.message
-        if chunk is None:
-            return None
-        if not resp.prepared:
-            ctx.first_byte = svc.clock()
-            ctx.headers_sent = True
-            await resp.prepare(request)
-        # A client that went away raises here and ends the handler (and the upstream).
-        await write(chunk)
+        except asyncio.CancelledError:
+            # The shutdown grace is over (readiness.cut): a stream begun ends as one the
+            # backend broke off, its error event in its route's own shape, then its end.
+            if not (resp.prepared and readiness.cut(svc)):
+                raise
+            if (task := asyncio.current_task()) is not None:
+                task.uncancel()
+            return readiness.SHUTTING_DOWN
 
 
 async def cut(request: web.Request, resp: web.StreamResponse, message: str,

@@ -5,6 +5,8 @@ answering) and the registry is **synced**: the static upstreams were probed once
 then their health is a guess), and either a backend is routable, an agent has reported,
 or ``registry.sync_grace_s`` passed since start (agents reconnecting to a new replica
 need a moment; a fleet with none must not keep the replica out forever).
+From SIGTERM on it is 503 ``shutting down`` (:mod:`controlplane.main`: the process still
+serves for ``http.drain_delay_s`` so that endpoints are removed before its listener closes).
 
 Whether a backend is routable right now is reported — in the body (``backends_ready``,
 ``routable``, and ``warning: no routable backend``) and in the ``synapse_ready{condition}``
@@ -26,6 +28,8 @@ from controlplane.api import services as services_mod
 class State:
     started: float
     probed: bool = False            # the static upstreams' first probe round is done
+    stopping: bool = False          # SIGTERM came: /ready answers 503 (controlplane.main)
+    cut: bool = False               # the shutdown grace ended: what runs is being cut
 
     def static_probed(self) -> None:
         self.probed = True
@@ -36,6 +40,18 @@ def state(svc: services_mod.Services) -> State:
     if svc.readiness is None:
         svc.readiness = State(svc.clock(), probed=not svc.settings.upstreams)
     return svc.readiness
+
+
+# What a request the shutdown grace could not wait for is told: a stream in its error
+# event, a request not yet answered in a 503 (code SHUTTING_DOWN_CODE).
+SHUTTING_DOWN = "the server is shutting down; retry the request"
+SHUTTING_DOWN_CODE = "server_shutting_down"
+
+
+def cut(svc: services_mod.Services) -> bool:
+    """Whether the shutdown grace is over: a cancelled handler was cut by the server,
+    not abandoned by its client."""
+    return svc.readiness is not None and svc.readiness.cut
 
 
 def routable_count(svc: services_mod.Services) -> int:
@@ -54,6 +70,8 @@ def conditions(svc: services_mod.Services) -> dict[str, bool]:
 def check(svc: services_mod.Services) -> tuple[int, dict[str, Any]]:
     """(HTTP status, body) of ``/ready``."""
     n = routable_count(svc)
+    if state(svc).stopping:     # out of the Service before the listener closes
+        return 503, {"status": "not ready", "reason": "shutting down", "backends_ready": n}
     if svc.settings.registry.ready_requires_backend:      # the old rule
         if n == 0:
             return 503, {"status": "not ready", "reason": "no routable backend",

@@ -52,6 +52,12 @@ another class, so :meth:`Runner._make_server` re-types the server it built as
 (``http.fast_lane``), which hands it to aiohttp's protocol, with these rules, for any
 request that is not its own; ``tests/security`` pins the behaviour against a real
 process.
+
+At shutdown (:meth:`LaneServer.shutdown`) requests in flight get the grace aiohttp is
+given (``http.shutdown_grace_s``); what still runs then is *cut*: ``on_cut`` marks the
+cancellation as the server's, so the app ends each request cleanly — a stream with its
+error event and its end, a request not yet answered with 503 ``server_shutting_down``,
+logged as such (not as a client gone, 499) — before aiohttp closes the connections.
 """
 
 from __future__ import annotations
@@ -75,6 +81,9 @@ from controlplane.core import anthropic_errors
 # head in a round trip or two. Over http.max_connections with none idle, the head stalled
 # longest is closed to let a new client in.
 STALLED_HEAD_S = 1.0
+# After the shutdown grace, what the handlers cut get to end it (an error event, a 503)
+# before aiohttp closes their connections.
+CUT_S = 2.0
 
 log = logging.getLogger("synapse.controlplane.http")
 
@@ -273,6 +282,7 @@ class LaneServer(web_server.Server):
     max_connections = 10_000
     lane: fast_lane.Lane | None = None
     sweeper: fast_lane.Sweeper | None = None
+    on_cut: Callable[[], None] | None = None
     _refused_logged_at = -math.inf
 
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]  # any protocol
@@ -313,6 +323,35 @@ class LaneServer(web_server.Server):
                     and since < best_since:
                 best, best_since = conn, since
         return best
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Give the requests in flight ``timeout`` seconds (``http.shutdown_grace_s``); then
+        :meth:`cut` what still runs and give the handlers :data:`CUT_S` to end it."""
+        cutting = (self._loop.call_later(timeout, self.cut) if timeout is not None
+                   else None)
+        try:
+            await super().shutdown(None if timeout is None else timeout + CUT_S)
+        finally:
+            if cutting is not None:
+                cutting.cancel()
+
+    def cut(self) -> None:
+        """The grace is over: ``on_cut`` (the middleware then reads the cancellation as
+        the server's, not the client's), and every request handler still running is
+        cancelled, the lane's and aiohttp's."""
+        busy = [conn for conn in self._connections
+                if (conn._task is not None if isinstance(conn, fast_lane.Connection)
+                    else conn._current_request is not None)]
+        if not busy:
+            return
+        log.warning("shutdown grace over: ending %d request(s) still in flight", len(busy))
+        if self.on_cut is not None:
+            self.on_cut()
+        for conn in busy:
+            if isinstance(conn, fast_lane.Connection):
+                conn.cut()
+            elif conn._task_handler is not None:
+                conn._task_handler.cancel()     # as aiohttp does when a client goes away
 
     def refused(self) -> None:
         now = self._loop.time()
@@ -362,11 +401,12 @@ class Runner(web.AppRunner):
     rules; the limits come from the ``http`` settings."""
 
     def __init__(self, app: web.Application, http: config.HttpSettings,
-                 **kwargs: Any) -> None:
+                 on_cut: Callable[[], None] | None = None, **kwargs: Any) -> None:
         super().__init__(app, keepalive_timeout=http.keepalive_timeout_s,
                          max_line_size=http.max_header_bytes,
                          max_field_size=http.max_header_bytes, **kwargs)
         self._http = http
+        self._on_cut = on_cut
 
     async def _make_server(self) -> web_server.Server:
         server = await super()._make_server()
@@ -374,6 +414,7 @@ class Runner(web.AppRunner):
         assert isinstance(server, LaneServer)
         server.header_timeout_s = self._http.header_timeout_s
         server.max_connections = connection_cap(self._http.max_connections)
+        server.on_cut = self._on_cut
         if self._http.fast_lane:
             server.lane = fast_lane.Lane.for_app(self._app, self._http)
         return server

@@ -54,6 +54,17 @@ class HttpSettings(Section):
     keepalive_timeout_s: float = Field(
         75.0, gt=0, description="an idle connection (kept alive, or that never sent a "
         "byte) is closed after this many seconds")
+    drain_delay_s: float = Field(
+        5.0, ge=0, le=120, description="at SIGTERM, /ready answers 503 at once and the "
+        "process keeps accepting and serving requests for this many seconds more, so load "
+        "balancers and Kubernetes endpoints stop sending new ones before the listener "
+        "closes (Ctrl-C, SIGINT, skips it; 0 = close at once)")
+    shutdown_grace_s: float = Field(
+        45.0, gt=0, le=3600, description="after the drain delay the listener closes and "
+        "requests in flight get this many seconds to finish; what is still running then "
+        "is ended cleanly (a stream with its error event, a request not yet answered with "
+        "503 server_shutting_down). A pod's terminationGracePeriodSeconds must exceed "
+        "drain_delay_s + shutdown_grace_s with a few seconds to spare")
     media_urls: Literal["public", "inline", "any"] = Field(
         "public", description="media URLs a request may name for the engine to fetch "
         "(images, audio, video): public = data: URLs and http(s) URLs whose host is not a "

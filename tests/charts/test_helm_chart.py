@@ -100,6 +100,9 @@ def test_configs_validate_and_match_the_pods(values: str | None, release: str,
         deploy["spec"]["template"]["metadata"]["labels"].items()
     assert agent.control_plane.dns_name == (
         f"{headless['metadata']['name']}.{helm.NAMESPACE}.svc.cluster.local:{cp.grpc.port}")
+    # the kubelet waits for the control plane's drain and grace (defaults or the config's)
+    assert render.pod_spec(deploy)["terminationGracePeriodSeconds"] > \
+        cp.http.drain_delay_s + cp.http.shutdown_grace_s
     grace = render.pod_spec(ds)["terminationGracePeriodSeconds"]
     assert grace > agent.supervisor.drain_grace_s + agent.supervisor.stop_grace_s
     # the engines' compile cache is under HOME, an emptyDir (Kubernetes makes it mode
@@ -210,6 +213,10 @@ CHART_CHECKS = [
     (("autoscaling.controlPlane.minReplicas=7",), "minReplicas is above"),
     (("agent.terminationGracePeriodSeconds=100",), "agent.terminationGracePeriodSeconds (100)"),
     (("controlPlane.config.upstreams[0].name=x",), "controlPlane.config.upstreams"),
+    (("controlPlane.terminationGracePeriodSeconds=50",),
+     "controlPlane.terminationGracePeriodSeconds (50)"),
+    (("controlPlane.config.http.shutdown_grace_s=55",),
+     "controlPlane.terminationGracePeriodSeconds (60)"),
     (("controlPlane.ports.metrics=null", "monitoring.serviceMonitor.enabled=true"),
      "monitoring.serviceMonitor.enabled needs controlPlane.ports.metrics"),
 ]

@@ -1,0 +1,227 @@
+"""SIGTERM as an operator sees it, through the real processes: ``synapse controlplane``
+in front of a ``synapse simulator`` that decodes slowly.
+
+* From SIGTERM on, ``/ready`` answers 503 while the process still serves for
+  ``http.drain_delay_s``: a request in flight, and one sent during the drain, finish whole.
+* What still runs when ``http.shutdown_grace_s`` ends is ended cleanly: a stream gets its
+  error event and the end of its body (not a connection cut mid-chunk), a request not yet
+  answered gets 503 ``server_shutting_down``; the access log counts both as errors, not
+  as clients gone (499).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests import fleet, harness
+
+MSGS = [{"role": "user", "content": "Write a very long story about a lighthouse."}]
+LONG = 4000         # tokens of an answer no grace in this module waits for
+SHORT = 40          # tokens of an answer that finishes within the drain
+
+
+Stack = Callable[..., tuple[str, harness.ManagedProcess]]
+
+
+@pytest.fixture
+def stack(tmp_path: pathlib.Path) -> Iterator[Stack]:
+    """Starts a simulator and a control plane with the given ``http`` settings and drain
+    delay; stops them at teardown."""
+    pool = harness.ProcessPool(tmp_path)
+
+    def start(drain_delay_s: float, **http: Any) -> tuple[str, harness.ManagedProcess]:
+        sim = harness.free_port()
+        pool.start("sim", fleet.simulator_argv(sim, fleet.MODEL, time_scale=1),
+                   ready_url=f"http://127.0.0.1:{sim}/health")
+        port, grpc = harness.free_port(), harness.free_port()
+        cfg = fleet.controlplane_config(
+            "cp", port, grpc, tmp_path / "cp-data", http=http,
+            upstreams=[{"name": "sim", "url": f"http://127.0.0.1:{sim}",
+                        "models": [fleet.MODEL]}],
+            cache={"enabled": False})
+        cfg["http"].update(upstream_first_byte_timeout_s=60, upstream_idle_timeout_s=60)
+        base = f"http://127.0.0.1:{port}"
+        cp = pool.start("cp", ["synapse", "controlplane", "--config",
+                               str(fleet.write_yaml(tmp_path / "cp.yaml", cfg))],
+                        env={"SYNAPSE_HTTP__DRAIN_DELAY_S": str(drain_delay_s)},
+                        ready_url=base + "/health")
+        harness.wait_until(lambda: fleet.backends_ready(base) == 1, 30, "the simulator",
+                           proc=cp)
+        return base, cp
+
+    try:
+        yield start
+    finally:
+        pool.stop_all()
+
+
+def _post(base: str, tokens: int, stream: bool,
+          path: str = "/v1/chat/completions") -> socket.socket:
+    """Send a chat request over a raw socket (HTTP/1.1, the connection closed after it)."""
+    body = json.dumps({"model": "llama", "messages": MSGS, "max_tokens": tokens,
+                       "ignore_eos": True, "stream": stream}).encode()
+    host, port = base.removeprefix("http://").split(":")
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {fleet.TENANT_KEY}\r\nContent-Type: application/json\r\n"
+            f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(head + body)
+    return sock
+
+
+def _read_until(sock: socket.socket, marker: bytes) -> bytes:
+    got = b""
+    while marker not in got:
+        piece = sock.recv(65536)
+        assert piece, got[-500:]
+        got += piece
+    return got
+
+
+def _read_all(sock: socket.socket, got: bytes = b"") -> bytes:
+    with sock:
+        while piece := sock.recv(65536):
+            got += piece
+    return got
+
+
+def _dechunk(raw: bytes) -> tuple[bytes, bool]:
+    """A chunked body's bytes, and whether it ended with its last (empty) chunk."""
+    body, rest = b"", raw
+    while rest:
+        size_line, sep, rest = rest.partition(b"\r\n")
+        if not sep:
+            return body, False
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return body, True
+        if len(rest) < size + 2:
+            return body + rest[:size], False
+        body, rest = body + rest[:size], rest[size + 2:]
+    return body, False
+
+
+def _access_lines(cp: harness.ManagedProcess,
+                  path: str = "/v1/chat/completions") -> list[str]:
+    return [line for line in cp.output().splitlines() if path in line and "status=" in line]
+
+
+@pytest.mark.parametrize(("path", "fast_lane", "flowing"), [
+    ("/v1/chat/completions", True, b'"content":"'),
+    ("/v1/chat/completions", False, b'"content":"'),        # aiohttp's path
+    ("/v1/messages", True, b"content_block_delta")])        # aiohttp's, Anthropic's shape
+def test_a_stream_cut_by_the_end_of_the_grace_gets_its_error_event_and_its_end(
+        stack: Stack, path: str, fast_lane: bool, flowing: bytes) -> None:
+    base, cp = stack(0, shutdown_grace_s=1, fast_lane=fast_lane)
+    sock = _post(base, LONG, stream=True, path=path)
+    got = _read_until(sock, flowing)            # the stream is flowing
+    cp.signal(signal.SIGTERM)
+    raw = _read_all(sock, got)
+    head, _, chunked = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    body, ended = _dechunk(chunked)
+    assert ended, body[-300:]                   # the body's end, not a cut mid-transfer
+    last_event = body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    name, _, data = last_event.rpartition(b"data: ")
+    last = json.loads(data)
+    assert "shutting down" in last["error"]["message"], last
+    if path == "/v1/messages":                  # Anthropic's error event
+        assert name.startswith(b"event: error") and last["type"] == "error", last_event
+    assert cp.wait(timeout=30) == 0
+    (line,) = _access_lines(cp, path)
+    assert "status=499" not in line and "broken=True" in line, line
+
+
+def test_a_request_not_answered_by_the_end_of_the_grace_gets_503(stack: Stack) -> None:
+    base, cp = stack(0, shutdown_grace_s=1)
+    sock = _post(base, LONG, stream=False)
+    harness.wait_until(lambda: _in_flight(base), 10, "the request at the engine")
+    cp.signal(signal.SIGTERM)
+    head, _, body = _read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), head
+    assert json.loads(body)["error"]["code"] == "server_shutting_down"
+    assert cp.wait(timeout=30) == 0
+    (line,) = _access_lines(cp)
+    assert "status=503" in line, line
+
+
+def _in_flight(base: str) -> bool:
+    """Whether the control plane has a request at its backend (its /metrics)."""
+    status, _, text = harness.http(base + "/metrics", key=fleet.ADMIN_KEY)
+    return status == 200 and any(
+        ln.startswith("synapse_backend_inflight_requests{") and not ln.endswith(" 0.0")
+        for ln in text.decode().splitlines())
+
+
+def test_after_sigterm_ready_is_503_while_requests_in_flight_finish_whole(
+        stack: Stack) -> None:
+    base, cp = stack(3, shutdown_grace_s=60)
+    assert harness.http(base + "/ready")[0] == 200
+    answers: dict[str, bytes] = {}
+
+    def ask(name: str) -> None:
+        answers[name] = _read_all(_post(base, SHORT * 4, stream=True))
+    first = threading.Thread(target=ask, args=("in flight",))
+    first.start()
+    harness.wait_until(lambda: _in_flight(base), 10, "the request at the engine")
+    cp.signal(signal.SIGTERM)
+    harness.wait_until(lambda: harness.http(base + "/ready")[0] == 503, 5,
+                       "/ready to answer 503")
+    ask("during the drain")                     # the listener is still open: served
+    first.join(timeout=60)
+    assert cp.wait(timeout=60) == 0
+    for name, raw in answers.items():
+        head, _, chunked = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), (name, head)
+        body, ended = _dechunk(chunked)
+        assert ended and body.rstrip().endswith(b"data: [DONE]"), (name, body[-300:])
+        assert b'"error"' not in body, name
+
+
+def test_a_pod_of_two_processes_ends_every_stream_cleanly(tmp_path: pathlib.Path) -> None:
+    """``http.workers: 2``: the primary passes SIGTERM to its worker, and each process cuts
+    its own streams at the end of its grace with the error event (connections spread over
+    both by the kernel)."""
+    pool = harness.ProcessPool(tmp_path)
+    redis = harness.RedisServer(tmp_path)
+    try:
+        sim = harness.free_port()
+        pool.start("sim", fleet.simulator_argv(sim, fleet.MODEL, time_scale=1),
+                   ready_url=f"http://127.0.0.1:{sim}/health")
+        port, grpc = harness.free_port(), harness.free_port()
+        cfg = fleet.controlplane_config(
+            "pod", port, grpc, tmp_path / "cp-data",
+            http={"workers": 2, "shutdown_grace_s": 1, "upstream_first_byte_timeout_s": 60,
+                  "upstream_idle_timeout_s": 60},
+            redis={"url": redis.url, "timeout_s": 1.0},
+            upstreams=[{"name": "sim", "url": f"http://127.0.0.1:{sim}",
+                        "models": [fleet.MODEL]}],
+            cache={"enabled": False})
+        base = f"http://127.0.0.1:{port}"
+        cp = pool.start("cp", ["synapse", "controlplane", "--config",
+                               str(fleet.write_yaml(tmp_path / "cp.yaml", cfg))],
+                        ready_url=base + "/health")
+        harness.wait_until(lambda: fleet.backends_ready(base) == 1, 30, "the simulator",
+                           proc=cp)
+        harness.wait_until(lambda: "serving worker 1 of 2" in cp.output(), 60,
+                           "the serving worker", proc=cp)
+        socks = [_post(base, LONG, stream=True) for _ in range(8)]
+        started = [_read_until(sock, b'"content":"') for sock in socks]
+        cp.signal(signal.SIGTERM)
+        for sock, got in zip(socks, started, strict=True):
+            body, ended = _dechunk(_read_all(sock, got).partition(b"\r\n\r\n")[2])
+            assert ended, body[-300:]
+            last = json.loads(body.rstrip(b"\n").rsplit(b"data: ", 1)[-1])
+            assert "shutting down" in last["error"]["message"], last
+        assert cp.wait(timeout=60) == 0
+    finally:
+        pool.stop_all()
+        redis.stop()
