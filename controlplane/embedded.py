@@ -15,12 +15,26 @@ written into a config file or a log. ``--api-key`` uses a key of your choice ins
 
 Ctrl-C or SIGTERM stops the agent first (it drains and stops its engines), then the
 control plane; every child runs in its own process group and is killed if it lingers.
+A ``synapse up`` that dies without stopping them (SIGKILL, the OOM killer) takes them with
+it: each child gets SIGTERM from the kernel when its parent dies
+(:mod:`synapse_common.parent_death`), and the agent's engines follow the agent.
+
+One stack per data dir: ``synapse up`` holds an exclusive ``flock`` on
+``<data-dir>/up.lock`` for its whole life (the kernel drops it when the process dies,
+however it dies), and a second ``synapse up`` on the same data dir exits 1 saying which
+process holds it, before it writes a config or starts a process: two stacks would share
+its journals, its Milvus Lite file and its keys, and both would answer.
+
+The children's output goes through a pipe into ``<data-dir>/logs/<name>.log``, capped
+like the agent's engine logs (:mod:`synapse_common.capped_log`: 10 MiB, one ``.1`` kept),
+instead of growing with every request for as long as the stack runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import pathlib
@@ -29,6 +43,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -39,13 +54,15 @@ import yaml
 
 from controlplane import embedded_engine
 from controlplane.core import upstream_kinds
-from synapse_common import cli, engines, private_files
+from synapse_common import capped_log, cli, engines, parent_death
 from synapse_common import clock as clocks
 from synapse_common.ports import free_ports
 
 DEFAULT_MODEL = embedded_engine.SIMULATOR_MODEL
 EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 START_TIMEOUT_S = 240.0
+LOCK_FILE = "up.lock"
+READ_CHUNK = 65536
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -236,18 +253,52 @@ def _backends_ready(base: str) -> int:
         return 0
 
 
-class Child:
-    """One child process in its own process group, output appended to a log file."""
+def hold_data_dir(data: pathlib.Path) -> IO[bytes]:
+    """The data dir's lock, held until the returned file is closed or this process ends;
+    exits 1 naming the holder when another ``synapse up`` has it."""
+    lock = os.fdopen(os.open(data / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600), "r+b")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock.read().decode(errors="replace").strip() or "unknown"
+        lock.close()
+        cli.fail(f"synapse up: another synapse up (pid {holder}) is running with --data-dir "
+                 f"{data}; stop it first (Ctrl-C there, or kill {holder}), or choose another "
+                 "--data-dir", code=1)
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n".encode())
+    lock.flush()
+    return lock
 
-    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path) -> None:
+
+class Child:
+    """One child process in its own process group that dies with this one, its output
+    piped into a size-capped log file."""
+
+    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path,
+                 max_log_bytes: int = capped_log.MAX_BYTES) -> None:
         self.name = name
         self.log_path = log_path
         # closed in stop(); 0600: the logs name tenants and requests
-        self._log: IO[bytes] = private_files.append(log_path)
+        self._log = capped_log.CappedFile(log_path, max_log_bytes)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         env.pop("SYNAPSE_CONFIG_PATH", None)
-        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                      preexec_fn=parent_death.preexec())
+        out = cast(IO[bytes], self.popen.stdout)
+        self._pump = threading.Thread(target=self._copy, args=(out,), daemon=True,
+                                      name=f"{name} log")
+        self._pump.start()
+
+    def _copy(self, out: IO[bytes]) -> None:
+        """The child's output into its log, until every holder of the pipe closed it."""
+        fd = out.fileno()
+        while chunk := os.read(fd, READ_CHUNK):
+            # a log that cannot be written (a full disk) loses lines, never blocks the child
+            with contextlib.suppress(OSError):
+                self._log.write(chunk)
+        out.close()
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -266,7 +317,9 @@ class Child:
             os.killpg(self.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=5)
-        self._log.close()
+        self._pump.join(timeout=5)
+        if not self._pump.is_alive():   # else a grandchild holds the pipe: the daemon
+            self._log.close()           # thread goes on writing until it closes
 
 
 def _http_status(url: str, token: str | None = None, body: dict[str, Any] | None = None) -> int:
@@ -335,6 +388,7 @@ Press Ctrl-C to stop.
 def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
     args = build_parser(prog).parse_args(argv)
     data = data_directory(pathlib.Path(args.data_dir).resolve())
+    lock = hold_data_dir(data)      # held for the life of the process
     # Five distinct ports at once (two free_port() calls may return the same one).
     spare = free_ports(5, avoid={args.http_port, args.grpc_port})
     ports = {"http": _port(args.http_port, "http", args.host, spare[0]),
@@ -398,4 +452,5 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for child in reversed(children):  # the agent first: it drains its engines
             child.stop(grace_s=20)
+        lock.close()                # the next synapse up on this data dir may start
         print("Stopped.", flush=True)

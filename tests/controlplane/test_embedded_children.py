@@ -1,0 +1,81 @@
+"""``synapse up``'s children and its data dir: a child's log is capped like the agent's
+engine logs, the children die with a ``synapse up`` that was SIGKILLed, and a second
+``synapse up`` on the same data dir is refused while the first holds it. Real processes."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from controlplane import embedded
+from tests import harness
+
+TALK = "import sys\nfor i in range(2000):\n    print(f'line {i:05d} ' + 'x' * 20)\n"
+
+
+def gone(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_childs_log_is_capped_with_one_older_file_kept(tmp_path: pathlib.Path) -> None:
+    """The control plane's log grew by every request for as long as the stack ran."""
+    log = tmp_path / "talker.log"
+    child = embedded.Child("talker", [sys.executable, "-c", TALK], log, max_log_bytes=16384)
+    child.popen.wait(timeout=60)
+    child.stop(grace_s=1)
+    older = log.with_name("talker.log.1")
+    assert log.stat().st_size <= 16384 and older.stat().st_size <= 16384
+    assert log.read_text().splitlines()[-1].startswith("line 01999 ")
+    assert log.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_children_die_with_a_killed_synapse_up(tmp_path: pathlib.Path) -> None:
+    """After SIGKILL of `synapse up`, its control plane, agent and engine kept running."""
+    script = ("import sys, time\nfrom controlplane import embedded\n"
+              f"c = embedded.Child('sleeper', [sys.executable, '-c', 'import time; "
+              f"time.sleep(600)'], __import__('pathlib').Path({str(tmp_path / 's.log')!r}))\n"
+              "print(c.popen.pid, flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert not gone(child)
+        parent.kill()
+        parent.wait(timeout=30)
+        harness.wait_until(lambda: gone(child), 30, "the child to die with its parent")
+    finally:
+        parent.kill()
+        if not gone(child):
+            os.killpg(child, signal.SIGKILL)
+
+
+def test_a_second_synapse_up_on_the_same_data_dir_is_refused(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A second `synapse up` started beside a running one, both stacks answering."""
+    data = embedded.data_directory(tmp_path / "data")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import pathlib, sys, time\nfrom controlplane import embedded\n"
+         f"lock = embedded.hold_data_dir(pathlib.Path({str(data)!r}))\nprint('held', flush=True)\n"
+         "time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as refused:
+            embedded.main(["--data-dir", str(data), "--http-port", "0", "--grpc-port", "0"])
+        assert refused.value.code == 1
+        err = capsys.readouterr().err
+        assert f"another synapse up (pid {holder.pid})" in err and str(data) in err
+        assert not (data / "controlplane.yaml").exists()    # nothing of it was touched
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    embedded.hold_data_dir(data).close()     # free again once its holder is gone
