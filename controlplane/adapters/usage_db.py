@@ -10,8 +10,11 @@ plane reset its own budget that way.
   the local token store's spend). The usage flush loop, every
   ``fairness.usage.flush_interval_s``, writes the counts and the spends changed since its
   last round (each one transaction, in a thread); a clean stop writes the rest. A kill
-  loses at most the last interval: a tenant whose control plane is killed right after it
-  exceeded its budget gets back at most one flush interval's spend.
+  loses at most the last interval's usage and spend, with one exception that makes the
+  bound useful: the charge that takes a budget's spend to its limit wakes the loop at
+  once (``LocalTokenStore.on_budget_spent``), so a tenant whose control plane is killed
+  right after it exceeded its budget finds it still spent after the restart (only that
+  write's few milliseconds are at risk, not an interval's).
 - **Read once.** The spends are loaded at start-up (periods that ended are deleted);
   usage reads (``/api/v1/stats``, Admin ``GetUsage``) read the file, off the serving path.
 - **Bounded.** The usage rows of the newest ``retention_days`` days are kept (the rule of

@@ -205,8 +205,12 @@ async def _ctx(app: web.Application) -> AsyncIterator[None]:
     if fair.book is not None:
         _restore(svc, fair.book)
     if fair.book is not None or disk is not None:
-        app[_FLUSHER] = asyncio.get_running_loop().create_task(
-            _flush_loop(svc, fair, disk, svc.settings.fairness.usage.flush_interval_s))
+        wake = None
+        if disk is not None:    # a budget just spent is written at once, not a round later
+            wake = asyncio.Event()
+            fair.limiter.local.on_budget_spent = wake.set
+        app[_FLUSHER] = asyncio.get_running_loop().create_task(_flush_loop(
+            svc, fair, disk, svc.settings.fairness.usage.flush_interval_s, wake))
     yield
     if _FLUSHER in app:
         app[_FLUSHER].cancel()
@@ -265,10 +269,25 @@ def _use_disk(svc: services_mod.Services, fair: fairness.Fairness) -> usage_db.U
 
 
 async def _flush_loop(svc: services_mod.Services, fair: fairness.Fairness,
-                      disk: usage_db.UsageDb | None, interval_s: float) -> None:
+                      disk: usage_db.UsageDb | None, interval_s: float,
+                      wake: asyncio.Event | None = None) -> None:
     while True:
-        await clocks.sleep(interval_s)
+        await _pause(interval_s, wake)
         await _flush(svc, fair, disk)
+
+
+async def _pause(interval_s: float, wake: asyncio.Event | None) -> None:
+    """``interval_s``, or until ``wake`` is set (then cleared) if that comes first."""
+    if wake is None:
+        await clocks.sleep(interval_s)
+        return
+    waits = {asyncio.ensure_future(clocks.sleep(interval_s)), asyncio.ensure_future(wake.wait())}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    wake.clear()
 
 
 def _journal(svc: services_mod.Services) -> str:

@@ -162,6 +162,9 @@ class LocalTokenStore:
         self._buckets: dict[str, _Bucket] = {}
         self._spent: dict[str, tuple[float, float]] = {}   # key -> (spent, expires at)
         self._changed: set[str] = set()     # spends a copy on disk has not seen yet
+        # called when a charge takes a budget's spend to its limit: a copy on disk
+        # writes it at once rather than at its next round
+        self.on_budget_spent: Callable[[], None] | None = None
 
     def _level(self, key: str, tpm: int, now: float) -> _Bucket:
         b = self._buckets.get(key)
@@ -185,11 +188,15 @@ class LocalTokenStore:
                     return Verdict(False, (want - b.level) * 60.0 / a.tokens_per_minute, TPM, i)
             if a.budget_key and self._spend(a.budget_key, now) >= a.budget_limit:
                 return Verdict(False, a.budget_ttl_s, BUDGET, i)
+        spent_up = False
         for a in asks:
             if a.bucket:
                 self._buckets[a.bucket].level -= a.tokens
             if a.budget_key:
                 self._add(a.budget_key, a.budget_amount, a.budget_ttl_s, now)
+                spent_up = spent_up or self._spent[a.budget_key][0] >= a.budget_limit
+        if spent_up and self.on_budget_spent is not None:
+            self.on_budget_spent()
         return Verdict(True)
 
     def _add(self, key: str, amount: float, ttl_s: float, now: float) -> None:
@@ -204,6 +211,7 @@ class LocalTokenStore:
         """Apply a settlement: ``tokens_delta`` (estimate - used) back into each bucket,
         ``budget_delta`` (used - estimate) onto each period's spend."""
         now = self._clock()
+        spent_up = False
         for a, dt, db in zip(asks, tokens_delta, budget_delta, strict=True):
             if a.bucket:
                 b = self._level(a.bucket, a.tokens_per_minute, now)
@@ -212,6 +220,9 @@ class LocalTokenStore:
                 spent, expires = self._spent[a.budget_key]
                 self._spent[a.budget_key] = (max(0.0, spent + db), expires)
                 self._changed.add(a.budget_key)
+                spent_up = spent_up or spent < a.budget_limit <= spent + db
+        if spent_up and self.on_budget_spent is not None:
+            self.on_budget_spent()
 
     def spent(self, key: str) -> float:
         return self._spend(key, self._clock())

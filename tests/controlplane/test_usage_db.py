@@ -17,6 +17,7 @@ from controlplane.adapters import usage_db
 from controlplane.api import app as app_mod
 from controlplane.api import fairness_wiring
 from controlplane.core import token_limits, usage_book
+from synapse_common import clock as clocks
 from tests import harness
 from tests.clock import ManualClock
 from tests.controlplane import cp_testing as t
@@ -73,6 +74,27 @@ async def test_a_restart_on_the_same_data_dir_keeps_the_budget_spent_and_the_usa
             assert (await usage_of(cp, "a")).requests >= answered
             await cp.client(t.KEY_B).chat.completions.create(model="llama", messages=HI)
     assert (tmp_path / usage_db.FILE).stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_spent_budget_is_on_disk_before_the_next_round_of_the_flush(
+        tmp_path: pathlib.Path) -> None:
+    """A kill right after the budget was exceeded must not give the tenant a fresh one: the
+    charge that spends it is written at once, not an interval later (here an hour)."""
+    async with t.backends(("one", "ok")) as (backend,):
+        s = budgeted(tmp_path, backend.url, 40)
+        s = s.model_copy(update={"fairness": s.fairness.model_copy(update={
+            "usage": s.fairness.usage.model_copy(update={"flush_interval_s": 3600.0})})})
+        async with t.running(s) as cp:
+            await routable(cp)
+            await spend_until_refused(cp)
+
+            def kept() -> float:    # what a process started now (the first one killed) finds
+                found = usage_db.UsageDb(str(tmp_path / usage_db.FILE), 62)
+                try:
+                    return sum(spent for spent, _ in found.open_now(clocks.wall()).values())
+                finally:
+                    found.close()
+            await harness.until(lambda: kept() >= 40, 10, "the spent budget on disk")
 
 
 def charged(store: token_limits.LocalTokenStore, amount: float) -> token_limits.Ask:
