@@ -52,8 +52,8 @@ class ControlPlaneSettings(Section):
     replica_id: str = Field("", description="replica name in logs/headers (default: hostname)")
     data_dir: str = Field(
         "./.synapse", description="the process's own state: the fleet intent (a copy with "
-        "Redis), the in-process L1's journal, usage not yet flushed, the cache feedback log, "
-        "a Milvus Lite file")
+        "Redis), the in-process L1's journal, usage and budget spends (without Redis), the "
+        "cache feedback log, a Milvus Lite file")
     http: HttpSettings = Field(default_factory=HttpSettings)
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)

@@ -62,6 +62,10 @@ DEFAULT_MODEL = embedded_engine.SIMULATOR_MODEL
 EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 START_TIMEOUT_S = 240.0
 LOCK_FILE = "up.lock"
+# How long a stopping child gets before SIGKILL. The control plane on a laptop has no
+# load balancer to drain from (no drain delay) and gives its requests less than this.
+CHILD_STOP_GRACE_S = 20.0
+CONTROL_PLANE_STOP = {"drain_delay_s": 0.0, "shutdown_grace_s": CHILD_STOP_GRACE_S / 2}
 READ_CHUNK = 65536
 
 
@@ -189,7 +193,7 @@ def _write_configs(args: argparse.Namespace, data: pathlib.Path, ports: dict[str
     agent_token = {"file": str(_secret_file(secret_dir, "agent-token", None))}
     cp: dict[str, Any] = {
         "replica_id": "embedded", "data_dir": str(data),
-        "http": {"host": args.host, "port": ports["http"]},
+        "http": {"host": args.host, "port": ports["http"], **CONTROL_PLANE_STOP},
         "grpc": {"host": "127.0.0.1", "port": ports["grpc"]},
         "auth": {"admin_key": {"file": str(admin_key_file)}, "agent_token": agent_token,
                  "tenants": [{"name": "dev", "keys": [{"file": str(api_key_file)}]}]},
@@ -451,6 +455,6 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for child in reversed(children):  # the agent first: it drains its engines
-            child.stop(grace_s=20)
+            child.stop(grace_s=CHILD_STOP_GRACE_S)
         lock.close()                # the next synapse up on this data dir may start
         print("Stopped.", flush=True)

@@ -44,7 +44,8 @@ class PriceSettings(Section):
 class UsageSettings(Section):
     enabled: bool = Field(True, description="account usage per tenant x model x day")
     flush_interval_s: float = Field(1.0, gt=0, description="how often this replica adds its "
-                                    "counts to Redis (reads may lag by this much)")
+                                    "counts to Redis, or without Redis writes usage and "
+                                    "budget spends to data_dir (reads may lag by this much)")
     retention_days: int = Field(62, ge=1, le=3660, description="days of usage kept")
 
 

@@ -74,3 +74,22 @@ def test_the_api_key_comes_from_a_file_or_the_command_line_with_a_warning(
     key.write_text("\n")
     with pytest.raises(SystemExit):
         embedded.chosen_api_key(parser.parse_args(["--api-key-file", str(key)]))
+
+
+def test_the_control_plane_stops_within_the_time_synapse_up_gives_it(
+        tmp_path: pathlib.Path) -> None:
+    """``synapse up`` kills a child CHILD_STOP_GRACE_S after its SIGTERM: the control
+    plane's drain delay and grace (made for a load balancer's endpoints) must fit in it,
+    or Ctrl-C waited the drain and a long request was killed instead of cut cleanly."""
+    import yaml
+
+    from controlplane import config, embedded_engine
+    args = embedded.build_parser("synapse up").parse_args([])
+    data = embedded.data_directory(tmp_path / ".synapse")
+    gen = embedded_engine.Generation("m", [], None, {}, "upstream")
+    ports = {name: 1 + i for i, name in enumerate(("http", "grpc", "node", "metrics"))}
+    embedded._write_configs(args, data, ports, gen)
+    http = config.ControlPlaneSettings.model_validate(
+        yaml.safe_load((data / "controlplane.yaml").read_text())).http
+    assert http.drain_delay_s == 0
+    assert http.drain_delay_s + http.shutdown_grace_s < embedded.CHILD_STOP_GRACE_S
