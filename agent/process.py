@@ -17,9 +17,11 @@ Decisions:
 * The command is looked up on the engine's ``PATH`` before the reaper starts, so a
   missing binary is still an ``OSError`` of :meth:`EngineProcess.spawn` (``failed``),
   not an exit code.
-* stdout and stderr are merged into one pipe, pumped into a size-capped log file (one
-  rotated ``.1`` file kept) and a ring of the last lines for reports. Writes are small
-  appends to a local file, treated like logging's handlers as non-blocking.
+* stdout and stderr are merged into one pipe, pumped into a size-capped log file
+  (:mod:`synapse_common.capped_log`, the one home of that rule: one rotated ``.1`` file
+  kept, lines lost rather than the pump stopped when the disk refuses them) and a ring of
+  the last lines for reports. Writes are small appends to a local file, treated like
+  logging's handlers as non-blocking.
 * The ``starting:`` line shows the command and the engine's variables with secrets
   masked (:func:`agent.core.commands.shown`, the one home of that rule).
 * Engines get the agent's environment without ``SYNAPSE_*`` (the agent's own settings and
@@ -64,7 +66,7 @@ from typing import Any
 import psutil
 
 from agent.core import commands
-from synapse_common import private_files
+from synapse_common import capped_log
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ class LogSink:
         self._held = b""
         # private: an engine may log prompts (vLLM's request logging)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._file = private_files.append(path)
+        self._file = capped_log.CappedFile(path, max_bytes)
 
     def output(self, chunk: bytes) -> None:
         """Engine output: masked (the end held back when it could begin a secret), then
@@ -159,10 +161,7 @@ class LogSink:
             self.write(held)
 
     def write(self, chunk: bytes) -> None:
-        if self._file.tell() + len(chunk) > self.max_bytes:
-            self._rotate()
         self._file.write(chunk)
-        self._file.flush()
         data = self._partial + chunk
         *lines, self._partial = data.split(b"\n")
         self._partial = self._partial[-MAX_TAIL_LINE:]
@@ -173,11 +172,6 @@ class LogSink:
         """A line written by the agent itself (start, exit), marked as such."""
         self.flush_held()
         self.write(f"[synapse-agent] {text}\n".encode())
-
-    def _rotate(self) -> None:
-        self._file.close()
-        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        self._file = private_files.append(self.path)
 
     def lines(self) -> list[str]:
         return list(self.tail)

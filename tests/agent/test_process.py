@@ -176,6 +176,18 @@ def test_engine_logs_are_private(tmp_path):
         assert (tmp_path / "engines" / name).stat().st_mode & 0o777 == 0o600
 
 
+async def test_an_engine_whose_log_the_disk_refuses_runs_to_its_end(tmp_path):
+    """A full disk stopped the pump (and failed the runner's notes), leaving the engine
+    blocked on a full pipe: its lines are lost from the file now, still kept for reports."""
+    (tmp_path / "e.log").symlink_to("/dev/full")  # every write: ENOSPC
+    sink = process.LogSink(tmp_path / "e.log", 1 << 20, 10)
+    script = "for i in range(5000): print('line', i, 'x' * 60)"
+    engine = await process.EngineProcess.spawn([sys.executable, "-c", script], {}, sink)
+    assert await asyncio.wait_for(engine.wait(), 60) == 0
+    assert sink.lines()[-2:] == ["line 4999 " + "x" * 60, "[synapse-agent] exited with code 0"]
+    sink.close()
+
+
 async def test_spawn_shows_the_engine_start_masked(tmp_path):
     sink = process.LogSink(tmp_path / "e.log", 1 << 20, 10)
     script = "print('up')"
