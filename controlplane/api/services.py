@@ -79,7 +79,8 @@ class Services:
     fleet: fleet_mod.FleetService   # operator intent and the reconcile loop (Admin service)
     body_limits: validation.BodyLimits  # the http.* bounds of every parsed body: body_limits()
     metrics_token_sha256: bytes | None = None   # /metrics needs this bearer token
-    salt_key: bytes = dataclasses.field(default=b"", repr=False)   # cache_salt.key_for
+    # the engines' prefix-cache salts, keyed (cache_salt.key_for) and memoised per tenant
+    salts: cache_salt.Salts = dataclasses.field(default_factory=cache_salt.Salts)
     # False in a pod's serving worker (controlplane.workers): what the pod says once (the
     # warnings of backends whose prefix cache tenants share) its primary says
     primary: bool = True
@@ -115,7 +116,7 @@ class Services:
 
     def salt_for(self, tenant: str, client_salt: object = None) -> str:
         """The engines' prefix-cache salt of ``tenant``'s requests (:mod:`cache_salt`)."""
-        return cache_salt.for_tenant(tenant, client_salt, self.salt_key)
+        return self.salts.for_tenant(tenant, client_salt)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, memoised: the lookup costs more than the update (a
@@ -275,6 +276,7 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
         upstream=client, dispatcher=dispatch.Dispatcher(client, rtr, cat, reg, m, policy,
                                                         clock=clock),
         metrics_token_sha256=metrics_token(settings.metrics),
-        salt_key=cache_salt.key_for(settings.auth.agent_token_value), primary=commands_agents,
+        salts=cache_salt.Salts(cache_salt.key_for(settings.auth.agent_token_value), shares),
+        primary=commands_agents,
         fleet=fleet_wiring.build(settings, reg, led, m, pushes=commands_agents),
         body_limits=body_limits(h))

@@ -18,11 +18,10 @@ embedding and scoring models too):
   tenant's salt there can time that tenant's prefixes. Every replica and worker holds the
   same key, so a tenant's partition is one on every engine. Without an agent token the
   salt is the plain hash (unkeyed, as before: nothing secret to key it with);
-- memoised per tenant (:func:`for_tenant`): each tenant a fixed memo of its own
-  (:data:`SALTS_KEPT` client salts of at most :data:`SALT_MEMO_CHARS`), not a share of
-  a total as :mod:`tenant_lru`'s tables are: the tenants' count is not known here, and
-  what the memo holds is bounded by the configured tenants times a fixed size whatever
-  clients send;
+- memoised per tenant (:class:`Salts`): each configured tenant its share of
+  :data:`SALTS_KEPT` client salts of at most :data:`SALT_MEMO_CHARS`, as every
+  :mod:`tenant_lru` table is, so what the memo holds is bounded whatever clients send
+  and however many tenants are configured;
 - the router hashes a prompt's blocks from the same salt (:func:`seed`; the prompt keeps
   it, ``tokenization.Prompt.partition``), so its prefix index, and with it prefix
   locality, is per tenant as the engines' caches then are.
@@ -78,7 +77,7 @@ _FIELD_BYTES = b'"cache_salt"'
 # A \u escape of a printable ASCII character: how a key can spell ``cache_salt`` without
 # its bytes appearing (``"cache\u005fsalt"``). Non-ASCII escapes cannot spell it.
 _ASCII_ESCAPE = re.compile(rb"\\u00[2-7][0-9a-fA-F]")
-SALTS_KEPT = 256       # client salts whose salt is kept, per tenant
+SALTS_KEPT = 4096      # client salts whose salt is kept, each tenant its share
 SALT_MEMO_CHARS = 128  # longer client salts are hashed at each request, never kept
 WALK_NODES = 10_000    # schemas of a server's document looked at, at most
 KEY_CONTEXT = b"synapse/cache-salt/v1"
@@ -94,30 +93,40 @@ def key_for(agent_token: str | None) -> bytes:
 
 
 def for_tenant(tenant: str, client_salt: object = None, key: bytes = b"") -> str:
-    """The salt of ``tenant``'s requests (the client's own ``cache_salt`` folded in),
-    keyed with ``key`` (:func:`key_for`).
-
-    Memoised: every request of a tenant asks for the same one, and hashing it again was a
-    visible share of a request's CPU. The memo is the tenant's own (:data:`_memo`, each
-    tenant :data:`SALTS_KEPT` client salts, its least recently used out first): shared,
-    one tenant's salts pushed out another's, which then paid the hash again (a timing
-    channel on how many salts the others use). Only client salts of at most
-    :data:`SALT_MEMO_CHARS` are kept: the client chooses the string, and a memo keyed by
-    it held whatever it sent (a megabyte each) without a bound in bytes. A longer one is
-    hashed at each request, which costs no more than reading it did."""
-    own = client_salt if isinstance(client_salt, str) else ""
-    if len(own) > SALT_MEMO_CHARS:
-        return _salt(key, tenant, own)
-    held = _memo.get(tenant, own)
-    if held is not None and held[0] == key:
-        return held[1]
-    salt = _salt(key, tenant, own)
-    _memo.put(tenant, own, (key, salt))
-    return salt
+    """The salt of ``tenant``'s requests (the client's own ``cache_salt`` folded in, when
+    a string), keyed with ``key`` (:func:`key_for`); :class:`Salts` remembers them."""
+    return _salt(key, tenant, client_salt if isinstance(client_salt, str) else "")
 
 
-# tenant -> client salt (at most SALT_MEMO_CHARS) -> (the key, its salt)
-_memo: tenant_lru.TenantLRU[tuple[bytes, str]] = tenant_lru.TenantLRU(SALTS_KEPT)
+class Salts:
+    """:func:`for_tenant` with the process's key, memoised.
+
+    Every request of a tenant asks for the same salt, and hashing it again was a visible
+    share of a request's CPU. The memo is per tenant (each configured tenant its share of
+    :data:`SALTS_KEPT`, its least recently used out first): shared, one tenant's salts
+    pushed out another's, which then paid the hash again (a timing channel on how many
+    salts the others use). Only client salts of at most :data:`SALT_MEMO_CHARS` are
+    kept: the client chooses the string, and a memo keyed by it held whatever it sent (a
+    megabyte each) without a bound in bytes. A longer one is hashed at each request,
+    which costs no more than reading it did."""
+
+    def __init__(self, key: bytes = b"", tenants: int = 1) -> None:
+        self._key = key
+        # tenant -> client salt (at most SALT_MEMO_CHARS) -> its salt
+        self._memo: tenant_lru.TenantLRU[str] = tenant_lru.TenantLRU(SALTS_KEPT, tenants)
+
+    def __repr__(self) -> str:
+        return f"Salts(keyed={bool(self._key)}, kept={len(self._memo)})"   # never the key
+
+    def for_tenant(self, tenant: str, client_salt: object = None) -> str:
+        own = client_salt if isinstance(client_salt, str) else ""
+        if len(own) > SALT_MEMO_CHARS:
+            return _salt(self._key, tenant, own)
+        salt = self._memo.get(tenant, own)
+        if salt is None:
+            salt = _salt(self._key, tenant, own)
+            self._memo.put(tenant, own, salt)
+        return salt
 
 
 def _salt(key: bytes, tenant: str, own: str) -> str:

@@ -51,18 +51,21 @@ def test_a_salt_is_the_same_kept_or_not(own: str | None, keyed: bool, salt: str)
     """Whether the memo keeps a client's salt changes nothing an engine sees: the same
     tenant's partition on every replica, old and new alike."""
     key = cache_salt.key_for("agent-token-of-this-fleet") if keyed else b""
+    salts = cache_salt.Salts(key)
+    assert cache_salt.for_tenant("team", own, key) == salt
     for _ in range(2):                          # computed, then (when kept) remembered
-        assert cache_salt.for_tenant("team", own, key) == salt
+        assert salts.for_tenant("team", own) == salt
 
 
 def test_huge_client_salts_are_not_kept() -> None:
     """A client chooses its salt's length: what the memo keeps of unique huge ones is
     bounded however many arrive."""
+    salts = cache_salt.Salts()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
         # each salt as a request's body brings it: dropped once its request is done
-        made = {cache_salt.for_tenant("hoarder", f"{i:04d}" + "s" * 256 * 1024)
+        made = {salts.for_tenant("hoarder", f"{i:04d}" + "s" * 256 * 1024)
                 for i in range(20)}
         kept = tracemalloc.get_traced_memory()[0] - before
     finally:
@@ -75,13 +78,24 @@ def test_one_tenants_salts_never_push_out_anothers(monkeypatch: pytest.MonkeyPat
     """The memo is per tenant: a tenant sending many salts pushes out its own, never
     another's (whose next request would pay the hash again: a timing channel)."""
     hashed = call_counts.counting(monkeypatch, hmac, "new")
-    key = cache_salt.key_for("agent-token-of-this-fleet")
-    quiet = cache_salt.for_tenant("quiet", "mine", key)
-    for i in range(5000):
-        cache_salt.for_tenant("noisy", f"salt-{i}", key)
+    salts = cache_salt.Salts(cache_salt.key_for("agent-token-of-this-fleet"), tenants=2)
+    quiet = salts.for_tenant("quiet", "mine")
+    for i in range(cache_salt.SALTS_KEPT + 1):
+        salts.for_tenant("noisy", f"salt-{i}")
     made = hashed[0]
-    assert cache_salt.for_tenant("quiet", "mine", key) == quiet
+    assert salts.for_tenant("quiet", "mine") == quiet
     assert hashed[0] == made                    # remembered still
+
+
+def test_the_memo_holds_each_configured_tenant_its_share() -> None:
+    """Bounded in total whatever the number of tenants (a fixed memo per tenant held
+    that many times over with many tenants, in every worker)."""
+    salts = cache_salt.Salts(b"k" * 32, tenants=8)
+    for tenant in range(8):
+        for i in range(cache_salt.SALTS_KEPT):
+            salts.for_tenant(f"t{tenant}", f"salt-{i}")
+    assert len(salts._memo) <= cache_salt.SALTS_KEPT
+    assert "k" * 32 not in repr(salts) and (b"k" * 32).hex() not in repr(salts)
 
 
 @pytest.mark.parametrize("body", [

@@ -76,3 +76,12 @@ async def test_huge_user_fields_leave_bounded_keys_in_the_table_and_on_the_mesh(
         assert len(kept) == 4                   # three users, one Anthropic user id
         assert all(len(key) <= KEY_MAX for key in kept + mesh.sessions), kept
         assert len(mesh.sessions) == 5 and mesh.sessions[0] == mesh.sessions[3]
+
+
+def test_a_session_key_is_the_same_in_every_worker_and_release() -> None:
+    """A pod's workers (and replicas of one release, and the next release) must form the
+    same key for one session, or session affinity would split across them: pinned
+    values, not a digest recomputed by the test."""
+    assert router.session_key("team", "user-42") == "4:team:75f59fe5ab99eb6e2c9fe4fcb2434b05"
+    assert router.session_key("t", "é\udc80") == "1:t:2dccd1bdb4f6540b96d40cd529d54b2d"
+    assert router.session_key("team", "") == ""
