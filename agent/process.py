@@ -7,7 +7,8 @@ Decisions:
   only), started in its own session (``start_new_session=True``): the reaper is the
   process-group leader, the engine its child, and ``killpg`` reaches the workers vLLM
   forks as well. ``PR_SET_PDEATHSIG(SIGHUP)`` is set on the reaper between fork and exec
-  (ctypes ``prctl``): if the agent is SIGKILLed or OOM-killed, the reaper kills the whole
+  (:mod:`synapse_common.parent_death`, which also sends it at once when the agent is
+  already gone): if the agent is SIGKILLed or OOM-killed, the reaper kills the whole
   group, so no engine nor any of its children (vLLM's engine core) keeps a GPU. A
   parent-death signal set on the engine itself would not do: the kernel clears it for
   the engine's children. The signal fires when the *thread* that forked dies, so engines
@@ -49,8 +50,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -66,33 +65,15 @@ from typing import Any
 import psutil
 
 from agent.core import commands
-from synapse_common import capped_log
+from synapse_common import capped_log, parent_death
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 READ_CHUNK = 65536
 MAX_TAIL_LINE = 2000  # characters kept per line in memory
 MASK = commands.MASK.encode()
 REAPER = str(pathlib.Path(__file__).resolve().parent / "engine_reaper.py")
 PARENT_GONE = signal.SIGHUP  # the reaper's parent-death signal (agent.engine_reaper)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()  # loaded before any fork: preexec_fn must not import or allocate much
-
-
-def _child_setup() -> None:
-    """Runs in the reaper after fork: learn of the agent's death."""
-    if _LIBC is not None:
-        _LIBC.prctl(PR_SET_PDEATHSIG, PARENT_GONE, 0, 0, 0)
 
 
 def _runnable(command: str, env: Mapping[str, str]) -> None:
@@ -204,7 +185,8 @@ class EngineProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-I", "-S", REAPER, str(os.getpid()), "--", *argv,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=full_env, start_new_session=True, preexec_fn=_child_setup)
+            env=full_env, start_new_session=True,
+            preexec_fn=parent_death.preexec(PARENT_GONE))
         return cls(proc, sink)
 
     async def _pump_output(self) -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -53,7 +52,7 @@ from controlplane.api import observability, worker_wiring
 from controlplane.api import services as services_mod
 from controlplane.core.l2 import store as l2_store
 from controlplane.settings.server import MAX_WORKERS
-from synapse_common import cli
+from synapse_common import cli, parent_death
 
 log = logging.getLogger("synapse.controlplane.workers")
 
@@ -61,7 +60,6 @@ RESTART_FIRST_S = 0.5
 RESTART_MAX_S = 10.0
 HEALTHY_S = 60.0            # a worker that ran this long restarts without waiting long
 STOP_MARGIN_S = 5.0         # beyond a worker's own graceful stop, before it is killed
-PR_SET_PDEATHSIG = 1
 SOCKET_PATH_MAX = 107       # bytes of a unix socket's path on Linux (108 with its NUL)
 CGROUP = pathlib.Path("/sys/fs/cgroup")
 FLEET_POLL_S = 0.05
@@ -241,11 +239,9 @@ class Pool:
 
 def exit_with_parent(parent: int) -> None:
     """A worker's SIGTERM when the primary that started it (``parent``) dies, however it
-    dies (Linux ``PR_SET_PDEATHSIG``), so no worker outlives its pod's primary."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:      # it died before the line above took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    dies (Linux ``PR_SET_PDEATHSIG``, :mod:`synapse_common.parent_death`), so no worker
+    outlives its pod's primary."""
+    parent_death.die_with(parent, signal.SIGTERM)
 
 
 class PodLink:
