@@ -16,7 +16,8 @@ again. The journal makes the in-process L1 as durable as the Lite file beside it
   (one flush at a time): an invalidation awaits it, so a process killed right after one
   does not bring the invalidated entries back at its restart. ``flush_now`` is its blocking
   form for a process not serving yet (no event loop: ops queued then wait for it).
-- **Damaged, locked or read-only.** A file that is not a database, or a malformed one, is
+- **Damaged, locked or read-only** (the rules of :mod:`controlplane.adapters.sqlite_file`,
+  shared with the usage file). A file that is not a database, or a malformed one, is
   moved to ``<path>.corrupt`` and a new journal started. Any other failure to open or read
   it (another process holding it locked) leaves the file alone: one warning, and the
   journal is off for this run (L1 starts empty and is not kept). A file that cannot be
@@ -24,26 +25,24 @@ again. The journal makes the in-process L1 as durable as the Lite file beside it
   are not kept (one warning).
 - Expiry times are wall-clock seconds (a monotonic clock does not survive a restart).
 - Every SQLite call runs in a thread, one at a time (one connection, one lock).
-- **Private.** It holds every tenant's cached answers: the file is made mode 0600 before
-  SQLite writes to it (its ``-wal`` and ``-shm`` files take the database file's mode), and
-  a directory it has to create is made 0700. Under the usual umask they were 0644 and
-  0755, readable by every local user, whenever ``synapse controlplane`` ran with a
-  ``data_dir`` that ``synapse up`` had not made (only ``synapse up`` tightens its own).
+- **Private** (:mod:`controlplane.adapters.sqlite_file` too). It holds every tenant's
+  cached answers: the file is made mode 0600 before SQLite writes to it (its ``-wal`` and
+  ``-shm`` files take the database file's mode), and a directory it has to create is made
+  0700. Under the usual umask they were 0644 and 0755, readable by every local user,
+  whenever ``synapse controlplane`` ran with a ``data_dir`` that ``synapse up`` had not
+  made (only ``synapse up`` tightens its own).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import errno
 import logging
-import os
 import sqlite3
 import threading
-import urllib.parse
 from typing import Any
 
+from controlplane.adapters import sqlite_file
 from synapse_common import aiotasks
 from synapse_common import clock as clocks
 
@@ -51,22 +50,6 @@ SCHEMA = ("CREATE TABLE IF NOT EXISTS l1 (skey TEXT PRIMARY KEY, tenant TEXT NOT
           "model TEXT NOT NULL, value BLOB NOT NULL, expires_at REAL NOT NULL)")
 log = logging.getLogger("synapse.cache")
 MATCH = "DELETE FROM l1 WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR model = ?2)"
-DAMAGED = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
-UNWRITABLE_ERRNO = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
-UNWRITABLE_SQLITE = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN})
-
-
-def damaged(exc: BaseException) -> bool:
-    """The file is not a database, or a malformed one: only such a file is set aside
-    (a locked one belongs to a live process)."""
-    return isinstance(exc, sqlite3.DatabaseError) and exc.sqlite_errorcode in DAMAGED
-
-
-def unwritable(exc: BaseException) -> bool:
-    """The file cannot be opened for writing (read-only disk or file)."""
-    if isinstance(exc, sqlite3.DatabaseError):
-        return exc.sqlite_errorcode in UNWRITABLE_SQLITE
-    return isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,23 +148,21 @@ class SqliteJournal:
         a damaged, locked or read-only file)."""
         if self._db is None:
             try:
-                try:
-                    self._db = self._open()
-                except (OSError, sqlite3.DatabaseError) as exc:
-                    if damaged(exc):
-                        self._db = self._open(set_aside=exc)
-                    elif unwritable(exc) and os.path.exists(self.path):
-                        self._db = self._open_read_only(exc)
-                    else:
-                        raise
+                self._db, read_only = sqlite_file.open_recovering(
+                    self.path, (SCHEMA,), "l1", self._busy_timeout,
+                    warn_set_aside=self._warn_set_aside, warn_read_only=self._warn_read_only)
             except Exception as exc:
                 self._stop(exc)
                 raise
+            if read_only:
+                self._read_only = True
+                self._ops.clear()
         return self._db
 
     def _connect_set_aside(self, why: BaseException) -> None:
         try:
-            self._db = self._open(set_aside=why)
+            self._db = sqlite_file.reopen_set_aside(self.path, (SCHEMA,), self._busy_timeout,
+                                                    why, self._warn_set_aside)
         except Exception as exc:
             self._stop(exc)
             raise
@@ -193,57 +174,14 @@ class SqliteJournal:
                     "L1 starts empty and is not kept this run", self.path,
                     type(exc).__name__, exc)
 
-    def _open(self, set_aside: BaseException | None = None) -> sqlite3.Connection:
-        """The journal's connection, read-write. ``set_aside``: the file is damaged (a
-        torn or foreign file): it is renamed ``<path>.corrupt`` and a new one started, or
-        the journal would fail every write until an operator deleted it."""
-        if set_aside is not None:
-            self._set_aside(set_aside)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
-        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        for made in (self.path, self.path + "-wal", self.path + "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(made, 0o600)   # files made before this rule, too
-        db = sqlite3.connect(self.path, timeout=self._busy_timeout, check_same_thread=False,
-                             isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(SCHEMA)
-        except BaseException:
-            db.close()
-            raise
-        return db
-
-    def _set_aside(self, why: BaseException) -> None:
+    def _warn_set_aside(self, why: BaseException) -> None:
         log.warning("cache L1 journal %s is unreadable (%s: %s): moved to %s.corrupt, "
                     "starting an empty one", self.path, type(why).__name__, why, self.path)
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(self.path + suffix, self.path + ".corrupt" + suffix)
 
-    def _open_read_only(self, why: BaseException) -> sqlite3.Connection:
-        """The journal, read-only (its file cannot be written): read as it is, or, when
-        SQLite cannot even take its read locks there, as an unchanging file."""
-        base = "file:" + urllib.parse.quote(os.path.abspath(self.path))
-        failure: sqlite3.Error | None = None
-        for mode in ("mode=ro", "immutable=1"):
-            db = sqlite3.connect(f"{base}?{mode}", uri=True, timeout=self._busy_timeout,
-                                 check_same_thread=False, isolation_level=None)
-            try:
-                db.execute("SELECT count(*) FROM l1").fetchone()
-            except sqlite3.Error as exc:
-                db.close()
-                failure = exc
-                continue
-            self._read_only = True
-            self._ops.clear()
-            log.warning("cache L1 journal %s cannot be written (%s: %s): its entries are "
-                        "restored read-only, and changes are not kept this run", self.path,
-                        type(why).__name__, why)
-            return db
-        assert failure is not None
-        raise failure
+    def _warn_read_only(self, why: BaseException) -> None:
+        log.warning("cache L1 journal %s cannot be written (%s: %s): its entries are "
+                    "restored read-only, and changes are not kept this run", self.path,
+                    type(why).__name__, why)
 
     def _load_sync(self, now: float) -> list[Saved]:
         with self._lock:
@@ -253,7 +191,7 @@ class SqliteJournal:
                 if self._off:                   # could not be opened (already said)
                     raise
                 self._close_db()
-                if not damaged(exc):            # e.g. locked by another process
+                if not sqlite_file.damaged(exc):    # e.g. locked by another process
                     self._stop(exc)
                     raise
                 found = []                      # opened, then found malformed
@@ -277,13 +215,5 @@ class SqliteJournal:
             if self._off:
                 return
             db = self._connect()
-            if self._read_only:
-                return
-            db.execute("BEGIN")
-            try:
-                for sql, args in ops:
-                    db.execute(sql, args)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+            if not self._read_only:
+                sqlite_file.transaction(db, ops)

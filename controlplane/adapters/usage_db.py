@@ -20,29 +20,27 @@ plane reset its own budget that way.
 - **Bounded.** The usage rows of the newest ``retention_days`` days are kept (the rule of
   the in-memory store); a spend is deleted once its period has ended. Tokens-per-minute
   buckets are not kept: they refill within a minute anyway.
-- **Private.** It names tenants and their usage: the file is made 0600 before SQLite
-  writes to it (its ``-wal`` and ``-shm`` files take its mode), a folder it makes 0700.
-- **Damaged, locked or read-only** (the rules of :mod:`controlplane.adapters.l1_journal`,
-  whose tests of those are the model): a file that is not a database is moved to
-  ``<path>.corrupt`` and a new one started; one that cannot be opened otherwise (locked
-  by another process) is left alone, one warning, and usage and spend stay in memory this
-  run; one that cannot be written is read (spends restored, its usage readable) and this
-  run's counts are kept in memory only (one warning).
+- **Private** (:mod:`controlplane.adapters.sqlite_file`). It names tenants and their
+  usage: the file is made 0600 before SQLite writes to it (its ``-wal`` and ``-shm`` files
+  take its mode), a folder it makes 0700.
+- **Damaged, locked or read-only** (the rules of :mod:`controlplane.adapters.sqlite_file`,
+  shared with the L1 journal, whose tests of those are the model): a file that is not a
+  database is moved to ``<path>.corrupt`` and a new one started; one that cannot be
+  opened otherwise (locked by another process) is left alone, one warning, and usage and
+  spend stay in memory this run; one that cannot be written is read (spends restored, its
+  usage readable) and this run's counts are kept in memory only (one warning).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import sqlite3
 import threading
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from controlplane.adapters import l1_journal
+from controlplane.adapters import sqlite_file
 from controlplane.core import usage_book
 
 FILE = "usage.sqlite"
@@ -81,24 +79,17 @@ class UsageDb:
         """Open the file and return the spends of periods not yet ended (raises when it
         cannot be used at all; see the module's docstring)."""
         with self._lock:
-            try:
-                self._db = self._open()
-            except (OSError, sqlite3.DatabaseError) as exc:
-                if l1_journal.damaged(exc):
-                    self._set_aside(exc)
-                    self._db = self._open()
-                elif l1_journal.unwritable(exc) and os.path.exists(self.path):
-                    self._db = self._open_read_only(exc)
-                else:
-                    raise
+            self._db, self.read_only = sqlite_file.open_recovering(
+                self.path, SCHEMA, "spend", self._busy_timeout,
+                warn_set_aside=self._warn_set_aside, warn_read_only=self._warn_read_only)
             try:
                 return self._spends(wall_now)
             except sqlite3.DatabaseError as exc:   # opened, then found malformed
-                if not l1_journal.damaged(exc) or self.read_only:
+                if not sqlite_file.damaged(exc) or self.read_only:
                     raise
                 self._close()
-                self._set_aside(exc)
-                self._db = self._open()
+                self._db = sqlite_file.reopen_set_aside(self.path, SCHEMA, self._busy_timeout,
+                                                        exc, self._warn_set_aside)
                 return {}
 
     def close(self) -> None:
@@ -139,15 +130,7 @@ class UsageDb:
 
     def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         with self._lock:
-            db = self._conn()
-            db.execute("BEGIN")
-            try:
-                for sql, args in statements:
-                    db.execute(sql, args)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+            sqlite_file.transaction(self._conn(), statements)
 
     def _add_sync(self, rows: Rows) -> None:
         statements: list[tuple[str, Sequence[Any]]] = [
@@ -185,51 +168,15 @@ class UsageDb:
         return {str(k): (float(s), float(e)) for k, s, e in db.execute(
             "SELECT key, spent, expires_at FROM spend WHERE expires_at > ?", (wall_now,))}
 
-    def _open(self) -> sqlite3.Connection:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
-        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        for made in (self.path, self.path + "-wal", self.path + "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(made, 0o600)
-        db = sqlite3.connect(self.path, timeout=self._busy_timeout, check_same_thread=False,
-                             isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            for statement in SCHEMA:
-                db.execute(statement)
-        except BaseException:
-            db.close()
-            raise
-        return db
+    def _warn_read_only(self, why: BaseException) -> None:
+        log.warning("usage file %s cannot be written (%s: %s): its usage and budget "
+                    "spend are restored read-only, and this run's are kept in memory "
+                    "only", self.path, type(why).__name__, why)
 
-    def _open_read_only(self, why: BaseException) -> sqlite3.Connection:
-        base = "file:" + urllib.parse.quote(os.path.abspath(self.path))
-        failure: sqlite3.Error | None = None
-        for mode in ("mode=ro", "immutable=1"):
-            db = sqlite3.connect(f"{base}?{mode}", uri=True, timeout=self._busy_timeout,
-                                 check_same_thread=False, isolation_level=None)
-            try:
-                db.execute("SELECT count(*) FROM spend").fetchone()
-            except sqlite3.Error as exc:
-                db.close()
-                failure = exc
-                continue
-            self.read_only = True
-            log.warning("usage file %s cannot be written (%s: %s): its usage and budget "
-                        "spend are restored read-only, and this run's are kept in memory "
-                        "only", self.path, type(why).__name__, why)
-            return db
-        assert failure is not None
-        raise failure
-
-    def _set_aside(self, why: BaseException) -> None:
+    def _warn_set_aside(self, why: BaseException) -> None:
         log.warning("usage file %s is unreadable (%s: %s): moved to %s.corrupt, starting "
                     "an empty one (budgets restart from zero)", self.path,
                     type(why).__name__, why, self.path)
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(self.path + suffix, self.path + ".corrupt" + suffix)
 
     def _close(self) -> None:
         if self._db is not None:

@@ -1,0 +1,140 @@
+"""A private SQLite file in ``data_dir``: the one home of the rules that the L1 journal
+(:mod:`controlplane.adapters.l1_journal`) and the usage file
+(:mod:`controlplane.adapters.usage_db`) follow alike.
+
+- **Private.** Both hold tenants' data (cached answers, usage): the file is made mode 0600
+  before SQLite writes to it (its ``-wal`` and ``-shm`` files take the database file's
+  mode; files made before this rule are tightened too), and a directory it has to create
+  is made 0700. Under the usual umask they were 0644 and 0755, readable by every local
+  user.
+- **Damaged.** A file that is not a database, or a malformed one (``SQLITE_NOTADB``,
+  ``SQLITE_CORRUPT``), is moved to ``<path>.corrupt`` (its ``-wal`` and ``-shm`` beside
+  it) and a new one started: kept, it would fail every write until an operator deleted it.
+- **Locked.** Any other failure (another process holding it locked) leaves the file alone:
+  it belongs to a live process. The caller decides what it does without it.
+- **Read-only.** A file that cannot be written (a read-only disk or file) is opened
+  read-only (``mode=ro``), or, when SQLite cannot even take its read locks there, as an
+  unchanging file (``immutable=1``).
+
+What each file does in those cases (what it warns, what it keeps in memory) stays with
+its own module: this one opens, says how it opened (:func:`open_recovering`), and applies
+a batch of writes in one transaction (:func:`transaction`; connections are autocommit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sqlite3
+import urllib.parse
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+DAMAGED = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+UNWRITABLE_ERRNO = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+UNWRITABLE_SQLITE = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN})
+SUFFIXES = ("", "-wal", "-shm")
+
+Warn = Callable[[BaseException], None]
+
+
+def damaged(exc: BaseException) -> bool:
+    """The file is not a database, or a malformed one: only such a file is set aside
+    (a locked one belongs to a live process)."""
+    return isinstance(exc, sqlite3.DatabaseError) and exc.sqlite_errorcode in DAMAGED
+
+
+def unwritable(exc: BaseException) -> bool:
+    """The file cannot be opened for writing (read-only disk or file)."""
+    if isinstance(exc, sqlite3.DatabaseError):
+        return exc.sqlite_errorcode in UNWRITABLE_SQLITE
+    return isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNO
+
+
+def open_private(path: str, schema: Sequence[str], busy_timeout_s: float) -> sqlite3.Connection:
+    """``path`` read-write (made private first), in WAL mode, its ``schema`` statements
+    run. Autocommit: the caller opens its own transactions."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for made in (path + suffix for suffix in SUFFIXES):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(made, 0o600)   # files made before this rule, too
+    db = sqlite3.connect(path, timeout=busy_timeout_s, check_same_thread=False,
+                         isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        for statement in schema:
+            db.execute(statement)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def transaction(db: sqlite3.Connection,
+                statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+    """``statements`` applied in one transaction on an autocommit connection: all or none."""
+    db.execute("BEGIN")
+    try:
+        for sql, args in statements:
+            db.execute(sql, args)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def set_aside(path: str) -> None:
+    """Move a damaged ``path`` (and its ``-wal`` and ``-shm``) to ``<path>.corrupt``."""
+    for suffix in SUFFIXES:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path + suffix, path + ".corrupt" + suffix)
+
+
+def open_read_only(path: str, probe: str, busy_timeout_s: float) -> sqlite3.Connection:
+    """``path`` read as it is, or as an unchanging file when SQLite cannot take its read
+    locks there. ``probe``: a table read to prove the connection works (SQLite opens
+    lazily); the last failure is raised when neither way reads it."""
+    base = "file:" + urllib.parse.quote(os.path.abspath(path))
+    failure: sqlite3.Error | None = None
+    for mode in ("mode=ro", "immutable=1"):
+        db = sqlite3.connect(f"{base}?{mode}", uri=True, timeout=busy_timeout_s,
+                             check_same_thread=False, isolation_level=None)
+        try:
+            db.execute(f"SELECT count(*) FROM {probe}").fetchone()
+        except sqlite3.Error as exc:
+            db.close()
+            failure = exc
+            continue
+        return db
+    assert failure is not None
+    raise failure
+
+
+def open_recovering(path: str, schema: Sequence[str], probe: str, busy_timeout_s: float, *,
+                    warn_set_aside: Warn, warn_read_only: Warn,
+                    ) -> tuple[sqlite3.Connection, bool]:
+    """``path`` opened by the rules above: the connection, and whether it is read-only.
+    ``warn_set_aside`` is called before a damaged file is moved, ``warn_read_only`` once
+    an unwritable one is open, each with the failure that led there. A locked file (or any
+    failure the rules do not cover) raises, the file left alone."""
+    try:
+        return open_private(path, schema, busy_timeout_s), False
+    except (OSError, sqlite3.DatabaseError) as exc:
+        if damaged(exc):
+            return reopen_set_aside(path, schema, busy_timeout_s, exc, warn_set_aside), False
+        if unwritable(exc) and os.path.exists(path):
+            db = open_read_only(path, probe, busy_timeout_s)
+            warn_read_only(exc)
+            return db, True
+        raise
+
+
+def reopen_set_aside(path: str, schema: Sequence[str], busy_timeout_s: float,
+                     why: BaseException, warn: Warn) -> sqlite3.Connection:
+    """A damaged ``path`` (``why`` says so) set aside after ``warn``, and a new one opened."""
+    warn(why)
+    set_aside(path)
+    return open_private(path, schema, busy_timeout_s)
