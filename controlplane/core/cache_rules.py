@@ -210,6 +210,22 @@ _SCALARS = _PLAIN | {float}
 _NUMBERS = frozenset({int, float})
 
 
+def _whole(value: float) -> int | str | None:
+    """The canonical form of a float that has one: an integral float's int, the ``repr``
+    of one that is not finite; None for a finite fraction (each walk writes those its own
+    way)."""
+    if not math.isfinite(value):
+        return repr(value)
+    return int(value) if value.is_integer() else None
+
+
+def _plain_dict(value: Mapping[Any, Any]) -> bool:
+    """A dict of plain values under string keys: its own canonical form, found by
+    ``map(type, ...)`` at C speed, without a step per item."""
+    return (type(value) is dict and _PLAIN.issuperset(map(type, value.values()))
+            and _STR_KEYS.issuperset(map(type, value)))
+
+
 def _normalise(value: Any, fractions: list[float]) -> Any:
     """Canonical form: integral floats become ints, containers recurse; the other finite
     floats are also appended to ``fractions``. A container of plain values only (strings,
@@ -218,17 +234,14 @@ def _normalise(value: Any, fractions: list[float]) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer():
-            return int(value)
-        if not math.isfinite(value):
-            return repr(value)
+        if (whole := _whole(value)) is not None:
+            return whole
         fractions.append(value)
         return value
     if isinstance(value, int):
         return value
     if isinstance(value, Mapping):
-        if type(value) is dict and _PLAIN.issuperset(map(type, value.values())) \
-                and _STR_KEYS.issuperset(map(type, value)):
+        if _plain_dict(value):
             return value        # its own canonical form, found without a step per item
         return {str(k): _normalise(v, fractions) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -252,16 +265,12 @@ def _fragmented(value: Any) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer():
-            return int(value)
-        if not math.isfinite(value):
-            return repr(value)
-        return orjson.Fragment(float.__repr__(value))
+        whole = _whole(value)
+        return orjson.Fragment(float.__repr__(value)) if whole is None else whole
     if isinstance(value, int):
         return value
     if isinstance(value, Mapping):
-        if type(value) is dict and _PLAIN.issuperset(map(type, value.values())) \
-                and _STR_KEYS.issuperset(map(type, value)):
+        if _plain_dict(value):
             return value
         return {str(k): _fragmented(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
