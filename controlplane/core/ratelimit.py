@@ -8,7 +8,12 @@ turn into an outage of the API, and the local bucket still bounds each replica.
 
 A request takes one token and one concurrency slot; the slot is released when the
 response is finished (or aborted). ``Retry-After`` is when the next token appears, or a
-second for a concurrency refusal (the slot frees when some request ends).
+second for a concurrency refusal (the slot frees when some request ends). A request
+cancelled (its client gone) while the shared store is deciding may already hold a slot
+there (the script ran; its reply had not come): the store's answer is awaited apart from
+the request, and a slot it granted is released at once, not left to its lease (with
+``max_concurrent`` 1, one dropped connection would lock the tenant out for the lease).
+The local store decides without a wait: nothing to abandon there.
 
 :meth:`RateLimiter.peek` answers at a request's head, taking nothing, whether it would be
 refused (the fast lane then drops its body unread): by this process's bucket, or with a
@@ -24,12 +29,13 @@ Each permit's slot is this limiter's random prefix and a counter: unique across 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import itertools
 import uuid
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from controlplane import errors
 from controlplane.core import tenants
@@ -179,6 +185,7 @@ class RateLimiter:
         self._on_error = on_store_error
         self._slot_prefix = uuid.uuid4().hex[:16]
         self._slots = itertools.count(1)
+        self._background: set[asyncio.Future[None]] = set()
 
     async def acquire(self, tenant: tenants.Tenant, request_id: str) -> Permit:
         """A permit, or :class:`errors.RateLimited` naming the limit hit. The permit's
@@ -192,9 +199,7 @@ class RateLimiter:
         if self._shared is not None:
             asked = self._local.now()      # before the store's clock read the bucket
             try:
-                allowed, retry, which = await self._shared.acquire(
-                    tenant.name, limits.rate or 0.0, limits.burst, limits.max_concurrent or 0,
-                    slot)
+                allowed, retry, which = await self._ask_store(tenant.name, limits, slot)
                 verdict = Verdict(allowed, retry, which)
                 store = self._shared
                 if not allowed and which == "rate":     # its retry is rounded up to 1 ms
@@ -207,6 +212,39 @@ class RateLimiter:
         if not verdict.allowed:
             raise self.refusal(tenant, verdict)
         return Permit(tenant.name, slot, store)
+
+    async def _ask_store(self, tenant: str, limits: Limits,
+                         slot: str) -> tuple[bool, float, str]:
+        """The shared store's answer for ``slot``. The call outlives the caller's
+        cancellation: the store may have granted the slot (its script ran) before the
+        reply came, and no permit would then exist to release it."""
+        assert self._shared is not None
+        store = self._shared
+        call = asyncio.ensure_future(store.acquire(
+            tenant, limits.rate or 0.0, limits.burst, limits.max_concurrent or 0, slot))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(functools.partial(self._abandoned, store, tenant, slot))
+            raise
+
+    def _abandoned(self, store: LimitStore, tenant: str, slot: str,
+                   call: asyncio.Future[tuple[bool, float, str]]) -> None:
+        """The store's answer to a caller that was cancelled: a slot granted is released."""
+        if call.cancelled():
+            return
+        if (exc := call.exception()) is not None:
+            if isinstance(exc, Exception) and self._on_error:
+                self._on_error(exc)
+            return
+        if call.result()[0]:
+            self._later(self.release(Permit(tenant, slot, store)))
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` without a caller to await it (kept referenced until it ends)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def peek(self, tenant: tenants.Tenant) -> Verdict:
         """Whether :meth:`acquire` would refuse ``tenant`` now, as far as this process can

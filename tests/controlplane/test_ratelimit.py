@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from controlplane import errors
@@ -136,3 +138,37 @@ async def test_the_head_peek_of_the_local_bucket_sees_rate_and_concurrency() -> 
     assert not seen.allowed and seen.limit == "rate"
     assert seen.retry_after_s == pytest.approx(1.0)
     assert limiter.peek(t).retry_after_s == pytest.approx(1.0)   # peeking takes nothing
+
+
+class _Slow:
+    """A shared store whose reply comes when the test says, after it has taken the slot
+    (as Redis's script runs before its reply reaches the caller)."""
+
+    def __init__(self) -> None:
+        self.reply = asyncio.Event()
+        self.held: set[str] = set()
+
+    async def acquire(self, tenant: str, rate: float, burst: int, max_concurrent: int,
+                      slot: str) -> tuple[bool, float, str]:
+        self.held.add(slot)
+        await self.reply.wait()
+        return True, 0.0, ""
+
+    async def release(self, tenant: str, slot: str) -> None:
+        self.held.discard(slot)
+
+
+async def test_a_request_cancelled_while_the_store_decides_leaves_no_slot_behind() -> None:
+    """The client went away while the store's answer was on its way: the slot the store
+    granted is released once the answer comes (before, it stayed held for its lease: no
+    permit existed to release it)."""
+    store = _Slow()
+    limiter = ratelimit.RateLimiter(ratelimit.LocalStore(ManualClock()), store)
+    t = tenants.Tenant("t", max_concurrent=1)
+    asking = asyncio.create_task(limiter.acquire(t, "r"))
+    await harness.until(lambda: bool(store.held), 5, "the store's script ran")
+    asking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+    store.reply.set()
+    await harness.until(lambda: not store.held, 5, "the granted slot released")
