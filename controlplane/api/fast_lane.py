@@ -40,16 +40,21 @@ request (one sweep a second per server, :class:`Sweeper`):
 * ``Expect: 100-continue`` is answered ``100 Continue`` only for a head the app would not
   refuse at once (the routes' expect handler's rule on aiohttp's path, plus the rate). A
   refused one gets its 401 or 429 instead, with ``Connection: close`` (it need not send its
-  body: the connection closes once the client closes it, or once the body, if it still
-  comes, is in);
+  body). Any answer with ``Connection: close`` while a body is still to come half-closes
+  the connection after it (RFC 9112 §9.6: the closing is the server's to begin), reads
+  and drops what still comes, and closes once the client does, or the body is in, or at
+  ``http.body_timeout_s``;
 * with a shared (Redis) limit store, :meth:`RateLimiter.peek` knows at a head only the
   rate refusals the store gave this replica; a concurrency slot, or a refusal the store
   gave another replica, only ``acquire`` finds out. For a tenant with a limit there, a
   request whose body is still to come is handed to the app at its head
   (:class:`_Arriving`, its body awaited by the handler as on aiohttp's path), so the
   request's one call to the store is made before its body is read: a 429 comes at the
-  head, and the body is then read and dropped. A request whose body came with its head,
-  the usual case, is handed over whole as before (no extra call to the store either way);
+  head, and the body is then read and dropped. Such a head with ``Expect: 100-continue``
+  gets its ``100 Continue`` when the app reads the body, so after the store has granted
+  the slot: a 429 comes instead of the invitation. A request whose body came with its
+  head, the usual case, is handed over whole as before (no extra call to the store either
+  way);
 * requests on one connection are answered in order; bytes of the next request wait
   (reading pauses above ``PIPELINE_BYTES``) until the current one is answered;
 * at shutdown, a request in flight gets the grace period (``http.shutdown_grace_s``) and
@@ -195,15 +200,21 @@ class LaneRequest(dict[Any, Any]):
 
 class _Arriving(LaneRequest):
     """A lane request handed to the app at its head, its body still arriving: ``read``
-    waits for it (the handler bounds the wait by ``http.body_timeout_s``, 408)."""
+    waits for it (the handler bounds the wait by ``http.body_timeout_s``, 408).
 
-    __slots__ = ("_arrived", "_length")
+    With ``Expect: 100-continue``, the ``100 Continue`` is sent by the first ``read``: by
+    then the app has taken the request's slot from the shared store, so a head the store
+    refuses is never invited. An answer that comes before it closes the connection (its
+    body may never come), as for a head refused by the lane (``Connection._refuse``)."""
+
+    __slots__ = ("_arrived", "_invite", "_length")
 
     def __init__(self, conn: Connection, route: Route, headers: CIMultiDictProxy[str],
-                 length: int, keep_alive: bool) -> None:
-        super().__init__(conn, route, headers, b"", keep_alive)
+                 length: int, keep_alive: bool, expects: bool) -> None:
+        super().__init__(conn, route, headers, b"", keep_alive and not expects)
         self._length = length
         self._arrived: asyncio.Future[bytes] = conn.loop.create_future()
+        self._invite = keep_alive if expects else None  # keep_alive once invited
 
     @property
     def content_length(self) -> int:
@@ -214,6 +225,10 @@ class _Arriving(LaneRequest):
         return _Pending(self._arrived)
 
     async def read(self) -> bytes:
+        if self._invite is not None:
+            self.keep_alive, self._invite = self._invite, None
+            if self.protocol.transport is not None:
+                self.protocol.transport.write(_CONTINUE)
         return await self._arrived
 
     def arrived(self, body: bytes) -> None:
@@ -447,13 +462,14 @@ class Connection(base_protocol.BaseProtocol):
                 self._refuse(route, headers, size,
                              parser.should_keep_alive() and not head.expects)
                 return
-        if head.expects:
+        at_head = admitted == AT_HEAD and size > len(buf)
+        if head.expects and not at_head:        # (at the head: once the app reads it)
             self.transport.write(_CONTINUE)
         self._waiting_body = (route, headers, size, parser.should_keep_alive())
         self._since = self.loop.time()          # body_timeout_s from the head
-        if admitted == AT_HEAD and size > len(buf):
+        if at_head:
             request = self._arriving = _Arriving(self, route, headers, size,
-                                                 parser.should_keep_alive())
+                                                 parser.should_keep_alive(), head.expects)
             self._task = self.loop.create_task(self._serve(route, request))
         self._take_body()
 
@@ -488,11 +504,10 @@ class Connection(base_protocol.BaseProtocol):
         self._task = self.loop.create_task(self._serve(route, request))
 
     async def _serve(self, route: Route, request: LaneRequest) -> None:
-        keep = request.keep_alive
+        keep = False
         try:
             resp = await route.call(cast(web.Request, request))
-            if resp.keep_alive is False:
-                keep = False
+            keep = request.keep_alive and resp.keep_alive is not False  # (as answered)
             whole = (None if resp.prepared or route.app.on_response_prepare  # its hooks
                      else serialized(resp, keep))
             if whole is not None and self.transport is not None:
@@ -530,6 +545,11 @@ class Connection(base_protocol.BaseProtocol):
         if self._discard:       # goes on once the refused body is in (or its time is up)
             self._keep_after_discard = keep
             self._since = self.loop.time()
+            if not keep and self.transport.can_write_eof():
+                # Closing: ours to begin (RFC 9112 9.6), not at the client's pace or
+                # http.body_timeout_s. Half-closed, what still comes is read and dropped,
+                # so the answer is not lost to a reset.
+                self.transport.write_eof()
             return
         if not keep or self._closing:
             self.transport.close()
