@@ -105,6 +105,36 @@ def simulator_argv(port: int, model: str = MODEL, *extra: str,
             model, "--time-scale", str(time_scale), *extra]
 
 
+@dataclasses.dataclass(frozen=True)
+class Simulated:
+    """A control plane in front of one simulator, routing to it (:func:`start_simulated`)."""
+    cp: harness.ManagedProcess
+    base: str               # the control plane's HTTP URL
+    grpc_port: int
+    sim_url: str
+
+
+def start_simulated(pool: harness.ProcessPool, tmp_path: pathlib.Path, *,
+                    time_scale: float = 0.01, env: dict[str, str] | None = None,
+                    name: str = "cp", **sections: Any) -> Simulated:
+    """A simulator serving :data:`MODEL` and a control plane whose one upstream it is
+    (named ``name``, ``sections`` merged into :func:`controlplane_config`'s, ``env`` its
+    environment), started in ``pool`` and waited for until it routes to the simulator."""
+    sim = harness.free_port()
+    sim_url = f"http://127.0.0.1:{sim}"
+    pool.start("sim", simulator_argv(sim, MODEL, time_scale=time_scale),
+               ready_url=sim_url + "/health")
+    port, grpc = harness.free_port(), harness.free_port()
+    cfg = controlplane_config(name, port, grpc, tmp_path / "cp-data", **{
+        "upstreams": [{"name": "sim", "url": sim_url, "models": [MODEL]}], **sections})
+    base = f"http://127.0.0.1:{port}"
+    cp = pool.start("cp", ["synapse", "controlplane", "--config",
+                           str(write_yaml(tmp_path / "cp.yaml", cfg))],
+                    env=env, ready_url=base + "/health")
+    harness.wait_until(lambda: backends_ready(base) == 1, 30, "the simulator", proc=cp)
+    return Simulated(cp, base, grpc, sim_url)
+
+
 def tei_argv(port: int, model: str = EMBED) -> list[str]:
     return ["synapse", "simulator", "--engine", "tei", "--host", "127.0.0.1", "--port",
             str(port), "--model", model]

@@ -33,22 +33,9 @@ PRICE = {"prompt_per_million": 1.0, "completion_per_million": 2.0}
 def stack(tmp_path: pathlib.Path) -> Iterator[tuple[str, int, str]]:
     pool = harness.ProcessPool(tmp_path)
     try:
-        sim = harness.free_port()
-        pool.start("sim", fleet.simulator_argv(sim, fleet.MODEL, time_scale=0),
-                   ready_url=f"http://127.0.0.1:{sim}/health")
-        http, grpc = harness.free_port(), harness.free_port()
-        cfg = fleet.controlplane_config(
-            "cp", http, grpc, tmp_path / "cp-data",
-            upstreams=[{"name": "sim", "url": f"http://127.0.0.1:{sim}",
-                        "models": [fleet.MODEL]}],
-            fairness={"prices": {fleet.MODEL: PRICE}})
-        base = f"http://127.0.0.1:{http}"
-        cp = pool.start("cp", ["synapse", "controlplane", "--config",
-                               str(fleet.write_yaml(tmp_path / "cp.yaml", cfg))],
-                        ready_url=base + "/health")
-        harness.wait_until(lambda: fleet.backends_ready(base) == 1, 30, "the simulator",
-                           proc=cp)
-        yield base, grpc, f"http://127.0.0.1:{sim}"
+        up = fleet.start_simulated(pool, tmp_path, time_scale=0,
+                                   fairness={"prices": {fleet.MODEL: PRICE}})
+        yield up.base, up.grpc_port, up.sim_url
     finally:
         pool.stop_all()
 

@@ -38,24 +38,11 @@ def stack(tmp_path: pathlib.Path) -> Iterator[Stack]:
     pool = harness.ProcessPool(tmp_path)
 
     def start(drain_delay_s: float, **http: Any) -> tuple[str, harness.ManagedProcess]:
-        sim = harness.free_port()
-        pool.start("sim", fleet.simulator_argv(sim, fleet.MODEL, time_scale=1),
-                   ready_url=f"http://127.0.0.1:{sim}/health")
-        port, grpc = harness.free_port(), harness.free_port()
-        cfg = fleet.controlplane_config(
-            "cp", port, grpc, tmp_path / "cp-data", http=http,
-            upstreams=[{"name": "sim", "url": f"http://127.0.0.1:{sim}",
-                        "models": [fleet.MODEL]}],
-            cache={"enabled": False})
-        cfg["http"].update(upstream_first_byte_timeout_s=60, upstream_idle_timeout_s=60)
-        base = f"http://127.0.0.1:{port}"
-        cp = pool.start("cp", ["synapse", "controlplane", "--config",
-                               str(fleet.write_yaml(tmp_path / "cp.yaml", cfg))],
-                        env={"SYNAPSE_HTTP__DRAIN_DELAY_S": str(drain_delay_s)},
-                        ready_url=base + "/health")
-        harness.wait_until(lambda: fleet.backends_ready(base) == 1, 30, "the simulator",
-                           proc=cp)
-        return base, cp
+        up = fleet.start_simulated(
+            pool, tmp_path, time_scale=1, cache={"enabled": False},
+            http={**http, "upstream_first_byte_timeout_s": 60, "upstream_idle_timeout_s": 60},
+            env={"SYNAPSE_HTTP__DRAIN_DELAY_S": str(drain_delay_s)})
+        return up.base, up.cp
 
     try:
         yield start
@@ -193,24 +180,12 @@ def test_a_pod_of_two_processes_ends_every_stream_cleanly(tmp_path: pathlib.Path
     pool = harness.ProcessPool(tmp_path)
     redis = harness.RedisServer(tmp_path)
     try:
-        sim = harness.free_port()
-        pool.start("sim", fleet.simulator_argv(sim, fleet.MODEL, time_scale=1),
-                   ready_url=f"http://127.0.0.1:{sim}/health")
-        port, grpc = harness.free_port(), harness.free_port()
-        cfg = fleet.controlplane_config(
-            "pod", port, grpc, tmp_path / "cp-data",
+        up = fleet.start_simulated(
+            pool, tmp_path, time_scale=1, name="pod", cache={"enabled": False},
             http={"workers": 2, "shutdown_grace_s": 1, "upstream_first_byte_timeout_s": 60,
                   "upstream_idle_timeout_s": 60},
-            redis={"url": redis.url, "timeout_s": 1.0},
-            upstreams=[{"name": "sim", "url": f"http://127.0.0.1:{sim}",
-                        "models": [fleet.MODEL]}],
-            cache={"enabled": False})
-        base = f"http://127.0.0.1:{port}"
-        cp = pool.start("cp", ["synapse", "controlplane", "--config",
-                               str(fleet.write_yaml(tmp_path / "cp.yaml", cfg))],
-                        ready_url=base + "/health")
-        harness.wait_until(lambda: fleet.backends_ready(base) == 1, 30, "the simulator",
-                           proc=cp)
+            redis={"url": redis.url, "timeout_s": 1.0})
+        base, cp = up.base, up.cp
         harness.wait_until(lambda: "serving worker 1 of 2" in cp.output(), 60,
                            "the serving worker", proc=cp)
         socks = [_post(base, LONG, stream=True) for _ in range(8)]
