@@ -205,14 +205,7 @@ class Mesh:
     async def _pause(self, peer: int, delay: float) -> None:
         """Wait ``delay`` before trying ``peer`` again, or less if it introduced itself."""
         kick = self._kicks[peer]
-        if not kick.is_set():
-            waits = [asyncio.ensure_future(self._sleep(delay)),
-                     asyncio.ensure_future(kick.wait())]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for wait in waits:
-                    wait.cancel()
+        await self._sleep(delay, kick)
         kick.clear()
 
     def _introduced(self, peer: int) -> None:

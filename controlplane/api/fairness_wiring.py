@@ -278,16 +278,9 @@ async def _flush_loop(svc: services_mod.Services, fair: fairness.Fairness,
 
 async def _pause(interval_s: float, wake: asyncio.Event | None) -> None:
     """``interval_s``, or until ``wake`` is set (then cleared) if that comes first."""
-    if wake is None:
-        await clocks.sleep(interval_s)
-        return
-    waits = {asyncio.ensure_future(clocks.sleep(interval_s)), asyncio.ensure_future(wake.wait())}
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
-    wake.clear()
+    await clocks.sleep(interval_s, wake)
+    if wake is not None:
+        wake.clear()
 
 
 def _journal(svc: services_mod.Services) -> str:
