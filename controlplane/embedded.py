@@ -299,9 +299,7 @@ class Child:
         """The child's output into its log, until every holder of the pipe closed it."""
         fd = out.fileno()
         while chunk := os.read(fd, READ_CHUNK):
-            # a log that cannot be written (a full disk) loses lines, never blocks the child
-            with contextlib.suppress(OSError):
-                self._log.write(chunk)
+            self._log.write(chunk)      # loses what the disk refuses, never raises for it
         out.close()
 
     def alive(self) -> bool:
