@@ -13,7 +13,7 @@ from typing import Literal
 import pydantic
 from pydantic import Field
 
-from synapse_common import bearer_token, engines
+from synapse_common import bearer_token, capped_log, engines
 from synapse_common import settings as common
 from synapse_common.settings import LoggingSettings, Secret, Section, TaskList, tasks_field
 from synapse_common.tracing import TracingSettings
@@ -162,7 +162,7 @@ CRASHLOOP_RETRY_S = 300.0     # a crash loop's default retry period, in seconds
 
 class SupervisorSettings(Section):
     log_dir: str = Field("./.synapse/agent-logs", description="engine stdout/stderr files")
-    log_max_bytes: int = Field(10 * 1024 * 1024, ge=4096, description="size cap of each log file")
+    log_max_bytes: int = Field(capped_log.MAX_BYTES, ge=4096, description="size cap of each log file")
     log_tail_lines: int = Field(50, ge=0, description="last lines kept in memory")
     startup_deadline_s: float = Field(600.0, gt=0, description="time allowed to become ready")
     warmup_timeout_s: float = Field(
