@@ -7,9 +7,9 @@ serving routes (``POST /v1/chat/completions`` or ``/v1/completions``, HTTP/1.1, 
 to the app's own middleware and handler as a :class:`LaneRequest`, a small object with
 the part of ``web.Request`` that the serving path reads. Responses are the app's own
 (``web.Response``, ``web.StreamResponse``): a whole one is serialised by the lane in one
-write (:func:`serialized`, or by aiohttp when it has cookies, compression or a payload
-body), a stream goes through aiohttp's ``StreamWriter``, so headers, errors and
-streaming are exactly the app's.
+write (:func:`controlplane.api.lane_wire.serialized`, or by aiohttp when it has cookies,
+compression or a payload body), a stream goes through aiohttp's ``StreamWriter``, so
+headers, errors and streaming are exactly the app's.
 
 Anything else — another route, a head that ``httptools`` refuses or that is over
 ``http.max_header_bytes``, a chunked or ``Content-Encoding`` body, a head aiohttp would
@@ -61,30 +61,29 @@ request (one sweep a second per server, :class:`Sweeper`):
   is then cut (:meth:`Connection.cut`, by :class:`controlplane.api.server.LaneServer`),
   idle connections close.
 
-It is off with TLS (``http.tls_cert_file``): aiohttp serves those connections.
+It is off with TLS (``http.tls_cert_file``): aiohttp serves those connections. Reading a
+head and writing a whole answer (the HTTP/1.1 wire format) are
+:mod:`controlplane.api.lane_wire`'s; the connection's states are this module's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import functools
-import inspect
 import logging
 import math
-import time
 import types
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
-from aiohttp import base_protocol, hdrs, http_parser, http_writer, web, web_protocol
+from aiohttp import base_protocol, http_writer, web
 from aiohttp.http import HttpVersion11
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 from controlplane import config, errors
-from controlplane.api import context
+from controlplane.api import context, lane_wire
 
 if TYPE_CHECKING:
     from controlplane.api import server as server_mod
@@ -94,18 +93,7 @@ log = logging.getLogger("synapse.controlplane.http")
 PIPELINE_BYTES = 256 * 1024     # bytes of later requests buffered while one is served
 SWEEP_S = 1.0
 _HEAD_END = b"\r\n\r\n"
-# Headers whose request aiohttp serves: a framing or a body it decodes, a switch of
-# protocol, and the old WebSocket handshake it refuses.
-_HANDED_OFF = frozenset({b"transfer-encoding", b"upgrade", b"content-encoding",
-                         b"sec-websocket-key1"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# aiohttp refuses a request with two of these, or with more headers than its limit.
-# (Read from aiohttp, so they follow its version; its values as of 3.14 otherwise.)
-_SINGLETONS = frozenset(name.lower().encode() for name in getattr(
-    http_parser, "SINGLETON_HEADERS", ("Host", "Content-Type", "Content-Length",
-                                       "User-Agent", "Authorization", "Expect")))
-_MAX_HEADERS: int = getattr(inspect.signature(web_protocol.RequestHandler.__init__)
-                            .parameters.get("max_headers"), "default", 128)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -320,43 +308,6 @@ def _admits(app: web.Application) -> Callable[[CIMultiDictProxy[str]], int]:
     return admits
 
 
-class _Head:
-    """``httptools`` callbacks for one request head: the headers as aiohttp reads them
-    (the value's trailing whitespace dropped, UTF-8 with surrogate escapes), and whether
-    one of them is a reason to leave the request to aiohttp."""
-
-    __slots__ = ("complete", "expects", "headers", "odd", "seen", "url")
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: CIMultiDict[str] = CIMultiDict()
-        self.odd = False            # a header that sends the request to aiohttp
-        self.expects = False        # Expect: 100-continue (any other is aiohttp's 417)
-        self.complete = False
-        self.seen: set[bytes] = set()
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        low = name.lower()
-        if low in _HANDED_OFF:
-            self.odd = True
-        elif low == b"expect":      # a second one, or another expectation: aiohttp's
-            self.odd = self.odd or self.expects or (
-                value.rstrip(b" \t").lower() != b"100-continue")
-            self.expects = True
-        elif low in _SINGLETONS:
-            if low in self.seen:
-                self.odd = True
-            self.seen.add(low)
-        self.headers.add(name.decode("latin-1"),
-                         value.rstrip(b" \t").decode("utf-8", "surrogateescape"))
-
-    def on_headers_complete(self) -> None:
-        self.complete = True
-
-
 class Connection(base_protocol.BaseProtocol):
     """One client connection, served by the lane until a request is not for it."""
 
@@ -437,7 +388,7 @@ class Connection(base_protocol.BaseProtocol):
                 self._hand_off()    # too long, or not the lane's: aiohttp answers at once
             return
         head_len = end + 4
-        head = _Head()
+        head = lane_wire.Head()
         parser = httptools.HttpRequestParser(head)
         try:
             parser.feed_data(bytes(buf[:head_len]))
@@ -447,7 +398,7 @@ class Connection(base_protocol.BaseProtocol):
         route = self._lane.routes.get(head.url)
         length = head.headers.get("Content-Length")
         if (not head.complete or head.odd or route is None or "Host" not in head.headers
-                or len(head.headers) > _MAX_HEADERS or parser.get_method() != b"POST"
+                or len(head.headers) > lane_wire.MAX_HEADERS or parser.get_method() != b"POST"
                 or parser.get_http_version() != "1.1" or length is None
                 or not length.isdigit() or int(length) > self._lane.max_body_bytes):
             self._hand_off()
@@ -509,7 +460,7 @@ class Connection(base_protocol.BaseProtocol):
             resp = await route.call(cast(web.Request, request))
             keep = request.keep_alive and resp.keep_alive is not False  # (as answered)
             whole = (None if resp.prepared or route.app.on_response_prepare  # its hooks
-                     else serialized(resp, keep))
+                     else lane_wire.serialized(resp, keep))
             if whole is not None and self.transport is not None:
                 self.transport.write(whole)
             else:
@@ -665,46 +616,6 @@ class Connection(base_protocol.BaseProtocol):
                     await task
         if self.transport is not None:
             self.transport.close()
-
-
-def serialized(resp: web.StreamResponse, keep_alive: bool) -> bytes | None:
-    """A whole answer (status line, headers, body) as the bytes to send, or None when
-    aiohttp must write it (a streamed or payload body, cookies, compression, a header
-    with a line break, which aiohttp refuses)."""
-    if type(resp) is not web.Response or resp._cookies or resp.compression or resp.chunked:
-        return None
-    body = resp.body
-    if not isinstance(body, bytes):
-        return None
-    lines = [f"HTTP/1.1 {resp.status} {resp.reason}"]
-    for name, value in resp.headers.items():
-        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-            return None
-        if name.lower() not in _SET_HERE:
-            lines.append(f"{name}: {value}")
-    if hdrs.CONTENT_TYPE not in resp.headers:
-        lines.append("Content-Type: application/octet-stream")
-    lines.append(f"Content-Length: {len(body)}")
-    lines.append(f"Date: {_date()}")
-    if not keep_alive:
-        lines.append("Connection: close")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("utf-8") + body
-
-
-_SET_HERE = frozenset({"content-length", "date", "connection", "transfer-encoding"})
-
-
-def _date() -> str:
-    """Now as an HTTP date, formatted once a second."""
-    now = int(time.time())
-    cached = _DATE
-    if cached[0] != now:
-        cached[:] = [now, email.utils.formatdate(now, usegmt=True)]
-    return cast(str, cached[1])
-
-
-_DATE: list[Any] = [0, ""]
 
 
 class Sweeper:

@@ -14,7 +14,7 @@ from aiohttp import web, web_protocol
 
 from controlplane import config
 from controlplane.api import app as app_mod
-from controlplane.api import fast_lane
+from controlplane.api import lane_wire
 from controlplane.api import server as server_mod
 from controlplane.api import services as services_mod
 from tests import harness
@@ -199,7 +199,7 @@ async def test_off_aiohttp_serves_every_connection() -> None:
 
 def test_a_whole_answer_is_written_as_aiohttp_would_or_left_to_it() -> None:
     resp = web.json_response({"a": 1}, headers={"x-one": "1"})
-    raw = fast_lane.serialized(resp, keep_alive=False)
+    raw = lane_wire.serialized(resp, keep_alive=False)
     assert raw is not None
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
@@ -207,9 +207,9 @@ def test_a_whole_answer_is_written_as_aiohttp_would_or_left_to_it() -> None:
     assert {"x-one: 1", "Content-Length: 8", "Connection: close"} <= set(lines)
     assert "Content-Type: application/json; charset=utf-8" in lines
     bad: Any = web.Response(body=b"x", headers={"x-bad": "a\r\nInjected: 1"})
-    assert fast_lane.serialized(bad, keep_alive=True) is None    # aiohttp refuses it
+    assert lane_wire.serialized(bad, keep_alive=True) is None    # aiohttp refuses it
     streamed = web.StreamResponse()
-    assert fast_lane.serialized(streamed, keep_alive=True) is None
+    assert lane_wire.serialized(streamed, keep_alive=True) is None
 
 
 async def test_shutdown_lets_the_request_in_flight_finish_and_closes_idle_connections() -> None:
