@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+_unawaited: set[asyncio.Future[Any]] = set()   # tasks of later(), referenced until done
 
 
 async def stop(*tasks: asyncio.Task[Any] | asyncio.Future[Any] | None,
@@ -28,3 +32,26 @@ async def stop(*tasks: asyncio.Task[Any] | asyncio.Future[Any] | None,
     for task in live:
         with contextlib.suppress(*ignored):
             await task
+
+
+async def outliving(work: Awaitable[T], if_abandoned: Callable[[asyncio.Future[T]], None]) -> T:
+    """``await work``, in a task of its own that a cancellation of the caller does not
+    stop. For a call that changes another system (a store's script that grants a slot or
+    charges tokens): it may have done so before its reply came, and a caller cancelled
+    then (its client gone) would leave nothing to undo it. ``if_abandoned`` gets the call
+    once it has ended, when the caller was cancelled first (a callback: call
+    :func:`later` for async work)."""
+    call = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        call.add_done_callback(if_abandoned)
+        raise
+
+
+def later(work: Coroutine[Any, Any, Any]) -> None:
+    """Run ``work`` with no caller to await it, kept referenced until it ends (the loop
+    holds only weak references to tasks)."""
+    task = asyncio.ensure_future(work)
+    _unawaited.add(task)
+    task.add_done_callback(_unawaited.discard)

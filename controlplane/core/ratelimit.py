@@ -34,11 +34,12 @@ import dataclasses
 import functools
 import itertools
 import uuid
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from controlplane import errors
 from controlplane.core import tenants
+from synapse_common import aiotasks
 from synapse_common import clock as clocks
 
 
@@ -185,7 +186,6 @@ class RateLimiter:
         self._on_error = on_store_error
         self._slot_prefix = uuid.uuid4().hex[:16]
         self._slots = itertools.count(1)
-        self._background: set[asyncio.Future[None]] = set()
 
     async def acquire(self, tenant: tenants.Tenant, request_id: str) -> Permit:
         """A permit, or :class:`errors.RateLimited` naming the limit hit. The permit's
@@ -220,13 +220,10 @@ class RateLimiter:
         reply came, and no permit would then exist to release it."""
         assert self._shared is not None
         store = self._shared
-        call = asyncio.ensure_future(store.acquire(
-            tenant, limits.rate or 0.0, limits.burst, limits.max_concurrent or 0, slot))
-        try:
-            return await asyncio.shield(call)
-        except asyncio.CancelledError:
-            call.add_done_callback(functools.partial(self._abandoned, store, tenant, slot))
-            raise
+        return await aiotasks.outliving(
+            store.acquire(tenant, limits.rate or 0.0, limits.burst,
+                          limits.max_concurrent or 0, slot),
+            functools.partial(self._abandoned, store, tenant, slot))
 
     def _abandoned(self, store: LimitStore, tenant: str, slot: str,
                    call: asyncio.Future[tuple[bool, float, str]]) -> None:
@@ -238,13 +235,7 @@ class RateLimiter:
                 self._on_error(exc)
             return
         if call.result()[0]:
-            self._later(self.release(Permit(tenant, slot, store)))
-
-    def _later(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` without a caller to await it (kept referenced until it ends)."""
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+            aiotasks.later(self.release(Permit(tenant, slot, store)))
 
     def peek(self, tenant: tenants.Tenant) -> Verdict:
         """Whether :meth:`acquire` would refuse ``tenant`` now, as far as this process can

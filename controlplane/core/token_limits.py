@@ -35,13 +35,16 @@ takes them back (:meth:`LocalTokenStore.restore_spends`); the arithmetic stays h
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import dataclasses
 import datetime
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, Protocol, cast
 
 from controlplane import errors
+from synapse_common import aiotasks
 from synapse_common import clock as clocks
 
 Period = Literal["day", "month"]
@@ -309,9 +312,14 @@ class TokenLimiter:
         store: TokenStore = self._local
         verdict: Verdict | None = None
         if self._shared is not None:
+            shared = self._shared
+            charge = Charge(tenant, model, asks, prompt_tokens, completion_tokens, cost, shared)
             try:
-                verdict = Verdict(*await self._shared.admit(asks))
-                store = self._shared
+                # outlives the caller's cancellation: the store's script may have charged
+                # the estimate before its reply came, with no charge left to settle
+                verdict = Verdict(*await aiotasks.outliving(
+                    shared.admit(asks), functools.partial(self._abandoned, charge)))
+                store = shared
             except Exception as exc:  # fall back to this replica's own; counted by caller
                 if self._on_error:
                     self._on_error(exc)
@@ -320,6 +328,19 @@ class TokenLimiter:
         if not verdict.allowed:
             raise refusal(rules[verdict.index], verdict, tokens)
         return Charge(tenant, model, asks, prompt_tokens, completion_tokens, cost, store)
+
+    def _abandoned(self, charge: Charge,
+                   call: asyncio.Future[tuple[bool, float, str, int]]) -> None:
+        """The store's answer to an admission whose caller was cancelled: an estimate
+        charged is taken back (the request got no answer)."""
+        if call.cancelled():
+            return
+        if (exc := call.exception()) is not None:
+            if isinstance(exc, Exception) and self._on_error:
+                self._on_error(exc)
+            return
+        if call.result()[0]:
+            aiotasks.later(self.settle(charge, 0, 0.0))
 
     async def settle(self, charge: Charge, tokens_used: int, cost_used: float) -> None:
         """Correct ``charge`` to what was really used (0, 0 for a request that got no

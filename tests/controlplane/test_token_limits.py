@@ -3,7 +3,9 @@ replicas, settlement from usage, and the errors a client sees."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+from collections.abc import Sequence
 
 import pytest
 
@@ -133,3 +135,37 @@ async def test_local_and_redis_stores_agree_on_the_same_cases(
         assert (mine.allowed, mine.limit, mine.index) == (theirs.allowed, theirs.limit,
                                                           theirs.index)
     await client.aclose()
+
+
+class _SlowStore:
+    """A shared token store whose reply comes when the test says, after its script has
+    charged the estimate (as Redis's runs before its reply reaches the caller)."""
+
+    def __init__(self) -> None:
+        self.reply = asyncio.Event()
+        self.charged = 0
+
+    async def admit(self, asks: Sequence[token_limits.Ask]) -> tuple[bool, float, str, int]:
+        self.charged += asks[0].tokens
+        await self.reply.wait()
+        return True, 0.0, "", 0
+
+    async def settle(self, asks: Sequence[token_limits.Ask], tokens_delta: Sequence[int],
+                     budget_delta: Sequence[float]) -> None:
+        self.charged -= tokens_delta[0]
+
+
+async def test_an_admission_cancelled_while_the_store_decides_charges_nothing() -> None:
+    """The client went away while the store's answer was on its way: the estimate it
+    charged is taken back once the answer comes (before, it stayed charged against the
+    tenant's minute and budget: no charge existed to settle)."""
+    store = _SlowStore()
+    limiter = token_limits.TokenLimiter(token_limits.LocalTokenStore(ManualClock()), store,
+                                        wall=lambda: NOON)
+    asking = asyncio.create_task(limiter.admit("t", "m", [TPM], 100, 200))
+    await harness.until(lambda: store.charged == 300, 5, "the store's script ran")
+    asking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+    store.reply.set()
+    await harness.until(lambda: store.charged == 0, 5, "the estimate taken back")
