@@ -74,6 +74,7 @@ class Source:
         self.error: errors.SynapseError | None = None
         self._field_count = 0
         self._field_bytes = 0
+        self._names: set[str] = set()
 
     @property
     def replayable(self) -> bool:
@@ -110,6 +111,15 @@ class Source:
         if self._field_count > upload.FIELDS_MAX:
             raise errors.BadRequest(f"a form may hold at most {upload.FIELDS_MAX} fields "
                                     "besides the file", code="invalid_upload")
+        name = part.name or ""
+        if name in self._names and not name.endswith("[]"):
+            # A field after the file is read once the file has gone on: a second
+            # ``model`` there reached the backend after routing, metering and the
+            # allow-list had taken the first (a model the tenant may not use, billed as
+            # the one it may). Only the API's array fields (``name[]``) repeat.
+            raise errors.BadRequest(f"{name}: a form field may be given once", param=name,
+                                    code="invalid_upload")
+        self._names.add(name)
         data = bytearray()
         while chunk := await self._read(part.read_chunk(upload.CHUNK)):
             data += chunk

@@ -143,3 +143,23 @@ def test_a_form_that_ends_before_its_closing_boundary_is_a_400(base: str) -> Non
     reply = fleet.request(base, "POST", PATHS[0], body,
                           headers={"Content-Type": "multipart/form-data; boundary=XyZb"})
     assert reply.status == 400 and b"multipart/form-data" in reply.body, reply.body
+
+
+async def test_a_field_given_twice_is_refused(base: str) -> None:
+    """``model`` before the file and another after it: the control plane checked, routed
+    and billed the first, and the backend got both (probe 141: a model the tenant may not
+    use, billed as the one it may). Before or after the file, a repeat is a 400."""
+    for path in PATHS:
+        for after in (False, True):
+            status, body = await _upload(base, path, [("model", "whisper-premium")], after)
+            error = body["error"]
+            assert isinstance(error, dict), body
+            assert status == 400 and error["param"] == "model", (path, after, body)
+    form = aiohttp.FormData({"model": WHISPER})
+    form.add_field("file", b"RIFF....WAVE", filename="a.wav", content_type="audio/wav")
+    for value in ("word", "segment"):           # the API's array fields repeat
+        form.add_field("timestamp_granularities[]", value)
+    async with aiohttp.ClientSession() as session, session.post(
+            base + PATHS[0], data=form,
+            headers={"Authorization": f"Bearer {fleet.TENANT_KEY}"}) as resp:
+        assert resp.status == 200, await resp.text()
