@@ -466,3 +466,16 @@ def test_opting_both_out_leaves_the_key_out_of_the_secret() -> None:
     assert "metrics-token" not in render.find(objects, "Secret", "synapse-auth")["data"]
     assert pods.metrics_token_secret(objects, "agent") is None
     assert pods.metrics_token_secret(objects) is None
+
+
+@pytest.mark.parametrize("values", ALL_VALUES, ids=_ids)
+def test_the_agent_runs_as_a_user_and_group_of_its_own(values: str | None) -> None:
+    """hostPID lets the agent and its engines see the control plane's processes on a
+    shared node: under the same uid/gid they could read its mounted Secret through
+    /proc/<pid>/root and its environment through /proc/<pid>/environ."""
+    objects = helm.render_chart(values)
+    ids = {}
+    for kind, name in (("DaemonSet", "synapse-agent"), ("Deployment", "synapse-controlplane")):
+        sc = render.pod_spec(render.find(objects, kind, name))["securityContext"]
+        ids[kind] = {sc["runAsUser"], sc["runAsGroup"], sc["fsGroup"]}
+    assert not ids["DaemonSet"] & ids["Deployment"], ids

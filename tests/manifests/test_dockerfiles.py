@@ -264,3 +264,18 @@ def test_the_requirements_step_installs_exactly_the_runtime_dependencies(
     for extra in extras:
         wanted += PYPROJECT["project"]["optional-dependencies"][extra]
     assert proc.stdout.splitlines() == wanted
+
+
+@pytest.mark.parametrize(("name", "workload"), [("Dockerfile.cp", ("Deployment", "synapse-controlplane")),
+                                                ("Dockerfile.agent", ("DaemonSet", "synapse-agent"))])
+def test_each_image_runs_as_the_user_its_pods_run_as(name: str, workload: tuple[str, str]) -> None:
+    """The image's USER and the files it owns match the pod's runAsUser/runAsGroup: the
+    agent's (hostPID) differ from the control plane's, and its HOME and log directory
+    must be its own."""
+    final = stages(parse(name))[-1]
+    user, group = [c for c in final if c.cmd == "USER"][-1].value[0].split(":")
+    pod = render.pod_spec(render.find(render.render("production"), *workload))
+    assert (int(user), int(group)) == (pod["securityContext"]["runAsUser"],
+                                       pod["securityContext"]["runAsGroup"])
+    runs = _runs(name)
+    assert f"--uid {user} " in runs and f"--gid {group} " in runs, runs

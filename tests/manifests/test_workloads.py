@@ -162,3 +162,17 @@ def test_config_changes_roll_the_pods(overlay: str) -> None:
                                               "synapse-agent-config")):
             assert cm["metadata"]["name"].rsplit("-", 1)[1].isalnum()
             assert len(cm["metadata"]["name"].rsplit("-", 1)[1]) == 10
+
+
+@pytest.mark.parametrize("overlay", render.DEPLOY_OVERLAYS)
+def test_the_agent_runs_as_a_user_and_group_of_its_own(overlay: str) -> None:
+    """The agent shares the host's PID namespace (hostPID), it and the engines it starts
+    (which read tenant input) see every process on the node. Under the control plane's
+    uid they could read a control-plane pod's mounted Secret through /proc/<pid>/root
+    (0440, group fsGroup) and its environment through /proc/<pid>/environ."""
+    objects = render.render(overlay)
+    agent = render.pod_spec(render.find(objects, "DaemonSet", "synapse-agent"))
+    cp = render.pod_spec(render.find(objects, "Deployment", "synapse-controlplane"))
+    agent_ids = {agent["securityContext"][k] for k in ("runAsUser", "runAsGroup", "fsGroup")}
+    cp_ids = {cp["securityContext"][k] for k in ("runAsUser", "runAsGroup", "fsGroup")}
+    assert not agent_ids & cp_ids, (agent_ids, cp_ids)
