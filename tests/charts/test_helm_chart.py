@@ -479,3 +479,35 @@ def test_the_agent_runs_as_a_user_and_group_of_its_own(values: str | None) -> No
         sc = render.pod_spec(render.find(objects, kind, name))["securityContext"]
         ids[kind] = {sc["runAsUser"], sc["runAsGroup"], sc["fsGroup"]}
     assert not ids["DaemonSet"] & ids["Deployment"], ids
+
+
+OFF_GPU_NODES = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+    {"weight": 100, "preference": {"matchExpressions": [
+        {"key": "nvidia.com/gpu.present", "operator": "NotIn", "values": ["true"]}]}}]}}
+
+
+def test_the_control_plane_and_stores_prefer_nodes_without_gpus() -> None:
+    """A GPU node's kubelet fetches every Secret its pods mount: a control-plane (or Redis)
+    pod there would bring the whole auth Secret, which secrets.existingAgentSecret keeps
+    from GPU nodes. Preferred, not required, so a cluster of GPU nodes only still runs."""
+    objects = helm.render_chart("self-hosted-bundled")
+    for kind, name in (("Deployment", "synapse-controlplane"), ("StatefulSet", "synapse-redis"),
+                       ("StatefulSet", "synapse-milvus")):
+        assert render.pod_spec(render.find(objects, kind, name))["affinity"] == OFF_GPU_NODES, name
+    agent = render.pod_spec(render.find(objects, "DaemonSet", "synapse-agent"))
+    assert "affinity" not in agent
+
+
+def test_an_affinity_of_the_users_replaces_the_default() -> None:
+    mine = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "pool", "operator": "In", "values": ["system"]}]}]}}}
+    sets = []
+    for prefix in ("controlPlane", "dependencies.redis.bundled", "dependencies.milvus.bundled"):
+        sets += [f"{prefix}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuring"
+                 f"Execution.nodeSelectorTerms[0].matchExpressions[0].{k}={v}"
+                 for k, v in (("key", "pool"), ("operator", "In"), ("values[0]", "system"))]
+    objects = helm.render_chart("self-hosted-bundled", *sets)
+    for kind, name in (("Deployment", "synapse-controlplane"), ("StatefulSet", "synapse-redis"),
+                       ("StatefulSet", "synapse-milvus")):
+        assert render.pod_spec(render.find(objects, kind, name))["affinity"] == mine, name

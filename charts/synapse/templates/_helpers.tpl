@@ -152,3 +152,24 @@ plane's container defines just before it. */}}
 {{- define "synapse.redis.url" -}}redis://:$(REDIS_PASSWORD)@{{ include "synapse.redis.name" . }}:6379/0{{- end -}}
 {{- define "synapse.milvus.uri" -}}http://{{ include "synapse.milvus.name" . }}:19530{{- end -}}
 {{- define "synapse.milvus.liteFile" -}}/var/lib/synapse/l2.db{{- end -}}
+
+{{/* The affinity of pods that hold what GPU nodes must not (the control plane mounts the
+whole auth Secret; Redis and Milvus hold tenants' cached answers and Redis the password):
+the pod's own `affinity` value, else a preference for nodes without GPUs. A GPU node's
+kubelet fetches every Secret its pods mount, and secrets.existingAgentSecret keeps only
+the agents' two keys there; preferred, since a cluster of GPU nodes only must still
+schedule (a required rule or a taint makes it hard). Call with the affinity value. */}}
+{{- define "synapse.offGpuAffinity" -}}
+{{- if . -}}
+{{ toYaml . }}
+{{- else -}}
+nodeAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      preference:
+        matchExpressions:
+          - key: nvidia.com/gpu.present
+            operator: NotIn
+            values: ["true"]
+{{- end -}}
+{{- end -}}
