@@ -219,12 +219,53 @@ CHART_CHECKS = [
      "controlPlane.terminationGracePeriodSeconds (60)"),
     (("controlPlane.ports.metrics=null", "monitoring.serviceMonitor.enabled=true"),
      "monitoring.serviceMonitor.enabled needs controlPlane.ports.metrics"),
+    (("agentLink.tls.enabled=true", "agentLink.tls.agentCertificates=secret",
+      "agentLink.tls.controlPlaneSecret=synapse-link", "agentLink.tls.agentSecret=synapse-link"),
+     "agentLink.tls.agentSecret names agentLink.tls.controlPlaneSecret"),
+    (("dependencies.milvus.mode=external",
+      "dependencies.milvus.external.endpoint=https://root:Milvus@milvus.example:19530"),
+     "dependencies.milvus.external.endpoint holds credentials"),
+    (("controlPlane.config.auth.tenants[0].name=team",
+      "controlPlane.config.auth.tenants[0].keys[0]=sk-team-literal-key-0123"),
+     "controlPlane.config.auth.tenants[0].keys[0] is a literal key"),
+    (("upstreams[0].name=hosted", "upstreams[0].url=https://api.openai.com/v1",
+      "upstreams[0].models[0]=m", "upstreams[0].api_key=sk-upstream-literal-key"),
+     "upstreams[0].api_key is a literal key"),
 ]
 
 
 @pytest.mark.parametrize(("sets", "message"), CHART_CHECKS, ids=[c[1] for c in CHART_CHECKS])
 def test_the_chart_refuses_values_that_cannot_work(sets: tuple[str, ...], message: str) -> None:
     assert message in helm.rejected(None, *sets)
+
+
+@pytest.mark.parametrize("sets", [
+    ("controlPlane.config.auth.tenants[0].keys[0]=sk-team-literal-key-0123",),
+    ("upstreams[0].name=hosted", "upstreams[0].url=https://api.openai.com/v1",
+     "upstreams[0].models[0]=m", "upstreams[0].api_key=sk-upstream-literal-key"),
+    ("dependencies.milvus.mode=external",
+     "dependencies.milvus.external.endpoint=https://root:Milvus@milvus.example:19530"),
+], ids=["tenant key", "upstream key", "milvus userinfo"])
+def test_a_refused_secret_is_not_quoted(sets: tuple[str, ...]) -> None:
+    error = helm.rejected(None, *sets)
+    for secret in ("sk-team-literal-key-0123", "sk-upstream-literal-key", "Milvus@"):
+        assert secret not in error
+
+
+def test_keys_by_reference_or_digest_are_accepted() -> None:
+    """The forms the refusals point to render: {file:}, {env:} and key_sha256 digests."""
+    objects = helm.render_chart(
+        None, "controlPlane.config.auth.tenants[0].name=team",
+        "controlPlane.config.auth.tenants[0].keys[0].file=/var/run/secrets/synapse/api-key",
+        "controlPlane.config.auth.tenants[0].keys[1].env=TEAM_KEY",
+        "controlPlane.config.auth.tenants[1].name=other",
+        f"controlPlane.config.auth.tenants[1].key_sha256[0]={'0' * 64}",
+        "upstreams[0].name=hosted", "upstreams[0].url=https://api.openai.com/v1",
+        "upstreams[0].models[0]=m", "upstreams[0].api_key.env=OPENAI_API_KEY")
+    data = yaml.safe_load(render.find(objects, "ConfigMap", "synapse-controlplane-config")
+                          ["data"]["config.yaml"])
+    assert data["upstreams"][0]["api_key"] == {"env": "OPENAI_API_KEY"}
+    assert data["auth"]["tenants"][0]["keys"][1] == {"env": "TEAM_KEY"}
 
 
 def test_bundled_stores_behind_network_policies() -> None:
