@@ -293,6 +293,12 @@ class TokenLimiter:
             budget_key, ttl, amount, limit, in_cost = "", 0.0, 0.0, 0.0, False
             if r.budget is not None:
                 budget_key = f"{r.key}\x1f{period_id(r.budget.period, now)}"
+                if r.budget.unit == "cost":
+                    # a spend is in the budget's unit: a budget whose unit changes starts
+                    # a spend of its own (tokens read as cost locked a tenant out for the
+                    # period; cost read as tokens reset it). Token budgets keep the key
+                    # they always had, so their spends outlive an upgrade.
+                    budget_key += "\x1fcost"
                 ttl = period_left_s(r.budget.period, now)
                 in_cost = r.budget.unit == "cost"
                 amount = cost if in_cost else float(tokens)

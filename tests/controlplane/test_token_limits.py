@@ -91,6 +91,23 @@ async def test_cost_budget_uses_the_charges_cost_and_settles_it() -> None:
     assert "on model 'm'" in err.value.message and "per month" in err.value.message
 
 
+async def test_a_budget_whose_unit_changes_starts_a_spend_of_its_own() -> None:
+    """A spend is kept in its budget's unit (and, without Redis, across restarts): read
+    in another unit, 20,000 tokens refused a request costing 0.02 until the month ended
+    (review 139), and a cost spend read as tokens reset the budget."""
+    clock = ManualClock()
+    limiter = local(clock)
+    tokens = token_limits.ScopeRule("t", "m", budget=token_limits.Budget("month", 30_000,
+                                                                         "tokens"))
+    cost = token_limits.ScopeRule("t", "m", budget=token_limits.Budget("month", 50.0, "cost"))
+    await limiter.admit("t", "m", [tokens], 10_000, 10_000)
+    await limiter.admit("t", "m", [cost], 1, 1, cost=0.02)     # the same tenant and model
+    await limiter.admit("t", "m", [cost], 1, 1, cost=45.0)
+    await limiter.admit("t", "m", [tokens], 1, 1)              # 20,002 of 30,000
+    # a token budget's spend keeps the key it had before units were told apart
+    assert [a.budget_key for a in limiter.asks([tokens], 1, 0.0)] == ["t\x1fm\x1f2026-03"]
+
+
 async def test_redis_limits_hold_across_two_replicas_and_fall_back(
         redis_server: harness.RedisServer) -> None:
     failures: list[Exception] = []
