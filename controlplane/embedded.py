@@ -20,10 +20,12 @@ it: each child gets SIGTERM from the kernel when its parent dies
 (:mod:`synapse_common.parent_death`), and the agent's engines follow the agent.
 
 One stack per data dir: ``synapse up`` holds an exclusive ``flock`` on
-``<data-dir>/up.lock`` for its whole life (the kernel drops it when the process dies,
-however it dies), and a second ``synapse up`` on the same data dir exits 1 saying which
-process holds it, before it writes a config or starts a process: two stacks would share
-its journals, its Milvus Lite file and its keys, and both would answer.
+``<data-dir>/up.lock`` for its whole life, and its children hold the same open file (a
+flock belongs to it, so the kernel drops the lock only when the last of them has
+exited, however they exit: a ``synapse up`` killed leaves children that drain for a
+while). A second ``synapse up`` on the same data dir exits 1 saying which process holds
+it, before it writes a config or starts a process: two stacks would share its journals,
+its Milvus Lite file and its keys, and both would answer.
 
 The children's output goes through a pipe into ``<data-dir>/logs/<name>.log``, capped
 like the agent's engine logs (:mod:`synapse_common.capped_log`: 10 MiB, one ``.1`` kept),
@@ -280,7 +282,9 @@ class Child:
     piped into a size-capped log file."""
 
     def __init__(self, name: str, argv: list[str], log_path: pathlib.Path,
-                 max_log_bytes: int = capped_log.MAX_BYTES) -> None:
+                 max_log_bytes: int = capped_log.MAX_BYTES, keep_fds: tuple[int, ...] = ()
+                 ) -> None:
+        """``keep_fds``: descriptors the child holds open too (the data dir's lock)."""
         self.name = name
         self.log_path = log_path
         # closed in stop(); 0600: the logs name tenants and requests
@@ -289,7 +293,7 @@ class Child:
         env.pop("SYNAPSE_CONFIG_PATH", None)
         self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                      preexec_fn=parent_death.preexec())
+                                      pass_fds=keep_fds, preexec_fn=parent_death.preexec())
         out = cast(IO[bytes], self.popen.stdout)
         self._pump = threading.Thread(target=self._copy, args=(out,), daemon=True,
                                       name=f"{name} log")
@@ -418,16 +422,17 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     children: list[Child] = []
+    held = (lock.fileno(),)         # the children hold the data dir as long as they live
     base = f"http://{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{ports['http']}"
     print(f"Starting Synapse (embedded mode) in {data}", flush=True)
     try:
         children.append(Child("control plane", [synapse, "controlplane", "--config",
                                                 str(data / "controlplane.yaml"), *extra],
-                              data / "logs" / "controlplane.log"))
+                              data / "logs" / "controlplane.log", keep_fds=held))
         _wait_for(f"control plane on {base}", lambda: _http_status(f"{base}/health") == 200,
                   children, 60)
         children.append(Child("agent", [synapse, "agent", "--config", str(data / "agent.yaml"),
-                                        *extra], data / "logs" / "agent.log"))
+                                        *extra], data / "logs" / "agent.log", keep_fds=held))
         _wait_for(f"{gen.what} ready", lambda: _backends_ready(base) > 0, children,
                   START_TIMEOUT_S)
         # The agent loads the embedding model in the background; the semantic cache and

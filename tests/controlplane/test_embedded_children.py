@@ -79,3 +79,34 @@ def test_a_second_synapse_up_on_the_same_data_dir_is_refused(
         holder.kill()
         holder.wait(timeout=30)
     embedded.hold_data_dir(data).close()     # free again once its holder is gone
+
+
+def test_the_data_dir_stays_held_while_a_killed_synapse_ups_children_live(
+        tmp_path: pathlib.Path) -> None:
+    """The kernel dropped the lock with a SIGKILLed `synapse up` while its children still
+    drained on the data dir: a second one could start beside them for that while."""
+    data = embedded.data_directory(tmp_path / "data")
+    script = ("import pathlib, sys, time\nfrom controlplane import embedded\n"
+              f"lock = embedded.hold_data_dir(pathlib.Path({str(data)!r}))\n"
+              "c = embedded.Child('drainer', [sys.executable, '-c', 'import signal, time; "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'], "
+              f"pathlib.Path({str(tmp_path / 'd.log')!r}), keep_fds=(lock.fileno(),))\n"
+              "print(c.popen.pid, flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              text=True)
+    child = 0
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait(timeout=30)
+        assert not gone(child)                  # still draining (it ignores SIGTERM)
+        with pytest.raises(SystemExit):
+            embedded.hold_data_dir(data)
+        os.killpg(child, signal.SIGKILL)
+        harness.wait_until(lambda: gone(child), 30, "the drainer to exit")
+        embedded.hold_data_dir(data).close()    # free once the last holder is gone
+    finally:
+        parent.kill()
+        if child and not gone(child):
+            os.killpg(child, signal.SIGKILL)
