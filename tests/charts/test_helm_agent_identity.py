@@ -112,8 +112,14 @@ def test_the_control_planes_account_may_create_token_reviews() -> None:
     objects = helm.render_chart(None, SA_MODE)
     deploy = _workload(objects, "Deployment")
     binding = _workload(objects, "ClusterRoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
-                                  "kind": "ClusterRole", "name": "system:auth-delegator"}
+    assert binding["roleRef"]["apiGroup"] == "rbac.authorization.k8s.io"
+    assert binding["roleRef"]["kind"] == "ClusterRole"
+    # a role of its own with TokenReviews alone: system:auth-delegator would also let it
+    # create SubjectAccessReviews, which it never does
+    role = render.find(objects, "ClusterRole", binding["roleRef"]["name"])
+    assert role["rules"] == [{"apiGroups": ["authentication.k8s.io"],
+                              "resources": ["tokenreviews"], "verbs": ["create"]}]
+    assert helm.NAMESPACE in role["metadata"]["name"] and "namespace" not in role["metadata"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "namespace": helm.NAMESPACE,
                                     "name": render.pod_spec(deploy)["serviceAccountName"]}]
     # cluster-scoped: releases of one name in two namespaces get bindings of their own
@@ -153,7 +159,8 @@ SHARED_TOKEN_VALUES = [None, *(v for v in helm.VALUES_FILES if v != "production"
 
 def test_production_uses_the_service_account_identity() -> None:
     objects = helm.render_chart("production")
-    assert _workload(objects, "ClusterRoleBinding")["roleRef"]["name"] == "system:auth-delegator"
+    role = _workload(objects, "ClusterRoleBinding")["roleRef"]["name"]
+    assert render.find(objects, "ClusterRole", role)["rules"][0]["resources"] == ["tokenreviews"]
     agent = _config(objects, f"{helm.RELEASE}-agent-config")["control_plane"]
     assert agent["token_file"] == f"{IDENTITY_DIR}/token" and "token" not in agent
     assert "agent_review" in _config(objects, f"{helm.RELEASE}-controlplane-config")["auth"]
@@ -162,7 +169,7 @@ def test_production_uses_the_service_account_identity() -> None:
 @pytest.mark.parametrize("values", SHARED_TOKEN_VALUES, ids=lambda v: v or "defaults")
 def test_the_default_is_the_shared_token(values: str | None) -> None:
     objects = helm.render_chart(values)
-    assert not [o for o in objects if o["kind"] == "ClusterRoleBinding"]
+    assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     for workload in (_workload(objects, "DaemonSet"), _workload(objects, "Deployment")):
         assert not [v for v in _volumes(workload).values() if "projected" in v]
     agent = _config(objects, f"{helm.RELEASE}-agent-config")["control_plane"]
