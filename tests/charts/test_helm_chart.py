@@ -231,6 +231,10 @@ CHART_CHECKS = [
     (("upstreams[0].name=hosted", "upstreams[0].url=https://api.openai.com/v1",
       "upstreams[0].models[0]=m", "upstreams[0].api_key=sk-upstream-literal-key"),
      "upstreams[0].api_key is a literal key"),
+    # a null label is dropped after the schema's minProperties, leaving selectors that
+    # match every pod in every namespace
+    (("networkPolicy.enabled=true", r"networkPolicy.adminClientLabels.synapse\.dev/admin-client=null"),
+     "networkPolicy.adminClientLabels is empty"),
 ]
 
 
