@@ -556,3 +556,24 @@ def test_an_affinity_of_the_users_replaces_the_default() -> None:
     for kind, name in (("Deployment", "synapse-controlplane"), ("StatefulSet", "synapse-redis"),
                        ("StatefulSet", "synapse-milvus")):
         assert render.pod_spec(render.find(objects, kind, name))["affinity"] == mine, name
+
+
+def test_the_notes_warn_when_no_network_policy_is_rendered() -> None:
+    """Without NetworkPolicies every pod in the cluster reaches the engines' ports, the
+    agents' and the control plane's gRPC ports and the stores: the install says so."""
+    assert "WARNING: networkPolicy.enabled is false" in helm.notes()
+    assert "WARNING: networkPolicy.enabled is false" not in helm.notes("production")
+
+
+TLS_ON = ("agentLink.tls.enabled=true", "agentLink.tls.controlPlaneSecret=synapse-link",
+          "agentLink.tls.controlPlaneCAConfigMap=synapse-link-ca")
+
+
+@pytest.mark.parametrize("sets", [(), TLS_ON], ids=["tls off", "tls on"])
+def test_the_notes_say_engine_traffic_is_plain_http(sets: tuple[str, ...]) -> None:
+    """agentLink.tls covers the gRPC link only: prompts, answers and the engine key go to
+    the engines in plain HTTP whatever it says, which the operator must know to decide on
+    the CNI's encryption."""
+    notes = " ".join(helm.notes("production", *sets).split())
+    assert "engines is plain HTTP whatever agentLink.tls says" in notes
+    assert "WireGuard or IPsec" in notes
