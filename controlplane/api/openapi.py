@@ -178,7 +178,8 @@ def spec(settings: config.ControlPlaneSettings) -> dict[str, Any]:
             "/v1/models": _get("List models (canonical names and aliases)", "ModelList",
                                auth, secured=True),
             "/health": _get("Liveness", "Status", {}),
-            "/ready": _get("Readiness: a routable backend exists", "Status",
+            "/ready": _get("Readiness: the registry is synced (and with "
+                           "registry.ready_requires_backend, a backend is routable)", "Status",
                            {"503": {"description": "not ready", "content": {_JSON: {
                                "schema": {"$ref": "#/components/schemas/Status"}}}}}),
             **_metrics(settings),

@@ -577,3 +577,14 @@ def test_the_notes_say_engine_traffic_is_plain_http(sets: tuple[str, ...]) -> No
     notes = " ".join(helm.notes("production", *sets).split())
     assert "engines is plain HTTP whatever agentLink.tls says" in notes
     assert "WireGuard or IPsec" in notes
+
+
+def test_the_notes_tell_when_replicas_turn_ready() -> None:
+    """/ready waits for the registry to sync, not for a routable backend, unless
+    registry.ready_requires_backend (controlplane/api/readiness.py): the notes say which."""
+    default = " ".join(helm.notes().split())
+    assert "ready once they have heard from an agent or after registry.sync_grace_s" in default
+    assert "unready while no backend is routable" not in default
+    strict = " ".join(helm.notes(
+        None, "controlPlane.config.registry.ready_requires_backend=true").split())
+    assert "unready while no backend is routable" in strict

@@ -68,7 +68,8 @@ def test_control_plane_has_a_pdb_and_an_hpa(overlay: str) -> None:
     pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= pod_labels.items()
     assert pdb["spec"]["minAvailable"] == 1
-    # replicas are unready while no backend is routable; drains must not hang on that
+    # replicas are unready while they sync (or, with registry.ready_requires_backend,
+    # while no backend is routable); drains must not hang on that
     assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     hpa = render.find(objects, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
@@ -88,7 +89,8 @@ def test_agents_reach_every_replica_even_before_it_is_ready(overlay: str) -> Non
     objects = render.render(overlay)
     headless = render.find(objects, "Service", "synapse-controlplane-headless")
     assert headless["spec"]["clusterIP"] == "None"
-    # /ready waits for a backend, which only agents bring: unready replicas must resolve
+    # /ready waits for an agent's report (or a backend, with ready_requires_backend),
+    # which only agents bring: unready replicas must resolve
     assert headless["spec"]["publishNotReadyAddresses"] is True
 
 
