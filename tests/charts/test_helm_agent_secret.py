@@ -141,11 +141,14 @@ def _chart_seeing(cluster: dict[str, dict[str, str]], tmp_path: pathlib.Path) ->
     data), as the API server would on `helm upgrade`."""
     chart = tmp_path / "synapse"
     shutil.copytree(helm.CHART, chart)   # symlinks followed: files/ holds their content
-    secret = chart / "templates" / "secret.yaml"
-    text, found = re.subn(r'\(lookup "v1" "Secret" \.Release\.Namespace (\$\w+)\)',
-                          r'(include "test.lookup" \1 | fromJson)', secret.read_text())
-    assert found >= 1, "templates/secret.yaml reads no Secret back with lookup"
-    secret.write_text(text)
+    found = 0
+    for template in (chart / "templates").glob("*.*"):   # where the keys are read back
+        text, n = re.subn(
+            r'\(lookup "v1" "Secret" \.Release\.Namespace (\$\w+|\(include "[\w.]+" \.\))\)',
+            r'(include "test.lookup" \1 | fromJson)', template.read_text())
+        template.write_text(text)
+        found += n
+    assert found >= 1, "the chart reads no Secret back with lookup"
     objects = {name: {"data": data} for name, data in cluster.items()}
     (chart / "templates" / "_test_lookup.tpl").write_text(
         '{{- define "test.lookup" -}}{{- $cluster := `' + json.dumps(objects) +
@@ -261,3 +264,22 @@ def test_the_auth_secret_named_as_the_agents_is_refused() -> None:
     error = helm.rejected(None, "secrets.existingSecret=mine",
                           "secrets.existingAgentSecret=mine")
     assert "secrets.existingAgentSecret names the auth Secret" in error
+
+
+def test_an_upgrade_rolls_the_pods_only_when_the_keys_changed(tmp_path: pathlib.Path) -> None:
+    """checksum/secret follows the keys the chart reads back: the same keys on an upgrade
+    leave the pods alone, new ones (the Secrets deleted to rotate them) roll them."""
+    def checksums(keys: dict[str, str], where: str) -> dict[str, str]:
+        (tmp_path / where).mkdir()
+        objects = _render_with(_chart_seeing({"synapse-auth": keys}, tmp_path / where))
+        return {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["annotations"]
+                ["checksum/secret"] for o in render.workloads(objects)
+                if o["metadata"]["name"] in ("synapse-controlplane", "synapse-agent",
+                                             "synapse-redis")}
+
+    names = ("admin-key", "api-key", "agent-token", "metrics-token", "redis-password")
+    old = {k: _b64(f"old-{k}") for k in names}
+    first, again = checksums(old, "first"), checksums(old, "again")
+    assert len(first) == 3 and first == again
+    rotated = checksums({k: _b64(f"new-{k}") for k in names}, "rotated")
+    assert all(rotated[name] != first[name] for name in first), (first, rotated)

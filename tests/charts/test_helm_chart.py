@@ -9,6 +9,8 @@ stores behind NetworkPolicies, upstream egress rules derived from the URLs.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import pathlib
 import re
 import tarfile
@@ -588,3 +590,35 @@ def test_the_notes_tell_when_replicas_turn_ready() -> None:
     strict = " ".join(helm.notes(
         None, "controlPlane.config.registry.ready_requires_backend=true").split())
     assert "unready while no backend is routable" in strict
+
+
+def _secret_checksum(data: dict[str, str], keys: list[str]) -> str:
+    """What the chart hashes: the JSON of the keys a pod reads (Go's encoding: sorted
+    keys, no spaces)."""
+    chosen = {k: data[k] for k in keys}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def test_new_keys_in_a_chart_made_secret_roll_the_pods() -> None:
+    """Rotating the chart's keys (delete its Secrets, helm upgrade) must restart the pods
+    that read them: Redis and the control plane take the Redis password from their
+    environment, which a changed Secret never reaches. The pod templates carry a
+    checksum of exactly the keys each one reads, from the same values as the Secret."""
+    objects = helm.render_chart("self-hosted-bundled")
+    auth = render.find(objects, "Secret", "synapse-auth")["data"]
+    agent = render.find(objects, "Secret", "synapse-agent-auth")["data"]
+    expected = {("Deployment", "synapse-controlplane"): _secret_checksum(auth, sorted(auth)),
+                ("StatefulSet", "synapse-redis"): _secret_checksum(auth, ["redis-password"]),
+                ("DaemonSet", "synapse-agent"): _secret_checksum(agent, sorted(agent))}
+    for (kind, name), checksum in expected.items():
+        annotations = render.find(objects, kind, name)["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["checksum/secret"] == checksum, name
+
+
+def test_an_existing_secret_gets_no_checksum() -> None:
+    """The chart cannot read a Secret it does not make (helm template, GitOps): its pods
+    must be restarted by hand after a rotation, which the chart README says."""
+    for workload in render.workloads(helm.render_chart("production")):
+        assert "checksum/secret" not in workload["spec"]["template"]["metadata"].get(
+            "annotations", {}), workload["metadata"]["name"]

@@ -78,6 +78,35 @@ renders both Secrets from it. */}}
 {{- toJson $data -}}
 {{- end -}}
 
+{{/* The keys of the Secrets the chart makes (templates/secret.yaml), as JSON: read back
+from the cluster (lookup) or new. Computed once per render and kept in the render's
+values, so the Secrets and the pods' checksum/secret annotations see the same random keys
+(each randAlphaNum call draws new ones). */}}
+{{- define "synapse.chartSecretData" -}}
+{{- if not (hasKey .Values "__synapseChartSecretData") -}}
+{{- $existing := (lookup "v1" "Secret" .Release.Namespace (include "synapse.authSecret" .)).data | default dict -}}
+{{- $existingAgent := (lookup "v1" "Secret" .Release.Namespace (include "synapse.agentSecret" .)).data | default dict -}}
+{{- $_ := set .Values "__synapseChartSecretData" (include "synapse.authSecretData" (dict "root" . "auth" $existing "agent" $existingAgent)) -}}
+{{- end -}}
+{{- get .Values "__synapseChartSecretData" -}}
+{{- end -}}
+
+{{/* A pod template's checksum/secret annotation: the hash of the chart-made keys it reads
+(call with dict "root" and "keys", a list; nil keys: all of them), so new keys (a
+rotation: the Secrets deleted before helm upgrade) roll the pods, the Redis password
+included, which reaches Redis and the control plane through their environment. Nothing
+with secrets.existingSecret: the chart cannot read it; restart the pods after rotating it. */}}
+{{- define "synapse.secretChecksumAnnotation" -}}
+{{- if not .root.Values.secrets.existingSecret -}}
+{{- $data := include "synapse.chartSecretData" .root | fromJson -}}
+{{- $chosen := dict -}}
+{{- range $key := (.keys | default (keys $data)) -}}
+{{- $_ := set $chosen $key (get $data $key) -}}
+{{- end -}}
+checksum/secret: {{ toJson $chosen | sha256sum }}
+{{- end -}}
+{{- end -}}
+
 {{/* The auth Secret's key /metrics wants as a bearer token (controlPlane.metricsAuth,
 agent.metricsAuth: the same token for both). */}}
 {{- define "synapse.metricsTokenKey" -}}metrics-token{{- end -}}
