@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
@@ -193,10 +194,11 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
     # collected every couple of requests, a few per cent of the CPU per request.
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
     stop = asyncio.Event()
+    hurry = asyncio.Event()         # a second signal: no more drain, no more grace
     signals: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, sig, signals, stop)
+        loop.add_signal_handler(sig, _on_signal, sig, signals, stop, hurry)
     pool = None
     watch: asyncio.Task[None] | None = None
     if role.primary and role.count > 1:
@@ -214,17 +216,21 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
     drain = 0.0
     try:
         await stop.wait()
-        readiness.state(services).stopping = True       # /ready: 503 from now on
+        _begin_stopping(services, runner)               # /ready: 503 from now on
         drain = h.drain_delay_s if signal.SIGINT not in signals else 0.0
         log.info("stopping: serving %gs more (http.drain_delay_s), then up to %gs for "
-                 "requests in flight (http.shutdown_grace_s)", drain, h.shutdown_grace_s)
+                 "requests in flight (http.shutdown_grace_s); a second signal cuts them "
+                 "now", drain, h.shutdown_grace_s)
     finally:
-        readiness.state(services).stopping = True
+        _begin_stopping(services, runner)
         if watch is not None:
             watch.cancel()
         stopping = asyncio.create_task(pool.stop()) if pool is not None else None
+        hurrying = asyncio.create_task(_hurry_on(hurry, runner, pool))
         if stop.is_set() and drain > 0:
-            await asyncio.sleep(drain)      # still accepting while endpoints go
+            # still accepting while endpoints go (a second signal ends the wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hurry.wait(), drain)
         # HTTP first: stop accepting and let in-flight requests finish while the agents'
         # streams — and so the routing table — are still up. Stopping gRPC first ended
         # every agent stream at once and answered 503 "no backend" for the whole grace.
@@ -237,6 +243,7 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
         if pod is not None:
             await pod.close()
         await server.stop(GRPC_STOP_GRACE_S)
+        hurrying.cancel()
 
 
 def stop_grace_s(http: config.HttpSettings) -> float:
@@ -250,9 +257,30 @@ def _cut(services: services_mod.Services) -> None:
     readiness.state(services).cut = True
 
 
-def _on_signal(sig: signal.Signals, seen: list[signal.Signals], stop: asyncio.Event) -> None:
+def _begin_stopping(services: services_mod.Services, runner: server_mod.Runner) -> None:
+    """``/ready`` answers 503, and every answer closes its connection
+    (:meth:`controlplane.api.server.LaneServer.drain`)."""
+    readiness.state(services).stopping = True
+    runner.drain()
+
+
+def _on_signal(sig: signal.Signals, seen: list[signal.Signals], stop: asyncio.Event,
+               hurry: asyncio.Event) -> None:
+    if stop.is_set():
+        log.warning("second %s: ending the requests in flight now", sig.name)
+        hurry.set()
     seen.append(sig)
     stop.set()
+
+
+async def _hurry_on(hurry: asyncio.Event, runner: server_mod.Runner,
+                    pool: workers.Pool | None) -> None:
+    """A second signal skips the rest of the drain (the caller's wait) and the grace:
+    what runs is cut now, as at the grace's end, here and in the pod's workers."""
+    await hurry.wait()
+    runner.hurry()
+    if pool is not None:
+        pool.hurry()
 
 
 async def _start_grpc(settings: config.ControlPlaneSettings, services: services_mod.Services,

@@ -236,6 +236,13 @@ class Pool:
         if self._role.directory is not None:
             shutil.rmtree(self._role.directory, ignore_errors=True)
 
+    def hurry(self) -> None:
+        """A second signal: passed to every worker (each cuts its requests now)."""
+        for proc in list(self._procs.values()):
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+
 
 def exit_with_parent(parent: int) -> None:
     """A worker's SIGTERM when the primary that started it (``parent``) dies, however it

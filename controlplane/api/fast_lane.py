@@ -135,7 +135,7 @@ class LaneRequest(dict[Any, Any]):
     ``request[key]`` reads and writes, as in aiohttp): the serving path reads it many
     times per request, and a lookup in C beats a method of ours."""
 
-    __slots__ = ("_body", "_writer", "app", "headers", "keep_alive",
+    __slots__ = ("_body", "_keep_alive", "_writer", "app", "headers",
                  "match_info", "method", "path", "protocol", "transport", "version")
 
     def __init__(self, conn: Connection, route: Route, headers: CIMultiDictProxy[str],
@@ -146,11 +146,21 @@ class LaneRequest(dict[Any, Any]):
         self.match_info = route.match_info
         self.headers = headers
         self.version = HttpVersion11
-        self.keep_alive = keep_alive
+        self._keep_alive = keep_alive
         self.protocol = conn
         self.transport = conn.transport
         self._body = body
         self._writer: http_writer.StreamWriter | None = None
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether its answer keeps the connection: as the client asked, until the server
+        drains (:meth:`controlplane.api.server.LaneServer.drain`: ``Connection: close``)."""
+        return self._keep_alive and not self.protocol.draining
+
+    @keep_alive.setter
+    def keep_alive(self, value: bool) -> None:
+        self._keep_alive = value
 
     # A request, not a value, as aiohttp's: true, and equal and hashed by identity
     # (a dict's are by contents).
@@ -330,6 +340,10 @@ class Connection(base_protocol.BaseProtocol):
         # with them unread would reset it, and the client could lose the answer).
         self._discard = 0
         self._keep_after_discard = False
+
+    @property
+    def draining(self) -> bool:
+        return self._server.draining
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 

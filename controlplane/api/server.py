@@ -271,7 +271,13 @@ class _Protocol(web_protocol.RequestHandler):
         if type(resp) is web.HTTPExpectationFailed:
             resp = web.Response(status=417, body=error_body(expectation_failed(), request.path),
                                 content_type="application/json")
+        if self._draining:      # (a request in flight at SIGTERM: its stream says
+            resp.force_close()  # keep-alive already, the connection closes after it)
         return super().finish_response(request, resp, start_time)
+
+    @property
+    def _draining(self) -> bool:
+        return isinstance(self._manager, LaneServer) and self._manager.draining
 
 
 class LaneServer(web_server.Server):
@@ -283,7 +289,11 @@ class LaneServer(web_server.Server):
     lane: fast_lane.Lane | None = None
     sweeper: fast_lane.Sweeper | None = None
     on_cut: Callable[[], None] | None = None
+    draining = False            # SIGTERM came: every answer closes its connection
+    _hurried = False            # a second signal: cut at once, no grace
+    _cutting: asyncio.TimerHandle | None = None
     _refused_logged_at = -math.inf
+    _app_request: Callable[..., web.BaseRequest]
 
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]  # any protocol
         if len(self._connections) >= self.max_connections and not self._make_room():
@@ -324,21 +334,50 @@ class LaneServer(web_server.Server):
                 best, best_since = conn, since
         return best
 
+    def drain(self) -> None:
+        """From now on every answer says ``Connection: close`` and its connection closes
+        after it: clients that pool connections (kube-proxy's established ones, an
+        ingress's upstream keep-alive) open new ones, which the Service sends to other
+        pods, instead of holding one idle here until the listener closes it under a
+        request they may not retry."""
+        self.draining = True
+
+    def make_request(self, message: Any, *args: Any) -> web.BaseRequest:
+        """aiohttp's request factory (the app's), its request told to close the
+        connection once :meth:`drain` began (``request.keep_alive`` is what a response
+        prepares its ``Connection`` header from)."""
+        if self.draining and not message.should_close:
+            message = message._replace(should_close=True)
+        return self._app_request(message, *args)
+
+    def hurry(self) -> None:
+        """A second signal: no more grace; what runs is :meth:`cut` now (or as soon as
+        :meth:`shutdown` begins)."""
+        self._hurried = True
+        if self._cutting is not None:
+            self._cutting.cancel()
+            self._cutting = None
+            self.cut()
+
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Give the requests in flight ``timeout`` seconds (``http.shutdown_grace_s``); then
         :meth:`cut` what still runs and give the handlers :data:`CUT_S` to end it."""
-        cutting = (self._loop.call_later(timeout, self.cut) if timeout is not None
-                   else None)
+        if self._hurried:
+            timeout = 0.0
+        self._cutting = (self._loop.call_later(timeout, self.cut) if timeout is not None
+                         else None)
         try:
             await super().shutdown(None if timeout is None else timeout + CUT_S)
         finally:
-            if cutting is not None:
-                cutting.cancel()
+            if self._cutting is not None:
+                self._cutting.cancel()
+                self._cutting = None
 
     def cut(self) -> None:
         """The grace is over: ``on_cut`` (the middleware then reads the cancellation as
         the server's, not the client's), and every request handler still running is
         cancelled, the lane's and aiohttp's."""
+        self._cutting = None
         busy = [conn for conn in self._connections
                 if (conn._task is not None if isinstance(conn, fast_lane.Connection)
                     else conn._current_request is not None)]
@@ -415,6 +454,18 @@ class Runner(web.AppRunner):
         server.header_timeout_s = self._http.header_timeout_s
         server.max_connections = connection_cap(self._http.max_connections)
         server.on_cut = self._on_cut
+        server._app_request = server.request_factory
+        server.request_factory = server.make_request
         if self._http.fast_lane:
             server.lane = fast_lane.Lane.for_app(self._app, self._http)
         return server
+
+    def drain(self) -> None:
+        """SIGTERM came: :meth:`LaneServer.drain`."""
+        if isinstance(self.server, LaneServer):
+            self.server.drain()
+
+    def hurry(self) -> None:
+        """A second signal: :meth:`LaneServer.hurry`."""
+        if isinstance(self.server, LaneServer):
+            self.server.hurry()

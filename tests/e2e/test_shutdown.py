@@ -200,3 +200,70 @@ def test_a_pod_of_two_processes_ends_every_stream_cleanly(tmp_path: pathlib.Path
     finally:
         pool.stop_all()
         redis.stop()
+
+
+def _ask_kept_alive(sock: socket.socket, tokens: int, stream: bool) -> bytes:
+    """One chat request on a kept-alive connection; its answer's head (the body read
+    by its length or chunks, the connection left as the server leaves it)."""
+    body = json.dumps({"model": "llama", "messages": MSGS, "max_tokens": tokens,
+                       "ignore_eos": True, "stream": stream}).encode()
+    sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: cp\r\n"
+                  f"Authorization: Bearer {fleet.TENANT_KEY}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                  ).encode() + body)
+    got = _read_until(sock, b"\r\n\r\n")
+    head, _, rest = got.partition(b"\r\n\r\n")
+    lines = head.decode().lower().split("\r\n")
+    if "transfer-encoding: chunked" in lines:
+        while not _dechunk(rest)[1]:
+            piece = sock.recv(65536)
+            assert piece, rest[-300:]
+            rest += piece
+    else:
+        length = int(next(ln.split(":")[1] for ln in lines if ln.startswith("content-length")))
+        while len(rest) < length:
+            piece = sock.recv(65536)
+            assert piece, rest[-300:]
+            rest += piece
+    return head
+
+
+@pytest.mark.parametrize("fast_lane", [True, False])
+@pytest.mark.parametrize("stream", [False, True])
+def test_answers_during_the_drain_close_their_connection(
+        stack: Stack, fast_lane: bool, stream: bool) -> None:
+    """A client pooling its connections (kube-proxy's, an ingress's upstream keep-alive)
+    is told to open a new one, which goes to another pod, rather than keep this one idle
+    until the listener closes it under its next request."""
+    base, cp = stack(60, shutdown_grace_s=60, fast_lane=fast_lane)
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    with sock:
+        head = _ask_kept_alive(sock, 3, stream)
+        assert b"connection: close" not in head.lower(), head        # kept alive before
+        cp.signal(signal.SIGTERM)
+        harness.wait_until(lambda: harness.http(base + "/ready")[0] == 503, 5,
+                           "/ready to answer 503")
+        head = _ask_kept_alive(sock, 3, stream)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert b"\r\nconnection: close" in head.lower(), head
+        assert sock.recv(1) == b""                  # and closed after it
+    cp.signal(signal.SIGTERM)                       # (a second signal: no 60 s drain)
+    assert cp.wait(timeout=30) == 0
+
+
+def test_a_second_signal_ends_the_drain_and_cuts_what_runs(stack: Stack) -> None:
+    """Ctrl-C twice, or an operator's second SIGTERM: the process stops now, a stream in
+    flight ended cleanly as at the end of the grace, not after the drain and the grace."""
+    base, cp = stack(120, shutdown_grace_s=120)
+    sock = _post(base, LONG, stream=True)
+    got = _read_until(sock, b'"content":"')
+    cp.signal(signal.SIGTERM)
+    harness.wait_until(lambda: harness.http(base + "/ready")[0] == 503, 5,
+                       "/ready to answer 503")
+    cp.signal(signal.SIGTERM)
+    assert cp.wait(timeout=30) == 0                 # far within the drain
+    body, ended = _dechunk(_read_all(sock, got).partition(b"\r\n\r\n")[2])
+    assert ended, body[-300:]
+    last = json.loads(body.rstrip(b"\n").rsplit(b"data: ", 1)[-1])
+    assert "shutting down" in last["error"]["message"], last
