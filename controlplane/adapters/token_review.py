@@ -2,7 +2,8 @@
 ServiceAccount token the agent presents on ``ControlPlane.Connect``.
 
 The control plane POSTs ``authentication.k8s.io/v1`` TokenReviews to the API server with
-its own ServiceAccount token (its account needs the ClusterRole ``system:auth-delegator``)
+its own ServiceAccount token (its account needs ``create`` on ``tokenreviews``, as the
+chart's ClusterRole grants; ``system:auth-delegator`` grants it and more)
 and accepts an agent's token only when all of these hold:
 
 * ``status.authenticated`` is true;
@@ -356,5 +357,5 @@ def _refused(status: int) -> str:
                 "(agent_review.token_file)")
     if status == 403:
         return ("HTTP 403: the control plane's ServiceAccount may not create TokenReviews "
-                "(bind it to the ClusterRole system:auth-delegator)")
+                "(it needs create on tokenreviews.authentication.k8s.io)")
     return f"HTTP {status}"

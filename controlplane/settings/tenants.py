@@ -76,7 +76,8 @@ class AgentReviewSettings(Section):
     token_file: str = Field("/var/run/secrets/kubernetes.io/serviceaccount/token",
                             min_length=1, description="the control plane's own ServiceAccount "
                             "token, presented to the API server (re-read when it changes: it "
-                            "rotates); its account needs the ClusterRole system:auth-delegator")
+                            "rotates); its account needs to create tokenreviews (authentication.k8s.io), as "
+                            "the chart's ClusterRole grants")
     ca_file: str = Field("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt", min_length=1,
                          description="CA bundle that verifies the API server's certificate")
     timeout_s: float = Field(5.0, gt=0, description="time limit of one review")

@@ -195,7 +195,7 @@ async def test_an_unauthenticated_token_is_refused(
 @pytest.mark.parametrize(("answer", "says"), [
     ("500", "HTTP 500"),
     ("401", "does not accept the control plane's own token"),
-    ("403", "system:auth-delegator"),
+    ("403", "create on tokenreviews"),
     ("garbage", "not JSON"),
     ("no-status", "no status"),
 ])
