@@ -182,6 +182,7 @@ class Pool:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._stop_requested = asyncio.Event()
         self.failed = asyncio.Event()   # a worker refused its configuration: stop the pod
 
     def command(self, index: int) -> list[str]:
@@ -199,6 +200,8 @@ class Pool:
             started = loop.time()
             proc = await asyncio.create_subprocess_exec(*self.command(index))
             self._procs[index] = proc
+            if self._stopping:      # spawned while the stop began: stops with the rest
+                _signal(proc, signal.SIGTERM)
             code = await proc.wait()
             if loop.time() - started >= HEALTHY_S:
                 delay = RESTART_FIRST_S
@@ -210,38 +213,46 @@ class Pool:
                 return
             log.error("serving worker %d exited with %s; restarting in %.1fs",
                       index, code, delay)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):     # no restart once stopping
+                await asyncio.wait_for(self._stop_requested.wait(), delay)
             delay = min(RESTART_MAX_S, delay * 2)
 
     async def stop(self) -> None:
         """SIGTERM every worker (each drains and stops as the primary does, at the same
-        time), wait for their graceful stop, kill what is left."""
+        time), wait for their graceful stop, all together under one deadline, kill what
+        is left. No worker is (re)started from now on; one being started gets its
+        SIGTERM as soon as it is."""
         self._stopping = True
-        for proc in self._procs.values():
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        for proc in self._procs.values():
-            try:
-                await asyncio.wait_for(proc.wait(), self._stop_grace_s + STOP_MARGIN_S)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+        self._stop_requested.set()
+        self._signal_all(signal.SIGTERM)
+        # Each keeper returns once its worker has exited (or at once, when none runs).
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self._stop_grace_s + STOP_MARGIN_S)
+        self._signal_all(signal.SIGKILL)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=STOP_MARGIN_S)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._signal_all(signal.SIGKILL)
         if self._role.directory is not None:
             shutil.rmtree(self._role.directory, ignore_errors=True)
 
     def hurry(self) -> None:
         """A second signal: passed to every worker (each cuts its requests now)."""
+        self._signal_all(signal.SIGTERM)
+
+    def _signal_all(self, sig: signal.Signals) -> None:
         for proc in list(self._procs.values()):
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
+            _signal(proc, sig)
+
+
+def _signal(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
 
 
 def exit_with_parent(parent: int) -> None:

@@ -1,9 +1,13 @@
-"""How many serving processes a pod runs (``controlplane.workers``), and their names."""
+"""How many serving processes a pod runs (``controlplane.workers``), their names, and how
+the primary stops them."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
+import signal
+import sys
 import tempfile
 
 import pydantic
@@ -102,3 +106,45 @@ def test_a_socket_directory_too_deep_for_unix_sockets_is_a_config_error(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     made = workers.private_directory(2)
     assert made.parent == tmp_path and (made.stat().st_mode & 0o777) == 0o700
+
+
+# A stand-in worker: its graceful stop (the SIGTERM handler) leaves a mark. It starts with
+# SIGTERM blocked (the mask its parent had, kept across exec), so a SIGTERM sent while it
+# is still starting waits for the handler instead of killing it.
+GRACEFUL_WORKER = """
+import os, pathlib, signal, sys, time
+def stop(*_):
+    pathlib.Path(sys.argv[1], str(os.getpid())).write_text("stopped")
+    os._exit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+time.sleep(600)
+"""
+
+
+class _Scripted(workers.Pool):
+    def __init__(self, marks: pathlib.Path, role: workers.Role) -> None:
+        super().__init__(role, [], 0, stop_grace_s=60)
+        self._marks = marks
+
+    def command(self, index: int) -> list[str]:
+        return [sys.executable, "-c", GRACEFUL_WORKER, str(self._marks)]
+
+
+async def test_workers_being_started_as_the_pod_stops_get_their_graceful_stop(
+        tmp_path: pathlib.Path) -> None:
+    """A worker whose start is under way when the stop begins is sent SIGTERM (its drain
+    and grace) and waited for, not killed, nor left running."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (tmp_path / "pod").mkdir()
+    pool = _Scripted(marks, workers.Role(0, 3, tmp_path / "pod"))
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pool.start()
+        await asyncio.sleep(0)          # each keeper is starting its worker
+        await pool.stop()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    assert len(list(marks.iterdir())) == 2
+    assert not (tmp_path / "pod").exists()
