@@ -15,10 +15,15 @@ and ingress controllers learn it a moment later: connections in that moment woul
 refused). It is the process's rather than a chart ``preStop`` sleep so that every way of
 running it (the chart, the kustomize manifests, a plain container) drains the same, and
 the pod's serving workers, which get the SIGTERM from the primary, drain with it; SIGINT
-(Ctrl-C at a terminal) skips it. Then the listener closes and requests in flight get
+(Ctrl-C at a terminal) skips it. From SIGTERM on every answer says ``Connection: close``
+and its connection closes after it, so clients that pool connections open new ones,
+which go to other pods. Then the listener closes and requests in flight get
 ``http.shutdown_grace_s``; what still runs then is ended cleanly
 (:mod:`controlplane.api.server`: a stream with its error event, an unanswered request
-with 503 ``server_shutting_down``), and the resources close.
+with 503 ``server_shutting_down``), and the resources close. A second signal (SIGTERM or
+SIGINT) skips what is left of the drain and the grace: what runs is ended so at once.
+``/metrics`` on ``metrics.port`` is not drained: a scrape gets
+:data:`METRICS_STOP_GRACE_S` after the API's grace.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from synapse_common import cli
 log = logging.getLogger("synapse.controlplane")
 GC_YOUNG_THRESHOLD = 20_000
 GRPC_STOP_GRACE_S = 1.0   # after HTTP is done: only agent streams and Admin calls remain
+METRICS_STOP_GRACE_S = 1.0  # for a scrape in flight when the API's grace is over
 
 
 def build_parser(prog: str = "synapse controlplane") -> argparse.ArgumentParser:
@@ -236,13 +242,16 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
         # every agent stream at once and answered 503 "no backend" for the whole grace.
         # The primary keeps them up until its workers have stopped too.
         await runner.cleanup()
-        if metrics_runner is not None:
-            await metrics_runner.cleanup()
+        # (alongside the rest of the stop: within the pod's grace, a stalled scrape too)
+        scrapes = (asyncio.create_task(metrics_runner.cleanup())
+                   if metrics_runner is not None else None)
         if stopping is not None:
             await stopping
         if pod is not None:
             await pod.close()
         await server.stop(GRPC_STOP_GRACE_S)
+        if scrapes is not None:
+            await scrapes
         hurrying.cancel()
 
 
@@ -313,8 +322,10 @@ async def _serve_metrics(settings: config.ControlPlaneSettings,
     port = settings.metrics.port
     if port is None:
         return None
+    # Scrapes are not drained: a scraper that stops reading a large /metrics must not
+    # hold the process past the pod's termination grace (aiohttp's default is 60 s).
     runner = server_mod.Runner(app_mod.create_metrics_app(services), settings.http,
-                               access_log=None)
+                               access_log=None, shutdown_timeout=METRICS_STOP_GRACE_S)
     await runner.setup()
     await web.TCPSite(runner, settings.http.host, port).start()
     bound = runner.addresses[0][1] if runner.addresses else port

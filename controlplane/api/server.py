@@ -58,6 +58,8 @@ given (``http.shutdown_grace_s``); what still runs then is *cut*: ``on_cut`` mar
 cancellation as the server's, so the app ends each request cleanly — a stream with its
 error event and its end, a request not yet answered with 503 ``server_shutting_down``,
 logged as such (not as a client gone, 499) — before aiohttp closes the connections.
+From SIGTERM on (:meth:`LaneServer.drain`, before the drain delay) every answer says
+``Connection: close``; a second signal cuts at once (:meth:`LaneServer.hurry`).
 """
 
 from __future__ import annotations
@@ -376,11 +378,12 @@ class LaneServer(web_server.Server):
     def cut(self) -> None:
         """The grace is over: ``on_cut`` (the middleware then reads the cancellation as
         the server's, not the client's), and every request handler still running is
-        cancelled, the lane's and aiohttp's."""
+        cancelled, the lane's and aiohttp's, and so is the writing of an answer a client
+        does not read (aiohttp would wait for it twice the time it was given)."""
         self._cutting = None
         busy = [conn for conn in self._connections
                 if (conn._task is not None if isinstance(conn, fast_lane.Connection)
-                    else conn._current_request is not None)]
+                    else conn._request_in_progress)]
         if not busy:
             return
         log.warning("shutdown grace over: ending %d request(s) still in flight", len(busy))

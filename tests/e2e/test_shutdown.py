@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import select
 import signal
 import socket
 import threading
@@ -267,3 +268,42 @@ def test_a_second_signal_ends_the_drain_and_cuts_what_runs(stack: Stack) -> None
     assert ended, body[-300:]
     last = json.loads(body.rstrip(b"\n").rsplit(b"data: ", 1)[-1])
     assert "shutting down" in last["error"]["message"], last
+
+
+@pytest.mark.parametrize(("listener", "grace_s", "within_s"), [
+    ("metrics.port", 1, 30),    # /metrics is not drained: aiohttp's 60 s were the bound
+    ("http.port", 10, 20)])     # an answer being written is cut with the rest (not 2x)
+def test_a_client_that_stops_reading_does_not_hold_the_stop(
+        tmp_path: pathlib.Path, listener: str, grace_s: float, within_s: float) -> None:
+    """A client that asked for answers and stopped reading them (its buffers full: a
+    stalled scraper, a client gone without closing) does not keep the process from
+    exiting within the pod's grace: what is still being written when the grace ends is
+    cut with the requests in flight."""
+    pool = harness.ProcessPool(tmp_path)
+    port = harness.free_port()
+    try:
+        up = fleet.start_simulated(pool, tmp_path, cache={"enabled": False},
+                                   http={"shutdown_grace_s": grace_s},
+                                   metrics={"port": port})
+        if listener == "http.port":
+            port = int(up.base.rsplit(":", 1)[1])
+            ask = b"GET /health HTTP/1.1\r\nHost: cp\r\n\r\n"
+        else:
+            ask = b"GET /metrics HTTP/1.1\r\nHost: cp\r\n\r\n"
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        with sock:
+            sock.setblocking(False)
+            for _ in range(3_000_000):  # requests sent, their answers never read...
+                try:
+                    sock.send(ask)
+                except BlockingIOError:     # ...until the server stops reading them too
+                    if not select.select([], [sock], [], 1.0)[1]:
+                        break
+            else:
+                pytest.fail("the server kept reading requests it could not answer")
+            up.cp.signal(signal.SIGTERM)
+            assert up.cp.wait(timeout=within_s) == 0
+    finally:
+        pool.stop_all()
