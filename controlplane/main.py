@@ -203,8 +203,14 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
     hurry = asyncio.Event()         # a second signal: no more drain, no more grace
     signals: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, sig, signals, stop, hurry)
+    loop.add_signal_handler(signal.SIGTERM, _on_signal, signal.SIGTERM, signals, stop, hurry)
+    if role.primary:
+        loop.add_signal_handler(signal.SIGINT, _on_signal, signal.SIGINT, signals, stop, hurry)
+    else:
+        # Ctrl-C reaches the terminal's whole process group: a worker stops on its
+        # primary's SIGTERM alone (with the primary's own, it would count as a second
+        # signal and cut its requests at once).
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
     pool = None
     watch: asyncio.Task[None] | None = None
     if role.primary and role.count > 1:

@@ -12,6 +12,7 @@ in front of a ``synapse simulator`` that decodes slowly.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import select
 import signal
@@ -307,3 +308,31 @@ def test_a_client_that_stops_reading_does_not_hold_the_stop(
             assert up.cp.wait(timeout=within_s) == 0
     finally:
         pool.stop_all()
+
+
+def test_ctrl_c_gives_a_pods_requests_their_grace(tmp_path: pathlib.Path) -> None:
+    """Ctrl-C at a terminal signals the primary and its serving workers alike: once is
+    one stop (no drain, requests in flight finish whole in every process), not a first
+    and a second signal in the workers."""
+    pool = harness.ProcessPool(tmp_path)
+    redis = harness.RedisServer(tmp_path)
+    try:
+        up = fleet.start_simulated(
+            pool, tmp_path, time_scale=1, name="pod", cache={"enabled": False},
+            http={"workers": 2, "shutdown_grace_s": 60, "upstream_first_byte_timeout_s": 60,
+                  "upstream_idle_timeout_s": 60},
+            redis={"url": redis.url, "timeout_s": 1.0})
+        base, cp = up.base, up.cp
+        harness.wait_until(lambda: "serving worker 1 of 2" in cp.output(), 60,
+                           "the serving worker", proc=cp)
+        socks = [_post(base, SHORT * 4, stream=True) for _ in range(8)]
+        started = [_read_until(sock, b'"content":"') for sock in socks]
+        os.killpg(cp.popen.pid, signal.SIGINT)
+        for sock, got in zip(socks, started, strict=True):
+            body, ended = _dechunk(_read_all(sock, got).partition(b"\r\n\r\n")[2])
+            assert ended and body.rstrip().endswith(b"data: [DONE]"), body[-300:]
+            assert b'"error"' not in body
+        assert cp.wait(timeout=60) == 0
+    finally:
+        pool.stop_all()
+        redis.stop()
