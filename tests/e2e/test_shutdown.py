@@ -153,7 +153,9 @@ def _in_flight(base: str) -> bool:
 def test_after_sigterm_ready_is_503_while_requests_in_flight_finish_whole(
         stack: Stack) -> None:
     base, cp = stack(3, shutdown_grace_s=60)
-    assert harness.http(base + "/ready")[0] == 200
+    # ready once the registry has synced (a while after the backend routes, on a busy host)
+    harness.wait_until(lambda: harness.http(base + "/ready")[0] == 200, 30, "/ready 200",
+                       proc=cp)
     answers: dict[str, bytes] = {}
 
     def ask(name: str) -> None:
