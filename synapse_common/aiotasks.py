@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -34,19 +35,33 @@ async def stop(*tasks: asyncio.Task[Any] | asyncio.Future[Any] | None,
             await task
 
 
-async def outliving(work: Awaitable[T], if_abandoned: Callable[[asyncio.Future[T]], None]) -> T:
+async def outliving(work: Awaitable[T],
+                    undo: Callable[[T], Coroutine[Any, Any, Any] | None],
+                    on_error: Callable[[Exception], None] | None = None) -> T:
     """``await work``, in a task of its own that a cancellation of the caller does not
     stop. For a call that changes another system (a store's script that grants a slot or
     charges tokens): it may have done so before its reply came, and a caller cancelled
-    then (its client gone) would leave nothing to undo it. ``if_abandoned`` gets the call
-    once it has ended, when the caller was cancelled first (a callback: call
-    :func:`later` for async work)."""
+    then (its client gone) would leave nothing to undo it. When the caller was cancelled
+    first, ``undo`` gets the call's result once it comes (the work it returns, if any,
+    runs as :func:`later`), and ``on_error`` the call's error."""
     call = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(call)
     except asyncio.CancelledError:
-        call.add_done_callback(if_abandoned)
+        call.add_done_callback(functools.partial(_abandoned, undo, on_error))
         raise
+
+
+def _abandoned(undo: Callable[[T], Coroutine[Any, Any, Any] | None],
+               on_error: Callable[[Exception], None] | None, call: asyncio.Future[T]) -> None:
+    if call.cancelled():
+        return
+    if (exc := call.exception()) is not None:
+        if isinstance(exc, Exception) and on_error is not None:
+            on_error(exc)
+        return
+    if (work := undo(call.result())) is not None:
+        later(work)
 
 
 def later(work: Coroutine[Any, Any, Any]) -> None:

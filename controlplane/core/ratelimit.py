@@ -29,7 +29,6 @@ Each permit's slot is this limiter's random prefix and a counter: unique across 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import itertools
@@ -220,22 +219,12 @@ class RateLimiter:
         reply came, and no permit would then exist to release it."""
         assert self._shared is not None
         store = self._shared
+        # a slot granted to a caller cancelled meanwhile is released
         return await aiotasks.outliving(
             store.acquire(tenant, limits.rate or 0.0, limits.burst,
                           limits.max_concurrent or 0, slot),
-            functools.partial(self._abandoned, store, tenant, slot))
-
-    def _abandoned(self, store: LimitStore, tenant: str, slot: str,
-                   call: asyncio.Future[tuple[bool, float, str]]) -> None:
-        """The store's answer to a caller that was cancelled: a slot granted is released."""
-        if call.cancelled():
-            return
-        if (exc := call.exception()) is not None:
-            if isinstance(exc, Exception) and self._on_error:
-                self._on_error(exc)
-            return
-        if call.result()[0]:
-            aiotasks.later(self.release(Permit(tenant, slot, store)))
+            lambda answer: self.release(Permit(tenant, slot, store)) if answer[0] else None,
+            self._on_error)
 
     def peek(self, tenant: tenants.Tenant) -> Verdict:
         """Whether :meth:`acquire` would refuse ``tenant`` now, as far as this process can

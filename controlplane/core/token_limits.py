@@ -35,11 +35,9 @@ takes them back (:meth:`LocalTokenStore.restore_spends`); the arithmetic stays h
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import dataclasses
 import datetime
-import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, Protocol, cast
 
@@ -324,7 +322,9 @@ class TokenLimiter:
                 # outlives the caller's cancellation: the store's script may have charged
                 # the estimate before its reply came, with no charge left to settle
                 verdict = Verdict(*await aiotasks.outliving(
-                    shared.admit(asks), functools.partial(self._abandoned, charge)))
+                    shared.admit(asks),
+                    lambda answer: self.settle(charge, 0, 0.0) if answer[0] else None,
+                    self._on_error))
                 store = shared
             except Exception as exc:  # fall back to this replica's own; counted by caller
                 if self._on_error:
@@ -334,19 +334,6 @@ class TokenLimiter:
         if not verdict.allowed:
             raise refusal(rules[verdict.index], verdict, tokens)
         return Charge(tenant, model, asks, prompt_tokens, completion_tokens, cost, store)
-
-    def _abandoned(self, charge: Charge,
-                   call: asyncio.Future[tuple[bool, float, str, int]]) -> None:
-        """The store's answer to an admission whose caller was cancelled: an estimate
-        charged is taken back (the request got no answer)."""
-        if call.cancelled():
-            return
-        if (exc := call.exception()) is not None:
-            if isinstance(exc, Exception) and self._on_error:
-                self._on_error(exc)
-            return
-        if call.result()[0]:
-            aiotasks.later(self.settle(charge, 0, 0.0))
 
     async def settle(self, charge: Charge, tokens_used: int, cost_used: float) -> None:
         """Correct ``charge`` to what was really used (0, 0 for a request that got no

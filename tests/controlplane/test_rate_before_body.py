@@ -37,6 +37,21 @@ async def _head_only(url: str, key: str, framing: str) -> bytes:
         writer.close()
 
 
+async def _a_head_is_refused_while_busy(backend: Any, busy: Any, cp: Any) -> None:
+    """Tenant A's one slot taken by a request to ``busy`` (held at ``backend``): a head
+    whose body is still to come, sent to ``cp``, gets its 429 naming the limit."""
+    held = asyncio.create_task(busy.client(t.KEY_A).chat.completions.create(
+        model="llama", messages=[{"role": "user", "content": "hi"}]))
+    try:
+        await harness.until(lambda: bool(backend.bodies), 10, "the first request at the backend")
+        answer = await _head_only(cp.url, t.KEY_A, "Content-Length: 60000")
+        assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+        assert b"concurrent requests" in answer
+    finally:
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+
+
 @pytest.mark.parametrize("framing", ["Content-Length: 60000",
                                      "Transfer-Encoding: chunked"])
 async def test_a_tenant_over_its_rate_gets_429_without_sending_its_body(
@@ -108,16 +123,7 @@ async def test_a_tenant_at_its_concurrency_gets_429_at_the_head() -> None:
                        auth={"tenants": [{"name": "a", "keys": [t.KEY_A], "max_concurrent": 1},
                                          {"name": "b", "keys": [t.KEY_B]}]})
         async with t.running(s) as cp:
-            busy = asyncio.create_task(cp.client(t.KEY_A).chat.completions.create(
-                model="llama", messages=[{"role": "user", "content": "hi"}]))
-            try:
-                await harness.until(lambda: bool(b.bodies), 10, "the first request at the backend")
-                answer = await _head_only(cp.url, t.KEY_A, "Content-Length: 60000")
-                assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
-                assert b"concurrent requests" in answer
-            finally:
-                busy.cancel()
-                await asyncio.gather(busy, return_exceptions=True)
+            await _a_head_is_refused_while_busy(b, cp, cp)
 
 
 async def test_a_rate_refusal_of_the_shared_store_is_kept_for_the_head(
@@ -283,16 +289,7 @@ async def test_a_shared_concurrency_refusal_comes_at_the_head(
     async with t.backends(("one", "hang")) as (b,):
         s = _one_at_a_time(b.url, redis_server.url)
         async with t.running(s) as other, t.running(s) as cp:
-            busy = asyncio.create_task(other.client(t.KEY_A).chat.completions.create(
-                model="llama", messages=[{"role": "user", "content": "hi"}]))
-            try:
-                await harness.until(lambda: bool(b.bodies), 10, "the first request at the backend")
-                answer = await _head_only(cp.url, t.KEY_A, "Content-Length: 60000")
-                assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
-                assert b"concurrent requests" in answer
-            finally:
-                busy.cancel()
-                await asyncio.gather(busy, return_exceptions=True)
+            await _a_head_is_refused_while_busy(b, other, cp)
 
 
 async def test_a_body_after_its_head_is_served_with_a_shared_store(
