@@ -177,6 +177,21 @@ def test_after_sigterm_ready_is_503_while_requests_in_flight_finish_whole(
         assert b'"error"' not in body, name
 
 
+def _pod_of_two(pool: harness.ProcessPool, redis: harness.RedisServer,
+                tmp_path: pathlib.Path, shutdown_grace_s: float
+                ) -> tuple[str, harness.ManagedProcess]:
+    """A control plane of ``http.workers: 2`` before a simulator at real timings, both
+    workers taking connections: (its base URL, its process)."""
+    up = fleet.start_simulated(
+        pool, tmp_path, time_scale=1, name="pod", cache={"enabled": False},
+        http={"workers": 2, "shutdown_grace_s": shutdown_grace_s,
+              "upstream_first_byte_timeout_s": 60, "upstream_idle_timeout_s": 60},
+        redis={"url": redis.url, "timeout_s": 1.0})
+    harness.wait_until(lambda: "serving worker 1 of 2" in up.cp.output(), 60,
+                       "the serving worker", proc=up.cp)
+    return up.base, up.cp
+
+
 def test_a_pod_of_two_processes_ends_every_stream_cleanly(tmp_path: pathlib.Path) -> None:
     """``http.workers: 2``: the primary passes SIGTERM to its worker, and each process cuts
     its own streams at the end of its grace with the error event (connections spread over
@@ -184,14 +199,7 @@ def test_a_pod_of_two_processes_ends_every_stream_cleanly(tmp_path: pathlib.Path
     pool = harness.ProcessPool(tmp_path)
     redis = harness.RedisServer(tmp_path)
     try:
-        up = fleet.start_simulated(
-            pool, tmp_path, time_scale=1, name="pod", cache={"enabled": False},
-            http={"workers": 2, "shutdown_grace_s": 1, "upstream_first_byte_timeout_s": 60,
-                  "upstream_idle_timeout_s": 60},
-            redis={"url": redis.url, "timeout_s": 1.0})
-        base, cp = up.base, up.cp
-        harness.wait_until(lambda: "serving worker 1 of 2" in cp.output(), 60,
-                           "the serving worker", proc=cp)
+        base, cp = _pod_of_two(pool, redis, tmp_path, shutdown_grace_s=1)
         socks = [_post(base, LONG, stream=True) for _ in range(8)]
         started = [_read_until(sock, b'"content":"') for sock in socks]
         cp.signal(signal.SIGTERM)
@@ -319,14 +327,7 @@ def test_ctrl_c_gives_a_pods_requests_their_grace(tmp_path: pathlib.Path) -> Non
     pool = harness.ProcessPool(tmp_path)
     redis = harness.RedisServer(tmp_path)
     try:
-        up = fleet.start_simulated(
-            pool, tmp_path, time_scale=1, name="pod", cache={"enabled": False},
-            http={"workers": 2, "shutdown_grace_s": 60, "upstream_first_byte_timeout_s": 60,
-                  "upstream_idle_timeout_s": 60},
-            redis={"url": redis.url, "timeout_s": 1.0})
-        base, cp = up.base, up.cp
-        harness.wait_until(lambda: "serving worker 1 of 2" in cp.output(), 60,
-                           "the serving worker", proc=cp)
+        base, cp = _pod_of_two(pool, redis, tmp_path, shutdown_grace_s=60)
         socks = [_post(base, SHORT * 4, stream=True) for _ in range(8)]
         started = [_read_until(sock, b'"content":"') for sock in socks]
         os.killpg(cp.popen.pid, signal.SIGINT)
