@@ -233,6 +233,8 @@ CHART_CHECKS = [
     (("upstreams[0].name=hosted", "upstreams[0].url=https://api.openai.com/v1",
       "upstreams[0].models[0]=m", "upstreams[0].api_key=sk-upstream-literal-key"),
      "upstreams[0].api_key is a literal key"),
+    (("controlPlane.config.cache.milvus_token=root:Milvus-literal",),
+     "controlPlane.config.cache.milvus_token is a literal token"),
     # a null label is dropped after the schema's minProperties, leaving selectors that
     # match every pod in every namespace
     (("networkPolicy.enabled=true", r"networkPolicy.adminClientLabels.synapse\.dev/admin-client=null"),
@@ -251,10 +253,12 @@ def test_the_chart_refuses_values_that_cannot_work(sets: tuple[str, ...], messag
      "upstreams[0].models[0]=m", "upstreams[0].api_key=sk-upstream-literal-key"),
     ("dependencies.milvus.mode=external",
      "dependencies.milvus.external.endpoint=https://root:Milvus@milvus.example:19530"),
-], ids=["tenant key", "upstream key", "milvus userinfo"])
+    ("controlPlane.config.cache.milvus_token=root:Milvus-literal",),
+], ids=["tenant key", "upstream key", "milvus userinfo", "milvus token"])
 def test_a_refused_secret_is_not_quoted(sets: tuple[str, ...]) -> None:
     error = helm.rejected(None, *sets)
-    for secret in ("sk-team-literal-key-0123", "sk-upstream-literal-key", "Milvus@"):
+    for secret in ("sk-team-literal-key-0123", "sk-upstream-literal-key", "Milvus@",
+                   "Milvus-literal"):
         assert secret not in error
 
 
