@@ -15,13 +15,15 @@ and ingress controllers learn it a moment later: connections in that moment woul
 refused). It is the process's rather than a chart ``preStop`` sleep so that every way of
 running it (the chart, the kustomize manifests, a plain container) drains the same, and
 the pod's serving workers, which get the SIGTERM from the primary, drain with it; SIGINT
-(Ctrl-C at a terminal) skips it. From SIGTERM on every answer says ``Connection: close``
+(Ctrl-C at a terminal) skips it, in the workers too (:data:`workers.STOP_NO_DRAIN`). From SIGTERM on every answer says ``Connection: close``
 and its connection closes after it, so clients that pool connections open new ones,
 which go to other pods. Then the listener closes and requests in flight get
 ``http.shutdown_grace_s``; what still runs then is ended cleanly
 (:mod:`controlplane.api.server`: a stream with its error event, an unanswered request
 with 503 ``server_shutting_down``), and the resources close. A second signal (SIGTERM or
-SIGINT) skips what is left of the drain and the grace: what runs is ended so at once.
+SIGINT) to the primary skips what is left of the drain and the grace: what runs is ended
+so at once, in the workers too (:data:`workers.HURRY`; a worker takes SIGTERMs, its
+primary's and a signalled process group's, as one stop).
 ``/metrics`` on ``metrics.port`` is not drained: a scrape gets
 :data:`METRICS_STOP_GRACE_S` after the API's grace.
 """
@@ -203,14 +205,22 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
     hurry = asyncio.Event()         # a second signal: no more drain, no more grace
     signals: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, _on_signal, signal.SIGTERM, signals, stop, hurry)
     if role.primary:
+        loop.add_signal_handler(signal.SIGTERM, _on_signal, signal.SIGTERM, signals, stop, hurry)
         loop.add_signal_handler(signal.SIGINT, _on_signal, signal.SIGINT, signals, stop, hurry)
     else:
-        # Ctrl-C reaches the terminal's whole process group: a worker stops on its
-        # primary's SIGTERM alone (with the primary's own, it would count as a second
-        # signal and cut its requests at once).
+        # Ctrl-C, and a SIGTERM to the pod's whole process group (systemd, kill -- -PGID),
+        # reach the workers as well as the primary, which then signals them too: a worker
+        # takes any number of SIGTERMs as one stop and ignores SIGINT, and its primary
+        # says what more it means by signals of their own (workers.STOP_NO_DRAIN,
+        # workers.HURRY). Counted as a second signal, the group's and the primary's
+        # SIGTERM cut every request at once.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
+        loop.add_signal_handler(signal.SIGTERM, _stop_once, signal.SIGTERM, signals, stop)
+        loop.add_signal_handler(workers.STOP_NO_DRAIN, _stop_once, workers.STOP_NO_DRAIN,
+                                signals, stop)
+        loop.add_signal_handler(workers.HURRY, _on_signal, workers.HURRY, [workers.HURRY],
+                                stop, hurry)
     pool = None
     watch: asyncio.Task[None] | None = None
     if role.primary and role.count > 1:
@@ -229,7 +239,7 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
     try:
         await stop.wait()
         _begin_stopping(services, runner)               # /ready: 503 from now on
-        drain = h.drain_delay_s if signal.SIGINT not in signals else 0.0
+        drain = 0.0 if NO_DRAIN & set(signals) else h.drain_delay_s
         log.info("stopping: serving %gs more (http.drain_delay_s), then up to %gs for "
                  "requests in flight (http.shutdown_grace_s); a second signal cuts them "
                  "now", drain, h.shutdown_grace_s)
@@ -237,7 +247,8 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
         _begin_stopping(services, runner)
         if watch is not None:
             watch.cancel()
-        stopping = asyncio.create_task(pool.stop()) if pool is not None else None
+        stopping = (asyncio.create_task(pool.stop(drain=not NO_DRAIN & set(signals)))
+                    if pool is not None else None)
         hurrying = asyncio.create_task(_hurry_on(hurry, runner, pool))
         if stop.is_set() and drain > 0:
             # still accepting while endpoints go (a second signal ends the wait)
@@ -259,6 +270,10 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
         if scrapes is not None:
             await scrapes
         hurrying.cancel()
+
+
+# A stop on these skips the drain: Ctrl-C at a terminal, and a worker told so by its primary.
+NO_DRAIN = frozenset({signal.SIGINT, workers.STOP_NO_DRAIN})
 
 
 def stop_grace_s(http: config.HttpSettings) -> float:
@@ -286,6 +301,13 @@ def _on_signal(sig: signal.Signals, seen: list[signal.Signals], stop: asyncio.Ev
         hurry.set()
     seen.append(sig)
     stop.set()
+
+
+def _stop_once(sig: signal.Signals, seen: list[signal.Signals], stop: asyncio.Event) -> None:
+    """A serving worker's stop: the first signal counts, more are the same stop."""
+    if not stop.is_set():
+        seen.append(sig)
+        stop.set()
 
 
 async def _hurry_on(hurry: asyncio.Event, runner: server_mod.Runner,

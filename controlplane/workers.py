@@ -60,6 +60,12 @@ RESTART_FIRST_S = 0.5
 RESTART_MAX_S = 10.0
 HEALTHY_S = 60.0            # a worker that ran this long restarts without waiting long
 STOP_MARGIN_S = 5.0         # beyond a worker's own graceful stop, before it is killed
+# What a primary tells its workers besides SIGTERM (stop, draining as it does; any number
+# of SIGTERMs is one stop in a worker, which also gets the group's when a whole process
+# group is signalled): stop without the drain (the primary stopped on Ctrl-C), and cut
+# what runs now (the primary got a second signal).
+STOP_NO_DRAIN = signal.SIGUSR1
+HURRY = signal.SIGUSR2
 SOCKET_PATH_MAX = 107       # bytes of a unix socket's path on Linux (108 with its NUL)
 CGROUP = pathlib.Path("/sys/fs/cgroup")
 FLEET_POLL_S = 0.05
@@ -182,6 +188,7 @@ class Pool:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._stop_signal: signal.Signals = signal.SIGTERM
         self._stop_requested = asyncio.Event()
         self.failed = asyncio.Event()   # a worker refused its configuration: stop the pod
 
@@ -201,7 +208,7 @@ class Pool:
             proc = await asyncio.create_subprocess_exec(*self.command(index))
             self._procs[index] = proc
             if self._stopping:      # spawned while the stop began: stops with the rest
-                _signal(proc, signal.SIGTERM)
+                _signal(proc, self._stop_signal)
             code = await proc.wait()
             if loop.time() - started >= HEALTHY_S:
                 delay = RESTART_FIRST_S
@@ -217,14 +224,15 @@ class Pool:
                 await asyncio.wait_for(self._stop_requested.wait(), delay)
             delay = min(RESTART_MAX_S, delay * 2)
 
-    async def stop(self) -> None:
+    async def stop(self, drain: bool = True) -> None:
         """SIGTERM every worker (each drains and stops as the primary does, at the same
-        time), wait for their graceful stop, all together under one deadline, kill what
-        is left. No worker is (re)started from now on; one being started gets its
-        SIGTERM as soon as it is."""
+        time; :data:`STOP_NO_DRAIN` without ``drain``), wait for their graceful stop, all
+        together under one deadline, kill what is left. No worker is (re)started from now
+        on; one being started gets its signal as soon as it is."""
         self._stopping = True
+        self._stop_signal = signal.SIGTERM if drain else STOP_NO_DRAIN
         self._stop_requested.set()
-        self._signal_all(signal.SIGTERM)
+        self._signal_all(self._stop_signal)
         # Each keeper returns once its worker has exited (or at once, when none runs).
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self._stop_grace_s + STOP_MARGIN_S)
@@ -241,8 +249,8 @@ class Pool:
             shutil.rmtree(self._role.directory, ignore_errors=True)
 
     def hurry(self) -> None:
-        """A second signal: passed to every worker (each cuts its requests now)."""
-        self._signal_all(signal.SIGTERM)
+        """A second signal: every worker cuts its requests now (:data:`HURRY`)."""
+        self._signal_all(HURRY)
 
     def _signal_all(self, sig: signal.Signals) -> None:
         for proc in list(self._procs.values()):

@@ -48,6 +48,8 @@ async def outliving(work: Awaitable[T],
     try:
         return await asyncio.shield(call)
     except asyncio.CancelledError:
+        _unawaited.add(call)                # no caller holds it any more
+        call.add_done_callback(_unawaited.discard)
         call.add_done_callback(functools.partial(_abandoned, undo, on_error))
         raise
 

@@ -178,12 +178,13 @@ def test_after_sigterm_ready_is_503_while_requests_in_flight_finish_whole(
 
 
 def _pod_of_two(pool: harness.ProcessPool, redis: harness.RedisServer,
-                tmp_path: pathlib.Path, shutdown_grace_s: float
+                tmp_path: pathlib.Path, shutdown_grace_s: float, drain_delay_s: float = 0.0
                 ) -> tuple[str, harness.ManagedProcess]:
     """A control plane of ``http.workers: 2`` before a simulator at real timings, both
     workers taking connections: (its base URL, its process)."""
     up = fleet.start_simulated(
         pool, tmp_path, time_scale=1, name="pod", cache={"enabled": False},
+        env={"SYNAPSE_HTTP__DRAIN_DELAY_S": str(drain_delay_s)},
         http={"workers": 2, "shutdown_grace_s": shutdown_grace_s,
               "upstream_first_byte_timeout_s": 60, "upstream_idle_timeout_s": 60},
         redis={"url": redis.url, "timeout_s": 1.0})
@@ -320,22 +321,31 @@ def test_a_client_that_stops_reading_does_not_hold_the_stop(
         pool.stop_all()
 
 
-def test_ctrl_c_gives_a_pods_requests_their_grace(tmp_path: pathlib.Path) -> None:
-    """Ctrl-C at a terminal signals the primary and its serving workers alike: once is
-    one stop (no drain, requests in flight finish whole in every process), not a first
-    and a second signal in the workers."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signalled_process_group_gives_a_pods_requests_their_grace(
+        tmp_path: pathlib.Path, sig: signal.Signals) -> None:
+    """Ctrl-C at a terminal, or a SIGTERM to the pod's whole process group (systemd's
+    KillMode=control-group, kill -- -PGID), signals the primary and its serving workers
+    alike, and the primary then signals its workers: once is one stop in every process
+    (requests in flight finish whole), not a first and a second signal in the workers,
+    which cut them at once. Ctrl-C skips the drain in the workers too."""
     pool = harness.ProcessPool(tmp_path)
     redis = harness.RedisServer(tmp_path)
     try:
-        base, cp = _pod_of_two(pool, redis, tmp_path, shutdown_grace_s=60)
+        base, cp = _pod_of_two(pool, redis, tmp_path, shutdown_grace_s=60, drain_delay_s=2)
         socks = [_post(base, SHORT * 4, stream=True) for _ in range(8)]
         started = [_read_until(sock, b'"content":"') for sock in socks]
-        os.killpg(cp.popen.pid, signal.SIGINT)
+        os.killpg(cp.popen.pid, sig)
         for sock, got in zip(socks, started, strict=True):
             body, ended = _dechunk(_read_all(sock, got).partition(b"\r\n\r\n")[2])
             assert ended and body.rstrip().endswith(b"data: [DONE]"), body[-300:]
             assert b'"error"' not in body
         assert cp.wait(timeout=60) == 0
+        stops = [line for line in cp.output().splitlines() if "stopping: serving" in line]
+        assert len(stops) == 2, stops                    # the primary and its worker
+        drains = {"serving 0s more" in line for line in stops}
+        assert drains == ({True} if sig == signal.SIGINT else {False}), stops
+        assert "second SIGTERM" not in cp.output()
     finally:
         pool.stop_all()
         redis.stop()
