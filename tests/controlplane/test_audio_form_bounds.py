@@ -147,8 +147,8 @@ def test_a_form_that_ends_before_its_closing_boundary_is_a_400(base: str) -> Non
 
 async def test_a_field_given_twice_is_refused(base: str) -> None:
     """``model`` before the file and another after it: the control plane checked, routed
-    and billed the first, and the backend got both (probe 141: a model the tenant may not
-    use, billed as the one it may). Before or after the file, a repeat is a 400."""
+    and billed the first, and the backend got both (a model the tenant may not use,
+    billed as the one it may). Before or after the file, a repeat is a 400."""
     for path in PATHS:
         for after in (False, True):
             status, body = await _upload(base, path, [("model", "whisper-premium")], after)

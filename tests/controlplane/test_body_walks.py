@@ -1,5 +1,5 @@
 """A request body's cost to the event loop is bounded by the server's walks of it, not by
-what a tenant packs into it (probe 108 F1): the cache key's canonical form takes no call
+what a tenant packs into it: the cache key's canonical form takes no call
 per plain value. The body's own shape (containers refused before parsing, depth measured
 without a step of Python per container) is tests/controlplane/test_json_body.py's. Calls
 are counted, never timed."""

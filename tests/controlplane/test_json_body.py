@@ -1,5 +1,5 @@
 """A request body's shape (controlplane.core.json_body), bounded before any field is read
-and at a cost bounded by its bytes (probe 108 F1): a body of many arrays and objects is
+and at a cost bounded by its bytes: a body of many arrays and objects is
 refused before it is parsed (``http.max_json_containers``), and its depth
 (``http.max_json_depth``) is measured without a step of Python per container. Calls are
 counted, never timed."""

@@ -93,8 +93,8 @@ async def test_cost_budget_uses_the_charges_cost_and_settles_it() -> None:
 
 async def test_a_budget_whose_unit_changes_starts_a_spend_of_its_own() -> None:
     """A spend is kept in its budget's unit (and, without Redis, across restarts): read
-    in another unit, 20,000 tokens refused a request costing 0.02 until the month ended
-    (review 139), and a cost spend read as tokens reset the budget."""
+    in another unit, a spend of tokens refused a request of a small cost until the month
+    ended, and a cost spend read as tokens reset the budget."""
     clock = ManualClock()
     limiter = local(clock)
     tokens = token_limits.ScopeRule("t", "m", budget=token_limits.Budget("month", 30_000,
