@@ -4,6 +4,10 @@ Every component that runs a loop in a task stops it the same way: cancel it, the
 until it has ended, so that nothing the loop still uses is closed under it. The task's
 own ``CancelledError`` ends here (so does a cancellation of the caller that arrives while
 it waits: a stop, once begun, runs to its end).
+
+Tasks whose caller is gone live here too: :func:`outliving` (a call into another system
+that must end, and be undone, even when its caller is cancelled) and :func:`later` (work
+nobody awaits, kept referenced until it ends).
 """
 
 from __future__ import annotations
