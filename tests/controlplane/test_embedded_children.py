@@ -89,15 +89,20 @@ def test_the_data_dir_stays_held_while_a_killed_synapse_ups_children_live(
     script = ("import pathlib, sys, time\nfrom controlplane import embedded\n"
               f"lock = embedded.hold_data_dir(pathlib.Path({str(data)!r}))\n"
               "c = embedded.Child('drainer', [sys.executable, '-c', 'import signal, time; "
-              "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'], "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(\"draining\", flush=True); "
+              "time.sleep(600)'], "
               f"pathlib.Path({str(tmp_path / 'd.log')!r}), keep_fds=(lock.fileno(),))\n"
               "print(c.popen.pid, flush=True)\ntime.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                               text=True)
     child = 0
+    log = tmp_path / "d.log"
     try:
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
+        # its SIGTERM (from the parent's death) ignored before the parent dies
+        harness.wait_until(lambda: log.exists() and "draining" in log.read_text(), 30,
+                           "the drainer to ignore SIGTERM")
         parent.kill()
         parent.wait(timeout=30)
         assert not gone(child)                  # still draining (it ignores SIGTERM)
