@@ -56,9 +56,11 @@ from controlplane.core import (
     cache_rules,
     dispatch,
     sse,
+    stream_replay,
 )
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
+from synapse_common import clock as clocks
 from synapse_common import tasks, tracing
 
 
@@ -217,8 +219,12 @@ def _estimated(request: web.Request, front: calls.Front) -> web.Response:
 
 
 async def _from_cache(request: web.Request, answer: Any, stream: bool) -> web.StreamResponse:
-    return await calls.from_cache(request, anthropic_response.from_chat(answer), stream,
-                                  anthropic_stream.replay, _request_id(context.get(request)))
+    """The hit as a new Message: a fresh id, as every answer gets (``stream_replay.renewed``:
+    the ``msg_`` id is made from the chat answer's)."""
+    ctx = context.get(request)
+    fresh = stream_replay.renewed(answer, int(clocks.wall()), ctx.svc.new_request_id())
+    return await calls.from_cache(request, anthropic_response.from_chat(fresh), stream,
+                                  anthropic_stream.replay, _request_id(ctx))
 
 
 class _Anthropic(relay.Shape):

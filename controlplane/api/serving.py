@@ -30,6 +30,7 @@ Performance decisions, since this sits in front of every token:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, Literal
@@ -40,9 +41,17 @@ from aiohttp import web
 from controlplane import errors
 from controlplane.api import context, fairness, fast_lane, ops, proxy
 from controlplane.api import services as services_mod
-from controlplane.core import cache_port, media_urls, ratelimit, tenants, validation
+from controlplane.core import (
+    cache_port,
+    media_urls,
+    ratelimit,
+    stream_replay,
+    tenants,
+    validation,
+)
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
+from synapse_common import clock as clocks
 from synapse_common import tracing
 
 log = logging.getLogger("synapse.controlplane.serving")
@@ -299,7 +308,11 @@ async def generate(request: web.Request, endpoint: validation.Endpoint) -> web.S
 
 async def answer_from_cache(request: web.Request, hit: cache_port.CacheHit,
                             parsed: validation.Parsed) -> web.StreamResponse:
+    """The hit as a new answer (a fresh id and ``created``: ``stream_replay.renewed``),
+    whole or replayed as a stream."""
     ctx = request[context.CONTEXT]
+    hit = dataclasses.replace(hit, response=stream_replay.renewed(
+        hit.response, int(clocks.wall()), ctx.svc.new_request_id()))
     headers = ctx.headers()
     if hit.similarity is not None:
         headers["x-synapse-cache-similarity"] = f"{hit.similarity:.4f}"

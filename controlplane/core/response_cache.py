@@ -82,15 +82,24 @@ from synapse_common import pair_scorer as pair_scorer_file
 from synapse_common import tracing
 
 INVALIDATE_TIMEOUT_S = 30.0
-FORMS_MAX = 4096        # (tenant, model) pairs whose stream form is remembered
+FORMS_MAX = 4096        # (tenant, model, endpoint) keys whose stream form is kept
 State = cache_writer.State
 
 
-def form_key(tenant: str, model: str) -> str:
-    """Where the stream form a model sent one tenant is kept: per tenant, so no tenant's
-    stream shapes another's replays (a form holds no request data either:
-    ``stream_fold.skeleton``)."""
-    return f"{tenant}\x00{model}"
+def form_key(tenant: str, model: str, endpoint: str) -> str:
+    """Where the stream form a model sent one tenant on one endpoint kind (``chat`` or
+    ``completions``, :func:`endpoint_of`) is kept: per tenant, so no tenant's stream shapes
+    another's replays (a form holds no request data either: ``stream_fold.skeleton``), and
+    per endpoint kind, so a completions stream never shapes a chat replay (its ``object``,
+    ``text``, ``prompt_token_ids``), nor the reverse. The other APIs answered from this
+    cache (Messages, Responses) replay in their own event forms and learn none."""
+    return f"{tenant}\x00{model}\x00{endpoint}"
+
+
+def endpoint_of(response: Mapping[str, Any]) -> str:
+    """The endpoint kind an answer is of: its ``object`` says (the cache's scope keeps
+    the two kinds apart, so a request's kind is that of every entry it can hit)."""
+    return "completions" if response.get("object") == "text_completion" else "chat"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,7 +457,7 @@ class TieredCache:
                     or not cache_rules.is_storable(response)):
                 return
             form = getattr(response, "form", None)      # stored from a stream
-            key = form_key(state.tenant, state.model)
+            key = form_key(state.tenant, state.model, endpoint_of(response))
             if form and self.learn_form(key, form) and self.form_listener is not None:
                 self.form_listener(key, form)
             self._writer.put(state, response)
@@ -528,5 +537,6 @@ class TieredCache:
         return cache_port.CacheHit(layer=layer, response=entry.response,
                                    similarity=similarity, score=score,
                                    form=entry.form or self._forms.get(
-                                       form_key(request.tenant, request.model)),
+                                       form_key(request.tenant, request.model,
+                                                request.endpoint)),
                                    source=source)

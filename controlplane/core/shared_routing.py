@@ -21,9 +21,10 @@ dispatched it itself:
   cache takes feedback: which entry answered which request id, so ``POST
   /v1/cache/feedback`` may reach any process of the pod, and an id judged on one is
   forgotten by all (one verdict per request);
-* the stream form the response cache learnt for a model and tenant (:class:`Forms`), so an answer
-  stored from a plain request replays as the model streams on every process, not only
-  on the one that saw a stream of it;
+* the stream form the response cache learnt for a model, tenant and endpoint kind
+  (:class:`Forms`, keyed by ``response_cache.form_key``), so an answer stored from a plain
+  request replays as the model streams on every process, not only on the one that saw a
+  stream of it;
 * the response cache's invalidations (the Admin API reaches one process): each sibling
   drops its own copies (L2's mirror, the coalescer's landed answers) and voids the stores
   of its lookups made before (``TieredCache.forget``; the shared stores were emptied by
@@ -94,7 +95,7 @@ SESSION = "s"       # ("s", session, backend)
 PIN = "r"           # ("r", tenant, response id, backend)
 SERVED = "v"        # ("v", request id, *the Served fields in order)
 COST = "c"          # ("c", backend, *the rest of CostModel.observe's arguments in order)
-FORM = "m"          # ("m", form key (tenant and model), the stream form learnt for it)
+FORM = "m"          # ("m", form key (tenant, model, endpoint kind), the form learnt for it)
 HEAD = "q"          # ("q", model, class rank, finish tag, seconds left; 0 left: none waits,
                     #  the request's number in the sender's queue of the model)
 TAG = "g"           # ("g", model, class rank, tenant, start tag, charge)

@@ -9,8 +9,15 @@ skeletons ``stream_fold`` recorded: a backend's extra fields such as vLLM's
 ``token_ids`` or ``stop_reason`` and where it puts them) or when the cache has seen a
 stream of the same model (the caller passes that form), else in the OpenAI form the
 simulator sends: role chunk ``{"role", "content": ""}``, content chunks, a finish chunk
-with an empty delta (and ``stop_reason`` when the answer has one). The answer's own
-``id``, ``created``, ``model`` and fingerprint fill the skeletons' fields of those names.
+with an empty delta (and ``stop_reason`` when the answer has one), the fingerprint on the
+last chunk only, as vLLM sends it. The answer's own ``id``, ``created``, ``model`` and
+fingerprint fill the skeletons' fields of those names; ``object`` is always the answer's
+kind's (``chat.completion.chunk`` or ``text_completion``), and a recorded form of the
+other kind is never used.
+
+A hit is a new answer: :func:`renewed` gives it a fresh ``id`` (the stored one's prefix,
+``chatcmpl-`` or ``cmpl-``, and new random digits) and ``created`` now, as a backend gives
+every answer, before it is sent whole or replayed.
 
 The content of a choice goes out in one chunk per field, in the order a backend streams
 them: reasoning (``reasoning_content`` / ``reasoning``) and other text fields, the content,
@@ -39,11 +46,31 @@ def event(payload: Mapping[str, Any] | str) -> bytes:
     return b"data: " + body + b"\n\n"
 
 
+def renewed(response: Mapping[str, Any], created: int, digits: str) -> Mapping[str, Any]:
+    """``response`` as a new answer: ``id`` the stored one's prefix (up to its first
+    ``-``; ``chatcmpl-`` or ``cmpl-`` by kind when it has none) and ``digits``, ``created``
+    the given time. A client tells answers apart by id, and a stored id and time, up to a
+    TTL old, would say the answer is that old one. The recorded form is kept."""
+    out = dict(response)
+    if isinstance(out.get("id"), str) and out["id"]:
+        old = out["id"]
+        cut = old.find("-")
+        prefix = old[:cut + 1] if cut >= 0 else (
+            "cmpl-" if out.get("object") == "text_completion" else "chatcmpl-")
+        out["id"] = prefix + digits
+    if "created" in out:
+        out["created"] = created
+    form = getattr(response, "form", None)
+    return stream_fold.Assembled(out, form) if form is not None else out
+
+
 def replay(response: Mapping[str, Any], form: Mapping[str, Any] | None = None,
            include_usage: bool = True) -> Iterator[bytes]:
     """A stored non-streaming response as SSE events, ending with ``data: [DONE]``."""
     chat = response.get("object", "chat.completion") != "text_completion"
     recorded = getattr(response, "form", None) or form or {}
+    if _is_chat(recorded) not in (None, chat):
+        recorded = {}       # another endpoint's stream: never its shape (default form)
     shape = _templates(response, chat, recorded)
     chunks = [chunk for choice in response.get("choices") or ()
               for chunk in _choice_chunks(shape, choice, chat, "finish" in recorded)]
@@ -53,8 +80,7 @@ def replay(response: Mapping[str, Any], form: Mapping[str, Any] | None = None,
     usage = response.get("usage")
     if include_usage and usage is not None:
         chunks.append({**shape["usage"], "usage": usage})
-    if recorded.get(stream_fold.FINGERPRINT) == "last" and chunks and \
-            "system_fingerprint" in response:
+    if _fingerprint_last(recorded) and chunks and "system_fingerprint" in response:
         chunks[-1]["system_fingerprint"] = response["system_fingerprint"]
     for chunk in chunks:
         yield event(chunk)
@@ -68,12 +94,29 @@ def _templates(response: Mapping[str, Any], chat: bool,
     shape = {**default_form(response, chat),
              **{k: v for k, v in recorded.items() if isinstance(v, Mapping)}}
     own = {k: response[k] for k in _OWN if k in response}
-    last_only = recorded.get(stream_fold.FINGERPRINT) == "last"
+    last_only = _fingerprint_last(recorded)
+    # ``object`` is the answer's kind's, whatever a recorded skeleton says.
+    kind_of = {"object": "chat.completion.chunk" if chat else "text_completion"}
     return {kind: {**{k: v for k, v in t.items()
                       if not (last_only and k == "system_fingerprint")},
                    **{k: v for k, v in own.items() if k in t and not
-                      (last_only and k == "system_fingerprint")}}
+                      (last_only and k == "system_fingerprint")}, **kind_of}
             for kind, t in shape.items()}
+
+
+def _fingerprint_last(recorded: Mapping[str, Any]) -> bool:
+    """Whether the fingerprint goes on the last chunk only: where the recorded stream had
+    it there, and in the default form (vLLM's: on the usage chunk when one is sent, else
+    on the finish chunk)."""
+    return not recorded or recorded.get(stream_fold.FINGERPRINT) == "last"
+
+
+def _is_chat(form: Mapping[str, Any]) -> bool | None:
+    """Whether a recorded form is a chat stream's (None: no skeleton says)."""
+    for skeleton in form.values():
+        if isinstance(skeleton, Mapping) and "object" in skeleton:
+            return bool(skeleton["object"] != "text_completion")
+    return None
 
 
 def default_form(response: Mapping[str, Any], chat: bool) -> dict[str, Any]:
