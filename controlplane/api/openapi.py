@@ -45,9 +45,12 @@ _MESSAGE = {"type": "object", "required": ["role"], "additionalProperties": True
 _TOKENS = {"type": "array", "minItems": 1,
            "items": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}}
 _STRINGS = {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}}
-# stream_options only with stream: true (as OpenAI and vLLM require).
+_TOKEN_BATCH = {"type": "array", "minItems": 1, "items": _TOKENS}   # a prompt per array
+# stream_options only with stream: true (as OpenAI and vLLM require), but for an empty
+# one (vLLM takes it).
 _STREAM_OPTIONS_RULE = {"if": {"required": ["stream_options"],
-                               "properties": {"stream_options": {"type": "object"}}},
+                               "properties": {"stream_options": {"type": "object",
+                                                                 "minProperties": 1}}},
                         "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}
 
 # Optional fields may be null, as in OpenAI's own API (null = not given).
@@ -77,7 +80,9 @@ SCHEMAS: dict[str, Any] = {
     "CompletionRequest": {
         "type": "object", "required": ["model", "prompt"], "additionalProperties": True,
         "properties": {**_COMMON, "prompt": {"anyOf": [{"type": "string", "minLength": 1},
-                                                       _STRINGS, _TOKENS]}},
+                                                       _STRINGS, _TOKENS, _TOKEN_BATCH]},
+                       "max_tokens": {"type": ["integer", "null"], "minimum": 0,
+                                      "description": "0 only with echo: scores the prompt"}},
         **_STREAM_OPTIONS_RULE},
     "EmbeddingRequest": {
         "type": "object", "required": ["model", "input"], "additionalProperties": True,

@@ -20,8 +20,9 @@ Absent, they cost one ``isdisjoint`` over the body's keys.
 More bounds of the same kind (probes 69 and 77):
 
 * **Sequences.** A legacy ``/v1/completions`` body whose ``prompt`` is an array of strings
-  is a batch: vLLM runs every prompt x ``n`` as a sequence of its own, so ``prompt:
-  [10,000 prompts]`` took 10,000 seats while ``n`` stayed under ``http.max_n``; so does
+  (or of token-id arrays, as lm-eval-harness sends) is a batch: vLLM runs every prompt x
+  ``n`` as a sequence of its own, so ``prompt: [10,000 prompts]`` took 10,000 seats while
+  ``n`` stayed under ``http.max_n``; so does
   each embedding of ``prompt_embeds`` (with ``--enable-prompt-embeds``), and each input of
   an ``/v1/embeddings`` ``input`` array (strings, or arrays of token ids: vLLM pools each
   as a request of its own; :func:`input_batch`). The sequences of one generating request
@@ -223,9 +224,10 @@ def parse_json(raw: bytes, limits: BodyLimits = DEFAULT_LIMITS,
 
 
 def prompt_batch(prompt: Any) -> int:
-    """The prompts of a completions ``prompt``: an array of strings is a batch of them,
-    a string or an array of token ids is one."""
-    return len(prompt) if type(prompt) is list and prompt and type(prompt[0]) is str else 1
+    """The prompts of a completions ``prompt``: an array of strings, or of token-id
+    arrays, is a batch of them; a string or one array of token ids is one."""
+    return len(prompt) if type(prompt) is list and prompt and type(prompt[0]) in (
+        str, list) else 1
 
 
 def embeds_batch(embeds: Any) -> int:
@@ -638,7 +640,7 @@ def _include_usage(body: Mapping[str, Any]) -> bool:
         return False
     if not isinstance(opts, dict):
         raise _bad("stream_options", "must be an object")
-    if body.get("stream") is not True:
+    if opts and body.get("stream") is not True:     # empty: vLLM takes it too
         raise _bad("stream_options", "is only allowed when stream is true")
     return bool(opts.get("include_usage"))
 
@@ -706,15 +708,33 @@ def completions(body: dict[str, Any]) -> Parsed:
     elif _strings(prompt):
         text = "".join(prompt)
     elif _token_ids(prompt):
-        text = " ".join(str(int(p)) for p in prompt)
+        text = _ids_text(prompt)
+    elif _token_id_lists(prompt):
+        text = " ".join(_ids_text(ids) for ids in prompt)   # every prompt counted
     else:
         raise _bad("prompt", "must be a non-empty string, a non-empty array of non-empty "
-                             "strings or a non-empty array of token ids")
+                             "strings, a non-empty array of token ids or a non-empty array "
+                             "of those")
     # a batch of prompts is a generation per prompt, each of n sequences
     batch = prompt_batch(prompt) + embeds_batch(body.get("prompt_embeds"))
-    return Parsed("completions", body, model, stream, _opt_int(body, "max_tokens", 1), user,
+    return Parsed("completions", body, model, stream, _completion_tokens(body), user,
                   prompt_text=text, include_usage=_include_usage(body),
                   sequences=batch * sequences(body))
+
+
+def _ids_text(ids: list[Any]) -> str:
+    return " ".join(str(int(p)) for p in ids)
+
+
+def _completion_tokens(body: Mapping[str, Any]) -> int:
+    """A completions body's ``max_tokens`` (0: not given). ``0`` with ``echo`` scores the
+    prompt without generating (lm-eval-harness's loglikelihood requests): vLLM allows it
+    there only, and runs one token it drops, so it counts as 1 (the KV fit, the admission
+    charge); the body goes upstream as sent."""
+    if not _true(body.get("echo")):
+        return _opt_int(body, "max_tokens", 1)
+    value = _opt_int(body, "max_tokens", 0)
+    return value if value or body.get("max_tokens") is None else 1
 
 
 def embeddings(body: dict[str, Any], max_inputs: int = MAX_POOLING_INPUTS) -> Parsed:

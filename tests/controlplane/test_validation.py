@@ -10,7 +10,7 @@ import pydantic
 import pytest
 
 from controlplane import errors
-from controlplane.core import validation
+from controlplane.core import cache_port, cache_rules, validation
 from controlplane.settings import server
 
 
@@ -458,3 +458,92 @@ def test_an_engine_queue_priority_is_a_400_naming_the_field(
 @pytest.mark.parametrize("value", [0, 0.0, False, None])
 def test_priority_zero_the_engines_default_passes(value: object) -> None:
     assert validation.parse_json(chat_body(priority=value))["priority"] == value
+
+
+def completion(**fields: object) -> validation.Parsed:
+    """A completions body as the edge parses it: the body's bounds, then its fields."""
+    return validation.completions(validation.parse_json(completions_body(**fields)))
+
+
+def test_a_batch_of_token_id_prompts_is_a_sequence_per_prompt() -> None:
+    """lm-eval-harness sends a batch of token-id arrays as ``prompt``; vLLM answers a
+    choice per prompt, so each is a sequence of its own, as a string of a batch is."""
+    parsed = completion(prompt=[[504, 3575, 282], [4649, 314]], max_tokens=8)
+    assert parsed.sequences == 2
+    # every prompt's ids are counted, as a batch of strings counts every string
+    assert all(str(i) in parsed.prompt_text for i in (504, 3575, 282, 4649, 314))
+    assert completion(prompt=[[1, 2.0]], n=3).sequences == 3
+    assert completion(prompt=[[1], [2], [3]], n=2).sequences == 6
+
+
+def test_a_batch_of_token_id_prompts_is_bounded_as_a_batch_of_strings() -> None:
+    with pytest.raises(errors.BadRequest, match=r"at most 4 \(http\.max_sequences\)") as info:
+        validation.parse_json(completions_body(prompt=[[1]] * 3, n=2),
+                              validation.BodyLimits(max_sequences=4))
+    assert info.value.param == "prompt" and "3 prompts x 2 choices" in info.value.message
+    with pytest.raises(errors.BadRequest, match=r"http\.max_json_containers"):
+        validation.parse_json(completions_body(prompt=[[1]] * 300),
+                              validation.BodyLimits(max_json_containers=100))
+
+
+@pytest.mark.parametrize("prompt", [[[1, 2], []], [[1, "a"]], [[]], ["a", [1]], [[1], "a"],
+                                    [[-1]], [[2**32]], [[[1]]], [[True]], [[1.5]]])
+def test_a_batch_of_token_id_prompts_must_be_all_token_ids(prompt: object) -> None:
+    with pytest.raises(errors.BadRequest) as info:
+        completion(prompt=prompt)
+    assert info.value.param == "prompt"
+
+
+def test_a_batch_of_token_id_prompts_gets_no_semantic_cache_text() -> None:
+    """The semantic layer matches text; a batch (of strings or of token ids) has none to
+    match, so only the exact layer, keyed on the whole body, may answer it."""
+    for prompt in ([[504, 3575], [4649]], ["a", "b"]):
+        body = {"model": "m", "prompt": prompt, "temperature": 0}
+        keys = cache_rules.derive(cache_port.CacheRequest("t", "m", "completions", body, "",
+                                                          "r"), "e")
+        other = cache_rules.derive(cache_port.CacheRequest(
+            "t", "m", "completions", {**body, "prompt": [*prompt, prompt[0]]}, "", "r"), "e")
+        assert keys.semantic_text is None and keys.exact_key != other.exact_key
+
+
+@pytest.mark.parametrize("echo", [True, "true", 1])
+def test_echo_with_max_tokens_0_scores_the_prompt(echo: object) -> None:
+    """vLLM scores the prompt without generating for ``echo`` with ``max_tokens: 0`` (it
+    runs one token and drops it): lm-eval-harness's loglikelihood requests. Counted as
+    that one token, so the KV fit and the admission charge are the engine's own."""
+    parsed = completion(prompt="The capital of France is", echo=echo, max_tokens=0,
+                        logprobs=1)
+    assert parsed.max_tokens == 1
+    assert parsed.body["max_tokens"] == 0           # the body goes upstream as sent
+    assert completion(prompt=[[1, 2], [3]], echo=echo, max_tokens=0).sequences == 2
+
+
+@pytest.mark.parametrize("fields", [{}, {"echo": False}, {"echo": None}, {"echo": "no"}])
+def test_max_tokens_0_without_echo_is_a_400(fields: dict[str, object]) -> None:
+    with pytest.raises(errors.BadRequest, match=r"must be at least 1, got 0") as info:
+        completion(max_tokens=0, **fields)
+    assert info.value.param == "max_tokens"
+    with pytest.raises(errors.BadRequest, match=r"must be at least 1, got 0"):
+        validation.chat(json.loads(chat_body(max_tokens=0, echo=True)))
+    with pytest.raises(errors.BadRequest, match=r"must be at least 0, got -1"):
+        completion(max_tokens=-1, echo=True)
+
+
+@pytest.mark.parametrize("options", [{}, None])
+def test_empty_stream_options_pass_without_stream(options: object) -> None:
+    """vLLM refuses ``stream_options`` without ``stream`` only when it is not empty."""
+    for stream in ({}, {"stream": False}, {"stream": None}):
+        assert not completion(stream_options=options, **stream).include_usage
+        assert not validation.chat(json.loads(chat_body(stream_options=options,
+                                                        **stream))).include_usage
+
+
+@pytest.mark.parametrize("options", [{"include_usage": True}, {"include_usage": False},
+                                     {"continuous_usage_stats": False}, "x", []])
+def test_other_stream_options_without_stream_are_a_400(options: object) -> None:
+    with pytest.raises(errors.BadRequest) as info:
+        completion(stream_options=options)
+    assert info.value.param == "stream_options"
+    with pytest.raises(errors.BadRequest) as info:
+        validation.chat(json.loads(chat_body(stream_options=options)))
+    assert info.value.param == "stream_options"
