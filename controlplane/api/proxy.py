@@ -150,6 +150,8 @@ async def _stream(request: web.Request, attempt: dispatch.Attempt,
                 assembler.add_data(data)
 
     if (message := await pump(request, resp, attempt, write)) is not None:
+        if strip is not None and (finish := strip.pending()):
+            await resp.write(finish)    # the finish chunk it held, before the error event
         return await _broken(request, resp, message)
     if assembler is not None and store is not None and assembler.complete:
         with tracing.span("cache.write"):

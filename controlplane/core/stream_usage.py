@@ -8,9 +8,20 @@ engine (:func:`upstream_body`) and removes the usage from what the client receiv
 * the usage chunk (``"choices": []`` with a ``usage`` object, just before ``[DONE]``)
   is dropped;
 * a chunk that carries both choices and a non-null usage (an engine reporting usage on
-  every chunk) keeps its choices, without the usage.
+  every chunk) keeps its choices, without the usage;
+* the usage chunk's ``system_fingerprint`` moves onto the finish chunk before it. vLLM
+  stamps its fingerprint on each chunk with a non-null ``finish_reason`` only when usage
+  was not asked; asked, it stamps the usage chunk alone. So the stripper holds back a
+  finish chunk that ends what it has read (found by its bytes, not parsed) until the next
+  event: a usage chunk with a fingerprint stamps it (the finish chunk is then parsed,
+  once a stream), anything else releases it as it came, and so does the stream's end or
+  break (:meth:`UsageStripper.pending`, before the relay's error event). Only that chunk
+  waits, and only for the event that follows it (vLLM sends both at once); never more
+  than one event is held. With ``n`` > 1 only the last choice's finish chunk is stamped:
+  the earlier ones are sent before the fingerprint is known.
 
-Only events that mention ``"usage"`` are parsed; the others pass as they came (and a
+Only events that mention ``"usage"`` (and a finish chunk taking a fingerprint) are
+parsed; the others pass as they came (and a
 chunk made only of whole such events passes as the same bytes object). An event split
 over two reads is held until it is complete, but never more than ``HELD_MAX`` bytes of
 it. A stream framed with CRLF (servers built on sse-starlette) passes with LF line ends,
@@ -37,6 +48,7 @@ import orjson
 from controlplane.core import usage as usage_mod
 
 USAGE = usage_mod.USAGE_KEY
+USAGE_FIELD = "usage"
 SEP = b"\n\n"
 NEWLINE = SEP[0]
 CR = b"\r"
@@ -45,6 +57,9 @@ BATCH_BYTES = 1 << 14   # relayed bytes a DeliveredCounter holds before it count
 # A key whose value is a non-empty string: a piece of the answer in any streamed shape.
 _DELTA = re.compile(rb'"(?:content|text|reasoning_content|reasoning|arguments|delta|'
                     rb'partial_json|thinking)"\s*:\s*"(?!")')
+FINISH_KEY = b'"finish_reason"'
+FINGERPRINT = "system_fingerprint"
+_SPACE = b" \t\r\n"
 
 
 def asks_usage(body: Mapping[str, Any]) -> bool:
@@ -65,12 +80,13 @@ def upstream_body(body: Mapping[str, Any]) -> bytes:
 
 
 class UsageStripper:
-    """Removes usage from a stream's bytes, chunk by chunk."""
+    """Removes usage from a stream's bytes, chunk by chunk (its fingerprint kept)."""
 
-    __slots__ = ("_held",)
+    __slots__ = ("_finish", "_held")
 
     def __init__(self) -> None:
-        self._held = b""
+        self._held = b""        # the start of an event not yet complete
+        self._finish = b""      # a complete finish chunk awaiting the event after it
 
     def feed(self, chunk: bytes) -> bytes:
         """What of ``chunk`` (after anything held) to send to the client now."""
@@ -81,25 +97,62 @@ class UsageStripper:
         if end < 0:
             if len(data) > HELD_MAX:    # no event ends: passed on as it is, never held
                 self._held = b""
-                return data
+                return self.pending() + data
             self._held = data
             return b""
         end += len(SEP)
         complete, self._held = data[:end], data[end:]
-        first = complete.find(USAGE)
-        if first < 0:
-            return complete
-        # Events before the first that mentions usage pass as they are, unparsed and
-        # unsplit: the usage chunk closes a stream, so a whole stream read at once
-        # parses one event and splits only its last few.
-        start = _event_start(complete, first)
-        kept = [e for e in map(_filtered, complete[start:].split(SEP)[:-1]) if e is not None]
-        return complete[:start] + SEP.join(kept) + SEP if kept else complete[:start]
+        if self._finish:
+            complete, self._finish = self._finish + complete, b""
+        last = _last_event_start(complete)
+        if last is not None:
+            complete, finish = complete[:last], complete[last:]
+            kept = _filtered(finish[:-len(SEP)])
+            self._finish = finish if kept is None else kept + SEP
+        return _stripped(complete)
+
+    def pending(self) -> bytes:
+        """The finish chunk held back for a fingerprint, if any: to be sent before
+        anything the relay adds to a stream cut short."""
+        finish, self._finish = self._finish, b""
+        return finish
 
     def rest(self) -> bytes:
-        """Whatever is held at the end of the stream (an unterminated last event)."""
+        """Whatever is held at the end of the stream (a finish chunk, an unterminated
+        last event)."""
         held, self._held = self._held, b""
-        return held
+        return self.pending() + held
+
+
+def _stripped(complete: bytes) -> bytes:
+    """Complete events ``complete`` without usage, the fingerprint of a usage chunk
+    moved onto the finish chunk just before it."""
+    first = complete.find(USAGE)
+    if first < 0:
+        return complete
+    # Events before the first that mentions usage pass as they are, unparsed and
+    # unsplit (but the one just before it, which may take its fingerprint): the usage
+    # chunk closes a stream, so a whole stream read at once parses one event and
+    # splits only its last few.
+    start = _event_start(complete, first)
+    before = start - 1
+    while before >= 0 and complete[before] == NEWLINE:
+        before -= 1
+    if before >= 0:
+        start = _event_start(complete, before)
+    kept: list[bytes] = []
+    after = False       # whether kept[-1] came just before this event
+    for event in complete[start:].split(SEP)[:-1]:
+        chunk = _usage_chunk(event)
+        if chunk is None or chunk.get("choices"):
+            kept.append(event if chunk is None else _without_usage(chunk))
+            after = True
+            continue
+        mark = chunk.get(FINGERPRINT)
+        if after and isinstance(mark, str) and _finishes(kept[-1]):
+            kept[-1] = _stamped(kept[-1], mark)
+        after = False
+    return complete[:start] + SEP.join(kept) + SEP if kept else complete[:start]
 
 
 class DeliveredCounter:
@@ -171,14 +224,61 @@ def _payload(event: bytes) -> Any:
         return None
 
 
+def _usage_chunk(event: bytes) -> dict[str, Any] | None:
+    """``event``'s chunk when it carries a non-null usage; None otherwise."""
+    if USAGE not in event:
+        return None
+    chunk = _payload(event)
+    if not isinstance(chunk, dict) or chunk.get(USAGE_FIELD) is None:
+        return None
+    return chunk
+
+
 def _filtered(event: bytes) -> bytes | None:
     """``event`` without its usage; None when it was only the usage chunk."""
-    if USAGE not in event:
+    chunk = _usage_chunk(event)
+    if chunk is None:
         return event
-    chunk = _payload(event)
-    if not isinstance(chunk, dict) or chunk.get("usage") is None:
-        return event
-    if not chunk.get("choices"):
+    return _without_usage(chunk) if chunk.get("choices") else None
+
+
+def _without_usage(chunk: dict[str, Any]) -> bytes:
+    chunk.pop(USAGE_FIELD)
+    return b"data: " + orjson.dumps(chunk)
+
+
+def _finishes(event: bytes, start: int = 0) -> bool:
+    """Whether ``event`` (from ``start``) has a ``finish_reason`` that is a string, by
+    its bytes: a quote inside a JSON string is escaped, so these bytes are the key."""
+    at = event.find(FINISH_KEY, start)
+    while at >= 0:
+        at += len(FINISH_KEY)
+        while at < len(event) and event[at] in _SPACE:
+            at += 1
+        if event[at:at + 1] == b":":
+            at += 1
+            while at < len(event) and event[at] in _SPACE:
+                at += 1
+            if event[at:at + 1] == b'"':
+                return True
+        at = event.find(FINISH_KEY, at)
+    return False
+
+
+def _last_event_start(complete: bytes) -> int | None:
+    """Where the last event of ``complete`` (complete events) starts, when it is a finish
+    chunk; None otherwise."""
+    if len(complete) <= len(SEP) or complete[-len(SEP) - 1] == NEWLINE:
         return None
-    chunk.pop("usage")
+    start = _event_start(complete, len(complete) - len(SEP) - 1)
+    return start if _finishes(complete, start) else None
+
+
+def _stamped(event: bytes, fingerprint: str) -> bytes:
+    """The finish chunk ``event`` with the engine's ``fingerprint``, placed as vLLM
+    places it (after ``choices``); as it was when it has one already."""
+    chunk = _payload(event)
+    if not isinstance(chunk, dict) or chunk.get(FINGERPRINT) is not None:
+        return event
+    chunk[FINGERPRINT] = fingerprint
     return b"data: " + orjson.dumps(chunk)

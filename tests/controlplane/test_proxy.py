@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from controlplane.core import cache_port
 from tests.controlplane import cp_testing as t
@@ -151,3 +153,80 @@ async def test_a_stream_silent_longer_than_the_idle_timeout_is_cut() -> None:
                 async for _ in stream:
                     pass
             await client.close()
+
+
+FINGERPRINT = "vllm-0.32.0-f7bfd0d0"
+
+
+class VllmStreams(t.FakeBackend):
+    """Streams as vLLM does: its ``system_fingerprint`` on the finish chunk, or — when
+    usage is asked — on the usage chunk alone (``cut`` mode: the stream breaks right
+    after its finish chunk)."""
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], text: str,
+                      chat: bool) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        asked = bool((body.get("stream_options") or {}).get("include_usage"))
+        head = {"id": "x", "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": 1, "model": body["model"]}
+
+        def choice(piece: str, finish: str | None) -> dict[str, Any]:
+            return {"index": 0, **({"delta": {"content": piece}} if chat else {"text": piece}),
+                    "logprobs": None, "finish_reason": finish}
+
+        async def send(chunk: dict[str, Any]) -> None:
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+        await send({**head, "choices": [choice(text, None)]})
+        finish = {**head, "choices": [choice("", "stop")]}
+        await send(finish if asked else {**finish, "system_fingerprint": FINGERPRINT})
+        if self.mode == "cut":
+            request.transport.close()  # type: ignore[union-attr]
+            return resp
+        if asked:
+            await send({**head, "choices": [], "system_fingerprint": FINGERPRINT,
+                        "usage": {"prompt_tokens": 5, "completion_tokens": 3,
+                                  "total_tokens": 8}})
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+@pytest.mark.parametrize("fast_lane", [True, False])
+async def test_a_client_that_did_not_ask_for_usage_gets_the_fingerprint_where_vllm_puts_it(
+        fast_lane: bool) -> None:
+    """Synapse asks the engine for usage the client did not ask for; vLLM then puts its
+    fingerprint on the usage chunk, and dropping that chunk lost it (probe finding)."""
+    ok, cut = VllmStreams("ok"), VllmStreams("cut", "cut")
+    for b in (ok, cut):
+        await b.start()
+    try:
+        s = t.settings(upstreams=[t.upstream("ok", ok.url)], http={"fast_lane": fast_lane})
+        async with t.running(s) as cp:
+            client = cp.client()
+            chunks = [c async for c in await client.chat.completions.create(
+                model="llama", messages=MSGS, stream=True)]
+            assert json.loads(ok.bodies[-1])["stream_options"] == {"include_usage": True}
+            assert [c.system_fingerprint for c in chunks] == [None, FINGERPRINT]
+            assert chunks[-1].choices[0].finish_reason == "stop"
+            assert all(c.usage is None for c in chunks)
+            texts = [c async for c in await client.completions.create(
+                model="llama", prompt="hi", stream=True)]
+            assert [c.system_fingerprint for c in texts] == [None, FINGERPRINT]
+            asked = [c async for c in await client.chat.completions.create(
+                model="llama", messages=MSGS, stream=True,
+                stream_options={"include_usage": True})]     # vLLM's form, as it came
+            assert [(c.system_fingerprint, c.usage is not None) for c in asked] == [
+                (None, False), (None, False), (FINGERPRINT, True)]
+        s = t.settings(upstreams=[t.upstream("cut", cut.url)], http={"fast_lane": fast_lane})
+        async with t.running(s) as cp:
+            client = cp.client()
+            got = []
+            with pytest.raises(openai.APIError, match="broke off"):
+                async for chunk in await client.chat.completions.create(
+                        model="llama", messages=MSGS, stream=True):
+                    got.append(chunk)
+            assert [c.choices[0].finish_reason for c in got] == [None, "stop"]
+    finally:
+        for b in (ok, cut):
+            await b.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import orjson
 from hypothesis import given
@@ -92,14 +93,68 @@ def test_delivered_counter_counts_a_stream_longer_than_its_batch_in_any_pieces()
         assert c.count == events        # reading it again counts nothing twice
 
 
+# vLLM's own bytes (pydantic's compact JSON, its field order): without include_usage the
+# fingerprint rides on the finish chunk; with it, on the usage chunk alone.
+FP = "vllm-0.32.0-f7bfd0d0"
+_HEAD = '"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m"'
+V_ROLE = ('data: {' + _HEAD + ',"choices":[{"index":0,"delta":{"role":"assistant",'
+          '"content":""},"logprobs":null,"finish_reason":null}]}\n\n').encode()
+V_TEXT = ('data: {' + _HEAD + ',"choices":[{"index":0,"delta":{"content":"Yes"},'
+          '"logprobs":null,"finish_reason":null}]}\n\n').encode()
+_V_END = ',"choices":[{"index":0,"delta":{"content":""},"logprobs":null,' \
+         '"finish_reason":"stop","stop_reason":null}]'
+V_FINISH = ('data: {' + _HEAD + _V_END + '}\n\n').encode()
+V_FINISH_FP = ('data: {' + _HEAD + _V_END + ',"system_fingerprint":"' + FP + '"}\n\n').encode()
+V_USAGE = ('data: {' + _HEAD + ',"choices":[],"usage":{"prompt_tokens":31,'
+           '"total_tokens":33,"completion_tokens":2},"system_fingerprint":"' + FP
+           + '"}\n\n').encode()
+_C_HEAD = '"id":"cmpl-1","object":"text_completion","created":1,"model":"m"'
+_C_END = ',"choices":[{"index":0,"text":"","logprobs":null,"finish_reason":"length",' \
+         '"stop_reason":null}]'
+C_TEXT = ('data: {' + _C_HEAD + ',"choices":[{"index":0,"text":" yes","logprobs":null,'
+          '"finish_reason":null,"stop_reason":null}]}\n\n').encode()
+C_FINISH = ('data: {' + _C_HEAD + _C_END + '}\n\n').encode()
+C_FINISH_FP = ('data: {' + _C_HEAD + _C_END + ',"system_fingerprint":"' + FP
+               + '"}\n\n').encode()
+C_USAGE = ('data: {' + _C_HEAD + ',"choices":[],"usage":{"prompt_tokens":4,"total_tokens":'
+           '7,"completion_tokens":3},"system_fingerprint":"' + FP + '"}\n\n').encode()
+
+
+
 BOTH = event({"id": "c", "choices": [{"index": 0, "delta": {"content": "x"}}],
               "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
 NULL_USAGE = event({"id": "c", "choices": [{"index": 0, "delta": {"content": "y"}}],
                     "usage": None})
 
 
-@given(st.lists(st.sampled_from([CONTENT, FINISH, USAGE, DONE, BOTH, NULL_USAGE]),
-                max_size=12),
+FINGERPRINTED = event({"id": "c", "choices": [], "system_fingerprint": "fp",
+                      "usage": {"prompt_tokens": 7, "completion_tokens": 2}})
+
+
+def filtered_events(stream: bytes) -> bytes:
+    """What the stripper should make of ``stream``, event by event: each without its
+    usage, a dropped usage chunk's fingerprint on the finish chunk just before it."""
+    whole = stream.split(b"\n\n")
+    out: list[bytes] = []
+    after = False
+    for e in whole[:-1]:
+        kept = stream_usage._filtered(e)
+        if kept is not None:
+            out.append(kept)
+            after = True
+            continue
+        mark = stream_usage._payload(e).get("system_fingerprint")
+        chunk = stream_usage._payload(out[-1]) if after else None
+        if isinstance(chunk, dict) and mark is not None:
+            finished = any(isinstance(c.get("finish_reason"), str) for c in chunk["choices"])
+            if finished and chunk.get("system_fingerprint") is None:
+                out[-1] = b"data: " + orjson.dumps({**chunk, "system_fingerprint": mark})
+        after = False
+    return b"".join(e + b"\n\n" for e in out) + whole[-1]
+
+
+@given(st.lists(st.sampled_from([CONTENT, FINISH, USAGE, DONE, BOTH, NULL_USAGE,
+                                 FINGERPRINTED, V_FINISH, V_FINISH_FP]), max_size=12),
        st.lists(st.integers(1, 400), min_size=1, max_size=8))
 def test_the_stripper_gives_each_complete_event_filtered_whatever_the_reads(
         events: list[bytes], sizes: list[int]) -> None:
@@ -109,10 +164,7 @@ def test_the_stripper_gives_each_complete_event_filtered_whatever_the_reads(
         size = sizes[len(pieces) % len(sizes)]
         pieces.append(stream[i:i + size])
         i += size
-    whole = stream.split(b"\n\n")
-    expected = b"".join(kept + b"\n\n" for e in whole[:-1]
-                        if (kept := stream_usage._filtered(e)) is not None) + whole[-1]
-    assert strip_all(pieces) == expected
+    assert strip_all(pieces) == filtered_events(stream)
 
 
 def test_a_blank_line_before_the_usage_event_goes_with_it_as_split_cuts_it() -> None:
@@ -150,3 +202,86 @@ def test_the_delivered_counter_reads_a_crlf_framed_stream_too() -> None:
     for event in (CONTENT, CONTENT, FINISH):
         c.feed(event.replace(b"\n", b"\r\n"))
     assert c.count == 2         # (it found no event end and counted nothing)
+
+
+def test_the_usage_chunks_fingerprint_lands_on_the_finish_chunk_as_vllm_puts_it() -> None:
+    """The client that did not ask for usage got no fingerprint at all: the engine, asked
+    for usage on its behalf, put it on the usage chunk that was then dropped (probe
+    finding, chat and completions)."""
+    for asked, plain in (
+            (V_ROLE + V_TEXT + V_FINISH + V_USAGE + DONE, V_ROLE + V_TEXT + V_FINISH_FP + DONE),
+            (C_TEXT + C_FINISH + C_USAGE + DONE, C_TEXT + C_FINISH_FP + DONE)):
+        assert strip_all([asked]) == plain      # byte for byte what vLLM sends unasked
+        for cut in range(1, len(asked)):
+            assert strip_all([asked[:cut], asked[cut:]]) == plain, cut
+        assert strip_all([asked[i:i + 7] for i in range(0, len(asked), 7)]) == plain
+
+
+def test_only_the_finish_chunk_waits_and_only_for_the_event_after_it() -> None:
+    s = stream_usage.UsageStripper()
+    assert s.feed(V_ROLE) is V_ROLE and s.feed(V_TEXT) is V_TEXT     # at once, as they came
+    assert s.feed(V_FINISH) == b""
+    assert s.feed(V_USAGE) == V_FINISH_FP
+    assert s.feed(DONE) is DONE and s.rest() == b""
+    s = stream_usage.UsageStripper()        # the engine sent no usage chunk: no fingerprint
+    assert s.feed(V_FINISH) == b"" and s.feed(DONE) == V_FINISH + DONE
+
+
+def test_a_finish_chunk_followed_by_another_choice_goes_on_as_it_came() -> None:
+    """n > 1: a choice that finished first is released with the next event, unstamped;
+    the last finish chunk takes the fingerprint."""
+    other = V_TEXT.replace(b'"index":0', b'"index":1')
+    last = V_FINISH.replace(b'"index":0', b'"index":1')
+    s = stream_usage.UsageStripper()
+    out = [s.feed(e) for e in (V_FINISH, other, last, V_USAGE, DONE)]
+    assert out == [b"", V_FINISH + other, b"", V_FINISH_FP.replace(b'"index":0', b'"index":1'),
+                   DONE]
+
+
+def test_a_stream_ending_after_its_finish_chunk_still_sends_it() -> None:
+    s = stream_usage.UsageStripper()
+    assert s.feed(V_TEXT + V_FINISH + DONE[:5]) == V_TEXT
+    assert s.pending() == V_FINISH and s.pending() == b""       # before an error event
+    assert s.rest() == DONE[:5]
+    s = stream_usage.UsageStripper()
+    assert s.feed(V_FINISH) == b"" and s.rest() == V_FINISH
+
+
+def test_a_finish_chunk_with_its_own_fingerprint_or_usage_is_kept_as_the_engine_sent_it(
+        ) -> None:
+    own = V_FINISH_FP.replace(FP.encode(), b"other")
+    assert strip_all([own, V_USAGE, DONE]) == own + DONE
+    continuous = V_FINISH.replace(b'"stop_reason":null}]', b'"stop_reason":null}],'
+                                  b'"usage":{"prompt_tokens":1,"completion_tokens":2}')
+    assert strip_all([continuous, V_USAGE, DONE]) == V_FINISH_FP + DONE
+    spaced = event({"id": "c", "choices": [{"index": 0, "finish_reason": "stop"}]})
+    assert b'"finish_reason": "stop"' in spaced
+    got = orjson.loads(strip_all([spaced, V_USAGE])[6:])
+    assert got["system_fingerprint"] == FP
+    quoted = event({"choices": [{"index": 0, "delta": {"content": '"finish_reason": "x"'},
+                                 "finish_reason": None}]})
+    s = stream_usage.UsageStripper()
+    assert s.feed(quoted) is quoted         # a key's name inside a string is no key
+
+
+VLLM = pathlib.Path(__file__).parent / "data" / "vllm-0.32"
+
+
+def test_real_vllm_streams_asked_for_usage_reach_the_client_in_their_unasked_form() -> None:
+    """Recorded vLLM streams with include_usage: the fingerprint only on the usage chunk.
+    Unasked, vLLM's stream generators stamp it on the finish chunk, after ``choices``."""
+    for name in ("chat_natural_stream.sse", "chat_stop_stream.sse", "chat_stream_usage.sse",
+                 "chat_tool_stream.sse"):
+        recorded = (VLLM / name).read_bytes()
+        events = recorded.split(b"\n\n")[:-1]
+        usage, fingerprint = events[-2], orjson.loads(events[-2][6:])["system_fingerprint"]
+        assert b'"choices":[]' in usage and fingerprint.startswith("vllm-0.32.0-")
+        finish = events[-3]
+        assert b'"finish_reason":"' in finish and b"system_fingerprint" not in finish
+        stamped = finish[:-1] + b',"system_fingerprint":"' + fingerprint.encode() + b'"}'
+        unasked = recorded.replace(usage + b"\n\n", b"").replace(finish, stamped)
+        assert strip_all([recorded]) == unasked, name
+        s = stream_usage.UsageStripper()
+        out = [s.feed(e + b"\n\n") for e in events]      # one event a read
+        assert all(o == e + b"\n\n" for o, e in zip(out[:-3], events[:-3], strict=True))
+        assert out[-3:] == [b"", stamped + b"\n\n", b"data: [DONE]\n\n"], name
