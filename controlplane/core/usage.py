@@ -11,12 +11,22 @@ Messages APIs. The router compares them with its predictions.
 A stream that ended without the engine's usage (its client went away, the engine broke it
 off) is accounted from the control plane's own figures instead: the prompt's token count
 and the content deltas relayed to the client, a :class:`Usage` marked ``estimated``.
+
+The engine is not trusted with the size of its counts: one that is not a whole number
+from 0 to :data:`MAX_COUNT` (negative, fractional, a string, a 2**63 that SQLite and
+protobuf refuse, thousands of digits that Python will not even make an int of) makes the
+whole usage absent, so the request is accounted from that estimate like any other
+answer without usage. A count past int64 on a usage row made every later flush of the
+usage store fail, every tenant's, and ``GetUsage`` fail for all; digits are counted
+before any int is built.
 """
 
 from __future__ import annotations
 
 import re
 from typing import NamedTuple
+
+from controlplane.core import validation
 
 TAIL_BYTES = 1024
 USAGE_KEY = b'"usage"'    # as it appears in an answer's JSON
@@ -26,7 +36,11 @@ USAGE_KEY = b'"usage"'    # as it appears in an answer's JSON
 _OBJECT = re.compile(rb'\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
 _COUNTS = re.compile(rb'"(prompt_tokens|completion_tokens|cached_tokens|input_tokens|'
                      rb'output_tokens|cache_read_input_tokens|cache_creation_input_tokens)"'
-                     rb'\s*:\s*(\d+)')
+                     rb'\s*:\s*([^,}]*)')    # the raw value, judged by _counts
+# A count as it may be written: a whole number (JSON does not tell 3 from 3.0), its
+# leading zeros apart, of at most as many digits as MAX_COUNT (bounded backtracking).
+MAX_COUNT = validation.MAX_COUNT    # the largest count a request may ask for, too
+_WHOLE = re.compile(rb'0*(\d{1,%d})(?:\.0*)?' % len(str(MAX_COUNT)))
 
 
 class Usage(NamedTuple):
@@ -54,16 +68,34 @@ def from_tail(data: bytes) -> Usage | None:
             break
         end = at        # a string "usage" (or a key of another value): look further back
     # the counts inside that object only: what follows it is the client's to shape too
-    counts = dict(_COUNTS.findall(data, value.start(1), value.end(1)))
+    counts = _counts(_COUNTS.findall(data, value.start(1), value.end(1)))
+    if counts is None:
+        return None
     prompt = counts.get(b"prompt_tokens")
     if prompt is None:
         return _input_output(counts)
-    cached = counts.get(b"cached_tokens")
-    return Usage(int(prompt), int(counts.get(b"completion_tokens", 0)),
-                 None if cached is None else int(cached))
+    return Usage(prompt, counts.get(b"completion_tokens", 0), counts.get(b"cached_tokens"))
 
 
-def _input_output(counts: dict[bytes, bytes]) -> Usage | None:
+def _counts(found: list[tuple[bytes, bytes]]) -> dict[bytes, int] | None:
+    """The counts by name, or None when one of them is not a count from 0 to
+    :data:`MAX_COUNT` (a ``null`` is a count not given)."""
+    out: dict[bytes, int] = {}
+    for name, raw in found:
+        raw = raw.strip()
+        if raw == b"null":
+            continue
+        whole = _WHOLE.fullmatch(raw)
+        if whole is None:
+            return None
+        count = int(whole.group(1))     # at most ten digits: never a huge int
+        if count > MAX_COUNT:
+            return None
+        out[name] = count
+    return out
+
+
+def _input_output(counts: dict[bytes, int]) -> Usage | None:
     """Responses' and Anthropic's names: ``input_tokens`` / ``output_tokens``; Anthropic
     counts the cached prompt apart (``cache_read_input_tokens``, and the tokens written to
     its cache, ``cache_creation_input_tokens``), Responses inside ``input_tokens``
@@ -72,7 +104,5 @@ def _input_output(counts: dict[bytes, bytes]) -> Usage | None:
     if given is None:
         return None
     read = counts.get(b"cache_read_input_tokens")
-    prompt = int(given) + int(read or 0) + int(counts.get(b"cache_creation_input_tokens", 0))
-    cached = counts.get(b"cached_tokens", read)
-    return Usage(prompt, int(counts.get(b"output_tokens", 0)),
-                 None if cached is None else int(cached))
+    prompt = given + (read or 0) + counts.get(b"cache_creation_input_tokens", 0)
+    return Usage(prompt, counts.get(b"output_tokens", 0), counts.get(b"cached_tokens", read))

@@ -36,3 +36,47 @@ def test_a_usage_word_the_client_makes_the_engine_echo_after_the_usage_is_not_ta
     assert usage.from_tail(answer) == usage.Usage(12, 5000, 4)
     assert usage.from_tail(b'{"choices":[],"prompt_logprobs":[{"1":{"decoded_token":'
                            b'"usage"}}]}') is None
+
+
+def _answer(prompt: bytes, completion: bytes = b"2") -> bytes:
+    return (b'{"id":"x","choices":[{"index":0,"message":{"content":"hi"}}],"usage":'
+            b'{"prompt_tokens":' + prompt + b',"completion_tokens":' + completion
+            + b',"total_tokens":5,"prompt_tokens_details":{"cached_tokens":1}}}')
+
+
+def test_a_count_above_the_cap_is_no_usage_so_the_request_is_estimated() -> None:
+    # A hostile engine's 10**30 (or 2**63) made every later usage flush fail for all
+    # tenants (SQLite and protobuf refuse integers past int64): the usage is taken as
+    # absent instead, and the request is accounted from the control plane's estimate.
+    assert usage.from_tail(_answer(b"3")) == usage.Usage(3, 2, 1)
+    limit = str(usage.MAX_COUNT).encode()
+    assert usage.from_tail(_answer(limit, limit)) == usage.Usage(
+        usage.MAX_COUNT, usage.MAX_COUNT, 1)
+    for big in (str(usage.MAX_COUNT + 1).encode(), str(2**63).encode(), b"1" + b"0" * 30):
+        assert usage.from_tail(_answer(big)) is None
+        assert usage.from_tail(_answer(b"3", big)) is None
+    tail = (b'"usage":{"input_tokens":20,"cache_read_input_tokens":' + str(2**63).encode()
+            + b',"output_tokens":7}}')
+    assert usage.from_tail(tail) is None
+
+
+def test_a_count_of_thousands_of_digits_is_no_usage_and_raises_nothing() -> None:
+    # Python refuses to make an int of more than 4300 digits (ValueError: a 500 to the
+    # tenant): the length is checked before any int is built.
+    digits = b"9" * 5000
+    assert usage.from_tail(_answer(digits, digits)) is None
+    assert usage.from_tail(_answer(b"3", digits)) is None
+    assert usage.from_tail(_answer(b"0" * 5000 + b"3")) == usage.Usage(3, 2, 1)
+
+
+def test_a_negative_or_fractional_count_is_no_usage_whichever_count_it_is() -> None:
+    # As a negative prompt count already was: any count out of 0..MAX_COUNT (or not a
+    # whole number) makes the engine's usage untrustworthy as a whole.
+    for bad in (b"-5", b"2.5", b"1e+18", b"NaN", b"Infinity", b'"lots"', b"[1]", b"true"):
+        assert usage.from_tail(_answer(bad)) is None, bad
+        assert usage.from_tail(_answer(b"3", bad)) is None, bad
+    # JSON does not tell 3 from 3.0, and a count the engine does not know may be null
+    assert usage.from_tail(_answer(b"3.0", b"2.00")) == usage.Usage(3, 2, 1)
+    assert usage.from_tail(_answer(b"3", b"null")) == usage.Usage(3, 0, 1)
+    assert usage.from_tail(b'"usage":{"input_tokens":20,"cache_read_input_tokens":null,'
+                           b'"output_tokens":7}}') == usage.Usage(20, 7, None)
