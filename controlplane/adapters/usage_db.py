@@ -29,12 +29,21 @@ plane reset its own budget that way.
   opened otherwise (locked by another process) is left alone, one warning, and usage and
   spend stay in memory this run; one that cannot be written is read (spends restored, its
   usage readable) and this run's counts are kept in memory only (one warning).
+- **One bad row stops no other.** A flush writes every tenant's rows in one transaction,
+  so a row SQLite refuses (a count past int64, which only a journal kept by an earlier
+  release can still hold: the engine's counts are capped where they are read) failed
+  every flush, every tenant's, and the journal kept at the stop brought it back at the
+  next start. Such a row is dropped, with a warning naming its tenant, model and day, and
+  the others are written. Totals stop at int64's largest (SQLite would turn a sum past it
+  into a float), and a value read is clamped to ``0 .. 2**63-1`` so ``GetUsage`` (uint64
+  fields) can always answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 import threading
 from collections.abc import Mapping, Sequence
@@ -51,8 +60,9 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS spend (key TEXT PRIMARY KEY, spent REAL NOT NULL, "
     "expires_at REAL NOT NULL)",
 )
+INT64_MAX = 2**63 - 1         # SQLite's largest integer
 ADD = ("INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (day, tenant, model, kind) "
-       "DO UPDATE SET value = value + excluded.value")
+       f"DO UPDATE SET value = min(value + excluded.value, {INT64_MAX})")
 PRUNE = ("DELETE FROM usage WHERE day NOT IN "
          "(SELECT DISTINCT day FROM usage ORDER BY day DESC LIMIT ?)")
 log = logging.getLogger("synapse.controlplane.fairness")
@@ -135,7 +145,7 @@ class UsageDb:
     def _add_sync(self, rows: Rows) -> None:
         statements: list[tuple[str, Sequence[Any]]] = [
             (ADD, (day, tenant, model, kind, value))
-            for (day, tenant, model), counts in rows.items()
+            for (day, tenant, model), counts in rows.items() if _storable(day, tenant, model, counts)
             for kind, value in counts.items() if value]
         self._transaction([*statements, (PRUNE, (self._retention,))])
 
@@ -151,7 +161,7 @@ class UsageDb:
         out: dict[tuple[str, str, str], dict[str, int | float]] = {}
         for day, t, model, kind, value in found:
             out.setdefault((str(day), str(t), str(model)), {})[str(kind)] = (
-                float(value) if kind == "cost" else int(value))
+                float(value) if kind == "cost" else _count(value))
         return dict(out)
 
     def _save_spends_sync(self, spends: dict[str, tuple[float, float]],
@@ -182,3 +192,30 @@ class UsageDb:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _storable(day: str, tenant: str, model: str, counts: usage_book.Plain) -> bool:
+    """Whether SQLite takes every count of the row (else a warning: the row is dropped)."""
+    bad = next(((kind, value) for kind, value in counts.items() if not _fits(value)), None)
+    if bad is None:
+        return True
+    kind, value = bad
+    shown = f"a {value.bit_length()}-bit integer" if isinstance(value, int) else repr(value)
+    log.warning("usage of tenant %r, model %r on %s is dropped: its %s count (%s) is "
+                "beyond what the usage file holds; the other rows are stored",
+                tenant, model, day, kind, shown)
+    return False
+
+
+def _fits(value: int | float) -> bool:
+    if isinstance(value, int):
+        return -INT64_MAX - 1 <= value <= INT64_MAX
+    return not math.isnan(value)        # SQLite stores NaN as NULL, which the row refuses
+
+
+def _count(value: Any) -> int:
+    """A stored count as the readers take it: an integer from 0 to :data:`INT64_MAX` (a
+    total an earlier release let grow past int64 is a float in the file)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return INT64_MAX if value > 0 else 0
+    return int(min(max(value, 0), INT64_MAX))

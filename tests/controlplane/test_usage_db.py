@@ -5,6 +5,7 @@ damaged file set aside)."""
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import sqlite3
 
@@ -13,10 +14,11 @@ import pytest
 from openai.types import chat
 
 from controlplane import config
-from controlplane.adapters import usage_db
+from controlplane.adapters import usage_db, usage_journal
 from controlplane.api import app as app_mod
-from controlplane.api import fairness_wiring
+from controlplane.api import fairness, fairness_wiring
 from controlplane.core import token_limits, usage_book
+from protos.synapse.v1 import admin_pb2
 from synapse_common import clock as clocks
 from tests import harness
 from tests.clock import ManualClock
@@ -149,3 +151,76 @@ def test_a_damaged_file_is_set_aside_and_a_new_one_started(tmp_path: pathlib.Pat
     with sqlite3.connect(path) as check:
         assert check.execute("SELECT count(*) FROM spend").fetchone() == (0,)
     db.close()
+
+
+async def test_a_row_sqlite_refuses_is_dropped_and_every_other_row_stored(
+        tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Probe finding: one tenant's count past int64 (a hostile engine's 10**30) made every
+    flush fail, all tenants' rows in its transaction; now that row alone is dropped, with a
+    warning naming the tenant (never the number's thousands of digits)."""
+    db = usage_db.UsageDb(str(tmp_path / usage_db.FILE), 62)
+    db.open_now(WALL)
+    day = "2026-12-07"
+    with caplog.at_level(logging.WARNING, "synapse.controlplane.fairness"):
+        await db.add({(day, "evil", "m"): {"requests": 1, "prompt_tokens": 10**5000},
+                      (day, "b", "m"): {"requests": 2, "prompt_tokens": 30},
+                      (day, "nan", "m"): {"requests": 1, "cost": float("nan")}})
+    assert await db.read([day], None) == {(day, "b", "m"): {"requests": 2, "prompt_tokens": 30}}
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2
+    assert "'evil'" in warned[0] and "prompt_tokens" in warned[0]
+    assert "999" not in warned[0] and len(warned[0]) < 300
+    assert "'nan'" in warned[1] and "cost" in warned[1]
+    await db.add({(day, "evil", "m"): {"requests": 1}})
+    assert (await db.read([day], "evil"))[(day, "evil", "m")] == {"requests": 1}
+    db.close()
+
+
+async def test_a_total_stops_at_int64_and_a_value_read_is_one_get_usage_can_carry(
+        tmp_path: pathlib.Path) -> None:
+    """SQLite turns a sum past int64 into a float, read back as 2**63 (and a stored float
+    infinity did not read at all): Admin.GetUsage's uint64 fields refused the row, and
+    with it every tenant's answer."""
+    path = tmp_path / usage_db.FILE
+    db = usage_db.UsageDb(str(path), 62)
+    db.open_now(WALL)
+    day = "2026-12-07"
+    await db.add({(day, "a", "m"): {"requests": usage_db.INT64_MAX}})
+    await db.add({(day, "a", "m"): {"requests": usage_db.INT64_MAX}})
+    with sqlite3.connect(path) as older:        # what an earlier release could leave
+        older.executemany("INSERT INTO usage VALUES (?, ?, ?, ?, ?)", [
+            (day, "b", "m", "prompt_tokens", 1e30), (day, "b", "m", "errors", float("inf")),
+            (day, "b", "m", "requests", -3)])
+    found = await db.read([day], None)
+    assert found[(day, "a", "m")] == {"requests": usage_db.INT64_MAX}
+    assert found[(day, "b", "m")] == {"prompt_tokens": usage_db.INT64_MAX,
+                                      "errors": usage_db.INT64_MAX, "requests": 0}
+    for key, plain in found.items():     # the Admin answer's own conversion
+        fairness._row(usage_book.Row(usage_book.RowKey(*key), usage_book.counts_of(plain)))
+    db.close()
+
+
+async def test_usage_an_older_release_kept_past_int64_stops_no_flush_after_a_restart(
+        tmp_path: pathlib.Path) -> None:
+    """Probe finding: the poisoned rows kept at the stop (the flush had failed) were taken
+    back at the next start and failed every flush again, forever: another tenant's usage
+    stayed frozen. Now the first flush drops the bad row and stores the rest."""
+    day = usage_book.day_of(clocks.wall())
+    usage_journal.keep(tmp_path / usage_journal.FILE, {
+        (day, "a", "llama"): {"requests": 1, "prompt_tokens": 10**30},
+        (day, "b", "llama"): {"requests": 4, "prompt_tokens": 12}})
+    async with t.backends(("one", "ok")) as (backend,):
+        async with t.running(budgeted(tmp_path, backend.url, 10**6)) as cp:
+            book = fairness_wiring.get(cp.services).book
+            assert book is not None
+            await routable(cp)
+            await harness.until(lambda: book.pending() == {}, 10, "the first flush")
+            await cp.client(t.KEY_B).chat.completions.create(model="llama", messages=HI)
+            await harness.until(lambda: book.pending() == {}, 10, "the next flush")
+            assert (await usage_of(cp, "b")).requests == 5
+            assert cp.services.metrics.registry.get_sample_value(
+                "synapse_usage_flush_failures_total") == 0
+            answer = await fairness.usage_response(cp.services, admin_pb2.GetUsageRequest())
+            assert {r.tenant for r in answer.rows} == {"b"}
+            assert sum(r.requests for r in answer.rows) == 5
+    assert not (tmp_path / usage_journal.FILE).exists()
