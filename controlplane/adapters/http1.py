@@ -34,6 +34,16 @@ Rules:
   ``HttpParserUpgrade``, which is no ``HttpParserError``, is in :data:`ERRORS` too.
 - Bodies pass through byte for byte (no decompression); chunked framing is removed.
   Header names and values are checked for CR, LF and NUL before anything is sent.
+- **A bounded head.** httptools sets no limit on a head: a backend (a compromised engine
+  runs tenants' inputs) could send headers without end, or one header of a gigabyte, and
+  only the first-byte limit stopped it. A head of more than :data:`MAX_HEADERS` lines, or
+  whose names and values exceed :data:`MAX_HEAD_BYTES`, fails the answer with
+  ``UpstreamProtocolError`` (the dispatcher fails over; the client gets a 502). As
+  httptools holds a header's value until the header ends, each read is also checked:
+  more than :data:`MAX_HEAD_BYTES` received without a byte of body between them (a head
+  still arriving, informational heads one after another, trailers, chunk extensions)
+  fails the answer, so what the parser holds stays bounded by that plus one read.
+  Trailers are never kept: they are not the answer's headers, and nothing relays them.
 """
 
 from __future__ import annotations
@@ -57,6 +67,10 @@ log = logging.getLogger("synapse.controlplane.upstream")
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 MAX_WHOLE_BODY = 256 * 1024 * 1024   # a whole (non-streamed) answer read into memory
+# A response head: vLLM, TEI and llama.cpp send under ten headers and a few hundred bytes,
+# hosted APIs behind a CDN some thirty and a few KiB.
+MAX_HEADERS = 100
+MAX_HEAD_BYTES = 64 * 1024
 _FORBIDDEN = frozenset("\r\n\0")
 
 Origin = tuple[str, str, int]      # scheme, host, port
@@ -77,6 +91,11 @@ _PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 class _Unrequested(Exception):
     """Raised by ``on_message_begin`` to stop the parser at a message nobody asked for."""
+
+
+class _Refused(Exception):
+    """Raised by a callback to stop the parser at an answer that is not relayed (its
+    message says why)."""
 
 
 def detail(exc: BaseException) -> str:
@@ -175,14 +194,31 @@ class Connection(asyncio.Protocol):
             self._unrequested()
             return
         resp.received = True
+        before = resp.body_bytes
         try:
             self.parser.feed_data(data)
         except _PARSER_ERRORS as exc:
+            if isinstance(exc.__context__, _Refused):
+                self.refuse(resp, str(exc.__context__))
+                return
             if self.poisoned:       # on_message_begin stopped it: the answer stands
                 self._unrequested()
                 return
             resp.fail(translate(exc))
             self.poison()
+            return
+        # Bytes with no body between them (see "A bounded head"): within one read, all but
+        # its body bytes count, wherever the body sat in it.
+        body = resp.body_bytes - before
+        resp.framing = len(data) - body if body else resp.framing + len(data)
+        if resp.framing > MAX_HEAD_BYTES and not resp.complete:
+            self.refuse(resp, f"over {MAX_HEAD_BYTES} bytes of head, trailers or "
+                              "framing without body")
+
+    def refuse(self, resp: UpstreamResponse, why: str) -> None:
+        """Fail ``resp`` as an answer that is not relayed, and close the connection."""
+        resp.fail(errors.UpstreamProtocolError(f"the backend's answer was refused: {why}"))
+        self.poison()
 
     def _unrequested(self) -> None:
         scheme, host, port = self.origin
@@ -213,8 +249,15 @@ class Connection(asyncio.Protocol):
         self.between = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.response is not None:
-            self.response.raw_headers.append((name, value))
+        resp = self.response
+        if resp is None or resp.status:     # a trailer: never kept (bounded as framing)
+            return
+        resp.raw_headers.append((name, value))
+        resp.head_bytes += len(name) + len(value)
+        if len(resp.raw_headers) > MAX_HEADERS:
+            raise _Refused(f"a head of over {MAX_HEADERS} headers")
+        if resp.head_bytes > MAX_HEAD_BYTES:
+            raise _Refused(f"a head of over {MAX_HEAD_BYTES} bytes")
 
     def on_headers_complete(self) -> None:
         if self.response is not None:
@@ -238,6 +281,9 @@ class UpstreamResponse:
                  loop: asyncio.AbstractEventLoop) -> None:
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0              # the names and values of its heads (1xx too)
+        self.body_bytes = 0              # body bytes received
+        self.framing = 0                 # bytes received since the last body byte
         self.received = False        # any byte of the answer arrived
         self.complete = False
         self._conn = conn
@@ -345,6 +391,7 @@ class UpstreamResponse:
     def body_received(self, data: bytes) -> None:
         self._body.append(data)
         self._buffered += len(data)
+        self.body_bytes += len(data)
         if self._buffered > HIGH_WATER and not self._paused and self._conn.transport:
             self._paused = True
             self._conn.transport.pause_reading()

@@ -1,0 +1,121 @@
+"""What a hostile backend's answer can cost the control plane: a compromised engine runs
+tenants' inputs, so its answer's head, trailers and framing are bounded
+(:mod:`controlplane.adapters.http1`), each refusal an ``UpstreamProtocolError`` (the
+dispatcher fails over, the client gets a 502) that closes the connection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from controlplane import errors
+from controlplane.adapters import http1, upstream
+from tests.controlplane.test_upstream import Conn, Handler, client, on_both_loops, serving
+
+BODY = b'{"ok":1}'
+
+
+def head_then(extra: bytes, *, chunked: bool = False) -> bytes:
+    """A 200 head holding ``extra`` header lines."""
+    framing = b"Transfer-Encoding: chunked\r\n" if chunked else (
+        b"Content-Length: %d\r\n" % len(BODY))
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + extra + framing + b"\r\n"
+
+
+def sending(*parts: bytes, forever: bytes = b"") -> Handler:
+    """A handler: read the request, send ``parts``, then ``forever`` without end (until
+    the client closes the connection), recording that it was closed."""
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        for part in parts:
+            await conn.send(part)
+        while forever:
+            await conn.send(forever)
+        await conn.wait_closed_by_peer()
+    return handler
+
+
+async def refused(c: upstream.UpstreamClient, url: str, match: str) -> None:
+    with pytest.raises(errors.UpstreamProtocolError, match=match):
+        resp = await c.send("POST", url + "/v1/chat/completions", b"{}", {})
+        try:
+            await resp.read()
+        finally:
+            resp.close()
+
+
+@on_both_loops
+async def test_a_head_of_too_many_headers_is_refused() -> None:
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(http1.MAX_HEADERS + 1))
+    async with serving(sending(head_then(many) + BODY)) as srv, client() as c:
+        await refused(c, srv.url, rf"over {http1.MAX_HEADERS} headers")
+        await asyncio.sleep(0.05)
+        assert c.open_connections == 0 and srv.closed_by_peer == 1
+
+
+@on_both_loops
+async def test_a_head_of_too_many_bytes_is_refused() -> None:
+    big = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 2000) for i in range(40))
+    async with serving(sending(head_then(big) + BODY)) as srv, client() as c:
+        await refused(c, srv.url, rf"over {http1.MAX_HEAD_BYTES} bytes")
+
+
+@on_both_loops
+async def test_a_header_without_end_is_refused_as_it_arrives() -> None:
+    """One header value sent without end: httptools holds it until the header ends, so
+    only the first-byte limit (a minute here) stopped it, gigabytes later."""
+    start = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-A: "
+    async with serving(sending(start, forever=b"a" * 65536)) as srv, \
+            client(first_byte=60.0) as c:
+        await refused(c, srv.url, "without body")
+        assert c.open_connections == 0
+
+
+@on_both_loops
+async def test_headers_without_end_are_refused_as_they_arrive() -> None:
+    start = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    async with serving(sending(start, forever=b"X-A: " + b"a" * 1000 + b"\r\n")) as srv, \
+            client(first_byte=60.0) as c:
+        await refused(c, srv.url, "over")
+
+
+@on_both_loops
+async def test_informational_heads_without_end_are_refused() -> None:
+    async with serving(sending(forever=b"HTTP/1.1 100 Continue\r\n\r\n")) as srv, \
+            client(first_byte=60.0) as c:
+        await refused(c, srv.url, "without body")
+
+
+@on_both_loops
+async def test_trailers_are_never_the_answer_s_headers() -> None:
+    chunked = b"%x\r\n%s\r\n0\r\nX-Trailer: planted\r\nSet-Cookie: t=1\r\n\r\n" % (
+        len(BODY), BODY)
+    async with serving(sending(head_then(b"", chunked=True) + chunked)) as srv, \
+            client() as c:
+        resp = await c.send("POST", srv.url + "/x", b"{}", {})
+        assert await resp.read() == BODY
+        resp.close()
+        names = {k.lower() for k, _ in resp.headers}
+        assert names == {"content-type", "transfer-encoding"}
+
+
+@on_both_loops
+async def test_trailers_without_end_are_refused() -> None:
+    chunked = b"%x\r\n%s\r\n0\r\n" % (len(BODY), BODY)
+    async with serving(sending(head_then(b"", chunked=True) + chunked,
+                               forever=b"X-T: " + b"t" * 1000 + b"\r\n")) as srv, \
+            client(idle=60.0, first_byte=60.0) as c:
+        await refused(c, srv.url, "without body")
+
+
+@on_both_loops
+async def test_a_long_stream_of_small_chunks_is_not_framing() -> None:
+    """The framing between body bytes counts from the last body byte, not in total."""
+    piece = b"data: x\n\n"
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(20000))
+    async with serving(sending(head_then(b"", chunked=True), chunks, b"0\r\n\r\n")) as srv, \
+            client() as c:
+        resp = await c.send("POST", srv.url + "/x", b"{}", {})
+        assert await resp.read() == piece * 20000
+        resp.close()
