@@ -204,19 +204,20 @@ async def _ctx(app: web.Application) -> AsyncIterator[None]:
     disk = _use_disk(svc, fair) if client is None else None
     if fair.book is not None:
         _restore(svc, fair.book)
+    failures = FlushFailures(svc.clock)
     if fair.book is not None or disk is not None:
         wake = None
         if disk is not None:    # a budget just spent is written at once, not a round later
             wake = asyncio.Event()
             fair.limiter.local.on_budget_spent = wake.set
         app[_FLUSHER] = asyncio.get_running_loop().create_task(_flush_loop(
-            svc, fair, disk, svc.settings.fairness.usage.flush_interval_s, wake))
+            svc, fair, disk, svc.settings.fairness.usage.flush_interval_s, wake, failures))
     yield
     if _FLUSHER in app:
         app[_FLUSHER].cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await app[_FLUSHER]
-        await _flush(svc, fair, disk)       # what is pending, once more
+        await _flush(svc, fair, disk, failures)     # what is pending, once more
         if fair.book is not None:
             _keep(svc, fair.book)
     if disk is not None:
@@ -270,10 +271,11 @@ def _use_disk(svc: services_mod.Services, fair: fairness.Fairness) -> usage_db.U
 
 async def _flush_loop(svc: services_mod.Services, fair: fairness.Fairness,
                       disk: usage_db.UsageDb | None, interval_s: float,
-                      wake: asyncio.Event | None = None) -> None:
+                      wake: asyncio.Event | None = None,
+                      failures: FlushFailures | None = None) -> None:
     while True:
         await _pause(interval_s, wake)
-        await _flush(svc, fair, disk)
+        await _flush(svc, fair, disk, failures)
 
 
 async def _pause(interval_s: float, wake: asyncio.Event | None) -> None:
@@ -320,8 +322,40 @@ def _keep(svc: services_mod.Services, book: usage_book.UsageBook) -> None:
               "and added at the next start", len(rows), path)
 
 
+class FlushFailures:
+    """The warnings of failing usage flushes: the first failure of each kind (usage, budget
+    spend) at once, then at most one every :data:`FLUSH_WARN_EVERY_S` saying how many
+    failed since, so a store down for hours does not flood the log while the operator
+    still learns that usage is not being stored (``synapse_usage_flush_failures_total``
+    counts every one). A failure was a debug line only: a flush failing for every tenant,
+    forever, went unseen."""
+
+    def __init__(self, clock: clocks.Clock) -> None:
+        self._clock = clock
+        self._next: dict[str, float] = {}       # kind -> when its next warning may come
+        self._quiet: dict[str, int] = {}        # kind -> failures since its last warning
+
+    def failed(self, kind: str, message: str, exc: BaseException) -> None:
+        now = self._clock()
+        if now < self._next.get(kind, now):
+            self._quiet[kind] = self._quiet.get(kind, 0) + 1
+            log.debug("%s: %s: %s", message, type(exc).__name__, exc)
+            return
+        quiet = self._quiet.pop(kind, 0)
+        since = f"; {quiet} more failed since the last warning" if quiet else ""
+        log.warning("%s (%s: %s); kept for the next flush%s", message, type(exc).__name__,
+                    str(exc)[:FLUSH_ERROR_CHARS], since)
+        self._next[kind] = now + FLUSH_WARN_EVERY_S
+
+
+FLUSH_WARN_EVERY_S = 300.0      # at most one warning per kind of flush failure this often
+FLUSH_ERROR_CHARS = 300         # of the store's error quoted in a warning
+
+
 async def _flush(svc: services_mod.Services, fair: fairness.Fairness,
-                 disk: usage_db.UsageDb | None = None) -> None:
+                 disk: usage_db.UsageDb | None = None,
+                 failures: FlushFailures | None = None) -> None:
+    warn = failures or FlushFailures(svc.clock)
     if disk is not None:
         local = fair.limiter.local
         spends = local.changed_spends(clocks.wall())
@@ -331,14 +365,14 @@ async def _flush(svc: services_mod.Services, fair: fairness.Fairness,
         except Exception as exc:    # written at the next flush
             local.unsaved(spends)
             svc.metrics.usage_flush_failures.inc()
-            log.debug("budget spend not written to %s: %s", disk.path, exc)
+            warn.failed("spend", f"budget spend not written to {disk.path}", exc)
     if fair.book is None:
         return
     try:
         await fair.book.flush()
     except Exception as exc:    # kept for the next flush
         svc.metrics.usage_flush_failures.inc()
-        log.debug("usage flush failed: %s", exc)
+        warn.failed("usage", "usage flush to the usage store failed", exc)
 
 
 # -- reading usage (stats, Admin) ---------------------------------------------------------
