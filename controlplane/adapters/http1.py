@@ -34,6 +34,15 @@ Rules:
   ``HttpParserUpgrade``, which is no ``HttpParserError``, is in :data:`ERRORS` too.
 - Bodies pass through byte for byte (no decompression); chunked framing is removed.
   Header names and values are checked for CR, LF and NUL before anything is sent.
+- **Only answers to relay.** A final status in :data:`NOT_RELAYED` (a redirect, 204, 205)
+  and a body with a ``Content-Encoding`` fail the answer with ``UpstreamProtocolError``
+  before its head is handed over: a hostile backend's redirect must not send a client (the
+  OpenAI SDK follows them) and its tenant's prompt elsewhere, and bodies are relayed and
+  read as they came (usage, renames, the cache), so every request asks for
+  ``Accept-Encoding: identity`` and an encoded answer, which was not asked for, is
+  refused rather than decoded (no decompression bomb). Informational (1xx) heads are
+  skipped, as HTTP requires of a client; they never reach the client, and their bytes are
+  bounded as below.
 - **A bounded head.** httptools sets no limit on a head: a backend (a compromised engine
   runs tenants' inputs) could send headers without end, or one header of a gigabyte, and
   only the first-byte limit stopped it. A head of more than :data:`MAX_HEADERS` lines, or
@@ -71,6 +80,9 @@ MAX_WHOLE_BODY = 256 * 1024 * 1024   # a whole (non-streamed) answer read into m
 # hosted APIs behind a CDN some thirty and a few KiB.
 MAX_HEADERS = 100
 MAX_HEAD_BYTES = 64 * 1024
+# Final statuses that are no answer to relay: a redirect (the OpenAI SDK would follow its
+# Location, taking a tenant's prompt to wherever the backend says), or no content.
+NOT_RELAYED = frozenset({*range(300, 400), 204, 205})
 _FORBIDDEN = frozenset("\r\n\0")
 
 Origin = tuple[str, str, int]      # scheme, host, port
@@ -260,8 +272,16 @@ class Connection(asyncio.Protocol):
             raise _Refused(f"a head of over {MAX_HEAD_BYTES} bytes")
 
     def on_headers_complete(self) -> None:
-        if self.response is not None:
-            self.response.head_received(self.parser.get_status_code())
+        resp = self.response
+        if resp is None:
+            return
+        status = self.parser.get_status_code()
+        if status in NOT_RELAYED:
+            raise _Refused(f"status {status}, which is never relayed")
+        coding = resp.header("content-encoding") if status >= 200 else None
+        if coding is not None and coding.strip().lower() not in ("", "identity"):
+            raise _Refused("an encoded body (Content-Encoding), which was not asked for")
+        resp.head_received(status)
 
     def on_body(self, body: bytes) -> None:
         resp = self.response
@@ -484,7 +504,8 @@ def _expire_head(waiter: asyncio.Future[None], limit: float) -> None:
 
 
 def head(method: str, target: Target, headers: Mapping[str, str], body: bytes) -> bytes:
-    lines = [f"{method} {target.path} HTTP/1.1\r\nHost: {target.host}\r\n"]
+    lines = [f"{method} {target.path} HTTP/1.1\r\nHost: {target.host}\r\n"
+             "Accept-Encoding: identity\r\n"]
     if method != "GET" or body:
         lines.append(f"Content-Length: {len(body)}\r\n")
     for name, value in headers.items():

@@ -119,3 +119,31 @@ async def test_a_long_stream_of_small_chunks_is_not_framing() -> None:
         resp = await c.send("POST", srv.url + "/x", b"{}", {})
         assert await resp.read() == piece * 20000
         resp.close()
+
+
+@on_both_loops
+async def test_redirects_and_no_content_are_no_answer() -> None:
+    """A redirect reached the client with its Location, which the OpenAI SDK follows (a
+    tenant's prompt sent wherever the engine said); a 204 or 304 an empty answer."""
+    for status in (301, 302, 303, 304, 307, 308, 204, 205):
+        answer = (b"HTTP/1.1 %d X\r\nLocation: http://elsewhere.example/v1/chat\r\n"
+                  b"Content-Length: 0\r\n\r\n" % status)
+        async with serving(sending(answer)) as srv, client() as c:
+            await refused(c, srv.url, rf"status {status}, which is never relayed")
+            assert c.open_connections == 0
+
+
+@on_both_loops
+async def test_an_encoded_body_is_refused_and_identity_is_asked_for() -> None:
+    """Bodies are relayed and read as they came: a gzip body passed its Content-Encoding
+    on to the client, and none of Synapse's own readers (usage, cache) could read it."""
+    gz = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+          b"Content-Length: 2\r\n\r\n\x1f\x8b")
+    async with serving(sending(gz)) as srv, client() as c:
+        await refused(c, srv.url, "Content-Encoding")
+        assert b"\r\nAccept-Encoding: identity\r\n" in srv.requests[0]
+    plain = head_then(b"Content-Encoding: Identity\r\n") + BODY
+    async with serving(sending(plain)) as srv, client() as c:
+        resp = await c.send("POST", srv.url + "/x", b"{}", {})
+        assert (resp.status, await resp.read()) == (200, BODY)
+        resp.close()
