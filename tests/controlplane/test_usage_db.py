@@ -5,12 +5,16 @@ damaged file set aside)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import pathlib
 import sqlite3
 
+import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from openai.types import chat
 
 from controlplane import config
@@ -224,3 +228,66 @@ async def test_usage_an_older_release_kept_past_int64_stops_no_flush_after_a_res
             assert {r.tenant for r in answer.rows} == {"b"}
             assert sum(r.requests for r in answer.rows) == 5
     assert not (tmp_path / usage_journal.FILE).exists()
+
+
+class HostileEngine(t.FakeBackend):
+    """An engine (compromised) whose usage counts are ``count``, written as given."""
+
+    count = b"5"
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        n = self.count
+        usage = b'{"prompt_tokens":%s,"completion_tokens":%s,"total_tokens":1}' % (n, n)
+        head = b'{"id":"x","object":"chat.completion%s","created":1,"model":"%s",' % (
+            b".chunk" if body.get("stream") else b"", body["model"].encode())
+        if not body.get("stream"):
+            return web.Response(body=head + b'"choices":[{"index":0,"message":{"role":'
+                                b'"assistant","content":"hi"},"finish_reason":"stop"}],'
+                                b'"usage":' + usage + b"}", content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: " + head + b'"choices":[{"index":0,"delta":{"content":"hi"},'
+                         b'"finish_reason":"stop"}]}\n\n')
+        await resp.write(b"data: " + head + b'"choices":[],"usage":' + usage + b"}\n\n"
+                         b"data: [DONE]\n\n")
+        return resp
+
+
+async def test_an_engines_count_past_any_sane_size_is_estimated_and_stops_no_flush(
+        tmp_path: pathlib.Path) -> None:
+    """Probe findings: an engine's 5000-digit count was a 500 to the tenant (Python's
+    int-string limit), and its 2**63 made every usage flush fail, every tenant's; now
+    both answers are served and counted from the control plane's estimate."""
+    engine = HostileEngine("one")
+    await engine.start()
+    try:
+        async with t.running(budgeted(tmp_path, engine.url, 10**6)) as cp:
+            book = fairness_wiring.get(cp.services).book
+            assert book is not None
+            await routable(cp)
+            client = cp.client(t.KEY_A)
+            engine.count = b"9" * 5000      # more than the openai client itself can read
+            async with aiohttp.ClientSession() as http, http.post(
+                    f"{cp.url}/v1/chat/completions", json={"model": "llama", "messages": HI},
+                    headers={"Authorization": f"Bearer {t.KEY_A}"}) as answer:
+                assert answer.status == 200
+                assert b"9" * 5000 in await answer.read()
+            engine.count = str(2**63).encode()
+            async for _ in await client.chat.completions.create(model="llama", messages=HI,
+                                                                stream=True):
+                pass
+            engine.count = b"5"
+            await cp.client(t.KEY_B).chat.completions.create(model="llama", messages=HI)
+            for _ in range(200):     # b's request settled, and every row stored
+                if book.pending() == {} and (await usage_of(cp, "b")).requests == 1:
+                    break
+                await asyncio.sleep(0.05)
+            used = await usage_of(cp, "a")
+            assert (used.requests, used.estimated) == (2, 2)
+            assert used.prompt_tokens < 1000 and used.completion_tokens < 1000
+            assert (await usage_of(cp, "b")).requests == 1
+            assert cp.services.metrics.registry.get_sample_value(
+                "synapse_usage_flush_failures_total") == 0
+    finally:
+        await engine.stop()
