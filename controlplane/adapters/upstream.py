@@ -50,7 +50,7 @@ import collections
 import contextlib
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from controlplane import errors
 from controlplane.adapters import http1
@@ -161,6 +161,18 @@ class UpstreamClient:
         raise errors.UpstreamProtocolError(
             "the backend sent invalid HTTP: an answer to another request (x-request-id "
             "differs)")
+
+    def close_idle(self, urls: Iterable[str], keep: Iterable[str] = ()) -> int:
+        """Close the idle connections kept for the origins of ``urls`` (backends that
+        left the registry) but not for an origin one of ``keep`` (the URLs still in use)
+        shares; returns how many were closed. A connection in use is left to finish."""
+        kept = _origins(keep)
+        closed = 0
+        for origin in _origins(urls) - kept:
+            closed += len(self._idle.get(origin, ()))
+            self._drop_idle(origin)
+            self._echoing.discard(origin)
+        return closed
 
     def _drop_idle(self, origin: http1.Origin) -> None:
         for conn in self._idle.pop(origin, ()):
@@ -275,6 +287,15 @@ class UpstreamClient:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+
+def _origins(urls: Iterable[str]) -> set[http1.Origin]:
+    """The origins of ``urls`` (one that is not an http(s) URL has none)."""
+    out = set()
+    for url in urls:
+        with contextlib.suppress(ValueError):
+            out.add(http1.Target(url).origin)
+    return out
 
 
 def _expire(waiter: asyncio.Future[None], limit: float) -> None:

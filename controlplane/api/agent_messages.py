@@ -11,6 +11,15 @@ Protos become core value objects here and nowhere deeper, defensively:
 * a ``Report``'s shares and rates are clamped to [0, 1] (a NaN counts as the worst case)
   and its counts to sane bounds, and GPU readings that are not finite numbers are
   dropped, so no report wins a routing or placement comparison by being nonsense;
+* a ``Report`` naming more than :data:`MAX_BACKENDS` backends, or a backend with more than
+  :data:`MAX_MODELS` models, is refused (:func:`report_problem`: the stream ends
+  ``INVALID_ARGUMENT``): an agent runs a handful of engines, and each backend a report
+  names is routed to, probed and scraped, each on connections of its own;
+* a backend whose name is not a node name's shape, or with a model name that is empty,
+  over :data:`MAX_MODEL_NAME` characters or holds control characters (line breaks, tabs,
+  escapes, direction marks), is left out of its report (:func:`backend_problem`): its
+  name goes into metrics labels, log lines and the ``x-synapse-backend`` header, and its
+  models into the set of served names;
 * the keys a node gets (:class:`Keys`): the ones its agent chose and sent
   (``Register.engine_key``, ``node_key``), else ``fallback``, which the caller decides
   from the credential (nothing a credential did not already give);
@@ -44,9 +53,14 @@ MAX_SEQS = 1 << 20
 MAX_ITEMS = 64                      # embed models, labels
 MAX_TEXT = 128                      # characters of a version or a label
 MAX_CERTIFICATE_BYTES = 8 * 1024    # an agent's EC certificate is under 1 KB of PEM
+MAX_BACKENDS = 64                   # backends in one report (an agent runs a handful)
+MAX_MODELS = 64                     # models one backend serves (its served-model-names)
+MAX_MODEL_NAME = 256                # characters of a model name
 NODE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,252})")
 _HOST_PORT = re.compile(r"[A-Za-z0-9._:\[\]-]+:[0-9]{1,5}")    # an IPv6 host with or without []
 GRPC_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock"})
+_MODEL_NAME = re.compile(r"[^\x00-\x1f\x7f-\xa0\u2028\u2029\u200b-\u200f\u202a-\u202e]"
+                         f"{{1,{MAX_MODEL_NAME}}}")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]|[\u2028\u2029\u200b-\u200f\u202a-\u202e]")
 
 
@@ -142,6 +156,29 @@ def _phase(value: int) -> types.Phase:
 def _share(x: float, worst: float) -> float:
     """A share or rate in [0, 1]; ``worst`` for a NaN."""
     return worst if math.isnan(x) else min(1.0, max(0.0, x))
+
+
+def report_problem(rep: controlplane_pb2.Report) -> str | None:
+    """Why a report cannot be taken at all (None: it can); see the module docstring."""
+    if len(rep.backends) > MAX_BACKENDS:
+        return (f"a report names {len(rep.backends)} backends (at most {MAX_BACKENDS} per "
+                "node)")
+    for b in rep.backends:
+        if len(b.models) > MAX_MODELS:
+            return f"a backend with {len(b.models)} models (at most {MAX_MODELS})"
+    return None
+
+
+def backend_problem(b: common_pb2.BackendState) -> str | None:
+    """Why one reported backend is left out (None: it is taken); the text names neither
+    the name nor the model it refuses (they may hold anything)."""
+    if not NODE_NAME.fullmatch(b.name):
+        return ("a backend name that is not letters, digits, '.', '_' and '-' (at most 253 "
+                "characters)")
+    if not all(_MODEL_NAME.fullmatch(m) for m in b.models):
+        return (f"a model name that is empty, over {MAX_MODEL_NAME} characters, or holds "
+                "control characters")
+    return None
 
 
 def backend_state(node: str, b: common_pb2.BackendState,

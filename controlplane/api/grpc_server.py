@@ -41,6 +41,14 @@ prefix cache (:func:`controlplane.core.cache_salt.marked`: no engine of its kind
 the salt, and no document said it does yet, :mod:`controlplane.api.salt_learning`), so
 the counts of an agent's ``external`` backend are hidden from its first report on.
 
+A report naming more backends or models than any agent runs
+(:func:`agent_messages.report_problem`) ends the stream ``INVALID_ARGUMENT``; a backend
+that cannot be taken (:func:`agent_messages.backend_problem`) is taken out of the report
+before the registry or the workers see it, with one warning per reason and stream. The
+idle upstream connections kept for a backend that leaves the registry (a report no
+longer names it, its node's stream ended) are closed, unless another backend shares its
+origin.
+
 Then a reader task feeds reports and command acks into the registry and queues an
 ``Ack`` per report, a pump task moves the node's command outbox onto the stream, and the
 stream's end (or error) marks the node disconnected. Protos are converted to core value objects
@@ -220,30 +228,38 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         out: asyncio.Queue[controlplane_pb2.ControlMessage | None] = asyncio.Queue()
         copy = (self._relay.open(agent_messages.as_decided(first, info))
                 if self._relay is not None else None)
+        ended: list[_Ended] = []
         tasks = [asyncio.create_task(self._read(name, stream_id, caller, info.engine_key,
-                                                request_iterator, out, copy)),
+                                                request_iterator, out, copy, ended)),
                  asyncio.create_task(self._pump(name, stream_id, out))]
         self._svc.metrics.agent_streams.inc()
         try:
             while (msg := await out.get()) is not None:
                 yield msg
+            if ended and ended[0].code is not None:
+                await context.abort(ended[0].code, str(ended[0]))
         finally:
             await aiotasks.stop(*tasks, quiet=True)
             if copy is not None:
                 await copy.close()
+            gone = self._urls_of(name) if reg.current(name, stream_id) else set()
             reg.disconnect(name, stream_id)
+            self._close_unused(gone, leaving=name)
             self._svc.metrics.agent_streams.dec()
             log.info("node %s disconnected", name, extra={"node": name})
 
     async def _read(self, name: str, stream_id: int, caller: _Caller, key: str | None,
                     messages: AsyncIterator[controlplane_pb2.AgentMessage],
                     out: asyncio.Queue[controlplane_pb2.ControlMessage | None],
-                    copy: agent_relay.RelayedStream | None) -> None:
+                    copy: agent_relay.RelayedStream | None, ended: list[_Ended]) -> None:
         """``key``: the node's engine key as it registered (a later Register on the
         same stream may name another: the engines it reports next carry that one). The
         copy to the workers gets reports and acks as they come, and a Register only once
-        this process accepted it, with the keys decided here."""
+        this process accepted it, with the keys decided here, and a report without the
+        backends left out here. Why the stream ends, when the control plane ends it, goes
+        into ``ended`` (the status the agent is told)."""
         reg = self._svc.registry
+        warned: set[str] = set()       # what this stream was warned of already
         try:
             async for msg in messages:
                 if msg.ByteSize() > agent_messages.MAX_MESSAGE_BYTES:
@@ -252,13 +268,19 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 kind = msg.WhichOneof("body")
                 if kind == "report":
                     rep = msg.report
+                    problem = agent_messages.report_problem(rep)
+                    if problem is not None:
+                        raise _Ended(problem, grpc.StatusCode.INVALID_ARGUMENT)
                     agent_messages.finite_gpu_samples(rep)
+                    self._leave_out_refused(name, rep, warned)
                     users = self._svc.sharers()
                     backends = [cache_salt.marked(agent_messages.backend_state(name, b, key),
                                                   users) for b in rep.backends]
+                    before = self._urls_of(name)
                     if not reg.report(name, backends, draining=rep.draining, details=rep,
                                       stream_id=stream_id):
                         raise _Ended("a newer stream of the node took over")
+                    self._close_unused(before - {b.url for b in backends})
                     out.put_nowait(controlplane_pb2.ControlMessage(ack=controlplane_pb2.Ack(
                         sequence=rep.sequence, replica=self._svc.replica)))
                 elif kind == "command_ack":
@@ -271,12 +293,43 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                     copy.send(msg)
         except _Ended as exc:
             log.warning("stream of node %s ended: %s", name, exc, extra={"node": name})
+            ended.append(exc)
         except grpc.aio.AioRpcError as exc:
             log.info("stream of node %s ended: %s", name, exc.code().name)
         except Exception:
             log.exception("stream of node %s failed", name)
         finally:
             out.put_nowait(None)
+
+    def _leave_out_refused(self, name: str, rep: controlplane_pb2.Report,
+                           warned: set[str]) -> None:
+        """Take out of ``rep`` the backends that cannot be taken
+        (:func:`agent_messages.backend_problem`), so that neither the registry nor the
+        workers' copy gets them; one warning per reason and stream (a report comes every
+        few seconds)."""
+        refused = [(i, why) for i, b in enumerate(rep.backends)
+                   if (why := agent_messages.backend_problem(b)) is not None]
+        for i, why in reversed(refused):
+            del rep.backends[i]
+            if why not in warned:
+                warned.add(why)
+                log.warning("node %s reported %s: that backend is left out (said once per "
+                            "stream)", name, why, extra={"node": name})
+
+    def _urls_of(self, name: str) -> set[str]:
+        view = self._svc.registry.node(name)
+        return {b.url for b in view.backends} if view is not None else set()
+
+    def _close_unused(self, urls: set[str], leaving: str | None = None) -> None:
+        """Close the idle upstream connections kept for ``urls``, the backends that
+        left the registry (or the node ``leaving`` took away), unless another backend
+        still uses their origin: a report's backends come and go, their sockets must
+        not stay."""
+        if not urls:
+            return
+        keep = [b.url for b, _ in self._svc.registry.all_backends() if b.node != leaving
+                or b.source != "agent"]
+        self._svc.upstream.close_idle(urls, keep)
 
     def _register_again(self, name: str, stream_id: int, caller: _Caller,
                         msg: controlplane_pb2.AgentMessage) -> controlplane_pb2.AgentMessage:
@@ -319,7 +372,12 @@ def _peer_host(peer: str) -> str:
 
 
 class _Ended(Exception):
-    """Why the control plane ends an agent's stream (a log line's text)."""
+    """Why the control plane ends an agent's stream (a log line's text); ``code``: the
+    status the agent is told (None: the stream just ends)."""
+
+    def __init__(self, why: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(why)
+        self.code = code
 
 
 def control_plane(svc: services_mod.Services, relay: agent_relay.AgentRelay | None = None,

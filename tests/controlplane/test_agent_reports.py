@@ -1,0 +1,178 @@
+"""What a hostile agent's reports cannot do: name more backends or models than any agent
+runs, smuggle control characters in through backend or model names, or leave the control
+plane's sockets open to backends it reported and dropped. A real gRPC server; the test
+plays the agent (it holds the shared token every node holds)."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+
+import grpc
+import pytest
+
+from controlplane.api import agent_messages
+from protos.synapse.v1 import common_pb2, controlplane_pb2
+from tests.controlplane import cp_testing as t
+from tests.controlplane.test_agent_identity import (
+    SHARED,
+    StandInReview,
+    control_plane,
+    pod,
+    register,
+    registered,
+)
+from tests.controlplane.test_grpc_server import Agent
+
+
+def backend(name: str, url: str = "http://127.0.0.1:8000",
+            models: list[str] | None = None) -> common_pb2.BackendState:
+    return common_pb2.BackendState(
+        name=name, url=url, models=models or [t.MODEL], phase=common_pb2.BACKEND_PHASE_READY,
+        engine=common_pb2.ENGINE_KIND_VLLM, task=common_pb2.BACKEND_TASK_GENERATE)
+
+
+def report(seq: int, *backends: common_pb2.BackendState) -> controlplane_pb2.AgentMessage:
+    return controlplane_pb2.AgentMessage(report=controlplane_pb2.Report(
+        sequence=seq, backends=list(backends)))
+
+
+async def ended_with(agent: Agent) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        while True:
+            await agent.receive()
+    return err.value
+
+
+async def test_a_report_naming_more_backends_than_any_agent_runs_is_refused() -> None:
+    async with control_plane() as (svc, port):
+        agent = Agent(port, SHARED)
+        await agent.send(register("gpu-1", address="127.0.0.1:50052"))
+        await agent.send(report(1, backend("b0")))
+        await agent.receive()
+        many = [backend(f"b{i}", url=f"http://127.0.0.1:{20000 + i}")
+                for i in range(agent_messages.MAX_BACKENDS + 1)]
+        await agent.send(report(2, *many))
+        err = await ended_with(agent)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"at most {agent_messages.MAX_BACKENDS}" in (err.details() or "")
+        view = svc.registry.node("gpu-1")
+        assert view is not None and [b.name for b in view.backends] == ["b0"]
+        assert view.report.sequence == 1
+        await agent.close()
+
+
+async def test_a_backend_with_more_models_than_any_engine_serves_is_refused() -> None:
+    async with control_plane() as (svc, port):
+        agent = Agent(port, SHARED)
+        await agent.send(register("gpu-1", address="127.0.0.1:50052"))
+        models = [f"m{i}" for i in range(agent_messages.MAX_MODELS + 1)]
+        await agent.send(report(1, backend("b0", models=models)))
+        err = await ended_with(agent)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"at most {agent_messages.MAX_MODELS}" in (err.details() or "")
+        assert "m3" not in svc.registry.served_models()
+        await agent.close()
+
+
+async def test_as_many_backends_and_models_as_allowed_are_taken() -> None:
+    async with control_plane() as (svc, port):
+        agent = Agent(port, SHARED)
+        await agent.send(register("gpu-1", address="127.0.0.1:50052"))
+        models = [f"m{i}" for i in range(agent_messages.MAX_MODELS)]
+        many = [backend(f"b{i}", models=models) for i in range(agent_messages.MAX_BACKENDS)]
+        await agent.send(report(1, *many))
+        await agent.receive()
+        view = svc.registry.node("gpu-1")
+        assert view is not None and len(view.backends) == agent_messages.MAX_BACKENDS
+        await agent.close()
+
+
+@pytest.mark.parametrize("name", ["b\r\nSet-Cookie: x=y", "\x1b[2Jansi", 'q"}\nfake{a="1',
+                                  "", "-leading-dash", "a/b", "x" * 254])
+async def test_a_backend_whose_name_cannot_be_a_label_or_header_is_left_out(
+        name: str, caplog: pytest.LogCaptureFixture) -> None:
+    async with control_plane() as (svc, port):
+        agent = Agent(port, SHARED)
+        await agent.send(register("gpu-1", address="127.0.0.1:50052"))
+        for seq in (1, 2, 3):
+            await agent.send(report(seq, backend(name), backend("good")))
+            assert (await agent.receive()).ack.sequence == seq
+        view = svc.registry.node("gpu-1")
+        assert view is not None and [b.name for b in view.backends] == ["good"]
+        assert [b.name for b in view.report.backends] == ["good"]
+        warnings = [r for r in caplog.records if "left out" in r.getMessage()]
+        assert len(warnings) == 1                       # once per stream, not per report
+        assert name not in warnings[0].getMessage() or not name
+        await agent.close()
+
+
+@pytest.mark.parametrize("model", ["evil\nmodel", "m\x1b[31m", "m\u202e", "", "m" * 257,
+                                   "tab\there"])
+async def test_a_backend_with_a_model_name_holding_controls_is_left_out(model: str) -> None:
+    async with control_plane() as (svc, port):
+        agent = Agent(port, SHARED)
+        await agent.send(register("gpu-1", address="127.0.0.1:50052"))
+        await agent.send(report(1, backend("evil", models=[t.MODEL, model]),
+                                backend("good")))
+        await agent.receive()
+        view = svc.registry.node("gpu-1")
+        assert view is not None and [b.name for b in view.backends] == ["good"]
+        assert model not in svc.registry.served_models()
+        await agent.close()
+
+
+@pytest.mark.parametrize("model", ["meta-llama/Llama-3.1-8B-Instruct", "llama3.1:8b",
+                                   "My Model", "modèle-ü"])
+def test_real_model_names_are_taken(model: str) -> None:
+    assert agent_messages.backend_problem(backend("vllm-0", models=[model])) is None
+
+
+async def test_the_sockets_to_a_dropped_backend_are_closed() -> None:
+    async with t.backends(("sim", "ok")) as (b,):
+        settings = t.settings(auth={"agent_token": SHARED, "allow_unauthenticated_agents":
+                                    False})
+        async with t.running(settings, with_grpc=True) as cp:
+            agent = Agent(cp.grpc_port, SHARED)
+            await agent.send(register("gpu-1", address="127.0.0.1:50052"))
+            await agent.send(report(1, backend("sim", url=b.url)))
+            await agent.receive()
+            client = cp.client()
+            for _ in range(3):
+                await client.chat.completions.create(
+                    model="llama", messages=[{"role": "user", "content": "hi"}])
+            upstream = cp.services.upstream
+            assert upstream.open_connections >= 1
+            await agent.send(report(2))                 # the backend is gone
+            await agent.receive()
+            assert upstream.open_connections == 0
+            await agent.send(report(3, backend("sim", url=b.url)))
+            await agent.receive()
+            await client.chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": "hi"}])
+            assert upstream.open_connections >= 1
+            await agent.close()                          # the node leaves
+            for _ in range(200):
+                if upstream.open_connections == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert upstream.open_connections == 0
+            await client.close()
+
+
+async def test_a_worker_gets_the_report_without_the_backends_left_out(
+        tmp_path: pathlib.Path) -> None:
+    async with pod(tmp_path, StandInReview()) as (_primary, worker, port):
+        agent = Agent(port, SHARED)
+        await agent.send(register("gpu-1", address="127.0.0.1:50052"))
+        await agent.send(report(1, backend("bad\nname"), backend("good")))
+        await agent.receive()
+        await registered(worker, "gpu-1")
+        for _ in range(200):
+            view = worker.registry.node("gpu-1")
+            if view is not None and view.backends:
+                break
+            await asyncio.sleep(0.02)
+        assert view is not None and [b.name for b in view.backends] == ["good"]
+        await agent.close()
+
