@@ -30,11 +30,15 @@ from synapse_common import tracing
 log = logging.getLogger("synapse.controlplane.proxy")
 
 _background: set[asyncio.Task[Any]] = set()
-# Not passed back: hop-by-hop headers and those aiohttp sets itself. Content-Encoding is
-# kept: bodies are forwarded undecoded.
-_HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive",
-                          "server", "date"})
-_NOT_PASSED = _HOP_HEADERS | {"x-request-id"}      # ours replaces the backend's
+# The only header of a backend's answer passed to the client: its body's media type. A
+# backend may be a compromised engine (it runs tenants' inputs), and what else it could
+# say reaches the client's SDK or browser: cookies, authentication challenges, a
+# Location, CORS and security policies, Alt-Svc, a Content-Encoding; the server's own
+# timings (TGI's x-compute-time) tell how long another tenant's prefix took. Framing and
+# the rest are aiohttp's, x-request-id and x-synapse-* Synapse's own. A value longer than
+# any media type is dropped (aiohttp's default stands).
+_PASSED = "content-type"
+_PASSED_MAX = 256
 
 
 def keep(task: asyncio.Task[Any]) -> None:
@@ -82,16 +86,11 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
 def _response_headers(attempt: dispatch.Attempt, ctx: context.RequestContext,
                       ) -> dict[str, str]:
     headers = {}
-    # A backend whose prefix cache tenants share: its own timings (TGI's x-compute-time,
-    # x-queue-time, x-time-per-token...) would tell how long the prefill took, which is
-    # what the zeroed cached-token counts (core.cache_salt) hide.
-    shared = attempt.backend.shares_cache
     for k, v in attempt.answer.headers:
-        low = k.lower()
-        if low not in _NOT_PASSED and not low.startswith("x-synapse"):
-            if shared and low.startswith("x-") and "time" in low.split("-"):
-                continue
-            headers[k] = v
+        if k.lower() == _PASSED:
+            if len(v) <= _PASSED_MAX:
+                headers["Content-Type"] = v
+            break
     headers.update(ctx.headers())
     return headers
 

@@ -513,7 +513,46 @@ async def test_a_shared_upstreams_timings_and_cache_counts_under_other_names_are
                 assert b'"prompt_cache_miss_tokens":300' in body, body
                 assert not names & {"x-compute-time", "x-queue-time", "x-time-per-token",
                                     "x-inference-time"}, names
-                assert "x-compute-type" in names, "headers that tell no time are kept"
+                assert "x-compute-type" not in names, "no engine header but Content-Type"
+
+
+class HostileHeadersEngine(CachingEngine):
+    """A compromised engine's headers, each of which a client's SDK or browser acts on."""
+
+    HEADERS = {"Set-Cookie": "session=planted; Path=/", "WWW-Authenticate": "Basic realm=x",
+               "Proxy-Authenticate": "Basic", "Location": "http://elsewhere.example/",
+               "Refresh": "0; url=http://elsewhere.example/",
+               "Access-Control-Allow-Origin": "*", "Access-Control-Allow-Credentials": "true",
+               "Strict-Transport-Security": "max-age=0", "Content-Security-Policy": "none",
+               "Alt-Svc": 'h2=":4443"', "X-Synapse-Backend": "forged", "X-Request-Id": "forged",
+               "Content-Language": "xx", "X-Anything": "1"}
+
+
+async def test_only_the_content_type_of_an_engine_s_headers_reaches_the_client() -> None:
+    """A deny list let Set-Cookie, WWW-Authenticate, Location, Access-Control-*,
+    Strict-Transport-Security and the rest through, whole, streamed and translated."""
+    engine = HostileHeadersEngine()
+    ours = {"content-type", "content-length", "date", "server", "transfer-encoding",
+            "cache-control", "x-request-id", "request-id", "connection"}
+    async with engine.running() as url:
+        s = t.settings(models=[{"name": t.MODEL, "aliases": ["llama"]}],
+                       upstreams=[{"name": "v", "url": url, "kind": "vllm",
+                                   "models": [t.MODEL]}])
+        async with t.running(s) as cp, aiohttp.ClientSession() as session:
+            asks = [("/v1/chat/completions", {"stream": False}),
+                    ("/v1/chat/completions", {"stream": True}),
+                    ("/v1/messages", {"max_tokens": 4})]
+            for path, extra in asks:
+                async with session.post(cp.url + path, json={
+                        "model": "llama", "messages": MSGS, **extra},
+                        headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
+                    assert r.status == 200, await r.text()
+                    names = {k.lower() for k in r.headers}
+                    assert r.headers["x-synapse-backend"] == "static/v"
+                    assert r.headers["x-request-id"] != "forged"
+                    assert r.content_type in ("application/json", "text/event-stream")
+                theirs = {n for n in names - ours if not n.startswith("x-synapse")}
+                assert theirs == set(), (path, extra, theirs)
 
 
 async def test_one_tenant_alone_on_an_upstream_is_not_warned_of(
