@@ -109,6 +109,7 @@ class UsageDb:
     # -- the usage store ------------------------------------------------------------------
 
     async def add(self, rows: Rows) -> None:
+        rows = {key: counts for key, counts in rows.items() if _storable(*key, counts)}
         if self.read_only:
             await self._memory.add(rows)
             return
@@ -145,7 +146,7 @@ class UsageDb:
     def _add_sync(self, rows: Rows) -> None:
         statements: list[tuple[str, Sequence[Any]]] = [
             (ADD, (day, tenant, model, kind, value))
-            for (day, tenant, model), counts in rows.items() if _storable(day, tenant, model, counts)
+            for (day, tenant, model), counts in rows.items()
             for kind, value in counts.items() if value]
         self._transaction([*statements, (PRUNE, (self._retention,))])
 

@@ -177,6 +177,12 @@ async def test_a_row_sqlite_refuses_is_dropped_and_every_other_row_stored(
     assert "'nan'" in warned[1] and "cost" in warned[1]
     await db.add({(day, "evil", "m"): {"requests": 1}})
     assert (await db.read([day], "evil"))[(day, "evil", "m")] == {"requests": 1}
+    db.read_only = True     # a file this run cannot write: its counts kept in memory
+    await db.add({(day, "evil", "m"): {"requests": 1, "prompt_tokens": 2**64},
+                  (day, "b", "m"): {"requests": 1}})
+    found = await db.read([day], None)
+    assert found[(day, "b", "m")]["requests"] == 3
+    assert found[(day, "evil", "m")] == {"requests": 1}     # the file's: none in memory
     db.close()
 
 
