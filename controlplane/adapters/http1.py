@@ -43,6 +43,14 @@ Rules:
   refused rather than decoded (no decompression bomb). Informational (1xx) heads are
   skipped, as HTTP requires of a client; they never reach the client, and their bytes are
   bounded as below.
+- **Whole answers.** One is read into memory up to :data:`MAX_WHOLE_BODY` (an embeddings
+  batch of 2,048 inputs of 4,096 dimensions is some 170 MB of JSON), and all of them
+  together up to :data:`WHOLE_BODIES_BUDGET` per process (:data:`BUDGET`; a serving worker
+  is a process of its own): a body over ``HIGH_WATER`` reserves what it holds as it
+  arrives, until its response is closed, and one that finds the budget spent fails with
+  ``UpstreamProtocolError`` (code ``upstream_too_large``). Small answers never touch it.
+  The budget is module state rather than the client's: it bounds the process's memory,
+  whichever client reads (the dispatcher's, an upload's).
 - **A bounded head.** httptools sets no limit on a head: a backend (a compromised engine
   runs tenants' inputs) could send headers without end, or one header of a gigabyte, and
   only the first-byte limit stopped it. A head of more than :data:`MAX_HEADERS` lines, or
@@ -76,6 +84,8 @@ log = logging.getLogger("synapse.controlplane.upstream")
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 MAX_WHOLE_BODY = 256 * 1024 * 1024   # a whole (non-streamed) answer read into memory
+# What whole answers may hold in memory at once, in one process (see "Whole answers").
+WHOLE_BODIES_BUDGET = 512 * 1024 * 1024
 # A response head: vLLM, TEI and llama.cpp send under ten headers and a few hundred bytes,
 # hosted APIs behind a CDN some thirty and a few KiB.
 MAX_HEADERS = 100
@@ -142,6 +152,29 @@ def mapped() -> Iterator[None]:
         yield
     except tuple(ERRORS) as exc:
         raise translate(exc) from exc
+
+
+class Budget:
+    """Bytes that whole answers hold in memory, at most ``limit`` at once."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes; False (nothing reserved) when they do not fit."""
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
+BUDGET = Budget(WHOLE_BODIES_BUDGET)
 
 
 class Target:
@@ -318,6 +351,7 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
         self._content_type: str | None = None
+        self._reserved = 0              # bytes of BUDGET this answer's body holds
 
     # -- what the caller reads -----------------------------------------------------------
     @property
@@ -347,23 +381,35 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         """The whole body (waits for its end). What has arrived is taken whenever reading
         paused for it, so a body over ``HIGH_WATER`` keeps flowing (it used to wait,
-        paused, for the read timeout); one over :data:`MAX_WHOLE_BODY` fails as invalid."""
+        paused, for the read timeout), reserved from :data:`BUDGET` until :meth:`close`;
+        one over :data:`MAX_WHOLE_BODY`, or beyond the budget, fails."""
         parts: list[bytes] = []
         held = 0
         while not self.complete:
             if self._exc is not None:
                 raise self._exc
             if self._paused:
-                held += self._buffered
+                size = self._buffered
+                held += size
                 if held > MAX_WHOLE_BODY:
                     raise errors.UpstreamProtocolError(
                         f"the backend's answer is over {MAX_WHOLE_BODY} bytes")
+                self._reserve(size)
                 parts.append(self._take())
             await self._wait(self._read_timeout_s)
         if not parts:
             return self._take()
-        parts.append(self._take())
+        last = self._take()
+        self._reserve(len(last))
+        parts.append(last)
         return b"".join(parts)
+
+    def _reserve(self, size: int) -> None:
+        if not BUDGET.take(size):
+            raise errors.UpstreamProtocolError(
+                "the backend's answer does not fit in what whole answers may hold at once "
+                f"({BUDGET.limit} bytes)", code="upstream_too_large")
+        self._reserved += size
 
     async def read_some(self, limit: int) -> bytes:
         """Up to ``limit`` bytes of the body: what arrived first (for error details)."""
@@ -390,6 +436,9 @@ class UpstreamResponse:
         if self._released:
             return
         self._released = True
+        if self._reserved:
+            BUDGET.give(self._reserved)
+            self._reserved = 0
         reusable = (self.complete and self._keep_alive and self._exc is None
                     and self._conn.reusable)
         self._conn.pool.release(self._conn, reusable)
