@@ -12,7 +12,8 @@ Design decisions:
 - One JSON line per stop, written whole with one ``write`` under an exclusive ``flock``:
   the workers of a pod stopping together append to the same file without interleaving.
 - :func:`take` claims the file by renaming it first, so when several processes start
-  together exactly one gets each line; a line that does not parse is skipped and counted.
+  together exactly one gets each line; a line that does not parse, and a value no store
+  can hold (not a finite number from 0 to ``INT64_MAX``), is skipped and counted.
 - Private: the file names tenants and their usage, so it is made 0600 (and a folder it has
   to make, 0700).
 """
@@ -21,9 +22,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import pathlib
 from collections.abc import Mapping
+
+from controlplane.adapters.usage_db import INT64_MAX
 
 FILE = "usage_pending.jsonl"
 
@@ -45,8 +49,8 @@ def keep(path: str | os.PathLike[str], rows: Rows) -> None:
 
 def take(path: str | os.PathLike[str],
          ) -> tuple[dict[tuple[str, str, str], dict[str, int | float]], int]:
-    """The rows kept at ``path``, summed, and the lines that could not be read; the file
-    is gone afterwards (claimed by this process)."""
+    """The rows kept at ``path``, summed, and how many lines and values could not be read;
+    the file is gone afterwards (claimed by this process)."""
     source = pathlib.Path(path)
     claimed = source.with_name(f"{source.name}.{os.getpid()}")
     try:
@@ -62,10 +66,20 @@ def take(path: str | os.PathLike[str],
                     for day, tenant, model, counts in json.loads(line):
                         row = rows.setdefault((str(day), str(tenant), str(model)), {})
                         for kind, value in counts.items():
-                            if isinstance(value, int | float) and not isinstance(value, bool):
-                                row[str(kind)] = row.get(str(kind), 0) + value
+                            if _storable(value):
+                                row[str(kind)] = min(row.get(str(kind), 0) + value, INT64_MAX)
+                            else:
+                                unreadable += 1
                 except (ValueError, TypeError, AttributeError):
                     unreadable += 1
     finally:
         claimed.unlink(missing_ok=True)
     return rows, unreadable
+
+
+def _storable(value: object) -> bool:
+    """A count or cost every store can hold: a finite number from 0 to ``INT64_MAX``.
+    Anything else (a file written before engines' counts were bounded, or edited by hand)
+    would make every later flush to the store fail, the good rows with it."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and 0 <= value <= INT64_MAX)

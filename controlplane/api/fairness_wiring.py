@@ -298,8 +298,8 @@ def _restore(svc: services_mod.Services, book: usage_book.UsageBook) -> None:
         log.error("cannot read the usage kept by an earlier run in %s: %s", path, exc)
         return
     if unreadable:
-        log.error("%d unreadable line(s) of usage kept by an earlier run in %s were lost",
-                  unreadable, path)
+        log.error("%d unreadable line(s) or value(s) of usage kept by an earlier run in %s "
+                  "were lost", unreadable, path)
     if rows:
         book.restore(rows)
         log.warning("%d usage row(s) an earlier run could not store were taken back from %s",

@@ -507,6 +507,21 @@ def test_the_usage_journal_adds_up_the_stops_and_skips_what_it_cannot_read(
     assert usage_journal.take(path) == ({}, 0)
 
 
+def test_the_usage_journal_skips_values_no_store_can_hold(tmp_path: Any) -> None:
+    # A file an older release wrote from an engine's 2**64 (or one edited by hand) must
+    # not poison the store: every later flush would fail, the other tenants' rows with it.
+    path = tmp_path / usage_journal.FILE
+    with open(path, "w") as fh:
+        fh.write('[["2026-12-06", "a", "m", {"requests": 1, "prompt_tokens": '
+                 f'{2**64}, "cost": Infinity}}], ["2026-12-06", "b", "m", {{"requests": 2, '
+                 '"completion_tokens": -5}]]\n')
+        fh.write(f'[["2026-12-06", "b", "m", {{"requests": {2**63 - 1}}}]]\n')
+    rows, unreadable = usage_journal.take(path)
+    assert rows == {("2026-12-06", "a", "m"): {"requests": 1},
+                    ("2026-12-06", "b", "m"): {"requests": 2**63 - 1}}
+    assert unreadable == 3
+
+
 @contextlib.asynccontextmanager
 async def usageless_engine() -> AsyncIterator[str]:
     """An engine whose whole answers carry no usage: a chat completion and a Responses
