@@ -10,6 +10,7 @@ carried no ``system_fingerprint`` at all, where vLLM puts it on the last chunk.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -66,6 +67,21 @@ async def test_every_hit_gets_a_fresh_id_and_created_and_feedback_still_finds_it
                 json={"request_id": whole[1].headers["x-request-id"], "wrong": True},
                 headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
             assert r.status == 200 and (await r.json())["evicted"] is True
+
+
+async def test_a_coalesced_follower_gets_an_id_of_its_own(tmp_path):
+    """A request answered from an identical one in flight is a hit too: not the
+    leader's id beside it."""
+    async with judged_replica(tmp_path, "slow") as (cp, b, _, _):
+        client = cp.client()
+        both = await asyncio.gather(*(client.chat.completions.with_raw_response.create(
+            **HI_ASK) for _ in range(2)))
+        assert len(b.bodies) == 1
+        assert sorted(r.headers["x-synapse-cache"] for r in both) == ["hit-exact", "miss"]
+        leader, follower = sorted((r.parse() for r in both), key=lambda a: a.id != "cmpl-1")
+        assert leader.id == "cmpl-1" and follower.id.startswith("cmpl-")
+        assert follower.id != leader.id
+        assert follower.choices[0].message.content == leader.choices[0].message.content
 
 
 async def test_a_completions_hit_keeps_its_prefix_and_gets_a_new_id(tmp_path):
