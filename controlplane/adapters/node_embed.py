@@ -25,6 +25,16 @@ Design decisions:
   without a scorer answers FAILED_PRECONDITION, which becomes :class:`NoScorer` (an
   :class:`EmbedError` the caller need not retry on that agent soon). At most
   ``MAX_PAIRS`` candidates per call (the agents' limit): more is refused here.
+- **An answer is checked before it is believed** (a node may be compromised, and the
+  Node calls rotate over every agent): ``Node.Embed`` vectors must all be finite and of
+  unit length (every call asks ``normalize``, and the agents honour it), with a dimension
+  of at most ``MAX_DIM`` that, when the model asked for or the embedder id's name is in
+  ``KNOWN_DIMS``, is that embedder's; ``Node.ScorePairs`` logits must be finite and within
+  ``MAX_PAIR_LOGIT``. Anything else is an :class:`EmbedError` like an agent error (the
+  caller tries another agent; the cache goes on without it), logged as a warning naming
+  the agent at most once per ``warn_interval_s`` per address. A vector of another
+  dimension would otherwise reach the L2 store, whose collection takes the dimension of
+  its first write, and a logit of 1e30 would make any candidate a hit.
 - TLS (:class:`Credentials`, from ``grpc.node_ca_file`` and ``grpc.node_server_name``):
   every channel is then TLS, verified with that CA alone, so an agent serving plain text
   or a certificate the CA did not sign is never sent a tenant's text (the call fails
@@ -52,20 +62,33 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import ssl
+import time
 from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
 
 from controlplane import errors
-from controlplane.core import types
+from controlplane.core import types, verifier
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
 from synapse_common import call_metadata, tracing
 from synapse_common import pair_scorer as pair_scorer_file
 
 MAX_PAIRS = pair_scorer_file.MAX_PAIRS     # candidates per Node.ScorePairs call
+# The dimension of an embedder's vectors, by the model name asked of Node.Embed or the name
+# its embedder id starts with (before "@"): all-MiniLM-L6-v2, as the agents run it (tuned
+# or not: a tuning's adapter is square) or as TEI names it, answers with 384. The agents'
+# name is synapse_common.embedder_tuning.BASE_NAME, not imported: that module reaches torch.
+KNOWN_DIMS = {"sentence-transformers/all-MiniLM-L6-v2": 384, "minilm-l6-v2": 384}
+MAX_DIM = 16_384            # above any text embedder's; an answer claiming more is refused
+UNIT_TOLERANCE = 1e-3       # |norm - 1| allowed of a normalised row (float32 gives ~1e-7)
+MAX_PAIR_LOGIT = verifier.MAX_PAIR_LOGIT    # beyond it, an answer is not a logit
+WARN_INTERVAL_S = 60.0
+
+log = logging.getLogger("synapse.controlplane.node_embed")
 
 
 class EmbedError(Exception):
@@ -86,6 +109,33 @@ def unpack_rows(data: bytes, dim: int, count: int) -> np.ndarray:
     if dim <= 0 or len(data) != 4 * dim * count:
         raise ValueError(f"Node.Embed returned {len(data)} bytes for {count} texts of dim {dim}")
     return np.frombuffer(data, dtype="<f4").reshape(count, dim)
+
+
+def expected_dim(model: str, embedder_id: str) -> int | None:
+    """The dimension the vectors of ``model`` / ``embedder_id`` have, when known."""
+    return KNOWN_DIMS.get(model) or KNOWN_DIMS.get(embedder_id.split("@", 1)[0])
+
+
+def check_vectors(vectors: np.ndarray, model: str, embedder_id: str) -> None:
+    """ValueError unless ``vectors`` are what an honest embedder of ``model`` answers
+    (see the module docstring). The message does not repeat what the node sent."""
+    dim = vectors.shape[-1]
+    expected = expected_dim(model, embedder_id)
+    if dim > MAX_DIM or (expected is not None and dim != expected):
+        raise ValueError(f"vectors of dimension {dim}, expected "
+                         f"{expected or f'at most {MAX_DIM}'}")
+    if not np.all(np.isfinite(vectors)):
+        raise ValueError("vectors that are not all finite")
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=-1)
+    if not np.all(np.abs(norms - 1.0) <= UNIT_TOLERANCE):
+        raise ValueError("vectors not of unit length (normalize was asked)")
+
+
+def check_logits(scores: Sequence[float]) -> None:
+    """ValueError unless ``scores`` are finite logits within ``MAX_PAIR_LOGIT``."""
+    if not all(math.isfinite(x) and abs(x) <= MAX_PAIR_LOGIT for x in scores):
+        raise ValueError(f"scores that are not finite or beyond ±{MAX_PAIR_LOGIT:g}: not "
+                         "logits")
 
 
 def error_for(exc: grpc.aio.AioRpcError, address: str, method: str = "Embed") -> Exception:
@@ -159,7 +209,8 @@ class NodeEmbedClient:
                  key_of: Callable[[str], str | None] | None = None,
                  credentials: Credentials | None = None,
                  pin_of: Callable[[str], types.NodePin | None] | None = None,
-                 plain_text: bool = True) -> None:
+                 plain_text: bool = True, clock: Callable[[], float] = time.monotonic,
+                 warn_interval_s: float = WARN_INTERVAL_S) -> None:
         self._token = token
         self._key_of = key_of
         self._credentials = credentials
@@ -168,6 +219,21 @@ class NodeEmbedClient:
         self._stubs: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeStub,
                                      types.NodePin | None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._clock = clock
+        self._warn_interval = warn_interval_s
+        self._warned: dict[str, float] = {}
+
+    def _refused(self, address: str, method: str, reason: ValueError) -> EmbedError:
+        """The error for an answer out of the rules, warned about once per interval per
+        agent (the log names the agent; the error, which may reach a client, does not)."""
+        now = self._clock()
+        last = self._warned.get(address)
+        if last is None or now - last >= self._warn_interval:
+            self._warned[address] = now
+            log.warning("Node.%s answer of the agent at %s refused: %s", method, address,
+                        reason)
+        return EmbedError(f"Node.{method}: answer refused: {reason}", address=address,
+                          code="REFUSED")
 
     def _auth(self, address: str) -> tuple[tuple[str, str], ...]:
         return call_metadata.metadata(self._key_of(address) if self._key_of is not None
@@ -211,7 +277,12 @@ class NodeEmbedClient:
             vectors = unpack_rows(reply.vectors, reply.dim, len(texts))
         except ValueError as exc:
             raise EmbedError(f"Node.Embed: {exc}", address=address) from None
-        return vectors, reply.embedder_id or reply.model or model
+        embedder_id = reply.embedder_id or reply.model or model
+        try:
+            check_vectors(vectors, model, embedder_id)
+        except ValueError as exc:
+            raise self._refused(address, "Embed", exc) from None
+        return vectors, embedder_id
 
     async def score_pairs(self, address: str, query: str, candidates: Sequence[str],
                           timeout_s: float, tenant: str = "") -> tuple[list[float], str]:
@@ -227,10 +298,13 @@ class NodeEmbedClient:
         except grpc.aio.AioRpcError as exc:
             raise error_for(exc, address, "ScorePairs") from None
         scores = list(reply.scores)
-        if len(scores) != len(candidates) or not all(math.isfinite(x) for x in scores):
-            raise EmbedError(f"Node.ScorePairs: {len(scores)} scores (finite: "
-                             f"{all(math.isfinite(x) for x in scores)}) for "
-                             f"{len(candidates)} candidates", address=address)
+        if len(scores) != len(candidates):
+            raise EmbedError(f"Node.ScorePairs: {len(scores)} scores (one per pair expected) "
+                             f"for {len(candidates)} candidates", address=address)
+        try:
+            check_logits(scores)
+        except ValueError as exc:
+            raise self._refused(address, "ScorePairs", exc) from None
         if not reply.scorer_id:
             raise EmbedError("Node.ScorePairs: the answer names no scorer", address=address)
         return scores, reply.scorer_id

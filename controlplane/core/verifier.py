@@ -78,6 +78,10 @@ STACK_PATH = pathlib.Path(__file__).with_name("verifier_default_stack.json")
 STACK_FORMAT = "synapse-verifier-stack/1"
 FORMAT = "synapse-verifier/2"
 CALIBRATION_FLOOR = 0.2     # validation scores below this are never an operating point
+# The pair scorer's logits: the shipped cross-encoder's lie within about ±10 (its head has
+# norm 0.6 over a mean-pooled hidden state). The Node.ScorePairs client refuses answers
+# beyond this bound, and the stack clamps to it too, whoever gives it a logit.
+MAX_PAIR_LOGIT = 50.0
 
 
 class VerifierError(ValueError):
@@ -186,8 +190,9 @@ class Stack:
         """Stacked probabilities of pairs with verifier probabilities ``p``."""
         q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1.0 - 1e-6)
         w_verifier, w_pair = self.weights
-        z = (w_verifier * np.log(q / (1.0 - q))
-             + w_pair * np.asarray(pair_logits, dtype=np.float64) + self.bias)
+        logits = np.clip(np.asarray(pair_logits, dtype=np.float64), -MAX_PAIR_LOGIT,
+                         MAX_PAIR_LOGIT)     # a NaN stays one: never at the cut
+        z = w_verifier * np.log(q / (1.0 - q)) + w_pair * logits + self.bias
         return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0))), dtype=np.float64)
 
     def threshold_for(self, target_precision: float, model: str | None = None) -> float:

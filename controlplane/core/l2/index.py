@@ -35,6 +35,7 @@ class Options:
     retry_s: float = 5.0                  # a scope the store failed to load waits this long
     ttl_s: float = 0.0                    # rows older than this are deleted (0 = kept)
     expiry_interval_s: float = 60.0
+    dim: int | None = None                # the embedder's, when known: see ``schema``
 
 
 class L2Index:
@@ -43,7 +44,7 @@ class L2Index:
         self.store = store
         self.options = options
         self._time = time
-        self.schema = schema.Schema(store, options.collection)
+        self.schema = schema.Schema(store, options.collection, options.dim)
         self.recent = recent.RecentWrites(self._flush_store, options.flush_interval_s, time)
         self.mirrored = mirrored.MirroredScopes(
             store, mirror.ScopeMirror(options.mirror_max_rows, options.mirror_refresh_s,
@@ -71,14 +72,23 @@ class L2Index:
         return sorted(merged.values(), key=lambda c: -c.similarity)[:top_k]
 
     async def insert(self, written: Sequence[rows.Row]) -> None:
-        """Write rows in one store call (the response cache batches its writes)."""
+        """Write rows in one store call (the response cache batches its writes). Rows of
+        another dimension than the collection's are left out and, once the others are
+        written, reported as a :class:`schema.DimensionError`: one bad vector does not
+        cost its batch."""
         if not written:
             return
         now = self._time.wall()
         records = [rows.Record.of(r, now) for r in written]
-        await self.schema.for_write(int(records[0].vector.shape[-1]))
-        for record in records:
-            self.schema.check(record.vector)
+        await self.schema.for_write([int(r.vector.shape[-1]) for r in records])
+        fitting = [r for r in records if self.schema.matches(r.vector)]
+        if fitting:
+            await self._write(fitting)
+        if len(fitting) < len(records):
+            odd = next(r for r in records if not self.schema.matches(r.vector))
+            self.schema.check(odd.vector)
+
+    async def _write(self, records: list[rows.Record]) -> None:
         await self.store.insert(records)
         self.recent.add(records)
         self.mirrored.wrote(records)

@@ -18,7 +18,7 @@ import numpy as np
 from controlplane.core.l2 import rows, timing
 
 
-def unit(seed: int, dim: int = 8) -> np.ndarray:
+def unit(seed: int, dim: int = 64) -> np.ndarray:
     v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
     return v / np.linalg.norm(v)
 

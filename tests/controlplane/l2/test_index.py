@@ -111,7 +111,7 @@ async def test_an_invalidation_during_a_mirror_load_puts_no_row_back(time):
 
 async def test_a_shared_store_is_asked_about_a_scope_and_only_a_yes_is_remembered(time):
     store = FakeStore(exclusive=False)
-    store.dim = 8                                      # another replica made the collection
+    store.dim = 64                                     # another replica made the collection
     l2 = build(store, time, mirror_max_rows=0)
     assert not await l2.has_entries("s", 0.0)
     await l2.has_entries("s", 0.0)
