@@ -60,7 +60,7 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS spend (key TEXT PRIMARY KEY, spent REAL NOT NULL, "
     "expires_at REAL NOT NULL)",
 )
-INT64_MAX = 2**63 - 1         # SQLite's largest integer
+INT64_MAX = usage_book.COUNT_MAX   # SQLite's largest integer
 ADD = ("INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (day, tenant, model, kind) "
        f"DO UPDATE SET value = min(value + excluded.value, {INT64_MAX})")
 PRUNE = ("DELETE FROM usage WHERE day NOT IN "

@@ -13,7 +13,7 @@ Design decisions:
   the workers of a pod stopping together append to the same file without interleaving.
 - :func:`take` claims the file by renaming it first, so when several processes start
   together exactly one gets each line; a line that does not parse, and a value no store
-  can hold (not a finite number from 0 to ``INT64_MAX``), is skipped and counted.
+  can hold (not a finite number from 0 to ``COUNT_MAX``), is skipped and counted.
 - Private: the file names tenants and their usage, so it is made 0600 (and a folder it has
   to make, 0700).
 """
@@ -27,7 +27,7 @@ import os
 import pathlib
 from collections.abc import Mapping
 
-from controlplane.adapters.usage_db import INT64_MAX
+from controlplane.core.usage_book import COUNT_MAX
 
 FILE = "usage_pending.jsonl"
 
@@ -67,7 +67,7 @@ def take(path: str | os.PathLike[str],
                         row = rows.setdefault((str(day), str(tenant), str(model)), {})
                         for kind, value in counts.items():
                             if _storable(value):
-                                row[str(kind)] = min(row.get(str(kind), 0) + value, INT64_MAX)
+                                row[str(kind)] = min(row.get(str(kind), 0) + value, COUNT_MAX)
                             else:
                                 unreadable += 1
                 except (ValueError, TypeError, AttributeError):
@@ -78,8 +78,8 @@ def take(path: str | os.PathLike[str],
 
 
 def _storable(value: object) -> bool:
-    """A count or cost every store can hold: a finite number from 0 to ``INT64_MAX``.
+    """A count or cost every store can hold: a finite number from 0 to ``COUNT_MAX``.
     Anything else (a file written before engines' counts were bounded, or edited by hand)
     would make every later flush to the store fail, the good rows with it."""
     return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value) and 0 <= value <= INT64_MAX)
+            and math.isfinite(value) and 0 <= value <= COUNT_MAX)

@@ -32,6 +32,7 @@ from synapse_common import clock as clocks
 KINDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens",
          "cache_hit_tokens", "errors", "cost", "estimated")
 PENDING_MAX = 50_000        # rows held while the store is failing
+COUNT_MAX = 2**63 - 1       # the largest count every store holds (SQLite's, Redis's integer)
 
 
 class RowKey(NamedTuple):
