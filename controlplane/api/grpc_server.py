@@ -43,8 +43,11 @@ the counts of an agent's ``external`` backend are hidden from its first report o
 
 A report naming more backends or models than any agent runs
 (:func:`agent_messages.report_problem`) ends the stream ``INVALID_ARGUMENT``; a backend
-that cannot be taken (:func:`agent_messages.backend_problem`) is taken out of the report
-before the registry or the workers see it, with one warning per reason and stream. The
+that cannot be taken (:func:`agent_messages.backend_problem`), or whose URL is not at
+the node's own address as this stream's peer address shows it nor where
+``registry.engine_hosts`` allows (:mod:`controlplane.core.engine_hosts`; a worker leaves
+that check to its primary), is taken out of the report before the registry or the
+workers see it, with one warning per kind and stream. The
 idle upstream connections kept for a backend that leaves the registry (a report no
 longer names it, its node's stream ended) are closed, unless another backend shares its
 origin.
@@ -71,7 +74,7 @@ from controlplane import errors
 from controlplane.adapters import agent_relay, token_review
 from controlplane.api import agent_messages
 from controlplane.api import services as services_mod
-from controlplane.core import cache_salt, registry, types
+from controlplane.core import cache_salt, engine_hosts, registry, types
 from protos.synapse.v1 import controlplane_pb2, controlplane_pb2_grpc
 from synapse_common import aiotasks, call_metadata, engine_key, tls_files
 
@@ -139,6 +142,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         self._reviewer = None if relayed else reviewer
         self._reviewing: set[str] = set()     # peers with a review in flight
         self._relayed = relayed
+        self._engine_hosts = engine_hosts.Allowed.parse(svc.settings.registry.engine_hosts)
         auth = svc.settings.auth
         self._token = call_metadata.TokenCheck(auth.agent_token_value)
         shared = agent_messages.Keys(engine_key.derive(auth.agent_token_value),
@@ -229,8 +233,9 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         copy = (self._relay.open(agent_messages.as_decided(first, info))
                 if self._relay is not None else None)
         ended: list[_Ended] = []
+        peer = _peer_host(context.peer())
         tasks = [asyncio.create_task(self._read(name, stream_id, caller, info.engine_key,
-                                                request_iterator, out, copy, ended)),
+                                                request_iterator, out, copy, ended, peer)),
                  asyncio.create_task(self._pump(name, stream_id, out))]
         self._svc.metrics.agent_streams.inc()
         try:
@@ -251,13 +256,15 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
     async def _read(self, name: str, stream_id: int, caller: _Caller, key: str | None,
                     messages: AsyncIterator[controlplane_pb2.AgentMessage],
                     out: asyncio.Queue[controlplane_pb2.ControlMessage | None],
-                    copy: agent_relay.RelayedStream | None, ended: list[_Ended]) -> None:
+                    copy: agent_relay.RelayedStream | None, ended: list[_Ended],
+                    peer: str) -> None:
         """``key``: the node's engine key as it registered (a later Register on the
         same stream may name another: the engines it reports next carry that one). The
         copy to the workers gets reports and acks as they come, and a Register only once
         this process accepted it, with the keys decided here, and a report without the
         backends left out here. Why the stream ends, when the control plane ends it, goes
-        into ``ended`` (the status the agent is told)."""
+        into ``ended`` (the status the agent is told). ``peer``: the stream's peer host,
+        where the node's backends must be (:mod:`controlplane.core.engine_hosts`)."""
         reg = self._svc.registry
         warned: set[str] = set()       # what this stream was warned of already
         try:
@@ -272,7 +279,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                     if problem is not None:
                         raise _Ended(problem, grpc.StatusCode.INVALID_ARGUMENT)
                     agent_messages.finite_gpu_samples(rep)
-                    self._leave_out_refused(name, rep, warned)
+                    self._leave_out_refused(name, rep, warned, peer)
                     users = self._svc.sharers()
                     backends = [cache_salt.marked(agent_messages.backend_state(name, b, key),
                                                   users) for b in rep.backends]
@@ -302,19 +309,28 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             out.put_nowait(None)
 
     def _leave_out_refused(self, name: str, rep: controlplane_pb2.Report,
-                           warned: set[str]) -> None:
+                           warned: set[str], peer: str) -> None:
         """Take out of ``rep`` the backends that cannot be taken
-        (:func:`agent_messages.backend_problem`), so that neither the registry nor the
-        workers' copy gets them; one warning per reason and stream (a report comes every
-        few seconds)."""
-        refused = [(i, why) for i, b in enumerate(rep.backends)
-                   if (why := agent_messages.backend_problem(b)) is not None]
-        for i, why in reversed(refused):
-            del rep.backends[i]
-            if why not in warned:
-                warned.add(why)
+        (:func:`agent_messages.backend_problem`) or are at a host the node may not name
+        (:func:`engine_hosts.refusal`; a worker leaves that to its primary, which sees
+        the agent's address), so that neither the registry nor the workers' copy gets
+        them: not routed, probed or scraped. One warning per kind of refusal and stream
+        (a report comes every few seconds)."""
+        refused = []
+        for i, b in enumerate(rep.backends):
+            why = agent_messages.backend_problem(b)
+            kind = "name"
+            if why is None and not self._relayed:
+                why, kind = engine_hosts.refusal(b.url, peer, self._engine_hosts), "host"
+            if why is not None:
+                refused.append((i, kind, why))
+        for _, kind, why in refused:
+            if kind not in warned:
+                warned.add(kind)
                 log.warning("node %s reported %s: that backend is left out (said once per "
                             "stream)", name, why, extra={"node": name})
+        for i, _, _ in reversed(refused):
+            del rep.backends[i]
 
     def _urls_of(self, name: str) -> set[str]:
         view = self._svc.registry.node(name)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import pydantic
 from pydantic import Field
 
+from controlplane.core import engine_hosts
 from synapse_common.settings import Section
 
 
@@ -34,6 +36,15 @@ class RegistrySettings(Section):
     forget_down_after_s: float = Field(
         3600.0, gt=0, description="a node down this long is forgotten when a new node needs "
         "its place (its cordon and drain intent with it)")
+    engine_hosts: list[str] = Field(
+        default_factory=list, description="hosts an agent's reported backends may be at "
+        "besides the node's own address as the control plane sees it (its stream's peer "
+        "address; any loopback address for an agent on this host): IP addresses, CIDR "
+        "networks (10.0.0.0/8) and host names (compared as written, not resolved). For an "
+        "engine: external backend on another machine, or agents behind a NAT or a proxy. "
+        "A backend elsewhere is not routed to, probed or scraped (one warning). "
+        "Link-local addresses (169.254.0.0/16, the cloud metadata service; fe80::/10) "
+        "pass only when an entry lies inside that range (controlplane/core/engine_hosts.py)")
     upstream_probe_interval_s: float = Field(5.0, gt=0, description="static upstream health probe")
     ready_requires_backend: bool = Field(
         False, description="the old /ready: 503 whenever no backend is routable. Off, /ready "
@@ -44,3 +55,9 @@ class RegistrySettings(Section):
         10.0, ge=0, description="the registry counts as synced once the static upstreams were "
         "probed and an agent reported or this many seconds passed since start (agents "
         "reconnecting to a new replica)")
+
+    @pydantic.field_validator("engine_hosts")
+    @classmethod
+    def _hosts_parse(cls, value: list[str]) -> list[str]:
+        engine_hosts.Allowed.parse(value)
+        return value

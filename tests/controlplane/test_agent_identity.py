@@ -56,8 +56,9 @@ def register(name: str, address: str = "10.0.0.9:50052", engine: str = "",
 
 
 def report(seq: int, **fields: object) -> controlplane_pb2.AgentMessage:
+    # at the agent's own address (the tests' agents connect from 127.0.0.1)
     backend = common_pb2.BackendState(
-        name="sim", url="http://10.0.0.9:8000", models=[t.MODEL],
+        name="sim", url="http://127.0.0.1:8000", models=[t.MODEL],
         phase=common_pb2.BACKEND_PHASE_READY, engine=common_pb2.ENGINE_KIND_VLLM)
     for name, value in fields.items():
         setattr(backend, name, value)

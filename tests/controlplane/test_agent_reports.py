@@ -11,7 +11,9 @@ import pathlib
 import grpc
 import pytest
 
-from controlplane.api import agent_messages
+from controlplane.adapters import agent_relay
+from controlplane.api import agent_messages, grpc_server
+from controlplane.api import services as services_mod
 from protos.synapse.v1 import common_pb2, controlplane_pb2
 from tests.controlplane import cp_testing as t
 from tests.controlplane.test_agent_identity import (
@@ -176,3 +178,77 @@ async def test_a_worker_gets_the_report_without_the_backends_left_out(
         assert view is not None and [b.name for b in view.backends] == ["good"]
         await agent.close()
 
+
+
+async def test_a_backend_away_from_the_nodes_own_address_is_not_taken(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The test's agent connects from 127.0.0.1: its engines are on loopback, and a
+    backend it reports at another node's address or the metadata service is left out."""
+    async with control_plane() as (svc, port):
+        agent = Agent(port, SHARED)
+        await agent.send(register("gpu-1", address="127.0.0.1:50052"))
+        for seq in (1, 2):
+            await agent.send(report(seq, backend("other", url="http://10.0.0.9:8000"),
+                                    backend("meta", url="http://169.254.169.254/latest"),
+                                    backend("good", url="http://127.0.0.1:8000")))
+            await agent.receive()
+        view = svc.registry.node("gpu-1")
+        assert view is not None and [b.name for b in view.backends] == ["good"]
+        assert [b.name for b in view.report.backends] == ["good"]
+        assert not [b for b, _ in svc.registry.all_backends() if "10.0.0.9" in b.url]
+        warnings = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+        assert len(warnings) == 1 and "10.0.0.9" in warnings[0]
+        assert "registry.engine_hosts" in warnings[0]
+        await agent.close()
+
+
+async def test_the_operator_allows_more_hosts_but_not_the_metadata_service() -> None:
+    async with control_plane(engine_hosts=["10.0.0.0/8", "0.0.0.0/0"]) as (svc, port):
+        agent = Agent(port, SHARED)
+        await agent.send(register("gpu-1", address="127.0.0.1:50052"))
+        await agent.send(report(1, backend("other", url="http://10.0.0.9:8000"),
+                                backend("meta", url="http://169.254.169.254/latest")))
+        await agent.receive()
+        view = svc.registry.node("gpu-1")
+        assert view is not None and [b.name for b in view.backends] == ["other"]
+        await agent.close()
+
+
+def test_an_engine_hosts_entry_that_is_no_host_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match=r"(?s)engine_hosts.*not an IP address, a CIDR"):
+        t.settings(registry={"engine_hosts": ["http://10.0.0.9:8000"]})
+
+
+async def test_a_worker_takes_the_hosts_its_primary_allowed_and_no_others(
+        tmp_path: pathlib.Path) -> None:
+    """The worker's stream comes from its primary over a unix socket: it cannot judge the
+    agent's address, so it takes what the primary took and nothing the primary left out."""
+    settings = t.settings(auth={"agent_token": SHARED, "allow_unauthenticated_agents": False},
+                          registry={"engine_hosts": ["10.0.0.0/24"]})
+    sock = tmp_path / "worker.sock"
+    worker = services_mod.build(settings, commands_agents=False)
+    wserver, _ = await grpc_server.start(f"unix:{sock}", None,
+                                         [grpc_server.control_plane(worker, relayed=True)])
+    primary = services_mod.build(settings)
+    relay = agent_relay.AgentRelay([str(sock)], SHARED)
+    pserver, port = await grpc_server.start("127.0.0.1", 0,
+                                            [grpc_server.control_plane(primary, relay)])
+    try:
+        agent = Agent(port, SHARED)
+        await agent.send(register("gpu-1", address="127.0.0.1:50052"))
+        await agent.send(report(1, backend("allowed", url="http://10.0.0.9:8000"),
+                                backend("elsewhere", url="http://10.0.1.9:8000"),
+                                backend("loop", url="http://127.0.0.1:8000")))
+        await agent.receive()
+        await registered(worker, "gpu-1")
+        for _ in range(200):
+            view = worker.registry.node("gpu-1")
+            if view is not None and view.backends:
+                break
+            await asyncio.sleep(0.02)
+        assert view is not None
+        assert sorted(b.name for b in view.backends) == ["allowed", "loop"]
+        await agent.close()
+    finally:
+        await pserver.stop(0)
+        await wserver.stop(0)

@@ -1,0 +1,129 @@
+"""Which hosts a backend an agent reports may be at.
+
+A registered node is sent the prompts of every tenant asking for a model it reports, and
+the control plane probes, scrapes and reads the documents of every URL it reports. Every
+node holds the shared agent token, so one compromised node could report a backend at any
+address: another node's engine (taking its traffic), an internal service, the cloud's
+metadata service. So a reported backend URL's host must be, as the transport would dial
+it (:func:`canonical`: ``127.1``, ``0x7f.1`` and an IPv4-mapped IPv6 address are the
+IPv4 address they mean, ``localhost`` is ``127.0.0.1``):
+
+* the node's own address as the control plane sees it: the peer address of its stream
+  (what a node's engines advertise: the chart's ``POD_IP``, the node IP of an agent with
+  ``engine_host: 0.0.0.0``), or any loopback address when the stream itself comes from
+  this host (a loopback peer, or a unix socket: ``synapse up`` and ``make up``, whose
+  engines listen on ``127.0.0.1``);
+* or one the operator allows (``registry.engine_hosts``: IP addresses, CIDR networks and
+  host names, compared exactly): an ``engine: external`` backend on another machine, an
+  agent that reaches the control plane through a NAT or a proxy;
+* never a link-local address (``169.254.0.0/16``, the cloud metadata service's, and
+  ``fe80::/10``), an unspecified (``0.0.0.0``) or a multicast one, unless an entry of
+  ``engine_hosts`` is itself inside that range (``0.0.0.0/0`` does not open them).
+
+A name other than ``localhost`` is not resolved here (the transport resolves it later,
+perhaps to another address): it passes only when listed by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import socket
+import urllib.parse
+from collections.abc import Iterable
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_LINK_LOCAL = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Allowed:
+    """What ``registry.engine_hosts`` allows beyond a node's own address."""
+
+    networks: tuple[Network, ...] = ()
+    names: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, entries: Iterable[str]) -> Allowed:
+        """``entries``: IP addresses, CIDR networks or host names; ValueError naming
+        the entry that is none of them."""
+        networks: list[Network] = []
+        names: set[str] = set()
+        for entry in entries:
+            text = entry.strip().strip("[]").rstrip(".").lower()
+            try:
+                networks.append(ipaddress.ip_network(text, strict=False))
+                continue
+            except ValueError:
+                pass
+            if not text or "/" in text or not all(
+                    part and part.replace("-", "").replace("_", "").isalnum()
+                    for part in text.split(".")):
+                raise ValueError(f"{entry!r} is not an IP address, a CIDR network or a "
+                                 "host name")
+            names.add(text)
+        return cls(tuple(networks), frozenset(names))
+
+    def covers(self, address: Address, explicitly: bool) -> bool:
+        """Whether a listed network holds ``address``; ``explicitly``: only one that is
+        itself inside a range refused by default."""
+        for net in self.networks:
+            if net.version != address.version or address not in net:
+                continue
+            if not explicitly or any(net.version == r.version and net.subnet_of(r)  # type: ignore[arg-type]
+                                     for r in _LINK_LOCAL):
+                return True
+        return False
+
+
+def canonical(host: str) -> Address | str:
+    """``host`` as the transport dials it: an IP address (IPv4 shorthand, an IPv4-mapped
+    IPv6 address and ``localhost`` as the IPv4 address they mean), else the lower-cased
+    name without a trailing dot."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost":
+        return ipaddress.IPv4Address("127.0.0.1")
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        if host and all(part.isalnum() for part in host.split(".")):
+            with contextlib.suppress(OSError):
+                return ipaddress.IPv4Address(socket.inet_aton(host))   # 127.1, 0x7f.1
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def refusal(url: str, peer: str, allowed: Allowed) -> str | None:
+    """Why a backend reported at ``url`` over a stream from ``peer`` (the peer's host:
+    an IP address, or ``unix:…`` for a unix socket) is refused (None: it is not); the
+    text names the URL's host, never the rest of the URL (it may carry credentials)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError:
+        return "a backend URL that is not a URL"
+    if parts.scheme not in ("http", "https") or not host:
+        return "a backend URL that is not http(s)://host"
+    where = canonical(host)
+    if isinstance(where, str):
+        if where in allowed.names:
+            return None
+        return (f"a backend at host {where!r}, a name registry.engine_hosts does not list "
+                "(a reported backend must be at the node's own address)")
+    if where.is_link_local or where.is_unspecified or where.is_multicast:
+        if allowed.covers(where, explicitly=True):
+            return None
+        return (f"a backend at {where}, a link-local, unspecified or multicast address "
+                "(allowed only when registry.engine_hosts lists a range inside it)")
+    seen_from = canonical(peer) if not peer.startswith("unix") else None
+    local = seen_from is None or (not isinstance(seen_from, str) and seen_from.is_loopback)
+    if where == seen_from or (local and where.is_loopback) or allowed.covers(where, False):
+        return None
+    return (f"a backend at {where}, which is not the node's own address as the control "
+            f"plane sees it ({seen_from or 'this host'}) nor in registry.engine_hosts")
