@@ -199,3 +199,25 @@ def test_the_agents_embedder_name_is_known():
     from synapse_common import embedder_tuning
 
     assert node_embed.KNOWN_DIMS[embedder_tuning.BASE_NAME] == 384
+
+
+async def test_the_warning_comes_again_after_its_interval_and_per_agent(serve, caplog):
+    first, _ = await serve("nan")
+    second, _ = await serve("dim1")
+    now = [0.0]
+    client = node_embed.NodeEmbedClient(TOKEN, clock=lambda: now[0], warn_interval_s=60.0)
+
+    async def refused(address: str) -> None:
+        with pytest.raises(node_embed.EmbedError, match="answer refused"):
+            await client.embed(address, MINILM, ["hello"], 5.0)
+
+    with caplog.at_level(logging.WARNING, logger="synapse.controlplane.node_embed"):
+        for address in (first, second, first, second):
+            await refused(address)
+        now[0] = 59.0
+        await refused(first)
+        now[0] = 60.0
+        await refused(first)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [first in w for w in warned] == [True, False, True]
+    await client.close()
