@@ -35,8 +35,11 @@ def build_l1(settings: config.ControlPlaneSettings, *, tenants: int) -> l1.L1Sto
     return store
 
 
-def build_l2(settings: config.ControlPlaneSettings) -> l2_index.L2Index:
-    """The L2 index over Milvus: ``cache.milvus_uri``, else a Lite file in ``data_dir``."""
+def build_l2(settings: config.ControlPlaneSettings, dim: int | None = None,
+             ) -> l2_index.L2Index:
+    """The L2 index over Milvus: ``cache.milvus_uri``, else a Lite file in ``data_dir``;
+    ``dim``, when the cache is pinned to one embedder, is its vectors' dimension (no other
+    is ever written or creates the collection)."""
     c = settings.cache
     uri = (c.milvus_uri.get_secret_value() if c.milvus_uri
            else os.path.join(settings.data_dir, L2_LITE_FILE))
@@ -44,7 +47,7 @@ def build_l2(settings: config.ControlPlaneSettings) -> l2_index.L2Index:
     return milvus_l2(uri, c.collection, token, ttl_s=c.ttl_s,
                      mirror_max_rows=c.l2_mirror_max_rows,
                      mirror_refresh_s=c.l2_mirror_refresh_s,
-                     expiry_interval_s=c.l2_expiry_interval_s)
+                     expiry_interval_s=c.l2_expiry_interval_s, dim=dim)
 
 
 def milvus_l2(uri: str, collection: str, token: str | None = None, *,

@@ -94,9 +94,6 @@ def build_response_cache(settings: config.ControlPlaneSettings,
 
     tenants = services_mod.tenant_count(services.tenants)
     store = cache_wiring.build_l1(settings, tenants=tenants)
-    # No semantic layer, no store: nothing would read it, and a Lite file is one
-    # process's (a pod's second worker could not open it to evict a wrong answer).
-    l2 = cache_wiring.build_l2(settings) if c.semantic_enabled else None
     nodes = services.registry.ready_embed_nodes
     embed = embedder.NodeEmbedder(
         lambda: [n.address for n in nodes() if c.embed_model in n.embed_models],
@@ -111,6 +108,12 @@ def build_response_cache(settings: config.ControlPlaneSettings,
     except feedback_wiring.VerifierConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(cli.EXIT_CONFIG) from None
+    # No semantic layer, no store: nothing would read it, and a Lite file is one
+    # process's (a pod's second worker could not open it to evict a wrong answer). A cache
+    # pinned to one embedder knows its vectors' dimension: a node's answer of another
+    # cannot create the collection with it.
+    l2 = cache_wiring.build_l2(settings, dim=judges.fitted.dim if judges.others is None
+                               else None) if c.semantic_enabled else None
     options = response_cache.Options(
         ttl_s=c.ttl_s, temperature_ceiling=c.temperature_ceiling,
         default_temperature=c.default_temperature, l1_budget_s=c.l1_budget_ms / 1000,

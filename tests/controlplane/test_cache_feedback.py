@@ -422,3 +422,15 @@ async def test_a_failed_eviction_or_recording_names_the_layer_never_a_path(
     finally:
         await fb.close()
         await broken.close()
+
+
+async def test_a_cache_pinned_to_one_embedder_gives_the_l2_its_dimension(tmp_path):
+    """A hostile node answering the first Node.Embed of a fresh collection could create it
+    with its own dimension (every honest write failing after). A cache pinned to one
+    embedder knows the dimension from its verifier; an unpinned one learns it."""
+    from synapse_common import embedder_tuning
+    for extra, dim in (({"embedder_id": embedder_tuning.base_id()}, 384), ({}, None)):
+        s = t.settings(data_dir=str(tmp_path / f"d{dim}"), cache=extra)
+        cache = main.build_response_cache(s, services_mod.build(s))
+        assert cache.inner.l2 is not None and cache.inner.l2.schema.expected == dim
+        await cache.close()

@@ -48,6 +48,11 @@ class Schema:
         self.dim: int | None = None
         self._lock = asyncio.Lock()
 
+    @property
+    def expected(self) -> int | None:
+        """The embedder's dimension when the cache is pinned to one (else learnt)."""
+        return self._expected
+
     async def opened(self) -> int | None:
         """The dimension, or None when nothing was ever stored."""
         if self.dim is None:
