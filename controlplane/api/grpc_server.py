@@ -77,11 +77,13 @@ from controlplane.api import services as services_mod
 from controlplane.core import cache_salt, engine_hosts, registry, types
 from protos.synapse.v1 import controlplane_pb2, controlplane_pb2_grpc
 from synapse_common import aiotasks, call_metadata, engine_key, tls_files
+from synapse_common import clock as clocks
 
 log = logging.getLogger("synapse.controlplane.grpc")
 
 Registration = Callable[[grpc.aio.Server], str]
 Server = grpc.aio.Server
+MIN_REPORT_GAP_S = 0.05     # a node's reports applied at most this often (see _read)
 
 
 def status_code(exc: errors.SynapseError) -> grpc.StatusCode:
@@ -136,8 +138,9 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
     def __init__(self, svc: services_mod.Services,
                  relay: agent_relay.AgentRelay | None = None,
                  reviewer: token_review.TokenReviewer | None = None, *,
-                 relayed: bool = False) -> None:
+                 relayed: bool = False, sleep: clocks.Sleep = clocks.sleep) -> None:
         self._svc = svc
+        self._sleep = sleep
         self._relay = relay     # the primary of several workers: copy each stream to them
         self._reviewer = None if relayed else reviewer
         self._reviewing: set[str] = set()     # peers with a review in flight
@@ -264,9 +267,16 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         this process accepted it, with the keys decided here, and a report without the
         backends left out here. Why the stream ends, when the control plane ends it, goes
         into ``ended`` (the status the agent is told). ``peer``: the stream's peer host,
-        where the node's backends must be (:mod:`controlplane.core.engine_hosts`)."""
+        where the node's backends must be (:mod:`controlplane.core.engine_hosts`).
+
+        Reports are applied at most once per :data:`MIN_REPORT_GAP_S`: one that comes
+        sooner waits (gRPC's flow control then holds the agent back), so an agent sending
+        reports in a loop cannot have the registry, and every view built on it, remade
+        at the rate it writes; an agent reports every few seconds and on changes."""
         reg = self._svc.registry
+        clock = self._svc.clock
         warned: set[str] = set()       # what this stream was warned of already
+        next_report = clock()
         try:
             async for msg in messages:
                 if msg.ByteSize() > agent_messages.MAX_MESSAGE_BYTES:
@@ -274,6 +284,9 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                                  f"{agent_messages.MAX_MESSAGE_BYTES})")
                 kind = msg.WhichOneof("body")
                 if kind == "report":
+                    if (wait := next_report - clock()) > 0:
+                        await self._sleep(wait)
+                    next_report = clock() + MIN_REPORT_GAP_S
                     rep = msg.report
                     problem = agent_messages.report_problem(rep)
                     if problem is not None:

@@ -14,7 +14,8 @@ import pytest
 from controlplane.adapters import agent_relay
 from controlplane.api import agent_messages, grpc_server
 from controlplane.api import services as services_mod
-from protos.synapse.v1 import common_pb2, controlplane_pb2
+from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
+from tests.clock import ManualClock, SteppedSleep
 from tests.controlplane import cp_testing as t
 from tests.controlplane.test_agent_identity import (
     SHARED,
@@ -252,3 +253,37 @@ async def test_a_worker_takes_the_hosts_its_primary_allowed_and_no_others(
     finally:
         await pserver.stop(0)
         await wserver.stop(0)
+
+
+async def test_reports_sent_in_a_loop_are_applied_at_most_once_per_gap() -> None:
+    """An agent writing reports as fast as it can is held to one report per
+    ``MIN_REPORT_GAP_S`` (the control plane waits before the next, the stream's flow
+    control holds the agent back); one that comes after the gap does not wait, and no
+    report is lost."""
+    clock = ManualClock(100.0)
+    sleep = SteppedSleep(clock)
+    settings = t.settings(auth={"agent_token": SHARED, "allow_unauthenticated_agents": False})
+    svc = services_mod.build(settings, clock=clock)
+
+    def add(server: grpc.aio.Server) -> str:
+        controlplane_pb2_grpc.add_ControlPlaneServicer_to_server(  # type: ignore[no-untyped-call]
+            grpc_server.ControlPlaneServicer(svc, sleep=sleep), server)
+        return "synapse.v1.ControlPlane"
+
+    server, port = await grpc_server.start("127.0.0.1", 0, [add])
+    try:
+        agent = Agent(port, SHARED)
+        await agent.send(register("gpu-1", address="127.0.0.1:50052"))
+        for seq in range(1, 6):
+            await agent.send(report(seq, backend(f"b{seq}")))
+        assert [(await agent.receive()).ack.sequence for _ in range(5)] == [1, 2, 3, 4, 5]
+        assert sleep.calls == pytest.approx([grpc_server.MIN_REPORT_GAP_S] * 4)
+        clock.now += grpc_server.MIN_REPORT_GAP_S
+        await agent.send(report(6, backend("b6")))
+        assert (await agent.receive()).ack.sequence == 6
+        assert len(sleep.calls) == 4
+        view = svc.registry.node("gpu-1")
+        assert view is not None and [b.name for b in view.backends] == ["b6"]
+        await agent.close()
+    finally:
+        await server.stop(0)
