@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+from typing import Any
 
 import grpc
 import pytest
@@ -163,6 +164,16 @@ async def test_the_sockets_to_a_dropped_backend_are_closed() -> None:
             await client.close()
 
 
+async def node_with_backends(services: services_mod.Services, node: str) -> Any:
+    """``node``'s registry view once it holds backends (or what it holds after 4 s)."""
+    for _ in range(200):
+        view = services.registry.node(node)
+        if view is not None and view.backends:
+            break
+        await asyncio.sleep(0.02)
+    return view
+
+
 async def test_a_worker_gets_the_report_without_the_backends_left_out(
         tmp_path: pathlib.Path) -> None:
     async with pod(tmp_path, StandInReview()) as (_primary, worker, port):
@@ -171,11 +182,7 @@ async def test_a_worker_gets_the_report_without_the_backends_left_out(
         await agent.send(report(1, backend("bad\nname"), backend("good")))
         await agent.receive()
         await registered(worker, "gpu-1")
-        for _ in range(200):
-            view = worker.registry.node("gpu-1")
-            if view is not None and view.backends:
-                break
-            await asyncio.sleep(0.02)
+        view = await node_with_backends(worker, "gpu-1")
         assert view is not None and [b.name for b in view.backends] == ["good"]
         await agent.close()
 
@@ -242,11 +249,7 @@ async def test_a_worker_takes_the_hosts_its_primary_allowed_and_no_others(
                                 backend("loop", url="http://127.0.0.1:8000")))
         await agent.receive()
         await registered(worker, "gpu-1")
-        for _ in range(200):
-            view = worker.registry.node("gpu-1")
-            if view is not None and view.backends:
-                break
-            await asyncio.sleep(0.02)
+        view = await node_with_backends(worker, "gpu-1")
         assert view is not None
         assert sorted(b.name for b in view.backends) == ["allowed", "loop"]
         await agent.close()
