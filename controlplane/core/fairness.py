@@ -215,11 +215,14 @@ class Fairness:
         return counts
 
     def cache_hit(self, tenant: str, model: str, response: Mapping[str, object]) -> None:
-        """Account an answer served from the response cache: the tokens it saved."""
+        """Account an answer served from the response cache: the tokens it saved. Its usage
+        is the engine's as stored, so each count passes the engine's rule
+        (:func:`usage.count_of`) or counts as 0: an out-of-range count would otherwise reach
+        the usage rows on every hit."""
         usage = response.get("usage")
         saved = 0
         if isinstance(usage, Mapping):
-            saved = _int(usage.get("prompt_tokens")) + _int(usage.get("completion_tokens"))
+            saved = _count(usage.get("prompt_tokens")) + _count(usage.get("completion_tokens"))
         self._account(tenant, model, usage_book.Counts(requests=1, cache_hit_tokens=saved))
 
     def refused(self, tenant: str, model: str) -> None:
@@ -235,5 +238,5 @@ class Fairness:
                 self._observer.tokens(tenant, model, kind, n)
 
 
-def _int(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+def _count(value: object) -> int:
+    return usage_mod.count_of(value) or 0

@@ -77,6 +77,18 @@ def from_tail(data: bytes) -> Usage | None:
     return Usage(prompt, counts.get(b"completion_tokens", 0), counts.get(b"cached_tokens"))
 
 
+def count_of(value: object) -> int | None:
+    """An engine's count as JSON decoded it (an answer the response cache stored, say),
+    taken by the same rule as :func:`from_tail`'s: a whole number from 0 to
+    :data:`MAX_COUNT`, else None. The one home of that rule for decoded counts, so a count
+    the engine's answer could not pass as usage cannot come back through a stored copy."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None     # nan and inf are not whole either
+    return int(value) if 0 <= value <= MAX_COUNT else None
+
+
 def _counts(found: list[tuple[bytes, bytes]]) -> dict[bytes, int] | None:
     """The counts by name, or None when one of them is not a count from 0 to
     :data:`MAX_COUNT` (a ``null`` is a count not given)."""

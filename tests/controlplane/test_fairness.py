@@ -580,3 +580,19 @@ async def test_a_generating_answer_without_usage_is_billed_its_admitted_estimate
     assert (chat.estimated, chat.errors) == (1, 0)
     assert resp.prompt_tokens > 0 and resp.completion_tokens == 30 and resp.estimated == 1
     assert (tok.prompt_tokens, tok.completion_tokens, tok.cost, tok.estimated) == (0, 0, 0.0, 0)
+
+
+@pytest.mark.parametrize(("prompt", "saved"), [
+    (2**63, 5), (2**31 - 1, 2**31 - 1 + 5), (2**31, 5), (-7, 5),
+    (True, 5), ("7", 5), (7.5, 5), (7.0, 12), (None, 5)])
+def test_a_cache_hit_counts_the_stored_usage_by_the_engines_rule(prompt: Any, saved: int) -> None:
+    """A cached answer's usage is what the engine sent; a hit counts each of its counts only
+    when usage.count_of takes it (as from_tail takes an engine's), else that count as 0,
+    so a 2**63 stored with the answer never reaches the usage rows on every hit."""
+    fair = fairness.Fairness.__new__(fairness.Fairness)     # only what cache_hit touches
+    fair.book = usage_book.UsageBook(usage_book.MemoryUsageStore())
+    fair._observer = fairness.TokenObserver()
+    fair.cache_hit("a", "m", {"object": "chat.completion",
+                              "usage": {"prompt_tokens": prompt, "completion_tokens": 5}})
+    (counts,) = fair.book.pending().values()
+    assert counts["cache_hit_tokens"] == saved and counts["requests"] == 1
