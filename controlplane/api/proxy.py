@@ -30,15 +30,18 @@ from synapse_common import tracing
 log = logging.getLogger("synapse.controlplane.proxy")
 
 _background: set[asyncio.Task[Any]] = set()
-# The only header of a backend's answer passed to the client: its body's media type. A
-# backend may be a compromised engine (it runs tenants' inputs), and what else it could
-# say reaches the client's SDK or browser: cookies, authentication challenges, a
-# Location, CORS and security policies, Alt-Svc, a Content-Encoding; the server's own
-# timings (TGI's x-compute-time) tell how long another tenant's prefix took. Framing and
-# the rest are aiohttp's, x-request-id and x-synapse-* Synapse's own. A value longer than
-# any media type is dropped (aiohttp's default stands).
+# The headers of a backend's answer passed to the client: its body's media type, and
+# when to retry (a hosted provider's 429 is relayed, and the OpenAI SDK waits by these),
+# as whole seconds or milliseconds only. A backend may be a compromised engine (it runs
+# tenants' inputs), and what else it could say reaches the client's SDK or browser:
+# cookies, authentication challenges, a Location, CORS and security policies, Alt-Svc, a
+# Content-Encoding; the server's own timings (TGI's x-compute-time) tell how long another
+# tenant's prefix took. Framing and the rest are aiohttp's, x-request-id and x-synapse-*
+# Synapse's own. A value longer than any media type is dropped (aiohttp's default stands).
 _PASSED = "content-type"
 _PASSED_MAX = 256
+_RETRY = {"retry-after": "Retry-After", "retry-after-ms": "retry-after-ms"}
+_RETRY_DIGITS_MAX = 9
 
 
 def keep(task: asyncio.Task[Any]) -> None:
@@ -87,10 +90,12 @@ def _response_headers(attempt: dispatch.Attempt, ctx: context.RequestContext,
                       ) -> dict[str, str]:
     headers = {}
     for k, v in attempt.answer.headers:
-        if k.lower() == _PASSED:
-            if len(v) <= _PASSED_MAX:
+        low = k.lower()
+        if low == _PASSED:
+            if len(v) <= _PASSED_MAX and "Content-Type" not in headers:
                 headers["Content-Type"] = v
-            break
+        elif low in _RETRY and v.isascii() and v.isdigit() and len(v) <= _RETRY_DIGITS_MAX:
+            headers[_RETRY[low]] = v
     headers.update(ctx.headers())
     return headers
 

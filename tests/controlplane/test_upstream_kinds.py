@@ -555,6 +555,45 @@ async def test_only_the_content_type_of_an_engine_s_headers_reaches_the_client()
                 assert theirs == set(), (path, extra, theirs)
 
 
+async def test_a_relayed_429_keeps_its_retry_after_in_seconds_or_milliseconds() -> None:
+    """A hosted provider's 429 is relayed (only a 5xx fails over) and the OpenAI SDK waits
+    by its Retry-After / retry-after-ms; the allow list dropped them. Only whole numbers
+    pass: anything else an engine could say there stays out."""
+    async def chat(request: web.Request) -> web.Response:
+        retry = {"Retry-After": "7", "retry-after-ms": "7000"}
+        if request.headers.get("Authorization") != "Bearer k":
+            return web.json_response({}, status=401)
+        if (await request.json())["messages"][0]["content"] == "odd":
+            retry = {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT",
+                     "retry-after-ms": "1; url=http://elsewhere.example/"}
+        return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}},
+                                 status=429, headers=retry)
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": t.MODEL}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    try:
+        s = t.settings(upstreams=[{"name": "h", "url": url, "kind": "openai",
+                                   "models": [t.MODEL], "api_key": "k"}])
+        async with t.running(s) as cp, aiohttp.ClientSession() as session:
+            for content, expected in (("hi", ("7", "7000")), ("odd", (None, None))):
+                async with session.post(cp.url + "/v1/chat/completions", json={
+                        "model": t.MODEL, "messages": [{"role": "user", "content": content}]},
+                        headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
+                    assert r.status == 429
+                    assert (r.headers.get("Retry-After"),
+                            r.headers.get("retry-after-ms")) == expected
+    finally:
+        await runner.cleanup()
+
+
 async def test_one_tenant_alone_on_an_upstream_is_not_warned_of(
         caplog: pytest.LogCaptureFixture) -> None:
     engine = CachingEngine()
