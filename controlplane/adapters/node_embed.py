@@ -27,7 +27,10 @@ Design decisions:
   ``MAX_PAIRS`` candidates per call (the agents' limit): more is refused here.
 - **An answer is checked before it is believed** (a node may be compromised, and the
   Node calls rotate over every agent): ``Node.Embed`` vectors must all be finite and of
-  unit length (every call asks ``normalize``, and the agents honour it), with a dimension
+  unit length (every call asks ``normalize``, and the agents honour it) or zero (an
+  agent leaves a vector its embedder made zero as it is: there is no direction to keep,
+  and a tenant's ``/v1/embeddings`` gets it as any embedder answers it; in the cache
+  its inner product with anything is zero, never a hit), with a dimension
   of at most ``MAX_DIM`` that, when the model asked for or the embedder id's name is in
   ``KNOWN_DIMS``, is that embedder's; ``Node.ScorePairs`` logits must be finite and within
   ``MAX_PAIR_LOGIT``. Anything else is an :class:`EmbedError` like an agent error (the
@@ -127,7 +130,7 @@ def check_vectors(vectors: np.ndarray, model: str, embedder_id: str) -> None:
     if not np.all(np.isfinite(vectors)):
         raise ValueError("vectors that are not all finite")
     norms = np.linalg.norm(vectors.astype(np.float64), axis=-1)
-    if not np.all(np.abs(norms - 1.0) <= UNIT_TOLERANCE):
+    if not np.all((norms == 0.0) | (np.abs(norms - 1.0) <= UNIT_TOLERANCE)):
         raise ValueError("vectors not of unit length (normalize was asked)")
 
 

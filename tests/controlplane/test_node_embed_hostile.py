@@ -42,8 +42,16 @@ def answer(mode: str, count: int) -> tuple[np.ndarray, str]:
         return unit_rows(count, HUGE), "something@1"
     if mode == "const":                     # finite, 384, but not normalised
         return np.ones((count, 384), np.float32), CLAIMED
-    if mode == "zero":
+    if mode == "zero":                      # the agent leaves a zero vector zero
         return np.zeros((count, 384), np.float32), CLAIMED
+    if mode == "some-zero":                 # one text the embedder maps to zero
+        rows = unit_rows(count, 384)
+        rows[0] = 0.0
+        return rows, CLAIMED
+    if mode == "short":                     # one row neither zero nor of unit length
+        rows = unit_rows(count, 384)
+        rows[-1] *= 0.5
+        return rows, CLAIMED
     if mode == "other-id-dim128":           # another name, the wrong size for MiniLM
         return unit_rows(count, 128), "BAAI/bge-small-en-v1.5@legit"
     if mode == "tuned-dim64":               # a tuned MiniLM id with the wrong size
@@ -94,7 +102,7 @@ async def serve() -> AsyncIterator[Callable[..., Awaitable[tuple[str, Agent]]]]:
     ("dim1", "dimension 1, expected 384"),
     ("huge", f"dimension {HUGE}"),
     ("const", "not of unit length"),
-    ("zero", "not of unit length"),
+    ("short", "not of unit length"),
     ("other-id-dim128", "dimension 128, expected 384"),
 ])
 async def test_embed_answers_out_of_the_rules_are_refused(serve, caplog, mode, match):
@@ -126,6 +134,18 @@ async def test_honest_answers_pass_and_an_unknown_embedder_keeps_its_own_dimensi
     other, _ = await serve("other-id-dim128")
     vectors, embedder_id = await client.embed(other, "BAAI/bge-small-en-v1.5", ["a"], 5.0)
     assert vectors.shape == (1, 128)                # a model not in KNOWN_DIMS: its own
+    await client.close()
+
+
+@pytest.mark.parametrize("mode", ["zero", "some-zero"])
+async def test_a_zero_vector_passes_as_the_agent_leaves_it(serve, mode):
+    """The agent normalises every row but a zero one, which it leaves zero (there is no
+    direction to keep); Node.Embed also serves tenants' /v1/embeddings, so a text an
+    embedder maps to zero is an answer, not a refused node."""
+    address, _ = await serve(mode)
+    client = node_embed.NodeEmbedClient(TOKEN)
+    vectors, _ = await client.embed(address, MINILM, ["hello", "world"], 5.0)
+    assert vectors.shape == (2, 384) and not vectors[0].any()
     await client.close()
 
 
