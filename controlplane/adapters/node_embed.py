@@ -31,7 +31,7 @@ Design decisions:
   agent leaves a vector its embedder made zero as it is: there is no direction to keep,
   and a tenant's ``/v1/embeddings`` gets it as any embedder answers it; in the cache
   its inner product with anything is zero, never a hit), with a dimension
-  of at most ``MAX_DIM`` that, when the model asked for or the embedder id's name is in
+  of at most ``MAX_EMBED_DIM`` that, when the model asked for or the embedder id's name is in
   ``KNOWN_DIMS``, is that embedder's; ``Node.ScorePairs`` logits must be finite and within
   ``MAX_PAIR_LOGIT``. Anything else is an :class:`EmbedError` like an agent error (the
   caller tries another agent; the cache goes on without it), logged as a warning naming
@@ -86,8 +86,13 @@ MAX_PAIRS = pair_scorer_file.MAX_PAIRS     # candidates per Node.ScorePairs call
 # or not: a tuning's adapter is square) or as TEI names it, answers with 384. The agents'
 # name is synapse_common.embedder_tuning.BASE_NAME, not imported: that module reaches torch.
 KNOWN_DIMS = {"sentence-transformers/all-MiniLM-L6-v2": 384, "minilm-l6-v2": 384}
-MAX_DIM = 16_384            # above any text embedder's; an answer claiming more is refused
-UNIT_TOLERANCE = 1e-3       # |norm - 1| allowed of a normalised row (float32 gives ~1e-7)
+# The largest vector Node.Embed may answer, for any caller: above any text embedder's. It
+# is not the cache's bound (l2.schema.MAX_INDEX_DIM, the dimensions an L2 collection is
+# made for): Node.Embed also serves tenants' /v1/embeddings, whose models may be larger
+# than any the cache indexes, so a vector between the two is a tenant's answer, never a
+# collection.
+MAX_EMBED_DIM = 16_384
+UNIT_TOLERANCE = 1e-3       # |norm - 1| allowed of a normalised row: float32 rounding
 MAX_PAIR_LOGIT = verifier.MAX_PAIR_LOGIT    # beyond it, an answer is not a logit
 WARN_INTERVAL_S = 60.0
 
@@ -124,9 +129,9 @@ def check_vectors(vectors: np.ndarray, model: str, embedder_id: str) -> None:
     (see the module docstring). The message does not repeat what the node sent."""
     dim = vectors.shape[-1]
     expected = expected_dim(model, embedder_id)
-    if dim > MAX_DIM or (expected is not None and dim != expected):
+    if dim > MAX_EMBED_DIM or (expected is not None and dim != expected):
         raise ValueError(f"vectors of dimension {dim}, expected "
-                         f"{expected or f'at most {MAX_DIM}'}")
+                         f"{expected or f'at most {MAX_EMBED_DIM}'}")
     if not np.all(np.isfinite(vectors)):
         raise ValueError("vectors that are not all finite")
     norms = np.linalg.norm(vectors.astype(np.float64), axis=-1)

@@ -15,14 +15,17 @@ import pytest
 
 from controlplane.adapters import embedder, node_embed
 from controlplane.core import verifier
+from controlplane.core.l2 import schema
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
+from tests.controlplane.l2.fakes import FakeStore
 
 TOKEN = "hostile-node-test-token"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 CLAIMED = "minilm-l6-v2@0.1.0"
 SCORER = "minilm-l6-v2@0.1.0+pair-test"
 BOUND = 50.0            # node_embed.MAX_PAIR_LOGIT: a cross-encoder's logits sit well inside
-HUGE = 20_000           # over node_embed.MAX_DIM
+WIDE = 8_192            # past the L2 index's bound, within Node.Embed's
+HUGE = 20_000           # over node_embed.MAX_EMBED_DIM
 
 
 def unit_rows(count: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -38,6 +41,8 @@ def answer(mode: str, count: int) -> tuple[np.ndarray, str]:
         return np.full((count, 384), np.inf, np.float32), CLAIMED
     if mode == "dim1":
         return np.ones((count, 1), np.float32), CLAIMED
+    if mode == "wide":                      # a large embedder a tenant may ask for
+        return unit_rows(count, WIDE), "some-large-embedder@1"
     if mode == "huge":
         return unit_rows(count, HUGE), "something@1"
     if mode == "const":                     # finite, 384, but not normalised
@@ -137,6 +142,19 @@ async def test_honest_answers_pass_and_an_unknown_embedder_keeps_its_own_dimensi
     await client.close()
 
 
+async def test_a_tenants_embedding_past_the_caches_bound_passes_the_node(serve):
+    """Node.Embed's bound is for any embedder a tenant may ask of it; the L2 index's is
+    for the ones a cache indexes: a vector between them is an answer, never a collection."""
+    assert schema.MAX_INDEX_DIM < WIDE <= node_embed.MAX_EMBED_DIM
+    address, _ = await serve("wide")
+    client = node_embed.NodeEmbedClient(TOKEN)
+    vectors, _ = await client.embed(address, "some-large-embedder", ["hello"], 5.0)
+    assert vectors.shape == (1, WIDE)
+    with pytest.raises(schema.DimensionError, match="outside"):
+        schema.Schema(FakeStore(), "c").creatable([WIDE])
+    await client.close()
+
+
 @pytest.mark.parametrize("mode", ["zero", "some-zero"])
 async def test_a_zero_vector_passes_as_the_agent_leaves_it(serve, mode):
     """The agent normalises every row but a zero one, which it leaves zero (there is no
@@ -183,7 +201,7 @@ async def test_a_logit_at_the_bound_is_a_logit(serve):
     client = node_embed.NodeEmbedClient(TOKEN)
     assert await client.score_pairs(address, "q", ["a"], 5.0) == ([-BOUND], SCORER)
     assert node_embed.MAX_PAIR_LOGIT == verifier.MAX_PAIR_LOGIT == BOUND
-    assert node_embed.MAX_DIM < HUGE
+    assert node_embed.MAX_EMBED_DIM < HUGE
     await client.close()
 
 

@@ -9,9 +9,10 @@ Design decisions:
 
 - **A collection is created only for a plausible dimension**: ``expected`` when the
   wiring knows the embedder's (then nothing else), otherwise one within
-  ``MIN_DIM``..``MAX_DIM``. The dimension is persisted with the collection, so a first
-  write of a wrong one (a broken or hostile node's answer) would otherwise fail every
-  later write and search, for every tenant, until an operator dropped the collection.
+  ``MIN_INDEX_DIM``..``MAX_INDEX_DIM``. The dimension is persisted with the collection,
+  so a first write of a wrong one (a broken or hostile node's answer) would otherwise
+  fail every later write and search, for every tenant, until an operator dropped the
+  collection.
 - **A dimension mismatch is a** :class:`DimensionError` naming the collection, both
   dimensions and the way out; with ``expected`` known, a collection of another dimension
   (made for another embedder, or left by an older release) is also logged as an error
@@ -28,8 +29,10 @@ import numpy as np
 
 from controlplane.core.l2 import store as store_mod
 
-MIN_DIM = 64        # below any sentence embedder's (MiniLM: 384)
-MAX_DIM = 4096      # above the common ones (up to 4096); a collection for more is refused
+# The dimensions a collection is made for when the embedder's is not known: those of the
+# sentence embedders a cache indexes (node_embed.MAX_EMBED_DIM says why its bound differs).
+MIN_INDEX_DIM = 64
+MAX_INDEX_DIM = 4096
 
 log = logging.getLogger("synapse.cache")
 
@@ -76,10 +79,11 @@ class Schema:
     def creatable(self, dims: Sequence[int]) -> int:
         """The first of ``dims`` a collection may be made for (see the module docstring)."""
         for dim in dims:
-            if dim == self._expected or (self._expected is None and MIN_DIM <= dim <= MAX_DIM):
+            if dim == self._expected or (self._expected is None
+                                         and MIN_INDEX_DIM <= dim <= MAX_INDEX_DIM):
                 return dim
         wanted = (f"the embedder's have {self._expected}" if self._expected is not None
-                  else f"outside {MIN_DIM}..{MAX_DIM}")
+                  else f"outside {MIN_INDEX_DIM}..{MAX_INDEX_DIM}")
         raise DimensionError(f"collection {self._collection!r} is not created for vectors "
                              f"of dimension {dims[0] if dims else 0} ({wanted})")
 
