@@ -35,20 +35,27 @@ Rules:
 - Bodies pass through byte for byte (no decompression); chunked framing is removed.
   Header names and values are checked for CR, LF and NUL before anything is sent.
 - **Only answers to relay.** A final status in :data:`NOT_RELAYED` (a redirect, 204, 205)
-  and a body with a ``Content-Encoding`` fail the answer with ``UpstreamProtocolError``
-  before its head is handed over: a hostile backend's redirect must not send a client (the
-  OpenAI SDK follows them) and its tenant's prompt elsewhere, and bodies are relayed and
+  to a relayed request and a body with a ``Content-Encoding`` fail the answer with
+  ``UpstreamProtocolError`` before its head is handed over: a hostile backend's redirect
+  must not send a client (the OpenAI SDK follows them) and its tenant's prompt elsewhere.
+  A relayed request is every one but a GET: the dispatcher's are all POSTs, and GETs are
+  Synapse's own reads (health probes, metrics, a server's document), whose status their
+  caller judges (a health path answering 204 is healthy) and which follow no redirect
+  (nothing here ever does). Bodies are relayed and
   read as they came (usage, renames, the cache), so every request asks for
   ``Accept-Encoding: identity`` and an encoded answer, which was not asked for, is
   refused rather than decoded (no decompression bomb). Informational (1xx) heads are
   skipped, as HTTP requires of a client; they never reach the client, and their bytes are
   bounded as below.
-- **Whole answers.** One is read into memory up to :data:`MAX_WHOLE_BODY` (an embeddings
-  batch of 2,048 inputs of 4,096 dimensions is some 170 MB of JSON), and all of them
+- **Whole answers.** One is read into memory up to :data:`MAX_WHOLE_BODY` (large enough
+  for the largest embeddings batch a backend is sent, as JSON), and all of them
   together up to :data:`WHOLE_BODIES_BUDGET` per process (:data:`BUDGET`; a serving worker
   is a process of its own): a body over ``HIGH_WATER`` reserves what it holds as it
   arrives, until its response is closed, and one that finds the budget spent fails with
-  ``UpstreamProtocolError`` (code ``upstream_too_large``). Small answers never touch it.
+  ``UpstreamProtocolError`` (code :data:`BUDGET_SPENT`): no backend's fault, so the
+  dispatcher answers 503 with a ``Retry-After`` rather than failing over, while one answer
+  over the cap is that backend's (code ``upstream_too_large``), failed over like any
+  invalid answer. Small answers never touch it.
   The budget is module state rather than the client's: it bounds the process's memory,
   whichever client reads (the dispatcher's, an upload's).
 - **A bounded head.** httptools sets no limit on a head: a backend (a compromised engine
@@ -93,6 +100,8 @@ MAX_HEAD_BYTES = 64 * 1024
 # Final statuses that are no answer to relay: a redirect (the OpenAI SDK would follow its
 # Location, taking a tenant's prompt to wherever the backend says), or no content.
 NOT_RELAYED = frozenset({*range(300, 400), 204, 205})
+UNRELAYED_METHOD = "GET"     # Synapse's own reads: their answers are never relayed
+BUDGET_SPENT = "upstream_busy"  # the code of a whole answer refused for want of budget
 _FORBIDDEN = frozenset("\r\n\0")
 
 Origin = tuple[str, str, int]      # scheme, host, port
@@ -309,7 +318,7 @@ class Connection(asyncio.Protocol):
         if resp is None:
             return
         status = self.parser.get_status_code()
-        if status in NOT_RELAYED:
+        if status in NOT_RELAYED and resp.relayed:
             raise _Refused(f"status {status}, which is never relayed")
         coding = resp.header("content-encoding") if status >= 200 else None
         if coding is not None and coding.strip().lower() not in ("", "identity"):
@@ -331,8 +340,9 @@ class UpstreamResponse:
     """A backend's answer, available once its head arrived; ``close()`` it when done."""
 
     def __init__(self, conn: Connection, read_timeout_s: float,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, *, relayed: bool = True) -> None:
         self.status = 0
+        self.relayed = relayed           # held to "Only answers to relay" 
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0              # the names and values of its heads (1xx too)
         self.body_bytes = 0              # body bytes received
@@ -384,31 +394,28 @@ class UpstreamResponse:
         paused, for the read timeout), reserved from :data:`BUDGET` until :meth:`close`;
         one over :data:`MAX_WHOLE_BODY`, or beyond the budget, fails."""
         parts: list[bytes] = []
-        held = 0
         while not self.complete:
             if self._exc is not None:
                 raise self._exc
             if self._paused:
-                size = self._buffered
-                held += size
-                if held > MAX_WHOLE_BODY:
-                    raise errors.UpstreamProtocolError(
-                        f"the backend's answer is over {MAX_WHOLE_BODY} bytes")
-                self._reserve(size)
+                self._reserve(self._buffered)
                 parts.append(self._take())
             await self._wait(self._read_timeout_s)
         if not parts:
             return self._take()
-        last = self._take()
-        self._reserve(len(last))
-        parts.append(last)
+        self._reserve(self._buffered)       # the last part counts too
+        parts.append(self._take())
         return b"".join(parts)
 
     def _reserve(self, size: int) -> None:
+        if self._reserved + size > MAX_WHOLE_BODY:
+            raise errors.UpstreamProtocolError(
+                f"the backend's answer is over {MAX_WHOLE_BODY} bytes",
+                code="upstream_too_large")
         if not BUDGET.take(size):
             raise errors.UpstreamProtocolError(
                 "the backend's answer does not fit in what whole answers may hold at once "
-                f"({BUDGET.limit} bytes)", code="upstream_too_large")
+                f"({BUDGET.limit} bytes)", code=BUDGET_SPENT)
         self._reserved += size
 
     async def read_some(self, limit: int) -> bytes:

@@ -3,7 +3,10 @@
 Each :class:`Target` says what to fetch (its kind's probe path, with the key only when
 that path needs it), which statuses are healthy besides 2xx, and how often: targets are
 probed on their own schedules (a hosted API once a minute, engines every few seconds),
-each with a short time limit; a refused connection or a time-out is unhealthy. A target
+each with a short time limit; a refused connection or a time-out is unhealthy. Only a
+probe's status counts (any 2xx, a 204 too; a redirect is never followed), and of its body
+a few bytes at most are read, so a backend's health path cannot make the control plane
+hold what it sends. A target
 with a ``metrics_url`` has its metrics text fetched after a healthy probe, for the
 caller to read with the kind's names. A healthy target turns unhealthy after
 ``fail_after`` failed probes in a row (the first probe decides at once). Results go to
@@ -44,13 +47,12 @@ log = logging.getLogger("synapse.controlplane.prober")
 
 DOCUMENT_TIMEOUT_S = 15.0
 DOCUMENT_STATUSES = frozenset({200, 404, 405})  # answers that say what the server has
+PROBE_BODY_BYTES = 4096     # of a health answer's body: read, then dropped
 
 
 class _Answer(Protocol):
     @property
     def status(self) -> int: ...
-
-    async def read(self) -> bytes: ...
 
     async def next_chunk(self, timeout_s: float | None = None) -> bytes | None: ...
 
@@ -79,15 +81,16 @@ class Target:
 
 
 async def _get(client: Sender, url: str, headers: Mapping[str, str], timeout_s: float,
-               limit: int | None = None) -> tuple[int, bytes] | None:
-    """The status and body of a GET (None: no answer in time); with ``limit``, no more
-    than ``limit`` + 1 bytes of the body are read (more than ``limit``: too long)."""
+               limit: int) -> tuple[int, bytes] | None:
+    """The status and body of a GET (None: no answer in time); no more than ``limit`` + 1
+    bytes of the body are read (more than ``limit``: too long). Never the whole body: a
+    backend's answer to a probe is its own to size, and what is read arrives as pieces,
+    outside what whole answers may hold (:data:`controlplane.adapters.http1.BUDGET`)."""
     try:
         async with asyncio.timeout(timeout_s):
             resp = await client.send("GET", url, b"", headers, timeout_s)
             try:
-                return resp.status, (await resp.read() if limit is None
-                                     else await _read_at_most(resp, limit + 1))
+                return resp.status, await _read_at_most(resp, limit + 1)
             finally:
                 resp.close()
     except (errors.UpstreamError, errors.UpstreamTimeout, TimeoutError):
@@ -118,7 +121,10 @@ async def document(client: Sender, url: str, headers: Mapping[str, str],
 
 
 async def probe(client: Sender, target: Target) -> bool:
-    answer = await _get(client, target.url, target.headers, target.timeout_s)
+    """Whether ``target`` answered a healthy status. Only the status counts: a few bytes of
+    the body are read (so a short answer leaves its connection to reuse), never more."""
+    answer = await _get(client, target.url, target.headers, target.timeout_s,
+                        PROBE_BODY_BYTES)
     if answer is None:
         return False
     status = answer[0]

@@ -113,11 +113,12 @@ class UpstreamClient:
         target = self._target(url)
         message = http1.head(method, target, headers, body) + body
         rid = headers.get(REQUEST_ID)
+        relayed = method != http1.UNRELAYED_METHOD
         for attempt in (1, 2):
             conn = await self._acquire(loop, target.origin, deadline, limit)
             reused = conn.used
             conn.used = True
-            resp = http1.UpstreamResponse(conn, self._read_timeout_s, loop)
+            resp = http1.UpstreamResponse(conn, self._read_timeout_s, loop, relayed=relayed)
             conn.response = resp
             try:
                 assert conn.transport is not None

@@ -169,7 +169,7 @@ async def test_whole_answers_together_hold_at_most_the_budget() -> None:
             second = await c.send("POST", srv.url + "/x", b"{}", {})
             with pytest.raises(errors.UpstreamProtocolError, match="at once") as over:
                 await second.read()
-            assert over.value.code == "upstream_too_large"
+            assert over.value.code == http1.BUDGET_SPENT, "no backend's fault"
             second.close()
             first.close()
             assert budget.held == 0
@@ -181,3 +181,20 @@ async def test_whole_answers_together_hold_at_most_the_budget() -> None:
         assert budget.held == 0
     finally:
         budget.limit = limit
+
+
+@on_both_loops
+async def test_one_answer_over_the_cap_is_the_backends() -> None:
+    """An answer over the per-answer cap is that backend's (the dispatcher fails over); one
+    refused for want of budget is nobody's (the dispatcher answers 503)."""
+    cap = http1.MAX_WHOLE_BODY
+    http1.MAX_WHOLE_BODY = 512 * 1024
+    try:
+        async with serving(sending(sized(700 * 1024))) as srv, client() as c:
+            resp = await c.send("POST", srv.url + "/x", b"{}", {})
+            with pytest.raises(errors.UpstreamProtocolError, match="over") as over:
+                await resp.read()
+            resp.close()
+            assert over.value.code == "upstream_too_large"
+    finally:
+        http1.MAX_WHOLE_BODY = cap
