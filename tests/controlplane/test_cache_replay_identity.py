@@ -186,6 +186,30 @@ async def test_forms_are_learnt_per_endpoint_kind():
         await cache.close()
 
 
+async def test_a_stream_form_is_filed_under_the_requests_endpoint_not_its_answers_object():
+    """A completions stream whose chunks carry no ``object`` folds to an answer without
+    one; its form is still the completions endpoint's, never handed to a chat hit."""
+    cache = response_cache.TieredCache(
+        options=response_cache.Options(semantic_enabled=False), l1=l1.MemoryL1(100, 10**6),
+        metrics=metrics_mod.Metrics(CollectorRegistry()))
+    try:
+        bare = {k: v for k, v in stored("completions", " long").items() if k != "object"}
+        form = completions_form()
+        taught = await cache.lookup(chat_request("a", "Rivers are", "completions"))
+        cache.store(taught, stream_fold.Assembled(bare, form))
+        plain = await cache.lookup(chat_request("a", "Name a river."))
+        cache.store(plain, stored("chat", "Nile."))
+        more = await cache.lookup(chat_request("a", "Lakes are", "completions"))
+        cache.store(more, stored("completions", " deep"))
+        await cache.drain()
+        hit = await cache.lookup(chat_request("a", "Name a river."))
+        assert hit.hit is not None and hit.hit.form is None
+        same = await cache.lookup(chat_request("a", "Lakes are", "completions"))
+        assert same.hit is not None and same.hit.form == form
+    finally:
+        await cache.close()
+
+
 def chat_form() -> dict[str, Any]:
     head = {"id": "", "object": "chat.completion.chunk", "created": 0, "model": "m"}
     blank = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": None}
