@@ -37,7 +37,8 @@ Design decisions:
   caller tries another agent; the cache goes on without it), logged as a warning naming
   the agent at most once per ``warn_interval_s`` per address. A vector of another
   dimension would otherwise reach the L2 store, whose collection takes the dimension of
-  its first write, and a logit of 1e30 would make any candidate a hit.
+  its first write, and a logit far beyond any cross-encoder's would make any candidate a
+  hit.
 - TLS (:class:`Credentials`, from ``grpc.node_ca_file`` and ``grpc.node_server_name``):
   every channel is then TLS, verified with that CA alone, so an agent serving plain text
   or a certificate the CA did not sign is never sent a tenant's text (the call fails

@@ -13,12 +13,13 @@ off) is accounted from the control plane's own figures instead: the prompt's tok
 and the content deltas relayed to the client, a :class:`Usage` marked ``estimated``.
 
 The engine is not trusted with the size of its counts: one that is not a whole number
-from 0 to :data:`MAX_COUNT` (negative, fractional, a string, a 2**63 that SQLite and
-protobuf refuse, thousands of digits that Python will not even make an int of) makes the
-whole usage absent, so the request is accounted from that estimate like any other
-answer without usage. A count past int64 on a usage row made every later flush of the
+from 0 to :data:`MAX_COUNT` (negative, fractional, a string, one larger than SQLite and
+protobuf hold, more digits than Python will make an int of) makes the whole usage
+absent, so the request is accounted from that estimate like any other answer without
+usage. A count no store can hold on a usage row would make every later flush of the
 usage store fail, every tenant's, and ``GetUsage`` fail for all; digits are counted
-before any int is built.
+before any int is built. A stored answer's usage, counted again on every cache hit,
+passes the same rule (:func:`count_of`).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _counts(found: list[tuple[bytes, bytes]]) -> dict[bytes, int] | None:
         whole = _WHOLE.fullmatch(raw)
         if whole is None:
             return None
-        count = int(whole.group(1))     # at most ten digits: never a huge int
+        count = int(whole.group(1))     # at most MAX_COUNT's digits: never a huge int
         if count > MAX_COUNT:
             return None
         out[name] = count

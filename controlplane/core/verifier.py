@@ -78,9 +78,9 @@ STACK_PATH = pathlib.Path(__file__).with_name("verifier_default_stack.json")
 STACK_FORMAT = "synapse-verifier-stack/1"
 FORMAT = "synapse-verifier/2"
 CALIBRATION_FLOOR = 0.2     # validation scores below this are never an operating point
-# The pair scorer's logits: the shipped cross-encoder's lie within about ±10 (its head has
-# norm 0.6 over a mean-pooled hidden state). The Node.ScorePairs client refuses answers
-# beyond this bound, and the stack clamps to it too, whoever gives it a logit.
+# The pair scorer's logits: a cross-encoder's lie well inside this bound (its head is a
+# linear map of a pooled hidden state). The Node.ScorePairs client refuses answers beyond
+# it, and the stack clamps to it too, whoever gives it a logit.
 MAX_PAIR_LOGIT = 50.0
 
 

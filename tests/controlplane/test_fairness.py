@@ -588,7 +588,7 @@ async def test_a_generating_answer_without_usage_is_billed_its_admitted_estimate
 def test_a_cache_hit_counts_the_stored_usage_by_the_engines_rule(prompt: Any, saved: int) -> None:
     """A cached answer's usage is what the engine sent; a hit counts each of its counts only
     when usage.count_of takes it (as from_tail takes an engine's), else that count as 0,
-    so a 2**63 stored with the answer never reaches the usage rows on every hit."""
+    so a count no store can hold, stored with the answer, never reaches the usage rows."""
     fair = fairness.Fairness.__new__(fairness.Fairness)     # only what cache_hit touches
     fair.book = usage_book.UsageBook(usage_book.MemoryUsageStore())
     fair._observer = fairness.TokenObserver()
