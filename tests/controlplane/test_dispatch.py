@@ -490,3 +490,29 @@ async def test_a_5xx_detail_is_masked_before_it_is_cut() -> None:
                     pass
             assert "sk-or" not in info.value.message and "xxxx" in info.value.message, (
                 at, info.value.message[-40:])
+
+
+async def test_a_spent_whole_answer_budget_is_503_and_not_failed_over() -> None:
+    """An answer refused for want of the process's memory for whole answers was failed
+    over like a broken one: every other backend recomputed a large answer to be refused
+    alike. It is nobody's fault: 503 with Retry-After, no other backend tried; an answer
+    over the per-answer cap is its backend's and still fails over."""
+    from controlplane.adapters import http1
+
+    d, mock, m = stack(("a", "b"))
+    spent = errors.UpstreamProtocolError("does not fit", code="upstream_busy")
+    mock.handler = lambda req: MockResponse(200, [b'{"da', spent])
+    decision, prompt = route(d)
+    with pytest.raises(errors.Unavailable) as info:
+        async with d.exchange(decision, prompt, CHAT, b"{}", "r"):
+            raise AssertionError("never handed over")
+    assert info.value.http_status == 503 and info.value.code == "upstream_busy"
+    assert info.value.headers() == {"Retry-After": "1"}
+    assert len(mock.requests) == 1 and retries(m, "read") == 0
+    assert set(in_flight(d).values()) == {0} and mock.responses[0].closed
+    too_large = errors.UpstreamProtocolError("over", code="upstream_too_large")
+    mock.handler = by_host({"a": MockResponse(200, [b'{"da', too_large]),
+                            "b": MockResponse(200, [b'{"ok": 1}'])})
+    async with d.exchange(decision, prompt, CHAT, b"{}", "r") as attempt:
+        assert attempt.index == 1 and await attempt.read() == b'{"ok": 1}'
+    assert http1.BUDGET_SPENT == dispatch.BUSY_CODE, "the transport's code is the one read"
