@@ -342,7 +342,7 @@ class UpstreamResponse:
     def __init__(self, conn: Connection, read_timeout_s: float,
                  loop: asyncio.AbstractEventLoop, *, relayed: bool = True) -> None:
         self.status = 0
-        self.relayed = relayed           # held to "Only answers to relay" 
+        self.relayed = relayed           # held to "Only answers to relay"
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0              # the names and values of its heads (1xx too)
         self.body_bytes = 0              # body bytes received
