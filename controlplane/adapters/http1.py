@@ -35,29 +35,28 @@ Rules:
 - Bodies pass through byte for byte (no decompression); chunked framing is removed.
   Header names and values are checked for CR, LF and NUL before anything is sent.
 - **Only answers to relay.** A final status in :data:`NOT_RELAYED` (a redirect, 204, 205)
-  to a relayed request and a body with a ``Content-Encoding`` fail the answer with
+  to a relayed request, and a body with a ``Content-Encoding`` to any, fail the answer with
   ``UpstreamProtocolError`` before its head is handed over: a hostile backend's redirect
   must not send a client (the OpenAI SDK follows them) and its tenant's prompt elsewhere.
   A relayed request is every one but a GET: the dispatcher's are all POSTs, and GETs are
   Synapse's own reads (health probes, metrics, a server's document), whose status their
   caller judges (a health path answering 204 is healthy) and which follow no redirect
-  (nothing here ever does). Bodies are relayed and
-  read as they came (usage, renames, the cache), so every request asks for
-  ``Accept-Encoding: identity`` and an encoded answer, which was not asked for, is
-  refused rather than decoded (no decompression bomb). Informational (1xx) heads are
-  skipped, as HTTP requires of a client; they never reach the client, and their bytes are
-  bounded as below.
+  (nothing here ever does). Bodies are relayed and read as they came (usage, renames, the
+  cache), so every request asks for ``Accept-Encoding: identity`` and an encoded answer,
+  which was not asked for, is refused rather than decoded (no decompression bomb).
+  Informational (1xx) heads are skipped, as HTTP requires of a client; they never reach
+  the client, and their bytes are bounded as below.
 - **Whole answers.** One is read into memory up to :data:`MAX_WHOLE_BODY` (large enough
-  for the largest embeddings batch a backend is sent, as JSON), and all of them
-  together up to :data:`WHOLE_BODIES_BUDGET` per process (:data:`BUDGET`; a serving worker
-  is a process of its own): a body over ``HIGH_WATER`` reserves what it holds as it
-  arrives, until its response is closed, and one that finds the budget spent fails with
-  ``UpstreamProtocolError`` (code :data:`BUDGET_SPENT`): no backend's fault, so the
-  dispatcher answers 503 with a ``Retry-After`` rather than failing over, while one answer
-  over the cap is that backend's (code ``upstream_too_large``), failed over like any
-  invalid answer. Small answers never touch it.
-  The budget is module state rather than the client's: it bounds the process's memory,
-  whichever client reads (the dispatcher's, an upload's).
+  for the largest embeddings batch a backend is sent, as JSON), and all of them together
+  up to :data:`WHOLE_BODIES_BUDGET` per process (:data:`BUDGET`; a serving worker is a
+  process of its own): a body over ``HIGH_WATER`` reserves what it holds as it arrives,
+  until its response is closed. Small answers never touch it. An answer over the cap is
+  its backend's fault (``UpstreamProtocolError``, code ``upstream_too_large``: failed over
+  like any invalid answer); one that finds the budget spent is no backend's (code
+  :data:`BUDGET_SPENT`: the dispatcher answers 503 with ``Retry-After`` rather than fail
+  over). The budget is module state rather than a client's: it bounds the process's
+  memory whichever :class:`~controlplane.adapters.upstream.UpstreamClient` reads.
+  Answers read in pieces (streams, a probe's first bytes) never hold it.
 - **A bounded head.** httptools sets no limit on a head: a backend (a compromised engine
   runs tenants' inputs) could send headers without end, or one header of a gigabyte, and
   only the first-byte limit stopped it. A head of more than :data:`MAX_HEADERS` lines, or
