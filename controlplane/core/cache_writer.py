@@ -41,6 +41,10 @@ class State:
     vector: cache_parts.Vector | None = None
     embedder_id: str = ""
     epoch: int = 0      # the cache fence's at lookup (cache_fence)
+    # The request's endpoint kind, which a stream's learnt form is filed under as a hit
+    # reads it (response_cache.form_key); the answer's own ``object`` is not asked: an
+    # engine's stream chunks may carry none.
+    endpoint: str = "chat"
 
 
 @dataclasses.dataclass(frozen=True)

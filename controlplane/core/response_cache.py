@@ -88,28 +88,13 @@ State = cache_writer.State
 
 def form_key(tenant: str, model: str, endpoint: str) -> str:
     """Where the stream form a model sent one tenant on one endpoint kind (``chat`` or
-    ``completions``, the request's: :class:`Looked`) is kept: per tenant, so no tenant's
-    stream shapes another's replays (a form holds no request data either: ``stream_fold.skeleton``), and
+    ``completions``, the request's: ``State.endpoint``) is kept: per tenant, so no
+    tenant's stream shapes another's replays (a form holds no request data either:
+    ``stream_fold.skeleton``), and
     per endpoint kind, so a completions stream never shapes a chat replay (its ``object``,
     ``text``, ``prompt_token_ids``), nor the reverse. The other APIs answered from this
     cache (Messages, Responses) replay in their own event forms and learn none."""
     return f"{tenant}\x00{model}\x00{endpoint}"
-
-
-def endpoint_of(response: Mapping[str, Any]) -> str:
-    """The endpoint kind an answer is of: its ``object`` says (the cache's scope keeps
-    the two kinds apart, so a request's kind is that of every entry it can hit)."""
-    return "completions" if response.get("object") == "text_completion" else "chat"
-
-
-@dataclasses.dataclass(frozen=True)
-class Looked(State):
-    """What lookup hands to store: the writer's :class:`State` and the request's endpoint
-    kind, which a stream's form is filed under (:func:`form_key`) as a hit reads it. The
-    answer's own ``object`` is not asked: an engine's stream chunks may carry none, and a
-    completions form would then be filed under the chat key."""
-
-    endpoint: str = "chat"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,8 +193,8 @@ class TieredCache:
         rule = cache_rules.policy(request, opts.temperature_ceiling, opts.default_temperature)
         keys = cache_rules.derive(request, opts.embed_model)
         work_s = self._mono() - started
-        state: State = Looked(request.tenant, request.model, keys, epoch=self.fence.epoch,
-                              endpoint=request.endpoint)
+        state = State(request.tenant, request.model, keys, epoch=self.fence.epoch,
+                      endpoint=request.endpoint)
         if not self._warmed and self.semantic and (rule.lookup or rule.store):
             # Opening L2 (Milvus Lite starts a server) happens in the background at the
             # first cacheable request, not at start-up: processes that never cache never
@@ -468,8 +453,7 @@ class TieredCache:
                     or not cache_rules.is_storable(response)):
                 return
             form = getattr(response, "form", None)      # stored from a stream
-            endpoint = state.endpoint if isinstance(state, Looked) else endpoint_of(response)
-            key = form_key(state.tenant, state.model, endpoint)
+            key = form_key(state.tenant, state.model, state.endpoint)
             if form and self.learn_form(key, form) and self.form_listener is not None:
                 self.form_listener(key, form)
             self._writer.put(state, response)
