@@ -84,6 +84,7 @@ from collections.abc import Iterator, Mapping
 import httptools
 
 from controlplane import errors
+from controlplane.core import transport
 
 log = logging.getLogger("synapse.controlplane.upstream")
 
@@ -98,7 +99,7 @@ MAX_HEADERS = 100
 MAX_HEAD_BYTES = 64 * 1024
 # Final statuses that are no answer to relay: a redirect (the OpenAI SDK would follow its
 # Location, taking a tenant's prompt to wherever the backend says), or no content.
-NOT_RELAYED = frozenset({*range(300, 400), 204, 205})
+NOT_RELAYED = transport.NOT_RELAYED
 UNRELAYED_METHOD = "GET"     # Synapse's own reads: their answers are never relayed
 BUDGET_SPENT = "upstream_busy"  # the code of a whole answer refused for want of budget
 _FORBIDDEN = frozenset("\r\n\0")
@@ -319,8 +320,7 @@ class Connection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if status in NOT_RELAYED and resp.relayed:
             raise _Refused(f"status {status}, which is never relayed")
-        coding = resp.header("content-encoding") if status >= 200 else None
-        if coding is not None and coding.strip().lower() not in ("", "identity"):
+        if status >= 200 and transport.encoded(resp.header("content-encoding")):
             raise _Refused("an encoded body (Content-Encoding), which was not asked for")
         resp.head_received(status)
 

@@ -19,7 +19,9 @@ Rules:
   broken answer ``UpstreamReadError``, no head within the first-byte limit
   ``UpstreamTimeout``. A body the source stopped (the upload went over its limit) raises
   the source's own error (413).
-* Bodies pass through undecoded (``auto_decompress`` off).
+* Bodies pass through undecoded (``auto_decompress`` off); an answer no transport relays
+  (:data:`controlplane.core.transport.NOT_RELAYED`, an encoded body) is an
+  ``UpstreamProtocolError``, and a redirect is never followed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Protocol
 import aiohttp
 
 from controlplane import errors
+from controlplane.core import transport
 
 
 class BodySource(Protocol):
@@ -125,11 +128,11 @@ class UploadTransport:
             raise errors.with_status(502, "the backend failed after the upload had begun; "
                                      "it was not sent again to another backend",
                                      code="upload_not_retried")
-        sent = {**headers, "Content-Type": self._content_type}
+        sent = {**headers, "Content-Type": self._content_type, "Accept-Encoding": "identity"}
         try:
             async with asyncio.timeout(timeout_s):
                 resp = await self._client.request(method, url, data=self._source.chunks(),
-                                                  headers=sent)
+                                                  headers=sent, allow_redirects=False)
         except TimeoutError:
             self._stopped()
             raise errors.UpstreamTimeout(f"no response within {timeout_s:g}s") from None
@@ -141,6 +144,14 @@ class UploadTransport:
             self._stopped()
             raise errors.UpstreamReadError(
                 f"the upload to the backend failed: {_why(exc)}") from exc
+        if resp.status in transport.NOT_RELAYED or transport.encoded(
+                resp.headers.get("Content-Encoding")):
+            resp.close()
+            raise errors.UpstreamProtocolError(
+                f"the backend answered the upload with status {resp.status}, which is never "
+                "relayed" if resp.status in transport.NOT_RELAYED else
+                "the backend answered the upload with an encoded body (Content-Encoding), "
+                "which was not asked for")
         return StreamedResponse(resp, self._read_timeout_s)
 
     def _stopped(self) -> None:

@@ -23,6 +23,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+# Statuses no relayed answer may have: a redirect (the OpenAI SDK follows its Location
+# with the tenant's prompt), 204 and 205 (no answer to relay). Every transport fails such
+# an answer with ``UpstreamProtocolError`` before its head is handed over, and so one whose
+# body is encoded (:func:`encoded`: bodies are relayed as they came and never decoded).
+NOT_RELAYED = frozenset({*range(300, 400), 204, 205})
+
+
+def encoded(content_encoding: str | None) -> bool:
+    """Whether an answer's ``Content-Encoding`` says its body is encoded."""
+    return content_encoding is not None and content_encoding.strip().lower() not in (
+        "", "identity")
+
 
 class Response(Protocol):
     """A backend's answer whose head has arrived."""
