@@ -44,6 +44,7 @@ from typing import Any
 import orjson
 
 from controlplane.core import cache_port
+from controlplane.core import usage as usage_mod
 
 # Fields that never change the generated content (see the module docstring).
 NON_SEMANTIC_FIELDS = frozenset({"model", "stream", "stream_options", "user"})
@@ -133,14 +134,26 @@ def cache_control_directives(header: str) -> frozenset[str]:
 
 
 def is_storable(response: Mapping[str, Any]) -> bool:
-    """A complete, successful response: every choice finished with ``stop`` or ``length``."""
+    """A complete, successful response: every choice finished with ``stop`` or ``length``,
+    and its usage counts (when given) counts by the engine's rule
+    (:func:`usage.count_of`): an answer whose usage was refused as absurd is relayed once,
+    never replayed from the cache."""
     choices = response.get("choices")
     if not isinstance(choices, list) or not choices:
         return False
-    if "error" in response:
+    if "error" in response or not _usage_counts(response.get("usage")):
         return False
     return all(isinstance(c, Mapping) and c.get("finish_reason") in ("stop", "length")
                for c in choices)
+
+
+def _usage_counts(usage: Any) -> bool:
+    if usage is None:
+        return True
+    if not isinstance(usage, Mapping):
+        return False
+    return all(value is None or usage_mod.count_of(value) is not None
+               for key, value in usage.items() if key.endswith("_tokens"))
 
 
 # Request fields asking the engine to put the prompt in its answer (when set and not false).

@@ -123,6 +123,13 @@ def test_default_temperature_is_configurable():
     ({"choices": [{"finish_reason": None}]}, False),
     ({"choices": []}, False),
     ({"error": {"message": "x"}, "choices": [{"finish_reason": "stop"}]}, False),
+    # usage the engine's rule refuses (a compromised engine's): relayed once, never replayed
+    ({"choices": [{"finish_reason": "stop"}], "usage": {"prompt_tokens": 5,
+      "completion_tokens": 3, "total_tokens": 8, "prompt_tokens_details": None}}, True),
+    ({"choices": [{"finish_reason": "stop"}], "usage": {"prompt_tokens": 2**63}}, False),
+    ({"choices": [{"finish_reason": "stop"}], "usage": {"completion_tokens": -1}}, False),
+    ({"choices": [{"finish_reason": "stop"}], "usage": {"input_tokens": "7"}}, False),
+    ({"choices": [{"finish_reason": "stop"}], "usage": "lots"}, False),
 ])
 def test_only_complete_responses_are_storable(response, ok):
     assert cache_rules.is_storable(response) is ok
