@@ -66,6 +66,11 @@ class SimulatorSettings(Section):
                                                          "(413 above unless truncate is set)")
     max_audio_mb: float = Field(25.0, gt=0, description="largest audio upload for "
                                 "transcription (vLLM's VLLM_MAX_AUDIO_CLIP_FILESIZE_MB)")
+    answer_origin: bool = Field(
+        False, description="name the request that produced each whole chat or completions "
+                           "answer in a field of its own, ``origin`` (tests: the response "
+                           "cache gives every replay a fresh id, so the id cannot say where "
+                           "a cached answer came from)")
     responses_store: bool = Field(
         False, description="keep answers of /v1/responses in memory so previous_response_id "
                            "and GET /v1/responses/{id} work (vLLM's "

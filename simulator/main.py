@@ -40,6 +40,7 @@ the current ones. Fault delays are wall seconds, not scaled by --time-scale."""
 OVERRIDES = {
     "engine": "engine", "host": "host", "port": "port", "model": "model",
     "served_model_name": "served_model_names", "time_scale": "time_scale", "seed": "seed",
+    "answer_origin": "answer_origin",
     "max_num_seqs": "profile.max_num_seqs", "num_gpu_blocks": "profile.num_gpu_blocks",
     "block_size": "profile.block_size", "max_model_len": "profile.max_model_len",
     "max_num_batched_tokens": "profile.max_num_batched_tokens",
@@ -74,6 +75,8 @@ def build_parser(prog: str = "synapse simulator") -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", nargs="+", action="extend", metavar="NAME",
                    help="name(s) clients use; repeatable (default: --model)")
     s.add_argument("--seed", type=int, help="seed for deterministic output")
+    s.add_argument("--answer-origin", action="store_true", default=None,
+                   help="name the producing request in each whole answer (`origin`)")
     m = parser.add_argument_group("latency model")
     m.add_argument("--time-scale", type=float,
                    help="multiplies every modelled delay (0.01 = 100x faster; 0 = instant)")

@@ -208,10 +208,13 @@ class VllmApi:
                 entry["text"] = c.out.text
                 entry["prompt_logprobs"] = None
             out.append(entry)
-        return {"id": request_id, "object": "chat.completion" if gen.chat else "text_completion",
+        body = {"id": request_id, "object": "chat.completion" if gen.chat else "text_completion",
                 "created": int(self.wall()), "model": model, "choices": out,
                 "usage": self._usage(choices, prompt_tokens, gen.n),
                 "system_fingerprint": FINGERPRINT, "prompt_logprobs": None}
+        if self.settings.answer_origin:
+            body["origin"] = request_id
+        return body
 
     async def _stream(self, request: web.Request, gen: protocol.GenRequest, model: str,
                       request_id: str, choices: list[Choice], prompt_tokens: int,

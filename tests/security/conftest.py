@@ -86,6 +86,8 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
         agent_cfg = fleet.agent_config("sec-node", gw.grpcs, engines, tmp / "engines",
                                        time_scale=0)
         agent_cfg["embedder"] = {"kind": "minilm"}
+        for backend in agent_cfg["backends"]:       # proof of origin for cached answers
+            backend["extra_args"].append("--answer-origin")
         path = fleet.write_yaml(tmp / "agent.yaml", agent_cfg)
         agent = pool.start("agent", ["synapse", "agent", "--config", str(path),
                                      "--log-level", "debug"])

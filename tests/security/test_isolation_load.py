@@ -1,9 +1,9 @@
 """The response cache never crosses tenants, checked at load: two tenants ask the same
 questions (and paraphrases) concurrently through both replicas, which share the Redis L1.
 
-Proof of origin: the simulator builds a completion's ``id`` from the ``x-request-id`` the
-control plane forwards, so an answer replayed from the cache still names the request that
-produced it. Every answer a tenant receives must come from one of *that tenant's*
+Proof of origin: the simulators run with ``--answer-origin``, so every whole answer names,
+in its ``origin`` field, the request that produced it (built from the ``x-request-id`` the
+control plane forwards); an answer replayed from the cache keeps it (its ``id`` is fresh). Every answer a tenant receives must come from one of *that tenant's*
 requests; the test also checks that the cache did serve hits (else it proves nothing).
 Paraphrases (asked after their originals were stored) make semantic hits too; every
 scope dimension of the semantic layer is covered one by one by
@@ -36,7 +36,7 @@ async def _ask(session: aiohttp.ClientSession, url: str, key: str, question: str
     async with session.post(f"{url}/v1/chat/completions", data=body, headers=headers) as resp:
         data = await resp.json()
         assert resp.status == 200, data
-        return resp.headers["x-request-id"], resp.headers["x-synapse-cache"], data["id"]
+        return resp.headers["x-request-id"], resp.headers["x-synapse-cache"], data["origin"]
 
 
 async def _load(urls: list[str]) -> dict[str, list[tuple[str, str, str]]]:

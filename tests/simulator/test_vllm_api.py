@@ -10,9 +10,10 @@ import aiohttp
 import openai
 import pytest
 
+from synapse_common import clock as clocks
 from synapse_common import tokens
 from tests import harness
-from tests.simulator.conftest import MODEL, Sim, samples, start, value
+from tests.simulator.conftest import MODEL, Sim, flags, in_process, samples, start, value
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +307,17 @@ async def test_kv_exhaustion_preempts_and_every_request_still_completes(
     assert all(a["usage"]["completion_tokens"] == 14 for a in answers)
     assert value(m, "vllm:num_preemptions_total") >= 1
     assert value(m, "vllm:kv_cache_usage_perc") == 0
+
+
+async def test_answer_origin_names_the_producing_request_in_whole_answers() -> None:
+    """``--answer-origin``: a cached replay gets a fresh id, so tests prove where an
+    answer came from by this field; off by default (vLLM has no such field)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    for argv, expected in ((["--time-scale", "0", "--answer-origin"], "chatcmpl-r-7"),
+                           (["--time-scale", "0"], None)):
+        async with in_process(flags(*argv), clocks.Time()) as url, \
+                aiohttp.ClientSession() as session, session.post(
+                    f"{url}/v1/chat/completions", json=body,
+                    headers={"X-Request-Id": "r-7"}) as r:
+            answer = await r.json()
+        assert answer.get("origin") == expected and answer["id"] == "chatcmpl-r-7"
