@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from prometheus_client import CollectorRegistry
 
 from controlplane import metrics as metrics_mod
@@ -163,16 +164,21 @@ def completions_form() -> dict[str, Any]:
     return {"content": {**head, "choices": [blank]}, "finish": {**head, "choices": [blank]}}
 
 
-async def test_forms_are_learnt_per_endpoint_kind():
+@pytest.mark.parametrize("with_object", [True, False], ids=["object", "no-object"])
+async def test_forms_are_learnt_per_endpoint_kind(with_object: bool) -> None:
     """The form a completions stream taught is never handed to a chat hit (the cache's
-    own key), whatever the replay would then make of it."""
+    own key), whatever the replay would then make of it. A completions stream whose
+    chunks carry no ``object`` folds to an answer without one: its form is still filed
+    under the request's endpoint, the completions one."""
     cache = response_cache.TieredCache(
         options=response_cache.Options(semantic_enabled=False), l1=l1.MemoryL1(100, 10**6),
         metrics=metrics_mod.Metrics(CollectorRegistry()))
     try:
+        answer = stored("completions", " long")
+        if not with_object:
+            answer.pop("object")
         taught = await cache.lookup(chat_request("a", "Rivers are", "completions"))
-        cache.store(taught, stream_fold.Assembled(stored("completions", " long"),
-                                                  completions_form()))
+        cache.store(taught, stream_fold.Assembled(answer, completions_form()))
         plain = await cache.lookup(chat_request("a", "Name a river."))
         cache.store(plain, stored("chat", "Nile."))
         more = await cache.lookup(chat_request("a", "Lakes are", "completions"))
@@ -182,30 +188,6 @@ async def test_forms_are_learnt_per_endpoint_kind():
         assert hit.hit is not None and hit.hit.form is None
         same = await cache.lookup(chat_request("a", "Lakes are", "completions"))
         assert same.hit is not None and same.hit.form == completions_form()
-    finally:
-        await cache.close()
-
-
-async def test_a_stream_form_is_filed_under_the_requests_endpoint_not_its_answers_object():
-    """A completions stream whose chunks carry no ``object`` folds to an answer without
-    one; its form is still the completions endpoint's, never handed to a chat hit."""
-    cache = response_cache.TieredCache(
-        options=response_cache.Options(semantic_enabled=False), l1=l1.MemoryL1(100, 10**6),
-        metrics=metrics_mod.Metrics(CollectorRegistry()))
-    try:
-        bare = {k: v for k, v in stored("completions", " long").items() if k != "object"}
-        form = completions_form()
-        taught = await cache.lookup(chat_request("a", "Rivers are", "completions"))
-        cache.store(taught, stream_fold.Assembled(bare, form))
-        plain = await cache.lookup(chat_request("a", "Name a river."))
-        cache.store(plain, stored("chat", "Nile."))
-        more = await cache.lookup(chat_request("a", "Lakes are", "completions"))
-        cache.store(more, stored("completions", " deep"))
-        await cache.drain()
-        hit = await cache.lookup(chat_request("a", "Name a river."))
-        assert hit.hit is not None and hit.hit.form is None
-        same = await cache.lookup(chat_request("a", "Lakes are", "completions"))
-        assert same.hit is not None and same.hit.form == form
     finally:
         await cache.close()
 
