@@ -27,7 +27,9 @@ gets (:func:`not_found`), from the control plane itself: no engine sees the requ
   was opened for this tenant. Nothing else, however much it looks like an id: a tenant
   can make an engine echo any string (``metadata``, tool arguments), and sealing that
   for it would hand it another tenant's conversation. Only whole lines are rewritten
-  (:class:`WholeLines`), so an id cut across two network chunks is still found.
+  (:class:`WholeLines`), so an id cut across two network chunks is still found; a line
+  longer than the longest answer the control plane assembles ends the stream with an
+  error instead (a hostile engine never makes it hold more).
 * **What the engine never gets from a client**: ``request_id`` (vLLM names the answer,
   and its stored history, after it; a tenant choosing it could overwrite another's
   conversation): :func:`engine_body` drops it.
@@ -47,6 +49,7 @@ from typing import Any
 import orjson
 
 from controlplane import errors
+from controlplane.core import sse
 
 SEPARATOR = "_"
 TAG_BYTES = 16
@@ -54,6 +57,9 @@ TAG_CHARS = 22                    # base64url of TAG_BYTES, without padding
 MAX_ID = 256                      # longer is no id of ours (checked before any hashing)
 _LABEL = b"synapse/responses-id/v2"     # v2: scrypt-stretched (v1: HMAC of the secret)
 MIN_ADMIN_KEY = 16                # characters of an admin key the ids' key may come from
+# The longest unfinished line a stream's ids are looked for in: an event's line is one
+# JSON value, at most the whole answer (``response.completed`` carries it all).
+LINE_MAX = sse.ASSEMBLED_MAX
 _ENGINE_ID = re.compile(r"resp_[A-Za-z0-9_-]{1,128}\Z")
 _TAG = re.compile(rf"[A-Za-z0-9_-]{{{TAG_CHARS}}}\Z")
 # A whole answer's own id: the first member of the object (vLLM and the simulator write
@@ -197,18 +203,48 @@ class WholeLines:
     """Cuts a stream after its last line break: :meth:`feed` returns the whole lines
     received so far (bytes as they came) and keeps an unfinished one for later. An id
     never spans lines (an event's ``data:`` is one JSON line), so whole lines are enough
-    to find and rewrite every id, and an event is never held back beyond its last line."""
+    to find and rewrite every id, and an event is never held back beyond its last line.
 
-    def __init__(self) -> None:
-        self._held = b""
+    Each byte is searched for a line break once and the unfinished line grows in place,
+    so a long line costs linear work. It is held up to ``limit`` bytes (by default
+    :data:`LINE_MAX`, the longest answer the control plane assembles): past that the
+    engine is hostile or broken, and :meth:`feed` raises an ``UpstreamError`` — the relay
+    ends the stream with its error event and lets the engine go — rather than hold more,
+    or pass on a line whose ids it could not rewrite."""
+
+    __slots__ = ("_held", "limit")
+
+    def __init__(self, limit: int = LINE_MAX) -> None:
+        self._held = bytearray()
+        self.limit = limit
+
+    @property
+    def held(self) -> int:
+        """Bytes of an unfinished line held."""
+        return len(self._held)
 
     def feed(self, data: bytes) -> bytes:
-        data = self._held + data if self._held else data
         end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
-        self._held = data[end:]
-        return data[:end]
+        if end == 0:
+            self._hold(data)
+            return b""
+        if self._held:
+            self._held += memoryview(data)[:end]
+            out = bytes(self._held)
+            self._held.clear()
+        else:
+            out = data if end == len(data) else data[:end]
+        self._hold(memoryview(data)[end:])
+        return out
+
+    def _hold(self, piece: bytes | memoryview) -> None:
+        self._held += piece
+        if len(self._held) > self.limit:
+            self._held = bytearray()
+            raise errors.UpstreamError(f"the backend sent a line of over {self.limit} "
+                                       "bytes without a line break")
 
     def rest(self) -> bytes:
         """What is left when the stream ends (a last line without its line break)."""
-        held, self._held = self._held, b""
+        held, self._held = bytes(self._held), bytearray()
         return held

@@ -1,0 +1,104 @@
+"""A Responses stream's unfinished line is held only up to the longest answer the control
+plane assembles (:class:`controlplane.core.response_ids.WholeLines`): a hostile engine
+streaming without a line break has its stream ended with an ``error`` event and its
+connection closed, instead of the control plane holding (and re-copying) all of it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from controlplane import errors
+from controlplane.core import response_ids as ids
+from controlplane.core import sse
+from tests.controlplane import cp_testing as t
+
+CAP = sse.ASSEMBLED_MAX
+PIECE = b"x" * (64 << 10)
+CREATED = {"type": "response.created", "sequence_number": 0,
+           "response": {"id": "resp_engine1", "object": "response", "status": "in_progress",
+                        "model": t.MODEL, "output": []}}
+
+
+def test_a_line_that_never_ends_is_refused_past_the_longest_answer() -> None:
+    lines = ids.WholeLines()
+    first = b"event: response.created\ndata: {}\n"
+    assert lines.feed(first + PIECE) == first
+    with pytest.raises(errors.UpstreamError, match="without a line break"):
+        for _ in range(CAP // len(PIECE) + 1):
+            assert lines.feed(PIECE) == b""
+    assert lines.rest() == b"", "what it held is dropped, never passed on unrewritten"
+
+
+def test_a_line_up_to_the_limit_passes_whole_in_any_pieces() -> None:
+    lines = ids.WholeLines(limit=10)
+    assert lines.feed(b"a" * 4) == b"" and lines.feed(b"a" * 6) == b""
+    assert lines.held == 10
+    assert lines.feed(b"\nb") == b"a" * 10 + b"\n" and lines.rest() == b"b"
+    assert lines.feed(b"c" * 25 + b"\r\n") == b"c" * 25 + b"\r\n", "a whole line is not held"
+    with pytest.raises(errors.UpstreamError):
+        lines.feed(b"\n" + b"d" * 11)
+
+
+class Hostile:
+    """A Responses engine that sends one event, then bytes without a line break until
+    it has sent ``total`` of them or the control plane closes the connection."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.sent = 0
+        self.cut_off = False
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(f"event: response.created\ndata: {json.dumps(CREATED)}\n\n"
+                         .encode())
+        try:
+            while self.sent < self.total:
+                await resp.write(PIECE)
+                self.sent += len(PIECE)
+        except (ConnectionError, asyncio.CancelledError):
+            self.cut_off = True
+            raise
+        request.transport.close()  # type: ignore[union-attr]
+        return resp
+
+
+@contextlib.asynccontextmanager
+async def _engine(hostile: Hostile) -> AsyncIterator[str]:
+    async def healthy(_request: web.Request) -> web.Response:
+        return web.json_response({})
+    app = web.Application(handler_args={"handler_cancellation": True})
+    app.router.add_post("/v1/responses", hostile.responses)
+    app.router.add_get("/health", healthy)
+    async with t.served(app) as url:
+        yield url
+
+
+async def test_a_hostile_engines_endless_line_ends_the_stream_with_an_error() -> None:
+    hostile = Hostile(total=3 * CAP)
+    async with _engine(hostile) as url:
+        # a vLLM (it takes a cache_salt): no other filter holds the stream's lines
+        s = t.settings(upstreams=[{"name": "hostile", "url": url, "kind": "vllm",
+                                   "models": [t.MODEL], "tasks": ["responses"]}])
+        async with t.running(s) as cp, aiohttp.ClientSession() as http, http.post(
+                f"{cp.url}/v1/responses", headers={"Authorization": f"Bearer {t.KEY_A}"},
+                json={"model": t.MODEL, "input": "Hi", "stream": True}) as r:
+            raw = await asyncio.wait_for(r.read(), 60)
+    events = raw.strip().split(b"\n\n")
+    assert len(events) == 2 and events[0].startswith(b"event: response.created"), raw[:300]
+    assert b"resp_engine1_" in events[0], "the id it did see is sealed"
+    name, data = events[1].split(b"\n")
+    assert name == b"event: error"
+    error = json.loads(data.removeprefix(b"data: "))
+    assert error["code"] == "stream_interrupted" and error["sequence_number"] == 1
+    assert "without a line break" in error["message"]
+    assert hostile.sent < 2 * CAP, "the engine was let go soon after the bound"
