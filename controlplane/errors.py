@@ -25,6 +25,7 @@ core, which raises these, never imports it).
     │   ├── UpstreamProtocolError                      the answer was not valid HTTP/1.1
     │   └── UpstreamReadError                          the connection broke or went silent
     ├── Unavailable (503, service_unavailable)         no backend can serve the model
+    │   ├── Busy (upstream_busy)                       no memory left here for a whole answer
     │   └── QueueTimeout                               queued past its deadline (Retry-After)
     └── UpstreamTimeout (504, timeout_error)           no first byte in time
 
@@ -185,6 +186,22 @@ class BackendRefusal(SynapseError, error_type="invalid_request_error",
 class Unavailable(SynapseError, http_status=503, error_type="service_unavailable",
                   grpc_code="UNAVAILABLE", default_code="no_backend"):
     pass
+
+
+# The code of a transport's refusal of a whole answer for want of memory in this process
+# (``controlplane.adapters.http1.BUDGET_SPENT``), and when to try again: what whole
+# answers hold is given back as soon as they are relayed.
+BUSY_CODE = "upstream_busy"
+BUSY_RETRY_AFTER_S = 1.0
+
+
+class Busy(Unavailable, default_code=BUSY_CODE):
+    """Whole answers already hold all the memory they may in this process: no backend's
+    fault, so not failed over (every backend's answer would be refused alike); 503, and
+    ``Retry-After`` (the way :class:`QueueTimeout` says it)."""
+
+    def headers(self) -> dict[str, str]:
+        return retry_after(BUSY_RETRY_AFTER_S)
 
 
 class UpstreamTimeout(SynapseError, http_status=504, error_type="timeout_error",

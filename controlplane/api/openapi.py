@@ -33,7 +33,8 @@ _ERRORS = {
     "429": {**_err("over the tenant's rate limit; see Retry-After"),
             "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
     "502": _err("every backend tried failed"),
-    "503": _err("no backend can serve the model now"),
+    "503": {**_err(openapi_surface.UNAVAILABLE),
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
     "504": _err("no backend answered in time"),
 }
 

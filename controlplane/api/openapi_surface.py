@@ -82,6 +82,20 @@ def _errors(shape: str, statuses: dict[str, str]) -> dict[str, Any]:
             for code, why in statuses.items()}
 
 
+# Why a model's path answers 503, by the error's ``code`` (every path of the document
+# lists them in its 503's description).
+UNAVAILABLE_CODES = {
+    "no_backend": "no backend serving the path's task can serve the model now",
+    "queue_timeout": "the request waited in the fair queue past its deadline "
+                     "(Retry-After)",
+    "upstream_busy": "this process holds as many whole answers as it may (Retry-After)",
+    "server_shutting_down": "this replica is shutting down (another one can answer)",
+}
+UNAVAILABLE = "by error.code: " + "; ".join(f"{code}: {why}"
+                                            for code, why in UNAVAILABLE_CODES.items())
+# Anthropic's error has no code: every 503 is an ``overloaded_error``.
+_ANTHROPIC_UNAVAILABLE = ("overloaded_error: " + "; ".join(UNAVAILABLE_CODES.values()))
+
 _COMMON_ERRORS = {
     "400": "an invalid field (named in the error)",
     "401": "missing or unknown API key",
@@ -90,7 +104,7 @@ _COMMON_ERRORS = {
     "413": "body larger than http.max_body_bytes",
     "429": "over the tenant's rate or token limit; see Retry-After",
     "502": "every backend tried failed",
-    "503": "no backend serving this path's task can serve the model now",
+    "503": UNAVAILABLE,
     "504": "no backend answered in time",
 }
 
@@ -99,11 +113,13 @@ def _post(summary: str, request: tuple[str, str], answers: dict[str, Any],
           errors: str = "Error", overrides: dict[str, str] | None = None,
           security: list[dict[str, list[str]]] | None = None) -> dict[str, Any]:
     media, schema = request
+    anthropic = {"503": _ANTHROPIC_UNAVAILABLE} if errors == "AnthropicError" else {}
     return {"post": {
         "summary": summary, "security": security or [{"bearer": []}],
         "requestBody": {"required": True, "content": {media: {"schema": _ref(schema)}}},
         "responses": {"200": {"description": "the backend's answer", "content": answers},
-                      **_errors(errors, {**_COMMON_ERRORS, **(overrides or {})})}}}
+                      **_errors(errors, {**_COMMON_ERRORS, **anthropic,
+                                         **(overrides or {})})}}}
 
 
 def _json_answer(stream: bool = False) -> dict[str, Any]:

@@ -21,8 +21,9 @@ The one home of the serving path's upstream policy; the API layer only relays by
   given in that message. Any other refusal is relayed, and it and a 5xx's quoted detail
   have the backend's key masked (:func:`controlplane.errors.masked`). A whole answer
   the transport refused because the process's memory for whole answers is spent (code
-  :data:`BUSY_CODE`) is no backend's fault and is not failed over (every backend would
-  recompute an answer to be refused alike): the request gets :class:`Busy`, a 503 with
+  :data:`controlplane.errors.BUSY_CODE`) is no backend's fault and is not failed over
+  (every backend would recompute an answer to be refused alike): the request gets
+  :class:`controlplane.errors.Busy`, a 503 with
   ``Retry-After``; an answer over the per-answer cap is its backend's, failed over. Once
   the caller has taken an attempt nothing is retried: whatever breaks later is the
   caller's to report (an SSE error event).
@@ -84,11 +85,6 @@ ERROR_DETAIL_BYTES = 300
 ERROR_DETAIL_TIMEOUT_S = 1.0
 # Statuses by which a backend refuses the credentials Synapse presented (never a client's).
 REFUSED_CREDENTIALS = frozenset({401, 403, 407})
-# The code of a transport's refusal of a whole answer for want of memory in this process
-# (:data:`controlplane.adapters.http1.BUDGET_SPENT`), and when to try again: what whole
-# answers hold is given back as soon as they are relayed.
-BUSY_CODE = "upstream_busy"
-BUSY_RETRY_AFTER_S = 1.0
 _CHAINS_MAX = 4096      # fallback chains kept (models are few; guards a leak)
 Failure = errors.UpstreamError | errors.UpstreamTimeout
 Allows = Callable[[str], bool]
@@ -331,8 +327,8 @@ class Dispatcher:
         try:
             await attempt.first_bytes()
         except errors.UpstreamError as exc:
-            if exc.code == BUSY_CODE:
-                raise Busy(f"the answer of backend {backend.key} could not be held: the "
+            if exc.code == errors.BUSY_CODE:
+                raise errors.Busy(f"the answer of backend {backend.key} could not be held: the "
                            "control plane is holding as many large answers as it may; "
                            "try again shortly") from exc
             log.debug("backend %s broke off before the first byte: %s", backend.key, exc)
@@ -352,14 +348,6 @@ class Dispatcher:
             except retriable as exc:
                 last = str(exc)
         raise errors.UpstreamError(f"every {what} failed; last error: {last}")
-
-
-class Busy(errors.Unavailable, default_code=BUSY_CODE):
-    """Whole answers already hold all the memory they may in this process: 503, and
-    ``Retry-After`` (the way :class:`controlplane.errors.QueueTimeout` says it)."""
-
-    def headers(self) -> dict[str, str]:
-        return errors.retry_after(BUSY_RETRY_AFTER_S)
 
 
 class Exchange:

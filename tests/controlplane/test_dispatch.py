@@ -515,4 +515,4 @@ async def test_a_spent_whole_answer_budget_is_503_and_not_failed_over() -> None:
                             "b": MockResponse(200, [b'{"ok": 1}'])})
     async with d.exchange(decision, prompt, CHAT, b"{}", "r") as attempt:
         assert attempt.index == 1 and await attempt.read() == b'{"ok": 1}'
-    assert http1.BUDGET_SPENT == dispatch.BUSY_CODE, "the transport's code is the one read"
+    assert http1.BUDGET_SPENT == errors.BUSY_CODE, "the transport's code is the one read"
