@@ -88,7 +88,9 @@ async def test_redis_ttl_is_set_at_write(redis_server):
 
 
 async def test_redis_down_raises_quickly_instead_of_hanging(redis_server):
-    s = l1.RedisL1(redis_server.url, timeout_s=0.2)
+    # a second for the set while Redis runs (a loaded machine may take more than a moment);
+    # once it is killed, the get fails at once rather than waiting for an answer
+    s = l1.RedisL1(redis_server.url, timeout_s=1.0)
     await s.set("t", "m", "k", b"v", ttl_s=30)
     redis_server.kill()
     # The response cache turns this into a counted miss.

@@ -125,8 +125,10 @@ async def test_embedder_down_is_a_counted_miss(milvus_lite_path):
 
 
 async def test_redis_killed_is_a_counted_miss(node_address, milvus_lite_path, redis_server):
-    store = l1.RedisL1(redis_server.url, timeout_s=0.2)
-    c, m = await build_cache(node_address, milvus_lite_path, store=store, l1_budget_s=0.3)
+    # a second for each Redis call: the hit before the kill must not run out of time on a
+    # loaded machine; after the kill the lookup is a miss within that budget
+    store = l1.RedisL1(redis_server.url, timeout_s=1.0)
+    c, m = await build_cache(node_address, milvus_lite_path, store=store, l1_budget_s=1.0)
     await remember(c, chat(PASSWORD), "cached")
     assert (await c.lookup(chat(PASSWORD))).status == "hit-exact"
     redis_server.kill()
