@@ -96,9 +96,16 @@ def test_engine_that_exits_at_once_ends_in_crashloop(tmp_path, control_plane, st
         "crashloop_window_s": 60, "backoff_max_s": 0.5, "crashloop_retry_s": 0.5})
     agent = start_agent(cfg)
     crashloop = common_pb2.BACKEND_PHASE_CRASHLOOP
-    harness.wait_until(lambda: (b := _backend(control_plane)) is not None
-                       and b.phase == crashloop, 30, "crashloop", proc=agent.proc)
-    backend = _backend(control_plane)
+
+    def first_crashloop() -> common_pb2.BackendState | None:
+        # the first report of it, not the last: the crash loop's retry may have come and
+        # gone (restarts 4) before a loaded machine let this test look
+        return next((b for r in control_plane.recorder.reports() for b in r.backends
+                     if b.name == "sim" and b.phase == crashloop), None)
+
+    harness.wait_until(lambda: first_crashloop() is not None, 30, "crashloop", proc=agent.proc)
+    backend = first_crashloop()
+    assert backend is not None
     assert backend.restarts == 3 and "3 restarts within 60s; retry in" in backend.phase_reason
     assert any("exited with code 3" in line for line in backend.last_log_lines)
     # Still retried every crashloop_retry_s (the cause may go away), and reported crashloop.
