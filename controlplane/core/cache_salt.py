@@ -64,7 +64,7 @@ from typing import Any
 
 import orjson
 
-from controlplane.core import tenant_lru, types
+from controlplane.core import response_ids, tenant_lru, types
 from controlplane.core import tenants as tenants_mod
 from synapse_common import subkeys, tasks, tokens
 
@@ -285,7 +285,7 @@ def hidden(data: bytes) -> bytes:
     except orjson.JSONDecodeError:
         if data.lstrip()[:1] in (b"{", b"["):
             return _scrubbed(data)
-        return StreamHider().feed(data + b"\n")[:-1]
+        return _hidden_lines(data)
     return orjson.dumps(parsed) if _zeroed(parsed) else data
 
 
@@ -379,26 +379,32 @@ def _zero_field(match: re.Match[bytes]) -> bytes:
 class StreamHider:
     """Zeroes the cached-token counts in an event stream's ``data:`` lines, one whole line
     at a time: a chunk's unfinished last line waits for the chunk that completes it (a
-    count cut in two would otherwise pass half zeroed)."""
+    count cut in two would otherwise pass half zeroed). The lines are cut by
+    :class:`response_ids.WholeLines` (one home for that): linear work, and an unfinished
+    line held only up to ``limit`` bytes, past which :meth:`feed` raises an
+    ``UpstreamError`` (the relay ends the stream with its error event) rather than hold
+    whatever a hostile or broken engine sends without a line break."""
 
-    __slots__ = ("_held",)
+    __slots__ = ("_lines",)
 
-    def __init__(self) -> None:
-        self._held = b""
+    def __init__(self, limit: int = response_ids.LINE_MAX) -> None:
+        self._lines = response_ids.WholeLines(limit)
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete lines received so far, their counts zeroed."""
-        data = self._held + chunk if self._held else chunk
-        end = data.rfind(b"\n") + 1
-        self._held = data[end:]
-        if not end or not _COUNT_KEYS.search(data, 0, end):
-            return data[:end]
-        return b"\n".join(_line(line) for line in data[:end].split(b"\n"))
+        data = self._lines.feed(chunk)
+        if not data or not _COUNT_KEYS.search(data):
+            return data
+        return _hidden_lines(data)
 
     def rest(self) -> bytes:
         """What is left after the stream ended (an unfinished line, zeroed if it can be)."""
-        rest, self._held = self._held, b""
+        rest = self._lines.rest()
         return _line(rest) if rest else rest
+
+
+def _hidden_lines(data: bytes) -> bytes:
+    return b"\n".join(_line(line) for line in data.split(b"\n"))
 
 
 def _line(line: bytes) -> bytes:

@@ -204,6 +204,8 @@ class WholeLines:
     received so far (bytes as they came) and keeps an unfinished one for later. An id
     never spans lines (an event's ``data:`` is one JSON line), so whole lines are enough
     to find and rewrite every id, and an event is never held back beyond its last line.
+    It is the one home of cutting a stream at whole lines: ``cache_salt.StreamHider``
+    zeroes cached-token counts over it too.
 
     Each byte is searched for a line break once and the unfinished line grows in place,
     so a long line costs linear work. It is held up to ``limit`` bytes (by default
