@@ -152,7 +152,9 @@ def _in_flight(base: str) -> bool:
 
 def test_after_sigterm_ready_is_503_while_requests_in_flight_finish_whole(
         stack: Stack) -> None:
-    base, cp = stack(3, shutdown_grace_s=60)
+    # the drain delay is the window for the second request (the listener closes after
+    # it): seconds to spare for a loaded machine's /ready polls before that request
+    base, cp = stack(10, shutdown_grace_s=60)
     # ready once the registry has synced (a while after the backend routes, on a busy host)
     harness.wait_until(lambda: harness.http(base + "/ready")[0] == 200, 30, "/ready 200",
                        proc=cp)
@@ -164,7 +166,7 @@ def test_after_sigterm_ready_is_503_while_requests_in_flight_finish_whole(
     first.start()
     harness.wait_until(lambda: _in_flight(base), 10, "the request at the engine")
     cp.signal(signal.SIGTERM)
-    harness.wait_until(lambda: harness.http(base + "/ready")[0] == 503, 5,
+    harness.wait_until(lambda: harness.http(base + "/ready")[0] == 503, 8,
                        "/ready to answer 503")
     ask("during the drain")                     # the listener is still open: served
     first.join(timeout=60)
@@ -255,7 +257,7 @@ def test_answers_during_the_drain_close_their_connection(
         head = _ask_kept_alive(sock, 3, stream)
         assert b"connection: close" not in head.lower(), head        # kept alive before
         cp.signal(signal.SIGTERM)
-        harness.wait_until(lambda: harness.http(base + "/ready")[0] == 503, 5,
+        harness.wait_until(lambda: harness.http(base + "/ready")[0] == 503, 30,
                            "/ready to answer 503")
         head = _ask_kept_alive(sock, 3, stream)
         assert head.startswith(b"HTTP/1.1 200"), head
@@ -272,7 +274,7 @@ def test_a_second_signal_ends_the_drain_and_cuts_what_runs(stack: Stack) -> None
     sock = _post(base, LONG, stream=True)
     got = _read_until(sock, b'"content":"')
     cp.signal(signal.SIGTERM)
-    harness.wait_until(lambda: harness.http(base + "/ready")[0] == 503, 5,
+    harness.wait_until(lambda: harness.http(base + "/ready")[0] == 503, 30,
                        "/ready to answer 503")
     cp.signal(signal.SIGTERM)
     assert cp.wait(timeout=30) == 0                 # far within the drain
