@@ -203,13 +203,35 @@ class ProcessPool:
 
 
 class RedisServer:
-    """A private redis-server on a free port (never the shared one on 6379)."""
+    """A private redis-server on a free port (never the shared one on 6379).
+
+    A port is free when chosen, not when redis-server binds it: another process's
+    connection may take it as its local port meanwhile, so a first start that cannot bind
+    tries another port (a later :meth:`start`, a restart, keeps the port its clients
+    know)."""
+
+    BIND_TRIES = 3
 
     def __init__(self, workdir: pathlib.Path) -> None:
         self.workdir = workdir
-        self.port = free_port()
         self.proc: ManagedProcess | None = None
-        self.start()
+        for attempt in range(self.BIND_TRIES):
+            self.port = free_port()
+            try:
+                self.start()
+                return
+            except AssertionError:
+                if attempt + 1 == self.BIND_TRIES or not self._lost_its_port():
+                    raise
+
+    def _lost_its_port(self) -> bool:
+        """Whether redis-server exited because its port was taken."""
+        assert self.proc is not None
+        if self.proc.popen.poll() is None:
+            return False
+        output = self.proc.output()
+        self.proc.stop()
+        return "Address already in use" in output
 
     @property
     def url(self) -> str:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import pathlib
+import socket
+
+import pytest
+
 from tests import harness
 
 
@@ -12,6 +17,24 @@ def test_private_redis_answers_and_is_not_the_shared_one(redis_server: harness.R
     assert not redis_server.ping()
     redis_server.start()
     assert redis_server.ping()
+
+
+def test_a_port_taken_before_redis_binds_it_is_replaced(tmp_path: pathlib.Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free when chosen, the port was taken before redis-server bound it: the fixture
+    failed instead of choosing another."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        chosen = iter([busy])
+        free_port = harness.free_port
+        monkeypatch.setattr(harness, "free_port", lambda: next(chosen, None) or free_port())
+        server = harness.RedisServer(tmp_path)
+        try:
+            assert server.port != busy and server.ping()
+        finally:
+            server.stop()
 
 
 def test_milvus_lite_file_in_tmp_path(milvus_lite_path: str) -> None:
