@@ -26,6 +26,7 @@ core, which raises these, never imports it).
     │   └── UpstreamReadError                          the connection broke or went silent
     ├── Unavailable (503, service_unavailable)         no backend can serve the model
     │   ├── Busy (upstream_busy)                       no memory left here for a whole answer
+    │   ├── UsageStoreUnavailable                      the usage store did not answer (Retry-After)
     │   └── QueueTimeout                               queued past its deadline (Retry-After)
     └── UpstreamTimeout (504, timeout_error)           no first byte in time
 
@@ -202,6 +203,20 @@ class Busy(Unavailable, default_code=BUSY_CODE):
 
     def headers(self) -> dict[str, str]:
         return retry_after(BUSY_RETRY_AFTER_S)
+
+
+# The code of Admin.GetUsage's refusal when the usage store (Redis) does not answer, and
+# when to try again: the store's client reconnects on its next call.
+USAGE_STORE_CODE = "usage_store_unavailable"
+USAGE_STORE_RETRY_AFTER_S = 5.0
+
+
+class UsageStoreUnavailable(Unavailable, default_code=USAGE_STORE_CODE):
+    """The usage store did not answer a read of usage: every backend may be fine, so not
+    ``no_backend``; 503, and ``Retry-After`` (the way :class:`Busy` says it)."""
+
+    def headers(self) -> dict[str, str]:
+        return retry_after(USAGE_STORE_RETRY_AFTER_S)
 
 
 class UpstreamTimeout(SynapseError, http_status=504, error_type="timeout_error",

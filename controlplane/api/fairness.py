@@ -255,8 +255,9 @@ async def usage_response(svc: services_mod.Services,
         rows = await fairness_wiring.usage_rows(svc, request.tenant or None, since)
     except Exception as exc:    # whatever the store raised (Redis down): say so, UNAVAILABLE
         svc.metrics.redis_errors.labels("usage").inc()
-        raise errors.Unavailable(f"the usage store is unreachable ({type(exc).__name__}); "
-                                 "try again shortly") from None
+        raise errors.UsageStoreUnavailable(
+            f"the usage store is unreachable ({type(exc).__name__}); try again shortly"
+        ) from None
     return admin_pb2.GetUsageResponse(rows=[_row(r) for r in rows])
 
 
