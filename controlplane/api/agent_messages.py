@@ -123,15 +123,21 @@ def printable(text: str, limit: int = MAX_TEXT) -> str:
     return _UNPRINTABLE.sub("?", text[:limit])
 
 
+def engine_ports(r: controlplane_pb2.Register) -> tuple[int, int] | None:
+    """The agent's engine port range (first, last), None when it registered none."""
+    if not r.HasField("engine_port_range"):
+        return None
+    return r.engine_port_range.first, r.engine_port_range.last
+
+
 def node_info(r: controlplane_pb2.Register, fallback: Keys | None = None) -> types.NodeInfo:
     """``fallback``: the keys for an agent that chose none (see the module docstring)."""
-    ports = r.engine_port_range
     return types.NodeInfo(
         name=r.node_name, address=r.node_address, agent_version=printable(r.agent_version),
         embed_models=tuple(r.embed_models),
         labels={printable(k): printable(v) for k, v in r.labels.items()},
         gpu_count=len(r.gpus),
-        engine_ports=(ports.first, ports.last) if r.HasField("engine_port_range") else None,
+        engine_ports=engine_ports(r),
         engine_key=r.engine_key or (fallback.engine if fallback else None),
         node_key=r.node_key or (fallback.node if fallback else None),
         node_pin=node_pin(r.node_certificate))

@@ -45,8 +45,9 @@ A report naming more backends or models than any agent runs
 (:func:`agent_messages.report_problem`) ends the stream ``INVALID_ARGUMENT``; a backend
 that cannot be taken (:func:`agent_messages.backend_problem`), or whose URL is not at
 the node's own address as this stream's peer address shows it nor where
-``registry.engine_hosts`` allows (:mod:`controlplane.core.engine_hosts`; a worker leaves
-that check to its primary), is taken out of the report before the registry or the
+``registry.engine_hosts`` allows, or is a loopback one of an agent on this host outside
+the engine port range it registered (:mod:`controlplane.core.engine_hosts`; a worker
+leaves that check to its primary), is taken out of the report before the registry or the
 workers see it, with one warning per kind and stream. The
 idle upstream connections kept for a backend that leaves the registry (a report no
 longer names it, its node's stream ended) are closed, unless another backend shares its
@@ -237,7 +238,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 if self._relay is not None else None)
         ended: list[_Ended] = []
         peer = _peer_host(context.peer())
-        tasks = [asyncio.create_task(self._read(name, stream_id, caller, info.engine_key,
+        tasks = [asyncio.create_task(self._read(name, stream_id, caller, info,
                                                 request_iterator, out, copy, ended, peer)),
                  asyncio.create_task(self._pump(name, stream_id, out))]
         self._svc.metrics.agent_streams.inc()
@@ -256,13 +257,13 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             self._svc.metrics.agent_streams.dec()
             log.info("node %s disconnected", name, extra={"node": name})
 
-    async def _read(self, name: str, stream_id: int, caller: _Caller, key: str | None,
+    async def _read(self, name: str, stream_id: int, caller: _Caller, info: types.NodeInfo,
                     messages: AsyncIterator[controlplane_pb2.AgentMessage],
                     out: asyncio.Queue[controlplane_pb2.ControlMessage | None],
                     copy: agent_relay.RelayedStream | None, ended: list[_Ended],
                     peer: str) -> None:
-        """``key``: the node's engine key as it registered (a later Register on the
-        same stream may name another: the engines it reports next carry that one). The
+        """``info``: the node as it registered; its engine key and engine port range
+        hold for its reports until a later Register on the same stream names others. The
         copy to the workers gets reports and acks as they come, and a Register only once
         this process accepted it, with the keys decided here, and a report without the
         backends left out here. Why the stream ends, when the control plane ends it, goes
@@ -276,6 +277,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         reg = self._svc.registry
         clock = self._svc.clock
         warned: set[str] = set()       # what this stream was warned of already
+        key, ports = info.engine_key, info.engine_ports
         next_report = clock()
         try:
             async for msg in messages:
@@ -292,7 +294,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                     if problem is not None:
                         raise _Ended(problem, grpc.StatusCode.INVALID_ARGUMENT)
                     agent_messages.finite_gpu_samples(rep)
-                    self._leave_out_refused(name, rep, warned, peer)
+                    self._leave_out_refused(name, rep, warned, peer, ports)
                     users = self._svc.sharers()
                     backends = [cache_salt.marked(agent_messages.backend_state(name, b, key),
                                                   users) for b in rep.backends]
@@ -309,6 +311,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 elif kind == "register":
                     msg = self._register_again(name, stream_id, caller, msg)
                     key = msg.register.engine_key or None
+                    ports = agent_messages.engine_ports(msg.register)
                 if copy is not None:
                     copy.send(msg)
         except _Ended as exc:
@@ -322,10 +325,12 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             out.put_nowait(None)
 
     def _leave_out_refused(self, name: str, rep: controlplane_pb2.Report,
-                           warned: set[str], peer: str) -> None:
+                           warned: set[str], peer: str,
+                           ports: tuple[int, int] | None) -> None:
         """Take out of ``rep`` the backends that cannot be taken
         (:func:`agent_messages.backend_problem`) or are at a host the node may not name
-        (:func:`engine_hosts.refusal`; a worker leaves that to its primary, which sees
+        (:func:`engine_hosts.refusal`, with the engine port range ``ports`` the node
+        registered; a worker leaves that to its primary, which sees
         the agent's address), so that neither the registry nor the workers' copy gets
         them: not routed, probed or scraped. One warning per kind of refusal and stream
         (a report comes every few seconds)."""
@@ -334,7 +339,8 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             why = agent_messages.backend_problem(b)
             kind = "name"
             if why is None and not self._relayed:
-                why, kind = engine_hosts.refusal(b.url, peer, self._engine_hosts), "host"
+                why = engine_hosts.refusal(b.url, peer, self._engine_hosts, ports)
+                kind = "host"
             if why is not None:
                 refused.append((i, kind, why))
         for _, kind, why in refused:

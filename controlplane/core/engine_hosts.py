@@ -1,12 +1,15 @@
-"""Which hosts a backend an agent reports may be at.
+"""Which hosts a backend an agent reports, and its Node service, may be at.
 
 A registered node is sent the prompts of every tenant asking for a model it reports, and
-the control plane probes, scrapes and reads the documents of every URL it reports. Every
-node holds the shared agent token, so one compromised node could report a backend at any
-address: another node's engine (taking its traffic), an internal service, the cloud's
-metadata service. So a reported backend URL's host must be, as the transport would dial
-it (:func:`canonical`: ``127.1``, ``0x7f.1`` and an IPv4-mapped IPv6 address are the
-IPv4 address they mean, ``localhost`` is ``127.0.0.1``):
+the control plane probes, scrapes and reads the documents of every URL it reports; it
+sends tenants' texts to the Node-service address it registered (``Node.Embed``,
+``ScorePairs``). Every node holds the shared agent token, so one compromised node could
+name any address: another node's engine or Node service (taking its traffic), an
+internal service, the cloud's metadata service. So the host of a reported backend URL
+(:func:`refusal`) and of ``Register.node_address`` (:func:`address_refusal`), one rule
+(:func:`host_refusal`), must be, as the transport would dial it (:func:`canonical`:
+``127.1``, ``0x7f.1`` and an IPv4-mapped IPv6 address are the IPv4 address they mean,
+``localhost`` is ``127.0.0.1``):
 
 * the node's own address as the control plane sees it: the peer address of its stream
   (what a node's engines advertise: the chart's ``POD_IP``, the node IP of an agent with
@@ -19,6 +22,13 @@ IPv4 address they mean, ``localhost`` is ``127.0.0.1``):
 * never a link-local address (``169.254.0.0/16``, the cloud metadata service's, and
   ``fe80::/10``), an unspecified (``0.0.0.0``) or a multicast one, unless an entry of
   ``engine_hosts`` is itself inside that range (``0.0.0.0/0`` does not open them).
+
+An agent on this host that registered an engine port range
+(``supervisor.engine_port_range``) has its loopback backends there: one at another port
+of this host is refused (the control plane's own Redis, admin or metrics port is none of
+its engines), unless ``registry.engine_hosts`` lists that loopback address itself. The
+range is the ports its engines listen on, the static ones included, as a NetworkPolicy
+opening the range demands of a remote node's.
 
 A name other than ``localhost`` is not resolved here (the transport resolves it later,
 perhaps to another address): it passes only when listed by name.
@@ -98,32 +108,62 @@ def canonical(host: str) -> Address | str:
     return ip
 
 
-def refusal(url: str, peer: str, allowed: Allowed) -> str | None:
+def refusal(url: str, peer: str, allowed: Allowed,
+            ports: tuple[int, int] | None = None) -> str | None:
     """Why a backend reported at ``url`` over a stream from ``peer`` (the peer's host:
     an IP address, or ``unix:…`` for a unix socket) is refused (None: it is not); the
-    text names the URL's host, never the rest of the URL (it may carry credentials)."""
+    text names the URL's host, never the rest of the URL (it may carry credentials).
+    ``ports``: the engine port range the agent registered, which a loopback backend of an
+    agent on this host must lie in (see :func:`host_refusal`)."""
     try:
         parts = urllib.parse.urlsplit(url)
         host = parts.hostname
-        parts.port  # noqa: B018 - a port that is not a number raises here
+        port = parts.port if parts.port is not None else (
+            443 if parts.scheme == "https" else 80)
     except ValueError:
         return "a backend URL that is not a URL"
     if parts.scheme not in ("http", "https") or not host:
         return "a backend URL that is not http(s)://host"
+    return host_refusal("a backend", host, port, peer, allowed, ports)
+
+
+def address_refusal(address: str, peer: str, allowed: Allowed) -> str | None:
+    """Why a node's Node-service address (``Register.node_address``, ``host:port``, its
+    form already checked) is refused over a stream from ``peer`` (None: it is not): the
+    control plane sends tenants' texts there (``Node.Embed``, ``ScorePairs``), so it must
+    be where a backend of that node may be. No port range: it is not an engine's port."""
+    host, _, port = address.rpartition(":")
+    return host_refusal("a Node-service address", host, int(port), peer, allowed, None)
+
+
+def host_refusal(what: str, host: str, port: int, peer: str, allowed: Allowed,
+                 ports: tuple[int, int] | None) -> str | None:
+    """Why ``what`` at ``host`` (``port``) is refused over a stream from ``peer`` (the
+    module docstring's rule). ``ports``: for an agent on this host, the engine port range
+    it registered: a loopback ``host`` outside it is refused (whatever listens on this
+    host, the control plane's own Redis or admin port, is no engine of the agent's),
+    unless ``registry.engine_hosts`` lists that loopback address."""
     where = canonical(host)
     if isinstance(where, str):
         if where in allowed.names:
             return None
-        return (f"a backend at host {where!r}, a name registry.engine_hosts does not list "
-                "(a reported backend must be at the node's own address)")
+        return (f"{what} at host {where!r}, a name registry.engine_hosts does not list "
+                f"({what} must be at the node's own address)")
     if where.is_link_local or where.is_unspecified or where.is_multicast:
         if allowed.covers(where, explicitly=True):
             return None
-        return (f"a backend at {where}, a link-local, unspecified or multicast address "
+        return (f"{what} at {where}, a link-local, unspecified or multicast address "
                 "(allowed only when registry.engine_hosts lists a range inside it)")
+    if allowed.covers(where, False):
+        return None
     seen_from = canonical(peer) if not peer.startswith("unix") else None
     local = seen_from is None or (not isinstance(seen_from, str) and seen_from.is_loopback)
-    if where == seen_from or (local and where.is_loopback) or allowed.covers(where, False):
+    if local and where.is_loopback:
+        if ports is not None and not ports[0] <= port <= ports[1]:
+            return (f"{what} at {where} port {port}, outside the engine port range "
+                    f"{ports[0]}-{ports[1]} its agent registered")
         return None
-    return (f"a backend at {where}, which is not the node's own address as the control "
+    if where == seen_from:
+        return None
+    return (f"{what} at {where}, which is not the node's own address as the control "
             f"plane sees it ({seen_from or 'this host'}) nor in registry.engine_hosts")
