@@ -90,10 +90,6 @@ UNAVAILABLE_CODES = {
                      "(Retry-After)",
     "upstream_busy": "this process holds as many whole answers as it may (Retry-After)",
     "server_shutting_down": "this replica is shutting down (another one can answer)",
-    # Listed with the rest so that every 503 code has its one description; a model's
-    # path does not answer it.
-    "usage_store_unavailable": "the usage store did not answer a read of usage "
-                               "(Admin.GetUsage)",
 }
 UNAVAILABLE = "by error.code: " + "; ".join(f"{code}: {why}"
                                             for code, why in UNAVAILABLE_CODES.items())
