@@ -243,9 +243,11 @@ class RedisServer:
                                    self.workdir / f"redis-{self.port}.log")
         wait_until(self.ping, 10, f"redis-server on port {self.port}", proc=self.proc)
 
-    def ping(self) -> bool:
+    def ping(self, timeout: float = 0.5) -> bool:
+        """Whether it answers PING within ``timeout`` (short while polling for its start;
+        asserted on, give a loaded machine seconds)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:

@@ -12,11 +12,11 @@ from tests import harness
 
 def test_private_redis_answers_and_is_not_the_shared_one(redis_server: harness.RedisServer) -> None:
     assert redis_server.port != 6379
-    assert redis_server.ping()
+    assert redis_server.ping(timeout=10)
     redis_server.kill()
-    assert not redis_server.ping()
+    assert not redis_server.ping(timeout=10)       # refused at once
     redis_server.start()
-    assert redis_server.ping()
+    assert redis_server.ping(timeout=10)
 
 
 def test_a_port_taken_before_redis_binds_it_is_replaced(tmp_path: pathlib.Path,
@@ -32,7 +32,7 @@ def test_a_port_taken_before_redis_binds_it_is_replaced(tmp_path: pathlib.Path,
         monkeypatch.setattr(harness, "free_port", lambda: next(chosen, None) or free_port())
         server = harness.RedisServer(tmp_path)
         try:
-            assert server.port != busy and server.ping()
+            assert server.port != busy and server.ping(timeout=10)
         finally:
             server.stop()
 
