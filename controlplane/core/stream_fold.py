@@ -18,13 +18,25 @@ nothing of that request: only the fields of the OpenAI chunk (:data:`SKELETON_TO
 only the role, emptied strings and nulls. vLLM puts the request's prompt text and token
 ids in its chunks when asked (``return_prompt_text``, ``return_token_ids``): kept, they
 would be replayed to whoever the form serves next.
+
+**A vLLM stream folds into vLLM's whole answer.** vLLM sends a whole answer with every
+field of its response model, ``null`` when unset (``model_dump``), but its chunks carry
+only the fields it set (``exclude_unset``). A stream of a recent vLLM's (a choice carrying
+``token_ids``, which vLLM sets on every token chunk and OpenAI and the simulator never
+send) therefore gets, where the stream left them out, the fields vLLM's own whole answer
+of that endpoint carries (:data:`VLLM_WHOLE`, vLLM 0.32's ``ChatCompletionResponse`` /
+``CompletionResponse``), at vLLM's defaults: a client that reads ``choices[0]["message"]
+["refusal"]`` or ``["service_tier"]`` of a whole answer reads it on a hit as on a miss.
+Another backend's stream is folded as sent: its chunks carry its own nulls. ``usage`` is
+kept as streamed: vLLM's usage chunk drops its null fields (``exclude_none``), which its
+whole answer keeps (``prompt_tokens_details: null``), a difference left as it is.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 CHOICE_FIELDS = frozenset({"index", "delta", "text", "logprobs", "finish_reason", "message"})
 TOP_FIELDS = frozenset({"object", "choices", "usage"})
@@ -34,6 +46,34 @@ LOGPROBS_PRESENT = "present"    # a skeleton's marker: this chunk kind carried l
 SKELETON_TOP = frozenset({"id", "object", "created", "model", "system_fingerprint"})
 SKELETON_CHOICE = frozenset({"index", "delta", "text", "logprobs", "finish_reason"})
 FINGERPRINT = "fingerprint"     # form key: "last" when only the last chunk carries it (vLLM)
+VLLM_MARK = "token_ids"         # a choice field only (recent) vLLM's streams send
+
+
+class WholeFields(NamedTuple):
+    """Fields of one endpoint's whole answer, by level, with vLLM's default values."""
+
+    top: Mapping[str, Any]
+    choice: Mapping[str, Any]
+    message: Mapping[str, Any]
+
+
+_NULLS = dict.fromkeys
+# vLLM's whole answers by ``object``: the fields its response models (vLLM 0.32) always
+# serialize; ``message.tool_calls`` only when not empty, so it is not among them.
+VLLM_WHOLE = {
+    "chat.completion": WholeFields(
+        top=_NULLS(("service_tier", "system_fingerprint", "prompt_logprobs",
+                    "prompt_token_ids", "prompt_text", "kv_transfer_params",
+                    "ec_transfer_params", "metrics")),
+        choice=_NULLS(("stop_reason", "token_ids", "routed_experts")),
+        message=_NULLS(("refusal", "annotations", "audio", "function_call", "reasoning"))),
+    "text_completion": WholeFields(
+        top=_NULLS(("service_tier", "system_fingerprint", "kv_transfer_params",
+                    "ec_transfer_params", "metrics")),
+        choice=_NULLS(("stop_reason", "token_ids", "prompt_logprobs", "prompt_token_ids",
+                       "routed_experts")),
+        message={}),
+}
 
 
 class Assembled(dict[str, Any]):
@@ -133,6 +173,7 @@ class Fold:
         self._chat = True
         self.form: dict[str, Any] = {}
         self._fingerprints: list[bool] = []     # first chunk's, last chunk's
+        self._vllm = False                      # a choice carried VLLM_MARK
 
     def add(self, chunk: Mapping[str, Any]) -> None:
         has = "system_fingerprint" in chunk
@@ -164,6 +205,7 @@ class Fold:
         for key, value in choice.items():
             if key not in CHOICE_FIELDS:
                 acc.extras[key] = value
+        self._vllm = self._vllm or VLLM_MARK in choice
 
     def _record(self, chunk: Mapping[str, Any], choices: Any) -> None:
         """Keep the first chunk of each kind as a skeleton of the stream's form."""
@@ -191,6 +233,8 @@ class Fold:
         out.update({k: v for k, v in self._meta.items() if k not in out})
         if self._usage is not None:
             out["usage"] = self._usage
+        if self._vllm:
+            out = as_vllm_whole(out)
         form = dict(self.form)
         if self._fingerprints[:1] == [False] and self._fingerprints[-1:] == [True]:
             form[FINGERPRINT] = "last"
@@ -206,6 +250,31 @@ class Fold:
         out["finish_reason"] = acc.finish_reason
         out.update(acc.extras)
         return out
+
+
+def as_vllm_whole(response: Mapping[str, Any]) -> dict[str, Any]:
+    """``response`` with every field vLLM's whole answer of its kind carries (see the
+    module docstring): those it lacks added at vLLM's default, the others as they are."""
+    fields = VLLM_WHOLE.get(str(response.get("object")))
+    if fields is None:
+        return dict(response)
+    out = _with(response, fields.top)
+    out["choices"] = [_with_defaults(c, fields) for c in response.get("choices") or ()]
+    return out
+
+
+def _with(fields: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` and, after them, each of ``defaults`` it lacks."""
+    return {**fields, **{k: v for k, v in defaults.items() if k not in fields}}
+
+
+def _with_defaults(choice: Any, fields: WholeFields) -> Any:
+    if not isinstance(choice, Mapping):
+        return choice
+    out = _with(choice, fields.choice)
+    if isinstance(out.get("message"), Mapping):
+        out["message"] = _with(out["message"], fields.message)
+    return out
 
 
 def skeleton(chunk: Mapping[str, Any]) -> dict[str, Any]:

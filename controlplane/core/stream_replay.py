@@ -9,8 +9,10 @@ skeletons ``stream_fold`` recorded: a backend's extra fields such as vLLM's
 ``token_ids`` or ``stop_reason`` and where it puts them) or when the cache has seen a
 stream of the same model (the caller passes that form), else in the OpenAI form the
 simulator sends: role chunk ``{"role", "content": ""}``, content chunks, a finish chunk
-with an empty delta (and ``stop_reason`` when the answer has one), the fingerprint on the
-last chunk only, as vLLM sends it. The answer's own ``id``, ``created``, ``model`` and
+with an empty delta (and ``stop_reason`` when the answer has one), the fingerprint at the
+end only, as vLLM sends it: on the usage chunk when one is sent, else on the finish chunk
+of every choice (``n`` > 1 too), and not at all when the answer's is ``null``; the usage
+chunk without its ``null`` fields (vLLM drops them there). The answer's own ``id``, ``created``, ``model`` and
 fingerprint fill the skeletons' fields of those names; ``object`` is always the answer's
 kind's (``chat.completion.chunk`` or ``text_completion``), and a recorded form of the
 other kind is never used.
@@ -72,19 +74,30 @@ def replay(response: Mapping[str, Any], form: Mapping[str, Any] | None = None,
     if _is_chat(recorded) not in (None, chat):
         recorded = {}       # another endpoint's stream: never its shape (default form)
     shape = _templates(response, chat, recorded)
-    chunks = [chunk for choice in response.get("choices") or ()
-              for chunk in _choice_chunks(shape, choice, chat, "finish" in recorded)]
+    per_choice = [list(_choice_chunks(shape, choice, chat, "finish" in recorded))
+                  for choice in response.get("choices") or ()]
+    chunks = [chunk for choice_chunks in per_choice for chunk in choice_chunks]
     for chunk in chunks:
         if not include_usage:
             chunk.pop("usage", None)
     usage = response.get("usage")
-    if include_usage and usage is not None:
-        chunks.append({**shape["usage"], "usage": usage})
-    if _fingerprint_last(recorded) and chunks and "system_fingerprint" in response:
-        chunks[-1]["system_fingerprint"] = response["system_fingerprint"]
+    ends = [c[-1] for c in per_choice if c]     # each choice's finish chunk
+    if include_usage and isinstance(usage, Mapping):
+        # vLLM sends its usage chunk without its null fields (exclude_none).
+        chunks.append({**shape["usage"], "usage": _without_nulls(usage)})
+        ends = chunks[-1:]
+    if _fingerprint_last(recorded) and response.get("system_fingerprint") is not None:
+        for chunk in ends:
+            chunk["system_fingerprint"] = response["system_fingerprint"]
     for chunk in chunks:
         yield event(chunk)
     yield event(DONE)
+
+
+def _without_nulls(usage: Mapping[str, Any]) -> dict[str, Any]:
+    """Usage as vLLM's usage chunk sends it: no null field, in its parts neither."""
+    return {k: _without_nulls(v) if isinstance(v, Mapping) else v
+            for k, v in usage.items() if v is not None}
 
 
 def _templates(response: Mapping[str, Any], chat: bool,
@@ -105,9 +118,9 @@ def _templates(response: Mapping[str, Any], chat: bool,
 
 
 def _fingerprint_last(recorded: Mapping[str, Any]) -> bool:
-    """Whether the fingerprint goes on the last chunk only: where the recorded stream had
-    it there, and in the default form (vLLM's: on the usage chunk when one is sent, else
-    on the finish chunk)."""
+    """Whether the fingerprint goes at the end only: where the recorded stream had it on
+    its last chunk only, and in the default form (vLLM's: on the usage chunk when one is
+    sent, else on each choice's finish chunk)."""
     return not recorded or recorded.get(stream_fold.FINGERPRINT) == "last"
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from controlplane.core import cache_entry, sse, stream_replay
+from controlplane.core import cache_entry, sse, stream_fold, stream_replay
 from tests.stream_shape import shape
 
 HEAD = {"id": "chatcmpl-7", "object": "chat.completion.chunk", "created": 7, "model": "m"}
@@ -124,8 +124,10 @@ def test_a_non_streamed_answer_replays_in_a_form_seen_from_the_same_model() -> N
     assert shape(replayed) == shape(vllm_stream())
     assert {c["id"] for c in replayed} == {"chatcmpl-other"}, "the answer's own id"
     assert replayed[-1]["system_fingerprint"] == "fp2"
-    streamed = {k: v for k, v in stored["choices"][0].items() if k != "routed_experts"}
-    assert folded(as_sse(replayed))["choices"] == [streamed]
+    # folded back, it is vLLM's whole answer again (routed_experts, never streamed, too)
+    whole = stream_fold.as_vllm_whole(stored)
+    assert folded(as_sse(replayed))["choices"] == whole["choices"]
+    assert whole["choices"][0]["message"]["content"] == "Yo!"
 
 
 def entry(usage: bool) -> cache_entry.Entry:
