@@ -74,7 +74,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
+import operator
 import os
 import ssl
 import typing
@@ -103,6 +105,7 @@ NOT_RELAYED = transport.NOT_RELAYED
 UNRELAYED_METHOD = "GET"     # Synapse's own reads: their answers are never relayed
 BUDGET_SPENT = "upstream_busy"  # the code of a whole answer refused for want of budget
 _FORBIDDEN = frozenset("\r\n\0")
+_NAME, _VALUE = operator.itemgetter(0), operator.itemgetter(1)
 
 Origin = tuple[str, str, int]      # scheme, host, port
 
@@ -222,6 +225,9 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.between = True          # the parser is between messages
         self.poisoned = False        # bytes nobody asked for arrived: never reuse it
+        # The headers of the head being parsed (its answer's raw_headers); None once it
+        # ended, so trailers are never kept.
+        self.heading: list[tuple[bytes, bytes]] | None = None
 
     @property
     def reusable(self) -> bool:
@@ -248,7 +254,7 @@ class Connection(asyncio.Protocol):
             self._unrequested()
             return
         resp.received = True
-        before = resp.body_bytes
+        before = resp._buffered     # only the caller takes it: it grows while parsing
         try:
             self.parser.feed_data(data)
         except _PARSER_ERRORS as exc:
@@ -263,7 +269,7 @@ class Connection(asyncio.Protocol):
             return
         # Bytes with no body between them (see "A bounded head"): within one read, all but
         # its body bytes count, wherever the body sat in it.
-        body = resp.body_bytes - before
+        body = resp._buffered - before
         resp.framing = len(data) - body if body else resp.framing + len(data)
         if resp.framing > MAX_HEAD_BYTES and not resp.complete:
             self.refuse(resp, f"over {MAX_HEAD_BYTES} bytes of head, trailers or "
@@ -301,27 +307,34 @@ class Connection(asyncio.Protocol):
             self.poisoned = True
             raise _Unrequested
         self.between = False
+        self.heading = resp.raw_headers
 
+    # A head's count of lines is checked as each arrives (it bounds what one read can make
+    # us hold); its bytes once it ended, as the framing check of data_received bounds a
+    # head still arriving.
     def on_header(self, name: bytes, value: bytes) -> None:
-        resp = self.response
-        if resp is None or resp.status:     # a trailer: never kept (bounded as framing)
+        raw = self.heading
+        if raw is None:     # a trailer: never kept (bounded as framing)
             return
-        resp.raw_headers.append((name, value))
-        resp.head_bytes += len(name) + len(value)
-        if len(resp.raw_headers) > MAX_HEADERS:
+        raw.append((name, value))
+        if len(raw) > MAX_HEADERS:
             raise _Refused(f"a head of over {MAX_HEADERS} headers")
-        if resp.head_bytes > MAX_HEAD_BYTES:
-            raise _Refused(f"a head of over {MAX_HEAD_BYTES} bytes")
 
     def on_headers_complete(self) -> None:
+        self.heading = None
         resp = self.response
         if resp is None:
             return
+        resp.head_bytes += sum(map(len, itertools.chain.from_iterable(resp.raw_headers)))
+        if resp.head_bytes > MAX_HEAD_BYTES:
+            raise _Refused(f"a head of over {MAX_HEAD_BYTES} bytes")
         status = self.parser.get_status_code()
         if status in NOT_RELAYED and resp.relayed:
             raise _Refused(f"status {status}, which is never relayed")
-        if status >= 200 and transport.encoded(resp.header("content-encoding")):
-            raise _Refused("an encoded body (Content-Encoding), which was not asked for")
+        if status >= 200:
+            found = resp.index_headers().get(b"content-encoding")
+            if found is not None and transport.encoded(found.decode("latin-1")):
+                raise _Refused("an encoded body (Content-Encoding), which was not asked for")
         resp.head_received(status)
 
     def on_body(self, body: bytes) -> None:
@@ -344,7 +357,6 @@ class UpstreamResponse:
         self.relayed = relayed           # held to "Only answers to relay"
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0              # the names and values of its heads (1xx too)
-        self.body_bytes = 0              # body bytes received
         self.framing = 0                 # bytes received since the last body byte
         self.received = False        # any byte of the answer arrived
         self.complete = False
@@ -360,6 +372,7 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
         self._content_type: str | None = None
+        self._index: dict[bytes, bytes] | None = None   # index_headers, once the head came
         self._reserved = 0              # bytes of BUDGET this answer's body holds
 
     # -- what the caller reads -----------------------------------------------------------
@@ -368,12 +381,18 @@ class UpstreamResponse:
         return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers]
 
     def header(self, name: str) -> str | None:
-        wanted = name.lower().encode("latin-1")
-        size = len(wanted)
-        for k, v in self.raw_headers:
-            if len(k) == size and k.lower() == wanted:  # the length first: half the cost
-                return v.decode("latin-1")
-        return None
+        """The first value of the header ``name`` (any case), or None."""
+        index = self._index
+        if index is None:           # asked before the final head: not kept
+            index = _first_values(self.raw_headers)
+        found = index.get(name.lower().encode("latin-1"))
+        return None if found is None else found.decode("latin-1")
+
+    def index_headers(self) -> dict[bytes, bytes]:
+        """The final head's headers by lower-case name, each name's first value: built
+        once, as the connection, the dispatcher and the relay each look some up."""
+        index = self._index = _first_values(self.raw_headers)
+        return index
 
     @property
     def content_type(self) -> str:
@@ -466,7 +485,6 @@ class UpstreamResponse:
     def body_received(self, data: bytes) -> None:
         self._body.append(data)
         self._buffered += len(data)
-        self.body_bytes += len(data)
         if self._buffered > HIGH_WATER and not self._paused and self._conn.transport:
             self._paused = True
             self._conn.transport.pause_reading()
@@ -547,6 +565,12 @@ class UpstreamResponse:
                 timer.cancel()
 
 
+def _first_values(raw: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    backwards = raw[::-1]   # so that a name's first value is the one kept
+    return dict(zip(map(bytes.lower, map(_NAME, backwards)), map(_VALUE, backwards),
+                    strict=True))
+
+
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(errors.UpstreamReadError(
@@ -559,13 +583,13 @@ def _expire_head(waiter: asyncio.Future[None], limit: float) -> None:
 
 
 def head(method: str, target: Target, headers: Mapping[str, str], body: bytes) -> bytes:
-    lines = [f"{method} {target.path} HTTP/1.1\r\nHost: {target.host}\r\n"
-             "Accept-Encoding: identity\r\n"]
-    if method != "GET" or body:
-        lines.append(f"Content-Length: {len(body)}\r\n")
-    for name, value in headers.items():
-        if not _FORBIDDEN.isdisjoint(name) or not _FORBIDDEN.isdisjoint(value):
-            raise ValueError(f"the header {name!r} holds a CR, LF or NUL character")
-        lines.append(f"{name}: {value}\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1")
+    given = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    # Each line brings one CR and one LF: any other is in a name or a value.
+    if given.count("\n") != len(headers) or given.count("\r") != len(headers) or (
+            "\0" in given):
+        for name, value in headers.items():
+            if not _FORBIDDEN.isdisjoint(name) or not _FORBIDDEN.isdisjoint(value):
+                raise ValueError(f"the header {name!r} holds a CR, LF or NUL character")
+    length = f"Content-Length: {len(body)}\r\n" if method != "GET" or body else ""
+    return (f"{method} {target.path} HTTP/1.1\r\nHost: {target.host}\r\n"
+            f"Accept-Encoding: identity\r\n{length}{given}\r\n").encode("latin-1")

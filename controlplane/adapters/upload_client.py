@@ -74,6 +74,9 @@ class StreamedResponse:
     def headers(self) -> list[tuple[str, str]]:
         return list(self._resp.headers.items())
 
+    def header(self, name: str) -> str | None:
+        return self._resp.headers.get(name)
+
     @property
     def content_type(self) -> str:
         return self._resp.content_type.lower()

@@ -38,9 +38,10 @@ _background: set[asyncio.Task[Any]] = set()
 # Content-Encoding; the server's own timings (TGI's x-compute-time) tell how long another
 # tenant's prefix took. Framing and the rest are aiohttp's, x-request-id and x-synapse-*
 # Synapse's own. A value longer than any media type is dropped (aiohttp's default stands).
-_PASSED = "content-type"
+# Each is looked up by name (the first value of a repeated one, as the dispatcher reads
+# the media type) rather than every header of the answer walked.
 _PASSED_MAX = 256
-_RETRY = {"retry-after": "Retry-After", "retry-after-ms": "retry-after-ms"}
+_RETRY = (("retry-after", "Retry-After"), ("retry-after-ms", "retry-after-ms"))
 _RETRY_DIGITS_MAX = 9
 
 
@@ -88,14 +89,15 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
 
 def _response_headers(attempt: dispatch.Attempt, ctx: context.RequestContext,
                       ) -> dict[str, str]:
+    answer = attempt.answer
     headers = {}
-    for k, v in attempt.answer.headers:
-        low = k.lower()
-        if low == _PASSED:
-            if len(v) <= _PASSED_MAX and "Content-Type" not in headers:
-                headers["Content-Type"] = v
-        elif low in _RETRY and v.isascii() and v.isdigit() and len(v) <= _RETRY_DIGITS_MAX:
-            headers[_RETRY[low]] = v
+    media = answer.header("content-type")
+    if media is not None and len(media) <= _PASSED_MAX:
+        headers["Content-Type"] = media
+    for low, name in _RETRY:
+        v = answer.header(low)
+        if v is not None and v.isascii() and v.isdigit() and len(v) <= _RETRY_DIGITS_MAX:
+            headers[name] = v
     headers.update(ctx.headers())
     return headers
 

@@ -38,6 +38,10 @@ class MockResponse:
         self.closed = False
         self._chunks = list(chunks)
 
+    def header(self, name: str) -> str | None:
+        wanted = name.lower()
+        return next((v for k, v in self.headers if k.lower() == wanted), None)
+
     def _next(self) -> bytes | None:
         if not self._chunks:
             return None

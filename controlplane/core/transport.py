@@ -45,6 +45,10 @@ class Response(Protocol):
     @property
     def headers(self) -> list[tuple[str, str]]: ...
 
+    def header(self, name: str) -> str | None:
+        """The first value of the header ``name`` (any case), or None."""
+        ...
+
     @property
     def content_type(self) -> str:
         """The media type, lower-case, without parameters (``text/event-stream``)."""

@@ -41,7 +41,8 @@ _COUNTS = re.compile(rb'"(prompt_tokens|completion_tokens|cached_tokens|input_to
 # A count as it may be written: a whole number (JSON does not tell 3 from 3.0), its
 # leading zeros apart, of at most as many digits as MAX_COUNT (bounded backtracking).
 MAX_COUNT = validation.MAX_COUNT    # the largest count a request may ask for, too
-_WHOLE = re.compile(rb'0*(\d{1,%d})(?:\.0*)?' % len(str(MAX_COUNT)))
+_DIGITS = len(str(MAX_COUNT))
+_WHOLE = re.compile(rb'0*(\d{1,%d})(?:\.0*)?' % _DIGITS)
 
 
 class Usage(NamedTuple):
@@ -95,13 +96,16 @@ def _counts(found: list[tuple[bytes, bytes]]) -> dict[bytes, int] | None:
     :data:`MAX_COUNT` (a ``null`` is a count not given)."""
     out: dict[bytes, int] = {}
     for name, raw in found:
-        raw = raw.strip()
-        if raw == b"null":
-            continue
-        whole = _WHOLE.fullmatch(raw)
-        if whole is None:
-            return None
-        count = int(whole.group(1))     # at most MAX_COUNT's digits: never a huge int
+        if raw.isdigit() and len(raw) <= _DIGITS:  # as engines write them: no regex needed
+            count = int(raw)
+        else:
+            raw = raw.strip()
+            if raw == b"null":
+                continue
+            whole = _WHOLE.fullmatch(raw)
+            if whole is None:
+                return None
+            count = int(whole.group(1))     # at most MAX_COUNT's digits: never a huge int
         if count > MAX_COUNT:
             return None
         out[name] = count
