@@ -27,9 +27,12 @@ is up already, or a Node-service address another node that is up registered, is 
 node's engines and Node service; an agent that sent none (an older one) gets the keys
 derived from the shared token, only when it authenticated with that token (nothing it
 did not hold already). Messages are read defensively (:mod:`controlplane.api
-.agent_messages`): a bad Register is ``INVALID_ARGUMENT``; a message over its size
-limit, a later Register for another node, or a report on a stream a newer one of the
-node has replaced ends the stream with a warning.
+.agent_messages`): a bad Register is ``INVALID_ARGUMENT``, and so is one whose
+``node_address`` is not where that node's backends may be: the control plane sends
+tenants' texts there (:func:`engine_hosts.address_refusal`, checked after the
+credential; a worker leaves it to its primary like the backends' hosts below). A message
+over its size limit, a later Register for another node or at such an address, or a
+report on a stream a newer one of the node has replaced ends the stream with a warning.
 
 Serving workers: the pod's primary copies each stream it accepted to every worker
 (:mod:`controlplane.adapters.agent_relay`) with the keys it decided, and only the
@@ -213,6 +216,11 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 f"this credential belongs to node {caller.node!r}: it cannot register as "
                 f"node {name!r}"))
             return
+        peer = _peer_host(context.peer())
+        problem = self._address_problem(first.register, peer)
+        if problem is not None:
+            await abort(context, errors.BadRequest(problem))
+            return
         reg = self._svc.registry
         info = agent_messages.node_info(first.register, caller.fallback)
         try:
@@ -237,7 +245,6 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         copy = (self._relay.open(agent_messages.as_decided(first, info))
                 if self._relay is not None else None)
         ended: list[_Ended] = []
-        peer = _peer_host(context.peer())
         tasks = [asyncio.create_task(self._read(name, stream_id, caller, info,
                                                 request_iterator, out, copy, ended, peer)),
                  asyncio.create_task(self._pump(name, stream_id, out))]
@@ -309,7 +316,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                     reg.ack(msg.command_ack.command_id, msg.command_ack.ok,
                             msg.command_ack.error)
                 elif kind == "register":
-                    msg = self._register_again(name, stream_id, caller, msg)
+                    msg = self._register_again(name, stream_id, caller, msg, peer)
                     key = msg.register.engine_key or None
                     ports = agent_messages.engine_ports(msg.register)
                 if copy is not None:
@@ -323,6 +330,15 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             log.exception("stream of node %s failed", name)
         finally:
             out.put_nowait(None)
+
+    def _address_problem(self, r: controlplane_pb2.Register, peer: str) -> str | None:
+        """Why ``r``'s Node-service address is not one the node may name
+        (:func:`engine_hosts.address_refusal`; None: it may, or it named none). A worker
+        leaves that to its primary, which sees the agent's address."""
+        if self._relayed or not r.node_address:
+            return None
+        why = engine_hosts.address_refusal(r.node_address, peer, self._engine_hosts)
+        return f"node_address: {why}" if why is not None else None
 
     def _leave_out_refused(self, name: str, rep: controlplane_pb2.Report,
                            warned: set[str], peer: str,
@@ -367,12 +383,15 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         self._svc.upstream.close_idle(urls, keep)
 
     def _register_again(self, name: str, stream_id: int, caller: _Caller,
-                        msg: controlplane_pb2.AgentMessage) -> controlplane_pb2.AgentMessage:
-        """A later Register on a node's stream: the same node, refreshed (anything else
-        ends the stream); returns what the workers are sent (the keys decided here)."""
+                        msg: controlplane_pb2.AgentMessage,
+                        peer: str) -> controlplane_pb2.AgentMessage:
+        """A later Register on a node's stream: the same node, refreshed (anything else,
+        or a Node-service address the node may not name, ends the stream); returns what
+        the workers are sent (the keys decided here)."""
         problem = agent_messages.register_problem(msg)
         if problem is None and msg.register.node_name != name:
             problem = f"a Register for node {msg.register.node_name!r} on this node's stream"
+        problem = problem or self._address_problem(msg.register, peer)
         if problem is not None:
             raise _Ended(problem)
         info = agent_messages.node_info(msg.register, caller.fallback)

@@ -8,6 +8,7 @@ import contextlib
 import json
 import pathlib
 import stat
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -88,6 +89,12 @@ class Replica:
                 await asyncio.wait_for(self.server.stop(None), 10)
 
 
+def _node_port(name: str) -> int:
+    """The stand-in's Node-service port: on loopback, where the control plane takes an
+    agent on its own host's, and one per node name (two nodes cannot hold one address)."""
+    return 1 + zlib.crc32(name.encode()) % 60000
+
+
 class AgentStandIn:
     """Speaks the agent side of ControlPlane.Connect; records and acknowledges commands."""
 
@@ -119,7 +126,7 @@ class AgentStandIn:
         self.channel = grpc.aio.insecure_channel(address)
         stub = controlplane_pb2_grpc.ControlPlaneStub(self.channel)
         register = controlplane_pb2.AgentMessage(register=controlplane_pb2.Register(
-            node_name=self.name, agent_version="test", node_address=f"{self.name}.test:1"))
+            node_name=self.name, agent_version="test", node_address=f"127.0.0.1:{_node_port(self.name)}"))
         self.outgoing.put_nowait(register)
         self.outgoing.put_nowait(self.report())
 

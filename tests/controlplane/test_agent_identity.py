@@ -48,7 +48,7 @@ class StandInReview:
         return SA_TOKEN.get(token)
 
 
-def register(name: str, address: str = "10.0.0.9:50052", engine: str = "",
+def register(name: str, address: str = "127.0.0.9:50052", engine: str = "",
              node: str = "") -> controlplane_pb2.AgentMessage:
     return controlplane_pb2.AgentMessage(register=controlplane_pb2.Register(
         node_name=name, agent_version="test", node_address=address, embed_models=["minilm"],
@@ -115,7 +115,7 @@ async def test_a_service_account_token_registers_its_own_node_and_no_other() -> 
         assert (await own.receive()).ack.sequence == 1
         (backend,) = svc.registry.node("gpu-1").backends   # type: ignore[union-attr]
         assert backend.api_key == "e" * 64      # the node's own engine key, not the fleet's
-        assert svc.registry.node_key_at("10.0.0.9:50052") == "n" * 64
+        assert svc.registry.node_key_at("127.0.0.9:50052") == "n" * 64
         await own.close()
 
         unknown = Agent(port, "a-token-nobody-vouches-for")
@@ -142,12 +142,12 @@ async def test_an_agent_that_chose_no_keys_gets_the_shared_ones_only_with_the_sh
     derived from already; with a service-account token it gets nothing of the fleet's."""
     async with control_plane(StandInReview()) as (svc, port):
         shared = Agent(port, SHARED)
-        await shared.send(register("gpu-old", address="10.0.0.7:50052"))
+        await shared.send(register("gpu-old", address="127.0.0.7:50052"))
         await shared.send(report(1))
         await shared.receive()
         (backend,) = svc.registry.node("gpu-old").backends     # type: ignore[union-attr]
         assert backend.api_key == engine_key.derive(SHARED)
-        assert svc.registry.node_key_at("10.0.0.7:50052") == SHARED
+        assert svc.registry.node_key_at("127.0.0.7:50052") == SHARED
 
         bound = Agent(port, "sa-token-of-gpu-1")
         await bound.send(register("gpu-1"))
@@ -155,7 +155,7 @@ async def test_an_agent_that_chose_no_keys_gets_the_shared_ones_only_with_the_sh
         await bound.receive()
         (backend,) = svc.registry.node("gpu-1").backends       # type: ignore[union-attr]
         assert backend.api_key is None
-        assert svc.registry.node_key_at("10.0.0.9:50052") is None
+        assert svc.registry.node_key_at("127.0.0.9:50052") is None
         await shared.close()
         await bound.close()
 
@@ -163,16 +163,16 @@ async def test_an_agent_that_chose_no_keys_gets_the_shared_ones_only_with_the_sh
 async def test_a_live_node_cannot_be_taken_over_by_a_second_stream() -> None:
     async with control_plane() as (svc, port):
         owner = Agent(port, SHARED)
-        await owner.send(register("gpu-1", address="10.0.0.9:50052", node="k" * 64))
+        await owner.send(register("gpu-1", address="127.0.0.9:50052", node="k" * 64))
         await owner.send(report(1))
         await owner.receive()
         thief = Agent(port, SHARED)       # holds the shared token: may be any node, not a live one
-        await thief.send(register("gpu-1", address="10.6.6.6:50052", node="t" * 64))
+        await thief.send(register("gpu-1", address="127.6.6.6:50052", node="t" * 64))
         assert await thief.refused() == grpc.StatusCode.ALREADY_EXISTS
         await thief.close()
         node = svc.registry.node("gpu-1")
-        assert node is not None and node.info.address == "10.0.0.9:50052"
-        assert svc.registry.node_key_at("10.6.6.6:50052") is None
+        assert node is not None and node.info.address == "127.0.0.9:50052"
+        assert svc.registry.node_key_at("127.6.6.6:50052") is None
         # once the owner's stream is gone, its agent (reconnecting) gets the name back
         await owner.close()
         for _ in range(200):
@@ -191,26 +191,26 @@ async def test_a_live_nodes_address_cannot_be_claimed_by_another_node() -> None:
     its embeddings would fail)."""
     async with control_plane() as (svc, port):
         owner = Agent(port, SHARED)
-        await owner.send(register("gpu-1", address="10.0.0.9:50052", node="k" * 64))
+        await owner.send(register("gpu-1", address="127.0.0.9:50052", node="k" * 64))
         await owner.send(report(1))
         await owner.receive()
         squatter = Agent(port, SHARED)
-        await squatter.send(register("gpu-2", address="10.0.0.9:50052", node="s" * 64))
+        await squatter.send(register("gpu-2", address="127.0.0.9:50052", node="s" * 64))
         assert await squatter.refused() == grpc.StatusCode.ALREADY_EXISTS
         await squatter.close()
-        assert svc.registry.node_key_at("10.0.0.9:50052") == "k" * 64
+        assert svc.registry.node_key_at("127.0.0.9:50052") == "k" * 64
         # nor by a Register on a stream of its own, later
         other = Agent(port, SHARED)
-        await other.send(register("gpu-3", address="10.0.0.3:50052", node="o" * 64))
+        await other.send(register("gpu-3", address="127.0.0.3:50052", node="o" * 64))
         await other.send(report(1))
         await other.receive()
-        await other.send(register("gpu-3", address="10.0.0.9:50052", node="o" * 64))
+        await other.send(register("gpu-3", address="127.0.0.9:50052", node="o" * 64))
         for _ in range(200):
             if svc.registry.node("gpu-3").status == "down":     # type: ignore[union-attr]
                 break
             await asyncio.sleep(0.02)
-        assert svc.registry.node_key_at("10.0.0.9:50052") == "k" * 64
-        assert svc.registry.node("gpu-3").info.address == "10.0.0.3:50052"  # type: ignore[union-attr]
+        assert svc.registry.node_key_at("127.0.0.9:50052") == "k" * 64
+        assert svc.registry.node("gpu-3").info.address == "127.0.0.3:50052"  # type: ignore[union-attr]
         await other.close()
         await owner.close()
 
@@ -219,10 +219,10 @@ async def test_invented_node_names_stop_at_max_nodes() -> None:
     async with control_plane(max_nodes=2) as (svc, port):
         agents = [Agent(port, SHARED) for _ in range(3)]
         for i, agent in enumerate(agents[:2]):
-            await agent.send(register(f"n{i}", address=f"10.0.1.{i}:50052"))
+            await agent.send(register(f"n{i}", address=f"127.0.1.{i}:50052"))
             await agent.send(report(1))
             await agent.receive()
-        await agents[2].send(register("n2", address="10.0.1.2:50052"))
+        await agents[2].send(register("n2", address="127.0.1.2:50052"))
         assert await agents[2].refused() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert {n.info.name for n in svc.registry.nodes()} == {"n0", "n1"}
         for agent in agents:
@@ -326,11 +326,11 @@ async def test_a_worker_applies_the_keys_its_primary_decided_and_no_fallback(
     that token's, an agent that chose no keys would be handed the shared ones there."""
     async with pod(tmp_path, StandInReview()) as (primary, worker, port):
         bound = Agent(port, "sa-token-of-gpu-1")
-        await bound.send(register("gpu-1", address="10.0.0.1:50052"))
+        await bound.send(register("gpu-1", address="127.0.0.1:50052"))
         await bound.send(report(1))
         await bound.receive()
         shared = Agent(port, SHARED)
-        await shared.send(register("gpu-old", address="10.0.0.7:50052"))
+        await shared.send(register("gpu-old", address="127.0.0.7:50052"))
         await shared.send(report(1))
         await shared.receive()
         for svc in (primary, worker):
@@ -339,10 +339,10 @@ async def test_a_worker_applies_the_keys_its_primary_decided_and_no_fallback(
                 for name in ("gpu-1", "gpu-old")), 10, "both nodes")
             (backend,) = svc.registry.node("gpu-1").backends   # type: ignore[union-attr]
             assert backend.api_key is None
-            assert svc.registry.node_key_at("10.0.0.1:50052") is None
+            assert svc.registry.node_key_at("127.0.0.1:50052") is None
             (backend,) = svc.registry.node("gpu-old").backends  # type: ignore[union-attr]
             assert backend.api_key == engine_key.derive(SHARED)
-            assert svc.registry.node_key_at("10.0.0.7:50052") == SHARED
+            assert svc.registry.node_key_at("127.0.0.7:50052") == SHARED
         await bound.close()
         await shared.close()
 
@@ -351,11 +351,11 @@ async def test_a_register_for_another_node_ends_the_stream_and_never_reaches_a_w
         tmp_path: pathlib.Path) -> None:
     async with pod(tmp_path, StandInReview()) as (primary, worker, port):
         agent = Agent(port, "sa-token-of-gpu-2")
-        await agent.send(register("gpu-2", address="10.0.0.2:50052"))
+        await agent.send(register("gpu-2", address="127.0.0.2:50052"))
         await agent.send(report(1))
         await agent.receive()
         await harness.until(lambda: worker.registry.node("gpu-2") is not None, 10, "gpu-2")
-        await agent.send(register("gpu-1", address="10.6.6.6:50052", node="x" * 64))
+        await agent.send(register("gpu-1", address="127.6.6.6:50052", node="x" * 64))
         await harness.until(lambda: primary.registry.node("gpu-2").status == "down",  # type: ignore[union-attr]
                             10, "the stream to end")
         await agent.send(report(2))
@@ -424,14 +424,14 @@ async def test_one_review_at_a_time_per_peer_address() -> None:
         await first.send(register("gpu-1"))
         await harness.until(lambda: len(review.asked) == 1, 10, "the first review")
         second = Agent(port, "sa-token-of-gpu-2")
-        await second.send(register("gpu-2", address="10.0.0.2:50052"))
+        await second.send(register("gpu-2", address="127.0.0.2:50052"))
         assert await second.refused() == grpc.StatusCode.UNAVAILABLE
         assert len(review.asked) == 1
         review.gate.set()
         await first.send(report(1))
         assert (await first.receive()).ack.sequence == 1
         again = Agent(port, "sa-token-of-gpu-2")       # its turn now
-        await again.send(register("gpu-2", address="10.0.0.2:50052"))
+        await again.send(register("gpu-2", address="127.0.0.2:50052"))
         await again.send(report(1))
         assert (await again.receive()).ack.sequence == 1
         for agent in (first, second, again):
