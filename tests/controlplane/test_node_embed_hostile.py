@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import grpc
 import numpy as np
 import pytest
 
@@ -17,6 +16,7 @@ from controlplane.adapters import embedder, node_embed
 from controlplane.core import verifier
 from controlplane.core.l2 import schema
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
+from tests.controlplane import node_testing
 from tests.controlplane.l2.fakes import FakeStore
 
 TOKEN = "hostile-node-test-token"
@@ -85,20 +85,8 @@ class Agent(node_pb2_grpc.NodeServicer):
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Callable[..., Awaitable[tuple[str, Agent]]]]:
-    servers = []
-
-    async def start(mode: str = "ok", logit: float = 2.0) -> tuple[str, Agent]:
-        agent = Agent(mode, logit)
-        server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20)])
-        node_pb2_grpc.add_NodeServicer_to_server(agent, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}", agent
-
-    yield start
-    for server in servers:
-        await server.stop(0)
+    async with node_testing.agents(Agent) as start:
+        yield start
 
 
 @pytest.mark.parametrize("mode,match", [

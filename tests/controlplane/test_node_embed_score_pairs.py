@@ -14,6 +14,7 @@ from controlplane import errors
 from controlplane.adapters import embedder, node_embed
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
 from synapse_common import call_metadata
+from tests.controlplane import node_testing
 
 TOKEN = "score-pairs-test-token"
 SCORER = "minilm-l6-ce@test"
@@ -52,20 +53,8 @@ class Agent(node_pb2_grpc.NodeServicer):
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Callable[[str], Awaitable[tuple[str, Agent]]]]:
-    servers = []
-
-    async def start(mode: str = "ok") -> tuple[str, Agent]:
-        agent = Agent(mode)
-        server = grpc.aio.server()
-        node_pb2_grpc.add_NodeServicer_to_server(agent, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}", agent
-
-    yield start
-    for server in servers:
-        await server.stop(0)
+    async with node_testing.agents(Agent) as start:
+        yield start
 
 
 async def test_logits_and_scorer_id_with_token_and_tenant(serve):
