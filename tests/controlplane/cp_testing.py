@@ -246,6 +246,21 @@ async def running(s: config.ControlPlaneSettings,
         await runner.cleanup()
 
 
+async def seats_mid_stream(cp: RunningCP, backend: str, **create: Any) -> tuple[int, int]:
+    """The (in flight, sequences) the ledger counts for the static upstream ``backend``
+    while a streamed completions request (``create``: its arguments) is under way, read
+    after its first chunk; returns once the answer has ended and its seats are given back
+    (in flight back to zero)."""
+    stream = await cp.client().completions.create(stream=True, **create)
+    await anext(stream)
+    load = cp.services.ledger.load(f"static/{backend}")
+    held = (load.in_flight, load.sequences)
+    async for _ in stream:
+        pass
+    await harness.until(lambda: load.in_flight == 0, 5, "the answer settled")
+    return held
+
+
 @contextlib.asynccontextmanager
 async def backends(*names_modes: tuple[str, str]) -> AsyncIterator[list[FakeBackend]]:
     started = [FakeBackend(n, m) for n, m in names_modes]

@@ -13,23 +13,15 @@ import pytest
 from controlplane import errors
 from controlplane.api import openapi
 from controlplane.core import validation
-from tests import harness
 from tests.controlplane import cp_testing as t
 
 
 async def test_a_batch_of_token_id_prompts_reaches_the_engine_and_holds_a_seat_each() -> None:
     async with t.backends(("one", "slow")) as (b,):
         async with t.running(t.settings(upstreams=[t.upstream("one", b.url)])) as cp:
-            client = cp.client()
-            stream = await client.completions.create(
-                model="llama", prompt=[[504, 3575, 282], [4649, 314]], max_tokens=8,
-                temperature=0, stream=True)
-            await anext(stream)
-            load = cp.services.ledger.load("static/one")
-            assert (load.in_flight, load.sequences) == (1, 2)
-            async for _ in stream:
-                pass
-            await harness.until(lambda: load.in_flight == 0, 5, "the answer settled")
+            assert await t.seats_mid_stream(
+                cp, "one", model="llama", prompt=[[504, 3575, 282], [4649, 314]],
+                max_tokens=8, temperature=0) == (1, 2)
             assert json.loads(b.bodies[0])["prompt"] == [[504, 3575, 282], [4649, 314]]
 
 

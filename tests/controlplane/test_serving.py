@@ -379,16 +379,9 @@ async def test_a_batch_in_flight_holds_a_seat_per_sequence() -> None:
     prompts x n: 2 are six of the engine's seats — until its answer ends (probe 69)."""
     async with t.backends(("one", "slow")) as (b,):
         async with t.running(t.settings(upstreams=[t.upstream("one", b.url)])) as cp:
-            client = cp.client()
-            stream = await client.completions.create(
-                model="llama", prompt=["a", "b", "c"], n=2, max_tokens=8, stream=True)
-            await anext(stream)
-            load = cp.services.ledger.load("static/one")
-            assert (load.in_flight, load.sequences) == (1, 6)
-            async for _ in stream:
-                pass
-            await harness.until(lambda: load.in_flight == 0, 5, "the answer settled")
-            assert load.sequences == 0
+            assert await t.seats_mid_stream(
+                cp, "one", model="llama", prompt=["a", "b", "c"], n=2, max_tokens=8) == (1, 6)
+            assert cp.services.ledger.load("static/one").sequences == 0
 
 
 async def test_an_embeddings_batch_in_flight_holds_a_seat_per_input() -> None:

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from controlplane import errors
 from controlplane.adapters import upload_client
+from tests import http_standins
 
 
 class Source:
@@ -40,11 +41,8 @@ async def backend() -> AsyncIterator[tuple[str, list[str]]]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}", asked
-    await runner.cleanup()
+    async with http_standins.served(app) as url:
+        yield url, asked
 
 
 @pytest.mark.parametrize("kind", ["redirect", "empty", "gzip"])

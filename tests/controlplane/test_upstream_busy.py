@@ -29,31 +29,22 @@ async def test_a_spent_budget_is_503_with_retry_after_and_one_backend_asked() ->
         application.router.add_get("/v1/models", models)
         return application
 
-    runners = []
-    urls = []
-    for name in ("one", "two"):
-        runner = web.AppRunner(app(name), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        runners.append(runner)
-        urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}/v1")
     budget = http1.BUDGET
     limit, budget.limit = budget.limit, MIB
     try:
-        s = t.settings(upstreams=[{"name": n, "url": u, "kind": "openai",
-                                   "models": [t.MODEL], "api_key": "k"}
-                                  for n, u in zip(("one", "two"), urls, strict=True)])
-        async with t.running(s) as cp, aiohttp.ClientSession() as session:
-            async with session.post(cp.url + "/v1/chat/completions", json={
-                    "model": t.MODEL, "messages": [{"role": "user", "content": "hi"}]},
-                    headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
-                body = await r.json()
-                assert r.status == 503, body
-                assert r.headers.get("Retry-After") == "1"
-                assert body["error"]["code"] == "upstream_busy"
-        assert len(asked) == 1, "no other backend was asked"
-        assert budget.held == 0
+        async with t.served(app("one")) as one, t.served(app("two")) as two:
+            s = t.settings(upstreams=[{"name": n, "url": f"{u}/v1", "kind": "openai",
+                                       "models": [t.MODEL], "api_key": "k"}
+                                      for n, u in (("one", one), ("two", two))])
+            async with t.running(s) as cp, aiohttp.ClientSession() as session:
+                async with session.post(cp.url + "/v1/chat/completions", json={
+                        "model": t.MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                        headers={"Authorization": f"Bearer {t.KEY_A}"}) as r:
+                    body = await r.json()
+                    assert r.status == 503, body
+                    assert r.headers.get("Retry-After") == "1"
+                    assert body["error"]["code"] == "upstream_busy"
+            assert len(asked) == 1, "no other backend was asked"
+            assert budget.held == 0
     finally:
         budget.limit = limit
-        for runner in runners:
-            await runner.cleanup()

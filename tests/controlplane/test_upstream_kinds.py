@@ -129,7 +129,6 @@ class HostedAPI:
     def __init__(self) -> None:
         self.probes: list[str | None] = []
         self.rate_limited = False
-        self.runner: web.AppRunner | None = None
 
     async def models(self, request: web.Request) -> web.Response:
         self.probes.append(request.headers.get("Authorization"))
@@ -143,13 +142,8 @@ class HostedAPI:
     async def running(self) -> AsyncIterator[str]:
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        try:
-            yield f"http://127.0.0.1:{self.runner.addresses[0][1]}/v1"
-        finally:
-            await self.runner.cleanup()
+        async with t.served(app) as url:
+            yield f"{url}/v1"
 
 
 async def test_a_hosted_api_is_probed_with_its_key_at_most_once_a_minute() -> None:
@@ -385,7 +379,6 @@ class CachingEngine:
     HEADERS: dict[str, str] = {}
 
     def __init__(self) -> None:
-        self.runner: web.AppRunner | None = None
         self.salts: list[str | None] = []    # the cache_salt of each chat request
 
     def routes(self, app: web.Application) -> None:
@@ -425,13 +418,8 @@ class CachingEngine:
     async def running(self) -> AsyncIterator[str]:
         app = web.Application()
         self.routes(app)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        try:
-            yield f"http://127.0.0.1:{self.runner.addresses[0][1]}"
-        finally:
-            await self.runner.cleanup()
+        async with t.served(app) as url:
+            yield url
 
 
 def plain_and_sglang(url: str, plain_serves: str) -> config.ControlPlaneSettings:
@@ -575,12 +563,8 @@ async def test_a_relayed_429_keeps_its_retry_after_in_seconds_or_milliseconds() 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    try:
-        s = t.settings(upstreams=[{"name": "h", "url": url, "kind": "openai",
+    async with t.served(app) as url:
+        s = t.settings(upstreams=[{"name": "h", "url": f"{url}/v1", "kind": "openai",
                                    "models": [t.MODEL], "api_key": "k"}])
         async with t.running(s) as cp, aiohttp.ClientSession() as session:
             for content, expected in (("hi", ("7", "7000")), ("odd", (None, None))):
@@ -590,8 +574,6 @@ async def test_a_relayed_429_keeps_its_retry_after_in_seconds_or_milliseconds() 
                     assert r.status == 429
                     assert (r.headers.get("Retry-After"),
                             r.headers.get("retry-after-ms")) == expected
-    finally:
-        await runner.cleanup()
 
 
 async def test_one_tenant_alone_on_an_upstream_is_not_warned_of(
