@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import openai
@@ -192,6 +192,27 @@ def settings(**overrides: Any) -> config.ControlPlaneSettings:
 def upstream(name: str, url: str, models: list[str] | None = None,
              task: str = "generate") -> dict[str, Any]:
     return {"name": name, "url": url, "models": models or [MODEL], "task": task}
+
+
+def hosted_api(chat: Callable[[web.Request], Awaitable[web.StreamResponse]]
+               ) -> web.Application:
+    """A hosted OpenAI-compatible API (upstream kind ``openai``) for :func:`served`:
+    ``chat`` answers /v1/chat/completions and /v1/models lists ``MODEL`` (what the
+    prober asks a hosted API)."""
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": MODEL}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+def hosted(name: str, url: str, api_key: str = "k") -> dict[str, Any]:
+    """A static upstream of kind ``openai`` serving ``MODEL`` at ``url`` (a served
+    :func:`hosted_api`'s base URL) with ``api_key``."""
+    return {"name": name, "url": f"{url}/v1", "kind": "openai", "models": [MODEL],
+            "api_key": api_key}
 
 
 def round_robin(*started: FakeBackend, **overrides: Any) -> config.ControlPlaneSettings:

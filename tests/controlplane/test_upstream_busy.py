@@ -21,21 +21,13 @@ async def test_a_spent_budget_is_503_with_retry_after_and_one_backend_asked() ->
             asked.append(name)
             return web.Response(body=b'{"x":"' + b"y" * (2 * MIB) + b'"}',
                                 content_type="application/json")
-
-        async def models(request: web.Request) -> web.Response:
-            return web.json_response({"object": "list", "data": [{"id": t.MODEL}]})
-        application = web.Application()
-        application.router.add_post("/v1/chat/completions", chat)
-        application.router.add_get("/v1/models", models)
-        return application
+        return t.hosted_api(chat)
 
     budget = http1.BUDGET
     limit, budget.limit = budget.limit, MIB
     try:
         async with t.served(app("one")) as one, t.served(app("two")) as two:
-            s = t.settings(upstreams=[{"name": n, "url": f"{u}/v1", "kind": "openai",
-                                       "models": [t.MODEL], "api_key": "k"}
-                                      for n, u in (("one", one), ("two", two))])
+            s = t.settings(upstreams=[t.hosted("one", one), t.hosted("two", two)])
             async with t.running(s) as cp, aiohttp.ClientSession() as session:
                 async with session.post(cp.url + "/v1/chat/completions", json={
                         "model": t.MODEL, "messages": [{"role": "user", "content": "hi"}]},

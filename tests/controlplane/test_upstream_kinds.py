@@ -557,15 +557,8 @@ async def test_a_relayed_429_keeps_its_retry_after_in_seconds_or_milliseconds() 
         return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}},
                                  status=429, headers=retry)
 
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": t.MODEL}]})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/v1/models", models)
-    async with t.served(app) as url:
-        s = t.settings(upstreams=[{"name": "h", "url": f"{url}/v1", "kind": "openai",
-                                   "models": [t.MODEL], "api_key": "k"}])
+    async with t.served(t.hosted_api(chat)) as url:
+        s = t.settings(upstreams=[t.hosted("h", url, api_key="k")])
         async with t.running(s) as cp, aiohttp.ClientSession() as session:
             for content, expected in (("hi", ("7", "7000")), ("odd", (None, None))):
                 async with session.post(cp.url + "/v1/chat/completions", json={
