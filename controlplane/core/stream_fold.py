@@ -27,9 +27,11 @@ send) therefore gets, where the stream left them out, the fields vLLM's own whol
 of that endpoint carries (:data:`VLLM_WHOLE`, vLLM 0.32's ``ChatCompletionResponse`` /
 ``CompletionResponse``), at vLLM's defaults: a client that reads ``choices[0]["message"]
 ["refusal"]`` or ``["service_tier"]`` of a whole answer reads it on a hit as on a miss.
-Another backend's stream is folded as sent: its chunks carry its own nulls. ``usage`` is
-kept as streamed: vLLM's usage chunk drops its null fields (``exclude_none``), which its
-whole answer keeps (``prompt_tokens_details: null``), a difference left as it is.
+Another backend's stream is folded as sent: its chunks carry its own nulls. vLLM's usage
+chunk drops its null fields (``exclude_none``), which its whole answer keeps (its
+``UsageInfo``): a folded vLLM ``usage`` gets them back (:data:`VLLM_USAGE`, and
+:data:`VLLM_PROMPT_DETAILS` inside ``prompt_tokens_details`` when that is sent), its
+numbers as streamed; a replay drops them again, as vLLM's stream does.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ VLLM_WHOLE = {
                        "routed_experts")),
         message={}),
 }
+# vLLM's ``UsageInfo`` (both endpoints) and its ``PromptTokenUsageInfo``: fields whose
+# default is null, so a usage chunk leaves them out and a whole answer sends them null.
+VLLM_USAGE = _NULLS(("prompt_tokens_details", "completion_tokens_details"))
+VLLM_PROMPT_DETAILS = _NULLS(("cached_tokens", "created_cache_tokens", "multimodal_tokens"))
 
 
 class Assembled(dict[str, Any]):
@@ -260,6 +266,15 @@ def as_vllm_whole(response: Mapping[str, Any]) -> dict[str, Any]:
         return dict(response)
     out = _with(response, fields.top)
     out["choices"] = [_with_defaults(c, fields) for c in response.get("choices") or ()]
+    if isinstance(out.get("usage"), Mapping):
+        out["usage"] = _vllm_usage(out["usage"])
+    return out
+
+
+def _vllm_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
+    out = _with(usage, VLLM_USAGE)
+    if isinstance(out["prompt_tokens_details"], Mapping):
+        out["prompt_tokens_details"] = _with(out["prompt_tokens_details"], VLLM_PROMPT_DETAILS)
     return out
 
 

@@ -7,8 +7,9 @@ models as its ``serving.py`` builds them (two choices, ``n=2``): chunks serializ
 the whole answer's null fields (``message.refusal``, ``service_tier``, ``routed_experts``
 …), so a client reading them got a KeyError on a hit and not on a miss; a replay of ``n``
 choices put the fingerprint on the last choice's finish chunk only, where vLLM puts it on
-every choice's; and a replayed usage chunk kept the null fields vLLM streams without.
-``usage`` of a folded stream stays as streamed (see ``stream_fold``).
+every choice's; a replayed usage chunk kept the null fields vLLM streams without; and a
+folded usage lacked the null fields vLLM's whole usage carries (``prompt_tokens_details``,
+``completion_tokens_details``, and inside the former ``multimodal_tokens``).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def replayed(response: Any, include_usage: bool) -> list[dict[str, Any]]:
 def test_a_folded_vllm_stream_is_vllms_whole_answer(endpoint: str) -> None:
     stream, whole = ENDPOINTS[endpoint]
     hit = folded(stream(include_usage=True))
-    assert dict(hit) == whole(usage=USAGE), "vLLM's whole answer (usage as streamed)"
+    assert dict(hit) == whole(), "vLLM's whole answer, usage with its nulls"
     choice = hit["choices"][0]
     assert choice["logprobs"] is None and choice["stop_reason"] is None
     assert hit["service_tier"] is None and hit["kv_transfer_params"] is None
@@ -134,7 +135,9 @@ def test_a_vllm_whole_answers_own_fields_are_kept() -> None:
     hit = folded(stream)
     assert hit["prompt_token_ids"] == [1, 2, 3] and hit["system_fingerprint"] == FP
     assert [c["stop_reason"] for c in hit["choices"]] == [None, "!"]
-    assert hit["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}
+    assert hit["usage"]["prompt_tokens_details"] == {
+        "cached_tokens": 2, "created_cache_tokens": None, "multimodal_tokens": None}
+    assert hit["usage"]["completion_tokens_details"] is None
 
 
 def test_another_backends_stream_is_folded_as_sent() -> None:
@@ -194,14 +197,16 @@ def paths(value: Any, prefix: str = "") -> set[str]:
                                            ("chat_stop_stream.sse", "chat_stop_full.json")])
 def test_a_real_vllm_stream_folds_into_the_keys_of_its_whole_answer(stream: str,
                                                                      whole: str) -> None:
-    """Recorded from a real vLLM 0.32 (usage aside: whole, ``prompt_tokens_details``
-    carries ``multimodal_tokens: null``; streamed, not, and a replay sends it so)."""
+    """Recorded from a real vLLM 0.32: whole, ``usage.prompt_tokens_details`` carries
+    ``multimodal_tokens: null`` and ``completion_tokens_details`` is null; streamed, the
+    usage chunk leaves both out, and a replay sends it so."""
     raw = (CAPTURES / stream).read_bytes()
     asm = sse.assemble(sse.SSEParser().feed(raw))
     assert asm.complete
     hit = asm.response()
     sent_whole = json.loads((CAPTURES / whole).read_text())
-    assert paths({**hit, "usage": {}}) == paths({**sent_whole, "usage": {}})
+    assert paths(hit) == paths(sent_whole)
+    assert hit["usage"]["completion_tokens_details"] is None
     live_usage = [orjson.loads(e) for e in sse.SSEParser().feed(raw)
                   if e != sse.DONE and b'"usage"' in e.encode()]
     assert [c["usage"] for c in replayed(hit, True) if "usage" in c] == [
