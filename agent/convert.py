@@ -43,7 +43,8 @@ def backend(status: types.BackendStatus) -> common_pb2.BackendState:
         started_unix_ms=status.started_unix_ms, pid=status.pid,
         last_log_lines=list(status.last_log_lines),
         memory_reserved_bytes=status.memory_reserved_bytes, metrics_ok=status.metrics_ok,
-        tasks=list(status.tasks), max_num_seqs=status.max_num_seqs)
+        tasks=list(status.tasks), max_num_seqs=status.max_num_seqs,
+        max_model_len=status.max_model_len)
 
 
 def cache_stats(stats: lru.CacheStats | None) -> common_pb2.EmbeddingCacheStats:

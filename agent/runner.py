@@ -59,17 +59,22 @@ an upstream's to the same bound); a longer body is a failed scrape, with one war
 the loop that reports the node, would hold and stall the agent. Every phase change calls
 the hooks' ``on_change`` so the reporter sends a report at once.
 
+When the engine becomes ready the runner also asks it its context length
+(:mod:`agent.engine_context`: vLLM's ``/v1/models``, bounded, else the spec's explicit
+length); a stopped engine's is forgotten, and the next start asks again.
+
 No request to an engine follows a redirect (``/health``, ``/metrics``, the warm-up, the
-tasks' ``/openapi.json``; the control plane's prober follows none either): a ``/health``
-that redirects is not a 200, a ``/metrics`` that does is a failed scrape. An external
-server's redirect would otherwise send the agent, with the engine key of a backend that
-has one, to any URL it names.
+tasks' ``/openapi.json``, ``/v1/models``; the control plane's prober follows none
+either): a ``/health`` that redirects is not a 200, a ``/metrics`` that does is a failed
+scrape. An external server's redirect would otherwise send the agent, with the engine key
+of a backend that has one, to any URL it names.
 
 The engine key (:mod:`synapse_common.engine_key`, when the agent has a token) goes to
 each engine the runner starts through its environment (:func:`agent.core.commands.
 environment`), and with every call the runner makes to it (``/health``, ``/metrics``,
-``/openapi.json``): those paths are open on vLLM and TEI, but an engine that guards them
-too (llama-server guards ``/metrics``) is still probed. ``external`` backends get no key.
+``/openapi.json``, ``/v1/models``): those paths are open on vLLM and TEI, but an engine
+that guards them too (llama-server guards ``/metrics``) is still probed. ``external``
+backends get no key.
 The engine's own output is written with the key masked (TEI prints its arguments, key
 included, at start), so it reaches neither the log file nor the reported last lines.
 """
@@ -85,7 +90,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from agent import engine_env, engine_tasks, process
+from agent import engine_context, engine_env, engine_tasks, process
 from agent import metrics as agent_metrics
 from agent.config import SupervisorSettings
 from agent.core import backoff, commands, engine_metrics, types
@@ -163,6 +168,7 @@ class Runner:
         self._warned_too_long = False
         self.tasks: tuple[str, ...] = spec.tasks or (spec.task,)
         self._tasks_known = bool(spec.tasks)
+        self.max_model_len = 0   # the running engine's (agent.engine_context); 0 = unknown
         self.sink = process.LogSink(pathlib.Path(cfg.log_dir) / f"{spec.name}.log",
                                     cfg.log_max_bytes, cfg.log_tail_lines,
                                     secrets=(self._key,) if self._key else ())
@@ -312,6 +318,7 @@ class Runner:
             code = await self._engine.wait()
             await aiotasks.stop(probe)
             self._engine, self.pid, self.snapshot, self.metrics_ok = None, 0, None, False
+            self.max_model_len = 0
             self._owner = None
             if self._stopping:
                 break
@@ -339,6 +346,7 @@ class Runner:
             await self._time.sleep(min(STARTUP_POLL_S, self.cfg.probe_interval_s))
         self._policy.on_ready()
         await self._learn_tasks()
+        await self._learn_context()
         await self._warm_up()
         self._set(Phase.READY, "health check passed")
         if await self._liveness() == "restart":
@@ -374,6 +382,11 @@ class Runner:
         if found != self.tasks:
             self.tasks = found
             self._hooks.on_change()
+
+    async def _learn_context(self) -> None:
+        """The context length the engine settled on, asked when it becomes ready."""
+        self.max_model_len = await engine_context.learn(
+            self._session, self.spec, self.probe_url, self.cfg.probe_timeout_s, self._auth)
 
     async def _warm_up(self) -> None:
         """The warm-up request (module docstring) for a vLLM that generates, before it is
@@ -459,6 +472,7 @@ class Runner:
         while not self._stopping:
             if await self._probe():
                 await self._learn_tasks()
+                await self._learn_context()
                 self._set(Phase.READY, "health check passed")
                 await self._liveness()  # external backends are never restarted
             await self._sleep_or_wake(self.cfg.probe_interval_s)
@@ -528,7 +542,7 @@ class Runner:
             last_log_lines=tuple(self.sink.lines()[-10:]),
             memory_reserved_bytes=self.spec.memory_required_bytes,
             metrics_ok=self.metrics_ok, managed=self.managed, tasks=self.tasks,
-            max_num_seqs=commands.max_num_seqs(self.spec))
+            max_num_seqs=commands.max_num_seqs(self.spec), max_model_len=self.max_model_len)
 
 
 def _parse_metrics(body: bytes) -> types.EngineSnapshot:

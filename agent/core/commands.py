@@ -170,6 +170,17 @@ def max_num_seqs(spec: types.EngineSpec) -> int:
     return _count(_flag(spec.extra_args, "--max-num-seqs")) or 0
 
 
+def max_model_len(spec: types.EngineSpec) -> int:
+    """The context length the spec sets explicitly for a vLLM or a simulator: a
+    ``--max-model-len`` of its extra arguments (it wins in vLLM's parser; ``auto`` or
+    ``-1`` is no length), else its ``max_model_len``; 0 when neither does."""
+    if spec.engine not in ("vllm", "simulator"):
+        return 0
+    context = _flag(spec.extra_args, "--max-model-len")
+    limit = _count(context) if context is not None else spec.max_model_len
+    return limit if limit and limit > 0 else 0
+
+
 def prefill_share(spec: types.EngineSpec, on_cpu: bool = True) -> list[str]:
     """``--long-prefill-token-threshold`` :data:`LONG_PREFILL_TOKENS` for a vLLM that
     generates, with ``--long-prefill-token-threshold-adaptive`` off the CPU, unless its
@@ -184,9 +195,8 @@ def prefill_share(spec: types.EngineSpec, on_cpu: bool = True) -> list[str]:
         return []
     if _flag(spec.extra_args, LONG_PREFILL_FLAG) is not None:
         return []
-    context = _flag(spec.extra_args, "--max-model-len")
-    limit = _count(context) if context is not None else spec.max_model_len
-    if limit and 0 < limit <= LONG_PREFILL_TOKENS:
+    limit = max_model_len(spec)
+    if 0 < limit <= LONG_PREFILL_TOKENS:
         return []
     argv = [LONG_PREFILL_FLAG, str(LONG_PREFILL_TOKENS)]
     adaptive = any(a.partition("=")[0].replace("_", "-") == ADAPTIVE_FLAG

@@ -127,3 +127,4 @@ class BackendStatus:
     managed: bool = False  # True when the control plane asked for it
     tasks: tuple[str, ...] = ()  # what it serves (agent.engine_tasks)
     max_num_seqs: int = 0  # sequences it runs at once, from its command line; 0 = unknown
+    max_model_len: int = 0  # the engine's context length (agent.engine_context); 0 = unknown

@@ -10,7 +10,9 @@ Protos become core value objects here and nowhere deeper, defensively:
   :data:`MAX_TEXT` printable characters (they reach operators' terminals and log lines);
 * a ``Report``'s shares and rates are clamped to [0, 1] (a NaN counts as the worst case)
   and its counts to sane bounds, and GPU readings that are not finite numbers are
-  dropped, so no report wins a routing or placement comparison by being nonsense;
+  dropped, so no report wins a routing or placement comparison by being nonsense; a
+  backend's context length outside 1..:data:`MAX_MODEL_LEN` is unknown (``GET
+  /v1/models`` shows it to clients);
 * a ``Report`` naming more than :data:`MAX_BACKENDS` backends, or a backend with more than
   :data:`MAX_MODELS` models, is refused (:func:`report_problem`: the stream ends
   ``INVALID_ARGUMENT``): an agent runs a handful of engines, and each backend a report
@@ -50,6 +52,7 @@ from protos.synapse.v1 import common_pb2, controlplane_pb2
 MAX_MESSAGE_BYTES = 1024 * 1024    # a real report is a few KB per backend
 MAX_KV_TOKENS = 1 << 40             # more KV cache than any machine holds
 MAX_SEQS = 1 << 20
+MAX_MODEL_LEN = 2**31 - 1           # a context length past it is read as unknown
 MAX_ITEMS = 64                      # embed models, labels
 MAX_TEXT = 128                      # characters of a version or a label
 MAX_CERTIFICATE_BYTES = 8 * 1024    # an agent's EC certificate is under 1 KB of PEM
@@ -203,7 +206,8 @@ def backend_state(node: str, b: common_pb2.BackendState,
         kv_capacity_tokens=min(b.kv_capacity_tokens, MAX_KV_TOKENS),
         block_size=b.kv_block_size,
         prefix_hit_rate=_share(b.prefix_cache_hit_rate, worst=0.0), restarts=b.restarts,
-        metrics_ok=b.metrics_ok, max_num_seqs=min(b.max_num_seqs, MAX_SEQS))
+        metrics_ok=b.metrics_ok, max_num_seqs=min(b.max_num_seqs, MAX_SEQS),
+        max_model_len=b.max_model_len if 1 <= b.max_model_len <= MAX_MODEL_LEN else 0)
 
 
 def finite_gpu_samples(rep: controlplane_pb2.Report) -> None:

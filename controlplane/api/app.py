@@ -52,7 +52,7 @@ from controlplane.api import (
     upstream_wiring,
 )
 from controlplane.api import services as services_mod
-from controlplane.core import anthropic_errors, cache_port, ratelimit, validation
+from controlplane.core import anthropic_errors, cache_port, ratelimit, types, validation
 from synapse_common import aiotasks, tasks
 from synapse_common import clock as clocks
 
@@ -238,10 +238,18 @@ async def list_models(request: web.Request) -> web.Response:
     tenant = svc.tenants.authenticate(request.headers.get("Authorization"))
     context.get(request).tenant = tenant.name
     data = [{"id": name, "object": "model", "created": 0, "owned_by": "synapse",
-             **({"root": canonical} if canonical else {})}
+             **({"root": canonical} if canonical else {}),
+             **_context_length(svc.registry.routable(canonical or name))}
             for name, canonical in svc.catalog.listing(svc.registry.served_models())
             if tenant.allows(canonical or name)]
     return json_response({"object": "list", "data": data})
+
+
+def _context_length(backends: list[types.BackendState]) -> dict[str, int]:
+    """``max_model_len`` as vLLM lists it, when every routable backend of the model says
+    its own: the smallest, since a request may go to any of them; else nothing."""
+    lengths = [b.max_model_len for b in backends]
+    return {"max_model_len": min(lengths)} if lengths and all(lengths) else {}
 
 
 async def stats(request: web.Request) -> web.Response:

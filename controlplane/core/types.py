@@ -49,6 +49,8 @@ class BackendState:
                                     # static upstreams: their kind (upstream_kinds), or ""
     max_num_seqs: int = 0           # sequences it runs at once, when configured (static) or
                                     # set on its command line (agent); 0 = unknown
+    max_model_len: int = 0          # its context length, as its agent reports it (the
+                                    # engine's /v1/models) or as configured; 0 = unknown
     # A backend whose own /openapi.json shows cache_salt (core.cache_salt.learns: a
     # kind-less static upstream, an agent's external one): salted like the engines of
     # core.cache_salt.ENGINES (which need no flag).

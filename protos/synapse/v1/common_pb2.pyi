@@ -97,7 +97,7 @@ class TelemetryStatus(_message.Message):
     def __init__(self, source: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class BackendState(_message.Message):
-    __slots__ = ("name", "url", "models", "engine", "task", "phase", "phase_reason", "num_requests_waiting", "num_requests_running", "kv_cache_usage", "kv_capacity_tokens", "kv_block_size", "prefix_cache_hit_rate", "restarts", "last_restart_unix_ms", "started_unix_ms", "pid", "last_log_lines", "memory_reserved_bytes", "metrics_ok", "tasks", "max_num_seqs")
+    __slots__ = ("name", "url", "models", "engine", "task", "phase", "phase_reason", "num_requests_waiting", "num_requests_running", "kv_cache_usage", "kv_capacity_tokens", "kv_block_size", "prefix_cache_hit_rate", "restarts", "last_restart_unix_ms", "started_unix_ms", "pid", "last_log_lines", "memory_reserved_bytes", "metrics_ok", "tasks", "max_num_seqs", "max_model_len")
     NAME_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class BackendState(_message.Message):
     METRICS_OK_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     url: str
     models: _containers.RepeatedScalarFieldContainer[str]
@@ -142,7 +143,8 @@ class BackendState(_message.Message):
     metrics_ok: bool
     tasks: _containers.RepeatedScalarFieldContainer[str]
     max_num_seqs: int
-    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., task: _Optional[_Union[BackendTask, str]] = ..., phase: _Optional[_Union[BackendPhase, str]] = ..., phase_reason: _Optional[str] = ..., num_requests_waiting: _Optional[int] = ..., num_requests_running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., restarts: _Optional[int] = ..., last_restart_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., memory_reserved_bytes: _Optional[int] = ..., metrics_ok: _Optional[bool] = ..., tasks: _Optional[_Iterable[str]] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    max_model_len: int
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[EngineKind, str]] = ..., task: _Optional[_Union[BackendTask, str]] = ..., phase: _Optional[_Union[BackendPhase, str]] = ..., phase_reason: _Optional[str] = ..., num_requests_waiting: _Optional[int] = ..., num_requests_running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., restarts: _Optional[int] = ..., last_restart_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., last_log_lines: _Optional[_Iterable[str]] = ..., memory_reserved_bytes: _Optional[int] = ..., metrics_ok: _Optional[bool] = ..., tasks: _Optional[_Iterable[str]] = ..., max_num_seqs: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
 
 class EmbeddingCacheStats(_message.Message):
     __slots__ = ("entries", "bytes", "max_entries", "max_bytes", "hits", "misses", "evictions")
