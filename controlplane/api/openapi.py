@@ -100,8 +100,13 @@ SCHEMAS: dict[str, Any] = {
     "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
         "object": {"const": "list"},
         "data": {"type": "array", "items": {"type": "object", "required": ["id", "object"],
-                                            "properties": {"id": {"type": "string"},
-                                                           "object": {"const": "model"}}}}}},
+                                            "properties": {
+            "id": {"type": "string"}, "object": {"const": "model"},
+            "created": {"type": "integer"}, "owned_by": {"type": "string"},
+            "root": {"type": "string", "description": "the canonical model an alias names"},
+            "max_model_len": {"type": "integer", "minimum": 1, "description":
+                              "the smallest context length the model's backends report "
+                              "(absent when one does not say)"}}}}}},
     "Status": {"type": "object", "properties": {"status": {"type": "string"}},
                "additionalProperties": True},
     "Stats": {"type": "object", "required": ["cache_hit_rate", "requests_total"],
