@@ -67,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
@@ -277,10 +278,11 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         into ``ended`` (the status the agent is told). ``peer``: the stream's peer host,
         where the node's backends must be (:mod:`controlplane.core.engine_hosts`).
 
-        Reports are applied at most once per :data:`MIN_REPORT_GAP_S`: one that comes
-        sooner waits (gRPC's flow control then holds the agent back), so an agent sending
-        reports in a loop cannot have the registry, and every view built on it, remade
-        at the rate it writes; an agent reports every few seconds and on changes."""
+        Reports and later Registers are applied at most once per
+        :data:`MIN_REPORT_GAP_S` (one gap for both): one that comes sooner waits (gRPC's
+        flow control then holds the agent back), so an agent sending either in a loop
+        cannot have the registry, and every view built on it, remade at the rate it
+        writes; an agent reports every few seconds and on changes."""
         reg = self._svc.registry
         clock = self._svc.clock
         warned: set[str] = set()       # what this stream was warned of already
@@ -292,10 +294,11 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                     raise _Ended(f"a message of {msg.ByteSize()} bytes (at most "
                                  f"{agent_messages.MAX_MESSAGE_BYTES})")
                 kind = msg.WhichOneof("body")
-                if kind == "report":
+                if kind in ("report", "register"):     # each remakes the registry's views
                     if (wait := next_report - clock()) > 0:
                         await self._sleep(wait)
                     next_report = clock() + MIN_REPORT_GAP_S
+                if kind == "report":
                     rep = msg.report
                     problem = agent_messages.report_problem(rep)
                     if problem is not None:
@@ -418,10 +421,15 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
 
 
 def _peer_host(peer: str) -> str:
-    """The address of a gRPC peer without its port ("ipv4:10.0.0.5:41234" → "10.0.0.5")."""
+    """The address of a gRPC peer without its port ("ipv4:10.0.0.5:41234" → "10.0.0.5",
+    "ipv6:%5B::1%5D:41234" → "::1"); a zone id stays ("fe80::1%eth0", which
+    :func:`engine_hosts.canonical` drops), any other peer (``unix:…``) is kept whole.
+    grpc percent-encodes an IPv6 peer's brackets (and the ``%`` of its zone id), so
+    the text is decoded first: undecoded, ``%5B::1%5D`` reads as a name, and an IPv6
+    agent's own address as nobody's."""
     kind, _, rest = peer.partition(":")
     if kind in ("ipv4", "ipv6"):
-        return rest.rsplit(":", 1)[0].strip("[]")
+        return urllib.parse.unquote(rest).rsplit(":", 1)[0].strip("[]")
     return peer
 
 

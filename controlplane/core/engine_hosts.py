@@ -21,7 +21,13 @@ internal service, the cloud's metadata service. So the host of a reported backen
   agent that reaches the control plane through a NAT or a proxy;
 * never a link-local address (``169.254.0.0/16``, the cloud metadata service's, and
   ``fe80::/10``), an unspecified (``0.0.0.0``) or a multicast one, unless an entry of
-  ``engine_hosts`` is itself inside that range (``0.0.0.0/0`` does not open them).
+  ``engine_hosts`` is itself inside that range (``0.0.0.0/0`` does not open them); an
+  IPv6 address that carries an IPv4 address (NAT64 ``64:ff9b::/96``, 6to4 ``2002::/16``,
+  IPv4-compatible: :func:`media_urls.carried_ipv4`), which a gateway reaches for it, is
+  judged by that IPv4 address (``::/0`` does not open the metadata service's).
+
+A host holding ``%`` is refused unless it is an IPv6 literal with a zone id
+(``[fe80::1%eth0]``, judged without it): ``10.0.0.5%.evil.example`` is a name.
 
 An agent on this host that registered an engine port range
 (``supervisor.engine_port_range``) has its loopback backends there: one at another port
@@ -43,10 +49,14 @@ import socket
 import urllib.parse
 from collections.abc import Iterable
 
+from controlplane.core import media_urls
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _LINK_LOCAL = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
+# what an IPv6 zone id may hold (RFC 6874: unreserved characters, such as ``eth0``)
+_ZONE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +101,19 @@ class Allowed:
 
 def canonical(host: str) -> Address | str:
     """``host`` as the transport dials it: an IP address (IPv4 shorthand, an IPv4-mapped
-    IPv6 address and ``localhost`` as the IPv4 address they mean), else the lower-cased
-    name without a trailing dot."""
+    IPv6 address and ``localhost`` as the IPv4 address they mean; an IPv6 literal without
+    its zone id), else the lower-cased name without a trailing dot. A ``%`` anywhere but
+    before the zone id of an IPv6 literal leaves the host a name holding ``%``, which no
+    ``registry.engine_hosts`` entry can list: ``10.0.0.5%.evil.example`` is no
+    ``10.0.0.5`` (a resolver may take it for a name, or a transport cut it elsewhere)."""
     host = host.strip("[]").rstrip(".").lower()
     if host == "localhost":
         return ipaddress.IPv4Address("127.0.0.1")
+    address, percent, zone = host.partition("%")
+    if percent and not (zone and _ZONE_CHARS.issuperset(zone) and ":" in address):
+        return host
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        ip = ipaddress.ip_address(address)
     except ValueError:
         if host and all(part.isalnum() for part in host.split(".")):
             with contextlib.suppress(OSError):
@@ -149,10 +165,14 @@ def host_refusal(what: str, host: str, port: int, peer: str, allowed: Allowed,
             return None
         return (f"{what} at host {where!r}, a name registry.engine_hosts does not list "
                 f"({what} must be at the node's own address)")
-    if where.is_link_local or where.is_unspecified or where.is_multicast:
-        if allowed.covers(where, explicitly=True):
+    carried = (media_urls.carried_ipv4(where)
+               if isinstance(where, ipaddress.IPv6Address) else None)
+    judged = where if carried is None else carried
+    if judged.is_link_local or judged.is_unspecified or judged.is_multicast:
+        if allowed.covers(judged, explicitly=True):
             return None
-        return (f"{what} at {where}, a link-local, unspecified or multicast address "
+        shown = where if carried is None else f"{where} (which carries {carried})"
+        return (f"{what} at {shown}, a link-local, unspecified or multicast address "
                 "(allowed only when registry.engine_hosts lists a range inside it)")
     if allowed.covers(where, False):
         return None

@@ -291,16 +291,27 @@ def _internal_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
 def _internal_ipv6(address: ipaddress.IPv6Address) -> bool:
     """Internal itself, or carrying an internal IPv4 address: a host or gateway reaches
     that IPv4 address for it (Python's ``is_global`` counts ``::7f00:1`` global)."""
-    value = int(address)
-    if value >> 80 == 0x64_ff9b_0001:   # local-use NAT64 (RFC 8215): inside by design
+    if int(address) >> 80 == 0x64_ff9b_0001:   # local-use NAT64 (RFC 8215): inside by design
         return True
-    embedded = address.ipv4_mapped or address.sixtofour
-    if embedded is None and (value >> 32 in (0, 0xffff_0000)        # compatible, SIIT
-                             or value >> 32 == 0x64_ff9b << 64):    # NAT64 (RFC 6052)
-        embedded = ipaddress.IPv4Address(value & 0xffff_ffff)
+    embedded = carried_ipv4(address)
     if _internal_address(address) and embedded is None:
         return True
     return embedded is not None and _internal_address(embedded)
+
+
+def carried_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address ``address`` carries, which a host or gateway reaches for it:
+    mapped ``::ffff:0:0/96``, SIIT ``::ffff:0:0:0/96``, NAT64 ``64:ff9b::/96`` (RFC 6052),
+    6to4 ``2002::/16``, IPv4-compatible ``::/96`` (not ``::`` and ``::1``, which are the
+    unspecified and loopback addresses); None for any other. The one home of these forms
+    (media URLs here, and the hosts an agent reports, :mod:`engine_hosts`)."""
+    embedded = address.ipv4_mapped or address.sixtofour
+    value = int(address)
+    if embedded is None and value > 1 and (
+            value >> 32 in (0, 0xffff_0000)                 # compatible, SIIT
+            or value >> 32 == 0x64_ff9b << 64):             # NAT64 (RFC 6052)
+        embedded = ipaddress.IPv4Address(value & 0xffff_ffff)
+    return embedded
 
 
 def _legacy_ipv4(host: str) -> bool:

@@ -78,13 +78,15 @@ def reviewed(svc: services_mod.Services, relay: agent_relay.AgentRelay | None,
 
 
 @contextlib.asynccontextmanager
-async def control_plane(review: StandInReview | None = None, **registry_settings: object
+async def control_plane(review: StandInReview | None = None, *, listen: str = "127.0.0.1",
+                        **registry_settings: object
                         ) -> AsyncIterator[tuple[services_mod.Services, int]]:
+    """``listen``: the gRPC server's host (``[::1]`` for agents on IPv6 loopback)."""
     settings = t.settings(auth={"agent_token": SHARED, "allow_unauthenticated_agents": False},
                           registry=registry_settings)
     svc = services_mod.build(settings)
 
-    server, port = await grpc_server.start("127.0.0.1", 0, [reviewed(svc, None, review)])
+    server, port = await grpc_server.start(listen, 0, [reviewed(svc, None, review)])
     try:
         yield svc, port
     finally:
@@ -438,10 +440,18 @@ async def test_one_review_at_a_time_per_peer_address() -> None:
             await agent.close()
 
 
-def test_a_peer_is_named_by_its_address_without_the_port() -> None:
-    assert grpc_server._peer_host("ipv4:10.0.0.5:41234") == "10.0.0.5"
-    assert grpc_server._peer_host("ipv6:[::1]:41234") == "::1"
-    assert grpc_server._peer_host("unix:/tmp/x.sock") == "unix:/tmp/x.sock"
+@pytest.mark.parametrize(("peer", "host"), [
+    ("ipv4:10.0.0.5:41234", "10.0.0.5"),
+    ("ipv6:%5B::1%5D:41234", "::1"),                    # what grpc reports
+    ("ipv6:[::1]:41234", "::1"),
+    ("ipv6:%5Bfd00::5%5D:41234", "fd00::5"),
+    ("ipv6:%5B::ffff:10.0.0.5%5D:41234", "::ffff:10.0.0.5"),
+    ("ipv6:%5Bfe80::1%25eth0%5D:41234", "fe80::1%eth0"),  # a zone id, its % encoded
+    ("unix:/tmp/x.sock", "unix:/tmp/x.sock"),
+    ("unix:", "unix:"),
+])
+def test_a_peer_is_named_by_its_address_without_the_port(peer: str, host: str) -> None:
+    assert grpc_server._peer_host(peer) == host
 
 
 @pytest.mark.parametrize("spelling", [

@@ -6,7 +6,9 @@ plays the agent (it holds the shared token every node holds)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -258,15 +260,12 @@ async def test_a_worker_takes_the_hosts_its_primary_allowed_and_no_others(
         await wserver.stop(0)
 
 
-async def test_reports_sent_in_a_loop_are_applied_at_most_once_per_gap() -> None:
-    """An agent writing reports as fast as it can is held to one report per
-    ``MIN_REPORT_GAP_S`` (the control plane waits before the next, the stream's flow
-    control holds the agent back); one that comes after the gap does not wait, and no
-    report is lost."""
-    clock = ManualClock(100.0)
-    sleep = SteppedSleep(clock)
+@contextlib.asynccontextmanager
+async def paced_control_plane(sleep: SteppedSleep) -> AsyncIterator[
+        tuple[services_mod.Services, int]]:
+    """A control plane on ``sleep``'s clock whose servicer waits through ``sleep``."""
     settings = t.settings(auth={"agent_token": SHARED, "allow_unauthenticated_agents": False})
-    svc = services_mod.build(settings, clock=clock)
+    svc = services_mod.build(settings, clock=sleep.clock)
 
     def add(server: grpc.aio.Server) -> str:
         controlplane_pb2_grpc.add_ControlPlaneServicer_to_server(  # type: ignore[no-untyped-call]
@@ -275,6 +274,19 @@ async def test_reports_sent_in_a_loop_are_applied_at_most_once_per_gap() -> None
 
     server, port = await grpc_server.start("127.0.0.1", 0, [add])
     try:
+        yield svc, port
+    finally:
+        await server.stop(0)
+
+
+async def test_reports_sent_in_a_loop_are_applied_at_most_once_per_gap() -> None:
+    """An agent writing reports as fast as it can is held to one report per
+    ``MIN_REPORT_GAP_S`` (the control plane waits before the next, the stream's flow
+    control holds the agent back); one that comes after the gap does not wait, and no
+    report is lost."""
+    clock = ManualClock(100.0)
+    sleep = SteppedSleep(clock)
+    async with paced_control_plane(sleep) as (svc, port):
         agent = Agent(port, SHARED)
         await agent.send(register("gpu-1", address="127.0.0.1:50052"))
         for seq in range(1, 6):
@@ -288,5 +300,22 @@ async def test_reports_sent_in_a_loop_are_applied_at_most_once_per_gap() -> None
         view = svc.registry.node("gpu-1")
         assert view is not None and [b.name for b in view.backends] == ["b6"]
         await agent.close()
-    finally:
-        await server.stop(0)
+
+
+async def test_registers_sent_in_a_loop_are_paced_like_reports() -> None:
+    """A later Register remakes the registry's views as a report does: an agent writing
+    Registers in a loop is held to the same gap, shared with its reports, so it cannot
+    have every view remade at the rate it writes."""
+    clock = ManualClock(100.0)
+    sleep = SteppedSleep(clock)
+    async with paced_control_plane(sleep) as (svc, port):
+        agent = Agent(port, SHARED)
+        await agent.send(register("gpu-1", address="127.0.0.1:50052"))
+        for _ in range(5):
+            await agent.send(register("gpu-1", address="127.0.0.1:50052"))
+        await agent.send(report(1, backend("b1")))
+        assert (await agent.receive()).ack.sequence == 1
+        assert sleep.calls == pytest.approx([grpc_server.MIN_REPORT_GAP_S] * 5)
+        view = svc.registry.node("gpu-1")
+        assert view is not None and [b.name for b in view.backends] == ["b1"]
+        await agent.close()

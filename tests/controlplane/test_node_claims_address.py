@@ -11,9 +11,21 @@ import asyncio
 import grpc
 import pytest
 
+from protos.synapse.v1 import controlplane_pb2_grpc
+from synapse_common import call_metadata
 from tests.controlplane.test_agent_identity import SHARED, control_plane, register
-from tests.controlplane.test_agent_reports import ended_with
+from tests.controlplane.test_agent_reports import backend, ended_with, report
 from tests.controlplane.test_grpc_server import Agent
+
+
+class Ipv6Agent(Agent):
+    """An agent that reaches the control plane over IPv6 loopback (``[::1]``)."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.channel = grpc.aio.insecure_channel(f"[::1]:{port}")
+        self.outgoing = asyncio.Queue()
+        stub = controlplane_pb2_grpc.ControlPlaneStub(self.channel)
+        self.call = stub.Connect(self._messages(), metadata=call_metadata.metadata(token))
 
 
 @pytest.mark.parametrize(("address", "shown"), [
@@ -61,4 +73,21 @@ async def test_a_later_register_cannot_move_the_node_service_elsewhere() -> None
         node = svc.registry.node("gpu-1")
         assert node is not None and node.info.address == "127.0.0.1:50052"
         assert svc.registry.node_key_at("10.0.0.9:50052") is None
+        await agent.close()
+
+
+async def test_an_agent_on_ipv6_loopback_registers_and_reports_its_own_engines() -> None:
+    """grpc names an IPv6 peer with its brackets percent-encoded
+    (``ipv6:%5B::1%5D:port``): read as meant, an agent on ``[::1]`` is on this host, so
+    its Node service and its engines on loopback are its own (the machine needs IPv6
+    loopback: ``sysctl net.ipv6.conf.lo.disable_ipv6=0``)."""
+    async with control_plane(listen="[::1]") as (svc, port):
+        agent = Ipv6Agent(port, SHARED)
+        await agent.send(register("gpu-1", address="[::1]:50052"))
+        await agent.send(report(1, backend("b6", url="http://[::1]:8000"),
+                                backend("b4", url="http://127.0.0.1:8001")))
+        assert (await agent.receive()).ack.sequence == 1
+        node = svc.registry.node("gpu-1")
+        assert node is not None and node.info.address == "[::1]:50052"
+        assert sorted(b.name for b in node.backends) == ["b4", "b6"]
         await agent.close()
