@@ -11,7 +11,12 @@
 * **Entry**: a chat completion the cache can judge (finish ``stop``, or ``length`` for
   ``incomplete`` at ``max_output_tokens``; usage), carrying the whole Responses object
   in ``synapse_response``. Only answers made of text messages are stored (a function
-  call or reasoning item is not).
+  call or reasoning item is not), and only when every count of the engine's usage
+  (``*_tokens``, and those inside its ``*_details``) passes the engine's rule
+  (:func:`usage.count_of`): the request was accounted from an estimate, and a stored
+  count comes back as cache-hit tokens on every hit. The engine's object is read
+  defensively (any field may have any JSON type); the client gets its answer whatever
+  the cache makes of it.
 * **A hit** is that object with new ids (``resp_…`` and ``msg_…``) and ``created_at``,
   whole or replayed as the Responses event stream (:func:`replay`). The new response id
   is sealed for the tenant asking, as every id a client sees is
@@ -31,6 +36,7 @@ from typing import Any
 import orjson
 
 from controlplane.core import api_calls
+from controlplane.core import usage as usage_mod
 
 ROUTE_FIELD = "synapse_route"
 OBJECT_FIELD = "synapse_response"
@@ -49,28 +55,59 @@ def cache_body(body: Mapping[str, Any]) -> dict[str, Any] | None:
 def _text_only(response: Mapping[str, Any]) -> str | None:
     """The answer's text when every output item is a text message, else None."""
     texts: list[str] = []
-    for item in response.get("output") or ():
+    for item in _items(response.get("output")):
         if not isinstance(item, Mapping) or item.get("type") != "message":
             return None
-        for part in item.get("content") or ():
+        for part in _items(item.get("content")):
             if not isinstance(part, Mapping) or part.get("type") != "output_text":
                 return None
             texts.append(str(part.get("text", "")))
     return "".join(texts)
 
 
+def _items(value: Any) -> list[Any]:
+    """A JSON list's items; anything else (absent, a string, a number) as one item that
+    is no text part, so the answer is not stored."""
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [None]
+
+
+def _finish(response: Mapping[str, Any]) -> str | None:
+    """The chat ``finish_reason`` of a finished Responses object, None when unfinished."""
+    status = response.get("status")
+    if status == "completed":
+        return "stop"
+    details = response.get("incomplete_details")
+    reason = details.get("reason") if isinstance(details, Mapping) else None
+    return "length" if status == "incomplete" and reason == "max_output_tokens" else None
+
+
+def _counts(usage: Any) -> tuple[int, int] | None:
+    """(input, output) tokens of a Responses usage (absent counts 0), or None when a
+    count in it is not one by :func:`usage.count_of`."""
+    if not isinstance(usage, Mapping) or not _all_count(usage):
+        return None
+    for key, value in usage.items():
+        if key.endswith("_details") and value is not None and (
+                not isinstance(value, Mapping) or not _all_count(value)):
+            return None
+    return (usage_mod.count_of(usage.get("input_tokens")) or 0,
+            usage_mod.count_of(usage.get("output_tokens")) or 0)
+
+
+def _all_count(usage: Mapping[str, Any]) -> bool:
+    return all(value is None or usage_mod.count_of(value) is not None
+               for key, value in usage.items() if key.endswith("_tokens"))
+
+
 def entry(response: Mapping[str, Any]) -> dict[str, Any] | None:
     """The chat-shaped entry to store for a finished Responses object (None: not one)."""
-    status = response.get("status")
-    reason = (response.get("incomplete_details") or {}).get("reason")
-    finish = "stop" if status == "completed" else (
-        "length" if status == "incomplete" and reason == "max_output_tokens" else None)
-    text = _text_only(response)
-    usage = response.get("usage")
-    if finish is None or text is None or not isinstance(usage, Mapping):
+    finish, text, counts = _finish(response), _text_only(response), _counts(
+        response.get("usage"))
+    if finish is None or text is None or counts is None:
         return None
-    prompt, completion = int(usage.get("input_tokens") or 0), int(usage.get("output_tokens")
-                                                                  or 0)
+    prompt, completion = counts
     return {"id": str(response.get("id", "")), "object": "chat.completion",
             "model": response.get("model", ""),
             "choices": [{"index": 0, "finish_reason": finish,
