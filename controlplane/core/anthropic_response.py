@@ -15,7 +15,13 @@ answer and the stream (``anthropic_stream``) follow.
   so, as vLLM's own translation does, ``cache_read_input_tokens = cached_tokens`` and
   ``cache_creation_input_tokens = created_cache_tokens`` when the backend reports them
   (``prompt_tokens_details``) and ``input_tokens`` is ``prompt_tokens`` less both;
-  ``output_tokens = completion_tokens``.
+  ``output_tokens = completion_tokens``. Each count passes the engine's rule
+  (:func:`usage.count_of`); Anthropic's usage always carries ``input_tokens`` and
+  ``output_tokens`` as integers, so a count that does not pass (a string, a fraction, a
+  negative or huge number) is shown as 0 there, and a cache count that does not pass is
+  left out. The client still gets its answer; the request is billed from the control
+  plane's estimate, since the same counts fail :func:`usage.from_tail` on the engine's
+  bytes.
 * **Id**: ``msg_`` plus the chat id without its ``chatcmpl-`` prefix.
 """
 
@@ -27,6 +33,7 @@ from typing import Any
 import orjson
 
 from controlplane import errors
+from controlplane.core import usage as usage_mod
 
 
 def message_id(chat_id: Any) -> str:
@@ -51,14 +58,14 @@ def stop_reason(finish_reason: Any, matched: Any, tool_used: bool) -> tuple[str,
 def usage(chat_usage: Any) -> dict[str, int]:
     if not isinstance(chat_usage, Mapping):
         return {"input_tokens": 0, "output_tokens": 0}
-    prompt = int(chat_usage.get("prompt_tokens") or 0)
-    out = {"output_tokens": int(chat_usage.get("completion_tokens") or 0)}
+    prompt = usage_mod.count_of(chat_usage.get("prompt_tokens")) or 0
+    out = {"output_tokens": usage_mod.count_of(chat_usage.get("completion_tokens")) or 0}
     details = chat_usage.get("prompt_tokens_details")
     if isinstance(details, Mapping):
         for field, name in (("created_cache_tokens", "cache_creation_input_tokens"),
                             ("cached_tokens", "cache_read_input_tokens")):
-            value = details.get(field)
-            if isinstance(value, int):
+            value = usage_mod.count_of(details.get(field))
+            if value is not None:
                 out[name] = value
                 prompt -= value
     return {"input_tokens": max(0, prompt), **out}
