@@ -202,8 +202,7 @@ async def _ctx(app: web.Application) -> AsyncIterator[None]:
     fair = get(svc)
     client = _use_redis(svc, fair)
     disk = _use_disk(svc, fair) if client is None else None
-    if fair.book is not None:
-        _restore(svc, fair.book)
+    carried = _restore(svc, fair.book) if fair.book is not None else None
     failures = FlushFailures(svc.clock)
     if fair.book is not None or disk is not None:
         wake = None
@@ -211,15 +210,18 @@ async def _ctx(app: web.Application) -> AsyncIterator[None]:
             wake = asyncio.Event()
             fair.limiter.local.on_budget_spent = wake.set
         app[_FLUSHER] = asyncio.get_running_loop().create_task(_flush_loop(
-            svc, fair, disk, svc.settings.fairness.usage.flush_interval_s, wake, failures))
+            svc, fair, disk, svc.settings.fairness.usage.flush_interval_s, wake, failures,
+            carried))
     yield
     if _FLUSHER in app:
         app[_FLUSHER].cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await app[_FLUSHER]
-        await _flush(svc, fair, disk, failures)     # what is pending, once more
+        await _flush(svc, fair, disk, failures, carried)    # what is pending, once more
         if fair.book is not None:
-            _keep(svc, fair.book)
+            _keep(svc, fair.book, carried)
+    if carried is not None:
+        carried.release()
     if disk is not None:
         disk.close()
     if fair.gate is not None:
@@ -272,10 +274,11 @@ def _use_disk(svc: services_mod.Services, fair: fairness.Fairness) -> usage_db.U
 async def _flush_loop(svc: services_mod.Services, fair: fairness.Fairness,
                       disk: usage_db.UsageDb | None, interval_s: float,
                       wake: asyncio.Event | None = None,
-                      failures: FlushFailures | None = None) -> None:
+                      failures: FlushFailures | None = None,
+                      carried: usage_journal.Carried | None = None) -> None:
     while True:
         await _pause(interval_s, wake)
-        await _flush(svc, fair, disk, failures)
+        await _flush(svc, fair, disk, failures, carried)
 
 
 async def _pause(interval_s: float, wake: asyncio.Event | None) -> None:
@@ -289,37 +292,54 @@ def _journal(svc: services_mod.Services) -> str:
     return os.path.join(svc.settings.data_dir, usage_journal.FILE)
 
 
-def _restore(svc: services_mod.Services, book: usage_book.UsageBook) -> None:
-    """Take back the usage an earlier run could not store when it stopped."""
+def _restore(svc: services_mod.Services,
+             book: usage_book.UsageBook) -> usage_journal.Carried | None:
+    """Take back the usage an earlier run could not store when it stopped; its files stay
+    (held by this process) until a flush has stored it (:mod:`usage_journal`)."""
     path = _journal(svc)
     try:
-        rows, unreadable = usage_journal.take(path)
+        carried = usage_journal.take(path)
     except OSError as exc:
         log.error("cannot read the usage kept by an earlier run in %s: %s", path, exc)
-        return
-    if unreadable:
+        return None
+    if carried.unreadable:
         log.error("%d unreadable line(s) or value(s) of usage kept by an earlier run in %s "
-                  "were lost", unreadable, path)
-    if rows:
-        book.restore(rows)
+                  "were lost", carried.unreadable, path)
+    if carried.dropped:
+        log.error("%d usage row(s) an earlier run was storing when it died were dropped "
+                  "from %s: they may have been stored, and are never counted twice",
+                  carried.dropped, path)
+    if carried.rows:
+        book.restore(carried.rows)
         log.warning("%d usage row(s) an earlier run could not store were taken back from %s",
-                    len(rows), path)
+                    len(carried.rows), path)
+    return carried
 
 
-def _keep(svc: services_mod.Services, book: usage_book.UsageBook) -> None:
-    """At a stop, keep on disk what the store could not take (its last flush failed)."""
+def _keep(svc: services_mod.Services, book: usage_book.UsageBook,
+          carried: usage_journal.Carried | None = None) -> None:
+    """At a stop, keep on disk what the store could not take (its last flush failed); the
+    files taken at start go once their rows are in the new one."""
     rows = book.pending()
     if not rows:
+        if carried is not None:
+            carried.done()
         return
     path = _journal(svc)
+    if carried is not None:
+        carried.sending()       # a crash from here on: dropped, never counted twice
     try:
-        usage_journal.keep(path, rows)
+        kept = usage_journal.keep(path, rows)
     except OSError as exc:
+        if carried is not None:
+            carried.unsent()    # the rows taken at start stay for the next start
         log.error("%d usage row(s) could not be stored and are lost: the usage store "
                   "failed and %s could not be written (%s)", len(rows), path, exc)
         return
+    if carried is not None:
+        carried.done()
     log.error("%d usage row(s) could not be stored (the usage store failed); kept in %s "
-              "and added at the next start", len(rows), path)
+              "and added at the next start", len(rows), kept)
 
 
 class FlushFailures:
@@ -354,7 +374,8 @@ FLUSH_ERROR_CHARS = 300         # of the store's error quoted in a warning
 
 async def _flush(svc: services_mod.Services, fair: fairness.Fairness,
                  disk: usage_db.UsageDb | None = None,
-                 failures: FlushFailures | None = None) -> None:
+                 failures: FlushFailures | None = None,
+                 carried: usage_journal.Carried | None = None) -> None:
     warn = failures or FlushFailures(svc.clock)
     if disk is not None:
         local = fair.limiter.local
@@ -368,11 +389,19 @@ async def _flush(svc: services_mod.Services, fair: fairness.Fairness,
             warn.failed("spend", f"budget spend not written to {disk.path}", exc)
     if fair.book is None:
         return
+    # The rows taken back at start are marked before the flush that carries them, so
+    # that a crash during it drops them rather than counting them twice.
+    marked = carried is not None and carried.sending()
     try:
         await fair.book.flush()
     except Exception as exc:    # kept for the next flush
+        if carried is not None and marked:
+            carried.unsent()
         svc.metrics.usage_flush_failures.inc()
         warn.failed("usage", "usage flush to the usage store failed", exc)
+        return
+    if carried is not None:
+        carried.done()
 
 
 # -- reading usage (stats, Admin) ---------------------------------------------------------

@@ -480,13 +480,12 @@ async def test_usage_a_stop_could_not_store_is_kept_on_disk_and_stored_by_the_ne
             await harness.until(lambda: sum(
                 c["requests"] for c in book(cp).pending().values()) == 3, 10, "accounted")
             await client.close()
-        kept = tmp_path / usage_journal.FILE
+        (kept,) = tmp_path.glob(usage_journal.FILE + ".kept-*")
         assert kept.stat().st_mode & 0o777 == 0o600
         s = settings(redis={"url": redis_server.url}, data_dir=str(tmp_path))
         async with ready(s.model_copy(update={"upstreams": upstreams})) as cp:
-            assert not kept.exists()                # taken by this start
             assert (await accounted(cp, "a")).requests == 3
-            await book(cp).flush()
+            await harness.until(lambda: not kept.exists(), 10, "deleted once stored")
             assert book(cp).pending() == {}
             assert (await accounted(cp, "a")).requests == 3     # now from Redis
 
@@ -497,14 +496,16 @@ def test_the_usage_journal_adds_up_the_stops_and_skips_what_it_cannot_read(
     usage_journal.keep(path, {("2026-12-06", "a", "m"): {"requests": 2, "cost": 0.5}})
     usage_journal.keep(path, {("2026-12-06", "a", "m"): {"requests": 1, "cost": 0.25},
                               ("2026-12-06", "b", "m"): {"requests": 4}})
-    with open(path, "a") as fh:
+    with open(path.with_name(usage_journal.FILE + ".kept-by-hand"), "w") as fh:
         fh.write("{not json\n")
     assert path.parent.stat().st_mode & 0o777 == 0o700
-    rows, unreadable = usage_journal.take(path)
-    assert rows == {("2026-12-06", "a", "m"): {"requests": 3, "cost": 0.75},
-                    ("2026-12-06", "b", "m"): {"requests": 4}}
-    assert unreadable == 1 and not path.exists()
-    assert usage_journal.take(path) == ({}, 0)
+    carried = usage_journal.take(path)
+    assert carried.rows == {("2026-12-06", "a", "m"): {"requests": 3, "cost": 0.75},
+                            ("2026-12-06", "b", "m"): {"requests": 4}}
+    assert carried.unreadable == 1
+    carried.done()
+    assert not list(path.parent.iterdir())
+    assert usage_journal.take(path).rows == {}
 
 
 def test_the_usage_journal_skips_values_no_store_can_hold(tmp_path: Any) -> None:
@@ -516,10 +517,10 @@ def test_the_usage_journal_skips_values_no_store_can_hold(tmp_path: Any) -> None
                  f'{2**64}, "cost": Infinity}}], ["2026-12-06", "b", "m", {{"requests": 2, '
                  '"completion_tokens": -5}]]\n')
         fh.write(f'[["2026-12-06", "b", "m", {{"requests": {2**63 - 1}}}]]\n')
-    rows, unreadable = usage_journal.take(path)
-    assert rows == {("2026-12-06", "a", "m"): {"requests": 1},
-                    ("2026-12-06", "b", "m"): {"requests": 2**63 - 1}}
-    assert unreadable == 3
+    carried = usage_journal.take(path)
+    assert carried.rows == {("2026-12-06", "a", "m"): {"requests": 1},
+                            ("2026-12-06", "b", "m"): {"requests": 2**63 - 1}}
+    assert carried.unreadable == 3
 
 
 @contextlib.asynccontextmanager
