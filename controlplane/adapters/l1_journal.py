@@ -18,11 +18,24 @@ again. The journal makes the in-process L1 as durable as the Lite file beside it
   form for a process not serving yet (no event loop: ops queued then wait for it).
 - **Damaged, locked or read-only** (the rules of :mod:`controlplane.adapters.sqlite_file`,
   shared with the usage file). A file that is not a database, or a malformed one, is
-  moved to ``<path>.corrupt`` and a new journal started. Any other failure to open or read
+  moved to ``<path>.corrupt-<UTC time>`` and a new journal started (a copy of its own
+  each time: an earlier copy is never overwritten). Any other failure to open or read
   it (another process holding it locked) leaves the file alone: one warning, and the
   journal is off for this run (L1 starts empty and is not kept). A file that cannot be
   written (a read-only disk) is opened read-only: its entries are restored, and changes
   are not kept (one warning).
+- **Checked when read back.** Each entry is written with a checksum (BLAKE2b over its key,
+  tenant, model, value and expiry, each field length-prefixed). ``load`` drops an entry
+  whose checksum does not match, with one warning per load naming how many went (and
+  deletes it from the file): a byte changed on disk (a failing disk, a hand edit) inside
+  a stored answer was served as a hit with the altered text. A dropped entry is a miss,
+  which writes it again. The check runs only there: reads never touch the disk after the
+  load, and the checksum is computed by the write-behind thread, off the serving path.
+  It detects damage, not forgery (whoever can write the file can write a checksum too;
+  the file is private for that). Entries an older release wrote have no checksum: they
+  are taken as they are once (that release served them unchecked too) and given their
+  checksum in the same load, rather than emptying every cache at the upgrade; a file
+  opened read-only keeps them unchecked.
 - Expiry times are wall-clock seconds (a monotonic clock does not survive a restart).
 - Every SQLite call runs in a thread, one at a time (one connection, one lock).
 - **Private** (:mod:`controlplane.adapters.sqlite_file` too). It holds every tenant's
@@ -37,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import sqlite3
 import threading
@@ -47,9 +61,12 @@ from synapse_common import aiotasks
 from synapse_common import clock as clocks
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS l1 (skey TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
-          "model TEXT NOT NULL, value BLOB NOT NULL, expires_at REAL NOT NULL)")
+          "model TEXT NOT NULL, value BLOB NOT NULL, expires_at REAL NOT NULL, digest BLOB)")
 log = logging.getLogger("synapse.cache")
 MATCH = "DELETE FROM l1 WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR model = ?2)"
+PUT = ("INSERT OR REPLACE INTO l1 (skey, tenant, model, value, expires_at, digest) "
+       "VALUES (?, ?, ?, ?, ?, ?)")
+DIGEST_BYTES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +109,7 @@ class SqliteJournal:
         return self._load_sync(now)
 
     def put(self, saved: Saved) -> None:
-        self._queue("INSERT OR REPLACE INTO l1 VALUES (?, ?, ?, ?, ?)",
-                    (saved.skey, saved.tenant, saved.model, saved.value, saved.expires_at))
+        self._queue(PUT, (saved,))      # its checksum is computed by the write-behind
 
     def delete(self, skey: str) -> None:
         self._queue("DELETE FROM l1 WHERE skey = ?", (skey,))
@@ -175,8 +191,9 @@ class SqliteJournal:
                     type(exc).__name__, exc)
 
     def _warn_set_aside(self, why: BaseException) -> None:
-        log.warning("cache L1 journal %s is unreadable (%s: %s): moved to %s.corrupt, "
-                    "starting an empty one", self.path, type(why).__name__, why, self.path)
+        log.warning("cache L1 journal %s is unreadable (%s: %s): moving it aside "
+                    "(%s.corrupt-<UTC time>), starting an empty one", self.path,
+                    type(why).__name__, why, self.path)
 
     def _warn_read_only(self, why: BaseException) -> None:
         log.warning("cache L1 journal %s cannot be written (%s: %s): its entries are "
@@ -186,7 +203,7 @@ class SqliteJournal:
     def _load_sync(self, now: float) -> list[Saved]:
         with self._lock:
             try:
-                found = self._read(now)
+                return self._read(now)
             except Exception as exc:
                 if self._off:                   # could not be opened (already said)
                     raise
@@ -194,16 +211,41 @@ class SqliteJournal:
                 if not sqlite_file.damaged(exc):    # e.g. locked by another process
                     self._stop(exc)
                     raise
-                found = []                      # opened, then found malformed
-                self._connect_set_aside(exc)
-        return [Saved(str(k), str(t), str(m), bytes(v), float(e)) for k, t, m, v, e in found]
+                self._connect_set_aside(exc)    # opened, then found malformed
+        return []
 
-    def _read(self, now: float) -> list[Any]:
+    def _read(self, now: float) -> list[Saved]:
+        """The live entries whose checksum matches (see the module docstring); the file
+        made to hold only those, unless it is read-only."""
         db = self._connect()
+        has_digest = "digest" in {row[1] for row in db.execute("PRAGMA table_info(l1)")}
         if not self._read_only:
+            if not has_digest:      # a file an older release made
+                db.execute("ALTER TABLE l1 ADD COLUMN digest BLOB")
+                has_digest = True
             db.execute("DELETE FROM l1 WHERE expires_at <= ?", (now,))
-        return db.execute("SELECT skey, tenant, model, value, expires_at FROM l1 "
+        rows = db.execute("SELECT skey, tenant, model, value, expires_at, "
+                          f"{'digest' if has_digest else 'NULL'} FROM l1 "
                           "WHERE expires_at > ? ORDER BY rowid", (now,)).fetchall()
+        found, damaged, unchecked = [], [], []
+        for skey, tenant, model, value, expires_at, digest in rows:
+            saved = _saved(skey, tenant, model, value, expires_at)
+            if saved is None or (digest is not None and digest != _digest(saved)):
+                damaged.append(skey)
+                continue
+            if digest is None:
+                unchecked.append(saved)
+            found.append(saved)
+        if damaged:
+            log.warning("cache L1 journal %s: %d entr%s failed the checksum (damaged on "
+                        "disk) and were dropped", self.path, len(damaged),
+                        "y" if len(damaged) == 1 else "ies")
+        if not self._read_only and (damaged or unchecked):
+            sqlite_file.transaction(db, [
+                *(("DELETE FROM l1 WHERE skey = ?", (skey,)) for skey in damaged),
+                *(("UPDATE l1 SET digest = ? WHERE skey = ?", (_digest(s), s.skey))
+                  for s in unchecked)])
+        return found
 
     def _close_db(self) -> None:
         if self._db is not None:
@@ -216,4 +258,33 @@ class SqliteJournal:
                 return
             db = self._connect()
             if not self._read_only:
-                sqlite_file.transaction(db, ops)
+                sqlite_file.transaction(db, [_with_digest(sql, args) for sql, args in ops])
+
+
+def _with_digest(sql: str, args: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+    """A queued write as SQLite takes it: a put's entry spelled out, with its checksum."""
+    if sql != PUT:
+        return sql, args
+    (saved,) = args
+    return sql, (saved.skey, saved.tenant, saved.model, saved.value, saved.expires_at,
+                 _digest(saved))
+
+
+def _digest(saved: Saved) -> bytes:
+    """The checksum of an entry: BLAKE2b over its fields, each length-prefixed so that no
+    two entries spell the same bytes."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    for field in (saved.skey.encode(), saved.tenant.encode(), saved.model.encode(),
+                  saved.value, repr(float(saved.expires_at)).encode()):
+        h.update(len(field).to_bytes(8, "big"))
+        h.update(field)
+    return h.digest()
+
+
+def _saved(skey: Any, tenant: Any, model: Any, value: Any, expires_at: Any) -> Saved | None:
+    """A row as an entry, or None when its columns do not hold what an entry is made of
+    (damage that changed a value's type)."""
+    if not (isinstance(skey, str) and isinstance(tenant, str) and isinstance(model, str)
+            and isinstance(value, bytes) and isinstance(expires_at, int | float)):
+        return None
+    return Saved(skey, tenant, model, value, float(expires_at))

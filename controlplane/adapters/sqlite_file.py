@@ -8,8 +8,13 @@
   is made 0700. Under the usual umask they were 0644 and 0755, readable by every local
   user.
 - **Damaged.** A file that is not a database, or a malformed one (``SQLITE_NOTADB``,
-  ``SQLITE_CORRUPT``), is moved to ``<path>.corrupt`` (its ``-wal`` and ``-shm`` beside
-  it) and a new one started: kept, it would fail every write until an operator deleted it.
+  ``SQLITE_CORRUPT``), is moved to ``<path>.corrupt-<UTC time>`` (its ``-wal`` and
+  ``-shm`` beside it, with the same name so that SQLite opens the copy with them) and a
+  new one started: kept, it would fail every write until an operator deleted it. Each
+  copy gets a name of its own (a counter after the time when that name is taken, as the
+  Milvus Lite store's copies and ``fleet_intent.json.damaged-<UTC time>`` do): a second
+  damage never overwrites the copy of the first, which an operator may still be studying.
+  The adapters may not import each other, so that naming is written here too.
 - **Locked.** Any other failure (another process holding it locked) leaves the file alone:
   it belongs to a live process. The caller decides what it does without it.
 - **Read-only.** A file that cannot be written (a read-only disk or file) is opened
@@ -24,7 +29,9 @@ a batch of writes in one transaction (:func:`transaction`; connections are autoc
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
+import logging
 import os
 import sqlite3
 import urllib.parse
@@ -37,6 +44,8 @@ UNWRITABLE_SQLITE = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN}
 SUFFIXES = ("", "-wal", "-shm")
 
 Warn = Callable[[BaseException], None]
+
+log = logging.getLogger("controlplane.adapters.sqlite_file")
 
 
 def damaged(exc: BaseException) -> bool:
@@ -86,11 +95,25 @@ def transaction(db: sqlite3.Connection,
     db.execute("COMMIT")
 
 
-def set_aside(path: str) -> None:
-    """Move a damaged ``path`` (and its ``-wal`` and ``-shm``) to ``<path>.corrupt``."""
+def set_aside(path: str) -> str:
+    """Move a damaged ``path`` (and its ``-wal`` and ``-shm``) to a name of its own
+    (:func:`aside_name`), logged; returns that name."""
+    copy = aside_name(path)
     for suffix in SUFFIXES:
         with contextlib.suppress(FileNotFoundError):
-            os.replace(path + suffix, path + ".corrupt" + suffix)
+            os.rename(path + suffix, copy + suffix)
+    log.warning("damaged SQLite file %s moved to %s", path, copy)
+    return copy
+
+
+def aside_name(path: str) -> str:
+    """``<path>.corrupt-<UTC time>``, with a counter when that name (or its ``-wal`` or
+    ``-shm``) is taken: a rename onto an existing file would delete it."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    name, n = f"{path}.corrupt-{stamp}", 1
+    while any(os.path.lexists(name + suffix) for suffix in SUFFIXES):
+        name, n = f"{path}.corrupt-{stamp}-{n}", n + 1
+    return name
 
 
 def open_read_only(path: str, probe: str, busy_timeout_s: float) -> sqlite3.Connection:

@@ -1,0 +1,100 @@
+"""Files damaged on disk: a second damage keeps the copy of the first
+(:mod:`controlplane.adapters.sqlite_file`), and an L1 entry altered on disk is never served
+(:mod:`controlplane.adapters.l1_journal`)."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sqlite3
+
+import pytest
+
+from controlplane.adapters import l1, l1_journal, sqlite_file, usage_db
+
+WALL = 1_800_000_000.0
+
+
+def reopened(path: pathlib.Path) -> l1.MemoryL1:
+    """A new process's L1 over ``path``, read back before it serves."""
+    store = l1.MemoryL1(100, 10**6, journal=l1_journal.SqliteJournal(str(path), 3600.0))
+    store.restore_now()
+    return store
+
+
+def copies(folder: pathlib.Path, name: str) -> list[pathlib.Path]:
+    return sorted(p for p in folder.iterdir() if p.name.startswith(name + ".corrupt"))
+
+
+@pytest.mark.parametrize("file", ["l1.sqlite", usage_db.FILE])
+async def test_a_second_damage_keeps_the_copy_of_the_first(
+        tmp_path: pathlib.Path, file: str) -> None:
+    """Probe finding: the second damaged file was moved onto the first one's copy,
+    which an operator may still have been studying."""
+    path = tmp_path / file
+    for damage in (b"first damage ", b"second damage "):
+        path.write_bytes(damage * 100)
+        if file == usage_db.FILE:
+            db = usage_db.UsageDb(str(path), 62)
+            assert db.open_now(WALL) == {}
+            db.close()
+        else:
+            journal = l1_journal.SqliteJournal(str(path), flush_interval_s=0)
+            assert await journal.load(WALL) == []
+            await journal.close()
+    kept = copies(tmp_path, file)
+    assert sorted(p.read_bytes()[:6] for p in kept) == [b"first ", b"second"]
+    assert all(p.name.startswith(f"{file}.corrupt-") for p in kept)
+
+
+def test_a_copy_name_is_never_one_in_use_even_by_a_wal_alone(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "l1.sqlite")
+    first = sqlite_file.aside_name(path)
+    pathlib.Path(first + "-wal").write_bytes(b"a copy's write-ahead log")
+    second = sqlite_file.aside_name(path)
+    assert second != first and second.startswith(path + ".corrupt-")
+
+
+async def test_an_entry_altered_on_disk_is_dropped_not_served(
+        tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Probe finding: a same-length byte change inside a stored answer was served as a
+    hit with the altered text."""
+    path = tmp_path / "l1.sqlite"
+    first = reopened(path)
+    await first.set("acme", "m", "k", b'{"answer": "the right text"}', 3600)
+    await first.set("acme", "m", "other", b'{"answer": "untouched"}', 3600)
+    await first.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE l1 SET value = ? WHERE value = ?",
+                   (b'{"answer": "the wrong text"}', b'{"answer": "the right text"}'))
+    with caplog.at_level(logging.WARNING, "synapse.cache"):
+        again = reopened(path)
+    assert await again.get("acme", "m", "k") is None
+    assert await again.get("acme", "m", "other") == b'{"answer": "untouched"}'
+    warned = [r.getMessage() for r in caplog.records if "checksum" in r.getMessage()]
+    assert len(warned) == 1 and "1 entry" in warned[0]
+    await again.close()
+    with sqlite3.connect(path) as db:      # gone from the file too: said once
+        assert db.execute("SELECT count(*) FROM l1").fetchone() == (1,)
+
+
+async def test_entries_an_older_release_wrote_are_kept_and_checked_from_then_on(
+        tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "l1.sqlite"
+    first = reopened(path)
+    await first.set("acme", "m", "k", b"an answer", 3600)
+    await first.close()
+    with sqlite3.connect(path) as db:      # as an older release's file: no checksums
+        saved = db.execute("SELECT skey, tenant, model, value, expires_at FROM l1").fetchall()
+        db.execute("DROP TABLE l1")
+        db.execute("CREATE TABLE l1 (skey TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
+                   "model TEXT NOT NULL, value BLOB NOT NULL, expires_at REAL NOT NULL)")
+        db.executemany("INSERT INTO l1 VALUES (?, ?, ?, ?, ?)", saved)
+    upgraded = reopened(path)
+    assert await upgraded.get("acme", "m", "k") == b"an answer"
+    await upgraded.close()
+    with sqlite3.connect(path) as db:      # given its checksum: damage is caught next time
+        db.execute("UPDATE l1 SET value = ?", (b"an ansWer",))
+    again = reopened(path)
+    assert await again.get("acme", "m", "k") is None
+    await again.close()
