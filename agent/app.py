@@ -384,7 +384,7 @@ def _owned(sample: types.GpuSample, owners: dict[int, str]) -> types.GpuSample:
 
 
 async def run(cfg: AgentSettings, secret_env: frozenset[str] = frozenset()) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code. ``secret_env``: the variables
+    """Run until SIGTERM/SIGINT/SIGHUP; returns the exit code. ``secret_env``: the variables
     the settings' secrets were read from, kept from the engines."""
     loop = asyncio.get_running_loop()
     stop, hurry = asyncio.Event(), asyncio.Event()
@@ -394,7 +394,10 @@ async def run(cfg: AgentSettings, secret_env: frozenset[str] = frozenset()) -> i
             hurry.set()  # second signal: skip the drain wait
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP (the operator's terminal or ssh session closed) stops as SIGTERM does,
+    # unless started under ``nohup`` (ignored: it is to outlive the terminal).
+    hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+    for sig in (signal.SIGTERM, signal.SIGINT, *hangup):
         loop.add_signal_handler(sig, on_signal)
     try:
         agent = Agent(cfg, secret_env=secret_env)

@@ -24,6 +24,9 @@ with 503 ``server_shutting_down``), and the resources close. A second signal (SI
 SIGINT) to the primary skips what is left of the drain and the grace: what runs is ended
 so at once, in the workers too (:data:`workers.HURRY`; a worker takes SIGTERMs, its
 primary's and a signalled process group's, as one stop).
+SIGHUP (the operator's terminal or ssh session closed) is a SIGTERM: the same drain, the
+usage flushed, in the workers too (a worker takes the group's SIGHUP as its one stop);
+under ``nohup`` it stays ignored.
 ``/metrics`` on ``metrics.port`` is not drained: a scrape gets
 :data:`METRICS_STOP_GRACE_S` after the API's grace.
 """
@@ -58,6 +61,8 @@ log = logging.getLogger("synapse.controlplane")
 GC_YOUNG_THRESHOLD = 20_000
 GRPC_STOP_GRACE_S = 1.0   # after HTTP is done: only agent streams and Admin calls remain
 METRICS_STOP_GRACE_S = 1.0  # for a scrape in flight when the API's grace is over
+FAILED_START_CLEANUP_S = 5.0  # to stop what a start that failed had started
+END_TASKS_POLL_S = 0.2
 
 
 def build_parser(prog: str = "synapse controlplane") -> argparse.ArgumentParser:
@@ -180,21 +185,27 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
     await runner.setup()
     site = web.TCPSite(runner, h.host, h.port, ssl_context=_ssl_context(h), backlog=2048,
                        reuse_port=True if role.count > 1 else None)
-    if role.primary:
-        await site.start()
-    metrics_runner = await _serve_metrics(settings, services) if role.primary else None
-    pod = await workers.join(services, role) if role.count > 1 else None
+    metrics_runner: web.AppRunner | None = None
+    pod: workers.PodLink | None = None
+    try:
+        if role.primary:
+            await site.start()
+        metrics_runner = await _serve_metrics(settings, services) if role.primary else None
+        pod = await workers.join(services, role) if role.count > 1 else None
+        server, grpc_port = await _start_grpc(settings, services, role)
+        if not role.primary:
+            # the shared port once this worker sees the primary's fleet and its siblings'
+            # routing (else it would route blind to their prefixes, tickets and served log)
+            await workers.wait_for_fleet(services, role, settings.registry.sync_grace_s)
+            assert pod is not None
+            if not await pod.wait_joined(settings.registry.sync_grace_s):
+                log.warning("serving worker %d takes requests before the mesh joins all "
+                            "its siblings", role.index)
+            await site.start()
+    except BaseException:
+        await _undo_start(runner, metrics_runner, pod)
+        raise
     g = settings.grpc
-    server, grpc_port = await _start_grpc(settings, services, role)
-    if not role.primary:
-        # the shared port once this worker sees the primary's fleet and its siblings'
-        # routing (else it would route blind to their prefixes, tickets and served log)
-        await workers.wait_for_fleet(services, role, settings.registry.sync_grace_s)
-        assert pod is not None
-        if not await pod.wait_joined(settings.registry.sync_grace_s):
-            log.warning("serving worker %d takes requests before the mesh joins all its "
-                        "siblings", role.index)
-        await site.start()
     http_port = runner.addresses[0][1] if runner.addresses else h.port
     # Start-up objects (modules, settings, stubs) never die: keep them out of every future
     # collection, so a full GC pass does not stall requests for milliseconds.
@@ -209,8 +220,8 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
     signals: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
     if role.primary:
-        loop.add_signal_handler(signal.SIGTERM, _on_signal, signal.SIGTERM, signals, stop, hurry)
-        loop.add_signal_handler(signal.SIGINT, _on_signal, signal.SIGINT, signals, stop, hurry)
+        for sig in (signal.SIGTERM, signal.SIGINT, *hangup()):
+            loop.add_signal_handler(sig, _on_signal, sig, signals, stop, hurry)
     else:
         # Ctrl-C, and a SIGTERM to the pod's whole process group (systemd, kill -- -PGID),
         # reach the workers as well as the primary, which then signals them too: a worker
@@ -219,7 +230,8 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
         # workers.HURRY). Counted as a second signal, the group's and the primary's
         # SIGTERM cut every request at once.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
-        loop.add_signal_handler(signal.SIGTERM, _stop_once, signal.SIGTERM, signals, stop)
+        for sig in (signal.SIGTERM, *hangup()):
+            loop.add_signal_handler(sig, _stop_once, sig, signals, stop)
         loop.add_signal_handler(workers.STOP_NO_DRAIN, _stop_once, workers.STOP_NO_DRAIN,
                                 signals, stop)
         loop.add_signal_handler(workers.HURRY, _on_signal, workers.HURRY, [workers.HURRY],
@@ -275,6 +287,42 @@ async def serve(settings: config.ControlPlaneSettings, services: services_mod.Se
         hurrying.cancel()
 
 
+async def _undo_start(runner: server_mod.Runner, metrics_runner: web.AppRunner | None,
+                      pod: workers.PodLink | None) -> None:
+    """A start that failed (a port taken): stop what had started, within
+    :data:`FAILED_START_CLEANUP_S`. The app's background loops (the fleet's intent reload,
+    the stats fan-out) are stopped by its cleanup rather than left to the event loop's
+    final cancellation, which waits for ever on a task that outlives one cancel: a Redis
+    call whose read time-out ends at that cancel's moment turns it into its time-out
+    error, and the loop that counts errors goes on."""
+    async def undo() -> None:
+        if pod is not None:
+            await pod.close()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+        await runner.cleanup()
+    try:
+        async with asyncio.timeout(FAILED_START_CLEANUP_S):
+            await undo()
+    except Exception as exc:
+        log.warning("stopping after a failed start: %s", exc or type(exc).__name__)
+    await _end_tasks(FAILED_START_CLEANUP_S)
+
+
+async def _end_tasks(bound_s: float) -> None:
+    """Cancel every other task of the loop, again while any is left, for up to
+    ``bound_s`` (a task that took a cancel for its own time-out gets another)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound_s
+    while (left := [t for t in asyncio.all_tasks() if t is not asyncio.current_task()
+                    and not t.done()]) and loop.time() < deadline:
+        for task in left:
+            task.cancel()
+        await asyncio.wait(left, timeout=min(END_TASKS_POLL_S, deadline - loop.time()))
+    for task in left:
+        log.warning("a task outlived the failed start's cleanup: %s", task.get_name())
+
+
 # A stop on these skips the drain: Ctrl-C at a terminal, and a worker told so by its primary.
 NO_DRAIN = frozenset({signal.SIGINT, workers.STOP_NO_DRAIN})
 
@@ -295,6 +343,12 @@ def _begin_stopping(services: services_mod.Services, runner: server_mod.Runner) 
     (:meth:`controlplane.api.server.LaneServer.drain`)."""
     readiness.state(services).stopping = True
     runner.drain()
+
+
+def hangup() -> tuple[signal.Signals, ...]:
+    """SIGHUP, unless this process was started with it ignored (``nohup``: the operator
+    asked it to outlive the terminal, and a handler would undo that)."""
+    return () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
 
 
 def _on_signal(sig: signal.Signals, seen: list[signal.Signals], stop: asyncio.Event,

@@ -23,6 +23,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from controlplane.adapters import redis_limits
 from synapse_common import clock as clocks
 
 REPLY_TTL_S = 30
@@ -33,7 +34,7 @@ ANSWER_TIMEOUT_S = 5.0
 class Fanout:
     def __init__(self, url: str, channel: str, answer: Callable[[], Awaitable[bytes]],
                  on_error: Callable[[Exception], None] = lambda exc: None) -> None:
-        self._client: aioredis.Redis = aioredis.Redis.from_url(url, socket_connect_timeout=1.0)
+        self._client: aioredis.Redis = redis_limits.connect(url)
         self.channel = channel
         self._answer = answer
         self._on_error = on_error
