@@ -28,6 +28,15 @@ Design decisions:
   scope, so most lookups would embed only to search an empty scope. A cheap scalar probe
   (``has_entries``) answers first; on "empty" the lookup is a miss at once and the writer
   embeds the text later, in its batch.
+  The probe needs the embedder id (part of the L2 scope) before the embedding tells it:
+  every id a ``Node.Embed`` answer named within twice the entries' lifetime (an entry lives
+  ``ttl_s`` from its write, which follows the answer that named its id within one write
+  batch), and the scope may have entries when one of them has. Any node's answer may
+  name a made-up id; had the last answer's id been the one probed, a single hostile
+  answer would turn every tenant's later lookups into misses without an embedding until
+  an honest answer came. Beyond :data:`PROBED_IDS` ids the probe is not used (every
+  lookup embeds, as without it) until twice the entries' lifetime has passed since the
+  last id it could not keep.
 - L2 is opened in the background at the first cacheable request (see ``_lookup``).
 - Semantic references point into L1: an L1 entry evicted by its size bound turns the
   semantic candidate into a miss (counted as such), never into a wrong answer.
@@ -115,6 +124,9 @@ class Options:
     embedder_id: str = ""       # pinned (cache.embedder_id): other embedders are not judged
 
 
+PROBED_IDS = 4      # embedder ids the empty-scope probe asks about at most
+
+
 class EmbedderMismatch(Exception):
     """Node.Embed answered with another embedder than the verifier was fitted for."""
 
@@ -169,7 +181,10 @@ class TieredCache:
         # Told (tenant, model) of each invalidation made here (shared_routing: the pod).
         self.invalidation_publisher: Callable[[str | None, str | None], None] | None = None
         self._warmed = False
-        self._embedder_id: str | None = None     # the last one Node.Embed reported
+        # Embedder ids Node.Embed answers named -> when last (wall clock), and until when
+        # the probe is not used (an id beyond PROBED_IDS was named).
+        self._embedder_ids: dict[str, float] = {}
+        self._unprobed_until = 0.0
 
     @property
     def semantic(self) -> bool:
@@ -177,7 +192,26 @@ class TieredCache:
                 and self.embedder is not None and self.judges is not None)
 
     def _learned(self, embedder_id: str) -> None:
-        self._embedder_id = embedder_id
+        """Note an embedder id a Node.Embed answer named (for the empty-scope probe)."""
+        now = self._wall()
+        kept = 2 * self.options.ttl_s
+        self._embedder_ids = {i: at for i, at in self._embedder_ids.items()
+                              if now - at <= kept}
+        if embedder_id in self._embedder_ids or len(self._embedder_ids) < PROBED_IDS:
+            self._embedder_ids[embedder_id] = now
+        else:
+            self._unprobed_until = now + kept
+
+    def _probed_ids(self) -> list[str]:
+        """The embedder ids whose L2 scopes may hold entries; empty: the probe cannot
+        tell (no id seen yet, or more than it keeps). Pinned or not alike: with
+        ``cache.embedder_id`` pinned, a lookup still embeds where the agents' own
+        embedder wrote entries, so that the mismatch is counted and logged."""
+        now = self._wall()
+        if now < self._unprobed_until:
+            return []
+        kept = 2 * self.options.ttl_s
+        return [i for i, at in self._embedder_ids.items() if now - at <= kept]
 
     # -- lookup --------------------------------------------------------------------------
     async def lookup(self, request: cache_port.CacheRequest) -> cache_port.CacheDecision:
@@ -270,16 +304,21 @@ class TieredCache:
 
         Every multi-turn conversation and parameter set is a scope of its own, so most
         scopes are empty; a scalar probe costs a fraction of an embedding. Needs the
-        embedder id (part of the L2 scope), known after the first embedding.
+        embedder id (part of the L2 scope): see :meth:`_probed_ids`.
         """
-        if self._embedder_id is None:
+        ids = self._probed_ids()
+        if not ids:
             return True
+        return bool(await self._budget.within(self._any_entries(state, ids),
+                                              deadline - self._mono(), "semantic", "lookup"))
+
+    async def _any_entries(self, state: State, ids: list[str]) -> bool:
         assert self.l2 is not None
-        probe = self.l2.has_entries(cache_rules.l2_scope(state.keys.scope_hash,
-                                                         self._embedder_id),
-                                    self._wall() - self.options.ttl_s)
-        return bool(await self._budget.within(probe, deadline - self._mono(), "semantic",
-                                              "lookup"))
+        since = self._wall() - self.options.ttl_s
+        found = await asyncio.gather(*(
+            self.l2.has_entries(cache_rules.l2_scope(state.keys.scope_hash, i), since)
+            for i in ids))
+        return any(found)
 
     async def _embed_state(self, state: State, deadline: float) -> State:
         assert self.embedder is not None and state.keys.semantic_text is not None
@@ -297,7 +336,7 @@ class TieredCache:
             self._budget.count("embedder", "embedding", exc)
             raise cache_budget.Failed from exc
         vector = np.asarray(result.vectors, dtype=np.float32)[0]
-        self._embedder_id = result.embedder_id
+        self._learned(result.embedder_id)
         return dataclasses.replace(state, vector=vector, embedder_id=result.embedder_id)
 
     async def _search_verify(self, state: State, request: cache_port.CacheRequest,
