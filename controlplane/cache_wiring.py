@@ -44,14 +44,18 @@ def build_l2(settings: config.ControlPlaneSettings, dim: int | None = None,
     uri = (c.milvus_uri.get_secret_value() if c.milvus_uri
            else os.path.join(settings.data_dir, L2_LITE_FILE))
     token = c.milvus_token.get_secret_value() if c.milvus_token else None
-    return milvus_l2(uri, c.collection, token, ttl_s=c.ttl_s,
+    return milvus_l2(uri, c.collection, token, label=None if c.milvus_uri else L2_LITE_FILE,
+                     ttl_s=c.ttl_s,
                      mirror_max_rows=c.l2_mirror_max_rows,
                      mirror_refresh_s=c.l2_mirror_refresh_s,
                      expiry_interval_s=c.l2_expiry_interval_s, dim=dim)
 
 
 def milvus_l2(uri: str, collection: str, token: str | None = None, *,
-              time: timing.Time = timing.Time(), **options: Any) -> l2_index.L2Index:
-    """An L2 index over a Milvus store at ``uri`` (tests and benchmarks use it too)."""
-    store = milvus.MilvusStore(uri, collection, token, clock=time.monotonic)
+              time: timing.Time = timing.Time(), label: str | None = None,
+              **options: Any) -> l2_index.L2Index:
+    """An L2 index over a Milvus store at ``uri`` (tests and benchmarks use it too);
+    ``label``: what the log calls a Lite file (the data-dir-relative name), never the
+    URI, which may be a secret."""
+    store = milvus.MilvusStore(uri, collection, token, clock=time.monotonic, label=label)
     return l2_index.L2Index(store, l2_index.Options(collection=collection, **options), time)

@@ -106,6 +106,21 @@ class ControlPlaneSettings(Section):
         return self
 
 
+    @pydantic.model_validator(mode="after")
+    def _distinct_ports(self) -> ControlPlaneSettings:
+        """Two listeners on one port would fail at bind with an error naming neither."""
+        wild = {"0.0.0.0", "::", ""}
+        listeners = [("http.port", self.http.host, self.http.port),
+                     ("grpc.port", self.grpc.host, self.grpc.port),
+                     ("metrics.port", self.http.host, self.metrics.port)]
+        for i, (field, host, port) in enumerate(listeners):
+            for other, other_host, other_port in listeners[i + 1:]:
+                if port and port == other_port and (
+                        host == other_host or host in wild or other_host in wild):
+                    raise ValueError(f"{field} and {other} are both {port}: each listener "
+                                     "needs a port of its own")
+        return self
+
     def _check_upstreams(self) -> None:
         names: dict[str, int] = {}
         for i, u in enumerate(self.upstreams):

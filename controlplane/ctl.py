@@ -48,9 +48,13 @@ def _connection(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[s
     token_file = args.token_file or environ.get("SYNAPSE_ADMIN_TOKEN_FILE")
     if token_file:
         try:
-            return server, pathlib.Path(token_file).read_text(encoding="utf-8").strip()
+            token = pathlib.Path(token_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise UsageError(f"cannot read token file {token_file}: {exc.strerror}") from None
+        if not token:   # sent as no key, the server would only say a key is missing
+            raise UsageError(f"token file {token_file} is empty: it should hold the admin "
+                             "key") from None
+        return server, token
     return server, environ.get("SYNAPSE_ADMIN_TOKEN") or None
 
 

@@ -36,6 +36,28 @@ def _refused_by_service(exc: grpc.RpcError) -> bool:
     return any(key == call_metadata.ERROR for key, _ in trailer or ())
 
 
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_SERVING = b"\x08\x01"     # HealthCheckResponse{status: SERVING}
+
+
+def health_serving(address: str, service: str, timeout_s: float) -> bool:
+    """Whether the gRPC server at ``address`` (plaintext) says ``service`` is SERVING on
+    the standard health service (open: no key). Its two messages have one field each, so
+    they are written here rather than importing the health package's server side."""
+    name = service.encode()
+    request = b"\x0a" + bytes([len(name)]) + name if len(name) < 128 else b""
+    if not request:
+        raise ValueError(f"service name too long: {service[:40]}")
+    with grpc.insecure_channel(address) as channel:
+        check = channel.unary_unary(HEALTH_CHECK, request_serializer=None,
+                                    response_deserializer=None)
+        try:
+            answer = check(request, timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+    return bool(answer == HEALTH_SERVING)
+
+
 class AdminClient:
     def __init__(self, server: str, token: str | None, tls: bool = False,
                  ca_file: str | None = None, timeout: float = 30.0) -> None:

@@ -63,6 +63,7 @@ from synapse_common.ports import free_ports
 DEFAULT_MODEL = embedded_engine.SIMULATOR_MODEL
 EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 START_TIMEOUT_S = 240.0
+HEALTH_CHECK_TIMEOUT_S = 2.0
 LOCK_FILE = "up.lock"
 # How long a stopping child gets before SIGKILL. The control plane on a laptop has no
 # load balancer to drain from (no drain delay) and gives its requests less than this.
@@ -246,6 +247,13 @@ def _check_upstream_args(args: argparse.Namespace) -> None:
         cli.fail(f"synapse up: --upstream-key-file {key_file}: not a readable file", code=2)
 
 
+def embedder_serving(address: str) -> bool:
+    """Whether the agent at ``address`` (plaintext gRPC) has its embedder loaded: its
+    health service says ``synapse.v1.Node`` SERVING only then (open, no key needed)."""
+    from controlplane import ctl_client
+    return ctl_client.health_serving(address, "synapse.v1.Node", HEALTH_CHECK_TIMEOUT_S)
+
+
 def _backends_ready(base: str) -> int:
     """Routable backends as the control plane's /ready reports them (0 when unknown)."""
     try:
@@ -328,15 +336,9 @@ class Child:
             self._log.close()           # thread goes on writing until it closes
 
 
-def _http_status(url: str, token: str | None = None, body: dict[str, Any] | None = None) -> int:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    data = None
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    request = urllib.request.Request(url, data=data, headers=headers)
+def _http_status(url: str) -> int:
     try:
-        with urllib.request.urlopen(request, timeout=2) as resp:
+        with urllib.request.urlopen(url, timeout=2) as resp:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
@@ -436,10 +438,10 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
         _wait_for(f"{gen.what} ready", lambda: _backends_ready(base) > 0, children,
                   START_TIMEOUT_S)
         # The agent loads the embedding model in the background; the semantic cache and
-        # /v1/embeddings need it, so "ready" waits for one real embedding.
-        probe = {"model": EMBED_MODEL, "input": ["synapse up readiness probe"]}
-        _wait_for("embedder loaded", lambda: _http_status(
-            f"{base}/v1/embeddings", written["api_key"], probe) == 200, children, START_TIMEOUT_S)
+        # /v1/embeddings need it, so "ready" waits for it: asked of the agent's gRPC
+        # health service, not with the dev key (each try would be the tenant's usage).
+        _wait_for("embedder loaded", lambda: embedder_serving(f"127.0.0.1:{ports['node']}"),
+                  children, START_TIMEOUT_S)
         print(_banner(base, written["api_key"], gen.model, written["admin_key_file"],
                       f"127.0.0.1:{ports['grpc']}"), flush=True)
         while all(c.alive() for c in children):

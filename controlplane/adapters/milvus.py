@@ -104,8 +104,10 @@ def _not_loaded(exc: BaseException) -> bool:
 class MilvusStore:
     def __init__(self, uri: str, collection: str, token: str | None = None, *,
                  call_timeout_s: float = 5.0, reconnect_s: float = 5.0,
-                 clock: clocks.Clock = clocks.monotonic) -> None:
+                 clock: clocks.Clock = clocks.monotonic, label: str | None = None) -> None:
         self._uri = uri
+        self._label = label     # what the log calls a Lite file (its URI may be a secret)
+        self._lock_said = False
         self._token = token
         self._collection = collection
         self._timeout = call_timeout_s
@@ -285,6 +287,7 @@ class MilvusStore:
             now = self._clock()
             if self._failed_at is not None and now - self._failed_at < self._reconnect_s:
                 raise _FailedRecently(f"Milvus at {self.safe_uri()} failed recently")
+            watch = _LockWatch(os.path.abspath(self._uri))
             try:
                 if self.exclusive:      # a Milvus Lite file: its folder must exist, and
                     # be private when made here (Milvus Lite writes tenants' texts 0644)
@@ -296,15 +299,36 @@ class MilvusStore:
                 kwargs: dict[str, Any] = {"uri": self._uri, "timeout": self._timeout}
                 if self._token:
                     kwargs["token"] = self._token
-                self._client = pymilvus.MilvusClient(**kwargs)
+                lite_log = logging.getLogger(LITE_SERVER_LOGGER)
+                lite_log.addFilter(watch)
+                try:
+                    self._client = pymilvus.MilvusClient(**kwargs)
+                finally:
+                    lite_log.removeFilter(watch)
                 if self.exclusive:
                     _private(self._uri)
             except Exception as exc:
                 self._failed_at = now
+                if self.exclusive and watch.locked:
+                    self._say_locked()
+                    raise L2Unavailable(f"cannot open the Milvus Lite file "
+                                        f"{self._lite_name()}: another process holds "
+                                        f"it") from None
                 raise L2Unavailable(f"cannot open Milvus at {self.safe_uri()}: "
                                     f"{type(exc).__name__}") from exc
             self._failed_at = None
             return self._client
+
+    def _lite_name(self) -> str:
+        return self._label or "that cache.milvus_uri names"
+
+    def _say_locked(self) -> None:
+        """One line, once: two processes on one data dir (a second control plane)."""
+        if not self._lock_said:
+            self._lock_said = True
+            log.warning("L2 (the semantic cache) is off in this process: another process "
+                        "holds the Milvus Lite file %s (one control plane per data dir, or "
+                        "cache.milvus_uri on a Milvus server)", self._lite_name())
 
     def _open_sync(self) -> int | None:
         """Open the store and load an existing collection; a damaged Lite store is moved
@@ -416,6 +440,27 @@ class MilvusStore:
         if count:
             client.delete(self._collection, filter=expr, timeout=self._timeout)
         return count
+
+
+LITE_SERVER_LOGGER = "milvus_lite.server_manager"
+
+
+class _LockWatch(logging.Filter):
+    """Drops Milvus Lite's traceback for a file another process holds (its lock error,
+    which pymilvus reduces to "Open local milvus failed") and notes it for the store."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._path = path
+        self.locked = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if (type(exc).__name__ == "DataDirLockedError"
+                and isinstance(record.args, tuple) and self._path in record.args):
+            self.locked = True
+            return False
+        return True
 
 
 def _lite_unimplemented(record: logging.LogRecord) -> bool:

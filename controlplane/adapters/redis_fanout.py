@@ -23,18 +23,22 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from controlplane.adapters import redis_limits
 from synapse_common import clock as clocks
 
 REPLY_TTL_S = 30
 RETRY_S = 1.0
 ANSWER_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 1.0
+READ_TIMEOUT_S = 1.0    # as redis_limits.connect's (adapters do not import each other)
 
 
 class Fanout:
     def __init__(self, url: str, channel: str, answer: Callable[[], Awaitable[bytes]],
                  on_error: Callable[[Exception], None] = lambda exc: None) -> None:
-        self._client: aioredis.Redis = redis_limits.connect(url)
+        # read time-out too: a Redis that accepts and never answers fails each call
+        # (a subscriber's wait for messages is not bounded by it: redis-py blocks there)
+        self._client: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=READ_TIMEOUT_S)
         self.channel = channel
         self._answer = answer
         self._on_error = on_error

@@ -80,10 +80,10 @@ MAX_CONNECTIONS = 64
 
 
 def connect(url: str) -> aioredis.Redis:
-    """A client for ``url``; connections are made lazily, on first use. Every Redis
-    client of the control plane but the L1's (which sizes its time-outs to its budget)
-    is made here: one home for the connect and read time-outs, so that a Redis that
-    accepts connections and never answers fails each call instead of hanging it.
+    """A client for ``url``; connections are made lazily, on first use. The limits',
+    token limits', usage's and intent's client (the L1 sizes its time-outs to its budget;
+    the stats fan-out, an adapter of its own, takes these): the read time-out makes a
+    Redis that accepts connections and never answers fail each call, not hang it.
 
     A *blocking* pool: redis-py's default pool raises "Too many connections" at once when
     more than 100 calls are in flight, so a burst of clients made the limiter fall back to

@@ -60,6 +60,12 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
         proc.stop(timeout=30)
 
 
+def test_the_wait_for_the_embedder_is_not_the_dev_tenants_usage(embedded: Embedded) -> None:
+    # first in the module: nothing but synapse up's own start has been asked of the API
+    log = (embedded.data_dir / "logs" / "controlplane.log").read_text()
+    assert "/v1/embeddings" not in log, "synapse up asked /v1/embeddings with the dev key"
+
+
 def test_completion_stream_embedding_and_cache_hit(embedded: Embedded) -> None:
     # cached answers and prompts land under it with the umask's modes: only its owner enters
     assert embedded.data_dir.stat().st_mode & 0o777 == 0o700
