@@ -76,7 +76,6 @@ import collections
 import contextlib
 import itertools
 import logging
-import operator
 import os
 import ssl
 import typing
@@ -105,7 +104,6 @@ NOT_RELAYED = transport.NOT_RELAYED
 UNRELAYED_METHOD = "GET"     # Synapse's own reads: their answers are never relayed
 BUDGET_SPENT = "upstream_busy"  # the code of a whole answer refused for want of budget
 _FORBIDDEN = frozenset("\r\n\0")
-_NAME, _VALUE = operator.itemgetter(0), operator.itemgetter(1)
 
 Origin = tuple[str, str, int]      # scheme, host, port
 
@@ -566,9 +564,7 @@ class UpstreamResponse:
 
 
 def _first_values(raw: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
-    backwards = raw[::-1]   # so that a name's first value is the one kept
-    return dict(zip(map(bytes.lower, map(_NAME, backwards)), map(_VALUE, backwards),
-                    strict=True))
+    return {k.lower(): v for k, v in reversed(raw)}    # a name's first value is kept
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
