@@ -128,6 +128,7 @@ class FleetService:
         self._push_count = 0                    # pushes started, numbering them
         self._push_errors: dict[str, str] = {}
         self._load_failing = False
+        self._loaded_once = False      # the intent was loaded from the store at least once
         self._task: asyncio.Task[None] | None = None
 
     # -- the reconcile loop -------------------------------------------------------------
@@ -156,15 +157,17 @@ class FleetService:
             await self.intent.sync()
         except Exception as exc:  # Redis down: keep the last known intent applied
             if not self._load_failing:      # once per outage, not every pass
-                log.warning("cannot load operator intent (keeping the last one applied): "
-                            "%s", exc)
+                kept = ("keeping the last one applied" if self._loaded_once else
+                        "none loaded yet: no node is cordoned or drained until it loads")
+                log.warning("cannot load operator intent (%s): %s", kept, exc)
             self._load_failing = True
             self._on_failure("load")
             self.intent.apply()
         else:
             if self._load_failing:
-                log.warning("operator intent loaded again")
+                log.warning("operator intent loaded" + (" again" if self._loaded_once else ""))
             self._load_failing = False
+            self._loaded_once = True
         if not self._pushes:
             return
         for view in self.registry.nodes():

@@ -146,8 +146,23 @@ async def test_reconcile_failures_are_logged_counted_and_the_last_intent_kept(
         assert set(time.calls) == {fleet.RECONCILE_INTERVAL_S}
         assert svc.registry.node(NODE).cordoned   # the last known intent still applies
         # logged once per outage, not at every pass
-        assert sum(r.levelno == logging.WARNING and "cannot load operator intent" in r.message
-                   for r in caplog.records) == 1
+        warned = [r.message for r in caplog.records if r.levelno == logging.WARNING
+                  and "cannot load operator intent" in r.message]
+        assert len(warned) == 1 and "(keeping the last one applied)" in warned[0]
+
+
+async def test_a_load_failing_from_the_start_says_none_was_loaded(
+        redis_server: harness.RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Probe finding: a first start with the store down said it kept "the last one
+    applied" when none had been."""
+    store = intent_store.RedisIntentStore(redis_limits.connect(redis_server.url))
+    redis_server.kill()
+    async with service(store) as (svc, _, _, failures):
+        await svc.reconcile()
+        assert failures == ["load"]
+        warned = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("cannot load operator intent (none loaded yet" in w for w in warned)
+        assert not any("keeping the last one applied" in w for w in warned)
 
 
 async def test_a_start_while_redis_is_down_applies_the_intent_copied_at_the_last_load(
