@@ -7,21 +7,18 @@ and its connection closed, instead of the control plane holding (and re-copying)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from controlplane import errors
 from controlplane.core import cache_salt, sse
 from tests.controlplane import cp_testing as t
+from tests.controlplane.endless_line import PIECE, EndlessLine
 
 CAP = sse.ASSEMBLED_MAX
-PIECE = b"x" * (64 << 10)
 FIRST = {"id": "c1", "object": "chat.completion.chunk", "model": t.MODEL,
          "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}}]}
 USAGE = {"prompt_tokens": 300, "completion_tokens": 2,
@@ -49,40 +46,9 @@ def test_a_line_up_to_the_limit_has_its_counts_hidden_in_any_pieces() -> None:
         hider.feed(line + b"x")
 
 
-class Hostile:
-    """A chat engine that sends one chunk, then bytes without a line break until it has
-    sent ``total`` of them or the control plane closes the connection."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.sent = 0
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(b"data: " + orjson.dumps(FIRST) + b"\n\n")
-        while self.sent < self.total:
-            await resp.write(PIECE)
-            self.sent += len(PIECE)
-        request.transport.close()  # type: ignore[union-attr]
-        return resp
-
-
-@contextlib.asynccontextmanager
-async def _engine(hostile: Hostile) -> AsyncIterator[str]:
-    async def healthy(_request: web.Request) -> web.Response:
-        return web.json_response({})
-    app = web.Application(handler_args={"handler_cancellation": True})
-    app.router.add_post("/v1/chat/completions", hostile.chat)
-    app.router.add_get("/health", healthy)
-    async with t.served(app) as url:
-        yield url
-
-
 async def test_a_hostile_engines_endless_line_ends_the_stream_with_an_error() -> None:
-    hostile = Hostile(total=3 * CAP)
-    async with _engine(hostile) as url:
+    hostile = EndlessLine("/v1/chat/completions", b"data: " + orjson.dumps(FIRST) + b"\n\n", total=3 * CAP)
+    async with hostile.served() as url:
         # no kind: no cache_salt is sent, tenants a and b share its prefix cache, and
         # its answers' counts are hidden (the StreamHider holds its lines)
         s = t.settings(upstreams=[t.upstream("hostile", url)])

@@ -6,21 +6,18 @@ connection closed, instead of the control plane holding (and re-copying) all of 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from controlplane import errors
 from controlplane.core import response_ids as ids
 from controlplane.core import sse
 from tests.controlplane import cp_testing as t
+from tests.controlplane.endless_line import PIECE, EndlessLine
 
 CAP = sse.ASSEMBLED_MAX
-PIECE = b"x" * (64 << 10)
 CREATED = {"type": "response.created", "sequence_number": 0,
            "response": {"id": "resp_engine1", "object": "response", "status": "in_progress",
                         "model": t.MODEL, "output": []}}
@@ -46,46 +43,9 @@ def test_a_line_up_to_the_limit_passes_whole_in_any_pieces() -> None:
         lines.feed(b"\n" + b"d" * 11)
 
 
-class Hostile:
-    """A Responses engine that sends one event, then bytes without a line break until
-    it has sent ``total`` of them or the control plane closes the connection."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.sent = 0
-        self.cut_off = False
-
-    async def responses(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(f"event: response.created\ndata: {json.dumps(CREATED)}\n\n"
-                         .encode())
-        try:
-            while self.sent < self.total:
-                await resp.write(PIECE)
-                self.sent += len(PIECE)
-        except (ConnectionError, asyncio.CancelledError):
-            self.cut_off = True
-            raise
-        request.transport.close()  # type: ignore[union-attr]
-        return resp
-
-
-@contextlib.asynccontextmanager
-async def _engine(hostile: Hostile) -> AsyncIterator[str]:
-    async def healthy(_request: web.Request) -> web.Response:
-        return web.json_response({})
-    app = web.Application(handler_args={"handler_cancellation": True})
-    app.router.add_post("/v1/responses", hostile.responses)
-    app.router.add_get("/health", healthy)
-    async with t.served(app) as url:
-        yield url
-
-
 async def test_a_hostile_engines_endless_line_ends_the_stream_with_an_error() -> None:
-    hostile = Hostile(total=3 * CAP)
-    async with _engine(hostile) as url:
+    hostile = EndlessLine("/v1/responses", f"event: response.created\ndata: {json.dumps(CREATED)}\n\n".encode(), total=3 * CAP)
+    async with hostile.served() as url:
         # a vLLM (it takes a cache_salt): no other filter holds the stream's lines
         s = t.settings(upstreams=[{"name": "hostile", "url": url, "kind": "vllm",
                                    "models": [t.MODEL], "tasks": ["responses"]}])
