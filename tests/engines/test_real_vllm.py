@@ -63,6 +63,18 @@ def test_completions(real_stack: RealStack) -> None:
     assert reply.usage is not None and reply.usage.completion_tokens > 0
 
 
+def test_models_list_the_engines_own_context_length(real_stack: RealStack) -> None:
+    """GET /v1/models carries max_model_len as the engine itself lists it (the agent
+    reads it from the engine's /v1/models when it becomes ready)."""
+    status, _, body = harness.http(real_stack.engine_url + "/v1/models", None,
+                                   real_stack.engine_key, timeout=60)
+    assert status == 200
+    (own,) = [m for m in json.loads(body)["data"] if m["id"] == real_stack.model]
+    listed = {m.id: m for m in real_stack.client().models.list().data}
+    assert own["max_model_len"] == 4096                      # as the stack deployed it
+    assert listed[real_stack.model].max_model_len == own["max_model_len"]  # type: ignore[attr-defined]
+
+
 def test_vllm_refuses_a_caller_without_the_engine_key(real_stack: RealStack) -> None:
     """The agent started vLLM with the engine key (VLLM_API_KEY): a call straight to its
     port without it, or with a tenant's key, is 401, while the control plane, which
