@@ -50,7 +50,7 @@ async def ask(session: aiohttp.ClientSession, base_url: str, models: Collection[
                 return 0
             body = await engine_tasks.read_at_most(resp, MAX_BYTES)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        log.debug("%s/v1/models could not be read: %r", base_url, exc)
+        log.debug("%s/v1/models could not be read: %s", base_url, engine_tasks.failure(exc))
         return 0
     if body is None:
         return 0

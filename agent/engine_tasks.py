@@ -49,13 +49,23 @@ async def discover(session: aiohttp.ClientSession, base_url: str, timeout_s: flo
                 return ()
             body = await read_at_most(resp, read_limits.OPENAPI_MAX_BYTES)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        log.debug("%s/openapi.json could not be read: %r", base_url, exc)
+        log.debug("%s/openapi.json could not be read: %s", base_url, failure(exc))
         return None
     if body is None:
         log.warning("%s/openapi.json is over %d bytes: read as no document",
                     base_url, read_limits.OPENAPI_MAX_BYTES)
         return ()
     return await asyncio.to_thread(tasks.from_document, body)
+
+
+def failure(exc: BaseException) -> str:
+    """What a failed call to an engine says in a log line: the error's class, and the
+    status of a refused answer. Never its repr nor its message: an aiohttp error's repr
+    holds the request's headers (the engine key among them) and its message may quote
+    whatever the engine answered."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__} (status {exc.status})"
+    return type(exc).__name__
 
 
 async def read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
