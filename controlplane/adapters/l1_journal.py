@@ -25,7 +25,8 @@ again. The journal makes the in-process L1 as durable as the Lite file beside it
   written (a read-only disk) is opened read-only: its entries are restored, and changes
   are not kept (one warning).
 - **Checked when read back.** Each entry is written with a checksum (BLAKE2b over its key,
-  tenant, model, value and expiry, each field length-prefixed). ``load`` drops an entry
+  tenant, model, value and expiry, each field length-prefixed), kept in a table of its
+  own (``l1_digest``) written in the same transaction. ``load`` drops an entry
   whose checksum does not match, with one warning per load naming how many went (and
   deletes it from the file): a byte changed on disk (a failing disk, a hand edit) inside
   a stored answer was served as a hit with the altered text. A dropped entry is a miss,
@@ -36,6 +37,15 @@ again. The journal makes the in-process L1 as durable as the Lite file beside it
   are taken as they are once (that release served them unchecked too) and given their
   checksum in the same load, rather than emptying every cache at the upgrade; a file
   opened read-only keeps them unchecked.
+- **A rollback keeps writing.** The ``l1`` table is the one the release before the
+  checksums made, column for column: that release inserts without naming columns, and a
+  column added to it would fail every one of its writes after a rollback. Two triggers
+  keep ``l1_digest`` true to ``l1`` whoever writes it: an insert (or a replace) or a
+  delete of an entry deletes its checksum, which this release then writes after its own
+  insert. An entry a rolled-back release wrote is therefore one without a checksum, taken
+  as an older release's entry (above), never dropped as damaged. A file with the
+  checksum column an unreleased build added to ``l1`` is read as it is (the column
+  ignored).
 - Expiry times are wall-clock seconds (a monotonic clock does not survive a restart).
 - Every SQLite call runs in a thread, one at a time (one connection, one lock).
 - **Private** (:mod:`controlplane.adapters.sqlite_file` too). It holds every tenant's
@@ -61,11 +71,18 @@ from synapse_common import aiotasks
 from synapse_common import clock as clocks
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS l1 (skey TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
-          "model TEXT NOT NULL, value BLOB NOT NULL, expires_at REAL NOT NULL, digest BLOB)")
+          "model TEXT NOT NULL, value BLOB NOT NULL, expires_at REAL NOT NULL)")
+DIGESTS = (
+    "CREATE TABLE IF NOT EXISTS l1_digest (skey TEXT PRIMARY KEY, digest BLOB NOT NULL)",
+    "CREATE TRIGGER IF NOT EXISTS l1_digest_put AFTER INSERT ON l1 "
+    "BEGIN DELETE FROM l1_digest WHERE skey = NEW.skey; END",
+    "CREATE TRIGGER IF NOT EXISTS l1_digest_gone AFTER DELETE ON l1 "
+    "BEGIN DELETE FROM l1_digest WHERE skey = OLD.skey; END")
+SCHEMAS = (SCHEMA, *DIGESTS)
 log = logging.getLogger("synapse.cache")
 MATCH = "DELETE FROM l1 WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR model = ?2)"
-PUT = ("INSERT OR REPLACE INTO l1 (skey, tenant, model, value, expires_at, digest) "
-       "VALUES (?, ?, ?, ?, ?, ?)")
+PUT = "INSERT OR REPLACE INTO l1 (skey, tenant, model, value, expires_at) VALUES (?, ?, ?, ?, ?)"
+PUT_DIGEST = "INSERT OR REPLACE INTO l1_digest (skey, digest) VALUES (?, ?)"
 DIGEST_BYTES = 16
 
 
@@ -165,7 +182,7 @@ class SqliteJournal:
         if self._db is None:
             try:
                 self._db, read_only = sqlite_file.open_recovering(
-                    self.path, (SCHEMA,), "l1", self._busy_timeout,
+                    self.path, SCHEMAS, "l1", self._busy_timeout,
                     warn_set_aside=self._warn_set_aside, warn_read_only=self._warn_read_only)
             except Exception as exc:
                 self._stop(exc)
@@ -177,7 +194,7 @@ class SqliteJournal:
 
     def _connect_set_aside(self, why: BaseException) -> None:
         try:
-            self._db = sqlite_file.reopen_set_aside(self.path, (SCHEMA,), self._busy_timeout,
+            self._db = sqlite_file.reopen_set_aside(self.path, SCHEMAS, self._busy_timeout,
                                                     why, self._warn_set_aside)
         except Exception as exc:
             self._stop(exc)
@@ -218,15 +235,9 @@ class SqliteJournal:
         """The live entries whose checksum matches (see the module docstring); the file
         made to hold only those, unless it is read-only."""
         db = self._connect()
-        has_digest = "digest" in {row[1] for row in db.execute("PRAGMA table_info(l1)")}
         if not self._read_only:
-            if not has_digest:      # a file an older release made
-                db.execute("ALTER TABLE l1 ADD COLUMN digest BLOB")
-                has_digest = True
             db.execute("DELETE FROM l1 WHERE expires_at <= ?", (now,))
-        rows = db.execute("SELECT skey, tenant, model, value, expires_at, "
-                          f"{'digest' if has_digest else 'NULL'} FROM l1 "
-                          "WHERE expires_at > ? ORDER BY rowid", (now,)).fetchall()
+        rows = db.execute(_select(db), (now,)).fetchall()
         found, damaged, unchecked = [], [], []
         for skey, tenant, model, value, expires_at, digest in rows:
             saved = _saved(skey, tenant, model, value, expires_at)
@@ -243,8 +254,7 @@ class SqliteJournal:
         if not self._read_only and (damaged or unchecked):
             sqlite_file.transaction(db, [
                 *(("DELETE FROM l1 WHERE skey = ?", (skey,)) for skey in damaged),
-                *(("UPDATE l1 SET digest = ? WHERE skey = ?", (_digest(s), s.skey))
-                  for s in unchecked)])
+                *((PUT_DIGEST, (s.skey, _digest(s))) for s in unchecked)])
         return found
 
     def _close_db(self) -> None:
@@ -258,16 +268,30 @@ class SqliteJournal:
                 return
             db = self._connect()
             if not self._read_only:
-                sqlite_file.transaction(db, [_with_digest(sql, args) for sql, args in ops])
+                sqlite_file.transaction(db, [statement for sql, args in ops
+                                             for statement in _with_digest(sql, args)])
 
 
-def _with_digest(sql: str, args: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
-    """A queued write as SQLite takes it: a put's entry spelled out, with its checksum."""
+def _with_digest(sql: str, args: tuple[Any, ...]) -> list[tuple[str, tuple[Any, ...]]]:
+    """A queued write as SQLite takes it: a put's entry spelled out, then its checksum
+    (after it: the insert's trigger deletes the entry's previous one)."""
     if sql != PUT:
-        return sql, args
+        return [(sql, args)]
     (saved,) = args
-    return sql, (saved.skey, saved.tenant, saved.model, saved.value, saved.expires_at,
-                 _digest(saved))
+    return [(sql, (saved.skey, saved.tenant, saved.model, saved.value, saved.expires_at)),
+            (PUT_DIGEST, (saved.skey, _digest(saved)))]
+
+
+def _select(db: sqlite3.Connection) -> str:
+    """The live entries with their checksums (NULL for none), oldest write first; a file
+    opened read-only may predate the checksum table."""
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "l1_digest" not in tables:
+        return ("SELECT skey, tenant, model, value, expires_at, NULL FROM l1 "
+                "WHERE expires_at > ? ORDER BY rowid")
+    return ("SELECT l1.skey, tenant, model, value, expires_at, l1_digest.digest FROM l1 "
+            "LEFT JOIN l1_digest ON l1_digest.skey = l1.skey "
+            "WHERE expires_at > ? ORDER BY l1.rowid")
 
 
 def _digest(saved: Saved) -> bytes:

@@ -71,7 +71,7 @@ async def test_a_journal_locked_by_another_process_is_left_alone(tmp_path, caplo
     path = str(tmp_path / "l1.sqlite")
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute(l1_journal.SCHEMA)
-    holder.execute("INSERT INTO l1 VALUES ('s', 'acme', 'm', x'00', 9e9, NULL)")
+    holder.execute("INSERT INTO l1 VALUES ('s', 'acme', 'm', x'00', 9e9)")
     holder.execute("BEGIN EXCLUSIVE")
     try:
         store = l1.MemoryL1(100, 10**6, journal=l1_journal.SqliteJournal(
