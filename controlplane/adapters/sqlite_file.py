@@ -14,7 +14,12 @@
   copy gets a name of its own (a counter after the time when that name is taken, as the
   Milvus Lite store's copies and ``fleet_intent.json.damaged-<UTC time>`` do): a second
   damage never overwrites the copy of the first, which an operator may still be studying.
-  The adapters may not import each other, so that naming is written here too.
+  The adapters may not import each other, so that naming is written here too. A name is
+  claimed by a hard link, which fails when the name exists, and only then is the file
+  unlinked from its own name: processes started together that all find the same damaged
+  file (the workers of one pod) cannot pick the same name, where a check then a rename
+  let a second one rename a fresh file over the first one's copy. Where the file system
+  has no hard links, a rename after the check is the fallback.
 - **Locked.** Any other failure (another process holding it locked) leaves the file alone:
   it belongs to a live process. The caller decides what it does without it.
 - **Read-only.** A file that cannot be written (a read-only disk or file) is opened
@@ -31,16 +36,18 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import itertools
 import logging
 import os
 import sqlite3
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 DAMAGED = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 UNWRITABLE_ERRNO = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 UNWRITABLE_SQLITE = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN})
+NO_HARD_LINKS = frozenset({errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP})
 SUFFIXES = ("", "-wal", "-shm")
 
 Warn = Callable[[BaseException], None]
@@ -96,24 +103,80 @@ def transaction(db: sqlite3.Connection,
 
 
 def set_aside(path: str) -> str:
-    """Move a damaged ``path`` (and its ``-wal`` and ``-shm``) to a name of its own
-    (:func:`aside_name`), logged; returns that name."""
-    copy = aside_name(path)
-    for suffix in SUFFIXES:
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(path + suffix, copy + suffix)
+    """Move a damaged ``path`` (and its ``-wal`` and ``-shm``) to a name of its own, never
+    one in use (claimed as the module docstring says), logged; returns that name."""
+    for copy in _aside_names(path):
+        if not _taken(copy) and move_to(path, copy):
+            break
     log.warning("damaged SQLite file %s moved to %s", path, copy)
     return copy
 
 
 def aside_name(path: str) -> str:
-    """``<path>.corrupt-<UTC time>``, with a counter when that name (or its ``-wal`` or
-    ``-shm``) is taken: a rename onto an existing file would delete it."""
+    """The first name :func:`set_aside` would try now (a name in use is never tried)."""
+    return next(name for name in _aside_names(path) if not _taken(name))
+
+
+def _aside_names(path: str) -> Iterator[str]:
+    """``<path>.corrupt-<UTC time>``, then with a counter after the time."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    name, n = f"{path}.corrupt-{stamp}", 1
-    while any(os.path.lexists(name + suffix) for suffix in SUFFIXES):
-        name, n = f"{path}.corrupt-{stamp}-{n}", n + 1
-    return name
+    yield f"{path}.corrupt-{stamp}"
+    for n in itertools.count(1):
+        yield f"{path}.corrupt-{stamp}-{n}"
+
+
+def _taken(name: str) -> bool:
+    return any(os.path.lexists(name + suffix) for suffix in SUFFIXES)
+
+
+def move_to(path: str, copy: str) -> bool:
+    """``path`` and its companions moved to ``copy``; False, nothing moved, when another
+    process took one of ``copy``'s names first."""
+    try:
+        return _link_all(path, copy)
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINKS:
+            raise
+    if _taken(copy):
+        return False
+    for suffix in SUFFIXES:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path + suffix, copy + suffix)
+    return True
+
+
+def _link_all(path: str, copy: str) -> bool:
+    """Each of ``path``'s files linked under ``copy``'s names, then unlinked from its own
+    (unless another process has put a new file there meanwhile); False, the links made
+    undone, when one of the names exists. Any other failure undoes them and raises."""
+    linked: list[tuple[str, os.stat_result]] = []
+    try:
+        for suffix in SUFFIXES:
+            try:
+                os.link(path + suffix, copy + suffix, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            linked.append((suffix, os.lstat(copy + suffix)))
+    except BaseException as exc:
+        for suffix, _ in linked:
+            os.unlink(copy + suffix)
+        if isinstance(exc, FileExistsError):
+            return False
+        raise
+    for suffix, moved in linked:
+        _unlink_if_same(path + suffix, moved)
+    return True
+
+
+def _unlink_if_same(name: str, moved: os.stat_result) -> None:
+    """Remove ``name`` when it is still the file that was linked aside."""
+    try:
+        now = os.lstat(name)
+    except FileNotFoundError:
+        return
+    if (now.st_dev, now.st_ino) == (moved.st_dev, moved.st_ino):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
 
 
 def open_read_only(path: str, probe: str, busy_timeout_s: float) -> sqlite3.Connection:

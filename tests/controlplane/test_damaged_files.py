@@ -4,9 +4,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import pathlib
 import sqlite3
+import threading
 
 import pytest
 
@@ -98,3 +101,56 @@ async def test_entries_an_older_release_wrote_are_kept_and_checked_from_then_on(
     again = reopened(path)
     assert await again.get("acme", "m", "k") is None
     await again.close()
+
+
+def test_workers_that_find_one_damaged_file_together_keep_its_copy(
+        tmp_path: pathlib.Path) -> None:
+    """Review finding: workers started together each checked a copy name then renamed
+    onto it, so a second one could rename the first one's fresh file over the damaged
+    file's copy. Each round: racers set the same damaged file aside, each then starting
+    a fresh file in its place (as a worker reopening its journal does)."""
+    racers, rounds = 4, 100
+    start, done = threading.Barrier(racers + 1), threading.Barrier(racers + 1)
+
+    def racer() -> None:
+        for r in range(rounds):
+            path = tmp_path / str(r) / "l1.sqlite"
+            start.wait()
+            sqlite_file.set_aside(str(path))
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            done.wait()
+
+    threads = [threading.Thread(target=racer) for _ in range(racers)]
+    for thread in threads:
+        thread.start()
+    lost = 0
+    for r in range(rounds):
+        (tmp_path / str(r)).mkdir()
+        (tmp_path / str(r) / "l1.sqlite").write_bytes(b"the damaged original")
+        start.wait()
+        done.wait()
+        lost += b"the damaged original" not in {
+            p.read_bytes() for p in copies(tmp_path / str(r), "l1.sqlite")}
+    for thread in threads:
+        thread.join()
+    assert lost == 0, f"the damaged file's copy was overwritten in {lost} of {rounds} rounds"
+
+
+@pytest.mark.parametrize("taken", ["", "-wal", "-shm"])
+def test_a_move_never_replaces_a_name_in_use(tmp_path: pathlib.Path, taken: str) -> None:
+    """A name another process holds (any of the three) is left to it, and nothing is
+    moved: the caller tries the next name."""
+    path, copy = str(tmp_path / "l1.sqlite"), str(tmp_path / "l1.sqlite.corrupt-x")
+    for suffix in sqlite_file.SUFFIXES:
+        pathlib.Path(path + suffix).write_bytes(b"damaged" + suffix.encode())
+    pathlib.Path(copy + taken).write_bytes(b"another process's copy")
+    assert not sqlite_file.move_to(path, copy)
+    assert pathlib.Path(copy + taken).read_bytes() == b"another process's copy"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["l1.sqlite", "l1.sqlite-wal", "l1.sqlite-shm", "l1.sqlite.corrupt-x" + taken])
+    assert sqlite_file.move_to(path, copy + "-1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["l1.sqlite.corrupt-x" + taken, "l1.sqlite.corrupt-x-1", "l1.sqlite.corrupt-x-1-wal",
+         "l1.sqlite.corrupt-x-1-shm"])
+    assert pathlib.Path(copy + "-1-wal").read_bytes() == b"damaged-wal"
