@@ -37,6 +37,10 @@ plane reset its own budget that way.
   the others are written. Totals stop at int64's largest (SQLite would turn a sum past it
   into a float), and a value read is clamped to ``0 .. 2**63-1`` so ``GetUsage`` (uint64
   fields) can always answer.
+- **Each batch once.** A flush's batch id is inserted into ``applied_batches`` in the
+  same transaction as its rows; an id already there means the batch was applied (a flush
+  whose answer was lost, a kept file sent again), and nothing is. Ids are pruned with the
+  usage days they belong to (the newest ``retention_days``).
 """
 
 from __future__ import annotations
@@ -59,12 +63,15 @@ SCHEMA = (
     "PRIMARY KEY (day, tenant, model, kind)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS spend (key TEXT PRIMARY KEY, spent REAL NOT NULL, "
     "expires_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS applied_batches (id TEXT PRIMARY KEY, day TEXT)",
 )
 INT64_MAX = usage_book.COUNT_MAX   # SQLite's largest integer
 ADD = ("INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (day, tenant, model, kind) "
        f"DO UPDATE SET value = min(value + excluded.value, {INT64_MAX})")
 PRUNE = ("DELETE FROM usage WHERE day NOT IN "
          "(SELECT DISTINCT day FROM usage ORDER BY day DESC LIMIT ?)")
+PRUNE_BATCHES = ("DELETE FROM applied_batches WHERE day < (SELECT min(day) FROM "
+                 "(SELECT DISTINCT day FROM usage ORDER BY day DESC LIMIT ?))")
 log = logging.getLogger("synapse.controlplane.fairness")
 
 Spends = Mapping[str, tuple[float, float]]     # budget key -> (spent, wall-clock end)
@@ -108,12 +115,12 @@ class UsageDb:
 
     # -- the usage store ------------------------------------------------------------------
 
-    async def add(self, rows: Rows) -> None:
+    async def add(self, rows: Rows, batch_id: str) -> None:
         rows = {key: counts for key, counts in rows.items() if _storable(*key, counts)}
         if self.read_only:
-            await self._memory.add(rows)
+            await self._memory.add(rows, batch_id)
             return
-        await asyncio.to_thread(self._add_sync, rows)
+        await asyncio.to_thread(self._add_sync, rows, batch_id)
 
     async def read(self, days: Sequence[str], tenant: str | None,
                    ) -> dict[tuple[str, str, str], usage_book.Plain]:
@@ -143,12 +150,25 @@ class UsageDb:
         with self._lock:
             sqlite_file.transaction(self._conn(), statements)
 
-    def _add_sync(self, rows: Rows) -> None:
-        statements: list[tuple[str, Sequence[Any]]] = [
-            (ADD, (day, tenant, model, kind, value))
-            for (day, tenant, model), counts in rows.items()
-            for kind, value in counts.items() if value]
-        self._transaction([*statements, (PRUNE, (self._retention,))])
+    def _add_sync(self, rows: Rows, batch_id: str) -> None:
+        newest = max((day for day, _, _ in rows), default="")
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                marked = db.execute("INSERT OR IGNORE INTO applied_batches VALUES (?, ?)",
+                                    (batch_id, newest)).rowcount
+                if marked:
+                    db.executemany(ADD, [
+                        (day, tenant, model, kind, value)
+                        for (day, tenant, model), counts in rows.items()
+                        for kind, value in counts.items() if value])
+                    db.execute(PRUNE, (self._retention,))
+                    db.execute(PRUNE_BATCHES, (self._retention,))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def _read_sync(self, days: list[str], tenant: str | None,
                    ) -> dict[tuple[str, str, str], usage_book.Plain]:

@@ -1,36 +1,40 @@
 """Usage counts a control plane could not store when it stopped, kept on its disk until
 a later run has stored them.
 
-A replica adds its pending usage counts to the shared store (Redis) every few seconds
-(``core.usage_book``). When it stops while the store is unreachable, the counts not yet
-stored would end with the process: requests served and never billed. Instead
-:func:`keep` writes them to a file beside ``<data_dir>/usage_pending.jsonl``, and the next
-start takes them back (:func:`take`) as pending counts, stored with its first flush.
+A replica adds its pending usage counts to the shared store (Redis, or ``usage.sqlite``)
+every few seconds (``core.usage_book``), in batches each with a random id that the store
+applies at most once. When it stops while the store is unreachable, the counts not yet
+stored would end with the process: requests served and never billed. Instead :func:`keep`
+writes its unsent batches, with their ids, to a file beside
+``<data_dir>/usage_pending.jsonl``, and the next start takes them back (:func:`take`) and
+sends them, by the same ids, with its first flush.
 
 Design decisions:
 
+- **Exactly once, by the batch id.** A batch may have reached the store although its call
+  failed (an answer lost to a time-out), and a file may be taken again after its batches
+  were stored (the process was killed before deleting it, or the folder is read-only and
+  it cannot be deleted at all). Both are harmless: the store ignores an id it applied
+  (for as long as it remembers ids, the usage retention). So nothing here has to order a
+  rename before a send, and a kill at any point loses at most what was recorded since
+  the last flush that reached the store (never what a kept file holds).
 - **A file per stop.** :func:`keep` writes ``usage_pending.jsonl.kept-<UTC time>-<pid>-
-  <random>`` (one JSON line, fsynced, written under another name and renamed whole): the
-  workers of a pod stopping together never share a file, and a start never takes a file
-  still being written. A ``usage_pending.jsonl`` an older release appended to is taken
-  too.
-- **Held, not deleted, until stored.** :func:`take` opens each file and holds an exclusive
-  ``flock`` on it for as long as its rows are pending in this process (the kernel drops
-  the lock when the process dies, even by ``kill -9`` or the OOM killer); it deletes
-  nothing. A start takes only the files nobody holds, so when several processes start
-  together exactly one gets each file, and a file whose holder died is taken by the next
-  start: a run killed while the store is still down loses none of the carried-over rows.
-  :meth:`Carried.done` deletes the files once a flush has stored their rows.
-- **At most once, never twice.** The store's additions are not idempotent (``HINCRBY``),
-  so a file must never be added twice. Just before the flush that carries its rows, a
-  file is renamed ``<name>.sending`` (:meth:`Carried.sending`); after it stored them it
-  is deleted, after it failed it gets its name back (:meth:`Carried.unsent`). A start that
-  finds a ``.sending`` file nobody holds cannot know whether its flush reached the store,
-  so it drops the file with an ERROR naming how many rows went (:attr:`Carried.dropped`).
-  The rows are thus lost only when the process dies during the one store call that
-  carries them (at most the store's time budget), and counted twice never. The same
-  order holds at a stop whose flush failed: the rows are marked, written to a new file,
-  then the old files deleted.
+  <random>`` (one JSON object, format 2: ``{"format": 2, "batches": [{"id", "rows"}]}``,
+  fsynced, written under a temporary name, removed on any error, and renamed whole):
+  the workers of a pod stopping together never share a file, and a start never takes a
+  file still being written.
+- **Older files.** A file of the first format (one JSON list of rows per line, as in a
+  ``usage_pending.jsonl`` an older release appended to, or a ``.sending`` one a kill left
+  behind) has no ids: it is read as one batch with a fresh id per file. If such a file
+  had been stored, wholly or partly, before (a kill during the flush that carried it),
+  its rows count twice once — the old behaviour — and every later send of them is by id.
+- **Held while pending.** :func:`take` holds each file under an exclusive ``flock`` for as
+  long as its batches are pending in this process (the kernel drops the lock when the
+  process dies, even by ``kill -9``), so two starting workers never take the same file;
+  a file whose holder died is taken by the next start. :meth:`Carried.settle` deletes a
+  file once all its batches are stored; a file that cannot be deleted (a read-only
+  folder) is logged once as an ERROR and let go: the next start sends the same ids, which
+  count nothing. Nothing done after :func:`take` raises.
 - A line that does not parse, and a value no store can hold (not a finite number from 0
   to ``COUNT_MAX``), is skipped and counted; a file that holds no usable row is deleted
   when it is read.
@@ -41,123 +45,153 @@ Design decisions:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import json
+import logging
 import math
 import os
 import pathlib
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-from controlplane.core.usage_book import COUNT_MAX
+from controlplane.core.usage_book import COUNT_MAX, Batch, batch_id
 
 FILE = "usage_pending.jsonl"
-SENDING = ".sending"            # a file whose rows a flush is storing (or stored)
+FORMAT = 2
+log = logging.getLogger("synapse.controlplane.fairness")
 
 Rows = Mapping[tuple[str, str, str], Mapping[str, int | float]]   # (day, tenant, model) ->
 Summed = dict[tuple[str, str, str], dict[str, int | float]]
 
 
-def keep(path: str | os.PathLike[str], rows: Rows) -> pathlib.Path:
-    """Write ``rows`` to a new file beside ``path`` (named after it) and return its name
-    (raises ``OSError`` when it cannot)."""
+def keep(path: str | os.PathLike[str], batches: Sequence[Batch]) -> pathlib.Path:
+    """Write ``batches`` (ids and rows) to a new file beside ``path`` (named after it) and
+    return its name (raises ``OSError`` when it cannot, leaving no file behind)."""
     base = pathlib.Path(path)
     base.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     unique = f"{stamp}-{os.getpid()}-{secrets.token_hex(4)}"
     target = base.with_name(f"{base.name}.kept-{unique}")
     writing = base.with_name(f".{base.name}.writing-{unique}")  # no start takes this name
-    line = json.dumps([[*key, dict(counts)] for key, counts in rows.items()]) + "\n"
+    text = json.dumps({"format": FORMAT, "batches": [
+        {"id": b.id, "rows": [[*key, dict(counts)] for key, counts in b.rows.items()]}
+        for b in batches]}) + "\n"
     fd = os.open(writing, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, line.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(writing, target)
+        try:
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(writing, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(writing)
+        raise
     return target
 
 
+@dataclasses.dataclass(slots=True)
+class _Held:
+    fd: int                     # open and locked
+    name: str
+    ids: set[str]
+
+
 class Carried:
-    """The rows an earlier run kept, taken back by this process, and the files that hold
-    them (held locked until :meth:`done` or :meth:`release`)."""
+    """The batches an earlier run kept, taken back by this process, and the files that
+    hold them (held locked until :meth:`settle` deletes them or :meth:`release`)."""
 
     def __init__(self) -> None:
-        self.rows: Summed = {}
+        self.batches: list[Batch] = []
         self.unreadable = 0         # lines and values that could not be read
-        self.dropped = 0            # rows of ``.sending`` files dropped (maybe stored)
-        self._held: list[tuple[int, str]] = []      # (locked descriptor, current name)
+        self._held: list[_Held] = []
 
     def __bool__(self) -> bool:
         return bool(self._held)
 
-    def sending(self) -> bool:
-        """Mark the files as being stored (before the flush that carries their rows);
-        whether there was any to mark."""
-        self._held = [(fd, _renamed(name, name + SENDING)) for fd, name in self._held]
-        return bool(self._held)
+    @property
+    def rows(self) -> Summed:
+        """The rows of every batch, summed (for reports and tests)."""
+        out: Summed = {}
+        for batch in self.batches:
+            _sum_into(out, batch.rows.items())
+        return out
 
-    def unsent(self) -> None:
-        """The flush failed: the files are pending again."""
-        self._held = [(fd, _renamed(name, name.removesuffix(SENDING)))
-                      for fd, name in self._held]
+    def settle(self, unsent: Iterable[str] = ()) -> None:
+        """Delete the files none of whose batch ids is in ``unsent`` (all stored, or kept
+        in a newer file); never raises (a file that cannot be deleted: one ERROR, let
+        go, and sent again by id at the next start)."""
+        waiting = set(unsent)
+        kept: list[_Held] = []
+        for held in self._held:
+            if held.ids & waiting:
+                kept.append(held)
+                continue
+            try:
+                os.unlink(held.name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("usage kept in %s is stored but the file cannot be deleted (%s): "
+                          "the next start sends it again, and the store counts it once",
+                          held.name, exc)
+            _close(held.fd)
+        self._held = kept
 
     def done(self) -> None:
-        """Their rows are stored (or kept in a newer file): delete the files."""
-        for _, name in self._held:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name)
-        self.release()
+        """Every batch is stored (or kept in a newer file): delete the files."""
+        self.settle()
 
     def release(self) -> None:
-        """Let the files go as they are, for a later start."""
-        for fd, _ in self._held:
-            os.close(fd)
+        """Let the files go as they are, for a later start (never raises)."""
+        for held in self._held:
+            _close(held.fd)
         self._held = []
 
 
 def take(path: str | os.PathLike[str]) -> Carried:
-    """The rows kept beside ``path`` (by :func:`keep`, or in ``path`` itself by an older
-    release) that no live process holds, summed; their files held by this process."""
+    """The batches kept beside ``path`` (by :func:`keep`, or in ``path`` itself by an
+    older release) that no live process holds; their files held by this process. When it
+    raises, it holds nothing."""
     base = pathlib.Path(path)
     carried = Carried()
     try:
         names = sorted(os.listdir(base.parent))
     except FileNotFoundError:
         return carried
-    for name in names:
-        if name == base.name or name.startswith(base.name + "."):
-            _take_one(str(base.with_name(name)), carried)
-    if not carried.rows:
-        carried.done()      # nothing usable in them
+    try:
+        for name in names:
+            if name == base.name or name.startswith(base.name + "."):
+                _take_one(str(base.with_name(name)), carried)
+    except BaseException:
+        carried.release()
+        raise
+    carried.settle(b.id for b in carried.batches)     # files with nothing usable go
     return carried
 
 
 def _take_one(name: str, carried: Carried) -> None:
-    """Add the file ``name`` to ``carried`` if no live process holds it (a ``.sending``
-    one is read only to count what it drops, and deleted)."""
+    """Add the file ``name`` to ``carried`` if no live process holds it."""
     fd = _hold(name)
     if fd is None:
         return
-    rows, unreadable = _read(fd)
-    if name.endswith(SENDING):
-        carried.dropped += len(rows)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-        os.close(fd)
-        return
+    try:
+        batches, unreadable = _read(fd)
+    except BaseException:
+        _close(fd)
+        raise
     carried.unreadable += unreadable
-    for key, counts in rows.items():
-        row = carried.rows.setdefault(key, {})
-        for kind, value in counts.items():
-            row[kind] = min(row.get(kind, 0) + value, COUNT_MAX)
-    carried._held.append((fd, name))
+    carried.batches += batches
+    carried._held.append(_Held(fd, name, {b.id for b in batches}))
 
 
 def _hold(name: str) -> int | None:
     """``name`` opened and locked, or None when a live process holds it or it went (taken
-    and renamed or deleted by another start meanwhile)."""
+    and deleted by another start meanwhile)."""
     try:
         fd = os.open(name, os.O_RDONLY)
     except FileNotFoundError:
@@ -175,33 +209,61 @@ def _hold(name: str) -> int | None:
     return None
 
 
-def _read(fd: int) -> tuple[Summed, int]:
-    """The rows of one file, summed, and how many lines and values could not be read."""
-    rows: Summed = {}
+def _read(fd: int) -> tuple[list[Batch], int]:
+    """The batches of one file (format 2: with their ids; the first format: its rows
+    summed as one batch with a fresh id), and how many lines and values were unreadable."""
+    batches: list[Batch] = []
+    old: Summed = {}
     unreadable = 0
     with os.fdopen(os.dup(fd), encoding="utf-8") as fh:
         for line in fh:
             try:
-                for day, tenant, model, counts in json.loads(line):
-                    row = rows.setdefault((str(day), str(tenant), str(model)), {})
-                    for kind, value in counts.items():
-                        if _storable(value):
-                            row[str(kind)] = min(row.get(str(kind), 0) + value, COUNT_MAX)
-                        else:
-                            unreadable += 1
-            except (ValueError, TypeError, AttributeError):
+                data = json.loads(line)
+                if isinstance(data, dict) and data.get("format") == FORMAT:
+                    for b in data["batches"]:
+                        rows: Summed = {}
+                        unreadable += _sum_into(rows, _parsed(b["rows"]))
+                        if rows:
+                            batches.append(Batch(_checked_id(b["id"]), rows))
+                else:
+                    unreadable += _sum_into(old, _parsed(data))
+            except (ValueError, TypeError, AttributeError, KeyError):
                 unreadable += 1
-    return rows, unreadable
+    if old:
+        batches.append(Batch(batch_id(), dict(old)))
+    return batches, unreadable
 
 
-def _renamed(old: str, new: str) -> str:
-    """``old`` renamed ``new``; the name it has now (``old`` when renaming failed: the
-    rows then stay pending, at worst counted again by a start after a crash)."""
-    try:
-        os.rename(old, new)
-    except OSError:
-        return old
-    return new
+def _parsed(rows: Any) -> Iterable[tuple[tuple[str, str, str], Mapping[str, Any]]]:
+    return [((str(day), str(tenant), str(model)), dict(counts))
+            for day, tenant, model, counts in rows]
+
+
+def _checked_id(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        raise ValueError("bad batch id")
+    return value
+
+
+def _sum_into(out: Summed, rows: Iterable[tuple[tuple[str, str, str],
+                                                 Mapping[str, Any]]]) -> int:
+    """Add ``rows`` to ``out``; how many values were skipped (not storable)."""
+    skipped = 0
+    for key, counts in rows:
+        row = out.setdefault(key, {})
+        for kind, value in counts.items():
+            if _storable(value):
+                row[str(kind)] = min(row.get(str(kind), 0) + value, COUNT_MAX)
+            else:
+                skipped += 1
+        if not row:
+            del out[key]
+    return skipped
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _storable(value: object) -> bool:

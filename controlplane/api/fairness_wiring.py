@@ -294,8 +294,9 @@ def _journal(svc: services_mod.Services) -> str:
 
 def _restore(svc: services_mod.Services,
              book: usage_book.UsageBook) -> usage_journal.Carried | None:
-    """Take back the usage an earlier run could not store when it stopped; its files stay
-    (held by this process) until a flush has stored it (:mod:`usage_journal`)."""
+    """Take back the usage an earlier run could not store when it stopped, sent first by
+    its batch ids; its files stay (held by this process) until a flush has stored it
+    (:mod:`usage_journal`)."""
     path = _journal(svc)
     try:
         carried = usage_journal.take(path)
@@ -305,41 +306,37 @@ def _restore(svc: services_mod.Services,
     if carried.unreadable:
         log.error("%d unreadable line(s) or value(s) of usage kept by an earlier run in %s "
                   "were lost", carried.unreadable, path)
-    if carried.dropped:
-        log.error("%d usage row(s) an earlier run was storing when it died were dropped "
-                  "from %s: they may have been stored, and are never counted twice",
-                  carried.dropped, path)
-    if carried.rows:
-        book.restore(carried.rows)
+    if carried.batches:
+        book.restore(carried.batches)
         log.warning("%d usage row(s) an earlier run could not store were taken back from %s",
-                    len(carried.rows), path)
+                    sum(len(b.rows) for b in carried.batches), path)
     return carried
 
 
 def _keep(svc: services_mod.Services, book: usage_book.UsageBook,
           carried: usage_journal.Carried | None = None) -> None:
-    """At a stop, keep on disk what the store could not take (its last flush failed); the
-    files taken at start go once their rows are in the new one."""
-    rows = book.pending()
-    if not rows:
+    """At a stop, keep on disk, with their batch ids, what the store could not take (its
+    last flush failed); the files taken at start go once their batches are in the new
+    one. Never raises: a file that cannot be written or deleted is logged."""
+    batches = book.batches()
+    if not batches:
         if carried is not None:
             carried.done()
         return
     path = _journal(svc)
-    if carried is not None:
-        carried.sending()       # a crash from here on: dropped, never counted twice
+    rows = sum(len(b.rows) for b in batches)
     try:
-        kept = usage_journal.keep(path, rows)
+        kept = usage_journal.keep(path, batches)
     except OSError as exc:
         if carried is not None:
-            carried.unsent()    # the rows taken at start stay for the next start
+            carried.release()   # the batches taken at start stay for the next start
         log.error("%d usage row(s) could not be stored and are lost: the usage store "
-                  "failed and %s could not be written (%s)", len(rows), path, exc)
+                  "failed and %s could not be written (%s)", rows, path, exc)
         return
     if carried is not None:
         carried.done()
     log.error("%d usage row(s) could not be stored (the usage store failed); kept in %s "
-              "and added at the next start", len(rows), kept)
+              "and added at the next start", rows, kept)
 
 
 class FlushFailures:
@@ -389,19 +386,14 @@ async def _flush(svc: services_mod.Services, fair: fairness.Fairness,
             warn.failed("spend", f"budget spend not written to {disk.path}", exc)
     if fair.book is None:
         return
-    # The rows taken back at start are marked before the flush that carries them, so
-    # that a crash during it drops them rather than counting them twice.
-    marked = carried is not None and carried.sending()
     try:
         await fair.book.flush()
-    except Exception as exc:    # kept for the next flush
-        if carried is not None and marked:
-            carried.unsent()
+    except Exception as exc:    # kept for the next flush, sent again by its batch id
         svc.metrics.usage_flush_failures.inc()
         warn.failed("usage", "usage flush to the usage store failed", exc)
-        return
-    if carried is not None:
-        carried.done()
+    finally:
+        if carried is not None:     # the files whose batches are all stored go
+            carried.settle(fair.book.unsent_ids())
 
 
 # -- reading usage (stats, Admin) ---------------------------------------------------------

@@ -15,8 +15,16 @@ Recording is a dict update on the serving path; a background loop adds the pendi
 counts to the shared store every ``fairness.usage.flush_interval_s`` (one Redis
 pipeline per flush, whatever the traffic), so the admission path never waits on it.
 Reads merge the store with this replica's not-yet-flushed counts; other replicas' counts
-lag by at most their flush interval. A failed flush keeps its counts for the next one
-(bounded: a store down for long loses the oldest rows, counted, rather than memory).
+lag by at most their flush interval.
+
+Exactly once per batch: a flush takes the pending counts as a :class:`Batch` with a fresh
+random id, and every store applies a batch id at most once (within the retention). A
+store call can fail after the store applied it (a time-out on the answer), so a failed
+batch is kept as it is, same id and same rows, and sent again first at the next flush;
+the counts recorded meanwhile go to a new pending set and never into a batch already
+tried. A retry is then harmless, whatever the first try did. Bounded: the rows of the
+unsent batches and the pending ones are at most :data:`PENDING_MAX`; a store down for
+long drops new rows beyond it, counted, rather than growing memory.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
@@ -75,11 +84,25 @@ class Row:
 
 
 Plain = Mapping[str, int | float]      # a row's counts by kind, as stores hold them
+PlainRows = Mapping[tuple[str, str, str], Plain]
+
+
+def batch_id() -> str:
+    """A fresh batch id: random, so replicas and restarts never reuse one."""
+    return secrets.token_hex(16)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Batch:
+    """Rows a flush sends as one: a store applies a batch id at most once."""
+    id: str
+    rows: PlainRows
 
 
 class UsageStore(Protocol):
-    async def add(self, rows: Mapping[tuple[str, str, str], Plain]) -> None:
-        """Add ``rows`` ((day, tenant, model) -> counts) to the stored totals."""
+    async def add(self, rows: PlainRows, batch_id: str) -> None:
+        """Add ``rows`` ((day, tenant, model) -> counts) to the stored totals, unless
+        ``batch_id`` was applied already (then nothing)."""
         ...
 
     async def read(self, days: Sequence[str], tenant: str | None,
@@ -101,15 +124,22 @@ class MemoryUsageStore:
 
     def __init__(self, retention_days: int = 62) -> None:
         self._rows: dict[tuple[str, str, str], Counts] = {}
+        self._applied: dict[str, str] = {}      # batch id -> its newest day
         self._retention = retention_days
 
-    async def add(self, rows: Mapping[tuple[str, str, str], Plain]) -> None:
+    async def add(self, rows: PlainRows, batch_id: str) -> None:
+        if batch_id in self._applied:
+            return
+        self._applied[batch_id] = max((k[0] for k in rows), default="")
         for key, counts in rows.items():
             self._rows.setdefault(key, Counts()).add(counts_of(counts))
         days = sorted({k[0] for k in self._rows})
         for old in days[:-self._retention]:
             for k in [k for k in self._rows if k[0] == old]:
                 del self._rows[k]
+        if days[:-self._retention]:
+            first = days[-self._retention]
+            self._applied = {b: d for b, d in self._applied.items() if d >= first}
 
     async def read(self, days: Sequence[str], tenant: str | None,
                    ) -> dict[tuple[str, str, str], Plain]:
@@ -145,42 +175,80 @@ class UsageBook:
         self.store = store
         self._wall = wall
         self._pending: dict[RowKey, Counts] = {}
+        self._unsent: list[Batch] = []      # tried and failed, oldest first: sent as they are
+        self._unsent_rows = 0
         self.dropped = 0            # rows lost while the store failed
 
     def record(self, tenant: str, model: str, counts: Counts) -> None:
         key = RowKey(day_of(self._wall()), tenant, model or "unknown")
         row = self._pending.get(key)
         if row is None:
-            if len(self._pending) >= PENDING_MAX:
+            if len(self._pending) + self._unsent_rows >= PENDING_MAX:
                 self.dropped += 1
                 return
             row = self._pending[key] = Counts()
         row.add(counts)
 
     async def flush(self) -> None:
-        """Add the pending counts to the store; on failure they wait for the next flush
-        (and the exception is the caller's to count)."""
+        """Send the unsent batches, oldest first, then the pending counts as a new batch;
+        a batch that fails stays unsent as it is (and the exception is the caller's to
+        count). The pending counts wait while an older batch fails."""
+        while self._unsent:
+            batch = self._unsent[0]
+            await self.store.add(batch.rows, batch.id)
+            self._unsent.pop(0)
+            self._unsent_rows -= len(batch.rows)
         if not self._pending:
             return
-        rows, self._pending = self._pending, {}
+        batch = Batch(batch_id(), self.pending_rows())
+        self._pending = {}
         try:
-            await self.store.add({k: v.as_dict() for k, v in rows.items()})
+            await self.store.add(batch.rows, batch.id)
         except BaseException:
-            for key, counts in rows.items():
-                if key in self._pending or len(self._pending) < PENDING_MAX:
-                    self._pending.setdefault(key, Counts()).add(counts)
-                else:
-                    self.dropped += 1
+            self._unsent.append(batch)
+            self._unsent_rows += len(batch.rows)
             raise
 
-    def pending(self) -> dict[tuple[str, str, str], Plain]:
-        """The counts not stored yet, as a store takes them."""
+    def pending_rows(self) -> dict[tuple[str, str, str], Plain]:
+        """The counts recorded since the last flush took them, as a store takes them."""
         return {(k.day, k.tenant, k.model): v.as_dict() for k, v in self._pending.items()}
 
-    def restore(self, rows: Mapping[tuple[str, str, str], Plain]) -> None:
-        """Add counts not stored by an earlier run to the pending ones."""
-        for key, plain in rows.items():
-            self._pending.setdefault(RowKey(*key), Counts()).add(counts_of(plain))
+    def pending(self) -> dict[tuple[str, str, str], Plain]:
+        """Every count not stored yet (unsent batches and pending), summed."""
+        out: dict[RowKey, Counts] = {}
+        self._sum_into(out, None, None)
+        return {(k.day, k.tenant, k.model): v.as_dict() for k, v in out.items()}
+
+    def batches(self) -> list[Batch]:
+        """What is not stored, as batches to keep: the unsent ones with their ids, and the
+        pending counts as a new one (taken: a later flush sends them by that id)."""
+        if self._pending:
+            batch = Batch(batch_id(), self.pending_rows())
+            self._pending = {}
+            self._unsent.append(batch)
+            self._unsent_rows += len(batch.rows)
+        return list(self._unsent)
+
+    def unsent_ids(self) -> set[str]:
+        return {b.id for b in self._unsent}
+
+    def restore(self, batches: Iterable[Batch]) -> None:
+        """Batches an earlier run did not store, sent first (by their ids) at the next
+        flush."""
+        for batch in batches:
+            self._unsent.append(batch)
+            self._unsent_rows += len(batch.rows)
+
+    def _sum_into(self, out: dict[RowKey, Counts], days: set[str] | None,
+                  tenant: str | None) -> None:
+        parts: list[Iterable[tuple[RowKey, Counts]]] = [
+            ((RowKey(*k), counts_of(v)) for k, v in b.rows.items()) for b in self._unsent]
+        parts.append(self._pending.items())
+        for part in parts:
+            for key, counts in part:
+                if ((days is None or key.day in days)
+                        and (tenant is None or key.tenant == tenant)):
+                    out.setdefault(key, Counts()).add(counts)
 
     async def query(self, tenant: str | None = None, since_s: float = 86_400.0) -> list[Row]:
         """Rows of the days overlapping the last ``since_s`` seconds, stored and pending,
@@ -188,10 +256,7 @@ class UsageBook:
         days = days_since(self._wall(), since_s)
         stored = await self.store.read(days, tenant)
         totals = {RowKey(*k): counts_of(v) for k, v in stored.items()}
-        wanted = set(days)
-        for key, counts in self._pending.items():
-            if key.day in wanted and (tenant is None or key.tenant == tenant):
-                totals.setdefault(key, Counts()).add(counts)
+        self._sum_into(totals, set(days), tenant)
         return [Row(k, totals[k]) for k in sorted(totals, key=lambda k: (k.day, k.tenant,
                                                                         k.model))]
 

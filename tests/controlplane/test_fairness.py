@@ -493,9 +493,11 @@ async def test_usage_a_stop_could_not_store_is_kept_on_disk_and_stored_by_the_ne
 def test_the_usage_journal_adds_up_the_stops_and_skips_what_it_cannot_read(
         tmp_path: Any) -> None:
     path = tmp_path / "sub" / usage_journal.FILE
-    usage_journal.keep(path, {("2026-12-06", "a", "m"): {"requests": 2, "cost": 0.5}})
-    usage_journal.keep(path, {("2026-12-06", "a", "m"): {"requests": 1, "cost": 0.25},
-                              ("2026-12-06", "b", "m"): {"requests": 4}})
+    usage_journal.keep(path, [usage_book.Batch("x", {
+        ("2026-12-06", "a", "m"): {"requests": 2, "cost": 0.5}})])
+    usage_journal.keep(path, [usage_book.Batch("y", {
+        ("2026-12-06", "a", "m"): {"requests": 1, "cost": 0.25},
+        ("2026-12-06", "b", "m"): {"requests": 4}})])
     with open(path.with_name(usage_journal.FILE + ".kept-by-hand"), "w") as fh:
         fh.write("{not json\n")
     assert path.parent.stat().st_mode & 0o777 == 0o700

@@ -18,7 +18,8 @@ from tests.controlplane import cp_testing as t
 class RefusingStore:
     """A usage store that refuses every write, as SQLite refused a count past int64."""
 
-    async def add(self, rows: Mapping[tuple[str, str, str], usage_book.Plain]) -> None:
+    async def add(self, rows: Mapping[tuple[str, str, str], usage_book.Plain],
+                  batch_id: str) -> None:
         raise OverflowError("Python int too large to convert to SQLite INTEGER")
 
     async def read(self, days: Sequence[str], tenant: str | None,

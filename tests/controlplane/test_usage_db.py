@@ -119,7 +119,7 @@ async def test_a_process_killed_after_its_flush_keeps_the_spend(tmp_path: pathli
     charged(store, 120.0)
     await first.save_spends(store.changed_spends(WALL), WALL)
     await first.add({("2026-12-07", "a", "m"): {"requests": 3, "prompt_tokens": 90,
-                                                "cost": 0.5}})
+                                                "cost": 0.5}}, usage_book.batch_id())
     # no close: killed
     again = usage_db.UsageDb(path, 62)
     later = token_limits.LocalTokenStore(ManualClock())
@@ -141,7 +141,7 @@ async def test_usage_keeps_the_newest_retention_days(tmp_path: pathlib.Path) -> 
     db = usage_db.UsageDb(str(tmp_path / usage_db.FILE), 2)
     db.open_now(WALL)
     for day in ("2026-12-05", "2026-12-06", "2026-12-07"):
-        await db.add({(day, "a", "m"): {"requests": 1}})
+        await db.add({(day, "a", "m"): {"requests": 1}}, usage_book.batch_id())
     days = ["2026-12-05", "2026-12-06", "2026-12-07"]
     assert sorted(k[0] for k in await db.read(days, None)) == days[1:]
     db.close()
@@ -170,18 +170,18 @@ async def test_a_row_sqlite_refuses_is_dropped_and_every_other_row_stored(
     with caplog.at_level(logging.WARNING, "synapse.controlplane.fairness"):
         await db.add({(day, "evil", "m"): {"requests": 1, "prompt_tokens": 10**5000},
                       (day, "b", "m"): {"requests": 2, "prompt_tokens": 30},
-                      (day, "nan", "m"): {"requests": 1, "cost": float("nan")}})
+                      (day, "nan", "m"): {"requests": 1, "cost": float("nan")}}, usage_book.batch_id())
     assert await db.read([day], None) == {(day, "b", "m"): {"requests": 2, "prompt_tokens": 30}}
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 2
     assert "'evil'" in warned[0] and "prompt_tokens" in warned[0]
     assert "999" not in warned[0] and len(warned[0]) < 300
     assert "'nan'" in warned[1] and "cost" in warned[1]
-    await db.add({(day, "evil", "m"): {"requests": 1}})
+    await db.add({(day, "evil", "m"): {"requests": 1}}, usage_book.batch_id())
     assert (await db.read([day], "evil"))[(day, "evil", "m")] == {"requests": 1}
     db.read_only = True     # a file this run cannot write: its counts kept in memory
     await db.add({(day, "evil", "m"): {"requests": 1, "prompt_tokens": 2**64},
-                  (day, "b", "m"): {"requests": 1}})
+                  (day, "b", "m"): {"requests": 1}}, usage_book.batch_id())
     found = await db.read([day], None)
     assert found[(day, "b", "m")]["requests"] == 3
     assert found[(day, "evil", "m")] == {"requests": 1}     # the file's: none in memory
@@ -197,8 +197,8 @@ async def test_a_total_stops_at_int64_and_a_value_read_is_one_get_usage_can_carr
     db = usage_db.UsageDb(str(path), 62)
     db.open_now(WALL)
     day = "2026-12-07"
-    await db.add({(day, "a", "m"): {"requests": usage_db.INT64_MAX}})
-    await db.add({(day, "a", "m"): {"requests": usage_db.INT64_MAX}})
+    await db.add({(day, "a", "m"): {"requests": usage_db.INT64_MAX}}, usage_book.batch_id())
+    await db.add({(day, "a", "m"): {"requests": usage_db.INT64_MAX}}, usage_book.batch_id())
     with sqlite3.connect(path) as older:        # what an earlier release could leave
         older.executemany("INSERT INTO usage VALUES (?, ?, ?, ?, ?)", [
             (day, "b", "m", "prompt_tokens", 1e30), (day, "b", "m", "errors", float("inf")),
@@ -219,9 +219,9 @@ async def test_usage_an_older_release_kept_past_int64_stops_no_flush_after_a_res
     stayed frozen. Now the journal's bad value is skipped when it is taken back and the
     rest is stored."""
     day = usage_book.day_of(clocks.wall())
-    usage_journal.keep(tmp_path / usage_journal.FILE, {
+    usage_journal.keep(tmp_path / usage_journal.FILE, [usage_book.Batch("older", {
         (day, "a", "llama"): {"requests": 1, "prompt_tokens": 10**30},
-        (day, "b", "llama"): {"requests": 4, "prompt_tokens": 12}})
+        (day, "b", "llama"): {"requests": 4, "prompt_tokens": 12}})])
     async with t.backends(("one", "ok")) as (backend,):
         async with t.running(budgeted(tmp_path, backend.url, 10**6)) as cp:
             book = fairness_wiring.get(cp.services).book

@@ -1,14 +1,21 @@
-"""The usage an earlier run kept on disk survives until a flush has stored it, and is never
-counted twice (:mod:`controlplane.adapters.usage_journal`)."""
+"""The usage an earlier run kept on disk survives until a flush has stored it, and is
+counted once however often it is sent: each kept batch carries its id, which the store
+applies once (:mod:`controlplane.adapters.usage_journal`)."""
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import pathlib
 import signal
 import subprocess
 import sys
+from typing import Any
 
-from controlplane.adapters import usage_journal
+import pytest
+
+from controlplane.adapters import usage_db, usage_journal
 from controlplane.api import fairness_wiring
 from controlplane.core import usage_book
 from synapse_common import clock as clocks
@@ -22,14 +29,21 @@ def files(folder: pathlib.Path) -> list[pathlib.Path]:
     return sorted(folder.glob(usage_journal.FILE + "*"))
 
 
-def take_then_die(path: pathlib.Path, *, sending: bool) -> None:
+def kept(path: pathlib.Path, rows: usage_book.PlainRows) -> None:
+    usage_journal.keep(path, [usage_book.Batch(usage_book.batch_id(), dict(rows))])
+
+
+def flushed(book: usage_book.UsageBook) -> Any:
+    return lambda: book.pending() == {}
+
+
+def take_then_die(path: pathlib.Path) -> None:
     """A control plane that took the kept rows back and was killed (``kill -9``) before a
-    flush stored them, or, with ``sending``, during the flush that carried them."""
+    flush stored them."""
     code = ("import os, signal, sys\n"
             "from controlplane.adapters import usage_journal\n"
             "carried = usage_journal.take(sys.argv[1])\n"
             "assert carried.rows\n"
-            f"if {sending}: carried.sending()\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
     done = subprocess.run([sys.executable, "-c", code, str(path)], check=False, timeout=60)
     assert done.returncode == -signal.SIGKILL
@@ -40,11 +54,10 @@ def test_rows_taken_back_survive_a_kill_before_any_flush_stored_them(
     """Probe finding: the start deleted the file at once; killed while the store was still
     down, the next start found nothing and the usage was never billed."""
     path = tmp_path / usage_journal.FILE
-    usage_journal.keep(path, {ROW: {"requests": 3, "cost": 0.5}})
-    take_then_die(path, sending=False)
+    kept(path, {ROW: {"requests": 3, "cost": 0.5}})
+    take_then_die(path)
     carried = usage_journal.take(path)
     assert carried.rows == {ROW: {"requests": 3, "cost": 0.5}}
-    assert carried.dropped == 0
     carried.done()
     assert files(tmp_path) == []
 
@@ -52,28 +65,87 @@ def test_rows_taken_back_survive_a_kill_before_any_flush_stored_them(
 def test_rows_a_live_process_holds_are_not_taken_by_another_start(
         tmp_path: pathlib.Path) -> None:
     path = tmp_path / usage_journal.FILE
-    usage_journal.keep(path, {ROW: {"requests": 3}})
+    kept(path, {ROW: {"requests": 3}})
     first = usage_journal.take(path)
     assert first.rows == {ROW: {"requests": 3}}
     assert usage_journal.take(path).rows == {}      # the workers of a pod start together
-    first.sending()
-    assert usage_journal.take(path).rows == {}      # nor while its flush runs
-    first.unsent()                                  # the flush failed; the process stops
-    first.release()
+    first.settle({first.batches[0].id})             # its flush failed: still held
+    assert usage_journal.take(path).rows == {}
+    first.release()                                 # the process stops
     again = usage_journal.take(path)
-    assert again.rows == {ROW: {"requests": 3}}
+    assert again.rows == {ROW: {"requests": 3}} and again.batches[0] == first.batches[0]
     again.release()
 
 
-def test_rows_of_a_process_killed_during_their_flush_are_dropped_not_counted_twice(
+async def test_a_file_taken_again_after_its_flush_stored_it_is_counted_once(
+        tmp_path: pathlib.Path) -> None:
+    """Review finding: a kill while the store hung dropped the rows as "maybe stored"; a
+    kill after the flush stored them and before the file went would have counted them
+    twice. Now the next start sends the same batch ids, and the store ignores them."""
+    path = tmp_path / usage_journal.FILE
+    kept(path, {ROW: {"requests": 3}, ("2026-12-06", "b", "llama"): {"requests": 1}})
+    db = usage_db.UsageDb(str(tmp_path / usage_db.FILE), 62)
+    db.open_now(clocks.wall())
+    for _ in range(2):          # the first start is killed after its flush, before settle
+        carried = usage_journal.take(path)
+        book = usage_book.UsageBook(db)
+        book.restore(carried.batches)
+        await book.flush()
+        carried.release()
+    carried = usage_journal.take(path)
+    book = usage_book.UsageBook(db)
+    book.restore(carried.batches)
+    await book.flush()
+    carried.settle(book.unsent_ids())
+    assert files(tmp_path) == []
+    found = await db.read(["2026-12-06"], None)
+    assert found == {ROW: {"requests": 3}, ("2026-12-06", "b", "llama"): {"requests": 1}}
+    db.close()
+
+
+def test_a_file_of_the_first_format_is_one_batch_with_a_fresh_id(
         tmp_path: pathlib.Path) -> None:
     path = tmp_path / usage_journal.FILE
-    usage_journal.keep(path, {ROW: {"requests": 3}, ("2026-12-06", "b", "llama"): {
-        "requests": 1}})
-    take_then_die(path, sending=True)
+    path.write_text('[["2026-12-06", "a", "llama", {"requests": 2}]]\n'
+                    '[["2026-12-06", "a", "llama", {"requests": 1}]]\n')
     carried = usage_journal.take(path)
-    assert carried.rows == {} and carried.dropped == 2
-    assert files(tmp_path) == []
+    (batch,) = carried.batches
+    assert dict(batch.rows) == {ROW: {"requests": 3}} and len(batch.id) == 32
+    carried.release()
+
+
+def test_a_write_that_fails_leaves_no_temporary_file(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: ``keep`` left ``.usage_pending.jsonl.writing-*`` on a full disk."""
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        kept(tmp_path / usage_journal.FILE, {ROW: {"requests": 3}})
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_take_that_fails_midway_holds_no_file(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: a take that raised left the files it had taken locked for the
+    process's life, so no later take (this process's or another's) had them."""
+    path = tmp_path / usage_journal.FILE
+    kept(path, {ROW: {"requests": 3}})
+    kept(path, {ROW: {"requests": 4}})
+    real, calls = os.fstat, []
+
+    def failing(fd: int) -> Any:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "I/O error")
+        return real(fd)
+    monkeypatch.setattr(os, "fstat", failing)
+    with pytest.raises(OSError):
+        usage_journal.take(path)
+    monkeypatch.setattr(os, "fstat", real)
+    carried = usage_journal.take(path)
+    assert carried.rows == {ROW: {"requests": 7}}
+    carried.release()
 
 
 async def test_kept_usage_is_stored_once_redis_comes_back_and_only_then_deleted(
@@ -81,7 +153,7 @@ async def test_kept_usage_is_stored_once_redis_comes_back_and_only_then_deleted(
     """The replica starts while Redis is down: the kept rows stay on disk (a kill now
     would not lose them) until Redis is back and a flush stored them, once."""
     day = usage_book.day_of(clocks.wall())
-    usage_journal.keep(tmp_path / usage_journal.FILE, {(day, "a", "llama"): {"requests": 7}})
+    kept(tmp_path / usage_journal.FILE, {(day, "a", "llama"): {"requests": 7}})
     redis_server.kill()
     s = t.settings(redis={"url": redis_server.url, "timeout_s": 0.2}, data_dir=str(tmp_path),
                    fairness={"usage": {"flush_interval_s": 0.1}})
@@ -89,7 +161,7 @@ async def test_kept_usage_is_stored_once_redis_comes_back_and_only_then_deleted(
         failures = cp.services.metrics.registry.get_sample_value
         await harness.until(lambda: (failures("synapse_usage_flush_failures_total") or 0)
                             >= 2, 20, "flushes failing while Redis is down")
-        assert [f.name.endswith(usage_journal.SENDING) for f in files(tmp_path)] == [False]
+        assert len(files(tmp_path)) == 1
         redis_server.start()
         await harness.until(lambda: files(tmp_path) == [], 20, "deleted once stored")
         book = fairness_wiring.get(cp.services).book
@@ -97,3 +169,38 @@ async def test_kept_usage_is_stored_once_redis_comes_back_and_only_then_deleted(
         stored = await book.store.read([day], "a")
         assert stored[(day, "a", "llama")]["requests"] == 7
     assert files(tmp_path) == []
+
+
+async def test_a_read_only_data_dir_counts_the_kept_usage_once_over_many_starts(
+        tmp_path: pathlib.Path, redis_server: harness.RedisServer,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Review finding (high): the kept file could not be deleted on a read-only data dir;
+    the failed delete killed the flusher and made the stop raise, and every start billed
+    the same rows again (7, 14, 21). Now each start sends the same batch id, which Redis
+    applies once; the flusher goes on and the stop is clean."""
+    day = usage_book.day_of(clocks.wall())
+    kept(tmp_path / usage_journal.FILE, {(day, "a", "llama"): {"requests": 7}})
+
+    def read_only(real: Any) -> Any:
+        def call(name: Any, *args: Any, **kwargs: Any) -> Any:
+            if usage_journal.FILE in str(name):
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real(name, *args, **kwargs)
+        return call
+    for name in ("unlink", "replace", "rename"):
+        monkeypatch.setattr(os, name, read_only(getattr(os, name)))
+    s = t.settings(redis={"url": redis_server.url}, data_dir=str(tmp_path),
+                   fairness={"usage": {"flush_interval_s": 0.1}})
+    with caplog.at_level(logging.ERROR, "synapse.controlplane.fairness"):
+        for _ in range(3):
+            async with t.running(s) as cp:
+                book = fairness_wiring.get(cp.services).book
+                assert book is not None
+                await harness.until(flushed(book), 10, "the first flush")
+                book.record("b", "llama", usage_book.Counts(requests=1))
+                await harness.until(flushed(book), 10, "the flusher goes on")
+                stored = await book.store.read([day], None)
+                assert stored[(day, "a", "llama")]["requests"] == 7
+    assert stored[(day, "b", "llama")]["requests"] == 3
+    assert len(files(tmp_path)) == 1
+    assert sum("cannot be deleted" in r.getMessage() for r in caplog.records) == 3
