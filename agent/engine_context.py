@@ -1,13 +1,17 @@
 """How long a context a backend takes (``max_model_len``), reported to the control plane,
 whose ``GET /v1/models`` lists it as vLLM's own listing does.
 
-Asked of the engine itself when it becomes ready: vLLM (and the simulator, which imitates
+Asked of the engine itself when it becomes ready (and again later: :mod:`agent.runner`
+says when): vLLM (and the simulator, which imitates
 it) lists ``max_model_len`` per model in ``GET /v1/models``, the length it settled on
 (its ``--max-model-len``, else the model's own, capped by what fits in its KV cache),
 which the spec cannot know. Of the entries for the backend's models the smallest length
 is taken (one engine has one length; an alias listed twice says the same). An answer
-without a usable length (no such entry, or not a whole number in 1..:data:`LIMIT`), or no
-answer, leaves the spec's explicit length (``commands.max_model_len``), else unknown (0).
+without a usable length (no such entry, or not a whole number in 1..:data:`LIMIT`; a
+status other than 200 that is not a server error) leaves the spec's explicit length
+(``commands.max_model_len``), else unknown (0). No answer (no connection, none in time,
+a broken one, a server error) is not read as one: the caller keeps the length it last
+read, as the engine may be busy or restarting, and asks again.
 
 As every call the runner makes to an engine, the request follows no redirect and carries
 the engine key for an engine the agent started; the answer is read to at most
@@ -33,25 +37,29 @@ LIMIT = 2**31 - 1       # the largest length a report carries (the control plane
 
 
 async def learn(session: aiohttp.ClientSession, spec: types.EngineSpec, base_url: str,
-                timeout_s: float, headers: Mapping[str, str] | None = None) -> int:
-    """The backend's context length by the rule above (0: unknown)."""
+                timeout_s: float, headers: Mapping[str, str] | None = None) -> int | None:
+    """The backend's context length by the rule above (0: unknown); None when the engine
+    gave no answer."""
     told = await ask(session, base_url, spec.models, timeout_s, headers)
+    if told is None:
+        return None
     return told or commands.max_model_len(spec)
 
 
 async def ask(session: aiohttp.ClientSession, base_url: str, models: Collection[str],
-              timeout_s: float, headers: Mapping[str, str] | None = None) -> int:
-    """The length the engine's ``/v1/models`` gives ``models`` (0: it gave none)."""
+              timeout_s: float, headers: Mapping[str, str] | None = None) -> int | None:
+    """The length the engine's ``/v1/models`` gives ``models`` (0: it gave none; None: it
+    gave no answer)."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         async with session.get(base_url + "/v1/models", timeout=timeout,
                                headers=headers, allow_redirects=False) as resp:
             if resp.status != 200:
-                return 0
+                return None if resp.status >= 500 else 0
             body = await engine_tasks.read_at_most(resp, MAX_BYTES)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         log.debug("%s/v1/models could not be read: %s", base_url, engine_tasks.failure(exc))
-        return 0
+        return None
     if body is None:
         return 0
     return await asyncio.to_thread(from_listing, body, models)

@@ -61,7 +61,11 @@ the hooks' ``on_change`` so the reporter sends a report at once.
 
 When the engine becomes ready the runner also asks it its context length
 (:mod:`agent.engine_context`: vLLM's ``/v1/models``, bounded, else the spec's explicit
-length); a stopped engine's is forgotten, and the next start asks again.
+length); a stopped engine's is forgotten, and the next start asks again. While ready it
+asks again at the next probes after a read that got no answer (as it asks for the tasks
+it could not learn), the length last read standing meanwhile, and every
+:data:`CONTEXT_RECHECK_S` after one that did: an external engine replaced behind the same
+URL may have another length. One small bounded read a minute per backend.
 
 No request to an engine follows a redirect (``/health``, ``/metrics``, the warm-up, the
 tasks' ``/openapi.json``, ``/v1/models``; the control plane's prober follows none
@@ -103,6 +107,7 @@ log = logging.getLogger("agent.supervisor")
 LIVE = (Phase.STARTING, Phase.READY, Phase.UNHEALTHY)
 STARTUP_POLL_S = 0.25
 OWNER_RECHECK_S = 30.0  # while ready: how long an ownership answer stands
+CONTEXT_RECHECK_S = 60.0  # while ready: how long a context length read stands
 WARMUP_PATH = "/v1/completions"
 WARMUP_REASON = "warming up: one request asking for logprobs"
 
@@ -169,6 +174,7 @@ class Runner:
         self.tasks: tuple[str, ...] = spec.tasks or (spec.task,)
         self._tasks_known = bool(spec.tasks)
         self.max_model_len = 0   # the running engine's (agent.engine_context); 0 = unknown
+        self._context_read_at: float | None = None  # when it answered; None: ask again
         self.sink = process.LogSink(pathlib.Path(cfg.log_dir) / f"{spec.name}.log",
                                     cfg.log_max_bytes, cfg.log_tail_lines,
                                     secrets=(self._key,) if self._key else ())
@@ -318,7 +324,7 @@ class Runner:
             code = await self._engine.wait()
             await aiotasks.stop(probe)
             self._engine, self.pid, self.snapshot, self.metrics_ok = None, 0, None, False
-            self.max_model_len = 0
+            self.max_model_len, self._context_read_at = 0, None
             self._owner = None
             if self._stopping:
                 break
@@ -361,6 +367,8 @@ class Runner:
                 self._set(Phase.READY, "health check passed")
                 if not self._tasks_known:
                     await self._learn_tasks()
+                if self._context_due():
+                    await self._learn_context()
                 continue
             failures += 1
             if failures < self.cfg.unhealthy_after:
@@ -384,9 +392,22 @@ class Runner:
             self._hooks.on_change()
 
     async def _learn_context(self) -> None:
-        """The context length the engine settled on, asked when it becomes ready."""
-        self.max_model_len = await engine_context.learn(
+        """The context length the engine settled on (module docstring); when the engine
+        gives no answer, the length last read stands (else the spec's explicit one)."""
+        found = await engine_context.learn(
             self._session, self.spec, self.probe_url, self.cfg.probe_timeout_s, self._auth)
+        if found is None:
+            self._context_read_at = None
+            found = self.max_model_len or commands.max_model_len(self.spec)
+        else:
+            self._context_read_at = self._time.monotonic()
+        if found != self.max_model_len:
+            self.max_model_len = found
+            self._hooks.on_change()
+
+    def _context_due(self) -> bool:
+        read_at = self._context_read_at
+        return read_at is None or self._time.monotonic() - read_at >= CONTEXT_RECHECK_S
 
     async def _warm_up(self) -> None:
         """The warm-up request (module docstring) for a vLLM that generates, before it is

@@ -131,22 +131,24 @@ def _listing(*entries: dict[str, Any]) -> Callable[[], web.StreamResponse]:
     (lambda: web.json_response([1, 2]), 0),
     (lambda: web.Response(body=b"[" * 100_000), 0),          # nested past the parser
     (lambda: web.Response(body=b"not json"), 0),
-    (lambda: web.json_response({"error": "no"}, status=500), 0),
-    (lambda: web.HTTPFound("/elsewhere"), 0),                 # a redirect is not followed
+    (lambda: web.json_response({"error": "no"}, status=404), 0),
+    (lambda: web.json_response({"error": "no"}, status=500), None),   # no answer: ask again
+    (lambda: web.Response(status=302, headers={"Location": "/elsewhere"}), 0),  # not followed
     (lambda: web.Response(body=json.dumps({"data": [{"id": "m", "max_model_len": 4096}],
                                            "pad": "x" * engine_context.MAX_BYTES})), 0),
 ], ids=["listed", "smallest-of-ours", "not-ours", "absent", "null", "bool", "fraction",
         "string", "zero", "negative", "over-2**31-1", "list-id", "data-not-a-list",
-        "not-an-object", "nested", "not-json", "status-500", "redirect", "over-the-bound"])
+        "not-an-object", "nested", "not-json", "status-404", "status-500", "redirect",
+        "over-the-bound"])
 async def test_only_a_sane_length_for_the_backends_models_is_taken(
-        answer: Callable[[], web.StreamResponse], expected: int) -> None:
+        answer: Callable[[], web.StreamResponse], expected: int | None) -> None:
     """An ``external`` engine is any server at a URL: whatever it answers, the agent
     reads a bounded body and reports a length or none."""
     async with served(_engine(answer)) as url, aiohttp.ClientSession() as session:
         assert await engine_context.ask(session, url, ("m", "alias"), 10) == expected
 
 
-async def test_an_engine_that_does_not_answer_in_time_has_no_length() -> None:
+async def test_an_engine_that_does_not_answer_in_time_gave_no_answer() -> None:
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(5)
         return web.json_response({"data": [{"id": "m", "max_model_len": 4096}]})
@@ -154,4 +156,4 @@ async def test_an_engine_that_does_not_answer_in_time_has_no_length() -> None:
     app = web.Application()
     app.router.add_get("/v1/models", slow)
     async with served(app) as url, aiohttp.ClientSession() as session:
-        assert await engine_context.ask(session, url, ("m",), 0.2) == 0
+        assert await engine_context.ask(session, url, ("m",), 0.2) is None

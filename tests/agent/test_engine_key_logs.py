@@ -45,7 +45,7 @@ async def _tasks(session: aiohttp.ClientSession, url: str) -> object:
     return await engine_tasks.discover(session, url, 5, engine_key.headers(KEY))
 
 
-@pytest.mark.parametrize(("read", "unknown"), [(_context, 0), (_tasks, None)],
+@pytest.mark.parametrize(("read", "unknown"), [(_context, None), (_tasks, None)],
                          ids=["v1-models", "openapi"])
 async def test_a_failed_read_logs_no_engine_key(
         broken_engine: str, caplog: pytest.LogCaptureFixture,
