@@ -56,7 +56,16 @@ Rules:
   :data:`BUDGET_SPENT`: the dispatcher answers 503 with ``Retry-After`` rather than fail
   over). The budget is module state rather than a client's: it bounds the process's
   memory whichever :class:`~controlplane.adapters.upstream.UpstreamClient` reads.
-  Answers read in pieces (streams, a probe's first bytes) never hold it.
+  Answers read in pieces (streams, a probe's first bytes) never hold it. Once a body
+  holds budget, the rest of it must arrive within the read timeout (the bound of each
+  gap: the longer of ``http.upstream_first_byte_timeout_s`` and
+  ``http.upstream_idle_timeout_s``), else ``UpstreamReadError``: the connection closed
+  and the budget given back, as for any read that failed. Without it, a backend (a
+  compromised engine) that sends most of an answer at once, then a byte at a time
+  within the gap, would hold its share of the budget for as long as it liked, and two
+  such answers all of it. An honest backend sends an answer it has finished at network
+  speed. The client's copy holds the budget on until it is written, within a bound of
+  its own (:func:`Budget.hold`; ``send_whole`` of :mod:`controlplane.api.proxy`).
 - **A bounded head.** httptools sets no limit on a head: a backend (a compromised engine
   runs tenants' inputs) could send headers without end, or one header of a gigabyte, and
   only the first-byte limit stopped it. A head of more than :data:`MAX_HEADERS` lines, or
@@ -179,6 +188,12 @@ class Budget:
             return False
         self.held += size
         return True
+
+    def hold(self, size: int) -> None:
+        """Reserve ``size`` bytes whether or not they fit: a reservation passed on (a
+        whole answer's, from its upstream response to its client's), whose first holder
+        gives its own back right after."""
+        self.held += size
 
     def give(self, size: int) -> None:
         self.held -= size
@@ -408,15 +423,22 @@ class UpstreamResponse:
         """The whole body (waits for its end). What has arrived is taken whenever reading
         paused for it, so a body over ``HIGH_WATER`` keeps flowing (it used to wait,
         paused, for the read timeout), reserved from :data:`BUDGET` until :meth:`close`;
-        one over :data:`MAX_WHOLE_BODY`, or beyond the budget, fails."""
+        one over :data:`MAX_WHOLE_BODY`, or beyond the budget, fails. Once it holds
+        budget, the rest must arrive within the read timeout (see "Whole answers")."""
         parts: list[bytes] = []
+        until = 0.0         # loop time by which a body holding budget must end (0: none)
         while not self.complete:
             if self._exc is not None:
                 raise self._exc
             if self._paused:
                 self._reserve(self._buffered)
                 parts.append(self._take())
-            await self._wait(self._read_timeout_s)
+                if not until:
+                    until = self._loop.time() + self._read_timeout_s
+            if until:
+                await self._wait_held(until)
+            else:
+                await self._wait(self._read_timeout_s)
         if not parts:
             return self._take()
         self._reserve(self._buffered)       # the last part counts too
@@ -433,6 +455,20 @@ class UpstreamResponse:
                 "the backend's answer does not fit in what whole answers may hold at once "
                 f"({BUDGET.limit} bytes)", code=BUDGET_SPENT)
         self._reserved += size
+
+    async def _wait_held(self, until: float) -> None:
+        """:meth:`_wait` for a body that holds budget: the gap between pieces is bounded
+        as any, and the whole read by ``until`` (``UpstreamReadError`` past it)."""
+        left = until - self._loop.time()    # never more than the gap's own bound
+        if left > 0:
+            try:
+                await self._wait(left)      # its timer is the deadline's
+                return
+            except errors.UpstreamReadError:
+                pass
+        raise errors.UpstreamReadError(
+            "the backend's answer did not arrive whole within "
+            f"{self._read_timeout_s:g}s of holding memory for it")
 
     async def read_some(self, limit: int) -> bytes:
         """Up to ``limit`` bytes of the body: what arrived first (for error details)."""

@@ -3,8 +3,10 @@
 :mod:`controlplane.core.dispatch` chooses the backend, retries before the first byte and
 keeps the ledger; this module only turns the attempt it hands over into an aiohttp
 response: a whole answer (a backend's 4xx in the OpenAI envelope), or a stream passed
-through chunk by chunk as it arrives, ``await resp.write`` giving back-pressure. Once the
-client has received a byte nothing is retried: a broken stream ends with an SSE error
+through chunk by chunk as it arrives, ``await resp.write`` giving back-pressure. A large
+whole answer holds its share of the whole-answer budget until the client has taken it,
+within a bound (:func:`send_whole`). Once the client has received a byte nothing is
+retried: a broken stream ends with an SSE error
 event and is never cached. Complete answers may be stored in the response cache, off the
 hot path.
 """
@@ -14,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
 
 from controlplane import errors
+from controlplane.adapters import http1
 from controlplane.api import context, fairness, readiness
 from controlplane.core import cache_port, dispatch, sse
 from controlplane.core import router as router_mod
@@ -80,11 +83,53 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
         try:
             if stream and up.status == 200 and up.content_type == "text/event-stream":
                 return await _stream(request, attempt, store)
-            return await _whole(request, attempt, store)
+            resp = await _whole(request, attempt, store)
         finally:    # the answer's status and usage, for the tenant's tokens and usage
             found = attempt.ticket.usage if attempt.ticket is not None else None
             ctx.usage = fairness.answered(request, attempt.status,
                                           found if isinstance(found, usage_mod.Usage) else None)
+    return await send_whole(request, resp) if large(resp) else resp
+
+
+def large(resp: web.Response) -> bool:
+    """Whether a whole answer is large enough to hold the whole-answer budget (as its
+    upstream response did): :func:`send_whole` writes it. Small answers are returned for
+    the server to write, as before, and never touch the budget."""
+    body = resp.body
+    return isinstance(body, bytes) and len(body) > http1.HIGH_WATER
+
+
+async def send_whole(request: web.Request, resp: web.Response) -> web.Response:
+    """Write ``resp``, a :func:`large` whole answer, to the client, holding its size of
+    the whole-answer budget (:data:`controlplane.adapters.http1.BUDGET`) until it is
+    written: what aiohttp or the fast lane still holds of an answer for a client that
+    reads slowly is memory as the answer read from the backend was. Called once the
+    attempt settled, which gave back what its upstream response reserved (with no wait
+    between: the reservation passes to the client's answer), so the backend's connection
+    and its ledger ticket are released as soon as the answer was read.
+
+    The write is bounded by ``http.upstream_idle_timeout_s``, as a stream's silence is:
+    a client that does not take its answer within it has its connection aborted
+    (dropping what the transport still buffers), so no client holds the budget, and the
+    memory, for longer. A client that goes away ends the write too (the handler is
+    cancelled, or the write fails)."""
+    held = len(cast(bytes, resp.body))
+    http1.BUDGET.hold(held)
+    ctx = request[context.CONTEXT]
+    try:
+        async with asyncio.timeout(ctx.svc.settings.http.upstream_idle_timeout_s):
+            await resp.prepare(request)
+            await resp.write_eof()
+    except TimeoutError:
+        log.warning("the client did not take its answer within "
+                    "http.upstream_idle_timeout_s: connection aborted",
+                    extra={"request_id": ctx.request_id})
+        ctx.broken = True
+        if request.transport is not None:
+            request.transport.abort()
+    finally:
+        http1.BUDGET.give(held)
+    return resp
 
 
 def _response_headers(attempt: dispatch.Attempt, ctx: context.RequestContext,

@@ -102,10 +102,11 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
         try:
             if up.status == 200 and streamed(up.content_type):
                 return await _stream(request, attempt, shape)
-            return await _whole(request, attempt, shape)
+            resp = await _whole(request, attempt, shape)
         finally:    # the answer's status and usage, for the tenant's tokens and usage
             found = attempt.ticket.usage if attempt.ticket is not None else None
             ctx.usage = fairness.answered(request, attempt.status, shape.usage(found))
+    return await proxy.send_whole(request, resp) if proxy.large(resp) else resp
 
 
 async def _whole(request: web.Request, attempt: dispatch.Attempt,

@@ -1,0 +1,198 @@
+"""What the whole-answer budget (``http1.BUDGET``) covers, and for how long: a backend
+that trickles the end of a large answer holds it no longer than the read timeout, and
+a large answer still being written to a client that does not read holds it until the
+client goes away or ``http.upstream_idle_timeout_s`` passes, on the fast lane and on
+aiohttp's path alike. The budget is scaled down so that a few MiB spend it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from controlplane.adapters import http1
+from tests import harness
+from tests.controlplane import cp_testing as t
+
+MIB = 1 << 20
+OTHER = "other-model"
+WAIT_S = 15.0       # how long a test waits for what must happen (a failure otherwise)
+
+
+@contextlib.contextmanager
+def budget(limit: int) -> Iterator[http1.Budget]:
+    held, old = http1.BUDGET, http1.BUDGET.limit
+    held.limit = limit
+    try:
+        yield held
+    finally:
+        held.limit = old
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    await harness.until(check, WAIT_S, what)
+
+
+def answer(model: str, size: int) -> bytes:
+    return (b'{"id":"c","object":"chat.completion","model":"%s","choices":[{"index":0,'
+            b'"finish_reason":"stop","message":{"role":"assistant","content":"'
+            % model.encode() + b"y" * size + b'"}}],"usage":{"prompt_tokens":1,'
+            b'"completion_tokens":1,"total_tokens":2}}')
+
+
+def api(model: str, chat: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.Application:
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": model}]})
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+def trickling() -> web.Application:
+    """Most of a whole answer at once, then a byte at a time, each well within the
+    idle timeout, never ending."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b'{"x":"' + b"y" * (5 * MIB))
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await asyncio.sleep(0.2)
+                await resp.write(b"y")
+        return resp
+    return api(t.MODEL, chat)
+
+
+def whole(model: str, size: int) -> web.Application:
+    blob = answer(model, size)
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=blob, content_type="application/json")
+    return api(model, chat)
+
+
+def upstream(name: str, url: str, model: str) -> dict[str, object]:
+    return {"name": name, "url": f"{url}/v1", "kind": "openai", "models": [model],
+            "api_key": "k"}
+
+
+async def test_a_trickling_answer_gives_the_budget_back_within_the_read_timeout() -> None:
+    with budget(6 * MIB) as b:
+        async with t.served(trickling()) as bad, t.served(whole(OTHER, 2 * MIB)) as good:
+            s = t.settings(upstreams=[upstream("bad", bad, t.MODEL),
+                                      upstream("good", good, OTHER)],
+                           models=[{"name": t.MODEL}, {"name": OTHER}])
+            async with t.running(s) as cp, aiohttp.ClientSession() as http:
+                async def ask(model: str, key: str) -> tuple[int, bytes]:
+                    async with http.post(cp.url + "/v1/chat/completions", json={
+                            "model": model, "messages": [{"role": "user", "content": "a"}]},
+                            headers={"Authorization": f"Bearer {key}"}) as r:
+                        return r.status, await r.read()
+
+                hostile = asyncio.create_task(ask(t.MODEL, t.KEY_A))
+                try:
+                    await trickled(hostile, ask, b)
+                finally:
+                    hostile.cancel()
+        assert b.held == 0
+
+
+async def trickled(hostile: asyncio.Task[tuple[int, bytes]],
+                   ask: Callable[[str, str], Awaitable[tuple[int, bytes]]],
+                   b: http1.Budget) -> None:
+    """While the hostile answer trickles, the budget is spent; the read timeout ends it."""
+    await until(lambda: b.held >= 5 * MIB, "the trickling answer holds budget")
+    status, _ = await ask(OTHER, t.KEY_B)
+    assert status == 503, "the budget is spent while the answer trickles"
+    # The read timeout (upstream_first_byte/idle_timeout_s) bounds the whole
+    # read once it holds budget: the answer fails, the budget comes back.
+    await until(lambda: b.held == 0, "the budget came back")
+    status, body = await ask(OTHER, t.KEY_B)
+    assert status == 200, body[:300]
+    served = body == answer(OTHER, 2 * MIB)
+    assert served, "the other tenant's answer, whole"
+    status, body = await hostile
+    assert status == 502, body[:300]
+    assert b"did not arrive whole" in body
+
+
+SIZE = 16 * MIB
+
+
+async def slow_client(url: str, path: str, body: dict[str, object]
+                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A client with a small receive window that reads an answer's head, then stops."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    raw = json.dumps(body).encode()
+    writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), t.KEY_A.encode(), len(raw), raw))
+    head = await reader.readuntil(b"\r\n\r\n")
+    return reader, writer, head
+
+
+ROUTES = {
+    "chat, fast lane": (True, "/v1/chat/completions"),
+    "chat, aiohttp": (False, "/v1/chat/completions"),
+    "messages (relay)": (True, "/v1/messages"),
+}
+
+
+@contextlib.asynccontextmanager
+async def unread(route: str) -> AsyncIterator[tuple[asyncio.StreamReader,
+                                                     asyncio.StreamWriter, http1.Budget]]:
+    """A large whole answer on ``route``, its client not reading past the head."""
+    lane, path = ROUTES[route]
+    with budget(4 * SIZE) as b:
+        async with t.served(whole(t.MODEL, SIZE)) as up:
+            s = t.settings(upstreams=[upstream("one", up, t.MODEL)],
+                           http={"fast_lane": lane})
+            async with t.running(s) as cp:
+                reader, writer, head = await slow_client(cp.url, path, {
+                    "model": t.MODEL, "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "hi"}]})
+                assert head.startswith(b"HTTP/1.1 200"), head
+                try:
+                    yield reader, writer, b
+                finally:
+                    writer.close()
+        assert b.held == 0
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+async def test_an_answer_a_client_does_not_read_holds_the_budget_until_it_leaves(
+        route: str) -> None:
+    async with unread(route) as (_, writer, b):
+        assert b.held >= SIZE, "the unwritten answer holds its size of the budget"
+        writer.close()
+        await until(lambda: b.held == 0, "the budget came back when the client left")
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+async def test_an_answer_a_client_does_not_read_is_cut_at_the_idle_timeout(
+        route: str) -> None:
+    async with unread(route) as (reader, _, b):
+        assert b.held >= SIZE
+        await until(lambda: b.held == 0, "the budget came back at the idle timeout")
+        got = 0
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(WAIT_S):
+                while chunk := await reader.read(1 << 16):
+                    got += len(chunk)
+        assert got < SIZE, "the connection was cut, not the answer written whole"
