@@ -345,8 +345,9 @@ class Connection(asyncio.Protocol):
         if status in NOT_RELAYED and resp.relayed:
             raise _Refused(f"status {status}, which is never relayed")
         if status >= 200:
-            found = resp.index_headers().get(b"content-encoding")
-            if found is not None and transport.encoded(found.decode("latin-1")):
+            if b"content-encoding" in resp.index_headers() and any(
+                    transport.encoded(v.decode("latin-1")) for k, v in resp.raw_headers
+                    if k.lower() == b"content-encoding"):   # every line of it, not the first
                 raise _Refused("an encoded body (Content-Encoding), which was not asked for")
         resp.head_received(status)
 

@@ -142,6 +142,12 @@ async def test_an_encoded_body_is_refused_and_identity_is_asked_for() -> None:
     async with serving(sending(gz)) as srv, client() as c:
         await refused(c, srv.url, "Content-Encoding")
         assert b"\r\nAccept-Encoding: identity\r\n" in srv.requests[0]
+    # one coding per header line: a later line is as much the answer's coding
+    split = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+             b"Content-Encoding: identity\r\nContent-Encoding: gzip\r\n"
+             b"Content-Length: 2\r\n\r\n\x1f\x8b")
+    async with serving(sending(split)) as srv, client() as c:
+        await refused(c, srv.url, "Content-Encoding")
     plain = head_then(b"Content-Encoding: Identity\r\n") + BODY
     async with serving(sending(plain)) as srv, client() as c:
         resp = await c.send("POST", srv.url + "/x", b"{}", {})
