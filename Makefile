@@ -16,14 +16,20 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# PyTorch first, pinned: this takes the local CPU build; an unpinned torch pulls
-# gigabytes of CUDA wheels.
+# PyTorch first, pinned: where pip finds the CPU build first (a local wheel or index)
+# this takes it; from PyPI alone, on Linux, torch==2.13.0 is the CUDA build (gigabytes).
+# TORCH_SPEC overrides the line, e.g. on a stock PyPI machine:
+#   make up TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
 $(VENV)/.torch: | $(PY)
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	touch $@
 
+# [client]: the official openai and anthropic clients the README's and the banner's
+# examples use. A venv made before an extra was added gets it too: the stamp is older
+# than pyproject.toml.
 $(VENV)/.runtime: pyproject.toml $(VENV)/.torch
-	$(PY) -m pip install --quiet -e '.[embed]'
+	$(PY) -m pip install --quiet -e '.[embed,client]'
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.torch

@@ -39,16 +39,24 @@ def build_l2(settings: config.ControlPlaneSettings, dim: int | None = None,
              ) -> l2_index.L2Index:
     """The L2 index over Milvus: ``cache.milvus_uri``, else a Lite file in ``data_dir``;
     ``dim``, when the cache is pinned to one embedder, is its vectors' dimension (no other
-    is ever written or creates the collection)."""
+    is ever written or creates the collection).
+
+    The store starts opening now, in a thread (Milvus Lite starts a server, and loading a
+    collection after a restart can take many seconds): a first lookup that had to open it
+    spent its whole budget on that and was served without the cache. ``/ready`` waits for
+    it, a bounded time (:mod:`controlplane.api.readiness`); if it fails, the process serves
+    without L2 and the serving path tries again."""
     c = settings.cache
     uri = (c.milvus_uri.get_secret_value() if c.milvus_uri
            else os.path.join(settings.data_dir, L2_LITE_FILE))
     token = c.milvus_token.get_secret_value() if c.milvus_token else None
-    return milvus_l2(uri, c.collection, token, label=None if c.milvus_uri else L2_LITE_FILE,
+    index = milvus_l2(uri, c.collection, token, label=None if c.milvus_uri else L2_LITE_FILE,
                      ttl_s=c.ttl_s,
                      mirror_max_rows=c.l2_mirror_max_rows,
                      mirror_refresh_s=c.l2_mirror_refresh_s,
                      expiry_interval_s=c.l2_expiry_interval_s, dim=dim)
+    index.store.warm_up()
+    return index
 
 
 def milvus_l2(uri: str, collection: str, token: str | None = None, *,

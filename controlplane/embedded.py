@@ -80,9 +80,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     cli.add_common_args(parser)
     parser.add_argument("--data-dir", default="./.synapse", help="state, configs, keys, logs")
     parser.add_argument("--host", default="127.0.0.1", help="address the HTTP API listens on")
-    parser.add_argument("--http-port", type=int, default=8080, help="HTTP port (0 = any free)")
+    parser.add_argument("--http-port", type=int, default=8080,
+                        help="HTTP port (default: %(default)s; 0 = any free)")
     parser.add_argument("--grpc-port", type=int, default=50051,
-                        help="control-plane gRPC port (0 = any free)")
+                        help="control-plane gRPC port (default: %(default)s; 0 = any free)")
     parser.add_argument("--engine", choices=("simulator", "vllm"), default="simulator",
                         help="the generation backend: the engine simulator, or a real vLLM "
                              "serving SmolLM2-135M on the CPU (install it once with "
@@ -254,17 +255,39 @@ def embedder_serving(address: str) -> bool:
     return ctl_client.health_serving(address, "synapse.v1.Node", HEALTH_CHECK_TIMEOUT_S)
 
 
-def _backends_ready(base: str) -> int:
-    """Routable backends as the control plane's /ready reports them (0 when unknown)."""
+def serves(models: Any, model: str, backend: str | None) -> bool:
+    """Whether ``models`` (a ListModelsResponse) has a routable backend of ``model`` named
+    ``backend`` (any of its backends when None: a static upstream). Another model's
+    backend does not count: deploys persist in the data dir and come back at the next
+    start, ready long before a vLLM that is still loading."""
+    return any(b.routable and (backend is None or b.backend == backend)
+               for m in models.models if m.name == model for b in m.backends)
+
+
+def generation_ready(grpc_addr: str, admin_key_file: pathlib.Path, model: str,
+                     backend: str | None) -> bool:
+    """:func:`serves`, asked of the control plane's Admin service with the admin key."""
+    from controlplane import ctl_client
+    try:
+        with ctl_client.AdminClient(grpc_addr, admin_key_file.read_text().strip(),
+                                    timeout=HEALTH_CHECK_TIMEOUT_S) as admin:
+            return serves(admin.list_models(), model, backend)
+    except Exception:   # grpc's RpcError (only ctl_client imports grpc), the key unread:
+        return False    # not ready yet; the wait's time-out says what went wrong
+
+
+def _cache_ready(base: str) -> bool:
+    """Whether the control plane's /ready says it is ready: it waits, a bounded time,
+    for the semantic cache's store to open (:mod:`controlplane.api.readiness`)."""
     try:
         with urllib.request.urlopen(f"{base}/ready", timeout=2) as resp:
-            return int(json.loads(resp.read()).get("backends_ready", 0))
+            return int(resp.status) == 200
     except urllib.error.HTTPError as exc:
         with contextlib.suppress(ValueError, AttributeError):
-            return int(json.loads(exc.read()).get("backends_ready", 0))
-        return 0
+            return json.loads(exc.read()).get("reason") not in ("cache opening", None)
+        return False
     except (urllib.error.URLError, OSError, ValueError, AttributeError):
-        return 0
+        return False
 
 
 def hold_data_dir(data: pathlib.Path) -> IO[bytes]:
@@ -368,7 +391,9 @@ def _wait_for(what: str, ready: Callable[[], bool], children: list[Child], timeo
 
 
 def _banner(base: str, api_key: str, model: str, admin_key_file: pathlib.Path,
-            grpc_addr: str) -> str:
+            grpc_addr: str, bin_dir: pathlib.Path) -> str:
+    """What to paste: the venv's own python and synapsectl by path (neither is on PATH
+    outside make, and only the venv has the openai client: the ``client`` extra)."""
     return f"""
 Synapse is ready (embedded mode).
 
@@ -381,11 +406,11 @@ Synapse is ready (embedded mode).
     -d '{{"model": "{model}", "temperature": 0, "messages": [{{"role": "user", "content": "Hello!"}}]}}'
   (run it twice: the second answer carries x-synapse-cache: hit-exact)
 
-  python -c 'from openai import OpenAI
+  {bin_dir / "python"} -c 'from openai import OpenAI
 c = OpenAI(base_url="{base}/v1", api_key="{api_key}")
 print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)'
 
-  SYNAPSE_ADMIN_ADDR={grpc_addr} SYNAPSE_ADMIN_TOKEN_FILE={admin_key_file} synapsectl get nodes
+  SYNAPSE_ADMIN_ADDR={grpc_addr} SYNAPSE_ADMIN_TOKEN_FILE={admin_key_file} {bin_dir / "synapsectl"} get nodes
   curl -s {base}/metrics -H "Authorization: Bearer $(cat {admin_key_file})" | head
   (/metrics lists every tenant's traffic: it takes the admin key, not an API key)
 
@@ -435,15 +460,21 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
                   children, 60)
         children.append(Child("agent", [synapse, "agent", "--config", str(data / "agent.yaml"),
                                         *extra], data / "logs" / "agent.log", keep_fds=held))
-        _wait_for(f"{gen.what} ready", lambda: _backends_ready(base) > 0, children,
-                  START_TIMEOUT_S)
+        grpc_addr = f"127.0.0.1:{ports['grpc']}"
+        backend = gen.backend["name"] if gen.backend else None
+        _wait_for(f"{gen.what} ready", lambda: generation_ready(
+            grpc_addr, written["admin_key_file"], gen.model, backend), children,
+            START_TIMEOUT_S)
         # The agent loads the embedding model in the background; the semantic cache and
         # /v1/embeddings need it, so "ready" waits for it: asked of the agent's gRPC
         # health service, not with the dev key (each try would be the tenant's usage).
         _wait_for("embedder loaded", lambda: embedder_serving(f"127.0.0.1:{ports['node']}"),
                   children, START_TIMEOUT_S)
+        if not args.no_cache:
+            _wait_for("semantic cache store open", lambda: _cache_ready(base), children,
+                      START_TIMEOUT_S)
         print(_banner(base, written["api_key"], gen.model, written["admin_key_file"],
-                      f"127.0.0.1:{ports['grpc']}"), flush=True)
+                      grpc_addr, bin_dir), flush=True)
         while all(c.alive() for c in children):
             clocks.block(0.5)
         dead = next(c for c in children if not c.alive())

@@ -123,6 +123,8 @@ class MilvusStore:
         self._checked_at = -math.inf            # the last damage check (``clock``)
         self._repairs = 0                       # damaged stores moved aside
         self._loading: asyncio.Future[None] | None = None
+        self._warming: threading.Thread | None = None   # the warm-up's thread
+        self._warmed = False                    # a warm-up opened the store
 
     @property
     def exclusive(self) -> bool:
@@ -209,13 +211,28 @@ class MilvusStore:
 
     def warm_up(self) -> None:
         """Open Milvus (Lite starts a server: about a second) and load an existing
-        collection in a background thread; failures surface at the next call."""
-        def open_quietly() -> None:
-            try:
-                self._open_sync()
-            except Exception:   # the serving path reports it, once per budget
+        collection in a background thread; failures surface at the next call. Once opened,
+        or while a warm-up runs, a call does nothing (the process's start-up opens it, the
+        first cacheable request asks again); after a failure it tries again."""
+        with self._in_flight_lock:
+            if self._warmed or (self._warming is not None and self._warming.is_alive()):
                 return
-        threading.Thread(target=open_quietly, name="milvus-warm-up", daemon=True).start()
+
+            def open_quietly() -> None:
+                try:
+                    self._open_sync()
+                except Exception:   # the serving path reports it, once per budget
+                    return
+                self._warmed = True
+            self._warming = threading.Thread(target=open_quietly, name="milvus-warm-up",
+                                             daemon=True)
+            self._warming.start()
+
+    def warming(self) -> bool:
+        """Whether a warm-up is still opening the store (``/ready`` waits for it, a
+        bounded time: :mod:`controlplane.api.readiness`)."""
+        thread = self._warming
+        return thread is not None and thread.is_alive()
 
     async def close(self) -> None:
         client, self._client = self._client, None

@@ -14,6 +14,12 @@ gauge — but it is not a reason to leave the Service: during a fleet-wide outag
 replica would leave it, and clients would get refused connections instead of the 503
 envelope that says "try again shortly". ``registry.ready_requires_backend: true`` brings
 back the old rule (503 whenever no backend is routable).
+
+While the semantic cache's store is still opening (``controlplane.cache_wiring.build_l2``
+starts it at start-up, in a thread), ``/ready`` is 503 ``cache opening``, for at most
+:data:`L2_OPEN_WAIT_S` from start: the first lookups would otherwise spend their budget on
+the open and be served without the cache, but a Milvus that does not answer must not keep
+the replica out of the Service (past the wait it serves without L2, as it would anyway).
 """
 
 from __future__ import annotations
@@ -54,6 +60,22 @@ def cut(svc: services_mod.Services) -> bool:
     return svc.readiness is not None and svc.readiness.cut
 
 
+# How long /ready waits for the semantic cache's store to open (see the module docstring).
+L2_OPEN_WAIT_S = 60.0
+
+
+def l2_opening(svc: services_mod.Services) -> bool:
+    """Whether the semantic cache's store is still opening, within :data:`L2_OPEN_WAIT_S`
+    of start."""
+    if svc.clock() - state(svc).started >= L2_OPEN_WAIT_S:
+        return False
+    tiered = services_mod.tiered_cache(svc.cache)
+    # the Milvus store opens in the background; other stores (tests' fakes) have no
+    # warm-up to wait for
+    warming = getattr(getattr(getattr(tiered, "l2", None), "store", None), "warming", None)
+    return bool(callable(warming) and warming())
+
+
 def routable_count(svc: services_mod.Services) -> int:
     return sum(1 for _, why in svc.registry.all_backends() if not why)
 
@@ -72,6 +94,8 @@ def check(svc: services_mod.Services) -> tuple[int, dict[str, Any]]:
     n = routable_count(svc)
     if state(svc).stopping:     # out of the Service before the listener closes
         return 503, {"status": "not ready", "reason": "shutting down", "backends_ready": n}
+    if l2_opening(svc):
+        return 503, {"status": "not ready", "reason": "cache opening", "backends_ready": n}
     if svc.settings.registry.ready_requires_backend:      # the old rule
         if n == 0:
             return 503, {"status": "not ready", "reason": "no routable backend",
