@@ -230,9 +230,9 @@ class TieredCache:
         state = State(request.tenant, request.model, keys, epoch=self.fence.epoch,
                       endpoint=request.endpoint)
         if not self._warmed and self.semantic and (rule.lookup or rule.store):
-            # Opening L2 (Milvus Lite starts a server) happens in the background at the
-            # first cacheable request, not at start-up: processes that never cache never
-            # pay for it, and no request waits for it beyond its budget.
+            # L2 is opened in the background at start-up (cache_wiring.build_l2); at the
+            # first cacheable request this asks once more, which does nothing unless that
+            # open failed (then it is tried again; no request waits beyond its budget).
             self._warmed = True
             assert self.l2 is not None
             self.l2.warm_up()
