@@ -20,6 +20,13 @@
   file (the workers of one pod) cannot pick the same name, where a check then a rename
   let a second one rename a fresh file over the first one's copy. Where the file system
   has no hard links, a rename after the check is the fallback.
+- **One recovery at a time.** Processes that find the same damaged file together take
+  turns: the recovery (set aside, start a new file) runs under an exclusive ``flock`` on
+  ``<path>.lock`` (made 0600 beside it), and under it the name is checked to still be the
+  file (``st_dev``, ``st_ino``) this process opened and found damaged. When another
+  process has already replaced it, the new file is opened, not moved aside too: a name
+  alone let one worker move another's fresh database aside while that one wrote to it.
+  Where the lock file cannot be made (a read-only directory) recovery goes on unlocked.
 - **Locked.** Any other failure (another process holding it locked) leaves the file alone:
   it belongs to a live process. The caller decides what it does without it.
 - **Read-only.** A file that cannot be written (a read-only disk or file) is opened
@@ -36,10 +43,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import fcntl
 import itertools
 import logging
 import os
 import sqlite3
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -49,10 +58,14 @@ UNWRITABLE_ERRNO = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 UNWRITABLE_SQLITE = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN})
 NO_HARD_LINKS = frozenset({errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP})
 SUFFIXES = ("", "-wal", "-shm")
+WAL_RETRY_S = 0.01
 
 Warn = Callable[[BaseException], None]
 
 log = logging.getLogger("controlplane.adapters.sqlite_file")
+
+Identity = tuple[int, int]      # (st_dev, st_ino)
+_opened: dict[str, Identity] = {}   # path → the file this process last opened there
 
 
 def damaged(exc: BaseException) -> bool:
@@ -72,14 +85,19 @@ def open_private(path: str, schema: Sequence[str], busy_timeout_s: float) -> sql
     """``path`` read-write (made private first), in WAL mode, its ``schema`` statements
     run. Autocommit: the caller opens its own transactions."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        opened = os.fstat(fd)
+    finally:
+        os.close(fd)
+    _opened[os.path.abspath(path)] = (opened.st_dev, opened.st_ino)
     for made in (path + suffix for suffix in SUFFIXES):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(made, 0o600)   # files made before this rule, too
     db = sqlite3.connect(path, timeout=busy_timeout_s, check_same_thread=False,
                          isolation_level=None)
     try:
-        db.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(db, busy_timeout_s)
         db.execute("PRAGMA synchronous=NORMAL")
         for statement in schema:
             db.execute(statement)
@@ -87,6 +105,22 @@ def open_private(path: str, schema: Sequence[str], busy_timeout_s: float) -> sql
         db.close()
         raise
     return db
+
+
+def _switch_to_wal(db: sqlite3.Connection, busy_timeout_s: float) -> None:
+    """``journal_mode=WAL``, retried for up to ``busy_timeout_s`` while the file is busy:
+    SQLite answers "locked" at once, without waiting, to a connection that switches the
+    mode of a new file while another connection switches it too (the workers of one pod
+    starting on a new or just recovered file)."""
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(WAL_RETRY_S)
 
 
 def transaction(db: sqlite3.Connection,
@@ -220,7 +254,37 @@ def open_recovering(path: str, schema: Sequence[str], probe: str, busy_timeout_s
 
 def reopen_set_aside(path: str, schema: Sequence[str], busy_timeout_s: float,
                      why: BaseException, warn: Warn) -> sqlite3.Connection:
-    """A damaged ``path`` (``why`` says so) set aside after ``warn``, and a new one opened."""
-    warn(why)
-    set_aside(path)
-    return open_private(path, schema, busy_timeout_s)
+    """A damaged ``path`` (``why`` says so) set aside after ``warn``, and a new one opened;
+    one process at a time, and only while the name is still the file this process found
+    damaged (module docstring)."""
+    found = _opened.get(os.path.abspath(path))
+    with _recovery_lock(path):
+        if found is None or _identity(path) == found:
+            warn(why)
+            set_aside(path)
+        return open_private(path, schema, busy_timeout_s)
+
+
+def _identity(path: str) -> Identity | None:
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return now.st_dev, now.st_ino
+
+
+@contextlib.contextmanager
+def _recovery_lock(path: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<path>.lock`` while held; none when that file cannot
+    be made (a read-only directory): recovery then goes on as without the lock."""
+    try:
+        fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        log.debug("no recovery lock beside %s (%s): recovering unlocked", path, exc)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)    # releases the lock

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import pathlib
 import sqlite3
 import threading
+from typing import Any
 
 import pytest
 
@@ -154,3 +156,66 @@ def test_a_move_never_replaces_a_name_in_use(tmp_path: pathlib.Path, taken: str)
         ["l1.sqlite.corrupt-x" + taken, "l1.sqlite.corrupt-x-1", "l1.sqlite.corrupt-x-1-wal",
          "l1.sqlite.corrupt-x-1-shm"])
     assert pathlib.Path(copy + "-1-wal").read_bytes() == b"damaged-wal"
+
+
+DAMAGE = b"not a database at all " * 200
+
+
+def _open_and_write(folder: str, racer: int, rounds: int, start: Any, done: Any,
+                    results: Any) -> None:
+    """A worker process: each round, open the round's damaged usage file as a worker
+    starting does, write a row, and hold the connection until every worker has."""
+    logging.disable(logging.CRITICAL)
+    for r in range(rounds):
+        start.wait()
+        db = None
+        try:
+            db, _ = sqlite_file.open_recovering(
+                os.path.join(folder, str(r), usage_db.FILE), usage_db.SCHEMA, "spend", 10.0,
+                warn_set_aside=lambda exc: None, warn_read_only=lambda exc: None)
+            db.execute("INSERT OR REPLACE INTO spend VALUES (?, 1, 1.0)", (f"w{racer}",))
+            results.put((r, racer, "wrote"))
+        except Exception as exc:    # reported, as the test's failure
+            results.put((r, racer, f"{type(exc).__name__}: {exc}"))
+        done.wait()
+        if db is not None:
+            db.close()
+
+
+def test_processes_that_find_one_damaged_file_together_never_move_a_fresh_one_aside(
+        tmp_path: pathlib.Path) -> None:
+    """Review finding: processes started together on one damaged file each moved aside
+    what stood at its name, another's fresh database too, so that one went on writing
+    to a file nobody reads (or failed with "disk I/O error"). Each round: one copy, of
+    the damaged bytes, and every process's row in the file at the path."""
+    racers, rounds = 6, 12
+    ctx = multiprocessing.get_context("spawn")
+    start, done, results = ctx.Barrier(racers + 1), ctx.Barrier(racers + 1), ctx.Queue()
+    workers = [ctx.Process(target=_open_and_write,
+                           args=(str(tmp_path), i, rounds, start, done, results))
+               for i in range(racers)]
+    for worker in workers:
+        worker.start()
+    wrong = []
+    try:
+        for r in range(rounds):
+            folder = tmp_path / str(r)
+            folder.mkdir()
+            (folder / usage_db.FILE).write_bytes(DAMAGE)
+            start.wait(timeout=120)
+            said = sorted(results.get(timeout=120) for _ in range(racers))
+            done.wait(timeout=120)
+            failures = [f"{racer}: {what}" for _, racer, what in said if what != "wrote"]
+            with contextlib.closing(sqlite3.connect(folder / usage_db.FILE)) as db:
+                rows = db.execute("SELECT count(*) FROM spend").fetchone()[0]
+            kept = [p.read_bytes() for p in copies(folder, usage_db.FILE)
+                    if not p.name.endswith(("-wal", "-shm"))]
+            if failures or rows != racers or kept != [DAMAGE]:
+                wrong.append(f"round {r}: {rows} rows of {racers}, copies "
+                             f"{[k[:16] for k in kept]}, failures {failures[:2]}")
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.kill()
+    assert not wrong, "\n".join(wrong)
