@@ -216,22 +216,17 @@ class UsageDb:
 
 
 def _storable(day: str, tenant: str, model: str, counts: usage_book.Plain) -> bool:
-    """Whether SQLite takes every count of the row (else a warning: the row is dropped)."""
-    bad = next(((kind, value) for kind, value in counts.items() if not _fits(value)), None)
+    """Whether every count of the row is one the stores hold (:func:`usage_book.storable`;
+    else a warning: the row is dropped)."""
+    bad = next(((kind, value) for kind, value in counts.items()
+                if not usage_book.storable(kind, value)), None)
     if bad is None:
         return True
     kind, value = bad
-    shown = f"a {value.bit_length()}-bit integer" if isinstance(value, int) else repr(value)
     log.warning("usage of tenant %r, model %r on %s is dropped: its %s count (%s) is "
-                "beyond what the usage file holds; the other rows are stored",
-                tenant, model, day, kind, shown)
+                "not one the usage file holds; the other rows are stored",
+                tenant, model, day, kind, usage_book.shown(value))
     return False
-
-
-def _fits(value: int | float) -> bool:
-    if isinstance(value, int):
-        return -INT64_MAX - 1 <= value <= INT64_MAX
-    return not math.isnan(value)        # SQLite stores NaN as NULL, which the row refuses
 
 
 def _count(value: Any) -> int:

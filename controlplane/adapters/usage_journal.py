@@ -25,9 +25,11 @@ Design decisions:
   file still being written.
 - **Older files.** A file of the first format (one JSON list of rows per line, as in a
   ``usage_pending.jsonl`` an older release appended to, or a ``.sending`` one a kill left
-  behind) has no ids: it is read as one batch with a fresh id per file. If such a file
-  had been stored, wholly or partly, before (a kill during the flush that carried it),
-  its rows count twice once — the old behaviour — and every later send of them is by id.
+  behind) has no ids: it is read as one batch whose id is the hash of the file's bytes,
+  so the same file taken again (a folder where it cannot be deleted) counts once. If
+  such a file had been stored, wholly or partly, before (a kill during the flush that
+  carried it), its rows count twice once — the old behaviour — and every later send of
+  them is by id.
 - **Held while pending.** :func:`take` holds each file under an exclusive ``flock`` for as
   long as its batches are pending in this process (the kernel drops the lock when the
   process dies, even by ``kill -9``), so two starting workers never take the same file;
@@ -35,9 +37,10 @@ Design decisions:
   file once all its batches are stored; a file that cannot be deleted (a read-only
   folder) is logged once as an ERROR and let go: the next start sends the same ids, which
   count nothing. Nothing done after :func:`take` raises.
-- A line that does not parse, and a value no store can hold (not a finite number from 0
-  to ``COUNT_MAX``), is skipped and counted; a file that holds no usable row is deleted
-  when it is read.
+- A line that does not parse, a batch or row that is malformed, and a value no store
+  can hold (:func:`usage_book.storable`), is skipped alone and counted: the other rows
+  and batches of the file are kept. A file that holds no usable row is deleted when it
+  is read.
 - Private: the files name tenants and their usage, so they are made 0600 (and a folder
   it has to make, 0700).
 """
@@ -48,16 +51,17 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import hashlib
 import json
 import logging
-import math
 import os
 import pathlib
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from controlplane.core.usage_book import COUNT_MAX, Batch, batch_id
+from controlplane.core import usage_book
+from controlplane.core.usage_book import COUNT_MAX, Batch
 
 FILE = "usage_pending.jsonl"
 FORMAT = 2
@@ -118,7 +122,7 @@ class Carried:
         """The rows of every batch, summed (for reports and tests)."""
         out: Summed = {}
         for batch in self.batches:
-            _sum_into(out, batch.rows.items())
+            _sum_into(out, [[*key, dict(counts)] for key, counts in batch.rows.items()])
         return out
 
     def settle(self, unsent: Iterable[str] = ()) -> None:
@@ -211,32 +215,44 @@ def _hold(name: str) -> int | None:
 
 def _read(fd: int) -> tuple[list[Batch], int]:
     """The batches of one file (format 2: with their ids; the first format: its rows
-    summed as one batch with a fresh id), and how many lines and values were unreadable."""
+    summed as one batch whose id is the hash of the file's bytes), and how many lines,
+    batches, rows and values were unreadable (each skipped alone)."""
     batches: list[Batch] = []
     old: Summed = {}
     unreadable = 0
-    with os.fdopen(os.dup(fd), encoding="utf-8") as fh:
-        for line in fh:
+    with os.fdopen(os.dup(fd), "rb") as fh:
+        content = fh.read()
+    for line in content.decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            unreadable += 1
+            continue
+        if isinstance(data, dict) and data.get("format") == FORMAT:
+            found = data.get("batches")
+            listed: list[Any] = found if isinstance(found, list) else [found]
+            for b in listed:
+                try:
+                    ident = _checked_id(b["id"])
+                    rows: Summed = {}
+                    unreadable += _sum_into(rows, b["rows"])
+                except (ValueError, TypeError, KeyError):
+                    unreadable += 1
+                    continue
+                if rows:
+                    batches.append(Batch(ident, rows))
+        else:
             try:
-                data = json.loads(line)
-                if isinstance(data, dict) and data.get("format") == FORMAT:
-                    for b in data["batches"]:
-                        rows: Summed = {}
-                        unreadable += _sum_into(rows, _parsed(b["rows"]))
-                        if rows:
-                            batches.append(Batch(_checked_id(b["id"]), rows))
-                else:
-                    unreadable += _sum_into(old, _parsed(data))
-            except (ValueError, TypeError, AttributeError, KeyError):
+                unreadable += _sum_into(old, data)
+            except (ValueError, TypeError, KeyError):
                 unreadable += 1
     if old:
-        batches.append(Batch(batch_id(), dict(old)))
+        # The same file always gives the same id, so one that cannot be deleted (a
+        # read-only folder) and is taken at every start counts once.
+        batches.append(Batch(hashlib.blake2b(content, digest_size=16).hexdigest(), old))
     return batches, unreadable
-
-
-def _parsed(rows: Any) -> Iterable[tuple[tuple[str, str, str], Mapping[str, Any]]]:
-    return [((str(day), str(tenant), str(model)), dict(counts))
-            for day, tenant, model, counts in rows]
 
 
 def _checked_id(value: Any) -> str:
@@ -245,30 +261,28 @@ def _checked_id(value: Any) -> str:
     return value
 
 
-def _sum_into(out: Summed, rows: Iterable[tuple[tuple[str, str, str],
-                                                 Mapping[str, Any]]]) -> int:
-    """Add ``rows`` to ``out``; how many values were skipped (not storable)."""
+def _sum_into(out: Summed, rows: Any) -> int:
+    """Add ``rows`` (a list of ``[day, tenant, model, {kind: value}]``) to ``out``; how
+    many rows and values were skipped (malformed, or not storable: each alone). Raises
+    ``TypeError`` when ``rows`` is not a list."""
+    if not isinstance(rows, list):
+        raise TypeError("rows are not a list")
     skipped = 0
-    for key, counts in rows:
-        row = out.setdefault(key, {})
-        for kind, value in counts.items():
-            if _storable(value):
-                row[str(kind)] = min(row.get(str(kind), 0) + value, COUNT_MAX)
-            else:
-                skipped += 1
-        if not row:
-            del out[key]
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 4 and isinstance(row[3], dict)
+                and all(isinstance(part, str) for part in row[:3])):
+            skipped += 1
+            continue
+        day, tenant, model, counts = row
+        clean, dropped = usage_book.storable_rows({(day, tenant, model): counts})
+        skipped += dropped
+        for key, plain in clean.items():
+            summed = out.setdefault(key, {})
+            for kind, value in plain.items():
+                summed[kind] = min(summed.get(kind, 0) + value, COUNT_MAX)
     return skipped
 
 
 def _close(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
-
-
-def _storable(value: object) -> bool:
-    """A count or cost every store can hold: a finite number from 0 to ``COUNT_MAX``.
-    Anything else (a file written before engines' counts were bounded, or edited by hand)
-    would make every later flush to the store fail, the good rows with it."""
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value) and 0 <= value <= COUNT_MAX)

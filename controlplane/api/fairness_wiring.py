@@ -304,8 +304,8 @@ def _restore(svc: services_mod.Services,
         log.error("cannot read the usage kept by an earlier run in %s: %s", path, exc)
         return None
     if carried.unreadable:
-        log.error("%d unreadable line(s) or value(s) of usage kept by an earlier run in %s "
-                  "were lost", carried.unreadable, path)
+        log.error("%d unreadable line(s), batch(es), row(s) or value(s) of usage kept by "
+                  "an earlier run in %s were lost", carried.unreadable, path)
     if carried.batches:
         book.restore(carried.batches)
         log.warning("%d usage row(s) an earlier run could not store were taken back from %s",

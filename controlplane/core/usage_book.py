@@ -32,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import logging
+import math
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, Protocol
@@ -42,6 +44,7 @@ KINDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens",
          "cache_hit_tokens", "errors", "cost", "estimated")
 PENDING_MAX = 50_000        # rows held while the store is failing
 COUNT_MAX = 2**63 - 1       # the largest count every store holds (SQLite's, Redis's integer)
+log = logging.getLogger("synapse.controlplane.fairness")
 
 
 class RowKey(NamedTuple):
@@ -109,6 +112,46 @@ class UsageStore(Protocol):
                    ) -> Mapping[tuple[str, str, str], Plain]:
         """The stored totals of ``days`` (of one tenant, or all)."""
         ...
+
+
+def storable(kind: str, value: object) -> bool:
+    """Whether every store holds ``value`` as a ``kind`` count: the cost a finite number
+    from 0, any other kind an integer (not a bool) from 0 to :data:`COUNT_MAX`. Anything
+    else (a kept file edited by hand or written by an older release) a store refuses or
+    mangles: Redis refuses ``HINCRBY`` on a field holding ``1.5``, SQLite stores NaN as
+    NULL."""
+    if isinstance(value, bool):
+        return False
+    if kind == "cost":
+        return isinstance(value, int | float) and math.isfinite(value) and value >= 0
+    return isinstance(value, int) and 0 <= value <= COUNT_MAX
+
+
+def shown(value: object) -> str:
+    """``value`` for a log line: a huge integer by its size, never its digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"a {value.bit_length()}-bit integer"
+    return repr(value)[:40]
+
+
+def storable_rows(rows: PlainRows) -> tuple[dict[tuple[str, str, str], Plain], int]:
+    """``rows`` without the values no store holds (:func:`storable`), each dropped with a
+    warning naming its day, tenant, model and kind; and how many were dropped."""
+    out: dict[tuple[str, str, str], Plain] = {}
+    dropped = 0
+    for (day, tenant, model), counts in rows.items():
+        kept: dict[str, int | float] = {}
+        for kind, value in counts.items():
+            if storable(kind, value):
+                kept[kind] = value
+            else:
+                dropped += 1
+                log.warning("usage of tenant %r, model %r on %s: its %s value (%s) is "
+                            "dropped (not a count any store holds); the others are "
+                            "stored", tenant, model, day, kind, shown(value))
+        if kept:
+            out[(day, tenant, model)] = kept
+    return out, dropped
 
 
 def counts_of(plain: Plain) -> Counts:

@@ -5,8 +5,10 @@ the Redis and SQLite stores)."""
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -82,3 +84,90 @@ async def test_recordings_during_a_failing_store_wait_and_are_bounded(
     with pytest.raises(TimeoutError):
         await book.flush()      # the unsent batch again; the pending ones wait
     assert len(book.batches()) == 2
+
+
+@pytest.fixture
+async def redis_store(redis_server: harness.RedisServer,
+                      ) -> AsyncIterator[tuple[redis_usage.RedisUsageStore, Any]]:
+    client = redis_limits.connect(redis_server.url)
+    yield redis_usage.RedisUsageStore(client, 5.0, 30), client
+    await client.aclose()
+
+
+def _stored(fields: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode().replace(redis_usage.SEP, "/"): v.decode() for k, v in fields.items()}
+
+
+async def test_a_count_redis_refuses_stops_no_other_and_a_retry_adds_nothing(
+        redis_store: tuple[redis_usage.RedisUsageStore, Any],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review finding: the script set the batch marker, then an increment errored (a field
+    holding 1.5, a count past int64): Redis kept the marker and the increments before the
+    error, and the retry, seeing the marker, dropped the rest without a word."""
+    store, client = redis_store
+    day = "2026-12-07"
+    key = f"synapse:usage:{day}"
+    await client.hset(key, redis_usage.SEP.join(("odd", "m", "requests")), "1.5")
+    await store.add({(day, "big", "m"): {"requests": usage_book.COUNT_MAX}}, "c1")
+    rows = {(day, "aaa", "m"): {"requests": 1},
+            (day, "odd", "m"): {"requests": 1, "prompt_tokens": 5},
+            (day, "big", "m"): {"requests": 1, "errors": 2},
+            (day, "zzz", "m"): {"requests": 1, "prompt_tokens": 100, "cost": 0.25}}
+    with caplog.at_level(logging.WARNING, "synapse.controlplane.fairness"):
+        await store.add(rows, "c2")
+        await store.add(rows, "c2")
+    assert _stored(await client.hgetall(key)) == {
+        "aaa/m/requests": "1", "odd/m/requests": "1.5", "odd/m/prompt_tokens": "5",
+        "big/m/requests": str(usage_book.COUNT_MAX), "big/m/errors": "2",
+        "zzz/m/requests": "1", "zzz/m/prompt_tokens": "100", "zzz/m/cost": "0.25"}
+    (warned,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "'odd'" in warned and "'big'" in warned and day in warned
+    assert "'zzz'" not in warned
+
+
+async def test_a_value_no_store_holds_is_dropped_before_redis_with_a_warning(
+        redis_store: tuple[redis_usage.RedisUsageStore, Any],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A float in an integer kind (a kept file's ``{"requests": 1.5}``) would have left the
+    field unusable for every later increment."""
+    store, client = redis_store
+    day = "2026-12-07"
+    with caplog.at_level(logging.WARNING, "synapse.controlplane.fairness"):
+        await store.add({(day, "evil", "m"): {"requests": 1.5, "prompt_tokens": 3,
+                                              "errors": True, "cost": float("nan")},
+                         (day, "b", "m"): {"requests": 2**63}}, "d1")
+    assert _stored(await client.hgetall(f"synapse:usage:{day}")) == {
+        "evil/m/prompt_tokens": "3"}
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 4 and all(day in w for w in warned)
+    assert "'evil'" in warned[0] and "requests" in warned[0]
+    assert "'b'" in warned[3] and "999" not in warned[3]
+
+
+async def test_a_big_batch_goes_in_chunks_each_applied_once(
+        redis_store: tuple[redis_usage.RedisUsageStore, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: one script call of a whole batch (up to PENDING_MAX rows) held
+    Redis for about half a second, every other client waiting. A retry after a chunk
+    failed sends the same chunks: those stored change nothing."""
+    store, client = redis_store
+    monkeypatch.setattr(redis_usage, "CHUNK_FIELDS", 2)
+    day = "2026-12-07"
+    rows = {(day, f"t{i}", "m"): {"requests": 1, "prompt_tokens": i + 1} for i in range(3)}
+    real, calls = store._add_once, []
+
+    async def second_fails(**kwargs: Any) -> Any:
+        calls.append(kwargs["keys"][0])
+        if len(calls) == 2:
+            raise TimeoutError("the store's answer did not come in time")
+        return await real(**kwargs)
+    monkeypatch.setattr(store, "_add_once", second_fails)
+    with pytest.raises(TimeoutError):
+        await store.add(rows, "big")
+    await store.add(rows, "big")
+    assert calls == [f"synapse:usage:batch:big.{n}" for n in (0, 1, 0, 1, 2)]
+    stored = await store.read([day], None)
+    assert stored == {(day, f"t{i}", "m"): {"requests": 1, "prompt_tokens": i + 1}
+                      for i in range(3)}
+    assert sorted(k.decode() for k in await client.keys("synapse:usage:batch:*")) == [
+        f"synapse:usage:batch:big.{n}" for n in range(3)]

@@ -5,6 +5,7 @@ applies once (:mod:`controlplane.adapters.usage_journal`)."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import pathlib
@@ -103,7 +104,7 @@ async def test_a_file_taken_again_after_its_flush_stored_it_is_counted_once(
     db.close()
 
 
-def test_a_file_of_the_first_format_is_one_batch_with_a_fresh_id(
+def test_a_file_of_the_first_format_is_one_batch_with_an_id_of_its_bytes(
         tmp_path: pathlib.Path) -> None:
     path = tmp_path / usage_journal.FILE
     path.write_text('[["2026-12-06", "a", "llama", {"requests": 2}]]\n'
@@ -111,6 +112,59 @@ def test_a_file_of_the_first_format_is_one_batch_with_a_fresh_id(
     carried = usage_journal.take(path)
     (batch,) = carried.batches
     assert dict(batch.rows) == {ROW: {"requests": 3}} and len(batch.id) == 32
+    carried.release()
+    (again,) = usage_journal.take(path).batches
+    assert again.id == batch.id
+
+
+async def test_a_first_format_file_that_cannot_be_deleted_counts_once_over_many_starts(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: a first-format file got a fresh id at every take, so a read-only
+    data dir counted it again at every start (5, 10, 15)."""
+    path = tmp_path / usage_journal.FILE
+    path.write_text('[["2026-12-06", "a", "llama", {"requests": 5}]]\n')
+    real = os.unlink
+
+    def read_only(name: Any, *args: Any, **kwargs: Any) -> Any:
+        if usage_journal.FILE in str(name):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(os, "unlink", read_only)
+    store = usage_book.MemoryUsageStore()
+    for _ in range(3):
+        carried = usage_journal.take(path)
+        book = usage_book.UsageBook(store)
+        book.restore(carried.batches)
+        await book.flush()
+        carried.settle(book.unsent_ids())
+    assert (await store.read(["2026-12-06"], None))[ROW]["requests"] == 5
+    assert path.exists()
+
+
+def test_a_malformed_row_or_batch_of_a_kept_file_loses_only_itself(
+        tmp_path: pathlib.Path) -> None:
+    """Review finding: a format-2 file is one line holding every batch; one malformed row
+    dropped the line, every batch after it with it, and the file was then deleted."""
+    path = tmp_path / usage_journal.FILE
+    row = [*ROW, {"requests": 1}]
+    (tmp_path / (usage_journal.FILE + ".kept-x")).write_text(json.dumps({
+        "format": 2, "batches": [
+            {"id": "b1", "rows": [row]},
+            {"id": "b2", "rows": [row, ["2026-12-06", "a", {"requests": 1}]]},
+            {"rows": [row]},
+            {"id": "b3", "rows": [["2026-12-06", "u", "llama", {"requests": 1000}]]},
+            {"id": "b4", "rows": [row, ["2026-12-06", "v", "llama", {
+                "requests": 1.5, "errors": True, "prompt_tokens": -1,
+                "completion_tokens": 2**63, "cost": float("inf"), "cached_tokens": 4}]]},
+        ]}) + "\n")
+    carried = usage_journal.take(path)
+    assert [(b.id, dict(b.rows)) for b in carried.batches] == [
+        ("b1", {ROW: {"requests": 1}}), ("b2", {ROW: {"requests": 1}}),
+        ("b3", {("2026-12-06", "u", "llama"): {"requests": 1000}}),
+        ("b4", {ROW: {"requests": 1}, ("2026-12-06", "v", "llama"): {"cached_tokens": 4}})]
+    assert carried.unreadable == 2 + 5
+    carried.settle(["b3"])
+    assert files(tmp_path) != []
     carried.release()
 
 
