@@ -12,8 +12,9 @@ from the control plane's estimate — the prompt's tokens and the content deltas
 and ``estimated`` says how many of the row's requests were counted so.
 
 Recording is a dict update on the serving path; a background loop adds the pending
-counts to the shared store every ``fairness.usage.flush_interval_s`` (one Redis
-pipeline per flush, whatever the traffic), so the admission path never waits on it.
+counts to the shared store every ``fairness.usage.flush_interval_s`` (one store call
+per flush and per chunk of its rows, whatever the traffic), so the admission path never
+waits on it.
 Reads merge the store with this replica's not-yet-flushed counts; other replicas' counts
 lag by at most their flush interval.
 
