@@ -57,15 +57,20 @@ Rules:
   over). The budget is module state rather than a client's: it bounds the process's
   memory whichever :class:`~controlplane.adapters.upstream.UpstreamClient` reads.
   Answers read in pieces (streams, a probe's first bytes) never hold it. Once a body
-  holds budget, the rest of it must arrive within the read timeout (the bound of each
-  gap: the longer of ``http.upstream_first_byte_timeout_s`` and
-  ``http.upstream_idle_timeout_s``), else ``UpstreamReadError``: the connection closed
-  and the budget given back, as for any read that failed. Without it, a backend (a
-  compromised engine) that sends most of an answer at once, then a byte at a time
-  within the gap, would hold its share of the budget for as long as it liked, and two
-  such answers all of it. An honest backend sends an answer it has finished at network
-  speed. The client's copy holds the budget on until it is written, within a bound of
-  its own (:func:`Budget.hold`; ``send_whole`` of :mod:`controlplane.api.proxy`).
+  holds budget, the rest of it must keep coming: each gap between pieces within the read
+  timeout (the longer of ``http.upstream_first_byte_timeout_s`` and
+  ``http.upstream_idle_timeout_s``), as any read, and each window of that length from
+  when it first held budget must bring at least :data:`HELD_MIN_RATE` bytes a second of
+  it, else ``UpstreamReadError``: the connection closed and the budget given back, as
+  for any read that failed. Without the floor, a backend (a compromised engine) that
+  sends most of an answer at once, then a byte at a time within the gap, would hold its
+  share of the budget for as long as it liked, and two such answers all of it; with it,
+  such a trickle fails one window after it began to hold budget. The floor is an
+  average rate far below any LAN's or WAN's, not a bound on the whole read: an honest
+  backend, local or remote, sends even a :data:`MAX_WHOLE_BODY` answer whole, however
+  long that takes above the floor. The client's copy holds the budget on until it is
+  written, its progress bounded in the same spirit (:func:`Budget.hold`; ``send_whole``
+  of :mod:`controlplane.api.proxy`).
 - **A bounded head.** httptools sets no limit on a head: a backend (a compromised engine
   runs tenants' inputs) could send headers without end, or one header of a gigabyte, and
   only the first-byte limit stopped it. A head of more than :data:`MAX_HEADERS` lines, or
@@ -103,6 +108,9 @@ LOW_WATER = 64 * 1024
 MAX_WHOLE_BODY = 256 * 1024 * 1024   # a whole (non-streamed) answer read into memory
 # What whole answers may hold in memory at once, in one process (see "Whole answers").
 WHOLE_BODIES_BUDGET = 512 * 1024 * 1024
+# The slowest a whole body that holds budget may arrive, on average over each window of
+# the read timeout (see "Whole answers"): half a megabit a second.
+HELD_MIN_RATE = 64 * 1024
 # A response head: vLLM, TEI and llama.cpp send under ten headers and a few hundred bytes,
 # hosted APIs behind a CDN some thirty and a few KiB.
 MAX_HEADERS = 100
@@ -425,19 +433,20 @@ class UpstreamResponse:
         paused for it, so a body over ``HIGH_WATER`` keeps flowing (it used to wait,
         paused, for the read timeout), reserved from :data:`BUDGET` until :meth:`close`;
         one over :data:`MAX_WHOLE_BODY`, or beyond the budget, fails. Once it holds
-        budget, the rest must arrive within the read timeout (see "Whole answers")."""
+        budget, the rest must keep arriving at :data:`HELD_MIN_RATE` (see "Whole
+        answers")."""
         parts: list[bytes] = []
-        until = 0.0         # loop time by which a body holding budget must end (0: none)
+        held: _Held | None = None       # the progress of a body holding budget
         while not self.complete:
             if self._exc is not None:
                 raise self._exc
             if self._paused:
                 self._reserve(self._buffered)
                 parts.append(self._take())
-                if not until:
-                    until = self._loop.time() + self._read_timeout_s
-            if until:
-                await self._wait_held(until)
+                if held is None:
+                    held = _Held(self._loop.time(), self._read_timeout_s, self._reserved)
+            if held is not None:
+                await self._wait_held(held)
             else:
                 await self._wait(self._read_timeout_s)
         if not parts:
@@ -457,19 +466,27 @@ class UpstreamResponse:
                 f"({BUDGET.limit} bytes)", code=BUDGET_SPENT)
         self._reserved += size
 
-    async def _wait_held(self, until: float) -> None:
+    async def _wait_held(self, held: _Held) -> None:
         """:meth:`_wait` for a body that holds budget: the gap between pieces is bounded
-        as any, and the whole read by ``until`` (``UpstreamReadError`` past it)."""
-        left = until - self._loop.time()    # never more than the gap's own bound
-        if left > 0:
-            try:
-                await self._wait(left)      # its timer is the deadline's
-                return
-            except errors.UpstreamReadError:
-                pass
-        raise errors.UpstreamReadError(
-            "the backend's answer did not arrive whole within "
-            f"{self._read_timeout_s:g}s of holding memory for it")
+        as any, and each window of the read timeout must bring ``HELD_MIN_RATE`` times
+        its length (``UpstreamReadError`` otherwise)."""
+        loop = self._loop
+        now = loop.time()
+        if now >= held.window_end:
+            arrived = self._reserved + self._buffered
+            if arrived - held.window_from < HELD_MIN_RATE * self._read_timeout_s:
+                raise errors.UpstreamReadError(
+                    f"the backend's answer arrived at under {HELD_MIN_RATE} bytes/s "
+                    f"over {self._read_timeout_s:g}s while holding memory for it")
+            held.window_end, held.window_from = now + self._read_timeout_s, arrived
+        gap_end = held.last + self._read_timeout_s
+        try:    # a timer no later than either bound (never 0: that waits unbounded)
+            await self._wait(max(min(held.window_end, gap_end) - now, 0.001))
+        except errors.UpstreamReadError:
+            if gap_end <= held.window_end:
+                raise                       # silent for the read timeout
+            return                          # the window ended: judged on the next call
+        held.last = loop.time()
 
     async def read_some(self, limit: int) -> bytes:
         """Up to ``limit`` bytes of the body: what arrived first (for error details)."""
@@ -598,6 +615,19 @@ class UpstreamResponse:
             self._waiter = None
             if timer is not None:
                 timer.cancel()
+
+
+class _Held:
+    """Where a whole body that holds budget stands: its current window (of the read
+    timeout) ends at ``window_end``, having begun with ``window_from`` bytes of the body
+    arrived; ``last`` is when a piece last arrived (loop times)."""
+
+    __slots__ = ("last", "window_end", "window_from")
+
+    def __init__(self, now: float, window_s: float, arrived: int) -> None:
+        self.last = now
+        self.window_end = now + window_s
+        self.window_from = arrived
 
 
 def _first_values(raw: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:

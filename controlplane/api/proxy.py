@@ -99,6 +99,9 @@ def large(resp: web.Response) -> bool:
     return isinstance(body, bytes) and len(body) > http1.HIGH_WATER
 
 
+WRITE_PIECE = 1 << 20     # what send_whole writes, then waits to drain, at a time
+
+
 async def send_whole(request: web.Request, resp: web.Response) -> web.Response:
     """Write ``resp``, a :func:`large` whole answer, to the client, holding its size of
     the whole-answer budget (:data:`controlplane.adapters.http1.BUDGET`) until it is
@@ -108,18 +111,31 @@ async def send_whole(request: web.Request, resp: web.Response) -> web.Response:
     between: the reservation passes to the client's answer), so the backend's connection
     and its ledger ticket are released as soon as the answer was read.
 
-    The write is bounded by ``http.upstream_idle_timeout_s``, as a stream's silence is:
-    a client that does not take its answer within it has its connection aborted
-    (dropping what the transport still buffers), so no client holds the budget, and the
-    memory, for longer. A client that goes away ends the write too (the handler is
+    The client's progress is bounded, not the whole write: the body goes out in pieces
+    of :data:`WRITE_PIECE`, each awaited until the transport drained it, and each of
+    those waits (the head's and the end's too) within ``http.upstream_idle_timeout_s``,
+    as a stream's silence is. A client that keeps reading, however slow its link, gets
+    the whole answer; one that takes less than a piece within the timeout (reads
+    nothing, or trickles) has its connection aborted (dropping what the transport still
+    buffers), so no client holds the budget, and the memory, for longer than it keeps
+    taking its answer. A client that goes away ends the write too (the handler is
     cancelled, or the write fails)."""
-    held = len(cast(bytes, resp.body))
+    body = cast(bytes, resp.body)
+    held = len(body)
     http1.BUDGET.hold(held)
     ctx = request[context.CONTEXT]
+    idle = ctx.svc.settings.http.upstream_idle_timeout_s
     try:
-        async with asyncio.timeout(ctx.svc.settings.http.upstream_idle_timeout_s):
+        async with asyncio.timeout(idle):
             await resp.prepare(request)
-            await resp.write_eof()
+        view = memoryview(body)
+        for at in range(0, held, WRITE_PIECE):
+            async with asyncio.timeout(idle):   # drained: written, and under the mark
+                await resp.write(view[at:at + WRITE_PIECE])
+        async with asyncio.timeout(idle):
+            # The base's end of body: the pieces were the body (Response's own would
+            # write it again).
+            await web.StreamResponse.write_eof(resp)
     except TimeoutError:
         log.warning("the client did not take its answer within "
                     "http.upstream_idle_timeout_s: connection aborted",

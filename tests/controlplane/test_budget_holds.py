@@ -1,8 +1,10 @@
 """What the whole-answer budget (``http1.BUDGET``) covers, and for how long: a backend
-that trickles the end of a large answer holds it no longer than the read timeout, and
-a large answer still being written to a client that does not read holds it until the
-client goes away or ``http.upstream_idle_timeout_s`` passes, on the fast lane and on
-aiohttp's path alike. The budget is scaled down so that a few MiB spend it."""
+that trickles the end of a large answer holds it for about one window of the read
+timeout (below ``http1.HELD_MIN_RATE``), and a large answer still being written to a
+client that does not read holds it until the client goes away or
+``http.upstream_idle_timeout_s`` passes without the client taking a piece of it, on the
+fast lane and on aiohttp's path alike. The budget is scaled down so that a few MiB
+spend it."""
 
 from __future__ import annotations
 
@@ -111,12 +113,12 @@ async def test_a_trickling_answer_gives_the_budget_back_within_the_read_timeout(
 async def trickled(hostile: asyncio.Task[tuple[int, bytes]],
                    ask: Callable[[str, str], Awaitable[tuple[int, bytes]]],
                    b: http1.Budget) -> None:
-    """While the hostile answer trickles, the budget is spent; the read timeout ends it."""
+    """While the hostile answer trickles, the budget is spent; the rate floor ends it."""
     await until(lambda: b.held >= 5 * MIB, "the trickling answer holds budget")
     status, _ = await ask(OTHER, t.KEY_B)
     assert status == 503, "the budget is spent while the answer trickles"
-    # The read timeout (upstream_first_byte/idle_timeout_s) bounds the whole
-    # read once it holds budget: the answer fails, the budget comes back.
+    # Once it holds budget, each window of the read timeout must bring
+    # HELD_MIN_RATE of it: the trickle fails, the budget comes back.
     await until(lambda: b.held == 0, "the budget came back")
     status, body = await ask(OTHER, t.KEY_B)
     assert status == 200, body[:300]
@@ -124,7 +126,7 @@ async def trickled(hostile: asyncio.Task[tuple[int, bytes]],
     assert served, "the other tenant's answer, whole"
     status, body = await hostile
     assert status == 502, body[:300]
-    assert b"did not arrive whole" in body
+    assert b"while holding memory for it" in body
 
 
 SIZE = 16 * MIB
