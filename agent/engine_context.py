@@ -8,10 +8,11 @@ it) lists ``max_model_len`` per model in ``GET /v1/models``, the length it settl
 which the spec cannot know. Of the entries for the backend's models the smallest length
 is taken (one engine has one length; an alias listed twice says the same). An answer
 without a usable length (no such entry, or not a whole number in 1..:data:`LIMIT`; a
-status other than 200 that is not a server error) leaves the spec's explicit length
-(``commands.max_model_len``), else unknown (0). No answer (no connection, none in time,
-a broken one, a server error) is not read as one: the caller keeps the length it last
-read, as the engine may be busy or restarting, and asks again.
+status other than 200 that is neither a server error nor a refusal) leaves the spec's
+explicit length (``commands.max_model_len``), else unknown (0). No answer (no connection,
+none in time, a broken one, a server error, a 401 or 403) is not read as one: the caller
+keeps the length it last read, as the engine may be busy or restarting, or an external
+engine's key rotated (its ``/health``, open as vLLM's is, still passes), and asks again.
 
 As every call the runner makes to an engine, the request follows no redirect and carries
 the engine key for an engine the agent started; the answer is read to at most
@@ -34,6 +35,7 @@ from agent.core import commands, types
 log = logging.getLogger("agent.engine_context")
 MAX_BYTES = 1024 * 1024
 LIMIT = 2**31 - 1       # the largest length a report carries (the control plane's bound)
+REFUSED = frozenset({401, 403})    # the engine would not say: no answer, not "none"
 
 
 async def learn(session: aiohttp.ClientSession, spec: types.EngineSpec, base_url: str,
@@ -55,7 +57,7 @@ async def ask(session: aiohttp.ClientSession, base_url: str, models: Collection[
         async with session.get(base_url + "/v1/models", timeout=timeout,
                                headers=headers, allow_redirects=False) as resp:
             if resp.status != 200:
-                return None if resp.status >= 500 else 0
+                return None if resp.status >= 500 or resp.status in REFUSED else 0
             body = await engine_tasks.read_at_most(resp, MAX_BYTES)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         log.debug("%s/v1/models could not be read: %s", base_url, engine_tasks.failure(exc))

@@ -65,7 +65,10 @@ length); a stopped engine's is forgotten, and the next start asks again. While r
 asks again at the next probes after a read that got no answer (as it asks for the tasks
 it could not learn), the length last read standing meanwhile, and every
 :data:`CONTEXT_RECHECK_S` after one that did: an external engine replaced behind the same
-URL may have another length. One small bounded read a minute per backend.
+URL may have another length. One small bounded read a minute per backend. Those reads
+while ready run beside the probes (one at a time, cancelled when the engine stops), not
+in their loop: a ``/v1/models`` that takes its whole timeout would otherwise hold every
+probe that long, and an engine gone unhealthy would be noticed that much later.
 
 No request to an engine follows a redirect (``/health``, ``/metrics``, the warm-up, the
 tasks' ``/openapi.json``, ``/v1/models``; the control plane's prober follows none
@@ -175,6 +178,7 @@ class Runner:
         self._tasks_known = bool(spec.tasks)
         self.max_model_len = 0   # the running engine's (agent.engine_context); 0 = unknown
         self._context_read_at: float | None = None  # when it answered; None: ask again
+        self._context_read: asyncio.Task[None] | None = None  # a read while ready
         self.sink = process.LogSink(pathlib.Path(cfg.log_dir) / f"{spec.name}.log",
                                     cfg.log_max_bytes, cfg.log_tail_lines,
                                     secrets=(self._key,) if self._key else ())
@@ -213,6 +217,7 @@ class Runner:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await aiotasks.stop(*self._tasks[keep:])
+        await self._stop_context_read()
         # The engine has exited: a temporary compile cache it used goes with it.
         await asyncio.to_thread(self._compile_cache.remove)
         self._set(Phase.STOPPED, "stopped")
@@ -323,6 +328,7 @@ class Runner:
             probe = asyncio.create_task(self._probe_process(self._engine))
             code = await self._engine.wait()
             await aiotasks.stop(probe)
+            await self._stop_context_read()
             self._engine, self.pid, self.snapshot, self.metrics_ok = None, 0, None, False
             self.max_model_len, self._context_read_at = 0, None
             self._owner = None
@@ -368,7 +374,7 @@ class Runner:
                 if not self._tasks_known:
                     await self._learn_tasks()
                 if self._context_due():
-                    await self._learn_context()
+                    self._read_context_aside()
                 continue
             failures += 1
             if failures < self.cfg.unhealthy_after:
@@ -404,6 +410,17 @@ class Runner:
         if found != self.max_model_len:
             self.max_model_len = found
             self._hooks.on_change()
+
+    def _read_context_aside(self) -> None:
+        """A context read beside the probes (module docstring), unless one is under way."""
+        if self._context_read is None or self._context_read.done():
+            self._context_read = asyncio.create_task(
+                self._learn_context(), name=f"context-{self.spec.name}")
+
+    async def _stop_context_read(self) -> None:
+        """The read beside the probes cancelled: what it would learn is of an engine gone."""
+        read, self._context_read = self._context_read, None
+        await aiotasks.stop(read, quiet=True)
 
     def _context_due(self) -> bool:
         read_at = self._context_read_at
@@ -496,6 +513,7 @@ class Runner:
                 await self._learn_context()
                 self._set(Phase.READY, "health check passed")
                 await self._liveness()  # external backends are never restarted
+                await self._stop_context_read()
             await self._sleep_or_wake(self.cfg.probe_interval_s)
 
     # -- engine metrics ----------------------------------------------------------------

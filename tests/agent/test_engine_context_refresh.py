@@ -9,6 +9,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -24,18 +25,29 @@ from tests.http_standins import served
 
 class Engine:
     """An external engine whose ``/v1/models`` lists ``length`` (None: a server error,
-    as a busy or restarting engine gives)."""
+    as a busy or restarting engine gives), or answers ``status`` when it is not 200.
+    ``hang``: the next ``/v1/models`` waits for ``release`` and ``/health`` fails from
+    then on."""
 
     def __init__(self, length: int | None) -> None:
         self.length = length
         self.asked = 0
+        self.status = 200
+        self.hang = False
+        self.hung = 0
+        self.release = asyncio.Event()
 
     def app(self) -> web.Application:
         async def health(request: web.Request) -> web.Response:
-            return web.Response()
+            return web.Response(status=503 if self.hung else 200)
 
         async def models(request: web.Request) -> web.Response:
             self.asked += 1
+            if self.hang:
+                self.hung += 1
+                await self.release.wait()
+            if self.status != 200:
+                return web.Response(status=self.status)
             if self.length is None:
                 return web.Response(status=503)
             return web.json_response({"object": "list", "data": [
@@ -100,3 +112,49 @@ async def test_a_length_is_read_again_later_and_kept_while_the_engine_gives_no_a
             assert r.status(draining=False).max_model_len == 8192
         finally:
             await r.stop()
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refused_read_keeps_the_length_last_read(tmp_path, status: int) -> None:
+    """Review finding: an external engine whose key rotated (its ``/health`` open, as
+    vLLM's is) answers ``/v1/models`` 401 or 403; that wiped the length it had told."""
+    vt, engine, changes = VirtualTime(), Engine(4096), []
+    async with served(engine.app()) as url, aiohttp.ClientSession() as session:
+        r = _runner(tmp_path, session, url, changes, timing=vt.time,
+                    settings={"probe_interval_s": 5})
+        r.start()
+        try:
+            await drive(vt, lambda: r.phase == Phase.READY, "ready")
+            assert r.max_model_len == 4096
+            engine.status, asked, ready_at = status, engine.asked, vt.now
+            await drive(vt, lambda: vt.now - ready_at > 70, "a minute and more", within=100)
+            assert engine.asked > asked, "read again"
+            assert r.status(draining=False).max_model_len == 4096, "the last length kept"
+        finally:
+            await r.stop()
+
+
+async def test_a_read_that_hangs_does_not_hold_the_probes(tmp_path) -> None:
+    """Review finding: the runner awaited its context read between two probes, so while
+    ``/v1/models`` took its whole timeout every probe waited that long, and an engine
+    gone unhealthy meanwhile was noticed that much later. Here the read hangs for longer
+    than the test may wait: the probes go on, the engine is found unhealthy, the length
+    last read stands, and stopping the runner ends the read (nothing it tells later is
+    taken)."""
+    vt, engine, changes = VirtualTime(), Engine(4096), []
+    async with served(engine.app()) as url, aiohttp.ClientSession() as session:
+        r = _runner(tmp_path, session, url, changes, timing=vt.time,
+                    settings={"probe_interval_s": 5, "probe_timeout_s": 600})
+        r.start()
+        try:
+            await drive(vt, lambda: r.phase == Phase.READY, "ready")
+            engine.hang = True      # the next read hangs; /health fails from then on
+            await drive(vt, lambda: r.phase == Phase.UNHEALTHY, "unhealthy", within=100)
+            assert engine.hung, "the read hung while the probes went on"
+            assert r.max_model_len == 4096
+        finally:
+            await r.stop()
+        engine.length = 8192    # what the read would tell, were it still waiting
+        engine.release.set()
+        await asyncio.sleep(0.2)
+        assert r.max_model_len != 8192, "the read went on after the runner stopped"
