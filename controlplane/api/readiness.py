@@ -16,7 +16,8 @@ envelope that says "try again shortly". ``registry.ready_requires_backend: true`
 back the old rule (503 whenever no backend is routable).
 
 While the semantic cache's store is still opening (``controlplane.cache_wiring.build_l2``
-starts it at start-up, in a thread), ``/ready`` is 503 ``cache opening``, for at most
+starts it at start-up, in a thread), ``/ready`` is 503 ``cache opening`` (warning of no
+routable backend as a ready answer does), for at most
 :data:`L2_OPEN_WAIT_S` from start: the first lookups would otherwise spend their budget on
 the open and be served without the cache, but a Milvus that does not answer must not keep
 the replica out of the Service (past the wait it serves without L2, as it would anyway).
@@ -95,7 +96,8 @@ def check(svc: services_mod.Services) -> tuple[int, dict[str, Any]]:
     if state(svc).stopping:     # out of the Service before the listener closes
         return 503, {"status": "not ready", "reason": "shutting down", "backends_ready": n}
     if l2_opening(svc):
-        return 503, {"status": "not ready", "reason": "cache opening", "backends_ready": n}
+        return 503, {"status": "not ready", "reason": "cache opening", "backends_ready": n,
+                     **({"warning": "no routable backend"} if n == 0 else {})}
     if svc.settings.registry.ready_requires_backend:      # the old rule
         if n == 0:
             return 503, {"status": "not ready", "reason": "no routable backend",

@@ -64,6 +64,7 @@ async def test_ready_waits_for_the_semantic_store_to_open() -> None:
                          cache=cache_over(store)) as cp:
         status, body = await ready(cp)
         assert (status, body["reason"]) == (503, "cache opening")
+        assert body["warning"] == "no routable backend", "what an operator reads next"
         store.opened.set()
         assert (await ready(cp))[0] == 200
 
