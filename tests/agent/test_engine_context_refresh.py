@@ -6,6 +6,8 @@ replaced behind its URL), and a read that gets no answer keeps the length last r
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -68,6 +70,23 @@ def _runner(tmp_path, session: aiohttp.ClientSession, url: str, changes: list[in
                           session, hooks, "127.0.0.1", **kw)
 
 
+@contextlib.asynccontextmanager
+async def _ready(tmp_path, engine: Engine
+                 ) -> AsyncIterator[tuple[VirtualTime, runners.Runner]]:
+    """A runner of ``engine`` on virtual time, probing every 5 s, once it is ready;
+    stopped at the end."""
+    vt = VirtualTime()
+    async with served(engine.app()) as url, aiohttp.ClientSession() as session:
+        r = _runner(tmp_path, session, url, [], timing=vt.time,
+                    settings={"probe_interval_s": 5})
+        r.start()
+        try:
+            await drive(vt, lambda: r.phase == Phase.READY, "ready")
+            yield vt, r
+        finally:
+            await r.stop()
+
+
 async def test_a_length_not_read_when_the_engine_became_ready_is_read_at_the_next_probes(
         tmp_path) -> None:
     """Review finding: a read that failed when the engine became ready left its length
@@ -94,44 +113,30 @@ async def test_a_length_is_read_again_later_and_kept_while_the_engine_gives_no_a
         tmp_path) -> None:
     """An external engine replaced behind the same URL may have another length; one that
     does not answer (busy, restarting) keeps the length last read."""
-    vt, engine, changes = VirtualTime(), Engine(4096), []
-    async with served(engine.app()) as url, aiohttp.ClientSession() as session:
-        r = _runner(tmp_path, session, url, changes, timing=vt.time,
-                    settings={"probe_interval_s": 5})
-        r.start()
-        try:
-            await drive(vt, lambda: r.phase == Phase.READY, "ready")
-            assert r.max_model_len == 4096
-            engine.length, asked = None, engine.asked
-            ready_at = vt.now
-            await drive(vt, lambda: vt.now - ready_at > 70, "a minute and more", within=100)
-            assert engine.asked > asked, "read again"
-            assert r.status(draining=False).max_model_len == 4096, "the last length kept"
-            engine.length = 8192    # replaced behind the same URL
-            await drive(vt, lambda: r.max_model_len == 8192, "the new length", within=20)
-            assert r.status(draining=False).max_model_len == 8192
-        finally:
-            await r.stop()
+    engine = Engine(4096)
+    async with _ready(tmp_path, engine) as (vt, r):
+        assert r.max_model_len == 4096
+        engine.length, asked = None, engine.asked
+        ready_at = vt.now
+        await drive(vt, lambda: vt.now - ready_at > 70, "a minute and more", within=100)
+        assert engine.asked > asked, "read again"
+        assert r.status(draining=False).max_model_len == 4096, "the last length kept"
+        engine.length = 8192    # replaced behind the same URL
+        await drive(vt, lambda: r.max_model_len == 8192, "the new length", within=20)
+        assert r.status(draining=False).max_model_len == 8192
 
 
 @pytest.mark.parametrize("status", [401, 403])
 async def test_a_refused_read_keeps_the_length_last_read(tmp_path, status: int) -> None:
     """Review finding: an external engine whose key rotated (its ``/health`` open, as
     vLLM's is) answers ``/v1/models`` 401 or 403; that wiped the length it had told."""
-    vt, engine, changes = VirtualTime(), Engine(4096), []
-    async with served(engine.app()) as url, aiohttp.ClientSession() as session:
-        r = _runner(tmp_path, session, url, changes, timing=vt.time,
-                    settings={"probe_interval_s": 5})
-        r.start()
-        try:
-            await drive(vt, lambda: r.phase == Phase.READY, "ready")
-            assert r.max_model_len == 4096
-            engine.status, asked, ready_at = status, engine.asked, vt.now
-            await drive(vt, lambda: vt.now - ready_at > 70, "a minute and more", within=100)
-            assert engine.asked > asked, "read again"
-            assert r.status(draining=False).max_model_len == 4096, "the last length kept"
-        finally:
-            await r.stop()
+    engine = Engine(4096)
+    async with _ready(tmp_path, engine) as (vt, r):
+        assert r.max_model_len == 4096
+        engine.status, asked, ready_at = status, engine.asked, vt.now
+        await drive(vt, lambda: vt.now - ready_at > 70, "a minute and more", within=100)
+        assert engine.asked > asked, "read again"
+        assert r.status(draining=False).max_model_len == 4096, "the last length kept"
 
 
 async def test_a_read_that_hangs_does_not_hold_the_probes(tmp_path) -> None:

@@ -194,13 +194,13 @@ def upstream(name: str, url: str, models: list[str] | None = None,
     return {"name": name, "url": url, "models": models or [MODEL], "task": task}
 
 
-def hosted_api(chat: Callable[[web.Request], Awaitable[web.StreamResponse]]
-               ) -> web.Application:
+def hosted_api(chat: Callable[[web.Request], Awaitable[web.StreamResponse]],
+               model: str = MODEL) -> web.Application:
     """A hosted OpenAI-compatible API (upstream kind ``openai``) for :func:`served`:
-    ``chat`` answers /v1/chat/completions and /v1/models lists ``MODEL`` (what the
+    ``chat`` answers /v1/chat/completions and /v1/models lists ``model`` (what the
     prober asks a hosted API)."""
     async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": MODEL}]})
+        return web.json_response({"object": "list", "data": [{"id": model}]})
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)

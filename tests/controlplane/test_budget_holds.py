@@ -48,16 +48,6 @@ def answer(model: str, size: int) -> bytes:
             b'"completion_tokens":1,"total_tokens":2}}')
 
 
-def api(model: str, chat: Callable[[web.Request], Awaitable[web.StreamResponse]]
-        ) -> web.Application:
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": model}]})
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/v1/models", models)
-    return app
-
-
 def trickling() -> web.Application:
     """Most of a whole answer at once, then a byte at a time, each well within the
     idle timeout, never ending."""
@@ -72,7 +62,7 @@ def trickling() -> web.Application:
                 await asyncio.sleep(0.2)
                 await resp.write(b"y")
         return resp
-    return api(t.MODEL, chat)
+    return t.hosted_api(chat)
 
 
 def whole(model: str, size: int) -> web.Application:
@@ -81,7 +71,7 @@ def whole(model: str, size: int) -> web.Application:
     async def chat(request: web.Request) -> web.Response:
         await request.read()
         return web.Response(body=blob, content_type="application/json")
-    return api(model, chat)
+    return t.hosted_api(chat, model)
 
 
 def upstream(name: str, url: str, model: str) -> dict[str, object]:

@@ -20,7 +20,6 @@ from tests.controlplane.test_budget_holds import (
     MIB,
     ROUTES,
     answer,
-    api,
     budget,
     slow_client,
     upstream,
@@ -89,7 +88,7 @@ def steady(model: str, size: int) -> web.Application:
             await asyncio.sleep(PIECE_PAUSE_S)
         await resp.write_eof()
         return resp
-    return api(model, chat)
+    return t.hosted_api(chat, model)
 
 
 async def test_a_backend_sending_a_large_answer_steadily_but_slowly_is_read_whole(
