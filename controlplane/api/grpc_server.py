@@ -50,8 +50,11 @@ that cannot be taken (:func:`agent_messages.backend_problem`), or whose URL is n
 the node's own address as this stream's peer address shows it nor where
 ``registry.engine_hosts`` allows, or is a loopback one of an agent on this host outside
 the engine port range it registered (:mod:`controlplane.core.engine_hosts`; a worker
-leaves that check to its primary), is taken out of the report before the registry or the
-workers see it, with one warning per kind and stream. The
+leaves that check to its primary), or, with ``registry.node_models``, claims a model its
+node may not serve (:mod:`controlplane.core.node_models`: listed for it, or placed on it
+by ``DeployModel``; the Register's ``embed_models`` lose such a model the same way), is
+taken out of the report before the registry or the workers see it, with one warning per
+kind and stream. The
 idle upstream connections kept for a backend that leaves the registry (a report no
 longer names it, its node's stream ended) are closed, unless another backend shares its
 origin.
@@ -79,7 +82,7 @@ from controlplane import errors
 from controlplane.adapters import agent_relay, token_review
 from controlplane.api import agent_messages
 from controlplane.api import services as services_mod
-from controlplane.core import cache_salt, engine_hosts, registry, types
+from controlplane.core import cache_salt, engine_hosts, node_models, registry, types
 from protos.synapse.v1 import controlplane_pb2, controlplane_pb2_grpc
 from synapse_common import aiotasks, call_metadata, engine_key, tls_files
 from synapse_common import clock as clocks
@@ -151,6 +154,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         self._reviewing: set[str] = set()     # peers with a review in flight
         self._relayed = relayed
         self._engine_hosts = engine_hosts.Allowed.parse(svc.settings.registry.engine_hosts)
+        self._claims = node_models.Claims.parse(svc.settings.registry.node_models)
         auth = svc.settings.auth
         self._token = call_metadata.TokenCheck(auth.agent_token_value)
         shared = agent_messages.Keys(engine_key.derive(auth.agent_token_value),
@@ -223,6 +227,8 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             await abort(context, errors.BadRequest(problem))
             return
         reg = self._svc.registry
+        warned: set[str] = set()       # what this stream was warned of already
+        self._drop_refused_embedders(first.register, warned)
         info = agent_messages.node_info(first.register, caller.fallback)
         try:
             stream_id = reg.register(info, decided=caller.decided)
@@ -247,7 +253,8 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 if self._relay is not None else None)
         ended: list[_Ended] = []
         tasks = [asyncio.create_task(self._read(name, stream_id, caller, info,
-                                                request_iterator, out, copy, ended, peer)),
+                                                request_iterator, out, copy, ended, peer,
+                                                warned)),
                  asyncio.create_task(self._pump(name, stream_id, out))]
         self._svc.metrics.agent_streams.inc()
         try:
@@ -269,14 +276,15 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                     messages: AsyncIterator[controlplane_pb2.AgentMessage],
                     out: asyncio.Queue[controlplane_pb2.ControlMessage | None],
                     copy: agent_relay.RelayedStream | None, ended: list[_Ended],
-                    peer: str) -> None:
+                    peer: str, warned: set[str]) -> None:
         """``info``: the node as it registered; its engine key and engine port range
         hold for its reports until a later Register on the same stream names others. The
         copy to the workers gets reports and acks as they come, and a Register only once
         this process accepted it, with the keys decided here, and a report without the
         backends left out here. Why the stream ends, when the control plane ends it, goes
         into ``ended`` (the status the agent is told). ``peer``: the stream's peer host,
-        where the node's backends must be (:mod:`controlplane.core.engine_hosts`).
+        where the node's backends must be (:mod:`controlplane.core.engine_hosts`);
+        ``warned``: the kinds of refusal this stream was warned of already.
 
         Reports and later Registers are applied at most once per
         :data:`MIN_REPORT_GAP_S` (one gap for both): one that comes sooner waits (gRPC's
@@ -285,7 +293,6 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         writes; an agent reports every few seconds and on changes."""
         reg = self._svc.registry
         clock = self._svc.clock
-        warned: set[str] = set()       # what this stream was warned of already
         key, ports = info.engine_key, info.engine_ports
         next_report = clock()
         try:
@@ -319,7 +326,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                     reg.ack(msg.command_ack.command_id, msg.command_ack.ok,
                             msg.command_ack.error)
                 elif kind == "register":
-                    msg = self._register_again(name, stream_id, caller, msg, peer)
+                    msg = self._register_again(name, stream_id, caller, msg, peer, warned)
                     key = msg.register.engine_key or None
                     ports = agent_messages.engine_ports(msg.register)
                 if copy is not None:
@@ -360,6 +367,9 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             if why is None and not self._relayed:
                 why = engine_hosts.refusal(b.url, peer, self._engine_hosts, ports)
                 kind = "host"
+            if why is None and not self._relayed:
+                why = self._model_refusal(name, b.models)
+                kind = "model"
             if why is not None:
                 refused.append((i, kind, why))
         for _, kind, why in refused:
@@ -369,6 +379,38 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                             "stream)", name, why, extra={"node": name})
         for i, _, _ in reversed(refused):
             del rep.backends[i]
+
+    def _model_refusal(self, name: str, models: Sequence[str]) -> str | None:
+        """Why a backend of node ``name`` serving ``models`` is one it may not report
+        (:mod:`controlplane.core.node_models`; None: it may, or the check is off)."""
+        if not self._claims.checked:
+            return None
+        placed = node_models.placed_models(self._svc.fleet.intent.get(name).desired)
+        refused = self._claims.refused(name, models, placed)
+        if not refused:
+            return None
+        return (f"a backend serving model {refused[0]!r}, which registry.node_models does "
+                "not list for it and the control plane did not place on it")
+
+    def _drop_refused_embedders(self, r: controlplane_pb2.Register,
+                                warned: set[str]) -> None:
+        """Take out of ``r`` the ``embed_models`` its node may not serve
+        (:mod:`controlplane.core.node_models`): ``Node.Embed`` is sent tenants' texts for
+        them. One warning per stream; a worker takes the Register its primary trimmed."""
+        if self._relayed or not self._claims.checked:
+            return
+        refused = set(self._claims.refused(r.node_name, r.embed_models))
+        if not refused:
+            return
+        kept = [m for m in r.embed_models if m not in refused]
+        del r.embed_models[:]
+        r.embed_models.extend(kept)
+        if "embed" not in warned:
+            warned.add("embed")
+            log.warning("node %s registered an embedder for model %r, which "
+                        "registry.node_models does not list for it: not used (said once "
+                        "per stream)", r.node_name, sorted(refused)[0],
+                        extra={"node": r.node_name})
 
     def _urls_of(self, name: str) -> set[str]:
         view = self._svc.registry.node(name)
@@ -386,8 +428,8 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         self._svc.upstream.close_idle(urls, keep)
 
     def _register_again(self, name: str, stream_id: int, caller: _Caller,
-                        msg: controlplane_pb2.AgentMessage,
-                        peer: str) -> controlplane_pb2.AgentMessage:
+                        msg: controlplane_pb2.AgentMessage, peer: str,
+                        warned: set[str]) -> controlplane_pb2.AgentMessage:
         """A later Register on a node's stream: the same node, refreshed (anything else,
         or a Node-service address the node may not name, ends the stream); returns what
         the workers are sent (the keys decided here)."""
@@ -397,6 +439,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         problem = problem or self._address_problem(msg.register, peer)
         if problem is not None:
             raise _Ended(problem)
+        self._drop_refused_embedders(msg.register, warned)
         info = agent_messages.node_info(msg.register, caller.fallback)
         try:
             self._svc.registry.register(info, stream_id, decided=caller.decided)

@@ -3,13 +3,32 @@ liveness, upstream probes and readiness."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
 from pydantic import Field
 
-from controlplane.core import engine_hosts
+from controlplane.core import engine_hosts, node_models
 from synapse_common.settings import Section
+
+
+def _node_key(value: str) -> str:
+    problem = node_models.node_key_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _model_name(value: str) -> str:
+    problem = node_models.model_name_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+# checked one by one, so that a config error names the entry (registry.node_models.gpu-1.0)
+_NodeKey = Annotated[str, pydantic.AfterValidator(_node_key)]
+_ModelName = Annotated[str, pydantic.AfterValidator(_model_name)]
 
 
 class RouterSettings(Section):
@@ -45,6 +64,14 @@ class RegistrySettings(Section):
         "A backend elsewhere is not routed to, probed or scraped (one warning). "
         "Link-local addresses (169.254.0.0/16, the cloud metadata service; fe80::/10) "
         "pass only when an entry lies inside that range (controlplane/core/engine_hosts.py)")
+    node_models: dict[_NodeKey, list[_ModelName]] | None = Field(
+        None, description="models each node may serve, an opt-in check of what agents "
+        "report (none = any model). Node name -> model names as its agent reports them "
+        "(served_model_names, else the model; compared exactly, aliases play no part); "
+        "'*' lists them for every node without an entry of its own (an entry replaces "
+        "it). A node may also serve what DeployModel placed on it. A backend claiming "
+        "any other model is not routed to, probed or scraped (one warning), and such a "
+        "Register embed_models entry is dropped (controlplane/core/node_models.py)")
     upstream_probe_interval_s: float = Field(5.0, gt=0, description="static upstream health probe")
     ready_requires_backend: bool = Field(
         False, description="the old /ready: 503 whenever no backend is routable. Off, /ready "
