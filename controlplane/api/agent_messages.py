@@ -45,7 +45,7 @@ from typing import cast
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from controlplane.core import types, upstream_kinds
+from controlplane.core import node_models, types, upstream_kinds
 from protos import enums
 from protos.synapse.v1 import common_pb2, controlplane_pb2
 
@@ -58,12 +58,11 @@ MAX_TEXT = 128                      # characters of a version or a label
 MAX_CERTIFICATE_BYTES = 8 * 1024    # an agent's EC certificate is under 1 KB of PEM
 MAX_BACKENDS = 64                   # backends in one report (an agent runs a handful)
 MAX_MODELS = 64                     # models one backend serves (its served-model-names)
-MAX_MODEL_NAME = 256                # characters of a model name
-NODE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,252})")
+MAX_MODEL_NAME = node_models.MAX_MODEL_NAME     # characters of a model name
+NODE_NAME = node_models.NODE_NAME
 _HOST_PORT = re.compile(r"[A-Za-z0-9._:\[\]-]+:[0-9]{1,5}")    # an IPv6 host with or without []
 GRPC_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock"})
-_MODEL_NAME = re.compile(r"[^\x00-\x1f\x7f-\xa0\u2028\u2029\u200b-\u200f\u202a-\u202e]"
-                         f"{{1,{MAX_MODEL_NAME}}}")
+_MODEL_NAME = node_models.MODEL_NAME
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]|[\u2028\u2029\u200b-\u200f\u202a-\u202e]")
 
 

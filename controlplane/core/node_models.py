@@ -27,9 +27,10 @@ model list is one that surfaces as 404s later. The same rule covers the models a
 Register says the node's in-process embedder serves (``embed_models``, where
 ``/v1/embeddings`` and the cache send tenants' texts): each one not allowed is dropped.
 
-Names in the setting are checked as :mod:`controlplane.api.agent_messages` checks the
-names an agent reports (the same patterns, :data:`NODE_NAME` and :data:`MODEL_NAME`): an
-entry no agent could ever report is a typo, refused at start with the field named.
+The shapes of a node name and a model name (:data:`NODE_NAME`, :data:`MODEL_NAME`) have
+their one home here: :mod:`controlplane.api.agent_messages` checks the names an agent
+reports with them, and the setting's names are checked alike, so an entry no agent could
+ever report is a typo, refused at start with the field named.
 """
 
 from __future__ import annotations
