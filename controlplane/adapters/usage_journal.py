@@ -1,5 +1,5 @@
-"""Usage counts a control plane could not store when it stopped, kept on its disk until
-a later run has stored them.
+"""Usage counts a control plane could not store when it stopped, or could not store yet
+while its store fails, kept on its disk until a later run has stored them.
 
 A replica adds its pending usage counts to the shared store (Redis, or ``usage.sqlite``)
 every few seconds (``core.usage_book``), in batches each with a random id that the store
@@ -23,6 +23,12 @@ Design decisions:
   fsynced, written under a temporary name, removed on any error, and renamed whole):
   the workers of a pod stopping together never share a file, and a start never takes a
   file still being written.
+- **A spool while the store fails.** A stop's file alone left a hard kill (``kill -9``,
+  the OOM killer, a lost node) during a long outage losing every batch the outage left
+  unsent. So while a flush fails, the process also keeps its unsent batches in its own
+  :class:`Spool` file (same format and writer), rewritten only when they changed and
+  deleted once the store took them; a clean stop's file replaces it. It is taken back
+  like a stop's file, but never while its process lives (it holds it locked).
 - **Older files.** A file of the first format (one JSON list of rows per line, as in a
   ``usage_pending.jsonl`` an older release appended to, or a ``.sending`` one a kill left
   behind) has no ids: it is read as one batch whose id is the hash of the file's bytes,
@@ -75,27 +81,100 @@ def keep(path: str | os.PathLike[str], batches: Sequence[Batch]) -> pathlib.Path
     """Write ``batches`` (ids and rows) to a new file beside ``path`` (named after it) and
     return its name (raises ``OSError`` when it cannot, leaving no file behind)."""
     base = pathlib.Path(path)
-    base.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    unique = f"{stamp}-{os.getpid()}-{secrets.token_hex(4)}"
-    target = base.with_name(f"{base.name}.kept-{unique}")
-    writing = base.with_name(f".{base.name}.writing-{unique}")  # no start takes this name
+    target = base.with_name(f"{base.name}.kept-{stamp}-{os.getpid()}-{secrets.token_hex(4)}")
+    _write(target, batches, hold=False)
+    return target
+
+
+def _write(target: pathlib.Path, batches: Sequence[Batch], hold: bool) -> int:
+    """Write ``batches`` to ``target`` whole: fsynced under a temporary name no start
+    takes, then renamed over it. With ``hold``, the file is locked (``flock``) before it
+    has its name, and the returned descriptor keeps it locked; otherwise it is closed (-1).
+    Raises ``OSError``, leaving no temporary file behind."""
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    writing = target.with_name(f".{target.name}.writing-{secrets.token_hex(4)}")
     text = json.dumps({"format": FORMAT, "batches": [
         {"id": b.id, "rows": [[*key, dict(counts)] for key, counts in b.rows.items()]}
         for b in batches]}) + "\n"
     fd = os.open(writing, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        try:
-            os.write(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if hold:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        view = memoryview(text.encode())
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
         os.replace(writing, target)
     except BaseException:
+        _close(fd)
         with contextlib.suppress(OSError):
             os.unlink(writing)
         raise
-    return target
+    if hold:
+        return fd
+    _close(fd)
+    return -1
+
+
+class Spool:
+    """This process's own file of the usage it has not stored while the store fails, so
+    that a hard kill (``kill -9``, the OOM killer) in a long outage loses only what was
+    recorded since the last flush, as when the store is up, and not every batch the
+    outage left unsent.
+
+    Named ``usage_pending.jsonl.spool-<pid>-<random>`` (one name for the process's life:
+    a pid reused by a later container start never names the same file), the same format as
+    a stop's file, and taken by :func:`take` at the next start like one. It is held under
+    an exclusive ``flock`` for as long as this process owns it (locked before it gets its
+    name, so there is no moment a sibling worker starting could take it); the kernel drops
+    the lock when the process dies, and the next start takes it. Each write replaces the
+    whole file (:func:`_write`), and only when what it would hold changed, so an outage
+    with no traffic writes nothing."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        base = pathlib.Path(path)
+        self.name = base.with_name(
+            f"{base.name}.spool-{os.getpid()}-{secrets.token_hex(4)}")
+        self._fd = -1                          # the file's, locked; -1 when there is none
+        self._held: list[Batch] = []           # what the file holds
+
+    def __bool__(self) -> bool:
+        return self._fd >= 0
+
+    def write(self, batches: Sequence[Batch]) -> bool:
+        """Make the file hold ``batches`` (none: delete it); False when it held them
+        already. Raises ``OSError`` (the file as it was, or none)."""
+        batches = list(batches)
+        if not batches:
+            return self.clear()
+        if self._fd >= 0 and batches == self._held:
+            return False
+        fd = _write(self.name, batches, hold=True)
+        _close(self._fd)                       # the file it replaced
+        self._fd, self._held = fd, batches
+        return True
+
+    def clear(self) -> bool:
+        """Delete the file (its batches are stored, or kept in another file); False when
+        there was none. Raises ``OSError`` when it cannot be deleted: then it is let go
+        (unlocked), for a later start that sends its ids again, which count nothing."""
+        if self._fd < 0:
+            return False
+        try:
+            os.unlink(self.name)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            self.release()
+            raise
+        self.release()
+        return True
+
+    def release(self) -> None:
+        """Let the file go as it is, for a later start (never raises)."""
+        _close(self._fd)
+        self._fd, self._held = -1, []
 
 
 @dataclasses.dataclass(slots=True)
@@ -116,6 +195,10 @@ class Carried:
 
     def __bool__(self) -> bool:
         return bool(self._held)
+
+    def ids(self) -> set[str]:
+        """The batch ids the held files hold (on disk already)."""
+        return {ident for held in self._held for ident in held.ids}
 
     @property
     def rows(self) -> Summed:
@@ -284,5 +367,6 @@ def _sum_into(out: Summed, rows: Any) -> int:
 
 
 def _close(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)

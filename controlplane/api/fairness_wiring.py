@@ -7,7 +7,11 @@ attaches it to the services (``svc.fairness``) and adds the cleanup context that
 ``redis.url`` is set, moves token limits and usage to Redis (shared by every replica),
 without Redis keeps usage and the budgets' spend in ``data_dir`` (``usage.sqlite``, written
 by the usage flush loop, restored at start-up: :mod:`controlplane.adapters.usage_db`),
-runs the usage flush loop and stops the queue's pumps. The coalescer sits beside the
+runs the usage flush loop and stops the queue's pumps. While the usage store fails, each
+flush also keeps what it could not store in this process's spool file in ``data_dir``
+(:class:`usage_journal.Spool`), so a hard kill during an outage loses only what was
+recorded since the last flush; a clean stop writes its own file and removes the spool,
+and the next start takes both back (:func:`_restore`). The coalescer sits beside the
 response cache (``fairness.coalesce``). Metrics (``synapse_tokens_total``, the queue's
 depth and wait, coalescing) are recorded through the small observers here.
 """
@@ -203,6 +207,7 @@ async def _ctx(app: web.Application) -> AsyncIterator[None]:
     client = _use_redis(svc, fair)
     disk = _use_disk(svc, fair) if client is None else None
     carried = _restore(svc, fair.book) if fair.book is not None else None
+    spool = usage_journal.Spool(_journal(svc)) if fair.book is not None else None
     failures = FlushFailures(svc.clock)
     if fair.book is not None or disk is not None:
         wake = None
@@ -211,17 +216,19 @@ async def _ctx(app: web.Application) -> AsyncIterator[None]:
             fair.limiter.local.on_budget_spent = wake.set
         app[_FLUSHER] = asyncio.get_running_loop().create_task(_flush_loop(
             svc, fair, disk, svc.settings.fairness.usage.flush_interval_s, wake, failures,
-            carried))
+            carried, spool))
     yield
     if _FLUSHER in app:
         app[_FLUSHER].cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await app[_FLUSHER]
-        await _flush(svc, fair, disk, failures, carried)    # what is pending, once more
+        await _flush(svc, fair, disk, failures, carried, spool)    # pending, once more
         if fair.book is not None:
-            _keep(svc, fair.book, carried)
+            _keep(svc, fair.book, carried, spool)
     if carried is not None:
         carried.release()
+    if spool is not None:
+        spool.release()
     if disk is not None:
         disk.close()
     if fair.gate is not None:
@@ -275,10 +282,11 @@ async def _flush_loop(svc: services_mod.Services, fair: fairness.Fairness,
                       disk: usage_db.UsageDb | None, interval_s: float,
                       wake: asyncio.Event | None = None,
                       failures: FlushFailures | None = None,
-                      carried: usage_journal.Carried | None = None) -> None:
+                      carried: usage_journal.Carried | None = None,
+                      spool: usage_journal.Spool | None = None) -> None:
     while True:
         await _pause(interval_s, wake)
-        await _flush(svc, fair, disk, failures, carried)
+        await _flush(svc, fair, disk, failures, carried, spool)
 
 
 async def _pause(interval_s: float, wake: asyncio.Event | None) -> None:
@@ -314,14 +322,17 @@ def _restore(svc: services_mod.Services,
 
 
 def _keep(svc: services_mod.Services, book: usage_book.UsageBook,
-          carried: usage_journal.Carried | None = None) -> None:
+          carried: usage_journal.Carried | None = None,
+          spool: usage_journal.Spool | None = None) -> None:
     """At a stop, keep on disk, with their batch ids, what the store could not take (its
-    last flush failed); the files taken at start go once their batches are in the new
-    one. Never raises: a file that cannot be written or deleted is logged."""
+    last flush failed); the files taken at start and this process's spool go once their
+    batches are in the new one (never before). Never raises: a file that cannot be
+    written or deleted is logged."""
     batches = book.batches()
     if not batches:
         if carried is not None:
             carried.done()
+        _drop_spool(spool)
         return
     path = _journal(svc)
     rows = sum(len(b.rows) for b in batches)
@@ -330,13 +341,46 @@ def _keep(svc: services_mod.Services, book: usage_book.UsageBook,
     except OSError as exc:
         if carried is not None:
             carried.release()   # the batches taken at start stay for the next start
-        log.error("%d usage row(s) could not be stored and are lost: the usage store "
-                  "failed and %s could not be written (%s)", rows, path, exc)
+        if spool is not None:
+            spool.release()     # and those spooled while the store failed
+        log.error("%d usage row(s) could not be stored: the usage store failed and %s "
+                  "could not be written (%s); those recorded since the spool file was "
+                  "last written are lost", rows, path, exc)
         return
     if carried is not None:
         carried.done()
+    _drop_spool(spool)
     log.error("%d usage row(s) could not be stored (the usage store failed); kept in %s "
               "and added at the next start", rows, kept)
+
+
+def _spool(book: usage_book.UsageBook, carried: usage_journal.Carried | None,
+           spool: usage_journal.Spool, warn: FlushFailures) -> None:
+    """After a flush: while a batch is not stored (the store fails), keep on disk in this
+    process's spool what is neither stored nor in a file taken at start, so a hard kill
+    loses only what was recorded since this flush; once the store took every batch,
+    delete the spool. Never raises: a write that fails is warned of like a failing flush,
+    and the next flush tries again."""
+    if not book.unsent_ids():
+        _drop_spool(spool)
+        return
+    on_disk = carried.ids() if carried is not None else set()
+    try:
+        spool.write([b for b in book.spooled() if b.id not in on_disk])
+    except Exception as exc:    # whatever it is, the flush loop goes on
+        warn.failed("spool", f"usage not stored could not be written to {spool.name}, "
+                    "so a hard kill would lose it", exc)
+
+
+def _drop_spool(spool: usage_journal.Spool | None) -> None:
+    if spool is None:
+        return
+    try:
+        spool.clear()
+    except OSError as exc:
+        log.error("usage spooled in %s is stored (or kept in a newer file) but the file "
+                  "cannot be deleted (%s): the next start sends it again, and the store "
+                  "counts it once", spool.name, exc)
 
 
 class FlushFailures:
@@ -372,7 +416,8 @@ FLUSH_ERROR_CHARS = 300         # of the store's error quoted in a warning
 async def _flush(svc: services_mod.Services, fair: fairness.Fairness,
                  disk: usage_db.UsageDb | None = None,
                  failures: FlushFailures | None = None,
-                 carried: usage_journal.Carried | None = None) -> None:
+                 carried: usage_journal.Carried | None = None,
+                 spool: usage_journal.Spool | None = None) -> None:
     warn = failures or FlushFailures(svc.clock)
     if disk is not None:
         local = fair.limiter.local
@@ -394,6 +439,8 @@ async def _flush(svc: services_mod.Services, fair: fairness.Fairness,
     finally:
         if carried is not None:     # the files whose batches are all stored go
             carried.settle(fair.book.unsent_ids())
+        if spool is not None:
+            _spool(fair.book, carried, spool, warn)
 
 
 # -- reading usage (stats, Admin) ---------------------------------------------------------

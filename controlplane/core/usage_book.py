@@ -26,6 +26,15 @@ the counts recorded meanwhile go to a new pending set and never into a batch alr
 tried. A retry is then harmless, whatever the first try did. Bounded: the rows of the
 unsent batches and the pending ones are at most :data:`PENDING_MAX`; a store down for
 long drops new rows beyond it, counted, rather than growing memory.
+
+Kept on disk while the store fails (:meth:`UsageBook.spooled`): while an older batch
+fails, the counts recorded meanwhile wait in the pending set, merged by row (so a long
+outage holds one row per day, tenant and model, not one per flush). To put them on disk
+with the unsent batches they are given the id they will be sent by, reserved at once;
+the pending set may still grow under that id, which is safe because no store has seen it
+yet: a file holding an earlier, smaller version of it is either superseded by a newer
+file or, after a kill, sent by that id in its place (what was recorded since is what a
+kill loses anyway).
 """
 
 from __future__ import annotations
@@ -221,6 +230,7 @@ class UsageBook:
         self._pending: dict[RowKey, Counts] = {}
         self._unsent: list[Batch] = []      # tried and failed, oldest first: sent as they are
         self._unsent_rows = 0
+        self._pending_id: str | None = None     # reserved once the pending set was on disk
         self.dropped = 0            # rows lost while the store failed
 
     def record(self, tenant: str, model: str, counts: Counts) -> None:
@@ -244,8 +254,7 @@ class UsageBook:
             self._unsent_rows -= len(batch.rows)
         if not self._pending:
             return
-        batch = Batch(batch_id(), self.pending_rows())
-        self._pending = {}
+        batch = self._take_pending()
         try:
             await self.store.add(batch.rows, batch.id)
         except BaseException:
@@ -267,11 +276,28 @@ class UsageBook:
         """What is not stored, as batches to keep: the unsent ones with their ids, and the
         pending counts as a new one (taken: a later flush sends them by that id)."""
         if self._pending:
-            batch = Batch(batch_id(), self.pending_rows())
-            self._pending = {}
+            batch = self._take_pending()
             self._unsent.append(batch)
             self._unsent_rows += len(batch.rows)
         return list(self._unsent)
+
+    def spooled(self) -> list[Batch]:
+        """What is not stored, as batches to write to disk while the store fails, without
+        taking anything: the unsent batches, and the pending counts as a batch by the id
+        reserved for them (the id the flush that takes them sends them by, so a file
+        holding them and the store never count them twice)."""
+        out = list(self._unsent)
+        if self._pending:
+            if self._pending_id is None:
+                self._pending_id = batch_id()
+            out.append(Batch(self._pending_id, self.pending_rows()))
+        return out
+
+    def _take_pending(self) -> Batch:
+        batch = Batch(self._pending_id or batch_id(), self.pending_rows())
+        self._pending = {}
+        self._pending_id = None
+        return batch
 
     def unsent_ids(self) -> set[str]:
         return {b.id for b in self._unsent}

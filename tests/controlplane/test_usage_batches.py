@@ -86,6 +86,36 @@ async def test_recordings_during_a_failing_store_wait_and_are_bounded(
     assert len(book.batches()) == 2
 
 
+async def test_pending_counts_spooled_by_their_reserved_id_count_once_whichever_copy_lands(
+        store: usage_book.UsageStore) -> None:
+    """While the store fails, the counts waiting behind the failing batch are spooled by
+    the id reserved for them, and may grow under it: the flush that sends them later (more
+    of them, same id) and a restart sending the smaller copy a kill left on disk count
+    them once, the larger copy's."""
+    day = usage_book.day_of(clocks.wall())
+    book = usage_book.UsageBook(LostAnswers(store, 2))
+    book.record("a", "m", usage_book.Counts(requests=1))
+    with pytest.raises(TimeoutError):
+        await book.flush()                      # applied, answer lost: unsent
+    book.record("a", "m", usage_book.Counts(requests=2))
+    with pytest.raises(TimeoutError):
+        await book.flush()                      # the unsent batch again; these wait
+    first, waiting = book.spooled()             # on disk: the failing batch, the waiting
+    assert dict(waiting.rows)[(day, "a", "m")]["requests"] == 2
+    book.record("a", "m", usage_book.Counts(requests=4))
+    assert book.spooled() == [first, usage_book.Batch(waiting.id, book.pending_rows())]
+    await book.flush()                          # the store is back: sent by that same id
+    assert book.pending() == {} and book.spooled() == []
+    again = usage_book.UsageBook(store)         # a kill before the spool went: a restart
+    again.restore([first, waiting])
+    await again.flush()
+    (row,) = await again.query("a")
+    assert row.counts.requests == 7
+    book.record("a", "m", usage_book.Counts(requests=8))
+    (fresh,) = book.spooled()
+    assert fresh.id not in (first.id, waiting.id)   # a new pending set, a new id
+
+
 @pytest.fixture
 async def redis_store(redis_server: harness.RedisServer,
                       ) -> AsyncIterator[tuple[redis_usage.RedisUsageStore, Any]]:

@@ -18,6 +18,7 @@ import pytest
 
 from controlplane.adapters import usage_db, usage_journal
 from controlplane.api import fairness_wiring
+from controlplane.api import services as services_mod
 from controlplane.core import usage_book
 from synapse_common import clock as clocks
 from tests import harness
@@ -258,3 +259,225 @@ async def test_a_read_only_data_dir_counts_the_kept_usage_once_over_many_starts(
     assert stored[(day, "b", "llama")]["requests"] == 3
     assert len(files(tmp_path)) == 1
     assert sum("cannot be deleted" in r.getMessage() for r in caplog.records) == 3
+
+
+# -- the spool: what a failing store left unsent survives a hard kill ---------------------
+
+
+class Switch:
+    """A usage store that fails while ``down`` (an outage) and stores, once per batch id,
+    when it is back."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.stored = usage_book.MemoryUsageStore()
+
+    async def add(self, rows: usage_book.PlainRows, batch_id: str) -> None:
+        if self.down:
+            raise ConnectionError("usage store unreachable")
+        await self.stored.add(rows, batch_id)
+
+    async def read(self, days: Any, tenant: str | None) -> Any:
+        return await self.stored.read(days, tenant)
+
+
+def start(tmp_path: pathlib.Path, store: Any) -> Any:
+    """A process's fairness state (not its app): its services and its usage book on
+    ``store``."""
+    svc = services_mod.build(t.settings(data_dir=str(tmp_path)))
+    fair = fairness_wiring.get(svc)
+    assert fair.book is not None
+    fair.book.store = store
+    return svc, fair
+
+
+def spools(folder: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(folder.glob(usage_journal.FILE + ".spool-*"))
+
+
+KILLED_IN_AN_OUTAGE = """
+import asyncio, os, signal, sys
+from controlplane.adapters import usage_journal
+from controlplane.api import fairness_wiring
+from controlplane.api import services as services_mod
+from controlplane.core import usage_book
+from tests.controlplane import test_usage_journal as here
+
+async def main() -> None:
+    svc, fair = here.start(here.pathlib.Path(sys.argv[1]), here.Switch())
+    spool = usage_journal.Spool(fairness_wiring._journal(svc))
+    failures = fairness_wiring.FlushFailures(svc.clock)
+    for i in range(5):          # the store is down for five flushes, traffic goes on
+        fair.book.record("a", "llama", usage_book.Counts(requests=1, cost=0.5))
+        if i == 2:
+            fair.book.record("b", "llama", usage_book.Counts(requests=4))
+        await fairness_wiring._flush(svc, fair, None, failures, None, spool)
+    fair.book.record("a", "llama", usage_book.Counts(requests=100))  # since the last flush
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+def killed_in_an_outage(folder: pathlib.Path) -> None:
+    root = str(pathlib.Path(__file__).resolve().parents[2])     # for ``tests``
+    done = subprocess.run([sys.executable, "-c", KILLED_IN_AN_OUTAGE, str(folder)],
+                          check=False, timeout=120, cwd=root,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == -signal.SIGKILL
+
+
+async def test_usage_a_failing_store_left_unsent_survives_a_kill_and_is_stored_once(
+        tmp_path: pathlib.Path) -> None:
+    """The gap: a store down for long, then ``kill -9`` (no stop, no kept file) lost every
+    batch the outage left unsent. Now each failing flush spools them, and the next start
+    takes them back; a kill loses only what was recorded since the last flush."""
+    killed_in_an_outage(tmp_path)
+    assert len(spools(tmp_path)) == 1
+    day = usage_book.day_of(clocks.wall())
+    store = usage_book.MemoryUsageStore()
+    expected = {(day, "a", "llama"): {**usage_book.Counts(requests=5, cost=2.5).as_dict()},
+                (day, "b", "llama"): {**usage_book.Counts(requests=4).as_dict()}}
+    for _ in range(2):          # the first start is killed after its flush, before settle
+        svc, fair = start(tmp_path, store)
+        carried = fairness_wiring._restore(svc, fair.book)
+        assert carried is not None and carried.rows.keys() == expected.keys()
+        await fair.book.flush()
+        carried.release()
+        assert await store.read([day], None) == expected    # once, whatever is sent again
+    svc, fair = start(tmp_path, store)
+    spool = usage_journal.Spool(fairness_wiring._journal(svc))
+    carried = fairness_wiring._restore(svc, fair.book)
+    await fairness_wiring._flush(svc, fair, None, None, carried, spool)
+    assert files(tmp_path) == [] and not spool
+    assert await store.read([day], None) == expected
+
+
+async def test_the_spool_is_rewritten_when_what_is_unsent_changes_and_deleted_once_stored(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Switch()
+    svc, fair = start(tmp_path, store)
+    spool = usage_journal.Spool(fairness_wiring._journal(svc))
+    real, writes = usage_journal._write, []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        writes.append(args[0])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(usage_journal, "_write", counted)
+
+    async def flush() -> None:
+        await fairness_wiring._flush(svc, fair, None, None, None, spool)
+
+    await flush()                               # nothing recorded: nothing to keep
+    assert writes == [] and spools(tmp_path) == []
+    fair.book.record("a", "llama", usage_book.Counts(requests=1))
+    await flush()
+    assert len(writes) == 1 and spools(tmp_path) == [spool.name]
+    assert spool.name.stat().st_mode & 0o777 == 0o600
+    for _ in range(3):                          # the outage goes on, no traffic
+        await flush()
+    assert len(writes) == 1
+    fair.book.record("a", "llama", usage_book.Counts(requests=2))
+    await flush()                               # new counts wait behind the failing batch
+    assert len(writes) == 2
+    on_disk = json.loads(spool.name.read_text())["batches"]
+    assert [b["id"] for b in on_disk] == [b.id for b in fair.book.spooled()]
+    await flush()
+    assert len(writes) == 2
+    store.down = False
+    await flush()
+    assert spools(tmp_path) == [] and not spool and len(writes) == 2
+    day = usage_book.day_of(clocks.wall())
+    assert (await store.read([day], None))[(day, "a", "llama")]["requests"] == 3
+    store.down = True                           # a new outage: a new file, as before
+    fair.book.record("a", "llama", usage_book.Counts(requests=1))
+    await flush()
+    assert spools(tmp_path) == [spool.name] and len(writes) == 3
+    spool.release()
+
+
+async def test_a_spool_write_that_fails_is_warned_of_and_the_flushes_go_on(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    store = Switch()
+    svc, fair = start(tmp_path, store)
+    spool = usage_journal.Spool(fairness_wiring._journal(svc))
+    failures = fairness_wiring.FlushFailures(svc.clock)
+    real = os.fsync
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with caplog.at_level(logging.WARNING, "synapse.controlplane.fairness"):
+        for _ in range(4):
+            fair.book.record("a", "llama", usage_book.Counts(requests=1))
+            await fairness_wiring._flush(svc, fair, None, failures, None, spool)
+    spooled = [r.getMessage() for r in caplog.records if str(spool.name) in r.getMessage()]
+    assert len(spooled) == 1 and "No space left on device" in spooled[0]
+    assert os.listdir(tmp_path) == []           # no spool, no temporary file
+    monkeypatch.setattr(os, "fsync", real)
+    await fairness_wiring._flush(svc, fair, None, failures, None, spool)   # written now
+    assert spools(tmp_path) == [spool.name]
+    store.down = False
+    await fairness_wiring._flush(svc, fair, None, failures, None, spool)
+    day = usage_book.day_of(clocks.wall())
+    assert (await store.read([day], None))[(day, "a", "llama")]["requests"] == 4
+    assert spools(tmp_path) == []
+
+
+async def test_a_sibling_worker_starting_never_takes_a_live_workers_spool(
+        tmp_path: pathlib.Path) -> None:
+    """Workers of one pod share ``data_dir``: one that starts while another spools (the
+    store down) must not take its batches, or both would hold them."""
+    svc, fair = start(tmp_path, Switch())
+    spool = usage_journal.Spool(fairness_wiring._journal(svc))
+    for _ in range(3):
+        fair.book.record("a", "llama", usage_book.Counts(requests=1))
+        await fairness_wiring._flush(svc, fair, None, None, None, spool)
+        sibling_svc, sibling = start(tmp_path, Switch())
+        taken = fairness_wiring._restore(sibling_svc, sibling.book)
+        assert taken is not None and taken.rows == {} and sibling.book.pending() == {}
+        assert spools(tmp_path) == [spool.name]
+    spool.release()                             # the worker is killed: the kernel unlocks
+    again = usage_journal.take(fairness_wiring._journal(svc))
+    day = usage_book.day_of(clocks.wall())
+    assert again.rows[(day, "a", "llama")]["requests"] == 3
+    again.release()
+
+
+async def test_a_stop_keeps_what_the_spool_held_in_its_own_file_and_then_drops_the_spool(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    svc, fair = start(tmp_path, Switch())
+    spool = usage_journal.Spool(fairness_wiring._journal(svc))
+    fair.book.record("a", "llama", usage_book.Counts(requests=1))
+    await fairness_wiring._flush(svc, fair, None, None, None, spool)
+    fair.book.record("a", "llama", usage_book.Counts(requests=2))
+    await fairness_wiring._flush(svc, fair, None, None, None, spool)
+    fair.book.record("b", "llama", usage_book.Counts(requests=5))     # since the last flush
+
+    def refused(*args: Any) -> Any:
+        raise OSError(errno.EROFS, "Read-only file system")
+    with monkeypatch.context() as m:            # a stop that cannot write its file
+        m.setattr(usage_journal, "keep", refused)
+        fairness_wiring._keep(svc, fair.book, None, spool)
+    assert spools(tmp_path) == [spool.name]     # still there, and let go for a later start
+    day = usage_book.day_of(clocks.wall())
+    taken = usage_journal.take(fairness_wiring._journal(svc))
+    assert taken.rows == {(day, "a", "llama"): {**usage_book.Counts(requests=3).as_dict()}}
+    taken.release()
+    (earlier,) = spools(tmp_path)
+    svc, fair = start(tmp_path, Switch())       # the next start, the store still down
+    spool = usage_journal.Spool(fairness_wiring._journal(svc))
+    carried = fairness_wiring._restore(svc, fair.book)
+    fair.book.record("b", "llama", usage_book.Counts(requests=5))
+    await fairness_wiring._flush(svc, fair, None, None, carried, spool)
+    assert spools(tmp_path) == sorted([earlier, spool.name])
+    (own,) = json.loads(spool.name.read_text())["batches"]      # not what it took back
+    assert own["rows"] == [[day, "b", "llama", usage_book.Counts(requests=5).as_dict()]]
+    fairness_wiring._keep(svc, fair.book, carried, spool)
+    (only,) = files(tmp_path)
+    assert ".kept-" in only.name
+    taken = usage_journal.take(fairness_wiring._journal(svc))
+    assert taken.rows == {(day, "a", "llama"): {**usage_book.Counts(requests=3).as_dict()},
+                          (day, "b", "llama"): {**usage_book.Counts(requests=5).as_dict()}}
+    taken.release()
