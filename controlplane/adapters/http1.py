@@ -71,6 +71,19 @@ Rules:
   long that takes above the floor. The client's copy holds the budget on until it is
   written, its progress bounded in the same spirit (:func:`Budget.hold`; ``send_whole``
   of :mod:`controlplane.api.proxy`).
+- **One tenant's share.** Tenants are adversaries: one asking for huge answers (or reading
+  them slowly) would otherwise spend the budget, have every other tenant's large answers
+  refused, and read in its own refusals how much the others hold. So one tenant's answers
+  hold at most :data:`TENANT_SHARE` at once, half the budget: a tenant alone never spends
+  it, and what it may hold still fits one :data:`MAX_WHOLE_BODY` answer. A tenant over its
+  share is refused as a spent budget is (the same code, the same 503), and only that
+  tenant; two tenants together can still spend the budget. The reading side charges the
+  tenant the handler named (:func:`charge`, a context variable, so the transport's
+  interface carries no tenant; Synapse's own reads are the tenant ``""``), and each answer
+  keeps the tenant it was made for, to give its reservation back under the same key; the
+  client's copy (``send_whole``) holds its size under the request's tenant. The share is
+  per process, as the budget is; a constant, not a setting, for it follows from the two
+  bounds above.
 - **A bounded head.** httptools sets no limit on a head: a backend (a compromised engine
   runs tenants' inputs) could send headers without end, or one header of a gigabyte, and
   only the first-byte limit stopped it. A head of more than :data:`MAX_HEADERS` lines, or
@@ -88,6 +101,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import itertools
 import logging
 import os
@@ -108,6 +122,8 @@ LOW_WATER = 64 * 1024
 MAX_WHOLE_BODY = 256 * 1024 * 1024   # a whole (non-streamed) answer read into memory
 # What whole answers may hold in memory at once, in one process (see "Whole answers").
 WHOLE_BODIES_BUDGET = 512 * 1024 * 1024
+# What one tenant's whole answers may hold at once, in one process (see "Whole answers").
+TENANT_SHARE = WHOLE_BODIES_BUDGET // 2
 # The slowest a whole body that holds budget may arrive, on average over each window of
 # the read timeout (see "Whole answers"): half a megabit a second.
 HELD_MIN_RATE = 64 * 1024
@@ -182,32 +198,62 @@ def mapped() -> Iterator[None]:
 
 
 class Budget:
-    """Bytes that whole answers hold in memory, at most ``limit`` at once."""
+    """Bytes that whole answers hold in memory, at most ``limit`` at once, and at most
+    ``share`` of them for one tenant (``tenants``: what each tenant holds, only those
+    that hold some)."""
 
-    __slots__ = ("held", "limit")
+    __slots__ = ("held", "limit", "share", "tenants")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, share: int) -> None:
         self.limit = limit
+        self.share = share
         self.held = 0
+        self.tenants: dict[str, int] = {}
 
-    def take(self, size: int) -> bool:
-        """Reserve ``size`` bytes; False (nothing reserved) when they do not fit."""
-        if self.held + size > self.limit:
+    def take(self, size: int, tenant: str) -> bool:
+        """Reserve ``size`` bytes for ``tenant``; False (nothing reserved) when they do
+        not fit in the budget or in the tenant's share."""
+        if not size:        # no entry for a tenant that holds nothing
+            return True
+        mine = self.tenants.get(tenant, 0)
+        if self.held + size > self.limit or mine + size > self.share:
             return False
         self.held += size
+        self.tenants[tenant] = mine + size
         return True
 
-    def hold(self, size: int) -> None:
-        """Reserve ``size`` bytes whether or not they fit: a reservation passed on (a
-        whole answer's, from its upstream response to its client's), whose first holder
-        gives its own back right after."""
+    def hold(self, size: int, tenant: str) -> None:
+        """Reserve ``size`` bytes for ``tenant`` whether or not they fit: a reservation
+        passed on (a whole answer's, from its upstream response to its client's), whose
+        first holder gives its own back right after."""
         self.held += size
+        self.tenants[tenant] = self.tenants.get(tenant, 0) + size
 
-    def give(self, size: int) -> None:
+    def give(self, size: int, tenant: str) -> None:
+        """Give back ``size`` bytes ``tenant`` reserved (a tenant left at zero is
+        forgotten, so the table holds only the tenants holding budget)."""
         self.held -= size
+        left = self.tenants[tenant] - size
+        if left:
+            self.tenants[tenant] = left
+        else:
+            del self.tenants[tenant]
 
 
-BUDGET = Budget(WHOLE_BODIES_BUDGET)
+BUDGET = Budget(WHOLE_BODIES_BUDGET, TENANT_SHARE)
+# The tenant whose request reads the upstream answers made in this context: set by the
+# handler before it dispatches (:func:`charge`). An answer keeps the tenant it was made
+# for, so its reservation goes back to the tenant it was taken from whatever the context
+# says by then.
+TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("synapse_budget_tenant",
+                                                             default="")
+
+
+def charge(tenant: str) -> None:
+    """Charge the whole answers of the upstream requests made from here on, in this
+    context, to ``tenant``'s share of :data:`BUDGET`. aiohttp runs each request's
+    handler in a task of its own, so what a handler sets ends with its request."""
+    TENANT.set(tenant)
 
 
 class Target:
@@ -396,6 +442,7 @@ class UpstreamResponse:
         self._content_type: str | None = None
         self._index: dict[bytes, bytes] | None = None   # index_headers, once the head came
         self._reserved = 0              # bytes of BUDGET this answer's body holds
+        self._tenant = TENANT.get()     # whose share they count against
 
     # -- what the caller reads -----------------------------------------------------------
     @property
@@ -460,10 +507,10 @@ class UpstreamResponse:
             raise errors.UpstreamProtocolError(
                 f"the backend's answer is over {MAX_WHOLE_BODY} bytes",
                 code="upstream_too_large")
-        if not BUDGET.take(size):
+        if not BUDGET.take(size, self._tenant):
             raise errors.UpstreamProtocolError(
                 "the backend's answer does not fit in what whole answers may hold at once "
-                f"({BUDGET.limit} bytes)", code=BUDGET_SPENT)
+                f"({BUDGET.limit} bytes, {BUDGET.share} for one tenant)", code=BUDGET_SPENT)
         self._reserved += size
 
     async def _wait_held(self, held: _Held) -> None:
@@ -514,7 +561,7 @@ class UpstreamResponse:
             return
         self._released = True
         if self._reserved:
-            BUDGET.give(self._reserved)
+            BUDGET.give(self._reserved, self._tenant)
             self._reserved = 0
         reusable = (self.complete and self._keep_alive and self._exc is None
                     and self._conn.reusable)

@@ -68,6 +68,7 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
     fallback model says so (``x-synapse-fallback: A->B``) and is never cached."""
     ctx = request[context.CONTEXT]
     svc = ctx.svc
+    http1.charge(ctx.tenant)
     async with svc.dispatcher.exchange(route, prompt, path, body, ctx.request_id,
                                        chain=chain, requested=requested,
                                        engine_id=ctx.engine_id) as attempt:
@@ -104,9 +105,10 @@ WRITE_PIECE = 1 << 20     # what send_whole writes, then waits to drain, at a ti
 
 async def send_whole(request: web.Request, resp: web.Response) -> web.Response:
     """Write ``resp``, a :func:`large` whole answer, to the client, holding its size of
-    the whole-answer budget (:data:`controlplane.adapters.http1.BUDGET`) until it is
-    written: what aiohttp or the fast lane still holds of an answer for a client that
-    reads slowly is memory as the answer read from the backend was. Called once the
+    the whole-answer budget (:data:`controlplane.adapters.http1.BUDGET`), charged to the
+    request's tenant as its upstream response's reservation was, until it is written:
+    what aiohttp or the fast lane still holds of an answer for a client that reads
+    slowly is memory as the answer read from the backend was. Called once the
     attempt settled, which gave back what its upstream response reserved (with no wait
     between: the reservation passes to the client's answer), so the backend's connection
     and its ledger ticket are released as soon as the answer was read.
@@ -122,8 +124,9 @@ async def send_whole(request: web.Request, resp: web.Response) -> web.Response:
     cancelled, or the write fails)."""
     body = cast(bytes, resp.body)
     held = len(body)
-    http1.BUDGET.hold(held)
     ctx = request[context.CONTEXT]
+    tenant = ctx.tenant
+    http1.BUDGET.hold(held, tenant)
     idle = ctx.svc.settings.http.upstream_idle_timeout_s
     try:
         async with asyncio.timeout(idle):
@@ -144,7 +147,7 @@ async def send_whole(request: web.Request, resp: web.Response) -> web.Response:
         if request.transport is not None:
             request.transport.abort()
     finally:
-        http1.BUDGET.give(held)
+        http1.BUDGET.give(held, tenant)
     return resp
 
 

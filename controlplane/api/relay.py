@@ -24,6 +24,7 @@ import orjson
 from aiohttp import web
 
 from controlplane import errors
+from controlplane.adapters import http1
 from controlplane.api import context, fairness, proxy
 from controlplane.core import dispatch, sse, stream_shapes
 from controlplane.core import router as router_mod
@@ -89,6 +90,7 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
     services' own unless an upload brings one with its own transport)."""
     svc, ctx = context.of(request)
     d = dispatcher or svc.dispatcher
+    http1.charge(ctx.tenant)
     async with d.exchange(route, prompt, path, body, ctx.request_id,
                           engine_id=ctx.engine_id) as attempt:
         ctx.backend = attempt.backend.key

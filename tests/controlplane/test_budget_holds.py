@@ -28,13 +28,15 @@ WAIT_S = 15.0       # how long a test waits for what must happen (a failure othe
 
 
 @contextlib.contextmanager
-def budget(limit: int) -> Iterator[http1.Budget]:
-    held, old = http1.BUDGET, http1.BUDGET.limit
-    held.limit = limit
+def budget(limit: int, share: int | None = None) -> Iterator[http1.Budget]:
+    """The budget scaled to ``limit`` (and one tenant's share to ``share``: by default
+    the whole limit, so that one tenant can spend it)."""
+    held, old = http1.BUDGET, (http1.BUDGET.limit, http1.BUDGET.share)
+    held.limit, held.share = limit, limit if share is None else share
     try:
         yield held
     finally:
-        held.limit = old
+        held.limit, held.share = old
 
 
 async def until(check: Callable[[], bool], what: str) -> None:
@@ -188,3 +190,36 @@ async def test_an_answer_a_client_does_not_read_is_cut_at_the_idle_timeout(
                 while chunk := await reader.read(1 << 16):
                     got += len(chunk)
         assert got < SIZE, "the connection was cut, not the answer written whole"
+
+
+async def test_a_tenant_whose_answer_is_unread_holds_its_share_and_no_other_s() -> None:
+    """The client's copy of a large answer holds budget under its request's tenant: while
+    tenant a's client does not read one, a's next answer of the same size is over a's
+    share (503, ``upstream_busy``, ``Retry-After``) and tenant b's is served whole; when
+    a's client leaves, a holds nothing and is forgotten."""
+    with budget(4 * SIZE, share=SIZE + SIZE // 2) as b:
+        async with t.served(whole(t.MODEL, SIZE)) as up:
+            s = t.settings(upstreams=[upstream("one", up, t.MODEL)])
+            async with t.running(s) as cp, aiohttp.ClientSession() as http:
+                async def ask(key: str) -> tuple[int, str | None, bytes]:
+                    async with http.post(cp.url + "/v1/chat/completions", json={
+                            "model": t.MODEL, "messages": [{"role": "user", "content": "a"}]},
+                            headers={"Authorization": f"Bearer {key}"}) as r:
+                        return r.status, r.headers.get("Retry-After"), await r.read()
+
+                _, writer, head = await slow_client(cp.url, "/v1/chat/completions", {
+                    "model": t.MODEL, "messages": [{"role": "user", "content": "hi"}]})
+                try:
+                    assert head.startswith(b"HTTP/1.1 200"), head
+                    assert b.tenants.get("a", 0) >= SIZE, "the unread answer is a's"
+                    status, retry, body = await ask(t.KEY_A)
+                    assert (status, retry) == (503, "1"), body[:300]
+                    assert json.loads(body)["error"]["code"] == http1.BUDGET_SPENT
+                    status, _, body = await ask(t.KEY_B)
+                    assert status == 200, body[:300]
+                    served = body == answer(t.MODEL, SIZE)
+                    assert served, "the other tenant's answer, whole"
+                finally:
+                    writer.close()
+                await until(lambda: "a" not in b.tenants, "a's share came back")
+        assert (b.held, b.tenants) == (0, {})

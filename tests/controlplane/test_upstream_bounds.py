@@ -190,6 +190,41 @@ async def test_whole_answers_together_hold_at_most_the_budget() -> None:
 
 
 @on_both_loops
+async def test_one_tenant_holds_at_most_its_share_of_the_budget() -> None:
+    """A tenant asking for large answers must not spend what every tenant's whole answers
+    share: beyond its share it is refused (the same code as a spent budget) while another
+    tenant's answer of the same size is read. Each reservation goes back to the tenant it
+    was taken for, whatever tenant the context names by then, and a tenant holding
+    nothing is forgotten."""
+    budget = http1.BUDGET
+    limit, share = budget.limit, budget.share
+    budget.limit, budget.share = 4 * 1024 * 1024, 1024 * 1024
+    try:
+        async with serving(sending(sized(700 * 1024))) as srv, client() as c:
+            http1.charge("a")
+            first = await c.send("POST", srv.url + "/x", b"{}", {})
+            assert len(await first.read()) == 700 * 1024
+            assert budget.tenants == {"a": budget.held}
+            second = await c.send("POST", srv.url + "/x", b"{}", {})
+            with pytest.raises(errors.UpstreamProtocolError, match="at once") as over:
+                await second.read()
+            assert over.value.code == http1.BUDGET_SPENT, "refused as a spent budget is"
+            second.close()
+            http1.charge("b")
+            other = await c.send("POST", srv.url + "/x", b"{}", {})
+            assert len(await other.read()) == 700 * 1024, "another tenant's is read"
+            assert set(budget.tenants) == {"a", "b"}
+            http1.charge("c")
+            first.close()
+            assert set(budget.tenants) == {"b"}, "given back under the tenant it was for"
+            other.close()
+            assert (budget.held, budget.tenants) == (0, {})
+    finally:
+        http1.charge("")
+        budget.limit, budget.share = limit, share
+
+
+@on_both_loops
 async def test_one_answer_over_the_cap_is_the_backends() -> None:
     """An answer over the per-answer cap is that backend's (the dispatcher fails over); one
     refused for want of budget is nobody's (the dispatcher answers 503)."""
