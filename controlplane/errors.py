@@ -18,7 +18,8 @@ core, which raises these, never imports it).
     ├── PayloadTooLarge (413, invalid_request_error)   body over ``http.max_body_bytes``
     ├── RateLimited (429, rate_limit_error)            carries ``retry_after_s``
     │   ├── BudgetExceeded (insufficient_quota)        a tenant's token / cost budget is spent
-    │   └── QueueFull                                  the tenant's share of the fair queue
+    │   ├── QueueFull                                  the tenant's share of the fair queue
+    │   └── BodiesPendingFull                          its share of connections awaiting a body
     ├── BackendRefusal (4xx of the backend)            a backend's own client error, passed on
     ├── UpstreamError (502, upstream_error)            every candidate failed
     │   ├── UpstreamConnectError                       no connection (refused, unreachable, TLS)
@@ -235,6 +236,12 @@ class BudgetExceeded(RateLimited, error_type="insufficient_quota",
 
 class QueueFull(RateLimited, default_code="queue_full"):
     """The tenant already has as many requests waiting in the fair queue as it may."""
+
+
+class BodiesPendingFull(RateLimited, default_code="too_many_pending_bodies"):
+    """The tenant's connections already wait for as many request bodies as one tenant's
+    may (its share of ``http.max_connections``): its next one would take a slot other
+    tenants need to connect at all."""
 
 
 class QueueTimeout(Unavailable, default_code="queue_timeout"):

@@ -44,17 +44,27 @@ request (one sweep a second per server, :class:`Sweeper`):
   the connection after it (RFC 9112 §9.6: the closing is the server's to begin), reads
   and drops what still comes, and closes once the client does, or the body is in, or at
   ``http.body_timeout_s``;
-* with a shared (Redis) limit store, :meth:`RateLimiter.peek` knows at a head only the
-  rate refusals the store gave this replica; a concurrency slot, or a refusal the store
-  gave another replica, only ``acquire`` finds out. For a tenant with a limit there, a
-  request whose body is still to come is handed to the app at its head
-  (:class:`_Arriving`, its body awaited by the handler as on aiohttp's path), so the
-  request's one call to the store is made before its body is read: a 429 comes at the
-  head, and the body is then read and dropped. Such a head with ``Expect: 100-continue``
-  gets its ``100 Continue`` when the app reads the body, so after the store has granted
-  the slot: a 429 comes instead of the invitation. A request whose body came with its
-  head, the usual case, is handed over whole as before (no extra call to the store either
-  way);
+* a request of a tenant with a rate or concurrency limit whose body is still to come is
+  handed to the app at its head (:class:`_Arriving`, its body awaited by the handler as
+  on aiohttp's path), so it takes its token and slot (``serving.acquire``) before its
+  body is read, as on aiohttp's path: a body that never comes (408) still costs its
+  token, and a tenant's heads cannot each pass :meth:`RateLimiter.peek` (which takes
+  nothing) while its bucket stays full. A 429 then comes at the head, and the body is
+  read and dropped. With a shared (Redis) limit store this is also what tells it at all:
+  ``peek`` knows only the rate refusals the store gave this replica, a concurrency slot
+  or a refusal given another replica only ``acquire`` finds out. Such a head with
+  ``Expect: 100-continue`` gets its ``100 Continue`` when the app reads the body, so
+  after the slot is granted: a 429 comes instead of the invitation. A request whose body
+  came with its head, the usual case, is handed over whole as before (no extra step
+  either way);
+* one tenant's connections may wait for at most :data:`TENANT_BODIES_SHARE` of
+  ``http.max_connections`` request bodies at once (``Lane.bodies_pending``); its next
+  head whose body is still to come is answered 429 ``too_many_pending_bodies``
+  (:class:`controlplane.errors.BodiesPendingFull`, through the app's middleware) and its
+  connection closes (the body read and dropped as for any refused head), other tenants
+  unaffected. With the server's eviction of slow bodies under pressure
+  (:meth:`controlplane.api.server.LaneServer._make_room`), no tenant trickling bodies
+  holds every slot;
 * requests on one connection are answered in order; bytes of the next request wait
   (reading pauses above ``PIPELINE_BYTES``) until the current one is answered;
 * at shutdown, a request in flight gets the grace period (``http.shutdown_grace_s``) and
@@ -92,6 +102,14 @@ log = logging.getLogger("synapse.controlplane.http")
 
 PIPELINE_BYTES = 256 * 1024     # bytes of later requests buffered while one is served
 SWEEP_S = 1.0
+# The share of http.max_connections one tenant's connections may hold waiting for a
+# request body: half, as one tenant's share of the memory whole answers may hold
+# (controlplane.adapters.http1.TENANT_SHARE). The rest stays for every other tenant
+# whatever one does; beyond it that tenant's new heads are refused (BodiesPendingFull).
+TENANT_BODIES_SHARE = 0.5
+# How long Retry-After tells a tenant over its share to wait: one of its bodies arriving
+# frees a place.
+BODIES_RETRY_AFTER_S = 1.0
 _HEAD_END = b"\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -222,11 +240,17 @@ class _Arriving(LaneRequest):
     def content(self) -> _Pending:
         return _Pending(self._arrived)
 
+    @property
+    def uninvited(self) -> bool:
+        """Its client waits for a ``100 Continue`` not yet sent."""
+        return self._invite is not None
+
     async def read(self) -> bytes:
         if self._invite is not None:
             self.keep_alive, self._invite = self._invite, None
             if self.protocol.transport is not None:
                 self.protocol.transport.write(_CONTINUE)
+                self.protocol.invited()
         return await self._arrived
 
     def arrived(self, body: bytes) -> None:
@@ -256,14 +280,18 @@ class Lane:
     PATHS = ("/v1/chat/completions", "/v1/completions")
 
     def __init__(self, routes: dict[bytes, Route], http: config.HttpSettings,
-                 admits: Callable[[CIMultiDictProxy[str]], int] = lambda _: ADMITTED,
+                 admits: Callable[[CIMultiDictProxy[str]], tuple[int, str | None]] = (
+                     lambda _: (ADMITTED, None)),
                  ) -> None:
         self.routes = routes
         # whether a request head carries a key the app accepts, of a tenant not refused by
         # RateLimiter.peek (read before a body that has not arrived yet: a client without
         # one, or over its rate or concurrency, never has its body held); REFUSED,
-        # ADMITTED or AT_HEAD
+        # ADMITTED or AT_HEAD, with the tenant's name (None: not known)
         self.admits = admits
+        # connections waiting for a request body, by tenant (none at zero): at most
+        # TENANT_BODIES_SHARE of the server's connections each
+        self.bodies_pending: dict[str, int] = {}
         # how each of its requests starts: other bytes are aiohttp's as soon as they come
         self.request_lines = tuple(b"POST " + path + b" HTTP/1.1\r\n" for path in routes)
         self.max_header_bytes = http.max_header_bytes
@@ -297,24 +325,28 @@ ADMITTED = 1        # the body awaited, then the request handed over whole
 AT_HEAD = 2         # handed over at once, the handler awaiting the body (_Arriving)
 
 
-def _admits(app: web.Application) -> Callable[[CIMultiDictProxy[str]], int]:
+def _admits(app: web.Application,
+            ) -> Callable[[CIMultiDictProxy[str]], tuple[int, str | None]]:
     """Whether a head's ``Authorization`` passes the app's authentication (the check
     ``serving.admit`` makes first) by a tenant not over its request rate or concurrency
     (the check it makes next, ``ratelimit.RateLimiter.peek``): the body of any other is
-    dropped. AT_HEAD for a tenant whose limits only the shared store can tell."""
+    dropped. AT_HEAD for a tenant with a limit (``RateLimiter.limited``): its request
+    takes its token and slot at its head, as on aiohttp's path, not once its body is in
+    (a peek takes nothing, so any number of heads would pass while its bucket stays
+    full, and a body that never comes would cost nothing)."""
     services = app.get(context.SERVICES)
     if services is None:
-        return lambda _: ADMITTED
+        return lambda _: (ADMITTED, None)
     tenants, limiter = services.tenants, services.limiter
 
-    def admits(headers: CIMultiDictProxy[str]) -> int:
+    def admits(headers: CIMultiDictProxy[str]) -> tuple[int, str | None]:
         try:
             tenant = tenants.authenticate(headers.get("Authorization"))
         except errors.SynapseError:
-            return REFUSED
+            return REFUSED, None
         if not limiter.peek(tenant).allowed:
-            return REFUSED
-        return AT_HEAD if limiter.at_store(tenant) else ADMITTED
+            return REFUSED, tenant.name
+        return (AT_HEAD if limiter.limited(tenant) else ADMITTED), tenant.name
     return admits
 
 
@@ -330,6 +362,10 @@ class Connection(base_protocol.BaseProtocol):
         self._buf = bytearray()
         self._since = loop.time()       # when the current wait (idle, head, body) began
         self._waiting_body: tuple[Route, CIMultiDictProxy[str], int, bool] | None = None
+        # while waiting for a body: when it was asked for (its head, or the 100 Continue
+        # the app sent), and the tenant counted in Lane.bodies_pending (None: none)
+        self._body_from = self._since
+        self._pending_tenant: str | None = None
         self._arriving: _Arriving | None = None     # handed over, its body still to come
         self._task: asyncio.Task[None] | None = None
         self._closing = False           # close once the request in flight is answered
@@ -345,6 +381,11 @@ class Connection(base_protocol.BaseProtocol):
     def draining(self) -> bool:
         return self._server.draining
 
+    def invited(self) -> None:
+        """The app sent the ``100 Continue`` of the body awaited: the body is asked for
+        from now (:meth:`body_progress`)."""
+        self._body_from = self.loop.time()
+
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -355,6 +396,7 @@ class Connection(base_protocol.BaseProtocol):
         super().connection_lost(exc)
         self._server.lane_closed(self)
         self._buf.clear()
+        self._uncount_body()
         if self._task is not None and not self._task.done():
             self._task.cancel()     # the client went away: so does its request
 
@@ -420,18 +462,22 @@ class Connection(base_protocol.BaseProtocol):
         del buf[:head_len]
         headers = CIMultiDictProxy(head.headers)
         size = int(length)
-        admitted = ADMITTED
+        admitted, tenant = ADMITTED, None
         if size > len(buf) or head.expects:
-            admitted = self._lane.admits(headers)
+            admitted, tenant = self._lane.admits(headers)
             if admitted == REFUSED:
                 self._refuse(route, headers, size,
                              parser.should_keep_alive() and not head.expects)
                 return
-        at_head = admitted == AT_HEAD and size > len(buf)
+        pending = size > len(buf)
+        if pending and tenant is not None and not self._count_body(tenant):
+            self._refuse(route, headers, size, False, over_share=tenant)
+            return
+        at_head = admitted == AT_HEAD and pending
         if head.expects and not at_head:        # (at the head: once the app reads it)
             self.transport.write(_CONTINUE)
         self._waiting_body = (route, headers, size, parser.should_keep_alive())
-        self._since = self.loop.time()          # body_timeout_s from the head
+        self._since = self._body_from = self.loop.time()    # body_timeout_s from the head
         if at_head:
             request = self._arriving = _Arriving(self, route, headers, size,
                                                  parser.should_keep_alive(), head.expects)
@@ -439,18 +485,53 @@ class Connection(base_protocol.BaseProtocol):
         self._take_body()
 
     def _refuse(self, route: Route, headers: CIMultiDictProxy[str], size: int,
-                keep_alive: bool) -> None:
+                keep_alive: bool, over_share: str | None = None) -> None:
         """A head refused at once, its body not held: the app answers (401, 429) as on
         aiohttp's path, without it, while the rest of the body is read and dropped; the
         connection then goes on if ``keep_alive`` (not after an ``Expect``: the body may
-        never come)."""
+        never come). ``over_share``: the tenant, whose connections already wait for
+        their share of bodies: 429 ``too_many_pending_bodies`` through the app's
+        middleware (as a 408 is, :meth:`_time_out_body`), and the connection closes."""
         buf = self._buf
         have = min(size, len(buf))
         del buf[:have]
         self._discard = size - have
         request = LaneRequest(self, route, headers, b"", keep_alive)
         request[BODY_DROPPED] = True
+        if over_share is not None:
+            message = (f"tenant {over_share!r} already has as many connections waiting "
+                       "for a request body as it may (half of http.max_connections); "
+                       f"retry after {BODIES_RETRY_AFTER_S:g}s")
+
+            async def refused(_request: web.Request) -> web.StreamResponse:
+                raise errors.BodiesPendingFull(message, retry_after_s=BODIES_RETRY_AFTER_S,
+                                               limit="pending_bodies")
+            route = Route(route.app, route.path, refused)
         self._task = self.loop.create_task(self._serve(route, request))
+
+    def _count_body(self, tenant: str) -> bool:
+        """Count a connection of ``tenant`` waiting for a body (False: it is over its
+        share, :data:`TENANT_BODIES_SHARE` of ``http.max_connections``, so not counted)."""
+        pending = self._lane.bodies_pending
+        held = pending.get(tenant, 0)
+        if held >= max(1, int(self._server.max_connections * TENANT_BODIES_SHARE)):
+            return False
+        pending[tenant] = held + 1
+        self._pending_tenant = tenant
+        return True
+
+    def _uncount_body(self) -> None:
+        """No longer waiting for a body (it came, or its request ended, or its client):
+        its tenant's count down, the entry gone at zero."""
+        tenant, self._pending_tenant = self._pending_tenant, None
+        if tenant is None:
+            return
+        pending = self._lane.bodies_pending
+        left = pending.get(tenant, 0) - 1
+        if left > 0:
+            pending[tenant] = left
+        else:
+            pending.pop(tenant, None)
 
     def _take_body(self) -> None:
         assert self._waiting_body is not None
@@ -460,6 +541,7 @@ class Connection(base_protocol.BaseProtocol):
         body = bytes(self._buf[:length])
         del self._buf[:length]
         self._waiting_body = None
+        self._uncount_body()
         arriving = self._arriving
         if arriving is not None:
             self._arriving = None
@@ -499,6 +581,7 @@ class Connection(base_protocol.BaseProtocol):
             assert self._waiting_body is not None
             length = self._waiting_body[2]
             self._waiting_body = None
+            self._uncount_body()
             have = min(length, len(self._buf))
             del self._buf[:have]
             self._discard = length - have
@@ -560,6 +643,16 @@ class Connection(base_protocol.BaseProtocol):
             return None
         return self._since
 
+    def body_progress(self) -> tuple[float, int] | None:
+        """While its request body is awaited: when it was asked for (its head, or the
+        ``100 Continue``), and the bytes of it received since; else None (a body the app
+        has not asked for yet, behind ``Expect``, is not the client's to send)."""
+        waiting = self._waiting_body
+        if (waiting is None or self.transport is None or self._closing
+                or (self._arriving is not None and self._arriving.uninvited)):
+            return None
+        return self._body_from, min(len(self._buf), waiting[2])
+
     def expire(self, now: float) -> None:
         """Apply the connection's time limits (called by the server's sweep)."""
         if self.transport is None or self._task is not None:
@@ -586,6 +679,7 @@ class Connection(base_protocol.BaseProtocol):
         assert self._waiting_body is not None
         route, headers, _, _ = self._waiting_body
         self._waiting_body = None
+        self._uncount_body()
         self._buf.clear()
         message = (f"the request body did not arrive within {self._lane.body_timeout_s:g}s "
                    "(http.body_timeout_s)")

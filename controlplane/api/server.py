@@ -26,8 +26,16 @@ app with a connection handler that
 * keeps at most ``http.max_connections`` open (:func:`connection_cap`): one more closes
   the connection idle longest; when none is idle, the one whose request head has been
   arriving longest, if for :data:`STALLED_HEAD_S` (a slow-head client holding every
-  slot); else it is closed at once — idle connections and stalled heads held open cannot
-  use up the process's file descriptors or lock new clients out. Idle means idle whoever serves
+  slot); when none has, the one whose request body arrives slowest since it was asked
+  for (its head, or its ``100 Continue``), if asked for :data:`STALLED_HEAD_S` ago or
+  more and arriving under :data:`controlplane.adapters.http1.HELD_MIN_RATE` on average
+  (complete heads each trickling a body a byte at a time, a slow-body client holding
+  every slot; the floor a backend's held answer keeps, far below any LAN's or WAN's
+  rate, so an upload at any usable speed, however large, is never the one closed); else
+  it is closed at once — idle connections, stalled heads and stalled bodies held open
+  cannot use up the process's file descriptors or lock new clients out. One tenant's
+  connections may also wait for at most half of them with a body pending on the lane
+  (:data:`controlplane.api.fast_lane.TENANT_BODIES_SHARE`). Idle means idle whoever serves
   the connection: the lane's, and aiohttp's (:meth:`_Protocol.idle_since`), so a client
   cannot shield its idle connections from the cap by making one request the lane hands
   off (``GET /health``, no key needed), nor are they shielded when there is no lane
@@ -76,12 +84,15 @@ import orjson
 from aiohttp import http_exceptions, streams, web, web_protocol, web_request, web_server
 
 from controlplane import config, errors
+from controlplane.adapters import http1
 from controlplane.api import fast_lane
 from controlplane.core import anthropic_errors
 
 # A request head arriving for this long is stalled: a client at any usable speed sends its
 # head in a round trip or two. Over http.max_connections with none idle, the head stalled
-# longest is closed to let a new client in.
+# longest is closed to let a new client in. A body asked for this long ago is judged by
+# the average rate it arrives at (http1.HELD_MIN_RATE): before, a round trip's silence
+# is no sign of a trickle.
 STALLED_HEAD_S = 1.0
 # After the shutdown grace, what the handlers cut get to end it (an error event, a 503)
 # before aiohttp closes their connections.
@@ -157,8 +168,10 @@ class _Protocol(web_protocol.RequestHandler):
         self._heads_seen = 0
         self._head = b""            # the start of the last head that began between requests
         self._head_at = -1          # the count of requests parsed before it
-        # the body of the last request parsed: what the parser feeds until it ends
+        # the body of the last request parsed: what the parser feeds until it ends, and
+        # when its head was parsed
         self._receiving: streams.StreamReader | None = None
+        self._body_from = 0.0
 
     def data_received(self, data: bytes) -> None:
         if not self._request_in_progress and not self._messages:
@@ -184,6 +197,7 @@ class _Protocol(web_protocol.RequestHandler):
                     self._body_broke(msg.exc)
                 else:
                     self._receiving = payload
+                    self._body_from = self._loop.time()
         elif (self._head_timer is None and data and not self._request_in_progress
               and not self._messages and self.transport is not None):
             # Bytes between requests are the start of a head: it has this long to finish.
@@ -231,6 +245,15 @@ class _Protocol(web_protocol.RequestHandler):
         if timer is None or self.transport is None or self._force_close or self._close:
             return None
         return timer.when() - self._header_timeout_s
+
+    def body_progress(self) -> tuple[float, int] | None:
+        """While more of the body of its last request is to come: when its head was
+        parsed, and the bytes of it received since; else None."""
+        payload = self._receiving
+        if (payload is None or payload.is_eof() or self.transport is None
+                or self._force_close):
+            return None
+        return self._body_from, payload.total_bytes
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -309,15 +332,37 @@ class LaneServer(web_server.Server):
     def _make_room(self) -> bool:
         """Close the connection idle longest, the lane's or aiohttp's, to admit a new one;
         when none is idle, the one whose request head has been arriving longest, if for
-        :data:`STALLED_HEAD_S` or more (False: neither)."""
+        :data:`STALLED_HEAD_S` or more; when none, the one whose body arrives slowest, if
+        under the floor (:meth:`_slowest_body`; False: none of these)."""
         best = self._earliest(fast_lane.Connection.idle_since, _Protocol.idle_since)
         if best is None:
             best = self._earliest(fast_lane.Connection.head_since, _Protocol.head_since,
                                   before=self._loop.time() - STALLED_HEAD_S)
         if best is None:
+            best = self._slowest_body()
+        if best is None:
             return False
-        best.force_close()      # idle or stalled: nothing in flight (aiohttp's close()
-        return True             # leaves the transport open when it cancels its wait)
+        best.force_close()      # idle or stalled: nothing in flight but a request waiting
+        return True             # for its body (aiohttp's close() leaves the transport
+                                # open when it cancels its wait)
+
+    def _slowest_body(self) -> fast_lane.Connection | _Protocol | None:
+        """The connection, the lane's or aiohttp's, whose request body has arrived at the
+        lowest rate since it was asked for :data:`STALLED_HEAD_S` or more ago, if under
+        :data:`http1.HELD_MIN_RATE` (a request waiting on it is dropped unanswered, as a
+        stalled head is)."""
+        now = self._loop.time()
+        best: fast_lane.Connection | _Protocol | None = None
+        best_rate = float(http1.HELD_MIN_RATE)
+        for conn in self._connections:
+            if not isinstance(conn, (fast_lane.Connection, _Protocol)):
+                continue
+            progress = conn.body_progress()
+            if progress is None or (waited := now - progress[0]) < STALLED_HEAD_S:
+                continue
+            if (rate := progress[1] / waited) < best_rate:
+                best, best_rate = conn, rate
+        return best
 
     def _earliest(self, lane_since: Callable[[fast_lane.Connection], float | None],
                   aiohttp_since: Callable[[_Protocol], float | None],

@@ -243,7 +243,13 @@ class RateLimiter:
         """Whether :meth:`acquire` asks a shared store for ``tenant`` (one is configured
         and the tenant has a limit): what :meth:`peek` cannot tell of it (a concurrency
         slot, a refusal the store gave another replica) only that call finds out."""
-        return self._shared is not None and not Limits.of(tenant).unlimited
+        return self._shared is not None and self.limited(tenant)
+
+    @staticmethod
+    def limited(tenant: tenants.Tenant) -> bool:
+        """Whether :meth:`acquire` takes anything of ``tenant`` (a rate or concurrency
+        limit): a request of an unlimited one costs nothing to admit."""
+        return not Limits.of(tenant).unlimited
 
     @staticmethod
     def refusal(tenant: tenants.Tenant, verdict: Verdict) -> errors.RateLimited:
