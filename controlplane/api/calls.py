@@ -25,7 +25,14 @@ from aiohttp import web
 
 from controlplane import errors
 from controlplane.api import context, fairness, ops, serving
-from controlplane.core import api_calls, media_urls, ratelimit, tenants, validation
+from controlplane.core import (
+    api_calls,
+    context_length,
+    media_urls,
+    ratelimit,
+    tenants,
+    validation,
+)
 from controlplane.core import router as router_mod
 from controlplane.core import types as core_types
 from synapse_common import tasks, tracing
@@ -113,6 +120,7 @@ async def _read(request: web.Request, parse: Parse, turns: tuple[str, ...],
         call = parse(body)
         validation.bound_sequences(call.sequences, 1, h.max_pooling_inputs, call.fields[0],
                                    "inputs", "http.max_pooling_inputs")
+        api_calls.bound_input_bytes(call.task, body, h.max_pooling_input_bytes)
         # what an engine would fetch (core.media_urls): chat-shaped messages (Anthropic's
         # images translated), and the body as sent, which passes to the engine as it is
         media_urls.check_chat(call.messages, h.media_urls)
@@ -141,6 +149,9 @@ async def admit_tokens(request: web.Request, front: Front) -> router_mod.Prompt:
     started = time.perf_counter()
     prompt = front.prompt = prompt_of(request, front.tenant.name, front.call)
     prompt.sequences = front.call.sequences     # the seats it takes (a rerank's documents)
+    if front.call.task in tasks.GENERATING and front.call.messages is not None:
+        # held against the backends' contexts when routed (core.context_length)
+        prompt.least_tokens = context_length.of_chat_body(front.body, front.call.messages)
     # The engines' prefix cache, per tenant: pooling calls too (vLLM caches the prefixes
     # of decoder embedding and scoring models, and takes cache_salt on every pooling API).
     prompt.partition(ctx.svc.salt_for(front.tenant.name, front.body.get("cache_salt")),

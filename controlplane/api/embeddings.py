@@ -45,7 +45,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     svc = request.app[context.SERVICES]
     ctx = context.get(request)
     parse = functools.partial(validation.embeddings,
-                              max_inputs=svc.settings.http.max_pooling_inputs)
+                              max_inputs=svc.settings.http.max_pooling_inputs,
+                              max_input_bytes=svc.settings.http.max_pooling_input_bytes)
     tenant, parsed, raw, permit = await serving.admit(request, parse)
     failed = True
     try:

@@ -43,6 +43,7 @@ from controlplane.api import context, fairness, fast_lane, ops, proxy
 from controlplane.api import services as services_mod
 from controlplane.core import (
     cache_port,
+    context_length,
     media_urls,
     ratelimit,
     stream_replay,
@@ -210,10 +211,17 @@ def release_later(request: web.Request, permit: ratelimit.Permit) -> None:
 
 
 def prompt_of(parsed: validation.Parsed, session: str, exact: bool) -> router_mod.Prompt:
+    """The prompt the router and the token limits see, with the fewest tokens it can be
+    (``core.context_length``), which routing holds against the backends' contexts."""
     if parsed.endpoint == "chat":
-        return router_mod.Prompt.from_messages(parsed.body["messages"], parsed.max_tokens,
-                                               session, exact)
-    return router_mod.Prompt.from_text(parsed.prompt_text, parsed.max_tokens, session, exact)
+        prompt = router_mod.Prompt.from_messages(parsed.body["messages"], parsed.max_tokens,
+                                                 session, exact)
+        prompt.least_tokens = context_length.of_chat_body(parsed.body,
+                                                          parsed.body["messages"])
+        return prompt
+    prompt = router_mod.Prompt.from_text(parsed.prompt_text, parsed.max_tokens, session, exact)
+    prompt.least_tokens = context_length.of_completion_body(parsed.body)
+    return prompt
 
 
 def choose(request: web.Request, canonical: str, prompt: router_mod.Prompt,

@@ -6,7 +6,8 @@ Only the fields Synapse reads are checked (400 naming the field); everything els
 to the backend untouched, as on the chat path. A rerank's documents and a score's pairs
 are a pooling request each to a vLLM engine, so they count as seats in the in-flight
 ledger (``Call.sequences``) and are bounded by ``http.max_pooling_inputs``, by the rule a
-completions batch's prompts are (:func:`validation.bound_sequences`).
+completions batch's prompts are (:func:`validation.bound_sequences`); each of their texts
+by ``http.max_pooling_input_bytes`` (:func:`bound_input_bytes`), as an embeddings input's.
 
 =====================  ==========  ==================================  =================
 path                   task        prompt (router, token limits)       response cache
@@ -186,6 +187,18 @@ def rerank(body: Mapping[str, Any]) -> Call:
 
 
 SCORE_SIDES = ("text_1", "text_2", "queries", "documents", "items", "data_1", "data_2")
+
+
+def bound_input_bytes(task: str, body: Mapping[str, Any], limit: int) -> None:
+    """400 naming the field and index when a text of a rerank (its query, each document)
+    or a score (each text of each side) is over ``limit`` bytes
+    (``http.max_pooling_input_bytes``, :func:`validation.bound_input_bytes`)."""
+    if task == tasks.RERANK:
+        validation.bound_input_bytes("query", body.get("query"), limit)
+        validation.bound_input_bytes("documents", body.get("documents"), limit)
+    elif task == tasks.SCORE:
+        for name in SCORE_SIDES:
+            validation.bound_input_bytes(name, body.get(name), limit)
 
 
 def score(body: Mapping[str, Any]) -> Call:

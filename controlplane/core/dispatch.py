@@ -4,8 +4,11 @@ The one home of the serving path's upstream policy; the API layer only relays by
 
 * **Plan** (:meth:`Dispatcher.plan`): route the canonical model, else each model of its
   fallback chain (:meth:`Dispatcher.chain`: its fallbacks in order, then theirs; models
-  the tenant may not use are skipped). When none can serve: a request larger than the
-  context of every backend of those models is the client's error (400 naming
+  the tenant may not use are skipped). When none can serve: a prompt certainly longer
+  than the context (``max_model_len``) of every routable backend of those models, each
+  reporting it, is the client's error (400 ``context_length_exceeded`` naming the prompt
+  field; the floor of :mod:`context_length`, never the router's estimate), and so is a
+  request larger than the KV cache of every backend of those models (400 naming
   ``max_tokens``, or the prompt field when the prompt alone is too long); otherwise 503,
   "try again shortly".
 * **Attempts** (:meth:`Dispatcher.exchange`): the candidates in rank order, at most
@@ -208,9 +211,28 @@ class Dispatcher:
             decision = self.router.route(model, prompt, task)
             if decision is not None:
                 return Plan(decision, model if model != canonical else "", models)
+        self._refuse_too_long(models, prompt, fields[0], task)
         self._refuse_oversized(models, prompt, fields, task)
         raise errors.Unavailable(f"no backend can serve the model {canonical!r} right now "
                                  f"(tried: {', '.join(models)}); try again shortly")
+
+    def _refuse_too_long(self, models: Sequence[str], prompt: router_mod.Prompt,
+                         field: str, task: types.Task) -> None:
+        """400 ``context_length_exceeded`` naming ``field`` (the prompt's) when the fewest
+        tokens the prompt can be (:attr:`Prompt.least_tokens`, ``core.context_length``)
+        are more than the context of every routable backend of ``models`` and each of
+        them reports its context; one that does not (0) may hold it, so then nothing is
+        refused here. The message says the largest context, never a backend's name."""
+        least = prompt.least_tokens
+        if not least:
+            return
+        lengths = [b.max_model_len for m in models for b in self.registry.routable(m, task)]
+        if not lengths or not all(lengths) or least <= max(lengths):
+            return
+        raise errors.BadRequest(
+            f"{field}: the prompt is longer than the context of {models[0]!r}: it is at "
+            f"least {least} tokens, and the model's context length is {max(lengths)} "
+            "tokens; shorten the prompt", param=field, code="context_length_exceeded")
 
     def _refuse_oversized(self, models: Sequence[str], prompt: router_mod.Prompt,
                           fields: tuple[str, str], task: types.Task) -> None:

@@ -2,7 +2,10 @@
 
 Filter (every replica applies the same rules): the backend serves the canonical model and
 the task, it is routable in the registry (ready, node up, not cordoned or draining), and
-the request's KV tokens (prompt + max_tokens) fit its KV capacity. A backend whose
+the request's KV tokens (prompt + max_tokens) fit its KV capacity, and the fewest tokens
+the prompt can be (:attr:`Prompt.least_tokens`, :mod:`context_length`: a floor for any
+tokenizer, not the router's count) are no more than its context (``max_model_len``, when
+its agent reports one). A backend whose
 *free* KV is too small right now is only used when no backend has room (the engine then
 queues the request rather than Synapse refusing it).
 
@@ -183,7 +186,9 @@ class Router:
 
     # -- filter and score ---------------------------------------------------------------
 
-    def _filter(self, b: types.BackendState, need: int) -> str:
+    def _filter(self, b: types.BackendState, need: int, least: int = 0) -> str:
+        if least and b.max_model_len and least > b.max_model_len:
+            return f"prompt of at least {least} tokens, context {b.max_model_len}"
         if b.kv_capacity_tokens and need > b.kv_capacity_tokens:
             return f"needs {need} KV tokens, capacity {b.kv_capacity_tokens}"
         free = b.free_kv_tokens
@@ -195,7 +200,7 @@ class Router:
                  ids: tuple[int, ...], hashes: dict[int, tuple[int, ...]]) -> types.Verdict:
         n = prompt.tokens
         need = n + prompt.max_tokens
-        reason = why or self._filter(b, need)
+        reason = why or self._filter(b, need, prompt.least_tokens)
         bs = self.block_size(b)
         cached = 0
         if ids and not (b.kv_capacity_tokens and need > b.kv_capacity_tokens):

@@ -231,6 +231,7 @@ class Prompt:
         "cache_salt",
         "exact",
         "hash_seed",
+        "least_tokens",
         "max_tokens",
         "messages",
         "sequences",
@@ -259,6 +260,10 @@ class Prompt:
         # The sequences the engine generates for it (n x a batch's prompts): the seats the
         # ledger counts it for. Set by the serving path from validation.Parsed.sequences.
         self.sequences = 1
+        # The fewest tokens the prompt can be to any real tokenizer (core.context_length;
+        # 0 = no floor): what a backend's reported context is held against. Set by the
+        # serving paths that generate.
+        self.least_tokens = 0
         self._ids: dict[str, tuple[int, ...]] = {}
         self._last: tuple[int, ...] | None = None
         self._last_name = APPROXIMATE

@@ -36,6 +36,14 @@ More bounds of the same kind (probes 69 and 77):
   prompts is an ordinary request, and refusing it for "n" would puzzle its sender.
   ``best_of`` is bounded by ``http.max_n`` but not counted: vLLM 0.32 has no such field
   (it runs ``n``). A prompt that is a string or token ids costs one ``type`` check.
+  Each text of a pooling request (an embeddings input, a rerank's query and documents, a
+  score's texts) is bounded too, by ``http.max_pooling_input_bytes`` of UTF-8
+  (:func:`bound_input_bytes`, 400 naming the field and index): an engine tokenizes a
+  text whole before refusing one longer than its context, and a pooling model's context
+  is short.
+* **Seed.** ``seed`` must be an integer in vLLM's range for it (a signed 64-bit
+  integer, :func:`_seed`): past it, the engine fails on the request instead of refusing
+  it.
 * **Tool schemas the engine compiles.** With ``tool_choice: "required"`` (Anthropic's
   ``{"type": "any"}``) vLLM compiles the parameter schemas of every tool into one
   structured-output grammar, with a named tool that tool's, and under ``auto`` those of
@@ -146,6 +154,13 @@ MAX_STRUCTURED_OUTPUT_BYTES = 16 * 1024
 MAX_SEQUENCES = 256
 MAX_POOLING_INPUTS = 2048   # OpenAI's own bound on an embeddings input array
 MAX_TOOL_SCHEMA_BYTES = 64 * 1024
+# Largest text of one pooling input (an embeddings input, a rerank's query or document, a
+# score's text), in UTF-8 bytes: past the context of any pooling model in use (32k tokens
+# at the most, a few bytes each), below what an engine takes seconds to tokenize.
+MAX_POOLING_INPUT_BYTES = 256 * 1024
+# A ``seed`` as vLLM takes it (a torch.long: its request models bound it so) and as
+# OpenAI documents it (an integer).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 SAMPLING_RANGES = (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0))
 # The fields the engine turns into a grammar to compile (vLLM 0.32 reads
 # structured_outputs and response_format; the guided_* fields of older versions are
@@ -166,7 +181,7 @@ MEDIA_KWARGS_FIELDS = ("mm_processor_kwargs", "media_io_kwargs")
 FORM_COUNTS = frozenset({"n", "best_of", "max_tokens", "max_completion_tokens"})
 FORM_RATES = frozenset(name for name, _, _ in SAMPLING_RANGES)
 _BOUNDED = frozenset({"n", "best_of", "text", "tools", "output_config", "prompt_embeds",
-                      "vllm_xargs", "background", "priority", *CHAT_TEMPLATE_FIELDS,
+                      "vllm_xargs", "background", "priority", "seed", *CHAT_TEMPLATE_FIELDS,
                       *CONSTRAINTS, *TRANSFER_FIELDS, *MEDIA_KWARGS_FIELDS})
 _UNFORCED = ("auto", "none")    # tool choices that compile no grammar (a tuple: a value
                                 # of the wrong type may be unhashable)
@@ -276,6 +291,43 @@ def engine_bounds(body: Mapping[str, Any], limits: BodyLimits, batch: int = 1) -
         _no_media_kwargs(body)
     _no_background(body)
     _no_engine_priority(body)
+    _seed(body)
+
+
+def _seed(body: Mapping[str, Any]) -> None:
+    """400 naming ``seed`` unless it is absent, null or an integer from :data:`SEED_MIN`
+    to :data:`SEED_MAX`: the engine fails on one past its range instead of refusing it."""
+    value = body.get("seed")
+    if value is None:
+        return
+    if not _integral(value):
+        raise _bad("seed", f"must be an integer, got {type(value).__name__}")
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise _bad("seed", f"must be from {SEED_MIN} to {SEED_MAX} (a signed 64-bit "
+                           f"integer), got {_shown(int(value))}")
+
+
+def bound_input_bytes(field: str, value: Any, limit: int,
+                      setting: str = "http.max_pooling_input_bytes") -> None:
+    """400 naming the text (``field``, or ``field[i]`` for the i-th of an array; a string
+    or an object's ``text``) when one is over ``limit`` bytes of UTF-8 (``setting``): each
+    is a sequence of its own that the engine tokenizes whole before it can refuse it, so
+    the count of inputs (:func:`bound_sequences`) does not bound a request's cost alone.
+    Texts of up to ``limit // 4`` characters are never encoded (a character is at most
+    four bytes)."""
+    texts = value if type(value) is list else [value]
+    short = limit // 4
+    for i, text in enumerate(texts):
+        if type(text) is dict:
+            text = text.get("text")
+        if type(text) is not str or len(text) <= short:
+            continue
+        if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+            name = f"{field}[{i}]" if type(value) is list else field
+            raise errors.BadRequest(
+                f"{name}: the text is over {limit} bytes of UTF-8 ({setting}): each input "
+                "is a sequence the engine tokenizes whole; split it", param=name,
+                code="invalid_value")
 
 
 def _choices(body: Mapping[str, Any], max_n: int) -> int:
@@ -737,10 +789,11 @@ def _completion_tokens(body: Mapping[str, Any]) -> int:
     return value if value or body.get("max_tokens") is None else 1
 
 
-def embeddings(body: dict[str, Any], max_inputs: int = MAX_POOLING_INPUTS) -> Parsed:
+def embeddings(body: dict[str, Any], max_inputs: int = MAX_POOLING_INPUTS,
+               max_input_bytes: int = MAX_POOLING_INPUT_BYTES) -> Parsed:
     """An embeddings body; its ``sequences`` are its inputs (:func:`input_batch`), bounded
     by ``max_inputs`` (``http.max_pooling_inputs``) by the rule a completions batch's
-    prompts are."""
+    prompts are, and each text by ``max_input_bytes`` (:func:`bound_input_bytes`)."""
     model, _, user = _common(body)
     data = body.get("input")
     if data is None:
@@ -752,6 +805,7 @@ def embeddings(body: dict[str, Any], max_inputs: int = MAX_POOLING_INPUTS) -> Pa
                             "of those")
     batch = input_batch(data)
     bound_sequences(batch, 1, max_inputs, "input", "inputs", "http.max_pooling_inputs")
+    bound_input_bytes("input", data, max_input_bytes)
     fmt = body.get("encoding_format")
     if fmt is not None and fmt not in ("float", "base64"):
         raise _bad("encoding_format", "must be 'float' or 'base64'")

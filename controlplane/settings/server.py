@@ -124,6 +124,12 @@ class HttpSettings(Section):
         "documents, a /v1/score's pairs; 400 above. vLLM pools each as a request of its "
         "own, and the in-flight ledger counts each as a seat; OpenAI's embeddings take up "
         "to 2,048 inputs and clients send batches of a thousand")
+    max_pooling_input_bytes: int = Field(
+        256 * 1024, ge=1024, description="largest text of one pooling input, in UTF-8 "
+        "bytes: each string of a /v1/embeddings input, a /v1/rerank's query and each of "
+        "its documents, each text of a /v1/score; 400 naming the field and index above. "
+        "An engine tokenizes each whole before it can refuse one longer than its "
+        "context; pooling models hold up to 32k tokens, a few bytes each")
     request_chat_templates: bool = Field(
         False, description="let a request carry its own chat_template (or "
         "chat_template_kwargs.chat_template); off, it is a 400, as vLLM refuses one unless "

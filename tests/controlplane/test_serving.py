@@ -454,6 +454,49 @@ async def test_a_rerank_or_score_in_flight_holds_a_seat_per_document(
                 assert load.sequences == 0
 
 
+@pytest.mark.parametrize(("path", "task", "body", "param"), [
+    ("/v1/rerank", "rerank", {"query": "q", "documents": ["a", {"text": "LONG"}]},
+     "documents[1]"),
+    ("/v1/rerank", "rerank", {"query": "LONG", "documents": ["a"]}, "query"),
+    ("/v1/score", "score", {"text_1": "q", "text_2": ["a", "b", "LONG"]}, "text_2[2]"),
+])
+async def test_a_rerank_or_score_text_over_the_input_bound_is_a_400_naming_it(
+        path: str, task: str, body: dict[str, object], param: str) -> None:
+    """Each (query, document) pair is a sequence the engine tokenizes whole: one document
+    of ~100k tokens reached it while only the count of documents was bounded (probe 187).
+    Over http.max_pooling_input_bytes it is refused, naming the field and the index."""
+    limit = 2048
+
+    def sized(value: object, size: int) -> object:
+        """``body``'s value with each "LONG" (or object of it) a text of ``size`` bytes."""
+        if isinstance(value, list):
+            return [sized(v, size) for v in value]
+        if isinstance(value, dict):
+            return {k: sized(v, size) for k, v in value.items()}
+        return "x" * size if value == "LONG" else value
+    sent = sized(body, limit + 1)
+    assert isinstance(sent, dict)
+    async with t.backends(("pool", "ok")) as (b,):
+        s = t.settings(models=[{"name": "ranker"}],
+                       upstreams=[{**t.upstream("pool", b.url, ["ranker"]), "tasks": [task]}],
+                       http={"max_pooling_input_bytes": limit})
+        async with t.running(s) as cp, aiohttp.ClientSession(headers={
+                "Authorization": f"Bearer {t.KEY_A}"}) as session:
+            async with session.post(f"{cp.url}{path}",
+                                    json={"model": "ranker", **sent}) as resp:
+                err = (await resp.json())["error"]
+                assert resp.status == 400, err
+                assert err["param"] == param
+                assert "http.max_pooling_input_bytes" in err["message"]
+            assert b.bodies == []
+            at_bound = sized(body, limit)
+            assert isinstance(at_bound, dict)
+            async with session.post(f"{cp.url}{path}",
+                                    json={"model": "ranker", **at_bound}) as resp:
+                assert resp.status == 200, await resp.text()
+            assert len(b.bodies) == 1       # at the bound: the engine gets it
+
+
 async def test_cache_transfer_and_media_overrides_are_refused_on_every_path() -> None:
     """kv_transfer_params would let a tenant steer an engine's KV connector (the peer to
     pull blocks from, the blocks); mm_processor_kwargs and media_io_kwargs set what a

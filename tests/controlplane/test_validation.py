@@ -547,3 +547,35 @@ def test_other_stream_options_without_stream_are_a_400(options: object) -> None:
     with pytest.raises(errors.BadRequest) as info:
         validation.chat(json.loads(chat_body(stream_options=options)))
     assert info.value.param == "stream_options"
+
+
+@pytest.mark.parametrize("body", [chat_body, completions_body])
+def test_a_seed_outside_the_signed_64_bit_range_is_a_400_naming_seed(
+        body: Callable[..., bytes]) -> None:
+    """vLLM takes a seed as a torch.long: past that range (probe 187's
+    -99999999999999999999) the engine failed on the request instead of refusing it."""
+    for seed in (-(2**63), 2**63 - 1, 0, 42, 7.0, None):
+        validation.parse_json(body(seed=seed))
+    for seed, said in ((-99999999999999999999, "more than 20 digits"), (2**63, str(2**63)),
+                       (-(2**63) - 2**11, "-922337203685477"), (1e30, "more than 20 digits"),
+                       ("5", "must be an integer"), (1.5, "must be an integer"),
+                       (True, "must be an integer")):
+        with pytest.raises(errors.BadRequest) as info:
+            validation.parse_json(body(seed=seed))
+        assert info.value.param == "seed" and said in info.value.message, info.value.message
+
+
+def test_an_embeddings_text_over_the_input_bound_is_a_400_naming_it_and_its_index() -> None:
+    """Each text is a sequence the engine tokenizes whole (http.max_pooling_input_bytes),
+    counted in UTF-8 bytes: a short text of four-byte characters can be over it."""
+    limit = validation.MAX_POOLING_INPUT_BYTES
+    assert validation.embeddings(embeddings_body(["a", "x" * limit]))
+    assert validation.embeddings(embeddings_body("é" * (limit // 2)))
+    with pytest.raises(errors.BadRequest, match=r"http\.max_pooling_input_bytes") as info:
+        validation.embeddings(embeddings_body(["a", "b", "x" * (limit + 1)]))
+    assert info.value.param == "input[2]"
+    with pytest.raises(errors.BadRequest) as info:
+        validation.embeddings(embeddings_body("\U0001f600" * (limit // 4 + 1)))
+    assert info.value.param == "input"
+    # token ids are counted by the sequences' own bound only
+    assert validation.embeddings(embeddings_body(list(range(limit + 1))))
