@@ -15,6 +15,19 @@ asked is stored and applies when that node registers; the output says "not regis
 yet" and a warning on stderr names the nearest known node, for the operator who mistyped.
 A reader that stops early (``synapsectl get nodes | head -1``) is not an error: the rest
 of the output is dropped quietly, exit 0.
+
+Every number on the command line is checked as it is parsed (:func:`_number`): a negative,
+non-finite or out-of-range value is a usage error naming its option (exit 2), never a
+traceback from protobuf or a conversion, nor a gRPC deadline that overflows into an
+instant ``DEADLINE_EXCEEDED``; the cache tools' numbers, defined with their modules, are
+bounded here too (:data:`_CACHE_NUMBERS`). ``--server`` (and ``$SYNAPSE_ADMIN_ADDR``) must
+be ``host:port`` with a port in 1..65535 (gRPC would take port 99999 modulo 65536), or a
+gRPC target with a scheme (``unix:``, ``dns:``...). gRPC's C core logs at its own level
+(a TLS handshake with a plain-text port prints an INFO line before synapsectl's one-line
+error); unless the user set ``GRPC_VERBOSITY``, synapsectl sets it to NONE before gRPC is
+imported, which is when gRPC reads it: every failure reaches the user as synapsectl's own
+line with gRPC's status and details. A ``--ca-file`` that is unreadable or holds no PEM
+certificate is a usage error too.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import argparse
 import difflib
 import importlib
 import json
+import math
 import os
 import pathlib
 import sys
@@ -37,14 +51,71 @@ from protos import enums
 DEFAULT_SERVER = "127.0.0.1:50051"
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 ENGINES = enums.ENGINE_KIND.names()
+UINT32_MAX = 2**32 - 1
+# Longest call or drain wait taken: gRPC's deadline overflows (an instant DEADLINE_EXCEEDED)
+# long before a float does.
+MAX_SECONDS = 7 * 86_400.0
+MAX_MEMORY_GB = 2**64 // 1024**3 - 1       # sent in bytes, a uint64
+MAX_TENSOR_PARALLEL = 64                   # the most GPUs the Admin service places for one engine
+GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
 
 
 class UsageError(Exception):
     """Bad command line: exit 2."""
 
 
+def _number(kind: type[int] | type[float], low: float, high: float, *, low_open: bool = False,
+            high_open: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite ``kind`` within ``low``..``high`` (``low_open``/``high_open``:
+    the bound itself excluded). argparse names the option in its refusal."""
+    noun = "whole number" if kind is int else "number"
+    span = f"{'more than' if low_open else 'at least'} {_figure(low)}"
+    if math.isfinite(high):
+        span += f" and {'less than' if high_open else 'at most'} {_figure(high)}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"not a {noun}: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+        if value < low or value > high or (low_open and value == low) or (
+                high_open and value == high):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: must be {span}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _figure(bound: float) -> str:
+    """A bound as typed: ``4294967295``, ``0.5``."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
+def _address(text: str, what: str = "") -> str:
+    """``host:port`` with a port in 1..65535 (``[v6]:port`` for IPv6), or a gRPC target
+    with a scheme (``unix:/path``), passed as it is."""
+    if text.startswith(GRPC_SCHEMES):
+        return text
+    host, _, port = text.rpartition(":")
+    bare_v6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+    if not host or bare_v6 or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{what}not an address host:port with a port in 1..65535: {text!r}")
+    return text
+
+
 def _connection(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, str | None]:
     server = args.server or environ.get("SYNAPSE_ADMIN_ADDR") or DEFAULT_SERVER
+    if not args.server:
+        try:
+            _address(server, "$SYNAPSE_ADMIN_ADDR: ")
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(str(exc)) from None
+    if args.tls and args.ca_file:
+        _check_ca_file(args.ca_file)
     token_file = args.token_file or environ.get("SYNAPSE_ADMIN_TOKEN_FILE")
     if token_file:
         try:
@@ -58,13 +129,24 @@ def _connection(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[s
     return server, environ.get("SYNAPSE_ADMIN_TOKEN") or None
 
 
+def _check_ca_file(path: str) -> None:
+    """A ``--ca-file`` gRPC could not use fails later as a traceback (unreadable) or a C-core
+    log line and a vague handshake error (not PEM): said here, naming the file."""
+    try:
+        text = pathlib.Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read --ca-file {path}: {exc.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        raise UsageError(f"--ca-file {path} holds no PEM certificate") from None
+
+
 def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     # The same options are accepted before and after the command (kubectl habit); on
     # subcommands they default to SUPPRESS so they never overwrite a value given earlier.
     def default(value: object) -> object:
         return argparse.SUPPRESS if suppress else value
 
-    parser.add_argument("--server", default=default(None),
+    parser.add_argument("--server", type=_address, default=default(None),
                         help=f"Admin address host:port (default: $SYNAPSE_ADMIN_ADDR or "
                              f"{DEFAULT_SERVER})")
     parser.add_argument("--token-file", metavar="PATH", default=default(None),
@@ -73,7 +155,8 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
                         help="connect with TLS")
     parser.add_argument("--ca-file", metavar="PATH", default=default(None),
                         help="CA bundle for --tls")
-    parser.add_argument("--timeout", type=float, default=default(30.0), help="seconds per call")
+    parser.add_argument("--timeout", type=_number(float, 0, MAX_SECONDS, low_open=True),
+                        default=default(30.0), help="seconds per call")
     parser.add_argument("-o", "--output", choices=("table", "json", "yaml"),
                         default=default("table"), help="output format")
 
@@ -105,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--model", required=True)
     explain.add_argument("--prompt", required=True, help="one user message")
     explain.add_argument("--session", default="", help="x-session-id for affinity")
-    explain.add_argument("--max-tokens", type=int, default=0)
+    explain.add_argument("--max-tokens", type=_number(int, 0, UINT32_MAX), default=0)
     explain.add_argument("--tenant", default="",
                          help="route it as this tenant's request: engines' prefix caches "
                          "are partitioned per tenant, so only then are its cached prefixes "
@@ -136,8 +219,9 @@ def _add_node_commands(sub: Any) -> None:
     drain = sub.add_parser("drain", help="stop routing to a node and drain its engines")
     drain.add_argument("name")
     drain.add_argument("--wait", action="store_true", help="wait until in-flight reaches 0")
-    drain.add_argument("--timeout-seconds", type=float, default=0.0)
-    drain.add_argument("--grace-seconds", type=float, default=0.0)
+    seconds = _number(float, 0, MAX_SECONDS)
+    drain.add_argument("--timeout-seconds", type=seconds, default=0.0)
+    drain.add_argument("--grace-seconds", type=seconds, default=0.0)
 
 
 def _add_model_commands(sub: Any) -> None:
@@ -146,13 +230,15 @@ def _add_model_commands(sub: Any) -> None:
     deploy.add_argument("--node", action="append", default=[], help="node (repeatable); "
                         "none = placement by free VRAM")
     deploy.add_argument("--engine", choices=ENGINES, default="vllm")
-    deploy.add_argument("--replicas", type=int, default=0)
-    deploy.add_argument("--memory-gb", type=float, default=0.0, help="declared VRAM need")
+    deploy.add_argument("--replicas", type=_number(int, 0, UINT32_MAX), default=0)
+    deploy.add_argument("--memory-gb", type=_number(float, 0, MAX_MEMORY_GB), default=0.0,
+                        help="declared VRAM need")
     deploy.add_argument("--served-model-name", action="append", default=[])
-    deploy.add_argument("--max-model-len", type=int, default=0)
-    deploy.add_argument("--gpu-memory-utilization", type=float, default=0.0,
+    deploy.add_argument("--max-model-len", type=_number(int, 0, UINT32_MAX), default=0)
+    deploy.add_argument("--gpu-memory-utilization", type=_number(float, 0, 1), default=0.0,
                         help="share of each GPU's memory (default: from --memory-gb)")
-    deploy.add_argument("--tensor-parallel-size", type=int, default=0, metavar="N",
+    deploy.add_argument("--tensor-parallel-size", type=_number(int, 0, MAX_TENSOR_PARALLEL),
+                        default=0, metavar="N",
                         help="GPUs per engine (passed to vLLM; placement picks N GPUs)")
     deploy.add_argument("--task", choices=("generate", "embed"), default="generate")
     deploy.add_argument("--extra-arg", action="append", default=[],
@@ -188,9 +274,42 @@ def _add_cache(sub: Any) -> None:
         "tune-pair-scorer", help="train the cache's pair scorer (a cross-encoder the agents "
         "run) on labelled pairs, and stack it on the verifier")
     importlib.import_module("controlplane.pair_scorer_fit").add_arguments(scorer)
+    for tool in (calibrate, tune, scorer):
+        _bound_numbers(tool)
+
+
+# The cache tools' plain int/float options, by destination: a seed numpy and torch take, a
+# precision strictly between 0 and 1, counts of at least one. The embedder they tune is
+# all-MiniLM-L6-v2, six transformer layers. Any other plain number is a finite one >= 0.
+_SEED = _number(int, 0, UINT32_MAX)
+_CACHE_NUMBERS: dict[str, Callable[[str], Any]] = {
+    "target_precision": _number(float, 0, 1, low_open=True, high_open=True),
+    "seed": _SEED, "train_seed": _SEED,
+    "components": _number(int, 1, UINT32_MAX),
+    "layers": _number(int, 0, 6),
+    "epochs": _number(int, 1, UINT32_MAX), "adapter_epochs": _number(int, 0, UINT32_MAX),
+    "batch": _number(int, 1, UINT32_MAX),
+    "lr": _number(float, 0, 1, low_open=True), "adapter_lr": _number(float, 0, 1, low_open=True),
+    "threads": _number(int, 1, 4096),
+    "max_train_pairs": _number(int, 0, UINT32_MAX),
+}
+
+
+def _bound_numbers(parser: argparse.ArgumentParser) -> None:
+    """Give each plain ``int``/``float`` option of a cache tool its bounds (the tools
+    define their options with their modules; synapsectl refuses bad numbers at parse
+    time, whichever command takes them)."""
+    for action in parser._actions:
+        if action.type is int or action.type is float:
+            action.type = _CACHE_NUMBERS.get(action.dest) or (
+                _number(int, 0, 2**63 - 1) if action.type is int
+                else _number(float, 0, math.inf, high_open=True))
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    # Read by gRPC when it is imported (ctl_client, later): its C core's INFO lines (a
+    # failed TLS handshake) would come before synapsectl's own one-line error.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         code = _main(argv, environ)
         sys.stdout.flush()      # inside the try: a closed pipe fails here, not at exit
@@ -299,7 +418,7 @@ def _duration(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 30m, 24h, 7d)"
                                          ) from None
-    if seconds <= 0:
+    if not (math.isfinite(seconds) and seconds > 0):
         raise argparse.ArgumentTypeError(f"not a positive duration: {text!r}")
     return seconds
 
