@@ -308,8 +308,10 @@ def _bound_numbers(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     # Read by gRPC when it is imported (ctl_client, later): its C core's INFO lines (a
-    # failed TLS handshake) would come before synapsectl's own one-line error.
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    # failed TLS handshake) would come before synapsectl's own one-line error. A process
+    # that imported gRPC already (a test calling main) keeps its environment as it is.
+    if "grpc" not in sys.modules:
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         code = _main(argv, environ)
         sys.stdout.flush()      # inside the try: a closed pipe fails here, not at exit
