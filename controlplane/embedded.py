@@ -29,7 +29,11 @@ its Milvus Lite file and its keys, and both would answer.
 
 The children's output goes through a pipe into ``<data-dir>/logs/<name>.log``, capped
 like the agent's engine logs (:mod:`synapse_common.capped_log`: 10 MiB, one ``.1`` kept),
-instead of growing with every request for as long as the stack runs.
+instead of growing with every request for as long as the stack runs; their ERROR lines
+are echoed on this process's stderr too, and a start whose engine cannot succeed ends
+at once. What is refused before anything starts (``--config``, flag values out of range,
+``SYNAPSE_*`` variables overriding what the generated configs write) and those watches
+live in :mod:`controlplane.embedded_checks`.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from typing import IO, Any, cast
 
 import yaml
 
-from controlplane import embedded_engine
+from controlplane import embedded_checks, embedded_engine
 from controlplane.core import upstream_kinds
 from synapse_common import capped_log, cli, engines, parent_death
 from synapse_common import clock as clocks
@@ -78,11 +82,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "one agent (real gRPC over loopback), the engine simulator as the generation backend "
         "(or --upstream), the in-process embedder, in-process L1 and a Milvus Lite L2.")
     cli.add_common_args(parser)
+    for action in parser._actions:      # argparse has no public way to reword a help
+        if action.dest == "config":
+            action.help = embedded_checks.CONFIG_HELP
     parser.add_argument("--data-dir", default="./.synapse", help="state, configs, keys, logs")
     parser.add_argument("--host", default="127.0.0.1", help="address the HTTP API listens on")
-    parser.add_argument("--http-port", type=int, default=8080,
+    parser.add_argument("--http-port", type=embedded_checks.port_number, default=8080,
                         help="HTTP port (default: %(default)s; 0 = any free)")
-    parser.add_argument("--grpc-port", type=int, default=50051,
+    parser.add_argument("--grpc-port", type=embedded_checks.port_number, default=50051,
                         help="control-plane gRPC port (default: %(default)s; 0 = any free)")
     parser.add_argument("--engine", choices=("simulator", "vllm"), default="simulator",
                         help="the generation backend: the engine simulator, or a real vLLM "
@@ -108,7 +115,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         help="the --upstream server's own name for the model (e.g. "
                              "llama3.1:8b on Ollama); clients keep using --model and its "
                              "aliases, and answers carry the name they asked for")
-    parser.add_argument("--time-scale", type=float, default=0.05,
+    parser.add_argument("--time-scale", type=embedded_checks.time_scale, default=0.05,
                         help="simulator clock: 1 = real GPU timings, 0 = instant")
     key = parser.add_mutually_exclusive_group()
     key.add_argument("--api-key-file", metavar="PATH",
@@ -189,6 +196,8 @@ def chosen_api_key(args: argparse.Namespace) -> str | None:
 
 def _write_configs(args: argparse.Namespace, data: pathlib.Path, ports: dict[str, int],
                    gen: embedded_engine.Generation) -> dict[str, Any]:
+    """The two configs written in ``data``, once no ``SYNAPSE_*`` variable of this shell
+    overrides what they write (exit 2 naming it; the others are named once)."""
     secret_dir = data / "secrets"
     secret_dir.mkdir(parents=True, exist_ok=True)
     secret_dir.chmod(0o700)
@@ -221,6 +230,11 @@ def _write_configs(args: argparse.Namespace, data: pathlib.Path, ports: dict[str
         "supervisor": {"log_dir": str(data / "logs" / "engines"), "drain_grace_s": 5,
                        "stop_grace_s": 5, **gen.supervisor},
     }
+    refused, others = embedded_checks.env_overrides((cp, agent), os.environ)
+    if refused:
+        cli.fail(embedded_checks.env_refused_message(refused), code=2)
+    if notice := embedded_checks.env_notice(others, os.environ):
+        print(notice, file=sys.stderr, flush=True)
     for name, doc in (("controlplane.yaml", cp), ("agent.yaml", agent)):
         (data / name).write_text(yaml.safe_dump(doc, sort_keys=False))
     return {"api_key": api_key_file.read_text().strip(), "admin_key_file": admin_key_file}
@@ -242,7 +256,10 @@ def _check_upstream_args(args: argparse.Namespace) -> None:
     given = [f"--{name.replace('_', '-')}" for name in ("upstream_kind", "upstream_key_file",
                                                         "upstream_model") if getattr(args, name)]
     if given and not args.upstream:
-        cli.fail(f"synapse up: {', '.join(given)} need --upstream URL", code=2)
+        cli.fail(f"synapse up: {', '.join(given)} need{'' if len(given) > 1 else 's'} --upstream URL",
+                 code=2)
+    if args.upstream and (problem := embedded_checks.upstream_url_problem(args.upstream)):
+        cli.fail(f"synapse up: {problem}", code=2)
     key_file = args.upstream_key_file
     if key_file and not (os.access(key_file, os.R_OK) and pathlib.Path(key_file).is_file()):
         cli.fail(f"synapse up: --upstream-key-file {key_file}: not a readable file", code=2)
@@ -320,6 +337,7 @@ class Child:
         self.log_path = log_path
         # closed in stop(); 0600: the logs name tenants and requests
         self._log = capped_log.CappedFile(log_path, max_log_bytes)
+        self._echo = embedded_checks.ErrorEcho(name, log_path)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         env.pop("SYNAPSE_CONFIG_PATH", None)
         self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -335,14 +353,14 @@ class Child:
         fd = out.fileno()
         while chunk := os.read(fd, READ_CHUNK):
             self._log.write(chunk)      # loses what the disk refuses, never raises for it
+            self._echo.feed(chunk)      # its errors on the terminal too: the disk may be full
         out.close()
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
     def tail(self, lines: int = 15) -> str:
-        text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        return "\n".join(f"    {line}" for line in text.splitlines()[-lines:])
+        return embedded_checks.tail(self.log_path, lines)
 
     def stop(self, grace_s: float) -> None:
         if self.alive():
@@ -373,13 +391,19 @@ class Stopping(Exception):
     """Ctrl-C or SIGTERM arrived."""
 
 
-def _wait_for(what: str, ready: Callable[[], bool], children: list[Child], timeout: float) -> None:
+def _wait_for(what: str, ready: Callable[[], bool], children: list[Child], timeout: float,
+              engines_log: embedded_checks.EngineLogWatch | None = None) -> None:
+    """Wait for ``ready``; RuntimeError when a child exits, when ``engines_log`` shows an
+    engine whose start cannot succeed, or at ``timeout``."""
     print(f"  … {what}", flush=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready():
             print(f"  ✓ {what}", flush=True)
             return
+        if engines_log is not None and (log := engines_log.failing()) is not None:
+            raise RuntimeError(f"the engine cannot start (waiting for {what}); its last lines "
+                               f"({log}):\n{embedded_checks.tail(log)}")
         for child in children:
             if not child.alive():
                 raise RuntimeError(f"{child.name} exited with status {child.popen.returncode} "
@@ -420,6 +444,11 @@ Press Ctrl-C to stop.
 
 def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
     args = build_parser(prog).parse_args(argv)
+    if args.config:
+        cli.fail(embedded_checks.CONFIG_REFUSED, code=2)
+    if args.upstream and args.engine != "simulator":
+        cli.fail("synapse up: --upstream and --engine exclude each other", code=2)
+    _check_upstream_args(args)
     data = data_directory(pathlib.Path(args.data_dir).resolve())
     lock = hold_data_dir(data)      # held for the life of the process
     # Five distinct ports at once (two free_port() calls may return the same one).
@@ -427,9 +456,6 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
     ports = {"http": _port(args.http_port, "http", args.host, spare[0]),
              "grpc": _port(args.grpc_port, "grpc", "127.0.0.1", spare[1]),
              "node": spare[2], "metrics": spare[3], "engine": spare[4]}
-    if args.upstream and args.engine != "simulator":
-        cli.fail("synapse up: --upstream and --engine exclude each other", code=2)
-    _check_upstream_args(args)
     try:
         gen = embedded_engine.choose(args, ports["engine"])
     except engines.EngineTierMissing as exc:
@@ -458,13 +484,14 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
                               data / "logs" / "controlplane.log", keep_fds=held))
         _wait_for(f"control plane on {base}", lambda: _http_status(f"{base}/health") == 200,
                   children, 60)
+        engines_log = embedded_checks.EngineLogWatch(data / "logs" / "engines")
         children.append(Child("agent", [synapse, "agent", "--config", str(data / "agent.yaml"),
                                         *extra], data / "logs" / "agent.log", keep_fds=held))
         grpc_addr = f"127.0.0.1:{ports['grpc']}"
         backend = gen.backend["name"] if gen.backend else None
         _wait_for(f"{gen.what} ready", lambda: generation_ready(
             grpc_addr, written["admin_key_file"], gen.model, backend), children,
-            START_TIMEOUT_S)
+            START_TIMEOUT_S, engines_log)
         # The agent loads the embedding model in the background; the semantic cache and
         # /v1/embeddings need it, so "ready" waits for it: asked of the agent's gRPC
         # health service, not with the dev key (each try would be the tenant's usage).
