@@ -133,8 +133,9 @@ def env_notice(names: list[str], environ: Mapping[str, str]) -> str | None:
     if environ.get("SYNAPSE_CONFIG_PATH"):
         parts.append("SYNAPSE_CONFIG_PATH is not used (synapse up writes its own configs)")
     if names:
-        parts.append(f"the children inherit {', '.join(names)} from this shell (each "
-                     "overrides the setting it names)")
+        parts.append(f"the control plane and the agent inherit {', '.join(names)} from "
+                     "this shell (each overrides the setting it names there; the engines "
+                     "get none)")
     return f"synapse up: {'; '.join(parts)}" if parts else None
 
 
