@@ -29,6 +29,8 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any
 
+import yaml
+
 from synapse_common import engines, settings
 
 # Sections of the generated configs owned whole: any variable inside them is refused,
@@ -92,29 +94,49 @@ CONFIG_HELP = ("not accepted by synapse up: it writes its own configs in --data-
                "not write itself")
 
 
-def written_paths(doc: Mapping[str, Any], at: tuple[str, ...] = ()) -> Iterable[tuple[str, ...]]:
-    """The setting paths a generated config writes: each value that is not a mapping (a
-    list is one value)."""
+def written(doc: Mapping[str, Any], at: tuple[str, ...] = ()
+            ) -> Iterable[tuple[tuple[str, ...], Any]]:
+    """The settings a generated config writes, by path: each value that is not a mapping
+    (a list is one value)."""
     for key, value in doc.items():
         if isinstance(value, Mapping):
-            yield from written_paths(value, (*at, key))
+            yield from written(value, (*at, key))
         else:
-            yield (*at, key)
+            yield (*at, key), value
+
+
+def _same(raw: str, value: Any) -> bool:
+    """Whether a variable's ``raw`` text sets ``value`` again (the test harness gives
+    every process ``SYNAPSE_HTTP__DRAIN_DELAY_S=0``, which ``synapse up`` writes too)."""
+    try:
+        loaded = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return False
+    if isinstance(value, bool) or isinstance(loaded, bool):
+        return loaded is value
+    return isinstance(value, int | float) and isinstance(loaded, int | float) and loaded == value
 
 
 def env_overrides(docs: Iterable[Mapping[str, Any]], environ: Mapping[str, str]
                   ) -> tuple[list[str], list[str]]:
     """The ``SYNAPSE_*`` variables of ``environ`` that override what ``docs`` (the
     generated configs) write — a value, a section holding one, a value inside one, or
-    anything in :data:`OWNED_SECTIONS` — and the others the children will read."""
-    owned = {p for doc in docs for p in written_paths(doc)} | OWNED_SECTIONS
+    anything in :data:`OWNED_SECTIONS` — and the others the children will read (one
+    that sets a number or a flag to the value written is among those)."""
+    values: dict[tuple[str, ...], list[Any]] = {}
+    for doc in docs:        # both configs write grpc.port, each its own
+        for path, value in written(doc):
+            values.setdefault(path, []).append(value)
+    owned = set(values) | OWNED_SECTIONS
     refused: list[str] = []
     others: list[str] = []
     for name in sorted(environ):
         if not name.startswith(settings.ENV_PREFIX) or name in NOT_OVERRIDES:
             continue
         path = tuple(p.lower() for p in name[len(settings.ENV_PREFIX):].split("__"))
-        clash = any(path[:len(p)] == p or p[:len(path)] == path for p in owned)
+        clash = any(path[:len(p)] == p or p[:len(path)] == path for p in owned) and not (
+            path in values and path[:1] not in OWNED_SECTIONS
+            and all(_same(environ[name], value) for value in values[path]))
         (refused if clash else others).append(name)
     return refused, others
 

@@ -170,3 +170,18 @@ def test_an_engine_whose_start_cannot_succeed_ends_the_wait_with_its_log(
     fresh = engines / "vllm.log"
     fresh.write_text("[synapse-agent] exited with code 1; crashloop: 5 restarts in 600s\n")
     assert watch.failing() == fresh
+
+
+def test_a_variable_setting_again_a_number_up_writes_is_only_named(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test harness gives every process SYNAPSE_HTTP__DRAIN_DELAY_S=0: `up` writes 0."""
+    monkeypatch.setenv("SYNAPSE_HTTP__DRAIN_DELAY_S", "0")
+    write_configs(tmp_path)
+    assert "SYNAPSE_HTTP__DRAIN_DELAY_S" in capsys.readouterr().err
+    docs = ({"grpc": {"port": 2}, "cache": {"enabled": True}}, {"grpc": {"port": 3}})
+    refused, _ = embedded_checks.env_overrides(docs, {"SYNAPSE_GRPC__PORT": "3",
+                                                      "SYNAPSE_CACHE__ENABLED": "1"})
+    assert refused == ["SYNAPSE_CACHE__ENABLED", "SYNAPSE_GRPC__PORT"]
+    assert embedded_checks.env_overrides(docs, {"SYNAPSE_CACHE__ENABLED": "true"}) == (
+        [], ["SYNAPSE_CACHE__ENABLED"])
