@@ -31,10 +31,19 @@ tenants, and callers who give up leave the queue.
   instead of growing a queue nobody will live to see the end of. The bound on all
   tenants together refuses only a tenant that would then hold more than an equal share
   of it, so a tenant filling the queue sheds its own calls, not the others'. A call into
-  its tenant's empty queue is always taken, whatever its size: one call at the per-call
-  limit runs, and no tenant can lock another out. What waits can therefore go over the
-  bound only by tenants holding less than an equal share each, or one call each; the
-  tenants are the control plane's (an untrusted caller cannot name one).
+  its tenant's empty queue is taken, whatever its size: one call at the per-call limit
+  runs, and no tenant can lock another out. What waits can go over the bound only by
+  tenants holding less than an equal share each, or one call each.
+* A hard cap on the whole queue, twice ``max_queued``, refuses any call that would take
+  it past (a call into an empty queue is still taken, whatever its size). The tenants
+  come from the call's metadata, which only a holder of the agent's credential can set
+  (the control plane, or whoever holds its shared token): such a holder can name as
+  many tenants as it likes, each with an empty queue, and without the cap would queue
+  without end. Twice the bound because one tenant alone never holds more than the
+  bound: however hard a single tenant overloads the model, the others keep at least
+  the bound's worth of room, so a quiet tenant's call (up to the per-call limit, when
+  that is no larger than the bound) still gets its turn. Only several tenants together,
+  or invented ones, reach the cap, and then every tenant is refused until it drains.
 * A caller who goes away (its gRPC call cancelled, e.g. the control plane's budget ran
   out) leaves the queue at once and the pieces of its call not yet on the model are never
   computed. A batch already on the model runs to the end; the answers of callers who left
@@ -64,6 +73,9 @@ from agent.embedding import errors
 from synapse_common import aiotasks, clock
 
 Tenant = str | None  # None: a caller whose tenant cannot be trusted
+
+# The whole queue's hard cap, in ``max_queued``s (see the module docstring).
+HARD_CAP_FACTOR = 2
 
 _TENANT: contextvars.ContextVar[Tenant] = contextvars.ContextVar("embed_tenant", default="")
 
@@ -169,8 +181,13 @@ class MicroBatcher:
 
     def _admit(self, tenant: Tenant, count: int) -> None:
         limit = self.max_queued
+        if limit is None:
+            return
+        if self._queued and self._queued + count > HARD_CAP_FACTOR * limit:
+            # tenants named without end would each take a call into an empty queue
+            raise errors.Overloaded("the embedder is busy (its queue is full); retry shortly")
         mine = self._waiting.get(tenant, 0)
-        if limit is None or not mine:  # a tenant's empty queue takes any call
+        if not mine:  # a tenant's empty queue takes any call the whole queue has room for
             return
         if mine + count > limit:
             raise errors.Overloaded(f"the embedder is busy ({mine} texts queued, at most "

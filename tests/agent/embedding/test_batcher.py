@@ -204,6 +204,28 @@ async def test_a_tenant_filling_its_queue_is_refused_while_another_is_still_take
     assert model.batches[1] == ["a", "a", "b1", "b2"]  # a's and b's texts share it equally
 
 
+async def test_invented_tenants_cannot_queue_past_twice_the_bound():
+    """Each new tenant's empty queue takes a call, but a holder of the agent's credential
+    naming tenants without end stops at the whole queue's hard cap."""
+    model = SteppedModel()
+    batcher = batcher_mod.MicroBatcher(model, max_batch=4, wait_s=0.0, max_queued=4)
+    running = _submit(batcher, "a", ["running"])
+    await model.on_batch(1)
+    taken = [_submit(batcher, f"invented-{i}", ["x"] * 4) for i in range(2)]
+    await asyncio.sleep(0)
+    assert batcher.queued == 8
+    for i in range(2, 5):
+        with pytest.raises(errors.Overloaded, match="busy"):
+            await asyncio.wait_for(_submit(batcher, f"invented-{i}", ["x"]), 5)
+    assert batcher.queued == 8  # nothing of the refused calls was queued
+    for _ in range(8):
+        model.permits.put_nowait(None)
+    await asyncio.wait_for(asyncio.gather(running, *taken), 5)
+    # an empty queue still takes a call over the cap: one call at the per-call limit runs
+    assert (await asyncio.wait_for(_submit(batcher, "b", ["y"] * 10), 5)).shape == (10, 1)
+    await batcher.close()
+
+
 async def test_a_cancelled_calls_pieces_not_yet_on_the_model_are_never_computed():
     model = SteppedModel()
     batcher = batcher_mod.MicroBatcher(model, max_batch=4, wait_s=0.0)
