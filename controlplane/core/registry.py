@@ -22,8 +22,23 @@ Decisions:
   registers another node cannot make the control plane call a live node's agent with
   the wrong key (and so fail that agent's embeddings).
 * At most ``max_nodes`` names: a new one past it first forgets nodes down for
-  ``forget_down_after_s``, else is refused with :class:`TooManyNodes` (a registrant
-  inventing names must not grow the registry without bound).
+  ``forget_down_after_s``, then, if none is, the one whose stream closed longest ago
+  among those that never *served* and carry no operator intent (no cordon, no commanded
+  drain), else is refused with :class:`TooManyNodes` (a registrant inventing names must
+  not grow the registry without bound). A node has served once its reports named a
+  backend over at least ``down_after_s`` (a running agent reports every few seconds):
+  such a name, or one an operator cordoned or drained, matters to operators and stays
+  for ``forget_down_after_s``. The others lose nothing when forgotten (no backends that
+  ran, no intent; a command waiting on one failed when its stream closed) and register
+  again as new. So a holder of the shared agent token who invents names whose streams
+  end at once cannot lock new nodes out: each new name takes the place of one such
+  name. What still fills the registry is names that stay connected (a live stream
+  each, bounded only by the streams the attacker can hold open) or that reported
+  backends for ``down_after_s`` each. Only a node whose stream closed is forgotten
+  this way, never one whose stream is still open, silent or not: its next report
+  would find no node.
+* A serving worker takes its primary's decisions (``decided``) past ``max_nodes`` too,
+  but first makes room the same way, so its copy stays bounded while its primary's is.
 * What a backend's own ``/openapi.json`` said of ``cache_salt`` (a kind-less static
   upstream, an agent's ``external`` backend: ``core.cache_salt.learns``) is set from
   outside (``set_static_salted``, ``set_agent_salted``); an agent's backend keeps it
@@ -60,6 +75,10 @@ class _Node:
     backends: tuple[types.BackendState, ...] = ()
     report: object = None
     stream_id: int = 0
+    # when a report first named a backend, and whether reports named them for
+    # down_after_s since (the node served: never forgotten merely to make room)
+    backends_since: float | None = None
+    served: bool = False
     # backend name -> the URL at which its own /openapi.json showed cache_salt
     # (set_agent_salted), for the reports that follow
     salted: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -124,6 +143,12 @@ def _with_salt(node: _Node, backends: tuple[types.BackendState, ...],
                  if node.salted.get(b.name) == b.url else b for b in backends)
 
 
+def _spare(node: _Node) -> bool:
+    """Whether ``node`` may be forgotten at once to make room: its stream closed, it never
+    served, and no operator cordoned or drained it (see the module docstring)."""
+    return not (node.connected or node.served or node.cordoned or node.commanded_drain)
+
+
 class Registry:
     def __init__(self, clock: clocks.Clock, down_after_s: float, *, max_nodes: int = 1024,
                  forget_down_after_s: float = 3600.0) -> None:
@@ -161,6 +186,8 @@ class Registry:
             return stream_id
         if not decided:
             self._admit(info, node)
+        elif node is None:
+            self._make_room()       # the primary decided: taken even where none is made
         stream_id = next(_ids)
         if node is None:
             self._nodes[info.name] = _Node(info=info, last_seen=self._clock(),
@@ -177,10 +204,23 @@ class Registry:
         if node is not None and self.node_status(node) != "down":
             raise NodeLive(info.name)
         self._check_address(info)
-        if node is None and len(self._nodes) >= self._max_nodes:
-            self._forget_long_down()
-            if len(self._nodes) >= self._max_nodes:
-                raise TooManyNodes(info.name)
+        if node is None and not self._make_room():
+            raise TooManyNodes(info.name)
+
+    def _make_room(self) -> bool:
+        """Whether a new name fits, after forgetting nodes long down, else one never
+        served whose stream closed (see the module docstring)."""
+        if len(self._nodes) < self._max_nodes:
+            return True
+        self._forget_long_down()
+        if len(self._nodes) < self._max_nodes:
+            return True
+        spare = [(n.last_seen, name) for name, n in self._nodes.items() if _spare(n)]
+        if not spare:
+            return False
+        del self._nodes[min(spare)[1]]
+        self.version += 1
+        return True
 
     def _address_taken(self, node: _Node) -> bool:
         """Whether another node that is up holds ``node``'s Node-service address."""
@@ -228,6 +268,12 @@ class Registry:
         node.backends = _with_salt(node, tuple(backends))
         node.agent_draining = draining
         node.last_seen = self._clock()
+        if node.backends:
+            since = node.backends_since
+            if since is None:
+                node.backends_since = node.last_seen
+            elif node.last_seen - since >= self._down_after_s:
+                node.served = True
         node.connected = True
         node.report = details
         self.version += 1

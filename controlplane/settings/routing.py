@@ -51,10 +51,13 @@ class RegistrySettings(Section):
     max_nodes: int = Field(
         1024, ge=1, description="nodes the registry holds at most: past it a new node name "
         "is refused (RESOURCE_EXHAUSTED), after the nodes down longer than forget_down_after_s "
-        "are forgotten; names that register are never forgotten otherwise")
+        "are forgotten, else one node whose stream closed and that never served (reported "
+        "backends for node_down_after_s) nor was cordoned or drained, the one closed longest "
+        "ago; names that register are never forgotten otherwise")
     forget_down_after_s: float = Field(
         3600.0, gt=0, description="a node down this long is forgotten when a new node needs "
-        "its place (its cordon and drain intent with it)")
+        "its place (its cordon and drain intent with it); one that never served nor was "
+        "cordoned or drained may go sooner (max_nodes)")
     engine_hosts: list[str] = Field(
         default_factory=list, description="hosts an agent's reported backends may be at "
         "besides the node's own address as the control plane sees it (its stream's peer "

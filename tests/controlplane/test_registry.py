@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from controlplane.core import registry, types
 
 
@@ -63,3 +65,59 @@ async def test_commands_wait_for_the_ack_and_fail_when_the_stream_goes() -> None
     assert await task == types.CommandResult(False, "node disconnected")
     result = await reg.send_command("n", types.Command("drain"))
     assert not result.ok and "not connected" in result.error
+
+
+def _closed(reg: registry.Registry, name: str, now: list[float]) -> None:
+    """``name`` registers and its stream ends at once, as an invented name's does."""
+    reg.disconnect(name, reg.register(types.NodeInfo(name)))
+    now[0] += 1.0
+
+
+def test_invented_names_whose_streams_closed_make_room_for_a_new_node_at_once() -> None:
+    now = [0.0]
+    reg = registry.Registry(lambda: now[0], down_after_s=15, max_nodes=3,
+                            forget_down_after_s=3600)
+    for i in range(3):
+        _closed(reg, f"fake-{i}", now)
+    reg.register(types.NodeInfo("gpu-new"))                 # not refused for an hour
+    assert {v.info.name for v in reg.nodes()} == {"fake-1", "fake-2", "gpu-new"}
+    reg.register(types.NodeInfo("gpu-other"))                # the closed longest ago goes
+    assert {v.info.name for v in reg.nodes()} == {"fake-2", "gpu-new", "gpu-other"}
+    reg.register(types.NodeInfo("gpu-third"))
+    # names whose streams are open hold their place, silent or not
+    now[0] += 60.0
+    with pytest.raises(registry.TooManyNodes):
+        reg.register(types.NodeInfo("gpu-fourth"))
+
+
+def test_names_that_served_or_carry_operator_intent_are_kept_to_make_room() -> None:
+    now = [0.0]
+    reg = registry.Registry(lambda: now[0], down_after_s=15, max_nodes=4,
+                            forget_down_after_s=3600)
+    served = reg.register(types.NodeInfo("served"))
+    reg.report("served", [sim("served")])
+    now[0] += 15.0
+    reg.report("served", [sim("served")])                    # backends for down_after_s
+    reg.disconnect("served", served)
+    for name, intent in (("cordoned", reg.cordon), ("drained", reg.set_drain)):
+        stream = reg.register(types.NodeInfo(name))
+        intent(name, True)
+        reg.disconnect(name, stream)
+    brief = reg.register(types.NodeInfo("brief"))
+    reg.report("brief", [sim("brief")])                      # one report: it never served
+    reg.disconnect("brief", brief)
+    reg.register(types.NodeInfo("gpu-new"))
+    assert {v.info.name for v in reg.nodes()} == {"served", "cordoned", "drained", "gpu-new"}
+    with pytest.raises(registry.TooManyNodes):
+        reg.register(types.NodeInfo("gpu-other"))
+    now[0] += 3601.0                                        # long down: forgotten as before
+    reg.register(types.NodeInfo("gpu-other"))
+    assert "gpu-other" in {v.info.name for v in reg.nodes()}
+
+
+def test_a_workers_copy_of_decided_registers_stays_bounded() -> None:
+    now = [0.0]
+    reg = registry.Registry(lambda: now[0], down_after_s=15, max_nodes=2)
+    for i in range(5):
+        reg.disconnect(f"fake-{i}", reg.register(types.NodeInfo(f"fake-{i}"), decided=True))
+    assert len(reg.nodes()) == 2
