@@ -239,6 +239,10 @@ def test_the_registry_forgets_a_long_down_node_to_make_room_and_keeps_a_live_one
     with pytest.raises(registry.NodeLive):
         reg.register(t_info("a"))
     assert reg.register(t_info("a", "10.0.0.1:1"), a) == a      # its own stream refreshes
+    reg.report("a", [t_backend("a")])
+    clock.now += 15.0
+    reg.report("a", [t_backend("a")])      # a served: not forgotten merely to make room
+    reg.report("b", [])
     reg.disconnect("a", a)
     with pytest.raises(registry.TooManyNodes):                  # down, but not for long
         reg.register(t_info("c"))
@@ -250,6 +254,10 @@ def test_the_registry_forgets_a_long_down_node_to_make_room_and_keeps_a_live_one
 
 def t_info(name: str, address: str = "") -> types.NodeInfo:
     return types.NodeInfo(name=name, address=address)
+
+
+def t_backend(node: str) -> types.BackendState:
+    return types.BackendState(f"{node}/e", node, "e", "http://10.0.0.1:8000", ("m",))
 
 
 async def test_nonsense_telemetry_is_clamped_and_cannot_win_routing() -> None:
