@@ -6,7 +6,9 @@ token (the agent's ``control_plane.token``, which the control plane holds as
 ``auth.agent_token``) as ``authorization: Bearer <token>`` metadata. :class:`TokenGuard`,
 an interceptor in front of the whole service, checks it in constant time
 (:mod:`synapse_common.call_metadata`); anything else ends UNAUTHENTICATED before the servicer
-runs. An agent without a token refuses every Node call, unless ``grpc.allow_unauthenticated``
+runs, and before any of the request is read: the refusal answers the call's headers, so a
+caller without the token cannot make the agent hold a message (up to
+:data:`MAX_RECEIVE_BYTES`) it sends slowly or never finishes. An agent without a token refuses every Node call, unless ``grpc.allow_unauthenticated``
 says otherwise. Health and reflection stay open: kubelet's gRPC probes carry no metadata,
 and neither service returns any data.
 
@@ -61,10 +63,15 @@ from grpc_reflection.v1alpha import reflection
 
 from agent.embedding import errors, pair_scorer, service
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
-from synapse_common import call_metadata, tls_files
+from synapse_common import call_metadata, grpc_limits, tls_files
 
 log = logging.getLogger(__name__)
 MAX_RECEIVE_BYTES = 8 * 1024 * 1024   # see NodeServer: the largest admitted call is a few MB
+# Node calls open at once on one connection (synapse_common.grpc_limits): a control-plane
+# process sends all of its Embed/ScorePairs calls to this agent over one connection, as
+# many at once as the embedding queue (embedder.queue_max_texts) may admit one-text calls;
+# past the cap they wait in the caller's channel instead of being refused.
+MAX_CONCURRENT_STREAMS = 1024
 NODE_SERVICE = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
 
 STATUS: dict[type[errors.EmbedError], grpc.StatusCode] = {
@@ -101,10 +108,15 @@ class TokenGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # untyped i
                   "this agent has no token (control_plane.token) and refuses Node calls")
 
         def refusal(hook: Observe) -> grpc.RpcMethodHandler:
-            async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            # A request-streaming handler is called on the call's headers, before any
+            # message arrives, and never reads one: the refusal goes out at once and no
+            # request is buffered for a caller without the token. A unary handler would
+            # first wait for the whole message (up to MAX_RECEIVE_BYTES), however long
+            # its sender takes. The kind suits every method: the caller sees a status.
+            async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
                 hook(grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
-            return grpc.unary_unary_rpc_method_handler(refuse)
+            return grpc.stream_unary_rpc_method_handler(refuse)
 
         self._refusal = refusal(observe)
         self._refusals = {self._prefix + name: refusal(hook)
@@ -240,12 +252,13 @@ class NodeServer:
             options=[("grpc.so_reuseport", 0),
                      # the largest call the limits admit (an Embed of 2,048 texts, 1 M
                      # characters in all) is a few MB: a bigger message is refused
-                     # before it is buffered, whoever sends it (the token is checked
-                     # after the message is read)
+                     # before it is buffered (and a call without the token is refused
+                     # before any of its message is read: TokenGuard)
                      ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                      ("grpc.max_send_message_length", 64 * 1024 * 1024),
                      ("grpc.keepalive_permit_without_calls", 1),
-                     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000)])
+                     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+                     *grpc_limits.server_options(MAX_CONCURRENT_STREAMS)])
         node_pb2_grpc.add_NodeServicer_to_server(  # type: ignore[no-untyped-call]
             NodeServicer(embeddings, observe, tenant_trusted=check.configured, scorer=scorer,
                          observe_scores=observe_scores), self.server)

@@ -1,7 +1,9 @@
 """The ``Admin`` gRPC service: nodes, cordon/drain, models, deploy, cache, stats, explain.
 
 Every call needs the admin key as ``authorization: Bearer <key>`` metadata (checked by
-the same tenant table as the HTTP admin routes). Errors are our one hierarchy
+the same tenant table as the HTTP admin routes), checked on the call's headers before any
+of its message is read (:func:`_guarded`): a caller without the key is answered at once
+and cannot make the control plane hold a request it sends slowly or never finishes. Errors are our one hierarchy
 (:mod:`controlplane.errors`) mapped to status codes by ``grpc_server.abort``.
 
 This module only validates requests and converts protos to core calls and back: what
@@ -15,7 +17,7 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -40,12 +42,11 @@ R = TypeVar("R")
 
 
 def _admin_call(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """Authenticate, run, and turn our errors into gRPC status codes."""
+    """Run, and turn our errors into gRPC status codes (the caller presented the admin
+    key already: :func:`_guarded`)."""
     @functools.wraps(method)
     async def wrapper(self: AdminServicer, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
-            auth = dict(context.invocation_metadata() or ()).get("authorization")
-            self.svc.tenants.authenticate_admin(auth if isinstance(auth, str) else None)
             return await method(self, request, context)
         except errors.SynapseError as exc:
             await grpc_server.abort(context, exc)
@@ -298,11 +299,69 @@ def _messages(request: admin_pb2.ExplainRouteRequest) -> list[dict[str, object]]
     return [{"role": "user", "content": request.prompt}]
 
 
+def _guarded(svc: services_mod.Services, handler: grpc.RpcMethodHandler
+             ) -> grpc.RpcMethodHandler:
+    """``handler`` (a unary method of the servicer) behind the admin key check, served as
+    a request-streaming handler: gRPC calls it on the call's headers, so a call without
+    the admin key is refused before any of its message is read (a unary handler is
+    called only once the whole message arrived, however slowly its sender sends it, and
+    holds it meanwhile). With the key, the one request message is read and ``handler``
+    runs as before."""
+    method = handler.unary_unary
+
+    async def guarded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        auth = dict(context.invocation_metadata() or ()).get("authorization")
+        try:
+            svc.tenants.authenticate_admin(auth if isinstance(auth, str) else None)
+        except errors.SynapseError as exc:
+            await grpc_server.abort(context, exc)
+        async for request in requests:
+            return await method(request, context)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message was sent")
+        raise AssertionError("unreachable: abort raises")
+    return grpc.stream_unary_rpc_method_handler(
+        guarded, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
+
+
+class _AdminGuard(grpc.GenericRpcHandler):  # type: ignore[misc]  # untyped in the stubs
+    """The Admin service's method handlers, each behind the key check (:func:`_guarded`):
+    the generated ``add_AdminServicer_to_server`` adds its handlers to this one, which the
+    server is given instead."""
+
+    def __init__(self, svc: services_mod.Services) -> None:
+        self._svc = svc
+        self._inner: list[grpc.GenericRpcHandler] = []
+        self._guarded: dict[str, grpc.RpcMethodHandler] = {}    # the service's methods only
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._inner.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        """The same handlers again, for a server's fast lookup by path: not passed on (the
+        server would find the unguarded ones there before this guard)."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        guarded = self._guarded.get(details.method)
+        if guarded is None:
+            found = next((h for h in (g.service(details) for g in self._inner) if h), None)
+            if found is None:
+                return None
+            guarded = self._guarded[details.method] = _guarded(self._svc, found)
+        return guarded
+
+
 def admin(svc: services_mod.Services) -> grpc_server.Registration:
-    """The Admin service as a registration for ``grpc_server.start``."""
+    """The Admin service as a registration for ``grpc_server.start``: every method behind
+    the admin key check (:func:`_guarded`)."""
+    name = str(admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name)
+
     def register(server: grpc.aio.Server) -> str:
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(svc), server)  # type: ignore[no-untyped-call]
-        return str(admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name)
+        guard = _AdminGuard(svc)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(svc), guard)  # type: ignore[no-untyped-call]
+        server.add_generic_rpc_handlers((guard,))
+        return name
     return register
 
 

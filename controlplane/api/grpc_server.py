@@ -22,7 +22,8 @@ otherwise (the settings refuse that combination on a gRPC address other machines
 reach). The first message must be ``Register`` (else ``INVALID_ARGUMENT``). A node that
 is up already, or a Node-service address another node that is up registered, is refused
 ``ALREADY_EXISTS`` and a new node past ``registry.max_nodes``
-``RESOURCE_EXHAUSTED`` (:mod:`controlplane.core.registry`). The keys the agent chose
+``RESOURCE_EXHAUSTED`` (:mod:`controlplane.core.registry`); the caller is not told which
+node holds the address (the control plane's log names it). The keys the agent chose
 (``Register.engine_key``, ``node_key``) are what the control plane presents to that
 node's engines and Node service; an agent that sent none (an older one) gets the keys
 derived from the shared token, only when it authenticated with that token (nothing it
@@ -63,6 +64,13 @@ Then a reader task feeds reports and command acks into the registry and queues a
 ``Ack`` per report, a pump task moves the node's command outbox onto the stream, and the
 stream's end (or error) marks the node disconnected. Protos are converted to core value objects
 here and nowhere deeper.
+
+Limits (:func:`start`): ``Connect`` is refused at its headers and Admin calls too
+(:mod:`controlplane.api.admin_grpc`), so a caller without a credential never has a
+message of its read; what a caller with one may send is capped at
+:data:`MAX_RECEIVE_BYTES`, its open calls per connection at
+:data:`MAX_CONCURRENT_STREAMS`, and a connection without a call open is closed after
+minutes (:mod:`synapse_common.grpc_limits`).
 """
 
 from __future__ import annotations
@@ -84,10 +92,19 @@ from controlplane.api import agent_messages
 from controlplane.api import services as services_mod
 from controlplane.core import cache_salt, engine_hosts, node_models, registry, types
 from protos.synapse.v1 import controlplane_pb2, controlplane_pb2_grpc
-from synapse_common import aiotasks, call_metadata, engine_key, tls_files
+from synapse_common import aiotasks, call_metadata, engine_key, grpc_limits, tls_files
 from synapse_common import clock as clocks
 
 log = logging.getLogger("synapse.controlplane.grpc")
+# The largest message a legitimate caller sends: an Admin ExplainRoute's prompt of
+# admin_grpc.MAX_PROMPT_CHARS characters (up to four bytes each) and its other fields;
+# an agent's messages are refused past agent_messages.MAX_MESSAGE_BYTES anyway. The
+# receive limit is this or grpc.max_message_bytes, the smaller (sends keep the setting).
+MAX_RECEIVE_BYTES = 4 * 1024 * 1024 + 64 * 1024
+# Calls open at once on one connection of the gRPC port (synapse_common.grpc_limits): an
+# agent holds one Connect stream on its own connection, synapsectl makes one Admin call
+# at a time; a proxy that multiplexes more callers opens more connections at the cap.
+MAX_CONCURRENT_STREAMS = 128
 
 Registration = Callable[[grpc.aio.Server], str]
 Server = grpc.aio.Server
@@ -238,8 +255,12 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 "first has been silent for registry.node_down_after_s"))
             return
         except registry.AddressTaken as exc:
+            # The holder's name is for the operator: the caller learns only that the
+            # address is taken (a name it could not otherwise see would say who runs where).
+            log.warning("node %s refused: node %s, which is up, registered its Node-service "
+                        "address %r", name, exc.holder, info.address, extra={"node": name})
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, (
-                f"node {exc.holder!r}, which is up, registered the Node-service address "
+                f"another node, which is up, registered the Node-service address "
                 f"{info.address!r}"))
             return
         except registry.TooManyNodes:
@@ -517,11 +538,14 @@ async def start(host: str, port: int | None, registrations: Sequence[Registratio
     ``SO_REUSEPORT`` would otherwise let two control planes share a port silently, each
     taking some of the agents' connections."""
     options = [("grpc.so_reuseport", 0),
-               ("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_receive_message_length", min(max_message_bytes, MAX_RECEIVE_BYTES)),
                ("grpc.max_send_message_length", max_message_bytes),
                ("grpc.keepalive_time_ms", 30_000),
                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-               ("grpc.keepalive_permit_without_calls", 1)]
+               ("grpc.keepalive_permit_without_calls", 1),
+               # a whole address is a serving worker's private socket, over which the
+               # primary's relay carries a copy of every agent's stream: no stream cap
+               *grpc_limits.server_options(None if port is None else MAX_CONCURRENT_STREAMS)]
     server = grpc.aio.server(options=options)
     names = [register(server) for register in registrations]
     checker = health.aio.HealthServicer()

@@ -8,6 +8,7 @@ Served over real HTTP, in process and by the real ``synapse agent``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pathlib
 import subprocess
@@ -133,3 +134,41 @@ def test_the_agent_does_not_start_without_its_token_file(
     assert result.returncode == 2, result.stderr
     assert "config error: metrics.bearer_token_file" in result.stderr
     assert "agent metrics listening" not in result.stderr + result.stdout
+
+
+async def _open_with(port: int, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    return reader, writer
+
+
+async def test_a_stalled_request_head_is_closed_and_connections_are_capped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone reaching the port kept 2,000 half-sent request heads open indefinitely
+    (probe finding): a head now has HEAD_TIMEOUT_S, and past MAX_CONNECTIONS the
+    connection waiting longest is closed for a new one; a scrape still gets through."""
+    monkeypatch.setattr(http_metrics, "HEAD_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(http_metrics, "MAX_CONNECTIONS", 4)
+    srv = http_metrics.MetricsServer(CollectorRegistry(), lambda: None, "127.0.0.1", 0)
+    await srv.start()
+    try:
+        reader, writer = await _open_with(srv.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        assert await asyncio.wait_for(reader.read(), 5) == b""      # closed, unanswered
+        writer.close()
+        # a silent connection too
+        reader, writer = await _open_with(srv.port, b"")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        # more half-sent heads than the cap: the oldest ones are closed for the new ones
+        monkeypatch.setattr(http_metrics, "HEAD_TIMEOUT_S", 60.0)
+        held = [await _open_with(srv.port, b"GET /metrics HTTP/1.1\r\n") for _ in range(6)]
+        for reader, _ in held[:2]:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"http://127.0.0.1:{srv.port}/healthz") as reply:
+            assert reply.status == 200
+        for _, writer in held:
+            writer.close()
+    finally:
+        await srv.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,7 +17,7 @@ from agent.core import lru
 from agent.embedding import minilm as minilm_mod
 from agent.embedding import model, service
 from protos.synapse.v1 import node_pb2, node_pb2_grpc
-from tests import node_auth
+from tests import grpc_wire, node_auth
 
 TEXTS = ["How do I reset my password?", "The cat sat on the mat.",
          "Kubernetes schedules pods onto nodes.", "été, naïve café — unicode text"]
@@ -136,3 +137,39 @@ async def test_a_message_larger_than_any_admitted_call_is_refused_unread(node):
         await stub.Embed(node_pb2.EmbedRequest(
             texts=["x" * 1024 * 1024] * 9), timeout=10)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_call_without_the_token_is_refused_on_its_headers():
+    """A refusal that waited for the request message let whoever reaches the port make
+    the agent hold up to 8 MiB per call, sent slowly or never finished (probe finding):
+    a call that sends only its headers is answered UNAUTHENTICATED, not left waiting."""
+    seen: list[str] = []
+    server = node_service.NodeServer(None, "127.0.0.1", 0, lambda code, s: seen.append(code),
+                                     token=node_auth.TOKEN,
+                                     observe_scores=lambda code, s: seen.append("s" + code))
+    await server.start(embedder_ready=False)
+    try:
+        address = f"127.0.0.1:{server.port}"
+        for method in ("Embed", "ScorePairs"):
+            code = await grpc_wire.headers_only(address, f"/synapse.v1.Node/{method}")
+            assert code == grpc.StatusCode.UNAUTHENTICATED, method
+        wrong = (("authorization", "Bearer not-the-token"),)
+        code = await grpc_wire.headers_only(address, "/synapse.v1.Node/Embed", wrong)
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        assert seen == ["UNAUTHENTICATED", "sUNAUTHENTICATED", "UNAUTHENTICATED"]
+        # with the token, the call is let in and waits for its message as before
+        code = await grpc_wire.headers_only(address, "/synapse.v1.Node/Embed",
+                                            node_auth.metadata(), timeout_s=0.5)
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        await server.stop(0)
+
+
+async def test_the_node_port_caps_streams_per_connection():
+    server = node_service.NodeServer(None, "127.0.0.1", 0, token=node_auth.TOKEN)
+    await server.start(embedder_ready=False)
+    try:
+        settings = await asyncio.to_thread(grpc_wire.server_settings, "127.0.0.1", server.port)
+        assert settings[grpc_wire.MAX_CONCURRENT_STREAMS] == node_service.MAX_CONCURRENT_STREAMS
+    finally:
+        await server.stop(0)

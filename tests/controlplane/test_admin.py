@@ -27,7 +27,7 @@ from protos.synapse.v1 import (
     controlplane_pb2,
     controlplane_pb2_grpc,
 )
-from tests import harness
+from tests import grpc_wire, harness
 from tests.clock import ManualClock, SteppedSleep
 
 ADMIN_KEY = "admin-key-for-admin-tests"
@@ -205,6 +205,50 @@ async def test_every_call_needs_the_admin_key(fleet) -> None:
             await client("ListNodes", admin_pb2.ListNodesRequest())
         assert err.value.code() == code
         await client.channel.close()
+
+
+async def test_a_call_without_the_admin_key_is_refused_on_its_headers(fleet) -> None:
+    """A check that waited for the request message let whoever reaches the port make the
+    control plane hold up to the receive limit per call, sent slowly or never finished
+    (probe finding): a call that sends only its headers gets the same refusal at once."""
+    replica, _, _ = fleet
+    methods = admin_pb2.DESCRIPTOR.services_by_name["Admin"].methods
+    for key, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                      ("wrong", grpc.StatusCode.UNAUTHENTICATED),
+                      (TENANT_KEY, grpc.StatusCode.PERMISSION_DENIED)):
+        metadata = (("authorization", f"Bearer {key}"),) if key else ()
+        for method in methods:
+            got = await grpc_wire.headers_only(replica.address,
+                                               f"/synapse.v1.Admin/{method.name}", metadata)
+            assert got == code, (method.name, key, got)
+    # the admin key lets the call in: it then waits for its message
+    got = await grpc_wire.headers_only(replica.address, "/synapse.v1.Admin/ListNodes",
+                                       (("authorization", f"Bearer {ADMIN_KEY}"),), 0.5)
+    assert got == grpc.StatusCode.DEADLINE_EXCEEDED
+    # and the details are what callers were told before
+    client = Admin(replica.address, None)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client("GetStats", admin_pb2.GetStatsRequest())
+    assert "missing admin key" in (err.value.details() or "")
+    await client.channel.close()
+
+
+async def test_the_grpc_port_limits_streams_and_message_size(fleet) -> None:
+    """Each connection of the port caps its open calls; the receive limit is the largest
+    legitimate request's (an ExplainRoute prompt of MAX_PROMPT_CHARS four-byte
+    characters), not the 8 MiB of grpc.max_message_bytes."""
+    replica, _, admin = fleet
+    host, port = replica.address.rsplit(":", 1)
+    settings_ = await asyncio.to_thread(grpc_wire.server_settings, host, int(port))
+    assert settings_[grpc_wire.MAX_CONCURRENT_STREAMS] == grpc_server.MAX_CONCURRENT_STREAMS
+    widest = "\U0001F600" * admin_grpc.MAX_PROMPT_CHARS
+    with pytest.raises(grpc.aio.AioRpcError) as err:    # taken, refused by the servicer
+        await admin("ExplainRoute", admin_pb2.ExplainRouteRequest(model="nope", prompt=widest))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin("ExplainRoute", admin_pb2.ExplainRouteRequest(
+            model="nope", prompt="x" * (grpc_server.MAX_RECEIVE_BYTES + 1)))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 async def test_list_and_get_nodes_show_telemetry_backends_and_logs(fleet) -> None:

@@ -198,7 +198,12 @@ async def test_a_live_nodes_address_cannot_be_claimed_by_another_node() -> None:
         await owner.receive()
         squatter = Agent(port, SHARED)
         await squatter.send(register("gpu-2", address="127.0.0.9:50052", node="s" * 64))
-        assert await squatter.refused() == grpc.StatusCode.ALREADY_EXISTS
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await squatter.receive()
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        # it learns that the address is taken, not which node runs there (the log says)
+        assert "another node" in (err.value.details() or "")
+        assert "gpu-1" not in (err.value.details() or "")
         await squatter.close()
         assert svc.registry.node_key_at("127.0.0.9:50052") == "k" * 64
         # nor by a Register on a stream of its own, later
