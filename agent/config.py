@@ -269,7 +269,8 @@ class EmbedderSettings(Section):
                                  "per tenant and in all: a call that would take its tenant's "
                                  "queue over, or its tenant past an equal share of the whole, "
                                  "is refused with RESOURCE_EXHAUSTED (a call into its tenant's "
-                                 "empty queue is always taken)")
+                                 "empty queue is taken unless the whole queue would pass "
+                                 "twice this bound; one into an empty queue always is)")
     request_timeout_s: float = Field(30.0, gt=0, description="TEI HTTP call timeout")
     runtime: Literal["auto", "torch", "onnx"] = Field(
         "auto", description="kind minilm: auto runs the transformer (and the pair scorer's "
