@@ -190,7 +190,10 @@ class GrpcSettings(Section):
     tls_cert_file: str | None = Field(None, description="PEM certificate; enables TLS with key")
     tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file")
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=MAX_GRPC_MESSAGE_BYTES,
-                                   description="largest gRPC message")
+                                   description="largest gRPC message this process sends; "
+                                   "what it receives is also capped at "
+                                   "controlplane/api/grpc_server.py MAX_RECEIVE_BYTES (its "
+                                   "callers' requests and agents' reports are small)")
     node_ca_file: str | None = Field(
         None, description="PEM CA bundle that signed the agents' Node-service certificates "
         "(their grpc.tls_cert_file): set, every Node call (Node.Embed, Node.ScorePairs: "
