@@ -151,7 +151,7 @@ async def admit_tokens(request: web.Request, front: Front) -> router_mod.Prompt:
     prompt.sequences = front.call.sequences     # the seats it takes (a rerank's documents)
     if front.call.task in tasks.GENERATING and front.call.messages is not None:
         # held against the backends' contexts when routed (core.context_length)
-        prompt.least_tokens = context_length.of_chat_body(front.body, front.call.messages)
+        prompt.floor(context_length.of_chat_body, front.body, front.call.messages)
     # The engines' prefix cache, per tenant: pooling calls too (vLLM caches the prefixes
     # of decoder embedding and scoring models, and takes cache_salt on every pooling API).
     prompt.partition(ctx.svc.salt_for(front.tenant.name, front.body.get("cache_salt")),

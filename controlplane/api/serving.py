@@ -214,13 +214,12 @@ def prompt_of(parsed: validation.Parsed, session: str, exact: bool) -> router_mo
     """The prompt the router and the token limits see, with the fewest tokens it can be
     (``core.context_length``), which routing holds against the backends' contexts."""
     if parsed.endpoint == "chat":
-        prompt = router_mod.Prompt.from_messages(parsed.body["messages"], parsed.max_tokens,
-                                                 session, exact)
-        prompt.least_tokens = context_length.of_chat_body(parsed.body,
-                                                          parsed.body["messages"])
+        messages = parsed.body["messages"]
+        prompt = router_mod.Prompt.from_messages(messages, parsed.max_tokens, session, exact)
+        prompt.floor(context_length.of_chat_body, parsed.body, messages)
         return prompt
     prompt = router_mod.Prompt.from_text(parsed.prompt_text, parsed.max_tokens, session, exact)
-    prompt.least_tokens = context_length.of_completion_body(parsed.body)
+    prompt.floor(context_length.of_completion_body, parsed.body)
     return prompt
 
 

@@ -50,8 +50,10 @@ def _floor(chars: int) -> int:
 
 def truncates(body: Mapping[str, Any]) -> bool:
     """Whether ``body`` lets the engine cut its prompt (then no floor holds)."""
-    return any(body.get(name) is not None for name in TRUNCATING) or \
-        body.get("truncation") == "auto"
+    for name in TRUNCATING:
+        if body.get(name) is not None:
+            return True
+    return body.get("truncation") == "auto"
 
 
 def of_messages(messages: Sequence[Any]) -> int:

@@ -186,9 +186,10 @@ class Router:
 
     # -- filter and score ---------------------------------------------------------------
 
-    def _filter(self, b: types.BackendState, need: int, least: int = 0) -> str:
-        if least and b.max_model_len and least > b.max_model_len:
-            return f"prompt of at least {least} tokens, context {b.max_model_len}"
+    def _filter(self, b: types.BackendState, need: int, prompt: Prompt) -> str:
+        context = b.max_model_len   # (the prompt's floor is counted only when one is known)
+        if context and (least := prompt.least_tokens) > context:
+            return f"prompt of at least {least} tokens, context {context}"
         if b.kv_capacity_tokens and need > b.kv_capacity_tokens:
             return f"needs {need} KV tokens, capacity {b.kv_capacity_tokens}"
         free = b.free_kv_tokens
@@ -200,7 +201,7 @@ class Router:
                  ids: tuple[int, ...], hashes: dict[int, tuple[int, ...]]) -> types.Verdict:
         n = prompt.tokens
         need = n + prompt.max_tokens
-        reason = why or self._filter(b, need, prompt.least_tokens)
+        reason = why or self._filter(b, need, prompt)
         bs = self.block_size(b)
         cached = 0
         if ids and not (b.kv_capacity_tokens and need > b.kv_capacity_tokens):

@@ -227,11 +227,12 @@ class Prompt:
         "_ids",
         "_last",
         "_last_name",
+        "_least",
+        "_least_of",
         "_size",
         "cache_salt",
         "exact",
         "hash_seed",
-        "least_tokens",
         "max_tokens",
         "messages",
         "sequences",
@@ -262,12 +263,34 @@ class Prompt:
         self.sequences = 1
         # The fewest tokens the prompt can be to any real tokenizer (core.context_length;
         # 0 = no floor): what a backend's reported context is held against. Set by the
-        # serving paths that generate.
-        self.least_tokens = 0
+        # serving paths that generate (:meth:`floor`); None = not counted yet.
+        self._least: int | None = 0
         self._ids: dict[str, tuple[int, ...]] = {}
         self._last: tuple[int, ...] | None = None
         self._last_name = APPROXIMATE
         self._size = 0
+
+    @property
+    def least_tokens(self) -> int:
+        """The fewest tokens the prompt can be to any real tokenizer (0 = no floor),
+        counted at the first read by what :meth:`floor` named: only a backend that
+        reports its context needs it, so a request routed to none that does never
+        counts it."""
+        least = self._least
+        if least is None:
+            count, args = self._least_of
+            least = self._least = count(*args)
+        return least
+
+    @least_tokens.setter
+    def least_tokens(self, value: int) -> None:
+        self._least = value
+
+    def floor(self, count: Callable[..., int], *args: Any) -> None:
+        """Let :attr:`least_tokens` be ``count(*args)`` (a function of
+        ``core.context_length`` and the request's body), counted when first read."""
+        self._least = None
+        self._least_of = (count, args)
 
     def partition(self, salt: str, tenant: str = "") -> None:
         """Put the prompt in the prefix-cache partition ``salt`` of ``tenant``, once."""
