@@ -78,7 +78,7 @@ Rules:
   it, and what it may hold still fits one :data:`MAX_WHOLE_BODY` answer. A tenant over its
   share is refused as a spent budget is (the same code, the same 503), and only that
   tenant; two tenants together can still spend the budget. The reading side charges the
-  tenant the handler named (:func:`charge`, a context variable, so the transport's
+  tenant the handler named (:data:`charge`, a context variable, so the transport's
   interface carries no tenant; Synapse's own reads are the tenant ``""``), and each answer
   keeps the tenant it was made for, to give its reservation back under the same key; the
   client's copy (``send_whole``) holds its size under the request's tenant. The share is
@@ -242,18 +242,18 @@ class Budget:
 
 BUDGET = Budget(WHOLE_BODIES_BUDGET, TENANT_SHARE)
 # The tenant whose request reads the upstream answers made in this context: set by the
-# handler before it dispatches (:func:`charge`). An answer keeps the tenant it was made
+# handler before it dispatches (:data:`charge`). An answer keeps the tenant it was made
 # for, so its reservation goes back to the tenant it was taken from whatever the context
 # says by then.
 TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("synapse_budget_tenant",
                                                              default="")
 
 
-def charge(tenant: str) -> None:
-    """Charge the whole answers of the upstream requests made from here on, in this
-    context, to ``tenant``'s share of :data:`BUDGET`. aiohttp runs each request's
-    handler in a task of its own, so what a handler sets ends with its request."""
-    TENANT.set(tenant)
+# charge(tenant): charge the whole answers of the upstream requests made from here on, in
+# this context, to ``tenant``'s share of :data:`BUDGET`. aiohttp runs each request's
+# handler in a task of its own, so what a handler sets ends with its request. The
+# variable's own setter, called once per proxied request: no Python frame around it.
+charge = TENANT.set
 
 
 class Target:

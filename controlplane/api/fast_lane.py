@@ -541,7 +541,8 @@ class Connection(base_protocol.BaseProtocol):
         body = bytes(self._buf[:length])
         del self._buf[:length]
         self._waiting_body = None
-        self._uncount_body()
+        if self._pending_tenant is not None:    # (counted only when it came after its head)
+            self._uncount_body()
         arriving = self._arriving
         if arriving is not None:
             self._arriving = None
