@@ -180,7 +180,11 @@ class Approximate:
         short = _short_memo(tenant)
         ids: list[int] = []
         for m in messages:
-            rendered = tok.render_chat([m], add_generation_prompt=False)
+            role, content = m.get("role", "user"), m.get("content")
+            if type(role) is str and type(content) is str:     # the template, inlined
+                rendered = f"<|{role}|>\n{content}<|end|>\n"
+            else:
+                rendered = tok.render_chat([m], add_generation_prompt=False)
             ids.extend(short(partition, rendered) if len(rendered) <= SHORT_MESSAGE
                        else _long_message_tokens(partition, rendered, tenant))
         ids.extend(short(partition, GENERATION_PROMPT))
