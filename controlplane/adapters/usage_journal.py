@@ -28,7 +28,10 @@ Design decisions:
   unsent. So while a flush fails, the process also keeps its unsent batches in its own
   :class:`Spool` file (same format and writer), rewritten only when they changed and
   deleted once the store took them; a clean stop's file replaces it. It is taken back
-  like a stop's file, but never while its process lives (it holds it locked).
+  like a stop's file, but never while its process lives (it holds it locked). The
+  process sends a batch id it spooled only with the content the file holds
+  (:meth:`Spool.holds`, ``UsageBook.on_disk``): Redis marks a batch by chunks cut from
+  its content, so two versions of one id could both count.
 - **Older files.** A file of the first format (one JSON list of rows per line, as in a
   ``usage_pending.jsonl`` an older release appended to, or a ``.sending`` one a kill left
   behind) has no ids: it is read as one batch whose id is the hash of the file's bytes,
@@ -154,6 +157,11 @@ class Spool:
         _close(self._fd)                       # the file it replaced
         self._fd, self._held = fd, batches
         return True
+
+    def holds(self) -> list[Batch]:
+        """The batches the file holds as this process wrote it (none: no file, or one
+        let go)."""
+        return list(self._held)
 
     def clear(self) -> bool:
         """Delete the file (its batches are stored, or kept in another file); False when

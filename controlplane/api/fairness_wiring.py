@@ -358,7 +358,9 @@ def _spool(book: usage_book.UsageBook, carried: usage_journal.Carried | None,
            spool: usage_journal.Spool, warn: FlushFailures) -> None:
     """After a flush: while a batch is not stored (the store fails), keep on disk in this
     process's spool what is neither stored nor in a file taken at start, so a hard kill
-    loses only what was recorded since this flush; once the store took every batch,
+    loses only what was recorded since this flush, and tell the book which version of
+    the pending counts the file holds (the one it sends by their reserved id: never
+    another, which Redis would count beside it); once the store took every batch,
     delete the spool. Never raises: a write that fails is warned of like a failing flush,
     and the next flush tries again."""
     if not book.unsent_ids():
@@ -370,6 +372,7 @@ def _spool(book: usage_book.UsageBook, carried: usage_journal.Carried | None,
     except Exception as exc:    # whatever it is, the flush loop goes on
         warn.failed("spool", f"usage not stored could not be written to {spool.name}, "
                     "so a hard kill would lose it", exc)
+    book.on_disk(spool.holds())     # the version of the pending counts sent by their id
 
 
 def _drop_spool(spool: usage_journal.Spool | None) -> None:

@@ -30,11 +30,16 @@ long drops new rows beyond it, counted, rather than growing memory.
 Kept on disk while the store fails (:meth:`UsageBook.spooled`): while an older batch
 fails, the counts recorded meanwhile wait in the pending set, merged by row (so a long
 outage holds one row per day, tenant and model, not one per flush). To put them on disk
-with the unsent batches they are given the id they will be sent by, reserved at once;
-the pending set may still grow under that id, which is safe because no store has seen it
-yet: a file holding an earlier, smaller version of it is either superseded by a newer
-file or, after a kill, sent by that id in its place (what was recorded since is what a
-kill loses anyway).
+with the unsent batches they are given an id reserved for them, and the spool file's
+version of them is one batch that grows, under that id, only as the file is rewritten:
+the process adopts the version the file holds (:meth:`UsageBook.on_disk`) and keeps what
+was recorded since apart. A batch id is never sent with content other than a file's,
+because a store applies a batch in parts (Redis, by chunks cut from its content, each
+marked once): a smaller version on disk and a larger one sent, cut differently, would
+both count after a kill. So the flush after the outage sends the file's version by the
+reserved id and the counts recorded since the last rewrite as a new batch; a stop keeps
+them the same way; and a rewrite that fails leaves both as they were (the file's older
+version, and more counts apart).
 """
 
 from __future__ import annotations
@@ -230,14 +235,17 @@ class UsageBook:
         self._pending: dict[RowKey, Counts] = {}
         self._unsent: list[Batch] = []      # tried and failed, oldest first: sent as they are
         self._unsent_rows = 0
-        self._pending_id: str | None = None     # reserved once the pending set was on disk
+        self._pending_id: str | None = None     # reserved once the pending set was offered
+        self._spooled: Batch | None = None      # by that id: what the spool file holds
+        self._offered: Batch | None = None      # the last :meth:`spooled` made of them
         self.dropped = 0            # rows lost while the store failed
 
     def record(self, tenant: str, model: str, counts: Counts) -> None:
         key = RowKey(day_of(self._wall()), tenant, model or "unknown")
         row = self._pending.get(key)
         if row is None:
-            if len(self._pending) + self._unsent_rows >= PENDING_MAX:
+            if (len(self._pending) + self._unsent_rows >= PENDING_MAX
+                    and (self._spooled is None or key not in self._spooled.rows)):
                 self.dropped += 1
                 return
             row = self._pending[key] = Counts()
@@ -246,11 +254,20 @@ class UsageBook:
     async def flush(self) -> None:
         """Send the unsent batches, oldest first, then the pending counts as a new batch;
         a batch that fails stays unsent as it is (and the exception is the caller's to
-        count). The pending counts wait while an older batch fails."""
+        count). The pending counts wait while an older batch fails; those a spool file
+        holds go first, as the file holds them, by its id."""
         while self._unsent:
             batch = self._unsent[0]
             await self.store.add(batch.rows, batch.id)
             self._unsent.pop(0)
+            self._unsent_rows -= len(batch.rows)
+        if self._spooled is not None:
+            batch, self._spooled, self._pending_id = self._spooled, None, None
+            try:
+                await self.store.add(batch.rows, batch.id)
+            except BaseException:
+                self._unsent.append(batch)      # tried: sent as it is from now on
+                raise
             self._unsent_rows -= len(batch.rows)
         if not self._pending:
             return
@@ -263,7 +280,8 @@ class UsageBook:
             raise
 
     def pending_rows(self) -> dict[tuple[str, str, str], Plain]:
-        """The counts recorded since the last flush took them, as a store takes them."""
+        """The counts recorded since the last flush or spool file took them, as a store
+        takes them."""
         return {(k.day, k.tenant, k.model): v.as_dict() for k, v in self._pending.items()}
 
     def pending(self) -> dict[tuple[str, str, str], Plain]:
@@ -273,8 +291,12 @@ class UsageBook:
         return {(k.day, k.tenant, k.model): v.as_dict() for k, v in out.items()}
 
     def batches(self) -> list[Batch]:
-        """What is not stored, as batches to keep: the unsent ones with their ids, and the
-        pending counts as a new one (taken: a later flush sends them by that id)."""
+        """What is not stored, as batches to keep: the unsent ones with their ids, the
+        spool file's version of the pending counts by its id, and those recorded since as
+        a new one (taken: a later flush sends them by these ids)."""
+        if self._spooled is not None:
+            self._unsent.append(self._spooled)
+            self._spooled = self._pending_id = None
         if self._pending:
             batch = self._take_pending()
             self._unsent.append(batch)
@@ -282,25 +304,61 @@ class UsageBook:
         return list(self._unsent)
 
     def spooled(self) -> list[Batch]:
-        """What is not stored, as batches to write to disk while the store fails, without
-        taking anything: the unsent batches, and the pending counts as a batch by the id
-        reserved for them (the id the flush that takes them sends them by, so a file
-        holding them and the store never count them twice)."""
+        """What is not stored, as batches to write to the spool file while the store
+        fails, without taking anything: the unsent batches, and the pending counts (the
+        file's version of them and those recorded since, merged) as one batch by the id
+        reserved for them. Sent by that id only once :meth:`on_disk` says a file holds
+        this version."""
         out = list(self._unsent)
-        if self._pending:
+        self._offered = None
+        if self._pending or self._spooled is not None:
             if self._pending_id is None:
                 self._pending_id = batch_id()
-            out.append(Batch(self._pending_id, self.pending_rows()))
+            rows: dict[tuple[str, str, str], Plain] = (
+                dict(self._spooled.rows) if self._spooled is not None else {})
+            for key, counts in self._pending.items():
+                row = (key.day, key.tenant, key.model)
+                if row in rows:
+                    merged = counts_of(rows[row])
+                    merged.add(counts)
+                    rows[row] = merged.as_dict()
+                else:
+                    rows[row] = counts.as_dict()
+            self._offered = Batch(self._pending_id, rows)
+            out.append(self._offered)
         return out
 
+    def on_disk(self, batches: Iterable[Batch]) -> None:
+        """The spool file holds ``batches`` (after a write, or a write that failed and
+        left it as it was): when it holds the pending counts as the last :meth:`spooled`
+        offered them, the file's batch is adopted, to be sent as it is, and the pending
+        set starts again empty beside it. Any other version is the one adopted already
+        (or none)."""
+        offered, self._offered = self._offered, None
+        if offered is None:
+            return
+        held = next((b for b in batches if b.id == offered.id), None)
+        if held is None or held != offered:
+            return
+        old = len(self._spooled.rows) if self._spooled is not None else 0
+        self._spooled, self._pending = held, {}
+        self._unsent_rows += len(held.rows) - old
+
     def _take_pending(self) -> Batch:
-        batch = Batch(self._pending_id or batch_id(), self.pending_rows())
+        """The counts recorded since the spool file last took them, by a fresh id (the
+        reserved one names the file's version only, taken first)."""
+        batch = Batch(batch_id(), self.pending_rows())
         self._pending = {}
         self._pending_id = None
         return batch
 
     def unsent_ids(self) -> set[str]:
-        return {b.id for b in self._unsent}
+        """The ids of the batches not stored: the unsent ones and the spool file's
+        version of the pending counts."""
+        ids = {b.id for b in self._unsent}
+        if self._spooled is not None:
+            ids.add(self._spooled.id)
+        return ids
 
     def restore(self, batches: Iterable[Batch]) -> None:
         """Batches an earlier run did not store, sent first (by their ids) at the next
@@ -312,7 +370,8 @@ class UsageBook:
     def _sum_into(self, out: dict[RowKey, Counts], days: set[str] | None,
                   tenant: str | None) -> None:
         parts: list[Iterable[tuple[RowKey, Counts]]] = [
-            ((RowKey(*k), counts_of(v)) for k, v in b.rows.items()) for b in self._unsent]
+            ((RowKey(*k), counts_of(v)) for k, v in b.rows.items())
+            for b in (*self._unsent, *([self._spooled] if self._spooled else []))]
         parts.append(self._pending.items())
         for part in parts:
             for key, counts in part:

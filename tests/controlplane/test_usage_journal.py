@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.adapters import usage_db, usage_journal
+from controlplane.adapters import redis_limits, redis_usage, usage_db, usage_journal
 from controlplane.api import fairness_wiring
 from controlplane.api import services as services_mod
 from controlplane.core import usage_book
@@ -266,11 +266,11 @@ async def test_a_read_only_data_dir_counts_the_kept_usage_once_over_many_starts(
 
 class Switch:
     """A usage store that fails while ``down`` (an outage) and stores, once per batch id,
-    when it is back."""
+    when it is back (in memory, or in ``stored``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stored: Any = None) -> None:
         self.down = True
-        self.stored = usage_book.MemoryUsageStore()
+        self.stored = stored or usage_book.MemoryUsageStore()
 
     async def add(self, rows: usage_book.PlainRows, batch_id: str) -> None:
         if self.down:
@@ -481,3 +481,140 @@ async def test_a_stop_keeps_what_the_spool_held_in_its_own_file_and_then_drops_t
     assert taken.rows == {(day, "a", "llama"): {**usage_book.Counts(requests=3).as_dict()},
                           (day, "b", "llama"): {**usage_book.Counts(requests=5).as_dict()}}
     taken.release()
+
+
+# -- the spooled version of the waiting counts is the one sent by their id ----------------
+
+
+KILLED_IN_THE_RECOVERY = """
+import asyncio, os, signal, sys
+from controlplane.adapters import redis_limits, redis_usage, usage_journal
+from controlplane.api import fairness_wiring
+from controlplane.core import usage_book
+from tests.controlplane import test_usage_journal as here
+
+async def main() -> None:
+    folder, url, kill_at = here.pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    redis_usage.CHUNK_FIELDS = 2
+    store = here.Switch(redis_usage.RedisUsageStore(redis_limits.connect(url), 5.0, 30))
+    svc, fair = here.start(folder, store)
+    spool = usage_journal.Spool(fairness_wiring._journal(svc))
+
+    async def flush() -> None:
+        await fairness_wiring._flush(svc, fair, None, None, None, spool)
+    for tenants in (["t0"], ["t1"], ["t2"]):    # the outage: a flush after each
+        for tenant in tenants:
+            fair.book.record(tenant, "llama", usage_book.Counts(requests=1))
+        await flush()
+    for tenant in ("t3", "t4"):                 # since the last flush
+        fair.book.record(tenant, "llama", usage_book.Counts(requests=1))
+    store.down = False
+    real, calls = redis_usage.RedisUsageStore._add_chunk, [0]
+
+    async def chunk(self, *args):
+        await real(self, *args)
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    redis_usage.RedisUsageStore._add_chunk = chunk
+    await flush()                               # the recovery
+    os.kill(os.getpid(), signal.SIGKILL)        # before the next flush
+
+asyncio.run(main())
+"""
+
+
+def killed_in_the_recovery(folder: pathlib.Path, url: str, kill_at: int) -> None:
+    """A process whose usage store (Redis, small chunks) is down for three flushes, then
+    back, killed after chunk ``kill_at`` of the recovery flush (0: after that flush)."""
+    root = str(pathlib.Path(__file__).resolve().parents[2])     # for ``tests``
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_THE_RECOVERY, str(folder), url, str(kill_at)],
+        check=False, timeout=120, cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 0])
+async def test_spooled_waiting_counts_count_once_on_redis_after_a_kill_in_the_recovery(
+        tmp_path: pathlib.Path, redis_server: harness.RedisServer,
+        monkeypatch: pytest.MonkeyPatch, kill_at: int) -> None:
+    """Review finding: the counts waiting behind a failing batch were spooled by the id
+    reserved for them, grew under it, and the recovery sent the grown version by it.
+    Redis marks a batch chunk by chunk, cut from its content, so a kill after the grown
+    version's first chunk and a restart sending the spool's smaller one (a marker never
+    seen) counted them twice. Now the id goes only with the spool's version, what was
+    recorded since with a new id; a kill after any chunk of the recovery (or after it)
+    and a restart count every spooled count once, and those recorded since the last
+    flush at most once."""
+    monkeypatch.setattr(redis_usage, "CHUNK_FIELDS", 2)
+    folder = tmp_path / "data"
+    killed_in_the_recovery(folder, redis_server.url, kill_at)
+    client = redis_limits.connect(redis_server.url)
+    try:
+        store = redis_usage.RedisUsageStore(client, 5.0, 30)
+        svc, fair = start(folder, store)        # the next start
+        spool = usage_journal.Spool(fairness_wiring._journal(svc))
+        carried = fairness_wiring._restore(svc, fair.book)
+        await fairness_wiring._flush(svc, fair, None, None, carried, spool)
+        assert files(folder) == []
+        day = usage_book.day_of(clocks.wall())
+        got = {k[1]: v["requests"] for k, v in (await store.read([day], None)).items()}
+    finally:
+        await client.aclose()
+    since = {"t3": 1, "t4": 1} if kill_at in (0, 3) else {}    # stored, or lost by the kill
+    assert got == {"t0": 1, "t1": 1, "t2": 1, **since}
+
+
+@pytest.mark.parametrize("write_fails", [False, True])
+async def test_a_stop_keeps_the_spools_version_of_the_waiting_counts(
+        tmp_path: pathlib.Path, redis_server: harness.RedisServer,
+        monkeypatch: pytest.MonkeyPatch, write_fails: bool) -> None:
+    """A clean stop in an outage: the last flush rewrites the spool (or fails to), then
+    the stop's file holds the waiting counts by their id exactly as the spool does, and
+    what was recorded after by another; a spool that cannot be deleted then is taken
+    beside it, and Redis counts every count once."""
+    monkeypatch.setattr(redis_usage, "CHUNK_FIELDS", 2)
+    folder = tmp_path / "data"
+    client = redis_limits.connect(redis_server.url)
+    try:
+        redis = redis_usage.RedisUsageStore(client, 5.0, 30)
+        svc, fair = start(folder, Switch(redis))
+        spool = usage_journal.Spool(fairness_wiring._journal(svc))
+        for tenants in (["t0"], ["t1"]):
+            for tenant in tenants:
+                fair.book.record(tenant, "llama", usage_book.Counts(requests=1))
+            await fairness_wiring._flush(svc, fair, None, None, None, spool)
+        for tenant in ("t2", "t3"):
+            fair.book.record(tenant, "llama", usage_book.Counts(requests=1))
+        with monkeypatch.context() as m:
+            if write_fails:
+                def full(fd: int) -> None:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                m.setattr(os, "fsync", full)
+            await fairness_wiring._flush(svc, fair, None, None, None, spool)    # the last
+        fair.book.record("t4", "llama", usage_book.Counts(requests=1))
+        spooled = json.loads(spool.name.read_text())["batches"]
+        real = os.unlink
+
+        def stuck(name: Any, *args: Any, **kwargs: Any) -> None:
+            if ".spool-" in str(name):
+                raise OSError(errno.EACCES, "Permission denied")
+            real(name, *args, **kwargs)
+        with monkeypatch.context() as m:
+            m.setattr(os, "unlink", stuck)
+            fairness_wiring._keep(svc, fair.book, None, spool)
+        (kept_file,) = [f for f in files(folder) if ".kept-" in f.name]
+        kept_batches = json.loads(kept_file.read_text())["batches"]
+        by_id = {b["id"]: b for b in kept_batches}
+        assert all(by_id[b["id"]] == b for b in spooled)      # the same versions
+        assert len(spooled[-1]["rows"]) == (1 if write_fails else 3)
+        svc, fair = start(folder, redis)        # the next start, the store back
+        spool = usage_journal.Spool(fairness_wiring._journal(svc))
+        carried = fairness_wiring._restore(svc, fair.book)
+        assert carried is not None and len(carried.batches) == len(spooled) + len(kept_batches)
+        await fairness_wiring._flush(svc, fair, None, None, carried, spool)
+        day = usage_book.day_of(clocks.wall())
+        got = {k[1]: v["requests"] for k, v in (await redis.read([day], None)).items()}
+    finally:
+        await client.aclose()
+    assert got == {"t0": 1, "t1": 1, "t2": 1, "t3": 1, "t4": 1}
