@@ -31,10 +31,13 @@ app with a connection handler that
   more and arriving under :data:`controlplane.adapters.http1.HELD_MIN_RATE` on average
   (complete heads each trickling a body a byte at a time, a slow-body client holding
   every slot; the floor a backend's held answer keeps, far below any LAN's or WAN's
-  rate, so an upload at any usable speed, however large, is never the one closed); else
-  it is closed at once — idle connections, stalled heads and stalled bodies held open
-  cannot use up the process's file descriptors or lock new clients out. One tenant's
-  connections may also wait for at most half of them with a body pending on the lane
+  rate, so an upload at any usable speed, however large, is never the one closed; time
+  the server held reading it paused is not the client's, :meth:`_Protocol.body_progress`,
+  nor is a request being served, its body still coming, a stalled head,
+  :meth:`_Protocol.head_since`); else it is closed at once — idle connections, stalled
+  heads and stalled bodies held open cannot use up the process's file descriptors or
+  lock new clients out. One tenant's connections may also wait for at most half of them
+  with a body pending on the lane, for the lane's requests with a ``Content-Length``
   (:data:`controlplane.api.fast_lane.TENANT_BODIES_SHARE`). Idle means idle whoever serves
   the connection: the lane's, and aiohttp's (:meth:`_Protocol.idle_since`), so a client
   cannot shield its idle connections from the cap by making one request the lane hands
@@ -172,9 +175,23 @@ class _Protocol(web_protocol.RequestHandler):
         # when its head was parsed
         self._receiving: streams.StreamReader | None = None
         self._body_from = 0.0
+        # when the server last paused reading the socket (a body's buffer full, its
+        # handler not reading it yet), and the time it held reading paused since
+        # ``_body_from``: a body is judged by the time its client could send only
+        self._paused_at: float | None = None
+        self._held = 0.0
+
+    def _between_requests(self) -> bool:
+        """No request is being served or waiting, nor is the last one's body still to
+        come: bytes arriving now are the start of a head. (aiohttp's ``start()`` takes a
+        parsed request off its queue and runs its handler in a task of its own, marked in
+        progress only once that task first runs: body bytes arriving in between are
+        still body.)"""
+        return (not self._request_in_progress and not self._messages
+                and (self._receiving is None or self._receiving.is_eof()))
 
     def data_received(self, data: bytes) -> None:
-        if not self._request_in_progress and not self._messages:
+        if self._between_requests():
             if self._head_timer is None:            # bytes between requests: a head begins
                 self._head = data[:HEAD_KEPT]
                 self._head_at = self._request_count
@@ -198,8 +215,11 @@ class _Protocol(web_protocol.RequestHandler):
                 else:
                     self._receiving = payload
                     self._body_from = self._loop.time()
-        elif (self._head_timer is None and data and not self._request_in_progress
-              and not self._messages and self.transport is not None):
+                    self._held = 0.0
+                    if self._paused_at is not None:
+                        self._paused_at = self._body_from
+        elif (self._head_timer is None and data and self._between_requests()
+              and self.transport is not None):
             # Bytes between requests are the start of a head: it has this long to finish.
             self._head_timer = self._loop.call_later(self._header_timeout_s,
                                                      self._head_timed_out)
@@ -240,20 +260,40 @@ class _Protocol(web_protocol.RequestHandler):
         return self._next_keepalive_close_time - self._keepalive_timeout
 
     def head_since(self) -> float | None:
-        """When the request head it is receiving began to arrive, else None."""
+        """When the request head it is receiving began to arrive, else None (also while a
+        request is served or its body still comes: a head pipelined behind it is not
+        stalled, nothing waits for it yet)."""
         timer = self._head_timer
-        if timer is None or self.transport is None or self._force_close or self._close:
+        if (timer is None or self.transport is None or self._force_close or self._close
+                or not self._between_requests()):
             return None
         return timer.when() - self._header_timeout_s
 
     def body_progress(self) -> tuple[float, int] | None:
-        """While more of the body of its last request is to come: when its head was
-        parsed, and the bytes of it received since; else None."""
+        """While more of the body of its last request is to come and the server reads
+        it: when its head was parsed, moved on by the time the server held reading
+        paused since, and the bytes of it received; else None. While paused (aiohttp's
+        buffer of the body full, its handler not reading it yet: a fair-queue turn, a
+        backend's pace) the client cannot send, so that time is not the client's."""
         payload = self._receiving
         if (payload is None or payload.is_eof() or self.transport is None
-                or self._force_close):
+                or self._force_close or self._paused_at is not None):
             return None
-        return self._body_from, payload.total_bytes
+        return self._body_from + self._held, payload.total_bytes
+
+    def pause_reading(self) -> None:
+        # aiohttp's StreamReader pauses the protocol when a body's unread bytes pile up
+        if self._paused_at is None:
+            self._paused_at = self._loop.time()
+        super().pause_reading()
+
+    def resume_reading(self, *args: Any, **kwargs: Any) -> None:
+        # before aiohttp's own: it parses what is buffered, which may pause again (its
+        # arguments are passed on as they are: they differ between aiohttp releases)
+        if self._paused_at is not None:
+            self._held += self._loop.time() - self._paused_at
+            self._paused_at = None
+        super().resume_reading(*args, **kwargs)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:

@@ -2,8 +2,9 @@
 connection slot (controlplane.api.server, controlplane.api.fast_lane): over
 ``http.max_connections`` the body arriving slowest is closed (never an upload at a usable
 rate), one tenant may wait for at most its share of bodies (429
-``too_many_pending_bodies``), and a tenant with a rate limit takes its token at the head
-on the lane, as on aiohttp's path."""
+``too_many_pending_bodies``), a body the server itself holds back (its handler not
+reading it yet) or one in flight is not taken for a slow one, and a tenant with a rate
+limit takes its token at the head on the lane, as on aiohttp's path."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 
+from controlplane import config
+from controlplane.adapters import http1
 from controlplane.api import fast_lane
 from controlplane.api import server as server_mod
 from tests import harness
@@ -146,3 +150,69 @@ async def test_a_limited_tenant_takes_its_token_at_the_head_on_the_lane() -> Non
             writer.write(request[-10:])
             assert (await asyncio.wait_for(lane.answer(reader), 10))[0] == 200
         close([*first, *third])
+
+
+@contextlib.asynccontextmanager
+async def uploads_served(read_first: bool) -> AsyncIterator[tuple[int, asyncio.Event]]:
+    """aiohttp's server at ``CAP`` connections: ``POST /upload`` reads its body after a
+    wait of its own (a fair-queue turn, a backend's pace), or reads it at once and then
+    answers slowly; ``POST /hold`` reads its body and answers once the event is set."""
+    released = asyncio.Event()
+
+    async def upload(request: web.Request) -> web.Response:
+        if read_first:
+            body = await request.read()
+            await asyncio.sleep(1.0)
+        else:
+            await asyncio.sleep(1.0)
+            body = await request.read()
+        return web.Response(text=str(len(body)))
+
+    async def hold(request: web.Request) -> web.Response:
+        await request.read()
+        await released.wait()
+        return web.Response(text="ok")
+
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_post("/upload", upload)
+    app.router.add_post("/hold", hold)
+    runner = server_mod.Runner(app, config.HttpSettings(max_connections=CAP, fast_lane=False),
+                               handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield runner.addresses[0][1], released
+    finally:
+        released.set()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("read_first", [False, True])
+async def test_an_upload_in_flight_is_answered_over_the_cap(
+        read_first: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body sent at once, as fast as the socket takes it, to a handler that waits before
+    reading it (aiohttp stops reading the socket once its buffer is full: the client
+    cannot send, whatever the rate floor) or that reads it at once and answers slowly (its
+    bytes arriving before the handler's task first runs are body, not a next head): over
+    the cap it is neither a stalled head nor the slowest body; the newcomer is refused and
+    the upload answered."""
+    monkeypatch.setattr(server_mod, "connection_cap", lambda configured: configured)
+    monkeypatch.setattr(server_mod, "STALLED_HEAD_S", 0.3)
+    monkeypatch.setattr(http1, "HELD_MIN_RATE", 64 << 20)    # only a paused body is spared
+    body = b"x" * (8 << 20)
+    async with uploads_served(read_first) as (port, released):
+        up_reader, up = await asyncio.open_connection("127.0.0.1", port)
+        up.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                 % len(body) + body)
+        held = []
+        for _ in range(CAP - 1):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /hold HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+            held.append((reader, writer))
+        await asyncio.sleep(0.5)        # the upload asked for longer than STALLED_HEAD_S
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""     # nothing made room
+        status, _, answer = await asyncio.wait_for(lane.answer(up_reader), 10)
+        assert (status, answer) == (200, str(len(body)).encode())
+        released.set()
+        close([*held, (reader, writer), (up_reader, up)])
