@@ -81,7 +81,9 @@ Rules:
   tenant the handler named (:data:`charge`, a context variable, so the transport's
   interface carries no tenant; Synapse's own reads are the tenant ``""``), and each answer
   keeps the tenant it was made for, to give its reservation back under the same key; the
-  client's copy (``send_whole``) holds its size under the request's tenant. The share is
+  client's copy (``send_whole``) holds its size under the request's tenant (the key is
+  ``controlplane.api.proxy.budget_key``'s: with tenant keys off, where every client is
+  the tenant ``anonymous``, each request's own). The share is
   per process, as the budget is; a constant, not a setting, for it follows from the two
   bounds above.
 - **A bounded head.** httptools sets no limit on a head: a backend (a compromised engine
@@ -233,11 +235,11 @@ class Budget:
         """Give back ``size`` bytes ``tenant`` reserved (a tenant left at zero is
         forgotten, so the table holds only the tenants holding budget)."""
         self.held -= size
-        left = self.tenants[tenant] - size
-        if left:
+        left = self.tenants.get(tenant, 0) - size
+        if left > 0:
             self.tenants[tenant] = left
-        else:
-            del self.tenants[tenant]
+        else:       # (never below zero but by a bug: then forgotten, not raised in a close)
+            self.tenants.pop(tenant, None)
 
 
 BUDGET = Budget(WHOLE_BODIES_BUDGET, TENANT_SHARE)

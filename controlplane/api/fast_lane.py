@@ -64,7 +64,8 @@ request (one sweep a second per server, :class:`Sweeper`):
   connection closes (the body read and dropped as for any refused head), other tenants
   unaffected. With the server's eviction of slow bodies under pressure
   (:meth:`controlplane.api.server.LaneServer._make_room`), no tenant trickling bodies
-  holds every slot;
+  holds every slot. With tenant keys off (``auth.enabled: false``) every client is the
+  one tenant ``anonymous``, and no share is kept (it would be the whole deployment's);
 * requests on one connection are answered in order; bytes of the next request wait
   (reading pauses above ``PIPELINE_BYTES``) until the current one is answered;
 * at shutdown, a request in flight gets the grace period (``http.shutdown_grace_s``) and
@@ -344,9 +345,12 @@ def _admits(app: web.Application,
             tenant = tenants.authenticate(headers.get("Authorization"))
         except errors.SynapseError:
             return REFUSED, None
+        # With auth off every client is the one tenant 'anonymous': a share of it would
+        # be a share of the whole deployment, so its bodies are not counted (None).
+        name = tenant.name if tenants.enabled else None
         if not limiter.peek(tenant).allowed:
-            return REFUSED, tenant.name
-        return (AT_HEAD if limiter.limited(tenant) else ADMITTED), tenant.name
+            return REFUSED, name
+        return (AT_HEAD if limiter.limited(tenant) else ADMITTED), name
     return admits
 
 

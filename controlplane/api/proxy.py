@@ -68,7 +68,7 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
     fallback model says so (``x-synapse-fallback: A->B``) and is never cached."""
     ctx = request[context.CONTEXT]
     svc = ctx.svc
-    http1.charge(ctx.tenant)
+    http1.charge(budget_key(ctx))
     async with svc.dispatcher.exchange(route, prompt, path, body, ctx.request_id,
                                        chain=chain, requested=requested,
                                        engine_id=ctx.engine_id) as attempt:
@@ -100,6 +100,14 @@ def large(resp: web.Response) -> bool:
     return isinstance(body, bytes) and len(body) > http1.HIGH_WATER
 
 
+def budget_key(ctx: context.RequestContext) -> str:
+    """Whose share of the whole-answer budget (:data:`http1.TENANT_SHARE`) a request's
+    answers count against: its tenant's; with tenant keys off (``auth.enabled: false``)
+    every client is the one tenant ``anonymous``, whose share would be the whole
+    deployment's, so each request is its own."""
+    return ctx.tenant if ctx.svc.tenants.enabled else ctx.request_id
+
+
 WRITE_PIECE = 1 << 20     # what send_whole writes, then waits to drain, at a time
 
 
@@ -125,7 +133,7 @@ async def send_whole(request: web.Request, resp: web.Response) -> web.Response:
     body = cast(bytes, resp.body)
     held = len(body)
     ctx = request[context.CONTEXT]
-    tenant = ctx.tenant
+    tenant = budget_key(ctx)
     http1.BUDGET.hold(held, tenant)
     idle = ctx.svc.settings.http.upstream_idle_timeout_s
     try:

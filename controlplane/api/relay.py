@@ -90,7 +90,7 @@ async def forward(request: web.Request, route: core_types.RouteDecision,
     services' own unless an upload brings one with its own transport)."""
     svc, ctx = context.of(request)
     d = dispatcher or svc.dispatcher
-    http1.charge(ctx.tenant)
+    http1.charge(proxy.budget_key(ctx))
     async with d.exchange(route, prompt, path, body, ctx.request_id,
                           engine_id=ctx.engine_id) as attempt:
         ctx.backend = attempt.backend.key

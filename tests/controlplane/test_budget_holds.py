@@ -13,12 +13,15 @@ import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from controlplane.adapters import http1
+from controlplane.api import proxy
 from tests import harness
 from tests.controlplane import cp_testing as t
 
@@ -227,3 +230,24 @@ async def test_a_tenant_whose_answer_is_unread_holds_its_share_and_no_other_s() 
                     writer.close()
                 await until(lambda: "a" not in b.tenants, "a's share came back")
         assert (b.held, b.tenants) == (0, {})
+
+
+def test_with_tenant_keys_off_each_request_has_its_own_share() -> None:
+    """``auth.enabled: false``: every client is the tenant ``anonymous``, whose share
+    would be the whole deployment's; each request's answers count as its own."""
+    def ctx(enabled: bool) -> Any:
+        svc = SimpleNamespace(tenants=SimpleNamespace(enabled=enabled))
+        return SimpleNamespace(svc=svc, tenant="anonymous", request_id="req-1")
+
+    assert proxy.budget_key(ctx(True)) == "anonymous"
+    assert proxy.budget_key(ctx(False)) == "req-1"
+
+
+def test_giving_back_what_a_tenant_does_not_hold_forgets_it_without_raising() -> None:
+    """A give that does not match a take (a bug) must not raise in an answer's close,
+    which would leak its pooled connection."""
+    b = http1.Budget(10, 5)
+    assert b.take(3, "a")
+    b.give(3, "b")
+    b.give(3, "a")
+    assert b.tenants == {}

@@ -130,6 +130,23 @@ async def test_one_tenant_waits_for_at_most_its_share_of_bodies() -> None:
         await harness.until(lambda: not pending, 10, "the counts gone at zero")
 
 
+async def test_with_tenant_keys_off_no_share_of_bodies_is_kept() -> None:
+    """``auth.enabled: false`` makes every client the one tenant ``anonymous``: a share of
+    it would be a share of the whole deployment, so bodies are not counted per tenant."""
+    async with t.backends(("b1", "ok")) as (b1,), lane.serving(t.round_robin(b1, http={
+            "max_connections": CAP}, auth={"enabled": False})) as (port, server):
+        assert server.lane is not None
+        held = await trickling(port, "any", CAP // 2)
+        request = lane.chat(key="any")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request[:-10])
+        await asyncio.sleep(0.2)        # its head read, its body still to come
+        writer.write(request[-10:])
+        assert (await asyncio.wait_for(lane.answer(reader), 10))[0] == 200
+        assert server.lane.bodies_pending == {}
+        close([*held, (reader, writer)])
+
+
 async def test_a_limited_tenant_takes_its_token_at_the_head_on_the_lane() -> None:
     """As ``serving.acquire`` does on aiohttp's path: heads whose bodies are still to come
     each take a token, so the one past the burst is refused at its head, not held."""
