@@ -75,6 +75,25 @@ def test_models_list_the_engines_own_context_length(real_stack: RealStack) -> No
     assert listed[real_stack.model].max_model_len == own["max_model_len"]  # type: ignore[attr-defined]
 
 
+def test_a_prompt_longer_than_the_engines_context_is_refused_before_it(
+        real_stack: RealStack) -> None:
+    """The context length the agent read from the engine is what the control plane
+    refuses a certainly-too-long prompt by (token ids count one each): a 400
+    ``context_length_exceeded`` naming ``prompt``, in Synapse's words, not vLLM's; one
+    token under the context is the engine's to answer."""
+    url = real_stack.base + "/v1/completions"
+    over = json.dumps({"model": real_stack.model, "prompt": [42] * 4097,
+                       "max_tokens": 1}).encode()
+    status, _, body = harness.http(url, over, fleet.TENANT_KEY, timeout=60)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["code"] == "context_length_exceeded", body[:300]
+    assert error["param"] == "prompt" and "4096" in error["message"]
+    under = json.dumps({"model": real_stack.model, "prompt": [42] * 8,
+                        "max_tokens": 1}).encode()
+    status, _, body = harness.http(url, under, fleet.TENANT_KEY, timeout=120)
+    assert status == 200, body[:300]
+
+
 def test_vllm_refuses_a_caller_without_the_engine_key(real_stack: RealStack) -> None:
     """The agent started vLLM with the engine key (VLLM_API_KEY): a call straight to its
     port without it, or with a tenant's key, is 401, while the control plane, which
