@@ -34,6 +34,11 @@ tenants' texts there (:func:`engine_hosts.address_refusal`, checked after the
 credential; a worker leaves it to its primary like the backends' hosts below). A message
 over its size limit, a later Register for another node or at such an address, or a
 report on a stream a newer one of the node has replaced ends the stream with a warning.
+A node's stream lines (connected, ended, disconnected) and the warnings of a refused
+Register or stream are said once a minute per node and kind at most, the first always,
+the next with how many were held back, and names past the first so many a minute only
+counted (:mod:`synapse_common.log_limit`, :data:`LOG_EVERY_S`): a holder of the agent
+token, or a flapping agent, connecting in a loop writes no unbounded log.
 
 Serving workers: the pod's primary copies each stream it accepted to every worker
 (:mod:`controlplane.adapters.agent_relay`) with the keys it decided, and only the
@@ -92,7 +97,7 @@ from controlplane.api import agent_messages
 from controlplane.api import services as services_mod
 from controlplane.core import cache_salt, engine_hosts, node_models, registry, types
 from protos.synapse.v1 import controlplane_pb2, controlplane_pb2_grpc
-from synapse_common import aiotasks, call_metadata, engine_key, grpc_limits, tls_files
+from synapse_common import aiotasks, call_metadata, engine_key, grpc_limits, log_limit, tls_files
 from synapse_common import clock as clocks
 
 log = logging.getLogger("synapse.controlplane.grpc")
@@ -109,6 +114,14 @@ MAX_CONCURRENT_STREAMS = 128
 Registration = Callable[[grpc.aio.Server], str]
 Server = grpc.aio.Server
 MIN_REPORT_GAP_S = 0.05     # a node's reports applied at most this often (see _read)
+# A node's stream lines (connected, ended, disconnected) and the warnings of a refused
+# Register or stream are said at most once a minute per node and kind, the first always
+# (synapse_common.log_limit): a holder of the agent token, or a flapping agent, that
+# connects in a loop cannot write log lines without bound. Names past the first so many
+# in a minute are counted in one summary line.
+LOG_EVERY_S = 60.0
+STREAM_LOG_NAMES = 100      # new names per minute whose stream lines are said
+REFUSAL_LOG_NAMES = 20      # new names per minute whose refusals are said
 
 
 def status_code(exc: errors.SynapseError) -> grpc.StatusCode:
@@ -170,6 +183,10 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         self._reviewer = None if relayed else reviewer
         self._reviewing: set[str] = set()     # peers with a review in flight
         self._relayed = relayed
+        self._stream_log = log_limit.PerKey(log, svc.clock, "node stream lines",
+                                            every_s=LOG_EVERY_S, new_keys=STREAM_LOG_NAMES)
+        self._refusal_log = log_limit.PerKey(log, svc.clock, "refusals of nodes",
+                                             every_s=LOG_EVERY_S, new_keys=REFUSAL_LOG_NAMES)
         self._engine_hosts = engine_hosts.Allowed.parse(svc.settings.registry.engine_hosts)
         self._claims = node_models.Claims.parse(svc.settings.registry.node_models)
         auth = svc.settings.auth
@@ -257,18 +274,23 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         except registry.AddressTaken as exc:
             # The holder's name is for the operator: the caller learns only that the
             # address is taken (a name it could not otherwise see would say who runs where).
-            log.warning("node %s refused: node %s, which is up, registered its Node-service "
-                        "address %r", name, exc.holder, info.address, extra={"node": name})
+            self._refusal_log.log(
+                logging.WARNING, ("address", name), "node %s refused: node %s, which is up, "
+                "registered its Node-service address %r", name, exc.holder, info.address,
+                extra={"node": name})
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, (
                 f"another node, which is up, registered the Node-service address "
                 f"{info.address!r}"))
             return
         except registry.TooManyNodes:
+            self._refusal_log.log(logging.WARNING, ("full", name), "node %s refused: the "
+                                  "registry holds registry.max_nodes nodes already", name,
+                                  extra={"node": name})
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 "the registry holds registry.max_nodes nodes already")
             return
-        log.info("node %s connected (agent %s)", name, info.agent_version,
-                 extra={"node": name})
+        self._stream_log.log(logging.INFO, ("connected", name), "node %s connected (agent %s)",
+                             name, info.agent_version, extra={"node": name})
         out: asyncio.Queue[controlplane_pb2.ControlMessage | None] = asyncio.Queue()
         copy = (self._relay.open(agent_messages.as_decided(first, info))
                 if self._relay is not None else None)
@@ -291,7 +313,8 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             reg.disconnect(name, stream_id)
             self._close_unused(gone, leaving=name)
             self._svc.metrics.agent_streams.dec()
-            log.info("node %s disconnected", name, extra={"node": name})
+            self._stream_log.log(logging.INFO, ("disconnected", name), "node %s disconnected",
+                                 name, extra={"node": name})
 
     async def _read(self, name: str, stream_id: int, caller: _Caller, info: types.NodeInfo,
                     messages: AsyncIterator[controlplane_pb2.AgentMessage],
@@ -353,10 +376,12 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 if copy is not None:
                     copy.send(msg)
         except _Ended as exc:
-            log.warning("stream of node %s ended: %s", name, exc, extra={"node": name})
+            self._refusal_log.log(logging.WARNING, ("ended", name), "stream of node %s "
+                                  "ended: %s", name, exc, extra={"node": name})
             ended.append(exc)
         except grpc.aio.AioRpcError as exc:
-            log.info("stream of node %s ended: %s", name, exc.code().name)
+            self._stream_log.log(logging.INFO, ("ended", name), "stream of node %s ended: %s",
+                                 name, exc.code().name, extra={"node": name})
         except Exception:
             log.exception("stream of node %s failed", name)
         finally:
@@ -396,8 +421,9 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         for _, kind, why in refused:
             if kind not in warned:
                 warned.add(kind)
-                log.warning("node %s reported %s: that backend is left out (said once per "
-                            "stream)", name, why, extra={"node": name})
+                self._refusal_log.log(
+                    logging.WARNING, (kind, name), "node %s reported %s: that backend is "
+                    "left out (said once per stream)", name, why, extra={"node": name})
         for i, _, _ in reversed(refused):
             del rep.backends[i]
 
@@ -428,10 +454,11 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         r.embed_models.extend(kept)
         if "embed" not in warned:
             warned.add("embed")
-            log.warning("node %s registered an embedder for model %r, which "
-                        "registry.node_models does not list for it: not used (said once "
-                        "per stream)", r.node_name, sorted(refused)[0],
-                        extra={"node": r.node_name})
+            self._refusal_log.log(
+                logging.WARNING, ("embed", r.node_name), "node %s registered an embedder for "
+                "model %r, which registry.node_models does not list for it: not used (said "
+                "once per stream)", r.node_name, sorted(refused)[0],
+                extra={"node": r.node_name})
 
     def _urls_of(self, name: str) -> set[str]:
         view = self._svc.registry.node(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from controlplane.core import types
 from protos import enums
 from protos.synapse.v1 import common_pb2, controlplane_pb2, controlplane_pb2_grpc
 from synapse_common import call_metadata, engine_key
+from tests.clock import ManualClock
 from tests.controlplane import cp_testing as t
 
 
@@ -170,3 +172,42 @@ def test_an_agent_backend_carries_the_engine_key_to_its_requests_an_external_one
                                        engine=enums.ENGINE_KIND.value("external"))
     backend = agent_messages.backend_state("gpu-1", external, key)
     assert "Authorization" not in svc.dispatcher.headers(backend, "r1")
+
+
+async def test_a_node_that_connects_in_a_loop_is_logged_once_a_minute(caplog) -> None:  # type: ignore[no-untyped-def]
+    """A flapping agent (or a holder of the agent token connecting in a loop) writes the
+    first connected and disconnected lines of its node, then one of each a minute saying
+    how many were held back: not a line per stream."""
+    clock = ManualClock()
+    svc = services_mod.build(t.settings(), clock=clock)
+    server, port = await grpc_server.start("127.0.0.1", 0, [grpc_server.control_plane(svc)])
+
+    async def flap() -> None:
+        agent = Agent(port)
+        await agent.send(register())
+        await agent.send(report(1, "http://127.0.0.1:9"))
+        await agent.receive()
+        await agent.close()
+        for _ in range(200):
+            node = svc.registry.node("gpu-1")
+            if node is not None and node.status == "down":
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the stream never ended")
+
+    def said(what: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith(f"node gpu-1 {what}")]
+
+    caplog.set_level(logging.INFO, logger="synapse.controlplane.grpc")
+    try:
+        for _ in range(5):
+            await flap()
+        assert said("connected") == ["node gpu-1 connected (agent test)"]
+        assert said("disconnected") == ["node gpu-1 disconnected"]
+        clock.now += grpc_server.LOG_EVERY_S
+        await flap()
+        assert said("connected")[1:] == ["node gpu-1 connected (agent test) (4 more held back)"]
+        assert said("disconnected")[1:] == ["node gpu-1 disconnected (4 more held back)"]
+    finally:
+        await server.stop(0)
