@@ -68,6 +68,10 @@ request (one sweep a second per server, :class:`Sweeper`):
   one tenant ``anonymous``, and no share is kept (it would be the whole deployment's);
 * requests on one connection are answered in order; bytes of the next request wait
   (reading pauses above ``PIPELINE_BYTES``) until the current one is answered;
+* each request is served in a task of its own started from the context the connection
+  was accepted in, as on aiohttp's path: what a request sets in its context (whose share
+  of the whole-answer budget it is charged to, ``http1.charge``) ends with it, whatever
+  context the next request's task is created in (often the last one's, when pipelined);
 * at shutdown, a request in flight gets the grace period (``http.shutdown_grace_s``) and
   is then cut (:meth:`Connection.cut`, by :class:`controlplane.api.server.LaneServer`),
   idle connections close.
@@ -81,6 +85,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -372,6 +377,8 @@ class Connection(base_protocol.BaseProtocol):
         self._pending_tenant: str | None = None
         self._arriving: _Arriving | None = None     # handed over, its body still to come
         self._task: asyncio.Task[None] | None = None
+        # what each request's task starts from, copied per request (module docstring)
+        self._context = contextvars.copy_context()
         self._closing = False           # close once the request in flight is answered
         self._paused_for_pipeline = False
         self._done: asyncio.Future[None] | None = None
@@ -485,7 +492,8 @@ class Connection(base_protocol.BaseProtocol):
         if at_head:
             request = self._arriving = _Arriving(self, route, headers, size,
                                                  parser.should_keep_alive(), head.expects)
-            self._task = self.loop.create_task(self._serve(route, request))
+            self._task = self.loop.create_task(self._serve(route, request),
+                                               context=self._context.copy())
         self._take_body()
 
     def _refuse(self, route: Route, headers: CIMultiDictProxy[str], size: int,
@@ -511,7 +519,8 @@ class Connection(base_protocol.BaseProtocol):
                 raise errors.BodiesPendingFull(message, retry_after_s=BODIES_RETRY_AFTER_S,
                                                limit="pending_bodies")
             route = Route(route.app, route.path, refused)
-        self._task = self.loop.create_task(self._serve(route, request))
+        self._task = self.loop.create_task(self._serve(route, request),
+                                           context=self._context.copy())
 
     def _count_body(self, tenant: str) -> bool:
         """Count a connection of ``tenant`` waiting for a body (False: it is over its
@@ -553,7 +562,8 @@ class Connection(base_protocol.BaseProtocol):
             arriving.arrived(body)
             return
         request = LaneRequest(self, route, headers, body, keep_alive)
-        self._task = self.loop.create_task(self._serve(route, request))
+        self._task = self.loop.create_task(self._serve(route, request),
+                                           context=self._context.copy())
 
     async def _serve(self, route: Route, request: LaneRequest) -> None:
         keep = False
@@ -624,7 +634,9 @@ class Connection(base_protocol.BaseProtocol):
         self._buf.clear()
         self.transport = None
         transport.set_protocol(protocol)
-        protocol.connection_made(transport)
+        # (aiohttp's task for the connection copies the context: the accepted one's, not
+        # the request's this may be called from)
+        self._context.copy().run(protocol.connection_made, transport)
         if self._paused_for_pipeline:
             self._paused_for_pipeline = False
             transport.resume_reading()
@@ -694,7 +706,8 @@ class Connection(base_protocol.BaseProtocol):
 
         request = LaneRequest(self, route, headers, b"", keep_alive=False)
         self._task = self.loop.create_task(
-            self._serve(Route(route.app, route.path, late), request))
+            self._serve(Route(route.app, route.path, late), request),
+            context=self._context.copy())
 
     def force_close(self) -> None:
         """Close the connection now (a client too slow to wait for)."""

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web, web_protocol
 
 from controlplane import config
+from controlplane.adapters import http1
 from controlplane.api import app as app_mod
 from controlplane.api import lane_wire
 from controlplane.api import server as server_mod
@@ -312,3 +313,36 @@ async def _late_body_is_a_408(s: config.ControlPlaneSettings) -> None:
     assert any(line.startswith("synapse_requests_total{") and 'status="408"' in line
                and 'route="/v1/chat/completions"' in line and line.endswith(" 1.0")
                for line in metrics.decode().splitlines())
+
+
+async def test_what_a_request_sets_in_its_context_ends_with_it() -> None:
+    """Each request starts from the connection's context, not the last request's: the
+    tenant a pipelined request's answers are charged to (``http1.charge``) is not the one
+    before it's, on the lane or after a hand-off to aiohttp."""
+    seen: list[str] = []
+
+    async def charged(request: web.Request) -> web.Response:
+        seen.append(http1.TENANT.get())
+        http1.charge(json.loads(await request.read())["messages"][0]["content"])
+        return web.json_response({})
+
+    async def probe(_request: web.Request) -> web.Response:
+        seen.append(http1.TENANT.get())
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", charged)
+    app.router.add_get("/probe", probe)
+    runner = server_mod.Runner(app, t.settings(upstreams=[]).http, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        writer.write(chat(content="a") + chat(content="b")
+                     + b"GET /probe HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(3):
+            assert (await answer(reader))[0] == 200
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert seen == ["", "", ""]
