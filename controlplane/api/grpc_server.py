@@ -21,8 +21,10 @@ Without either every agent is refused, unless ``auth.allow_unauthenticated_agent
 otherwise (the settings refuse that combination on a gRPC address other machines can
 reach). The first message must be ``Register`` (else ``INVALID_ARGUMENT``). A node that
 is up already, or a Node-service address another node that is up registered, is refused
-``ALREADY_EXISTS`` and a new node past ``registry.max_nodes``
-``RESOURCE_EXHAUSTED`` (:mod:`controlplane.core.registry`); the caller is not told which
+``ALREADY_EXISTS``, and a new node past ``registry.max_nodes``, or past
+``registry.max_nodes_per_address`` from the stream's peer address (:func:`peer_origin`:
+this host is not counted), ``RESOURCE_EXHAUSTED`` naming the setting
+(:mod:`controlplane.core.registry`); the caller is not told which
 node holds the address (the control plane's log names it). The keys the agent chose
 (``Register.engine_key``, ``node_key``) are what the control plane presents to that
 node's engines and Node service; an agent that sent none (an older one) gets the keys
@@ -82,6 +84,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -265,7 +268,8 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
         self._drop_refused_embedders(first.register, warned)
         info = agent_messages.node_info(first.register, caller.fallback)
         try:
-            stream_id = reg.register(info, decided=caller.decided)
+            stream_id = reg.register(info, decided=caller.decided,
+                                     origin=None if caller.decided else peer_origin(peer))
         except registry.NodeLive:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, (
                 f"node {name!r} is connected already; a second stream is let in once the "
@@ -281,6 +285,14 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, (
                 f"another node, which is up, registered the Node-service address "
                 f"{info.address!r}"))
+            return
+        except registry.OriginFull:
+            self._refusal_log.log(logging.WARNING, ("origin", name), "node %s refused: its "
+                                  "address %s holds registry.max_nodes_per_address nodes "
+                                  "already", name, peer, extra={"node": name})
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                "this address holds registry.max_nodes_per_address nodes already (raise it "
+                "on the control plane for more agents behind one NAT or proxy)"))
             return
         except registry.TooManyNodes:
             self._refusal_log.log(logging.WARNING, ("full", name), "node %s refused: the "
@@ -509,6 +521,23 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                 out.put_nowait(None)
                 return
             out.put_nowait(command_message(cid, cmd))
+
+
+def peer_origin(host: str) -> str | None:
+    """Where a stream from peer ``host`` (:func:`_peer_host`) comes from, as
+    ``registry.max_nodes_per_address`` counts it: an IPv4 address, an IPv6 address's /64
+    (one machine or site is commonly given a whole /64); None for this host (a loopback
+    address, a unix socket), which is not counted."""
+    if host.startswith("unix"):
+        return None
+    where = engine_hosts.canonical(host)
+    if isinstance(where, str):
+        return where
+    if where.is_loopback:
+        return None
+    if isinstance(where, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((where, 64), strict=False))
+    return str(where)
 
 
 def _peer_host(peer: str) -> str:

@@ -239,7 +239,8 @@ def build(settings: config.ControlPlaneSettings, *, clock: clocks.Clock = clocks
                           for m in settings.models)
     nodes = settings.registry
     reg = registry.Registry(clock, nodes.node_down_after_s, max_nodes=nodes.max_nodes,
-                            forget_down_after_s=nodes.forget_down_after_s)
+                            forget_down_after_s=nodes.forget_down_after_s,
+                            max_nodes_per_origin=nodes.max_nodes_per_address)
     led = ledger.Ledger(clock)
     r = settings.router
     params = router_mod.Params(r.policy, r.block_size, r.prefill_seconds_per_token,

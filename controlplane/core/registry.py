@@ -32,11 +32,16 @@ Decisions:
   ran, no intent; a command waiting on one failed when its stream closed) and register
   again as new. So a holder of the shared agent token who invents names whose streams
   end at once cannot lock new nodes out: each new name takes the place of one such
-  name. What still fills the registry is names that stay connected (a live stream
-  each, bounded only by the streams the attacker can hold open) or that reported
-  backends for ``down_after_s`` each. Only a node whose stream closed is forgotten
-  this way, never one whose stream is still open, silent or not: its next report
-  would find no node.
+  name. Only a node whose stream closed is forgotten this way, never one whose stream
+  is still open, silent or not: its next report would find no node.
+* What would still fill the registry is names that stay connected (a live stream each)
+  or that reported backends for ``down_after_s`` each. So the nodes that hold a place
+  (not spare, not down for ``forget_down_after_s``) registered from one *origin* (the
+  caller's address, as :meth:`Registry.register` is told it) are at most
+  ``max_nodes_per_origin``: one more new name from there is refused with
+  :class:`OriginFull`, and the rest of the registry stays for nodes elsewhere. A node
+  registering again from its origin takes no second place. No origin (the caller's
+  choice: this host, a decided copy) is not counted.
 * A serving worker takes its primary's decisions (``decided``) past ``max_nodes`` too,
   but first makes room the same way, so its copy stays bounded while its primary's is.
 * What a backend's own ``/openapi.json`` said of ``cache_salt`` (a kind-less static
@@ -79,6 +84,7 @@ class _Node:
     # down_after_s since (the node served: never forgotten merely to make room)
     backends_since: float | None = None
     served: bool = False
+    origin: str | None = None       # where its newest stream came from (None: not counted)
     # backend name -> the URL at which its own /openapi.json showed cache_salt
     # (set_agent_salted), for the reports that follow
     salted: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -92,6 +98,10 @@ class NodeLive(Exception):
 
 class TooManyNodes(Exception):
     """A Register for a new node past ``max_nodes``."""
+
+
+class OriginFull(Exception):
+    """A Register for a new node from an origin holding ``max_nodes_per_origin`` nodes."""
 
 
 class AddressTaken(Exception):
@@ -151,10 +161,12 @@ def _spare(node: _Node) -> bool:
 
 class Registry:
     def __init__(self, clock: clocks.Clock, down_after_s: float, *, max_nodes: int = 1024,
-                 forget_down_after_s: float = 3600.0) -> None:
+                 forget_down_after_s: float = 3600.0,
+                 max_nodes_per_origin: int | None = None) -> None:
         self._clock = clock
         self._down_after_s = down_after_s
         self._max_nodes = max_nodes
+        self._max_per_origin = max_nodes_per_origin
         self._forget_down_after_s = forget_down_after_s
         # registry version -> address -> (node key, pin) of the node that address is now
         self._keys_at: tuple[int, dict[str, tuple[str | None, types.NodePin | None]]] \
@@ -170,13 +182,14 @@ class Registry:
     # -- agents -------------------------------------------------------------------------
 
     def register(self, info: types.NodeInfo, stream_id: int | None = None, *,
-                 decided: bool = False) -> int:
+                 decided: bool = False, origin: str | None = None) -> int:
         """Record a node for a new stream, or refresh it for its own stream
         (``stream_id``); returns the stream id the caller must pass back. Raises
-        :class:`NodeLive`, :class:`AddressTaken` or :class:`TooManyNodes` (see the module
-        docstring), unless ``decided``: a serving worker's copy of a stream its pod's
-        primary accepted, whose registry decided already (a newer stream then takes the
-        node over at once)."""
+        :class:`NodeLive`, :class:`AddressTaken`, :class:`OriginFull` or
+        :class:`TooManyNodes` (see the module docstring), unless ``decided``: a serving
+        worker's copy of a stream its pod's primary accepted, whose registry decided
+        already (a newer stream then takes the node over at once). ``origin``: where a
+        new stream came from (None: not counted against ``max_nodes_per_origin``)."""
         node = self._nodes.get(info.name)
         if stream_id is not None and node is not None and node.stream_id == stream_id:
             if not decided:
@@ -185,25 +198,28 @@ class Registry:
             self.version += 1
             return stream_id
         if not decided:
-            self._admit(info, node)
+            self._admit(info, node, origin)
         elif node is None:
             self._make_room()       # the primary decided: taken even where none is made
         stream_id = next(_ids)
         if node is None:
             self._nodes[info.name] = _Node(info=info, last_seen=self._clock(),
-                                           stream_id=stream_id)
+                                           stream_id=stream_id, origin=origin)
         else:
             # A re-registering agent keeps operator intent (cordon/drain) and its outbox.
             node.info, node.last_seen, node.connected = info, self._clock(), True
-            node.stream_id = stream_id
+            node.stream_id, node.origin = stream_id, origin
         self.version += 1
         return stream_id
 
-    def _admit(self, info: types.NodeInfo, node: _Node | None) -> None:
+    def _admit(self, info: types.NodeInfo, node: _Node | None, origin: str | None) -> None:
         """Raise why a new stream for ``info`` may not register (see the module docstring)."""
         if node is not None and self.node_status(node) != "down":
             raise NodeLive(info.name)
         self._check_address(info)
+        if origin is not None and self._max_per_origin is not None and (
+                self._held_from(origin, info.name) >= self._max_per_origin):
+            raise OriginFull(origin)
         if node is None and not self._make_room():
             raise TooManyNodes(info.name)
 
@@ -221,6 +237,15 @@ class Registry:
         del self._nodes[min(spare)[1]]
         self.version += 1
         return True
+
+    def _held_from(self, origin: str, but: str) -> int:
+        """The nodes other than ``but`` registered from ``origin`` that hold a place: not
+        spare, and not down long enough to be forgotten to make room."""
+        now = self._clock()
+        return sum(1 for name, n in self._nodes.items()
+                   if n.origin == origin and name != but and not _spare(n)
+                   and not (self.node_status(n) == "down"
+                            and now - n.last_seen > self._forget_down_after_s))
 
     def _address_taken(self, node: _Node) -> bool:
         """Whether another node that is up holds ``node``'s Node-service address."""

@@ -54,6 +54,13 @@ class RegistrySettings(Section):
         "are forgotten, else one node whose stream closed and that never served (reported "
         "backends for node_down_after_s) nor was cordoned or drained, the one closed longest "
         "ago; names that register are never forgotten otherwise")
+    max_nodes_per_address: int | None = Field(
+        64, ge=1, description="nodes registered from one peer address that the registry "
+        "holds at most (connected, or served and not yet forgotten): past it a new node "
+        "name from there is refused (RESOURCE_EXHAUSTED, naming this setting), so a holder "
+        "of the agent token cannot fill max_nodes from one machine. IPv6 peers count by "
+        "their /64; loopback and unix-socket peers (this host) are not counted. Raise it "
+        "for more agents behind one NAT or proxy; none = no cap")
     forget_down_after_s: float = Field(
         3600.0, gt=0, description="a node down this long is forgotten when a new node needs "
         "its place (its cordon and drain intent with it); one that never served nor was "

@@ -211,3 +211,18 @@ async def test_a_node_that_connects_in_a_loop_is_logged_once_a_minute(caplog) ->
         assert said("disconnected")[1:] == ["node gpu-1 disconnected (4 more held back)"]
     finally:
         await server.stop(0)
+
+
+def test_registry_max_nodes_per_address_counts_a_peer_by_its_address_or_ipv6_64() -> None:
+    """Nodes are counted per IPv4 address and per IPv6 /64 (one machine is commonly
+    given a whole /64); an agent on this host (loopback, a unix socket) is not counted."""
+    origin = grpc_server.peer_origin
+    assert origin("10.0.0.5") == "10.0.0.5"
+    assert origin("::ffff:10.0.0.5") == "10.0.0.5"
+    assert origin("2001:db8:1:2::5") == origin("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert origin("2001:db8:1:3::5") != origin("2001:db8:1:2::5")
+    assert origin("127.0.0.1") is origin("127.3.2.1") is origin("::1") is None
+    assert origin("unix:/run/synapse/cp.sock") is None
+    settings = t.settings()
+    assert settings.registry.max_nodes_per_address is not None
+    assert settings.registry.max_nodes_per_address < settings.registry.max_nodes

@@ -121,3 +121,37 @@ def test_a_workers_copy_of_decided_registers_stays_bounded() -> None:
     for i in range(5):
         reg.disconnect(f"fake-{i}", reg.register(types.NodeInfo(f"fake-{i}"), decided=True))
     assert len(reg.nodes()) == 2
+
+
+def test_one_origin_holds_at_most_its_share_and_a_node_elsewhere_still_registers() -> None:
+    """A holder of the agent token opening live streams under invented names from one
+    address fills that address's share, not the registry: a real node elsewhere still
+    registers. A name that served and closed still holds its place; one that never
+    served and closed frees it; a node coming back from its origin takes no second one;
+    no origin (this host) is not counted."""
+    now = [0.0]
+    reg = registry.Registry(lambda: now[0], down_after_s=15, max_nodes=6,
+                            max_nodes_per_origin=2)
+    served = reg.register(types.NodeInfo("fake-0"), origin="10.0.0.66")
+    reg.report("fake-0", [sim("fake-0")])
+    now[0] += 15.0
+    reg.report("fake-0", [sim("fake-0")])
+    reg.disconnect("fake-0", served)                        # served: keeps its place
+    reg.register(types.NodeInfo("fake-1"), origin="10.0.0.66")
+    with pytest.raises(registry.OriginFull):
+        reg.register(types.NodeInfo("fake-2"), origin="10.0.0.66")
+    reg.register(types.NodeInfo("gpu-real"), origin="10.0.0.7")
+    for i in range(3):
+        reg.register(types.NodeInfo(f"local-{i}"))          # no origin: not counted
+    again = reg.register(types.NodeInfo("fake-0"), origin="10.0.0.66")   # its own place
+    reg.disconnect("fake-0", again)
+    assert {v.info.name for v in reg.nodes()} == {"fake-0", "fake-1", "gpu-real", "local-0",
+                                            "local-1", "local-2"}
+    now[0] += 3600.0
+    reg.report("fake-1", [])
+    with pytest.raises(registry.OriginFull):                # fake-0 down, not long enough
+        reg.register(types.NodeInfo("fake-3"), origin="10.0.0.66")
+    now[0] += 1.0                                            # fake-0 long down: no place
+    reg.report("fake-1", [])
+    reg.register(types.NodeInfo("fake-3"), origin="10.0.0.66")
+    assert {"fake-1", "fake-3"} <= {v.info.name for v in reg.nodes()}
