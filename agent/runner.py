@@ -28,7 +28,8 @@ The port is the engine's own, checked twice (:mod:`agent.process`, psutil, in a 
   sockets, the answer alone counts, with one warning. The check is a walk of the
   process and socket tables (hundreds of ms on a busy host), so it runs when the
   backend would become ready, then at most every :data:`OWNER_RECHECK_S` while it
-  answers (every probe interval while a stranger answers); a failed probe forgets it.
+  answers (every probe interval while a stranger answers, or while the sockets cannot
+  be read: an answer trusted unchecked is not one to keep); a failed probe forgets it.
 * ``own_port`` false (:class:`agent.config.BackendSettings`: a wrapper such as
   ``docker run``, whose engine listens outside the agent's process tree): neither
   check is made, and any answer on the port counts.
@@ -193,7 +194,7 @@ class Runner:
         self._stranger = ""            # who answered the last probe, when not our engine
         self._ownership_warned = False
         self._owns = owns              # process.tree_listens (blocking, run in a thread)
-        self._owner: tuple[float, bool, str] | None = None  # (checked at, owned, stranger)
+        self._owner: tuple[float, bool, str] | None = None  # (stands until, owned, stranger)
         self._compile_cache = engine_env.CompileCache(cfg, spec.name)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -467,16 +468,16 @@ class Runner:
         """Whether our engine answered: checked when the backend would become ready, then
         at most every :data:`OWNER_RECHECK_S` while it answers (psutil walks the process
         and socket tables, hundreds of ms on a busy host), and every probe interval while a
-        stranger answers. A failed probe forgets the answer."""
+        stranger answers or the engine's sockets cannot be read (trusted unverified, so a
+        stranger is caught soon once they can be). A failed probe forgets the answer."""
         now, cached = self._time.monotonic(), self._owner
-        if cached is not None:
-            checked_at, owned, stranger = cached
-            stands = OWNER_RECHECK_S if owned else self.cfg.probe_interval_s
-            if now - checked_at < stands:
-                self._stranger = stranger
-                return owned
-        owned = await self._answered_by_our_engine()
-        self._owner = (now, owned, self._stranger)
+        if cached is not None and now < cached[0]:
+            self._stranger = cached[2]
+            return cached[1]
+        found = await self._answered_by_our_engine()
+        stands = OWNER_RECHECK_S if found else self.cfg.probe_interval_s
+        owned = found is not False      # unreadable: the answer alone counts
+        self._owner = (now + stands, owned, self._stranger)
         return owned
 
     async def _health(self) -> bool:
@@ -488,7 +489,9 @@ class Runner:
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return False
 
-    async def _answered_by_our_engine(self) -> bool:
+    async def _answered_by_our_engine(self) -> bool | None:
+        """Whether the engine's process tree listens on its port; None when psutil cannot
+        read its sockets (warned once until they can be read again)."""
         pid, port = self.pid, self.port
         owned = await asyncio.to_thread(self._owns, pid, port) if pid else False
         if owned is None:
@@ -497,7 +500,11 @@ class Runner:
                 log.warning("backend %s: cannot read the sockets of engine pid %d; its "
                             "port's answers are trusted without checking who listens",
                             self.spec.name, pid)
-            return True
+            return None
+        if self._ownership_warned:
+            self._ownership_warned = False
+            log.info("backend %s: the sockets of engine pid %d can be read again; who "
+                     "listens on its port is checked", self.spec.name, pid)
         if not owned:
             who = await asyncio.to_thread(process.listener, port, pid) if pid else None
             self._stranger = (f"port {port} is answered by {who or 'another process'}, "

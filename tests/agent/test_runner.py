@@ -57,6 +57,39 @@ async def test_ownership_is_checked_on_becoming_ready_then_every_30s_not_every_p
             await r.stop()
 
 
+async def test_sockets_that_could_not_be_read_are_checked_again_every_probe(tmp_path, caplog):
+    """An answer trusted because psutil could not read the engine's sockets is no checked
+    answer: it was kept for OWNER_RECHECK_S, so a stranger on the port once they could be
+    read again went on getting tenants' prompts until then."""
+    vt, checks, readable, interval = VirtualTime(), [], [False], 2
+
+    def owns(pid: int, port: int) -> bool | None:
+        checks.append(vt.now)
+        return False if readable[0] else None   # readable: another process listens
+
+    hooks = runners.Hooks(metrics.Metrics(CollectorRegistry()), "n", lambda: None)
+    caplog.set_level(logging.INFO, logger="agent.supervisor")
+    async with aiohttp.ClientSession() as session:
+        r = runners.Runner(types.EngineSpec(name="u", engine="simulator", model="m"),
+                           supervisor_settings(tmp_path, probe_interval_s=interval), session,
+                           hooks, "127.0.0.1", timing=vt.time, owns=owns)
+        r.start()
+        try:
+            await drive(vt, lambda: r.phase == Phase.READY, "ready", paced=True)
+            ready_at = vt.now
+            await drive(vt, lambda: vt.now - ready_at >= 5, "probes, unreadable", within=10)
+            assert r.phase == Phase.READY and len(checks) >= 3     # every probe
+            readable[0], readable_at = True, vt.now
+            await drive(vt, lambda: r.phase == Phase.UNHEALTHY, "the stranger caught",
+                        within=runners.OWNER_RECHECK_S / 2)
+            first = next(at for at in checks if at > readable_at)
+            assert first - readable_at <= interval
+        finally:
+            await r.stop()
+    said = [rec.getMessage() for rec in caplog.records if "sockets of engine" in rec.getMessage()]
+    assert len(said) == 2 and "cannot read" in said[0] and "can be read again" in said[1]
+
+
 # -- the warm-up request a vLLM gets before it is ready ------------------------------------
 KEY = engine_key.derive("agent-token-for-the-runner-warm-up-tests")
 
