@@ -126,19 +126,22 @@ class Spool:
     recorded since the last flush, as when the store is up, and not every batch the
     outage left unsent.
 
-    Named ``usage_pending.jsonl.spool-<pid>-<random>`` (one name for the process's life:
-    a pid reused by a later container start never names the same file), the same format as
-    a stop's file, and taken by :func:`take` at the next start like one. It is held under
-    an exclusive ``flock`` for as long as this process owns it (locked before it gets its
-    name, so there is no moment a sibling worker starting could take it); the kernel drops
-    the lock when the process dies, and the next start takes it. Each write replaces the
-    whole file (:func:`_write`), and only when what it would hold changed, so an outage
-    with no traffic writes nothing."""
+    Named ``usage_pending.jsonl.spool-<pid>-<random>`` (a pid reused by a later container
+    start never names the same file), the same format as a stop's file, and taken by
+    :func:`take` at the next start like one. It is held under an exclusive ``flock`` for
+    as long as this process owns it (locked before it gets its name, so there is no moment
+    a sibling worker starting could take it); the kernel drops the lock when the process
+    dies, and the next start takes it. Each write replaces the whole file
+    (:func:`_write`), and only when what it would hold changed, so an outage with no
+    traffic writes nothing. A file started after one was deleted or let go gets a fresh
+    name: one let go (it could not be deleted) may be held by a sibling worker that took
+    it and deletes it by name once stored, which would delete a live spool written over
+    that name."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        base = pathlib.Path(path)
-        self.name = base.with_name(
-            f"{base.name}.spool-{os.getpid()}-{secrets.token_hex(4)}")
+        self._base = pathlib.Path(path)
+        self.name = self._fresh_name()
+        self._named_a_file = False             # a file had this name (never reused)
         self._fd = -1                          # the file's, locked; -1 when there is none
         self._held: list[Batch] = []           # what the file holds
 
@@ -153,10 +156,16 @@ class Spool:
             return self.clear()
         if self._fd >= 0 and batches == self._held:
             return False
+        if self._fd < 0 and self._named_a_file:     # a new file: never over one let go
+            self.name, self._named_a_file = self._fresh_name(), False
         fd = _write(self.name, batches, hold=True)
         _close(self._fd)                       # the file it replaced
-        self._fd, self._held = fd, batches
+        self._fd, self._held, self._named_a_file = fd, batches, True
         return True
+
+    def _fresh_name(self) -> pathlib.Path:
+        return self._base.with_name(
+            f"{self._base.name}.spool-{os.getpid()}-{secrets.token_hex(4)}")
 
     def holds(self) -> list[Batch]:
         """The batches the file holds as this process wrote it (none: no file, or one

@@ -618,3 +618,43 @@ async def test_a_stop_keeps_the_spools_version_of_the_waiting_counts(
     finally:
         await client.aclose()
     assert got == {"t0": 1, "t1": 1, "t2": 1, "t3": 1, "t4": 1}
+
+
+# -- a spool file let go is never written over ---------------------------------------------
+
+
+async def test_a_new_spool_never_takes_the_name_of_one_let_go_that_a_sibling_holds(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gap: a spool whose delete failed (EIO) was let go, unlocked, under the one name the
+    process kept for its life. A sibling worker starting took it, and the next outage's
+    spool was renamed over that name; the sibling's flush then deleted the name it held,
+    which was now the live spool, and a kill lost every batch the outage left unsent."""
+    store = usage_book.MemoryUsageStore()
+    svc, fair = start(tmp_path, Switch(store))
+    spool = usage_journal.Spool(fairness_wiring._journal(svc))
+    fair.book.record("a", "llama", usage_book.Counts(requests=1))
+    await fairness_wiring._flush(svc, fair, None, None, None, spool)   # spooled
+    assert isinstance(fair.book.store, Switch)
+    fair.book.store.down = False
+    real = os.unlink
+
+    def failing(name: Any, *args: Any, **kwargs: Any) -> None:
+        if ".spool-" in str(name):
+            raise OSError(errno.EIO, "Input/output error")
+        real(name, *args, **kwargs)
+    with monkeypatch.context() as m:        # stored, but the spool cannot be deleted
+        m.setattr(os, "unlink", failing)
+        await fairness_wiring._flush(svc, fair, None, None, None, spool)
+    assert not spool and len(spools(tmp_path)) == 1
+    sibling_svc, sibling = start(tmp_path, store)       # takes the spool let go
+    carried = fairness_wiring._restore(sibling_svc, sibling.book)
+    assert carried is not None and carried.batches
+    fair.book.store.down = True                         # a new outage
+    fair.book.record("a", "llama", usage_book.Counts(requests=7))
+    await fairness_wiring._flush(svc, fair, None, None, None, spool)
+    await fairness_wiring._flush(sibling_svc, sibling, None, None, carried, None)
+    spool.release()                                     # the worker is killed
+    taken = usage_journal.take(fairness_wiring._journal(svc))
+    day = usage_book.day_of(clocks.wall())
+    assert taken.rows == {(day, "a", "llama"): {**usage_book.Counts(requests=7).as_dict()}}
+    taken.release()
