@@ -20,7 +20,9 @@ Design decisions:
   the last flush that reached the store (never what a kept file holds).
 - **A file per stop.** :func:`keep` writes ``usage_pending.jsonl.kept-<UTC time>-<pid>-
   <random>`` (one JSON object, format 2: ``{"format": 2, "batches": [{"id", "rows"}]}``,
-  fsynced, written under a temporary name, removed on any error, and renamed whole):
+  fsynced, written under a temporary name, removed on any error, and renamed whole, the
+  folder fsynced then so that the name outlives a power loss before any file it replaces
+  is deleted):
   the workers of a pod stopping together never share a file, and a start never takes a
   file still being written.
 - **A spool while the store fails.** A stop's file alone left a hard kill (``kill -9``,
@@ -59,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
@@ -114,6 +117,7 @@ def _write(target: pathlib.Path, batches: Sequence[Batch], hold: bool) -> int:
         with contextlib.suppress(OSError):
             os.unlink(writing)
         raise
+    _sync_folder(target.parent)
     if hold:
         return fd
     _close(fd)
@@ -381,6 +385,28 @@ def _sum_into(out: Summed, rows: Any) -> int:
             for kind, value in plain.items():
                 summed[kind] = min(summed.get(kind, 0) + value, COUNT_MAX)
     return skipped
+
+
+def _sync_folder(folder: pathlib.Path) -> None:
+    """Make the names in ``folder`` durable (its files' own contents are fsynced apart):
+    a file renamed into place, then the files it replaces deleted, must not lose its name
+    to a power loss. Never raises: the file has its name already, and a caller told
+    otherwise would believe it still holds the old content. A folder the file system
+    cannot sync (``EINVAL``) is left as it is; another error is a warning."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        log.warning("folder %s could not be opened to sync it (%s): a power loss may "
+                    "lose the usage file just written there", folder, exc)
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            log.warning("folder %s could not be synced (%s): a power loss may lose the "
+                        "usage file just written there", folder, exc)
+    finally:
+        _close(fd)
 
 
 def _close(fd: int) -> None:

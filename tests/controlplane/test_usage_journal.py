@@ -658,3 +658,35 @@ async def test_a_new_spool_never_takes_the_name_of_one_let_go_that_a_sibling_hol
     day = usage_book.day_of(clocks.wall())
     assert taken.rows == {(day, "a", "llama"): {**usage_book.Counts(requests=7).as_dict()}}
     taken.release()
+
+
+@pytest.mark.parametrize("writer", ["keep", "spool"])
+def test_a_kept_or_spooled_file_has_its_name_synced_after_it_is_renamed_into_place(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, writer: str) -> None:
+    """Gap: the file was fsynced but not its folder, so a power loss after the rename (and
+    after the stop deleted the files it replaced) could lose the new name, and the rows
+    with it. Now the folder is fsynced once the file has its name."""
+    path = tmp_path / usage_journal.FILE
+    folder = os.stat(tmp_path)
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        events.append("folder" if (st.st_dev, st.st_ino) == (folder.st_dev, folder.st_ino)
+                      else "file")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any, **kwargs: Any) -> None:
+        events.append("rename")
+        real_replace(src, dst, **kwargs)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    batch = usage_book.Batch(usage_book.batch_id(), {ROW: {"requests": 3}})
+    if writer == "keep":
+        usage_journal.keep(path, [batch])
+    else:
+        spool = usage_journal.Spool(path)
+        spool.write([batch])
+        spool.release()
+    assert events == ["file", "rename", "folder"]
