@@ -40,7 +40,7 @@ import numpy as np
 
 from controlplane import feedback_calibrate, forest_export
 from controlplane.core import verifier, verifier_features
-from synapse_common import embedder_tuning, minilm
+from synapse_common import cli_numbers, embedder_tuning, minilm
 
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 SPLITS = (("train", 0.70), ("validation", 0.15), ("test", 0.15))
@@ -308,14 +308,20 @@ def calibration_sample(scores: np.ndarray, labels: np.ndarray) -> verifier.Calib
 
 
 # -- CLI -------------------------------------------------------------------------------
+# --target-precision of every tool that fits an operating point: a precision to reach,
+# strictly between 0 and 1 (1 is no point a classifier can promise on validation).
+PRECISION = cli_numbers.number(0, 1, low_open=True, high_open=True)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", help='JSONL(.gz) of {"text_a", "text_b", "label": 0|1} '
                         "(required unless --from-feedback)")
-    parser.add_argument("--target-precision", type=float, default=0.90,
+    parser.add_argument("--target-precision", type=PRECISION, default=0.90,
                         help="precision the operating point must reach on validation")
     parser.add_argument("--out", required=True, help="verifier JSON to write")
-    parser.add_argument("--seed", type=int, default=7, help="split and fitting seed")
-    parser.add_argument("--components", type=int, default=16,
+    parser.add_argument("--seed", type=cli_numbers.seed(), default=7,
+                        help="split and fitting seed")
+    parser.add_argument("--components", type=cli_numbers.count(1), default=16,
                         help="principal components kept of |u-v| and of u*v")
     parser.add_argument("--embed-cache", default=None,
                         help="reuse embeddings from / save them to this .npz")

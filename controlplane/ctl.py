@@ -16,18 +16,18 @@ yet" and a warning on stderr names the nearest known node, for the operator who 
 A reader that stops early (``synapsectl get nodes | head -1``) is not an error: the rest
 of the output is dropped quietly, exit 0.
 
-Every number on the command line is checked as it is parsed (:func:`_number`): a negative,
-non-finite or out-of-range value is a usage error naming its option (exit 2), never a
-traceback from protobuf or a conversion, nor a gRPC deadline that overflows into an
-instant ``DEADLINE_EXCEEDED``; the cache tools' numbers, defined with their modules, are
-bounded here too (:data:`_CACHE_NUMBERS`). ``--server`` (and ``$SYNAPSE_ADMIN_ADDR``) must
-be ``host:port`` with a port in 1..65535 (gRPC would take port 99999 modulo 65536), or a
-gRPC target with a scheme (``unix:``, ``dns:``...). gRPC's C core logs at its own level
-(a TLS handshake with a plain-text port prints an INFO line before synapsectl's one-line
-error); unless the user set ``GRPC_VERBOSITY``, synapsectl sets it to NONE before gRPC is
-imported, which is when gRPC reads it: every failure reaches the user as synapsectl's own
-line with gRPC's status and details. A ``--ca-file`` that is unreadable or holds no PEM
-certificate is a usage error too.
+Every number on the command line is checked as it is parsed
+(:mod:`synapse_common.cli_numbers`): a negative, non-finite or out-of-range value is a
+usage error naming its option (exit 2), never a traceback from protobuf or a conversion,
+nor a gRPC deadline that overflows into an instant ``DEADLINE_EXCEEDED``; the cache tools'
+numbers are bounded where each tool declares its options. ``--server`` (and
+``$SYNAPSE_ADMIN_ADDR``) must be ``host:port`` with a port in 1..65535 (gRPC would take
+port 99999 modulo 65536), or a gRPC target with a scheme (``unix:``, ``dns:``...). gRPC's C
+core logs at its own level (a TLS handshake with a plain-text port prints an INFO line
+before synapsectl's one-line error); unless the user set ``GRPC_VERBOSITY``, synapsectl
+sets it to NONE before gRPC is imported, which is when gRPC reads it: every failure reaches
+the user as synapsectl's own line with gRPC's status and details. A ``--ca-file`` that is
+unreadable or holds no PEM certificate is a usage error too.
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ import yaml
 
 from controlplane import ctl_render
 from protos import enums
+from synapse_common import cli_numbers
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 ENGINES = enums.ENGINE_KIND.names()
-UINT32_MAX = 2**32 - 1
 # Longest call or drain wait taken: gRPC's deadline overflows (an instant DEADLINE_EXCEEDED)
 # long before a float does.
 MAX_SECONDS = 7 * 86_400.0
@@ -62,36 +62,6 @@ GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
 
 class UsageError(Exception):
     """Bad command line: exit 2."""
-
-
-def _number(kind: type[int] | type[float], low: float, high: float, *, low_open: bool = False,
-            high_open: bool = False) -> Callable[[str], Any]:
-    """An argparse type: a finite ``kind`` within ``low``..``high`` (``low_open``/``high_open``:
-    the bound itself excluded). argparse names the option in its refusal."""
-    noun = "whole number" if kind is int else "number"
-    span = f"{'more than' if low_open else 'at least'} {_figure(low)}"
-    if math.isfinite(high):
-        span += f" and {'less than' if high_open else 'at most'} {_figure(high)}"
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except (ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"not a {noun}: {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-        if value < low or value > high or (low_open and value == low) or (
-                high_open and value == high):
-            raise argparse.ArgumentTypeError(f"{text!r} is out of range: must be {span}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _figure(bound: float) -> str:
-    """A bound as typed: ``4294967295``, ``0.5``."""
-    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def _address(text: str, what: str = "") -> str:
@@ -155,7 +125,7 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
                         help="connect with TLS")
     parser.add_argument("--ca-file", metavar="PATH", default=default(None),
                         help="CA bundle for --tls")
-    parser.add_argument("--timeout", type=_number(float, 0, MAX_SECONDS, low_open=True),
+    parser.add_argument("--timeout", type=cli_numbers.number(0, MAX_SECONDS, low_open=True),
                         default=default(30.0), help="seconds per call")
     parser.add_argument("-o", "--output", choices=("table", "json", "yaml"),
                         default=default("table"), help="output format")
@@ -188,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--model", required=True)
     explain.add_argument("--prompt", required=True, help="one user message")
     explain.add_argument("--session", default="", help="x-session-id for affinity")
-    explain.add_argument("--max-tokens", type=_number(int, 0, UINT32_MAX), default=0)
+    explain.add_argument("--max-tokens", type=cli_numbers.count(), default=0)
     explain.add_argument("--tenant", default="",
                          help="route it as this tenant's request: engines' prefix caches "
                          "are partitioned per tenant, so only then are its cached prefixes "
@@ -219,7 +189,7 @@ def _add_node_commands(sub: Any) -> None:
     drain = sub.add_parser("drain", help="stop routing to a node and drain its engines")
     drain.add_argument("name")
     drain.add_argument("--wait", action="store_true", help="wait until in-flight reaches 0")
-    seconds = _number(float, 0, MAX_SECONDS)
+    seconds = cli_numbers.number(0, MAX_SECONDS)
     drain.add_argument("--timeout-seconds", type=seconds, default=0.0)
     drain.add_argument("--grace-seconds", type=seconds, default=0.0)
 
@@ -230,15 +200,16 @@ def _add_model_commands(sub: Any) -> None:
     deploy.add_argument("--node", action="append", default=[], help="node (repeatable); "
                         "none = placement by free VRAM")
     deploy.add_argument("--engine", choices=ENGINES, default="vllm")
-    deploy.add_argument("--replicas", type=_number(int, 0, UINT32_MAX), default=0)
-    deploy.add_argument("--memory-gb", type=_number(float, 0, MAX_MEMORY_GB), default=0.0,
+    deploy.add_argument("--replicas", type=cli_numbers.count(), default=0)
+    deploy.add_argument("--memory-gb", type=cli_numbers.number(0, MAX_MEMORY_GB), default=0.0,
                         help="declared VRAM need")
     deploy.add_argument("--served-model-name", action="append", default=[])
-    deploy.add_argument("--max-model-len", type=_number(int, 0, UINT32_MAX), default=0)
-    deploy.add_argument("--gpu-memory-utilization", type=_number(float, 0, 1), default=0.0,
+    deploy.add_argument("--max-model-len", type=cli_numbers.count(), default=0)
+    deploy.add_argument("--gpu-memory-utilization", type=cli_numbers.number(0, 1), default=0.0,
                         help="share of each GPU's memory (default: from --memory-gb)")
-    deploy.add_argument("--tensor-parallel-size", type=_number(int, 0, MAX_TENSOR_PARALLEL),
-                        default=0, metavar="N",
+    deploy.add_argument("--tensor-parallel-size",
+                        type=cli_numbers.integer(0, MAX_TENSOR_PARALLEL), default=0,
+                        metavar="N",
                         help="GPUs per engine (passed to vLLM; placement picks N GPUs)")
     deploy.add_argument("--task", choices=("generate", "embed"), default="generate")
     deploy.add_argument("--extra-arg", action="append", default=[],
@@ -274,36 +245,6 @@ def _add_cache(sub: Any) -> None:
         "tune-pair-scorer", help="train the cache's pair scorer (a cross-encoder the agents "
         "run) on labelled pairs, and stack it on the verifier")
     importlib.import_module("controlplane.pair_scorer_fit").add_arguments(scorer)
-    for tool in (calibrate, tune, scorer):
-        _bound_numbers(tool)
-
-
-# The cache tools' plain int/float options, by destination: a seed numpy and torch take, a
-# precision strictly between 0 and 1, counts of at least one. The embedder they tune is
-# all-MiniLM-L6-v2, six transformer layers. Any other plain number is a finite one >= 0.
-_SEED = _number(int, 0, UINT32_MAX)
-_CACHE_NUMBERS: dict[str, Callable[[str], Any]] = {
-    "target_precision": _number(float, 0, 1, low_open=True, high_open=True),
-    "seed": _SEED, "train_seed": _SEED,
-    "components": _number(int, 1, UINT32_MAX),
-    "layers": _number(int, 0, 6),
-    "epochs": _number(int, 1, UINT32_MAX), "adapter_epochs": _number(int, 0, UINT32_MAX),
-    "batch": _number(int, 1, UINT32_MAX),
-    "lr": _number(float, 0, 1, low_open=True), "adapter_lr": _number(float, 0, 1, low_open=True),
-    "threads": _number(int, 1, 4096),
-    "max_train_pairs": _number(int, 0, UINT32_MAX),
-}
-
-
-def _bound_numbers(parser: argparse.ArgumentParser) -> None:
-    """Give each plain ``int``/``float`` option of a cache tool its bounds (the tools
-    define their options with their modules; synapsectl refuses bad numbers at parse
-    time, whichever command takes them)."""
-    for action in parser._actions:
-        if action.type is int or action.type is float:
-            action.type = _CACHE_NUMBERS.get(action.dest) or (
-                _number(int, 0, 2**63 - 1) if action.type is int
-                else _number(float, 0, math.inf, high_open=True))
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

@@ -19,7 +19,6 @@ at once instead of at the end of the start time-out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib
@@ -31,7 +30,7 @@ from typing import IO, Any
 
 import yaml
 
-from synapse_common import engines, settings
+from synapse_common import cli_numbers, engines, settings
 
 # Sections of the generated configs owned whole: any variable inside them is refused,
 # not only those naming a value written (a key file added beside the generated keys).
@@ -48,27 +47,9 @@ CONFIG_ERROR = b"config error"
 AGENT_NOTE, CRASHLOOP = b"[synapse-agent]", b"crashloop:"
 
 
-def port_number(text: str) -> int:
-    """An argparse type: a TCP port, 0..65535 (0: any free one)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port (0..65535; 0 = any free)")
-    return port
-
-
-def time_scale(text: str) -> float:
-    """An argparse type: the simulator's clock, a finite number ≥ 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number ≥ 0 (1 = real GPU "
-                                         "timings, 0 = instant)")
-    return value
+# argparse types of ``synapse up``'s flags: a TCP port, and the simulator's clock.
+port_number = cli_numbers.port(0, note="0 = any free")
+time_scale = cli_numbers.number(0, note="1 = real GPU timings, 0 = instant")
 
 
 def upstream_url_problem(url: str) -> str | None:

@@ -79,6 +79,7 @@ import numpy as np
 
 from controlplane.adapters import feedback_log
 from controlplane.core import cache_feedback, verifier
+from synapse_common import cli_numbers
 
 FULL_TRUST = 100        # judged hits at which feedback weighs as much as validation
 MAX_TENANT_SHARE = 0.25  # of a model's counted verdicts, at most, from any one tenant
@@ -382,37 +383,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model's operating point on them plus the shipped pairs")
     parser.add_argument("--verifier", default=None,
                         help="with --from-feedback: the verifier to refit (default: shipped)")
-    parser.add_argument("--max-tenant-share", type=_share, default=MAX_TENANT_SHARE,
-                        metavar="FRACTION",
+    parser.add_argument("--max-tenant-share", type=cli_numbers.number(0, 1, low_open=True),
+                        default=MAX_TENANT_SHARE, metavar="FRACTION",
                         help="with --from-feedback: the most any one tenant's verdicts may "
                              "count for among a model's (an equal share when fewer tenants "
                              f"judged it; default {MAX_TENANT_SHARE})")
-    parser.add_argument("--min-tenants", type=_at_least_one, default=MIN_TENANTS, metavar="N",
+    parser.add_argument("--min-tenants", type=cli_numbers.integer(1), default=MIN_TENANTS,
+                        metavar="N",
                         help="with --from-feedback: tenants whose verdicts it takes to move "
                              "a model's point either way, no one tenant moving it further "
                              "than the refit without it "
                              f"(default {MIN_TENANTS}; 1 pools every tenant's verdicts "
                              "as equals, for tenants that trust each other)")
-
-
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"not a share in (0, 1]: {text!r}")
-    return value
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"not a whole number of tenants, 1 or more: {text!r}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -68,10 +68,11 @@ import numpy as np
 
 from controlplane import calibrate, progress, tune_embedder
 from controlplane.core import verifier
-from synapse_common import embedder_tuning, pair_scorer, pair_scorer_model
+from synapse_common import cli_numbers, embedder_tuning, pair_scorer, pair_scorer_model
 
 FROZEN = ("embeddings.word_embeddings.weight", "pooler.dense.weight", "pooler.dense.bias")
 STACK_FLOOR_QUANTILE = 0.01   # of the verifier's scores among stacked acceptances
+MAX_THREADS = 4096     # torch threads: more than any machine it runs on has cores
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,21 +90,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the stack alone (JSON naming the verifier it was fitted on) to "
                         "write: the shipped form, controlplane/core/verifier_default_stack.json "
                         "over the shipped verifier (cache.pair_scorer)")
-    parser.add_argument("--seed", type=int, default=7, help="split, order and initial values")
-    parser.add_argument("--train-seed", type=int, default=None,
+    parser.add_argument("--seed", type=cli_numbers.seed(), default=7,
+                        help="split, order and initial values")
+    parser.add_argument("--train-seed", type=cli_numbers.seed(), default=None,
                         help="training order, initial values and dropout only (default: "
                         "--seed); the split stays --seed's")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=32, help="pairs per training step")
-    parser.add_argument("--lr", type=float, default=4e-5)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--max-train-pairs", type=int, default=0,
+    parser.add_argument("--epochs", type=cli_numbers.count(1), default=3)
+    parser.add_argument("--batch", type=cli_numbers.count(1), default=32,
+                        help="pairs per training step")
+    parser.add_argument("--lr", type=cli_numbers.number(0, 1, low_open=True), default=4e-5)
+    parser.add_argument("--threads", type=cli_numbers.integer(1, MAX_THREADS), default=2,
+                        help="torch threads")
+    parser.add_argument("--max-train-pairs", type=cli_numbers.count(), default=0,
                         help="train on at most this many train pairs, a seeded sample (0: "
                         "all; for a quick trial)")
     parser.add_argument("--transitive", action="store_true",
                         help="also train on the pairs the train pairs imply (A~B and B~C: "
                         "A~C; A~B and B!~C: A!~C), at most as many as the originals")
-    parser.add_argument("--target-precision", type=float, default=0.90)
+    parser.add_argument("--target-precision", type=calibrate.PRECISION, default=0.90)
     parser.add_argument("--embed-cache", default=None,
                         help="reuse the verifier's embeddings from / save them to this .npz")
 

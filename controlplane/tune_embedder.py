@@ -43,7 +43,7 @@ import numpy as np
 
 from controlplane import calibrate, embedder_fit, progress
 from controlplane.core import verifier
-from synapse_common import embedder_tuning, minilm
+from synapse_common import cli_numbers, embedder_tuning, minilm
 
 MIN_PAIRS = 2000
 MIN_EACH = 400          # of either label, in the whole file
@@ -107,21 +107,28 @@ def embedder_rows(parts: dict[str, np.ndarray], which: str) -> np.ndarray:
     return rows
 
 
+MINILM_LAYERS = 6      # all-MiniLM-L6-v2's transformer layers: the most --layers can tune
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    rate = cli_numbers.number(0, 1, low_open=True)
     parser.add_argument("--pairs", required=True,
                         help='JSONL(.gz) of {"text_a", "text_b", "label": 0|1}')
     parser.add_argument("--tuning-out", help="tuning (.npz) to write (unless --verifier-only)")
     parser.add_argument("--verifier-out", required=True, help="verifier (JSON) to write")
     parser.add_argument("--verifier-only", metavar="TUNING", default=None,
                         help="keep this tuning; refit only its verifier")
-    parser.add_argument("--seed", type=int, default=7, help="split, order and initial values")
-    parser.add_argument("--layers", type=int, default=2, help="top transformer layers tuned")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=96, help="pairs per training step")
-    parser.add_argument("--lr", type=float, default=3e-5)
-    parser.add_argument("--adapter-epochs", type=int, default=0,
+    parser.add_argument("--seed", type=cli_numbers.seed(), default=7,
+                        help="split, order and initial values")
+    parser.add_argument("--layers", type=cli_numbers.integer(0, MINILM_LAYERS), default=2,
+                        help="top transformer layers tuned")
+    parser.add_argument("--epochs", type=cli_numbers.count(1), default=1)
+    parser.add_argument("--batch", type=cli_numbers.count(1), default=96,
+                        help="pairs per training step")
+    parser.add_argument("--lr", type=rate, default=3e-5)
+    parser.add_argument("--adapter-epochs", type=cli_numbers.count(), default=0,
                         help="passes of a linear adapter after pooling (0 = none)")
-    parser.add_argument("--adapter-lr", type=float, default=1e-3)
+    parser.add_argument("--adapter-lr", type=rate, default=1e-3)
     parser.add_argument("--vectors-cache", default=None,
                         help="with --layers 0: the frozen model's vectors kept here (.npz)")
     parser.add_argument("--verifier-train", choices=("unseen", "all"), default="unseen",
@@ -132,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the embedder learns on its part of train (part: 2/3, the rest "
                         "left unseen for the verifier) or on all of train (all: use with "
                         "--verifier-train all)")
-    parser.add_argument("--target-precision", type=float, default=0.90)
+    parser.add_argument("--target-precision", type=calibrate.PRECISION, default=0.90)
 
 
 def run(args: argparse.Namespace) -> int:

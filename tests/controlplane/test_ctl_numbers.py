@@ -88,6 +88,9 @@ def test_every_numeric_option_refuses_bad_numbers_naming_itself() -> None:
     ["get", "nodes", "--timeout", "1e10"], ["get", "usage", "--since", "nan"],
     ["drain", "gpu-a", "--timeout-seconds", "-1"],
     ["explain", "--model", "m", "--prompt", "p", "--max-tokens", "-1"],
+    # more digits than a float holds: was an OverflowError traceback
+    ["deploy", "x", "--replicas", "1" + "0" * 400],
+    ["cache", "tune-pair-scorer", "--seed", "1" + "0" * 400],
 ])
 def test_a_bad_number_is_a_usage_error_naming_its_option(argv: list[str]) -> None:
     code, out, err = ctl_testing.run([*argv, "--server", "127.0.0.1:1"])
