@@ -21,8 +21,8 @@ Decisions:
 * A Node-service address belongs to one node that is up (:class:`AddressTaken`): whoever
   registers another node cannot make the control plane call a live node's agent with
   the wrong key (and so fail that agent's embeddings).
-* At most ``max_nodes`` names: a new one past it first forgets nodes down for
-  ``forget_down_after_s``, then, if none is, the one whose stream closed longest ago
+* At most ``max_nodes`` names: a new one past it first forgets nodes whose streams
+  closed and that were down for ``forget_down_after_s``, then, if none is, the one whose stream closed longest ago
   among those that never *served* and carry no operator intent (no cordon, no commanded
   drain), else is refused with :class:`TooManyNodes` (a registrant inventing names must
   not grow the registry without bound). A node has served once its reports named a
@@ -244,8 +244,7 @@ class Registry:
         now = self._clock()
         return sum(1 for name, n in self._nodes.items()
                    if n.origin == origin and name != but and not _spare(n)
-                   and not (self.node_status(n) == "down"
-                            and now - n.last_seen > self._forget_down_after_s))
+                   and not self._long_down(n, now))
 
     def _address_taken(self, node: _Node) -> bool:
         """Whether another node that is up holds ``node``'s Node-service address."""
@@ -266,11 +265,15 @@ class Registry:
                     and self.node_status(other) != "down"):
                 raise AddressTaken(name)
 
+    def _long_down(self, node: _Node, now: float) -> bool:
+        """Whether ``node`` may be forgotten to make room: its stream closed and it was
+        last heard of over ``forget_down_after_s`` ago. One silent on an open stream is
+        kept, however long: its next report must find it."""
+        return not node.connected and now - node.last_seen > self._forget_down_after_s
+
     def _forget_long_down(self) -> None:
         now = self._clock()
-        gone = [name for name, n in self._nodes.items()
-                if self.node_status(n) == "down"
-                and now - n.last_seen > self._forget_down_after_s]
+        gone = [name for name, n in self._nodes.items() if self._long_down(n, now)]
         for name in gone:
             del self._nodes[name]
         if gone:

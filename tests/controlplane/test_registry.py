@@ -155,3 +155,20 @@ def test_one_origin_holds_at_most_its_share_and_a_node_elsewhere_still_registers
     reg.report("fake-1", [])
     reg.register(types.NodeInfo("fake-3"), origin="10.0.0.66")
     assert {"fake-1", "fake-3"} <= {v.info.name for v in reg.nodes()}
+
+
+def test_a_node_whose_stream_is_open_is_never_forgotten_however_long_it_is_silent() -> None:
+    """Making room forgets nodes long down whose streams closed; one silent for longer on
+    an open stream keeps its place, so its next report finds it (before, that report
+    raised KeyError and the stream failed with a traceback)."""
+    now = [0.0]
+    reg = registry.Registry(lambda: now[0], down_after_s=15, max_nodes=2,
+                            forget_down_after_s=3600)
+    silent = reg.register(types.NodeInfo("silent"))
+    closed = reg.register(types.NodeInfo("closed"))
+    reg.disconnect("closed", closed)
+    now[0] += 3601.0
+    reg.register(types.NodeInfo("gpu-new"))                  # "closed" makes room
+    assert {v.info.name for v in reg.nodes()} == {"silent", "gpu-new"}
+    assert reg.report("silent", [sim("silent")], stream_id=silent)
+    assert {v.info.name: v.status for v in reg.nodes()}["silent"] == "ready"
