@@ -354,25 +354,36 @@ def _keep(svc: services_mod.Services, book: usage_book.UsageBook,
               "and added at the next start", rows, kept)
 
 
-def _spool(book: usage_book.UsageBook, carried: usage_journal.Carried | None,
-           spool: usage_journal.Spool, warn: FlushFailures) -> None:
+async def _spool(book: usage_book.UsageBook, carried: usage_journal.Carried | None,
+                 spool: usage_journal.Spool, warn: FlushFailures) -> None:
     """After a flush: while a batch is not stored (the store fails), keep on disk in this
     process's spool what is neither stored nor in a file taken at start, so a hard kill
     loses only what was recorded since this flush, and tell the book which version of
     the pending counts the file holds (the one it sends by their reserved id: never
     another, which Redis would count beside it); once the store took every batch,
-    delete the spool. Never raises: a write that fails is warned of like a failing flush,
-    and the next flush tries again."""
+    delete the spool. The write and its fsyncs run in a thread, off the serving loop;
+    the next flush (the next send) waits for it, and a cancel (the stop) lets it finish
+    and tells the book what the file holds before it ends this. Never raises but that
+    cancel: a write that fails is warned of like a failing flush, and the next flush
+    tries again."""
     if not book.unsent_ids():
         _drop_spool(spool)
         return
     on_disk = carried.ids() if carried is not None else set()
+    batches = [b for b in book.spooled() if b.id not in on_disk]
+    write = asyncio.ensure_future(asyncio.to_thread(spool.write, batches))
     try:
-        spool.write([b for b in book.spooled() if b.id not in on_disk])
-    except Exception as exc:    # whatever it is, the flush loop goes on
-        warn.failed("spool", f"usage not stored could not be written to {spool.name}, "
-                    "so a hard kill would lose it", exc)
-    book.on_disk(spool.holds())     # the version of the pending counts sent by their id
+        await asyncio.wait([write])
+    except asyncio.CancelledError:
+        await asyncio.wait([write])     # the stop: the file is as the write leaves it
+        raise
+    finally:
+        if write.done():        # not known only when cancelled twice (the stop: once)
+            failed = None if write.cancelled() else write.exception()
+            if failed is not None:  # whatever it is, the flush loop goes on
+                warn.failed("spool", f"usage not stored could not be written to "
+                            f"{spool.name}, so a hard kill would lose it", failed)
+            book.on_disk(spool.holds())     # the version sent by the reserved id
 
 
 def _drop_spool(spool: usage_journal.Spool | None) -> None:
@@ -443,7 +454,7 @@ async def _flush(svc: services_mod.Services, fair: fairness.Fairness,
         if carried is not None:     # the files whose batches are all stored go
             carried.settle(fair.book.unsent_ids())
         if spool is not None:
-            _spool(fair.book, carried, spool, warn)
+            await _spool(fair.book, carried, spool, warn)
 
 
 # -- reading usage (stats, Admin) ---------------------------------------------------------

@@ -39,7 +39,9 @@ marked once): a smaller version on disk and a larger one sent, cut differently, 
 both count after a kill. So the flush after the outage sends the file's version by the
 reserved id and the counts recorded since the last rewrite as a new batch; a stop keeps
 them the same way; and a rewrite that fails leaves both as they were (the file's older
-version, and more counts apart).
+version, and more counts apart). The file is written off the event loop while requests
+go on recording, so :meth:`UsageBook.spooled` sets the pending counts it offers apart,
+and those recorded during the write stay pending whatever the file took.
 """
 
 from __future__ import annotations
@@ -238,13 +240,15 @@ class UsageBook:
         self._pending_id: str | None = None     # reserved once the pending set was offered
         self._spooled: Batch | None = None      # by that id: what the spool file holds
         self._offered: Batch | None = None      # the last :meth:`spooled` made of them
+        self._offering: dict[RowKey, Counts] = {}   # their pending part, set apart
         self.dropped = 0            # rows lost while the store failed
 
     def record(self, tenant: str, model: str, counts: Counts) -> None:
         key = RowKey(day_of(self._wall()), tenant, model or "unknown")
         row = self._pending.get(key)
         if row is None:
-            if (len(self._pending) + self._unsent_rows >= PENDING_MAX
+            if (len(self._pending) + len(self._offering) + self._unsent_rows >= PENDING_MAX
+                    and key not in self._offering
                     and (self._spooled is None or key not in self._spooled.rows)):
                 self.dropped += 1
                 return
@@ -256,6 +260,7 @@ class UsageBook:
         a batch that fails stays unsent as it is (and the exception is the caller's to
         count). The pending counts wait while an older batch fails; those a spool file
         holds go first, as the file holds them, by its id."""
+        self._unset()
         while self._unsent:
             batch = self._unsent[0]
             await self.store.add(batch.rows, batch.id)
@@ -282,7 +287,11 @@ class UsageBook:
     def pending_rows(self) -> dict[tuple[str, str, str], Plain]:
         """The counts recorded since the last flush or spool file took them, as a store
         takes them."""
-        return {(k.day, k.tenant, k.model): v.as_dict() for k, v in self._pending.items()}
+        out: dict[RowKey, Counts] = {}
+        for part in (self._offering, self._pending):
+            for key, counts in part.items():
+                out.setdefault(key, Counts()).add(counts)
+        return {(k.day, k.tenant, k.model): v.as_dict() for k, v in out.items()}
 
     def pending(self) -> dict[tuple[str, str, str], Plain]:
         """Every count not stored yet (unsent batches and pending), summed."""
@@ -294,6 +303,7 @@ class UsageBook:
         """What is not stored, as batches to keep: the unsent ones with their ids, the
         spool file's version of the pending counts by its id, and those recorded since as
         a new one (taken: a later flush sends them by these ids)."""
+        self._unset()
         if self._spooled is not None:
             self._unsent.append(self._spooled)
             self._spooled = self._pending_id = None
@@ -308,9 +318,11 @@ class UsageBook:
         fails, without taking anything: the unsent batches, and the pending counts (the
         file's version of them and those recorded since, merged) as one batch by the id
         reserved for them. Sent by that id only once :meth:`on_disk` says a file holds
-        this version."""
+        this version. The pending counts it offers are set apart until :meth:`on_disk`
+        (what is recorded meanwhile, while the file is written off the event loop, is
+        not in that version); only :meth:`record` and the reads may run in between."""
+        self._unset()
         out = list(self._unsent)
-        self._offered = None
         if self._pending or self._spooled is not None:
             if self._pending_id is None:
                 self._pending_id = batch_id()
@@ -326,23 +338,38 @@ class UsageBook:
                     rows[row] = counts.as_dict()
             self._offered = Batch(self._pending_id, rows)
             out.append(self._offered)
+        self._offering, self._pending = self._pending, {}
         return out
 
     def on_disk(self, batches: Iterable[Batch]) -> None:
         """The spool file holds ``batches`` (after a write, or a write that failed and
         left it as it was): when it holds the pending counts as the last :meth:`spooled`
-        offered them, the file's batch is adopted, to be sent as it is, and the pending
-        set starts again empty beside it. Any other version is the one adopted already
-        (or none)."""
-        offered, self._offered = self._offered, None
-        if offered is None:
-            return
-        held = next((b for b in batches if b.id == offered.id), None)
-        if held is None or held != offered:
+        offered them, the file's batch is adopted, to be sent as it is, and the counts
+        recorded since the offer stay pending beside it. Any other version is the one
+        adopted already (or none): the counts offered are pending again."""
+        offered = self._offered
+        held = (next((b for b in batches if b.id == offered.id), None)
+                if offered is not None else None)
+        if offered is None or held is None or held != offered:
+            self._unset()
             return
         old = len(self._spooled.rows) if self._spooled is not None else 0
-        self._spooled, self._pending = held, {}
+        self._spooled, self._offered, self._offering = held, None, {}
         self._unsent_rows += len(held.rows) - old
+
+    def _unset(self) -> None:
+        """The pending counts the last offer set apart are pending again (no file took
+        them), before the ones recorded since."""
+        self._offered = None
+        if not self._offering:
+            return
+        merged, self._offering = self._offering, {}
+        for key, counts in self._pending.items():
+            if key in merged:
+                merged[key].add(counts)
+            else:
+                merged[key] = counts
+        self._pending = merged
 
     def _take_pending(self) -> Batch:
         """The counts recorded since the spool file last took them, by a fresh id (the
@@ -372,7 +399,7 @@ class UsageBook:
         parts: list[Iterable[tuple[RowKey, Counts]]] = [
             ((RowKey(*k), counts_of(v)) for k, v in b.rows.items())
             for b in (*self._unsent, *([self._spooled] if self._spooled else []))]
-        parts.append(self._pending.items())
+        parts += [self._offering.items(), self._pending.items()]
         for part in parts:
             for key, counts in part:
                 if ((days is None or key.day in days)

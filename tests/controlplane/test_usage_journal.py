@@ -4,6 +4,7 @@ applies once (:mod:`controlplane.adapters.usage_journal`)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
@@ -12,6 +13,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import pytest
@@ -690,3 +692,82 @@ def test_a_kept_or_spooled_file_has_its_name_synced_after_it_is_renamed_into_pla
         spool.write([batch])
         spool.release()
     assert events == ["file", "rename", "folder"]
+
+
+async def test_a_spool_write_leaves_the_loop_serving_and_loses_no_count_recorded_meanwhile(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gap: the spool write and its fsyncs ran on the serving event loop, so every request
+    waited for the disk at each flush of an outage. Now they run in a thread, and the
+    counts recorded while it writes are kept apart from the version the file takes: the
+    store gets every count once."""
+    store = Switch()
+    svc, fair = start(tmp_path, store)
+    spool = usage_journal.Spool(fairness_wiring._journal(svc))
+    fair.book.record("a", "llama", usage_book.Counts(requests=1))
+    await fairness_wiring._flush(svc, fair, None, None, None, spool)
+    fair.book.record("a", "llama", usage_book.Counts(requests=2))   # waits, then spooled
+    served, waited = threading.Event(), []
+    real = os.fsync
+
+    def slow_disk(fd: int) -> None:
+        waited.append(served.wait(timeout=5))   # the loop goes on meanwhile, or not
+        real(fd)
+
+    async def a_request() -> None:
+        await asyncio.sleep(0)
+        fair.book.record("a", "llama", usage_book.Counts(requests=4))
+        served.set()
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", slow_disk)
+        request = asyncio.create_task(a_request())
+        await fairness_wiring._flush(svc, fair, None, None, None, spool)
+        await request
+    assert waited and all(waited)
+    taken = json.loads(spool.name.read_text())["batches"]
+    assert sum(row[3]["requests"] for b in taken for row in b["rows"]) == 3
+    store.down = False
+    await fairness_wiring._flush(svc, fair, None, None, None, spool)
+    day = usage_book.day_of(clocks.wall())
+    assert (await store.read([day], None))[(day, "a", "llama")]["requests"] == 7
+    assert spools(tmp_path) == []
+
+
+async def test_a_stop_during_a_spool_write_lets_it_finish_and_sends_the_files_version(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush loop cancelled (a stop) while the spool is written in its thread: the
+    write finishes and the book learns what the file holds before the cancel goes on, so
+    the waiting counts are sent by their reserved id as the file holds them, and a kill
+    after the recovery flush, before the spool went, counts them once."""
+    store = Switch()
+    svc, fair = start(tmp_path, store)
+    spool = usage_journal.Spool(fairness_wiring._journal(svc))
+    fair.book.record("a", "llama", usage_book.Counts(requests=1))
+    await fairness_wiring._flush(svc, fair, None, None, None, spool)
+    fair.book.record("a", "llama", usage_book.Counts(requests=2))
+    writing, go_on = threading.Event(), threading.Event()
+    real = os.fsync
+
+    def slow_disk(fd: int) -> None:
+        writing.set()
+        go_on.wait(timeout=5)
+        real(fd)
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", slow_disk)
+        flush = asyncio.create_task(fairness_wiring._flush(svc, fair, None, None, None,
+                                                           spool))
+        await harness.until(writing.is_set, 10, "the spool write started")
+        flush.cancel()
+        await asyncio.sleep(0)
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        await harness.until(lambda: len(spool.holds()) == 2, 10, "the write finished")
+    store.down = False
+    await fair.book.flush()                 # the recovery; killed before the spool went
+    spool.release()
+    again = usage_journal.take(fairness_wiring._journal(svc))
+    for batch in again.batches:             # the next start sends the spool again
+        await store.add(batch.rows, batch.id)
+    again.release()
+    day = usage_book.day_of(clocks.wall())
+    assert (await store.read([day], None))[(day, "a", "llama")]["requests"] == 3
