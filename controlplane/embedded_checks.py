@@ -88,7 +88,11 @@ def written(doc: Mapping[str, Any], at: tuple[str, ...] = ()
 
 def _same(raw: str, value: Any) -> bool:
     """Whether a variable's ``raw`` text sets ``value`` again (the test harness gives
-    every process ``SYNAPSE_HTTP__DRAIN_DELAY_S=0``, which ``synapse up`` writes too)."""
+    every process ``SYNAPSE_HTTP__DRAIN_DELAY_S=0``, which ``synapse up`` writes too). A
+    text is the same only as written: a string setting takes the variable verbatim
+    (:mod:`synapse_common.settings`), so ``'127.0.0.1'`` in quotes is another host."""
+    if isinstance(value, str):
+        return raw == value
     try:
         loaded = yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -103,7 +107,8 @@ def env_overrides(docs: Iterable[Mapping[str, Any]], environ: Mapping[str, str]
     """The ``SYNAPSE_*`` variables of ``environ`` that override what ``docs`` (the
     generated configs) write — a value, a section holding one, a value inside one, or
     anything in :data:`OWNED_SECTIONS` — and the others the children will read (one
-    that sets a number or a flag to the value written is among those)."""
+    that sets a number, a flag or a text outside :data:`OWNED_SECTIONS` to the value
+    written is among those: it changes nothing)."""
     values: dict[tuple[str, ...], list[Any]] = {}
     for doc in docs:        # both configs write grpc.port, each its own
         for path, value in written(doc):

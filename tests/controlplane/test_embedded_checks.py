@@ -185,3 +185,18 @@ def test_a_variable_setting_again_a_number_up_writes_is_only_named(
     assert refused == ["SYNAPSE_CACHE__ENABLED", "SYNAPSE_GRPC__PORT"]
     assert embedded_checks.env_overrides(docs, {"SYNAPSE_CACHE__ENABLED": "true"}) == (
         [], ["SYNAPSE_CACHE__ENABLED"])
+
+
+def test_a_variable_setting_again_a_text_up_writes_is_only_named(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SYNAPSE_GRPC__HOST=127.0.0.1, the host `up` writes, was refused as an override."""
+    monkeypatch.setenv("SYNAPSE_GRPC__HOST", "127.0.0.1")
+    monkeypatch.setenv("SYNAPSE_DATA_DIR", str(tmp_path))
+    write_configs(tmp_path)
+    err = capsys.readouterr().err
+    assert "SYNAPSE_DATA_DIR, SYNAPSE_GRPC__HOST" in err and str(tmp_path) not in err
+    docs = ({"grpc": {"host": "127.0.0.1"}, "auth": {"admin_key": {"file": "/k"}}},)
+    refused, _ = embedded_checks.env_overrides(docs, {"SYNAPSE_GRPC__HOST": "'127.0.0.1'",
+                                                      "SYNAPSE_AUTH__ADMIN_KEY__FILE": "/k"})
+    assert refused == ["SYNAPSE_AUTH__ADMIN_KEY__FILE", "SYNAPSE_GRPC__HOST"]
