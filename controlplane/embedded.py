@@ -29,11 +29,13 @@ its Milvus Lite file and its keys, and both would answer.
 
 The children's output goes through a pipe into ``<data-dir>/logs/<name>.log``, capped
 like the agent's engine logs (:mod:`synapse_common.capped_log`: 10 MiB, one ``.1`` kept),
-instead of growing with every request for as long as the stack runs; their ERROR lines
-are echoed on this process's stderr too, and a start whose engine cannot succeed ends
-at once. What is refused before anything starts (``--config``, flag values out of range,
-``SYNAPSE_*`` variables overriding what the generated configs write) and those watches
-live in :mod:`controlplane.embedded_checks`.
+instead of growing with every request for as long as the stack runs; the pipe is read
+by a log keeper process per child (:mod:`controlplane.embedded_log`), which outlives a
+killed ``synapse up`` until the child's output ends, so what children write while they
+drain is kept. Their ERROR lines are echoed on this process's stderr too, and a start
+whose engine cannot succeed ends at once. What is refused before anything starts
+(``--config``, flag values out of range, ``SYNAPSE_*`` variables overriding what the
+generated configs write) and those watches live in :mod:`controlplane.embedded_checks`.
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -58,7 +59,7 @@ from typing import IO, Any, cast
 
 import yaml
 
-from controlplane import embedded_checks, embedded_engine
+from controlplane import embedded_checks, embedded_engine, embedded_log
 from controlplane.core import upstream_kinds
 from synapse_common import capped_log, cli, engines, parent_death
 from synapse_common import clock as clocks
@@ -73,7 +74,9 @@ LOCK_FILE = "up.lock"
 # load balancer to drain from (no drain delay) and gives its requests less than this.
 CHILD_STOP_GRACE_S = 20.0
 CONTROL_PLANE_STOP = {"drain_delay_s": 0.0, "shutdown_grace_s": CHILD_STOP_GRACE_S / 2}
-READ_CHUNK = 65536
+# How long a stop waits for a child's log keeper to write the child's last lines (it
+# ends at once unless a grandchild still holds the child's output).
+KEEPER_DRAIN_S = 5.0
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -327,7 +330,8 @@ def hold_data_dir(data: pathlib.Path) -> IO[bytes]:
 
 class Child:
     """One child process in its own process group that dies with this one, its output
-    piped into a size-capped log file."""
+    kept in a size-capped log file by a log keeper process (:mod:`controlplane.embedded_log`)
+    that outlives this one until the child's output ends."""
 
     def __init__(self, name: str, argv: list[str], log_path: pathlib.Path,
                  max_log_bytes: int = capped_log.MAX_BYTES, keep_fds: tuple[int, ...] = ()
@@ -335,32 +339,35 @@ class Child:
         """``keep_fds``: descriptors the child holds open too (the data dir's lock)."""
         self.name = name
         self.log_path = log_path
-        # closed in stop(); 0600: the logs name tenants and requests
-        self._log = capped_log.CappedFile(log_path, max_log_bytes)
-        self._echo = embedded_checks.ErrorEcho(name, log_path)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        env.pop("SYNAPSE_CONFIG_PATH", None)
-        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                      pass_fds=keep_fds, preexec_fn=parent_death.preexec())
-        out = cast(IO[bytes], self.popen.stdout)
-        self._pump = threading.Thread(target=self._copy, args=(out,), daemon=True,
-                                      name=f"{name} log")
-        self._pump.start()
-
-    def _copy(self, out: IO[bytes]) -> None:
-        """The child's output into its log, until every holder of the pipe closed it."""
-        fd = out.fileno()
-        while chunk := os.read(fd, READ_CHUNK):
-            self._log.write(chunk)      # loses what the disk refuses, never raises for it
-            self._echo.feed(chunk)      # its errors on the terminal too: the disk may be full
-        out.close()
+        read, write = os.pipe()
+        try:
+            self._keeper = subprocess.Popen(
+                embedded_log.command(name, log_path, max_log_bytes), stdin=read,
+                stdout=subprocess.DEVNULL, start_new_session=True)
+            # Unbuffered: what a Python child printed reaches its log even when it dies
+            # by a signal (its logging flushes each record; print() would not).
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "PYTHONUNBUFFERED": "1"}
+            env.pop("SYNAPSE_CONFIG_PATH", None)
+            self.popen = subprocess.Popen(argv, stdout=write, stderr=write,
+                                          stdin=subprocess.DEVNULL, env=env,
+                                          start_new_session=True, pass_fds=keep_fds,
+                                          preexec_fn=parent_death.preexec())
+        finally:
+            os.close(read)
+            os.close(write)     # the keeper's input ends when the child's output does
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
     def tail(self, lines: int = 15) -> str:
         return embedded_checks.tail(self.log_path, lines)
+
+    def _keeper_done(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the keeper to end (it goes on alone when a
+        grandchild still holds the child's output)."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._keeper.wait(timeout=timeout)
 
     def stop(self, grace_s: float) -> None:
         if self.alive():
@@ -372,9 +379,7 @@ class Child:
             os.killpg(self.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=5)
-        self._pump.join(timeout=5)
-        if not self._pump.is_alive():   # else a grandchild holds the pipe: the daemon
-            self._log.close()           # thread goes on writing until it closes
+        self._keeper_done(KEEPER_DRAIN_S)
 
 
 def _http_status(url: str) -> int:

@@ -110,13 +110,13 @@ ERRORS = ("import json\nfor i in range(30):\n"
 
 
 def test_a_childs_error_lines_reach_the_terminal_rate_limited(
-        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: pathlib.Path, capfd: pytest.CaptureFixture[str]) -> None:
     """A full disk: the children's ERROR lines went only to the data dir's logs."""
     log = tmp_path / "cp.log"
     child = embedded.Child("control plane", [sys.executable, "-c", ERRORS], log)
     child.popen.wait(timeout=60)
     child.stop(grace_s=1)
-    err = capsys.readouterr().err.splitlines()
+    err = capfd.readouterr().err.splitlines()
     assert err[:embedded_checks.ECHO_PER_MINUTE] == [
         f"synapse up: control plane: 2026-01-01T00:00:00.000Z ERROR   usage: could not be "
         f"stored {i}" for i in range(embedded_checks.ECHO_PER_MINUTE)]

@@ -115,3 +115,40 @@ def test_the_data_dir_stays_held_while_a_killed_synapse_ups_children_live(
         parent.kill()
         if child and not gone(child):
             os.killpg(child, signal.SIGKILL)
+
+
+def logged(log: pathlib.Path) -> str:
+    return log.read_text() if log.exists() else ""
+
+
+DRAINS = ("import signal, sys, time\n"
+          "def stop(*_):\n    print('draining', flush=True)\n    time.sleep(0.5)\n"
+          "    print('drained: the last words', flush=True)\n    sys.exit(0)\n"
+          "signal.signal(signal.SIGTERM, stop)\nprint('serving', flush=True)\n"
+          "time.sleep(600)\n")
+
+
+def test_what_children_log_while_a_killed_synapse_up_stops_them_is_kept(
+        tmp_path: pathlib.Path) -> None:
+    """After SIGKILL of `synapse up`, its children drained into a pipe nobody read: the
+    lines they wrote while stopping were lost."""
+    log = tmp_path / "drainer.log"
+    script = ("import pathlib, sys, time\nfrom controlplane import embedded\n"
+              f"c = embedded.Child('drainer', [sys.executable, '-c', {DRAINS!r}], "
+              f"pathlib.Path({str(log)!r}))\nprint(c.popen.pid, flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              text=True)
+    child = 0
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        harness.wait_until(lambda: "serving" in logged(log), 30, "the child to serve")
+        parent.kill()
+        parent.wait(timeout=30)
+        harness.wait_until(lambda: gone(child), 30, "the child to stop with its parent")
+        harness.wait_until(lambda: "drained: the last words" in logged(log), 30,
+                           "the child's last lines in its log")
+    finally:
+        parent.kill()
+        if child and not gone(child):
+            os.killpg(child, signal.SIGKILL)
