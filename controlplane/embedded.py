@@ -32,10 +32,12 @@ like the agent's engine logs (:mod:`synapse_common.capped_log`: 10 MiB, one ``.1
 instead of growing with every request for as long as the stack runs; the pipe is read
 by a log keeper process per child (:mod:`controlplane.embedded_log`), which outlives a
 killed ``synapse up`` until the child's output ends, so what children write while they
-drain is kept. Their ERROR lines are echoed on this process's stderr too, and a start
-whose engine cannot succeed ends at once. What is refused before anything starts
-(``--config``, flag values out of range, ``SYNAPSE_*`` variables overriding what the
-generated configs write) and those watches live in :mod:`controlplane.embedded_checks`.
+drain is kept. Their ERROR lines are echoed on this process's stderr too. Every wait of
+the start ends at once when a child exits or an engine's start cannot succeed
+(:class:`StartWatch`), printing the log's last lines and path. What is refused before
+anything starts (``--config``, flag values out of range, ``SYNAPSE_*`` variables
+overriding what the generated configs write) and those watches live in
+:mod:`controlplane.embedded_checks`.
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ LOCK_FILE = "up.lock"
 # load balancer to drain from (no drain delay) and gives its requests less than this.
 CHILD_STOP_GRACE_S = 20.0
 CONTROL_PLANE_STOP = {"drain_delay_s": 0.0, "shutdown_grace_s": CHILD_STOP_GRACE_S / 2}
-# How long a stop waits for a child's log keeper to write the child's last lines (it
-# ends at once unless a grandchild still holds the child's output).
+# How long a report of a child's end waits for its log keeper to write the child's last
+# lines (it ends at once unless a grandchild still holds the child's output).
 KEEPER_DRAIN_S = 5.0
 
 
@@ -363,6 +365,16 @@ class Child:
     def tail(self, lines: int = 15) -> str:
         return embedded_checks.tail(self.log_path, lines)
 
+    def ended(self, during: str = "") -> str | None:
+        """None while the child runs; else its exit status, its log's path and last
+        lines, read once its keeper wrote what the child left in the pipe. The one form
+        every report of a child's end takes (``during``: " while waiting for …")."""
+        if self.alive():
+            return None
+        self._keeper_done(KEEPER_DRAIN_S)
+        return (f"{self.name} exited with status {self.popen.returncode}{during}; its last "
+                f"lines ({self.log_path}):\n{self.tail()}")
+
     def _keeper_done(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the keeper to end (it goes on alone when a
         grandchild still holds the child's output)."""
@@ -396,27 +408,41 @@ class Stopping(Exception):
     """Ctrl-C or SIGTERM arrived."""
 
 
-def _wait_for(what: str, ready: Callable[[], bool], children: list[Child], timeout: float,
-              engines_log: embedded_checks.EngineLogWatch | None = None) -> None:
-    """Wait for ``ready``; RuntimeError when a child exits, when ``engines_log`` shows an
-    engine whose start cannot succeed, or at ``timeout``."""
+class StartWatch:
+    """What ends a start early, the one check every wait of the start makes: a child that
+    exited, or (once the agent runs, :attr:`engines`) an engine whose start cannot
+    succeed. Each says so at once, with the log's last lines and path, instead of at the
+    end of the wait's time-out."""
+
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+        self.engines: embedded_checks.EngineLogWatch | None = None
+
+    def problem(self, what: str) -> str | None:
+        """Why the start, waiting for ``what``, cannot succeed; None while it may."""
+        if self.engines is not None and (log := self.engines.failing()) is not None:
+            return (f"the engine cannot start (waiting for {what}); its last lines "
+                    f"({log}):\n{embedded_checks.tail(log)}")
+        for child in self.children:
+            if (ended := child.ended(f" while waiting for {what}")) is not None:
+                return ended
+        return None
+
+
+def _wait_for(what: str, ready: Callable[[], bool], watch: StartWatch, timeout: float
+              ) -> None:
+    """Wait for ``ready``; RuntimeError when ``watch`` sees a problem, or at ``timeout``."""
     print(f"  … {what}", flush=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready():
             print(f"  ✓ {what}", flush=True)
             return
-        if engines_log is not None and (log := engines_log.failing()) is not None:
-            raise RuntimeError(f"the engine cannot start (waiting for {what}); its last lines "
-                               f"({log}):\n{embedded_checks.tail(log)}")
-        for child in children:
-            if not child.alive():
-                raise RuntimeError(f"{child.name} exited with status {child.popen.returncode} "
-                                   f"while waiting for {what}; its last lines "
-                                   f"({child.log_path}):\n{child.tail()}")
+        if (problem := watch.problem(what)) is not None:
+            raise RuntimeError(problem)
         clocks.block(0.2)
-    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}; see the logs in "
-                       f"{children[0].log_path.parent}")
+    logs = f"; see the logs in {watch.children[0].log_path.parent}" if watch.children else ""
+    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}{logs}")
 
 
 def _banner(base: str, api_key: str, model: str, admin_key_file: pathlib.Path,
@@ -479,7 +505,8 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    children: list[Child] = []
+    watch = StartWatch()
+    children = watch.children
     held = (lock.fileno(),)         # the children hold the data dir as long as they live
     base = f"http://{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{ports['http']}"
     print(f"Starting Synapse (embedded mode) in {data}", flush=True)
@@ -488,30 +515,28 @@ def main(argv: list[str] | None = None, prog: str = "synapse up") -> int:
                                                 str(data / "controlplane.yaml"), *extra],
                               data / "logs" / "controlplane.log", keep_fds=held))
         _wait_for(f"control plane on {base}", lambda: _http_status(f"{base}/health") == 200,
-                  children, 60)
-        engines_log = embedded_checks.EngineLogWatch(data / "logs" / "engines")
+                  watch, 60)
+        watch.engines = embedded_checks.EngineLogWatch(data / "logs" / "engines")
         children.append(Child("agent", [synapse, "agent", "--config", str(data / "agent.yaml"),
                                         *extra], data / "logs" / "agent.log", keep_fds=held))
         grpc_addr = f"127.0.0.1:{ports['grpc']}"
         backend = gen.backend["name"] if gen.backend else None
         _wait_for(f"{gen.what} ready", lambda: generation_ready(
-            grpc_addr, written["admin_key_file"], gen.model, backend), children,
-            START_TIMEOUT_S, engines_log)
+            grpc_addr, written["admin_key_file"], gen.model, backend), watch, START_TIMEOUT_S)
         # The agent loads the embedding model in the background; the semantic cache and
         # /v1/embeddings need it, so "ready" waits for it: asked of the agent's gRPC
         # health service, not with the dev key (each try would be the tenant's usage).
         _wait_for("embedder loaded", lambda: embedder_serving(f"127.0.0.1:{ports['node']}"),
-                  children, START_TIMEOUT_S)
+                  watch, START_TIMEOUT_S)
         if not args.no_cache:
-            _wait_for("semantic cache store open", lambda: _cache_ready(base), children,
+            _wait_for("semantic cache store open", lambda: _cache_ready(base), watch,
                       START_TIMEOUT_S)
         print(_banner(base, written["api_key"], gen.model, written["admin_key_file"],
                       grpc_addr, bin_dir), flush=True)
         while all(c.alive() for c in children):
             clocks.block(0.5)
         dead = next(c for c in children if not c.alive())
-        print(f"\n{dead.name} exited with status {dead.popen.returncode}; last lines:\n"
-              f"{dead.tail()}", file=sys.stderr)
+        print(f"\n{dead.ended()}", file=sys.stderr)
         return 1
     except Stopping:
         print("\nStopping…", flush=True)

@@ -163,9 +163,10 @@ def test_an_engine_whose_start_cannot_succeed_ends_the_wait_with_its_log(
     assert watch.failing() is None
     with old.open("a") as f:
         f.write("config error: time_scale: must be finite\n")
+    start = embedded.StartWatch()
+    start.engines = watch
     with pytest.raises(RuntimeError) as failed:
-        embedded._wait_for("agent, simulator and embedder ready", lambda: False, [], 30,
-                           watch)
+        embedded._wait_for("agent, simulator and embedder ready", lambda: False, start, 30)
     assert str(old) in str(failed.value) and "time_scale: must be finite" in str(failed.value)
     fresh = engines / "vllm.log"
     fresh.write_text("[synapse-agent] exited with code 1; crashloop: 5 restarts in 600s\n")

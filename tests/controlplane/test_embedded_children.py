@@ -117,6 +117,32 @@ def test_the_data_dir_stays_held_while_a_killed_synapse_ups_children_live(
             os.killpg(child, signal.SIGKILL)
 
 
+LAST_WORDS = "print('Traceback: the last words')\nos._exit(3)\n"
+TALKS_THEN_DIES = ("import os\nfor i in range(3000):\n    print(f'starting {i:05d} ' + 'x' * 40)\n"
+                   + LAST_WORDS)
+DIES_AT_ONCE = "import os\n" + LAST_WORDS
+
+
+@pytest.mark.parametrize("script", [TALKS_THEN_DIES, DIES_AT_ONCE], ids=["talks", "at-once"])
+def test_a_child_that_exits_during_the_start_ends_it_with_its_last_lines(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    """A control plane that died printing its traceback: the report missed the traceback
+    (print() buffered in the child, or not yet in the log when the report read it)."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)   # a shell without it
+    log = tmp_path / "cp.log"
+    watch = embedded.StartWatch()
+    watch.children.append(embedded.Child("control plane", [sys.executable, "-c", script], log))
+    try:
+        with pytest.raises(RuntimeError) as failed:
+            embedded._wait_for("control plane on http://127.0.0.1:1", lambda: False, watch, 60)
+    finally:
+        watch.children[0].stop(grace_s=1)
+    assert str(failed.value).startswith(
+        "control plane exited with status 3 while waiting for control plane on "
+        f"http://127.0.0.1:1; its last lines ({log}):\n")
+    assert str(failed.value).endswith("\n    Traceback: the last words")
+
+
 def logged(log: pathlib.Path) -> str:
     return log.read_text() if log.exists() else ""
 
