@@ -362,28 +362,35 @@ async def _spool(book: usage_book.UsageBook, carried: usage_journal.Carried | No
     the pending counts the file holds (the one it sends by their reserved id: never
     another, which Redis would count beside it); once the store took every batch,
     delete the spool. The write and its fsyncs run in a thread, off the serving loop;
-    the next flush (the next send) waits for it, and a cancel (the stop) lets it finish
-    and tells the book what the file holds before it ends this. Never raises but that
-    cancel: a write that fails is warned of like a failing flush, and the next flush
-    tries again."""
+    the next flush (the next send) waits for it, and a cancel (the stop), however many,
+    lets it finish and tells the book what the file holds before it ends this. Never
+    raises but that cancel: a write that fails is warned of like a failing flush, and
+    the next flush tries again."""
     if not book.unsent_ids():
         _drop_spool(spool)
         return
     on_disk = carried.ids() if carried is not None else set()
     batches = [b for b in book.spooled() if b.id not in on_disk]
-    write = asyncio.ensure_future(asyncio.to_thread(spool.write, batches))
-    try:
-        await asyncio.wait([write])
-    except asyncio.CancelledError:
-        await asyncio.wait([write])     # the stop: the file is as the write leaves it
-        raise
-    finally:
-        if write.done():        # not known only when cancelled twice (the stop: once)
-            failed = None if write.cancelled() else write.exception()
-            if failed is not None:  # whatever it is, the flush loop goes on
-                warn.failed("spool", f"usage not stored could not be written to "
-                            f"{spool.name}, so a hard kill would lose it", failed)
-            book.on_disk(spool.holds())     # the version sent by the reserved id
+    # A future, not a task: no cancel of every task (asyncio.run's, a failed start's)
+    # marks it done while the thread still writes.
+    write = asyncio.get_running_loop().run_in_executor(None, spool.write, batches)
+    cancelled = False
+    while not write.done():
+        try:
+            await asyncio.wait([write])
+        except asyncio.CancelledError:
+            # The stop, once or again (a time-out around it): the file is as the write
+            # leaves it. Going on before would let the stop send the offered counts by
+            # a fresh id and delete the spool, and the thread then rename the file
+            # holding them by the reserved id into place: counted twice at the next start.
+            cancelled = True
+    failed = None if write.cancelled() else write.exception()
+    if failed is not None:      # whatever it is, the flush loop goes on
+        warn.failed("spool", f"usage not stored could not be written to "
+                    f"{spool.name}, so a hard kill would lose it", failed)
+    book.on_disk(spool.holds())     # the version sent by the reserved id
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _drop_spool(spool: usage_journal.Spool | None) -> None:

@@ -771,3 +771,49 @@ async def test_a_stop_during_a_spool_write_lets_it_finish_and_sends_the_files_ve
     again.release()
     day = usage_book.day_of(clocks.wall())
     assert (await store.read([day], None))[(day, "a", "llama")]["requests"] == 3
+
+
+async def test_a_stop_cancelled_again_during_a_spool_write_still_waits_for_it(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush cancelled twice while the spool is written in its thread (the stop, then
+    a time-out around it): the write is still waited for before the cancel goes on.
+    Before, the second cancel went on at once; the stop then sent the offered counts by a
+    fresh id and deleted the spool, and the thread renamed the file holding them by the
+    reserved id into place after it: the next start counted them twice."""
+    store = Switch()
+    svc, fair = start(tmp_path, store)
+    spool = usage_journal.Spool(fairness_wiring._journal(svc))
+    fair.book.record("a", "llama", usage_book.Counts(requests=1))
+    await fairness_wiring._flush(svc, fair, None, None, None, spool)
+    fair.book.record("a", "llama", usage_book.Counts(requests=2))
+    writing, go_on = threading.Event(), threading.Event()
+    real = os.fsync
+
+    def slow_disk(fd: int) -> None:
+        writing.set()
+        go_on.wait(timeout=5)
+        real(fd)
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", slow_disk)
+        flush = asyncio.create_task(fairness_wiring._flush(svc, fair, None, None, None,
+                                                           spool))
+        await harness.until(writing.is_set, 10, "the spool write started")
+        flush.cancel()
+        await asyncio.sleep(0)
+        flush.cancel()                  # again
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not flush.done()         # still waiting for the write (before: gone on)
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+    store.down = False                  # the stop's last flush, then its keep
+    await fairness_wiring._flush(svc, fair, None, None, None, spool)
+    fairness_wiring._keep(svc, fair.book, None, spool)
+    spool.release()
+    again = usage_journal.take(fairness_wiring._journal(svc))
+    for batch in again.batches:         # the next start sends what is left on disk
+        await store.add(batch.rows, batch.id)
+    again.release()
+    day = usage_book.day_of(clocks.wall())
+    assert (await store.read([day], None))[(day, "a", "llama")]["requests"] == 3
