@@ -35,7 +35,8 @@ did not hold already). Messages are read defensively (:mod:`controlplane.api
 tenants' texts there (:func:`engine_hosts.address_refusal`, checked after the
 credential; a worker leaves it to its primary like the backends' hosts below). A message
 over its size limit, a later Register for another node or at such an address, or a
-report on a stream a newer one of the node has replaced ends the stream with a warning.
+report or Register on a stream a newer one of the node has replaced ends the stream
+with a warning.
 A node's stream lines (connected, ended, disconnected) and the warnings of a refused
 Register or stream are said once a minute per node and kind at most, the first always,
 the next with how many were held back, and names past the first so many a minute only
@@ -491,14 +492,20 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                         msg: controlplane_pb2.AgentMessage, peer: str,
                         warned: set[str]) -> controlplane_pb2.AgentMessage:
         """A later Register on a node's stream: the same node, refreshed (anything else,
-        or a Node-service address the node may not name, ends the stream); returns what
-        the workers are sent (the keys decided here)."""
+        a stream a newer one of the node replaced, or a Node-service address the node may
+        not name, ends the stream); returns what the workers are sent (the keys decided
+        here)."""
         problem = agent_messages.register_problem(msg)
         if problem is None and msg.register.node_name != name:
             problem = f"a Register for node {msg.register.node_name!r} on this node's stream"
         problem = problem or self._address_problem(msg.register, peer)
         if problem is not None:
             raise _Ended(problem)
+        if not self._svc.registry.current(name, stream_id):
+            # Refreshed on its own stream only: admitted again here, the node would be
+            # connected under a stream id no stream holds (never disconnected, never
+            # forgotten to make room, its origin not counted).
+            raise _Ended("a newer stream of the node took over")
         self._drop_refused_embedders(msg.register, warned)
         info = agent_messages.node_info(msg.register, caller.fallback)
         try:

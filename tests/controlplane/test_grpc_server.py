@@ -226,3 +226,43 @@ def test_registry_max_nodes_per_address_counts_a_peer_by_its_address_or_ipv6_64(
     settings = t.settings()
     assert settings.registry.max_nodes_per_address is not None
     assert settings.registry.max_nodes_per_address < settings.registry.max_nodes
+
+
+async def test_a_register_on_a_stream_a_newer_one_replaced_ends_it_and_revives_nothing() -> None:
+    """A stream silent long enough for a newer one of its node to take over, which then
+    closed, sends a Register: its stream ends, as a report's would, and the node stays
+    disconnected. Before, the Register admitted the node again under a stream id no
+    stream held: the node stayed connected for good, so making room never forgot it, and
+    with no origin it was not counted in registry.max_nodes_per_address either."""
+    clock = ManualClock()
+    svc = services_mod.build(t.settings(), clock=clock)
+    server, port = await grpc_server.start("127.0.0.1", 0, [grpc_server.control_plane(svc)])
+
+    async def until_disconnected() -> None:
+        for _ in range(200):
+            node = svc.registry.node("gpu-1")
+            if node is not None and not node.connected:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the stream never ended")
+
+    old = Agent(port)
+    try:
+        await old.send(register())
+        await old.send(report(1, "http://127.0.0.1:9"))
+        await old.receive()
+        clock.now += svc.settings.registry.node_down_after_s + 1    # silent: down
+        newer = Agent(port)
+        await newer.send(register())
+        await newer.send(report(1, "http://127.0.0.1:9"))
+        await newer.receive()
+        await newer.close()
+        await until_disconnected()
+        await old.send(register())
+        await old.send(report(2, "http://127.0.0.1:9"))
+        assert await old.receive() is grpc.aio.EOF      # its stream ended
+        node = svc.registry.node("gpu-1")
+        assert node is not None and not node.connected
+    finally:
+        await old.close()
+        await server.stop(0)
