@@ -2,13 +2,22 @@
 (an agent's stream opening and closing in a loop, a Register refused again and again).
 
 * The first line of each key is said; more of that key within ``every_s`` are held back
-  and counted, and the next line said for it carries how many were (``N more held back``),
-  so a flapping node still shows, once a minute, how often it flapped.
+  and counted. The next line said for the key carries how many were (``N more held
+  back``), so a flapping node still shows, once a minute, how often it flapped.
+* A key's newest held line is not left waiting for the key's next event: once
+  ``every_s`` has passed since the key's last line, :meth:`PerKey.catch_up` says it (with
+  ``N more held back`` for the others held). Operators read the log as state: a node that
+  reconnected within the interval and then stayed up must not show "disconnected" as its
+  last line. ``log`` catches up first, and a caller with a steady event of its own (the
+  gRPC server, at each node's report) calls ``catch_up`` too, so held lines are said soon
+  after their interval ends even when no key has a new line. It is cheap when nothing is
+  due: the due times sit in a heap.
 * Keys a peer invents (node names) would each be a first line: at most ``new_keys`` keys
   not seen in the current interval are said per interval; past that they are counted in
   one summary line said when the next interval's first line comes.
-* At most ``max_keys`` keys are remembered; the one said longest ago is forgotten first
-  (its held count goes into the summary), so inventing keys grows no memory.
+* At most ``max_keys`` keys are remembered, held lines included; the one said longest
+  ago is forgotten first (its held count goes into the summary, its held line is not
+  said), so inventing keys grows no memory.
 
 The clock is injected (:mod:`synapse_common.clock`); nothing here sleeps or starts tasks.
 The existing one-purpose limiters (``controlplane.core.cache_budget.ErrorLog``, the usage
@@ -17,11 +26,30 @@ flush's ``FlushFailures``) each have a fixed set of keys and format their own me
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
+import itertools
 import logging
 from collections.abc import Hashable, Mapping
 from typing import Any
 
 from synapse_common import clock as clocks
+
+_NO_KEY = object()      # no key skipped (None may be a key)
+
+
+@dataclasses.dataclass
+class _Held:
+    """A key's lines held back since its last said line: how many, and the newest."""
+
+    count: int
+    due: float                  # when it may be said: the key's last said time + every_s
+    seq: int                    # tells this from an earlier held run of the key in the heap
+    level: int
+    # Formatted when held: the arguments (an exception, with its traceback's frames) are
+    # not kept alive for the interval.
+    text: str
+    extra: Mapping[str, Any] | None
 
 
 class PerKey:
@@ -37,26 +65,68 @@ class PerKey:
         self._new_keys = new_keys
         self._max_keys = max_keys
         self._said: dict[Hashable, float] = {}      # key -> when its last line was said
-        self._held: dict[Hashable, int] = {}        # key -> lines held back since then
+        self._held: dict[Hashable, _Held] = {}      # key -> lines held back since then
+        # (due, seq, key) of each held run; an entry whose run was said or forgotten stays
+        # until popped or compacted away, so the heap holds at most 2 * max_keys.
+        self._due: list[tuple[float, int, Hashable]] = []
+        self._seq = itertools.count()
         self._window = -float("inf")                # when the current interval began
         self._new_in_window = 0
         self._unsaid = 0                            # lines of keys over the budget
 
     def log(self, level: int, key: Hashable, msg: str, *args: object,
             extra: Mapping[str, Any] | None = None) -> None:
-        """Say ``msg % args`` now, or count it held back (for ``key``, or in the summary)."""
+        """Say ``msg % args`` now, or hold it back (for ``key``, or in the summary);
+        first say the held lines of other keys that are due (:meth:`catch_up`)."""
         now = self._clock()
         self._roll(now)
+        self._catch_up(now, skip=key)
         last = self._said.get(key)
-        if last is not None and now - last < self._every:
-            self._held[key] = self._held.get(key, 0) + 1
+        if last is not None and now < last + self._every:   # as _Held.due, in _hold
+            self._hold(key, last, level, msg, args, extra)
             return
         if last is None:
             if self._new_in_window >= self._new_keys:
                 self._unsaid += 1
                 return
             self._new_in_window += 1
-        held = self._held.pop(key, 0)
+        held = self._held.pop(key, None)
+        self._say(key, now, level, msg, args, extra, held.count if held else 0)
+
+    def catch_up(self) -> None:
+        """Say now the newest held line of each key whose interval has passed since its
+        last said line (with how many more were held back). Cheap when none is due."""
+        self._catch_up(self._clock())
+
+    def _catch_up(self, now: float, skip: Hashable = _NO_KEY) -> None:
+        """``skip``: the key ``log`` is about to say, with its own count."""
+        while self._due and self._due[0][0] <= now:
+            _, seq, key = heapq.heappop(self._due)
+            held = self._held.get(key)
+            if held is None or held.seq != seq or key == skip:
+                continue
+            del self._held[key]
+            self._say(key, now, held.level, "%s", (held.text,), held.extra, held.count - 1)
+
+    def _hold(self, key: Hashable, last: float, level: int, msg: str,
+              args: tuple[object, ...], extra: Mapping[str, Any] | None) -> None:
+        text = msg % args if args else msg          # as logging.LogRecord.getMessage
+        held = self._held.get(key)
+        if held is not None:
+            held.count += 1
+            held.level, held.text, held.extra = level, text, extra
+            return
+        held = _Held(1, last + self._every, next(self._seq), level, text, extra)
+        self._held[key] = held
+        if len(self._due) >= 2 * self._max_keys:    # drop the entries of runs gone by
+            self._due = [e for e in self._due
+                         if (h := self._held.get(e[2])) is not None and h.seq == e[1]]
+            heapq.heapify(self._due)
+        heapq.heappush(self._due, (held.due, held.seq, key))
+
+    def _say(self, key: Hashable, now: float, level: int, msg: str,
+             args: tuple[object, ...], extra: Mapping[str, Any] | None,
+             held: int) -> None:
         self._said.pop(key, None)
         self._said[key] = now                       # newest last: the oldest go first
         self._forget_oldest()
@@ -77,4 +147,5 @@ class PerKey:
         while len(self._said) > self._max_keys:
             key = next(iter(self._said))
             del self._said[key]
-            self._unsaid += self._held.pop(key, 0)
+            held = self._held.pop(key, None)
+            self._unsaid += held.count if held else 0

@@ -41,7 +41,9 @@ A node's stream lines (connected, ended, disconnected) and the warnings of a ref
 Register or stream are said once a minute per node and kind at most, the first always,
 the next with how many were held back, and names past the first so many a minute only
 counted (:mod:`synapse_common.log_limit`, :data:`LOG_EVERY_S`): a holder of the agent
-token, or a flapping agent, connecting in a loop writes no unbounded log.
+token, or a flapping agent, connecting in a loop writes no unbounded log. A held line is
+said once its minute has passed, at the next report of any node, so a node that
+reconnected within the minute and stayed up does not show "disconnected" as its last line.
 
 Serving workers: the pod's primary copies each stream it accepted to every worker
 (:mod:`controlplane.adapters.agent_relay`) with the keys it decided, and only the
@@ -377,6 +379,8 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                                       stream_id=stream_id):
                         raise _Ended("a newer stream of the node took over")
                     self._close_unused(before - {b.url for b in backends})
+                    self._stream_log.catch_up()     # a report comes every few seconds
+                    self._refusal_log.catch_up()
                     out.put_nowait(controlplane_pb2.ControlMessage(ack=controlplane_pb2.Ack(
                         sequence=rep.sequence, replica=self._svc.replica)))
                 elif kind == "command_ack":

@@ -207,9 +207,51 @@ async def test_a_node_that_connects_in_a_loop_is_logged_once_a_minute(caplog) ->
         assert said("disconnected") == ["node gpu-1 disconnected"]
         clock.now += grpc_server.LOG_EVERY_S
         await flap()
+        # The newest held disconnected line is due: said before the new connected line.
         assert said("connected")[1:] == ["node gpu-1 connected (agent test) (4 more held back)"]
-        assert said("disconnected")[1:] == ["node gpu-1 disconnected (4 more held back)"]
+        assert said("disconnected")[1:] == ["node gpu-1 disconnected (3 more held back)"]
     finally:
+        await server.stop(0)
+
+
+async def test_a_node_that_flapped_then_stays_up_shows_connected_once_the_minute_passes(
+        caplog) -> None:  # type: ignore[no-untyped-def]
+    """Its reconnection, held back within the minute, is said at a report once the minute
+    has passed: the log does not leave "disconnected" as its last line while it is up."""
+    clock = ManualClock()
+    svc = services_mod.build(t.settings(), clock=clock)
+    server, port = await grpc_server.start("127.0.0.1", 0, [grpc_server.control_plane(svc)])
+
+    def stream_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("node gpu-1 ")]
+
+    caplog.set_level(logging.INFO, logger="synapse.controlplane.grpc")
+    agent = Agent(port)
+    try:
+        await agent.send(register())
+        await agent.send(report(1, "http://127.0.0.1:9"))
+        await agent.receive()
+        await agent.close()
+        for _ in range(200):
+            node = svc.registry.node("gpu-1")
+            if node is not None and node.status == "down":
+                break
+            await asyncio.sleep(0.02)
+        agent = Agent(port)
+        await agent.send(register())
+        await agent.send(report(1, "http://127.0.0.1:9"))
+        await agent.receive()
+        assert stream_lines()[-1] == "node gpu-1 disconnected"     # reconnection held
+        await agent.send(report(2, "http://127.0.0.1:9"))
+        await agent.receive()
+        assert stream_lines()[-1] == "node gpu-1 disconnected"     # not due yet
+        clock.now += grpc_server.LOG_EVERY_S
+        await agent.send(report(3, "http://127.0.0.1:9"))
+        await agent.receive()
+        assert stream_lines()[-1] == "node gpu-1 connected (agent test)"
+    finally:
+        await agent.close()
         await server.stop(0)
 
 

@@ -66,3 +66,44 @@ def test_at_most_max_keys_are_remembered_the_oldest_forgotten_into_the_summary(
     said.log(logging.INFO, "c", "node %s up", "c")
     assert lines(caplog) == ["1 test lines of other names held back in the last 60s (the "
                              "first 100 names each are said)", "node c up"]
+
+
+def test_a_held_line_is_said_by_catch_up_once_due_without_a_next_line_of_its_key(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A node that went down and came back within the interval, then stayed up: its
+    newest held line is said once the interval passes, not left until its next event
+    (the log would show it down while it is up)."""
+    clock = ManualClock()
+    said = log_limit.PerKey(log, clock, "test lines", every_s=60.0)
+    caplog.set_level(logging.INFO, logger=log.name)
+    said.log(logging.INFO, "a", "node %s state %s", "a", "up")
+    said.log(logging.INFO, "b", "node %s state %s", "b", "up")
+    clock.now += 10.0
+    said.log(logging.INFO, "a", "node %s state %s", "a", "down")
+    said.log(logging.WARNING, "a", "node %s state %s", "a", "up again")
+    assert lines(caplog) == ["node a state up", "node b state up"]
+    clock.now += 49.0
+    said.catch_up()
+    assert lines(caplog) == []                              # not due yet
+    clock.now += 1.0
+    said.catch_up()
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "node a state up again (1 more held back)")]
+    caplog.clear()
+    said.catch_up()
+    said.log(logging.INFO, "b", "node %s state %s", "b", "up")     # b held nothing: said
+    assert lines(caplog) == ["node b state up"]
+    said.log(logging.INFO, "a", "node %s state %s", "a", "down")   # a was said just now
+    assert lines(caplog) == []
+
+
+def test_log_says_the_due_held_lines_of_other_keys_first(
+        caplog: pytest.LogCaptureFixture) -> None:
+    clock = ManualClock()
+    said = log_limit.PerKey(log, clock, "test lines", every_s=60.0)
+    caplog.set_level(logging.INFO, logger=log.name)
+    said.log(logging.INFO, "a", "node %s up", "a")
+    said.log(logging.INFO, "a", "node %s up", "a")
+    clock.now += 60.0
+    said.log(logging.INFO, "b", "node %s up", "b")
+    assert lines(caplog) == ["node a up", "node a up", "node b up"]
