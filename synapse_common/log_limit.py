@@ -12,6 +12,10 @@
   gRPC server, at each node's report) calls ``catch_up`` too, so held lines are said soon
   after their interval ends even when no key has a new line. It is cheap when nothing is
   due: the due times sit in a heap.
+* Keys can share a ``subject`` (a node's connected and disconnected lines): a line of the
+  subject makes the held lines of its other keys out of date, and those are not said by
+  ``catch_up`` (their counts wait for their key's next line, as before catch-up), so the
+  subject's last line said is its newest, whichever key's interval ends first.
 * Keys a peer invents (node names) would each be a first line: at most ``new_keys`` keys
   not seen in the current interval are said per interval; past that they are counted in
   one summary line said when the next interval's first line comes.
@@ -45,10 +49,12 @@ class _Held:
     count: int
     due: float                  # when it may be said: the key's last said time + every_s
     seq: int                    # tells this from an earlier held run of the key in the heap
+    subject: Hashable
     level: int
     # Formatted when held: the arguments (an exception, with its traceback's frames) are
-    # not kept alive for the interval.
-    text: str
+    # not kept alive for the interval. None: a newer line of the subject came (see
+    # PerKey._newest), so this one is not said; its count waits for the key's next line.
+    text: str | None
     extra: Mapping[str, Any] | None
 
 
@@ -70,20 +76,26 @@ class PerKey:
         # until popped or compacted away, so the heap holds at most 2 * max_keys.
         self._due: list[tuple[float, int, Hashable]] = []
         self._seq = itertools.count()
+        # subject -> the key holding the subject's newest line, when that line is held
+        self._newest: dict[Hashable, Hashable] = {}
         self._window = -float("inf")                # when the current interval began
         self._new_in_window = 0
         self._unsaid = 0                            # lines of keys over the budget
 
     def log(self, level: int, key: Hashable, msg: str, *args: object,
-            extra: Mapping[str, Any] | None = None) -> None:
+            extra: Mapping[str, Any] | None = None, subject: Hashable = _NO_KEY) -> None:
         """Say ``msg % args`` now, or hold it back (for ``key``, or in the summary);
-        first say the held lines of other keys that are due (:meth:`catch_up`)."""
+        first say the held lines of other keys that are due (:meth:`catch_up`).
+        ``subject``: what the line tells the state of (default: ``key`` alone)."""
         now = self._clock()
         self._roll(now)
         self._catch_up(now, skip=key)
+        subject = key if subject is _NO_KEY else subject
+        if (older := self._newest.pop(subject, None)) is not None:
+            self._held[older].text = None           # this line is newer: that one is stale
         last = self._said.get(key)
         if last is not None and now < last + self._every:   # as _Held.due, in _hold
-            self._hold(key, last, level, msg, args, extra)
+            self._hold(key, subject, last, level, msg, args, extra)
             return
         if last is None:
             if self._new_in_window >= self._new_keys:
@@ -91,6 +103,8 @@ class PerKey:
                 return
             self._new_in_window += 1
         held = self._held.pop(key, None)
+        if held is not None:
+            self._unmark(key, held)
         self._say(key, now, level, msg, args, extra, held.count if held else 0)
 
     def catch_up(self) -> None:
@@ -103,21 +117,25 @@ class PerKey:
         while self._due and self._due[0][0] <= now:
             _, seq, key = heapq.heappop(self._due)
             held = self._held.get(key)
-            if held is None or held.seq != seq or key == skip:
+            if held is None or held.seq != seq or key == skip or held.text is None:
                 continue
             del self._held[key]
+            self._unmark(key, held)
             self._say(key, now, held.level, "%s", (held.text,), held.extra, held.count - 1)
 
-    def _hold(self, key: Hashable, last: float, level: int, msg: str,
+    def _hold(self, key: Hashable, subject: Hashable, last: float, level: int, msg: str,
               args: tuple[object, ...], extra: Mapping[str, Any] | None) -> None:
         text = msg % args if args else msg          # as logging.LogRecord.getMessage
         held = self._held.get(key)
         if held is not None:
+            self._unmark(key, held)
             held.count += 1
-            held.level, held.text, held.extra = level, text, extra
+            held.subject, held.level, held.text, held.extra = subject, level, text, extra
+            self._newest[subject] = key
             return
-        held = _Held(1, last + self._every, next(self._seq), level, text, extra)
+        held = _Held(1, last + self._every, next(self._seq), subject, level, text, extra)
         self._held[key] = held
+        self._newest[subject] = key
         if len(self._due) >= 2 * self._max_keys:    # drop the entries of runs gone by
             self._due = [e for e in self._due
                          if (h := self._held.get(e[2])) is not None and h.seq == e[1]]
@@ -148,4 +166,11 @@ class PerKey:
             key = next(iter(self._said))
             del self._said[key]
             held = self._held.pop(key, None)
-            self._unsaid += held.count if held else 0
+            if held is not None:
+                self._unsaid += held.count
+                self._unmark(key, held)
+
+    def _unmark(self, key: Hashable, held: _Held) -> None:
+        """``key``'s run leaves, or changes subject: its subject's newest is no longer it."""
+        if self._newest.get(held.subject, _NO_KEY) == key:
+            del self._newest[held.subject]

@@ -42,8 +42,9 @@ Register or stream are said once a minute per node and kind at most, the first a
 the next with how many were held back, and names past the first so many a minute only
 counted (:mod:`synapse_common.log_limit`, :data:`LOG_EVERY_S`): a holder of the agent
 token, or a flapping agent, connecting in a loop writes no unbounded log. A held line is
-said once its minute has passed, at the next report of any node, so a node that
-reconnected within the minute and stayed up does not show "disconnected" as its last line.
+said once its minute has passed, at the next report of any node, if no newer stream line
+of its node came (one subject per node), so a node that reconnected within the minute and
+stayed up does not show "disconnected" as its last line.
 
 Serving workers: the pod's primary copies each stream it accepted to every worker
 (:mod:`controlplane.adapters.agent_relay`) with the keys it decided, and only the
@@ -305,7 +306,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
                                 "the registry holds registry.max_nodes nodes already")
             return
         self._stream_log.log(logging.INFO, ("connected", name), "node %s connected (agent %s)",
-                             name, info.agent_version, extra={"node": name})
+                             name, info.agent_version, extra={"node": name}, subject=name)
         out: asyncio.Queue[controlplane_pb2.ControlMessage | None] = asyncio.Queue()
         copy = (self._relay.open(agent_messages.as_decided(first, info))
                 if self._relay is not None else None)
@@ -329,7 +330,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             self._close_unused(gone, leaving=name)
             self._svc.metrics.agent_streams.dec()
             self._stream_log.log(logging.INFO, ("disconnected", name), "node %s disconnected",
-                                 name, extra={"node": name})
+                                 name, extra={"node": name}, subject=name)
 
     async def _read(self, name: str, stream_id: int, caller: _Caller, info: types.NodeInfo,
                     messages: AsyncIterator[controlplane_pb2.AgentMessage],
@@ -398,7 +399,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServicer):
             ended.append(exc)
         except grpc.aio.AioRpcError as exc:
             self._stream_log.log(logging.INFO, ("ended", name), "stream of node %s ended: %s",
-                                 name, exc.code().name, extra={"node": name})
+                                 name, exc.code().name, extra={"node": name}, subject=name)
         except Exception:
             log.exception("stream of node %s failed", name)
         finally:

@@ -107,3 +107,26 @@ def test_log_says_the_due_held_lines_of_other_keys_first(
     clock.now += 60.0
     said.log(logging.INFO, "b", "node %s up", "b")
     assert lines(caplog) == ["node a up", "node a up", "node b up"]
+
+
+def test_only_the_newest_held_line_of_a_subject_is_caught_up(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A node that went down and up twice within the interval, then stayed up: its held
+    'down' line is due after its held 'up' line, but a newer line of the node came, so it
+    is not said (its count goes with the next 'down' line): the last line says 'up'."""
+    clock = ManualClock()
+    said = log_limit.PerKey(log, clock, "test lines", every_s=60.0)
+    caplog.set_level(logging.INFO, logger=log.name)
+
+    def event(at: float, state: str) -> None:
+        clock.now = at
+        said.log(logging.INFO, state, "node a %s", state, subject="a")
+
+    for at, state in ((0, "up"), (5, "down"), (10, "up"), (15, "down"), (20, "up")):
+        event(at, state)
+    for at in range(21, 200, 5):        # the node reports every few seconds
+        clock.now = at
+        said.catch_up()
+    assert lines(caplog) == ["node a up", "node a down", "node a up (1 more held back)"]
+    event(300, "down")
+    assert lines(caplog) == ["node a down (1 more held back)"]
