@@ -732,30 +732,44 @@ async def test_a_spool_write_leaves_the_loop_serving_and_loses_no_count_recorded
     assert spools(tmp_path) == []
 
 
+class _SlowSpoolWrite:
+    """A flush whose spool write (1 request stored in an outage, then 2 recorded) waits
+    in its thread's fsync until ``go_on`` is set: ``flush`` is that flush's task."""
+
+    def __init__(self, tmp_path: pathlib.Path) -> None:
+        self.store = Switch()
+        self.svc, self.fair = start(tmp_path, self.store)
+        self.spool = usage_journal.Spool(fairness_wiring._journal(self.svc))
+        self.writing, self.go_on = threading.Event(), threading.Event()
+
+    async def started(self, monkeypatch: pytest.MonkeyPatch) -> asyncio.Task[None]:
+        svc, fair, spool = self.svc, self.fair, self.spool
+        fair.book.record("a", "llama", usage_book.Counts(requests=1))
+        await fairness_wiring._flush(svc, fair, None, None, None, spool)
+        fair.book.record("a", "llama", usage_book.Counts(requests=2))
+        real = os.fsync
+
+        def slow_disk(fd: int) -> None:
+            self.writing.set()
+            self.go_on.wait(timeout=5)
+            real(fd)
+        monkeypatch.setattr(os, "fsync", slow_disk)
+        flush = asyncio.create_task(fairness_wiring._flush(svc, fair, None, None, None,
+                                                           spool))
+        await harness.until(self.writing.is_set, 10, "the spool write started")
+        return flush
+
+
 async def test_a_stop_during_a_spool_write_lets_it_finish_and_sends_the_files_version(
         tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The flush loop cancelled (a stop) while the spool is written in its thread: the
     write finishes and the book learns what the file holds before the cancel goes on, so
     the waiting counts are sent by their reserved id as the file holds them, and a kill
     after the recovery flush, before the spool went, counts them once."""
-    store = Switch()
-    svc, fair = start(tmp_path, store)
-    spool = usage_journal.Spool(fairness_wiring._journal(svc))
-    fair.book.record("a", "llama", usage_book.Counts(requests=1))
-    await fairness_wiring._flush(svc, fair, None, None, None, spool)
-    fair.book.record("a", "llama", usage_book.Counts(requests=2))
-    writing, go_on = threading.Event(), threading.Event()
-    real = os.fsync
-
-    def slow_disk(fd: int) -> None:
-        writing.set()
-        go_on.wait(timeout=5)
-        real(fd)
+    slow = _SlowSpoolWrite(tmp_path)
+    store, svc, fair, spool, go_on = slow.store, slow.svc, slow.fair, slow.spool, slow.go_on
     with monkeypatch.context() as m:
-        m.setattr(os, "fsync", slow_disk)
-        flush = asyncio.create_task(fairness_wiring._flush(svc, fair, None, None, None,
-                                                           spool))
-        await harness.until(writing.is_set, 10, "the spool write started")
+        flush = await slow.started(m)
         flush.cancel()
         await asyncio.sleep(0)
         go_on.set()
@@ -780,24 +794,10 @@ async def test_a_stop_cancelled_again_during_a_spool_write_still_waits_for_it(
     Before, the second cancel went on at once; the stop then sent the offered counts by a
     fresh id and deleted the spool, and the thread renamed the file holding them by the
     reserved id into place after it: the next start counted them twice."""
-    store = Switch()
-    svc, fair = start(tmp_path, store)
-    spool = usage_journal.Spool(fairness_wiring._journal(svc))
-    fair.book.record("a", "llama", usage_book.Counts(requests=1))
-    await fairness_wiring._flush(svc, fair, None, None, None, spool)
-    fair.book.record("a", "llama", usage_book.Counts(requests=2))
-    writing, go_on = threading.Event(), threading.Event()
-    real = os.fsync
-
-    def slow_disk(fd: int) -> None:
-        writing.set()
-        go_on.wait(timeout=5)
-        real(fd)
+    slow = _SlowSpoolWrite(tmp_path)
+    store, svc, fair, spool, go_on = slow.store, slow.svc, slow.fair, slow.spool, slow.go_on
     with monkeypatch.context() as m:
-        m.setattr(os, "fsync", slow_disk)
-        flush = asyncio.create_task(fairness_wiring._flush(svc, fair, None, None, None,
-                                                           spool))
-        await harness.until(writing.is_set, 10, "the spool write started")
+        flush = await slow.started(m)
         flush.cancel()
         await asyncio.sleep(0)
         flush.cancel()                  # again
