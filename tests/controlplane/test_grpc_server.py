@@ -174,6 +174,21 @@ def test_an_agent_backend_carries_the_engine_key_to_its_requests_an_external_one
     assert "Authorization" not in svc.dispatcher.headers(backend, "r1")
 
 
+async def _flap(svc: services_mod.Services, port: int) -> None:
+    """One stream of node gpu-1: registered, one report acked, closed, seen down."""
+    agent = Agent(port)
+    await agent.send(register())
+    await agent.send(report(1, "http://127.0.0.1:9"))
+    await agent.receive()
+    await agent.close()
+    for _ in range(200):
+        node = svc.registry.node("gpu-1")
+        if node is not None and node.status == "down":
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the stream never ended")
+
+
 async def test_a_node_that_connects_in_a_loop_is_logged_once_a_minute(caplog) -> None:  # type: ignore[no-untyped-def]
     """A flapping agent (or a holder of the agent token connecting in a loop) writes the
     first connected and disconnected lines of its node, then one of each a minute saying
@@ -182,19 +197,6 @@ async def test_a_node_that_connects_in_a_loop_is_logged_once_a_minute(caplog) ->
     svc = services_mod.build(t.settings(), clock=clock)
     server, port = await grpc_server.start("127.0.0.1", 0, [grpc_server.control_plane(svc)])
 
-    async def flap() -> None:
-        agent = Agent(port)
-        await agent.send(register())
-        await agent.send(report(1, "http://127.0.0.1:9"))
-        await agent.receive()
-        await agent.close()
-        for _ in range(200):
-            node = svc.registry.node("gpu-1")
-            if node is not None and node.status == "down":
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError("the stream never ended")
-
     def said(what: str) -> list[str]:
         return [r.getMessage() for r in caplog.records
                 if r.getMessage().startswith(f"node gpu-1 {what}")]
@@ -202,11 +204,11 @@ async def test_a_node_that_connects_in_a_loop_is_logged_once_a_minute(caplog) ->
     caplog.set_level(logging.INFO, logger="synapse.controlplane.grpc")
     try:
         for _ in range(5):
-            await flap()
+            await _flap(svc, port)
         assert said("connected") == ["node gpu-1 connected (agent test)"]
         assert said("disconnected") == ["node gpu-1 disconnected"]
         clock.now += grpc_server.LOG_EVERY_S
-        await flap()
+        await _flap(svc, port)
         # The newest held disconnected line is due: said before the new connected line.
         assert said("connected")[1:] == ["node gpu-1 connected (agent test) (4 more held back)"]
         assert said("disconnected")[1:] == ["node gpu-1 disconnected (3 more held back)"]
@@ -232,17 +234,8 @@ async def test_a_node_that_flapped_then_stays_up_shows_connected_once_the_minute
     agent = Agent(port)
     try:
         for _ in range(flaps):
-            await agent.send(register())
-            await agent.send(report(1, "http://127.0.0.1:9"))
-            await agent.receive()
-            await agent.close()
-            for _ in range(200):
-                node = svc.registry.node("gpu-1")
-                if node is not None and node.status == "down":
-                    break
-                await asyncio.sleep(0.02)
+            await _flap(svc, port)
             clock.now += 5.0
-            agent = Agent(port)
         await agent.send(register())
         await agent.send(report(1, "http://127.0.0.1:9"))
         await agent.receive()

@@ -759,6 +759,17 @@ class _SlowSpoolWrite:
         await harness.until(self.writing.is_set, 10, "the spool write started")
         return flush
 
+    async def stored_after_the_next_start(self) -> int:
+        """The requests stored once this process let its spool go and the next start sent
+        what is left on disk."""
+        self.spool.release()
+        again = usage_journal.take(fairness_wiring._journal(self.svc))
+        for batch in again.batches:
+            await self.store.add(batch.rows, batch.id)
+        again.release()
+        day = usage_book.day_of(clocks.wall())
+        return int((await self.store.read([day], None))[(day, "a", "llama")]["requests"])
+
 
 async def test_a_stop_during_a_spool_write_lets_it_finish_and_sends_the_files_version(
         tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -767,24 +778,17 @@ async def test_a_stop_during_a_spool_write_lets_it_finish_and_sends_the_files_ve
     the waiting counts are sent by their reserved id as the file holds them, and a kill
     after the recovery flush, before the spool went, counts them once."""
     slow = _SlowSpoolWrite(tmp_path)
-    store, svc, fair, spool, go_on = slow.store, slow.svc, slow.fair, slow.spool, slow.go_on
     with monkeypatch.context() as m:
         flush = await slow.started(m)
         flush.cancel()
         await asyncio.sleep(0)
-        go_on.set()
+        slow.go_on.set()
         with pytest.raises(asyncio.CancelledError):
             await flush
-        await harness.until(lambda: len(spool.holds()) == 2, 10, "the write finished")
-    store.down = False
-    await fair.book.flush()                 # the recovery; killed before the spool went
-    spool.release()
-    again = usage_journal.take(fairness_wiring._journal(svc))
-    for batch in again.batches:             # the next start sends the spool again
-        await store.add(batch.rows, batch.id)
-    again.release()
-    day = usage_book.day_of(clocks.wall())
-    assert (await store.read([day], None))[(day, "a", "llama")]["requests"] == 3
+        await harness.until(lambda: len(slow.spool.holds()) == 2, 10, "the write finished")
+    slow.store.down = False
+    await slow.fair.book.flush()            # the recovery; killed before the spool went
+    assert await slow.stored_after_the_next_start() == 3
 
 
 async def test_a_stop_cancelled_again_during_a_spool_write_still_waits_for_it(
@@ -795,7 +799,6 @@ async def test_a_stop_cancelled_again_during_a_spool_write_still_waits_for_it(
     fresh id and deleted the spool, and the thread renamed the file holding them by the
     reserved id into place after it: the next start counted them twice."""
     slow = _SlowSpoolWrite(tmp_path)
-    store, svc, fair, spool, go_on = slow.store, slow.svc, slow.fair, slow.spool, slow.go_on
     with monkeypatch.context() as m:
         flush = await slow.started(m)
         flush.cancel()
@@ -804,16 +807,10 @@ async def test_a_stop_cancelled_again_during_a_spool_write_still_waits_for_it(
         for _ in range(5):
             await asyncio.sleep(0)
         assert not flush.done()         # still waiting for the write (before: gone on)
-        go_on.set()
+        slow.go_on.set()
         with pytest.raises(asyncio.CancelledError):
             await flush
-    store.down = False                  # the stop's last flush, then its keep
-    await fairness_wiring._flush(svc, fair, None, None, None, spool)
-    fairness_wiring._keep(svc, fair.book, None, spool)
-    spool.release()
-    again = usage_journal.take(fairness_wiring._journal(svc))
-    for batch in again.batches:         # the next start sends what is left on disk
-        await store.add(batch.rows, batch.id)
-    again.release()
-    day = usage_book.day_of(clocks.wall())
-    assert (await store.read([day], None))[(day, "a", "llama")]["requests"] == 3
+    slow.store.down = False             # the stop's last flush, then its keep
+    await fairness_wiring._flush(slow.svc, slow.fair, None, None, None, slow.spool)
+    fairness_wiring._keep(slow.svc, slow.fair.book, None, slow.spool)
+    assert await slow.stored_after_the_next_start() == 3
